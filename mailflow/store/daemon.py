@@ -206,13 +206,17 @@ class Store(OperatorQueries, RequeueQueries):
                                       " from_logged = 0 WHERE queue = 'active'", [()])])
         return n
 
-    async def save_destinations(self, rows: Sequence[tuple], now: float) -> None:
-        """Replace the destination snapshot: rows of (transport, nexthop, window, in_flight, queued, failures,
-        dead_until, reason)."""
+    async def save_destinations(self, rows: Sequence[tuple], now: float,
+                                gone: Sequence[tuple[str, str]] | None = None) -> None:
+        """The destination snapshot: rows of (transport, nexthop, window, in_flight, queued, failures, dead_until,
+        reason), updated at `now`. `gone` None: `rows` replace it all; else they are the rows that changed and
+        `gone` the (transport, nexthop) of those to remove (qmgr writes only what changed)."""
+        clear = [("DELETE FROM destination", [()])] if gone is None else [
+            ("DELETE FROM destination WHERE transport = ? AND nexthop = ?", list(gone))]
         await self._committer.write([
-            ("DELETE FROM destination", [()]),
-            ("INSERT INTO destination (transport, nexthop, window, in_flight, queued, failures, dead_until,"
-             " reason, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [(*row, now) for row in rows]),
+            *clear,
+            ("INSERT OR REPLACE INTO destination (transport, nexthop, window, in_flight, queued, failures,"
+             " dead_until, reason, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [(*row, now) for row in rows]),
         ])
 
     # -- reads ----------------------------------------------------------------------------------

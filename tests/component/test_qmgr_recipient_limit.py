@@ -91,6 +91,35 @@ async def test_with_a_limit_of_one_a_delivery_ending_looks_at_its_own_destinatio
     assert len(looks) < 10 * 1000
 
 
+async def test_the_destination_snapshot_writes_only_the_rows_that_changed(h):
+    """A tick after one more destination appears writes its row alone, not the 20 there were: with a limit of 1,
+    thousands of per-recipient destinations were all rewritten every second."""
+    blocking = BlockingTransport("smtp")
+    await h.start(transports={"local": h.local, "smtp": blocking}, destination_recipient_limit=1)
+    save, writes = h.store.save_destinations, []
+
+    async def counted(rows, now, gone=None):
+        writes.append((len(rows), gone))
+        await save(rows, now, gone)
+    h.store.save_destinations = counted
+    await h.queue(*(f"u{i}@remote.test" for i in range(20)))
+    await eventually(lambda: blocking.in_flight == 20)
+    h.clock.advance(1)
+    await eventually(lambda: writes and writes[-1][0] == 20, what="the 20 new rows")
+    await h.queue("late@remote.test")
+    await eventually(lambda: blocking.in_flight == 21)
+    h.clock.advance(1)
+    await eventually(lambda: len(writes) == 3)
+    assert writes == [(0, None), (20, []), (1, [])]  # (the first write replaces what an earlier run left)
+    assert len(await h.store.destination_rows()) == 21
+    blocking.release.set()
+    await eventually(lambda: queue_is_empty(h))
+    h.clock.advance(1)
+    await eventually(lambda: len(writes) == 4)
+    assert writes[3][0] == 0 and len(writes[3][1]) == 21
+    assert await h.store.destination_rows() == []
+
+
 async def test_with_a_limit_of_one_the_rate_delay_is_per_recipient(h):
     """postconf(5), default_destination_rate_delay: with a recipient limit of 1, "the rate delay specifies the
     time between deliveries to the same recipient"."""

@@ -69,7 +69,8 @@ The loop
   starts over under the new settings, as in Postfix's new qmgr: dead ones are alive again (the reload may have
   fixed what failed: a password, a TLS setting), windows start again at the initial concurrency; deliveries in
   flight still count against them.
-- About once a second the destinations' state is written to the store for `mailflow queue destinations`, and
+- About once a second the destinations' state is written to the store for `mailflow queue destinations` (the rows
+  that changed: with a recipient limit of 1 there may be thousands), and
   every `MAINTENANCE_INTERVAL` the store gives free space back (`store.maintain`).
 - Each result carries the transport of its job (`RcptResult.transport`, in the mail log's events) and its times
   (`RcptResult.stats`, one MsgStats per job an agent had: the message's arrival, its entry into the active queue
@@ -201,7 +202,7 @@ class QueueManager:
         self._next_tick = 0.0  # the tools' counters are read, and the destinations written, once a tick
         self._generation = 0
         self._flushes = 0
-        self._snapshot: list[tuple] | None = None
+        self._snapshot: dict[tuple[str, str], tuple] | None = None  # the rows last written, by destination
         self._loop_task: asyncio.Task | None = None
         self._stopping = False
         first, cap = backoff
@@ -426,10 +427,16 @@ class QueueManager:
                 self._mark(dest)
 
     async def _publish_destinations(self) -> None:
-        rows = self.destinations()
-        if rows != self._snapshot:
-            await self._store.save_destinations(rows, self._clock.time())
-            self._snapshot = rows
+        """The destinations' state for the tools: the rows that changed since the last write (all of them the first
+        time, replacing what an earlier run left); thousands of per-recipient destinations cost no rewrite each."""
+        rows = {dest.key: dest.snapshot() for dest in self._destinations.values()}
+        last = self._snapshot
+        if last is None:
+            await self._store.save_destinations(list(rows.values()), self._clock.time())
+        elif rows != last:
+            changed = [row for key, row in rows.items() if last.get(key) != row]
+            await self._store.save_destinations(changed, self._clock.time(), [key for key in last if key not in rows])
+        self._snapshot = rows
 
     async def _withdraw_taken_back(self) -> None:
         """Messages an operator held or deleted while active: their jobs not yet started are dropped. (Only those
