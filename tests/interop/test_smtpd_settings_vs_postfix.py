@@ -55,7 +55,8 @@ def compared(text: str) -> str:
 
 
 async def dialogue(port: int, commands: list[str | bytes]) -> list[str]:
-    """Each command's reply as compared; "closed" once the server hung up."""
+    """Each command's reply as compared; "closed" once the server hung up. A 421 or 521 ends the dialogue: the
+    server must hang up after it (Postfix's smtpd_chat_reply does, whatever follows the code), else "still open"."""
     client = await SmtpClient.connect(port)
     got = []
     try:
@@ -66,6 +67,8 @@ async def dialogue(port: int, commands: list[str | bytes]) -> list[str]:
                 got.append("closed")
                 break
             got.append("closed" if reply.code is None else compared(reply.text))
+            if reply.code in (421, 521) and not await client.closed(timeout=3):
+                got.append("still open")
             if reply.code is None or reply.code in (221, 421, 521):
                 break
     finally:
@@ -384,7 +387,10 @@ FOOTER_SESSIONS: dict[str, list[str | bytes]] = {
         "RCPT TO:<bob@local.test>", "MAIL FROM:<x@y.test>", "RSET", "MAIL FROM:<>",
         "RCPT TO:<nobody@local.test>", "NOOP", "QUIT"],
     "a refused BDAT hangs up, its 521 with the footer": ["EHLO c.test", "BDAT x"],
+    "a 421 from an access table hangs up, footer or not": ["EHLO c.test", M, "RCPT TO:<bye@local.test>", "NOOP"],
+    "so does a 521": ["EHLO c.test", M, "RCPT TO:<gone@local.test>", "NOOP"],
 }
+FOOTER_ACCESS = "check_recipient_access inline:{ {bye@local.test = 421 go away} {gone@local.test = 521 gone} }"
 
 
 def without_port(text: str) -> str:
@@ -394,13 +400,17 @@ def without_port(text: str) -> str:
 @pytest.mark.parametrize("footer", FOOTERS)
 async def test_the_reject_footer_is_under_every_refusal_as_in_postfix(mailflow_server, footer):
     async with postfix_instance({**POSTFIX_BASE, "smtpd_reject_footer": footer,
-                                 "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination"}) as pf:
+                                 "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+                                 "smtpd_recipient_restrictions": FOOTER_ACCESS}) as pf:
         postfix = await replay(pf.port, FOOTER_SESSIONS)
-    mailflow = await replay(await start_mailflow(mailflow_server, reject_footer=footer), FOOTER_SESSIONS)
+    mailflow = await replay(await start_mailflow(mailflow_server, reject_footer=footer,
+                                                 recipient_restrictions=[FOOTER_ACCESS]), FOOTER_SESSIONS)
     assert differences(FOOTER_SESSIONS, postfix, mailflow, without_port) == {}
     replies = postfix["replies with and without an enhanced code, refusals of each stage, 2xx untouched"]
     assert [r[:4] for r in replies] == ["501-", "503-", "250 ", "500-", "250 ", "550-", "250 ", "250 ", "550-",
                                         "503-", "250 ", "250 ", "550-", "250 ", "221 "] or footer[:2] == r"\c"
+    for name in ("a 421 from an access table hangs up, footer or not", "so does a 521"):
+        assert len(postfix[name]) == 3 and postfix[name][2][:3] in ("421", "521")  # then no "still open"
     if footer == FOOTERS[0]:  # the macros: $recipient is the transaction's first accepted recipient
         assert without_port(replies[8].split("\n")[-1]) == (
             "550 5.1.1 For help: HOST 127.0.0.1 [localhost[127.0.0.1]] helo=c.test s=s@remote.test sd=remote.test"

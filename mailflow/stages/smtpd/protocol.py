@@ -15,9 +15,10 @@ What it owns
   `shut_down()` (421 at a stop; after the transaction under way), `in_transaction`.
 - Replies: `push()` gives a library-written line its enhanced status code (RFC 2034; not the greeting nor
   HELO/EHLO; a `status.Reply` goes as the catalogue wrote it), counts 4xx/5xx toward the error limits and
-  records each command's outcome (sessionlog.SessionLog). A 421 after the greeting ends the session (RFC 5321
-  3.8; Postfix disconnects after a 421 from a milter or an access table). A reply the server volunteers (the
-  timeout's, the stop's) is not written while TLS is yet to come (`_may_reply`): the connection just closes.
+  records each command's outcome (sessionlog.SessionLog). A 421 or 521 after the greeting ends the session (RFC
+  5321 3.8; Postfix disconnects after any reply starting with either, a reject_footer under it or not). A reply
+  the server volunteers (the timeout's, the stop's) is not written while TLS is yet to come (`_may_reply`): the
+  connection just closes.
 - Deadlines: a command within `timeout` of the previous one; DATA/BDAT content at `min_data_rate`; none during
   a TLS handshake (`_no_deadline`: it has its own, secure.py). One loop timer per session: a new deadline is a
   float stored; the timer, when it fires before the deadline, sets itself again for what is left (not a
@@ -385,11 +386,12 @@ class ProtocolCore(SMTP):
 
     async def push(self, line: Any, *, counts_as_error: bool = True) -> None:
         """Send one reply line. A final 4xx/5xx counts toward the error limits (unless `counts_as_error` is
-        False) and marks the command being answered as failed in the disconnect statistics. After a 421 (not the
-        greeting) the server closes the connection."""
+        False) and marks the command being answered as failed in the disconnect statistics. After a 421 or 521 (not
+        the greeting) the server closes the connection: decided on the code the reply starts with, as Postfix's
+        smtpd_chat_reply, whether one line or several (a reject_footer's, a milter's)."""
         data = self._reply_bytes(line, counts_as_error)
         await self._write(data)
-        if data[:4] == b"421 " and self._replies_sent > 1:
+        if data[:3] in _HANG_UP_CODES and self._replies_sent > 1:
             self.hang_up()
 
     async def push_lines(self, lines: list[str]) -> None:
@@ -892,6 +894,7 @@ def _without_keywords(lines: list[str], discarded: frozenset[str]) -> list[str]:
 
 _HEADER_NAME = re.compile(r"[!-9;-~]+:")  # RFC 5322 field name, then the colon
 _LETTER = re.compile(r"[A-Za-z]")
+_HANG_UP_CODES = (b"421", b"521")  # a reply starting with one ends the session (Postfix: SMTPD_FLAG_HANGUP)
 # The verb: after any leading white space, up to the next (Postfix splits a command on space, tab, vertical tab
 # and form feed, though RFC 5321 has only SP: `MAIL<TAB>FROM:<a@b>` is a MAIL command to it).
 _VERB = re.compile(rb"[ \t\v\f]*([^ \t\v\f]*)[ \t\v\f]*")
