@@ -28,6 +28,11 @@ transaction), and so is each HELO, EHLO, RSET, NOOP or VRFY past `[smtpd] junk_c
 `[smtpd] soft_error_limit` errors on every reply waits `[smtpd] error_sleep_time` first, and at
 `[smtpd] hard_error_limit` the session ends with `421 4.7.0 <host> Error: too many errors` (before the next command
 is read, exit 0). A queued message forgives the errors and the junk commands so far.
+`[smtpd]`'s reply settings apply as Postfix's stand-alone smtpd applies them: reject_footer under every 4xx and 5xx
+(its client `localhost[127.0.0.1]`, port 0: Postfix's smtpd_peer_assume_local_client), strict_rfc821_envelopes (a
+path without angle brackets 501 5.1.7 / 5.1.3), discard_ehlo_keywords, or discard_ehlo_keyword_address_maps' value
+for 127.0.0.1 (a discarded keyword is not offered and its parameters are refused as smtpd refuses them; a table that
+cannot answer makes EHLO `421 4.3.0 <host> Server local data error` and ends the session).
 """
 from __future__ import annotations
 
@@ -38,14 +43,22 @@ import time
 from typing import BinaryIO, Callable, Iterator
 
 from mailflow import address, status
+from mailflow.ehlo_keywords import discard_set, keyword_name
+from mailflow.errors import LookupRetry
 from mailflow.junk_commands import JunkCount
 from mailflow.maildrop import MaildropError
 from mailflow.message import CRLF
+from mailflow.reply_footer import address_values, footer_lines
 from mailflow.sendmail.options import Options, UsageError
 from mailflow.sendmail.reading import (LINE_PIECE, clean_address, clean_recipient, line_pieces, lone_cr_as_space,
                                        without_bcc)
 from mailflow.sendmail.submitter import Submitter
 from mailflow.smtp_parameters import mail_parameters, path_text, rcpt_parameters
+from mailflow.tables import find, open_table
+
+# the client as Postfix's stand-alone smtpd names it (smtpd_peer_assume_local_client): its footer's $client...,
+# the key of discard_ehlo_keyword_address_maps
+CLIENT_ADDRESS, CLIENT_NAME, CLIENT_PORT = "127.0.0.1", "localhost", "0"
 
 
 class StdioSmtp:
@@ -68,6 +81,8 @@ class StdioSmtp:
         self._sleep = sleep
         self._errors = 0  # commands answered with an error since the last queued message (smtpd's error_count)
         self._junk = JunkCount(self.JUNK_COMMANDS, self._limits.junk_command_limit)  # since then (smtpd's junk_cmds)
+        self._helo = ""  # the name HELO or EHLO gave (the footer's $helo_name)
+        self._discarded, self._discards_unknown = _discards(self._limits)
         self._reset()
 
     def _reset(self) -> None:
@@ -80,15 +95,30 @@ class StdioSmtp:
     def _reply(self, reply: "status.Reply | str", counts_as_error: bool = True) -> None:
         """A reply from the catalogue (plain strings only for the EHLO lines, all in one), after
         error_sleep_time once soft_error_limit errors were made (as Postfix's smtpd_chat_reply waits); an error
-        reply (4xx, 5xx) counts as one unless told otherwise. Under soft_bounce a 5xx goes out as 4xx."""
+        reply (4xx, 5xx) counts as one unless told otherwise. A 4xx or 5xx gets `[smtpd] reject_footer`, then under
+        soft_bounce a 5xx goes out as 4xx (smtpd's order)."""
         limits = self._limits
         if self._errors >= limits.soft_error_limit and limits.error_sleep_time:
             self._sleep(limits.error_sleep_time)
-        text = status.soft_bounced(str(reply)) if self._soft_bounce else str(reply)
+        text = str(reply)
+        if limits.reject_footer and text[:1] in ("4", "5"):
+            text = status.with_footer(text, *footer_lines(limits.reject_footer, self._footer_values()))
+        if self._soft_bounce:
+            text = status.soft_bounced(text)
         self._out.write(text.encode("utf-8") + b"\r\n")
         self._out.flush()
         if counts_as_error and isinstance(reply, status.Reply) and reply.code >= 400:
             self._errors += 1
+
+    def _footer_values(self) -> dict[str, str]:
+        """The footer's macros as Postfix's stand-alone smtpd gives them (see protocol.py's for a socket's)."""
+        values = {"server_name": self._host, "localtime": time.strftime("%b %d %H:%M:%S"),
+                  "client": f"{CLIENT_NAME}[{CLIENT_ADDRESS}]", "client_address": CLIENT_ADDRESS,
+                  "client_port": CLIENT_PORT, "client_name": CLIENT_NAME, "reverse_client_name": CLIENT_NAME,
+                  "helo_name": self._helo}
+        values.update(address_values("sender", self._sender))
+        values.update(address_values("recipient", self._recipients[0] if self._recipients else None))
+        return values
 
     def run(self) -> int:
         try:
@@ -132,31 +162,40 @@ class StdioSmtp:
 
     def _do_HELO(self, arg: str) -> None:
         self._reset()
+        if arg:
+            self._helo = arg
         self._reply(f"250 {self._host}" if arg else status.hello_syntax("HELO"))
 
-    def _do_EHLO(self, arg: str) -> None:
+    def _do_EHLO(self, arg: str) -> bool | None:
         if not arg:
-            return self._reply(status.hello_syntax("EHLO"))
+            self._reply(status.hello_syntax("EHLO"))
+            return None
+        self._helo = arg
+        if self._discards_unknown:  # as smtpd: discard_ehlo_keyword_address_maps could not answer
+            self._reply(status.local_data_error(self._host))
+            return False
         self._reset()
         lines = [f"250-{self._host}", *(f"250-{keyword}" for keyword in self._keywords())]
         lines[-1] = "250 " + lines[-1][4:]
         self._reply("\r\n".join(lines))
+        return None
 
     def _keywords(self) -> list[str]:
-        """EHLO's keywords, in the order of Postfix's smtpd."""
+        """EHLO's keywords, in the order of Postfix's smtpd, without the discarded ones."""
         limit = self._limits.message_size_limit
         vrfy = [] if self._limits.disable_vrfy_command else ["VRFY"]
-        return ["PIPELINING", f"SIZE {limit}" if limit else "SIZE", *vrfy, "ENHANCEDSTATUSCODES", "8BITMIME", "DSN",
-                "SMTPUTF8"]
+        offered = ["PIPELINING", f"SIZE {limit}" if limit else "SIZE", *vrfy, "ENHANCEDSTATUSCODES", "8BITMIME",
+                   "DSN", "SMTPUTF8"]
+        return [keyword for keyword in offered if keyword_name(keyword) not in self._discarded]
 
     def _do_MAIL(self, arg: str) -> None:
         if self._sender is not None:
             return self._reply(status.NESTED_MAIL)
-        parsed = _path(arg, "MAIL", status.SENDER_SYNTAX)
+        parsed = _path(arg, "MAIL", status.SENDER_SYNTAX, self._limits.strict_rfc821_envelopes)
         if isinstance(parsed, status.Reply):
             return self._reply(parsed)
         given, words = parsed
-        taken = mail_parameters(words, self._limits.message_size_limit)  # (smtpd's own reading)
+        taken = mail_parameters(words, self._limits.message_size_limit, self._discarded)  # (smtpd's own reading)
         if isinstance(taken, status.Reply):
             return self._reply(taken)
         options, ret, envid, _ = taken  # (AUTH=: accepted, unused, as smtpd without SASL)
@@ -175,13 +214,13 @@ class StdioSmtp:
     def _do_RCPT(self, arg: str) -> None:
         if self._sender is None:
             return self._reply(status.NEED_MAIL)
-        parsed = _path(arg, "RCPT", status.RECIPIENT_SYNTAX)
+        parsed = _path(arg, "RCPT", status.RECIPIENT_SYNTAX, self._limits.strict_rfc821_envelopes)
         if isinstance(parsed, status.Reply):
             return self._reply(parsed)
         given, words = parsed
         if not given:
             return self._reply(status.RECIPIENT_SYNTAX)
-        dsn = rcpt_parameters(words)
+        dsn = rcpt_parameters(words, self._discarded)
         if isinstance(dsn, status.Reply):
             return self._reply(dsn)
         if len(self._recipients) >= self._limits.recipient_limit:  # as Postfix's smtpd under -bs
@@ -250,7 +289,7 @@ class StdioSmtp:
     def _do_VRFY(self, arg: str) -> None:
         """As Postfix's smtpd in stand-alone mode: off with disable_vrfy_command (its setting applies there too),
         else the argument's syntax only, no restriction list."""
-        written, _ = address.vrfy_argument(arg)
+        written, _ = address.vrfy_argument(arg, "smtputf8" not in self._discarded)
         if self._limits.disable_vrfy_command:
             self._reply(status.VRFY_DISABLED)
         elif not written:
@@ -291,10 +330,10 @@ def _discard_output(out: BinaryIO) -> None:
         pass
 
 
-def _path(arg: str, command: str, bad_path: status.Reply) -> tuple[str, list[str]] | status.Reply:
+def _path(arg: str, command: str, bad_path: status.Reply, strict: bool) -> tuple[str, list[str]] | status.Reply:
     """(the address, the parameter words) of MAIL's `FROM:<a@b> PARAMS` / RCPT's `TO:…`, the path read as smtpd
     reads it (path_text, address.parse_path); the usage reply without the keyword or a path, `bad_path` for a
-    malformed one."""
+    malformed one, and when `strict` (strict_rfc821_envelopes) for one without its angle brackets."""
     text = path_text(arg, command)
     if isinstance(text, status.Reply):
         return text
@@ -302,4 +341,20 @@ def _path(arg: str, command: str, bad_path: status.Reply) -> tuple[str, list[str
         found, rest = address.parse_path(text)
     except address.PathError:
         return bad_path
+    if strict and not text.lstrip(" \t").startswith("<"):
+        return bad_path
     return found, rest.split()
+
+
+def _discards(smtpd) -> tuple[frozenset[str], bool]:
+    """(the EHLO keywords discarded, whether discard_ehlo_keyword_address_maps could not answer) for the -bs
+    client, as smtpd chooses them (stages/smtpd/ehlo_discards.py): the maps' value for 127.0.0.1, else
+    discard_ehlo_keywords."""
+    default = frozenset(smtpd.discard_ehlo_keywords)
+    if not smtpd.discard_ehlo_keyword_address_maps:
+        return default, False
+    try:
+        found = find([open_table(spec) for spec in smtpd.discard_ehlo_keyword_address_maps], [CLIENT_ADDRESS])
+    except LookupRetry:
+        return default, True
+    return (default, False) if found is None else (discard_set([found[2]], ignore_unknown=True), False)

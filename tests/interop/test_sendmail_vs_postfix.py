@@ -353,3 +353,59 @@ async def test_bs_counts_errors_and_ends_the_session_at_the_hard_limit_as_a_real
         "421 4.7.0 mx.origin.test Error: too many errors"]
     assert "250 2.0.0 Ok: queued as ID" in postfix[1] and postfix[1][-2:] == [
         "503 5.5.1 Error: authentication not enabled", "221 2.0.0 Bye"]
+
+
+# The smtpd settings that change replies apply under -bs too (Postfix's stand-alone smtpd reads them all): the
+# reject footer (its client: Postfix's "localhost[127.0.0.1]", port 0), strict_rfc821_envelopes, the discarded EHLO
+# keywords (by the client address too: 127.0.0.1)
+BS_SETTINGS = {"reject_footer": r"\nhelp: $client_address [$client] $client_name p=$client_port ${helo_name} s=$sender",
+               "strict_rfc821_envelopes": True, "discard_ehlo_keywords": ["pipelining, dsn"],
+               "discard_ehlo_keyword_address_maps": ["inline:{ {127.0.0.1 = dsn, smtputf8} }"]}
+BS_SETTINGS_PF = {"smtpd_reject_footer": BS_SETTINGS["reject_footer"], "strict_rfc821_envelopes": "yes",
+                  "smtpd_discard_ehlo_keywords": "pipelining, dsn",
+                  "smtpd_discard_ehlo_keyword_address_maps": "inline:{ {127.0.0.1 = dsn, smtputf8} }"}
+SETTINGS_DIALOGUE = ["EHLO client.test", "MAIL FROM:a@x.test", "MAIL FROM:<a@x.test> RET=FULL",
+                     "MAIL FROM:<a@x.test> SMTPUTF8", "MAIL FROM:<a@x.test>", "RCPT TO:b@x.test",
+                     "RCPT TO:<b@x.test> NOTIFY=NEVER", "RCPT TO:<b@x.test>", "BOGUS", "DATA", "Subject: s", "", "x",
+                     ".", "QUIT"]
+
+
+async def test_bs_applies_the_footer_strict_envelopes_and_discarded_keywords_as_a_real_postfixs_smtpd_does(
+        write_config, tmp_path):
+    (tmp_path / "queue").mkdir()
+    config = write_config(tmp_path / "mailflow.toml", smtpd={"listen": ["127.0.0.1:0"], "banner": "ESMTP probe",
+                                                             "disable_vrfy_command": False, **NO_TARPIT, **BS_SETTINGS},
+                          **COMMON)
+    async with postfix_instance({**COMMON, **NO_TARPIT_PF, **BS_SETTINGS_PF, "relayhost": "[127.0.0.1]:9",
+                                 "smtputf8_enable": "yes", "smtpd_banner": "$myhostname ESMTP probe"}) as pf:
+        postfix = await bs_transcript(["sendmail", "-C", str(pf.etc)], SETTINGS_DIALOGUE)
+    mailflow = await bs_transcript([sys.executable, "-m", "mailflow", "sendmail", "-C", str(config)],
+                                   SETTINGS_DIALOGUE)
+    pf_ehlo, pf_rest = ehlo_split(postfix)
+    mf_ehlo, mf_rest = ehlo_split(mailflow)
+    assert mf_ehlo == [keyword for keyword in pf_ehlo if keyword not in ("ETRN", "CHUNKING")]
+    assert mf_rest == pf_rest
+    # what both did, so that the same change on both sides cannot pass unnoticed
+    assert "PIPELINING" in pf_ehlo and not {"DSN", "SMTPUTF8"} & set(pf_ehlo)  # the map's list for 127.0.0.1
+    assert pf_rest[1:4] == ["501-5.1.7 Bad sender address syntax", "501-5.1.7 ",
+                            "501 5.1.7 help: 127.0.0.1 [localhost[127.0.0.1]] localhost p=0 client.test s="]
+    assert pf_rest[-2:] == ["250 2.0.0 Ok: queued as ID", "221 2.0.0 Bye"]
+
+
+def ehlo_split(transcript: list[str]) -> tuple[list[str], list[str]]:
+    """(EHLO's keywords, the other lines) of a transcript whose second reply is EHLO's."""
+    end = next(i for i, line in enumerate(transcript) if i > 1 and line.startswith("250 "))
+    return [line[4:] for line in transcript[2:end + 1]], transcript[:1] + transcript[end + 1:]
+
+
+async def test_bs_answers_ehlo_421_when_the_discard_maps_cannot_answer_as_a_real_postfixs_smtpd_does(
+        write_config, tmp_path):
+    (tmp_path / "queue").mkdir()
+    config = write_config(tmp_path / "mailflow.toml", smtpd={"listen": ["127.0.0.1:0"], "banner": "ESMTP probe",
+                                                             "discard_ehlo_keyword_address_maps": ["fail:x"]}, **COMMON)
+    dialogue = ["EHLO client.test", "NOOP"]
+    async with postfix_instance({**COMMON, "relayhost": "[127.0.0.1]:9", "smtpd_banner": "$myhostname ESMTP probe",
+                                 "smtpd_discard_ehlo_keyword_address_maps": "fail:x"}) as pf:
+        postfix = await bs_transcript(["sendmail", "-C", str(pf.etc)], dialogue)
+    mailflow = await bs_transcript([sys.executable, "-m", "mailflow", "sendmail", "-C", str(config)], dialogue)
+    assert mailflow == postfix == ["220 mx.origin.test ESMTP probe", "421 4.3.0 mx.origin.test Server local data error"]
