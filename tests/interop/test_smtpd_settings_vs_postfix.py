@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import re
 
 import pytest
 
-from mailflow.config import load_config
+from mailflow.config import DEFAULTS, load_config
 from mailflow.errors import ConfigError
 from mailflow.message import comment_sanitized
+from mailflow.stages.smtpd.protocol import ProtocolCore, ProtocolLimits
 from mailflow.status import with_footer
 from tests.support import SmtpClient, dovecot_instance, eventually, postfix_instance
 
@@ -432,3 +434,14 @@ def test_a_footer_under_a_multi_line_reply_and_one_without_an_enhanced_code():
         "550-5.7.1 first\r\n550-5.7.1 last\r\n550-5.7.1 a\r\n550 5.7.1 b")
     assert with_footer("501 Syntax: EHLO hostname", True, [" (x)", "y"]) == (
         "501-Syntax: EHLO hostname (x)\r\n501 y")
+
+
+async def test_a_reply_sent_line_by_line_gets_the_footer_once_and_an_empty_line_none():
+    """push_lines sends a reply's lines one by one: the footer goes under its last line only (as under one multi-line
+    reply); a line that is no reply (empty) is left alone."""
+    limits = dataclasses.replace(ProtocolLimits.from_config(DEFAULTS.smtpd), reject_footer=r"\chelp")
+    session = ProtocolCore(object(), sessions=set(), protocol=limits, hostname="h.test")
+    sent = b"".join(session._reply_bytes(line, True) for line in ["450-4.7.1 a", "450 4.7.1 b"])
+    assert sent.decode() == with_footer("450-4.7.1 a\r\n450 4.7.1 b", True, ["help"]) + "\r\n"
+    assert sent.decode() == "450-4.7.1 a\r\n450 4.7.1 bhelp\r\n"
+    assert session._reply_bytes("", False) == b"\r\n"

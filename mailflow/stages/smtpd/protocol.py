@@ -396,20 +396,21 @@ class ProtocolCore(SMTP):
 
     async def push_lines(self, lines: list[str]) -> None:
         """The lines of a multi-line reply (EHLO's), each as `push` sends it, in one write: the client gets one
-        segment rather than one per line."""
+        segment rather than one per line. A reject_footer goes once, under the last."""
         await self._write(b"".join(self._reply_bytes(line, True) for line in lines))
 
     def _reply_bytes(self, line: Any, counts_as_error: bool) -> bytes:
         """One reply line as sent, counted (errors, the disconnect statistics) and in the transcript. A 4xx or 5xx
-        gets the reject_footer (status.with_footer), then under soft_bounce a 5xx goes out as 4xx
-        (status.soft_bounced), whoever wrote it: this is where every reply passes, as Postfix's smtpd_chat_reply."""
+        gets the reject_footer (status.with_footer) under its last line, then under soft_bounce a 5xx goes out as 4xx
+        (status.soft_bounced), whoever wrote it: this is where every reply passes, as Postfix's smtpd_chat_reply.
+        A continuation line sent on its own (`push_lines`) gets no footer: the reply's last line does."""
         if isinstance(line, status.Reply):  # one final line, as the catalogue wrote it
             final, line = line.code, str(line)
         else:
             if self._replies_sent and not self._in_hello and isinstance(line, str):  # the first is the greeting
                 line = status.with_enhanced_code(line)
             final = _final_code(line)
-        if self._limits.reject_footer and isinstance(line, str) and line[:1] in "45":
+        if self._limits.reject_footer and isinstance(line, str) and line[:1] in ("4", "5") and _ends_a_reply(line):
             line = status.with_footer(line, *footer_lines(self._limits.reject_footer, self._footer_values()))
         if self._limits.soft_bounce and isinstance(line, str):
             line = status.soft_bounced(line)
@@ -929,6 +930,12 @@ def _input_waiting(transport) -> bool:
         return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0] > 0
     except (OSError, ValueError):
         return False
+
+
+def _ends_a_reply(text: str) -> bool:
+    """Whether the last line of `text` (one line, or several joined by CRLF) is a final one (`550 ...`, not
+    `550-...`)."""
+    return text[text.rfind("\n") + 1:][3:4] != "-"
 
 
 def _final_code(line) -> int:
