@@ -57,7 +57,7 @@ local_recipient_maps/alias_maps, nothing for virtual alias domains (cleanup's ma
 virtual_mailbox_maps, relay_recipient_maps (empty: anyone).
 `recipient_refusal(addr, mapper, sender)` is smtpd's reject_unlisted_recipient (Postfix check_rcpt_maps), in order:
 an address a canonical or virtual alias table lists is accepted; one that resolves to the `error`
-transport is refused with that error's status and text (550; 450 for a 4.X.X status), so no bounce is
+transport is refused with that error's status and text (550, the status's class made 5), so no bounce is
 ever made for it (backscatter); in the local class postmaster, mailer-daemon and double-bounce are always
 accepted (RFC 5321 4.5.1); otherwise the class's recipient table decides. The default class is not
 checked: relaying is smtpd's decision. `await tables.run(...)` is how an event-loop caller asks (see
@@ -584,19 +584,18 @@ class Rewriter:
 
 def error_refusal(addr: str, res: Resolution, what: str = "Recipient address", code: int | None = None
                   ) -> status.Reply:
-    """The RCPT reply for an address routed to the error transport: its status (5.1.1 when the error names
-    none; 5.1.0 for a sender) and text, 550 or 450 by the status's class (Postfix check_rcpt_maps); `code`:
-    this code instead (the virtual alias class's unknown_virtual_alias_reject_code), the status's class
-    following it, as Postfix's."""
+    """The RCPT reply for an address routed to the error transport: 550 with its status (5.1.1 when the error
+    names none; 5.1.0 for a sender) and text (Postfix check_rcpt_maps: the error transport is undeliverable
+    whatever its status says); `code`: this code instead (the virtual alias class's
+    unknown_virtual_alias_reject_code). The status's class follows the code, as Postfix's smtpd_check_reject
+    makes it (`error:4.7.0 later` is `550 5.7.0 ... later`)."""
     explicit = res.nexthop.strip()[:1] in ("4", "5")
     _, dsn, text = parse_error_nexthop(res.nexthop)
     if not explicit:
         dsn = "5.1.0" if what == "Sender address" else "5.1.1"
-    if code is not None:
-        dsn = f"{code // 100}{dsn[1:]}"
-    else:
-        code = 450 if dsn.startswith("4") else 550
-    return status.restriction_rejected(code, dsn, addr, what, text)
+    if code is None:
+        code = 550
+    return status.restriction_rejected(code, f"{code // 100}{dsn[1:]}", addr, what, text)
 
 
 CLASS_SETTING = {

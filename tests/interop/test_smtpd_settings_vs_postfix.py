@@ -340,7 +340,15 @@ UNKNOWN_SESSIONS: dict[str, list[str | bytes]] = {
         "EHLO c.test", M, "RCPT TO:<nobody@local.test>", "RCPT TO:<nobody@valias.test>", "RCPT TO:<nobody@vmbox.test>",
         "RCPT TO:<nobody@relay.test>", R, "RCPT TO:<a@valias.test>", "RCPT TO:<m@vmbox.test>", "RCPT TO:<r@relay.test>",
         "VRFY nobody@local.test"],
+    "an error: transport, 5.X.X or 4.X.X: 550 (the status's class follows the code)": [
+        "EHLO c.test", M, "RCPT TO:<x@err.test>", "RCPT TO:<y@err4.test>", "RCPT TO:<gone@local.test>"],
+    "reject_unlisted_sender: an unknown sender of each class, an error: transport's": [
+        "EHLO c.test", *(command for sender in ("nobody@local.test", "nobody@valias.test", "nobody@vmbox.test",
+                                                "nobody@relay.test", "x@err.test", "y@err4.test", "")
+                         for command in (f"MAIL FROM:<{sender}>", "RCPT TO:<alice@local.test>", "RSET"))],
 }
+ERRORS = ("inline:{ {err.test = error:5.1.2 no such host} {err4.test = error:4.7.0 later} "
+          "{gone@local.test = error:gone} }")
 
 
 @pytest.mark.parametrize("codes", [CODES, {}], ids=["set", "defaults"])
@@ -349,7 +357,8 @@ async def test_the_unknown_user_refusal_has_each_class_code_as_in_postfix(mailfl
                                  "virtual_alias_maps": "inline:{a@valias.test=alice@local.test}",
                                  "virtual_mailbox_domains": "vmbox.test",
                                  "virtual_mailbox_maps": "inline:{m@vmbox.test=m/}",
-                                 "relay_recipient_maps": "inline:{r@relay.test=ok}",
+                                 "relay_recipient_maps": "inline:{r@relay.test=ok}", "transport_maps": ERRORS,
+                                 "smtpd_sender_restrictions": "reject_unlisted_sender",
                                  **{name: str(code) for name, code in codes.items()}}) as pf:
         postfix = await replay(pf.port, UNKNOWN_SESSIONS)
     mf = await mailflow_server(mydestination=["local.test"], local_recipient_maps=["inline:{alice=ok}"],
@@ -358,9 +367,11 @@ async def test_the_unknown_user_refusal_has_each_class_code_as_in_postfix(mailfl
                                virtual_alias_maps=["inline:{a@valias.test=alice@local.test}"],
                                virtual_mailbox_domains=["vmbox.test"],
                                virtual_mailbox_maps=["inline:{m@vmbox.test=m/}"],
-                               relay_recipient_maps=["inline:{r@relay.test=ok}"],
+                               relay_recipient_maps=["inline:{r@relay.test=ok}"], transport_maps=[ERRORS],
+                               mynetworks=["127.0.0.0/8"],
                                smtpd={"disable_vrfy_command": False, "relay_restrictions": [
-                                   "permit_mynetworks", "reject_unauth_destination"], **codes})
+                                   "permit_mynetworks", "reject_unauth_destination"],
+                                   "sender_restrictions": ["reject_unlisted_sender"], **codes})
     assert await replay(mf.smtp_addresses[0][1], UNKNOWN_SESSIONS) == postfix
     replies = postfix["an unknown user of each class, a known one, VRFY"]
     if codes:
@@ -371,6 +382,19 @@ async def test_the_unknown_user_refusal_has_each_class_code_as_in_postfix(mailfl
             "553 5.1.1 <nobody@relay.test>: Recipient address rejected: User unknown in relay recipient table"]
         assert replies[-1].startswith("450 4.1.1 <nobody@local.test>")
     assert replies[6:10] == ["250 2.1.5 Ok"] * 4
+    errors = postfix["an error: transport, 5.X.X or 4.X.X: 550 (the status's class follows the code)"]
+    assert errors[3] == "550 5.7.0 <y@err4.test>: Recipient address rejected: later"
+    senders = postfix["reject_unlisted_sender: an unknown sender of each class, an error: transport's"]
+    assert senders[2::3] == [  # (the RCPT after each MAIL)
+        f"{code} {dsn} <{sender}>: Sender address rejected: {why}" for code, dsn, sender, why in [
+            (450 if codes else 550, "4.1.0" if codes else "5.1.0", "nobody@local.test",
+             "User unknown in local recipient table"),
+            (551 if codes else 550, "5.1.7", "nobody@valias.test", "User unknown in virtual alias table"),
+            (452 if codes else 550, "4.1.0" if codes else "5.1.0", "nobody@vmbox.test",
+             "User unknown in virtual mailbox table"),
+            (553 if codes else 550, "5.1.0", "nobody@relay.test", "User unknown in relay recipient table"),
+            (550, "5.1.8", "x@err.test", "no such host"), (550, "5.7.0", "y@err4.test", "later")]] + [
+        "250 2.1.5 Ok"]
 
 
 # ------------------------------------------------------------------------------------------ reject_footer
