@@ -26,16 +26,19 @@ SILENT = "silent-discard"
 DISCARDABLE = ("8bitmime", "auth", "etrn", "pipelining", "size", "verp", "vrfy", "xclient", "xforward", "starttls",
                "enhancedstatuscodes", "dsn", "smtputf8", "chunking", SILENT)
 _LOGGED_AS = {"smtputf8": "EHLO_MASK_SMTPUTF8"}
+_ALSO_CALLED = {"ehlo_mask_smtputf8": "smtputf8"}  # that name is Postfix 3.7's too: a list copied from its log works
 
 
 def discard_set(words: Iterable[str], ignore_unknown: bool = False) -> frozenset[str]:
-    """The keywords of a configured list (any case; several to an item, separated by commas or blanks);
+    """The keywords of a configured list (any case; several to an item, separated by commas or blanks; SMTPUTF8
+    also by Postfix's other name for it, EHLO_MASK_SMTPUTF8);
     `ignore_unknown`: a word that is no keyword is skipped, as Postfix skips it (a table's value, read at each
     connection)."""
     found = set()
     for item in words:
         for word in item.replace(",", " ").split():
             name = word.lower()
+            name = _ALSO_CALLED.get(name, name)
             if name not in DISCARDABLE:
                 if ignore_unknown:
                     continue

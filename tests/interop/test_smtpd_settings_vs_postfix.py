@@ -160,6 +160,18 @@ async def test_silent_discard_and_a_discarded_enhancedstatuscodes_log_nothing_as
     assert postfix["EHLO, then a DSN parameter"][1] == "501 5.7.1 DSN support is disabled"
 
 
+async def test_smtputf8_is_discarded_by_the_name_postfix_logs_it_under_too(mailflow_server):
+    """Postfix 3.7 logs a discarded SMTPUTF8 as EHLO_MASK_SMTPUTF8 (its table's first name for it): a list copied
+    from that log line discards it there, and here."""
+    sessions = {"EHLO, then SMTPUTF8": ["EHLO c.test", M + " SMTPUTF8"]}
+    async with postfix_instance({**POSTFIX_BASE, "smtpd_discard_ehlo_keywords": "EHLO_MASK_SMTPUTF8"}) as pf:
+        postfix = await replay(pf.port, sessions)
+    port = await start_mailflow(mailflow_server, discard_ehlo_keywords=["EHLO_MASK_SMTPUTF8"])
+    assert await replay(port, sessions) == postfix
+    ehlo, mail = postfix["EHLO, then SMTPUTF8"]
+    assert "SMTPUTF8" not in ehlo and mail == "555 5.5.4 Unsupported option: SMTPUTF8"
+
+
 ADDRESS_MAPS = {"found, its unknown word skipped": "inline:{ {127.0.0.1 = pipelining, DSN, bogus} }",
                 "not found: the default list": "inline:{192.0.2.1=dsn}",
                 "a table that cannot answer: 421 at EHLO": "fail:x"}
