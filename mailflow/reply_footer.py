@@ -2,7 +2,7 @@
 
     FOOTER_MACROS                  the names a footer may use, as Postfix 3.7's smtpd_expand_lookup knows them
     check_footer(template)         the template, or ValueError (an unknown macro, a malformed one, a control
-                                   character)
+                                   character, one that is not ASCII: a reply is ASCII, RFC 5321 4.2)
     footer_lines(template, values) -> (continues, lines): the template cut at each `\\n` (backslash, n: main.cf's
                                    spelling; a real line break counts as one too), each piece expanded with
                                    `values`; `continues` when it began with `\\c` (its first piece goes at the end
@@ -28,6 +28,7 @@ LINE_BREAK = "\\n"  # the two characters, as main.cf writes it
 CONTINUE = "\\c"  # at the start only
 _FILTERED = re.compile(r"[^\t\x20-\x7e]")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_NOT_ASCII = re.compile(r"[^\x00-\x7f]")
 
 
 def check_footer(template: str) -> str:
@@ -35,6 +36,8 @@ def check_footer(template: str) -> str:
     for piece in _pieces(template)[1]:
         if _CONTROL.search(piece):
             raise ValueError("a control character (write \\n, a backslash and n, for a line break)")
+        if _NOT_ASCII.search(piece):
+            raise ValueError("a character that is not ASCII (SMTP replies are ASCII)")
         check_macros(piece, FOOTER_MACROS)
     return template
 

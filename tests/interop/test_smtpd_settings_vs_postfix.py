@@ -464,6 +464,15 @@ def test_the_footer_is_checked_at_load(tmp_path):
     assert "unknown macro $client_adress" in info.value.reason
 
 
+def test_a_footer_that_is_not_ascii_is_refused_at_load(tmp_path):
+    """A reply is ASCII (RFC 5321 4.2); without SMTPUTF8 such a footer could not even be sent."""
+    path = tmp_path / "mailflow.toml"
+    path.write_text("[smtpd]\nreject_footer = '\\nAide : voir https://aide.test/caf\u00e9'\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == "smtpd.reject_footer" and "not ASCII" in info.value.reason
+
+
 def test_a_footer_under_a_multi_line_reply_and_one_without_an_enhanced_code():
     """Postfix's smtp_reply_footer: the reply's lines all become continuation lines; the codes come from its last."""
     assert with_footer("550-5.7.1 first\r\n550 5.7.1 last", False, ["a", "b"]) == (
