@@ -7,6 +7,7 @@ import asyncio
 from mailflow import status
 from mailflow.app import Mailflow
 from mailflow.config import config_from_dict
+from mailflow.status import with_footer
 from tests.support import SmtpClient, accepts, base_settings, eventually, half_client_hello, queue_counts
 
 HOST = "mx.mailflow.test"
@@ -82,3 +83,15 @@ async def test_a_stop_writes_nothing_into_a_tls_handshake(mailflow_server, pki, 
     await eventually(lambda: len(mf.smtpd.sessions) == 2, what="both sessions under way")
     await asyncio.wait_for(mf.stop(), 1.5)  # nothing to wait for: well within the grace (2 s)
     assert [await c.rest() for c in (after_starttls, implicit)] == [b"", b""]
+
+
+async def test_the_stops_421_carries_the_reject_footer_as_every_other_refusal(mailflow_server):
+    """The idle session's 421 at a stop goes out as any reply does: with the footer (and the session's records)."""
+    mf = await mailflow_server(smtpd={"reject_footer": "more: $client_address"})
+    idle = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    await idle.cmd("EHLO client.test")
+    stopping = asyncio.create_task(mf.stop())
+    reply = await idle.reply()
+    assert reply.text == with_footer(str(status.shutting_down(HOST)), False, ["more: 127.0.0.1"]).replace("\r\n", "\n")
+    assert await idle.closed()
+    await asyncio.wait_for(stopping, 1.5)

@@ -371,10 +371,7 @@ class ProtocolCore(SMTP):
         if not self._may_reply():
             self.hang_up()
             return
-        reply = str(status.shutting_down(self.hostname))
-        self._writer.write(f"{reply}\r\n".encode())
-        if self.transcript is not None:
-            self.transcript.reply(reply)
+        self._writer.write(self._reply_bytes(status.shutting_down(self.hostname), False))  # (a footer too)
         self.hang_up()
 
     @property
