@@ -401,12 +401,14 @@ class SmtpdLog:
         self._emit(logging.WARNING, "illegal-address", f"Illegal address syntax from {client} in {command} "
                    f"command: {text[:200]}", client=client, command=command, text=text[:200])
 
-    def local_data_error(self, queue_id: str, stage: str, client: str, reply: str) -> None:
-        """A table smtpd needs could not answer: Postfix's `warning: don't know what EHLO features to announce to
-        host[ip]` (at EHLO, the one such table) and its SMTP_ERR_DATA line, `NOQUEUE: reject: EHLO from host[ip]:
-        421 4.3.0 HOST Server local data error` (no envelope after it)."""
-        self._emit(logging.WARNING, "ehlo-features", f"don't know what EHLO features to announce to {client}",
-                   client=client)
+    def local_data_error(self, queue_id: str, stage: str, client: str, reply: str, feature: str = "") -> None:
+        """A table smtpd needs at EHLO could not answer: Postfix's `warning: don't know what EHLO features to
+        announce to host[ip]` (the keywords to discard), or with `feature` its `don't know if EHLO feature AUTH
+        should be announced to host[ip]` (sasl_exceptions_networks), then its SMTP_ERR_DATA line, `NOQUEUE:
+        reject: EHLO from host[ip]: 421 4.3.0 HOST Server local data error` (no envelope after it)."""
+        warning = (f"don't know if EHLO feature {feature} should be announced to {client}" if feature
+                   else f"don't know what EHLO features to announce to {client}")
+        self._emit(logging.WARNING, "ehlo-features", warning, client=client)
         queue_id = queue_id or "NOQUEUE"
         self._emit(logging.INFO, "reject", f"{queue_id}: reject: {stage} from {client}: {reply}", queue_id=queue_id,
                    stage=stage, client=client, reply=reply)

@@ -241,6 +241,21 @@ async def test_auth_is_not_offered_to_sasl_exceptions_networks_but_still_taken_a
     assert "AUTH" not in ehlo and auth == "235 2.7.0 Authentication successful"
 
 
+async def test_sasl_exceptions_networks_that_cannot_answer_end_the_session_at_ehlo_as_in_postfix(
+        mailflow_server, sasl_dovecot, caplog):
+    """Postfix cannot tell whether to announce AUTH (a file that is not there): 421 4.3.0 and the end of the session
+    (cant_announce_feature), never AUTH offered to a client the list would have hidden it from."""
+    caplog.set_level(logging.INFO, logger="mailflow")
+    missing = "texthash:/nonexistent/sasl_exceptions"
+    postfix, mailflow = await auth_replies(mailflow_server, sasl_dovecot, {"smtpd_sasl_exceptions_networks": missing},
+                                           {"sasl_exceptions_networks": [missing]})
+    assert mailflow == postfix == {"EHLO, then AUTH": ["421 4.3.0 HOST Server local data error"]}
+    logged = [r.getMessage() for r in caplog.records]
+    assert "don't know if EHLO feature AUTH should be announced to localhost[127.0.0.1]" in logged
+    assert "NOQUEUE: reject: EHLO from localhost[127.0.0.1]: 421 4.3.0 mx.mailflow.test Server local data error" in (
+        logged)
+
+
 async def test_auth_is_offered_to_a_client_outside_sasl_exceptions_networks(mailflow_server, sasl_dovecot):
     port = await start_mailflow(mailflow_server, sasl_auth_enable=True, sasl_type="dovecot",
                                 sasl_path=str(sasl_dovecot.auth_socket), allow_plaintext_auth_on_loopback=True,

@@ -752,13 +752,16 @@ class ProtocolCore(SMTP):
             if self.discarded:
                 self._log_discarded()
             if self.discards_unknown:  # Postfix: its ehlo_discard_maps failed; the 421 ends the session
-                refusal = status.local_data_error(self.hostname)
-                self.record.lines.local_data_error(self.envelope.queue_id, "EHLO", self.session.client, str(refusal))
-                await self.push(refusal)
+                await self._local_data_error()
+                return
+            try:
+                keywords = self._base_keywords()
+            except UnknownEhloFeature as e:  # Postfix's cant_announce_feature: the same 421
+                await self._local_data_error(e.feature)
                 return
             self._reset_transaction()
             self.session.extended_smtp = True
-            lines = [f"250-{self.hostname}", *(f"250-{k}" for k in self._base_keywords())]
+            lines = [f"250-{self.hostname}", *(f"250-{k}" for k in keywords)]
             lines[-1] = "250 " + lines[-1][4:]
             edited = await self._call_handler_hook("EHLO", hostname, lines)
             if edited is MISSING:  # a handler without the hook: aiosmtpd's default
@@ -767,6 +770,13 @@ class ProtocolCore(SMTP):
             await self.push_lines(_without_keywords(_with_keywords(edited, self._ehlo_keywords()), self.discarded))
         finally:
             self._in_hello = False
+
+    async def _local_data_error(self, feature: str = "") -> None:
+        """EHLO cannot be answered: a table that decides what to announce (`feature`, or the keywords to discard)
+        could not answer. `421 4.3.0 <host> Server local data error`, logged as Postfix logs it; the session ends."""
+        refusal = status.local_data_error(self.hostname)
+        self.record.lines.local_data_error(self.envelope.queue_id, "EHLO", self.session.client, str(refusal), feature)
+        await self.push(refusal)
 
     def _log_discarded(self) -> None:
         """Postfix's `discarding EHLO keywords: ...` line at each EHLO (ehlo_keywords.discard_log_text)."""
@@ -784,7 +794,7 @@ class ProtocolCore(SMTP):
         return keywords + self._security_keywords()
 
     def _security_keywords(self) -> list[str]:
-        """STARTTLS and AUTH, when offered (secure.py)."""
+        """STARTTLS and AUTH, when offered (secure.py); UnknownEhloFeature when that cannot be told."""
         return []
 
     def _ehlo_keywords(self) -> tuple[str, ...]:
@@ -927,6 +937,15 @@ def _input_waiting(transport) -> bool:
         return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0] > 0
     except (OSError, ValueError):
         return False
+
+
+class UnknownEhloFeature(Exception):
+    """Whether to announce this EHLO keyword cannot be told now: a table that decides it could not answer (Postfix's
+    cant_announce_feature)."""
+
+    def __init__(self, feature: str):
+        super().__init__(feature)
+        self.feature = feature
 
 
 def _ends_a_reply(text: str) -> bool:

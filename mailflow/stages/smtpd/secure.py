@@ -40,8 +40,9 @@ required, 503 5.5.1 (as Postfix with smtpd_tls_auth_only), before EHLO 503 5.5.1
 transaction 503 5.5.1, a bad mechanism 504 5.5.4, bad base64 501 5.5.2, `*` 501 5.7.0 (logged as Postfix
 logs it), wrong credentials or a malformed PLAIN message 535 5.7.8 (slowed down and logged by the
 Authenticator), a user table that cannot answer 454 4.7.0; a sender the login does not own 553 5.7.1, a login
-table that cannot answer 451 4.3.0. Past the client's AUTH rate 450 4.7.1; past its new TLS session rate 421
-4.7.0 after the handshake (the session ends), then 454 4.7.0 to STARTTLS.
+table that cannot answer 451 4.3.0; a sasl_exceptions_networks table that cannot answer, at EHLO 421 4.3.0 and the
+end of the session (protocol.UnknownEhloFeature). Past the client's AUTH rate 450 4.7.1; past its new TLS session
+rate 421 4.7.0 after the handshake (the session ends), then 454 4.7.0 to STARTTLS.
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ from mailflow.config import DEFAULTS
 from mailflow.errors import LookupRetry, detached, tls_failure
 from mailflow.stages.smtpd.auth import Authenticator, SenderLogins, login_of
 from mailflow.stages.smtpd.frontends import FrontEndCommands
+from mailflow.stages.smtpd.protocol import UnknownEhloFeature
 from mailflow.stages.smtpd.tls import client_cert
 from mailflow.tables.networks import NetworkList
 from mailflow.syntax import ascii_upper
@@ -118,9 +120,16 @@ class SecureCommands(FrontEndCommands):
 
     def _auth_hidden(self) -> bool:
         """The client is one of sasl_exceptions_networks (by its address, or its name for a table): AUTH is not
-        offered to it, though it may still use it (Postfix's sasl_client_exception)."""
+        offered to it, though it may still use it (Postfix's sasl_client_exception). A table of the list that cannot
+        answer: UnknownEhloFeature (EHLO gets 421 4.3.0: neither offering AUTH nor hiding it would be right)."""
         hidden = self._auth_hidden_from
-        return hidden is not None and bool(hidden) and hidden.contains(self.session.peer_ip, self.session.client_name)
+        if hidden is None or not hidden:
+            return False
+        try:
+            return hidden.holds(self.session.peer_ip, self.session.client_name)
+        except LookupRetry as e:
+            log.warning("%s: %s", self.session.peer_ip, e.reason)
+            raise UnknownEhloFeature("AUTH") from None
 
     # --- STARTTLS -----------------------------------------------------------------------------------------
 
