@@ -207,6 +207,7 @@ class ProtocolCore(SMTP):
         self._wire = Wire(hostname, self._on_input, bare_lf=not self._limits.forbid_bare_newline,
                           reading=self._reading, loop=self.loop)
         self._replies_sent = 0
+        self._footer = self._limits.reject_footer  # (read at each reply line: one look-up, not two)
         self._in_hello = False  # HELO/EHLO replies carry no enhanced codes (RFC 2034)
         self._errors = 0
         self._junk = JunkCount(JUNK_COMMANDS, self._limits.junk_command_limit)
@@ -407,8 +408,8 @@ class ProtocolCore(SMTP):
             if self._replies_sent and not self._in_hello and isinstance(line, str):  # the first is the greeting
                 line = status.with_enhanced_code(line)
             final = _final_code(line)
-        if self._limits.reject_footer and isinstance(line, str) and line[:1] in ("4", "5") and _ends_a_reply(line):
-            line = status.with_footer(line, *footer_lines(self._limits.reject_footer, self._footer_values()))
+        if self._footer and isinstance(line, str) and line[:1] in ("4", "5") and _ends_a_reply(line):
+            line = status.with_footer(line, *footer_lines(self._footer, self._footer_values()))
         if self._limits.soft_bounce and isinstance(line, str):
             line = status.soft_bounced(line)
             final -= 100 if final >= 500 else 0

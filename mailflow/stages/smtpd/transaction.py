@@ -32,7 +32,7 @@ recipient_limit 452 4.5.3, counted as an error only past recipient_overshoot_lim
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from mailflow import address, status
 from mailflow.smtp_parameters import mail_parameters, path_text, rcpt_parameters
@@ -58,8 +58,7 @@ class TransactionCommands(SecureCommands):
         """`MAIL FROM:<address> [params]`; the reply is the handler's unless the session refuses first."""
         if await self.check_helo_needed():  # before "nested MAIL" and "MAIL after BDAT", as Postfix's mail_cmd
             return
-        taken = await self._arguments(arg, "MAIL", status.SENDER_SYNTAX, self._mail_out_of_order(),
-                                      lambda words: mail_parameters(words, self.data_size_limit, self.discarded))
+        taken = await self._arguments(arg, "MAIL", status.SENDER_SYNTAX, self._mail_out_of_order())
         if taken is None:
             return
         sender, (options, ret, envid, auth), _ = taken
@@ -79,8 +78,7 @@ class TransactionCommands(SecureCommands):
         """`RCPT TO:<address> [NOTIFY=… ORCPT=…]`. Past `recipient_limit` the answer is 452 4.5.3, which
         counts as an error only past `recipient_overshoot_limit` (RFC 5321 4.5.3.1.10: the client may go on
         and send the message to the recipients already accepted)."""
-        taken = await self._arguments(arg, "RCPT", status.RECIPIENT_SYNTAX, self._rcpt_out_of_order(),
-                                      lambda words: rcpt_parameters(words, self.discarded))
+        taken = await self._arguments(arg, "RCPT", status.RECIPIENT_SYNTAX, self._rcpt_out_of_order())
         if taken is None:
             return
         rcpt, notify_orcpt, written = taken
@@ -107,11 +105,11 @@ class TransactionCommands(SecureCommands):
         return status.RCPT_AFTER_BDAT if self.envelope.processing_bdat else None
 
     async def _arguments(self, arg: str | None, command: str, bad_path: status.Reply,
-                         out_of_order: status.Reply | None, parameters: Callable[[list[str]], Any]):
+                         out_of_order: status.Reply | None):
         """What MAIL and RCPT share (MAIL has asked for HELO already): `out_of_order` if given (MAIL twice, RCPT
         before MAIL or after BDAT: Postfix's first answer; RCPT needs no HELO check, as no MAIL is taken without
-        one), then the login, the path, then its parameter words through `parameters` (which returns a refusal or
-        its values). (address, values), or None when a refusal was sent."""
+        one), then the login, the path, then its parameter words (`_parameter_values`: a refusal or their
+        values). (address, values), or None when a refusal was sent."""
         if out_of_order is not None:
             await self.push(out_of_order)
             return None
@@ -123,13 +121,19 @@ class TransactionCommands(SecureCommands):
         addr, written, words = parsed
         if addr and await self._address_refused(command, addr, words):
             return None
-        values = parameters(words)
+        values = self._parameter_values(command, words)
         if isinstance(values, status.Reply):
             if values is status.SIZE_EXCEEDS_LIMIT:  # a policy refusal, logged (Postfix's smtpd_check_size); the
                 self.log_reject(command, values, sender=addr or NULL_SENDER)  # syntax refusals are replies only
             await self.push(values)
             return None
         return addr, values, written
+
+    def _parameter_values(self, command: str, words: list[str]) -> Any:
+        """MAIL's or RCPT's parameter words read by mailflow.smtp_parameters: their values, or a refusal."""
+        if command == "MAIL":
+            return mail_parameters(words, self.data_size_limit, self.discarded)
+        return rcpt_parameters(words, self.discarded)
 
     async def _address_refused(self, command: str, addr: str, words: list[str]) -> bool:
         """The handler's `address_refusal`: an address it finds malformed is refused before the parameters are
