@@ -141,6 +141,13 @@ class SmtpConfig(Section):
     # smtp_generic_maps: the addresses of outgoing mail (MAIL FROM, RCPT TO, the header's address fields) rewritten
     # on the wire, keyed as canonical maps (user@domain, @domain; e.g. "joe@box.local  joe@example.com")
     generic_maps: TableSpecs = ()
+    # smtp_header_checks, smtp_mime_header_checks, smtp_nested_header_checks, smtp_body_checks: the content of
+    # outgoing mail edited on the wire (the queue keeps it as it was). smtp(8)'s actions only: REPLACE, PREPEND,
+    # IGNORE, WARN, INFO, DUNNO, OK (others logged and ignored). MIME headers go through mime_header_checks only.
+    header_checks: TableSpecs = ()
+    mime_header_checks: TableSpecs = ()
+    nested_header_checks: TableSpecs = ()
+    body_checks: TableSpecs = ()
     # Connection cache (smtp_connection_cache_time_limit, smtp_connection_reuse_count/time_limit); 0s: off.
     connection_cache_time_limit: Duration = 2.0
     connection_reuse_count_limit: int = Field(100, ge=0)

@@ -34,6 +34,7 @@ from mailflow.transports.local.agent import CommandSettings, LocalTransport
 from mailflow.transports.maildir import MaildirTransport, MaildirWriter, virtual_maildirs
 from mailflow.transports.pipe import PipeTransport
 from mailflow.transports.smtp import SmtpTransport
+from mailflow.transports.smtp_checks import OutboundChecks
 from mailflow.transports.smtp.mtasts import HttpsPolicyFetcher, MtaSts
 
 
@@ -62,6 +63,16 @@ def build_generic_maps(config, router, tables: TableCache) -> GenericMaps | None
                        qualify=router.rewriter.qualify, find_address=router.rewriter.find_address)
 
 
+def build_outbound_checks(config, tables: TableCache) -> OutboundChecks | None:
+    """[smtp] header_checks, mime_header_checks, nested_header_checks and body_checks (None when none is set: no
+    per-message work)."""
+    smtp = config.smtp
+    if not (smtp.header_checks or smtp.mime_header_checks or smtp.nested_header_checks or smtp.body_checks):
+        return None
+    return OutboundChecks(*(tables.open(specs) if specs else [] for specs in (
+        smtp.header_checks, smtp.mime_header_checks, smtp.nested_header_checks, smtp.body_checks)))
+
+
 def sasl_sender_keys(config, router) -> Callable[[str], list[str]] | None:
     """The sasl_password_maps keys of an envelope sender (mail_addr_find's, as Postfix's sender-dependent
     authentication asks them); None when [smtp] sender_dependent_authentication is off or there are no maps."""
@@ -80,6 +91,7 @@ def build_transports(config, resolver, clock, router, forward=None, mailbox=None
                          own_addresses=router.rewriter.own_addresses, own_ports=config.smtpd.ports,
                          relayhost=config.relayhost, now=clock.time, tables=tables,
                          generic=build_generic_maps(config, router, tables),
+                         checks=build_outbound_checks(config, tables),
                          sender_keys=sasl_sender_keys(config, router), soft_bounce=config.soft_bounce)
     registry: dict[str, Transport] = {}  # local hands mailboxes to the others (mailbox_transport, fallback_transport)
     registry.update({

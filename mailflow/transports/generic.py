@@ -21,11 +21,13 @@ queued; so does ORCPT: to a next hop that offers DSN, RCPT TO's `ORCPT=rfc822;â€
                                        not local@domain; a first mailbox that is not one address; a value of
                                        none) is logged and raises LookupRetry: what screen_envelope keeps from
                                        the wire for a queued address, a table's value must not put there.
-      .wire_form(request) -> WireForm  the envelope sender, each recipient and the message's header section as they
+      .wire_form(request, head=None) -> WireForm  the envelope sender, each recipient and the message's header section as they
                                        go out; may raise LookupRetry (a table that cannot answer, or a value that
-                                       holds no address: the delivery is deferred)
-    WireForm(sender, recipients, head, utf8_head)   `recipient(addr)`; `encoders()`: what the content goes
-                                       through (a new HeaderSwap each transaction, none when no header changed);
+                                       holds no address: the delivery is deferred); `head`: (the queued header
+                                       section, smtp_header_checks' form of it) whose addresses are mapped
+    WireForm(sender, recipients, head, utf8_head, body)   `recipient(addr)`; `encoders()`: what the content goes
+                                       through (a new HeaderSwap each transaction, none when no header changed;
+                                       first a new `body()`, smtp_body_checks' encoder, when set);
                                        `utf8_head`: a header address was mapped to a UTF-8 one (SMTPUTF8 needed)
     HeaderSwap(old_length, new_head)   an encoder (mailflow.transports.encode) that puts `new_head` in place of
                                        the first `old_length` bytes of the content and passes the body on as it
@@ -55,6 +57,7 @@ from mailflow.message import HEADER_READ_LIMIT, read_header
 from mailflow.model import DeliveryRequest
 from mailflow.tables import Table
 from mailflow.tables.search import mapped_addresses
+from mailflow.transports.encode import Encoder
 
 log = logging.getLogger("mailflow.smtp")
 _QUOTED_STRING = re.compile(r'"(?:\\.|[^"\\])*"')
@@ -104,12 +107,14 @@ class WireForm:
     recipients: dict[str, str] = field(default_factory=dict)  # queued address -> mapped, for those that change
     head: tuple[int, bytes] | None = None  # (length of the queued header section, the one sent instead)
     utf8_head: bool = False  # a header address was mapped to a UTF-8 one: the message needs SMTPUTF8 as sent
+    body: Callable[[], Encoder] | None = None  # a new encoder of the queued content's body (smtp_body_checks)
 
     def recipient(self, addr: str) -> str:
         return self.recipients.get(addr, addr)
 
-    def encoders(self) -> tuple[HeaderSwap, ...]:
-        return (HeaderSwap(*self.head),) if self.head is not None else ()
+    def encoders(self) -> tuple[Encoder, ...]:
+        body = (self.body(),) if self.body is not None else ()
+        return (*body, HeaderSwap(*self.head)) if self.head is not None else body
 
 
 class GenericMaps:
@@ -151,7 +156,7 @@ class GenericMaps:
                     printable(key), printable(result), problem)
         raise LookupRetry(f"table {name}: {printable(key)}: result <{printable(result)}> {problem}")
 
-    def wire_form(self, request: DeliveryRequest) -> WireForm:
+    def wire_form(self, request: DeliveryRequest, head: tuple[bytes, bytes] | None = None) -> WireForm:
         mapped = partial(self.address, queue_id=request.queue_id)
         recipients = {}
         for rcpt in request.recipients:
@@ -167,15 +172,21 @@ class GenericMaps:
                 utf8_results.append(sent)
             return sent
 
-        head = self._head(request, in_header)
-        return WireForm(mapped(request.sender), recipients, head, utf8_head=bool(utf8_results))
+        swap = self._head(request, in_header, head)
+        return WireForm(mapped(request.sender), recipients, swap, utf8_head=bool(utf8_results))
 
     @staticmethod
-    def _head(request: DeliveryRequest, mapped: Callable[[str], str]) -> tuple[int, bytes] | None:
-        head, whole = read_header(request.content, HEADER_READ_LIMIT)
-        if not whole:
-            log.warning("%s: header section longer than %d bytes: smtp_generic_maps leaves its addresses as queued",
-                        request.queue_id or "NOQUEUE", HEADER_READ_LIMIT)
-            return None
+    def _head(request: DeliveryRequest, mapped: Callable[[str], str],
+              given: tuple[bytes, bytes] | None) -> tuple[int, bytes] | None:
+        """`given`: (the queued header section, the one smtp_header_checks made of it); None: read it here."""
+        if given is not None:
+            queued, head = given
+        else:
+            queued, whole = read_header(request.content, HEADER_READ_LIMIT)
+            if not whole:
+                log.warning("%s: header section longer than %d bytes: smtp_generic_maps leaves its addresses as "
+                            "queued", request.queue_id or "NOQUEUE", HEADER_READ_LIMIT)
+                return None
+            head = queued
         new_head = rewrite_address_fields(head, mapped, mapped)
-        return None if new_head == head else (len(head), new_head)
+        return None if new_head == queued else (len(queued), new_head)

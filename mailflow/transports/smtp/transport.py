@@ -33,7 +33,7 @@ smtp_fallback_relay configuration problem`.
 
     SmtpTransport(config, *, resolver, helo_name, rng=None, clock=time.monotonic, tables=None, mta_sts=None,
                   plaintext_after=0.0, own_addresses=frozenset(), own_ports=frozenset(), relayhost="",
-                  now=time.time, generic=None, sender_keys=None, soft_bounce=False)
+                  now=time.time, generic=None, checks=None, sender_keys=None, soft_bounce=False)
     await deliver(request) -> DeliveryReport      one result per recipient, never raises for a delivery problem
 `now`: qmgr's clock, for the time each transaction's session was set up (proto's ConnStats; the log's delays).
 `plaintext_after` (qmgr's minimal_backoff_time, as Postfix's var_min_backoff_time): at TLS level may, a failed
@@ -41,7 +41,10 @@ handshake goes on in plaintext only for a message queued at least this long (`re
 deferred 4.7.5 instead (see connect). `generic` (mailflow.transports.generic.GenericMaps, None: smtp.generic_maps
 unset, nothing asked): the envelope and header addresses as they go on the wire, found once per delivery before
 any session (a table that cannot answer defers every recipient, 4.3.0), in a worker thread when the content is
-spooled or bigger than GENERIC_ON_LOOP_SIZE (its header is read and parsed). `sender_keys` (None: off): Postfix's
+spooled or bigger than GENERIC_ON_LOOP_SIZE (its header is read and parsed). `checks`
+(mailflow.transports.smtp_checks.OutboundChecks, None: smtp.header_checks and the like unset, nothing asked): the
+header section checked there too (before generic maps), the body's encoder made for each transaction; a header
+check that cannot answer defers every recipient, 4.3.0. `sender_keys` (None: off): Postfix's
 smtp_sender_dependent_authentication, sasl_password_maps asked by the envelope sender first (these keys), and a
 cached session reused only for mail from the same sender (connect's Destination.cache_key), as Postfix keys its
 connection cache by sender then.
@@ -84,6 +87,7 @@ from mailflow.transports.smtp.addr import (
 )
 from mailflow.transports.smtp.chat import Session, Timeouts
 from mailflow.transports.generic import GenericMaps, WireForm
+from mailflow.transports.smtp_checks import OutboundChecks, outbound_wire_form
 from mailflow.transports.smtp.commands import screen_envelope
 from mailflow.transports.smtp.connect import Destination, SmtpHandshake, SourceAddress, log_connect_failure
 from mailflow.transports.smtp.mtasts import MtaSts
@@ -137,11 +141,13 @@ class SmtpTransport:
         relayhost: str = "",
         now: Callable[[], float] = time.time,
         generic: GenericMaps | None = None,
+        checks: OutboundChecks | None = None,
         sender_keys: Callable[[str], list[str]] | None = None,
         soft_bounce: bool = False,
     ):
         self._config = config
         self._generic = generic
+        self._checks = checks
         self._soft_bounce = soft_bounce
         self._now = now
         self._relayhost = relayhost
@@ -170,12 +176,16 @@ class SmtpTransport:
         if not sendable:
             return outcomes.report(request)
         wire = None
-        if self._generic is not None:
+        if self._generic is not None or self._checks is not None:
             try:
                 screened = dataclasses.replace(request, recipients=tuple(sendable))  # (a refused one is not mapped)
-                wire = await self._tables.run(self._generic.wire_form, screened, off_loop=_header_may_be_big(request))
+                wire = await self._tables.run(outbound_wire_form, screened, self._checks, self._generic,
+                                              off_loop=_header_may_be_big(request))
             except LookupRetry as e:
                 outcomes.fail(sendable, TemporaryError("4.3.0", f"smtp_generic_maps lookup error: {e.text}"))
+                return outcomes.report(request)
+            except TemporaryError as e:  # (smtp_header_checks)
+                outcomes.fail(sendable, e)
                 return outcomes.report(request)
         await self._deliver_to_nexthop(request, sendable, outcomes, wire)
         return outcomes.report(request)

@@ -1,0 +1,270 @@
+"""The SMTP client's content checks (Postfix smtp_header_checks, smtp_mime_header_checks, smtp_nested_header_checks
+and smtp_body_checks: smtp(8) with header_body_checks.c): the content of mail that leaves this host, edited as it
+goes on the wire. The queue keeps the message as it was; a DKIM signature made before (cleanup signs) breaks when
+a signed header field is changed or removed here, as in Postfix.
+
+    OutboundChecks(header, mime, nested, body)   the tables (lists of mailflow.tables.Table); each unset one is
+                                     empty: unlike cleanup's, mime and nested do not fall back to header (Postfix's
+                                     smtp_mime/nested_header_checks default to nothing)
+      .head(queue_id, head) -> bytes | None   the primary header section as it goes out (None: unchanged); a MIME
+                                     header (Content-*, MIME-Version) is looked up in `mime`, the others in `header`
+      .walks_body -> bool             body lines or part headers are looked up (an encoder is needed)
+      .body(queue_id, head) -> Encoder   the content after `head` (the queued header section, passed on as it is),
+                                     line by line as it streams: each MIME part's headers (`mime`; those of an
+                                     attached message/rfc822 `nested`, their MIME headers `mime`) and each body line
+                                     (`body`; boundaries and part headers are not body lines). A line is looked up
+                                     in pieces of LINE_PIECE bytes (as Postfix's queue file records of
+                                     line_length_limit); a part's header field longer than FIELD_LIMIT goes out
+                                     unchecked. Memory: one field or one piece.
+
+    outbound_wire_form(request, checks, generic) -> WireForm   what the SMTP client sends (see the function)
+
+What is matched, as cleanup's checks (mailflow.filters.content_checks): a header field with its lines joined by LF,
+no final line end; a body line without its line end. The actions are smtp(8)'s (Postfix 3.7's hbc_action):
+    WARN [text], INFO [text]   logged (`QID: warning: header Subject: x: text`), the line goes on
+    REPLACE text               the line is replaced by `text` (for a header: one that is no header field is logged
+                               as Postfix logs it and ignored)
+    PREPEND text               `text` goes out before the line (same rule for a header)
+    IGNORE                     the line is removed (not logged, as Postfix)
+    DUNNO, OK                  nothing
+Any other action (REJECT, HOLD, DISCARD, ...) is logged `unsupported command in smtp_header_checks map: REJECT`
+and ignored. A table that cannot answer (LookupRetry) for the header section defers the delivery (the caller:
+4.3.0, `smtp header checks lookup error`); one in the body raises out of the encoder: the session is ended and the
+recipients deferred, as Postfix's longjmp out of the DATA phase.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from functools import partial
+
+from mailflow.errors import LookupRetry, TemporaryError
+from mailflow.filters.content_checks import _closes as closes_boundary
+from mailflow.filters.content_checks import _entity_type as entity_type
+from mailflow.filters.content_checks import _header_key as header_key
+from mailflow.filters.content_checks import _is_close as closes_innermost
+from mailflow.filters.content_checks import _is_mime_header as is_mime_header
+from mailflow.message import HEADER_READ_LIMIT, header_fields, read_header, starts_header_field
+from mailflow.model import DeliveryRequest
+from mailflow.tables import Table
+from mailflow.transports.generic import GenericMaps, WireForm
+
+log = logging.getLogger("mailflow.smtp")
+
+LINE_PIECE = 2048  # Postfix's line_length_limit: a longer line is queued (and matched) in pieces of this size
+FIELD_LIMIT = 64 * 1024  # a MIME part's header field longer than this goes out unchecked
+SHOWN = 200  # of the matched text, in the log line (Postfix's %.200s)
+TABLE_NAMES = {"header": "smtp_header_checks", "mime": "smtp_mime_header_checks",
+               "nested": "smtp_nested_header_checks", "body": "smtp_body_checks"}
+
+
+class OutboundChecks:
+    """See the module docstring."""
+
+    def __init__(self, header: list[Table], mime: list[Table], nested: list[Table], body: list[Table]) -> None:
+        self._tables = {"header": header, "mime": mime, "nested": nested, "body": body}
+
+    @property
+    def walks_body(self) -> bool:
+        return any(self._tables[kind] for kind in ("mime", "nested", "body"))
+
+    def head(self, queue_id: str, head: bytes) -> bytes | None:
+        if not (self._tables["header"] or self._tables["mime"]):
+            return None
+        out = [self.header_field(queue_id, "header", b"".join(lines)) for _, lines in header_fields(head)]
+        new_head = b"".join(out)
+        return None if new_head == head else new_head
+
+    @property
+    def checks_body_lines(self) -> bool:
+        return bool(self._tables["body"])
+
+    def body(self, queue_id: str, head: bytes) -> BodyChecks:
+        return BodyChecks(self, queue_id, head)
+
+    def header_field(self, queue_id: str, kind: str, raw: bytes) -> bytes:
+        """One header field (its lines, line ends included) as it goes out, looked up in the `kind` tables (a MIME
+        header in `mime`'s)."""
+        name, colon, _ = raw.partition(b":")
+        if not colon or raw[:1] in (b" ", b"\t"):
+            return raw  # (not a field: a line the header section holds anyway)
+        if is_mime_header(name.strip().decode("latin-1").lower()):
+            kind = "mime"
+        key = header_key(raw)
+        value = _lookup(self._tables[kind], key)
+        if value is None:
+            return raw
+        return self._act(queue_id, kind, "header", key, value, raw, _line_end(raw))
+
+    def body_line(self, queue_id: str, line: bytes, line_end: bytes) -> bytes:
+        """One body line (or piece of one) without its line end, and the line end; what goes out instead."""
+        key = line.decode("utf-8", "replace")
+        value = _lookup(self._tables["body"], key)
+        if value is None:
+            return line + line_end
+        return self._act(queue_id, "body", "body", key, value, line + line_end, line_end)
+
+    @staticmethod
+    def _act(queue_id: str, kind: str, where: str, key: str, value: str, original: bytes, line_end: bytes) -> bytes:
+        """Postfix's hbc_action for smtp(8): what goes out in place of `original`."""
+        word, _, text = value.strip().partition(" ")
+        command, text = word.upper(), text.strip()
+        if command in ("WARN", "INFO"):
+            _log(queue_id, "warning" if command == "WARN" else "info", where, key, text)
+            return original
+        if command in ("REPLACE", "PREPEND"):
+            if not text:
+                log.warning("%s action without text in %s map", command, TABLE_NAMES[kind])
+                return original
+            if where == "header" and not starts_header_field(text):
+                log.warning('bad %s header text "%s" in %s map -- need "headername: headervalue"', command, text,
+                            TABLE_NAMES[kind])
+                return original
+            _log(queue_id, command.lower(), where, key, text)
+            new = text.replace("\n", "\r\n").encode("utf-8")
+            return new + line_end if command == "REPLACE" else new + (line_end or b"\r\n") + original
+        if command == "IGNORE":
+            return b""
+        if command not in ("DUNNO", "OK"):
+            log.warning("unsupported command in %s map: %s", TABLE_NAMES[kind], word)
+        return original
+
+
+class BodyChecks:
+    """The encoder of OutboundChecks.body (mailflow.transports.encode's feed/flush)."""
+
+    def __init__(self, checks: OutboundChecks, queue_id: str, head: bytes) -> None:
+        self._checks = checks
+        self._queue_id = queue_id
+        self._skip = len(head)
+        self._rest = b""  # the line under way (less than LINE_PIECE bytes, or a part's header field under way)
+        content_type, boundary = entity_type(head)
+        self._top_is_message = content_type == "message/rfc822"
+        self._boundaries: list[str] = [boundary] if boundary else []
+        self._state = "first"  # first (the empty line after the primary header), body, mime, nested
+        self._field: list[bytes] = []  # the part's header field under way: its lines
+        self._part_head: list[bytes] = []  # the part's header section so far (its type and boundary), bounded
+        self._unchecked = False  # the field under way grew past FIELD_LIMIT: it goes out as it is
+
+    def feed(self, data: bytes) -> bytes:
+        out: list[bytes] = []
+        if self._skip:
+            taken = min(self._skip, len(data))
+            self._skip -= taken
+            out.append(data[:taken])
+            data = data[taken:]
+        data = self._rest + data
+        start = 0
+        while (end := data.find(b"\n", start)) >= 0:
+            out.append(self._line(data[start:end + 1]))
+            start = end + 1
+        self._rest = data[start:]
+        while len(self._rest) >= LINE_PIECE and self._state in ("first", "body"):
+            piece, self._rest = self._rest[:LINE_PIECE], self._rest[LINE_PIECE:]
+            out.append(self._body_piece(piece, b""))
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        rest, self._rest = self._rest, b""
+        out = self._line(rest) if rest else b""
+        return out + self._end_field()
+
+    def _line(self, line: bytes) -> bytes:
+        text = line.rstrip(b"\r\n")
+        line_end = line[len(text):]
+        if self._state == "first":
+            if not text:
+                self._state = "nested" if self._top_is_message else "body"
+                return line
+            self._state = "body"  # (a header section read whole ends with an empty line; this is a body line)
+        if self._state in ("mime", "nested"):
+            return self._part_header_line(line, text)
+        if self._boundaries and text.startswith(b"--") and closes_boundary(text, self._boundaries):
+            self._state = "body" if text.endswith(b"--") and closes_innermost(text, self._boundaries) else "mime"
+            self._part_head = []
+            return line
+        pieces = [text[i:i + LINE_PIECE] for i in range(0, len(text), LINE_PIECE)] or [b""]
+        return b"".join(self._body_piece(piece, b"") for piece in pieces[:-1]) + self._body_piece(pieces[-1], line_end)
+
+    def _body_piece(self, text: bytes, line_end: bytes) -> bytes:
+        if not self._checks.checks_body_lines:
+            return text + line_end
+        return self._checks.body_line(self._queue_id, text, line_end)
+
+    def _part_header_line(self, line: bytes, text: bytes) -> bytes:
+        """A line of a MIME part's header section: fields are held until complete, then checked."""
+        if text and line[:1] in (b" ", b"\t") and self._field:
+            self._field.append(line)
+            if self._unchecked or sum(map(len, self._field)) > FIELD_LIMIT:
+                self._unchecked = True
+                held, self._field = b"".join(self._field), [b""]  # (the field goes on: its next lines pass too)
+                return held
+            return b""
+        out = self._end_field()
+        if not text:  # the end of this part's header section
+            content_type, boundary = entity_type(b"".join(self._part_head))
+            if boundary:
+                self._boundaries.append(boundary)
+            self._state = "nested" if content_type == "message/rfc822" else "body"
+            self._part_head = []
+            return out + line
+        self._field = [line]
+        return out
+
+    def _end_field(self) -> bytes:
+        field, self._field = b"".join(self._field), []
+        unchecked, self._unchecked = self._unchecked, False
+        if not field:
+            return b""
+        if sum(map(len, self._part_head)) < FIELD_LIMIT:
+            self._part_head.append(field)
+        if unchecked:
+            return field
+        return self._checks.header_field(self._queue_id, self._state, field)
+
+
+def _lookup(tables: list[Table], key: str) -> str | None:
+    for table in tables:
+        value = table.lookup(key)
+        if value is not None:
+            return value
+    return None
+
+
+def _line_end(raw: bytes) -> bytes:
+    return b"\r\n" if raw.endswith(b"\r\n") or not raw.endswith(b"\n") else b"\n"
+
+
+def _log(queue_id: str, action: str, where: str, key: str, text: str) -> None:
+    """Postfix's smtp_hbc_logger: `QID: warning: header Subject: x: text` (`: text` only when there is one)."""
+    if text:
+        log.info("%s: %s: %s %.200s: %s", queue_id, action, where, key, text)
+    else:
+        log.info("%s: %s: %s %.200s", queue_id, action, where, key)
+
+
+def outbound_wire_form(request: DeliveryRequest, checks: OutboundChecks | None,
+                       generic: GenericMaps | None) -> WireForm:
+    """The envelope and content as they go on the wire: smtp_header_checks first, smtp_generic_maps on their result
+    (Postfix's smtp_header_rewrite order), the body through smtp_body_checks (and the part headers through the
+    mime/nested checks) as it streams. An address probe sends no content: nothing is looked up for it.
+    Raises LookupRetry (generic maps) or TemporaryError 4.3.0 (a header check that cannot answer)."""
+    if checks is None or request.verify:
+        return generic.wire_form(request) if generic is not None else WireForm(request.sender)
+    queued, whole = read_header(request.content, HEADER_READ_LIMIT)
+    if not whole:
+        log.warning("%s: header section longer than %d bytes: smtp header and body checks leave the message as "
+                    "queued", request.queue_id, HEADER_READ_LIMIT)
+        return generic.wire_form(request) if generic is not None else WireForm(request.sender)
+    try:
+        checked = checks.head(request.queue_id, queued)
+    except LookupRetry as e:
+        log.warning("%s: smtp header checks lookup error", request.queue_id)
+        raise TemporaryError("4.3.0", "smtp header checks lookup error", e.text) from None
+    if generic is not None:
+        wire = generic.wire_form(request, head=(queued, checked if checked is not None else queued))
+    else:
+        wire = WireForm(request.sender, head=(len(queued), checked) if checked is not None else None)
+    if checks.walks_body:
+        wire = dataclasses.replace(wire, body=partial(checks.body, request.queue_id, queued))
+    return wire

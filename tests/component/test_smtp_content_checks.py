@@ -1,0 +1,172 @@
+"""smtp_header_checks, smtp_mime_header_checks, smtp_nested_header_checks, smtp_body_checks ([smtp] header_checks
+and the like): the SMTP client edits the content of outgoing mail as it streams it to a capturing peer on loopback,
+with smtp(8)'s actions only (Postfix's hbc_action), logged as Postfix's smtp logs them; generic maps work on the
+checked header."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from mailflow.config import SmtpConfig
+from mailflow.content import Content
+from mailflow.dns import StaticResolver
+from mailflow.model import DeliveryRequest, Outcome, Recipient
+from mailflow.tables import TableCache
+from mailflow.transports.encode import encode
+from mailflow.transports.generic import GenericMaps
+from mailflow.transports.smtp import SmtpTransport
+from mailflow.transports.smtp_checks import LINE_PIECE, OutboundChecks
+from tests.support import big_message, spooled
+
+PRIVACY = ("/^Received:.*with ESMTPSA/ IGNORE", "/^X-Originating-IP:/ IGNORE", "/^User-Agent:/ IGNORE",
+           "/^Subject: (.*)/ REPLACE Subject: [ext] $1", "/^X-Warn:/ WARN stripped soon", "/^X-Info:/ INFO",
+           "/^X-Pre:/ PREPEND X-Added: yes", "/^X-Reject:/ REJECT no", "/^X-Bad:/ REPLACE not a header",
+           "/^Content-Type:/ IGNORE")
+HEAD = (b"Received: from pc (pc [10.0.0.5])\r\n\tby mx with ESMTPSA id 1\r\n"
+        b"Received: from a by b with ESMTP id 2\r\n"
+        b"X-Originating-IP: 10.0.0.5\r\n"
+        b"User-Agent: Thunderbird\r\n"
+        b"Subject: hello\r\n"
+        b"X-Warn: 1\r\nX-Info: 2\r\nX-Pre: 3\r\nX-Reject: 4\r\nX-Bad: 5\r\n"
+        b"From: joe@box.local\r\n"
+        b"Content-Type: text/plain\r\n")
+BODY = b"\r\nsecret line\r\nkeep\r\nwarn me\r\n"
+
+
+@pytest.fixture
+def checks(tmp_path):
+    """checks(header=lines or a table spec, mime=..., nested=..., body=...) -> OutboundChecks (lines: a regexp
+    file)."""
+    tables = TableCache()
+
+    def make(header=(), mime=(), nested=(), body=()) -> OutboundChecks:
+        specs = []
+        for kind, lines in zip(("header", "mime", "nested", "body"), (header, mime, nested, body)):
+            if isinstance(lines, str):
+                specs.append(tables.open([lines]))
+                continue
+            (tmp_path / kind).write_text("".join(f"{line}\n" for line in lines))
+            specs.append(tables.open([f"regexp:{tmp_path / kind}"]) if lines else [])
+        return OutboundChecks(*specs)
+    return make
+
+
+def make_request(port: int, content: Content, **kw) -> DeliveryRequest:
+    return DeliveryRequest("Q1", "joe@box.local", (Recipient(0, "carol@remote.test", "carol@remote.test"),),
+                           f"[127.0.0.1]:{port}", content, **kw)
+
+
+async def deliver(request: DeliveryRequest, outbound: OutboundChecks | None, generic: GenericMaps | None = None):
+    config = SmtpConfig(tls_security_level="none", connect_timeout=2, helo_timeout=2, command_timeout=2,
+                        data_timeout=2)
+    transport = SmtpTransport(config, resolver=StaticResolver(), helo_name="box.local", checks=outbound,
+                              generic=generic)
+    try:
+        return await transport.deliver(request)
+    finally:
+        await transport.close()
+
+
+async def test_the_privacy_recipe_strips_and_edits_headers_as_they_go_out_and_logs_as_postfix(smtp_peer, caplog, checks):
+    peer = await smtp_peer()
+    caplog.set_level(logging.INFO, "mailflow.smtp")
+    report = await deliver(make_request(peer.port, Content.of(HEAD + BODY)), checks(PRIVACY))
+    assert [r.outcome for r in report.results] == [Outcome.SENT]
+    [message] = peer.messages
+    assert message.content == (
+        b"Received: from a by b with ESMTP id 2\r\n"
+        b"Subject: [ext] hello\r\n"
+        b"X-Warn: 1\r\nX-Info: 2\r\nX-Added: yes\r\nX-Pre: 3\r\nX-Reject: 4\r\nX-Bad: 5\r\n"
+        b"From: joe@box.local\r\n"
+        b"Content-Type: text/plain\r\n"  # a MIME header: smtp_mime_header_checks only (none here)
+        + BODY)
+    lines = [r.getMessage() for r in caplog.records]
+    assert "Q1: replace: header Subject: hello: Subject: [ext] hello" in lines
+    assert "Q1: warning: header X-Warn: 1: stripped soon" in lines
+    assert "Q1: info: header X-Info: 2" in lines
+    assert "Q1: prepend: header X-Pre: 3: X-Added: yes" in lines
+    assert "unsupported command in smtp_header_checks map: REJECT" in lines
+    assert 'bad REPLACE header text "not a header" in smtp_header_checks map -- need "headername: headervalue"' \
+        in lines
+    assert not any("IGNORE" in line or "User-Agent" in line for line in lines)  # IGNORE is not logged
+
+
+async def test_body_checks_edit_lines_of_a_spooled_message_as_it_streams(smtp_peer, tmp_path, checks):
+    peer = await smtp_peer()
+    body = big_message(600_000, long_line=False).split(b"\r\n\r\n", 1)[1]
+    content = spooled(tmp_path, b"Subject: s\r\n\r\nsecret line\r\n" + body + b"warn me\r\n")
+    outbound = checks(body=["/^secret/ IGNORE", "/^warn me$/ REPLACE [edited]"])
+    await deliver(make_request(peer.port, content), outbound)
+    [message] = peer.messages
+    assert message.content == b"Subject: s\r\n\r\n" + body + b"[edited]\r\n"
+
+
+MIME = (b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\nSubject: m\r\n\r\n"
+        b"preamble secret\r\n--b1\r\nContent-Type: text/plain\r\nX-Part: 1\r\n\r\nsecret\r\n--b1\r\n"
+        b"Content-Type: message/rfc822\r\n\r\nX-Nested: n\r\n\tfolded\r\nSubject: inner\r\n\r\nsecret inner\r\n"
+        b"--b1--\r\nepilogue\r\n")
+
+
+def test_part_headers_go_through_mime_and_nested_checks_and_boundaries_are_no_body_lines(checks):
+    outbound = checks(mime=["/^X-Part:/ IGNORE", "/^MIME-Version:/ REPLACE MIME-Version: 1.0 (x)"],
+                      nested=["/^X-Nested: n\\n\\tfolded/ IGNORE"],
+                      body=["/^secret/ REPLACE hidden", "/^--b1/ IGNORE"])
+    head, rest = MIME.split(b"\r\n\r\n", 1)
+    head += b"\r\n"
+    rest = b"\r\n" + rest
+    assert outbound.head("Q1", head) == head.replace(b"1.0\r\n", b"1.0 (x)\r\n", 1)
+    for size in (1, 7, 4096):
+        chunks = [(head + rest)[i:i + size] for i in range(0, len(head + rest), size)]
+        sent = b"".join(encode(chunks, outbound.body("Q1", head)))
+        assert sent == head + rest.replace(b"X-Part: 1\r\n", b"").replace(b"X-Nested: n\r\n\tfolded\r\n", b"") \
+            .replace(b"secret inner", b"hidden") \
+            .replace(b"\r\nsecret\r\n", b"\r\nhidden\r\n"), size
+
+
+def test_a_long_line_is_matched_in_pieces_as_postfix_queues_it(checks):
+    outbound = checks(body=["/^y+$/ REPLACE z"])
+    head = b"Subject: s\r\n"
+    content = head + b"\r\n" + b"x" * 10 + b"y" * LINE_PIECE + b"\r\n" + b"y" * (LINE_PIECE + 5) + b"\r\n"
+    sent = b"".join(encode([content], outbound.body("Q1", head)))
+    assert sent == head + b"\r\n" + b"x" * 10 + b"y" * (LINE_PIECE - 10) + b"z\r\n" + b"z" + b"z\r\n"
+
+
+async def test_generic_maps_rewrite_the_checked_header(smtp_peer, checks):
+    peer = await smtp_peer()
+    from mailflow.config import Config
+    from mailflow.routing.rewrite import Rewriter
+    config = Config(myhostname="box.local", mydestination=("box.local",))
+    rewriter = Rewriter(config)
+    generic = GenericMaps(TableCache().open(["inline:{ {joe@box.local = joe.user@example.com} }"]),
+                          delimiter="+", qualify=rewriter.qualify, find_address=rewriter.find_address)
+    outbound = checks(["/^User-Agent:/ IGNORE", "/^X-Pre:/ PREPEND Reply-To: joe@box.local"])
+    await deliver(make_request(peer.port, Content.of(b"User-Agent: x\r\nX-Pre: 1\r\nFrom: joe@box.local\r\n\r\nb\r\n")),
+                  outbound, generic)
+    [message] = peer.messages
+    assert message.mail_from == "joe.user@example.com"
+    assert message.content == (b"Reply-To: joe.user@example.com\r\nX-Pre: 1\r\nFrom: joe.user@example.com\r\n"
+                               b"\r\nb\r\n")
+
+
+async def test_a_header_check_that_cannot_answer_defers_before_any_session(smtp_peer, caplog, checks):
+    peer = await smtp_peer()
+    report = await deliver(make_request(peer.port, Content.of(b"Subject: s\r\n\r\nb\r\n")), checks("fail:down"))
+    assert [(r.outcome, r.dsn) for r in report.results] == [(Outcome.DEFERRED, "4.3.0")]
+    assert "Q1: smtp header checks lookup error" in caplog.text
+    assert peer.messages == []
+
+
+async def test_an_address_probe_looks_nothing_up(smtp_peer, caplog, checks):
+    peer = await smtp_peer()
+    caplog.set_level(logging.INFO, "mailflow.smtp")
+    report = await deliver(make_request(peer.port, Content(), verify=True), checks("fail:down", body="fail:down"))
+    assert [r.outcome for r in report.results] == [Outcome.SENT]
+
+
+@pytest.mark.parametrize("setting", ["header_checks", "mime_header_checks", "nested_header_checks", "body_checks"])
+def test_the_settings_are_table_lists_checked_at_load(setting):
+    from pydantic import ValidationError
+    assert getattr(SmtpConfig(**{setting: ["regexp:/etc/x"]}), setting) == ("regexp:/etc/x",)
+    with pytest.raises(ValidationError):
+        SmtpConfig(**{setting: ["nosuchtype:/etc/x"]})
