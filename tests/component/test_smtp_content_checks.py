@@ -68,7 +68,8 @@ async def deliver(request: DeliveryRequest, outbound: OutboundChecks | None, gen
         await transport.close()
 
 
-async def test_the_privacy_recipe_strips_and_edits_headers_as_they_go_out_and_logs_as_postfix(smtp_peer, caplog, checks):
+async def test_the_privacy_recipe_strips_and_edits_headers_as_they_go_out_logged_as_postfix(smtp_peer, caplog,
+                                                                                          checks):
     peer = await smtp_peer()
     caplog.set_level(logging.INFO, "mailflow.smtp")
     report = await deliver(make_request(peer.port, Content.of(HEAD + BODY)), checks(PRIVACY))
