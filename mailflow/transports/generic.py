@@ -22,9 +22,10 @@ queued; so does ORCPT: to a next hop that offers DSN, RCPT TO's `ORCPT=rfc822;â€
                                        none) is logged and raises LookupRetry: what screen_envelope keeps from
                                        the wire for a queued address, a table's value must not put there.
       .wire_form(request, head=None) -> WireForm  the envelope sender, each recipient and the message's header
-                                       section as they go out; may raise LookupRetry (a table that cannot answer, or a value that
-                                       holds no address: the delivery is deferred); `head`: (the queued header
-                                       section, smtp_header_checks' form of it) whose addresses are mapped
+                                       section as they go out; may raise LookupRetry (a table that cannot
+                                       answer, or a value that holds no address: the delivery is deferred);
+                                       `head`: (the queued header section, smtp_header_checks' form of it) whose
+                                       addresses are mapped
     WireForm(sender, recipients, head, utf8_head, body)   `recipient(addr)`; `encoders()`: what the content goes
                                        through (a new HeaderSwap each transaction, none when no header changed;
                                        first a new `body()`, smtp_body_checks' encoder, when set);
