@@ -126,7 +126,7 @@ class OutboundChecks:
         if command == "IGNORE":
             return b""
         if command not in ("DUNNO", "OK"):
-            log.warning("unsupported command in %s map: %s", TABLE_NAMES[kind], word)
+            log.warning("unsupported command in %s map: %s", TABLE_NAMES[kind], value.strip())
         return original
 
 

@@ -87,7 +87,7 @@ async def test_the_privacy_recipe_strips_and_edits_headers_as_they_go_out_logged
     assert "Q1: warning: header X-Warn: 1: stripped soon" in lines
     assert "Q1: info: header X-Info: 2" in lines
     assert "Q1: prepend: header X-Pre: 3: X-Added: yes" in lines
-    assert "unsupported command in smtp_header_checks map: REJECT" in lines
+    assert "unsupported command in smtp_header_checks map: REJECT no" in lines
     assert 'bad REPLACE header text "not a header" in smtp_header_checks map -- need "headername: headervalue"' \
         in lines
     assert not any("IGNORE" in line or "User-Agent" in line for line in lines)  # IGNORE is not logged

@@ -1,0 +1,122 @@
+"""Differential test: [smtp] header_checks, mime_header_checks and body_checks against a private Postfix with the
+same tables as smtp_header_checks, smtp_mime_header_checks and smtp_body_checks. Both relay every probe to one
+smtp-sink on 127.0.0.1, whose dump shows each message as the next hop got it; each probe's X-Probe field names the
+server and the probe. Compared: the probe's own header fields and body lines as they arrive, and the log lines of
+the actions (`QID: replace: header ...`, `warning: unsupported command in smtp_header_checks map: REJECT`)."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+
+from mailflow.logs import printable
+from tests.support import eventually, postfix_instance, queue_becomes
+from tests.support.postfix import smtp_sink
+
+pytestmark = pytest.mark.interop
+
+TABLES = {
+    "header": ["/^Received:.*with ESMTPSA/ IGNORE", "/^X-Originating-IP:/ IGNORE", "/^User-Agent:/ IGNORE",
+               "/^Subject: (.*) secret$/ REPLACE Subject: $1 hidden", "/^X-Warn:/ WARN w-text", "/^X-Info:/ INFO",
+               "/^X-Pre:/ PREPEND X-Added: yes", "/^X-Rej:/ REJECT no", "/^X-Bad:/ REPLACE not a header",
+               "/^Content-Type:/ IGNORE", "/^X-Fold: a.[[:space:]]b$/ REPLACE X-Fold: joined"],
+    "mime": ["/^Content-Description:/ IGNORE"],
+    "body": ["/^secret/ REPLACE hidden line", "/^drop me/ IGNORE", "/^pre me/ PREPEND added line",
+             "/^warn me/ WARN bw"],
+}
+PROBES = [  # header lines, body lines
+    (["Received: from pc (pc [10.0.0.5])\r\n\tby mx.example (Postfix) with ESMTPSA id 4AbC",
+      "X-Originating-IP: 10.0.0.5", "User-Agent: Thunderbird", "Subject: a secret", "From: joe@box.local", "To: carol@remote.test"],
+     ["hello", "secret stuff", "drop me", "pre me", "warn me", "end"]),
+    (["X-Warn: 1", "X-Info: 2", "X-Pre: 3", "X-Rej: 4", "X-Bad: 5", "X-Fold: a\r\n\tb", "From: joe@box.local",
+      "MIME-Version: 1.0", 'Content-Type: multipart/mixed; boundary="b1"'],
+     ["preamble", "--b1", "Content-Type: text/plain", "Content-Description: notes", "", "secret part", "--b1--",
+      "epilogue"]),
+]
+SERVERS_OWN = (r"X-Client-Addr|X-Client-Proto|X-Helo-Args|X-Mail-Args|X-Rcpt-Args|X-Probe|Message-ID|Date"
+               r"|Received: from (localhost|127|box\.local)")  # (the sink's, the servers', the probe's name)
+
+
+async def send_probes(port: int, server: str) -> None:
+    for i, (header, body) in enumerate(PROBES):
+        content = "\r\n".join([*header, f"X-Probe: {server}-{i}", "", *body, ""])
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10) as client:
+            await client.sendmail("joe@box.local", ["carol@remote.test"], content.encode())
+
+
+def received(dump: Path, server: str) -> dict[int, tuple[list[str], str]]:
+    """Per probe: the header fields that are neither the servers' own (Received by either, Message-ID, Date,
+    X-Probe) nor the sink's, and the body, as the sink got them."""
+    out = {}
+    text = dump.read_text(errors="replace") if dump.exists() else ""
+    for message in text.split("X-Client-Addr:")[1:]:
+        found = re.search(rf"^X-Probe: {server}-(\d+)", message, re.MULTILINE)
+        if not found:
+            continue
+        head, _, body = message.replace("\r", "").partition("\n\n")
+        fields = re.split(r"\n(?![ \t])", head)
+        kept = [f for f in fields if ":" in f and not re.match(SERVERS_OWN, f, re.I)]
+        out[int(found.group(1))] = (kept, body.strip())
+    return out
+
+
+def actions(lines) -> list[str]:
+    """The action log lines, without the queue id, in order."""
+    out = []
+    for line in lines:
+        found = re.search(r"(?:[0-9A-F]{10,}: )?((?:replace|prepend|warning|info): (?:header|body) .*"
+                          r"|unsupported command in .*|bad REPLACE header text .*)$", line)
+        if found:
+            out.append(found.group(1))
+    return out
+
+
+@pytest.fixture
+def tables():
+    """The regexp files, where Postfix's unprivileged smtp can read them (pytest's tmp_path it cannot)."""
+    with tempfile.TemporaryDirectory(prefix="mf-smtp-checks-") as folder:
+        os.chmod(folder, 0o755)
+        specs = {}
+        for kind, lines in TABLES.items():
+            path = Path(folder) / kind
+            path.write_text("".join(f"{line}\n" for line in lines))
+            path.chmod(0o644)
+            specs[kind] = f"regexp:{path}"
+        yield specs
+
+
+async def test_smtp_content_checks_match_a_real_postfix(mailflow_server, tables, caplog):
+    caplog.set_level(logging.INFO, logger="mailflow.smtp")
+    async with smtp_sink() as (sink, dump):
+        async with postfix_instance({"myhostname": "box.local", "mydestination": "box.local",
+                                     "relayhost": f"[127.0.0.1]:{sink}", "smtp_header_checks": tables["header"],
+                                     "smtp_mime_header_checks": tables["mime"],
+                                     "smtp_body_checks": tables["body"]}) as pf:
+            await send_probes(pf.port, "pf")
+            await pf.queue_empty()
+            postfix_logged = actions(line for line in pf.maillog.splitlines() if "/smtp[" in line)
+        mf = await mailflow_server(myhostname="box.local", mydestination=["box.local"], mynetworks=["127.0.0.0/8"],
+                                   relayhost=f"[127.0.0.1]:{sink}",
+                                   smtp={"header_checks": [tables["header"]], "mime_header_checks": [tables["mime"]],
+                                         "body_checks": [tables["body"]]})
+        await send_probes(mf.smtp_addresses[0][1], "mf")
+        await queue_becomes(mf.store, {})
+        every = set(range(len(PROBES)))
+        await eventually(lambda: set(received(dump, "pf")) == every and set(received(dump, "mf")) == every,
+                         what="every probe at the sink")
+        postfix_got, mailflow_got = received(dump, "pf"), received(dump, "mf")
+    for i in every:
+        assert mailflow_got[i] == postfix_got[i], PROBES[i]
+    assert actions(printable(r.getMessage()) for r in caplog.records) == postfix_logged  # (as the log writes it)
+    # the edges themselves, so that a change in both cannot pass unnoticed
+    assert postfix_got[0] == (["Subject: a hidden", "From: joe@box.local", "To: carol@remote.test"],
+                              "hello\nhidden line\nadded line\npre me\nwarn me\nend")
+    assert "Content-Type: multipart/mixed; boundary=\"b1\"" in postfix_got[1][0]
+    assert "Content-Description" not in postfix_got[1][1] and "X-Added: yes" in postfix_got[1][0]
+    assert "unsupported command in smtp_header_checks map: REJECT no" in postfix_logged
+    assert "replace: header X-Fold: a??b: X-Fold: joined" in postfix_logged
