@@ -31,7 +31,8 @@ TABLES = {
 }
 PROBES = [  # header lines, body lines
     (["Received: from pc (pc [10.0.0.5])\r\n\tby mx.example (Postfix) with ESMTPSA id 4AbC",
-      "X-Originating-IP: 10.0.0.5", "User-Agent: Thunderbird", "Subject: a secret", "From: joe@box.local", "To: carol@remote.test"],
+      "X-Originating-IP: 10.0.0.5", "User-Agent: Thunderbird", "Subject: a secret", "From: joe@box.local",
+      "To: carol@remote.test"],
      ["hello", "secret stuff", "drop me", "pre me", "warn me", "end"]),
     (["X-Warn: 1", "X-Info: 2", "X-Pre: 3", "X-Rej: 4", "X-Bad: 5", "X-Fold: a\r\n\tb", "From: joe@box.local",
       "MIME-Version: 1.0", 'Content-Type: multipart/mixed; boundary="b1"'],
