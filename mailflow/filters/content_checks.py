@@ -2,6 +2,9 @@
 
     ContentChecks(config.checks)                 the tables, opened once; `enabled` is False with none set
     await checks.inspect(queue_id, head, body, log)  -> Inspection (or raises ContentRejected)
+    header_key, is_mime_header, entity_type, closes_boundary, closes_innermost   how a header field is matched and
+                                                 where MIME parts begin and end (the SMTP client's checks too:
+                                                 mailflow.transports.smtp_checks)
 
 What is matched (Postfix's rules): each logical header of the message, its lines joined by their line breaks
 (`X-Folded: a\\n b`, as Postfix's cleanup keeps them, CR dropped; no line end after the last) against
@@ -125,8 +128,8 @@ class ContentChecks:
             if not name:
                 out.append(raw)
                 continue
-            use = self._mime if top and _is_mime_header(name) else tables
-            key = _header_key(raw)
+            use = self._mime if top and is_mime_header(name) else tables
+            key = header_key(raw)
             action = _lookup(use, key) if use and not result.stopped else None
             if action is None:
                 out.append(raw)
@@ -143,7 +146,7 @@ class ContentChecks:
 
     def _walk_body(self, queue_id: str, head: bytes, result: Inspection, describe: str) -> None:
         """Read the body line by line: MIME part headers, nested message headers, body lines."""
-        top = _Entity("message", *_entity_type(head))
+        top = _Entity("message", *entity_type(head))
         boundaries: list[str] = [top.boundary] if top.boundary else []
         state = "nested" if top.content_type == "message/rfc822" else "body"
         part_headers: list[bytes] = []
@@ -166,13 +169,13 @@ class ContentChecks:
                     tables = self._mime if state == "mime" else self._nested
                     if tables:
                         self._check_headers(queue_id, entity_head, tables, "header", result, describe)
-                    content_type, boundary = _entity_type(entity_head)
+                    content_type, boundary = entity_type(entity_head)
                     if boundary:
                         boundaries.append(boundary)
                     state = "nested" if content_type == "message/rfc822" else "body"
                     part_headers, part_bytes = [], 0
-            elif boundaries and text.startswith(b"--") and _closes(text, boundaries):
-                state = "body" if text.endswith(b"--") and _is_close(text, boundaries) else "mime"
+            elif boundaries and text.startswith(b"--") and closes_boundary(text, boundaries):
+                state = "body" if text.endswith(b"--") and closes_innermost(text, boundaries) else "mime"
                 part_bytes = 0
             else:
                 if self._body and part_bytes < self._limit:
@@ -285,7 +288,7 @@ def _lookup(tables: list[Table], key: str) -> str | None:
     return None
 
 
-def _header_key(raw: bytes) -> str:
+def header_key(raw: bytes) -> str:
     """A header field as header_checks match it (Postfix's cleanup): its lines joined by LF, no final line end."""
     return raw.replace(b"\r\n", b"\n").removesuffix(b"\n").decode("utf-8", "replace")
 
@@ -295,11 +298,11 @@ def _logical(raw: bytes) -> str:
     return raw.replace(b"\r\n", b"").replace(b"\n", b"").decode("utf-8", "replace")
 
 
-def _is_mime_header(name: str) -> bool:
+def is_mime_header(name: str) -> bool:
     return name.startswith("content-") or name == "mime-version"
 
 
-def _entity_type(head: bytes) -> tuple[str, str | None]:
+def entity_type(head: bytes) -> tuple[str, str | None]:
     """(content type in lower case, multipart boundary or None) of a header section."""
     for name, lines in header_fields(head):
         if name == "content-type":
@@ -311,7 +314,7 @@ def _entity_type(head: bytes) -> tuple[str, str | None]:
     return "text/plain", None
 
 
-def _closes(text: bytes, boundaries: list[str]) -> bool:
+def closes_boundary(text: bytes, boundaries: list[str]) -> bool:
     """`text` is a delimiter line of one of the open boundaries; the ones opened after it are closed."""
     for i in range(len(boundaries) - 1, -1, -1):
         delimiter = b"--" + boundaries[i].encode("utf-8", "replace")
@@ -321,7 +324,7 @@ def _closes(text: bytes, boundaries: list[str]) -> bool:
     return False
 
 
-def _is_close(text: bytes, boundaries: list[str]) -> bool:
+def closes_innermost(text: bytes, boundaries: list[str]) -> bool:
     """`text` closes the innermost boundary (`--boundary--`): it is popped."""
     delimiter = b"--" + boundaries[-1].encode("utf-8", "replace") + b"--"
     if text.rstrip(b" \t") == delimiter:

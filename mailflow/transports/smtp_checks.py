@@ -29,8 +29,9 @@ no final line end; a body line without its line end. The actions are smtp(8)'s (
     DUNNO, OK                  nothing
 Any other action (REJECT, HOLD, DISCARD, ...) is logged `unsupported command in smtp_header_checks map: REJECT`
 and ignored. A table that cannot answer (LookupRetry) for the header section defers the delivery (the caller:
-4.3.0, `smtp header checks lookup error`); one in the body raises out of the encoder: the session is ended and the
-recipients deferred, as Postfix's longjmp out of the DATA phase.
+4.3.0, `smtp header checks lookup error`); one in the body raises out of the encoder, and the SMTP client
+(mailflow.transports.smtp.proto) ends the session: 4.3.0 "local data error while talking to h[ip]", as Postfix's
+longjmp out of the DATA phase (SMTP_ERR_DATA).
 """
 from __future__ import annotations
 
@@ -39,11 +40,7 @@ import logging
 from functools import partial
 
 from mailflow.errors import LookupRetry, TemporaryError
-from mailflow.filters.content_checks import _closes as closes_boundary
-from mailflow.filters.content_checks import _entity_type as entity_type
-from mailflow.filters.content_checks import _header_key as header_key
-from mailflow.filters.content_checks import _is_close as closes_innermost
-from mailflow.filters.content_checks import _is_mime_header as is_mime_header
+from mailflow.filters.content_checks import closes_boundary, closes_innermost, entity_type, header_key, is_mime_header
 from mailflow.message import HEADER_READ_LIMIT, header_fields, read_header, starts_header_field
 from mailflow.model import DeliveryRequest
 from mailflow.tables import Table

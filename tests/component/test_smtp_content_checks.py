@@ -171,3 +171,13 @@ def test_the_settings_are_table_lists_checked_at_load(setting):
     assert getattr(SmtpConfig(**{setting: ["regexp:/etc/x"]}), setting) == ("regexp:/etc/x",)
     with pytest.raises(ValidationError):
         SmtpConfig(**{setting: ["nosuchtype:/etc/x"]})
+
+
+async def test_a_body_check_that_cannot_answer_ends_the_session_and_defers(smtp_peer, checks, caplog):
+    peer = await smtp_peer()
+    report = await deliver(make_request(peer.port, Content.of(b"Subject: s\r\n\r\nb\r\n")), checks(body="fail:down"))
+    assert [(r.outcome, r.dsn, r.text) for r in report.results] == [
+        (Outcome.DEFERRED, "4.3.0", "local data error while talking to 127.0.0.1[127.0.0.1]")]
+    assert not report.site_ok  # (Postfix's smtp_bulk_fail with THROTTLE)
+    assert "Q1: smtp body checks lookup error" in caplog.text
+    assert peer.messages == []

@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Iterator
 
 from mailflow.content import CHUNK, Content
+from mailflow.errors import LookupRetry
 from mailflow.model import ConnStats, DeliveryRequest, Recipient
 from mailflow.transports.encode import Encoder, SmtpData, aencode, encode
 from mailflow.transports.generic import WireForm
@@ -172,6 +173,18 @@ async def _abandon_pipelined(session: Session, rcpt_replies: int, timeout: float
 
 
 async def _send_body(session: Session, content: Content, encoders: tuple[Encoder, ...], timeout: float) -> None:
+    """The content after DATA's 354. A table an encoder asks (smtp_body_checks) that cannot answer ends the session
+    as Postfix's SMTP_ERR_DATA: 4.3.0 "local data error while talking to h[ip]", a site failure."""
+    try:
+        await _stream_body(session, content, encoders, timeout)
+    except LookupRetry:
+        session.log.warning("%s: smtp body checks lookup error", session.queue_id)
+        session.abort()
+        raise SiteFailure("4.3.0", f"local data error while talking to {session.peer.name}",
+                          relay=session.peer.relay) from None
+
+
+async def _stream_body(session: Session, content: Content, encoders: tuple[Encoder, ...], timeout: float) -> None:
     if content.in_memory:
         session.send_many(list(smtp_data(content, encoders)), BODY)
         return
