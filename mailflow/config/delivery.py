@@ -148,6 +148,9 @@ class SmtpConfig(Section):
     mime_header_checks: TableSpecs = ()
     nested_header_checks: TableSpecs = ()
     body_checks: TableSpecs = ()
+    # smtp_reply_filter: each line of a server's reply rewritten by a table before it is parsed (a key is the line,
+    # a value replaces it: `/^(250-)?PIPELINING$/ 250-X-NOPIPELINING` for a broken server). Use with care.
+    reply_filter: TableSpecs = ()
     # Connection cache (smtp_connection_cache_time_limit, smtp_connection_reuse_count/time_limit); 0s: off.
     connection_cache_time_limit: Duration = 2.0
     connection_reuse_count_limit: int = Field(100, ge=0)

@@ -4,7 +4,8 @@ and what a reload (`mailflow reload`, SIGHUP) refuses to put in force.
     table_problems(settings, where) -> [ConfigError]    `settings`: `key -> value`, as mailflow.config.flat_settings
                                                         gives them; one ConfigError(where, key, reason) for each
                                                         texthash, regexp, cidr, sqlite or accounts table of a `*_maps`,
-                                                        `*_domains`, `*_checks`, `authorized_submit_users` or
+                                                        `*_domains`, `*_checks`, `*_filter`,
+                                                        `authorized_submit_users` or
                                                         `relay_clientcerts` setting, of a network list (mynetworks
                                                         and the like, its /files too), or named in a
                                                         `*_restrictions` item or a restriction class's
@@ -52,7 +53,7 @@ def _file_tables(settings: Mapping[str, object], prefix: str = "") -> Iterator[t
         elif not isinstance(value, (list, tuple)):
             continue
         # domain lists may hold tables (accounts:PATH#domains); content checks are tables too
-        elif key.endswith(("_maps", "_domains", "_checks", "authorized_submit_users", "relay_clientcerts")):
+        elif key.endswith(("_maps", "_domains", "_checks", "_filter", "authorized_submit_users", "relay_clientcerts")):
             specs = [v for v in value if isinstance(v, str)]
         elif key.endswith("_restrictions"):  # check_client_access texthash:/path, ...
             specs = [word for item in value if isinstance(item, str) for word in item.split()]

@@ -181,3 +181,51 @@ async def test_a_body_check_that_cannot_answer_ends_the_session_and_defers(smtp_
     assert not report.site_ok  # (Postfix's smtp_bulk_fail with THROTTLE)
     assert "Q1: smtp body checks lookup error" in caplog.text
     assert peer.messages == []
+
+
+# ---------------------------------------------------------------------------------------- smtp_reply_filter
+
+
+async def reply_filtered(request: DeliveryRequest, tables: list[str]):
+    config = SmtpConfig(tls_security_level="none", connect_timeout=2, helo_timeout=2, command_timeout=2,
+                        data_timeout=2, reply_filter=tuple(tables))
+    transport = SmtpTransport(config, resolver=StaticResolver(), helo_name="box.local")
+    try:
+        return await transport.deliver(request)
+    finally:
+        await transport.close()
+
+
+async def test_the_reply_filter_rewrites_each_reply_line_before_it_is_parsed_and_logs_it(smtp_peer, tmp_path,
+                                                                                          caplog):
+    peer = await smtp_peer()
+    peer.handler.rcpt_replies["carol@remote.test"] = "550 5.7.1 <carol@remote.test>: blocked"
+    table = tmp_path / "reply_filter"
+    table.write_text("/^550 5\\.7\\.1 (.*)$/ 450 4.7.1 $1 (softened)\n")
+    caplog.set_level(logging.INFO, "mailflow.smtp")
+    report = await reply_filtered(make_request(peer.port, Content.of(b"Subject: s\r\n\r\nb\r\n")),
+                                  [f"regexp:{table}"])
+    assert [(r.outcome, r.dsn, r.text) for r in report.results] == [
+        (Outcome.DEFERRED, "4.7.1", "host 127.0.0.1[127.0.0.1] said: 450 4.7.1 <carol@remote.test>: blocked "
+                                    "(softened) (in reply to RCPT TO command)")]
+    assert (f'127.0.0.1[127.0.0.1]:{peer.port}: replacing server reply "550 5.7.1 <carol@remote.test>: blocked" '
+            'with "450 4.7.1 <carol@remote.test>: blocked (softened)"') in [r.getMessage() for r in caplog.records]
+
+
+async def test_a_reply_filter_that_cannot_answer_ends_the_session_with_a_local_data_error(smtp_peer, caplog):
+    peer = await smtp_peer()
+    report = await reply_filtered(make_request(peer.port, Content.of(b"Subject: s\r\n\r\nb\r\n")), ["fail:down"])
+    assert [(r.outcome, r.dsn, r.text) for r in report.results] == [
+        (Outcome.DEFERRED, "4.3.0", "local data error while talking to 127.0.0.1[127.0.0.1]")]
+    assert "Q1: table fail:down lookup error for 220 " in caplog.text
+    assert not report.site_ok and peer.messages == []
+
+
+@pytest.mark.parametrize("setting", ["header_checks", "body_checks", "reply_filter"])
+def test_check_config_names_a_table_that_cannot_answer(setting, tmp_path):
+    from mailflow.cli.server import table_problems
+    from mailflow.config import Config
+    config = Config(smtp=SmtpConfig(**{setting: [f"regexp:{tmp_path}/missing"]}))
+    [problem] = table_problems(config, "mailflow.toml")
+    assert (problem.file, problem.key) == ("mailflow.toml", f"smtp.{setting}")
+    assert "missing" in problem.reason

@@ -44,12 +44,13 @@ import logging
 import ssl
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from mailflow.errors import detached
 from mailflow.logs import printable
 from mailflow.transports.smtp.addr import Peer
 from mailflow.transports.smtp.commands import Extensions
-from mailflow.transports.smtp.reply import MalformedReply, Reply, ReplyParser
+from mailflow.transports.smtp.reply import MalformedReply, Reply, ReplyFilterError, ReplyParser
 from mailflow.transports.smtp.trouble import stream_failure
 
 # The logger of a session's lines by its dialect: the service the log names (logs.service_of), Postfix's smtp(8) or
@@ -80,9 +81,9 @@ class ConnectionClosed(ConnectionError):
 class Wire(asyncio.Protocol):
     """See the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, line_filter: Callable[[bytes], bytes] | None = None) -> None:
         self.transport: asyncio.Transport | None = None
-        self._parser = ReplyParser()
+        self._parser = ReplyParser(line_filter)
         self._replies: deque[Reply] = deque()
         self._error: Exception | None = None
         self._waiter: asyncio.Future | None = None
@@ -97,13 +98,13 @@ class Wire(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
-        if isinstance(self._error, MalformedReply):  # the parser is of no further use: nothing after it is a reply
+        if isinstance(self._error, (MalformedReply, ReplyFilterError)):  # the parser is of no further use
             return
         self._parser.receive_data(data)
         try:
             while (reply := self._parser.next_reply()) is not None:
                 self._replies.append(reply)
-        except MalformedReply as e:
+        except (MalformedReply, ReplyFilterError) as e:
             self._fail(e)
         if len(self._replies) >= READ_AHEAD and not self._reading_paused and self.transport is not None:
             self.transport.pause_reading()
@@ -269,8 +270,10 @@ class Session:
     async def drain(self, timeout: float, activity: str) -> None:
         try:
             await self._wire.drain(timeout)
-        except (OSError, TimeoutError, MalformedReply) as e:
+        except (OSError, TimeoutError, MalformedReply, ReplyFilterError) as e:
             self.abort()
+            if isinstance(e, ReplyFilterError):
+                self.log.warning("%s: %s", self.queue_id or "NOQUEUE", e)
             raise stream_failure(self.peer, activity, detached(e)) from None
 
     def _check_open(self, activity: str) -> None:
@@ -284,8 +287,10 @@ class Session:
             raise stream_failure(self.peer, activity, ConnectionClosed(LOST))
         try:
             reply = await self._wire.reply(timeout)
-        except (OSError, TimeoutError, MalformedReply) as e:
+        except (OSError, TimeoutError, MalformedReply, ReplyFilterError) as e:
             self.abort()
+            if isinstance(e, ReplyFilterError):
+                self.log.warning("%s: %s", self.queue_id or "NOQUEUE", e)
             raise stream_failure(self.peer, activity, detached(e)) from None
         if reply.code == 421:
             self.abort()

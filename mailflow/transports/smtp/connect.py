@@ -1,9 +1,11 @@
 """Opening a session (Postfix smtp_connect, with smtp_proto's handshake): connect, greeting, EHLO/HELO or LHLO,
 and for SMTP STARTTLS as the TLS policy asks and AUTH with the relay's credentials.
 
-    await open_session(peer, timeout, clock, source=None) -> Session     TCP, or a UNIX-domain socket (port 0),
-                                within `timeout`; ConnectFailure 4.4.1 "connect to h[ip]:port: Connection refused"
-                                (or timed out), which the caller logs with log_connect_failure. `source`
+    await open_session(peer, timeout, clock, source=None, reply_filter=None) -> Session     TCP, or a UNIX-domain
+                                socket (port 0), within `timeout` (`reply_filter`: smtp_reply_filter, the session's
+                                reply lines through it: mailflow.transports.smtp.reply_filter); ConnectFailure
+                                4.4.1 "connect to h[ip]:port: Connection refused" (or timed out), which the
+                                caller logs with log_connect_failure. `source`
                                 (SourceAddress.of(config, "smtp" or "lmtp"): bind_address, bind_address6), the
                                 address a TCP connection goes from, by the peer's family, as Postfix's
                                 smtp_connect_addr: a bind that fails is logged `warning: smtp_connect_addr: bind
@@ -88,6 +90,7 @@ from mailflow.transports.smtp.chat import CRLF, Session, Wire
 from mailflow.transports.smtp.commands import Extensions
 from mailflow.transports.smtp import dane
 from mailflow.transports.smtp.mtasts import mx_allowed
+from mailflow.transports.smtp.reply_filter import ReplyFilter
 from mailflow.transports.smtp.tls import (
     TlsContexts,
     TlsPolicy,
@@ -139,11 +142,11 @@ class SourceAddress:
 
 
 async def open_session(peer: Peer, timeout: float, clock: Callable[[], float],
-                       source: SourceAddress | None = None) -> Session:
+                       source: SourceAddress | None = None, reply_filter: ReplyFilter | None = None) -> Session:
     """See the module docstring."""
     loop = asyncio.get_running_loop()
     opened = clock()
-    wire = Wire()
+    wire = Wire(reply_filter.for_peer(peer.relay) if reply_filter is not None else None)
     bound = source.for_peer(peer.address) if source is not None and peer.port else ""
     try:
         async with asyncio.timeout(timeout):
@@ -254,6 +257,7 @@ class SmtpHandshake:
     plaintext_after: float = 0.0  # a failed TLS handshake at level may: plaintext for mail queued this long
     sender_keys: Callable[[str], list[str]] | None = None  # a sender's sasl_password_maps keys; None: not asked
     source: SourceAddress | None = None  # bind_address, bind_address6 (None: neither set)
+    reply_filter: ReplyFilter | None = None  # smtp_reply_filter (None: unset, each reply line as received)
 
     async def open(self, peer: Peer, destination: Destination, queue_id: str,
                    queued_for: float | None = None) -> Session:
@@ -289,7 +293,8 @@ class SmtpHandshake:
     async def _handshake(self, peer: Peer, destination: Destination, policy: TlsPolicy,
                          credentials: Credentials | None, queue_id: str, tls_allowed: bool,
                          fallback: bool = False) -> Session:
-        session = await open_session(peer, self.config.connect_timeout, self.clock, self.source)
+        session = await open_session(peer, self.config.connect_timeout, self.clock, self.source, self.reply_filter)
+        session.queue_id = queue_id  # (the handshake's log lines are the message's too)
         try:
             await greet(session, self.config.helo_timeout)
             await hello(session, self.helo_name, self.config.helo_timeout, queue_id=queue_id)

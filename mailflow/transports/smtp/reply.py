@@ -3,7 +3,10 @@
 Owns the one reply parser and the one reply type of the SMTP and LMTP clients, and every limit on what a server
 may send as a reply. No I/O, no clock: `chat` feeds it what the connection receives.
 
-    ReplyParser()
+    ReplyParser(line_filter=None)     `line_filter(line) -> line`: each complete line (no CR LF, at most
+                                      MAX_LINE_LENGTH bytes) before it is parsed, Postfix's smtp_reply_filter
+                                      (mailflow.transports.smtp.reply_filter); what it gives is cut to
+                                      MAX_LINE_LENGTH; it may raise ReplyFilterError (a table that cannot answer)
       .receive_data(data)             append received bytes
       .next_reply() -> Reply | None   the next complete reply, or None until more bytes arrive;
                                       raises MalformedReply (the parser is then of no further use)
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 MAX_LINE_LENGTH = 2048  # bytes of a reply line that are kept (Postfix line_length_limit; RFC 5321 allows 512)
 MAX_REPLY_LINES = 1000  # lines in one reply
@@ -57,6 +61,10 @@ _ENHANCED_CODE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 
 class MalformedReply(Exception):
     """What the server sent is not a reply: a bad line, a reply too long."""
+
+
+class ReplyFilterError(Exception):
+    """smtp_reply_filter could not answer for a line (Postfix: a local data error, the session ends)."""
 
 
 @dataclass(frozen=True)
@@ -108,7 +116,8 @@ class Reply:
 class ReplyParser:
     """See the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, line_filter: Callable[[bytes], bytes] | None = None) -> None:
+        self._line_filter = line_filter
         self._buffer = bytearray()
         self._reading = False  # between the lines of a multi-line reply
         self._cut: bytearray | None = None  # the beginning of an overlong line, its rest dropped up to its end
@@ -141,7 +150,10 @@ class ReplyParser:
         while (line := self._next_line()) is not None:
             if line.endswith(b"\r"):
                 line = line.rstrip(b"\r")
-            reply = self._line(line, len(line))
+            length = len(line)
+            if self._line_filter is not None:
+                line = bytearray(self._line_filter(bytes(line))[:MAX_LINE_LENGTH])
+            reply = self._line(line, length)
             if reply is not None:
                 return reply
         return None

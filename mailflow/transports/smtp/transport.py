@@ -87,6 +87,7 @@ from mailflow.transports.smtp.addr import (
 )
 from mailflow.transports.smtp.chat import Session, Timeouts
 from mailflow.transports.generic import GenericMaps, WireForm
+from mailflow.transports.smtp.reply_filter import ReplyFilter
 from mailflow.transports.smtp_checks import OutboundChecks, outbound_wire_form
 from mailflow.transports.smtp.commands import screen_envelope
 from mailflow.transports.smtp.connect import Destination, SmtpHandshake, SourceAddress, log_connect_failure
@@ -167,7 +168,8 @@ class SmtpTransport:
             tls=TlsContexts(config.tls_ca_file, config.tls_cert_file, config.tls_key_file),
             password_tables=self._tables.open(config.sasl_password_maps), tables=self._tables, clock=clock,
             resolver=resolver, plaintext_after=plaintext_after, sender_keys=sender_keys,
-            source=SourceAddress.of(config, "smtp"))
+            source=SourceAddress.of(config, "smtp"),
+            reply_filter=ReplyFilter(self._tables.open(config.reply_filter)) if config.reply_filter else None)
         self._cache = SessionCache(config.connection_cache_time_limit, config.connection_reuse_count_limit,
                                    config.connection_reuse_time_limit, clock=clock)
 

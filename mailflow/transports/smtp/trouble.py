@@ -61,7 +61,7 @@ from dataclasses import dataclass, field, replace
 from mailflow.errors import DeliveryError, PermanentError, TemporaryError
 from mailflow.model import ConnStats, DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
 from mailflow.transports.smtp.addr import Peer
-from mailflow.transports.smtp.reply import MalformedReply, Reply
+from mailflow.transports.smtp.reply import MalformedReply, Reply, ReplyFilterError
 
 
 class SiteFailure(TemporaryError):
@@ -116,6 +116,8 @@ class StaleSession(Exception):
 def stream_failure(peer: Peer, activity: str, error: BaseException) -> SiteFailure:
     if isinstance(error, TimeoutError):
         return SiteFailure("4.4.2", f"conversation with {peer.name} timed out while {activity}", relay=peer.relay)
+    if isinstance(error, ReplyFilterError):  # (Postfix's SMTP_ERR_DATA)
+        return SiteFailure("4.3.0", f"local data error while talking to {peer.name}", relay=peer.relay)
     if isinstance(error, MalformedReply):
         return SiteFailure("4.5.0", f"host {peer.name} sent a malformed reply while {activity}: {error}",
                            relay=peer.relay)
