@@ -2,7 +2,9 @@
 same tables as smtp_header_checks, smtp_mime_header_checks and smtp_body_checks. Both relay every probe to one
 smtp-sink on 127.0.0.1, whose dump shows each message as the next hop got it; each probe's X-Probe field names the
 server and the probe. Compared: the probe's own header fields and body lines as they arrive, and the log lines of
-the actions (`QID: replace: header ...`, `warning: unsupported command in smtp_header_checks map: REJECT`)."""
+the actions (`QID: replace: header ...`, `warning: unsupported command in smtp_header_checks map: REJECT`). And
+[smtp] reply_filter against smtp_reply_filter: the same lines replaced (an EHLO line, a RCPT reply made a
+deferral), logged alike, the recipients' status alike."""
 from __future__ import annotations
 
 import logging
@@ -121,3 +123,45 @@ async def test_smtp_content_checks_match_a_real_postfix(mailflow_server, tables,
     assert "Content-Description" not in postfix_got[1][1] and "X-Added: yes" in postfix_got[1][0]
     assert "unsupported command in smtp_header_checks map: REJECT no" in postfix_logged
     assert "replace: header X-Fold: a??b: X-Fold: joined" in postfix_logged
+
+
+REPLY_FILTER = ["/^250-PIPELINING$/ 250-XPIPELINING", "/^250 2\\.1\\.5 (.*)$/ 450 4.1.5 filtered: $1"]
+
+
+def reply_filter_lines(lines) -> list[str]:
+    """The reply filter's log lines and the recipient's status, the servers' own parts (port, queue id) out."""
+    out = []
+    for line in lines:
+        if (found := re.search(r"\]:\d+: (replacing server reply .*)$", line)) is not None:
+            out.append(found.group(1))
+        elif (found := re.search(r"(status=deferred \(.*\))$", line)) is not None:
+            out.append(found.group(1))
+    return out
+
+
+async def test_smtp_reply_filter_matches_a_real_postfix(mailflow_server, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="mailflow")
+    with tempfile.TemporaryDirectory(prefix="mf-reply-filter-") as folder:
+        os.chmod(folder, 0o755)
+        table = Path(folder) / "reply_filter"
+        table.write_text("".join(f"{line}\n" for line in REPLY_FILTER))
+        table.chmod(0o644)
+        async with smtp_sink() as (sink, dump):
+            async with postfix_instance({"myhostname": "box.local", "mydestination": "box.local",
+                                         "relayhost": f"[127.0.0.1]:{sink}",
+                                         "smtp_reply_filter": f"regexp:{table}"}) as pf:
+                await send_probes(pf.port, "pf")
+                await eventually(lambda: pf.maillog.count("status=deferred") == len(PROBES),
+                                 what="Postfix deferred every probe")
+                postfix_logged = reply_filter_lines(pf.maillog.splitlines())
+            mf = await mailflow_server(myhostname="box.local", mydestination=["box.local"],
+                                       mynetworks=["127.0.0.0/8"], relayhost=f"[127.0.0.1]:{sink}",
+                                       smtp={"reply_filter": [f"regexp:{table}"]})
+            await send_probes(mf.smtp_addresses[0][1], "mf")
+            await eventually(lambda: caplog.text.count("status=deferred") == len(PROBES),
+                             what="mailflow deferred every probe")
+            mailflow_logged = reply_filter_lines(printable(r.getMessage()) for r in caplog.records)
+    assert set(mailflow_logged) == set(postfix_logged)  # (how many sessions each opened is the connection cache's)
+    assert 'replacing server reply "250-PIPELINING" with "250-XPIPELINING"' in postfix_logged
+    assert ("status=deferred (host 127.0.0.1[127.0.0.1] said: 450 4.1.5 filtered: Ok (in reply to RCPT TO "
+            "command))") in postfix_logged
