@@ -401,6 +401,20 @@ class SmtpdLog:
         self._emit(logging.WARNING, "illegal-address", f"Illegal address syntax from {client} in {command} "
                    f"command: {text[:200]}", client=client, command=command, text=text[:200])
 
+    def command_replaced(self, client: str, old: str, new: str) -> None:
+        """smtpd_command_filter's rewrite: `host[ip]: replacing command "old" with "new"` (each cut to 100)."""
+        self._emit(logging.INFO, "command-replaced", f'{client}: replacing command "{old[:100]}" with "{new[:100]}"',
+                   client=client, old=old[:100], new=new[:100])
+
+    def command_filter_failed(self, queue_id: str, table: str, line: str, stage: str, client: str,
+                              reply: str) -> None:
+        """smtpd_command_filter could not answer: Postfix's `warning: TYPE:NAME lookup error for "line"` and its
+        SMTP_ERR_DATA line, `NOQUEUE: reject: STAGE from host[ip]: 421 4.3.0 HOST Server local data error`."""
+        self._emit(logging.WARNING, "command-filter-error", f'{table} lookup error for "{line[:100]}"', table=table)
+        queue_id = queue_id or "NOQUEUE"
+        self._emit(logging.INFO, "reject", f"{queue_id}: reject: {stage} from {client}: {reply}", queue_id=queue_id,
+                   stage=stage, client=client, reply=reply)
+
     def local_data_error(self, queue_id: str, stage: str, client: str, reply: str, feature: str = "") -> None:
         """A table smtpd needs at EHLO could not answer: Postfix's `warning: don't know what EHLO features to
         announce to host[ip]` (the keywords to discard), or with `feature` its `don't know if EHLO feature AUTH

@@ -152,6 +152,9 @@ class SmtpdConfig(SmtpdFilterSettings):
     # Per client address, the keywords to discard in place of discard_ehlo_keywords (Postfix
     # smtpd_discard_ehlo_keyword_address_maps: looked up at connect; a value's unknown words are skipped).
     discard_ehlo_keyword_address_maps: TableSpecs = ()
+    # smtpd_command_filter: each command line from a client (leading blanks skipped) rewritten by a table before it
+    # is parsed (not DATA/BDAT content, not AUTH's continuation lines), to work around a broken client.
+    command_filter: TableSpecs = ()
     # MAIL, RCPT and DATA before HELO/EHLO: 503 5.5.1 when true (smtpd_helo_required; Postfix's default: no).
     helo_required: bool = False
     # A command in this list, or one that looks like a message header (`Subject:`) or does not begin with a letter,

@@ -84,11 +84,13 @@ from mailflow import address, status
 from mailflow.config import DEFAULTS
 from mailflow.ehlo_keywords import discard_log_text, keyword_name
 from mailflow.reply_footer import address_values, footer_lines
+from mailflow.errors import LookupRetry
 from mailflow.junk_commands import JunkCount
 from mailflow.stages.smtpd.sessionlog import SessionLog
 from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction, helo_name
 from mailflow.stages.smtpd.transcript import SessionObserver, Transcript, tls_description
 from mailflow.stages.smtpd.wire import CHUNK, Wire, WireError
+from mailflow.tables import Table
 
 log = logging.getLogger("mailflow.smtpd")
 
@@ -218,6 +220,7 @@ class ProtocolCore(SMTP):
         self.discarded: frozenset[str] = self._limits.discard_ehlo_keywords
         self.discards_unknown = False
         self.command_line = b""  # the command being answered, as sent (what a warning that quotes it quotes)
+        self.command_filter: list[Table] = []  # smtpd_command_filter (a listener's: server.ListenerSession)
         self._greeted_at = 0.0
         self._data_started: float | None = None  # loop time DATA/BDAT content began, for the rate deadline
         self._data_bytes = 0
@@ -643,6 +646,11 @@ class ProtocolCore(SMTP):
             return
         if self.transcript is not None:
             self.transcript.command(line)
+        if self.command_filter:
+            filtered = await self._filtered_command(line)
+            if filtered is None:
+                return
+            line = filtered
         self.command_line = line
         command_bytes, arg_bytes = _verb_and_argument(line)
         refusal = _malformed(line, command_bytes)
@@ -661,6 +669,24 @@ class ProtocolCore(SMTP):
             return
         arg = arg_bytes.strip().decode("utf-8") if arg_bytes.strip() else None
         await self._dispatch(command, arg)
+
+    async def _filtered_command(self, line: bytes) -> bytes | None:
+        """Postfix's smtpd_command_filter: the line (leading blanks skipped) looked up, a value in its place, logged.
+        None: the table could not answer; 421 4.3.0 has been sent and the session ends (Postfix's SMTP_ERR_DATA)."""
+        key = line.lstrip(b" \t").decode("utf-8", "replace")
+        for table in self.command_filter:
+            try:
+                value = table.lookup(key)
+            except LookupRetry:
+                refusal = status.local_data_error(self.hostname)
+                self.record.lines.command_filter_failed(self.envelope.queue_id, table.name, key, self.record.where,
+                                                        self.session.client, str(refusal))
+                await self._refuse_and_close(refusal)
+                return None
+            if value is not None:
+                self.record.lines.command_replaced(self.session.client, line.decode("utf-8", "replace"), value)
+                return value.encode("utf-8")
+        return line
 
     def _not_smtp(self, command: str) -> bool:
         """Postfix's smtpd_forbid_cmds, and its rules for a command that looks like a message header or does not

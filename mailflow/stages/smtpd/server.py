@@ -83,7 +83,7 @@ from mailflow.stages.smtpd.session import ProtocolLimits, SmtpSession
 from mailflow.stages.smtpd.tls import ServerTls
 from mailflow.stages.smtpd.transcript import SessionObserver
 from mailflow.syntax import parse_hostport
-from mailflow.tables import TableCache
+from mailflow.tables import Table, TableCache
 from mailflow.tables.networks import NetworkList
 
 log = logging.getLogger("mailflow.smtpd")
@@ -117,6 +117,7 @@ class Listener:
     auth_hidden_from: NetworkList  # sasl_exceptions_networks: the clients AUTH is not offered to
     ehlo_discards: EhloDiscards  # the EHLO keywords each session discards (by its client's address)
     setting: str = ""  # the configuration key that names it ("smtpd.listen[0]", "smtpd.listeners[1].address")
+    command_filter: list[Table] = field(default_factory=list)  # smtpd_command_filter (empty: unset)
     server: Listening | None = None
     refusing: Places = field(default_factory=lambda: Places(REFUSAL_HANDSHAKES))  # (implicit TLS: see REFUSAL_...)
 
@@ -134,6 +135,7 @@ class ListenerSession(SmtpSession):
         self._listener = listener  # its admission (anvil, slots) stays across reloads
         # what a reload may change on the listener, as this session started with it (it keeps that to its end)
         self._role, self._smtpd = listener.role, listener.smtpd
+        self.command_filter = listener.command_filter
         self._implicit_tls = implicit_tls  # a submissions listener's certificate: TLS from the first byte
         self._admitted_ip: str | None = None
         self._has_slot = False
@@ -309,7 +311,7 @@ class Smtpd:
                                                setting="smtpd.sasl_exceptions_networks"),
                         EhloDiscards(frozenset(smtpd.discard_ehlo_keywords),
                                      self._tables.open(smtpd.discard_ehlo_keyword_address_maps), self._tables.run),
-                        setting)
+                        setting, command_filter=self._tables.open(smtpd.command_filter) if smtpd.command_filter else [])
 
     def _auth_backend(self, smtpd: SmtpdConfig) -> Backend:
         """Who checks a listener's AUTH passwords: Dovecot's auth server (one connection per socket, shared by

@@ -1,0 +1,48 @@
+"""smtpd_command_filter ([smtpd] command_filter): each command line of a client rewritten by a table before smtpd
+parses it (Postfix 2.7's smtpd_command_filter), logged as Postfix's smtpd logs it; a table that cannot answer ends
+the session with 421 4.3.0 Server local data error. Real sessions on loopback."""
+from __future__ import annotations
+
+import logging
+
+from mailflow import status
+from tests.support import SmtpClient
+
+HOST = "mx.mailflow.test"
+
+
+async def test_a_broken_clients_command_is_rewritten_before_it_is_parsed_and_logged(mailflow_server, tmp_path,
+                                                                                    caplog):
+    table = tmp_path / "command_filter"
+    table.write_text("/^(RCPT\\s+TO:\\s*<[^>]*>)\\s+XBROKEN=\\S+$/ $1\n")  # a parameter smtpd would refuse
+    caplog.set_level(logging.INFO, "mailflow")
+    mf = await mailflow_server(smtpd={"command_filter": [f"regexp:{table}"]})
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    assert (await c.cmd("MAIL FROM:<bob@remote.test>"))[0] == 250
+    assert (await c.cmd("RCPT TO:<alice@local.test> XBROKEN=1"))[0] == 250
+    assert (await c.cmd("DATA"))[0] == 354
+    await c.send(b"Subject: t\r\n\r\nbody\r\n.\r\n")
+    assert (await c.reply())[0] == 250
+    await c.cmd("QUIT")
+    assert 'localhost[127.0.0.1]: replacing command "RCPT TO:<alice@local.test> XBROKEN=1" with ' \
+           '"RCPT TO:<alice@local.test>"' in [r.getMessage() for r in caplog.records]
+
+
+async def test_without_the_filter_the_same_command_is_refused(mailflow_server):
+    mf = await mailflow_server()
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    await c.cmd("EHLO client.test")
+    await c.cmd("MAIL FROM:<bob@remote.test>")
+    assert (await c.cmd("RCPT TO:<alice@local.test> XBROKEN=1"))[0] == 555
+
+
+async def test_a_command_filter_that_cannot_answer_ends_the_session_with_a_local_data_error(mailflow_server, caplog):
+    caplog.set_level(logging.INFO, "mailflow")
+    mf = await mailflow_server(smtpd={"command_filter": ["fail:down"]})
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert await c.cmd("EHLO client.test") == status.local_data_error(HOST)
+    assert await c.closed()
+    lines = [r.getMessage() for r in caplog.records]
+    assert 'fail:down lookup error for "EHLO client.test"' in lines
+    assert f"NOQUEUE: reject: CONNECT from localhost[127.0.0.1]: 421 4.3.0 {HOST} Server local data error" in lines
