@@ -3,9 +3,10 @@ and smtp_body_checks: smtp(8) with header_body_checks.c): the content of mail th
 goes on the wire. The queue keeps the message as it was; a DKIM signature made before (cleanup signs) breaks when
 a signed header field is changed or removed here, as in Postfix.
 
-    OutboundChecks(header, mime, nested, body)   the tables (lists of mailflow.tables.Table); each unset one is
-                                     empty: unlike cleanup's, mime and nested do not fall back to header (Postfix's
-                                     smtp_mime/nested_header_checks default to nothing)
+    OutboundChecks(header, mime, nested, body, program="smtp")   the tables (lists of mailflow.tables.Table);
+                                     each unset one is empty: unlike cleanup's, mime and nested do not fall back
+                                     to header (Postfix's smtp_mime/nested_header_checks default to nothing); `program`: smtp or lmtp,
+                                     the logger (mailflow.smtp, mailflow.lmtp) and the maps' names in warnings
       .head(queue_id, head) -> bytes | None   the primary header section as it goes out (None: unchanged); a MIME
                                      header (Content-*, MIME-Version) is looked up in `mime`, the others in `header`
       .walks_body -> bool             body lines or part headers are looked up (an encoder is needed)
@@ -46,20 +47,22 @@ from mailflow.model import DeliveryRequest
 from mailflow.tables import Table
 from mailflow.transports.generic import GenericMaps, WireForm
 
-log = logging.getLogger("mailflow.smtp")
 
 LINE_PIECE = 2048  # Postfix's line_length_limit: a longer line is queued (and matched) in pieces of this size
 FIELD_LIMIT = 64 * 1024  # a MIME part's header field longer than this goes out unchecked
 SHOWN = 200  # of the matched text, in the log line (Postfix's %.200s)
-TABLE_NAMES = {"header": "smtp_header_checks", "mime": "smtp_mime_header_checks",
-               "nested": "smtp_nested_header_checks", "body": "smtp_body_checks"}
+TABLE_NAMES = {"header": "header_checks", "mime": "mime_header_checks", "nested": "nested_header_checks",
+               "body": "body_checks"}  # (after the program's name: smtp_header_checks, lmtp_header_checks)
 
 
 class OutboundChecks:
     """See the module docstring."""
 
-    def __init__(self, header: list[Table], mime: list[Table], nested: list[Table], body: list[Table]) -> None:
+    def __init__(self, header: list[Table], mime: list[Table], nested: list[Table], body: list[Table], *,
+                 program: str = "smtp") -> None:
         self._tables = {"header": header, "mime": mime, "nested": nested, "body": body}
+        self.program = program
+        self.log = logging.getLogger(f"mailflow.{program}")
 
     @property
     def walks_body(self) -> bool:
@@ -93,6 +96,9 @@ class OutboundChecks:
             return raw
         return self._act(queue_id, kind, "header", key, value, raw, _line_end(raw))
 
+    def _map(self, kind: str) -> str:
+        return f"{self.program}_{TABLE_NAMES[kind]}"
+
     def body_line(self, queue_id: str, line: bytes, line_end: bytes) -> bytes:
         """One body line (or piece of one) without its line end, and the line end; what goes out instead."""
         key = line.decode("utf-8", "replace")
@@ -101,30 +107,38 @@ class OutboundChecks:
             return line + line_end
         return self._act(queue_id, "body", "body", key, value, line + line_end, line_end)
 
-    @staticmethod
-    def _act(queue_id: str, kind: str, where: str, key: str, value: str, original: bytes, line_end: bytes) -> bytes:
+    def _act(self, queue_id: str, kind: str, where: str, key: str, value: str, original: bytes,
+             line_end: bytes) -> bytes:
         """Postfix's hbc_action for smtp(8): what goes out in place of `original`."""
         word, _, text = value.strip().partition(" ")
         command, text = word.upper(), text.strip()
         if command in ("WARN", "INFO"):
-            _log(queue_id, "warning" if command == "WARN" else "info", where, key, text)
+            self._log(queue_id, "warning" if command == "WARN" else "info", where, key, text)
             return original
         if command in ("REPLACE", "PREPEND"):
             if not text:
-                log.warning("%s action without text in %s map", command, TABLE_NAMES[kind])
+                self.log.warning("%s action without text in %s map", command, self._map(kind))
                 return original
             if where == "header" and not starts_header_field(text):
-                log.warning('bad %s header text "%s" in %s map -- need "headername: headervalue"', command, text,
-                            TABLE_NAMES[kind])
+                self.log.warning('bad %s header text "%s" in %s map -- need "headername: headervalue"', command,
+                                 text, self._map(kind))
                 return original
-            _log(queue_id, command.lower(), where, key, text)
+            self._log(queue_id, command.lower(), where, key, text)
             new = text.replace("\n", "\r\n").encode("utf-8")
             return new + line_end if command == "REPLACE" else new + (line_end or b"\r\n") + original
         if command == "IGNORE":
             return b""
         if command not in ("DUNNO", "OK"):
-            log.warning("unsupported command in %s map: %s", TABLE_NAMES[kind], value.strip())
+            self.log.warning("unsupported command in %s map: %s", self._map(kind), value.strip())
         return original
+
+
+    def _log(self, queue_id: str, action: str, where: str, key: str, text: str) -> None:
+        """Postfix's smtp_hbc_logger: `QID: warning: header Subject: x: text` (`: text` only when there is one)."""
+        if text:
+            self.log.info("%s: %s: %s %.200s: %s", queue_id, action, where, key, text)
+        else:
+            self.log.info("%s: %s: %s %.200s", queue_id, action, where, key)
 
 
 class BodyChecks:
@@ -232,14 +246,6 @@ def _line_end(raw: bytes) -> bytes:
     return b"\r\n" if raw.endswith(b"\r\n") or not raw.endswith(b"\n") else b"\n"
 
 
-def _log(queue_id: str, action: str, where: str, key: str, text: str) -> None:
-    """Postfix's smtp_hbc_logger: `QID: warning: header Subject: x: text` (`: text` only when there is one)."""
-    if text:
-        log.info("%s: %s: %s %.200s: %s", queue_id, action, where, key, text)
-    else:
-        log.info("%s: %s: %s %.200s", queue_id, action, where, key)
-
-
 def outbound_wire_form(request: DeliveryRequest, checks: OutboundChecks | None,
                        generic: GenericMaps | None) -> WireForm:
     """The envelope and content as they go on the wire: smtp_header_checks first, smtp_generic_maps on their result
@@ -250,14 +256,14 @@ def outbound_wire_form(request: DeliveryRequest, checks: OutboundChecks | None,
         return generic.wire_form(request) if generic is not None else WireForm(request.sender)
     queued, whole = read_header(request.content, HEADER_READ_LIMIT)
     if not whole:
-        log.warning("%s: header section longer than %d bytes: smtp header and body checks leave the message as "
-                    "queued", request.queue_id, HEADER_READ_LIMIT)
+        checks.log.warning("%s: header section longer than %d bytes: %s header and body checks leave the message "
+                           "as queued", request.queue_id, HEADER_READ_LIMIT, checks.program)
         return generic.wire_form(request) if generic is not None else WireForm(request.sender)
     try:
         checked = checks.head(request.queue_id, queued)
     except LookupRetry as e:
-        log.warning("%s: smtp header checks lookup error", request.queue_id)
-        raise TemporaryError("4.3.0", "smtp header checks lookup error", e.text) from None
+        checks.log.warning("%s: %s header checks lookup error", request.queue_id, checks.program)
+        raise TemporaryError("4.3.0", f"{checks.program} header checks lookup error", e.text) from None
     if generic is not None:
         wire = generic.wire_form(request, head=(queued, checked if checked is not None else queued))
     else:
