@@ -5,8 +5,9 @@ a signed header field is changed or removed here, as in Postfix.
 
     OutboundChecks(header, mime, nested, body, program="smtp")   the tables (lists of mailflow.tables.Table);
                                      each unset one is empty: unlike cleanup's, mime and nested do not fall back
-                                     to header (Postfix's smtp_mime/nested_header_checks default to nothing); `program`: smtp or lmtp,
-                                     the logger (mailflow.smtp, mailflow.lmtp) and the maps' names in warnings
+                                     to header (Postfix's smtp_mime/nested_header_checks default to nothing);
+                                     `program`: smtp or lmtp, the logger (mailflow.smtp, mailflow.lmtp) and the
+                                     maps' names in warnings
       .head(queue_id, head) -> bytes | None   the primary header section as it goes out (None: unchanged); a MIME
                                      header (Content-*, MIME-Version) is looked up in `mime`, the others in `header`
       .walks_body -> bool             body lines or part headers are looked up (an encoder is needed)
