@@ -209,6 +209,11 @@ class LmtpConfig(Section):
     bind_address: str = ""
     bind_address6: str = ""
     bind_address_enforce: bool = False
+    # As [smtp]'s (lmtp_header_checks, lmtp_mime_header_checks, lmtp_nested_header_checks, lmtp_body_checks).
+    header_checks: TableSpecs = ()
+    mime_header_checks: TableSpecs = ()
+    nested_header_checks: TableSpecs = ()
+    body_checks: TableSpecs = ()
 
     @field_validator("bind_address")
     @classmethod

@@ -63,14 +63,14 @@ def build_generic_maps(config, router, tables: TableCache) -> GenericMaps | None
                        qualify=router.rewriter.qualify, find_address=router.rewriter.find_address)
 
 
-def build_outbound_checks(config, tables: TableCache) -> OutboundChecks | None:
-    """[smtp] header_checks, mime_header_checks, nested_header_checks and body_checks (None when none is set: no
-    per-message work)."""
-    smtp = config.smtp
-    if not (smtp.header_checks or smtp.mime_header_checks or smtp.nested_header_checks or smtp.body_checks):
+def build_outbound_checks(config, tables: TableCache, program: str = "smtp") -> OutboundChecks | None:
+    """[smtp] (or [lmtp]) header_checks, mime_header_checks, nested_header_checks and body_checks (None when none
+    is set: no per-message work)."""
+    client = config.smtp if program == "smtp" else config.lmtp
+    specs = (client.header_checks, client.mime_header_checks, client.nested_header_checks, client.body_checks)
+    if not any(specs):
         return None
-    return OutboundChecks(*(tables.open(specs) if specs else [] for specs in (
-        smtp.header_checks, smtp.mime_header_checks, smtp.nested_header_checks, smtp.body_checks)))
+    return OutboundChecks(*(tables.open(spec) if spec else [] for spec in specs), program=program)
 
 
 def sasl_sender_keys(config, router) -> Callable[[str], list[str]] | None:
@@ -105,7 +105,8 @@ def build_transports(config, resolver, clock, router, forward=None, mailbox=None
                                     owner=router.rewriter.virtual_owner, base=config.virtual_mailbox_base),
         "smtp": smtp,
         "relay": smtp,
-        "lmtp": LmtpTransport(config.lmtp, helo_name=config.myhostname, now=clock.time),
+        "lmtp": LmtpTransport(config.lmtp, helo_name=config.myhostname, now=clock.time,
+                              checks=build_outbound_checks(config, tables, "lmtp")),
         "discard": DiscardTransport(),
         "error": ErrorTransport(),
         # [pipe.NAME] services; config validation keeps their names off the built-in ones above.

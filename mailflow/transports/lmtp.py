@@ -7,7 +7,8 @@ end of DATA, reads one reply per accepted recipient, in RCPT order (RFC 2033 4.2
 no connection cache: every session ends with its message (QUIT, not waiting for the reply, as Postfix's
 lmtp_skip_quit_response = yes).
 
-    LmtpTransport(config, *, helo_name, clock=time.monotonic, now=time.time)   (`now`: qmgr's clock, as smtp's)
+    LmtpTransport(config, *, helo_name, clock=time.monotonic, now=time.time, checks=None)   (`now`: qmgr's clock,
+                  as smtp's; `checks`: lmtp_header_checks and the like, mailflow.transports.smtp_checks, None: unset)
     await deliver(request) -> DeliveryReport      one result per recipient, never raises for a delivery problem
     await close()                                 nothing cached
 
@@ -55,6 +56,7 @@ from mailflow.transports.smtp.chat import Session, Timeouts
 from mailflow.transports.smtp.commands import screen_envelope
 from mailflow.transports.smtp.connect import SourceAddress, greet, hello, log_connect_failure, open_session
 from mailflow.transports.smtp.proto import send_message
+from mailflow.transports.smtp_checks import OutboundChecks, outbound_wire_form
 from mailflow.transports.smtp.trouble import ConnectFailure, Outcomes, SiteFailure, record_unreachable
 
 log = logging.getLogger("mailflow.lmtp")
@@ -66,8 +68,9 @@ class LmtpTransport:
     program = "lmtp"  # the Postfix delivery agent whose name its result lines are logged under
 
     def __init__(self, config: LmtpConfig, *, helo_name: str, clock: Callable[[], float] = time.monotonic,
-                 now: Callable[[], float] = time.time):
+                 now: Callable[[], float] = time.time, checks: OutboundChecks | None = None):
         self._config = config
+        self._checks = checks
         self._now = now
         self._helo_name = helo_name
         self._clock = clock
@@ -85,6 +88,14 @@ class LmtpTransport:
         """Nothing is cached: every session ends with its message."""
 
     async def _deliver(self, request: DeliveryRequest, recipients: list[Recipient], outcomes: Outcomes) -> None:
+        wire = None
+        if self._checks is not None:
+            try:  # (the header section is read and checked: off the loop when the content is in a file)
+                wire = (outbound_wire_form(request, self._checks, None) if request.content.in_memory else
+                        await asyncio.to_thread(outbound_wire_form, request, self._checks, None))
+            except TemporaryError as e:
+                outcomes.fail(recipients, e)
+                return
         try:
             nexthop = parse_nexthop(request.nexthop, self._config.port, lmtp=True)
         except ValueError:
@@ -97,7 +108,8 @@ class LmtpTransport:
             record_unreachable(outcomes, recipients, e, [])
             return
         try:
-            await send_message(session, request, recipients, outcomes, self._timeouts, self._now, lmtp=True)
+            await send_message(session, request, recipients, outcomes, self._timeouts, self._now, lmtp=True,
+                               wire=wire)
         except BaseException:
             session.abort()
             raise

@@ -534,3 +534,24 @@ async def test_a_spooled_message_is_streamed_and_arrives_byte_exact(lmtp_peer, t
     assert [r.outcome for r in report.results] == [Outcome.SENT]
     [message] = peer.messages
     assert message.content == data and f"SIZE={len(data)}" in message.mail_options
+
+
+async def test_lmtp_header_and_body_checks_edit_the_content_as_it_goes_out(lmtp_peer, tmp_path, caplog):
+    from mailflow.tables import TableCache
+    from mailflow.transports.smtp_checks import OutboundChecks
+    peer = await lmtp_peer()
+    (tmp_path / "header").write_text("/^Subject:/ IGNORE\n/^To:/ REJECT\n")
+    (tmp_path / "body").write_text("/^last line$/ REPLACE final line\n")
+    tables = TableCache()
+    checks = OutboundChecks(tables.open([f"regexp:{tmp_path}/header"]), [], [],
+                            tables.open([f"regexp:{tmp_path}/body"]), program="lmtp")
+    caplog.set_level(logging.INFO, "mailflow.lmtp")
+    transport = LmtpTransport(LmtpConfig(connect_timeout=2, command_timeout=2, data_timeout=2), helo_name=HELO,
+                              checks=checks)
+    report = await deliver(transport, make_request(f"[127.0.0.1]:{peer.port}", "b@example.test"))
+    assert [r.outcome for r in report.results] == [Outcome.SENT]
+    [message] = peer.messages
+    assert message.content == CONTENT.replace(b"Subject: byte exact\r\n", b"").replace(b"last line", b"final line")
+    lines = [r.getMessage() for r in caplog.records]
+    assert "unsupported command in lmtp_header_checks map: REJECT" in lines
+    assert "Q1: replace: body last line: final line" in lines

@@ -229,3 +229,13 @@ def test_check_config_names_a_table_that_cannot_answer(setting, tmp_path):
     [problem] = table_problems(config, "mailflow.toml")
     assert (problem.file, problem.key) == ("mailflow.toml", f"smtp.{setting}")
     assert "missing" in problem.reason
+
+
+def test_each_client_takes_its_own_sections_settings_and_none_set_builds_nothing(tmp_path):
+    from mailflow.config import Config, LmtpConfig
+    from mailflow.transports import build_outbound_checks
+    (tmp_path / "h").write_text("/^X:/ IGNORE\n")
+    config = Config(lmtp=LmtpConfig(header_checks=[f"regexp:{tmp_path}/h"]))
+    assert build_outbound_checks(config, TableCache(), "smtp") is None  # (no per-message work)
+    lmtp = build_outbound_checks(config, TableCache(), "lmtp")
+    assert lmtp is not None and lmtp.program == "lmtp" and lmtp.head("Q1", b"X: 1\r\nY: 2\r\n") == b"Y: 2\r\n"
