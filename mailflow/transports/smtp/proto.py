@@ -176,28 +176,25 @@ async def _send_body(session: Session, content: Content, encoders: tuple[Encoder
     """The content after DATA's 354. A table an encoder asks (smtp_body_checks) that cannot answer ends the session
     as Postfix's SMTP_ERR_DATA: 4.3.0 "local data error while talking to h[ip]", a site failure."""
     try:
-        await _stream_body(session, content, encoders, timeout)
+        if content.in_memory:
+            session.send_many(list(smtp_data(content, encoders)), BODY)
+            return
+        pieces: list[bytes] = []
+        size = 0
+        async for piece in asmtp_data(content, encoders):
+            pieces.append(piece)
+            size += len(piece)
+            if size >= CHUNK:
+                session.send_many(pieces, BODY)
+                pieces, size = [], 0
+                await session.drain(timeout, BODY)
+        session.send_many(pieces, BODY)
     except LookupRetry:
-        session.log.warning("%s: smtp body checks lookup error", session.queue_id)
+        session.log.warning("%s: %s body checks lookup error", session.queue_id,
+                            "lmtp" if session.dialect == "LMTP" else "smtp")
         session.abort()
         raise SiteFailure("4.3.0", f"local data error while talking to {session.peer.name}",
                           relay=session.peer.relay) from None
-
-
-async def _stream_body(session: Session, content: Content, encoders: tuple[Encoder, ...], timeout: float) -> None:
-    if content.in_memory:
-        session.send_many(list(smtp_data(content, encoders)), BODY)
-        return
-    pieces: list[bytes] = []
-    size = 0
-    async for piece in asmtp_data(content, encoders):
-        pieces.append(piece)
-        size += len(piece)
-        if size >= CHUNK:
-            session.send_many(pieces, BODY)
-            pieces, size = [], 0
-            await session.drain(timeout, BODY)
-    session.send_many(pieces, BODY)
 
 
 async def reset(session: Session, timeout: float) -> bool:
