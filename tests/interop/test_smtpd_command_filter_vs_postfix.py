@@ -59,7 +59,7 @@ async def test_smtpd_command_filter_matches_a_real_postfix(mailflow_server, tabl
                "smtpd_command_filter": table}
     async with postfix_instance(main_cf) as pf:
         postfix_replies = await replies(pf.port)
-        await eventually(lambda: "disconnect from" in pf.maillog, what="Postfix logged the session's end")
+        await eventually(lambda: "quit=1" in pf.maillog, what="Postfix logged the session's end")
         postfix_logged = filter_lines(pf.maillog.splitlines())
     mf = await mailflow_server(myhostname="box.local", mydestination=["box.local"], local_recipient_maps=[],
                                smtpd={"command_filter": [table]})
@@ -75,6 +75,7 @@ async def test_a_command_filter_that_cannot_answer_matches_a_real_postfix(mailfl
     async with postfix_instance({"myhostname": "box.local", "smtpd_command_filter": "fail:down"}) as pf:
         c = await SmtpClient.connect(pf.port)
         postfix_reply = await c.cmd("EHLO client.test")
+        await eventually(lambda: "Server local data error" in pf.maillog, what="Postfix logged the refusal")
         postfix_logged = filter_lines(pf.maillog.splitlines())
     mf = await mailflow_server(myhostname="box.local", smtpd={"command_filter": ["fail:down"]})
     c = await SmtpClient.connect(mf.smtp_addresses[0][1])
