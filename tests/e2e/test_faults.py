@@ -174,6 +174,7 @@ async def test_the_queue_locked_by_another_process_past_the_busy_timeout_loses_a
             await client.mail("s@remote.test")
             await client.rcpt("bob@local.test")
             code, _ = await client.data(message("while-locked"))  # cannot be committed: a temporary refusal
+            pytest.fail(f"DATA answered {code} while the store could not commit")
     except aiosmtplib.SMTPDataError as e:
         assert 400 <= e.code < 500
     finally:
