@@ -207,7 +207,9 @@ async def test_a_chain_too_costly_to_check_is_forwarded_unsealed_at_once(signed_
     started = loop.time()
     with pytest.raises(dkim.DKIMException, match=f"not sealed: .*{reason}"):
         await arc.seal(hostile, forwarder, "me.test", resolver, 0)
-    assert loop.time() - started < 0.1
+    # at once: the check this guards costs 0.7 s of CPU and more under load; counting 5 000 fields costs
+    # milliseconds, 0.1 s and more on a loaded 2-vCPU host (the full suite with other work running)
+    assert loop.time() - started < 0.3
     plain = b"Authentication-Results: fwd.test; dkim=pass\r\n" + signed_message
     within = b"".join(dkim.arc_sign(plain, b"arc", b"fwd.test", forwarder.private, b"fwd.test")) + plain
     assert b"ARC-Seal: i=2; cv=pass;" in await arc.seal(within, forwarder, "me.test", resolver, 0)
