@@ -1,5 +1,6 @@
 """The command line: `mailflow serve | reload | health | check-config | version | queue … | mailq | table | config
-show|check | address | auth | account … | dovecot-config | dkim keygen | dns-records | check-deliverability | sendmail`.
+show|check|import | address | auth | account … | dovecot-config | dkim keygen | dns-records | check-deliverability |
+sendmail`.
 No logic of its own: each command calls the module that does the work.
 
 Configuration comes from `--config FILE`, else `$MAILFLOW_CONFIG`, else the embedded defaults. A bad
@@ -39,8 +40,8 @@ queue_app = typer.Typer(no_args_is_help=True, help="Inspect and change the mail 
                         "postcat, qshape); works with or without a running server.")
 table_app = typer.Typer(no_args_is_help=True, help="Query lookup tables (texthash, inline, static, regexp, "
                         "cidr, sqlite, accounts, unix, fail) the way the server sees them, like postmap -q.")
-config_app = typer.Typer(no_args_is_help=True, help="Show the configuration (postconf) or check it (postfix check; "
-                         "the same as check-config).")
+config_app = typer.Typer(no_args_is_help=True, help="Show the configuration (postconf), check it (postfix check; "
+                         "the same as check-config) or import a Postfix main.cf and master.cf.")
 auth_app = typer.Typer(no_args_is_help=True, help="AUTH users for smtpd.sasl_user_maps.")
 account_app = typer.Typer(no_args_is_help=True, help="The account database: hosted domains, mailboxes, aliases and "
                           "sender logins for AUTH, delivery and Dovecot (docs/accounts.md).")
@@ -64,6 +65,7 @@ table_app.command("query")(server.table_query)
 app.add_typer(config_app, name="config")
 config_app.command("show")(server.config_show)
 config_app.command("check")(server.check_config)
+config_app.command("import")(server.config_import)
 app.command("address")(server.address_test)
 app.add_typer(auth_app, name="auth")
 auth_app.command("hash-password")(server.auth_hash_password)

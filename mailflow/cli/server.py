@@ -41,6 +41,7 @@ from mailflow.cli.deliverability import tls_steps
 from mailflow.cli.common import (ConfigOption, config_error_text, config_name, config_path, fail, fail_config,
                                      load)
 from mailflow.config import Config, flat_settings, load_config, show_settings
+from mailflow.config.postfix_import import UnreadableFile, import_postfix
 from mailflow.errors import ConfigError, DeliveryError, LookupRetry
 from mailflow.logs import setup_logging
 from mailflow.queuelock import QueueBusy
@@ -231,6 +232,33 @@ def config_show(config: Optional[str] = ConfigOption,
         lines = [line for found in wanted.values() for line in found]
     for line in lines:
         typer.echo(line)
+
+
+def config_import(main_cf: str = typer.Argument(..., metavar="MAIN_CF", help="Postfix's main.cf"),
+                  master: Optional[str] = typer.Option(None, "--master", metavar="MASTER_CF",
+                                                       help="Postfix's master.cf: listeners and pipe services"),
+                  output: Optional[str] = typer.Option(None, "-o", "--output", metavar="FILE",
+                                                       help="write the TOML here rather than to standard output"),
+                  hostname: Optional[str] = typer.Option(None, "--hostname", help="what $myhostname is when "
+                                                         "main.cf does not set it (default: this system's name)")
+                  ) -> None:
+    """Translate a Postfix main.cf (and master.cf) into mailflow's TOML, with a comment for every line left out.
+    Exit 0 when everything was translated, 1 when something was left out, 2 for a file that cannot be read."""
+    try:
+        result = import_postfix(main_cf, master, hostname)
+    except UnreadableFile as e:
+        fail("mailflow config import", str(e), 2)
+    text = result.toml()
+    if output:
+        Path(output).write_text(text, encoding="utf-8")
+    else:
+        typer.echo(text, nl=False)
+    if result.left_out:
+        typer.echo(f"mailflow config import: {len(result.left_out)} Postfix setting(s) left out "
+                   "(each is a comment at the top of the output):", err=True)
+        for item in result.left_out:
+            typer.echo(f"  {item.where}: {item.name}: {item.why}", err=True)
+        raise typer.Exit(1)
 
 
 def address_test(addresses: List[str] = typer.Argument(..., metavar="ADDRESS..."),

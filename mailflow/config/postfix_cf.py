@@ -1,0 +1,323 @@
+"""The reading half of `mailflow config import` (mailflow.config.postfix_import): Postfix's files and values.
+
+    logical_lines(path), read_main_cf(path), read_master_cf(path)   UnreadableFile(file, line, reason)
+    Expander(raw, hostname).expand(value)        $name expansion; Unexpanded for a name it cannot know
+    convert(name, key, value, notes)             a Postfix value as mailflow's setting `key` takes it; Refused(why)
+    table_spec(token, notes), split_list(value)  `type:name` in mailflow's form; a Postfix list's entries
+    Imported, LeftOut                            what an import produces, and its TOML
+    ImportState                                  what postfix_master's service translation reads and writes
+
+See postfix_import's docstring for the rules.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from mailflow.config import postfix_names as names
+from mailflow.config.main import DEFAULTS
+from mailflow.config.show import flat_settings, format_setting
+from mailflow.restriction_vocabulary import WITH_ARGUMENT
+
+
+class UnreadableFile(Exception):
+    """A main.cf or master.cf that cannot be read: `file:line: reason` (line 0: the file as a whole)."""
+
+    def __init__(self, file: str, line: int, reason: str):
+        self.file, self.line, self.reason = file, line, reason
+        super().__init__(f"{file}:{line}: {reason}" if line else f"{file}: {reason}")
+
+
+@dataclass(frozen=True)
+class Line:
+    """One logical line: where it starts, and its text (continuations joined with a space)."""
+    file: str
+    number: int
+    text: str
+
+    @property
+    def where(self) -> str:
+        return f"{Path(self.file).name}:{self.number}"
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    where: str
+    name: str
+    value: str
+    why: str
+
+
+@dataclass
+class Imported:
+    settings: dict[str, object] = field(default_factory=dict)      # "key" / "section.key" -> value
+    listeners: list[dict[str, object]] = field(default_factory=list)
+    pipes: dict[str, dict[str, object]] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)           # setting -> "main.cf:3: name = value"
+    notes: list[str] = field(default_factory=list)
+    left_out: list[LeftOut] = field(default_factory=list)
+
+    def leave_out(self, where: str, name: str, value: str, why: str) -> None:
+        self.left_out.append(LeftOut(where, name, value, why))
+
+    def document(self) -> dict[str, object]:
+        """The settings as the TOML document's tables."""
+        doc: dict[str, object] = {}
+        for key, value in self.settings.items():
+            section, _, inner = key.rpartition(".")
+            target = doc.setdefault(section, {}) if section else doc
+            assert isinstance(target, dict)
+            target[inner] = value
+        if self.listeners:
+            smtpd = doc.setdefault("smtpd", {})
+            assert isinstance(smtpd, dict)
+            smtpd["listeners"] = [_without_origin(listener) for listener in self.listeners]
+        if self.pipes:
+            doc["pipe"] = {name: _without_origin(service) for name, service in self.pipes.items()}
+        return doc
+
+    def toml(self) -> str:
+        out = ["# mailflow configuration written by `mailflow config import` from a Postfix configuration.",
+               "# Check it with `mailflow config check`; compare with `mailflow config show -n`."]
+        if self.left_out:
+            out.append("#")
+            out.append(f"# Left out ({len(self.left_out)}): Postfix lines with no translation here.")
+            out += [f"#   {item.where}: {item.name}{' = ' + item.value if item.value else ''}  -- {item.why}"
+                    for item in self.left_out]
+        if self.notes:
+            out.append("#")
+            out += [f"# Note: {note}" for note in self.notes]
+        top = [k for k in self.settings if "." not in k]
+        out.append("")
+        out += self._lines(top)
+        for section in dict.fromkeys(k.split(".")[0] for k in self.settings if "." in k):
+            out += ["", f"[{section}]"]
+            out += self._lines([k for k in self.settings if k.startswith(section + ".")])
+        for listener in self.listeners:
+            out += ["", "[[smtpd.listeners]]"]
+            out += [format_setting(k, v) for k, v in listener.items() if k != "origin"]
+        for name, service in self.pipes.items():
+            out += ["", f"[pipe.{_toml_key(name)}]"]
+            out += [format_setting(k, v) for k, v in service.items() if k != "origin"]
+        return "\n".join(out) + "\n"
+
+    def _lines(self, keys: list[str]) -> list[str]:
+        out = []
+        for key in keys:
+            if key in self.origins:
+                out.append(f"# {self.origins[key]}")
+            out.append(format_setting(key.rpartition(".")[2], self.settings[key]))
+        return out
+
+
+def _without_origin(table: dict[str, object]) -> dict[str, object]:
+    return {k: v for k, v in table.items() if k != "origin"}
+
+
+def _toml_key(name: str) -> str:
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else '"' + name.replace('"', '\\"') + '"'
+
+
+# --- reading the files ------------------------------------------------------------------------------------------
+
+def logical_lines(path: str) -> list[Line]:
+    """The file's logical lines (postconf(5) SYNTAX); UnreadableFile when it cannot be read."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UnreadableFile(path, 0, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise UnreadableFile(path, 0, e.strerror or str(e)) from None
+    lines: list[Line] = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        stripped = raw.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if raw[0] in " \t":
+            if not lines:
+                raise UnreadableFile(path, number, "a continuation line (it starts with whitespace) before any "
+                                                   "line it could continue")
+            last = lines[-1]
+            lines[-1] = Line(last.file, last.number, f"{last.text} {stripped}")
+        else:
+            lines.append(Line(path, number, stripped))
+    return lines
+
+
+def read_main_cf(path: str) -> dict[str, tuple[Line, str]]:
+    """name -> (its line, raw value), the last definition of each name winning as in Postfix."""
+    params: dict[str, tuple[Line, str]] = {}
+    for line in logical_lines(path):
+        name, eq, value = line.text.partition("=")
+        name = name.strip()
+        if not eq or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise UnreadableFile(path, line.number, "missing '=' after a parameter name" if not eq
+                                 else f"{name!r} is not a parameter name")
+        params.pop(name, None)
+        params[name] = (line, value.strip())
+    return params
+
+
+@dataclass(frozen=True)
+class Service:
+    line: Line
+    name: str
+    kind: str
+    maxproc: str
+    command: str
+    args: tuple[str, ...]
+
+
+def read_master_cf(path: str) -> list[Service]:
+    services = []
+    for line in logical_lines(path):
+        fields = line.text.split()
+        if len(fields) < 8:
+            raise UnreadableFile(path, line.number, "a master.cf service needs 8 fields: service type private "
+                                                    "unpriv chroot wakeup maxproc command")
+        services.append(Service(line, fields[0], fields[1], fields[6], fields[7], tuple(fields[8:])))
+    return services
+
+
+# --- $name expansion --------------------------------------------------------------------------------------------
+
+class Unexpanded(Exception):
+    """A $name the importer cannot know (a Postfix default other than the few it has)."""
+
+
+_REFERENCE = re.compile(r"\$(\$|\{([A-Za-z0-9_]+)(?:([?:])([^}]*))?\}|\(([A-Za-z0-9_]+)\)|([A-Za-z0-9_]+))")
+
+
+class Expander:
+    """$name expansion over main.cf's raw values and Postfix's defaults that matter."""
+
+    def __init__(self, raw: dict[str, str], hostname: str):
+        self.raw = dict(raw)
+        self.raw.setdefault("myhostname", hostname)
+        self.raw.setdefault("mydomain", _parent(self.expand(self.raw["myhostname"])))
+        self.raw.setdefault("myorigin", "$myhostname")
+        self.raw.setdefault("mydestination", "$myhostname, localhost.$mydomain, localhost")
+        self.raw.setdefault("mail_name", "Postfix")
+        self.raw.setdefault("queue_directory", "/var/spool/postfix")
+
+    def expand(self, value: str, depth: int = 0) -> str:
+        if depth > 20:
+            raise Unexpanded("a $name that refers to itself")
+
+        def one(m: re.Match[str]) -> str:
+            if m.group(1) == "$":
+                return "$"
+            name = m.group(2) or m.group(5) or m.group(6)
+            if name not in self.raw:
+                raise Unexpanded(f"${name}")
+            current = self.expand(self.raw[name], depth + 1)
+            if m.group(3) == "?":
+                return self.expand(m.group(4), depth + 1) if current else ""
+            if m.group(3) == ":":
+                return "" if current else self.expand(m.group(4), depth + 1)
+            return current
+        return _REFERENCE.sub(one, value)
+
+
+def _parent(hostname: str) -> str:
+    return hostname.partition(".")[2] or "localdomain"
+
+
+# --- values -------------------------------------------------------------------------------------------------------
+
+_CONVERTED_TYPES = {**dict.fromkeys(("hash", "btree", "lmdb", "cdb", "dbm", "sdbm"), "texthash"), "pcre": "regexp"}
+_FOREIGN_TYPES = ("mysql", "pgsql", "ldap", "memcache", "socketmap", "tcp", "nis", "nisplus", "netinfo", "pipemap",
+                  "unionmap", "randmap", "environ", "internal", "unix")
+_TYPES = dict(flat_settings(DEFAULTS))
+
+
+class Refused(Exception):
+    """A value the importer cannot translate (the reason)."""
+
+
+def split_list(value: str) -> list[str]:
+    """A Postfix list: entries separated by commas or blanks; `{ … }` groups kept whole."""
+    items, depth, current = [], 0, ""
+    for char in value:
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+        if depth == 0 and (char == "," or char.isspace()):
+            if current:
+                items.append(current)
+            current = ""
+        else:
+            current += char
+    if current:
+        items.append(current)
+    return items
+
+
+def table_spec(token: str, notes: list[str]) -> str:
+    """A `type:name` token in mailflow's form: a proxy: prefix dropped, hash:-like types as texthash: of the same
+    file, pcre: as regexp:; Refused for a type mailflow has no counterpart of."""
+    kind, colon, rest = token.partition(":")
+    if not colon or not re.fullmatch(r"[a-z0-9]+", kind):
+        return token
+    if kind == "proxy":
+        return table_spec(rest, notes)
+    if kind in _CONVERTED_TYPES:
+        new = _CONVERTED_TYPES[kind]
+        why = ("texthash: reads the source file itself, no postmap" if new == "texthash"
+               else "regexp: is RE2 syntax (no back-references or look-around): check the patterns")
+        notes.append(f"{token} is {new}:{rest} ({why})")
+        return f"{new}:{rest}"
+    if kind in _FOREIGN_TYPES and not (kind == "unix" and rest.startswith("/")):
+        raise Refused(f"mailflow has no {kind}: lookup table")
+    return token
+
+
+def restriction_items(tokens: list[str]) -> list[str]:
+    items: list[str] = []
+    pending = False
+    for token in tokens:
+        if pending:
+            items[-1] += " " + token
+            pending = False
+        else:
+            items.append(token)
+            pending = token.lower() in WITH_ARGUMENT
+    return items
+
+
+def convert(name: str, key: str, value: str, notes: list[str]) -> object:
+    """`value` (expanded) as mailflow's `key` takes it; Refused with the reason."""
+    default = _TYPES[key]
+    if isinstance(default, bool):
+        if value.lower() not in ("yes", "no", "true", "false"):
+            raise Refused("not yes or no")
+        return value.lower() in ("yes", "true")
+    if isinstance(default, int):
+        if not re.fullmatch(r"-?\d+", value):
+            raise Refused("not a number")
+        return int(value)
+    if isinstance(default, float):
+        m = re.fullmatch(r"(\d+)([smhdw]?)", value)
+        if not m:
+            raise Refused("not a Postfix time value (a number with an optional s, m, h, d or w)")
+        return f"{m.group(1)}{m.group(2) or names.DURATION_UNITS.get(name, 's')}"
+    if isinstance(default, tuple):
+        tokens = [table_spec(t, notes) for t in split_list(value)]
+        return restriction_items(tokens) if key.endswith("_restrictions") else tokens
+    return table_spec(value, notes) if key.endswith("_transport") or "maps" in key else value
+
+
+class ImportState(Protocol):
+    """What the translation of master.cf's services reads (main.cf's parameters, its expansion, the services, the
+    listen addresses) and writes (the result)."""
+    out: Imported
+    params: dict[str, tuple[Line, str]]
+    expander: Expander
+    services: list[Service] | None
+
+    def interfaces(self) -> list[str]: ...
+
+

@@ -1,0 +1,250 @@
+"""`mailflow config import`: a Postfix main.cf (and master.cf) read as Postfix reads them, written as mailflow's TOML.
+
+    import_postfix(main_cf, master_cf=None, hostname=None) -> Imported
+        Imported.toml()      the configuration, with a comment for every Postfix line left out (name, value, why)
+        Imported.left_out    [LeftOut(where, name, value, why)]: empty when everything was translated
+    UnreadableFile(file, line, reason)   a file that cannot be read or is not main.cf/master.cf syntax
+
+main.cf as postconf(5) "SYNTAX" says: `name = value` logical lines, a line starting with whitespace continues the one
+before, `#` lines and blank lines are skipped, a later definition replaces an earlier one. `$name`, `${name}`,
+`$(name)`, `${name?text}`, `${name:text}` and `$$` expand from the file's parameters and the few Postfix defaults
+that matter (myhostname: the system's name; mydomain; myorigin; mydestination `$myhostname, localhost.$mydomain,
+localhost`; mail_name; queue_directory); a reference to anything else leaves the setting out. Each parameter goes
+through the one table (mailflow.config.postfix_names) and is converted by the mailflow setting's type; a table
+spec of a type mailflow lacks is converted where mailflow has the same thing (hash:, lmdb:… -> texthash: of the
+source file; pcre: -> regexp:; proxy: dropped) and left out otherwise. Every value is then validated as mailflow
+loads it (mailflow.config.load.config_from_dict): one it refuses is left out with mailflow's reason, so what is
+written always loads. Nothing is dropped silently and no value is invented: a setting written without a main.cf line
+(myhostname, mydestination, the listen addresses) is Postfix's default, said so in a comment.
+
+master.cf: `smtpd` inet services become the listen addresses (the `smtp` service) and `[[smtpd.listeners]]` with a
+role (submission: `-o smtpd_tls_security_level=encrypt` and AUTH; submissions: `-o smtpd_tls_wrappermode=yes`) and
+overrides (each `-o` through the same table); `pipe` services become `[pipe.NAME]`; Postfix's own services are
+built in; anything else is left out.
+"""
+from __future__ import annotations
+
+import re
+import socket
+
+from mailflow.config import postfix_names as names
+from mailflow.config.load import config_from_dict
+from mailflow.config.postfix_cf import (Expander, Imported, Line, Refused, Unexpanded, UnreadableFile, convert,
+                                        read_main_cf, read_master_cf, restriction_items, split_list, table_spec)
+from mailflow.config.postfix_cf import Service
+from mailflow.config.postfix_master import translate_service
+from mailflow.errors import ConfigError
+
+__all__ = ["import_postfix", "UnreadableFile", "Imported"]
+
+
+# --- main.cf ------------------------------------------------------------------------------------------------------
+
+_SPECIAL = ("smtpd_banner", "inet_interfaces", "smtp_sasl_security_options", "smtpd_use_tls", "smtp_use_tls",
+            "smtpd_restriction_classes", "smtpd_sasl_path", "smtp_sasl_password_maps")
+_TRANSPORT_LIMITS = {"destination_recipient_limit": "queue.transport_destination_recipient_limit",
+                     "destination_rate_delay": "queue.transport_destination_rate_delay"}
+
+
+class Importer:
+    def __init__(self, main_cf: str, master_cf: str | None, hostname: str):
+        self.params = read_main_cf(main_cf)
+        self.services = read_master_cf(master_cf) if master_cf else None
+        self.expander = Expander({n: v for n, (_, v) in self.params.items()}, hostname)
+        self.out = Imported()
+        self.used: set[str] = set()
+
+    def run(self) -> Imported:
+        self._defaults()
+        classes = self._restriction_classes()
+        for name, (line, raw) in self.params.items():
+            if name not in self.used and name not in classes:
+                self._parameter(name, line, raw)
+        self._listen()
+        if self.services is not None:
+            for service in self.services:
+                self._service(service)
+        self._validate()
+        return self.out
+
+    # Postfix's defaults that differ from mailflow's and decide where mail goes.
+    def _defaults(self) -> None:
+        for name in ("myhostname", "mydestination"):
+            if name not in self.params:
+                key = name
+                value = self.expander.expand(self.expander.raw[name])
+                self.out.settings[key] = convert(name, key, value, self.out.notes)
+                self.out.origins[key] = f"(no {name} in main.cf) Postfix's default: {self.expander.raw[name]}"
+
+    def _set(self, name: str, line: Line, raw: str, key: str, value: object) -> None:
+        if key in self.out.settings and self.out.settings[key] != value and key not in self._defaulted():
+            self.out.leave_out(line.where, name, raw, f"{key} already takes {self.out.settings[key]!r} from "
+                                                      f"{self.out.origins.get(key, 'another line')}")
+            return
+        self.out.settings[key] = value
+        self.out.origins[key] = f"{line.where}: {name} = {raw}"
+
+    def _defaulted(self) -> set[str]:
+        return {k for k, o in self.out.origins.items() if o.startswith("(no ")}
+
+    def _expand(self, name: str, line: Line, raw: str) -> str | None:
+        try:
+            return self.expander.expand(raw)
+        except Unexpanded as e:
+            self.out.leave_out(line.where, name, raw, f"refers to {e}, a Postfix default the importer does not know")
+            return None
+
+    def _parameter(self, name: str, line: Line, raw: str) -> None:
+        value = self._expand(name, line, raw)
+        if value is None:
+            return
+        try:
+            if name in _SPECIAL:
+                self._special(name, line, raw, value)
+            elif name in names.SETTINGS:
+                for key in names.SETTINGS[name]:
+                    self._set(name, line, raw, key, convert(name, key, value, self.out.notes))
+            elif name in names.BUILT_IN:
+                fixed, why = names.BUILT_IN[name]
+                if value.lower() != fixed:
+                    raise Refused(f"only {name} = {fixed} is mailflow's behaviour: {why}")
+                self.out.notes.append(f"{line.where}: {name} = {raw} is built in: {why}")
+            elif name in names.NOT_NEEDED:
+                self.out.notes.append(f"{line.where}: {name} = {raw} not needed: {names.NOT_NEEDED[name]}")
+            elif self._transport_limit(name, line, raw, value):
+                pass
+            else:
+                raise Refused(names.why_not(name))
+        except Refused as e:
+            self.out.leave_out(line.where, name, raw, str(e))
+
+    def _transport_limit(self, name: str, line: Line, raw: str, value: str) -> bool:
+        for suffix, key in _TRANSPORT_LIMITS.items():
+            transport = name.removesuffix("_" + suffix)
+            if transport != name and transport and transport != "default":
+                table = dict(self.out.settings.get(key, {}))  # type: ignore[call-overload]
+                table[transport] = convert(name, key.replace("transport_", ""), value, self.out.notes)
+                self.out.settings[key] = table
+                self.out.origins[key] = f"{line.where}: {name} = {raw}"
+                return True
+        return False
+
+    def _special(self, name: str, line: Line, raw: str, value: str) -> None:
+        if name == "smtpd_banner":
+            m = re.match(r"\$(?:myhostname|\{myhostname\}|\(myhostname\))(?:\s+|$)", raw)
+            if not m:
+                raise Refused("mailflow's greeting always starts with myhostname (smtpd.banner is what follows)")
+            self._set(name, line, raw, "smtpd.banner", self.expander.expand(raw[m.end():]))
+        elif name == "smtp_sasl_security_options":
+            self._set(name, line, raw, "smtp.sasl_tls_required", "noplaintext" in split_list(value.lower()))
+        elif name in ("smtpd_use_tls", "smtp_use_tls"):
+            section = name.split("_")[0]
+            if convert(name, "allow_percent_hack", value, []):
+                if f"{section}_tls_security_level" not in self.params:
+                    self._set(name, line, raw, f"{section}.tls_security_level", "may")
+        elif name == "smtpd_sasl_path":
+            if not value.startswith(("/", "inet:", "unix:")):
+                queue = self.expander.expand(self.expander.raw["queue_directory"])
+                value = f"{queue.rstrip('/')}/{value}"
+                self.out.notes.append(f"{line.where}: smtpd_sasl_path {raw} is {value} (Postfix takes it from "
+                                      "queue_directory)")
+            self._set(name, line, raw, "smtpd.sasl_path", value)
+        elif name == "smtp_sasl_password_maps":
+            enabled = self.params.get("smtp_sasl_auth_enable", (line, "no"))[1]
+            if enabled.lower() != "yes":
+                raise Refused("smtp_sasl_auth_enable is not yes, so Postfix does not use it")
+            self._set(name, line, raw, "smtp.sasl_password_maps",
+                      convert(name, "smtp.sasl_password_maps", value, self.out.notes))
+        elif name == "inet_interfaces":
+            self.used.add(name)  # applied with master.cf's ports in _listen
+
+    def _restriction_classes(self) -> set[str]:
+        if "smtpd_restriction_classes" not in self.params:
+            return set()
+        line, raw = self.params["smtpd_restriction_classes"]
+        self.used.add("smtpd_restriction_classes")
+        value = self._expand("smtpd_restriction_classes", line, raw)
+        classes: dict[str, list[str]] = {}
+        for cls in split_list(value or ""):
+            if cls not in self.params:
+                self.out.leave_out(line.where, "smtpd_restriction_classes", raw, f"class {cls} has no definition")
+                continue
+            cline, craw = self.params[cls]
+            cvalue = self._expand(cls, cline, craw)
+            try:
+                if cvalue is not None:
+                    classes[cls] = restriction_items([table_spec(t, self.out.notes) for t in split_list(cvalue)])
+            except Refused as e:
+                self.out.leave_out(cline.where, cls, craw, str(e))
+        if classes:
+            self._set("smtpd_restriction_classes", line, raw, "smtpd.restriction_classes", classes)
+        return set(split_list(value or ""))
+
+    # --- listeners --------------------------------------------------------------------------------------------
+
+    def interfaces(self) -> list[str]:
+        raw = self.params["inet_interfaces"][1] if "inet_interfaces" in self.params else "all"
+        protocols = self.expander.expand(self.params["inet_protocols"][1] if "inet_protocols" in self.params
+                                         else "all").lower()
+        ipv4 = protocols in ("all", "") or "ipv4" in protocols
+        ipv6 = protocols == "all" or "ipv6" in protocols
+        out = []
+        for item in split_list(self.expander.expand(raw).lower()):
+            if item == "all":
+                out += (["0.0.0.0"] if ipv4 else []) + (["[::]"] if ipv6 else [])
+            elif item in ("loopback-only", "localhost"):
+                out += (["127.0.0.1"] if ipv4 else []) + (["[::1]"] if ipv6 else [])
+            else:
+                out.append(f"[{item}]" if ":" in item and not item.startswith("[") else item)
+        return out
+
+    def _listen(self) -> None:
+        smtp = [s for s in self.services or () if s.kind == "inet" and s.name == "smtp"]
+        if self.services is not None and not smtp:
+            return
+        addresses = [f"{host}:25" for host in self.interfaces()]
+        where = (f"{self.params['inet_interfaces'][0].where}: inet_interfaces = {self.params['inet_interfaces'][1]}"
+                 if "inet_interfaces" in self.params else "(no inet_interfaces in main.cf) Postfix's default: all")
+        self.out.settings["smtpd.listen"] = addresses
+        self.out.origins["smtpd.listen"] = where + ", master.cf's smtp service (port 25)"
+
+    def _service(self, service: Service) -> None:
+        translate_service(self, service)
+
+    # --- the whole, as mailflow loads it ----------------------------------------------------------------------
+
+    def _validate(self) -> None:
+        for _ in range(len(self.out.settings) + len(self.out.listeners) + len(self.out.pipes) + 1):
+            try:
+                config_from_dict(self.out.document(), "<imported>")
+                return
+            except ConfigError as e:
+                self._drop(e.key, e.reason)
+        raise AssertionError("the imported settings never validated")  # each round removes one
+
+    def _drop(self, key: str, reason: str) -> None:
+        parts = re.sub(r"\[(\d+)\]", r".\1", key).split(".")
+        why = f"mailflow refuses it: {reason}"
+        if parts[0] == "pipe" and len(parts) > 1 and parts[1] in self.out.pipes:
+            origin = str(self.out.pipes[parts[1]].pop("origin", ""))
+            del self.out.pipes[parts[1]]
+            self.out.leave_out(origin, f"pipe service {parts[1]}", "", why)
+            return
+        if parts[:2] == ["smtpd", "listeners"] and len(parts) > 2 and parts[2].isdigit():
+            listener = self.out.listeners.pop(int(parts[2]))
+            self.out.leave_out(str(listener.pop("origin", "")), f"listener {listener.get('address')}", "", why)
+            return
+        setting = ".".join(parts[:2]) if ".".join(parts[:2]) in self.out.settings else parts[0]
+        if setting not in self.out.settings:
+            raise AssertionError(f"cannot place the refusal of {key}: {reason}")
+        del self.out.settings[setting]
+        origin = self.out.origins.pop(setting, setting)
+        where, _, text = origin.partition(": ")
+        name, _, value = text.partition(" = ")
+        self.out.leave_out(where, name or setting, value, why)
+
+
+def import_postfix(main_cf: str, master_cf: str | None = None, hostname: str | None = None) -> Imported:
+    """Translate `main_cf` (and `master_cf`); `hostname`: what $myhostname is when main.cf does not set it
+    (default: this system's name, as Postfix takes it). Raises UnreadableFile."""
+    return Importer(main_cf, master_cf, hostname or socket.getfqdn()).run()

@@ -1,0 +1,181 @@
+"""master.cf services for `mailflow config import` (mailflow.config.postfix_import runs it per service line).
+
+    translate_service(importer, service)
+
+`smtpd` inet services: the `smtp` service's port is the listen addresses' (postfix_import), any other becomes a
+`[[smtpd.listeners]]` entry on each inet_interfaces address (or the host the service names: a content filter's
+return listener, `127.0.0.1:10025`), its `-o name=value` through the one table as overrides of [smtpd] settings;
+role `submissions` for `-o smtpd_tls_wrappermode=yes`, `submission` for `-o smtpd_tls_security_level=encrypt` with
+AUTH, else `mta`; the role's presets Postfix's line does not state are written out as overrides with Postfix's
+values, so the role changes nothing the line did not say. `pipe` services become `[pipe.NAME]` (flags, user, argv,
+size, null_sender, directory). Postfix's own services with no `-o` are built in; a maxproc on a transport becomes
+queue.transport_concurrency_limit. Anything else is left out with the reason.
+"""
+from __future__ import annotations
+
+import re
+from mailflow.config import postfix_names as names
+from mailflow.config.postfix_cf import ImportState, Refused, Service, Unexpanded, convert
+from mailflow.config.smtpd import LISTENER_ROLES
+
+# Postfix's own daemons: mailflow has each of them built in.
+BUILT_IN_SERVICES = ("pickup", "cleanup", "qmgr", "oqmgr", "tlsmgr", "trivial-rewrite", "bounce", "verify", "flush",
+                     "proxymap", "showq", "error", "discard", "local", "virtual", "lmtp", "anvil", "scache",
+                     "postlogd", "smtp")
+TRANSPORTS = ("smtp", "lmtp", "local", "virtual", "error", "discard")
+PORTS = {"smtp": 25, "submission": 587, "smtps": 465, "submissions": 465}
+_NOT_NEEDED_OVERRIDES = {"syslog_name": "mailflow logs every listener under log.syslog_name",
+                         "milter_macro_daemon_name": "mailflow sends the milter macros it has itself"}
+
+
+def translate_service(importer: ImportState, service: Service) -> None:
+    out = importer.out
+    try:
+        if service.kind == "inet" and service.command in ("smtpd", "postscreen"):
+            _smtpd_service(importer, service)
+        elif service.command == "pipe":
+            _pipe_service(importer, service)
+        elif service.command in BUILT_IN_SERVICES and service.name in ("smtp", "relay") + TRANSPORTS:
+            _transport_service(importer, service)
+        elif service.command in BUILT_IN_SERVICES and not _options(service):
+            pass
+        elif service.kind == "pass" and service.command == "smtpd":
+            pass  # postscreen's hand-off: its -o were applied with the postscreen service
+        elif service.command in ("dnsblog", "tlsproxy"):
+            out.notes.append(f"{service.line.where}: {service.name} ({service.command}) serves postscreen only")
+        else:
+            raise Refused(f"a {service.command} service: mailflow has no counterpart")
+    except (Refused, Unexpanded) as e:
+        out.leave_out(service.line.where, f"master.cf {service.name}", service.line.text, str(e))
+
+
+def _options(service: Service) -> list[tuple[str, str]]:
+    """The `-o name=value` pairs of a service (`-o name = value` too); Refused for other arguments."""
+    args, pairs, i = list(service.args), [], 0
+    while i < len(args):
+        if args[i] != "-o" or i + 1 >= len(args):
+            raise Refused(f"argument {args[i]!r}: only -o name=value is translated")
+        text, i = args[i + 1], i + 2
+        if "=" not in text and i + 1 < len(args) and args[i] == "=":
+            text, i = f"{text}={args[i + 1]}", i + 2
+        name, eq, value = text.partition("=")
+        if not eq:
+            raise Refused(f"-o {text}: not name=value")
+        pairs.append((name, value))
+    return pairs
+
+
+def _transport_service(importer: ImportState, service: Service) -> None:
+    for name, value in _options(service):
+        if name not in _NOT_NEEDED_OVERRIDES:
+            raise Refused(f"-o {name}={value}: mailflow's transports take their settings from the sections only")
+    if service.maxproc not in ("-", "0") and service.name in TRANSPORTS:
+        table = dict(importer.out.settings.get("queue.transport_concurrency_limit", {}))  # type: ignore[call-overload]
+        table[service.name] = int(service.maxproc)
+        importer.out.settings["queue.transport_concurrency_limit"] = table
+        importer.out.origins["queue.transport_concurrency_limit"] = f"{service.line.where}: {service.line.text}"
+
+
+def _smtpd_service(importer: ImportState, service: Service) -> None:
+    host, _, port_text = service.name.rpartition(":")
+    port = PORTS.get(port_text) or (int(port_text) if port_text.isdigit() else None)
+    if port is None:
+        raise Refused(f"service {service.name!r}: not a port mailflow knows")
+    options = _options(service)
+    if service.command == "postscreen":
+        importer.out.leave_out(service.line.where, f"master.cf {service.name}", service.line.text,
+                               "mailflow has no postscreen: smtpd answers the port itself (postscreen's tests "
+                               "are not made)")
+        options += _pass_options(importer)
+    overrides = _overrides(importer, service, options)
+    if service.name == "smtp" and not overrides:
+        return  # the listen addresses (postfix_import)
+    role = _role(overrides)
+    for preset, value in LISTENER_ROLES[role].items():
+        overrides.setdefault(preset, _postfix_value(importer, preset, overrides))
+    for host_name in ([host] if host else importer.interfaces()):
+        importer.out.listeners.append({"address": f"{host_name}:{port}", "role": role, "overrides": dict(overrides),
+                                       "origin": service.line.where})
+    if service.name == "smtp":
+        importer.out.settings.pop("smtpd.listen", None)
+        importer.out.settings["smtpd.listen"] = []
+
+
+def _pass_options(importer: ImportState) -> list[tuple[str, str]]:
+    for other in importer.services or ():
+        if other.kind == "pass" and other.command == "smtpd":
+            return _options(other)
+    return []
+
+
+def _overrides(importer: ImportState, service: Service, options: list[tuple[str, str]]) -> dict[str, object]:
+    overrides: dict[str, object] = {}
+    for name, raw in options:
+        value = importer.expander.expand(raw)
+        if name in _NOT_NEEDED_OVERRIDES:
+            continue
+        if name == "smtpd_tls_wrappermode":
+            overrides["_wrapper"] = value.lower() == "yes"
+            continue
+        keys = names.SETTINGS.get(name, ())
+        if not keys or not all(k.startswith("smtpd.") for k in keys):
+            importer.out.leave_out(service.line.where, f"master.cf {service.name} -o {name}", raw,
+                                   names.why_not(name) if not keys else "not a per-listener setting in mailflow")
+            continue
+        for key in keys:
+            overrides[key.removeprefix("smtpd.")] = convert(name, key, value, importer.out.notes)
+    return overrides
+
+
+def _role(overrides: dict[str, object]) -> str:
+    if overrides.pop("_wrapper", False):
+        return "submissions"
+    if overrides.get("tls_security_level") == "encrypt" and overrides.get("sasl_auth_enable") is True:
+        return "submission"
+    return "mta"
+
+
+def _postfix_value(importer: ImportState, preset: str, overrides: dict[str, object]) -> object:
+    """What Postfix's line gives the setting a role presets: its main.cf value (or Postfix's default), and for
+    sasl_auth_required whether the line's client restrictions are permit_sasl_authenticated then reject."""
+    if preset == "sasl_auth_required":
+        items = overrides.get("client_restrictions", [])
+        return isinstance(items, list) and [i.lower() for i in items] == ["permit_sasl_authenticated", "reject"]
+    postfix = {"tls_security_level": "smtpd_tls_security_level", "sasl_auth_enable": "smtpd_sasl_auth_enable"}[preset]
+    if postfix in importer.params:
+        return convert(postfix, f"smtpd.{preset}", importer.expander.expand(importer.params[postfix][1]), [])
+    return {"tls_security_level": "none", "sasl_auth_enable": False}[preset]
+
+
+def _pipe_service(importer: ImportState, service: Service) -> None:
+    args = list(service.args)
+    pipe: dict[str, object] = {}
+    argv: list[str] = []
+    while args:
+        word = args.pop(0)
+        key, eq, value = word.partition("=")
+        if key == "argv" and eq:
+            argv = [value] + args
+            break
+        if key in ("flags", "user", "null_sender", "directory") and eq:
+            pipe[key] = value
+        elif key == "size" and eq and value.isdigit():
+            pipe["size_limit"] = int(value)
+        else:
+            raise Refused(f"pipe argument {word!r}: not translated")
+    if not argv:
+        raise Refused("a pipe service without argv=")
+    user = str(pipe.get("user", ""))
+    if ":" in user:
+        pipe["user"] = user.split(":")[0]
+        importer.out.notes.append(f"{service.line.where}: pipe {service.name} runs as {pipe['user']} with that "
+                                  f"user's group (Postfix's user={user} names the group)")
+    pipe["argv"] = [re.sub(r"\$(?!\{)([a-z_]+)", r"${\1}", a) for a in argv]  # pipe(8) takes $name too
+    pipe["origin"] = service.line.where
+    importer.out.pipes[service.name] = pipe
+    if service.maxproc not in ("-", "0"):
+        table = dict(importer.out.settings.get("queue.transport_concurrency_limit", {}))  # type: ignore[call-overload]
+        table[service.name] = int(service.maxproc)
+        importer.out.settings["queue.transport_concurrency_limit"] = table
+        importer.out.origins["queue.transport_concurrency_limit"] = f"{service.line.where}: {service.line.text}"
+
