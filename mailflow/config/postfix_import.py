@@ -40,10 +40,6 @@ __all__ = ["import_postfix", "UnreadableFile", "Imported"]
 
 # --- main.cf ------------------------------------------------------------------------------------------------------
 
-_SPECIAL = ("smtpd_banner", "inet_interfaces", "smtp_sasl_security_options", "smtpd_use_tls", "smtp_use_tls",
-            "smtpd_restriction_classes", "smtpd_sasl_path", "smtp_sasl_password_maps")
-_TRANSPORT_LIMITS = {"destination_recipient_limit": "queue.transport_destination_recipient_limit",
-                     "destination_rate_delay": "queue.transport_destination_rate_delay"}
 
 
 class Importer:
@@ -99,11 +95,12 @@ class Importer:
         if value is None:
             return
         try:
-            if name in _SPECIAL:
+            if name in names.CONVERTED:
                 self._special(name, line, raw, value)
             elif name in names.SETTINGS:
                 for key in names.SETTINGS[name]:
-                    self._set(name, line, raw, key, convert(name, key, value, self.out.notes))
+                    self._set(name, line, raw, key, self._in_queue_directory(convert(name, key, value,
+                                                                                     self.out.notes)))
             elif name in names.BUILT_IN:
                 fixed, why = names.BUILT_IN[name]
                 if value.lower() != fixed:
@@ -118,16 +115,25 @@ class Importer:
         except Refused as e:
             self.out.leave_out(line.where, name, raw, str(e))
 
+    def _in_queue_directory(self, value: object) -> object:
+        """A `transport:unix:relative/path` as Postfix takes it: from the queue directory."""
+        if isinstance(value, str) and re.match(r"[a-z0-9-]+:unix:[^/]", value):
+            queue = self.expander.expand(self.expander.raw["queue_directory"]).rstrip("/")
+            kind, _, path = value.partition(":unix:")
+            self.out.notes.append(f"{value} is {kind}:unix:{queue}/{path} (Postfix takes it from queue_directory)")
+            return f"{kind}:unix:{queue}/{path}"
+        return value
+
     def _transport_limit(self, name: str, line: Line, raw: str, value: str) -> bool:
-        for suffix, key in _TRANSPORT_LIMITS.items():
-            transport = name.removesuffix("_" + suffix)
-            if transport != name and transport and transport != "default":
-                table = dict(self.out.settings.get(key, {}))  # type: ignore[call-overload]
-                table[transport] = convert(name, key.replace("transport_", ""), value, self.out.notes)
-                self.out.settings[key] = table
-                self.out.origins[key] = f"{line.where}: {name} = {raw}"
-                return True
-        return False
+        found = names.per_transport(name)
+        if found is None:
+            return False
+        transport, key = found
+        table = dict(self.out.settings.get(key, {}))  # type: ignore[call-overload]
+        table[transport] = convert(name, key.replace("transport_", ""), value, self.out.notes)
+        self.out.settings[key] = table
+        self.out.origins[key] = f"{line.where}: {name} = {raw}"
+        return True
 
     def _special(self, name: str, line: Line, raw: str, value: str) -> None:
         if name == "smtpd_banner":
@@ -235,6 +241,9 @@ class Importer:
             self.out.leave_out(str(listener.pop("origin", "")), f"listener {listener.get('address')}", "", why)
             return
         setting = ".".join(parts[:2]) if ".".join(parts[:2]) in self.out.settings else parts[0]
+        if setting not in self.out.settings:  # a check across settings: the imported one the reason names
+            named = [k for k in self.out.settings if re.search(rf"(?<![\w.]){re.escape(k)}(?![\w.])", reason)]
+            setting = named[0] if named else setting
         if setting not in self.out.settings:
             raise AssertionError(f"cannot place the refusal of {key}: {reason}")
         del self.out.settings[setting]

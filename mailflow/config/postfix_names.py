@@ -10,6 +10,9 @@ It holds what docs/config.md's tables say ("mailflow | default | Postfix counter
     NOT_NEEDED        Postfix name -> why it has no meaning for mailflow (Postfix's own files, daemons, programs)
     NOT_IMPORTABLE    Postfix name -> why it cannot be translated (a behaviour mailflow lacks, or a setting
                       mailflow spreads differently); why_not(name): that, or "no counterpart"
+    CONVERTED         Postfix name -> how the importer translates it itself (a value that is not one setting's)
+    per_transport(name) -> (transport, setting) | None   `<transport>_destination_recipient_limit` and
+                      `<transport>_destination_rate_delay`: a key of queue.transport_destination_*
     DURATION_UNITS    Postfix name -> the unit of a bare number (Postfix's per-parameter default unit; else "s")
 
 A leaf: data only.
@@ -147,7 +150,31 @@ NOT_IMPORTABLE: dict[str, str] = {
     "smtpd_tls_wrappermode": "a listener property: give it in master.cf (-o smtpd_tls_wrappermode=yes)",
     "notify_classes": "mailflow's notices are its own (queue.double_bounce_recipient); no postmaster copies",
     "mailbox_command_maps": "mailflow has local.mailbox_command only",
+    "smtpd_tls_ccert_verifydepth": "mailflow's chain depth is fixed (10 intermediate CAs, docs/config.md)",
 }
+
+CONVERTED: dict[str, str] = {
+    "smtpd_banner": "smtpd.banner: what follows $myhostname",
+    "inet_interfaces": "smtpd.listen: each address with master.cf's smtp port (inet_protocols decides all's)",
+    "smtp_sasl_security_options": "smtp.sasl_tls_required: true when it holds noplaintext",
+    "smtpd_use_tls": "smtpd.tls_security_level = may, unless smtpd_tls_security_level says",
+    "smtp_use_tls": "smtp.tls_security_level = may, unless smtp_tls_security_level says",
+    "smtpd_restriction_classes": "smtpd.restriction_classes: each class with its parameter's restrictions",
+    "smtpd_sasl_path": "smtpd.sasl_path: a relative path from queue_directory, as Postfix takes it",
+    "smtp_sasl_password_maps": "smtp.sasl_password_maps when smtp_sasl_auth_enable = yes (Postfix ignores it else)",
+}
+
+_PER_TRANSPORT = {"destination_recipient_limit": "queue.transport_destination_recipient_limit",
+                  "destination_rate_delay": "queue.transport_destination_rate_delay"}
+
+
+def per_transport(name: str) -> tuple[str, str] | None:
+    """(transport, mailflow setting) for a per-transport Postfix parameter, else None."""
+    for suffix, setting in _PER_TRANSPORT.items():
+        transport = name.removesuffix("_" + suffix)
+        if transport != name and transport and transport != "default":
+            return transport, setting
+    return None
 _UNKNOWN = "no mailflow counterpart (not in docs/config.md's tables)"
 
 

@@ -1,0 +1,346 @@
+"""`mailflow config import`: real-world main.cf/master.cf shapes become a configuration that `config check` passes,
+every Postfix line either translated or named in a comment (exit 1), an unreadable file exit 2; and the name table
+(mailflow.config.postfix_names) covers every Postfix name docs/config.md's tables cite."""
+from __future__ import annotations
+
+import re
+import subprocess
+import textwrap
+import tomllib
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mailflow.cli import app as cli
+from mailflow.config import DEFAULTS, flat_settings
+from mailflow.config import postfix_names as names
+from mailflow.config.postfix_import import import_postfix
+from tests.support.client_certs import ClientPki
+from tests.support.tools import require_tool
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "config.md"
+STANDARD_SERVICES = """\
+pickup    unix  n       -       y       60      1       pickup
+cleanup   unix  n       -       y       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       y       1000?   1       tlsmgr
+rewrite   unix  -       -       y       -       -       trivial-rewrite
+bounce    unix  -       -       y       -       0       bounce
+defer     unix  -       -       y       -       0       bounce
+verify    unix  -       -       y       -       1       verify
+proxymap  unix  -       -       n       -       -       proxymap
+smtp      unix  -       -       y       -       -       smtp
+relay     unix  -       -       y       -       -       smtp
+        -o syslog_name=postfix/$service_name
+error     unix  -       -       y       -       -       error
+local     unix  -       n       n       -       -       local
+virtual   unix  -       n       n       -       -       virtual
+lmtp      unix  -       -       y       -       -       lmtp
+anvil     unix  -       -       y       -       1       anvil
+"""
+
+
+def write(folder: Path, name: str, text: str) -> str:
+    path = folder / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def run_import(main_cf: str, master_cf: str | None, out: Path) -> tuple[int, str]:
+    args = ["config", "import", main_cf, "-o", str(out), "--hostname", "mx.example.test"]
+    result = CliRunner().invoke(cli, args + (["--master", master_cf] if master_cf else []))
+    return result.exit_code, result.stderr
+
+
+def checked(config: Path) -> dict:
+    result = CliRunner().invoke(cli, ["config", "check", "--config", str(config)])
+    assert result.exit_code == 0, result.output + result.stderr
+    return tomllib.loads(config.read_text())
+
+
+# --- the name table and the docs ----------------------------------------------------------------------------------
+
+def cited_postfix_names() -> set[str]:
+    """The Postfix parameter names docs/config.md's "Postfix counterpart" columns cite: backticked words that
+    `postconf -d` knows, and for the rows that say "the same", the mailflow names themselves."""
+    known = {line.split(" = ")[0] for line in subprocess.run([require_tool("postconf"), "-d"], capture_output=True,
+                                                              text=True, check=True).stdout.splitlines()}
+    cited, in_table = set(), False
+    for line in DOCS.read_text().splitlines():
+        if line.startswith("| mailflow |") and "Postfix counterpart" in line:
+            in_table = True
+            continue
+        if not (in_table and line.startswith("|")):
+            in_table = False
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) < 3 or cells[0].startswith("---"):
+            continue
+        words = re.findall(r"`([A-Za-z0-9_]+)", cells[2])
+        if cells[2].startswith("the same"):
+            words += [w.rpartition(".")[2] for w in re.findall(r"`([a-z0-9_.]+)`", cells[0])]
+        cited |= {w for w in words if w in known}
+    return cited
+
+
+def test_every_postfix_name_the_docs_cite_is_in_the_name_table_or_said_not_importable():
+    cited = cited_postfix_names()
+    assert len(cited) > 150  # the tables were read
+    covered = {*names.SETTINGS, *names.BUILT_IN, *names.NOT_NEEDED, *names.NOT_IMPORTABLE, *names.CONVERTED}
+    assert sorted(n for n in cited - covered if names.per_transport(n) is None) == []
+
+
+def test_every_setting_the_table_names_is_a_mailflow_setting():
+    settings = set(flat_settings(DEFAULTS))
+    assert sorted({key for keys in names.SETTINGS.values() for key in keys} - settings) == []
+
+
+# --- realistic configurations -------------------------------------------------------------------------------------
+
+def test_the_debian_main_cf_and_master_cf_load_and_keep_their_meaning(tmp_path):
+    """The files the Debian postfix package installs (/etc/postfix, made by its postinst)."""
+    main_cf, master_cf = Path("/etc/postfix/main.cf"), Path("/etc/postfix/master.cf")
+    if not main_cf.exists() or "Debian" not in main_cf.read_text():
+        pytest.skip("no Debian postfix package's /etc/postfix/main.cf")
+    aliases = write(tmp_path, "aliases", "postmaster: root\n")
+    main = write(tmp_path, "main.cf", main_cf.read_text().replace("/etc/aliases", aliases))
+    master = write(tmp_path, "master.cf", master_cf.read_text())
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    doc = checked(tmp_path / "mailflow.toml")
+    assert doc["alias_maps"] == [f"texthash:{aliases}"]
+    assert doc["smtpd"]["banner"] == "ESMTP Postfix (Debian/GNU)"
+    assert doc["append_dot_mydomain"] is False
+    assert doc["pipe"]["maildrop"]["argv"] == ["/usr/bin/maildrop", "-d", "${recipient}"]
+    # uucp's argv is no absolute path: mailflow refuses it, and says so
+    assert code == 1 and "master.cf:" in err and "pipe service uucp: mailflow refuses it: must start with" in err
+    assert "uucp" not in doc["pipe"]
+
+
+def test_the_debian_main_cf_template_gets_postfix_s_defaults_written_out(tmp_path):
+    debian = Path("/usr/share/postfix/main.cf.debian")
+    if not debian.exists():
+        pytest.skip("the Debian postfix package's main.cf.debian is not installed")
+    main = write(tmp_path, "main.cf", debian.read_text())
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert (code, err) == (0, "")
+    doc = checked(tmp_path / "mailflow.toml")
+    assert doc["myhostname"] == "mx.example.test"  # --hostname: the system's name Postfix would take
+    assert doc["mydestination"] == ["mx.example.test", "localhost.example.test", "localhost"]
+    assert doc["smtpd"]["listen"] == ["0.0.0.0:25", "[::]:25"]
+    text = (tmp_path / "mailflow.toml").read_text()
+    assert "# (no mydestination in main.cf) Postfix's default: $myhostname, localhost.$mydomain, localhost" in text
+    assert "biff = no is built in" in text
+
+
+ISPMAIL_MAIN = """\
+    # ISPmail (workaround.org) style: virtual mailboxes in Dovecot over LMTP, Dovecot SASL, rspamd as a milter
+    myhostname = mx.example.org
+    mydomain = example.org
+    myorigin = $mydomain
+    mydestination = $myhostname, localhost.$mydomain, localhost
+    mynetworks = 127.0.0.0/8 [::1]/128
+    inet_interfaces = all
+    inet_protocols = ipv4
+    smtpd_banner = $myhostname ESMTP
+    biff = no
+    append_dot_mydomain = no
+    compatibility_level = 3.6
+    smtpd_tls_cert_file = {cert}
+    smtpd_tls_key_file = {cert}
+    smtpd_tls_security_level = may
+    smtp_tls_security_level = may
+    smtpd_sasl_type = dovecot
+    smtpd_sasl_path = private/auth
+    smtpd_sasl_auth_enable = yes
+    smtpd_tls_auth_only = yes
+    virtual_mailbox_domains = hash:{domains}
+    virtual_mailbox_maps = proxy:hash:{mailboxes}
+    virtual_alias_maps = hash:{aliases}
+    virtual_transport = lmtp:unix:private/dovecot-lmtp
+    smtpd_relay_restrictions = permit_mynetworks
+       permit_sasl_authenticated
+       defer_unauth_destination
+    smtpd_recipient_restrictions =
+       check_policy_service inet:127.0.0.1:10023
+    smtpd_milters = inet:127.0.0.1:11332
+    non_smtpd_milters = $smtpd_milters
+    milter_default_action = accept
+    milter_protocol = 6
+    message_size_limit = 52428800
+    mailbox_size_limit = 0
+    recipient_delimiter = +
+    maximal_queue_lifetime = 3
+    dovecot_destination_recipient_limit = 1
+    """
+
+ISPMAIL_MASTER = textwrap.dedent("""\
+    smtp      inet  n       -       y       -       -       smtpd
+    submission inet n       -       y       -       -       smtpd
+      -o syslog_name=postfix/submission
+      -o smtpd_tls_security_level=encrypt
+      -o smtpd_sasl_auth_enable=yes
+      -o smtpd_client_restrictions=permit_sasl_authenticated,reject
+      -o milter_macro_daemon_name=ORIGINATING
+    dovecot   unix  -       n       n       -       -       pipe
+      flags=DRhu user=vmail:vmail argv=/usr/lib/dovecot/deliver -f ${sender} -d ${recipient}
+    """) + STANDARD_SERVICES
+
+
+def ispmail(tmp_path: Path) -> tuple[str, str]:
+    pki = ClientPki(tmp_path)
+    tables = {n: write(tmp_path, n, "example.org OK\n") for n in ("domains", "mailboxes", "aliases")}
+    main = write(tmp_path, "main.cf", ISPMAIL_MAIN.format(cert=pki.server_cert, **tables))
+    return main, write(tmp_path, "master.cf", ISPMAIL_MASTER)
+
+
+def test_an_ispmail_style_virtual_mailbox_server_translates_whole(tmp_path):
+    main, master = ispmail(tmp_path)
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    assert (code, err) == (0, "")
+    doc = checked(tmp_path / "mailflow.toml")
+    assert doc["myorigin"] == "example.org"
+    assert doc["mydestination"] == ["mx.example.org", "localhost.example.org", "localhost"]
+    assert doc["virtual_mailbox_maps"] == [f"texthash:{tmp_path}/mailboxes"]  # proxy: dropped, hash: as texthash:
+    # Postfix takes a relative unix: path from the queue directory
+    assert doc["virtual_transport"] == "lmtp:unix:/var/spool/postfix/private/dovecot-lmtp"
+    assert doc["smtpd"]["sasl_path"] == "/var/spool/postfix/private/auth"
+    assert doc["smtpd"]["relay_restrictions"] == ["permit_mynetworks", "permit_sasl_authenticated",
+                                                  "defer_unauth_destination"]  # continuation lines joined
+    assert doc["smtpd"]["recipient_restrictions"] == ["check_policy_service inet:127.0.0.1:10023"]
+    assert doc["milter"]["non_smtpd_milters"] == ["inet:127.0.0.1:11332"]
+    assert doc["queue"]["maximal_queue_lifetime"] == "3d"  # a bare number in Postfix's unit for it
+    assert doc["queue"]["transport_destination_recipient_limit"] == {"dovecot": 1}
+    assert doc["smtpd"]["listen"] == ["0.0.0.0:25"]
+    [submission] = doc["smtpd"]["listeners"]
+    assert submission["address"] == "0.0.0.0:587" and submission["role"] == "submission"
+    assert submission["overrides"]["client_restrictions"] == ["permit_sasl_authenticated", "reject"]
+    assert submission["overrides"]["sasl_auth_required"] is True
+    assert doc["pipe"]["dovecot"] == {"flags": "DRhu", "user": "vmail", "argv": [
+        "/usr/lib/dovecot/deliver", "-f", "${sender}", "-d", "${recipient}"]}
+
+
+def test_the_same_server_with_mysql_tables_exits_1_naming_each_line_left_out(tmp_path):
+    main, master = ispmail(tmp_path)
+    Path(main).write_text(Path(main).read_text().replace(
+        f"virtual_alias_maps = hash:{tmp_path}/aliases", "virtual_alias_maps = mysql:/etc/postfix/mysql-aliases.cf"))
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    assert code == 1
+    assert "main.cf:23: virtual_alias_maps: mailflow has no mysql: lookup table" in err
+    text = (tmp_path / "mailflow.toml").read_text()
+    assert "#   main.cf:23: virtual_alias_maps = mysql:/etc/postfix/mysql-aliases.cf  -- mailflow has no mysql:" in text
+    assert "virtual_alias_maps" not in checked(tmp_path / "mailflow.toml")
+
+
+RELAY_SATELLITE = """\
+    # a null client: all mail to the provider's submission port, with a password
+    myhostname = box.example.net
+    myorigin = example.net
+    mydestination =
+    inet_interfaces = loopback-only
+    relayhost = [smtp.provider.example]:587
+    smtp_sasl_auth_enable = yes
+    smtp_sasl_password_maps = hash:{passwords}
+    smtp_sasl_security_options = noanonymous
+    smtp_tls_security_level = encrypt
+    smtp_tls_CAfile = {ca}
+    default_destination_concurrency_limit = 2
+    """
+
+
+def test_a_relay_only_satellite_translates_whole(tmp_path):
+    pki = ClientPki(tmp_path)
+    passwords = write(tmp_path, "sasl_passwd", "[smtp.provider.example]:587 me:secret\n")
+    main = write(tmp_path, "main.cf", RELAY_SATELLITE.format(passwords=passwords, ca=pki.ca_file))
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert (code, err) == (0, "")
+    doc = checked(tmp_path / "mailflow.toml")
+    assert doc["relayhost"] == "[smtp.provider.example]:587" and doc["mydestination"] == []
+    assert doc["smtp"]["sasl_password_maps"] == [f"texthash:{passwords}"]
+    assert doc["smtp"]["sasl_tls_required"] is False  # noanonymous alone lets Postfix send it without TLS
+    assert doc["smtpd"]["listen"] == ["127.0.0.1:25", "[::1]:25"]
+
+
+def test_smtp_sasl_password_maps_without_smtp_sasl_auth_enable_is_left_out(tmp_path):
+    main = write(tmp_path, "main.cf", "relayhost = [gw.example]\nsmtp_sasl_password_maps = inline:{x=y:z}\n")
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert code == 1 and "smtp_sasl_auth_enable is not yes" in err
+
+
+POSTSCREEN_MAIN = """\
+    myhostname = mx.example.com
+    postscreen_access_list = permit_mynetworks
+    postscreen_dnsbl_sites = zen.spamhaus.org*2
+    postscreen_greet_action = enforce
+    smtpd_milters = inet:localhost:11332
+    milter_default_action = accept
+    smtpd_recipient_restrictions = permit_mynetworks, reject_unauth_destination,
+        reject_rbl_client zen.spamhaus.org
+    """
+
+POSTSCREEN_MASTER = textwrap.dedent("""\
+    smtp      inet  n       -       y       -       1       postscreen
+    smtpd     pass  -       -       y       -       -       smtpd
+      -o smtpd_helo_required=yes
+    dnsblog   unix  -       -       y       -       0       dnsblog
+    tlsproxy  unix  -       -       y       -       0       tlsproxy
+    """) + STANDARD_SERVICES
+
+
+def test_a_postscreen_front_is_named_left_out_and_its_smtpd_kept(tmp_path):
+    main = write(tmp_path, "main.cf", POSTSCREEN_MAIN)
+    master = write(tmp_path, "master.cf", POSTSCREEN_MASTER)
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    assert code == 1
+    for name in ("postscreen_access_list", "postscreen_dnsbl_sites", "postscreen_greet_action", "master.cf smtp"):
+        assert f"{name}: mailflow has no postscreen" in err
+    doc = checked(tmp_path / "mailflow.toml")
+    assert doc["smtpd"]["milters"] == ["inet:localhost:11332"]
+    assert doc["smtpd"]["recipient_restrictions"] == ["permit_mynetworks", "reject_unauth_destination",
+                                                      "reject_rbl_client zen.spamhaus.org"]
+    # the pass service's -o apply to port 25, on every address (inet_protocols = all: both families)
+    listeners = doc["smtpd"]["listeners"]
+    assert [(x["address"], x["overrides"]["helo_required"]) for x in listeners] == [("0.0.0.0:25", True),
+                                                                                    ("[::]:25", True)]
+    assert doc["smtpd"]["listen"] == []
+
+
+# --- syntax --------------------------------------------------------------------------------------------------------
+
+def test_main_cf_syntax_as_postconf_reads_it(tmp_path):
+    main = write(tmp_path, "main.cf", """\
+        # comment
+        myhostname = first.example
+          # a comment line inside is skipped
+        myhostname = mx.example.com
+        relay_domains = ${mydomain}, $(myhostname)
+            other.example
+        smtpd_banner = ${myhostname} ${relay_domains?relaying} $${literal}
+        """)
+    result = import_postfix(main, hostname="unused.example")
+    assert result.settings["myhostname"] == "mx.example.com"  # the last definition wins
+    assert result.settings["relay_domains"] == ["example.com", "mx.example.com", "other.example"]
+    assert result.settings["smtpd.banner"] == "relaying ${literal}"
+
+
+def test_a_reference_to_an_unknown_parameter_is_left_out_not_guessed(tmp_path):
+    main = write(tmp_path, "main.cf", "relay_domains = $virtual_maps\n")
+    result = import_postfix(main, hostname="mx.example")
+    assert "relay_domains" not in result.settings
+    assert [(i.name, i.why) for i in result.left_out] == [
+        ("relay_domains", "refers to $virtual_maps, a Postfix default the importer does not know")]
+
+
+@pytest.mark.parametrize("text, where", [("myhostname mx.example\n", ":1: missing '='"),
+                                         ("  relayhost = x\n", ":1: a continuation line"),
+                                         (b"relayhost = \xff\n", ": not UTF-8")])
+def test_an_unreadable_main_cf_exits_2_with_file_line_and_reason(tmp_path, text, where):
+    main = tmp_path / "main.cf"
+    main.write_bytes(text if isinstance(text, bytes) else text.encode())
+    code, err = run_import(str(main), None, tmp_path / "out.toml")
+    assert code == 2 and f"{main}{where}" in err
+
+
+def test_a_missing_file_exits_2(tmp_path):
+    code, err = run_import(str(tmp_path / "nope.cf"), None, tmp_path / "out.toml")
+    assert code == 2 and "nope.cf" in err
