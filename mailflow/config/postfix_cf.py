@@ -80,7 +80,8 @@ class Imported:
 
     def toml(self) -> str:
         out = ["# mailflow configuration written by `mailflow config import` from a Postfix configuration.",
-               "# Check it with `mailflow config check`; compare with `mailflow config show -n`."]
+               "# Check it with `mailflow config check`; compare with `mailflow config show -n`.",
+               "# queue_directory is mailflow's own queue (not Postfix's spool): var/ beside this file unless set."]
         if self.left_out:
             out.append("#")
             out.append(f"# Left out ({len(self.left_out)}): Postfix lines with no translation here.")
