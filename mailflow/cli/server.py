@@ -250,7 +250,10 @@ def config_import(main_cf: str = typer.Argument(..., metavar="MAIN_CF", help="Po
         fail("mailflow config import", str(e), 2)
     text = result.toml()
     if output:
-        Path(output).write_text(text, encoding="utf-8")
+        try:
+            Path(output).write_text(text, encoding="utf-8")
+        except OSError as e:
+            fail("mailflow config import", f"{output}: {e.strerror or e}", 2)
     else:
         typer.echo(text, nl=False)
     if result.left_out:

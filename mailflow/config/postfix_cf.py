@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from mailflow.config import postfix_names as names
+from mailflow.files import read_regular_file
 from mailflow.config.main import DEFAULTS
 from mailflow.config.show import flat_settings, format_setting
 from mailflow.restriction_vocabulary import WITH_ARGUMENT
@@ -58,6 +59,7 @@ class Imported:
     origins: dict[str, str] = field(default_factory=dict)           # setting -> "main.cf:3: name = value"
     notes: list[str] = field(default_factory=list)
     left_out: list[LeftOut] = field(default_factory=list)
+    transport_aliases: dict[str, str] = field(default_factory=dict)  # a master.cf smtp/lmtp service -> its command
 
     def leave_out(self, where: str, name: str, value: str, why: str) -> None:
         self.left_out.append(LeftOut(where, name, value, why))
@@ -121,12 +123,15 @@ def _toml_key(name: str) -> str:
     return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else '"' + name.replace('"', '\\"') + '"'
 
 
+MAX_FILE_BYTES = 4 << 20  # as a mailflow configuration file: a main.cf is a few kilobytes
+
+
 # --- reading the files ------------------------------------------------------------------------------------------
 
 def logical_lines(path: str) -> list[Line]:
     """The file's logical lines (postconf(5) SYNTAX); UnreadableFile when it cannot be read."""
     try:
-        text = Path(path).read_bytes().decode("utf-8")
+        text = read_regular_file(path, MAX_FILE_BYTES).decode("utf-8")
     except UnicodeDecodeError as e:
         raise UnreadableFile(path, 0, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:

@@ -60,6 +60,7 @@ class Importer:
         if self.services is not None:
             for service in self.services:
                 self._service(service)
+        self._rename_transports()
         self._validate()
         return self.out
 
@@ -161,6 +162,8 @@ class Importer:
                 raise Refused("smtp_sasl_auth_enable is not yes, so Postfix does not use it")
             self._set(name, line, raw, "smtp.sasl_password_maps",
                       convert(name, "smtp.sasl_password_maps", value, self.out.notes))
+        elif name == "smtp_sasl_auth_enable":
+            self.out.notes.append(f"{line.where}: {name} = {raw}: {names.CONVERTED[name]}")
         elif name == "inet_interfaces":
             self.used.add(name)  # applied with master.cf's ports in _listen
 
@@ -207,6 +210,8 @@ class Importer:
     def _listen(self) -> None:
         smtp = [s for s in self.services or () if s.kind == "inet" and s.name == "smtp"]
         if self.services is not None and not smtp:
+            self.out.settings["smtpd.listen"] = []
+            self.out.origins["smtpd.listen"] = "master.cf has no smtp inet service"
             return
         addresses = [f"{host}:25" for host in self.interfaces()]
         where = (f"{self.params['inet_interfaces'][0].where}: inet_interfaces = {self.params['inet_interfaces'][1]}"
@@ -216,6 +221,28 @@ class Importer:
 
     def _service(self, service: Service) -> None:
         translate_service(self, service)
+
+    def _rename_transports(self) -> None:
+        """Settings naming a second smtp/lmtp service (`smtp-amavis:[127.0.0.1]:10024`) name mailflow's transport."""
+        aliases = self.out.transport_aliases
+        if not aliases:
+            return
+
+        def renamed(value: object) -> object:
+            if isinstance(value, str) and value.partition(":")[0] in aliases:
+                name, _, rest = value.partition(":")
+                self.out.notes.append(f"{value} is {aliases[name]}:{rest} (master.cf's {name} service runs "
+                                      f"{aliases[name]})")
+                return f"{aliases[name]}:{rest}"
+            return value
+        for key, value in list(self.out.settings.items()):
+            if key.endswith(("_transport", "content_filter")):
+                self.out.settings[key] = renamed(value)
+        for listener in self.out.listeners:
+            overrides = listener.get("overrides")
+            if isinstance(overrides, dict) and "content_filter" in overrides:
+                overrides["content_filter"] = renamed(overrides["content_filter"])
+        self.out.notes.append(f"lookup tables (transport_maps) naming {', '.join(aliases)} need the same change")
 
     # --- the whole, as mailflow loads it ----------------------------------------------------------------------
 

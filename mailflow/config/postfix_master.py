@@ -9,7 +9,8 @@ role `submissions` for `-o smtpd_tls_wrappermode=yes`, `submission` for `-o smtp
 AUTH, else `mta`; the role's presets Postfix's line does not state are written out as overrides with Postfix's
 values, so the role changes nothing the line did not say. `pipe` services become `[pipe.NAME]` (flags, user, argv,
 size, null_sender, directory). Postfix's own services with no `-o` are built in; a maxproc on a transport becomes
-queue.transport_concurrency_limit. Anything else is left out with the reason.
+queue.transport_concurrency_limit. Another smtp or lmtp service (`smtp-amavis`) is mailflow's smtp or lmtp transport:
+the settings naming it are rewritten (each of its -o is left out). Anything else is left out with the reason.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from mailflow.config.smtpd import LISTENER_ROLES
 BUILT_IN_SERVICES = ("pickup", "cleanup", "qmgr", "oqmgr", "tlsmgr", "trivial-rewrite", "bounce", "verify", "flush",
                      "proxymap", "showq", "error", "discard", "local", "virtual", "lmtp", "anvil", "scache",
                      "postlogd", "smtp")
-TRANSPORTS = ("smtp", "lmtp", "local", "virtual", "error", "discard")
+TRANSPORTS = ("smtp", "relay", "lmtp", "local", "virtual", "error", "discard")
 PORTS = {"smtp": 25, "submission": 587, "smtps": 465, "submissions": 465}
 _NOT_NEEDED_OVERRIDES = {"syslog_name": "mailflow logs every listener under log.syslog_name",
                          "milter_macro_daemon_name": "mailflow sends the milter macros it has itself"}
@@ -35,7 +36,7 @@ def translate_service(importer: ImportState, service: Service) -> None:
             _smtpd_service(importer, service)
         elif service.command == "pipe":
             _pipe_service(importer, service)
-        elif service.command in BUILT_IN_SERVICES and service.name in ("smtp", "relay") + TRANSPORTS:
+        elif service.command in BUILT_IN_SERVICES and service.name in TRANSPORTS:
             _transport_service(importer, service)
         elif service.command in BUILT_IN_SERVICES and not _options(service):
             pass
@@ -43,6 +44,11 @@ def translate_service(importer: ImportState, service: Service) -> None:
             pass  # postscreen's hand-off: its -o were applied with the postscreen service
         elif service.command in ("dnsblog", "tlsproxy"):
             out.notes.append(f"{service.line.where}: {service.name} ({service.command}) serves postscreen only")
+        elif service.command in ("smtp", "lmtp"):
+            _second_client(importer, service)
+        elif service.command in BUILT_IN_SERVICES:
+            raise Refused(f"another {service.command} service with its own -o settings: mailflow has one "
+                          f"{service.command} transport, set in its section")
         else:
             raise Refused(f"a {service.command} service: mailflow has no counterpart")
     except (Refused, Unexpanded) as e:
@@ -74,6 +80,17 @@ def _transport_service(importer: ImportState, service: Service) -> None:
         table[service.name] = int(service.maxproc)
         importer.out.settings["queue.transport_concurrency_limit"] = table
         importer.out.origins["queue.transport_concurrency_limit"] = f"{service.line.where}: {service.line.text}"
+
+
+def _second_client(importer: ImportState, service: Service) -> None:
+    """Another smtp or lmtp service (a content filter's `smtp-amavis`): mailflow's one transport of that kind
+    takes its mail; each of its own -o is left out (mailflow's transport has one set of settings)."""
+    for name, value in _options(service):
+        if name not in _NOT_NEEDED_OVERRIDES:
+            importer.out.leave_out(service.line.where, f"master.cf {service.name} -o {name}", value,
+                                   f"mailflow's {service.command} transport has one set of settings "
+                                   f"([{service.command}]); {service.name} is that transport here")
+    importer.out.transport_aliases[service.name] = service.command
 
 
 def _smtpd_service(importer: ImportState, service: Service) -> None:

@@ -105,10 +105,8 @@ SETTINGS["default_process_limit"] = ("smtpd.max_sessions", "queue.delivery_concu
 BUILT_IN: dict[str, tuple[str, str]] = {
     "smtpd_tls_auth_only": ("yes", "mailflow offers AUTH only after TLS (smtpd.allow_plaintext_auth_on_loopback "
                                    "is the one exception)"),
-    "smtp_sasl_auth_enable": ("yes", "mailflow authenticates when smtp.sasl_password_maps has the host's password"),
     "tls_append_default_CA": ("no", "smtp.tls_ca_file is used alone, as with tls_append_default_CA = no"),
     "biff": ("no", "mailflow never notifies comsat"),
-    "smtpd_use_tls": ("no", "mailflow's smtpd.tls_security_level says it (none by default)"),
     "smtpd_forbid_bare_newline": ("no", "smtpd.forbid_bare_newline = false"),
     "smtputf8_enable": ("yes", "mailflow speaks SMTPUTF8"),
     "disable_dns_lookups": ("no", "mailflow always uses the DNS"),
@@ -162,6 +160,7 @@ CONVERTED: dict[str, str] = {
     "smtpd_restriction_classes": "smtpd.restriction_classes: each class with its parameter's restrictions",
     "smtpd_sasl_path": "smtpd.sasl_path: a relative path from queue_directory, as Postfix takes it",
     "smtp_sasl_password_maps": "smtp.sasl_password_maps when smtp_sasl_auth_enable = yes (Postfix ignores it else)",
+    "smtp_sasl_auth_enable": "applied with smtp_sasl_password_maps (mailflow authenticates when it has a password)",
 }
 
 _PER_TRANSPORT = {"destination_recipient_limit": "queue.transport_destination_recipient_limit",

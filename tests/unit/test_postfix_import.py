@@ -344,3 +344,39 @@ def test_an_unreadable_main_cf_exits_2_with_file_line_and_reason(tmp_path, text,
 def test_a_missing_file_exits_2(tmp_path):
     code, err = run_import(str(tmp_path / "nope.cf"), None, tmp_path / "out.toml")
     assert code == 2 and "nope.cf" in err
+
+
+AMAVIS_MASTER = """\
+smtp      inet  n       -       y       -       -       smtpd
+smtp-amavis unix -      -       n       -       2       smtp
+  -o smtp_data_done_timeout=1200
+  -o syslog_name=postfix/amavis
+127.0.0.1:10025 inet n  -       n       -       -       smtpd
+  -o content_filter=
+  -o receive_override_options=no_unknown_recipient_checks,no_header_body_checks
+  -o smtpd_recipient_restrictions=permit_mynetworks,reject
+  -o mynetworks=127.0.0.0/8
+"""
+
+
+def test_an_after_queue_content_filter_gets_its_return_listener_and_mailflow_s_smtp_transport(tmp_path):
+    main = write(tmp_path, "main.cf", "myhostname = mx.example.com\ncontent_filter = smtp-amavis:[127.0.0.1]:10024\n"
+                                      "receive_override_options = no_address_mappings\n")
+    code, err = run_import(main, write(tmp_path, "master.cf", AMAVIS_MASTER), tmp_path / "mailflow.toml")
+    doc = checked(tmp_path / "mailflow.toml")
+    assert doc["smtpd"]["content_filter"] == "smtp:[127.0.0.1]:10024"  # master.cf's smtp-amavis runs smtp
+    [back] = doc["smtpd"]["listeners"]
+    assert back["address"] == "127.0.0.1:10025" and back["role"] == "mta"
+    assert back["overrides"] == {"content_filter": "", "receive_override_options": [
+        "no_unknown_recipient_checks", "no_header_body_checks"], "recipient_restrictions": ["permit_mynetworks",
+                                                                                            "reject"]}
+    assert code == 1
+    assert err.splitlines()[1:] == [
+        "  master.cf:2: master.cf smtp-amavis -o smtp_data_done_timeout: mailflow's smtp transport has one set of "
+        "settings ([smtp]); smtp-amavis is that transport here",
+        "  master.cf:5: master.cf 127.0.0.1:10025 -o mynetworks: not a per-listener setting in mailflow"]
+
+
+def test_a_main_cf_that_is_not_a_regular_file_exits_2(tmp_path):
+    code, err = run_import(str(tmp_path), None, tmp_path / "out.toml")
+    assert code == 2 and str(tmp_path) in err
