@@ -75,6 +75,8 @@ def _transport_service(importer: ImportState, service: Service) -> None:
     for name, value in _options(service):
         if name not in _NOT_NEEDED_OVERRIDES:
             raise Refused(f"-o {name}={value}: mailflow's transports take their settings from the sections only")
+        importer.out.notes.append(f"{service.line.where}: {service.name} -o {name}={value} not needed: "
+                                  f"{_NOT_NEEDED_OVERRIDES[name]}")
     if service.maxproc not in ("-", "0") and service.name in TRANSPORTS:
         table = dict(importer.out.settings.get("queue.transport_concurrency_limit", {}))  # type: ignore[call-overload]
         table[service.name] = int(service.maxproc)
@@ -130,6 +132,8 @@ def _overrides(importer: ImportState, service: Service, options: list[tuple[str,
     for name, raw in options:
         value = importer.expander.expand(raw)
         if name in _NOT_NEEDED_OVERRIDES:
+            importer.out.notes.append(f"{service.line.where}: {service.name} -o {name}={raw} not needed: "
+                                      f"{_NOT_NEEDED_OVERRIDES[name]}")
             continue
         if name == "smtpd_tls_wrappermode":
             overrides["_wrapper"] = value.lower() == "yes"
