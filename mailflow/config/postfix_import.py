@@ -19,8 +19,10 @@ written always loads. Nothing is dropped silently and no value is invented: a se
 
 master.cf: `smtpd` inet services become the listen addresses (the `smtp` service) and `[[smtpd.listeners]]` with a
 role (submission: `-o smtpd_tls_security_level=encrypt` and AUTH; submissions: `-o smtpd_tls_wrappermode=yes`) and
-overrides (each `-o` through the same table); `pipe` services become `[pipe.NAME]`; Postfix's own services are
-built in; anything else is left out.
+overrides (each `-o` through the same table); `pipe` services become `[pipe.NAME]`; a second smtp or lmtp service
+(a content filter's) is mailflow's transport of that kind; Postfix's own services are built in; anything else is left
+out (mailflow.config.postfix_master). The reading half (files, expansion, values, the result) is
+mailflow.config.postfix_cf.
 """
 from __future__ import annotations
 
@@ -29,20 +31,18 @@ import socket
 
 from mailflow.config import postfix_names as names
 from mailflow.config.load import config_from_dict
-from mailflow.config.postfix_cf import (Expander, Imported, Line, Refused, Unexpanded, UnreadableFile, convert,
-                                        read_main_cf, read_master_cf, restriction_items, split_list, table_spec)
-from mailflow.config.postfix_cf import Service
+from mailflow.config.postfix_cf import (Expander, Imported, Line, Refused, Service, Unexpanded, UnreadableFile,
+                                        convert, read_main_cf, read_master_cf, restriction_items, split_list,
+                                        table_spec)
 from mailflow.config.postfix_master import translate_service
 from mailflow.errors import ConfigError
 
 __all__ = ["import_postfix", "UnreadableFile", "Imported"]
 
 
-# --- main.cf ------------------------------------------------------------------------------------------------------
-
-
-
 class Importer:
+    """One import: main.cf's parameters in file order, then master.cf's services, then mailflow's validation."""
+
     def __init__(self, main_cf: str, master_cf: str | None, hostname: str):
         self.params = read_main_cf(main_cf)
         self.services = read_master_cf(master_cf) if master_cf else None
