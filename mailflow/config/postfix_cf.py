@@ -4,6 +4,7 @@
     Expander(raw, hostname).expand(value)        $name expansion; Unexpanded for a name it cannot know
     convert(name, key, value, notes)             a Postfix value as mailflow's setting `key` takes it; Refused(why)
     table_spec(token, notes), split_list(value)  `type:name` in mailflow's form; a Postfix list's entries
+    from_queue_directory(value, queue, notes)    relative `unix:` paths made absolute, as Postfix reads them
     Imported, LeftOut                            what an import produces, and its TOML
     ImportState                                  what postfix_master's service translation reads and writes
 
@@ -235,7 +236,7 @@ def _parent(hostname: str) -> str:
 
 _CONVERTED_TYPES = {**dict.fromkeys(("hash", "btree", "lmdb", "cdb", "dbm", "sdbm"), "texthash"), "pcre": "regexp"}
 _FOREIGN_TYPES = ("mysql", "pgsql", "ldap", "memcache", "socketmap", "tcp", "nis", "nisplus", "netinfo", "pipemap",
-                  "unionmap", "randmap", "environ", "internal", "unix")
+                  "unionmap", "randmap", "environ", "internal")
 _TYPES = dict(flat_settings(DEFAULTS))
 
 
@@ -276,9 +277,27 @@ def table_spec(token: str, notes: list[str]) -> str:
                else "regexp: is RE2 syntax (no back-references or look-around): check the patterns")
         notes.append(f"{token} is {new}:{rest} ({why})")
         return f"{new}:{rest}"
-    if kind in _FOREIGN_TYPES and not (kind == "unix" and rest.startswith("/")):
+    if kind in _FOREIGN_TYPES:
         raise Refused(f"mailflow has no {kind}: lookup table")
     return token
+
+
+_QUEUE_RELATIVE = re.compile(r"(^|[\s:])unix:(?!/)(?!(?:passwd|group)\.byname\b)(\S+)")
+
+
+def from_queue_directory(value: object, queue: str, notes: list[str]) -> object:
+    """Each relative `unix:path` in `value` (a transport's `lmtp:unix:private/dovecot-lmtp`, a milter's
+    `unix:opendkim/opendkim.sock`, a policy service's) from `queue`, as Postfix takes it; the unix: tables stay."""
+    if isinstance(value, list):
+        return [from_queue_directory(v, queue, notes) for v in value]
+    if isinstance(value, dict):
+        return {k: from_queue_directory(v, queue, notes) for k, v in value.items()}
+    if not isinstance(value, str):
+        return value
+    new = _QUEUE_RELATIVE.sub(lambda m: f"{m.group(1)}unix:{queue.rstrip('/')}/{m.group(2)}", value)
+    if new != value:
+        notes.append(f"{value} is {new} (Postfix takes a relative unix: path from queue_directory)")
+    return new
 
 
 def restriction_items(tokens: list[str]) -> list[str]:
@@ -325,5 +344,7 @@ class ImportState(Protocol):
     services: list[Service] | None
 
     def interfaces(self) -> list[str]: ...
+
+    def queue_directory(self) -> str: ...
 
 

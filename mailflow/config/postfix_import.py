@@ -32,8 +32,8 @@ import socket
 from mailflow.config import postfix_names as names
 from mailflow.config.load import config_from_dict
 from mailflow.config.postfix_cf import (Expander, Imported, Line, Refused, Service, Unexpanded, UnreadableFile,
-                                        convert, read_main_cf, read_master_cf, restriction_items, split_list,
-                                        table_spec)
+                                        convert, from_queue_directory, read_main_cf, read_master_cf,
+                                        restriction_items, split_list, table_spec)
 from mailflow.config.postfix_master import translate_service
 from mailflow.errors import ConfigError
 
@@ -117,13 +117,11 @@ class Importer:
             self.out.leave_out(line.where, name, raw, str(e))
 
     def _in_queue_directory(self, value: object) -> object:
-        """A `transport:unix:relative/path` as Postfix takes it: from the queue directory."""
-        if isinstance(value, str) and re.match(r"[a-z0-9-]+:unix:[^/]", value):
-            queue = self.expander.expand(self.expander.raw["queue_directory"]).rstrip("/")
-            kind, _, path = value.partition(":unix:")
-            self.out.notes.append(f"{value} is {kind}:unix:{queue}/{path} (Postfix takes it from queue_directory)")
-            return f"{kind}:unix:{queue}/{path}"
-        return value
+        return from_queue_directory(value, self.queue_directory(), self.out.notes)
+
+    def queue_directory(self) -> str:
+        """Postfix's queue_directory (main.cf's, else its default): where its relative unix: paths are."""
+        return self.expander.expand(self.expander.raw["queue_directory"])
 
     def _transport_limit(self, name: str, line: Line, raw: str, value: str) -> bool:
         found = names.per_transport(name)
@@ -151,8 +149,7 @@ class Importer:
                     self._set(name, line, raw, f"{section}.tls_security_level", "may")
         elif name == "smtpd_sasl_path":
             if not value.startswith(("/", "inet:", "unix:")):
-                queue = self.expander.expand(self.expander.raw["queue_directory"])
-                value = f"{queue.rstrip('/')}/{value}"
+                value = f"{self.queue_directory().rstrip('/')}/{value}"
                 self.out.notes.append(f"{line.where}: smtpd_sasl_path {raw} is {value} (Postfix takes it from "
                                       "queue_directory)")
             self._set(name, line, raw, "smtpd.sasl_path", value)
@@ -182,7 +179,8 @@ class Importer:
             cvalue = self._expand(cls, cline, craw)
             try:
                 if cvalue is not None:
-                    classes[cls] = restriction_items([table_spec(t, self.out.notes) for t in split_list(cvalue)])
+                    items = restriction_items([table_spec(t, self.out.notes) for t in split_list(cvalue)])
+                    classes[cls] = [str(self._in_queue_directory(item)) for item in items]
             except Refused as e:
                 self.out.leave_out(cline.where, cls, craw, str(e))
         if classes:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from mailflow.config import postfix_names as names
-from mailflow.config.postfix_cf import ImportState, Refused, Service, Unexpanded, convert
+from mailflow.config.postfix_cf import ImportState, Refused, Service, Unexpanded, convert, from_queue_directory
 from mailflow.config.smtpd import LISTENER_ROLES
 
 # Postfix's own daemons: mailflow has each of them built in.
@@ -144,7 +144,8 @@ def _overrides(importer: ImportState, service: Service, options: list[tuple[str,
                                    names.why_not(name) if not keys else "not a per-listener setting in mailflow")
             continue
         for key in keys:
-            overrides[key.removeprefix("smtpd.")] = convert(name, key, value, importer.out.notes)
+            overrides[key.removeprefix("smtpd.")] = from_queue_directory(
+                convert(name, key, value, importer.out.notes), importer.queue_directory(), importer.out.notes)
     return overrides
 
 

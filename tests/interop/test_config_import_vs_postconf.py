@@ -59,6 +59,13 @@ def as_postfix_list(value: str) -> list[str]:
     return [entry(v) for v in re.split(r"[\s,]+", value) if v]
 
 
+def from_queue_directory(value: object) -> object:
+    """Postfix takes a relative `unix:` path (a transport's, a policy service's) from queue_directory."""
+    if isinstance(value, list):
+        return [from_queue_directory(v) for v in value]
+    return re.sub(r"(^|[\s:])unix:(?=[^/])", r"\1unix:/var/spool/postfix/", value) if isinstance(value, str) else value
+
+
 def compare(folder: Path, main_cf: str, master_cf: str | None) -> list[str]:
     """The mapped settings of main.cf whose meaning differs between postconf and mailflow (empty: none)."""
     etc = folder / "etc"
@@ -82,8 +89,7 @@ def compare(folder: Path, main_cf: str, master_cf: str | None) -> list[str]:
                               else postfix_meaning(value, defaults.get(name, ""), ours[key]))
             if name.endswith("_restrictions") and isinstance(mine, list):
                 mine = " ".join(mine).split()
-            if key.endswith("_transport") and isinstance(theirs, str) and ":unix:" in theirs:
-                theirs = theirs.replace(":unix:", ":unix:/var/spool/postfix/")  # Postfix: from queue_directory
+            theirs = from_queue_directory(theirs)
             compared += 1
             if mine != theirs:
                 differ.append(f"{name} = {value!r} (postconf) vs {key} = {ours[key]} (mailflow)")

@@ -162,7 +162,8 @@ ISPMAIL_MAIN = """\
        permit_sasl_authenticated
        defer_unauth_destination
     smtpd_recipient_restrictions =
-       check_policy_service inet:127.0.0.1:10023
+       check_policy_service inet:127.0.0.1:10023,
+       check_policy_service unix:private/policyd-spf
     smtpd_milters = inet:127.0.0.1:11332
     non_smtpd_milters = $smtpd_milters
     milter_default_action = accept
@@ -207,7 +208,9 @@ def test_an_ispmail_style_virtual_mailbox_server_translates_whole(tmp_path):
     assert doc["smtpd"]["sasl_path"] == "/var/spool/postfix/private/auth"
     assert doc["smtpd"]["relay_restrictions"] == ["permit_mynetworks", "permit_sasl_authenticated",
                                                   "defer_unauth_destination"]  # continuation lines joined
-    assert doc["smtpd"]["recipient_restrictions"] == ["check_policy_service inet:127.0.0.1:10023"]
+    assert doc["smtpd"]["recipient_restrictions"] == [
+        "check_policy_service inet:127.0.0.1:10023",
+        "check_policy_service unix:/var/spool/postfix/private/policyd-spf"]  # from queue_directory too
     assert doc["milter"]["non_smtpd_milters"] == ["inet:127.0.0.1:11332"]
     assert doc["queue"]["maximal_queue_lifetime"] == "3d"  # a bare number in Postfix's unit for it
     assert doc["queue"]["transport_destination_recipient_limit"] == {"dovecot": 1}
@@ -272,7 +275,7 @@ POSTSCREEN_MAIN = """\
     postscreen_access_list = permit_mynetworks
     postscreen_dnsbl_sites = zen.spamhaus.org*2
     postscreen_greet_action = enforce
-    smtpd_milters = inet:localhost:11332
+    smtpd_milters = inet:localhost:11332, unix:opendkim/opendkim.sock
     milter_default_action = accept
     smtpd_recipient_restrictions = permit_mynetworks, reject_unauth_destination,
         reject_rbl_client zen.spamhaus.org
@@ -295,7 +298,7 @@ def test_a_postscreen_front_is_named_left_out_and_its_smtpd_kept(tmp_path):
     for name in ("postscreen_access_list", "postscreen_dnsbl_sites", "postscreen_greet_action", "master.cf smtp"):
         assert f"{name}: mailflow has no postscreen" in err
     doc = checked(tmp_path / "mailflow.toml")
-    assert doc["smtpd"]["milters"] == ["inet:localhost:11332"]
+    assert doc["smtpd"]["milters"] == ["inet:localhost:11332", "unix:/var/spool/postfix/opendkim/opendkim.sock"]
     assert doc["smtpd"]["recipient_restrictions"] == ["permit_mynetworks", "reject_unauth_destination",
                                                       "reject_rbl_client zen.spamhaus.org"]
     # the pass service's -o apply to port 25, on every address (inet_protocols = all: both families)
