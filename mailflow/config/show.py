@@ -9,6 +9,7 @@ Never raises.
 from __future__ import annotations
 
 import json
+import re
 
 from mailflow.config.base import Section
 from mailflow.config.main import Config
@@ -32,6 +33,11 @@ def format_setting(key: str, value: object) -> str:
     return f"{key} = {_toml_value(value)}"
 
 
+def _toml_key(key: str) -> str:
+    """A key of an inline table: bare when TOML allows it, else quoted (a restriction class named `a.b`)."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
+
+
 def _toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -44,7 +50,7 @@ def _toml_value(value: object) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
     return json.dumps(str(value))
 
 

@@ -38,3 +38,11 @@ def test_effective_view_reads_back_as_the_same_config():
                                "queue": {"transport_concurrency_limit": {"smtp": 7}},
                                "smtpd": {"banner": 'say "hi"'}})
     assert config_from_dict(as_toml(show_settings(config))) == config
+
+
+def test_a_table_key_toml_cannot_write_bare_is_quoted():
+    config = config_from_dict({"smtpd": {"restriction_classes": {"from.partners": ["permit"]},
+                                         "recipient_restrictions": ["from.partners"]}})
+    lines = show_settings(config, changed_only=True)
+    assert 'smtpd.restriction_classes = {"from.partners" = ["permit"]}' in lines
+    assert config_from_dict(as_toml(show_settings(config))) == config
