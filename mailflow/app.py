@@ -280,7 +280,7 @@ class Mailflow:
         await self.pickup.start()
         self._filters = FilterServices(c, self._dns_resolver(), self.clock)
         self.smtpd = Smtpd(c, self._handler_for(router, self._filters, sender), clock=self.clock,
-                           observer=self._session_observer)
+                           observer=self._session_observer, resolver=self._dns_resolver())
         await self.smtpd.start()
 
     @staticmethod

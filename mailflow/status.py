@@ -421,6 +421,22 @@ def dsn_class(dsn: str) -> int:
 # --- the SMTP protocol layer (smtpd session, wire reader, DSN and BDAT parameters) ---------------------------
 # Texts follow Postfix's smtpd where Postfix has the refusal. `host` is myhostname.
 
+# postscreen's (src/postscreen): beyond its screening places; a test's refusal, 521 (drop) or 550 (enforce: every RCPT)
+SCREENING_PORTS_BUSY = Reply(421, "4.3.2", "All screening ports are busy")
+
+
+def postscreen_pregreet(code: int) -> Reply:
+    return Reply(code, "5.5.1", "Protocol error")
+
+
+def postscreen_denylisted(code: int) -> Reply:
+    return Reply(code, "5.3.2", "Service currently unavailable")
+
+
+def postscreen_dnsbl(code: int, client_ip: str, site: str) -> Reply:
+    return Reply(code, "5.7.1", f"Service unavailable; client [{client_ip}] blocked using {site}")
+
+
 def greeting(host: str, banner: str) -> Reply:
     """`220 host banner`: the greeting (also after XCLIENT), without an enhanced code (RFC 2034)."""
     return Reply(220, "", f"{host} {banner}")

@@ -3,6 +3,7 @@
     SmtpdConfig                   every smtpd setting; `for_listener(listener)` gives one listener's effective
                                   settings (these, then its role's presets, then its `overrides`); `ports`
                                   the listeners' TCP ports
+    PostscreenConfig              `[smtpd.postscreen]`: Postfix's postscreen(8) before an mta listener's smtpd
     ListenerConfig                one listener: address, role (mta, submission, submissions), overrides
     LISTENER_ROLES                what each role presets
 
@@ -19,6 +20,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from mailflow.config.base import (Duration, FrozenMap, HostPorts, Networks, Restriction, RestrictionClasses, Section,
                                   TableSpecs, validation_key, validation_reason)
 from mailflow.config.filters import SmtpdFilterSettings
+from mailflow.dnsbl_sites import parse_dnsbl_site
+from mailflow.tables import check_spec
 from mailflow.ehlo_keywords import discard_set
 from mailflow.reply_footer import check_footer
 from mailflow.restriction_vocabulary import ALL_PERMITS, LOGGED_PERMITS, RELAY_GUARDS, expand
@@ -34,6 +37,50 @@ LISTENER_ROLES: dict[str, dict[str, object]] = {
     "submission": {"tls_security_level": "encrypt", "sasl_auth_enable": True, "sasl_auth_required": True},
     "submissions": {"sasl_auth_enable": True, "sasl_auth_required": True},
 }
+
+
+ScreenAction = Literal["ignore", "enforce", "drop"]
+ACCESS_ACTIONS = ("permit", "reject", "dunno")  # what a postscreen_access_list table may answer
+
+
+class PostscreenConfig(Section):
+    """`[smtpd.postscreen]` (or a listener's `overrides.postscreen`, the whole table): Postfix's postscreen(8) in
+    front of an mta listener's smtpd (docs/security.md, "postscreen"). Names are postscreen_* without the prefix."""
+
+    enable: bool = False
+    # permit_mynetworks, and cidr:/regexp:/texthash: tables answering permit, reject or dunno, first answer wins
+    access_list: tuple[str, ...] = ("permit_mynetworks",)
+    denylist_action: ScreenAction = "ignore"  # postscreen_denylist_action (blacklist_action before Postfix 3.6)
+    greet_wait: Duration = Field(6.0, ge=0)
+    greet_banner: str | None = None  # the `220-` teaser; None: smtpd's banner, "": no teaser
+    greet_action: ScreenAction = "ignore"
+    greet_ttl: Duration = Field(86400.0, gt=0)
+    dnsbl_sites: tuple[str, ...] = ()  # domain[=filter][*weight]
+    dnsbl_threshold: int = Field(1, ge=1)
+    dnsbl_allowlist_threshold: int = Field(0, le=0)  # a score at or below it (when < 0) allowlists the client
+    dnsbl_action: ScreenAction = "ignore"
+    dnsbl_timeout: Duration = Field(10.0, gt=0)
+    dnsbl_min_ttl: Duration = Field(60.0, gt=0)
+    dnsbl_max_ttl: Duration = Field(3600.0, gt=0)
+    # the cache of clients that passed (postscreen_cache_map; in memory, the oldest dropped beyond this many)
+    cache_limit: int = Field(100_000, ge=1)
+    # clients being screened at once per listener (postscreen_pre_queue_limit); beyond: 421 4.3.2
+    pre_queue_limit: int = Field(100, ge=1)
+
+    @field_validator("dnsbl_sites")
+    @classmethod
+    def _sites(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in v:
+            parse_dnsbl_site(entry)
+        return v
+
+    @field_validator("access_list")
+    @classmethod
+    def _access(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for item in v:
+            if item != "permit_mynetworks":
+                check_spec(item)
+        return v
 
 
 class ListenerConfig(Section):
@@ -70,6 +117,7 @@ class SmtpdConfig(SmtpdFilterSettings):
     # Front door (docs/security.md): listeners with roles, TLS, AUTH, connection limits.
     # `listen` addresses are mta listeners; `listeners` add listeners with a role and per-listener overrides.
     listeners: tuple[ListenerConfig, ...] = ()
+    postscreen: PostscreenConfig = PostscreenConfig()
     # TLS (smtpd_tls_cert_file/key_file; "" key: the key is in the cert file); "may" offers STARTTLS when a
     # certificate is configured, "encrypt" requires it before any mail command (smtpd_tls_security_level).
     tls_cert_file: str = ""
@@ -333,7 +381,9 @@ class SmtpdConfig(SmtpdFilterSettings):
         return SmtpdConfig.model_validate(data)
 
     def frontdoor_problem(self, role: str = "mta") -> str:
-        """Why these TLS/AUTH settings cannot work for a listener of `role`, or ""."""
+        """Why these TLS/AUTH (or postscreen) settings cannot work for a listener of `role`, or ""."""
+        if self.postscreen.enable and role != "mta":
+            return "postscreen screens mta listeners only (as Postfix's, on port 25)"
         needs_cert = self.tls_security_level == "encrypt" or role == "submissions"
         if needs_cert and not self.tls_cert_file:
             return "needs tls_cert_file (TLS is required)"

@@ -597,11 +597,17 @@ class ProtocolCore(SMTP):
     async def _before_greeting(self) -> bool:
         """What must happen before the greeting; False when the connection was closed: the handler's CONNECT
         hook names the client (handler.py), then "connect from" is logged. The layers above add the PROXY header
-        before it (frontends.py) and the admission after it (server.py)."""
+        before it (frontends.py) and the admission after it (server.py); postscreen (`_screen`) comes first."""
+        if not await self._screen():
+            return False
         connected = self._handle_hooks.get("CONNECT")
         if connected is not None:
             await connected(self, self.session, self.envelope)
         self.record.connect()
+        return True
+
+    async def _screen(self) -> bool:
+        """Before smtpd sees the client (server.py: a listener's postscreen); False when the connection is over."""
         return True
 
     async def greet(self, command: str) -> bool:

@@ -79,6 +79,7 @@ from mailflow.stages.smtpd.dovecot_auth import DovecotAuth
 from mailflow.stages.smtpd.frontends import FrontEnds
 from mailflow.stages.smtpd.handler import SmtpdHandler
 from mailflow.stages.smtpd.ehlo_discards import EhloDiscards
+from mailflow.stages.smtpd.postscreen import Client, PassCache, Postscreen, Verdict
 from mailflow.stages.smtpd.session import ProtocolLimits, SmtpSession
 from mailflow.stages.smtpd.tls import ServerTls
 from mailflow.stages.smtpd.transcript import SessionObserver
@@ -96,7 +97,7 @@ REFUSAL_HANDSHAKES = 10
 REFUSAL_HANDSHAKE_TIMEOUT = 10.0  # seconds, at most, for each of those handshakes (else starttls_timeout's 300)
 # What a reload replaces in a running listener (its address, socket, session slots and counts stay).
 RELOADED = ("role", "config", "handler", "authenticator", "sender_logins", "frontends", "limits",
-            "auth_hidden_from", "ehlo_discards")
+            "auth_hidden_from", "ehlo_discards", "postscreen", "command_filter")
 
 
 @dataclass
@@ -116,6 +117,7 @@ class Listener:
     limits: ProtocolLimits  # of every session of this listener: made once, not at each connection
     auth_hidden_from: NetworkList  # sasl_exceptions_networks: the clients AUTH is not offered to
     ehlo_discards: EhloDiscards  # the EHLO keywords each session discards (by its client's address)
+    postscreen: Postscreen | None = None  # [smtpd.postscreen] enabled: the screen before smtpd (postscreen.py)
     setting: str = ""  # the configuration key that names it ("smtpd.listen[0]", "smtpd.listeners[1].address")
     command_filter: list[Table] = field(default_factory=list)  # smtpd_command_filter (empty: unset)
     server: Listening | None = None
@@ -136,9 +138,24 @@ class ListenerSession(SmtpSession):
         # what a reload may change on the listener, as this session started with it (it keeps that to its end)
         self._role, self._smtpd = listener.role, listener.smtpd
         self.command_filter = listener.command_filter
+        self._postscreen = listener.postscreen
         self._implicit_tls = implicit_tls  # a submissions listener's certificate: TLS from the first byte
         self._admitted_ip: str | None = None
         self._has_slot = False
+
+    async def _screen(self) -> bool:
+        """The listener's postscreen (as it was when the session started), if any, after the PROXY header."""
+        screen = self._postscreen
+        if screen is None:
+            return True
+        s = self.session
+        client = Client(s.peer_ip, str(s.peer_port), s.server_ip or "", str(s.server_port))
+        return await screen.screen(self, client) is Verdict.PASS
+
+    def send(self, text: str) -> None:
+        """postscreen's words, written as they are (no reply bookkeeping: smtpd has not started)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(text.encode("utf-8", "replace"))  # type: ignore[attr-defined]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         connecting = self.transport is None
@@ -263,10 +280,13 @@ class Smtpd:
     `handlers_in_use()`, `await stop(grace)`."""
 
     def __init__(self, config: Config, handler_for: Callable[[Config], SmtpdHandler], *, clock: Clock | None = None,
-                 observer: SessionObserver | None = None):
+                 observer: SessionObserver | None = None, resolver=None, screened: PassCache | None = None):
         """`handler_for(config)` builds the handler of one listener from its effective config; `observer` (None:
-        no transcripts) gets every session's transcript (transcript.py)."""
+        no transcripts) gets every session's transcript (transcript.py); `resolver` answers postscreen's DNSBL
+        queries; `screened` is postscreen's cache of clients that passed (the server's: kept across reloads)."""
         self._config = config
+        self._resolver = resolver
+        self.screened = screened or PassCache(config.smtpd.postscreen.cache_limit)
         self._observer = observer
         self._handler_for = handler_for
         self._clock = clock or SystemClock()
@@ -311,7 +331,16 @@ class Smtpd:
                                                setting="smtpd.sasl_exceptions_networks"),
                         EhloDiscards(frozenset(smtpd.discard_ehlo_keywords),
                                      self._tables.open(smtpd.discard_ehlo_keyword_address_maps), self._tables.run),
-                        setting, command_filter=self._tables.open(smtpd.command_filter) if smtpd.command_filter else [])
+                        self._postscreen(smtpd, networks, config.myhostname), setting,
+                        command_filter=self._tables.open(smtpd.command_filter) if smtpd.command_filter else [])
+
+    def _postscreen(self, smtpd: SmtpdConfig, mynetworks: NetworkList, hostname: str) -> Postscreen | None:
+        """A listener's screen when [smtpd.postscreen] (or its overrides) enables it; else none, at no cost."""
+        if not smtpd.postscreen.enable:
+            return None
+        return Postscreen(smtpd.postscreen, mynetworks=mynetworks, tables=self._tables, resolver=self._resolver,
+                          cache=self.screened, clock=self._clock, hostname=hostname, banner=smtpd.banner,
+                          smtpd_timeout=smtpd.timeout)
 
     def _auth_backend(self, smtpd: SmtpdConfig) -> Backend:
         """Who checks a listener's AUTH passwords: Dovecot's auth server (one connection per socket, shared by
@@ -387,7 +416,8 @@ class Smtpd:
 
         A running session keeps what it started with, to its end (Postfix: an smtpd process serves its client
         under the configuration it started with)."""
-        fresh = Smtpd(config, handler_for, clock=self._clock, observer=self._observer)
+        fresh = Smtpd(config, handler_for, clock=self._clock, observer=self._observer, resolver=self._resolver,
+                      screened=self.screened)
         # the server's, whatever the config: the AUTH failures, the hashing threads, the auth server connections
         # (the auth server connections copied: a refused reload leaves the running server's as they are; one it
         # added connects only when asked, so a refused reload opens none)

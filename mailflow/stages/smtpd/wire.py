@@ -250,6 +250,16 @@ class Wire:
             self._waiter = self._loop.create_future()
             await self._waiter
 
+    async def wait_input(self) -> bool:
+        """Wait until some input is here (True) or none will come (False): postscreen's greet wait."""
+        if self._buf:
+            return True
+        try:
+            await self._fill()
+        except (ConnectionError, OSError):
+            return False
+        return True
+
     async def readexactly(self, n: int) -> bytes:
         """Exactly `n` bytes (asyncio.StreamReader's contract, for the PROXY header)."""
         while len(self._buf) < n:

@@ -1,0 +1,414 @@
+"""postscreen: Postfix's zombie screen (postscreen(8)) in front of an mta listener's smtpd, `[smtpd.postscreen]`.
+
+    Postscreen(config, mynetworks, tables, resolver, cache, clock)   one per listener (built with it)
+        .screen(conn) -> Verdict    run before smtpd's "connect from": PASS (smtpd takes the client) or the end
+    PassCache(limit)                the clients that passed, per test with its expiry (postscreen_cache_map; one
+                                    per server, in memory, the oldest dropped beyond `limit`)
+
+What it does, in Postfix 3.7's order and words (src/postscreen/postscreen.c, _early.c, _dnsbl.c, _smtpd.c, _misc.c;
+lines logged as `postscreen`, `[ip]:port` as postscreen writes a client):
+- `CONNECT from [ip]:port to [ip]:port`; beyond `pre_queue_limit` clients being screened at once on the listener:
+  `reject: connect from [ip]:port: all screening ports busy`, `421 4.3.2 All screening ports are busy`.
+- the access list (postscreen_access_list: permit_mynetworks, tables answering permit / reject / dunno; the first
+  answer wins): permit -> `ALLOWLISTED [ip]:port`, to smtpd at once; reject -> `DENYLISTED [ip]:port` and
+  denylist_action (Postfix 3.7's respectful_logging words).
+- the cache: a client whose every enabled test passed within its TTL: `PASS OLD [ip]:port`, to smtpd at once.
+- the early tests: the `220-` teaser (greet_banner), the DNSBL queries (dnsbl_sites, all at once, each bounded by
+  dnsbl_timeout; what has not answered by the end of the greet wait does not count, as Postfix's partial score)
+  and the wait of greet_wait for input: input before it is `PREGREET n after t from [ip]:port: text` and
+  greet_action; a score at or above dnsbl_threshold is `DNSBL rank n for [ip]:port` and dnsbl_action; a score at
+  or below a negative dnsbl_allowlist_threshold ends the wait and passes the greet test. A client that closes
+  meanwhile: `HANGUP after t from [ip]:port in tests before SMTP handshake`, `DISCONNECT [ip]:port`.
+- actions: ignore (logged only; the test is repeated next time), drop (`521 …` and `DISCONNECT`), enforce (the
+  dummy SMTP engine: greeting, HELO/EHLO, MAIL, then every RCPT gets the refusal, logged as `NOQUEUE: reject:
+  RCPT from [ip]:port: 550 5.7.1 …; from=<s>, to=<r>, proto=ESMTP, helo=<h>`; DATA and BDAT `554 5.5.1 Error: no
+  valid recipients`; the client never reaches smtpd). The replies are postscreen's: pregreet `5xx 5.5.1 Protocol
+  error`, denylist `5xx 5.3.2 Service currently unavailable`, DNSBL `5xx 5.7.1 Service unavailable; client [ip]
+  blocked using <the site of the highest weight>`.
+- all tests passed: `PASS NEW [ip]:port`, the cache updated (greet_ttl; the DNSBL pass for dnsbl_max_ttl clamped
+  to dnsbl_min_ttl: the resolver reports no TTLs), to smtpd, which greets with its own `220`.
+
+Not built (Postfix's deep protocol tests: pipelining, non_smtp_command, bare_newline, which need the client to
+reconnect; postscreen_dnsbl_reply_map; a persistent cache_map; postscreen_allowlist_interfaces).
+
+Bounded: one screening per connection at most pre_queue_limit at once per listener; the DNSBL queries by their
+deadline and the greet wait; the dummy engine by smtpd's `timeout` per command and its line length; the cache by
+`cache_limit`. Nothing runs for a listener with postscreen off.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from mailflow import status
+from mailflow.clock import Clock
+from mailflow.config.smtpd import PostscreenConfig
+from mailflow.dnsbl_sites import DnsblSite, parse_dnsbl_site
+from mailflow.errors import LookupRetry
+from mailflow.logs import escaped, format_tv, printable
+from mailflow.stages.smtpd.anvil import Places
+from mailflow.stages.smtpd.dns_checks import rbl_query_name
+from mailflow.stages.smtpd.wire import Wire, WireError
+from mailflow.tables import TableCache
+from mailflow.tables.networks import NetworkList
+
+log = logging.getLogger("mailflow.postscreen")
+
+PREGREET, DNSBL = "pregreet", "dnsbl"
+PREGREET_LOGGED = 100  # bytes of early input quoted in the PREGREET line (Postfix's %.100s)
+DUMMY_LINE_LIMIT = 2048  # the dummy engine's command line limit
+
+
+class Verdict(enum.Enum):
+    PASS = "pass"  # smtpd takes the client
+    DONE = "done"  # the connection is over
+
+
+class Connection(Protocol):
+    """What the screen needs of a session: its addresses, its input, a way to write and to close."""
+
+    @property
+    def wire(self) -> Wire: ...
+
+    def send(self, text: str) -> None: ...
+
+    def hang_up(self) -> None: ...
+
+
+@dataclass
+class Client:
+    ip: str
+    port: str
+    server_ip: str
+    server_port: str
+
+    @property
+    def where(self) -> str:
+        return f"[{self.ip}]:{self.port}"
+
+
+class PassCache:
+    """ip -> {test: expiry}: the tests each client passed, until when; the oldest client dropped beyond `limit`."""
+
+    def __init__(self, limit: int):
+        self._limit = limit
+        self._entries: OrderedDict[str, dict[str, float]] = OrderedDict()
+
+    def passed(self, ip: str, tests: tuple[str, ...], now: float) -> bool:
+        entry = self._entries.get(ip)
+        return entry is not None and all(entry.get(test, 0.0) > now for test in tests)
+
+    def record(self, ip: str, expiries: dict[str, float]) -> None:
+        entry = self._entries.pop(ip, {})
+        entry.update(expiries)
+        self._entries[ip] = entry
+        while len(self._entries) > self._limit:
+            self._entries.popitem(last=False)
+
+
+@dataclass
+class _Screening:
+    """One client's state while it is screened."""
+
+    client: Client
+    rcpt_reply: status.Reply | None = None  # enforce: what every RCPT gets
+    failed: bool = False  # a test failed (ignored or enforced): no PASS, no cache update
+    passes: dict[str, float] | None = None
+
+    def fail(self, action: str, reply_for: Callable[[int], status.Reply], conn: Connection) -> bool:
+        """Apply `action` to a failed test; True when the connection was dropped."""
+        if action == "ignore":
+            self.failed = True
+            return False
+        self.failed = True
+        if action == "drop":
+            _drop(conn, self.client, reply_for(521))
+            return True
+        self.rcpt_reply = self.rcpt_reply or reply_for(550)
+        return False
+
+
+def _drop(conn: Connection, client: Client, reply: status.Reply) -> None:
+    conn.send(f"{reply}\r\n")
+    log.info("DISCONNECT %s", client.where)
+    conn.hang_up()
+
+
+class Postscreen:
+    """One listener's screen (see the module doc)."""
+
+    def __init__(self, config: PostscreenConfig, *, mynetworks: NetworkList, tables: TableCache, resolver,
+                 cache: PassCache, clock: Clock, hostname: str, banner: str, smtpd_timeout: float):
+        self._config = config
+        self._mynetworks = mynetworks
+        self._tables = [(item, None if item == "permit_mynetworks" else tables.open([item])[0])
+                        for item in config.access_list]
+        self._resolver = resolver
+        self._sites: list[DnsblSite] = [parse_dnsbl_site(entry) for entry in config.dnsbl_sites]
+        self._cache = cache
+        self._clock = clock
+        self._hostname = hostname
+        self._banner = banner
+        self._timeout = smtpd_timeout
+        self._screening = Places(config.pre_queue_limit)
+        self._tests = (PREGREET, DNSBL) if self._sites else (PREGREET,)
+
+    async def screen(self, conn: Connection, client: Client) -> Verdict:
+        log.info("CONNECT from %s to [%s]:%s", client.where, client.server_ip, client.server_port)
+        if not self._screening.take():
+            log.info("reject: connect from %s: all screening ports busy", client.where)
+            conn.send(f"{status.SCREENING_PORTS_BUSY}\r\n")
+            conn.hang_up()
+            return Verdict.DONE
+        try:
+            return await self._screen(conn, _Screening(client))
+        finally:
+            self._screening.give_back()
+
+    async def _screen(self, conn: Connection, state: _Screening) -> Verdict:
+        client = state.client
+        access = self._access(client.ip)
+        if access == "permit":
+            log.info("ALLOWLISTED %s", client.where)
+            return Verdict.PASS
+        if access == "reject":
+            log.info("DENYLISTED %s", client.where)
+            if state.fail(self._config.denylist_action, status.postscreen_denylisted, conn):
+                return Verdict.DONE
+        elif self._cache.passed(client.ip, self._tests, self._clock.time()):
+            log.info("PASS OLD %s", client.where)
+            return Verdict.PASS
+        if not await self._early_tests(conn, state):
+            return Verdict.DONE
+        if state.rcpt_reply is not None:
+            await self._dummy_engine(conn, state)
+            return Verdict.DONE
+        if not state.failed:
+            log.info("PASS NEW %s", client.where)
+            self._cache.record(client.ip, state.passes or {})
+        return Verdict.PASS
+
+    def _access(self, ip: str) -> str:
+        """permit, reject or dunno: the first answer of the access list (a table that cannot answer: dunno,
+        with a warning, as Postfix's psc_acl_eval goes on after a lookup error)."""
+        for item, table in self._tables:
+            if table is None:
+                if self._mynetworks.contains(ip):
+                    return "permit"
+                continue
+            try:
+                found = table.lookup(ip)
+            except LookupRetry as e:
+                log.warning("%s: %s: table lookup problem", item, e)
+                continue
+            action = (found or "").strip().lower()
+            if action in ("permit", "reject"):
+                return action
+            if found is not None and action != "dunno":
+                log.warning("%s: unknown action %r for [%s]: dunno", item, printable(found), ip)
+        return "dunno"
+
+    # -- the early tests
+
+    async def _early_tests(self, conn: Connection, state: _Screening) -> bool:
+        """The teaser, the DNSBL queries and the greet wait; False when the connection is over."""
+        client, config = state.client, self._config
+        banner = self._banner if config.greet_banner is None else config.greet_banner
+        if banner:
+            conn.send(f"220-{self._hostname} {banner}\r\n" if config.greet_banner is None else f"220-{banner}\r\n")
+        started = self._clock.time()
+        score_task = asyncio.ensure_future(self._dnsbl_score(client.ip)) if self._sites else None
+        try:
+            early = await self._greet_wait(conn, score_task)
+        except BaseException:
+            if score_task is not None:
+                score_task.cancel()
+            raise
+        elapsed = self._clock.time() - started
+        if early is None:
+            if score_task is not None:
+                score_task.cancel()
+            log.info("HANGUP after %s from %s in tests before SMTP handshake", format_tv(elapsed), client.where)
+            log.info("DISCONNECT %s", client.where)
+            conn.hang_up()
+            return False
+        passes: dict[str, float] = {}
+        score, site, allowlisted = self._score_now(score_task)
+        if early and not allowlisted:
+            log.info("PREGREET %d after %s from %s: %s", len(early), format_tv(elapsed), client.where,
+                     escaped(early[:PREGREET_LOGGED]))
+            if state.fail(config.greet_action, status.postscreen_pregreet, conn):
+                return False
+        else:
+            passes[PREGREET] = self._clock.time() + config.greet_ttl
+        if score_task is not None:
+            if score >= config.dnsbl_threshold:
+                log.info("DNSBL rank %d for %s", score, client.where)
+                if state.fail(config.dnsbl_action, lambda code: status.postscreen_dnsbl(code, client.ip, site), conn):
+                    return False
+            else:
+                passes[DNSBL] = self._clock.time() + max(config.dnsbl_max_ttl, config.dnsbl_min_ttl)
+        state.passes = passes
+        return True
+
+    async def _greet_wait(self, conn: Connection, score_task: asyncio.Future | None) -> bytes | None:
+        """Wait greet_wait for input (ended early by a DNSBL allowlisting); the input that came (b"" none), None
+        when the client closed."""
+        deadline = asyncio.get_running_loop().time() + self._config.greet_wait
+        arrival = asyncio.ensure_future(conn.wire.wait_input())
+        waiting: set[asyncio.Future] = {arrival}
+        if score_task is not None and self._config.dnsbl_allowlist_threshold < 0:
+            waiting.add(score_task)
+        try:
+            while waiting:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    break
+                done, _ = await asyncio.wait(waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    break
+                if arrival in done:
+                    return conn.wire.peek(PREGREET_LOGGED) if arrival.result() else None
+                waiting.discard(score_task)
+                if self._score_now(score_task)[2]:
+                    return b""
+        finally:
+            arrival.cancel()
+        return conn.wire.peek(PREGREET_LOGGED) if conn.wire.pending() else b""
+
+    def _score_now(self, task: asyncio.Future | None) -> tuple[int, str, bool]:
+        """(score, the site of the highest listing weight, allowlisted) from the answers in by now."""
+        if task is None or not task.done() or task.cancelled():
+            return 0, "", False
+        score, site = task.result()
+        allowlisted = self._config.dnsbl_allowlist_threshold < 0 and score <= self._config.dnsbl_allowlist_threshold
+        return score, site, allowlisted
+
+    async def _dnsbl_score(self, ip: str) -> tuple[int, str]:
+        """Every site asked at once, each within dnsbl_timeout; the score of the answers (Postfix's psc_dnsbl:
+        each listed reply a filter accepts adds its site's weight; the name is the site of the highest weight)."""
+        domains = sorted({site.domain for site in self._sites})
+        answers = await asyncio.gather(*(self._listing(ip, domain) for domain in domains))
+        by_domain = dict(zip(domains, answers))
+        score, name, best = 0, "", 0
+        for site in self._sites:
+            for reply in by_domain[site.domain]:
+                if site.matches(reply):
+                    score += site.weight
+                    if not name or site.weight > best:
+                        name, best = site.domain, site.weight
+        return score, name
+
+    async def _listing(self, ip: str, domain: str) -> list[str]:
+        query = rbl_query_name(ip, domain)
+        if query is None or self._resolver is None:
+            return []
+        try:
+            async with asyncio.timeout(self._config.dnsbl_timeout):
+                return list(await self._resolver.addresses(query))
+        except Exception:  # not listed, or no answer in time: nothing counts
+            return []
+
+    # -- enforce: the dummy SMTP engine
+
+    async def _dummy_engine(self, conn: Connection, state: _Screening) -> None:
+        """postscreen_smtpd.c: answer as an SMTP server that refuses every recipient; never hand over."""
+        dialogue = _Dummy(self._hostname, state)
+        conn.send(f"{status.greeting(self._hostname, self._banner)}\r\n")
+        try:
+            while not dialogue.over:
+                async with asyncio.timeout(self._timeout):
+                    line = await conn.wire.read_line(DUMMY_LINE_LIMIT)
+                conn.send(dialogue.answer(line.decode("utf-8", "replace")))
+        except (TimeoutError, ConnectionError, WireError):
+            pass
+        log.info("DISCONNECT %s", state.client.where)
+        conn.hang_up()
+
+
+class _Dummy:
+    """The dummy engine's dialogue: one reply (with its CRLF) per command line."""
+
+    def __init__(self, hostname: str, state: _Screening):
+        self._hostname = hostname
+        self._state = state
+        self._helo = ""
+        self._protocol = "SMTP"
+        self._sender: str | None = None
+        self.over = False
+
+    def answer(self, line: str) -> str:
+        verb, _, arg = line.strip().partition(" ")
+        handler = self._COMMANDS.get(verb.upper())
+        if handler is None:
+            return "502 5.5.2 Error: command not recognized\r\n"
+        return handler(self, arg.strip())
+
+    def _helo_cmd(self, arg: str) -> str:
+        if not arg:
+            return "501 Syntax: HELO hostname\r\n"
+        self._helo, self._protocol = arg, "SMTP"
+        return f"250 {self._hostname}\r\n"
+
+    def _ehlo_cmd(self, arg: str) -> str:
+        if not arg:
+            return "501 Syntax: EHLO hostname\r\n"
+        self._helo, self._protocol = arg, "ESMTP"
+        keywords = (self._hostname, "SIZE", "ETRN", "ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8", "CHUNKING")
+        return "".join(f"250-{k}\r\n" for k in keywords[:-1]) + f"250 {keywords[-1]}\r\n"
+
+    def _mail_cmd(self, arg: str) -> str:
+        if not self._helo:
+            return "503 5.5.1 Error: send HELO/EHLO first\r\n"
+        if self._sender is not None:
+            return "503 5.5.1 Error: nested MAIL command\r\n"
+        if not arg.upper().startswith("FROM:"):
+            return "501 5.5.4 Syntax: MAIL FROM:<address>\r\n"
+        self._sender = _path(arg[5:])
+        return "250 2.1.0 Ok\r\n"
+
+    def _rcpt_cmd(self, arg: str) -> str:
+        if self._sender is None:
+            return "503 5.5.1 Error: need MAIL command\r\n"
+        if not arg.upper().startswith("TO:"):
+            return "501 5.5.4 Syntax: RCPT TO:<address>\r\n"
+        reply = self._state.rcpt_reply
+        log.info("NOQUEUE: reject: RCPT from %s: %s; from=<%s>, to=<%s>, proto=%s, helo=<%s>",
+                 self._state.client.where, reply, printable(self._sender), printable(_path(arg[3:])),
+                 self._protocol, printable(self._helo))
+        return f"{reply}\r\n"
+
+    def _data_cmd(self, arg: str) -> str:
+        self.over = True
+        if self._sender is None:
+            return "503 5.5.1 Error: need RCPT command\r\n"
+        return "554 5.5.1 Error: no valid recipients\r\n"
+
+    def _rset_cmd(self, arg: str) -> str:
+        self._sender = None
+        return "250 2.0.0 Ok\r\n"
+
+    def _noop_cmd(self, arg: str) -> str:
+        return "250 2.0.0 Ok\r\n"
+
+    def _quit_cmd(self, arg: str) -> str:
+        self.over = True
+        return "221 2.0.0 Bye\r\n"
+
+    _COMMANDS: dict[str, Callable[["_Dummy", str], str]] = {
+        "HELO": _helo_cmd, "EHLO": _ehlo_cmd, "MAIL": _mail_cmd, "RCPT": _rcpt_cmd, "DATA": _data_cmd,
+        "BDAT": _data_cmd, "RSET": _rset_cmd, "NOOP": _noop_cmd, "QUIT": _quit_cmd,
+    }
+
+
+def _path(text: str) -> str:
+    """The address of a MAIL FROM:/RCPT TO: argument (its parameters dropped, <> taken off)."""
+    word = text.strip().split(" ")[0] if text.strip() else ""
+    return word[1:-1] if word.startswith("<") and word.endswith(">") else word
+
+
+__all__ = ["Client", "Connection", "PassCache", "Postscreen", "Verdict"]

@@ -1,0 +1,185 @@
+"""postscreen ([smtpd.postscreen]) in front of an mta listener, over real sockets: the teaser and the greet wait, a
+pregreeting client, the cache of passed clients, the access list, DNSBL scores (from the in-process DNS) with
+their actions; replies and log lines in postscreen's words (Postfix 3.7's src/postscreen)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+import pytest
+
+from mailflow import status
+from mailflow.config import config_from_dict
+from mailflow.errors import ConfigError
+from tests.support import SmtpClient, eventually
+from tests.support.servers import base_settings
+
+ZONE = """
+$ORIGIN bl.test.
+1.0.0.127   60 IN A 127.0.0.2
+$ORIGIN wl.test.
+1.0.0.127   60 IN A 127.0.0.3
+"""
+
+
+def screen(**settings) -> dict:
+    """[smtpd] with postscreen on (no access list: loopback is not in mynetworks anyway) and a short greet wait."""
+    return {"postscreen": {"enable": True, "access_list": [], "greet_wait": 0.3, **settings}}
+
+
+@pytest.fixture
+def screen_log(caplog):
+    caplog.set_level(logging.INFO, logger="mailflow.postscreen")
+
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"]
+    return lines
+
+
+async def test_a_client_that_talks_before_its_turn_is_dropped(mailflow_server, screen_log):
+    mf = await mailflow_server(smtpd=screen(greet_wait=2, greet_action="drop"))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1], greet=False)
+    teaser = await c.reader.readline()
+    assert teaser == b"220-mx.mailflow.test ESMTP mailflow\r\n"
+    await c.send(b"EHLO zombie.test\r\n")
+    assert await c.reply() == status.postscreen_pregreet(521)
+    assert str(status.postscreen_pregreet(521)) == "521 5.5.1 Protocol error"
+    assert await c.closed()
+    lines = screen_log()
+    where = r"\[127\.0\.0\.1\]:\d+"
+    assert re.fullmatch(rf"CONNECT from {where} to {where}", lines[0]), lines
+    assert re.fullmatch(rf"PREGREET 18 after 0(\.\d+)? from {where}: EHLO zombie\.test\\r\\n", lines[1]), lines
+    assert re.fullmatch(rf"DISCONNECT {where}", lines[2]), lines
+    assert len(lines) == 3, lines
+
+
+async def test_a_patient_client_passes_and_is_remembered(mailflow_server, screen_log):
+    mf = await mailflow_server(smtpd=screen(greet_wait=0.5))
+    port = mf.smtp_addresses[0][1]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    c = await SmtpClient.connect(port)  # the teaser, then smtpd's own greeting: one multi-line 220
+    assert loop.time() - started >= 0.5
+    assert c.greeting.text == "220-mx.mailflow.test ESMTP mailflow\n220 mx.mailflow.test ESMTP mailflow"
+    assert (await c.send_message()).code == 250
+    await c.cmd("QUIT")
+    assert any(re.fullmatch(r"PASS NEW \[127\.0\.0\.1\]:\d+", line) for line in screen_log())
+
+    started = loop.time()
+    again = await SmtpClient.connect(port)  # cached: straight to smtpd, no teaser, no wait
+    assert loop.time() - started < 0.4
+    assert again.greeting.text == "220 mx.mailflow.test ESMTP mailflow"
+    assert any(re.fullmatch(r"PASS OLD \[127\.0\.0\.1\]:\d+", line) for line in screen_log())
+    await again.cmd("QUIT")
+
+
+async def test_a_pregreet_ignored_is_logged_not_remembered(mailflow_server, screen_log):
+    mf = await mailflow_server(smtpd={**screen(), "forbid_unauth_pipelining": False})
+    port = mf.smtp_addresses[0][1]
+    c = await SmtpClient.connect(port, first=b"NOOP\r\n", greet=False)
+    assert (await c.reply()).text.startswith("220-mx.mailflow.test ESMTP mailflow\n220 ")  # smtpd takes it
+    assert (await c.reply()).code == 250  # smtpd answers the early NOOP
+    await c.cmd("QUIT")
+    lines = screen_log()
+    assert any(line.startswith("PREGREET 6 after ") for line in lines), lines
+    assert not any(line.startswith("PASS") for line in lines), lines
+
+
+async def test_dnsbl_enforce_hands_the_client_to_the_dummy_engine(mailflow_server, dns_zone, screen_log):
+    nameserver = dns_zone(ZONE)
+    mf = await mailflow_server(dns={"nameservers": [nameserver]},
+                               smtpd=screen(dnsbl_sites=["bl.test=127.0.0.[2..11]*2", "bl.test=127.0.0.4"],
+                                            dnsbl_threshold=2, dnsbl_action="enforce"))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("EHLO zombie.test")).code == 250
+    assert await c.cmd("MAIL FROM:<s@remote.test>") == status.SENDER_OK
+    reply = await c.cmd("RCPT TO:<alice@local.test>")
+    assert reply == status.postscreen_dnsbl(550, "127.0.0.1", "bl.test")
+    assert reply.text == "550 5.7.1 Service unavailable; client [127.0.0.1] blocked using bl.test"
+    assert (await c.cmd("DATA")).text == "554 5.5.1 Error: no valid recipients"
+    assert await c.closed()
+    lines = screen_log()
+    where = r"\[127\.0\.0\.1\]:\d+"
+    assert any(re.fullmatch(rf"DNSBL rank 2 for {where}", line) for line in lines), lines
+    assert any(re.fullmatch(rf"NOQUEUE: reject: RCPT from {where}: 550 5\.7\.1 Service unavailable; client "
+                            r"\[127\.0\.0\.1\] blocked using bl\.test; from=<s@remote\.test>, "
+                            r"to=<alice@local\.test>, proto=ESMTP, helo=<zombie\.test>", line) for line in lines), lines
+    await eventually(lambda: re.fullmatch(rf"DISCONNECT {where}", screen_log()[-1]))
+    assert mf.smtpd.screened.passed("127.0.0.1", ("pregreet",), 0) is False  # a failed client is not remembered
+
+
+async def test_a_listing_the_filter_refuses_counts_nothing(mailflow_server, dns_zone, screen_log):
+    nameserver = dns_zone(ZONE)
+    mf = await mailflow_server(dns={"nameservers": [nameserver]},
+                               smtpd=screen(dnsbl_sites=["bl.test=127.0.0.4"], dnsbl_action="drop"))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.send_message()).code == 250
+    await c.cmd("QUIT")
+    assert not any(line.startswith("DNSBL rank") for line in screen_log())
+
+
+async def test_dnsbl_drop_refuses_in_place_of_the_greeting(mailflow_server, dns_zone, screen_log):
+    nameserver = dns_zone(ZONE)
+    mf = await mailflow_server(dns={"nameservers": [nameserver]},
+                               smtpd=screen(dnsbl_sites=["bl.test"], dnsbl_action="drop"))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1], greet=False)
+    reply = await c.reply()
+    assert reply.text == ("220-mx.mailflow.test ESMTP mailflow\n"
+                          "521 5.7.1 Service unavailable; client [127.0.0.1] blocked using bl.test")
+    assert await c.closed()
+    assert any(line.startswith("DNSBL rank 1 for [127.0.0.1]:") for line in screen_log())
+
+
+async def test_a_negative_score_allowlists_and_ends_the_wait(mailflow_server, dns_zone, screen_log):
+    nameserver = dns_zone(ZONE)
+    mf = await mailflow_server(dns={"nameservers": [nameserver]},
+                               smtpd=screen(greet_wait=4, dnsbl_sites=["wl.test*-2"], dnsbl_allowlist_threshold=-1))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert loop.time() - started < 3
+    assert (await c.send_message()).code == 250
+    await c.cmd("QUIT")
+    assert any(line.startswith("PASS NEW [127.0.0.1]:") for line in screen_log())
+
+
+async def test_the_access_list_denylists_and_allowlists(mailflow_server, tmp_path, screen_log):
+    table = tmp_path / "access.cidr"
+    table.write_text("127.0.0.1/32 reject\n")
+    mf = await mailflow_server(smtpd=screen(greet_wait=5, access_list=[f"cidr:{table}"], denylist_action="drop"))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1], greet=False)
+    assert (await c.reply()).text == "521 5.3.2 Service currently unavailable"
+    assert await c.closed()
+    assert any(line.startswith("DENYLISTED [127.0.0.1]:") for line in screen_log())
+
+    await mf.stop()
+    table.write_text("127.0.0.1/32 permit\n")
+    allowed = await mailflow_server(smtpd=screen(greet_wait=5, access_list=[f"cidr:{table}"]))
+    c = await SmtpClient.connect(allowed.smtp_addresses[0][1], timeout=2)
+    assert c.greeting.text == "220 mx.mailflow.test ESMTP mailflow"  # no teaser, no wait
+    await c.cmd("QUIT")
+    assert any(line.startswith("ALLOWLISTED [127.0.0.1]:") for line in screen_log())
+
+
+async def test_postscreen_on_one_listener_only(mailflow_server, screen_log):
+    mf = await mailflow_server(smtpd={"listeners": [{"address": "127.0.0.1:0", "overrides": screen()}]})
+    plain, screened = mf.smtp_addresses[0][1], mf.smtp_addresses[1][1]
+    c = await SmtpClient.connect(plain)
+    assert c.greeting.text == "220 mx.mailflow.test ESMTP mailflow"
+    await c.cmd("QUIT")
+    assert screen_log() == []
+    c = await SmtpClient.connect(screened)
+    assert c.greeting.text.startswith("220-")
+    await c.cmd("QUIT")
+
+
+def test_config_errors_name_the_key(tmp_path):
+    bad_site = {**base_settings(tmp_path), "smtpd": screen(dnsbl_sites=["bl.test=127.0.[1"])}
+    with pytest.raises(ConfigError, match=r"smtpd\.postscreen\.dnsbl_sites.*127\.0\.\[1"):
+        config_from_dict(bad_site)
+    submission = {**base_settings(tmp_path), "smtpd": {"listeners": [
+        {"address": "127.0.0.1:0", "role": "submissions",
+         "overrides": {**screen(), "sasl_user_maps": ["inline:{ alice=x }"]}}]}}
+    with pytest.raises(ConfigError, match="postscreen screens mta listeners only"):
+        config_from_dict(submission)
