@@ -64,3 +64,29 @@ async def test_pflogsumm_and_fail2ban_read_the_mail_log(mailflow_server, mail_lo
     assert rc == 0, auth
     assert re.search(r"^Lines: \d+ lines, 0 ignored, 1 matched", auth, re.M), auth
     assert "127.0.0.1" in auth
+
+
+async def test_fail2ban_reads_postscreens_reject_line(mailflow_server, mail_log, dns_zone):
+    """postscreen's enforce line (`postfix-mailflow/postscreen`, the client as `[ip]:port`) is one fail2ban's stock
+    postfix filter matches, as it matches Postfix's postscreen; its rbl mode does not (it wants smtpd's 554 and
+    "Client host"), for Postfix as for mailflow."""
+    fail2ban_regex = require_tool("fail2ban-regex")
+    nameserver = dns_zone("$ORIGIN bl.test.\n1.0.0.127 60 IN A 127.0.0.2\n")
+    mf = await mailflow_server(dns={"nameservers": [nameserver]},
+                               smtpd={"postscreen": {"enable": True, "access_list": [], "greet_wait": 0.1,
+                                                     "dnsbl_sites": ["bl.test"], "dnsbl_action": "enforce"}})
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("EHLO zombie.test")).code == 250
+    assert (await c.cmd("MAIL FROM:<s@remote.test>")).code == 250
+    assert (await c.cmd("RCPT TO:<alice@local.test>")).code == 550
+    assert (await c.cmd("QUIT")).code == 221
+    await eventually(lambda: "DISCONNECT [127.0.0.1]" in mail_log.read_text())
+
+    text = mail_log.read_text()
+    assert re.search(rf"^\S+ mx\.mailflow\.test {SYSLOG_NAME}/postscreen\[\d+\]: NOQUEUE: reject: RCPT from "
+                     r"\[127\.0\.0\.1\]:\d+: 550 5\.7\.1 Service unavailable; client \[127\.0\.0\.1\] blocked using "
+                     r"bl\.test; from=<s@remote\.test>, to=<alice@local\.test>, proto=ESMTP, helo=<zombie\.test>$",
+                     text, re.M), text
+    rc, rejects = await run_tool(fail2ban_regex, str(mail_log), "postfix")
+    assert rc == 0, rejects
+    assert re.search(r"^Lines: \d+ lines, 0 ignored, 1 matched", rejects, re.M), rejects
