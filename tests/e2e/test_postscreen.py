@@ -183,3 +183,24 @@ def test_config_errors_name_the_key(tmp_path):
          "overrides": {**screen(), "sasl_user_maps": ["inline:{ alice=x }"]}}]}}
     with pytest.raises(ConfigError, match="postscreen screens mta listeners only"):
         config_from_dict(submission)
+
+
+async def test_a_long_pregreet_is_counted_whole_and_quoted_to_100_characters(mailflow_server, screen_log):
+    mf = await mailflow_server(smtpd=screen(greet_wait=2, greet_action="drop"))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1], greet=False)
+    await c.reader.readline()
+    await c.send(b"X" * 300 + b"\r\n")
+    assert (await c.reply()).code == 521
+    pregreet = next(line for line in screen_log() if line.startswith("PREGREET"))
+    assert re.fullmatch(r"PREGREET 302 after \S+ from \[127\.0\.0\.1\]:\d+: X{100}", pregreet), pregreet
+
+
+async def test_a_client_that_leaves_during_the_wait_is_logged_as_postscreen_does(mailflow_server, screen_log):
+    mf = await mailflow_server(smtpd=screen(greet_wait=2))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1], greet=False)
+    await c.reader.readline()
+    c.writer.close()
+    await eventually(lambda: screen_log()[-1].startswith("DISCONNECT"))
+    assert re.fullmatch(r"HANGUP after \S+ from \[127\.0\.0\.1\]:\d+ in tests before SMTP handshake",
+                        screen_log()[-2]), screen_log()
+    assert mf.smtpd.sessions == set()

@@ -59,7 +59,8 @@ from mailflow.tables.networks import NetworkList
 log = logging.getLogger("mailflow.postscreen")
 
 PREGREET, DNSBL = "pregreet", "dnsbl"
-PREGREET_LOGGED = 100  # bytes of early input quoted in the PREGREET line (Postfix's %.100s)
+PREGREET_READ = 1023  # bytes of early input counted in the PREGREET line (Postfix's PSC_READ_BUF_SIZE - 1)
+PREGREET_LOGGED = 100  # characters of it quoted, escaped (Postfix's %.100s)
 DUMMY_LINE_LIMIT = 2048  # the dummy engine's command line limit
 
 
@@ -145,6 +146,7 @@ class Postscreen:
                  cache: PassCache, clock: Clock, hostname: str, banner: str, smtpd_timeout: float):
         self._config = config
         self._mynetworks = mynetworks
+        self._table_cache = tables
         self._tables = [(item, None if item == "permit_mynetworks" else tables.open([item])[0])
                         for item in config.access_list]
         self._resolver = resolver
@@ -171,7 +173,7 @@ class Postscreen:
 
     async def _screen(self, conn: Connection, state: _Screening) -> Verdict:
         client = state.client
-        access = self._access(client.ip)
+        access = await self._access(client.ip)
         if access == "permit":
             log.info("ALLOWLISTED %s", client.where)
             return Verdict.PASS
@@ -192,7 +194,7 @@ class Postscreen:
             self._cache.record(client.ip, state.passes or {})
         return Verdict.PASS
 
-    def _access(self, ip: str) -> str:
+    async def _access(self, ip: str) -> str:
         """permit, reject or dunno: the first answer of the access list (a table that cannot answer: dunno,
         with a warning, as Postfix's psc_acl_eval goes on after a lookup error)."""
         for item, table in self._tables:
@@ -201,7 +203,7 @@ class Postscreen:
                     return "permit"
                 continue
             try:
-                found = table.lookup(ip)
+                found = await self._table_cache.run(table.lookup, ip)
             except LookupRetry as e:
                 log.warning("%s: %s: table lookup problem", item, e)
                 continue
@@ -238,9 +240,11 @@ class Postscreen:
             return False
         passes: dict[str, float] = {}
         score, site, allowlisted = self._score_now(score_task)
+        if score_task is not None:
+            score_task.cancel()  # (the answers not in by now do not count, as in Postfix)
         if early and not allowlisted:
             log.info("PREGREET %d after %s from %s: %s", len(early), format_tv(elapsed), client.where,
-                     escaped(early[:PREGREET_LOGGED]))
+                     escaped(early)[:PREGREET_LOGGED])
             if state.fail(config.greet_action, status.postscreen_pregreet, conn):
                 return False
         else:
@@ -272,13 +276,13 @@ class Postscreen:
                 if not done:
                     break
                 if arrival in done:
-                    return conn.wire.peek(PREGREET_LOGGED) if arrival.result() else None
+                    return conn.wire.peek(PREGREET_READ) if arrival.result() else None
                 waiting.discard(score_task)
                 if self._score_now(score_task)[2]:
                     return b""
         finally:
             arrival.cancel()
-        return conn.wire.peek(PREGREET_LOGGED) if conn.wire.pending() else b""
+        return conn.wire.peek(PREGREET_READ) if conn.wire.pending() else b""
 
     def _score_now(self, task: asyncio.Future | None) -> tuple[int, str, bool]:
         """(score, the site of the highest listing weight, allowlisted) from the answers in by now."""

@@ -1,0 +1,33 @@
+"""postscreen's pure parts: postscreen_dnsbl_sites entries (Postfix's syntax) and the bounded cache of passes."""
+from __future__ import annotations
+
+import pytest
+
+from mailflow.dnsbl_sites import parse_dnsbl_site
+from mailflow.stages.smtpd.postscreen import PassCache
+
+
+def test_a_site_with_filter_and_weight():
+    site = parse_dnsbl_site("zen.spamhaus.org=127.0.0.[2..11;20]*3")
+    assert (site.domain, site.weight) == ("zen.spamhaus.org", 3)
+    assert [site.matches(f"127.0.0.{n}") for n in (1, 2, 11, 12, 20)] == [False, True, True, False, True]
+    assert parse_dnsbl_site("list.dnswl.org=127.0.[0..255].[1..3]*-2").weight == -2
+    assert parse_dnsbl_site("bl.test").matches("127.0.0.99") and parse_dnsbl_site("bl.test").weight == 1
+
+
+@pytest.mark.parametrize("entry", ["bl.test=127.0.0", "bl.test=127.0.0.[3..2]", "bl.test=127.0.0.256",
+                                   "bl.test*x", "bl.test=127.0.[1.2"])
+def test_malformed_sites_are_refused(entry):
+    with pytest.raises(ValueError):
+        parse_dnsbl_site(entry)
+
+
+def test_the_cache_keeps_unexpired_passes_and_drops_the_oldest_client():
+    cache = PassCache(limit=2)
+    cache.record("192.0.2.1", {"pregreet": 100.0, "dnsbl": 50.0})
+    assert cache.passed("192.0.2.1", ("pregreet",), 60.0)
+    assert not cache.passed("192.0.2.1", ("pregreet", "dnsbl"), 60.0)  # one test's pass has expired
+    cache.record("192.0.2.2", {"pregreet": 100.0})
+    cache.record("192.0.2.3", {"pregreet": 100.0})
+    assert not cache.passed("192.0.2.1", ("pregreet",), 0.0)
+    assert cache.passed("192.0.2.3", ("pregreet",), 0.0)
