@@ -204,3 +204,20 @@ async def test_a_client_that_leaves_during_the_wait_is_logged_as_postscreen_does
     assert re.fullmatch(r"HANGUP after \S+ from \[127\.0\.0\.1\]:\d+ in tests before SMTP handshake",
                         screen_log()[-2]), screen_log()
     assert mf.smtpd.sessions == set()
+
+
+async def test_a_reload_turns_postscreen_on_and_the_cache_outlives_reloads(mailflow_server, screen_log):
+    mf = await mailflow_server()
+    port = mf.smtp_addresses[0][1]
+    settings = mf.config.model_dump()
+    await mf.reload(config_from_dict({**settings, "smtpd": {**settings["smtpd"], **screen(greet_wait=0.2)}}))
+    c = await SmtpClient.connect(port)
+    assert c.greeting.text.startswith("220-")  # new sessions are screened
+    await c.cmd("QUIT")
+    assert any(line.startswith("PASS NEW [127.0.0.1]:") for line in screen_log())
+    settings = mf.config.model_dump()
+    await mf.reload(config_from_dict({**settings, "smtpd": {**settings["smtpd"], **screen(greet_wait=3)}}))
+    c = await SmtpClient.connect(port, timeout=2)
+    assert c.greeting.text == "220 mx.mailflow.test ESMTP mailflow"  # remembered across the reload
+    await c.cmd("QUIT")
+    assert screen_log()[-1].startswith("PASS OLD [127.0.0.1]:")
