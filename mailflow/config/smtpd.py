@@ -39,6 +39,7 @@ LISTENER_ROLES: dict[str, dict[str, object]] = {
 }
 
 
+SMTPD_BANNER = "$smtpd_banner"  # postscreen_greet_banner's default, as Postfix writes it: smtpd's own text
 ScreenAction = Literal["ignore", "enforce", "drop"]
 ACCESS_ACTIONS = ("permit", "reject", "dunno")  # what a postscreen_access_list table may answer
 
@@ -52,7 +53,7 @@ class PostscreenConfig(Section):
     access_list: tuple[str, ...] = ("permit_mynetworks",)
     denylist_action: ScreenAction = "ignore"  # postscreen_denylist_action (blacklist_action before Postfix 3.6)
     greet_wait: Duration = Field(6.0, ge=0)
-    greet_banner: str | None = None  # the `220-` teaser; None: smtpd's banner, "": no teaser
+    greet_banner: str = SMTPD_BANNER  # the `220-` teaser: SMTPD_BANNER (smtpd's greeting's text), "": none
     greet_action: ScreenAction = "ignore"
     greet_ttl: Duration = Field(86400.0, gt=0)
     dnsbl_sites: tuple[str, ...] = ()  # domain[=filter][*weight]

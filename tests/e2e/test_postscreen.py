@@ -221,3 +221,15 @@ async def test_a_reload_turns_postscreen_on_and_the_cache_outlives_reloads(mailf
     assert c.greeting.text == "220 mx.mailflow.test ESMTP mailflow"  # remembered across the reload
     await c.cmd("QUIT")
     assert screen_log()[-1].startswith("PASS OLD [127.0.0.1]:")
+
+
+async def test_the_teaser_can_be_set_or_left_out(mailflow_server):
+    mf = await mailflow_server(smtpd=screen(greet_wait=0.1, greet_banner="hold on"))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert c.greeting.text == "220-hold on\n220 mx.mailflow.test ESMTP mailflow"
+    await c.cmd("QUIT")
+    await mf.stop()
+    quiet = await mailflow_server(smtpd=screen(greet_wait=0.1, greet_banner=""))
+    c = await SmtpClient.connect(quiet.smtp_addresses[0][1])
+    assert c.greeting.text == "220 mx.mailflow.test ESMTP mailflow"
+    await c.cmd("QUIT")

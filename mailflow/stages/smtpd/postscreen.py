@@ -13,7 +13,7 @@ lines logged as `postscreen`, `[ip]:port` as postscreen writes a client):
   answer wins): permit -> `ALLOWLISTED [ip]:port`, to smtpd at once; reject -> `DENYLISTED [ip]:port` and
   denylist_action (Postfix 3.7's respectful_logging words).
 - the cache: a client whose every enabled test passed within its TTL: `PASS OLD [ip]:port`, to smtpd at once.
-- the early tests: the `220-` teaser (greet_banner), the DNSBL queries (dnsbl_sites, all at once, each bounded by
+- the early tests: the `220-` teaser (greet_banner: `$smtpd_banner` is smtpd's text, "" none), the DNSBL queries (dnsbl_sites, all at once, each bounded by
   dnsbl_timeout; what has not answered by the end of the greet wait does not count, as Postfix's partial score)
   and the wait of greet_wait for input: input before it is `PREGREET n after t from [ip]:port: text` and
   greet_action; a score at or above dnsbl_threshold is `DNSBL rank n for [ip]:port` and dnsbl_action; a score at
@@ -46,7 +46,7 @@ from typing import Callable, Protocol
 
 from mailflow import status
 from mailflow.clock import Clock
-from mailflow.config.smtpd import PostscreenConfig
+from mailflow.config.smtpd import SMTPD_BANNER, PostscreenConfig
 from mailflow.dnsbl_sites import DnsblSite, parse_dnsbl_site
 from mailflow.errors import LookupRetry
 from mailflow.logs import escaped, format_tv, printable
@@ -219,9 +219,9 @@ class Postscreen:
     async def _early_tests(self, conn: Connection, state: _Screening) -> bool:
         """The teaser, the DNSBL queries and the greet wait; False when the connection is over."""
         client, config = state.client, self._config
-        banner = self._banner if config.greet_banner is None else config.greet_banner
-        if banner:
-            conn.send(f"220-{self._hostname} {banner}\r\n" if config.greet_banner is None else f"220-{banner}\r\n")
+        teaser = f"{self._hostname} {self._banner}" if config.greet_banner == SMTPD_BANNER else config.greet_banner
+        if teaser:
+            conn.send(f"220-{teaser}\r\n")
         started = self._clock.time()
         score_task = asyncio.ensure_future(self._dnsbl_score(client.ip)) if self._sites else None
         try:
