@@ -14,11 +14,12 @@ lines logged as `postscreen`, `[ip]:port` as postscreen writes a client):
   denylist_action (Postfix 3.7's respectful_logging words).
 - the cache: a client whose every enabled test passed within its TTL: `PASS OLD [ip]:port`, to smtpd at once.
 - the early tests: the `220-` teaser (greet_banner: `$smtpd_banner` is smtpd's text, "" none), the DNSBL queries
-  (dnsbl_sites, all at once, each bounded by dnsbl_timeout; what has not answered by the end of the greet wait
-  does not count, as Postfix's partial score) and the wait of greet_wait for input: input before it is `PREGREET n after t from [ip]:port: text` and
-  greet_action; a score at or above dnsbl_threshold is `DNSBL rank n for [ip]:port` and dnsbl_action; a score at
-  or below a negative dnsbl_allowlist_threshold ends the wait and passes the greet test. A client that closes
-  meanwhile: `HANGUP after t from [ip]:port in tests before SMTP handshake`, `DISCONNECT [ip]:port`.
+  (dnsbl_sites, all at once, each bounded by dnsbl_timeout; what has not answered by the end of the greet wait does
+  not count, as Postfix's partial score) and the wait of greet_wait for input: input before it is `PREGREET n after
+  t from [ip]:port: text` and greet_action; a score at or above dnsbl_threshold is `DNSBL rank n for [ip]:port` and
+  dnsbl_action; a score at or below a negative dnsbl_allowlist_threshold ends the wait and passes the greet test. A
+  client that closes meanwhile: `HANGUP after t from [ip]:port in tests before SMTP handshake`, `DISCONNECT
+  [ip]:port`.
 - actions: ignore (logged only; the test is repeated next time), drop (`521 …` and `DISCONNECT`), enforce (the
   dummy SMTP engine: greeting, HELO/EHLO, MAIL, then every RCPT gets the refusal, logged as `NOQUEUE: reject:
   RCPT from [ip]:port: 550 5.7.1 …; from=<s>, to=<r>, proto=ESMTP, helo=<h>`; DATA and BDAT `554 5.5.1 Error: no
