@@ -233,3 +233,30 @@ async def test_the_teaser_can_be_set_or_left_out(mailflow_server):
     c = await SmtpClient.connect(quiet.smtp_addresses[0][1])
     assert c.greeting.text == "220 mx.mailflow.test ESMTP mailflow"
     await c.cmd("QUIT")
+
+
+async def test_a_denylisted_client_under_enforce_meets_the_dummy_engine(mailflow_server, tmp_path, screen_log):
+    table = tmp_path / "access.cidr"
+    table.write_text("127.0.0.0/8 reject\n")
+    mf = await mailflow_server(smtpd=screen(access_list=[f"cidr:{table}"], denylist_action="enforce"))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("HELO zombie.test")).text == "250 mx.mailflow.test"
+    assert (await c.cmd("MAIL FROM:<>")).code == 250
+    assert await c.cmd("RCPT TO:<alice@local.test>") == status.postscreen_denylisted(550)
+    assert (await c.cmd("QUIT")).text == "221 2.0.0 Bye"
+    assert any(line.endswith("550 5.3.2 Service currently unavailable; from=<>, to=<alice@local.test>, proto=SMTP, "
+                              "helo=<zombie.test>") for line in screen_log()), screen_log()
+
+
+async def test_beyond_the_screening_places_a_client_is_told_to_come_back(mailflow_server, screen_log):
+    mf = await mailflow_server(smtpd=screen(greet_wait=3, pre_queue_limit=1))
+    port = mf.smtp_addresses[0][1]
+    first = await SmtpClient.connect(port, greet=False)
+    assert (await first.reader.readline()).startswith(b"220-")  # being screened
+    second = await SmtpClient.connect(port, greet=False)
+    assert await second.reply() == status.SCREENING_PORTS_BUSY
+    assert str(status.SCREENING_PORTS_BUSY) == "421 4.3.2 All screening ports are busy"
+    assert await second.closed()
+    assert any(re.fullmatch(r"reject: connect from \[127\.0\.0\.1\]:\d+: all screening ports busy", line)
+               for line in screen_log()), screen_log()
+    first.writer.close()

@@ -123,10 +123,9 @@ class _Screening:
 
     def fail(self, action: str, reply_for: Callable[[int], status.Reply], conn: Connection) -> bool:
         """Apply `action` to a failed test; True when the connection was dropped."""
-        if action == "ignore":
-            self.failed = True
-            return False
         self.failed = True
+        if action == "ignore":
+            return False
         if action == "drop":
             _drop(conn, self.client, reply_for(521))
             return True
