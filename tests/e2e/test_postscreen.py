@@ -260,3 +260,14 @@ async def test_beyond_the_screening_places_a_client_is_told_to_come_back(mailflo
     assert any(re.fullmatch(r"reject: connect from \[127\.0\.0\.1\]:\d+: all screening ports busy", line)
                for line in screen_log()), screen_log()
     first.writer.close()
+
+
+async def test_a_pregreet_still_waits_for_the_dnsbl_answer(mailflow_server, dns_zone, screen_log):
+    """The DNS answers after the client has talked: postscreen waits on (within greet_wait) and counts it."""
+    nameserver = dns_zone(ZONE, slow=("1.0.0.127.bl.test",), delay=0.3)
+    mf = await mailflow_server(dns={"nameservers": [nameserver]},
+                               smtpd=screen(greet_wait=2, dnsbl_sites=["bl.test"], dnsbl_action="drop"))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1], first=b"EHLO zombie.test\r\n", greet=False)
+    assert (await c.reply()).text.endswith("\n521 5.7.1 Service unavailable; client [127.0.0.1] blocked using bl.test")
+    lines = screen_log()
+    assert lines[1].startswith("PREGREET 18 after ") and lines[2].startswith("DNSBL rank 1 for "), lines

@@ -68,8 +68,8 @@ async def test_pflogsumm_and_fail2ban_read_the_mail_log(mailflow_server, mail_lo
 
 async def test_fail2ban_reads_postscreens_reject_line(mailflow_server, mail_log, dns_zone):
     """postscreen's enforce line (`postfix-mailflow/postscreen`, the client as `[ip]:port`) is one fail2ban's stock
-    postfix filter matches, as it matches Postfix's postscreen; its rbl mode does not (it wants smtpd's 554 and
-    "Client host"), for Postfix as for mailflow."""
+    postfix filter matches, as it matches Postfix's postscreen (its rbl mode does not: it wants smtpd's 554 and
+    "Client host", for Postfix as for mailflow); its ddos mode matches the PREGREET line."""
     fail2ban_regex = require_tool("fail2ban-regex")
     nameserver = dns_zone("$ORIGIN bl.test.\n1.0.0.127 60 IN A 127.0.0.2\n")
     mf = await mailflow_server(dns={"nameservers": [nameserver]},
@@ -80,7 +80,11 @@ async def test_fail2ban_reads_postscreens_reject_line(mailflow_server, mail_log,
     assert (await c.cmd("MAIL FROM:<s@remote.test>")).code == 250
     assert (await c.cmd("RCPT TO:<alice@local.test>")).code == 550
     assert (await c.cmd("QUIT")).code == 221
-    await eventually(lambda: "DISCONNECT [127.0.0.1]" in mail_log.read_text())
+    zombie = await SmtpClient.connect(mf.smtp_addresses[0][1], first=b"EHLO zombie.test\r\n", greet=False)
+    assert (await zombie.reply()).code == 220  # the teaser, then the dummy engine's greeting
+    assert (await zombie.reply()).code == 250  # its EHLO, answered by the dummy engine (greet_action ignore)
+    assert (await zombie.cmd("QUIT")).code == 221
+    await eventually(lambda: mail_log.read_text().count("DISCONNECT [127.0.0.1]") == 2)
 
     text = mail_log.read_text()
     assert re.search(rf"^\S+ mx\.mailflow\.test {SYSLOG_NAME}/postscreen\[\d+\]: NOQUEUE: reject: RCPT from "
@@ -90,3 +94,6 @@ async def test_fail2ban_reads_postscreens_reject_line(mailflow_server, mail_log,
     rc, rejects = await run_tool(fail2ban_regex, str(mail_log), "postfix")
     assert rc == 0, rejects
     assert re.search(r"^Lines: \d+ lines, 0 ignored, 1 matched", rejects, re.M), rejects
+    rc, ddos = await run_tool(fail2ban_regex, str(mail_log), "postfix[mode=ddos]")  # its PREGREET line
+    assert rc == 0, ddos
+    assert re.search(r"^Lines: \d+ lines, 0 ignored, 1 matched", ddos, re.M), ddos

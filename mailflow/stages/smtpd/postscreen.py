@@ -239,10 +239,10 @@ class Postscreen:
             conn.hang_up()
             return False
         passes: dict[str, float] = {}
-        score, site, allowlisted = self._score_now(score_task)
+        score, site, _ = self._score_now(score_task)
         if score_task is not None:
             score_task.cancel()  # (the answers not in by now do not count, as in Postfix)
-        if early and not allowlisted:
+        if early:  # (an allowlisting score came too late to end the wait: a failed test stays failed, as Postfix)
             log.info("PREGREET %d after %s from %s: %s", len(early), format_tv(elapsed), client.where,
                      escaped(early)[:PREGREET_LOGGED])
             if state.fail(config.greet_action, status.postscreen_pregreet, conn):
@@ -276,13 +276,23 @@ class Postscreen:
                 if not done:
                     break
                 if arrival in done:
-                    return conn.wire.peek(PREGREET_READ) if arrival.result() else None
+                    if not arrival.result():
+                        return None
+                    await self._dnsbl_until(score_task, deadline)  # (Postfix waits on for the DNSBL answers)
+                    return conn.wire.peek(PREGREET_READ)
                 waiting.discard(score_task)
                 if self._score_now(score_task)[2]:
                     return b""
         finally:
             arrival.cancel()
         return conn.wire.peek(PREGREET_READ) if conn.wire.pending() else b""
+
+    @staticmethod
+    async def _dnsbl_until(score_task: asyncio.Future | None, deadline: float) -> None:
+        """After a pregreet: the rest of the greet wait for the DNSBL score, if it is still to come."""
+        left = deadline - asyncio.get_running_loop().time()
+        if score_task is not None and not score_task.done() and left > 0:
+            await asyncio.wait({score_task}, timeout=left)
 
     def _score_now(self, task: asyncio.Future | None) -> tuple[int, str, bool]:
         """(score, the site of the highest listing weight, allowlisted) from the answers in by now."""
