@@ -271,3 +271,25 @@ async def test_a_pregreet_still_waits_for_the_dnsbl_answer(mailflow_server, dns_
     assert (await c.reply()).text.endswith("\n521 5.7.1 Service unavailable; client [127.0.0.1] blocked using bl.test")
     lines = screen_log()
     assert lines[1].startswith("PREGREET 18 after ") and lines[2].startswith("DNSBL rank 1 for "), lines
+
+
+async def test_the_dummy_engine_times_out_and_sees_a_hangup_as_postscreen(mailflow_server, dns_zone, screen_log):
+    nameserver = dns_zone(ZONE)
+    mf = await mailflow_server(dns={"nameservers": [nameserver]}, smtpd={
+        "timeout": 0.5, **screen(dnsbl_sites=["bl.test"], dnsbl_action="enforce")})
+    port = mf.smtp_addresses[0][1]
+    c = await SmtpClient.connect(port)
+    assert (await c.cmd("HELO zombie.test")).code == 250
+    for _ in range(3):  # (longer than `timeout` in all: the deadline is per command, smtpd's own timer is off)
+        await asyncio.sleep(0.3)
+        assert (await c.cmd("NOOP")).code == 250
+    assert await c.reply(timeout=3) == status.session_timeout("mx.mailflow.test")
+    assert await c.closed()
+    await eventually(lambda: screen_log()[-1].startswith("DISCONNECT"))
+    assert re.fullmatch(r"COMMAND TIME LIMIT from \[127\.0\.0\.1\]:\d+ after NOOP", screen_log()[-2]), screen_log()
+
+    c = await SmtpClient.connect(port)
+    c.writer.close()
+    await eventually(lambda: screen_log()[-1].startswith("DISCONNECT") and "HANGUP" in screen_log()[-2])
+    assert re.fullmatch(r"HANGUP after \S+ from \[127\.0\.0\.1\]:\d+ in tests after SMTP handshake",
+                        screen_log()[-2]), screen_log()

@@ -333,13 +333,18 @@ class Postscreen:
         """postscreen_smtpd.c: answer as an SMTP server that refuses every recipient; never hand over."""
         dialogue = _Dummy(self._hostname, state)
         conn.send(f"{status.greeting(self._hostname, self._banner)}\r\n")
+        started = self._clock.time()
         try:
             while not dialogue.over:
                 async with asyncio.timeout(self._timeout):
                     line = await conn.wire.read_line(DUMMY_LINE_LIMIT)
                 conn.send(dialogue.answer(line.decode("utf-8", "replace")))
-        except (TimeoutError, ConnectionError, WireError):
-            pass
+        except TimeoutError:
+            log.info("COMMAND TIME LIMIT from %s after %s", state.client.where, dialogue.where)
+            conn.send(f"{status.session_timeout(self._hostname)}\r\n")
+        except (ConnectionError, WireError):
+            log.info("HANGUP after %s from %s in tests after SMTP handshake",
+                     format_tv(self._clock.time() - started), state.client.where)
         log.info("DISCONNECT %s", state.client.where)
         conn.hang_up()
 
@@ -354,10 +359,12 @@ class _Dummy:
         self._protocol = "SMTP"
         self._sender: str | None = None
         self.over = False
+        self.where = "CONNECT"  # the last command (Postfix's state->where)
 
     def answer(self, line: str) -> str:
         verb, _, arg = line.strip().partition(" ")
         handler = self._COMMANDS.get(verb.upper())
+        self.where = verb.upper() if handler is not None else "UNIMPLEMENTED"
         if handler is None:
             return "502 5.5.2 Error: command not recognized\r\n"
         return handler(self, arg.strip())

@@ -144,13 +144,18 @@ class ListenerSession(SmtpSession):
         self._has_slot = False
 
     async def _screen(self) -> bool:
-        """The listener's postscreen (as it was when the session started), if any, after the PROXY header."""
+        """The listener's postscreen (as it was when the session started), if any, after the PROXY header; smtpd's
+        command deadline is off meanwhile and starts again at the hand-over."""
         screen = self._postscreen
         if screen is None:
             return True
         s = self.session
         client = Client(s.peer_ip, str(s.peer_port), s.server_ip or "", str(s.server_port))
-        return await screen.screen(self, client) is Verdict.PASS
+        self._no_deadline()  # the screen keeps its own: the greet wait, the dummy engine's per command
+        if await screen.screen(self, client) is not Verdict.PASS:
+            return False
+        self._reset_timeout()  # smtpd's, from the hand-over on
+        return True
 
     def send(self, text: str) -> None:
         """postscreen's words, written as they are (no reply bookkeeping: smtpd has not started)."""
