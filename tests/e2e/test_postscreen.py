@@ -293,3 +293,10 @@ async def test_the_dummy_engine_times_out_and_sees_a_hangup_as_postscreen(mailfl
     await eventually(lambda: screen_log()[-1].startswith("DISCONNECT") and "HANGUP" in screen_log()[-2])
     assert re.fullmatch(r"HANGUP after \S+ from \[127\.0\.0\.1\]:\d+ in tests after SMTP handshake",
                         screen_log()[-2]), screen_log()
+
+
+async def test_a_greet_wait_longer_than_smtpds_timeout_is_not_cut(mailflow_server):
+    mf = await mailflow_server(smtpd={"timeout": 0.3, **screen(greet_wait=0.8)})
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert c.greeting.text.endswith("\n220 mx.mailflow.test ESMTP mailflow")
+    assert (await c.cmd("NOOP")).code == 250
