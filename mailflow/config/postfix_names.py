@@ -136,6 +136,7 @@ NOT_IMPORTABLE: dict[str, str] = {
                      "postscreen_greet_action", "postscreen_pipelining_enable", "postscreen_non_smtp_command_enable",
                      "postscreen_bare_newline_enable", "postscreen_dnsbl_whitelist_threshold",
                      "postscreen_dnsbl_allowlist_threshold"), "mailflow has no postscreen"),
+    "postscreen_cache_map": "mailflow's postscreen keeps its cache of passed clients in memory (cache_limit)",
     **dict.fromkeys(("smtpd_tls_protocols", "smtpd_tls_mandatory_protocols", "smtpd_tls_ciphers",
                      "smtpd_tls_mandatory_ciphers", "smtpd_tls_exclude_ciphers", "smtp_tls_protocols",
                      "smtp_tls_mandatory_protocols", "smtp_tls_ciphers", "smtp_tls_mandatory_ciphers",
