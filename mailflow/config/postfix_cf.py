@@ -3,6 +3,8 @@
     logical_lines(path), read_main_cf(path), read_master_cf(path)   UnreadableFile(file, line, reason)
     Expander(raw, hostname).expand(value)        $name expansion; Unexpanded for a name it cannot know
     convert(name, key, value, notes)             a Postfix value as mailflow's setting `key` takes it; Refused(why)
+    SETTING_TYPES                                every setting `key` may name (its default: its type), with
+                                                 [smtpd.postscreen]'s as `smtpd.postscreen.name`
     table_spec(token, notes), split_list(value)  `type:name` in mailflow's form; a Postfix list's entries
     from_queue_directory(value, queue, notes)    relative `unix:` paths made absolute, as Postfix reads them
     Imported, LeftOut                            what an import produces, and its TOML
@@ -69,9 +71,11 @@ class Imported:
         """The settings as the TOML document's tables."""
         doc: dict[str, object] = {}
         for key, value in self.settings.items():
-            section, _, inner = key.rpartition(".")
-            target = doc.setdefault(section, {}) if section else doc
-            assert isinstance(target, dict)
+            *sections, inner = key.split(".")  # smtpd.postscreen.enable: a table in a table
+            target = doc
+            for section in sections:
+                target = target.setdefault(section, {})  # type: ignore[assignment]
+                assert isinstance(target, dict)
             target[inner] = value
         if self.listeners:
             smtpd = doc.setdefault("smtpd", {})
@@ -96,9 +100,9 @@ class Imported:
         top = [k for k in self.settings if "." not in k]
         out.append("")
         out += self._lines(top)
-        for section in dict.fromkeys(k.split(".")[0] for k in self.settings if "." in k):
+        for section in dict.fromkeys(k.rpartition(".")[0] for k in self.settings if "." in k):
             out += ["", f"[{section}]"]
-            out += self._lines([k for k in self.settings if k.startswith(section + ".")])
+            out += self._lines([k for k in self.settings if k.rpartition(".")[0] == section])
         for listener in self.listeners:
             out += ["", "[[smtpd.listeners]]"]
             out += [format_setting(k, v) for k, v in listener.items() if k != "origin"]
@@ -237,7 +241,8 @@ def _parent(hostname: str) -> str:
 _CONVERTED_TYPES = {**dict.fromkeys(("hash", "btree", "lmdb", "cdb", "dbm", "sdbm"), "texthash"), "pcre": "regexp"}
 _FOREIGN_TYPES = ("mysql", "pgsql", "ldap", "memcache", "socketmap", "tcp", "nis", "nisplus", "netinfo", "pipemap",
                   "unionmap", "randmap", "environ", "internal")
-_TYPES = dict(flat_settings(DEFAULTS))
+SETTING_TYPES = {**flat_settings(DEFAULTS),
+                 **{f"smtpd.postscreen.{k}": v for k, v in DEFAULTS.smtpd.postscreen.model_dump().items()}}
 
 
 class Refused(Exception):
@@ -315,7 +320,7 @@ def restriction_items(tokens: list[str]) -> list[str]:
 
 def convert(name: str, key: str, value: str, notes: list[str]) -> object:
     """`value` (expanded) as mailflow's `key` takes it; Refused with the reason."""
-    default = _TYPES[key]
+    default = SETTING_TYPES[key]
     if isinstance(default, bool):
         if value.lower() not in ("yes", "no", "true", "false"):
             raise Refused("not yes or no")

@@ -35,9 +35,12 @@ from mailflow.config.postfix_cf import (Expander, Imported, Line, Refused, Servi
                                         convert, from_queue_directory, read_main_cf, read_master_cf,
                                         restriction_items, split_list, table_spec)
 from mailflow.config.postfix_master import translate_service
+from mailflow.config.smtpd import SMTPD_BANNER
 from mailflow.errors import ConfigError
 
 __all__ = ["import_postfix", "UnreadableFile", "Imported"]
+
+_SMTPD_BANNER_REFERENCE = re.compile(r"\$(?:smtpd_banner|\{smtpd_banner\}|\(smtpd_banner\))")
 
 
 class Importer:
@@ -92,6 +95,12 @@ class Importer:
             return None
 
     def _parameter(self, name: str, line: Line, raw: str) -> None:
+        if name in names.NOT_IMPORTABLE:  # its reason, whatever its value refers to
+            self.out.leave_out(line.where, name, raw, names.why_not(name))
+            return
+        if name == "postscreen_greet_banner" and _SMTPD_BANNER_REFERENCE.fullmatch(raw.strip()):
+            self._set(name, line, raw, "smtpd.postscreen.greet_banner", SMTPD_BANNER)  # smtpd's own greeting
+            return
         value = self._expand(name, line, raw)
         if value is None:
             return
@@ -163,6 +172,8 @@ class Importer:
             self.out.notes.append(f"{line.where}: {name} = {raw}: {names.CONVERTED[name]}")
         elif name == "inet_interfaces":
             self.used.add(name)  # applied with master.cf's ports in _listen
+        elif name == "postscreen_greet_banner":
+            self._set(name, line, raw, "smtpd.postscreen.greet_banner", value)  # the teaser's text as written
 
     def _restriction_classes(self) -> set[str]:
         if "smtpd_restriction_classes" not in self.params:
@@ -265,7 +276,8 @@ class Importer:
             listener = self.out.listeners.pop(int(parts[2]))
             self.out.leave_out(str(listener.pop("origin", "")), f"listener {listener.get('address')}", "", why)
             return
-        setting = ".".join(parts[:2]) if ".".join(parts[:2]) in self.out.settings else parts[0]
+        prefixes = [".".join(parts[:n]) for n in range(len(parts), 0, -1)]  # smtpd.postscreen.greet_wait first
+        setting = next((p for p in prefixes if p in self.out.settings), parts[0])
         if setting not in self.out.settings:  # a check across settings: the imported one the reason names
             named = [k for k in self.out.settings if re.search(rf"(?<![\w.]){re.escape(k)}(?![\w.])", reason)]
             setting = named[0] if named else setting

@@ -102,11 +102,12 @@ def _smtpd_service(importer: ImportState, service: Service) -> None:
         raise Refused(f"service {service.name!r}: not a port mailflow knows")
     options = _options(service)
     if service.command == "postscreen":
-        importer.out.leave_out(service.line.where, f"master.cf {service.name}", service.line.text,
-                               "mailflow has no postscreen: smtpd answers the port itself (postscreen's tests "
-                               "are not made)")
+        importer.out.settings["smtpd.postscreen.enable"] = True
+        importer.out.origins["smtpd.postscreen.enable"] = f"{service.line.where}: {service.line.text}"
         options += _pass_options(importer)
     overrides = _overrides(importer, service, options)
+    if service.command == "smtpd" and _screened_elsewhere(importer):
+        overrides["postscreen"] = {"enable": False}  # [smtpd.postscreen] screens the postscreen service's port only
     if service.name == "smtp" and not overrides:
         return  # the listen addresses (postfix_import)
     role = _role(overrides)
@@ -118,6 +119,11 @@ def _smtpd_service(importer: ImportState, service: Service) -> None:
     if service.name == "smtp":
         importer.out.settings.pop("smtpd.listen", None)
         importer.out.settings["smtpd.listen"] = []
+
+
+def _screened_elsewhere(importer: ImportState) -> bool:
+    """Whether master.cf runs postscreen on some port: then an smtpd service's listener is not screened."""
+    return any(s.kind == "inet" and s.command == "postscreen" for s in importer.services or ())
 
 
 def _pass_options(importer: ImportState) -> list[tuple[str, str]]:

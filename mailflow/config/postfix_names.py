@@ -99,9 +99,16 @@ SETTINGS: dict[str, tuple[str, ...]] = {name: (key,) for name, key in {
     "syslog_name": "log.syslog_name",
     "maillog_file": "log.file",
     **_same("sendmail", "authorized_submit_users local_login_sender_maps"),
+    **_same("smtpd.postscreen", "access_list denylist_action greet_wait greet_action greet_ttl dnsbl_sites "
+                                "dnsbl_threshold dnsbl_allowlist_threshold dnsbl_action dnsbl_timeout dnsbl_min_ttl "
+                                "dnsbl_max_ttl pre_queue_limit", prefix="postscreen_"),
+    "postscreen_blacklist_action": "smtpd.postscreen.denylist_action",  # its name before Postfix 3.6
+    "postscreen_dnsbl_whitelist_threshold": "smtpd.postscreen.dnsbl_allowlist_threshold",
+    "postscreen_dnsbl_ttl": "smtpd.postscreen.dnsbl_max_ttl",  # its name before Postfix 3.1
 }.items()}
 SETTINGS["default_process_limit"] = ("smtpd.max_sessions", "queue.delivery_concurrency_limit")
 
+_DEEP_TESTS = ("pipelining", "non_smtp_command", "bare_newline")  # postscreen's tests after the handshake
 BUILT_IN: dict[str, tuple[str, str]] = {
     "smtpd_tls_auth_only": ("yes", "mailflow offers AUTH only after TLS (smtpd.allow_plaintext_auth_on_loopback "
                                    "is the one exception)"),
@@ -111,6 +118,8 @@ BUILT_IN: dict[str, tuple[str, str]] = {
     "smtputf8_enable": ("yes", "mailflow speaks SMTPUTF8"),
     "disable_dns_lookups": ("no", "mailflow always uses the DNS"),
     "smtp_tls_note_starttls_offer": ("no", "mailflow does not log it"),
+    **{f"postscreen_{test}_enable": ("no", "postscreen's deep protocol tests are not built in mailflow (they need "
+                                           "the client to reconnect)") for test in _DEEP_TESTS},
 }
 
 _POSTFIX_OWN = "a path or setting of Postfix's own installation; mailflow keeps its own (queue_directory)"
@@ -131,11 +140,11 @@ NOT_NEEDED: dict[str, str] = {
 }
 
 NOT_IMPORTABLE: dict[str, str] = {
-    **dict.fromkeys(("postscreen_access_list", "postscreen_blacklist_action", "postscreen_denylist_action",
-                     "postscreen_dnsbl_sites", "postscreen_dnsbl_threshold", "postscreen_dnsbl_action",
-                     "postscreen_greet_action", "postscreen_pipelining_enable", "postscreen_non_smtp_command_enable",
-                     "postscreen_bare_newline_enable", "postscreen_dnsbl_whitelist_threshold",
-                     "postscreen_dnsbl_allowlist_threshold"), "mailflow has no postscreen"),
+    "postscreen_dnsbl_reply_map": "mailflow's postscreen names the DNSBL site as postscreen_dnsbl_sites gives it",
+    **dict.fromkeys(("postscreen_allowlist_interfaces", "postscreen_whitelist_interfaces"),
+                    "mailflow's postscreen is per listener: give the listener's overrides = {postscreen = {...}}"),
+    **dict.fromkeys([f"postscreen_{test}_{what}" for test in _DEEP_TESTS for what in ("action", "ttl")],
+                    "postscreen's deep protocol tests are not built in mailflow (they need the client to reconnect)"),
     "postscreen_cache_map": "mailflow's postscreen keeps its cache of passed clients in memory (cache_limit)",
     **dict.fromkeys(("smtpd_tls_protocols", "smtpd_tls_mandatory_protocols", "smtpd_tls_ciphers",
                      "smtpd_tls_mandatory_ciphers", "smtpd_tls_exclude_ciphers", "smtp_tls_protocols",
@@ -161,6 +170,7 @@ CONVERTED: dict[str, str] = {
     "smtpd_restriction_classes": "smtpd.restriction_classes: each class with its parameter's restrictions",
     "smtpd_sasl_path": "smtpd.sasl_path: a relative path from queue_directory, as Postfix takes it",
     "smtp_sasl_password_maps": "smtp.sasl_password_maps when smtp_sasl_auth_enable = yes (Postfix ignores it else)",
+    "postscreen_greet_banner": "smtpd.postscreen.greet_banner: $smtpd_banner is smtpd's own greeting (the default)",
     "smtp_sasl_auth_enable": "applied with smtp_sasl_password_maps (mailflow authenticates when it has a password)",
 }
 
@@ -188,4 +198,6 @@ DURATION_UNITS: dict[str, str] = {
     "address_verify_positive_expire_time": "d", "address_verify_positive_refresh_time": "d",
     "address_verify_negative_expire_time": "d", "address_verify_negative_refresh_time": "h",
     "address_verify_sender_ttl": "s", "smtpd_policy_service_max_idle": "s",
+    "postscreen_greet_ttl": "d", "postscreen_dnsbl_max_ttl": "h",
+    "postscreen_dnsbl_ttl": "h",
 }

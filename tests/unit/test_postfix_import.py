@@ -16,6 +16,7 @@ from mailflow.cli import app as cli
 from mailflow.config import DEFAULTS, flat_settings
 from mailflow.config import postfix_names as names
 from mailflow.config.postfix_import import import_postfix
+from mailflow.config.smtpd import PostscreenConfig
 from tests.support.client_certs import ClientPki
 from tests.support.tools import require_tool
 
@@ -92,7 +93,7 @@ def test_every_postfix_name_the_docs_cite_is_in_the_name_table_or_said_not_impor
 
 
 def test_every_setting_the_table_names_is_a_mailflow_setting():
-    settings = set(flat_settings(DEFAULTS))
+    settings = set(flat_settings(DEFAULTS)) | {f"smtpd.postscreen.{name}" for name in PostscreenConfig.model_fields}
     assert sorted({key for keys in names.SETTINGS.values() for key in keys} - settings) == []
 
 
@@ -272,9 +273,24 @@ def test_smtp_sasl_password_maps_without_smtp_sasl_auth_enable_is_left_out(tmp_p
 
 POSTSCREEN_MAIN = """\
     myhostname = mx.example.com
-    postscreen_access_list = permit_mynetworks
-    postscreen_dnsbl_sites = zen.spamhaus.org*2
+    postscreen_access_list = permit_mynetworks, cidr:/etc/postfix/postscreen_access.cidr
+    postscreen_blacklist_action = drop
+    postscreen_dnsbl_sites = zen.spamhaus.org*2, b.barracudacentral.org=127.0.0.[2..11]*1,
+        list.dnswl.org=127.0.[0..255].[1..3]*-4
+    postscreen_dnsbl_threshold = 2
+    postscreen_dnsbl_whitelist_threshold = -1
+    postscreen_dnsbl_action = enforce
     postscreen_greet_action = enforce
+    postscreen_greet_wait = 3
+    postscreen_greet_ttl = 2
+    postscreen_greet_banner = $smtpd_banner
+    postscreen_dnsbl_max_ttl = 2
+    postscreen_dnsbl_timeout = 5s
+    postscreen_pre_queue_limit = 50
+    postscreen_pipelining_enable = no
+    postscreen_bare_newline_enable = yes
+    postscreen_cache_map = btree:$data_directory/postscreen_cache
+    postscreen_dnsbl_reply_map = texthash:/etc/postfix/dnsbl_reply
     smtpd_milters = inet:localhost:11332, unix:opendkim/opendkim.sock
     milter_default_action = accept
     smtpd_recipient_restrictions = permit_mynetworks, reject_unauth_destination,
@@ -287,24 +303,39 @@ POSTSCREEN_MASTER = textwrap.dedent("""\
       -o smtpd_helo_required=yes
     dnsblog   unix  -       -       y       -       0       dnsblog
     tlsproxy  unix  -       -       y       -       0       tlsproxy
+    127.0.0.1:10025 inet n  -       n       -       -       smtpd
+      -o smtpd_recipient_restrictions=permit_mynetworks,reject
     """) + STANDARD_SERVICES
 
 
-def test_a_postscreen_front_is_named_left_out_and_its_smtpd_kept(tmp_path):
+def test_a_postscreen_front_is_translated_and_its_smtpd_kept(tmp_path):
     main = write(tmp_path, "main.cf", POSTSCREEN_MAIN)
     master = write(tmp_path, "master.cf", POSTSCREEN_MASTER)
     code, err = run_import(main, master, tmp_path / "mailflow.toml")
     assert code == 1
-    for name in ("postscreen_access_list", "postscreen_dnsbl_sites", "postscreen_greet_action", "master.cf smtp"):
-        assert f"{name}: mailflow has no postscreen" in err
+    assert "mailflow has no postscreen" not in err
+    assert "postscreen_bare_newline_enable: only postscreen_bare_newline_enable = no" in err and "not built" in err
+    assert "postscreen_cache_map" in err and "postscreen_dnsbl_reply_map" in err
+    assert "postscreen_pipelining_enable" not in err  # `no` is what mailflow's postscreen does
     doc = checked(tmp_path / "mailflow.toml")
+    screen = doc["smtpd"]["postscreen"]
+    assert screen == {"enable": True, "access_list": ["permit_mynetworks", "cidr:/etc/postfix/postscreen_access.cidr"],
+                      "denylist_action": "drop",
+                      "dnsbl_sites": ["zen.spamhaus.org*2", "b.barracudacentral.org=127.0.0.[2..11]*1",
+                                      "list.dnswl.org=127.0.[0..255].[1..3]*-4"],
+                      "dnsbl_threshold": 2, "dnsbl_allowlist_threshold": -1, "dnsbl_action": "enforce",
+                      "greet_action": "enforce", "greet_wait": "3s", "greet_ttl": "2d",  # Postfix's units
+                      "greet_banner": "$smtpd_banner", "dnsbl_max_ttl": "2h", "dnsbl_timeout": "5s",
+                      "pre_queue_limit": 50}
     assert doc["smtpd"]["milters"] == ["inet:localhost:11332", "unix:/var/spool/postfix/opendkim/opendkim.sock"]
     assert doc["smtpd"]["recipient_restrictions"] == ["permit_mynetworks", "reject_unauth_destination",
                                                       "reject_rbl_client zen.spamhaus.org"]
-    # the pass service's -o apply to port 25, on every address (inet_protocols = all: both families)
+    # the pass service's -o apply to port 25, on every address (inet_protocols = all: both families), screened;
+    # the content filter's return listener is not (Postfix runs smtpd there, not postscreen)
     listeners = doc["smtpd"]["listeners"]
-    assert [(x["address"], x["overrides"]["helo_required"]) for x in listeners] == [("0.0.0.0:25", True),
-                                                                                    ("[::]:25", True)]
+    assert [(x["address"], x["overrides"].get("helo_required"), x["overrides"].get("postscreen"))
+            for x in listeners] == [("0.0.0.0:25", True, None), ("[::]:25", True, None),
+                                    ("127.0.0.1:10025", None, {"enable": False})]
     assert doc["smtpd"]["listen"] == []
 
 
