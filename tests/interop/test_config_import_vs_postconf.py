@@ -7,15 +7,17 @@ from __future__ import annotations
 import re
 import textwrap
 import subprocess
+import tomllib
 from pathlib import Path
 
 from typer.testing import CliRunner
 
 from mailflow.cli import app as cli
 from mailflow.config import postfix_names as names
+from mailflow.config.show import format_setting
 from tests.support.client_certs import ClientPki
 from tests.support.tools import require_tool
-from tests.unit.test_postfix_import import RELAY_SATELLITE, ispmail, write
+from tests.unit.test_postfix_import import POSTSCREEN_MAIN, POSTSCREEN_MASTER, RELAY_SATELLITE, ispmail, write
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -26,9 +28,14 @@ def postconf(*args: str) -> dict[str, str]:
 
 
 def mailflow_settings(config: Path) -> dict[str, str]:
+    """`config show`'s settings; [smtpd.postscreen]'s (one inline table there) each as `smtpd.postscreen.name`."""
     result = CliRunner().invoke(cli, ["config", "show", "--config", str(config)])
     assert result.exit_code == 0, result.output
-    return dict(line.split(" = ", 1) for line in result.stdout.splitlines())
+    settings = dict(line.split(" = ", 1) for line in result.stdout.splitlines())
+    screen = tomllib.loads("screen = " + settings["smtpd.postscreen"])["screen"]
+    settings.update({f"smtpd.postscreen.{name}": format_setting(name, value).split(" = ", 1)[1]
+                     for name, value in screen.items()})
+    return settings
 
 
 def postfix_meaning(value: str, default: str, mine: str) -> object:
@@ -36,7 +43,7 @@ def postfix_meaning(value: str, default: str, mine: str) -> object:
     seconds (a bare number in the unit of Postfix's default for the parameter)."""
     if mine in ("true", "false"):
         return {"yes": "true", "no": "false"}.get(value.lower(), value)
-    unit = re.fullmatch(r"\d+([smhdw])", default)
+    unit = re.fullmatch(r"(?:\d+|\$\{.*\})([smhdw])", default)  # 10s, ${stress?{2}:{6}}s
     if unit and re.fullmatch(r"\d+[smhdw]?", value):
         number, suffix = re.fullmatch(r"(\d+)([smhdw]?)", value).groups()  # type: ignore[union-attr]
         return str(int(number) * UNITS[suffix or unit.group(1)])
@@ -109,3 +116,12 @@ def test_a_relay_satellite_means_the_same_to_postconf_and_to_mailflow(tmp_path):
                  + "maximal_queue_lifetime = 2\ndelay_warning_time = 4\nminimal_backoff_time = 10m\n"
                  + "message_drop_headers = bcc resent-bcc\n")
     assert compare(tmp_path, main, None) == []
+
+
+def test_a_postscreen_front_means_the_same_to_postconf_and_to_mailflow(tmp_path):
+    untranslated = ("postscreen_bare_newline_enable", "postscreen_cache_map", "postscreen_dnsbl_reply_map")
+    main_cf = "".join(line for line in textwrap.dedent(POSTSCREEN_MAIN).splitlines(keepends=True)
+                      if not line.startswith(untranslated))
+    main = write(tmp_path, "main.cf", main_cf)
+    master = write(tmp_path, "master.cf", POSTSCREEN_MASTER)
+    assert compare(tmp_path, main, master) == []
