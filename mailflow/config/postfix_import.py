@@ -17,12 +17,13 @@ loads it (mailflow.config.load.config_from_dict): one it refuses is left out wit
 written always loads. Nothing is dropped silently and no value is invented: a setting written without a main.cf line
 (myhostname, mydestination, the listen addresses) is Postfix's default, said so in a comment.
 
-master.cf: `smtpd` inet services become the listen addresses (the `smtp` service) and `[[smtpd.listeners]]` with a
-role (submission: `-o smtpd_tls_security_level=encrypt` and AUTH; submissions: `-o smtpd_tls_wrappermode=yes`) and
-overrides (each `-o` through the same table); `pipe` services become `[pipe.NAME]`; a second smtp or lmtp service
-(a content filter's) is mailflow's transport of that kind; Postfix's own services are built in; anything else is left
-out (mailflow.config.postfix_master). The reading half (files, expansion, values, the result) is
-mailflow.config.postfix_cf.
+master.cf: `smtpd` inet services become the listen addresses (the `smtp` service) and `[[smtpd.listeners]]` with a role
+(submission: `-o smtpd_tls_security_level=encrypt` and AUTH; submissions: `-o smtpd_tls_wrappermode=yes`) and overrides
+(each `-o` through the same table); a `postscreen` service turns [smtpd.postscreen] on for its port (the `pass`
+service's `-o` applied there; the postscreen_* parameters are [smtpd.postscreen]'s); `pipe` services become
+`[pipe.NAME]`; a second smtp or lmtp service (a content filter's) is mailflow's transport of that kind; Postfix's own
+services are built in; anything else is left out (mailflow.config.postfix_master). The reading half (files, expansion,
+values, the result) is mailflow.config.postfix_cf.
 """
 from __future__ import annotations
 

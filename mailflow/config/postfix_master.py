@@ -3,14 +3,16 @@
     translate_service(importer, service)
 
 `smtpd` inet services: the `smtp` service's port is the listen addresses' (postfix_import), any other becomes a
-`[[smtpd.listeners]]` entry on each inet_interfaces address (or the host the service names: a content filter's
-return listener, `127.0.0.1:10025`), its `-o name=value` through the one table as overrides of [smtpd] settings;
-role `submissions` for `-o smtpd_tls_wrappermode=yes`, `submission` for `-o smtpd_tls_security_level=encrypt` with
-AUTH, else `mta`; the role's presets Postfix's line does not state are written out as overrides with Postfix's
-values, so the role changes nothing the line did not say. `pipe` services become `[pipe.NAME]` (flags, user, argv,
-size, null_sender, directory). Postfix's own services with no `-o` are built in; a maxproc on a transport becomes
-queue.transport_concurrency_limit. Another smtp or lmtp service (`smtp-amavis`) is mailflow's smtp or lmtp transport:
-the settings naming it are rewritten (each of its -o is left out). Anything else is left out with the reason.
+`[[smtpd.listeners]]` entry on each inet_interfaces address (or the host the service names: a content filter's return
+listener, `127.0.0.1:10025`), its `-o name=value` through the one table as overrides of [smtpd] settings; role
+`submissions` for `-o smtpd_tls_wrappermode=yes`, `submission` for `-o smtpd_tls_security_level=encrypt` with AUTH, else
+`mta`; the role's presets Postfix's line does not state are written out as overrides with Postfix's values, so the role
+changes nothing the line did not say. A `postscreen` inet service turns [smtpd.postscreen] on (smtpd.postscreen.enable)
+for its port, which takes the `smtpd pass` service's -o; every smtpd service's listener then gets
+`postscreen = {enable = false}` (Postfix screens the postscreen port only). `pipe` services become `[pipe.NAME]` (flags,
+user, argv, size, null_sender, directory). Postfix's own services with no `-o` are built in; a maxproc on a transport
+becomes queue.transport_concurrency_limit. Another smtp or lmtp service (`smtp-amavis`) is mailflow's smtp or lmtp
+transport: the settings naming it are rewritten (each of its -o is left out). Anything else is left out with the reason.
 """
 from __future__ import annotations
 
