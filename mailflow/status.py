@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import re
 import sqlite3
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from mailflow.errors import ContentRejected, DeliveryError, LookupRetry, MessageTooBig, Overloaded, PermanentError
@@ -189,8 +189,9 @@ def rule_deferred(name: str, what: str) -> Reply:
 
 
 def restriction_config_error(name: str, what: str) -> Reply:
-    """A table that cannot answer, or an action mailflow does not know: the client retries later."""
-    return Reply(451, "4.3.5", f"<{name}>: {what} rejected: Server configuration error", server_fault=True)
+    """A table that cannot answer, or an action mailflow does not know: the client retries later (`name` made
+    printable as every refusal's)."""
+    return replace(restriction_rejected(451, "4.3.5", name, what, "Server configuration error"), server_fault=True)
 
 
 def relay_deferred(address: str) -> Reply:

@@ -165,3 +165,11 @@ def test_a_refusal_cannot_be_split_into_lines_by_the_name_it_quotes():
     each control, as Postfix's smtpd_check_reject makes its reply printable."""
     reply = status.restriction_rejected(554, "5.7.1", "evil>\r\n250 2.1.5 Ok\r\n<x", "Client certificate", "no")
     assert str(reply) == "554 5.7.1 <evil>  250 2.1.5 Ok  <x>: Client certificate rejected: no"
+
+
+def test_a_configuration_error_cannot_be_split_into_lines_by_the_name_it_quotes():
+    """The server's own failure names what the client chose too (a certificate's CommonName, U+0085 and U+2028
+    included): made printable as every refusal, and still the server's fault."""
+    reply = status.restriction_config_error("evil\r\n250 ok\u0085\u2028x", "Client certificate")
+    assert str(reply) == "451 4.3.5 <evil  250 ok  x>: Client certificate rejected: Server configuration error"
+    assert reply.server_fault
