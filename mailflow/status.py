@@ -188,10 +188,16 @@ def rule_deferred(name: str, what: str) -> Reply:
     return restriction_rejected(450, "4.3.2", name, what, "Try again later")
 
 
+def restriction_table_failure(name: str, what: str) -> Reply:
+    """An access table that cannot answer: Postfix's check_access gives check_table_result the value `451 4.3.5
+    Server configuration error`, a policy's verdict like any table value (warn_if_reject makes it a warning)."""
+    return restriction_rejected(451, "4.3.5", name, what, "Server configuration error")
+
+
 def restriction_config_error(name: str, what: str) -> Reply:
-    """A table that cannot answer, or an action mailflow does not know: the client retries later (`name` made
-    printable as every refusal's)."""
-    return replace(restriction_rejected(451, "4.3.5", name, what, "Server configuration error"), server_fault=True)
+    """An action mailflow does not know (an access value naming a table or an undefined class, lists nested too
+    deep): the client retries later; the server's fault (Postfix's reject_server_error), never a warning."""
+    return replace(restriction_table_failure(name, what), server_fault=True)
 
 
 def relay_deferred(address: str) -> Reply:

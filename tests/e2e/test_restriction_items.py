@@ -154,6 +154,22 @@ async def test_warn_if_reject_warns_of_a_policys_4_3_x_but_not_of_a_server_fault
         "451 4.3.0 <s@remote.test>: Sender address rejected: busy"]
 
 
+async def test_warn_if_reject_warns_of_an_access_table_that_cannot_answer(mailflow_server, caplog):
+    """Postfix's check_access gives a failed table the value `451 4.3.5 Server configuration error`, which
+    check_table_result refuses as a policy's (MAIL_ERROR_POLICY): under warn_if_reject only a warning (as a
+    private Postfix 3.7.11 logs it: tests/interop/test_restriction_items_vs_postfix.py, c_wfail)."""
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    mf = await mailflow_server(smtpd={"recipient_restrictions": ["warn_if_reject", "check_sender_access fail:down"]})
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    await client.cmd(HELLO)
+    await client.cmd("MAIL FROM:<s@remote.test>")
+    assert (await client.cmd("RCPT TO:<postmaster@local.test>")).code == 250
+    await client.close()
+    assert any("NOQUEUE: reject_warning: RCPT from " in r.getMessage() and
+               ": 451 4.3.5 <s@remote.test>: Sender address rejected: Server configuration error; " in r.getMessage()
+               for r in caplog.records)
+
+
 async def test_a_warning_under_soft_bounce_names_the_reply_as_it_would_be_sent(mailflow_server, caplog):
     """Postfix's smtpd_check_reject makes the 5 a 4 before it logs, warning or not."""
     caplog.set_level(logging.INFO, logger="mailflow.smtpd")

@@ -41,6 +41,8 @@ CLASSES = {  # smtpd_restriction_classes: one for each recipient of RECIPIENTS
     # a policy server's default action and an access action's 4.3.0 are policies' verdicts: only warned of
     "c_wpol": ["warn_if_reject", "check_policy_service inet:127.0.0.1:9", "warn_if_reject",
                "check_sender_access inline:{ {s@remote.test=451 4.3.0 busy} }"],
+    # an access table that cannot answer: check_access's "451 4.3.5 Server configuration error", a table's value
+    "c_wfail": ["warn_if_reject", "check_sender_access fail:down"],
     "c_authdest": ["permit_auth_destination", "reject"],
     "c_naked": ["permit_naked_ip_address", "reject"],
     "c_uls": ["reject_unlisted_sender"],
@@ -75,6 +77,8 @@ SESSIONS: dict[str, list[str | bytes | None]] = {
                                          "RCPT TO:<wmulti@relay.test>"],
     "warn_if_reject, an item and a class": ["EHLO c", "MAIL FROM:<s@remote.test>", "RCPT TO:<warn@relay.test>"],
     "warn_if_reject over a policy's 4.3.x": ["EHLO c.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<wpol@relay.test>"],
+    "warn_if_reject over a table that cannot answer": ["EHLO c.test", "MAIL FROM:<s@remote.test>",
+                                                       "RCPT TO:<wfail@relay.test>"],
     "warn_if_reject over a DEFER_IF_PERMIT, one pending": ["EHLO c.test", "MAIL FROM:<s@remote.test>",
                                                            "RCPT TO:<wdefer@relay.test>"],
     "plaintext": ["EHLO c.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<plain@relay.test>"],

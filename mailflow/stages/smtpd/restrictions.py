@@ -47,8 +47,9 @@ Postfix's not_in_client_helo does); each list stops at its first PERMIT (the nex
 answer); an item with nothing to say (DUNNO, or missing facts such as no HELO yet) passes to the next.
 warn_if_reject makes its next item (all of it: a class goes on past its warnings) refuse nothing: each refusal or
 DEFER_IF_PERMIT it would have made is logged `reject_warning: …` instead (`facts.warn_if_reject`, Postfix's
-recursion level); a table that cannot answer and a configuration error (a reply marked `server_fault`) stay
-refusals.
+recursion level); an access table that cannot answer (451 4.3.5, the value Postfix's check_access gives
+check_table_result) is a verdict like any other and is only warned of; a configuration error (a reply marked
+`server_fault`: Postfix's reject_server_error) and a lookup that cannot be retried (reject_dict_retry) stay refusals.
 Then, unless refused or deferred (DEFER_IF_PERMIT), `reject_unlisted_recipient` is implied
 (smtpd_reject_unlisted_recipient). The data list runs at DATA (or a first BDAT) before any content, the
 end_of_data list at the end of the message;
@@ -71,9 +72,10 @@ At ETRN (`check_etrn`, Postfix's smtpd_check_etrn) the client and helo lists run
 etrn list, whose check_etrn_access looks up the site (`facts.etrn_domain`); DEFER_IF_PERMIT and DEFER_IF_REJECT
 work as at RCPT (ETRN_STEPS); an action that marks a message is skipped there (logged), as Postfix skips it.
 
-Failure behaviour: a table that cannot answer or an action mailflow does not know (an access value naming an
-undefined class or a lookup table, or lists nested deeper than MAX_DEPTH: a loop through tables) gives
-`451 4.3.5 <name>: X rejected: Server configuration error` (logged); a FILTER, PREPEND, REDIRECT or BCC
+Failure behaviour: an access table that cannot answer gives `451 4.3.5 <name>: X rejected: Server configuration
+error` (logged; warned of under warn_if_reject, as Postfix's check_access); an action mailflow does not know (an
+access value naming an undefined class or a lookup table, or lists nested deeper than MAX_DEPTH: a loop through
+tables) gives the same reply as the server's fault (never a warning); a FILTER, PREPEND, REDIRECT or BCC
 without the argument it takes is ignored and an empty action is OK (both logged; Postfix); a policy server that
 cannot be asked gives `policy_service_default_action` (451 4.3.5 Server configuration problem); a DNSBL that
 cannot be asked counts as not listed (logged); reject_unknown_recipient_domain with a DNS failure defers (450 4.4.3),
@@ -458,9 +460,9 @@ class Restrictions:
     async def _evaluate_item(self, name: str, arg: str, stage: str, facts: Facts, subject: tuple[str, str] | None):
         """`_evaluate`, and under warn_if_reject (Postfix's smtpd_check_reject): a refusal, or a DEFER_IF_PERMIT
         the item raised, is logged `reject_warning: …` and becomes no opinion. A reply marked `server_fault` (a
-        table that cannot answer, a configuration error: Postfix's reject_dict_retry, reject_server_error) is not
-        made a warning, as Postfix's are not; a policy's 4.3.x (an access action, a policy server's default
-        action) is only a policy's verdict and is."""
+        configuration error, a failed resolve or login lookup: Postfix's reject_server_error, reject_dict_retry) is
+        not made a warning, as Postfix's are not; a policy's 4.3.x (an access action, an access table that cannot
+        answer, a policy server's default action) is only a policy's verdict and is."""
         if not facts.warn_if_reject:
             return await self._evaluate(name, arg, stage, facts, subject)
         answer = await self._evaluate(name, arg, stage, facts, subject)
@@ -684,7 +686,7 @@ class Restrictions:
             found = await self._find(spec, keys, full)
         except LookupRetry as e:
             log.warning("%s lookup error for %r: %s", spec, keys[0] if keys else "", e.reason)
-            return status.restriction_config_error(name, what)
+            return status.restriction_table_failure(name, what)
         if found is None:
             return None
         return await self.action(found[2], name, what, facts, source=spec, stage=stage)
@@ -705,7 +707,7 @@ class Restrictions:
                 found = await self._find(spec, [key])
             except LookupRetry as e:
                 log.warning("%s lookup error for %r: %s", spec, key, e.reason)
-                return status.restriction_config_error(name, what)
+                return status.restriction_table_failure(name, what)
             answer = None if found is None else await self.action(found[2], name, what, facts, source=spec,
                                                                    stage=stage)
             if answer is not None or facts.marks.discard is not None:
@@ -893,7 +895,7 @@ class Restrictions:
             found = await self._find(spec, keys, client_full_keys(reverse))
         except LookupRetry as e:
             log.warning("%s lookup error for %r: %s", spec, reverse, e.reason)
-            return status.restriction_config_error(reverse, what)
+            return status.restriction_table_failure(reverse, what)
         if found is None:
             return None
         answer = await self.action(found[2], reverse, what, facts, source=spec, stage=stage)
@@ -911,7 +913,7 @@ class Restrictions:
                     found = await self._find(spec, keys, full) if keys else None
                 except LookupRetry as e:
                     log.warning("%s lookup error for %r: %s", spec, value, e.reason)
-                    return status.restriction_config_error(reply_name, what)
+                    return status.restriction_table_failure(reply_name, what)
                 if found is not None:
                     return found[2]
         return None
