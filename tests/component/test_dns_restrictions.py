@@ -21,6 +21,7 @@ from mailflow.routing.addressmap import AddressMapper
 from mailflow.routing.rewrite import Rewriter
 from mailflow.stages.smtpd.restrictions import Facts, Restrictions
 from mailflow.stages.smtpd.server_checks import SERVER_LIMIT
+from mailflow.stages.smtpd.tls import ClientCert
 from mailflow.tables import TableCache
 
 BASE = {"myhostname": "mx.mailflow.test", "mydestination": ["local.test"], "relay_domains": ["relay.test"],
@@ -46,7 +47,8 @@ def facts(**kw) -> Facts:
     kw.setdefault("client_addr", "203.0.113.9")
     kw.setdefault("sender", "s@remote.example")
     kw.setdefault("helo", "helo.example")
-    return Facts(recipient="alice@local.test", **kw)
+    kw.setdefault("recipient", "alice@local.test")
+    return Facts(**kw)
 
 
 @pytest.fixture
@@ -294,4 +296,24 @@ async def test_a_locked_sqlite_access_table_holds_no_other_session(locked_sqlite
     r = restrictions(resolver, sender_restrictions=[f"{item} {locked_sqlite}"])
     reply, stall = await longest_stall(r.check_rcpt(facts(sender="x@remote.example")))
     assert reply is not None and reply.code == 451  # the table cannot answer: Postfix's 451 4.3.5
+    assert stall < 0.5  # the query waited for the lock in a worker thread
+
+
+CERT = ClientCert("client.test", "ca.test", "AA:BB", "CC:DD")
+# (the item, its table's setting, the facts: each asks its sqlite table only when the table cannot answer quickly)
+LOCKED_LOOKUPS = {
+    "permit_tls_clientcerts": ({"relay_clientcerts": "{}"}, {"client_cert": CERT, "encryption_protocol": "TLSv1.3"}),
+    "reject_sender_login_mismatch": ({"sender_login_maps": "{}", "sasl_auth_enable": True,
+                                      "sasl_user_maps": ["inline:{alice=x}"]}, {"sasl_username": "alice"}),
+}
+
+
+@pytest.mark.parametrize("item", sorted(LOCKED_LOOKUPS))
+async def test_a_locked_sqlite_table_of_an_item_holds_no_other_session(locked_sqlite, item):
+    """relay_clientcerts and sender_login_maps are asked through TableCache.run, as the access tables are: a locked
+    database holds up only the session that asks it. (A network list takes no sqlite table: networks.py.)"""
+    settings, session = LOCKED_LOOKUPS[item]
+    settings = {k: [locked_sqlite] if v == "{}" else v for k, v in settings.items()}
+    r = restrictions(StaticResolver(), recipient_restrictions=[item, "reject"], **settings)
+    _, stall = await longest_stall(r.check_rcpt(facts(**session)))
     assert stall < 0.5  # the query waited for the lock in a worker thread

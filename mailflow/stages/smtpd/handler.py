@@ -130,18 +130,18 @@ class SmtpdHandler:
         Raises LookupRetry."""
         return self._rewriter.resolved_address(addr)
 
-    def _header_rewriting(self, server, session: SessionState) -> dict:
+    async def _header_rewriting(self, server, session: SessionState) -> dict:
         """What cleanup does to the headers of this client's message (Postfix 2.6+): for a client of
         local_header_rewrite_clients (as PROXY or XCLIENT named it) it adds the Message-ID, Date and From the
         message lacks and qualifies its header addresses with myorigin; for another client it adds nothing
         (unless always_add_missing_headers) and rewrites header addresses only when remote_header_rewrite_domain
         names a domain to qualify them with."""
         config = self._config
-        local = self._is_local_rewrite_client(server, session)
+        local = await self._is_local_rewrite_client(server, session)
         return {"add_missing_headers": local or config.always_add_missing_headers,
                 "header_rewrite_domain": "" if local else config.remote_header_rewrite_domain or None}
 
-    def _is_local_rewrite_client(self, server, session: SessionState) -> bool:
+    async def _is_local_rewrite_client(self, server, session: SessionState) -> bool:
         ip = session.peer_ip
         for rule in self._config.local_header_rewrite_clients:
             if rule == "permit_inet_interfaces" and _on_this_host(ip, server.transport):
@@ -150,19 +150,19 @@ class SmtpdHandler:
                 return True
             if rule == "permit_sasl_authenticated" and session.authenticated:
                 return True
-            if rule in ("permit_tls_clientcerts", "permit_tls_all_clientcerts") and self._certificate_permits(
+            if rule in ("permit_tls_clientcerts", "permit_tls_all_clientcerts") and await self._certificate_permits(
                     rule, session):
                 return True
         return False
 
-    def _certificate_permits(self, rule: str, session: SessionState) -> bool:
+    async def _certificate_permits(self, rule: str, session: SessionState) -> bool:
         """The certificate rules of local_header_rewrite_clients, as Postfix's smtpd_check_rewrite asks them. A
         relay_clientcerts that cannot answer counts as no match here (logged; Postfix answers MAIL with 451 4.3.0:
         mailflow decides at the end of DATA)."""
         cipher = session.ssl.get("cipher") if isinstance(session.ssl, dict) else None
         protocol = str(cipher[1]) if cipher and len(cipher) > 1 else ""
         try:
-            return self.restrictions.certificate_permits(rule, session.client_cert, protocol)
+            return await self.restrictions.certificate_permits(rule, session.client_cert, protocol)
         except LookupRetry as e:
             log.warning("local_header_rewrite_clients: %s: relay_clientcerts lookup error: %s", rule, e.reason)
             return False
@@ -418,7 +418,7 @@ class SmtpdHandler:
                                     envelope, login_in_received=self._config.smtpd.sasl_authenticated_header),
                                 client_attributes=session.client_attributes(envelope), headers=tuple(marks.prepend),
                                 queue_id=envelope.queue_id, redirected=marks.redirect is not None,
-                                **self._header_rewriting(server, session))
+                                **await self._header_rewriting(server, session))
         if self._filters is not None and marks.discard is None:
             outcome = await self._filters.end_of_message(session, submission, verdicts, marks)
             if outcome.refusal is not None:

@@ -89,6 +89,7 @@ import logging
 import re
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import TYPE_CHECKING, Collection
 
 from mailflow import address, status
@@ -504,7 +505,9 @@ class Restrictions:
         if name == "reject_unlisted_sender":
             return await self._listed(facts, "sender") if facts.sender else None
         if name in SENDER_LOGIN_CHECKS:
-            return self._sender_login(name, facts)
+            return await self._sender_login(name, facts)
+        if name in CLIENT_CERT_PERMITS:
+            return await self._certificate_item(name, facts)
         if name in RHSBL_CHECKS:
             return await self._dns.rhsbl(RHSBL_CHECKS[name], arg, facts)
         if name in ("reject_unknown_client_hostname", "reject_unknown_reverse_client_hostname"):
@@ -565,8 +568,6 @@ class Restrictions:
             return status.non_fqdn_helo(helo) if helo and not is_fqdn_helo(helo) else None
         if name == "reject_invalid_helo_hostname":
             return status.invalid_helo(facts.helo) if facts.helo and not is_valid_helo(facts.helo) else None
-        if name in CLIENT_CERT_PERMITS:
-            return PERMIT if self.certificate_permits(name, facts.client_cert, facts.encryption_protocol) else None
         return self._simple_more(name, stage, facts, subject)
 
     def _simple_more(self, name: str, stage: str, facts: Facts, subject: tuple[str, str] | None):
@@ -590,12 +591,21 @@ class Restrictions:
             return self._permitted(name, SUBJECT["helo"], facts.helo, facts, stage) if answer == PERMIT else answer
         return _UNHANDLED
 
-    def certificate_permits(self, name: str, cert: ClientCert | None, encryption_protocol: str) -> bool:
+    async def _certificate_item(self, name: str, facts: Facts):
+        """permit_tls_clientcerts, permit_tls_all_clientcerts in a restriction list: PERMIT or no opinion."""
+        try:
+            return PERMIT if await self.certificate_permits(name, facts.client_cert, facts.encryption_protocol) \
+                else None
+        except LookupRetry as e:
+            log.warning("%s: %s", name, e.reason)
+            return status.error_reply(e, facts.recipient)
+
+    async def certificate_permits(self, name: str, cert: ClientCert | None, encryption_protocol: str) -> bool:
         """Postfix's permit_tls_clientcerts (the certificate's or its public key's fingerprint is a key of
         relay_clientcerts, whatever its value) and permit_tls_all_clientcerts (any trusted certificate; else as
         the other), in a restriction list or local_header_rewrite_clients. Without TLS (no `encryption_protocol`)
         no opinion; in TLS without a certificate, Postfix's warning when none was asked for. LookupRetry when
-        relay_clientcerts cannot answer."""
+        relay_clientcerts cannot answer (asked off the event loop when it may wait: TableCache.run)."""
         if not encryption_protocol:
             return False
         if cert is None:
@@ -605,7 +615,7 @@ class Restrictions:
         if cert.trusted and name == "permit_tls_all_clientcerts":
             return True
         for key in filter(None, (cert.fingerprint, cert.pkey_fingerprint)):
-            if find(self._relay_clientcerts, [key]) is not None:
+            if await self._table_cache.run(find, self._relay_clientcerts, [key]) is not None:
                 return True
         return False
 
@@ -654,11 +664,11 @@ class Restrictions:
             return refusal
         return replace(refusal, status=dsn_fix(refusal.status, what))
 
-    def _sender_login(self, name: str, facts: Facts) -> status.Reply | None:
+    async def _sender_login(self, name: str, facts: Facts) -> status.Reply | None:
         """reject_*sender_login_mismatch (SENDER_LOGIN_CHECKS): the one check of auth.SenderLogins, with
         sender_login_maps asked the sender as Postfix resolves it first (`user` is `user@myorigin`, the percent
         hack applied); the null sender passes. Without AUTH on the listener Postfix ignores the item, logged
-        whatever the sender (the null one too)."""
+        whatever the sender (the null one too). The maps are asked off the event loop when they may wait."""
         if not self._smtpd.sasl_auth_enable:
             log.warning("restriction `%s' ignored: no SASL support", name)
             return None
@@ -666,9 +676,9 @@ class Restrictions:
             return None
         authenticated, unauthenticated, allow_unknown = SENDER_LOGIN_CHECKS[name]
         try:
-            return self._sender_logins.refusal(facts.sender, facts.sasl_username or None,
-                                               authenticated=authenticated, unauthenticated=unauthenticated,
-                                               allow_unknown=allow_unknown)
+            return await self._table_cache.run(partial(
+                self._sender_logins.refusal, facts.sender, facts.sasl_username or None, authenticated=authenticated,
+                unauthenticated=unauthenticated, allow_unknown=allow_unknown))
         except LookupRetry as e:
             log.warning("sender_login_maps: %s", e.reason)
             return status.error_reply(e, facts.sender)

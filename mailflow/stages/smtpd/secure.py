@@ -33,7 +33,7 @@ What it owns
 - `check_auth_needed`: with `auth_required` (submission), MAIL, RCPT, DATA, BDAT, VRFY and ETRN need a login
   first (530 5.7.0).
 - `_sender_refusal(sender)`: reject_sender_login_mismatch (`sender_logins`: auth.SenderLogins, None: off),
-  asked at MAIL before the handler.
+  asked at MAIL before the handler, through `table_run` (TableCache.run: a sqlite table off the event loop).
 
 Failure behaviour: every refusal is a `mailflow.status` reply: AUTH not enabled, or without TLS where TLS is
 required, 503 5.5.1 (as Postfix with smtpd_tls_auth_only), before EHLO 503 5.5.1, twice 503 5.5.1, inside a
@@ -52,7 +52,7 @@ import binascii
 import logging
 import ssl
 from asyncio import sslproto
-from typing import cast
+from typing import Awaitable, Callable, TypeVar, cast
 
 from aiosmtpd.smtp import MISSING, TLSSetupException
 
@@ -68,6 +68,7 @@ from mailflow.syntax import ascii_upper
 from mailflow.stages.smtpd.wire import WireError
 
 log = logging.getLogger("mailflow.smtpd")
+T = TypeVar("T")
 
 MECHANISMS = ("PLAIN", "LOGIN")  # offered in this order, as Postfix with Dovecot (auth_mechanisms = plain login)
 SASL_RESPONSE_LIMIT = 12288  # bytes of one answer to a 334 challenge, CRLF not counted (smtpd_sasl_response_limit)
@@ -99,9 +100,11 @@ class SecureCommands(FrontEndCommands):
                  starttls_timeout: float = DEFAULTS.smtpd.starttls_timeout,
                  tls_loglevel: int = DEFAULTS.smtpd.tls_loglevel,
                  fingerprint_digest: str = DEFAULTS.smtpd.tls_fingerprint_digest,
-                 auth_hidden_from: NetworkList | None = None, **kwargs):
+                 auth_hidden_from: NetworkList | None = None,
+                 table_run: Callable[..., Awaitable] | None = None, **kwargs):
         super().__init__(handler, **kwargs)
         self._auth_hidden_from = auth_hidden_from
+        self._table_run = table_run  # TableCache.run: a lookup of a table that may wait (sqlite), off the loop
         self._starttls_timeout = starttls_timeout
         self._tls_loglevel = tls_loglevel
         self._fingerprint_digest = fingerprint_digest
@@ -110,6 +113,10 @@ class SecureCommands(FrontEndCommands):
         self._login_required = auth_required
         self._auth_needs_tls = auth_require_tls
         self._auth_mechanism = ""
+
+    async def _lookup(self, fn: Callable[..., T], *args) -> T:
+        """`fn(*args)`, a table lookup, through `table_run` (off the event loop when a table may wait)."""
+        return await self._table_run(fn, *args) if self._table_run is not None else fn(*args)
 
     def _security_keywords(self) -> list[str]:
         keywords = ["STARTTLS"] if self.tls_context and self.session.ssl is None else []
@@ -126,7 +133,7 @@ class SecureCommands(FrontEndCommands):
         if hidden is None or not hidden:
             return False
         try:
-            return hidden.holds(self.session.peer_ip, self.session.client_name)
+            return hidden.holds(self.session.peer_ip, self.session.client_name)  # (memory tables only: networks.py)
         except LookupRetry as e:
             log.warning("%s: %s", self.session.peer_ip, e.reason)
             raise UnknownEhloFeature("AUTH") from None
@@ -341,12 +348,12 @@ class SecureCommands(FrontEndCommands):
 
     # --- who may send as whom -----------------------------------------------------------------------------
 
-    def _sender_refusal(self, sender: str) -> status.Reply | None:
+    async def _sender_refusal(self, sender: str) -> status.Reply | None:
         """reject_sender_login_mismatch for MAIL FROM `sender` ("<>": the null sender), or None."""
         if self._sender_logins is None:
             return None
         try:
-            return self._sender_logins.refusal(sender, login_of(self.session))
+            return await self._lookup(self._sender_logins.refusal, sender, login_of(self.session))
         except LookupRetry as e:
             log.warning("sender_login_maps: %s", e.reason)
             return status.error_reply(e, sender)

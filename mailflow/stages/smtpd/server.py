@@ -388,6 +388,7 @@ class Smtpd:
             require_starttls=starttls and smtpd.tls_security_level == "encrypt",
             sasl=listener.authenticator,
             auth_hidden_from=listener.auth_hidden_from,
+            table_run=self._tables.run,
             sender_logins=listener.sender_logins,
             auth_required=smtpd.sasl_auth_required,
             auth_require_tls=listener.role != "submissions",  # there the whole connection is TLS

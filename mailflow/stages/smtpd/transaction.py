@@ -63,7 +63,7 @@ class TransactionCommands(SecureCommands):
             return
         sender, (options, ret, envid, auth), _ = taken
         self.envelope.smtp_utf8 = "SMTPUTF8" in options
-        refusal = self._sender_refusal(sender or NULL_SENDER)
+        refusal = await self._sender_refusal(sender or NULL_SENDER)
         if refusal is not None:
             self.log_reject("MAIL", refusal, sender=sender or NULL_SENDER)
             await self.push(refusal)
