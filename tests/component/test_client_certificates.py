@@ -403,3 +403,17 @@ async def test_local_header_rewrite_clients_takes_the_certificate_rules(mailflow
              for m in mail}
     assert b"\nMessage-ID: <" in heads[b"Subject: listed.test"]
     assert b"\nMessage-ID: <" not in heads[b"Subject: unlisted.test"]
+
+
+async def test_a_relay_clientcerts_that_cannot_answer_names_what_the_list_is_about(mailflow_server, pki, tmp_path,
+                                                                                  caplog):
+    """Postfix 3.7's permit_tls_clientcerts returns the table's error and generic_checks calls reject_dict_retry
+    with the list's reply name: the client host in the client list (not the recipient), logged as Postfix's."""
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    card = pki.client("a.test")
+    mf = await mailflow_server(smtpd=ccert_settings(pki, tmp_path, relay_clientcerts=["fail:down"],
+                                                    client_restrictions=["permit_tls_clientcerts"]))
+    assert await rcpt_over_tls(mf.smtp_addresses[0][1], card.context(pki), ELSEWHERE) == [
+        f"451 4.3.0 <{LOOPBACK_CLIENT}>: Temporary lookup failure"]
+    assert f"relay_clientcerts: lookup error for fingerprint '{card.fingerprint}', pkey fingerprint " \
+           f"{card.pkey_fingerprint}" in [r.getMessage() for r in caplog.records]

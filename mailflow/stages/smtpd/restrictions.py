@@ -507,7 +507,7 @@ class Restrictions:
         if name in SENDER_LOGIN_CHECKS:
             return await self._sender_login(name, facts)
         if name in CLIENT_CERT_PERMITS:
-            return await self._certificate_item(name, facts)
+            return await self._certificate_item(name, stage, facts, subject)
         if name in RHSBL_CHECKS:
             return await self._dns.rhsbl(RHSBL_CHECKS[name], arg, facts)
         if name in ("reject_unknown_client_hostname", "reject_unknown_reverse_client_hostname"):
@@ -591,21 +591,23 @@ class Restrictions:
             return self._permitted(name, SUBJECT["helo"], facts.helo, facts, stage) if answer == PERMIT else answer
         return _UNHANDLED
 
-    async def _certificate_item(self, name: str, facts: Facts):
-        """permit_tls_clientcerts, permit_tls_all_clientcerts in a restriction list: PERMIT or no opinion."""
+    async def _certificate_item(self, name: str, stage: str, facts: Facts, subject: tuple[str, str] | None):
+        """permit_tls_clientcerts, permit_tls_all_clientcerts in a restriction list: PERMIT or no opinion; when
+        relay_clientcerts cannot answer, Postfix's reject_dict_retry naming what the list is about (`<host[ip]>` in
+        the client list, the HELO name in the helo list, ...), a server fault."""
         try:
             return PERMIT if await self.certificate_permits(name, facts.client_cert, facts.encryption_protocol) \
                 else None
-        except LookupRetry as e:
-            log.warning("%s: %s", name, e.reason)
-            return status.error_reply(e, facts.recipient)
+        except LookupRetry:
+            return status.lookup_failed((subject or self._subject(stage, facts))[0])
 
     async def certificate_permits(self, name: str, cert: ClientCert | None, encryption_protocol: str) -> bool:
         """Postfix's permit_tls_clientcerts (the certificate's or its public key's fingerprint is a key of
         relay_clientcerts, whatever its value) and permit_tls_all_clientcerts (any trusted certificate; else as
         the other), in a restriction list or local_header_rewrite_clients. Without TLS (no `encryption_protocol`)
         no opinion; in TLS without a certificate, Postfix's warning when none was asked for. LookupRetry when
-        relay_clientcerts cannot answer (asked off the event loop when it may wait: TableCache.run)."""
+        relay_clientcerts cannot answer (logged in Postfix 3.7's words; asked off the event loop when it may wait:
+        TableCache.run)."""
         if not encryption_protocol:
             return False
         if cert is None:
@@ -615,8 +617,13 @@ class Restrictions:
         if cert.trusted and name == "permit_tls_all_clientcerts":
             return True
         for key in filter(None, (cert.fingerprint, cert.pkey_fingerprint)):
-            if await self._table_cache.run(find, self._relay_clientcerts, [key]) is not None:
-                return True
+            try:
+                if await self._table_cache.run(find, self._relay_clientcerts, [key]) is not None:
+                    return True
+            except LookupRetry:
+                log.warning("relay_clientcerts: lookup error for fingerprint '%s', pkey fingerprint %s",
+                            cert.fingerprint, cert.pkey_fingerprint)
+                raise
         return False
 
     def _subject(self, stage: str, facts: Facts) -> tuple[str, str]:
