@@ -196,17 +196,20 @@ class Facts:
     depth: int = 0  # how many lists (a stage's, restriction classes', access values') are being evaluated
     # warn_if_reject met at this depth (0: none): refusals until its next item is done are only logged
     warn_if_reject: int = 0
-    warned_deferrals: list[status.Reply] = field(default_factory=list)  # raised under warn_if_reject, to be logged
+    # raised under warn_if_reject, to be logged (None: none yet; made on first use, as listed_checked: the hot path)
+    warned_deferrals: list[status.Reply] | None = None
     ill_pipelining: bool = False  # the session broke RFC 2920's pipelining rules (reject_unauth_pipelining)
     # "sender", "recipient": the unknown-user check made for it in this command, not under warn_if_reject (Postfix's
     # sender_rcptmap_checked, recipient_rcptmap_checked): not made again, by an item or the implied check
-    listed_checked: set[str] = field(default_factory=set)
+    listed_checked: set[str] | None = None
 
     def raise_defer_if_permit(self, reply: status.Reply) -> None:
         """A DEFER_IF_PERMIT met: the first one is kept (Postfix's defer_if); under warn_if_reject it is only
         held in `warned_deferrals` for its reject_warning line, whatever is pending (Postfix's DEFER_IF_PERMIT
         macros call smtpd_check_reject then)."""
         if self.warn_if_reject:
+            if self.warned_deferrals is None:
+                self.warned_deferrals = []
             self.warned_deferrals.append(reply)
         elif self.defer_if_permit is None:
             self.defer_if_permit = reply
@@ -443,7 +446,8 @@ class Restrictions:
                 if name == WARN_IF_REJECT:
                     facts.warn_if_reject = facts.warn_if_reject or facts.depth
                     continue
-                answer = await self._evaluate_item(name, arg, stage, facts, subject)
+                answer = await (self._evaluate_item(name, arg, stage, facts, subject) if facts.warn_if_reject
+                                else self._evaluate(name, arg, stage, facts, subject))
                 if facts.warn_if_reject >= facts.depth:  # the item warn_if_reject named is done
                     facts.warn_if_reject = 0
                 if answer == PERMIT or isinstance(answer, status.Reply):
@@ -459,17 +463,16 @@ class Restrictions:
             facts.depth -= 1
 
     async def _evaluate_item(self, name: str, arg: str, stage: str, facts: Facts, subject: tuple[str, str] | None):
-        """`_evaluate`, and under warn_if_reject (Postfix's smtpd_check_reject): a refusal, or a DEFER_IF_PERMIT
+        """`_evaluate` under warn_if_reject (Postfix's smtpd_check_reject; without it `_run_items` calls `_evaluate`
+        itself, one coroutine less on the hot path): a refusal, or a DEFER_IF_PERMIT
         the item raised, is logged `reject_warning: …` and becomes no opinion. A reply marked `server_fault` (a
         configuration error, a failed resolve or login lookup: Postfix's reject_server_error, reject_dict_retry) is
         not made a warning, as Postfix's are not; a policy's 4.3.x (an access action, an access table that cannot
         answer, a policy server's default action) is only a policy's verdict and is."""
-        if not facts.warn_if_reject:
-            return await self._evaluate(name, arg, stage, facts, subject)
         answer = await self._evaluate(name, arg, stage, facts, subject)
-        for deferral in facts.warned_deferrals:
+        for deferral in facts.warned_deferrals or ():
             self._warn(deferral, facts, stage)
-        facts.warned_deferrals.clear()
+        facts.warned_deferrals = None
         if isinstance(answer, status.Reply) and not answer.server_fault:
             self._warn(answer, facts, stage)
             return None
@@ -648,10 +651,11 @@ class Restrictions:
         implied checks, as Postfix's check_sender_rcpt_maps / check_recipient_rcpt_maps: nothing on a listener
         with receive_override_options = no_unknown_recipient_checks (an after-queue filter's return: the mail was
         checked before), nor when the command already checked that address outside warn_if_reject."""
-        if self._no_unknown_recipient_checks or whose in facts.listed_checked:
+        checked = facts.listed_checked
+        if self._no_unknown_recipient_checks or (checked is not None and whose in checked):
             return None
         if not facts.warn_if_reject:
-            facts.listed_checked.add(whose)
+            facts.listed_checked = {whose} if checked is None else checked | {whose}
         if whose == "sender":
             return await self._unlisted(facts.sender or "", facts.recipient or None, SUBJECT["sender"])
         return await self._unlisted(facts.recipient, facts.sender)
