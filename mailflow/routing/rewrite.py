@@ -55,7 +55,8 @@ moved to <value>` (keys as mail_addr_find's), so smtpd refuses it at RCPT and qm
 names the table for the 550 reply; its code per class: `unknown_reject_codes(smtpd)`):
 local_recipient_maps/alias_maps, nothing for virtual alias domains (cleanup's mapper answers for those),
 virtual_mailbox_maps, relay_recipient_maps (empty: anyone).
-`recipient_refusal(addr, mapper, sender)` is smtpd's reject_unlisted_recipient (Postfix check_rcpt_maps), in order:
+`recipient_refusal(addr, mapper, sender, what, reject_codes)` is smtpd's reject_unlisted_recipient (and, `what`
+"Sender address", reject_unlisted_sender: Postfix check_rcpt_maps), in order:
 an address a canonical or virtual alias table lists is accepted; one that resolves to the `error`
 transport is refused with that error's status and text (550, the status's class made 5), so no bounce is
 ever made for it (backscatter); in the local class postmaster, mailer-daemon and double-bounce are always
@@ -494,7 +495,7 @@ class Rewriter:
                 return status.user_unknown(addr, UNKNOWN_IN[res.address_class], what,
                                            codes.get(res.address_class, 550))
         except LookupRetry as e:
-            status_log.warning("smtpd: RCPT <%s>: %s", addr, e.text)
+            status_log.warning("smtpd: %s <%s>: %s", what, addr, e.text)
             return status.lookup_failed(addr)
         return None
 

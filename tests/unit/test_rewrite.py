@@ -215,3 +215,13 @@ def test_utf8_domain_in_the_config_matches_utf8_recipients(overrides, klass):
 ])
 def test_authorized_destination_is_postfix_permit_auth_destination(overrides, addr, authorized):
     assert rewriter(**overrides).authorized_destination(addr) is authorized
+
+
+def test_a_failed_unlisted_check_is_logged_with_what_it_was_asked_about(caplog):
+    """reject_unlisted_sender asks the same rule: its failure's log line names a sender, not an RCPT."""
+    from mailflow.routing.addressmap import AddressMapper
+    config = Config(**{**BASE, "local_recipient_maps": ("fail:down",)})
+    r = Rewriter(config)
+    refusal = r.recipient_refusal("s@example.test", AddressMapper(config, r), None, "Sender address")
+    assert refusal is not None and str(refusal) == "451 4.3.0 <s@example.test>: Temporary lookup failure"
+    assert "smtpd: Sender address <s@example.test>: " in caplog.text

@@ -59,9 +59,14 @@ aiosmtpd's own PROXY support (`proxy_protocol_timeout`) is not used: see fronten
 
 Failure behaviour: the session never raises out. A `WireError` is answered (and ends the session when fatal:
 bare LF/CR); the end of input closes the session (what was received has been answered); any other exception
-is answered by the handler's `handle_exception` (451 4.3.0, logged) and the session goes on.
+is answered by the handler's `handle_exception` (451 4.3.0, logged) and the session goes on. A 4xx/5xx reply
+gets the reject_footer under its last line (its template checked at load: reply_footer.py); an EHLO whose
+discard_ehlo_keyword_address_maps or sasl_exceptions_networks table cannot answer gets `421 4.3.0 <host> Server
+local data error` (logged as Postfix's) and the session ends; a keyword discard_ehlo_keywords names is left out of
+EHLO (logged `discarding EHLO keywords: …`) and the feature it names is refused where its command or parameter
+comes (Postfix's ehlo_discard_mask).
 
-Size: about 850 lines, kept in one module on purpose. It is one class, aiosmtpd's SMTP subclassed: the command
+Size: about 960 lines, kept in one module on purpose. It is one class, aiosmtpd's SMTP subclassed: the command
 loop, the deadline timer, the reply path and the end of the session share its state and aiosmtpd's private
 names (listed above), and splitting it into mixins would scatter that list. The command layers are already
 their own modules (frontends, secure, transaction, data), as are the wire, the state and the session log.

@@ -79,8 +79,11 @@ tables) gives the same reply as the server's fault (never a warning); a FILTER, 
 without the argument it takes is ignored and an empty action is OK (both logged; Postfix); a policy server that
 cannot be asked gives `policy_service_default_action` (451 4.3.5 Server configuration problem); a DNSBL that
 cannot be asked counts as not listed (logged); reject_unknown_recipient_domain with a DNS failure defers (450 4.4.3),
-reject_unknown_client_hostname and reject_unknown_sender_domain too (450); a greylist database fault lets mail
-pass (logged).
+reject_unknown_client_hostname and reject_unknown_sender_domain too (450); reject_unknown_helo_hostname's DNS
+failure is a DEFER_IF_PERMIT (450 4.7.1, unknown_helo_hostname_tempfail_action); a DNS allowlist
+(permit_dnswl_client, permit_rhswl_client) or permit_mx_backup that cannot be asked permits nothing and makes a
+later 5xx refusal a DEFER_IF_REJECT 450; an OK from a server access check or check_reverse_client_hostname_access
+is refused 451 4.3.5 (forbid_allowlist, logged); a greylist database fault lets mail pass (logged).
 Nothing here raises for a client's input.
 """
 from __future__ import annotations
@@ -199,6 +202,7 @@ class Facts:
     # raised under warn_if_reject, to be logged (None: none yet; made on first use, as listed_checked: the hot path)
     warned_deferrals: list[status.Reply] | None = None
     ill_pipelining: bool = False  # the session broke RFC 2920's pipelining rules (reject_unauth_pipelining)
+    encrypted: bool = False  # the session is under TLS (reject_plaintext_session)
     # "sender", "recipient": the unknown-user check made for it in this command, not under warn_if_reject (Postfix's
     # sender_rcptmap_checked, recipient_rcptmap_checked): not made again, by an item or the implied check
     listed_checked: set[str] | None = None
@@ -213,7 +217,6 @@ class Facts:
             self.warned_deferrals.append(reply)
         elif self.defer_if_permit is None:
             self.defer_if_permit = reply
-    encrypted: bool = False  # the session is under TLS (reject_plaintext_session)
 
 
 # ---------------------------------------------------------------------------------------------- key orders
