@@ -193,23 +193,18 @@ async def test_sender_login_mismatch_refused_on_submission(mailflow_server, pki,
 
 
 def test_sender_login_rules_without_and_with_maps():
-    class S:
-        authenticated, auth_data = True, "alice@local.test"
-
-    class Anon:
-        authenticated, auth_data = False, None
-
+    alice = "alice@local.test"
     # the [smtpd] reject_sender_login_mismatch setting's
     bare = SenderLogins([], resolve=str, own_address_without_maps=True)
-    assert not bare.sender_login_mismatch(S, "Alice@local.test")
-    assert bare.sender_login_mismatch(S, "bob@local.test")
-    assert not bare.sender_login_mismatch(Anon, "bob@local.test")
+    assert bare.refusal("Alice@local.test", alice) is None
+    assert bare.refusal("bob@local.test", alice) == status.sender_login_mismatch("bob@local.test", alice)
+    assert bare.refusal("bob@local.test", None) is None
     # the list items': Postfix's
-    assert SenderLogins([], resolve=str).refusal("bob@local.test", "alice@local.test") is None
+    assert SenderLogins([], resolve=str).refusal("bob@local.test", alice) is None
     maps = SenderLogins([InlineTable("inline:t", {"bob@local.test": "bob"})], resolve=str)
-    assert maps.sender_login_mismatch(Anon, "bob@local.test")  # owned, client not logged in
-    assert maps.sender_login_mismatch(S, "carol@local.test")  # logged in, owns nothing listed
-    assert not maps.sender_login_mismatch(S, "")  # the null sender
+    assert maps.refusal("bob@local.test", None) is not None  # owned, client not logged in
+    assert maps.refusal("carol@local.test", alice) is not None  # logged in, owns nothing listed
+    assert maps.refusal("", alice) is None  # the null sender
 
 
 # ---------------------------------------------------------------------------------------------- slow-down

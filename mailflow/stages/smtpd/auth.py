@@ -26,7 +26,6 @@ What it owns
   client is not logged in, or when the client is logged in and its login does not own the sender. The null
   sender never mismatches. Without maps the items refuse nothing (Postfix); the setting's instance
   (`own_address_without_maps`) lets a login own only the address equal to it, as written or resolved.
-  `sender_login_mismatch(session, sender)`: the setting's question, as a bool.
 
 Failure behaviour: a table that cannot answer, or a Dovecot that is down, silent past its timeout or answers
 `temp`, raises nothing here: AUTH answers 454 4.7.0 (try later), logged with the reason, and the attempt does
@@ -315,10 +314,6 @@ class SenderLogins:
         else:
             refused = authenticated and not (owners is None and allow_unknown) and login.lower() not in (owners or ())
         return status.sender_login_mismatch(sender, login) if refused else None
-
-    def sender_login_mismatch(self, session, sender: str) -> bool:
-        """Postfix reject_sender_login_mismatch for MAIL FROM `sender` ("" or "<>": the null sender)."""
-        return self.refusal(sender, login_of(session)) is not None
 
 
 def is_loopback(ip: str) -> bool:
