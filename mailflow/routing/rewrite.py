@@ -295,10 +295,16 @@ class Rewriter:
         """Postfix's permit_auth_destination: this host takes mail for the resolved address (any class but default)
         and it is not routed (`is_routed`). May raise LookupRetry."""
         resolved = self.resolved_address(addr)
-        return not is_routed(resolved) and self.classify(resolved) is not AddressClass.DEFAULT
+        return not is_routed(resolved) and self.classify_resolved(resolved) is not AddressClass.DEFAULT
 
     def classify(self, addr: str) -> AddressClass:
-        domain = address.normalise_domain(address.split(self.resolved_address(addr))[1])
+        """The address class of `addr` once resolved (resolved_address). May raise LookupRetry."""
+        return self.classify_resolved(self.resolved_address(addr))
+
+    def classify_resolved(self, resolved: str) -> AddressClass:
+        """The address class of an address resolved_address made already (its domain as it is: not resolved
+        again). May raise LookupRetry."""
+        domain = address.normalise_domain(address.split(resolved)[1])
         c = self._config
         if self.resolve_local(domain):
             return AddressClass.LOCAL

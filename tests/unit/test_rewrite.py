@@ -225,3 +225,11 @@ def test_a_failed_unlisted_check_is_logged_with_what_it_was_asked_about(caplog):
     refusal = r.recipient_refusal("s@example.test", AddressMapper(config, r), None, "Sender address")
     assert refusal is not None and str(refusal) == "451 4.3.0 <s@example.test>: Temporary lookup failure"
     assert "smtpd: Sender address <s@example.test>: " in caplog.text
+
+
+def test_classify_resolved_takes_the_domain_as_it_is():
+    """authorized_destination and permit_mx_backup resolve once, then classify what they resolved."""
+    r = rewriter()
+    assert r.classify("u%relay.test@example.test") is RELAY  # the percent hack: u@relay.test
+    assert r.classify_resolved("u%relay.test@example.test") is LOCAL
+    assert r.classify_resolved(r.resolved_address("u%relay.test@example.test")) is RELAY

@@ -226,7 +226,7 @@ class ServerChecks:
         domain = address.normalise_domain(address.split(resolved)[1])
         if not domain or is_routed(resolved):
             return False
-        if self._rewriter.classify(resolved) is not AddressClass.DEFAULT:
+        if self._rewriter.classify_resolved(resolved) is not AddressClass.DEFAULT:
             return True
         if domain.startswith("["):
             return False
