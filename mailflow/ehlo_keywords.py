@@ -5,6 +5,10 @@
     discard_log_text(discarded) -> what Postfix's smtpd logs at EHLO (`discarding EHLO keywords: ...`), or ""
                                    when it logs nothing
     keyword_name(line_text) -> the lower-case keyword of an EHLO reply line's text (`SIZE 1000` -> `size`)
+    discards_for(maps, ip, default) -> (keywords, failed): the keywords discard_ehlo_keyword_address_maps (opened)
+                                   give the client's address (unknown words skipped, as Postfix's ehlo_mask), else
+                                   `default`; `failed` when a table could not answer (logged; the default then):
+                                   smtpd's (through its table cache) and sendmail -bs's one answer
 
 A discarded keyword is neither announced nor accepted, as Postfix's ehlo_discard_mask (smtpd.c): STARTTLS 502,
 AUTH 503, BDAT 521 (and the session ends), the DSN parameters 501 5.7.1, the SMTPUTF8 parameter an unsupported
@@ -17,7 +21,13 @@ told to skip them (a table's value, found at a connection: as Postfix).
 """
 from __future__ import annotations
 
+import logging
 from typing import Iterable
+
+from mailflow.errors import LookupRetry
+from mailflow.tables import Table, find
+
+log = logging.getLogger("mailflow.smtpd")
 
 SILENT = "silent-discard"
 # Postfix's ehlo_mask_table order; VERP and XFORWARD are Postfix's own commands (mailflow has neither: taken so that
@@ -61,3 +71,15 @@ def discard_log_text(discarded: frozenset[str]) -> str:
 def keyword_name(text: str) -> str:
     """The keyword of one EHLO line's text, lower case: `AUTH PLAIN LOGIN` -> `auth`."""
     return text.split(" ", 1)[0].lower()
+
+
+def discards_for(maps: list[Table], ip: str, default: frozenset[str]) -> tuple[frozenset[str], bool]:
+    """See the module doc: the maps asked the address (a blocking table waits here: call it off the event loop)."""
+    if not maps:
+        return default, False
+    try:
+        found = find(maps, [ip])
+    except LookupRetry as e:
+        log.warning("discard_ehlo_keyword_address_maps: %s: %s", ip, e.reason)
+        return default, True
+    return (default, False) if found is None else (discard_set([found[2]], ignore_unknown=True), False)

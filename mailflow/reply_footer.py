@@ -8,6 +8,9 @@
                                    `values`; `continues` when it began with `\\c` (its first piece goes at the end
                                    of the reply's last line, not on a line of its own)
     address_values(prefix, addr)   $sender, $sender_name, $sender_domain (or recipient's) as Postfix gives them
+    footer_values(server_name, sender, recipient, client)
+                                   every macro's value now, as Postfix's smtpd_expand_lookup gives them (`client`:
+                                   FooterClient, None before there is one): smtpd's and sendmail -bs's one list
 
 status.with_footer puts the lines under a reply. The macros' values are filtered as Postfix's smtpd_expand_filter
 does: a character other than a tab or printable ASCII becomes `_`.
@@ -18,6 +21,8 @@ the session has no value for is ""; Postfix expands an unknown one to "" with a 
 from __future__ import annotations
 
 import re
+import time
+from typing import NamedTuple
 
 from mailflow.local_macros import check_macros, expand_macros
 
@@ -58,6 +63,29 @@ def address_values(prefix: str, addr: str | None) -> dict[str, str]:
         return {prefix: "<>", f"{prefix}_name": "<>", f"{prefix}_domain": ""}
     local, at, domain = addr.rpartition("@")
     return {prefix: addr, f"{prefix}_name": local if at else addr, f"{prefix}_domain": domain if at else ""}
+
+
+class FooterClient(NamedTuple):
+    """The client's macros: $client (`name[address]`), $client_address, $client_port, $client_name and
+    $reverse_client_name (the name as smtpd knows it), $helo_name."""
+    client: str
+    address: str
+    port: str
+    name: str
+    helo: str
+
+
+def footer_values(server_name: str, sender: str | None, recipient: str | None,
+                  client: FooterClient | None = None) -> dict[str, str]:
+    """The footer's macros now: `sender` None before MAIL ("" the null sender), `recipient` the transaction's
+    first accepted one (None: none yet)."""
+    values = {"server_name": server_name, "localtime": time.strftime("%b %d %H:%M:%S")}
+    if client is not None:
+        values.update(client=client.client, client_address=client.address, client_port=client.port,
+                      client_name=client.name, reverse_client_name=client.name, helo_name=client.helo)
+    values.update(address_values("sender", sender))
+    values.update(address_values("recipient", recipient))
+    return values
 
 
 def _pieces(template: str) -> tuple[bool, list[str]]:

@@ -43,18 +43,17 @@ import time
 from typing import BinaryIO, Callable, Iterator
 
 from mailflow import address, status
-from mailflow.ehlo_keywords import discard_set, keyword_name
-from mailflow.errors import LookupRetry
+from mailflow.ehlo_keywords import discards_for, keyword_name
 from mailflow.junk_commands import JunkCount
 from mailflow.maildrop import MaildropError
 from mailflow.message import CRLF
-from mailflow.reply_footer import address_values, footer_lines
+from mailflow.reply_footer import FooterClient, footer_lines, footer_values
 from mailflow.sendmail.options import Options, UsageError
 from mailflow.sendmail.reading import (LINE_PIECE, clean_address, clean_recipient, line_pieces, lone_cr_as_space,
                                        without_bcc)
 from mailflow.sendmail.submitter import Submitter
 from mailflow.smtp_parameters import mail_parameters, path_text, rcpt_parameters
-from mailflow.tables import find, open_table
+from mailflow.tables import open_table
 
 # the client as Postfix's stand-alone smtpd names it (smtpd_peer_assume_local_client): its footer's $client...,
 # the key of discard_ehlo_keyword_address_maps
@@ -112,13 +111,8 @@ class StdioSmtp:
 
     def _footer_values(self) -> dict[str, str]:
         """The footer's macros as Postfix's stand-alone smtpd gives them (see protocol.py's for a socket's)."""
-        values = {"server_name": self._host, "localtime": time.strftime("%b %d %H:%M:%S"),
-                  "client": f"{CLIENT_NAME}[{CLIENT_ADDRESS}]", "client_address": CLIENT_ADDRESS,
-                  "client_port": CLIENT_PORT, "client_name": CLIENT_NAME, "reverse_client_name": CLIENT_NAME,
-                  "helo_name": self._helo}
-        values.update(address_values("sender", self._sender))
-        values.update(address_values("recipient", self._recipients[0] if self._recipients else None))
-        return values
+        client = FooterClient(f"{CLIENT_NAME}[{CLIENT_ADDRESS}]", CLIENT_ADDRESS, CLIENT_PORT, CLIENT_NAME, self._helo)
+        return footer_values(self._host, self._sender, self._recipients[0] if self._recipients else None, client)
 
     def run(self) -> int:
         try:
@@ -350,11 +344,5 @@ def _discards(smtpd) -> tuple[frozenset[str], bool]:
     """(the EHLO keywords discarded, whether discard_ehlo_keyword_address_maps could not answer) for the -bs
     client, as smtpd chooses them (stages/smtpd/ehlo_discards.py): the maps' value for 127.0.0.1, else
     discard_ehlo_keywords."""
-    default = frozenset(smtpd.discard_ehlo_keywords)
-    if not smtpd.discard_ehlo_keyword_address_maps:
-        return default, False
-    try:
-        found = find([open_table(spec) for spec in smtpd.discard_ehlo_keyword_address_maps], [CLIENT_ADDRESS])
-    except LookupRetry:
-        return default, True
-    return (default, False) if found is None else (discard_set([found[2]], ignore_unknown=True), False)
+    maps = [open_table(spec) for spec in smtpd.discard_ehlo_keyword_address_maps]
+    return discards_for(maps, CLIENT_ADDRESS, frozenset(smtpd.discard_ehlo_keywords))

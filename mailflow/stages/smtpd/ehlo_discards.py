@@ -17,9 +17,9 @@ from __future__ import annotations
 import logging
 from typing import Awaitable, Callable
 
-from mailflow.ehlo_keywords import discard_set
+from mailflow.ehlo_keywords import discards_for
 from mailflow.errors import LookupRetry
-from mailflow.tables import Table, find
+from mailflow.tables import Table
 
 log = logging.getLogger("mailflow.smtpd")
 
@@ -34,11 +34,10 @@ class EhloDiscards:
         self._run = run
 
     async def for_client(self, ip: str) -> tuple[frozenset[str], bool]:
-        if not self._maps:
-            return self.default, False
+        if not self._maps or self._run is None:
+            return discards_for(self._maps, ip, self.default)
         try:
-            found = await self._run(find, self._maps, [ip]) if self._run is not None else find(self._maps, [ip])
-        except LookupRetry as e:
+            return await self._run(discards_for, self._maps, ip, self.default)
+        except LookupRetry as e:  # (the table cache's deadline passed)
             log.warning("discard_ehlo_keyword_address_maps: %s: %s", ip, e.reason)
             return self.default, True
-        return (self.default, False) if found is None else (discard_set([found[2]], ignore_unknown=True), False)

@@ -79,7 +79,6 @@ import logging
 import re
 import struct
 import termios
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, cast
 
@@ -88,7 +87,7 @@ from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException
 from mailflow import address, status
 from mailflow.config import DEFAULTS
 from mailflow.ehlo_keywords import discard_log_text, keyword_name
-from mailflow.reply_footer import address_values, footer_lines
+from mailflow.reply_footer import FooterClient, footer_lines, footer_values
 from mailflow.errors import LookupRetry
 from mailflow.junk_commands import JunkCount
 from mailflow.stages.smtpd.sessionlog import SessionLog
@@ -434,16 +433,12 @@ class ProtocolCore(SMTP):
         """The reject footer's macros now, as Postfix's smtpd_expand_lookup gives them: $recipient is the
         transaction's first accepted recipient; $reverse_client_name is the client's name as smtpd knows it."""
         session, envelope = self.session, self.envelope
-        values = {"server_name": self.hostname, "localtime": time.strftime("%b %d %H:%M:%S")}
-        if session is not None:
-            values.update(client=session.client, client_address=session.peer_ip, client_port=str(session.peer_port),
-                          client_name=session.client_name, reverse_client_name=session.client_name,
-                          helo_name=session.host_name or "")
+        client = None if session is None else FooterClient(session.client, session.peer_ip, str(session.peer_port),
+                                                           session.client_name, session.host_name or "")
         sender = envelope.mail_from if envelope is not None else None
         recipients = envelope.rcpt_tos if envelope is not None else []
-        values.update(address_values("sender", None if sender is None else "" if sender == NULL_SENDER else sender))
-        values.update(address_values("recipient", recipients[0] if recipients else None))
-        return values
+        return footer_values(self.hostname, None if sender is None else "" if sender == NULL_SENDER else sender,
+                             recipients[0] if recipients else None, client)
 
     async def _write(self, data: bytes) -> None:
         """aiosmtpd's push, without its per-line debug record; drained only when the socket did not take it all."""
