@@ -509,3 +509,18 @@ async def test_a_reply_sent_line_by_line_gets_the_footer_once_and_an_empty_line_
     assert sent.decode() == with_footer("450-4.7.1 a\r\n450 4.7.1 b", True, ["help"]) + "\r\n"
     assert sent.decode() == "450-4.7.1 a\r\n450 4.7.1 bhelp\r\n"
     assert session._reply_bytes("", False) == b"\r\n"
+
+
+async def test_the_footers_reverse_client_name_is_the_name_smtpd_knows(mailflow_server):
+    """Documented difference (docs/config.md, reject_footer): $reverse_client_name is the client's name as smtpd
+    knows it, here the one XCLIENT NAME gave, not a PTR name looked up apart from the verified one."""
+    port = await start_mailflow(mailflow_server, reject_footer=r"\nn=$client_name rv=$reverse_client_name",
+                                authorized_xclient_hosts=["127.0.0.1/32"])
+    client = await SmtpClient.connect(port)
+    await client.cmd("EHLO c.test")
+    assert (await client.cmd("XCLIENT NAME=other.test ADDR=192.0.2.9")).code == 220
+    await client.cmd("EHLO c.test")
+    await client.cmd("MAIL FROM:<s@remote.test>")
+    refused = await client.cmd("RCPT TO:<x@elsewhere.test>")
+    await client.close()
+    assert refused.text.split("\n")[-1] == "554 5.7.1 n=other.test rv=other.test"
