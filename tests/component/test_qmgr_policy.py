@@ -443,6 +443,30 @@ async def test_a_message_held_while_waiting_for_its_destination_is_not_delivered
     assert status == "pending"
 
 
+async def test_holding_many_active_messages_asks_each_destination_once_not_once_per_message(sim, monkeypatch):
+    """A hold of N active messages, each waiting at a destination of its own (a recipient limit of 1), withdraws
+    their jobs in one pass over the destinations: asking every destination about every message cost N x N calls
+    (8 000 held messages stalled the loop for 25 s)."""
+    from mailflow.stages.qmgr.destination import Destination
+    asked = []
+    for name in ("withdraw", "withdraw_many"):
+        if hasattr(Destination, name):
+            original = getattr(Destination, name)
+            monkeypatch.setattr(Destination, name, lambda self, ids, _o=original: asked.append(ids) or _o(self, ids))
+    s = await sim(delivery_concurrency_limit=1, destination_recipient_limit=1)
+    s.smtp.release.clear()
+    s.smtp.script = always(Outcome.SENT, "2.0.0", "ok")
+    ids = [await s.submit("a@remote.test", f"u{i}@far.test") for i in range(40)]
+    await eventually(lambda: len(s.qmgr.destinations()) == 40)  # one in flight, 39 waiting at their own
+    await s.store.hold_messages(ids[1:])
+    s.clock.advance(86400)  # the tick notices the holds
+    await eventually(lambda: sum(row[4] for row in s.qmgr.destinations()) == 0)
+    assert len(asked) <= 40, f"{len(asked)} withdrawals for 39 held messages at 40 destinations"
+    s.smtp.release.set()
+    await s.run_until(s.clock.now + 60, stop=lambda: not s.qmgr.busy and s.qmgr.active_count == 0)
+    assert await s.store.counts() == {"hold": 39}
+
+
 async def test_a_message_held_while_active_past_its_lifetime_stays_held_and_bounces_nothing(sim):
     """An operator's hold wins over the queue lifetime: a message held while in delivery (or waiting for its
     destination) is not returned to its sender as expired at the end of that attempt; it stays on hold."""

@@ -440,26 +440,35 @@ class QueueManager:
 
     async def _withdraw_taken_back(self) -> None:
         """Messages an operator held or deleted while active: their jobs not yet started are dropped. (Only those
-        asked about: one handed over while the states were read is not taken for deleted.)"""
+        asked about: one handed over while the states were read is not taken for deleted.) One pass over the
+        destinations for all of them: with a destination per message, one each would cost messages x destinations."""
         asked = list(self._active)
         states = await self._store.queue_states(asked)
+        taken_back: dict[str, str] = {}
         for queue_id in asked:
             active = self._active.get(queue_id)
             state = states.get(queue_id, "deleted")
             if active is None or state == "active" or active.withdrawn:
                 continue
-            active.withdrawn = state
-            for dest in self._destinations.values():
-                withdrawn = dest.withdraw(queue_id)
-                if withdrawn:
-                    self._mark(dest)  # (idle now, maybe)
-                for job in withdrawn:
-                    if state == "deleted":  # nothing left to record
-                        active.jobs_left -= 1
-                        self._results_in(active, [])
-                        continue
-                    text = "delivery suspended: the message was put on hold"
-                    self._job_done(job, DeliveryReport.uniform(job.recipients, Outcome.DEFERRED, "4.0.0", text))
+            active.withdrawn = taken_back[queue_id] = state
+        if not taken_back:
+            return
+        for dest in list(self._destinations.values()):
+            withdrawn = dest.withdraw_many(taken_back)
+            if withdrawn:
+                self._mark(dest)  # (idle now, maybe)
+            for job in withdrawn:
+                self._job_withdrawn(job, taken_back[job.queue_id])
+
+    def _job_withdrawn(self, job: Job, state: str) -> None:
+        """A job of a message the operator held (deferred, its recipients kept) or deleted (nothing to record)."""
+        if state == "deleted":
+            active = self._active[job.queue_id]
+            active.jobs_left -= 1
+            self._results_in(active, [])
+            return
+        text = "delivery suspended: the message was put on hold"
+        self._job_done(job, DeliveryReport.uniform(job.recipients, Outcome.DEFERRED, "4.0.0", text))
 
     async def _scan(self) -> None:
         now = self._clock.time()

@@ -145,10 +145,17 @@ class Destination:
 
     def withdraw(self, queue_id: str) -> list[Job]:
         """Take out the queued jobs of one message (an operator held or deleted it)."""
-        mine = [j for j in self.jobs if j.queue_id == queue_id]
+        return self.withdraw_many({queue_id})
+
+    def withdraw_many(self, queue_ids: set[str] | dict[str, str]) -> list[Job]:
+        """Take out the queued jobs of several messages at once (an operator held or deleted them): one pass over
+        the queue, whatever their number."""
+        mine = [j for j in self.jobs if j.queue_id in queue_ids]
         if mine:
-            self.jobs = deque(j for j in self.jobs if j.queue_id != queue_id)
-        return mine + list(self.later.pop(queue_id, ()))
+            self.jobs = deque(j for j in self.jobs if j.queue_id not in queue_ids)
+        for queue_id in [queue_id for queue_id in self.later if queue_id in queue_ids]:
+            mine.extend(self.later.pop(queue_id))
+        return mine
 
     def drain(self) -> list[Job]:
         """Hand back every queued job (the destination is dead)."""
