@@ -368,6 +368,40 @@ async def test_delivery_concurrency_limit_caps_all_destinations(h):
     assert len(blocking.requests) == 6
 
 
+async def deliveries_in_order(h: Harness, big: list[str], late: str, **queue) -> list[str]:
+    """A message to `big`, then one to `late`, both queued before qmgr starts (one scan takes both); the first
+    recipient of each delivery, in the order the agents were handed them (`h.order`), once the queue is empty."""
+    await h.open_store()
+    await h.queue(*big, wake=False)
+    await h.queue(late, wake=False)
+    await h.start(**queue)
+    await eventually(lambda: queue_is_empty(h))
+    return h.order
+
+
+@pytest.mark.parametrize("late, queue", [
+    ("late@example.test", {"transport_destination_recipient_limit": {"smtp": 1}}),  # another transport
+    ("late@other.test", {"destination_recipient_limit": 50}),  # another destination of the same transport
+], ids=["transports-take-turns", "destinations-take-turns"])
+async def test_a_big_message_holds_back_no_later_mail_once_the_delivery_cap_binds(h, late, queue):
+    """Once `delivery_concurrency_limit` is reached each freed slot went back to the first transport and
+    destination in line: at a recipient limit of 1 a local message waited behind all 120 remote deliveries of a
+    bigger one (Postfix's qmgr round-robins its transports); at a limit of 50 a message to another.test waited
+    behind every slice. They take turns now: the later message is among the first deliveries."""
+    h.order = []
+    for transport in (h.smtp, h.local):
+        deliver = transport.deliver
+
+        async def recording(request, _deliver=deliver):
+            h.order.append(addresses(request)[0])
+            return await _deliver(request)
+
+        transport.deliver = recording
+    order = await deliveries_in_order(h, [f"u{i}@remote.test" for i in range(120)], late,
+                                      delivery_concurrency_limit=2, **queue)
+    assert late in order[:3], f"the later message was delivery {order.index(late) + 1} of {len(order)}"
+
+
 async def test_active_limit_bounds_messages_in_hand(h):
     blocking = BlockingTransport("smtp")
     await h.start(transports={"smtp": blocking}, active_limit=2)

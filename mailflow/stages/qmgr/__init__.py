@@ -30,7 +30,8 @@ The loop
   `user@nexthop`, as Postfix names its queues then; the jobs of one message take their turns with the other
   messages', so a big message holds back no later mail) and runs as many at once as its window allows
   (`destination.py`: slow start, throttle on site failure, dead-site memory). `delivery_concurrency_limit`
-  caps all deliveries, `transport_concurrency_limit` each transport. A dead destination's jobs are
+  caps all deliveries, `transport_concurrency_limit` each transport; under the caps the transports, and each
+  transport's destinations, take turns one job at a time (`_pump`), so a freed slot goes to the next in line. A dead destination's jobs are
   deferred without a connection attempt. A destination rate delay (`destination_rate_delay`, per transport
   `transport_destination_rate_delay`) makes its window 1 and pauses it after each delivery; the loop wakes when
   the pause ends, and that turn only starts deliveries (no scan: a writer transaction).
@@ -618,9 +619,11 @@ class QueueManager:
         self._ready.setdefault(dest.transport, {})[dest.key] = None
 
     def _pump(self) -> None:
-        """Start every job the windows and caps allow; defer the jobs of dead destinations unattempted; forget idle
-        destinations. Looks only at the destinations marked ready (`_mark`), and no further once every delivery
-        slot is taken."""
+        """Start every job the windows and caps allow, one at a time in turn: the transports take turns (Postfix's
+        qmgr_transport_select), and within one the destinations do, a destination that started a job going to the
+        end of the line; so once `delivery_concurrency_limit` binds, a freed slot goes to the next in line, not
+        back to the big message's destination (or transport). Defers the jobs of dead destinations unattempted
+        and forgets idle ones. Looks only at the destinations marked ready (`_mark`)."""
         if self._stopping:
             return
         now = self._clock.time()
@@ -628,29 +631,39 @@ class QueueManager:
             dest = self._destinations.get(heapq.heappop(self._timers)[1])
             if dest is not None:
                 self._mark(dest)
-        for transport, ready in list(self._ready.items()):
-            if self._in_flight >= self._config.delivery_concurrency_limit:
-                break
-            self._pump_transport(transport, ready, now)
-            if not ready:
-                del self._ready[transport]
+        capped: dict[str, dict[tuple[str, str], None]] = {}  # transports at their own cap: they wait their turn
+        while self._ready and self._in_flight < self._config.delivery_concurrency_limit:
+            transport = next(iter(self._ready))
+            ready = self._ready.pop(transport)
+            if not self._room_for(transport):
+                capped[transport] = ready
+                continue
+            self._start_next(ready, now)
+            marked = self._ready.pop(transport, None)  # (a job deferred meanwhile may have marked another)
+            if marked:
+                ready.update(marked)
+            if ready:
+                self._ready[transport] = ready  # its next turn after the other transports'
+        for transport, ready in capped.items():
+            self._ready.setdefault(transport, {}).update(ready)
 
-    def _pump_transport(self, transport: str, ready: dict[tuple[str, str], None], now: float) -> None:
-        """`_pump` for the ready destinations of one transport, in turn, until its cap or the global one is met:
-        a destination leaves `ready` once it can start no more (its window, its pause, its queue, its death)."""
-        for key in list(ready):
+    def _start_next(self, ready: dict[tuple[str, str], None], now: float) -> None:
+        """Start the job of the first destination in `ready` that can start one (it goes to the end of the line
+        if it can start more); those before it that can start none leave `ready` (dead ones' jobs deferred,
+        idle ones forgotten)."""
+        while ready:
+            key = next(iter(ready))
+            del ready[key]
             dest = self._destinations.get(key)
             if dest is None:
-                del ready[key]
                 continue
             if dest.is_dead(now):
                 self._suspend(dest, dest.drain())
-            else:
-                while dest.can_start(now) and self._room_for(transport):
-                    self._start(dest)
-                if dest.can_start(now):  # a cap stopped it: it stays ready, and so do those after it
-                    return
-            del ready[key]
+            elif dest.can_start(now):
+                self._start(dest)
+                if dest.jobs and dest.can_start(now):
+                    ready[key] = None
+                return
             if dest.idle(now):
                 del self._destinations[key]
 
