@@ -1,7 +1,8 @@
 """`mailflow dns-records DOMAIN`: the records to publish, in zone file syntax, derived from the configuration.
 
-    public_addresses(config) -> [ip]       deliverability.outbound_addresses, else smtp.bind_address and
-                                           bind_address6 (the source of outgoing connections), else the listener
+    public_addresses(config) -> [ip]       deliverability.outbound_addresses, else per address family
+                                           smtp.bind_address / bind_address6 (the source of outgoing connections)
+                                           when public, else (no bind address for the family) the listener
                                            addresses that are public (global unicast); [] when none is known
     domain_keys(config, domain) -> [SigningKey]   the KeyTable's keys for the domain (a "%" key stands for it)
     sts_policy_text(config, domain) -> str the MTA-STS policy file to serve (mode deliverability.mta_sts_mode)
@@ -29,20 +30,39 @@ STS_MAX_AGE = 604800  # a week: long enough for the cache to matter, short enoug
 
 
 def public_addresses(config: Config) -> list[str]:
+    return outbound_addresses(config)[0]
+
+
+def outbound_addresses(config: Config) -> tuple[list[str], list[str]]:
+    """(the public outbound addresses, the bind addresses left out as not public): deliverability.outbound_addresses
+    when set (the operator knows best), else per address family: a bind
+    address (smtp.bind_address for IPv4, bind_address6 for IPv6: outgoing connections leave from it) stands for
+    that family's listener addresses; one that is not global unicast (behind NAT, say) is left out, and the
+    family's public address is then unknown; a family with no bind address has its public listener addresses."""
     if config.deliverability.outbound_addresses:
-        return list(config.deliverability.outbound_addresses)
-    bound = [address for address in (config.smtp.bind_address, config.smtp.bind_address6) if address]
-    if bound:
-        return bound
-    found = []
+        return list(config.deliverability.outbound_addresses), []
+    listeners = [address for address in _listener_addresses(config) if address.is_global]
+    found: list[str] = []
+    not_public: list[str] = []
+    for version, bound in ((4, config.smtp.bind_address), (6, config.smtp.bind_address6)):
+        if not bound:
+            found += [str(address) for address in listeners if address.version == version]
+        elif ipaddress.ip_address(bound).is_global:
+            found.append(str(ipaddress.ip_address(bound)))
+        else:
+            not_public.append(bound)
+    return found, not_public
+
+
+def _listener_addresses(config: Config) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    found: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
     for value in list(config.smtpd.listen) + [listener.address for listener in config.smtpd.listeners]:
-        host = parse_hostport(value)[0]
         try:
-            address = ipaddress.ip_address(host)
+            address = ipaddress.ip_address(parse_hostport(value)[0])
         except ValueError:
             continue
-        if address.is_global and str(address) not in found:
-            found.append(str(address))
+        if address not in found:
+            found.append(address)
     return found
 
 
@@ -74,12 +94,13 @@ def _address_record(name: str, address: str) -> str:
 
 def records(config: Config, domain: str) -> list[str]:
     host = config.myhostname
-    addresses = public_addresses(config)
     policy = sts_policy_text(config, domain)
     policy_id = hashlib.sha256(policy.encode()).hexdigest()[:20]
     rua = report_address(config, domain)
     out = [f"; records for {domain}, from the configuration of {host} (mailflow dns-records)", "",
            "; where mail for the domain goes", f"{domain}. IN MX 10 {host}."]
+    addresses, not_public = outbound_addresses(config)
+    out += [f"; the bind address {a} is not public: set deliverability.outbound_addresses" for a in not_public]
     if not addresses:
         out.append("; no public address known: set deliverability.outbound_addresses, then run this again")
     out += [_address_record(host, a) for a in addresses]
