@@ -746,6 +746,24 @@ async def test_a_reload_forgets_dead_destinations_as_postfix_qmgr_restart_does(h
     await eventually(lambda: _is(h, {"deferred": 3}), what="the third message deferred")
 
 
+async def test_mail_for_a_dead_destination_is_deferred_at_once_while_every_delivery_slot_is_taken(h):
+    """The jobs of a dead destination are deferred without an attempt, and at once: they waited for a free slot
+    under `delivery_concurrency_limit` (the loop stopped at the cap before it reached them)."""
+    failing = ScriptedTransport(h.clock, always(Outcome.DEFERRED, "4.4.1", "connect to remote.test: refused", False))
+    holding = BlockingTransport("local")
+    await h.start(transports={"local": holding, "smtp": failing}, delivery_concurrency_limit=1,
+                  initial_destination_concurrency=1)
+    await h.queue("a@remote.test")
+    await eventually(lambda: _is(h, {"deferred": 1}), what="the destination dead")
+    await h.queue("x@example.test")
+    await eventually(lambda: holding.in_flight == 1, what="the only slot taken")
+    await h.queue("b@remote.test")
+    await eventually(lambda: _is(h, {"deferred": 2, "active": 1}), what="deferred while the slot is taken")
+    assert len(failing.requests) == 1
+    holding.release.set()
+    await eventually(lambda: _is(h, {"deferred": 2}))
+
+
 async def test_a_reload_puts_the_new_destination_concurrency_in_force_where_mail_waits(h):
     blocking = BlockingTransport("smtp")
     transports = {"local": h.local, "smtp": blocking}

@@ -183,6 +183,7 @@ class QueueManager:
         # (a dead-site timer, a rate delay's pause), an operator or a reload changed them. Not the others: with a
         # recipient limit of 1 there are as many destinations as recipients.
         self._ready: dict[str, dict[tuple[str, str], None]] = {}
+        self._dead_marked: dict[tuple[str, str], None] = {}  # dead ones marked: their jobs deferred whatever the cap
         self._timers: list[tuple[float, tuple[str, str]]] = []  # (a heap) (when, destination): a pause or death ends
         self._sleeping_until = 0.0  # the clock time the loop's current sleep ends
         self._in_flight = 0
@@ -617,6 +618,8 @@ class QueueManager:
     def _mark(self, dest: Destination) -> None:
         """`_pump` is to look at `dest`: it may start a job, or be forgotten."""
         self._ready.setdefault(dest.transport, {})[dest.key] = None
+        if dest.dead_until:
+            self._dead_marked[dest.key] = None
 
     def _pump(self) -> None:
         """Start every job the windows and caps allow, one at a time in turn: the transports take turns (Postfix's
@@ -631,6 +634,7 @@ class QueueManager:
             dest = self._destinations.get(heapq.heappop(self._timers)[1])
             if dest is not None:
                 self._mark(dest)
+        self._defer_dead(now)
         capped: dict[str, dict[tuple[str, str], None]] = {}  # transports at their own cap: they wait their turn
         while self._ready and self._in_flight < self._config.delivery_concurrency_limit:
             transport = next(iter(self._ready))
@@ -646,6 +650,15 @@ class QueueManager:
                 self._ready[transport] = ready  # its next turn after the other transports'
         for transport, ready in capped.items():
             self._ready.setdefault(transport, {}).update(ready)
+
+    def _defer_dead(self, now: float) -> None:
+        """The jobs queued at dead destinations are deferred unattempted now, not when a delivery slot is free."""
+        while self._dead_marked:
+            key = next(iter(self._dead_marked))
+            del self._dead_marked[key]
+            dest = self._destinations.get(key)
+            if dest is not None and dest.is_dead(now):
+                self._suspend(dest, dest.drain())
 
     def _start_next(self, ready: dict[tuple[str, str], None], now: float) -> None:
         """Start the job of the first destination in `ready` that can start one (it goes to the end of the line
