@@ -617,9 +617,13 @@ class QueueManager:
 
     def _mark(self, dest: Destination) -> None:
         """`_pump` is to look at `dest`: it may start a job, or be forgotten."""
-        self._ready.setdefault(dest.transport, {})[dest.key] = None
+        key = (dest.transport, dest.nexthop)
+        ready = self._ready.get(dest.transport)
+        if ready is None:
+            ready = self._ready[dest.transport] = {}
+        ready[key] = None
         if dest.dead_until:
-            self._dead_marked[dest.key] = None
+            self._dead_marked[key] = None
 
     def _pump(self) -> None:
         """Start every job the windows and caps allow, one at a time in turn: the transports take turns (Postfix's
@@ -634,12 +638,15 @@ class QueueManager:
             dest = self._destinations.get(heapq.heappop(self._timers)[1])
             if dest is not None:
                 self._mark(dest)
-        self._defer_dead(now)
-        capped: dict[str, dict[tuple[str, str], None]] = {}  # transports at their own cap: they wait their turn
-        while self._ready and self._in_flight < self._config.delivery_concurrency_limit:
+        if self._dead_marked:
+            self._defer_dead(now)
+        capped: dict[str, dict[tuple[str, str], None]] | None = None  # transports at their own cap: wait their turn
+        limit = self._config.delivery_concurrency_limit
+        while self._ready and self._in_flight < limit:
             transport = next(iter(self._ready))
             ready = self._ready.pop(transport)
-            if not self._room_for(transport):
+            if transport in self._config.transport_concurrency_limit and not self._room_for(transport):
+                capped = capped or {}
                 capped[transport] = ready
                 continue
             self._start_next(ready, now)
@@ -648,7 +655,7 @@ class QueueManager:
                 ready.update(marked)
             if ready:
                 self._ready[transport] = ready  # its next turn after the other transports'
-        for transport, ready in capped.items():
+        for transport, ready in (capped or {}).items():
             self._ready.setdefault(transport, {}).update(ready)
 
     def _defer_dead(self, now: float) -> None:
@@ -670,7 +677,7 @@ class QueueManager:
             dest = self._destinations.get(key)
             if dest is None:
                 continue
-            if dest.is_dead(now):
+            if dest.dead_until and dest.is_dead(now):
                 self._suspend(dest, dest.drain())
             elif dest.can_start(now):
                 self._start(dest)
@@ -718,13 +725,21 @@ class QueueManager:
             site_ok = report.site_ok if report is not None else True
             reason = report.site_reason if report is not None else ""
             self._suspend(dest, dest.done(site_ok, reason, ended, self._config.minimal_backoff_time))
-            self._mark(dest)
+            if dest.idle(ended):  # (the common case: one message's job) forgotten now, with no turn in `_pump`
+                self._forget(dest)
+            else:
+                self._mark(dest)
             if dest.dead_until:  # dead: looked at again when the timer runs out (revived, or forgotten)
                 self._wake_for(dest, dest.dead_until)
             if dest.resume_at > ended:  # a rate delay: the loop wakes when it is over (a paused destination is kept)
                 self._wake_for(dest, dest.resume_at)
         self._job_done(job, report, started, ended)
         self._pump()
+
+    def _forget(self, dest: Destination) -> None:
+        """An idle destination is forgotten (a new one is made when mail for it comes)."""
+        if self._destinations.get(dest.key) is dest:
+            del self._destinations[dest.key]
 
     def _wake_for(self, dest: Destination, when: float) -> None:
         """`dest` is to be looked at again at `when` (its pause or its dead timer ends): the loop's sleep ends then."""
