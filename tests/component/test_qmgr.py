@@ -402,6 +402,22 @@ async def test_a_big_message_holds_back_no_later_mail_once_the_delivery_cap_bind
     assert late in order[:3], f"the later message was delivery {order.index(late) + 1} of {len(order)}"
 
 
+async def test_a_destination_that_missed_its_mark_is_served_at_the_next_tick(h, caplog):
+    """The ready set is a safety-netted optimisation: a destination with a job to start that was not marked
+    ready (a bug) waited for ever; the tick's walk over the destinations marks it, with a warning."""
+    await h.start()
+    mark, missed = h.qmgr._mark, []
+    h.qmgr._mark = lambda dest: mark(dest) if missed else missed.append(dest.key)  # the first mark is lost
+    await h.queue("u@remote.test")
+    await qmgr_turn(h.qmgr, h.clock)
+    assert missed == [("smtp", "remote.test")] and h.smtp.requests == []
+    h.clock.advance(TICK)
+    await qmgr_turn(h.qmgr, h.clock)
+    await eventually(lambda: queue_is_empty(h))
+    assert len(h.smtp.requests) == 1
+    assert "destination smtp:remote.test could start a job but was not marked ready" in caplog.text
+
+
 async def test_active_limit_bounds_messages_in_hand(h):
     blocking = BlockingTransport("smtp")
     await h.start(transports={"smtp": blocking}, active_limit=2)

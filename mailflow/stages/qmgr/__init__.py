@@ -431,6 +431,8 @@ class QueueManager:
     async def _publish_destinations(self) -> None:
         """The destinations' state for the tools: the rows that changed since the last write (all of them the first
         time, replacing what an earlier run left); thousands of per-recipient destinations cost no rewrite each."""
+        if self._mark_the_overlooked():
+            self._pump()
         rows = {dest.key: dest.snapshot() for dest in self._destinations.values()}
         last = self._snapshot
         if last is None:
@@ -439,6 +441,18 @@ class QueueManager:
             changed = [row for key, row in rows.items() if last.get(key) != row]
             await self._store.save_destinations(changed, self._clock.time(), [key for key in last if key not in rows])
         self._snapshot = rows
+
+    def _mark_the_overlooked(self) -> bool:
+        """A safety net under `_mark`, once a tick: a destination that could start a job (or is dead with jobs
+        queued) but is not marked ready would wait for ever; it is marked, with a warning (a bug to report)."""
+        now = self._clock.time()
+        overlooked = [dest for dest in self._destinations.values()
+                      if (dest.can_start(now) or (dest.jobs and dest.is_dead(now)))
+                      and dest.key not in self._ready.get(dest.transport, {})]
+        for dest in overlooked:
+            log.warning("destination %s:%s could start a job but was not marked ready", dest.transport, dest.nexthop)
+            self._mark(dest)
+        return bool(overlooked)
 
     async def _withdraw_taken_back(self) -> None:
         """Messages an operator held or deleted while active: their jobs not yet started are dropped. (Only those
