@@ -382,12 +382,14 @@ async def deliveries_in_order(h: Harness, big: list[str], late: str, **queue) ->
 @pytest.mark.parametrize("late, queue", [
     ("late@example.test", {"transport_destination_recipient_limit": {"smtp": 1}}),  # another transport
     ("late@other.test", {"destination_recipient_limit": 50}),  # another destination of the same transport
-], ids=["transports-take-turns", "destinations-take-turns"])
+    ("late@other.test", {"destination_recipient_limit": 1}),  # a destination per recipient: messages take turns
+], ids=["transports-take-turns", "destinations-take-turns", "messages-take-turns"])
 async def test_a_big_message_holds_back_no_later_mail_once_the_delivery_cap_binds(h, late, queue):
     """Once `delivery_concurrency_limit` is reached each freed slot went back to the first transport and
     destination in line: at a recipient limit of 1 a local message waited behind all 120 remote deliveries of a
     bigger one (Postfix's qmgr round-robins its transports); at a limit of 50 a message to another.test waited
-    behind every slice. They take turns now: the later message is among the first deliveries."""
+    behind every slice, and at a limit of 1 behind all 120 per-recipient destinations of the same transport.
+    They take turns now: the later message is among the first deliveries."""
     h.order = []
     for transport in (h.smtp, h.local):
         deliver = transport.deliver

@@ -182,7 +182,9 @@ class QueueManager:
         # The destinations `_pump` looks at, by transport, in turn: jobs were queued, a delivery ended, a timer rang
         # (a dead-site timer, a rate delay's pause), an operator or a reload changed them. Not the others: with a
         # recipient limit of 1 there are as many destinations as recipients.
-        self._ready: dict[str, dict[tuple[str, str], None]] = {}
+        # the destinations `_pump` is to look at: by transport, then by the message their next job is of (its queue
+        # id, "" for none), so that messages take their turns, whatever their number of destinations
+        self._ready: dict[str, Turns] = {}
         self._dead_marked: dict[tuple[str, str], None] = {}  # dead ones marked: their jobs deferred whatever the cap
         self._timers: list[tuple[float, tuple[str, str]]] = []  # (a heap) (when, destination): a pause or death ends
         self._sleeping_until = 0.0  # the clock time the loop's current sleep ends
@@ -446,9 +448,9 @@ class QueueManager:
         """A safety net under `_mark`, once a tick: a destination that could start a job (or is dead with jobs
         queued) but is not marked ready would wait for ever; it is marked, with a warning (a bug to report)."""
         now = self._clock.time()
+        marked = {key for turns in self._ready.values() for group in turns.values() for key in group}
         overlooked = [dest for dest in self._destinations.values()
-                      if (dest.can_start(now) or (dest.jobs and dest.is_dead(now)))
-                      and dest.key not in self._ready.get(dest.transport, {})]
+                      if (dest.can_start(now) or (dest.jobs and dest.is_dead(now))) and dest.key not in marked]
         for dest in overlooked:
             log.warning("destination %s:%s could start a job but was not marked ready", dest.transport, dest.nexthop)
             self._mark(dest)
@@ -632,17 +634,17 @@ class QueueManager:
     def _mark(self, dest: Destination) -> None:
         """`_pump` is to look at `dest`: it may start a job, or be forgotten."""
         key = (dest.transport, dest.nexthop)
-        ready = self._ready.get(dest.transport)
-        if ready is None:
-            ready = self._ready[dest.transport] = {}
-        ready[key] = None
+        turns = self._ready.get(dest.transport)
+        if turns is None:
+            turns = self._ready[dest.transport] = {}
+        _take_turn(turns, dest, key)
         if dest.dead_until:
             self._dead_marked[key] = None
 
     def _pump(self) -> None:
         """Start every job the windows and caps allow, one at a time in turn: the transports take turns (Postfix's
-        qmgr_transport_select), and within one the destinations do, a destination that started a job going to the
-        end of the line; so once `delivery_concurrency_limit` binds, a freed slot goes to the next in line, not
+        qmgr_transport_select), and within one the messages do (the one a destination's next job is of), a
+        destination that started a job going to the end of the line; so once `delivery_concurrency_limit` binds, a freed slot goes to the next in line, not
         back to the big message's destination (or transport). Defers the jobs of dead destinations unattempted
         and forgets idle ones. Looks only at the destinations marked ready (`_mark`)."""
         if self._stopping:
@@ -654,7 +656,7 @@ class QueueManager:
                 self._mark(dest)
         if self._dead_marked:
             self._defer_dead(now)
-        capped: dict[str, dict[tuple[str, str], None]] | None = None  # transports at their own cap: wait their turn
+        capped: dict[str, Turns] | None = None  # transports at their own cap: wait their turn
         limit = self._config.delivery_concurrency_limit
         while self._ready and self._in_flight < limit:
             transport = next(iter(self._ready))
@@ -666,11 +668,11 @@ class QueueManager:
             self._start_next(ready, now)
             marked = self._ready.pop(transport, None)  # (a job deferred meanwhile may have marked another)
             if marked:
-                ready.update(marked)
+                _merge_turns(ready, marked)
             if ready:
                 self._ready[transport] = ready  # its next turn after the other transports'
         for transport, ready in (capped or {}).items():
-            self._ready.setdefault(transport, {}).update(ready)
+            _merge_turns(self._ready.setdefault(transport, {}), ready)
 
     def _defer_dead(self, now: float) -> None:
         """The jobs queued at dead destinations are deferred unattempted now, not when a delivery slot is free."""
@@ -681,13 +683,28 @@ class QueueManager:
             if dest is not None and dest.is_dead(now):
                 self._suspend(dest, dest.drain())
 
-    def _start_next(self, ready: dict[tuple[str, str], None], now: float) -> None:
-        """Start the job of the first destination in `ready` that can start one (it goes to the end of the line
-        if it can start more); those before it that can start none leave `ready` (dead ones' jobs deferred,
-        idle ones forgotten)."""
-        while ready:
-            key = next(iter(ready))
-            del ready[key]
+    def _start_next(self, turns: Turns, now: float) -> None:
+        """Start one job: of the first message in `turns` whose destinations can start one (the message's turn
+        goes to the end of the line, and so does the destination, under the message of its next job, if it can
+        start more); the destinations before it that can start none leave (dead ones' jobs deferred, idle ones
+        forgotten)."""
+        while turns:
+            head = next(iter(turns))
+            group = turns.pop(head)
+            started = self._start_first(group, now)
+            if group:
+                _merge_turns(turns, {head: group})
+            if started is not None:
+                if started.jobs and started.can_start(now):
+                    _take_turn(turns, started, started.key)
+                return
+
+    def _start_first(self, group: dict[tuple[str, str], None], now: float) -> Destination | None:
+        """Start the job of the first destination in `group` that can start one, and return it; those before it
+        that can start none leave `group`."""
+        while group:
+            key = next(iter(group))
+            del group[key]
             dest = self._destinations.get(key)
             if dest is None:
                 continue
@@ -695,11 +712,10 @@ class QueueManager:
                 self._suspend(dest, dest.drain())
             elif dest.can_start(now):
                 self._start(dest)
-                if dest.jobs and dest.can_start(now):
-                    ready[key] = None
-                return
+                return dest
             if dest.idle(now):
                 del self._destinations[key]
+        return None
 
     def _start(self, dest: Destination) -> None:
         self._in_flight += 1
@@ -1022,3 +1038,24 @@ def _route(content_filter: str, transport: str, nexthop: str) -> tuple[str, str]
         return transport, nexthop
     filter_transport, _, filter_nexthop = content_filter.partition(":")
     return filter_transport, filter_nexthop or nexthop
+
+
+Turns = dict[str, dict[tuple[str, str], None]]  # a transport's ready destinations, by the message of their next job
+
+
+def _take_turn(turns: Turns, dest: Destination, key: tuple[str, str]) -> None:
+    """`dest` joins the line of the message its next job is of."""
+    head = dest.jobs[0].queue_id if dest.jobs else ""
+    group = turns.get(head)
+    if group is None:
+        group = turns[head] = {}
+    group[key] = None
+
+
+def _merge_turns(turns: Turns, more: Turns) -> None:
+    for head, group in more.items():
+        mine = turns.get(head)
+        if mine is None:
+            turns[head] = group
+        else:
+            mine.update(group)
