@@ -30,8 +30,9 @@ The loop
   `user@nexthop`, as Postfix names its queues then; the jobs of one message take their turns with the other
   messages', so a big message holds back no later mail) and runs as many at once as its window allows
   (`destination.py`: slow start, throttle on site failure, dead-site memory). `delivery_concurrency_limit`
-  caps all deliveries, `transport_concurrency_limit` each transport; under the caps the transports, and each
-  transport's destinations, take turns one job at a time (`_pump`), so a freed slot goes to the next in line. A dead destination's jobs are
+  caps all deliveries, `transport_concurrency_limit` each transport; under the caps the transports, and within
+  each the messages (by their destinations' next jobs), take turns one job at a time (`_pump`), so a freed slot
+  goes to the next in line. A dead destination's jobs are
   deferred without a connection attempt. A destination rate delay (`destination_rate_delay`, per transport
   `transport_destination_rate_delay`) makes its window 1 and pauses it after each delivery; the loop wakes when
   the pause ends, and that turn only starts deliveries (no scan: a writer transaction).
