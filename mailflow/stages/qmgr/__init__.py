@@ -646,8 +646,8 @@ class QueueManager:
         """Start every job the windows and caps allow, one at a time in turn: the transports take turns (Postfix's
         qmgr_transport_select), and within one the messages do (the one a destination's next job is of), a
         destination that started a job going to the end of the line; so once `delivery_concurrency_limit`
-        binds, a freed slot goes to the next in line, not back to the big message's destination (or transport). Defers the jobs of dead destinations unattempted
-        and forgets idle ones. Looks only at the destinations marked ready (`_mark`)."""
+        binds, a freed slot goes to the next in line, not back to the big message's destination (or transport).
+        Defers the jobs of dead destinations unattempted and forgets idle ones. Looks only at the destinations marked ready (`_mark`)."""
         if self._stopping:
             return
         now = self._clock.time()
