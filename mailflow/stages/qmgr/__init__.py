@@ -647,7 +647,8 @@ class QueueManager:
         qmgr_transport_select), and within one the messages do (the one a destination's next job is of), a
         destination that started a job going to the end of the line; so once `delivery_concurrency_limit`
         binds, a freed slot goes to the next in line, not back to the big message's destination (or transport).
-        Defers the jobs of dead destinations unattempted and forgets idle ones. Looks only at the destinations marked ready (`_mark`)."""
+        Defers the jobs of dead destinations unattempted and forgets idle ones. Looks only at the destinations
+        marked ready (`_mark`)."""
         if self._stopping:
             return
         now = self._clock.time()
