@@ -80,7 +80,12 @@ async def mailflow_sendmail(config: Path, args: list[str], message: bytes) -> su
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "mailflow", "sendmail", "-C", str(config),
                                                 *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(message), 20)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(message), 20)
+    except asyncio.TimeoutError:  # no child left behind (it would outlive the test and hold its queue)
+        proc.kill()
+        await proc.wait()
+        pytest.fail(f"mailflow sendmail {' '.join(args)} did not finish within 20 s")
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
