@@ -422,11 +422,11 @@ async def test_old_mail_requeued_is_deferred_again_not_returned_as_postfix_reset
         mailflow_server, mail_log, write_config, tmp_path):
     """postsuper -r resets the expiration schedule (Postfix HISTORY 20060313: cleanup writes the copy a new
     create_time, which qmgr's queue lifetime counts from): a deferred message older than maximal_queue_lifetime
-    (2 s here), requeued, is tried again and deferred, not returned (`status=expired, returned to sender`); the
+    (3 s here), requeued, is tried again and deferred, not returned (`status=expired, returned to sender`); the
     copy's lines are the same for both servers."""
     peer = await ScriptedPeer({"RCPT": peer_rcpt}).start()
     transports = f"inline:{{relay.test=smtp:[127.0.0.1]:{peer.port}}}"
-    slow = {"maximal_queue_lifetime": "2s", "bounce_queue_lifetime": "2s", "queue_run_delay": "1h",
+    slow = {"maximal_queue_lifetime": "3s", "bounce_queue_lifetime": "3s", "queue_run_delay": "1h",
             "minimal_backoff_time": "1h", "maximal_backoff_time": "1h"}
     deferred = "to=<def@relay.test>"
 
@@ -446,7 +446,7 @@ async def test_old_mail_requeued_is_deferred_again_not_returned_as_postfix_reset
                 return b'"queue_name": "deferred"' in (await tool("postqueue", "-j")).stdout
             await eventually(deferred_listed, timeout=10, step=0.1)
             [old] = re.findall(r": ([0-9A-F]+): client=", pf.maillog[started:])
-            await asyncio.sleep(3)  # older than its lifetime now (Postfix counts whole seconds: 3 > 2 whatever)
+            await asyncio.sleep(4)  # older than its lifetime now (Postfix counts whole seconds: 4 > 3 whatever)
             assert (await tool("postsuper", "-r", old)).returncode == 0
             assert (await tool("postkick", "public", "pickup", "W")).returncode == 0
             await eventually(lambda: pf.maillog[started:].count(deferred) == 2, timeout=10)
@@ -462,7 +462,7 @@ async def test_old_mail_requeued_is_deferred_again_not_returned_as_postfix_reset
         await message(mf.smtp_addresses[0][1], ["def@relay.test"], "old")
         await eventually(lambda: deferred in mail_log.read_text(), timeout=10)
         [old] = re.findall(r": ([0-9A-F]+): client=", mail_log.read_text())
-        await asyncio.sleep(3)
+        await asyncio.sleep(4)
         rc, out = await run_tool(sys.executable, "-m", "mailflow", "queue", "requeue", old, "-c", str(config))
         assert rc == 0, out
         await eventually(lambda: mail_log.read_text().count(deferred) == 2, timeout=10)
