@@ -105,10 +105,10 @@ class Imported:
             out += self._lines([k for k in self.settings if k.rpartition(".")[0] == section])
         for listener in self.listeners:
             out += ["", "[[smtpd.listeners]]"]
-            out += [format_setting(k, v) for k, v in listener.items() if k != "origin"]
+            out += [format_setting(k, v) for k, v in listener.items() if k not in _PRIVATE]
         for name, service in self.pipes.items():
             out += ["", f"[pipe.{_toml_key(name)}]"]
-            out += [format_setting(k, v) for k, v in service.items() if k != "origin"]
+            out += [format_setting(k, v) for k, v in service.items() if k not in _PRIVATE]
         return "\n".join(out) + "\n"
 
     def _lines(self, keys: list[str]) -> list[str]:
@@ -120,8 +120,11 @@ class Imported:
         return out
 
 
+_PRIVATE = ("origin", "sources")  # where a listener or pipe came from (its line, each override's -o): not written
+
+
 def _without_origin(table: dict[str, object]) -> dict[str, object]:
-    return {k: v for k, v in table.items() if k != "origin"}
+    return {k: v for k, v in table.items() if k not in _PRIVATE}
 
 
 def _toml_key(name: str) -> str:

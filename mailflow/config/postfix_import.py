@@ -36,7 +36,8 @@ from mailflow.config.postfix_cf import (Expander, Imported, Line, Refused, Servi
                                         convert, from_queue_directory, read_main_cf, read_master_cf,
                                         restriction_items, split_list, table_spec)
 from mailflow.config.postfix_master import translate_service
-from mailflow.config.smtpd import SMTPD_BANNER
+from mailflow.config.show import format_setting
+from mailflow.config.smtpd import LISTENER_ROLES, SMTPD_BANNER
 from mailflow.errors import ConfigError
 
 __all__ = ["import_postfix", "UnreadableFile", "Imported"]
@@ -265,30 +266,98 @@ class Importer:
                 self._drop(e.key, e.reason)
         raise AssertionError("the imported settings never validated")  # each round removes one
 
+    def _refusal(self) -> tuple[str, str] | None:
+        """(key, reason) of mailflow's refusal of what is imported now, None when it loads."""
+        try:
+            config_from_dict(self.out.document(), "<imported>")
+        except ConfigError as e:
+            return e.key, e.reason
+        return None
+
     def _drop(self, key: str, reason: str) -> None:
+        """Leave out what mailflow refuses: the setting, pipe or listener (override) `key` names, else the one
+        whose removal ends the refusal (a check across settings), else the whole section or listener."""
         parts = re.sub(r"\[(\d+)\]", r".\1", key).split(".")
         why = f"mailflow refuses it: {reason}"
+        listener = _LISTENER_REFUSAL.match(reason)
         if parts[0] == "pipe" and len(parts) > 1 and parts[1] in self.out.pipes:
             origin = str(self.out.pipes[parts[1]].pop("origin", ""))
             del self.out.pipes[parts[1]]
             self.out.leave_out(origin, f"pipe service {parts[1]}", "", why)
-            return
-        if parts[:2] == ["smtpd", "listeners"] and len(parts) > 2 and parts[2].isdigit():
-            listener = self.out.listeners.pop(int(parts[2]))
-            self.out.leave_out(str(listener.pop("origin", "")), f"listener {listener.get('address')}", "", why)
-            return
-        prefixes = [".".join(parts[:n]) for n in range(len(parts), 0, -1)]  # smtpd.postscreen.greet_wait first
-        setting = next((p for p in prefixes if p in self.out.settings), parts[0])
-        if setting not in self.out.settings:  # a check across settings: the imported one the reason names
-            named = [k for k in self.out.settings if re.search(rf"(?<![\w.]){re.escape(k)}(?![\w.])", reason)]
-            setting = named[0] if named else setting
-        if setting not in self.out.settings:
-            raise AssertionError(f"cannot place the refusal of {key}: {reason}")
+        elif parts[:2] == ["smtpd", "listeners"] and len(parts) > 2 and parts[2].isdigit():
+            self._drop_listener(int(parts[2]), why)
+        elif parts == ["smtpd"] and listener and int(listener.group(1)) < len(self.out.listeners):
+            self._drop_in_listener(int(listener.group(1)), listener.group(2), listener.group(3), (key, reason))
+        else:
+            prefixes = [".".join(parts[:n]) for n in range(len(parts), 0, -1)]  # smtpd.postscreen.greet_wait first
+            setting = next((p for p in prefixes if p in self.out.settings), None)
+            if setting is None:  # a check across settings (`sasl_auth_enable needs sasl_user_maps`)
+                setting = self._culprit(parts[0], reason, (key, reason))
+            if setting is None:
+                self._drop_section(parts[0], why)
+            else:
+                self._drop_setting(setting, why)
+
+    def _drop_setting(self, setting: str, why: str) -> None:
         del self.out.settings[setting]
         origin = self.out.origins.pop(setting, setting)
         where, _, text = origin.partition(": ")
         name, _, value = text.partition(" = ")
         self.out.leave_out(where, name or setting, value, why)
+
+    def _culprit(self, section: str, reason: str, refusal: tuple[str, str]) -> str | None:
+        """The imported setting of `section` whose removal ends `refusal`: those the reason names first."""
+        mine = [k for k in self.out.settings if k == section or k.startswith(f"{section}.")]
+        named = [k for k in mine if re.search(rf"(?<![\w.]){re.escape(k.removeprefix(section + '.'))}(?![\w.])",
+                                              reason)]
+        for candidate in named + [k for k in reversed(mine) if k not in named]:
+            value = self.out.settings.pop(candidate)
+            ended = self._refusal() != refusal
+            self.out.settings[candidate] = value
+            if ended:
+                return candidate
+        return None
+
+    def _drop_section(self, section: str, why: str) -> None:
+        for setting in [k for k in self.out.settings if k == section or k.startswith(f"{section}.")]:
+            self._drop_setting(setting, why)
+        if section == "smtpd":
+            for _ in range(len(self.out.listeners)):
+                self._drop_listener(0, why)
+
+    def _drop_listener(self, index: int, why: str) -> None:
+        listener = self.out.listeners.pop(index)
+        self.out.leave_out(str(listener.get("origin", "")), f"listener {listener.get('address')}", "", why)
+
+    def _drop_in_listener(self, index: int, override: str | None, reason: str, refusal: tuple[str, str]) -> None:
+        """A listener's override mailflow refuses (`overrides.X: …`) or a check across its settings: the override
+        whose removal ends it, else the listener. An override a role presets goes with its listener (without it the
+        role's preset, not Postfix's value, would apply)."""
+        listener = self.out.listeners[index]
+        overrides = listener["overrides"]
+        assert isinstance(overrides, dict)
+        role_presets = LISTENER_ROLES[str(listener["role"])]
+        if override is None:
+            for candidate in [k for k in overrides if k not in role_presets and k != "postscreen"]:
+                value = overrides.pop(candidate)
+                ended = self._refusal() != refusal
+                overrides[candidate] = value
+                if ended:
+                    override = candidate
+                    break
+        why = f"mailflow refuses it: {refusal[1]}"
+        if override is None or override not in overrides or override in role_presets:
+            self._drop_listener(index, why)
+            return
+        value = overrides.pop(override)
+        sources = listener.get("sources", {})
+        assert isinstance(sources, dict)
+        self.out.leave_out(str(listener.get("origin", "")), f"listener {listener.get('address')} "
+                           f"{sources.get(override, 'smtpd.' + override)}", format_setting(override, value)
+                           .partition(" = ")[2], why)
+
+
+_LISTENER_REFUSAL = re.compile(r"listener (\d+) \([^)]*\): (?:overrides\.(\w+): )?(.*)", re.S)
 
 
 def import_postfix(main_cf: str, master_cf: str | None = None, hostname: str | None = None) -> Imported:

@@ -117,10 +117,16 @@ def _smtpd_service(importer: ImportState, service: Service) -> None:
         overrides.setdefault(preset, _postfix_value(importer, preset, overrides))
     for host_name in ([host] if host else importer.interfaces()):
         importer.out.listeners.append({"address": f"{host_name}:{port}", "role": role, "overrides": dict(overrides),
-                                       "origin": service.line.where})
+                                       "origin": service.line.where, "sources": _sources(options)})
     if service.name == "smtp":
         importer.out.settings.pop("smtpd.listen", None)
         importer.out.settings["smtpd.listen"] = []
+
+
+def _sources(options: list[tuple[str, str]]) -> dict[str, str]:
+    """Each override's Postfix line (`-o smtpd_sasl_path=private/auth`), to name it when it is left out."""
+    return {key.removeprefix("smtpd."): f"-o {name}={raw}" for name, raw in options
+            for key in names.SETTINGS.get(name, ())}
 
 
 def _screened_elsewhere(importer: ImportState) -> bool:

@@ -414,3 +414,26 @@ def test_an_after_queue_content_filter_gets_its_return_listener_and_mailflow_s_s
 def test_a_main_cf_that_is_not_a_regular_file_exits_2(tmp_path):
     code, err = run_import(str(tmp_path), None, tmp_path / "out.toml")
     assert code == 2 and str(tmp_path) in err
+
+
+# --- refusals of a listener's override or of a check across settings: left out, never a crash ----------------------
+
+@pytest.mark.parametrize("main_cf, master_cf, left_out", [
+    ("smtpd_sasl_auth_enable = yes\nsmtpd_sasl_type = cyrus\nsmtpd_sasl_path = smtpd\n", None,
+     ["main.cf:2: smtpd_sasl_type", "main.cf:1: smtpd_sasl_auth_enable"]),
+    ("smtpd_sasl_type = dovecot\nsmtpd_sasl_path = /run/dovecot/auth\nsmtpd_tls_security_level = encrypt\n", None,
+     ["main.cf:3: smtpd_tls_security_level"]),
+    ("myhostname = mx.example.com\n", "smtp inet n - y - - smtpd\n2525 inet n - y - - smtpd\n"
+     "  -o smtpd_tls_security_level=bogus\n",
+     ["master.cf:2: listener 0.0.0.0:2525 -o smtpd_tls_security_level=bogus",
+      "master.cf:2: listener [::]:2525 -o smtpd_tls_security_level=bogus"]),
+    ("myhostname = mx.example.com\n", "smtp inet n - y - - smtpd\nsmtps inet n - y - - smtpd\n"
+     "  -o smtpd_tls_wrappermode=yes\n  -o smtpd_sasl_auth_enable=yes\n",
+     ["master.cf:2: listener 0.0.0.0:465", "master.cf:2: listener [::]:465"]),
+])
+def test_what_mailflow_refuses_is_left_out_with_its_line(tmp_path, main_cf, master_cf, left_out):
+    master = write(tmp_path, "master.cf", master_cf) if master_cf else None
+    code, err = run_import(write(tmp_path, "main.cf", main_cf), master, tmp_path / "mailflow.toml")
+    assert code == 1, err
+    assert [line.partition(": mailflow refuses it")[0].strip() for line in err.splitlines()[1:]] == left_out
+    checked(tmp_path / "mailflow.toml")
