@@ -7,6 +7,7 @@
                                                  [smtpd.postscreen]'s as `smtpd.postscreen.name`
     table_spec(token, notes), split_list(value)  `type:name` in mailflow's form; a Postfix list's entries
     from_queue_directory(value, queue, notes)    relative `unix:` paths made absolute, as Postfix reads them
+    sasl_path_from_queue_directory(...)          a relative smtpd_sasl_path made absolute, as Postfix opens it
     Imported, LeftOut                            what an import produces, and its TOML
     ImportState                                  what postfix_master's service translation reads and writes
 
@@ -306,6 +307,15 @@ def from_queue_directory(value: object, queue: str, notes: list[str]) -> object:
     if new != value:
         notes.append(f"{value} is {new} (Postfix takes a relative unix: path from queue_directory)")
     return new
+
+
+def sasl_path_from_queue_directory(value: str, queue: str, notes: list[str], where: str) -> str:
+    """smtpd_sasl_path as Postfix's smtpd opens it: a relative path (`private/auth`) is in queue_directory."""
+    if not value or value.startswith(("/", "inet:", "unix:")):
+        return value
+    absolute = f"{queue.rstrip('/')}/{value}"
+    notes.append(f"{where}: smtpd_sasl_path {value} is {absolute} (Postfix takes it from queue_directory)")
+    return absolute
 
 
 def restriction_items(tokens: list[str]) -> list[str]:

@@ -34,7 +34,8 @@ from mailflow.config import postfix_names as names
 from mailflow.config.load import config_from_dict
 from mailflow.config.postfix_cf import (Expander, Imported, Line, Refused, Service, Unexpanded, UnreadableFile,
                                         convert, from_queue_directory, read_main_cf, read_master_cf,
-                                        restriction_items, split_list, table_spec)
+                                        restriction_items, sasl_path_from_queue_directory, split_list,
+                                        table_spec)
 from mailflow.config.postfix_master import translate_service
 from mailflow.config.show import format_setting
 from mailflow.config.smtpd import LISTENER_ROLES, SMTPD_BANNER
@@ -159,11 +160,8 @@ class Importer:
                 if f"{section}_tls_security_level" not in self.params:
                     self._set(name, line, raw, f"{section}.tls_security_level", "may")
         elif name == "smtpd_sasl_path":
-            if not value.startswith(("/", "inet:", "unix:")):
-                value = f"{self.queue_directory().rstrip('/')}/{value}"
-                self.out.notes.append(f"{line.where}: smtpd_sasl_path {raw} is {value} (Postfix takes it from "
-                                      "queue_directory)")
-            self._set(name, line, raw, "smtpd.sasl_path", value)
+            self._set(name, line, raw, "smtpd.sasl_path",
+                      sasl_path_from_queue_directory(value, self.queue_directory(), self.out.notes, line.where))
         elif name == "smtp_sasl_password_maps":
             enabled = self.params.get("smtp_sasl_auth_enable", (line, "no"))[1]
             if enabled.lower() != "yes":

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import re
 from mailflow.config import postfix_names as names
-from mailflow.config.postfix_cf import ImportState, Refused, Service, Unexpanded, convert, from_queue_directory
+from mailflow.config.postfix_cf import (ImportState, Refused, Service, Unexpanded, convert, from_queue_directory,
+                                        sasl_path_from_queue_directory)
 from mailflow.config.smtpd import LISTENER_ROLES
 
 # Postfix's own daemons: mailflow has each of them built in.
@@ -157,6 +158,9 @@ def _overrides(importer: ImportState, service: Service, options: list[tuple[str,
             importer.out.leave_out(service.line.where, f"master.cf {service.name} -o {name}", raw,
                                    names.why_not(name) if not keys else "not a per-listener setting in mailflow")
             continue
+        if name == "smtpd_sasl_path":
+            value = sasl_path_from_queue_directory(value, importer.queue_directory(), importer.out.notes,
+                                                   service.line.where)
         for key in keys:
             overrides[key.removeprefix("smtpd.")] = from_queue_directory(
                 convert(name, key, value, importer.out.notes), importer.queue_directory(), importer.out.notes)

@@ -437,3 +437,16 @@ def test_what_mailflow_refuses_is_left_out_with_its_line(tmp_path, main_cf, mast
     assert code == 1, err
     assert [line.partition(": mailflow refuses it")[0].strip() for line in err.splitlines()[1:]] == left_out
     checked(tmp_path / "mailflow.toml")
+
+
+def test_a_submission_service_s_relative_smtpd_sasl_path_is_in_queue_directory_as_postfix_opens_it(tmp_path):
+    pki = ClientPki(tmp_path)
+    main = write(tmp_path, "main.cf", f"myhostname = mx.example.com\nsmtpd_tls_cert_file = {pki.server_cert}\n"
+                                      f"smtpd_tls_key_file = {pki.server_cert}\nqueue_directory = /var/spool/pf\n")
+    master = write(tmp_path, "master.cf", "smtp inet n - y - - smtpd\nsubmission inet n - y - - smtpd\n"
+                   "  -o smtpd_tls_security_level=encrypt\n  -o smtpd_sasl_auth_enable=yes\n"
+                   "  -o smtpd_sasl_type=dovecot\n  -o smtpd_sasl_path=private/auth\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    assert (code, err) == (0, "")
+    listeners = checked(tmp_path / "mailflow.toml")["smtpd"]["listeners"]
+    assert {x["overrides"]["sasl_path"] for x in listeners} == {"/var/spool/pf/private/auth"}
