@@ -22,7 +22,8 @@ master.cf: `smtpd` inet services become the listen addresses (the `smtp` service
 (each `-o` through the same table); a `postscreen` service turns [smtpd.postscreen] on for its port (the `pass`
 service's `-o` applied there; the postscreen_* parameters are [smtpd.postscreen]'s); `pipe` services become
 `[pipe.NAME]`; a second smtp or lmtp service (a content filter's) is mailflow's transport of that kind; Postfix's own
-services are built in; anything else is left out (mailflow.config.postfix_master). The reading half (files, expansion,
+services are built in; anything else is left out (mailflow.config.postfix_master). A `*_transport` or content_filter
+naming a transport mailflow then does not have (master.cf's service left out, or no master.cf) is left out. The reading half (files, expansion,
 values, the result) is mailflow.config.postfix_cf.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ import socket
 
 from mailflow.config import postfix_names as names
 from mailflow.config.load import config_from_dict
+from mailflow.config.main import BUILTIN_TRANSPORTS
 from mailflow.config.postfix_cf import (Expander, Imported, Line, Refused, Service, Unexpanded, UnreadableFile,
                                         convert, from_queue_directory, read_main_cf, read_master_cf,
                                         restriction_items, sasl_path_from_queue_directory, split_list,
@@ -67,6 +69,7 @@ class Importer:
             for service in self.services:
                 self._service(service)
         self._rename_transports()
+        self._check_transports()
         self._validate()
         return self.out
 
@@ -239,10 +242,10 @@ class Importer:
 
         def renamed(value: object) -> object:
             if isinstance(value, str) and value.partition(":")[0] in aliases:
-                name, _, rest = value.partition(":")
-                self.out.notes.append(f"{value} is {aliases[name]}:{rest} (master.cf's {name} service runs "
-                                      f"{aliases[name]})")
-                return f"{aliases[name]}:{rest}"
+                name, colon, rest = value.partition(":")
+                new = f"{aliases[name]}{colon}{rest}"
+                self.out.notes.append(f"{value} is {new} (master.cf's {name} service runs {aliases[name]})")
+                return new
             return value
         for key, value in list(self.out.settings.items()):
             if key.endswith(("_transport", "content_filter")):
@@ -252,6 +255,25 @@ class Importer:
             if isinstance(overrides, dict) and "content_filter" in overrides:
                 overrides["content_filter"] = renamed(overrides["content_filter"])
         self.out.notes.append(f"lookup tables (transport_maps) naming {', '.join(aliases)} need the same change")
+
+    def _check_transports(self) -> None:
+        """A setting naming a transport mailflow does not have (`default_transport = slow` with master.cf's `slow`
+        left out or not given) is left out: written, it would load and defer all mail (transport not defined)."""
+        known = set(BUILTIN_TRANSPORTS) | set(self.out.pipes)
+        hint = ("master.cf has no service of that name mailflow translates" if self.services is not None
+                else "no master.cf given (--master) to say what it is")
+        for key, value in list(self.out.settings.items()):
+            transport = _transport_named(key, value)
+            if transport and transport not in known:
+                self._drop_setting(key, f"{transport} is not a transport mailflow has: {hint}")
+        for listener in self.out.listeners:
+            overrides = listener.get("overrides")
+            transport = _transport_named("content_filter", overrides.get("content_filter")) \
+                if isinstance(overrides, dict) else None
+            if isinstance(overrides, dict) and transport and transport not in known:
+                self.out.leave_out(str(listener.get("origin", "")), f"listener {listener.get('address')} "
+                                   "-o content_filter", str(overrides.pop("content_filter")),
+                                   f"{transport} is not a transport mailflow has: {hint}")
 
     # --- the whole, as mailflow loads it ----------------------------------------------------------------------
 
@@ -353,6 +375,13 @@ class Importer:
         self.out.leave_out(str(listener.get("origin", "")), f"listener {listener.get('address')} "
                            f"{sources.get(override, 'smtpd.' + override)}", format_setting(override, value)
                            .partition(" = ")[2], why)
+
+
+def _transport_named(key: str, value: object) -> str | None:
+    """The transport a `*_transport` or `content_filter` setting's value names (`smtp` of `smtp:[host]:25`)."""
+    if not key.endswith(("_transport", "content_filter")) or not isinstance(value, str):
+        return None
+    return value.partition(":")[0] or None
 
 
 _LISTENER_REFUSAL = re.compile(r"listener (\d+) \([^)]*\): (?:overrides\.(\w+): )?(.*)", re.S)

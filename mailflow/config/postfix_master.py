@@ -10,9 +10,11 @@ listener, `127.0.0.1:10025`), its `-o name=value` through the one table as overr
 changes nothing the line did not say. A `postscreen` inet service turns [smtpd.postscreen] on (smtpd.postscreen.enable)
 for its port, which takes the `smtpd pass` service's -o; every smtpd service's listener then gets
 `postscreen = {enable = false}` (Postfix screens the postscreen port only). `pipe` services become `[pipe.NAME]` (flags,
-user, argv, size, null_sender, directory). Postfix's own services with no `-o` are built in; a maxproc on a transport
-becomes queue.transport_concurrency_limit. Another smtp or lmtp service (`smtp-amavis`) is mailflow's smtp or lmtp
-transport: the settings naming it are rewritten (each of its -o is left out). Anything else is left out with the reason.
+user, argv, size, null_sender, directory). Postfix's own services under their own names with no `-o` are built in;
+a maxproc on a transport becomes queue.transport_concurrency_limit. Another smtp or lmtp service (`smtp-amavis`,
+`slow`), with or without -o, is mailflow's smtp or lmtp transport: the settings naming it are rewritten (each of its
+-o is left out). Another instance of any other daemon (`local2 … local`) and anything else is left out with the
+reason (and postfix_import leaves out a setting naming a transport mailflow then does not have).
 """
 from __future__ import annotations
 
@@ -39,9 +41,9 @@ def translate_service(importer: ImportState, service: Service) -> None:
             _smtpd_service(importer, service)
         elif service.command == "pipe":
             _pipe_service(importer, service)
-        elif service.command in BUILT_IN_SERVICES and service.name in TRANSPORTS:
+        elif _postfix_s_own(service) and service.name in TRANSPORTS:
             _transport_service(importer, service)
-        elif service.command in BUILT_IN_SERVICES and not _options(service):
+        elif _postfix_s_own(service) and not _options(service):
             pass
         elif service.kind == "pass" and service.command == "smtpd":
             pass  # postscreen's hand-off: its -o were applied with the postscreen service
@@ -50,12 +52,22 @@ def translate_service(importer: ImportState, service: Service) -> None:
         elif service.command in ("smtp", "lmtp"):
             _second_client(importer, service)
         elif service.command in BUILT_IN_SERVICES:
-            raise Refused(f"another {service.command} service with its own -o settings: mailflow has one "
-                          f"{service.command} transport, set in its section")
+            raise Refused(f"another {service.command} service: mailflow has one {service.command} transport, "
+                          f"set in its section (a setting naming {service.name} is left out too)")
         else:
             raise Refused(f"a {service.command} service: mailflow has no counterpart")
     except (Refused, Unexpanded) as e:
         out.leave_out(service.line.where, f"master.cf {service.name}", service.line.text, str(e))
+
+
+def _postfix_s_own(service: Service) -> bool:
+    """Whether the service is one of Postfix's own under its own name (`smtp … smtp`, `rewrite … trivial-rewrite`),
+    not another instance of a daemon (`slow … smtp`, `local2 … local`) a setting may name as its transport."""
+    return service.command in BUILT_IN_SERVICES and service.command in _OWN_NAMES.get(service.name, (service.name,))
+
+
+_OWN_NAMES = {"rewrite": ("trivial-rewrite",), "defer": ("bounce",), "trace": ("bounce",), "relay": ("smtp",),
+              "retry": ("error",), "proxywrite": ("proxymap",), "postlog": ("postlogd",), "qmgr": ("qmgr", "oqmgr")}
 
 
 def _options(service: Service) -> list[tuple[str, str]]:

@@ -450,3 +450,36 @@ def test_a_submission_service_s_relative_smtpd_sasl_path_is_in_queue_directory_a
     assert (code, err) == (0, "")
     listeners = checked(tmp_path / "mailflow.toml")["smtpd"]["listeners"]
     assert {x["overrides"]["sasl_path"] for x in listeners} == {"/var/spool/pf/private/auth"}
+
+
+EXTRA_CLIENTS_MASTER = """\
+smtp      inet  n       -       y       -       -       smtpd
+smtp-amavis unix -      -       n       -       -       smtp
+slow      unix  -       -       n       -       -       smtp
+local2    unix  -       n       n       -       -       local
+"""
+EXTRA_CLIENTS_MAIN = """\
+myhostname = mx.example.com
+content_filter = smtp-amavis:[127.0.0.1]:10024
+default_transport = slow
+local_transport = local2
+"""
+
+
+def test_extra_smtp_services_without_o_are_mailflow_s_smtp_transport_and_another_local_is_left_out(tmp_path):
+    main = write(tmp_path, "main.cf", EXTRA_CLIENTS_MAIN)
+    code, err = run_import(main, write(tmp_path, "master.cf", EXTRA_CLIENTS_MASTER), tmp_path / "mailflow.toml")
+    doc = checked(tmp_path / "mailflow.toml")
+    assert (doc["smtpd"]["content_filter"], doc["default_transport"]) == ("smtp:[127.0.0.1]:10024", "smtp")
+    assert "local_transport" not in doc
+    assert code == 1
+    assert [line.split(": ")[1] for line in err.splitlines()[1:]] == ["master.cf local2", "local_transport"]
+
+
+def test_a_transport_no_master_cf_defines_is_left_out_not_written(tmp_path):
+    code, err = run_import(write(tmp_path, "main.cf", EXTRA_CLIENTS_MAIN), None, tmp_path / "mailflow.toml")
+    doc = checked(tmp_path / "mailflow.toml")
+    assert not {"default_transport", "local_transport"} & set(doc) and "content_filter" not in doc.get("smtpd", {})
+    assert code == 1
+    assert [line.split(": ")[1] for line in err.splitlines()[1:]] == ["content_filter", "default_transport",
+                                                                     "local_transport"]
