@@ -11,7 +11,8 @@ changes nothing the line did not say. A `postscreen` inet service turns [smtpd.p
 for its port, which takes the `smtpd pass` service's -o; every smtpd service's listener then gets
 `postscreen = {enable = false}` (Postfix screens the postscreen port only). `pipe` services become `[pipe.NAME]` (flags,
 user, argv, size, null_sender, directory). Postfix's own services under their own names with no `-o` are built in;
-a maxproc on a transport becomes queue.transport_concurrency_limit. Another smtp or lmtp service (`smtp-amavis`,
+a maxproc on a transport becomes queue.transport_concurrency_limit, on an smtpd service smtpd.max_sessions (the
+`smtp` service's in [smtpd], another's as its listener's override where it differs; 0 is left out). Another smtp or lmtp service (`smtp-amavis`,
 `slow`), with or without -o, is mailflow's smtp or lmtp transport: the settings naming it are rewritten (each of its
 -o is left out). Another instance of any other daemon (`local2 … local`) and anything else is left out with the
 reason (and postfix_import leaves out a setting naming a transport mailflow then does not have).
@@ -107,6 +108,10 @@ def _second_client(importer: ImportState, service: Service) -> None:
             importer.out.leave_out(service.line.where, f"master.cf {service.name} -o {name}", value,
                                    f"mailflow's {service.command} transport has one set of settings "
                                    f"([{service.command}]); {service.name} is that transport here")
+    if service.maxproc != "-":
+        importer.out.leave_out(service.line.where, f"master.cf {service.name} maxproc", service.maxproc,
+                               f"its deliveries share the concurrency of mailflow's {service.command} transport "
+                               f"(queue.transport_concurrency_limit.{service.command})")
     importer.out.transport_aliases[service.name] = service.command
 
 
@@ -123,6 +128,7 @@ def _smtpd_service(importer: ImportState, service: Service) -> None:
     overrides = _overrides(importer, service, options)
     if service.command == "smtpd" and _screened_elsewhere(importer):
         overrides["postscreen"] = {"enable": False}  # [smtpd.postscreen] screens the postscreen service's port only
+    _max_sessions(importer, service, overrides)
     if service.name == "smtp" and not overrides:
         return  # the listen addresses (postfix_import)
     role = _role(overrides)
@@ -134,6 +140,48 @@ def _smtpd_service(importer: ImportState, service: Service) -> None:
     if service.name == "smtp":
         importer.out.settings.pop("smtpd.listen", None)
         importer.out.settings["smtpd.listen"] = []
+
+
+def _max_sessions(importer: ImportState, service: Service, overrides: dict[str, object]) -> None:
+    """maxproc (the `smtpd pass` service's behind postscreen; `-`: default_process_limit) as smtpd.max_sessions:
+    the `smtp` service's in [smtpd], another service's as its listener's override where it differs."""
+    limit = _session_limit(importer, service)
+    if limit is None:
+        return
+    if service.name == "smtp" and service.maxproc != "-":  # else default_process_limit's, as main.cf says
+        importer.out.settings["smtpd.max_sessions"] = limit
+        importer.out.origins["smtpd.max_sessions"] = f"{service.line.where}: {service.line.text}"
+    if limit != _section_session_limit(importer):
+        overrides["max_sessions"] = limit
+
+
+def _section_session_limit(importer: ImportState) -> int | None:
+    smtp = [s for s in importer.services or () if s.kind == "inet" and s.name == "smtp"
+            and s.command in ("smtpd", "postscreen")]
+    return _session_limit(importer, smtp[0], quiet=True) if smtp else _default_process_limit(importer)
+
+
+def _session_limit(importer: ImportState, service: Service, quiet: bool = False) -> int | None:
+    """The service's smtpd processes at once; None (left out, with the reason unless `quiet`) when mailflow has no
+    such limit (maxproc 0: none) or it is not a number."""
+    holder = next((s for s in importer.services or () if s.kind == "pass" and s.command == "smtpd"), service) \
+        if service.command == "postscreen" else service
+    if holder.maxproc == "-":
+        return _default_process_limit(importer)
+    if holder.maxproc.isdigit() and int(holder.maxproc) > 0:
+        return int(holder.maxproc)
+    if not quiet:
+        importer.out.leave_out(holder.line.where, f"master.cf {holder.name} maxproc", holder.maxproc,
+                               "mailflow's max_sessions is a number of sessions, at least 1 (maxproc 0: no limit)"
+                               if holder.maxproc == "0" else "not a number")
+    return None
+
+
+def _default_process_limit(importer: ImportState) -> int | None:
+    if "default_process_limit" not in importer.params:
+        return 100  # Postfix's default
+    value = importer.expander.expand(importer.params["default_process_limit"][1])
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def _sources(options: list[tuple[str, str]]) -> dict[str, str]:

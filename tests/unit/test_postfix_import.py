@@ -408,6 +408,8 @@ def test_an_after_queue_content_filter_gets_its_return_listener_and_mailflow_s_s
     assert err.splitlines()[1:] == [
         "  master.cf:2: master.cf smtp-amavis -o smtp_data_done_timeout: mailflow's smtp transport has one set of "
         "settings ([smtp]); smtp-amavis is that transport here",
+        "  master.cf:2: master.cf smtp-amavis maxproc: its deliveries share the concurrency of mailflow's smtp "
+        "transport (queue.transport_concurrency_limit.smtp)",
         "  master.cf:5: master.cf 127.0.0.1:10025 -o mynetworks: not a per-listener setting in mailflow"]
 
 
@@ -483,3 +485,17 @@ def test_a_transport_no_master_cf_defines_is_left_out_not_written(tmp_path):
     assert code == 1
     assert [line.split(": ")[1] for line in err.splitlines()[1:]] == ["content_filter", "default_transport",
                                                                      "local_transport"]
+
+
+def test_an_smtpd_service_s_maxproc_is_its_listener_s_max_sessions(tmp_path):
+    main = write(tmp_path, "main.cf", "myhostname = mx.example.com\ninet_interfaces = loopback-only\n"
+                                      "inet_protocols = ipv4\ndefault_process_limit = 30\n")
+    master = write(tmp_path, "master.cf", "smtp inet n - y - 20 smtpd\n2525 inet n - y - - smtpd\n"
+                   "2526 inet n - y - 20 smtpd\n2527 inet n - y - 0 smtpd\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    smtpd = checked(tmp_path / "mailflow.toml")["smtpd"]
+    assert smtpd["max_sessions"] == 20  # the smtp service's; 2525's is default_process_limit's
+    assert [x["overrides"].get("max_sessions") for x in smtpd["listeners"]] == [30, None, None]
+    assert code == 1 and err.splitlines()[1:] == [
+        "  master.cf:4: master.cf 2527 maxproc: mailflow's max_sessions is a number of sessions, at least 1 "
+        "(maxproc 0: no limit)"]
