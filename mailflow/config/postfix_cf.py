@@ -217,6 +217,12 @@ class Expander:
         self.raw.setdefault("mail_name", "Postfix")
         self.raw.setdefault("queue_directory", "/var/spool/postfix")
 
+    def with_names(self, extra: dict[str, str]) -> "Expander":
+        """This expansion with more names (master.cf's $service_name and $service_type for a service's -o)."""
+        other = Expander.__new__(Expander)
+        other.raw = {**self.raw, **extra}
+        return other
+
     def expand(self, value: str, depth: int = 0) -> str:
         if depth > 20:
             raise Unexpanded("a $name that refers to itself")

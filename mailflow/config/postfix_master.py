@@ -204,11 +204,17 @@ def _pass_options(importer: ImportState) -> list[tuple[str, str]]:
 
 def _overrides(importer: ImportState, service: Service, options: list[tuple[str, str]]) -> dict[str, object]:
     overrides: dict[str, object] = {}
+    expander = importer.expander.with_names({"service_name": service.name, "service_type": service.kind})
     for name, raw in options:
-        value = importer.expander.expand(raw)
-        if name in _NOT_NEEDED_OVERRIDES:
+        if name in _NOT_NEEDED_OVERRIDES:  # whatever it refers to
             importer.out.notes.append(f"{service.line.where}: {service.name} -o {name}={raw} not needed: "
                                       f"{_NOT_NEEDED_OVERRIDES[name]}")
+            continue
+        try:
+            value = expander.expand(raw)
+        except Unexpanded as e:
+            importer.out.leave_out(service.line.where, f"master.cf {service.name} -o {name}", raw,
+                                   f"refers to {e}, a Postfix default the importer does not know")
             continue
         if name == "smtpd_tls_wrappermode":
             overrides["_wrapper"] = value.lower() == "yes"

@@ -499,3 +499,20 @@ def test_an_smtpd_service_s_maxproc_is_its_listener_s_max_sessions(tmp_path):
     assert code == 1 and err.splitlines()[1:] == [
         "  master.cf:4: master.cf 2527 maxproc: mailflow's max_sessions is a number of sessions, at least 1 "
         "(maxproc 0: no limit)"]
+
+
+def test_a_submission_service_with_syslog_name_of_service_name_is_translated_and_an_unknown_reference_left_out(
+        tmp_path):
+    pki = ClientPki(tmp_path)
+    main = write(tmp_path, "main.cf", f"myhostname = mx.example.com\nsmtpd_tls_cert_file = {pki.server_cert}\n"
+                                      "inet_interfaces = loopback-only\ninet_protocols = ipv4\n")
+    master = write(tmp_path, "master.cf", "smtp inet n - y - - smtpd\nsubmission inet n - y - - smtpd\n"
+                   "  -o syslog_name=postfix/$service_name\n  -o smtpd_tls_security_level=encrypt\n"
+                   "  -o smtpd_sasl_auth_enable=yes\n  -o smtpd_sasl_type=dovecot\n"
+                   "  -o smtpd_sasl_path=/run/dovecot/auth\n  -o smtpd_helo_required=$nope\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    [submission] = checked(tmp_path / "mailflow.toml")["smtpd"]["listeners"]
+    assert (submission["address"], submission["role"]) == ("127.0.0.1:587", "submission")
+    assert code == 1 and err.splitlines()[1:] == [
+        "  master.cf:2: master.cf submission -o smtpd_helo_required: refers to $nope, a Postfix default the "
+        "importer does not know"]
