@@ -64,6 +64,30 @@ class Imported:
     notes: list[str] = field(default_factory=list)
     left_out: list[LeftOut] = field(default_factory=list)
     transport_aliases: dict[str, str] = field(default_factory=dict)  # a master.cf smtp/lmtp service -> its command
+    # a per-transport table's entries' lines: "queue.transport_concurrency_limit" -> transport -> "where: name = value"
+    entry_origins: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def set_entry(self, key: str, transport: str, value: object, origin: str) -> None:
+        """One entry of a per-transport table (queue.transport_*), its line kept to leave it out alone."""
+        table = dict(self.settings.get(key, {}))  # type: ignore[call-overload]
+        table[transport] = value
+        self.settings[key] = table
+        self.entry_origins.setdefault(key, {})[transport] = origin
+        self.origins[key] = "; ".join(self.entry_origins[key].values())
+
+    def drop_entry(self, key: str, transport: str, why: str) -> None:
+        table = self.settings[key]
+        assert isinstance(table, dict)
+        del table[transport]
+        origin = self.entry_origins.get(key, {}).pop(transport, key)
+        where, _, text = origin.partition(": ")
+        name, _, value = text.partition(" = ")
+        self.leave_out(where, name or f"{key}.{transport}", value, why)
+        if table:
+            self.origins[key] = "; ".join(self.entry_origins[key].values())
+        else:
+            del self.settings[key]
+            self.origins.pop(key, None)
 
     def leave_out(self, where: str, name: str, value: str, why: str) -> None:
         self.left_out.append(LeftOut(where, name, value, why))

@@ -143,10 +143,8 @@ class Importer:
         if found is None:
             return False
         transport, key = found
-        table = dict(self.out.settings.get(key, {}))  # type: ignore[call-overload]
-        table[transport] = convert(name, key.replace("transport_", ""), value, self.out.notes)
-        self.out.settings[key] = table
-        self.out.origins[key] = f"{line.where}: {name} = {raw}"
+        self.out.set_entry(key, transport, convert(name, key.replace("transport_", ""), value, self.out.notes),
+                           f"{line.where}: {name} = {raw}")
         return True
 
     def _special(self, name: str, line: Line, raw: str, value: str) -> None:
@@ -266,6 +264,9 @@ class Importer:
             transport = _transport_named(key, value)
             if transport and transport not in known:
                 self._drop_setting(key, f"{transport} is not a transport mailflow has: {hint}")
+        for key, entries in self.out.entry_origins.items():
+            for transport in [t for t in entries if t not in known and key in self.out.settings]:
+                self.out.drop_entry(key, transport, f"{transport} is not a transport mailflow has: {hint}")
         for listener in self.out.listeners:
             overrides = listener.get("overrides")
             transport = _transport_named("content_filter", overrides.get("content_filter")) \
@@ -313,12 +314,32 @@ class Importer:
             setting = next((p for p in prefixes if p in self.out.settings), None)
             if setting is None:  # a check across settings (`sasl_auth_enable needs sasl_user_maps`)
                 setting = self._culprit(parts[0], reason, (key, reason))
+            entry = self._culprit_entry(setting, (key, reason)) if setting else None
             if setting is None:
                 self._drop_section(parts[0], why)
+            elif entry is not None:
+                self.out.drop_entry(setting, entry, why)
             else:
                 self._drop_setting(setting, why)
 
+    def _culprit_entry(self, setting: str, refusal: tuple[str, str]) -> str | None:
+        """The entry of a per-transport table whose removal ends `refusal` (the others stay)."""
+        table = self.out.settings[setting]
+        if setting not in self.out.entry_origins or not isinstance(table, dict):
+            return None
+        for transport in list(table):
+            value = table.pop(transport)
+            ended = self._refusal() != refusal
+            table[transport] = value
+            if ended:
+                return transport
+        return None
+
     def _drop_setting(self, setting: str, why: str) -> None:
+        if self.out.entry_origins.get(setting):  # a per-transport table: each entry with its own line
+            for transport in list(self.out.settings[setting]):  # type: ignore[call-overload]
+                self.out.drop_entry(setting, transport, why)
+            return
         del self.out.settings[setting]
         origin = self.out.origins.pop(setting, setting)
         where, _, text = origin.partition(": ")

@@ -93,11 +93,8 @@ def _transport_service(importer: ImportState, service: Service) -> None:
             raise Refused(f"-o {name}={value}: mailflow's transports take their settings from the sections only")
         importer.out.notes.append(f"{service.line.where}: {service.name} -o {name}={value} not needed: "
                                   f"{_NOT_NEEDED_OVERRIDES[name]}")
-    if service.maxproc not in ("-", "0") and service.name in TRANSPORTS:
-        table = dict(importer.out.settings.get("queue.transport_concurrency_limit", {}))  # type: ignore[call-overload]
-        table[service.name] = int(service.maxproc)
-        importer.out.settings["queue.transport_concurrency_limit"] = table
-        importer.out.origins["queue.transport_concurrency_limit"] = f"{service.line.where}: {service.line.text}"
+    if service.name in TRANSPORTS:
+        _concurrency_limit(importer, service)
 
 
 def _second_client(importer: ImportState, service: Service) -> None:
@@ -279,9 +276,17 @@ def _pipe_service(importer: ImportState, service: Service) -> None:
     pipe["argv"] = [re.sub(r"\$(?!\{)([a-z_]+)", r"${\1}", a) for a in argv]  # pipe(8) takes $name too
     pipe["origin"] = service.line.where
     importer.out.pipes[service.name] = pipe
-    if service.maxproc not in ("-", "0"):
-        table = dict(importer.out.settings.get("queue.transport_concurrency_limit", {}))  # type: ignore[call-overload]
-        table[service.name] = int(service.maxproc)
-        importer.out.settings["queue.transport_concurrency_limit"] = table
-        importer.out.origins["queue.transport_concurrency_limit"] = f"{service.line.where}: {service.line.text}"
+    _concurrency_limit(importer, service)
+
+
+def _concurrency_limit(importer: ImportState, service: Service) -> None:
+    """A transport's maxproc as its queue.transport_concurrency_limit entry (`-`, 0: none); not a number: left out."""
+    if service.maxproc in ("-", "0"):
+        return
+    if not service.maxproc.isdigit():
+        importer.out.leave_out(service.line.where, f"master.cf {service.name} maxproc", service.maxproc,
+                               "not a number")
+        return
+    importer.out.set_entry("queue.transport_concurrency_limit", service.name, int(service.maxproc),
+                           f"{service.line.where}: master.cf {service.name} maxproc = {service.maxproc}")
 

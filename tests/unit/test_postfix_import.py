@@ -516,3 +516,24 @@ def test_a_submission_service_with_syslog_name_of_service_name_is_translated_and
     assert code == 1 and err.splitlines()[1:] == [
         "  master.cf:2: master.cf submission -o smtpd_helo_required: refers to $nope, a Postfix default the "
         "importer does not know"]
+
+
+@pytest.mark.parametrize("main_cf", [
+    "smtp_destination_recipient_limit = 20\ndovecot_destination_recipient_limit = 1\n",
+    "dovecot_destination_recipient_limit = 1\nsmtp_destination_recipient_limit = 20\n"])
+def test_one_bad_entry_of_a_per_transport_table_is_left_out_alone(tmp_path, main_cf):
+    code, err = run_import(write(tmp_path, "main.cf", main_cf), None, tmp_path / "mailflow.toml")
+    assert checked(tmp_path / "mailflow.toml")["queue"]["transport_destination_recipient_limit"] == {"smtp": 20}
+    assert code == 1 and [line.split(": ")[1] for line in err.splitlines()[1:]] == [
+        "dovecot_destination_recipient_limit"]
+
+
+def test_a_per_transport_entry_for_a_master_cf_pipe_is_kept_and_a_non_numeric_maxproc_left_out(tmp_path):
+    main = write(tmp_path, "main.cf", "myhostname = mx.example.com\ndovecot_destination_recipient_limit = 1\n")
+    master = write(tmp_path, "master.cf", "smtp inet n - y - - smtpd\nrelay unix - - n - x smtp\n"
+                   "dovecot unix - n n - 4 pipe\n  flags=DRhu user=vmail argv=/usr/bin/deliver -d ${recipient}\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    queue = checked(tmp_path / "mailflow.toml")["queue"]
+    assert queue["transport_destination_recipient_limit"] == {"dovecot": 1}
+    assert queue["transport_concurrency_limit"] == {"dovecot": 4}
+    assert code == 1 and err.splitlines()[1:] == ["  master.cf:2: master.cf relay maxproc: not a number"]
