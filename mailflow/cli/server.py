@@ -243,11 +243,15 @@ def config_import(main_cf: str = typer.Argument(..., metavar="MAIN_CF", help="Po
                                                          "main.cf does not set it (default: this system's name)")
                   ) -> None:
     """Translate a Postfix main.cf (and master.cf) into mailflow's TOML, with a comment for every line left out.
-    Exit 0 when everything was translated, 1 when something was left out, 2 for a file that cannot be read."""
+    Exit 0 when everything was translated, 1 when something was left out, 2 for a file that cannot be read, 70
+    for a fault of the importer (one line)."""
     try:
         result = import_postfix(main_cf, master, hostname)
     except UnreadableFile as e:
         fail("mailflow config import", str(e), 2)
+    except Exception as e:  # a bug in the importer: one line, EX_SOFTWARE, never a traceback
+        fail("mailflow config import", f"internal error ({type(e).__name__}: {e}); please report it with the "
+                                       "Postfix files", 70)
     text = result.toml()
     if output:
         try:

@@ -235,7 +235,11 @@ class Expander:
     def __init__(self, raw: dict[str, str], hostname: str):
         self.raw = dict(raw)
         self.raw.setdefault("myhostname", hostname)
-        self.raw.setdefault("mydomain", _parent(self.expand(self.raw["myhostname"])))
+        if "mydomain" not in self.raw:
+            try:
+                self.raw["mydomain"] = _parent(self.expand(self.raw["myhostname"]))
+            except Unexpanded:
+                pass  # myhostname refers to a name the importer cannot know: so does $mydomain (left out)
         self.raw.setdefault("myorigin", "$myhostname")
         self.raw.setdefault("mydestination", "$myhostname, localhost.$mydomain, localhost")
         self.raw.setdefault("mail_name", "Postfix")

@@ -77,10 +77,14 @@ class Importer:
     def _defaults(self) -> None:
         for name in ("myhostname", "mydestination"):
             if name not in self.params:
-                key = name
-                value = self.expander.expand(self.expander.raw[name])
-                self.out.settings[key] = convert(name, key, value, self.out.notes)
-                self.out.origins[key] = f"(no {name} in main.cf) Postfix's default: {self.expander.raw[name]}"
+                default = self.expander.raw[name]
+                try:
+                    self.out.settings[name] = convert(name, name, self.expander.expand(default), self.out.notes)
+                except Unexpanded as e:
+                    self.out.leave_out(f"(no {name} in main.cf)", f"{name} (Postfix's default)", default,
+                                       f"refers to {e}, which the importer cannot know")
+                    continue
+                self.out.origins[name] = f"(no {name} in main.cf) Postfix's default: {default}"
 
     def _set(self, name: str, line: Line, raw: str, key: str, value: object) -> None:
         if key in self.out.settings and self.out.settings[key] != value and key not in self._defaulted():
@@ -130,6 +134,8 @@ class Importer:
                 raise Refused(names.why_not(name))
         except Refused as e:
             self.out.leave_out(line.where, name, raw, str(e))
+        except Unexpanded as e:  # queue_directory's, when a unix: path is taken from it
+            self.out.leave_out(line.where, name, raw, f"needs queue_directory, which refers to {e}")
 
     def _in_queue_directory(self, value: object) -> object:
         return from_queue_directory(value, self.queue_directory(), self.out.notes)
@@ -223,7 +229,15 @@ class Importer:
             self.out.settings["smtpd.listen"] = []
             self.out.origins["smtpd.listen"] = "master.cf has no smtp inet service"
             return
-        addresses = [f"{host}:25" for host in self.interfaces()]
+        try:
+            addresses = [f"{host}:25" for host in self.interfaces()]
+        except Unexpanded as e:
+            already = {(item.where, item.name) for item in self.out.left_out}
+            for name in ("inet_interfaces", "inet_protocols"):
+                if name in self.params and (self.params[name][0].where, name) not in already:
+                    line, raw = self.params[name]
+                    self.out.leave_out(line.where, name, raw, f"refers to {e} (smtpd.listen is not written)")
+            return
         where = (f"{self.params['inet_interfaces'][0].where}: inet_interfaces = {self.params['inet_interfaces'][1]}"
                  if "inet_interfaces" in self.params else "(no inet_interfaces in main.cf) Postfix's default: all")
         self.out.settings["smtpd.listen"] = addresses

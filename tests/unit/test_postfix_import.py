@@ -537,3 +537,25 @@ def test_a_per_transport_entry_for_a_master_cf_pipe_is_kept_and_a_non_numeric_ma
     assert queue["transport_destination_recipient_limit"] == {"dovecot": 1}
     assert queue["transport_concurrency_limit"] == {"dovecot": 4}
     assert code == 1 and err.splitlines()[1:] == ["  master.cf:2: master.cf relay maxproc: not a number"]
+
+
+@pytest.mark.parametrize("main_cf, left_out", [
+    ("mydomain = $nope\n", ["mydestination (Postfix's default)", "mydomain"]),
+    ("myhostname = $nope\n", ["mydestination (Postfix's default)", "myhostname"]),
+    ("inet_interfaces = $nope\n", ["inet_interfaces"]),
+    ("queue_directory = $nope\nsmtpd_milters = unix:opendkim/sock\n", ["queue_directory", "smtpd_milters"]),
+])
+def test_a_reference_the_importer_cannot_know_leaves_its_lines_out_never_a_traceback(tmp_path, main_cf, left_out):
+    code, err = run_import(write(tmp_path, "main.cf", main_cf), None, tmp_path / "mailflow.toml")
+    assert code == 1 and [line.split(": ")[1] for line in err.splitlines()[1:]] == left_out
+    checked(tmp_path / "mailflow.toml")
+
+
+def test_an_importer_bug_exits_70_with_one_line(tmp_path, monkeypatch):
+    import mailflow.cli.server
+
+    def broken(*args: object) -> None:
+        raise KeyError("x")
+    monkeypatch.setattr(mailflow.cli.server, "import_postfix", broken)
+    code, err = run_import(write(tmp_path, "main.cf", "myhostname = mx.example.com\n"), None, tmp_path / "o.toml")
+    assert code == 70 and err.count("\n") == 1 and "internal error (KeyError" in err
