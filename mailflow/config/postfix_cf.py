@@ -225,8 +225,21 @@ def read_master_cf(path: str) -> list[Service]:
 class Unexpanded(Exception):
     """A $name the importer cannot know (a Postfix default other than the few it has)."""
 
+    def reason(self) -> str:
+        return f"refers to {self}, a Postfix default the importer does not know"
 
-_REFERENCE = re.compile(r"\$(\$|\{([A-Za-z0-9_]+)(?:([?:])([^}]*))?\}|\(([A-Za-z0-9_]+)\)|([A-Za-z0-9_]+))")
+
+class Unsupported(Unexpanded):
+    """A `${…}` form the importer does not evaluate (a relational `${{$a} == {b}?…}`, a function call) or one
+    Postfix itself refuses (unbalanced braces, an empty name, nesting past 100): the reason."""
+
+    def reason(self) -> str:
+        return str(self)
+
+
+_NAME = re.compile(r"[A-Za-z0-9_]+")
+_WHITESPACE = " \t\r\n"
+MAX_NESTING = 100  # mac_expand's "unreasonable macro call nesting"
 
 
 class Expander:
@@ -251,23 +264,88 @@ class Expander:
         other.raw = {**self.raw, **extra}
         return other
 
-    def expand(self, value: str, depth: int = 0) -> str:
-        if depth > 20:
-            raise Unexpanded("a $name that refers to itself")
+    def expand(self, value: str, stack: tuple[str, ...] = ()) -> str:
+        """`value` with `$name`, `${name}`, `$(name)`, `${name?text}`, `${name:text}`, `${name?{text}:{text}}` and
+        `$$` expanded as mac_parse/mac_expand do (balanced braces, names' values recursively)."""
+        if len(stack) > MAX_NESTING:
+            raise Unsupported("unreasonable $name nesting (Postfix stops at 100)")
+        out, i = [], 0
+        while i < len(value):
+            char = value[i]
+            if char != "$":
+                out.append(char)
+                i += 1
+            elif value[i + 1:i + 2] == "$":
+                out.append("$")
+                i += 2
+            elif value[i + 1:i + 2] in ("{", "("):
+                inner, i = _balanced(value, i + 1)
+                out.append(self._expression(inner, stack))
+            else:
+                m = _NAME.match(value, i + 1)
+                if not m:
+                    raise Unsupported(f"an empty $name at {value[i:i + 20]!r} (Postfix refuses it)")
+                out.append(self._lookup(m.group(), stack))
+                i = m.end()
+        return "".join(out)
 
-        def one(m: re.Match[str]) -> str:
-            if m.group(1) == "$":
-                return "$"
-            name = m.group(2) or m.group(5) or m.group(6)
-            if name not in self.raw:
-                raise Unexpanded(f"${name}")
-            current = self.expand(self.raw[name], depth + 1)
-            if m.group(3) == "?":
-                return self.expand(m.group(4), depth + 1) if current else ""
-            if m.group(3) == ":":
-                return "" if current else self.expand(m.group(4), depth + 1)
+    def _lookup(self, name: str, stack: tuple[str, ...]) -> str:
+        if name in stack:
+            loop = stack[stack.index(name):] + (name,)
+            raise Unsupported(f"a $name loop ({' -> '.join('$' + n for n in loop)}): Postfix refuses it")
+        if name not in self.raw:
+            raise Unexpanded(f"${name}")
+        return self.expand(self.raw[name], stack + (name,))
+
+    def _expression(self, text: str, stack: tuple[str, ...]) -> str:
+        """The inside of `${…}`: a name, then nothing, `?text`, `:text` or `?{text}:{text}` (mac_expand_callback)."""
+        body = text.lstrip(_WHITESPACE)
+        m = _NAME.match(body)
+        rest = body[m.end():].lstrip(_WHITESPACE) if m else body
+        if not m or (rest and rest[0] not in "?:"):
+            raise Unsupported(f"expansion form not supported: ${{{text}}}")
+        current = self._lookup(m.group(), stack)
+        if not rest:
             return current
-        return _REFERENCE.sub(one, value)
+        branches = {"?": "", ":": ""}
+        operator, rest = rest[0], rest[1:]
+        if rest.lstrip(_WHITESPACE).startswith("{"):
+            branches[operator], rest = _curly(rest.lstrip(_WHITESPACE), text)
+            if operator == "?" and rest.startswith(":"):
+                if not rest[1:].lstrip(_WHITESPACE).startswith("{"):
+                    raise Unsupported(f"expansion form not supported: ${{{text}}}")
+                branches[":"], rest = _curly(rest[1:].lstrip(_WHITESPACE), text)
+            if rest:
+                raise Unsupported(f"unexpected text after }} in ${{{text}}} (Postfix refuses it)")
+        else:
+            branches[operator] = rest
+        chosen = branches["?"] if current else branches[":"]
+        return self.expand(chosen, stack)
+
+
+def _balanced(value: str, start: int) -> tuple[str, int]:
+    """The text inside the `{…}` or `(…)` at `start` (nesting counted as mac_parse does), and where it ends."""
+    opening = value[start]
+    closing = "}" if opening == "{" else ")"
+    level, i = 1, start + 1
+    while level:
+        if i >= len(value):
+            raise Unsupported(f"truncated $name reference in {value!r} (Postfix refuses it)")
+        level += (value[i] == opening) - (value[i] == closing)
+        i += 1
+    return value[start + 1:i - 1], i
+
+
+def _curly(text: str, whole: str) -> tuple[str, str]:
+    """`{payload} rest` -> (payload, rest with leading whitespace skipped), as mac_exp_extract_curly_payload."""
+    level, i = 0, 0
+    while True:
+        if i >= len(text):
+            raise Unsupported(f"unbalanced {{}} in ${{{whole}}} (Postfix refuses it)")
+        level += (text[i] == "{") - (text[i] == "}")
+        if level == 0:
+            return text[1:i], text[i + 1:].lstrip(_WHITESPACE)
+        i += 1
 
 
 def _parent(hostname: str) -> str:

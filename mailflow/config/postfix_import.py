@@ -7,7 +7,9 @@
 
 main.cf as postconf(5) "SYNTAX" says: `name = value` logical lines, a line starting with whitespace continues the one
 before, `#` lines and blank lines are skipped, a later definition replaces an earlier one. `$name`, `${name}`,
-`$(name)`, `${name?text}`, `${name:text}` and `$$` expand from the file's parameters and the few Postfix defaults
+`$(name)`, `${name?text}`, `${name:text}`, `${name?{text}:{text}}` and `$$` expand (braces balanced as mac_parse
+counts them; a relational `${{…} == {…}?…}` or a function call is left out: expansion form not supported) from the
+file's parameters and the few Postfix defaults
 that matter (myhostname: the system's name; mydomain; myorigin; mydestination `$myhostname, localhost.$mydomain,
 localhost`; mail_name; queue_directory); a reference to anything else leaves the setting out. Each parameter goes
 through the one table (mailflow.config.postfix_names) and is converted by the mailflow setting's type; a table
@@ -82,7 +84,7 @@ class Importer:
                     self.out.settings[name] = convert(name, name, self.expander.expand(default), self.out.notes)
                 except Unexpanded as e:
                     self.out.leave_out(f"(no {name} in main.cf)", f"{name} (Postfix's default)", default,
-                                       f"refers to {e}, which the importer cannot know")
+                                       e.reason())
                     continue
                 self.out.origins[name] = f"(no {name} in main.cf) Postfix's default: {default}"
 
@@ -101,7 +103,7 @@ class Importer:
         try:
             return self.expander.expand(raw)
         except Unexpanded as e:
-            self.out.leave_out(line.where, name, raw, f"refers to {e}, a Postfix default the importer does not know")
+            self.out.leave_out(line.where, name, raw, e.reason())
             return None
 
     def _parameter(self, name: str, line: Line, raw: str) -> None:
@@ -135,7 +137,7 @@ class Importer:
         except Refused as e:
             self.out.leave_out(line.where, name, raw, str(e))
         except Unexpanded as e:  # queue_directory's, when a unix: path is taken from it
-            self.out.leave_out(line.where, name, raw, f"needs queue_directory, which refers to {e}")
+            self.out.leave_out(line.where, name, raw, f"needs queue_directory, which {e.reason()}")
 
     def _in_queue_directory(self, value: object) -> object:
         return from_queue_directory(value, self.queue_directory(), self.out.notes)

@@ -57,8 +57,10 @@ def translate_service(importer: ImportState, service: Service) -> None:
                           f"set in its section (a setting naming {service.name} is left out too)")
         else:
             raise Refused(f"a {service.command} service: mailflow has no counterpart")
-    except (Refused, Unexpanded) as e:
+    except Refused as e:
         out.leave_out(service.line.where, f"master.cf {service.name}", service.line.text, str(e))
+    except Unexpanded as e:
+        out.leave_out(service.line.where, f"master.cf {service.name}", service.line.text, e.reason())
 
 
 def _postfix_s_own(service: Service) -> bool:
@@ -211,7 +213,7 @@ def _overrides(importer: ImportState, service: Service, options: list[tuple[str,
             value = expander.expand(raw)
         except Unexpanded as e:
             importer.out.leave_out(service.line.where, f"master.cf {service.name} -o {name}", raw,
-                                   f"refers to {e}, a Postfix default the importer does not know")
+                                   e.reason())
             continue
         if name == "smtpd_tls_wrappermode":
             overrides["_wrapper"] = value.lower() == "yes"

@@ -559,3 +559,31 @@ def test_an_importer_bug_exits_70_with_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(mailflow.cli.server, "import_postfix", broken)
     code, err = run_import(write(tmp_path, "main.cf", "myhostname = mx.example.com\n"), None, tmp_path / "o.toml")
     assert code == 70 and err.count("\n") == 1 and "internal error (KeyError" in err
+
+
+@pytest.mark.parametrize("value, expanded", [
+    ("${empty?{one}:{two}} ${a?{three}:{four}}", "two three"),  # Postfix 3.0's ${name?{text}:{text}}
+    ("${a?{x}} ${empty:{y}} ${ a ? {sp} }", "x y sp"),
+    ("${a?x:y}|${empty:{p}q}", None),  # text after } : Postfix refuses it
+    ("${a?x:y}", "x:y"),  # without braces the rest is the text, as mac_expand takes it
+    ("$(a)${a}$a$$a", "xxx$a"),
+    ("${a?{${a?{in}}}:{no}}", "in"),  # nested braces balanced as mac_parse counts them
+    ("$d29", "x"),  # 30 levels: Postfix allows 100
+])
+def test_expansion_follows_mac_parse_and_mac_expand(value, expanded):
+    from mailflow.config.postfix_cf import Expander, Unsupported
+    raw = {"a": "x", "empty": "", "d0": "x", **{f"d{n}": f"$d{n - 1}" for n in range(1, 30)}}
+    if expanded is None:
+        with pytest.raises(Unsupported):
+            Expander(raw, "mx.example.test").expand(value)
+    else:
+        assert Expander(raw, "mx.example.test").expand(value) == expanded
+
+
+def test_an_expansion_form_the_importer_does_not_evaluate_is_left_out_not_written_wrong(tmp_path):
+    main = write(tmp_path, "main.cf", "a = x\nrelay_domains = ${{$a} == {x}?{eq.example}:{ne.example}}\n"
+                                      "mynetworks = $b\nb = $mynetworks\n")
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert "relay_domains" not in checked(tmp_path / "mailflow.toml")
+    assert code == 1 and "main.cf:2: relay_domains: expansion form not supported: ${{$a} == {x}?" in err
+    assert "main.cf:3: mynetworks: a $name loop ($b -> $mynetworks -> $b): Postfix refuses it" in err
