@@ -10,7 +10,8 @@ before, `#` lines and blank lines are skipped, a later definition replaces an ea
 `$(name)`, `${name?text}`, `${name:text}`, `${name?{text}:{text}}` and `$$` expand (braces balanced as mac_parse
 counts them; a relational `${{…} == {…}?…}` or a function call is left out: expansion form not supported) from the
 file's parameters and the few Postfix defaults
-that matter (myhostname: the system's name; mydomain; myorigin; mydestination `$myhostname, localhost.$mydomain,
+that matter (a parameter Postfix reads raw, names.RAW: mailbox_command, luser_relay, smtpd_reject_footer…, is
+written as is) (myhostname: the system's name; mydomain; myorigin; mydestination `$myhostname, localhost.$mydomain,
 localhost`; mail_name; queue_directory); a reference to anything else leaves the setting out. Each parameter goes
 through the one table (mailflow.config.postfix_names) and is converted by the mailflow setting's type; a table
 spec of a type mailflow lacks is converted where mailflow has the same thing (hash:, lmdb:… -> texthash: of the
@@ -113,7 +114,7 @@ class Importer:
         if name == "postscreen_greet_banner" and _SMTPD_BANNER_REFERENCE.fullmatch(raw.strip()):
             self._set(name, line, raw, "smtpd.postscreen.greet_banner", SMTPD_BANNER)  # smtpd's own greeting
             return
-        value = self._expand(name, line, raw)
+        value = raw if name in names.RAW else self._expand(name, line, raw)  # RAW: as written, $$ kept
         if value is None:
             return
         try:

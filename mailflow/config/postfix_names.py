@@ -14,6 +14,8 @@ It holds what docs/config.md's tables say ("mailflow | default | Postfix counter
     per_transport(name) -> (transport, setting) | None   `<transport>_destination_recipient_limit` and
                       `<transport>_destination_rate_delay`: a key of queue.transport_destination_*
     DURATION_UNITS    Postfix name -> the unit of a bare number (Postfix's per-parameter default unit; else "s")
+    RAW               the names Postfix reads without $name expansion (its CONFIG_RAW_TABLEs): their $names are
+                      expanded when used (local(8)'s $user, smtpd's $client_address, the shell's $SENDER)
 
 A leaf: data only.
 """
@@ -201,3 +203,7 @@ DURATION_UNITS: dict[str, str] = {
     "postscreen_greet_ttl": "d", "postscreen_dnsbl_max_ttl": "h",
     "postscreen_dnsbl_ttl": "h",
 }
+
+RAW = frozenset(("mailbox_command", "luser_relay", "forward_path", "exec_directory", "smtpd_reject_footer",
+                 "postscreen_reject_footer", "default_rbl_reply", "smtpd_expansion_filter",
+                 "postscreen_expansion_filter"))

@@ -587,3 +587,17 @@ def test_an_expansion_form_the_importer_does_not_evaluate_is_left_out_not_writte
     assert "relay_domains" not in checked(tmp_path / "mailflow.toml")
     assert code == 1 and "main.cf:2: relay_domains: expansion form not supported: ${{$a} == {x}?" in err
     assert "main.cf:3: mynetworks: a $name loop ($b -> $mynetworks -> $b): Postfix refuses it" in err
+
+
+def test_parameters_postfix_reads_raw_are_written_as_is(tmp_path):
+    main = write(tmp_path, "main.cf", """\
+        mailbox_command = /usr/bin/procmail -a "$$EXTENSION" -f "$SENDER" $home
+        luser_relay = $user@other.example
+        smtpd_reject_footer = Contact postmaster, client $client_address
+        """)
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert (code, err) == (0, "")
+    doc = checked(tmp_path / "mailflow.toml")
+    assert doc["local"]["mailbox_command"] == '/usr/bin/procmail -a "$$EXTENSION" -f "$SENDER" $home'  # the shell's
+    assert doc["local"]["luser_relay"] == "$user@other.example"  # local(8)'s $user
+    assert doc["smtpd"]["reject_footer"] == "Contact postmaster, client $client_address"
