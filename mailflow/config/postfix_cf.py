@@ -394,6 +394,8 @@ def table_spec(token: str, notes: list[str]) -> str:
         return table_spec(rest, notes)
     if kind in _CONVERTED_TYPES:
         new = _CONVERTED_TYPES[kind]
+        if new == "texthash":
+            _check_source(kind, rest, notes)
         why = ("texthash: reads the source file itself, no postmap" if new == "texthash"
                else "regexp: is RE2 syntax (no back-references or look-around): check the patterns")
         notes.append(f"{token} is {new}:{rest} ({why})")
@@ -401,6 +403,32 @@ def table_spec(token: str, notes: list[str]) -> str:
     if kind in _FOREIGN_TYPES:
         raise Refused(f"mailflow has no {kind}: lookup table")
     return token
+
+
+_COMPILED_SUFFIX = {"hash": ".db", "btree": ".db", "lmdb": ".lmdb", "cdb": ".cdb", "dbm": ".pag", "sdbm": ".pag"}
+
+
+def _check_source(kind: str, source: str, notes: list[str]) -> None:
+    """A hash:-like table becomes texthash: of its source file: Refused when that file is missing (only Postfix's
+    compiled file is there); a note when the compiled file is older or newer than the source (postmap not run
+    since the source changed, or the compiled file made from something else)."""
+    compiled = Path(source + _COMPILED_SUFFIX[kind])
+    try:
+        source_time = Path(source).stat().st_mtime
+    except OSError:
+        extra = f" (only Postfix's compiled {compiled.name} is there)" if compiled.exists() else ""
+        raise Refused(f"{kind}:{source}: its source file {source} is missing{extra}, and texthash: reads the "
+                      "source") from None
+    try:
+        compiled_time = compiled.stat().st_mtime
+    except OSError:
+        return
+    if source_time > compiled_time + 1:
+        notes.append(f"{source} is newer than {compiled}: Postfix reads the older {compiled.name} until postmap is "
+                     "run; texthash: reads the source as it is now")
+    elif compiled_time > source_time + 60:
+        notes.append(f"{compiled} is newer than {source}: it may hold entries the source lacks (check before "
+                     "relying on the source)")
 
 
 _QUEUE_RELATIVE = re.compile(r"(^|[\s:])unix:(?!/)(?!(?:passwd|group)\.byname\b)(\S+)")

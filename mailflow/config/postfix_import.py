@@ -15,7 +15,8 @@ written as is) (myhostname: the system's name; mydomain; myorigin; mydestination
 localhost`; mail_name; queue_directory); a reference to anything else leaves the setting out. Each parameter goes
 through the one table (mailflow.config.postfix_names) and is converted by the mailflow setting's type; a table
 spec of a type mailflow lacks is converted where mailflow has the same thing (hash:, lmdb:… -> texthash: of the
-source file; pcre: -> regexp:; proxy: dropped) and left out otherwise. Every value is then validated as mailflow
+source file, left out when that file is missing, noted when the compiled file is older or newer; pcre: -> regexp:;
+proxy: dropped) and left out otherwise. Every value is then validated as mailflow
 loads it (mailflow.config.load.config_from_dict): one it refuses is left out with mailflow's reason, so what is
 written always loads. Nothing is dropped silently and no value is invented: a setting written without a main.cf line
 (myhostname, mydestination, the listen addresses) is Postfix's default, said so in a comment.

@@ -226,9 +226,14 @@ def _overrides(importer: ImportState, service: Service, options: list[tuple[str,
         if name == "smtpd_sasl_path":
             value = sasl_path_from_queue_directory(value, importer.queue_directory(), importer.out.notes,
                                                    service.line.where)
-        for key in keys:
-            overrides[key.removeprefix("smtpd.")] = from_queue_directory(
-                convert(name, key, value, importer.out.notes), importer.queue_directory(), importer.out.notes)
+        try:
+            converted = {key: convert(name, key, value, importer.out.notes) for key in keys}
+        except Refused as e:  # this -o only, not the service
+            importer.out.leave_out(service.line.where, f"master.cf {service.name} -o {name}", raw, str(e))
+            continue
+        for key, setting in converted.items():
+            overrides[key.removeprefix("smtpd.")] = from_queue_directory(setting, importer.queue_directory(),
+                                                                         importer.out.notes)
     return overrides
 
 

@@ -601,3 +601,23 @@ def test_parameters_postfix_reads_raw_are_written_as_is(tmp_path):
     assert doc["local"]["mailbox_command"] == '/usr/bin/procmail -a "$$EXTENSION" -f "$SENDER" $home'  # the shell's
     assert doc["local"]["luser_relay"] == "$user@other.example"  # local(8)'s $user
     assert doc["smtpd"]["reject_footer"] == "Contact postmaster, client $client_address"
+
+
+def test_a_hash_table_without_its_source_file_is_left_out_and_a_stale_db_noted(tmp_path):
+    import os
+    (tmp_path / "only.db").write_bytes(b"")
+    write(tmp_path, "access", "spam.example REJECT\n")
+    (tmp_path / "access.db").write_bytes(b"")
+    os.utime(tmp_path / "access.db", (1_000_000_000, 1_000_000_000))  # postmap not run since access changed
+    main = write(tmp_path, "main.cf", f"myhostname = mx.example.com\nvirtual_alias_maps = hash:{tmp_path}/only\n"
+                                      f"smtpd_sender_restrictions = check_sender_access hash:{tmp_path}/access\n")
+    master = write(tmp_path, "master.cf", "smtp inet n - y - - smtpd\n2525 inet n - y - - smtpd\n"
+                   f"  -o smtpd_client_restrictions=check_client_access,hash:{tmp_path}/only\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    doc = checked(tmp_path / "mailflow.toml")
+    assert "virtual_alias_maps" not in doc and doc["smtpd"]["listeners"]  # the -o left out, not its service
+    assert doc["smtpd"]["sender_restrictions"] == [f"check_sender_access texthash:{tmp_path}/access"]
+    assert f"{tmp_path}/access is newer than {tmp_path}/access.db" in (tmp_path / "mailflow.toml").read_text()
+    assert code == 1 and [line.split(": ")[1] for line in err.splitlines()[1:]] == [
+        "virtual_alias_maps", "master.cf 2525 -o smtpd_client_restrictions"]
+    assert "its source file" in err and "only.db is there" in err
