@@ -55,10 +55,10 @@ _SMTPD_BANNER_REFERENCE = re.compile(r"\$(?:smtpd_banner|\{smtpd_banner\}|\(smtp
 class Importer:
     """One import: main.cf's parameters in file order, then master.cf's services, then mailflow's validation."""
 
-    def __init__(self, main_cf: str, master_cf: str | None, hostname: str):
+    def __init__(self, main_cf: str, master_cf: str | None, hostname: str | None):
         self.params = read_main_cf(main_cf)
         self.services = read_master_cf(master_cf) if master_cf else None
-        self.expander = Expander({n: v for n, (_, v) in self.params.items()}, hostname)
+        self.expander = Expander({n: v for n, (_, v) in self.params.items()}, hostname or self._system_hostname())
         self.out = Imported()
         self.used: set[str] = set()
 
@@ -76,6 +76,14 @@ class Importer:
         self._check_transports()
         self._validate()
         return self.out
+
+    def _system_hostname(self) -> str:
+        """Postfix's default myhostname (mail_params.c check_myhostname): gethostname(), and when that has no dot,
+        `.$mydomain` (main.cf's) or `.localdomain` after it; never a DNS look-up."""
+        name = socket.gethostname()
+        if "." in name:
+            return name
+        return f"{name}.$mydomain" if "mydomain" in self.params else f"{name}.localdomain"
 
     # Postfix's defaults that differ from mailflow's and decide where mail goes.
     def _defaults(self) -> None:
@@ -428,5 +436,6 @@ _LISTENER_REFUSAL = re.compile(r"listener (\d+) \([^)]*\): (?:overrides\.(\w+): 
 
 def import_postfix(main_cf: str, master_cf: str | None = None, hostname: str | None = None) -> Imported:
     """Translate `main_cf` (and `master_cf`); `hostname`: what $myhostname is when main.cf does not set it
-    (default: this system's name, as Postfix takes it). Raises UnreadableFile."""
-    return Importer(main_cf, master_cf, hostname or socket.getfqdn()).run()
+    (default: this system's name as Postfix takes it, gethostname() with .$mydomain or .localdomain when it has no
+    dot). Raises UnreadableFile."""
+    return Importer(main_cf, master_cf, hostname).run()

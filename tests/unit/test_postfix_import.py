@@ -621,3 +621,17 @@ def test_a_hash_table_without_its_source_file_is_left_out_and_a_stale_db_noted(t
     assert code == 1 and [line.split(": ")[1] for line in err.splitlines()[1:]] == [
         "virtual_alias_maps", "master.cf 2525 -o smtpd_client_restrictions"]
     assert "its source file" in err and "only.db is there" in err
+
+
+@pytest.mark.parametrize("system, main_cf, myhostname", [
+    ("box", "mydomain = example.org\n", "box.example.org"),
+    ("box", "relay_domains = example.net\n", "box.localdomain"),
+    ("box.example.com", "mydomain = example.org\n", "box.example.com"),
+])
+def test_the_default_myhostname_is_postfix_s_gethostname_not_a_dns_look_up(monkeypatch, tmp_path, system, main_cf,
+                                                                           myhostname):
+    import socket
+    monkeypatch.setattr(socket, "gethostname", lambda: system)
+    monkeypatch.setattr(socket, "getfqdn", lambda *a: "from-dns.example")
+    result = import_postfix(write(tmp_path, "main.cf", main_cf))
+    assert result.settings["myhostname"] == myhostname
