@@ -41,6 +41,7 @@ from mailflow.cli.deliverability import tls_steps
 from mailflow.cli.common import (ConfigOption, config_error_text, config_name, config_path, fail, fail_config,
                                      load)
 from mailflow.config import Config, flat_settings, load_config, show_settings
+from mailflow.config.postfix_cf import printable
 from mailflow.config.postfix_import import UnreadableFile, import_postfix
 from mailflow.errors import ConfigError, DeliveryError, LookupRetry
 from mailflow.logs import setup_logging
@@ -264,7 +265,7 @@ def config_import(main_cf: str = typer.Argument(..., metavar="MAIN_CF", help="Po
         typer.echo(f"mailflow config import: {len(result.left_out)} Postfix setting(s) left out "
                    "(each is a comment at the top of the output):", err=True)
         for item in result.left_out:
-            typer.echo(f"  {item.where}: {item.name}: {item.why}", err=True)
+            typer.echo(printable(f"  {item.where}: {item.name}: {item.why}"), err=True)
         raise typer.Exit(1)
 
 

@@ -9,6 +9,7 @@
     from_queue_directory(value, queue, notes)    relative `unix:` paths made absolute, as Postfix reads them
     sasl_path_from_queue_directory(...)          a relative smtpd_sasl_path made absolute, as Postfix opens it
     Imported, LeftOut                            what an import produces, and its TOML
+    printable(text)                              non-printable characters escaped (comments, the terminal)
     ImportState                                  what postfix_master's service translation reads and writes
 
 See postfix_import's docstring for the rules.
@@ -117,11 +118,11 @@ class Imported:
         if self.left_out:
             out.append("#")
             out.append(f"# Left out ({len(self.left_out)}): Postfix lines with no translation here.")
-            out += [f"#   {item.where}: {item.name}{' = ' + item.value if item.value else ''}  -- {item.why}"
+            out += [printable(f"#   {item.where}: {item.name}{' = ' + item.value if item.value else ''}  -- {item.why}")
                     for item in self.left_out]
         if self.notes:
             out.append("#")
-            out += [f"# Note: {note}" for note in self.notes]
+            out += [printable(f"# Note: {note}") for note in self.notes]
         top = [k for k in self.settings if "." not in k]
         out.append("")
         out += self._lines(top)
@@ -140,9 +141,16 @@ class Imported:
         out = []
         for key in keys:
             if key in self.origins:
-                out.append(f"# {self.origins[key]}")
+                out.append(printable(f"# {self.origins[key]}"))
             out.append(format_setting(key.rpartition(".")[2], self.settings[key]))
         return out
+
+
+def printable(text: str) -> str:
+    """`text` with each control or other non-printable character as `\\xNN`/`\\uNNNN`: a TOML comment or a terminal
+    line stays one line of text (a NUL or an escape sequence from main.cf would break either)."""
+    return "".join(c if c.isprintable() else (f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}")
+                   for c in text)
 
 
 _PRIVATE = ("origin", "sources")  # where a listener or pipe came from (its line, each override's -o): not written
@@ -170,7 +178,7 @@ def logical_lines(path: str) -> list[Line]:
     except OSError as e:
         raise UnreadableFile(path, 0, e.strerror or str(e)) from None
     lines: list[Line] = []
-    for number, raw in enumerate(text.splitlines(), 1):
+    for number, raw in enumerate(text.split("\n"), 1):  # as Postfix's readlline: \n ends a line, nothing else
         stripped = raw.strip()
         if not stripped or stripped.startswith("#"):
             continue

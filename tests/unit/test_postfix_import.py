@@ -635,3 +635,14 @@ def test_the_default_myhostname_is_postfix_s_gethostname_not_a_dns_look_up(monke
     monkeypatch.setattr(socket, "getfqdn", lambda *a: "from-dns.example")
     result = import_postfix(write(tmp_path, "main.cf", main_cf))
     assert result.settings["myhostname"] == myhostname
+
+
+def test_control_characters_are_escaped_in_comments_and_on_stderr_and_only_newline_ends_a_line(tmp_path):
+    main = tmp_path / "main.cf"
+    main.write_bytes(b"myhostname = mx.example.com\nsmtpd_banner = $myhostname hi\x7fthere\x01\n"
+                     b"foo_bar = a\x00b\x1b[2Jc\nrelay_domains = a.example\x1cmynetworks = 10.0.0.0/8\n")
+    code, err = run_import(str(main), None, tmp_path / "mailflow.toml")
+    doc = tomllib.loads((tmp_path / "mailflow.toml").read_text())  # a NUL in a comment would not load
+    assert "mynetworks" not in doc  # \x1c does not end a line for Postfix
+    assert code == 1 and all(c.isprintable() for line in err.splitlines() for c in line)
+    assert "foo_bar = a\\x00b\\x1b[2Jc" in (tmp_path / "mailflow.toml").read_text()
