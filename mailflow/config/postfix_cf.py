@@ -255,6 +255,7 @@ class Expander:
 
     def __init__(self, raw: dict[str, str], hostname: str):
         self.raw = dict(raw)
+        self.resolved: set[str] = set()  # every name a $name expansion looked up
         self.raw.setdefault("myhostname", hostname)
         if "mydomain" not in self.raw:
             try:
@@ -270,6 +271,7 @@ class Expander:
         """This expansion with more names (master.cf's $service_name and $service_type for a service's -o)."""
         other = Expander.__new__(Expander)
         other.raw = {**self.raw, **extra}
+        other.resolved = self.resolved
         return other
 
     def expand(self, value: str, stack: tuple[str, ...] = ()) -> str:
@@ -303,6 +305,7 @@ class Expander:
             raise Unsupported(f"a $name loop ({' -> '.join('$' + n for n in loop)}): Postfix refuses it")
         if name not in self.raw:
             raise Unexpanded(f"${name}")
+        self.resolved.add(name)
         return self.expand(self.raw[name], stack + (name,))
 
     def _expression(self, text: str, stack: tuple[str, ...]) -> str:

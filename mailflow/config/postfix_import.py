@@ -75,7 +75,26 @@ class Importer:
         self._rename_transports()
         self._check_transports()
         self._validate()
+        self._helpers()
         return self.out
+
+    def _helpers(self) -> None:
+        """A main.cf name Postfix does not know that another setting uses through $name (`mua_client_restrictions`
+        in master.cf's `-o smtpd_client_restrictions=$mua_client_restrictions`) is translated with its user: a note,
+        not a line left out."""
+        for item in list(self.out.left_out):
+            name = item.name
+            if name in self.expander.resolved and name in self.params and \
+                    item.where == self.params[name][0].where and name not in names.NOT_IMPORTABLE and \
+                    item.why == names.why_not(name):
+                self.out.left_out.remove(item)
+                self.out.notes.append(f"{item.where}: {name} is a helper parameter, used by "
+                                      f"{', '.join(self._users(name)) or 'another setting'} through ${name}")
+
+    def _users(self, name: str) -> list[str]:
+        reference = re.compile(rf"\$(?:{name}|\{{\s*{name}\b|\(\s*{name}\b)(?![A-Za-z0-9_])")
+        users = [other for other, (_, raw) in self.params.items() if other != name and reference.search(raw)]
+        return users + [f"master.cf {s.name}" for s in self.services or () if reference.search(" ".join(s.args))]
 
     def _system_hostname(self) -> str:
         """Postfix's default myhostname (mail_params.c check_myhostname): gethostname(), and when that has no dot,

@@ -646,3 +646,20 @@ def test_control_characters_are_escaped_in_comments_and_on_stderr_and_only_newli
     assert "mynetworks" not in doc  # \x1c does not end a line for Postfix
     assert code == 1 and all(c.isprintable() for line in err.splitlines() for c in line)
     assert "foo_bar = a\\x00b\\x1b[2Jc" in (tmp_path / "mailflow.toml").read_text()
+
+
+def test_a_helper_parameter_used_through_its_name_is_a_note_not_left_out(tmp_path):
+    pki = ClientPki(tmp_path)
+    main = write(tmp_path, "main.cf", f"myhostname = mx.example.com\nsmtpd_tls_cert_file = {pki.server_cert}\n"
+                 "mua_client_restrictions = permit_sasl_authenticated, reject\nunused_helper = x\n"
+                 "smtpd_sasl_type = dovecot\nsmtpd_sasl_path = /run/dovecot/auth\n"
+                 "inet_interfaces = loopback-only\ninet_protocols = ipv4\n")
+    master = write(tmp_path, "master.cf", "smtp inet n - y - - smtpd\nsubmission inet n - y - - smtpd\n"
+                   "  -o smtpd_tls_security_level=encrypt\n  -o smtpd_sasl_auth_enable=yes\n"
+                   "  -o smtpd_client_restrictions=$mua_client_restrictions\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    [submission] = checked(tmp_path / "mailflow.toml")["smtpd"]["listeners"]
+    assert submission["overrides"]["client_restrictions"] == ["permit_sasl_authenticated", "reject"]
+    assert code == 1 and [line.split(": ")[1] for line in err.splitlines()[1:]] == ["unused_helper"]
+    assert ("main.cf:3: mua_client_restrictions is a helper parameter, used by master.cf submission through "
+            "$mua_client_restrictions") in (tmp_path / "mailflow.toml").read_text()
