@@ -149,6 +149,9 @@ class Importer:
             if name in names.CONVERTED:
                 self._special(name, line, raw, value)
             elif name in names.SETTINGS:
+                if self._merged_agree(name):  # another of the merged names, of the same value, has set it
+                    self.out.notes.append(f"{line.where}: {name} = {raw} is {names.SETTINGS[name][0]} as written")
+                    return
                 for key in names.SETTINGS[name]:
                     self._set(name, line, raw, key, self._in_queue_directory(convert(name, key, value,
                                                                                      self.out.notes)))
@@ -167,6 +170,21 @@ class Importer:
             self.out.leave_out(line.where, name, raw, str(e))
         except Unexpanded as e:  # queue_directory's, when a unix: path is taken from it
             self.out.leave_out(line.where, name, raw, f"needs queue_directory, which {e.reason()}")
+
+    def _merged_agree(self, name: str) -> bool:
+        """Refused unless every Postfix name merged into `name`'s mailflow setting (main.cf's value, else Postfix's
+        default) takes the same value: one of them would otherwise change the others' (smtp_rset_timeout = 20s
+        must not make MAIL and RCPT time out after 20s). True when an earlier one of them has set it."""
+        if name not in names.MERGED_DEFAULTS:
+            return False
+        merged = [n for n, keys in names.SETTINGS.items() if keys == names.SETTINGS[name]]
+        values = {n: (self._expand(n, *self.params[n]) if n in self.params else None) or names.MERGED_DEFAULTS[n]
+                  for n in merged}
+        if len({_seconds(v) for v in values.values()}) > 1:
+            shown = ", ".join(f"{n} = {v}{'' if n in self.params else ' (default)'}" for n, v in values.items())
+            raise Refused(f"mailflow's {names.SETTINGS[name][0]} is one value for {len(merged)} Postfix timeouts, "
+                          f"and they differ ({shown})")
+        return names.SETTINGS[name][0] in self.out.settings
 
     def _in_queue_directory(self, value: object) -> object:
         return from_queue_directory(value, self.queue_directory(), self.out.notes)
@@ -441,6 +459,12 @@ class Importer:
         self.out.leave_out(str(listener.get("origin", "")), f"listener {listener.get('address')} "
                            f"{sources.get(override, 'smtpd.' + override)}", format_setting(override, value)
                            .partition(" = ")[2], why)
+
+
+def _seconds(value: str) -> float | None:
+    """A Postfix time value (`300s`, `5m`, a bare number of seconds) in seconds; None when it is not one."""
+    m = re.fullmatch(r"\s*(\d+)\s*([smhdw]?)\s*", value)
+    return int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)] if m else None
 
 
 def _transport_named(key: str, value: object) -> str | None:

@@ -14,6 +14,8 @@ It holds what docs/config.md's tables say ("mailflow | default | Postfix counter
     per_transport(name) -> (transport, setting) | None   `<transport>_destination_recipient_limit` and
                       `<transport>_destination_rate_delay`: a key of queue.transport_destination_*
     DURATION_UNITS    Postfix name -> the unit of a bare number (Postfix's per-parameter default unit; else "s")
+    MERGED_DEFAULTS   Postfix name -> its default, for names several of which set one mailflow setting (smtp_mail_timeout,
+                      smtp_rcpt_timeout… -> smtp.command_timeout): written only when they all agree
     RAW               the names Postfix reads without $name expansion (its CONFIG_RAW_TABLEs): their $names are
                       expanded when used (local(8)'s $user, smtpd's $client_address, the shell's $SENDER)
 
@@ -207,3 +209,9 @@ DURATION_UNITS: dict[str, str] = {
 RAW = frozenset(("mailbox_command", "luser_relay", "forward_path", "exec_directory", "smtpd_reject_footer",
                  "postscreen_reject_footer", "default_rbl_reply", "smtpd_expansion_filter",
                  "postscreen_expansion_filter"))
+
+MERGED_DEFAULTS = {  # postconf -d of Postfix 3.7.11
+    **{f"{client}_{command}_timeout": default for client in ("smtp", "lmtp")
+       for command, default in (("mail", "300s"), ("rcpt", "300s"), ("data_init", "120s"), ("rset", "20s"),
+                                ("lhlo", "300s"), ("data_xfer", "180s"), ("data_done", "600s"))},
+}

@@ -663,3 +663,14 @@ def test_a_helper_parameter_used_through_its_name_is_a_note_not_left_out(tmp_pat
     assert code == 1 and [line.split(": ")[1] for line in err.splitlines()[1:]] == ["unused_helper"]
     assert ("main.cf:3: mua_client_restrictions is a helper parameter, used by master.cf submission through "
             "$mua_client_restrictions") in (tmp_path / "mailflow.toml").read_text()
+
+
+def test_a_timeout_mailflow_merges_with_others_is_written_only_when_they_all_agree(tmp_path):
+    main = write(tmp_path, "main.cf", "smtp_rset_timeout = 20s\nlmtp_mail_timeout = 60s\nlmtp_rcpt_timeout = 1m\n"
+                                      "lmtp_lhlo_timeout = 60\nlmtp_data_init_timeout = 60s\n")
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    doc = checked(tmp_path / "mailflow.toml")
+    assert "smtp" not in doc  # 20s would be MAIL's and RCPT's timeout too (Postfix: 300s)
+    assert doc["lmtp"]["command_timeout"] in ("60s", 60, 60.0)
+    assert code == 1 and [line.split(": ")[1] for line in err.splitlines()[1:]] == ["smtp_rset_timeout"]
+    assert "smtp_mail_timeout = 300s (default)" in err
