@@ -122,7 +122,7 @@ class Imported:
                     for item in self.left_out]
         if self.notes:
             out.append("#")
-            out += [printable(f"# Note: {note}") for note in self.notes]
+            out += [printable(f"# Note: {note}") for note in dict.fromkeys(self.notes)]
         top = [k for k in self.settings if "." not in k]
         out.append("")
         out += self._lines(top)
@@ -245,6 +245,9 @@ class Unsupported(Unexpanded):
         return str(self)
 
 
+# Postfix 3.7.11's defaults (postconf -d) of the tables that decide which local mail is accepted and where it goes
+POSTFIX_TABLE_DEFAULTS = {"alias_maps": "hash:/etc/aliases, nis:mail.aliases",
+                          "local_recipient_maps": "proxy:unix:passwd.byname $alias_maps"}
 _NAME = re.compile(r"[A-Za-z0-9_]+")
 _WHITESPACE = " \t\r\n"
 MAX_NESTING = 100  # mac_expand's "unreasonable macro call nesting"
@@ -265,6 +268,8 @@ class Expander:
         self.raw.setdefault("myorigin", "$myhostname")
         self.raw.setdefault("mydestination", "$myhostname, localhost.$mydomain, localhost")
         self.raw.setdefault("mail_name", "Postfix")
+        self.raw.setdefault("alias_maps", POSTFIX_TABLE_DEFAULTS["alias_maps"])
+        self.raw.setdefault("local_recipient_maps", POSTFIX_TABLE_DEFAULTS["local_recipient_maps"])
         self.raw.setdefault("queue_directory", "/var/spool/postfix")
 
     def with_names(self, extra: dict[str, str]) -> "Expander":

@@ -19,7 +19,8 @@ source file, left out when that file is missing, noted when the compiled file is
 proxy: dropped) and left out otherwise. Every value is then validated as mailflow
 loads it (mailflow.config.load.config_from_dict): one it refuses is left out with mailflow's reason, so what is
 written always loads. Nothing is dropped silently and no value is invented: a setting written without a main.cf line
-(myhostname, mydestination, the listen addresses) is Postfix's default, said so in a comment.
+(myhostname, mydestination, alias_maps, local_recipient_maps, the listen addresses) is Postfix's default, said so
+in a comment (a table of it mailflow cannot take, nis:mail.aliases, is a note); no compatibility_level is a note.
 
 master.cf: `smtpd` inet services become the listen addresses (the `smtp` service) and `[[smtpd.listeners]]` with a role
 (submission: `-o smtpd_tls_security_level=encrypt` and AUTH; submissions: `-o smtpd_tls_wrappermode=yes`) and overrides
@@ -38,10 +39,10 @@ import socket
 from mailflow.config import postfix_names as names
 from mailflow.config.load import config_from_dict
 from mailflow.config.main import BUILTIN_TRANSPORTS
-from mailflow.config.postfix_cf import (Expander, Imported, Line, Refused, Service, Unexpanded, UnreadableFile,
-                                        convert, from_queue_directory, read_main_cf, read_master_cf,
-                                        restriction_items, sasl_path_from_queue_directory, split_list,
-                                        table_spec)
+from mailflow.config.postfix_cf import (POSTFIX_TABLE_DEFAULTS, Expander, Imported, Line, Refused, Service,
+                                        Unexpanded, UnreadableFile, convert, from_queue_directory, read_main_cf,
+                                        read_master_cf, restriction_items, sasl_path_from_queue_directory,
+                                        split_list, table_spec)
 from mailflow.config.postfix_master import translate_service
 from mailflow.config.show import format_setting
 from mailflow.config.smtpd import LISTENER_ROLES, SMTPD_BANNER
@@ -106,6 +107,11 @@ class Importer:
 
     # Postfix's defaults that differ from mailflow's and decide where mail goes.
     def _defaults(self) -> None:
+        self._default_tables()
+        if "compatibility_level" not in self.params:
+            self.out.notes.append("(no compatibility_level in main.cf) Postfix keeps its pre-3.0 defaults then "
+                                  "(append_dot_mydomain = yes, relay_domains = $mydestination, mynetworks_style = "
+                                  "subnet, smtputf8_enable = no…); mailflow's defaults are its own (docs/config.md)")
         for name in ("myhostname", "mydestination"):
             if name not in self.params:
                 default = self.expander.raw[name]
@@ -116,6 +122,22 @@ class Importer:
                                        e.reason())
                     continue
                 self.out.origins[name] = f"(no {name} in main.cf) Postfix's default: {default}"
+
+    def _default_tables(self) -> None:
+        """alias_maps and local_recipient_maps without a main.cf line: Postfix's defaults written out (mailflow's
+        differ), each table it cannot take (nis:, a missing /etc/aliases) noted rather than written."""
+        for name in POSTFIX_TABLE_DEFAULTS:
+            if name in self.params:
+                continue
+            default = POSTFIX_TABLE_DEFAULTS[name]
+            tables = []
+            for token in split_list(self.expander.expand(default)):
+                try:
+                    tables.append(table_spec(token, self.out.notes))
+                except Refused as e:
+                    self.out.notes.append(f"(no {name} in main.cf) {token} of Postfix's default is not written: {e}")
+            self.out.settings[name] = list(dict.fromkeys(tables))
+            self.out.origins[name] = f"(no {name} in main.cf) Postfix's default: {default}"
 
     def _set(self, name: str, line: Line, raw: str, key: str, value: object) -> None:
         if key in self.out.settings and self.out.settings[key] != value and key not in self._defaulted():

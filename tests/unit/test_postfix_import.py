@@ -674,3 +674,21 @@ def test_a_timeout_mailflow_merges_with_others_is_written_only_when_they_all_agr
     assert doc["lmtp"]["command_timeout"] in ("60s", 60, 60.0)
     assert code == 1 and [line.split(": ")[1] for line in err.splitlines()[1:]] == ["smtp_rset_timeout"]
     assert "smtp_mail_timeout = 300s (default)" in err
+
+
+def test_postfix_s_default_alias_maps_and_local_recipient_maps_are_written_out(tmp_path):
+    aliases = write(tmp_path, "aliases", "postmaster: root\n")
+    code, err = run_import(write(tmp_path, "main.cf", f"myhostname = mx.example.com\nalias_maps = hash:{aliases}\n"),
+                           None, tmp_path / "mailflow.toml")
+    assert (code, err) == (0, "")
+    doc = checked(tmp_path / "mailflow.toml")
+    assert doc["local_recipient_maps"] == ["unix:passwd.byname", f"texthash:{aliases}"]  # proxy:unix:… $alias_maps
+    text = (tmp_path / "mailflow.toml").read_text()
+    assert "# (no local_recipient_maps in main.cf) Postfix's default: proxy:unix:passwd.byname $alias_maps" in text
+    assert "(no compatibility_level in main.cf) Postfix keeps its pre-3.0 defaults" in text
+
+    code, err = run_import(write(tmp_path, "main.cf", "myhostname = mx.example.com\n"), None, tmp_path / "2.toml")
+    assert (code, err) == (0, "")
+    expected = ["texthash:/etc/aliases"] if Path("/etc/aliases").is_file() else []
+    assert checked(tmp_path / "2.toml")["alias_maps"] == expected
+    assert "nis:mail.aliases of Postfix's default is not written" in (tmp_path / "2.toml").read_text()
