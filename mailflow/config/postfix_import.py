@@ -28,8 +28,8 @@ master.cf: `smtpd` inet services become the listen addresses (the `smtp` service
 service's `-o` applied there; the postscreen_* parameters are [smtpd.postscreen]'s); `pipe` services become
 `[pipe.NAME]`; a second smtp or lmtp service (a content filter's) is mailflow's transport of that kind; Postfix's own
 services are built in; anything else is left out (mailflow.config.postfix_master). A `*_transport` or content_filter
-naming a transport mailflow then does not have (master.cf's service left out, or no master.cf) is left out. The reading half (files, expansion,
-values, the result) is mailflow.config.postfix_cf.
+naming a transport mailflow then does not have (master.cf's service left out, or no master.cf) is left out. The
+reading half (files, expansion, values, the result) is mailflow.config.postfix_cf.
 """
 from __future__ import annotations
 

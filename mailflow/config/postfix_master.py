@@ -12,10 +12,11 @@ for its port, which takes the `smtpd pass` service's -o; every smtpd service's l
 `postscreen = {enable = false}` (Postfix screens the postscreen port only). `pipe` services become `[pipe.NAME]` (flags,
 user, argv, size, null_sender, directory). Postfix's own services under their own names with no `-o` are built in;
 a maxproc on a transport becomes queue.transport_concurrency_limit, on an smtpd service smtpd.max_sessions (the
-`smtp` service's in [smtpd], another's as its listener's override where it differs; 0 is left out). Another smtp or lmtp service (`smtp-amavis`,
-`slow`), with or without -o, is mailflow's smtp or lmtp transport: the settings naming it are rewritten (each of its
--o is left out). Another instance of any other daemon (`local2 … local`) and anything else is left out with the
-reason (and postfix_import leaves out a setting naming a transport mailflow then does not have).
+`smtp` service's in [smtpd], another's as its listener's override where it differs; 0 is left out). Another smtp
+or lmtp service (`smtp-amavis`, `slow`), with or without -o, is mailflow's smtp or lmtp transport: the settings
+naming it are rewritten (each of its -o is left out, and its maxproc). Another instance of any other daemon
+(`local2 … local`) and anything else is left out with the reason (and postfix_import leaves out a setting naming a
+transport mailflow then does not have).
 """
 from __future__ import annotations
 

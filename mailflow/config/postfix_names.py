@@ -14,8 +14,8 @@ It holds what docs/config.md's tables say ("mailflow | default | Postfix counter
     per_transport(name) -> (transport, setting) | None   `<transport>_destination_recipient_limit` and
                       `<transport>_destination_rate_delay`: a key of queue.transport_destination_*
     DURATION_UNITS    Postfix name -> the unit of a bare number (Postfix's per-parameter default unit; else "s")
-    MERGED_DEFAULTS   Postfix name -> its default, for names several of which set one mailflow setting (smtp_mail_timeout,
-                      smtp_rcpt_timeout… -> smtp.command_timeout): written only when they all agree
+    MERGED_DEFAULTS   Postfix name -> its default, for names several of which set one mailflow setting
+                      (smtp_mail_timeout, smtp_rcpt_timeout… -> smtp.command_timeout): written only when all agree
     RAW               the names Postfix reads without $name expansion (its CONFIG_RAW_TABLEs): their $names are
                       expanded when used (local(8)'s $user, smtpd's $client_address, the shell's $SENDER)
 
