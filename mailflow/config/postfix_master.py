@@ -75,15 +75,24 @@ _OWN_NAMES = {"rewrite": ("trivial-rewrite",), "defer": ("bounce",), "trace": ("
 
 
 def _options(service: Service) -> list[tuple[str, str]]:
-    """The `-o name=value` pairs of a service (`-o name = value` too); Refused for other arguments."""
+    """The `-o name=value` pairs of a service (`-o name = value`, `-o { name = value }` too); Refused for other
+    arguments."""
     args, pairs, i = list(service.args), [], 0
     while i < len(args):
         if args[i] != "-o" or i + 1 >= len(args):
             raise Refused(f"argument {args[i]!r}: only -o name=value is translated")
         text, i = args[i + 1], i + 2
-        if "=" not in text and i + 1 < len(args) and args[i] == "=":
-            text, i = f"{text}={args[i + 1]}", i + 2
-        name, eq, value = text.partition("=")
+        if text.startswith("{"):  # Postfix 3.0's `-o { name = value with spaces }`
+            while not text.endswith("}") and i < len(args):
+                text, i = f"{text} {args[i]}", i + 1
+            if not text.endswith("}"):
+                raise Refused(f"-o {text}: no closing }}")
+            name, eq, value = text[1:-1].partition("=")
+            name, value = name.strip(), value.strip()
+        else:
+            if "=" not in text and i + 1 < len(args) and args[i] == "=":
+                text, i = f"{text}={args[i + 1]}", i + 2
+            name, eq, value = text.partition("=")
         if not eq:
             raise Refused(f"-o {text}: not name=value")
         pairs.append((name, value))

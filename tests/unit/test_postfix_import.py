@@ -692,3 +692,15 @@ def test_postfix_s_default_alias_maps_and_local_recipient_maps_are_written_out(t
     expected = ["texthash:/etc/aliases"] if Path("/etc/aliases").is_file() else []
     assert checked(tmp_path / "2.toml")["alias_maps"] == expected
     assert "nis:mail.aliases of Postfix's default is not written" in (tmp_path / "2.toml").read_text()
+
+
+def test_an_o_in_braces_with_spaces_is_read_as_postfix_3_reads_it(tmp_path):
+    main = write(tmp_path, "main.cf", "myhostname = mx.example.com\ninet_interfaces = loopback-only\n"
+                                      "inet_protocols = ipv4\n")
+    master = write(tmp_path, "master.cf", "smtp inet n - y - - smtpd\n2525 inet n - y - - smtpd\n"
+                   "  -o { smtpd_client_restrictions = permit_mynetworks, reject }\n  -o smtpd_helo_required=yes\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    assert (code, err) == (0, "")
+    [listener] = checked(tmp_path / "mailflow.toml")["smtpd"]["listeners"]
+    assert listener["overrides"]["client_restrictions"] == ["permit_mynetworks", "reject"]
+    assert listener["overrides"]["helo_required"] is True
