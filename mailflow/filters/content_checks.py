@@ -2,7 +2,7 @@
 
     ContentChecks(config.checks)                 the tables, opened once; `enabled` is False with none set
     await checks.inspect(queue_id, head, body, log)  -> Inspection (or raises ContentRejected)
-    header_key, is_mime_header, entity_type, closes_boundary, closes_innermost   how a header field is matched and
+    header_key, is_mime_header, entity_type, Boundaries   how a header field is matched and
                                                  where MIME parts begin and end (the SMTP client's checks too:
                                                  mailflow.transports.smtp_checks)
 
@@ -11,8 +11,10 @@ What is matched (Postfix's rules): each logical header of the message, its lines
 header_checks (in a regexp table `.` matches the break, as in POSIX regexec), its
 MIME headers (Content-*, MIME-Version) and those of every MIME part against mime_header_checks, the headers of an
 attached message (message/rfc822) against nested_header_checks (each of these two defaults to header_checks); each body
-line (without its line end, boundaries excluded) against body_checks, for at most `body_checks_size_limit` bytes of each
-body part. The body is read as a stream (mailflow.content: chunk by chunk, file parts in a worker thread); a big one is
+line (without its line end, boundaries included; a part's header section ends at an empty line or at a line that is
+no header field, a body line then: Postfix's mime_state) against body_checks, for at most `body_checks_size_limit`
+bytes of each body part. At most MIME_NESTING_LIMIT boundaries are open, each cut at MIME_BOUNDARY_LIMIT bytes.
+The body is read as a stream (mailflow.content: chunk by chunk, file parts in a worker thread); a big one is
 scanned in a worker thread so that the event loop never waits for it.
 
 Actions (the table's value; the first word, any case):
@@ -145,9 +147,11 @@ class ContentChecks:
     # -------------------------------------------------------------------------------- body
 
     def _walk_body(self, queue_id: str, head: bytes, result: Inspection, describe: str) -> None:
-        """Read the body line by line: MIME part headers, nested message headers, body lines."""
+        """Read the body line by line as Postfix's mime_state does: MIME part headers (a part's header section
+        ends at an empty line or at a line that is no header field, which is a body line), nested message headers,
+        body lines (boundaries included: Postfix's body_checks see them)."""
         top = _Entity("message", *entity_type(head))
-        boundaries: list[str] = [top.boundary] if top.boundary else []
+        boundaries = Boundaries(top.boundary)
         state = "nested" if top.content_type == "message/rfc822" else "body"
         part_headers: list[bytes] = []
         part_bytes = 0
@@ -162,33 +166,39 @@ class ContentChecks:
                 offset += length
                 continue
             if state in ("mime", "nested"):
-                if text:
+                if _in_header_section(line, text, part_headers):
                     part_headers.append(line)
-                else:  # the end of this entity's headers
-                    entity_head = b"".join(part_headers)
-                    tables = self._mime if state == "mime" else self._nested
-                    if tables:
-                        self._check_headers(queue_id, entity_head, tables, "header", result, describe)
-                    content_type, boundary = entity_type(entity_head)
-                    if boundary:
-                        boundaries.append(boundary)
-                    state = "nested" if content_type == "message/rfc822" else "body"
-                    part_headers, part_bytes = [], 0
-            elif boundaries and text.startswith(b"--") and closes_boundary(text, boundaries):
-                state = "body" if text.endswith(b"--") and closes_innermost(text, boundaries) else "mime"
-                part_bytes = 0
-            else:
-                if self._body and part_bytes < self._limit:
-                    action = _lookup(self._body, text[:MAX_LINE].decode("utf-8", "replace"))
-                    if action is not None:
-                        lines = self._act(queue_id, action, "body", text.decode("utf-8", "replace"), result,
-                                          describe)
-                        if lines is not None:
-                            edits.append((offset, length, lines))
-                part_bytes += length
+                    offset += length
+                    continue
+                state = self._end_part_head(queue_id, state, b"".join(part_headers), boundaries, result, describe,
+                                            blank=not text)
+                part_headers, part_bytes = [], 0
+                if not text:
+                    offset += length
+                    continue
+            delimiter = boundaries.delimiter(text)
+            if self._body and part_bytes < self._limit:
+                action = _lookup(self._body, text[:MAX_LINE].decode("utf-8", "replace"))
+                if action is not None:
+                    lines = self._act(queue_id, action, "body", text.decode("utf-8", "replace"), result, describe)
+                    if lines is not None:
+                        edits.append((offset, length, lines))
+            part_bytes += length
+            if delimiter is not None:
+                state, part_bytes = ("mime" if delimiter == "part" else "body"), 0
             offset += length
         if edits:
             result.body = _spliced(result.body, edits)
+
+    def _end_part_head(self, queue_id: str, state: str, entity_head: bytes, boundaries: Boundaries,
+                       result: Inspection, describe: str, *, blank: bool) -> str:
+        """A part's (or nested message's) header section is complete: checked; the state of what follows."""
+        tables = self._mime if state == "mime" else self._nested
+        if tables:
+            self._check_headers(queue_id, entity_head, tables, "header", result, describe)
+        content_type, boundary = entity_type(entity_head)
+        boundaries.push(boundary)
+        return "nested" if blank and content_type == "message/rfc822" else "body"
 
     # -------------------------------------------------------------------------------- actions
 
@@ -314,23 +324,52 @@ def entity_type(head: bytes) -> tuple[str, str | None]:
     return "text/plain", None
 
 
-def closes_boundary(text: bytes, boundaries: list[str]) -> bool:
-    """`text` is a delimiter line of one of the open boundaries; the ones opened after it are closed."""
-    for i in range(len(boundaries) - 1, -1, -1):
-        delimiter = b"--" + boundaries[i].encode("utf-8", "replace")
-        if text.startswith(delimiter) and text[len(delimiter):].rstrip(b" \t-") == b"":
-            del boundaries[i + 1:]
-            return True
-    return False
+MIME_NESTING_LIMIT = 100  # Postfix's mime_nesting_limit: a multipart nested deeper opens no boundary
+MIME_BOUNDARY_LIMIT = 2048  # Postfix's mime_boundary_length_limit: a longer boundary is kept (and matched) cut
 
 
-def closes_innermost(text: bytes, boundaries: list[str]) -> bool:
-    """`text` closes the innermost boundary (`--boundary--`): it is popped."""
-    delimiter = b"--" + boundaries[-1].encode("utf-8", "replace") + b"--"
-    if text.rstrip(b" \t") == delimiter:
-        boundaries.pop()
-        return True
-    return False
+class Boundaries:
+    """The open multipart boundaries, innermost last (Postfix's mime_state stack), bounded: at most
+    MIME_NESTING_LIMIT of them, each cut at MIME_BOUNDARY_LIMIT bytes (so a line costs at most their sum to test).
+
+        .push(boundary)        a multipart part's boundary (None: nothing)
+        .delimiter(text) -> "part" | "end" | None   a line without its line end, as Postfix's mime_state reads it:
+                               `--boundary` of an open boundary starts it (any text after: Postfix ignores trailing
+                               cruft), the ones opened after it are closed; "end" when `--` follows the boundary
+                               (that one is closed too), "part" otherwise (a part's header section follows)."""
+
+    def __init__(self, boundary: str | None = None) -> None:
+        self._open: list[bytes] = []
+        self.push(boundary)
+
+    def __bool__(self) -> bool:
+        return bool(self._open)
+
+    def push(self, boundary: str | None) -> None:
+        if boundary and len(self._open) < MIME_NESTING_LIMIT:
+            self._open.append(b"--" + boundary.encode("utf-8", "replace")[:MIME_BOUNDARY_LIMIT])
+
+    def delimiter(self, text: bytes) -> str | None:
+        if not self._open or not text.startswith(b"--"):
+            return None
+        for i in range(len(self._open) - 1, -1, -1):
+            delimiter = self._open[i]
+            if text.startswith(delimiter):
+                del self._open[i + 1:]
+                if text[len(delimiter):len(delimiter) + 2] == b"--":
+                    self._open.pop()
+                    return "end"
+                return "part"
+        return None
+
+
+def _in_header_section(line: bytes, text: bytes, held: list[bytes]) -> bool:
+    """`line` goes on a part's header section: a header field, or a continuation of one."""
+    if not text:
+        return False
+    if line[:1] in (b" ", b"\t"):
+        return bool(held)
+    return starts_header_field(text.decode("latin-1"))
 
 
 def _lines(content: Content):

@@ -14,10 +14,12 @@ a signed header field is changed or removed here, as in Postfix.
       .body(queue_id, head) -> Encoder   the content after `head` (the queued header section, passed on as it is),
                                      line by line as it streams: each MIME part's headers (`mime`; those of an
                                      attached message/rfc822 `nested`, their MIME headers `mime`) and each body line
-                                     (`body`; boundaries and part headers are not body lines). A line is looked up
-                                     in pieces of LINE_PIECE bytes (as Postfix's queue file records of
-                                     line_length_limit); a part's header field longer than FIELD_LIMIT goes out
-                                     unchecked. Memory: one field or one piece.
+                                     (`body`; boundaries are, part headers are not; a part's header section
+                                     ends at a line that is no header field, a body line: Postfix's mime_state).
+                                     A line is looked up in pieces of LINE_PIECE bytes (as Postfix's queue file
+                                     records of line_length_limit; the tail of a line sent in pieces is never a
+                                     boundary); a part's header line or field longer than FIELD_LIMIT goes out
+                                     unchecked as it streams. Memory: one field or one piece.
 
     outbound_wire_form(request, checks, generic) -> WireForm   what the SMTP client sends (see the function)
 
@@ -42,7 +44,7 @@ import logging
 from functools import partial
 
 from mailflow.errors import LookupRetry, TemporaryError
-from mailflow.filters.content_checks import closes_boundary, closes_innermost, entity_type, header_key, is_mime_header
+from mailflow.filters.content_checks import Boundaries, entity_type, header_key, is_mime_header
 from mailflow.message import HEADER_READ_LIMIT, header_fields, read_header, starts_header_field
 from mailflow.model import DeliveryRequest
 from mailflow.tables import Table
@@ -143,19 +145,25 @@ class OutboundChecks:
 
 
 class BodyChecks:
-    """The encoder of OutboundChecks.body (mailflow.transports.encode's feed/flush)."""
+    """The encoder of OutboundChecks.body (mailflow.transports.encode's feed/flush). Each byte is handled a bounded
+    number of times: what is held is at most LINE_PIECE bytes (a body line) or FIELD_LIMIT (a part's header field),
+    the open boundaries are Boundaries (bounded in number and length)."""
 
     def __init__(self, checks: OutboundChecks, queue_id: str, head: bytes) -> None:
         self._checks = checks
         self._queue_id = queue_id
         self._skip = len(head)
         self._rest = b""  # the line under way (less than LINE_PIECE bytes, or a part's header field under way)
+        self._continued = False  # pieces of the line under way went out already: its tail is no line of its own
+        self._passing = False  # a part's header line under way went out unchecked: so does the rest of it
         content_type, boundary = entity_type(head)
         self._top_is_message = content_type == "message/rfc822"
-        self._boundaries: list[str] = [boundary] if boundary else []
+        self._boundaries = Boundaries(boundary)
         self._state = "first"  # first (the empty line after the primary header), body, mime, nested
         self._field: list[bytes] = []  # the part's header field under way: its lines
+        self._field_bytes = 0
         self._part_head: list[bytes] = []  # the part's header section so far (its type and boundary), bounded
+        self._part_head_bytes = 0
         self._unchecked = False  # the field under way grew past FIELD_LIMIT: it goes out as it is
 
     def feed(self, data: bytes) -> bytes:
@@ -165,25 +173,49 @@ class BodyChecks:
             self._skip -= taken
             out.append(data[:taken])
             data = data[taken:]
-        data = self._rest + data
+        if self._rest:
+            data = self._rest + data  # (bounded: see the class docstring)
         start = 0
         while (end := data.find(b"\n", start)) >= 0:
             out.append(self._line(data[start:end + 1]))
             start = end + 1
-        self._rest = data[start:]
-        while len(self._rest) >= LINE_PIECE and self._state in ("first", "body"):
-            piece, self._rest = self._rest[:LINE_PIECE], self._rest[LINE_PIECE:]
-            out.append(self._body_piece(piece, b""))
+        out.append(self._hold(data, start))
         return b"".join(out)
 
     def flush(self) -> bytes:
         rest, self._rest = self._rest, b""
-        out = self._line(rest) if rest else b""
+        out = self._line(rest) if rest or self._continued else b""
         return out + self._end_field()
+
+    def _hold(self, data: bytes, start: int) -> bytes:
+        """`data[start:]`, a line under way: kept for its line end, or (too long) sent on in part."""
+        if self._state in ("mime", "nested"):
+            if self._passing:
+                self._rest = b""
+                return data[start:]
+            if len(data) - start + self._field_bytes <= FIELD_LIMIT:
+                self._rest = data[start:]
+                return b""
+            folded = data[start:start + 1] in (b" ", b"\t")  # (a field or a line this long goes out unchecked)
+            held = (b"".join(self._field) if folded else self._end_field()) + data[start:]
+            self._rest, self._field, self._field_bytes = b"", [b""], FIELD_LIMIT + 1
+            self._unchecked = self._passing = True
+            return held
+        out: list[bytes] = []
+        while len(data) - start >= LINE_PIECE:
+            out.append(self._body_piece(data[start:start + LINE_PIECE], b""))
+            start += LINE_PIECE
+            self._continued = True
+        self._rest = data[start:]
+        return b"".join(out)
 
     def _line(self, line: bytes) -> bytes:
         text = line.rstrip(b"\r\n")
         line_end = line[len(text):]
+        if self._continued:  # the tail of a line sent on in pieces: no boundary, no header section's end
+            self._continued = False
+            self._state = "body" if self._state == "first" else self._state
+            return self._body_pieces(text, line_end)
         if self._state == "first":
             if not text:
                 self._state = "nested" if self._top_is_message else "body"
@@ -191,10 +223,17 @@ class BodyChecks:
             self._state = "body"  # (a header section read whole ends with an empty line; this is a body line)
         if self._state in ("mime", "nested"):
             return self._part_header_line(line, text)
-        if self._boundaries and text.startswith(b"--") and closes_boundary(text, self._boundaries):
-            self._state = "body" if text.endswith(b"--") and closes_innermost(text, self._boundaries) else "mime"
-            self._part_head = []
-            return line
+        return self._body_line(text, line_end)
+
+    def _body_line(self, text: bytes, line_end: bytes) -> bytes:
+        """A body line; a boundary is one too (Postfix's body_checks see it), and starts a part or ends one."""
+        delimiter = self._boundaries.delimiter(text)
+        if delimiter is not None:
+            self._state = "mime" if delimiter == "part" else "body"
+            self._part_head, self._part_head_bytes = [], 0
+        return self._body_pieces(text, line_end)
+
+    def _body_pieces(self, text: bytes, line_end: bytes) -> bytes:
         pieces = [text[i:i + LINE_PIECE] for i in range(0, len(text), LINE_PIECE)] or [b""]
         return b"".join(self._body_piece(piece, b"") for piece in pieces[:-1]) + self._body_piece(pieces[-1], line_end)
 
@@ -204,32 +243,40 @@ class BodyChecks:
         return self._checks.body_line(self._queue_id, text, line_end)
 
     def _part_header_line(self, line: bytes, text: bytes) -> bytes:
-        """A line of a MIME part's header section: fields are held until complete, then checked."""
+        """A line of a MIME part's header section: fields are held until complete, then checked. An empty line
+        ends the section; so does a line that is no header field (Postfix's mime_state: it is a body line)."""
+        if self._passing:  # the end of a line that went out unchecked
+            self._passing = False
+            return line
         if text and line[:1] in (b" ", b"\t") and self._field:
-            self._field.append(line)
-            if self._unchecked or sum(map(len, self._field)) > FIELD_LIMIT:
+            self._field_bytes += len(line)
+            if self._unchecked or self._field_bytes > FIELD_LIMIT:
                 self._unchecked = True
-                held, self._field = b"".join(self._field), [b""]  # (the field goes on: its next lines pass too)
+                held, self._field = b"".join(self._field) + line, [b""]  # (the field goes on: its next lines pass)
                 return held
+            self._field.append(line)
             return b""
         out = self._end_field()
-        if not text:  # the end of this part's header section
-            content_type, boundary = entity_type(b"".join(self._part_head))
-            if boundary:
-                self._boundaries.append(boundary)
-            self._state = "nested" if content_type == "message/rfc822" else "body"
-            self._part_head = []
-            return out + line
-        self._field = [line]
+        if not text or not starts_header_field(text.decode("latin-1")):
+            self._end_part_head(blank=not text)
+            return out + (line if not text else self._body_line(text, line[len(text):]))
+        self._field, self._field_bytes = [line], len(line)
         return out
 
+    def _end_part_head(self, *, blank: bool) -> None:
+        content_type, boundary = entity_type(b"".join(self._part_head))
+        self._boundaries.push(boundary)
+        self._state = "nested" if blank and content_type == "message/rfc822" else "body"
+        self._part_head, self._part_head_bytes = [], 0
+
     def _end_field(self) -> bytes:
-        field, self._field = b"".join(self._field), []
+        field, self._field, self._field_bytes = b"".join(self._field), [], 0
         unchecked, self._unchecked = self._unchecked, False
         if not field:
             return b""
-        if sum(map(len, self._part_head)) < FIELD_LIMIT:
+        if self._part_head_bytes < FIELD_LIMIT:
             self._part_head.append(field)
+            self._part_head_bytes += len(field)
         if unchecked:
             return field
         return self._checks.header_field(self._queue_id, self._state, field)

@@ -5,6 +5,7 @@ checked header."""
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 
@@ -109,20 +110,87 @@ MIME = (b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\
         b"--b1--\r\nepilogue\r\n")
 
 
-def test_part_headers_go_through_mime_and_nested_checks_and_boundaries_are_no_body_lines(checks):
+def test_part_headers_go_through_mime_and_nested_checks_and_boundaries_are_body_lines(checks, caplog):
+    caplog.set_level(logging.INFO, logger="mailflow.smtp")
     outbound = checks(mime=["/^X-Part:/ IGNORE", "/^MIME-Version:/ REPLACE MIME-Version: 1.0 (x)"],
                       nested=["/^X-Nested: n\\n\\tfolded/ IGNORE"],
-                      body=["/^secret/ REPLACE hidden", "/^--b1/ IGNORE"])
+                      body=["/^secret/ REPLACE hidden", "/^--b1/ WARN boundary seen"])
     head, rest = MIME.split(b"\r\n\r\n", 1)
     head += b"\r\n"
     rest = b"\r\n" + rest
     assert outbound.head("Q1", head) == head.replace(b"1.0\r\n", b"1.0 (x)\r\n", 1)
     for size in (1, 7, 4096):
+        caplog.clear()
         chunks = [(head + rest)[i:i + size] for i in range(0, len(head + rest), size)]
         sent = b"".join(encode(chunks, outbound.body("Q1", head)))
         assert sent == head + rest.replace(b"X-Part: 1\r\n", b"").replace(b"X-Nested: n\r\n\tfolded\r\n", b"") \
             .replace(b"secret inner", b"hidden") \
             .replace(b"\r\nsecret\r\n", b"\r\nhidden\r\n"), size
+        seen = [r.getMessage() for r in caplog.records if "boundary seen" in r.getMessage()]
+        # (as Postfix 3.7.11's smtp: `warning: body --b1: boundary-seen` for each boundary, the closing one too)
+        assert seen == ["Q1: warning: body --b1: boundary seen"] * 2 + ["Q1: warning: body --b1--: boundary seen"]
+
+
+def test_a_part_header_section_ends_at_a_line_that_is_no_header_field(checks):
+    """Postfix's mime_state: the first line that is no header field ends a part's header section and is a body
+    line (3.7.11's smtp: `warning: body after garbage: ...`); body checks are not skipped up to an empty line."""
+    outbound = checks(mime=["/^X-Garbage-Part:/ IGNORE"], body=["/^secret/ REPLACE hidden"])
+    head = b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b1\r\n"
+    rest = b"\r\n--b1\r\nX-Garbage-Part: 1\r\nsecret not a header line\r\nsecret after\r\nX-Not-Part: 2\r\n--b1--\r\n"
+    sent = b"".join(encode([head + rest], outbound.body("Q1", head)))
+    assert sent == head + b"\r\n--b1\r\nhidden\r\nhidden\r\nX-Not-Part: 2\r\n--b1--\r\n"
+
+
+def test_the_tail_of_a_line_sent_in_pieces_is_no_boundary_wherever_the_chunks_end(checks):
+    """A line longer than LINE_PIECE goes on in pieces; its tail is no line of its own (Postfix never looks for
+    a boundary at the start of a continued record): the same parse for any chunk split."""
+    outbound = checks(mime=["/^X-Part:/ IGNORE"], body=["/^secret/ REPLACE hidden"])
+    head = b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b1\r\n"
+    content = head + b"\r\n--b1\r\n\r\n" + b"x" * LINE_PIECE + b"--b1\r\nX-Part: 1\r\nsecret\r\n--b1--\r\n"
+    cut = content.index(b"--b1\r\nX-Part") + 4
+    expected = content.replace(b"secret", b"hidden")  # (X-Part is a body line: no part header section began)
+    for chunks in ([content], [content[:cut], content[cut:]], [content[:cut - 4], content[cut - 4:]]):
+        assert b"".join(encode(chunks, outbound.body("Q1", head))) == expected
+
+
+def test_a_part_header_line_too_long_to_hold_goes_on_as_it_streams(checks):
+    """What a part's header section holds is bounded (FIELD_LIMIT): a longer line goes out unchecked as it comes,
+    not held until its line end."""
+    outbound = checks(mime=["/^X-Long:/ IGNORE"], body=["/^secret/ REPLACE hidden"])
+    head = b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b1\r\n"
+    encoder = outbound.body("Q1", head)
+    sent = encoder.feed(head + b"\r\n--b1\r\nX-Short: 1\r\nX-Long: ")
+    chunk = b"x" * 65536
+    for _ in range(32):  # 2 MiB of one line
+        sent += encoder.feed(chunk)
+        assert len(sent) > len(head) + 2 * 65536 or _ < 2
+    sent += encoder.feed(b"\r\n\tstill long\r\nX-Other: 2\r\n\r\nsecret\r\n--b1--\r\n") + encoder.flush()
+    assert sent == head + b"\r\n--b1\r\nX-Short: 1\r\nX-Long: " + chunk * 32 + \
+        b"\r\n\tstill long\r\nX-Other: 2\r\n\r\nhidden\r\n--b1--\r\n"
+
+
+LONG = [b"b1"] + [b"%02d" % i + b"c" * 60000 for i in range(20)]
+
+
+@pytest.mark.parametrize(("body", "seconds"), [
+    (b"".join(b"--b%d\r\nContent-Type: multipart/mixed; boundary=b%d\r\n\r\n" % (i, i + 1) for i in range(1, 20000))
+     + b"-- \r\n" * 20000, 5),  # nesting without end, then lines a boundary might start (was 41 s)
+    (b"--b1\r\n" + b"X-A: 1\r\n" * 200_000 + b"\r\nbody\r\n--b1--\r\n", 5),  # a part header of many fields
+    (b"--b1\r\nX-Long: a\r\n" + b" x\r\n" * 16000 + b"\r\nbody\r\n--b1--\r\n", 0.5),  # one field of many lines
+    (b"".join(b"--%s\r\nContent-Type: multipart/mixed; boundary=%s\r\n\r\n" % (LONG[i], LONG[i + 1]) for i in range(20))
+     + b"--c\r\n" * 400_000, 5),  # long boundaries open, then lines a boundary might start
+], ids=["nesting", "fields", "folded", "long-boundaries"])
+def test_the_walk_costs_each_byte_a_bounded_amount_of_work(checks, body, seconds):
+    """Postfix bounds the open boundaries (mime_nesting_limit 100, mime_boundary_length_limit 2048); mailflow too,
+    and counts what it holds as it goes: the hostile shapes that were quadratic (tens of seconds) take well under
+    a few seconds of event-loop time."""
+    outbound = checks(mime=["/^X-B:/ IGNORE"], body=["/^secret/ REPLACE hidden"])
+    head = b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b1\r\n"
+    content = head + b"\r\n" + body
+    started = time.process_time()
+    sent = b"".join(encode([content], outbound.body("Q", head)))
+    assert sent == content
+    assert time.process_time() - started < seconds
 
 
 def test_a_long_line_is_matched_in_pieces_as_postfix_queues_it(checks):

@@ -55,3 +55,24 @@ async def test_a_prepend_that_is_no_header_field_is_ignored(tmp_path):
     c = checks(tmp_path, header="/^Subject:/ PREPEND not a header\n")
     head = b"Subject: x\r\n"
     assert (await inspect(c, head)).head == head
+
+
+MULTIPART = b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b1\r\n"
+
+
+async def test_boundaries_are_body_lines_and_a_line_no_header_field_ends_a_part_header(tmp_path):
+    """As Postfix's cleanup (mime_state: BODY_OUT on a boundary; the first line of a part's header section that is
+    no header field ends it and is a body line): body_checks see `--b1` and the text after a part's last field."""
+    c = checks(tmp_path, body="/^--b1$/ REPLACE --b1\n/^--b1--$/ WARN closing\n/^secret/ REPLACE hidden\n")
+    result = await inspect(c, MULTIPART, b"\r\n--b1\r\nX-Part: 1\r\nsecret right after\r\n--b1--\r\n")
+    assert b"".join(result.body.chunks()) == b"\r\n--b1\r\nX-Part: 1\r\nhidden\r\n--b1--\r\n"
+    assert result.warnings == ["body --b1--"]
+
+
+async def test_the_open_boundaries_are_bounded_as_postfix_bounds_them(tmp_path):
+    """mime_nesting_limit (100): a multipart nested deeper opens no boundary, so its delimiter is a body line."""
+    c = checks(tmp_path, body="/^--b102$/ REJECT too deep\n")
+    parts = b"".join(b"--b%d\r\nContent-Type: multipart/mixed; boundary=b%d\r\n\r\n" % (i, i + 1)
+                     for i in range(1, 102))
+    with pytest.raises(ContentRejected):
+        await inspect(c, MULTIPART, b"\r\n" + parts + b"--b102\r\nX-A: 1\r\n\r\nx\r\n")
