@@ -17,7 +17,7 @@ bytes of each body part. At most MIME_NESTING_LIMIT boundaries are open, each cu
 The body is read as a stream (mailflow.content: chunk by chunk, file parts in a worker thread); a big one is
 scanned in a worker thread so that the event loop never waits for it.
 
-Actions (the table's value; the first word, any case):
+Actions (the table's value; the first word, any case, ended by a space or a TAB):
     REJECT [text]      the message is refused: ContentRejected, 550 5.7.1 text (default "message content rejected");
                        a text starting with an enhanced code gives that code, a 4.X.Y one defers: TemporaryError, 451
     DISCARD [text]     accepted and dropped (`Inspection.discard`); the inspection stops
@@ -25,6 +25,7 @@ Actions (the table's value; the first word, any case):
     WARN [text]        logged, nothing else
     INFO [text]        the same, logged with `info:` (Postfix 3.2)
     IGNORE             the header (or body line) is removed
+    STRIP [text]       the same, logged (`strip: header X-A: 1 from ...: text`; Postfix 3.2)
     PREPEND text       `text` is inserted before the header (or body line)
     REPLACE text       the header (or body line) is replaced by `text`
                        (for a header, `text` must be a header field: otherwise logged and ignored, as Postfix)
@@ -207,8 +208,7 @@ class ContentChecks:
         """Carry out one action. Returns replacement lines for an edit (IGNORE: []), else None. Each action but
         DUNNO, OK and IGNORE is logged as Postfix's cleanup logs it: `QID: reject: header Subject: x from
         host[ip]; from=<s> to=<r> proto=ESMTP helo=<h>: 5.7.1 text`."""
-        word, _, text = value.strip().partition(" ")
-        word, text = word.upper(), text.strip()
+        word, text = split_action(value)
         shown = line[:200]
         if word in ("DUNNO", "OK"):
             return None
@@ -245,6 +245,8 @@ class ContentChecks:
             result.warnings.append(f"{what} {shown}")
         elif word == "INFO":
             pass  # logged, as WARN is, with `info:`
+        elif word == "STRIP":  # (Postfix 3.2: IGNORE, logged)
+            return []
         elif word == "REDIRECT" and text:
             result.redirect = text
             result.stopped = True
@@ -296,6 +298,14 @@ def _lookup(tables: list[Table], key: str) -> str | None:
         if value is not None:
             return value
     return None
+
+
+def split_action(value: str) -> tuple[str, str]:
+    """(the action's word in upper case, its text): the word ends at a space or a TAB, as Postfix's
+    strcspn(cmd, " \\t"), and the text starts after the blanks that follow it."""
+    value = value.strip()
+    end = next((i for i, c in enumerate(value) if c in " \t"), len(value))
+    return value[:end].upper(), value[end:].strip()
 
 
 def header_key(raw: bytes) -> str:

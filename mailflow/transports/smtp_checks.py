@@ -24,12 +24,14 @@ a signed header field is changed or removed here, as in Postfix.
     outbound_wire_form(request, checks, generic) -> WireForm   what the SMTP client sends (see the function)
 
 What is matched, as cleanup's checks (mailflow.filters.content_checks): a header field with its lines joined by LF,
-no final line end; a body line without its line end. The actions are smtp(8)'s (Postfix 3.7's hbc_action):
+no final line end; a body line without its line end. The actions are smtp(8)'s (Postfix 3.7's hbc_action; the
+word ends at a space or a TAB):
     WARN [text], INFO [text]   logged (`QID: warning: header Subject: x: text`), the line goes on
     REPLACE text               the line is replaced by `text` (for a header: one that is no header field is logged
                                as Postfix logs it and ignored)
     PREPEND text               `text` goes out before the line (same rule for a header)
     IGNORE                     the line is removed (not logged, as Postfix)
+    STRIP [text]               the same, logged (`QID: strip: header X-A: 1: text`; Postfix 3.2)
     DUNNO, OK                  nothing
 Any other action (REJECT, HOLD, DISCARD, ...) is logged `unsupported command in smtp_header_checks map: REJECT`
 and ignored. A table that cannot answer (LookupRetry) for the header section defers the delivery (the caller:
@@ -44,7 +46,7 @@ import logging
 from functools import partial
 
 from mailflow.errors import LookupRetry, TemporaryError
-from mailflow.filters.content_checks import Boundaries, entity_type, header_key, is_mime_header
+from mailflow.filters.content_checks import Boundaries, entity_type, header_key, is_mime_header, split_action
 from mailflow.message import HEADER_READ_LIMIT, header_fields, read_header, starts_header_field
 from mailflow.model import DeliveryRequest
 from mailflow.tables import Table
@@ -113,8 +115,7 @@ class OutboundChecks:
     def _act(self, queue_id: str, kind: str, where: str, key: str, value: str, original: bytes,
              line_end: bytes) -> bytes:
         """Postfix's hbc_action for smtp(8): what goes out in place of `original`."""
-        word, _, text = value.strip().partition(" ")
-        command, text = word.upper(), text.strip()
+        command, text = split_action(value)
         if command in ("WARN", "INFO"):
             self._log(queue_id, "warning" if command == "WARN" else "info", where, key, text)
             return original
@@ -129,6 +130,9 @@ class OutboundChecks:
             self._log(queue_id, command.lower(), where, key, text)
             new = text.replace("\n", "\r\n").encode("utf-8")
             return new + line_end if command == "REPLACE" else new + (line_end or b"\r\n") + original
+        if command == "STRIP":  # (Postfix 3.2: IGNORE, logged)
+            self._log(queue_id, "strip", where, key, text)
+            return b""
         if command == "IGNORE":
             return b""
         if command not in ("DUNNO", "OK"):

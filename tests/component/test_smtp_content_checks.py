@@ -307,3 +307,17 @@ def test_each_client_takes_its_own_sections_settings_and_none_set_builds_nothing
     assert build_outbound_checks(config, TableCache(), "smtp") is None  # (no per-message work)
     lmtp = build_outbound_checks(config, TableCache(), "lmtp")
     assert lmtp is not None and lmtp.program == "lmtp" and lmtp.head("Q1", b"X: 1\r\nY: 2\r\n") == b"Y: 2\r\n"
+
+
+def test_strip_removes_and_logs_and_a_tab_may_end_the_action_word(checks, caplog):
+    """As Postfix 3.7.11's smtp: `strip: header X-Strip: 1: stripped`, `replace: header X-Tab: 1: X-Tab: replaced`
+    (hbc_action: STRIP since 3.2; the action word ends at strcspn(cmd, " \\t"))."""
+    caplog.set_level(logging.INFO, logger="mailflow.smtp")
+    outbound = checks(header=["/^X-Strip:/ STRIP stripped", "/^X-Tab:/ REPLACE\tX-Tab: replaced"],
+                      body=["/^drop$/ STRIP\tgone"])
+    head = b"X-Strip: 1\r\nX-Tab: 1\r\nSubject: s\r\n"
+    assert outbound.head("Q1", head) == b"X-Tab: replaced\r\nSubject: s\r\n"
+    assert b"".join(encode([head + b"\r\ndrop\r\nkeep\r\n"], outbound.body("Q1", head))) == head + b"\r\nkeep\r\n"
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["Q1: strip: header X-Strip: 1: stripped", "Q1: replace: header X-Tab: 1: X-Tab: replaced",
+                     "Q1: strip: body drop: gone"]

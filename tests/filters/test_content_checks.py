@@ -3,6 +3,8 @@ the edits a REPLACE or PREPEND makes, BCC, the actions that stop the checks, REJ
 actions are compared with a real Postfix in tests/interop/test_access_vs_postfix.py."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from mailflow.config.filters import ChecksConfig
@@ -76,3 +78,14 @@ async def test_the_open_boundaries_are_bounded_as_postfix_bounds_them(tmp_path):
                      for i in range(1, 102))
     with pytest.raises(ContentRejected):
         await inspect(c, MULTIPART, b"\r\n" + parts + b"--b102\r\nX-A: 1\r\n\r\nx\r\n")
+
+
+async def test_strip_removes_and_logs_and_a_tab_may_end_the_action_word(tmp_path, caplog):
+    """As Postfix 3.7.11's cleanup: `strip: header X-Strip: 1 from ...: stripped` and the header gone; REPLACE<TAB>
+    text replaces (the action word ends at strcspn(value, " \\t"))."""
+    caplog.set_level(logging.INFO, logger="mailflow.cleanup")
+    c = checks(tmp_path, header="/^X-Strip:/ STRIP stripped\n/^X-Tab:/ REPLACE\tX-Tab: replaced\n")
+    result = await inspect(c, b"X-Strip: 1\r\nX-Tab: 1\r\nSubject: s\r\n")
+    assert result.head == b"X-Tab: replaced\r\nSubject: s\r\n"
+    assert [r.getMessage() for r in caplog.records] == ["Q1: strip: header X-Strip: 1: stripped",
+                                                        "Q1: replace: header X-Tab: 1: X-Tab: replaced"]
