@@ -9,11 +9,12 @@
 What is matched (Postfix's rules): each logical header of the message, its lines joined by their line breaks
 (`X-Folded: a\\n b`, as Postfix's cleanup keeps them, CR dropped; no line end after the last) against
 header_checks (in a regexp table `.` matches the break, as in POSIX regexec), its
-MIME headers (Content-*, MIME-Version) and those of every MIME part against mime_header_checks, the headers of an
-attached message (message/rfc822) against nested_header_checks (each of these two defaults to header_checks); each body
-line (without its line end, boundaries included; a part's header section ends at an empty line or at a line that is
-no header field, a body line then: Postfix's mime_state) against body_checks, for at most `body_checks_size_limit`
-bytes of each body part. At most MIME_NESTING_LIMIT boundaries are open, each cut at MIME_BOUNDARY_LIMIT bytes.
+MIME headers (is_mime_header: Content-Type, MIME-Version, ...) and those of every MIME part against
+mime_header_checks, the headers of an attached message (message/rfc822) against nested_header_checks (each of
+these two defaults to header_checks); each body line (without its line end, boundaries included; a part's header
+section ends at an empty line or at a line that is no header field, a body line then: Postfix's mime_state)
+against body_checks, for at most `body_checks_size_limit` bytes of each body part. At most MIME_NESTING_LIMIT
+boundaries are open, each cut at MIME_BOUNDARY_LIMIT bytes.
 The body is read as a stream (mailflow.content: chunk by chunk, file parts in a worker thread); a big one is
 scanned in a worker thread so that the event loop never waits for it.
 
@@ -318,8 +319,14 @@ def _logical(raw: bytes) -> str:
     return raw.replace(b"\r\n", b"").replace(b"\n", b"").decode("utf-8", "replace")
 
 
+MIME_HEADERS = frozenset({"content-description", "content-disposition", "content-id", "content-transfer-encoding",
+                          "content-type", "mime-version"})  # Postfix's header_opts.c HDR_OPT_MIME
+
+
 def is_mime_header(name: str) -> bool:
-    return name.startswith("content-") or name == "mime-version"
+    """`name` (lower case) is a MIME header for mime_header_checks; any other Content-* (Content-Language,
+    Content-Base, ...) is an ordinary header, as in Postfix."""
+    return name in MIME_HEADERS
 
 
 def entity_type(head: bytes) -> tuple[str, str | None]:

@@ -9,7 +9,8 @@ a signed header field is changed or removed here, as in Postfix.
                                      `program`: smtp or lmtp, the logger (mailflow.smtp, mailflow.lmtp) and the
                                      maps' names in warnings
       .head(queue_id, head) -> bytes | None   the primary header section as it goes out (None: unchanged); a MIME
-                                     header (Content-*, MIME-Version) is looked up in `mime`, the others in `header`
+                                     header (is_mime_header: Content-Type, ...) is looked up in `mime`, the others
+                                     in `header`
       .walks_body -> bool             body lines or part headers are looked up (an encoder is needed)
       .body(queue_id, head) -> Encoder   the content after `head` (the queued header section, passed on as it is),
                                      line by line as it streams: each MIME part's headers (`mime`; those of an

@@ -321,3 +321,12 @@ def test_strip_removes_and_logs_and_a_tab_may_end_the_action_word(checks, caplog
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["Q1: strip: header X-Strip: 1: stripped", "Q1: replace: header X-Tab: 1: X-Tab: replaced",
                      "Q1: strip: body drop: gone"]
+
+
+def test_only_postfixs_mime_headers_go_to_mime_header_checks(checks):
+    """Postfix 3.7.11's smtp: `Content-Language: en` matched by smtp_header_checks (`warning: header
+    Content-Language: en: cl-in-header-checks`), not smtp_mime_header_checks (header_opts.c HDR_OPT_MIME)."""
+    outbound = checks(header=["/^Content-Language:/ REPLACE X-Was: header_checks"],
+                      mime=["/^Content-Language:/ REPLACE X-Was: mime", "/^Content-Type:/ REPLACE X-Was: mime type"])
+    head = b"Content-Language: en\r\nContent-Type: text/plain\r\n"
+    assert outbound.head("Q1", head) == b"X-Was: header_checks\r\nX-Was: mime type\r\n"

@@ -89,3 +89,13 @@ async def test_strip_removes_and_logs_and_a_tab_may_end_the_action_word(tmp_path
     assert result.head == b"X-Tab: replaced\r\nSubject: s\r\n"
     assert [r.getMessage() for r in caplog.records] == ["Q1: strip: header X-Strip: 1: stripped",
                                                         "Q1: replace: header X-Tab: 1: X-Tab: replaced"]
+
+
+async def test_only_postfixs_mime_headers_go_to_mime_header_checks(tmp_path):
+    """Postfix 3.7.11's cleanup: `Content-Language: en` is matched by header_checks, not mime_header_checks."""
+    (tmp_path / "header").write_text("/^Content-Language:/ REPLACE X-Was: header_checks\n")
+    (tmp_path / "mime").write_text("/^Content-/ REPLACE X-Was: mime\n")
+    c = ContentChecks(ChecksConfig(header_checks=(f"regexp:{tmp_path / 'header'}",),
+                                   mime_header_checks=(f"regexp:{tmp_path / 'mime'}",)))
+    result = await inspect(c, b"Content-Language: en\r\nContent-Type: text/plain\r\n")
+    assert result.head == b"X-Was: header_checks\r\nX-Was: mime\r\n"
