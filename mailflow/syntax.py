@@ -53,6 +53,7 @@ _ASCII_UPPER = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRST
 
 TABLE_TYPES = ("texthash", "inline", "static", "regexp", "cidr", "sqlite", "accounts", "unix", "fail")
 FILE_TABLE_TYPES = ("texthash", "regexp", "cidr", "sqlite", "accounts")  # the name after the colon is a file
+BLOCKING_TABLE_TYPES = ("sqlite", "unix")  # a lookup may wait on I/O (mailflow.tables: `blocking`)
 
 
 def parse_duration(value: object) -> float:

@@ -9,6 +9,9 @@
                              a FrozenMap (a read-only, hashable dict: a section stays immutable and hashable)
     TableSpecs               a list of `type:name` lookup tables (mailflow.tables.check_spec: a known type; an
                              inline:, static: or unix: table that opens)
+    InlineTableSpecs         the same, none of a type whose lookup may wait (sqlite:, unix:): for a setting
+                             looked up on the event loop for each line as mail streams (content checks, reply
+                             filter), where no lookup may be moved off the loop
     Networks                 a network list as Postfix's mynetworks (mailflow.tables.networks): networks
                              ("10.0.0.0/8", "::1/128"; Postfix's "[::1]/128" is taken, the brackets dropped),
                              "!pattern", "/file/name", "cidr:/path"; host bits set ("10.0.0.1/8") or a netmask
@@ -36,7 +39,7 @@ from pydantic_core import ErrorDetails
 
 from mailflow.restriction_vocabulary import check_classes, check_item
 from mailflow.address import is_valid_domain
-from mailflow.syntax import parse_duration, parse_hostport, parse_ip
+from mailflow.syntax import BLOCKING_TABLE_TYPES, parse_duration, parse_hostport, parse_ip, table_type
 from mailflow.tables import check_spec
 from mailflow.tables.networks import check_network_list
 
@@ -72,6 +75,14 @@ class Section(BaseModel):
 def _table_specs(specs: tuple[str, ...]) -> tuple[str, ...]:
     for spec in specs:
         check_spec(spec)
+    return specs
+
+
+def _inline_table_specs(specs: tuple[str, ...]) -> tuple[str, ...]:
+    for spec in _table_specs(specs):
+        if table_type(spec) in BLOCKING_TABLE_TYPES:
+            raise ValueError(f"{spec!r}: a {table_type(spec)}: lookup may wait, and this setting is looked up on the "
+                             "event loop for each line as mail streams; use regexp:, texthash:, cidr: or inline:")
     return specs
 
 
@@ -158,6 +169,7 @@ RestrictionClasses = Annotated[dict[str, tuple[str, ...]], BeforeValidator(_rest
                                AfterValidator(FrozenMap)]
 # Checked as a whole (not item by item), so that an error names the setting, not `setting[0]`.
 TableSpecs = Annotated[tuple[str, ...], AfterValidator(_table_specs)]
+InlineTableSpecs = Annotated[tuple[str, ...], AfterValidator(_inline_table_specs)]
 Networks = Annotated[tuple[str, ...], AfterValidator(_networks)]
 HostPorts = Annotated[tuple[str, ...], AfterValidator(_host_ports)]
 Relayhost = Annotated[str, AfterValidator(check_relayhost)]  # "" (none) or a host, maybe with a port

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from mailflow.config.base import Duration, Section, TableSpecs, check_transport
+from mailflow.config.base import Duration, InlineTableSpecs, Section, TableSpecs, check_transport
 from mailflow.local_macros import check_local_macros
 from mailflow.pipe_argv import check_flags, parse_argv
 from mailflow.syntax import parse_hostport, parse_ip
@@ -144,13 +144,15 @@ class SmtpConfig(Section):
     # smtp_header_checks, smtp_mime_header_checks, smtp_nested_header_checks, smtp_body_checks: the content of
     # outgoing mail edited on the wire (the queue keeps it as it was). smtp(8)'s actions only: REPLACE, PREPEND,
     # IGNORE, WARN, INFO, DUNNO, OK (others logged and ignored). MIME headers go through mime_header_checks only.
+    # The mime, nested and body checks are looked up on the event loop as the content streams: no sqlite: or unix:.
     header_checks: TableSpecs = ()
-    mime_header_checks: TableSpecs = ()
-    nested_header_checks: TableSpecs = ()
-    body_checks: TableSpecs = ()
+    mime_header_checks: InlineTableSpecs = ()
+    nested_header_checks: InlineTableSpecs = ()
+    body_checks: InlineTableSpecs = ()
     # smtp_reply_filter: each line of a server's reply rewritten by a table before it is parsed (a key is the line,
-    # a value replaces it: `/^(250-)?PIPELINING$/ 250-X-NOPIPELINING` for a broken server). Use with care.
-    reply_filter: TableSpecs = ()
+    # a value replaces it: `/^(250-)?PIPELINING$/ 250-X-NOPIPELINING` for a broken server). Use with care. No
+    # sqlite: or unix: (looked up on the event loop for each reply line).
+    reply_filter: InlineTableSpecs = ()
     # Connection cache (smtp_connection_cache_time_limit, smtp_connection_reuse_count/time_limit); 0s: off.
     connection_cache_time_limit: Duration = 2.0
     connection_reuse_count_limit: int = Field(100, ge=0)
@@ -211,9 +213,9 @@ class LmtpConfig(Section):
     bind_address_enforce: bool = False
     # As [smtp]'s (lmtp_header_checks, lmtp_mime_header_checks, lmtp_nested_header_checks, lmtp_body_checks).
     header_checks: TableSpecs = ()
-    mime_header_checks: TableSpecs = ()
-    nested_header_checks: TableSpecs = ()
-    body_checks: TableSpecs = ()
+    mime_header_checks: InlineTableSpecs = ()
+    nested_header_checks: InlineTableSpecs = ()
+    body_checks: InlineTableSpecs = ()
 
     @field_validator("bind_address")
     @classmethod

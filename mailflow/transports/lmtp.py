@@ -90,8 +90,10 @@ class LmtpTransport:
     async def _deliver(self, request: DeliveryRequest, recipients: list[Recipient], outcomes: Outcomes) -> None:
         wire = None
         if self._checks is not None:
-            try:  # (the header section is read and checked: off the loop when the content is in a file)
-                wire = (outbound_wire_form(request, self._checks, None) if request.content.in_memory else
+            try:  # (the header section is read and checked: off the loop when the content is in a file or a table
+                # may wait on I/O; such a table has its own deadline, sqlite's query timeout)
+                wire = (outbound_wire_form(request, self._checks, None)
+                        if request.content.in_memory and not self._checks.blocking else
                         await asyncio.to_thread(outbound_wire_form, request, self._checks, None))
             except TemporaryError as e:
                 outcomes.fail(recipients, e)

@@ -12,6 +12,7 @@ a signed header field is changed or removed here, as in Postfix.
                                      header (is_mime_header: Content-Type, ...) is looked up in `mime`, the others
                                      in `header`
       .walks_body -> bool             body lines or part headers are looked up (an encoder is needed)
+      .blocking -> bool               a table may wait on I/O: .head is called off the event loop
       .body(queue_id, head) -> Encoder   the content after `head` (the queued header section, passed on as it is),
                                      line by line as it streams: each MIME part's headers (`mime`; those of an
                                      attached message/rfc822 `nested`, their MIME headers `mime`) and each body line
@@ -69,6 +70,11 @@ class OutboundChecks:
         self._tables = {"header": header, "mime": mime, "nested": nested, "body": body}
         self.program = program
         self.log = logging.getLogger(f"mailflow.{program}")
+
+    @property
+    def blocking(self) -> bool:
+        """A table may wait on I/O (sqlite:, unix:; only header_checks may be one: config refuses them elsewhere)."""
+        return any(table.blocking for tables in self._tables.values() for table in tables)
 
     @property
     def walks_body(self) -> bool:

@@ -555,3 +555,27 @@ async def test_lmtp_header_and_body_checks_edit_the_content_as_it_goes_out(lmtp_
     lines = [r.getMessage() for r in caplog.records]
     assert "unsupported command in lmtp_header_checks map: REJECT" in lines
     assert "Q1: replace: body last line: final line" in lines
+
+
+async def test_a_header_check_table_that_may_wait_is_asked_off_the_event_loop(lmtp_peer):
+    """lmtp_header_checks on a table whose lookup may wait (sqlite:, unix:): the in-memory header section is
+    checked in a worker thread, never on the loop every session shares."""
+    import threading
+
+    from mailflow.transports.smtp_checks import OutboundChecks
+    asked_in: list[int] = []
+
+    class WaitingTable:  # (a sqlite: table's shape: blocking, answers after a wait)
+        name, fixed, blocking = "sqlite:/etc/x.cf", False, True
+
+        def lookup(self, key: str) -> str | None:
+            asked_in.append(threading.get_ident())
+            return "IGNORE" if key.startswith("Subject:") else None
+
+    peer = await lmtp_peer()
+    transport = LmtpTransport(LmtpConfig(port=peer.port), helo_name=HELO,
+                              checks=OutboundChecks([WaitingTable()], [], [], [], program="lmtp"))
+    report = await deliver(transport, make_request(f"[127.0.0.1]:{peer.port}"))
+    assert [outcome for _, outcome, _ in outcomes(report)] == [Outcome.SENT]
+    assert asked_in and threading.get_ident() not in asked_in
+    assert b"Subject:" not in peer.messages[0].content

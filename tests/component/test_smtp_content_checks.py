@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from mailflow.config import SmtpConfig
+from mailflow.config import LmtpConfig, SmtpConfig
 from mailflow.content import Content
 from mailflow.dns import StaticResolver
 from mailflow.model import DeliveryRequest, Outcome, Recipient
@@ -239,6 +239,19 @@ def test_the_settings_are_table_lists_checked_at_load(setting):
     assert getattr(SmtpConfig(**{setting: ["regexp:/etc/x"]}), setting) == ("regexp:/etc/x",)
     with pytest.raises(ValidationError):
         SmtpConfig(**{setting: ["nosuchtype:/etc/x"]})
+
+
+@pytest.mark.parametrize(("section", "setting"), [
+    *((SmtpConfig, name) for name in ("mime_header_checks", "nested_header_checks", "body_checks", "reply_filter")),
+    *((LmtpConfig, name) for name in ("mime_header_checks", "nested_header_checks", "body_checks"))])
+def test_a_table_whose_lookup_may_wait_is_refused_where_each_line_is_looked_up_on_the_loop(section, setting):
+    """These are looked up on the event loop for each line as the content streams: a sqlite: or unix: lookup would
+    hold up every session (header_checks, asked once per message, runs off the loop and may be any type)."""
+    from pydantic import ValidationError
+    for spec in ("sqlite:/etc/x.cf", "unix:passwd.byname"):
+        with pytest.raises(ValidationError, match="lookup may wait"):
+            section(**{setting: ["regexp:/etc/y", spec]})
+    assert section(header_checks=["sqlite:/etc/x.cf"]).header_checks == ("sqlite:/etc/x.cf",)
 
 
 async def test_a_body_check_that_cannot_answer_ends_the_session_and_defers(smtp_peer, checks, caplog):

@@ -46,3 +46,23 @@ async def test_a_command_filter_that_cannot_answer_ends_the_session_with_a_local
     lines = [r.getMessage() for r in caplog.records]
     assert 'fail:down lookup error for "EHLO client.test"' in lines
     assert f"NOQUEUE: reject: CONNECT from localhost[127.0.0.1]: 421 4.3.0 {HOST} Server local data error" in lines
+
+
+async def test_a_command_filter_table_that_may_wait_is_asked_off_the_event_loop(mailflow_server, monkeypatch):
+    """unix: (the name service) and sqlite: may wait: each command's lookup runs in a worker thread (TableCache.run,
+    with its deadline), never on the loop every session shares."""
+    import threading
+
+    from mailflow.tables.unix import UnixTable
+    asked_in: list[int] = []
+
+    def lookup(self, key: str) -> str | None:
+        asked_in.append(threading.get_ident())
+        return "NOOP" if key == "XWAIT" else None
+    monkeypatch.setattr(UnixTable, "lookup", lookup)
+    mf = await mailflow_server(smtpd={"command_filter": ["unix:passwd.byname"]})
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    assert (await c.cmd("XWAIT"))[0] == 250  # (rewritten to NOOP)
+    await c.cmd("QUIT")
+    assert asked_in and threading.get_ident() not in asked_in

@@ -80,7 +80,7 @@ import re
 import struct
 import termios
 from dataclasses import dataclass
-from typing import Any, Callable, cast
+from typing import Any, Awaitable, Callable, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException
 
@@ -225,6 +225,9 @@ class ProtocolCore(SMTP):
         self.discards_unknown = False
         self.command_line = b""  # the command being answered, as sent (what a warning that quotes it quotes)
         self.command_filter: list[Table] = []  # smtpd_command_filter (a listener's: server.ListenerSession)
+        # how its lookups run: inline, or the listener's TableCache.run (off the loop, with a deadline, when a table
+        # may wait on I/O: sqlite:, unix:)
+        self.command_filter_run: Callable[..., Awaitable] | None = None
         self._greeted_at = 0.0
         self._data_started: float | None = None  # loop time DATA/BDAT content began, for the rate deadline
         self._data_bytes = 0
@@ -680,9 +683,10 @@ class ProtocolCore(SMTP):
         """Postfix's smtpd_command_filter: the line (leading blanks skipped) looked up, a value in its place, logged.
         None: the table could not answer; 421 4.3.0 has been sent and the session ends (Postfix's SMTP_ERR_DATA)."""
         key = line.lstrip(b" \t").decode("utf-8", "replace")
+        run = self.command_filter_run
         for table in self.command_filter:
             try:
-                value = table.lookup(key)
+                value = await run(table.lookup, key) if run is not None else table.lookup(key)
             except LookupRetry:
                 refusal = status.local_data_error(self.hostname)
                 self.record.lines.command_filter_failed(self.envelope.queue_id, table.name, key, self.record.where,

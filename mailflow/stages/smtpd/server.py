@@ -97,7 +97,7 @@ REFUSAL_HANDSHAKES = 10
 REFUSAL_HANDSHAKE_TIMEOUT = 10.0  # seconds, at most, for each of those handshakes (else starttls_timeout's 300)
 # What a reload replaces in a running listener (its address, socket, session slots and counts stay).
 RELOADED = ("role", "config", "handler", "authenticator", "sender_logins", "frontends", "limits",
-            "auth_hidden_from", "ehlo_discards", "postscreen", "command_filter")
+            "auth_hidden_from", "ehlo_discards", "postscreen", "command_filter", "command_filter_run")
 
 
 @dataclass
@@ -120,6 +120,7 @@ class Listener:
     postscreen: Postscreen | None = None  # [smtpd.postscreen] enabled: the screen before smtpd (postscreen.py)
     setting: str = ""  # the configuration key that names it ("smtpd.listen[0]", "smtpd.listeners[1].address")
     command_filter: list[Table] = field(default_factory=list)  # smtpd_command_filter (empty: unset)
+    command_filter_run: Callable[..., Awaitable] | None = None  # its TableCache.run (a table may wait: off the loop)
     server: Listening | None = None
     refusing: Places = field(default_factory=lambda: Places(REFUSAL_HANDSHAKES))  # (implicit TLS: see REFUSAL_...)
 
@@ -137,7 +138,7 @@ class ListenerSession(SmtpSession):
         self._listener = listener  # its admission (anvil, slots) stays across reloads
         # what a reload may change on the listener, as this session started with it (it keeps that to its end)
         self._role, self._smtpd = listener.role, listener.smtpd
-        self.command_filter = listener.command_filter
+        self.command_filter, self.command_filter_run = listener.command_filter, listener.command_filter_run
         self._postscreen = listener.postscreen
         self._implicit_tls = implicit_tls  # a submissions listener's certificate: TLS from the first byte
         self._admitted_ip: str | None = None
@@ -337,7 +338,8 @@ class Smtpd:
                         EhloDiscards(frozenset(smtpd.discard_ehlo_keywords),
                                      self._tables.open(smtpd.discard_ehlo_keyword_address_maps), self._tables.run),
                         self._postscreen(smtpd, networks, config.myhostname), setting,
-                        command_filter=self._tables.open(smtpd.command_filter) if smtpd.command_filter else [])
+                        command_filter=self._tables.open(smtpd.command_filter) if smtpd.command_filter else [],
+                        command_filter_run=self._tables.run)
 
     def _postscreen(self, smtpd: SmtpdConfig, mynetworks: NetworkList, hostname: str) -> Postscreen | None:
         """A listener's screen when [smtpd.postscreen] (or its overrides) enables it; else none, at no cost."""
