@@ -90,6 +90,9 @@ SETTINGS: dict[str, tuple[str, ...]] = {name: (key,) for name, key in {
     "smtp_data_done_timeout": "smtp.data_timeout",
     **{f"smtp_{n}_timeout": "smtp.command_timeout" for n in ("mail", "rcpt", "data_init", "rset")},
     **_same("lmtp", "connect_timeout bind_address bind_address6 bind_address_enforce", prefix="lmtp_"),
+    **_same("smtp", "header_checks mime_header_checks nested_header_checks body_checks reply_filter", prefix="smtp_"),
+    **_same("lmtp", "header_checks mime_header_checks nested_header_checks body_checks", prefix="lmtp_"),
+    "smtpd_command_filter": "smtpd.command_filter",
     **{f"lmtp_{n}_timeout": "lmtp.command_timeout" for n in ("lhlo", "mail", "rcpt", "data_init")},
     **{f"lmtp_{n}_timeout": "lmtp.data_timeout" for n in ("data_xfer", "data_done")},
     **_same("queue", "queue_run_delay minimal_backoff_time maximal_backoff_time maximal_queue_lifetime "
@@ -144,6 +147,7 @@ NOT_NEEDED: dict[str, str] = {
 }
 
 NOT_IMPORTABLE: dict[str, str] = {
+    "smtpd_reject_footer_maps": "mailflow has smtpd.reject_footer (one text, its macros), not a map by reply",
     "postscreen_dnsbl_reply_map": "mailflow's postscreen names the DNSBL site as postscreen_dnsbl_sites gives it",
     **dict.fromkeys(("postscreen_allowlist_interfaces", "postscreen_whitelist_interfaces"),
                     "mailflow's postscreen is per listener: give the listener's overrides = {postscreen = {...}}"),

@@ -65,8 +65,8 @@ def checked(config: Path) -> dict:
 def cited_postfix_names() -> set[str]:
     """The Postfix parameter names docs/config.md's "Postfix counterpart" columns cite: backticked words that
     `postconf -d` knows, and for the rows that say "the same", the mailflow names themselves."""
-    known = {line.split(" = ")[0] for line in subprocess.run([require_tool("postconf"), "-d"], capture_output=True,
-                                                              text=True, check=True).stdout.splitlines()}
+    listing = subprocess.run([require_tool("postconf"), "-d"], capture_output=True, text=True, check=True).stdout
+    known = {line.partition("=")[0].strip() for line in listing.splitlines()}  # (an empty default: `name =`)
     cited, in_table = set(), False
     for line in DOCS.read_text().splitlines():
         if line.startswith("| mailflow |") and "Postfix counterpart" in line:
@@ -704,3 +704,20 @@ def test_an_o_in_braces_with_spaces_is_read_as_postfix_3_reads_it(tmp_path):
     [listener] = checked(tmp_path / "mailflow.toml")["smtpd"]["listeners"]
     assert listener["overrides"]["client_restrictions"] == ["permit_mynetworks", "reject"]
     assert listener["overrides"]["helo_required"] is True
+
+
+def test_the_outgoing_content_checks_and_the_filters_are_imported(tmp_path):
+    """smtp_/lmtp_*_checks, smtp_reply_filter and smtpd_command_filter have mailflow counterparts of the same
+    meaning: imported, not reported as having none."""
+    table = write(tmp_path, "checks", "/^X-Secret:/ IGNORE\n")
+    main = write(tmp_path, "main.cf", "".join(f"{name} = regexp:{table}\n" for name in (
+        "smtp_header_checks", "smtp_mime_header_checks", "smtp_nested_header_checks", "smtp_body_checks",
+        "lmtp_header_checks", "lmtp_body_checks", "smtp_reply_filter", "smtpd_command_filter")))
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert code == 0 and "no mailflow counterpart" not in err, err
+    imported = checked(tmp_path / "mailflow.toml")
+    spec = [f"regexp:{table}"]
+    assert all(imported["smtp"][name] == spec for name in ("header_checks", "mime_header_checks",
+                                                           "nested_header_checks", "body_checks", "reply_filter"))
+    assert imported["lmtp"]["header_checks"] == imported["lmtp"]["body_checks"] == spec
+    assert imported["smtpd"]["command_filter"] == spec
