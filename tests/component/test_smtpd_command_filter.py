@@ -66,3 +66,17 @@ async def test_a_command_filter_table_that_may_wait_is_asked_off_the_event_loop(
     assert (await c.cmd("XWAIT"))[0] == 250  # (rewritten to NOOP)
     await c.cmd("QUIT")
     assert asked_in and threading.get_ident() not in asked_in
+
+
+async def test_a_command_that_is_not_utf8_is_refused_before_the_filter_sees_it(mailflow_server, tmp_path):
+    """Postfix's smtpd checks UTF-8 validity (smtputf8_enable, the default) before smtpd_command_filter: 500 5.5.2
+    bad UTF-8 syntax, whatever the filter would have made of the line."""
+    table = tmp_path / "command_filter"
+    table.write_text("/^XBAD/ NOOP\n")
+    mf = await mailflow_server(smtpd={"command_filter": [f"regexp:{table}"]})
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    assert (await c.cmd("XBAD ok"))[0] == 250  # (rewritten to NOOP)
+    await c.send(b"XBAD \xff\r\n")
+    assert await c.reply() == (500, "500 5.5.2 Error: bad UTF-8 syntax")
+    await c.cmd("QUIT")

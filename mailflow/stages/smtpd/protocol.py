@@ -655,7 +655,7 @@ class ProtocolCore(SMTP):
             return
         if self.transcript is not None:
             self.transcript.command(line)
-        if self.command_filter:
+        if self.command_filter and _unreadable(line) is None:  # (Postfix: UTF-8 validity first, then the filter)
             filtered = await self._filtered_command(line)
             if filtered is None:
                 return
@@ -955,13 +955,21 @@ def _malformed(line: bytes, verb: bytes) -> status.Reply | None:
     """Why a command line cannot be a command at all (NUL, invalid UTF-8, no `verb`: empty or only blanks), or
     None. Valid UTF-8 is checked for the whole line first, as Postfix does with SMTPUTF8 on: nothing later has
     to cope with undecodable text."""
+    unreadable = _unreadable(line)
+    if unreadable is not None:
+        return unreadable
+    return None if verb else status.BAD_SYNTAX
+
+
+def _unreadable(line: bytes) -> status.Reply | None:
+    """A NUL or invalid UTF-8 in a command line (checked before smtpd_command_filter, as Postfix), or None."""
     if b"\0" in line:
         return status.NUL_IN_COMMAND
     try:
         line.decode("utf-8")
     except UnicodeDecodeError:
         return status.BAD_UTF8
-    return None if verb else status.BAD_SYNTAX
+    return None
 
 
 def _input_waiting(transport) -> bool:
