@@ -128,6 +128,11 @@ class GenericMaps:
         self._qualify = qualify
         self._find_address = find_address
 
+    @property
+    def blocking(self) -> bool:
+        """A table may wait on I/O (sqlite:, unix:)."""
+        return any(table.blocking for table in self._tables)
+
     def address(self, addr: str, queue_id: str = "") -> str:
         if not addr:
             return addr

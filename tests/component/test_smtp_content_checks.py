@@ -343,3 +343,32 @@ def test_only_postfixs_mime_headers_go_to_mime_header_checks(checks):
                       mime=["/^Content-Language:/ REPLACE X-Was: mime", "/^Content-Type:/ REPLACE X-Was: mime type"])
     head = b"Content-Language: en\r\nContent-Type: text/plain\r\n"
     assert outbound.head("Q1", head) == b"X-Was: header_checks\r\nX-Was: mime type\r\n"
+
+
+async def test_a_header_check_table_past_its_deadline_is_named_in_the_deferral(smtp_peer, monkeypatch):
+    """smtp_header_checks on a table that may wait, asked off the loop with a deadline (TableCache.run): past it the
+    message is deferred naming the header checks, not smtp_generic_maps (which are not set)."""
+    import time as clock
+
+    import mailflow.tables.cache
+
+    class SlowTable:  # (a sqlite: table's shape: blocking, its own deadline, and a lookup slower than that)
+        name, fixed, blocking, timeout = "sqlite:/slow.cf", False, True, 0.05
+
+        def lookup(self, key: str) -> str | None:
+            clock.sleep(0.8)
+            return None
+    monkeypatch.setattr(mailflow.tables.cache, "open_table", lambda spec, **kw: SlowTable())
+    tables = TableCache()
+    outbound = OutboundChecks(tables.open(["sqlite:/slow.cf"]), [], [], [])
+    peer = await smtp_peer()
+    config = SmtpConfig(tls_security_level="none", connect_timeout=2, helo_timeout=2, command_timeout=2)
+    transport = SmtpTransport(config, resolver=StaticResolver(), helo_name="box.local", checks=outbound, tables=tables)
+    try:
+        report = await transport.deliver(make_request(peer.port, Content.of(b"Subject: s\r\n\r\nb\r\n")))
+    finally:
+        await transport.close()
+    [result] = report.results
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.3.0")
+    assert "smtp header checks lookup error" in result.text and "generic" not in result.text
+    assert peer.messages == []

@@ -183,14 +183,23 @@ class SmtpTransport:
                 screened = dataclasses.replace(request, recipients=tuple(sendable))  # (a refused one is not mapped)
                 wire = await self._tables.run(outbound_wire_form, screened, self._checks, self._generic,
                                               off_loop=_header_may_be_big(request))
-            except LookupRetry as e:
-                outcomes.fail(sendable, TemporaryError("4.3.0", f"smtp_generic_maps lookup error: {e.text}"))
+            except LookupRetry as e:  # (smtp_generic_maps, or TableCache.run's deadline: a table that may wait)
+                outcomes.fail(sendable, TemporaryError("4.3.0", f"{self._waited_for()} lookup error: {e.text}"))
                 return outcomes.report(request)
             except TemporaryError as e:  # (smtp_header_checks)
                 outcomes.fail(sendable, e)
                 return outcomes.report(request)
         await self._deliver_to_nexthop(request, sendable, outcomes, wire)
         return outcomes.report(request)
+
+    def _waited_for(self) -> str:
+        """What a lookup error before the session names: smtp_generic_maps unless only the header checks have a
+        table that may wait (their own failures are TemporaryErrors already)."""
+        checks_wait = self._checks is not None and self._checks.blocking
+        generic_waits = self._generic is not None and self._generic.blocking
+        if checks_wait and not generic_waits:
+            return "smtp header checks"
+        return "smtp_generic_maps or smtp header checks" if checks_wait else "smtp_generic_maps"
 
     async def close(self) -> None:
         """QUIT every cached session; afterwards no session is cached again."""
