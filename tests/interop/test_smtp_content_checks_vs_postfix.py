@@ -26,10 +26,13 @@ TABLES = {
     "header": ["/^Received:.*with ESMTPSA/ IGNORE", "/^X-Originating-IP:/ IGNORE", "/^User-Agent:/ IGNORE",
                "/^Subject: (.*) secret$/ REPLACE Subject: $1 hidden", "/^X-Warn:/ WARN w-text", "/^X-Info:/ INFO",
                "/^X-Pre:/ PREPEND X-Added: yes", "/^X-Rej:/ REJECT no", "/^X-Bad:/ REPLACE not a header",
-               "/^Content-Type:/ IGNORE", "/^X-Fold: a.[[:space:]]b$/ REPLACE X-Fold: joined"],
-    "mime": ["/^Content-Description:/ IGNORE"],
+               "/^Content-Type:/ IGNORE", "/^X-Fold: a.[[:space:]]b$/ REPLACE X-Fold: joined",
+               "/^X-Strip:/ STRIP stripped", "/^X-Tab:/ REPLACE\tX-Tab: replaced",
+               "/^Content-Language:/ REPLACE X-Lang: header_checks"],
+    "mime": ["/^Content-Description:/ IGNORE", "/^Content-Language:/ REPLACE X-Lang: mime_header_checks",
+             "/^X-Garbage-Part:/ WARN part-header"],
     "body": ["/^secret/ REPLACE hidden line", "/^drop me/ IGNORE", "/^pre me/ PREPEND added line",
-             "/^warn me/ WARN bw"],
+             "/^warn me/ WARN bw", "/^--b1/ WARN boundary", "/^after garbage/ REPLACE garbage seen"],
 }
 PROBES = [  # header lines, body lines
     (["Received: from pc (pc [10.0.0.5])\r\n\tby mx.example (Postfix) with ESMTPSA id 4AbC",
@@ -40,6 +43,9 @@ PROBES = [  # header lines, body lines
       "MIME-Version: 1.0", 'Content-Type: multipart/mixed; boundary="b1"'],
      ["preamble", "--b1", "Content-Type: text/plain", "Content-Description: notes", "", "secret part", "--b1--",
       "epilogue"]),
+    (["X-Strip: 1", "X-Tab: 1", "Content-Language: en", "From: joe@box.local", "MIME-Version: 1.0",
+      'Content-Type: multipart/mixed; boundary="b1"'],  # (a part whose header section ends without an empty line)
+     ["pre", "--b1", "X-Garbage-Part: 1", "not a header line", "after garbage", "--b1--"]),
 ]
 SERVERS_OWN = (r"X-Client-Addr|X-Client-Proto|X-Helo-Args|X-Mail-Args|X-Rcpt-Args|X-Probe|Message-ID|Date"
                r"|Received: from (localhost|127|box\.local)")  # (the sink's, the servers', the probe's name)
@@ -72,7 +78,7 @@ def actions(lines) -> list[str]:
     """The action log lines, without the queue id."""
     out = []
     for line in lines:
-        found = re.search(r"(?:[0-9A-F]{10,}: )?((?:replace|prepend|warning|info): (?:header|body) .*"
+        found = re.search(r"(?:[0-9A-F]{10,}: )?((?:replace|prepend|warning|info|strip): (?:header|body) .*"
                           r"|unsupported command in .*|bad REPLACE header text .*)$", line)
         if found:
             out.append(found.group(1))
@@ -125,6 +131,11 @@ async def test_smtp_content_checks_match_a_real_postfix(mailflow_server, tables,
     assert "Content-Description" not in postfix_got[1][1] and "X-Added: yes" in postfix_got[1][0]
     assert "unsupported command in smtp_header_checks map: REJECT no" in postfix_logged
     assert "replace: header X-Fold: a??b: X-Fold: joined" in postfix_logged
+    assert postfix_got[2] == (["X-Tab: replaced", "X-Lang: header_checks", "From: joe@box.local", "MIME-Version: 1.0",
+                               'Content-Type: multipart/mixed; boundary="b1"'],
+                              "pre\n--b1\nX-Garbage-Part: 1\nnot a header line\ngarbage seen\n--b1--")
+    assert {"strip: header X-Strip: 1: stripped", "warning: body --b1: boundary", "warning: body --b1--: boundary",
+            "warning: header X-Garbage-Part: 1: part-header"} <= set(postfix_logged)
 
 
 REPLY_FILTER = ["/^250-PIPELINING$/ 250-XPIPELINING", "/^250 2\\.1\\.5 (.*)$/ 450 4.1.5 filtered: $1"]
