@@ -195,7 +195,8 @@ class BodyChecks:
 
     def flush(self) -> bytes:
         rest, self._rest = self._rest, b""
-        out = self._line(rest) if rest or self._continued else b""
+        out = self._line(rest) if rest else b""
+        self._continued = False
         return out + self._end_field()
 
     def _hold(self, data: bytes, start: int) -> bytes:
@@ -213,8 +214,8 @@ class BodyChecks:
             self._unchecked = self._passing = True
             return held
         out: list[bytes] = []
-        while len(data) - start >= LINE_PIECE:
-            out.append(self._body_piece(data[start:start + LINE_PIECE], b""))
+        while len(data) - start > LINE_PIECE + 1:  # (held: a whole piece and a CR, so that a line's pieces are the
+            out.append(self._body_piece(data[start:start + LINE_PIECE], b""))  # same wherever the chunks end)
             start += LINE_PIECE
             self._continued = True
         self._rest = data[start:]

@@ -372,3 +372,14 @@ async def test_a_header_check_table_past_its_deadline_is_named_in_the_deferral(s
     assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.3.0")
     assert "smtp header checks lookup error" in result.text and "generic" not in result.text
     assert peer.messages == []
+
+
+def test_a_long_lines_pieces_are_the_same_wherever_the_chunks_end(checks):
+    """A line of two whole pieces is looked up as those two pieces for any chunk split (no empty third piece
+    when the chunk ends before its CR LF)."""
+    outbound = checks(body=["/^$/ REPLACE EMPTY", "/^y+$/ REPLACE z"])
+    head = b"Subject: s\r\n"
+    content = head + b"\r\n" + b"y" * (2 * LINE_PIECE) + b"\r\nend\r\n"
+    expected = head + b"\r\nzz\r\nend\r\n"
+    for cut in range(len(content) - 12, len(content) - 3):
+        assert b"".join(encode([content[:cut], content[cut:]], outbound.body("Q1", head))) == expected, cut
