@@ -25,7 +25,8 @@ queued; so does ORCPT: to a next hop that offers DSN, RCPT TO's `ORCPT=rfc822;â€
                                        section as they go out; may raise LookupRetry (a table that cannot
                                        answer, or a value that holds no address: the delivery is deferred);
                                        `head`: (the queued header section, smtp_header_checks' form of it) whose
-                                       addresses are mapped
+                                       addresses are mapped; `head_as_queued`: the header is left alone (the
+                                       caller found it too long and said so)
     WireForm(sender, recipients, head, utf8_head, body)   `recipient(addr)`; `encoders()`: what the content goes
                                        through (a new HeaderSwap each transaction, none when no header changed;
                                        first a new `body()`, smtp_body_checks' encoder, when set);
@@ -162,7 +163,8 @@ class GenericMaps:
                     printable(key), printable(result), problem)
         raise LookupRetry(f"table {name}: {printable(key)}: result <{printable(result)}> {problem}")
 
-    def wire_form(self, request: DeliveryRequest, head: tuple[bytes, bytes] | None = None) -> WireForm:
+    def wire_form(self, request: DeliveryRequest, head: tuple[bytes, bytes] | None = None, *,
+                  head_as_queued: bool = False) -> WireForm:
         mapped = partial(self.address, queue_id=request.queue_id)
         recipients = {}
         for rcpt in request.recipients:
@@ -178,7 +180,7 @@ class GenericMaps:
                 utf8_results.append(sent)
             return sent
 
-        swap = self._head(request, in_header, head)
+        swap = None if head_as_queued else self._head(request, in_header, head)
         return WireForm(mapped(request.sender), recipients, swap, utf8_head=bool(utf8_results))
 
     @staticmethod

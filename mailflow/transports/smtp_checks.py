@@ -315,10 +315,11 @@ def outbound_wire_form(request: DeliveryRequest, checks: OutboundChecks | None,
     if checks is None or request.verify:
         return generic.wire_form(request) if generic is not None else WireForm(request.sender)
     queued, whole = read_header(request.content, HEADER_READ_LIMIT)
-    if not whole:
-        checks.log.warning("%s: header section longer than %d bytes: %s header and body checks leave the message "
-                           "as queued", request.queue_id, HEADER_READ_LIMIT, checks.program)
-        return generic.wire_form(request) if generic is not None else WireForm(request.sender)
+    if not whole:  # (one warning, one read: the generic maps leave the header as queued too)
+        checks.log.warning("%s: header section longer than %d bytes: %s header and body checks%s leave the message "
+                           "as queued", request.queue_id, HEADER_READ_LIMIT, checks.program,
+                           f" and {checks.program}_generic_maps" if generic is not None else "")
+        return generic.wire_form(request, head_as_queued=True) if generic is not None else WireForm(request.sender)
     try:
         checked = checks.head(request.queue_id, queued)
     except LookupRetry as e:

@@ -383,3 +383,22 @@ def test_a_long_lines_pieces_are_the_same_wherever_the_chunks_end(checks):
     expected = head + b"\r\nzz\r\nend\r\n"
     for cut in range(len(content) - 12, len(content) - 3):
         assert b"".join(encode([content[:cut], content[cut:]], outbound.body("Q1", head))) == expected, cut
+
+
+def test_a_header_too_long_to_check_is_read_and_reported_once_with_generic_maps(checks, caplog):
+    """Past HEADER_READ_LIMIT the header goes out as queued: one warning naming the checks and the generic maps
+    (it was read, and warned about, a second time by the maps)."""
+    from mailflow.config import Config
+    from mailflow.message import HEADER_READ_LIMIT
+    from mailflow.routing.rewrite import Rewriter
+    from mailflow.transports.smtp_checks import outbound_wire_form
+    rewriter = Rewriter(Config(myhostname="box.local", mydestination=("box.local",)))
+    generic = GenericMaps(TableCache().open(["inline:{ {joe@box.local = joe.user@example.com} }"]),
+                          delimiter="+", qualify=rewriter.qualify, find_address=rewriter.find_address)
+    head = b"From: joe@box.local\r\n" + b"X-Long: " + b"x" * HEADER_READ_LIMIT + b"\r\n"
+    request = make_request(25, Content.of(head + b"\r\nbody\r\n"))
+    wire = outbound_wire_form(request, checks(["/^X-Long:/ IGNORE"]), generic)
+    assert wire.sender == "joe.user@example.com" and wire.head is None
+    warned = [r.getMessage() for r in caplog.records if "header section longer" in r.getMessage()]
+    assert warned == [f"Q1: header section longer than {HEADER_READ_LIMIT} bytes: smtp header and body checks and "
+                      "smtp_generic_maps leave the message as queued"]
