@@ -28,6 +28,19 @@ def screen(**settings) -> dict:
     return {"postscreen": {"enable": True, "access_list": [], "greet_wait": 0.3, **settings}}
 
 
+@pytest.fixture(autouse=True)
+async def no_loop_errors():
+    """Every test here fails on an exception a loop callback left unhandled (a protocol's connection_lost, a
+    task nobody awaited): asyncio would only log it. (Scoped to postscreen's tests, where sessions end early.)"""
+    loop = asyncio.get_running_loop()
+    errors: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    yield
+    await asyncio.sleep(0.05)  # the last connection_lost callbacks
+    loop.set_exception_handler(None)
+    assert not errors, [(e.get("message"), repr(e.get("exception"))) for e in errors]
+
+
 @pytest.fixture
 def screen_log(caplog):
     caplog.set_level(logging.INFO, logger="mailflow.postscreen")

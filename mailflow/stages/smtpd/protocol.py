@@ -488,10 +488,11 @@ class ProtocolCore(SMTP):
         self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
 
     def _no_deadline(self) -> None:
-        """No command deadline until the next `_reset_timeout` (a TLS handshake has its own)."""
+        """No command deadline until the next `_reset_timeout` (a TLS handshake has its own). The cancelled
+        handle stays: aiosmtpd's connection_lost asserts there is one (and cancels it again)."""
         if self._timeout_handle is not None:
             self._timeout_handle.cancel()
-        self._timeout_handle = self._timer_at = None
+        self._timer_at = None
 
     def _timer_fired(self) -> None:
         self._timer_at = None
