@@ -432,6 +432,11 @@ def dsn_class(dsn: str) -> int:
 SCREENING_PORTS_BUSY = Reply(421, "4.3.2", "All screening ports are busy")
 
 
+def postscreen_unavailable(host: str) -> Reply:
+    """The dummy engine's generic 421 (a command count or length limit), without an enhanced code as Postfix's."""
+    return Reply(421, "", f"{host} Service unavailable - try again later")
+
+
 def postscreen_pregreet(code: int) -> Reply:
     return Reply(code, "5.5.1", "Protocol error")
 

@@ -313,3 +313,41 @@ async def test_a_greet_wait_longer_than_smtpds_timeout_is_not_cut(mailflow_serve
     c = await SmtpClient.connect(mf.smtp_addresses[0][1])
     assert c.greeting.text.endswith("\n220 mx.mailflow.test ESMTP mailflow")
     assert (await c.cmd("NOOP")).code == 250
+
+
+async def test_the_dummy_engine_bounds_commands_and_line_length_as_postscreen(mailflow_server, tmp_path, screen_log):
+    """postscreen_smtpd.c, as a private Postfix 3.7.11 answered (postscreen_command_count_limit = 3): beyond the
+    limit (QUIT excepted) `COMMAND COUNT LIMIT` and the generic 421; a line of line_limit (2048) bytes before its
+    end `COMMAND LENGTH LIMIT` and the same 421; a bare LF ends a line."""
+    table = tmp_path / "access.cidr"
+    table.write_text("127.0.0.0/8 reject\n")
+    mf = await mailflow_server(smtpd=screen(access_list=[f"cidr:{table}"], denylist_action="enforce",
+                                            command_count_limit=3))
+    port = mf.smtp_addresses[0][1]
+    unavailable = status.postscreen_unavailable("mx.mailflow.test")
+    assert str(unavailable) == "421 mx.mailflow.test Service unavailable - try again later"
+
+    c = await SmtpClient.connect(port)
+    await c.send(b"NOOP\nNOOP\r\n" + b"HELO x\r\n" * 1000)  # pipelined, never read meanwhile
+    assert [(await c.reply()).code for _ in range(3)] == [250, 250, 250]
+    assert await c.reply() == unavailable
+    assert await c.closed()
+    await eventually(lambda: screen_log()[-1].startswith("DISCONNECT"))
+    assert re.fullmatch(r"COMMAND COUNT LIMIT from \[127\.0\.0\.1\]:\d+ after HELO", screen_log()[-2]), screen_log()
+
+    c = await SmtpClient.connect(port)
+    await c.send(b"NOOP\r\nNOOP\r\nNOOP\r\nQUIT\r\n")  # QUIT beyond the limit is still answered
+    assert [(await c.reply()).code for _ in range(4)] == [250, 250, 250, 221]
+    assert await c.closed()
+
+    c = await SmtpClient.connect(port)
+    await c.send(b"NOOP " + b"x" * 2043 + b"\r\n")  # 2048 bytes before its CRLF: one too many (Postfix 3.7)
+    assert await c.reply() == unavailable
+    assert await c.closed()
+    await eventually(lambda: screen_log()[-1].startswith("DISCONNECT"))
+    assert re.fullmatch(r"COMMAND LENGTH LIMIT from \[127\.0\.0\.1\]:\d+ after CONNECT", screen_log()[-2]), screen_log()
+
+    c = await SmtpClient.connect(port)
+    await c.send(b"NOOP " + b"x" * 2042 + b"\nQUIT\r\n")  # 2047 bytes before a bare LF: the longest line taken
+    assert (await c.reply()).code == 250
+    assert (await c.reply()).code == 221

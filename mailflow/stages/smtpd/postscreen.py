@@ -33,8 +33,9 @@ Not built (Postfix's deep protocol tests: pipelining, non_smtp_command, bare_new
 reconnect; postscreen_dnsbl_reply_map; a persistent cache_map; postscreen_allowlist_interfaces).
 
 Bounded: one screening per connection at most pre_queue_limit at once per listener; the DNSBL queries by their
-deadline and the greet wait; the dummy engine by smtpd's `timeout` per command and its line length; the cache by
-`cache_limit`. Nothing runs for a listener with postscreen off.
+deadline and the greet wait; the dummy engine by smtpd's `timeout` per command, its line length (`COMMAND LENGTH
+LIMIT`) and command_count_limit (`COMMAND COUNT LIMIT`; so its replies a client does not read stay a few KiB); the
+cache by `cache_limit`. Nothing runs for a listener with postscreen off.
 """
 from __future__ import annotations
 
@@ -337,8 +338,14 @@ class Postscreen:
         try:
             while not dialogue.over:
                 async with asyncio.timeout(self._timeout):
-                    line = await conn.wire.read_line(DUMMY_LINE_LIMIT)
+                    line = await conn.wire.read_lenient_line(DUMMY_LINE_LIMIT)
+                if line is None or not self._within_count(dialogue, line):
+                    log.info("COMMAND %s LIMIT from %s after %s", "LENGTH" if line is None else "COUNT",
+                             state.client.where, dialogue.where)
+                    conn.send(f"{status.postscreen_unavailable(self._hostname)}\r\n")
+                    break
                 conn.send(dialogue.answer(line.decode("utf-8", "replace")))
+                await asyncio.sleep(0)  # a client that pipelines its commands does not hold the loop
         except TimeoutError:
             log.info("COMMAND TIME LIMIT from %s after %s", state.client.where, dialogue.where)
             conn.send(f"{status.session_timeout(self._hostname)}\r\n")
@@ -347,6 +354,17 @@ class Postscreen:
                      format_tv(self._clock.time() - started), state.client.where)
         log.info("DISCONNECT %s", state.client.where)
         conn.hang_up()
+
+
+    def _within_count(self, dialogue: "_Dummy", line: bytes) -> bool:
+        """Postfix's command count limit: command_count_limit commands, QUIT always answered. (A line of
+        `DUMMY_LINE_LIMIT` bytes without its end is the COMMAND LENGTH LIMIT: both end with a 421.)"""
+        dialogue.commands += 1
+        return dialogue.commands <= self._config.command_count_limit or _verb(line) == "QUIT"
+
+
+def _verb(line: bytes) -> str:
+    return line.strip().partition(b" ")[0].decode("ascii", "replace").upper()
 
 
 class _Dummy:
@@ -359,6 +377,7 @@ class _Dummy:
         self._protocol = "SMTP"
         self._sender: str | None = None
         self.over = False
+        self.commands = 0  # command lines read (postscreen_command_count_limit)
         self.where = "CONNECT"  # the last command (Postfix's state->where)
 
     def answer(self, line: str) -> str:
