@@ -430,6 +430,7 @@ def dsn_class(dsn: str) -> int:
 
 # postscreen's (src/postscreen): beyond its screening places; a test's refusal, 521 (drop) or 550 (enforce: every RCPT)
 SCREENING_PORTS_BUSY = Reply(421, "4.3.2", "All screening ports are busy")
+SCREENING_TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Error: too many connections")  # one client's, at once
 
 
 def postscreen_unavailable(host: str) -> Reply:

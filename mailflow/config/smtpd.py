@@ -67,6 +67,9 @@ class PostscreenConfig(Section):
     cache_limit: int = Field(100_000, ge=1)
     # clients being screened at once per listener (postscreen_pre_queue_limit); beyond: 421 4.3.2
     pre_queue_limit: int = Field(100, ge=1)
+    # one client's connections in the screen at once (postscreen_client_connection_count_limit; 0: none); unset:
+    # smtpd's client_connection_count_limit, as Postfix's default
+    client_connection_count_limit: int | None = Field(None, ge=0)
     # the dummy engine's commands per session (postscreen_command_count_limit; QUIT always answered); at most 1000
     # here, which bounds what a client that never reads its replies leaves in the write buffer
     command_count_limit: int = Field(20, ge=1, le=1000)

@@ -275,6 +275,52 @@ async def test_beyond_the_screening_places_a_client_is_told_to_come_back(mailflo
     first.writer.close()
 
 
+async def test_allowlisted_and_cached_clients_pass_while_the_screening_places_are_full(mailflow_server, screen_log):
+    """psc_endpt_lookup_done: the access list and the cache come before "all screening ports busy"."""
+    mf = await mailflow_server(mynetworks=["127.0.0.2/32"],
+                               smtpd=screen(greet_wait=3, pre_queue_limit=1, access_list=["permit_mynetworks"]))
+    port = mf.smtp_addresses[0][1]
+    zombie = await SmtpClient.connect(port, greet=False)
+    assert (await zombie.reader.readline()).startswith(b"220-")  # holds the one place
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+    assert await asyncio.wait_for(reader.readline(), 3) == b"220 mx.mailflow.test ESMTP mailflow\r\n"
+    assert any(re.fullmatch(r"ALLOWLISTED \[127\.0\.0\.2\]:\d+", line) for line in screen_log()), screen_log()
+    writer.close()
+    zombie.writer.close()
+
+
+async def test_one_client_has_at_most_its_connection_count_in_the_screen(mailflow_server, screen_log):
+    """postscreen_client_connection_count_limit (by default smtpd's): the one beyond it gets Postfix's 421 4.7.0."""
+    mf = await mailflow_server(smtpd=screen(greet_wait=3, client_connection_count_limit=2))
+    port = mf.smtp_addresses[0][1]
+    held = [await SmtpClient.connect(port, greet=False) for _ in range(2)]
+    for c in held:
+        assert (await c.reader.readline()).startswith(b"220-")
+    third = await SmtpClient.connect(port, greet=False)
+    assert await third.reply() == status.SCREENING_TOO_MANY_CONNECTIONS
+    assert str(status.SCREENING_TOO_MANY_CONNECTIONS) == "421 4.7.0 Error: too many connections"
+    assert await third.closed()
+    await eventually(lambda: screen_log()[-1].startswith("DISCONNECT"))
+    assert re.fullmatch(r"NOQUEUE: reject: CONNECT from \[127\.0\.0\.1\]:\d+: too many connections",
+                        screen_log()[-2]), screen_log()
+    held[0].writer.close()
+    await eventually(lambda: any(line.startswith("HANGUP") for line in screen_log()))
+    again = await SmtpClient.connect(port, greet=False)  # a place of its own again
+    assert (await again.reader.readline()).startswith(b"220-")
+    for c in (held[1], again):
+        c.writer.close()
+
+
+async def test_the_screens_connection_count_is_smtpds_by_default(mailflow_server):
+    mf = await mailflow_server(smtpd={"client_connection_count_limit": 1, **screen(greet_wait=3)})
+    port = mf.smtp_addresses[0][1]
+    first = await SmtpClient.connect(port, greet=False)
+    assert (await first.reader.readline()).startswith(b"220-")
+    second = await SmtpClient.connect(port, greet=False)  # (the default: smtpd's limit)
+    assert await second.reply() == status.SCREENING_TOO_MANY_CONNECTIONS
+    first.writer.close()
+
+
 async def test_a_pregreet_still_waits_for_the_dnsbl_answer(mailflow_server, dns_zone, screen_log):
     """The DNS answers after the client has talked: postscreen waits on (within greet_wait) and counts it."""
     nameserver = dns_zone(ZONE, slow=("1.0.0.127.bl.test",), delay=0.3)

@@ -7,12 +7,16 @@
 
 What it does, in Postfix 3.7's order and words (src/postscreen/postscreen.c, _early.c, _dnsbl.c, _smtpd.c, _misc.c;
 lines logged as `postscreen`, `[ip]:port` as postscreen writes a client):
-- `CONNECT from [ip]:port to [ip]:port`; beyond `pre_queue_limit` clients being screened at once on the listener:
-  `reject: connect from [ip]:port: all screening ports busy`, `421 4.3.2 All screening ports are busy`.
+- `CONNECT from [ip]:port to [ip]:port`; beyond client_connection_count_limit connections of one client in the
+  screen at once: `NOQUEUE: reject: CONNECT from [ip]:port: too many connections`, `421 4.7.0 Error: too many
+  connections`, `DISCONNECT [ip]:port`.
 - the access list (postscreen_access_list: permit_mynetworks, tables answering permit / reject / dunno; the first
   answer wins): permit -> `ALLOWLISTED [ip]:port`, to smtpd at once; reject -> `DENYLISTED [ip]:port` and
   denylist_action (Postfix 3.7's respectful_logging words).
 - the cache: a client whose every enabled test passed within its TTL: `PASS OLD [ip]:port`, to smtpd at once.
+- beyond `pre_queue_limit` clients in the tests at once on the listener (the access list and the cache come first):
+  `reject: connect from [ip]:port: all screening ports busy`, `421 4.3.2 All screening ports are busy`,
+  `DISCONNECT [ip]:port`.
 - the early tests: the `220-` teaser (greet_banner: `$smtpd_banner` is smtpd's text, "" none), the DNSBL queries
   (dnsbl_sites, all at once, each bounded by dnsbl_timeout; what has not answered by the end of the greet wait does
   not count, as Postfix's partial score) and the wait of greet_wait for input: input before it is `PREGREET n after
@@ -32,10 +36,10 @@ lines logged as `postscreen`, `[ip]:port` as postscreen writes a client):
 Not built (Postfix's deep protocol tests: pipelining, non_smtp_command, bare_newline, which need the client to
 reconnect; postscreen_dnsbl_reply_map; a persistent cache_map; postscreen_allowlist_interfaces).
 
-Bounded: one screening per connection at most pre_queue_limit at once per listener; the DNSBL queries by their
-deadline and the greet wait; the dummy engine by smtpd's `timeout` per command, its line length (`COMMAND LENGTH
-LIMIT`) and command_count_limit (`COMMAND COUNT LIMIT`; so its replies a client does not read stay a few KiB); the
-cache by `cache_limit`. Nothing runs for a listener with postscreen off.
+Bounded: at most pre_queue_limit clients in the tests at once per listener, and client_connection_count_limit
+connections of one client in the screen; the DNSBL queries by their deadline and the greet wait; the dummy engine by
+smtpd's `timeout` per command, its line length (`COMMAND LENGTH LIMIT`) and command_count_limit (`COMMAND COUNT
+LIMIT`; so its replies a client does not read stay a few KiB); the cache by `cache_limit`. Nothing runs for a listener with postscreen off.
 """
 from __future__ import annotations
 
@@ -144,7 +148,8 @@ class Postscreen:
     """One listener's screen (see the module doc)."""
 
     def __init__(self, config: PostscreenConfig, *, mynetworks: NetworkList, tables: TableCache, resolver,
-                 cache: PassCache, clock: Clock, hostname: str, banner: str, smtpd_timeout: float):
+                 cache: PassCache, clock: Clock, hostname: str, banner: str, smtpd_timeout: float,
+                 smtpd_connection_limit: int = 0):
         self._config = config
         self._mynetworks = mynetworks
         self._table_cache = tables
@@ -158,21 +163,31 @@ class Postscreen:
         self._banner = banner
         self._timeout = smtpd_timeout
         self._screening = Places(config.pre_queue_limit)
+        limit = config.client_connection_count_limit
+        self._connection_limit = smtpd_connection_limit if limit is None else limit
+        self._connections: dict[str, int] = {}  # ip -> its connections in the screen now (none: no key)
         self._tests = (PREGREET, DNSBL) if self._sites else (PREGREET,)
 
     async def screen(self, conn: Connection, client: Client) -> Verdict:
         log.info("CONNECT from %s to [%s]:%s", client.where, client.server_ip, client.server_port)
-        if not self._screening.take():
-            log.info("reject: connect from %s: all screening ports busy", client.where)
-            conn.send(f"{status.SCREENING_PORTS_BUSY}\r\n")
-            conn.hang_up()
-            return Verdict.DONE
+        count = self._connections.get(client.ip, 0) + 1
+        self._connections[client.ip] = count
         try:
+            if 0 < self._connection_limit < count:
+                log.info("NOQUEUE: reject: CONNECT from %s: too many connections", client.where)
+                _drop(conn, client, status.SCREENING_TOO_MANY_CONNECTIONS)
+                return Verdict.DONE
             return await self._screen(conn, _Screening(client))
         finally:
-            self._screening.give_back()
+            self._leave(client.ip)
+
+    def _leave(self, ip: str) -> None:
+        count = self._connections.pop(ip) - 1
+        if count:
+            self._connections[ip] = count
 
     async def _screen(self, conn: Connection, state: _Screening) -> Verdict:
+        """Postfix's psc_endpt_lookup_done: the access list, the cache, then a screening place for the tests."""
         client = state.client
         access = await self._access(client.ip)
         if access == "permit":
@@ -185,6 +200,18 @@ class Postscreen:
         elif self._cache.passed(client.ip, self._tests, self._clock.time()):
             log.info("PASS OLD %s", client.where)
             return Verdict.PASS
+        if not self._screening.take():
+            log.info("reject: connect from %s: all screening ports busy", client.where)
+            _drop(conn, client, status.SCREENING_PORTS_BUSY)
+            return Verdict.DONE
+        try:
+            return await self._tests_of(conn, state)
+        finally:
+            self._screening.give_back()
+
+    async def _tests_of(self, conn: Connection, state: _Screening) -> Verdict:
+        """The early tests, then the dummy engine (enforce), or the pass (cached unless a test failed)."""
+        client = state.client
         if not await self._early_tests(conn, state):
             return Verdict.DONE
         if state.rcpt_reply is not None:

@@ -347,7 +347,8 @@ class Smtpd:
             return None
         return Postscreen(smtpd.postscreen, mynetworks=mynetworks, tables=self._tables, resolver=self._resolver,
                           cache=self.screened, clock=self._clock, hostname=hostname, banner=smtpd.banner,
-                          smtpd_timeout=smtpd.timeout)
+                          smtpd_timeout=smtpd.timeout,
+                          smtpd_connection_limit=smtpd.client_connection_count_limit)
 
     def _auth_backend(self, smtpd: SmtpdConfig) -> Backend:
         """Who checks a listener's AUTH passwords: Dovecot's auth server (one connection per socket, shared by
