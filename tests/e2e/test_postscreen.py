@@ -122,6 +122,20 @@ async def test_dnsbl_enforce_hands_the_client_to_the_dummy_engine(mailflow_serve
     assert mf.smtpd.screened.passed("127.0.0.1", ("pregreet",), 0) is False  # a failed client is not remembered
 
 
+async def test_a_site_adds_its_weight_once_however_many_of_its_replies_match(mailflow_server, dns_zone, screen_log):
+    """psc_dnsbl_receive: a site whose filter accepts any of the list's A records adds its weight once (two records
+    .2 and .4: zen.test*2 adds 2, not 4; zen.test=127.0.0.4 adds 1)."""
+    zone = "$ORIGIN zen.test.\n1.0.0.127   60 IN A 127.0.0.2\n1.0.0.127   60 IN A 127.0.0.4\n"
+    mf = await mailflow_server(dns={"nameservers": [dns_zone(zone)]},
+                               smtpd=screen(dnsbl_sites=["zen.test*2", "zen.test=127.0.0.4"], dnsbl_threshold=3,
+                                            dnsbl_action="drop"))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1], greet=False)
+    assert (await c.reply()).text == ("220-mx.mailflow.test ESMTP mailflow\n"
+                                      "521 5.7.1 Service unavailable; client [127.0.0.1] blocked using zen.test")
+    assert await c.closed()
+    assert any(re.fullmatch(r"DNSBL rank 3 for \[127\.0\.0\.1\]:\d+", line) for line in screen_log()), screen_log()
+
+
 async def test_a_listing_the_filter_refuses_counts_nothing(mailflow_server, dns_zone, screen_log):
     nameserver = dns_zone(ZONE)
     mf = await mailflow_server(dns={"nameservers": [nameserver]},

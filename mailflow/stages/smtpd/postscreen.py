@@ -331,18 +331,18 @@ class Postscreen:
         return score, site, allowlisted
 
     async def _dnsbl_score(self, ip: str) -> tuple[int, str]:
-        """Every site asked at once, each within dnsbl_timeout; the score of the answers (Postfix's psc_dnsbl:
-        each listed reply a filter accepts adds its site's weight; the name is the site of the highest weight)."""
+        """Every site asked at once, each within dnsbl_timeout; the score of the answers (Postfix's
+        psc_dnsbl_receive: a site whose filter accepts any of the list's replies adds its weight once; the name is
+        the site of the highest weight)."""
         domains = sorted({site.domain for site in self._sites})
         answers = await asyncio.gather(*(self._listing(ip, domain) for domain in domains))
         by_domain = dict(zip(domains, answers))
         score, name, best = 0, "", 0
         for site in self._sites:
-            for reply in by_domain[site.domain]:
-                if site.matches(reply):
-                    score += site.weight
-                    if not name or site.weight > best:
-                        name, best = site.domain, site.weight
+            if any(site.matches(reply) for reply in by_domain[site.domain]):  # once per site, however many replies
+                score += site.weight
+                if not name or site.weight > best:
+                    name, best = site.domain, site.weight
         return score, name
 
     async def _listing(self, ip: str, domain: str) -> list[str]:
