@@ -346,6 +346,37 @@ async def test_a_pregreet_still_waits_for_the_dnsbl_answer(mailflow_server, dns_
     assert lines[1].startswith("PREGREET 18 after ") and lines[2].startswith("DNSBL rank 1 for "), lines
 
 
+async def test_a_pregreet_is_logged_at_its_first_read_and_dropped_without_the_dnsbl(mailflow_server, dns_zone,
+                                                                                      screen_log):
+    """psc_early_event: PREGREET n is what the first read found, when it found it; under drop the client goes at
+    once (the DNSBL answer is not waited for); under ignore the wait goes on for the DNSBL (below)."""
+    nameserver = dns_zone(ZONE, slow=("1.0.0.127.bl.test",), delay=1.0)
+    mf = await mailflow_server(dns={"nameservers": [nameserver]}, smtpd={
+        **screen(greet_wait=3, dnsbl_sites=["bl.test"], greet_action="drop"), "forbid_unauth_pipelining": False})
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1], first=b"EHLO zombie.test\r\n", greet=False)
+    assert (await c.reply()).text.endswith("\n521 5.5.1 Protocol error")
+    assert loop.time() - started < 0.8
+    assert not any(line.startswith("DNSBL") for line in screen_log())
+
+
+async def test_a_pregreet_ignored_waits_for_the_dnsbl_and_is_logged_as_first_read(mailflow_server, dns_zone,
+                                                                                   screen_log):
+    nameserver = dns_zone(ZONE, slow=("1.0.0.127.bl.test",), delay=1.0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    ignoring = await mailflow_server(dns={"nameservers": [nameserver]}, smtpd={
+        **screen(greet_wait=3, dnsbl_sites=["bl.test=127.0.0.9"]), "forbid_unauth_pipelining": False})
+    c = await SmtpClient.connect(ignoring.smtp_addresses[0][1], first=b"NOOP\r\n", greet=False)
+    await asyncio.sleep(0.3)
+    await c.send(b"NOOP\r\n")  # while the DNSBL is still to answer
+    assert (await c.reply()).text.startswith("220-mx.mailflow.test ESMTP mailflow\n220 ")
+    pregreets = [line for line in screen_log() if line.startswith("PREGREET")]
+    assert re.fullmatch(r"PREGREET 6 after 0(\.0\d*)? from \[127\.0\.0\.1\]:\d+: NOOP\\r\\n", pregreets[-1]), pregreets
+    assert loop.time() - started >= 1.0  # (the wait went on for the DNSBL's answer)
+
+
 async def test_the_dummy_engine_times_out_and_sees_a_hangup_as_postscreen(mailflow_server, dns_zone, screen_log):
     nameserver = dns_zone(ZONE)
     mf = await mailflow_server(dns={"nameservers": [nameserver]}, smtpd={

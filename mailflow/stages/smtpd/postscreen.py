@@ -251,31 +251,28 @@ class Postscreen:
         if teaser:
             conn.send(f"220-{teaser}\r\n")
         started = self._clock.time()
+        deadline = asyncio.get_running_loop().time() + config.greet_wait
         score_task = asyncio.ensure_future(self._dnsbl_score(client.ip)) if self._sites else None
         try:
-            early = await self._greet_wait(conn, score_task)
-        except BaseException:
-            if score_task is not None:
-                score_task.cancel()
-            raise
-        elapsed = self._clock.time() - started
+            early = await self._greet_wait(conn, score_task, deadline)
+            if early:  # logged at the first read, as Postfix's psc_early_event (what came by then, when)
+                log.info("PREGREET %d after %s from %s: %s", len(early), format_tv(self._clock.time() - started),
+                         client.where, escaped(early)[:PREGREET_LOGGED])
+                if state.fail(config.greet_action, status.postscreen_pregreet, conn):
+                    return False  # (drop: at once, the DNSBL answers not waited for)
+                await self._dnsbl_until(score_task, deadline)  # (Postfix waits on for the DNSBL answers)
+        finally:
+            if score_task is not None and not score_task.done():
+                score_task.cancel()  # (the answers not in by now do not count, as in Postfix)
         if early is None:
-            if score_task is not None:
-                score_task.cancel()
-            log.info("HANGUP after %s from %s in tests before SMTP handshake", format_tv(elapsed), client.where)
+            log.info("HANGUP after %s from %s in tests before SMTP handshake",
+                     format_tv(self._clock.time() - started), client.where)
             log.info("DISCONNECT %s", client.where)
             conn.hang_up()
             return False
         passes: dict[str, float] = {}
         score, site, _ = self._score_now(score_task)
-        if score_task is not None:
-            score_task.cancel()  # (the answers not in by now do not count, as in Postfix)
-        if early:  # (an allowlisting score came too late to end the wait: a failed test stays failed, as Postfix)
-            log.info("PREGREET %d after %s from %s: %s", len(early), format_tv(elapsed), client.where,
-                     escaped(early)[:PREGREET_LOGGED])
-            if state.fail(config.greet_action, status.postscreen_pregreet, conn):
-                return False
-        else:
+        if not early:  # (an allowlisting score came too late to end the wait: a failed test stays failed, as Postfix)
             passes[PREGREET] = self._clock.time() + config.greet_ttl
         if score_task is not None:
             if score >= config.dnsbl_threshold:
@@ -287,10 +284,10 @@ class Postscreen:
         state.passes = passes
         return True
 
-    async def _greet_wait(self, conn: Connection, score_task: asyncio.Future | None) -> bytes | None:
-        """Wait greet_wait for input (ended early by a DNSBL allowlisting); the input that came (b"" none), None
-        when the client closed."""
-        deadline = asyncio.get_running_loop().time() + self._config.greet_wait
+    async def _greet_wait(self, conn: Connection, score_task: asyncio.Future | None,
+                          deadline: float) -> bytes | None:
+        """Wait until `deadline` for input (ended early by a DNSBL allowlisting); the input that came (b"" none),
+        as it is at its first arrival; None when the client closed."""
         arrival = asyncio.ensure_future(conn.wire.wait_input())
         waiting: set[asyncio.Future] = {arrival}
         if score_task is not None and self._config.dnsbl_allowlist_threshold < 0:
@@ -304,10 +301,7 @@ class Postscreen:
                 if not done:
                     break
                 if arrival in done:
-                    if not arrival.result():
-                        return None
-                    await self._dnsbl_until(score_task, deadline)  # (Postfix waits on for the DNSBL answers)
-                    return conn.wire.peek(PREGREET_READ)
+                    return conn.wire.peek(PREGREET_READ) if arrival.result() else None
                 waiting.discard(score_task)
                 if self._score_now(score_task)[2]:
                     return b""
