@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 
 import pytest
 
@@ -134,6 +135,32 @@ async def test_a_site_adds_its_weight_once_however_many_of_its_replies_match(mai
                                       "521 5.7.1 Service unavailable; client [127.0.0.1] blocked using zen.test")
     assert await c.closed()
     assert any(re.fullmatch(r"DNSBL rank 3 for \[127\.0\.0\.1\]:\d+", line) for line in screen_log()), screen_log()
+
+
+async def test_a_dnsbl_pass_without_every_answer_is_remembered_for_the_min_ttl(mailflow_server, dns_zone, screen_log):
+    """A list the DNS failed to answer has no TTL: Postfix clamps the pass to postscreen_dnsbl_min_ttl (not max)."""
+    nameserver = dns_zone(ZONE, servfail=("1.0.0.127.bad.test",))
+    mf = await mailflow_server(dns={"nameservers": [nameserver]}, smtpd=screen(
+        dnsbl_sites=["wl.test=127.0.0.9", "bad.test"], dnsbl_min_ttl=60, dnsbl_max_ttl=3600, dnsbl_action="drop"))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    await c.cmd("QUIT")
+    assert any(line.startswith("PASS NEW [127.0.0.1]:") for line in screen_log()), screen_log()
+    assert any(line.startswith("dnsblog_query: lookup error for DNS query 1.0.0.127.bad.test: ")
+               for line in screen_log()), screen_log()
+    now = time.time()
+    assert mf.smtpd.screened.passed("127.0.0.1", ("dnsbl",), now + 30)
+    assert not mf.smtpd.screened.passed("127.0.0.1", ("dnsbl",), now + 120)
+
+
+async def test_the_dnsbl_score_counts_the_lists_that_answered_in_time(mailflow_server, dns_zone, screen_log):
+    """Postfix's partial score: a list still to answer when the greet wait ends counts nothing, the others count."""
+    zone = ZONE + "$ORIGIN slow.test.\n1.0.0.127   60 IN A 127.0.0.2\n"
+    nameserver = dns_zone(zone, slow=("1.0.0.127.slow.test",), delay=1.5)
+    mf = await mailflow_server(dns={"nameservers": [nameserver]}, smtpd=screen(
+        greet_wait=0.5, dnsbl_sites=["bl.test", "slow.test*5"], dnsbl_action="drop"))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1], greet=False)
+    assert (await c.reply()).text.endswith("\n521 5.7.1 Service unavailable; client [127.0.0.1] blocked using bl.test")
+    assert any(re.fullmatch(r"DNSBL rank 1 for \[127\.0\.0\.1\]:\d+", line) for line in screen_log()), screen_log()
 
 
 async def test_a_listing_the_filter_refuses_counts_nothing(mailflow_server, dns_zone, screen_log):

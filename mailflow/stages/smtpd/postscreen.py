@@ -31,7 +31,8 @@ lines logged as `postscreen`, `[ip]:port` as postscreen writes a client):
   error`, denylist `5xx 5.3.2 Service currently unavailable`, DNSBL `5xx 5.7.1 Service unavailable; client [ip]
   blocked using <the site of the highest weight>`.
 - all tests passed: `PASS NEW [ip]:port`, the cache updated (greet_ttl; the DNSBL pass for dnsbl_max_ttl clamped
-  to dnsbl_min_ttl: the resolver reports no TTLs), to smtpd, which greets with its own `220`.
+  to dnsbl_min_ttl, the resolver reports no TTLs; for dnsbl_min_ttl when a list failed or none answered), to smtpd,
+  which greets with its own `220`. A DNS failure is logged as dnsblog's `dnsblog_query: lookup error for DNS query`.
 
 Not built (Postfix's deep protocol tests: pipelining, non_smtp_command, bare_newline, which need the client to
 reconnect; postscreen_dnsbl_reply_map; a persistent cache_map; postscreen_allowlist_interfaces).
@@ -48,12 +49,13 @@ import enum
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Coroutine, Protocol
 
 from mailflow import status
 from mailflow.clock import Clock
 from mailflow.config.smtpd import SMTPD_BANNER, PostscreenConfig
 from mailflow.dnsbl_sites import DnsblSite, parse_dnsbl_site
+from mailflow.dns import NotFound
 from mailflow.errors import LookupRetry
 from mailflow.logs import escaped, format_tv, printable
 from mailflow.stages.smtpd.anvil import Places
@@ -252,18 +254,18 @@ class Postscreen:
             conn.send(f"220-{teaser}\r\n")
         started = self._clock.time()
         deadline = asyncio.get_running_loop().time() + config.greet_wait
-        score_task = asyncio.ensure_future(self._dnsbl_score(client.ip)) if self._sites else None
+        queries = self._dnsbl_queries(client.ip) if self._sites else None
         try:
-            early = await self._greet_wait(conn, score_task, deadline)
+            early = await self._greet_wait(conn, queries, deadline)
             if early:  # logged at the first read, as Postfix's psc_early_event (what came by then, when)
                 log.info("PREGREET %d after %s from %s: %s", len(early), format_tv(self._clock.time() - started),
                          client.where, escaped(early)[:PREGREET_LOGGED])
                 if state.fail(config.greet_action, status.postscreen_pregreet, conn):
                     return False  # (drop: at once, the DNSBL answers not waited for)
-                await self._dnsbl_until(score_task, deadline)  # (Postfix waits on for the DNSBL answers)
+                await _dnsbl_until(queries, deadline)  # (Postfix waits on for the DNSBL answers)
         finally:
-            if score_task is not None and not score_task.done():
-                score_task.cancel()  # (the answers not in by now do not count, as in Postfix)
+            if queries is not None:
+                queries.cancel()  # (the answers not in by now do not count, as in Postfix)
         if early is None:
             log.info("HANGUP after %s from %s in tests before SMTP handshake",
                      format_tv(self._clock.time() - started), client.where)
@@ -271,27 +273,37 @@ class Postscreen:
             conn.hang_up()
             return False
         passes: dict[str, float] = {}
-        score, site, _ = self._score_now(score_task)
         if not early:  # (an allowlisting score came too late to end the wait: a failed test stays failed, as Postfix)
             passes[PREGREET] = self._clock.time() + config.greet_ttl
-        if score_task is not None:
+        if queries is not None:
+            score, site = queries.score(self._sites)
             if score >= config.dnsbl_threshold:
                 log.info("DNSBL rank %d for %s", score, client.where)
                 if state.fail(config.dnsbl_action, lambda code: status.postscreen_dnsbl(code, client.ip, site), conn):
                     return False
             else:
-                passes[DNSBL] = self._clock.time() + max(config.dnsbl_max_ttl, config.dnsbl_min_ttl)
+                passes[DNSBL] = self._clock.time() + self._dnsbl_pass_ttl(queries)
         state.passes = passes
         return True
 
-    async def _greet_wait(self, conn: Connection, score_task: asyncio.Future | None,
+    def _dnsbl_pass_ttl(self, queries: "_DnsblQueries") -> float:
+        """How long a DNSBL pass is remembered: the resolver reports no TTLs, so dnsbl_max_ttl (clamped to
+        dnsbl_min_ttl) when every list in by now answered (listed or not) and one at least did; dnsbl_min_ttl when
+        none did or one failed (Postfix: no reply TTL, < 0, clamped up to postscreen_dnsbl_min_ttl)."""
+        config = self._config
+        answers = list(queries.answers().values())
+        if answers and all(answer is not None for answer in answers):
+            return max(config.dnsbl_max_ttl, config.dnsbl_min_ttl)
+        return config.dnsbl_min_ttl
+
+    async def _greet_wait(self, conn: Connection, queries: "_DnsblQueries | None",
                           deadline: float) -> bytes | None:
-        """Wait until `deadline` for input (ended early by a DNSBL allowlisting); the input that came (b"" none),
-        as it is at its first arrival; None when the client closed."""
+        """Wait until `deadline` for input (ended early by a DNSBL allowlisting once every list answered); the input
+        that came (b"" none), as it is at its first arrival; None when the client closed."""
         arrival = asyncio.ensure_future(conn.wire.wait_input())
         waiting: set[asyncio.Future] = {arrival}
-        if score_task is not None and self._config.dnsbl_allowlist_threshold < 0:
-            waiting.add(score_task)
+        if queries is not None and self._config.dnsbl_allowlist_threshold < 0:
+            waiting.add(queries.all_in)
         try:
             while waiting:
                 left = deadline - asyncio.get_running_loop().time()
@@ -302,52 +314,32 @@ class Postscreen:
                     break
                 if arrival in done:
                     return conn.wire.peek(PREGREET_READ) if arrival.result() else None
-                waiting.discard(score_task)
-                if self._score_now(score_task)[2]:
+                assert queries is not None
+                waiting.discard(queries.all_in)
+                if queries.score(self._sites)[0] <= self._config.dnsbl_allowlist_threshold:
                     return b""
         finally:
             arrival.cancel()
         return conn.wire.peek(PREGREET_READ) if conn.wire.pending() else b""
 
-    @staticmethod
-    async def _dnsbl_until(score_task: asyncio.Future | None, deadline: float) -> None:
-        """After a pregreet: the rest of the greet wait for the DNSBL score, if it is still to come."""
-        left = deadline - asyncio.get_running_loop().time()
-        if score_task is not None and not score_task.done() and left > 0:
-            await asyncio.wait({score_task}, timeout=left)
+    def _dnsbl_queries(self, ip: str) -> "_DnsblQueries":
+        """Every list asked at once, each within dnsbl_timeout."""
+        return _DnsblQueries({domain: self._listing(ip, domain) for domain in sorted({s.domain for s in self._sites})})
 
-    def _score_now(self, task: asyncio.Future | None) -> tuple[int, str, bool]:
-        """(score, the site of the highest listing weight, allowlisted) from the answers in by now."""
-        if task is None or not task.done() or task.cancelled():
-            return 0, "", False
-        score, site = task.result()
-        allowlisted = self._config.dnsbl_allowlist_threshold < 0 and score <= self._config.dnsbl_allowlist_threshold
-        return score, site, allowlisted
-
-    async def _dnsbl_score(self, ip: str) -> tuple[int, str]:
-        """Every site asked at once, each within dnsbl_timeout; the score of the answers (Postfix's
-        psc_dnsbl_receive: a site whose filter accepts any of the list's replies adds its weight once; the name is
-        the site of the highest weight)."""
-        domains = sorted({site.domain for site in self._sites})
-        answers = await asyncio.gather(*(self._listing(ip, domain) for domain in domains))
-        by_domain = dict(zip(domains, answers))
-        score, name, best = 0, "", 0
-        for site in self._sites:
-            if any(site.matches(reply) for reply in by_domain[site.domain]):  # once per site, however many replies
-                score += site.weight
-                if not name or site.weight > best:
-                    name, best = site.domain, site.weight
-        return score, name
-
-    async def _listing(self, ip: str, domain: str) -> list[str]:
+    async def _listing(self, ip: str, domain: str) -> list[str] | None:
+        """The list's A records for `ip` ([]: not listed); None when the DNS failed (logged, as dnsblog); raises
+        TimeoutError past dnsbl_timeout (no answer: nothing counts)."""
         query = rbl_query_name(ip, domain)
         if query is None or self._resolver is None:
             return []
         try:
             async with asyncio.timeout(self._config.dnsbl_timeout):
                 return list(await self._resolver.addresses(query))
-        except Exception:  # not listed, or no answer in time: nothing counts
+        except NotFound:
             return []
+        except LookupRetry as e:
+            log.warning("dnsblog_query: lookup error for DNS query %s: %s", query, e.reason)
+            return None
 
     # -- enforce: the dummy SMTP engine
 
@@ -386,6 +378,47 @@ class Postscreen:
 
 def _verb(line: bytes) -> str:
     return line.strip().partition(b" ")[0].decode("ascii", "replace").upper()
+
+
+class _DnsblQueries:
+    """One client's DNSBL queries, a task per list domain; the score counts the lists that answered by now
+    (Postfix's partial score at the end of the greet wait)."""
+
+    def __init__(self, lookups: dict[str, Coroutine[object, object, list[str] | None]]):
+        self._tasks = {domain: asyncio.ensure_future(lookup) for domain, lookup in lookups.items()}
+        self.all_in: asyncio.Future = asyncio.ensure_future(asyncio.wait(list(self._tasks.values())))
+
+    def answers(self) -> dict[str, list[str] | None]:
+        """domain -> its A records ([] not listed, None a DNS failure), for the lists that answered by now."""
+        return {domain: task.result() for domain, task in self._tasks.items()
+                if task.done() and not task.cancelled() and task.exception() is None}
+
+    def score(self, sites: list[DnsblSite]) -> tuple[int, str]:
+        """(score, the site of the highest weight among those listing the client): psc_dnsbl_receive, a site whose
+        filter accepts any of its list's replies adds its weight once."""
+        answers = self.answers()
+        score, name, best = 0, "", 0
+        for site in sites:
+            if any(site.matches(reply) for reply in answers.get(site.domain) or ()):
+                score += site.weight
+                if not name or site.weight > best:
+                    name, best = site.domain, site.weight
+        return score, name
+
+    def cancel(self) -> None:
+        for task in self._tasks.values():
+            if not task.done():
+                task.cancel()
+            elif not task.cancelled():
+                task.exception()  # (a timeout is retrieved: not logged as never retrieved)
+        self.all_in.cancel()
+
+
+async def _dnsbl_until(queries: _DnsblQueries | None, deadline: float) -> None:
+    """After a pregreet: the rest of the greet wait for the DNSBL answers, if they are still to come."""
+    left = deadline - asyncio.get_running_loop().time()
+    if queries is not None and not queries.all_in.done() and left > 0:
+        await asyncio.wait({queries.all_in}, timeout=left)
 
 
 class _Dummy:
