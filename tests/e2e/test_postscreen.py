@@ -216,6 +216,37 @@ async def test_the_access_list_denylists_and_allowlists(mailflow_server, tmp_pat
     assert any(line.startswith("ALLOWLISTED [127.0.0.1]:") for line in screen_log())
 
 
+async def test_a_denylisted_client_under_ignore_still_passes_and_is_remembered(mailflow_server, tmp_path,
+                                                                                screen_log):
+    """PSC_UNFAIL_SESSION_STATE, as a private Postfix 3.7.11 logged it: DENYLISTED, PASS NEW; then DENYLISTED,
+    PASS OLD (no teaser)."""
+    table = tmp_path / "access.cidr"
+    table.write_text("127.0.0.0/8 reject\n")
+    mf = await mailflow_server(smtpd=screen(access_list=[f"cidr:{table}"], denylist_action="ignore"))
+    port = mf.smtp_addresses[0][1]
+    for greeting in ("220-mx.mailflow.test ESMTP mailflow\n220 mx.mailflow.test ESMTP mailflow",
+                     "220 mx.mailflow.test ESMTP mailflow"):
+        c = await SmtpClient.connect(port)
+        assert c.greeting.text == greeting
+        await c.cmd("QUIT")
+    lines = [re.sub(r"\]:\d+", "]:PORT", line) for line in screen_log() if not line.startswith("CONNECT")]
+    assert lines == ["DENYLISTED [127.0.0.1]:PORT", "PASS NEW [127.0.0.1]:PORT", "DENYLISTED [127.0.0.1]:PORT",
+                     "PASS OLD [127.0.0.1]:PORT"], lines
+
+
+async def test_a_pregreet_under_ignore_keeps_the_dnsbl_pass(mailflow_server, dns_zone, screen_log):
+    """ignore: the pregreet test is not passed (repeated next time, no PASS NEW), the DNSBL pass is cached."""
+    mf = await mailflow_server(dns={"nameservers": [dns_zone(ZONE)]}, smtpd={
+        **screen(dnsbl_sites=["bl.test=127.0.0.9"]), "forbid_unauth_pipelining": False})
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1], first=b"NOOP\r\n", greet=False)
+    assert (await c.reply()).text.startswith("220-")
+    await c.cmd("QUIT")
+    now = time.time()
+    assert mf.smtpd.screened.passed("127.0.0.1", ("dnsbl",), now)
+    assert not mf.smtpd.screened.passed("127.0.0.1", ("pregreet",), now)
+    assert not any(line.startswith("PASS") for line in screen_log()), screen_log()
+
+
 async def test_postscreen_on_one_listener_only(mailflow_server, screen_log):
     mf = await mailflow_server(smtpd={"listeners": [{"address": "127.0.0.1:0", "overrides": screen()}]})
     plain, screened = mf.smtp_addresses[0][1], mf.smtp_addresses[1][1]

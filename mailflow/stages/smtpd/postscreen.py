@@ -24,7 +24,8 @@ lines logged as `postscreen`, `[ip]:port` as postscreen writes a client):
   dnsbl_action; a score at or below a negative dnsbl_allowlist_threshold ends the wait and passes the greet test. A
   client that closes meanwhile: `HANGUP after t from [ip]:port in tests before SMTP handshake`, `DISCONNECT
   [ip]:port`.
-- actions: ignore (logged only; the test is repeated next time), drop (`521 …` and `DISCONNECT`), enforce (the
+- actions: ignore (logged only; the test is repeated next time, the others' passes are cached; a denylisted client
+  under ignore may still PASS OLD), drop (`521 …` and `DISCONNECT`), enforce (the
   dummy SMTP engine: greeting, HELO/EHLO, MAIL, then every RCPT gets the refusal, logged as `NOQUEUE: reject:
   RCPT from [ip]:port: 550 5.7.1 …; from=<s>, to=<r>, proto=ESMTP, helo=<h>`; DATA and BDAT `554 5.5.1 Error: no
   valid recipients`; the client never reaches smtpd). The replies are postscreen's: pregreet `5xx 5.5.1 Protocol
@@ -125,14 +126,15 @@ class _Screening:
 
     client: Client
     rcpt_reply: status.Reply | None = None  # enforce: what every RCPT gets
-    failed: bool = False  # a test failed (ignored or enforced): no PASS, no cache update
-    passes: dict[str, float] | None = None
+    failed: bool = False  # a test failed under drop or enforce (ignore: PSC_UNFAIL_SESSION_STATE, not failed)
+    passes: dict[str, float] | None = None  # the tests passed this session, until when
 
     def fail(self, action: str, reply_for: Callable[[int], status.Reply], conn: Connection) -> bool:
-        """Apply `action` to a failed test; True when the connection was dropped."""
-        self.failed = True
+        """Apply `action` to a failed test; True when the connection was dropped. ignore: logged only, the test
+        not passed (repeated next time), the others' passes kept."""
         if action == "ignore":
             return False
+        self.failed = True
         if action == "drop":
             _drop(conn, self.client, reply_for(521))
             return True
@@ -199,7 +201,7 @@ class Postscreen:
             log.info("DENYLISTED %s", client.where)
             if state.fail(self._config.denylist_action, status.postscreen_denylisted, conn):
                 return Verdict.DONE
-        elif self._cache.passed(client.ip, self._tests, self._clock.time()):
+        if not state.failed and self._cache.passed(client.ip, self._tests, self._clock.time()):
             log.info("PASS OLD %s", client.where)
             return Verdict.PASS
         if not self._screening.take():
@@ -212,16 +214,19 @@ class Postscreen:
             self._screening.give_back()
 
     async def _tests_of(self, conn: Connection, state: _Screening) -> Verdict:
-        """The early tests, then the dummy engine (enforce), or the pass (cached unless a test failed)."""
+        """The early tests, then the dummy engine (enforce), or smtpd: `PASS NEW` when every test passed
+        (psc_conclude), the passes cached (those of the tests not failed under ignore too)."""
         client = state.client
         if not await self._early_tests(conn, state):
             return Verdict.DONE
         if state.rcpt_reply is not None:
             await self._dummy_engine(conn, state)
             return Verdict.DONE
-        if not state.failed:
+        passes = state.passes or {}
+        if all(test in passes for test in self._tests):
             log.info("PASS NEW %s", client.where)
-            self._cache.record(client.ip, state.passes or {})
+        if passes:
+            self._cache.record(client.ip, passes)
         return Verdict.PASS
 
     async def _access(self, ip: str) -> str:
