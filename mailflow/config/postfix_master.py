@@ -142,7 +142,8 @@ def _smtpd_service(importer: ImportState, service: Service) -> None:
         return  # the listen addresses (postfix_import)
     role = _role(overrides)
     for preset, value in LISTENER_ROLES[role].items():
-        overrides.setdefault(preset, _postfix_value(importer, preset, overrides))
+        if preset != "postscreen":  # (the role's own: Postfix runs smtpd, not postscreen, on such a port)
+            overrides.setdefault(preset, _postfix_value(importer, preset, overrides))
     for host_name in ([host] if host else importer.interfaces()):
         importer.out.listeners.append({"address": f"{host_name}:{port}", "role": role, "overrides": dict(overrides),
                                        "origin": service.line.where, "sources": _sources(options)})

@@ -34,9 +34,11 @@ FINGERPRINT_DIGESTS = ("md5", "sha1", "sha224", "sha256", "sha384", "sha512")
 # Front door: what a listener role presets before its own overrides (master.cf `-o`); see ListenerConfig.
 LISTENER_ROLES: dict[str, dict[str, object]] = {
     "mta": {},
-    "submission": {"tls_security_level": "encrypt", "sasl_auth_enable": True, "sasl_auth_required": True},
-    "submissions": {"sasl_auth_enable": True, "sasl_auth_required": True},
+    "submission": {"tls_security_level": "encrypt", "sasl_auth_enable": True, "sasl_auth_required": True,
+                   "postscreen": {"enable": False}},
+    "submissions": {"sasl_auth_enable": True, "sasl_auth_required": True, "postscreen": {"enable": False}},
 }
+MERGED_TABLES = ("postscreen",)  # settings a preset or an override changes key by key, not as a whole
 
 
 SMTPD_BANNER = "$smtpd_banner"  # postscreen_greet_banner's default, as Postfix writes it: smtpd's own text
@@ -45,8 +47,9 @@ ACCESS_ACTIONS = ("permit", "reject", "dunno")  # what a postscreen_access_list 
 
 
 class PostscreenConfig(Section):
-    """`[smtpd.postscreen]` (or a listener's `overrides.postscreen`, the whole table): Postfix's postscreen(8) in
-    front of an mta listener's smtpd (docs/security.md, "postscreen"). Names are postscreen_* without the prefix."""
+    """`[smtpd.postscreen]` (a listener's `overrides.postscreen` changes it key by key; submission and submissions
+    listeners preset `enable = false`): Postfix's postscreen(8) in front of an mta listener's smtpd
+    (docs/security.md, "postscreen"). Names are postscreen_* without the prefix."""
 
     enable: bool = False
     # permit_mynetworks, and cidr:/regexp:/texthash: tables answering permit, reject or dunno, first answer wins
@@ -383,8 +386,10 @@ class SmtpdConfig(SmtpdFilterSettings):
     def for_listener(self, listener: ListenerConfig) -> "SmtpdConfig":
         """The effective settings of one listener: these, then its role's presets, then its overrides."""
         data = self.model_dump(exclude={"listeners"})
-        data.update(LISTENER_ROLES[listener.role])
-        data.update(listener.overrides)
+        for layer in (LISTENER_ROLES[listener.role], listener.overrides):
+            for key, value in layer.items():
+                merged = key in MERGED_TABLES and isinstance(value, dict) and isinstance(data.get(key), dict)
+                data[key] = {**data[key], **value} if merged else value
         return SmtpdConfig.model_validate(data)
 
     def frontdoor_problem(self, role: str = "mta") -> str:

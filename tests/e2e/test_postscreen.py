@@ -270,6 +270,27 @@ def test_config_errors_name_the_key(tmp_path):
         config_from_dict(submission)
 
 
+async def test_a_global_screen_leaves_submission_listeners_alone_and_overrides_merge_key_by_key(
+        mailflow_server, tmp_path, pki):
+    """[smtpd.postscreen] on for the server: an mta listener's override of one key keeps the rest (enable); a
+    submission listener is not screened (its role presets it off), and the configuration is accepted."""
+    _, cert, _ = pki
+    mf = await mailflow_server(smtpd={
+        **screen(greet_wait=3), "listen": [], "tls_cert_file": str(cert), "listeners": [
+            {"address": "127.0.0.1:0", "role": "mta", "overrides": {"postscreen": {"greet_wait": 0.2}}},
+            {"address": "127.0.0.1:0", "role": "submission",
+             "overrides": {"sasl_user_maps": ["inline:{ alice=x }"]}}]})
+    (_, mta), (_, submission) = mf.smtp_addresses[:2]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    c = await SmtpClient.connect(mta)
+    assert c.greeting.text.startswith("220-") and loop.time() - started < 2  # screened, with its own greet_wait
+    await c.cmd("QUIT")
+    c = await SmtpClient.connect(submission)
+    assert c.greeting.text == "220 mx.mailflow.test ESMTP mailflow"  # no teaser
+    await c.cmd("QUIT")
+
+
 async def test_a_long_pregreet_is_counted_whole_and_quoted_to_100_characters(mailflow_server, screen_log):
     mf = await mailflow_server(smtpd=screen(greet_wait=2, greet_action="drop"))
     c = await SmtpClient.connect(mf.smtp_addresses[0][1], greet=False)
