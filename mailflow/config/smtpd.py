@@ -388,8 +388,10 @@ class SmtpdConfig(SmtpdFilterSettings):
         data = self.model_dump(exclude={"listeners"})
         for layer in (LISTENER_ROLES[listener.role], listener.overrides):
             for key, value in layer.items():
-                merged = key in MERGED_TABLES and isinstance(value, dict) and isinstance(data.get(key), dict)
-                data[key] = {**data[key], **value} if merged else value
+                below = data.get(key)
+                if key in MERGED_TABLES and isinstance(value, dict) and isinstance(below, dict):
+                    value = {**below, **value}
+                data[key] = value
         return SmtpdConfig.model_validate(data)
 
     def frontdoor_problem(self, role: str = "mta") -> str:
