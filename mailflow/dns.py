@@ -59,6 +59,7 @@ import pycares
 from mailflow.address import ascii_domain
 from mailflow.errors import LookupRetry, PermanentError
 from mailflow.syntax import is_ip_address as is_ip_literal
+from mailflow.syntax import is_ipv4
 
 log = logging.getLogger("mailflow.dns")
 
@@ -113,6 +114,8 @@ class Resolver(Protocol):
     async def mx(self, domain: str) -> list[MX]: ...
 
     async def addresses(self, host: str) -> list[str]: ...
+
+    async def ipv4_addresses(self, name: str) -> list[str]: ...  # A records only (DNSBL queries, as dnsblog)
 
     async def txt(self, name: str) -> list[str]: ...
 
@@ -222,6 +225,12 @@ class StaticResolver:
             return []  # the name exists (it has MX records) but no address
         raise NotFound(host, "AAAA")  # the last of the A and AAAA lookups, as AiodnsResolver
 
+    async def ipv4_addresses(self, name: str) -> list[str]:
+        try:
+            return [a for a in await self.addresses(name) if is_ipv4(a)]
+        except NotFound:
+            raise NotFound(name, "A") from None
+
 
 class AiodnsResolver:
     """The real resolver: aiodns 4 (c-ares) `query_dns`, against `nameservers` or the system's resolv.conf.
@@ -258,6 +267,9 @@ class AiodnsResolver:
             self._addresses_of_type(host, "AAAA", pycares.QUERY_TYPE_AAAA),
             return_exceptions=True,
         ))
+
+    async def ipv4_addresses(self, name: str) -> list[str]:
+        return await self._addresses_of_type(name, "A", pycares.QUERY_TYPE_A)
 
     async def txt(self, name: str) -> list[str]:
         result = await self._query(name, "TXT")

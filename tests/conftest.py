@@ -1,8 +1,9 @@
 """Shared fixtures: real local peers on 127.0.0.1, port 0. What they build on is in tests/support/.
 
-- `dns_zone(zone_text, servfail=(), tcp=False)` starts an in-process authoritative DNS server (dnslib, `ZoneAuthority`)
-  for a BIND-style zone and returns its "127.0.0.1:port" nameserver string; `tcp`: on TCP too (the same port), for
-  answers too big for UDP (then truncated there past 1232 bytes).
+- `dns_zone(zone_text, servfail=(), tcp=False, asked=None)` starts an in-process authoritative DNS server (dnslib,
+  `ZoneAuthority`) for a BIND-style zone and returns its "127.0.0.1:port" nameserver string; `tcp`: on TCP too (the
+  same port), for answers too big for UDP (then truncated there past 1232 bytes); `asked`: a list that gets the
+  (name, type) of each query.
 - `smtp_peer(host="127.0.0.1", port=0, **smtp_kwargs)` starts a capturing aiosmtpd server on the test's own loop
   (never aiosmtpd's threaded Controller) and returns a `CapturePeer`: `.port`, `.messages` (one `Captured` per
   accepted DATA) and `.handler`, whose `mail_reply`, `rcpt_replies[address]` and `data_reply` script refusals.
@@ -55,9 +56,9 @@ def dns_zone():
     servers: list[DNSServer] = []
 
     def start(zone_text: str, servfail: tuple[str, ...] = (), slow: tuple[str, ...] = (), delay: float = 0.0,
-              tcp: bool = False) -> str:
+              tcp: bool = False, asked: list[tuple[str, str]] | None = None) -> str:
         quiet = DNSLogger("-request,-reply,-truncated,-recv,-send,-error,-data", False)
-        authority = ZoneAuthority(zone_text, servfail, slow, delay)
+        authority = ZoneAuthority(zone_text, servfail, slow, delay, asked)
         server = DNSServer(authority, port=0, address="127.0.0.1", logger=quiet,
                            handler=_TruncatingHandler if tcp else DNSHandler)
         port = server.server.server_address[1]

@@ -298,6 +298,9 @@ class FakeDns:
             raise NotFound(host, "AAAA")
         return [found.lookup()]
 
+    async def ipv4_addresses(self, name: str) -> list[str]:
+        return [a for a in await self.addresses(name) if ":" not in a]
+
     async def ns(self, domain: str) -> list[str]:
         """No name servers (smtpd's check_*_ns_access): a destination's domain has none, others do not exist."""
         if self._find(domain) is None:

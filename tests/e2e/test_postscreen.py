@@ -163,6 +163,20 @@ async def test_the_dnsbl_score_counts_the_lists_that_answered_in_time(mailflow_s
     assert any(re.fullmatch(r"DNSBL rank 1 for \[127\.0\.0\.1\]:\d+", line) for line in screen_log()), screen_log()
 
 
+async def test_dnsbl_queries_ask_a_records_once_per_client(mailflow_server, dns_zone, screen_log):
+    """As dnsblog: A records only; two connections of one client in the tests at once share one query
+    (psc_dnsbl_request: one score per client address)."""
+    asked: list[tuple[str, str]] = []
+    nameserver = dns_zone(ZONE, slow=("1.0.0.127.bl.test",), delay=0.4, asked=asked)
+    mf = await mailflow_server(dns={"nameservers": [nameserver]}, smtpd=screen(
+        greet_wait=1, dnsbl_sites=["bl.test"], dnsbl_action="drop"))
+    port = mf.smtp_addresses[0][1]
+    clients = await asyncio.gather(*(SmtpClient.connect(port, greet=False) for _ in range(2)))
+    for c in clients:
+        assert (await c.reply()).text.endswith(" blocked using bl.test")
+    assert asked == [("1.0.0.127.bl.test.", "A")], asked
+
+
 async def test_a_listing_the_filter_refuses_counts_nothing(mailflow_server, dns_zone, screen_log):
     nameserver = dns_zone(ZONE)
     mf = await mailflow_server(dns={"nameservers": [nameserver]},

@@ -128,7 +128,10 @@ def stall_mail(peer: CapturePeer) -> asyncio.Event:
 class ZoneAuthority(BaseResolver):
     """Authoritative answers from zone text, with NODATA (dnslib's ZoneResolver says NXDOMAIN there)."""
 
-    def __init__(self, zone_text: str, servfail: tuple[str, ...] = (), slow: tuple[str, ...] = (), delay: float = 0.0):
+    def __init__(self, zone_text: str, servfail: tuple[str, ...] = (), slow: tuple[str, ...] = (), delay: float = 0.0,
+                 asked: list[tuple[str, str]] | None = None):
+        """`asked`, when given, gets (name, type) of every query, as it arrives."""
+        self.asked = asked
         self.records = RR.fromZone(zone_text)
         self.names = {str(rr.rname).lower() for rr in self.records}
         self.servfail = {name.lower().rstrip(".") + "." for name in servfail}
@@ -138,6 +141,8 @@ class ZoneAuthority(BaseResolver):
     def resolve(self, request, handler):
         reply = request.reply()
         qname = str(request.q.qname).lower()
+        if self.asked is not None:
+            self.asked.append((qname, QTYPE[request.q.qtype]))
         if qname in self.slow:
             time.sleep(self.delay)  # (dnslib's server answers each query in a thread of its own)
         if qname in self.servfail:

@@ -98,7 +98,7 @@ class DnsChecks:
         if self._resolver is None:
             return False
         try:
-            answers = await self._resolver.addresses(query)
+            answers = await self._resolver.ipv4_addresses(query)  # (A records: Postfix asks no AAAA of a list)
         except NotFound:
             return False
         except LookupRetry as e:

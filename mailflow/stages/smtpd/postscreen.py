@@ -18,7 +18,8 @@ lines logged as `postscreen`, `[ip]:port` as postscreen writes a client):
   `reject: connect from [ip]:port: all screening ports busy`, `421 4.3.2 All screening ports are busy`,
   `DISCONNECT [ip]:port`.
 - the early tests: the `220-` teaser (greet_banner: `$smtpd_banner` is smtpd's text, "" none), the DNSBL queries
-  (dnsbl_sites, all at once, each bounded by dnsbl_timeout; what has not answered by the end of the greet wait does
+  (dnsbl_sites, A records as dnsblog, all at once, each bounded by dnsbl_timeout, shared by the connections of one
+  client in the tests at once; what has not answered by the end of the greet wait does
   not count, as Postfix's partial score) and the wait of greet_wait for input: input before it is `PREGREET n after
   t from [ip]:port: text` and greet_action; a score at or above dnsbl_threshold is `DNSBL rank n for [ip]:port` and
   dnsbl_action; a score at or below a negative dnsbl_allowlist_threshold ends the wait and passes the greet test. A
@@ -170,6 +171,7 @@ class Postscreen:
         limit = config.client_connection_count_limit
         self._connection_limit = smtpd_connection_limit if limit is None else limit
         self._connections: dict[str, int] = {}  # ip -> its connections in the screen now (none: no key)
+        self._dnsbl_in_flight: dict[str, _DnsblQueries] = {}  # ip -> the DNSBL queries its connections share
         self._tests = (PREGREET, DNSBL) if self._sites else (PREGREET,)
 
     async def screen(self, conn: Connection, client: Client) -> Verdict:
@@ -270,7 +272,7 @@ class Postscreen:
                 await _dnsbl_until(queries, deadline)  # (Postfix waits on for the DNSBL answers)
         finally:
             if queries is not None:
-                queries.cancel()  # (the answers not in by now do not count, as in Postfix)
+                self._dnsbl_done(client.ip, queries)  # (the answers not in by now do not count, as in Postfix)
         if early is None:
             log.info("HANGUP after %s from %s in tests before SMTP handshake",
                      format_tv(self._clock.time() - started), client.where)
@@ -328,8 +330,22 @@ class Postscreen:
         return conn.wire.peek(PREGREET_READ) if conn.wire.pending() else b""
 
     def _dnsbl_queries(self, ip: str) -> "_DnsblQueries":
-        """Every list asked at once, each within dnsbl_timeout."""
-        return _DnsblQueries({domain: self._listing(ip, domain) for domain in sorted({s.domain for s in self._sites})})
+        """Every list asked at once, each within dnsbl_timeout; the queries of another connection of the same
+        client still in its tests are shared (Postfix's psc_dnsbl_request: one score per client address)."""
+        shared = self._dnsbl_in_flight.get(ip)
+        if shared is not None:
+            shared.users += 1
+            return shared
+        domains = sorted({site.domain for site in self._sites})
+        queries = self._dnsbl_in_flight[ip] = _DnsblQueries({domain: self._listing(ip, domain) for domain in domains})
+        return queries
+
+    def _dnsbl_done(self, ip: str, queries: "_DnsblQueries") -> None:
+        """One connection is done with the queries; the last one cancels what has not answered."""
+        queries.users -= 1
+        if queries.users == 0:
+            queries.cancel()
+            del self._dnsbl_in_flight[ip]
 
     async def _listing(self, ip: str, domain: str) -> list[str] | None:
         """The list's A records for `ip` ([]: not listed); None when the DNS failed (logged, as dnsblog); raises
@@ -339,7 +355,7 @@ class Postscreen:
             return []
         try:
             async with asyncio.timeout(self._config.dnsbl_timeout):
-                return list(await self._resolver.addresses(query))
+                return list(await self._resolver.ipv4_addresses(query))  # A only, as dnsblog
         except NotFound:
             return []
         except LookupRetry as e:
@@ -391,6 +407,7 @@ class _DnsblQueries:
 
     def __init__(self, lookups: dict[str, Coroutine[object, object, list[str] | None]]):
         self._tasks = {domain: asyncio.ensure_future(lookup) for domain, lookup in lookups.items()}
+        self.users = 1  # the connections waiting on them
         self.all_in: asyncio.Future = asyncio.ensure_future(asyncio.wait(list(self._tasks.values())))
 
     def answers(self) -> dict[str, list[str] | None]:
