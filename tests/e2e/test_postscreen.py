@@ -177,6 +177,32 @@ async def test_dnsbl_queries_ask_a_records_once_per_client(mailflow_server, dns_
     assert asked == [("1.0.0.127.bl.test.", "A")], asked
 
 
+async def test_a_cached_client_meets_only_its_expired_tests(mailflow_server, dns_zone, screen_log):
+    """psc_parse_tests / psc_early_tests: only the DNSBL due: no teaser, no read, the wait ends with the DNSBL
+    answer, then `PASS OLD`; only the pregreet due: the teaser and the wait, no DNSBL query."""
+    asked: list[tuple[str, str]] = []
+    mf = await mailflow_server(dns={"nameservers": [dns_zone(ZONE, asked=asked)]}, smtpd=screen(
+        greet_wait=3, dnsbl_sites=["bl.test=127.0.0.9"]))
+    port = mf.smtp_addresses[0][1]
+    cache = mf.smtpd.screened
+    cache.record("127.0.0.1", {"pregreet": time.time() + 1000})  # the DNSBL pass has expired (or never was)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    c = await SmtpClient.connect(port)
+    assert c.greeting.text == "220 mx.mailflow.test ESMTP mailflow"
+    assert loop.time() - started < 2
+    await c.cmd("QUIT")
+    assert asked == [("1.0.0.127.bl.test.", "A")], asked
+    assert cache.passed("127.0.0.1", ("pregreet", "dnsbl"), time.time())
+    assert re.fullmatch(r"PASS OLD \[127\.0\.0\.1\]:\d+", screen_log()[-1]), screen_log()
+
+    cache.record("127.0.0.1", {"pregreet": 0.0})  # now only the pregreet test is due
+    c = await SmtpClient.connect(port)
+    assert c.greeting.text.startswith("220-")
+    await c.cmd("QUIT")
+    assert len(asked) == 1, asked
+
+
 async def test_a_listing_the_filter_refuses_counts_nothing(mailflow_server, dns_zone, screen_log):
     nameserver = dns_zone(ZONE)
     mf = await mailflow_server(dns={"nameservers": [nameserver]},

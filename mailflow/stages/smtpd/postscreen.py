@@ -13,7 +13,9 @@ lines logged as `postscreen`, `[ip]:port` as postscreen writes a client):
 - the access list (postscreen_access_list: permit_mynetworks, tables answering permit / reject / dunno; the first
   answer wins): permit -> `ALLOWLISTED [ip]:port`, to smtpd at once; reject -> `DENYLISTED [ip]:port` and
   denylist_action (Postfix 3.7's respectful_logging words).
-- the cache: a client whose every enabled test passed within its TTL: `PASS OLD [ip]:port`, to smtpd at once.
+- the cache: a client whose every enabled test passed within its TTL: `PASS OLD [ip]:port`, to smtpd at once; a
+  cached client meets only its expired tests (the pregreet test not due: no teaser, no read, the wait ends with the
+  DNSBL answers), then `PASS OLD`.
 - beyond `pre_queue_limit` clients in the tests at once on the listener (the access list and the cache come first):
   `reject: connect from [ip]:port: all screening ports busy`, `421 4.3.2 All screening ports are busy`,
   `DISCONNECT [ip]:port`.
@@ -110,8 +112,14 @@ class PassCache:
         self._entries: OrderedDict[str, dict[str, float]] = OrderedDict()
 
     def passed(self, ip: str, tests: tuple[str, ...], now: float) -> bool:
+        return self.due(ip, tests, now) == ()
+
+    def due(self, ip: str, tests: tuple[str, ...], now: float) -> tuple[str, ...] | None:
+        """The tests of `tests` the client has no unexpired pass for; None when it is not in the cache at all."""
         entry = self._entries.get(ip)
-        return entry is not None and all(entry.get(test, 0.0) > now for test in tests)
+        if entry is None:
+            return None
+        return tuple(test for test in tests if entry.get(test, 0.0) <= now)
 
     def record(self, ip: str, expiries: dict[str, float]) -> None:
         entry = self._entries.pop(ip, {})
@@ -129,6 +137,8 @@ class _Screening:
     rcpt_reply: status.Reply | None = None  # enforce: what every RCPT gets
     failed: bool = False  # a test failed under drop or enforce (ignore: PSC_UNFAIL_SESSION_STATE, not failed)
     passes: dict[str, float] | None = None  # the tests passed this session, until when
+    due: tuple[str, ...] = ()  # a cached client's expired tests, the ones it meets (): all
+    known: bool = False  # in the cache: its PASS after the tests is `PASS OLD` (Postfix's PSC_STATE_FLAG_NEW unset)
 
     def fail(self, action: str, reply_for: Callable[[int], status.Reply], conn: Connection) -> bool:
         """Apply `action` to a failed test; True when the connection was dropped. ignore: logged only, the test
@@ -203,9 +213,13 @@ class Postscreen:
             log.info("DENYLISTED %s", client.where)
             if state.fail(self._config.denylist_action, status.postscreen_denylisted, conn):
                 return Verdict.DONE
-        if not state.failed and self._cache.passed(client.ip, self._tests, self._clock.time()):
-            log.info("PASS OLD %s", client.where)
-            return Verdict.PASS
+        if not state.failed:
+            due = self._cache.due(client.ip, self._tests, self._clock.time())
+            if due == ():
+                log.info("PASS OLD %s", client.where)
+                return Verdict.PASS
+            if due is not None:  # (psc_parse_tests: only the expired tests run again)
+                state.due, state.known = due, True
         if not self._screening.take():
             log.info("reject: connect from %s: all screening ports busy", client.where)
             _drop(conn, client, status.SCREENING_PORTS_BUSY)
@@ -225,8 +239,8 @@ class Postscreen:
             await self._dummy_engine(conn, state)
             return Verdict.DONE
         passes = state.passes or {}
-        if all(test in passes for test in self._tests):
-            log.info("PASS NEW %s", client.where)
+        if all(test in passes for test in state.due or self._tests):
+            log.info("PASS %s %s", "OLD" if state.known else "NEW", client.where)
         if passes:
             self._cache.record(client.ip, passes)
         return Verdict.PASS
@@ -254,16 +268,22 @@ class Postscreen:
     # -- the early tests
 
     async def _early_tests(self, conn: Connection, state: _Screening) -> bool:
-        """The teaser, the DNSBL queries and the greet wait; False when the connection is over."""
+        """The teaser, the DNSBL queries and the greet wait, of the tests due (psc_early_tests: no pregreet test, no
+        teaser and no read, the wait ends with the DNSBL answers); False when the connection is over."""
         client, config = state.client, self._config
+        due = state.due or self._tests
         teaser = f"{self._hostname} {self._banner}" if config.greet_banner == SMTPD_BANNER else config.greet_banner
-        if teaser:
+        if teaser and PREGREET in due:
             conn.send(f"220-{teaser}\r\n")
         started = self._clock.time()
         deadline = asyncio.get_running_loop().time() + config.greet_wait
-        queries = self._dnsbl_queries(client.ip) if self._sites else None
+        queries = self._dnsbl_queries(client.ip) if DNSBL in due else None
         try:
-            early = await self._greet_wait(conn, queries, deadline)
+            if PREGREET in due:
+                early = await self._greet_wait(conn, queries, deadline)
+            else:
+                early = b""
+                await _dnsbl_until(queries, deadline)
             if early:  # logged at the first read, as Postfix's psc_early_event (what came by then, when)
                 log.info("PREGREET %d after %s from %s: %s", len(early), format_tv(self._clock.time() - started),
                          client.where, escaped(early)[:PREGREET_LOGGED])
@@ -280,7 +300,7 @@ class Postscreen:
             conn.hang_up()
             return False
         passes: dict[str, float] = {}
-        if not early:  # (an allowlisting score came too late to end the wait: a failed test stays failed, as Postfix)
+        if not early and PREGREET in due:  # (an allowlisting score came too late to end the wait: a failed test stays failed, as Postfix)
             passes[PREGREET] = self._clock.time() + config.greet_ttl
         if queries is not None:
             score, site = queries.score(self._sites)
