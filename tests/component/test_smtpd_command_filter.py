@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from mailflow import status
+from mailflow.config import config_from_dict
 from tests.support import SmtpClient
 
 HOST = "mx.mailflow.test"
@@ -79,4 +80,21 @@ async def test_a_command_that_is_not_utf8_is_refused_before_the_filter_sees_it(m
     assert (await c.cmd("XBAD ok"))[0] == 250  # (rewritten to NOOP)
     await c.send(b"XBAD \xff\r\n")
     assert await c.reply() == (500, "500 5.5.2 Error: bad UTF-8 syntax")
+
+
+async def test_a_reload_changes_the_command_filter_for_new_sessions(mailflow_server, tmp_path):
+    """RELOADED names command_filter: a reload that sets smtpd_command_filter rewrites the next session's commands
+    (the running listener keeps its socket; its filter is the new configuration's)."""
+    table = tmp_path / "command_filter"
+    table.write_text("/^(RCPT\\s+TO:\\s*<[^>]*>)\\s+XBROKEN=\\S+$/ $1\n")
+    mf = await mailflow_server()
+    port = mf.smtp_addresses[0][1]
+    settings = mf.config.model_dump()
+    await mf.reload(config_from_dict({**settings, "smtpd": {**settings["smtpd"],
+                                                            "command_filter": [f"regexp:{table}"]}}))
+    assert mf.smtp_addresses[0][1] == port
+    c = await SmtpClient.connect(port)
+    await c.cmd("EHLO client.test")
+    await c.cmd("MAIL FROM:<bob@remote.test>")
+    assert (await c.cmd("RCPT TO:<alice@local.test> XBROKEN=1"))[0] == 250
     await c.cmd("QUIT")
