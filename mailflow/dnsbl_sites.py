@@ -4,8 +4,9 @@
     DnsblSite.matches(reply_address)   whether an A record of the list counts (no filter: any)
 
 An entry is `domain[=filter][*weight]`: the weight (default 1; negative weights allowlist) is added to the
-client's score once when the filter accepts any of the list's replies (Postfix's psc_dnsbl_receive). A filter is four dot-separated octet patterns, each
-a number or `[a..b]` / `[a;b;c]` lists of numbers and ranges, as Postfix's ip_match.
+client's score once when the filter accepts any of the list's replies (Postfix's psc_dnsbl_receive). A filter is
+four dot-separated octet patterns, each a number or `[a..b]` / `[a;b;c]` lists of numbers and ranges, as Postfix's
+ip_match.
 
 Failure behaviour: a malformed entry raises ValueError saying what is wrong (the configuration names the key).
 """

@@ -44,7 +44,8 @@ reconnect; postscreen_dnsbl_reply_map; a persistent cache_map; postscreen_allowl
 Bounded: at most pre_queue_limit clients in the tests at once per listener, and client_connection_count_limit
 connections of one client in the screen; the DNSBL queries by their deadline and the greet wait; the dummy engine by
 smtpd's `timeout` per command, its line length (`COMMAND LENGTH LIMIT`) and command_count_limit (`COMMAND COUNT
-LIMIT`; so its replies a client does not read stay a few KiB); the cache by `cache_limit`. Nothing runs for a listener with postscreen off.
+LIMIT`; so its replies a client does not read stay a few KiB); the cache by `cache_limit`. Nothing runs for a
+listener with postscreen off.
 """
 from __future__ import annotations
 
@@ -300,7 +301,8 @@ class Postscreen:
             conn.hang_up()
             return False
         passes: dict[str, float] = {}
-        if not early and PREGREET in due:  # (an allowlisting score came too late to end the wait: a failed test stays failed, as Postfix)
+        # (an allowlisting score that came too late to end the wait: a failed test stays failed, as Postfix)
+        if not early and PREGREET in due:
             passes[PREGREET] = self._clock.time() + config.greet_ttl
         if queries is not None:
             score, site = queries.score(self._sites)
