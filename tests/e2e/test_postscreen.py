@@ -287,6 +287,21 @@ async def test_a_pregreet_under_ignore_keeps_the_dnsbl_pass(mailflow_server, dns
     assert not any(line.startswith("PASS") for line in screen_log()), screen_log()
 
 
+async def test_an_unknown_access_answer_ends_the_access_list_as_postfix(mailflow_server, tmp_path, screen_log):
+    """server_acl_eval: answers are case-sensitive; an unknown one (PERMIT) is warned about and ends the list as
+    dunno (the reject of the next table is not reached; the client meets the tests)."""
+    first, second = tmp_path / "first.cidr", tmp_path / "second.cidr"
+    first.write_text("127.0.0.1/32 PERMIT\n")
+    second.write_text("127.0.0.1/32 reject\n")
+    mf = await mailflow_server(smtpd=screen(access_list=[f"cidr:{first}", f"cidr:{second}"], denylist_action="drop"))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert c.greeting.text.startswith("220-")
+    await c.cmd("QUIT")
+    lines = screen_log()
+    assert f"cidr:{first}: unknown command: PERMIT -- ignoring the remainder of this access list" in lines, lines
+    assert not any(line.startswith(("ALLOWLISTED", "DENYLISTED")) for line in lines), lines
+
+
 async def test_postscreen_on_one_listener_only(mailflow_server, screen_log):
     mf = await mailflow_server(smtpd={"listeners": [{"address": "127.0.0.1:0", "overrides": screen()}]})
     plain, screened = mf.smtp_addresses[0][1], mf.smtp_addresses[1][1]

@@ -247,8 +247,9 @@ class Postscreen:
         return Verdict.PASS
 
     async def _access(self, ip: str) -> str:
-        """permit, reject or dunno: the first answer of the access list (a table that cannot answer: dunno,
-        with a warning, as Postfix's psc_acl_eval goes on after a lookup error)."""
+        """permit, reject or dunno: the first answer of the access list, as Postfix's server_acl_eval: a table's
+        `dunno` goes on to the next item; a table that cannot answer, or an answer other than permit, reject or
+        dunno (case counts), ends the list as dunno, with Postfix's warning."""
         for item, table in self._tables:
             if table is None:
                 if self._mynetworks.contains(ip):
@@ -256,14 +257,17 @@ class Postscreen:
                 continue
             try:
                 found = await self._table_cache.run(table.lookup, ip)
-            except LookupRetry as e:
-                log.warning("%s: %s: table lookup problem", item, e)
+            except LookupRetry:
+                log.warning("postscreen_access_list: %s: table lookup error -- ignoring the remainder of this "
+                            "access list", item)
+                return "dunno"
+            if found is None or found.strip() == "dunno":
                 continue
-            action = (found or "").strip().lower()
-            if action in ("permit", "reject"):
-                return action
-            if found is not None and action != "dunno":
-                log.warning("%s: unknown action %r for [%s]: dunno", item, printable(found), ip)
+            if found.strip() in ("permit", "reject"):
+                return found.strip()
+            log.warning("%s: unknown command: %s -- ignoring the remainder of this access list", item,
+                        printable(found))
+            return "dunno"
         return "dunno"
 
     # -- the early tests
