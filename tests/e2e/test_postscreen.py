@@ -236,6 +236,9 @@ async def test_a_negative_score_allowlists_and_ends_the_wait(mailflow_server, dn
     assert (await c.send_message()).code == 250
     await c.cmd("QUIT")
     assert any(line.startswith("PASS NEW [127.0.0.1]:") for line in screen_log())
+    now = time.time()  # psc_allowlist_non_dnsbl: the pregreet pass lasts as the DNSBL's (1 h here), not greet_ttl
+    assert mf.smtpd.screened.passed("127.0.0.1", ("pregreet", "dnsbl"), now + 3000)
+    assert not mf.smtpd.screened.passed("127.0.0.1", ("pregreet",), now + 4000)
 
 
 async def test_the_access_list_denylists_and_allowlists(mailflow_server, tmp_path, screen_log):

@@ -304,10 +304,13 @@ class Postscreen:
             log.info("DISCONNECT %s", client.where)
             conn.hang_up()
             return False
+        cut_short = asyncio.get_running_loop().time() < deadline  # (by a DNSBL allowlisting, or no pregreet test)
         passes: dict[str, float] = {}
         # (an allowlisting score that came too late to end the wait: a failed test stays failed, as Postfix)
         if not early and PREGREET in due:
             passes[PREGREET] = self._clock.time() + config.greet_ttl
+            if cut_short and queries is not None:  # psc_allowlist_non_dnsbl: passed until the DNSBL pass expires
+                passes[PREGREET] = self._clock.time() + self._dnsbl_pass_ttl(queries)
         if queries is not None:
             score, site = queries.score(self._sites)
             if score >= config.dnsbl_threshold:
