@@ -108,7 +108,8 @@ SETTINGS: dict[str, tuple[str, ...]] = {name: (key,) for name, key in {
     **_same("sendmail", "authorized_submit_users local_login_sender_maps"),
     **_same("smtpd.postscreen", "access_list denylist_action greet_wait greet_action greet_ttl dnsbl_sites "
                                 "dnsbl_threshold dnsbl_allowlist_threshold dnsbl_action dnsbl_timeout dnsbl_min_ttl "
-                                "dnsbl_max_ttl pre_queue_limit", prefix="postscreen_"),
+                                "dnsbl_max_ttl pre_queue_limit client_connection_count_limit command_count_limit",
+                                prefix="postscreen_"),
     "postscreen_blacklist_action": "smtpd.postscreen.denylist_action",  # its name before Postfix 3.6
     "postscreen_dnsbl_whitelist_threshold": "smtpd.postscreen.dnsbl_allowlist_threshold",
     "postscreen_dnsbl_ttl": "smtpd.postscreen.dnsbl_max_ttl",  # its name before Postfix 3.1
