@@ -2,7 +2,8 @@
 
     flat_settings(config) -> {"section.key" or "key": value}     in declaration order
     format_setting(key, value) -> "key = value"                  durations in seconds
-    show_settings(config, defaults=False, changed_only=False)    postconf, postconf -d, postconf -n
+    show_settings(config, defaults=False, changed_only=False)    postconf, postconf -d, postconf -n (a setting
+                                                                 that is None, unset, is left out: TOML has no null)
 
 Never raises.
 """
@@ -49,8 +50,9 @@ def _toml_value(value: object) -> str:
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, dict):  # (a None is an unset key: TOML has no null, so it is left out)
+        return "{" + ", ".join(f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items()
+                               if v is not None) + "}"
     return json.dumps(str(value))
 
 
@@ -59,6 +61,7 @@ def show_settings(config: Config, *, defaults: bool = False, changed_only: bool 
     `changed_only`: only what differs from them (postconf -n)."""
     default = flat_settings(Config() if config._base is None else resolve_paths(Config(), config._base))
     if defaults:
-        return [format_setting(k, v) for k, v in default.items()]
+        return [format_setting(k, v) for k, v in default.items() if v is not None]
     current = flat_settings(config)
-    return [format_setting(k, v) for k, v in current.items() if not changed_only or default.get(k) != v]
+    return [format_setting(k, v) for k, v in current.items()
+            if v is not None and (not changed_only or default.get(k) != v)]
