@@ -9,9 +9,9 @@ an unprivileged user that is root, a key without its certificate, an unknown pip
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 
 from mailflow.config.base import Duration, InlineTableSpecs, Section, TableSpecs, check_transport
 from mailflow.local_macros import check_local_macros
@@ -110,6 +110,11 @@ def check_bind_address(value: str, family: int) -> str:
     return str(ip)
 
 
+# [smtp] and [lmtp]'s bind_address and bind_address6 (the same check for both clients)
+BindAddress4 = Annotated[str, AfterValidator(lambda v: check_bind_address(v, 4))]
+BindAddress6 = Annotated[str, AfterValidator(lambda v: check_bind_address(v, 6))]
+
+
 class SmtpConfig(Section):
     """The SMTP client (Postfix smtp): relay and MX delivery."""
 
@@ -160,23 +165,13 @@ class SmtpConfig(Section):
     # The source address of connections to IPv4 and IPv6 peers (smtp_bind_address, smtp_bind_address6); "": the
     # system's choice. A bind that fails is a warning and the connection goes from any address, or with
     # bind_address_enforce (smtp_bind_address_enforce) the peer fails: 4.4.0 "server configuration error".
-    bind_address: str = ""
-    bind_address6: str = ""
+    bind_address: BindAddress4 = ""
+    bind_address6: BindAddress6 = ""
     bind_address_enforce: bool = False
     # smtp_fallback_relay: next hops ("[host]:port", "[address]", "host:port", "domain") tried in order for the
     # recipients a delivery could not deliver for a temporary reason or whose destination was not found; not for
     # a domain this server is an MX host of.
     fallback_relay: tuple[str, ...] = ()
-
-    @field_validator("bind_address")
-    @classmethod
-    def _bind_address(cls, v: str) -> str:
-        return check_bind_address(v, 4)
-
-    @field_validator("bind_address6")
-    @classmethod
-    def _bind_address6(cls, v: str) -> str:
-        return check_bind_address(v, 6)
 
     @field_validator("fallback_relay")
     @classmethod
@@ -208,24 +203,14 @@ class LmtpConfig(Section):
     command_timeout: Duration = Field(300.0, gt=0)
     data_timeout: Duration = Field(600.0, gt=0)
     # As [smtp]'s (lmtp_bind_address, lmtp_bind_address6, lmtp_bind_address_enforce): TCP next hops only.
-    bind_address: str = ""
-    bind_address6: str = ""
+    bind_address: BindAddress4 = ""
+    bind_address6: BindAddress6 = ""
     bind_address_enforce: bool = False
     # As [smtp]'s (lmtp_header_checks, lmtp_mime_header_checks, lmtp_nested_header_checks, lmtp_body_checks).
     header_checks: TableSpecs = ()
     mime_header_checks: InlineTableSpecs = ()
     nested_header_checks: InlineTableSpecs = ()
     body_checks: InlineTableSpecs = ()
-
-    @field_validator("bind_address")
-    @classmethod
-    def _bind_address(cls, v: str) -> str:
-        return check_bind_address(v, 4)
-
-    @field_validator("bind_address6")
-    @classmethod
-    def _bind_address6(cls, v: str) -> str:
-        return check_bind_address(v, 6)
 
 
 class DnsConfig(Section):
