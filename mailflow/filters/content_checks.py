@@ -5,6 +5,7 @@
     header_key, is_mime_header, entity_type, Boundaries   how a header field is matched and
                                                  where MIME parts begin and end (the SMTP client's checks too:
                                                  mailflow.transports.smtp_checks)
+    lookup_action(tables, key), split_action(value)   the first table's answer; its action word and text
 
 What is matched (Postfix's rules): each logical header of the message, its lines joined by their line breaks
 (`X-Folded: a\\n b`, as Postfix's cleanup keeps them, CR dropped; no line end after the last) against
@@ -134,7 +135,7 @@ class ContentChecks:
                 continue
             use = self._mime if top and is_mime_header(name) else tables
             key = header_key(raw)
-            action = _lookup(use, key) if use and not result.stopped else None
+            action = lookup_action(use, key) if use and not result.stopped else None
             if action is None:
                 out.append(raw)
                 continue
@@ -180,7 +181,7 @@ class ContentChecks:
                     continue
             delimiter = boundaries.delimiter(text)
             if self._body and part_bytes < self._limit:
-                action = _lookup(self._body, text[:MAX_LINE].decode("utf-8", "replace"))
+                action = lookup_action(self._body, text[:MAX_LINE].decode("utf-8", "replace"))
                 if action is not None:
                     lines = self._act(queue_id, action, "body", text.decode("utf-8", "replace"), result, describe)
                     if lines is not None:
@@ -292,7 +293,7 @@ def _original(line: str) -> bytes:
     return line.encode("utf-8") + b"\r\n"
 
 
-def _lookup(tables: list[Table], key: str) -> str | None:
+def lookup_action(tables: list[Table], key: str) -> str | None:
     """The first table's answer (a folded header's key holds its line breaks: a regexp table's `.` matches them)."""
     for table in tables:
         value = table.lookup(key)

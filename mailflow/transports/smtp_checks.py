@@ -48,7 +48,8 @@ import logging
 from functools import partial
 
 from mailflow.errors import LookupRetry, TemporaryError
-from mailflow.filters.content_checks import Boundaries, entity_type, header_key, is_mime_header, split_action
+from mailflow.filters.content_checks import (Boundaries, entity_type, header_key, is_mime_header, lookup_action,
+                                             split_action)
 from mailflow.message import HEADER_READ_LIMIT, header_fields, read_header, starts_header_field
 from mailflow.model import DeliveryRequest
 from mailflow.tables import Table
@@ -103,7 +104,7 @@ class OutboundChecks:
         if is_mime_header(name.strip().decode("latin-1").lower()):
             kind = "mime"
         key = header_key(raw)
-        value = _lookup(self._tables[kind], key)
+        value = lookup_action(self._tables[kind], key)
         if value is None:
             return raw
         return self._act(queue_id, kind, "header", key, value, raw, _line_end(raw))
@@ -114,7 +115,7 @@ class OutboundChecks:
     def body_line(self, queue_id: str, line: bytes, line_end: bytes) -> bytes:
         """One body line (or piece of one) without its line end, and the line end; what goes out instead."""
         key = line.decode("utf-8", "replace")
-        value = _lookup(self._tables["body"], key)
+        value = lookup_action(self._tables["body"], key)
         if value is None:
             return line + line_end
         return self._act(queue_id, "body", "body", key, value, line + line_end, line_end)
@@ -292,14 +293,6 @@ class BodyChecks:
         if unchecked:
             return field
         return self._checks.header_field(self._queue_id, self._state, field)
-
-
-def _lookup(tables: list[Table], key: str) -> str | None:
-    for table in tables:
-        value = table.lookup(key)
-        if value is not None:
-            return value
-    return None
 
 
 def _line_end(raw: bytes) -> bytes:
