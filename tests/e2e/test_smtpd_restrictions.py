@@ -161,3 +161,35 @@ async def test_data_restrictions_refuse_the_data_command(mailflow_server):
     assert (await client.cmd("RSET")).code == 250
     await client.close()
     assert await mf.store.counts() == {}
+
+
+ASKED_ZONE = """
+$ORIGIN test.
+client      60 IN A 192.0.2.1
+1.0.0.127.bl 60 IN A 127.0.0.2
+"""
+
+
+async def test_a_session_asks_the_dns_once_however_many_recipients(mailflow_server, dns_zone, caplog):
+    """delay_reject runs the client and HELO restrictions again at every RCPT: a DNSBL's answer (a failure too, whose
+    warning Postfix logs once: its RBL cache keeps it) and the HELO name's records are asked once a session."""
+    caplog.set_level(logging.WARNING, logger="mailflow.smtpd")
+    asked: list[tuple[str, str]] = []
+    nameserver = dns_zone(ASKED_ZONE, servfail=("1.0.0.127.failing.test",), asked=asked)
+    mf = await mailflow_server(dns={"nameservers": [nameserver]}, smtpd={
+        "client_restrictions": ["reject_rbl_client failing.test", "permit_dnswl_client wl.test"],
+        "helo_restrictions": ["reject_unknown_helo_hostname", "reject_rhsbl_helo dbl.test"]})
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    try:
+        assert (await client.cmd("EHLO client.test")).code == 250
+        assert (await client.cmd("MAIL FROM:<s@remote.test>")).code == 250
+        assert await client.cmd("RCPT TO:<alice@local.test>") == status.RCPT_OK
+        asked_by_the_first = list(asked)
+        assert {name for name, _ in asked_by_the_first} >= {
+            "1.0.0.127.failing.test.", "1.0.0.127.wl.test.", "client.test.", "client.test.dbl.test."}
+        for rcpt in ("bob@local.test", "alice@local.test", "bob@local.test"):
+            assert await client.cmd(f"RCPT TO:<{rcpt}>") == status.RCPT_OK
+        assert asked == asked_by_the_first
+    finally:
+        await client.close()
+    assert sum("RBL lookup error" in r.getMessage() for r in caplog.records) == 1

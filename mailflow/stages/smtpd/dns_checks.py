@@ -21,7 +21,8 @@ server_checks.py's). restrictions.py decides when each runs; this module asks th
     rbl_query_name(client_addr, rbl_domain) -> str | None
 
 Only domains this host is not final destination for are asked about (address classes relay and default).
-A client's PTR names and its verified name are remembered in the session's `facts.memo`.
+A client's PTR names, its verified name, each list query's answer (or failure) and whether a HELO name has host
+records are remembered in the session's `facts.memo` (delay_reject reruns the lists at every RCPT).
 
 Failure behaviour: a DNSBL that cannot be asked counts as not listed (logged as Postfix's `RBL lookup error`), a
 DNS allowlist too, with a DEFER_IF_REJECT; the unknown-name checks defer (450) when the DNS cannot tell now, as
@@ -70,7 +71,7 @@ class DnsChecks:
     async def rbl(self, arg: str, facts: Facts) -> status.Reply | None:
         rbl_domain, _, wanted = arg.partition("=")
         query = rbl_query_name(facts.client_addr, rbl_domain)
-        if query is None or not await self._listed(query, wanted):
+        if query is None or not await self._listed(query, wanted, facts.memo):
             return None
         return status.rbl_listed(facts.client_addr, rbl_domain)
 
@@ -79,7 +80,7 @@ class DnsChecks:
         rbl_domain, _, wanted = arg.partition("=")
         domain, what = await self._rhsbl_subject(kind, facts)
         domain = address.normalise_domain(domain or "")
-        if not domain or domain.startswith("[") or not await self._listed(f"{domain}.{rbl_domain}", wanted):
+        if not domain or domain.startswith("[") or not await self._listed(f"{domain}.{rbl_domain}", wanted, facts.memo):
             return None
         return status.rbl_listed(domain, rbl_domain, what)
 
@@ -93,18 +94,28 @@ class DnsChecks:
         addr = facts.sender if kind == "sender" else facts.recipient
         return (address.split(addr)[1] if addr else ""), ("Sender address" if kind == "sender" else "Recipient address")
 
-    async def _listed(self, query: str, wanted: str) -> bool | None:
-        """`query` has an address (127.x, or the one `wanted`); None when the DNS cannot tell (logged)."""
+    async def _listed(self, query: str, wanted: str, memo: dict) -> bool | None:
+        """`query` has an address (127.x, or the one `wanted`); None when the DNS cannot tell (logged once: the
+        answer, a failure too, is kept in the session's `memo`, as Postfix's smtpd keeps it in its RBL cache)."""
         if self._resolver is None:
             return False
+        key = ("dnsxl", query)
+        if key not in memo:
+            memo[key] = await self._list_answers(query)
+        answers = memo[key]
+        if answers is None:
+            return None
+        return any(is_ipv4(a) and a.startswith("127.") and (not wanted or a == wanted) for a in answers)
+
+    async def _list_answers(self, query: str) -> tuple[str, ...] | None:
+        """The A records of a list's `query` (Postfix asks no AAAA of a list); None when the lookup failed."""
         try:
-            answers = await self._resolver.ipv4_addresses(query)  # (A records: Postfix asks no AAAA of a list)
+            return tuple(await self._resolver.ipv4_addresses(query))
         except NotFound:
-            return False
+            return ()
         except LookupRetry as e:
             log.warning("%s: RBL lookup error: %s", query, e.reason)
             return None
-        return any(is_ipv4(a) and a.startswith("127.") and (not wanted or a == wanted) for a in answers)
 
     async def allowlisted(self, kind: str, arg: str, facts: Facts) -> bool:
         """permit_dnswl_client / permit_rhswl_client: the client's address (reversed, as for a DNSBL) or its
@@ -119,7 +130,7 @@ class DnsChecks:
             query = f"{subject}.{list_domain}" if _rhs_name(subject) else None
         if query is None:
             return False
-        listed = await self._listed(query, wanted)
+        listed = await self._listed(query, wanted, facts.memo)
         if listed is None:
             facts.defer_if_reject = facts.defer_if_reject or status.conditional_deferral(subject, "Client host")
         return bool(listed)
@@ -192,7 +203,7 @@ class DnsChecks:
             return None
         if helo.startswith("["):
             return None if address.literal_ip(helo) else status.invalid_helo_address(helo)
-        known = await self._has_host_records(helo)
+        known = await self._host_records_known(helo, facts.memo)
         if known:
             return None
         if known is False:
@@ -202,6 +213,13 @@ class DnsChecks:
             return reply
         facts.raise_defer_if_permit(reply)
         return None
+
+    async def _host_records_known(self, name: str, memo: dict) -> bool | None:
+        """_has_host_records, asked once a session (delay_reject runs the HELO restrictions at every RCPT)."""
+        key = ("host records", name)
+        if key not in memo:
+            memo[key] = await self._has_host_records(name)
+        return memo[key]
 
     async def _has_host_records(self, name: str) -> bool | None:
         """An A, AAAA or MX record for `name` (asked in that order, the first found ends it, as Postfix's
