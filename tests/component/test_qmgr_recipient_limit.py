@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from mailflow.config import QueueConfig
+from mailflow.stages.qmgr import OVERLOOK_SLICE
 from mailflow.stages.qmgr.destination import Destination
 from tests.component.test_qmgr import Harness, queue_is_empty
 from tests.support import BlockingTransport, RecordingTransport, eventually, qmgr_turn
@@ -118,6 +119,43 @@ async def test_the_destination_snapshot_writes_only_the_rows_that_changed(h):
     await eventually(lambda: len(writes) == 4)
     assert writes[3][0] == 0 and len(writes[3][1]) == 21
     assert await h.store.destination_rows() == []
+
+
+async def test_a_tick_looks_at_the_destinations_that_changed_not_at_all_of_them(h, monkeypatch):
+    """With a limit of 1 each recipient is a destination; each tick snapshotted every one of them to find the rows
+    that changed, and its safety net asked every one whether it could start (a million destinations: 1.6 s of
+    loop per 1 s tick). A tick now snapshots the destinations that changed, and its safety net looks at
+    OVERLOOK_SLICE of them in turn, still reaching every one."""
+    calls = {"snapshot": 0, "can_start": 0}
+    for name in calls:
+        method = getattr(Destination, name)
+        monkeypatch.setattr(Destination, name, lambda self, *a, _m=method, _n=name: calls.__setitem__(
+            _n, calls[_n] + 1) or _m(self, *a))
+    blocking = BlockingTransport("smtp")
+    await h.start(transports={"local": h.local, "smtp": blocking}, destination_recipient_limit=1,
+                  delivery_concurrency_limit=10)
+    count = 3 * OVERLOOK_SLICE
+    await h.queue(*(f"u{i}@remote.test" for i in range(count)))
+    await eventually(lambda: blocking.in_flight == 10)
+    h.clock.advance(1)
+    await qmgr_turn(h.qmgr, h.clock)  # the first tick writes every row
+    assert len(await h.store.destination_rows()) == count
+    for name in calls:
+        calls[name] = 0
+    h.clock.advance(1)
+    await qmgr_turn(h.qmgr, h.clock)
+    assert calls["snapshot"] == 0 and 0 < calls["can_start"] <= OVERLOOK_SLICE
+    lost = h.qmgr._destinations[("smtp", f"u{count - 1}@remote.test")]
+    for turns in h.qmgr._ready.values():
+        for group in turns.values():
+            group.pop(lost.key, None)  # (a mark lost: the last destination of the safety net's round)
+    for _ in range(3):
+        h.clock.advance(1)
+        await qmgr_turn(h.qmgr, h.clock)
+    assert h.qmgr._marked_for_next_job(lost)
+    blocking.release.set()
+    await eventually(lambda: queue_is_empty(h))
+    assert len(blocking.requests) == count
 
 
 async def test_with_a_limit_of_one_the_rate_delay_is_per_recipient(h):

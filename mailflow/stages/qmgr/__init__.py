@@ -71,8 +71,10 @@ The loop
   starts over under the new settings, as in Postfix's new qmgr: dead ones are alive again (the reload may have
   fixed what failed: a password, a TLS setting), windows start again at the initial concurrency; deliveries in
   flight still count against them.
-- About once a second the destinations' state is written to the store for `mailflow queue destinations` (the rows
-  that changed: with a recipient limit of 1 there may be thousands), and
+- About once a second the destinations' state is written to the store for `mailflow queue destinations`: the rows
+  of the destinations changed since (`_changed`: jobs queued, started, ended, withdrawn, a death or a revival, a
+  destination forgotten), as with a recipient limit of 1 there may be a million; the tick's safety net under the
+  ready marks looks at OVERLOOK_SLICE destinations in turn. And
   every `MAINTENANCE_INTERVAL` the store gives free space back (`store.maintain`).
 - Each result carries the transport of its job (`RcptResult.transport`, in the mail log's events) and its times
   (`RcptResult.stats`, one MsgStats per job an agent had: the message's arrival, its entry into the active queue
@@ -117,7 +119,8 @@ import dataclasses
 import heapq
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from itertools import islice
+from typing import Callable, Iterator
 
 from mailflow.clock import Clock
 from mailflow.content import Content
@@ -141,6 +144,7 @@ MAINTENANCE_INTERVAL = 60.0  # seconds between checks whether the store has spac
 RECORD_GRACE = 5.0  # at stop, seconds granted to results already back to be recorded after deliveries are cut off
 HANDOFF_CONTENT_BUDGET = SCAN_CONTENT_BUDGET  # bytes of handed-over content kept in memory at once
 ADMIT_SLICE = 100  # messages a scan admits (routes, schedules) before it hands the loop back
+OVERLOOK_SLICE = 1000  # destinations the tick's safety net (`_mark_the_overlooked`) looks at, round robin
 
 
 @dataclass
@@ -208,6 +212,8 @@ class QueueManager:
         self._generation = 0
         self._flushes = 0
         self._snapshot: dict[tuple[str, str], tuple] | None = None  # the rows last written, by destination
+        self._changed: set[tuple[str, str]] = set()  # destinations whose row may differ from the one last written
+        self._overlook_round: Iterator[tuple[str, str]] = iter(())  # the safety net's round over the destinations
         self._loop_task: asyncio.Task | None = None
         self._stopping = False
         first, cap = backoff
@@ -432,30 +438,78 @@ class QueueManager:
                 self._mark(dest)
 
     async def _publish_destinations(self) -> None:
-        """The destinations' state for the tools: the rows that changed since the last write (all of them the first
-        time, replacing what an earlier run left); thousands of per-recipient destinations cost no rewrite each."""
+        """The destinations' state for the tools: the rows of the destinations that changed since the last write
+        (`_changed`: all of them the first time, replacing what an earlier run left), so the tick costs what
+        changed, not the number of destinations (with a recipient limit of 1, one per recipient)."""
         if self._mark_the_overlooked():
             self._pump()
-        rows = {dest.key: dest.snapshot() for dest in self._destinations.values()}
-        last = self._snapshot
-        if last is None:
+        if self._snapshot is None:
+            self._changed = set()
+            rows = {dest.key: dest.snapshot() for dest in self._destinations.values()}
             await self._store.save_destinations(list(rows.values()), self._clock.time())
-        elif rows != last:
-            changed = [row for key, row in rows.items() if last.get(key) != row]
-            await self._store.save_destinations(changed, self._clock.time(), [key for key in last if key not in rows])
-        self._snapshot = rows
+            self._snapshot = rows
+            return
+        changed, self._changed = self._changed, set()
+        try:
+            await self._publish_changes(self._snapshot, changed)
+        except BaseException:
+            self._changed |= changed  # (written at a later tick)
+            raise
+
+    async def _publish_changes(self, last: dict[tuple[str, str], tuple], changed: set[tuple[str, str]]) -> None:
+        """Write the rows of `changed` that differ from `last` and remove those of destinations forgotten."""
+        rows: dict[tuple[str, str], tuple] = {}
+        gone = []
+        for key in changed:
+            dest = self._destinations.get(key)
+            if dest is None:
+                if key in last:
+                    gone.append(key)
+            elif last.get(key) != (row := dest.snapshot()):
+                rows[key] = row
+        if not rows and not gone:
+            return
+        await self._store.save_destinations(list(rows.values()), self._clock.time(), gone)
+        last.update(rows)
+        for key in gone:
+            del last[key]
 
     def _mark_the_overlooked(self) -> bool:
-        """A safety net under `_mark`, once a tick: a destination that could start a job (or is dead with jobs
-        queued) but is not marked ready would wait for ever; it is marked, with a warning (a bug to report)."""
+        """A safety net under `_mark`, once a tick, over the next OVERLOOK_SLICE destinations (round robin: a tick
+        costs the slice, not every destination): one that could start a job (or is dead with jobs queued) but is
+        not marked ready would wait for ever; it is marked, with a warning (a bug to report)."""
         now = self._clock.time()
+        unmarked = []
+        for dest in self._next_to_look_at():
+            dead = dest.dead_until
+            if (dest.can_start(now) or (dest.jobs and dest.is_dead(now))) and not self._marked_for_next_job(dest):
+                unmarked.append(dest)
+            if dead != dest.dead_until:
+                self._changed.add(dest.key)  # (its dead time ran out, looked at before its timer rang)
+        if not unmarked:
+            return False
         marked = {key for turns in self._ready.values() for group in turns.values() for key in group}
-        overlooked = [dest for dest in self._destinations.values()
-                      if (dest.can_start(now) or (dest.jobs and dest.is_dead(now))) and dest.key not in marked]
+        overlooked = [dest for dest in unmarked if dest.key not in marked]
         for dest in overlooked:
             log.warning("destination %s:%s could start a job but was not marked ready", dest.transport, dest.nexthop)
             self._mark(dest)
         return bool(overlooked)
+
+    def _next_to_look_at(self) -> list[Destination]:
+        """The next OVERLOOK_SLICE destinations of the safety net's round (the keys of a round are listed as it
+        starts; those forgotten since are passed over)."""
+        keys = list(islice(self._overlook_round, OVERLOOK_SLICE))
+        if not keys:
+            self._overlook_round = iter(list(self._destinations))
+            keys = list(islice(self._overlook_round, OVERLOOK_SLICE))
+        return [dest for key in keys if (dest := self._destinations.get(key)) is not None]
+
+    def _marked_for_next_job(self, dest: Destination) -> bool:
+        """`dest` waits in the line of the message of its next job (where `_mark` puts it; the safety net looks
+        at all the lines only for a destination not found there)."""
+        turns = self._ready.get(dest.transport)
+        head = dest.jobs[0].queue_id if dest.jobs else ""
+        return turns is not None and dest.key in turns.get(head, ())
 
     async def _withdraw_taken_back(self) -> None:
         """Messages an operator held or deleted while active: their jobs not yet started are dropped. (Only those
@@ -635,6 +689,7 @@ class QueueManager:
     def _mark(self, dest: Destination) -> None:
         """`_pump` is to look at `dest`: it may start a job, or be forgotten."""
         key = (dest.transport, dest.nexthop)
+        self._changed.add(key)
         turns = self._ready.get(dest.transport)
         if turns is None:
             turns = self._ready[dest.transport] = {}
@@ -717,9 +772,11 @@ class QueueManager:
                 return dest
             if dest.idle(now):
                 del self._destinations[key]
+                self._changed.add(key)
         return None
 
     def _start(self, dest: Destination) -> None:
+        self._changed.add(dest.key)
         self._in_flight += 1
         self._in_flight_by_transport[dest.transport] = self._in_flight_by_transport.get(dest.transport, 0) + 1
         delivery = self._spawn(self._run_job(dest, dest.take()))
@@ -757,6 +814,7 @@ class QueueManager:
             site_ok = report.site_ok if report is not None else True
             reason = report.site_reason if report is not None else ""
             self._suspend(dest, dest.done(site_ok, reason, ended, self._config.minimal_backoff_time))
+            self._changed.add(dest.key)
             if dest.idle(ended):  # (the common case: one message's job) forgotten now, with no turn in `_pump`
                 self._forget(dest)
             else:
