@@ -107,7 +107,7 @@ Failure behaviour
   are taken again after the next start); results already back are recorded before the store closes.
 - The wake-up event carries no state: a lost wake-up costs at most one tick.
 
-Size: about 950 lines, one class on purpose. The loop, the scheduling and the end of an attempt share one table
+Size: about 1 100 lines, one class on purpose. The loop, the scheduling and the end of an attempt share one table
 (`_active`, the messages in qmgr's hands), one wake-up and one next-scan time, and every path that changes one
 changes the others (a finish frees room and may move the next scan). What stands alone is already apart: the
 destination windows (`destination.py`), the retry schedule (`backoff.py`) and the notices (`notices.py`).
