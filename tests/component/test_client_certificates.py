@@ -6,7 +6,6 @@ the clients. Postfix's own replies and lines for the same set-up: tests/interop/
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import ssl
 
@@ -24,7 +23,7 @@ from tests.support import (LOOPBACK_CLIENT, SmtpClient, base_settings, eventuall
                            require_tool, run_tool)
 from tests.support.client_certs import COMPRESSED_EC, ClientPki, colon_hex
 from tests.support.milters import scripted_milter
-from tests.support.policy import PolicyServer, read_request
+from tests.support.policy import RecordingPolicy
 
 ELSEWHERE = "x@elsewhere.test"  # a recipient that only a permit lets relay
 
@@ -108,18 +107,6 @@ async def test_check_ccert_access_asks_the_certificate_then_its_public_key(mailf
         "550 5.7.1 <key.test>: Client certificate rejected: pinned key refused"]
     assert await rcpt_over_tls(port, neither.context(pki), "alice@local.test") == ["250 2.1.5 Ok"]
     assert await rcpt_over_tls(port, anonymous_context(pki), "alice@local.test") == ["250 2.1.5 Ok"]
-
-
-class RecordingPolicy(PolicyServer):
-    def __init__(self):
-        self.requests: list[dict[str, str]] = []
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while request := await read_request(reader):
-            self.requests.append(request)
-            writer.write(b"action=DUNNO\n\n")
-            await writer.drain()
-        writer.close()
 
 
 async def test_policy_requests_carry_the_certificate(mailflow_server, pki, tmp_path):

@@ -13,7 +13,6 @@ the handshake: tests/component/test_client_certificates.py).
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import shutil
@@ -27,7 +26,7 @@ import trustme
 
 from tests.support import SmtpClient, eventually, postfix_instance, sessions_over
 from tests.support.client_certs import COMPRESSED_EC, ClientCard, ClientPki
-from tests.support.policy import PolicyServer, read_request
+from tests.support.policy import RecordingPolicy
 
 pytestmark = pytest.mark.interop
 
@@ -35,18 +34,6 @@ RECIPIENTS = ("x@elsewhere.test", "anycert@elsewhere.test", "alice@local.test")
 CARDS = ("listed.test", "key-listed.test", "unlisted.test", "refused.test", "pinned-key.test")
 SUMMARY_TAIL = re.compile(r"(bits\)).*")
 QUEUE_FILE_OPENED = re.compile(r"[0-9A-F]+: client=")
-
-
-class RecordingPolicy(PolicyServer):
-    def __init__(self):
-        self.requests: list[dict[str, str]] = []
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while request := await read_request(reader):
-            self.requests.append(request)
-            writer.write(b"action=DUNNO\n\n")
-            await writer.drain()
-        writer.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """The server side of Postfix's policy delegation protocol, for tests: `PolicyServer` listens on 127.0.0.1 (an
 async context manager; `spec` is its `inet:127.0.0.1:PORT`) and hands each connection to the subclass's
-`_serve(reader, writer)`; `read_request(reader)` reads one request's attributes (None: the client closed)."""
+`_serve(reader, writer)`; `read_request(reader)` reads one request's attributes (None: the client closed);
+`RecordingPolicy` answers DUNNO to every request and keeps them (`requests`)."""
 from __future__ import annotations
 
 import asyncio
@@ -22,6 +23,20 @@ class PolicyServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         raise NotImplementedError
+
+
+class RecordingPolicy(PolicyServer):
+    """Answers every request DUNNO and keeps its attributes, in order."""
+
+    def __init__(self):
+        self.requests: list[dict[str, str]] = []
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while request := await read_request(reader):
+            self.requests.append(request)
+            writer.write(b"action=DUNNO\n\n")
+            await writer.drain()
+        writer.close()
 
 
 async def read_request(reader: asyncio.StreamReader) -> dict[str, str] | None:
