@@ -7,6 +7,8 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 BATTERY ?= ../shared/battery
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` (`auto`: one per core; 0 runs the suite in one process)
+PYTEST_WORKERS ?= auto
 
 .PHONY: serve test battery bench bench-pinned clean
 
@@ -22,7 +24,7 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m mypy
 	$(BIN)/ruff check mailflow tests bench
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 battery: $(STAMP)
 	BATTERY=$(BATTERY) PYTEST_ARGS="$(PYTEST_ARGS)" PATH=$(abspath $(BIN)):$$PATH scripts/battery.sh
