@@ -213,7 +213,9 @@ async def test_a_queue_database_locked_at_start_delays_the_start_and_nothing_is_
     holder.execute("BEGIN EXCLUSIVE")
     try:
         starting = asyncio.ensure_future(srv.start())
-        await asyncio.sleep(6.5)
+        # held until the start has waited out the busy timeout and said so (however long the start takes)
+        await eventually(lambda: srv.proc is not None and srv.log_lines("database is locked"), timeout=30,
+                         what="the start's wait logged")
         assert srv.proc.poll() is None, srv.log_path.read_text()[-2000:]
     finally:
         holder.execute("COMMIT")

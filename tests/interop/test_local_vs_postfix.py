@@ -147,6 +147,13 @@ def prepared_spool(script: Path) -> tuple[Path, Path]:
     return spool, table
 
 
+def mbox_in_any_order(mbox: str) -> str:
+    """The mbox's messages sorted: two deliveries to one mailbox may land in either order. (Each message begins
+    with its `From ` line; one in the content is `>From `.)"""
+    messages = ("\n\n" + mbox).split("\n\nFrom ")
+    return "\n\n".join(sorted("From " + m.rstrip("\n") for m in messages if m))
+
+
 def collect(run: Run, spool: Path, out: Path, script_folder: Path) -> Run:
     run.logged_as = {name: (to, orig) for name, (to, orig, *_) in run.results.items()}
     run.results = {name: (dsn, status, text.replace(str(script_folder), "SCRIPTS").replace(str(spool), "SPOOL"))
@@ -159,7 +166,7 @@ def collect(run: Run, spool: Path, out: Path, script_folder: Path) -> Run:
         path.unlink()
     for name in ("files/file", "files/list", "files/exe"):
         run.files[name] = masked_message((spool / name).read_text())
-    run.files["nobody"] = "\n\n".join(sorted(masked_message((spool / "nobody").read_text()).split("\n\nFrom ")))
+    run.files["nobody"] = mbox_in_any_order(masked_message((spool / "nobody").read_text()))
     run.created_nodir = (spool / "nodir").exists()
     shutil.rmtree(spool, ignore_errors=True)
     return run
