@@ -19,6 +19,7 @@
     HostPorts                a list of "host:port" addresses
     Relayhost, Transport     a relayhost, a `transport[:nexthop]` setting (check_relayhost, check_transport);
     TransportOverride        the latter or "" (the main setting's, for a section that overrides it)
+    BUILTIN_TRANSPORTS       the transport names a [pipe.NAME] or an SMTP/LMTP client service may not take
     each_one_of(items, allowed)  the items, when each is one of `allowed` (a list of keywords)
     check_transport(value)   a `transport` or `transport:nexthop` setting (TRANSPORT_NAME: a transport's name)
     check_relayhost(value)   a relayhost: host, host:port, [host] or [address], with :port or not
@@ -45,6 +46,8 @@ from mailflow.tables.networks import check_network_list
 
 
 MAX_INT = 2**63 - 1
+# The transports mailflow has built in: a [pipe.NAME] or a [smtp.services.NAME] / [lmtp.services.NAME] takes none.
+BUILTIN_TRANSPORTS = ("local", "virtual", "smtp", "relay", "lmtp", "discard", "error", "capture")
 TRANSPORT_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a transport (built in or [pipe.NAME]) as transport_maps name it
 _TRANSPORT_NEXTHOP = re.compile(rf"{TRANSPORT_NAME.pattern}(:.*)?")  # transport or transport:nexthop
 

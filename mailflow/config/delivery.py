@@ -2,18 +2,25 @@
 their lookups go) and `[pipe.NAME]` (pipe(8) services).
 
     LocalConfig, SmtpConfig, LmtpConfig, DnsConfig, PipeService
+    SmtpService, LmtpService     one `[smtp.services.NAME]` / `[lmtp.services.NAME]` table: a named client service
+                                 (master.cf's `smtp-amavis unix … smtp -o …`), any of its section's keys; the keys it
+                                 sets replace the section's (`SmtpConfig.for_service(NAME)`: the merged settings,
+                                 validated as the section is); it is a transport named NAME
 
 Failure behaviour: a bad value raises ValueError (a ConfigError once loaded): a mailbox path outside the home,
-an unprivileged user that is root, a key without its certificate, an unknown pipe macro or flag.
+an unprivileged user that is root, a key without its certificate, an unknown pipe macro or flag, a service's
+unknown key (`smtp.services.NAME.KEY: unknown setting`), a service named as a built-in transport.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import AfterValidator, Field, ValidationInfo, field_validator
+from pydantic import (AfterValidator, Field, ValidationError, ValidationInfo, field_serializer, field_validator,
+                      model_validator)
 
-from mailflow.config.base import Duration, InlineTableSpecs, Section, TableSpecs, check_transport
+from mailflow.config.base import (BUILTIN_TRANSPORTS, TRANSPORT_NAME, Duration, InlineTableSpecs, Section, TableSpecs,
+                                  check_transport, validation_key, validation_reason)
 from mailflow.local_macros import check_local_macros
 from mailflow.pipe_argv import check_flags, parse_argv
 from mailflow.syntax import parse_hostport, parse_ip
@@ -115,8 +122,8 @@ BindAddress4 = Annotated[str, AfterValidator(lambda v: check_bind_address(v, 4))
 BindAddress6 = Annotated[str, AfterValidator(lambda v: check_bind_address(v, 6))]
 
 
-class SmtpConfig(Section):
-    """The SMTP client (Postfix smtp): relay and MX delivery."""
+class SmtpSettings(Section):
+    """The SMTP client's settings (Postfix smtp): [smtp]'s, and what a `[smtp.services.NAME]` may set."""
 
     port: int = Field(25, ge=1, le=65535)
     connect_timeout: Duration = 30.0
@@ -186,6 +193,47 @@ class SmtpConfig(Section):
                 raise ValueError(f"{relay!r} is not an SMTP next hop ([host]:port, [address], host:port, domain)")
         return v
 
+
+S = TypeVar("S", bound=Section)
+
+
+def _service_names(services: dict[str, S]) -> dict[str, S]:
+    """A service's name is a transport's (as transport_maps name it), none of the built-in ones."""
+    for name in services:
+        if name in BUILTIN_TRANSPORTS:
+            raise ValueError(f"{name!r} is the name of a built-in transport")
+        if not TRANSPORT_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a transport name (letters, digits, '_', '-')")
+    return services
+
+
+def _merged(section: S, service: Section) -> S:
+    """`section` with the keys `service` sets in place of its own, validated as the section is (its cross-key
+    checks too), without services of its own."""
+    data = {**section.model_dump(exclude={"services"}), **service.model_dump(exclude_unset=True)}
+    return type(section).model_validate(data)
+
+
+def _check_merged(section: Section, services: dict[str, Section]) -> None:
+    """Each service's merged settings validate: a problem names the service and its key."""
+    for name, service in services.items():
+        try:
+            _merged(section, service)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise ValueError(f"services.{name}.{validation_key(err)}: {validation_reason(err)}") from None
+
+
+class SmtpService(SmtpSettings):
+    """One `[smtp.services.NAME]` (master.cf `NAME unix … smtp -o …`): the [smtp] keys it sets are its own."""
+
+
+class SmtpConfig(SmtpSettings):
+    """The SMTP client (Postfix smtp): relay and MX delivery; `services` are named SMTP client services, each a
+    transport of its own name with [smtp]'s settings but the keys it sets."""
+
+    services: dict[str, SmtpService] = {}
+
     @field_validator("tls_key_file")
     @classmethod
     def _key_needs_cert(cls, v: str, info: ValidationInfo) -> str:
@@ -193,8 +241,24 @@ class SmtpConfig(Section):
             raise ValueError("needs tls_cert_file (the certificate the key belongs to)")
         return v
 
+    _names = field_validator("services")(_service_names)
 
-class LmtpConfig(Section):
+    @field_serializer("services")
+    def _set_keys_only(self, services: dict[str, SmtpService]) -> dict[str, dict[str, object]]:
+        """A service as written (the keys it sets): dumped and validated again (a reload), it stays one."""
+        return {name: service.model_dump(exclude_unset=True) for name, service in services.items()}
+
+    @model_validator(mode="after")
+    def _services_merge(self) -> "SmtpConfig":
+        _check_merged(self, dict(self.services))
+        return self
+
+    def for_service(self, name: str) -> "SmtpConfig":
+        """The settings of the service `name`: these, with the keys it sets in their place."""
+        return _merged(self, self.services[name])
+
+
+class LmtpSettings(Section):
     """The LMTP client (Postfix lmtp): final delivery to a mailbox server such as Dovecot. `port` is used when the
     nexthop names none; each stage of the dialogue has its own limit (none of them may be 0)."""
 
@@ -211,6 +275,30 @@ class LmtpConfig(Section):
     mime_header_checks: InlineTableSpecs = ()
     nested_header_checks: InlineTableSpecs = ()
     body_checks: InlineTableSpecs = ()
+
+
+class LmtpService(LmtpSettings):
+    """One `[lmtp.services.NAME]` (master.cf `NAME unix … lmtp -o …`): the [lmtp] keys it sets are its own."""
+
+
+class LmtpConfig(LmtpSettings):
+    """[lmtp]; `services` are named LMTP client services, each a transport of its own name (as [smtp]'s)."""
+
+    services: dict[str, LmtpService] = {}
+
+    _names = field_validator("services")(_service_names)
+
+    @field_serializer("services")
+    def _set_keys_only(self, services: dict[str, LmtpService]) -> dict[str, dict[str, object]]:
+        return {name: service.model_dump(exclude_unset=True) for name, service in services.items()}
+
+    @model_validator(mode="after")
+    def _services_merge(self) -> "LmtpConfig":
+        _check_merged(self, dict(self.services))
+        return self
+
+    def for_service(self, name: str) -> "LmtpConfig":
+        return _merged(self, self.services[name])
 
 
 class DnsConfig(Section):

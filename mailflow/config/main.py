@@ -4,7 +4,7 @@
                              (the routing of address verification's probes)
     DEFAULTS                 Config() as built in, relative paths as written: where a component's constructor
                              needs a default (for tests), it takes it from here rather than restating it
-    BUILTIN_TRANSPORTS       the transport names a [pipe.NAME] service may not take
+    BUILTIN_TRANSPORTS       the transport names a [pipe.NAME] or an [smtp.services.NAME] service may not take
 
 Failure behaviour: a bad value raises ValueError (a ConfigError once loaded by mailflow.config.load).
 """
@@ -17,7 +17,7 @@ from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_
 from mailflow.address import is_valid_domain, mailbox_syntax_error, normalise_domain
 from mailflow.config.accounts import AccountsConfig
 from mailflow.config.admin import AdminConfig
-from mailflow.config.base import (TRANSPORT_NAME, Duration, Networks, Relayhost, Section, TableSpecs, Transport,
+from mailflow.config.base import (BUILTIN_TRANSPORTS, TRANSPORT_NAME, Duration, Networks, Relayhost, Section, TableSpecs, Transport,
                                   each_one_of)
 from mailflow.config.filters import (PROBE_ROUTING, AddressVerifyConfig, ChecksConfig, ClamdConfig, GreylistConfig,
                                      MilterConfig, SenderAuthConfig, SpamdConfig)
@@ -49,7 +49,6 @@ def _not_a_domain(entry: str, tables: bool) -> str:
     return f"{entry!r} is not a domain name"
 
 
-BUILTIN_TRANSPORTS = ("local", "virtual", "smtp", "relay", "lmtp", "discard", "error", "capture")
 HEADER_CLIENT_RULES = ("permit_inet_interfaces", "permit_mynetworks", "permit_sasl_authenticated",
                        "permit_tls_clientcerts", "permit_tls_all_clientcerts")
 
@@ -199,8 +198,8 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _local_passes_to_a_transport(self) -> "Config":
-        """local.mailbox_transport and local.fallback_transport name a built-in transport or a [pipe.NAME]."""
-        known = set(BUILTIN_TRANSPORTS) - {"local", "capture"} | set(self.pipe)
+        """local.mailbox_transport and local.fallback_transport name a built-in transport or a service."""
+        known = self.defined_transports() - {"local", "capture"}
         for key in ("mailbox_transport", "fallback_transport"):
             name = getattr(self.local, key).partition(":")[0]
             if name and name not in known:
@@ -209,9 +208,10 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _queue_tables_name_transports(self) -> "Config":
-        """The per-transport tables of [queue] name a built-in transport or a [pipe.NAME]: a misspelt one would be
-        ignored without a word (Postfix warns of a setting nobody reads)."""
-        known = set(BUILTIN_TRANSPORTS) | set(self.pipe)
+        """The per-transport tables of [queue] name a built-in transport or a service ([pipe.NAME],
+        [smtp.services.NAME], [lmtp.services.NAME]): a misspelt one would be ignored without a word (Postfix warns
+        of a setting nobody reads)."""
+        known = self.defined_transports()
         for key in ("transport_concurrency_limit", "transport_destination_rate_delay",
                     "transport_destination_recipient_limit"):
             unknown = sorted(set(getattr(self.queue, key)) - known)
@@ -219,6 +219,27 @@ class Config(Section):
                 raise ValueError(f"queue.{key}: {', '.join(map(repr, unknown))} is not a transport "
                                  f"(known: {', '.join(sorted(known))})")
         return self
+
+    @model_validator(mode="after")
+    def _one_service_a_name(self) -> "Config":
+        """A name is one service's: a [pipe.NAME], an [smtp.services.NAME] or an [lmtp.services.NAME] (each is the
+        transport of that name), as a master.cf service name is one line's."""
+        seen: dict[str, str] = {}
+        for where, names in self._services():
+            for name in names:
+                if name in seen:
+                    raise ValueError(f"{where}.{name}: {name!r} is also [{seen[name]}.{name}] (a service's name is the "
+                                     "transport's: one service each)")
+                seen[name] = where
+        return self
+
+    def _services(self) -> list[tuple[str, list[str]]]:
+        return [("pipe", list(self.pipe)), ("smtp.services", list(self.smtp.services)),
+                ("lmtp.services", list(self.lmtp.services))]
+
+    def defined_transports(self) -> set[str]:
+        """Every transport name this configuration defines: the built-in ones and its services'."""
+        return set(BUILTIN_TRANSPORTS).union(*(names for _, names in self._services()))
 
     @field_validator("pipe")
     @classmethod

@@ -55,30 +55,61 @@ def build_mta_sts(config, resolver) -> MtaSts | None:
     return MtaSts(resolver, fetcher, cache_size=config.mta_sts.cache_size)
 
 
-def build_generic_maps(config, router, tables: TableCache) -> GenericMaps | None:
-    """[smtp] generic_maps as the SMTP client asks them (None when unset: nothing is looked up)."""
-    if not config.smtp.generic_maps:
+def build_generic_maps(config, client, router, tables: TableCache) -> GenericMaps | None:
+    """The `client`'s ([smtp] or one of its services) generic_maps as the SMTP client asks them (None when unset:
+    nothing is looked up)."""
+    if not client.generic_maps:
         return None
-    return GenericMaps(tables.open(config.smtp.generic_maps), delimiter=config.recipient_delimiter,
+    return GenericMaps(tables.open(client.generic_maps), delimiter=config.recipient_delimiter,
                        qualify=router.rewriter.qualify, find_address=router.rewriter.find_address)
 
 
-def build_outbound_checks(config, tables: TableCache, program: str = "smtp") -> OutboundChecks | None:
-    """[smtp] (or [lmtp]) header_checks, mime_header_checks, nested_header_checks and body_checks (None when none
-    is set: no per-message work)."""
-    client = config.smtp if program == "smtp" else config.lmtp
+def build_outbound_checks(client, tables: TableCache, program: str = "smtp") -> OutboundChecks | None:
+    """The `client`'s ([smtp], [lmtp] or one of their services) header_checks, mime_header_checks,
+    nested_header_checks and body_checks (None when none is set: no per-message work)."""
     specs = (client.header_checks, client.mime_header_checks, client.nested_header_checks, client.body_checks)
     if not any(specs):
         return None
     return OutboundChecks(*(tables.open(spec) if spec else [] for spec in specs), program=program)
 
 
-def sasl_sender_keys(config, router) -> Callable[[str], list[str]] | None:
+def sasl_sender_keys(client, router) -> Callable[[str], list[str]] | None:
     """The sasl_password_maps keys of an envelope sender (mail_addr_find's, as Postfix's sender-dependent
-    authentication asks them); None when [smtp] sender_dependent_authentication is off or there are no maps."""
-    if not (config.smtp.sender_dependent_authentication and config.smtp.sasl_password_maps):
+    authentication asks them); None when the client's sender_dependent_authentication is off or it has no maps."""
+    if not (client.sender_dependent_authentication and client.sasl_password_maps):
         return None
     return router.rewriter.address_keys
+
+
+def build_smtp_client(config, client, *, resolver, clock, router, tables: TableCache, mta_sts) -> SmtpTransport:
+    """One SMTP client ([smtp], or the merged settings of an [smtp.services.NAME]): its own connection cache, TLS
+    contexts and tables, so that services never share a session."""
+    return SmtpTransport(client, resolver=resolver, helo_name=client.helo_name or config.myhostname, mta_sts=mta_sts,
+                         plaintext_after=config.queue.minimal_backoff_time,
+                         own_addresses=router.rewriter.own_addresses, own_ports=config.smtpd.ports,
+                         relayhost=config.relayhost, now=clock.time, tables=tables,
+                         generic=build_generic_maps(config, client, router, tables),
+                         checks=build_outbound_checks(client, tables),
+                         sender_keys=sasl_sender_keys(client, router), soft_bounce=config.soft_bounce)
+
+
+def build_lmtp_client(config, client, *, clock, tables: TableCache) -> LmtpTransport:
+    """One LMTP client ([lmtp], or the merged settings of an [lmtp.services.NAME])."""
+    return LmtpTransport(client, helo_name=config.myhostname, now=clock.time,
+                         checks=build_outbound_checks(client, tables, "lmtp"))
+
+
+def client_services(config, resolver, clock, router, tables: TableCache, mta_sts) -> dict[str, Transport]:
+    """The [smtp.services.NAME] and [lmtp.services.NAME] clients by name (config validation keeps their names off
+    the built-in transports' and each other's)."""
+    smtp: dict[str, Transport] = {
+        name: build_smtp_client(config, config.smtp.for_service(name), resolver=resolver, clock=clock, router=router,
+                                tables=tables, mta_sts=mta_sts)
+        for name in config.smtp.services}
+    lmtp: dict[str, Transport] = {
+        name: build_lmtp_client(config, config.lmtp.for_service(name), clock=clock, tables=tables)
+        for name in config.lmtp.services}
+    return {**smtp, **lmtp}
 
 
 def build_transports(config, resolver, clock, router, forward=None, mailbox=None) -> dict[str, Transport]:
@@ -86,13 +117,9 @@ def build_transports(config, resolver, clock, router, forward=None, mailbox=None
     agents their tables; `forward` lets local delivery queue forwarded copies (see transports.local); with a
     capture `mailbox` (mailflow.capture), the `capture` transport keeps messages in it."""
     tables = TableCache()
-    smtp = SmtpTransport(config.smtp, resolver=resolver, helo_name=config.smtp.helo_name or config.myhostname,
-                         mta_sts=build_mta_sts(config, resolver), plaintext_after=config.queue.minimal_backoff_time,
-                         own_addresses=router.rewriter.own_addresses, own_ports=config.smtpd.ports,
-                         relayhost=config.relayhost, now=clock.time, tables=tables,
-                         generic=build_generic_maps(config, router, tables),
-                         checks=build_outbound_checks(config, tables),
-                         sender_keys=sasl_sender_keys(config, router), soft_bounce=config.soft_bounce)
+    mta_sts = build_mta_sts(config, resolver)
+    smtp = build_smtp_client(config, config.smtp, resolver=resolver, clock=clock, router=router, tables=tables,
+                             mta_sts=mta_sts)
     registry: dict[str, Transport] = {}  # local hands mailboxes to the others (mailbox_transport, fallback_transport)
     registry.update({
         **({"capture": CaptureTransport(mailbox)} if mailbox is not None else {}),
@@ -105,13 +132,13 @@ def build_transports(config, resolver, clock, router, forward=None, mailbox=None
                                     owner=router.rewriter.virtual_owner, base=config.virtual_mailbox_base),
         "smtp": smtp,
         "relay": smtp,
-        "lmtp": LmtpTransport(config.lmtp, helo_name=config.myhostname, now=clock.time,
-                              checks=build_outbound_checks(config, tables, "lmtp")),
+        "lmtp": build_lmtp_client(config, config.lmtp, clock=clock, tables=tables),
         "discard": DiscardTransport(),
         "error": ErrorTransport(),
         # [pipe.NAME] services; config validation keeps their names off the built-in ones above.
         **{name: PipeTransport(service, name=name, recipient_delimiter=config.recipient_delimiter, now=clock.time,
                                allow_min_user=config.allow_min_user)
            for name, service in config.pipe.items()},
+        **client_services(config, resolver, clock, router, tables, mta_sts),
     })
     return registry

@@ -317,8 +317,8 @@ def test_each_client_takes_its_own_sections_settings_and_none_set_builds_nothing
     from mailflow.transports import build_outbound_checks
     (tmp_path / "h").write_text("/^X:/ IGNORE\n")
     config = Config(lmtp=LmtpConfig(header_checks=[f"regexp:{tmp_path}/h"]))
-    assert build_outbound_checks(config, TableCache(), "smtp") is None  # (no per-message work)
-    lmtp = build_outbound_checks(config, TableCache(), "lmtp")
+    assert build_outbound_checks(config.smtp, TableCache(), "smtp") is None  # (no per-message work)
+    lmtp = build_outbound_checks(config.lmtp, TableCache(), "lmtp")
     assert lmtp is not None and lmtp.program == "lmtp" and lmtp.head("Q1", b"X: 1\r\nY: 2\r\n") == b"Y: 2\r\n"
 
 

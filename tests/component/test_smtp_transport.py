@@ -1529,11 +1529,11 @@ def test_the_servers_sender_keys_are_mail_addr_finds_and_only_when_sender_depend
 
     on = Config(mydestination=("local.test",), smtp={"sender_dependent_authentication": True,
                                                      "sasl_password_maps": ["inline:{a=b}"]})
-    keys = sasl_sender_keys(on, Router(on))
+    keys = sasl_sender_keys(on.smtp, Router(on))
     assert keys("al+x@local.test") == ["al+x@local.test", "al@local.test", "al+x", "al", "@local.test"]
     assert keys("al+x@remote.test") == ["al+x@remote.test", "al@remote.test", "@remote.test"]
-    assert sasl_sender_keys(Config(smtp={"sasl_password_maps": ["inline:{a=b}"]}), Router(Config())) is None
-    assert sasl_sender_keys(Config(smtp={"sender_dependent_authentication": True}), Router(Config())) is None
+    assert sasl_sender_keys(Config(smtp={"sasl_password_maps": ["inline:{a=b}"]}).smtp, Router(Config())) is None
+    assert sasl_sender_keys(Config(smtp={"sender_dependent_authentication": True}).smtp, Router(Config())) is None
 
 
 # ---------------------------------------------------------------------------------------------------- connection cache

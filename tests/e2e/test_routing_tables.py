@@ -57,4 +57,5 @@ async def test_mail_routed_to_an_undefined_transport_is_deferred_in_postfix_s_wo
     await queue_becomes(mf.store, {"deferred": 1})
     lines = [r.getMessage() for r in caplog.records]
     assert any(line.endswith("dsn=4.3.0, status=deferred (mail transport unavailable)") for line in lines), lines
-    assert "transport 'nosuch' is not defined (no built-in transport nor [pipe.nosuch])" in lines
+    assert ("transport 'nosuch' is not defined (no built-in transport nor [pipe.nosuch], [smtp.services.nosuch] or "
+            "[lmtp.services.nosuch])") in lines

@@ -1030,7 +1030,8 @@ def _undefined_transport(transport: str, recipients: tuple[Recipient, ...]) -> D
     """What qmgr answers for the recipients of a job (or a probe) routed to a transport that is not defined: as
     Postfix's qmgr for a service master.cf lacks, 4.3.0 "mail transport unavailable", with a warning that names
     it (Postfix's "connect to transport private/NAME: No such file or directory")."""
-    log.warning("transport %r is not defined (no built-in transport nor [pipe.%s])", transport, transport)
+    log.warning("transport %r is not defined (no built-in transport nor [pipe.%s], [smtp.services.%s] or "
+                "[lmtp.services.%s])", transport, transport, transport, transport)
     return DeliveryReport.uniform(recipients, Outcome.DEFERRED, "4.3.0", "mail transport unavailable")
 
 

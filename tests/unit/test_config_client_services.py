@@ -1,0 +1,76 @@
+"""[smtp.services.NAME] and [lmtp.services.NAME]: named SMTP/LMTP client services (master.cf's `smtp-amavis unix …
+smtp -o …`), each a transport of its own name with its section's settings but the keys it sets, validated as the
+section's; an unknown key or a name another transport has is refused naming the file and the key."""
+from __future__ import annotations
+
+import pytest
+
+from mailflow.config import config_from_dict
+from mailflow.config.reload import in_force
+from mailflow.config.show import show_settings
+from mailflow.errors import ConfigError
+
+AMAVIS = {"smtp": {"helo_name": "out.example", "tls_security_level": "encrypt",
+                   "services": {"smtp-amavis": {"data_timeout": "20m", "tls_security_level": "none"}}},
+          "lmtp": {"services": {"dovecot": {"port": 2424}}}}
+
+
+def test_a_service_takes_its_sections_settings_but_the_keys_it_sets():
+    config = config_from_dict(AMAVIS)
+    amavis = config.smtp.for_service("smtp-amavis")
+    assert (amavis.data_timeout, amavis.tls_security_level, amavis.helo_name) == (1200.0, "none", "out.example")
+    assert config.smtp.tls_security_level == "encrypt" and config.smtp.data_timeout == 600.0
+    assert config.lmtp.for_service("dovecot").port == 2424 and config.lmtp.port == 24
+    assert {"smtp-amavis", "dovecot"} <= config.defined_transports()
+
+
+def test_per_transport_queue_tables_and_local_may_name_a_service():
+    config = config_from_dict({**AMAVIS, "queue": {"transport_concurrency_limit": {"smtp-amavis": 2},
+                                                   "transport_destination_rate_delay": {"dovecot": "1s"},
+                                                   "transport_destination_recipient_limit": {"smtp-amavis": 1}},
+                               "local": {"mailbox_transport": "dovecot:[127.0.0.1]"}})
+    assert config.queue.transport_concurrency_limit == {"smtp-amavis": 2}
+
+
+@pytest.mark.parametrize("document, key, reason", [
+    ({"smtp": {"services": {"a": {"helo_nmae": "x"}}}}, "smtp.services.a.helo_nmae", "unknown setting"),
+    ({"lmtp": {"services": {"a": {"helo_name": "x"}}}}, "lmtp.services.a.helo_name", "unknown setting"),
+    ({"smtp": {"services": {"a": {"services": {}}}}}, "smtp.services.a.services", "unknown setting"),
+    ({"smtp": {"services": {"a": {"port": 0}}}}, "smtp.services.a.port", "greater than or equal to 1"),
+    ({"smtp": {"services": {"a": {"tls_security_level": "maybe"}}}}, "smtp.services.a.tls_security_level", "'may'"),
+    ({"smtp": {"services": {"a": {"reply_filter": ["sqlite:/x.db"]}}}}, "smtp.services.a.reply_filter", "may wait"),
+    ({"smtp": {"services": {"a": {"tls_key_file": "/k.pem"}}}}, "smtp", "services.a.tls_key_file: needs tls_cert"),
+    ({"smtp": {"services": {"relay": {}}}}, "smtp.services", "'relay' is the name of a built-in transport"),
+    ({"lmtp": {"services": {"local": {}}}}, "lmtp.services", "'local' is the name of a built-in transport"),
+    ({"smtp": {"services": {"a:b": {}}}}, "smtp.services", "not a transport name"),
+    ({"smtp": {"services": {"slow": {}}}, "pipe": {"slow": {"argv": ["/bin/true"]}}}, "(top level)",
+     "smtp.services.slow: 'slow' is also [pipe.slow]"),
+    ({"smtp": {"services": {"x": {}}}, "lmtp": {"services": {"x": {}}}}, "(top level)",
+     "lmtp.services.x: 'x' is also [smtp.services.x]"),
+    ({"queue": {"transport_concurrency_limit": {"smtp-amavis": 2}}}, "(top level)",
+     "queue.transport_concurrency_limit: 'smtp-amavis' is not a transport"),
+])
+def test_a_bad_service_is_refused_naming_the_file_and_key(document, key, reason):
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict(document, "mailflow.toml")
+    assert (caught.value.file, caught.value.key) == ("mailflow.toml", key)
+    assert reason in caught.value.reason
+
+
+def test_a_service_keeps_only_what_it_sets_through_a_reload_and_config_show_shows_that():
+    """Dumped and validated again (a reload's `in_force`), a service does not turn [smtp]'s values of the keys it
+    left alone into its own: a later change of [smtp] reaches it."""
+    config = config_from_dict(AMAVIS)
+    again = in_force(config, config, "mailflow.toml")
+    assert again.smtp.services == config.smtp.services
+    changed = config_from_dict({**again.model_dump(), "smtp": {**again.model_dump()["smtp"], "helo_name": "new"}})
+    assert changed.smtp.for_service("smtp-amavis").helo_name == "new"
+    assert ('smtp.services = {smtp-amavis = {data_timeout = 1200, tls_security_level = "none"}}'
+            in show_settings(config, changed_only=True))
+
+
+def test_a_services_relative_table_paths_are_taken_from_the_files_directory(tmp_path):
+    (tmp_path / "mailflow.toml").write_text('[smtp.services.x]\ngeneric_maps = ["texthash:generic"]\n')
+    from mailflow.config import load_config
+    config = load_config(tmp_path / "mailflow.toml")
+    assert config.smtp.for_service("x").generic_maps == (f"texthash:{tmp_path}/generic",)
