@@ -1,0 +1,141 @@
+"""Named SMTP and LMTP client services ([smtp.services.NAME], [lmtp.services.NAME]) delivering through a running
+server to peers on 127.0.0.1: each is a transport of its own name that routing (transport_maps, content_filter)
+names, with its own settings, its own connection cache and, in qmgr, its own concurrency; a reload adds and
+removes them as it does [pipe.NAME] services (mail for a removed one is deferred, not lost)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from aiosmtpd.lmtp import LMTP
+
+from mailflow.config import config_from_dict
+from tests.support import CaptureHandler, eventually, queue_becomes, send, stall_mail
+
+MESSAGE = b"Subject: s\r\n\r\nbody\r\n"
+
+
+def routes(**domains: str) -> list[str]:
+    """transport_maps sending each domain (a_test -> a.test) to its `transport:nexthop`."""
+    entries = ", ".join(f"{domain.replace('_', '.')}={route}" for domain, route in domains.items())
+    return [f"inline:{{ {entries} }}"]
+
+
+async def test_each_service_delivers_with_its_own_settings_and_smtp_with_its_own(mailflow_server, smtp_peer):
+    """`amavis` says its own HELO name; `other` takes its port from its own setting (the next hop names none);
+    [smtp] itself keeps myhostname: as master.cf's `-o smtp_helo_name=…` and `-o smtp_…` apply to one service."""
+    first, second = await smtp_peer(), await smtp_peer()
+    mf = await mailflow_server(
+        relay_domains=["a.test", "b.test", "c.test"],
+        transport_maps=routes(a_test=f"amavis:[127.0.0.1]:{first.port}", b_test="other:[127.0.0.1]",
+                              c_test=f"smtp:[127.0.0.1]:{first.port}"),
+        smtp={"services": {"amavis": {"helo_name": "amavis.client.test"}, "other": {"port": second.port}}})
+    port = mf.smtp_addresses[0][1]
+    for domain in ("a.test", "b.test", "c.test"):
+        await send(port, "s@remote.test", [f"u@{domain}"], MESSAGE)
+    await queue_becomes(mf.store, {})
+    helo = {m.rcpt_tos[0]: m.helo for m in first.messages + second.messages}
+    assert helo == {"u@a.test": "amavis.client.test", "u@b.test": "mx.mailflow.test", "u@c.test": "mx.mailflow.test"}
+    assert [m.rcpt_tos for m in second.messages] == [["u@b.test"]]
+
+
+async def test_two_services_to_one_peer_never_share_a_cached_session(mailflow_server, smtp_peer):
+    """Each service has its connection cache: a session `one` opened (and cached) to a next hop is not the one
+    `two` uses for the same next hop, which says its own HELO name."""
+    peer = await smtp_peer()
+    mf = await mailflow_server(
+        relay_domains=["a.test", "b.test"],
+        transport_maps=routes(a_test=f"one:[127.0.0.1]:{peer.port}", b_test=f"two:[127.0.0.1]:{peer.port}"),
+        smtp={"services": {"one": {"helo_name": "one.test", "connection_cache_time_limit": "30s"},
+                           "two": {"helo_name": "two.test", "connection_cache_time_limit": "30s"}}})
+    port = mf.smtp_addresses[0][1]
+    await send(port, "s@remote.test", ["u@a.test"], MESSAGE)
+    await queue_becomes(mf.store, {})
+    await send(port, "s@remote.test", ["u@b.test"], MESSAGE)
+    await queue_becomes(mf.store, {})
+    assert [(m.rcpt_tos, m.helo) for m in peer.messages] == [(["u@a.test"], "one.test"), (["u@b.test"], "two.test")]
+
+
+async def test_a_services_concurrency_limit_is_its_own(mailflow_server, smtp_peer):
+    """queue.transport_concurrency_limit.slow = 1 (master.cf `slow … 1 smtp`): never two deliveries over `slow` at
+    once, while [smtp]'s deliveries to another peer run side by side."""
+    slow_peer, fast_peer = await smtp_peer(), await smtp_peer()
+    slow_gate, fast_gate = stall_mail(slow_peer), stall_mail(fast_peer)
+    mf = await mailflow_server(
+        relay_domains=["slow.test", "fast.test"],
+        transport_maps=routes(slow_test=f"slow:[127.0.0.1]:{slow_peer.port}",
+                              fast_test=f"smtp:[127.0.0.1]:{fast_peer.port}"),
+        smtp={"services": {"slow": {}}}, queue={"transport_concurrency_limit": {"slow": 1}})
+    port = mf.smtp_addresses[0][1]
+    for i in range(3):
+        await send(port, "s@remote.test", [f"u{i}@slow.test"], MESSAGE)
+        await send(port, "s@remote.test", [f"u{i}@fast.test"], MESSAGE)
+    await eventually(lambda: fast_peer.handler.stalled == 3, what="three deliveries over smtp at once")
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:  # (the limit holds while smtp's run: never a second one over slow)
+        assert slow_peer.handler.stalled == 1
+        await asyncio.sleep(0.02)
+    slow_gate.set()
+    fast_gate.set()
+    await queue_becomes(mf.store, {})
+    assert len(slow_peer.messages) == 3 and len(fast_peer.messages) == 3
+
+
+async def test_a_content_filter_names_a_service(mailflow_server, smtp_peer):
+    """FILTER_README's `content_filter = smtp-amavis:[127.0.0.1]:10024` with master.cf's `smtp-amavis … smtp -o
+    smtp_helo_name=…`: mail goes to the filter over that service, with its settings."""
+    amavis = await smtp_peer()
+    mf = await mailflow_server(smtpd={"content_filter": f"smtp-amavis:[127.0.0.1]:{amavis.port}"},
+                               smtp={"services": {"smtp-amavis": {"helo_name": "to-filter.test",
+                                                                  "data_timeout": "20m"}}})
+    await send(mf.smtp_addresses[0][1], "s@remote.test", ["alice@local.test"], MESSAGE)
+    await queue_becomes(mf.store, {})
+    assert [(m.rcpt_tos, m.helo) for m in amavis.messages] == [(["alice@local.test"], "to-filter.test")]
+
+
+async def test_a_reload_removes_and_adds_a_service_and_mail_for_a_removed_one_waits(mailflow_server, smtp_peer,
+                                                                                 caplog):
+    """As for a [pipe.NAME]: after a reload that removes a service, mail routed to it is deferred with Postfix's
+    text for a transport master.cf lacks (4.3.0 mail transport unavailable), not lost; a reload that adds it back
+    delivers it, with the settings the new configuration gives."""
+    caplog.set_level(logging.INFO)
+    peer = await smtp_peer()
+    settings = dict(relay_domains=["a.test"], transport_maps=routes(a_test=f"filter:[127.0.0.1]:{peer.port}"),
+                    queue={"minimal_backoff_time": "1h", "maximal_backoff_time": "1h"})
+    mf = await mailflow_server(**settings, smtp={"services": {"filter": {"helo_name": "first.test"}}})
+    port = mf.smtp_addresses[0][1]
+    await send(port, "s@remote.test", ["u1@a.test"], MESSAGE)
+    await queue_becomes(mf.store, {})
+
+    without = mf.config.model_dump()
+    without["smtp"]["services"] = {}
+    await mf.reload(config_from_dict(without))
+    _, reply = await send(port, "s@remote.test", ["u2@a.test"], MESSAGE)
+    await queue_becomes(mf.store, {"deferred": 1})
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("to=<u2@a.test>" in line and line.endswith("dsn=4.3.0, status=deferred (mail transport unavailable)")
+               for line in lines), lines
+
+    back = mf.config.model_dump()
+    back["smtp"]["services"] = {"filter": {"helo_name": "second.test"}}
+    await mf.reload(config_from_dict(back))
+    await mf.store.flush_messages([reply.rsplit(" ", 1)[1]], time.time())
+    await queue_becomes(mf.store, {})
+    assert [(m.rcpt_tos, m.helo) for m in peer.messages] == [(["u1@a.test"], "first.test"),
+                                                             (["u2@a.test"], "second.test")]
+
+
+async def test_an_lmtp_service_delivers_with_its_own_port(mailflow_server):
+    """[lmtp.services.NAME] (master.cf `dovecot-lmtp … lmtp -o …`): its port where the next hop names none."""
+    handler = CaptureHandler()
+    server = await asyncio.get_running_loop().create_server(lambda: LMTP(handler), "127.0.0.1", 0)
+    try:
+        mf = await mailflow_server(relay_domains=["box.test"], transport_maps=routes(box_test="box:[127.0.0.1]"),
+                                   lmtp={"services": {"box": {"port": server.sockets[0].getsockname()[1]}}})
+        await send(mf.smtp_addresses[0][1], "s@remote.test", ["u@box.test"], MESSAGE)
+        await queue_becomes(mf.store, {})
+        assert [m.rcpt_tos for m in handler.messages] == [["u@box.test"]]
+    finally:
+        server.close()
+        await server.wait_closed()
