@@ -5,7 +5,8 @@ their lookups go) and `[pipe.NAME]` (pipe(8) services).
     SmtpService, LmtpService     one `[smtp.services.NAME]` / `[lmtp.services.NAME]` table: a named client service
                                  (master.cf's `smtp-amavis unix … smtp -o …`), any of its section's keys; the keys it
                                  sets replace the section's (`SmtpConfig.for_service(NAME)`: the merged settings,
-                                 validated as the section is); it is a transport named NAME
+                                 validated as the section is); it is a transport named NAME (`relay`, [smtp]'s
+                                 otherwise, may be one: REPLACEABLE)
 
 Failure behaviour: a bad value raises ValueError (a ConfigError once loaded): a mailbox path outside the home,
 an unprivileged user that is root, a key without its certificate, an unknown pipe macro or flag, a service's
@@ -197,10 +198,23 @@ class SmtpSettings(Section):
 S = TypeVar("S", bound=Section)
 
 
-def _service_names(services: dict[str, S]) -> dict[str, S]:
-    """A service's name is a transport's (as transport_maps name it), none of the built-in ones."""
+# The built-in transport an [smtp.services.NAME] may replace: `relay`, [smtp]'s own otherwise, is in Postfix's
+# master.cf an smtp service of its own (`relay unix … smtp -o smtp_tls_security_level=encrypt`).
+REPLACEABLE = {"smtp": ("relay",), "lmtp": ()}
+
+
+def _smtp_service_names(services: dict[str, S]) -> dict[str, S]:
+    return _service_names(services, REPLACEABLE["smtp"])
+
+
+def _lmtp_service_names(services: dict[str, S]) -> dict[str, S]:
+    return _service_names(services, REPLACEABLE["lmtp"])
+
+
+def _service_names(services: dict[str, S], replaceable: tuple[str, ...]) -> dict[str, S]:
+    """A service's name is a transport's (as transport_maps name it), none of the built-in ones but `replaceable`."""
     for name in services:
-        if name in BUILTIN_TRANSPORTS:
+        if name in BUILTIN_TRANSPORTS and name not in replaceable:
             raise ValueError(f"{name!r} is the name of a built-in transport")
         if not TRANSPORT_NAME.fullmatch(name):
             raise ValueError(f"{name!r} is not a transport name (letters, digits, '_', '-')")
@@ -241,7 +255,7 @@ class SmtpConfig(SmtpSettings):
             raise ValueError("needs tls_cert_file (the certificate the key belongs to)")
         return v
 
-    _names = field_validator("services")(_service_names)
+    _names = field_validator("services")(_smtp_service_names)
 
     @field_serializer("services")
     def _set_keys_only(self, services: dict[str, SmtpService]) -> dict[str, dict[str, object]]:
@@ -286,7 +300,7 @@ class LmtpConfig(LmtpSettings):
 
     services: dict[str, LmtpService] = {}
 
-    _names = field_validator("services")(_service_names)
+    _names = field_validator("services")(_lmtp_service_names)
 
     @field_serializer("services")
     def _set_keys_only(self, services: dict[str, LmtpService]) -> dict[str, dict[str, object]]:

@@ -17,8 +17,8 @@ from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_
 from mailflow.address import is_valid_domain, mailbox_syntax_error, normalise_domain
 from mailflow.config.accounts import AccountsConfig
 from mailflow.config.admin import AdminConfig
-from mailflow.config.base import (BUILTIN_TRANSPORTS, TRANSPORT_NAME, Duration, Networks, Relayhost, Section, TableSpecs, Transport,
-                                  each_one_of)
+from mailflow.config.base import (BUILTIN_TRANSPORTS, TRANSPORT_NAME, Duration, Networks, Relayhost, Section,
+                                  TableSpecs, Transport, each_one_of)
 from mailflow.config.filters import (PROBE_ROUTING, AddressVerifyConfig, ChecksConfig, ClamdConfig, GreylistConfig,
                                      MilterConfig, SenderAuthConfig, SpamdConfig)
 from mailflow.config.delivery import DnsConfig, LmtpConfig, LocalConfig, PipeService, SmtpConfig
@@ -224,7 +224,7 @@ class Config(Section):
     def _one_service_a_name(self) -> "Config":
         """A name is one service's: a [pipe.NAME], an [smtp.services.NAME] or an [lmtp.services.NAME] (each is the
         transport of that name), as a master.cf service name is one line's."""
-        seen: dict[str, str] = {}
+        seen: dict[str, str] = {}  # (a service named as a built-in transport is refused by its section)
         for where, names in self._services():
             for name in names:
                 if name in seen:

@@ -3,12 +3,14 @@
     logical_lines(path), read_main_cf(path), read_master_cf(path)   UnreadableFile(file, line, reason)
     Expander(raw, hostname).expand(value)        $name expansion; Unexpanded for a name it cannot know
     convert(name, key, value, notes)             a Postfix value as mailflow's setting `key` takes it; Refused(why)
+    time_in_seconds(value)                       a Postfix time value in seconds (None: not one)
     SETTING_TYPES                                every setting `key` may name (its default: its type), with
                                                  [smtpd.postscreen]'s as `smtpd.postscreen.name`
     table_spec(token, notes), split_list(value)  `type:name` in mailflow's form; a Postfix list's entries
     from_queue_directory(value, queue, notes)    relative `unix:` paths made absolute, as Postfix reads them
     sasl_path_from_queue_directory(...)          a relative smtpd_sasl_path made absolute, as Postfix opens it
-    Imported, LeftOut                            what an import produces, and its TOML
+    Imported, LeftOut                            what an import produces (settings, listeners, pipe and client
+                                                 services...), and its TOML
     printable(text)                              non-printable characters escaped (comments, the terminal)
     ImportState                                  what postfix_master's service translation reads and writes
 
@@ -64,7 +66,8 @@ class Imported:
     origins: dict[str, str] = field(default_factory=dict)           # setting -> "main.cf:3: name = value"
     notes: list[str] = field(default_factory=list)
     left_out: list[LeftOut] = field(default_factory=list)
-    transport_aliases: dict[str, str] = field(default_factory=dict)  # a master.cf smtp/lmtp service -> its command
+    # a master.cf smtp/lmtp service -> its [smtp.services.NAME] (or lmtp) settings, and `client`: smtp or lmtp
+    clients: dict[str, dict[str, object]] = field(default_factory=dict)
     # a per-transport table's entries' lines: "queue.transport_concurrency_limit" -> transport -> "where: name = value"
     entry_origins: dict[str, dict[str, str]] = field(default_factory=dict)
 
@@ -109,6 +112,10 @@ class Imported:
             smtpd["listeners"] = [_without_origin(listener) for listener in self.listeners]
         if self.pipes:
             doc["pipe"] = {name: _without_origin(service) for name, service in self.pipes.items()}
+        for name, client in self.clients.items():
+            client_section = doc.setdefault(str(client["client"]), {})
+            assert isinstance(client_section, dict)
+            client_section.setdefault("services", {})[name] = _without_origin(client)
         return doc
 
     def toml(self) -> str:
@@ -135,6 +142,9 @@ class Imported:
         for name, service in self.pipes.items():
             out += ["", f"[pipe.{_toml_key(name)}]"]
             out += [format_setting(k, v) for k, v in service.items() if k not in _PRIVATE]
+        for name, client in self.clients.items():
+            out += ["", f"[{client['client']}.services.{_toml_key(name)}]"]
+            out += [format_setting(k, v) for k, v in client.items() if k not in _PRIVATE]
         return "\n".join(out) + "\n"
 
     def _lines(self, keys: list[str]) -> list[str]:
@@ -153,7 +163,8 @@ def printable(text: str) -> str:
                    for c in text)
 
 
-_PRIVATE = ("origin", "sources")  # where a listener or pipe came from (its line, each override's -o): not written
+# where a listener, pipe or client service came from (its line, each setting's -o), a client's kind: not written
+_PRIVATE = ("origin", "sources", "client")
 
 
 def _without_origin(table: dict[str, object]) -> dict[str, object]:
@@ -485,6 +496,12 @@ def restriction_items(tokens: list[str]) -> list[str]:
             items.append(token)
             pending = token.lower() in WITH_ARGUMENT
     return items
+
+
+def time_in_seconds(value: str) -> float | None:
+    """A Postfix time value (`300s`, `5m`, a bare number of seconds) in seconds; None when it is not one."""
+    m = re.fullmatch(r"\s*(\d+)\s*([smhdw]?)\s*", value)
+    return int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)] if m else None
 
 
 def convert(name: str, key: str, value: str, notes: list[str]) -> object:

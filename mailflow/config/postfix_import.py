@@ -26,7 +26,7 @@ master.cf: `smtpd` inet services become the listen addresses (the `smtp` service
 (submission: `-o smtpd_tls_security_level=encrypt` and AUTH; submissions: `-o smtpd_tls_wrappermode=yes`) and overrides
 (each `-o` through the same table); a `postscreen` service turns [smtpd.postscreen] on for its port (the `pass`
 service's `-o` applied there; the postscreen_* parameters are [smtpd.postscreen]'s); `pipe` services become
-`[pipe.NAME]`; a second smtp or lmtp service (a content filter's) is mailflow's transport of that kind; Postfix's own
+`[pipe.NAME]`; a second smtp or lmtp service (a content filter's) an `[smtp.services.NAME]` (or lmtp); Postfix's own
 services are built in; anything else is left out (mailflow.config.postfix_master). A `*_transport` or content_filter
 naming a transport mailflow then does not have (master.cf's service left out, or no master.cf) is left out. The
 reading half (files, expansion, values, the result) is mailflow.config.postfix_cf.
@@ -42,7 +42,7 @@ from mailflow.config.main import BUILTIN_TRANSPORTS
 from mailflow.config.postfix_cf import (POSTFIX_TABLE_DEFAULTS, Expander, Imported, Line, Refused, Service,
                                         Unexpanded, UnreadableFile, convert, from_queue_directory, read_main_cf,
                                         read_master_cf, restriction_items, sasl_path_from_queue_directory,
-                                        split_list, table_spec)
+                                        split_list, table_spec, time_in_seconds)
 from mailflow.config.postfix_master import translate_service
 from mailflow.config.show import format_setting
 from mailflow.config.smtpd import LISTENER_ROLES, SMTPD_BANNER
@@ -73,7 +73,6 @@ class Importer:
         if self.services is not None:
             for service in self.services:
                 self._service(service)
-        self._rename_transports()
         self._check_transports()
         self._validate()
         self._helpers()
@@ -202,7 +201,7 @@ class Importer:
         merged = [n for n, keys in names.SETTINGS.items() if keys == names.SETTINGS[name]]
         values = {n: (self._expand(n, *self.params[n]) if n in self.params else None) or names.MERGED_DEFAULTS[n]
                   for n in merged}
-        if len({_seconds(v) for v in values.values()}) > 1:
+        if len({time_in_seconds(v) for v in values.values()}) > 1:
             shown = ", ".join(f"{n} = {v}{'' if n in self.params else ' (default)'}" for n, v in values.items())
             raise Refused(f"mailflow's {names.SETTINGS[name][0]} is one value for {len(merged)} Postfix timeouts, "
                           f"and they differ ({shown})")
@@ -317,32 +316,10 @@ class Importer:
     def _service(self, service: Service) -> None:
         translate_service(self, service)
 
-    def _rename_transports(self) -> None:
-        """Settings naming a second smtp/lmtp service (`smtp-amavis:[127.0.0.1]:10024`) name mailflow's transport."""
-        aliases = self.out.transport_aliases
-        if not aliases:
-            return
-
-        def renamed(value: object) -> object:
-            if isinstance(value, str) and value.partition(":")[0] in aliases:
-                name, colon, rest = value.partition(":")
-                new = f"{aliases[name]}{colon}{rest}"
-                self.out.notes.append(f"{value} is {new} (master.cf's {name} service runs {aliases[name]})")
-                return new
-            return value
-        for key, value in list(self.out.settings.items()):
-            if key.endswith(("_transport", "content_filter")):
-                self.out.settings[key] = renamed(value)
-        for listener in self.out.listeners:
-            overrides = listener.get("overrides")
-            if isinstance(overrides, dict) and "content_filter" in overrides:
-                overrides["content_filter"] = renamed(overrides["content_filter"])
-        self.out.notes.append(f"lookup tables (transport_maps) naming {', '.join(aliases)} need the same change")
-
     def _check_transports(self) -> None:
         """A setting naming a transport mailflow does not have (`default_transport = slow` with master.cf's `slow`
         left out or not given) is left out: written, it would load and defer all mail (transport not defined)."""
-        known = set(BUILTIN_TRANSPORTS) | set(self.out.pipes)
+        known = set(BUILTIN_TRANSPORTS) | set(self.out.pipes) | set(self.out.clients)
         hint = ("master.cf has no service of that name mailflow translates" if self.services is not None
                 else "no master.cf given (--master) to say what it is")
         for key, value in list(self.out.settings.items()):
@@ -364,7 +341,9 @@ class Importer:
     # --- the whole, as mailflow loads it ----------------------------------------------------------------------
 
     def _validate(self) -> None:
-        for _ in range(len(self.out.settings) + len(self.out.listeners) + len(self.out.pipes) + 1):
+        rounds = len(self.out.settings) + len(self.out.listeners) + len(self.out.pipes) + 1
+        rounds += sum(len(service) for service in self.out.clients.values())
+        for _ in range(rounds):
             try:
                 config_from_dict(self.out.document(), "<imported>")
                 return
@@ -386,7 +365,10 @@ class Importer:
         parts = re.sub(r"\[(\d+)\]", r".\1", key).split(".")
         why = f"mailflow refuses it: {reason}"
         listener = _LISTENER_REFUSAL.match(reason)
-        if parts[0] == "pipe" and len(parts) > 1 and parts[1] in self.out.pipes:
+        client = _client_refusal(parts, reason, self.out.clients)
+        if client is not None:
+            self._drop_in_client(*client, why)
+        elif parts[0] == "pipe" and len(parts) > 1 and parts[1] in self.out.pipes:
             origin = str(self.out.pipes[parts[1]].pop("origin", ""))
             del self.out.pipes[parts[1]]
             self.out.leave_out(origin, f"pipe service {parts[1]}", "", why)
@@ -406,6 +388,18 @@ class Importer:
                 self.out.drop_entry(setting, entry, why)
             else:
                 self._drop_setting(setting, why)
+
+    def _drop_in_client(self, name: str, key: str, why: str) -> None:
+        """Leave out the -o of a client service that mailflow refuses (the whole service when it is no one -o's)."""
+        service = self.out.clients[name]
+        sources = service["sources"]
+        assert isinstance(sources, dict)
+        if key in sources:
+            del service[key]
+            self.out.leave_out(str(service["origin"]), f"master.cf {name} {sources.pop(key)}", "", why)
+            return
+        del self.out.clients[name]
+        self.out.leave_out(str(service["origin"]), f"master.cf {name}", "", why)
 
     def _culprit_entry(self, setting: str, refusal: tuple[str, str]) -> str | None:
         """The entry of a per-transport table whose removal ends `refusal` (the others stay)."""
@@ -483,10 +477,18 @@ class Importer:
                            .partition(" = ")[2], why)
 
 
-def _seconds(value: str) -> float | None:
-    """A Postfix time value (`300s`, `5m`, a bare number of seconds) in seconds; None when it is not one."""
-    m = re.fullmatch(r"\s*(\d+)\s*([smhdw]?)\s*", value)
-    return int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)] if m else None
+_MERGED_REFUSAL = re.compile(r"services\.([^.:]+)\.([a-z0-9_]+): ")  # SmtpConfig's check of a service's merge
+
+
+def _client_refusal(parts: list[str], reason: str, clients: dict[str, dict[str, object]]) -> tuple[str, str] | None:
+    """(service, key) when mailflow's refusal is of an imported client service ("smtp.services.NAME.KEY", or "smtp"
+    with "services.NAME.KEY: …"), else None."""
+    if len(parts) >= 3 and parts[1] == "services" and parts[2] in clients:
+        return parts[2], parts[3] if len(parts) > 3 else ""
+    found = _MERGED_REFUSAL.match(reason) if len(parts) == 1 else None
+    if found and found.group(1) in clients:
+        return found.group(1), found.group(2)
+    return None
 
 
 def _transport_named(key: str, value: object) -> str | None:

@@ -13,8 +13,11 @@ for its port, which takes the `smtpd pass` service's -o; every smtpd service's l
 user, argv, size, null_sender, directory). Postfix's own services under their own names with no `-o` are built in;
 a maxproc on a transport becomes queue.transport_concurrency_limit, on an smtpd service smtpd.max_sessions (the
 `smtp` service's in [smtpd], another's as its listener's override where it differs; 0 is left out). Another smtp
-or lmtp service (`smtp-amavis`, `slow`), with or without -o, is mailflow's smtp or lmtp transport: the settings
-naming it are rewritten (each of its -o is left out, and its maxproc). Another instance of any other daemon
+or lmtp service (`smtp-amavis`, `slow`) is an `[smtp.services.NAME]` (or lmtp) of its name: each -o that is one of
+that client's settings through the one table, syslog_name, max_use and the like noted as not needed, a built-in
+behaviour's (disable_dns_lookups = no) noted, anything else left out with the reason; its maxproc as any
+transport's; so is Postfix's own `relay` service with an -o that is not noted (it replaces the built-in relay,
+[smtp]'s otherwise). Another instance of any other daemon
 (`local2 … local`) and anything else is left out with the reason (and postfix_import leaves out a setting naming a
 transport mailflow then does not have).
 """
@@ -22,8 +25,10 @@ from __future__ import annotations
 
 import re
 from mailflow.config import postfix_names as names
+from mailflow.config.base import TRANSPORT_NAME
+from mailflow.config.delivery import REPLACEABLE
 from mailflow.config.postfix_cf import (ImportState, Refused, Service, Unexpanded, convert, from_queue_directory,
-                                        sasl_path_from_queue_directory)
+                                        sasl_path_from_queue_directory, time_in_seconds)
 from mailflow.config.smtpd import LISTENER_ROLES
 
 # Postfix's own daemons: mailflow has each of them built in.
@@ -32,7 +37,7 @@ BUILT_IN_SERVICES = ("pickup", "cleanup", "qmgr", "oqmgr", "tlsmgr", "trivial-re
                      "postlogd", "smtp")
 TRANSPORTS = ("smtp", "relay", "lmtp", "local", "virtual", "error", "discard")
 PORTS = {"smtp": 25, "submission": 587, "smtps": 465, "submissions": 465}
-_NOT_NEEDED_OVERRIDES = {"syslog_name": "mailflow logs every listener under log.syslog_name",
+_NOT_NEEDED_OVERRIDES = {"syslog_name": "mailflow logs every listener and transport under log.syslog_name",
                          "milter_macro_daemon_name": "mailflow sends the milter macros it has itself"}
 
 
@@ -100,6 +105,10 @@ def _options(service: Service) -> list[tuple[str, str]]:
 
 
 def _transport_service(importer: ImportState, service: Service) -> None:
+    if service.name in REPLACEABLE.get(service.command, ()) and any(
+            name not in _NOT_NEEDED_OVERRIDES for name, _ in _options(service)):
+        _second_client(importer, service)  # (`relay … smtp -o …`: an [smtp.services.relay] of its own)
+        return
     for name, value in _options(service):
         if name not in _NOT_NEEDED_OVERRIDES:
             raise Refused(f"-o {name}={value}: mailflow's transports take their settings from the sections only")
@@ -110,18 +119,68 @@ def _transport_service(importer: ImportState, service: Service) -> None:
 
 
 def _second_client(importer: ImportState, service: Service) -> None:
-    """Another smtp or lmtp service (a content filter's `smtp-amavis`): mailflow's one transport of that kind
-    takes its mail; each of its own -o is left out (mailflow's transport has one set of settings)."""
-    for name, value in _options(service):
-        if name not in _NOT_NEEDED_OVERRIDES:
-            importer.out.leave_out(service.line.where, f"master.cf {service.name} -o {name}", value,
-                                   f"mailflow's {service.command} transport has one set of settings "
-                                   f"([{service.command}]); {service.name} is that transport here")
-    if service.maxproc != "-":
-        importer.out.leave_out(service.line.where, f"master.cf {service.name} maxproc", service.maxproc,
-                               f"its deliveries share the concurrency of mailflow's {service.command} transport "
-                               f"(queue.transport_concurrency_limit.{service.command})")
-    importer.out.transport_aliases[service.name] = service.command
+    """Another smtp or lmtp service (a content filter's `smtp-amavis`, a `slow` one): an `[smtp.services.NAME]`
+    (or lmtp) of the same name, each -o that is one of that client's settings translated through the one table
+    (the others left out or noted, as a listener's), its maxproc its queue.transport_concurrency_limit entry."""
+    if not TRANSPORT_NAME.fullmatch(service.name):
+        raise Refused(f"{service.name!r} is not a transport name mailflow takes (letters, digits, '_', '-'); a "
+                      f"setting naming it is left out too")
+    settings: dict[str, object] = {}
+    sources: dict[str, str] = {}
+    options = _options(service)
+    for name, raw in options:
+        for key, value in _client_option(importer, service, name, raw, options).items():
+            settings[key] = value
+            sources[key] = f"-o {name}={raw}"
+    importer.out.clients[service.name] = {**settings, "client": service.command, "origin": service.line.where,
+                                          "sources": sources}
+    _concurrency_limit(importer, service)
+
+
+def _client_option(importer: ImportState, service: Service, name: str, raw: str,
+                   options: list[tuple[str, str]]) -> dict[str, object]:
+    """One -o of a client service as its settings ({} when it is noted or left out, with the reason)."""
+    where, client = service.line.where, service.command
+    expander = importer.expander.with_names({"service_name": service.name, "service_type": service.kind})
+    try:
+        value = expander.expand(raw)
+        if name in _NOT_NEEDED_OVERRIDES or name in names.NOT_NEEDED:
+            why = _NOT_NEEDED_OVERRIDES.get(name) or names.NOT_NEEDED[name]
+            importer.out.notes.append(f"{where}: {service.name} -o {name}={raw} not needed: {why}")
+            return {}
+        if name in names.BUILT_IN:
+            fixed, why = names.BUILT_IN[name]
+            if value.lower() != fixed:
+                raise Refused(f"only {name} = {fixed} is mailflow's behaviour: {why}")
+            importer.out.notes.append(f"{where}: {service.name} -o {name}={raw} is built in: {why}")
+            return {}
+        keys = names.SETTINGS.get(name, ())
+        if not keys or not all(k.startswith(f"{client}.") for k in keys):
+            raise Refused(names.why_not(name) if not keys else f"not a setting of mailflow's {client} services")
+        _merged_timeouts_agree(importer, name, dict(options))
+        return {key.removeprefix(f"{client}."): from_queue_directory(convert(name, key, value, importer.out.notes),
+                                                                      importer.queue_directory(), importer.out.notes)
+                for key in keys}
+    except Refused as e:
+        importer.out.leave_out(where, f"master.cf {service.name} -o {name}", raw, str(e))
+    except Unexpanded as e:
+        importer.out.leave_out(where, f"master.cf {service.name} -o {name}", raw, e.reason())
+    return {}
+
+
+def _merged_timeouts_agree(importer: ImportState, name: str, options: dict[str, str]) -> None:
+    """Refused when `name` is one of the Postfix timeouts mailflow merges into one setting (smtp_mail_timeout,
+    smtp_rcpt_timeout… -> command_timeout) and the service's values of them (its -o, else main.cf's, else
+    Postfix's default) differ: one would change the others'."""
+    if name not in names.MERGED_DEFAULTS:
+        return
+    merged = [n for n, keys in names.SETTINGS.items() if keys == names.SETTINGS[name]]
+    values = {n: options.get(n) or (importer.expander.expand(importer.params[n][1]) if n in importer.params else "")
+              or names.MERGED_DEFAULTS[n] for n in merged}
+    if len({time_in_seconds(v) for v in values.values()}) > 1:
+        shown = ", ".join(f"{n} = {v}" for n, v in values.items())
+        raise Refused(f"mailflow's {names.SETTINGS[name][0]} is one value for {len(merged)} Postfix timeouts, and "
+                      f"they differ ({shown})")
 
 
 def _smtpd_service(importer: ImportState, service: Service) -> None:

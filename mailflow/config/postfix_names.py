@@ -124,7 +124,8 @@ BUILT_IN: dict[str, tuple[str, str]] = {
     "biff": ("no", "mailflow never notifies comsat"),
     "smtpd_forbid_bare_newline": ("no", "smtpd.forbid_bare_newline = false"),
     "smtputf8_enable": ("yes", "mailflow speaks SMTPUTF8"),
-    "disable_dns_lookups": ("no", "mailflow always uses the DNS"),
+    "disable_dns_lookups": ("no", "mailflow always uses the DNS (a [host] next hop, as a content filter's "
+                                  "[127.0.0.1]:10024, is never looked up as MX)"),
     "smtp_tls_note_starttls_offer": ("no", "mailflow does not log it"),
     **{f"postscreen_{test}_enable": ("no", "postscreen's deep protocol tests are not built in mailflow (they need "
                                            "the client to reconnect)") for test in _DEEP_TESTS},
@@ -143,6 +144,7 @@ NOT_NEEDED: dict[str, str] = {
                      "smtpd_tls_session_cache_timeout", "smtp_tls_session_cache_timeout", "tls_random_source",
                      "smtpd_tls_received_header"), "TLS session caching and logging are built in"),
     "milter_macro_daemon_name": "mailflow sends the milter macros it has itself",
+    "max_use": "mailflow's delivery agents and listeners are no processes: none is restarted after so many uses",
     "smtpd_sasl_local_domain": "mailflow's SASL names are the logins as given",
     "smtpd_sasl_security_options": "mailflow offers PLAIN and LOGIN over TLS, never anonymously",
 }

@@ -101,7 +101,7 @@ def build_lmtp_client(config, client, *, clock, tables: TableCache) -> LmtpTrans
 
 def client_services(config, resolver, clock, router, tables: TableCache, mta_sts) -> dict[str, Transport]:
     """The [smtp.services.NAME] and [lmtp.services.NAME] clients by name (config validation keeps their names off
-    the built-in transports' and each other's)."""
+    the built-in transports' but `relay`'s, which an [smtp.services.relay] replaces, and off each other's)."""
     smtp: dict[str, Transport] = {
         name: build_smtp_client(config, config.smtp.for_service(name), resolver=resolver, clock=clock, router=router,
                                 tables=tables, mta_sts=mta_sts)

@@ -24,19 +24,22 @@ def routes(**domains: str) -> list[str]:
 
 async def test_each_service_delivers_with_its_own_settings_and_smtp_with_its_own(mailflow_server, smtp_peer):
     """`amavis` says its own HELO name; `other` takes its port from its own setting (the next hop names none);
-    [smtp] itself keeps myhostname: as master.cf's `-o smtp_helo_name=…` and `-o smtp_…` apply to one service."""
+    [smtp] itself keeps myhostname: as master.cf's `-o smtp_helo_name=…` and `-o smtp_…` apply to one service. An
+    [smtp.services.relay] is the relay transport (relay_transport's mail) with its own settings."""
     first, second = await smtp_peer(), await smtp_peer()
     mf = await mailflow_server(
-        relay_domains=["a.test", "b.test", "c.test"],
+        relay_domains=["a.test", "b.test", "c.test", "relay.test"], relay_transport=f"relay:[127.0.0.1]:{first.port}",
         transport_maps=routes(a_test=f"amavis:[127.0.0.1]:{first.port}", b_test="other:[127.0.0.1]",
                               c_test=f"smtp:[127.0.0.1]:{first.port}"),
-        smtp={"services": {"amavis": {"helo_name": "amavis.client.test"}, "other": {"port": second.port}}})
+        smtp={"services": {"amavis": {"helo_name": "amavis.client.test"}, "other": {"port": second.port},
+                           "relay": {"helo_name": "relay.client.test"}}})
     port = mf.smtp_addresses[0][1]
-    for domain in ("a.test", "b.test", "c.test"):
+    for domain in ("a.test", "b.test", "c.test", "relay.test"):
         await send(port, "s@remote.test", [f"u@{domain}"], MESSAGE)
     await queue_becomes(mf.store, {})
     helo = {m.rcpt_tos[0]: m.helo for m in first.messages + second.messages}
-    assert helo == {"u@a.test": "amavis.client.test", "u@b.test": "mx.mailflow.test", "u@c.test": "mx.mailflow.test"}
+    assert helo == {"u@a.test": "amavis.client.test", "u@b.test": "mx.mailflow.test", "u@c.test": "mx.mailflow.test",
+                    "u@relay.test": "relay.client.test"}
     assert [m.rcpt_tos for m in second.messages] == [["u@b.test"]]
 
 

@@ -24,6 +24,13 @@ def test_a_service_takes_its_sections_settings_but_the_keys_it_sets():
     assert {"smtp-amavis", "dovecot"} <= config.defined_transports()
 
 
+def test_relay_may_be_an_smtp_service_of_its_own_as_in_postfix_s_master_cf():
+    """Postfix's `relay` is an smtp service of master.cf (`relay unix … smtp -o smtp_tls_security_level=encrypt`):
+    [smtp.services.relay] gives mailflow's relay transport its own settings (without it relay is [smtp]'s)."""
+    config = config_from_dict({"smtp": {"services": {"relay": {"tls_security_level": "encrypt"}}}})
+    assert config.smtp.for_service("relay").tls_security_level == "encrypt"
+
+
 def test_per_transport_queue_tables_and_local_may_name_a_service():
     config = config_from_dict({**AMAVIS, "queue": {"transport_concurrency_limit": {"smtp-amavis": 2},
                                                    "transport_destination_rate_delay": {"dovecot": "1s"},
@@ -40,7 +47,9 @@ def test_per_transport_queue_tables_and_local_may_name_a_service():
     ({"smtp": {"services": {"a": {"tls_security_level": "maybe"}}}}, "smtp.services.a.tls_security_level", "'may'"),
     ({"smtp": {"services": {"a": {"reply_filter": ["sqlite:/x.db"]}}}}, "smtp.services.a.reply_filter", "may wait"),
     ({"smtp": {"services": {"a": {"tls_key_file": "/k.pem"}}}}, "smtp", "services.a.tls_key_file: needs tls_cert"),
-    ({"smtp": {"services": {"relay": {}}}}, "smtp.services", "'relay' is the name of a built-in transport"),
+    ({"smtp": {"services": {"smtp": {}}}}, "smtp.services", "'smtp' is the name of a built-in transport"),
+    ({"smtp": {"services": {"virtual": {}}}}, "smtp.services", "'virtual' is the name of a built-in transport"),
+    ({"lmtp": {"services": {"relay": {}}}}, "lmtp.services", "'relay' is the name of a built-in transport"),
     ({"lmtp": {"services": {"local": {}}}}, "lmtp.services", "'local' is the name of a built-in transport"),
     ({"smtp": {"services": {"a:b": {}}}}, "smtp.services", "not a transport name"),
     ({"smtp": {"services": {"slow": {}}}, "pipe": {"slow": {"argv": ["/bin/true"]}}}, "(top level)",

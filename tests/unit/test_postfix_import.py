@@ -393,12 +393,14 @@ smtp-amavis unix -      -       n       -       2       smtp
 """
 
 
-def test_an_after_queue_content_filter_gets_its_return_listener_and_mailflow_s_smtp_transport(tmp_path):
+def test_an_after_queue_content_filter_gets_its_return_listener_and_its_own_smtp_service(tmp_path):
     main = write(tmp_path, "main.cf", "myhostname = mx.example.com\ncontent_filter = smtp-amavis:[127.0.0.1]:10024\n"
                                       "receive_override_options = no_address_mappings\n")
     code, err = run_import(main, write(tmp_path, "master.cf", AMAVIS_MASTER), tmp_path / "mailflow.toml")
     doc = checked(tmp_path / "mailflow.toml")
-    assert doc["smtpd"]["content_filter"] == "smtp:[127.0.0.1]:10024"  # master.cf's smtp-amavis runs smtp
+    assert doc["smtpd"]["content_filter"] == "smtp-amavis:[127.0.0.1]:10024"  # master.cf's service, as named
+    assert doc["smtp"]["services"] == {"smtp-amavis": {"data_timeout": "1200s"}}
+    assert doc["queue"]["transport_concurrency_limit"] == {"smtp-amavis": 2}
     [back] = doc["smtpd"]["listeners"]
     assert back["address"] == "127.0.0.1:10025" and back["role"] == "mta"
     assert back["overrides"] == {"content_filter": "", "receive_override_options": [
@@ -406,11 +408,50 @@ def test_an_after_queue_content_filter_gets_its_return_listener_and_mailflow_s_s
                                                                                             "reject"]}
     assert code == 1
     assert err.splitlines()[1:] == [
-        "  master.cf:2: master.cf smtp-amavis -o smtp_data_done_timeout: mailflow's smtp transport has one set of "
-        "settings ([smtp]); smtp-amavis is that transport here",
-        "  master.cf:2: master.cf smtp-amavis maxproc: its deliveries share the concurrency of mailflow's smtp "
-        "transport (queue.transport_concurrency_limit.smtp)",
         "  master.cf:5: master.cf 127.0.0.1:10025 -o mynetworks: not a per-listener setting in mailflow"]
+
+
+FILTER_README_MASTER = """\
+smtp      inet  n       -       y       -       -       smtpd
+smtp-amavis unix - - n - 2 smtp -o smtp_data_done_timeout=1200 -o smtp_send_xforward_command=yes
+  -o disable_dns_lookups=yes -o max_use=20
+relay     unix  -       -       n       -       -       smtp -o smtp_tls_security_level=encrypt -o smtp_fallback_relay=
+slow      unix  -       -       n       -       1       smtp -o syslog_name=postfix-slow
+  -o smtp_helo_name=slow.example.com
+dovecot-lmtp unix -     -       n       -       4       lmtp -o lmtp_connect_timeout=10s -o lmtp_rcpt_timeout=60s
+"""
+
+
+def test_filter_readme_s_client_services_are_named_services_with_their_own_settings(tmp_path):
+    """master.cf's second smtp/lmtp services (FILTER_README's smtp-amavis, a slow one, a Dovecot LMTP one) are
+    [smtp.services.NAME] / [lmtp.services.NAME] with each -o mailflow has, maxproc their concurrency limits; what
+    mailflow has no use for is noted (syslog_name, max_use), what it lacks left out with the reason."""
+    main = write(tmp_path, "main.cf", "myhostname = mx.example.com\ncontent_filter = smtp-amavis:[127.0.0.1]:10024\n"
+                                      "transport_maps = inline:{slow.example=slow:}\n")
+    code, err = run_import(main, write(tmp_path, "master.cf", FILTER_README_MASTER), tmp_path / "mailflow.toml")
+    doc = checked(tmp_path / "mailflow.toml")
+    assert doc["smtpd"]["content_filter"] == "smtp-amavis:[127.0.0.1]:10024"
+    assert doc["transport_maps"] == ["inline:{slow.example=slow:}"]
+    assert doc["smtp"]["services"] == {"smtp-amavis": {"data_timeout": "1200s"},
+                                       "relay": {"tls_security_level": "encrypt", "fallback_relay": []},
+                                       "slow": {"helo_name": "slow.example.com"}}
+    assert doc["lmtp"]["services"] == {"dovecot-lmtp": {"connect_timeout": "10s"}}
+    assert doc["queue"]["transport_concurrency_limit"] == {"smtp-amavis": 2, "slow": 1, "dovecot-lmtp": 4}
+    assert code == 1
+    left_out = err.splitlines()[1:]
+    assert left_out[:2] == [
+        "  master.cf:2: master.cf smtp-amavis -o smtp_send_xforward_command: no mailflow counterpart (not in "
+        "docs/config.md's tables)",
+        "  master.cf:2: master.cf smtp-amavis -o disable_dns_lookups: only disable_dns_lookups = no is "
+        "mailflow's behaviour: mailflow always uses the DNS (a [host] next hop, as a content filter's "
+        "[127.0.0.1]:10024, is never looked up as MX)"]
+    assert left_out[2:] == [
+        "  master.cf:7: master.cf dovecot-lmtp -o lmtp_rcpt_timeout: mailflow's lmtp.command_timeout is one value for "
+        "4 Postfix timeouts, and they differ (lmtp_lhlo_timeout = 300s, lmtp_mail_timeout = 300s, lmtp_rcpt_timeout "
+        "= 60s, lmtp_data_init_timeout = 120s)"]
+    text = (tmp_path / "mailflow.toml").read_text()
+    assert "smtp-amavis -o max_use=20 not needed" in text and "slow -o syslog_name=postfix-slow not needed" in text
+    assert '[smtp.services.smtp-amavis]\ndata_timeout = "1200s"\n' in text
 
 
 def test_a_main_cf_that_is_not_a_regular_file_exits_2(tmp_path):
@@ -468,11 +509,12 @@ local_transport = local2
 """
 
 
-def test_extra_smtp_services_without_o_are_mailflow_s_smtp_transport_and_another_local_is_left_out(tmp_path):
+def test_extra_smtp_services_without_o_are_services_of_their_own_and_another_local_is_left_out(tmp_path):
     main = write(tmp_path, "main.cf", EXTRA_CLIENTS_MAIN)
     code, err = run_import(main, write(tmp_path, "master.cf", EXTRA_CLIENTS_MASTER), tmp_path / "mailflow.toml")
     doc = checked(tmp_path / "mailflow.toml")
-    assert (doc["smtpd"]["content_filter"], doc["default_transport"]) == ("smtp:[127.0.0.1]:10024", "smtp")
+    assert (doc["smtpd"]["content_filter"], doc["default_transport"]) == ("smtp-amavis:[127.0.0.1]:10024", "slow")
+    assert doc["smtp"]["services"] == {"smtp-amavis": {}, "slow": {}}
     assert "local_transport" not in doc
     assert code == 1
     assert [line.split(": ")[1] for line in err.splitlines()[1:]] == ["master.cf local2", "local_transport"]
