@@ -10,7 +10,8 @@ and what a reload (`mailflow reload`, SIGHUP) refuses to put in force.
                                                         and the like, its /files too), or named in a
                                                         `*_restrictions` item or a restriction class's
                                                         (`check_sender_access texthash:/path`, a listener's
-                                                        overrides too), that cannot answer now (missing,
+                                                        overrides and a client service's settings too), that
+                                                        cannot answer now (missing,
                                                         unreadable, a bad line or .cf file, a database that does
                                                         not open)
 
@@ -46,6 +47,11 @@ def _file_tables(settings: Mapping[str, object], prefix: str = "") -> Iterator[t
                 overrides = listener.get("overrides") if isinstance(listener, dict) else None
                 if isinstance(overrides, dict):
                     yield from _file_tables(overrides, f"smtpd.listeners[{i}].overrides.")
+            continue
+        if key in ("smtp.services", "lmtp.services") and isinstance(value, dict):  # name -> the keys it sets
+            for name, service in value.items():
+                if isinstance(service, dict):
+                    yield from _file_tables(service, f"{key}.{name}.")
             continue
         if key.endswith("restriction_classes") and isinstance(value, dict):  # name -> a list of restrictions
             specs = [word for items in value.values() if isinstance(items, (list, tuple))

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from mailflow.config import config_from_dict
+from mailflow.config import config_from_dict, load_config
 from mailflow.config.reload import in_force
-from mailflow.config.show import show_settings
+from mailflow.config.show import flat_settings, show_settings
 from mailflow.errors import ConfigError
+from mailflow.tables.check import table_problems
 
 AMAVIS = {"smtp": {"helo_name": "out.example", "tls_security_level": "encrypt",
                    "services": {"smtp-amavis": {"data_timeout": "20m", "tls_security_level": "none"}}},
@@ -80,6 +81,12 @@ def test_a_service_keeps_only_what_it_sets_through_a_reload_and_config_show_show
 
 def test_a_services_relative_table_paths_are_taken_from_the_files_directory(tmp_path):
     (tmp_path / "mailflow.toml").write_text('[smtp.services.x]\ngeneric_maps = ["texthash:generic"]\n')
-    from mailflow.config import load_config
     config = load_config(tmp_path / "mailflow.toml")
     assert config.smtp.for_service("x").generic_maps == (f"texthash:{tmp_path}/generic",)
+
+
+def test_check_config_names_a_services_table_that_cannot_answer(tmp_path):
+    """`mailflow check-config` and a reload read each file-backed table a service names, as [smtp]'s."""
+    (tmp_path / "mailflow.toml").write_text('[smtp.services.x]\ngeneric_maps = ["texthash:missing"]\n')
+    [problem] = table_problems(flat_settings(load_config(tmp_path / "mailflow.toml")), "mailflow.toml")
+    assert (problem.file, problem.key) == ("mailflow.toml", "smtp.services.x.generic_maps")
