@@ -7,8 +7,9 @@ the TLS policy line of `mailflow address`. Each is a plain function; `mailflow.c
     dns_records(domain, config)          the records to publish (mailflow.deliverability.records), zone file syntax
     check_deliverability(domain, config) one `PASS|WARN|FAIL point: text` line per point (and `  -> advice`); exit 1
                              when any point fails (mailflow.deliverability.check); DOMAIN defaults to mydomain
-    tls_steps(config, steps) -> steps    `mailflow address`: after each smtp/relay next hop, a `tls` step naming the
-                             policy a delivery would use now (MTA-STS asks DNS and the policy host when it is on)
+    tls_steps(config, steps) -> steps    `mailflow address`: after each smtp/relay (or SMTP client service) next hop, a
+                             `tls` step naming the policy a delivery would use now (MTA-STS asks DNS and the policy
+                             host when it is on), as that transport's settings give it
 
 The signing, DNS and TLS modules are imported inside the commands: `sendmail`, which every script runs, must not
 load them. Failure behaviour: configuration problems through `common.fail_config`; never a traceback. A DOMAIN that
@@ -27,9 +28,6 @@ from mailflow.cli.common import ConfigOption, config_name, config_path, fail, fa
 from mailflow.config import Config
 from mailflow.errors import ConfigError
 from mailflow.syntax import is_hostname
-
-SMTP_TRANSPORTS = ("smtp", "relay")
-
 
 def dkim_keygen(domain: str = typer.Argument(..., help="the signing domain (d=)"),
                 selector: str = typer.Argument(..., help="the selector (s=)"),
@@ -120,31 +118,37 @@ async def run_check(cfg: Config, domain: str, *, resolver=None, fetcher=None):
 
 def tls_steps(cfg: Config, steps: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
     """See the module docstring."""
-    wanted = [i for i, (_, label, _) in enumerate(steps)
-              if label == "nexthop" and i and steps[i - 1][1] == "transport" and steps[i - 1][2] in SMTP_TRANSPORTS]
+    wanted = [i for i, (_, label, _) in enumerate(steps) if label == "nexthop" and i
+              and steps[i - 1][1] == "transport" and cfg.smtp_client_of(steps[i - 1][2]) is not None]
     if not wanted:
         return steps
-    texts = asyncio.run(_tls_texts(cfg, [steps[i][2].partition("  (")[0] for i in wanted]))  # without "  (relayhost)"
+    texts = asyncio.run(_tls_texts(cfg, [(steps[i - 1][2], steps[i][2].partition("  (")[0])  # without "  (relayhost)"
+                                         for i in wanted]))
     out = list(steps)
     for offset, (i, text) in enumerate(zip(wanted, texts)):
         out.insert(i + 1 + offset, (steps[i][0], "tls", text))
     return out
 
 
-async def _tls_texts(cfg: Config, nexthops: list[str]) -> list[str]:
+async def _tls_texts(cfg: Config, routes: list[tuple[str, str]]) -> list[str]:
+    """The TLS policy of each (transport, nexthop), as the SMTP client that transport stands for finds it."""
     from mailflow.app import build_resolver
     from mailflow.transports import build_mta_sts
     from mailflow.transports.smtp import SmtpTransport
     from mailflow.transports.smtp.tls import without_dane
 
     resolver = build_resolver(cfg.dns)
-    transport = SmtpTransport(cfg.smtp, resolver=resolver, helo_name=cfg.smtp.helo_name or cfg.myhostname,
-                              mta_sts=build_mta_sts(cfg, resolver))
+    mta_sts = build_mta_sts(cfg, resolver)
+    clients: dict[str, SmtpTransport] = {}
+    for name in dict.fromkeys(transport for transport, _ in routes):
+        settings, section = cfg.smtp_client_of(name) or ("smtp", cfg.smtp)
+        clients[name] = SmtpTransport(section, resolver=resolver, helo_name=section.helo_name or cfg.myhostname,
+                                      mta_sts=mta_sts, settings=settings)
     texts = []
     try:
-        for nexthop in nexthops:
+        for name, nexthop in routes:
             try:
-                destination = await transport.tls_policy(nexthop)
+                destination = await clients[name].tls_policy(nexthop)
             except Exception as e:  # noqa: BLE001 (a bad next hop or a table that cannot answer: say so, go on)
                 texts.append(f"unknown: {getattr(e, 'text', None) or e}")
                 continue
@@ -154,6 +158,7 @@ async def _tls_texts(cfg: Config, nexthops: list[str]) -> list[str]:
                 text += f"; per MX host: its TLSA records, else {fallback.describe()}"
             texts.append(text)
     finally:
-        await transport.close()
+        for client in clients.values():
+            await client.close()
         await resolver.close()
     return texts

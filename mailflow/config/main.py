@@ -1,7 +1,8 @@
 """`Config`: the whole configuration, the top-level settings (Postfix main.cf names) and one field per section.
 
     Config                   frozen; `origin` (myorigin or myhostname), `domain`, `queue_path`; `for_probes()`
-                             (the routing of address verification's probes)
+                             (the routing of address verification's probes); `defined_transports()`;
+                             `smtp_client_of(transport)` (the SMTP client settings a transport name uses)
     DEFAULTS                 Config() as built in, relative paths as written: where a component's constructor
                              needs a default (for tests), it takes it from here rather than restating it
     BUILTIN_TRANSPORTS       the transport names a [pipe.NAME] or an [smtp.services.NAME] service may not take
@@ -236,6 +237,13 @@ class Config(Section):
     def _services(self) -> list[tuple[str, list[str]]]:
         return [("pipe", list(self.pipe)), ("smtp.services", list(self.smtp.services)),
                 ("lmtp.services", list(self.lmtp.services))]
+
+    def smtp_client_of(self, transport: str) -> tuple[str, SmtpConfig] | None:
+        """(where its settings are, the settings) of the SMTP client a transport name stands for: an
+        [smtp.services.NAME] (`relay` too when it is one), else [smtp] for smtp and relay; None for another."""
+        if transport in self.smtp.services:
+            return f"smtp.services.{transport}", self.smtp.for_service(transport)
+        return ("smtp", self.smtp) if transport in ("smtp", "relay") else None
 
     def defined_transports(self) -> set[str]:
         """Every transport name this configuration defines: the built-in ones and its services'."""

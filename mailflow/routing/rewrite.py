@@ -455,9 +455,10 @@ class Rewriter:
         steps.append(("transport", res.transport))
         steps.append(("nexthop", res.nexthop + ("  (relayhost)" if c.relayhost and res.nexthop == c.relayhost
                                                  else "")))
-        if res.transport in ("smtp", "relay") and c.smtp.fallback_relay:
-            steps.append(("fallback", f"{', '.join(c.smtp.fallback_relay)}  (smtp.fallback_relay: for the recipients "
-                                      "the next hop defers or cannot be reached for)"))
+        client = c.smtp_client_of(res.transport)
+        if client is not None and client[1].fallback_relay:
+            steps.append(("fallback", f"{', '.join(client[1].fallback_relay)}  ({client[0]}.fallback_relay: for the "
+                                      "recipients the next hop defers or cannot be reached for)"))
         return steps
 
     def _explain_sender(self, sender: str, klass: AddressClass) -> list[tuple[str, str]]:

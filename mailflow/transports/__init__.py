@@ -81,10 +81,12 @@ def sasl_sender_keys(client, router) -> Callable[[str], list[str]] | None:
     return router.rewriter.address_keys
 
 
-def build_smtp_client(config, client, *, resolver, clock, router, tables: TableCache, mta_sts) -> SmtpTransport:
-    """One SMTP client ([smtp], or the merged settings of an [smtp.services.NAME]): its own connection cache, TLS
-    contexts and tables, so that services never share a session."""
+def build_smtp_client(config, client, *, resolver, clock, router, tables: TableCache, mta_sts,
+                      settings: str = "smtp") -> SmtpTransport:
+    """One SMTP client ([smtp], or the merged settings of an [smtp.services.NAME], `settings` naming it): its own
+    connection cache, TLS contexts and tables, so that services never share a session."""
     return SmtpTransport(client, resolver=resolver, helo_name=client.helo_name or config.myhostname, mta_sts=mta_sts,
+                         settings=settings,
                          plaintext_after=config.queue.minimal_backoff_time,
                          own_addresses=router.rewriter.own_addresses, own_ports=config.smtpd.ports,
                          relayhost=config.relayhost, now=clock.time, tables=tables,
@@ -104,7 +106,7 @@ def client_services(config, resolver, clock, router, tables: TableCache, mta_sts
     the built-in transports' but `relay`'s, which an [smtp.services.relay] replaces, and off each other's)."""
     smtp: dict[str, Transport] = {
         name: build_smtp_client(config, config.smtp.for_service(name), resolver=resolver, clock=clock, router=router,
-                                tables=tables, mta_sts=mta_sts)
+                                tables=tables, mta_sts=mta_sts, settings=f"smtp.services.{name}")
         for name in config.smtp.services}
     lmtp: dict[str, Transport] = {
         name: build_lmtp_client(config, config.lmtp.for_service(name), clock=clock, tables=tables)

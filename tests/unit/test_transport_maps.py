@@ -125,6 +125,26 @@ def test_mailflow_address_shows_the_tls_policy_of_the_relayhost(tmp_path):
     assert tls == ["may (smtp.tls_security_level)"], result.output  # not "'[192.0.2.1]  (relayhost)' is not ..."
 
 
+def test_mailflow_address_shows_a_client_service_s_own_tls_policy_and_fallback_relays(tmp_path):
+    """A transport that is an [smtp.services.NAME] is shown with that service's settings, not [smtp]'s."""
+    from typer.testing import CliRunner
+
+    from mailflow.cli import app as cli
+
+    config = tmp_path / "m.toml"
+    config.write_text('transport_maps = ["inline:{ {filter.test=amavis:[192.0.2.1]:10024} }"]\n'
+                      '[smtp]\ntls_security_level = "encrypt"\n'
+                      '[smtp.services.amavis]\ntls_security_level = "none"\nfallback_relay = ["[192.0.2.9]"]\n')
+    result = CliRunner().invoke(cli, ["address", "-c", str(config), "x@filter.test", "x@remote.test"])
+    lines = [line.strip() for line in result.output.splitlines()]
+    tls = [line.split(":", 1)[1].strip() for line in lines if line.startswith("tls:")]
+    assert tls == ["none (smtp.services.amavis.tls_security_level)", "encrypt (smtp.tls_security_level)"], \
+        result.output
+    assert [line.split(":", 1)[1].strip() for line in lines if line.startswith("fallback:")] == [
+        "[192.0.2.9]  (smtp.services.amavis.fallback_relay: for the recipients the next hop defers or cannot be "
+        "reached for)"], result.output
+
+
 def test_mailflow_address_names_the_fallback_relays_of_smtp_mail_only():
     rw = rewriter(mydestination=["local.test"], smtp={"fallback_relay": ["[192.0.2.7]:2525", "backup.test"]})
     steps = dict(rw.explain("x@remote.test"))
