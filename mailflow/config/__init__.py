@@ -18,6 +18,7 @@ The package, split by job like Postfix's global/mail_params + postconf (callers 
     base.py       Section, the shared value types (Duration, Restriction, TableSpecs, Networks, HostPorts)
     smtpd.py      SmtpdConfig, ListenerConfig, LISTENER_ROLES                                 [smtpd]
     delivery.py   LocalConfig, SmtpConfig, LmtpConfig, DnsConfig, PipeService    [local] [smtp] [lmtp] [dns] [pipe.*]
+                  SmtpService, LmtpService                        [smtp.services.*] [lmtp.services.*]
     queue.py      QueueConfig, SendmailConfig                                          [queue] [sendmail]
     log.py        LogConfig                                                                    [log]
     accounts.py   AccountsConfig                                                               [accounts]
@@ -42,7 +43,8 @@ errors and what they import), never a stage, a transport or the routing librarie
 from mailflow.config.admin import AdminConfig, beyond_loopback
 from mailflow.config.accounts import AccountsConfig
 from mailflow.config.base import Duration, Section
-from mailflow.config.delivery import DnsConfig, LmtpConfig, LocalConfig, PipeService, SmtpConfig
+from mailflow.config.delivery import (DnsConfig, LmtpConfig, LmtpService, LocalConfig, PipeService, SmtpConfig,
+                                      SmtpService)
 from mailflow.config.http import HttpConfig
 from mailflow.config.deliverability import (ArcConfig, DeliverabilityConfig, DkimConfig, MtaStsConfig, SrsConfig,
                                             opendkim_dataset)
@@ -63,9 +65,10 @@ __all__ = [
     "AccountsConfig", "AddressVerifyConfig", "AdminConfig", "ArcConfig", "BUILTIN_TRANSPORTS", "ChecksConfig",
     "ClamdConfig", "DEFAULTS",
     "DeliverabilityConfig", "DkimConfig", "GreylistConfig", "LISTENER_ROLES", "MilterConfig", "Config", "ConfigError",
-    "DnsConfig", "Duration", "HttpConfig", "ListenerConfig", "LmtpConfig", "LocalConfig", "LogConfig", "MtaStsConfig",
+    "DnsConfig", "Duration", "HttpConfig", "ListenerConfig", "LmtpConfig", "LmtpService", "LocalConfig", "LogConfig",
+    "MtaStsConfig",
     "PipeService", "QueueConfig", "Section", "SenderAuthConfig", "SendmailConfig", "SinkConfig", "SmtpConfig",
-    "SmtpdConfig", "SpamdConfig", "SrsConfig", "beyond_loopback", "config_from_dict", "flat_settings",
+    "SmtpService", "SmtpdConfig", "SpamdConfig", "SrsConfig", "beyond_loopback", "config_from_dict", "flat_settings",
     "format_setting", "in_force", "load_config", "opendkim_dataset", "resolve_paths", "restart_needed",
     "show_settings",
 ]
