@@ -438,8 +438,15 @@ def postscreen_unavailable(host: str) -> Reply:
     return Reply(421, "", f"{host} Service unavailable - try again later")
 
 
-def postscreen_pregreet(code: int) -> Reply:
+def postscreen_protocol_error(code: int) -> Reply:
+    """A pregreet, a pipelined command or a bare newline (and a non-SMTP command under enforce)."""
     return Reply(code, "5.5.1", "Protocol error")
+
+
+postscreen_pregreet = postscreen_protocol_error
+POSTSCREEN_NON_SMTP_DROP = Reply(521, "5.7.0", "Error: I can break rules, too. Goodbye.")
+# the dummy engine's answer to every RCPT of a client no test failed: passing, it is to come back later
+POSTSCREEN_COME_BACK = Reply(450, "4.3.2", "Service currently unavailable")
 
 
 def postscreen_denylisted(code: int) -> Reply:

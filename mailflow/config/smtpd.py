@@ -76,6 +76,34 @@ class PostscreenConfig(Section):
     # the dummy engine's commands per session (postscreen_command_count_limit; QUIT always answered); at most 1000
     # here, which bounds what a client that never reads its replies leaves in the write buffer
     command_count_limit: int = Field(20, ge=1, le=1000)
+    # the deep protocol tests (after the 220, in the dummy engine; a client that passes is told 450 at its RCPT and
+    # goes to smtpd when it comes back): pipelining (a command sent before the reply to the one before),
+    # non_smtp_command (a forbidden_commands word, or a header-like or non-letter command), bare_newline (a line
+    # ended by LF alone); each with its action and how long its pass is remembered
+    pipelining_enable: bool = False
+    pipelining_action: ScreenAction = "enforce"
+    pipelining_ttl: Duration = Field(30 * 86400.0, gt=0)
+    non_smtp_command_enable: bool = False
+    non_smtp_command_action: ScreenAction = "drop"
+    non_smtp_command_ttl: Duration = Field(30 * 86400.0, gt=0)
+    bare_newline_enable: bool = False
+    bare_newline_action: ScreenAction = "ignore"
+    bare_newline_ttl: Duration = Field(30 * 86400.0, gt=0)
+    # the non_smtp_command test's words (postscreen_forbidden_commands); unset: smtpd's forbid_cmds, as Postfix's
+    # default $smtpd_forbidden_commands
+    forbidden_commands: tuple[str, ...] | None = None
+    # the DNSBL name a refusal shows: a table from a postscreen_dnsbl_sites domain to the text (""; the domain)
+    dnsbl_reply_map: str = ""
+    # the listener addresses where a client can earn a cache entry (postscreen_allowlist_interfaces); elsewhere
+    # (a backup MX address) it is never handed to smtpd: `ALLOWLIST VETO`, then the dummy engine
+    allowlist_interfaces: Networks = ("static:all",)
+
+    @field_validator("dnsbl_reply_map")
+    @classmethod
+    def _reply_map(cls, v: str) -> str:
+        if v:
+            check_spec(v)
+        return v
 
     @field_validator("dnsbl_sites")
     @classmethod

@@ -185,7 +185,7 @@ async def test_a_cached_client_meets_only_its_expired_tests(mailflow_server, dns
         greet_wait=3, dnsbl_sites=["bl.test=127.0.0.9"]))
     port = mf.smtp_addresses[0][1]
     cache = mf.smtpd.screened
-    cache.record("127.0.0.1", {"pregreet": time.time() + 1000})  # the DNSBL pass has expired (or never was)
+    cache.record("127.0.0.1", {"pregreet": time.time() + 1000, "dnsbl": 0.0})  # the DNSBL pass has expired
     loop = asyncio.get_running_loop()
     started = loop.time()
     c = await SmtpClient.connect(port)

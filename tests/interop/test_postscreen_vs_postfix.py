@@ -87,3 +87,94 @@ async def test_pregreet_and_pass_as_postfix(mailflow_server, caplog):
     assert [" ".join(line.split()[:2]) for line in our_log] == [
         "CONNECT from", "PREGREET 18", "DISCONNECT [127.0.0.1]:PORT", "CONNECT from", "PASS NEW", "CONNECT from",
         "PASS OLD"], our_log
+
+
+# The deep protocol tests: each client from its own loopback address (its own cache entry), one command line (or
+# pipelined group) at a time, its replies read before the next. Postfix's defaults: pipelining enforce, non-SMTP
+# commands drop, bare newlines ignore.
+DEEP_CLIENTS = [
+    ("127.0.0.2", [b"EHLO c.test\r\n", b"MAIL FROM:<s@x.test>\r\n", b"RCPT TO:<r@y.test>\r\n", b"QUIT\r\n"]),
+    ("127.0.0.2", [b"QUIT\r\n"]),  # passed: PASS OLD, smtpd's own greeting
+    ("127.0.0.3", [b"EHLO c.test\r\nMAIL FROM:<s@x.test>\r\n", b"RCPT TO:<r@y.test>\r\n", b"QUIT\r\n"]),
+    ("127.0.0.3", [b"QUIT\r\n"]),  # failed under enforce: the tests again
+    ("127.0.0.4", [b"GET / HTTP/1.0\r\n"]),
+    ("127.0.0.5", [b"EHLO c.test\n", b"MAIL FROM:<s@x.test>\r\n", b"RCPT TO:<r@y.test>\r\n", b"DATA\r\n"]),
+    ("127.0.0.6", [b"MAIL FROM:<s@x.test>\r\n", b"VRFY x\r\n", b"ETRN x\r\n", b"STARTTLS\r\n", b"AUTH PLAIN\r\n",
+                   b'RCPT TO:<"a b"@y.test>\r\n', b"Subject: hi\r\n"]),
+]
+
+
+async def deep_dialogue(port: int) -> list[list[bytes]]:
+    """What each of DEEP_CLIENTS reads: its greeting, then the replies to each of its lines, until the server
+    closes."""
+    seen = []
+    for address, lines in DEEP_CLIENTS:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(address, 0))
+        replies = [await read_reply(reader)]
+        for chunk in lines:
+            writer.write(chunk)
+            await writer.drain()
+            for _ in range(chunk.count(b"\n")):
+                replies.append(await read_reply(reader))
+            if not replies[-1]:
+                break
+        seen.append(replies)
+        writer.close()
+        await asyncio.sleep(0.1)  # (the server's log lines of this client before the next one's)
+    return seen
+
+
+async def read_reply(reader: asyncio.StreamReader) -> bytes:
+    """One reply, every line of it; b"" when the connection closed first."""
+    text = b""
+    while True:
+        try:
+            line = await asyncio.wait_for(reader.readline(), GREET_WAIT + 5)
+        except ConnectionResetError:
+            return text
+        text += line
+        if not line or line[3:4] != b"-":
+            return text
+
+
+async def test_deep_protocol_tests_as_postfix(mailflow_server, caplog):
+    """postscreen_pipelining_enable, postscreen_non_smtp_command_enable and postscreen_bare_newline_enable: the
+    dummy engine's replies (the 450 that makes a passing client come back, the refusals of each action) and the
+    log lines (COMMAND PIPELINING, NON-SMTP COMMAND, BARE NEWLINE, PASS NEW, DATA without valid RCPT)."""
+    caplog.set_level(logging.INFO, logger="mailflow.postscreen")
+    mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
+        "enable": True, "access_list": [], "greet_wait": GREET_WAIT, "pipelining_enable": True,
+        "non_smtp_command_enable": True, "bare_newline_enable": True}})
+    ours = await deep_dialogue(mf.smtp_addresses[0][1])
+    our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
+
+    port = free_port()
+    master = (f"127.0.0.1:{port} inet n - n - 1 postscreen\n"
+              "smtpd pass - - n - - smtpd\n"
+              "dnsblog unix - - n - 0 dnsblog\n"
+              "tlsproxy unix - - n - 0 tlsproxy\n")
+    async with postfix_instance(main_cf={"myhostname": HOST, "postscreen_greet_wait": f"{GREET_WAIT}s",
+                                         "postscreen_access_list": "", "smtputf8_enable": "yes",
+                                         "postscreen_pipelining_enable": "yes",
+                                         "postscreen_non_smtp_command_enable": "yes",
+                                         "postscreen_bare_newline_enable": "yes",
+                                         "postscreen_cache_map": "btree:$data_directory/postscreen_cache"},
+                                master_cf=master) as pf:
+        theirs = await deep_dialogue(port)
+        await asyncio.sleep(0.3)
+        their_log = postscreen_lines(re.findall(r"/postscreen\[\d+\]: (.*)$", pf.maillog, re.M))
+    their_log = [line for line in their_log if not line.startswith("cache ")]
+
+    assert ours == theirs
+    assert ours[0][-2:] == [b"450 4.3.2 Service currently unavailable\r\n", b"221 2.0.0 Bye\r\n"]
+    assert ours[1][0] == b"220 mx.mailflow.test ESMTP Postfix\r\n"
+    assert ours[2][-2] == b"550 5.5.1 Protocol error\r\n"
+    assert ours[4][-1] == b"521 5.7.0 Error: I can break rules, too. Goodbye.\r\n"
+    assert our_log == their_log, (our_log, their_log)
+    for seen in ("PASS NEW [127.0.0.2]:PORT", "PASS OLD [127.0.0.2]:PORT",
+                 r"COMMAND PIPELINING from [127.0.0.3]:PORT after EHLO: MAIL FROM:<s@x.test>\r\n",
+                 "NON-SMTP COMMAND from [127.0.0.4]:PORT after CONNECT: GET / HTTP/1.0",
+                 "BARE NEWLINE from [127.0.0.5]:PORT after EHLO c.test",
+                 "DATA without valid RCPT from [127.0.0.5]:PORT",
+                 "NON-SMTP COMMAND from [127.0.0.6]:PORT after RCPT: Subject: hi"):
+        assert seen in our_log, (seen, our_log)

@@ -52,11 +52,13 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Coroutine, Protocol
 
 from mailflow import status
+from mailflow.address import quoted_local
 from mailflow.clock import Clock
 from mailflow.config.smtpd import SMTPD_BANNER, PostscreenConfig
 from mailflow.dnsbl_sites import DnsblSite, parse_dnsbl_site
@@ -72,9 +74,17 @@ from mailflow.tables.networks import NetworkList
 log = logging.getLogger("mailflow.postscreen")
 
 PREGREET, DNSBL = "pregreet", "dnsbl"
+PIPELINING, NON_SMTP, BARE_NEWLINE = "pipelining", "non_smtp_command", "bare_newline"
+DEEP_TESTS = (PIPELINING, NON_SMTP, BARE_NEWLINE)  # after the 220, in the dummy engine (postscreen_smtpd.c)
 PREGREET_READ = 1023  # bytes of early input counted in the PREGREET line (Postfix's PSC_READ_BUF_SIZE - 1)
 PREGREET_LOGGED = 100  # characters of it quoted, escaped (Postfix's %.100s)
 DUMMY_LINE_LIMIT = 2048  # the dummy engine's command line limit
+QUOTED = 100  # bytes of a command or of pending input a deep test's log line quotes (Postfix's 100)
+# the commands the dummy engine knows (Postfix's command_table: XCLIENT, XFORWARD and AUTH known but disabled)
+KNOWN_COMMANDS = ("HELO", "EHLO", "STARTTLS", "XCLIENT", "XFORWARD", "AUTH", "MAIL", "RCPT", "DATA", "BDAT", "RSET",
+                  "NOOP", "VRFY", "ETRN", "QUIT")
+_HEADER_LABEL = re.compile(rb"[!-9;-~]+:")  # Postfix's is_header: a field name, then its colon
+_LETTER = re.compile(rb"[A-Za-z]")  # smtpd_forbidden_commands' regexp:{{/^[^A-Z]/ Bogus}} (case-insensitive)
 
 
 class Verdict(enum.Enum):
@@ -122,6 +132,12 @@ class PassCache:
             return None
         return tuple(test for test in tests if entry.get(test, 0.0) <= now)
 
+    def complete(self, ip: str, tests: tuple[str, ...]) -> bool:
+        """Whether the client has passed each of `tests` once at least, expired or not (Postfix: no test of its
+        cache entry is still "new"; its PASS after the tests is then `PASS OLD`)."""
+        entry = self._entries.get(ip)
+        return entry is not None and all(test in entry for test in tests)
+
     def record(self, ip: str, expiries: dict[str, float]) -> None:
         entry = self._entries.pop(ip, {})
         entry.update(expiries)
@@ -135,11 +151,13 @@ class _Screening:
     """One client's state while it is screened."""
 
     client: Client
-    rcpt_reply: status.Reply | None = None  # enforce: what every RCPT gets
+    rcpt_reply: status.Reply | None = None  # enforce: what every RCPT gets (the last test failed decides)
     failed: bool = False  # a test failed under drop or enforce (ignore: PSC_UNFAIL_SESSION_STATE, not failed)
-    passes: dict[str, float] | None = None  # the tests passed this session, until when
+    vetoed: bool = False  # not on an allowlist interface: never to smtpd, nothing cached (PSC_STATE_FLAG_ALLIST_FAIL)
+    silent: bool = False  # the pregreet test failed under enforce: the dummy engine sends no greeting
+    passes: dict[str, float] = field(default_factory=dict)  # the tests passed this session, until when
     due: tuple[str, ...] = ()  # a cached client's expired tests, the ones it meets (): all
-    known: bool = False  # in the cache: its PASS after the tests is `PASS OLD` (Postfix's PSC_STATE_FLAG_NEW unset)
+    known: bool = False  # has passed every test once: its PASS is `PASS OLD` (Postfix's PSC_STATE_FLAG_NEW unset)
 
     def fail(self, action: str, reply_for: Callable[[int], status.Reply], conn: Connection) -> bool:
         """Apply `action` to a failed test; True when the connection was dropped. ignore: logged only, the test
@@ -150,7 +168,7 @@ class _Screening:
         if action == "drop":
             _drop(conn, self.client, reply_for(521))
             return True
-        self.rcpt_reply = self.rcpt_reply or reply_for(550)
+        self.rcpt_reply = reply_for(550)  # (PSC_ENFORCE_SESSION_STATE: the last one counts)
         return False
 
 
@@ -165,7 +183,8 @@ class Postscreen:
 
     def __init__(self, config: PostscreenConfig, *, mynetworks: NetworkList, tables: TableCache, resolver,
                  cache: PassCache, clock: Clock, hostname: str, banner: str, smtpd_timeout: float,
-                 smtpd_connection_limit: int = 0):
+                 smtpd_connection_limit: int = 0, smtpd_forbid_cmds: tuple[str, ...] = (),
+                 engine: "EngineTraits | None" = None):
         self._config = config
         self._mynetworks = mynetworks
         self._table_cache = tables
@@ -183,7 +202,17 @@ class Postscreen:
         self._connection_limit = smtpd_connection_limit if limit is None else limit
         self._connections: dict[str, int] = {}  # ip -> its connections in the screen now (none: no key)
         self._dnsbl_in_flight: dict[str, _DnsblQueries] = {}  # ip -> the DNSBL queries its connections share
-        self._tests = (PREGREET, DNSBL) if self._sites else (PREGREET,)
+        deep = tuple(test for test in DEEP_TESTS if getattr(config, f"{test}_enable"))
+        self._tests = ((PREGREET, DNSBL) if self._sites else (PREGREET,)) + deep
+        forbidden = smtpd_forbid_cmds if config.forbidden_commands is None else config.forbidden_commands
+        self._forbidden = frozenset(word.upper() for word in forbidden)
+        self._reply_map = tables.open([config.dnsbl_reply_map])[0] if config.dnsbl_reply_map else None
+        self._interfaces = NetworkList.from_items(config.allowlist_interfaces, tables.open,
+                                                  setting="smtpd.postscreen.allowlist_interfaces")
+        # how long a deep test failed under ignore counts as passed (Postfix's psc_min_ttl: the least of the TTLs)
+        self._min_ttl = min(config.greet_ttl, config.dnsbl_min_ttl, config.pipelining_ttl,
+                            config.non_smtp_command_ttl, config.bare_newline_ttl)
+        self._engine = engine or EngineTraits()
 
     async def screen(self, conn: Connection, client: Client) -> Verdict:
         log.info("CONNECT from %s to [%s]:%s", client.where, client.server_ip, client.server_port)
@@ -220,7 +249,10 @@ class Postscreen:
                 log.info("PASS OLD %s", client.where)
                 return Verdict.PASS
             if due is not None:  # (psc_parse_tests: only the expired tests run again)
-                state.due, state.known = due, True
+                state.due, state.known = due, self._cache.complete(client.ip, self._tests)
+        if not self._interfaces.contains(client.server_ip):  # (a table that cannot answer: vetoed, as Postfix)
+            log.info("ALLOWLIST VETO %s", client.where)
+            state.vetoed = True
         if not self._screening.take():
             log.info("reject: connect from %s: all screening ports busy", client.where)
             _drop(conn, client, status.SCREENING_PORTS_BUSY)
@@ -231,20 +263,34 @@ class Postscreen:
             self._screening.give_back()
 
     async def _tests_of(self, conn: Connection, state: _Screening) -> Verdict:
-        """The early tests, then the dummy engine (enforce), or smtpd: `PASS NEW` when every test passed
-        (psc_conclude), the passes cached (those of the tests not failed under ignore too)."""
-        client = state.client
+        """The early tests, then the dummy engine (enforce, a veto, deep tests due: psc_early_event's end), or
+        smtpd."""
         if not await self._early_tests(conn, state):
             return Verdict.DONE
-        if state.rcpt_reply is not None:
+        if state.rcpt_reply is not None or state.vetoed or self._deep_due(state):
             await self._dummy_engine(conn, state)
             return Verdict.DONE
-        passes = state.passes or {}
-        if all(test in passes for test in state.due or self._tests):
-            log.info("PASS %s %s", "OLD" if state.known else "NEW", client.where)
-        if passes:
-            self._cache.record(client.ip, passes)
+        self._conclude(state)
         return Verdict.PASS
+
+    def _todo(self, state: _Screening) -> tuple[str, ...]:
+        return state.due or self._tests
+
+    def _deep_due(self, state: _Screening) -> tuple[str, ...]:
+        """The deep tests of this session: those due, or all of them for a client that failed a test or was vetoed
+        (psc_smtpd_tests: "turning on all after-220 tests when a bad client failed a before-220 test")."""
+        if state.failed or state.vetoed:
+            return DEEP_TESTS
+        return tuple(test for test in self._todo(state) if test in DEEP_TESTS)
+
+    def _conclude(self, state: _Screening) -> None:
+        """psc_conclude: a client no test failed (nor vetoed) has its passes cached (those of tests failed under
+        ignore too), and `PASS NEW` (or OLD) logged when it passed every test it met."""
+        if state.failed or state.vetoed or not state.passes:
+            return
+        if all(test in state.passes for test in self._todo(state)):
+            log.info("PASS %s %s", "OLD" if state.known else "NEW", state.client.where)
+        self._cache.record(state.client.ip, state.passes)
 
     async def _access(self, ip: str) -> str:
         """permit, reject or dunno: the first answer of the access list, as Postfix's server_acl_eval: a table's
@@ -294,6 +340,7 @@ class Postscreen:
                          client.where, escaped(early)[:PREGREET_LOGGED])
                 if state.fail(config.greet_action, status.postscreen_pregreet, conn):
                     return False  # (drop: at once, the DNSBL answers not waited for)
+                state.silent = config.greet_action == "enforce"  # (no 220 from the dummy engine)
                 await _dnsbl_until(queries, deadline)  # (Postfix waits on for the DNSBL answers)
         finally:
             if queries is not None:
@@ -305,7 +352,7 @@ class Postscreen:
             conn.hang_up()
             return False
         cut_short = asyncio.get_running_loop().time() < deadline  # (by a DNSBL allowlisting, or no pregreet test)
-        passes: dict[str, float] = {}
+        passes = state.passes
         # (an allowlisting score that came too late to end the wait: a failed test stays failed, as Postfix)
         if not early and PREGREET in due:
             passes[PREGREET] = self._clock.time() + config.greet_ttl
@@ -315,12 +362,24 @@ class Postscreen:
             score, site = queries.score(self._sites)
             if score >= config.dnsbl_threshold:
                 log.info("DNSBL rank %d for %s", score, client.where)
-                if state.fail(config.dnsbl_action, lambda code: status.postscreen_dnsbl(code, client.ip, site), conn):
+                shown = await self._dnsbl_reply_name(site)
+                if state.fail(config.dnsbl_action, lambda code: status.postscreen_dnsbl(code, client.ip, shown),
+                              conn):
                     return False
             else:
                 passes[DNSBL] = self._clock.time() + self._dnsbl_pass_ttl(queries)
-        state.passes = passes
         return True
+
+    async def _dnsbl_reply_name(self, site: str) -> str:
+        """The DNSBL name a refusal shows: postscreen_dnsbl_reply_map's text for the site, else the site."""
+        if self._reply_map is None:
+            return site
+        try:
+            shown = await self._table_cache.run(self._reply_map.lookup, site)
+        except LookupRetry as e:
+            log.warning("%s lookup error for %s: %s", self._config.dnsbl_reply_map, site, e.reason)
+            return site
+        return site if shown is None else shown.strip()
 
     def _dnsbl_pass_ttl(self, queries: "_DnsblQueries") -> float:
         """How long a DNSBL pass is remembered: the resolver reports no TTLs, so dnsbl_max_ttl (clamped to
@@ -391,43 +450,124 @@ class Postscreen:
             log.warning("dnsblog_query: lookup error for DNS query %s: %s", query, e.reason)
             return None
 
-    # -- enforce: the dummy SMTP engine
+    # -- the dummy SMTP engine: enforce, a veto, the deep protocol tests
 
     async def _dummy_engine(self, conn: Connection, state: _Screening) -> None:
-        """postscreen_smtpd.c: answer as an SMTP server that refuses every recipient; never hand over."""
-        dialogue = _Dummy(self._hostname, state)
-        conn.send(f"{status.greeting(self._hostname, self._banner)}\r\n")
+        """postscreen_smtpd.c: answer as an SMTP server that refuses every recipient (`450 4.3.2` when no test
+        failed: a client that passes is to come back), the deep tests on each command line; never hand over. Its
+        end is psc_conclude's: the passes cached, `PASS NEW`, the final reply, `DISCONNECT`."""
+        deep = _DeepTests(self._deep_due(state))
+        dialogue = _Dummy(self._hostname, state, self._engine)
+        if not state.silent:  # (no banner for a client that failed the pregreet test)
+            conn.send(f"{status.greeting(self._hostname, self._banner)}\r\n")
         started = self._clock.time()
+        final: str | None = None
         try:
-            while not dialogue.over:
-                async with asyncio.timeout(self._timeout):
-                    line = await conn.wire.read_lenient_line(DUMMY_LINE_LIMIT)
-                if line is None or not self._within_count(dialogue, line):
-                    log.info("COMMAND %s LIMIT from %s after %s", "LENGTH" if line is None else "COUNT",
-                             state.client.where, dialogue.where)
-                    conn.send(f"{status.postscreen_unavailable(self._hostname)}\r\n")
-                    break
-                conn.send(dialogue.answer(line.decode("utf-8", "replace")))
+            while final is None:
+                final = await self._next_command(conn, state, deep, dialogue)
                 await asyncio.sleep(0)  # a client that pipelines its commands does not hold the loop
         except TimeoutError:
             log.info("COMMAND TIME LIMIT from %s after %s", state.client.where, dialogue.where)
-            conn.send(f"{status.session_timeout(self._hostname)}\r\n")
+            final = f"{status.session_timeout(self._hostname)}\r\n"
         except (ConnectionError, WireError):
             log.info("HANGUP after %s from %s in tests after SMTP handshake",
                      format_tv(self._clock.time() - started), state.client.where)
+        self._conclude(state)
+        if final is not None:
+            conn.send(final)
         log.info("DISCONNECT %s", state.client.where)
         conn.hang_up()
 
-
-    def _within_count(self, dialogue: "_Dummy", line: bytes) -> bool:
-        """Postfix's command count limit: command_count_limit commands, QUIT always answered. (A line of
-        `DUMMY_LINE_LIMIT` bytes without its end is the COMMAND LENGTH LIMIT: both end with a 421.)"""
+    async def _next_command(self, conn: Connection, state: _Screening, deep: "_DeepTests",
+                            dialogue: "_Dummy") -> str | None:
+        """One command line read (within smtpd's `timeout`), tested and answered, in psc_smtpd_read_event's order:
+        bare newline, non-SMTP, pipelining, the passes at RCPT, the command count; the final reply when the session
+        ends (None: it goes on)."""
+        client = state.client
+        async with asyncio.timeout(self._timeout):
+            got = await conn.wire.read_lenient_line(DUMMY_LINE_LIMIT)
+        if got is None:
+            log.info("COMMAND LENGTH LIMIT from %s after %s", client.where, dialogue.where)
+            return f"{status.postscreen_unavailable(self._hostname)}\r\n"
+        line, bare = got
+        if bare and deep.due(BARE_NEWLINE):
+            log.info("BARE NEWLINE from %s after %s", client.where, escaped(line[:QUOTED]))
+            if self._deep_failed(state, deep, BARE_NEWLINE):
+                return f"{status.postscreen_protocol_error(521)}\r\n"
+        command, _, rest = line.lstrip(b" ").partition(b" ")
+        verb = command.decode("ascii", "replace").upper()
+        after, dialogue.where = dialogue.where, verb if verb in KNOWN_COMMANDS else "UNIMPLEMENTED"
+        shown = printable(command.decode("utf-8", "replace"))[:QUOTED]
+        if verb not in KNOWN_COMMANDS and deep.due(NON_SMTP) and self._not_smtp(command):
+            log.info("NON-SMTP COMMAND from %s after %s: %s %s", client.where, after, shown, escaped(rest[:QUOTED]))
+            if self._deep_failed(state, deep, NON_SMTP):
+                return f"{status.POSTSCREEN_NON_SMTP_DROP}\r\n"
+        if verb != "BDAT" and deep.due(PIPELINING) and conn.wire.pending():
+            log.info("COMMAND PIPELINING from %s after %s: %s", client.where, shown, escaped(conn.wire.peek(QUOTED)))
+            if self._deep_failed(state, deep, PIPELINING):
+                return f"{status.postscreen_protocol_error(521)}\r\n"
+        if verb == "RCPT":  # (the deep tests pass once the client got this far; a later command can still fail them)
+            for test in deep.untried(state.passes):
+                state.passes[test] = self._clock.time() + getattr(self._config, f"{test}_ttl")
         dialogue.commands += 1
-        return dialogue.commands <= self._config.command_count_limit or _verb(line) == "QUIT"
+        if dialogue.commands > self._config.command_count_limit and verb != "QUIT":
+            log.info("COMMAND COUNT LIMIT from %s after %s", client.where, after)
+            return f"{status.postscreen_unavailable(self._hostname)}\r\n"
+        reply = dialogue.answer(verb, rest.decode("utf-8", "replace"))
+        if dialogue.over:
+            return reply
+        conn.send(reply)
+        return None
+
+    def _not_smtp(self, command: bytes) -> bool:
+        """The non-SMTP command test's rule for a command the engine does not know: it looks like a header label,
+        is not UTF-8, is a forbidden_commands word, or does not begin with a letter."""
+        if _HEADER_LABEL.match(command):
+            return True
+        try:
+            word = command.decode("utf-8")
+        except UnicodeDecodeError:
+            return True
+        return word.upper() in self._forbidden or (command != b"" and _LETTER.match(command) is None)
+
+    def _deep_failed(self, state: _Screening, deep: "_DeepTests", test: str) -> bool:
+        """A deep test failed, not to be tried again this session; its action: ignore (passed for the least TTL of
+        all tests, psc_min_ttl), enforce (every RCPT then gets `550 5.5.1 Protocol error`), drop (True: the caller
+        ends the session with its 521)."""
+        deep.skipped.add(test)
+        state.passes.pop(test, None)
+        action = getattr(self._config, f"{test}_action")
+        if action == "ignore":
+            state.passes[test] = self._clock.time() + self._min_ttl
+            return False
+        state.failed = True
+        if action == "enforce":
+            state.rcpt_reply = status.postscreen_protocol_error(550)
+        return action == "drop"
 
 
-def _verb(line: bytes) -> str:
-    return line.strip().partition(b" ")[0].decode("ascii", "replace").upper()
+@dataclass(frozen=True)
+class EngineTraits:
+    """What the dummy engine takes from smtpd's settings (Postfix's postscreen_* parameters default to smtpd's)."""
+
+    message_size_limit: int = 0  # the EHLO reply's SIZE
+    disable_vrfy: bool = False  # postscreen_disable_vrfy_command
+    helo_required: bool = False  # postscreen_helo_required: MAIL and ETRN need HELO/EHLO first
+
+
+class _DeepTests:
+    """One session's deep tests: those it runs, and those settled (failed, or failed and ignored) for it."""
+
+    def __init__(self, todo: tuple[str, ...]):
+        self.todo = todo
+        self.skipped: set[str] = set()
+
+    def due(self, test: str) -> bool:
+        return test in self.todo and test not in self.skipped
+
+    def untried(self, passes: dict[str, float]) -> list[str]:
+        """The tests neither passed nor settled yet (at RCPT: passed)."""
+        return [test for test in self.todo if test not in self.skipped and test not in passes]
 
 
 class _DnsblQueries:
@@ -473,87 +613,160 @@ async def _dnsbl_until(queries: _DnsblQueries | None, deadline: float) -> None:
 
 
 class _Dummy:
-    """The dummy engine's dialogue: one reply (with its CRLF) per command line."""
+    """The dummy engine's dialogue: one reply (with its CRLF) per command (postscreen_smtpd.c's handlers)."""
 
-    def __init__(self, hostname: str, state: _Screening):
+    def __init__(self, hostname: str, state: _Screening, traits: EngineTraits):
         self._hostname = hostname
         self._state = state
-        self._helo = ""
+        self._traits = traits
+        self._helo: str | None = None
         self._protocol = "SMTP"
         self._sender: str | None = None
-        self.over = False
+        self.over = False  # the reply is the last one (DATA, BDAT, QUIT)
         self.commands = 0  # command lines read (postscreen_command_count_limit)
         self.where = "CONNECT"  # the last command (Postfix's state->where)
 
-    def answer(self, line: str) -> str:
-        verb, _, arg = line.strip().partition(" ")
-        handler = self._COMMANDS.get(verb.upper())
-        self.where = verb.upper() if handler is not None else "UNIMPLEMENTED"
-        if handler is None:
+    def answer(self, verb: str, args: str) -> str:
+        handler = self._COMMANDS.get(verb)
+        if handler is None:  # (XCLIENT, XFORWARD and AUTH too: known, not enabled)
             return "502 5.5.2 Error: command not recognized\r\n"
-        return handler(self, arg.strip())
+        return handler(self, args)
 
-    def _helo_cmd(self, arg: str) -> str:
-        if not arg:
+    def _rcpt_reply(self) -> status.Reply:
+        return self._state.rcpt_reply or status.POSTSCREEN_COME_BACK
+
+    def _helo_cmd(self, args: str) -> str:
+        name = _token(args)
+        if name is None:
             return "501 Syntax: HELO hostname\r\n"
-        self._helo, self._protocol = arg, "SMTP"
+        self._helo, self._sender = name, None  # (the protocol is not downgraded)
         return f"250 {self._hostname}\r\n"
 
-    def _ehlo_cmd(self, arg: str) -> str:
-        if not arg:
+    def _ehlo_cmd(self, args: str) -> str:
+        name = _token(args)
+        if name is None:
             return "501 Syntax: EHLO hostname\r\n"
-        self._helo, self._protocol = arg, "ESMTP"
-        keywords = (self._hostname, "SIZE", "ETRN", "ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8", "CHUNKING")
+        self._helo, self._sender, self._protocol = name, None, "ESMTP"
+        limit = self._traits.message_size_limit
+        keywords = [self._hostname, f"SIZE {limit}" if limit else "SIZE"] + \
+            ([] if self._traits.disable_vrfy else ["VRFY"]) + \
+            ["ETRN", "ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8", "CHUNKING"]
         return "".join(f"250-{k}\r\n" for k in keywords[:-1]) + f"250 {keywords[-1]}\r\n"
 
-    def _mail_cmd(self, arg: str) -> str:
-        if not self._helo:
+    def _mail_cmd(self, args: str) -> str:
+        if self._traits.helo_required and self._helo is None:
             return "503 5.5.1 Error: send HELO/EHLO first\r\n"
         if self._sender is not None:
             return "503 5.5.1 Error: nested MAIL command\r\n"
-        if not arg.upper().startswith("FROM:"):
+        if ":" not in args:
             return "501 5.5.4 Syntax: MAIL FROM:<address>\r\n"
-        self._sender = _path(arg[5:])
+        self._sender = _address(args.partition(":")[2])
         return "250 2.1.0 Ok\r\n"
 
-    def _rcpt_cmd(self, arg: str) -> str:
+    def _rcpt_cmd(self, args: str) -> str:
         if self._sender is None:
             return "503 5.5.1 Error: need MAIL command\r\n"
-        if not arg.upper().startswith("TO:"):
+        if ":" not in args:
             return "501 5.5.4 Syntax: RCPT TO:<address>\r\n"
-        reply = self._state.rcpt_reply
+        reply = self._rcpt_reply()
         log.info("NOQUEUE: reject: RCPT from %s: %s; from=<%s>, to=<%s>, proto=%s, helo=<%s>",
-                 self._state.client.where, reply, printable(self._sender), printable(_path(arg[3:])),
-                 self._protocol, printable(self._helo))
+                 self._state.client.where, reply, _logged(self._sender), _logged(_address(args.partition(":")[2])),
+                 self._protocol, printable(self._helo or ""))
         return f"{reply}\r\n"
 
-    def _data_cmd(self, arg: str) -> str:
+    def _data_cmd(self, args: str) -> str:
+        log.info("DATA without valid RCPT from %s", self._state.client.where)
         self.over = True
+        if _token(args) is not None:
+            return "501 5.5.4 Syntax: DATA\r\n"
         if self._sender is None:
             return "503 5.5.1 Error: need RCPT command\r\n"
         return "554 5.5.1 Error: no valid recipients\r\n"
 
-    def _rset_cmd(self, arg: str) -> str:
+    def _bdat_cmd(self, args: str) -> str:
+        log.info("BDAT without valid RCPT from %s", self._state.client.where)
+        self.over = True
+        if _token(args) is None:
+            return "501 5.5.4 Syntax: BDAT count [LAST]\r\n"
+        if self._sender is None:
+            return "554 5.5.1 Error: need MAIL command\r\n"
+        return "554 5.5.1 Error: no valid recipients\r\n"
+
+    def _rset_cmd(self, args: str) -> str:
         self._sender = None
         return "250 2.0.0 Ok\r\n"
 
-    def _noop_cmd(self, arg: str) -> str:
+    def _noop_cmd(self, args: str) -> str:
         return "250 2.0.0 Ok\r\n"
 
-    def _quit_cmd(self, arg: str) -> str:
+    def _vrfy_cmd(self, args: str) -> str:
+        if _token(args) is None:
+            return "501 5.5.4 Syntax: VRFY address\r\n"
+        if self._traits.disable_vrfy:
+            return "502 5.5.1 VRFY command is disabled\r\n"
+        return f"{self._rcpt_reply()}\r\n"
+
+    def _etrn_cmd(self, args: str) -> str:
+        if self._traits.helo_required and self._helo is None:
+            return "503 5.5.1 Error: send HELO/EHLO first\r\n"
+        if _token(args) is None:
+            return "500 Syntax: ETRN domain\r\n"
+        return "458 Unable to queue messages\r\n"
+
+    def _starttls_cmd(self, args: str) -> str:
+        if _token(args) is not None:
+            return "501 5.5.4 Syntax: STARTTLS\r\n"
+        return "502 5.5.1 Error: command not implemented\r\n"  # (no TLS in the screen)
+
+    def _quit_cmd(self, args: str) -> str:
         self.over = True
         return "221 2.0.0 Bye\r\n"
 
     _COMMANDS: dict[str, Callable[["_Dummy", str], str]] = {
-        "HELO": _helo_cmd, "EHLO": _ehlo_cmd, "MAIL": _mail_cmd, "RCPT": _rcpt_cmd, "DATA": _data_cmd,
-        "BDAT": _data_cmd, "RSET": _rset_cmd, "NOOP": _noop_cmd, "QUIT": _quit_cmd,
+        "HELO": _helo_cmd, "EHLO": _ehlo_cmd, "STARTTLS": _starttls_cmd, "MAIL": _mail_cmd, "RCPT": _rcpt_cmd,
+        "DATA": _data_cmd, "BDAT": _bdat_cmd, "RSET": _rset_cmd, "NOOP": _noop_cmd, "VRFY": _vrfy_cmd,
+        "ETRN": _etrn_cmd, "QUIT": _quit_cmd,
     }
 
 
-def _path(text: str) -> str:
-    """The address of a MAIL FROM:/RCPT TO: argument (its parameters dropped, <> taken off)."""
-    word = text.strip().split(" ")[0] if text.strip() else ""
-    return word[1:-1] if word.startswith("<") and word.endswith(">") else word
+def _logged(address: str) -> str:
+    """An address as the log shows it (Postfix's info_log_addr_form: external, the local part quoted if it needs)."""
+    if not address:
+        return ""
+    local, at, domain = address.rpartition("@")
+    return printable(f"{quoted_local(local)}@{domain}" if at else quoted_local(address))
 
 
-__all__ = ["Client", "Connection", "PassCache", "Postscreen", "Verdict"]
+def _token(args: str) -> str | None:
+    """The first word of a command's arguments (Postfix's mystrtok on spaces), None when there is none."""
+    words = args.split(" ")
+    return next((word for word in words if word), None)
+
+
+def _address(text: str) -> str:
+    """psc_extract_addr: the address after MAIL FROM:/RCPT TO: (spaces skipped; up to `>` after `<`, else up to a
+    space; quotes dropped, a backslash taking the next character; a source route's `@a,@b:` dropped)."""
+    text = text.lstrip(" ")
+    stop = ">" if text.startswith("<") else " "
+    chars, quoted, i = [], False, 1 if stop == ">" else 0
+    while i < len(text):
+        c = text[i]
+        if not quoted and c == stop:
+            break
+        if c == '"':
+            quoted = not quoted
+        else:
+            if c == "\\":
+                i += 1
+                if i == len(text):
+                    break
+                c = text[i]
+            chars.append(c)
+        i += 1
+    address = "".join(chars)
+    if address.startswith("@") and ":" in address:
+        address = address.partition(":")[2]
+    return address
+
+
+__all__ = ["Client", "Connection", "EngineTraits", "PassCache", "Postscreen", "Verdict"]

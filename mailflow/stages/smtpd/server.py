@@ -79,7 +79,7 @@ from mailflow.stages.smtpd.dovecot_auth import DovecotAuth
 from mailflow.stages.smtpd.frontends import FrontEnds
 from mailflow.stages.smtpd.handler import SmtpdHandler
 from mailflow.stages.smtpd.ehlo_discards import EhloDiscards
-from mailflow.stages.smtpd.postscreen import Client, PassCache, Postscreen, Verdict
+from mailflow.stages.smtpd.postscreen import Client, EngineTraits, PassCache, Postscreen, Verdict
 from mailflow.stages.smtpd.session import ProtocolLimits, SmtpSession
 from mailflow.stages.smtpd.tls import ServerTls
 from mailflow.stages.smtpd.transcript import SessionObserver
@@ -348,7 +348,10 @@ class Smtpd:
         return Postscreen(smtpd.postscreen, mynetworks=mynetworks, tables=self._tables, resolver=self._resolver,
                           cache=self.screened, clock=self._clock, hostname=hostname, banner=smtpd.banner,
                           smtpd_timeout=smtpd.timeout,
-                          smtpd_connection_limit=smtpd.client_connection_count_limit)
+                          smtpd_connection_limit=smtpd.client_connection_count_limit,
+                          smtpd_forbid_cmds=smtpd.forbid_cmds,
+                          engine=EngineTraits(smtpd.message_size_limit, smtpd.disable_vrfy_command,
+                                              smtpd.helo_required))
 
     def _auth_backend(self, smtpd: SmtpdConfig) -> Backend:
         """Who checks a listener's AUTH passwords: Dovecot's auth server (one connection per socket, shared by

@@ -298,9 +298,10 @@ class Wire:
             raise WireError(status.LINE_TOO_LONG, fatal=False)
         return line[:-2]
 
-    async def read_lenient_line(self, limit: int) -> bytes | None:
-        """One line ended by CRLF or a bare LF, without its end; None when it holds `limit` bytes or more before
-        its end (postscreen's dummy engine: Postfix 3.7's psc_smtpd_read_event and its COMMAND LENGTH LIMIT)."""
+    async def read_lenient_line(self, limit: int) -> tuple[bytes, bool] | None:
+        """One line ended by CRLF or a bare LF, without its end, and whether that end was a bare LF; None when it
+        holds `limit` bytes or more before its end (postscreen's dummy engine: Postfix 3.7's psc_smtpd_read_event,
+        its COMMAND LENGTH LIMIT and its bare newline test)."""
         start = 0
         while True:
             end = self._buf.find(b"\n", start, limit + 2)
@@ -312,8 +313,9 @@ class Wire:
             await self._fill()
         line = bytes(self._buf[:end])
         del self._buf[:end + 1]
-        line = line[:-1] if line.endswith(b"\r") else line
-        return line if len(line) < limit else None
+        bare = not line.endswith(b"\r")
+        line = line if bare else line[:-1]
+        return (line, bare) if len(line) < limit else None
 
     async def _skip_line(self) -> None:
         """Consume input through the next LF without keeping it."""
