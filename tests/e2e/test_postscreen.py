@@ -579,3 +579,213 @@ async def test_the_dummy_engine_bounds_commands_and_line_length_as_postscreen(ma
     await c.send(b"NOOP " + b"x" * 2042 + b"\nQUIT\r\n")  # 2047 bytes before a bare LF: the longest line taken
     assert (await c.reply()).code == 250
     assert (await c.reply()).code == 221
+
+
+# -- the deep protocol tests (postscreen_smtpd.c): in the dummy engine after the 220; a client that passes them is told
+# 450 at its RCPT, cached, and goes to smtpd when it comes back
+
+DEEP = {"pipelining_enable": True, "non_smtp_command_enable": True, "bare_newline_enable": True}
+WHERE = r"\[127\.0\.0\.1\]:\d+"
+
+
+async def through_rcpt(c: SmtpClient, ehlo: bytes = b"EHLO client.test\r\n") -> list:
+    """EHLO (as given), MAIL and RCPT one at a time: their replies."""
+    await c.send(ehlo)
+    return [await c.reply(), await c.cmd("MAIL FROM:<s@remote.test>"), await c.cmd("RCPT TO:<alice@local.test>")]
+
+
+async def test_a_client_that_passes_the_deep_tests_comes_back_to_smtpd(mailflow_server, screen_log):
+    mf = await mailflow_server(smtpd=screen(**DEEP, pipelining_ttl="2d"))
+    port = mf.smtp_addresses[0][1]
+    c = await SmtpClient.connect(port)
+    assert c.greeting.text == "220-mx.mailflow.test ESMTP mailflow\n220 mx.mailflow.test ESMTP mailflow"
+    ehlo, mail, rcpt = await through_rcpt(c)
+    assert "250-SIZE 10240000" in ehlo.text.splitlines() and "PIPELINING" not in ehlo.text
+    assert mail.code == 250
+    assert rcpt == status.POSTSCREEN_COME_BACK
+    assert str(rcpt.text) == "450 4.3.2 Service currently unavailable"
+    assert (await c.cmd("QUIT")).text == "221 2.0.0 Bye"
+    assert await c.closed()
+    await eventually(lambda: screen_log()[-1].startswith("DISCONNECT"))
+    assert re.fullmatch(rf"PASS NEW {WHERE}", screen_log()[-2]), screen_log()
+    assert re.fullmatch(rf"NOQUEUE: reject: RCPT from {WHERE}: 450 4\.3\.2 Service currently unavailable; "
+                        r"from=<s@remote\.test>, to=<alice@local\.test>, proto=ESMTP, helo=<client\.test>",
+                        screen_log()[-3]), screen_log()
+    now = time.time()
+    cache = mf.smtpd.screened
+    assert cache.passed("127.0.0.1", ("pregreet", "pipelining", "non_smtp_command", "bare_newline"), now)
+    assert not cache.passed("127.0.0.1", ("pipelining",), now + 2 * 86400 + 5)  # its own TTL
+    assert cache.passed("127.0.0.1", ("non_smtp_command", "bare_newline"), now + 29 * 86400)
+
+    again = await SmtpClient.connect(port)  # cached: smtpd's own greeting at once, and mail goes through
+    assert again.greeting.text == "220 mx.mailflow.test ESMTP mailflow"
+    assert (await again.send_message()).code == 250
+    assert re.fullmatch(rf"PASS OLD {WHERE}", [line for line in screen_log() if line.startswith("PASS")][-1])
+
+
+@pytest.mark.parametrize("action", ["enforce", "drop", "ignore"])
+async def test_a_pipelining_client_under_each_action(mailflow_server, screen_log, action):
+    mf = await mailflow_server(smtpd=screen(pipelining_enable=True, pipelining_action=action))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    await c.send(b"EHLO client.test\r\nMAIL FROM:<s@remote.test>\r\n")
+    if action == "drop":
+        assert await c.reply() == status.postscreen_protocol_error(521)
+        assert await c.closed()
+    else:
+        assert [(await c.reply()).code for _ in range(2)] == [250, 250]
+        rcpt = await c.cmd("RCPT TO:<alice@local.test>")
+        assert rcpt == (status.postscreen_protocol_error(550) if action == "enforce" else status.POSTSCREEN_COME_BACK)
+        assert (await c.cmd("QUIT")).code == 221
+    await eventually(lambda: screen_log()[-1].startswith("DISCONNECT"))
+    assert any(re.fullmatch(rf"COMMAND PIPELINING from {WHERE} after EHLO: MAIL FROM:<s@remote\.test>\\r\\n", line)
+               for line in screen_log()), screen_log()
+    cache = mf.smtpd.screened
+    if action == "ignore":  # passed for the least TTL of all tests (here dnsbl_min_ttl's 60 s), PASS NEW
+        assert cache.passed("127.0.0.1", ("pipelining",), time.time() + 50)
+        assert not cache.passed("127.0.0.1", ("pipelining",), time.time() + 70)
+        assert any(line.startswith("PASS NEW") for line in screen_log())
+    else:
+        assert cache.due("127.0.0.1", ("pipelining",), time.time()) is None  # nothing of a failed client is kept
+        assert not any(line.startswith("PASS") for line in screen_log())
+
+
+@pytest.mark.parametrize("action", ["enforce", "drop", "ignore"])
+async def test_a_non_smtp_command_under_each_action(mailflow_server, screen_log, action):
+    mf = await mailflow_server(smtpd=screen(non_smtp_command_enable=True, non_smtp_command_action=action))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    first = await c.cmd("GET /index.html HTTP/1.1")
+    if action == "drop":
+        assert first == status.POSTSCREEN_NON_SMTP_DROP
+        assert first.text == "521 5.7.0 Error: I can break rules, too. Goodbye."
+        assert await c.closed()
+    else:
+        assert first.text == "502 5.5.2 Error: command not recognized"
+        rcpt = (await through_rcpt(c))[-1]
+        assert rcpt == (status.postscreen_protocol_error(550) if action == "enforce" else status.POSTSCREEN_COME_BACK)
+    assert any(re.fullmatch(rf"NON-SMTP COMMAND from {WHERE} after CONNECT: GET /index\.html HTTP/1\.1", line)
+               for line in screen_log()), screen_log()
+
+
+@pytest.mark.parametrize("action", ["enforce", "drop", "ignore"])
+async def test_a_bare_newline_under_each_action(mailflow_server, screen_log, action):
+    mf = await mailflow_server(smtpd=screen(bare_newline_enable=True, bare_newline_action=action))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    await c.send(b"NOOP\r\nHELO client.test\n")
+    assert (await c.reply()).code == 250
+    if action == "drop":
+        assert await c.reply() == status.postscreen_protocol_error(521)
+        assert await c.closed()
+    else:
+        assert (await c.reply()).text == "250 mx.mailflow.test"
+        assert (await c.cmd("MAIL FROM:<>")).code == 250
+        rcpt = await c.cmd("RCPT TO:<alice@local.test>")
+        assert rcpt == (status.postscreen_protocol_error(550) if action == "enforce" else status.POSTSCREEN_COME_BACK)
+    assert any(re.fullmatch(rf"BARE NEWLINE from {WHERE} after HELO client\.test", line)
+               for line in screen_log()), screen_log()
+
+
+async def test_forbidden_commands_are_smtpds_unless_set(mailflow_server, screen_log):
+    """postscreen_forbidden_commands' default is $smtpd_forbidden_commands; a header label, a word that is not a
+    letter's, is non-SMTP whatever the list."""
+    mf = await mailflow_server(smtpd={"forbid_cmds": ["XYZZY"], **screen(non_smtp_command_enable=True)})
+    port = mf.smtp_addresses[0][1]
+    for line, non_smtp in ((b"XYZZY now", True), (b"GET /", False), (b"Subject: hi", True), (b"123 go", True)):
+        c = await SmtpClient.connect(port)
+        reply = await c.cmd(line)
+        assert reply.code == (521 if non_smtp else 502), (line, reply)
+        await c.close()
+
+
+async def test_forbidden_commands_of_its_own(mailflow_server):
+    mf = await mailflow_server(smtpd=screen(non_smtp_command_enable=True, forbidden_commands=["GET"]))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert await c.cmd("get /") == status.POSTSCREEN_NON_SMTP_DROP
+
+
+async def test_only_the_expired_deep_test_is_met_again(mailflow_server, screen_log):
+    """A client whose pregreet pass holds and whose pipelining pass has expired: no teaser, no wait, the dummy
+    engine at once; its other passes are kept."""
+    mf = await mailflow_server(smtpd=screen(**DEEP, greet_wait=2))
+    cache = mf.smtpd.screened
+    later = time.time() + 1000
+    cache.record("127.0.0.1", {"pregreet": later, "pipelining": 0.0, "non_smtp_command": later,
+                               "bare_newline": later})
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert loop.time() - started < 1.5
+    assert c.greeting.text == "220 mx.mailflow.test ESMTP mailflow"  # the dummy engine's
+    assert (await through_rcpt(c))[-1] == status.POSTSCREEN_COME_BACK
+    assert (await c.cmd("QUIT")).code == 221
+    await eventually(lambda: screen_log()[-1].startswith("DISCONNECT"))
+    assert re.fullmatch(rf"PASS OLD {WHERE}", screen_log()[-2]), screen_log()
+    assert cache.passed("127.0.0.1", ("pregreet", "pipelining", "non_smtp_command", "bare_newline"), time.time())
+
+
+async def test_a_client_that_leaves_before_its_rcpt_keeps_only_the_early_passes(mailflow_server, screen_log):
+    mf = await mailflow_server(smtpd=screen(**DEEP))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("HELO client.test")).code == 250
+    await c.close()
+    await eventually(lambda: screen_log()[-1].startswith("DISCONNECT"))
+    assert re.fullmatch(rf"HANGUP after \S+ from {WHERE} in tests after SMTP handshake", screen_log()[-2])
+    cache = mf.smtpd.screened
+    assert cache.passed("127.0.0.1", ("pregreet",), time.time())
+    assert not cache.passed("127.0.0.1", ("pipelining",), time.time())
+    assert not any(line.startswith("PASS") for line in screen_log())
+
+
+async def test_a_client_that_floods_the_engine_is_bounded(mailflow_server, screen_log):
+    """Deep tests on, their failures ignored: a client that sends a megabyte of commands without reading its
+    replies is cut off at command_count_limit, at once, each deep test logged once."""
+    mf = await mailflow_server(smtpd=screen(**DEEP, pipelining_action="ignore", non_smtp_command_action="ignore",
+                                            command_count_limit=5))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    c.writer.write(b"NOOP\nGET x\r\n" * 80_000)
+    await eventually(lambda: screen_log()[-1].startswith("DISCONNECT"), timeout=3)
+    assert loop.time() - started < 3
+    await eventually(lambda: c.reader.exception() is not None or c.reader.at_eof())  # (a reset: input left unread)
+    lines = screen_log()
+    assert re.fullmatch(rf"COMMAND COUNT LIMIT from {WHERE} after NOOP", lines[-3]), lines
+    assert sum(line.startswith(("COMMAND PIPELINING", "BARE NEWLINE", "NON-SMTP")) for line in lines) == 3, lines
+
+
+async def test_a_client_on_a_vetoed_interface_never_reaches_smtpd_nor_the_cache(mailflow_server, screen_log):
+    """postscreen_allowlist_interfaces: a listener address outside it (a backup MX's): `ALLOWLIST VETO`, the dummy
+    engine with every deep test on whatever is enabled, nothing cached; a client cached already still passes."""
+    mf = await mailflow_server(smtpd=screen(allowlist_interfaces=["!127.0.0.1", "static:all"]))
+    port = mf.smtp_addresses[0][1]
+    c = await SmtpClient.connect(port)
+    assert c.greeting.text == "220-mx.mailflow.test ESMTP mailflow\n220 mx.mailflow.test ESMTP mailflow"
+    assert (await through_rcpt(c))[-1] == status.POSTSCREEN_COME_BACK
+    await c.send(b"RSET\r\nQUIT\r\n")  # pipelined: the test is on, enforced
+    assert [(await c.reply()).code for _ in range(2)] == [250, 221]
+    await eventually(lambda: screen_log()[-1].startswith("DISCONNECT"))
+    lines = screen_log()
+    assert re.fullmatch(rf"ALLOWLIST VETO {WHERE}", lines[1]), lines
+    assert any(line.startswith("COMMAND PIPELINING") for line in lines), lines
+    assert not any(line.startswith("PASS") for line in lines), lines
+    assert mf.smtpd.screened.due("127.0.0.1", ("pregreet",), time.time()) is None
+
+    mf.smtpd.screened.record("127.0.0.1", {"pregreet": time.time() + 100})
+    again = await SmtpClient.connect(port)
+    assert again.greeting.text == "220 mx.mailflow.test ESMTP mailflow"
+    assert (await again.send_message()).code == 250
+
+
+async def test_the_dnsbl_reply_map_names_the_list_in_the_refusal(mailflow_server, dns_zone, tmp_path):
+    table = tmp_path / "dnsbl_reply"
+    table.write_text("bl.test  a private list\n")
+    mf = await mailflow_server(dns={"nameservers": [dns_zone(ZONE)]}, smtpd=screen(
+        dnsbl_sites=["bl.test"], dnsbl_action="drop", dnsbl_reply_map=f"texthash:{table}"))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1], greet=False)
+    assert (await c.reply()).text.endswith("\n521 5.7.1 Service unavailable; client [127.0.0.1] blocked using "
+                                           "a private list")
+
+
+async def test_a_pregreeting_client_under_enforce_gets_no_greeting_from_the_engine(mailflow_server, screen_log):
+    mf = await mailflow_server(smtpd={**screen(greet_action="enforce"), "forbid_unauth_pipelining": False})
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1], first=b"HELO zombie.test\r\n", greet=False)
+    assert (await c.reply()).text == "220-mx.mailflow.test ESMTP mailflow\n250 mx.mailflow.test"
