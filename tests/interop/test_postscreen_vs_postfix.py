@@ -104,11 +104,10 @@ DEEP_CLIENTS = [
 ]
 
 
-async def deep_dialogue(port: int) -> list[list[bytes]]:
-    """What each of DEEP_CLIENTS reads: its greeting, then the replies to each of its lines, until the server
-    closes."""
+async def deep_dialogue(port: int, clients: list[tuple[str, list[bytes]]] = DEEP_CLIENTS) -> list[list[bytes]]:
+    """What each client reads: its greeting, then the replies to each of its lines, until the server closes."""
     seen = []
-    for address, lines in DEEP_CLIENTS:
+    for address, lines in clients:
         reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(address, 0))
         replies = [await read_reply(reader)]
         for chunk in lines:
@@ -147,23 +146,9 @@ async def test_deep_protocol_tests_as_postfix(mailflow_server, caplog):
         "non_smtp_command_enable": True, "bare_newline_enable": True}})
     ours = await deep_dialogue(mf.smtp_addresses[0][1])
     our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
-
-    port = free_port()
-    master = (f"127.0.0.1:{port} inet n - n - 1 postscreen\n"
-              "smtpd pass - - n - - smtpd\n"
-              "dnsblog unix - - n - 0 dnsblog\n"
-              "tlsproxy unix - - n - 0 tlsproxy\n")
-    async with postfix_instance(main_cf={"myhostname": HOST, "postscreen_greet_wait": f"{GREET_WAIT}s",
-                                         "postscreen_access_list": "", "smtputf8_enable": "yes",
-                                         "postscreen_pipelining_enable": "yes",
-                                         "postscreen_non_smtp_command_enable": "yes",
-                                         "postscreen_bare_newline_enable": "yes",
-                                         "postscreen_cache_map": "btree:$data_directory/postscreen_cache"},
-                                master_cf=master) as pf:
-        theirs = await deep_dialogue(port)
-        await asyncio.sleep(0.3)
-        their_log = postscreen_lines(re.findall(r"/postscreen\[\d+\]: (.*)$", pf.maillog, re.M))
-    their_log = [line for line in their_log if not line.startswith("cache ")]
+    theirs, their_log = await postfix_deep_dialogue({"postscreen_pipelining_enable": "yes",
+                                                     "postscreen_non_smtp_command_enable": "yes",
+                                                     "postscreen_bare_newline_enable": "yes"})
 
     assert ours == theirs
     assert ours[0][-2:] == [b"450 4.3.2 Service currently unavailable\r\n", b"221 2.0.0 Bye\r\n"]
@@ -178,3 +163,42 @@ async def test_deep_protocol_tests_as_postfix(mailflow_server, caplog):
                  "DATA without valid RCPT from [127.0.0.5]:PORT",
                  "NON-SMTP COMMAND from [127.0.0.6]:PORT after RCPT: Subject: hi"):
         assert seen in our_log, (seen, our_log)
+
+
+async def postfix_deep_dialogue(main_cf: dict[str, str], clients: list[tuple[str, list[bytes]]] = DEEP_CLIENTS
+                                ) -> tuple[list[list[bytes]], list[str]]:
+    """deep_dialogue with a private Postfix postscreen configured with `main_cf`: what the clients read, and
+    postscreen's log lines (ports normalised, its cache upkeep left out)."""
+    port = free_port()
+    master = (f"127.0.0.1:{port} inet n - n - 1 postscreen\n"
+              "smtpd pass - - n - - smtpd\n"
+              "dnsblog unix - - n - 0 dnsblog\n"
+              "tlsproxy unix - - n - 0 tlsproxy\n")
+    async with postfix_instance(main_cf={"myhostname": HOST, "postscreen_greet_wait": f"{GREET_WAIT}s",
+                                         "postscreen_access_list": "", "smtputf8_enable": "yes",
+                                         "postscreen_cache_map": "btree:$data_directory/postscreen_cache",
+                                         **main_cf}, master_cf=master) as pf:
+        theirs = await deep_dialogue(port, clients)
+        await asyncio.sleep(0.3)
+        their_log = postscreen_lines(re.findall(r"/postscreen\[\d+\]: (.*)$", pf.maillog, re.M))
+    return theirs, [line for line in their_log if not line.startswith("cache ")]
+
+
+async def test_allowlist_veto_as_postfix(mailflow_server, caplog):
+    """postscreen_allowlist_interfaces without the listener's address: `ALLOWLIST VETO`, the dummy engine with every
+    deep test on (none enabled), the 450, no PASS and nothing cached: the same again next time."""
+    clients = [("127.0.0.2", [b"EHLO c.test\r\n", b"MAIL FROM:<s@x.test>\r\n", b"RCPT TO:<r@y.test>\r\n",
+                              b"QUIT\r\n"]),
+               ("127.0.0.2", [b"HELO c.test\r\nQUIT\r\n"])]
+    caplog.set_level(logging.INFO, logger="mailflow.postscreen")
+    mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
+        "enable": True, "access_list": [], "greet_wait": GREET_WAIT, "allowlist_interfaces": ["!127.0.0.1",
+                                                                                              "static:all"]}})
+    ours = await deep_dialogue(mf.smtp_addresses[0][1], clients)
+    our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
+    theirs, their_log = await postfix_deep_dialogue({"postscreen_allowlist_interfaces": "!127.0.0.1 static:all"},
+                                                    clients)
+    assert ours == theirs
+    assert our_log == their_log, (our_log, their_log)
+    assert our_log.count("ALLOWLIST VETO [127.0.0.2]:PORT") == 2, our_log
+    assert r"COMMAND PIPELINING from [127.0.0.2]:PORT after HELO: QUIT\r\n" in our_log, our_log
