@@ -51,6 +51,9 @@ from mailflow.errors import ConfigError
 __all__ = ["import_postfix", "UnreadableFile", "Imported"]
 
 _SMTPD_BANNER_REFERENCE = re.compile(r"\$(?:smtpd_banner|\{smtpd_banner\}|\(smtpd_banner\))")
+_SMTPD_FORBIDDEN_REFERENCE = re.compile(r"\$(?:smtpd_forbidden_commands|\{smtpd_forbidden_commands\}|"
+                                        r"\(smtpd_forbidden_commands\))")
+_NON_LETTER_RULE = "regexp:{{/^[^A-Z]/ Bogus}}"  # smtpd_forbidden_commands' default rule, built into mailflow
 
 
 class Importer:
@@ -163,6 +166,9 @@ class Importer:
         if name == "postscreen_greet_banner" and _SMTPD_BANNER_REFERENCE.fullmatch(raw.strip()):
             self._set(name, line, raw, "smtpd.postscreen.greet_banner", SMTPD_BANNER)  # smtpd's own greeting
             return
+        if name == "postscreen_forbidden_commands" and _SMTPD_FORBIDDEN_REFERENCE.fullmatch(raw.strip()):
+            self.out.notes.append(f"{line.where}: {name} = {raw} is mailflow's default (smtpd.forbid_cmds)")
+            return
         value = raw if name in names.RAW else self._expand(name, line, raw)  # RAW: as written, $$ kept
         if value is None:
             return
@@ -251,6 +257,21 @@ class Importer:
             self.used.add(name)  # applied with master.cf's ports in _listen
         elif name == "postscreen_greet_banner":
             self._set(name, line, raw, "smtpd.postscreen.greet_banner", value)  # the teaser's text as written
+        elif name in names.FORBIDDEN_COMMANDS:
+            self._set(name, line, raw, names.FORBIDDEN_COMMANDS[name], self._forbidden_words(line, name, value))
+
+    def _forbidden_words(self, line: Line, name: str, value: str) -> list[str]:
+        """smtpd_/postscreen_forbidden_commands: the words; Postfix's default rule `regexp:{{/^[^A-Z]/ Bogus}}` is
+        mailflow's built-in one (noted when the list leaves it out); any other table is refused."""
+        words = split_list(value)
+        if _NON_LETTER_RULE not in words:
+            self.out.notes.append(f"{line.where}: {name}: mailflow refuses a command that does not begin with a "
+                                  f"letter whatever the list (Postfix's default {_NON_LETTER_RULE})")
+        words = [word for word in words if word != _NON_LETTER_RULE]
+        tables = [word for word in words if ":" in word]
+        if tables:
+            raise Refused(f"{tables[0]}: mailflow's forbidden commands are words, not tables")
+        return words
 
     def _restriction_classes(self) -> set[str]:
         if "smtpd_restriction_classes" not in self.params:

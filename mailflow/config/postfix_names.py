@@ -57,7 +57,7 @@ SETTINGS: dict[str, tuple[str, ...]] = {name: (key,) for name, key in {
                      "policy_service_policy_context policy_service_max_idle policy_service_max_ttl "
                      "policy_service_request_limit forbid_unauth_pipelining min_data_rate soft_error_limit "
                      "hard_error_limit error_sleep_time junk_command_limit reject_footer discard_ehlo_keywords "
-                     "discard_ehlo_keyword_address_maps helo_required forbid_cmds upstream_proxy_protocol "
+                     "discard_ehlo_keyword_address_maps helo_required upstream_proxy_protocol "
                      "upstream_proxy_timeout authorized_xclient_hosts milters", prefix="smtpd_"),
     **_same("smtpd", "relay_clientcerts anvil_rate_time_unit plaintext_reject_code multi_recipient_bounce_reject_code "
                      "unknown_address_reject_code unknown_hostname_reject_code unknown_helo_hostname_tempfail_action "
@@ -108,8 +108,11 @@ SETTINGS: dict[str, tuple[str, ...]] = {name: (key,) for name, key in {
     **_same("sendmail", "authorized_submit_users local_login_sender_maps"),
     **_same("smtpd.postscreen", "access_list denylist_action greet_wait greet_action greet_ttl dnsbl_sites "
                                 "dnsbl_threshold dnsbl_allowlist_threshold dnsbl_action dnsbl_timeout dnsbl_min_ttl "
-                                "dnsbl_max_ttl pre_queue_limit client_connection_count_limit command_count_limit",
-                                prefix="postscreen_"),
+                                "dnsbl_max_ttl pre_queue_limit client_connection_count_limit command_count_limit "
+                                "pipelining_enable pipelining_action pipelining_ttl non_smtp_command_enable "
+                                "non_smtp_command_action non_smtp_command_ttl bare_newline_enable bare_newline_action "
+                                "bare_newline_ttl dnsbl_reply_map allowlist_interfaces", prefix="postscreen_"),
+    "postscreen_whitelist_interfaces": "smtpd.postscreen.allowlist_interfaces",  # its name before Postfix 3.6
     "postscreen_blacklist_action": "smtpd.postscreen.denylist_action",  # its name before Postfix 3.6
     "postscreen_dnsbl_whitelist_threshold": "smtpd.postscreen.dnsbl_allowlist_threshold",
     "postscreen_dnsbl_ttl": "smtpd.postscreen.dnsbl_max_ttl",  # its name before Postfix 3.1
@@ -117,6 +120,9 @@ SETTINGS: dict[str, tuple[str, ...]] = {name: (key,) for name, key in {
 SETTINGS["default_process_limit"] = ("smtpd.max_sessions", "queue.delivery_concurrency_limit")
 
 _DEEP_TESTS = ("pipelining", "non_smtp_command", "bare_newline")  # postscreen's tests after the handshake
+# smtpd's and postscreen's forbidden commands: Postfix name -> mailflow setting (CONVERTED: a list of words)
+FORBIDDEN_COMMANDS = {"smtpd_forbidden_commands": "smtpd.forbid_cmds",
+                      "postscreen_forbidden_commands": "smtpd.postscreen.forbidden_commands"}
 BUILT_IN: dict[str, tuple[str, str]] = {
     "smtpd_tls_auth_only": ("yes", "mailflow offers AUTH only after TLS (smtpd.allow_plaintext_auth_on_loopback "
                                    "is the one exception)"),
@@ -127,8 +133,6 @@ BUILT_IN: dict[str, tuple[str, str]] = {
     "disable_dns_lookups": ("no", "mailflow always uses the DNS (a [host] next hop, as a content filter's "
                                   "[127.0.0.1]:10024, is never looked up as MX)"),
     "smtp_tls_note_starttls_offer": ("no", "mailflow does not log it"),
-    **{f"postscreen_{test}_enable": ("no", "postscreen's deep protocol tests are not built in mailflow (they need "
-                                           "the client to reconnect)") for test in _DEEP_TESTS},
 }
 
 _POSTFIX_OWN = "a path or setting of Postfix's own installation; mailflow keeps its own (queue_directory)"
@@ -151,11 +155,6 @@ NOT_NEEDED: dict[str, str] = {
 
 NOT_IMPORTABLE: dict[str, str] = {
     "smtpd_reject_footer_maps": "mailflow has smtpd.reject_footer (one text, its macros), not a map by reply",
-    "postscreen_dnsbl_reply_map": "mailflow's postscreen names the DNSBL site as postscreen_dnsbl_sites gives it",
-    **dict.fromkeys(("postscreen_allowlist_interfaces", "postscreen_whitelist_interfaces"),
-                    "mailflow's postscreen is per listener: give the listener's overrides = {postscreen = {...}}"),
-    **dict.fromkeys([f"postscreen_{test}_{what}" for test in _DEEP_TESTS for what in ("action", "ttl")],
-                    "postscreen's deep protocol tests are not built in mailflow (they need the client to reconnect)"),
     "postscreen_cache_map": "mailflow's postscreen keeps its cache of passed clients in memory (cache_limit)",
     **dict.fromkeys(("smtpd_tls_protocols", "smtpd_tls_mandatory_protocols", "smtpd_tls_ciphers",
                      "smtpd_tls_mandatory_ciphers", "smtpd_tls_exclude_ciphers", "smtp_tls_protocols",
@@ -183,6 +182,8 @@ CONVERTED: dict[str, str] = {
     "smtp_sasl_password_maps": "smtp.sasl_password_maps when smtp_sasl_auth_enable = yes (Postfix ignores it else)",
     "postscreen_greet_banner": "smtpd.postscreen.greet_banner: $smtpd_banner is smtpd's own greeting (the default)",
     "smtp_sasl_auth_enable": "applied with smtp_sasl_password_maps (mailflow authenticates when it has a password)",
+    **dict.fromkeys(FORBIDDEN_COMMANDS, "its words; its default's regexp:{{/^[^A-Z]/ Bogus}} is built in (a command "
+                                        "that does not begin with a letter is never SMTP)"),
 }
 
 _PER_TRANSPORT = {"destination_recipient_limit": "queue.transport_destination_recipient_limit",
@@ -211,6 +212,7 @@ DURATION_UNITS: dict[str, str] = {
     "address_verify_sender_ttl": "s", "smtpd_policy_service_max_idle": "s",
     "postscreen_greet_ttl": "d", "postscreen_dnsbl_max_ttl": "h",
     "postscreen_dnsbl_ttl": "h",
+    **{f"postscreen_{test}_ttl": "d" for test in _DEEP_TESTS},
 }
 
 RAW = frozenset(("mailbox_command", "luser_relay", "forward_path", "exec_directory", "smtpd_reject_footer",

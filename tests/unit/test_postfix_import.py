@@ -289,6 +289,11 @@ POSTSCREEN_MAIN = """\
     postscreen_pre_queue_limit = 50
     postscreen_pipelining_enable = no
     postscreen_bare_newline_enable = yes
+    postscreen_bare_newline_action = enforce
+    postscreen_non_smtp_command_ttl = 7
+    postscreen_forbidden_commands = $smtpd_forbidden_commands
+    smtpd_forbidden_commands = CONNECT GET POST XYZZY regexp:{{/^[^A-Z]/ Bogus}}
+    postscreen_whitelist_interfaces = !192.0.2.25 static:all
     postscreen_cache_map = btree:$data_directory/postscreen_cache
     postscreen_dnsbl_reply_map = texthash:/etc/postfix/dnsbl_reply
     smtpd_milters = inet:localhost:11332, unix:opendkim/opendkim.sock
@@ -314,9 +319,8 @@ def test_a_postscreen_front_is_translated_and_its_smtpd_kept(tmp_path):
     code, err = run_import(main, master, tmp_path / "mailflow.toml")
     assert code == 1
     assert "mailflow has no postscreen" not in err
-    assert "postscreen_bare_newline_enable: only postscreen_bare_newline_enable = no" in err and "not built" in err
-    assert "postscreen_cache_map" in err and "postscreen_dnsbl_reply_map" in err
-    assert "postscreen_pipelining_enable" not in err  # `no` is what mailflow's postscreen does
+    assert "postscreen_cache_map" in err and "postscreen_dnsbl_reply_map" not in err
+    assert err.count("main.cf:") == 1, err  # the cache map only
     doc = checked(tmp_path / "mailflow.toml")
     screen = doc["smtpd"]["postscreen"]
     assert screen == {"enable": True, "access_list": ["permit_mynetworks", "cidr:/etc/postfix/postscreen_access.cidr"],
@@ -326,7 +330,11 @@ def test_a_postscreen_front_is_translated_and_its_smtpd_kept(tmp_path):
                       "dnsbl_threshold": 2, "dnsbl_allowlist_threshold": -1, "dnsbl_action": "enforce",
                       "greet_action": "enforce", "greet_wait": "3s", "greet_ttl": "2d",  # Postfix's units
                       "greet_banner": "$smtpd_banner", "dnsbl_max_ttl": "2h", "dnsbl_timeout": "5s",
-                      "pre_queue_limit": 50}
+                      "pre_queue_limit": 50, "pipelining_enable": False, "bare_newline_enable": True,
+                      "bare_newline_action": "enforce", "non_smtp_command_ttl": "7d",  # (30d by default: days)
+                      "allowlist_interfaces": ["!192.0.2.25", "static:all"],
+                      "dnsbl_reply_map": "texthash:/etc/postfix/dnsbl_reply"}
+    assert doc["smtpd"]["forbid_cmds"] == ["CONNECT", "GET", "POST", "XYZZY"]  # (the regexp: mailflow's own rule)
     assert doc["smtpd"]["milters"] == ["inet:localhost:11332", "unix:/var/spool/postfix/opendkim/opendkim.sock"]
     assert doc["smtpd"]["recipient_restrictions"] == ["permit_mynetworks", "reject_unauth_destination",
                                                       "reject_rbl_client zen.spamhaus.org"]
@@ -337,6 +345,19 @@ def test_a_postscreen_front_is_translated_and_its_smtpd_kept(tmp_path):
             for x in listeners] == [("0.0.0.0:25", True, None), ("[::]:25", True, None),
                                     ("127.0.0.1:10025", None, {"enable": False})]
     assert doc["smtpd"]["listen"] == []
+
+
+def test_forbidden_commands_are_words_and_the_default_rule_is_built_in(tmp_path):
+    main = write(tmp_path, "main.cf", "smtpd_forbidden_commands = CONNECT texthash:/etc/postfix/bogus\n"
+                                      "postscreen_forbidden_commands = GET, POST\n")
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert code == 1 and "smtpd_forbidden_commands: texthash:/etc/postfix/bogus: mailflow's forbidden commands are " \
+                         "words, not tables" in err, err
+    text = (tmp_path / "mailflow.toml").read_text()
+    assert "postscreen_forbidden_commands: mailflow refuses a command that does not begin with a letter" in text
+    doc = checked(tmp_path / "mailflow.toml")
+    assert doc["smtpd"]["postscreen"]["forbidden_commands"] == ["GET", "POST"]
+    assert "forbid_cmds" not in doc["smtpd"]
 
 
 # --- syntax --------------------------------------------------------------------------------------------------------

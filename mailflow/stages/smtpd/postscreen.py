@@ -16,6 +16,8 @@ lines logged as `postscreen`, `[ip]:port` as postscreen writes a client):
 - the cache: a client whose every enabled test passed within its TTL: `PASS OLD [ip]:port`, to smtpd at once; a
   cached client meets only its expired tests (the pregreet test not due: no teaser, no read, the wait ends with the
   DNSBL answers), then `PASS OLD`.
+- allowlist_interfaces: a listener address outside it: `ALLOWLIST VETO [ip]:port`; the client meets the tests but
+  never smtpd (the dummy engine, every deep test on) nor the cache.
 - beyond `pre_queue_limit` clients in the tests at once on the listener (the access list and the cache come first):
   `reject: connect from [ip]:port: all screening ports busy`, `421 4.3.2 All screening ports are busy`,
   `DISCONNECT [ip]:port`.
@@ -33,13 +35,21 @@ lines logged as `postscreen`, `[ip]:port` as postscreen writes a client):
   RCPT from [ip]:port: 550 5.7.1 …; from=<s>, to=<r>, proto=ESMTP, helo=<h>`; DATA and BDAT `554 5.5.1 Error: no
   valid recipients`; the client never reaches smtpd). The replies are postscreen's: pregreet `5xx 5.5.1 Protocol
   error`, denylist `5xx 5.3.2 Service currently unavailable`, DNSBL `5xx 5.7.1 Service unavailable; client [ip]
-  blocked using <the site of the highest weight>`.
+  blocked using <the site of the highest weight, or its dnsbl_reply_map text>`.
 - all tests passed: `PASS NEW [ip]:port`, the cache updated (greet_ttl; the DNSBL pass for dnsbl_max_ttl clamped
   to dnsbl_min_ttl, the resolver reports no TTLs; for dnsbl_min_ttl when a list failed or none answered), to smtpd,
   which greets with its own `220`. A DNS failure is logged as dnsblog's `dnsblog_query: lookup error for DNS query`.
 
-Not built (Postfix's deep protocol tests: pipelining, non_smtp_command, bare_newline, which need the client to
-reconnect; postscreen_dnsbl_reply_map; a persistent cache_map; postscreen_allowlist_interfaces).
+- the deep protocol tests (pipelining, non_smtp_command, bare_newline; when enabled and not passed): the dummy
+  engine after the early tests, the tests on each command line (`BARE NEWLINE from`, `NON-SMTP COMMAND from`,
+  `COMMAND PIPELINING from`), each with its action (ignore: passed for the least TTL of all; enforce: RCPT gets
+  `550 5.5.1 Protocol error`; drop: its 521 and the end); a client that gets to RCPT passes those not failed (each
+  for its TTL), gets `450 4.3.2 Service currently unavailable`, and at its end `PASS NEW`, cached: its next
+  connection goes to smtpd. A client that failed a test (or was vetoed) meets all three, whatever is enabled.
+- the end of the dummy engine is psc_conclude's: the passes cached and `PASS NEW` unless a test failed, the final
+  reply (221 to QUIT, 554 to DATA/BDAT: `DATA without valid RCPT from`), `DISCONNECT`.
+
+Not built: a persistent cache_map; postscreen's TLS, EHLO discards, command filter and reply footer.
 
 Bounded: at most pre_queue_limit clients in the tests at once per listener, and client_connection_count_limit
 connections of one client in the screen; the DNSBL queries by their deadline and the greet wait; the dummy engine by
