@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from mailflow.dnsbl_sites import parse_dnsbl_site
-from mailflow.stages.smtpd.postscreen import PassCache
+from mailflow.stages.smtpd.postscreen import PassCache, _address, _logged
 
 
 def test_a_site_with_filter_and_weight():
@@ -31,3 +31,25 @@ def test_the_cache_keeps_unexpired_passes_and_drops_the_oldest_client():
     cache.record("192.0.2.3", {"pregreet": 100.0})
     assert not cache.passed("192.0.2.1", ("pregreet",), 0.0)
     assert cache.passed("192.0.2.3", ("pregreet",), 0.0)
+
+
+def test_a_client_is_complete_once_every_test_has_a_pass_expired_or_not():
+    """Postfix's PSC_STATE_FLAG_NEW: a cached client that never passed one of the tests is still `PASS NEW`."""
+    cache = PassCache(limit=10)
+    cache.record("192.0.2.1", {"pregreet": 100.0, "pipelining": 0.0})
+    assert cache.complete("192.0.2.1", ("pregreet", "pipelining"))
+    assert not cache.complete("192.0.2.1", ("pregreet", "pipelining", "bare_newline"))
+    assert not cache.complete("192.0.2.9", ("pregreet",))
+
+
+@pytest.mark.parametrize("argument, address, logged", [
+    ("<alice@example.test>", "alice@example.test", "alice@example.test"),
+    (" <alice@example.test> SIZE=10", "alice@example.test", "alice@example.test"),
+    ("bob@example.test SIZE=10", "bob@example.test", "bob@example.test"),
+    ('<"a b"@example.test>', "a b@example.test", '"a b"@example.test'),
+    ("<@relay.test,@other.test:carol@example.test>", "carol@example.test", "carol@example.test"),
+    ("<>", "", ""),
+])
+def test_the_dummy_engine_takes_addresses_as_psc_extract_addr(argument, address, logged):
+    assert _address(argument) == address
+    assert _logged(address) == logged
