@@ -202,3 +202,25 @@ async def test_allowlist_veto_as_postfix(mailflow_server, caplog):
     assert our_log == their_log, (our_log, their_log)
     assert our_log.count("ALLOWLIST VETO [127.0.0.2]:PORT") == 2, our_log
     assert r"COMMAND PIPELINING from [127.0.0.2]:PORT after HELO: QUIT\r\n" in our_log, our_log
+
+
+async def test_the_other_actions_of_the_deep_tests_as_postfix(mailflow_server, caplog):
+    """pipelining drop, non-SMTP command enforce, bare newline drop: the 521s, and the 550 at RCPT."""
+    clients = [("127.0.0.2", [b"EHLO c.test\r\nMAIL FROM:<s@x.test>\r\n"]),
+               ("127.0.0.3", [b"GET / HTTP/1.0\r\n", b"EHLO c.test\r\n", b"MAIL FROM:<s@x.test>\r\n",
+                              b"RCPT TO:<r@y.test>\r\n", b"QUIT\r\n"]),
+               ("127.0.0.4", [b"NOOP\r\n", b"HELO c.test\n"])]
+    actions = {"pipelining_action": "drop", "non_smtp_command_action": "enforce", "bare_newline_action": "drop"}
+    caplog.set_level(logging.INFO, logger="mailflow.postscreen")
+    mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
+        "enable": True, "access_list": [], "greet_wait": GREET_WAIT, "pipelining_enable": True,
+        "non_smtp_command_enable": True, "bare_newline_enable": True, **actions}})
+    ours = await deep_dialogue(mf.smtp_addresses[0][1], clients)
+    our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
+    theirs, their_log = await postfix_deep_dialogue({
+        "postscreen_pipelining_enable": "yes", "postscreen_non_smtp_command_enable": "yes",
+        "postscreen_bare_newline_enable": "yes", **{f"postscreen_{k}": v for k, v in actions.items()}}, clients)
+    assert ours == theirs
+    assert our_log == their_log, (our_log, their_log)
+    assert ours[0][1] == ours[2][-1] == b"521 5.5.1 Protocol error\r\n"  # (the pipelined MAIL: no reply)
+    assert ours[1][-2] == b"550 5.5.1 Protocol error\r\n"
