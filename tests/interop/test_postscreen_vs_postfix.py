@@ -1,7 +1,9 @@
 """Differential test: postscreen's early tests against a private Postfix 3.7 postscreen (master.cf: postscreen on
 the port, `smtpd pass`, dnsblog, tlsproxy) configured alike, with no DNS: a client that talks before its turn
-(greet_action drop), a patient client (PASS NEW, to smtpd), and the same client again (PASS OLD, no teaser).
-Compared: each reply as the client reads it, and postscreen's log lines (the client's port normalised).
+(greet_action drop), a patient client (PASS NEW, to smtpd), and the same client again (PASS OLD, no teaser); the
+deep protocol tests (pipelining, non-SMTP command, bare newline) under each action and the allowlist interfaces'
+veto, each client from its own loopback address. Compared: each reply as the client reads it, and postscreen's log
+lines (the client's port normalised).
 
 Not compared: the DNSBL paths (Postfix's dnsblog asks the system resolver, which this test cannot point at the
 in-process DNS; tests/e2e/test_postscreen.py checks mailflow's against postscreen's source). One difference
