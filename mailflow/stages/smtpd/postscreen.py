@@ -260,7 +260,7 @@ class Postscreen:
                 return Verdict.PASS
             if due is not None:  # (psc_parse_tests: only the expired tests run again)
                 state.due, state.known = due, self._cache.complete(client.ip, self._tests)
-        if not self._interfaces.contains(client.server_ip):  # (a table that cannot answer: vetoed, as Postfix)
+        if client.server_ip and not self._interfaces.contains(client.server_ip):  # (a table that fails: vetoed)
             log.info("ALLOWLIST VETO %s", client.where)
             state.vetoed = True
         if not self._screening.take():
