@@ -42,6 +42,8 @@ What it owns
 - `tool_mail_log(log_config, hostname)`: the MailLog of a command that runs beside the server (`mailflow queue
   hold` …): the same `[log] file` and format, lines with the command's own pid, as Postfix's postsuper writes to
   maillog_file; none with no `[log] file` (the server's stderr is no place another process can write to).
+  `tool_logger` is its logger, for a command that writes other lines too (`sendmail -bs`: smtpd's session lines
+  and `client=`, as Postfix's stand-alone smtpd writes them).
 
 Failure behaviour: logging never raises into the caller (the logging module's rule); a line is never split by
 client input (line ends and other controls are replaced).
@@ -612,8 +614,8 @@ def setup_logging(log_config: LogConfig, hostname: str) -> None:
 
 
 @contextlib.contextmanager
-def tool_mail_log(log_config: LogConfig, hostname: str) -> Iterator[MailLog]:
-    """The mail log of a command beside the server (see the module doc): its lines go to `[log] file` in the
+def tool_logger(log_config: LogConfig, hostname: str) -> Iterator[logging.Logger]:
+    """The logger of a command beside the server (see the module doc): its lines go to `[log] file` in the
     server's format; with no file it writes nothing. Raises OSError when the file cannot be opened."""
     logger = logging.Logger(MAIL_LOGGER)  # this command's own, outside logging's registry: no global state
     handler = _handler(log_config, hostname) if log_config.file else None
@@ -623,7 +625,14 @@ def tool_mail_log(log_config: LogConfig, hostname: str) -> Iterator[MailLog]:
         logger.addHandler(handler)
         logger.setLevel(log_config.level.upper())
     try:
-        yield MailLog(logger)
+        yield logger
     finally:
         if handler is not None:
             handler.close()
+
+
+@contextlib.contextmanager
+def tool_mail_log(log_config: LogConfig, hostname: str) -> Iterator[MailLog]:
+    """The MailLog of a command beside the server (`tool_logger`'s lines). Raises OSError as it does."""
+    with tool_logger(log_config, hostname) as logger:
+        yield MailLog(logger)

@@ -19,6 +19,7 @@ from typing import BinaryIO, Iterator, TextIO
 
 from mailflow.config import Config
 from mailflow.errors import LookupRetry
+from mailflow.logs import tool_logger
 from mailflow.maildrop import MaildropError
 from mailflow.sendmail.identity import Identity, current_identity, may_submit
 from mailflow.sendmail.options import Options, UsageError
@@ -89,7 +90,7 @@ def _run(opts: Options, config: Config, stdin: BinaryIO, stdout: BinaryIO, stder
                                     else os.environ.get("NAME") or me.gecos)
         submitter = Submitter(config, me, fullname, say)
         if opts.mode == "smtp":
-            return StdioSmtp(stdin, stdout, submitter, opts).run()
+            return _smtp(stdin, stdout, submitter, opts, say)
         return _deliver(opts, config, stdin, stderr, submitter, say)
     except LookupRetry as e:
         say(f"cannot decide now: {e.text}")
@@ -97,6 +98,18 @@ def _run(opts: Options, config: Config, stdin: BinaryIO, stdout: BinaryIO, stder
     except UsageError as e:
         say(str(e))
         return os.EX_USAGE
+
+
+def _smtp(stdin: BinaryIO, stdout: BinaryIO, submitter: Submitter, opts: Options, say) -> int:
+    """-bs, its session logged to `[log] file` as smtpd's (a file that cannot be opened: a warning, no log)."""
+    config = submitter.config
+    with contextlib.ExitStack() as opened:
+        try:
+            logger = opened.enter_context(tool_logger(config.log, config.myhostname))
+        except OSError as e:
+            say(f"warning: cannot write the mail log {config.log.file}: {e.strerror}")
+            logger = None
+        return StdioSmtp(stdin, stdout, submitter, opts, logger=logger).run()
 
 
 def _deliver(opts: Options, config: Config, stdin: BinaryIO, stderr: TextIO, submitter: Submitter, say) -> int:

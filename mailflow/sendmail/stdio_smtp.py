@@ -1,6 +1,6 @@
 """`sendmail -bs`: an SMTP server on standard input/output for scripts (Postfix runs smtpd there).
 
-    StdioSmtp(reader, writer, submitter, opts).run() -> 0
+    StdioSmtp(reader, writer, submitter, opts, logger=None).run() -> 0
 
 HELO, EHLO, MAIL, RCPT, DATA, RSET, NOOP, VRFY, QUIT; each message goes to the maildrop through the Submitter.
 EHLO offers what Postfix's smtpd offers under -bs but ETRN and CHUNKING: PIPELINING, SIZE (`[smtpd]
@@ -33,11 +33,19 @@ is read, exit 0). A queued message forgives the errors and the junk commands so 
 path without angle brackets 501 5.1.7 / 5.1.3), discard_ehlo_keywords, or discard_ehlo_keyword_address_maps' value
 for 127.0.0.1 (a discarded keyword is not offered and its parameters are refused as smtpd refuses them; a table that
 cannot answer makes EHLO `421 4.3.0 <host> Server local data error` and ends the session).
+The session is logged (through `logger`: `logs.tool_logger`'s, `[log] file`) as Postfix's stand-alone smtpd logs
+it, with mailflow's smtpd's lines (mailflow.session_log, logs.SmtpdLog) as smtpd: `connect from
+localhost[127.0.0.1]`, `NAME: client=localhost[127.0.0.1]` for each message stored (NAME: its maildrop file, as
+Postfix's names postdrop's queue file), `warning: Illegal address syntax from localhost[127.0.0.1] in RCPT command:
+<a b>` (MAIL's, VRFY's alike), `too many errors after CMD from …`, `lost connection after CMD from …` (input ended
+without QUIT) and `disconnect from localhost[127.0.0.1] ehlo=1 mail=1 rcpt=1/2 … commands=N/M`. No reject lines:
+Postfix's smtpd under -bs runs no restriction list, so it logs none (checked against Postfix 3.7.11).
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import os
 import time
 from typing import BinaryIO, Callable, Iterator
@@ -45,6 +53,7 @@ from typing import BinaryIO, Callable, Iterator
 from mailflow import address, status
 from mailflow.ehlo_keywords import discards_for, keyword_name
 from mailflow.junk_commands import JunkCount
+from mailflow.logs import MailLog, SmtpdLog
 from mailflow.maildrop import MaildropError
 from mailflow.message import CRLF
 from mailflow.reply_footer import FooterClient, footer_lines, footer_values
@@ -52,12 +61,14 @@ from mailflow.sendmail.options import Options, UsageError
 from mailflow.sendmail.reading import (LINE_PIECE, clean_address, clean_recipient, line_pieces, lone_cr_as_space,
                                        without_bcc)
 from mailflow.sendmail.submitter import Submitter
+from mailflow.session_log import SessionLog
 from mailflow.smtp_parameters import mail_parameters, path_text, rcpt_parameters
 from mailflow.tables import open_table
 
 # the client as Postfix's stand-alone smtpd names it (smtpd_peer_assume_local_client): its footer's $client...,
 # the key of discard_ehlo_keyword_address_maps
 CLIENT_ADDRESS, CLIENT_NAME, CLIENT_PORT = "127.0.0.1", "localhost", "0"
+CLIENT = f"{CLIENT_NAME}[{CLIENT_ADDRESS}]"  # its name in the log lines (Postfix's namaddr)
 
 
 class StdioSmtp:
@@ -69,7 +80,8 @@ class StdioSmtp:
     JUNK_COMMANDS = frozenset({"HELO", "EHLO", "RSET", "NOOP", "VRFY"})  # Postfix's SMTPD_CMD_FLAG_LIMIT (no ETRN)
 
     def __init__(self, reader: BinaryIO, writer: BinaryIO, submitter: Submitter, opts: Options,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, logger: logging.Logger | None = None):
+        """`logger`: where the session's lines go (None: nowhere)."""
         self._in = reader
         self._out = writer
         self._sub = submitter
@@ -82,6 +94,10 @@ class StdioSmtp:
         self._junk = JunkCount(self.JUNK_COMMANDS, self._limits.junk_command_limit)  # since then (smtpd's junk_cmds)
         self._helo = ""  # the name HELO or EHLO gave (the footer's $helo_name)
         self._discarded, self._discards_unknown = _discards(self._limits)
+        logger = logger or _silent_logger()
+        self._mail_log = MailLog(logger)
+        self._record = SessionLog(lambda: CLIENT, SmtpdLog(logger))  # smtpd's session lines and command counts
+        self._data_bytes = 0  # of the DATA content being read
         self._reset()
 
     def _reset(self) -> None:
@@ -106,6 +122,7 @@ class StdioSmtp:
             text = status.soft_bounced(text)
         self._out.write(text.encode("utf-8") + b"\r\n")
         self._out.flush()
+        self._record.replied(int(text[:3]) if text[:3].isdigit() else 0)
         if counts_as_error and isinstance(reply, status.Reply) and reply.code >= 400:
             self._errors += 1
 
@@ -120,11 +137,16 @@ class StdioSmtp:
         except BrokenPipeError:  # the client stopped reading: the session is over (what was stored stays stored)
             _discard_output(self._out)
             return 0
+        finally:
+            self._record.ended()
 
     def _session(self) -> int:
+        self._record.connect()
         self._reply(status.greeting(self._host, self._limits.banner))  # (smtpd's, as Postfix's -bs)
         while True:
             if self._errors >= self._limits.hard_error_limit:
+                self._record.lines.too_many_errors(self._record.where, CLIENT)
+                self._record.server_hung_up = True
                 self._reply(status.too_many_errors(self._host))
                 return 0
             line = self._in.readline(self._limits.max_line_length)
@@ -132,15 +154,18 @@ class StdioSmtp:
                 return 0
             if not line.endswith(b"\n") and len(line) == self._limits.max_line_length:
                 self._skip_line()  # one reply for one command, as smtpd gives it
+                self._record.command(None)  # (smtpd counts a malformed line as an unknown command)
                 self._reply(status.LINE_TOO_LONG)
                 continue
             try:
                 text = line.rstrip(b"\r\n").decode("utf-8")
             except UnicodeDecodeError:  # (never an address made up of replacement characters)
+                self._record.command(None)
                 self._reply(status.BAD_UTF8)
                 continue
             verb, _, arg = text.strip().partition(" ")
             handler = getattr(self, f"_do_{verb.upper()}", None) if verb.isalpha() else None
+            self._record.command(verb.upper() if handler is not None else None)
             if handler is None:
                 self._reply(status.NOT_RECOGNIZED if verb else status.BAD_SYNTAX)
                 continue
@@ -187,7 +212,7 @@ class StdioSmtp:
             return self._reply(status.NESTED_MAIL)
         parsed = _path(arg, "MAIL", status.SENDER_SYNTAX, self._limits.strict_rfc821_envelopes)
         if isinstance(parsed, status.Reply):
-            return self._reply(parsed)
+            return self._refuse_path("MAIL", arg, parsed, status.SENDER_SYNTAX)
         given, words = parsed
         taken = mail_parameters(words, self._limits.message_size_limit, self._discarded)  # (smtpd's own reading)
         if isinstance(taken, status.Reply):
@@ -210,10 +235,10 @@ class StdioSmtp:
             return self._reply(status.NEED_MAIL)
         parsed = _path(arg, "RCPT", status.RECIPIENT_SYNTAX, self._limits.strict_rfc821_envelopes)
         if isinstance(parsed, status.Reply):
-            return self._reply(parsed)
+            return self._refuse_path("RCPT", arg, parsed, status.RECIPIENT_SYNTAX)
         given, words = parsed
         if not given:
-            return self._reply(status.RECIPIENT_SYNTAX)
+            return self._refuse_path("RCPT", arg, status.RECIPIENT_SYNTAX, status.RECIPIENT_SYNTAX)
         dsn = rcpt_parameters(words, self._discarded)
         if isinstance(dsn, status.Reply):
             return self._reply(dsn)
@@ -228,11 +253,21 @@ class StdioSmtp:
         self._rcpt_dsn.append(dsn)
         self._reply(status.RCPT_OK)
 
+    def _refuse_path(self, command: str, arg: str, reply: status.Reply, bad_path: status.Reply) -> None:
+        """Answer MAIL's or RCPT's path refusal; a malformed path (`bad_path`) is logged as Postfix's smtpd logs
+        it (the path as given, after `FROM:` / `TO:`)."""
+        if reply is bad_path:
+            text = path_text(arg, command)
+            self._record.lines.illegal_address(CLIENT, command, text if isinstance(text, str) else arg)
+        self._reply(reply)
+
     def _do_DATA(self, arg: str) -> None:
         if not self._recipients:
             return self._reply(status.no_recipients(self._sender is not None))
         assert self._sender is not None  # a recipient needs MAIL first
         self._reply(status.START_DATA)
+        self._data_bytes = 0
+        self._record.content("DATA", lambda: self._data_bytes)
         lines = self._data_lines()
         try:
             head, rest = self._sub.split(lines)
@@ -245,6 +280,7 @@ class StdioSmtp:
                 return
             self._reply(status.MESSAGE_TOO_BIG if e.code == os.EX_DATAERR else status.QUEUE_ERROR)
         else:
+            self._mail_log.received(name, CLIENT)  # (Postfix's smtpd logs it at MAIL, named by postdrop's file)
             self._reply(status.queued(name))
             self._errors = 0  # a message queued forgives what came before (Postfix)
             self._junk.forgive()
@@ -256,7 +292,9 @@ class StdioSmtp:
         stays one line, as Postfix's smtpd keeps it."""
         at_start = True
         for text, complete, _ in line_pieces(self._in):
+            self._data_bytes += len(text) + 2 * complete  # (the bytes received, as a line of them with its CRLF)
             if at_start and complete and text == b".":
+                self._record.message_ended()
                 return
             piece = lone_cr_as_space(text[1:] if at_start and text.startswith(b".") else text)
             yield piece + CRLF if complete else piece
@@ -289,6 +327,7 @@ class StdioSmtp:
         elif not written:
             self._reply(status.VRFY_SYNTAX)
         elif not address.vrfy_address(written):
+            self._record.lines.illegal_address(CLIENT, "VRFY", written)
             self._reply(status.RECIPIENT_SYNTAX)
         else:
             self._reply(status.vrfy_answer(written))
@@ -311,6 +350,13 @@ class StdioSmtp:
 
 class _EndOfInput(Exception):
     """-bs: standard input ended in the middle of DATA."""
+
+
+def _silent_logger() -> logging.Logger:
+    """A logger that writes nothing (a session nobody asked to log), outside logging's registry."""
+    logger = logging.Logger("mailflow.sendmail")
+    logger.disabled = True
+    return logger
 
 
 def _discard_output(out: BinaryIO) -> None:

@@ -10,7 +10,8 @@ What it owns (one module each)
   error-count discipline; HELO/EHLO/VRFY), `frontends` (PROXY header, XCLIENT), `secure` (STARTTLS, AUTH,
   sender logins), `transaction` (MAIL, RCPT and their parameters, with `dsn`), `data` (DATA, BDAT). Its input
   goes through `wire` (strict CRLF, chunked DATA and BDAT, size and line limits); its typed state is `state`
-  (SessionState per connection, Transaction per message); `sessionlog` counts commands for the disconnect line.
+  (SessionState per connection, Transaction per message); `mailflow.session_log` counts commands for the
+  disconnect line (sendmail -bs's too).
 - `handler.SmtpdHandler`: the policy hooks: restriction lists (`restrictions`, `policy`), then the hand-over
   to cleanup, answering 250 only once the message is committed.
 - `auth` (scrypt password hashes, failure slow-down, sender logins), `tls` (certificates, reload), `anvil`

@@ -15,7 +15,7 @@ What it owns
   `shut_down()` (421 at a stop; after the transaction under way), `in_transaction`.
 - Replies: `push()` gives a library-written line its enhanced status code (RFC 2034; not the greeting nor
   HELO/EHLO; a `status.Reply` goes as the catalogue wrote it), counts 4xx/5xx toward the error limits and
-  records each command's outcome (sessionlog.SessionLog). A 421 or 521 after the greeting ends the session (RFC
+  records each command's outcome (session_log.SessionLog). A 421 or 521 after the greeting ends the session (RFC
   5321 3.8; Postfix disconnects after any reply starting with either, a reject_footer under it or not). A reply
   the server volunteers (the timeout's, the stop's) is not written while TLS is yet to come (`_may_reply`): the
   connection just closes.
@@ -90,7 +90,7 @@ from mailflow.ehlo_keywords import discard_log_text, keyword_name
 from mailflow.reply_footer import FooterClient, footer_lines, footer_values
 from mailflow.errors import LookupRetry
 from mailflow.junk_commands import JunkCount
-from mailflow.stages.smtpd.sessionlog import SessionLog
+from mailflow.session_log import SessionLog
 from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction, helo_name
 from mailflow.stages.smtpd.transcript import SessionObserver, Transcript, tls_description
 from mailflow.stages.smtpd.wire import CHUNK, Wire, WireError

@@ -9,7 +9,7 @@
     SmtpSession                all of them (server.ListenerSession adds a listener's admission)
 
 The state it keeps is typed (state.py): `session` is a `SessionState` (who the client is), `envelope` a
-`Transaction` (the message being given); sessionlog.SessionLog counts the commands for the disconnect line.
+`Transaction` (the message being given); mailflow.session_log.SessionLog counts the commands for the disconnect line.
 Input is read through `wire.Wire`: chunked and strict about CRLF, never aiosmtpd's line-by-line readers.
 Policy lives in the handler (handler.py). Every reply after the greeting, except HELO/EHLO's, carries an
 enhanced status code (RFC 2034). Whatever ends a session (QUIT, a drop, a refusal, a TLS handshake that fails

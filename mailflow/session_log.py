@@ -1,4 +1,5 @@
-"""One smtpd session's log: its connect and disconnect lines, with Postfix's per-command counts.
+"""One smtpd session's log: its connect and disconnect lines, with Postfix's per-command counts (smtpd's, and
+`sendmail -bs`'s, which Postfix runs as a stand-alone smtpd: a leaf, so that sendmail need not load smtpd).
 
 What it owns
 - `SessionLog(client, smtpd_log)`: `client()` names the client (host[ip]) as known at the time, asked only
