@@ -342,3 +342,33 @@ async def test_with_delay_reject_off_the_helo_name_is_checked_at_ehlo(mailflow_s
         assert (await client.cmd("EHLO known.test")).code == 250
     finally:
         await client.close()
+
+
+async def test_the_unknown_domain_checks_ask_the_dns_once_a_session(mailflow_server, dns_zone):
+    """Under delay_reject the sender list runs again at every RCPT: the sender's domain (and each recipient domain)
+    is asked about once a session, its answer (a failure too) kept with the session's other DNS answers. (The
+    resolver's own cache keeps only answers with records: a domain that has none is what a sender check meets.)"""
+    asked: list[tuple[str, str]] = []
+    nameserver = dns_zone(ZONE, servfail=SERVFAIL, asked=asked)
+    mf = await mailflow_server(dns={"nameservers": [nameserver], "timeout": "2s", "tries": 1},
+                               mynetworks=["127.0.0.0/8"],
+                               smtpd={"sender_restrictions": ["reject_unknown_sender_domain"],
+                                      "relay_restrictions": ["permit_mynetworks", "reject"],
+                                      "recipient_restrictions": ["reject_unknown_recipient_domain"],
+                                      "error_sleep_time": 0, "hard_error_limit": 1000})
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    try:
+        assert (await client.cmd("EHLO client.test")).code == 250
+        assert (await client.cmd("MAIL FROM:<s@nowhere.test>")).code == 250
+        for n in range(50):
+            assert (await client.cmd(f"RCPT TO:<r{n}@mxonly.test>")).text.startswith("450 4.1.8 <s@nowhere.test>")
+        assert (await client.cmd("RSET")).code == 250
+        assert (await client.cmd("MAIL FROM:<s@known.test>")).code == 250
+        for rcpt in ("r@broken.test", "s@broken.test"):  # the failure kept: the second RCPT deferred without asking
+            assert (await client.cmd(f"RCPT TO:<{rcpt}>")).text.startswith(f"450 4.4.3 <{rcpt}>")
+    finally:
+        await client.close()
+    domains = [(name, qtype) for name, qtype in asked if name.endswith(("known.test.", "nowhere.test.",
+                                                                         "broken.test."))]
+    assert sorted(domains) == [("broken.test.", "MX"), ("known.test.", "A"), ("known.test.", "AAAA"),
+                               ("known.test.", "MX"), ("nowhere.test.", "MX")], domains  # (no such domain: no A)

@@ -16,13 +16,14 @@ server_checks.py's). restrictions.py decides when each runs; this module asks th
                                                          at once: tempfail_action "defer"); an address literal
                                                          that is no address: 501 5.5.2
         .reverse_name(facts) -> str                      the client's first PTR name ("" for none)
-        .unknown_sender_domain(sender)                   no MX and no address: unknown_address_reject_code 4.1.8
-        .unknown_recipient_domain(rcpt)                  the same for a recipient (4.1.2); a null MX: 556 5.1.10
+        .unknown_sender_domain(sender, memo)             no MX and no address: unknown_address_reject_code 4.1.8
+        .unknown_recipient_domain(rcpt, memo)            the same for a recipient (4.1.2); a null MX: 556 5.1.10
     rbl_query_name(client_addr, rbl_domain) -> str | None
 
 Only domains this host is not final destination for are asked about (address classes relay and default).
-A client's PTR names, its verified name, each list query's answer (or failure) and whether a HELO name has host
-records are remembered in the session's `facts.memo` (delay_reject reruns the lists at every RCPT).
+A client's PTR names, its verified name, each list query's answer (or failure), whether a HELO name has host
+records and a sender's or recipient's domain's MX and address records (or the failure to get them) are remembered
+in the session's `facts.memo` (delay_reject reruns the lists at every RCPT; the handler bounds the memo).
 
 Failure behaviour: a DNSBL that cannot be asked counts as not listed (logged as Postfix's `RBL lookup error`), a
 DNS allowlist too, with a DEFER_IF_REJECT; the unknown-name checks defer (450) when the DNS cannot tell now, as
@@ -248,16 +249,35 @@ class DnsChecks:
         domain = address.normalise_domain(address.split(self._rewriter.qualify(addr))[1])
         return None if not domain or domain.startswith("[") else domain
 
-    async def unknown_recipient_domain(self, rcpt: str) -> status.Reply | None:
+    async def _domain_records(self, lookup: str, domain: str, memo: dict) -> tuple:
+        """The records `self._resolver.<lookup>(domain)` gives (`mx` or `addresses`), asked once a session (delay_reject
+        runs the sender list at every RCPT); raises NotFound (no such domain) or the LookupRetry of a lookup that
+        failed as the resolver did, once kept (the next RCPT is refused or deferred as this one, without asking)."""
+        key = ("domain " + lookup, domain)
+        if key not in memo:
+            try:
+                memo[key] = tuple(await getattr(self._resolver, lookup)(domain))
+            except NotFound:
+                memo[key] = None
+            except LookupRetry as e:
+                memo[key] = e.text  # (its text: a fresh exception each time, no traceback kept)
+        answer = memo[key]
+        if answer is None:
+            raise NotFound(domain, lookup)
+        if isinstance(answer, str):
+            raise LookupRetry(answer)
+        return answer
+
+    async def unknown_recipient_domain(self, rcpt: str, memo: dict) -> status.Reply | None:
         """No MX and no address for the recipient's domain; a null MX refuses it (RFC 7505)."""
         domain = self._remote_domain(rcpt)
         if domain is None:
             return None
         try:
-            records = await self._resolver.mx(domain)
+            records = await self._domain_records("mx", domain, memo)
             if any(r.is_null for r in records):
                 return status.null_mx(rcpt, domain)
-            if records or await self._resolver.addresses(domain):
+            if records or await self._domain_records("addresses", domain, memo):
                 return None
         except NotFound:
             pass
@@ -266,15 +286,16 @@ class DnsChecks:
             return status.domain_lookup_deferred(rcpt)
         return status.domain_not_found(rcpt, self._unknown_code)
 
-    async def unknown_sender_domain(self, sender: str | None) -> status.Reply | None:
+    async def unknown_sender_domain(self, sender: str | None, memo: dict) -> status.Reply | None:
         """No MX (a null MX alone counts as none) and no address for the sender's domain."""
         domain = self._remote_domain(sender)
         if domain is None:
             return None
         assert sender is not None  # (a domain was found in it)
         try:
-            records = await self._resolver.mx(domain)
-            if records and not all(r.is_null for r in records) or await self._resolver.addresses(domain):
+            records = await self._domain_records("mx", domain, memo)
+            if records and not all(r.is_null for r in records) or await self._domain_records("addresses", domain,
+                                                                                              memo):
                 return None
         except NotFound:
             pass

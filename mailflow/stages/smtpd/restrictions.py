@@ -505,7 +505,7 @@ class Restrictions:
         if name == "check_policy_service":
             return await self._policy(arg, stage, facts, subject)
         if name == "reject_unknown_recipient_domain":
-            return await self._dns.unknown_recipient_domain(facts.recipient)
+            return await self._dns.unknown_recipient_domain(facts.recipient, facts.memo)
         if name == "reject_unlisted_recipient":
             return await self._listed(facts, "recipient") if facts.recipient else None
         if name == "reject_unlisted_sender":
@@ -519,7 +519,7 @@ class Restrictions:
         if name in ("reject_unknown_client_hostname", "reject_unknown_reverse_client_hostname"):
             return await self._dns.unknown_client(facts, reverse_only=name == "reject_unknown_reverse_client_hostname")
         if name == "reject_unknown_sender_domain":
-            return await self._dns.unknown_sender_domain(facts.sender)
+            return await self._dns.unknown_sender_domain(facts.sender, facts.memo)
         if name == "check_greylist":
             return await self._greylisted(facts)
         if name == "reject_spf_fail":
