@@ -9,6 +9,8 @@
     table_spec(token, notes), split_list(value)  `type:name` in mailflow's form; a Postfix list's entries
     from_queue_directory(value, queue, notes)    relative `unix:` paths made absolute, as Postfix reads them
     sasl_path_from_queue_directory(...)          a relative smtpd_sasl_path made absolute, as Postfix opens it
+    dovecot_sasl_path(value, sasl_type, ...)     smtpd_sasl_path when smtpd_sasl_type is dovecot (that, made
+                                                 absolute); Refused under cyrus, Postfix's default type
     Imported, LeftOut                            what an import produces (settings, listeners, pipe and client
                                                  services...), and its TOML
     printable(text)                              non-printable characters escaped (comments, the terminal)
@@ -483,6 +485,23 @@ def sasl_path_from_queue_directory(value: str, queue: str, notes: list[str], whe
     absolute = f"{queue.rstrip('/')}/{value}"
     notes.append(f"{where}: smtpd_sasl_path {value} is {absolute} (Postfix takes it from queue_directory)")
     return absolute
+
+
+POSTFIX_SASL_TYPE = "cyrus"  # Postfix's default smtpd_sasl_type (postconf -d)
+
+
+def dovecot_sasl_path(value: str, sasl_type: str | None, queue: str, notes: list[str], where: str) -> str:
+    """smtpd_sasl_path under `sasl_type` (the smtpd_sasl_type that applies to it, expanded; None: none is set, so
+    Postfix's default, cyrus): Dovecot's auth socket, as sasl_path_from_queue_directory takes it. Under any other
+    type it is a Cyrus SASL application's name (Postfix's default path `smtpd` is one), not a socket: Refused,
+    as mailflow speaks only Dovecot's protocol (a path under queue_directory would name a file nothing serves)."""
+    kind = (sasl_type or POSTFIX_SASL_TYPE).strip().lower()
+    if kind != "dovecot":
+        told = f"smtpd_sasl_type is {kind}" if sasl_type is not None else \
+            f"smtpd_sasl_type is {POSTFIX_SASL_TYPE} (Postfix's default: no smtpd_sasl_type line)"
+        raise Refused(f"{told}, so {value or '(empty)'} names a Cyrus SASL application, not Dovecot's auth socket; "
+                      f"mailflow speaks only Dovecot's protocol (smtpd.sasl_type = \"dovecot\")")
+    return sasl_path_from_queue_directory(value, queue, notes, where)
 
 
 def restriction_items(tokens: list[str]) -> list[str]:

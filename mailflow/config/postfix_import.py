@@ -41,8 +41,8 @@ from mailflow.config.load import config_from_dict
 from mailflow.config.main import BUILTIN_TRANSPORTS
 from mailflow.config.postfix_cf import (POSTFIX_TABLE_DEFAULTS, Expander, Imported, Line, Refused, Service,
                                         Unexpanded, UnreadableFile, convert, from_queue_directory, read_main_cf,
-                                        read_master_cf, restriction_items, sasl_path_from_queue_directory,
-                                        split_list, table_spec, time_in_seconds)
+                                        read_master_cf, restriction_items, dovecot_sasl_path, split_list,
+                                        table_spec, time_in_seconds)
 from mailflow.config.postfix_master import translate_service
 from mailflow.config.show import format_setting
 from mailflow.config.smtpd import LISTENER_ROLES, SMTPD_BANNER
@@ -216,6 +216,10 @@ class Importer:
     def _in_queue_directory(self, value: object) -> object:
         return from_queue_directory(value, self.queue_directory(), self.out.notes)
 
+    def _main_value(self, name: str) -> str | None:
+        """main.cf's value of `name`, expanded (None: main.cf does not set it)."""
+        return self.expander.expand(self.params[name][1]) if name in self.params else None
+
     def queue_directory(self) -> str:
         """Postfix's queue_directory (main.cf's, else its default): where its relative unix: paths are."""
         return self.expander.expand(self.expander.raw["queue_directory"])
@@ -244,7 +248,8 @@ class Importer:
                     self._set(name, line, raw, f"{section}.tls_security_level", "may")
         elif name == "smtpd_sasl_path":
             self._set(name, line, raw, "smtpd.sasl_path",
-                      sasl_path_from_queue_directory(value, self.queue_directory(), self.out.notes, line.where))
+                      dovecot_sasl_path(value, self._main_value("smtpd_sasl_type"), self.queue_directory(),
+                                        self.out.notes, line.where))
         elif name == "smtp_sasl_password_maps":
             enabled = self.params.get("smtp_sasl_auth_enable", (line, "no"))[1]
             if enabled.lower() != "yes":

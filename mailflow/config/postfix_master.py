@@ -28,7 +28,7 @@ from mailflow.config import postfix_names as names
 from mailflow.config.base import TRANSPORT_NAME
 from mailflow.config.delivery import REPLACEABLE
 from mailflow.config.postfix_cf import (ImportState, Refused, Service, Unexpanded, convert, from_queue_directory,
-                                        sasl_path_from_queue_directory, time_in_seconds)
+                                        dovecot_sasl_path, time_in_seconds)
 from mailflow.config.smtpd import LISTENER_ROLES
 
 # Postfix's own daemons: mailflow has each of them built in.
@@ -293,10 +293,10 @@ def _overrides(importer: ImportState, service: Service, options: list[tuple[str,
             importer.out.leave_out(service.line.where, f"master.cf {service.name} -o {name}", raw,
                                    names.why_not(name) if not keys else "not a per-listener setting in mailflow")
             continue
-        if name == "smtpd_sasl_path":
-            value = sasl_path_from_queue_directory(value, importer.queue_directory(), importer.out.notes,
-                                                   service.line.where)
         try:
+            if name == "smtpd_sasl_path":
+                value = dovecot_sasl_path(value, _sasl_type(importer, expander, options), importer.queue_directory(),
+                                          importer.out.notes, service.line.where)
             converted = {key: convert(name, key, value, importer.out.notes) for key in keys}
         except Refused as e:  # this -o only, not the service
             importer.out.leave_out(service.line.where, f"master.cf {service.name} -o {name}", raw, str(e))
@@ -305,6 +305,21 @@ def _overrides(importer: ImportState, service: Service, options: list[tuple[str,
             overrides[key.removeprefix("smtpd.")] = from_queue_directory(setting, importer.queue_directory(),
                                                                          importer.out.notes)
     return overrides
+
+
+def _sasl_type(importer: ImportState, expander, options: list[tuple[str, str]]) -> str | None:
+    """The smtpd_sasl_type a service's smtpd_sasl_path is read under: its own -o, else main.cf's (expanded; None:
+    neither sets it, Postfix's default applies)."""
+    given = [(expander, raw) for name, raw in options if name == "smtpd_sasl_type"]
+    if not given and "smtpd_sasl_type" in importer.params:
+        given = [(importer.expander, importer.params["smtpd_sasl_type"][1])]
+    if not given:
+        return None
+    with_names, raw = given[-1]
+    try:
+        return with_names.expand(raw)
+    except Unexpanded:  # (refused as it is written: no type mailflow speaks)
+        return raw
 
 
 def _role(overrides: dict[str, object]) -> str:

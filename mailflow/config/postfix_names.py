@@ -178,7 +178,8 @@ CONVERTED: dict[str, str] = {
     "smtpd_use_tls": "smtpd.tls_security_level = may, unless smtpd_tls_security_level says",
     "smtp_use_tls": "smtp.tls_security_level = may, unless smtp_tls_security_level says",
     "smtpd_restriction_classes": "smtpd.restriction_classes: each class with its parameter's restrictions",
-    "smtpd_sasl_path": "smtpd.sasl_path: a relative path from queue_directory, as Postfix takes it",
+    "smtpd_sasl_path": "smtpd.sasl_path under smtpd_sasl_type = dovecot (a relative path from queue_directory, as "
+                       "Postfix takes it); under cyrus, Postfix's default type, left out",
     "smtp_sasl_password_maps": "smtp.sasl_password_maps when smtp_sasl_auth_enable = yes (Postfix ignores it else)",
     "postscreen_greet_banner": "smtpd.postscreen.greet_banner: $smtpd_banner is smtpd's own greeting (the default)",
     "smtp_sasl_auth_enable": "applied with smtp_sasl_password_maps (mailflow authenticates when it has a password)",

@@ -483,7 +483,7 @@ def test_a_main_cf_that_is_not_a_regular_file_exits_2(tmp_path):
 # --- refusals of a listener's override or of a check across settings: left out, never a crash ----------------------
 
 @pytest.mark.parametrize("main_cf, master_cf, left_out", [
-    ("smtpd_sasl_auth_enable = yes\nsmtpd_sasl_type = cyrus\nsmtpd_sasl_path = smtpd\n", None,
+    ("smtpd_sasl_auth_enable = yes\nsmtpd_sasl_type = cyrus\n", None,
      ["main.cf:2: smtpd_sasl_type", "main.cf:1: smtpd_sasl_auth_enable"]),
     ("smtpd_sasl_type = dovecot\nsmtpd_sasl_path = /run/dovecot/auth\nsmtpd_tls_security_level = encrypt\n", None,
      ["main.cf:3: smtpd_tls_security_level"]),
@@ -500,6 +500,28 @@ def test_what_mailflow_refuses_is_left_out_with_its_line(tmp_path, main_cf, mast
     code, err = run_import(write(tmp_path, "main.cf", main_cf), master, tmp_path / "mailflow.toml")
     assert code == 1, err
     assert [line.partition(": mailflow refuses it")[0].strip() for line in err.splitlines()[1:]] == left_out
+    checked(tmp_path / "mailflow.toml")
+
+
+@pytest.mark.parametrize("main_cf, told", [
+    ("smtpd_sasl_path = smtpd\n", "smtpd_sasl_type is cyrus (Postfix's default: no smtpd_sasl_type line)"),
+    ("smtpd_sasl_type = cyrus\nsmtpd_sasl_path = smtpd\n", "smtpd_sasl_type is cyrus"),
+])
+def test_a_sasl_path_under_postfixs_default_sasl_type_is_left_out_as_a_cyrus_name(tmp_path, main_cf, told):
+    """Postfix's smtpd_sasl_type defaults to cyrus (postconf -d): its smtpd_sasl_path is then a Cyrus SASL
+    application name (its default `smtpd`), not a socket; it used to become /var/spool/postfix/smtpd, which nothing
+    serves."""
+    master = write(tmp_path, "master.cf", "smtp inet n - y - - smtpd\nsubmission inet n - y - - smtpd\n"
+                                          "  -o smtpd_sasl_path=private/auth\n")
+    code, err = run_import(write(tmp_path, "main.cf", main_cf), master, tmp_path / "mailflow.toml")
+    assert code == 1, err
+    line = main_cf.count("\n")
+    assert f"  main.cf:{line}: smtpd_sasl_path: {told}, so smtpd names a Cyrus SASL application, not Dovecot's " \
+           "auth socket; mailflow speaks only Dovecot's protocol (smtpd.sasl_type = \"dovecot\")" in err.splitlines()
+    assert f"  master.cf:2: master.cf submission -o smtpd_sasl_path: {told}, so private/auth names a Cyrus SASL " \
+           "application" in err  # (main.cf's type, or its default, applies to a service's path too)
+    assert "sasl_path" not in "".join(line for line in (tmp_path / "mailflow.toml").read_text().splitlines(True)
+                                      if not line.startswith("#"))
     checked(tmp_path / "mailflow.toml")
 
 
