@@ -33,8 +33,10 @@ reading half (files, expansion, values, the result) is mailflow.config.postfix_c
 """
 from __future__ import annotations
 
+import os
 import re
 import socket
+import stat
 
 from mailflow.config import postfix_names as names
 from mailflow.config.load import config_from_dict
@@ -77,6 +79,7 @@ class Importer:
             for service in self.services:
                 self._service(service)
         self._check_transports()
+        self._check_certificate()
         self._validate()
         self._helpers()
         return self.out
@@ -364,6 +367,21 @@ class Importer:
                                    "-o content_filter", str(overrides.pop("content_filter")),
                                    f"{transport} is not a transport mailflow has: {hint}")
 
+    def _check_certificate(self) -> None:
+        """smtpd's certificate and key as files that are there: Postfix's smtpd runs on without them (it logs
+        `cannot get RSA certificate from file ...: disabling TLS support` and answers STARTTLS `454 4.7.0 TLS not
+        available due to local problem`), mailflow's would not start; so a pair with a file that is not there is
+        left out (both: a key alone, or a certificate read without its key, means another thing), naming the file."""
+        keys = [key for key in TLS_PAIR if self.out.settings.get(key)]
+        missing = next(((key, why) for key in keys if (why := missing_file(str(self.out.settings[key])))), None)
+        if missing is None:
+            return
+        key, why = missing
+        told = f"{self.out.settings[key]}: {why}; mailflow does not start without it, Postfix's smtpd runs on " \
+               f"without TLS (STARTTLS: 454 4.7.0): set {key} (and its pair) once the file is there"
+        for each in keys:
+            self._drop_setting(each, told if each == key else f"left out with {key}, whose file is not there")
+
     # --- the whole, as mailflow loads it ----------------------------------------------------------------------
 
     def _validate(self) -> None:
@@ -515,6 +533,21 @@ def _client_refusal(parts: list[str], reason: str, clients: dict[str, dict[str, 
     if found and found.group(1) in clients:
         return found.group(1), found.group(2)
     return None
+
+
+TLS_PAIR = ("smtpd.tls_cert_file", "smtpd.tls_key_file")  # smtpd's certificate and its key, read at start
+
+
+def missing_file(path: str) -> str | None:
+    """Why `path` names no file mailflow could read ("no such file", "a directory"), None when it is there or
+    cannot be told by this user (a directory it may not search: the server may run as another)."""
+    try:
+        found = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return "no such file"
+    except OSError:
+        return None
+    return None if stat.S_ISREG(found.st_mode) else "not a regular file"
 
 
 def _transport_named(key: str, value: object) -> str | None:

@@ -806,3 +806,29 @@ def test_the_outgoing_content_checks_and_the_filters_are_imported(tmp_path):
                                                            "nested_header_checks", "body_checks", "reply_filter"))
     assert imported["lmtp"]["header_checks"] == imported["lmtp"]["body_checks"] == spec
     assert imported["smtpd"]["command_filter"] == spec
+
+
+@pytest.mark.parametrize("missing", ["cert", "key"])
+def test_a_certificate_or_key_file_that_is_not_there_is_left_out_naming_it(tmp_path, missing):
+    """Postfix's smtpd runs on without the file (`cannot get RSA certificate from file ...: disabling TLS
+    support`, STARTTLS answered 454 4.7.0); mailflow's would not start: the pair is left out, the file named, exit 1,
+    and the output starts (checked)."""
+    pki = ClientPki(tmp_path)
+    files = {"cert": str(pki.server_cert), "key": str(pki.server_cert)}  # (the key is in the certificate's file)
+    files[missing] = str(tmp_path / "gone" / f"{missing}.pem")
+    main_cf = (f"smtpd_tls_cert_file = {files['cert']}\nsmtpd_tls_key_file = {files['key']}\n"
+               "smtpd_tls_security_level = may\n")
+    code, err = run_import(write(tmp_path, "main.cf", main_cf), None, tmp_path / "mailflow.toml")
+    assert code == 1, err
+    line = 1 if missing == "cert" else 2
+    assert f"  main.cf:{line}: smtpd_tls_{missing}_file: {files[missing]}: no such file; mailflow does not start " \
+           "without it, Postfix's smtpd runs on without TLS (STARTTLS: 454 4.7.0): set " \
+           f"smtpd.tls_{missing}_file (and its pair) once the file is there" in err.splitlines()
+    other = "key" if missing == "cert" else "cert"
+    assert f"  main.cf:{3 - line}: smtpd_tls_{other}_file: left out with smtpd.tls_{missing}_file, whose file is " \
+           "not there" in err.splitlines()
+    assert checked(tmp_path / "mailflow.toml")["smtpd"]["tls_security_level"] == "may"
+    # the files there: both imported
+    main_cf = f"smtpd_tls_cert_file = {pki.server_cert}\nsmtpd_tls_key_file = {pki.server_cert}\n"
+    code, err = run_import(write(tmp_path, "main.cf", main_cf), None, tmp_path / "mailflow.toml")
+    assert code == 0, err
