@@ -284,6 +284,8 @@ class LmtpSettings(Section):
     bind_address: BindAddress4 = ""
     bind_address6: BindAddress6 = ""
     bind_address_enforce: bool = False
+    # As [smtp]'s (lmtp_generic_maps: the addresses the LMTP client sends, as smtp.generic_maps maps them).
+    generic_maps: TableSpecs = ()
     # As [smtp]'s (lmtp_header_checks, lmtp_mime_header_checks, lmtp_nested_header_checks, lmtp_body_checks).
     header_checks: TableSpecs = ()
     mime_header_checks: InlineTableSpecs = ()

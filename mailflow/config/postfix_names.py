@@ -91,7 +91,7 @@ SETTINGS: dict[str, tuple[str, ...]] = {name: (key,) for name, key in {
     **{f"smtp_{n}_timeout": "smtp.command_timeout" for n in ("mail", "rcpt", "data_init", "rset")},
     **_same("lmtp", "connect_timeout bind_address bind_address6 bind_address_enforce", prefix="lmtp_"),
     **_same("smtp", "header_checks mime_header_checks nested_header_checks body_checks reply_filter", prefix="smtp_"),
-    **_same("lmtp", "header_checks mime_header_checks nested_header_checks body_checks", prefix="lmtp_"),
+    **_same("lmtp", "header_checks mime_header_checks nested_header_checks body_checks generic_maps", prefix="lmtp_"),
     "smtpd_command_filter": "smtpd.command_filter",
     **{f"lmtp_{n}_timeout": "lmtp.command_timeout" for n in ("lhlo", "mail", "rcpt", "data_init")},
     **{f"lmtp_{n}_timeout": "lmtp.data_timeout" for n in ("data_xfer", "data_done")},

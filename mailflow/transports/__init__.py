@@ -55,13 +55,13 @@ def build_mta_sts(config, resolver) -> MtaSts | None:
     return MtaSts(resolver, fetcher, cache_size=config.mta_sts.cache_size)
 
 
-def build_generic_maps(config, client, router, tables: TableCache) -> GenericMaps | None:
-    """The `client`'s ([smtp] or one of its services) generic_maps as the SMTP client asks them (None when unset:
-    nothing is looked up)."""
+def build_generic_maps(config, client, router, tables: TableCache, program: str = "smtp") -> GenericMaps | None:
+    """The `client`'s ([smtp], [lmtp] or one of their services) generic_maps as that client asks them (None when
+    unset: nothing is looked up); `program` names the client in log lines and deferrals."""
     if not client.generic_maps:
         return None
     return GenericMaps(tables.open(client.generic_maps), delimiter=config.recipient_delimiter,
-                       qualify=router.rewriter.qualify, find_address=router.rewriter.find_address)
+                       qualify=router.rewriter.qualify, find_address=router.rewriter.find_address, program=program)
 
 
 def build_outbound_checks(client, tables: TableCache, program: str = "smtp") -> OutboundChecks | None:
@@ -95,10 +95,11 @@ def build_smtp_client(config, client, *, resolver, clock, router, tables: TableC
                          sender_keys=sasl_sender_keys(client, router), soft_bounce=config.soft_bounce)
 
 
-def build_lmtp_client(config, client, *, clock, tables: TableCache) -> LmtpTransport:
+def build_lmtp_client(config, client, *, clock, router, tables: TableCache) -> LmtpTransport:
     """One LMTP client ([lmtp], or the merged settings of an [lmtp.services.NAME])."""
     return LmtpTransport(client, helo_name=config.myhostname, now=clock.time,
-                         checks=build_outbound_checks(client, tables, "lmtp"))
+                         checks=build_outbound_checks(client, tables, "lmtp"),
+                         generic=build_generic_maps(config, client, router, tables, "lmtp"))
 
 
 def client_services(config, resolver, clock, router, tables: TableCache, mta_sts) -> dict[str, Transport]:
@@ -109,7 +110,7 @@ def client_services(config, resolver, clock, router, tables: TableCache, mta_sts
                                 tables=tables, mta_sts=mta_sts, settings=f"smtp.services.{name}")
         for name in config.smtp.services}
     lmtp: dict[str, Transport] = {
-        name: build_lmtp_client(config, config.lmtp.for_service(name), clock=clock, tables=tables)
+        name: build_lmtp_client(config, config.lmtp.for_service(name), clock=clock, router=router, tables=tables)
         for name in config.lmtp.services}
     return {**smtp, **lmtp}
 
@@ -134,7 +135,7 @@ def build_transports(config, resolver, clock, router, forward=None, mailbox=None
                                     owner=router.rewriter.virtual_owner, base=config.virtual_mailbox_base),
         "smtp": smtp,
         "relay": smtp,
-        "lmtp": build_lmtp_client(config, config.lmtp, clock=clock, tables=tables),
+        "lmtp": build_lmtp_client(config, config.lmtp, clock=clock, router=router, tables=tables),
         "discard": DiscardTransport(),
         "error": ErrorTransport(),
         # [pipe.NAME] services; config validation keeps their names off the built-in ones above.

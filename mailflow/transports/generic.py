@@ -1,10 +1,11 @@
-"""The SMTP client's generic mapping (Postfix's smtp_generic_maps, smtp(8) with smtp_map11.c): the addresses of mail
-that leaves this host, rewritten as it goes on the wire, for a host whose own domain names are not valid on the
-Internet (`joe@box.local` -> `joe.user@example.com`). The queue, the logs and the notices keep the addresses as
-queued; so does ORCPT: to a next hop that offers DSN, RCPT TO's `ORCPT=rfc822;…` still names the queued recipient
-(the one the client gave), as Postfix's smtp sends it.
+"""The SMTP and LMTP clients' generic mapping (Postfix's smtp_generic_maps and lmtp_generic_maps, smtp(8) with
+smtp_map11.c): the addresses of mail that leaves this host, rewritten as it goes on the wire, for a host whose own
+domain names are not valid on the Internet (`joe@box.local` -> `joe.user@example.com`). The queue, the logs and
+the notices keep the addresses as queued; so does ORCPT: to a next hop that offers DSN, RCPT TO's `ORCPT=rfc822;…`
+still names the queued recipient (the one the client gave), as Postfix's smtp sends it.
 
-    GenericMaps(tables, *, delimiter, qualify, find_address)
+    GenericMaps(tables, *, delimiter, qualify, find_address, program="smtp")   (`program`: "lmtp" for the LMTP
+                                       client's: its log lines name lmtp_generic_maps, under lmtp)
       .address(addr, queue_id="") -> str   one address mapped, or itself: the entry `find_address(tables, addr)`
                                        finds (Rewriter.find_address: keys as mail_addr_find, `user+ext@domain`,
                                        `user@domain`, `user+ext` and `user` for this host's domains, `@domain`);
@@ -61,7 +62,6 @@ from mailflow.tables import Table
 from mailflow.tables.search import mapped_addresses
 from mailflow.transports.encode import Encoder
 
-log = logging.getLogger("mailflow.smtp")
 _QUOTED_STRING = re.compile(r'"(?:\\.|[^"\\])*"')
 _NOT_OUTSIDE_QUOTES = frozenset("<> \t")  # would end the path, or start a parameter, of MAIL FROM / RCPT TO
 
@@ -123,8 +123,11 @@ class GenericMaps:
     """See the module docstring."""
 
     def __init__(self, tables: list[Table], *, delimiter: str, qualify: Callable[[str], str],
-                 find_address: Callable[[list[Table], str], tuple[str, str, str] | None]) -> None:
+                 find_address: Callable[[list[Table], str], tuple[str, str, str] | None],
+                 program: str = "smtp") -> None:
         self._tables = tables
+        self._name = f"{program}_generic_maps"  # (Postfix's parameter, as its log lines name it)
+        self._log = logging.getLogger(f"mailflow.{program}")
         self._delimiter = delimiter
         self._qualify = qualify
         self._find_address = find_address
@@ -146,7 +149,7 @@ class GenericMaps:
         if not addresses:
             self._refuse(table, key, value.strip(), "holds no address", queue_id)
         if len(addresses) > 1:
-            log.warning("%s: multi-valued smtp_generic_maps result for %s", queue_id or "NOQUEUE", addr)
+            self._log.warning("%s: multi-valued %s result for %s", queue_id or "NOQUEUE", self._name, addr)
         first = addresses[0]
         if first is None:
             self._refuse(table, key, value.strip(), "is not one address", queue_id)
@@ -155,12 +158,11 @@ class GenericMaps:
             self._refuse(table, key, first, problem, queue_id)
         return first
 
-    @staticmethod
-    def _refuse(table: str, key: str, result: str, problem: str, queue_id: str) -> NoReturn:
+    def _refuse(self, table: str, key: str, result: str, problem: str, queue_id: str) -> NoReturn:
         """A result that cannot go on the wire as it is: logged, and LookupRetry (the delivery is deferred)."""
         name = printable(table)  # (an inline table's name holds its values)
-        log.warning("%s: smtp_generic_maps: table %s: %s: result <%s> %s", queue_id or "NOQUEUE", name,
-                    printable(key), printable(result), problem)
+        self._log.warning("%s: %s: table %s: %s: result <%s> %s", queue_id or "NOQUEUE", self._name, name,
+                          printable(key), printable(result), problem)
         raise LookupRetry(f"table {name}: {printable(key)}: result <{printable(result)}> {problem}")
 
     def wire_form(self, request: DeliveryRequest, head: tuple[bytes, bytes] | None = None, *,
@@ -180,20 +182,20 @@ class GenericMaps:
                 utf8_results.append(sent)
             return sent
 
-        swap = None if head_as_queued else self._head(request, in_header, head)
+        swap = None if head_as_queued else self._head(request, in_header, head, self._log, self._name)
         return WireForm(mapped(request.sender), recipients, swap, utf8_head=bool(utf8_results))
 
     @staticmethod
-    def _head(request: DeliveryRequest, mapped: Callable[[str], str],
-              given: tuple[bytes, bytes] | None) -> tuple[int, bytes] | None:
+    def _head(request: DeliveryRequest, mapped: Callable[[str], str], given: tuple[bytes, bytes] | None,
+              log: logging.Logger, name: str) -> tuple[int, bytes] | None:
         """`given`: (the queued header section, the one smtp_header_checks made of it); None: read it here."""
         if given is not None:
             queued, head = given
         else:
             queued, whole = read_header(request.content, HEADER_READ_LIMIT)
             if not whole:
-                log.warning("%s: header section longer than %d bytes: smtp_generic_maps leaves its addresses as "
-                            "queued", request.queue_id or "NOQUEUE", HEADER_READ_LIMIT)
+                log.warning("%s: header section longer than %d bytes: %s leaves its addresses as queued",
+                            request.queue_id or "NOQUEUE", HEADER_READ_LIMIT, name)
                 return None
             head = queued
         new_head = rewrite_address_fields(head, mapped, mapped)

@@ -7,8 +7,9 @@ end of DATA, reads one reply per accepted recipient, in RCPT order (RFC 2033 4.2
 no connection cache: every session ends with its message (QUIT, not waiting for the reply, as Postfix's
 lmtp_skip_quit_response = yes).
 
-    LmtpTransport(config, *, helo_name, clock=time.monotonic, now=time.time, checks=None)   (`now`: qmgr's clock,
-                  as smtp's; `checks`: lmtp_header_checks and the like, mailflow.transports.smtp_checks, None: unset)
+    LmtpTransport(config, *, helo_name, clock=time.monotonic, now=time.time, checks=None, generic=None)   (`now`:
+                  qmgr's clock, as smtp's; `checks`: lmtp_header_checks and the like, mailflow.transports.smtp_checks;
+                  `generic`: lmtp_generic_maps, mailflow.transports.generic, mapping as smtp's does; None: unset)
     await deliver(request) -> DeliveryReport      one result per recipient, never raises for a delivery problem
     await close()                                 nothing cached
 
@@ -42,6 +43,7 @@ support, but not 8BITMIME`) go to the `mailflow.lmtp` logger, so the log names t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import time
@@ -49,8 +51,9 @@ from typing import Callable
 
 from mailflow.config import LmtpConfig
 from mailflow.dns import is_ip_literal
-from mailflow.errors import TemporaryError
+from mailflow.errors import LookupRetry, TemporaryError
 from mailflow.model import DeliveryReport, DeliveryRequest, Recipient
+from mailflow.transports.generic import GenericMaps
 from mailflow.transports.smtp.addr import Nexthop, Peer, parse_nexthop, unique
 from mailflow.transports.smtp.chat import Session, Timeouts
 from mailflow.transports.smtp.commands import screen_envelope
@@ -68,9 +71,11 @@ class LmtpTransport:
     program = "lmtp"  # the Postfix delivery agent whose name its result lines are logged under
 
     def __init__(self, config: LmtpConfig, *, helo_name: str, clock: Callable[[], float] = time.monotonic,
-                 now: Callable[[], float] = time.time, checks: OutboundChecks | None = None):
+                 now: Callable[[], float] = time.time, checks: OutboundChecks | None = None,
+                 generic: GenericMaps | None = None):
         self._config = config
         self._checks = checks
+        self._generic = generic
         self._now = now
         self._helo_name = helo_name
         self._clock = clock
@@ -89,13 +94,18 @@ class LmtpTransport:
 
     async def _deliver(self, request: DeliveryRequest, recipients: list[Recipient], outcomes: Outcomes) -> None:
         wire = None
-        if self._checks is not None:
+        if self._checks is not None or self._generic is not None:
+            screened = dataclasses.replace(request, recipients=tuple(recipients))  # (a refused one is not mapped)
+            blocking = any(maps is not None and maps.blocking for maps in (self._checks, self._generic))
             try:  # (the header section is read and checked: off the loop when the content is in a file or a table
                 # may wait on I/O; such a table has its own deadline, sqlite's query timeout)
-                wire = (outbound_wire_form(request, self._checks, None)
-                        if request.content.in_memory and not self._checks.blocking else
-                        await asyncio.to_thread(outbound_wire_form, request, self._checks, None))
-            except TemporaryError as e:
+                wire = (outbound_wire_form(screened, self._checks, self._generic)
+                        if request.content.in_memory and not blocking else
+                        await asyncio.to_thread(outbound_wire_form, screened, self._checks, self._generic))
+            except LookupRetry as e:  # (lmtp_generic_maps)
+                outcomes.fail(recipients, TemporaryError("4.3.0", f"lmtp_generic_maps lookup error: {e.text}"))
+                return
+            except TemporaryError as e:  # (lmtp_header_checks)
                 outcomes.fail(recipients, e)
                 return
         try:

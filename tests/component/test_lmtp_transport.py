@@ -579,3 +579,33 @@ async def test_a_header_check_table_that_may_wait_is_asked_off_the_event_loop(lm
     assert [outcome for _, outcome, _ in outcomes(report)] == [Outcome.SENT]
     assert asked_in and threading.get_ident() not in asked_in
     assert b"Subject:" not in peer.messages[0].content
+
+
+async def test_lmtp_generic_maps_map_what_the_lmtp_client_sends_as_smtps_do(lmtp_peer, caplog):
+    """lmtp_generic_maps (`lmtp.generic_maps`, wired by build_transports): MAIL FROM, RCPT TO and the header's
+    address fields go out mapped, as smtp_generic_maps maps them for the SMTP client; the results keep the queued
+    addresses. A value that cannot go on the wire defers the delivery, named as Postfix names the parameter."""
+    from mailflow.clock import VirtualClock
+    from mailflow.dns import StaticResolver
+    from mailflow.routing.router import Router
+    from mailflow.transports import build_transports
+
+    peer = await lmtp_peer()
+    table = ("inline:{ {joe@box.local = joe.user@example.com}, {@box.local = @example.com},"
+             " {bad@box.local = a@b>SMTPUTF8} }")
+    config = config_from_dict({"myhostname": "box.local", "mydestination": ["box.local"],
+                               "lmtp": {"port": peer.port, "generic_maps": [table]}})
+    transport = build_transports(config, StaticResolver(), VirtualClock(), Router(config))["lmtp"]
+    content = b"From: Joe <joe@box.local>\r\nTo: ann@box.local\r\nSubject: joe@box.local\r\n\r\njoe@box.local\r\n"
+    report = await deliver(transport, make_request(f"[127.0.0.1]:{peer.port}", "ann@box.local", "b@example.test",
+                                                   sender="joe@box.local", content=content))
+    assert outcomes(report) == [("ann@box.local", Outcome.SENT, "2.0.0"), ("b@example.test", Outcome.SENT, "2.0.0")]
+    [received] = peer.messages
+    assert (received.mail_from, received.rcpt_tos) == ("joe.user@example.com", ["ann@example.com", "b@example.test"])
+    assert received.content.startswith(b"From: Joe <joe.user@example.com>\r\nTo: ann@example.com\r\n"
+                                       b"Subject: joe@box.local\r\n")  # (a subject, and the body, stay)
+    report = await deliver(transport, make_request(f"[127.0.0.1]:{peer.port}", sender="bad@box.local"))
+    assert [(r.outcome, r.dsn) for r in report.results] == [(Outcome.DEFERRED, "4.3.0")]
+    assert report.results[0].text.startswith("lmtp_generic_maps lookup error: table ")
+    assert len(peer.messages) == 1
+    assert any(r.name == "mailflow.lmtp" and "Q1: lmtp_generic_maps: table " in r.getMessage() for r in caplog.records)
