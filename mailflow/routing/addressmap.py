@@ -147,6 +147,8 @@ class AddressMapper:
     def masquerade(self, addr: str) -> str:
         """`user@host.example.com` -> `user@example.com` when example.com is in masquerade_domains; the first
         entry the domain falls under decides, and a `!domain` entry means "leave it"."""
+        if not self._config.masquerade_domains:  # (none: every address is left as it is)
+            return addr
         local, domain = address.split(addr)
         if not domain or local.lower() in {u.lower() for u in self._config.masquerade_exceptions}:
             return addr
