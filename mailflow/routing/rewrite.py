@@ -341,6 +341,8 @@ class Rewriter:
     def _transported(self, qualified: str, sender: str | None, memo: SenderMemo | None = None) -> Resolution:
         """The class's route for a resolved address (the sender's, see `resolve`), with transport_maps' override."""
         res = self._class_default(qualified)
+        if not (self._by_sender or self._transport_maps):  # (nothing could change the class's route)
+            return res
         if res.address_class is AddressClass.VIRTUAL_ALIAS or self._bad_syntax(res.address):
             return res
         if self._by_sender and sender is not None and res.address_class in OFF_HOST:
