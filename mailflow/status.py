@@ -30,6 +30,8 @@ class Reply:
 
     def __str__(self) -> str:
         last = f"{self.code} {self.status} {self.text}" if self.status else f"{self.code} {self.text}"
+        if not self.preceding:
+            return last
         return "".join(f"{self.code}-{line}\r\n" for line in self.preceding) + last
 
     @property
@@ -364,11 +366,18 @@ DEFAULT_ENHANCED = {
 }
 
 
+# a line the slow test below would leave as it is: three digits, a blank or '-', then `[245]d*.d*.d*` and a blank or
+# the end (ASCII digits only; anything else takes the slow test)
+_HAS_ENHANCED_CODE = re.compile(r"[0-9]{3}[ -][245][0-9]*\.[0-9]*\.[0-9]*(?= |\Z)")
+
+
 def with_enhanced_code(line: str) -> str:
     """Give a library-written reply line (`503 Error: …`) its enhanced status code if it lacks one; aiosmtpd's
     `250 OK` (NOOP, RSET) is written as Postfix writes it."""
     if line == "250 OK":
         return str(OK)
+    if _HAS_ENHANCED_CODE.match(line) is not None:  # (most lines: the catalogue's replies, as handlers return them)
+        return line
     if len(line) < 4 or not line[:3].isdigit() or line[3] not in " -":
         return line
     code, sep, rest = line[:3], line[3], line[4:]
