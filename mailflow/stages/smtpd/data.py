@@ -78,7 +78,7 @@ class DataCommands(TransactionCommands):
             self._content_begins()
             self.record.content("DATA", lambda: spool.size)
             try:
-                why_not = await self.wire.read_data(spool)
+                why_not = await self._wire.read_data(spool)
             finally:
                 self._content_ends()
             self.record.message_ended()

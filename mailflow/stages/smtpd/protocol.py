@@ -650,7 +650,7 @@ class ProtocolCore(SMTP):
         return True
 
     async def _one_command(self) -> None:
-        line = await self.wire.read_line(self._limits.max_line_length)
+        line = await self._wire.read_line(self._limits.max_line_length)
         if self._stopping and not self.in_transaction:  # its transaction ended during the stop: no other begins
             self.shut_down()
             return
@@ -720,7 +720,7 @@ class ProtocolCore(SMTP):
         a command that ends a group, nor after any command (QUIT too) of a client that did not say EHLO. Not asked
         again once a violation is logged; asked after the answers Postfix gives first (access denied, an unknown
         command, STARTTLS required)."""
-        if self.session.ill_pipelining or not self.wire.pending():
+        if self.session.ill_pipelining or not self._wire.pending():
             return False
         return command in LAST_IN_GROUP or not self.session.extended_smtp
 
@@ -737,7 +737,7 @@ class ProtocolCore(SMTP):
         if needs_tls:
             await self.push(status.STARTTLS_FIRST)
             return
-        if self._out_of_sync(command) and self._flag_ill_pipelining(command, self.wire.peek()):
+        if self._out_of_sync(command) and self._flag_ill_pipelining(command, self._wire.peek()):
             await self._refuse_and_close(status.PROTOCOL_SYNC)
             return
         self._reset_timeout()  # a complete command: the per-command deadline starts again
