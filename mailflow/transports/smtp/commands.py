@@ -82,7 +82,7 @@ class Extensions:
         return cls(keywords, tuple(methods))
 
     def supports(self, keyword: str) -> bool:
-        return keyword.lower() in self.keywords
+        return keyword in self.keywords or keyword.lower() in self.keywords  # (callers name them in lower case)
 
     def smtputf8_without_8bitmime(self) -> bool:
         return self.supports("smtputf8") and not self.supports("8bitmime")
