@@ -413,14 +413,15 @@ class ProtocolCore(SMTP):
         (status.soft_bounced), whoever wrote it: this is where every reply passes, as Postfix's smtpd_chat_reply.
         A continuation line sent on its own (`push_lines`) gets no footer: the reply's last line does."""
         if isinstance(line, status.Reply):  # one final line, as the catalogue wrote it
-            final, line = line.code, str(line)
+            final, line, text = line.code, str(line), True
         else:
-            if self._replies_sent and not self._in_hello and isinstance(line, str):  # the first is the greeting
+            text = isinstance(line, str)  # (else bytes, as sent: AUTH's 334 challenges)
+            if self._replies_sent and not self._in_hello and text:  # the first is the greeting
                 line = status.with_enhanced_code(line)
             final = _final_code(line)
-        if self._footer and isinstance(line, str) and line[:1] in ("4", "5") and _ends_a_reply(line):
+        if self._footer and text and line[:1] in ("4", "5") and _ends_a_reply(line):
             line = status.with_footer(line, *footer_lines(self._footer, self._footer_values()))
-        if self._limits.soft_bounce and isinstance(line, str):
+        if self._limits.soft_bounce and text:
             line = status.soft_bounced(line)
             final -= 100 if final >= 500 else 0
         if self._replies_sent and final >= 400 and counts_as_error:
@@ -429,7 +430,7 @@ class ProtocolCore(SMTP):
         self._replies_sent += 1
         if self.transcript is not None:
             self.transcript.reply(line)
-        data = line.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") if isinstance(line, str) else line
+        data = line.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") if text else line
         return data + b"\r\n"
 
     def _footer_values(self) -> dict[str, str]:
@@ -677,7 +678,8 @@ class ProtocolCore(SMTP):
             self.record.command(command if command in self._smtp_methods else None, moves_where=False)
             await self.push(status.client_access_denied(self.session.client))
             return
-        arg = arg_bytes.strip().decode("utf-8") if arg_bytes.strip() else None
+        arg_bytes = arg_bytes.strip()
+        arg = arg_bytes.decode("utf-8") if arg_bytes else None
         await self._dispatch(command, arg)
 
     async def _filtered_command(self, line: bytes) -> bytes | None:
