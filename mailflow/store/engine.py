@@ -441,7 +441,9 @@ class GroupCommitter:
             self._lingering.cancel()
             self._lingering = None
         self._busy = True
-        asyncio.get_running_loop().call_soon(self._next_batch)
+        loop = self._loop  # (set by the write that starts the batch, or leaves a lingering one)
+        assert loop is not None
+        loop.call_soon(self._next_batch)
 
     def _next_batch(self) -> None:
         """Send what is waiting (batch_limit requests at most) to the writer, or become idle."""
