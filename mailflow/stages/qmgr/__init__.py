@@ -215,6 +215,7 @@ class QueueManager:
         self._changed: set[tuple[str, str]] = set()  # destinations whose row may differ from the one last written
         self._overlook_round: Iterator[tuple[str, str]] = iter(())  # the safety net's round over the destinations
         self._loop_task: asyncio.Task | None = None
+        self._event_loop: asyncio.AbstractEventLoop | None = None  # the one start() ran on (None: not started)
         self._stopping = False
         first, cap = backoff
         logger = logging.getLogger("mailflow.qmgr")  # (`log` here is the mail log)
@@ -232,7 +233,8 @@ class QueueManager:
             log.info("qmgr: %d messages were active when the server stopped; they are due again", recovered)
         self._generation, self._flushes = await self._store.operator_counters()
         self._next_maintenance = self._clock.time() + MAINTENANCE_INTERVAL
-        self._loop_task = asyncio.create_task(self._run(), name="qmgr")
+        self._event_loop = asyncio.get_running_loop()
+        self._loop_task = self._event_loop.create_task(self._run(), name="qmgr")
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop taking new work, let deliveries in flight finish within `grace` and cancel the rest; results
@@ -317,7 +319,7 @@ class QueueManager:
             return
         content, kept = None, 0
         if msg.content.in_memory and self._handed_bytes + msg.content.size <= HANDOFF_CONTENT_BUDGET:
-            content = asyncio.get_running_loop().create_future()
+            content = (self._event_loop or asyncio.get_running_loop()).create_future()
             content.set_result(msg.content)
             kept = msg.content.size
             self._handed_bytes += kept
@@ -794,7 +796,7 @@ class QueueManager:
             self._job_done(job, _suspended(dest, job.recipients))
 
     def _spawn(self, coro) -> asyncio.Task:
-        task = asyncio.create_task(coro)
+        task = (self._event_loop or asyncio.get_running_loop()).create_task(coro)  # (one task or more a message)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
