@@ -119,6 +119,8 @@ LOOKUP_BATCH = MX_ADDRESS_LIMIT
 # A message bigger than this may have a header section whose generic mapping (read and parsed: ~3 ms per 20 KB of
 # addresses) is too long for the event loop: it is done in a worker thread, as for a spooled message.
 GENERIC_ON_LOOP_SIZE = 16 * 1024
+# Next hops kept parsed (the transport's; the whole set is dropped when it is full).
+NEXTHOP_CACHE = 1024
 Candidate = tuple[MX, list[str] | None]  # an MX host and its addresses, None: not looked up yet
 
 
@@ -174,6 +176,7 @@ class SmtpTransport:
             reply_filter=ReplyFilter(self._tables.open(config.reply_filter)) if config.reply_filter else None)
         self._cache = SessionCache(config.connection_cache_time_limit, config.connection_reuse_count_limit,
                                    config.connection_reuse_time_limit, clock=clock)
+        self._nexthops: dict[str, Nexthop] = {}  # next hops as written -> parsed (usable ones; NEXTHOP_CACHE at most)
 
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
         outcomes, sendable = screen_envelope(request)
@@ -290,9 +293,20 @@ class SmtpTransport:
         for r in recipients:
             log.info("%s: %s", request.queue_id, taken.results[r].text)
 
+    def _nexthop(self, written: str) -> Nexthop:
+        """parse_nexthop's answer for a next hop as written, parsed once (the port default is this transport's
+        own); raises ValueError for an unusable one, each time."""
+        nexthop = self._nexthops.get(written)
+        if nexthop is None:
+            nexthop = parse_nexthop(written, self._config.port)
+            if len(self._nexthops) >= NEXTHOP_CACHE:
+                self._nexthops.clear()
+            self._nexthops[written] = nexthop
+        return nexthop
+
     async def _destination(self, written: str) -> Destination:
         """Raises ValueError (no usable next hop) or LocalProblem (the TLS policy cannot be had)."""
-        nexthop = parse_nexthop(written, self._config.port)
+        nexthop = self._nexthop(written)
         policy = await self._table_policy(written, nexthop)
         if policy is not None:
             return Destination(nexthop, written, policy)
