@@ -3,6 +3,7 @@
 Stages hand each other these values (and bytes), never their own objects. Nothing here does I/O. Message
 content travels as a `mailflow.content.Content`: in memory when small, else a spool or queue file read as a
 stream, so a value never holds a big message whole.
+`replaced(value, **changes)`: dataclasses.replace for these values, in a few calls rather than one per field.
 """
 from __future__ import annotations
 
@@ -10,11 +11,21 @@ import dataclasses
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from mailflow.content import Content
 
 QueueId = str
+Value = TypeVar("Value")
+
+
+def replaced(value: Value, **changes: Any) -> Value:
+    """`value` with `changes`, as dataclasses.replace makes it (its class's __init__ runs with every field; a name
+    that is no field raises TypeError) for the frozen dataclasses here, whose attributes are their fields, all
+    __init__ arguments: ~4 calls where dataclasses.replace makes one a field (on the path of every message)."""
+    fields = value.__dict__.copy()
+    fields.update(changes)
+    return type(value)(**fields)
 
 
 class AddressClass(enum.Enum):

@@ -90,7 +90,7 @@ from mailflow.header_addresses import rewrite_address_fields
 from mailflow.address import shown_original
 from mailflow.logs import MailLog
 from mailflow.message import comment_sanitized, header_names, header_value, read_header, rfc5322_date, without_fields
-from mailflow.model import ClientInfo, QueueId, Recipient, Submission
+from mailflow.model import ClientInfo, QueueId, Recipient, Submission, replaced
 from mailflow.routing.addressmap import BCC_NOTIFY, NO_MILTER_EDITS, AddressMapper, MilterEdits
 from mailflow.signing.outbound import OutboundSigning
 from mailflow.store import NewMessage, RequeuedMessage, RequeueGone, Store
@@ -259,7 +259,7 @@ class Cleanup:
         has said 250, and qmgr's routing of the message is not between the commit and the 250."""
         direct = self._reserve_place(msg)
         if direct is not None:
-            msg = dataclasses.replace(msg, queue="active")
+            msg = replaced(msg, queue="active")
         try:
             await self._store.insert(msg)
         except asyncio.CancelledError:  # the session went (its client hung up): the write may still commit

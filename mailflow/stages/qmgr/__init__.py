@@ -128,7 +128,7 @@ from mailflow.faults import FIRST_DELAY, MAX_DELAY, Guard, Retrier
 from mailflow.logs import MailLog
 from mailflow.message import header_value
 from mailflow.model import (Delivered, DeliveryReport, DeliveryRequest, MsgStats, NewMessage, Outcome,
-                            QueuedMessage, RcptResult, Recipient, Resolution)
+                            QueuedMessage, RcptResult, Recipient, Resolution, replaced)
 from mailflow.stages.bounce import EXPIRED, wants_notice
 from mailflow.stages.qmgr.backoff import next_attempt
 from mailflow.stages.qmgr.destination import Destination, Job
@@ -1080,7 +1080,7 @@ def _complete(job: Job, report: DeliveryReport, stats: MsgStats | None) -> list[
     agent had the job, they keep none); one the agent did not mention stays queued (4.3.0)."""
     mine = {r.index: r for r in job.recipients}
     t = job.transport
-    results = [dataclasses.replace(r, transport=t, stats=r.stats if stats is None else stats) for r in report.results
+    results = [replaced(r, transport=t, stats=r.stats if stats is None else stats) for r in report.results
                if mine.get(r.recipient.index) == r.recipient]
     told = {r.recipient.index for r in results}
     results += [RcptResult(r, Outcome.DEFERRED, "4.3.0", "delivery agent reported no result", transport=t,

@@ -56,10 +56,10 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from mailflow.errors import DeliveryError, PermanentError, TemporaryError
-from mailflow.model import ConnStats, DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
+from mailflow.model import ConnStats, DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient, replaced
 from mailflow.transports.smtp.addr import Peer
 from mailflow.transports.smtp.reply import MalformedReply, Reply, ReplyFilterError
 
@@ -163,7 +163,7 @@ class Outcomes:
     def stamp(self, recipients: Iterable[Recipient], conn: ConnStats) -> None:
         for r in recipients:
             if r in self.results:
-                self.results[r] = replace(self.results[r], conn=conn)
+                self.results[r] = replaced(self.results[r], conn=conn)
 
     def site_failed(self, reason: str) -> "Outcomes":
         self.site_ok, self.site_reason = False, reason
