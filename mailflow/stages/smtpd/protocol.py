@@ -950,7 +950,8 @@ _VERB = re.compile(rb"[ \t\v\f]*([^ \t\v\f]*)[ \t\v\f]*")
 
 def _verb_and_argument(line: bytes) -> tuple[bytes, bytes]:
     """The command line's verb and what follows it (see _VERB)."""
-    match = cast(re.Match, _VERB.match(line))  # every line matches: each part may be empty
+    match = _VERB.match(line)  # every line matches: each part may be empty
+    assert match is not None  # (not typing.cast: a call of its own, five a message)
     return match.group(1), line[match.end():]
 
 
