@@ -915,10 +915,11 @@ class QueueManager:
     async def _finish(self, active: ActiveMessage, last: list[RcptResult]) -> None:
         """The end of the attempt; `last`: the results of the job that ended it, not recorded yet."""
         msg = active.message
+        missing = _content_missing(active)  # (a settled future: the answer stays)
         try:
-            if active.withdrawn == "deleted" or (_content_missing(active) and await self._queue_state(msg) is None):
+            if active.withdrawn == "deleted" or (missing and await self._queue_state(msg) is None):
                 return  # deleted by an operator: nothing to record; the queue tool logged postsuper's `removed`
-            if _content_missing(active):
+            if missing:
                 await self._writes.run(lambda: self._store.mark_corrupt([msg.queue_id]))
                 self._log.corrupt(msg.queue_id, "content missing")
             else:
