@@ -167,6 +167,8 @@ def _without_needless_quotes(local: str) -> str:
 def _find_unquoted(text: str, char: str, start: int) -> int:
     """The index of the first `char` at or after `start` outside a quoted string (whose quoted pairs are
     skipped too), or -1."""
+    if text.find('"', start) < 0:  # nothing quoted (the usual path): the first one is the answer
+        return text.find(char, start)
     quoted = False
     i = start
     while i < len(text):
