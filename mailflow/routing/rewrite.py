@@ -65,9 +65,10 @@ checked: relaying is smtpd's decision. `await tables.run(...)` is how an event-l
 mailflow.tables: a blocking table is asked from a worker thread).
 Failures: a table that cannot answer raises `LookupRetry` (smtpd says 451 4.3.0, qmgr defers), never
 "not found".
-A message's recipient is resolved three times (smtpd's RCPT checks, qmgr): the class's answer, a function of
-the (frozen) configuration only, is remembered per address (CLASS_CACHE_SIZE at most, then forgotten whole);
-transport_maps and recipient tables, which a reload may change, are asked every time.
+A message's recipient is resolved three times (smtpd's RCPT checks, qmgr): the class's answer and the resolved
+address (`resolved_address`), functions of the (frozen) configuration only, are remembered per address
+(CLASS_CACHE_SIZE each at most, then forgotten whole; Postfix's smtpd keeps a resolve cache too); transport_maps
+and recipient tables, which a reload may change, are asked every time.
 """
 from __future__ import annotations
 
@@ -209,6 +210,7 @@ class Rewriter:
         self._virtual_gid_maps = tables.open(config.virtual_gid_maps)
         self._own_addresses = own_addresses(config)
         self._class_answers: dict[str, Resolution] = {}  # qualified address -> _class_default's answer
+        self._resolved: dict[str, str] = {}  # address -> resolved_address's answer
         self.tables = tables
 
     @property
@@ -268,6 +270,14 @@ class Rewriter:
         """The address qualified, then, while its domain is local, that domain dropped when the local part holds
         a routing operator (see the module doc). An address that is not `local@domain` comes back qualified
         only."""
+        resolved = self._resolved.get(addr)
+        if resolved is None:
+            if len(self._resolved) >= CLASS_CACHE_SIZE:
+                self._resolved.clear()
+            resolved = self._resolved[addr] = self._resolve_address(addr)
+        return resolved
+
+    def _resolve_address(self, addr: str) -> str:
         current = self.qualify(addr)
         for _ in range(len(current)):
             local, at, domain = current.rpartition("@")
