@@ -195,6 +195,9 @@ class AddressMapper:
         for rcpt in rcpts:
             canonical = self.recipient(rcpt.address)
             finals = self.expand(canonical)
+            if len(finals) == 1 and len(rcpts) == 1 and not auto and not bcc:  # alone: no duplicate, nothing after it
+                out.append(Recipient(len(out), finals[0], rcpt.original, rcpt.notify, rcpt.orcpt))
+                continue
             rcpt_key = _duplicate_key(rcpt, expanded=len(finals) > 1)  # (once per recipient, not per address)
             for final in finals:
                 key = (final.lower(), *rcpt_key)
