@@ -32,3 +32,14 @@ def test_replaced_refuses_a_name_that_is_no_field():
         replaced(_result(), no_such_field=1)
     with pytest.raises(dataclasses.FrozenInstanceError):
         replaced(_result()).dsn = "5.0.0"  # type: ignore[misc]
+
+
+def test_the_values_replaced_is_used_with_keep_the_shape_it_relies_on():
+    """replaced() copies the instance's __dict__ into __init__: each class it serves must keep every field an
+    __init__ argument and nothing else in its __dict__ (no slots, no cached_property, no init=False field)."""
+    result = _result()
+    message = NewMessage("QID1", "s@example.com", 1.0, Content.of(b"x"), (result.recipient,))
+    for value in (result, message):
+        fields = dataclasses.fields(value)
+        assert all(f.init for f in fields), type(value)
+        assert set(vars(value)) == {f.name for f in fields}, type(value)

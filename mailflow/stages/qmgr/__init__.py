@@ -915,8 +915,8 @@ class QueueManager:
     async def _finish(self, active: ActiveMessage, last: list[RcptResult]) -> None:
         """The end of the attempt; `last`: the results of the job that ended it, not recorded yet."""
         msg = active.message
-        missing = _content_missing(active)  # (a settled future: the answer stays)
         try:
+            missing = _content_missing(active)  # (a settled future: the answer stays)
             if active.withdrawn == "deleted" or (missing and await self._queue_state(msg) is None):
                 return  # deleted by an operator: nothing to record; the queue tool logged postsuper's `removed`
             if missing:
