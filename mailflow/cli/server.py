@@ -137,6 +137,19 @@ def check_config(config: Optional[str] = ConfigOption) -> None:
     typer.echo(f"{where}: ok (queue {cfg.queue_directory})")
     for host, port, role in listener_summary(cfg):
         typer.echo(f"  listener {host}:{port} ({role})")
+    for warning in routing_warnings(cfg):
+        typer.echo(f"{where}: warning: {warning}", err=True)
+
+
+def routing_warnings(cfg: Config) -> list[str]:
+    """Settings that load but that the routing never reaches as their writer likely meant: an [smtp.services.relay]
+    while relay_transport (mailflow's default `smtp`, Postfix's `relay`) sends relay-domain mail elsewhere."""
+    relay_transport = cfg.relay_transport.partition(":")[0]
+    if "relay" not in cfg.smtp.services or relay_transport == "relay":
+        return []
+    return [f"smtp.services.relay: relay_transport is {cfg.relay_transport!r}, so relay-domain mail does not use "
+            "these settings (only what transport_maps or another setting routes to `relay` does); set "
+            "relay_transport = \"relay\" (Postfix's default) for it to"]
 
 
 def listener_summary(cfg: Config) -> list[tuple[str, int, str]]:

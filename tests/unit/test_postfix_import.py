@@ -832,3 +832,29 @@ def test_a_certificate_or_key_file_that_is_not_there_is_left_out_naming_it(tmp_p
     main_cf = f"smtpd_tls_cert_file = {pki.server_cert}\nsmtpd_tls_key_file = {pki.server_cert}\n"
     code, err = run_import(write(tmp_path, "main.cf", main_cf), None, tmp_path / "mailflow.toml")
     assert code == 0, err
+
+
+@pytest.mark.parametrize("master_cf", [
+    "relay unix - - n - - smtp -o syslog_name=postfix/$service_name -o smtp_tls_security_level=encrypt\n",
+    "relay unix - - n - 4 smtp\n",
+])
+def test_a_relay_service_of_its_own_gets_relay_domain_mail_as_in_postfix(tmp_path, master_cf):
+    """Postfix's relay_transport defaults to `relay` (mailflow's to `smtp`): master.cf's `relay` with an -o (an
+    [smtp.services.relay]) or a maxproc used to be dead configuration, relay-domain mail going over [smtp]."""
+    main = write(tmp_path, "main.cf", "myhostname = mx.example.com\nrelay_domains = example.net\n")
+    code, err = run_import(main, write(tmp_path, "master.cf", master_cf), tmp_path / "mailflow.toml")
+    doc = checked(tmp_path / "mailflow.toml")
+    assert code == 0, err
+    assert doc["relay_transport"] == "relay"
+    assert "(no relay_transport in main.cf) Postfix's default: relay" in (tmp_path / "mailflow.toml").read_text()
+    result = CliRunner().invoke(cli, ["address", "-c", str(tmp_path / "mailflow.toml"), "u@example.net"])
+    assert re.search(r"transport:\s+relay\b", result.output), result.output
+
+
+def test_main_cf_s_own_relay_transport_is_kept_whatever_master_cf_s_relay(tmp_path):
+    main = write(tmp_path, "main.cf", "myhostname = mx.example.com\nrelay_domains = example.net\n"
+                                      "relay_transport = smtp\n")
+    master = write(tmp_path, "master.cf", "relay unix - - n - - smtp -o smtp_tls_security_level=encrypt\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    assert code == 0, err
+    assert checked(tmp_path / "mailflow.toml")["relay_transport"] == "smtp"
