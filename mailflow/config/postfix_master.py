@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from mailflow.config import postfix_names as names
-from mailflow.config.base import TRANSPORT_NAME
+from mailflow.config.base import BUILTIN_TRANSPORTS, TRANSPORT_NAME
 from mailflow.config.delivery import REPLACEABLE
 from mailflow.config.postfix_cf import (ImportState, Refused, Service, Unexpanded, convert, from_queue_directory,
                                         dovecot_sasl_path, time_in_seconds)
@@ -125,6 +125,7 @@ def _second_client(importer: ImportState, service: Service) -> None:
     if not TRANSPORT_NAME.fullmatch(service.name):
         raise Refused(f"{service.name!r} is not a transport name mailflow takes (letters, digits, '_', '-'); a "
                       f"setting naming it is left out too")
+    _refuse_a_built_in_name(service)
     settings: dict[str, object] = {}
     sources: dict[str, str] = {}
     options = _options(service)
@@ -342,7 +343,17 @@ def _postfix_value(importer: ImportState, preset: str, overrides: dict[str, obje
     return {"tls_security_level": "none", "sasl_auth_enable": False}[preset]
 
 
+def _refuse_a_built_in_name(service: Service) -> None:
+    """Refused when the service takes the name of one of mailflow's built-in transports it cannot replace
+    (`virtual … smtp`, `relay … lmtp`, `relay … pipe`): only `relay … smtp` replaces one (REPLACEABLE)."""
+    if service.name in BUILTIN_TRANSPORTS and service.name not in REPLACEABLE.get(service.command, ()):
+        raise Refused(f"a {service.command} service named {service.name}: {service.name} is one of mailflow's "
+                      f"built-in transports, which a {service.command} service cannot replace (a setting naming "
+                      f"{service.name} reaches the built-in one)")
+
+
 def _pipe_service(importer: ImportState, service: Service) -> None:
+    _refuse_a_built_in_name(service)
     args = list(service.args)
     pipe: dict[str, object] = {}
     argv: list[str] = []

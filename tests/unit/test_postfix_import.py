@@ -858,3 +858,23 @@ def test_main_cf_s_own_relay_transport_is_kept_whatever_master_cf_s_relay(tmp_pa
     code, err = run_import(main, master, tmp_path / "mailflow.toml")
     assert code == 0, err
     assert checked(tmp_path / "mailflow.toml")["relay_transport"] == "smtp"
+
+
+@pytest.mark.parametrize("master_cf", [
+    "relay unix - - n - - lmtp -o lmtp_connect_timeout=5\n",
+    "relay unix - - n - - lmtp\n",
+    "virtual unix - - n - - smtp -o smtp_helo_name=v.example\n",
+    "lmtp unix - - n - - smtp\n",
+    "relay unix - n n - 2 pipe user=nobody argv=/bin/true\n",
+    "local unix - n n - - pipe user=nobody argv=/bin/true\n",
+])
+def test_a_service_under_a_built_in_transport_s_name_it_cannot_replace_is_left_out_not_a_crash(tmp_path, master_cf):
+    """Only `relay … smtp` replaces a built-in transport; another client or a pipe under a built-in's name used to
+    write an [lmtp.services.relay] / [smtp.services.virtual] / [pipe.relay] mailflow refuses: exit 70."""
+    main = write(tmp_path, "main.cf", "myhostname = mx.example.com\n")
+    code, err = run_import(main, write(tmp_path, "master.cf", master_cf), tmp_path / "mailflow.toml")
+    assert code == 1, err
+    name = master_cf.split()[0]
+    assert f"  master.cf:1: master.cf {name}: a " in err and "one of mailflow's built-in transports" in err, err
+    doc = checked(tmp_path / "mailflow.toml")
+    assert name not in doc.get("pipe", {}) and "services" not in doc.get("smtp", {}) | doc.get("lmtp", {})
