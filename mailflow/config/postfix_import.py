@@ -422,12 +422,16 @@ class Importer:
         why = f"mailflow refuses it: {reason}"
         listener = _LISTENER_REFUSAL.match(reason)
         client = _client_refusal(parts, reason, self.out.clients)
+        orphan = self._orphan_entry(reason)
         if client is not None:
-            self._drop_in_client(*client, why)
+            self._drop_in_client(*client, why, (key, reason))
         elif parts[0] == "pipe" and len(parts) > 1 and parts[1] in self.out.pipes:
             origin = str(self.out.pipes[parts[1]].pop("origin", ""))
             del self.out.pipes[parts[1]]
             self.out.leave_out(origin, f"pipe service {parts[1]}", "", why)
+            self._check_transports()
+        elif orphan is not None:
+            self.out.drop_entry(*orphan, why)
         elif parts[:2] == ["smtpd", "listeners"] and len(parts) > 2 and parts[2].isdigit():
             self._drop_listener(int(parts[2]), why)
         elif parts == ["smtpd"] and listener and int(listener.group(1)) < len(self.out.listeners):
@@ -445,17 +449,40 @@ class Importer:
             else:
                 self._drop_setting(setting, why)
 
-    def _drop_in_client(self, name: str, key: str, why: str) -> None:
-        """Leave out the -o of a client service that mailflow refuses (the whole service when it is no one -o's)."""
+    def _orphan_entry(self, reason: str) -> tuple[str, str] | None:
+        """(setting, transport) of a per-transport table entry mailflow refuses as naming no transport."""
+        found = _ENTRY_REFUSAL.search(reason)
+        table = self.out.settings.get(found.group(1)) if found else None
+        if found and isinstance(table, dict) and found.group(2) in table:
+            return found.group(1), found.group(2)
+        return None
+
+    def _drop_in_client(self, name: str, key: str, why: str, refusal: tuple[str, str]) -> None:
+        """Leave out the -o of a client service that mailflow refuses: the one the refusal names, else the one whose
+        removal ends it (a check across the merged settings: `-o smtp_tls_cert_file=` under main.cf's key); the
+        whole service only when it is no one -o's, and then the settings and table entries naming it too."""
         service = self.out.clients[name]
         sources = service["sources"]
         assert isinstance(sources, dict)
+        if key not in sources:
+            key = self._culprit_option(service, list(sources), refusal) or key
         if key in sources:
             del service[key]
             self.out.leave_out(str(service["origin"]), f"master.cf {name} {sources.pop(key)}", "", why)
             return
         del self.out.clients[name]
         self.out.leave_out(str(service["origin"]), f"master.cf {name}", "", why)
+        self._check_transports()
+
+    def _culprit_option(self, service: dict[str, object], keys: list[str], refusal: tuple[str, str]) -> str | None:
+        """The key of a client service's -o whose removal ends `refusal`, None when none does alone."""
+        for candidate in keys:
+            value = service.pop(candidate)
+            ended = self._refusal() != refusal
+            service[candidate] = value
+            if ended:
+                return candidate
+        return None
 
     def _culprit_entry(self, setting: str, refusal: tuple[str, str]) -> str | None:
         """The entry of a per-transport table whose removal ends `refusal` (the others stay)."""
@@ -533,6 +560,7 @@ class Importer:
                            .partition(" = ")[2], why)
 
 
+_ENTRY_REFUSAL = re.compile(r"(queue\.transport_[a-z_]+): '([^']+)' is not a transport")  # an orphaned entry
 _MERGED_REFUSAL = re.compile(r"services\.([^.:]+)\.([a-z0-9_]+): ")  # SmtpConfig's check of a service's merge
 
 

@@ -878,3 +878,34 @@ def test_a_service_under_a_built_in_transport_s_name_it_cannot_replace_is_left_o
     assert f"  master.cf:1: master.cf {name}: a " in err and "one of mailflow's built-in transports" in err, err
     doc = checked(tmp_path / "mailflow.toml")
     assert name not in doc.get("pipe", {}) and "services" not in doc.get("smtp", {}) | doc.get("lmtp", {})
+
+
+@pytest.mark.parametrize("maxproc", ["-", "10"])
+def test_a_client_service_refused_across_settings_loses_only_the_offending_option(tmp_path, maxproc):
+    """`-o smtp_tls_cert_file=` under main.cf's certificate and key: mailflow refuses the merged settings at
+    tls_key_file, which no -o set; the whole service used to go (its valid helo_name too) while content_filter still
+    named it (all mail deferred), and with a maxproc the import crashed (exit 70)."""
+    pki = ClientPki(tmp_path)
+    main = write(tmp_path, "main.cf", f"myhostname = mx.example.com\nsmtp_tls_cert_file = {pki.server_cert}\n"
+                                      f"smtp_tls_key_file = {pki.server_cert}\ncontent_filter = scan:[127.0.0.1]:10025\n")
+    master = write(tmp_path, "master.cf", f"scan unix - - n - {maxproc} smtp -o smtp_tls_cert_file= "
+                                          "-o smtp_helo_name=scan.example\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    doc = checked(tmp_path / "mailflow.toml")
+    assert code == 1, err
+    assert doc["smtp"]["services"] == {"scan": {"helo_name": "scan.example"}}
+    assert doc["smtpd"]["content_filter"] == "scan:[127.0.0.1]:10025"
+    [left_out] = err.splitlines()[1:]
+    assert left_out.startswith("  master.cf:1: master.cf scan -o smtp_tls_cert_file=: mailflow refuses it: ")
+    assert "tls_key_file: needs tls_cert_file" in left_out
+
+
+def test_a_pipe_left_out_takes_its_maxproc_entry_with_it(tmp_path):
+    """A refused pipe's queue.transport_concurrency_limit entry named a transport no more: the import crashed."""
+    main = write(tmp_path, "main.cf", "myhostname = mx.example.com\n")
+    master = write(tmp_path, "master.cf", "x unix - n n - 2 pipe user=root argv=/bin/true\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    doc = checked(tmp_path / "mailflow.toml")
+    assert code == 1, err
+    assert "pipe" not in doc and "transport_concurrency_limit" not in doc.get("queue", {})
+    assert "master.cf x maxproc" in err and "x is not a transport mailflow has" in err, err
