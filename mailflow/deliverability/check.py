@@ -3,9 +3,10 @@
     Finding(point, verdict, text, advice)   verdict "pass", "warn" or "fail"; advice: what to change ('' for a pass)
     await check(config, domain, resolver, fetcher) -> [Finding]   in this order:
       mx        the domain's MX hosts each resolve (no MX: warn, mail goes to the domain's own address)
-      helo      smtp.helo_name (else myhostname) resolves to each outbound address
+      helo      smtp.helo_name (else myhostname) resolves to each outbound address; then each [smtp.services.NAME]
+                whose HELO name or bind addresses differ, its own
       ptr       each outbound address has a PTR naming a host that resolves back to it (forward-confirmed), and
-                that name is the HELO name (another name: warn)
+                that name is its client's HELO name (another name: warn); per client as helo
       spf       the domain's one SPF record passes each outbound address (mailflow.filters.spf_query)
       dkim      each key of the domain in dkim.key_table is published, with the same public key (none: warn)
       dmarc     a DMARC record with a policy, and an aligned way to pass it: a DKIM key of the domain (or, with
@@ -25,7 +26,7 @@ import base64
 from dataclasses import dataclass
 
 from mailflow.config import Config
-from mailflow.deliverability.records import domain_keys, public_addresses
+from mailflow.deliverability.records import OutboundClient, domain_keys, outbound_clients, public_addresses
 from mailflow.filters.spf_query import check_host
 from mailflow.dns import NotFound, Resolver
 from mailflow.errors import DeliveryError, LookupRetry
@@ -70,7 +71,7 @@ async def _mx(ask: _Lookup, domain: str) -> tuple[Finding, list[str]]:
     return Finding("mx", "pass", f"MX hosts {', '.join(hosts)} resolve"), hosts
 
 
-async def _helo(ask: _Lookup, helo: str, addresses: list[str]) -> Finding:
+async def _helo(ask: _Lookup, helo: str, addresses: list[str], where: str = "smtp") -> Finding:
     if not addresses:
         return Finding("helo", "warn", "no outbound address known", "set deliverability.outbound_addresses")
     found = await ask("addresses", helo)
@@ -78,11 +79,11 @@ async def _helo(ask: _Lookup, helo: str, addresses: list[str]) -> Finding:
     if missing:
         return Finding("helo", "fail", f"HELO name {helo} resolves to {', '.join(found) or 'nothing'}, not "
                                        f"{', '.join(missing)}", f"publish an A/AAAA record of {helo} for "
-                                                                f"{', '.join(missing)} (or set smtp.helo_name)")
+                                                                f"{', '.join(missing)} (or set {where}.helo_name)")
     return Finding("helo", "pass", f"HELO name {helo} resolves to {', '.join(addresses)}")
 
 
-async def _ptr(ask: _Lookup, helo: str, addresses: list[str]) -> list[Finding]:
+async def _ptr(ask: _Lookup, helo: str, addresses: list[str], where: str = "smtp") -> list[Finding]:
     out = []
     for address in addresses:
         names = await ask("ptr", address)
@@ -97,7 +98,7 @@ async def _ptr(ask: _Lookup, helo: str, addresses: list[str]) -> list[Finding]:
                                                              f"{names[0]} an address record for {address}"))
         elif helo.lower() not in confirmed:
             out.append(Finding("ptr", "warn", f"PTR of {address} is {confirmed[0]} (forward-confirmed), not the HELO "
-                                              f"name {helo}", f"set smtp.helo_name to {confirmed[0]} or the PTR "
+                                              f"name {helo}", f"set {where}.helo_name to {confirmed[0]} or the PTR "
                                                               f"to {helo}"))
         else:
             out.append(Finding("ptr", "pass", f"PTR of {address} is {helo}, forward-confirmed"))
@@ -207,10 +208,16 @@ async def _tls_rpt(ask: _Lookup, domain: str) -> Finding:
                    f'publish `_smtp._tls.{domain}. IN TXT "v=TLSRPTv1; rua=mailto:postmaster@{domain}"`')
 
 
+def _helo_pairs(config: Config) -> list[OutboundClient]:
+    """The (HELO name, addresses) each SMTP client shows receivers: [smtp]'s, then each service's that differs
+    (another HELO name or bind address); a service like [smtp] adds nothing to check."""
+    first, *services = outbound_clients(config)
+    return [first] + [c for c in services if (c.helo, c.addresses) != (first.helo, first.addresses)]
+
+
 async def check(config: Config, domain: str, resolver: Resolver, fetcher) -> list[Finding]:
     domain = domain.lower().rstrip(".")
     ask = _Lookup(resolver)
-    helo = config.smtp.helo_name or config.myhostname
     addresses = public_addresses(config)
     findings: list[Finding] = []
 
@@ -223,9 +230,10 @@ async def check(config: Config, domain: str, resolver: Resolver, fetcher) -> lis
     mx = await point("mx", _mx(ask, domain))
     mx_finding, mx_hosts = mx if isinstance(mx, tuple) else (mx, [])
     findings.append(mx_finding)
-    findings.append(await point("helo", _helo(ask, helo, addresses)))
-    ptr = await point("ptr", _ptr(ask, helo, addresses))
-    findings += ptr if isinstance(ptr, list) else [ptr]
+    for client in _helo_pairs(config):
+        findings.append(await point("helo", _helo(ask, client.helo, client.addresses, client.where)))
+        ptr = await point("ptr", _ptr(ask, client.helo, client.addresses, client.where))
+        findings += ptr if isinstance(ptr, list) else [ptr]
     spf_findings, spf_passes = await _spf(ask, domain, addresses, config.sender_auth.timeout)
     findings += spf_findings
     dkim = await point("dkim", _dkim(ask, config, domain))

@@ -11,7 +11,7 @@ from mailflow.app import build_resolver
 from mailflow.cli import app as cli
 from mailflow.cli.deliverability import run_check
 from mailflow.config import load_config
-from mailflow.transports.smtp.mtasts import HttpsPolicyFetcher
+from mailflow.transports.smtp.mtasts import FetchError, HttpsPolicyFetcher
 from tests.support.deliverability import PolicyServer, dkim_settings, make_key, start_zone
 from tests.support import to_toml
 
@@ -113,3 +113,43 @@ def test_a_broken_zone_lists_each_fault(tmp_path, ca):
                  "mail._domainkey.bad.test publishes another key", "_dmarc.bad.test: no DMARC records",
                  "MTA-STS policy of bad.test (id 1) not usable"):
         assert told in result.output, result.output
+
+
+class NoPolicy:
+    """An MTA-STS fetcher that fetches nothing (the zone's addresses are not loopback: nothing is dialled)."""
+
+    async def fetch(self, domain: str) -> str:
+        raise FetchError("not fetched in this test")
+
+
+async def test_a_service_s_own_bind_address_and_helo_name_are_published_and_checked(tmp_path, ca):
+    """A second outbound IP and HELO name ([smtp.services.ip2] bind_address, helo_name) were left out of SPF, the
+    PTR lines and the HELO/PTR checks: ip2's mail failed SPF with records published as told."""
+    def settings(nameserver: str) -> str:
+        path = tmp_path / "mailflow.toml"
+        path.write_text(to_toml({
+            "myhostname": "mx.good.test", "mydestination": ["good.test"], "queue_directory": str(tmp_path / "queue"),
+            "smtpd": {"listen": ["127.0.0.1:0"]}, "dns": {"nameservers": [nameserver], "timeout": "2s", "tries": 1},
+            "smtp": {"bind_address": "8.8.8.8", "services": {"ip2": {"bind_address": "9.9.9.9",
+                                                                      "helo_name": "mx2.good.test"}}}}))
+        return str(path)
+
+    lines = records_of(settings("127.0.0.1:9"), "good.test")
+    assert 'good.test. IN TXT "v=spf1 ip4:8.8.8.8 ip4:9.9.9.9 -all"' in lines
+    assert "8.8.8.8.in-addr.arpa. IN PTR mx.good.test." in lines
+    assert "9.9.9.9.in-addr.arpa. IN PTR mx2.good.test." in lines and "mx2.good.test. IN A 9.9.9.9" in lines
+    nameserver, stop = start_zone(zone_text(lines), ad=False)
+    try:
+        config = load_config(settings(nameserver))
+        resolver = build_resolver(config.dns)
+        findings = await run_check(config, "good.test", resolver=resolver, fetcher=NoPolicy())
+        await resolver.close()
+    finally:
+        stop()
+    checked = [(f.point, f.verdict, f.text) for f in findings if f.point in ("helo", "ptr", "spf")]
+    assert checked == [
+        ("helo", "pass", "HELO name mx.good.test resolves to 8.8.8.8"),
+        ("ptr", "pass", "PTR of 8.8.8.8 is mx.good.test, forward-confirmed"),
+        ("helo", "pass", "HELO name mx2.good.test resolves to 9.9.9.9"),
+        ("ptr", "pass", "PTR of 9.9.9.9 is mx2.good.test, forward-confirmed"),
+        ("spf", "pass", checked[4][2]), ("spf", "pass", checked[5][2])], findings
