@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 
+import trustme
 from aiosmtpd.lmtp import LMTP
+from aiosmtpd.smtp import AuthResult
 
 from mailflow.config import config_from_dict
 from tests.support import CaptureHandler, eventually, queue_becomes, send, stall_mail
@@ -139,6 +142,62 @@ async def test_an_lmtp_service_delivers_with_its_own_port(mailflow_server):
         await send(mf.smtp_addresses[0][1], "s@remote.test", ["u@box.test"], MESSAGE)
         await queue_becomes(mf.store, {})
         assert [m.rcpt_tos for m in handler.messages] == [["u@box.test"]]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_service_rewrites_checks_authenticates_and_encrypts_by_its_own_settings(mailflow_server, smtp_peer,
+                                                                                          tmp_path):
+    """master.cf's `-o smtp_tls_security_level=none -o smtp_generic_maps=… -o smtp_header_checks=…` and another's
+    `-o smtp_sasl_password_maps=…` apply to their service only: to one peer offering STARTTLS and AUTH, `plain` sends
+    no STARTTLS and the mapped sender and edited Subject; `authed` logs in; [smtp] does neither and uses TLS (a
+    service reading [smtp]'s values, or [smtp] a service's, fails here)."""
+    logins: list[bytes] = []
+
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        logins.append(auth_data.login)
+        return AuthResult(success=True)
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("127.0.0.1").configure_cert(context)
+    peer = await smtp_peer(tls_context=context, authenticator=authenticator)
+    (tmp_path / "generic").write_text("s@remote.test mapped@out.test\n")
+    (tmp_path / "checks").write_text("/^Subject: s$/ REPLACE Subject: edited\n")
+    (tmp_path / "passwords").write_text(f"[127.0.0.1]:{peer.port} relay-user:secret\n")
+    hop = f"[127.0.0.1]:{peer.port}"
+    mf = await mailflow_server(
+        relay_domains=["a.test", "b.test", "c.test"],
+        transport_maps=routes(a_test=f"smtp:{hop}", b_test=f"plain:{hop}", c_test=f"authed:{hop}"),
+        smtp={"services": {"plain": {"tls_security_level": "none", "generic_maps": [f"texthash:{tmp_path}/generic"],
+                                     "header_checks": [f"regexp:{tmp_path}/checks"]},
+                           "authed": {"sasl_password_maps": [f"texthash:{tmp_path}/passwords"]}}})
+    for domain in ("a.test", "b.test", "c.test"):
+        await send(mf.smtp_addresses[0][1], "s@remote.test", [f"u@{domain}"], MESSAGE)
+        await queue_becomes(mf.store, {})
+    seen = {m.rcpt_tos[0]: (m.tls, m.mail_from, b"Subject: edited" in m.content) for m in peer.messages}
+    assert seen == {"u@a.test": (True, "s@remote.test", False), "u@b.test": (False, "mapped@out.test", True),
+                    "u@c.test": (True, "s@remote.test", False)}
+    assert logins == [b"relay-user"]
+
+
+async def test_an_lmtp_service_rewrites_and_checks_by_its_own_settings(mailflow_server, tmp_path):
+    """[lmtp.services.box]'s generic_maps and header_checks apply to its mail only, not to [lmtp]'s."""
+    (tmp_path / "generic").write_text("s@remote.test mapped@out.test\n")
+    (tmp_path / "checks").write_text("/^Subject: s$/ REPLACE Subject: edited\n")
+    handler = CaptureHandler()
+    server = await asyncio.get_running_loop().create_server(lambda: LMTP(handler), "127.0.0.1", 0)
+    hop = f"[127.0.0.1]:{server.sockets[0].getsockname()[1]}"
+    try:
+        mf = await mailflow_server(
+            relay_domains=["a.test", "b.test"], transport_maps=routes(a_test=f"lmtp:{hop}", b_test=f"box:{hop}"),
+            lmtp={"services": {"box": {"generic_maps": [f"texthash:{tmp_path}/generic"],
+                                       "header_checks": [f"regexp:{tmp_path}/checks"]}}})
+        for domain in ("a.test", "b.test"):
+            await send(mf.smtp_addresses[0][1], "s@remote.test", [f"u@{domain}"], MESSAGE)
+            await queue_becomes(mf.store, {})
+        seen = {m.rcpt_tos[0]: (m.mail_from, b"Subject: edited" in m.content) for m in handler.messages}
+        assert seen == {"u@a.test": ("s@remote.test", False), "u@b.test": ("mapped@out.test", True)}
     finally:
         server.close()
         await server.wait_closed()
