@@ -78,6 +78,7 @@ async def test_a_services_concurrency_limit_is_its_own(mailflow_server, smtp_pee
         await send(port, "s@remote.test", [f"u{i}@slow.test"], MESSAGE)
         await send(port, "s@remote.test", [f"u{i}@fast.test"], MESSAGE)
     await eventually(lambda: fast_peer.handler.stalled == 3, what="three deliveries over smtp at once")
+    await eventually(lambda: slow_peer.handler.stalled >= 1, what="a delivery over slow")  # (a slow handshake)
     deadline = time.monotonic() + 0.5
     while time.monotonic() < deadline:  # (the limit holds while smtp's run: never a second one over slow)
         assert slow_peer.handler.stalled == 1
