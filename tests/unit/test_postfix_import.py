@@ -887,7 +887,8 @@ def test_a_client_service_refused_across_settings_loses_only_the_offending_optio
     named it (all mail deferred), and with a maxproc the import crashed (exit 70)."""
     pki = ClientPki(tmp_path)
     main = write(tmp_path, "main.cf", f"myhostname = mx.example.com\nsmtp_tls_cert_file = {pki.server_cert}\n"
-                                      f"smtp_tls_key_file = {pki.server_cert}\ncontent_filter = scan:[127.0.0.1]:10025\n")
+                                      f"smtp_tls_key_file = {pki.server_cert}\n"
+                                      "content_filter = scan:[127.0.0.1]:10025\n")
     master = write(tmp_path, "master.cf", f"scan unix - - n - {maxproc} smtp -o smtp_tls_cert_file= "
                                           "-o smtp_helo_name=scan.example\n")
     code, err = run_import(main, master, tmp_path / "mailflow.toml")
