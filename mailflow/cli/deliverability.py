@@ -141,9 +141,9 @@ async def _tls_texts(cfg: Config, routes: list[tuple[str, str]]) -> list[str]:
     mta_sts = build_mta_sts(cfg, resolver)
     clients: dict[str, SmtpTransport] = {}
     for name in dict.fromkeys(transport for transport, _ in routes):
-        settings, section = cfg.smtp_client_of(name) or ("smtp", cfg.smtp)
+        _, section = cfg.smtp_client_of(name) or ("smtp", cfg.smtp)
         clients[name] = SmtpTransport(section, resolver=resolver, helo_name=section.helo_name or cfg.myhostname,
-                                      mta_sts=mta_sts, settings=settings)
+                                      mta_sts=mta_sts, level_source=cfg.smtp.key_source(name, "tls_security_level"))
     texts = []
     try:
         for name, nexthop in routes:

@@ -271,6 +271,14 @@ class SmtpConfig(SmtpSettings):
         """The settings of the service `name`: these, with the keys it sets in their place."""
         return _merged(self, self.services[name])
 
+    def key_source(self, transport: str, key: str) -> str:
+        """The key the `key` value of a transport's SMTP client is set by: `smtp.services.NAME.KEY` when it is a
+        service that sets it, else `smtp.KEY` (a value the service inherits, [smtp]'s own, relay's)."""
+        service = self.services.get(transport)
+        if service is not None and key in service.model_fields_set:
+            return f"smtp.services.{transport}.{key}"
+        return f"smtp.{key}"
+
 
 class LmtpSettings(Section):
     """The LMTP client (Postfix lmtp): final delivery to a mailbox server such as Dovecot. `port` is used when the

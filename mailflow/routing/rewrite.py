@@ -469,8 +469,9 @@ class Rewriter:
                                                  else "")))
         client = c.smtp_client_of(res.transport)
         if client is not None and client[1].fallback_relay:
-            steps.append(("fallback", f"{', '.join(client[1].fallback_relay)}  ({client[0]}.fallback_relay: for the "
-                                      "recipients the next hop defers or cannot be reached for)"))
+            source = c.smtp.key_source(res.transport, "fallback_relay")
+            steps.append(("fallback", f"{', '.join(client[1].fallback_relay)}  ({source}: for the recipients the "
+                                      "next hop defers or cannot be reached for)"))
         return steps
 
     def _explain_sender(self, sender: str, klass: AddressClass) -> list[tuple[str, str]]:

@@ -82,11 +82,12 @@ def sasl_sender_keys(client, router) -> Callable[[str], list[str]] | None:
 
 
 def build_smtp_client(config, client, *, resolver, clock, router, tables: TableCache, mta_sts,
-                      settings: str = "smtp") -> SmtpTransport:
-    """One SMTP client ([smtp], or the merged settings of an [smtp.services.NAME], `settings` naming it): its own
-    connection cache, TLS contexts and tables, so that services never share a session."""
+                      level_source: str = "smtp.tls_security_level") -> SmtpTransport:
+    """One SMTP client ([smtp], or the merged settings of an [smtp.services.NAME], `level_source` naming the key its
+    TLS level is set by): its own connection cache, TLS contexts and tables, so that services never share a
+    session."""
     return SmtpTransport(client, resolver=resolver, helo_name=client.helo_name or config.myhostname, mta_sts=mta_sts,
-                         settings=settings,
+                         level_source=level_source,
                          plaintext_after=config.queue.minimal_backoff_time,
                          own_addresses=router.rewriter.own_addresses, own_ports=config.smtpd.ports,
                          relayhost=config.relayhost, now=clock.time, tables=tables,
@@ -107,7 +108,8 @@ def client_services(config, resolver, clock, router, tables: TableCache, mta_sts
     the built-in transports' but `relay`'s, which an [smtp.services.relay] replaces, and off each other's)."""
     smtp: dict[str, Transport] = {
         name: build_smtp_client(config, config.smtp.for_service(name), resolver=resolver, clock=clock, router=router,
-                                tables=tables, mta_sts=mta_sts, settings=f"smtp.services.{name}")
+                                tables=tables, mta_sts=mta_sts,
+                                level_source=config.smtp.key_source(name, "tls_security_level"))
         for name in config.smtp.services}
     lmtp: dict[str, Transport] = {
         name: build_lmtp_client(config, config.lmtp.for_service(name), clock=clock, router=router, tables=tables)

@@ -145,6 +145,25 @@ def test_mailflow_address_shows_a_client_service_s_own_tls_policy_and_fallback_r
         "reached for)"], result.output
 
 
+def test_mailflow_address_names_smtp_s_key_for_a_value_a_service_inherits(tmp_path):
+    """A service that sets only helo_name takes [smtp]'s TLS level and fallback relays: `mailflow address` names
+    smtp.tls_security_level and smtp.fallback_relay, not service keys that are not set."""
+    from typer.testing import CliRunner
+
+    from mailflow.cli import app as cli
+
+    config = tmp_path / "m.toml"
+    config.write_text('transport_maps = ["inline:{ {bulk.test=ip2:[192.0.2.1]} }"]\n'
+                      '[smtp]\ntls_security_level = "encrypt"\nfallback_relay = ["[192.0.2.9]"]\n'
+                      '[smtp.services.ip2]\nhelo_name = "mx2.example.test"\n')
+    result = CliRunner().invoke(cli, ["address", "-c", str(config), "x@bulk.test"])
+    lines = [line.strip() for line in result.output.splitlines()]
+    assert "tls:         encrypt (smtp.tls_security_level)" in lines, result.output
+    assert [line.split(":", 1)[1].strip() for line in lines if line.startswith("fallback:")] == [
+        "[192.0.2.9]  (smtp.fallback_relay: for the recipients the next hop defers or cannot be reached for)"], \
+        result.output
+
+
 def test_mailflow_address_names_the_fallback_relays_of_smtp_mail_only():
     rw = rewriter(mydestination=["local.test"], smtp={"fallback_relay": ["[192.0.2.7]:2525", "backup.test"]})
     steps = dict(rw.explain("x@remote.test"))

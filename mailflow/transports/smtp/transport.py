@@ -33,7 +33,8 @@ smtp_fallback_relay configuration problem`.
 
     SmtpTransport(config, *, resolver, helo_name, rng=None, clock=time.monotonic, tables=None, mta_sts=None,
                   plaintext_after=0.0, own_addresses=frozenset(), own_ports=frozenset(), relayhost="",
-                  now=time.time, generic=None, checks=None, sender_keys=None, soft_bounce=False, settings="smtp")
+                  now=time.time, generic=None, checks=None, sender_keys=None, soft_bounce=False,
+                  level_source="smtp.tls_security_level")
     await deliver(request) -> DeliveryReport      one result per recipient, never raises for a delivery problem
 `now`: qmgr's clock, for the time each transaction's session was set up (proto's ConnStats; the log's delays).
 `plaintext_after` (qmgr's minimal_backoff_time, as Postfix's var_min_backoff_time): at TLS level may, a failed
@@ -47,8 +48,8 @@ header section checked there too (before generic maps), the body's encoder made 
 check that cannot answer defers every recipient, 4.3.0. `sender_keys` (None: off): Postfix's
 smtp_sender_dependent_authentication, sasl_password_maps asked by the envelope sender first (these keys), and a
 cached session reused only for mail from the same sender (connect's Destination.cache_key), as Postfix keys its
-connection cache by sender then. `settings`: where `config` comes from, as the TLS policy names its level's
-source ("smtp", "smtp.services.NAME").
+connection cache by sender then. `level_source`: the key config.tls_security_level is set by, as the TLS
+policy names it ("smtp.tls_security_level", "smtp.services.NAME.tls_security_level" when the service sets it).
     await close()                                 QUITs the cached sessions; no task or timer is left behind
 
 The TLS policy of a next hop (`tls_policy`, also for `mailflow address`): a tls_policy_maps entry; else, for a domain
@@ -148,7 +149,7 @@ class SmtpTransport:
         checks: OutboundChecks | None = None,
         sender_keys: Callable[[str], list[str]] | None = None,
         soft_bounce: bool = False,
-        settings: str = "smtp",
+        level_source: str = "smtp.tls_security_level",
     ):
         self._config = config
         self._generic = generic
@@ -163,7 +164,7 @@ class SmtpTransport:
         self._rng = rng if rng is not None else random.Random()
         self._tables = tables or TableCache()
         self._policy_tables: list[Table] = self._tables.open(config.tls_policy_maps)
-        self._default_policy = default_policy(config.tls_security_level, f"{settings}.tls_security_level")
+        self._default_policy = default_policy(config.tls_security_level, level_source)
         self._mta_sts = mta_sts
         self._timeouts = Timeouts(config.connect_timeout, config.helo_timeout, config.command_timeout,
                                   config.data_timeout)
