@@ -180,12 +180,31 @@ Transport = Annotated[str, AfterValidator(check_transport)]  # transport or tran
 TransportOverride = Annotated[str, AfterValidator(lambda v: check_transport(v) if v else v)]  # "": the main one
 
 
+class NestedRefusal(ValueError):
+    """A model validator's refusal of a key below its model (`services.NAME.KEY` of a service's merged settings):
+    validation_key and validation_reason name that key and its reason, as pydantic's own refusal of it would."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"{key}: {reason}")
+        self.key, self.reason = key, reason
+
+
+def _nested(err: ErrorDetails) -> NestedRefusal | None:
+    error = err.get("ctx", {}).get("error")
+    return error if isinstance(error, NestedRefusal) else None
+
+
 def validation_key(err: ErrorDetails) -> str:
-    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+    nested = _nested(err)
+    loc = list(err["loc"]) + ([nested.key] if nested else [])
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
 
 
 def validation_reason(err: ErrorDetails) -> str:
     if err["type"] == "extra_forbidden":
         return "unknown setting"
+    nested = _nested(err)
+    if nested:
+        return nested.reason
     msg = err["msg"]
     return msg.removeprefix("Value error, ")

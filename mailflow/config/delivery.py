@@ -20,8 +20,8 @@ from typing import Annotated, Literal, TypeVar
 from pydantic import (AfterValidator, Field, ValidationError, ValidationInfo, field_serializer, field_validator,
                       model_validator)
 
-from mailflow.config.base import (BUILTIN_TRANSPORTS, TRANSPORT_NAME, Duration, InlineTableSpecs, Section, TableSpecs,
-                                  check_transport, validation_key, validation_reason)
+from mailflow.config.base import (BUILTIN_TRANSPORTS, TRANSPORT_NAME, Duration, InlineTableSpecs, NestedRefusal,
+                                  Section, TableSpecs, check_transport, validation_key, validation_reason)
 from mailflow.local_macros import check_local_macros
 from mailflow.pipe_argv import check_flags, parse_argv
 from mailflow.syntax import parse_hostport, parse_ip
@@ -235,7 +235,7 @@ def _check_merged(section: Section, services: dict[str, Section]) -> None:
             _merged(section, service)
         except ValidationError as e:
             err = e.errors()[0]
-            raise ValueError(f"services.{name}.{validation_key(err)}: {validation_reason(err)}") from None
+            raise NestedRefusal(f"services.{name}.{validation_key(err)}", validation_reason(err)) from None
 
 
 class SmtpService(SmtpSettings):

@@ -421,7 +421,7 @@ class Importer:
         parts = re.sub(r"\[(\d+)\]", r".\1", key).split(".")
         why = f"mailflow refuses it: {reason}"
         listener = _LISTENER_REFUSAL.match(reason)
-        client = _client_refusal(parts, reason, self.out.clients)
+        client = _client_refusal(parts, self.out.clients)
         orphan = self._orphan_entry(reason)
         if client is not None:
             self._drop_in_client(*client, why, (key, reason))
@@ -561,17 +561,11 @@ class Importer:
 
 
 _ENTRY_REFUSAL = re.compile(r"(queue\.transport_[a-z_]+): '([^']+)' is not a transport")  # an orphaned entry
-_MERGED_REFUSAL = re.compile(r"services\.([^.:]+)\.([a-z0-9_]+): ")  # SmtpConfig's check of a service's merge
-
-
-def _client_refusal(parts: list[str], reason: str, clients: dict[str, dict[str, object]]) -> tuple[str, str] | None:
-    """(service, key) when mailflow's refusal is of an imported client service ("smtp.services.NAME.KEY", or "smtp"
-    with "services.NAME.KEY: …"), else None."""
+def _client_refusal(parts: list[str], clients: dict[str, dict[str, object]]) -> tuple[str, str] | None:
+    """(service, key) when mailflow's refusal is of an imported client service ("smtp.services.NAME.KEY", a check
+    of its merged settings too), else None."""
     if len(parts) >= 3 and parts[1] == "services" and parts[2] in clients:
         return parts[2], parts[3] if len(parts) > 3 else ""
-    found = _MERGED_REFUSAL.match(reason) if len(parts) == 1 else None
-    if found and found.group(1) in clients:
-        return found.group(1), found.group(2)
     return None
 
 

@@ -62,7 +62,7 @@ def test_per_transport_queue_tables_and_local_may_name_a_service():
     ({"smtp": {"services": {"a": {"port": 0}}}}, "smtp.services.a.port", "greater than or equal to 1"),
     ({"smtp": {"services": {"a": {"tls_security_level": "maybe"}}}}, "smtp.services.a.tls_security_level", "'may'"),
     ({"smtp": {"services": {"a": {"reply_filter": ["sqlite:/x.db"]}}}}, "smtp.services.a.reply_filter", "may wait"),
-    ({"smtp": {"services": {"a": {"tls_key_file": "/k.pem"}}}}, "smtp", "services.a.tls_key_file: needs tls_cert"),
+    ({"smtp": {"services": {"a": {"tls_key_file": "/k.pem"}}}}, "smtp.services.a.tls_key_file", "needs tls_cert"),
     ({"smtp": {"services": {"smtp": {}}}}, "smtp.services", "'smtp' is the name of a built-in transport"),
     ({"smtp": {"services": {"virtual": {}}}}, "smtp.services", "'virtual' is the name of a built-in transport"),
     ({"lmtp": {"services": {"relay": {}}}}, "lmtp.services", "'relay' is the name of a built-in transport"),

@@ -898,7 +898,7 @@ def test_a_client_service_refused_across_settings_loses_only_the_offending_optio
     assert doc["smtpd"]["content_filter"] == "scan:[127.0.0.1]:10025"
     [left_out] = err.splitlines()[1:]
     assert left_out.startswith("  master.cf:1: master.cf scan -o smtp_tls_cert_file=: mailflow refuses it: ")
-    assert "tls_key_file: needs tls_cert_file" in left_out
+    assert "needs tls_cert_file" in left_out
 
 
 def test_a_pipe_left_out_takes_its_maxproc_entry_with_it(tmp_path):
