@@ -16,8 +16,9 @@ a maxproc on a transport becomes queue.transport_concurrency_limit, on an smtpd 
 or lmtp service (`smtp-amavis`, `slow`) is an `[smtp.services.NAME]` (or lmtp) of its name: each -o that is one of
 that client's settings through the one table, syslog_name, max_use and the like noted as not needed, a built-in
 behaviour's (disable_dns_lookups = no) noted, anything else left out with the reason; its maxproc as any
-transport's; so is Postfix's own `relay` service with an -o that is not noted (it replaces the built-in relay,
-[smtp]'s otherwise). Another instance of any other daemon
+transport's; so is Postfix's own `relay` service with an -o that translates (it replaces the built-in relay,
+[smtp]'s otherwise). Postfix's own `smtp`/`lmtp`/`relay` with only -o mailflow does not need (syslog_name, max_use)
+keep their maxproc, the -o noted. Another instance of any other daemon
 (`local2 … local`) and anything else is left out with the reason (and postfix_import leaves out a setting naming a
 transport mailflow then does not have).
 """
@@ -106,16 +107,21 @@ def _options(service: Service) -> list[tuple[str, str]]:
 
 def _transport_service(importer: ImportState, service: Service) -> None:
     if service.name in REPLACEABLE.get(service.command, ()) and any(
-            name not in _NOT_NEEDED_OVERRIDES for name, _ in _options(service)):
+            not _not_needed(name) for name, _ in _options(service)):
         _second_client(importer, service)  # (`relay … smtp -o …`: an [smtp.services.relay] of its own)
         return
     for name, value in _options(service):
-        if name not in _NOT_NEEDED_OVERRIDES:
+        if not _not_needed(name):
             raise Refused(f"-o {name}={value}: mailflow's transports take their settings from the sections only")
         importer.out.notes.append(f"{service.line.where}: {service.name} -o {name}={value} not needed: "
-                                  f"{_NOT_NEEDED_OVERRIDES[name]}")
+                                  f"{_not_needed(name)}")
     if service.name in TRANSPORTS:
         _concurrency_limit(importer, service)
+
+
+def _not_needed(name: str) -> str:
+    """Why an -o of a transport service is not needed in mailflow (syslog_name, max_use…), "" when it may be."""
+    return _NOT_NEEDED_OVERRIDES.get(name) or names.NOT_NEEDED.get(name, "")
 
 
 def _second_client(importer: ImportState, service: Service) -> None:
@@ -133,8 +139,9 @@ def _second_client(importer: ImportState, service: Service) -> None:
         for key, value in _client_option(importer, service, name, raw, options).items():
             settings[key] = value
             sources[key] = f"-o {name}={raw}"
-    importer.out.clients[service.name] = {**settings, "client": service.command, "origin": service.line.where,
-                                          "sources": sources}
+    if settings or service.name not in REPLACEABLE.get(service.command, ()):  # (a relay with none is [smtp])
+        importer.out.clients[service.name] = {**settings, "client": service.command, "origin": service.line.where,
+                                              "sources": sources}
     _concurrency_limit(importer, service)
 
 
@@ -145,8 +152,7 @@ def _client_option(importer: ImportState, service: Service, name: str, raw: str,
     expander = importer.expander.with_names({"service_name": service.name, "service_type": service.kind})
     try:
         value = expander.expand(raw)
-        if name in _NOT_NEEDED_OVERRIDES or name in names.NOT_NEEDED:
-            why = _NOT_NEEDED_OVERRIDES.get(name) or names.NOT_NEEDED[name]
+        if why := _not_needed(name):
             importer.out.notes.append(f"{where}: {service.name} -o {name}={raw} not needed: {why}")
             return {}
         if name in names.BUILT_IN:

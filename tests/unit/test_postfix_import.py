@@ -910,3 +910,19 @@ def test_a_pipe_left_out_takes_its_maxproc_entry_with_it(tmp_path):
     assert code == 1, err
     assert "pipe" not in doc and "transport_concurrency_limit" not in doc.get("queue", {})
     assert "master.cf x maxproc" in err and "x is not a transport mailflow has" in err, err
+
+
+@pytest.mark.parametrize("master_cf, limits", [
+    ("smtp unix - - n - 10 smtp -o max_use=20\n", {"smtp": 10}),
+    ("relay unix - - n - - smtp -o max_use=20 -o syslog_name=postfix/$service_name\n", None),
+])
+def test_an_option_mailflow_does_not_need_is_noted_for_postfix_s_own_smtp_and_relay_too(tmp_path, master_cf, limits):
+    """`-o max_use=20` was noted for a named service but left Postfix's own `smtp` line out whole (its maxproc
+    lost), and made an empty [smtp.services.relay] of `relay`."""
+    main = write(tmp_path, "main.cf", "myhostname = mx.example.com\n")
+    code, err = run_import(main, write(tmp_path, "master.cf", master_cf), tmp_path / "mailflow.toml")
+    doc = checked(tmp_path / "mailflow.toml")
+    assert code == 0, err
+    assert doc.get("queue", {}).get("transport_concurrency_limit") == limits
+    assert "services" not in doc.get("smtp", {}) and "relay_transport" not in doc
+    assert "-o max_use=20 not needed" in (tmp_path / "mailflow.toml").read_text()
