@@ -16,8 +16,8 @@ of mailflow.capture.settings.CAPTURE_EVERYTHING); `config` (a Config, a config.t
 those defaults with the application's own (its routing, aliases, restrictions, limits), and keyword arguments
 are settings laid over either (`relay_domains=[...]`, `queue={"delay_warning_time": "1h"}`). Whatever is given,
 the Sink sets: `queue_directory` (its temporary directory), the listeners' addresses (127.0.0.1 port 0),
-`[smtp] port` (where its fake destinations listen), `[http] listen` (127.0.0.1 port 0) and `[sink] enable`
-(with `http_api`). Its own options:
+`[smtp] port` (where its fake destinations listen; an [smtp.services.NAME]'s own port too), `[http] listen`
+(127.0.0.1 port 0) and `[sink] enable` (with `http_api`). Its own options:
     virtual_time   the server's clock is a mailflow.clock.VirtualClock that moves only in `advance()`
     seed           the server's RNG seed (queue ids, retry jitter, MX order)
     tls            "may": STARTTLS offered, "encrypt": required before MAIL, with a certificate of a trustme CA
@@ -169,7 +169,7 @@ class Sink:
         else:
             base = load_config(given).model_dump()
         if isinstance(self.clock, VirtualClock):  # hours pass between tries: no session is kept for the next
-            base = merged(base, {"smtp": {"connection_cache_time_limit": 0}})
+            base = merged(base, _for_every_client(merged(base, self._settings), {"connection_cache_time_limit": 0}))
         data = merged(base, self._settings)
         smtpd = data.get("smtpd", {})
         listeners = [{**listener, "address": "127.0.0.1:0"} for listener in smtpd.get("listeners", [])]
@@ -181,7 +181,7 @@ class Sink:
             "sink": {"enable": self._http_api},
         }
         if self._destinations is not None:
-            forced["smtp"] = {"port": self._destinations.port}
+            forced.update(_for_every_client(data, {"port": self._destinations.port}))
         return merged(data, forced, self._tls_settings(), self._auth_settings())
 
     def _tls_settings(self) -> dict:
@@ -351,3 +351,12 @@ def _fast_temporary_directory() -> str | None:
     there), else the system's temporary directory."""
     shm = Path("/dev/shm")
     return str(shm) if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else None
+
+
+def _for_every_client(data: dict, keys: dict) -> dict:
+    """`keys` for [smtp], and for each [smtp.services.NAME] of `data` that sets one of them (its own value would
+    win over [smtp]'s): what the Sink forces reaches every SMTP client."""
+    services = data.get("smtp", {}).get("services", {})
+    own = {name: {k: v for k, v in keys.items() if k in service} for name, service in services.items()}
+    own = {name: values for name, values in own.items() if values}
+    return {"smtp": {**keys, **({"services": own} if own else {})}}

@@ -136,3 +136,16 @@ async def test_the_virtual_clock_never_goes_back():
         assert sink.clock.time() == now
         await sink.advance(minutes=1)
         assert sink.clock.time() == now + 60
+
+
+async def test_a_client_service_s_own_port_is_the_fake_destinations_one_too():
+    """The Sink forces [smtp] port (where its destinations listen): a service that set its own port dialled that
+    one instead, and its mail never reached the destination."""
+    settings = {**RELAY, "relay_transport": "ip2", "smtp": {"services": {"ip2": {"port": 2525,
+                                                                               "helo_name": "mx2.shop.test"}}}}
+    async with Sink(virtual_time=True, **settings) as sink:
+        dest = sink.destination("example.com")
+        await send(sink)
+        await sink.settle()
+        [delivered] = dest.messages
+    assert delivered.helo == "mx2.shop.test"
