@@ -26,6 +26,8 @@
     validation_key(err)      one pydantic error's place as the dotted KEY ("smtpd.listen", "pipe.x.argv[0]"; ""
                              for the top level)
     validation_reason(err)   one pydantic error as the REASON of `FILE: KEY: REASON`
+    overlay(section, layers, exclude=, merged_tables=)   the section with each layer's keys in place of its own,
+                             validated as the section is (a service's and a listener's effective settings)
 
 Failure behaviour: the validators raise ValueError; `mailflow.config.load` turns the first one into a
 `ConfigError` naming the file and the dotted key.
@@ -33,7 +35,7 @@ Failure behaviour: the validators raise ValueError; `mailflow.config.load` turns
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Iterable, Mapping, TypeVar
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationInfo, field_validator
 from pydantic_core import ErrorDetails
@@ -208,3 +210,22 @@ def validation_reason(err: ErrorDetails) -> str:
         return nested.reason
     msg = err["msg"]
     return msg.removeprefix("Value error, ")
+
+
+S = TypeVar("S", bound=Section)
+
+
+def overlay(section: S, layers: Iterable[Mapping[str, object]], *, exclude: set[str],
+            merged_tables: Iterable[str] = ()) -> S:
+    """`section` (without the keys `exclude`) with each layer's keys in place of its values in turn (a table named in
+    `merged_tables` merged key by key instead), validated as the section is, its cross-key checks too: the one way
+    a service's ([smtp.services.NAME]) and a listener's ([[smtpd.listeners]]) effective settings are made."""
+    data = section.model_dump(exclude=exclude)
+    tables = set(merged_tables)
+    for layer in layers:
+        for key, value in layer.items():
+            below = data.get(key)
+            if key in tables and isinstance(value, dict) and isinstance(below, dict):
+                value = {**below, **value}
+            data[key] = value
+    return type(section).model_validate(data)

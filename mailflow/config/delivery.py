@@ -21,7 +21,7 @@ from pydantic import (AfterValidator, Field, ValidationError, ValidationInfo, fi
                       model_validator)
 
 from mailflow.config.base import (BUILTIN_TRANSPORTS, TRANSPORT_NAME, Duration, InlineTableSpecs, NestedRefusal,
-                                  Section, TableSpecs, check_transport, validation_key, validation_reason)
+                                  Section, TableSpecs, check_transport, overlay, validation_key, validation_reason)
 from mailflow.local_macros import check_local_macros
 from mailflow.pipe_argv import check_flags, parse_argv
 from mailflow.syntax import parse_hostport, parse_ip
@@ -224,8 +224,7 @@ def _service_names(services: dict[str, S], replaceable: tuple[str, ...]) -> dict
 def _merged(section: S, service: Section) -> S:
     """`section` with the keys `service` sets in place of its own, validated as the section is (its cross-key
     checks too), without services of its own."""
-    data = {**section.model_dump(exclude={"services"}), **service.model_dump(exclude_unset=True)}
-    return type(section).model_validate(data)
+    return overlay(section, [service.model_dump(exclude_unset=True)], exclude={"services"})
 
 
 def _check_merged(section: Section, services: dict[str, Section]) -> None:

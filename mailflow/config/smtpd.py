@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mailflow.config.base import (Duration, FrozenMap, HostPorts, Networks, Restriction, RestrictionClasses, Section,
-                                  TableSpecs, validation_key, validation_reason)
+                                  TableSpecs, overlay, validation_key, validation_reason)
 from mailflow.config.filters import SmtpdFilterSettings
 from mailflow.dnsbl_sites import parse_dnsbl_site
 from mailflow.tables import check_spec
@@ -413,14 +413,8 @@ class SmtpdConfig(SmtpdFilterSettings):
 
     def for_listener(self, listener: ListenerConfig) -> "SmtpdConfig":
         """The effective settings of one listener: these, then its role's presets, then its overrides."""
-        data = self.model_dump(exclude={"listeners"})
-        for layer in (LISTENER_ROLES[listener.role], listener.overrides):
-            for key, value in layer.items():
-                below = data.get(key)
-                if key in MERGED_TABLES and isinstance(value, dict) and isinstance(below, dict):
-                    value = {**below, **value}
-                data[key] = value
-        return SmtpdConfig.model_validate(data)
+        return overlay(self, (LISTENER_ROLES[listener.role], listener.overrides), exclude={"listeners"},
+                       merged_tables=MERGED_TABLES)
 
     def frontdoor_problem(self, role: str = "mta") -> str:
         """Why these TLS/AUTH (or postscreen) settings cannot work for a listener of `role`, or ""."""
