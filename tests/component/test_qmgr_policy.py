@@ -159,6 +159,43 @@ async def test_retry_times_over_five_days_follow_the_backoff_policy_then_bounce(
     assert await s.store.counts() == {}
 
 
+async def test_a_retry_that_ends_while_a_timed_scan_reads_the_next_due_time_keeps_its_time(sim, monkeypatch):
+    # The timed scan that takes a deferred message starts its delivery, then reads the earliest due time to set the
+    # next scan's. Under load (a reader thread descheduled) the read can be made before the attempt's deferral is
+    # committed and come back after qmgr has acted on it: the retry it set must still ring, not wait a queue run.
+    s = await sim(queue_run_delay=DAY)
+    s.smtp.script = lambda req, now: (Outcome.DEFERRED, "4.4.1", "connection timed out", True)
+    await s.submit("alice@remote.test", "bob@far.test")
+    await s.run_until(T0 + 60)  # the first attempt: deferred, due again ~300 s after arrival
+    read, finished = asyncio.Event(), asyncio.Event()
+    next_due_time, finish = Store.next_due_time, Store.finish
+
+    async def read_early_answer_late(store):  # (the next timed scan's read only)
+        if read.is_set():
+            return await next_due_time(store)
+        due = await next_due_time(store)  # before the deferral's commit ...
+        read.set()
+        await finished.wait()  # ... answered after qmgr acted on it
+        return due
+
+    async def finish_after_the_read(store, *args, **kwargs):
+        await read.wait()
+        try:
+            return await finish(store, *args, **kwargs)
+        finally:
+            finished.set()
+
+    monkeypatch.setattr(Store, "next_due_time", read_early_answer_late)
+    monkeypatch.setattr(Store, "finish", finish_after_the_read)
+    await s.run_until(T0 + HOUR)
+
+    attempts = [t - T0 for t, req in s.smtp.calls]
+    assert finished.is_set() and len(attempts) >= 4, attempts  # 0, ~300, ~600, ~1200, ~2400 s: not a day later
+    for earlier, later in zip(attempts, attempts[1:]):
+        expected = min(max(earlier, 300.0), 4000.0)
+        assert expected <= later - earlier <= expected * 1.1 + 1e-6, attempts
+
+
 async def test_a_bounce_reports_each_recipient_with_its_own_status(sim):
     s = await sim()
 

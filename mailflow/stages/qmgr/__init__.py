@@ -546,18 +546,41 @@ class QueueManager:
         self._job_done(job, DeliveryReport.uniform(job.recipients, Outcome.DEFERRED, "4.0.0", text))
 
     async def _scan(self) -> None:
+        """Take and admit what is due. A timed scan (its time came) also sets the next one's time: a queue run
+        away, or sooner the earliest deferred message's due time. That time is set before the scan's first wait
+        and only brought forward after: an attempt that ends while the scan waits on the store defers its message
+        to a time the index lookup may have been read too early to see, and moves the next scan to it
+        (`_conclude`); overwritten, that retry would wait for the next queue run."""
         now = self._clock.time()
+        timed, due_since = now >= self._next_scan, self._next_scan
+        if timed:
+            self._next_scan = now + self._config.queue_run_delay
+        try:
+            await self._take_due(now)
+            if timed:
+                next_due = await self._next_due(now)
+                self._next_scan = min(self._next_scan, next_due)  # (read after the wait: it may have moved)
+        except BaseException:
+            if timed:
+                self._next_scan = min(self._next_scan, due_since)  # not done: the timed scan is still due
+            raise
+
+    async def _take_due(self, now: float) -> None:
         room = self._config.active_limit - len(self._active) - self._reserved
         taken = await self._store.take(now, room) if room > 0 else []
         self._room_was_short = room <= 0 or len(taken) >= room  # more may be due than there was room for
         await self._admit_all(taken, now)
-        if now >= self._next_scan:  # a timed scan: sleep next until the earliest deferred message is due
-            await self._set_aside(await self._store.never_due())  # deferred mail with no time to be due: never seen
-            next_due = await self._store.next_due_time()  # (an index lookup), at most a queue run
-            later = now + self._config.queue_run_delay
-            if next_due is not None and len(self._active) < self._config.active_limit:
-                later = min(later, max(next_due, now + MIN_RESCAN))  # never 0: no spin on a due backlog
-            self._next_scan = later
+
+    async def _next_due(self, now: float) -> float:
+        """When the next timed scan is due by the store: the earliest deferred message's time (an index lookup),
+        at most a queue run away; deferred mail with no time to be due (damaged: never seen otherwise) is set
+        aside first."""
+        await self._set_aside(await self._store.never_due())
+        next_due = await self._store.next_due_time()
+        later = now + self._config.queue_run_delay
+        if next_due is not None and len(self._active) < self._config.active_limit:
+            later = min(later, max(next_due, now + MIN_RESCAN))  # never 0: no spin on a due backlog
+        return later
 
     async def _admit_all(self, taken: list[QueuedMessage], now: float) -> None:
         """The messages a scan took enter the active queue, ADMIT_SLICE at a time, deliveries starting after each
