@@ -22,72 +22,20 @@ input, as `postmap -q -` does): exit 1 when nothing is found,
 The package: common.py (configuration loading and errors, shared options), server.py (serve, check-config,
 version, config show, address, table query, auth), ops.py (reload, health: against a running server), queue.py (the
 queue tools), submit.py (sendmail), accounts.py (`account …`, the account database, and `dovecot-config`),
-deliverability.py (dkim keygen, dns-records, check-deliverability; docs/deliverability.md). This file
-is the command table. Modules only some commands need (the server, the store, the router, smtpd's password
-hashing) are imported inside those commands, so that `sendmail`, run once per message by scripts, starts fast.
+deliverability.py (dkim keygen, dns-records, check-deliverability; docs/deliverability.md); commands.py is the
+command table (typer). This file is the entry point only: `main()` hands `sendmail` (and the sendmail, mailq and
+newaliases names) to submit.py before typer and the command table are imported, and `app` (the table) loads on
+first use. Modules only some commands need (the server, the store, the router, smtpd's password hashing, the
+queue tools) are imported inside those commands, so that `sendmail`, run once per message by scripts, starts fast
+(docs/performance.md, "Start-up of the command-line tools").
 """
 from __future__ import annotations
 
 import sys
+from typing import Any
 
-import typer
-
-from mailflow.cli import accounts, deliverability, ops, queue, server, submit
-from mailflow.sendmail import program_mode
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="mailflow: a mail server in one asyncio process.")
-queue_app = typer.Typer(no_args_is_help=True, help="Inspect and change the mail queue (mailq, postsuper, "
-                        "postcat, qshape); works with or without a running server.")
-table_app = typer.Typer(no_args_is_help=True, help="Query lookup tables (texthash, inline, static, regexp, "
-                        "cidr, sqlite, accounts, unix, fail) the way the server sees them, like postmap -q.")
-config_app = typer.Typer(no_args_is_help=True, help="Show the configuration (postconf), check it (postfix check; "
-                         "the same as check-config) or import a Postfix main.cf and master.cf.")
-auth_app = typer.Typer(no_args_is_help=True, help="AUTH users for smtpd.sasl_user_maps.")
-account_app = typer.Typer(no_args_is_help=True, help="The account database: hosted domains, mailboxes, aliases and "
-                          "sender logins for AUTH, delivery and Dovecot (docs/accounts.md).")
-dkim_app = typer.Typer(no_args_is_help=True, help="DKIM keys for dkim.key_table (opendkim-genkey).")
-
-app.command()(server.serve)
-app.command()(ops.reload)
-app.command()(ops.health)
-app.command("check-config")(server.check_config)
-app.command()(server.version)
-app.add_typer(queue_app, name="queue")
-queue_app.command("list")(queue.queue_list)
-app.command("mailq")(queue.mailq)
-queue_app.command("show")(queue.queue_show)
-for _name, _help, _required in queue.ACTION_COMMANDS:
-    queue_app.command(_name)(queue.action_command(_name, _help, _required))
-queue_app.command("shape")(queue.queue_shape)
-queue_app.command("destinations")(queue.queue_destinations)
-app.add_typer(table_app, name="table")
-table_app.command("query")(server.table_query)
-app.add_typer(config_app, name="config")
-config_app.command("show")(server.config_show)
-config_app.command("check")(server.check_config)
-config_app.command("import")(server.config_import)
-app.command("address")(server.address_test)
-app.add_typer(auth_app, name="auth")
-auth_app.command("hash-password")(server.auth_hash_password)
-app.add_typer(account_app, name="account")
-account_app.command("init")(accounts.init)
-for _noun, _verbs in (("domain", ("add", "remove", "list")),
-                      ("user", ("add", "remove", "list", "passwd", "disable", "enable", "quota")),
-                      ("alias", ("add", "remove", "list")), ("sender", ("add", "remove", "list"))):
-    _plural = "Aliases" if _noun == "alias" else f"{_noun.capitalize()}s"
-    _group = typer.Typer(no_args_is_help=True, help=f"{_plural} of the account database.")
-    account_app.add_typer(_group, name=_noun)
-    for _verb in _verbs:
-        _group.command(_verb)(getattr(accounts, f"{_noun}_{_verb}"))
-app.command("dovecot-config")(accounts.dovecot_config)
-app.add_typer(dkim_app, name="dkim")
-dkim_app.command("keygen")(deliverability.dkim_keygen)
-app.command("dns-records")(deliverability.dns_records)
-app.command("check-deliverability")(deliverability.check_deliverability)
-app.command("sendmail", add_help_option=False,
-            context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(submit.sendmail_command)
-
-run_sendmail = submit.run_sendmail
+from mailflow.cli.submit import run_sendmail
+from mailflow.sendmail.options import program_mode
 
 
 def main() -> None:
@@ -96,7 +44,18 @@ def main() -> None:
         sys.exit(run_sendmail(extra + sys.argv[1:]))
     if sys.argv[1:2] == ["sendmail"]:  # before typer, so that "--" and Sendmail's option syntax stay intact
         sys.exit(run_sendmail(sys.argv[2:]))
+    from mailflow.cli.commands import app
+
     app(prog_name="mailflow")
+
+
+def __getattr__(name: str) -> Any:
+    """`mailflow.cli.app`: the command table, loaded on first use (typer costs sendmail's start-up ~30 ms)."""
+    if name == "app":
+        from mailflow.cli.commands import app
+
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

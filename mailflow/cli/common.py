@@ -9,34 +9,26 @@ one way a configuration problem is told.
     fail_config(prefix, error, where)        `PREFIX: FILE: KEY: REASON` on stderr, exit 2
     fail(prefix, message, code)              `PREFIX: MESSAGE` on stderr, exit `code`
 
-Shared options: ConfigOption, JsonOption (typer).
+Shared options: ConfigOption, JsonOption (typer). config_path, config_name and config_error_text live in
+config_file.py (no typer: sendmail's start-up) and are named here too.
 Never a traceback for a configuration problem: every command reports it through `config_error_text`.
 """
 from __future__ import annotations
 
-import os
 from typing import NoReturn, Optional
 
 import typer
 
+from mailflow.cli.config_file import config_error_text, config_name, config_path
 from mailflow.config import Config, load_config
 from mailflow.errors import ConfigError
+
+__all__ = ["ConfigOption", "JsonOption", "config_error_text", "config_name", "config_path", "fail", "fail_config",
+           "load"]
 
 ConfigOption = typer.Option(None, "--config", "-c",
                             help="TOML config file (default: $MAILFLOW_CONFIG, else built-in defaults)")
 JsonOption = typer.Option(False, "--json", help="JSON instead of text")
-
-
-def config_path(option: Optional[str]) -> Optional[str]:
-    return option or os.environ.get("MAILFLOW_CONFIG") or None
-
-
-def config_name(path: Optional[str]) -> str:
-    return path or "built-in defaults"
-
-
-def config_error_text(error: ConfigError, where: str = "") -> str:
-    return ": ".join(part for part in (error.file or where, error.key, error.reason) if part)
 
 
 def fail(prefix: str, message: str, code: int) -> NoReturn:

@@ -5,7 +5,10 @@ queue flush and address commands (-bv as mail from -f's sender, else from the lo
 
     run_sendmail(args) -> exit code       sysexits values; a configuration problem is 78 (EX_CONFIG) for deliver
                                           and -bs (other modes keep the command's own code)
-    sendmail_command(ctx)                 the typer command (Sendmail's option syntax passes through untouched)
+
+Deliver and -bs, run once per message, load neither typer nor the other commands' modules (the queue tools, the
+router): the modes that are those commands import them when they run. The typer command `mailflow sendmail`
+is in commands.py; `mailflow.cli.main` calls run_sendmail before typer is imported.
 
 Failure behaviour: a usage error prints the usage and returns 64 (EX_USAGE); nothing raises. The warnings of
 parse_args (a bad -N, -R or -V value, ignored) are printed on standard error first, in every mode. A closed standard
@@ -15,19 +18,16 @@ from __future__ import annotations
 
 import os
 import sys
-
-import typer
+from typing import TYPE_CHECKING, Optional
 
 from mailflow import sendmail as sm
-from mailflow.cli.common import config_error_text, config_name, config_path, load
-from mailflow.cli.queue import act, list_queue
-from mailflow.cli.server import address_test, table_problems
-from mailflow.config import Config
+from mailflow.cli.config_file import config_error_text, config_name, config_path
+from mailflow.config import load_config
+from mailflow.errors import ConfigError
 from mailflow.sendmail.identity import current_identity
 
-def sendmail_command(ctx: typer.Context) -> None:
-    """Sendmail-compatible local submission (docs/sendmail.md): -t -i -f -F -N -bs -bp -bv -bi -q -v …"""
-    raise typer.Exit(run_sendmail(list(ctx.args)))
+if TYPE_CHECKING:
+    from mailflow.config import Config
 
 
 def run_sendmail(args: list[str]) -> int:
@@ -35,16 +35,34 @@ def run_sendmail(args: list[str]) -> int:
     try:
         opts = sm.parse_args(args)
     except sm.UsageError as e:
-        typer.echo(f"sendmail: {e}\n{sm.USAGE}", err=True)
+        _say(f"sendmail: {e}\n{sm.USAGE}")
         return os.EX_USAGE
     for warning in opts.warnings:
-        typer.echo(f"sendmail: warning: {warning}", err=True)
+        _say(f"sendmail: warning: {warning}")
     if opts.mode == "help":
-        typer.echo(sm.HELP)
+        print(sm.HELP, flush=True)
         return 0
     if opts.mode == "ignore":  # -bh, -bH, -q30m: Postfix's sendmail exits 0 at once, reading nothing
         return 0
     config = config_path(opts.config)
+    if opts.mode in ("deliver", "smtp"):  # the per-message modes: no typer, no other command's module
+        try:
+            cfg = load_config(config)
+        except ConfigError as e:
+            _say(f"mailflow: {config_error_text(e, config_name(config))}")  # common.load's line
+            return os.EX_CONFIG
+        return sm.run(opts, cfg, sys.stdin.buffer, sys.stdout.buffer, sys.stderr)
+    return _command_mode(opts, config)
+
+
+def _command_mode(opts: sm.Options, config: Optional[str]) -> int:
+    """-bp, -q, -bv and -bi: the queue list, queue flush, address and table commands, exit codes theirs."""
+    import typer
+
+    from mailflow.cli.common import load
+    from mailflow.cli.queue import act, list_queue
+    from mailflow.cli.server import address_test
+
     try:
         if opts.mode == "mailq":
             list_queue("list", None, config, False, None, None, None, None)
@@ -53,21 +71,25 @@ def run_sendmail(args: list[str]) -> int:
                 required=False, quiet=True)
         elif opts.mode == "verify":
             if not opts.recipients:
-                typer.echo(f"sendmail: -bv needs addresses\n{sm.USAGE}", err=True)
+                _say(f"sendmail: -bv needs addresses\n{sm.USAGE}")
                 return os.EX_USAGE
             address_test(opts.recipients, config, _verify_sender(opts.sender, config))
         elif opts.mode == "newaliases":
             return _newaliases(load(config), config)
-        else:
-            return sm.run(opts, load(config), sys.stdin.buffer, sys.stdout.buffer, sys.stderr)
     except typer.Exit as e:
-        return os.EX_CONFIG if e.exit_code == 2 and opts.mode in ("deliver", "smtp") else e.exit_code
+        return e.exit_code
     return 0
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def _verify_sender(given: str | None, config: str | None) -> str:
     """The sender -bv routes as (sender-dependent routing): -f's, else the login name at myorigin, the sender of
     the mail sendmail would submit (Postfix's sendmail -bv submits a probe from the login name)."""
+    from mailflow.cli.common import load
+
     if given is not None:
         return given
     return f"{current_identity().login}@{load(config).origin}"
@@ -91,7 +113,9 @@ def _standard_streams() -> None:
 
 def _newaliases(cfg: Config, config: str | None) -> int:
     """mailflow reads alias files directly: nothing to rebuild; say which alias table cannot be read (75)."""
+    from mailflow.cli.server import table_problems
+
     problems = [p for p in table_problems(cfg, config_name(config)) if p.key == "alias_maps"]
     for problem in problems:
-        typer.echo(f"newaliases: {config_error_text(problem)}", err=True)
+        _say(f"newaliases: {config_error_text(problem)}")
     return 75 if problems else 0

@@ -647,3 +647,38 @@ async def test_under_soft_bounce_a_refused_message_stays_in_the_maildrop_unretur
     for _ in range(3):  # wake-up scans (a sendmail each) pass a kept file by: no work, no log line each
         await mf.pickup.scan()
     assert caplog.text.count("not returned to <") == 1
+
+
+LOADED_MODULES = """\
+import atexit, sys
+atexit.register(lambda: print("loaded:", " ".join(sorted(sys.modules)), file=sys.stderr))
+sys.argv = ["mailflow", "sendmail"] + sys.argv[1:]
+from mailflow.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("args, stdin", [(("-t",), b"To: bob@local.test\n\nx\n"), (("-bs",), b"QUIT\r\n")])
+async def test_deliver_and_bs_start_without_typer_or_the_server(cfg, tmp_path, args, stdin):
+    """sendmail runs once per message: its entry (mailflow.cli.main) hands deliver and -bs their arguments before
+    the command table loads typer, and neither loads the server (stages, store, app, queue tools, router) nor the
+    libraries only the server uses (docs/performance.md, "Start-up of the command-line tools")."""
+    rc, _, err = await run(cfg(), *args, stdin=stdin, program=[sys.executable, "-c", LOADED_MODULES])
+    assert rc == 0, err
+    [loaded] = [line.split()[1:] for line in err.splitlines() if line.startswith("loaded:")]
+    heavy = ("typer", "click", "aiosmtpd", "aiosqlite", "aiohttp", "mailflow.cli.commands", "mailflow.cli.server",
+             "mailflow.cli.queue", "mailflow.stages", "mailflow.store", "mailflow.app", "mailflow.queue_tools",
+             "mailflow.routing", "mailflow.transports")
+    assert [m for m in loaded if m.split(".")[0] in heavy or any(m == h or m.startswith(h + ".") for h in heavy)] == []
+    assert "mailflow.sendmail" in loaded and "mailflow.config" in loaded  # (it did run sendmail)
+
+
+@pytest.mark.parametrize("args, stdin, code", [(("-t",), b"To: bob@local.test\n\nx\n", 78), (("-bs",), b"QUIT\r\n", 78),
+                                               (("-bv", "bob@local.test"), b"", 2), (("-bi",), b"", 2)])
+async def test_a_bad_configuration_names_file_key_and_reason(tmp_path, args, stdin, code):
+    """Deliver and -bs exit 78 (EX_CONFIG); the modes that are other commands keep the command's exit code (2)."""
+    config = tmp_path / "bad.toml"
+    config.write_text('myhostname = "mx.test"\n[queue]\nqueue_run_delay = "soon"\n')
+    rc, out, err = await run(config, *args, stdin=stdin)
+    assert (rc, out) == (code, b"")
+    assert err.startswith(f"mailflow: {config}: queue.queue_run_delay: "), err

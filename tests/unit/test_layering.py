@@ -86,6 +86,13 @@ FUNCTION_IMPORTS = {
     ("mailflow.cli.deliverability", "mailflow.transports.smtp.mtasts"): "as above",
     ("mailflow.cli.deliverability", "mailflow.transports.smtp.tls"): "as above",
     ("mailflow.cli.queue", "mailflow.queue_tools"): "as above",
+    ("mailflow.cli", "mailflow.cli.commands"): "the command table loads typer and every command's module: `sendmail`, "
+                                               "run once per message by scripts, is dispatched before it",
+    ("mailflow.cli.submit", "mailflow.cli.common"): "only sendmail's -bp, -q, -bv and -bi are other commands (typer, "
+                                                    "the queue tools, the router): deliver and -bs, run once per "
+                                                    "message, load none of them",
+    ("mailflow.cli.submit", "mailflow.cli.queue"): "as above",
+    ("mailflow.cli.submit", "mailflow.cli.server"): "as above",
 }
 
 
@@ -137,6 +144,20 @@ class Layering:
             todo += [(n, True) for n in (every if called else module_level).get(current, ())]
             todo += [(p, False) for p in _parents(current) if p in self.modules]
         return {n for n, _ in seen} - {name}
+
+    def loaded_by_import(self, name: str) -> set[str]:
+        """The modules `import name` runs, none of its functions called: module-level imports, transitively, and
+        the enclosing packages of each."""
+        module_level = self.edges(in_functions=False)
+        seen: set[str] = set()
+        todo = [name]
+        while todo:
+            current = todo.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            todo += list(module_level.get(current, ())) + [p for p in _parents(current) if p in self.modules]
+        return seen - {name}
 
     def cycles(self) -> list[list[str]]:
         """The strongly connected groups of more than one module (Tarjan), each sorted; imports inside
@@ -318,6 +339,21 @@ def test_sendmail_loads_no_stage():
     layering = Layering.read(PACKAGE)
     assert sorted(n for n in layering.reaches("mailflow.sendmail") if _under(n, ("mailflow.stages",))) == []
     assert "mailflow.smtp_parameters" in layering.reaches("mailflow.sendmail.stdio_smtp")
+
+
+def test_the_sendmail_entry_loads_neither_the_command_table_nor_the_server():
+    """`mailflow sendmail -t` (and the sendmail, mailq, newaliases links) imports mailflow.cli, whose main() hands
+    the arguments to cli.submit: what those two load must leave out the command table (typer, every command's
+    module) and the server (stages, store, app, the queue tools, the router), which sendmail's start-up, once per
+    message, would pay for (docs/performance.md, "Start-up of the command-line tools")."""
+    layering = Layering.read(PACKAGE)
+    loaded = layering.loaded_by_import("mailflow.cli") | layering.loaded_by_import("mailflow.cli.submit")
+    server = ("mailflow.stages", "mailflow.store", "mailflow.app", "mailflow.queue_tools", "mailflow.routing",
+              "mailflow.transports", "mailflow.http", "mailflow.admin")
+    commands = ("mailflow.cli.commands", "mailflow.cli.common", "mailflow.cli.server", "mailflow.cli.queue",
+                "mailflow.cli.ops", "mailflow.cli.accounts", "mailflow.cli.deliverability")
+    assert sorted(n for n in loaded if _under(n, server + commands)) == []
+    assert {"mailflow.sendmail", "mailflow.config"} <= loaded
 
 
 def test_every_listed_leaf_exists():
