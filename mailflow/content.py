@@ -32,12 +32,11 @@ shorter than the part).
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Iterable, Iterator, Union
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, TypeVar, Union
 
 from mailflow.errors import detached
 
@@ -45,6 +44,7 @@ CHUNK = 64 * 1024
 MEMORY_LIMIT = 256 * 1024  # a message up to this size is never written to a spool file: the fast path
 FLUSH_SIZE = 256 * 1024  # a spool file is written in blocks of this size
 SPOOL_PREFIX = ".spool-"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ class Content:
                 continue
             offset, end = part.offset, part.offset + part.length
             while offset < end:
-                data = await asyncio.to_thread(_pread, part.path, min(size, end - offset), offset)
+                data = await _in_thread(_pread, part.path, min(size, end - offset), offset)
                 offset += len(data)
                 yield data
 
@@ -271,7 +271,7 @@ class Spool:
         data, self._buffer = self._buffer, bytearray()
         # The worker writes through its own descriptor: if this task is cancelled while it writes, discard()
         # may close ours at once without the worker ever writing to a reused descriptor number.
-        await asyncio.to_thread(_write_all, os.dup(self._fd), data)
+        await _in_thread(_write_all, os.dup(self._fd), data)
         self._written += len(data)
 
     def _forget(self) -> None:
@@ -286,6 +286,14 @@ class Spool:
             except OSError:
                 pass  # the start-up sweep removes what is left
             self._path = None
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """asyncio.to_thread, asyncio imported here: this module is a leaf every program loads (sendmail too, which
+    never streams content through a loop and would pay ~20 ms at each start for asyncio)."""
+    import asyncio
+
+    return await asyncio.to_thread(fn, *args)
 
 
 def _write_all(fd: int, data: bytes | bytearray) -> None:

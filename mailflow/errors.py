@@ -28,7 +28,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import ssl
 from typing import TypeVar
 
 E = TypeVar("E", bound=BaseException)
@@ -57,6 +56,8 @@ def tls_failure(error: BaseException) -> tuple[str, str]:
     """See the module docstring. asyncio reports its own handshake timeout (ssl_handshake_timeout) as a
     ConnectionAbortedError without an errno, and a peer that closed during the handshake as a ConnectionError
     without one."""
+    import ssl  # (loaded already by whatever spoke TLS: sendmail, which never does, does not load it)
+
     if isinstance(error, ssl.SSLError):
         return "-1", _PROBLEM_SOURCE.sub("", str(error))
     if isinstance(error, (TimeoutError, ConnectionAbortedError)) and not getattr(error, "errno", None):

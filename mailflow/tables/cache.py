@@ -15,7 +15,6 @@ table's deadline (plus RUN_GRACE); exceptions of `fn` propagate.
 """
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Callable, TypeVar
 
@@ -63,6 +62,8 @@ class TableCache:
         blocking = self._blocking
         if not blocking and not off_loop:
             return fn(*args)
+        import asyncio  # (here, not at the top: sendmail opens tables without a loop, and asyncio costs it ~20 ms)
+
         loop = asyncio.get_running_loop()
         if not blocking:
             return await loop.run_in_executor(None, fn, *args)
@@ -75,6 +76,8 @@ class TableCache:
 
     async def preload(self) -> None:
         """Read every file-backed table now, in a worker thread: the first lookups find them loaded."""
+        import asyncio  # (as in `run`)
+
         files = [t for t in self._open.values() if hasattr(t, "load")]  # texthash, regexp, cidr
         if files:
             await asyncio.get_running_loop().run_in_executor(None, _load_all, files)

@@ -15,7 +15,6 @@ than mailflow.files.TABLE_LIMIT, or a malformed line, makes the whole table fail
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 from pathlib import Path
@@ -70,6 +69,8 @@ class Reloading(Generic[T]):
         return value
 
     def _refresh(self) -> None:
+        import asyncio  # (here: the CLI's tables, sendmail's among them, never need it, and it costs ~20 ms to load)
+
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:

@@ -22,13 +22,8 @@ from typing import Callable
 
 from mailflow.errors import ConfigError
 from mailflow.syntax import TABLE_TYPES, check_table_spec, table_type, table_type_hint
-from mailflow.tables.accounts import AccountsTable, parse_spec
 from mailflow.tables.base import Table, resolve_path
-from mailflow.tables.cidr import CidrTable
-from mailflow.tables.files import TexthashTable
 from mailflow.tables.memory import FailTable, open_inline, open_static
-from mailflow.tables.regexp import RegexpTable
-from mailflow.tables.sqlite import SqliteTable
 from mailflow.tables.unix import UnixTable
 
 
@@ -49,19 +44,36 @@ def open_table(spec: str, *, base_dir: Path | None = None, clock: Callable[[], f
     if kind in ("texthash", "regexp", "cidr", "sqlite", "accounts"):
         if not name.strip():
             raise ConfigError("", spec, f"{kind}: needs a file name ({kind}:/path)")
-        path = resolve_path(name.strip(), base_dir)
-        if kind == "texthash":
-            return TexthashTable(spec, path, clock, aliases=aliases)
-        if kind == "regexp":
-            return RegexpTable(spec, path, clock)
-        if kind == "cidr":
-            return CidrTable(spec, path, clock)
-        if kind == "accounts":
-            db, map_name = parse_spec(spec, name)
-            return AccountsTable(spec, resolve_path(db, base_dir), map_name, clock)
-        return SqliteTable(spec, path, base_dir)
+        return _open_file_table(kind, spec, name, resolve_path(name.strip(), base_dir), base_dir, clock, aliases)
     raise ConfigError("", spec, f"unknown table type {kind!r}; mailflow has {', '.join(TABLE_TYPES)}"
                                 + table_type_hint(kind))
+
+
+def _open_file_table(kind: str, spec: str, name: str, path: Path, base_dir: Path | None,
+                     clock: Callable[[], float], aliases: bool) -> Table:
+    """A file-backed table: each type's module is imported when a spec names it (cidr and texthash bring the
+    aliases parser, regexp RE2, accounts and sqlite sqlite3): the configuration's check and sendmail, which open
+    none of them or few, do not load them all at each start."""
+    if kind == "texthash":
+        from mailflow.tables.files import TexthashTable
+
+        return TexthashTable(spec, path, clock, aliases=aliases)
+    if kind == "regexp":
+        from mailflow.tables.regexp import RegexpTable
+
+        return RegexpTable(spec, path, clock)
+    if kind == "cidr":
+        from mailflow.tables.cidr import CidrTable
+
+        return CidrTable(spec, path, clock)
+    if kind == "accounts":
+        from mailflow.tables.accounts import AccountsTable, parse_spec
+
+        db, map_name = parse_spec(spec, name)
+        return AccountsTable(spec, resolve_path(db, base_dir), map_name, clock)
+    from mailflow.tables.sqlite import SqliteTable
+
+    return SqliteTable(spec, path, base_dir)
 
 
 def check_spec(spec: str) -> str:

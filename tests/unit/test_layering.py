@@ -93,6 +93,13 @@ FUNCTION_IMPORTS = {
                                                     "message, load none of them",
     ("mailflow.cli.submit", "mailflow.cli.queue"): "as above",
     ("mailflow.cli.submit", "mailflow.cli.server"): "as above",
+    ("mailflow.tables.spec", "mailflow.tables.files"): "a file-backed table type's module (the aliases parser, RE2, "
+                                                       "sqlite3) loads when a spec names one: the configuration checks "
+                                                       "specs at every start of sendmail and opens none of them",
+    ("mailflow.tables.spec", "mailflow.tables.regexp"): "as above",
+    ("mailflow.tables.spec", "mailflow.tables.cidr"): "as above",
+    ("mailflow.tables.spec", "mailflow.tables.accounts"): "as above",
+    ("mailflow.tables.spec", "mailflow.tables.sqlite"): "as above",
 }
 
 
