@@ -20,7 +20,6 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Generic, TypeVar
 
-from mailflow.aliases import AliasSyntaxError, format_target, parse_aliases
 from mailflow.errors import LookupRetry
 from mailflow.files import TABLE_LIMIT, read_regular_file
 
@@ -133,7 +132,10 @@ def _parse_texthash(text: str) -> dict[str, str]:
 
 
 def _parse_alias_file(text: str) -> dict[str, str]:
-    """aliases(5) text -> {name: value list as text}; a syntax error names its line."""
+    """aliases(5) text -> {name: value list as text}; a syntax error names its line. (The parser, with the RFC 822
+    address lists it reads values with, loads here: only alias_maps files need it, not every program's tables.)"""
+    from mailflow.aliases import AliasSyntaxError, format_target, parse_aliases
+
     try:
         entries = parse_aliases(text, "")
     except AliasSyntaxError as e:
