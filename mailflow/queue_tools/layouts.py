@@ -28,7 +28,6 @@ from mailflow.logs import printable
 from mailflow.message import HEADER_READ_LIMIT, read_header
 from mailflow.queue_tools.selection import NULL_SENDER, Selection, pages
 from mailflow.store import DestinationRow, MessageDetail, MessageRow, RecipientRow, ShapeCount
-from mailflow.transports.encode import ToLf, encode
 
 # postqueue's headings ("%-11s %7s %-20s %s" for short queue ids, "%-17s %8s %-19s %s" for long ones such as ours)
 MAILQ_HEADER = "----Queue ID----- --Size-- ---Arrival Time---- --Sender/Recipient------"
@@ -187,7 +186,11 @@ def when(ts: float, now: float) -> str:
 
 def message_text(content: Content) -> tuple[str, Iterator[str]]:
     """(header section, the body's pieces) as text with LF line ends, the body read chunk by chunk; the empty
-    line between them belongs to neither."""
+    line between them belongs to neither. (The line-end conversion is the transports' encode.py: importing it
+    loads the transports package, the SMTP client, dnspython and cryptography with it, ~100 ms that mailq and
+    sendmail -bp, which show no message, would pay.)"""
+    from mailflow.transports.encode import ToLf, encode
+
     head, _ = read_header(content, HEADER_READ_LIMIT)
     rest = content.after(len(head))
     first = rest.read_prefix(2)
