@@ -368,6 +368,13 @@ def test_the_sendmail_entry_loads_neither_the_command_table_nor_the_server():
     assert {"mailflow.sendmail", "mailflow.config"} <= loaded
 
 
+def test_the_queue_tools_load_no_transport_or_stage():
+    """mailq and sendmail -bp list the queue: the transports package (the SMTP client, dnspython, cryptography:
+    ~100 ms) loads only when `queue show` prints a body."""
+    loaded = Layering.read(PACKAGE).loaded_by_import("mailflow.queue_tools")
+    assert sorted(n for n in loaded if _under(n, ("mailflow.transports", "mailflow.stages", "mailflow.app"))) == []
+
+
 def test_every_listed_leaf_exists():
     modules = Layering.read(PACKAGE).modules
     assert [leaf for leaf in LEAVES + CONFIG_MAY_LOAD if leaf not in modules] == []
