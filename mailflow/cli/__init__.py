@@ -4,7 +4,7 @@ sendmail`.
 No logic of its own: each command calls the module that does the work.
 
 Configuration comes from `--config FILE`, else `$MAILFLOW_CONFIG`, else the embedded defaults. A bad
-configuration prints `mailflow: FILE: KEY: REASON` and exits 2 (common.py holds the one formatter); never a
+configuration prints `mailflow: FILE: KEY: REASON` and exits 2 (config_file.py holds the one formatter); never a
 traceback. `serve` exits 1 when it cannot start: a listen address taken, or another server running on the same
 queue (named by its pid).
 
@@ -19,7 +19,8 @@ submission command (mailflow/sendmail/, docs/sendmail.md); its exit codes are sy
 input, as `postmap -q -` does): exit 1 when nothing is found,
 2 for a bad table spec, 75 (EX_TEMPFAIL) when a lookup fails.
 
-The package: common.py (configuration loading and errors, shared options), server.py (serve, check-config,
+The package: config_file.py (where the configuration comes from, the one error formatter; no typer), common.py
+(configuration loading and errors for typer's commands, shared options), server.py (serve, check-config,
 version, config show, address, table query, auth), ops.py (reload, health: against a running server), queue.py (the
 queue tools), submit.py (sendmail), accounts.py (`account …`, the account database, and `dovecot-config`),
 deliverability.py (dkim keygen, dns-records, check-deliverability; docs/deliverability.md); commands.py is the
