@@ -380,15 +380,43 @@ class Importer:
                                    f"{transport} is not a transport mailflow has: {hint}")
 
     def _check_certificate(self) -> None:
-        """smtpd's certificate and key as files that are there: Postfix's smtpd runs on without them (it logs
-        `cannot get RSA certificate from file ...: disabling TLS support` and answers STARTTLS `454 4.7.0 TLS not
-        available due to local problem`), mailflow's would not start; so a pair with a file that is not there is
-        left out (both: a key alone, or a certificate read without its key, means another thing), naming the file."""
+        """smtpd's certificate and key (main.cf's, and a listener's own `-o`) as files that are there. Postfix's
+        smtpd runs on without them (`cannot get RSA certificate from file ...: disabling TLS support`, STARTTLS
+        `454 4.7.0 TLS not available due to local problem`): where every level using the pair is may/none it takes
+        mail in the clear, so the pair is left out (both: a key alone, or a certificate read without its key, means
+        another thing), naming the file; where one is encrypt it takes no mail (MAIL: `530 5.7.0 Must issue a
+        STARTTLS command first`), so the pair is kept as written and reported (exit 1): the output then fails
+        `config check` and the start naming the file, as leaving it out would take that mail in the clear."""
+        users = [listener for listener in self.out.listeners if not _own_pair(listener)]
+        requirers = [self._tls_requirer(None)] + [self._tls_requirer(listener) for listener in users]
+        self._check_main_pair(next((r for r in requirers if r), None))
+
+    def _tls_requirer(self, listener: dict[str, object] | None) -> str | None:
+        """The line whose smtpd_tls_security_level = encrypt applies to `listener` (None: the main settings'),
+        None when its level is may/none."""
+        overrides = listener.get("overrides") if listener else None
+        if isinstance(overrides, dict) and "tls_security_level" in overrides:
+            if overrides["tls_security_level"] != "encrypt":
+                return None
+            sources = listener.get("sources") if listener else None
+            source = sources.get("tls_security_level") if isinstance(sources, dict) else None
+            return f"{listener.get('origin') if listener else ''} " \
+                   f"{source or 'role ' + str(listener.get('role') if listener else '')}"
+        if self.out.settings.get("smtpd.tls_security_level") != "encrypt":
+            return None
+        return self.out.origins.get("smtpd.tls_security_level", "smtpd.tls_security_level = encrypt")
+
+    def _check_main_pair(self, requirer: str | None) -> None:
         keys = [key for key in TLS_PAIR if self.out.settings.get(key)]
         missing = next(((key, why) for key in keys if (why := missing_file(str(self.out.settings[key])))), None)
         if missing is None:
             return
         key, why = missing
+        if requirer is not None:
+            where, _, text = self.out.origins.get(key, key).partition(": ")
+            self.out.leave_out(where, text.partition(" = ")[0] or key, "",
+                               _kept_for_tls(f"{self.out.settings[key]}: {why}", requirer))
+            return
         told = f"{self.out.settings[key]}: {why}; mailflow does not start without it, Postfix's smtpd runs on " \
                f"without TLS (STARTTLS: 454 4.7.0): set {key} (and its pair) once the file is there"
         for each in keys:
@@ -570,6 +598,18 @@ def _client_refusal(parts: list[str], clients: dict[str, dict[str, object]]) -> 
 
 
 TLS_PAIR = ("smtpd.tls_cert_file", "smtpd.tls_key_file")  # smtpd's certificate and its key, read at start
+
+
+def _own_pair(listener: dict[str, object]) -> bool:
+    """Whether a listener names its own certificate or key (`-o smtpd_tls_cert_file`), not main.cf's."""
+    overrides = listener.get("overrides")
+    return isinstance(overrides, dict) and ("tls_cert_file" in overrides or "tls_key_file" in overrides)
+
+
+def _kept_for_tls(missing: str, requirer: str) -> str:
+    """Why a certificate or key whose file is not there is kept: `requirer` (a line) requires TLS."""
+    return f"{missing}; kept as written: {requirer} requires TLS, and Postfix's smtpd then takes no mail without " \
+           "it (MAIL: 530 5.7.0): the output fails `config check` and the start until the file is there"
 
 
 def missing_file(path: str) -> str | None:

@@ -926,3 +926,32 @@ def test_an_option_mailflow_does_not_need_is_noted_for_postfix_s_own_smtp_and_re
     assert doc.get("queue", {}).get("transport_concurrency_limit") == limits
     assert "services" not in doc.get("smtp", {}) and "relay_transport" not in doc
     assert "-o max_use=20 not needed" in (tmp_path / "mailflow.toml").read_text()
+def refused_by_check(config: Path) -> str:
+    result = CliRunner().invoke(cli, ["config", "check", "--config", str(config)])
+    assert result.exit_code != 0, result.output
+    return result.output + result.stderr
+
+
+ENCRYPT_SUBMISSION = "smtp inet n - y - - smtpd\nsubmission inet n - y - - smtpd\n" \
+                     "  -o smtpd_tls_security_level=encrypt\n"
+
+
+@pytest.mark.parametrize("where", ["main.cf", "master.cf"])
+def test_a_missing_certificate_under_level_encrypt_is_kept_so_the_output_fails_closed(tmp_path, where):
+    """Postfix 3.7.11 with smtpd_tls_security_level = encrypt (main.cf's, or a submission service's -o) and its
+    certificate not there takes no mail: STARTTLS `454 4.7.0`, MAIL `530 5.7.0 Must issue a STARTTLS command
+    first`. Leaving the pair out made the output take that mail in the clear; it is kept, reported (exit 1), and
+    `config check` fails naming the file."""
+    cert = str(tmp_path / "gone" / "cert.pem")
+    level = "encrypt" if where == "main.cf" else "may"
+    main_cf = f"smtpd_tls_cert_file = {cert}\nsmtpd_tls_key_file = {cert}\nsmtpd_tls_security_level = {level}\n"
+    master = write(tmp_path, "master.cf", ENCRYPT_SUBMISSION) if where == "master.cf" else None
+    code, err = run_import(write(tmp_path, "main.cf", main_cf), master, tmp_path / "mailflow.toml")
+    assert code == 1, err
+    requirer = "main.cf:3: smtpd_tls_security_level = encrypt" if where == "main.cf" else \
+        "master.cf:2 -o smtpd_tls_security_level=encrypt"
+    assert f"  main.cf:1: smtpd_tls_cert_file: {cert}: no such file; kept as written: {requirer} requires TLS, and " \
+           "Postfix's smtpd then takes no mail without it (MAIL: 530 5.7.0): the output fails `config check` and " \
+           "the start until the file is there" in err.splitlines()
+    assert len(err.splitlines()) == 2, err  # (the level and the listeners kept: no other line)
+    assert f"{cert}: no such certificate or key file" in refused_by_check(tmp_path / "mailflow.toml")
