@@ -390,6 +390,9 @@ class Importer:
         users = [listener for listener in self.out.listeners if not _own_pair(listener)]
         requirers = [self._tls_requirer(None)] + [self._tls_requirer(listener) for listener in users]
         self._check_main_pair(next((r for r in requirers if r), None))
+        for listener in self.out.listeners:
+            if _own_pair(listener):
+                self._check_listener_pair(listener)
 
     def _tls_requirer(self, listener: dict[str, object] | None) -> str | None:
         """The line whose smtpd_tls_security_level = encrypt applies to `listener` (None: the main settings'),
@@ -421,6 +424,26 @@ class Importer:
                f"without TLS (STARTTLS: 454 4.7.0): set {key} (and its pair) once the file is there"
         for each in keys:
             self._drop_setting(each, told if each == key else f"left out with {key}, whose file is not there")
+
+    def _check_listener_pair(self, listener: dict[str, object]) -> None:
+        """A listener's own `-o smtpd_tls_cert_file`/`_key_file`, as main.cf's: kept and reported under encrypt,
+        else left out, the listener then without TLS (its pair set to "", not main.cf's), as Postfix's."""
+        overrides, sources = listener["overrides"], listener.get("sources", {})
+        assert isinstance(overrides, dict) and isinstance(sources, dict)
+        keys = [key for key in ("tls_cert_file", "tls_key_file") if overrides.get(key)]
+        missing = next(((key, why) for key in keys if (why := missing_file(str(overrides[key])))), None)
+        if missing is None:
+            return
+        key, why = missing
+        name = f"listener {listener.get('address')} -o smtpd_{key}"
+        where, requirer = str(listener.get("origin", "")), self._tls_requirer(listener)
+        if requirer is not None:
+            self.out.leave_out(where, name, "", _kept_for_tls(f"{overrides[key]}: {why}", requirer))
+            return
+        self.out.leave_out(where, name, str(sources.get(key, "")).partition("=")[2],
+                           f"{overrides[key]}: {why}; Postfix's smtpd runs on without TLS there (STARTTLS: 454 "
+                           "4.7.0): the listener has no certificate (its pair set to \"\")")
+        overrides["tls_cert_file"] = overrides["tls_key_file"] = ""
 
     # --- the whole, as mailflow loads it ----------------------------------------------------------------------
 

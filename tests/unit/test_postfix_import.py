@@ -955,3 +955,28 @@ def test_a_missing_certificate_under_level_encrypt_is_kept_so_the_output_fails_c
            "the start until the file is there" in err.splitlines()
     assert len(err.splitlines()) == 2, err  # (the level and the listeners kept: no other line)
     assert f"{cert}: no such certificate or key file" in refused_by_check(tmp_path / "mailflow.toml")
+
+
+@pytest.mark.parametrize("level", ["encrypt", "may"])
+def test_a_listeners_own_missing_certificate_is_named_with_its_master_cf_line(tmp_path, level):
+    """A master.cf `-o smtpd_tls_cert_file` naming a file that is not there is judged as main.cf's: under encrypt
+    kept (exit 1, `config check` fails); under may left out, the listener without TLS, as Postfix's smtpd there
+    (not with main.cf's certificate)."""
+    pki = ClientPki(tmp_path)
+    gone = str(tmp_path / "gone" / "sub.pem")
+    main_cf = f"smtpd_tls_cert_file = {pki.server_cert}\nsmtpd_tls_key_file = {pki.server_cert}\n"
+    master = write(tmp_path, "master.cf", "smtp inet n - y - - smtpd\nsubmission inet n - y - - smtpd\n"
+                   f"  -o smtpd_tls_cert_file={gone}\n  -o smtpd_tls_key_file={gone}\n"
+                   f"  -o smtpd_tls_security_level={level}\n")
+    code, err = run_import(write(tmp_path, "main.cf", main_cf), master, tmp_path / "mailflow.toml")
+    assert code == 1, err
+    told = [line for line in err.splitlines() if "-o smtpd_tls_cert_file" in line]
+    assert told and all(line.startswith("  master.cf:2: listener ") and f"{gone}: no such file; " in line
+                        for line in told), err
+    if level == "encrypt":
+        assert all("kept as written: master.cf:2 -o smtpd_tls_security_level=encrypt requires TLS" in line
+                   for line in told)
+        assert f"{gone}: no such certificate or key file" in refused_by_check(tmp_path / "mailflow.toml")
+    else:
+        listeners = checked(tmp_path / "mailflow.toml")["smtpd"]["listeners"]
+        assert {(x["overrides"]["tls_cert_file"], x["overrides"]["tls_key_file"]) for x in listeners} == {("", "")}
