@@ -311,7 +311,33 @@ def _overrides(importer: ImportState, service: Service, options: list[tuple[str,
         for key, setting in converted.items():
             overrides[key.removeprefix("smtpd.")] = from_queue_directory(setting, importer.queue_directory(),
                                                                          importer.out.notes)
+    inherited = _inherited_sasl_path(importer, expander, service, options)
+    if inherited:
+        overrides["sasl_path"] = inherited
     return overrides
+
+
+def _inherited_sasl_path(importer: ImportState, expander, service: Service, options: list[tuple[str, str]]) -> str:
+    """main.cf's smtpd_sasl_path for a service whose own `-o smtpd_sasl_type=dovecot` reads it as Dovecot's socket
+    (Postfix's smtpd takes the path it inherits under the type it has) while main.cf's type does not ([smtpd] leaves
+    it out as a Cyrus name): the path, made absolute from queue_directory, and main.cf's line a note, not left out;
+    "" otherwise."""
+    if "smtpd_sasl_path" not in importer.params or any(name == "smtpd_sasl_path" for name, _ in options) or \
+            not any(name == "smtpd_sasl_type" for name, _ in options) or \
+            (_sasl_type(importer, expander, options) or "").strip().lower() != "dovecot" or \
+            (_sasl_type(importer, importer.expander, []) or "").strip().lower() == "dovecot":
+        return ""
+    line, raw = importer.params["smtpd_sasl_path"]
+    try:
+        path = dovecot_sasl_path(importer.expander.expand(raw), "dovecot", importer.queue_directory(),
+                                 importer.out.notes, line.where)
+    except Unexpanded:
+        return ""
+    for item in [i for i in importer.out.left_out if i.where == line.where and i.name == "smtpd_sasl_path"]:
+        importer.out.left_out.remove(item)
+    importer.out.notes.append(f"{line.where}: smtpd_sasl_path = {raw}: {service.name}'s listener takes it as "
+                              f"{path} (its -o smtpd_sasl_type=dovecot); [smtpd] leaves it out (not dovecot there)")
+    return path
 
 
 def _sasl_type(importer: ImportState, expander, options: list[tuple[str, str]]) -> str | None:

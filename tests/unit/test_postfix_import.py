@@ -538,6 +538,25 @@ def test_a_submission_service_s_relative_smtpd_sasl_path_is_in_queue_directory_a
     assert {x["overrides"]["sasl_path"] for x in listeners} == {"/var/spool/pf/private/auth"}
 
 
+def test_main_cf_s_sasl_path_serves_a_service_whose_own_sasl_type_is_dovecot(tmp_path):
+    """main.cf `smtpd_sasl_path = private/auth` with no type (cyrus there) and a submission service's
+    `-o smtpd_sasl_type=dovecot`: Postfix's smtpd on 587 reads the path it inherits as Dovecot's socket, so that
+    listener keeps Dovecot AUTH (it lost it when main.cf's path was judged under main.cf's type only)."""
+    pki = ClientPki(tmp_path)
+    main = write(tmp_path, "main.cf", f"smtpd_sasl_path = private/auth\nqueue_directory = /var/spool/pf\n"
+                                      f"smtpd_tls_cert_file = {pki.server_cert}\n")
+    master = write(tmp_path, "master.cf", "smtp inet n - y - - smtpd\nsubmission inet n - y - - smtpd\n"
+                   "  -o smtpd_tls_security_level=encrypt\n  -o smtpd_sasl_type=dovecot\n"
+                   "  -o smtpd_sasl_auth_enable=yes\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    assert (code, err) == (0, "")
+    imported = checked(tmp_path / "mailflow.toml")
+    assert "sasl_path" not in imported["smtpd"]
+    assert [{k: x["overrides"][k] for k in ("sasl_type", "sasl_path", "sasl_auth_enable")}
+            for x in imported["smtpd"]["listeners"]] == \
+        [{"sasl_type": "dovecot", "sasl_path": "/var/spool/pf/private/auth", "sasl_auth_enable": True}] * 2
+
+
 EXTRA_CLIENTS_MASTER = """\
 smtp      inet  n       -       y       -       -       smtpd
 smtp-amavis unix -      -       n       -       -       smtp
