@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import threading
+from collections.abc import Collection
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,7 @@ class _TruncatingHandler(DNSHandler):
 def dns_zone():
     servers: list[DNSServer] = []
 
-    def start(zone_text: str, servfail: tuple[str, ...] = (), slow: tuple[str, ...] = (), delay: float = 0.0,
+    def start(zone_text: str, servfail: Collection[str] = (), slow: tuple[str, ...] = (), delay: float = 0.0,
               tcp: bool = False, asked: list[tuple[str, str]] | None = None) -> str:
         quiet = DNSLogger("-request,-reply,-truncated,-recv,-send,-error,-data", False)
         authority = ZoneAuthority(zone_text, servfail, slow, delay, asked)

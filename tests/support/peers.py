@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from dnslib import QTYPE, RCODE, RR
@@ -128,13 +129,14 @@ def stall_mail(peer: CapturePeer) -> asyncio.Event:
 class ZoneAuthority(BaseResolver):
     """Authoritative answers from zone text, with NODATA (dnslib's ZoneResolver says NXDOMAIN there)."""
 
-    def __init__(self, zone_text: str, servfail: tuple[str, ...] = (), slow: tuple[str, ...] = (), delay: float = 0.0,
+    def __init__(self, zone_text: str, servfail: Collection[str] = (), slow: tuple[str, ...] = (), delay: float = 0.0,
                  asked: list[tuple[str, str]] | None = None):
-        """`asked`, when given, gets (name, type) of every query, as it arrives."""
+        """`asked`, when given, gets (name, type) of every query, as it arrives; `servfail` is read at each query
+        (a set the test changes makes a name fail, or work again, while the server runs)."""
         self.asked = asked
         self.records = RR.fromZone(zone_text)
         self.names = {str(rr.rname).lower() for rr in self.records}
-        self.servfail = {name.lower().rstrip(".") + "." for name in servfail}
+        self.servfail = servfail
         self.slow = {name.lower().rstrip(".") + "." for name in slow}
         self.delay = delay
 
@@ -145,7 +147,7 @@ class ZoneAuthority(BaseResolver):
             self.asked.append((qname, QTYPE[request.q.qtype]))
         if qname in self.slow:
             time.sleep(self.delay)  # (dnslib's server answers each query in a thread of its own)
-        if qname in self.servfail:
+        if qname in {name.lower().rstrip(".") + "." for name in self.servfail}:
             reply.header.rcode = RCODE.SERVFAIL
         elif qname not in self.names:
             reply.header.rcode = RCODE.NXDOMAIN

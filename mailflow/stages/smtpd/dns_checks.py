@@ -22,8 +22,9 @@ server_checks.py's). restrictions.py decides when each runs; this module asks th
 
 Only domains this host is not final destination for are asked about (address classes relay and default).
 A client's PTR names, its verified name, each list query's answer (or failure), whether a HELO name has host
-records and a sender's or recipient's domain's MX and address records (or the failure to get them) are remembered
-in the session's `facts.memo` (delay_reject reruns the lists at every RCPT; the handler bounds the memo).
+records and a sender's or recipient's domain's MX and address records (or that it does not exist; a temporary
+failure is asked again at the next check, as Postfix's) are remembered in the session's `facts.memo` (delay_reject
+reruns the lists at every RCPT; the handler bounds the memo).
 
 Failure behaviour: a DNSBL that cannot be asked counts as not listed (logged as Postfix's `RBL lookup error`), a
 DNS allowlist too, with a DEFER_IF_REJECT; the unknown-name checks defer (450) when the DNS cannot tell now, as
@@ -250,22 +251,19 @@ class DnsChecks:
         return None if not domain or domain.startswith("[") else domain
 
     async def _domain_records(self, lookup: str, domain: str, memo: dict) -> tuple:
-        """The records `self._resolver.<lookup>(domain)` gives (`mx` or `addresses`), asked once a session (delay_reject
-        runs the sender list at every RCPT); raises NotFound (no such domain) or the LookupRetry of a lookup that
-        failed as the resolver did, once kept (the next RCPT is refused or deferred as this one, without asking)."""
+        """The records `self._resolver.<lookup>(domain)` gives (`mx` or `addresses`), an answer or NXDOMAIN asked
+        once a session (delay_reject runs the sender list at every RCPT); raises NotFound (no such domain), or the
+        LookupRetry of a lookup that failed now: that is never kept, the next check asks again, as Postfix's
+        reject_unknown_mailhost does at each RCPT (a SERVFAIL once must not defer the session's later mail)."""
         key = ("domain " + lookup, domain)
         if key not in memo:
             try:
                 memo[key] = tuple(await getattr(self._resolver, lookup)(domain))
             except NotFound:
                 memo[key] = None
-            except LookupRetry as e:
-                memo[key] = e.text  # (its text: a fresh exception each time, no traceback kept)
         answer = memo[key]
         if answer is None:
             raise NotFound(domain, lookup)
-        if isinstance(answer, str):
-            raise LookupRetry(answer)
         return answer
 
     async def unknown_recipient_domain(self, rcpt: str, memo: dict) -> status.Reply | None:
