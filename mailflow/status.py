@@ -263,6 +263,13 @@ def null_mx(address: str, domain: str) -> Reply:
                                 f"Domain {domain} does not accept mail (nullMX)")
 
 
+def sender_null_mx(address: str, domain: str) -> Reply:
+    """reject_unknown_sender_domain: the sender's domain publishes a null MX (RFC 7505: it sends no mail either;
+    Postfix's reject_unknown_mailhost, whatever address records it has)."""
+    return restriction_rejected(550, "5.7.27", address, "Sender address",
+                                f"Domain {domain} does not accept mail (nullMX)")
+
+
 def rbl_listed(client_ip: str, rbl_domain: str, what: str = "Client host") -> Reply:
     """reject_rbl_client and reject_rhsbl_* (maps_rbl_reject_code 554, Postfix's default_rbl_reply): `what` is
     the rbl class ("Client host", "Sender address", "Helo command", "Recipient address"), `client_ip` what was

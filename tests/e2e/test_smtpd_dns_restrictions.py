@@ -373,6 +373,15 @@ async def test_the_unknown_domain_checks_ask_the_dns_once_a_session(mailflow_ser
                                ("known.test.", "MX"), ("nowhere.test.", "MX")], domains  # (no such domain: no A)
 
 
+async def test_a_sender_domain_with_a_null_mx_is_refused_though_it_has_an_address(mailflow_server, dns_zone):
+    """Postfix's reject_unknown_mailhost stops at a null MX (DNS_REQ_FLAG_STOP_NULLMX): the sender is refused 550
+    5.7.27 (smtpd_check_reject makes 4.7.27 the reply's class), its A record not asked; it used to be accepted."""
+    port = await start(mailflow_server, dns_zone, sender_restrictions=["reject_unknown_sender_domain"])
+    assert (await rcpt(port, sender="x@nullmx.test")).text == \
+        ("550 5.7.27 <x@nullmx.test>: Sender address rejected: Domain nullmx.test does not accept mail (nullMX)")
+    assert (await rcpt(port, sender="x@implicit.test"))[0] == 250  # (an address and no MX: accepted)
+
+
 async def test_a_temporary_dns_failure_is_asked_again_at_the_next_rcpt_and_transaction(mailflow_server, dns_zone):
     """Postfix's reject_unknown_mailhost asks the DNS at each RCPT (smtpd_check.c: no cache): a SERVFAIL defers
     that recipient only (450), and once the DNS works the same session's next transaction is accepted; it used to

@@ -16,7 +16,8 @@ server_checks.py's). restrictions.py decides when each runs; this module asks th
                                                          at once: tempfail_action "defer"); an address literal
                                                          that is no address: 501 5.5.2
         .reverse_name(facts) -> str                      the client's first PTR name ("" for none)
-        .unknown_sender_domain(sender, memo)             no MX and no address: unknown_address_reject_code 4.1.8
+        .unknown_sender_domain(sender, memo)             no MX and no address: unknown_address_reject_code 4.1.8;
+                                                         a null MX: 550 5.7.27
         .unknown_recipient_domain(rcpt, memo)            the same for a recipient (4.1.2); a null MX: 556 5.1.10
     rbl_query_name(client_addr, rbl_domain) -> str | None
 
@@ -285,15 +286,16 @@ class DnsChecks:
         return status.domain_not_found(rcpt, self._unknown_code)
 
     async def unknown_sender_domain(self, sender: str | None, memo: dict) -> status.Reply | None:
-        """No MX (a null MX alone counts as none) and no address for the sender's domain."""
+        """No MX and no address for the sender's domain; a null MX refuses it (550 5.7.27), as Postfix's."""
         domain = self._remote_domain(sender)
         if domain is None:
             return None
         assert sender is not None  # (a domain was found in it)
         try:
             records = await self._domain_records("mx", domain, memo)
-            if records and not all(r.is_null for r in records) or await self._domain_records("addresses", domain,
-                                                                                              memo):
+            if any(r.is_null for r in records):
+                return status.sender_null_mx(sender, domain)
+            if records or await self._domain_records("addresses", domain, memo):
                 return None
         except NotFound:
             pass
