@@ -11,11 +11,12 @@ What it owns
   smtpd jumps back to the greeting before it counts the command, so its log says `xclient=0/1`);
   `content(verb, size)` while DATA or BDAT content is read
   (`size()`: its bytes so far) and `message_ended()` once its end was read, until the next command;
-  `timed_out()`; `ended()` at the end of the session, however it ended: "lost connection after X" unless the
-  client said QUIT or the server hung up, then "disconnect from host[ip] ehlo=1 mail=1 ... commands=N". X is
-  as Postfix writes it: the last command, `DATA (N bytes)` / `BDAT (N bytes)` in message content (the bytes of
-  content received), `END-OF-MESSAGE` after it (a connection lost there is not logged: the message was
-  answered).
+  `timed_out()`; `too_many_errors()` (the session ends at hard_error_limit: "too many errors after X", X the
+  last command or END-OF-MESSAGE); `ended()` at the end of the session, however it ended: "lost connection after
+  X" unless the client said QUIT or the server hung up, then "disconnect from host[ip] ehlo=1 mail=1 ...
+  commands=N". X is as Postfix writes it: the last command, `DATA (N bytes)` / `BDAT (N bytes)` in message
+  content (the bytes of content received), `END-OF-MESSAGE` after it (a connection lost there is not logged: the
+  message was answered).
 - `lines`: the `logs.SmtpdLog` through which the session writes its other events (reject, TLS, pipelining...).
 - `server_hung_up`: set when the server ended the session (a refusal, a timeout, a shutdown): no "lost
   connection" line then.
@@ -93,6 +94,13 @@ class SessionLog:
         if self._pending == "starttls":
             self.counts["starttls"][0] += 1
             self._pending = None
+
+    def too_many_errors(self) -> None:
+        """The session ends at hard_error_limit (before the next command is read): `too many errors after X`,
+        X the last command, `END-OF-MESSAGE` once a message's end was read (Postfix's state->where then)."""
+        if self.lines.active:
+            self.lines.too_many_errors(END_OF_MESSAGE if self._message_ended else self.where, self._client())
+        self.server_hung_up = True
 
     def timed_out(self) -> None:
         if self.connected and not self.server_hung_up and self.lines.active:

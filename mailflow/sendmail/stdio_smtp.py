@@ -145,8 +145,7 @@ class StdioSmtp:
         self._reply(status.greeting(self._host, self._limits.banner))  # (smtpd's, as Postfix's -bs)
         while True:
             if self._errors >= self._limits.hard_error_limit:
-                self._record.lines.too_many_errors(self._record.where, CLIENT)
-                self._record.server_hung_up = True
+                self._record.too_many_errors()
                 self._reply(status.too_many_errors(self._host))
                 return 0
             line = self._in.readline(self._limits.max_line_length)

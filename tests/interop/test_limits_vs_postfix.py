@@ -626,3 +626,38 @@ async def test_junk_commands_count_as_postfix_counts_them(mailflow_server):
     mailflow = await junk_replies(mf.smtp_addresses[0][1])
     assert mailflow == postfix
     assert postfix[-1] == "NOOP -> 421 4.7.0 HOST Error: too many errors"
+
+
+async def errors_then_a_big_message(port: int) -> list[str]:
+    """hard_error_limit 2: a refused RCPT, then a message past message_size_limit; each reply's first line (host
+    normalised) until the server closes."""
+    c = await SmtpClient.connect(port)
+    seen = []
+    for line in ["EHLO client.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<nobody@local.test>",
+                 "RCPT TO:<alice@local.test>", "DATA"]:
+        seen.append(f"{line} -> {same_host((await c.cmd(line)).text.splitlines()[0])}")
+    await c.send(b"Subject: big\r\n\r\n" + b"x" * 70 + b"\r\n.\r\n")
+    seen.append(f"message -> {(await c.reply()).text.splitlines()[0]}")
+    reply = await c.cmd("NOOP")
+    seen.append(f"NOOP -> {same_host(reply.text.splitlines()[0]) if reply.text else 'closed'}")
+    await c.close()
+    return seen
+
+
+async def test_too_many_errors_after_a_message_is_logged_after_end_of_message_as_by_postfix(mailflow_server, caplog):
+    """Postfix sets state->where to END-OF-MESSAGE once a message's end was read: the session ending at
+    hard_error_limit there logs `too many errors after END-OF-MESSAGE` (mailflow said `after DATA`)."""
+    caplog.set_level(logging.INFO)
+    async with postfix_instance({"myhostname": PF_HOST, "mynetworks": NETWORKS, "mydestination": "local.test",
+                                 "local_recipient_maps": "inline:{alice=ok}", "message_size_limit": "60",
+                                 "smtpd_hard_error_limit": "2", "smtpd_error_sleep_time": "0"}) as pf:
+        postfix = await errors_then_a_big_message(pf.port)
+        await eventually(lambda: "too many errors" in pf.maillog, timeout=5, what="Postfix's too many errors line")
+        pf_said = [line.split("]: ", 1)[1] for line in pf.maillog.splitlines() if "too many errors after" in line]
+    mf = await mailflow_server(mynetworks=[NETWORKS], local_recipient_maps=["inline:{alice=ok}"],
+                               smtpd={"hard_error_limit": 2, "error_sleep_time": "0s", "message_size_limit": 60})
+    mailflow = await errors_then_a_big_message(mf.smtp_addresses[0][1])
+    await sessions_over(mf)
+    mf_said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("too many errors after")]
+    assert mailflow == postfix
+    assert mf_said == pf_said == [f"too many errors after END-OF-MESSAGE from {LOOPBACK_CLIENT}"]

@@ -418,40 +418,45 @@ async def test_bs_answers_ehlo_421_when_the_discard_maps_cannot_answer_as_a_real
 
 # -bs sessions as Postfix's smtpd logs them (no restriction list runs there: no reject lines): a message with
 # malformed recipients and an unknown command before it, then the input ends without QUIT; and a session ended at
-# hard_error_limit
+# hard_error_limit, and one ended there by a message too big (after END-OF-MESSAGE, not DATA)
 LOGGED_SESSIONS = [
     ["EHLO client.test", "MAIL FROM:<a@x.test>", "RCPT TO:<b@x.test>", "RCPT TO:<bad address>", "RCPT TO:<>", "XYZ",
      "DATA", "Subject: logged", "", "hi", ".", "NOOP"],
     ["HELO client.test", "BOGUS", "NOOP", "BOGUS", "BOGUS", "BOGUS", "NOOP"],
+    ["EHLO client.test", "MAIL FROM:<a@x.test>", "RCPT TO:<a b>", "RCPT TO:<c d>", "RCPT TO:<e f>",
+     "RCPT TO:<b@x.test>", "DATA", "Subject: big", "", *["x" * 100] * 30, ".", "NOOP"],
 ]
 LOG_LIMITS = {"hard_error_limit": 4, "error_sleep_time": 0}
+LOG_SIZE_LIMIT = 2000  # (Postfix's counts the queue file: its own headers too)
 
 
 def smtpd_lines(log: str) -> list[str]:
     """smtpd's lines of a log (Postfix's or mailflow's text format), the text after `smtpd[pid]: `, ids masked."""
     lines = [line.split("]: ", 1)[1] for line in log.splitlines() if re.search(r"/smtpd\[\d+\]: ", line)]
-    return [re.sub(r"^\S+: client=", "ID: client=", line) for line in lines]
+    return [re.sub(r"^(warning: )?\S+: (client=|queue file size)", r"\1ID: \2", line) for line in lines]
 
 
 async def test_bs_sessions_are_logged_as_a_real_postfixs_stand_alone_smtpd_logs_them(write_config, tmp_path):
     (tmp_path / "queue").mkdir()
     mail_log = tmp_path / "mail.log"
-    config = write_config(tmp_path / "mailflow.toml", smtpd={"listen": ["127.0.0.1:0"], **LOG_LIMITS},
-                          log={"file": str(mail_log)}, **COMMON)
-    async with postfix_instance({**COMMON, "relayhost": "[127.0.0.1]:9",
+    config = write_config(tmp_path / "mailflow.toml", log={"file": str(mail_log)}, **COMMON,
+                          smtpd={"listen": ["127.0.0.1:0"], "message_size_limit": LOG_SIZE_LIMIT, **LOG_LIMITS})
+    async with postfix_instance({**COMMON, "relayhost": "[127.0.0.1]:9", "message_size_limit": str(LOG_SIZE_LIMIT),
                                  **{f"smtpd_{name}": str(value) for name, value in LOG_LIMITS.items()}}) as pf:
         await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the instance's readiness probe
         before = len(pf.maillog)
         for dialogue in LOGGED_SESSIONS:
             await bs_transcript(["sendmail", "-C", str(pf.etc)], dialogue)
-        await eventually(lambda: pf.maillog[before:].count("disconnect from") == 2, timeout=10)
+        await eventually(lambda: pf.maillog[before:].count("disconnect from") == 3, timeout=10)
         postfix = smtpd_lines(pf.maillog[before:])
     for dialogue in LOGGED_SESSIONS:
         await bs_transcript([sys.executable, "-m", "mailflow", "sendmail", "-C", str(config)], dialogue)
     mailflow = smtpd_lines(mail_log.read_text())
     # the message's client= line: Postfix's smtpd writes it at MAIL (its postdrop file made then), mailflow's -bs
     # once the message is stored (its maildrop file's name known then): after the RCPT lines
-    assert [line for line in mailflow if "client=" not in line] == [line for line in postfix if "client=" not in line]
+    # (and only then: a message too big is not stored, its name never known, so neither line is written for it)
+    stored = [line for line in postfix if not re.match(r"(warning: )?ID: ", line)]
+    assert [line for line in mailflow if "client=" not in line] == stored
     assert mailflow[3] == postfix[1] == "ID: client=localhost[127.0.0.1]"
     assert postfix == [  # what Postfix wrote, so that the same change on both sides cannot pass unnoticed
         "connect from localhost[127.0.0.1]", "ID: client=localhost[127.0.0.1]",
@@ -460,4 +465,10 @@ async def test_bs_sessions_are_logged_as_a_real_postfixs_stand_alone_smtpd_logs_
         "lost connection after NOOP from localhost[127.0.0.1]",
         "disconnect from localhost[127.0.0.1] ehlo=1 mail=1 rcpt=1/3 data=1 noop=1 unknown=0/1 commands=5/8",
         "connect from localhost[127.0.0.1]", "too many errors after UNKNOWN from localhost[127.0.0.1]",
-        "disconnect from localhost[127.0.0.1] helo=1 noop=1 unknown=0/4 commands=2/6"]
+        "disconnect from localhost[127.0.0.1] helo=1 noop=1 unknown=0/4 commands=2/6",
+        "connect from localhost[127.0.0.1]",
+        *[f"warning: Illegal address syntax from localhost[127.0.0.1] in RCPT command: <{a}>" for a in ("a b", "c d",
+                                                                                                          "e f")],
+        "ID: client=localhost[127.0.0.1]", "warning: ID: queue file size limit exceeded",
+        "too many errors after END-OF-MESSAGE from localhost[127.0.0.1]",
+        "disconnect from localhost[127.0.0.1] ehlo=1 mail=1 rcpt=1/4 data=0/1 commands=3/7"]

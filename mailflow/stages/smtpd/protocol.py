@@ -643,7 +643,7 @@ class ProtocolCore(SMTP):
             await self._refuse_and_close(status.session_too_long(self.hostname))
             return False
         if self._errors >= self._limits.hard_error_limit:
-            self.record.lines.too_many_errors(self.record.where, self.session.client)
+            self.record.too_many_errors()
             await self._refuse_and_close(status.too_many_errors(self.hostname))
             return False
         if self._errors >= self._limits.soft_error_limit and self._limits.error_sleep_time:
