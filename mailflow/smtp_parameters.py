@@ -4,6 +4,8 @@ imports it without loading smtpd (a -bs run is one process per message: it must 
 
     path_text(arg, command) -> text | status.Reply      what follows MAIL's `FROM:` or RCPT's `TO:`: the path and
                                                        its parameter words, not yet parsed (address.parse_path)
+    path_word(text) -> str                             its first word as Postfix's smtpd_token reads one: the
+                                                       address its `Illegal address syntax` warning quotes
     mail_parameters(words, size_limit, discarded) -> (options, RET, ENVID, AUTH) | status.Reply
     rcpt_parameters(words, discarded) -> (NOTIFY, ORCPT) | status.Reply
 
@@ -42,6 +44,28 @@ def path_text(arg: str | None, command: str) -> str | status.Reply:
     if not arg or ascii_upper(arg[:len(keyword)]) != keyword or not text.strip(" \t"):
         return status.syntax(f"{command} {keyword}<address>")
     return text
+
+
+def path_word(text: str) -> str:
+    """The first word of `text` (path_text's) as Postfix's smtpd_token takes one: up to white space outside `<…>`
+    and `"…"` (a quote opened inside angle brackets nests; a bracket inside quotes does not), a backslash taking the
+    next character as it is; an unclosed bracket or quote runs to the end. `<a b> NOTIFY=NEVER` gives `<a b>`."""
+    word: list[str] = []
+    closing: list[str] = []  # the closing characters awaited, innermost last
+    escaped = False
+    for c in text.lstrip(" \t"):
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif closing and c == closing[-1]:
+            closing.pop()
+        elif c == '"' or (c == "<" and (not closing or closing[-1] == ">")):
+            closing.append('"' if c == '"' else ">")
+        elif c in " \t" and not closing:
+            break
+        word.append(c)
+    return "".join(word)
 
 
 def _take_dsn(found: dict[str, str], key: str, value: str, discarded: frozenset[str]) -> status.Reply | None:

@@ -35,7 +35,7 @@ from __future__ import annotations
 from typing import Any
 
 from mailflow import address, status
-from mailflow.smtp_parameters import mail_parameters, path_text, rcpt_parameters
+from mailflow.smtp_parameters import mail_parameters, path_text, path_word, rcpt_parameters
 from mailflow.stages.smtpd.secure import SecureCommands
 from mailflow.stages.smtpd.state import NULL_SENDER
 from mailflow.syntax import ascii_upper
@@ -163,12 +163,12 @@ class TransactionCommands(SecureCommands):
         try:
             addr, written, rest = address.parse_written_path(text)
         except address.PathError:
-            self.record.lines.illegal_address(self.session.client, command, text)
+            self.record.lines.illegal_address(self.session.client, command, path_word(text))  # (Postfix's word)
             await self.push(bad)
             return None
         sent = text[:len(text) - len(rest)].strip(" \t")
         if (command == "RCPT" and not addr) or (self._limits.strict_rfc821_envelopes and not sent.startswith("<")):
-            self.record.lines.illegal_address(self.session.client, command, text if not addr else sent)
+            self.record.lines.illegal_address(self.session.client, command, path_word(text))
             await self.push(bad)
             return None
         self.path_as_sent = sent  # (what the handler's refusal logs)
