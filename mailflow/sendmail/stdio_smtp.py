@@ -279,7 +279,7 @@ class StdioSmtp:
                 return
             self._reply(status.MESSAGE_TOO_BIG if e.code == os.EX_DATAERR else status.QUEUE_ERROR)
         else:
-            self._mail_log.received(name, CLIENT)  # (Postfix's smtpd logs it at MAIL, named by postdrop's file)
+            self._mail_log.received(name, CLIENT)  # (Postfix's at the first accepted RCPT: smtpd_delay_open)
             self._reply(status.queued(name))
             self._errors = 0  # a message queued forgives what came before (Postfix)
             self._junk.forgive()

@@ -452,9 +452,10 @@ async def test_bs_sessions_are_logged_as_a_real_postfixs_stand_alone_smtpd_logs_
     for dialogue in LOGGED_SESSIONS:
         await bs_transcript([sys.executable, "-m", "mailflow", "sendmail", "-C", str(config)], dialogue)
     mailflow = smtpd_lines(mail_log.read_text())
-    # the message's client= line: Postfix's smtpd writes it at MAIL (its postdrop file made then), mailflow's -bs
-    # once the message is stored (its maildrop file's name known then): after the RCPT lines
-    # (and only then: a message too big is not stored, its name never known, so neither line is written for it)
+    # the message's client= line: Postfix's smtpd writes it at the first accepted RCPT (smtpd_delay_open: its
+    # postdrop file made then), mailflow's -bs once the message is stored (its maildrop file's name known then):
+    # after the RCPT lines, and only then (a message too big is not stored, its name never known, so neither that
+    # line nor Postfix's `queue file size limit exceeded` is written for it)
     stored = [line for line in postfix if not re.match(r"(warning: )?ID: ", line)]
     assert [line for line in mailflow if "client=" not in line] == stored
     assert mailflow[3] == postfix[1] == "ID: client=localhost[127.0.0.1]"
