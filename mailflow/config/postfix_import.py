@@ -387,12 +387,33 @@ class Importer:
         another thing), naming the file; where one is encrypt it takes no mail (MAIL: `530 5.7.0 Must issue a
         STARTTLS command first`), so the pair is kept as written and reported (exit 1): the output then fails
         `config check` and the start naming the file, as leaving it out would take that mail in the clear."""
+        self._tls_files_from_queue_directory()
         users = [listener for listener in self.out.listeners if not _own_pair(listener)]
         requirers = [self._tls_requirer(None)] + [self._tls_requirer(listener) for listener in users]
         self._check_main_pair(next((r for r in requirers if r), None))
         for listener in self.out.listeners:
             if _own_pair(listener):
                 self._check_listener_pair(listener)
+
+    def _tls_files_from_queue_directory(self) -> None:
+        """A relative TLS certificate, key or CA file (main.cf's, a listener's `-o`) as Postfix opens it: its daemons
+        chdir to queue_directory before they read them (master/multi_server.c). Made absolute from there (noted),
+        the file checked here is the one Postfix reads and the output's loader (which would take a relative path
+        from the output file's directory) reads, whatever directory the import ran in."""
+        for key in [k for k in self.out.settings if k.rpartition(".")[2] in TLS_FILES]:
+            self.out.settings[key] = self._from_queue_directory(self.out.settings[key])
+        for listener in self.out.listeners:
+            overrides = listener["overrides"]
+            assert isinstance(overrides, dict)
+            for key in [k for k in TLS_FILES if k in overrides]:
+                overrides[key] = self._from_queue_directory(overrides[key])
+
+    def _from_queue_directory(self, path: object) -> object:
+        if not isinstance(path, str) or not path or os.path.isabs(path):
+            return path
+        absolute = os.path.join(self.queue_directory(), path)
+        self.out.notes.append(f"{path} is {absolute} (Postfix opens a relative TLS file from queue_directory)")
+        return absolute
 
     def _tls_requirer(self, listener: dict[str, object] | None) -> str | None:
         """The line whose smtpd_tls_security_level = encrypt applies to `listener` (None: the main settings'),
@@ -621,6 +642,7 @@ def _client_refusal(parts: list[str], clients: dict[str, dict[str, object]]) -> 
 
 
 TLS_PAIR = ("smtpd.tls_cert_file", "smtpd.tls_key_file")  # smtpd's certificate and its key, read at start
+TLS_FILES = ("tls_cert_file", "tls_key_file", "tls_ca_file")  # smtpd's and smtp's, a listener's: files read at start
 
 
 def _own_pair(listener: dict[str, object]) -> bool:

@@ -999,3 +999,26 @@ def test_a_listeners_own_missing_certificate_is_named_with_its_master_cf_line(tm
     else:
         listeners = checked(tmp_path / "mailflow.toml")["smtpd"]["listeners"]
         assert {(x["overrides"]["tls_cert_file"], x["overrides"]["tls_key_file"]) for x in listeners} == {("", "")}
+
+
+def test_a_relative_tls_file_is_taken_from_queue_directory_whatever_the_import_s_directory(tmp_path, monkeypatch):
+    """Postfix's daemons chdir to queue_directory before they read their TLS files (master/multi_server.c): a
+    relative smtpd_tls_cert_file is that directory's file. It was checked against the importer's working directory
+    (the same input passing or not by where the import ran) and written relative, which the output's loader takes
+    from the output file's directory."""
+    pki = ClientPki(tmp_path)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (tmp_path / "out").mkdir()
+    (spool / "good.pem").write_bytes(Path(pki.server_cert).read_bytes())
+    main_cf = write(tmp_path, "main.cf", f"queue_directory = {spool}\nsmtpd_tls_cert_file = good.pem\n"
+                                         "smtpd_tls_key_file = good.pem\nsmtpd_tls_security_level = may\n")
+    master = write(tmp_path, "master.cf", "smtp inet n - y - - smtpd\nsubmission inet n - y - - smtpd\n"
+                   "  -o smtpd_tls_cert_file=good.pem\n  -o smtpd_tls_key_file=good.pem\n")
+    for cwd in (spool, tmp_path):
+        monkeypatch.chdir(cwd)
+        code, err = run_import(main_cf, master, tmp_path / "out" / "mailflow.toml")
+        assert (code, err) == (0, "")
+    imported = checked(tmp_path / "out" / "mailflow.toml")
+    assert imported["smtpd"]["tls_cert_file"] == imported["smtpd"]["tls_key_file"] == str(spool / "good.pem")
+    assert {x["overrides"]["tls_cert_file"] for x in imported["smtpd"]["listeners"]} == {str(spool / "good.pem")}
