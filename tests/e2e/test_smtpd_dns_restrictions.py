@@ -407,3 +407,27 @@ async def test_a_temporary_dns_failure_is_asked_again_at_the_next_rcpt_and_trans
         assert (await client.cmd("RCPT TO:<r@later.test>")).code == 250
     finally:
         await client.close()
+
+
+async def test_the_session_memo_drops_the_least_recently_read_answers_not_all(mailflow_server, dns_zone):
+    """Past 32 answers the memo drops the least recently read ones: a client sending to many domains makes those be
+    asked again, not the answer every RCPT reads (its DNSBL query here: NXDOMAIN, which the resolver's own cache
+    does not keep). The memo used to be cleared whole at its 33rd answer."""
+    asked: list[tuple[str, str]] = []
+    nameserver = dns_zone(ZONE, asked=asked)
+    mf = await mailflow_server(dns={"nameservers": [nameserver], "timeout": "2s", "tries": 1},
+                               mynetworks=["127.0.0.0/8"],
+                               smtpd={"client_restrictions": ["reject_rbl_client rbl.test"],
+                                      "relay_restrictions": ["permit_mynetworks", "reject"],
+                                      "recipient_restrictions": ["reject_unknown_recipient_domain"],
+                                      "error_sleep_time": 0, "hard_error_limit": 1000})
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    try:
+        assert (await client.cmd("EHLO client.test")).code == 250
+        assert (await client.cmd("MAIL FROM:<s@known.test>")).code == 250
+        for n in range(40):
+            assert (await client.cmd(f"RCPT TO:<r@nx{n}.test>")).text.startswith(f"450 4.1.2 <r@nx{n}.test>")
+    finally:
+        await client.close()
+    assert [q for q in asked if q[0] == "1.0.0.127.rbl.test."] == [("1.0.0.127.rbl.test.", "A")]
+    assert len([q for q in asked if q[0].startswith("nx")]) == 40

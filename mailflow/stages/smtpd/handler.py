@@ -548,7 +548,7 @@ class SmtpdHandler:
             encrypted=session.ssl is not None,
             ill_pipelining=session.ill_pipelining,
             marks=envelope.marks,
-            memo=_bounded(session.memo),
+            memo=session.memo.trimmed(),
             command=command,
         )
 
@@ -558,15 +558,6 @@ HOOK_SUBJECT = {  # what a refusal by the policy hook names, per stage (as restr
     "rcpt": lambda facts: (facts.recipient, "Recipient address"),
     "data": lambda facts: ("END-OF-MESSAGE", "End-of-data"),
 }
-
-
-MEMO_LIMIT = 32  # lookups a session remembers (a client trying many senders starts them again)
-
-
-def _bounded(memo: dict) -> dict:
-    if len(memo) > MEMO_LIMIT:
-        memo.clear()
-    return memo
 
 
 def _log_not_queued(client: str, error: BaseException, reply: status.Reply) -> None:

@@ -7,6 +7,7 @@ read directly (never `getattr(..., default)`).
 - `SessionState(aiosmtpd.smtp.Session)`: the client, for the whole connection. aiosmtpd makes a new one after
   STARTTLS (RFC 3207: HELO and login are forgotten); `carry_identity(previous)` keeps who the client is (the
   PROXY or XCLIENT client). XCLIENT replaces its fields (frontends.apply_xclient).
+- `SessionMemo`: the session's lookup answers, bounded (the least recently read dropped).
 - `Transaction(aiosmtpd.smtp.Envelope)`: one mail transaction. A new one at the connection, at HELO, EHLO,
   RSET, STARTTLS and XCLIENT, and after each message whatever its outcome: so RSET clears exactly the fields of
   `Transaction` and none of `SessionState`. `discard_bdat()` frees a BDAT spool it still holds.
@@ -37,6 +38,31 @@ NULL_SENDER = "<>"  # how aiosmtpd spells MAIL FROM:<> in `mail_from`
 _NEUTERED = str.maketrans({c: "?" for c in ' <>()\\";@'})  # Postfix smtpd's NEUTER_CHARACTERS
 
 
+MEMO_LIMIT = 32  # lookup answers a session remembers
+
+
+class SessionMemo(dict):
+    """The answers of a session's restriction lookups, by question (SessionState.memo): at most MEMO_LIMIT once
+    `trimmed()`, the least recently read dropped first, so that a client asking about many senders or domains
+    makes only those be asked again, not the answers every RCPT reads (its name's, SPF's)."""
+
+    def __getitem__(self, key: Any) -> Any:
+        value = super().pop(key)  # (KeyError as a dict's) read: now the most recent
+        super().__setitem__(key, value)
+        return value
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        if key in self:
+            return self[key]
+        self[key] = default
+        return default
+
+    def trimmed(self) -> SessionMemo:
+        while len(self) > MEMO_LIMIT:
+            del self[next(iter(self))]
+        return self
+
+
 def helo_name(text: str) -> str:
     """A HELO/EHLO (or XCLIENT HELO) name as the session keeps it, as Postfix keeps it: printable(), then the
     characters of ` <>()\\";@` made `?`. It is written into the Received header (`from NAME (host [ip])`),
@@ -63,7 +89,7 @@ class SessionState(_AiosmtpdSession):
     proxied_by: str  # the load balancer's address when a PROXY header named the client, else ""
     auth_mechanism: str  # PLAIN, LOGIN or XCLIENT: the `sasl_method` of the log and of policy requests
     milters: Any  # the session's milter connections (filters.milter.MilterSession), made at its first event
-    memo: dict  # answers of the session's restriction lookups (client name, SPF), by question; kept small
+    memo: SessionMemo  # answers of the session's restriction lookups (client name, SPF), by question; kept small
     # delay_reject false (the client and helo lists run at connect or XCLIENT, and HELO/EHLO): the client list's
     # refusal, after which every command but QUIT is refused; each list's DEFER_IF_PERMIT (the helo list's
     # including the client list's), carried to the RCPT lists as Postfix's defer_if_permit_client, _helo
@@ -85,7 +111,7 @@ class SessionState(_AiosmtpdSession):
         self.auth_mechanism = ""
         self.client_cert = None
         self.milters = None
-        self.memo = {}
+        self.memo = SessionMemo()
         self.access_denied = self.defer_if_permit_client = self.defer_if_permit_helo = None
         self.ill_pipelining = False
 
