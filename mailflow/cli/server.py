@@ -185,19 +185,32 @@ def log_file_problems(cfg: Config, where: str) -> list[ConfigError]:
 def certificate_problems(cfg: Config, where: str) -> list[ConfigError]:
     """Each listener's certificate and key (and CA file when it asks for client certificates), read as `serve`
     reads them at start (where one that cannot be used stops the start): one ConfigError per unusable set."""
+    from mailflow.config.smtpd import SmtpdConfig
     from mailflow.stages.smtpd.tls import TlsError, build_context
 
     smtpd = cfg.smtpd
-    settings = ([smtpd] if smtpd.listen else []) + list(map(smtpd.for_listener, smtpd.listeners))
-    files = {(s.tls_cert_file, s.tls_key_file, s.tls_ca_file, s.tls_ask_ccert): None for s in settings}
+    users: list[tuple[str, SmtpdConfig, dict]] = [("smtpd", smtpd, {})] if smtpd.listen else []
+    users += [(f"smtpd.listeners[{i}]", smtpd.for_listener(spec), dict(spec.overrides))
+              for i, spec in enumerate(smtpd.listeners)]
+    files: dict[tuple, tuple[str, dict]] = {}
+    for prefix, s, overrides in users:
+        files.setdefault((s.tls_cert_file, s.tls_key_file, s.tls_ca_file, s.tls_ask_ccert), (prefix, overrides))
     problems = []
-    for cert, key, ca_file, ask_ccert in files:
+    for (cert, key, ca_file, ask_ccert), (prefix, overrides) in files.items():
         if cert:
             try:
                 build_context(cert, key, ca_file, ask_ccert)
             except TlsError as e:
-                problems.append(ConfigError(where, e.key, e.reason))
+                problems.append(ConfigError(where, _tls_file_key(e.key, prefix, overrides), e.reason))
     return problems
+
+
+def _tls_file_key(key: str, prefix: str, overrides: dict) -> str:
+    """A TLS file's key (`smtpd.tls_cert_file`, for the certificate or its key) as the listener whose override
+    names the file: `smtpd.listeners[N].overrides.tls_key_file`; `key` when it is [smtpd]'s."""
+    name = key.rpartition(".")[2]
+    own = [n for n in ((name,) if name != "tls_cert_file" else ("tls_cert_file", "tls_key_file")) if n in overrides]
+    return f"{prefix}.overrides.{own[0]}" if own else key
 
 
 def signing_problems(cfg: Config) -> list[ConfigError]:

@@ -152,7 +152,8 @@ def test_check_config_reads_each_listeners_certificate_as_serve_does(tmp_path):
     result = mailflow("check-config", "--config", str(cfg))
     assert result.returncode == 2, result.stdout
     assert f"{cfg}: smtpd.tls_cert_file: {tmp_path}/missing.pem: no such certificate or key file" in result.stderr
-    assert f"{tmp_path}/other.pem: not a usable certificate and key" in result.stderr
+    assert f"{cfg}: smtpd.listeners[0].overrides.tls_cert_file: {tmp_path}/other.pem: not a usable certificate " \
+           "and key" in result.stderr  # (the listener's own file: named by its key)
     served = mailflow("serve", "--config", str(cfg))
     assert served.returncode == 2 and "missing.pem: no such certificate or key file" in served.stderr
 
@@ -164,10 +165,10 @@ def test_check_config_reads_the_ca_file_of_a_listener_that_asks_for_client_certi
                    '[smtpd.listeners.overrides]\ntls_ask_ccert = true\ntls_ca_file = "clients.pem"\n')
     result = mailflow("check-config", "--config", str(cfg))
     assert result.returncode == 2, result.stdout
-    assert f"{cfg}: smtpd.tls_ca_file: {tmp_path}/clients.pem: no such CA file" in result.stderr
+    assert f"{cfg}: smtpd.listeners[0].overrides.tls_ca_file: {tmp_path}/clients.pem: no such CA file" in result.stderr
     (tmp_path / "clients.pem").write_text("no certificates here\n")
     result = mailflow("check-config", "--config", str(cfg))
-    assert result.returncode == 2 and f"smtpd.tls_ca_file: {tmp_path}/clients.pem: no usable certificates" in \
+    assert result.returncode == 2 and f"overrides.tls_ca_file: {tmp_path}/clients.pem: no usable certificates" in \
         result.stderr, result.stderr
     (tmp_path / "clients.pem").write_text(open(cert).read())
     assert mailflow("check-config", "--config", str(cfg)).returncode == 0
