@@ -43,6 +43,7 @@ from mailflow.cli.common import (ConfigOption, config_error_text, config_name, c
 from mailflow.config import Config, flat_settings, load_config, show_settings
 from mailflow.config.postfix_cf import printable
 from mailflow.config.postfix_import import UnreadableFile, import_postfix
+from mailflow.config.smtpd import SmtpdConfig
 from mailflow.errors import ConfigError, DeliveryError, LookupRetry
 from mailflow.logs import setup_logging
 from mailflow.queuelock import QueueBusy
@@ -185,7 +186,6 @@ def log_file_problems(cfg: Config, where: str) -> list[ConfigError]:
 def certificate_problems(cfg: Config, where: str) -> list[ConfigError]:
     """Each listener's certificate and key (and CA file when it asks for client certificates), read as `serve`
     reads them at start (where one that cannot be used stops the start): one ConfigError per unusable set."""
-    from mailflow.config.smtpd import SmtpdConfig
     from mailflow.stages.smtpd.tls import TlsError, build_context
 
     smtpd = cfg.smtpd
