@@ -623,6 +623,23 @@ async def test_a_client_that_passes_the_deep_tests_comes_back_to_smtpd(mailflow_
     assert re.fullmatch(rf"PASS OLD {WHERE}", [line for line in screen_log() if line.startswith("PASS")][-1])
 
 
+async def test_a_dnsbl_allowlisted_client_skips_the_deep_tests(mailflow_server, dns_zone, screen_log):
+    """psc_allowlist_non_dnsbl: a score at or below a negative allowlist threshold passes every other test, the deep
+    ones too: smtpd's own 220 in this connection, mail accepted, each test cached for the DNSBL TTL."""
+    mf = await mailflow_server(dns={"nameservers": [dns_zone(ZONE)]}, smtpd=screen(
+        **DEEP, greet_wait=4, dnsbl_sites=["wl.test*-5"], dnsbl_allowlist_threshold=-1))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert c.greeting.text == "220-mx.mailflow.test ESMTP mailflow\n220 mx.mailflow.test ESMTP mailflow"
+    assert (await c.send_message()).code == 250
+    await c.cmd("QUIT")
+    verdicts = [line for line in screen_log() if line.startswith(("PASS", "NOQUEUE"))]
+    assert len(verdicts) == 1 and re.fullmatch(rf"PASS NEW {WHERE}", verdicts[0]), screen_log()
+    now, cache = time.time(), mf.smtpd.screened
+    tests = ("pregreet", "dnsbl", "pipelining", "non_smtp_command", "bare_newline")
+    assert cache.passed("127.0.0.1", tests, now + 3000)  # (the DNSBL's 1 h, not the deep tests' 30 days)
+    assert not cache.passed("127.0.0.1", ("pipelining",), now + 4000)
+
+
 @pytest.mark.parametrize("action", ["enforce", "drop", "ignore"])
 async def test_a_pipelining_client_under_each_action(mailflow_server, screen_log, action):
     mf = await mailflow_server(smtpd=screen(pipelining_enable=True, pipelining_action=action))

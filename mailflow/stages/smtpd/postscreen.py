@@ -26,7 +26,8 @@ lines logged as `postscreen`, `[ip]:port` as postscreen writes a client):
   client in the tests at once; what has not answered by the end of the greet wait does
   not count, as Postfix's partial score) and the wait of greet_wait for input: input before it is `PREGREET n after
   t from [ip]:port: text` and greet_action; a score at or above dnsbl_threshold is `DNSBL rank n for [ip]:port` and
-  dnsbl_action; a score at or below a negative dnsbl_allowlist_threshold ends the wait and passes the greet test. A
+  dnsbl_action; a score at or below a negative dnsbl_allowlist_threshold ends the wait and passes every other test,
+  the deep ones included, until the DNSBL pass expires at least (psc_allowlist_non_dnsbl: to smtpd at once). A
   client that closes meanwhile: `HANGUP after t from [ip]:port in tests before SMTP handshake`, `DISCONNECT
   [ip]:port`.
 - actions: ignore (logged only; the test is repeated next time, the others' passes are cached; a denylisted client
@@ -141,6 +142,10 @@ class PassCache:
         if entry is None:
             return None
         return tuple(test for test in tests if entry.get(test, 0.0) <= now)
+
+    def expiry(self, ip: str, test: str) -> float:
+        """Until when the client's pass of `test` holds (0: never passed, or not in the cache)."""
+        return self._entries.get(ip, {}).get(test, 0.0)
 
     def complete(self, ip: str, tests: tuple[str, ...]) -> bool:
         """Whether the client has passed each of `tests` once at least, expired or not (Postfix: no test of its
@@ -291,7 +296,7 @@ class Postscreen:
         (psc_smtpd_tests: "turning on all after-220 tests when a bad client failed a before-220 test")."""
         if state.failed or state.vetoed:
             return DEEP_TESTS
-        return tuple(test for test in self._todo(state) if test in DEEP_TESTS)
+        return tuple(test for test in self._todo(state) if test in DEEP_TESTS and test not in state.passes)
 
     def _conclude(self, state: _Screening) -> None:
         """psc_conclude: a client no test failed (nor vetoed) has its passes cached (those of tests failed under
@@ -364,10 +369,8 @@ class Postscreen:
         cut_short = asyncio.get_running_loop().time() < deadline  # (by a DNSBL allowlisting, or no pregreet test)
         passes = state.passes
         # (an allowlisting score that came too late to end the wait: a failed test stays failed, as Postfix)
-        if not early and PREGREET in due:
+        if not early and PREGREET in due and not cut_short:  # (cut short: the allowlisting below sets it)
             passes[PREGREET] = self._clock.time() + config.greet_ttl
-            if cut_short and queries is not None:  # psc_allowlist_non_dnsbl: passed until the DNSBL pass expires
-                passes[PREGREET] = self._clock.time() + self._dnsbl_pass_ttl(queries)
         if queries is not None:
             score, site = queries.score(self._sites)
             if score >= config.dnsbl_threshold:
@@ -378,7 +381,19 @@ class Postscreen:
                     return False
             else:
                 passes[DNSBL] = self._clock.time() + self._dnsbl_pass_ttl(queries)
+                if score <= config.dnsbl_allowlist_threshold < 0 and not early:
+                    self._allowlist_non_dnsbl(state, self._dnsbl_pass_ttl(queries))
         return True
+
+    def _allowlist_non_dnsbl(self, state: _Screening, ttl: float) -> None:
+        """psc_allowlist_non_dnsbl: a client no test failed (nor vetoed) whose score allowlists it passes every other
+        test, the deep ones included (straight to smtpd), each until at least the DNSBL pass expires; the tests
+        not enabled too, so that turning one on later does not apply it to the client."""
+        if state.failed or state.vetoed:
+            return
+        until = self._clock.time() + ttl
+        for test in (PREGREET,) + DEEP_TESTS:
+            state.passes[test] = max(until, state.passes.get(test, 0.0), self._cache.expiry(state.client.ip, test))
 
     async def _dnsbl_reply_name(self, site: str) -> str:
         """The DNSBL name a refusal shows: postscreen_dnsbl_reply_map's text for the site, else the site."""
