@@ -185,7 +185,7 @@ async def test_a_cached_client_meets_only_its_expired_tests(mailflow_server, dns
         greet_wait=3, dnsbl_sites=["bl.test=127.0.0.9"]))
     port = mf.smtp_addresses[0][1]
     cache = mf.smtpd.screened
-    cache.record("127.0.0.1", {"pregreet": time.time() + 1000, "dnsbl": 0.0})  # the DNSBL pass has expired
+    cache.record("127.0.0.1", {"pregreet": time.time() + 1000, "dnsbl": 0.0}, time.time())  # the DNSBL pass expired
     loop = asyncio.get_running_loop()
     started = loop.time()
     c = await SmtpClient.connect(port)
@@ -196,7 +196,7 @@ async def test_a_cached_client_meets_only_its_expired_tests(mailflow_server, dns
     assert cache.passed("127.0.0.1", ("pregreet", "dnsbl"), time.time())
     assert re.fullmatch(r"PASS OLD \[127\.0\.0\.1\]:\d+", screen_log()[-1]), screen_log()
 
-    cache.record("127.0.0.1", {"pregreet": 0.0})  # now only the pregreet test is due
+    cache.record("127.0.0.1", {"pregreet": 0.0}, time.time())  # now only the pregreet test is due
     c = await SmtpClient.connect(port)
     assert c.greeting.text.startswith("220-")
     await c.cmd("QUIT")
@@ -726,7 +726,7 @@ async def test_only_the_expired_deep_test_is_met_again(mailflow_server, screen_l
     cache = mf.smtpd.screened
     later = time.time() + 1000
     cache.record("127.0.0.1", {"pregreet": later, "pipelining": 0.0, "non_smtp_command": later,
-                               "bare_newline": later})
+                               "bare_newline": later}, time.time())
     loop = asyncio.get_running_loop()
     started = loop.time()
     c = await SmtpClient.connect(mf.smtp_addresses[0][1])
@@ -786,7 +786,7 @@ async def test_a_client_on_a_vetoed_interface_never_reaches_smtpd_nor_the_cache(
     assert not any(line.startswith("PASS") for line in lines), lines
     assert mf.smtpd.screened.due("127.0.0.1", ("pregreet",), time.time()) is None
 
-    mf.smtpd.screened.record("127.0.0.1", {"pregreet": time.time() + 100})
+    mf.smtpd.screened.record("127.0.0.1", {"pregreet": time.time() + 100}, time.time())
     again = await SmtpClient.connect(port)
     assert again.greeting.text == "220 mx.mailflow.test ESMTP mailflow"
     assert (await again.send_message()).code == 250

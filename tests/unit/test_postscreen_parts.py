@@ -24,19 +24,38 @@ def test_malformed_sites_are_refused(entry):
 
 def test_the_cache_keeps_unexpired_passes_and_drops_the_oldest_client():
     cache = PassCache(limit=2)
-    cache.record("192.0.2.1", {"pregreet": 100.0, "dnsbl": 50.0})
+    cache.record("192.0.2.1", {"pregreet": 100.0, "dnsbl": 50.0}, 0.0)
     assert cache.passed("192.0.2.1", ("pregreet",), 60.0)
     assert not cache.passed("192.0.2.1", ("pregreet", "dnsbl"), 60.0)  # one test's pass has expired
-    cache.record("192.0.2.2", {"pregreet": 100.0})
-    cache.record("192.0.2.3", {"pregreet": 100.0})
+    cache.record("192.0.2.2", {"pregreet": 100.0}, 0.0)
+    cache.record("192.0.2.3", {"pregreet": 100.0}, 0.0)
     assert not cache.passed("192.0.2.1", ("pregreet",), 0.0)
     assert cache.passed("192.0.2.3", ("pregreet",), 0.0)
+
+
+def test_beyond_its_bound_the_cache_drops_the_expired_then_the_least_recently_used():
+    """A steady client that keeps passing (PASS OLD) outlives one-off clients; a client whose passes have all expired
+    goes before any live one (Postfix's cache cleanup keeps the valid entries)."""
+    cache = PassCache(limit=3)
+    cache.record("192.0.2.1", {"pregreet": 1000.0, "pipelining": 3000.0}, 0.0)  # the steady sender
+    for i in range(5):  # one-off clients, the steady one looked up between them
+        assert cache.passed("192.0.2.1", ("pregreet", "pipelining"), 10.0)
+        cache.record(f"2001:db8::{i}", {"pregreet": 1000.0}, 10.0)
+    assert cache.passed("192.0.2.1", ("pregreet",), 10.0)
+    assert cache.due("2001:db8::0", ("pregreet",), 10.0) is None
+    cache.record("2001:db8::9", {"pregreet": 50.0}, 10.0)  # will expire first
+    cache.record("192.0.2.7", {"pregreet": 2000.0}, 60.0)  # 2001:db8::9 expired by now: it goes, not the oldest
+    assert cache.due("2001:db8::9", ("pregreet",), 60.0) is None
+    assert cache.passed("2001:db8::4", ("pregreet",), 60.0) and cache.passed("192.0.2.7", ("pregreet",), 60.0)
+    for i in range(100):  # the heap of expiries stays bounded however many records come
+        cache.record("192.0.2.7", {"pregreet": 2000.0 + i}, 60.0)
+    assert len(cache._expiries) <= 2 * 3 + 16
 
 
 def test_a_client_is_complete_once_every_test_has_a_pass_expired_or_not():
     """Postfix's PSC_STATE_FLAG_NEW: a cached client that never passed one of the tests is still `PASS NEW`."""
     cache = PassCache(limit=10)
-    cache.record("192.0.2.1", {"pregreet": 100.0, "pipelining": 0.0})
+    cache.record("192.0.2.1", {"pregreet": 100.0, "pipelining": 0.0}, 0.0)
     assert cache.complete("192.0.2.1", ("pregreet", "pipelining"))
     assert not cache.complete("192.0.2.1", ("pregreet", "pipelining", "bare_newline"))
     assert not cache.complete("192.0.2.9", ("pregreet",))

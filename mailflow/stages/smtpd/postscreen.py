@@ -3,7 +3,8 @@
     Postscreen(config, mynetworks, tables, resolver, cache, clock)   one per listener (built with it)
         .screen(conn) -> Verdict    run before smtpd's "connect from": PASS (smtpd takes the client) or the end
     PassCache(limit)                the clients that passed, per test with its expiry (postscreen_cache_map; one
-                                    per server, in memory, the oldest dropped beyond `limit`)
+                                    per server, in memory; beyond `limit` the expired dropped first, then the
+                                    least recently used)
 
 What it does, in Postfix 3.7's order and words (src/postscreen/postscreen.c, _early.c, _dnsbl.c, _smtpd.c, _misc.c;
 lines logged as `postscreen`, `[ip]:port` as postscreen writes a client):
@@ -62,6 +63,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import heapq
 import logging
 import re
 from collections import OrderedDict
@@ -127,21 +129,28 @@ class Client:
 
 
 class PassCache:
-    """ip -> {test: expiry}: the tests each client passed, until when; the oldest client dropped beyond `limit`."""
+    """ip -> {test: expiry}: the tests each client passed, until when. Beyond `limit` clients, a client whose every
+    pass has expired is dropped first (Postfix's cache cleanup removes those), else the one least recently used (a
+    `PASS OLD` lookup or a new pass counts as a use)."""
 
     def __init__(self, limit: int):
         self._limit = limit
-        self._entries: OrderedDict[str, dict[str, float]] = OrderedDict()
+        self._entries: OrderedDict[str, dict[str, float]] = OrderedDict()  # least recently used first
+        self._expiries: list[tuple[float, str]] = []  # heap of (an entry's latest expiry, ip); stale ones skipped
 
     def passed(self, ip: str, tests: tuple[str, ...], now: float) -> bool:
         return self.due(ip, tests, now) == ()
 
     def due(self, ip: str, tests: tuple[str, ...], now: float) -> tuple[str, ...] | None:
-        """The tests of `tests` the client has no unexpired pass for; None when it is not in the cache at all."""
+        """The tests of `tests` the client has no unexpired pass for; None when it is not in the cache at all. A
+        client with none due is used (kept over those not seen since)."""
         entry = self._entries.get(ip)
         if entry is None:
             return None
-        return tuple(test for test in tests if entry.get(test, 0.0) <= now)
+        due = tuple(test for test in tests if entry.get(test, 0.0) <= now)
+        if not due:
+            self._entries.move_to_end(ip)
+        return due
 
     def expiry(self, ip: str, test: str) -> float:
         """Until when the client's pass of `test` holds (0: never passed, or not in the cache)."""
@@ -153,12 +162,26 @@ class PassCache:
         entry = self._entries.get(ip)
         return entry is not None and all(test in entry for test in tests)
 
-    def record(self, ip: str, expiries: dict[str, float]) -> None:
+    def record(self, ip: str, expiries: dict[str, float], now: float) -> None:
         entry = self._entries.pop(ip, {})
         entry.update(expiries)
         self._entries[ip] = entry
+        heapq.heappush(self._expiries, (max(entry.values(), default=0.0), ip))
         while len(self._entries) > self._limit:
-            self._entries.popitem(last=False)
+            self._entries.pop(self._expired(now) or next(iter(self._entries)))
+        if len(self._expiries) > 2 * len(self._entries) + 16:  # (the stale heap items: rebuilt, bounded)
+            self._expiries = [(max(entry.values(), default=0.0), ip) for ip, entry in self._entries.items()]
+            heapq.heapify(self._expiries)
+
+    def _expired(self, now: float) -> str | None:
+        """A client whose every pass has expired by `now`, if there is one."""
+        while self._expiries:
+            latest, ip = self._expiries[0]
+            entry = self._entries.get(ip)
+            if entry is not None and max(entry.values(), default=0.0) == latest:
+                return ip if latest <= now else None
+            heapq.heappop(self._expiries)  # (stale: the client was dropped, or passed again since)
+        return None
 
 
 @dataclass
@@ -305,7 +328,7 @@ class Postscreen:
             return
         if all(test in state.passes for test in self._todo(state)):
             log.info("PASS %s %s", "OLD" if state.known else "NEW", state.client.where)
-        self._cache.record(state.client.ip, state.passes)
+        self._cache.record(state.client.ip, state.passes, self._clock.time())
 
     async def _access(self, ip: str) -> str:
         """permit, reject or dunno: the first answer of the access list, as Postfix's server_acl_eval: a table's
