@@ -76,6 +76,12 @@ class PostscreenConfig(Section):
     # the dummy engine's commands per session (postscreen_command_count_limit; QUIT always answered); at most 1000
     # here, which bounds what a client that never reads its replies leaves in the write buffer
     command_count_limit: int = Field(20, ge=1, le=1000)
+    # how long the dummy engine waits for a command (postscreen_command_time_limit); unset: smtpd's timeout, as
+    # Postfix's default. In stress mode (pre_queue_limit 90 % taken, until it is back to 70 %; Postfix's
+    # `${stress?...}` values) the stress_ ones apply to the commands and to the greet wait of new clients
+    command_time_limit: Duration | None = Field(None, gt=0)
+    stress_command_time_limit: Duration = Field(10.0, gt=0)
+    stress_greet_wait: Duration = Field(2.0, ge=0)
     # the deep protocol tests (after the 220, in the dummy engine; a client that passes is told 450 at its RCPT and
     # goes to smtpd when it comes back): pipelining (a command sent before the reply to the one before),
     # non_smtp_command (a forbidden_commands word, or a header-like or non-letter command), bare_newline (a line

@@ -769,6 +769,42 @@ async def test_a_client_that_floods_the_engine_is_bounded(mailflow_server, scree
     assert sum(line.startswith(("COMMAND PIPELINING", "BARE NEWLINE", "NON-SMTP")) for line in lines) == 3, lines
 
 
+async def test_the_dummy_engine_has_its_own_command_time_limit_and_a_session_bound(mailflow_server, screen_log):
+    """postscreen_command_time_limit (smtpd's timeout unless set) bounds each command; smtpd's session_time_limit
+    the whole dummy session, so a client that keeps sending NOOP in time cannot hold a screening place longer."""
+    mf = await mailflow_server(smtpd={"timeout": 300, "session_time_limit": 1.5,
+                                      **screen(pipelining_enable=True, command_time_limit=0.4)})
+    port = mf.smtp_addresses[0][1]
+    c = await SmtpClient.connect(port)
+    assert (await c.reply()).text == "421 4.4.2 mx.mailflow.test Error: timeout exceeded"  # (no command: 0.4 s)
+    await eventually(lambda: screen_log()[-1].startswith("DISCONNECT"))
+    assert re.fullmatch(rf"COMMAND TIME LIMIT from {WHERE} after CONNECT", screen_log()[-2]), screen_log()
+
+    slow = await SmtpClient.connect(port)
+    started = time.monotonic()
+    replies = []
+    while len(replies) < 20 and (not replies or replies[-1].code == 250):
+        await asyncio.sleep(0.25)
+        replies.append(await slow.cmd("NOOP"))
+    assert replies[-1].text == "421 4.4.2 mx.mailflow.test Error: timeout exceeded", replies
+    assert time.monotonic() - started < 4  # (the session's 1.5 s, not 20 commands' 5 s)
+
+
+async def test_stress_mode_shortens_the_greet_wait_and_the_command_time_limit(mailflow_server, screen_log):
+    """Postfix's stress mode: from 90 % of pre_queue_limit taken (here 1 of 2) the greet wait and the command time
+    limit are the stress ones; left at 70 % (here when the client is gone), each logged as postscreen does."""
+    mf = await mailflow_server(smtpd={"timeout": 300, **screen(
+        pipelining_enable=True, pre_queue_limit=2, greet_wait=30, stress_greet_wait=0.2,
+        stress_command_time_limit=0.4)})
+    started = time.monotonic()
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.reply()).text == "421 4.4.2 mx.mailflow.test Error: timeout exceeded"
+    assert time.monotonic() - started < 10  # (neither the greet wait's 30 s nor smtpd's 300 s)
+    await eventually(lambda: screen_log()[-1].startswith("leaving"))
+    assert screen_log()[1] == "entering STRESS mode with 1 connections", screen_log()
+    assert screen_log()[-1] == "leaving STRESS mode with 0 connections", screen_log()
+
+
 async def test_a_client_on_a_vetoed_interface_never_reaches_smtpd_nor_the_cache(mailflow_server, screen_log):
     """postscreen_allowlist_interfaces: a listener address outside it (a backup MX's): `ALLOWLIST VETO`, the dummy
     engine with every deep test on whatever is enabled, nothing cached; a client cached already still passes."""

@@ -55,9 +55,12 @@ Not built: a persistent cache_map; postscreen's TLS, EHLO discards, command filt
 
 Bounded: at most pre_queue_limit clients in the tests at once per listener, and client_connection_count_limit
 connections of one client in the screen; the DNSBL queries by their deadline and the greet wait; the dummy engine by
-smtpd's `timeout` per command, its line length (`COMMAND LENGTH LIMIT`) and command_count_limit (`COMMAND COUNT
-LIMIT`; so its replies a client does not read stay a few KiB); the cache by `cache_limit`. Nothing runs for a
-listener with postscreen off.
+command_time_limit per command (`COMMAND TIME LIMIT`; smtpd's `timeout` unless set), smtpd's session_time_limit for
+the whole session, its line length (`COMMAND LENGTH LIMIT`) and command_count_limit (`COMMAND COUNT LIMIT`; so its
+replies a client does not read stay a few KiB); the cache by `cache_limit`. Stress mode (postscreen_state.c: from
+90 % of pre_queue_limit taken, `entering STRESS mode with n connections`, until 70 %, `leaving ...`): a new client's
+greet wait is stress_greet_wait and each command's limit stress_command_time_limit (Postfix's `${stress?{2}:{6}}s`
+and `${stress?{10}:{300}}s`). Nothing runs for a listener with postscreen off.
 """
 from __future__ import annotations
 
@@ -234,8 +237,12 @@ class Postscreen:
         self._clock = clock
         self._hostname = hostname
         self._banner = banner
-        self._timeout = smtpd_timeout
+        self._command_time_limit = smtpd_timeout if config.command_time_limit is None else config.command_time_limit
         self._screening = Places(config.pre_queue_limit)
+        # stress mode (postscreen_state.c): entered at 90 % of the screening places taken, left at 70 %
+        self._stress_high = max(1, int(0.9 * config.pre_queue_limit))
+        self._stress_low = int(0.7 * config.pre_queue_limit)
+        self._stressed = False
         limit = config.client_connection_count_limit
         self._connection_limit = smtpd_connection_limit if limit is None else limit
         self._connections: dict[str, int] = {}  # ip -> its connections in the screen now (none: no key)
@@ -291,14 +298,37 @@ class Postscreen:
         if client.server_ip and not self._interfaces.contains(client.server_ip):  # (a table that fails: vetoed)
             log.info("ALLOWLIST VETO %s", client.where)
             state.vetoed = True
-        if not self._screening.take():
+        if not self._take_place():
             log.info("reject: connect from %s: all screening ports busy", client.where)
             _drop(conn, client, status.SCREENING_PORTS_BUSY)
             return Verdict.DONE
         try:
             return await self._tests_of(conn, state)
         finally:
-            self._screening.give_back()
+            self._give_back_place()
+
+    def _take_place(self) -> bool:
+        """A screening place (False: none free); stress mode entered when the places are 90 % taken."""
+        if not self._screening.take():
+            return False
+        if not self._stressed and self._screening.taken >= self._stress_high:
+            self._stressed = True
+            log.info("entering STRESS mode with %d connections", self._screening.taken)
+        return True
+
+    def _give_back_place(self) -> None:
+        """A screening place freed; stress mode left when the places are back to 70 % taken."""
+        self._screening.give_back()
+        if self._stressed and self._screening.taken <= self._stress_low:
+            self._stressed = False
+            log.info("leaving STRESS mode with %d connections", self._screening.taken)
+
+    def _greet_wait_time(self) -> float:
+        return self._config.stress_greet_wait if self._stressed else self._config.greet_wait
+
+    def _command_time(self) -> float:
+        """How long the dummy engine waits for a command now (Postfix's PSC_EFF_CMD_TIME_LIMIT)."""
+        return self._config.stress_command_time_limit if self._stressed else self._command_time_limit
 
     async def _tests_of(self, conn: Connection, state: _Screening) -> Verdict:
         """The early tests, then the dummy engine (enforce, a veto, deep tests due: psc_early_event's end), or
@@ -365,7 +395,7 @@ class Postscreen:
         if teaser and PREGREET in due:
             conn.send(f"220-{teaser}\r\n")
         started = self._clock.time()
-        deadline = asyncio.get_running_loop().time() + config.greet_wait
+        deadline = asyncio.get_running_loop().time() + self._greet_wait_time()
         queries = self._dnsbl_queries(client.ip) if DNSBL in due else None
         try:
             if PREGREET in due:
@@ -510,10 +540,12 @@ class Postscreen:
             conn.send(f"{status.greeting(self._hostname, self._banner)}\r\n")
         started = self._clock.time()
         final: str | None = None
+        session_limit = self._engine.session_time_limit
         try:
-            while final is None:
-                final = await self._next_command(conn, state, deep, dialogue)
-                await asyncio.sleep(0)  # a client that pipelines its commands does not hold the loop
+            async with asyncio.timeout(session_limit or None):  # (smtpd's session_time_limit bounds the whole)
+                while final is None:
+                    final = await self._next_command(conn, state, deep, dialogue)
+                    await asyncio.sleep(0)  # a client that pipelines its commands does not hold the loop
         except TimeoutError:
             log.info("COMMAND TIME LIMIT from %s after %s", state.client.where, dialogue.where)
             final = f"{status.session_timeout(self._hostname)}\r\n"
@@ -528,11 +560,11 @@ class Postscreen:
 
     async def _next_command(self, conn: Connection, state: _Screening, deep: "_DeepTests",
                             dialogue: "_Dummy") -> str | None:
-        """One command line read (within smtpd's `timeout`), tested and answered, in psc_smtpd_read_event's order:
-        bare newline, non-SMTP, pipelining, the passes at RCPT, the command count; the final reply when the session
-        ends (None: it goes on)."""
+        """One command line read (within the command time limit), tested and answered, in psc_smtpd_read_event's
+        order: bare newline, non-SMTP, pipelining, the passes at RCPT, the command count; the final reply when the
+        session ends (None: it goes on)."""
         client = state.client
-        async with asyncio.timeout(self._timeout):
+        async with asyncio.timeout(self._command_time()):
             got = await conn.wire.read_lenient_line(DUMMY_LINE_LIMIT)
         if got is None:
             log.info("COMMAND LENGTH LIMIT from %s after %s", client.where, dialogue.where)
@@ -599,6 +631,7 @@ class EngineTraits:
     """What the dummy engine takes from smtpd's settings (Postfix's postscreen_* parameters default to smtpd's)."""
 
     message_size_limit: int = 0  # the EHLO reply's SIZE
+    session_time_limit: float = 0.0  # smtpd's session_time_limit: a dummy session's whole time (0: none)
     disable_vrfy: bool = False  # postscreen_disable_vrfy_command
     helo_required: bool = False  # postscreen_helo_required: MAIL and ETRN need HELO/EHLO first
 

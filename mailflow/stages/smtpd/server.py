@@ -350,8 +350,8 @@ class Smtpd:
                           smtpd_timeout=smtpd.timeout,
                           smtpd_connection_limit=smtpd.client_connection_count_limit,
                           smtpd_forbid_cmds=smtpd.forbid_cmds,
-                          engine=EngineTraits(smtpd.message_size_limit, smtpd.disable_vrfy_command,
-                                              smtpd.helo_required))
+                          engine=EngineTraits(smtpd.message_size_limit, smtpd.session_time_limit,
+                                              smtpd.disable_vrfy_command, smtpd.helo_required))
 
     def _auth_backend(self, smtpd: SmtpdConfig) -> Backend:
         """Who checks a listener's AUTH passwords: Dovecot's auth server (one connection per socket, shared by
