@@ -387,7 +387,8 @@ _CONVERTED_TYPES = {**dict.fromkeys(("hash", "btree", "lmdb", "cdb", "dbm", "sdb
 _FOREIGN_TYPES = ("mysql", "pgsql", "ldap", "memcache", "socketmap", "tcp", "nis", "nisplus", "netinfo", "pipemap",
                   "unionmap", "randmap", "environ", "internal")
 SETTING_TYPES = {**flat_settings(DEFAULTS),
-                 **{f"smtpd.postscreen.{k}": v for k, v in DEFAULTS.smtpd.postscreen.model_dump().items()}}
+                 **{f"smtpd.postscreen.{k}": v for k, v in DEFAULTS.smtpd.postscreen.model_dump().items()},
+                 "smtpd.postscreen.command_time_limit": 300.0}  # (unset by default: smtpd's timeout; a duration)
 
 
 class Refused(Exception):

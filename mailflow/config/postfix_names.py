@@ -109,9 +109,10 @@ SETTINGS: dict[str, tuple[str, ...]] = {name: (key,) for name, key in {
     **_same("smtpd.postscreen", "access_list denylist_action greet_wait greet_action greet_ttl dnsbl_sites "
                                 "dnsbl_threshold dnsbl_allowlist_threshold dnsbl_action dnsbl_timeout dnsbl_min_ttl "
                                 "dnsbl_max_ttl pre_queue_limit client_connection_count_limit command_count_limit "
-                                "pipelining_enable pipelining_action pipelining_ttl non_smtp_command_enable "
-                                "non_smtp_command_action non_smtp_command_ttl bare_newline_enable bare_newline_action "
-                                "bare_newline_ttl dnsbl_reply_map allowlist_interfaces", prefix="postscreen_"),
+                                "command_time_limit pipelining_enable pipelining_action pipelining_ttl "
+                                "non_smtp_command_enable non_smtp_command_action non_smtp_command_ttl "
+                                "bare_newline_enable bare_newline_action bare_newline_ttl dnsbl_reply_map "
+                                "allowlist_interfaces", prefix="postscreen_"),
     "postscreen_whitelist_interfaces": "smtpd.postscreen.allowlist_interfaces",  # its name before Postfix 3.6
     "postscreen_blacklist_action": "smtpd.postscreen.denylist_action",  # its name before Postfix 3.6
     "postscreen_dnsbl_whitelist_threshold": "smtpd.postscreen.dnsbl_allowlist_threshold",

@@ -287,6 +287,7 @@ POSTSCREEN_MAIN = """\
     postscreen_dnsbl_max_ttl = 2
     postscreen_dnsbl_timeout = 5s
     postscreen_pre_queue_limit = 50
+    postscreen_command_time_limit = 60
     postscreen_pipelining_enable = no
     postscreen_bare_newline_enable = yes
     postscreen_bare_newline_action = enforce
@@ -330,7 +331,8 @@ def test_a_postscreen_front_is_translated_and_its_smtpd_kept(tmp_path):
                       "dnsbl_threshold": 2, "dnsbl_allowlist_threshold": -1, "dnsbl_action": "enforce",
                       "greet_action": "enforce", "greet_wait": "3s", "greet_ttl": "2d",  # Postfix's units
                       "greet_banner": "$smtpd_banner", "dnsbl_max_ttl": "2h", "dnsbl_timeout": "5s",
-                      "pre_queue_limit": 50, "pipelining_enable": False, "bare_newline_enable": True,
+                      "pre_queue_limit": 50, "command_time_limit": "60s",
+                      "pipelining_enable": False, "bare_newline_enable": True,
                       "bare_newline_action": "enforce", "non_smtp_command_ttl": "7d",  # (30d by default: days)
                       "allowlist_interfaces": ["!192.0.2.25", "static:all"],
                       "dnsbl_reply_map": "texthash:/etc/postfix/dnsbl_reply"}
