@@ -706,7 +706,8 @@ async def test_forbidden_commands_are_smtpds_unless_set(mailflow_server, screen_
     letter's, is non-SMTP whatever the list."""
     mf = await mailflow_server(smtpd={"forbid_cmds": ["XYZZY"], **screen(non_smtp_command_enable=True)})
     port = mf.smtp_addresses[0][1]
-    for line, non_smtp in ((b"XYZZY now", True), (b"GET /", False), (b"Subject: hi", True), (b"123 go", True)):
+    for line, non_smtp in ((b"XYZZY now", True), (b"GET /", False), (b"Subject: hi", True), (b"Subject\t: hi", True),
+                           (b"123 go", True)):
         c = await SmtpClient.connect(port)
         reply = await c.cmd(line)
         assert reply.code == (521 if non_smtp else 502), (line, reply)

@@ -81,6 +81,7 @@ from mailflow.dnsbl_sites import DnsblSite, parse_dnsbl_site
 from mailflow.dns import NotFound
 from mailflow.errors import LookupRetry
 from mailflow.logs import escaped, format_tv, printable
+from mailflow.message import starts_header_field
 from mailflow.stages.smtpd.anvil import Places
 from mailflow.stages.smtpd.dns_checks import rbl_query_name
 from mailflow.stages.smtpd.wire import Wire, WireError
@@ -99,7 +100,6 @@ QUOTED = 100  # bytes of a command or of pending input a deep test's log line qu
 # the commands the dummy engine knows (Postfix's command_table: XCLIENT, XFORWARD and AUTH known but disabled)
 KNOWN_COMMANDS = ("HELO", "EHLO", "STARTTLS", "XCLIENT", "XFORWARD", "AUTH", "MAIL", "RCPT", "DATA", "BDAT", "RSET",
                   "NOOP", "VRFY", "ETRN", "QUIT")
-_HEADER_LABEL = re.compile(rb"[!-9;-~]+:")  # Postfix's is_header: a field name, then its colon
 _LETTER = re.compile(rb"[A-Za-z]")  # smtpd_forbidden_commands' regexp:{{/^[^A-Z]/ Bogus}} (case-insensitive)
 
 
@@ -602,7 +602,7 @@ class Postscreen:
     def _not_smtp(self, command: bytes) -> bool:
         """The non-SMTP command test's rule for a command the engine does not know: it looks like a header label,
         is not UTF-8, is a forbidden_commands word, or does not begin with a letter."""
-        if _HEADER_LABEL.match(command):
+        if starts_header_field(command.decode("utf-8", "replace")):  # (Postfix's is_header: `Name<TAB>:` too)
             return True
         try:
             word = command.decode("utf-8")
