@@ -6,7 +6,9 @@ and what a reload (`mailflow reload`, SIGHUP) refuses to put in force.
                                                         texthash, regexp, cidr, sqlite or accounts table of a `*_maps`,
                                                         `*_domains`, `*_checks`, `*_filter`,
                                                         `authorized_submit_users` or
-                                                        `relay_clientcerts` setting, of a network list (mynetworks
+                                                        `relay_clientcerts` setting, of postscreen's access_list,
+                                                        dnsbl_reply_map or allowlist_interfaces ([smtpd.postscreen]
+                                                        and a listener's override), of a network list (mynetworks
                                                         and the like, its /files too), or named in a
                                                         `*_restrictions` item or a restriction class's
                                                         (`check_sender_access texthash:/path`, a listener's
@@ -53,17 +55,23 @@ def _file_tables(settings: Mapping[str, object], prefix: str = "") -> Iterator[t
                 if isinstance(service, dict):
                     yield from _file_tables(service, f"{key}.{name}.")
             continue
+        if key.endswith("postscreen") and isinstance(value, dict):  # [smtpd.postscreen], a listener's override
+            yield from _file_tables(value, f"{prefix}{key}.")
+            continue
+        if key == "dnsbl_reply_map" and isinstance(value, str):  # (postscreen's: one table, not a list)
+            value = [value] if value else []
         if key.endswith("restriction_classes") and isinstance(value, dict):  # name -> a list of restrictions
             specs = [word for items in value.values() if isinstance(items, (list, tuple))
                      for item in items if isinstance(item, str) for word in item.split()]
         elif not isinstance(value, (list, tuple)):
             continue
         # domain lists may hold tables (accounts:PATH#domains); content checks are tables too
-        elif key.endswith(("_maps", "_domains", "_checks", "_filter", "authorized_submit_users", "relay_clientcerts")):
+        elif key.endswith(("_maps", "_domains", "_checks", "_filter", "authorized_submit_users", "relay_clientcerts",
+                           "dnsbl_reply_map", "access_list")):
             specs = [v for v in value if isinstance(v, str)]
         elif key.endswith("_restrictions"):  # check_client_access texthash:/path, ...
             specs = [word for item in value if isinstance(item, str) for word in item.split()]
-        elif key.endswith(NETWORK_LIST_SETTINGS):  # mynetworks = ["cidr:/path"], or in a /file it names
+        elif key.endswith(NETWORK_LIST_SETTINGS + ("allowlist_interfaces",)):  # mynetworks = ["cidr:/path"], ...
             specs = _network_list_tables(value)
         else:
             continue

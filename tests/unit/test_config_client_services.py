@@ -105,3 +105,16 @@ def test_check_config_names_a_services_table_that_cannot_answer(tmp_path):
     (tmp_path / "mailflow.toml").write_text('[smtp.services.x]\ngeneric_maps = ["texthash:missing"]\n')
     [problem] = table_problems(flat_settings(load_config(tmp_path / "mailflow.toml")), "mailflow.toml")
     assert (problem.file, problem.key) == ("mailflow.toml", "smtp.services.x.generic_maps")
+
+
+def test_check_config_names_postscreens_tables_that_cannot_answer(tmp_path):
+    """postscreen_dnsbl_reply_map, access_list and allowlist_interfaces tables are read by check-config and a reload
+    (Postfix's postscreen exits at start on a reply map it cannot open), in [smtpd.postscreen] and an override."""
+    (tmp_path / "mailflow.toml").write_text(
+        '[smtpd.postscreen]\nenable = true\ndnsbl_reply_map = "texthash:missing"\n'
+        'access_list = ["permit_mynetworks", "cidr:missing.cidr"]\nallowlist_interfaces = ["cidr:missing2.cidr"]\n'
+        '[[smtpd.listeners]]\naddress = "127.0.0.1:2525"\noverrides.postscreen.dnsbl_reply_map = "texthash:gone"\n')
+    problems = table_problems(flat_settings(load_config(tmp_path / "mailflow.toml")), "mailflow.toml")
+    assert sorted(problem.key for problem in problems) == [
+        "smtpd.listeners[0].overrides.postscreen.dnsbl_reply_map", "smtpd.postscreen.access_list",
+        "smtpd.postscreen.allowlist_interfaces", "smtpd.postscreen.dnsbl_reply_map"], problems
