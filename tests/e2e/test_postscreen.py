@@ -387,6 +387,38 @@ async def test_a_reload_turns_postscreen_on_and_the_cache_outlives_reloads(mailf
     assert screen_log()[-1].startswith("PASS OLD [127.0.0.1]:")
 
 
+async def test_a_client_cached_before_a_test_was_enabled_passes_old(mailflow_server, screen_log):
+    """psc_print_tests stores a test not enabled as passed long ago: once it is enabled the client meets it, and its
+    pass is `PASS OLD`, not NEW."""
+    mf = await mailflow_server(smtpd=screen())
+    port = mf.smtp_addresses[0][1]
+    c = await SmtpClient.connect(port)
+    await c.cmd("QUIT")
+    settings = mf.config.model_dump()
+    await mf.reload(config_from_dict({**settings, "smtpd": {**settings["smtpd"], **screen(pipelining_enable=True)}}))
+    c = await SmtpClient.connect(port)
+    assert c.greeting.text == "220 mx.mailflow.test ESMTP mailflow"  # (the dummy engine: pregreet still passed)
+    assert (await through_rcpt(c))[-1] == status.POSTSCREEN_COME_BACK
+    await c.cmd("QUIT")
+    await eventually(lambda: screen_log()[-1].startswith("DISCONNECT"))
+    passes = [line for line in screen_log() if line.startswith("PASS")]
+    assert len(passes) == 2 and passes[0].startswith("PASS NEW") and passes[1].startswith("PASS OLD"), screen_log()
+
+
+async def test_concurrent_connections_of_one_client_log_pass_new_once(mailflow_server, screen_log):
+    """psc_conclude's pass_new_count: of one client's connections in the screen at once only the first is NEW."""
+    mf = await mailflow_server(smtpd=screen(pipelining_enable=True))
+    port = mf.smtp_addresses[0][1]
+    clients = await asyncio.gather(SmtpClient.connect(port), SmtpClient.connect(port))
+    for c in clients:
+        await through_rcpt(c)
+    for c in clients:
+        await c.cmd("QUIT")
+    await eventually(lambda: sum(line.startswith("DISCONNECT") for line in screen_log()) == 2)
+    passes = [line.split(" [")[0] for line in screen_log() if line.startswith("PASS")]
+    assert passes == ["PASS NEW", "PASS OLD"], screen_log()
+
+
 async def test_the_teaser_can_be_set_or_left_out(mailflow_server):
     mf = await mailflow_server(smtpd=screen(greet_wait=0.1, greet_banner="hold on"))
     c = await SmtpClient.connect(mf.smtp_addresses[0][1])

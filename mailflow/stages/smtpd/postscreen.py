@@ -93,6 +93,7 @@ log = logging.getLogger("mailflow.postscreen")
 PREGREET, DNSBL = "pregreet", "dnsbl"
 PIPELINING, NON_SMTP, BARE_NEWLINE = "pipelining", "non_smtp_command", "bare_newline"
 DEEP_TESTS = (PIPELINING, NON_SMTP, BARE_NEWLINE)  # after the 220, in the dummy engine (postscreen_smtpd.c)
+ALL_TESTS = (PREGREET, DNSBL) + DEEP_TESTS
 PREGREET_READ = 1023  # bytes of early input counted in the PREGREET line (Postfix's PSC_READ_BUF_SIZE - 1)
 PREGREET_LOGGED = 100  # characters of it quoted, escaped (Postfix's %.100s)
 DUMMY_LINE_LIMIT = 2048  # the dummy engine's command line limit
@@ -246,6 +247,7 @@ class Postscreen:
         limit = config.client_connection_count_limit
         self._connection_limit = smtpd_connection_limit if limit is None else limit
         self._connections: dict[str, int] = {}  # ip -> its connections in the screen now (none: no key)
+        self._passed_new: set[str] = set()  # clients with a connection in the screen that logged `PASS NEW`
         self._dnsbl_in_flight: dict[str, _DnsblQueries] = {}  # ip -> the DNSBL queries its connections share
         deep = tuple(test for test in DEEP_TESTS if getattr(config, f"{test}_enable"))
         self._tests = ((PREGREET, DNSBL) if self._sites else (PREGREET,)) + deep
@@ -276,6 +278,8 @@ class Postscreen:
         count = self._connections.pop(ip) - 1
         if count:
             self._connections[ip] = count
+        else:
+            self._passed_new.discard(ip)
 
     async def _screen(self, conn: Connection, state: _Screening) -> Verdict:
         """Postfix's psc_endpt_lookup_done: the access list, the cache, then a screening place for the tests."""
@@ -356,9 +360,17 @@ class Postscreen:
         ignore too), and `PASS NEW` (or OLD) logged when it passed every test it met."""
         if state.failed or state.vetoed or not state.passes:
             return
+        ip = state.client.ip
         if all(test in state.passes for test in self._todo(state)):
-            log.info("PASS %s %s", "OLD" if state.known else "NEW", state.client.where)
-        self._cache.record(state.client.ip, state.passes, self._clock.time())
+            new = not state.known and ip not in self._passed_new  # (pass_new_count: one NEW per client at once)
+            log.info("PASS %s %s", "NEW" if new else "OLD", state.client.where)
+            if new:
+                self._passed_new.add(ip)
+        # psc_print_tests: a test not enabled, never passed, is stored as passed long ago, so that enabling it later
+        # does not make the client `PASS NEW` again
+        disabled = {test: 0.0 for test in ALL_TESTS
+                    if test not in self._tests and not self._cache.complete(ip, (test,))}
+        self._cache.record(ip, {**disabled, **state.passes}, self._clock.time())
 
     async def _access(self, ip: str) -> str:
         """permit, reject or dunno: the first answer of the access list, as Postfix's server_acl_eval: a table's
