@@ -57,8 +57,8 @@ async def test_a_client_that_talks_before_its_turn_is_dropped(mailflow_server, s
     teaser = await c.reader.readline()
     assert teaser == b"220-mx.mailflow.test ESMTP mailflow\r\n"
     await c.send(b"EHLO zombie.test\r\n")
-    assert await c.reply() == status.postscreen_pregreet(521)
-    assert str(status.postscreen_pregreet(521)) == "521 5.5.1 Protocol error"
+    assert await c.reply() == status.postscreen_protocol_error(521)
+    assert str(status.postscreen_protocol_error(521)) == "521 5.5.1 Protocol error"
     assert await c.closed()
     lines = screen_log()
     where = r"\[127\.0\.0\.1\]:\d+"

@@ -102,7 +102,8 @@ DEEP_CLIENTS = [
     ("127.0.0.4", [b"GET / HTTP/1.0\r\n"]),
     ("127.0.0.5", [b"EHLO c.test\n", b"MAIL FROM:<s@x.test>\r\n", b"RCPT TO:<r@y.test>\r\n", b"DATA\r\n"]),
     ("127.0.0.6", [b"MAIL FROM:<s@x.test>\r\n", b"VRFY x\r\n", b"ETRN x\r\n", b"STARTTLS\r\n", b"AUTH PLAIN\r\n",
-                   b'RCPT TO:<"a b"@y.test>\r\n', b"Subject: hi\r\n"]),
+                   b'RCPT TO:<"a b"@y.test>\r\n', b"HELO\r\n", b"EHLO\r\n", b"ETRN\r\n", b"Subject: hi\r\n"]),
+    ("127.0.0.7", [b"EHLO c.test\r\n", b"Subject\t: hi\r\n"]),  # (is_header: a tab before the colon)
 ]
 
 
@@ -157,13 +158,15 @@ async def test_deep_protocol_tests_as_postfix(mailflow_server, caplog):
     assert ours[1][0] == b"220 mx.mailflow.test ESMTP Postfix\r\n"
     assert ours[2][-2] == b"550 5.5.1 Protocol error\r\n"
     assert ours[4][-1] == b"521 5.7.0 Error: I can break rules, too. Goodbye.\r\n"
+    assert ours[6][-1] == b"521 5.7.0 Error: I can break rules, too. Goodbye.\r\n"  # (Subject<TAB>: too)
     assert our_log == their_log, (our_log, their_log)
     for seen in ("PASS NEW [127.0.0.2]:PORT", "PASS OLD [127.0.0.2]:PORT",
                  r"COMMAND PIPELINING from [127.0.0.3]:PORT after EHLO: MAIL FROM:<s@x.test>\r\n",
                  "NON-SMTP COMMAND from [127.0.0.4]:PORT after CONNECT: GET / HTTP/1.0",
                  "BARE NEWLINE from [127.0.0.5]:PORT after EHLO c.test",
                  "DATA without valid RCPT from [127.0.0.5]:PORT",
-                 "NON-SMTP COMMAND from [127.0.0.6]:PORT after RCPT: Subject: hi"):
+                 "NON-SMTP COMMAND from [127.0.0.6]:PORT after ETRN: Subject: hi",
+                 "NON-SMTP COMMAND from [127.0.0.7]:PORT after EHLO: Subject?: hi"):
         assert seen in our_log, (seen, our_log)
 
 

@@ -1,7 +1,12 @@
 """postscreen: Postfix's zombie screen (postscreen(8)) in front of an mta listener's smtpd, `[smtpd.postscreen]`.
 
-    Postscreen(config, mynetworks, tables, resolver, cache, clock)   one per listener (built with it)
-        .screen(conn) -> Verdict    run before smtpd's "connect from": PASS (smtpd takes the client) or the end
+    Postscreen(config, mynetworks=, tables=, resolver=, cache=, clock=, hostname=, banner=, smtpd_timeout=,
+               smtpd_connection_limit=, smtpd_forbid_cmds=, engine=)   one per listener (built with it); smtpd's
+                                    settings it takes as Postfix's postscreen_* defaults
+        .screen(conn, client) -> Verdict   run before smtpd's "connect from": PASS (smtpd takes the client) or
+                                    the end
+    EngineTraits(message_size_limit, session_time_limit, disable_vrfy, helo_required)   what the dummy engine
+                                    takes from smtpd's settings
     PassCache(limit)                the clients that passed, per test with its expiry (postscreen_cache_map; one
                                     per server, in memory; beyond `limit` the expired dropped first, then the
                                     least recently used)
@@ -41,7 +46,6 @@ lines logged as `postscreen`, `[ip]:port` as postscreen writes a client):
 - all tests passed: `PASS NEW [ip]:port`, the cache updated (greet_ttl; the DNSBL pass for dnsbl_max_ttl clamped
   to dnsbl_min_ttl, the resolver reports no TTLs; for dnsbl_min_ttl when a list failed or none answered), to smtpd,
   which greets with its own `220`. A DNS failure is logged as dnsblog's `dnsblog_query: lookup error for DNS query`.
-
 - the deep protocol tests (pipelining, non_smtp_command, bare_newline; when enabled and not passed): the dummy
   engine after the early tests, the tests on each command line (`BARE NEWLINE from`, `NON-SMTP COMMAND from`,
   `COMMAND PIPELINING from`), each with its action (ignore: passed for the least TTL of all; enforce: RCPT gets
@@ -249,7 +253,13 @@ class Postscreen:
         self._connections: dict[str, int] = {}  # ip -> its connections in the screen now (none: no key)
         self._passed_new: set[str] = set()  # clients with a connection in the screen that logged `PASS NEW`
         self._dnsbl_in_flight: dict[str, _DnsblQueries] = {}  # ip -> the DNSBL queries its connections share
-        deep = tuple(test for test in DEEP_TESTS if getattr(config, f"{test}_enable"))
+        self._deep = {PIPELINING: _DeepSetting(config.pipelining_enable, config.pipelining_action,
+                                               config.pipelining_ttl),
+                      NON_SMTP: _DeepSetting(config.non_smtp_command_enable, config.non_smtp_command_action,
+                                             config.non_smtp_command_ttl),
+                      BARE_NEWLINE: _DeepSetting(config.bare_newline_enable, config.bare_newline_action,
+                                                 config.bare_newline_ttl)}
+        deep = tuple(test for test in DEEP_TESTS if self._deep[test].enabled)
         self._tests = ((PREGREET, DNSBL) if self._sites else (PREGREET,)) + deep
         forbidden = smtpd_forbid_cmds if config.forbidden_commands is None else config.forbidden_commands
         self._forbidden = frozenset(word.upper() for word in forbidden)
@@ -418,7 +428,7 @@ class Postscreen:
             if early:  # logged at the first read, as Postfix's psc_early_event (what came by then, when)
                 log.info("PREGREET %d after %s from %s: %s", len(early), format_tv(self._clock.time() - started),
                          client.where, escaped(early)[:PREGREET_LOGGED])
-                if state.fail(config.greet_action, status.postscreen_pregreet, conn):
+                if state.fail(config.greet_action, status.postscreen_protocol_error, conn):
                     return False  # (drop: at once, the DNSBL answers not waited for)
                 state.silent = config.greet_action == "enforce"  # (no 220 from the dummy engine)
                 await _dnsbl_until(queries, deadline)  # (Postfix waits on for the DNSBL answers)
@@ -600,7 +610,7 @@ class Postscreen:
                 return f"{status.postscreen_protocol_error(521)}\r\n"
         if verb == "RCPT":  # (the deep tests pass once the client got this far; a later command can still fail them)
             for test in deep.untried(state.passes):
-                state.passes[test] = self._clock.time() + getattr(self._config, f"{test}_ttl")
+                state.passes[test] = self._clock.time() + self._deep[test].ttl
         dialogue.commands += 1
         if dialogue.commands > self._config.command_count_limit and verb != "QUIT":
             log.info("COMMAND COUNT LIMIT from %s after %s", client.where, after)
@@ -628,7 +638,7 @@ class Postscreen:
         ends the session with its 521)."""
         deep.skipped.add(test)
         state.passes.pop(test, None)
-        action = getattr(self._config, f"{test}_action")
+        action = self._deep[test].action
         if action == "ignore":
             state.passes[test] = self._clock.time() + self._min_ttl
             return False
@@ -636,6 +646,15 @@ class Postscreen:
         if action == "enforce":
             state.rcpt_reply = status.postscreen_protocol_error(550)
         return action == "drop"
+
+
+@dataclass(frozen=True)
+class _DeepSetting:
+    """A deep test's settings (postscreen_<test>_enable, _action, _ttl)."""
+
+    enabled: bool
+    action: str
+    ttl: float
 
 
 @dataclass(frozen=True)
@@ -722,7 +741,7 @@ class _Dummy:
     def answer(self, verb: str, args: str) -> str:
         handler = self._COMMANDS.get(verb)
         if handler is None:  # (XCLIENT, XFORWARD and AUTH too: known, not enabled)
-            return "502 5.5.2 Error: command not recognized\r\n"
+            return f"{status.POSTSCREEN_NOT_RECOGNIZED}\r\n"
         return handler(self, args)
 
     def _rcpt_reply(self) -> status.Reply:
@@ -731,14 +750,14 @@ class _Dummy:
     def _helo_cmd(self, args: str) -> str:
         name = _token(args)
         if name is None:
-            return "501 Syntax: HELO hostname\r\n"
+            return f"{status.postscreen_hello_syntax('HELO')}\r\n"
         self._helo, self._sender = name, None  # (the protocol is not downgraded)
         return f"250 {self._hostname}\r\n"
 
     def _ehlo_cmd(self, args: str) -> str:
         name = _token(args)
         if name is None:
-            return "501 Syntax: EHLO hostname\r\n"
+            return f"{status.postscreen_hello_syntax('EHLO')}\r\n"
         self._helo, self._sender, self._protocol = name, None, "ESMTP"
         limit = self._traits.message_size_limit
         keywords = [self._hostname, f"SIZE {limit}" if limit else "SIZE"] + \
@@ -748,19 +767,19 @@ class _Dummy:
 
     def _mail_cmd(self, args: str) -> str:
         if self._traits.helo_required and self._helo is None:
-            return "503 5.5.1 Error: send HELO/EHLO first\r\n"
+            return f"{status.POSTSCREEN_SEND_HELO_FIRST}\r\n"
         if self._sender is not None:
-            return "503 5.5.1 Error: nested MAIL command\r\n"
+            return f"{status.POSTSCREEN_NESTED_MAIL}\r\n"
         if ":" not in args:
-            return "501 5.5.4 Syntax: MAIL FROM:<address>\r\n"
+            return f"{status.POSTSCREEN_MAIL_SYNTAX}\r\n"
         self._sender = _address(args.partition(":")[2])
-        return "250 2.1.0 Ok\r\n"
+        return f"{status.POSTSCREEN_SENDER_OK}\r\n"
 
     def _rcpt_cmd(self, args: str) -> str:
         if self._sender is None:
-            return "503 5.5.1 Error: need MAIL command\r\n"
+            return f"{status.POSTSCREEN_NEED_MAIL}\r\n"
         if ":" not in args:
-            return "501 5.5.4 Syntax: RCPT TO:<address>\r\n"
+            return f"{status.POSTSCREEN_RCPT_SYNTAX}\r\n"
         reply = self._rcpt_reply()
         log.info("NOQUEUE: reject: RCPT from %s: %s; from=<%s>, to=<%s>, proto=%s, helo=<%s>",
                  self._state.client.where, reply, _logged(self._sender), _logged(_address(args.partition(":")[2])),
@@ -771,49 +790,49 @@ class _Dummy:
         log.info("DATA without valid RCPT from %s", self._state.client.where)
         self.over = True
         if _token(args) is not None:
-            return "501 5.5.4 Syntax: DATA\r\n"
+            return f"{status.POSTSCREEN_DATA_SYNTAX}\r\n"
         if self._sender is None:
-            return "503 5.5.1 Error: need RCPT command\r\n"
-        return "554 5.5.1 Error: no valid recipients\r\n"
+            return f"{status.POSTSCREEN_NEED_RCPT}\r\n"
+        return f"{status.POSTSCREEN_NO_RECIPIENTS}\r\n"
 
     def _bdat_cmd(self, args: str) -> str:
         log.info("BDAT without valid RCPT from %s", self._state.client.where)
         self.over = True
         if _token(args) is None:
-            return "501 5.5.4 Syntax: BDAT count [LAST]\r\n"
+            return f"{status.POSTSCREEN_BDAT_SYNTAX}\r\n"
         if self._sender is None:
-            return "554 5.5.1 Error: need MAIL command\r\n"
-        return "554 5.5.1 Error: no valid recipients\r\n"
+            return f"{status.POSTSCREEN_BDAT_NEED_MAIL}\r\n"
+        return f"{status.POSTSCREEN_NO_RECIPIENTS}\r\n"
 
     def _rset_cmd(self, args: str) -> str:
         self._sender = None
-        return "250 2.0.0 Ok\r\n"
+        return f"{status.POSTSCREEN_OK}\r\n"
 
     def _noop_cmd(self, args: str) -> str:
-        return "250 2.0.0 Ok\r\n"
+        return f"{status.POSTSCREEN_OK}\r\n"
 
     def _vrfy_cmd(self, args: str) -> str:
         if _token(args) is None:
-            return "501 5.5.4 Syntax: VRFY address\r\n"
+            return f"{status.POSTSCREEN_VRFY_SYNTAX}\r\n"
         if self._traits.disable_vrfy:
-            return "502 5.5.1 VRFY command is disabled\r\n"
+            return f"{status.POSTSCREEN_VRFY_DISABLED}\r\n"
         return f"{self._rcpt_reply()}\r\n"
 
     def _etrn_cmd(self, args: str) -> str:
         if self._traits.helo_required and self._helo is None:
-            return "503 5.5.1 Error: send HELO/EHLO first\r\n"
+            return f"{status.POSTSCREEN_SEND_HELO_FIRST}\r\n"
         if _token(args) is None:
-            return "500 Syntax: ETRN domain\r\n"
-        return "458 Unable to queue messages\r\n"
+            return f"{status.postscreen_etrn_syntax()}\r\n"
+        return f"{status.postscreen_etrn_refused()}\r\n"
 
     def _starttls_cmd(self, args: str) -> str:
         if _token(args) is not None:
-            return "501 5.5.4 Syntax: STARTTLS\r\n"
-        return "502 5.5.1 Error: command not implemented\r\n"  # (no TLS in the screen)
+            return f"{status.POSTSCREEN_STARTTLS_SYNTAX}\r\n"
+        return f"{status.POSTSCREEN_NOT_IMPLEMENTED}\r\n"  # (no TLS in the screen)
 
     def _quit_cmd(self, args: str) -> str:
         self.over = True
-        return "221 2.0.0 Bye\r\n"
+        return f"{status.POSTSCREEN_BYE}\r\n"
 
     _COMMANDS: dict[str, Callable[["_Dummy", str], str]] = {
         "HELO": _helo_cmd, "EHLO": _ehlo_cmd, "STARTTLS": _starttls_cmd, "MAIL": _mail_cmd, "RCPT": _rcpt_cmd,
