@@ -315,7 +315,10 @@ POSTSCREEN_MASTER = textwrap.dedent("""\
 
 
 def test_a_postscreen_front_is_translated_and_its_smtpd_kept(tmp_path):
-    main = write(tmp_path, "main.cf", POSTSCREEN_MAIN)
+    (tmp_path / "postscreen_access.cidr").write_text("192.0.2.0/24 reject\n")  # (check-config reads them)
+    (tmp_path / "dnsbl_reply").write_text("zen.spamhaus.org Spamhaus\n")
+    main = write(tmp_path, "main.cf", POSTSCREEN_MAIN.replace(" /etc/postfix/", f" {tmp_path}/").replace(
+        ":/etc/postfix/", f":{tmp_path}/"))
     master = write(tmp_path, "master.cf", POSTSCREEN_MASTER)
     code, err = run_import(main, master, tmp_path / "mailflow.toml")
     assert code == 1
@@ -324,7 +327,7 @@ def test_a_postscreen_front_is_translated_and_its_smtpd_kept(tmp_path):
     assert err.count("main.cf:") == 1, err  # the cache map only
     doc = checked(tmp_path / "mailflow.toml")
     screen = doc["smtpd"]["postscreen"]
-    assert screen == {"enable": True, "access_list": ["permit_mynetworks", "cidr:/etc/postfix/postscreen_access.cidr"],
+    assert screen == {"enable": True, "access_list": ["permit_mynetworks", f"cidr:{tmp_path}/postscreen_access.cidr"],
                       "denylist_action": "drop",
                       "dnsbl_sites": ["zen.spamhaus.org*2", "b.barracudacentral.org=127.0.0.[2..11]*1",
                                       "list.dnswl.org=127.0.[0..255].[1..3]*-4"],
@@ -335,7 +338,7 @@ def test_a_postscreen_front_is_translated_and_its_smtpd_kept(tmp_path):
                       "pipelining_enable": False, "bare_newline_enable": True,
                       "bare_newline_action": "enforce", "non_smtp_command_ttl": "7d",  # (30d by default: days)
                       "allowlist_interfaces": ["!192.0.2.25", "static:all"],
-                      "dnsbl_reply_map": "texthash:/etc/postfix/dnsbl_reply"}
+                      "dnsbl_reply_map": f"texthash:{tmp_path}/dnsbl_reply"}
     assert doc["smtpd"]["forbid_cmds"] == ["CONNECT", "GET", "POST", "XYZZY"]  # (the regexp: mailflow's own rule)
     assert doc["smtpd"]["milters"] == ["inet:localhost:11332", "unix:/var/spool/postfix/opendkim/opendkim.sock"]
     assert doc["smtpd"]["recipient_restrictions"] == ["permit_mynetworks", "reject_unauth_destination",
