@@ -9,6 +9,7 @@
         sink.destination(domain) -> FakeDestination                                              (outbound)
         await sink.advance(seconds=0, minutes=0, hours=0, days=0)       (virtual_time=True)
         await sink.settle()               until nothing is due now: no message waiting, no delivery running
+                                          (mail held only by a destination's timer, a rate delay, counts as settled)
     Sink.threaded(...) -> ThreadedSink    the same on a loop of its own, in a thread, with blocking methods
 
 Configuration: by default every recipient is accepted and delivered to the `capture` transport (the settings
@@ -303,8 +304,9 @@ class Sink:
     # -- time -----------------------------------------------------------------------------------------------
 
     async def settle(self, timeout: float = SETTLE_TIMEOUT) -> None:
-        """Until nothing is due now: no message incoming or active, none deferred and due, no delivery or
-        record under way. Raises TimeoutError after `timeout` seconds."""
+        """Until nothing is due now: no message incoming, none deferred and due, no delivery or record under way,
+        and the active messages (if any) waiting only for a destination's timer (its rate delay's pause), so that
+        nothing happens before the clock moves. Raises TimeoutError after `timeout` seconds."""
         store, qmgr = self._queue
         clock = self._server.clock
         loop = asyncio.get_running_loop()
@@ -314,7 +316,7 @@ class Sink:
             await asyncio.sleep(0)
             counts = await store.counts()
             due = await store.next_due_time()
-            busy = qmgr.busy or counts.get("incoming", 0) or counts.get("active", 0)
+            busy = qmgr.busy or counts.get("incoming", 0) or not _waits_for_time(qmgr, counts.get("active", 0))
             due_now = due is not None and due <= clock.time()
             if not busy and not due_now:
                 quiet += 1
@@ -329,8 +331,10 @@ class Sink:
             await asyncio.sleep(0.002)
 
     async def advance(self, seconds: float = 0, *, minutes: float = 0, hours: float = 0, days: float = 0) -> None:
-        """Move the virtual clock on by the sum, stopping at each moment mail comes due on the way, so that every
-        retry, delay notice and expiry in the span happens as it would have (without waiting for it)."""
+        """Move the virtual clock on by the sum, stopping at each moment something is to happen on the way (deferred
+        mail comes due; a destination's rate-delay pause or dead-site memory ends) and settling there, in order,
+        so that every retry, rate-delayed delivery, delay notice and expiry in the span happens when it would
+        have (without waiting for it). The clock ends at the span's end."""
         if not isinstance(self.clock, VirtualClock):
             raise RuntimeError("advance() needs Sink(virtual_time=True)")
         span = seconds + 60 * minutes + 3600 * hours + 86400 * days
@@ -339,11 +343,23 @@ class Sink:
         target = self.clock.now + span
         await self.settle()
         while self.clock.now < target:
-            due = await self._queue[0].next_due_time()
-            step_to = min(due, target) if due is not None and due > self.clock.now else target
-            self.clock.advance(step_to - self.clock.now)
+            self.clock.advance(await self._next_stop(target) - self.clock.now)
             await self.settle()
 
+    async def _next_stop(self, target: float) -> float:
+        """The first moment before `target` something is to happen: deferred mail comes due (the store), or a
+        destination's timer rings (qmgr's: a rate delay's pause or a dead site's memory ends); else `target`."""
+        store, qmgr = self._queue
+        now = self.clock.time()
+        moments = (await store.next_due_time(), qmgr.next_timer())
+        return min([target, *(moment for moment in moments if moment is not None and moment > now)])
+
+
+
+def _waits_for_time(qmgr: QueueManager, active: int) -> bool:
+    """The `active` messages can do nothing before the clock moves: none (or all) in qmgr's hands, every job of
+    them waiting for a destination's timer (its rate delay's pause)."""
+    return active == 0 or (active == qmgr.active_count and qmgr.waiting_for_timers())
 
 
 def _fast_temporary_directory() -> str | None:

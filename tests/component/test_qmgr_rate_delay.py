@@ -155,3 +155,20 @@ def test_the_rate_delay_of_a_transport():
     q = QueueConfig(destination_rate_delay="1m", transport_destination_rate_delay={"smtp": "5s"})
     assert (q.rate_delay("smtp"), q.rate_delay("lmtp")) == (5.0, 60.0)
     assert QueueConfig().rate_delay("smtp") == 0.0
+
+
+async def test_mail_paused_by_the_delay_waits_only_for_a_timer_a_driver_can_step_to(h):
+    """What a driver of the virtual clock (the Sink's settle and advance) reads: while the jobs in hand wait out a
+    pause, qmgr waits for nothing but its timer, and says when that rings; once it rang, it is busy again."""
+    h.smtp = RecordingTransport("smtp", clock=h.clock)
+    await h.start(transports={"local": h.local, "smtp": h.smtp}, destination_rate_delay=10)
+    assert h.qmgr.next_timer() is None
+    await h.queue("a@remote.test")
+    await h.queue("b@remote.test")
+    await eventually(lambda: len(h.smtp.calls) == 1 and not h.qmgr.busy)
+    await qmgr_turn(h.qmgr, h.clock)
+    assert h.qmgr.active_count == 1 and h.qmgr.waiting_for_timers()
+    assert h.qmgr.next_timer() == h.clock.time() + 10
+    h.clock.advance(10)
+    assert not h.qmgr.waiting_for_timers()  # the pause is over: the next delivery is to start, not settled
+    await eventually(lambda: queue_is_empty(h))

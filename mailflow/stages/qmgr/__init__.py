@@ -344,6 +344,23 @@ class QueueManager:
         """Deliveries or records are under way (a driver of a virtual clock waits for this to clear)."""
         return bool(self._tasks)
 
+    def next_timer(self) -> float | None:
+        """The earliest time a destination's timer rings (a rate delay's pause or a dead site's memory ends), or
+        None: a driver of a virtual clock stops there on its way, as at the store's due times. (It may be a timer
+        whose destination has since moved on: stopping there changes nothing.)"""
+        return self._timers[0][0] if self._timers else None
+
+    def waiting_for_timers(self) -> bool:
+        """Nothing is under way and nothing can start before the clock moves: no delivery, record, scan or hand-over
+        in progress, no wake-up or timer pending, and every job in hand waits at a destination `held` by a timer
+        still to come. A driver of a virtual clock counts the messages in hand then as settled."""
+        now = self._clock.time()
+        if self._tasks or self._admitting or self._reserved or self._wakeup.is_set():
+            return False
+        if self._timers and self._timers[0][0] <= now:
+            return False
+        return all(dest.held(now) for dest in self._destinations.values() if dest.jobs)
+
     def destinations(self) -> list[tuple]:
         return [d.snapshot() for d in self._destinations.values()]
 

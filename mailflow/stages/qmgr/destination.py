@@ -77,6 +77,11 @@ class Destination:
     def can_start(self, now: float) -> bool:
         return bool(self.jobs) and not self.is_dead(now) and self.in_flight < self.window and now >= self.resume_at
 
+    def held(self, now: float) -> bool:
+        """Paused by its rate delay, or remembered dead, until a time still to come: no job of it starts before the
+        clock moves (a query: unlike `is_dead`, it revives nothing)."""
+        return now < self.resume_at or now < self.dead_until
+
     def queue(self, jobs: list[Job]) -> None:
         """Queue one message's jobs: its first at the end of the FIFO, the others behind it (`later`)."""
         queue_id = jobs[0].queue_id
