@@ -355,7 +355,6 @@ class Sink:
         return min([target, *(moment for moment in moments if moment is not None and moment > now)])
 
 
-
 def _waits_for_time(qmgr: QueueManager, active: int) -> bool:
     """The `active` messages can do nothing before the clock moves: none (or all) in qmgr's hands, every job of
     them waiting for a destination's timer (its rate delay's pause)."""

@@ -74,3 +74,19 @@ async def test_a_dead_destination_s_memory_runs_out_under_advance():
         assert sink.server.qmgr.destinations() == []  # its memory ran out on time: alive, forgotten
         await sink.advance(minutes=10)
         assert sorted(m.rcpt_tos[0] for m in dest.messages) == ["bob@example.com", "carol@example.com"]
+
+
+async def test_advance_fires_pauses_and_retries_in_order():
+    """The rate delay's pauses (qmgr's timers) and a deferred message's retry (the store's due time) in one span:
+    each happens at its own time, in order."""
+    settings = {**RELAY, "queue": {**RELAY["queue"], "transport_destination_rate_delay": {"smtp": "10s"}}}
+    async with Sink(virtual_time=True, **settings) as sink:
+        dest = sink.destination("example.com")
+        dest.answers(451, "4.2.0 Try later").times(1).then(250)
+        start = sink.clock.time()
+        for user in ("ann", "bob", "cat"):
+            await send(sink, f"{user}@example.com", user)
+        await sink.advance(minutes=10)
+        assert [m.rcpt_tos for m in dest.messages] == [["bob@example.com"], ["cat@example.com"], ["ann@example.com"]]
+        first, second, retried = (t - start for t in sent_times(sink))
+        assert (first, second) == (10, 20) and 300 <= retried <= 340

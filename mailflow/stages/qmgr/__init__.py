@@ -345,10 +345,11 @@ class QueueManager:
         return bool(self._tasks)
 
     def next_timer(self) -> float | None:
-        """The earliest time a destination's timer rings (a rate delay's pause or a dead site's memory ends), or
-        None: a driver of a virtual clock stops there on its way, as at the store's due times. (It may be a timer
-        whose destination has since moved on: stopping there changes nothing.)"""
-        return self._timers[0][0] if self._timers else None
+        """The earliest time still to come a destination's timer rings (a rate delay's pause or a dead site's
+        memory ends), or None: a driver of a virtual clock stops there on its way, as at the store's due times.
+        (It may be a timer whose destination has since moved on: stopping there changes nothing.)"""
+        now = self._clock.time()
+        return min((when for when, _ in self._timers if when > now), default=None)
 
     def waiting_for_timers(self) -> bool:
         """Nothing is under way and nothing can start before the clock moves: no delivery, record, scan or hand-over
