@@ -35,7 +35,10 @@ The loop
   goes to the next in line. A dead destination's jobs are
   deferred without a connection attempt. A destination rate delay (`destination_rate_delay`, per transport
   `transport_destination_rate_delay`) makes its window 1 and pauses it after each delivery; the loop wakes when
-  the pause ends, and that turn only starts deliveries (no scan: a writer transaction).
+  the pause ends, and that turn only starts deliveries (no scan: a writer transaction). These destination timers
+  (a pause's end, a dead site's) are qmgr's own, not due times in the store: a driver of a virtual clock (the
+  Sink) reads the next one (`next_timer`) and whether the mail in hand waits for nothing else
+  (`waiting_for_timers`), to stop there and to count such mail as settled.
 - An address verification probe (mailflow.stages.verify) is delivered through `deliver_probe`: a dead destination
   defers it without a connection, as Postfix's qmgr defers the probe (a queued message) of a dead queue; what the
   probe finds is not fed back (Postfix's probes never make a destination dead); it is not queued and waits for no
