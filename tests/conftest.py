@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import ssl
 import threading
 from collections.abc import Collection
@@ -52,6 +53,25 @@ class _TruncatingHandler(DNSHandler):
         return reply.pack()
 
 
+def _dns_servers(authority, logger, tcp: bool) -> list[DNSServer]:
+    """A UDP server on a port the kernel picks and, with `tcp`, a TCP one on the same number (where a truncated UDP
+    answer makes the resolver ask again); that number may be taken for TCP (another worker's connection), so a
+    few ports are tried."""
+    for _ in range(20):
+        udp = DNSServer(authority, port=0, address="127.0.0.1", logger=logger,
+                        handler=_TruncatingHandler if tcp else DNSHandler)
+        if not tcp:
+            return [udp]
+        try:
+            return [udp, DNSServer(authority, port=udp.server.server_address[1], address="127.0.0.1", logger=logger,
+                                   tcp=True)]
+        except OSError as e:
+            udp.server.server_close()
+            if e.errno != errno.EADDRINUSE:
+                raise
+    raise AssertionError("no port free for both UDP and TCP")
+
+
 @pytest.fixture
 def dns_zone():
     servers: list[DNSServer] = []
@@ -60,12 +80,8 @@ def dns_zone():
               tcp: bool = False, asked: list[tuple[str, str]] | None = None) -> str:
         quiet = DNSLogger("-request,-reply,-truncated,-recv,-send,-error,-data", False)
         authority = ZoneAuthority(zone_text, servfail, slow, delay, asked)
-        server = DNSServer(authority, port=0, address="127.0.0.1", logger=quiet,
-                           handler=_TruncatingHandler if tcp else DNSHandler)
-        port = server.server.server_address[1]
-        started = [server]
-        if tcp:  # on the same port: where a truncated UDP answer makes the resolver ask again
-            started.append(DNSServer(authority, port=port, address="127.0.0.1", logger=quiet, tcp=True))
+        started = _dns_servers(authority, quiet, tcp)
+        port = started[0].server.server_address[1]
         for each in started:
             # DNSServer.start_thread() polls every 0.5 s, which is what stopping it would cost each test.
             threading.Thread(target=each.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
