@@ -22,6 +22,8 @@
     BUILTIN_TRANSPORTS       the transport names a [pipe.NAME] or an SMTP/LMTP client service may not take
     each_one_of(items, allowed)  the items, when each is one of `allowed` (a list of keywords)
     check_transport(value)   a `transport` or `transport:nexthop` setting (TRANSPORT_NAME: a transport's name)
+    check_service_names(services, replaceable=())  the services, when each name is a transport's and no built-in
+                             one's but `replaceable`'s
     check_relayhost(value)   a relayhost: host, host:port, [host] or [address], with :port or not
     validation_key(err)      one pydantic error's place as the dotted KEY ("smtpd.listen", "pipe.x.argv[0]"; ""
                              for the top level)
@@ -213,6 +215,18 @@ def validation_reason(err: ErrorDetails) -> str:
 
 
 S = TypeVar("S", bound=Section)
+V = TypeVar("V")
+
+
+def check_service_names(services: dict[str, V], replaceable: tuple[str, ...] = ()) -> dict[str, V]:
+    """Each service's name ([pipe.NAME], [smtp.services.NAME], [lmtp.services.NAME]) is a transport's, as
+    transport_maps name it, and none of the built-in transports' but those in `replaceable`."""
+    for name in services:
+        if name in BUILTIN_TRANSPORTS and name not in replaceable:
+            raise ValueError(f"{name!r} is the name of a built-in transport")
+        if not TRANSPORT_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a transport name (letters, digits, '_', '-')")
+    return services
 
 
 def overlay(section: S, layers: Iterable[Mapping[str, object]], *, exclude: set[str],

@@ -20,8 +20,8 @@ from typing import Annotated, Literal, TypeVar
 from pydantic import (AfterValidator, Field, ValidationError, ValidationInfo, field_serializer, field_validator,
                       model_validator)
 
-from mailflow.config.base import (BUILTIN_TRANSPORTS, TRANSPORT_NAME, Duration, InlineTableSpecs, NestedRefusal,
-                                  Section, TableSpecs, check_transport, overlay, validation_key, validation_reason)
+from mailflow.config.base import (Duration, InlineTableSpecs, NestedRefusal, Section, TableSpecs, check_service_names,
+                                  check_transport, overlay, validation_key, validation_reason)
 from mailflow.local_macros import check_local_macros
 from mailflow.pipe_argv import check_flags, parse_argv
 from mailflow.syntax import parse_hostport, parse_ip
@@ -212,13 +212,7 @@ def _lmtp_service_names(services: dict[str, S]) -> dict[str, S]:
 
 
 def _service_names(services: dict[str, S], replaceable: tuple[str, ...]) -> dict[str, S]:
-    """A service's name is a transport's (as transport_maps name it), none of the built-in ones but `replaceable`."""
-    for name in services:
-        if name in BUILTIN_TRANSPORTS and name not in replaceable:
-            raise ValueError(f"{name!r} is the name of a built-in transport")
-        if not TRANSPORT_NAME.fullmatch(name):
-            raise ValueError(f"{name!r} is not a transport name (letters, digits, '_', '-')")
-    return services
+    return check_service_names(services, replaceable)
 
 
 def _merged(section: S, service: Section) -> S:

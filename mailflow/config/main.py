@@ -18,8 +18,8 @@ from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_
 from mailflow.address import is_valid_domain, mailbox_syntax_error, normalise_domain
 from mailflow.config.accounts import AccountsConfig
 from mailflow.config.admin import AdminConfig
-from mailflow.config.base import (BUILTIN_TRANSPORTS, TRANSPORT_NAME, Duration, Networks, Relayhost, Section,
-                                  TableSpecs, Transport, each_one_of)
+from mailflow.config.base import (BUILTIN_TRANSPORTS, Duration, Networks, Relayhost, Section, TableSpecs, Transport,
+                                  check_service_names, each_one_of)
 from mailflow.config.filters import (PROBE_ROUTING, AddressVerifyConfig, ChecksConfig, ClamdConfig, GreylistConfig,
                                      MilterConfig, SenderAuthConfig, SpamdConfig)
 from mailflow.config.delivery import DnsConfig, LmtpConfig, LocalConfig, PipeService, SmtpConfig
@@ -252,12 +252,7 @@ class Config(Section):
     @field_validator("pipe")
     @classmethod
     def _pipe_names(cls, v: dict[str, PipeService]) -> dict[str, PipeService]:
-        for name in v:
-            if name in BUILTIN_TRANSPORTS:
-                raise ValueError(f"{name!r} is the name of a built-in transport")
-            if not TRANSPORT_NAME.fullmatch(name):
-                raise ValueError(f"{name!r} is not a transport name (letters, digits, '_', '-')")
-        return v
+        return check_service_names(v)
 
     @field_validator("mydestination", "relay_domains", "virtual_mailbox_domains", "virtual_alias_domains",
                      "masquerade_domains")
