@@ -7,6 +7,9 @@ their lookups go) and `[pipe.NAME]` (pipe(8) services).
                                  sets replace the section's (`SmtpConfig.for_service(NAME)`: the merged settings,
                                  validated as the section is); it is a transport named NAME (`relay`, [smtp]'s
                                  otherwise, may be one: REPLACEABLE)
+    SmtpSettings, LmtpSettings   the keys a section and each of its services may set
+    ClientServices               what SmtpConfig and LmtpConfig share about their services (names, dump, merge)
+    SmtpConfig.key_source(transport, key)   the dotted key a transport's SMTP client value is set by
 
 Failure behaviour: a bad value raises ValueError (a ConfigError once loaded): a mailbox path outside the home,
 an unprivileged user that is root, a key without its certificate, an unknown pipe macro or flag, a service's
@@ -15,7 +18,7 @@ unknown key (`smtp.services.NAME.KEY: unknown setting`), a service named as a bu
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, Mapping, Self, TypeVar
 
 from pydantic import (AfterValidator, Field, ValidationError, ValidationInfo, field_serializer, field_validator,
                       model_validator)
@@ -203,25 +206,13 @@ S = TypeVar("S", bound=Section)
 REPLACEABLE = {"smtp": ("relay",), "lmtp": ()}
 
 
-def _smtp_service_names(services: dict[str, S]) -> dict[str, S]:
-    return _service_names(services, REPLACEABLE["smtp"])
-
-
-def _lmtp_service_names(services: dict[str, S]) -> dict[str, S]:
-    return _service_names(services, REPLACEABLE["lmtp"])
-
-
-def _service_names(services: dict[str, S], replaceable: tuple[str, ...]) -> dict[str, S]:
-    return check_service_names(services, replaceable)
-
-
 def _merged(section: S, service: Section) -> S:
     """`section` with the keys `service` sets in place of its own, validated as the section is (its cross-key
     checks too), without services of its own."""
     return overlay(section, [service.model_dump(exclude_unset=True)], exclude={"services"})
 
 
-def _check_merged(section: Section, services: dict[str, Section]) -> None:
+def _check_merged(section: Section, services: Mapping[str, Section]) -> None:
     """Each service's merged settings validate: a problem names the service and its key."""
     for name, service in services.items():
         try:
@@ -231,14 +222,44 @@ def _check_merged(section: Section, services: dict[str, Section]) -> None:
             raise NestedRefusal(f"services.{name}.{validation_key(err)}", validation_reason(err)) from None
 
 
+class ClientServices(Section):
+    """What [smtp] and [lmtp] share about their `services` (each class declares the field, its own service type):
+    the names (a transport's, none of the built-in ones but the class's `replaceable`), a dump of the keys each
+    service sets, the merged settings validated at load, and `for_service(NAME)`."""
+
+    replaceable: ClassVar[tuple[str, ...]] = ()
+    if TYPE_CHECKING:
+        services: Mapping[str, Section]
+
+    @field_validator("services", check_fields=False)
+    @classmethod
+    def _service_names(cls, services: dict[str, S]) -> dict[str, S]:
+        return check_service_names(services, cls.replaceable)
+
+    @field_serializer("services", check_fields=False)
+    def _set_keys_only(self, services: Mapping[str, Section]) -> dict[str, dict[str, object]]:
+        """A service as written (the keys it sets): dumped and validated again (a reload), it stays one."""
+        return {name: service.model_dump(exclude_unset=True) for name, service in services.items()}
+
+    @model_validator(mode="after")
+    def _services_merge(self) -> Self:
+        _check_merged(self, self.services)
+        return self
+
+    def for_service(self, name: str) -> Self:
+        """The settings of the service `name`: these, with the keys it sets in their place."""
+        return _merged(self, self.services[name])
+
+
 class SmtpService(SmtpSettings):
     """One `[smtp.services.NAME]` (master.cf `NAME unix … smtp -o …`): the [smtp] keys it sets are its own."""
 
 
-class SmtpConfig(SmtpSettings):
+class SmtpConfig(SmtpSettings, ClientServices):
     """The SMTP client (Postfix smtp): relay and MX delivery; `services` are named SMTP client services, each a
     transport of its own name with [smtp]'s settings but the keys it sets."""
 
+    replaceable: ClassVar[tuple[str, ...]] = REPLACEABLE["smtp"]
     services: dict[str, SmtpService] = {}
 
     @field_validator("tls_key_file")
@@ -247,22 +268,6 @@ class SmtpConfig(SmtpSettings):
         if v and not info.data.get("tls_cert_file"):
             raise ValueError("needs tls_cert_file (the certificate the key belongs to)")
         return v
-
-    _names = field_validator("services")(_smtp_service_names)
-
-    @field_serializer("services")
-    def _set_keys_only(self, services: dict[str, SmtpService]) -> dict[str, dict[str, object]]:
-        """A service as written (the keys it sets): dumped and validated again (a reload), it stays one."""
-        return {name: service.model_dump(exclude_unset=True) for name, service in services.items()}
-
-    @model_validator(mode="after")
-    def _services_merge(self) -> "SmtpConfig":
-        _check_merged(self, dict(self.services))
-        return self
-
-    def for_service(self, name: str) -> "SmtpConfig":
-        """The settings of the service `name`: these, with the keys it sets in their place."""
-        return _merged(self, self.services[name])
 
     def key_source(self, transport: str, key: str) -> str:
         """The key the `key` value of a transport's SMTP client is set by: `smtp.services.NAME.KEY` when it is a
@@ -298,24 +303,11 @@ class LmtpService(LmtpSettings):
     """One `[lmtp.services.NAME]` (master.cf `NAME unix … lmtp -o …`): the [lmtp] keys it sets are its own."""
 
 
-class LmtpConfig(LmtpSettings):
+class LmtpConfig(LmtpSettings, ClientServices):
     """[lmtp]; `services` are named LMTP client services, each a transport of its own name (as [smtp]'s)."""
 
+    replaceable: ClassVar[tuple[str, ...]] = REPLACEABLE["lmtp"]
     services: dict[str, LmtpService] = {}
-
-    _names = field_validator("services")(_lmtp_service_names)
-
-    @field_serializer("services")
-    def _set_keys_only(self, services: dict[str, LmtpService]) -> dict[str, dict[str, object]]:
-        return {name: service.model_dump(exclude_unset=True) for name, service in services.items()}
-
-    @model_validator(mode="after")
-    def _services_merge(self) -> "LmtpConfig":
-        _check_merged(self, dict(self.services))
-        return self
-
-    def for_service(self, name: str) -> "LmtpConfig":
-        return _merged(self, self.services[name])
 
 
 class DnsConfig(Section):
