@@ -37,6 +37,7 @@ import os
 import re
 import socket
 import stat
+from typing import Iterable
 
 from mailflow.config import postfix_names as names
 from mailflow.config.load import config_from_dict
@@ -546,28 +547,27 @@ class Importer:
         self.out.leave_out(str(service["origin"]), f"master.cf {name}", "", why)
         self._check_transports()
 
-    def _culprit_option(self, service: dict[str, object], keys: list[str], refusal: tuple[str, str]) -> str | None:
-        """The key of a client service's -o whose removal ends `refusal`, None when none does alone."""
+    def _first_removal_ending(self, items: dict, keys: Iterable[str], refusal: tuple[str, str]) -> str | None:
+        """The first of `keys` whose removal from `items` alone ends `refusal` (each put back after the trial), None
+        when none does."""
         for candidate in keys:
-            value = service.pop(candidate)
+            value = items.pop(candidate)
             ended = self._refusal() != refusal
-            service[candidate] = value
+            items[candidate] = value
             if ended:
                 return candidate
         return None
+
+    def _culprit_option(self, service: dict[str, object], keys: list[str], refusal: tuple[str, str]) -> str | None:
+        """The key of a client service's -o whose removal ends `refusal`, None when none does alone."""
+        return self._first_removal_ending(service, keys, refusal)
 
     def _culprit_entry(self, setting: str, refusal: tuple[str, str]) -> str | None:
         """The entry of a per-transport table whose removal ends `refusal` (the others stay)."""
         table = self.out.settings[setting]
         if setting not in self.out.entry_origins or not isinstance(table, dict):
             return None
-        for transport in list(table):
-            value = table.pop(transport)
-            ended = self._refusal() != refusal
-            table[transport] = value
-            if ended:
-                return transport
-        return None
+        return self._first_removal_ending(table, list(table), refusal)
 
     def _drop_setting(self, setting: str, why: str) -> None:
         if self.out.entry_origins.get(setting):  # a per-transport table: each entry with its own line
@@ -585,13 +585,8 @@ class Importer:
         mine = [k for k in self.out.settings if k == section or k.startswith(f"{section}.")]
         named = [k for k in mine if re.search(rf"(?<![\w.]){re.escape(k.removeprefix(section + '.'))}(?![\w.])",
                                               reason)]
-        for candidate in named + [k for k in reversed(mine) if k not in named]:
-            value = self.out.settings.pop(candidate)
-            ended = self._refusal() != refusal
-            self.out.settings[candidate] = value
-            if ended:
-                return candidate
-        return None
+        return self._first_removal_ending(self.out.settings, named + [k for k in reversed(mine) if k not in named],
+                                          refusal)
 
     def _drop_section(self, section: str, why: str) -> None:
         for setting in [k for k in self.out.settings if k == section or k.startswith(f"{section}.")]:
