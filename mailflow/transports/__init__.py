@@ -18,6 +18,20 @@ Contract of a transport (postfix's delivery agents; chasquid's Courier; maddy's 
 - `program`: the Postfix program the agent stands for (smtp, lmtp, local, virtual, pipe, error, discard): the
   mail log writes its result lines under that name, as Postfix's agents log their own (`postfix/smtp[pid]: …
   relay=none … (connect to …)`), and pflogsumm groups deferrals by it.
+
+The registry:
+
+    build_transports(config, resolver, clock, router, forward=None, mailbox=None) -> {name: Transport}
+                             the built-in transports, each [pipe.NAME] and each client service, by transport name
+    client_services(config, resolver, clock, router, tables, mta_sts) -> {name: Transport}
+                             the [smtp.services.NAME] and [lmtp.services.NAME] clients, each with its merged settings
+    build_smtp_client(config, client, *, resolver, clock, router, tables, mta_sts, level_source=…) -> SmtpTransport
+    build_lmtp_client(config, client, *, clock, router, tables) -> LmtpTransport
+                             one client from a section's settings ([smtp], [lmtp] or a service's merged ones): its
+                             own connection cache, TLS contexts and tables
+    build_mta_sts(config, resolver), build_generic_maps(config, client, router, tables, program="smtp"),
+    build_outbound_checks(client, tables, program="smtp"), sasl_sender_keys(client, router)
+                             a client's parts from its settings (None where the setting is off)
 """
 from __future__ import annotations
 
