@@ -5,6 +5,7 @@
                                            bind_address6 (the source of outgoing connections) when public, else (no
                                            bind address for the family) the listener addresses that are public
                                            (global unicast), each once; [] when none is known
+    outbound_addresses(config) -> ([ip], [ip])   (those public addresses, the bind addresses left out as not public)
     outbound_clients(config) -> [OutboundClient]   each SMTP client's HELO name and public addresses
     domain_keys(config, domain) -> [SigningKey]   the KeyTable's keys for the domain (a "%" key stands for it)
     sts_policy_text(config, domain) -> str the MTA-STS policy file to serve (mode deliverability.mta_sts_mode)
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 import dns.reversename
 
-from mailflow.config import Config
+from mailflow.config import Config, SmtpConfig
 from mailflow.signing import keygen
 from mailflow.signing.keytables import SigningKey, keys_from_config
 from mailflow.syntax import parse_hostport
@@ -51,12 +52,17 @@ def outbound_clients(config: Config) -> list[OutboundClient]:
     """[smtp] and then each [smtp.services.NAME] (a second outbound IP and HELO name is a common reason for one),
     each with its public outbound addresses (see outbound_addresses); with deliverability.outbound_addresses set,
     the one entry [smtp]'s with those."""
-    clients = [("smtp", config.smtp)] + [(f"smtp.services.{name}", config.smtp.for_service(name))
-                                         for name in config.smtp.services]
+    clients = _smtp_clients(config)
     if config.deliverability.outbound_addresses:
         clients = clients[:1]
     return [OutboundClient(where, client.helo_name or config.myhostname, _client_addresses(config, client)[0])
             for where, client in clients]
+
+
+def _smtp_clients(config: Config) -> list[tuple[str, SmtpConfig]]:
+    """(where its settings are, its settings) of each SMTP client: [smtp], then each [smtp.services.NAME] merged."""
+    return [("smtp", config.smtp)] + [(f"smtp.services.{name}", config.smtp.for_service(name))
+                                      for name in config.smtp.services]
 
 
 def outbound_addresses(config: Config) -> tuple[list[str], list[str]]:
@@ -70,15 +76,16 @@ def outbound_addresses(config: Config) -> tuple[list[str], list[str]]:
         return list(config.deliverability.outbound_addresses), []
     found: list[str] = []
     not_public: list[str] = []
-    for client in [config.smtp] + [config.smtp.for_service(name) for name in config.smtp.services]:
+    for _, client in _smtp_clients(config):
         public, private = _client_addresses(config, client)
         found += [a for a in public if a not in found]
         not_public += [a for a in private if a not in not_public]
     return found, not_public
 
 
-def _client_addresses(config: Config, client) -> tuple[list[str], list[str]]:
-    """(public, not public) outbound addresses of one SMTP client's settings."""
+def _client_addresses(config: Config, client: SmtpConfig) -> tuple[list[str], list[str]]:
+    """(public, not public) outbound addresses of one SMTP client's settings (deliverability.outbound_addresses when
+    set)."""
     if config.deliverability.outbound_addresses:
         return list(config.deliverability.outbound_addresses), []
     listeners = [address for address in _listener_addresses(config) if address.is_global]
