@@ -669,6 +669,25 @@ async def test_a_reload_sends_new_jobs_to_the_new_transports_and_closes_the_old_
     assert [r.queue_id for r in old.requests] == [first] and not new.closed and not h.local.closed
 
 
+async def test_the_per_transport_in_flight_count_holds_only_transports_with_a_delivery_under_way(h):
+    """A transport a reload removed (a client service taken out of the configuration) or one a routing table named
+    but nothing defines leaves no count behind once its deliveries end: the counts are bounded by the deliveries in
+    flight, not by every transport name ever routed to."""
+    old = BlockingTransport("smtp")
+    await h.start(transports={"local": h.local, "smtp": old})
+    await h.queue("a@remote.test")
+    await eventually(lambda: len(old.requests) == 1, what="a delivery under way")
+    assert h.qmgr._in_flight_by_transport == {"smtp": 1}
+
+    config = Config(myhostname=HOST, mydestination=("example.test",))
+    h.qmgr.reconfigure(resolve=Rewriter(config).resolve, transports={"local": h.local}, config=config.queue,
+                       notices=None, soft_bounce=False)
+    old.release.set()
+    await eventually(lambda: old.closed, what="the removed transport's delivery ended")
+    await eventually(lambda: h.qmgr._in_flight == 0, what="no delivery in flight")
+    assert h.qmgr._in_flight_by_transport == {}
+
+
 def relaying(relayhost: str, **queue) -> tuple:
     """The routing and the [queue] settings of a configuration that relays everything else to `relayhost`."""
     config = Config(myhostname=HOST, mydestination=("example.test",), relayhost=relayhost,

@@ -197,7 +197,7 @@ class QueueManager:
         self._timers: list[tuple[float, tuple[str, str]]] = []  # (a heap) (when, destination): a pause or death ends
         self._sleeping_until = 0.0  # the clock time the loop's current sleep ends
         self._in_flight = 0
-        self._in_flight_by_transport: dict[str, int] = {}
+        self._in_flight_by_transport: dict[str, int] = {}  # transports with deliveries under way: how many
         self._tasks: set[asyncio.Task] = set()
         self._deliveries: set[asyncio.Task] = set()
         self._retired: list = []  # transports a reload replaced, closed once their deliveries end
@@ -829,6 +829,15 @@ class QueueManager:
         self._deliveries.add(delivery)
         delivery.add_done_callback(self._deliveries.discard)
 
+    def _one_less_in_flight(self, transport: str) -> None:
+        """A delivery through `transport` ended; a transport with none left loses its entry (names a reload
+        removed or a table routed to once would otherwise stay)."""
+        left = self._in_flight_by_transport[transport] - 1
+        if left:
+            self._in_flight_by_transport[transport] = left
+        else:
+            del self._in_flight_by_transport[transport]
+
     def _room_for(self, transport: str) -> bool:
         cap = self._config.transport_concurrency_limit.get(transport)
         if cap is not None and self._in_flight_by_transport.get(transport, 0) >= cap:
@@ -856,7 +865,7 @@ class QueueManager:
             if self._on_delivery is not None:
                 self._on_delivery(job.transport, ended - started)
             self._in_flight -= 1
-            self._in_flight_by_transport[job.transport] -= 1
+            self._one_less_in_flight(job.transport)
             site_ok = report.site_ok if report is not None else True
             reason = report.site_reason if report is not None else ""
             self._suspend(dest, dest.done(site_ok, reason, ended, self._config.minimal_backoff_time))
