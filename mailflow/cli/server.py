@@ -98,9 +98,19 @@ NOFILE_CEILING = 1 << 20  # the soft limit asked for when the hard one is unlimi
 
 def descriptors_needed(cfg: Config) -> int:
     """What the configuration can hold open at once: each listener's sessions and as many waiting for a slot,
-    two per delivery (its connection or file, and its content) and a reserve."""
+    two per delivery (its connection or file, and its content), the idle sessions each SMTP client's connection
+    cache may keep and a reserve."""
     sessions = sum(2 * smtpd.max_sessions for _, _, smtpd, _ in cfg.smtpd.listener_settings())
-    return sessions + 2 * cfg.queue.delivery_concurrency_limit + DESCRIPTOR_RESERVE
+    return sessions + 2 * cfg.queue.delivery_concurrency_limit + idle_sessions_cached(cfg) + DESCRIPTOR_RESERVE
+
+
+def idle_sessions_cached(cfg: Config) -> int:
+    """The idle SMTP sessions the configuration's clients may keep at once: MAX_IDLE for each client whose
+    connection cache is on, [smtp]'s (smtp and relay share it) and each [smtp.services.NAME]'s (a cache each)."""
+    from mailflow.transports.smtp.reuse import MAX_IDLE  # (only serve builds the clients; the rest need not load it)
+
+    clients = [cfg.smtp] + [cfg.smtp.for_service(name) for name in cfg.smtp.services]
+    return MAX_IDLE * sum(client.connection_cache_time_limit > 0 for client in clients)
 
 
 def ensure_descriptors(cfg: Config) -> None:
@@ -120,7 +130,8 @@ def ensure_descriptors(cfg: Config) -> None:
     if soft != resource.RLIM_INFINITY and soft < needed:
         logging.getLogger("mailflow").warning(
             "the file descriptor limit (%d) is below the %d this configuration can use (smtpd max_sessions, "
-            "queue delivery_concurrency_limit); connections wait in the kernel's queue when it runs out", soft, needed)
+            "queue delivery_concurrency_limit, the SMTP clients' connection caches); connections wait in the kernel's "
+            "queue when it runs out", soft, needed)
 
 
 def check_config(config: Optional[str] = ConfigOption) -> None:

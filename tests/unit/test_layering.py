@@ -74,6 +74,8 @@ FUNCTION_IMPORTS = {
     ("mailflow.cli.server", "mailflow.stages.smtpd.tls"): "only `check-config` reads the listeners' certificates",
     ("mailflow.cli.server", "mailflow.admin.access"): "only `check-config` reads the admin tokens, and only with "
                                                       "[admin] enable: the admin package loads aiohttp",
+    ("mailflow.cli.server", "mailflow.transports.smtp.reuse"): "only `serve` sizes the descriptor limit by the "
+                                                               "connection caches (mailflow.transports loads them all)",
     ("mailflow.cli.deliverability", "mailflow.signing"): "only `dkim keygen` makes keys (cryptography, dkimpy)",
     ("mailflow.cli.deliverability", "mailflow.signing.keygen"): "as above",
     ("mailflow.cli.deliverability", "mailflow.signing.keytables"): "as above",
