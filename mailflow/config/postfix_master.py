@@ -58,7 +58,7 @@ def translate_service(importer: ImportState, service: Service) -> None:
         elif service.command in ("dnsblog", "tlsproxy"):
             out.notes.append(f"{service.line.where}: {service.name} ({service.command}) serves postscreen only")
         elif service.command in ("smtp", "lmtp"):
-            _second_client(importer, service)
+            _client_service(importer, service)
         elif service.command in BUILT_IN_SERVICES:
             raise Refused(f"another {service.command} service: mailflow has one {service.command} transport, "
                           f"set in its section (a setting naming {service.name} is left out too)")
@@ -108,7 +108,7 @@ def _options(service: Service) -> list[tuple[str, str]]:
 def _transport_service(importer: ImportState, service: Service) -> None:
     if service.name in REPLACEABLE.get(service.command, ()) and any(
             not _not_needed(name) for name, _ in _options(service)):
-        _second_client(importer, service)  # (`relay … smtp -o …`: an [smtp.services.relay] of its own)
+        _client_service(importer, service)  # (`relay … smtp -o …`: an [smtp.services.relay] of its own)
         return
     for name, value in _options(service):
         if not _not_needed(name):
@@ -124,7 +124,7 @@ def _not_needed(name: str) -> str:
     return _NOT_NEEDED_OVERRIDES.get(name) or names.NOT_NEEDED.get(name, "")
 
 
-def _second_client(importer: ImportState, service: Service) -> None:
+def _client_service(importer: ImportState, service: Service) -> None:
     """Another smtp or lmtp service (a content filter's `smtp-amavis`, a `slow` one): an `[smtp.services.NAME]`
     (or lmtp) of the same name, each -o that is one of that client's settings translated through the one table
     (the others left out or noted, as a listener's), its maxproc its queue.transport_concurrency_limit entry."""
@@ -152,14 +152,7 @@ def _client_option(importer: ImportState, service: Service, name: str, raw: str,
     expander = importer.expander.with_names({"service_name": service.name, "service_type": service.kind})
     try:
         value = expander.expand(raw)
-        if why := _not_needed(name):
-            importer.out.notes.append(f"{where}: {service.name} -o {name}={raw} not needed: {why}")
-            return {}
-        if name in names.BUILT_IN:
-            fixed, why = names.BUILT_IN[name]
-            if value.lower() != fixed:
-                raise Refused(f"only {name} = {fixed} is mailflow's behaviour: {why}")
-            importer.out.notes.append(f"{where}: {service.name} -o {name}={raw} is built in: {why}")
+        if _noted_option(importer, service, name, raw, value):
             return {}
         keys = names.SETTINGS.get(name, ())
         if not keys or not all(k.startswith(f"{client}.") for k in keys):
@@ -173,6 +166,22 @@ def _client_option(importer: ImportState, service: Service, name: str, raw: str,
     except Unexpanded as e:
         importer.out.leave_out(where, f"master.cf {service.name} -o {name}", raw, e.reason())
     return {}
+
+
+def _noted_option(importer: ImportState, service: Service, name: str, raw: str, value: str) -> bool:
+    """True, with a note, when a client service's -o is one mailflow does not need (syslog_name, max_use…) or its
+    built-in behaviour (disable_dns_lookups = no); Refused when it asks another behaviour than the built-in one."""
+    where = service.line.where
+    if why := _not_needed(name):
+        importer.out.notes.append(f"{where}: {service.name} -o {name}={raw} not needed: {why}")
+        return True
+    if name not in names.BUILT_IN:
+        return False
+    fixed, why = names.BUILT_IN[name]
+    if value.lower() != fixed:
+        raise Refused(f"only {name} = {fixed} is mailflow's behaviour: {why}")
+    importer.out.notes.append(f"{where}: {service.name} -o {name}={raw} is built in: {why}")
+    return True
 
 
 def _merged_timeouts_agree(importer: ImportState, name: str, options: dict[str, str]) -> None:
