@@ -4,6 +4,8 @@
     Expander(raw, hostname).expand(value)        $name expansion; Unexpanded for a name it cannot know
     convert(name, key, value, notes)             a Postfix value as mailflow's setting `key` takes it; Refused(why)
     time_in_seconds(value)                       a Postfix time value in seconds (None: not one)
+    merged_timeouts_agree(name, given, mark_defaults=False)   Refused when the Postfix timeouts merged with `name`
+                                                 into one mailflow setting take different values
     SETTING_TYPES                                every setting `key` may name (its default: its type), with
                                                  [smtpd.postscreen]'s as `smtpd.postscreen.name`
     table_spec(token, notes), split_list(value)  `type:name` in mailflow's form; a Postfix list's entries
@@ -23,7 +25,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from mailflow.config import postfix_names as names
 from mailflow.files import read_regular_file
@@ -522,6 +524,23 @@ def time_in_seconds(value: str) -> float | None:
     """A Postfix time value (`300s`, `5m`, a bare number of seconds) in seconds; None when it is not one."""
     m = re.fullmatch(r"\s*(\d+)\s*([smhdw]?)\s*", value)
     return int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)] if m else None
+
+
+def merged_timeouts_agree(name: str, given: Callable[[str], str | None], *, mark_defaults: bool = False) -> None:
+    """Refused when `name` is one of the Postfix timeouts mailflow merges into one setting (smtp_mail_timeout,
+    smtp_rcpt_timeout… -> smtp.command_timeout) and their values differ: one would change the others'. Each
+    value is what `given` says (asked once a name), else Postfix's default (`(default)` after it with
+    `mark_defaults`)."""
+    if name not in names.MERGED_DEFAULTS:
+        return
+    merged = [n for n, keys in names.SETTINGS.items() if keys == names.SETTINGS[name]]
+    told = {n: given(n) for n in merged}
+    values = {n: told[n] or names.MERGED_DEFAULTS[n] for n in merged}
+    if len({time_in_seconds(v) for v in values.values()}) > 1:
+        shown = ", ".join(f"{n} = {v}{' (default)' if mark_defaults and told[n] is None else ''}"
+                          for n, v in values.items())
+        raise Refused(f"mailflow's {names.SETTINGS[name][0]} is one value for {len(merged)} Postfix timeouts, and "
+                      f"they differ ({shown})")
 
 
 def convert(name: str, key: str, value: str, notes: list[str]) -> object:

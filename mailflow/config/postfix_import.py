@@ -45,7 +45,7 @@ from mailflow.config.main import BUILTIN_TRANSPORTS
 from mailflow.config.postfix_cf import (POSTFIX_TABLE_DEFAULTS, Expander, Imported, Line, Refused, Service,
                                         Unexpanded, UnreadableFile, convert, from_queue_directory, read_main_cf,
                                         read_master_cf, restriction_items, dovecot_sasl_path, split_list,
-                                        table_spec, time_in_seconds)
+                                        merged_timeouts_agree, table_spec)
 from mailflow.config.postfix_master import translate_service
 from mailflow.config.show import format_setting
 from mailflow.config.smtpd import LISTENER_ROLES, SMTPD_BANNER
@@ -209,13 +209,8 @@ class Importer:
         must not make MAIL and RCPT time out after 20s). True when an earlier one of them has set it."""
         if name not in names.MERGED_DEFAULTS:
             return False
-        merged = [n for n, keys in names.SETTINGS.items() if keys == names.SETTINGS[name]]
-        values = {n: (self._expand(n, *self.params[n]) if n in self.params else None) or names.MERGED_DEFAULTS[n]
-                  for n in merged}
-        if len({time_in_seconds(v) for v in values.values()}) > 1:
-            shown = ", ".join(f"{n} = {v}{'' if n in self.params else ' (default)'}" for n, v in values.items())
-            raise Refused(f"mailflow's {names.SETTINGS[name][0]} is one value for {len(merged)} Postfix timeouts, "
-                          f"and they differ ({shown})")
+        merged_timeouts_agree(name, lambda n: self._expand(n, *self.params[n]) if n in self.params else None,
+                              mark_defaults=True)
         return names.SETTINGS[name][0] in self.out.settings
 
     def _in_queue_directory(self, value: object) -> object:

@@ -29,7 +29,7 @@ from mailflow.config import postfix_names as names
 from mailflow.config.base import BUILTIN_TRANSPORTS, TRANSPORT_NAME
 from mailflow.config.delivery import REPLACEABLE
 from mailflow.config.postfix_cf import (ImportState, Refused, Service, Unexpanded, convert, from_queue_directory,
-                                        dovecot_sasl_path, time_in_seconds)
+                                        dovecot_sasl_path, merged_timeouts_agree)
 from mailflow.config.smtpd import LISTENER_ROLES
 
 # Postfix's own daemons: mailflow has each of them built in.
@@ -157,7 +157,7 @@ def _client_option(importer: ImportState, service: Service, name: str, raw: str,
         keys = names.SETTINGS.get(name, ())
         if not keys or not all(k.startswith(f"{client}.") for k in keys):
             raise Refused(names.why_not(name) if not keys else f"not a setting of mailflow's {client} services")
-        _merged_timeouts_agree(importer, name, dict(options))
+        merged_timeouts_agree(name, lambda n: _service_value(importer, n, dict(options)))
         return {key.removeprefix(f"{client}."): from_queue_directory(convert(name, key, value, importer.out.notes),
                                                                       importer.queue_directory(), importer.out.notes)
                 for key in keys}
@@ -166,6 +166,13 @@ def _client_option(importer: ImportState, service: Service, name: str, raw: str,
     except Unexpanded as e:
         importer.out.leave_out(where, f"master.cf {service.name} -o {name}", raw, e.reason())
     return {}
+
+
+def _service_value(importer: ImportState, name: str, options: dict[str, str]) -> str | None:
+    """A client service's value of a Postfix parameter: its -o as written, else main.cf's expanded (None: neither
+    sets it)."""
+    return options.get(name) or (importer.expander.expand(importer.params[name][1]) if name in importer.params
+                                 else None)
 
 
 def _noted_option(importer: ImportState, service: Service, name: str, raw: str, value: str) -> bool:
@@ -182,21 +189,6 @@ def _noted_option(importer: ImportState, service: Service, name: str, raw: str, 
         raise Refused(f"only {name} = {fixed} is mailflow's behaviour: {why}")
     importer.out.notes.append(f"{where}: {service.name} -o {name}={raw} is built in: {why}")
     return True
-
-
-def _merged_timeouts_agree(importer: ImportState, name: str, options: dict[str, str]) -> None:
-    """Refused when `name` is one of the Postfix timeouts mailflow merges into one setting (smtp_mail_timeout,
-    smtp_rcpt_timeout… -> command_timeout) and the service's values of them (its -o, else main.cf's, else
-    Postfix's default) differ: one would change the others'."""
-    if name not in names.MERGED_DEFAULTS:
-        return
-    merged = [n for n, keys in names.SETTINGS.items() if keys == names.SETTINGS[name]]
-    values = {n: options.get(n) or (importer.expander.expand(importer.params[n][1]) if n in importer.params else "")
-              or names.MERGED_DEFAULTS[n] for n in merged}
-    if len({time_in_seconds(v) for v in values.values()}) > 1:
-        shown = ", ".join(f"{n} = {v}" for n, v in values.items())
-        raise Refused(f"mailflow's {names.SETTINGS[name][0]} is one value for {len(merged)} Postfix timeouts, and "
-                      f"they differ ({shown})")
 
 
 def _smtpd_service(importer: ImportState, service: Service) -> None:
