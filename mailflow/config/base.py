@@ -28,6 +28,8 @@
     validation_key(err)      one pydantic error's place as the dotted KEY ("smtpd.listen", "pipe.x.argv[0]"; ""
                              for the top level)
     validation_reason(err)   one pydantic error as the REASON of `FILE: KEY: REASON`
+    NestedRefusal(key, reason)   a model validator's refusal of a key below its model (a service's merged
+                             settings: `services.NAME.KEY`), which validation_key and validation_reason name
     overlay(section, layers, exclude=, merged_tables=)   the section with each layer's keys in place of its own,
                              validated as the section is (a service's and a listener's effective settings)
 
