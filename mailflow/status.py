@@ -463,25 +463,16 @@ POSTSCREEN_NON_SMTP_DROP = Reply(521, "5.7.0", "Error: I can break rules, too. G
 # the dummy engine's answer to every RCPT of a client no test failed: passing, it is to come back later
 POSTSCREEN_COME_BACK = Reply(450, "4.3.2", "Service currently unavailable")
 # the rest of the dummy engine's replies, in postscreen_smtpd.c's words (those without an enhanced code, as there,
-# are functions)
-POSTSCREEN_OK = Reply(250, "2.0.0", "Ok")
-POSTSCREEN_SENDER_OK = Reply(250, "2.1.0", "Ok")
-POSTSCREEN_BYE = Reply(221, "2.0.0", "Bye")
+# are functions); those in smtpd's words too are smtpd's (OK, BYE, NEED_HELO, NESTED_MAIL, NEED_MAIL, NEED_RCPT,
+# NO_VALID_RECIPIENTS, NOT_IMPLEMENTED, VRFY_DISABLED, SENDER_OK)
 POSTSCREEN_NOT_RECOGNIZED = Reply(502, "5.5.2", "Error: command not recognized")
-POSTSCREEN_NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")  # STARTTLS: no TLS in the screen
 POSTSCREEN_STARTTLS_SYNTAX = Reply(501, "5.5.4", "Syntax: STARTTLS")
 POSTSCREEN_MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
 POSTSCREEN_RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
 POSTSCREEN_DATA_SYNTAX = Reply(501, "5.5.4", "Syntax: DATA")
 POSTSCREEN_BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT count [LAST]")
 POSTSCREEN_VRFY_SYNTAX = Reply(501, "5.5.4", "Syntax: VRFY address")
-POSTSCREEN_SEND_HELO_FIRST = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
-POSTSCREEN_NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
-POSTSCREEN_NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
 POSTSCREEN_BDAT_NEED_MAIL = Reply(554, "5.5.1", "Error: need MAIL command")
-POSTSCREEN_NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
-POSTSCREEN_NO_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
-POSTSCREEN_VRFY_DISABLED = Reply(502, "5.5.1", "VRFY command is disabled")
 
 
 def postscreen_hello_syntax(verb: str) -> Reply:

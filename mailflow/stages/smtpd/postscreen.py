@@ -767,17 +767,17 @@ class _Dummy:
 
     def _mail_cmd(self, args: str) -> str:
         if self._traits.helo_required and self._helo is None:
-            return f"{status.POSTSCREEN_SEND_HELO_FIRST}\r\n"
+            return f"{status.NEED_HELO}\r\n"
         if self._sender is not None:
-            return f"{status.POSTSCREEN_NESTED_MAIL}\r\n"
+            return f"{status.NESTED_MAIL}\r\n"
         if ":" not in args:
             return f"{status.POSTSCREEN_MAIL_SYNTAX}\r\n"
         self._sender = _address(args.partition(":")[2])
-        return f"{status.POSTSCREEN_SENDER_OK}\r\n"
+        return f"{status.SENDER_OK}\r\n"
 
     def _rcpt_cmd(self, args: str) -> str:
         if self._sender is None:
-            return f"{status.POSTSCREEN_NEED_MAIL}\r\n"
+            return f"{status.NEED_MAIL}\r\n"
         if ":" not in args:
             return f"{status.POSTSCREEN_RCPT_SYNTAX}\r\n"
         reply = self._rcpt_reply()
@@ -792,8 +792,8 @@ class _Dummy:
         if _token(args) is not None:
             return f"{status.POSTSCREEN_DATA_SYNTAX}\r\n"
         if self._sender is None:
-            return f"{status.POSTSCREEN_NEED_RCPT}\r\n"
-        return f"{status.POSTSCREEN_NO_RECIPIENTS}\r\n"
+            return f"{status.NEED_RCPT}\r\n"
+        return f"{status.NO_VALID_RECIPIENTS}\r\n"
 
     def _bdat_cmd(self, args: str) -> str:
         log.info("BDAT without valid RCPT from %s", self._state.client.where)
@@ -802,25 +802,25 @@ class _Dummy:
             return f"{status.POSTSCREEN_BDAT_SYNTAX}\r\n"
         if self._sender is None:
             return f"{status.POSTSCREEN_BDAT_NEED_MAIL}\r\n"
-        return f"{status.POSTSCREEN_NO_RECIPIENTS}\r\n"
+        return f"{status.NO_VALID_RECIPIENTS}\r\n"
 
     def _rset_cmd(self, args: str) -> str:
         self._sender = None
-        return f"{status.POSTSCREEN_OK}\r\n"
+        return f"{status.OK}\r\n"
 
     def _noop_cmd(self, args: str) -> str:
-        return f"{status.POSTSCREEN_OK}\r\n"
+        return f"{status.OK}\r\n"
 
     def _vrfy_cmd(self, args: str) -> str:
         if _token(args) is None:
             return f"{status.POSTSCREEN_VRFY_SYNTAX}\r\n"
         if self._traits.disable_vrfy:
-            return f"{status.POSTSCREEN_VRFY_DISABLED}\r\n"
+            return f"{status.VRFY_DISABLED}\r\n"
         return f"{self._rcpt_reply()}\r\n"
 
     def _etrn_cmd(self, args: str) -> str:
         if self._traits.helo_required and self._helo is None:
-            return f"{status.POSTSCREEN_SEND_HELO_FIRST}\r\n"
+            return f"{status.NEED_HELO}\r\n"
         if _token(args) is None:
             return f"{status.postscreen_etrn_syntax()}\r\n"
         return f"{status.postscreen_etrn_refused()}\r\n"
@@ -828,11 +828,11 @@ class _Dummy:
     def _starttls_cmd(self, args: str) -> str:
         if _token(args) is not None:
             return f"{status.POSTSCREEN_STARTTLS_SYNTAX}\r\n"
-        return f"{status.POSTSCREEN_NOT_IMPLEMENTED}\r\n"  # (no TLS in the screen)
+        return f"{status.NOT_IMPLEMENTED}\r\n"  # (no TLS in the screen)
 
     def _quit_cmd(self, args: str) -> str:
         self.over = True
-        return f"{status.POSTSCREEN_BYE}\r\n"
+        return f"{status.BYE}\r\n"
 
     _COMMANDS: dict[str, Callable[["_Dummy", str], str]] = {
         "HELO": _helo_cmd, "EHLO": _ehlo_cmd, "STARTTLS": _starttls_cmd, "MAIL": _mail_cmd, "RCPT": _rcpt_cmd,
