@@ -267,23 +267,33 @@ class DnsChecks:
             raise NotFound(domain, lookup)
         return answer
 
+    async def _mail_domain(self, domain: str, memo: dict) -> str:
+        """What the DNS says of a sender's or recipient's domain, as Postfix's reject_unknown_mailhost asks it:
+        "null" (a null MX, RFC 7505), "found" (an MX, else an address) or "unknown" (neither, or no such domain);
+        raises LookupRetry when a lookup failed now."""
+        try:
+            records = await self._domain_records("mx", domain, memo)
+            if any(r.is_null for r in records):
+                return "null"
+            if records or await self._domain_records("addresses", domain, memo):
+                return "found"
+        except NotFound:
+            pass
+        return "unknown"
+
     async def unknown_recipient_domain(self, rcpt: str, memo: dict) -> status.Reply | None:
         """No MX and no address for the recipient's domain; a null MX refuses it (RFC 7505)."""
         domain = self._remote_domain(rcpt)
         if domain is None:
             return None
         try:
-            records = await self._domain_records("mx", domain, memo)
-            if any(r.is_null for r in records):
-                return status.null_mx(rcpt, domain)
-            if records or await self._domain_records("addresses", domain, memo):
-                return None
-        except NotFound:
-            pass
+            found = await self._mail_domain(domain, memo)
         except LookupRetry as e:
             log.warning("RCPT <%s>: %s", rcpt, e.reason)
             return status.domain_lookup_deferred(rcpt)
-        return status.domain_not_found(rcpt, self._unknown_code)
+        if found == "null":
+            return status.null_mx(rcpt, domain)
+        return None if found == "found" else status.domain_not_found(rcpt, self._unknown_code)
 
     async def unknown_sender_domain(self, sender: str | None, memo: dict) -> status.Reply | None:
         """No MX and no address for the sender's domain; a null MX refuses it (550 5.7.27), as Postfix's."""
@@ -292,18 +302,13 @@ class DnsChecks:
             return None
         assert sender is not None  # (a domain was found in it)
         try:
-            records = await self._domain_records("mx", domain, memo)
-            if any(r.is_null for r in records):
-                return status.sender_null_mx(sender, domain)
-            if records or await self._domain_records("addresses", domain, memo):
-                return None
-        except NotFound:
-            pass
+            found = await self._mail_domain(domain, memo)
         except LookupRetry as e:
             log.warning("MAIL <%s>: %s", sender, e.reason)
             return status.sender_domain_not_found(sender, 450)
-        return status.sender_domain_not_found(sender, self._unknown_code)
-
+        if found == "null":
+            return status.sender_null_mx(sender, domain)
+        return None if found == "found" else status.sender_domain_not_found(sender, self._unknown_code)
 
 def _peer_name(name: str) -> bool:
     """A PTR name Postfix takes as a client's name: a valid host name (valid_hostname), not an address."""
