@@ -583,8 +583,8 @@ class Postscreen:
     async def _next_command(self, conn: Connection, state: _Screening, deep: "_DeepTests",
                             dialogue: "_Dummy") -> str | None:
         """One command line read (within the command time limit), tested and answered, in psc_smtpd_read_event's
-        order: bare newline, non-SMTP, pipelining, the passes at RCPT, the command count; the final reply when the
-        session ends (None: it goes on)."""
+        order: the deep tests (_line_tests), the passes at RCPT, the command count; the final reply when the session
+        ends (None: it goes on)."""
         client = state.client
         async with asyncio.timeout(self._command_time()):
             got = await conn.wire.read_lenient_line(DUMMY_LINE_LIMIT)
@@ -592,22 +592,12 @@ class Postscreen:
             log.info("COMMAND LENGTH LIMIT from %s after %s", client.where, dialogue.where)
             return f"{status.postscreen_unavailable(self._hostname)}\r\n"
         line, bare = got
-        if bare and deep.due(BARE_NEWLINE):
-            log.info("BARE NEWLINE from %s after %s", client.where, escaped(line[:QUOTED]))
-            if self._deep_failed(state, deep, BARE_NEWLINE):
-                return f"{status.postscreen_protocol_error(521)}\r\n"
         command, _, rest = line.lstrip(b" ").partition(b" ")
         verb = command.decode("ascii", "replace").upper()
         after, dialogue.where = dialogue.where, verb if verb in KNOWN_COMMANDS else "UNIMPLEMENTED"
-        shown = printable(command.decode("utf-8", "replace"))[:QUOTED]
-        if verb not in KNOWN_COMMANDS and deep.due(NON_SMTP) and self._not_smtp(command):
-            log.info("NON-SMTP COMMAND from %s after %s: %s %s", client.where, after, shown, escaped(rest[:QUOTED]))
-            if self._deep_failed(state, deep, NON_SMTP):
-                return f"{status.POSTSCREEN_NON_SMTP_DROP}\r\n"
-        if verb != "BDAT" and deep.due(PIPELINING) and conn.wire.pending():
-            log.info("COMMAND PIPELINING from %s after %s: %s", client.where, shown, escaped(conn.wire.peek(QUOTED)))
-            if self._deep_failed(state, deep, PIPELINING):
-                return f"{status.postscreen_protocol_error(521)}\r\n"
+        dropped = self._line_tests(conn, state, deep, line, bare=bare, verb=verb, after=after)
+        if dropped is not None:
+            return dropped
         if verb == "RCPT":  # (the deep tests pass once the client got this far; a later command can still fail them)
             for test in deep.untried(state.passes):
                 state.passes[test] = self._clock.time() + self._deep[test].ttl
@@ -619,6 +609,28 @@ class Postscreen:
         if dialogue.over:
             return reply
         conn.send(reply)
+        return None
+
+    def _line_tests(self, conn: Connection, state: _Screening, deep: "_DeepTests", line: bytes, *, bare: bool,
+                    verb: str, after: str) -> str | None:
+        """The deep tests of one command line (`bare`: it ended with a bare LF; `verb`: its first word, upper case;
+        `after`: the command before it), in psc_smtpd_read_event's order: bare newline, non-SMTP command,
+        pipelining; the final reply of a test failed under drop (None: the session goes on)."""
+        client = state.client
+        if bare and deep.due(BARE_NEWLINE):
+            log.info("BARE NEWLINE from %s after %s", client.where, escaped(line[:QUOTED]))
+            if self._deep_failed(state, deep, BARE_NEWLINE):
+                return f"{status.postscreen_protocol_error(521)}\r\n"
+        command, _, rest = line.lstrip(b" ").partition(b" ")
+        shown = printable(command.decode("utf-8", "replace"))[:QUOTED]
+        if verb not in KNOWN_COMMANDS and deep.due(NON_SMTP) and self._not_smtp(command):
+            log.info("NON-SMTP COMMAND from %s after %s: %s %s", client.where, after, shown, escaped(rest[:QUOTED]))
+            if self._deep_failed(state, deep, NON_SMTP):
+                return f"{status.POSTSCREEN_NON_SMTP_DROP}\r\n"
+        if verb != "BDAT" and deep.due(PIPELINING) and conn.wire.pending():
+            log.info("COMMAND PIPELINING from %s after %s: %s", client.where, shown, escaped(conn.wire.peek(QUOTED)))
+            if self._deep_failed(state, deep, PIPELINING):
+                return f"{status.postscreen_protocol_error(521)}\r\n"
         return None
 
     def _not_smtp(self, command: bytes) -> bool:
