@@ -442,22 +442,26 @@ class Postscreen:
             conn.hang_up()
             return False
         cut_short = asyncio.get_running_loop().time() < deadline  # (by a DNSBL allowlisting, or no pregreet test)
-        passes = state.passes
         # (an allowlisting score that came too late to end the wait: a failed test stays failed, as Postfix)
         if not early and PREGREET in due and not cut_short:  # (cut short: the allowlisting below sets it)
-            passes[PREGREET] = self._clock.time() + config.greet_ttl
-        if queries is not None:
-            score, site = queries.score(self._sites)
-            if score >= config.dnsbl_threshold:
-                log.info("DNSBL rank %d for %s", score, client.where)
-                shown = await self._dnsbl_reply_name(site)
-                if state.fail(config.dnsbl_action, lambda code: status.postscreen_dnsbl(code, client.ip, shown),
-                              conn):
-                    return False
-            else:
-                passes[DNSBL] = self._clock.time() + self._dnsbl_pass_ttl(queries)
-                if score <= config.dnsbl_allowlist_threshold < 0 and not early:
-                    self._allowlist_non_dnsbl(state, self._dnsbl_pass_ttl(queries))
+            state.passes[PREGREET] = self._clock.time() + config.greet_ttl
+        return queries is None or await self._dnsbl_verdict(conn, state, queries, pregreeted=bool(early))
+
+    async def _dnsbl_verdict(self, conn: Connection, state: _Screening, queries: "_DnsblQueries", *,
+                             pregreeted: bool) -> bool:
+        """The DNSBL test's outcome from the answers in by the end of the greet wait: at or above the threshold,
+        `DNSBL rank` and dnsbl_action; else passed, and a score at or below a negative allowlist threshold passes
+        the other tests too (not for a client that pregreeted); False when the connection was dropped."""
+        client, config = state.client, self._config
+        score, site = queries.score(self._sites)
+        if score >= config.dnsbl_threshold:
+            log.info("DNSBL rank %d for %s", score, client.where)
+            shown = await self._dnsbl_reply_name(site)
+            return not state.fail(config.dnsbl_action, lambda code: status.postscreen_dnsbl(code, client.ip, shown),
+                                  conn)
+        state.passes[DNSBL] = self._clock.time() + self._dnsbl_pass_ttl(queries)
+        if score <= config.dnsbl_allowlist_threshold < 0 and not pregreeted:
+            self._allowlist_non_dnsbl(state, self._dnsbl_pass_ttl(queries))
         return True
 
     def _allowlist_non_dnsbl(self, state: _Screening, ttl: float) -> None:
