@@ -10,6 +10,8 @@
     PassCache(limit)                the clients that passed, per test with its expiry (postscreen_cache_map; one
                                     per server, in memory; beyond `limit` the expired dropped first, then the
                                     least recently used)
+        .due(ip, tests, now) -> tests | None   those without an unexpired pass (None: not in the cache); .passed
+        .record(ip, {test: expiry}, now)   passes added; .expiry(ip, test), .complete(ip, tests): each passed once
 
 What it does, in Postfix 3.7's order and words (src/postscreen/postscreen.c, _early.c, _dnsbl.c, _smtpd.c, _misc.c;
 lines logged as `postscreen`, `[ip]:port` as postscreen writes a client):
@@ -61,10 +63,11 @@ Bounded: at most pre_queue_limit clients in the tests at once per listener, and 
 connections of one client in the screen; the DNSBL queries by their deadline and the greet wait; the dummy engine by
 command_time_limit per command (`COMMAND TIME LIMIT`; smtpd's `timeout` unless set), smtpd's session_time_limit for
 the whole session, its line length (`COMMAND LENGTH LIMIT`) and command_count_limit (`COMMAND COUNT LIMIT`; so its
-replies a client does not read stay a few KiB); the cache by `cache_limit`. Stress mode (postscreen_state.c: from
-90 % of pre_queue_limit taken, `entering STRESS mode with n connections`, until 70 %, `leaving ...`): a new client's
-greet wait is stress_greet_wait and each command's limit stress_command_time_limit (Postfix's `${stress?{2}:{6}}s`
-and `${stress?{10}:{300}}s`). Nothing runs for a listener with postscreen off.
+replies a client does not read stay a few KiB); the cache by `cache_limit` (its expiry heap by twice that); the
+clients seen per listener (connection counts, `PASS NEW` once) by the connections open. Stress mode
+(postscreen_state.c: from 90 % of pre_queue_limit taken, `entering STRESS mode with n connections`, until 70 %,
+`leaving ...`): a new client's greet wait is stress_greet_wait and each command's limit stress_command_time_limit
+(Postfix's `${stress?{2}:{6}}s` and `${stress?{10}:{300}}s`). Nothing runs for a listener with postscreen off.
 """
 from __future__ import annotations
 
