@@ -464,7 +464,7 @@ POSTSCREEN_NON_SMTP_DROP = Reply(521, "5.7.0", "Error: I can break rules, too. G
 POSTSCREEN_COME_BACK = Reply(450, "4.3.2", "Service currently unavailable")
 # the rest of the dummy engine's replies, in postscreen_smtpd.c's words (those without an enhanced code, as there,
 # are functions); those in smtpd's words too are smtpd's (OK, BYE, NEED_HELO, NESTED_MAIL, NEED_MAIL, NEED_RCPT,
-# NO_VALID_RECIPIENTS, NOT_IMPLEMENTED, VRFY_DISABLED, SENDER_OK)
+# NO_VALID_RECIPIENTS, NOT_IMPLEMENTED, VRFY_DISABLED, SENDER_OK, hello_syntax)
 POSTSCREEN_NOT_RECOGNIZED = Reply(502, "5.5.2", "Error: command not recognized")
 POSTSCREEN_STARTTLS_SYNTAX = Reply(501, "5.5.4", "Syntax: STARTTLS")
 POSTSCREEN_MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
@@ -473,11 +473,6 @@ POSTSCREEN_DATA_SYNTAX = Reply(501, "5.5.4", "Syntax: DATA")
 POSTSCREEN_BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT count [LAST]")
 POSTSCREEN_VRFY_SYNTAX = Reply(501, "5.5.4", "Syntax: VRFY address")
 POSTSCREEN_BDAT_NEED_MAIL = Reply(554, "5.5.1", "Error: need MAIL command")
-
-
-def postscreen_hello_syntax(verb: str) -> Reply:
-    """HELO or EHLO without a name: `501 Syntax: HELO hostname`."""
-    return Reply(501, "", f"Syntax: {verb} hostname")
 
 
 def postscreen_etrn_syntax() -> Reply:

@@ -769,14 +769,14 @@ class _Dummy:
     def _helo_cmd(self, args: str) -> str:
         name = _token(args)
         if name is None:
-            return f"{status.postscreen_hello_syntax('HELO')}\r\n"
+            return f"{status.hello_syntax('HELO')}\r\n"
         self._helo, self._sender = name, None  # (the protocol is not downgraded)
         return f"250 {self._hostname}\r\n"
 
     def _ehlo_cmd(self, args: str) -> str:
         name = _token(args)
         if name is None:
-            return f"{status.postscreen_hello_syntax('EHLO')}\r\n"
+            return f"{status.hello_syntax('EHLO')}\r\n"
         self._helo, self._sender, self._protocol = name, None, "ESMTP"
         limit = self._traits.message_size_limit
         keywords = [self._hostname, f"SIZE {limit}" if limit else "SIZE"] + \
