@@ -2,8 +2,9 @@
 `sendmail -bs`'s, which Postfix runs as a stand-alone smtpd: a leaf, so that sendmail need not load smtpd).
 
 What it owns
-- `SessionLog(client, smtpd_log)`: `client()` names the client (host[ip]) as known at the time, asked only
-  when a line is written. `connect()` ("connect from host[ip]"); `command(verb)` counts a command
+- `SessionLog(client, lines=None)`: `client()` names the client (host[ip]) as known at the time, asked only
+  when a line is written; `lines` the `logs.SmtpdLog` to write through (None: smtpd's; sendmail -bs gives its
+  own, on `logs.tool_logger`). `connect()` ("connect from host[ip]"); `command(verb)` counts a command
   (`None`: one Postfix counts as "unknown") and remembers it as where the session is (Postfix's "... after
   RCPT from ...", "after UNKNOWN" for an unknown one); `replied(code)` records the outcome of the command being
   answered (a final reply: 4xx and 5xx count as failed; 334 and 354 are not final, nor STARTTLS's 220: the
