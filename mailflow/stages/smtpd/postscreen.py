@@ -655,7 +655,7 @@ class Postscreen:
         """A deep test failed, not to be tried again this session; its action: ignore (passed for the least TTL of
         all tests, psc_min_ttl), enforce (every RCPT then gets `550 5.5.1 Protocol error`), drop (True: the caller
         ends the session with its 521)."""
-        deep.skipped.add(test)
+        deep.failed.add(test)
         state.passes.pop(test, None)
         action = self._deep[test].action
         if action == "ignore":
@@ -687,18 +687,18 @@ class EngineTraits:
 
 
 class _DeepTests:
-    """One session's deep tests: those it runs, and those settled (failed, or failed and ignored) for it."""
+    """One session's deep tests: those it runs (`todo`), and those it failed (under any action), not tried again."""
 
     def __init__(self, todo: tuple[str, ...]):
         self.todo = todo
-        self.skipped: set[str] = set()
+        self.failed: set[str] = set()  # failed this session (under ignore too): not tried again
 
     def due(self, test: str) -> bool:
-        return test in self.todo and test not in self.skipped
+        return test in self.todo and test not in self.failed
 
     def untried(self, passes: dict[str, float]) -> list[str]:
-        """The tests neither passed nor settled yet (at RCPT: passed)."""
-        return [test for test in self.todo if test not in self.skipped and test not in passes]
+        """The tests neither passed nor failed yet (at RCPT: passed)."""
+        return [test for test in self.todo if test not in self.failed and test not in passes]
 
 
 class _DnsblQueries:
