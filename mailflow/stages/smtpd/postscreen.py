@@ -256,12 +256,7 @@ class Postscreen:
         self._connections: dict[str, int] = {}  # ip -> its connections in the screen now (none: no key)
         self._passed_new: set[str] = set()  # clients with a connection in the screen that logged `PASS NEW`
         self._dnsbl_in_flight: dict[str, _DnsblQueries] = {}  # ip -> the DNSBL queries its connections share
-        self._deep = {PIPELINING: _DeepSetting(config.pipelining_enable, config.pipelining_action,
-                                               config.pipelining_ttl),
-                      NON_SMTP: _DeepSetting(config.non_smtp_command_enable, config.non_smtp_command_action,
-                                             config.non_smtp_command_ttl),
-                      BARE_NEWLINE: _DeepSetting(config.bare_newline_enable, config.bare_newline_action,
-                                                 config.bare_newline_ttl)}
+        self._deep = _deep_settings(config)
         deep = tuple(test for test in DEEP_TESTS if self._deep[test].enabled)
         self._tests = ((PREGREET, DNSBL) if self._sites else (PREGREET,)) + deep
         forbidden = smtpd_forbid_cmds if config.forbidden_commands is None else config.forbidden_commands
@@ -674,6 +669,15 @@ class _DeepSetting:
     enabled: bool
     action: str
     ttl: float
+
+
+def _deep_settings(config: PostscreenConfig) -> dict[str, _DeepSetting]:
+    """Each deep test's postscreen_<test>_enable, _action and _ttl."""
+    return {PIPELINING: _DeepSetting(config.pipelining_enable, config.pipelining_action, config.pipelining_ttl),
+            NON_SMTP: _DeepSetting(config.non_smtp_command_enable, config.non_smtp_command_action,
+                                   config.non_smtp_command_ttl),
+            BARE_NEWLINE: _DeepSetting(config.bare_newline_enable, config.bare_newline_action,
+                                       config.bare_newline_ttl)}
 
 
 @dataclass(frozen=True)
