@@ -5,6 +5,7 @@ Every reply smtpd sends is built here; tests compare against these values. `erro
 table from an error (mailflow.errors, a store or spool fault) to its reply. `split_leading_dsn(text)`: the
 enhanced code an action's text (access table, policy answer, header check) starts with, as Postfix's dsn_split.
 `soft_bounced(reply)`: a reply as soft_bounce makes it (5xx -> 4xx, 5.X.X -> 4.X.X), applied where smtpd writes.
+`ehlo_lines(host, keywords)`: EHLO's multi-line reply, a line each (smtpd's, sendmail -bs's, postscreen's).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import errno
 import re
 import sqlite3
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Iterable
 
 from mailflow.errors import ContentRejected, DeliveryError, LookupRetry, MessageTooBig, Overloaded, PermanentError
 from mailflow.logs import printable
@@ -494,6 +495,13 @@ def postscreen_dnsbl(code: int, client_ip: str, site: str) -> Reply:
 def greeting(host: str, banner: str) -> Reply:
     """`220 host banner`: the greeting (also after XCLIENT), without an enhanced code (RFC 2034)."""
     return Reply(220, "", f"{host} {banner}")
+
+
+def ehlo_lines(host: str, keywords: Iterable[str]) -> list[str]:
+    """EHLO's reply, a line each, as smtpd, sendmail -bs and postscreen's dummy engine give it: `250-host`, a
+    `250-KEYWORD` each, the last `250 ` (no enhanced code: no HELO/EHLO reply has one)."""
+    lines = [host, *keywords]
+    return [f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]
 
 
 def hello_syntax(verb: str) -> Reply:

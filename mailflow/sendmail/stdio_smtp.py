@@ -193,9 +193,7 @@ class StdioSmtp:
             self._reply(status.local_data_error(self._host))
             return False
         self._reset()
-        lines = [f"250-{self._host}", *(f"250-{keyword}" for keyword in self._keywords())]
-        lines[-1] = "250 " + lines[-1][4:]
-        self._reply("\r\n".join(lines))
+        self._reply("\r\n".join(status.ehlo_lines(self._host, self._keywords())))
         return None
 
     def _keywords(self) -> list[str]:

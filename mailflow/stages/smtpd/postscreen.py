@@ -783,10 +783,9 @@ class _Dummy:
             return f"{status.hello_syntax('EHLO')}\r\n"
         self._helo, self._sender, self._protocol = name, None, "ESMTP"
         limit = self._traits.message_size_limit
-        keywords = [self._hostname, f"SIZE {limit}" if limit else "SIZE"] + \
-            ([] if self._traits.disable_vrfy else ["VRFY"]) + \
+        keywords = [f"SIZE {limit}" if limit else "SIZE"] + ([] if self._traits.disable_vrfy else ["VRFY"]) + \
             ["ETRN", "ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8", "CHUNKING"]
-        return "".join(f"250-{k}\r\n" for k in keywords[:-1]) + f"250 {keywords[-1]}\r\n"
+        return "".join(f"{line}\r\n" for line in status.ehlo_lines(self._hostname, keywords))
 
     def _mail_cmd(self, args: str) -> str:
         if self._traits.helo_required and self._helo is None:

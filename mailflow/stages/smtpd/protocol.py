@@ -801,8 +801,7 @@ class ProtocolCore(SMTP):
                 return
             self._reset_transaction()
             self.session.extended_smtp = True
-            lines = [f"250-{self.hostname}", *(f"250-{k}" for k in keywords)]
-            lines[-1] = "250 " + lines[-1][4:]
+            lines = status.ehlo_lines(self.hostname, keywords)
             edited = await self._call_handler_hook("EHLO", hostname, lines)
             if edited is MISSING:  # a handler without the hook: aiosmtpd's default
                 self.session.host_name = helo_name(hostname)
