@@ -497,6 +497,11 @@ def greeting(host: str, banner: str) -> Reply:
     return Reply(220, "", f"{host} {banner}")
 
 
+def helo_accepted(host: str) -> Reply:
+    """HELO's `250 host` (sendmail -bs's, postscreen's dummy engine's; smtpd's is aiosmtpd's own), no enhanced code."""
+    return Reply(250, "", host)
+
+
 def ehlo_lines(host: str, keywords: Iterable[str]) -> list[str]:
     """EHLO's reply, a line each, as smtpd, sendmail -bs and postscreen's dummy engine give it: `250-host`, a
     `250-KEYWORD` each, the last `250 ` (no enhanced code: no HELO/EHLO reply has one)."""

@@ -182,7 +182,7 @@ class StdioSmtp:
         self._reset()
         if arg:
             self._helo = arg
-        self._reply(f"250 {self._host}" if arg else status.hello_syntax("HELO"))
+        self._reply(status.helo_accepted(self._host) if arg else status.hello_syntax("HELO"))
 
     def _do_EHLO(self, arg: str) -> bool | None:
         if not arg:

@@ -775,7 +775,7 @@ class _Dummy:
         if name is None:
             return f"{status.hello_syntax('HELO')}\r\n"
         self._helo, self._sender = name, None  # (the protocol is not downgraded)
-        return f"250 {self._hostname}\r\n"
+        return f"{status.helo_accepted(self._hostname)}\r\n"
 
     def _ehlo_cmd(self, args: str) -> str:
         name = _token(args)
