@@ -60,6 +60,14 @@ def postscreen_lines(lines: list[str]) -> list[str]:
     return [re.sub(r"\]:\d+", "]:PORT", line) for line in lines]
 
 
+def postscreen_master_cf(port: int) -> str:
+    """master.cf of a private Postfix whose postscreen listens on 127.0.0.1:`port` in front of smtpd."""
+    return (f"127.0.0.1:{port} inet n - n - 1 postscreen\n"
+            "smtpd pass - - n - - smtpd\n"
+            "dnsblog unix - - n - 0 dnsblog\n"
+            "tlsproxy unix - - n - 0 tlsproxy\n")
+
+
 async def test_pregreet_and_pass_as_postfix(mailflow_server, caplog):
     caplog.set_level(logging.INFO, logger="mailflow.postscreen")
     mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "postscreen": {
@@ -68,10 +76,7 @@ async def test_pregreet_and_pass_as_postfix(mailflow_server, caplog):
     our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
 
     port = free_port()
-    master = (f"127.0.0.1:{port} inet n - n - 1 postscreen\n"
-              "smtpd pass - - n - - smtpd\n"
-              "dnsblog unix - - n - 0 dnsblog\n"
-              "tlsproxy unix - - n - 0 tlsproxy\n")
+    master = postscreen_master_cf(port)
     async with postfix_instance(main_cf={"myhostname": HOST, "postscreen_greet_wait": f"{GREET_WAIT}s",
                                          "postscreen_greet_action": "drop", "postscreen_access_list": "",
                                          "postscreen_cache_map": "btree:$data_directory/postscreen_cache"},
@@ -175,10 +180,7 @@ async def postfix_deep_dialogue(main_cf: dict[str, str], clients: list[tuple[str
     """deep_dialogue with a private Postfix postscreen configured with `main_cf`: what the clients read, and
     postscreen's log lines (ports normalised, its cache upkeep left out)."""
     port = free_port()
-    master = (f"127.0.0.1:{port} inet n - n - 1 postscreen\n"
-              "smtpd pass - - n - - smtpd\n"
-              "dnsblog unix - - n - 0 dnsblog\n"
-              "tlsproxy unix - - n - 0 tlsproxy\n")
+    master = postscreen_master_cf(port)
     async with postfix_instance(main_cf={"myhostname": HOST, "postscreen_greet_wait": f"{GREET_WAIT}s",
                                          "postscreen_access_list": "", "smtputf8_enable": "yes",
                                          "postscreen_cache_map": "btree:$data_directory/postscreen_cache",
