@@ -249,13 +249,9 @@ def unknown_helo_hostname(name: str, code: int) -> Reply:
 
 
 def domain_not_found(address: str, code: int) -> Reply:
-    """reject_unknown_recipient_domain: no MX and no address (`code`: smtpd.unknown_address_reject_code)."""
+    """reject_unknown_recipient_domain: no MX and no address (`code`: smtpd.unknown_address_reject_code; 450 when
+    the DNS cannot tell now, as Postfix's reject_unknown_mailhost: 4.1.2 in either case)."""
     return restriction_rejected(code, f"{code // 100}.1.2", address, "Recipient address", "Domain not found")
-
-
-def domain_lookup_deferred(address: str) -> Reply:
-    """reject_unknown_recipient_domain when DNS cannot answer now."""
-    return restriction_rejected(450, "4.4.3", address, "Recipient address", "Domain not found")
 
 
 def null_mx(address: str, domain: str) -> Reply:

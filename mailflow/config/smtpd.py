@@ -290,7 +290,11 @@ class SmtpdConfig(SmtpdFilterSettings):
     reject_unlisted_sender: bool = False
     plaintext_reject_code: int = Field(450, ge=400, le=599)
     multi_recipient_bounce_reject_code: int = Field(550, ge=400, le=599)  # reject_multi_recipient_bounce's code
+    # reject_unknown_sender_domain / reject_unknown_recipient_domain (Postfix's unknown_address_reject_code,
+    # unknown_address_tempfail_action): the code for a domain without MX or address record; when the DNS cannot
+    # tell, 450 as a DEFER_IF_PERMIT (a later refusal wins) or at once (defer).
     unknown_address_reject_code: int = Field(450, ge=400, le=599)
+    unknown_address_tempfail_action: Literal["defer_if_permit", "defer"] = "defer_if_permit"
     # reject_unknown_helo_hostname (Postfix's unknown_hostname_reject_code, unknown_helo_hostname_tempfail_action):
     # the code for a HELO name without A, AAAA or MX record; when the DNS cannot tell, 450 as a DEFER_IF_PERMIT
     # (a later refusal wins) or at once (defer).

@@ -1,10 +1,12 @@
 """The DNS-based restrictions of Postfix's smtpd_check.c through a real mailflow over SMTP, its resolver asking an
 in-process DNS server (tests/support/peers.py ZoneAuthority) on loopback: reject_unknown_helo_hostname,
 check_*_{mx,ns,a}_access, check_reverse_client_hostname_access, permit_mx_backup (with
-permit_mx_backup_networks), permit_dnswl_client and permit_rhswl_client.
+permit_mx_backup_networks), permit_dnswl_client and permit_rhswl_client, reject_unknown_sender_domain and
+reject_unknown_recipient_domain.
 
 Postfix cannot be pointed at a DNS server on a port, so its replies and log lines here are taken from its source
-(postfix-3.7.11 src/smtpd/smtpd_check.c: reject_unknown_hostname, check_server_access, forbid_allowlist,
+(postfix-3.7.11 src/smtpd/smtpd_check.c: reject_unknown_hostname, reject_unknown_mailhost (DEFER_IF_PERMIT2 with
+unknown_address_tempfail_action), check_server_access, forbid_allowlist,
 permit_mx_backup / i_am_mx / all_auth_mx_addr, permit_dnswl_addr / permit_dnswl_domain, smtpd_acl_permit;
 smtpd_check_reject makes the enhanced code's class the reply code's)."""
 from __future__ import annotations
@@ -48,6 +50,7 @@ client.known.test.      300 IN A     127.0.0.1
 client.known.test.rhswl.test. 300 IN A 127.0.0.2
 given.test.rhswl.test.  300 IN A     127.0.0.2
 """
+RELAY_FROM_HERE = ["check_client_access inline:{127.0.0.1=OK}", "reject"]  # (the test client relays)
 SERVFAIL = ("broken.test", "nsfail.test", "wl-broken.test", "1.0.0.127.wl-broken.test",
             "client.known.test.wl-broken.test")
 ACCESS = """
@@ -399,7 +402,7 @@ async def test_a_temporary_dns_failure_is_asked_again_at_the_next_rcpt_and_trans
         assert (await client.cmd("EHLO client.test")).code == 250
         assert (await client.cmd("MAIL FROM:<s@known.test>")).code == 250
         for rcpt in ("r@later.test", "s@later.test"):
-            assert (await client.cmd(f"RCPT TO:<{rcpt}>")).text.startswith(f"450 4.4.3 <{rcpt}>")
+            assert (await client.cmd(f"RCPT TO:<{rcpt}>")).text.startswith(f"450 4.1.2 <{rcpt}>")
         assert [q for q in asked if q[0] == "later.test."] == [("later.test.", "MX")] * 2
         assert (await client.cmd("RSET")).code == 250
         failing.clear()  # the DNS works again
@@ -407,6 +410,52 @@ async def test_a_temporary_dns_failure_is_asked_again_at_the_next_rcpt_and_trans
         assert (await client.cmd("RCPT TO:<r@later.test>")).code == 250
     finally:
         await client.close()
+
+
+async def test_a_recipient_domain_the_dns_cannot_tell_is_domain_not_found_deferred_if_permitted(mailflow_server,
+                                                                                                   dns_zone):
+    """Postfix's reject_unknown_mailhost on DNS_RETRY: DEFER_IF_PERMIT2(unk_addr_tf_act, 450, "4.1.2", "<%s>: %s
+    rejected: Domain not found"); mailflow answered 450 4.4.3 at once, before a later refusal could win."""
+    port = await start(mailflow_server, dns_zone, relay_restrictions=RELAY_FROM_HERE, recipient_restrictions=[
+        "reject_unknown_recipient_domain", "check_recipient_access inline:{no@broken.test=REJECT}"])
+    assert await rcpt(port, "r@broken.test") == \
+        (450, "450 4.1.2 <r@broken.test>: Recipient address rejected: Domain not found")
+    assert await rcpt(port, "no@broken.test") == said(status.access_denied("no@broken.test", "Recipient address"))
+
+
+async def test_a_sender_domain_the_dns_cannot_tell_is_deferred_only_if_the_lists_permit(mailflow_server, dns_zone):
+    """The same DEFER_IF_PERMIT for the sender (4.1.8): a later refusal wins; mailflow deferred at once."""
+    port = await start(mailflow_server, dns_zone, sender_restrictions=["reject_unknown_sender_domain"],
+                       recipient_restrictions=["check_recipient_access inline:{no@local.test=REJECT}"])
+    assert await rcpt(port, sender="s@broken.test") == \
+        (450, "450 4.1.8 <s@broken.test>: Sender address rejected: Domain not found")
+    assert await rcpt(port, "no@local.test", sender="s@broken.test") == \
+        said(status.access_denied("no@local.test", "Recipient address"))
+
+
+async def test_unknown_address_tempfail_action_defer_defers_at_once(mailflow_server, dns_zone):
+    port = await start(mailflow_server, dns_zone, unknown_address_tempfail_action="defer",
+                       relay_restrictions=RELAY_FROM_HERE,
+                       sender_restrictions=["reject_unknown_sender_domain"],
+                       recipient_restrictions=["reject_unknown_recipient_domain",
+                                               "check_recipient_access inline:{no@local.test=REJECT no@broken.test="
+                                               "REJECT}"])
+    assert await rcpt(port, "no@local.test", sender="s@broken.test") == \
+        (450, "450 4.1.8 <s@broken.test>: Sender address rejected: Domain not found")
+    assert await rcpt(port, "no@broken.test", sender="s@known.test") == \
+        (450, "450 4.1.2 <no@broken.test>: Recipient address rejected: Domain not found")
+
+
+async def test_without_delay_reject_a_sender_domain_dns_failure_is_carried_to_rcpt(mailflow_server, dns_zone):
+    """Postfix's smtpd_check_mail keeps the sender list's DEFER_IF_PERMIT (defer_if_permit_sender): MAIL is
+    accepted, the RCPT lists decide."""
+    port = await start(mailflow_server, dns_zone, delay_reject=False,
+                       sender_restrictions=["reject_unknown_sender_domain"],
+                       recipient_restrictions=["check_recipient_access inline:{no@local.test=REJECT}"])
+    assert await rcpt(port, sender="s@broken.test") == \
+        (450, "450 4.1.8 <s@broken.test>: Sender address rejected: Domain not found")
+    assert await rcpt(port, "no@local.test", sender="s@broken.test") == \
+        said(status.access_denied("no@local.test", "Recipient address"))
 
 
 async def test_the_session_memo_drops_the_least_recently_read_answers_not_all(mailflow_server, dns_zone):

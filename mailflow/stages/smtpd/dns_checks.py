@@ -4,7 +4,7 @@ reject_unknown_reverse_client_hostname, reject_unknown_helo_hostname, reject_unk
 reject_unknown_recipient_domain (Postfix's postconf(5) meanings; the ones that ask about a domain's servers are
 server_checks.py's). restrictions.py decides when each runs; this module asks the resolver and words the answer.
 
-    DnsChecks(resolver, rewriter, unknown_address_reject_code)
+    DnsChecks(resolver, rewriter, unknown_address_reject_code, unknown_address_tempfail_action)
         .rbl(arg, facts), .rhsbl(kind, arg, facts)      554 5.7.1 when listed (127.x, or the answer asked for)
         .allowlisted(kind, arg, facts) -> bool           permit_dnswl_client (kind "client": the address) and
                                                          permit_rhswl_client ("client_name": the verified name)
@@ -16,9 +16,11 @@ server_checks.py's). restrictions.py decides when each runs; this module asks th
                                                          at once: tempfail_action "defer"); an address literal
                                                          that is no address: 501 5.5.2
         .reverse_name(facts) -> str                      the client's first PTR name ("" for none)
-        .unknown_sender_domain(sender, memo)             no MX and no address: unknown_address_reject_code 4.1.8;
-                                                         a null MX: 550 5.7.27
-        .unknown_recipient_domain(rcpt, memo)            the same for a recipient (4.1.2); a null MX: 556 5.1.10
+        .unknown_sender_domain(facts)                    no MX and no address: unknown_address_reject_code 4.1.8;
+                                                         a null MX: 550 5.7.27; DNS cannot tell: 450 4.1.8 as a
+                                                         DEFER_IF_PERMIT (or at once: unknown_address_tempfail_action
+                                                         "defer")
+        .unknown_recipient_domain(facts)                 the same for a recipient (4.1.2); a null MX: 556 5.1.10
     rbl_query_name(client_addr, rbl_domain) -> str | None
 
 Only domains this host is not final destination for are asked about (address classes relay and default).
@@ -28,8 +30,9 @@ failure is asked again at the next check, as Postfix's) are remembered in the se
 reruns the lists at every RCPT; the handler bounds the memo).
 
 Failure behaviour: a DNSBL that cannot be asked counts as not listed (logged as Postfix's `RBL lookup error`), a
-DNS allowlist too, with a DEFER_IF_REJECT; the unknown-name checks defer (450) when the DNS cannot tell now, as
-Postfix's do. Nothing here raises.
+DNS allowlist too, with a DEFER_IF_REJECT; when the DNS cannot tell now the unknown client name checks defer (450)
+at once, the HELO name and address domain checks with a DEFER_IF_PERMIT 450 (their tempfail_action "defer": at
+once), as Postfix's do. Nothing here raises.
 """
 from __future__ import annotations
 
@@ -64,10 +67,12 @@ def rbl_query_name(client_addr: str, rbl_domain: str) -> str | None:
 class DnsChecks:
     """See the module docstring. Without a resolver every check has no opinion (None)."""
 
-    def __init__(self, resolver, rewriter, unknown_address_reject_code: int):
+    def __init__(self, resolver, rewriter, unknown_address_reject_code: int,
+                 unknown_address_tempfail_action: str):
         self._resolver = resolver
         self._rewriter = rewriter
         self._unknown_code = unknown_address_reject_code
+        self._tempfail_action = unknown_address_tempfail_action
 
     # -------------------------------------------------------------------------------- block lists
 
@@ -281,34 +286,48 @@ class DnsChecks:
             pass
         return "unknown"
 
-    async def unknown_recipient_domain(self, rcpt: str, memo: dict) -> status.Reply | None:
-        """No MX and no address for the recipient's domain; a null MX refuses it (RFC 7505)."""
+    async def unknown_recipient_domain(self, facts: Facts) -> status.Reply | None:
+        """No MX and no address for the recipient's domain (`code` 4.1.2 "Domain not found"); a null MX refuses it
+        (556 5.1.10, RFC 7505); when the DNS cannot tell, 450 4.1.2 as unknown_address_tempfail_action says."""
+        rcpt = facts.recipient
         domain = self._remote_domain(rcpt)
         if domain is None:
             return None
+        assert rcpt is not None  # (a domain was found in it)
         try:
-            found = await self._mail_domain(domain, memo)
+            found = await self._mail_domain(domain, facts.memo)
         except LookupRetry as e:
             log.warning("RCPT <%s>: %s", rcpt, e.reason)
-            return status.domain_lookup_deferred(rcpt)
+            return self._tempfail(status.domain_not_found(rcpt, 450), facts)
         if found == "null":
             return status.null_mx(rcpt, domain)
         return None if found == "found" else status.domain_not_found(rcpt, self._unknown_code)
 
-    async def unknown_sender_domain(self, sender: str | None, memo: dict) -> status.Reply | None:
-        """No MX and no address for the sender's domain; a null MX refuses it (550 5.7.27), as Postfix's."""
+    async def unknown_sender_domain(self, facts: Facts) -> status.Reply | None:
+        """No MX and no address for the sender's domain (`code` 4.1.8); a null MX refuses it (550 5.7.27), as
+        Postfix's; when the DNS cannot tell, 450 4.1.8 as unknown_address_tempfail_action says."""
+        sender = facts.sender
         domain = self._remote_domain(sender)
         if domain is None:
             return None
         assert sender is not None  # (a domain was found in it)
         try:
-            found = await self._mail_domain(domain, memo)
+            found = await self._mail_domain(domain, facts.memo)
         except LookupRetry as e:
             log.warning("MAIL <%s>: %s", sender, e.reason)
-            return status.sender_domain_not_found(sender, 450)
+            return self._tempfail(status.sender_domain_not_found(sender, 450), facts)
         if found == "null":
             return status.sender_null_mx(sender, domain)
         return None if found == "found" else status.sender_domain_not_found(sender, self._unknown_code)
+
+    def _tempfail(self, reply: status.Reply, facts: Facts) -> status.Reply | None:
+        """Postfix's DEFER_IF_PERMIT2(unk_addr_tf_act, ...): the 450 at once under "defer", else a DEFER_IF_PERMIT
+        (a later refusal of the lists wins; a permit becomes this 450)."""
+        if self._tempfail_action == "defer":
+            return reply
+        facts.raise_defer_if_permit(reply)
+        return None
+
 
 def _peer_name(name: str) -> bool:
     """A PTR name Postfix takes as a client's name: a valid host name (valid_hostname), not an address."""

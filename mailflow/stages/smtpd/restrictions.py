@@ -78,9 +78,10 @@ access value naming an undefined class or a lookup table, or lists nested deeper
 tables) gives the same reply as the server's fault (never a warning); a FILTER, PREPEND, REDIRECT or BCC
 without the argument it takes is ignored and an empty action is OK (both logged; Postfix); a policy server that
 cannot be asked gives `policy_service_default_action` (451 4.3.5 Server configuration problem); a DNSBL that
-cannot be asked counts as not listed (logged); reject_unknown_recipient_domain with a DNS failure defers (450 4.4.3),
-reject_unknown_client_hostname and reject_unknown_sender_domain too (450); reject_unknown_helo_hostname's DNS
-failure is a DEFER_IF_PERMIT (450 4.7.1, unknown_helo_hostname_tempfail_action); a DNS allowlist
+cannot be asked counts as not listed (logged); reject_unknown_client_hostname with a DNS failure defers (450);
+reject_unknown_helo_hostname's DNS failure is a DEFER_IF_PERMIT (450 4.7.1, unknown_helo_hostname_tempfail_action),
+reject_unknown_sender_domain's and reject_unknown_recipient_domain's too (450 4.1.8, 450 4.1.2 `Domain not found`,
+unknown_address_tempfail_action); a DNS allowlist
 (permit_dnswl_client, permit_rhswl_client) or permit_mx_backup that cannot be asked permits nothing and makes a
 later 5xx refusal a DEFER_IF_REJECT 450; an OK from a server access check or check_reverse_client_hostname_access
 is refused 451 4.3.5 (forbid_allowlist, logged); a greylist database fault lets mail pass (logged).
@@ -329,7 +330,8 @@ class Restrictions:
         self._unknown_codes = unknown_reject_codes(smtpd)  # the unknown-user refusal's code per address class
         self._rewriter = rewriter
         self._mapper = mapper
-        self._dns = DnsChecks(resolver, rewriter, smtpd.unknown_address_reject_code)
+        self._dns = DnsChecks(resolver, rewriter, smtpd.unknown_address_reject_code,
+                              smtpd.unknown_address_tempfail_action)
         self._lists = {stage: tuple(split_item(i) for i in getattr(smtpd, f"{stage}_restrictions"))
                        for stage in STAGES}
         self._rcpt_steps = RCPT_STEPS if smtpd.delay_reject else RCPT_STEPS[-1:]  # the early ones ran before
@@ -505,7 +507,7 @@ class Restrictions:
         if name == "check_policy_service":
             return await self._policy(arg, stage, facts, subject)
         if name == "reject_unknown_recipient_domain":
-            return await self._dns.unknown_recipient_domain(facts.recipient, facts.memo)
+            return await self._dns.unknown_recipient_domain(facts)
         if name == "reject_unlisted_recipient":
             return await self._listed(facts, "recipient") if facts.recipient else None
         if name == "reject_unlisted_sender":
@@ -519,7 +521,7 @@ class Restrictions:
         if name in ("reject_unknown_client_hostname", "reject_unknown_reverse_client_hostname"):
             return await self._dns.unknown_client(facts, reverse_only=name == "reject_unknown_reverse_client_hostname")
         if name == "reject_unknown_sender_domain":
-            return await self._dns.unknown_sender_domain(facts.sender, facts.memo)
+            return await self._dns.unknown_sender_domain(facts)
         if name == "check_greylist":
             return await self._greylisted(facts)
         if name == "reject_spf_fail":
