@@ -275,10 +275,13 @@ def rbl_listed(client_ip: str, rbl_domain: str, what: str = "Client host") -> Re
 
 
 def unknown_client(client_ip: str, code: int, reverse_only: bool = False) -> Reply:
-    """reject_unknown_client_hostname / reject_unknown_reverse_client_hostname (unknown_client_reject_code):
-    the address has no name, or (not `reverse_only`) that name does not lead back to the address."""
+    """reject_unknown_client_hostname / reject_unknown_reverse_client_hostname (unknown_client_reject_code; 450
+    when the DNS cannot tell now): the address has no name, or (not `reverse_only`) that name does not lead back to
+    the address. Postfix's enhanced codes: 4.7.25 (RFC 7372: reverse DNS validation failed), the reverse name's
+    4.7.1, in the code's class."""
     what = "reverse hostname" if reverse_only else "hostname"
-    return Reply(code, f"{code // 100}.7.1", f"Client host rejected: cannot find your {what}, [{client_ip}]")
+    dsn = f"{code // 100}.7.1" if reverse_only else f"{code // 100}.7.25"
+    return Reply(code, dsn, f"Client host rejected: cannot find your {what}, [{client_ip}]")
 
 
 def sender_domain_not_found(address: str, code: int) -> Reply:

@@ -61,7 +61,7 @@ SETTINGS: dict[str, tuple[str, ...]] = {name: (key,) for name, key in {
                      "upstream_proxy_timeout authorized_xclient_hosts milters", prefix="smtpd_"),
     **_same("smtpd", "relay_clientcerts anvil_rate_time_unit plaintext_reject_code multi_recipient_bounce_reject_code "
                      "unknown_address_reject_code unknown_address_tempfail_action unknown_hostname_reject_code "
-                     "unknown_helo_hostname_tempfail_action "
+                     "unknown_helo_hostname_tempfail_action unknown_client_reject_code "
                      "permit_mx_backup_networks unknown_local_recipient_reject_code unknown_virtual_alias_reject_code "
                      "unknown_virtual_mailbox_reject_code unknown_relay_recipient_reject_code "
                      "unverified_recipient_reject_code unverified_recipient_defer_code "

@@ -290,6 +290,9 @@ class SmtpdConfig(SmtpdFilterSettings):
     reject_unlisted_sender: bool = False
     plaintext_reject_code: int = Field(450, ge=400, le=599)
     multi_recipient_bounce_reject_code: int = Field(550, ge=400, le=599)  # reject_multi_recipient_bounce's code
+    # reject_unknown_client_hostname / reject_unknown_reverse_client_hostname (Postfix's unknown_client_reject_code):
+    # the code for a client without a (verified) name; when the DNS cannot tell, 450 at once.
+    unknown_client_reject_code: int = Field(450, ge=400, le=599)
     # reject_unknown_sender_domain / reject_unknown_recipient_domain (Postfix's unknown_address_reject_code,
     # unknown_address_tempfail_action): the code for a domain without MX or address record; when the DNS cannot
     # tell, 450 as a DEFER_IF_PERMIT (a later refusal wins) or at once (defer).

@@ -1,11 +1,12 @@
 """The DNS-based restrictions of Postfix's smtpd_check.c through a real mailflow over SMTP, its resolver asking an
 in-process DNS server (tests/support/peers.py ZoneAuthority) on loopback: reject_unknown_helo_hostname,
 check_*_{mx,ns,a}_access, check_reverse_client_hostname_access, permit_mx_backup (with
-permit_mx_backup_networks), permit_dnswl_client and permit_rhswl_client, reject_unknown_sender_domain and
-reject_unknown_recipient_domain.
+permit_mx_backup_networks), permit_dnswl_client and permit_rhswl_client, reject_unknown_client_hostname and
+reject_unknown_reverse_client_hostname, reject_unknown_sender_domain and reject_unknown_recipient_domain.
 
 Postfix cannot be pointed at a DNS server on a port, so its replies and log lines here are taken from its source
-(postfix-3.7.11 src/smtpd/smtpd_check.c: reject_unknown_hostname, reject_unknown_mailhost (DEFER_IF_PERMIT2 with
+(postfix-3.7.11 src/smtpd/smtpd_check.c: reject_unknown_client / _reverse_name with smtpd_peer.c's name statuses,
+reject_unknown_hostname, reject_unknown_mailhost (DEFER_IF_PERMIT2 with
 unknown_address_tempfail_action), check_server_access, forbid_allowlist,
 permit_mx_backup / i_am_mx / all_auth_mx_addr, permit_dnswl_addr / permit_dnswl_domain, smtpd_acl_permit;
 smtpd_check_reject makes the enhanced code's class the reply code's)."""
@@ -136,6 +137,47 @@ async def test_the_tempfail_action_defer_defers_at_once(mailflow_server, dns_zon
                        recipient_restrictions=["check_recipient_access inline:{no@local.test=REJECT}"])
     assert await rcpt(port, "no@local.test", helo="broken.test") == \
         (450, "450 4.7.1 <broken.test>: Helo command rejected: Host not found")
+
+
+# ---------------------------------------------------------------------------------------------- the client's name
+
+CLIENT_ITEMS = ("reject_unknown_client_hostname", "reject_unknown_reverse_client_hostname")
+
+
+async def client_name_replies(mailflow_server, dns_zone, zone: str, servfail=()) -> list[tuple[int, str]]:
+    """The RCPT replies under each of CLIENT_ITEMS alone, with unknown_client_reject_code 550."""
+    nameserver = dns_zone(zone, servfail=servfail)
+    said_by = []
+    for item in CLIENT_ITEMS:
+        mf = await mailflow_server(dns={"nameservers": [nameserver], "timeout": "2s", "tries": 1},
+                                   smtpd={"unknown_client_reject_code": 550, "client_restrictions": [item]})
+        said_by.append(tuple(await rcpt(mf.smtp_addresses[0][1])))
+        await mf.stop()
+    return said_by
+
+
+async def test_a_client_without_a_name_gets_the_unknown_client_code_and_postfixs_enhanced_codes(mailflow_server,
+                                                                                                dns_zone):
+    """Postfix's reject_unknown_client answers 4.7.25 (RFC 7372), its reject_unknown_reverse_name 4.7.1, both
+    with unknown_client_reject_code for a name that is not there (mailflow: 4.7.1 and always 450)."""
+    no_ptr = '0.0.0.127.in-addr.arpa. 300 IN TXT "nothing here"\n'
+    assert await client_name_replies(mailflow_server, dns_zone, no_ptr) == [
+        (550, "550 5.7.25 Client host rejected: cannot find your hostname, [127.0.0.1]"),
+        (550, "550 5.7.1 Client host rejected: cannot find your reverse hostname, [127.0.0.1]")]
+    forged = "1.0.0.127.in-addr.arpa. 300 IN PTR elsewhere.test.\nelsewhere.test. 300 IN A 192.0.2.1\n"
+    assert await client_name_replies(mailflow_server, dns_zone, forged) == [
+        (550, "550 5.7.25 Client host rejected: cannot find your hostname, [127.0.0.1]"), (250, "250 2.1.5 Ok")]
+
+
+async def test_a_client_name_the_dns_cannot_tell_is_450_whatever_the_code(mailflow_server, dns_zone):
+    """smtpd_peer.c: a temporary failure is SMTPD_PEER_CODE_TEMP, and reject_unknown_client / _reverse_name
+    answer it 450 at once (no tempfail action), the forward lookup's failure too."""
+    assert await client_name_replies(mailflow_server, dns_zone, "", servfail=("1.0.0.127.in-addr.arpa",)) == [
+        (450, "450 4.7.25 Client host rejected: cannot find your hostname, [127.0.0.1]"),
+        (450, "450 4.7.1 Client host rejected: cannot find your reverse hostname, [127.0.0.1]")]
+    forward_fails = "1.0.0.127.in-addr.arpa. 300 IN PTR broken.test.\n"
+    assert await client_name_replies(mailflow_server, dns_zone, forward_fails, servfail=("broken.test",)) == [
+        (450, "450 4.7.25 Client host rejected: cannot find your hostname, [127.0.0.1]"), (250, "250 2.1.5 Ok")]
 
 
 # ---------------------------------------------------------------------------------------------- server access

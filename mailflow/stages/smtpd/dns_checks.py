@@ -10,7 +10,8 @@ server_checks.py's). restrictions.py decides when each runs; this module asks th
                                                          permit_rhswl_client ("client_name": the verified name)
                                                          listed as reject_rbl_client's lists are; a lookup that
                                                          fails is a DEFER_IF_REJECT 450 4.7.1 (Postfix)
-        .unknown_client(facts, reverse_only=...)         450 4.7.1 without a (verified) name
+        .unknown_client(facts, code, reverse_only=...)   without a (verified) name: `code` 4.7.25 (the reverse
+                                                         name's: 4.7.1); DNS cannot tell: 450, at once
         .unknown_helo(facts, code, tempfail_action)      no A, AAAA or MX for the HELO name: `code` 4.7.1 "Host
                                                          not found"; DNS cannot tell: 450 as a DEFER_IF_PERMIT (or
                                                          at once: tempfail_action "defer"); an address literal
@@ -145,16 +146,21 @@ class DnsChecks:
 
     # -------------------------------------------------------------------------------- client names
 
-    async def unknown_client(self, facts: Facts, *, reverse_only: bool) -> status.Reply | None:
-        """reject_unknown_(reverse_)client_hostname: no name for the address (or, unless reverse_only, no name
-        that leads back to it): 450 4.7.1, also when DNS cannot tell now (Postfix)."""
+    async def unknown_client(self, facts: Facts, code: int, *, reverse_only: bool) -> status.Reply | None:
+        """reject_unknown_(reverse_)client_hostname, as Postfix's reject_unknown_client / _reverse_name: no name
+        for the address (or, unless reverse_only, no name that leads back to it): `code` (unknown_client_reject_code);
+        450 when the DNS cannot tell now. At once: Postfix has no tempfail action for these."""
         if self._resolver is None or client_ip(facts.client_addr) is None:
             return None
         if reverse_only:
-            ok = bool(await self._client_names(facts))
+            names = await self._client_names(facts)
+            known = None if names is None else bool(names)
         else:
-            ok = bool(await self._verified_client_name(facts))
-        return None if ok else status.unknown_client(facts.client_addr, 450, reverse_only)
+            name = await self._verified_client_name(facts)
+            known = None if name is None else bool(name)
+        if known:
+            return None
+        return status.unknown_client(facts.client_addr, 450 if known is None else code, reverse_only)
 
     async def reverse_name(self, facts: Facts) -> str:
         """The client's first PTR name, unverified (Postfix's reverse client name); "" for none, for a name that is

@@ -78,7 +78,8 @@ access value naming an undefined class or a lookup table, or lists nested deeper
 tables) gives the same reply as the server's fault (never a warning); a FILTER, PREPEND, REDIRECT or BCC
 without the argument it takes is ignored and an empty action is OK (both logged; Postfix); a policy server that
 cannot be asked gives `policy_service_default_action` (451 4.3.5 Server configuration problem); a DNSBL that
-cannot be asked counts as not listed (logged); reject_unknown_client_hostname with a DNS failure defers (450);
+cannot be asked counts as not listed (logged); reject_unknown_(reverse_)client_hostname with a DNS failure defers
+at once (450, whatever unknown_client_reject_code);
 reject_unknown_helo_hostname's DNS failure is a DEFER_IF_PERMIT (450 4.7.1, unknown_helo_hostname_tempfail_action),
 reject_unknown_sender_domain's and reject_unknown_recipient_domain's too (450 4.1.8, 450 4.1.2 `Domain not found`,
 unknown_address_tempfail_action); a DNS allowlist
@@ -519,7 +520,8 @@ class Restrictions:
         if name in RHSBL_CHECKS:
             return await self._dns.rhsbl(RHSBL_CHECKS[name], arg, facts)
         if name in ("reject_unknown_client_hostname", "reject_unknown_reverse_client_hostname"):
-            return await self._dns.unknown_client(facts, reverse_only=name == "reject_unknown_reverse_client_hostname")
+            return await self._dns.unknown_client(facts, self._smtpd.unknown_client_reject_code,
+                                                  reverse_only=name == "reject_unknown_reverse_client_hostname")
         if name == "reject_unknown_sender_domain":
             return await self._dns.unknown_sender_domain(facts)
         if name == "check_greylist":
