@@ -256,6 +256,10 @@ class Importer:
                 raise Refused("smtp_sasl_auth_enable is not yes, so Postfix does not use it")
             self._set(name, line, raw, "smtp.sasl_password_maps",
                       convert(name, "smtp.sasl_password_maps", value, self.out.notes))
+        elif name == "reject_tempfail_action":
+            for action in names.REJECT_TEMPFAIL_ACTIONS:
+                if action not in self.params:
+                    self._set(name, line, raw, f"smtpd.{action}", value)
         elif name == "smtp_sasl_auth_enable":
             self.out.notes.append(f"{line.where}: {name} = {raw}: {names.CONVERTED[name]}")
         elif name == "inet_interfaces":

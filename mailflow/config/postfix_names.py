@@ -121,6 +121,9 @@ SETTINGS: dict[str, tuple[str, ...]] = {name: (key,) for name, key in {
 }.items()}
 SETTINGS["default_process_limit"] = ("smtpd.max_sessions", "queue.delivery_concurrency_limit")
 
+# the tempfail actions whose Postfix default is $reject_tempfail_action (CONVERTED: set from it unless given)
+REJECT_TEMPFAIL_ACTIONS = ("unknown_helo_hostname_tempfail_action", "unknown_address_tempfail_action",
+                           "unverified_recipient_tempfail_action", "unverified_sender_tempfail_action")
 _DEEP_TESTS = ("pipelining", "non_smtp_command", "bare_newline")  # postscreen's tests after the handshake
 # smtpd's and postscreen's forbidden commands: Postfix name -> mailflow setting (CONVERTED: a list of words)
 FORBIDDEN_COMMANDS = {"smtpd_forbidden_commands": "smtpd.forbid_cmds",
@@ -185,6 +188,9 @@ CONVERTED: dict[str, str] = {
     "smtp_sasl_password_maps": "smtp.sasl_password_maps when smtp_sasl_auth_enable = yes (Postfix ignores it else)",
     "postscreen_greet_banner": "smtpd.postscreen.greet_banner: $smtpd_banner is smtpd's own greeting (the default)",
     "smtp_sasl_auth_enable": "applied with smtp_sasl_password_maps (mailflow authenticates when it has a password)",
+    "reject_tempfail_action": "each of smtpd.unknown_helo_hostname_tempfail_action, unknown_address_tempfail_action, "
+                              "unverified_recipient_tempfail_action and unverified_sender_tempfail_action that "
+                              "main.cf does not set (Postfix's defaults are $reject_tempfail_action)",
     **dict.fromkeys(FORBIDDEN_COMMANDS, "its words; its default's regexp:{{/^[^A-Z]/ Bogus}} is built in (a command "
                                         "that does not begin with a letter is never SMTP)"),
 }

@@ -1027,3 +1027,17 @@ def test_a_relative_tls_file_is_taken_from_queue_directory_whatever_the_import_s
     imported = checked(tmp_path / "out" / "mailflow.toml")
     assert imported["smtpd"]["tls_cert_file"] == imported["smtpd"]["tls_key_file"] == str(spool / "good.pem")
     assert {x["overrides"]["tls_cert_file"] for x in imported["smtpd"]["listeners"]} == {str(spool / "good.pem")}
+
+
+def test_reject_tempfail_action_sets_the_tempfail_actions_main_cf_leaves_unset(tmp_path):
+    """Postfix 3.7.11's unknown_helo_hostname_tempfail_action, unknown_address_tempfail_action and
+    unverified_*_tempfail_action default to $reject_tempfail_action (postconf -d): setting it alone changes them all;
+    one given in main.cf keeps its own value. It used to be left out (no counterpart)."""
+    main = write(tmp_path, "main.cf", "reject_tempfail_action = defer\n"
+                                      "unverified_sender_tempfail_action = defer_if_permit\n")
+    result = import_postfix(main, hostname="mx.example")
+    assert result.left_out == []
+    assert {k: v for k, v in result.settings.items() if k.endswith("tempfail_action")} == {
+        "smtpd.unknown_helo_hostname_tempfail_action": "defer", "smtpd.unknown_address_tempfail_action": "defer",
+        "smtpd.unverified_recipient_tempfail_action": "defer",
+        "smtpd.unverified_sender_tempfail_action": "defer_if_permit"}
