@@ -522,3 +522,16 @@ async def test_the_session_memo_drops_the_least_recently_read_answers_not_all(ma
         await client.close()
     assert [q for q in asked if q[0] == "1.0.0.127.rbl.test."] == [("1.0.0.127.rbl.test.", "A")]
     assert len([q for q in asked if q[0].startswith("nx")]) == 40
+
+
+async def test_under_warn_if_reject_an_address_domain_dns_failure_is_only_warned_of(mailflow_server, dns_zone,
+                                                                                    caplog):
+    """Postfix's DEFER_IF_PERMIT2 calls smtpd_check_reject under warn_if_reject: a reject_warning line with the
+    450, and the recipient is accepted."""
+    port = await start(mailflow_server, dns_zone, relay_restrictions=RELAY_FROM_HERE,
+                       recipient_restrictions=["warn_if_reject", "reject_unknown_recipient_domain"])
+    with caplog.at_level(logging.INFO, logger="mailflow.smtpd"):
+        assert (await rcpt(port, "r@broken.test", sender="s@known.test"))[0] == 250
+    assert any("reject_warning: RCPT from " in r.getMessage() and
+               ": 450 4.1.2 <r@broken.test>: Recipient address rejected: Domain not found;" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
