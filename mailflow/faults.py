@@ -16,7 +16,9 @@ What it owns: how long a failing piece of work waits before its next try, and ho
   `shared(error)` calls a fault of the whole store (locked, disk full, I/O) puts every caller behind one probe:
   while it lasts a single caller tries per backoff interval and the others wait for its verdict, so a store
   fault costs one failed attempt per interval, not one per waiting message. Other errors back off their own
-  caller only. Cancellation (server stop) ends the wait.
+  caller only. Cancellation (server stop) ends the wait. For a driver of a virtual clock (the Sink) it tells
+  whether its callers wait for the clock alone (`resting`: each asleep until a retry time still to come, or in
+  line behind a probe that is), which tasks they are (`callers`) and the next retry time (`next_retry`).
 
 Time is the injected clock's, so tests drive the intervals with a virtual clock.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sqlite3
 from typing import Awaitable, Callable, TypeVar
 
@@ -35,6 +38,7 @@ FIRST_DELAY = 0.5  # seconds before the first retry
 MAX_DELAY = 10.0  # the cap: a fault that clears is noticed within this long
 REPORT_INTERVAL = 60.0  # a repeating failure is told once per this many seconds
 EXPECTED = (sqlite3.Error, OSError, asyncio.TimeoutError)  # faults of the world, not of the code: no traceback
+IN_LINE = math.inf  # a Retrier's caller waiting for another's probe, not for a time of its own
 
 
 def describe(error: BaseException) -> str:
@@ -144,13 +148,50 @@ class Retrier:
         self._healthy = True
         self._retry_at = 0.0
         self._probe = asyncio.Lock()
+        # the callers by task: the clock time each is asleep until, IN_LINE behind a probe, None at work
+        self._waits: dict[asyncio.Task | None, float | None] = {}
 
     @property
     def healthy(self) -> bool:
         return self._healthy
 
+    @property
+    def callers(self) -> frozenset[asyncio.Task | None]:
+        """The tasks in `run` now."""
+        return frozenset(self._waits)
+
+    def resting(self) -> bool:
+        """Every caller (if any) waits for the clock alone: asleep until a retry time still to come, or in line
+        behind a probe that is (nothing it does can change before the clock moves)."""
+        now = self._clock.time()
+        for until in self._waits.values():
+            if until is None or until <= now or (until == IN_LINE and not self._probe.locked()):
+                return False
+        return True
+
+    def next_retry(self) -> float | None:
+        """The earliest clock time a sleeping caller tries again, or None."""
+        return min((until for until in self._waits.values() if until is not None and until != IN_LINE), default=None)
+
     async def run(self, op: Callable[[], Awaitable[T]], what: str = "") -> T:
         """`op()`'s result, once it succeeds. `what` names this caller in its own failures' log lines."""
+        task = asyncio.current_task()
+        self._waits[task] = None
+        try:
+            return await self._run(op, what)
+        finally:
+            del self._waits[task]
+
+    async def _nap(self, seconds: float) -> None:
+        """The caller's backoff, on the clock (told to `resting` and `next_retry` while it lasts)."""
+        task = asyncio.current_task()
+        self._waits[task] = self._clock.time() + seconds
+        try:
+            await self._clock.sleep(seconds)
+        finally:
+            self._waits[task] = None
+
+    async def _run(self, op: Callable[[], Awaitable[T]], what: str) -> T:
         own: Backoff | None = None  # for errors of this caller alone (made on the first one: the usual call has none)
         own_log: FailureLog | None = None
         while True:
@@ -172,7 +213,7 @@ class Retrier:
                     own = Backoff(self._first, self._cap)
                     own_log = FailureLog(self._logger, what or self._log_what, self._clock)
                 own_log.failed(e)
-                await self._clock.sleep(own.failed())
+                await self._nap(own.failed())
                 continue
             if probing:
                 self._store_recovered()
@@ -183,19 +224,31 @@ class Retrier:
     async def _probe_once(self, op: Callable[[], Awaitable[T]]) -> T:
         """One try while the store is failing: one caller at a time, at the retry time. Raises _Again when
         another caller's probe found the store working meanwhile (go the healthy way)."""
-        async with self._probe:
-            if self._healthy:
-                raise _Again()
-            await self._clock.sleep(max(0.0, self._retry_at - self._clock.time()))
-            if self._healthy:
-                raise _Again()
-            try:
-                return await op()
-            except Exception as e:
-                if self._shared(e):  # record it before the next prober takes the lock
-                    self._store_failed(e, probe=True)
-                    raise _Again() from None
-                raise
+        task = asyncio.current_task()
+        self._waits[task] = IN_LINE
+        try:
+            await self._probe.acquire()
+        finally:
+            self._waits[task] = None
+        try:
+            return await self._probe_held(op)
+        finally:
+            self._probe.release()
+
+    async def _probe_held(self, op: Callable[[], Awaitable[T]]) -> T:
+        """The probe, its lock held: wait for the retry time, then try."""
+        if self._healthy:
+            raise _Again()
+        await self._nap(max(0.0, self._retry_at - self._clock.time()))
+        if self._healthy:
+            raise _Again()
+        try:
+            return await op()
+        except Exception as e:
+            if self._shared(e):  # record it before the next prober takes the lock
+                self._store_failed(e, probe=True)
+                raise _Again() from None
+            raise
 
     def _store_failed(self, error: BaseException, *, probe: bool) -> None:
         if probe or self._healthy:  # callers already in flight when it broke do not push the retry further

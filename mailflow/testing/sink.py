@@ -9,7 +9,8 @@
         sink.destination(domain) -> FakeDestination                                              (outbound)
         await sink.advance(seconds=0, minutes=0, hours=0, days=0)       (virtual_time=True)
         await sink.settle()               until nothing is due now: no message waiting, no delivery running
-                                          (mail held only by a destination's timer, a rate delay, counts as settled)
+                                          (mail held only by a destination's timer, a rate delay, or by a record's
+                                          retry after a store fault counts as settled)
     Sink.threaded(...) -> ThreadedSink    the same on a loop of its own, in a thread, with blocking methods
 
 Configuration: by default every recipient is accepted and delivered to the `capture` transport (the settings
@@ -19,7 +20,8 @@ are settings laid over either (`relay_domains=[...]`, `queue={"delay_warning_tim
 the Sink sets: `queue_directory` (its temporary directory), the listeners' addresses (127.0.0.1 port 0),
 `[smtp] port` (where its fake destinations listen; an [smtp.services.NAME]'s own port too), `[http] listen`
 (127.0.0.1 port 0) and `[sink] enable` (with `http_api`). Its own options:
-    virtual_time   the server's clock is a mailflow.clock.VirtualClock that moves only in `advance()`
+    virtual_time   the server's clock is a mailflow.clock.VirtualClock that moves only in `advance()` (the queue's
+                   waits; a client's waits stay real time: slow(), error_sleep_time, auth_failure_delay)
     seed           the server's RNG seed (queue ids, retry jitter, MX order)
     tls            "may": STARTTLS offered, "encrypt": required before MAIL, with a certificate of a trustme CA
                    made for the Sink (`ca_pem`, `ca_file`); None: no TLS
@@ -304,9 +306,10 @@ class Sink:
     # -- time -----------------------------------------------------------------------------------------------
 
     async def settle(self, timeout: float = SETTLE_TIMEOUT) -> None:
-        """Until nothing is due now: no message incoming, none deferred and due, no delivery or record under way,
-        and the active messages (if any) waiting only for a destination's timer (its rate delay's pause), so that
-        nothing happens before the clock moves. Raises TimeoutError after `timeout` seconds."""
+        """Until nothing is due now: no message incoming, none deferred and due, no delivery or record under way
+        (but records waiting to retry a write the store refused), and the active messages (if any) waiting only for
+        a destination's timer (its rate delay's pause), so that nothing happens before the clock moves. Raises
+        TimeoutError after `timeout` seconds."""
         store, qmgr = self._queue
         clock = self._server.clock
         loop = asyncio.get_running_loop()
@@ -316,7 +319,7 @@ class Sink:
             await asyncio.sleep(0)
             counts = await store.counts()
             due = await store.next_due_time()
-            busy = qmgr.busy or counts.get("incoming", 0) or not _waits_for_time(qmgr, counts.get("active", 0))
+            busy = qmgr.working or counts.get("incoming", 0) or not _waits_for_time(qmgr, counts.get("active", 0))
             due_now = due is not None and due <= clock.time()
             if not busy and not due_now:
                 quiet += 1
@@ -324,7 +327,7 @@ class Sink:
                     return
                 continue
             quiet = 0
-            if due_now and not qmgr.busy:
+            if due_now and not qmgr.working:
                 qmgr.wake()
             if loop.time() > deadline:
                 raise TimeoutError(f"the queue did not settle within {timeout:g}s: {counts}")
@@ -332,7 +335,8 @@ class Sink:
 
     async def advance(self, seconds: float = 0, *, minutes: float = 0, hours: float = 0, days: float = 0) -> None:
         """Move the virtual clock on by the sum, stopping at each moment something is to happen on the way (deferred
-        mail comes due; a destination's rate-delay pause or dead-site memory ends) and settling there, in order,
+        mail comes due; a destination's rate-delay pause or dead-site memory ends; a refused record is retried) and
+        settling there, in order,
         so that every retry, rate-delayed delivery, delay notice and expiry in the span happens when it would
         have (without waiting for it). The clock ends at the span's end."""
         if not isinstance(self.clock, VirtualClock):
@@ -348,7 +352,8 @@ class Sink:
 
     async def _next_stop(self, target: float) -> float:
         """The first moment before `target` something is to happen: deferred mail comes due (the store), or a
-        destination's timer rings (qmgr's: a rate delay's pause or a dead site's memory ends); else `target`."""
+        qmgr timer rings (a rate delay's pause or a dead site's memory ends, a refused record's retry); else
+        `target`."""
         store, qmgr = self._queue
         now = self.clock.time()
         moments = (await store.next_due_time(), qmgr.next_timer())

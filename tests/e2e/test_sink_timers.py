@@ -1,9 +1,14 @@
 """The Sink's virtual clock and qmgr's own timers: a destination's rate-delay pause and its dead-site memory are
 timers qmgr sets on the clock, not due times in the store; `advance` stops at each of them on the way and `settle`
-counts mail that waits only for one as settled (nothing can happen before the clock moves)."""
+counts mail that waits only for one as settled (nothing can happen before the clock moves). So is the retry of a
+record the store refused. What a client waits for on the wire (the AUTH failure delay) is real time."""
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+
 import aiosmtplib
+import pytest
 
 from mailflow.testing import Sink
 
@@ -90,3 +95,58 @@ async def test_advance_fires_pauses_and_retries_in_order():
         assert [m.rcpt_tos for m in dest.messages] == [["bob@example.com"], ["cat@example.com"], ["ann@example.com"]]
         first, second, retried = (t - start for t in sent_times(sink))
         assert (first, second) == (10, 20) and 300 <= retried <= 340
+
+
+async def queue_counts_of(sink: Sink) -> dict:
+    return {queue: n for queue, n in (await sink.server.store.counts()).items() if n}
+
+
+class FailingFinish:
+    """The store's end-of-attempt write fails with a store fault while `broken` is set; counts the tries."""
+
+    def __init__(self, sink: Sink):
+        store = sink.server.store
+        finish = store.finish
+        self.broken, self.tries = True, 0
+
+        async def failing(*args, **kw):
+            self.tries += 1
+            if self.broken:
+                raise sqlite3.OperationalError("database or disk is full")
+            return await finish(*args, **kw)
+        store.finish = failing
+
+
+async def test_records_retried_after_a_store_fault_wait_on_the_virtual_clock():
+    """settle() raised TimeoutError ({'active': 1}) when the store refused qmgr's record of a delivery: the record's
+    retry sleeps on the virtual clock, which nothing moved while settle waited, and advance() settles first. Now the
+    retry is a timer like the others: settle counts records waiting for it (one asleep until the retry, the other in
+    line behind its probe) as settled, and advance steps to it."""
+    async with Sink(virtual_time=True) as sink:
+        faults = FailingFinish(sink)
+        await send(sink, "bob@example.org", "one")
+        await send(sink, "carol@example.org", "two")
+        await sink.settle(timeout=5)
+        assert len(sink.messages) == 2 and faults.tries == 1  # delivered; the second record in line behind the probe
+        assert await queue_counts_of(sink) == {"active": 2}
+        await sink.advance(2)  # the store still fails: one probe at +0.5 s, one at +1.5 s (the backoff doubles)
+        assert faults.tries == 3 and await queue_counts_of(sink) == {"active": 2}
+        faults.broken = False
+        await sink.advance(10)  # the probe at +3.5 s finds the store working: both recorded then
+        assert faults.tries == 5 and await queue_counts_of(sink) == {}
+        assert len(sink.messages) == 2  # delivered once each
+
+
+async def test_the_auth_failure_delay_passes_in_real_time_under_virtual_time():
+    """The wait before an AUTH that follows a failed one slept on the server's clock: under virtual time the client's
+    next AUTH was never answered (nothing moves that clock while a client waits for its reply). The client on the
+    wire waits real time, as it does for smtpd's error_sleep_time and for the Sink's slow()."""
+    async with Sink(virtual_time=True, users={"app": "pw"}, smtpd={"auth_failure_delay": 0.2}) as sink:
+        loop = asyncio.get_running_loop()
+        async with aiosmtplib.SMTP(hostname=sink.host, port=sink.port, start_tls=False, timeout=5) as client:
+            await client.ehlo()
+            with pytest.raises(aiosmtplib.SMTPAuthenticationError):
+                await client.auth_plain("app", "wrong")
+            started = loop.time()
+            await client.auth_plain("app", "pw")
+            assert loop.time() - started >= 0.2

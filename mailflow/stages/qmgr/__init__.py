@@ -38,7 +38,9 @@ The loop
   the pause ends, and that turn only starts deliveries (no scan: a writer transaction). These destination timers
   (a pause's end, a dead site's) are qmgr's own, not due times in the store: a driver of a virtual clock (the
   Sink) reads the next one (`next_timer`) and whether the mail in hand waits for nothing else
-  (`waiting_for_timers`), to stop there and to count such mail as settled.
+  (`waiting_for_timers`), to stop there and to count such mail as settled. A record the store refused (a store
+  fault) is retried after a backoff on the same clock (`faults.Retrier`): its retry time is such a timer, and a
+  record waiting for it is not `working`.
 - An address verification probe (mailflow.stages.verify) is delivered through `deliver_probe`: a dead destination
   defers it without a connection, as Postfix's qmgr defers the probe (a queued message) of a dead queue; what the
   probe finds is not fed back (Postfix's probes never make a destination dead); it is not queued and waits for no
@@ -344,22 +346,32 @@ class QueueManager:
 
     @property
     def busy(self) -> bool:
-        """Deliveries or records are under way (a driver of a virtual clock waits for this to clear)."""
+        """Deliveries or records are under way (those waiting to retry a write the store refused too)."""
         return bool(self._tasks)
+
+    @property
+    def working(self) -> bool:
+        """Deliveries or records are under way, but for records that wait for the clock alone (the retry of a write
+        the store refused): a driver of a virtual clock waits for this to clear, then moves the clock."""
+        return bool(self._tasks) and not (self._writes.resting() and self._tasks <= self._writes.callers)
 
     def next_timer(self) -> float | None:
         """The earliest time still to come a destination's timer rings (a rate delay's pause or a dead site's
-        memory ends), or None: a driver of a virtual clock stops there on its way, as at the store's due times.
-        (It may be a timer whose destination has since moved on: stopping there changes nothing.)"""
+        memory ends) or a refused record is retried, or None: a driver of a virtual clock stops there on its way,
+        as at the store's due times. (It may be a timer whose destination has since moved on: stopping there
+        changes nothing.)"""
         now = self._clock.time()
-        return min((when for when, _ in self._timers if when > now), default=None)
+        retry = self._writes.next_retry()
+        moments = [when for when, _ in self._timers] + ([retry] if retry is not None else [])
+        return min((when for when in moments if when > now), default=None)
 
     def waiting_for_timers(self) -> bool:
-        """Nothing is under way and nothing can start before the clock moves: no delivery, record, scan or hand-over
-        in progress, no wake-up or timer pending, and every job in hand waits at a destination `held` by a timer
-        still to come. A driver of a virtual clock counts the messages in hand then as settled."""
+        """Nothing is under way and nothing can start before the clock moves: no delivery, record (but one waiting
+        for its retry), scan or hand-over in progress, no wake-up or timer pending, and every job in hand waits at a
+        destination `held` by a timer still to come. A driver of a virtual clock counts the messages in hand then
+        as settled."""
         now = self._clock.time()
-        if self._tasks or self._admitting or self._reserved or self._wakeup.is_set():
+        if self.working or self._admitting or self._reserved or self._wakeup.is_set():
             return False
         if self._timers and self._timers[0][0] <= now:
             return False

@@ -13,9 +13,11 @@ What it owns
   worker thread) and `DovecotBackend` (sasl_type "dovecot": dovecot_auth.DovecotAuth asks Dovecot's auth server).
 - `Authenticator`: the AUTH check around a back end. Before checking, an attempt waits
   `auth_failure_delay * 2**(failures-1)` (at most `auth_failure_delay_limit`) for the client's recent
-  failures, so a flood is throttled before it costs CPU. A user not in the table costs the same hash (no timing
-  oracle). An AUTH PLAIN authorization identity other than the login is refused (as Cyrus and Dovecot do
-  without proxy rights): 535 5.7.8. Each failure is logged in Postfix's words
+  failures, so a flood is throttled before it costs CPU. The wait is on the `clock` it is given: the server
+  gives it real time (the client waits on the wire, as for error_sleep_time), not its own clock, which may be a
+  virtual one standing still; the failures' window is the FailureCounter's, on the server's clock. A user not
+  in the table costs the same hash (no timing oracle). An AUTH PLAIN authorization identity other than the
+  login is refused (as Cyrus and Dovecot do without proxy rights): 535 5.7.8. Each failure is logged in Postfix's words
   (`warning: host[ip]: SASL PLAIN authentication failed: REASON, sasl_username=…`; the reason is Cyrus's
   `authentication failure` for the tables, Dovecot's or `(reason unavailable)` for Dovecot, as Postfix logs them).
 - `SenderLogins.refusal(sender, login, authenticated=, unauthenticated=, allow_unknown=)`: Postfix's

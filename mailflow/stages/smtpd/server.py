@@ -320,7 +320,9 @@ class Smtpd:
                       count_events=any(getattr(smtpd, e.setting) for e in EVENT_LIMITS.values()))
         authenticator = None
         if smtpd.sasl_auth_enable:
-            authenticator = Authenticator(backend=self._auth_backend(smtpd), clock=self._clock,
+            # the failure delay is waited by a client on the wire: real time, as error_sleep_time's, whatever the
+            # server's clock (a virtual one stands still while the client waits for its reply)
+            authenticator = Authenticator(backend=self._auth_backend(smtpd), clock=SystemClock(),
                                           failures=self.auth_failures, delay=smtpd.auth_failure_delay,
                                           delay_limit=smtpd.auth_failure_delay_limit)
         if smtpd.tls_cert_file:
