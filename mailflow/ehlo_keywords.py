@@ -5,10 +5,11 @@
     discard_log_text(discarded) -> what Postfix's smtpd logs at EHLO (`discarding EHLO keywords: ...`), or ""
                                    when it logs nothing
     keyword_name(line_text) -> the lower-case keyword of an EHLO reply line's text (`SIZE 1000` -> `size`)
-    discards_for(maps, ip, default) -> (keywords, failed): the keywords discard_ehlo_keyword_address_maps (opened)
-                                   give the client's address (unknown words skipped, as Postfix's ehlo_mask), else
-                                   `default`; `failed` when a table could not answer (logged; the default then):
-                                   smtpd's (through its table cache) and sendmail -bs's one answer
+    discards_for(maps, ip, default, logger=) -> (keywords, failed): the keywords discard_ehlo_keyword_address_maps
+                                   (opened) give the client's address (unknown words skipped, as Postfix's
+                                   ehlo_mask), else `default`; `failed` when a table could not answer (logged to
+                                   `logger`, smtpd's by default; the default then): smtpd's (through its table
+                                   cache) and sendmail -bs's one answer
 
 A discarded keyword is neither announced nor accepted, as Postfix's ehlo_discard_mask (smtpd.c): STARTTLS 502,
 AUTH 503, BDAT 521 (and the session ends), the DSN parameters 501 5.7.1, the SMTPUTF8 parameter an unsupported
@@ -73,13 +74,14 @@ def keyword_name(text: str) -> str:
     return text.split(" ", 1)[0].lower()
 
 
-def discards_for(maps: list[Table], ip: str, default: frozenset[str]) -> tuple[frozenset[str], bool]:
+def discards_for(maps: list[Table], ip: str, default: frozenset[str], *,
+                 logger: logging.Logger | logging.LoggerAdapter = log) -> tuple[frozenset[str], bool]:
     """See the module doc: the maps asked the address (a blocking table waits here: call it off the event loop)."""
     if not maps:
         return default, False
     try:
         found = find(maps, [ip])
     except LookupRetry as e:
-        log.warning("discard_ehlo_keyword_address_maps: %s: %s", ip, e.reason)
+        logger.warning("discard_ehlo_keyword_address_maps: %s: %s", ip, e.reason)
         return default, True
     return (default, False) if found is None else (discard_set([found[2]], ignore_unknown=True), False)

@@ -32,14 +32,16 @@ is read, exit 0). A queued message forgives the errors and the junk commands so 
 (its client `localhost[127.0.0.1]`, port 0: Postfix's smtpd_peer_assume_local_client), strict_rfc821_envelopes (a
 path without angle brackets 501 5.1.7 / 5.1.3), discard_ehlo_keywords, or discard_ehlo_keyword_address_maps' value
 for 127.0.0.1 (a discarded keyword is not offered and its parameters are refused as smtpd refuses them; a table that
-cannot answer makes EHLO `421 4.3.0 <host> Server local data error` and ends the session).
+cannot answer is logged as the session starts, as smtpd logs it, and makes EHLO `421 4.3.0 <host> Server local data
+error`, logged as Postfix's `warning: don't know what EHLO features to announce to localhost[127.0.0.1]` and
+`NOQUEUE: reject: EHLO from localhost[127.0.0.1]: 421 …`, and ends the session, with no `lost connection` line).
 The session is logged (through `logger`: `logs.tool_logger`'s, `[log] file`) as Postfix's stand-alone smtpd logs
 it, with mailflow's smtpd's lines (mailflow.session_log, logs.SmtpdLog) as smtpd: `connect from
 localhost[127.0.0.1]`, `NAME: client=localhost[127.0.0.1]` for each message stored (NAME: its maildrop file, as
 Postfix's names postdrop's queue file), `warning: Illegal address syntax from localhost[127.0.0.1] in RCPT command:
 <a b>` (MAIL's, VRFY's alike), `too many errors after CMD from …`, `lost connection after CMD from …` (input ended
-without QUIT) and `disconnect from localhost[127.0.0.1] ehlo=1 mail=1 rcpt=1/2 … commands=N/M`. No reject lines:
-Postfix's smtpd under -bs runs no restriction list, so it logs none (checked against Postfix 3.7.11).
+without QUIT) and `disconnect from localhost[127.0.0.1] ehlo=1 mail=1 rcpt=1/2 … commands=N/M`. No reject lines but
+EHLO's 421 above: Postfix's smtpd under -bs runs no restriction list, so it logs none (checked against Postfix 3.7.11).
 """
 from __future__ import annotations
 
@@ -93,8 +95,10 @@ class StdioSmtp:
         self._errors = 0  # commands answered with an error since the last queued message (smtpd's error_count)
         self._junk = JunkCount(self.JUNK_COMMANDS, self._limits.junk_command_limit)  # since then (smtpd's junk_cmds)
         self._helo = ""  # the name HELO or EHLO gave (the footer's $helo_name)
-        self._discarded, self._discards_unknown = _discards(self._limits)
+        self._discarded: frozenset[str] = frozenset()  # the EHLO keywords discarded: chosen at the connection
+        self._discards_unknown = False  # discard_ehlo_keyword_address_maps could not answer: EHLO gets a 421
         logger = logger or _silent_logger()
+        self._logger = logger
         self._mail_log = MailLog(logger)
         self._record = SessionLog(lambda: CLIENT, SmtpdLog(logger))  # smtpd's session lines and command counts
         self._data_bytes = 0  # of the DATA content being read
@@ -142,6 +146,8 @@ class StdioSmtp:
 
     def _session(self) -> int:
         self._record.connect()
+        # chosen for the client as it connects, a table's failure logged then (Postfix's smtpd_state_init)
+        self._discarded, self._discards_unknown = _discards(self._limits, self._logger)
         self._reply(status.greeting(self._host, self._limits.banner))  # (smtpd's, as Postfix's -bs)
         while True:
             if self._errors >= self._limits.hard_error_limit:
@@ -190,7 +196,10 @@ class StdioSmtp:
             return None
         self._helo = arg
         if self._discards_unknown:  # as smtpd: discard_ehlo_keyword_address_maps could not answer
-            self._reply(status.local_data_error(self._host))
+            refusal = status.local_data_error(self._host)
+            self._record.lines.local_data_error("", "EHLO", CLIENT, str(refusal))
+            self._record.server_hung_up = True  # (no "lost connection": the server ends the session)
+            self._reply(refusal)
             return False
         self._reset()
         self._reply("\r\n".join(status.ehlo_lines(self._host, self._keywords())))
@@ -383,9 +392,10 @@ def _path(arg: str, command: str, bad_path: status.Reply, strict: bool) -> tuple
     return found, rest.split()
 
 
-def _discards(smtpd) -> tuple[frozenset[str], bool]:
+def _discards(smtpd, logger: logging.Logger) -> tuple[frozenset[str], bool]:
     """(the EHLO keywords discarded, whether discard_ehlo_keyword_address_maps could not answer) for the -bs
     client, as smtpd chooses them (stages/smtpd/ehlo_discards.py): the maps' value for 127.0.0.1, else
-    discard_ehlo_keywords."""
+    discard_ehlo_keywords. A table that cannot answer is logged to `logger` as smtpd's warning."""
     maps = [open_table(spec) for spec in smtpd.discard_ehlo_keyword_address_maps]
-    return discards_for(maps, CLIENT_ADDRESS, frozenset(smtpd.discard_ehlo_keywords))
+    as_smtpd = logging.LoggerAdapter(logger, {"service": "smtpd"})
+    return discards_for(maps, CLIENT_ADDRESS, frozenset(smtpd.discard_ehlo_keywords), logger=as_smtpd)

@@ -403,17 +403,43 @@ def ehlo_split(transcript: list[str]) -> tuple[list[str], list[str]]:
     return [line[4:] for line in transcript[2:end + 1]], transcript[:1] + transcript[end + 1:]
 
 
-async def test_bs_answers_ehlo_421_when_the_discard_maps_cannot_answer_as_a_real_postfixs_smtpd_does(
+async def test_bs_answers_and_logs_ehlo_421_when_the_discard_maps_cannot_answer_as_a_real_postfixs_smtpd_does(
         write_config, tmp_path):
+    """The log had `lost connection after EHLO` where Postfix's smtpd writes its table warning (as the session
+    starts: for a HELO session too), `don't know what EHLO features to announce` and the NOQUEUE reject line."""
     (tmp_path / "queue").mkdir()
-    config = write_config(tmp_path / "mailflow.toml", smtpd={"listen": ["127.0.0.1:0"], "banner": "ESMTP probe",
-                                                             "discard_ehlo_keyword_address_maps": ["fail:x"]}, **COMMON)
-    dialogue = ["EHLO client.test", "NOOP"]
+    mail_log = tmp_path / "mail.log"
+    config = write_config(tmp_path / "mailflow.toml", log={"file": str(mail_log)}, **COMMON,
+                          smtpd={"listen": ["127.0.0.1:0"], "banner": "ESMTP probe",
+                                 "discard_ehlo_keyword_address_maps": ["fail:x"]})
+    dialogues = [["EHLO client.test", "NOOP"], ["HELO client.test", "NOOP"]]
     async with postfix_instance({**COMMON, "relayhost": "[127.0.0.1]:9", "smtpd_banner": "$myhostname ESMTP probe",
                                  "smtpd_discard_ehlo_keyword_address_maps": "fail:x"}) as pf:
-        postfix = await bs_transcript(["sendmail", "-C", str(pf.etc)], dialogue)
-    mailflow = await bs_transcript([sys.executable, "-m", "mailflow", "sendmail", "-C", str(config)], dialogue)
-    assert mailflow == postfix == ["220 mx.origin.test ESMTP probe", "421 4.3.0 mx.origin.test Server local data error"]
+        await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the instance's readiness probe
+        before = len(pf.maillog)
+        postfix = [await bs_transcript(["sendmail", "-C", str(pf.etc)], dialogue) for dialogue in dialogues]
+        await eventually(lambda: pf.maillog[before:].count("disconnect from") == 2, timeout=10)
+        postfix_log = smtpd_lines(pf.maillog[before:])
+    mailflow = [await bs_transcript([sys.executable, "-m", "mailflow", "sendmail", "-C", str(config)], dialogue)
+                for dialogue in dialogues]
+    mailflow_log = smtpd_lines(mail_log.read_text())
+    assert mailflow == postfix
+    assert postfix[0] == ["220 mx.origin.test ESMTP probe", "421 4.3.0 mx.origin.test Server local data error"]
+    # the table's warning in each one's words (mailflow's smtpd's own), at the same place; the other lines alike
+    table_warnings = ('warning: fail:x lookup error for "127.0.0.1"',
+                      "warning: discard_ehlo_keyword_address_maps: 127.0.0.1: table fail:x is a fail: table")
+    assert [line.startswith(table_warnings) for line in mailflow_log] == [
+        line.startswith(table_warnings) for line in postfix_log]
+    assert ([line for line in mailflow_log if not line.startswith(table_warnings)]
+            == [line for line in postfix_log if not line.startswith(table_warnings)])
+    assert postfix_log == [  # what Postfix wrote, so that the same change on both sides cannot pass unnoticed
+        "connect from localhost[127.0.0.1]", table_warnings[0],
+        "warning: don't know what EHLO features to announce to localhost[127.0.0.1]",
+        "NOQUEUE: reject: EHLO from localhost[127.0.0.1]: 421 4.3.0 mx.origin.test Server local data error",
+        "disconnect from localhost[127.0.0.1] ehlo=0/1 commands=0/1",
+        "connect from localhost[127.0.0.1]", table_warnings[0],
+        "lost connection after NOOP from localhost[127.0.0.1]",
+        "disconnect from localhost[127.0.0.1] helo=1 noop=1 commands=2"]
 
 
 # -bs sessions as Postfix's smtpd logs them (no restriction list runs there: no reject lines): a message with

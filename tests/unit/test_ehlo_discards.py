@@ -23,6 +23,6 @@ def test_sendmail_bs_logs_a_table_that_cannot_answer_as_smtpd_does(caplog):
     caplog.set_level(logging.WARNING, logger="mailflow.smtpd")
     smtpd = config_from_dict({"smtpd": {"discard_ehlo_keywords": ["vrfy"],
                                         "discard_ehlo_keyword_address_maps": ["fail:down"]}}).smtpd
-    assert _discards(smtpd) == (DEFAULT, True)
+    assert _discards(smtpd, logging.getLogger("mailflow.smtpd")) == (DEFAULT, True)
     assert [r.getMessage().split(": table")[0] for r in caplog.records] == [
         "discard_ehlo_keyword_address_maps: 127.0.0.1"]
