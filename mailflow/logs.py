@@ -30,7 +30,8 @@ What it owns
   tls_loglevel 1 only), `SSL_accept error from host[ip]: Connection timed out` (and its other reasons),
   `warning: host[ip]: SASL PLAIN authentication failed: …` (and `… authentication aborted`), `too many errors
   after CMD from …`, `improper command pipelining after CMD from …: <input>` (the input as Postfix's escape(3)
-  writes it: `\\r\\n`), `warning: Illegal address syntax from … in CMD command: …`.
+  writes it: `\\r\\n`), `warning: Illegal address syntax from … in CMD command: …`, `warning: QID: queue file
+  size limit exceeded`.
 - `setup_logging(log_config, hostname)`: `[log] format = "text"` writes syslog-style lines,
   `TIMESTAMP HOST SYSLOG_NAME/SERVICE[PID]: [warning: ]TEXT` (RFC 3339 time, `syslog_name` default
   "postfix-mailflow", the service being the stage: smtpd, cleanup, qmgr, smtp, local, pipe, pickup, master…);
@@ -444,6 +445,12 @@ class SmtpdLog:
         queue_id = queue_id or "NOQUEUE"
         self._emit(logging.WARNING, "bdat", f"{queue_id}: null BDAT request from {client}", queue_id=queue_id,
                    client=client)
+
+    def queue_file_too_big(self, queue_id: str) -> None:
+        """Content past message_size_limit: Postfix's smtpd's `warning: QID: queue file size limit exceeded`
+        (NOQUEUE without a queue id: sendmail -bs, whose message has no name until it is stored)."""
+        queue_id = queue_id or "NOQUEUE"
+        self._emit(logging.WARNING, "too-big", f"{queue_id}: queue file size limit exceeded", queue_id=queue_id)
 
     def bdat_too_big(self, queue_id: str, client: str) -> None:
         queue_id = queue_id or "NOQUEUE"

@@ -39,9 +39,12 @@ The session is logged (through `logger`: `logs.tool_logger`'s, `[log] file`) as 
 it, with mailflow's smtpd's lines (mailflow.session_log, logs.SmtpdLog) as smtpd: `connect from
 localhost[127.0.0.1]`, `NAME: client=localhost[127.0.0.1]` for each message stored (NAME: its maildrop file, as
 Postfix's names postdrop's queue file), `warning: Illegal address syntax from localhost[127.0.0.1] in RCPT command:
-<a b>` (MAIL's, VRFY's alike), `too many errors after CMD from …`, `lost connection after CMD from …` (input ended
-without QUIT) and `disconnect from localhost[127.0.0.1] ehlo=1 mail=1 rcpt=1/2 … commands=N/M`. No reject lines but
-EHLO's 421 above: Postfix's smtpd under -bs runs no restriction list, so it logs none (checked against Postfix 3.7.11).
+<a b>` (MAIL's, VRFY's alike), `warning: NOQUEUE: queue file size limit exceeded` (smtpd's line for a message too
+big; NOQUEUE as the message, not stored, never has a name: Postfix's names its postdrop file, made at the first
+accepted RCPT, and logs its client= line there too), `too many errors after CMD from …`, `lost connection after
+CMD from …` (input ended without QUIT) and `disconnect from localhost[127.0.0.1] ehlo=1 mail=1 rcpt=1/2 …
+commands=N/M`. No reject lines but EHLO's 421 above: Postfix's smtpd under -bs runs no restriction list, so it
+logs none (checked against Postfix 3.7.11).
 """
 from __future__ import annotations
 
@@ -282,9 +285,12 @@ class StdioSmtp:
         except _EndOfInput:
             return  # end of input mid-message: nothing is stored
         except MaildropError as e:
+            too_big = e.code == os.EX_DATAERR
+            if too_big:  # as smtpd logs it, NOQUEUE: the message has no name until it is stored
+                self._record.lines.queue_file_too_big("")
             if not self._skip(lines):
                 return
-            self._reply(status.MESSAGE_TOO_BIG if e.code == os.EX_DATAERR else status.QUEUE_ERROR)
+            self._reply(status.MESSAGE_TOO_BIG if too_big else status.QUEUE_ERROR)
         else:
             self._mail_log.received(name, CLIENT)  # (Postfix's at the first accepted RCPT: smtpd_delay_open)
             self._reply(status.queued(name))

@@ -558,6 +558,55 @@ async def test_a_transaction_is_named_by_its_queue_id_from_its_first_accepted_re
     assert f"{pf_replies[1]}: client=localhost[127.0.0.1]" in pf_log
 
 
+SIZE_LIMIT = 2000
+
+
+async def too_big_then_queued(port: int) -> list[str]:
+    """A message past message_size_limit (DATA: its size is known only as it is read), then one within it; the
+    replies from MAIL on."""
+    c = await SmtpClient.connect(port)
+    replies = []
+    for subject, lines in (("big", 30), ("small", 1)):
+        for command in ("HELO client.test", "MAIL FROM:<s@sender.test>", "RCPT TO:<ok@relay.test>", "DATA",
+                        f"Subject: {subject}\r\n\r\n" + "\r\n".join(["x" * 100] * lines) + "\r\n."):
+            replies.append((await c.cmd(command)).text)
+    await c.cmd("QUIT")
+    await c.close()
+    return [re.sub(r"\b[0-9A-F]{10,16}\b", "QID", reply) for reply in replies]
+
+
+def size_lines(log: str) -> list[str]:
+    """smtpd's `client=` and `queue file size limit exceeded` lines, the queue id masked (the warning's checked to
+    be the one the client= line before it named)."""
+    lines = re.findall(rf"{SYSLOG_NAME}/smtpd\[\d+\]: (.*(?:client=|queue file size limit).*)$", log, re.M)
+    for before, line in zip(lines, lines[1:]):
+        if "size limit" in line:
+            assert line.split()[1] == before.split()[0], lines
+    return [re.sub(r"\b[0-9A-F]{10,16}:", "QID:", line) for line in lines]
+
+
+async def test_a_message_past_the_size_limit_is_logged_as_postfix_logs_it(mailflow_server, mail_log):
+    """Postfix's smtpd writes `warning: QID: queue file size limit exceeded` (the queue id its client= line named)
+    for content past message_size_limit; mailflow's wrote nothing."""
+    known = "inline:{ok@relay.test=ok}"
+    async with postfix_instance({"myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "mydestination": "",
+                                 "relay_domains": "relay.test", "relay_recipient_maps": known,
+                                 "relayhost": "[127.0.0.1]:9", "message_size_limit": str(SIZE_LIMIT)}) as pf:
+        await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the probe that saw it listen
+        started = len(pf.maillog)
+        pf_replies = await too_big_then_queued(pf.port)
+        await eventually(lambda: "disconnect from" in pf.maillog[started:], timeout=10)
+        pf_lines = size_lines(pf.maillog[started:])
+    mf = await mailflow_server(myhostname=MF_HOST, mydestination=[], relay_domains=["relay.test"],
+                               relay_recipient_maps=[known], smtpd={"message_size_limit": SIZE_LIMIT})
+    mf_replies = await too_big_then_queued(mf.smtp_addresses[0][1])
+    await eventually(lambda: "disconnect from" in mail_log.read_text(), timeout=10)
+    assert [r.replace(MF_HOST, "HOST") for r in mf_replies] == [r.replace(PF_HOST, "HOST") for r in pf_replies]
+    assert size_lines(mail_log.read_text()) == pf_lines == [
+        "QID: client=localhost[127.0.0.1]", "warning: QID: queue file size limit exceeded",
+        "QID: client=localhost[127.0.0.1]"]
+
+
 # ---------------------------------------------------------------------------------------------- access actions
 
 SENDER_ACTIONS = "inline:{ {hold@sender.test=HOLD}, {bcc@sender.test=BCC copy@relay.test}, " \

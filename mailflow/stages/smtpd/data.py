@@ -23,7 +23,8 @@ only be read as commands); a refused BDAT's chunk is read and dropped, never tak
 BDAT 0 without LAST is refused first (551 5.7.1), and a refused chunk other than the last leaves the transaction
 failed: later chunks 551 5.0.0 (LAST ends it), MAIL, RCPT and DATA 503 5.5.1 "after BDAT"; a chunk that would
 take the message past message_size_limit 552 5.3.4 before it is read, after the first chunk's data_restrictions
-(Postfix's "Chunk exceeds message size limit"); too big 552 5.3.4, a NUL 554 5.6.0, a spool that cannot be
+(Postfix's "Chunk exceeds message size limit"); too big 552 5.3.4 (logged as Postfix's smtpd logs it, `warning:
+QID: queue file size limit exceeded`, NOQUEUE without a queue id), a NUL 554 5.6.0, a spool that cannot be
 written 451 4.3.1 / 4.3.0 (`status.error_reply`; logged once), all after the end of the content; a bare LF or
 CR in the content 521 5.5.2 and the session closes; the message is not queued in any of these cases.
 """
@@ -189,6 +190,8 @@ class DataCommands(TransactionCommands):
         """Hand complete content to the handler (or refuse it); either way the transaction ends. `crlf`: its
         line ends were checked (mailflow.content.Content.crlf)."""
         if why_not is not None:
+            if why_not is status.MESSAGE_TOO_BIG:
+                self.record.lines.queue_file_too_big(self.envelope.queue_id)
             if spool.failure is not None:
                 log.error("%s: message not queued: cannot write its spool file: %s", self.session.client,
                           spool.failure)
