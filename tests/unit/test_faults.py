@@ -137,3 +137,35 @@ async def test_the_retrier_backs_off_a_callers_own_error_without_blocking_the_ot
     stuck.cancel()
     with pytest.raises(asyncio.CancelledError):
         await stuck
+
+
+async def test_the_retrier_tells_a_clock_driver_when_its_callers_wait_for_the_clock_alone():
+    """What the Sink's settle/advance read (qmgr's `working`, `next_timer`): callers asleep until a retry time, or in
+    line behind a probe that is, rest; a caller at work, or one whose retry time has come, does not."""
+    clock = VirtualClock(1000.0)
+    retrier = Retrier(clock, LOG, "writes", shared=store_fault, first=1.0, cap=8.0)
+    broken = True
+    answer = asyncio.Event()  # the store answers
+
+    async def write():
+        await answer.wait()
+        if broken:
+            raise disk_full()
+        return "ok"
+
+    assert retrier.resting() and retrier.next_retry() is None  # no caller
+    calls = [asyncio.create_task(retrier.run(write)) for _ in range(2)]
+    await settle()
+    assert not retrier.resting()  # at work: waiting for the store, not for the clock
+    answer.set()
+    await settle()
+    assert retrier.callers == frozenset(calls)
+    assert retrier.resting() and retrier.next_retry() == 1001.0  # one probe asleep, the other in line behind it
+    clock.advance(1.0)
+    assert not retrier.resting()  # its time has come: it is about to try
+    await settle()
+    assert retrier.resting() and retrier.next_retry() == 1003.0  # failed again: the next probe at +2 s
+    broken = False
+    clock.advance(2.0)
+    assert await asyncio.gather(*calls) == ["ok", "ok"]
+    assert retrier.callers == frozenset() and retrier.resting() and retrier.next_retry() is None
