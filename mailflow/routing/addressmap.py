@@ -13,9 +13,10 @@ What it owns (Postfix cleanup(8), envelope part):
   postsrsd's reverse map as a recipient canonical map).
 - `expand(addr) -> [addr, ...]`: `virtual_alias_maps`, for recipients of every domain, recursively.
 - `recipients(rcpts) -> (Recipient, ...)`: `recipient()` then `expand()` for each, duplicates removed (the first
-  keeps its place and its original address, for DSN ORCPT), indexes renumbered. A duplicate is what Postfix's
-  cleanup_out_recipient takes for one (its been_here key, without case): the same address with the same NOTIFY
-  (as a set of words), ORCPT (the RCPT address as written when none was given) and original recipient. For the
+  keeps its place and its original address), indexes renumbered. A recipient without ORCPT gets
+  `rfc822;ADDRESS` with the address after `recipient()` (Postfix's cleanup makes it up so; smtpd gives one always).
+  A duplicate is what Postfix's cleanup_out_recipient takes for one (its been_here key, without case): the same
+  address with the same NOTIFY (as a set of words), ORCPT and original recipient. For the
   members of an alias of more than one address, SUCCESS does not count in that NOTIFY, as Postfix turns it off
   for them (it reports the alias "expanded" itself; mailflow does not, so their NOTIFY goes on as it was).
 - `recipients(rcpts, auto_bcc_sender=sender)`: the same with the automatic BCC recipients (Postfix cleanup_addr.c), in
@@ -62,6 +63,7 @@ docs/config.md); its `reason` names the address and why, for the log of whoever 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Sequence
@@ -194,6 +196,8 @@ class AddressMapper:
             self._add_bcc(self._bcc_address(self._sender_bcc, auto_bcc_sender, seen), out, seen)
         for rcpt in rcpts:
             canonical = self.recipient(rcpt.address)
+            if not rcpt.orcpt and canonical:
+                rcpt = dataclasses.replace(rcpt, orcpt=_made_up_orcpt(canonical))
             finals = self.expand(canonical)
             if len(finals) == 1 and len(rcpts) == 1 and not auto and not bcc:  # alone: no duplicate, nothing after it
                 out.append(Recipient(len(out), finals[0], rcpt.original, rcpt.notify, rcpt.orcpt))
@@ -348,6 +352,13 @@ class AddressMapper:
         log.warning("%s: table %s: lookup of <%s> returns non-address result %r",
                     self._log_id, address.printable(table), addr, value)
         return LookupRetry(f"table {address.printable(table)}: {address.printable(key)}: non-address result")
+
+
+def _made_up_orcpt(canonical: str) -> str:
+    """The ORCPT Postfix's cleanup gives a recipient that came without one (cleanup_addr_recipient: smtpd always
+    gives one, mail from sendmail or a local(8) list does not): the address after canonical mapping and
+    masquerading, before virtual alias expansion, so a notice reads `Original-Recipient: rfc822;ADDRESS`."""
+    return f"{'rfc822' if canonical.isascii() else 'utf-8'};{canonical}"
 
 
 def _duplicate_key(rcpt: Recipient, *, expanded: bool) -> tuple[str, ...]:

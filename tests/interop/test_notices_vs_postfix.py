@@ -209,11 +209,10 @@ def report(notice) -> list[list[tuple[str, str]]]:
 def _compared(name: str, value: str) -> str:
     """A field's value as the reports compare it: a Diagnostic-Code with its white space collapsed (a command's
     output is in it as Postfix's pipe_command gives it: tabs and newlines made spaces, no trailing blank), the
-    others without white space (Postfix writes the Original-Recipient it made up as `rfc822;addr`, mailflow
-    `rfc822; addr`)."""
+    others as written."""
     if name == "Diagnostic-Code":
         return re.sub(r"\s+", " ", value.strip())
-    return "".join(value.split())
+    return value.strip()
 
 
 async def test_the_delivery_report_has_postfixs_fields_in_postfixs_order(mailflow_server, smtp_peer):
@@ -255,7 +254,7 @@ async def test_a_double_bounce_is_postfixs_postmaster_copy(mailflow_server, smtp
     [copy] = pf["case-double"]
     assert copy.envelope == ("double-bounce@pf.test", ["pm@sender.test"])
     assert (copy["Subject"], copy["Auto-Submitted"]) == ("Postmaster Copy: Undelivered Mail", "auto-generated")
-    assert ("X-Mailflow-Sender", "rfc822;MAILER-DAEMON@HOST") in report(copy)[0]
+    assert ("X-Mailflow-Sender", "rfc822; MAILER-DAEMON@HOST") in report(copy)[0]
     assert re.search(r": postmaster non-delivery notification: \w+$", caplog.text, re.MULTILINE)
 
 
@@ -562,7 +561,7 @@ async def test_failures_of_two_lists_go_each_to_its_own_owner_and_a_lists_deferr
     assert told(mf["case-all"]) == told(pf["case-all"])
     assert told(mf["case-one"]) == told(pf["case-one"])
     assert [to for to, *_ in told(pf["case-all"])] == [["o1@sender.test"], ["o2@sender.test"]]
-    assert [dict(report(n)[1])["Final-Recipient"] for n in pf["case-one"]] == ["rfc822;l1@local.test"]
+    assert [dict(report(n)[1])["Final-Recipient"] for n in pf["case-one"]] == ["rfc822; l1@local.test"]
     assert [(n.envelope[1], n["Subject"]) for n in mf["case-defer"]] == [
         (n.envelope[1], n["Subject"]) for n in pf["case-defer"]] == [
         (["alice@sender.test"], "Delayed Mail (still being retried)")]
@@ -601,7 +600,7 @@ async def test_each_failure_under_lists_is_its_own_notice_to_the_owner_as_postfi
     assert told(mf["case-both"]) == told(pf["case-both"])
     assert told(mf["case-pair"]) == told(pf["case-pair"])
     assert sorted(dict(report(n)[1])["Final-Recipient"] for n in pf["case-both"]) == [
-        "rfc822;m1@local.test", "rfc822;m2@local.test"]
+        "rfc822; m1@local.test", "rfc822; m2@local.test"]
     assert sorted(dict(report(n)[1])["Diagnostic-Code"] for n in pf["case-pair"]) == [
         "x-unix; unknown mail system error 1", "x-unix; user unknown"]
 
@@ -631,3 +630,21 @@ async def test_a_command_that_cannot_be_run_is_delayed_with_an_x_unix_code_as_po
         ("Delayed Mail (still being retried)", "4.3.0", "x-unix;")]
     assert code(mf["case-pipe"]) == code(pf["case-pipe"]) == [
         ("Delayed Mail (still being retried)", "4.3.0", "x-unix;")]
+
+
+def original_recipients(notice) -> list[str]:
+    """Each recipient's Original-Recipient value exactly as written (white space kept)."""
+    part = notice.raw.split(b"\r\n--" + notice.get_boundary().encode())[2].decode("utf-8")
+    return re.findall(r"^Original-Recipient:[ \t]?(.*?)\r$", part, re.MULTILINE)
+
+
+async def test_the_original_recipient_postfix_makes_up_is_the_rcpt_address_as_written(mailflow_server, smtp_peer):
+    """Without ORCPT, Postfix's smtpd makes one up from the RCPT address as written (smtpd.c: `rfc822;ADDR`, no
+    blank), before canonical rewriting; a client's ORCPT is given as it came."""
+    canonical = "inline:{rewritten@peer.test=b@peer.test}"
+    messages = [Send("case-canonical", {"rewritten": [], "bb": ["ORCPT=rfc822;given@orig.test"]})]
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {"RCPT": rcpt_reply}, messages, 1,
+                                   postfix={"canonical_maps": canonical}, settings={"canonical_maps": [canonical]})
+    assert [original_recipients(n) for n in mf["case-canonical"]] == [
+        original_recipients(n) for n in pf["case-canonical"]]
+    assert original_recipients(pf["case-canonical"][0]) == ["rfc822;rewritten@peer.test", "rfc822;given@orig.test"]

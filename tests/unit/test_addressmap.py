@@ -390,26 +390,28 @@ def test_recipients_removes_duplicates_and_keeps_each_origin(tmp_path):
     assert m.recipients(rcpts) == (
         Recipient(0, "a@x.test", "List@Example.test", "SUCCESS,FAILURE", "rfc822;List@Example.test"),
         Recipient(1, "b@x.test", "List@Example.test", "SUCCESS,FAILURE", "rfc822;List@Example.test"),
-        Recipient(2, "B@X.test", "team@example.test", "NEVER", ""),
-        Recipient(3, "c@x.test", "team@example.test", "NEVER", ""),
-        Recipient(4, "a@x.test", "a@x.test"),
-        Recipient(5, "a@x.test", "a@x.test", "SUCCESS"),
+        Recipient(2, "B@X.test", "team@example.test", "NEVER", "rfc822;team@example.test"),
+        Recipient(3, "c@x.test", "team@example.test", "NEVER", "rfc822;team@example.test"),
+        Recipient(4, "a@x.test", "a@x.test", "", "rfc822;a@x.test"),
+        Recipient(5, "a@x.test", "a@x.test", "SUCCESS", "rfc822;a@x.test"),
     )
 
 
 def test_recipients_applies_canonical_then_virtual(tmp_path):
+    """Without ORCPT, a recipient gets Postfix cleanup's: the address after canonical mapping, before virtual."""
     m = mapper(canonical_maps=(table(tmp_path, "canonical", "old@example.test list@example.test\n"),),
                virtual_alias_maps=(table(tmp_path, "virtual", "list@example.test a@x.test, b@x.test\n"),))
     assert m.recipients((Recipient(0, "old@example.test", "old@example.test"),)) == (
-        Recipient(0, "a@x.test", "old@example.test"),
-        Recipient(1, "b@x.test", "old@example.test"),
+        Recipient(0, "a@x.test", "old@example.test", "", "rfc822;list@example.test"),
+        Recipient(1, "b@x.test", "old@example.test", "", "rfc822;list@example.test"),
     )
 
 
 def test_recipients_without_mapping_are_kept_in_order(tmp_path):
     m = virtual(tmp_path, "list@example.test a@x.test\n")
     rcpts = (Recipient(0, "z@x.test", "z@x.test"), Recipient(1, "y@x.test", "Y@x.test"))
-    assert m.recipients(rcpts) == rcpts
+    assert m.recipients(rcpts) == (Recipient(0, "z@x.test", "z@x.test", "", "rfc822;z@x.test"),
+                                   Recipient(1, "y@x.test", "Y@x.test", "", "rfc822;y@x.test"))
 
 
 def test_recipients_errors_propagate(tmp_path):
@@ -499,15 +501,15 @@ def test_bcc_recipients_come_in_postfixs_order_with_notify_never():
     m = mapper(sender_bcc_maps=(inline({"s@x.test": "s-copy@arch.test"}),),
                recipient_bcc_maps=(inline({"a@x.test": "a-copy@arch.test"}),), always_bcc="all@arch.test")
     assert pairs(m.recipients(rcpts("a@x.test", "b@x.test"), auto_bcc_sender="s@x.test")) == [
-        ("s-copy@arch.test", "s-copy@arch.test", "NEVER", ""), ("a@x.test", "a@x.test", "", ""),
-        ("a-copy@arch.test", "a-copy@arch.test", "NEVER", ""), ("b@x.test", "b@x.test", "", ""),
+        ("s-copy@arch.test", "s-copy@arch.test", "NEVER", ""), ("a@x.test", "a@x.test", "", "rfc822;a@x.test"),
+        ("a-copy@arch.test", "a-copy@arch.test", "NEVER", ""), ("b@x.test", "b@x.test", "", "rfc822;b@x.test"),
         ("all@arch.test", "all@arch.test", "NEVER", "")]
     assert [r.index for r in m.recipients(rcpts("a@x.test"), auto_bcc_sender="s@x.test")] == [0, 1, 2, 3]
 
 
 def test_no_bcc_recipients_unless_asked_and_no_sender_lookup_for_the_null_sender():
     m = mapper(sender_bcc_maps=("static:s-copy@arch.test",), always_bcc="all@arch.test")
-    assert pairs(m.recipients(rcpts("a@x.test"))) == [("a@x.test", "a@x.test", "", "")]
+    assert pairs(m.recipients(rcpts("a@x.test"))) == [("a@x.test", "a@x.test", "", "rfc822;a@x.test")]
     assert [r.address for r in m.recipients(rcpts("a@x.test"), auto_bcc_sender="")] == ["a@x.test", "all@arch.test"]
 
 
@@ -534,8 +536,8 @@ def test_a_bcc_address_is_qualified_canonical_mapped_and_virtual_expanded():
                recipient_canonical_maps=(inline({"c@arch.test": "c-out@arch.test"}),),
                virtual_alias_maps=(inline({"arch@origin.test": "a1@d.test, a2@d.test"}),))
     assert pairs(m.recipients(rcpts("a@x.test", "b@x.test"), auto_bcc_sender="s@x.test")) == [
-        ("a@x.test", "a@x.test", "", ""), ("a1@d.test", "arch@origin.test", "NEVER", ""),
-        ("a2@d.test", "arch@origin.test", "NEVER", ""), ("b@x.test", "b@x.test", "", ""),
+        ("a@x.test", "a@x.test", "", "rfc822;a@x.test"), ("a1@d.test", "arch@origin.test", "NEVER", ""),
+        ("a2@d.test", "arch@origin.test", "NEVER", ""), ("b@x.test", "b@x.test", "", "rfc822;b@x.test"),
         ("c-out@arch.test", "c-out@arch.test", "NEVER", "")]
 
 
@@ -545,9 +547,12 @@ def test_a_bcc_copy_is_a_duplicate_of_another_bcc_copy_only():
                recipient_bcc_maps=(inline({"a@x.test": "copy@arch.test", "b@x.test": "copy@arch.test",
                                            "self@x.test": "self@x.test"}),), always_bcc="copy@arch.test")
     got = m.recipients(rcpts("a@x.test", "b@x.test", "self@x.test", "copy@arch.test"), auto_bcc_sender="s@x.test")
-    assert pairs(got) == [("copy@arch.test", "copy@arch.test", "NEVER", ""), ("a@x.test", "a@x.test", "", ""),
-                          ("b@x.test", "b@x.test", "", ""), ("self@x.test", "self@x.test", "", ""),
-                          ("self@x.test", "self@x.test", "NEVER", ""), ("copy@arch.test", "copy@arch.test", "", "")]
+    assert pairs(got) == [("copy@arch.test", "copy@arch.test", "NEVER", ""),
+                          ("a@x.test", "a@x.test", "", "rfc822;a@x.test"),
+                          ("b@x.test", "b@x.test", "", "rfc822;b@x.test"),
+                          ("self@x.test", "self@x.test", "", "rfc822;self@x.test"),
+                          ("self@x.test", "self@x.test", "NEVER", ""),
+                          ("copy@arch.test", "copy@arch.test", "", "rfc822;copy@arch.test")]
 
 
 def test_a_bcc_table_value_of_several_addresses_gives_its_first(caplog):

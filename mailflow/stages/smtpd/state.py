@@ -255,13 +255,16 @@ class Transaction(_AiosmtpdEnvelope):
             self.bdat = None
 
     def model_envelope(self) -> Envelope:
-        """The envelope that travels to cleanup, DSN parameters included only when the client gave some, and the
-        originals only when one was written otherwise than it is taken."""
+        """The envelope that travels to cleanup: NOTIFY only when the client gave some; an ORCPT for every
+        recipient, made up as `rfc822;ADDRESS` as written where the client gave none (Postfix's smtpd does so, so
+        its notices' Original-Recipient reads `rfc822;ADDRESS`, not bounce(8)'s `rfc822; ADDRESS` of mail that
+        came without one); the originals only when one was written otherwise than it is taken."""
         body = next((o[5:] for o in self.mail_options if o.startswith("BODY=")), "")
         dsn: dict = {"envid": self.dsn_envid, "ret": self.dsn_ret}
-        if any(n or o for n, o in self.rcpt_dsn) and len(self.rcpt_dsn) == len(self.rcpt_tos):
-            dsn["notify"] = tuple(n for n, _ in self.rcpt_dsn)
-            dsn["orcpts"] = tuple(o for _, o in self.rcpt_dsn)
+        if len(self.rcpt_dsn) == len(self.rcpt_written) == len(self.rcpt_tos):
+            if any(n for n, _ in self.rcpt_dsn):
+                dsn["notify"] = tuple(n for n, _ in self.rcpt_dsn)
+            dsn["orcpts"] = tuple(o or f"rfc822;{written}" for (_, o), written in zip(self.rcpt_dsn, self.rcpt_written))
         if self.rcpt_written != self.rcpt_tos and len(self.rcpt_written) == len(self.rcpt_tos):
             dsn["originals"] = tuple(self.rcpt_written)
         return Envelope(self.sender or "", tuple(self.rcpt_tos), smtputf8=self.smtp_utf8, body_type=body, **dsn)
