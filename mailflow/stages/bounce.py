@@ -42,10 +42,11 @@ Decisions:
   dsb_formal names an MTA only with that MTA's reply). A recipient returned for its age ("message expired: "
   before its last reason, from qmgr) gets that last reason in the field and in the human part, as Postfix
   returns one.
-- Original-Recipient: the ORCPT the client gave, else the address as the client first gave it (rewritten or
-  expanded here or not), as Postfix always reports one.
-- Any control character (CR, LF, TAB, NUL, ...) in a diagnostic, an address or an id becomes a space, and runs of
-  white space collapse, so no value can add a header line or a field group. Long values are folded at spaces.
+- Original-Recipient: the ORCPT (the client's, or the one smtpd or cleanup made up as Postfix's do), else the
+  address as the client first gave it, as Postfix always reports one.
+- Any control character (CR, LF, TAB, NUL, ...) in a diagnostic, an address or an id becomes a space, so no value
+  can add a header line or a field group; runs of white space collapse, except in a diagnostic (a command's output
+  keeps its blanks, as in Postfix's notices). Long values are folded at spaces.
 - A notice about SMTPUTF8 mail (`smtputf8`: the client asked for it, as Postfix decides; or an address with
   non-ASCII characters) uses message/global-delivery-status, the "utf-8" address type for a non-ASCII address,
   and message/global (or message/global-headers) for the original, whose headers may be UTF-8: RFC 6533. Otherwise
@@ -290,7 +291,8 @@ def _status_part(global_: bool, mta: str, queue_id: str, sender: str, arrival: f
         if nr.remote_mta and diagnostic_type == "smtp":
             group.append(f"Remote-MTA: dns; {value(nr.remote_mta)}")
         if diagnostic:
-            group.append(f"Diagnostic-Code: {diagnostic_type}; {value(diagnostic)}")
+            said = _one_line(diagnostic) if global_ else _ascii(_one_line(diagnostic))
+            group.append(f"Diagnostic-Code: {diagnostic_type}; {said}")
         if nr.last_attempt is not None:
             group.append(f"Last-Attempt-Date: {rfc5322_date(nr.last_attempt)}")
         if nr.action == "delayed" and will_retry_until is not None:
@@ -348,7 +350,7 @@ def _diagnostic_code(nr: NoticeRecipient) -> tuple[str, str]:
 def _reason(nr: NoticeRecipient) -> str:
     """The recipient's diagnostic as both parts give it: cleaned, and for one returned for its age the last reason
     (qmgr's "message expired: " dropped)."""
-    return _clean(nr.diagnostic).removeprefix(EXPIRED)
+    return _one_line(nr.diagnostic).removeprefix(EXPIRED)
 
 
 def _via(nr: NoticeRecipient, said: str) -> str:
@@ -391,6 +393,12 @@ def _clean(value: str) -> str:
     """One line of text: control and line-separator characters become spaces, white space runs collapse."""
     chars = (" " if unicodedata.category(c) in ("Cc", "Zl", "Zp", "Cs") else c for c in value)
     return " ".join("".join(chars).split())
+
+
+def _one_line(value: str) -> str:
+    """A reason as one line: control and line-separator characters become spaces, runs of blanks are kept (a
+    command's output reaches Postfix's notices so), the ends trimmed."""
+    return "".join(" " if unicodedata.category(c) in ("Cc", "Zl", "Zp", "Cs") else c for c in value).strip()
 
 
 def _ascii(value: str) -> str:

@@ -207,11 +207,7 @@ def report(notice) -> list[list[tuple[str, str]]]:
 
 
 def _compared(name: str, value: str) -> str:
-    """A field's value as the reports compare it: a Diagnostic-Code with its white space collapsed (a command's
-    output is in it as Postfix's pipe_command gives it: tabs and newlines made spaces, no trailing blank), the
-    others as written."""
-    if name == "Diagnostic-Code":
-        return re.sub(r"\s+", " ", value.strip())
+    """A field's value as the reports compare it: as written, without the blanks at its ends."""
     return value.strip()
 
 
@@ -648,3 +644,18 @@ async def test_the_original_recipient_postfix_makes_up_is_the_rcpt_address_as_wr
     assert [original_recipients(n) for n in mf["case-canonical"]] == [
         original_recipients(n) for n in pf["case-canonical"]]
     assert original_recipients(pf["case-canonical"][0]) == ["rfc822;rewritten@peer.test", "rfc822;given@orig.test"]
+
+
+async def test_a_commands_output_keeps_its_runs_of_blanks_in_the_notice_as_postfixs(mailflow_server, smtp_peer):
+    """Postfix's pipe_command() keeps the runs of blanks in a command's output; bounce(8) gives that text as it
+    is, in the human part and the Diagnostic-Code."""
+    aliases = "inline:{ {spaces=\"|echo 'a   b     c'; exit 75\"} }"
+    messages = [Send("case-spaces", {"spaces@local.test": []})]
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {}, messages, 1, settle=1.5,
+                                   postfix={"mydestination": "local.test", "alias_maps": aliases, **QUICK,
+                                            "queue_run_delay": "1s"},
+                                   settings={"mydestination": ["local.test"], "alias_maps": [aliases]}, queue=QUICK)
+    assert [(human_part(n), report(n)) for n in mf["case-spaces"]] == [
+        (human_part(n), report(n)) for n in pf["case-spaces"]]
+    assert "\n<spaces@local.test>: temporary failure. Command output: a   b     c\n" in human_part(pf["case-spaces"][0])
+    assert ("Diagnostic-Code", "x-unix; a   b     c") in report(pf["case-spaces"][0])[1]
