@@ -98,18 +98,29 @@ class CommandResult:
 
 
 class CommandNotRun(Exception):
-    """The command could not be started; nothing ran. `text` says why (for a 4.3.0 deferral)."""
+    """The command could not be started; nothing ran. `text` says why (for the log and a 4.3.0 deferral);
+    `exec_failure`, when the exec itself failed, says it in the words of Postfix's child (`execvp PROG: why`)."""
 
-    def __init__(self, text: str, exec_errno: int | None = None):
+    def __init__(self, text: str, exec_errno: int | None = None, exec_failure: str = ""):
         super().__init__(text)
         self.text = text
         self.exec_errno = exec_errno  # the errno of the exec itself, when that is what failed
+        self.exec_failure = exec_failure
 
     @property
     def diagnostic(self) -> str:
         """The deferral's Diagnostic-Code, `x-unix; <why>`: Postfix's pipe_command() reports a command its child
         could not exec (or chdir to run) with the child's fatal message as the output, x-unix."""
         return f"x-unix; {self.text}"
+
+    def as_postfix_says(self, fatal_prefix: str) -> tuple[str, str]:
+        """(the deferral's text, its Diagnostic-Code) as Postfix's notices give them: a failed exec is the child's
+        fatal message `<fatal_prefix>execvp PROG: why` (local: "local: fatal: ", pipe: "pipe: fatal:
+        pipe_command: ") as the output of a command that exited EX_TEMPFAIL; anything else in mailflow's words."""
+        if not self.exec_failure:
+            return self.text, self.diagnostic
+        output = f"{fatal_prefix}{self.exec_failure}"
+        return f"{SYSEXITS[EX_TEMPFAIL][1]}. Command output: {output}", f"x-unix; {output}"
 
 
 @dataclass(frozen=True)
@@ -192,7 +203,8 @@ async def run_command(argv: list[str], *, stdin: bytes | AsyncIterable[bytes], e
         if cwd is not None and e.filename == str(cwd):
             raise CommandNotRun(f"cannot change directory to {cwd}{as_whom}: {e.strerror}") from None
         exec_errno = e.errno if e.filename == argv[0] else None
-        raise CommandNotRun(f"cannot run {argv[0]}{as_whom}: {e.strerror}", exec_errno) from None
+        raise CommandNotRun(f"cannot run {argv[0]}{as_whom}: {e.strerror}", exec_errno,
+                            f"execvp {argv[0]}: {e.strerror}" if exec_errno is not None else "") from None
     output = bytearray()
     try:
         async with asyncio.timeout(time_limit):
@@ -268,6 +280,7 @@ SYSEXITS: dict[int, tuple[str, str]] = {
     77: ("5.7.0", "permission denied"),
     78: ("5.3.5", "local configuration error"),
 }
+EX_TEMPFAIL = 75
 EX_SOFTWARE = 70  # what Postfix's pipe_command() says of a command killed (a signal, the time limit) in silence
 _STATUS_IN_OUTPUT = re.compile(r"([45])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 
@@ -453,7 +466,8 @@ class PipeTransport:
                                        output_limit=s.output_limit, user=self._user(), cwd=s.directory or "/")
         except CommandNotRun as e:
             log.warning("%s: %s: %s", request.queue_id, self._name, e.text)
-            return [self._result(r, Outcome.DEFERRED, "4.3.0", e.text, diagnostic=e.diagnostic) for r in batch]
+            text, diagnostic = e.as_postfix_says("pipe: fatal: pipe_command: ")
+            return [self._result(r, Outcome.DEFERRED, "4.3.0", text, diagnostic=diagnostic) for r in batch]
         outcome, dsn, text = command_status(result, argv[0])
         if outcome is Outcome.SENT:
             text = f"delivered via {self._name} service" + (f" ({text[:100]})" if text else "")

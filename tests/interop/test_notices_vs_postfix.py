@@ -601,15 +601,16 @@ async def test_each_failure_under_lists_is_its_own_notice_to_the_owner_as_postfi
         "x-unix; unknown mail system error 1", "x-unix; user unknown"]
 
 
-async def test_a_command_that_cannot_be_run_is_delayed_with_an_x_unix_code_as_postfixs_pipe_command(mailflow_server,
-                                                                                                   smtp_peer):
+async def test_a_command_that_cannot_be_run_is_delayed_in_postfixs_words(mailflow_server, smtp_peer):
     """A command whose program cannot be executed (local's |command, a pipe service) is deferred 4.3.0; Postfix's
-    pipe_command() gives the child's fatal message as its output, so the delay notice's Diagnostic-Code is
-    `x-unix; … execvp /nonexistent/prog: No such file or directory` (mailflow's own words before the reason)."""
-    aliases = "inline:{ {gone=|/nonexistent/prog} }"
+    pipe_command() gives the child's fatal message as the output of a command that exited EX_TEMPFAIL, so the
+    delay notice says `temporary failure. Command output: local: fatal: execvp PROG: why` (a pipe service's
+    child: `pipe: fatal: pipe_command: execvp ...`), and its Diagnostic-Code `x-unix;` that output."""
+    aliases = "inline:{ {gone=|/nonexistent/prog}, {denied=|/etc} }"
     master_cf = "pgone unix - n n - - pipe user=nobody argv=/nonexistent/prog\n"
-    messages = [Send("case-local", {"gone@local.test": []}), Send("case-pipe", {"a@gone.test": []})]
-    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {}, messages, 2, settle=1.5, master_cf=master_cf,
+    messages = [Send("case-local", {"gone@local.test": []}), Send("case-pipe", {"a@gone.test": []}),
+                Send("case-denied", {"denied@local.test": []})]
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {}, messages, 3, settle=1.5, master_cf=master_cf,
                                    routes="gone.test=pgone:",
                                    postfix={"mydestination": "local.test", "alias_maps": aliases, **QUICK,
                                             "queue_run_delay": "1s"},
@@ -617,15 +618,19 @@ async def test_a_command_that_cannot_be_run_is_delayed_with_an_x_unix_code_as_po
                                              "pipe": {"pgone": {"argv": ["/nonexistent/prog"], "user": "nobody"}}},
                                    queue=QUICK)
 
-    def code(notices) -> list[tuple[str, str, str]]:
-        said = [dict(report(n)[1]) for n in notices]
-        return [(n["Subject"], f["Status"], re.sub(r"; .*/nonexistent/prog.*: No such file or directory$", ";",
-                                                   f["Diagnostic-Code"])) for n, f in zip(notices, said)]
+    def told(notices) -> list[tuple]:
+        return [(n["Subject"], human_part(n).split("\n\n<", 1)[1], report(n)[1]) for n in notices]
 
-    assert code(mf["case-local"]) == code(pf["case-local"]) == [
-        ("Delayed Mail (still being retried)", "4.3.0", "x-unix;")]
-    assert code(mf["case-pipe"]) == code(pf["case-pipe"]) == [
-        ("Delayed Mail (still being retried)", "4.3.0", "x-unix;")]
+    for case in ("case-local", "case-pipe", "case-denied"):
+        assert told(mf[case]) == told(pf[case])
+    [(subject, text, fields)] = told(pf["case-local"])
+    assert subject == "Delayed Mail (still being retried)" and ("Status", "4.3.0") in fields
+    assert text == ("gone@local.test>: temporary failure. Command output: local: fatal: execvp\n"
+                    "    /nonexistent/prog: No such file or directory\n")
+    assert ("Diagnostic-Code", "x-unix; local: fatal: execvp /nonexistent/prog: No such file or directory") in fields
+    assert ("Diagnostic-Code", "x-unix; pipe: fatal: pipe_command: execvp /nonexistent/prog: No such file or "
+            "directory") in told(pf["case-pipe"])[0][2]
+    assert ("Diagnostic-Code", "x-unix; local: fatal: execvp /etc: Permission denied") in told(pf["case-denied"])[0][2]
 
 
 def original_recipients(notice) -> list[str]:

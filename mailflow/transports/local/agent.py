@@ -52,8 +52,9 @@ write: its failure notice goes to the list's owner, as local(8)'s bounce_workaro
 instead when several parts bounced, all of lists with owner- aliases (one list or several, one owner or
 several): each failure, about its list, with its own status, text and Diagnostic-Code, is told to its list's
 owner in a notice of its own and logged on a line of its own, as bounce_workaround calls bounce_one once per
-failure; with `diagnostic`, a failed command's `x-unix; <output>` (or a command that could not be run,
-`x-unix; <why>`), when one part failed): deferred if any part must be retried (a retry repeats the parts already
+failure; with `diagnostic`, a failed command's `x-unix; <output>` (a program that could not be executed is
+told as Postfix's child tells it, `temporary failure. Command output: local: fatal: execvp PROG: why`; other
+reasons not to run, `x-unix; <why>`), when one part failed): deferred if any part must be retried (a retry repeats the parts already
 done, as local(8) does); else bounced when a part was refused (unknown user, loop, restricted command, a
 command's permanent failure), the rest being delivered; else sent, naming every destination.
 
@@ -393,7 +394,7 @@ class LocalTransport:
                                              cwd=home if leaf.forward and home.is_dir() else "/", umask=0o077)
         except CommandNotRun as e:
             log.warning("%s: command %r for %s not run: %s", request.queue_id, leaf.command, leaf.address, e.text)
-            return Part(Outcome.DEFERRED, "4.3.0", e.text, e.diagnostic)
+            return Part(Outcome.DEFERRED, "4.3.0", *e.as_postfix_says("local: fatal: "))
         outcome, dsn, text = command_status(result, leaf.command)
         if outcome is Outcome.SENT:
             return Part(outcome, dsn, f"delivered to command: {leaf.command}")
