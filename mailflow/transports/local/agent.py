@@ -54,9 +54,9 @@ several): each failure, about its list, with its own status, text and Diagnostic
 owner in a notice of its own and logged on a line of its own, as bounce_workaround calls bounce_one once per
 failure; with `diagnostic`, a failed command's `x-unix; <output>` (a program that could not be executed is
 told as Postfix's child tells it, `temporary failure. Command output: local: fatal: execvp PROG: why`; other
-reasons not to run, `x-unix; <why>`), when one part failed): deferred if any part must be retried (a retry repeats the parts already
-done, as local(8) does); else bounced when a part was refused (unknown user, loop, restricted command, a
-command's permanent failure), the rest being delivered; else sent, naming every destination.
+reasons not to run, `x-unix; <why>`), when one part failed): deferred if any part must be retried (a retry
+repeats the parts already done, as local(8) does); else bounced when a part was refused (unknown user, loop,
+restricted command, a command's permanent failure), the rest being delivered; else sent, naming every destination.
 
 Failures: never raises for a recipient (what is no delivery problem, a bug, defers that recipient 4.3.0
 "unknown mail transport error", logged with its traceback); an OS error writing a Maildir defers (4.2.0), but a quota or
