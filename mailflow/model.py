@@ -298,8 +298,9 @@ class ConnStats(NamedTuple):
 
 
 class OwnedFailure(NamedTuple):
-    """A failure local delivery reports to a mailing list's owner (local(8)'s bounce_workaround): `owner` is told
-    about `address` (the list whose command or file failed) with its status, text and Diagnostic-Code."""
+    """A failure local delivery reports on its own (local(8)'s bounce_workaround): `owner` is told about `address`
+    (the list whose command or file failed) with its status, text and Diagnostic-Code; with no owner ("") the
+    sender is, about the member that failed (or the recipient itself)."""
 
     owner: str
     address: str
@@ -328,9 +329,10 @@ class RcptResult:
     expanded` ("delivered" for a list), as local(8) reports it (the addresses it expands to report no success).
     `owner`: where a failure notice about the recipient goes instead of the sender (a mailing list's owner, when
     its one command or file failed: local(8)'s bounce_workaround). `owned`: a recipient with several failures,
-    all of lists with owner- aliases (an alias of two lists, a list of two failing commands), has no `owner`, but
-    each failure here, told to its own owner about its own list in a notice of its own, as local(8)'s
-    bounce_workaround calls bounce_one for each; () for the others. `diagnostic`: the
+    one at least of a list with an owner- alias (an alias of two lists, a list of two failing commands, a list
+    beside an unknown member), has no `owner`, but each failure here, told in a notice of its own, as local(8)'s
+    bounce_workaround calls bounce_one for each: a list's to its owner about the list, the others to the sender
+    (owner "") about the member they name; () for the others. `diagnostic`: the
     Diagnostic-Code of the result's notice when the agent gives one of its own, `type; text` (a failed command's
     `x-unix; <its output>`, as Postfix's pipe_command); '' for the others, whose notice makes it from `text`.
     `relayed`, `expanded`, `expansion`, `owner`, `owned` and `diagnostic` are stored with the result: a notice

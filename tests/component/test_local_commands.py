@@ -242,10 +242,10 @@ def test_failures_past_the_notice_limit_are_told_one_notice_per_list():
     lists = [("owner-l1@example.test", "l1@example.test") if n % 2 else ("owner-l2@example.test", "l2@example.test")
              for n in range(count)]
     result = RcptResult(rcpt, Outcome.BOUNCED, "5.7.1", "refused")
-    assert _owned_failures(result, parts, lists) == (
+    assert _owned_failures(result, parts, lists, [""] * count) == (
         OwnedFailure("owner-l2@example.test", "l2@example.test", "5.7.1", "refused /file0 (and 74 more failures)"),
         OwnedFailure("owner-l1@example.test", "l1@example.test", "5.7.1", "refused /file1 (and 74 more failures)"))
-    few = parts[:3], lists[:3]
+    few = parts[:3], lists[:3], [""] * 3
     assert len(_owned_failures(result, *few)) == 3  # within the limit: one each, as bounce_workaround tells them
 
 

@@ -664,3 +664,34 @@ async def test_a_commands_output_keeps_its_runs_of_blanks_in_the_notice_as_postf
         (human_part(n), report(n)) for n in pf["case-spaces"]]
     assert "\n<spaces@local.test>: temporary failure. Command output: a   b     c\n" in human_part(pf["case-spaces"][0])
     assert ("Diagnostic-Code", "x-unix; a   b     c") in report(pf["case-spaces"][0])[1]
+
+
+async def test_a_list_failure_beside_another_goes_to_the_owner_and_the_other_to_the_sender(mailflow_server, smtp_peer,
+                                                                                          caplog):
+    """local(8)'s bounce_workaround tells each failure on its own: one of a list with an owner- alias to that
+    owner, about its list; one of no list (the alias's own command, an unknown member) to the sender, about the
+    recipient or "<member> (expanded from <recipient>)"; a log line each."""
+    caplog.set_level(logging.INFO, logger="mailflow")
+    maillog: list[str] = []
+    aliases = ('inline:{ {mix=l1, "|exit 67"}, {l1=|/bin/false}, {owner-l1=o@sender.test}, '
+               '{mix2=l2, nosuchuser}, {l2="|exit 67"}, {owner-l2=o2@sender.test} }')
+    messages = [Send("case-mix", {"mix@local.test": []}), Send("case-mix2", {"mix2@local.test": []})]
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {}, messages, 4, settle=1.5,
+                                   postfix={"mydestination": "local.test", "myorigin": "local.test",
+                                            "alias_maps": aliases},
+                                   settings={"mydestination": ["local.test"], "myorigin": "local.test",
+                                             "alias_maps": [aliases]}, maillog=maillog)
+
+    def told(notices) -> list[tuple]:
+        return sorted((n.envelope[1], human_part(n), report(n)[1:]) for n in notices)
+
+    def bounced(lines) -> list[str]:
+        said = (re.search(r"\w+: (to=<.*status=bounced.*)", line) for line in lines)
+        return sorted(re.sub(r"delay=\S+, delays=\S+, ", "", m.group(1)) for m in said if m)
+
+    assert told(mf["case-mix"]) == told(pf["case-mix"])
+    assert told(mf["case-mix2"]) == told(pf["case-mix2"])
+    assert [to for to, *_ in told(pf["case-mix"])] == [["alice@sender.test"], ["o@sender.test"]]
+    assert "\n<nosuchuser@local.test> (expanded from <mix2@local.test>): unknown user:" in told(pf["case-mix2"])[0][1]
+    assert bounced(r.getMessage() for r in caplog.records) == bounced(maillog[0].splitlines())
+    assert len(bounced(maillog[0].splitlines())) == 4

@@ -85,7 +85,7 @@ The loop
   (`RcptResult.stats`, one MsgStats per job an agent had: the message's arrival, its entry into the active queue
   for this attempt, the hand-off to the agent and the agent's end; None for one qmgr answered itself, timed by
   the attempt's), from which its line's `delay=` and `delays=` are made; a bounced result whose failures are
-  told to lists' owners (`RcptResult.owned`) has a line per failure, about its list, as local(8) logs them;
+  told apart (`RcptResult.owned`) has a line per failure, about its list or member, as local(8) logs them;
   `on_delivery(transport, seconds)`, when given, is told how long each delivery agent call took (the metrics).
 
 Failure behaviour
@@ -133,7 +133,7 @@ from mailflow.faults import FIRST_DELAY, MAX_DELAY, Guard, Retrier
 from mailflow.logs import MailLog
 from mailflow.message import header_value
 from mailflow.model import (Delivered, DeliveryReport, DeliveryRequest, MsgStats, NewMessage, Outcome,
-                            QueuedMessage, RcptResult, Recipient, Resolution, replaced)
+                            OwnedFailure, QueuedMessage, RcptResult, Recipient, Resolution, replaced)
 from mailflow.stages.bounce import EXPIRED, wants_notice
 from mailflow.stages.qmgr.backoff import next_attempt
 from mailflow.stages.qmgr.destination import Destination, Job
@@ -1110,10 +1110,17 @@ def _owned_lines(result: RcptResult) -> list[RcptResult]:
     tools count them; the result itself for the others."""
     if result.outcome is not Outcome.BOUNCED or not result.owned:
         return [result]
-    return [dataclasses.replace(result, recipient=dataclasses.replace(result.recipient, address=f.address,
-                                                                      original="", orcpt=""),
-                                dsn=f.dsn, text=f.text, diagnostic=f.diagnostic, expanded="", owned=())
+    return [dataclasses.replace(result, recipient=_about(result.recipient, f), dsn=f.dsn, text=f.text,
+                                diagnostic=f.diagnostic, expanded="", owned=())
             for f in result.owned]
+
+
+def _about(rcpt: Recipient, failure: OwnedFailure) -> Recipient:
+    """The recipient a failure's log line is about: its list, without orig_to; a failure of no list (told to the
+    sender) the member it names, with the recipient as orig_to."""
+    if failure.owner:
+        return dataclasses.replace(rcpt, address=failure.address, original="", orcpt="")
+    return dataclasses.replace(rcpt, address=failure.address, original=rcpt.original or rcpt.address)
 
 
 def _owes_notice(result: RcptResult) -> bool:

@@ -12,9 +12,10 @@ Rules (Postfix bounce(8) and RFC 3461):
   delivered it.
 A notice goes to the envelope sender with the null sender; a failure whose agent names an owner
 (`RcptResult.owner`: a mailing list's, local(8)'s bounce_workaround) goes to that owner instead, whatever the
-sender (several failures of lists, `RcptResult.owned`: each to its list's owner, about that list), in a notice
-of its own per failure, as bounce_one sends it, without the sender's ENVID, RET, ORCPT and original address
-(local(8)'s alias.c gives a list none). A message with the null sender is itself a notice: its failures go to
+sender (several failures, one at least of a list, `RcptResult.owned`: each of a list to its owner, about that
+list; each of no list to the sender, about the member it names), in a notice of its own per failure, as
+bounce_one sends it; a list owner's without the sender's ENVID, RET, ORCPT and original address (local(8)'s
+alias.c gives a list none). A message with the null sender is itself a notice: its failures go to
 `double_bounce_recipient` (postmaster by default) from `double-bounce@myhostname`, as a postmaster copy, or
 nowhere when that setting is empty; a double bounce that fails is dropped (`discarded`, which qmgr logs as
 Postfix's bounce(8) does). So a bounce never bounces, and no notice is sent about a delay or a success of a
@@ -70,7 +71,8 @@ def plan(message: QueuedMessage, results: list[RcptResult], *, warn_delay: bool,
                   and not (kind == "success" and r.next_hop_notifies)]
         owned = [told for r in chosen if kind == "failure" for told in _owners_told(r, now)]
         notices.extend(Notice(kind, "", owner, (about,), list_owner=True) for owner, about in owned)
-        told = tuple(_notice_recipient(r, now) for r in chosen if not (kind == "failure" and (r.owner or r.owned)))
+        told = tuple(told for r in chosen for told in (
+            _senders_told(r, now) if kind == "failure" and (r.owner or r.owned) else [_notice_recipient(r, now)]))
         if not told:
             continue
         if message.sender:
@@ -106,7 +108,17 @@ def _owners_told(result: RcptResult, now: float) -> list[tuple[str, NoticeRecipi
     rcpt = result.recipient
     return [(f.owner, NoticeRecipient(Recipient(rcpt.index, f.address, "", rcpt.notify), "failed", f.dsn, f.text,
                                       last_attempt=now, relay=result.relay, diagnostic_code=f.diagnostic))
-            for f in result.owned]
+            for f in result.owned if f.owner]
+
+
+def _senders_told(result: RcptResult, now: float) -> list[NoticeRecipient]:
+    """What the sender is told of a failed recipient whose list failures go to the lists' owners: its failures of
+    no list (`owned` with no owner), each about the member it names, "<member> (expanded from <recipient>)", or
+    the recipient itself; nothing when every failure was a list's."""
+    rcpt = result.recipient
+    return [NoticeRecipient(replace(rcpt, address=f.address, original=rcpt.original or rcpt.address), "failed",
+                            f.dsn, f.text, last_attempt=now, relay=result.relay, diagnostic_code=f.diagnostic)
+            for f in result.owned if not f.owner]
 
 
 def _owners_view(told: NoticeRecipient) -> NoticeRecipient:

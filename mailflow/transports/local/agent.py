@@ -49,14 +49,15 @@ The recipient's result (about the member, `expanded`, when an alias led it to on
 it; with `expansion` when an alias, a list or a .forward expanded it: its success notice says "alias expanded",
 as local(8)'s; with `owner` when the one part that bounced was a list's command or file, or a file it may not
 write: its failure notice goes to the list's owner, as local(8)'s bounce_workaround sends it; with `owned`
-instead when several parts bounced, all of lists with owner- aliases (one list or several, one owner or
-several): each failure, about its list, with its own status, text and Diagnostic-Code, is told to its list's
-owner in a notice of its own and logged on a line of its own, as bounce_workaround calls bounce_one once per
-failure; with `diagnostic`, a failed command's `x-unix; <output>` (a program that could not be executed is
-told as Postfix's child tells it, `temporary failure. Command output: local: fatal: execvp PROG: why`; other
-reasons not to run, `x-unix; <why>`), when one part failed): deferred if any part must be retried (a retry
-repeats the parts already done, as local(8) does); else bounced when a part was refused (unknown user, loop,
-restricted command, a command's permanent failure), the rest being delivered; else sent, naming every destination.
+instead when several parts bounced, one at least of a list with an owner- alias (one list or several, one owner
+or several): each failure, with its own status, text and Diagnostic-Code, is told in a notice of its own (a
+list's to its owner, about its list; another to the sender, about its member) and logged on a line of its own,
+as bounce_workaround calls bounce_one once per failure; with `diagnostic`, a failed command's
+`x-unix; <output>` (a program that could not be executed is told as Postfix's child tells it, `temporary
+failure. Command output: local: fatal: execvp PROG: why`; other reasons not to run, `x-unix; <why>`), when one
+part failed): deferred if any part must be retried (a retry repeats the parts already done, as local(8) does);
+else bounced when a part was refused (unknown user, loop, restricted command, a command's permanent failure), the
+rest being delivered; else sent, naming every destination.
 
 Failures: never raises for a recipient (what is no delivery problem, a bug, defers that recipient 4.3.0
 "unknown mail transport error", logged with its traceback); an OS error writing a Maildir defers (4.2.0), but a quota or
@@ -203,7 +204,8 @@ class LocalTransport:
         parts, lists = await self._deliver_leaves(request, rcpt, leaves, filled, expansion)
         result = _naming_the_member(self._combine(rcpt, parts), rcpt, leaves, parts)
         owner = _failures_owner(result, parts, lists)
-        return replace(result, expansion=expansion, owner=owner, owned=_owned_failures(result, parts, lists),
+        owned = _owned_failures(result, parts, lists, _members(rcpt, leaves, parts))
+        return replace(result, expansion=expansion, owner=owner, owned=owned,
                        expanded=result.expanded or _owners_list(rcpt, owner, parts, lists)
                        or _sole_mailbox(rcpt, leaves))
 
@@ -460,17 +462,30 @@ def _failures_owner(result: RcptResult, parts: list[Part], lists: list[ListOf]) 
     return failed[0][1][0]
 
 
-def _owned_failures(result: RcptResult, parts: list[Part], lists: list[ListOf]) -> tuple[OwnedFailure, ...]:
-    """The failures of a bounced recipient when several parts bounced, all of lists with owner- aliases (one list
-    or several, one owner or several): each for its own list's owner, about its list, with its own text and
-    Diagnostic-Code, as local(8)'s bounce_workaround calls bounce_one once per failed delivery (the sender hears
-    nothing); () otherwise (one failure: `_failures_owner`; a failure of no list: the sender is told all)."""
-    failed = _failures(result, parts, lists)
-    if len(failed) < 2 or any(where is None for _, where in failed):
+def _owned_failures(result: RcptResult, parts: list[Part], lists: list[ListOf],
+                    members: list[str]) -> tuple[OwnedFailure, ...]:
+    """The failures of a bounced recipient when several parts bounced, one at least of a list with an owner-
+    alias: each of a list for its own list's owner, about its list, and each of no list for the sender (owner
+    ""), about the member it names (`members`: the address a part is about, "" for the recipient itself), each
+    with its own text and Diagnostic-Code, as local(8)'s bounce_workaround calls bounce_one once per failed
+    delivery; () otherwise (one failure: `_failures_owner`; failures of no list: the sender is told all)."""
+    failed = [(part, where, member) for (part, where), member in zip(_failures(result, parts, lists), members)]
+    if len(failed) < 2 or all(where is None for _, where, _ in failed):
         return ()
-    owned = [OwnedFailure(where[0], where[1], part.dsn, part.text, part.diagnostic)
-             for part, where in failed if where is not None]
+    owned = [OwnedFailure(where[0], where[1], part.dsn, part.text, part.diagnostic) if where is not None else
+             OwnedFailure("", member or result.recipient.address, part.dsn,
+                          part.text.removeprefix(f"{member}: ") if member else part.text, part.diagnostic)
+             for part, where, member in failed]
     return tuple(owned) if len(owned) <= OWNED_NOTICE_LIMIT else _per_list(owned)
+
+
+def _members(rcpt: Recipient, leaves: list, parts: list[Part]) -> list[str]:
+    """For each bounced part (in `_failures`' order), the member address it is about: a refused alias member's,
+    "" for the others (a command or a file fails as the recipient)."""
+    delivered = [leaf for leaf in leaves if isinstance(leaf, (Mailbox, Command, File, Pass, Refused))]  # (as parts)
+    members = [_other(leaf.address, rcpt) if isinstance(leaf, Refused) else "" for leaf in delivered]
+    members += [""] * (len(parts) - len(members))  # (the forwarded copies come last)
+    return [member for part, member in zip(parts, members) if part.outcome is Outcome.BOUNCED]
 
 
 OWNED_NOTICE_LIMIT = 100  # failures told one notice each at most; past it, one per list (a list may have 100 000)
