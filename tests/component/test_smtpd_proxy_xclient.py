@@ -262,7 +262,7 @@ def test_parse_xclient_values():
     assert parse_xclient("NAME=Mail.Example.COM ADDR=192.0.2.1 PORT=25 PROTO=esmtp HELO=x+2By LOGIN=bob") == {
         "NAME": "mail.example.com", "ADDR": "192.0.2.1", "PORT": "25", "PROTO": "ESMTP", "HELO": "x+y",
         "LOGIN": "bob"}
-    assert parse_xclient("NAME=[TEMPUNAVAIL] ADDR=[UNAVAILABLE]") == {"NAME": None, "ADDR": None}
+    assert parse_xclient("NAME=[TEMPUNAVAIL] ADDR=[UNAVAILABLE]") == {"NAME": "[TEMPUNAVAIL]", "ADDR": None}
     with pytest.raises(XclientError):
         parse_xclient("ADDR=[TEMPUNAVAIL]")
 

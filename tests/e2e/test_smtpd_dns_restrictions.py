@@ -366,6 +366,25 @@ async def test_an_xclient_name_is_the_client_name_and_reverse_name(mailflow_serv
             await client.close()
 
 
+async def test_an_xclient_name_the_front_ends_dns_could_not_tell_is_450_whatever_the_code(mailflow_server,
+                                                                                          dns_zone):
+    """Postfix's xclient_cmd makes NAME=[TEMPUNAVAIL] SMTPD_PEER_CODE_TEMP, which reject_unknown_client answers 450
+    whatever unknown_client_reject_code says ([UNAVAILABLE]: the code); mailflow took it for [UNAVAILABLE] (550)."""
+    port = await start(mailflow_server, dns_zone, authorized_xclient_hosts=["127.0.0.0/8"],
+                       unknown_client_reject_code=550, client_restrictions=["reject_unknown_client_hostname"])
+    for name, expected in (("[TEMPUNAVAIL]", "450 4.7.25"), ("[UNAVAILABLE]", "550 5.7.25")):
+        client = await SmtpClient.connect(port)
+        try:
+            assert (await client.cmd("EHLO front.test")).code == 250
+            assert (await client.cmd(f"XCLIENT NAME={name}")).code == 220
+            assert (await client.cmd("EHLO client.test")).code == 250
+            assert (await client.cmd("MAIL FROM:<s@remote.test>")).code == 250
+            assert (await client.cmd("RCPT TO:<alice@local.test>")).text == \
+                f"{expected} Client host rejected: cannot find your hostname, [127.0.0.1]"
+        finally:
+            await client.close()
+
+
 async def test_a_failing_rhs_allowlist_lookup_turns_a_refusal_into_a_deferral(mailflow_server, dns_zone):
     # Postfix's permit_dnswl_domain: DEFER_IF_REJECT2 450 4.7.1 <name>: Client host rejected: Service unavailable
     port = await start(mailflow_server, dns_zone, client_restrictions=["permit_rhswl_client wl-broken.test", "reject"])

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mailflow.smtpd")
 
 REMOTE = (AddressClass.DEFAULT, AddressClass.RELAY)
+TEMPUNAVAIL = "[TEMPUNAVAIL]"  # XCLIENT NAME's "the front end's DNS cannot tell now" (SMTPD_PEER_CODE_TEMP)
 
 
 def rbl_query_name(client_addr: str, rbl_domain: str) -> str | None:
@@ -190,7 +191,8 @@ class DnsChecks:
         """The client's name whose addresses include the client's address (Postfix's verified client name):
         "" when there is none, None when DNS cannot tell now. XCLIENT NAME's is, as Postfix's state->name."""
         if facts.xclient_name is not None:
-            return (_given_names(facts.xclient_name) or [""])[0]
+            names = _given_names(facts.xclient_name)
+            return None if names is None else (names or [""])[0]
         key = ("verified", facts.client_addr)
         if key in facts.memo:
             return facts.memo[key]
@@ -340,8 +342,11 @@ def _peer_name(name: str) -> bool:
     return bool(name) and not name.startswith("[") and address.is_valid_domain(name)
 
 
-def _given_names(xclient_name: str) -> list[str]:
-    """The client's names when XCLIENT NAME gave one: that name; none for `unknown`."""
+def _given_names(xclient_name: str) -> list[str] | None:
+    """The client's names when XCLIENT NAME gave one: that name; none for `unknown`; None (the DNS cannot tell
+    now) for [TEMPUNAVAIL]."""
+    if xclient_name == TEMPUNAVAIL:
+        return None
     return [] if xclient_name.lower() == "unknown" else [xclient_name]
 
 

@@ -46,6 +46,7 @@ from typing import Protocol
 
 from mailflow import status
 from mailflow.logs import printable
+from mailflow.stages.smtpd.dns_checks import TEMPUNAVAIL
 from mailflow.stages.smtpd.protocol import ProtocolCore
 from mailflow.stages.smtpd.state import SessionState, helo_name
 from mailflow.syntax import ascii_upper, is_hostname
@@ -60,7 +61,7 @@ V2_TCP4, V2_TCP6 = 0x11, 0x21
 
 XCLIENT_ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "LOGIN")
 XCLIENT_KEYWORD = "XCLIENT NAME ADDR PORT PROTO HELO LOGIN"  # offered to authorized_xclient_hosts only
-UNAVAILABLE, TEMPUNAVAIL = "[UNAVAILABLE]", "[TEMPUNAVAIL]"
+UNAVAILABLE = "[UNAVAILABLE]"
 
 
 class ProxyError(Exception):
@@ -193,8 +194,9 @@ class XclientError(Exception):
 
 
 def parse_xclient(arg: str | None) -> dict[str, str | None]:
-    """{attribute: value} from `NAME=... ADDR=...` (xtext-decoded and checked); None for [UNAVAILABLE]
-    (and for NAME's [TEMPUNAVAIL]). ADDR is normalised ("IPV6:" prefix removed); PROTO is upper case."""
+    """{attribute: value} from `NAME=... ADDR=...` (xtext-decoded and checked); None for [UNAVAILABLE]; NAME's
+    [TEMPUNAVAIL] is kept (a temporary name status, as Postfix's SMTPD_PEER_CODE_TEMP). ADDR is normalised
+    ("IPV6:" prefix removed); PROTO is upper case."""
     if not arg or not arg.strip():
         raise XclientError(status.XCLIENT_SYNTAX)
     found: dict[str, str | None] = {}
@@ -228,8 +230,10 @@ def _xtext_decode(raw: str, word: str) -> str:
 
 
 def _checked(name: str, value: str, word: str) -> str | None:
-    if value == UNAVAILABLE or (name == "NAME" and value == TEMPUNAVAIL):
+    if value == UNAVAILABLE:
         return None
+    if name == "NAME" and value == TEMPUNAVAIL:
+        return TEMPUNAVAIL
     bad = XclientError(status.xclient_bad("value", word))
     if not value or not all("!" <= c <= "~" for c in value):
         raise bad
@@ -273,7 +277,9 @@ def apply_xclient(state: SessionState, attributes: dict[str, str | None]) -> Non
         port = int(attributes["PORT"] or 0)
     state.peer = (addr, port)
     if "NAME" in attributes:  # (Postfix's state->name and reverse_name: the DNS checks take it for the client's)
-        state.client_name = state.xclient_name = attributes["NAME"] or "unknown"
+        given = attributes["NAME"]
+        state.xclient_name = given or "unknown"  # ([TEMPUNAVAIL] stays: the name checks answer it 450)
+        state.client_name = "unknown" if given in (None, TEMPUNAVAIL) else given
     if "HELO" in attributes:
         state.host_name = helo_name(attributes["HELO"]) if attributes["HELO"] is not None else None
     if "PROTO" in attributes:

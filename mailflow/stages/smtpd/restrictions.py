@@ -172,7 +172,8 @@ class Facts:
     server_addr: str = ""  # the address and port of this server the client connected to
     server_port: int = 0
     client_name: str = "unknown"
-    xclient_name: str | None = None  # XCLIENT NAME's ("unknown": none): the client's name and PTR name, no DNS asked
+    xclient_name: str | None = None  # XCLIENT NAME's ("unknown": none, [TEMPUNAVAIL]: the DNS could not tell): the
+    # client's name and PTR name, no DNS asked
     helo: str = ""
     sender: str | None = None
     recipient: str = ""
