@@ -464,7 +464,8 @@ async def test_a_temporary_dns_failure_is_asked_again_at_the_next_rcpt_and_trans
         assert (await client.cmd("MAIL FROM:<s@known.test>")).code == 250
         for rcpt in ("r@later.test", "s@later.test"):
             assert (await client.cmd(f"RCPT TO:<{rcpt}>")).text.startswith(f"450 4.1.2 <{rcpt}>")
-        assert [q for q in asked if q[0] == "later.test."] == [("later.test.", "MX")] * 2
+        # (as Postfix's dns_lookup_l, the addresses are asked when the MX lookup fails)
+        assert sorted(q[1] for q in asked if q[0] == "later.test.") == ["A", "A", "AAAA", "AAAA", "MX", "MX"]
         assert (await client.cmd("RSET")).code == 250
         failing.clear()  # the DNS works again
         assert (await client.cmd("MAIL FROM:<s@known.test>")).code == 250
@@ -492,6 +493,24 @@ async def test_a_sender_domain_the_dns_cannot_tell_is_deferred_only_if_the_lists
         (450, "450 4.1.8 <s@broken.test>: Sender address rejected: Domain not found")
     assert await rcpt(port, "no@local.test", sender="s@broken.test") == \
         said(status.access_denied("no@local.test", "Recipient address"))
+
+
+async def test_a_failing_mx_lookup_goes_on_to_the_addresses(mailflow_server, dns_zone):
+    """Postfix's reject_unknown_mailhost asks MX, A and AAAA in turn (dns_lookup_l, STOP_OK): an MX lookup that
+    fails is followed by the address lookups, and an address found accepts the domain; only when none is found does
+    the failure defer (450). mailflow deferred on the MX failure alone."""
+    nameserver = dns_zone(ZONE + 'noaddress.test. 300 IN TXT "no A, no AAAA"\n',
+                          servfail=("known.test/MX", "noaddress.test/MX"))
+    mf = await mailflow_server(dns={"nameservers": [nameserver], "timeout": "2s", "tries": 1},
+                               smtpd={"relay_restrictions": RELAY_FROM_HERE,
+                                      "sender_restrictions": ["reject_unknown_sender_domain"],
+                                      "recipient_restrictions": ["reject_unknown_recipient_domain"]})
+    port = mf.smtp_addresses[0][1]
+    assert await rcpt(port, "r@known.test", sender="s@known.test") == (250, "250 2.1.5 Ok")
+    assert await rcpt(port, "r@noaddress.test", sender="s@known.test") == \
+        (450, "450 4.1.2 <r@noaddress.test>: Recipient address rejected: Domain not found")
+    assert await rcpt(port, "r@known.test", sender="s@noaddress.test") == \
+        (450, "450 4.1.8 <s@noaddress.test>: Sender address rejected: Domain not found")
 
 
 async def test_unknown_address_tempfail_action_defer_defers_at_once(mailflow_server, dns_zone):

@@ -10,8 +10,9 @@
   without 8BITMIME and puts a line that is no reply before its answer to MAIL (the LMTP client's own log lines).
 - `ZoneAuthority(zone_text, servfail=(), slow=(), delay=0.0)`: a dnslib resolver answering authoritatively from
   zone text (started by the `dns_zone` fixture): NODATA for a name in the zone without records of the asked type,
-  NXDOMAIN for a name not in it, SERVFAIL for the names in `servfail`, the names in `slow` answered after `delay`
-  seconds (each query in a thread of its own); a CNAME is followed as a recursive resolver follows it.
+  NXDOMAIN for a name not in it, SERVFAIL for the names in `servfail` (or only a type: "name/MX"), the names in
+  `slow` answered after `delay` seconds (each query in a thread of its own); a CNAME is followed as a recursive
+  resolver follows it.
 """
 from __future__ import annotations
 
@@ -147,13 +148,21 @@ class ZoneAuthority(BaseResolver):
             self.asked.append((qname, QTYPE[request.q.qtype]))
         if qname in self.slow:
             time.sleep(self.delay)  # (dnslib's server answers each query in a thread of its own)
-        if qname in {name.lower().rstrip(".") + "." for name in self.servfail}:
+        if self._fails(qname, QTYPE[request.q.qtype]):
             reply.header.rcode = RCODE.SERVFAIL
         elif qname not in self.names:
             reply.header.rcode = RCODE.NXDOMAIN
         else:
             self._answer(reply, qname, request.q.qtype)
         return reply
+
+    def _fails(self, qname: str, qtype: str) -> bool:
+        """`servfail` names the name (all its types) or `name/TYPE` (that type only: "known.test/MX")."""
+        for entry in self.servfail:
+            name, _, only = entry.lower().partition("/")
+            if name.rstrip(".") + "." == qname and only in ("", qtype.lower()):
+                return True
+        return False
 
     def _answer(self, reply, qname: str, qtype: int) -> None:
         """The records of qname/qtype; through CNAMEs as a recursive resolver gives them (the chain, then the

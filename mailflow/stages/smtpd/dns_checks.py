@@ -283,16 +283,32 @@ class DnsChecks:
     async def _mail_domain(self, domain: str, memo: dict) -> str:
         """What the DNS says of a sender's or recipient's domain, as Postfix's reject_unknown_mailhost asks it:
         "null" (a null MX, RFC 7505), "found" (an MX, else an address) or "unknown" (neither, or no such domain);
-        raises LookupRetry when a lookup failed now."""
+        raises LookupRetry when nothing was found and a lookup failed now (an MX lookup that fails goes on to the
+        addresses, as Postfix's dns_lookup_l does: an address found is enough)."""
         try:
             records = await self._domain_records("mx", domain, memo)
-            if any(r.is_null for r in records):
-                return "null"
+        except NotFound:
+            return "unknown"
+        except LookupRetry as mx_failed:
+            return await self._addresses_after_failed_mx(domain, memo, mx_failed)
+        if any(r.is_null for r in records):
+            return "null"
+        try:
             if records or await self._domain_records("addresses", domain, memo):
                 return "found"
         except NotFound:
             pass
         return "unknown"
+
+    async def _addresses_after_failed_mx(self, domain: str, memo: dict, mx_failed: LookupRetry) -> str:
+        """"found" when the domain has an address though its MX lookup failed; else the MX lookup's failure
+        (Postfix's dns_lookup_rv reports the failure, DNS_RETRY, over a later NOTFOUND)."""
+        try:
+            if await self._domain_records("addresses", domain, memo):
+                return "found"
+        except NotFound:
+            pass
+        raise mx_failed
 
     async def unknown_recipient_domain(self, facts: Facts) -> status.Reply | None:
         """No MX and no address for the recipient's domain (`code` 4.1.2 "Domain not found"); a null MX refuses it
