@@ -543,6 +543,16 @@ def merged_timeouts_agree(name: str, given: Callable[[str], str | None], *, mark
                       f"they differ ({shown})")
 
 
+def reject_tempfail_action(value: str) -> str:
+    """reject_tempfail_action's value (Postfix reads it without regard to case), as the tempfail actions it stands
+    for take it; Refused, once for all of them, with the reason."""
+    action = value.strip().lower()
+    if action not in ("defer_if_permit", "defer"):
+        raise Refused(f"not defer_if_permit or defer (the value of smtpd.{', '.join(names.REJECT_TEMPFAIL_ACTIONS)} "
+                      "unless set)")
+    return action
+
+
 def convert(name: str, key: str, value: str, notes: list[str]) -> object:
     """`value` (expanded) as mailflow's `key` takes it; Refused with the reason."""
     default = SETTING_TYPES[key]

@@ -45,7 +45,7 @@ from mailflow.config.main import BUILTIN_TRANSPORTS
 from mailflow.config.postfix_cf import (POSTFIX_TABLE_DEFAULTS, Expander, Imported, Line, Refused, Service,
                                         Unexpanded, UnreadableFile, convert, from_queue_directory, read_main_cf,
                                         read_master_cf, restriction_items, dovecot_sasl_path, split_list,
-                                        merged_timeouts_agree, table_spec)
+                                        merged_timeouts_agree, reject_tempfail_action, table_spec)
 from mailflow.config.postfix_master import translate_service
 from mailflow.config.show import format_setting
 from mailflow.config.smtpd import LISTENER_ROLES, SMTPD_BANNER
@@ -257,9 +257,10 @@ class Importer:
             self._set(name, line, raw, "smtp.sasl_password_maps",
                       convert(name, "smtp.sasl_password_maps", value, self.out.notes))
         elif name == "reject_tempfail_action":
-            for action in names.REJECT_TEMPFAIL_ACTIONS:
-                if action not in self.params:
-                    self._set(name, line, raw, f"smtpd.{action}", value)
+            action = reject_tempfail_action(value)
+            for setting in names.REJECT_TEMPFAIL_ACTIONS:
+                if setting not in self.params:
+                    self._set(name, line, raw, f"smtpd.{setting}", action)
         elif name == "smtp_sasl_auth_enable":
             self.out.notes.append(f"{line.where}: {name} = {raw}: {names.CONVERTED[name]}")
         elif name == "inet_interfaces":

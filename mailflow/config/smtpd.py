@@ -346,6 +346,13 @@ class SmtpdConfig(SmtpdFilterSettings):
                              " (else this server relays for anyone)")
         return self
 
+    @field_validator("unknown_address_tempfail_action", "unknown_helo_hostname_tempfail_action",
+                     "unverified_recipient_tempfail_action", "unverified_sender_tempfail_action", mode="before")
+    @classmethod
+    def _tempfail_action_any_case(cls, v: object) -> object:
+        """DEFER is defer: Postfix reads its tempfail actions without regard to case (name_code)."""
+        return v.lower() if isinstance(v, str) else v
+
     @field_validator("tls_fingerprint_digest")
     @classmethod
     def _fingerprint_digest(cls, v: str) -> str:

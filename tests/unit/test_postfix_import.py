@@ -1041,3 +1041,20 @@ def test_reject_tempfail_action_sets_the_tempfail_actions_main_cf_leaves_unset(t
         "smtpd.unknown_helo_hostname_tempfail_action": "defer", "smtpd.unknown_address_tempfail_action": "defer",
         "smtpd.unverified_recipient_tempfail_action": "defer",
         "smtpd.unverified_sender_tempfail_action": "defer_if_permit"}
+
+
+def test_tempfail_actions_are_read_in_any_case_and_a_bad_one_is_left_out_once(tmp_path):
+    """Postfix reads the tempfail actions with name_code, without regard to case: DEFER is defer. A
+    reject_tempfail_action that is neither is one left-out line saying which settings it stands for; it used to be
+    four, each with pydantic's "(and 3 more problems)", and DEFER was refused."""
+    main = write(tmp_path, "main.cf", "reject_tempfail_action = DEFER\nunknown_address_tempfail_action = Defer\n")
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert code == 0, err
+    doc = checked(tmp_path / "mailflow.toml")
+    assert doc["smtpd"]["unknown_helo_hostname_tempfail_action"] == "defer"
+    assert doc["smtpd"]["unknown_address_tempfail_action"].lower() == "defer"  # (as written: config check takes it)
+    result = import_postfix(write(tmp_path, "main.cf", "reject_tempfail_action = bogus\n"), hostname="mx.example")
+    assert [(i.where.rpartition("/")[2], i.name, i.why) for i in result.left_out] == [
+        ("main.cf:1", "reject_tempfail_action", "not defer_if_permit or defer (the value of "
+         "smtpd.unknown_helo_hostname_tempfail_action, unknown_address_tempfail_action, "
+         "unverified_recipient_tempfail_action, unverified_sender_tempfail_action unless set)")]
