@@ -29,7 +29,7 @@ from mailflow.config import postfix_names as names
 from mailflow.config.base import BUILTIN_TRANSPORTS, TRANSPORT_NAME
 from mailflow.config.delivery import REPLACEABLE
 from mailflow.config.postfix_cf import (ImportState, Refused, Service, Unexpanded, convert, from_queue_directory,
-                                        dovecot_sasl_path, merged_timeouts_agree)
+                                        dovecot_sasl_path, merged_timeouts_agree, reject_tempfail_action)
 from mailflow.config.smtpd import LISTENER_ROLES
 
 # Postfix's own daemons: mailflow has each of them built in.
@@ -296,6 +296,9 @@ def _overrides(importer: ImportState, service: Service, options: list[tuple[str,
         if name == "smtpd_tls_wrappermode":
             overrides["_wrapper"] = value.lower() == "yes"
             continue
+        if name == "reject_tempfail_action":
+            _reject_tempfail_overrides(importer, service, options, raw, value, overrides)
+            continue
         keys = names.SETTINGS.get(name, ())
         if not keys or not all(k.startswith("smtpd.") for k in keys):
             importer.out.leave_out(service.line.where, f"master.cf {service.name} -o {name}", raw,
@@ -316,6 +319,21 @@ def _overrides(importer: ImportState, service: Service, options: list[tuple[str,
     if inherited:
         overrides["sasl_path"] = inherited
     return overrides
+
+
+def _reject_tempfail_overrides(importer: ImportState, service: Service, options: list[tuple[str, str]], raw: str,
+                               value: str, overrides: dict[str, object]) -> None:
+    """-o reject_tempfail_action: the service's default of the tempfail actions neither main.cf nor its own -o set
+    (Postfix's defaults are $reject_tempfail_action, read in the service), each an override; left out when bad."""
+    try:
+        action = reject_tempfail_action(value)
+    except Refused as e:
+        importer.out.leave_out(service.line.where, f"master.cf {service.name} -o reject_tempfail_action", raw, str(e))
+        return
+    given = set(importer.params) | {name for name, _ in options}
+    for setting in names.REJECT_TEMPFAIL_ACTIONS:
+        if setting not in given:
+            overrides[setting] = action
 
 
 def _inherited_sasl_path(importer: ImportState, expander, service: Service, options: list[tuple[str, str]]) -> str:

@@ -1058,3 +1058,26 @@ def test_tempfail_actions_are_read_in_any_case_and_a_bad_one_is_left_out_once(tm
         ("main.cf:1", "reject_tempfail_action", "not defer_if_permit or defer (the value of "
          "smtpd.unknown_helo_hostname_tempfail_action, unknown_address_tempfail_action, "
          "unverified_recipient_tempfail_action, unverified_sender_tempfail_action unless set)")]
+
+
+def test_reject_tempfail_action_in_master_cf_sets_that_listeners_tempfail_actions(tmp_path):
+    """`-o reject_tempfail_action=…` is the service's default of the four tempfail actions (Postfix reads
+    $reject_tempfail_action in the service): the ones neither main.cf nor the service's own -o set become its
+    listener's overrides; a bad value is left out once. It used to be left out as having no counterpart."""
+    main = write(tmp_path, "main.cf", "unverified_sender_tempfail_action = defer_if_permit\n")
+    master = write(tmp_path, "master.cf", "smtp inet n - y - - smtpd\n"
+                                          "submission inet n - y - - smtpd\n  -o reject_tempfail_action=Defer\n"
+                                          "  -o unknown_helo_hostname_tempfail_action=defer_if_permit\n"
+                                          "2525 inet n - y - - smtpd\n  -o reject_tempfail_action=bogus\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    assert code == 1
+    assert err.splitlines()[1:] == ["  master.cf:5: master.cf 2525 -o reject_tempfail_action: "
+                                    "not defer_if_permit or defer (the value of smtpd.unknown_helo_hostname_tempfail"
+                                    "_action, unknown_address_tempfail_action, unverified_recipient_tempfail_action, "
+                                    "unverified_sender_tempfail_action unless set)"]
+    doc = checked(tmp_path / "mailflow.toml")
+    listeners = {x["address"]: x.get("overrides", {}) for x in doc["smtpd"]["listeners"]}
+    assert {k: v for k, v in listeners["0.0.0.0:587"].items() if k.endswith("tempfail_action")} == {
+        "unknown_helo_hostname_tempfail_action": "defer_if_permit", "unknown_address_tempfail_action": "defer",
+        "unverified_recipient_tempfail_action": "defer"}
+    assert not any(k.endswith("tempfail_action") for k in listeners["0.0.0.0:2525"])
