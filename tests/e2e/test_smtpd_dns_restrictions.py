@@ -513,6 +513,21 @@ async def test_a_failing_mx_lookup_goes_on_to_the_addresses(mailflow_server, dns
         (450, "450 4.1.8 <s@noaddress.test>: Sender address rejected: Domain not found")
 
 
+async def test_a_domain_the_dns_cannot_tell_is_logged_as_its_reject_line_only(mailflow_server, dns_zone, caplog):
+    """Postfix's reject_unknown_mailhost logs nothing of a DNS_RETRY (dns_lookup_l is given no `why`): the trace is
+    the `NOQUEUE: reject: RCPT from …: 450 4.1.8 …` line. mailflow warned "MAIL <s>: Name service error…" at each
+    RCPT (delay_reject reruns the sender list), and also when a later refusal won."""
+    port = await start(mailflow_server, dns_zone, sender_restrictions=["reject_unknown_sender_domain"],
+                       recipient_restrictions=["check_recipient_access inline:{no@local.test=REJECT}"])
+    with caplog.at_level(logging.INFO, logger="mailflow.smtpd"):
+        assert (await rcpt(port, sender="s@broken.test"))[0] == 450
+        assert (await rcpt(port, "no@local.test", sender="s@broken.test"))[0] == 554
+    logged = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "mailflow.smtpd"]
+    assert not [m for level, m in logged if level >= logging.WARNING], logged
+    rejects = [m for _, m in logged if "reject: RCPT from" in m]
+    assert len(rejects) == 2 and "450 4.1.8 <s@broken.test>: Sender address rejected: Domain not found" in rejects[0]
+
+
 async def test_unknown_address_tempfail_action_defer_defers_at_once(mailflow_server, dns_zone):
     port = await start(mailflow_server, dns_zone, unknown_address_tempfail_action="defer",
                        relay_restrictions=RELAY_FROM_HERE,

@@ -321,7 +321,7 @@ class DnsChecks:
         try:
             found = await self._mail_domain(domain, facts.memo)
         except LookupRetry as e:
-            log.warning("RCPT <%s>: %s", rcpt, e.reason)
+            log.debug("<%s>: MX or address lookup error: %s", rcpt, e.reason)  # (Postfix logs none: the 450 is logged)
             return self._tempfail(status.domain_not_found(rcpt, 450), facts)
         if found == "null":
             return status.null_mx(rcpt, domain)
@@ -338,7 +338,7 @@ class DnsChecks:
         try:
             found = await self._mail_domain(domain, facts.memo)
         except LookupRetry as e:
-            log.warning("MAIL <%s>: %s", sender, e.reason)
+            log.debug("<%s>: MX or address lookup error: %s", sender, e.reason)  # (as for a recipient)
             return self._tempfail(status.sender_domain_not_found(sender, 450), facts)
         if found == "null":
             return status.sender_null_mx(sender, domain)
