@@ -159,7 +159,7 @@ async def client_name_replies(mailflow_server, dns_zone, zone: str, servfail=())
 async def test_a_client_without_a_name_gets_the_unknown_client_code_and_postfixs_enhanced_codes(mailflow_server,
                                                                                                 dns_zone):
     """Postfix's reject_unknown_client answers 4.7.25 (RFC 7372), its reject_unknown_reverse_name 4.7.1, both
-    with unknown_client_reject_code for a name that is not there (mailflow: 4.7.1 and always 450)."""
+    with unknown_client_reject_code for a name that is not there (mailflow answered 4.7.1, and always 450)."""
     no_ptr = '0.0.0.127.in-addr.arpa. 300 IN TXT "nothing here"\n'
     assert await client_name_replies(mailflow_server, dns_zone, no_ptr) == [
         (550, "550 5.7.25 Client host rejected: cannot find your hostname, [127.0.0.1]"),
@@ -528,7 +528,32 @@ async def test_a_domain_the_dns_cannot_tell_is_logged_as_its_reject_line_only(ma
     assert len(rejects) == 2 and "450 4.1.8 <s@broken.test>: Sender address rejected: Domain not found" in rejects[0]
 
 
+async def test_a_permit_after_the_deferral_becomes_its_450(mailflow_server, dns_zone):
+    """Postfix's smtpd_check_rcpt: `status != REJECT && defer_if_permit.active` answers the DEFER_IF_PERMIT's 450
+    though a later item (here an explicit permit) permits."""
+    port = await start(mailflow_server, dns_zone, relay_restrictions=RELAY_FROM_HERE,
+                       recipient_restrictions=["reject_unknown_recipient_domain", "permit"])
+    assert await rcpt(port, "r@broken.test") == \
+        (450, "450 4.1.2 <r@broken.test>: Recipient address rejected: Domain not found")
+
+
+async def test_under_soft_bounce_a_later_refusal_still_wins_over_the_deferral_as_a_4xx(mailflow_server, dns_zone):
+    """soft_bounce touches only 5xx replies (Postfix's smtpd_check_reject): a pending DEFER_IF_PERMIT loses to a
+    later REJECT, which goes out as 454 4.7.1; without the REJECT the deferral's 450 4.1.8 is sent unchanged."""
+    nameserver = dns_zone(ZONE, servfail=SERVFAIL)
+    mf = await mailflow_server(dns={"nameservers": [nameserver], "timeout": "2s", "tries": 1}, soft_bounce=True,
+                               smtpd={"sender_restrictions": ["reject_unknown_sender_domain"], "recipient_restrictions":
+                                      ["check_recipient_access inline:{no@local.test=REJECT}"]})
+    port = mf.smtp_addresses[0][1]
+    assert await rcpt(port, "no@local.test", sender="s@broken.test") == \
+        (454, "454 4.7.1 <no@local.test>: Recipient address rejected: Access denied")
+    assert await rcpt(port, sender="s@broken.test") == \
+        (450, "450 4.1.8 <s@broken.test>: Sender address rejected: Domain not found")
+
+
 async def test_unknown_address_tempfail_action_defer_defers_at_once(mailflow_server, dns_zone):
+    """Postfix's DEFER_IF_PERMIT2 with unknown_address_tempfail_action = defer answers the 450 at once: a later
+    refusal does not win (the sender's and the recipient's)."""
     port = await start(mailflow_server, dns_zone, unknown_address_tempfail_action="defer",
                        relay_restrictions=RELAY_FROM_HERE,
                        sender_restrictions=["reject_unknown_sender_domain"],
@@ -539,6 +564,15 @@ async def test_unknown_address_tempfail_action_defer_defers_at_once(mailflow_ser
         (450, "450 4.1.8 <s@broken.test>: Sender address rejected: Domain not found")
     assert await rcpt(port, "no@broken.test", sender="s@known.test") == \
         (450, "450 4.1.2 <no@broken.test>: Recipient address rejected: Domain not found")
+
+
+async def test_without_delay_reject_the_tempfail_action_defer_answers_mail(mailflow_server, dns_zone):
+    """delay_reject off, unknown_address_tempfail_action = defer: Postfix's smtpd_check_mail answers MAIL itself
+    (smtpd_check_reject there), 450 4.1.8."""
+    port = await start(mailflow_server, dns_zone, delay_reject=False, unknown_address_tempfail_action="defer",
+                       sender_restrictions=["reject_unknown_sender_domain"])
+    assert await rcpt(port, sender="s@broken.test") == \
+        (450, "450 4.1.8 <s@broken.test>: Sender address rejected: Domain not found")
 
 
 async def test_without_delay_reject_a_sender_domain_dns_failure_is_carried_to_rcpt(mailflow_server, dns_zone):
