@@ -190,7 +190,8 @@ CONVERTED: dict[str, str] = {
     "smtp_sasl_auth_enable": "applied with smtp_sasl_password_maps (mailflow authenticates when it has a password)",
     "reject_tempfail_action": "each of smtpd.unknown_helo_hostname_tempfail_action, unknown_address_tempfail_action, "
                               "unverified_recipient_tempfail_action and unverified_sender_tempfail_action that "
-                              "main.cf does not set (Postfix's defaults are $reject_tempfail_action)",
+                              "main.cf does not set (Postfix's defaults are $reject_tempfail_action); a master.cf "
+                              "-o sets them for that listener",
     **dict.fromkeys(FORBIDDEN_COMMANDS, "its words; its default's regexp:{{/^[^A-Z]/ Bogus}} is built in (a command "
                                         "that does not begin with a letter is never SMTP)"),
 }

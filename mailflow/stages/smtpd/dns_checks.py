@@ -11,13 +11,15 @@ server_checks.py's). restrictions.py decides when each runs; this module asks th
                                                          listed as reject_rbl_client's lists are; a lookup that
                                                          fails is a DEFER_IF_REJECT 450 4.7.1 (Postfix)
         .unknown_client(facts, code, reverse_only=...)   without a (verified) name: `code` 4.7.25 (the reverse
-                                                         name's: 4.7.1); DNS cannot tell: 450, at once
+                                                         name's: 4.7.1); DNS cannot tell (XCLIENT NAME's
+                                                         [TEMPUNAVAIL] too): 450, at once
         .unknown_helo(facts, code, tempfail_action)      no A, AAAA or MX for the HELO name: `code` 4.7.1 "Host
                                                          not found"; DNS cannot tell: 450 as a DEFER_IF_PERMIT (or
                                                          at once: tempfail_action "defer"); an address literal
                                                          that is no address: 501 5.5.2
         .reverse_name(facts) -> str                      the client's first PTR name ("" for none)
-        .unknown_sender_domain(facts)                    no MX and no address: unknown_address_reject_code 4.1.8;
+        .unknown_sender_domain(facts)                    no MX and no address (asked also when the MX lookup
+                                                         fails): unknown_address_reject_code 4.1.8;
                                                          a null MX: 550 5.7.27; DNS cannot tell: 450 4.1.8 as a
                                                          DEFER_IF_PERMIT (or at once: unknown_address_tempfail_action
                                                          "defer")
