@@ -196,7 +196,7 @@ class AddressMapper:
             self._add_bcc(self._bcc_address(self._sender_bcc, auto_bcc_sender, seen), out, seen)
         for rcpt in rcpts:
             canonical = self.recipient(rcpt.address)
-            if not rcpt.orcpt and canonical:
+            if not rcpt.orcpt and canonical and rcpt.address not in milter.added:  # (Postfix adds those without)
                 rcpt = dataclasses.replace(rcpt, orcpt=_made_up_orcpt(canonical))
             finals = self.expand(canonical)
             if len(finals) == 1 and len(rcpts) == 1 and not auto and not bcc:  # alone: no duplicate, nothing after it

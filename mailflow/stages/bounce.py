@@ -421,7 +421,10 @@ def _fold(field: str) -> str:
         words.append(word)
     lines = [words[0] + (" " + words[1] if len(words) > 1 else "")]
     for word in words[2:]:
-        if word and len(lines[-1]) + 1 + len(word) > FOLD_WIDTH:  # never leave a blank continuation line
+        if not word:  # a run of blanks: kept while the line has room under LONGEST_WORD, else dropped
+            if len(lines[-1]) < LONGEST_WORD:
+                lines[-1] += " "
+        elif len(lines[-1]) + 1 + len(word) > FOLD_WIDTH:  # never leave a blank continuation line
             lines.append(" " + word)
         else:
             lines[-1] += " " + word

@@ -644,3 +644,11 @@ def test_milter_edits_keep_the_bcc_lookups_of_the_envelope_as_received():
         ("s-copy@arch.test", "NEVER"), ("a@x.test", ""), ("a-copy@arch.test", "NEVER"), ("added@x.test", ""),
         ("del-copy@arch.test", "NEVER"), ("new-copy@arch.test", "NEVER")]
     assert [r.address for r in m.recipients(rcpts("added@x.test"), milter=edits)] == ["added@x.test"]  # none asked
+
+
+def test_a_recipient_a_milter_added_gets_no_made_up_original_recipient():
+    """Postfix's cleanup adds a milter's recipient without an ORCPT (its notices then write `rfc822; addr`, bounce's
+    own form); a recipient of the envelope without one gets `rfc822;<address>` made up."""
+    edits = MilterEdits(added=frozenset({"added@x.test"}))
+    got = pairs(mapper().recipients(rcpts("a@x.test", "added@x.test"), milter=edits))
+    assert got == [("a@x.test", "a@x.test", "", "rfc822;a@x.test"), ("added@x.test", "added@x.test", "", "")]

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailflow.model import Recipient
-from mailflow.stages.bounce import NoticeRecipient, build_notice, notice_is_8bit, wants_notice
+from mailflow.stages.bounce import NoticeRecipient, _fold, build_notice, notice_is_8bit, wants_notice
 from mailflow.message import rfc5322_date
 
 NOW = 1_700_000_000.0
@@ -510,3 +510,11 @@ def test_a_postmaster_copy_is_laid_out_as_postfixs():
     assert f"Return-Path: <MAILER-DAEMON@{MTA}>\r\n".encode() + ORIGINAL in raw
     with pytest.raises(ValueError):
         notice([refused()], kind="success", postmaster_copy=True)
+
+
+def test_a_long_run_of_blanks_in_a_reason_keeps_every_line_under_998_octets():
+    """Runs of blanks in a command's output are kept in notices (as Postfix keeps them), but never past a line's
+    limit: 1 500 blanks used to make a 1 525-octet line."""
+    field = _fold("Diagnostic-Code: x-unix; start" + " " * 1500 + "end of the output")
+    assert all(len(line) <= 998 for line in field.split("\r\n")), [len(line) for line in field.split("\r\n")]
+    assert field.startswith("Diagnostic-Code: x-unix; start   ") and field.endswith("end of the output")
