@@ -63,10 +63,14 @@ bad-dns.test      REJECT bad name server
 """
 
 
-async def start(mailflow_server, dns_zone, **smtpd):
-    nameserver = dns_zone(ZONE, servfail=SERVFAIL)
-    mf = await mailflow_server(dns={"nameservers": [nameserver], "timeout": "2s", "tries": 1}, smtpd=smtpd)
+async def dns_checked(mailflow_server, nameserver: str, **settings) -> int:
+    """The SMTP port of a mailflow server with `settings` asking `nameserver` (2 s, one try)."""
+    mf = await mailflow_server(dns={"nameservers": [nameserver], "timeout": "2s", "tries": 1}, **settings)
     return mf.smtp_addresses[0][1]
+
+
+async def start(mailflow_server, dns_zone, **smtpd):
+    return await dns_checked(mailflow_server, dns_zone(ZONE, servfail=SERVFAIL), smtpd=smtpd)
 
 
 async def rcpt(port: int, rcpt_to: str = "alice@local.test", sender: str = "s@remote.test",
@@ -414,13 +418,13 @@ async def test_the_unknown_domain_checks_ask_the_dns_once_a_session(mailflow_ser
     resolver's own cache keeps only answers with records: a domain that has none is what a sender check meets.)"""
     asked: list[tuple[str, str]] = []
     nameserver = dns_zone(ZONE, servfail=SERVFAIL, asked=asked)
-    mf = await mailflow_server(dns={"nameservers": [nameserver], "timeout": "2s", "tries": 1},
-                               mynetworks=["127.0.0.0/8"],
-                               smtpd={"sender_restrictions": ["reject_unknown_sender_domain"],
-                                      "relay_restrictions": ["permit_mynetworks", "reject"],
-                                      "recipient_restrictions": ["reject_unknown_recipient_domain"],
-                                      "error_sleep_time": 0, "hard_error_limit": 1000})
-    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    port = await dns_checked(mailflow_server, nameserver,
+                             mynetworks=["127.0.0.0/8"],
+                             smtpd={"sender_restrictions": ["reject_unknown_sender_domain"],
+                                    "relay_restrictions": ["permit_mynetworks", "reject"],
+                                    "recipient_restrictions": ["reject_unknown_recipient_domain"],
+                                    "error_sleep_time": 0, "hard_error_limit": 1000})
+    client = await SmtpClient.connect(port)
     try:
         assert (await client.cmd("EHLO client.test")).code == 250
         assert (await client.cmd("MAIL FROM:<s@nowhere.test>")).code == 250
@@ -453,12 +457,12 @@ async def test_a_temporary_dns_failure_is_asked_again_at_the_next_rcpt_and_trans
     asked: list[tuple[str, str]] = []
     failing = {"later.test"}
     nameserver = dns_zone(ZONE + "later.test. 300 IN MX 10 mx.known.test.\n", servfail=failing, asked=asked)
-    mf = await mailflow_server(dns={"nameservers": [nameserver], "timeout": "2s", "tries": 1},
-                               mynetworks=["127.0.0.0/8"],
-                               smtpd={"relay_restrictions": ["permit_mynetworks", "reject"],
-                                      "recipient_restrictions": ["reject_unknown_recipient_domain"],
-                                      "error_sleep_time": 0})
-    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    port = await dns_checked(mailflow_server, nameserver,
+                             mynetworks=["127.0.0.0/8"],
+                             smtpd={"relay_restrictions": ["permit_mynetworks", "reject"],
+                                    "recipient_restrictions": ["reject_unknown_recipient_domain"],
+                                    "error_sleep_time": 0})
+    client = await SmtpClient.connect(port)
     try:
         assert (await client.cmd("EHLO client.test")).code == 250
         assert (await client.cmd("MAIL FROM:<s@known.test>")).code == 250
@@ -501,11 +505,10 @@ async def test_a_failing_mx_lookup_goes_on_to_the_addresses(mailflow_server, dns
     the failure defer (450). mailflow deferred on the MX failure alone."""
     nameserver = dns_zone(ZONE + 'noaddress.test. 300 IN TXT "no A, no AAAA"\n',
                           servfail=("known.test/MX", "noaddress.test/MX"))
-    mf = await mailflow_server(dns={"nameservers": [nameserver], "timeout": "2s", "tries": 1},
-                               smtpd={"relay_restrictions": RELAY_FROM_HERE,
-                                      "sender_restrictions": ["reject_unknown_sender_domain"],
-                                      "recipient_restrictions": ["reject_unknown_recipient_domain"]})
-    port = mf.smtp_addresses[0][1]
+    port = await dns_checked(mailflow_server, nameserver,
+                             smtpd={"relay_restrictions": RELAY_FROM_HERE,
+                                    "sender_restrictions": ["reject_unknown_sender_domain"],
+                                    "recipient_restrictions": ["reject_unknown_recipient_domain"]})
     assert await rcpt(port, "r@known.test", sender="s@known.test") == (250, "250 2.1.5 Ok")
     assert await rcpt(port, "r@noaddress.test", sender="s@known.test") == \
         (450, "450 4.1.2 <r@noaddress.test>: Recipient address rejected: Domain not found")
@@ -541,10 +544,9 @@ async def test_under_soft_bounce_a_later_refusal_still_wins_over_the_deferral_as
     """soft_bounce touches only 5xx replies (Postfix's smtpd_check_reject): a pending DEFER_IF_PERMIT loses to a
     later REJECT, which goes out as 454 4.7.1; without the REJECT the deferral's 450 4.1.8 is sent unchanged."""
     nameserver = dns_zone(ZONE, servfail=SERVFAIL)
-    mf = await mailflow_server(dns={"nameservers": [nameserver], "timeout": "2s", "tries": 1}, soft_bounce=True,
-                               smtpd={"sender_restrictions": ["reject_unknown_sender_domain"], "recipient_restrictions":
-                                      ["check_recipient_access inline:{no@local.test=REJECT}"]})
-    port = mf.smtp_addresses[0][1]
+    port = await dns_checked(mailflow_server, nameserver, soft_bounce=True,
+                             smtpd={"sender_restrictions": ["reject_unknown_sender_domain"], "recipient_restrictions":
+                                    ["check_recipient_access inline:{no@local.test=REJECT}"]})
     assert await rcpt(port, "no@local.test", sender="s@broken.test") == \
         (454, "454 4.7.1 <no@local.test>: Recipient address rejected: Access denied")
     assert await rcpt(port, sender="s@broken.test") == \
@@ -593,13 +595,13 @@ async def test_the_session_memo_drops_the_least_recently_read_answers_not_all(ma
     does not keep). The memo used to be cleared whole at its 33rd answer."""
     asked: list[tuple[str, str]] = []
     nameserver = dns_zone(ZONE, asked=asked)
-    mf = await mailflow_server(dns={"nameservers": [nameserver], "timeout": "2s", "tries": 1},
-                               mynetworks=["127.0.0.0/8"],
-                               smtpd={"client_restrictions": ["reject_rbl_client rbl.test"],
-                                      "relay_restrictions": ["permit_mynetworks", "reject"],
-                                      "recipient_restrictions": ["reject_unknown_recipient_domain"],
-                                      "error_sleep_time": 0, "hard_error_limit": 1000})
-    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    port = await dns_checked(mailflow_server, nameserver,
+                             mynetworks=["127.0.0.0/8"],
+                             smtpd={"client_restrictions": ["reject_rbl_client rbl.test"],
+                                    "relay_restrictions": ["permit_mynetworks", "reject"],
+                                    "recipient_restrictions": ["reject_unknown_recipient_domain"],
+                                    "error_sleep_time": 0, "hard_error_limit": 1000})
+    client = await SmtpClient.connect(port)
     try:
         assert (await client.cmd("EHLO client.test")).code == 250
         assert (await client.cmd("MAIL FROM:<s@known.test>")).code == 250
