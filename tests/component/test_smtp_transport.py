@@ -32,6 +32,7 @@ from mailflow.transports.smtp import SmtpTransport
 from mailflow.tables.search import address_keys
 from mailflow.transports.smtp.addr import order_exchangers
 from tests.support import CaptureHandler, big_message, eventually, free_port, spooled
+from tests.support.peers import recording_peer
 
 HELO = "client.mailflow.test"
 CONTENT = (
@@ -2122,3 +2123,20 @@ async def test_plaintext_sent_with_the_starttls_reply_is_never_read_as_a_reply(c
         await server.wait_closed()
     assert (report.results[0].outcome, report.results[0].text) == (Outcome.SENT, "250 2.0.0 Ok: queued over TLS")
     assert [c.split(" ")[0] for c in seen[:6]] == ["EHLO", "STARTTLS", "EHLO", "MAIL", "RCPT", "DATA"]
+
+
+@pytest.mark.parametrize("keywords", [("DSN",), ("DSN", "SMTPUTF8")], ids=["without-smtputf8", "with-smtputf8"])
+async def test_a_non_ascii_orcpt_goes_as_postfixs_smtp_client_quotes_it(keywords):
+    """Postfix's smtp_proto quotes a queued ORCPT by its type, whether or not the next hop offers SMTPUTF8: an
+    `rfc822;` one as xtext (+HH of the UTF-8 bytes, plain ASCII any server takes), a `utf-8;` one with \\x{HEX}."""
+    rcpts = (Recipient(0, "one@example.test", "jöe@bücher.test", orcpt="rfc822;jöe@bücher.test"),
+             Recipient(1, "two@example.test", "two@example.test", orcpt="utf-8;jöe@bücher.test"))
+    async with recording_peer(*keywords) as (port, lines):
+        request = DeliveryRequest("Q1", "a@remote.test", rcpts, f"[127.0.0.1]:{port}", Content.of(CONTENT),
+                                  smtputf8=True)
+        report = await deliver(make_transport(), request)
+    assert [r.outcome for r in report.results] == [Outcome.SENT] * 2
+    assert [line for line in lines if line.startswith(b"RCPT")] == [
+        b"RCPT TO:<one@example.test> ORCPT=rfc822;j+C3+B6e@b+C3+BCcher.test",
+        b"RCPT TO:<two@example.test> ORCPT=utf-8;j\\x{F6}e@b\\x{FC}cher.test",
+    ]

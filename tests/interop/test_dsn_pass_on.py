@@ -91,3 +91,32 @@ async def test_a_real_postfix_next_hop_gets_the_parameters_and_honours_notify_ne
     # one bounce (from <>), for the message whose recipient kept the default NOTIFY
     bounces = [m for m in text.split("X-Client-Addr")[1:] if "X-Mail-Args: <>" in m]
     assert len(bounces) == 1 and "Subject: default" in bounces[0] and "Subject: never" not in bounces[0]
+
+
+async def test_a_non_ascii_orcpt_goes_to_a_next_hop_without_smtputf8_as_postfixs_smtp_client_sends_it(
+        mailflow_server):
+    """Differential: the same RCPTs to a private Postfix and to mailflow, each relaying to an smtp-sink (DSN, no
+    SMTPUTF8). Postfix's smtp client quotes the queued ORCPT by its type: `rfc822;` as xtext (+HH of the UTF-8
+    bytes), `utf-8;` with \\x{HEX}; mailflow must send the same bytes."""
+    rcpts = [("one@dest.test", ["ORCPT=rfc822;j+C3+B6e@b+C3+BCcher.test"]),
+             ("two@dest.test", ["ORCPT=utf-8;j\\x{F6}e@b\\x{FC}cher.test"])]
+    seen = []
+    for server in ("postfix", "mailflow"):
+        async with smtp_sink() as (sink_port, dump):
+            if server == "postfix":
+                async with postfix_instance({"myhostname": "pf.test", "mydestination": "",
+                                             "relayhost": f"[127.0.0.1]:{sink_port}"}) as pf:
+                    await send_with_dsn(pf.port, "s@remote.test", rcpts, MESSAGE % b"orcpt", [])
+                    await pf.queue_empty()
+                    args = await eventually(lambda: len(dumped_args(dump)) == 3 and dumped_args(dump), timeout=10)
+            else:
+                mf = await mailflow_server(relayhost=f"[127.0.0.1]:{sink_port}", mynetworks=["127.0.0.0/8"])
+                await send_with_dsn(mf.smtp_addresses[0][1], "s@remote.test", rcpts, MESSAGE % b"orcpt", [])
+                await queue_becomes(mf.store, {})
+                args = await eventually(lambda: len(dumped_args(dump)) == 3 and dumped_args(dump), timeout=10)
+        seen.append(args[1:])
+    assert seen[0] == [
+        "X-Rcpt-Args: <one@dest.test> ORCPT=rfc822;j+C3+B6e@b+C3+BCcher.test",
+        "X-Rcpt-Args: <two@dest.test> ORCPT=utf-8;j\\x{F6}e@b\\x{FC}cher.test",
+    ]
+    assert seen[1] == seen[0]

@@ -8,6 +8,9 @@
 - `record_senders(peer)`: the list of the senders of every MAIL the peer gets, messages or not (address probes).
 - `garbling_lmtp(reader, writer)`: an `asyncio.start_server` LMTP server that offers PIPELINING and SMTPUTF8
   without 8BITMIME and puts a line that is no reply before its answer to MAIL (the LMTP client's own log lines).
+- `recording_peer(*keywords)`: an SMTP server on 127.0.0.1 that offers `keywords` (say "DSN", "SMTPUTF8"),
+  answers 250 to every command (354 to DATA) and records each command line as sent (bytes, CRLF removed):
+  (port, lines). For what a client writes where aiosmtpd would refuse it (RCPT parameters such as ORCPT).
 - `ZoneAuthority(zone_text, servfail=(), slow=(), delay=0.0)`: a dnslib resolver answering authoritatively from
   zone text (started by the `dns_zone` fixture): NODATA for a name in the zone without records of the asked type,
   NXDOMAIN for a name not in it, SERVFAIL for the names in `servfail` (or only a type: "name/MX"), the names in
@@ -17,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -42,6 +46,40 @@ async def garbling_lmtp(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
         writer.write(replies.get(verb, b"250 2.0.0 Ok\r\n"))
         in_data = verb == b"DATA"
     writer.close()
+
+
+@contextlib.asynccontextmanager
+async def recording_peer(*keywords: str):
+    """See the module docstring."""
+    lines: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 peer.test ESMTP\r\n")
+        while line := (await reader.readline()).rstrip(b"\r\n"):
+            lines.append(line)
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                offered = [b"250-" + k.encode() + b"\r\n" for k in ("peer.test", *keywords)]
+                writer.write(b"".join(offered) + b"250 8BITMIME\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go ahead\r\n")
+                while (await reader.readline()) not in (b".\r\n", b""):
+                    pass
+                writer.write(b"250 2.0.0 Ok\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 2.0.0 Bye\r\n")
+                break
+            else:
+                writer.write(b"250 2.0.0 Ok\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], lines
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 @dataclass

@@ -331,7 +331,19 @@ def test_dsn_parameters_are_xtext_and_orcpt_is_synthesised_from_the_original():
     assert dsn_rcpt_params(Recipient(0, "a@x.test", "First@x.test")) == [b"ORCPT=rfc822;First@x.test"]
     assert dsn_rcpt_params(Recipient(0, "a@x.test", "")) == []
     utf8 = Recipient(0, "a@x.test", "jöe@bücher.test", notify="NEVER")
-    assert dsn_rcpt_params(utf8) == [b"ORCPT=utf-8;j\\x{F6}e@b\\x{FC}cher.test", b"NOTIFY=NEVER"]
+    assert dsn_rcpt_params(utf8, smtputf8=True) == [b"ORCPT=utf-8;j\\x{F6}e@b\\x{FC}cher.test", b"NOTIFY=NEVER"]
+
+
+def test_a_non_ascii_orcpt_is_quoted_by_its_type_as_postfixs_smtp_client_quotes_it():
+    """smtp_proto.c: a queued `rfc822;` ORCPT goes as xtext (+HH of the UTF-8 bytes), a `utf-8;` one with
+    uxtext's \\x{HEX}; one made up is `utf-8;` only for a message that asked for SMTPUTF8."""
+    stored = Recipient(0, "a@x.test", "jöe@bücher.test", orcpt="rfc822;jöe@bücher.test")
+    assert dsn_rcpt_params(stored) == [b"ORCPT=rfc822;j+C3+B6e@b+C3+BCcher.test"]
+    assert dsn_rcpt_params(stored, smtputf8=True) == [b"ORCPT=rfc822;j+C3+B6e@b+C3+BCcher.test"]
+    given = Recipient(0, "a@x.test", "a@x.test", orcpt="utf-8;jöe\t@x.test")
+    assert dsn_rcpt_params(given) == [b"ORCPT=utf-8;j\\x{F6}e\\x{09}@x.test"]
+    made_up = Recipient(0, "a@x.test", "jöe@bücher.test")
+    assert dsn_rcpt_params(made_up) == [b"ORCPT=rfc822;j+C3+B6e@b+C3+BCcher.test"]
 
 
 def test_addresses_with_control_characters_never_reach_a_command():

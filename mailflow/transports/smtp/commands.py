@@ -22,15 +22,16 @@ of the SMTP and LMTP clients (the command side of Postfix smtp_proto).
                                   (offered, and the content goes unconverted: Postfix announces no SIZE when it
                                   converts), BODY, SMTPUTF8 (offered, and the message is flagged or needs it), RET
                                   and ENVID (DSN offered)
-    rcpt_command(recipient, extensions, address=None) -> bytes   `RCPT TO:<address>` with ORCPT and NOTIFY (DSN
-                                  offered); `wire` and `address` put smtp_generic_maps' forms in place
+    rcpt_command(recipient, extensions, address=None, smtputf8=False) -> bytes   `RCPT TO:<address>` with ORCPT
+                                  and NOTIFY (DSN offered; ORCPT as Postfix quotes it, see dsn_rcpt_params);
+                                  `wire` and `address` put smtp_generic_maps' forms in place
     needs_smtputf8(request, wire=None) -> bool         UTF-8 in the envelope, or in the headers of a message whose
                                   client asked for SMTPUTF8
 `wire` (mailflow.transports.generic.WireForm, None: as queued): every SMTPUTF8 decision judges the addresses and
 the header section as they go out, not as queued (a queued `jöe@box.local` sent as `joe@example.com` needs no
 SMTPUTF8; a queued `ann@box.local` sent as `änn@example.com` does, in the envelope or the header). Postfix judges
 the queued message's flags.
-    dsn_mail_params(request), dsn_rcpt_params(recipient) -> [bytes];  xtext(text), utf8_addr_xtext(text)
+    dsn_mail_params(request), dsn_rcpt_params(recipient, smtputf8=False) -> [bytes];  xtext(text), utf8_addr_xtext(text)
 
 Commands come CRLF-terminated. The envelope is sent exactly as queued (no re-parsing).
 """
@@ -186,9 +187,11 @@ def mail_command(request: DeliveryRequest, extensions: Extensions, body: str | N
     return b" ".join([b"MAIL FROM:<" + said.encode("utf-8") + b">", *params]) + CRLF
 
 
-def rcpt_command(recipient: Recipient, extensions: Extensions, address: str | None = None) -> bytes:
-    """See the module docstring. `address`: the one to say (smtp_generic_maps'), None: the recipient's."""
-    params = dsn_rcpt_params(recipient) if extensions.supports("dsn") else []
+def rcpt_command(recipient: Recipient, extensions: Extensions, address: str | None = None,
+                 smtputf8: bool = False) -> bytes:
+    """See the module docstring. `address`: the one to say (smtp_generic_maps'), None: the recipient's;
+    `smtputf8`: the message asked for SMTPUTF8 (the type of an ORCPT made up here)."""
+    params = dsn_rcpt_params(recipient, smtputf8) if extensions.supports("dsn") else []
     said = recipient.address if address is None else address
     return b" ".join([b"RCPT TO:<" + said.encode("utf-8") + b">", *params]) + CRLF
 
@@ -203,21 +206,31 @@ def dsn_mail_params(request: DeliveryRequest) -> list[bytes]:
     return [p.encode("ascii") for p in params]
 
 
-def dsn_rcpt_params(recipient: Recipient) -> list[bytes]:
-    """ORCPT and NOTIFY for a next hop that offers DSN (RFC 3461 4.1, 4.2): the ORCPT the client gave, else one
-    made from the address the client first gave (`rfc822;original`, `utf-8;` with RFC 6533's escapes when it is
-    not ASCII), as Postfix's smtp(8) does; NOTIFY as given (none given: none sent, the next hop's default)."""
+def dsn_rcpt_params(recipient: Recipient, smtputf8: bool = False) -> list[bytes]:
+    """ORCPT and NOTIFY for a next hop that offers DSN (RFC 3461 4.1, 4.2), as Postfix's smtp_proto writes them,
+    whether or not the next hop offers SMTPUTF8: the queued ORCPT quoted by its own type (`utf-8;` with RFC 6533's
+    `\\x{HEX}` escapes; any other type, `rfc822;` with a non-ASCII address too, as xtext: `+HH` of the UTF-8
+    bytes), else one made from the address the client first gave (`utf-8;` only for a non-ASCII one of a message
+    that asked for SMTPUTF8, else `rfc822;`); NOTIFY as given (none given: none sent, the next hop's default)."""
     params = []
-    orcpt = recipient.orcpt or (f"rfc822;{recipient.original}" if recipient.original else "")
+    orcpt = recipient.orcpt or _made_up_orcpt(recipient.original, smtputf8)
     if orcpt:
         addr_type, _, addr = orcpt.partition(";")
-        if addr_type.lower() == "utf-8" or not addr.isascii():
-            params.append(f"ORCPT=utf-8;{utf8_addr_xtext(addr)}")
+        if addr_type.lower() == "utf-8":
+            params.append(f"ORCPT={addr_type};{utf8_addr_xtext(addr)}")
         else:
             params.append(f"ORCPT={addr_type};{xtext(addr)}")
     if recipient.notify:
         params.append(f"NOTIFY={recipient.notify.upper()}")
     return [p.encode("ascii") for p in params]
+
+
+def _made_up_orcpt(original: str, smtputf8: bool) -> str:
+    """The ORCPT Postfix's smtp client makes up for a queued recipient without one (smtp_proto.c: `utf-8` only
+    when the message asked for SMTPUTF8 and the address is not ASCII); "" without an original address."""
+    if not original:
+        return ""
+    return f"{'utf-8' if smtputf8 and not original.isascii() else 'rfc822'};{original}"
 
 
 def xtext(text: str) -> str:
@@ -228,5 +241,5 @@ def xtext(text: str) -> str:
 
 def utf8_addr_xtext(text: str) -> str:
     """RFC 6533 utf-8-addr-xtext: like xtext, but a character outside printable ASCII (or '+', '=', '\\')
-    is written \\x{HEX} by its code point."""
-    return "".join(c if 0x21 <= ord(c) <= 0x7E and c not in "+=\\" else f"\\x{{{ord(c):X}}}" for c in text)
+    is written \\x{HEX} by its code point, at least two hex digits (Postfix's uxtext_quote)."""
+    return "".join(c if 0x21 <= ord(c) <= 0x7E and c not in "+=\\" else f"\\x{{{ord(c):02X}}}" for c in text)

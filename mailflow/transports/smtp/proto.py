@@ -98,11 +98,11 @@ async def _transaction(
         session.log.debug("%s: %s lacks 8BITMIME or SMTPUTF8: content converted to 7 bit", request.queue_id,
                           peer.relay)
     if wire is None:
-        rcpts = [rcpt_command(r, extensions) for r in recipients]
+        rcpts = [rcpt_command(r, extensions, smtputf8=request.smtputf8) for r in recipients]
         mail = mail_command(request, extensions, body, converted=converted)
     else:  # (the header swapped first: what the peer is to see, then made 7 bit if it must be)
         encoders = (*wire.encoders(), *encoders)
-        rcpts = [rcpt_command(r, extensions, wire.recipient(r.address)) for r in recipients]
+        rcpts = [rcpt_command(r, extensions, wire.recipient(r.address), request.smtputf8) for r in recipients]
         mail = mail_command(request, extensions, body, converted=converted, wire=wire)
     pipelining = extensions.supports("pipelining")
     data = [] if request.verify else [b"DATA" + CRLF]  # a probe stops after RCPT (Postfix's verify flag)
