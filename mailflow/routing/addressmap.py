@@ -14,7 +14,8 @@ What it owns (Postfix cleanup(8), envelope part):
 - `expand(addr) -> [addr, ...]`: `virtual_alias_maps`, for recipients of every domain, recursively.
 - `recipients(rcpts) -> (Recipient, ...)`: `recipient()` then `expand()` for each, duplicates removed (the first
   keeps its place and its original address), indexes renumbered. A recipient without ORCPT gets
-  `rfc822;ADDRESS` with the address after `recipient()` (Postfix's cleanup makes it up so; smtpd gives one always).
+  `rfc822;ADDRESS` with the address after `recipient()` (Postfix's cleanup makes it up so; smtpd gives one always),
+  `utf-8;ADDRESS` for a non-ASCII one when the message asked for SMTPUTF8 (`smtputf8=True`).
   A duplicate is what Postfix's cleanup_out_recipient takes for one (its been_here key, without case): the same
   address with the same NOTIFY (as a set of words), ORCPT and original recipient. For the
   members of an alias of more than one address, SUCCESS does not count in that NOTIFY, as Postfix turns it off
@@ -184,8 +185,10 @@ class AddressMapper:
         return original if original is not None else self._canonical(qualified, self._recipient_passes)
 
     def recipients(self, rcpts: Sequence[Recipient], *, auto_bcc_sender: str | None = None,
-                   bcc: Sequence[str] = (), milter: MilterEdits = NO_MILTER_EDITS) -> tuple[Recipient, ...]:
-        """See the module doc. `auto_bcc_sender`: the message's sender as received, rewritten (`sender()`), when
+                   bcc: Sequence[str] = (), milter: MilterEdits = NO_MILTER_EDITS,
+                   smtputf8: bool = False) -> tuple[Recipient, ...]:
+        """See the module doc. `smtputf8`: the message asked for SMTPUTF8 (the type of a made-up ORCPT);
+        `auto_bcc_sender`: the message's sender as received, rewritten (`sender()`), when
         the automatic BCC recipients apply, None when they do not; `bcc`: the content checks' BCC addresses, added
         as the automatic ones are (Postfix's cleanup_extracted_finish: after always_bcc); `milter`: the milters'
         envelope edits (MilterEdits), whose BCC copies come last, as Postfix's milters run last."""
@@ -197,7 +200,7 @@ class AddressMapper:
         for rcpt in rcpts:
             canonical = self.recipient(rcpt.address)
             if not rcpt.orcpt and canonical and rcpt.address not in milter.added:  # (Postfix adds those without)
-                rcpt = dataclasses.replace(rcpt, orcpt=_made_up_orcpt(canonical))
+                rcpt = dataclasses.replace(rcpt, orcpt=_made_up_orcpt(canonical, smtputf8))
             finals = self.expand(canonical)
             if len(finals) == 1 and len(rcpts) == 1 and not auto and not bcc:  # alone: no duplicate, nothing after it
                 out.append(Recipient(len(out), finals[0], rcpt.original, rcpt.notify, rcpt.orcpt))
@@ -354,11 +357,12 @@ class AddressMapper:
         return LookupRetry(f"table {address.printable(table)}: {address.printable(key)}: non-address result")
 
 
-def _made_up_orcpt(canonical: str) -> str:
+def _made_up_orcpt(canonical: str, smtputf8: bool) -> str:
     """The ORCPT Postfix's cleanup gives a recipient that came without one (cleanup_addr_recipient: smtpd always
     gives one, mail from sendmail or a local(8) list does not): the address after canonical mapping and
-    masquerading, before virtual alias expansion, so a notice reads `Original-Recipient: rfc822;ADDRESS`."""
-    return f"{'rfc822' if canonical.isascii() else 'utf-8'};{canonical}"
+    masquerading, before virtual alias expansion, so a notice reads `Original-Recipient: rfc822;ADDRESS`; type
+    `utf-8` only for a non-ASCII address of a message that asked for SMTPUTF8 (`smtputf8`), as Postfix's."""
+    return f"{'utf-8' if smtputf8 and not canonical.isascii() else 'rfc822'};{canonical}"
 
 
 def _duplicate_key(rcpt: Recipient, *, expanded: bool) -> tuple[str, ...]:

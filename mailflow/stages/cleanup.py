@@ -355,9 +355,9 @@ class Cleanup:
             if mapper.auto_bcc and not bcc.redirected and _from_outside(sub):
                 auto_sender, milter = _milter_bcc(mapper, sub, sender)
                 recipients = mapper.recipients(recipients, auto_bcc_sender=auto_sender, bcc=bcc.wanted(),
-                                               milter=milter)
+                                               milter=milter, smtputf8=env.smtputf8)
             else:
-                recipients = mapper.recipients(recipients, bcc=bcc.wanted())
+                recipients = mapper.recipients(recipients, bcc=bcc.wanted(), smtputf8=env.smtputf8)
         elif bcc.wanted():
             recipients = _unmapped_bcc(recipients, bcc.wanted())
         fullname = sub.submitter.fullname if sub.submitter else ""

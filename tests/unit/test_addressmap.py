@@ -652,3 +652,13 @@ def test_a_recipient_a_milter_added_gets_no_made_up_original_recipient():
     edits = MilterEdits(added=frozenset({"added@x.test"}))
     got = pairs(mapper().recipients(rcpts("a@x.test", "added@x.test"), milter=edits))
     assert got == [("a@x.test", "a@x.test", "", "rfc822;a@x.test"), ("added@x.test", "added@x.test", "", "")]
+
+
+def test_a_made_up_orcpt_is_utf8_only_for_a_non_ascii_address_of_a_message_that_asked_for_smtputf8():
+    """cleanup_addr.c: `utf-8;` when the address is not ASCII and the message asked for SMTPUTF8, else `rfc822;`
+    (a local list's forwarded copy of a message without SMTPUTF8, say)."""
+    m = mapper()
+    assert pairs(m.recipients(rcpts("jöe@x.test", "a@x.test"))) == [
+        ("jöe@x.test", "jöe@x.test", "", "rfc822;jöe@x.test"), ("a@x.test", "a@x.test", "", "rfc822;a@x.test")]
+    assert pairs(m.recipients(rcpts("jöe@x.test", "a@x.test"), smtputf8=True)) == [
+        ("jöe@x.test", "jöe@x.test", "", "utf-8;jöe@x.test"), ("a@x.test", "a@x.test", "", "rfc822;a@x.test")]
