@@ -5,7 +5,9 @@ here: `ret`, `envid`, `notify`, `orcpt`; the maildrop checks what a file holds w
 `is_orcpt_value` (the values these functions return, nothing else). Local delivery passes a recipient's NOTIFY on
 to what an alias expands it to with `without_success`.
 
-`xtext_encode` writes xtext as Postfix's xtext_quote (for policy requests).
+`xtext_encode` writes xtext as Postfix's xtext_quote (for policy requests). `made_up_orcpt(address, smtputf8)`:
+the ORCPT Postfix makes up for a recipient that came without one (cleanup for sendmail's and a list's copies, the
+SMTP client for a queued row without one).
 
 What Postfix takes, and so what is taken here: xtext with `+hh` in either case and any other character as itself
 (`xtext_decode`, Postfix's xtext_unquote; the decoded value ends at a NUL, as Postfix's C string does); RFC 6533's
@@ -139,3 +141,11 @@ def is_orcpt_value(value: str) -> bool:
         return True
     addr_type, semi, addr = value.partition(";")
     return bool(semi and addr and "\0" not in addr and _ADDR_TYPE.match(addr_type) and addr_type == addr_type.lower())
+
+
+def made_up_orcpt(address: str, smtputf8: bool) -> str:
+    """`rfc822;ADDRESS`, or `utf-8;ADDRESS` for a non-ASCII address of a message that asked for SMTPUTF8 (Postfix's
+    cleanup_addr.c and smtp_proto.c alike); "" without an address."""
+    if not address:
+        return ""
+    return f"{'utf-8' if smtputf8 and not address.isascii() else 'rfc822'};{address}"

@@ -70,6 +70,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from mailflow import address
+from mailflow.dsn_parameters import made_up_orcpt
 from mailflow.errors import LookupRetry, TemporaryError
 from mailflow.header_addresses import value_addresses
 from mailflow.model import Recipient
@@ -200,7 +201,7 @@ class AddressMapper:
         for rcpt in rcpts:
             canonical = self.recipient(rcpt.address)
             if not rcpt.orcpt and canonical and rcpt.address not in milter.added:  # (Postfix adds those without)
-                rcpt = dataclasses.replace(rcpt, orcpt=_made_up_orcpt(canonical, smtputf8))
+                rcpt = dataclasses.replace(rcpt, orcpt=made_up_orcpt(canonical, smtputf8))
             finals = self.expand(canonical)
             if len(finals) == 1 and len(rcpts) == 1 and not auto and not bcc:  # alone: no duplicate, nothing after it
                 out.append(Recipient(len(out), finals[0], rcpt.original, rcpt.notify, rcpt.orcpt))
@@ -356,13 +357,6 @@ class AddressMapper:
                     self._log_id, address.printable(table), addr, value)
         return LookupRetry(f"table {address.printable(table)}: {address.printable(key)}: non-address result")
 
-
-def _made_up_orcpt(canonical: str, smtputf8: bool) -> str:
-    """The ORCPT Postfix's cleanup gives a recipient that came without one (cleanup_addr_recipient: smtpd always
-    gives one, mail from sendmail or a local(8) list does not): the address after canonical mapping and
-    masquerading, before virtual alias expansion, so a notice reads `Original-Recipient: rfc822;ADDRESS`; type
-    `utf-8` only for a non-ASCII address of a message that asked for SMTPUTF8 (`smtputf8`), as Postfix's."""
-    return f"{'utf-8' if smtputf8 and not canonical.isascii() else 'rfc822'};{canonical}"
 
 
 def _duplicate_key(rcpt: Recipient, *, expanded: bool) -> tuple[str, ...]:

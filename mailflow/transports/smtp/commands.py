@@ -41,6 +41,7 @@ import re
 from dataclasses import dataclass, field
 
 from mailflow.address import has_unsafe_characters, printable
+from mailflow.dsn_parameters import made_up_orcpt
 from mailflow.errors import PermanentError
 from mailflow.message import HEADER_READ_LIMIT, read_header
 from mailflow.model import DeliveryRequest, Recipient
@@ -213,7 +214,7 @@ def dsn_rcpt_params(recipient: Recipient, smtputf8: bool = False) -> list[bytes]
     bytes), else one made from the address the client first gave (`utf-8;` only for a non-ASCII one of a message
     that asked for SMTPUTF8, else `rfc822;`); NOTIFY as given (none given: none sent, the next hop's default)."""
     params = []
-    orcpt = recipient.orcpt or _made_up_orcpt(recipient.original, smtputf8)
+    orcpt = recipient.orcpt or made_up_orcpt(recipient.original, smtputf8)
     if orcpt:
         addr_type, _, addr = orcpt.partition(";")
         if addr_type.lower() == "utf-8":
@@ -224,13 +225,6 @@ def dsn_rcpt_params(recipient: Recipient, smtputf8: bool = False) -> list[bytes]
         params.append(f"NOTIFY={recipient.notify.upper()}")
     return [p.encode("ascii") for p in params]
 
-
-def _made_up_orcpt(original: str, smtputf8: bool) -> str:
-    """The ORCPT Postfix's smtp client makes up for a queued recipient without one (smtp_proto.c: `utf-8` only
-    when the message asked for SMTPUTF8 and the address is not ASCII); "" without an original address."""
-    if not original:
-        return ""
-    return f"{'utf-8' if smtputf8 and not original.isascii() else 'rfc822'};{original}"
 
 
 def xtext(text: str) -> str:
