@@ -565,6 +565,12 @@ async def test_failures_of_two_lists_go_each_to_its_own_owner_and_a_lists_deferr
         "x-unix; temporary failure"] * 2
 
 
+def local_host_with(aliases: str) -> dict[str, dict]:
+    """notices_of_both's `postfix` and `settings` for both servers as local.test, `aliases` their alias_maps."""
+    return {"postfix": {"mydestination": "local.test", "myorigin": "local.test", "alias_maps": aliases},
+            "settings": {"mydestination": ["local.test"], "myorigin": "local.test", "alias_maps": [aliases]}}
+
+
 async def test_each_failure_under_lists_is_its_own_notice_to_the_owner_as_postfixs_bounce_one(mailflow_server,
                                                                                             smtp_peer, caplog):
     """local(8)'s bounce_workaround calls bounce_one once per failed delivery: an alias of two lists with one
@@ -578,10 +584,7 @@ async def test_each_failure_under_lists_is_its_own_notice_to_the_owner_as_postfi
                '{pair="|/bin/false", "|exit 67"}, {owner-pair=o@sender.test} }')
     messages = [Send("case-both", {"both@local.test": []}), Send("case-pair", {"pair@local.test": []})]
     pf, mf = await notices_of_both(mailflow_server, smtp_peer, {}, messages, 4, settle=1.5,
-                                   postfix={"mydestination": "local.test", "myorigin": "local.test",
-                                            "alias_maps": aliases},
-                                   settings={"mydestination": ["local.test"], "myorigin": "local.test",
-                                             "alias_maps": [aliases]}, maillog=maillog)
+                                   **local_host_with(aliases), maillog=maillog)
 
     def told(notices) -> list[tuple]:
         return sorted((n.envelope[1], n["Subject"], human_part(n), report(n)[1:]) for n in notices)
@@ -677,10 +680,7 @@ async def test_a_list_failure_beside_another_goes_to_the_owner_and_the_other_to_
                '{mix2=l2, nosuchuser}, {l2="|exit 67"}, {owner-l2=o2@sender.test} }')
     messages = [Send("case-mix", {"mix@local.test": []}), Send("case-mix2", {"mix2@local.test": []})]
     pf, mf = await notices_of_both(mailflow_server, smtp_peer, {}, messages, 4, settle=1.5,
-                                   postfix={"mydestination": "local.test", "myorigin": "local.test",
-                                            "alias_maps": aliases},
-                                   settings={"mydestination": ["local.test"], "myorigin": "local.test",
-                                             "alias_maps": [aliases]}, maillog=maillog)
+                                   **local_host_with(aliases), maillog=maillog)
 
     def told(notices) -> list[tuple]:
         return sorted((n.envelope[1], human_part(n), report(n)[1:]) for n in notices)
