@@ -1,6 +1,6 @@
 """Shared fixtures: real local peers on 127.0.0.1, port 0. What they build on is in tests/support/.
 
-- `dns_zone(zone_text, servfail=(), tcp=False, asked=None)` starts an in-process authoritative DNS server (dnslib,
+- `dns_zone(zone_text, servfail=(), tcp=False, asked=None, nxdomain=())` starts an in-process authoritative DNS server (dnslib,
   `ZoneAuthority`) for a BIND-style zone and returns its "127.0.0.1:port" nameserver string; `tcp`: on TCP too (the
   same port), for answers too big for UDP (then truncated there past 1232 bytes); `asked`: a list that gets the
   (name, type) of each query.
@@ -77,9 +77,9 @@ def dns_zone():
     servers: list[DNSServer] = []
 
     def start(zone_text: str, servfail: Collection[str] = (), slow: tuple[str, ...] = (), delay: float = 0.0,
-              tcp: bool = False, asked: list[tuple[str, str]] | None = None) -> str:
+              tcp: bool = False, asked: list[tuple[str, str]] | None = None, nxdomain: Collection[str] = ()) -> str:
         quiet = DNSLogger("-request,-reply,-truncated,-recv,-send,-error,-data", False)
-        authority = ZoneAuthority(zone_text, servfail, slow, delay, asked)
+        authority = ZoneAuthority(zone_text, servfail, slow, delay, asked, nxdomain)
         started = _dns_servers(authority, quiet, tcp)
         port = started[0].server.server_address[1]
         for each in started:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 from mailflow import status
 from tests.support import SmtpClient
 
@@ -437,8 +439,8 @@ async def test_the_unknown_domain_checks_ask_the_dns_once_a_session(mailflow_ser
     finally:
         await client.close()
     domains = [(name, qtype) for name, qtype in asked if name.endswith(("known.test.", "nowhere.test."))]
-    assert sorted(domains) == [("known.test.", "A"), ("known.test.", "AAAA"),
-                               ("known.test.", "MX"), ("nowhere.test.", "MX")], domains  # (no such domain: no A)
+    assert sorted(domains) == [("known.test.", "A"), ("known.test.", "AAAA"), ("known.test.", "MX"),
+                               ("nowhere.test.", "A"), ("nowhere.test.", "AAAA"), ("nowhere.test.", "MX")], domains
 
 
 async def test_a_sender_domain_with_a_null_mx_is_refused_though_it_has_an_address(mailflow_server, dns_zone):
@@ -610,7 +612,7 @@ async def test_the_session_memo_drops_the_least_recently_read_answers_not_all(ma
     finally:
         await client.close()
     assert [q for q in asked if q[0] == "1.0.0.127.rbl.test."] == [("1.0.0.127.rbl.test.", "A")]
-    assert len([q for q in asked if q[0].startswith("nx")]) == 40
+    assert len([q for q in asked if q[0].startswith("nx")]) == 40 * 3  # (MX, A, AAAA: each domain asked once)
 
 
 async def test_under_warn_if_reject_an_address_domain_dns_failure_is_only_warned_of(mailflow_server, dns_zone,
@@ -624,3 +626,91 @@ async def test_under_warn_if_reject_an_address_domain_dns_failure_is_only_warned
     assert any("reject_warning: RCPT from " in r.getMessage() and
                ": 450 4.1.2 <r@broken.test>: Recipient address rejected: Domain not found;" in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+# ----------------------------------------------------- every MX/A/AAAA answer through Postfix's reject_unknown_mailhost
+
+# Postfix's dns.h status values: the larger wins (dns_lookup_rl keeps the "highest-priority" status it met).
+DNS_OK, DNS_RETRY, DNS_NULLMX, DNS_NOTFOUND = 0, -2, -5, -6
+ANSWER_STATUS = {"records": DNS_OK, "nodata": DNS_NOTFOUND, "nxdomain": DNS_NOTFOUND, "servfail": DNS_RETRY,
+                 "timeout": DNS_RETRY, "null": DNS_NULLMX}
+ADDRESS_ANSWERS = ("records", "nodata", "nxdomain", "servfail")
+MX_ANSWERS = (*ADDRESS_ANSWERS, "null")
+TIMED_OUT = (("timeout", "nxdomain", "nxdomain"), ("nxdomain", "timeout", "nodata"), ("nodata", "nodata", "timeout"))
+COMBINATIONS = [(mx, a, aaaa) for mx in MX_ANSWERS for a in ADDRESS_ANSWERS for aaaa in ADDRESS_ANSWERS] + list(TIMED_OUT)
+
+
+def postfix_mailhost_status(mx: str, a: str, aaaa: str) -> int:
+    """dns_lookup_rl(name, ..., STOP_OK | STOP_INVAL | STOP_NULLMX | STOP_MX_POLICY, T_MX, T_A, T_AAAA), as
+    postfix-3.7.11 src/dns/dns_lookup.c has it: each type in turn; DNS_OK or DNS_NULLMX stops; NXDOMAIN does not
+    ("XXX Stop after NXDOMAIN error" is only a comment); at the end the highest status met wins."""
+    statuses = [ANSWER_STATUS[answer] for answer in (mx, a, aaaa)]
+    best = None
+    for n, status_ in enumerate(statuses):
+        if status_ in (DNS_OK, DNS_NULLMX) or n == len(statuses) - 1:
+            break
+        if best is None or status_ >= best:
+            best = status_
+    return best if best is not None and status_ < best else status_
+
+
+def combination_zone(combinations) -> tuple[str, list[str], list[str], list[str]]:
+    """A zone where `<mx>-<a>-<aaaa>.combo.test` answers MX, A and AAAA queries as its name says: (zone text, its
+    SERVFAIL, NXDOMAIN and slow name/TYPE entries). Every name has a TXT record: it exists (NODATA elsewhere)."""
+    lines, servfail, nxdomain, slow = [], [], [], []
+    records = {"MX": "MX 10 mx.known.test.", "A": "A 192.0.2.1", "AAAA": "AAAA 2001:db8::1"}
+    for combination in combinations:
+        name = "-".join(combination) + ".combo.test"
+        lines.append(f'{name}. 300 IN TXT "exists"')
+        for qtype, answer in zip(("MX", "A", "AAAA"), combination):
+            if answer == "records":
+                lines.append(f"{name}. 300 IN {records[qtype]}")
+            elif answer == "null":
+                lines.append(f"{name}. 300 IN MX 0 .")
+            else:
+                {"servfail": servfail, "nxdomain": nxdomain, "timeout": slow}.get(answer, []).append(f"{name}/{qtype}")
+    return ZONE + "\n".join(lines) + "\n", servfail, nxdomain, slow
+
+
+def postfix_reply(combination: tuple[str, str, str], side: str) -> tuple[int, str]:
+    """reject_unknown_mailhost's reply (unknown_address_reject_code 550), through smtpd's lists: a DNS_RETRY is a
+    DEFER_IF_PERMIT (450), answered as the list ends in a permit."""
+    name = "-".join(combination) + ".combo.test"
+    addr, what = (f"s@{name}", "Sender address") if side == "sender" else (f"r@{name}", "Recipient address")
+    found = postfix_mailhost_status(*combination)
+    if found == DNS_OK:
+        return 250, "250 2.1.5 Ok"
+    if found == DNS_NULLMX:
+        code = (550, "5.7.27") if side == "sender" else (556, "5.1.10")
+        return code[0], f"{code[0]} {code[1]} <{addr}>: {what} rejected: Domain {name} does not accept mail (nullMX)"
+    detail = "4.1.8" if side == "sender" else "4.1.2"
+    code = 450 if found == DNS_RETRY else 550
+    return code, f"{code} {code // 100}.{detail[2:]} <{addr}>: {what} rejected: Domain not found"
+
+
+@pytest.mark.parametrize("side", ["sender", "recipient"])
+async def test_every_mx_a_and_aaaa_answer_is_decided_as_postfix_s_reject_unknown_mailhost(mailflow_server, dns_zone,
+                                                                                           side):
+    """Postfix asks MX, then A, then AAAA; records or a null MX stop it, and a failure (SERVFAIL, a timeout) met on
+    any step wins over "not found" at the end. mailflow took an MX lookup's NXDOMAIN as the domain's verdict: the
+    A lookup that failed after it (or found an address) was never asked, and the domain was refused for good."""
+    zone, servfail, nxdomain, slow = combination_zone(COMBINATIONS)
+    nameserver = dns_zone(zone, servfail=servfail, nxdomain=nxdomain, slow=tuple(slow), delay=0.6)
+    mf = await mailflow_server(dns={"nameservers": [nameserver], "timeout": 0.3, "tries": 1}, smtpd={
+        "relay_restrictions": RELAY_FROM_HERE, "unknown_address_reject_code": 550,
+        "error_sleep_time": 0, "hard_error_limit": 1000,
+        f"{side}_restrictions": [f"reject_unknown_{side}_domain"]})
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    seen, expected = {}, {}
+    try:
+        assert (await client.cmd("EHLO client.test")).code == 250
+        for combination in COMBINATIONS:
+            name = "-".join(combination) + ".combo.test"
+            sender, recipient = (f"s@{name}", "r@known.test") if side == "sender" else ("s@known.test", f"r@{name}")
+            assert (await client.cmd(f"MAIL FROM:<{sender}>")).code == 250
+            reply = await client.cmd(f"RCPT TO:<{recipient}>")
+            seen[combination], expected[combination] = tuple(reply), postfix_reply(combination, side)
+            assert (await client.cmd("RSET")).code == 250
+    finally:
+        await client.close()
+    assert seen == expected

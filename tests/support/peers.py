@@ -11,11 +11,12 @@
 - `recording_peer(*keywords)`: an SMTP server on 127.0.0.1 that offers `keywords` (say "DSN", "SMTPUTF8"),
   answers 250 to every command (354 to DATA) and records each command line as sent (bytes, CRLF removed):
   (port, lines). For what a client writes where aiosmtpd would refuse it (RCPT parameters such as ORCPT).
-- `ZoneAuthority(zone_text, servfail=(), slow=(), delay=0.0)`: a dnslib resolver answering authoritatively from
-  zone text (started by the `dns_zone` fixture): NODATA for a name in the zone without records of the asked type,
-  NXDOMAIN for a name not in it, SERVFAIL for the names in `servfail` (or only a type: "name/MX"), the names in
-  `slow` answered after `delay` seconds (each query in a thread of its own); a CNAME is followed as a recursive
-  resolver follows it.
+- `ZoneAuthority(zone_text, servfail=(), slow=(), delay=0.0, nxdomain=())`: a dnslib resolver answering
+  authoritatively from zone text (started by the `dns_zone` fixture): NODATA for a name in the zone without records
+  of the asked type, NXDOMAIN for a name not in it, SERVFAIL for the names in `servfail` (or only a type:
+  "name/MX"), NXDOMAIN for the ones in `nxdomain` (a name, or one type of it: a server that contradicts itself),
+  the names in `slow` (or "name/TYPE") answered after `delay` seconds (each query in a thread of its own); a CNAME
+  is followed as a recursive resolver follows it.
 """
 from __future__ import annotations
 
@@ -169,14 +170,15 @@ class ZoneAuthority(BaseResolver):
     """Authoritative answers from zone text, with NODATA (dnslib's ZoneResolver says NXDOMAIN there)."""
 
     def __init__(self, zone_text: str, servfail: Collection[str] = (), slow: tuple[str, ...] = (), delay: float = 0.0,
-                 asked: list[tuple[str, str]] | None = None):
+                 asked: list[tuple[str, str]] | None = None, nxdomain: Collection[str] = ()):
         """`asked`, when given, gets (name, type) of every query, as it arrives; `servfail` is read at each query
         (a set the test changes makes a name fail, or work again, while the server runs)."""
         self.asked = asked
         self.records = RR.fromZone(zone_text)
         self.names = {str(rr.rname).lower() for rr in self.records}
         self.servfail = servfail
-        self.slow = {name.lower().rstrip(".") + "." for name in slow}
+        self.nxdomain = nxdomain
+        self.slow = slow
         self.delay = delay
 
     def resolve(self, request, handler):
@@ -184,23 +186,16 @@ class ZoneAuthority(BaseResolver):
         qname = str(request.q.qname).lower()
         if self.asked is not None:
             self.asked.append((qname, QTYPE[request.q.qtype]))
-        if qname in self.slow:
+        qtype = QTYPE[request.q.qtype]
+        if _names(self.slow, qname, qtype):
             time.sleep(self.delay)  # (dnslib's server answers each query in a thread of its own)
-        if self._fails(qname, QTYPE[request.q.qtype]):
+        if _names(self.servfail, qname, qtype):
             reply.header.rcode = RCODE.SERVFAIL
-        elif qname not in self.names:
+        elif qname not in self.names or _names(self.nxdomain, qname, qtype):
             reply.header.rcode = RCODE.NXDOMAIN
         else:
             self._answer(reply, qname, request.q.qtype)
         return reply
-
-    def _fails(self, qname: str, qtype: str) -> bool:
-        """`servfail` names the name (all its types) or `name/TYPE` (that type only: "known.test/MX")."""
-        for entry in self.servfail:
-            name, _, only = entry.lower().partition("/")
-            if name.rstrip(".") + "." == qname and only in ("", qtype.lower()):
-                return True
-        return False
 
     def _answer(self, reply, qname: str, qtype: int) -> None:
         """The records of qname/qtype; through CNAMEs as a recursive resolver gives them (the chain, then the
@@ -216,6 +211,15 @@ class ZoneAuthority(BaseResolver):
             if qname not in self.names:
                 reply.header.rcode = RCODE.NXDOMAIN
                 return
+
+
+def _names(entries: Collection[str], qname: str, qtype: str) -> bool:
+    """`entries` name `qname` (all its types) or `name/TYPE` (that type only: "known.test/MX")."""
+    for entry in entries:
+        name, _, only = entry.lower().partition("/")
+        if name.rstrip(".") + "." == qname and only in ("", qtype.lower()):
+            return True
+    return False
 
 
 def record_senders(peer: CapturePeer) -> list[str]:

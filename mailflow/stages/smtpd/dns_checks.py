@@ -19,8 +19,9 @@ server_checks.py's). restrictions.py decides when each runs; this module asks th
                                                          that is no address: 501 5.5.2
         .reverse_name(facts) -> str                      the client's first PTR name ("" for none)
         .unknown_sender_domain(facts)                    no MX and no address (asked also when the MX lookup
-                                                         fails): unknown_address_reject_code 4.1.8;
-                                                         a null MX: 550 5.7.27; DNS cannot tell: 450 4.1.8 as a
+                                                         fails or says NXDOMAIN): unknown_address_reject_code
+                                                         4.1.8; a null MX: 550 5.7.27; a lookup of any of MX, A,
+                                                         AAAA failed and none found: 450 4.1.8 as a
                                                          DEFER_IF_PERMIT (or at once: unknown_address_tempfail_action
                                                          "defer")
         .unknown_recipient_domain(facts)                 the same for a recipient (4.1.2); a null MX: 556 5.1.10
@@ -283,34 +284,30 @@ class DnsChecks:
         return answer
 
     async def _mail_domain(self, domain: str, memo: dict) -> str:
-        """What the DNS says of a sender's or recipient's domain, as Postfix's reject_unknown_mailhost asks it:
-        "null" (a null MX, RFC 7505), "found" (an MX, else an address) or "unknown" (neither, or no such domain);
-        raises LookupRetry when nothing was found and a lookup failed now (an MX lookup that fails goes on to the
-        addresses, as Postfix's dns_lookup_l does: an address found is enough)."""
+        """What the DNS says of a sender's or recipient's domain, as Postfix's reject_unknown_mailhost asks it
+        (dns_lookup_l: MX, then A and AAAA): "null" (a null MX, RFC 7505), "found" (an MX, else an address) or
+        "unknown" (neither); raises LookupRetry when nothing was found and a lookup failed now. Only records or a null
+        MX end it: after an MX lookup that failed, or said NXDOMAIN, the addresses are asked, and a failure met on
+        any step wins over "not found" (dns_lookup_rl keeps the highest status met: DNS_RETRY over DNS_NOTFOUND)."""
+        mx_failed: LookupRetry | None = None
         try:
             records = await self._domain_records("mx", domain, memo)
         except NotFound:
-            return "unknown"
-        except LookupRetry as mx_failed:
-            return await self._addresses_after_failed_mx(domain, memo, mx_failed)
+            records = ()
+        except LookupRetry as e:
+            records, mx_failed = (), e
         if any(r.is_null for r in records):
             return "null"
-        try:
-            if records or await self._domain_records("addresses", domain, memo):
-                return "found"
-        except NotFound:
-            pass
-        return "unknown"
-
-    async def _addresses_after_failed_mx(self, domain: str, memo: dict, mx_failed: LookupRetry) -> str:
-        """"found" when the domain has an address though its MX lookup failed; else the MX lookup's failure
-        (Postfix's dns_lookup_rv reports the failure, DNS_RETRY, over a later NOTFOUND)."""
+        if records:
+            return "found"
         try:
             if await self._domain_records("addresses", domain, memo):
                 return "found"
         except NotFound:
             pass
-        raise mx_failed
+        if mx_failed is not None:
+            raise mx_failed
+        return "unknown"
 
     async def unknown_recipient_domain(self, facts: Facts) -> status.Reply | None:
         """No MX and no address for the recipient's domain (`code` 4.1.2 "Domain not found"); a null MX refuses it
