@@ -640,18 +640,23 @@ TIMED_OUT = (("timeout", "nxdomain", "nxdomain"), ("nxdomain", "timeout", "nodat
 COMBINATIONS = [(mx, a, aaaa) for mx in MX_ANSWERS for a in ADDRESS_ANSWERS for aaaa in ADDRESS_ANSWERS] + list(TIMED_OUT)
 
 
-def postfix_mailhost_status(mx: str, a: str, aaaa: str) -> int:
-    """dns_lookup_rl(name, ..., STOP_OK | STOP_INVAL | STOP_NULLMX | STOP_MX_POLICY, T_MX, T_A, T_AAAA), as
-    postfix-3.7.11 src/dns/dns_lookup.c has it: each type in turn; DNS_OK or DNS_NULLMX stops; NXDOMAIN does not
-    ("XXX Stop after NXDOMAIN error" is only a comment); at the end the highest status met wins."""
-    statuses = [ANSWER_STATUS[answer] for answer in (mx, a, aaaa)]
+def postfix_lookup_status(answers: tuple[str, ...], stop_nullmx: bool) -> int:
+    """dns_lookup_rl(name, ..., lflags, types...) as postfix-3.7.11 src/dns/dns_lookup.c has it, for `answers` to
+    its types in turn: DNS_OK stops (DNS_REQ_FLAG_STOP_OK), DNS_NULLMX too with DNS_REQ_FLAG_STOP_NULLMX; NXDOMAIN
+    does not ("XXX Stop after NXDOMAIN error" is only a comment); at the end the highest status met wins."""
+    statuses = [ANSWER_STATUS[answer] for answer in answers]
     best = None
     for n, status_ in enumerate(statuses):
-        if status_ in (DNS_OK, DNS_NULLMX) or n == len(statuses) - 1:
+        if status_ == DNS_OK or (stop_nullmx and status_ == DNS_NULLMX) or n == len(statuses) - 1:
             break
         if best is None or status_ >= best:
             best = status_
     return best if best is not None and status_ < best else status_
+
+
+def postfix_mailhost_status(mx: str, a: str, aaaa: str) -> int:
+    """reject_unknown_mailhost's lookup: MX, A, AAAA with STOP_OK | STOP_INVAL | STOP_NULLMX | STOP_MX_POLICY."""
+    return postfix_lookup_status((mx, a, aaaa), stop_nullmx=True)
 
 
 def combination_zone(combinations) -> tuple[str, list[str], list[str], list[str]]:
@@ -710,6 +715,34 @@ async def test_every_mx_a_and_aaaa_answer_is_decided_as_postfix_s_reject_unknown
             assert (await client.cmd(f"MAIL FROM:<{sender}>")).code == 250
             reply = await client.cmd(f"RCPT TO:<{recipient}>")
             seen[combination], expected[combination] = tuple(reply), postfix_reply(combination, side)
+            assert (await client.cmd("RSET")).code == 250
+    finally:
+        await client.close()
+    assert seen == expected
+
+
+async def test_every_a_aaaa_and_mx_answer_is_decided_as_postfix_s_reject_unknown_hostname(mailflow_server, dns_zone):
+    """Postfix's reject_unknown_hostname asks A, AAAA, then MX (dns_lookup_l with STOP_OK only) and takes a null MX
+    as known, unless an address lookup failed before it: the failure (DNS_RETRY) is the higher status, a 450
+    DEFER_IF_PERMIT. mailflow took the null MX as known whatever the address lookups had said."""
+    combinations = [(mx, a, aaaa) for mx in MX_ANSWERS for a in ADDRESS_ANSWERS for aaaa in ADDRESS_ANSWERS]
+    zone, servfail, nxdomain, _ = combination_zone(combinations)
+    nameserver = dns_zone(zone, servfail=servfail, nxdomain=nxdomain)
+    port = await dns_checked(mailflow_server, nameserver, smtpd={
+        "unknown_hostname_reject_code": 550, "error_sleep_time": 0, "hard_error_limit": 1000,
+        "helo_restrictions": ["reject_unknown_helo_hostname"]})
+    client = await SmtpClient.connect(port)
+    seen, expected = {}, {}
+    try:
+        for mx, a, aaaa in combinations:
+            name = f"{mx}-{a}-{aaaa}.combo.test"
+            assert (await client.cmd(f"EHLO {name}")).code == 250
+            assert (await client.cmd("MAIL FROM:<s@known.test>")).code == 250
+            seen[name] = tuple(await client.cmd("RCPT TO:<alice@local.test>"))
+            found = postfix_lookup_status((a, aaaa, mx), stop_nullmx=False)
+            code = 450 if found == DNS_RETRY else 550
+            expected[name] = (250, "250 2.1.5 Ok") if found in (DNS_OK, DNS_NULLMX) else \
+                (code, f"{code} {code // 100}.7.1 <{name}>: Helo command rejected: Host not found")
             assert (await client.cmd("RSET")).code == 250
     finally:
         await client.close()

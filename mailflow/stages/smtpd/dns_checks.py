@@ -13,8 +13,9 @@ server_checks.py's). restrictions.py decides when each runs; this module asks th
         .unknown_client(facts, code, reverse_only=...)   without a (verified) name: `code` 4.7.25 (the reverse
                                                          name's: 4.7.1); DNS cannot tell (XCLIENT NAME's
                                                          [TEMPUNAVAIL] too): 450, at once
-        .unknown_helo(facts, code, tempfail_action)      no A, AAAA or MX for the HELO name: `code` 4.7.1 "Host
-                                                         not found"; DNS cannot tell: 450 as a DEFER_IF_PERMIT (or
+        .unknown_helo(facts, code, tempfail_action)      no A, AAAA or MX (a null MX is one) for the HELO name:
+                                                         `code` 4.7.1 "Host not found"; none found and a lookup
+                                                         failed (a null MX too then): 450 as a DEFER_IF_PERMIT (or
                                                          at once: tempfail_action "defer"); an address literal
                                                          that is no address: 501 5.5.2
         .reverse_name(facts) -> str                      the client's first PTR name ("" for none)
@@ -45,7 +46,7 @@ from typing import TYPE_CHECKING
 
 from mailflow import address, status
 from mailflow.address import client_ip
-from mailflow.dns import NotFound, confirmed_name, is_ip_literal, ptr_names
+from mailflow.dns import MX, NotFound, confirmed_name, is_ip_literal, ptr_names
 from mailflow.errors import LookupRetry
 from mailflow.model import AddressClass
 from mailflow.syntax import is_ipv4
@@ -242,21 +243,27 @@ class DnsChecks:
 
     async def _has_host_records(self, name: str) -> bool | None:
         """An A, AAAA or MX record for `name` (asked in that order, the first found ends it, as Postfix's
-        dns_lookup_l with STOP_OK); None when none was found and a lookup failed for now. A bare IP address
-        names no host in the DNS (where Postfix asks it as a name, which no TLD answers)."""
+        dns_lookup_l with STOP_OK); None when none was found and a lookup failed for now. A null MX counts as found
+        (Postfix's "MTA names may have nullMX records") unless an address lookup failed before it: dns_lookup_rl
+        keeps the highest status met, DNS_RETRY over DNS_NULLMX. A bare IP address names no host in the DNS (where
+        Postfix asks it as a name, which no TLD answers)."""
         if is_ip_literal(name):
             return False
-        failed = False
+        failed = null_mx = False
         for lookup in (self._resolver.addresses, self._resolver.mx):
             try:
-                if await lookup(name):
-                    return True
+                records = await lookup(name)
             except NotFound:
                 continue
             except LookupRetry as e:
                 log.debug("%s: address or MX lookup error: %s", name, e.reason)  # (Postfix logs none)
                 failed = True
-        return None if failed else False
+                continue
+            if any(isinstance(r, MX) and r.is_null for r in records):
+                null_mx = True
+            elif records:
+                return True
+        return None if failed else null_mx
 
     # -------------------------------------------------------------------------------- address domains
 
