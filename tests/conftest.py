@@ -1,9 +1,10 @@
 """Shared fixtures: real local peers on 127.0.0.1, port 0. What they build on is in tests/support/.
 
-- `dns_zone(zone_text, servfail=(), tcp=False, asked=None, nxdomain=())` starts an in-process authoritative DNS server (dnslib,
-  `ZoneAuthority`) for a BIND-style zone and returns its "127.0.0.1:port" nameserver string; `tcp`: on TCP too (the
-  same port), for answers too big for UDP (then truncated there past 1232 bytes); `asked`: a list that gets the
-  (name, type) of each query.
+- `dns_zone(zone_text, servfail=(), tcp=False, asked=None, nxdomain=())` starts an in-process authoritative DNS
+  server (dnslib, `ZoneAuthority`) for a BIND-style zone and returns its "127.0.0.1:port" nameserver string;
+  `tcp`: on TCP too (the same port), for answers too big for UDP (then truncated there past 1232 bytes); `asked`: a
+  list that gets the (name, type) of each query; `nxdomain`: names (or "name/TYPE") answered NXDOMAIN though in
+  the zone.
 - `smtp_peer(host="127.0.0.1", port=0, **smtp_kwargs)` starts a capturing aiosmtpd server on the test's own loop
   (never aiosmtpd's threaded Controller) and returns a `CapturePeer`: `.port`, `.messages` (one `Captured` per
   accepted DATA) and `.handler`, whose `mail_reply`, `rcpt_replies[address]` and `data_reply` script refusals.
