@@ -186,6 +186,28 @@ async def test_a_client_name_the_dns_cannot_tell_is_450_whatever_the_code(mailfl
         (450, "450 4.7.25 Client host rejected: cannot find your hostname, [127.0.0.1]"), (250, "250 2.1.5 Ok")]
 
 
+async def test_without_peername_lookup_the_name_checks_see_unknown_and_ask_no_dns(mailflow_server, dns_zone):
+    """postfix-3.7.11 smtpd_peer.c: smtpd_peername_lookup = no makes state->name and state->reverse_name "unknown",
+    their status SMTPD_PEER_CODE_PERM: reject_unknown_client_hostname and _reverse_client_hostname refuse with
+    unknown_client_reject_code, the RHS lists skip "unknown". mailflow's name checks asked the DNS all the same and
+    passed a client whose name leads back to its address."""
+    asked: list[tuple[str, str]] = []
+    nameserver = dns_zone(ZONE, asked=asked)
+    said_by = []
+    for item in (*CLIENT_ITEMS, "permit_rhswl_client rhswl.test",
+                 "check_reverse_client_hostname_access inline:{client.known.test=REJECT}"):
+        mf = await mailflow_server(dns={"nameservers": [nameserver], "timeout": "2s", "tries": 1},
+                                   smtpd={"peername_lookup": False, "unknown_client_reject_code": 550,
+                                          "client_restrictions": [item, "reject"] if "rhswl" in item else [item]})
+        said_by.append(tuple(await rcpt(mf.smtp_addresses[0][1])))
+        await mf.stop()
+    assert said_by == [(550, "550 5.7.25 Client host rejected: cannot find your hostname, [127.0.0.1]"),
+                       (550, "550 5.7.1 Client host rejected: cannot find your reverse hostname, [127.0.0.1]"),
+                       said(status.access_denied("unknown[127.0.0.1]", "Client host")),
+                       (250, "250 2.1.5 Ok")]
+    assert not [q for q in asked if q[1] == "PTR" or "known.test" in q[0]], asked
+
+
 # ---------------------------------------------------------------------------------------------- server access
 
 
@@ -637,7 +659,8 @@ ANSWER_STATUS = {"records": DNS_OK, "nodata": DNS_NOTFOUND, "nxdomain": DNS_NOTF
 ADDRESS_ANSWERS = ("records", "nodata", "nxdomain", "servfail")
 MX_ANSWERS = (*ADDRESS_ANSWERS, "null")
 TIMED_OUT = (("timeout", "nxdomain", "nxdomain"), ("nxdomain", "timeout", "nodata"), ("nodata", "nodata", "timeout"))
-COMBINATIONS = [(mx, a, aaaa) for mx in MX_ANSWERS for a in ADDRESS_ANSWERS for aaaa in ADDRESS_ANSWERS] + list(TIMED_OUT)
+COMBINATIONS = [(mx, a, aaaa) for mx in MX_ANSWERS for a in ADDRESS_ANSWERS for aaaa in ADDRESS_ANSWERS]
+COMBINATIONS += TIMED_OUT
 
 
 def postfix_lookup_status(answers: tuple[str, ...], stop_nullmx: bool) -> int:

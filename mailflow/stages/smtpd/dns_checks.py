@@ -177,10 +177,10 @@ class DnsChecks:
         return name if _peer_name(name) else ""
 
     async def _client_names(self, facts: Facts) -> list[str] | None:
-        """The client address's PTR names (memoized per session; XCLIENT NAME's, as Postfix takes it for the
-        reverse name); None when DNS cannot answer now."""
-        if facts.xclient_name is not None:
-            return _given_names(facts.xclient_name)
+        """The client address's PTR names (memoized per session; the given name: XCLIENT NAME's, as Postfix takes it
+        for the reverse name, or none under peername_lookup = no); None when DNS cannot answer now."""
+        if facts.given_name is not None:
+            return _given_names(facts.given_name)
         key = ("ptr", facts.client_addr)
         if key not in facts.memo:
             try:
@@ -193,9 +193,10 @@ class DnsChecks:
 
     async def _verified_client_name(self, facts: Facts) -> str | None:
         """The client's name whose addresses include the client's address (Postfix's verified client name):
-        "" when there is none, None when DNS cannot tell now. XCLIENT NAME's is, as Postfix's state->name."""
-        if facts.xclient_name is not None:
-            names = _given_names(facts.xclient_name)
+        "" when there is none, None when DNS cannot tell now. The given name (XCLIENT NAME's, "unknown" under
+        peername_lookup = no) is, as Postfix's state->name."""
+        if facts.given_name is not None:
+            names = _given_names(facts.given_name)
             return None if names is None else (names or [""])[0]
         key = ("verified", facts.client_addr)
         if key in facts.memo:
@@ -364,12 +365,12 @@ def _peer_name(name: str) -> bool:
     return bool(name) and not name.startswith("[") and address.is_valid_domain(name)
 
 
-def _given_names(xclient_name: str) -> list[str] | None:
-    """The client's names when XCLIENT NAME gave one: that name; none for `unknown`; None (the DNS cannot tell
-    now) for [TEMPUNAVAIL]."""
-    if xclient_name == TEMPUNAVAIL:
+def _given_names(given_name: str) -> list[str] | None:
+    """The client's names when they were given without the DNS (XCLIENT NAME's, or "unknown" under
+    peername_lookup = no): that name; none for `unknown`; None (the DNS cannot tell now) for [TEMPUNAVAIL]."""
+    if given_name == TEMPUNAVAIL:
         return None
-    return [] if xclient_name.lower() == "unknown" else [xclient_name]
+    return [] if given_name.lower() == "unknown" else [given_name]
 
 
 def _rhs_name(name: str) -> bool:

@@ -76,7 +76,7 @@ from mailflow.model import Submission
 from mailflow.routing.addressmap import AddressMapper
 from mailflow.routing.rewrite import Rewriter, domain_in
 from mailflow.stages.smtpd.filtering import FilterServices
-from mailflow.stages.smtpd.peername import PeerNames
+from mailflow.stages.smtpd.peername import UNKNOWN as UNKNOWN_CLIENT, PeerNames
 from mailflow.stages.smtpd.restrictions import Facts, Marks, Restrictions
 from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction, helo_name
 from mailflow.stages.verify import ProbeSender, Verifier
@@ -517,6 +517,14 @@ class SmtpdHandler:
 
     # -------------------------------------------------------------------------------- facts
 
+    def _given_name(self, session: SessionState) -> str | None:
+        """The client's names as the restrictions take them without asking the DNS: XCLIENT NAME's; "unknown"
+        when peername_lookup is off (Postfix's smtpd_peer.c: name and reverse name "unknown", a permanent status);
+        None: the name checks ask the DNS."""
+        if session.xclient_name is not None or self._peer_names is not None:
+            return session.xclient_name
+        return UNKNOWN_CLIENT
+
     def _facts(self, session: SessionState, envelope: Transaction, rcpt: str, stage: str = "rcpt",
                command: str = "") -> Facts:
         if not envelope.policy_instance:  # one per message, unique across listeners
@@ -529,7 +537,7 @@ class SmtpdHandler:
             server_addr=session.server_ip,
             server_port=session.server_port,
             client_name=session.client_name,
-            xclient_name=session.xclient_name,
+            given_name=self._given_name(session),
             helo=session.host_name or "",
             sender=envelope.sender,
             recipient=rcpt,

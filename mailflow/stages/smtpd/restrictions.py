@@ -172,8 +172,9 @@ class Facts:
     server_addr: str = ""  # the address and port of this server the client connected to
     server_port: int = 0
     client_name: str = "unknown"
-    xclient_name: str | None = None  # XCLIENT NAME's ("unknown": none, [TEMPUNAVAIL]: the DNS could not tell): the
-    # client's name and PTR name, no DNS asked
+    # The client's name and PTR name given without the DNS (None: the DNS is asked): XCLIENT NAME's ("unknown": none,
+    # [TEMPUNAVAIL]: the DNS could not tell), or "unknown" under peername_lookup = no (Postfix's smtpd_peer.c)
+    given_name: str | None = None
     helo: str = ""
     sender: str | None = None
     recipient: str = ""
