@@ -29,6 +29,8 @@ component may use it.
     await ptr_names(resolver, address)        its PTR names, at most PTR_NAMES_KEPT; [] for none
     await confirmed_name(resolver, address, names)   the first of `names` whose addresses include `address`
                                               (Postfix's verified client name); "" for none
+    failure_text(error) -> str                a LookupRetry's text as Postfix's SMTP client says it (below)
+    valid_rr_name(name) -> bool               a name Postfix's dns_lookup takes in a reply (valid_rr_name)
 
 Failure behaviour (a failed lookup is never "not found"):
 - the name does not exist (NXDOMAIN), or is malformed    -> raise `NotFound` (permanent, 5.1.2); malformed: what
@@ -36,7 +38,16 @@ Failure behaviour (a failed lookup is never "not found"):
                                                             DNS_NOTFOUND for a name that is not valid_hostname
 - SERVFAIL, REFUSED, timeout, no server, anything else   -> raise `mailflow.errors.LookupRetry` (temporary); its text
   "Name service error for name=N type=T: why", `why` as Postfix words TRY_AGAIN ("Host not found, try again")
-  for a SERVFAIL, a timeout or no server, else c-ares's reason
+  for a SERVFAIL, REFUSED or NOTIMP, a timeout or no server (the system's resolver, Postfix's, says TRY_AGAIN
+  once every server answered so), else c-ares's reason
+- a reply that cannot be read (garbled, a record cut     -> raise `UnreadableReply`, a LookupRetry whose text is
+  short)                                                    Postfix's for its dns_get_answer's DNS_RETRY ("...:
+                                                            Malformed or unexpected name server reply")
+- an MX, A or AAAA reply naming what is no host name     -> raise `InvalidReply` (Postfix's DNS_INVAL, after its
+  (a record's owner, an MX host, a CNAME target: Postfix's  valid_rr_name's warning, logged alike): a LookupRetry for
+  valid_rr_name)                                            whoever does not ask for it (a failure), the same text
+- `failure_text(error)`: a failed lookup's text as Postfix's dns_lookup words it: "Host or domain name not found. "
+  before a resolver's error, not before a reply found malformed
 - the name exists without records of the type (NODATA)   -> an empty list
 """
 from __future__ import annotations
@@ -56,7 +67,7 @@ import dns.resolver
 import dns.reversename
 import pycares
 
-from mailflow.address import ascii_domain
+from mailflow.address import ascii_domain, is_valid_domain
 from mailflow.errors import LookupRetry, PermanentError
 from mailflow.syntax import is_ip_address as is_ip_literal
 from mailflow.syntax import is_ipv4
@@ -69,7 +80,13 @@ NULL_MX_HOST = "."
 TRY_AGAIN = "Host not found, try again"
 # A query c-ares timed out is asked again only with this much of its budget left (c-ares's shortest timeout).
 RETRY_FLOOR = 0.25
-TRY_AGAIN_CODES = frozenset({aiodns.error.ARES_ESERVFAIL, aiodns.error.ARES_ETIMEOUT, aiodns.error.ARES_ECONNREFUSED})
+TRY_AGAIN_CODES = frozenset({aiodns.error.ARES_ESERVFAIL, aiodns.error.ARES_ETIMEOUT, aiodns.error.ARES_ECONNREFUSED,
+                             aiodns.error.ARES_EREFUSED, aiodns.error.ARES_ENOTIMP})
+# The answers whose names are checked as Postfix's dns_lookup checks them (smtpd's domain and HELO checks, the
+# SMTP client's MX and host lookups ask these), and the names of record types for its warning.
+CHECKED_NAMES = ("MX", "A", "AAAA")
+RECORD_TYPES = {pycares.QUERY_TYPE_MX: "MX", pycares.QUERY_TYPE_A: "A", pycares.QUERY_TYPE_AAAA: "AAAA",
+                pycares.QUERY_TYPE_CNAME: "CNAME"}
 
 
 @dataclass(frozen=True)
@@ -80,6 +97,41 @@ class MX:
     @property
     def is_null(self) -> bool:
         return self.host == NULL_MX_HOST
+
+
+MALFORMED = "Malformed or unexpected name server reply"  # Postfix's dns_lookup, for a reply it cannot use
+
+
+class UnreadableReply(LookupRetry):
+    """A reply that cannot be read: temporary (Postfix's dns_get_answer answers DNS_RETRY)."""
+
+    def __init__(self, name: str, qtype: str):
+        super().__init__(f"Name service error for name={name} type={qtype}: {MALFORMED}")
+
+
+class InvalidReply(LookupRetry):
+    """A reply naming what is no host name (Postfix's DNS_INVAL): its MX lookup bounces (5.4.4), smtpd's unknown
+    domain and HELO checks refuse ("Malformed DNS server reply"); elsewhere a failure like any other."""
+
+    def __init__(self, name: str, qtype: str):
+        super().__init__(f"Name service error for name={name} type={qtype}: {MALFORMED}")
+
+
+def failure_text(error: LookupRetry) -> str:
+    """The text of a failed lookup as Postfix's dns_lookup gives it to the SMTP client: "Host or domain name not
+    found. " before a resolver's error (h_errno), nothing before a reply it could not use (MALFORMED)."""
+    if isinstance(error, (UnreadableReply, InvalidReply)):
+        return error.text
+    return f"Host or domain name not found. {error.text}"
+
+
+def valid_rr_name(name: str) -> bool:
+    """A name Postfix's valid_rr_name takes in a reply: a valid host name (a leading `*` label too) or an IP
+    address (which it only warns of)."""
+    if is_ip_literal(name):
+        return True
+    host = name[2:] if name.startswith("*.") else name
+    return host.isascii() and not host.startswith("[") and not host.endswith(".") and is_valid_domain(host)
 
 
 class NotFound(PermanentError):
@@ -256,6 +308,9 @@ class AiodnsResolver:
             for rec in result
             if rec.type == pycares.QUERY_TYPE_MX
         ]
+        for record in records:
+            if not record.is_null and not valid_rr_name(record.host):
+                raise invalid_reply(domain, "MX", "resource data", "MX", record.host)
         return sort_mx(records)
 
     async def addresses(self, host: str) -> list[str]:
@@ -351,6 +406,8 @@ class AiodnsResolver:
         except (OSError, ValueError, pycares.AresError) as e:
             log.debug("lookup %s %s failed: %r", name, qtype, e)
             raise LookupRetry(f"Name service error for name={name} type={qtype}: {e}") from None
+        if qtype in CHECKED_NAMES:
+            check_reply_names(result.answer, name, qtype)
         return list(result.answer)
 
     async def _query_until(self, name: str, qtype: str, deadline: float):
@@ -417,15 +474,38 @@ def dns_name(name: str) -> str:
         return name  # c-ares rejects it, and the error becomes a LookupRetry
 
 
+def check_reply_names(records, name: str, qtype: str) -> None:
+    """Raises InvalidReply when a record's owner name, or a CNAME's target, is no host name (Postfix's
+    dns_get_answer: valid_rr_name on each "resource name", and on the "resource data" of a CNAME it follows),
+    after Postfix's warning."""
+    for rec in records:
+        rtype = RECORD_TYPES.get(rec.type, str(rec.type))
+        if not valid_rr_name(normalize_name(rec.name)):
+            raise invalid_reply(name, qtype, "resource name", rtype, rec.name)
+        if rec.type == pycares.QUERY_TYPE_CNAME and not valid_rr_name(normalize_name(rec.data.cname)):
+            raise invalid_reply(name, qtype, "resource data", rtype, rec.data.cname)
+
+
+def invalid_reply(name: str, qtype: str, location: str, rtype: str, value: str) -> InvalidReply:
+    """The InvalidReply of a lookup of `name`, once Postfix's valid_rr_name warning is logged."""
+    log.warning("malformed domain name in %s of %s record for %s: %.100s", location, rtype, name, value)
+    return InvalidReply(name, qtype)
+
+
 def classify_dns_error(error: aiodns.error.DNSError, name: str, qtype: str) -> list:
     """NODATA -> [] (returned); NXDOMAIN, and a malformed name c-ares will not ask (`a..test`, a label over 63
     octets: Postfix's dns_lookup finds such a name not valid_hostname and answers DNS_NOTFOUND) -> NotFound;
-    everything else -> LookupRetry, a SERVFAIL, a timeout or no server in Postfix's words (TRY_AGAIN)."""
+    a reply c-ares cannot read -> UnreadableReply; everything else -> LookupRetry, a SERVFAIL, a timeout, no server,
+    REFUSED or NOTIMP (where the system's resolver, Postfix's, tries the next server and then says TRY_AGAIN) in
+    Postfix's words ("Host not found, try again")."""
     code = error.args[0] if error.args else None
     if code == aiodns.error.ARES_ENODATA:
         return []
     if code in (aiodns.error.ARES_ENOTFOUND, aiodns.error.ARES_EBADNAME):
         raise NotFound(name, qtype) from None
+    if code == aiodns.error.ARES_EBADRESP:
+        log.debug("lookup %s %s failed: %s", name, qtype, error.args[1:] or error)
+        raise UnreadableReply(name, qtype) from None
     reason = error.args[1] if len(error.args) > 1 else repr(error)
     log.debug("lookup %s %s failed: %s", name, qtype, reason)
     if code in TRY_AGAIN_CODES:
@@ -434,8 +514,9 @@ def classify_dns_error(error: aiodns.error.DNSError, name: str, qtype: str) -> l
 
 
 def merge_address_answers(answers: Sequence[object]) -> list[str]:
-    """A then AAAA. Any address wins; else a temporary failure wins over NotFound; else no address at all. Of
-    two equal failures the last (AAAA's) is raised, as Postfix's dns_lookup_rv reports the last of equals."""
+    """A then AAAA. Any address wins; else a temporary failure wins over an invalid reply, which wins over
+    NotFound; else no address at all. Of two equal failures the last (AAAA's) is raised, as Postfix's dns_lookup_rv
+    reports the last of equals."""
     found = [addr for answer in answers if isinstance(answer, list) for addr in answer]
     if found:
         return found
@@ -449,8 +530,12 @@ def merge_address_answers(answers: Sequence[object]) -> list[str]:
 
 
 def _worst_failure(answers: Sequence[object]) -> BaseException | None:
-    for kind in (LookupRetry, NotFound, BaseException):
+    """Postfix's order (dns.h: DNS_RETRY over DNS_INVAL over DNS_NOTFOUND), the last of equals."""
+    ranked = (lambda a: isinstance(a, LookupRetry) and not isinstance(a, InvalidReply),
+              lambda a: isinstance(a, InvalidReply), lambda a: isinstance(a, NotFound),
+              lambda a: isinstance(a, BaseException))
+    for kind in ranked:
         for answer in reversed(answers):
-            if isinstance(answer, kind):
-                return answer
+            if kind(answer):
+                return answer  # type: ignore[return-value]
     return None

@@ -72,12 +72,14 @@ def mx_zone(*lines: str) -> str:
 
 @pytest.fixture
 async def zone_resolver(dns_zone):
-    """`zone_resolver(*records, servfail=())`: a resolver asking an in-process DNS server that holds `records`
-    (servfail: names it answers SERVFAIL for); closed at the end of the test."""
+    """`zone_resolver(*records, servfail=(), garbled=())`: a resolver asking an in-process DNS server that holds
+    `records` (servfail: names it answers SERVFAIL for; garbled: whose replies it cuts short); closed at the end of
+    the test."""
     made: list[AiodnsResolver] = []
 
-    def make(*records: str, servfail: tuple[str, ...] = ()) -> AiodnsResolver:
-        made.append(AiodnsResolver(nameservers=(dns_zone(mx_zone(*records), servfail),), timeout=1.0, tries=1))
+    def make(*records: str, servfail: tuple[str, ...] = (), garbled: tuple[str, ...] = ()) -> AiodnsResolver:
+        nameserver = dns_zone(mx_zone(*records), servfail, garbled=garbled)
+        made.append(AiodnsResolver(nameservers=(nameserver,), timeout=1.0, tries=1))
         return made[-1]
 
     yield make
@@ -512,6 +514,25 @@ async def test_mx_hosts_without_addresses_give_the_last_lookups_words_deferred_a
         (Outcome.DEFERRED, "4.4.3",
          "Host or domain name not found. Name service error for name=broken.test type=AAAA: Host not found, try again"),
     ]
+
+
+async def test_an_unreadable_or_invalid_mx_reply_is_deferred_or_bounced_in_postfix_s_words(zone_resolver):
+    """posttls-finger (Postfix 3.7.11's dns_lookup, its resolver pointed at a server giving these replies) said
+    "Name service error for name=garbled.test type=MX: Malformed or unexpected name server reply" for a reply cut
+    short and the same for an MX host that is no host name (after "malformed domain name in resource data of MX
+    record for badmx.test: bad-.example.test"), without the "Host or domain name not found." of a resolver's error.
+    smtp_domain_addr defers the first (DNS_RETRY: 4.4.3) and bounces the second (DNS_INVAL: 5.4.4). mailflow
+    deferred the first in c-ares's words ("Misformatted DNS reply") and looked the bad host up."""
+    resolver = zone_resolver("garbled.test. 300 IN MX 10 mx.example.test.",
+                             "badmx.test. 300 IN MX 10 bad-.example.test.", "bad-.example.test. 300 IN A 127.0.0.1",
+                             garbled=("garbled.test",))
+    results = [(await deliver(make_transport(resolver), make_request(nexthop, f"r@{nexthop}"))).results[0]
+               for nexthop in ("garbled.test", "badmx.test")]
+    assert [(r.outcome, r.dsn, r.text) for r in results] == [
+        (Outcome.DEFERRED, "4.4.3",
+         "Name service error for name=garbled.test type=MX: Malformed or unexpected name server reply"),
+        (Outcome.BOUNCED, "5.4.4",
+         "Name service error for name=badmx.test type=MX: Malformed or unexpected name server reply")]
 
 
 async def test_a_servfail_or_a_silent_name_server_is_worded_as_postfix(zone_resolver):

@@ -11,10 +11,11 @@
 - `recording_peer(*keywords)`: an SMTP server on 127.0.0.1 that offers `keywords` (say "DSN", "SMTPUTF8"),
   answers 250 to every command (354 to DATA) and records each command line as sent (bytes, CRLF removed):
   (port, lines). For what a client writes where aiosmtpd would refuse it (RCPT parameters such as ORCPT).
-- `ZoneAuthority(zone_text, servfail=(), slow=(), delay=0.0, nxdomain=())`: a dnslib resolver answering
+- `ZoneAuthority(zone_text, servfail=(), slow=(), delay=0.0, nxdomain=(), garbled=())`: a dnslib resolver answering
   authoritatively from zone text (started by the `dns_zone` fixture): NODATA for a name in the zone without records
   of the asked type, NXDOMAIN for a name not in it, SERVFAIL for the names in `servfail` (or only a type:
   "name/MX"), NXDOMAIN for the ones in `nxdomain` (a name, or one type of it: a server that contradicts itself),
+  a reply cut short (3 octets less: garbled) for the ones in `garbled`,
   the names in `slow` (or "name/TYPE") answered after `delay` seconds (each query in a thread of its own); a CNAME
   is followed as a recursive resolver follows it.
 """
@@ -170,7 +171,8 @@ class ZoneAuthority(BaseResolver):
     """Authoritative answers from zone text, with NODATA (dnslib's ZoneResolver says NXDOMAIN there)."""
 
     def __init__(self, zone_text: str, servfail: Collection[str] = (), slow: tuple[str, ...] = (), delay: float = 0.0,
-                 asked: list[tuple[str, str]] | None = None, nxdomain: Collection[str] = ()):
+                 asked: list[tuple[str, str]] | None = None, nxdomain: Collection[str] = (),
+                 garbled: Collection[str] = ()):
         """`asked`, when given, gets (name, type) of every query, as it arrives; `servfail` is read at each query
         (a set the test changes makes a name fail, or work again, while the server runs)."""
         self.asked = asked
@@ -178,6 +180,7 @@ class ZoneAuthority(BaseResolver):
         self.names = {str(rr.rname).lower() for rr in self.records}
         self.servfail = servfail
         self.nxdomain = nxdomain
+        self.garbled = garbled
         self.slow = slow
         self.delay = delay
 
@@ -195,6 +198,9 @@ class ZoneAuthority(BaseResolver):
             reply.header.rcode = RCODE.NXDOMAIN
         else:
             self._answer(reply, qname, request.q.qtype)
+        if _names(self.garbled, qname, qtype):
+            packed = reply.pack()[:-3]  # its last record cut short: no resolver can read it
+            reply.pack = lambda: packed  # (what dnslib's handler sends)
         return reply
 
     def _answer(self, reply, qname: str, qtype: int) -> None:

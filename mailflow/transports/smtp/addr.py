@@ -15,7 +15,8 @@ One next-hop parser and one peer type for the SMTP and LMTP clients. The resolve
                                   itself (implicit MX; its address lookup says "not found", 5.4.4, as Postfix's
                                   smtp_host_addr after an MX lookup's NXDOMAIN); raises PermanentError 5.1.10
                                   (null MX, RFC 7505: a "." among the records, even beside others, as Postfix
-                                  takes the RRset), LookupRetry; at most MX_HOST_LIMIT (100) hosts, each once;
+                                  takes the RRset) or 5.4.4 (an MX reply naming no host name, Postfix's
+                                  DNS_INVAL), LookupRetry; at most MX_HOST_LIMIT (100) hosts, each once;
                                   a [host] next hop or an implicit MX is the one host at preference 0
     order_exchangers(records, rng) -> [MX]
     host_lookup_failure(error) / no_address_failure(host) -> DeliveryError   an MX host without usable addresses:
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from itertools import groupby
 
 from mailflow.syntax import is_ipv4, parse_hostport
-from mailflow.dns import MX, NotFound, Resolver, is_ip_literal
+from mailflow.dns import MX, InvalidReply, NotFound, Resolver, failure_text, is_ip_literal
 from mailflow.errors import DeliveryError, LookupRetry, PermanentError, TemporaryError
 
 
@@ -94,6 +95,8 @@ async def exchangers(resolver: Resolver, nexthop: Nexthop, rng: random.Random) -
         records = await resolver.mx(nexthop.host)
     except NotFound:  # Postfix looks the name up as a host then: its "not found" bounces 5.4.4
         records = []
+    except InvalidReply as e:  # Postfix's smtp_domain_addr: DNS_INVAL bounces 5.4.4
+        raise PermanentError("5.4.4", e.text) from None
     if not records:
         return [MX(0, nexthop.host)]  # implicit MX (RFC 5321 5.1)
     if any(r.is_null for r in records):  # with other records too, as Postfix's dns_lookup takes the RRset
@@ -115,9 +118,11 @@ def order_exchangers(records: list[MX], rng: random.Random) -> list[MX]:
 
 
 def host_lookup_failure(error: NotFound | LookupRetry) -> DeliveryError:
-    if isinstance(error, NotFound):
+    """Postfix's smtp_host_addr: not found or an invalid reply (DNS_INVAL) 5.4.4, else 4.4.3, in dns_lookup's
+    words (`failure_text`)."""
+    if isinstance(error, (NotFound, InvalidReply)):
         return PermanentError("5.4.4", error.text)
-    return TemporaryError("4.4.3", f"Host or domain name not found. {error.text}")
+    return TemporaryError("4.4.3", failure_text(error))
 
 
 def no_address_failure(host: str) -> DeliveryError:

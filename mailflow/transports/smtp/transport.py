@@ -74,7 +74,7 @@ from itertools import groupby
 from typing import AsyncGenerator, Callable, Sequence
 
 from mailflow.config import SmtpConfig
-from mailflow.dns import MX, NotFound, Resolver
+from mailflow.dns import MX, NotFound, Resolver, failure_text
 from mailflow.errors import DeliveryError, LookupRetry, PermanentError, TemporaryError, detached
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, Recipient
 from mailflow.tables import Table, TableCache, find
@@ -260,7 +260,7 @@ class SmtpTransport:
             if kept is not None:
                 outcomes.restore(kept)
             elif isinstance(e, LookupRetry):
-                text = f"Host or domain name not found. {e.text}"
+                text = failure_text(e)
                 outcomes.fail(recipients, SiteFailure("4.4.3", text)).site_failed(text)
             else:  # null MX (5.1.10), loops back to myself (5.4.6), unable to find primary relay (4.4.4)
                 failure = self._unless_misconfigured(site, request, e)
