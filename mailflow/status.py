@@ -242,16 +242,21 @@ def encryption_required(code: int) -> Reply:
     return Reply(code, f"{code // 100}.7.1", "Session encryption is required")
 
 
-def unknown_helo_hostname(name: str, code: int) -> Reply:
+MALFORMED_DNS_REPLY = "Malformed DNS server reply"  # Postfix's smtpd words for a reply naming no host (DNS_INVAL)
+
+
+def unknown_helo_hostname(name: str, code: int, why: str = "Host not found") -> Reply:
     """reject_unknown_helo_hostname: no A, AAAA or MX record for the HELO name (`code`: unknown_hostname_reject_code;
-    450 when the DNS cannot tell now). Postfix's 4.7.1, in the code's class."""
-    return restriction_rejected(code, f"{code // 100}.7.1", name, "Helo command", "Host not found")
+    450 when the DNS cannot tell now; `why` MALFORMED_DNS_REPLY for a reply naming no host). Postfix's 4.7.1, in
+    the code's class."""
+    return restriction_rejected(code, f"{code // 100}.7.1", name, "Helo command", why)
 
 
-def domain_not_found(address: str, code: int) -> Reply:
+def domain_not_found(address: str, code: int, why: str = "Domain not found") -> Reply:
     """reject_unknown_recipient_domain: no MX and no address (`code`: smtpd.unknown_address_reject_code; 450 when
-    the DNS cannot tell now, as Postfix's reject_unknown_mailhost: 4.1.2 in either case)."""
-    return restriction_rejected(code, f"{code // 100}.1.2", address, "Recipient address", "Domain not found")
+    the DNS cannot tell now, as Postfix's reject_unknown_mailhost: 4.1.2 in either case; `why`
+    MALFORMED_DNS_REPLY for a reply naming no host)."""
+    return restriction_rejected(code, f"{code // 100}.1.2", address, "Recipient address", why)
 
 
 def null_mx(address: str, domain: str) -> Reply:
@@ -284,9 +289,10 @@ def unknown_client(client_ip: str, code: int, reverse_only: bool = False) -> Rep
     return Reply(code, dsn, f"Client host rejected: cannot find your {what}, [{client_ip}]")
 
 
-def sender_domain_not_found(address: str, code: int) -> Reply:
-    """reject_unknown_sender_domain: no MX and no address (`code`: unknown_address_reject_code)."""
-    return restriction_rejected(code, f"{code // 100}.1.8", address, "Sender address", "Domain not found")
+def sender_domain_not_found(address: str, code: int, why: str = "Domain not found") -> Reply:
+    """reject_unknown_sender_domain: no MX and no address (`code`: unknown_address_reject_code; `why` as for a
+    recipient)."""
+    return restriction_rejected(code, f"{code // 100}.1.8", address, "Sender address", why)
 
 
 def greylisted(address: str) -> Reply:

@@ -770,3 +770,54 @@ async def test_every_a_aaaa_and_mx_answer_is_decided_as_postfix_s_reject_unknown
     finally:
         await client.close()
     assert seen == expected
+
+
+# ---------------------------------------------------------------------------------------------- malformed replies
+
+MALFORMED_ZONE = ZONE + """
+badmx.test.             300 IN MX    10 bad-.example.test.
+badmxaddr.test.         300 IN MX    10 bad-.example.test.
+badmxaddr.test.         300 IN A     192.0.2.1
+badcname.test.          300 IN CNAME bad-.example.test.
+bad-.example.test.      300 IN A     192.0.2.1
+garbled.test.           300 IN MX    10 mx.known.test.
+garbled.test.           300 IN A     192.0.2.1
+"""
+
+
+async def test_a_reply_naming_no_host_is_refused_and_a_garbled_one_deferred_as_postfix_does(mailflow_server,
+                                                                                           dns_zone, caplog):
+    """A real Postfix 3.7.11 (its resolver pointed at a server giving these replies, unknown_address_reject_code and
+    unknown_hostname_reject_code 550) answered: an MX host, or a CNAME target, that is no host name is DNS_INVAL,
+    "Malformed DNS server reply" with the reject code (reject_unknown_mailhost stops there; reject_unknown_hostname
+    takes the A record found first), after the warning of its dns_lookup; a reply cut short is DNS_RETRY, 450
+    "Domain not found". mailflow took the bad MX host as an MX found."""
+    nameserver = dns_zone(MALFORMED_ZONE, garbled=("garbled.test",))
+    port = await dns_checked(mailflow_server, nameserver, smtpd={
+        "relay_restrictions": RELAY_FROM_HERE, "unknown_address_reject_code": 550, "unknown_hostname_reject_code": 550,
+        "helo_restrictions": ["reject_unknown_helo_hostname"], "sender_restrictions": ["reject_unknown_sender_domain"],
+        "recipient_restrictions": ["reject_unknown_recipient_domain"]})
+    seen = {}
+    with caplog.at_level(logging.WARNING, logger="mailflow.dns"):
+        for name in ("badmx", "badmxaddr", "badcname", "garbled"):
+            seen[name] = [(await rcpt(port, helo=f"{name}.test", sender="s@known.test", rcpt_to="r@known.test"))[1],
+                          (await rcpt(port, sender=f"s@{name}.test", rcpt_to="r@known.test", helo="known.test"))[1],
+                          (await rcpt(port, rcpt_to=f"r@{name}.test", sender="s@known.test", helo="known.test"))[1]]
+    malformed = "Malformed DNS server reply"
+    assert seen == {
+        "badmx": [f"550 5.7.1 <badmx.test>: Helo command rejected: {malformed}",
+                  f"550 5.1.8 <s@badmx.test>: Sender address rejected: {malformed}",
+                  f"550 5.1.2 <r@badmx.test>: Recipient address rejected: {malformed}"],
+        "badmxaddr": ["250 2.1.5 Ok",
+                      f"550 5.1.8 <s@badmxaddr.test>: Sender address rejected: {malformed}",
+                      f"550 5.1.2 <r@badmxaddr.test>: Recipient address rejected: {malformed}"],
+        "badcname": [f"550 5.7.1 <badcname.test>: Helo command rejected: {malformed}",
+                     f"550 5.1.8 <s@badcname.test>: Sender address rejected: {malformed}",
+                     f"550 5.1.2 <r@badcname.test>: Recipient address rejected: {malformed}"],
+        "garbled": ["450 4.7.1 <garbled.test>: Helo command rejected: Host not found",
+                    "450 4.1.8 <s@garbled.test>: Sender address rejected: Domain not found",
+                    "450 4.1.2 <r@garbled.test>: Recipient address rejected: Domain not found"]}
+    warned = {r.getMessage() for r in caplog.records if r.name == "mailflow.dns"}
+    assert warned == {"malformed domain name in resource data of MX record for badmx.test: bad-.example.test",
+                      "malformed domain name in resource data of MX record for badmxaddr.test: bad-.example.test",
+                      "malformed domain name in resource data of CNAME record for badcname.test: bad-.example.test"}

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 
 from mailflow import address, status
 from mailflow.address import client_ip
-from mailflow.dns import MX, NotFound, confirmed_name, is_ip_literal, ptr_names
+from mailflow.dns import MX, InvalidReply, NotFound, confirmed_name, is_ip_literal, ptr_names
 from mailflow.errors import LookupRetry
 from mailflow.model import AddressClass
 from mailflow.syntax import is_ipv4
@@ -57,6 +57,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("mailflow.smtpd")
 
 REMOTE = (AddressClass.DEFAULT, AddressClass.RELAY)
+# What the DNS says of a HELO name or an address's domain (Postfix's dns_lookup_l statuses, as its checks take them).
+FOUND, UNKNOWN, NULL_MX, MALFORMED, RETRY = "found", "unknown", "null MX", "malformed", "retry"
 TEMPUNAVAIL = "[TEMPUNAVAIL]"  # XCLIENT NAME's "the front end's DNS cannot tell now" (SMTPD_PEER_CODE_TEMP)
 
 
@@ -216,55 +218,58 @@ class DnsChecks:
 
     async def unknown_helo(self, facts: Facts, code: int, tempfail_action: str) -> status.Reply | None:
         """reject_unknown_helo_hostname, as Postfix's reject_unknown_hostname: the HELO name has an A, AAAA or MX
-        record (a null MX counts), else `code` 4.7.1 "Host not found"; when the DNS cannot tell, 450 4.7.1 as a
-        DEFER_IF_PERMIT (tempfail_action "defer": at once). An address literal is only checked for being one
-        (Postfix's reject_invalid_hostaddr: 501 5.5.2)."""
+        record (a null MX counts), else `code` 4.7.1 "Host not found" ("Malformed DNS server reply" after a reply
+        naming no host); when the DNS cannot tell, 450 4.7.1 as a DEFER_IF_PERMIT (tempfail_action "defer": at
+        once). An address literal is only checked for being one (Postfix's reject_invalid_hostaddr: 501 5.5.2)."""
         helo = facts.helo
         if not helo or self._resolver is None:
             return None
         if helo.startswith("["):
             return None if address.literal_ip(helo) else status.invalid_helo_address(helo)
-        known = await self._host_records_known(helo, facts.memo)
-        if known:
+        verdict = await self._host_records_known(helo, facts.memo)
+        if verdict == FOUND:
             return None
-        if known is False:
-            return status.unknown_helo_hostname(helo, code)
+        if verdict != RETRY:
+            return status.unknown_helo_hostname(helo, code, *_malformed(verdict))
         reply = status.unknown_helo_hostname(helo, 450)
         if tempfail_action == "defer":
             return reply
         facts.raise_defer_if_permit(reply)
         return None
 
-    async def _host_records_known(self, name: str, memo: dict) -> bool | None:
-        """_has_host_records, asked once a session (delay_reject runs the HELO restrictions at every RCPT)."""
+    async def _host_records_known(self, name: str, memo: dict) -> str:
+        """_host_records, asked once a session (delay_reject runs the HELO restrictions at every RCPT)."""
         key = ("host records", name)
         if key not in memo:
-            memo[key] = await self._has_host_records(name)
+            memo[key] = await self._host_records(name)
         return memo[key]
 
-    async def _has_host_records(self, name: str) -> bool | None:
-        """An A, AAAA or MX record for `name` (asked in that order, the first found ends it, as Postfix's
-        dns_lookup_l with STOP_OK); None when none was found and a lookup failed for now. A null MX counts as found
-        (Postfix's "MTA names may have nullMX records") unless an address lookup failed before it: dns_lookup_rl
-        keeps the highest status met, DNS_RETRY over DNS_NULLMX. A bare IP address names no host in the DNS (where
-        Postfix asks it as a name, which no TLD answers)."""
+    async def _host_records(self, name: str) -> str:
+        """FOUND: an A, AAAA or MX record for `name` (asked in that order, the first found ends it, as Postfix's
+        dns_lookup_l with STOP_OK); else what dns_lookup_rl keeps, the highest status met: RETRY (a lookup failed
+        now), MALFORMED (a reply named no host: DNS_INVAL), FOUND for a null MX (Postfix's "MTA names may have
+        nullMX records"), UNKNOWN. A bare IP address names no host in the DNS (where Postfix asks it as a name,
+        which no TLD answers)."""
         if is_ip_literal(name):
-            return False
-        failed = null_mx = False
+            return UNKNOWN
+        met = set()
         for lookup in (self._resolver.addresses, self._resolver.mx):
             try:
                 records = await lookup(name)
             except NotFound:
                 continue
+            except InvalidReply:  # (logged by the resolver, as Postfix's dns_lookup warns)
+                met.add(MALFORMED)
+                continue
             except LookupRetry as e:
                 log.debug("%s: address or MX lookup error: %s", name, e.reason)  # (Postfix logs none)
-                failed = True
+                met.add(RETRY)
                 continue
             if any(isinstance(r, MX) and r.is_null for r in records):
-                null_mx = True
+                met.add(NULL_MX)
             elif records:
-                return True
-        return None if failed else null_mx
+                return FOUND
+        return next((verdict for verdict in (RETRY, MALFORMED) if verdict in met), FOUND if NULL_MX in met else UNKNOWN)
 
     # -------------------------------------------------------------------------------- address domains
 
@@ -293,29 +298,36 @@ class DnsChecks:
 
     async def _mail_domain(self, domain: str, memo: dict) -> str:
         """What the DNS says of a sender's or recipient's domain, as Postfix's reject_unknown_mailhost asks it
-        (dns_lookup_l: MX, then A and AAAA): "null" (a null MX, RFC 7505), "found" (an MX, else an address) or
-        "unknown" (neither); raises LookupRetry when nothing was found and a lookup failed now. Only records or a null
-        MX end it: after an MX lookup that failed, or said NXDOMAIN, the addresses are asked, and a failure met on
-        any step wins over "not found" (dns_lookup_rl keeps the highest status met: DNS_RETRY over DNS_NOTFOUND)."""
+        (dns_lookup_l: MX, then A and AAAA): NULL_MX (RFC 7505), FOUND (an MX, else an address), MALFORMED (a reply
+        named no host, Postfix's DNS_INVAL: it ends the lookups) or UNKNOWN (neither); raises LookupRetry when
+        nothing was found and a lookup failed now. Only records, a null MX or a malformed reply end it: after an MX
+        lookup that failed, or said NXDOMAIN, the addresses are asked, and a failure met on any step wins over
+        "not found" or a malformed reply (dns_lookup_rl keeps the highest status met: DNS_RETRY over DNS_INVAL over
+        DNS_NOTFOUND)."""
         mx_failed: LookupRetry | None = None
         try:
             records = await self._domain_records("mx", domain, memo)
         except NotFound:
             records = ()
+        except InvalidReply:
+            return MALFORMED
         except LookupRetry as e:
             records, mx_failed = (), e
         if any(r.is_null for r in records):
-            return "null"
+            return NULL_MX
         if records:
-            return "found"
+            return FOUND
         try:
             if await self._domain_records("addresses", domain, memo):
-                return "found"
+                return FOUND
         except NotFound:
             pass
+        except InvalidReply:
+            if mx_failed is None:
+                return MALFORMED
         if mx_failed is not None:
             raise mx_failed
-        return "unknown"
+        return UNKNOWN
 
     async def unknown_recipient_domain(self, facts: Facts) -> status.Reply | None:
         """No MX and no address for the recipient's domain (`code` 4.1.2 "Domain not found"); a null MX refuses it
@@ -330,9 +342,9 @@ class DnsChecks:
         except LookupRetry as e:
             log.debug("<%s>: MX or address lookup error: %s", rcpt, e.reason)  # (Postfix logs none: the 450 is logged)
             return self._tempfail(status.domain_not_found(rcpt, 450), facts)
-        if found == "null":
+        if found == NULL_MX:
             return status.null_mx(rcpt, domain)
-        return None if found == "found" else status.domain_not_found(rcpt, self._unknown_code)
+        return None if found == FOUND else status.domain_not_found(rcpt, self._unknown_code, *_malformed(found))
 
     async def unknown_sender_domain(self, facts: Facts) -> status.Reply | None:
         """No MX and no address for the sender's domain (`code` 4.1.8); a null MX refuses it (550 5.7.27), as
@@ -347,9 +359,10 @@ class DnsChecks:
         except LookupRetry as e:
             log.debug("<%s>: MX or address lookup error: %s", sender, e.reason)  # (as for a recipient)
             return self._tempfail(status.sender_domain_not_found(sender, 450), facts)
-        if found == "null":
+        if found == NULL_MX:
             return status.sender_null_mx(sender, domain)
-        return None if found == "found" else status.sender_domain_not_found(sender, self._unknown_code)
+        return None if found == FOUND else status.sender_domain_not_found(sender, self._unknown_code,
+                                                                           *_malformed(found))
 
     def _tempfail(self, reply: status.Reply, facts: Facts) -> status.Reply | None:
         """Postfix's DEFER_IF_PERMIT2(unk_addr_tf_act, ...): the 450 at once under "defer", else a DEFER_IF_PERMIT
@@ -358,6 +371,11 @@ class DnsChecks:
             return reply
         facts.raise_defer_if_permit(reply)
         return None
+
+
+def _malformed(verdict: str) -> tuple[str, ...]:
+    """The reason a refusal gives for `verdict` when it is not the default "not found": Postfix's for DNS_INVAL."""
+    return (status.MALFORMED_DNS_REPLY,) if verdict == MALFORMED else ()
 
 
 def _peer_name(name: str) -> bool:
