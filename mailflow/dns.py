@@ -46,6 +46,9 @@ Failure behaviour (a failed lookup is never "not found"):
 - an MX, A or AAAA reply naming what is no host name     -> raise `InvalidReply` (Postfix's DNS_INVAL, after its
   (a record's owner, an MX host, a CNAME target: Postfix's  valid_rr_name's warning, logged alike): a LookupRetry for
   valid_rr_name)                                            whoever does not ask for it (a failure), the same text
+- FORMERR (the server found the query malformed)         -> raise `NonRecoverable` (Postfix's DNS_FAIL,
+                                                            "Non-recoverable error"): a LookupRetry for whoever does
+                                                            not ask for it
 - `failure_text(error)`: a failed lookup's text as Postfix's dns_lookup words it: "Host or domain name not found. "
   before a resolver's error, not before a reply found malformed
 - the name exists without records of the type (NODATA)   -> an empty list
@@ -100,6 +103,7 @@ class MX:
 
 
 MALFORMED = "Malformed or unexpected name server reply"  # Postfix's dns_lookup, for a reply it cannot use
+NO_RECOVERY = "Non-recoverable error"  # Postfix's dns_strerror(NO_RECOVERY)
 
 
 class UnreadableReply(LookupRetry):
@@ -115,6 +119,15 @@ class InvalidReply(LookupRetry):
 
     def __init__(self, name: str, qtype: str):
         super().__init__(f"Name service error for name={name} type={qtype}: {MALFORMED}")
+
+
+class NonRecoverable(LookupRetry):
+    """A server that found the query malformed (FORMERR): the system's resolver, Postfix's, says NO_RECOVERY, a
+    DNS_FAIL: smtpd's unknown domain and HELO checks take it as not found, the SMTP client bounces (5.4.3);
+    elsewhere a failure like any other."""
+
+    def __init__(self, name: str, qtype: str):
+        super().__init__(f"Name service error for name={name} type={qtype}: {NO_RECOVERY}")
 
 
 def failure_text(error: LookupRetry) -> str:
@@ -506,6 +519,8 @@ def classify_dns_error(error: aiodns.error.DNSError, name: str, qtype: str) -> l
     if code == aiodns.error.ARES_EBADRESP:
         log.debug("lookup %s %s failed: %s", name, qtype, error.args[1:] or error)
         raise UnreadableReply(name, qtype) from None
+    if code == aiodns.error.ARES_EFORMERR:
+        raise NonRecoverable(name, qtype) from None
     reason = error.args[1] if len(error.args) > 1 else repr(error)
     log.debug("lookup %s %s failed: %s", name, qtype, reason)
     if code in TRY_AGAIN_CODES:
@@ -514,9 +529,9 @@ def classify_dns_error(error: aiodns.error.DNSError, name: str, qtype: str) -> l
 
 
 def merge_address_answers(answers: Sequence[object]) -> list[str]:
-    """A then AAAA. Any address wins; else a temporary failure wins over an invalid reply, which wins over
-    NotFound; else no address at all. Of two equal failures the last (AAAA's) is raised, as Postfix's dns_lookup_rv
-    reports the last of equals."""
+    """A then AAAA. Any address wins; else a temporary failure wins over an invalid reply, which wins over a
+    non-recoverable one, which wins over NotFound; else no address at all. Of two equal failures the last (AAAA's)
+    is raised, as Postfix's dns_lookup_rv reports the last of equals."""
     found = [addr for answer in answers if isinstance(answer, list) for addr in answer]
     if found:
         return found
@@ -530,10 +545,10 @@ def merge_address_answers(answers: Sequence[object]) -> list[str]:
 
 
 def _worst_failure(answers: Sequence[object]) -> BaseException | None:
-    """Postfix's order (dns.h: DNS_RETRY over DNS_INVAL over DNS_NOTFOUND), the last of equals."""
-    ranked = (lambda a: isinstance(a, LookupRetry) and not isinstance(a, InvalidReply),
-              lambda a: isinstance(a, InvalidReply), lambda a: isinstance(a, NotFound),
-              lambda a: isinstance(a, BaseException))
+    """Postfix's order (dns.h: DNS_RETRY over DNS_INVAL over DNS_FAIL over DNS_NOTFOUND), the last of equals."""
+    ranked = (lambda a: isinstance(a, LookupRetry) and not isinstance(a, (InvalidReply, NonRecoverable)),
+              lambda a: isinstance(a, InvalidReply), lambda a: isinstance(a, NonRecoverable),
+              lambda a: isinstance(a, NotFound), lambda a: isinstance(a, BaseException))
     for kind in ranked:
         for answer in reversed(answers):
             if kind(answer):

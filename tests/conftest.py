@@ -1,10 +1,11 @@
 """Shared fixtures: real local peers on 127.0.0.1, port 0. What they build on is in tests/support/.
 
-- `dns_zone(zone_text, servfail=(), tcp=False, asked=None, nxdomain=(), garbled=())` starts an in-process
+- `dns_zone(zone_text, servfail=(), tcp=False, asked=None, nxdomain=(), garbled=(), rcodes=None)` starts an in-process
   authoritative DNS server (dnslib, `ZoneAuthority`) for a BIND-style zone and returns its "127.0.0.1:port"
   nameserver string; `tcp`: on TCP too (the same port), for answers too big for UDP (then truncated there past 1232
   bytes); `asked`: a list that gets the (name, type) of each query; `nxdomain`: names (or "name/TYPE") answered
-  NXDOMAIN though in the zone; `garbled`: the ones whose replies are cut short.
+  NXDOMAIN though in the zone; `garbled`: the ones whose replies are cut short; `rcodes`: {name or name/TYPE:
+  "FORMERR"} for other answers.
 - `smtp_peer(host="127.0.0.1", port=0, **smtp_kwargs)` starts a capturing aiosmtpd server on the test's own loop
   (never aiosmtpd's threaded Controller) and returns a `CapturePeer`: `.port`, `.messages` (one `Captured` per
   accepted DATA) and `.handler`, whose `mail_reply`, `rcpt_replies[address]` and `data_reply` script refusals.
@@ -79,9 +80,9 @@ def dns_zone():
 
     def start(zone_text: str, servfail: Collection[str] = (), slow: tuple[str, ...] = (), delay: float = 0.0,
               tcp: bool = False, asked: list[tuple[str, str]] | None = None, nxdomain: Collection[str] = (),
-              garbled: Collection[str] = ()) -> str:
+              garbled: Collection[str] = (), rcodes: dict[str, str] | None = None) -> str:
         quiet = DNSLogger("-request,-reply,-truncated,-recv,-send,-error,-data", False)
-        authority = ZoneAuthority(zone_text, servfail, slow, delay, asked, nxdomain, garbled)
+        authority = ZoneAuthority(zone_text, servfail, slow, delay, asked, nxdomain, garbled, rcodes)
         started = _dns_servers(authority, quiet, tcp)
         port = started[0].server.server_address[1]
         for each in started:

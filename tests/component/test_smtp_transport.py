@@ -72,13 +72,14 @@ def mx_zone(*lines: str) -> str:
 
 @pytest.fixture
 async def zone_resolver(dns_zone):
-    """`zone_resolver(*records, servfail=(), garbled=())`: a resolver asking an in-process DNS server that holds
-    `records` (servfail: names it answers SERVFAIL for; garbled: whose replies it cuts short); closed at the end of
-    the test."""
+    """`zone_resolver(*records, servfail=(), garbled=(), rcodes=None)`: a resolver asking an in-process DNS server
+    that holds `records` (servfail: names it answers SERVFAIL for; garbled: whose replies it cuts short; rcodes:
+    {name: "FORMERR"}); closed at the end of the test."""
     made: list[AiodnsResolver] = []
 
-    def make(*records: str, servfail: tuple[str, ...] = (), garbled: tuple[str, ...] = ()) -> AiodnsResolver:
-        nameserver = dns_zone(mx_zone(*records), servfail, garbled=garbled)
+    def make(*records: str, servfail: tuple[str, ...] = (), garbled: tuple[str, ...] = (),
+             rcodes: dict[str, str] | None = None) -> AiodnsResolver:
+        nameserver = dns_zone(mx_zone(*records), servfail, garbled=garbled, rcodes=rcodes)
         made.append(AiodnsResolver(nameservers=(nameserver,), timeout=1.0, tries=1))
         return made[-1]
 
@@ -533,6 +534,22 @@ async def test_an_unreadable_or_invalid_mx_reply_is_deferred_or_bounced_in_postf
          "Name service error for name=garbled.test type=MX: Malformed or unexpected name server reply"),
         (Outcome.BOUNCED, "5.4.4",
          "Name service error for name=badmx.test type=MX: Malformed or unexpected name server reply")]
+
+
+async def test_formerr_bounces_and_refused_or_notimp_defer_in_postfix_s_words(zone_resolver):
+    """posttls-finger (as above) said "Host or domain name not found. Name service error for name=formerr.test
+    type=MX: Non-recoverable error" (the system's resolver's NO_RECOVERY: DNS_FAIL, which smtp_domain_addr bounces
+    5.4.3) and "...: Host not found, try again" for REFUSED and NOTIMP (the resolver tries the next server, then
+    says TRY_AGAIN: deferred 4.4.3). mailflow deferred all three in c-ares's words."""
+    resolver = zone_resolver("example.test. 300 IN A 127.0.0.1",
+                             rcodes={"formerr.test": "FORMERR", "refused.test": "REFUSED", "notimp.test": "NOTIMP"})
+    results = [(await deliver(make_transport(resolver), make_request(nexthop, f"r@{nexthop}"))).results[0]
+               for nexthop in ("formerr.test", "refused.test", "notimp.test")]
+    said = "Host or domain name not found. Name service error for name={} type=MX: {}"
+    assert [(r.outcome, r.dsn, r.text) for r in results] == [
+        (Outcome.BOUNCED, "5.4.3", said.format("formerr.test", "Non-recoverable error")),
+        (Outcome.DEFERRED, "4.4.3", said.format("refused.test", "Host not found, try again")),
+        (Outcome.DEFERRED, "4.4.3", said.format("notimp.test", "Host not found, try again"))]
 
 
 async def test_a_servfail_or_a_silent_name_server_is_worded_as_postfix(zone_resolver):

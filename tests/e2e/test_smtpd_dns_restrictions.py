@@ -821,3 +821,23 @@ async def test_a_reply_naming_no_host_is_refused_and_a_garbled_one_deferred_as_p
     assert warned == {"malformed domain name in resource data of MX record for badmx.test: bad-.example.test",
                       "malformed domain name in resource data of MX record for badmxaddr.test: bad-.example.test",
                       "malformed domain name in resource data of CNAME record for badcname.test: bad-.example.test"}
+
+
+async def test_formerr_is_not_found_and_refused_or_notimp_a_failure_as_postfix_s_resolver_has_them(mailflow_server,
+                                                                                                  dns_zone):
+    """The same real Postfix: FORMERR is the system's resolver's NO_RECOVERY, DNS_FAIL, which its checks refuse as
+    not found (550 with the reject codes); REFUSED and NOTIMP come to TRY_AGAIN (450). mailflow deferred FORMERR."""
+    nameserver = dns_zone(ZONE, rcodes={"formerr.test": "FORMERR", "refused.test": "REFUSED", "notimp.test": "NOTIMP"})
+    port = await dns_checked(mailflow_server, nameserver, smtpd={
+        "relay_restrictions": RELAY_FROM_HERE, "unknown_address_reject_code": 550, "unknown_hostname_reject_code": 550,
+        "helo_restrictions": ["reject_unknown_helo_hostname"], "sender_restrictions": ["reject_unknown_sender_domain"],
+        "recipient_restrictions": ["reject_unknown_recipient_domain"]})
+    seen = {}
+    for name in ("formerr", "refused", "notimp"):
+        seen[name] = [(await rcpt(port, helo=f"{name}.test", sender="s@known.test", rcpt_to="r@known.test"))[1],
+                      (await rcpt(port, sender=f"s@{name}.test", rcpt_to="r@known.test", helo="known.test"))[1],
+                      (await rcpt(port, rcpt_to=f"r@{name}.test", sender="s@known.test", helo="known.test"))[1]]
+    assert seen == {name: [f"{code} {code // 100}.7.1 <{name}.test>: Helo command rejected: Host not found",
+                           f"{code} {code // 100}.1.8 <s@{name}.test>: Sender address rejected: Domain not found",
+                           f"{code} {code // 100}.1.2 <r@{name}.test>: Recipient address rejected: Domain not found"]
+                    for name, code in (("formerr", 550), ("refused", 450), ("notimp", 450))}

@@ -11,12 +11,13 @@
 - `recording_peer(*keywords)`: an SMTP server on 127.0.0.1 that offers `keywords` (say "DSN", "SMTPUTF8"),
   answers 250 to every command (354 to DATA) and records each command line as sent (bytes, CRLF removed):
   (port, lines). For what a client writes where aiosmtpd would refuse it (RCPT parameters such as ORCPT).
-- `ZoneAuthority(zone_text, servfail=(), slow=(), delay=0.0, nxdomain=(), garbled=())`: a dnslib resolver answering
-  authoritatively from zone text (started by the `dns_zone` fixture): NODATA for a name in the zone without records
-  of the asked type, NXDOMAIN for a name not in it, SERVFAIL for the names in `servfail` (or only a type:
-  "name/MX"), NXDOMAIN for the ones in `nxdomain` (a name, or one type of it: a server that contradicts itself),
-  a reply cut short (3 octets less: garbled) for the ones in `garbled`,
-  the names in `slow` (or "name/TYPE") answered after `delay` seconds (each query in a thread of its own); a CNAME
+- `ZoneAuthority(zone_text, servfail=(), slow=(), delay=0.0, nxdomain=(), garbled=(), rcodes=None)`: a dnslib
+  resolver answering authoritatively from zone text (started by the `dns_zone` fixture): NODATA for a name in the
+  zone without records of the asked type, NXDOMAIN for a name not in it, SERVFAIL for the names in `servfail` (or
+  only a type: "name/MX"), NXDOMAIN for the ones in `nxdomain` (a name, or one type of it: a server that
+  contradicts itself), a reply cut short (3 octets less: garbled) for the ones in `garbled`, the rcode `rcodes`
+  names for a name or "name/TYPE" ({"bad.test": "FORMERR"}), the names in `slow` (or "name/TYPE") answered after
+  `delay` seconds (each query in a thread of its own); a CNAME
   is followed as a recursive resolver follows it.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from dnslib import QTYPE, RCODE, RR
@@ -172,7 +173,7 @@ class ZoneAuthority(BaseResolver):
 
     def __init__(self, zone_text: str, servfail: Collection[str] = (), slow: tuple[str, ...] = (), delay: float = 0.0,
                  asked: list[tuple[str, str]] | None = None, nxdomain: Collection[str] = (),
-                 garbled: Collection[str] = ()):
+                 garbled: Collection[str] = (), rcodes: Mapping[str, str] | None = None):
         """`asked`, when given, gets (name, type) of every query, as it arrives; `servfail` is read at each query
         (a set the test changes makes a name fail, or work again, while the server runs)."""
         self.asked = asked
@@ -181,6 +182,7 @@ class ZoneAuthority(BaseResolver):
         self.servfail = servfail
         self.nxdomain = nxdomain
         self.garbled = garbled
+        self.rcodes = rcodes or {}
         self.slow = slow
         self.delay = delay
 
@@ -192,7 +194,10 @@ class ZoneAuthority(BaseResolver):
         qtype = QTYPE[request.q.qtype]
         if _names(self.slow, qname, qtype):
             time.sleep(self.delay)  # (dnslib's server answers each query in a thread of its own)
-        if _names(self.servfail, qname, qtype):
+        rcode = next((code for entry, code in self.rcodes.items() if _names((entry,), qname, qtype)), None)
+        if rcode is not None:
+            reply.header.rcode = getattr(RCODE, rcode)
+        elif _names(self.servfail, qname, qtype):
             reply.header.rcode = RCODE.SERVFAIL
         elif qname not in self.names or _names(self.nxdomain, qname, qtype):
             reply.header.rcode = RCODE.NXDOMAIN

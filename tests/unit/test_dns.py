@@ -7,13 +7,12 @@ import random
 import socket
 import time
 
-import aiodns.error
 import pytest
 from dnslib import QTYPE, RR, DNSRecord, A
 
 from mailflow.app import build_resolver
 from mailflow.config import DnsConfig
-from mailflow.dns import MX, AiodnsResolver, NotFound, StaticResolver, classify_dns_error, failure_text, is_ip_literal
+from mailflow.dns import MX, AiodnsResolver, NotFound, StaticResolver, is_ip_literal
 from mailflow.errors import LookupRetry, PermanentError
 from mailflow.transports.smtp.addr import MX_HOST_LIMIT, exchangers, parse_nexthop
 from tests.support import free_port
@@ -295,15 +294,3 @@ async def test_answers_too_big_for_udp_come_over_tcp_and_are_used_within_bounds(
     assert len(text) == 250 * 255 and text.startswith("a" * 255 + "b")
     assert loop.time() - started < 2
 
-
-@pytest.mark.parametrize("code, said", [
-    (aiodns.error.ARES_EREFUSED, "DNS server refused query"),
-    (aiodns.error.ARES_ENOTIMP, "DNS server does not implement requested operation")])
-def test_a_refused_or_notimp_reply_is_worded_as_postfix_s_try_again(code, said):
-    """posttls-finger (Postfix 3.7.11, its resolver pointed at a server answering REFUSED, then NOTIMP) said "Host or
-    domain name not found. Name service error for name=refused.test type=MX: Host not found, try again": the
-    system's resolver tries the next server, then says TRY_AGAIN. mailflow gave c-ares's words."""
-    with pytest.raises(LookupRetry) as e:
-        classify_dns_error(aiodns.error.DNSError(code, said), "refused.test", "MX")
-    assert failure_text(e.value) == \
-        "Host or domain name not found. Name service error for name=refused.test type=MX: Host not found, try again"

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 
 from mailflow import address, status
 from mailflow.address import client_ip
-from mailflow.dns import MX, InvalidReply, NotFound, confirmed_name, is_ip_literal, ptr_names
+from mailflow.dns import MX, InvalidReply, NonRecoverable, NotFound, confirmed_name, is_ip_literal, ptr_names
 from mailflow.errors import LookupRetry
 from mailflow.model import AddressClass
 from mailflow.syntax import is_ipv4
@@ -247,9 +247,9 @@ class DnsChecks:
     async def _host_records(self, name: str) -> str:
         """FOUND: an A, AAAA or MX record for `name` (asked in that order, the first found ends it, as Postfix's
         dns_lookup_l with STOP_OK); else what dns_lookup_rl keeps, the highest status met: RETRY (a lookup failed
-        now), MALFORMED (a reply named no host: DNS_INVAL), FOUND for a null MX (Postfix's "MTA names may have
-        nullMX records"), UNKNOWN. A bare IP address names no host in the DNS (where Postfix asks it as a name,
-        which no TLD answers)."""
+        now), MALFORMED (a reply named no host: DNS_INVAL), UNKNOWN after FORMERR (DNS_FAIL), FOUND for a null MX
+        (Postfix's "MTA names may have nullMX records"), UNKNOWN. A bare IP address names no host in the DNS (where
+        Postfix asks it as a name, which no TLD answers)."""
         if is_ip_literal(name):
             return UNKNOWN
         met = set()
@@ -261,6 +261,9 @@ class DnsChecks:
             except InvalidReply:  # (logged by the resolver, as Postfix's dns_lookup warns)
                 met.add(MALFORMED)
                 continue
+            except NonRecoverable:
+                met.add(UNKNOWN)  # (DNS_FAIL ranks over DNS_NULLMX: then not found)
+                continue
             except LookupRetry as e:
                 log.debug("%s: address or MX lookup error: %s", name, e.reason)  # (Postfix logs none)
                 met.add(RETRY)
@@ -269,7 +272,8 @@ class DnsChecks:
                 met.add(NULL_MX)
             elif records:
                 return FOUND
-        return next((verdict for verdict in (RETRY, MALFORMED) if verdict in met), FOUND if NULL_MX in met else UNKNOWN)
+        return next((verdict for verdict in (RETRY, MALFORMED, UNKNOWN) if verdict in met),
+                    FOUND if NULL_MX in met else UNKNOWN)
 
     # -------------------------------------------------------------------------------- address domains
 
@@ -307,7 +311,7 @@ class DnsChecks:
         mx_failed: LookupRetry | None = None
         try:
             records = await self._domain_records("mx", domain, memo)
-        except NotFound:
+        except (NotFound, NonRecoverable):  # (DNS_FAIL ranks over DNS_NOTFOUND; neither ends it)
             records = ()
         except InvalidReply:
             return MALFORMED
@@ -320,7 +324,7 @@ class DnsChecks:
         try:
             if await self._domain_records("addresses", domain, memo):
                 return FOUND
-        except NotFound:
+        except (NotFound, NonRecoverable):
             pass
         except InvalidReply:
             if mx_failed is None:

@@ -15,8 +15,9 @@ One next-hop parser and one peer type for the SMTP and LMTP clients. The resolve
                                   itself (implicit MX; its address lookup says "not found", 5.4.4, as Postfix's
                                   smtp_host_addr after an MX lookup's NXDOMAIN); raises PermanentError 5.1.10
                                   (null MX, RFC 7505: a "." among the records, even beside others, as Postfix
-                                  takes the RRset) or 5.4.4 (an MX reply naming no host name, Postfix's
-                                  DNS_INVAL), LookupRetry; at most MX_HOST_LIMIT (100) hosts, each once;
+                                  takes the RRset), 5.4.4 (an MX reply naming no host name, Postfix's
+                                  DNS_INVAL) or 5.4.3 (FORMERR: DNS_FAIL), LookupRetry; at most MX_HOST_LIMIT
+                                  (100) hosts, each once;
                                   a [host] next hop or an implicit MX is the one host at preference 0
     order_exchangers(records, rng) -> [MX]
     host_lookup_failure(error) / no_address_failure(host) -> DeliveryError   an MX host without usable addresses:
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from itertools import groupby
 
 from mailflow.syntax import is_ipv4, parse_hostport
-from mailflow.dns import MX, InvalidReply, NotFound, Resolver, failure_text, is_ip_literal
+from mailflow.dns import MX, InvalidReply, NonRecoverable, NotFound, Resolver, failure_text, is_ip_literal
 from mailflow.errors import DeliveryError, LookupRetry, PermanentError, TemporaryError
 
 
@@ -95,8 +96,10 @@ async def exchangers(resolver: Resolver, nexthop: Nexthop, rng: random.Random) -
         records = await resolver.mx(nexthop.host)
     except NotFound:  # Postfix looks the name up as a host then: its "not found" bounces 5.4.4
         records = []
-    except InvalidReply as e:  # Postfix's smtp_domain_addr: DNS_INVAL bounces 5.4.4
+    except InvalidReply as e:  # Postfix's smtp_domain_addr: DNS_INVAL bounces 5.4.4, DNS_FAIL 5.4.3
         raise PermanentError("5.4.4", e.text) from None
+    except NonRecoverable as e:
+        raise PermanentError("5.4.3", failure_text(e)) from None
     if not records:
         return [MX(0, nexthop.host)]  # implicit MX (RFC 5321 5.1)
     if any(r.is_null for r in records):  # with other records too, as Postfix's dns_lookup takes the RRset
@@ -118,10 +121,12 @@ def order_exchangers(records: list[MX], rng: random.Random) -> list[MX]:
 
 
 def host_lookup_failure(error: NotFound | LookupRetry) -> DeliveryError:
-    """Postfix's smtp_host_addr: not found or an invalid reply (DNS_INVAL) 5.4.4, else 4.4.3, in dns_lookup's
-    words (`failure_text`)."""
+    """Postfix's smtp_host_addr: not found or an invalid reply (DNS_INVAL) 5.4.4, a non-recoverable one (DNS_FAIL)
+    5.4.3, else 4.4.3, in dns_lookup's words (`failure_text`)."""
     if isinstance(error, (NotFound, InvalidReply)):
         return PermanentError("5.4.4", error.text)
+    if isinstance(error, NonRecoverable):
+        return PermanentError("5.4.3", failure_text(error))
     return TemporaryError("4.4.3", failure_text(error))
 
 
