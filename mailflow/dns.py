@@ -27,7 +27,7 @@ component may use it.
     is_ip_literal(host) -> bool               an IP literal resolves to itself, without a query
                                               (mailflow.syntax.is_ip_address)
     await ptr_names(resolver, address)        its PTR names, at most PTR_NAMES_KEPT; [] for none
-    await confirmed_name(resolver, address, names)   the first of `names` whose addresses include `address`
+    await confirmed_name(resolver, address, names)   the first of `names` when its addresses include `address`
                                               (Postfix's verified client name); "" for none
     failure_text(error) -> str                a LookupRetry's text as Postfix's SMTP client says it (below)
     valid_rr_name(name) -> bool               a name Postfix's dns_lookup takes in a reply (valid_rr_name)
@@ -206,15 +206,17 @@ async def ptr_names(resolver: Resolver, address: str) -> list[str]:
 
 
 async def confirmed_name(resolver: Resolver, address: str, names: list[str]) -> str:
-    """The first of `names` whose A/AAAA records include `address`, the name that leads back to it; "" when
-    none does. Raises LookupRetry when DNS cannot tell now."""
-    for name in names:
-        try:
-            if address in await resolver.addresses(name):
-                return name
-        except NotFound:
-            continue
-    return ""
+    """The first of `names` (an address's PTR names) when its A/AAAA records include `address`: the name that leads
+    back to it; "" when it does not, or is no host name (numeric, malformed). Only the first, as Postfix's smtpd
+    takes the one name getnameinfo gives (a later PTR name that would lead back makes no difference: "hostname X
+    does not resolve to address A"). Raises LookupRetry when DNS cannot tell now."""
+    name = names[0].rstrip(".") if names else ""
+    if not name or is_ip_literal(name) or name.startswith("[") or not is_valid_domain(name):
+        return ""
+    try:
+        return names[0] if address in await resolver.addresses(name) else ""
+    except (NotFound, NonRecoverable):
+        return ""
 
 
 def sort_mx(records: list[MX]) -> list[MX]:

@@ -175,6 +175,19 @@ async def test_a_client_without_a_name_gets_the_unknown_client_code_and_postfixs
         (550, "550 5.7.25 Client host rejected: cannot find your hostname, [127.0.0.1]"), (250, "250 2.1.5 Ok")]
 
 
+async def test_only_the_first_ptr_name_can_be_the_client_s_verified_name(mailflow_server, dns_zone):
+    """A private Postfix 3.7.11 (its resolver pointed at a server giving 127.0.0.1 the PTR names elsewhere.test,
+    then client.ok.test, which leads back) answered 550 5.7.25 "cannot find your hostname" and logged "warning:
+    hostname elsewhere.test does not resolve to address 127.0.0.1": smtpd_peer takes the one name getnameinfo
+    gives. The names the other way round: 250. mailflow verified the client by its second PTR name."""
+    both = ("1.0.0.127.in-addr.arpa. 300 IN PTR {}.\n1.0.0.127.in-addr.arpa. 300 IN PTR {}.\n"
+            "elsewhere.test. 300 IN A 192.0.2.1\nclient.known.test. 300 IN A 127.0.0.1\n")
+    assert await client_name_replies(mailflow_server, dns_zone, both.format("elsewhere.test", "client.known.test")) == [
+        (550, "550 5.7.25 Client host rejected: cannot find your hostname, [127.0.0.1]"), (250, "250 2.1.5 Ok")]
+    assert await client_name_replies(mailflow_server, dns_zone, both.format("client.known.test", "elsewhere.test")) == [
+        (250, "250 2.1.5 Ok"), (250, "250 2.1.5 Ok")]
+
+
 async def test_a_client_name_the_dns_cannot_tell_is_450_whatever_the_code(mailflow_server, dns_zone):
     """smtpd_peer.c: a temporary failure is SMTPD_PEER_CODE_TEMP, and reject_unknown_client / _reverse_name
     answer it 450 at once (no tempfail action), the forward lookup's failure too."""

@@ -8,11 +8,11 @@ header, check_client_access and the policy service see.
 
 The name comes from the hosts file first (as the system's resolver, which Postfix uses, reads it: the first name
 of the first line naming the address; `127.0.0.1` is `localhost` on most hosts), else from DNS: the first PTR
-name whose A/AAAA records include the address (mailflow.dns.confirmed_name, as reject_unknown_client_hostname
-asks it). DNS is never asked about a loopback address (a test suite's sink on a host whose DNS is out of reach
-must not wait for it at every connection). The hosts file is read again when it changed (looked at no more
-than once a second); when it cannot be read then (no file descriptor left, say), the names read last stay in use
-and it is tried again at the next look (one warning until it is read).
+name when its A/AAAA records include the address (mailflow.dns.confirmed_name, as reject_unknown_client_hostname
+asks it; Postfix's getnameinfo gives one name). DNS is never asked about a loopback address (a test suite's sink
+on a host whose DNS is out of reach must not wait for it at every connection). The hosts file is read again when
+it changed (looked at no more than once a second); when it cannot be read then (no file descriptor left, say),
+the names read last stay in use and it is tried again at the next look (one warning until it is read).
 
 Failure behaviour: never raises; a name DNS cannot give now (no PTR record, a lookup error or timeout, a name
 that does not lead back to the address, LOOKUPS_IN_FLIGHT lookups already under way) is "unknown", as in
