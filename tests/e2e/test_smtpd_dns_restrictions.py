@@ -188,6 +188,19 @@ async def test_only_the_first_ptr_name_can_be_the_client_s_verified_name(mailflo
         (250, "250 2.1.5 Ok"), (250, "250 2.1.5 Ok")]
 
 
+async def test_a_numeric_or_malformed_first_ptr_name_is_no_reverse_name(mailflow_server, dns_zone):
+    """The same private Postfix with the PTR names bad-.example.test (then client.ok.test), or 192.0.2.7: "warning:
+    valid_hostname: misplaced hyphen: bad-.example.test" (or "numeric hostname: 192.0.2.7"), the client unknown,
+    refused by both checks (sockaddr_to_hostname answers EAI_NONAME: a permanent status). mailflow took the PTR name
+    as a reverse name."""
+    for first in ("bad-.example.test.", "192.0.2.7."):
+        zone = (f"1.0.0.127.in-addr.arpa. 300 IN PTR {first}\n1.0.0.127.in-addr.arpa. 300 IN PTR client.known.test.\n"
+                "client.known.test. 300 IN A 127.0.0.1\n")
+        assert await client_name_replies(mailflow_server, dns_zone, zone) == [
+            (550, "550 5.7.25 Client host rejected: cannot find your hostname, [127.0.0.1]"),
+            (550, "550 5.7.1 Client host rejected: cannot find your reverse hostname, [127.0.0.1]")], first
+
+
 async def test_a_client_name_the_dns_cannot_tell_is_450_whatever_the_code(mailflow_server, dns_zone):
     """smtpd_peer.c: a temporary failure is SMTPD_PEER_CODE_TEMP, and reject_unknown_client / _reverse_name
     answer it 450 at once (no tempfail action), the forward lookup's failure too."""

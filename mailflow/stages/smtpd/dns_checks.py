@@ -104,7 +104,7 @@ class DnsChecks:
         if kind == "client":
             return await self._verified_client_name(facts), "Client host"
         if kind == "reverse_client":
-            return (await self._client_names(facts) or [""])[0], "Unverified Client host"
+            return await self.reverse_name(facts), "Unverified Client host"
         if kind == "helo":
             return facts.helo, "Helo command"
         addr = facts.sender if kind == "sender" else facts.recipient
@@ -159,9 +159,9 @@ class DnsChecks:
         450 when the DNS cannot tell now. At once: Postfix has no tempfail action for these."""
         if self._resolver is None or client_ip(facts.client_addr) is None:
             return None
-        if reverse_only:
+        if reverse_only:  # (Postfix's reverse name is the first PTR name, when a host name: sockaddr_to_hostname)
             names = await self._client_names(facts)
-            known = None if names is None else bool(names)
+            known = None if names is None else bool(names) and _peer_name(names[0].rstrip("."))
         else:
             name = await self._verified_client_name(facts)
             known = None if name is None else bool(name)
