@@ -29,6 +29,8 @@ component may use it.
     await ptr_names(resolver, address)        its PTR names, at most PTR_NAMES_KEPT; [] for none
     await confirmed_name(resolver, address, names)   the first of `names` when its addresses include `address`
                                               (Postfix's verified client name); "" for none
+    await client_name(resolver, address, names) -> ClientName   the same, with Postfix's warning of it
+    hostname_gripe(name) -> str | None        why Postfix's valid_hostname refuses a name, in its words
     failure_text(error) -> str                a LookupRetry's text as Postfix's SMTP client says it (below)
     valid_rr_name(name) -> bool               a name Postfix's dns_lookup takes in a reply (valid_rr_name)
 
@@ -70,7 +72,7 @@ import dns.resolver
 import dns.reversename
 import pycares
 
-from mailflow.address import ascii_domain, is_valid_domain
+from mailflow.address import ascii_domain
 from mailflow.errors import LookupRetry, PermanentError
 from mailflow.syntax import is_ip_address as is_ip_literal
 from mailflow.syntax import is_ipv4
@@ -104,6 +106,10 @@ class MX:
 
 MALFORMED = "Malformed or unexpected name server reply"  # Postfix's dns_lookup, for a reply it cannot use
 NO_RECOVERY = "Non-recoverable error"  # Postfix's dns_strerror(NO_RECOVERY)
+# getaddrinfo's words (gai_strerror), as Postfix's smtpd logs why a client's name gave no address.
+GAI_NONAME, GAI_NODATA = "Name or service not known", "No address associated with hostname"
+GAI_AGAIN, GAI_FAIL = "Temporary failure in name resolution", "Non-recoverable failure in name resolution"
+MAX_LABEL, MAX_HOSTNAME = 63, 255  # Postfix's VALID_LABEL_LEN, VALID_HOSTNAME_LEN
 
 
 class UnreadableReply(LookupRetry):
@@ -143,8 +149,36 @@ def valid_rr_name(name: str) -> bool:
     address (which it only warns of)."""
     if is_ip_literal(name):
         return True
-    host = name[2:] if name.startswith("*.") else name
-    return host.isascii() and not host.startswith("[") and not host.endswith(".") and is_valid_domain(host)
+    return hostname_gripe(name[2:] if name.startswith("*.") else name) is None
+
+
+def hostname_gripe(name: str) -> str | None:
+    """Why Postfix's valid_hostname refuses `name`, in the words of its warning (after "valid_hostname: "); None
+    when it takes it: labels of letters, digits, `_` and inner `-`, at most 63 octets, not all digits, at most 255
+    octets in all."""
+    label_length, non_numeric = 0, False
+    if not name:
+        return "empty hostname"
+    for i, ch in enumerate(name):
+        following = name[i + 1:i + 2]
+        if ch.isascii() and (ch.isalnum() or ch == "_"):
+            label_length += 1
+            if label_length > MAX_LABEL:
+                return f"hostname label too long: {name[:100]}"
+            non_numeric = non_numeric or not ch.isdigit()
+        elif ch == ".":
+            if label_length == 0 or not following:
+                return f"misplaced delimiter: {name[:100]}"
+            label_length = 0
+        elif ch == "-":
+            non_numeric, label_length = True, label_length + 1
+            if label_length == 1 or following in ("", "."):
+                return f"misplaced hyphen: {name[:100]}"
+        else:
+            return f"invalid character {ch.encode()[0]}(decimal): {name[:100]}"
+    if not non_numeric:
+        return f"numeric hostname: {name[:100]}"
+    return f"bad length {len(name)} for {name[:100]}..." if len(name) > MAX_HOSTNAME else None
 
 
 class NotFound(PermanentError):
@@ -205,18 +239,49 @@ async def ptr_names(resolver: Resolver, address: str) -> list[str]:
         return []
 
 
-async def confirmed_name(resolver: Resolver, address: str, names: list[str]) -> str:
+@dataclass(frozen=True)
+class ClientName:
+    """What Postfix's smtpd (smtpd_peer.c) makes of an address's PTR names: `name` the verified name ("" for none),
+    `retry` when the DNS could not tell now, `warning` the line it logs at connect ("" for none)."""
+
+    name: str = ""
+    retry: bool = False
+    warning: str = ""
+
+
+async def client_name(resolver: Resolver, address: str, names: list[str]) -> ClientName:
     """The first of `names` (an address's PTR names) when its A/AAAA records include `address`: the name that leads
-    back to it; "" when it does not, or is no host name (numeric, malformed). Only the first, as Postfix's smtpd
-    takes the one name getnameinfo gives (a later PTR name that would lead back makes no difference: "hostname X
-    does not resolve to address A"). Raises LookupRetry when DNS cannot tell now."""
-    name = names[0].rstrip(".") if names else ""
-    if not name or is_ip_literal(name) or name.startswith("[") or not is_valid_domain(name):
-        return ""
+    back to it. Only the first, as Postfix's smtpd takes the one name getnameinfo gives (a later PTR name that would
+    lead back makes no difference); a numeric or malformed one is no name (sockaddr_to_hostname). The warnings are
+    Postfix's, with getaddrinfo's words for why the name gave no address."""
+    if not names:
+        return ClientName()
+    name = names[0].rstrip(".")
+    if is_ip_literal(name):
+        return ClientName(warning=f"numeric hostname: {name}")
+    gripe = hostname_gripe(name)
+    if gripe is not None:
+        return ClientName(warning=f"valid_hostname: {gripe}")
+    elsewhere = f"hostname {name} does not resolve to address {address}"
     try:
-        return names[0] if address in await resolver.addresses(name) else ""
-    except (NotFound, NonRecoverable):
-        return ""
+        found = await resolver.addresses(name)
+    except NotFound:
+        return ClientName(warning=f"{elsewhere}: {GAI_NONAME}")
+    except NonRecoverable:
+        return ClientName(warning=f"{elsewhere}: {GAI_FAIL}")
+    except LookupRetry:
+        return ClientName(retry=True, warning=f"{elsewhere}: {GAI_AGAIN}")
+    if address in found:
+        return ClientName(names[0])
+    return ClientName(warning=elsewhere if found else f"{elsewhere}: {GAI_NODATA}")
+
+
+async def confirmed_name(resolver: Resolver, address: str, names: list[str]) -> str:
+    """`client_name`'s name; raises LookupRetry when DNS cannot tell now."""
+    verdict = await client_name(resolver, address, names)
+    if verdict.retry:
+        raise LookupRetry(verdict.warning)
+    return verdict.name
 
 
 def sort_mx(records: list[MX]) -> list[MX]:

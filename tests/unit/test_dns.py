@@ -12,7 +12,7 @@ from dnslib import QTYPE, RR, DNSRecord, A
 
 from mailflow.app import build_resolver
 from mailflow.config import DnsConfig
-from mailflow.dns import MX, AiodnsResolver, NotFound, StaticResolver, is_ip_literal
+from mailflow.dns import MX, AiodnsResolver, NotFound, StaticResolver, hostname_gripe, is_ip_literal
 from mailflow.errors import LookupRetry, PermanentError
 from mailflow.transports.smtp.addr import MX_HOST_LIMIT, exchangers, parse_nexthop
 from tests.support import free_port
@@ -294,3 +294,18 @@ async def test_answers_too_big_for_udp_come_over_tcp_and_are_used_within_bounds(
     assert len(text) == 250 * 255 and text.startswith("a" * 255 + "b")
     assert loop.time() - started < 2
 
+
+
+LONG_NAME = ("a" * 60 + ".") * 5 + "test"
+
+
+@pytest.mark.parametrize("name, gripe", [
+    ("mail.example.test", None), ("under_score.test", None), ("xn--bcher-kva.test", None), ("9.example.test", None),
+    ("a..test", "misplaced delimiter: a..test"), ("trailing.test.", "misplaced delimiter: trailing.test."),
+    ("-lead.test", "misplaced hyphen: -lead.test"), ("trail-.test", "misplaced hyphen: trail-.test"),
+    ("a" * 64 + ".test", "hostname label too long: " + "a" * 64 + ".test"),
+    ("sp ace.test", "invalid character 32(decimal): sp ace.test"), ("1.2.3", "numeric hostname: 1.2.3"),
+    ("", "empty hostname"), (LONG_NAME, f"bad length 309 for {LONG_NAME[:100]}...")])
+def test_hostname_gripe_says_what_postfix_s_valid_hostname_warns(name, gripe):
+    """postfix-3.7.11 src/util/valid_hostname.c: the warning after "valid_hostname: " (the name cut at 100)."""
+    assert hostname_gripe(name) == gripe

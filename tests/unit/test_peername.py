@@ -9,8 +9,9 @@ under way.
 from __future__ import annotations
 
 import asyncio
+import logging
 
-from mailflow.dns import StaticResolver
+from mailflow.dns import AiodnsResolver, StaticResolver
 from mailflow.errors import LookupRetry
 from mailflow.stages.smtpd.peername import HOSTS_RECHECK, LOOKUPS_IN_FLIGHT, UNKNOWN, PeerNames
 
@@ -147,3 +148,31 @@ async def test_a_hosts_file_that_cannot_be_read_for_a_while_keeps_the_names_and_
     monkeypatch.setattr("builtins.open", real_open)
     clock.now += HOSTS_RECHECK
     assert await n.name("192.0.2.99") == "new.example.test"
+
+
+async def test_a_first_ptr_name_that_is_no_name_is_warned_of_in_postfix_s_words(tmp_path, dns_zone, caplog):
+    """A private Postfix 3.7.11 (its resolver pointed at a server giving its client these PTR names) logged, at
+    connect: "warning: hostname gone.test does not resolve to address A: Name or service not known" (NXDOMAIN),
+    "...: No address associated with hostname" (no A), "...: Temporary failure in name resolution" (SERVFAIL), no
+    reason for a name whose addresses are others, "numeric hostname: 192.0.2.7" and "valid_hostname: misplaced
+    hyphen: bad-.example.test". mailflow logged nothing."""
+    ptr = {10: "gone.test", 11: "noaddr.test", 12: "broken.test", 13: "elsewhere.test", 14: "192.0.2.7",
+           15: "bad-.example.test", 16: "mail.example.test"}
+    zone = "".join(f"{n}.100.51.198.in-addr.arpa. 300 IN PTR {name}.\n" for n, name in ptr.items()) + (
+        'noaddr.test. 300 IN TXT "no address"\nelsewhere.test. 300 IN A 192.0.2.1\n'
+        "mail.example.test. 300 IN A 198.51.100.16\n")
+    resolver = AiodnsResolver(nameservers=(dns_zone(zone, servfail=("broken.test",)),), timeout=1.0, tries=1)
+    n = names(tmp_path, resolver)
+    try:
+        with caplog.at_level(logging.WARNING, logger="mailflow.smtpd"):
+            found = [await n.name(f"198.51.100.{last}") for last in ptr]
+    finally:
+        await resolver.close()
+    assert found == [UNKNOWN] * 6 + ["mail.example.test"]
+    assert [r.getMessage() for r in caplog.records if r.name == "mailflow.smtpd"] == [
+        "hostname gone.test does not resolve to address 198.51.100.10: Name or service not known",
+        "hostname noaddr.test does not resolve to address 198.51.100.11: No address associated with hostname",
+        "hostname broken.test does not resolve to address 198.51.100.12: Temporary failure in name resolution",
+        "hostname elsewhere.test does not resolve to address 198.51.100.13",
+        "numeric hostname: 192.0.2.7",
+        "valid_hostname: misplaced hyphen: bad-.example.test"]

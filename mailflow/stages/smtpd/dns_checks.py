@@ -46,7 +46,8 @@ from typing import TYPE_CHECKING
 
 from mailflow import address, status
 from mailflow.address import client_ip
-from mailflow.dns import MX, InvalidReply, NonRecoverable, NotFound, confirmed_name, is_ip_literal, ptr_names
+from mailflow.dns import (MX, InvalidReply, NonRecoverable, NotFound, confirmed_name, hostname_gripe, is_ip_literal,
+                          ptr_names)
 from mailflow.errors import LookupRetry
 from mailflow.model import AddressClass
 from mailflow.syntax import is_ipv4
@@ -384,7 +385,7 @@ def _malformed(verdict: str) -> tuple[str, ...]:
 
 def _peer_name(name: str) -> bool:
     """A PTR name Postfix takes as a client's name: a valid host name (valid_hostname), not an address."""
-    return bool(name) and not name.startswith("[") and address.is_valid_domain(name)
+    return bool(name) and not is_ip_literal(name) and hostname_gripe(name) is None
 
 
 def _given_names(given_name: str) -> list[str] | None:

@@ -28,7 +28,7 @@ import os
 import time
 from typing import Callable
 
-from mailflow.dns import confirmed_name, ptr_names
+from mailflow.dns import client_name, ptr_names
 from mailflow.errors import LookupRetry
 
 log = logging.getLogger("mailflow.smtpd")
@@ -81,12 +81,17 @@ class PeerNames:
         return None
 
     async def _dns_name(self, address: str) -> str:
+        """The verified name; Postfix's warning when the first PTR name is none (numeric, malformed, not leading
+        back to the address)."""
         try:
-            name = await confirmed_name(self._resolver, address, await ptr_names(self._resolver, address))
+            names = await ptr_names(self._resolver, address)
         except LookupRetry as e:
             log.debug("%s: no client name now: %s", address, e)
             return UNKNOWN
-        return name.rstrip(".") or UNKNOWN
+        verdict = await client_name(self._resolver, address, names)
+        if verdict.warning:
+            log.warning("%s", verdict.warning)
+        return verdict.name.rstrip(".") or UNKNOWN
 
     def _refresh_hosts(self) -> None:
         now = self._clock()
