@@ -46,8 +46,8 @@ from typing import TYPE_CHECKING
 
 from mailflow import address, status
 from mailflow.address import client_ip
-from mailflow.dns import (MX, InvalidReply, NonRecoverable, NotFound, confirmed_name, hostname_gripe, is_ip_literal,
-                          ptr_names)
+from mailflow.dns import (MX, InvalidReply, NonRecoverable, NotFound, confirmed_name, failure_text, hostname_gripe,
+                          is_ip_literal, ptr_names)
 from mailflow.errors import LookupRetry
 from mailflow.model import AddressClass
 from mailflow.syntax import is_ipv4
@@ -131,7 +131,7 @@ class DnsChecks:
         except NotFound:
             return ()
         except LookupRetry as e:
-            log.warning("%s: RBL lookup error: %s", query, e.reason)
+            log.warning("%s: RBL lookup error: %s", query, failure_text(e))  # (dns_lookup's why, as Postfix's)
             return None
 
     async def allowlisted(self, kind: str, arg: str, facts: Facts) -> bool:

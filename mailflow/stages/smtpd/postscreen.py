@@ -85,7 +85,7 @@ from mailflow.address import quoted_local
 from mailflow.clock import Clock
 from mailflow.config.smtpd import SMTPD_BANNER, PostscreenConfig
 from mailflow.dnsbl_sites import DnsblSite, parse_dnsbl_site
-from mailflow.dns import NotFound
+from mailflow.dns import NotFound, failure_text
 from mailflow.errors import LookupRetry
 from mailflow.logs import escaped, format_tv, printable
 from mailflow.message import starts_header_field
@@ -549,7 +549,7 @@ class Postscreen:
         except NotFound:
             return []
         except LookupRetry as e:
-            log.warning("dnsblog_query: lookup error for DNS query %s: %s", query, e.reason)
+            log.warning("dnsblog_query: lookup error for DNS query %s: %s", query, failure_text(e))
             return None
 
     # -- the dummy SMTP engine: enforce, a veto, the deep protocol tests
