@@ -357,6 +357,19 @@ async def test_an_mx_lookup_failure_turns_the_relay_refusal_into_a_deferral(mail
               "Name or service not known")
 
 
+async def test_an_mx_reply_naming_no_host_or_formerr_is_no_reason_to_defer_a_relay_refusal(mailflow_server,
+                                                                                              dns_zone):
+    """Postfix's permit_mx_backup turns a refusal into a deferral only for DNS_RETRY (and DNS_POLICY); DNS_INVAL (a
+    reply naming no host) and DNS_FAIL (FORMERR) are DUNNO: reject_unauth_destination's 554 stands. mailflow
+    deferred."""
+    nameserver = dns_zone(ZONE + "badmx.test. 300 IN MX 10 bad-.example.test.\n", rcodes={"formerr.test": "FORMERR"})
+    port = await dns_checked(mailflow_server, nameserver,
+                             smtpd={"relay_restrictions": ["permit_mx_backup", "reject_unauth_destination"]})
+    for domain in ("badmx.test", "formerr.test"):
+        assert await rcpt(port, f"x@{domain}") == \
+            (554, f"554 5.7.1 <x@{domain}>: Relay access denied"), domain
+
+
 # ---------------------------------------------------------------------------------------------- DNS allowlists
 
 

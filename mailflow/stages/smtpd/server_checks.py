@@ -45,7 +45,7 @@ import logging
 from typing import TYPE_CHECKING, AsyncGenerator
 
 from mailflow import address, status
-from mailflow.dns import MX, NotFound, is_ip_literal
+from mailflow.dns import MX, InvalidReply, NonRecoverable, NotFound, is_ip_literal
 from mailflow.errors import LookupRetry
 from mailflow.model import AddressClass
 from mailflow.routing.rewrite import is_routed
@@ -242,7 +242,7 @@ class ServerChecks:
         permit_mx_backup_networks when that is set)."""
         try:
             records = _limited(await lookups.mx(domain), domain, "MX")
-        except NotFound:
+        except (NotFound, InvalidReply, NonRecoverable):  # (Postfix defers only for DNS_RETRY)
             return False
         except LookupRetry as e:
             _defer_if_reject(facts, rcpt, f"Unable to look up mail exchanger information: {dns_why(e)}")
