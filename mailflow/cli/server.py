@@ -106,10 +106,12 @@ def descriptors_needed(cfg: Config) -> int:
 
 def idle_sessions_cached(cfg: Config) -> int:
     """The idle SMTP sessions the configuration's clients may keep at once: MAX_IDLE for each client whose
-    connection cache is on, [smtp]'s (smtp and relay share it) and each [smtp.services.NAME]'s (a cache each)."""
+    connection cache is on, [smtp]'s, relay's ([smtp]'s settings under its own name, unless an
+    [smtp.services.relay] takes its place) and each [smtp.services.NAME]'s (a cache each)."""
     from mailflow.transports.smtp.reuse import MAX_IDLE  # (only serve builds the clients; the rest need not load it)
 
-    clients = [cfg.smtp] + [cfg.smtp.for_service(name) for name in cfg.smtp.services]
+    relay = [] if "relay" in cfg.smtp.services else [cfg.smtp]
+    clients = [cfg.smtp, *relay, *(cfg.smtp.for_service(name) for name in cfg.smtp.services)]
     return MAX_IDLE * sum(client.connection_cache_time_limit > 0 for client in clients)
 
 
@@ -149,19 +151,6 @@ def check_config(config: Optional[str] = ConfigOption) -> None:
     typer.echo(f"{where}: ok (queue {cfg.queue_directory})")
     for host, port, role in listener_summary(cfg):
         typer.echo(f"  listener {host}:{port} ({role})")
-    for warning in routing_warnings(cfg):
-        typer.echo(f"{where}: warning: {warning}", err=True)
-
-
-def routing_warnings(cfg: Config) -> list[str]:
-    """Settings that load but that the routing never reaches as their writer likely meant: an [smtp.services.relay]
-    while relay_transport (mailflow's default `smtp`, Postfix's `relay`) sends relay-domain mail elsewhere."""
-    relay_transport = cfg.relay_transport.partition(":")[0]
-    if "relay" not in cfg.smtp.services or relay_transport == "relay":
-        return []
-    return [f"smtp.services.relay: relay_transport is {cfg.relay_transport!r}, so relay-domain mail does not use "
-            "these settings (only what transport_maps or another setting routes to `relay` does); set "
-            "relay_transport = \"relay\" (Postfix's default) for it to"]
 
 
 def listener_summary(cfg: Config) -> list[tuple[str, int, str]]:

@@ -79,7 +79,6 @@ class Importer:
         if self.services is not None:
             for service in self.services:
                 self._service(service)
-        self._relay_transport_default()
         self._check_transports()
         self._check_certificate()
         self._validate()
@@ -346,17 +345,6 @@ class Importer:
 
     def _service(self, service: Service) -> None:
         translate_service(self, service)
-
-    def _relay_transport_default(self) -> None:
-        """Postfix's relay_transport defaults to `relay` (mail_params.h DEF_RELAY_TRANSPORT), mailflow's to `smtp`
-        (the same client): when master.cf gives `relay` settings of its own (an [smtp.services.relay]) or a maxproc,
-        relay-domain mail must reach them, so Postfix's default is written out."""
-        limits = self.out.settings.get("queue.transport_concurrency_limit")
-        has_limit = isinstance(limits, dict) and "relay" in limits
-        if "relay_transport" in self.params or not ("relay" in self.out.clients or has_limit):
-            return
-        self.out.settings["relay_transport"] = "relay"
-        self.out.origins["relay_transport"] = "(no relay_transport in main.cf) Postfix's default: relay"
 
     def _check_transports(self) -> None:
         """A setting naming a transport mailflow does not have (`default_transport = slow` with master.cf's `slow`

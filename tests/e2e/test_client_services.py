@@ -14,7 +14,7 @@ from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import AuthResult
 
 from mailflow.config import config_from_dict
-from tests.support import CaptureHandler, eventually, queue_becomes, send, stall_mail
+from tests.support import CaptureHandler, eventually, free_port, queue_becomes, send, stall_mail
 
 MESSAGE = b"Subject: s\r\n\r\nbody\r\n"
 
@@ -44,6 +44,41 @@ async def test_each_service_delivers_with_its_own_settings_and_smtp_with_its_own
     assert helo == {"u@a.test": "amavis.client.test", "u@b.test": "mx.mailflow.test", "u@c.test": "mx.mailflow.test",
                     "u@relay.test": "relay.client.test"}
     assert [m.rcpt_tos for m in second.messages] == [["u@b.test"]]
+
+
+async def test_relay_domain_mail_goes_over_relay_with_its_own_dead_destination_memory(mailflow_server, smtp_peer,
+                                                                                     caplog):
+    """relay_transport defaults to `relay` (Postfix's DEF_RELAY_TRANSPORT), [smtp]'s client under its own name:
+    relay-domain mail and other mail to one relayhost are two queues. A relayhost that refused relay.test's
+    connection is dead for `relay` (the next relay-domain message is suspended, no connection tried) and not for
+    `smtp`, which delivers there at once; relay's lines are logged as `relay/smtp` (master.cf's `relay … smtp -o
+    syslog_name=postfix/$service_name`), smtp's as `smtp`."""
+    caplog.set_level(logging.INFO, logger="mailflow.mail")
+    port = free_port()
+    mf = await mailflow_server(relayhost=f"[127.0.0.1]:{port}", mynetworks=["127.0.0.0/8"],
+                               smtp={"tls_security_level": "none"},  # (one failure: dead for 30 s)
+                               queue={"initial_destination_concurrency": 1, "minimal_backoff_time": "30s",
+                                      "maximal_backoff_time": "60s"})
+    smtpd = mf.smtp_addresses[0][1]
+    await send(smtpd, "s@remote.test", ["u1@relay.test"], MESSAGE)
+    await eventually(lambda: results(caplog, "u1@relay.test"), what="relay's refused connection")
+    peer = await smtp_peer(port=port)
+    await send(smtpd, "s@remote.test", ["u@other.test"], MESSAGE)
+    await send(smtpd, "s@remote.test", ["u2@relay.test"], MESSAGE)
+    await eventually(lambda: results(caplog, "u@other.test") and results(caplog, "u2@relay.test"))
+    assert [m.rcpt_tos for m in peer.messages] == [["u@other.test"]]
+    assert results(caplog, "u@other.test") == [("smtp", "sent", "smtp")]
+    assert results(caplog, "u1@relay.test") == [("relay/smtp", "deferred", "relay")]
+    [(_, status, transport)] = results(caplog, "u2@relay.test")
+    assert (status, transport) == ("deferred", "relay")
+    assert "delivery temporarily suspended" in next(
+        r.getMessage() for r in caplog.records if "to=<u2@relay.test>" in r.getMessage())
+
+
+def results(caplog, rcpt: str) -> list[tuple[str, str, str]]:
+    """(the program its line is logged as, status, transport) of each result line for `rcpt`."""
+    return [(r.service, r.fields["status"], r.fields["transport"]) for r in caplog.records
+            if getattr(r, "event", None) in ("sent", "deferred", "bounced") and r.fields.get("to") == rcpt]
 
 
 async def test_two_services_to_one_peer_never_share_a_cached_session(mailflow_server, smtp_peer):

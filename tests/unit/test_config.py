@@ -35,7 +35,7 @@ def test_embedded_defaults():
     assert c.mydestination == ("localhost",)
     assert c.relay_domains == ()
     assert c.relayhost == ""
-    assert (c.local_transport, c.relay_transport, c.default_transport) == ("local", "smtp", "smtp")
+    assert (c.local_transport, c.relay_transport, c.default_transport) == ("local", "relay", "smtp")
     assert c.queue.minimal_backoff_time == 300.0
     assert c.queue.maximal_backoff_time == 4000.0
 

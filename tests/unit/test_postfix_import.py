@@ -863,14 +863,14 @@ def test_a_certificate_or_key_file_that_is_not_there_is_left_out_naming_it(tmp_p
     "relay unix - - n - 4 smtp\n",
 ])
 def test_a_relay_service_of_its_own_gets_relay_domain_mail_as_in_postfix(tmp_path, master_cf):
-    """Postfix's relay_transport defaults to `relay` (mailflow's to `smtp`): master.cf's `relay` with an -o (an
-    [smtp.services.relay]) or a maxproc used to be dead configuration, relay-domain mail going over [smtp]."""
+    """relay_transport defaults to `relay` in both (Postfix's mail_params.h DEF_RELAY_TRANSPORT): master.cf's
+    `relay` with an -o (an [smtp.services.relay]) or a maxproc gets relay-domain mail without a relay_transport
+    written out."""
     main = write(tmp_path, "main.cf", "myhostname = mx.example.com\nrelay_domains = example.net\n")
     code, err = run_import(main, write(tmp_path, "master.cf", master_cf), tmp_path / "mailflow.toml")
     doc = checked(tmp_path / "mailflow.toml")
     assert code == 0, err
-    assert doc["relay_transport"] == "relay"
-    assert "(no relay_transport in main.cf) Postfix's default: relay" in (tmp_path / "mailflow.toml").read_text()
+    assert "relay_transport" not in doc
     result = CliRunner().invoke(cli, ["address", "-c", str(tmp_path / "mailflow.toml"), "u@example.net"])
     assert re.search(r"transport:\s+relay\b", result.output), result.output
 

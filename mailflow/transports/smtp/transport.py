@@ -34,7 +34,7 @@ smtp_fallback_relay configuration problem`.
     SmtpTransport(config, *, resolver, helo_name, rng=None, clock=time.monotonic, tables=None, mta_sts=None,
                   plaintext_after=0.0, own_addresses=frozenset(), own_ports=frozenset(), relayhost="",
                   now=time.time, generic=None, checks=None, sender_keys=None, soft_bounce=False,
-                  level_source="smtp.tls_security_level")
+                  level_source="smtp.tls_security_level", program="smtp")
     await deliver(request) -> DeliveryReport      one result per recipient, never raises for a delivery problem
 `now`: qmgr's clock, for the time each transaction's session was set up (proto's ConnStats; the log's delays).
 `plaintext_after` (qmgr's minimal_backoff_time, as Postfix's var_min_backoff_time): at TLS level may, a failed
@@ -50,6 +50,8 @@ smtp_sender_dependent_authentication, sasl_password_maps asked by the envelope s
 cached session reused only for mail from the same sender (connect's Destination.cache_key), as Postfix keys its
 connection cache by sender then. `level_source`: the key config.tls_security_level is set by, as the TLS
 policy names it ("smtp.tls_security_level", "smtp.services.NAME.tls_security_level" when the service sets it).
+`program`: what its result lines are logged under (`relay/smtp` for the relay transport, as Postfix's stock
+master.cf gives `relay` `-o syslog_name=postfix/$service_name`).
     await close()                                 QUITs the cached sessions; no task or timer is left behind
 
 The TLS policy of a next hop (`tls_policy`, also for `mailflow address`): a tls_policy_maps entry; else, for a domain
@@ -128,7 +130,7 @@ Candidate = tuple[MX, list[str] | None]  # an MX host and its addresses, None: n
 class SmtpTransport:
     """See the module docstring."""
 
-    program = "smtp"  # the Postfix delivery agent whose name its result lines are logged under
+    program: str  # what its result lines are logged under: `smtp`, or `relay/smtp` (see the module docstring)
 
     def __init__(
         self,
@@ -150,7 +152,9 @@ class SmtpTransport:
         sender_keys: Callable[[str], list[str]] | None = None,
         soft_bounce: bool = False,
         level_source: str = "smtp.tls_security_level",
+        program: str = "smtp",
     ):
+        self.program = program
         self._config = config
         self._generic = generic
         self._checks = checks
