@@ -90,7 +90,8 @@ SETTINGS: dict[str, tuple[str, ...]] = {name: (key,) for name, key in {
     "smtp_tls_CAfile": "smtp.tls_ca_file",
     "smtp_data_done_timeout": "smtp.data_timeout",
     **{f"smtp_{n}_timeout": "smtp.command_timeout" for n in ("mail", "rcpt", "data_init", "rset")},
-    **_same("lmtp", "connect_timeout bind_address bind_address6 bind_address_enforce", prefix="lmtp_"),
+    **_same("lmtp", "connect_timeout bind_address bind_address6 bind_address_enforce connection_cache_time_limit "
+                    "connection_reuse_count_limit connection_reuse_time_limit", prefix="lmtp_"),
     **_same("smtp", "header_checks mime_header_checks nested_header_checks body_checks reply_filter", prefix="smtp_"),
     **_same("lmtp", "header_checks mime_header_checks nested_header_checks body_checks generic_maps", prefix="lmtp_"),
     "smtpd_command_filter": "smtpd.command_filter",

@@ -217,6 +217,46 @@ async def test_a_service_rewrites_checks_authenticates_and_encrypts_by_its_own_s
     assert logins == [b"relay-user"]
 
 
+async def test_each_lmtp_client_caches_its_own_sessions_which_a_reload_and_stop_close(mailflow_server):
+    """[lmtp] and an [lmtp.services.box] to one LMTP server: each keeps its own session (two connections for four
+    messages), as Postfix's lmtp(8) processes of two master.cf services never share one; a reload closes the idle
+    sessions of the transports it replaces (box's, removed, and [lmtp]'s, rebuilt), stop the one opened after."""
+    handler = CaptureHandler()
+    sessions: list[LMTP] = []
+
+    def session() -> LMTP:
+        sessions.append(LMTP(handler))
+        return sessions[-1]
+
+    def closed(s: LMTP) -> bool:
+        return s.transport is None or s.transport.is_closing()
+
+    server = await asyncio.get_running_loop().create_server(session, "127.0.0.1", 0)
+    hop = f"[127.0.0.1]:{server.sockets[0].getsockname()[1]}"
+    try:
+        mf = await mailflow_server(relay_domains=["a.test", "b.test"],
+                                   transport_maps=routes(a_test=f"lmtp:{hop}", b_test=f"box:{hop}"),
+                                   lmtp={"connection_cache_time_limit": "30s", "services": {"box": {}}})
+        port = mf.smtp_addresses[0][1]
+        for n in range(2):
+            for domain in ("a.test", "b.test"):
+                await send(port, "s@remote.test", [f"u{n}@{domain}"], MESSAGE)
+                await queue_becomes(mf.store, {})
+        assert len(handler.messages) == 4 and len(sessions) == 2 and not any(closed(s) for s in sessions)
+        without = mf.config.model_dump()
+        without["lmtp"]["services"] = {}
+        await mf.reload(config_from_dict(without))
+        await eventually(lambda: all(closed(s) for s in sessions), what="the replaced clients' sessions closed")
+        await send(port, "s@remote.test", ["u2@a.test"], MESSAGE)
+        await queue_becomes(mf.store, {})
+        assert len(sessions) == 3 and not closed(sessions[2])
+        await mf.stop()
+        await eventually(lambda: closed(sessions[2]), what="[lmtp]'s idle session closed at stop")
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def test_an_lmtp_service_rewrites_and_checks_by_its_own_settings(mailflow_server, tmp_path):
     """[lmtp.services.box]'s generic_maps and header_checks apply to its mail only, not to [lmtp]'s."""
     (tmp_path / "generic").write_text("s@remote.test mapped@out.test\n")

@@ -1081,3 +1081,17 @@ def test_reject_tempfail_action_in_master_cf_sets_that_listeners_tempfail_action
         "unknown_helo_hostname_tempfail_action": "defer_if_permit", "unknown_address_tempfail_action": "defer",
         "unverified_recipient_tempfail_action": "defer"}
     assert not any(k.endswith("tempfail_action") for k in listeners["0.0.0.0:2525"])
+
+
+def test_the_lmtp_connection_cache_parameters_and_a_service_s_become_lmtp_settings(tmp_path):
+    """lmtp_connection_cache_time_limit and the reuse limits (lmtp(8)'s cache, which mailflow's LMTP client has),
+    in main.cf and as a dovecot service's -o."""
+    main = write(tmp_path, "main.cf", "myhostname = mx.example.com\nlmtp_connection_cache_time_limit = 5s\n"
+                                      "lmtp_connection_reuse_count_limit = 10\nlmtp_connection_reuse_time_limit = 60\n")
+    master = write(tmp_path, "master.cf", "dovecot unix - - n - - lmtp -o lmtp_connection_cache_time_limit=0\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    doc = checked(tmp_path / "mailflow.toml")
+    assert code == 0, err
+    assert {k: v for k, v in doc["lmtp"].items() if k.startswith("connection_")} == {
+        "connection_cache_time_limit": "5s", "connection_reuse_count_limit": 10, "connection_reuse_time_limit": "60s"}
+    assert doc["lmtp"]["services"]["dovecot"] == {"connection_cache_time_limit": "0s"}

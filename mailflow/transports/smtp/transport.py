@@ -96,22 +96,19 @@ from mailflow.transports.smtp_checks import OutboundChecks, outbound_wire_form
 from mailflow.transports.smtp.commands import screen_envelope
 from mailflow.transports.smtp.connect import Destination, SmtpHandshake, SourceAddress, log_connect_failure
 from mailflow.transports.smtp.mtasts import MtaSts
-from mailflow.transports.smtp.proto import reset, send_message
-from mailflow.transports.smtp.reuse import SessionCache
+from mailflow.transports.smtp.proto import send_message
+from mailflow.transports.smtp.reuse import RSET_TIMEOUT, SessionCache
 from mailflow.transports.smtp.tls import TlsContexts, TlsPolicy, default_policy, parse_policy, policy_keys
 from mailflow.transports.smtp.trouble import (
     ConnectFailure,
     LocalProblem,
     Outcomes,
     SiteFailure,
-    StaleSession,
     record_unreachable,
 )
 
 log = logging.getLogger("mailflow.smtp")
 
-# A peer slow to answer RSET (before a session is cached) must not hold the results back long.
-RSET_TIMEOUT = 20.0  # Postfix smtp_rset_timeout
 # Sessions (completed handshakes) per delivery: a temporary failure in one that is not the last of them leaves
 # its recipients for the next peer (Postfix smtp_mx_session_limit).
 MX_SESSION_LIMIT = 2
@@ -365,21 +362,12 @@ class SmtpTransport:
                                          wire: WireForm | None) -> Peer | None:
         """Deliver over a cached session when one is idle for this next hop: its peer; None when none could be
         used."""
-        while (session := self._cache.take(destination.cache_key)) is not None:
-            try:
-                await send_message(session, request, recipients, outcomes, self._timeouts, self._now, reused=True,
-                                   wire=wire)
-            except StaleSession:
-                log.debug("%s: cached session with %s is gone; using a new one", request.queue_id,
-                          session.peer.relay)
-                session.abort()
-                continue
-            except BaseException:
-                session.abort()
-                raise
-            await self._release(session, destination)
-            return session.peer
-        return None
+        session = await self._cache.reuse(destination.cache_key, lambda s: send_message(
+            s, request, recipients, outcomes, self._timeouts, self._now, reused=True, wire=wire))
+        if session is None:
+            return None
+        await self._release(session, destination)
+        return session.peer
 
     async def _deliver_to_first_reachable(self, candidates: Sequence[Candidate], destination: Destination,
                                           request: DeliveryRequest, recipients: list[Recipient],
@@ -560,16 +548,7 @@ class SmtpTransport:
     async def _release(self, session: Session, destination: Destination) -> None:
         """Cache the session for the next message to this next hop (RSET first when a transaction is still
         open), or QUIT it."""
-        if session.aborted or not self._cache.accepts(session):
-            session.quit()
-            return
-        if session.transaction_open and not await reset(session, min(RSET_TIMEOUT, self._config.command_timeout)):
-            session.abort()
-            return
-        if session.garbled:  # (RSET's reply had garbage in it)
-            session.quit()
-            return
-        self._cache.put(destination.cache_key, session)
+        await self._cache.release(destination.cache_key, session, min(RSET_TIMEOUT, self._config.command_timeout))
 
 
 @dataclass(frozen=True)
