@@ -8,10 +8,11 @@ end of DATA, reads one reply per accepted recipient, in RCPT order (RFC 2033 4.2
 Connection cache: the SMTP client's (smtp.reuse.SessionCache, Postfix's lmtp(8) shares smtp(8)'s): after a
 delivery the session waits `connection_cache_time_limit` for the next message to the same next hop (the UNIX
 socket, or host and port), is used at most 1 + `connection_reuse_count_limit` times (0: no limit) and not after
-`connection_reuse_time_limit`; a transaction left open (an end of data refused) is RSET first. A cached session the
-server closed meanwhile (StaleSession: it died before MAIL FROM was answered) is dropped and the message goes over
-another, a new one at last: no deferral. A session not kept is QUIT without waiting for the reply (Postfix's
-lmtp_skip_quit_response = yes).
+`connection_reuse_time_limit`; a transaction left open (an end of data refused) is RSET before it is cached, and
+every cached session is sent RSET before it is used again (Postfix's RSET probe, which its lmtp(8) sends before each
+reuse). A cached session the server closed meanwhile (its RSET probe fails, or it dies before MAIL FROM is
+answered) is dropped and the message goes over another, a new one at last: no deferral. A session not kept is
+QUIT without waiting for the reply (Postfix's lmtp_skip_quit_response = yes).
 
     LmtpTransport(config, *, helo_name, clock=time.monotonic, now=time.time, checks=None, generic=None)   (`now`:
                   qmgr's clock, as smtp's; `checks`: lmtp_header_checks and the like, mailflow.transports.smtp_checks;
@@ -125,12 +126,14 @@ class LmtpTransport:
             outcomes.fail(recipients, TemporaryError("4.3.5", text)).site_failed(text)
             return
         key = f"unix:{nexthop.path}" if nexthop.path else f"[{nexthop.host}]:{nexthop.port}"
+        rset_timeout = min(RSET_TIMEOUT, self._config.command_timeout)
         session = await self._cache.reuse(key, lambda s: send_message(
-            s, request, recipients, outcomes, self._timeouts, self._now, reused=True, lmtp=True, wire=wire))
+            s, request, recipients, outcomes, self._timeouts, self._now, reused=True, lmtp=True, wire=wire),
+            probe=rset_timeout)
         if session is None:
             session = await self._deliver_on_new_session(nexthop, request, recipients, outcomes, wire)
         if session is not None:
-            await self._cache.release(key, session, min(RSET_TIMEOUT, self._config.command_timeout))
+            await self._cache.release(key, session, rset_timeout)
 
     async def _deliver_on_new_session(self, nexthop: Nexthop, request: DeliveryRequest, recipients: list[Recipient],
                                       outcomes: Outcomes, wire: WireForm | None) -> Session | None:

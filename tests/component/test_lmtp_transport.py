@@ -62,6 +62,7 @@ class LmtpHandler:
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     final_replies: dict[str, str] = field(default_factory=dict)
     hang_after: int | None = None
+    rset_reply: str = "250 2.0.0 Ok"
     messages: list[Received] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
     release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -89,7 +90,7 @@ class LmtpHandler:
 
     async def handle_RSET(self, server, session, envelope):
         self.commands.append("RSET")
-        return "250 2.0.0 Ok"
+        return self.rset_reply
 
     async def handle_QUIT(self, server, session, envelope):
         self.commands.append("QUIT")
@@ -624,7 +625,8 @@ async def test_lmtp_generic_maps_map_what_the_lmtp_client_sends_as_smtps_do(lmtp
 
 async def test_messages_to_one_next_hop_share_one_cached_session_quit_at_close(lmtp_peer):
     """Postfix's lmtp(8) connection cache (lmtp_connection_cache_time_limit, 2s): three messages one after the
-    other, one session (conn_use 1, 2, 3), no RSET between clean transactions; close() QUITs it."""
+    other, one session (conn_use 1, 2, 3), each reuse after its RSET probe (Postfix's lmtp sends MAIL … DATA, RSET,
+    MAIL … to such a peer); close() QUITs it."""
     peer = await lmtp_peer(pipelining=True)
     transport = make_transport()
     try:
@@ -633,15 +635,16 @@ async def test_messages_to_one_next_hop_share_one_cached_session_quit_at_close(l
         assert [outcomes(r) for r in reports] == [[(f"u{n}@example.test", Outcome.SENT, "2.0.0")] for n in range(3)]
         assert [r.results[0].conn.use for r in reports] == [1, 2, 3]
         assert len(peer.connections) == 1 and len(peer.messages) == 3
-        assert "RSET" not in peer.handler.commands and "QUIT" not in peer.handler.commands
+        assert peer.handler.commands == ["MAIL a@remote.test", "RCPT u0@example.test", "RSET", "MAIL a@remote.test",
+                                         "RCPT u1@example.test", "RSET", "MAIL a@remote.test", "RCPT u2@example.test"]
     finally:
         await transport.close()
     await eventually(lambda: peer.handler.commands[-1:] == ["QUIT"], what="the cached session QUIT at close")
 
 
 async def test_a_session_whose_transaction_was_refused_is_rset_before_it_is_reused(lmtp_peer):
-    """A recipient refused after DATA leaves the server's state in doubt: RSET before the session is cached, and
-    the next message goes over it."""
+    """A recipient refused after DATA leaves the server's state in doubt: RSET before the session is cached (and its
+    RSET probe before it is used again); the next message goes over it."""
     peer = await lmtp_peer()
     peer.handler.final_replies = {"full@example.test": "452 4.2.2 <full@example.test> Mailbox is full"}
     transport = make_transport()
@@ -654,8 +657,7 @@ async def test_a_session_whose_transaction_was_refused_is_rset_before_it_is_reus
     assert [r.outcome for r in first.results] == [Outcome.SENT, Outcome.DEFERRED]
     assert outcomes(second) == [("u@example.test", Outcome.SENT, "2.0.0")]
     assert len(peer.connections) == 1
-    commands = peer.handler.commands
-    assert commands[commands.index("RSET") + 1:][:1] == ["MAIL a@remote.test"]
+    assert peer.handler.commands[3:] == ["RSET", "RSET", "MAIL a@remote.test", "RCPT u@example.test"]
 
 
 @pytest.mark.parametrize("idle_timeout", [None, 0.2], ids=["dropped", "421-on-idle"])
@@ -679,6 +681,20 @@ async def test_a_cached_session_the_server_closed_costs_no_deferral(lmtp_peer, i
     assert second.site_ok and second.results[0].conn.use == 1
     assert len(peer.connections) == 2 and [m.rcpt_tos for m in peer.messages] == [["one@example.test"],
                                                                                   ["two@example.test"]]
+
+
+async def test_a_cached_session_that_refuses_its_rset_probe_is_dropped_for_a_new_one(lmtp_peer):
+    """Postfix's smtp_reuse_common: a session whose RSET probe is not answered 2xx is not used."""
+    peer = await lmtp_peer()
+    transport = make_transport()
+    try:
+        await transport.deliver(make_request(f"[127.0.0.1]:{peer.port}", "one@example.test"))
+        peer.handler.rset_reply = "421 4.3.2 Shutting down"
+        second = await transport.deliver(make_request(f"[127.0.0.1]:{peer.port}", "two@example.test"))
+    finally:
+        await transport.close()
+    assert outcomes(second) == [("two@example.test", Outcome.SENT, "2.0.0")] and second.results[0].conn.use == 1
+    assert len(peer.connections) == 2
 
 
 async def test_with_the_cache_off_each_message_has_a_session_of_its_own(lmtp_peer):

@@ -5,10 +5,14 @@ sessions kept for the next message to the same next hop. Nothing here is global;
                                                      client's release waits for RSET at most)
       .take(key) -> Session | None                   an idle session for that destination, or None
       .accepts(session) -> bool   .put(key, session) keep it for `time_limit` seconds (a loop timer that QUITs it)
-      await .reuse(key, transaction) -> Session | None   `transaction(session)` (proto.send_message with
-                                                     reused=True) on the idle sessions for `key` in turn, until one
-                                                     is not stale: that session, to be released; None when none was
-                                                     idle or each had died (StaleSession: closed, nothing delivered)
+      await .reuse(key, transaction, probe=None) -> Session | None   `transaction(session)` (proto.send_message
+                                                     with reused=True) on the idle sessions for `key` in turn, until
+                                                     one is not stale: that session, to be released; None when none
+                                                     was idle or each had died (StaleSession: closed, nothing
+                                                     delivered). `probe`: each is sent RSET first (within that many
+                                                     seconds) and dropped unless it answers 2xx (Postfix's RSET probe,
+                                                     smtp_reuse_common: the LMTP client's; the SMTP client finds a
+                                                     dead session at MAIL instead, a round trip less a message)
       await .release(key, session, rset_timeout)     keep the session (RSET first when its transaction is still
                                                      open) or QUIT it
       .close()                                       QUIT every idle session, cancel the timers; afterwards
@@ -84,9 +88,14 @@ class SessionCache:
         timer = asyncio.get_running_loop().call_later(self._time_limit, self._expire, key, session)
         self._idle.setdefault(key, []).append((session, timer))
 
-    async def reuse(self, key: str, transaction: Callable[[Session], Awaitable[None]]) -> Session | None:
+    async def reuse(self, key: str, transaction: Callable[[Session], Awaitable[None]],
+                    probe: float | None = None) -> Session | None:
         """See the module docstring."""
         while (session := self.take(key)) is not None:
+            if probe is not None and not await reset(session, probe):
+                session.log.debug("cached session with %s failed its RSET probe; using another", session.peer.relay)
+                session.abort()
+                continue
             try:
                 await transaction(session)
             except StaleSession:
