@@ -19,12 +19,15 @@ Contract of a transport (postfix's delivery agents; chasquid's Courier; maddy's 
   mail log writes its result lines under that name, as Postfix's agents log their own (`postfix/smtp[pid]: …
   relay=none … (connect to …)`), and pflogsumm groups deferrals by it. The relay transport's is `relay/smtp`
   (SERVICE/AGENT): Postfix's stock master.cf runs `relay` with `-o syslog_name=postfix/$service_name`, so its lines
-  read `postfix/relay/smtp[pid]`; `agent_of(program)` is the agent alone.
+  read `postfix/relay/smtp[pid]`.
 
 The registry:
 
     build_transports(config, resolver, clock, router, forward=None, mailbox=None) -> {name: Transport}
-                             the built-in transports, each [pipe.NAME] and each client service, by transport name
+                             the built-in transports, each [pipe.NAME] and each client service, by transport name;
+                             `relay` (RELAY) is [smtp]'s settings in a client of its own, logged as RELAY_PROGRAM,
+                             unless an [smtp.services.relay] takes its place
+    agent_of(program) -> str the delivery agent of a Transport.program (`relay/smtp` -> `smtp`)
     client_services(config, resolver, clock, router, tables, mta_sts) -> {name: Transport}
                              the [smtp.services.NAME] and [lmtp.services.NAME] clients, each with its merged settings
     build_smtp_client(config, client, *, resolver, clock, router, tables, mta_sts, level_source=…, program=…)
