@@ -139,6 +139,9 @@ BUILT_IN: dict[str, tuple[str, str]] = {
     "disable_dns_lookups": ("no", "mailflow always uses the DNS (a [host] next hop, as a content filter's "
                                   "[127.0.0.1]:10024, is never looked up as MX)"),
     "smtp_tls_note_starttls_offer": ("no", "mailflow does not log it"),
+    **dict.fromkeys(("smtp_connection_cache_on_demand", "lmtp_connection_cache_on_demand"), (
+        "yes", "mailflow's SMTP and LMTP clients cache each session for connection_cache_time_limit, backlog or not "
+               "(0s turns a client's cache off)")),
 }
 
 _POSTFIX_OWN = "a path or setting of Postfix's own installation; mailflow keeps its own (queue_directory)"

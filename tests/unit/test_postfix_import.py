@@ -1085,9 +1085,10 @@ def test_reject_tempfail_action_in_master_cf_sets_that_listeners_tempfail_action
 
 def test_the_lmtp_connection_cache_parameters_and_a_service_s_become_lmtp_settings(tmp_path):
     """lmtp_connection_cache_time_limit and the reuse limits (lmtp(8)'s cache, which mailflow's LMTP client has),
-    in main.cf and as a dovecot service's -o."""
+    in main.cf and as a dovecot service's -o; caching on demand (Postfix's default) is built in."""
     main = write(tmp_path, "main.cf", "myhostname = mx.example.com\nlmtp_connection_cache_time_limit = 5s\n"
-                                      "lmtp_connection_reuse_count_limit = 10\nlmtp_connection_reuse_time_limit = 60\n")
+                                      "lmtp_connection_reuse_count_limit = 10\nlmtp_connection_reuse_time_limit = 60\n"
+                                      "lmtp_connection_cache_on_demand = yes\n")
     master = write(tmp_path, "master.cf", "dovecot unix - - n - - lmtp -o lmtp_connection_cache_time_limit=0\n")
     code, err = run_import(main, master, tmp_path / "mailflow.toml")
     doc = checked(tmp_path / "mailflow.toml")
