@@ -68,7 +68,8 @@ SETTINGS: dict[str, tuple[str, ...]] = {name: (key,) for name, key in {
                      "unverified_recipient_tempfail_action unverified_recipient_reject_reason "
                      "unverified_sender_reject_code unverified_sender_defer_code unverified_sender_tempfail_action "
                      "unverified_sender_reject_reason disable_vrfy_command strict_rfc821_envelopes content_filter "
-                     "receive_override_options message_size_limit"),
+                     "receive_override_options message_size_limit default_rbl_reply rbl_reply_maps "
+                     "maps_rbl_reject_code"),
     "smtpd_banner": "smtpd.banner",
     "smtpd_tls_CAfile": "smtpd.tls_ca_file",
     "smtpd_log_access_permit_actions": "smtpd.log_access_permit_actions",

@@ -23,6 +23,7 @@ from mailflow.config.filters import SmtpdFilterSettings
 from mailflow.dnsbl_sites import parse_dnsbl_site
 from mailflow.tables import check_spec
 from mailflow.ehlo_keywords import discard_set
+from mailflow.rbl_reply import DEFAULT_RBL_REPLY, check_rbl_template
 from mailflow.reply_footer import check_footer
 from mailflow.restriction_vocabulary import ALL_PERMITS, LOGGED_PERMITS, RELAY_GUARDS, expand
 from mailflow.syntax import parse_endpoint, parse_hostport
@@ -330,6 +331,13 @@ class SmtpdConfig(SmtpdFilterSettings):
     unverified_sender_defer_code: int = Field(450, ge=400, le=599)
     unverified_sender_tempfail_action: Literal["defer_if_permit", "defer"] = "defer_if_permit"
     unverified_sender_reject_reason: str = ""
+    # reject_rbl_client and reject_rhsbl_*'s reply (Postfix's names): default_rbl_reply, a template with $rbl_code
+    # (maps_rbl_reject_code), $rbl_class, $rbl_what, $rbl_domain, $rbl_reason (the list's TXT records) and smtpd's
+    # macros ($client_address, ...: mailflow.rbl_reply.RBL_MACROS); rbl_reply_maps: a template per list, the key
+    # the list as the restriction names it (`domain=filter` too, as Postfix 3.7 asks it)
+    default_rbl_reply: str = DEFAULT_RBL_REPLY
+    rbl_reply_maps: TableSpecs = ()
+    maps_rbl_reject_code: int = Field(554, ge=400, le=599)
     policy_service_timeout: Duration = Field(100.0, gt=0)
     policy_service_default_action: str = "451 4.3.5 Server configuration problem"
     policy_service_policy_context: str = ""  # the requests' policy_context attribute
@@ -374,6 +382,11 @@ class SmtpdConfig(SmtpdFilterSettings):
     @classmethod
     def _reject_footer(cls, v: str) -> str:
         return check_footer(v)
+
+    @field_validator("default_rbl_reply")
+    @classmethod
+    def _default_rbl_reply(cls, v: str) -> str:
+        return check_rbl_template(v)
 
     @field_validator("discard_ehlo_keywords")
     @classmethod

@@ -712,6 +712,22 @@ def test_parameters_postfix_reads_raw_are_written_as_is(tmp_path):
     assert doc["smtpd"]["reject_footer"] == "Contact postmaster, client $client_address"
 
 
+def test_the_dnsbl_reply_settings_are_imported(tmp_path):
+    write(tmp_path, "rbl_replies", "zen.example 550 5.7.1 Listed by $rbl_domain: $rbl_reason\n")
+    main = write(tmp_path, "main.cf", f"""\
+        default_rbl_reply = $rbl_code 5.7.1 Blocked: $rbl_class [$rbl_what] by $rbl_domain${{rbl_reason?; $rbl_reason}}
+        rbl_reply_maps = texthash:{tmp_path}/rbl_replies
+        maps_rbl_reject_code = 550
+        """)
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert (code, err) == (0, "")
+    doc = checked(tmp_path / "mailflow.toml")
+    assert doc["smtpd"]["default_rbl_reply"] == \
+        "$rbl_code 5.7.1 Blocked: $rbl_class [$rbl_what] by $rbl_domain${rbl_reason?; $rbl_reason}"  # raw
+    assert doc["smtpd"]["rbl_reply_maps"] == [f"texthash:{tmp_path}/rbl_replies"]
+    assert doc["smtpd"]["maps_rbl_reject_code"] == 550
+
+
 def test_a_hash_table_without_its_source_file_is_left_out_and_a_stale_db_noted(tmp_path):
     import os
     (tmp_path / "only.db").write_bytes(b"")

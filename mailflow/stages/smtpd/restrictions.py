@@ -12,7 +12,8 @@ What it owns
   (the handler runs the data list at DATA or the first BDAT, before any content); `close()`: the policy
   services' kept connections (policy.py) are closed.
 - The restrictions that ask the DNS are dns_checks.py's (reject_rbl_client, reject_rhsbl_*, permit_dnswl_client,
-  permit_rhswl_client, the unknown client name, HELO name and address domain checks) and server_checks.py's
+  permit_rhswl_client, the unknown client name, HELO name and address domain checks; a list's refusal is worded
+  by rbl_replies.py: default_rbl_reply, rbl_reply_maps, the list's TXT reason) and server_checks.py's
   (check_*_{mx,ns,a}_access: this module asks the table with each server it names, and refuses an OK as Postfix's
   forbid_allowlist does, 451 4.3.5, as for check_reverse_client_hostname_access; permit_mx_backup). A permit of
   permit_dnswl_client, permit_rhswl_client, permit_mx_backup, permit_auth_destination or permit_naked_ip_address
@@ -111,6 +112,7 @@ from mailflow.routing.rewrite import unknown_reject_codes
 from mailflow.stages.smtpd.dns_checks import DnsChecks
 from mailflow.stages.smtpd.server_checks import ServerChecks
 from mailflow.stages.smtpd.policy import PolicyClient, PolicyError
+from mailflow.stages.smtpd.rbl_replies import Listed, RblReplies
 from mailflow.stages.smtpd.tls import ClientCert
 from mailflow.stages.verify import Status as VerifyStatus
 from mailflow.stages.verify import Verifier
@@ -332,6 +334,7 @@ class Restrictions:
         self._unknown_codes = unknown_reject_codes(smtpd)  # the unknown-user refusal's code per address class
         self._rewriter = rewriter
         self._mapper = mapper
+        self._rbl_replies = RblReplies(smtpd, config.myhostname, tables, fit_dsn=dsn_fix)
         self._dns = DnsChecks(resolver, rewriter, smtpd.unknown_address_reject_code,
                               smtpd.unknown_address_tempfail_action)
         self._lists = {stage: tuple(split_item(i) for i in getattr(smtpd, f"{stage}_restrictions"))
@@ -505,7 +508,7 @@ class Restrictions:
         if name in ACCESS_CHECKS:
             return await self._access(ACCESS_CHECKS[name], arg, stage, facts)
         if name == "reject_rbl_client":
-            return await self._dns.rbl(arg, facts)
+            return await self._rbl_reply(await self._dns.rbl(arg, facts), facts)
         if name == "check_policy_service":
             return await self._policy(arg, stage, facts, subject)
         if name == "reject_unknown_recipient_domain":
@@ -519,7 +522,7 @@ class Restrictions:
         if name in CLIENT_CERT_PERMITS:
             return await self._certificate_item(name, stage, facts, subject)
         if name in RHSBL_CHECKS:
-            return await self._dns.rhsbl(RHSBL_CHECKS[name], arg, facts)
+            return await self._rbl_reply(await self._dns.rhsbl(RHSBL_CHECKS[name], arg, facts), facts)
         if name in ("reject_unknown_client_hostname", "reject_unknown_reverse_client_hostname"):
             return await self._dns.unknown_client(facts, self._smtpd.unknown_client_reject_code,
                                                   reverse_only=name == "reject_unknown_reverse_client_hostname")
@@ -703,6 +706,10 @@ class Restrictions:
             return status.error_reply(e, facts.sender)
 
     # -------------------------------------------------------------------------------- access tables
+
+    async def _rbl_reply(self, listed: Listed | None, facts: Facts) -> status.Reply | None:
+        """reject_rbl_client, reject_rhsbl_*: the refusal of a list that named the client (rbl_replies.py)."""
+        return None if listed is None else await self._rbl_replies.reply(listed, facts)
 
     async def _access(self, kind: str, spec: str, stage: str, facts: Facts):
         if kind == "ccert":
