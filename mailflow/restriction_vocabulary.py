@@ -47,7 +47,7 @@ import re
 from typing import Iterable, Mapping
 
 from mailflow.address import normalise_domain
-from mailflow.syntax import is_ipv4, parse_endpoint
+from mailflow.syntax import is_ipv4, parse_policy_service
 from mailflow.tables import check_spec
 
 RCPT_STAGES = ("client", "helo", "sender", "relay", "recipient")
@@ -139,7 +139,7 @@ def check_item(text: object, classes: Iterable[str] = ()) -> str:
     if name in ACCESS_CHECKS or name in SERVER_ACCESS_CHECKS or name == REVERSE_CLIENT_ACCESS:
         _check_access_table(name, arg)
     if name == "check_policy_service":
-        parse_endpoint(arg)
+        parse_policy_service(arg)
     if name == "reject_rbl_client" or name in RHSBL_CHECKS or name in DNSWL_CHECKS:
         rbl_domain, _, wanted = arg.partition("=")
         if not normalise_domain(rbl_domain) or (wanted and not is_ipv4(wanted)):

@@ -728,6 +728,20 @@ def test_the_dnsbl_reply_settings_are_imported(tmp_path):
     assert doc["smtpd"]["maps_rbl_reject_code"] == 550
 
 
+def test_a_policy_service_with_its_own_settings_in_braces_is_one_item(tmp_path):
+    main = write(tmp_path, "main.cf", """\
+        smtpd_recipient_restrictions = permit_mynetworks,
+            check_policy_service { inet:127.0.0.1:9998, timeout=10s, { default_action = 451 4.3.5 later } },
+            reject_unauth_destination
+        """)
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert (code, err) == (0, "")
+    assert checked(tmp_path / "mailflow.toml")["smtpd"]["recipient_restrictions"] == [
+        "permit_mynetworks",
+        "check_policy_service { inet:127.0.0.1:9998, timeout=10s, { default_action = 451 4.3.5 later } }",
+        "reject_unauth_destination"]
+
+
 def test_a_hash_table_without_its_source_file_is_left_out_and_a_stale_db_noted(tmp_path):
     import os
     (tmp_path / "only.db").write_bytes(b"")

@@ -111,7 +111,7 @@ from mailflow.stages.smtpd.auth import SenderLogins
 from mailflow.routing.rewrite import unknown_reject_codes
 from mailflow.stages.smtpd.dns_checks import DnsChecks
 from mailflow.stages.smtpd.server_checks import ServerChecks
-from mailflow.stages.smtpd.policy import PolicyClient, PolicyError
+from mailflow.stages.smtpd.policy import PolicyError, policy_service
 from mailflow.stages.smtpd.rbl_replies import Listed, RblReplies
 from mailflow.stages.smtpd.tls import ClientCert
 from mailflow.stages.verify import Status as VerifyStatus
@@ -346,10 +346,8 @@ class Restrictions:
         self._tables = {arg: tables.open([arg]) for items in every for name, arg in items
                         if name in ACCESS_CHECKS or name in SERVER_ACCESS_CHECKS or name == REVERSE_CLIENT_ACCESS}
         self._relay_clientcerts = tables.open(smtpd.relay_clientcerts)
-        self._policies = {arg: PolicyClient(arg, smtpd.policy_service_timeout, max_idle=smtpd.policy_service_max_idle,
-                                            max_ttl=smtpd.policy_service_max_ttl,
-                                            request_limit=smtpd.policy_service_request_limit)
-                          for items in every for name, arg in items if name == "check_policy_service"}
+        self._policies = {arg: policy_service(arg, smtpd) for items in every for name, arg in items
+                          if name == "check_policy_service"}
         # mynetworks is in Postfix's parent_domain_matches_subdomains: a table is asked the name's parents
         self._mynetworks = NetworkList.from_items(config.mynetworks, tables.open, parent_style=True,
                                                  setting="mynetworks")
@@ -438,7 +436,7 @@ class Restrictions:
 
     def close(self) -> None:
         """The policy services' kept connections are closed (a reload replaced these lists, or the server stops)."""
-        for client in self._policies.values():
+        for client in (service.client for service in self._policies.values()):
             client.close()
 
     def trusted(self, client_addr: str, client_name: str | None = None) -> bool:
@@ -1067,17 +1065,15 @@ class Restrictions:
 
     async def _policy(self, spec: str, stage: str, facts: Facts, subject: tuple[str, str] | None = None):
         name, what = subject or self._subject(stage, facts)
+        service = self._policies[spec]
+        endpoint = service.client.spec
         try:
-            request = policy_request(facts, stage, self._smtpd.policy_service_policy_context)
-            answer = await self._policies[spec].query(request)
+            answer = await service.client.query(policy_request(facts, stage, service.context))
         except PolicyError as e:
-            log.warning("policy service %s: %s", spec, e)
-            return await self._policy_default(name, what, facts, spec, stage)
-        return await self.action(answer, name, what, facts, source=spec, stage=stage)
-
-    async def _policy_default(self, name: str, what: str, facts: Facts, spec: str, stage: str):
-        """policy_service_default_action, an access(5) action (Postfix: 451 4.3.5 Server configuration problem)."""
-        return await self.action(self._smtpd.policy_service_default_action, name, what, facts, source=spec, stage=stage)
+            log.warning("policy service %s: %s", endpoint, e)
+            # policy_service_default_action, an access(5) action (Postfix: 451 4.3.5 Server configuration problem)
+            return await self.action(service.default_action, name, what, facts, source=endpoint, stage=stage)
+        return await self.action(answer, name, what, facts, source=endpoint, stage=stage)
 
 
 _UNHANDLED = object()
