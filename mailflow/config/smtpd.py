@@ -25,7 +25,7 @@ from mailflow.tables import check_spec
 from mailflow.ehlo_keywords import discard_set
 from mailflow.rbl_reply import DEFAULT_RBL_REPLY, check_rbl_template
 from mailflow.reply_footer import check_footer
-from mailflow.restriction_vocabulary import ALL_PERMITS, LOGGED_PERMITS, RELAY_GUARDS, expand
+from mailflow.restriction_vocabulary import ALL_PERMITS, LOGGED_PERMITS, PERMIT_VALUES, RELAY_GUARDS, expand
 from mailflow.syntax import parse_endpoint, parse_hostport
 
 
@@ -307,11 +307,12 @@ class SmtpdConfig(SmtpdFilterSettings):
     # permit_mx_backup: when set, every address of the domain's best MX hosts must be in these networks (Postfix's
     # permit_mx_backup_networks; mynetworks' syntax).
     permit_mx_backup_networks: Networks = ()
-    # The permit actions whose permits are logged (`permit: RCPT from …: action=permit_dnswl_client for Client
-    # host=… ; from=<…> …`; Postfix's smtpd_log_access_permit_actions): of permit_dnswl_client, permit_rhswl_client,
-    # permit_mx_backup, permit_auth_destination and permit_naked_ip_address; `static:all` names them all. Postfix's
-    # other permit names are taken (a converted main.cf loads) and not logged, warned of when the restrictions are
-    # set up.
+    # The permit actions whose permits are logged (`permit: RCPT from …: action=permit_mynetworks for Client
+    # host=… ; from=<…> …`; Postfix's smtpd_log_access_permit_actions), any case: permit, permit_mynetworks,
+    # permit_sasl_authenticated, permit_tls_(all_)clientcerts, permit_dnswl_client, permit_rhswl_client,
+    # permit_mx_backup, permit_auth_destination, permit_naked_ip_address, and an access table's OK, RELAY, DISCARD
+    # or all-digit value (`action=OK for Sender address=s@d from TABLE`); `static:all` names them all. Postfix's
+    # other permit names are taken (a converted main.cf loads) and warned of when the restrictions are set up.
     log_access_permit_actions: tuple[str, ...] = ()
     # reject_unlisted_recipient: the code for a user its class's table does not list (Postfix's names; 450 while
     # testing a table: the client tries again), the enhanced code's class following it.
@@ -373,9 +374,9 @@ class SmtpdConfig(SmtpdFilterSettings):
     @classmethod
     def _logged_permits(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for name in v:
-            if name != ALL_PERMITS and not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+            if name != ALL_PERMITS and not re.fullmatch(r"[A-Za-z0-9_]+", name):
                 raise ValueError(f"{name!r} is not a permit action name nor {ALL_PERMITS} (mailflow logs the permits "
-                                 f"of {', '.join(LOGGED_PERMITS)})")
+                                 f"of {', '.join(LOGGED_PERMITS)} and the access values {', '.join(PERMIT_VALUES)})")
         return v
 
     @field_validator("reject_footer")

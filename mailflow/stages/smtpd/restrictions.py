@@ -15,9 +15,9 @@ What it owns
   permit_rhswl_client, the unknown client name, HELO name and address domain checks; a list's refusal is worded
   by rbl_replies.py: default_rbl_reply, rbl_reply_maps, the list's TXT reason) and server_checks.py's
   (check_*_{mx,ns,a}_access: this module asks the table with each server it names, and refuses an OK as Postfix's
-  forbid_allowlist does, 451 4.3.5, as for check_reverse_client_hostname_access; permit_mx_backup). A permit of
-  permit_dnswl_client, permit_rhswl_client, permit_mx_backup, permit_auth_destination or permit_naked_ip_address
-  is logged when log_access_permit_actions names it;
+  forbid_allowlist does, 451 4.3.5, as for check_reverse_client_hostname_access; permit_mx_backup). A permit (the
+  permit items, an access value OK, RELAY, DISCARD or all digits) is logged when log_access_permit_actions names
+  it, as Postfix's smtpd_acl_permit logs it;
   the inbound filters' (docs/filtering.md):
   check_greylist (450 4.2.0 as a DEFER_IF_PERMIT, postgrey's answer; mailflow.filters.greylist),
   reject_spf_fail (550 5.7.23) and, at end of data, reject_dmarc_policy (p=reject: 550 5.7.1; p=quarantine:
@@ -104,9 +104,10 @@ from mailflow.dsn_parameters import xtext_encode
 from mailflow.errors import LookupRetry
 from mailflow.logs import SmtpdLog, printable
 from mailflow.restriction_vocabulary import (ACCESS_CHECKS, ALL_PERMITS, CLIENT_CERT_PERMITS, DNSWL_CHECKS, KNOWN,
-                                             LOGGED_PERMITS, NEEDS_FILTER, RCPT_STAGES, REVERSE_CLIENT_ACCESS,
-                                             RHSBL_CHECKS, SENDER_LOGIN_CHECKS, SERVER_ACCESS_CHECKS, STAGES,
-                                             WARN_IF_REJECT, WITH_ARGUMENT, check_item, split_item)
+                                             LOGGED_PERMITS, NEEDS_FILTER, PERMIT_VALUES, RCPT_STAGES,
+                                             REVERSE_CLIENT_ACCESS, RHSBL_CHECKS, SENDER_LOGIN_CHECKS,
+                                             SERVER_ACCESS_CHECKS, STAGES, WARN_IF_REJECT, WITH_ARGUMENT, check_item,
+                                             is_logged_permit, split_item)
 from mailflow.stages.smtpd.auth import SenderLogins
 from mailflow.routing.rewrite import unknown_reject_codes
 from mailflow.stages.smtpd.dns_checks import DnsChecks
@@ -558,14 +559,16 @@ class Restrictions:
         """The restrictions that need no I/O; _UNHANDLED for the others."""
         rcpt = facts.recipient
         if name == "permit":
-            return PERMIT
+            who, what = subject or self._subject(stage, facts)
+            return self._permitted(name, what, who, facts, stage)
         if name in ("reject", "defer"):
             who, what = subject or self._subject(stage, facts)
             return status.access_denied(who, what) if name == "reject" else status.rule_deferred(who, what)
         if name == "permit_mynetworks":
-            return PERMIT if self._mynetworks.holds(facts.client_addr, facts.client_name) else None
+            return self._client_permitted(name, facts, stage) \
+                if self._mynetworks.holds(facts.client_addr, facts.client_name) else None
         if name == "permit_sasl_authenticated":
-            return PERMIT if facts.authenticated else None
+            return self._client_permitted(name, facts, stage) if facts.authenticated else None
         if name in ("reject_unauth_destination", "defer_unauth_destination"):
             if not rcpt or self._rewriter.authorized_destination(rcpt):
                 return None
@@ -608,8 +611,8 @@ class Restrictions:
         relay_clientcerts cannot answer, Postfix's reject_dict_retry naming what the list is about (`<host[ip]>` in
         the client list, the HELO name in the helo list, ...), a server fault."""
         try:
-            return PERMIT if await self.certificate_permits(name, facts.client_cert, facts.encryption_protocol) \
-                else None
+            return self._client_permitted(name, facts, stage) \
+                if await self.certificate_permits(name, facts.client_cert, facts.encryption_protocol) else None
         except LookupRetry:
             return status.lookup_failed((subject or self._subject(stage, facts))[0])
 
@@ -782,8 +785,8 @@ class Restrictions:
         word, _, text = value.strip().partition(" ")
         text = text.strip()
         upper = word.upper()
-        if upper == "OK":
-            return PERMIT
+        if upper in ("OK", "RELAY"):  # (Postfix: RELAY is OK, for old tables)
+            return self._permitted(word, what, name, facts, stage, source)
         if upper == "DUNNO":
             return None
         if upper == "REJECT":
@@ -795,7 +798,7 @@ class Restrictions:
         if upper == "DISCARD":
             self._whatsup("discard", _triggered(upper, name, what, text), facts, stage)
             facts.marks.discard = text or f"{source}: DISCARD"
-            return PERMIT
+            return self._permitted(word, what, name, facts, stage, source)
         if upper == "HOLD":
             if facts.marks.hold is None:  # Postfix: a held message's next HOLD is not logged
                 self._whatsup("hold", _triggered(upper, name, what, text), facts, stage)
@@ -820,7 +823,7 @@ class Restrictions:
                 self._whatsup(upper.lower(), _triggered(upper, name, what, text), facts, stage)
             return None
         if value.strip().isascii() and value.strip().isdigit():  # Postfix: a time stamp some POP-before-SMTP
-            return PERMIT  # schemes write: OK
+            return self._permitted(word, what, name, facts, stage, source)  # schemes write: OK
         if not upper:  # Postfix: "entry ... has empty value", an OK from the days when an empty value meant OK
             log.warning("%s: access action has empty value; taken as OK", source)
             return PERMIT
@@ -983,7 +986,7 @@ class Restrictions:
             return status.error_reply(e, facts.recipient)
         if not await self._dns.allowlisted(DNSWL_CHECKS[name], arg, facts):
             return None
-        return self._permitted(name, SUBJECT["client"], f"{facts.client_name}[{facts.client_addr}]", facts, stage)
+        return self._client_permitted(name, facts, stage)
 
     async def _mx_backup(self, stage: str, facts: Facts):
         """permit_mx_backup (ServerChecks.mx_backup): PERMIT for a recipient this host is a backup MX of."""
@@ -995,13 +998,21 @@ class Restrictions:
         return self._permitted("permit_mx_backup", SUBJECT["recipient"], facts.recipient, facts, stage) if backup \
             else None
 
-    def _permitted(self, name: str, what: str, subject: str, facts: Facts, stage: str) -> str:
-        """PERMIT, logged when log_access_permit_actions names the action and no DEFER_IF_PERMIT overrules it
-        (Postfix's smtpd_acl_permit: `permit: RCPT from host[ip]: action=NAME for Client host=host[ip] ; ...`, the
-        space before the `;` its empty format's, seen on 3.7.11)."""
-        if name in self._logged_permits and facts.defer_if_permit is None:
-            self._whatsup("permit", f"action={name} for {what}={subject} ", facts, stage)
+    def _permitted(self, name: str, what: str, subject: str, facts: Facts, stage: str, source: str = "") -> str:
+        """PERMIT, logged when log_access_permit_actions names the action (any case) and no DEFER_IF_PERMIT
+        overrules it (Postfix's smtpd_acl_permit: `permit: RCPT from host[ip]: action=NAME for Client host=host[ip]
+        ; ...`, the space before the `;` its empty format's, seen on 3.7.11; an access table's `action=OK for Sender
+        address=s@d from TABLE`: `source`)."""
+        logged = self._logged_permits
+        if (logged is None or name.lower() in logged) and facts.defer_if_permit is None:
+            self._whatsup("permit", f"action={name} for {what}={subject} {f'from {source}' if source else ''}",
+                          facts, stage)
         return PERMIT
+
+    def _client_permitted(self, name: str, facts: Facts, stage: str) -> str:
+        """`_permitted` for a permit about the client (permit_mynetworks, permit_sasl_authenticated, ...): Postfix
+        names the client whatever the list."""
+        return self._permitted(name, SUBJECT["client"], f"{facts.client_name}[{facts.client_addr}]", facts, stage)
 
     # -------------------------------------------------------------------------------- filters and policy
 
@@ -1101,14 +1112,16 @@ def _mark(word: str, text: str, marks: Marks, source: str) -> bool:
     return True
 
 
-def logged_permits(actions: tuple[str, ...]) -> frozenset[str]:
-    """The permits log_access_permit_actions asks to log (`static:all`: all mailflow can); Postfix's other permit
-    names are warned of and not logged."""
-    others = [name for name in actions if name != ALL_PERMITS and name not in LOGGED_PERMITS]
+def logged_permits(actions: tuple[str, ...]) -> frozenset[str] | None:
+    """The permits log_access_permit_actions asks to log, in lower case (None: all of them, `static:all`); a permit
+    name mailflow does not know (Postfix's permit_inet_interfaces, check_relay_domains) is warned of."""
+    if ALL_PERMITS in actions:
+        return None
+    others = [name for name in actions if not is_logged_permit(name)]
     if others:
-        log.warning("log_access_permit_actions: the permits of %s are not logged (mailflow logs those of %s)",
-                    ", ".join(others), ", ".join(LOGGED_PERMITS))
-    return frozenset(LOGGED_PERMITS if ALL_PERMITS in actions else actions)
+        log.warning("log_access_permit_actions: the permits of %s are not logged (mailflow logs those of %s, and "
+                    "access actions: %s)", ", ".join(others), ", ".join(LOGGED_PERMITS), ", ".join(PERMIT_VALUES))
+    return frozenset(name.lower() for name in actions)
 
 
 def _not_asked(keys: list[str], asked: dict[str, bool]) -> tuple[list[str], tuple[int, ...]]:
