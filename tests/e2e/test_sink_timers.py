@@ -70,7 +70,7 @@ async def test_a_dead_destination_s_memory_runs_out_under_advance():
         start = sink.clock.time()
         await send(sink, "bob@example.com", "first")
         await sink.settle()
-        [(_, _, _, _, _, failures, dead_until, _)] = sink.server.qmgr.destinations()
+        [(_, _, _, _, _, failures, dead_until, _, _)] = sink.server.qmgr.destinations()
         assert failures == 1 and dead_until >= start + 300
         await sink.advance(minutes=2)
         await send(sink, "carol@example.com", "second")  # deferred unattempted: the site is held dead

@@ -395,7 +395,9 @@ class QueueManager:
         return all(dest.held(now) for dest in self._destinations.values() if dest.jobs)
 
     def destinations(self) -> list[tuple]:
-        return [d.snapshot() for d in self._destinations.values()]
+        """Each destination's `Destination.snapshot` now."""
+        now = self._clock.time()
+        return [d.snapshot(now) for d in self._destinations.values()]
 
     # -- address verification probes -------------------------------------------------------------------
     async def deliver_probe(self, transport: str, request: DeliveryRequest) -> tuple[DeliveryReport, str]:
@@ -505,8 +507,9 @@ class QueueManager:
             self._pump()
         if self._snapshot is None:
             self._changed = set()
-            rows = {dest.key: dest.snapshot() for dest in self._destinations.values()}
-            await self._store.save_destinations(list(rows.values()), self._clock.time())
+            now = self._clock.time()
+            rows = {dest.key: dest.snapshot(now) for dest in self._destinations.values()}
+            await self._store.save_destinations(list(rows.values()), now)
             self._snapshot = rows
             return
         changed, self._changed = self._changed, set()
@@ -520,16 +523,17 @@ class QueueManager:
         """Write the rows of `changed` that differ from `last` and remove those of destinations forgotten."""
         rows: dict[tuple[str, str], tuple] = {}
         gone = []
+        now = self._clock.time()
         for key in changed:
             dest = self._destinations.get(key)
             if dest is None:
                 if key in last:
                     gone.append(key)
-            elif last.get(key) != (row := dest.snapshot()):
+            elif last.get(key) != (row := dest.snapshot(now)):
                 rows[key] = row
         if not rows and not gone:
             return
-        await self._store.save_destinations(list(rows.values()), self._clock.time(), gone)
+        await self._store.save_destinations(list(rows.values()), now, gone)
         last.update(rows)
         for key in gone:
             del last[key]
