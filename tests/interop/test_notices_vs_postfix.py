@@ -227,6 +227,17 @@ async def test_the_delivery_report_has_postfixs_fields_in_postfixs_order(mailflo
     assert ("Original-Recipient", "rfc822;B+one@orig.test") in report(failure)[1]
 
 
+async def test_the_original_recipient_keeps_the_orcpt_type_as_the_client_wrote_it(mailflow_server, smtp_peer):
+    """Postfix's smtpd keeps an ORCPT's address type as given, and bounce(8) writes the ORCPT so in
+    Original-Recipient (bounce_notify_util.c): `RFC822;B+one@orig.test`; mailflow said `rfc822;...`."""
+    messages = [Send("case-failure", {"b": ["ORCPT=RFC822;B+2Bone@orig.test"], "bb": ["ORCPT=Rfc822;bb@orig.test"]})]
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {"RCPT": rcpt_reply}, messages, 1)
+    assert [report(n) for n in mf["case-failure"]] == [report(n) for n in pf["case-failure"]]
+    [failure] = pf["case-failure"]
+    said = sorted(value for group in report(failure)[1:] for name, value in group if name == "Original-Recipient")
+    assert said == ["RFC822;B+one@orig.test", "Rfc822;bb@orig.test"]
+
+
 async def test_a_double_bounce_is_postfixs_postmaster_copy(mailflow_server, smtp_peer, caplog):
     """A bounce that cannot be returned (its own sender is null) goes to 2bounce_notice_recipient (Postfix: with
     notify_classes = 2bounce) from double-bounce@myhostname: Postfix's postmaster copy, with its own subject,
