@@ -647,6 +647,27 @@ async def test_a_command_that_cannot_be_run_is_delayed_in_postfixs_words(mailflo
     assert ("Diagnostic-Code", "x-unix; local: fatal: execvp /etc: Permission denied") in told(pf["case-denied"])[0][2]
 
 
+async def test_a_command_whose_shell_cannot_be_run_is_delayed_in_postfixs_words(mailflow_server, smtp_peer):
+    """A local `|command` with shell metacharacters goes to /bin/sh; when that exec fails (here E2BIG: one argument
+    longer than the kernel takes, 128 KiB), Postfix's exec_command() says `execl /bin/sh: why` (util/exec_command.c),
+    not execvp as for a program run directly: the delay notice gives `local: fatal: execl /bin/sh: Argument list too
+    long` as the command's output."""
+    command = "exit 0 # " + "x" * 140_000
+    aliases = f'inline:{{ {{long="|{command}"}} }}'
+    messages = [Send("case-shell", {"long@local.test": []})]
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {}, messages, 1, settle=1.5,
+                                   postfix={"mydestination": "local.test", "alias_maps": aliases, **QUICK,
+                                            "queue_run_delay": "1s"},
+                                   settings={"mydestination": ["local.test"], "alias_maps": [aliases]}, queue=QUICK)
+
+    def told(notices) -> list[tuple]:
+        return [(n["Subject"], human_part(n).split("\n\n<", 1)[1], report(n)[1]) for n in notices]
+
+    assert told(mf["case-shell"]) == told(pf["case-shell"])
+    [(_, _, fields)] = told(pf["case-shell"])
+    assert ("Diagnostic-Code", "x-unix; local: fatal: execl /bin/sh: Argument list too long") in fields
+
+
 def original_recipients(notice) -> list[str]:
     """Each recipient's Original-Recipient value exactly as written (white space kept)."""
     part = notice.raw.split(b"\r\n--" + notice.get_boundary().encode())[2].decode("utf-8")

@@ -54,7 +54,8 @@ or several): each failure, with its own status, text and Diagnostic-Code, is tol
 list's to its owner, about its list; another to the sender, about its member) and logged on a line of its own,
 as bounce_workaround calls bounce_one once per failure; with `diagnostic`, a failed command's
 `x-unix; <output>` (a program that could not be executed is told as Postfix's child tells it, `temporary
-failure. Command output: local: fatal: execvp PROG: why`; other reasons not to run, `x-unix; <why>`), when one
+failure. Command output: local: fatal: execvp PROG: why`, or `execl /bin/sh: why` for the shell of a command
+with shell metacharacters; other reasons not to run, `x-unix; <why>`), when one
 part failed): deferred if any part must be retried (a retry repeats the parts already done, as local(8) does);
 else bounced when a part was refused (unknown user, loop, restricted command, a command's permanent failure), the
 rest being delivered; else sent, naming every destination.
