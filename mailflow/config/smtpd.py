@@ -24,7 +24,7 @@ from mailflow.dnsbl_sites import parse_dnsbl_site
 from mailflow.tables import check_spec
 from mailflow.ehlo_keywords import discard_set
 from mailflow.rbl_reply import DEFAULT_RBL_REPLY, check_rbl_template
-from mailflow.reply_footer import check_footer
+from mailflow.reply_footer import POSTSCREEN_FOOTER_MACROS, check_footer
 from mailflow.restriction_vocabulary import ALL_PERMITS, LOGGED_PERMITS, PERMIT_VALUES, RELAY_GUARDS, expand
 from mailflow.syntax import parse_endpoint, parse_hostport
 
@@ -104,6 +104,31 @@ class PostscreenConfig(Section):
     # the listener addresses where a client can earn a cache entry (postscreen_allowlist_interfaces); elsewhere
     # (a backup MX address) it is never handed to smtpd: `ALLOWLIST VETO`, then the dummy engine
     allowlist_interfaces: Networks = ("static:all",)
+    # STARTTLS in the dummy engine (postscreen_tls_security_level; unset: smtpd's tls_security_level, as Postfix's
+    # default), with smtpd's certificate (none: not offered): may offers it, encrypt also answers anything but
+    # HELO, EHLO, STARTTLS, NOOP and QUIT `530 5.7.0` before it; the deep tests go on over TLS
+    tls_security_level: Literal["none", "may", "encrypt"] | None = None
+    # the EHLO keywords the dummy engine leaves out (postscreen_discard_ehlo_keywords and
+    # postscreen_discard_ehlo_keyword_address_maps; unset: smtpd's): STARTTLS is then 502, BDAT 502 and the end
+    discard_ehlo_keywords: tuple[str, ...] | None = None
+    discard_ehlo_keyword_address_maps: TableSpecs | None = None
+    # each command line rewritten by a table before the dummy engine reads it (postscreen_command_filter; not
+    # smtpd's by default: Postfix 3.7's default is empty)
+    command_filter: TableSpecs = ()
+    # a text under each 4xx and 5xx reply of postscreen (postscreen_reject_footer; unset: smtpd's reject_footer);
+    # its macros are postscreen's: $server_name, $client_address, $client_port, $localtime (smtpd's others, in
+    # smtpd's footer, expand to nothing, as in Postfix)
+    reject_footer: str | None = None
+
+    @field_validator("discard_ehlo_keywords")
+    @classmethod
+    def _discard_ehlo_keywords(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if v is None else tuple(sorted(discard_set(v)))
+
+    @field_validator("reject_footer")
+    @classmethod
+    def _reject_footer(cls, v: str | None) -> str | None:
+        return None if v is None else check_footer(v, POSTSCREEN_FOOTER_MACROS)
 
     @field_validator("dnsbl_reply_map")
     @classmethod

@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import heapq
 import logging
 import re
@@ -83,19 +84,22 @@ from typing import Callable, Coroutine, Protocol
 from mailflow import status
 from mailflow.address import quoted_local
 from mailflow.clock import Clock
-from mailflow.config.smtpd import SMTPD_BANNER, PostscreenConfig
+from mailflow.config.smtpd import SMTPD_BANNER, PostscreenConfig, SmtpdConfig
 from mailflow.dnsbl_sites import DnsblSite, parse_dnsbl_site
 from mailflow.dns import NotFound
+from mailflow.ehlo_keywords import SILENT, discard_names, discard_set
 from mailflow.errors import LookupRetry
 from mailflow.logs import escaped, format_tv, printable
 from mailflow.message import starts_header_field
+from mailflow.reply_footer import footer_lines, postscreen_footer_values
 from mailflow.stages.smtpd.anvil import Places
 from mailflow.stages.smtpd.dns_checks import rbl_query_name
 from mailflow.stages.smtpd.wire import Wire, WireError
-from mailflow.tables import TableCache
+from mailflow.tables import TableCache, find
 from mailflow.tables.networks import NetworkList
 
 log = logging.getLogger("mailflow.postscreen")
+tls_log = logging.getLogger("mailflow.tlsproxy")  # the lines Postfix's tlsproxy writes for postscreen's STARTTLS
 
 PREGREET, DNSBL = "pregreet", "dnsbl"
 PIPELINING, NON_SMTP, BARE_NEWLINE = "pipelining", "non_smtp_command", "bare_newline"
@@ -108,6 +112,7 @@ QUOTED = 100  # bytes of a command or of pending input a deep test's log line qu
 # the commands the dummy engine knows (Postfix's command_table: XCLIENT, XFORWARD and AUTH known but disabled)
 KNOWN_COMMANDS = ("HELO", "EHLO", "STARTTLS", "XCLIENT", "XFORWARD", "AUTH", "MAIL", "RCPT", "DATA", "BDAT", "RSET",
                   "NOOP", "VRFY", "ETRN", "QUIT")
+PRE_TLS = ("HELO", "EHLO", "STARTTLS", "NOOP", "QUIT")  # encrypt answers these before STARTTLS (_FLAG_PRE_TLS)
 _LETTER = re.compile(rb"[A-Za-z]")  # smtpd_forbidden_commands' regexp:{{/^[^A-Z]/ Bogus}} (case-insensitive)
 
 
@@ -125,6 +130,12 @@ class Connection(Protocol):
     def send(self, text: str) -> None: ...
 
     def hang_up(self) -> None: ...
+
+    async def tls_handshake(self, timeout: float) -> tuple[bool, str]:
+        """The server side of a TLS handshake with smtpd's certificate, within `timeout`: (True, `TLSv1.3 with
+        cipher … (n/n bits)`) once done, the connection then over TLS; (False, why, in tls_server.c's words) when
+        it failed (the connection is then over)."""
+        ...
 
 
 @dataclass
@@ -268,9 +279,14 @@ class Postscreen:
         self._min_ttl = min(config.greet_ttl, config.dnsbl_min_ttl, config.pipelining_ttl,
                             config.non_smtp_command_ttl, config.bare_newline_ttl)
         self._engine = engine or EngineTraits()
+        self._discard_maps = tables.open(list(self._engine.discard_ehlo_keyword_address_maps))
+        self._command_filter = tables.open(list(config.command_filter))
 
     async def screen(self, conn: Connection, client: Client) -> Verdict:
         log.info("CONNECT from %s to [%s]:%s", client.where, client.server_ip, client.server_port)
+        if self._engine.reject_footer:
+            conn = _WithFooter(conn, self._engine.reject_footer,
+                               functools.partial(postscreen_footer_values, self._hostname, client.ip, client.port))
         count = self._connections.get(client.ip, 0) + 1
         self._connections[client.ip] = count
         try:
@@ -559,7 +575,7 @@ class Postscreen:
         failed: a client that passes is to come back), the deep tests on each command line; never hand over. Its
         end is psc_conclude's: the passes cached, `PASS NEW`, the final reply, `DISCONNECT`."""
         deep = _DeepTests(self._deep_due(state))
-        dialogue = _Dummy(self._hostname, state, self._engine)
+        dialogue = _Dummy(self._hostname, state, self._engine, *await self._ehlo_discards(state.client.ip))
         if not state.silent:  # (no banner for a client that failed the pregreet test)
             conn.send(f"{status.greeting(self._hostname, self._banner)}\r\n")
         started = self._clock.time()
@@ -580,7 +596,26 @@ class Postscreen:
         if final is not None:
             conn.send(final)
         log.info("DISCONNECT %s", state.client.where)
+        if dialogue.tls_active:
+            tls_log.info("DISCONNECT %s", state.client.where)
         conn.hang_up()
+
+    async def _ehlo_discards(self, ip: str) -> tuple[frozenset[str], bool]:
+        """The EHLO keywords the client's dummy session leaves out: the address maps' answer (True: it differs from
+        postscreen_discard_ehlo_keywords, so each EHLO logs it, as psc_ehlo_cmd), else those. A map that cannot
+        answer: the default, with a warning (Postfix's postscreen stops there)."""
+        default = self._engine.discard_ehlo_keywords
+        if not self._discard_maps:
+            return default, False
+        try:
+            found = await self._table_cache.run(find, self._discard_maps, [ip])
+        except LookupRetry as e:
+            log.warning("postscreen_discard_ehlo_keyword_address_maps lookup error for %s: %s", ip, e.reason)
+            return default, False
+        if found is None:
+            return default, False
+        words = discard_set([found[2]], ignore_unknown=True)
+        return words, words != default
 
     async def _next_command(self, conn: Connection, state: _Screening, deep: "_DeepTests",
                             dialogue: "_Dummy") -> str | None:
@@ -594,10 +629,16 @@ class Postscreen:
             log.info("COMMAND LENGTH LIMIT from %s after %s", client.where, dialogue.where)
             return f"{status.postscreen_unavailable(self._hostname)}\r\n"
         line, bare = got
+        received = line
+        if self._command_filter:
+            filtered = await self._filtered_command(client, line)
+            if filtered is None:
+                return f"{status.postscreen_unavailable(self._hostname)}\r\n"
+            line = filtered
         command, _, rest = line.lstrip(b" ").partition(b" ")
         verb = command.decode("ascii", "replace").upper()
         after, dialogue.where = dialogue.where, verb if verb in KNOWN_COMMANDS else "UNIMPLEMENTED"
-        dropped = self._line_tests(conn, state, deep, line, bare=bare, verb=verb, after=after)
+        dropped = self._line_tests(conn, state, deep, line, bare=bare, verb=verb, after=after, received=received)
         if dropped is not None:
             return dropped
         if verb == "RCPT":  # (the deep tests pass once the client got this far; a later command can still fail them)
@@ -611,16 +652,56 @@ class Postscreen:
         if dialogue.over:
             return reply
         conn.send(reply)
+        if dialogue.tls_wanted:
+            await self._start_tls(conn, client, dialogue)
         return None
 
+    async def _filtered_command(self, client: Client, line: bytes) -> bytes | None:
+        """postscreen_command_filter: the line (leading blanks skipped; not when it is not UTF-8) looked up, a value
+        in its place, logged as psc_smtpd_read_event; None when the table could not answer (Postfix's postscreen
+        stops: the client gets the 421 and the end)."""
+        try:
+            key = line.lstrip(b" \t").decode("utf-8")
+        except UnicodeDecodeError:
+            return line
+        for table in self._command_filter:
+            try:
+                value = await self._table_cache.run(table.lookup, key)
+            except LookupRetry as e:
+                log.warning("%s lookup error for \"%s\": %s", table.name, printable(key)[:QUOTED], e.reason)
+                return None
+            if value is not None:
+                log.info('%s: replacing command "%s" with "%s"', client.where,
+                         printable(line.decode("utf-8"))[:QUOTED], printable(value)[:QUOTED])
+                return value.encode("utf-8")
+        return line
+
+    async def _start_tls(self, conn: Connection, client: Client, dialogue: "_Dummy") -> None:
+        """STARTTLS answered 220: the handshake, as Postfix's tlsproxy does it for postscreen (with smtpd's
+        certificate, within the command time limit), then the dialogue over TLS with its HELO and MAIL forgotten. A
+        handshake that fails ends the session as a hangup (ConnectionResetError), tlsproxy's lines logged."""
+        dialogue.tls_wanted = False
+        tls_log.info("CONNECT from %s", client.where)
+        done, detail = await conn.tls_handshake(self._command_time_limit)
+        if not done:
+            if detail:
+                tls_log.warning("TLS library problem: %s", detail)
+            tls_log.info("TLS handshake failed for service=smtpd peer=%s", client.where)
+            tls_log.info("DISCONNECT %s", client.where)
+            raise ConnectionResetError("the TLS handshake failed")
+        if self._engine.tls_loglevel >= 1:
+            tls_log.info("Anonymous TLS connection established from %s: %s", client.where, detail)
+        dialogue.tls_started()
+
     def _line_tests(self, conn: Connection, state: _Screening, deep: "_DeepTests", line: bytes, *, bare: bool,
-                    verb: str, after: str) -> str | None:
+                    verb: str, after: str, received: bytes) -> str | None:
         """The deep tests of one command line (`bare`: it ended with a bare LF; `verb`: its first word, upper case;
-        `after`: the command before it), in psc_smtpd_read_event's order: bare newline, non-SMTP command,
-        pipelining; the final reply of a test failed under drop (None: the session goes on)."""
+        `after`: the command before it; `received`: the line before the command filter), in psc_smtpd_read_event's
+        order: bare newline, non-SMTP command, pipelining; the final reply of a test failed under drop (None: the
+        session goes on)."""
         client = state.client
         if bare and deep.due(BARE_NEWLINE):
-            log.info("BARE NEWLINE from %s after %s", client.where, escaped(line[:QUOTED]))
+            log.info("BARE NEWLINE from %s after %s", client.where, escaped(received[:QUOTED]))
             if self._deep_failed(state, deep, BARE_NEWLINE):
                 return f"{status.postscreen_protocol_error(521)}\r\n"
         command, _, rest = line.lstrip(b" ").partition(b" ")
@@ -688,6 +769,25 @@ class EngineTraits:
     session_time_limit: float = 0.0  # smtpd's session_time_limit: a dummy session's whole time (0: none)
     disable_vrfy: bool = False  # postscreen_disable_vrfy_command
     helo_required: bool = False  # postscreen_helo_required: MAIL and ETRN need HELO/EHLO first
+    tls: str = "none"  # postscreen_tls_security_level in force: none, may (STARTTLS offered), encrypt (required)
+    tls_loglevel: int = 0  # tlsproxy_tls_loglevel ($smtpd_tls_loglevel): from 1 the handshake's summary
+    discard_ehlo_keywords: frozenset[str] = frozenset()  # postscreen_discard_ehlo_keywords
+    discard_ehlo_keyword_address_maps: tuple[str, ...] = ()  # postscreen_discard_ehlo_keyword_address_maps
+    reject_footer: str = ""  # postscreen_reject_footer
+
+    @classmethod
+    def from_config(cls, smtpd: SmtpdConfig) -> "EngineTraits":
+        """A listener's: each postscreen setting left unset is smtpd's, as Postfix's defaults; no certificate, no
+        STARTTLS."""
+        screen = smtpd.postscreen
+        level = (screen.tls_security_level or smtpd.tls_security_level) if smtpd.tls_cert_file else "none"
+        discards = smtpd.discard_ehlo_keywords if screen.discard_ehlo_keywords is None else \
+            screen.discard_ehlo_keywords
+        maps = smtpd.discard_ehlo_keyword_address_maps if screen.discard_ehlo_keyword_address_maps is None else \
+            screen.discard_ehlo_keyword_address_maps
+        return cls(smtpd.message_size_limit, smtpd.session_time_limit, smtpd.disable_vrfy_command,
+                   smtpd.helo_required, level, smtpd.tls_loglevel, frozenset(discards), tuple(maps),
+                   smtpd.reject_footer if screen.reject_footer is None else screen.reject_footer)
 
 
 class _DeepTests:
@@ -750,10 +850,15 @@ async def _dnsbl_until(queries: _DnsblQueries | None, deadline: float) -> None:
 class _Dummy:
     """The dummy engine's dialogue: one reply (with its CRLF) per command (postscreen_smtpd.c's handlers)."""
 
-    def __init__(self, hostname: str, state: _Screening, traits: EngineTraits):
+    def __init__(self, hostname: str, state: _Screening, traits: EngineTraits,
+                 discards: frozenset[str] = frozenset(), log_discards: bool = False):
         self._hostname = hostname
         self._state = state
         self._traits = traits
+        self._discards = discards  # the EHLO keywords left out (and STARTTLS, BDAT refused)
+        self._log_discards = log_discards and bool(discards) and SILENT not in discards  # (an address map's)
+        self.tls_wanted = False  # STARTTLS answered 220: the handshake is next
+        self.tls_active = False
         self._helo: str | None = None
         self._protocol = "SMTP"
         self._sender: str | None = None
@@ -765,7 +870,14 @@ class _Dummy:
         handler = self._COMMANDS.get(verb)
         if handler is None:  # (XCLIENT, XFORWARD and AUTH too: known, not enabled)
             return f"{status.POSTSCREEN_NOT_RECOGNIZED}\r\n"
+        if self._traits.tls == "encrypt" and not self.tls_active and verb not in PRE_TLS:
+            return f"{status.STARTTLS_FIRST}\r\n"
         return handler(self, args)
+
+    def tls_started(self) -> None:
+        """The handshake is done: the session over TLS forgets its HELO and MAIL (psc_starttls_resume)."""
+        self.tls_active = True
+        self._helo, self._sender = None, None
 
     def _rcpt_reply(self) -> status.Reply:
         return self._state.rcpt_reply or status.POSTSCREEN_COME_BACK
@@ -782,10 +894,22 @@ class _Dummy:
         if name is None:
             return f"{status.hello_syntax('EHLO')}\r\n"
         self._helo, self._sender, self._protocol = name, None, "ESMTP"
+        if self._log_discards:
+            client = self._state.client  # (`[ip]port`, no colon: Postfix 3.7's "[%s]%s" of PSC_CLIENT_ADDR_PORT)
+            log.info("[%s]%s: discarding EHLO keywords: %s", client.ip, client.port, discard_names(self._discards))
+        return "".join(f"{line}\r\n" for line in status.ehlo_lines(self._hostname, self._keywords()))
+
+    def _keywords(self) -> list[str]:
+        """The EHLO reply's keywords (psc_smtpd_format_ehlo_reply), the discarded ones left out."""
         limit = self._traits.message_size_limit
-        keywords = [f"SIZE {limit}" if limit else "SIZE"] + ([] if self._traits.disable_vrfy else ["VRFY"]) + \
-            ["ETRN", "ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8", "CHUNKING"]
-        return "".join(f"{line}\r\n" for line in status.ehlo_lines(self._hostname, keywords))
+        offered = [("size", f"SIZE {limit}" if limit else "SIZE"), ("vrfy", not self._traits.disable_vrfy),
+                   ("etrn", True), ("starttls", self._starttls_offered()), ("enhancedstatuscodes", True),
+                   ("8bitmime", True), ("dsn", True), ("smtputf8", True), ("chunking", True)]
+        return [word if isinstance(word, str) else name.upper() for name, word in offered
+                if word and name not in self._discards]
+
+    def _starttls_offered(self) -> bool:
+        return self._traits.tls != "none" and not self.tls_active and "starttls" not in self._discards
 
     def _mail_cmd(self, args: str) -> str:
         if self._traits.helo_required and self._helo is None:
@@ -820,6 +944,8 @@ class _Dummy:
     def _bdat_cmd(self, args: str) -> str:
         log.info("BDAT without valid RCPT from %s", self._state.client.where)
         self.over = True
+        if "chunking" in self._discards:
+            return f"{status.NOT_IMPLEMENTED}\r\n"
         if _token(args) is None:
             return f"{status.POSTSCREEN_BDAT_SYNTAX}\r\n"
         if self._sender is None:
@@ -850,7 +976,12 @@ class _Dummy:
     def _starttls_cmd(self, args: str) -> str:
         if _token(args) is not None:
             return f"{status.POSTSCREEN_STARTTLS_SYNTAX}\r\n"
-        return f"{status.NOT_IMPLEMENTED}\r\n"  # (no TLS in the screen)
+        if self.tls_active:
+            return f"{status.TLS_ALREADY_ACTIVE}\r\n"
+        if self._traits.tls == "none" or "starttls" in self._discards:
+            return f"{status.NOT_IMPLEMENTED}\r\n"
+        self.tls_wanted = True
+        return f"{status.READY_FOR_TLS}\r\n"
 
     def _quit_cmd(self, args: str) -> str:
         self.over = True
@@ -861,6 +992,30 @@ class _Dummy:
         "DATA": _data_cmd, "BDAT": _bdat_cmd, "RSET": _rset_cmd, "NOOP": _noop_cmd, "VRFY": _vrfy_cmd,
         "ETRN": _etrn_cmd, "QUIT": _quit_cmd,
     }
+
+
+class _WithFooter:
+    """A connection whose 4xx and 5xx replies get postscreen_reject_footer under them (psc_send_reply)."""
+
+    def __init__(self, conn: Connection, template: str, values: Callable[[], dict[str, str]]):
+        self._conn = conn
+        self._template = template
+        self._values = values
+
+    @property
+    def wire(self) -> Wire:
+        return self._conn.wire
+
+    def send(self, text: str) -> None:
+        if text[:1] in ("4", "5"):
+            text = status.with_footer(text.removesuffix("\r\n"), *footer_lines(self._template, self._values())) + "\r\n"
+        self._conn.send(text)
+
+    def hang_up(self) -> None:
+        self._conn.hang_up()
+
+    async def tls_handshake(self, timeout: float) -> tuple[bool, str]:
+        return await self._conn.tls_handshake(timeout)
 
 
 def _logged(address: str) -> str:
