@@ -57,7 +57,8 @@ async def dialogue(port: int) -> list[bytes]:
 
 
 def postscreen_lines(lines: list[str]) -> list[str]:
-    return [re.sub(r"\]:\d+", "]:PORT", line) for line in lines]
+    """The lines, each client port as PORT (`[ip]port` too: Postfix 3.7's EHLO discard line has no colon)."""
+    return [re.sub(r"\]:?\d+", lambda m: "]:PORT" if m[0][1] == ":" else "]PORT", line) for line in lines]
 
 
 def postscreen_master_cf(port: int) -> str:
@@ -231,3 +232,41 @@ async def test_the_other_actions_of_the_deep_tests_as_postfix(mailflow_server, c
     assert our_log == their_log, (our_log, their_log)
     assert ours[0][1] == ours[2][-1] == b"521 5.5.1 Protocol error\r\n"  # (the pipelined MAIL: no reply)
     assert ours[1][-2] == b"550 5.5.1 Protocol error\r\n"
+
+
+async def test_the_dummy_engines_ehlo_discards_command_filter_and_footer_as_postfix(mailflow_server, caplog, pki,
+                                                                                    tmp_path):
+    """postscreen_discard_ehlo_keywords (STARTTLS then 502, BDAT 502 and the end), the address maps (their answer
+    logged when it differs, unless silent-discard), postscreen_command_filter (the line replaced, logged) and
+    postscreen_reject_footer under every 4xx and 5xx reply, with postscreen's own macros."""
+    _, cert, _ = pki
+    maps = tmp_path / "discards"
+    maps.write_text("127.0.0.3 dsn, etrn\n127.0.0.4 silent-discard dsn\n")
+    commands = tmp_path / "commands"
+    commands.write_text("/^NOOP extra$/ NOOP\n/^FOO(.*)/ HELO foo$1\n")
+    footer = "\\c See $server_name about $client_address.\\nSecond line"
+    clients = [("127.0.0.2", [b"EHLO c.test\r\n", b"STARTTLS\r\n", b"XCLIENT\r\n", b"MAIL FROM:<s@x.test>\r\n",
+                              b"RCPT TO:<r@y.test>\r\n", b"NOOP extra\r\n", b"  NOOP extra\r\n", b"FOO bar\r\n",
+                              b"BDAT 1\r\n"]),
+               ("127.0.0.3", [b"EHLO c.test\r\n", b"QUIT\r\n"]),
+               ("127.0.0.4", [b"EHLO c.test\r\n", b"QUIT\r\n"])]
+    caplog.set_level(logging.INFO, logger="mailflow.postscreen")
+    mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "tls_cert_file": cert,
+                                      "postscreen": {
+        "enable": True, "access_list": [], "greet_wait": GREET_WAIT, "pipelining_enable": True,
+        "discard_ehlo_keywords": ["starttls", "size", "chunking"],
+        "discard_ehlo_keyword_address_maps": [f"texthash:{maps}"], "command_filter": [f"regexp:{commands}"],
+        "reject_footer": footer}})
+    ours = await deep_dialogue(mf.smtp_addresses[0][1], clients)
+    our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
+    theirs, their_log = await postfix_deep_dialogue({
+        "smtpd_tls_cert_file": cert, "smtpd_tls_key_file": cert, "smtpd_tls_security_level": "may",
+        "postscreen_pipelining_enable": "yes", "postscreen_discard_ehlo_keywords": "starttls, size, chunking",
+        "postscreen_discard_ehlo_keyword_address_maps": f"texthash:{maps}",
+        "postscreen_command_filter": f"regexp:{commands}", "postscreen_reject_footer": footer}, clients)
+    assert ours == theirs
+    assert our_log == their_log, (our_log, their_log)
+    assert ours[0][2] == (b"502-5.5.1 Error: command not implemented See mx.mailflow.test about 127.0.0.2.\r\n"
+                          b"502 5.5.1 Second line\r\n")
+    ehlo = ours[1][1].split(b"\r\n")  # (the map's answer in place of the default, not added to it)
+    assert b"250-DSN" not in ehlo and b"250-ETRN" not in ehlo and b"250-STARTTLS" in ehlo
