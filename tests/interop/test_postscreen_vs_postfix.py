@@ -19,7 +19,7 @@ import re
 
 import pytest
 
-from tests.support import free_port, postfix_instance
+from tests.support import SmtpClient, free_port, postfix_instance
 
 pytestmark = pytest.mark.interop
 
@@ -270,3 +270,56 @@ async def test_the_dummy_engines_ehlo_discards_command_filter_and_footer_as_post
                           b"502 5.5.1 Second line\r\n")
     ehlo = ours[1][1].split(b"\r\n")  # (the map's answer in place of the default, not added to it)
     assert b"250-DSN" not in ehlo and b"250-ETRN" not in ehlo and b"250-STARTTLS" in ehlo
+
+
+async def tls_dialogue(port: int, ctx) -> list[str]:
+    """A client that starts TLS in the dummy engine before its RCPT, then comes back: what it reads."""
+    seen = []
+    c = await SmtpClient.connect(port, timeout=GREET_WAIT + 5)
+    for line in ("EHLO c.test", "STARTTLS x", "STARTTLS"):
+        seen.append((await c.cmd(line)).text)
+    await c.writer.start_tls(ctx, server_hostname="localhost")
+    for line in ("EHLO again.test", "MAIL FROM:<s@x.test>", "RCPT TO:<r@y.test>", "STARTTLS", "QUIT"):
+        seen.append((await c.cmd(line)).text)
+    await c.close()
+    await asyncio.sleep(0.2)
+    again = await SmtpClient.connect(port, timeout=GREET_WAIT + 5)
+    assert again.greeting is not None
+    seen += [again.greeting.text, (await again.cmd("QUIT")).text]
+    await again.close()
+    return seen
+
+
+async def test_starttls_in_the_dummy_engine_as_postfix(mailflow_server, caplog, pki):
+    """postscreen_tls_security_level may (smtpd's): STARTTLS offered, done (Postfix: by tlsproxy, whose CONNECT and
+    DISCONNECT lines mailflow writes as `tlsproxy`), the HELO forgotten, no STARTTLS offered again; the client that
+    got to RCPT over TLS passes and the next connection goes to smtpd."""
+    _, cert, ctx = pki
+    caplog.set_level(logging.INFO, logger="mailflow.postscreen")
+    caplog.set_level(logging.INFO, logger="mailflow.tlsproxy")
+    mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "tls_cert_file": cert,
+                                      "postscreen": {"enable": True, "access_list": [], "greet_wait": GREET_WAIT,
+                                                     "pipelining_enable": True}})
+    ours = await tls_dialogue(mf.smtp_addresses[0][1], ctx)
+    our_log = postscreen_lines([f"{r.name.split('.')[1]}: {r.getMessage()}" for r in caplog.records
+                                if r.name in ("mailflow.postscreen", "mailflow.tlsproxy")])
+    port = free_port()
+    async with postfix_instance(main_cf={"myhostname": HOST, "postscreen_greet_wait": f"{GREET_WAIT}s",
+                                         "postscreen_access_list": "", "smtputf8_enable": "yes",
+                                         "postscreen_cache_map": "btree:$data_directory/postscreen_cache",
+                                         "postscreen_pipelining_enable": "yes", "smtpd_tls_security_level": "may",
+                                         "smtpd_tls_cert_file": cert, "smtpd_tls_key_file": cert},
+                                master_cf=postscreen_master_cf(port)) as pf:
+        theirs = await tls_dialogue(port, ctx)
+        await asyncio.sleep(0.3)
+        their_log = postscreen_lines([f"{name}: {text}" for name, text in
+                                      re.findall(r"/(postscreen|tlsproxy)\[\d+\]: (.*)$", pf.maillog, re.M)])
+    their_log = [line for line in their_log if not line.startswith("postscreen: cache ")]
+    theirs[1] = "501 5.5.4 Syntax: STARTTLS"  # (3.7.11 says `501 Syntax: EHLO hostname`, a slip fixed in 3.8)
+    assert ours == theirs
+    for process in ("postscreen", "tlsproxy"):  # (each in its order; Postfix's two processes' lines interleave)
+        assert [line for line in our_log if line.startswith(process)] == \
+            [line for line in their_log if line.startswith(process)], (our_log, their_log)
+    assert "250-STARTTLS" in ours[0] and "STARTTLS" not in ours[3]
+    assert ours[5:7] == ["450 4.3.2 Service currently unavailable", "554 5.5.1 Error: TLS already active"]
+    assert "postscreen: PASS NEW [127.0.0.1]:PORT" in our_log and "tlsproxy: DISCONNECT [127.0.0.1]:PORT" in our_log
