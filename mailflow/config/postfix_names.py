@@ -115,7 +115,9 @@ SETTINGS: dict[str, tuple[str, ...]] = {name: (key,) for name, key in {
                                 "command_time_limit pipelining_enable pipelining_action pipelining_ttl "
                                 "non_smtp_command_enable non_smtp_command_action non_smtp_command_ttl "
                                 "bare_newline_enable bare_newline_action bare_newline_ttl dnsbl_reply_map "
-                                "allowlist_interfaces", prefix="postscreen_"),
+                                "allowlist_interfaces tls_security_level discard_ehlo_keywords "
+                                "discard_ehlo_keyword_address_maps command_filter reject_footer",
+           prefix="postscreen_"),
     "postscreen_whitelist_interfaces": "smtpd.postscreen.allowlist_interfaces",  # its name before Postfix 3.6
     "postscreen_blacklist_action": "smtpd.postscreen.denylist_action",  # its name before Postfix 3.6
     "postscreen_dnsbl_whitelist_threshold": "smtpd.postscreen.dnsbl_allowlist_threshold",
@@ -165,6 +167,7 @@ NOT_NEEDED: dict[str, str] = {
 
 NOT_IMPORTABLE: dict[str, str] = {
     "smtpd_reject_footer_maps": "mailflow has smtpd.reject_footer (one text, its macros), not a map by reply",
+    "postscreen_reject_footer_maps": "mailflow has smtpd.postscreen.reject_footer (one text), not a map by reply",
     "postscreen_cache_map": "mailflow's postscreen keeps its cache of passed clients in memory (cache_limit)",
     **dict.fromkeys(("smtpd_tls_protocols", "smtpd_tls_mandatory_protocols", "smtpd_tls_ciphers",
                      "smtpd_tls_mandatory_ciphers", "smtpd_tls_exclude_ciphers", "smtp_tls_protocols",
@@ -186,6 +189,9 @@ CONVERTED: dict[str, str] = {
     "inet_interfaces": "smtpd.listen: each address with master.cf's smtp port (inet_protocols decides all's)",
     "smtp_sasl_security_options": "smtp.sasl_tls_required: true when it holds noplaintext",
     "smtpd_use_tls": "smtpd.tls_security_level = may, unless smtpd_tls_security_level says",
+    **dict.fromkeys(("postscreen_use_tls", "postscreen_enforce_tls"),
+                    "smtpd.postscreen.tls_security_level (encrypt, may or none, as Postfix 3.7 maps them), unless a "
+                    "postscreen_ or smtpd_tls_security_level says"),
     "smtp_use_tls": "smtp.tls_security_level = may, unless smtp_tls_security_level says",
     "smtpd_restriction_classes": "smtpd.restriction_classes: each class with its parameter's restrictions",
     "smtpd_sasl_path": "smtpd.sasl_path under smtpd_sasl_type = dovecot (a relative path from queue_directory, as "

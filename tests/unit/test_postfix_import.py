@@ -1126,3 +1126,29 @@ def test_the_lmtp_connection_cache_parameters_and_a_service_s_become_lmtp_settin
     assert {k: v for k, v in doc["lmtp"].items() if k.startswith("connection_")} == {
         "connection_cache_time_limit": "5s", "connection_reuse_count_limit": 10, "connection_reuse_time_limit": "60s"}
     assert doc["lmtp"]["services"]["dovecot"] == {"connection_cache_time_limit": "0s"}
+
+
+@pytest.mark.parametrize("tls_lines, level", [
+    ("postscreen_enforce_tls = yes\nsmtpd_use_tls = yes\n", "encrypt"),
+    ("postscreen_use_tls = yes\n", "may"),
+    ("postscreen_use_tls = no\nsmtpd_use_tls = yes\n", "none"),
+    ("postscreen_use_tls = yes\nsmtpd_tls_security_level = none\n", None),  # (a level wins: smtpd's, inherited)
+    ("postscreen_tls_security_level = encrypt\npostscreen_use_tls = no\n", "encrypt"),
+])
+def test_postscreens_dummy_engine_settings_are_translated(tmp_path, tls_lines, level):
+    """postscreen_discard_ehlo_keywords and its address maps, command filter and reject footer as they are;
+    postscreen_use_tls and postscreen_enforce_tls (defaults: smtpd's) as Postfix 3.7 maps them to a level, only
+    when no security level applies."""
+    (tmp_path / "discards").write_text("127.0.0.3 dsn\n")
+    (tmp_path / "commands").write_text("/^NOOP x$/ NOOP\n")
+    main = write(tmp_path, "main.cf", f"postscreen_discard_ehlo_keywords = silent-discard, dsn\n"
+                                      f"postscreen_discard_ehlo_keyword_address_maps = texthash:{tmp_path}/discards\n"
+                                      f"postscreen_command_filter = regexp:{tmp_path}/commands\n"
+                                      "postscreen_reject_footer = \\c see $server_name\n" + tls_lines)
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert code == 0, err
+    screen = checked(tmp_path / "mailflow.toml")["smtpd"]["postscreen"]
+    assert screen.pop("tls_security_level", None) == level
+    assert screen == {"discard_ehlo_keywords": ["silent-discard", "dsn"],
+                      "discard_ehlo_keyword_address_maps": [f"texthash:{tmp_path}/discards"],
+                      "command_filter": [f"regexp:{tmp_path}/commands"], "reject_footer": "\\c see $server_name"}

@@ -57,7 +57,16 @@ lines logged as `postscreen`, `[ip]:port` as postscreen writes a client):
 - the end of the dummy engine is psc_conclude's: the passes cached and `PASS NEW` unless a test failed, the final
   reply (221 to QUIT, 554 to DATA/BDAT: `DATA without valid RCPT from`), `DISCONNECT`.
 
-Not built: a persistent cache_map; postscreen's TLS, EHLO discards, command filter and reply footer.
+- the dummy engine's STARTTLS (postscreen_tls_security_level, unset: smtpd's; smtpd's certificate, the connection's
+  `tls_handshake`, as Postfix's tlsproxy: its `CONNECT from`, `DISCONNECT` and failure lines logged as `tlsproxy`),
+  the session then over TLS with its HELO and MAIL forgotten, the deep tests on; encrypt: `530 5.7.0` before it but
+  for HELO, EHLO, STARTTLS, NOOP, QUIT. Its EHLO leaves out discard_ehlo_keywords or the address maps' answer
+  (logged `[ip]port: discarding EHLO keywords: ...`, as 3.7's "[%s]%s"); command_filter rewrites each line
+  (`[ip]:port: replacing command "a" with "b"`); reject_footer goes under every 4xx/5xx postscreen sends, with
+  postscreen's four macros (psc_send_reply, psc_expand_lookup).
+
+Not built: a persistent cache_map; reject_footer_maps and expansion_filter (the macros are filtered as smtpd's);
+soft_bounce on postscreen's replies.
 
 Bounded: at most pre_queue_limit clients in the tests at once per listener, and client_connection_count_limit
 connections of one client in the screen; the DNSBL queries by their deadline and the greet wait; the dummy engine by
