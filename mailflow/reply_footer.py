@@ -12,6 +12,8 @@
     footer_values(server_name, sender, recipient, client)
                                    every macro's value now, as Postfix's smtpd_expand_lookup gives them (`client`:
                                    FooterClient, None before there is one): smtpd's and sendmail -bs's one list
+    postscreen_footer_values(server_name, client_address, client_port)   postscreen's (psc_expand_lookup)
+    unknown_macros(template, known) the names of its macros not in `known` (postscreen warns of each at each reply)
 
 status.with_footer puts the lines under a reply. The macros' values are filtered as Postfix's smtpd_expand_filter
 does: a character other than a tab or printable ASCII becomes `_`.
@@ -25,7 +27,7 @@ import re
 import time
 from typing import NamedTuple
 
-from mailflow.local_macros import check_macros, expand_macros
+from mailflow.local_macros import check_macros, expand_macros, macro_names
 
 FOOTER_MACROS = ("server_name", "client", "client_address", "client_port", "client_name", "reverse_client_name",
                  "helo_name", "sender", "sender_name", "sender_domain", "recipient", "recipient_name",
@@ -75,6 +77,12 @@ class FooterClient(NamedTuple):
     port: str
     name: str
     helo: str
+
+
+def unknown_macros(template: str, known: tuple[str, ...]) -> list[str]:
+    """The macros of a checked template that are not in `known`, each time one is used (smtpd's footer as
+    postscreen's, which expands them to nothing with a warning)."""
+    return [name for piece in _pieces(template)[1] for name in macro_names(piece) if name not in known]
 
 
 def postscreen_footer_values(server_name: str, client_address: str, client_port: str) -> dict[str, str]:

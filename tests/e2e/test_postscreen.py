@@ -964,3 +964,22 @@ async def test_no_certificate_no_starttls_in_the_dummy_engine(mailflow_server):
     assert (await c.cmd("STARTTLS")).text == "502 5.5.1 Error: command not implemented"
     assert (await c.cmd("MAIL FROM:<s@remote.test>")).code == 250
     await c.close()
+
+
+def test_postscreens_own_footer_knows_only_postscreens_macros(tmp_path):
+    bad = {**base_settings(tmp_path), "smtpd": screen(reject_footer="Call us about $helo_name")}
+    with pytest.raises(ConfigError, match=r"smtpd\.postscreen\.reject_footer.*helo_name"):
+        config_from_dict(bad)
+
+
+async def test_smtpds_footer_goes_under_postscreens_refusals_its_other_macros_empty(mailflow_server, screen_log):
+    """postscreen_reject_footer's default is $smtpd_reject_footer: under every 4xx and 5xx postscreen sends (the
+    drop's 521 too), a macro postscreen does not know expanded to nothing (psc_expand_lookup)."""
+    mf = await mailflow_server(smtpd={"reject_footer": "Ask $server_name about $client_address ($helo_name)",
+                                      **screen(greet_wait=2, greet_action="drop")})
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1], greet=False)
+    assert await c.reader.readline() == b"220-mx.mailflow.test ESMTP mailflow\r\n"  # (a 2xx: none)
+    await c.send(b"EHLO early.test\r\n")
+    assert (await c.reply()).text == "521-5.5.1 Protocol error\n521 5.5.1 Ask mx.mailflow.test about 127.0.0.1 ()"
+    assert await c.closed()
+    assert 'unknown macro name "helo_name" in expansion request' in screen_log()  # (Postfix's warning)

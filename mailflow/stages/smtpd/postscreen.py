@@ -100,7 +100,7 @@ from mailflow.ehlo_keywords import SILENT, discard_names, discard_set
 from mailflow.errors import LookupRetry
 from mailflow.logs import escaped, format_tv, printable
 from mailflow.message import starts_header_field
-from mailflow.reply_footer import footer_lines, postscreen_footer_values
+from mailflow.reply_footer import POSTSCREEN_FOOTER_MACROS, footer_lines, postscreen_footer_values, unknown_macros
 from mailflow.stages.smtpd.anvil import Places
 from mailflow.stages.smtpd.dns_checks import rbl_query_name
 from mailflow.stages.smtpd.wire import Wire, WireError
@@ -1010,6 +1010,7 @@ class _WithFooter:
         self._conn = conn
         self._template = template
         self._values = values
+        self._unknown = unknown_macros(template, POSTSCREEN_FOOTER_MACROS)  # (smtpd's footer's other macros)
 
     @property
     def wire(self) -> Wire:
@@ -1017,6 +1018,8 @@ class _WithFooter:
 
     def send(self, text: str) -> None:
         if text[:1] in ("4", "5"):
+            for name in self._unknown:  # (psc_expand_lookup's warning, at each expansion)
+                log.warning('unknown macro name "%s" in expansion request', name)
             text = status.with_footer(text.removesuffix("\r\n"), *footer_lines(self._template, self._values())) + "\r\n"
         self._conn.send(text)
 
