@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 
 import pytest
 
@@ -323,3 +324,77 @@ async def test_starttls_in_the_dummy_engine_as_postfix(mailflow_server, caplog, 
     assert "250-STARTTLS" in ours[0] and "STARTTLS" not in ours[3]
     assert ours[5:7] == ["450 4.3.2 Service currently unavailable", "554 5.5.1 Error: TLS already active"]
     assert "postscreen: PASS NEW [127.0.0.1]:PORT" in our_log and "tlsproxy: DISCONNECT [127.0.0.1]:PORT" in our_log
+
+
+async def concurrent_dialogue(port: int) -> list[str]:
+    """One client's connections while its first is in the dummy engine: what each reads. The second comes once the
+    first passed the pregreet test, the third once it got to RCPT (it has passed the deep tests, not yet left)."""
+    seen = []
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+
+    async def say(writer: asyncio.StreamWriter, reader: asyncio.StreamReader, line: bytes) -> bytes:
+        writer.write(line)
+        await writer.drain()
+        return await read_reply(reader)
+
+    first_reader, first = await connect()
+    seen.append(f"first: {await read_reply(first_reader)!r}")
+    seen.append(f"first: {await say(first, first_reader, b'EHLO c.test' + CRLF)!r}")
+    reader, writer = await connect()
+    began = time.monotonic()
+    greeting = await read_reply(reader)
+    waited = "after a greet wait" if time.monotonic() - began > GREET_WAIT / 2 else "at once"
+    seen += [f"second: {greeting!r} {waited}", f"second: {await say(writer, reader, b'QUIT' + CRLF)!r}"]
+    writer.close()
+    for line in (b"MAIL FROM:<s@x.test>", b"RCPT TO:<r@y.test>"):
+        seen.append(f"first: {await say(first, first_reader, line + CRLF)!r}")
+    reader, writer = await connect()
+    began = time.monotonic()
+    greeting = await read_reply(reader)
+    waited = "after a greet wait" if time.monotonic() - began > GREET_WAIT / 2 else "at once"
+    seen.append(f"third: {greeting[:4]!r} {waited}")
+    ehlo = await say(writer, reader, b"EHLO c.test" + CRLF)
+    seen.append(f"third: {'smtpd' if b'PIPELINING' in ehlo else 'the dummy engine'} answers EHLO")
+    writer.close()
+    seen.append(f"first: {await say(first, first_reader, b'QUIT' + CRLF)!r}")
+    first.close()
+    await asyncio.sleep(0.2)
+    reader, writer = await connect()  # alone again: the cache, which the first's end updated (PASS OLD)
+    seen.append(f"fourth: {(await read_reply(reader))[:4]!r}")
+    ehlo = await say(writer, reader, b"EHLO c.test" + CRLF)
+    seen.append(f"fourth: {'smtpd' if b'PIPELINING' in ehlo else 'the dummy engine'} answers EHLO")
+    writer.close()
+    await asyncio.sleep(0.2)
+    return seen
+
+
+CRLF = b"\r\n"
+
+
+async def test_concurrent_connections_of_one_client_share_its_test_results_as_postfix(mailflow_server, caplog):
+    """Postfix's postscreen is one process: a client's connections in the screen at once share its test results
+    (client_info->expire_time, not the cache): the second skips the pregreet test the first passed, the third,
+    after the first passed the deep tests at RCPT, goes to smtpd at once (no PASS line), and the first's end
+    caches it all (PASS NEW once)."""
+    caplog.set_level(logging.INFO, logger="mailflow.postscreen")
+    mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
+        "enable": True, "access_list": [], "greet_wait": GREET_WAIT, "pipelining_enable": True}})
+    ours = await concurrent_dialogue(mf.smtp_addresses[0][1])
+    our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
+    port = free_port()
+    async with postfix_instance(main_cf={"myhostname": HOST, "postscreen_greet_wait": f"{GREET_WAIT}s",
+                                         "postscreen_access_list": "", "smtputf8_enable": "yes",
+                                         "postscreen_cache_map": "btree:$data_directory/postscreen_cache",
+                                         "postscreen_pipelining_enable": "yes"},
+                                master_cf=postscreen_master_cf(port)) as pf:
+        theirs = await concurrent_dialogue(port)
+        await asyncio.sleep(0.3)
+        their_log = postscreen_lines(re.findall(r"/postscreen\[\d+\]: (.*)$", pf.maillog, re.M))
+    their_log = [line for line in their_log if not line.startswith("cache ")]
+    assert ours == theirs
+    assert our_log == their_log, (our_log, their_log)
+    assert "second: b'220 mx.mailflow.test ESMTP Postfix\\r\\n' at once" in ours, ours
+    assert ours[-1] == "fourth: smtpd answers EHLO" and our_log.count("PASS NEW [127.0.0.2]:PORT") == 1, ours
+    assert our_log[-1] == "PASS OLD [127.0.0.2]:PORT", our_log

@@ -5,13 +5,16 @@
                                     settings it takes as Postfix's postscreen_* defaults
         .screen(conn, client) -> Verdict   run before smtpd's "connect from": PASS (smtpd takes the client) or
                                     the end
-    EngineTraits(message_size_limit, session_time_limit, disable_vrfy, helo_required)   what the dummy engine
-                                    takes from smtpd's settings
+    EngineTraits(message_size_limit, session_time_limit, disable_vrfy, helo_required, tls, tls_loglevel,
+                 discard_ehlo_keywords, discard_ehlo_keyword_address_maps, reject_footer)   what the dummy engine
+                                    takes from smtpd's settings; .from_config(smtpd): a listener's (postscreen's
+                                    own settings, else smtpd's)
     PassCache(limit)                the clients that passed, per test with its expiry (postscreen_cache_map; one
                                     per server, in memory; beyond `limit` the expired dropped first, then the
                                     least recently used)
         .due(ip, tests, now) -> tests | None   those without an unexpired pass (None: not in the cache); .passed
-        .record(ip, {test: expiry}, now)   passes added; .expiry(ip, test), .complete(ip, tests): each passed once
+        .record(ip, {test: expiry}, now)   passes added; .expiry(ip, test), .complete(ip, tests): each passed once;
+        .entry(ip): a copy of its passes
 
 What it does, in Postfix 3.7's order and words (src/postscreen/postscreen.c, _early.c, _dnsbl.c, _smtpd.c, _misc.c;
 lines logged as `postscreen`, `[ip]:port` as postscreen writes a client):
@@ -23,7 +26,10 @@ lines logged as `postscreen`, `[ip]:port` as postscreen writes a client):
   denylist_action (Postfix 3.7's respectful_logging words).
 - the cache: a client whose every enabled test passed within its TTL: `PASS OLD [ip]:port`, to smtpd at once; a
   cached client meets only its expired tests (the pregreet test not due: no teaser, no read, the wait ends with the
-  DNSBL answers), then `PASS OLD`.
+  DNSBL answers), then `PASS OLD`. A client's connections in the screen at once share one record of what they
+  passed (Postfix's client_info->expire_time; the first's copy of its cache entry): a connection that comes while
+  another is there meets only the tests that record has not passed (none: to smtpd, with no PASS line), each pass
+  is written there at once, and a session's end caches the whole record (psc_conclude).
 - allowlist_interfaces: a listener address outside it: `ALLOWLIST VETO [ip]:port`; the client meets the tests but
   never smtpd (the dummy engine, every deep test on) nor the cache.
 - beyond `pre_queue_limit` clients in the tests at once on the listener (the access list and the cache come first):
@@ -183,6 +189,10 @@ class PassCache:
             self._entries.move_to_end(ip)
         return due
 
+    def entry(self, ip: str) -> dict[str, float]:
+        """A copy of the client's passes (empty: not in the cache)."""
+        return dict(self._entries.get(ip, {}))
+
     def expiry(self, ip: str, test: str) -> float:
         """Until when the client's pass of `test` holds (0: never passed, or not in the cache)."""
         return self._entries.get(ip, {}).get(test, 0.0)
@@ -215,6 +225,19 @@ class PassCache:
         return None
 
 
+class _SharedPasses(dict):
+    """A session's passes, each also written to the results its client's connections in the screen share
+    (Postfix's client_info->expire_time: one process, one record per client while it has connections there)."""
+
+    def __init__(self, shared: dict[str, float]):
+        super().__init__()
+        self.shared = shared
+
+    def __setitem__(self, test: str, until: float) -> None:
+        super().__setitem__(test, until)
+        self.shared[test] = until
+
+
 @dataclass
 class _Screening:
     """One client's state while it is screened."""
@@ -225,6 +248,7 @@ class _Screening:
     vetoed: bool = False  # not on an allowlist interface: never to smtpd, nothing cached (PSC_STATE_FLAG_ALLIST_FAIL)
     silent: bool = False  # the pregreet test failed under enforce: the dummy engine sends no greeting
     passes: dict[str, float] = field(default_factory=dict)  # the tests passed this session, until when
+    nothing_due: bool = False  # another connection of the client passed every test meanwhile (no cache lookup)
     due: tuple[str, ...] = ()  # a cached client's expired tests, the ones it meets (): all
     known: bool = False  # has passed every test once: its PASS is `PASS OLD` (Postfix's PSC_STATE_FLAG_NEW unset)
 
@@ -275,6 +299,8 @@ class Postscreen:
         self._connection_limit = smtpd_connection_limit if limit is None else limit
         self._connections: dict[str, int] = {}  # ip -> its connections in the screen now (none: no key)
         self._passed_new: set[str] = set()  # clients with a connection in the screen that logged `PASS NEW`
+        # ip -> test -> until when: what its connections in the screen passed, shared (client_info->expire_time)
+        self._shared: dict[str, dict[str, float]] = {}
         self._dnsbl_in_flight: dict[str, _DnsblQueries] = {}  # ip -> the DNSBL queries its connections share
         self._deep = _deep_settings(config)
         deep = tuple(test for test in DEEP_TESTS if self._deep[test].enabled)
@@ -313,6 +339,7 @@ class Postscreen:
             self._connections[ip] = count
         else:
             self._passed_new.discard(ip)
+            self._shared.pop(ip, None)
 
     async def _screen(self, conn: Connection, state: _Screening) -> Verdict:
         """Postfix's psc_endpt_lookup_done: the access list, the cache, then a screening place for the tests."""
@@ -325,13 +352,17 @@ class Postscreen:
             log.info("DENYLISTED %s", client.where)
             if state.fail(self._config.denylist_action, status.postscreen_denylisted, conn):
                 return Verdict.DONE
-        if not state.failed:
+        shared = self._shared.get(client.ip) if self._connections[client.ip] > 1 else None
+        if shared is not None:  # (psc_todo_tests: another connection's results, not the cache's)
+            self._due_from(state, shared)
+        elif not state.failed:
             due = self._cache.due(client.ip, self._tests, self._clock.time())
             if due == ():
                 log.info("PASS OLD %s", client.where)
                 return Verdict.PASS
             if due is not None:  # (psc_parse_tests: only the expired tests run again)
                 state.due, state.known = due, self._cache.complete(client.ip, self._tests)
+        state.passes = _SharedPasses(self._shared.setdefault(client.ip, self._cache.entry(client.ip)))
         if client.server_ip and not self._interfaces.contains(client.server_ip):  # (a table that fails: vetoed)
             log.info("ALLOWLIST VETO %s", client.where)
             state.vetoed = True
@@ -343,6 +374,14 @@ class Postscreen:
             return await self._tests_of(conn, state)
         finally:
             self._give_back_place()
+
+    def _due_from(self, state: _Screening, shared: dict[str, float]) -> None:
+        """A client with another connection in the screen meets the tests their shared results have not passed
+        (or whose pass expired); none: `nothing_due` (Postfix hands it over with no PASS line)."""
+        now = self._clock.time()
+        due = tuple(test for test in self._tests if shared.get(test, 0.0) <= now)
+        state.due, state.nothing_due = due, not due
+        state.known = all(test in shared for test in self._tests)
 
     def _take_place(self) -> bool:
         """A screening place (False: none free); stress mode entered when the places are 90 % taken."""
@@ -370,7 +409,9 @@ class Postscreen:
     async def _tests_of(self, conn: Connection, state: _Screening) -> Verdict:
         """The early tests, then the dummy engine (enforce, a veto, deep tests due: psc_early_event's end), or
         smtpd."""
-        if not await self._early_tests(conn, state):
+        if state.nothing_due and not state.vetoed:
+            return Verdict.PASS  # (psc_conclude: this session passed nothing, so no PASS line, no cache update)
+        if not state.nothing_due and not await self._early_tests(conn, state):
             return Verdict.DONE
         if state.rcpt_reply is not None or state.vetoed or self._deep_due(state):
             await self._dummy_engine(conn, state)
@@ -403,7 +444,8 @@ class Postscreen:
         # does not make the client `PASS NEW` again
         disabled = {test: 0.0 for test in ALL_TESTS
                     if test not in self._tests and not self._cache.complete(ip, (test,))}
-        self._cache.record(ip, {**disabled, **state.passes}, self._clock.time())
+        shared = state.passes.shared if isinstance(state.passes, _SharedPasses) else state.passes
+        self._cache.record(ip, {**disabled, **shared}, self._clock.time())  # (psc_print_tests: the shared record)
 
     async def _access(self, ip: str) -> str:
         """permit, reject or dunno: the first answer of the access list, as Postfix's server_acl_eval: a table's
@@ -742,6 +784,8 @@ class Postscreen:
         ends the session with its 521)."""
         deep.failed.add(test)
         state.passes.pop(test, None)
+        if isinstance(state.passes, _SharedPasses):
+            state.passes.shared[test] = 0.0  # (expire_time[...] = PSC_TIME_STAMP_DISABLED, for every connection)
         action = self._deep[test].action
         if action == "ignore":
             state.passes[test] = self._clock.time() + self._min_ttl
