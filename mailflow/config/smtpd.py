@@ -109,7 +109,8 @@ class PostscreenConfig(Section):
     # HELO, EHLO, STARTTLS, NOOP and QUIT `530 5.7.0` before it; the deep tests go on over TLS
     tls_security_level: Literal["none", "may", "encrypt"] | None = None
     # the EHLO keywords the dummy engine leaves out (postscreen_discard_ehlo_keywords and
-    # postscreen_discard_ehlo_keyword_address_maps; unset: smtpd's): STARTTLS is then 502, BDAT 502 and the end
+    # postscreen_discard_ehlo_keyword_address_maps; unset: smtpd's): after an EHLO STARTTLS is 502, BDAT 502 and the
+    # end
     discard_ehlo_keywords: tuple[str, ...] | None = None
     discard_ehlo_keyword_address_maps: TableSpecs | None = None
     # each command line rewritten by a table before the dummy engine reads it (postscreen_command_filter; not

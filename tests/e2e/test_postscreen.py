@@ -983,3 +983,19 @@ async def test_smtpds_footer_goes_under_postscreens_refusals_its_other_macros_em
     assert (await c.reply()).text == "521-5.5.1 Protocol error\n521 5.5.1 Ask mx.mailflow.test about 127.0.0.1 ()"
     assert await c.closed()
     assert 'unknown macro name "helo_name" in expansion request' in screen_log()  # (Postfix's warning)
+
+
+async def test_a_discarded_starttls_is_refused_only_after_ehlo(mailflow_server, pki):
+    """Postfix 3.7.11's dummy engine applies its EHLO discard mask from the EHLO on (it starts as 0): STARTTLS
+    discarded still works after HELO alone, and is 502 after EHLO."""
+    _, cert, ctx = pki
+    mf = await mailflow_server(smtpd={"tls_cert_file": cert, **screen(**DEEP, discard_ehlo_keywords=["starttls"])})
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("HELO client.test")).code == 250
+    await c.starttls(ctx)
+    assert c.writer.get_extra_info("ssl_object") is not None and (await c.cmd("NOOP")).code == 250
+    await c.close()
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert "STARTTLS" not in (await c.cmd("EHLO client.test")).text
+    assert (await c.cmd("STARTTLS")).text == "502 5.5.1 Error: command not implemented"
+    await c.close()

@@ -250,7 +250,8 @@ async def test_the_dummy_engines_ehlo_discards_command_filter_and_footer_as_post
                               b"RCPT TO:<r@y.test>\r\n", b"NOOP extra\r\n", b"  NOOP extra\r\n", b"FOO bar\r\n",
                               b"BDAT 1\r\n"]),
                ("127.0.0.3", [b"EHLO c.test\r\n", b"QUIT\r\n"]),
-               ("127.0.0.4", [b"EHLO c.test\r\n", b"QUIT\r\n"])]
+               ("127.0.0.4", [b"EHLO c.test\r\n", b"QUIT\r\n"]),
+               ("127.0.0.5", [b"HELO c.test\r\n", b"BDAT 1\r\n"])]  # (no EHLO: nothing refused yet)
     caplog.set_level(logging.INFO, logger="mailflow.postscreen")
     mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "tls_cert_file": cert,
                                       "postscreen": {
@@ -269,6 +270,7 @@ async def test_the_dummy_engines_ehlo_discards_command_filter_and_footer_as_post
     assert our_log == their_log, (our_log, their_log)
     assert ours[0][2] == (b"502-5.5.1 Error: command not implemented See mx.mailflow.test about 127.0.0.2.\r\n"
                           b"502 5.5.1 Second line\r\n")
+    assert ours[3][-1].startswith(b"554-5.5.1 Error: need MAIL command See ")
     ehlo = ours[1][1].split(b"\r\n")  # (the map's answer in place of the default, not added to it)
     assert b"250-DSN" not in ehlo and b"250-ETRN" not in ehlo and b"250-STARTTLS" in ehlo
 

@@ -908,7 +908,9 @@ class _Dummy:
         self._hostname = hostname
         self._state = state
         self._traits = traits
-        self._discards = discards  # the EHLO keywords left out (and STARTTLS, BDAT refused)
+        self._discards = discards  # the EHLO keywords left out
+        # STARTTLS and BDAT refused for those only after an EHLO (Postfix 3.7's ehlo_discard_mask starts as 0)
+        self._refused: frozenset[str] = frozenset()
         self._log_discards = log_discards and bool(discards) and SILENT not in discards  # (an address map's)
         self.tls_wanted = False  # STARTTLS answered 220: the handshake is next
         self.tls_active = False
@@ -947,6 +949,7 @@ class _Dummy:
         if name is None:
             return f"{status.hello_syntax('EHLO')}\r\n"
         self._helo, self._sender, self._protocol = name, None, "ESMTP"
+        self._refused = self._discards
         if self._log_discards:
             client = self._state.client  # (`[ip]port`, no colon: Postfix 3.7's "[%s]%s" of PSC_CLIENT_ADDR_PORT)
             log.info("[%s]%s: discarding EHLO keywords: %s", client.ip, client.port, discard_names(self._discards))
@@ -997,7 +1000,7 @@ class _Dummy:
     def _bdat_cmd(self, args: str) -> str:
         log.info("BDAT without valid RCPT from %s", self._state.client.where)
         self.over = True
-        if "chunking" in self._discards:
+        if "chunking" in self._refused:
             return f"{status.NOT_IMPLEMENTED}\r\n"
         if _token(args) is None:
             return f"{status.POSTSCREEN_BDAT_SYNTAX}\r\n"
@@ -1031,7 +1034,7 @@ class _Dummy:
             return f"{status.POSTSCREEN_STARTTLS_SYNTAX}\r\n"
         if self.tls_active:
             return f"{status.TLS_ALREADY_ACTIVE}\r\n"
-        if self._traits.tls == "none" or "starttls" in self._discards:
+        if self._traits.tls == "none" or "starttls" in self._refused:
             return f"{status.NOT_IMPLEMENTED}\r\n"
         self.tls_wanted = True
         return f"{status.READY_FOR_TLS}\r\n"
