@@ -400,3 +400,25 @@ async def test_concurrent_connections_of_one_client_share_its_test_results_as_po
     assert "second: b'220 mx.mailflow.test ESMTP Postfix\\r\\n' at once" in ours, ours
     assert ours[-1] == "fourth: smtpd answers EHLO" and our_log.count("PASS NEW [127.0.0.2]:PORT") == 1, ours
     assert our_log[-1] == "PASS OLD [127.0.0.2]:PORT", our_log
+
+
+async def test_soft_bounce_softens_postscreens_refusals_as_postfix(mailflow_server, caplog):
+    """soft_bounce: every 5xx postscreen sends goes out as a 4xx (psc_send_reply: the code's and the enhanced
+    code's first digit), the RCPT refusal logged so (psc_soften_reply)."""
+    clients = [("127.0.0.2", [b"XCLIENT\r\n", b"EHLO c.test\r\nMAIL FROM:<s@x.test>\r\n", b"RCPT TO:<r@y.test>\r\n",
+                              b"QUIT\r\n"]),
+               ("127.0.0.3", [b"GET / HTTP/1.0\r\n"])]
+    caplog.set_level(logging.INFO, logger="mailflow.postscreen")
+    mf = await mailflow_server(soft_bounce=True, smtpd={
+        "banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
+            "enable": True, "access_list": [], "greet_wait": GREET_WAIT, "pipelining_enable": True,
+            "non_smtp_command_enable": True}})
+    ours = await deep_dialogue(mf.smtp_addresses[0][1], clients)
+    our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
+    theirs, their_log = await postfix_deep_dialogue({"soft_bounce": "yes", "postscreen_pipelining_enable": "yes",
+                                                     "postscreen_non_smtp_command_enable": "yes"}, clients)
+    assert ours == theirs
+    assert our_log == their_log, (our_log, their_log)
+    assert ours[0][1] == b"402 4.5.2 Error: command not recognized\r\n"
+    assert ours[0][4] == b"450 4.5.1 Protocol error\r\n"
+    assert ours[1][-1] == b"421 4.7.0 Error: I can break rules, too. Goodbye.\r\n"

@@ -6,9 +6,9 @@
         .screen(conn, client) -> Verdict   run before smtpd's "connect from": PASS (smtpd takes the client) or
                                     the end
     EngineTraits(message_size_limit, session_time_limit, disable_vrfy, helo_required, tls, tls_loglevel,
-                 discard_ehlo_keywords, discard_ehlo_keyword_address_maps, reject_footer)   what the dummy engine
-                                    takes from smtpd's settings; .from_config(smtpd): a listener's (postscreen's
-                                    own settings, else smtpd's)
+                 discard_ehlo_keywords, discard_ehlo_keyword_address_maps, reject_footer, soft_bounce)   what
+                                    the dummy engine takes from smtpd's settings; .from_config(smtpd, soft_bounce):
+                                    a listener's (postscreen's own settings, else smtpd's)
     PassCache(limit)                the clients that passed, per test with its expiry (postscreen_cache_map; one
                                     per server, in memory; beyond `limit` the expired dropped first, then the
                                     least recently used)
@@ -71,8 +71,9 @@ lines logged as `postscreen`, `[ip]:port` as postscreen writes a client):
   (`[ip]:port: replacing command "a" with "b"`); reject_footer goes under every 4xx/5xx postscreen sends, with
   postscreen's four macros (psc_send_reply, psc_expand_lookup).
 
-Not built: a persistent cache_map; reject_footer_maps and expansion_filter (the macros are filtered as smtpd's);
-soft_bounce on postscreen's replies.
+Under soft_bounce every 5xx postscreen sends goes out (and is logged at RCPT) as a 4xx, as psc_send_reply.
+
+Not built: a persistent cache_map; reject_footer_maps and expansion_filter (the macros are filtered as smtpd's).
 
 Bounded: at most pre_queue_limit clients in the tests at once per listener, and client_connection_count_limit
 connections of one client in the screen; the DNSBL queries by their deadline and the greet wait; the dummy engine by
@@ -319,9 +320,9 @@ class Postscreen:
 
     async def screen(self, conn: Connection, client: Client) -> Verdict:
         log.info("CONNECT from %s to [%s]:%s", client.where, client.server_ip, client.server_port)
-        if self._engine.reject_footer:
-            conn = _WithFooter(conn, self._engine.reject_footer,
-                               functools.partial(postscreen_footer_values, self._hostname, client.ip, client.port))
+        if self._engine.reject_footer or self._engine.soft_bounce:
+            conn = _Replies(conn, soft_bounce=self._engine.soft_bounce, template=self._engine.reject_footer,
+                            values=functools.partial(postscreen_footer_values, self._hostname, client.ip, client.port))
         count = self._connections.get(client.ip, 0) + 1
         self._connections[client.ip] = count
         try:
@@ -827,9 +828,10 @@ class EngineTraits:
     discard_ehlo_keywords: frozenset[str] = frozenset()  # postscreen_discard_ehlo_keywords
     discard_ehlo_keyword_address_maps: tuple[str, ...] = ()  # postscreen_discard_ehlo_keyword_address_maps
     reject_footer: str = ""  # postscreen_reject_footer
+    soft_bounce: bool = False  # every 5xx postscreen sends (and logs at RCPT) goes out as a 4xx
 
     @classmethod
-    def from_config(cls, smtpd: SmtpdConfig) -> "EngineTraits":
+    def from_config(cls, smtpd: SmtpdConfig, soft_bounce: bool = False) -> "EngineTraits":
         """A listener's: each postscreen setting left unset is smtpd's, as Postfix's defaults; no certificate, no
         STARTTLS."""
         screen = smtpd.postscreen
@@ -840,7 +842,7 @@ class EngineTraits:
             screen.discard_ehlo_keyword_address_maps
         return cls(smtpd.message_size_limit, smtpd.session_time_limit, smtpd.disable_vrfy_command,
                    smtpd.helo_required, level, smtpd.tls_loglevel, frozenset(discards), tuple(maps),
-                   smtpd.reject_footer if screen.reject_footer is None else screen.reject_footer)
+                   smtpd.reject_footer if screen.reject_footer is None else screen.reject_footer, soft_bounce)
 
 
 class _DeepTests:
@@ -983,8 +985,9 @@ class _Dummy:
         if ":" not in args:
             return f"{status.POSTSCREEN_RCPT_SYNTAX}\r\n"
         reply = self._rcpt_reply()
+        logged = status.soft_bounced(str(reply)) if self._traits.soft_bounce else reply  # (psc_soften_reply)
         log.info("NOQUEUE: reject: RCPT from %s: %s; from=<%s>, to=<%s>, proto=%s, helo=<%s>",
-                 self._state.client.where, reply, _logged(self._sender), _logged(_address(args.partition(":")[2])),
+                 self._state.client.where, logged, _logged(self._sender), _logged(_address(args.partition(":")[2])),
                  self._protocol, printable(self._helo or ""))
         return f"{reply}\r\n"
 
@@ -1050,11 +1053,13 @@ class _Dummy:
     }
 
 
-class _WithFooter:
-    """A connection whose 4xx and 5xx replies get postscreen_reject_footer under them (psc_send_reply)."""
+class _Replies:
+    """A connection whose replies go out as psc_send_reply writes them: under soft_bounce a 5xx as a 4xx (the code's
+    and the enhanced code's first digit), then postscreen_reject_footer (`template`, "" none) under a 4xx or 5xx."""
 
-    def __init__(self, conn: Connection, template: str, values: Callable[[], dict[str, str]]):
+    def __init__(self, conn: Connection, *, soft_bounce: bool, template: str, values: Callable[[], dict[str, str]]):
         self._conn = conn
+        self._soft_bounce = soft_bounce
         self._template = template
         self._values = values
         self._unknown = unknown_macros(template, POSTSCREEN_FOOTER_MACROS)  # (smtpd's footer's other macros)
@@ -1064,7 +1069,9 @@ class _WithFooter:
         return self._conn.wire
 
     def send(self, text: str) -> None:
-        if text[:1] in ("4", "5"):
+        if self._soft_bounce:
+            text = status.soft_bounced(text)
+        if self._template and text[:1] in ("4", "5"):
             for name in self._unknown:  # (psc_expand_lookup's warning, at each expansion)
                 log.warning('unknown macro name "%s" in expansion request', name)
             text = status.with_footer(text.removesuffix("\r\n"), *footer_lines(self._template, self._values())) + "\r\n"

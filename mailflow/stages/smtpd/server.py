@@ -371,7 +371,8 @@ class Smtpd:
                           cache=self.screened, clock=self._clock, hostname=hostname, banner=smtpd.banner,
                           smtpd_timeout=smtpd.timeout,
                           smtpd_connection_limit=smtpd.client_connection_count_limit,
-                          smtpd_forbid_cmds=smtpd.forbid_cmds, engine=EngineTraits.from_config(smtpd))
+                          smtpd_forbid_cmds=smtpd.forbid_cmds,
+                          engine=EngineTraits.from_config(smtpd, soft_bounce=self._config.soft_bounce))
 
     def _auth_backend(self, smtpd: SmtpdConfig) -> Backend:
         """Who checks a listener's AUTH passwords: Dovecot's auth server (one connection per socket, shared by
