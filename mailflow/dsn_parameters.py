@@ -109,14 +109,15 @@ def notify(value: str) -> str:
 
 
 def orcpt(value: str) -> str:
-    """ORCPT=type;address: `type;address` with the type in lower case and the address decoded (uxtext for type
-    utf-8, else xtext); "" for one that names no address, or whose type is no RFC 3461 atom (taken, as Postfix
-    takes any type, but not passed on)."""
+    """ORCPT=type;address: `type;address` with the type as the client wrote it (`RFC822;` stays so: Postfix's smtpd
+    and a milter's added recipient keep it, and it reaches next hops and notices so) and the address decoded
+    (uxtext for type utf-8 in any case, else xtext); "" for one that names no address, or whose type is no RFC 3461
+    atom (taken, as Postfix takes any type, but not passed on)."""
     addr_type, semi, encoded = value.partition(";")
     if not semi or not addr_type:
         raise DsnError("ORCPT must be addr-type;xtext")
     addr = uxtext_decode(encoded) if ascii_upper(addr_type) == "UTF-8" else xtext_decode(encoded)
-    return f"{addr_type.lower()};{addr}" if addr and _ADDR_TYPE.match(addr_type) else ""
+    return f"{addr_type};{addr}" if addr and _ADDR_TYPE.match(addr_type) else ""
 
 
 def without_success(value: str) -> str:
@@ -135,12 +136,12 @@ def is_notify_value(value: str) -> bool:
 
 
 def is_orcpt_value(value: str) -> bool:
-    """`value` is what `orcpt` returns: "" or `type;address`, the type an RFC 3461 atom in lower case and the
+    """`value` is what `orcpt` returns: "" or `type;address`, the type an RFC 3461 atom (in any case) and the
     address non-empty, without a NUL."""
     if not value:
         return True
     addr_type, semi, addr = value.partition(";")
-    return bool(semi and addr and "\0" not in addr and _ADDR_TYPE.match(addr_type) and addr_type == addr_type.lower())
+    return bool(semi and addr and "\0" not in addr and _ADDR_TYPE.match(addr_type))
 
 
 def made_up_orcpt(address: str, smtputf8: bool) -> str:

@@ -4,6 +4,7 @@
     discard_set(words, ignore_unknown) -> frozenset of lower-case names; ValueError naming an unknown word
     discard_log_text(discarded) -> what Postfix's smtpd logs at EHLO (`discarding EHLO keywords: ...`), or ""
                                    when it logs nothing
+    discard_names(discarded) -> `8BITMIME AUTH ...`: the names in Postfix's order and spelling
     keyword_name(line_text) -> the lower-case keyword of an EHLO reply line's text (`SIZE 1000` -> `size`)
     discards_for(maps, ip, default, logger=) -> (keywords, failed): the keywords discard_ehlo_keyword_address_maps
                                    (opened) give the client's address (unknown words skipped, as Postfix's
@@ -65,8 +66,12 @@ def discard_log_text(discarded: frozenset[str]) -> str:
     that one is announced)."""
     if not discarded or SILENT in discarded or "enhancedstatuscodes" in discarded:
         return ""
-    names = [_LOGGED_AS.get(name, name.upper()) for name in DISCARDABLE if name in discarded]
-    return "discarding EHLO keywords: " + " ".join(names)
+    return "discarding EHLO keywords: " + discard_names(discarded)
+
+
+def discard_names(discarded: frozenset[str]) -> str:
+    """The keywords as Postfix's str_ehlo_mask writes them: upper case, its table's order."""
+    return " ".join(_LOGGED_AS.get(name, name.upper()) for name in DISCARDABLE if name in discarded)
 
 
 def keyword_name(text: str) -> str:

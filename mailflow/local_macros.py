@@ -4,6 +4,7 @@
     expand_local_macros(template, values)   the template with its macros replaced
     check_macros(template, known), expand_macros(template, values)   the same for another set of names (smtpd's
                                             reject footer, mailflow.reply_footer)
+    macro_names(template)                   the names its macros use (postscreen's footer: those it does not know)
 
 Macros (LOCAL_MACROS): $user (the local part without its extension), $local and $mailbox (the local part),
 $extension (without the delimiter), $recipient_delimiter, $domain, $recipient (the whole address), $home and
@@ -50,6 +51,20 @@ def check_macros(template: str, known: tuple[str, ...]) -> str:
         return ""
     _walk(template, check)
     return template
+
+
+def macro_names(template: str) -> list[str]:
+    """The names of the macros in `template`, conditional texts included, in order (a malformed macro raises
+    ValueError)."""
+    names: list[str] = []
+
+    def collect(name: str, mark: str | None, text: str | None) -> str:
+        names.append(name)
+        if text is not None:
+            names.extend(macro_names(text))
+        return ""
+    _walk(template, collect)
+    return names
 
 
 def expand_macros(template: str, values: dict[str, str]) -> str:

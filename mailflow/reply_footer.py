@@ -1,8 +1,9 @@
 """leaf: smtpd's reject footer template (Postfix 3.7's smtpd_reject_footer: smtp_reply_footer.c, smtpd_expand.c).
 
     FOOTER_MACROS                  the names a footer may use, as Postfix 3.7's smtpd_expand_lookup knows them
-    check_footer(template)         the template, or ValueError (an unknown macro, a malformed one, a control
-                                   character, one that is not ASCII: a reply is ASCII, RFC 5321 4.2)
+    check_footer(template, macros=FOOTER_MACROS)   the template, or ValueError (a macro not in `macros`, a malformed
+                                   one, a control character, one that is not ASCII: a reply is ASCII, RFC 5321 4.2)
+    POSTSCREEN_FOOTER_MACROS       the ones postscreen's footer knows (psc_expand_lookup)
     footer_lines(template, values) -> (continues, lines): the template cut at each `\\n` (backslash, n: main.cf's
                                    spelling; a real line break counts as one too), each piece expanded with
                                    `values`; `continues` when it began with `\\c` (its first piece goes at the end
@@ -11,6 +12,8 @@
     footer_values(server_name, sender, recipient, client)
                                    every macro's value now, as Postfix's smtpd_expand_lookup gives them (`client`:
                                    FooterClient, None before there is one): smtpd's and sendmail -bs's one list
+    postscreen_footer_values(server_name, client_address, client_port)   postscreen's (psc_expand_lookup)
+    unknown_macros(template, known) the names of its macros not in `known` (postscreen warns of each at each reply)
 
 status.with_footer puts the lines under a reply. The macros' values are filtered as Postfix's smtpd_expand_filter
 does: a character other than a tab or printable ASCII becomes `_`.
@@ -24,11 +27,12 @@ import re
 import time
 from typing import NamedTuple
 
-from mailflow.local_macros import check_macros, expand_macros
+from mailflow.local_macros import check_macros, expand_macros, macro_names
 
 FOOTER_MACROS = ("server_name", "client", "client_address", "client_port", "client_name", "reverse_client_name",
                  "helo_name", "sender", "sender_name", "sender_domain", "recipient", "recipient_name",
                  "recipient_domain", "localtime")
+POSTSCREEN_FOOTER_MACROS = ("server_name", "client_address", "client_port", "localtime")  # psc_expand_lookup's
 LINE_BREAK = "\\n"  # the two characters, as main.cf writes it
 CONTINUE = "\\c"  # at the start only
 _FILTERED = re.compile(r"[^\t\x20-\x7e]")
@@ -36,14 +40,14 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _NOT_ASCII = re.compile(r"[^\x00-\x7f]")
 
 
-def check_footer(template: str) -> str:
-    """The template when it can be used; ValueError naming the trouble."""
+def check_footer(template: str, macros: tuple[str, ...] = FOOTER_MACROS) -> str:
+    """The template when it can be used, its macros among `macros`; ValueError naming the trouble."""
     for piece in _pieces(template)[1]:
         if _CONTROL.search(piece):
             raise ValueError("a control character (write \\n, a backslash and n, for a line break)")
         if _NOT_ASCII.search(piece):
             raise ValueError("a character that is not ASCII (SMTP replies are ASCII)")
-        check_macros(piece, FOOTER_MACROS)
+        check_macros(piece, macros)
     return template
 
 
@@ -73,6 +77,18 @@ class FooterClient(NamedTuple):
     port: str
     name: str
     helo: str
+
+
+def unknown_macros(template: str, known: tuple[str, ...]) -> list[str]:
+    """The macros of a checked template that are not in `known`, each time one is used (smtpd's footer as
+    postscreen's, which expands them to nothing with a warning)."""
+    return [name for piece in _pieces(template)[1] for name in macro_names(piece) if name not in known]
+
+
+def postscreen_footer_values(server_name: str, client_address: str, client_port: str) -> dict[str, str]:
+    """postscreen's macros now (Postfix's psc_expand_lookup): any other expands to ""."""
+    return {"server_name": server_name, "client_address": client_address, "client_port": client_port,
+            "localtime": time.strftime("%b %d %H:%M:%S")}
 
 
 def footer_values(server_name: str, sender: str | None, recipient: str | None,

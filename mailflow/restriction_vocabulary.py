@@ -16,8 +16,8 @@ which names can refuse relaying. `mailflow.config` validates every `smtpd.*_rest
                                          names that need a filter a restriction list must name to set it up
     SERVER_ACCESS_CHECKS                 check_*_{mx,ns,a}_access -> (what names the domain, "MX" | "NS" | "A");
                                          DNSWL_CHECKS: permit_dnswl_client, permit_rhswl_client -> what is looked up;
-                                         LOGGED_PERMITS: the permits whose logging can be asked for
-                                         (ALL_PERMITS, `static:all`: all of them);
+                                         LOGGED_PERMITS: the permits whose logging can be asked for, with
+                                         PERMIT_VALUES (is_logged_permit; ALL_PERMITS, `static:all`: all);
                                          REVERSE_CLIENT_ACCESS: check_reverse_client_hostname_access
     RELAY_GUARDS                         the names that can refuse relaying (config requires one of them)
     ACCESS_ACTIONS                       the words an access table's value starts with that are actions, not
@@ -47,7 +47,7 @@ import re
 from typing import Iterable, Mapping
 
 from mailflow.address import normalise_domain
-from mailflow.syntax import is_ipv4, parse_endpoint
+from mailflow.syntax import is_ipv4, parse_policy_service
 from mailflow.tables import check_spec
 
 RCPT_STAGES = ("client", "helo", "sender", "relay", "recipient")
@@ -101,9 +101,19 @@ SERVER_ACCESS_CHECKS = {f"check_{subject}_{rr}_access": (subject.removesuffix("_
 DNSWL_CHECKS = {"permit_dnswl_client": "client", "permit_rhswl_client": "client_name"}  # -> what is looked up
 REVERSE_CLIENT_ACCESS = "check_reverse_client_hostname_access"  # check_client_access's keys, of the PTR name
 WITHOUT_ARGUMENT += ("reject_unknown_helo_hostname", "reject_unknown_hostname", "permit_mx_backup")
-# the permits smtpd.log_access_permit_actions may name
-LOGGED_PERMITS = (*DNSWL_CHECKS, "permit_mx_backup", "permit_auth_destination", "permit_naked_ip_address")
+# the permits smtpd.log_access_permit_actions may name (Postfix's smtpd_acl_permit calls), and the access values
+# that permit (OK, RELAY, DISCARD, an all-digit one: named by their word, any case)
+LOGGED_PERMITS = ("permit", "permit_mynetworks", "permit_sasl_authenticated", "permit_tls_clientcerts",
+                  "permit_tls_all_clientcerts", *DNSWL_CHECKS, "permit_mx_backup", "permit_auth_destination",
+                  "permit_naked_ip_address")
+PERMIT_VALUES = ("OK", "RELAY", "DISCARD", "<digits>")
 ALL_PERMITS = "static:all"  # log_access_permit_actions: every permit (Postfix's documented example)
+
+
+def is_logged_permit(name: str) -> bool:
+    """`name` (any case) is a permit mailflow logs when log_access_permit_actions names it."""
+    lower = name.lower()
+    return lower in LOGGED_PERMITS or name.upper() in PERMIT_VALUES or (name.isascii() and name.isdigit())
 WITH_ARGUMENT += tuple(SERVER_ACCESS_CHECKS) + tuple(DNSWL_CHECKS) + (REVERSE_CLIENT_ACCESS,)
 # Restrictions that need a filter of [greylist] / [sender_auth], set up when a list (or a class it names) names
 # them: one named only in an access table's value has none
@@ -139,7 +149,7 @@ def check_item(text: object, classes: Iterable[str] = ()) -> str:
     if name in ACCESS_CHECKS or name in SERVER_ACCESS_CHECKS or name == REVERSE_CLIENT_ACCESS:
         _check_access_table(name, arg)
     if name == "check_policy_service":
-        parse_endpoint(arg)
+        parse_policy_service(arg)
     if name == "reject_rbl_client" or name in RHSBL_CHECKS or name in DNSWL_CHECKS:
         rbl_domain, _, wanted = arg.partition("=")
         if not normalise_domain(rbl_domain) or (wanted and not is_ipv4(wanted)):

@@ -86,6 +86,7 @@ CREATE TABLE IF NOT EXISTS destination (
     dead_until REAL NOT NULL DEFAULT 0,            -- unix time; 0 = alive
     reason     TEXT NOT NULL DEFAULT '',           -- last site failure
     updated    REAL NOT NULL,
+    paused_until REAL NOT NULL DEFAULT 0,          -- unix time a rate delay's pause ends; 0 = not paused
     PRIMARY KEY (transport, nexthop)
 ) WITHOUT ROWID;
 

@@ -272,11 +272,15 @@ def sender_null_mx(address: str, domain: str) -> Reply:
                                 f"Domain {domain} does not accept mail (nullMX)")
 
 
-def rbl_listed(client_ip: str, rbl_domain: str, what: str = "Client host") -> Reply:
-    """reject_rbl_client and reject_rhsbl_* (maps_rbl_reject_code 554, Postfix's default_rbl_reply): `what` is
-    the rbl class ("Client host", "Sender address", "Helo command", "Recipient address"), `client_ip` what was
-    looked up (an address, a host or domain name, an e-mail address)."""
-    return Reply(554, "5.7.1", f"Service unavailable; {what} [{client_ip}] blocked using {rbl_domain}")
+RBL_REPLY_ERROR = Reply(450, "4.7.1", "Service unavailable")  # a DNS list's reply that is none (Postfix)
+
+
+def rbl_listed(code: int, dsn: str, text: str) -> Reply:
+    """reject_rbl_client and reject_rhsbl_*: the reply default_rbl_reply or an rbl_reply_maps template made
+    (mailflow.rbl_reply; `554 5.7.1 Service unavailable; Client host [ip] blocked using list.example; reason` by
+    default), the enhanced code in the reply code's class. Not cut: Postfix 3.7 sends a 500-character TXT reason
+    whole, past RFC 5321's 512 octets for a reply line."""
+    return Reply(code, f"{code // 100}{dsn[1:]}", text)
 
 
 def unknown_client(client_ip: str, code: int, reverse_only: bool = False) -> Reply:

@@ -9,6 +9,9 @@ may use it without an import cycle.
     parse_hostport(value, default_port=None)    "host:port", "[2001:db8::1]:25" -> (host, port); brackets dropped
     parse_endpoint(spec)                        "inet:host:port" -> ("inet", host, port); "unix:/path" -> ("unix",
                                                 path, 0) (Postfix's policy service endpoints)
+    parse_policy_service(arg) -> PolicyService  check_policy_service's argument: an endpoint, or Postfix 3.0's
+                                                `{ endpoint, timeout=10s, default_action=DUNNO, ... }` with the
+                                                service's own smtpd_policy_service_* values (POLICY_SERVICE_*)
     TABLE_TYPES, FILE_TABLE_TYPES               the lookup table types (mailflow.tables implements each one), and
                                                 those whose name is a file
     table_type(spec) -> str                     the type of a "type:name" spec, in lower case ("" without a colon)
@@ -39,6 +42,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from typing import NamedTuple
 
 ENVID_MAX = 100  # RFC 3461 section 4.4: characters of an ENVID
 DURATION_MAX = 2**31 - 1  # seconds (about 68 years): the longest time Postfix's conv_time takes
@@ -205,6 +209,61 @@ def parse_octet_count(text: str) -> int | None:
         return None
     value = int(digits)
     return value if value <= OFF_T_MAX else None
+
+
+# check_policy_service { endpoint, name=value, ... }: the smtpd_policy_service_* settings a service may override
+# (Postfix 3.7's smtpd_check.c time_table, int_table, str_table: the names without that prefix), with their minimums
+POLICY_SERVICE_DURATIONS = {"timeout": 1, "max_idle": 1, "max_ttl": 1, "retry_delay": 1}
+POLICY_SERVICE_COUNTS = {"request_limit": 0, "try_limit": 1}
+POLICY_SERVICE_TEXTS = ("default_action", "policy_context")  # (not empty)
+
+
+class PolicyService(NamedTuple):
+    """A check_policy_service argument: the endpoint and the service's own values (seconds for the durations)."""
+
+    endpoint: str
+    overrides: dict[str, float | int | str]
+
+
+def parse_policy_service(arg: str) -> PolicyService:
+    """`inet:host:port`, `unix:/path`, or `{ endpoint, name=value, { name = value with spaces }, ... }` with names
+    of POLICY_SERVICE_DURATIONS, _COUNTS and _TEXTS. ValueError naming the trouble (Postfix stops: fatal)."""
+    text = arg.strip()
+    if not text.startswith("{"):
+        parse_endpoint(text)
+        return PolicyService(text, {})
+    if not text.endswith("}"):
+        raise ValueError(f"{text!r}: a policy service in braces must end with '}}'")
+    words = split_outside_braces(text[1:-1])
+    if not words:
+        raise ValueError(f"empty policy service: {text!r}")
+    parse_endpoint(words[0])
+    return PolicyService(words[0], dict(_policy_override(word) for word in words[1:]))
+
+
+def _policy_override(word: str) -> tuple[str, float | int | str]:
+    """One `name=value` (or `{ name = value }`) of a policy service in braces, its value checked."""
+    inner = word[1:-1] if word.startswith("{") and word.endswith("}") else word
+    name, eq, value = inner.partition("=")
+    name, value = name.strip(), value.strip()
+    if not eq or not name:
+        raise ValueError(f"policy service option {word!r} is not name=value (braces allow spaces: "
+                         "{ default_action = 451 4.3.5 try later })")
+    if name in POLICY_SERVICE_DURATIONS:
+        seconds = parse_duration(value)
+        if seconds < POLICY_SERVICE_DURATIONS[name]:
+            raise ValueError(f"policy service option {name}={value}: at least {POLICY_SERVICE_DURATIONS[name]}s")
+        return name, seconds
+    if name in POLICY_SERVICE_COUNTS:
+        if not (value.isascii() and value.isdigit()) or int(value) < POLICY_SERVICE_COUNTS[name]:
+            raise ValueError(f"policy service option {name}={value}: a number, at least {POLICY_SERVICE_COUNTS[name]}")
+        return name, int(value)
+    if name in POLICY_SERVICE_TEXTS:
+        if not value:
+            raise ValueError(f"policy service option {name}= is empty")
+        return name, value
+    known = (*POLICY_SERVICE_DURATIONS, *POLICY_SERVICE_COUNTS, *POLICY_SERVICE_TEXTS)
+    raise ValueError(f"unknown policy service option {name!r} (known: {', '.join(known)})")
 
 
 def split_outside_braces(text: str) -> list[str]:

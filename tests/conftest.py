@@ -1,11 +1,13 @@
 """Shared fixtures: real local peers on 127.0.0.1, port 0. What they build on is in tests/support/.
 
-- `dns_zone(zone_text, servfail=(), tcp=False, asked=None, nxdomain=(), garbled=(), rcodes=None)` starts an in-process
-  authoritative DNS server (dnslib, `ZoneAuthority`) for a BIND-style zone and returns its "127.0.0.1:port"
-  nameserver string; `tcp`: on TCP too (the same port), for answers too big for UDP (then truncated there past 1232
-  bytes); `asked`: a list that gets the (name, type) of each query; `nxdomain`: names (or "name/TYPE") answered
-  NXDOMAIN though in the zone; `garbled`: the ones whose replies are cut short; `rcodes`: {name or name/TYPE:
-  "FORMERR"} for other answers.
+- `dns_zone(zone_text, servfail=(), tcp=False, asked=None, nxdomain=(), garbled=(), rcodes=None)` starts an
+  in-process authoritative DNS server (dnslib, `ZoneAuthority`) for a BIND-style zone and returns its
+  "127.0.0.1:port" nameserver string; `tcp`: on TCP too (the same port), for answers too big for UDP (then truncated
+  there past 1232 bytes); `asked`: a list that gets the (name, type) of each query; `nxdomain`: names (or
+  "name/TYPE") answered NXDOMAIN though in the zone; `garbled`: the ones whose replies are cut short; `rcodes`:
+  {name or name/TYPE: "FORMERR"} for other answers; `address`, `port`: where it listens (a private Postfix's
+  resolver asks port 53 of the address its resolv.conf names: tests.support.postfix,
+  `postfix_instance(nameserver=...)`).
 - `smtp_peer(host="127.0.0.1", port=0, **smtp_kwargs)` starts a capturing aiosmtpd server on the test's own loop
   (never aiosmtpd's threaded Controller) and returns a `CapturePeer`: `.port`, `.messages` (one `Captured` per
   accepted DATA) and `.handler`, whose `mail_reply`, `rcpt_replies[address]` and `data_reply` script refusals.
@@ -55,17 +57,17 @@ class _TruncatingHandler(DNSHandler):
         return reply.pack()
 
 
-def _dns_servers(authority, logger, tcp: bool) -> list[DNSServer]:
-    """A UDP server on a port the kernel picks and, with `tcp`, a TCP one on the same number (where a truncated UDP
-    answer makes the resolver ask again); that number may be taken for TCP (another worker's connection), so a
-    few ports are tried."""
+def _dns_servers(authority, logger, tcp: bool, address: str = "127.0.0.1", port: int = 0) -> list[DNSServer]:
+    """A UDP server on a port the kernel picks (or `port`) and, with `tcp`, a TCP one on the same number (where a
+    truncated UDP answer makes the resolver ask again); that number may be taken for TCP (another worker's
+    connection), so a few ports are tried."""
     for _ in range(20):
-        udp = DNSServer(authority, port=0, address="127.0.0.1", logger=logger,
+        udp = DNSServer(authority, port=port, address=address, logger=logger,
                         handler=_TruncatingHandler if tcp else DNSHandler)
         if not tcp:
             return [udp]
         try:
-            return [udp, DNSServer(authority, port=udp.server.server_address[1], address="127.0.0.1", logger=logger,
+            return [udp, DNSServer(authority, port=udp.server.server_address[1], address=address, logger=logger,
                                    tcp=True)]
         except OSError as e:
             udp.server.server_close()
@@ -79,17 +81,18 @@ def dns_zone():
     servers: list[DNSServer] = []
 
     def start(zone_text: str, servfail: Collection[str] = (), slow: tuple[str, ...] = (), delay: float = 0.0,
-              tcp: bool = False, asked: list[tuple[str, str]] | None = None, nxdomain: Collection[str] = (),
-              garbled: Collection[str] = (), rcodes: dict[str, str] | None = None) -> str:
+              tcp: bool = False, asked: list[tuple[str, str]] | None = None, address: str = "127.0.0.1",
+              port: int = 0, nxdomain: Collection[str] = (), garbled: Collection[str] = (),
+              rcodes: dict[str, str] | None = None) -> str:
         quiet = DNSLogger("-request,-reply,-truncated,-recv,-send,-error,-data", False)
         authority = ZoneAuthority(zone_text, servfail, slow, delay, asked, nxdomain, garbled, rcodes)
-        started = _dns_servers(authority, quiet, tcp)
+        started = _dns_servers(authority, quiet, tcp, address, port)
         port = started[0].server.server_address[1]
         for each in started:
             # DNSServer.start_thread() polls every 0.5 s, which is what stopping it would cost each test.
             threading.Thread(target=each.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
             servers.append(each)
-        return f"127.0.0.1:{port}"
+        return f"{address}:{port}"
 
     yield start
     for server in servers:

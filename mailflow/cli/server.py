@@ -40,7 +40,7 @@ from mailflow.capture.settings import capture_server
 from mailflow.cli.deliverability import tls_steps
 from mailflow.cli.common import (ConfigOption, config_error_text, config_name, config_path, fail, fail_config,
                                      load)
-from mailflow.config import Config, flat_settings, load_config, show_settings
+from mailflow.config import Config, LmtpConfig, SmtpConfig, flat_settings, load_config, show_settings
 from mailflow.config.postfix_cf import printable
 from mailflow.config.postfix_import import UnreadableFile, import_postfix
 from mailflow.config.smtpd import SmtpdConfig
@@ -98,18 +98,23 @@ NOFILE_CEILING = 1 << 20  # the soft limit asked for when the hard one is unlimi
 
 def descriptors_needed(cfg: Config) -> int:
     """What the configuration can hold open at once: each listener's sessions and as many waiting for a slot,
-    two per delivery (its connection or file, and its content), the idle sessions each SMTP client's connection
-    cache may keep and a reserve."""
+    two per delivery (its connection or file, and its content), the idle sessions each SMTP and LMTP client's
+    connection cache may keep and a reserve."""
     sessions = sum(2 * smtpd.max_sessions for _, _, smtpd, _ in cfg.smtpd.listener_settings())
     return sessions + 2 * cfg.queue.delivery_concurrency_limit + idle_sessions_cached(cfg) + DESCRIPTOR_RESERVE
 
 
 def idle_sessions_cached(cfg: Config) -> int:
-    """The idle SMTP sessions the configuration's clients may keep at once: MAX_IDLE for each client whose
-    connection cache is on, [smtp]'s (smtp and relay share it) and each [smtp.services.NAME]'s (a cache each)."""
+    """The idle SMTP and LMTP sessions the configuration's clients may keep at once: MAX_IDLE for each client whose
+    connection cache is on, [smtp]'s, relay's ([smtp]'s settings under its own name, unless an
+    [smtp.services.relay] takes its place), each [smtp.services.NAME]'s, [lmtp]'s and each [lmtp.services.NAME]'s
+    (a cache each)."""
     from mailflow.transports.smtp.reuse import MAX_IDLE  # (only serve builds the clients; the rest need not load it)
 
-    clients = [cfg.smtp] + [cfg.smtp.for_service(name) for name in cfg.smtp.services]
+    relay = [] if "relay" in cfg.smtp.services else [cfg.smtp]
+    clients: list[SmtpConfig | LmtpConfig] = [
+        cfg.smtp, *relay, *(cfg.smtp.for_service(name) for name in cfg.smtp.services),
+        cfg.lmtp, *(cfg.lmtp.for_service(name) for name in cfg.lmtp.services)]
     return MAX_IDLE * sum(client.connection_cache_time_limit > 0 for client in clients)
 
 
@@ -130,8 +135,8 @@ def ensure_descriptors(cfg: Config) -> None:
     if soft != resource.RLIM_INFINITY and soft < needed:
         logging.getLogger("mailflow").warning(
             "the file descriptor limit (%d) is below the %d this configuration can use (smtpd max_sessions, "
-            "queue delivery_concurrency_limit, the SMTP clients' connection caches); connections wait in the kernel's "
-            "queue when it runs out", soft, needed)
+            "queue delivery_concurrency_limit, the SMTP and LMTP clients' connection caches); connections wait in the "
+            "kernel's queue when it runs out", soft, needed)
 
 
 def check_config(config: Optional[str] = ConfigOption) -> None:
@@ -149,19 +154,6 @@ def check_config(config: Optional[str] = ConfigOption) -> None:
     typer.echo(f"{where}: ok (queue {cfg.queue_directory})")
     for host, port, role in listener_summary(cfg):
         typer.echo(f"  listener {host}:{port} ({role})")
-    for warning in routing_warnings(cfg):
-        typer.echo(f"{where}: warning: {warning}", err=True)
-
-
-def routing_warnings(cfg: Config) -> list[str]:
-    """Settings that load but that the routing never reaches as their writer likely meant: an [smtp.services.relay]
-    while relay_transport (mailflow's default `smtp`, Postfix's `relay`) sends relay-domain mail elsewhere."""
-    relay_transport = cfg.relay_transport.partition(":")[0]
-    if "relay" not in cfg.smtp.services or relay_transport == "relay":
-        return []
-    return [f"smtp.services.relay: relay_transport is {cfg.relay_transport!r}, so relay-domain mail does not use "
-            "these settings (only what transport_maps or another setting routes to `relay` does); set "
-            "relay_transport = \"relay\" (Postfix's default) for it to"]
 
 
 def listener_summary(cfg: Config) -> list[tuple[str, int, str]]:

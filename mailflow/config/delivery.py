@@ -297,6 +297,11 @@ class LmtpSettings(Section):
     mime_header_checks: InlineTableSpecs = ()
     nested_header_checks: InlineTableSpecs = ()
     body_checks: InlineTableSpecs = ()
+    # Connection cache, as [smtp]'s (lmtp_connection_cache_time_limit, lmtp_connection_reuse_count_limit and
+    # lmtp_connection_reuse_time_limit, Postfix's defaults); 0s: off, a session a message.
+    connection_cache_time_limit: Duration = 2.0
+    connection_reuse_count_limit: int = Field(0, ge=0)
+    connection_reuse_time_limit: Duration = 300.0
 
 
 class LmtpService(LmtpSettings):

@@ -74,7 +74,7 @@ class Config(Section):
     mynetworks: Networks = ("127.0.0.0/8", "::1/128")
     relayhost: Relayhost = ""
     local_transport: Transport = "local"
-    relay_transport: Transport = "smtp"
+    relay_transport: Transport = "relay"  # (Postfix's default: an smtp client service of its own, [smtp]'s settings)
     default_transport: Transport = "smtp"
     # Lookup tables (`type:name`, searched in order): transport:nexthop per address or domain, overriding
     # the class's transport; and the known recipients of relay_domains (empty: any recipient is accepted).

@@ -390,7 +390,9 @@ _FOREIGN_TYPES = ("mysql", "pgsql", "ldap", "memcache", "socketmap", "tcp", "nis
                   "unionmap", "randmap", "environ", "internal")
 SETTING_TYPES = {**flat_settings(DEFAULTS),
                  **{f"smtpd.postscreen.{k}": v for k, v in DEFAULTS.smtpd.postscreen.model_dump().items()},
-                 "smtpd.postscreen.command_time_limit": 300.0}  # (unset by default: smtpd's timeout; a duration)
+                 "smtpd.postscreen.command_time_limit": 300.0,  # (unset by default: smtpd's timeout; a duration)
+                 # (unset by default: smtpd's; lists)
+                 "smtpd.postscreen.discard_ehlo_keywords": (), "smtpd.postscreen.discard_ehlo_keyword_address_maps": ()}
 
 
 class Refused(Exception):

@@ -79,7 +79,6 @@ class Importer:
         if self.services is not None:
             for service in self.services:
                 self._service(service)
-        self._relay_transport_default()
         self._check_transports()
         self._check_certificate()
         self._validate()
@@ -246,6 +245,9 @@ class Importer:
             if convert(name, "allow_percent_hack", value, []):
                 if f"{section}_tls_security_level" not in self.params:
                     self._set(name, line, raw, f"{section}.tls_security_level", "may")
+        elif name in ("postscreen_use_tls", "postscreen_enforce_tls"):
+            if not (self._main_value("postscreen_tls_security_level") or self._main_value("smtpd_tls_security_level")):
+                self._set(name, line, raw, "smtpd.postscreen.tls_security_level", self._postscreen_tls_level())
         elif name == "smtpd_sasl_path":
             self._set(name, line, raw, "smtpd.sasl_path",
                       dovecot_sasl_path(value, self._main_value("smtpd_sasl_type"), self.queue_directory(),
@@ -269,6 +271,14 @@ class Importer:
             self._set(name, line, raw, "smtpd.postscreen.greet_banner", value)  # the teaser's text as written
         elif name in names.FORBIDDEN_COMMANDS:
             self._set(name, line, raw, names.FORBIDDEN_COMMANDS[name], self._forbidden_words(line, name, value))
+
+    def _postscreen_tls_level(self) -> str:
+        """Postfix 3.7's postscreen_enforce_tls and postscreen_use_tls (defaults: smtpd's) as a security level."""
+        def yes(name: str) -> bool:
+            value = self._main_value(f"postscreen_{name}")
+            value = self._main_value(f"smtpd_{name}") if value is None else value
+            return (value or "no").lower() == "yes"
+        return "encrypt" if yes("enforce_tls") else "may" if yes("use_tls") else "none"
 
     def _forbidden_words(self, line: Line, name: str, value: str) -> list[str]:
         """smtpd_/postscreen_forbidden_commands: the words; Postfix's default rule `regexp:{{/^[^A-Z]/ Bogus}}` is
@@ -346,17 +356,6 @@ class Importer:
 
     def _service(self, service: Service) -> None:
         translate_service(self, service)
-
-    def _relay_transport_default(self) -> None:
-        """Postfix's relay_transport defaults to `relay` (mail_params.h DEF_RELAY_TRANSPORT), mailflow's to `smtp`
-        (the same client): when master.cf gives `relay` settings of its own (an [smtp.services.relay]) or a maxproc,
-        relay-domain mail must reach them, so Postfix's default is written out."""
-        limits = self.out.settings.get("queue.transport_concurrency_limit")
-        has_limit = isinstance(limits, dict) and "relay" in limits
-        if "relay_transport" in self.params or not ("relay" in self.out.clients or has_limit):
-            return
-        self.out.settings["relay_transport"] = "relay"
-        self.out.origins["relay_transport"] = "(no relay_transport in main.cf) Postfix's default: relay"
 
     def _check_transports(self) -> None:
         """A setting naming a transport mailflow does not have (`default_transport = slow` with master.cf's `slow`

@@ -68,7 +68,8 @@ SETTINGS: dict[str, tuple[str, ...]] = {name: (key,) for name, key in {
                      "unverified_recipient_tempfail_action unverified_recipient_reject_reason "
                      "unverified_sender_reject_code unverified_sender_defer_code unverified_sender_tempfail_action "
                      "unverified_sender_reject_reason disable_vrfy_command strict_rfc821_envelopes content_filter "
-                     "receive_override_options message_size_limit"),
+                     "receive_override_options message_size_limit default_rbl_reply rbl_reply_maps "
+                     "maps_rbl_reject_code"),
     "smtpd_banner": "smtpd.banner",
     "smtpd_tls_CAfile": "smtpd.tls_ca_file",
     "smtpd_log_access_permit_actions": "smtpd.log_access_permit_actions",
@@ -90,7 +91,8 @@ SETTINGS: dict[str, tuple[str, ...]] = {name: (key,) for name, key in {
     "smtp_tls_CAfile": "smtp.tls_ca_file",
     "smtp_data_done_timeout": "smtp.data_timeout",
     **{f"smtp_{n}_timeout": "smtp.command_timeout" for n in ("mail", "rcpt", "data_init", "rset")},
-    **_same("lmtp", "connect_timeout bind_address bind_address6 bind_address_enforce", prefix="lmtp_"),
+    **_same("lmtp", "connect_timeout bind_address bind_address6 bind_address_enforce connection_cache_time_limit "
+                    "connection_reuse_count_limit connection_reuse_time_limit", prefix="lmtp_"),
     **_same("smtp", "header_checks mime_header_checks nested_header_checks body_checks reply_filter", prefix="smtp_"),
     **_same("lmtp", "header_checks mime_header_checks nested_header_checks body_checks generic_maps", prefix="lmtp_"),
     "smtpd_command_filter": "smtpd.command_filter",
@@ -113,7 +115,9 @@ SETTINGS: dict[str, tuple[str, ...]] = {name: (key,) for name, key in {
                                 "command_time_limit pipelining_enable pipelining_action pipelining_ttl "
                                 "non_smtp_command_enable non_smtp_command_action non_smtp_command_ttl "
                                 "bare_newline_enable bare_newline_action bare_newline_ttl dnsbl_reply_map "
-                                "allowlist_interfaces", prefix="postscreen_"),
+                                "allowlist_interfaces tls_security_level discard_ehlo_keywords "
+                                "discard_ehlo_keyword_address_maps command_filter reject_footer",
+           prefix="postscreen_"),
     "postscreen_whitelist_interfaces": "smtpd.postscreen.allowlist_interfaces",  # its name before Postfix 3.6
     "postscreen_blacklist_action": "smtpd.postscreen.denylist_action",  # its name before Postfix 3.6
     "postscreen_dnsbl_whitelist_threshold": "smtpd.postscreen.dnsbl_allowlist_threshold",
@@ -138,6 +142,9 @@ BUILT_IN: dict[str, tuple[str, str]] = {
     "disable_dns_lookups": ("no", "mailflow always uses the DNS (a [host] next hop, as a content filter's "
                                   "[127.0.0.1]:10024, is never looked up as MX)"),
     "smtp_tls_note_starttls_offer": ("no", "mailflow does not log it"),
+    **dict.fromkeys(("smtp_connection_cache_on_demand", "lmtp_connection_cache_on_demand"), (
+        "yes", "mailflow's SMTP and LMTP clients cache each session for connection_cache_time_limit, backlog or not "
+               "(0s turns a client's cache off)")),
 }
 
 _POSTFIX_OWN = "a path or setting of Postfix's own installation; mailflow keeps its own (queue_directory)"
@@ -160,6 +167,7 @@ NOT_NEEDED: dict[str, str] = {
 
 NOT_IMPORTABLE: dict[str, str] = {
     "smtpd_reject_footer_maps": "mailflow has smtpd.reject_footer (one text, its macros), not a map by reply",
+    "postscreen_reject_footer_maps": "mailflow has smtpd.postscreen.reject_footer (one text), not a map by reply",
     "postscreen_cache_map": "mailflow's postscreen keeps its cache of passed clients in memory (cache_limit)",
     **dict.fromkeys(("smtpd_tls_protocols", "smtpd_tls_mandatory_protocols", "smtpd_tls_ciphers",
                      "smtpd_tls_mandatory_ciphers", "smtpd_tls_exclude_ciphers", "smtp_tls_protocols",
@@ -181,6 +189,9 @@ CONVERTED: dict[str, str] = {
     "inet_interfaces": "smtpd.listen: each address with master.cf's smtp port (inet_protocols decides all's)",
     "smtp_sasl_security_options": "smtp.sasl_tls_required: true when it holds noplaintext",
     "smtpd_use_tls": "smtpd.tls_security_level = may, unless smtpd_tls_security_level says",
+    **dict.fromkeys(("postscreen_use_tls", "postscreen_enforce_tls"),
+                    "smtpd.postscreen.tls_security_level (encrypt, may or none, as Postfix 3.7 maps them), unless a "
+                    "postscreen_ or smtpd_tls_security_level says"),
     "smtp_use_tls": "smtp.tls_security_level = may, unless smtp_tls_security_level says",
     "smtpd_restriction_classes": "smtpd.restriction_classes: each class with its parameter's restrictions",
     "smtpd_sasl_path": "smtpd.sasl_path under smtpd_sasl_type = dovecot (a relative path from queue_directory, as "

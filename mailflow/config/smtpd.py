@@ -23,8 +23,9 @@ from mailflow.config.filters import SmtpdFilterSettings
 from mailflow.dnsbl_sites import parse_dnsbl_site
 from mailflow.tables import check_spec
 from mailflow.ehlo_keywords import discard_set
-from mailflow.reply_footer import check_footer
-from mailflow.restriction_vocabulary import ALL_PERMITS, LOGGED_PERMITS, RELAY_GUARDS, expand
+from mailflow.rbl_reply import DEFAULT_RBL_REPLY, check_rbl_template
+from mailflow.reply_footer import POSTSCREEN_FOOTER_MACROS, check_footer
+from mailflow.restriction_vocabulary import ALL_PERMITS, LOGGED_PERMITS, PERMIT_VALUES, RELAY_GUARDS, expand
 from mailflow.syntax import parse_endpoint, parse_hostport
 
 
@@ -103,6 +104,32 @@ class PostscreenConfig(Section):
     # the listener addresses where a client can earn a cache entry (postscreen_allowlist_interfaces); elsewhere
     # (a backup MX address) it is never handed to smtpd: `ALLOWLIST VETO`, then the dummy engine
     allowlist_interfaces: Networks = ("static:all",)
+    # STARTTLS in the dummy engine (postscreen_tls_security_level; unset: smtpd's tls_security_level, as Postfix's
+    # default), with smtpd's certificate (none: not offered): may offers it, encrypt also answers anything but
+    # HELO, EHLO, STARTTLS, NOOP and QUIT `530 5.7.0` before it; the deep tests go on over TLS
+    tls_security_level: Literal["none", "may", "encrypt"] | None = None
+    # the EHLO keywords the dummy engine leaves out (postscreen_discard_ehlo_keywords and
+    # postscreen_discard_ehlo_keyword_address_maps; unset: smtpd's): after an EHLO STARTTLS is 502, BDAT 502 and the
+    # end
+    discard_ehlo_keywords: tuple[str, ...] | None = None
+    discard_ehlo_keyword_address_maps: TableSpecs | None = None
+    # each command line rewritten by a table before the dummy engine reads it (postscreen_command_filter; not
+    # smtpd's by default: Postfix 3.7's default is empty)
+    command_filter: TableSpecs = ()
+    # a text under each 4xx and 5xx reply of postscreen (postscreen_reject_footer; unset: smtpd's reject_footer);
+    # its macros are postscreen's: $server_name, $client_address, $client_port, $localtime (smtpd's others, in
+    # smtpd's footer, expand to nothing, as in Postfix)
+    reject_footer: str | None = None
+
+    @field_validator("discard_ehlo_keywords")
+    @classmethod
+    def _discard_ehlo_keywords(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if v is None else tuple(sorted(discard_set(v)))
+
+    @field_validator("reject_footer")
+    @classmethod
+    def _reject_footer(cls, v: str | None) -> str | None:
+        return None if v is None else check_footer(v, POSTSCREEN_FOOTER_MACROS)
 
     @field_validator("dnsbl_reply_map")
     @classmethod
@@ -306,11 +333,12 @@ class SmtpdConfig(SmtpdFilterSettings):
     # permit_mx_backup: when set, every address of the domain's best MX hosts must be in these networks (Postfix's
     # permit_mx_backup_networks; mynetworks' syntax).
     permit_mx_backup_networks: Networks = ()
-    # The permit actions whose permits are logged (`permit: RCPT from …: action=permit_dnswl_client for Client
-    # host=… ; from=<…> …`; Postfix's smtpd_log_access_permit_actions): of permit_dnswl_client, permit_rhswl_client,
-    # permit_mx_backup, permit_auth_destination and permit_naked_ip_address; `static:all` names them all. Postfix's
-    # other permit names are taken (a converted main.cf loads) and not logged, warned of when the restrictions are
-    # set up.
+    # The permit actions whose permits are logged (`permit: RCPT from …: action=permit_mynetworks for Client
+    # host=… ; from=<…> …`; Postfix's smtpd_log_access_permit_actions), any case: permit, permit_mynetworks,
+    # permit_sasl_authenticated, permit_tls_(all_)clientcerts, permit_dnswl_client, permit_rhswl_client,
+    # permit_mx_backup, permit_auth_destination, permit_naked_ip_address, and an access table's OK, RELAY, DISCARD
+    # or all-digit value (`action=OK for Sender address=s@d from TABLE`); `static:all` names them all. Postfix's
+    # other permit names are taken (a converted main.cf loads) and warned of when the restrictions are set up.
     log_access_permit_actions: tuple[str, ...] = ()
     # reject_unlisted_recipient: the code for a user its class's table does not list (Postfix's names; 450 while
     # testing a table: the client tries again), the enhanced code's class following it.
@@ -330,6 +358,13 @@ class SmtpdConfig(SmtpdFilterSettings):
     unverified_sender_defer_code: int = Field(450, ge=400, le=599)
     unverified_sender_tempfail_action: Literal["defer_if_permit", "defer"] = "defer_if_permit"
     unverified_sender_reject_reason: str = ""
+    # reject_rbl_client and reject_rhsbl_*'s reply (Postfix's names): default_rbl_reply, a template with $rbl_code
+    # (maps_rbl_reject_code), $rbl_class, $rbl_what, $rbl_domain, $rbl_reason (the list's TXT records) and smtpd's
+    # macros ($client_address, ...: mailflow.rbl_reply.RBL_MACROS); rbl_reply_maps: a template per list, the key
+    # the list as the restriction names it (`domain=filter` too, as Postfix 3.7 asks it)
+    default_rbl_reply: str = DEFAULT_RBL_REPLY
+    rbl_reply_maps: TableSpecs = ()
+    maps_rbl_reject_code: int = Field(554, ge=400, le=599)
     policy_service_timeout: Duration = Field(100.0, gt=0)
     policy_service_default_action: str = "451 4.3.5 Server configuration problem"
     policy_service_policy_context: str = ""  # the requests' policy_context attribute
@@ -365,15 +400,20 @@ class SmtpdConfig(SmtpdFilterSettings):
     @classmethod
     def _logged_permits(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for name in v:
-            if name != ALL_PERMITS and not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+            if name != ALL_PERMITS and not re.fullmatch(r"[A-Za-z0-9_]+", name):
                 raise ValueError(f"{name!r} is not a permit action name nor {ALL_PERMITS} (mailflow logs the permits "
-                                 f"of {', '.join(LOGGED_PERMITS)})")
+                                 f"of {', '.join(LOGGED_PERMITS)} and the access values {', '.join(PERMIT_VALUES)})")
         return v
 
     @field_validator("reject_footer")
     @classmethod
     def _reject_footer(cls, v: str) -> str:
         return check_footer(v)
+
+    @field_validator("default_rbl_reply")
+    @classmethod
+    def _default_rbl_reply(cls, v: str) -> str:
+        return check_rbl_template(v)
 
     @field_validator("discard_ehlo_keywords")
     @classmethod

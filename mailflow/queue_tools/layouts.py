@@ -361,15 +361,17 @@ def shape_json(queues: Sequence[str], total: list[int], domains: list[tuple[str,
 # ---------------------------------------------------------------------------------------------- destinations
 
 DESTINATION_HEADER = ("TRANSPORT", "NEXTHOP", "WINDOW", "IN-FLIGHT", "QUEUED", "FAILURES", "DEAD-UNTIL",
-                      "UPDATED", "REASON")
+                      "PAUSED-UNTIL", "UPDATED", "REASON")
 
 
 def format_destinations(rows: Sequence[DestinationRow], now: float) -> str:
-    """An aligned table; the reason (the longest column) goes last."""
+    """An aligned table; the reason (the longest column) goes last. A dead destination says until when (DEAD-UNTIL),
+    one paused by its rate delay when the pause ends (PAUSED-UNTIL)."""
     table = [DESTINATION_HEADER]
     for d in rows:
         table.append((d.transport, d.nexthop, str(d.window), str(d.in_flight), str(d.queued), str(d.failures),
-                      when(d.dead_until, now) if d.dead_until else "-", when(d.updated, now),
+                      when(d.dead_until, now) if d.dead_until else "-",
+                      when(d.paused_until, now) if d.paused_until else "-", when(d.updated, now),
                       printable(d.reason) or "-"))
     widths = [max(len(r[i]) for r in table) for i in range(len(DESTINATION_HEADER) - 1)]
     numeric = {2, 3, 4, 5}
@@ -381,4 +383,6 @@ def format_destinations(rows: Sequence[DestinationRow], now: float) -> str:
 
 
 def destinations_json(rows: Sequence[DestinationRow]) -> list[dict]:
-    return [{**dataclasses.asdict(row), "dead_until": row.dead_until or None} for row in rows]
+    """The rows as objects: `dead_until` and `paused_until` null when the destination is not dead, not paused."""
+    return [{**dataclasses.asdict(row), "dead_until": row.dead_until or None, "paused_until": row.paused_until or None}
+            for row in rows]

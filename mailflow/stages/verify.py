@@ -64,6 +64,7 @@ from mailflow.content import Content
 from mailflow.errors import DeliveryError
 from mailflow.logs import MailLog
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, Recipient
+from mailflow.transports import agent_of
 
 log = logging.getLogger("mailflow.verify")
 
@@ -316,11 +317,11 @@ class Prober:
         if transport is None:  # qmgr answers for a transport that is not defined, as it answers for mail
             return await self._probe(probe_id, sender, addr, transport_name, nexthop)
         program = getattr(transport, "program", "")
-        if program == "local":
+        if agent_of(program) == "local":
             return await self._router.tables.run(self._local, addr)
-        if program == "virtual":
+        if agent_of(program) == "virtual":
             return await self._router.tables.run(self._virtual, addr)
-        if program not in PROBE_TRANSPORTS:
+        if agent_of(program) not in PROBE_TRANSPORTS:
             return Verdict(Status.OK, f"delivers to {program or transport_name}", "2.0.0", transport_name,
                            program or transport_name)
         return await self._probe(probe_id, sender, addr, transport_name, nexthop)

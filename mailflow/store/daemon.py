@@ -209,14 +209,15 @@ class Store(OperatorQueries, RequeueQueries):
     async def save_destinations(self, rows: Sequence[tuple], now: float,
                                 gone: Sequence[tuple[str, str]] | None = None) -> None:
         """The destination snapshot: rows of (transport, nexthop, window, in_flight, queued, failures, dead_until,
-        reason), updated at `now`. `gone` None: `rows` replace it all; else they are the rows that changed and
-        `gone` the (transport, nexthop) of those to remove (qmgr writes only what changed)."""
+        reason, paused_until), updated at `now`. `gone` None: `rows` replace it all; else they are the rows that
+        changed and `gone` the (transport, nexthop) of those to remove (qmgr writes only what changed)."""
         clear = [("DELETE FROM destination", [()])] if gone is None else [
             ("DELETE FROM destination WHERE transport = ? AND nexthop = ?", list(gone))]
         await self._committer.write([
             *clear,
             ("INSERT OR REPLACE INTO destination (transport, nexthop, window, in_flight, queued, failures,"
-             " dead_until, reason, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [(*row, now) for row in rows]),
+             " dead_until, reason, paused_until, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             [(*row, now) for row in rows]),
         ])
 
     # -- reads ----------------------------------------------------------------------------------

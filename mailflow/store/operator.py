@@ -94,6 +94,7 @@ class DestinationRow:
     dead_until: float  # unix time; 0 = alive
     reason: str  # last site failure
     updated: float  # when qmgr wrote it
+    paused_until: float = 0.0  # unix time its rate delay's pause ends; 0 = not paused
 
 
 # The columns of each read, in the order of the rows' fields, with the kind of each (store/damage.py).
@@ -104,7 +105,8 @@ _DETAIL_KINDS = Columns(*_MESSAGE_COLUMNS, ("client", "text"), ("envid", "text")
                         ("smtputf8", "flag"), ("body_type", "text"), ("warned", "flag"), ("created", "time"))
 _RECIPIENT_KINDS = Columns(("address", "text"), ("original", "text"), ("status", "status"), ("dsn", "text"),
                            ("reason", "text"), ("notify", "text"), ("orcpt", "text"))
-_DESTINATION_ROW = "transport, nexthop, window, in_flight, queued, failures, dead_until, reason, updated"
+_DESTINATION_ROW = ("transport, nexthop, window, in_flight, queued, failures, dead_until, reason, updated,"
+                    " paused_until")
 # The domain after the LAST '@' (rtrim drops every character but '@' from the right), lower-cased.
 _RCPT_DOMAIN = "lower(rtrim(replace({a}, rtrim({a}, replace({a}, '@', '')), ''), '.'))"
 BUMP_GENERATION = ("INSERT INTO control (key, value) VALUES ('generation', 1)"

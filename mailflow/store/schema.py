@@ -21,7 +21,7 @@ from pathlib import Path
 
 log = logging.getLogger("mailflow.store")
 
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 
 # The message table as schema version 9 made it, and the columns version 8 had (migration 8 copies them).
 _MESSAGE_V8_COLUMNS = ("id, queue, sender, arrival, next_attempt, attempts, size, smtputf8, body_type, client, envid,"
@@ -78,6 +78,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # notice owed (RcptResult.diagnostic, .owned)
     10: tuple(f"ALTER TABLE recipient ADD COLUMN {column} TEXT NOT NULL DEFAULT ''"
               for column in ("diagnostic", "owned")),
+    # when a destination's rate delay pause ends, for `mailflow queue destinations`: the table is qmgr's snapshot,
+    # written anew at each start, and older queues may not have it yet; schema.sql makes it again with the column
+    11: ("DROP TABLE IF EXISTS destination",),
 }
 
 

@@ -9,8 +9,8 @@
         sink.destination(domain) -> FakeDestination                                              (outbound)
         await sink.advance(seconds=0, minutes=0, hours=0, days=0)       (virtual_time=True)
         await sink.settle()               until nothing is due now: no message waiting, no delivery running
-                                          (mail held only by a destination's timer, a rate delay, or by a record's
-                                          retry after a store fault counts as settled)
+                                          (mail held only by a destination's timer, a rate delay, or by the retry
+                                          of a record or a queue scan after a store fault counts as settled)
     Sink.threaded(...) -> ThreadedSink    the same on a loop of its own, in a thread, with blocking methods
 
 Configuration: by default every recipient is accepted and delivered to the `capture` transport (the settings
@@ -308,8 +308,9 @@ class Sink:
     async def settle(self, timeout: float = SETTLE_TIMEOUT) -> None:
         """Until nothing is due now: no message incoming, none deferred and due, no delivery or record under way
         (but records waiting to retry a write the store refused), and the active messages (if any) waiting only for
-        a destination's timer (its rate delay's pause), so that nothing happens before the clock moves. Raises
-        TimeoutError after `timeout` seconds."""
+        a destination's timer (its rate delay's pause), so that nothing happens before the clock moves. Mail incoming
+        or due while a failed queue scan waits for its retry time waits for the clock too. Raises TimeoutError after
+        `timeout` seconds."""
         store, qmgr = self._queue
         clock = self._server.clock
         loop = asyncio.get_running_loop()
@@ -319,8 +320,10 @@ class Sink:
             await asyncio.sleep(0)
             counts = await store.counts()
             due = await store.next_due_time()
-            busy = qmgr.working or counts.get("incoming", 0) or not _waits_for_time(qmgr, counts.get("active", 0))
-            due_now = due is not None and due <= clock.time()
+            scan_waits = qmgr.scan_backing_off  # (mail incoming or due waits for the scan's retry time)
+            incoming = counts.get("incoming", 0) and not scan_waits
+            busy = qmgr.working or incoming or not _waits_for_time(qmgr, counts.get("active", 0))
+            due_now = due is not None and due <= clock.time() and not scan_waits
             if not busy and not due_now:
                 quiet += 1
                 if quiet >= 2:  # twice in a row: a wake-up in flight has had its turn
@@ -335,8 +338,8 @@ class Sink:
 
     async def advance(self, seconds: float = 0, *, minutes: float = 0, hours: float = 0, days: float = 0) -> None:
         """Move the virtual clock on by the sum, stopping at each moment something is to happen on the way (deferred
-        mail comes due; a destination's rate-delay pause or dead-site memory ends; a refused record is retried) and
-        settling there, in order,
+        mail comes due; a destination's rate-delay pause or dead-site memory ends; a refused record or a failed queue
+        scan is retried) and settling there, in order,
         so that every retry, rate-delayed delivery, delay notice and expiry in the span happens when it would
         have (without waiting for it). The clock ends at the span's end."""
         if not isinstance(self.clock, VirtualClock):
@@ -352,7 +355,8 @@ class Sink:
 
     async def _next_stop(self, target: float) -> float:
         """The first moment before `target` something is to happen: deferred mail comes due (the store), or a
-        qmgr timer rings (a rate delay's pause or a dead site's memory ends, a refused record's retry); else
+        qmgr timer rings (a rate delay's pause or a dead site's memory ends, a refused record's or a failed scan's
+        retry); else
         `target`."""
         store, qmgr = self._queue
         now = self.clock.time()
@@ -363,7 +367,7 @@ class Sink:
 def _waits_for_time(qmgr: QueueManager, active: int) -> bool:
     """The `active` messages can do nothing before the clock moves: none (or all) in qmgr's hands, every job of
     them waiting for a destination's timer (its rate delay's pause)."""
-    return active == 0 or (active == qmgr.active_count and qmgr.waiting_for_timers())
+    return active == 0 or (active == qmgr.taken_count and qmgr.waiting_for_timers())
 
 
 def _fast_temporary_directory() -> str | None:

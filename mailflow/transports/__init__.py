@@ -17,15 +17,21 @@ Contract of a transport (postfix's delivery agents; chasquid's Courier; maddy's 
 - `close` releases cached connections; qmgr calls it once at shutdown.
 - `program`: the Postfix program the agent stands for (smtp, lmtp, local, virtual, pipe, error, discard): the
   mail log writes its result lines under that name, as Postfix's agents log their own (`postfix/smtp[pid]: …
-  relay=none … (connect to …)`), and pflogsumm groups deferrals by it.
+  relay=none … (connect to …)`), and pflogsumm groups deferrals by it. The relay transport's is `relay/smtp`
+  (SERVICE/AGENT): Postfix's stock master.cf runs `relay` with `-o syslog_name=postfix/$service_name`, so its lines
+  read `postfix/relay/smtp[pid]`.
 
 The registry:
 
     build_transports(config, resolver, clock, router, forward=None, mailbox=None) -> {name: Transport}
-                             the built-in transports, each [pipe.NAME] and each client service, by transport name
+                             the built-in transports, each [pipe.NAME] and each client service, by transport name;
+                             `relay` (RELAY) is [smtp]'s settings in a client of its own, logged as RELAY_PROGRAM,
+                             unless an [smtp.services.relay] takes its place
+    agent_of(program) -> str the delivery agent of a Transport.program (`relay/smtp` -> `smtp`)
     client_services(config, resolver, clock, router, tables, mta_sts) -> {name: Transport}
                              the [smtp.services.NAME] and [lmtp.services.NAME] clients, each with its merged settings
-    build_smtp_client(config, client, *, resolver, clock, router, tables, mta_sts, level_source=…) -> SmtpTransport
+    build_smtp_client(config, client, *, resolver, clock, router, tables, mta_sts, level_source=…, program=…)
+                             -> SmtpTransport
     build_lmtp_client(config, client, *, clock, router, tables) -> LmtpTransport
                              one client from a section's settings ([smtp], [lmtp] or a service's merged ones): its
                              own connection cache, TLS contexts and tables
@@ -50,6 +56,17 @@ from mailflow.transports.pipe import PipeTransport
 from mailflow.transports.smtp import SmtpTransport
 from mailflow.transports.smtp_checks import OutboundChecks
 from mailflow.transports.smtp.mtasts import HttpsPolicyFetcher, MtaSts
+
+
+# The transport Postfix's stock master.cf runs as an smtp service of its own (relay_transport's default), and what
+# its lines are logged under (its `-o syslog_name=postfix/$service_name`).
+RELAY = "relay"
+RELAY_PROGRAM = "relay/smtp"
+
+
+def agent_of(program: str) -> str:
+    """The delivery agent of a `Transport.program` (`relay/smtp` -> `smtp`)."""
+    return program.rpartition("/")[2]
 
 
 class Transport(Protocol):
@@ -96,12 +113,12 @@ def sasl_sender_keys(client, router) -> Callable[[str], list[str]] | None:
 
 
 def build_smtp_client(config, client, *, resolver, clock, router, tables: TableCache, mta_sts,
-                      level_source: str = "smtp.tls_security_level") -> SmtpTransport:
+                      level_source: str = "smtp.tls_security_level", program: str = "smtp") -> SmtpTransport:
     """One SMTP client ([smtp], or the merged settings of an [smtp.services.NAME], `level_source` naming the key its
-    TLS level is set by): its own connection cache, TLS contexts and tables, so that services never share a
-    session."""
+    TLS level is set by; `program` what its results are logged under): its own connection cache, TLS contexts and
+    tables, so that services never share a session."""
     return SmtpTransport(client, resolver=resolver, helo_name=client.helo_name or config.myhostname, mta_sts=mta_sts,
-                         level_source=level_source,
+                         level_source=level_source, program=program,
                          plaintext_after=config.queue.minimal_backoff_time,
                          own_addresses=router.rewriter.own_addresses, own_ports=config.smtpd.ports,
                          relayhost=config.relayhost, now=clock.time, tables=tables,
@@ -123,7 +140,8 @@ def client_services(config, resolver, clock, router, tables: TableCache, mta_sts
     smtp: dict[str, Transport] = {
         name: build_smtp_client(config, config.smtp.for_service(name), resolver=resolver, clock=clock, router=router,
                                 tables=tables, mta_sts=mta_sts,
-                                level_source=config.smtp.key_source(name, "tls_security_level"))
+                                level_source=config.smtp.key_source(name, "tls_security_level"),
+                                program=RELAY_PROGRAM if name == RELAY else "smtp")
         for name in config.smtp.services}
     lmtp: dict[str, Transport] = {
         name: build_lmtp_client(config, config.lmtp.for_service(name), clock=clock, router=router, tables=tables)
@@ -137,8 +155,8 @@ def build_transports(config, resolver, clock, router, forward=None, mailbox=None
     capture `mailbox` (mailflow.capture), the `capture` transport keeps messages in it."""
     tables = TableCache()
     mta_sts = build_mta_sts(config, resolver)
-    smtp = build_smtp_client(config, config.smtp, resolver=resolver, clock=clock, router=router, tables=tables,
-                             mta_sts=mta_sts)
+    smtp, relay = (build_smtp_client(config, config.smtp, resolver=resolver, clock=clock, router=router, tables=tables,
+                                     mta_sts=mta_sts, program=program) for program in ("smtp", RELAY_PROGRAM))
     registry: dict[str, Transport] = {}  # local hands mailboxes to the others (mailbox_transport, fallback_transport)
     registry.update({
         **({"capture": CaptureTransport(mailbox)} if mailbox is not None else {}),
@@ -150,7 +168,7 @@ def build_transports(config, resolver, clock, router, forward=None, mailbox=None
                                     overquota_bounce=config.virtual_overquota_bounce,
                                     owner=router.rewriter.virtual_owner, base=config.virtual_mailbox_base),
         "smtp": smtp,
-        "relay": smtp,
+        RELAY: relay,  # [smtp]'s settings, its own sessions (an [smtp.services.relay], below, takes its place)
         "lmtp": build_lmtp_client(config, config.lmtp, clock=clock, router=router, tables=tables),
         "discard": DiscardTransport(),
         "error": ErrorTransport(),

@@ -3,15 +3,22 @@ server such as Dovecot.
 
 Owns only what LMTP does differently; everything else is the SMTP client's core (mailflow.transports.smtp: replies,
 commands, the connection, the transaction and what each recipient gets). LMTP says LHLO for EHLO and, after the
-end of DATA, reads one reply per accepted recipient, in RCPT order (RFC 2033 4.2). No MX lookup, no TLS, no AUTH,
-no connection cache: every session ends with its message (QUIT, not waiting for the reply, as Postfix's
-lmtp_skip_quit_response = yes).
+end of DATA, reads one reply per accepted recipient, in RCPT order (RFC 2033 4.2). No MX lookup, no TLS, no AUTH.
+
+Connection cache: the SMTP client's (smtp.reuse.SessionCache, Postfix's lmtp(8) shares smtp(8)'s): after a
+delivery the session waits `connection_cache_time_limit` for the next message to the same next hop (the UNIX
+socket, or host and port), is used at most 1 + `connection_reuse_count_limit` times (0: no limit) and not after
+`connection_reuse_time_limit`; a transaction left open (an end of data refused) is RSET before it is cached, and
+every cached session is sent RSET before it is used again (Postfix's RSET probe, which its lmtp(8) sends before each
+reuse). A cached session the server closed meanwhile (its RSET probe fails, or it dies before MAIL FROM is
+answered) is dropped and the message goes over another, a new one at last: no deferral. A session not kept is
+QUIT without waiting for the reply (Postfix's lmtp_skip_quit_response = yes).
 
     LmtpTransport(config, *, helo_name, clock=time.monotonic, now=time.time, checks=None, generic=None)   (`now`:
                   qmgr's clock, as smtp's; `checks`: lmtp_header_checks and the like, mailflow.transports.smtp_checks;
                   `generic`: lmtp_generic_maps, mailflow.transports.generic, mapping as smtp's does; None: unset)
     await deliver(request) -> DeliveryReport      one result per recipient, never raises for a delivery problem
-    await close()                                 nothing cached
+    await close()                                 QUITs the cached sessions; none is cached afterwards
 
 Nexthop forms (the part after `lmtp:` in a transport value; see smtp.addr):
 - `[host]:port`, `host:port`, `[host]`, `host`   TCP; the port defaults to `config.port` (24). A host name is resolved
@@ -53,12 +60,13 @@ from mailflow.config import LmtpConfig
 from mailflow.dns import is_ip_literal
 from mailflow.errors import LookupRetry, TemporaryError
 from mailflow.model import DeliveryReport, DeliveryRequest, Recipient
-from mailflow.transports.generic import GenericMaps
+from mailflow.transports.generic import GenericMaps, WireForm
 from mailflow.transports.smtp.addr import Nexthop, Peer, parse_nexthop, unique
 from mailflow.transports.smtp.chat import Session, Timeouts
 from mailflow.transports.smtp.commands import screen_envelope
 from mailflow.transports.smtp.connect import SourceAddress, greet, hello, log_connect_failure, open_session
 from mailflow.transports.smtp.proto import send_message
+from mailflow.transports.smtp.reuse import RSET_TIMEOUT, SessionCache
 from mailflow.transports.smtp_checks import OutboundChecks, outbound_wire_form
 from mailflow.transports.smtp.trouble import ConnectFailure, Outcomes, SiteFailure, record_unreachable
 
@@ -66,7 +74,7 @@ log = logging.getLogger("mailflow.lmtp")
 
 
 class LmtpTransport:
-    """Delivers each request over a fresh LMTP session to its next hop (see the module docstring)."""
+    """Delivers each request over a cached or a new LMTP session to its next hop (see the module docstring)."""
 
     program = "lmtp"  # the Postfix delivery agent whose name its result lines are logged under
 
@@ -82,6 +90,8 @@ class LmtpTransport:
         self._source = SourceAddress.of(config, "lmtp")
         self._timeouts = Timeouts(config.connect_timeout, config.command_timeout, config.command_timeout,
                                   config.data_timeout)
+        self._cache = SessionCache(config.connection_cache_time_limit, config.connection_reuse_count_limit,
+                                   config.connection_reuse_time_limit, clock=clock)
 
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
         outcomes, sendable = screen_envelope(request)
@@ -90,7 +100,8 @@ class LmtpTransport:
         return outcomes.report(request)
 
     async def close(self) -> None:
-        """Nothing is cached: every session ends with its message."""
+        """QUIT every cached session; afterwards no session is cached again."""
+        self._cache.close()
 
     async def _deliver(self, request: DeliveryRequest, recipients: list[Recipient], outcomes: Outcomes) -> None:
         wire = None
@@ -114,18 +125,32 @@ class LmtpTransport:
             text = f"mail system configuration error: bad LMTP nexthop {request.nexthop!r}"
             outcomes.fail(recipients, TemporaryError("4.3.5", text)).site_failed(text)
             return
+        key = f"unix:{nexthop.path}" if nexthop.path else f"[{nexthop.host}]:{nexthop.port}"
+        rset_timeout = min(RSET_TIMEOUT, self._config.command_timeout)
+        session = await self._cache.reuse(key, lambda s: send_message(
+            s, request, recipients, outcomes, self._timeouts, self._now, reused=True, lmtp=True, wire=wire),
+            probe=rset_timeout)
+        if session is None:
+            session = await self._deliver_on_new_session(nexthop, request, recipients, outcomes, wire)
+        if session is not None:
+            await self._cache.release(key, session, rset_timeout)
+
+    async def _deliver_on_new_session(self, nexthop: Nexthop, request: DeliveryRequest, recipients: list[Recipient],
+                                      outcomes: Outcomes, wire: WireForm | None) -> Session | None:
+        """The transaction over a new session: that session, to be released; None when none could be opened (the
+        recipients' results say why)."""
         try:
             session = await self._open(nexthop, request.queue_id)
         except SiteFailure as e:
             record_unreachable(outcomes, recipients, e, [])
-            return
+            return None
         try:
             await send_message(session, request, recipients, outcomes, self._timeouts, self._now, lmtp=True,
                                wire=wire)
         except BaseException:
             session.abort()
             raise
-        session.quit()
+        return session
 
     async def _open(self, nexthop: Nexthop, queue_id: str) -> Session:
         """A session past LHLO with the first address that completes it. Raises the last SiteFailure. Logged as

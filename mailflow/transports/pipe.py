@@ -81,6 +81,7 @@ from mailflow.transports.encode import Encoder, FinalNewline, ToLf, aencode, dot
 log = logging.getLogger("mailflow.pipe")
 
 DEFAULT_PATH = "/usr/bin:/bin"
+SHELL = "/bin/sh"  # what a local command with shell metacharacters is given to (Postfix's _PATH_BSHELL)
 READ_CHUNK = 65536
 
 # ------------------------------------------------------------------------------------------------ the runner
@@ -113,10 +114,18 @@ class CommandNotRun(Exception):
         could not exec (or chdir to run) with the child's fatal message as the output, x-unix."""
         return f"x-unix; {self.text}"
 
+    def of_the_shell(self) -> "CommandNotRun":
+        """The same failure, of the shell a local command is given to (`/bin/sh -c command`): Postfix's
+        exec_command() runs that with execl, so its child says `execl /bin/sh: why`, not execvp."""
+        if self.exec_errno is None:
+            return self
+        return CommandNotRun(self.text, self.exec_errno, f"execl {SHELL}: {os.strerror(self.exec_errno)}")
+
     def as_postfix_says(self, fatal_prefix: str) -> tuple[str, str]:
         """(the deferral's text, its Diagnostic-Code) as Postfix's notices give them: a failed exec is the child's
-        fatal message `<fatal_prefix>execvp PROG: why` (local: "local: fatal: ", pipe: "pipe: fatal:
-        pipe_command: ") as the output of a command that exited EX_TEMPFAIL; anything else in mailflow's words."""
+        fatal message `<fatal_prefix>execvp PROG: why` (`execl /bin/sh: why` for a local command's shell; local:
+        "local: fatal: ", pipe: "pipe: fatal: pipe_command: ") as the output of a command that exited EX_TEMPFAIL;
+        anything else in mailflow's words."""
         if not self.exec_failure:
             return self.text, self.diagnostic
         output = f"{fatal_prefix}{self.exec_failure}"
@@ -156,7 +165,8 @@ async def run_shell_command(command: str, **how: Any) -> CommandResult:
     keywords. Run directly, a command's own signal is seen as one (Postfix defers 4.3.0), not as the shell's
     exit status 128+N (a bounce), and a path that is not there cannot be run (CommandNotRun: deferred, as
     Postfix's failed execvp), where the shell would say "not found" with status 127 (a bounce). The program is
-    searched on PATH by the child, as the user it runs as. Raises CommandNotRun."""
+    searched on PATH by the child, as the user it runs as. Raises CommandNotRun (a shell that cannot be run:
+    `execl /bin/sh: why`, as exec_command's)."""
     words = direct_argv(command)
     if words is not None:
         try:
@@ -164,7 +174,10 @@ async def run_shell_command(command: str, **how: Any) -> CommandResult:
         except CommandNotRun as e:
             if not _shell_may_run(e, words[0]):
                 raise
-    return await run_command(["/bin/sh", "-c", command], **how)
+    try:
+        return await run_command([SHELL, "-c", command], **how)
+    except CommandNotRun as e:
+        raise e.of_the_shell() from None
 
 
 def _identity(user: str | None) -> _Identity | None:

@@ -135,7 +135,7 @@ async def test_every_verdict_is_a_mail_log_line_under_the_agent_that_gave_it(ver
     host = destinations.add("bad.test")
     assert [(service, line.partition(": ")[2]) for service, line in lines] == [
         ("local", 'to=<nobody@local.test>, relay=local, dsn=5.1.1, status=undeliverable (unknown user: "nobody")'),
-        ("smtp", f"to=<u@bad.test>, relay={host.mx_host}[{host.address}]:{destinations.port}, dsn=5.1.1, "
+        ("relay/smtp", f"to=<u@bad.test>, relay={host.mx_host}[{host.address}]:{destinations.port}, dsn=5.1.1, "
                  f"status=undeliverable ({bad})")]
     assert sorted(line.partition(": ")[0] for _, line in lines) == ["VRFY000001", "VRFY000002"]
 

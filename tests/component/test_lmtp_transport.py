@@ -23,7 +23,7 @@ from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports.lmtp import LmtpTransport
 from mailflow.transports.smtp.addr import Nexthop, Peer, parse_nexthop
 
-from tests.support import big_message, free_port, spooled
+from tests.support import big_message, eventually, free_port, spooled
 from tests.support.peers import garbling_lmtp
 
 HELO = "mx.mailflow.test"
@@ -62,6 +62,7 @@ class LmtpHandler:
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     final_replies: dict[str, str] = field(default_factory=dict)
     hang_after: int | None = None
+    rset_reply: str = "250 2.0.0 Ok"
     messages: list[Received] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
     release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -86,6 +87,14 @@ class LmtpHandler:
             return self.rcpt_replies[address]
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
+
+    async def handle_RSET(self, server, session, envelope):
+        self.commands.append("RSET")
+        return self.rset_reply
+
+    async def handle_QUIT(self, server, session, envelope):
+        self.commands.append("QUIT")
+        return "221 2.0.0 Bye"
 
     async def handle_DATA(self, server, session, envelope):
         self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content,
@@ -141,8 +150,8 @@ async def lmtp_peer():
         await peer.server.wait_closed()
 
 
-def make_transport(port: int = 24, timeout: float = 2.0) -> LmtpTransport:
-    config = LmtpConfig(port=port, connect_timeout=timeout, command_timeout=timeout, data_timeout=timeout)
+def make_transport(port: int = 24, timeout: float = 2.0, **settings) -> LmtpTransport:
+    config = LmtpConfig(port=port, connect_timeout=timeout, command_timeout=timeout, data_timeout=timeout, **settings)
     return LmtpTransport(config, helo_name=HELO)
 
 
@@ -609,3 +618,107 @@ async def test_lmtp_generic_maps_map_what_the_lmtp_client_sends_as_smtps_do(lmtp
     assert report.results[0].text.startswith("lmtp_generic_maps lookup error: table ")
     assert len(peer.messages) == 1
     assert any(r.name == "mailflow.lmtp" and "Q1: lmtp_generic_maps: table " in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------------------------------- connection cache
+
+
+async def test_messages_to_one_next_hop_share_one_cached_session_quit_at_close(lmtp_peer):
+    """Postfix's lmtp(8) connection cache (lmtp_connection_cache_time_limit, 2s): three messages one after the
+    other, one session (conn_use 1, 2, 3), each reuse after its RSET probe (Postfix's lmtp sends MAIL … DATA, RSET,
+    MAIL … to such a peer); close() QUITs it."""
+    peer = await lmtp_peer(pipelining=True)
+    transport = make_transport()
+    try:
+        reports = [await transport.deliver(make_request(f"[127.0.0.1]:{peer.port}", f"u{n}@example.test"))
+                   for n in range(3)]
+        assert [outcomes(r) for r in reports] == [[(f"u{n}@example.test", Outcome.SENT, "2.0.0")] for n in range(3)]
+        assert [r.results[0].conn.use for r in reports] == [1, 2, 3]
+        assert len(peer.connections) == 1 and len(peer.messages) == 3
+        assert peer.handler.commands == ["MAIL a@remote.test", "RCPT u0@example.test", "RSET", "MAIL a@remote.test",
+                                         "RCPT u1@example.test", "RSET", "MAIL a@remote.test", "RCPT u2@example.test"]
+    finally:
+        await transport.close()
+    await eventually(lambda: peer.handler.commands[-1:] == ["QUIT"], what="the cached session QUIT at close")
+
+
+async def test_a_session_whose_transaction_was_refused_is_rset_before_it_is_reused(lmtp_peer):
+    """A recipient refused after DATA leaves the server's state in doubt: RSET before the session is cached (and its
+    RSET probe before it is used again); the next message goes over it."""
+    peer = await lmtp_peer()
+    peer.handler.final_replies = {"full@example.test": "452 4.2.2 <full@example.test> Mailbox is full"}
+    transport = make_transport()
+    try:
+        first = await transport.deliver(make_request(f"[127.0.0.1]:{peer.port}", "ok@example.test",
+                                                     "full@example.test"))
+        second = await transport.deliver(make_request(f"[127.0.0.1]:{peer.port}", "u@example.test"))
+    finally:
+        await transport.close()
+    assert [r.outcome for r in first.results] == [Outcome.SENT, Outcome.DEFERRED]
+    assert outcomes(second) == [("u@example.test", Outcome.SENT, "2.0.0")]
+    assert len(peer.connections) == 1
+    assert peer.handler.commands[3:] == ["RSET", "RSET", "MAIL a@remote.test", "RCPT u@example.test"]
+
+
+@pytest.mark.parametrize("idle_timeout", [None, 0.2], ids=["dropped", "421-on-idle"])
+async def test_a_cached_session_the_server_closed_costs_no_deferral(lmtp_peer, idle_timeout):
+    """The server ends an idle session (hangs up; or says 421 at its idle timeout, as Dovecot's lmtp and aiosmtpd
+    do): the next message finds it dead at MAIL and goes over a new session, delivered, no deferral."""
+    peer = await lmtp_peer(pipelining=True, **({"timeout": idle_timeout} if idle_timeout else {}))
+    transport = make_transport(connection_cache_time_limit=30)
+    try:
+        first = await transport.deliver(make_request(f"[127.0.0.1]:{peer.port}", "one@example.test"))
+        assert "QUIT" not in peer.handler.commands  # (cached)
+        if idle_timeout is None:
+            peer.connections[0].transport.close()
+        await eventually(lambda: peer.connections[0].transport is None or peer.connections[0].transport.is_closing(),
+                         what="the server closed the idle session")
+        second = await transport.deliver(make_request(f"[127.0.0.1]:{peer.port}", "two@example.test"))
+    finally:
+        await transport.close()
+    assert outcomes(first) + outcomes(second) == [("one@example.test", Outcome.SENT, "2.0.0"),
+                                                  ("two@example.test", Outcome.SENT, "2.0.0")]
+    assert second.site_ok and second.results[0].conn.use == 1
+    assert len(peer.connections) == 2 and [m.rcpt_tos for m in peer.messages] == [["one@example.test"],
+                                                                                  ["two@example.test"]]
+
+
+async def test_a_cached_session_that_refuses_its_rset_probe_is_dropped_for_a_new_one(lmtp_peer):
+    """Postfix's smtp_reuse_common: a session whose RSET probe is not answered 2xx is not used."""
+    peer = await lmtp_peer()
+    transport = make_transport()
+    try:
+        await transport.deliver(make_request(f"[127.0.0.1]:{peer.port}", "one@example.test"))
+        peer.handler.rset_reply = "421 4.3.2 Shutting down"
+        second = await transport.deliver(make_request(f"[127.0.0.1]:{peer.port}", "two@example.test"))
+    finally:
+        await transport.close()
+    assert outcomes(second) == [("two@example.test", Outcome.SENT, "2.0.0")] and second.results[0].conn.use == 1
+    assert len(peer.connections) == 2
+
+
+async def test_with_the_cache_off_each_message_has_a_session_of_its_own(lmtp_peer):
+    peer = await lmtp_peer()
+    transport = make_transport(connection_cache_time_limit=0)
+    try:
+        for n in range(2):
+            await transport.deliver(make_request(f"[127.0.0.1]:{peer.port}", f"u{n}@example.test"))
+    finally:
+        await transport.close()
+    assert len(peer.connections) == 2 and len(peer.messages) == 2
+
+
+async def test_a_unix_socket_next_hop_is_cached_too(lmtp_peer):
+    folder = Path(tempfile.mkdtemp(prefix="mf-lmtp-"))
+    try:
+        peer = await lmtp_peer(unix_path=folder / "lmtp")
+        transport = make_transport()
+        try:
+            for n in range(2):
+                report = await transport.deliver(make_request(f"unix:{folder}/lmtp", f"u{n}@example.test"))
+                assert report.results[0].outcome is Outcome.SENT
+        finally:
+            await transport.close()
+        assert len(peer.connections) == 1 and len(peer.messages) == 2
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -249,6 +249,26 @@ def test_failures_past_the_notice_limit_are_told_one_notice_per_list():
     assert len(_owned_failures(result, *few)) == 3  # within the limit: one each, as bounce_workaround tells them
 
 
+def test_failures_told_to_the_sender_are_each_in_the_senders_notice_past_the_limit():
+    """The limit bounds the notices to list owners (one each): the sender's failures make one notice whatever their
+    number, and Postfix's bounce(8) lists every one (bounce_append, no cap). Past OWNED_NOTICE_LIMIT failures in
+    all, the sender's were folded into one "(and N more failures)" as an owner's list's are."""
+    rcpt = Recipient(0, "mix@example.test", "")
+    count = OWNED_NOTICE_LIMIT + 1
+    parts = [Part(Outcome.BOUNCED, "5.3.0", f"command {n} failed") for n in range(count + 1)]
+    lists = [("owner-l1@example.test", "l1@example.test")] + [None] * count
+    result = RcptResult(rcpt, Outcome.BOUNCED, "5.3.0", "failed")
+    owned = _owned_failures(result, parts, lists, [""] * (count + 1))
+    assert owned[0] == OwnedFailure("owner-l1@example.test", "l1@example.test", "5.3.0", "command 0 failed")
+    assert owned[1:] == tuple(OwnedFailure("", "mix@example.test", "5.3.0", f"command {n} failed")
+                              for n in range(1, count + 1))
+    many = [("owner-l1@example.test", "l1@example.test")] * count + [None]  # past the limit for the owner
+    assert _owned_failures(result, parts, many, [""] * (count + 1)) == (
+        OwnedFailure("owner-l1@example.test", "l1@example.test", "5.3.0", f"command 0 failed (and {count - 1} more"
+                     " failures)"),
+        OwnedFailure("", "mix@example.test", "5.3.0", f"command {count} failed"))
+
+
 async def test_a_lists_command_gets_its_owner_as_the_sender_and_no_original_recipient(scripts, tmp_path):
     """local(8) replaces the sender of a list with an owner- alias for its commands too, and drops the original
     recipient: SENDER, the From_ line and Return-Path name the owner; no ORIGINAL_RECIPIENT, no X-Original-To."""

@@ -807,6 +807,32 @@ async def test_a_queue_made_by_the_previous_version_is_migrated_and_converted(tm
                                                                                             ("bounced", 1)]
 
 
+async def test_a_queue_of_schema_11_gets_the_destination_snapshot_with_its_pause(tmp_path):
+    """Schema 12 adds when a destination's rate-delay pause ends to qmgr's destination snapshot: the old snapshot
+    (rewritten by qmgr at each start anyway) is dropped, and the table made again with the column."""
+    path = tmp_path / "queue.db"
+    store = await Store.open(path)
+    await store.close()
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE destination")
+        db.execute("CREATE TABLE destination (transport TEXT NOT NULL, nexthop TEXT NOT NULL, window INTEGER NOT NULL,"
+                   " in_flight INTEGER NOT NULL, queued INTEGER NOT NULL, failures INTEGER NOT NULL,"
+                   " dead_until REAL NOT NULL DEFAULT 0, reason TEXT NOT NULL DEFAULT '', updated REAL NOT NULL,"
+                   " PRIMARY KEY (transport, nexthop)) WITHOUT ROWID")
+        db.execute("INSERT INTO destination VALUES ('smtp', 'old.test', 1, 0, 0, 0, 0, '', 1)")
+        db.execute("UPDATE schema_version SET version = 11")
+    store = await Store.open(path)
+    try:
+        assert await store.destination_rows() == []
+        await store.save_destinations([("smtp", "slow.test", 1, 0, 3, 0, 0.0, "", T0 + 60)], T0)
+        [row] = await store.destination_rows()
+        assert (row.nexthop, row.queued, row.paused_until, row.updated) == ("slow.test", 3, T0 + 60, T0)
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+
+
 async def test_a_queue_of_schema_4_upgrades_its_messages_keeping_empty_client_attributes(tmp_path):
     """The client attributes (Postfix's client_name ... sasl_sender) are message columns added by a migration:
     mail queued before has them empty, as a Postfix queue file without them; new mail keeps them."""

@@ -103,15 +103,16 @@ async def test_metrics_count_known_traffic(mailflow_server, smtp_peer):
     assert sample(m, "mailflow_messages_removed_total") == 5
     assert sample(m, "mailflow_notices_total", kind="failure") == 1
     assert sample(m, "mailflow_deliveries_total", transport="local", status="sent", dsn_class="2.0") == 4
-    assert sample(m, "mailflow_deliveries_total", transport="smtp", status="sent", dsn_class="2.0") == 1
-    assert sample(m, "mailflow_deliveries_total", transport="smtp", status="bounced", dsn_class="5.1") == 1
-    assert sample(m, "mailflow_deliveries_total", transport="smtp", status="deferred", dsn_class="4.2") == 1
+    # relay-domain mail goes over relay_transport, `relay` (Postfix's default), labelled so
+    assert sample(m, "mailflow_deliveries_total", transport="relay", status="sent", dsn_class="2.0") == 1
+    assert sample(m, "mailflow_deliveries_total", transport="relay", status="bounced", dsn_class="5.1") == 1
+    assert sample(m, "mailflow_deliveries_total", transport="relay", status="deferred", dsn_class="4.2") == 1
     # a final result each: 5 sent, 1 bounced; the deferral is not final
     assert sample(m, "mailflow_queue_residence_seconds_count") == 6
     assert sample(m, "mailflow_queue_residence_seconds_bucket", le="+Inf") == 6
-    # one delivery job per (message, destination): 3 local (the notice's included), 3 smtp
+    # one delivery job per (message, destination): 3 local (the notice's included), 3 relay
     assert sample(m, "mailflow_delivery_duration_seconds_count", transport="local") == 3
-    assert sample(m, "mailflow_delivery_duration_seconds_count", transport="smtp") == 3
+    assert sample(m, "mailflow_delivery_duration_seconds_count", transport="relay") == 3
     # 5 sessions (aiosmtplib: EHLO, MAIL, RCPT..., DATA, QUIT), 6 recipients: 5 x (EHLO, MAIL, end) + 6 RCPT
     assert sample(m, "mailflow_smtpd_sessions_total") == 5
     assert sample(m, "mailflow_smtpd_replies_total", code="220") == 5
@@ -153,7 +154,7 @@ async def test_destination_windows_and_dead_sites(mailflow_server):
 
     m = await eventually(dead, timeout=10, what="the dead relay counted as a dead site")
     [(_, labels)] = [key for key in m if key[0] == "mailflow_destination_dead"]
-    assert dict(labels)["transport"] == "smtp" and "127.0.0.1" in dict(labels)["nexthop"]
+    assert dict(labels)["transport"] == "relay" and "127.0.0.1" in dict(labels)["nexthop"]  # (relay-domain mail)
     assert m[("mailflow_destination_dead", labels)] == 1
     assert ("mailflow_destination_window", labels) in m
 

@@ -14,7 +14,7 @@ from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import AuthResult
 
 from mailflow.config import config_from_dict
-from tests.support import CaptureHandler, eventually, queue_becomes, send, stall_mail
+from tests.support import CaptureHandler, eventually, free_port, queue_becomes, send, stall_mail
 
 MESSAGE = b"Subject: s\r\n\r\nbody\r\n"
 
@@ -44,6 +44,41 @@ async def test_each_service_delivers_with_its_own_settings_and_smtp_with_its_own
     assert helo == {"u@a.test": "amavis.client.test", "u@b.test": "mx.mailflow.test", "u@c.test": "mx.mailflow.test",
                     "u@relay.test": "relay.client.test"}
     assert [m.rcpt_tos for m in second.messages] == [["u@b.test"]]
+
+
+async def test_relay_domain_mail_goes_over_relay_with_its_own_dead_destination_memory(mailflow_server, smtp_peer,
+                                                                                     caplog):
+    """relay_transport defaults to `relay` (Postfix's DEF_RELAY_TRANSPORT), [smtp]'s client under its own name:
+    relay-domain mail and other mail to one relayhost are two queues. A relayhost that refused relay.test's
+    connection is dead for `relay` (the next relay-domain message is suspended, no connection tried) and not for
+    `smtp`, which delivers there at once; relay's lines are logged as `relay/smtp` (master.cf's `relay … smtp -o
+    syslog_name=postfix/$service_name`), smtp's as `smtp`."""
+    caplog.set_level(logging.INFO, logger="mailflow.mail")
+    port = free_port()
+    mf = await mailflow_server(relayhost=f"[127.0.0.1]:{port}", mynetworks=["127.0.0.0/8"],
+                               smtp={"tls_security_level": "none"},  # (one failure: dead for 30 s)
+                               queue={"initial_destination_concurrency": 1, "minimal_backoff_time": "30s",
+                                      "maximal_backoff_time": "60s"})
+    smtpd = mf.smtp_addresses[0][1]
+    await send(smtpd, "s@remote.test", ["u1@relay.test"], MESSAGE)
+    await eventually(lambda: results(caplog, "u1@relay.test"), what="relay's refused connection")
+    peer = await smtp_peer(port=port)
+    await send(smtpd, "s@remote.test", ["u@other.test"], MESSAGE)
+    await send(smtpd, "s@remote.test", ["u2@relay.test"], MESSAGE)
+    await eventually(lambda: results(caplog, "u@other.test") and results(caplog, "u2@relay.test"))
+    assert [m.rcpt_tos for m in peer.messages] == [["u@other.test"]]
+    assert results(caplog, "u@other.test") == [("smtp", "sent", "smtp")]
+    assert results(caplog, "u1@relay.test") == [("relay/smtp", "deferred", "relay")]
+    [(_, status, transport)] = results(caplog, "u2@relay.test")
+    assert (status, transport) == ("deferred", "relay")
+    assert "delivery temporarily suspended" in next(
+        r.getMessage() for r in caplog.records if "to=<u2@relay.test>" in r.getMessage())
+
+
+def results(caplog, rcpt: str) -> list[tuple[str, str, str]]:
+    """(the program its line is logged as, status, transport) of each result line for `rcpt`."""
+    return [(r.service, r.fields["status"], r.fields["transport"]) for r in caplog.records
+            if getattr(r, "event", None) in ("sent", "deferred", "bounced") and r.fields.get("to") == rcpt]
 
 
 async def test_two_services_to_one_peer_never_share_a_cached_session(mailflow_server, smtp_peer):
@@ -180,6 +215,46 @@ async def test_a_service_rewrites_checks_authenticates_and_encrypts_by_its_own_s
     assert seen == {"u@a.test": (True, "s@remote.test", False), "u@b.test": (False, "mapped@out.test", True),
                     "u@c.test": (True, "s@remote.test", False)}
     assert logins == [b"relay-user"]
+
+
+async def test_each_lmtp_client_caches_its_own_sessions_which_a_reload_and_stop_close(mailflow_server):
+    """[lmtp] and an [lmtp.services.box] to one LMTP server: each keeps its own session (two connections for four
+    messages), as Postfix's lmtp(8) processes of two master.cf services never share one; a reload closes the idle
+    sessions of the transports it replaces (box's, removed, and [lmtp]'s, rebuilt), stop the one opened after."""
+    handler = CaptureHandler()
+    sessions: list[LMTP] = []
+
+    def session() -> LMTP:
+        sessions.append(LMTP(handler))
+        return sessions[-1]
+
+    def closed(s: LMTP) -> bool:
+        return s.transport is None or s.transport.is_closing()
+
+    server = await asyncio.get_running_loop().create_server(session, "127.0.0.1", 0)
+    hop = f"[127.0.0.1]:{server.sockets[0].getsockname()[1]}"
+    try:
+        mf = await mailflow_server(relay_domains=["a.test", "b.test"],
+                                   transport_maps=routes(a_test=f"lmtp:{hop}", b_test=f"box:{hop}"),
+                                   lmtp={"connection_cache_time_limit": "30s", "services": {"box": {}}})
+        port = mf.smtp_addresses[0][1]
+        for n in range(2):
+            for domain in ("a.test", "b.test"):
+                await send(port, "s@remote.test", [f"u{n}@{domain}"], MESSAGE)
+                await queue_becomes(mf.store, {})
+        assert len(handler.messages) == 4 and len(sessions) == 2 and not any(closed(s) for s in sessions)
+        without = mf.config.model_dump()
+        without["lmtp"]["services"] = {}
+        await mf.reload(config_from_dict(without))
+        await eventually(lambda: all(closed(s) for s in sessions), what="the replaced clients' sessions closed")
+        await send(port, "s@remote.test", ["u2@a.test"], MESSAGE)
+        await queue_becomes(mf.store, {})
+        assert len(sessions) == 3 and not closed(sessions[2])
+        await mf.stop()
+        await eventually(lambda: closed(sessions[2]), what="[lmtp]'s idle session closed at stop")
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_an_lmtp_service_rewrites_and_checks_by_its_own_settings(mailflow_server, tmp_path):

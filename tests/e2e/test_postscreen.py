@@ -894,3 +894,109 @@ async def test_a_pregreeting_client_under_enforce_gets_no_greeting_from_the_engi
     mf = await mailflow_server(smtpd={**screen(greet_action="enforce"), "forbid_unauth_pipelining": False})
     c = await SmtpClient.connect(mf.smtp_addresses[0][1], first=b"HELO zombie.test\r\n", greet=False)
     assert (await c.reply()).text == "220-mx.mailflow.test ESMTP mailflow\n250 mx.mailflow.test"
+
+
+async def test_a_client_can_starttls_in_the_dummy_engine_and_is_still_screened(mailflow_server, pki, caplog,
+                                                                               screen_log):
+    """postscreen_tls_security_level (smtpd's may by default) with smtpd's certificate: STARTTLS offered and done
+    in the dummy engine (Postfix's tlsproxy), the HELO forgotten, the deep tests on over TLS; the client that gets
+    to RCPT passes and comes back to smtpd. Postfix 3.7.11's replies and tlsproxy's lines."""
+    caplog.set_level(logging.INFO, logger="mailflow.tlsproxy")
+    _, cert, ctx = pki
+    mf = await mailflow_server(smtpd={"tls_cert_file": cert, "tls_loglevel": 1, **screen(**DEEP)})
+    port = mf.smtp_addresses[0][1]
+    c = await SmtpClient.connect(port)
+    assert "250-STARTTLS" in (await c.cmd("EHLO client.test")).text.splitlines()
+    assert (await c.cmd("STARTTLS x")).text == "501 5.5.4 Syntax: STARTTLS"
+    await c.starttls(ctx)
+    ehlo, mail, rcpt = await through_rcpt(c, b"EHLO again.test\r\n")
+    assert "STARTTLS" not in ehlo.text and "250 CHUNKING" in ehlo.text.splitlines()
+    assert mail.code == 250 and rcpt == status.POSTSCREEN_COME_BACK
+    assert (await c.cmd("STARTTLS")).text == "554 5.5.1 Error: TLS already active"
+    assert (await c.cmd("QUIT")).text == "221 2.0.0 Bye"
+    await eventually(lambda: any(r.getMessage().startswith("DISCONNECT") for r in caplog.records
+                                 if r.name == "mailflow.tlsproxy"))
+    assert re.search(r"helo=<again\.test>$", [line for line in screen_log() if "NOQUEUE" in line][0])
+    assert re.fullmatch(rf"PASS NEW {WHERE}", screen_log()[-2]), screen_log()
+    proxy = [r.getMessage() for r in caplog.records if r.name == "mailflow.tlsproxy"]
+    assert [line.split(" from ")[0].split(" ")[0] for line in proxy] == ["CONNECT", "Anonymous", "DISCONNECT"], proxy
+    assert re.fullmatch(rf"Anonymous TLS connection established from {WHERE}: TLSv1\.[23] with cipher \S+ "
+                        r"\(\d+/\d+ bits\)", proxy[1]), proxy
+    again = await SmtpClient.connect(port)  # passed: smtpd's own greeting
+    assert again.greeting.text == "220 mx.mailflow.test ESMTP mailflow"
+    await again.close()
+
+
+async def test_a_failed_handshake_in_the_dummy_engine_is_a_hangup(mailflow_server, pki, caplog, screen_log):
+    caplog.set_level(logging.INFO, logger="mailflow.tlsproxy")
+    _, cert, _ = pki
+    mf = await mailflow_server(smtpd={"tls_cert_file": cert, **screen(**DEEP)})
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("STARTTLS")).text == "220 2.0.0 Ready to start TLS"
+    await c.send(b"hello there\r\n")
+    assert await c.closed()
+    await eventually(lambda: screen_log()[-1].startswith("DISCONNECT"))
+    assert re.fullmatch(rf"HANGUP after \S+ from {WHERE} in tests after SMTP handshake", screen_log()[-2])
+    proxy = [r.getMessage() for r in caplog.records if r.name == "mailflow.tlsproxy"]
+    assert re.fullmatch(rf"TLS handshake failed for service=smtpd peer={WHERE}", proxy[-2]), proxy
+    assert proxy[-1].startswith("DISCONNECT") and proxy[0].startswith("CONNECT from"), proxy
+
+
+async def test_encrypt_requires_starttls_in_the_dummy_engine(mailflow_server, pki):
+    """postscreen_tls_security_level = encrypt: HELO, EHLO, STARTTLS, NOOP and QUIT only before TLS (Postfix 3.7.11:
+    `530 5.7.0 Must issue a STARTTLS command first`)."""
+    _, cert, ctx = pki
+    mf = await mailflow_server(smtpd={"tls_cert_file": cert, **screen(**DEEP, tls_security_level="encrypt")})
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("NOOP")).code == 250
+    assert (await c.cmd("MAIL FROM:<s@remote.test>")).text == "530 5.7.0 Must issue a STARTTLS command first"
+    assert (await c.cmd("RSET")).text == "530 5.7.0 Must issue a STARTTLS command first"
+    assert (await c.cmd("XCLIENT x")).text == "502 5.5.2 Error: command not recognized"
+    assert (await c.cmd("HELO client.test")).code == 250
+    await c.starttls(ctx)
+    assert (await c.cmd("MAIL FROM:<s@remote.test>")).code == 250
+    await c.close()
+
+
+async def test_no_certificate_no_starttls_in_the_dummy_engine(mailflow_server):
+    plain = await mailflow_server(smtpd=screen(**DEEP, tls_security_level="encrypt"))
+    c = await SmtpClient.connect(plain.smtp_addresses[0][1])
+    assert "STARTTLS" not in (await c.cmd("EHLO client.test")).text
+    assert (await c.cmd("STARTTLS")).text == "502 5.5.1 Error: command not implemented"
+    assert (await c.cmd("MAIL FROM:<s@remote.test>")).code == 250
+    await c.close()
+
+
+def test_postscreens_own_footer_knows_only_postscreens_macros(tmp_path):
+    bad = {**base_settings(tmp_path), "smtpd": screen(reject_footer="Call us about $helo_name")}
+    with pytest.raises(ConfigError, match=r"smtpd\.postscreen\.reject_footer.*helo_name"):
+        config_from_dict(bad)
+
+
+async def test_smtpds_footer_goes_under_postscreens_refusals_its_other_macros_empty(mailflow_server, screen_log):
+    """postscreen_reject_footer's default is $smtpd_reject_footer: under every 4xx and 5xx postscreen sends (the
+    drop's 521 too), a macro postscreen does not know expanded to nothing (psc_expand_lookup)."""
+    mf = await mailflow_server(smtpd={"reject_footer": "Ask $server_name about $client_address ($helo_name)",
+                                      **screen(greet_wait=2, greet_action="drop")})
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1], greet=False)
+    assert await c.reader.readline() == b"220-mx.mailflow.test ESMTP mailflow\r\n"  # (a 2xx: none)
+    await c.send(b"EHLO early.test\r\n")
+    assert (await c.reply()).text == "521-5.5.1 Protocol error\n521 5.5.1 Ask mx.mailflow.test about 127.0.0.1 ()"
+    assert await c.closed()
+    assert 'unknown macro name "helo_name" in expansion request' in screen_log()  # (Postfix's warning)
+
+
+async def test_a_discarded_starttls_is_refused_only_after_ehlo(mailflow_server, pki):
+    """Postfix 3.7.11's dummy engine applies its EHLO discard mask from the EHLO on (it starts as 0): STARTTLS
+    discarded still works after HELO alone, and is 502 after EHLO."""
+    _, cert, ctx = pki
+    mf = await mailflow_server(smtpd={"tls_cert_file": cert, **screen(**DEEP, discard_ehlo_keywords=["starttls"])})
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("HELO client.test")).code == 250
+    await c.starttls(ctx)
+    assert c.writer.get_extra_info("ssl_object") is not None and (await c.cmd("NOOP")).code == 250
+    await c.close()
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert "STARTTLS" not in (await c.cmd("EHLO client.test")).text
+    assert (await c.cmd("STARTTLS")).text == "502 5.5.1 Error: command not implemented"
+    await c.close()

@@ -839,15 +839,56 @@ async def test_destinations_shows_what_qmgr_published(mailflow_server, write_con
         assert rc == 0, err
         header, row = out.splitlines()
         assert header.split() == ["TRANSPORT", "NEXTHOP", "WINDOW", "IN-FLIGHT", "QUEUED", "FAILURES",
-                                  "DEAD-UNTIL", "UPDATED", "REASON"]
+                                  "DEAD-UNTIL", "PAUSED-UNTIL", "UPDATED", "REASON"]
         cells = row.split()
-        assert cells[:7] == ["smtp", f"[127.0.0.1]:{port}", "5", "1", "0", "0", "-"]
+        assert cells[:8] == ["smtp", f"[127.0.0.1]:{port}", "5", "1", "0", "0", "-", "-"]
         assert cells[-2:] == ["ago)", "-"]  # updated "… (0s ago)", no reason
 
         rc, out, _ = await queue(config, "destinations", "--json")
         [dest] = json.loads(out)
         assert dest["nexthop"] == f"[127.0.0.1]:{port}" and dest["in_flight"] == 1 and dest["dead_until"] is None
+        assert dest["paused_until"] is None
     finally:
         for writer in sessions:
             writer.close()
         server.close()
+
+
+
+async def test_destinations_shows_a_destination_paused_by_its_rate_delay(mailflow_server, write_config, smtp_peer,
+                                                                        tmp_path):
+    """A destination_rate_delay pauses a destination after each delivery: its row said window 1, nothing in flight
+    and a job queued, as if a delivery were about to start, with nothing to say it waits an hour. Now the row says
+    until when it is paused, as a dead one says until when it is dead: the CLI's text and JSON, the admin API."""
+    peer = await smtp_peer()
+    settings = {"relayhost": f"[127.0.0.1]:{peer.port}", "mynetworks": ["127.0.0.0/8"],
+                "queue": {"destination_rate_delay": "1h"}, "admin": {"enable": True, "listen": ["127.0.0.1:0"]}}
+    mf = await mailflow_server(**settings)
+    config = write_config(tmp_path / "mailflow.toml", **settings)
+    await submit(mf, "someone@remote.test", ["bob@relay.test"], "first")
+    await eventually(lambda: peer.messages, timeout=5, what="the first message delivered")
+    delivered = time.time()
+    await submit(mf, "someone@remote.test", ["carol@relay.test"], "second")
+
+    async def paused_row():
+        return [row for row in await mf.store.destination_rows() if row.queued == 1 and row.paused_until]
+
+    [row] = await eventually(paused_row, timeout=5, step=0.05, what="qmgr published the paused destination")
+    assert delivered - 1 < row.paused_until - 3600 < time.time() and len(peer.messages) == 1
+
+    rc, out, err = await queue(config, "destinations")
+    assert rc == 0, err
+    header, line = out.splitlines()
+    assert header.split() == ["TRANSPORT", "NEXTHOP", "WINDOW", "IN-FLIGHT", "QUEUED", "FAILURES", "DEAD-UNTIL",
+                              "PAUSED-UNTIL", "UPDATED", "REASON"]
+    cells = re.split(r"\s{2,}", line)
+    assert cells[2:7] == ["1", "0", "1", "0", "-"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(in (59m\d\ds|1h00m)\)", cells[7]), cells[7]
+
+    rc, out, _ = await queue(config, "destinations", "--json")
+    [dest] = json.loads(out)
+    assert dest["paused_until"] == row.paused_until and dest["dead_until"] is None and dest["queued"] == 1
+    host, port = mf.admin.addresses[0]
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://{host}:{port}/api/destinations") as response:
+            assert response.status == 200 and await response.json() == [dest]

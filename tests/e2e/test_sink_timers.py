@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 
 import aiosmtplib
 import pytest
@@ -69,7 +70,7 @@ async def test_a_dead_destination_s_memory_runs_out_under_advance():
         start = sink.clock.time()
         await send(sink, "bob@example.com", "first")
         await sink.settle()
-        [(_, _, _, _, _, failures, dead_until, _)] = sink.server.qmgr.destinations()
+        [(_, _, _, _, _, failures, dead_until, _, _)] = sink.server.qmgr.destinations()
         assert failures == 1 and dead_until >= start + 300
         await sink.advance(minutes=2)
         await send(sink, "carol@example.com", "second")  # deferred unattempted: the site is held dead
@@ -101,20 +102,21 @@ async def queue_counts_of(sink: Sink) -> dict:
     return {queue: n for queue, n in (await sink.server.store.counts()).items() if n}
 
 
-class FailingFinish:
-    """The store's end-of-attempt write fails with a store fault while `broken` is set; counts the tries."""
+class StoreFault:
+    """The store's `method` fails with a store fault (disk full) while `broken` is set, or only for its first
+    `times` calls when given; counts the tries."""
 
-    def __init__(self, sink: Sink):
+    def __init__(self, sink: Sink, method: str, times: int | None = None):
         store = sink.server.store
-        finish = store.finish
+        works = getattr(store, method)
         self.broken, self.tries = True, 0
 
         async def failing(*args, **kw):
             self.tries += 1
-            if self.broken:
+            if self.broken and (times is None or self.tries <= times):
                 raise sqlite3.OperationalError("database or disk is full")
-            return await finish(*args, **kw)
-        store.finish = failing
+            return await works(*args, **kw)
+        setattr(store, method, failing)
 
 
 async def test_records_retried_after_a_store_fault_wait_on_the_virtual_clock():
@@ -123,7 +125,7 @@ async def test_records_retried_after_a_store_fault_wait_on_the_virtual_clock():
     retry is a timer like the others: settle counts records waiting for it (one asleep until the retry, the other in
     line behind its probe) as settled, and advance steps to it."""
     async with Sink(virtual_time=True) as sink:
-        faults = FailingFinish(sink)
+        faults = StoreFault(sink, "finish")
         await send(sink, "bob@example.org", "one")
         await send(sink, "carol@example.org", "two")
         await sink.settle(timeout=5)
@@ -135,6 +137,65 @@ async def test_records_retried_after_a_store_fault_wait_on_the_virtual_clock():
         await sink.advance(10)  # the probe at +3.5 s finds the store working: both recorded then
         assert faults.tries == 5 and await queue_counts_of(sink) == {}
         assert len(sink.messages) == 2  # delivered once each
+
+
+async def deferred_once(sink: Sink) -> float:
+    """A message for example.com deferred by its first attempt (a 451); the time its retry is due."""
+    sink.destination("example.com").answers(451, "4.2.0 Try later").times(1).then(250)
+    await send(sink, "bob@example.com", "retried")
+    await sink.settle()
+    due = await sink.server.store.next_due_time()
+    assert due is not None and await queue_counts_of(sink) == {"deferred": 1}
+    return due
+
+
+async def test_a_failed_queue_scan_is_retried_on_the_virtual_clock():
+    """The scan that takes due mail failed (a store fault) and backed off, but settle() woke qmgr again and again
+    while the mail was due, so the scan was retried at once, as fast as settle looped, whatever its backoff (and a
+    lasting fault kept settle spinning to its TimeoutError). Now the backoff is a timer on the virtual clock: the
+    scan fails at the due time, is tried again 0.5 s and 1 s later, and the third try delivers."""
+    async with Sink(virtual_time=True, **RELAY) as sink:
+        due = await deferred_once(sink)
+        scans = StoreFault(sink, "take", times=2)
+        started = time.monotonic()
+        await sink.advance(seconds=due - sink.clock.time())
+        assert scans.tries == 1 and await queue_counts_of(sink) == {"deferred": 1}  # waits for the scan's retry
+        await sink.advance(minutes=1)
+        assert scans.tries >= 3 and len(sink.destination("example.com").messages) == 1
+        assert sent_times(sink) == [pytest.approx(due + 0.5 + 1.0)]
+        assert await queue_counts_of(sink) == {}
+        assert time.monotonic() - started < 2  # no real time waited for the backoff
+
+
+async def test_settle_returns_while_a_failing_queue_scan_backs_off():
+    """A lasting scan fault: settle() returned only when the fault cleared (TimeoutError while it lasted). Now mail
+    due while the scan backs off is settled, advance() retries the scan on its backoff (0.5 s doubling to 10 s),
+    and the mail goes once the fault clears."""
+    async with Sink(virtual_time=True, **RELAY) as sink:
+        due = await deferred_once(sink)
+        scans = StoreFault(sink, "take")
+        await asyncio.wait_for(sink.advance(seconds=due - sink.clock.time()), 5)
+        await asyncio.wait_for(sink.advance(60), 5)  # tries at +0.5, 1.5, 3.5, 7.5, 15.5, 25.5, ... 55.5
+        assert scans.tries == 10 and await queue_counts_of(sink) == {"deferred": 1}
+        scans.broken = False
+        await sink.advance(10)
+        assert sent_times(sink) == [pytest.approx(due + 65.5)] and await queue_counts_of(sink) == {}
+
+
+async def test_a_damaged_message_set_aside_after_a_store_fault_under_virtual_time():
+    """A scan took a message whose queue row was damaged (by hand) and set it aside, but the store refused the move
+    to the corrupt queue: the message, active in the store and not in qmgr's hands, kept settle() from returning
+    (TimeoutError, {'active': 1}) while the write waited for its retry on the virtual clock. Now the write's retry
+    is a timer as the records' are: advance() steps to it and the message reaches the corrupt queue."""
+    async with Sink(virtual_time=True, **RELAY) as sink:
+        due = await deferred_once(sink)
+        with sqlite3.connect(sink.directory / "queue" / "queue.db") as db:
+            db.execute("UPDATE message SET arrival = 'x'")
+        moves = StoreFault(sink, "mark_corrupt", times=2)
+        await asyncio.wait_for(sink.advance(seconds=due - sink.clock.time()), 5)
+        assert moves.tries == 1 and await queue_counts_of(sink) == {"active": 1}
+        await asyncio.wait_for(sink.advance(2), 5)  # retried at +0.5 s (refused again) and +1.5 s
+        assert moves.tries == 3 and await queue_counts_of(sink) == {"corrupt": 1}
 
 
 async def test_the_auth_failure_delay_passes_in_real_time_under_virtual_time():

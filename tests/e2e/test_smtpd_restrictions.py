@@ -94,7 +94,8 @@ async def test_dnsbl_listed_client_is_refused(mailflow_server, dns_zone):
                                smtpd={"client_restrictions": ["reject_rbl_client clean.test",
                                                               "reject_rbl_client bl.test=127.0.0.4",
                                                               "reject_rbl_client bl.test"]})
-    assert await rcpt_reply(mf.smtp_addresses[0][1], "alice@local.test") == status.rbl_listed("127.0.0.1", "bl.test")
+    assert (await rcpt_reply(mf.smtp_addresses[0][1], "alice@local.test")).text == \
+        "554 5.7.1 Service unavailable; Client host [127.0.0.1] blocked using bl.test"
 
 
 async def test_dnsbl_not_listing_the_client_lets_mail_in(mailflow_server, dns_zone):
@@ -168,6 +169,28 @@ $ORIGIN test.
 client      60 IN A 192.0.2.1
 1.0.0.127.bl 60 IN A 127.0.0.2
 """
+
+
+async def test_a_listed_clients_txt_reason_is_asked_once_a_session_and_only_of_the_list_naming_it(mailflow_server,
+                                                                                                  dns_zone):
+    """The reason (the list's TXT records) is asked when a list names the client, once a session however many
+    RCPTs refuse it; a list that does not name the client is asked nothing more than its address record."""
+    asked: list[tuple[str, str]] = []
+    nameserver = dns_zone(ASKED_ZONE + '1.0.0.127.bl 60 IN TXT "listed: see https://bl.test/"\n', asked=asked)
+    mf = await mailflow_server(dns={"nameservers": [nameserver]}, smtpd={
+        "client_restrictions": ["reject_rbl_client clean.test", "reject_rbl_client bl.test"]})
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    try:
+        assert (await client.cmd("EHLO client.test")).code == 250
+        assert (await client.cmd("MAIL FROM:<s@remote.test>")).code == 250
+        for rcpt in ("alice@local.test", "bob@local.test", "alice@local.test"):
+            assert (await client.cmd(f"RCPT TO:<{rcpt}>")).text == (
+                "554 5.7.1 Service unavailable; Client host [127.0.0.1] blocked using bl.test; "
+                "listed: see https://bl.test/")
+    finally:
+        await client.close()
+    assert sorted(q for q in asked if "clean.test" in q[0] or "bl.test" in q[0]) == [
+        ("1.0.0.127.bl.test.", "A"), ("1.0.0.127.bl.test.", "TXT"), ("1.0.0.127.clean.test.", "A")]
 
 
 async def test_a_session_asks_the_dns_once_however_many_recipients(mailflow_server, dns_zone, caplog):

@@ -147,3 +147,25 @@ async def test_local_mailbox_command_runs_dovecot_lda(mailflow_server, dovecot, 
     assert stored.endswith(MESSAGE) and b"\nFrom sender" not in stored
     [sent] = [r.getMessage() for r in caplog.records if "to=<alice@example.test>" in r.getMessage()]
     assert sent.endswith("status=sent (delivered to command: " + lda + ")"), sent
+
+
+async def test_messages_one_after_the_other_share_one_cached_lmtp_session_quit_at_stop(mailflow_server, dovecot,
+                                                                                      caplog):
+    """Postfix's lmtp(8) connection cache: three messages to Dovecot, each sent once the one before is delivered,
+    go over one LMTP session (conn_use=2, 3; one session id in Dovecot's saves), which stop() ends with QUIT."""
+    caplog.set_level(logging.INFO, logger="mailflow")
+    mf = await mailflow_server(relay_domains=["example.test"], transport_maps=lmtp_route(dovecot),
+                               lmtp={"connection_cache_time_limit": "30s"})
+    for n in range(3):
+        await send(mf.smtp_addresses[0][1], "sender@remote.test", ["alice@example.test"],
+                   MESSAGE.replace(b"lmtp-interop-1@", f"lmtp-cache-{n}@".encode()))
+        await queue_becomes(mf.store, {}, timeout=15)
+    sent = [r.getMessage() for r in caplog.records if "status=sent" in r.getMessage()]
+    assert [m[1] if (m := re.search(r", conn_use=(\d+),", line)) else None for line in sent] == [None, "2", "3"], sent
+    assert "Logged out" not in dovecot.log  # (the session waits in the cache)
+    await mf.stop()
+    await eventually(lambda: dovecot.log.count("Disconnect from 127.0.0.1: Logged out") == 1, timeout=5)
+    assert len(re.findall(r"lmtp\(\d+\): Info: Connect from 127.0.0.1", dovecot.log)) == 2, dovecot.log  # (+ probe)
+    sessions = re.findall(r"lmtp\(alice@example.test\)<\d+><([^>:]+)[^>]*>: Info: msgid=<lmtp-cache-\d@remote.test>: "
+                          r"saved mail to INBOX", dovecot.log)
+    assert len(sessions) == 3 and len(set(sessions)) == 1, dovecot.log

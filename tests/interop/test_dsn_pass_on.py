@@ -120,3 +120,33 @@ async def test_a_non_ascii_orcpt_goes_to_a_next_hop_without_smtputf8_as_postfixs
         "X-Rcpt-Args: <two@dest.test> ORCPT=utf-8;j\\x{F6}e@b\\x{FC}cher.test",
     ]
     assert seen[1] == seen[0]
+
+
+async def test_an_orcpt_type_goes_to_the_next_hop_as_the_client_wrote_it(mailflow_server):
+    """Differential: Postfix's smtpd keeps an ORCPT's address type as the client wrote it (`RFC822;`, `UTF-8;`) and
+    its smtp client passes it on so, the address quoted by the type's rule in any case (smtpd.c, smtp_proto.c);
+    mailflow's smtpd lower-cased it (`rfc822;`, `utf-8;`)."""
+    rcpts = [("one@dest.test", ["ORCPT=RFC822;One+2Bx@dest.test"]),
+             ("two@dest.test", ["ORCPT=UTF-8;j\\x{F6}e@dest.test"]),
+             ("three@dest.test", ["ORCPT=Rfc822;three@dest.test"])]
+    seen = []
+    for server in ("postfix", "mailflow"):
+        async with smtp_sink() as (sink_port, dump):
+            if server == "postfix":
+                async with postfix_instance({"myhostname": "pf.test", "mydestination": "",
+                                             "relayhost": f"[127.0.0.1]:{sink_port}"}) as pf:
+                    await send_with_dsn(pf.port, "s@remote.test", rcpts, MESSAGE % b"orcpt", [])
+                    await pf.queue_empty()
+                    args = await eventually(lambda: len(dumped_args(dump)) == 4 and dumped_args(dump), timeout=10)
+            else:
+                mf = await mailflow_server(relayhost=f"[127.0.0.1]:{sink_port}", mynetworks=["127.0.0.0/8"])
+                await send_with_dsn(mf.smtp_addresses[0][1], "s@remote.test", rcpts, MESSAGE % b"orcpt", [])
+                await queue_becomes(mf.store, {})
+                args = await eventually(lambda: len(dumped_args(dump)) == 4 and dumped_args(dump), timeout=10)
+        seen.append(sorted(args[1:]))  # (Postfix's qmgr sorts a request's recipients)
+    assert seen[0] == [
+        "X-Rcpt-Args: <one@dest.test> ORCPT=RFC822;One+2Bx@dest.test",
+        "X-Rcpt-Args: <three@dest.test> ORCPT=Rfc822;three@dest.test",
+        "X-Rcpt-Args: <two@dest.test> ORCPT=UTF-8;j\\x{F6}e@dest.test",
+    ]
+    assert seen[1] == seen[0]

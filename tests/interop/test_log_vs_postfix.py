@@ -922,3 +922,36 @@ async def test_milter_hold_and_discard_are_logged_as_postfix_logs_them(mailflow_
     assert (pf_sum["held"], pf_sum["discarded"]) == (1, 1)  # cleanup's lines only
     details = ("message hold detail", "message discard detail")
     assert {k: mf_sections[k] for k in details} == {k: pf_sections[k] for k in details}
+
+
+# ---------------------------------------------------------------------------------------------- relay's program
+
+def programs(log: str) -> dict[str, str]:
+    """The program each recipient's result line is written as, without the syslog name before it (Postfix's stock
+    master.cf names relay's `postfix/$service_name`, whatever main.cf's syslog_name): `relay/smtp`, `smtp`."""
+    return {rcpt: tag.partition("/")[2]
+            for tag, rcpt in re.findall(r" (\S+)\[\d+\]: [0-9A-F]+: to=<([^>]*)>", log)}
+
+
+async def test_relay_domain_mail_is_logged_by_the_relay_service_as_postfix_logs_it(mailflow_server, mail_log,
+                                                                                  smtp_peer):
+    """relay_transport's default, `relay` (Postfix's DEF_RELAY_TRANSPORT; master.cf's `relay unix … smtp -o
+    syslog_name=postfix/$service_name`): a relay_domains recipient's line is written as `relay/smtp`, another
+    one's (default_transport, smtp) as `smtp`, the same relayhost taking both."""
+    peer = await smtp_peer()
+    rcpts = ["u@relay.test", "u@other.test"]
+    settings = {"myhostname": PF_HOST, "mydestination": "", "relay_domains": "relay.test",
+                "relayhost": f"[127.0.0.1]:{peer.port}", "mynetworks": "127.0.0.0/8"}
+    async with postfix_instance(settings) as pf:
+        await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the probe that saw it listen
+        for rcpt in rcpts:
+            await message(pf.port, [rcpt], "relayed")
+        await eventually(lambda: set(rcpts) <= set(programs(pf.maillog)), timeout=10)
+        pf_programs = programs(pf.maillog)
+    mf = await mailflow_server(myhostname=MF_HOST, mydestination=[], relay_domains=["relay.test"],
+                               relayhost=f"[127.0.0.1]:{peer.port}", mynetworks=["127.0.0.0/8"],
+                               smtp={"tls_security_level": "none"})
+    for rcpt in rcpts:
+        await message(mf.smtp_addresses[0][1], [rcpt], "relayed")
+    await eventually(lambda: set(rcpts) <= set(programs(mail_log.read_text())), timeout=10)
+    assert programs(mail_log.read_text()) == pf_programs == {"u@relay.test": "relay/smtp", "u@other.test": "smtp"}

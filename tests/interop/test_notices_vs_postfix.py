@@ -227,6 +227,17 @@ async def test_the_delivery_report_has_postfixs_fields_in_postfixs_order(mailflo
     assert ("Original-Recipient", "rfc822;B+one@orig.test") in report(failure)[1]
 
 
+async def test_the_original_recipient_keeps_the_orcpt_type_as_the_client_wrote_it(mailflow_server, smtp_peer):
+    """Postfix's smtpd keeps an ORCPT's address type as given, and bounce(8) writes the ORCPT so in
+    Original-Recipient (bounce_notify_util.c): `RFC822;B+one@orig.test`; mailflow said `rfc822;...`."""
+    messages = [Send("case-failure", {"b": ["ORCPT=RFC822;B+2Bone@orig.test"], "bb": ["ORCPT=Rfc822;bb@orig.test"]})]
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {"RCPT": rcpt_reply}, messages, 1)
+    assert [report(n) for n in mf["case-failure"]] == [report(n) for n in pf["case-failure"]]
+    [failure] = pf["case-failure"]
+    said = sorted(value for group in report(failure)[1:] for name, value in group if name == "Original-Recipient")
+    assert said == ["RFC822;B+one@orig.test", "Rfc822;bb@orig.test"]
+
+
 async def test_a_double_bounce_is_postfixs_postmaster_copy(mailflow_server, smtp_peer, caplog):
     """A bounce that cannot be returned (its own sender is null) goes to 2bounce_notice_recipient (Postfix: with
     notify_classes = 2bounce) from double-bounce@myhostname: Postfix's postmaster copy, with its own subject,
@@ -604,6 +615,25 @@ async def test_each_failure_under_lists_is_its_own_notice_to_the_owner_as_postfi
         "x-unix; unknown mail system error 1", "x-unix; user unknown"]
 
 
+async def test_every_failure_told_to_the_sender_is_in_its_notice_past_the_owners_limit(mailflow_server, smtp_peer):
+    """bounce(8) lists every failure of its log in the sender's one notice (bounce_append: no cap, no "more" line):
+    an alias of a list with an owner and 101 commands of its own that fail gives the owner a notice and the sender
+    one with 101 failures. mailflow's limit on owners' notices (OWNED_NOTICE_LIMIT, 100 failures in all) folded the
+    sender's into one "(and 100 more failures)"."""
+    commands = ", ".join(f'"|exit 67 # {n}"' for n in range(101))
+    aliases = f"inline:{{ {{mix=l1, {commands}}}, {{l1=|/bin/false}}, {{owner-l1=o@sender.test}} }}"
+    messages = [Send("case-many", {"mix@local.test": []})]
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {}, messages, 2, settle=1.5, **local_host_with(aliases))
+
+    def told(notices) -> list[tuple]:
+        return sorted((n.envelope[1], sorted(human_part(n).split("\n\n<")[1:]), sorted(map(str, report(n)[1:])))
+                      for n in notices)
+
+    assert told(mf["case-many"]) == told(pf["case-many"])
+    [(_, senders, fields), (owner, _, _)] = told(pf["case-many"])
+    assert owner == ["o@sender.test"] and len(senders) == len(fields) == 101
+
+
 async def test_a_command_that_cannot_be_run_is_delayed_in_postfixs_words(mailflow_server, smtp_peer):
     """A command whose program cannot be executed (local's |command, a pipe service) is deferred 4.3.0; Postfix's
     pipe_command() gives the child's fatal message as the output of a command that exited EX_TEMPFAIL, so the
@@ -634,6 +664,27 @@ async def test_a_command_that_cannot_be_run_is_delayed_in_postfixs_words(mailflo
     assert ("Diagnostic-Code", "x-unix; pipe: fatal: pipe_command: execvp /nonexistent/prog: No such file or "
             "directory") in told(pf["case-pipe"])[0][2]
     assert ("Diagnostic-Code", "x-unix; local: fatal: execvp /etc: Permission denied") in told(pf["case-denied"])[0][2]
+
+
+async def test_a_command_whose_shell_cannot_be_run_is_delayed_in_postfixs_words(mailflow_server, smtp_peer):
+    """A local `|command` with shell metacharacters goes to /bin/sh; when that exec fails (here E2BIG: one argument
+    longer than the kernel takes, 128 KiB), Postfix's exec_command() says `execl /bin/sh: why` (util/exec_command.c),
+    not execvp as for a program run directly: the delay notice gives `local: fatal: execl /bin/sh: Argument list too
+    long` as the command's output."""
+    command = "exit 0 # " + "x" * 140_000
+    aliases = f'inline:{{ {{long="|{command}"}} }}'
+    messages = [Send("case-shell", {"long@local.test": []})]
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {}, messages, 1, settle=1.5,
+                                   postfix={"mydestination": "local.test", "alias_maps": aliases, **QUICK,
+                                            "queue_run_delay": "1s"},
+                                   settings={"mydestination": ["local.test"], "alias_maps": [aliases]}, queue=QUICK)
+
+    def told(notices) -> list[tuple]:
+        return [(n["Subject"], human_part(n).split("\n\n<", 1)[1], report(n)[1]) for n in notices]
+
+    assert told(mf["case-shell"]) == told(pf["case-shell"])
+    [(_, _, fields)] = told(pf["case-shell"])
+    assert ("Diagnostic-Code", "x-unix; local: fatal: execl /bin/sh: Argument list too long") in fields
 
 
 def original_recipients(notice) -> list[str]:

@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from tests.support import SmtpClient, postfix_instance
+from tests.support import SmtpClient, free_port, postfix_instance
 from tests.support.policy import PolicyServer, read_request
 
 pytestmark = pytest.mark.interop
@@ -223,3 +223,27 @@ async def test_lists_run_early_send_the_requests_postfix_sends(mailflow_server):
     assert [r["protocol_state"] for r in postfix] == ["CONNECT", "EHLO", "MAIL"]
     assert [r["size"] for r in postfix] == ["0", "0", "100"]
     assert [{k: r.get(k) for k in COMPARED} for r in mailflow] == [{k: r.get(k) for k in COMPARED} for r in postfix]
+
+
+async def test_a_services_own_settings_in_braces_override_the_main_ones_as_in_postfix(mailflow_server):
+    """Postfix 3.0's `check_policy_service { endpoint, name=value, ... }`: the first service sends its own
+    policy_context (not smtpd's), the second, which cannot be asked, answers with its own default_action (braced:
+    it has spaces) after its own timeout; try_limit=1 spares Postfix its retry a second later."""
+    dead = f"inet:127.0.0.1:{free_port()}"
+    async with ScriptedPolicy({"alice": "DUNNO"}) as policy:
+        items = [f"check_policy_service {{ {policy.spec}, policy_context=per-service, max_idle=10s }}",
+                 f"check_policy_service {{ {dead}, timeout=2s, try_limit=1, retry_delay=1s, "
+                 "{ default_action = 450 4.7.1 policy down } }"]
+        async with postfix_instance({
+            "myhostname": "pf.test", "mydestination": "local.test", "local_recipient_maps": "inline:{alice=ok}",
+            "smtpd_recipient_restrictions": ", ".join(items), "smtpd_policy_service_policy_context": "main",
+        }) as pf:
+            postfix = await replies(pf.port, {"alice": ""})
+        postfix_requests, policy.requests[:] = list(policy.requests), []
+        mf = await mailflow_server(local_recipient_maps=["inline:{alice=ok}"], smtpd={
+            "recipient_restrictions": items, "policy_service_policy_context": "main"})
+        mailflow = await replies(mf.smtp_addresses[0][1], {"alice": ""})
+        mailflow_requests = policy.requests
+    assert mailflow == postfix == {"alice": "450 4.7.1 <alice@local.test>: Recipient address rejected: policy down"}
+    assert [r["policy_context"] for r in mailflow_requests] == [r["policy_context"] for r in postfix_requests] == \
+        ["per-service"]

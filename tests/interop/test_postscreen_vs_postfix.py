@@ -16,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 
 import pytest
 
-from tests.support import free_port, postfix_instance
+from tests.support import SmtpClient, free_port, postfix_instance
 
 pytestmark = pytest.mark.interop
 
@@ -57,7 +58,8 @@ async def dialogue(port: int) -> list[bytes]:
 
 
 def postscreen_lines(lines: list[str]) -> list[str]:
-    return [re.sub(r"\]:\d+", "]:PORT", line) for line in lines]
+    """The lines, each client port as PORT (`[ip]port` too: Postfix 3.7's EHLO discard line has no colon)."""
+    return [re.sub(r"\]:?\d+", lambda m: "]:PORT" if m[0][1] == ":" else "]PORT", line) for line in lines]
 
 
 def postscreen_master_cf(port: int) -> str:
@@ -231,3 +233,192 @@ async def test_the_other_actions_of_the_deep_tests_as_postfix(mailflow_server, c
     assert our_log == their_log, (our_log, their_log)
     assert ours[0][1] == ours[2][-1] == b"521 5.5.1 Protocol error\r\n"  # (the pipelined MAIL: no reply)
     assert ours[1][-2] == b"550 5.5.1 Protocol error\r\n"
+
+
+async def test_the_dummy_engines_ehlo_discards_command_filter_and_footer_as_postfix(mailflow_server, caplog, pki,
+                                                                                    tmp_path):
+    """postscreen_discard_ehlo_keywords (STARTTLS then 502, BDAT 502 and the end), the address maps (their answer
+    logged when it differs, unless silent-discard), postscreen_command_filter (the line replaced, logged) and
+    postscreen_reject_footer under every 4xx and 5xx reply, with postscreen's own macros."""
+    _, cert, _ = pki
+    maps = tmp_path / "discards"
+    maps.write_text("127.0.0.3 dsn, etrn\n127.0.0.4 silent-discard dsn\n")
+    commands = tmp_path / "commands"
+    commands.write_text("/^NOOP extra$/ NOOP\n/^FOO(.*)/ HELO foo$1\n")
+    footer = "\\c See $server_name about $client_address.\\nSecond line"
+    clients = [("127.0.0.2", [b"EHLO c.test\r\n", b"STARTTLS\r\n", b"XCLIENT\r\n", b"MAIL FROM:<s@x.test>\r\n",
+                              b"RCPT TO:<r@y.test>\r\n", b"NOOP extra\r\n", b"  NOOP extra\r\n", b"FOO bar\r\n",
+                              b"BDAT 1\r\n"]),
+               ("127.0.0.3", [b"EHLO c.test\r\n", b"QUIT\r\n"]),
+               ("127.0.0.4", [b"EHLO c.test\r\n", b"QUIT\r\n"]),
+               ("127.0.0.5", [b"HELO c.test\r\n", b"BDAT 1\r\n"])]  # (no EHLO: nothing refused yet)
+    caplog.set_level(logging.INFO, logger="mailflow.postscreen")
+    mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "tls_cert_file": cert,
+                                      "postscreen": {
+        "enable": True, "access_list": [], "greet_wait": GREET_WAIT, "pipelining_enable": True,
+        "discard_ehlo_keywords": ["starttls", "size", "chunking"],
+        "discard_ehlo_keyword_address_maps": [f"texthash:{maps}"], "command_filter": [f"regexp:{commands}"],
+        "reject_footer": footer}})
+    ours = await deep_dialogue(mf.smtp_addresses[0][1], clients)
+    our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
+    theirs, their_log = await postfix_deep_dialogue({
+        "smtpd_tls_cert_file": cert, "smtpd_tls_key_file": cert, "smtpd_tls_security_level": "may",
+        "postscreen_pipelining_enable": "yes", "postscreen_discard_ehlo_keywords": "starttls, size, chunking",
+        "postscreen_discard_ehlo_keyword_address_maps": f"texthash:{maps}",
+        "postscreen_command_filter": f"regexp:{commands}", "postscreen_reject_footer": footer}, clients)
+    assert ours == theirs
+    assert our_log == their_log, (our_log, their_log)
+    assert ours[0][2] == (b"502-5.5.1 Error: command not implemented See mx.mailflow.test about 127.0.0.2.\r\n"
+                          b"502 5.5.1 Second line\r\n")
+    assert ours[3][-1].startswith(b"554-5.5.1 Error: need MAIL command See ")
+    ehlo = ours[1][1].split(b"\r\n")  # (the map's answer in place of the default, not added to it)
+    assert b"250-DSN" not in ehlo and b"250-ETRN" not in ehlo and b"250-STARTTLS" in ehlo
+
+
+async def tls_dialogue(port: int, ctx) -> list[str]:
+    """A client that starts TLS in the dummy engine before its RCPT, then comes back: what it reads."""
+    seen = []
+    c = await SmtpClient.connect(port, timeout=GREET_WAIT + 5)
+    for line in ("EHLO c.test", "STARTTLS x", "STARTTLS"):
+        seen.append((await c.cmd(line)).text)
+    await c.writer.start_tls(ctx, server_hostname="localhost")
+    for line in ("EHLO again.test", "MAIL FROM:<s@x.test>", "RCPT TO:<r@y.test>", "STARTTLS", "QUIT"):
+        seen.append((await c.cmd(line)).text)
+    await c.close()
+    await asyncio.sleep(0.2)
+    again = await SmtpClient.connect(port, timeout=GREET_WAIT + 5)
+    assert again.greeting is not None
+    seen += [again.greeting.text, (await again.cmd("QUIT")).text]
+    await again.close()
+    return seen
+
+
+async def test_starttls_in_the_dummy_engine_as_postfix(mailflow_server, caplog, pki):
+    """postscreen_tls_security_level may (smtpd's): STARTTLS offered, done (Postfix: by tlsproxy, whose CONNECT and
+    DISCONNECT lines mailflow writes as `tlsproxy`), the HELO forgotten, no STARTTLS offered again; the client that
+    got to RCPT over TLS passes and the next connection goes to smtpd."""
+    _, cert, ctx = pki
+    caplog.set_level(logging.INFO, logger="mailflow.postscreen")
+    caplog.set_level(logging.INFO, logger="mailflow.tlsproxy")
+    mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "tls_cert_file": cert,
+                                      "postscreen": {"enable": True, "access_list": [], "greet_wait": GREET_WAIT,
+                                                     "pipelining_enable": True}})
+    ours = await tls_dialogue(mf.smtp_addresses[0][1], ctx)
+    our_log = postscreen_lines([f"{r.name.split('.')[1]}: {r.getMessage()}" for r in caplog.records
+                                if r.name in ("mailflow.postscreen", "mailflow.tlsproxy")])
+    port = free_port()
+    async with postfix_instance(main_cf={"myhostname": HOST, "postscreen_greet_wait": f"{GREET_WAIT}s",
+                                         "postscreen_access_list": "", "smtputf8_enable": "yes",
+                                         "postscreen_cache_map": "btree:$data_directory/postscreen_cache",
+                                         "postscreen_pipelining_enable": "yes", "smtpd_tls_security_level": "may",
+                                         "smtpd_tls_cert_file": cert, "smtpd_tls_key_file": cert},
+                                master_cf=postscreen_master_cf(port)) as pf:
+        theirs = await tls_dialogue(port, ctx)
+        await asyncio.sleep(0.3)
+        their_log = postscreen_lines([f"{name}: {text}" for name, text in
+                                      re.findall(r"/(postscreen|tlsproxy)\[\d+\]: (.*)$", pf.maillog, re.M)])
+    their_log = [line for line in their_log if not line.startswith("postscreen: cache ")]
+    theirs[1] = "501 5.5.4 Syntax: STARTTLS"  # (3.7.11 says `501 Syntax: EHLO hostname`, a slip fixed in 3.8)
+    assert ours == theirs
+    for process in ("postscreen", "tlsproxy"):  # (each in its order; Postfix's two processes' lines interleave)
+        assert [line for line in our_log if line.startswith(process)] == \
+            [line for line in their_log if line.startswith(process)], (our_log, their_log)
+    assert "250-STARTTLS" in ours[0] and "STARTTLS" not in ours[3]
+    assert ours[5:7] == ["450 4.3.2 Service currently unavailable", "554 5.5.1 Error: TLS already active"]
+    assert "postscreen: PASS NEW [127.0.0.1]:PORT" in our_log and "tlsproxy: DISCONNECT [127.0.0.1]:PORT" in our_log
+
+
+async def concurrent_dialogue(port: int) -> list[str]:
+    """One client's connections while its first is in the dummy engine: what each reads. The second comes once the
+    first passed the pregreet test, the third once it got to RCPT (it has passed the deep tests, not yet left)."""
+    seen = []
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+
+    async def say(writer: asyncio.StreamWriter, reader: asyncio.StreamReader, line: bytes) -> bytes:
+        writer.write(line)
+        await writer.drain()
+        return await read_reply(reader)
+
+    first_reader, first = await connect()
+    seen.append(f"first: {await read_reply(first_reader)!r}")
+    seen.append(f"first: {await say(first, first_reader, b'EHLO c.test' + CRLF)!r}")
+    reader, writer = await connect()
+    began = time.monotonic()
+    greeting = await read_reply(reader)
+    waited = "after a greet wait" if time.monotonic() - began > GREET_WAIT / 2 else "at once"
+    seen += [f"second: {greeting!r} {waited}", f"second: {await say(writer, reader, b'QUIT' + CRLF)!r}"]
+    writer.close()
+    for line in (b"MAIL FROM:<s@x.test>", b"RCPT TO:<r@y.test>"):
+        seen.append(f"first: {await say(first, first_reader, line + CRLF)!r}")
+    reader, writer = await connect()
+    began = time.monotonic()
+    greeting = await read_reply(reader)
+    waited = "after a greet wait" if time.monotonic() - began > GREET_WAIT / 2 else "at once"
+    seen.append(f"third: {greeting[:4]!r} {waited}")
+    ehlo = await say(writer, reader, b"EHLO c.test" + CRLF)
+    seen.append(f"third: {'smtpd' if b'PIPELINING' in ehlo else 'the dummy engine'} answers EHLO")
+    writer.close()
+    seen.append(f"first: {await say(first, first_reader, b'QUIT' + CRLF)!r}")
+    first.close()
+    await asyncio.sleep(0.2)
+    reader, writer = await connect()  # alone again: the cache, which the first's end updated (PASS OLD)
+    seen.append(f"fourth: {(await read_reply(reader))[:4]!r}")
+    ehlo = await say(writer, reader, b"EHLO c.test" + CRLF)
+    seen.append(f"fourth: {'smtpd' if b'PIPELINING' in ehlo else 'the dummy engine'} answers EHLO")
+    writer.close()
+    await asyncio.sleep(0.2)
+    return seen
+
+
+CRLF = b"\r\n"
+
+
+async def test_concurrent_connections_of_one_client_share_its_test_results_as_postfix(mailflow_server, caplog):
+    """Postfix's postscreen is one process: a client's connections in the screen at once share its test results
+    (client_info->expire_time, not the cache): the second skips the pregreet test the first passed, the third,
+    after the first passed the deep tests at RCPT, goes to smtpd at once (no PASS line), and the first's end
+    caches it all (PASS NEW once)."""
+    caplog.set_level(logging.INFO, logger="mailflow.postscreen")
+    mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
+        "enable": True, "access_list": [], "greet_wait": GREET_WAIT, "pipelining_enable": True}})
+    ours = await concurrent_dialogue(mf.smtp_addresses[0][1])
+    our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
+    port = free_port()
+    async with postfix_instance(main_cf={"myhostname": HOST, "postscreen_greet_wait": f"{GREET_WAIT}s",
+                                         "postscreen_access_list": "", "smtputf8_enable": "yes",
+                                         "postscreen_cache_map": "btree:$data_directory/postscreen_cache",
+                                         "postscreen_pipelining_enable": "yes"},
+                                master_cf=postscreen_master_cf(port)) as pf:
+        theirs = await concurrent_dialogue(port)
+        await asyncio.sleep(0.3)
+        their_log = postscreen_lines(re.findall(r"/postscreen\[\d+\]: (.*)$", pf.maillog, re.M))
+    their_log = [line for line in their_log if not line.startswith("cache ")]
+    assert ours == theirs
+    assert our_log == their_log, (our_log, their_log)
+    assert "second: b'220 mx.mailflow.test ESMTP Postfix\\r\\n' at once" in ours, ours
+    assert ours[-1] == "fourth: smtpd answers EHLO" and our_log.count("PASS NEW [127.0.0.2]:PORT") == 1, ours
+    assert our_log[-1] == "PASS OLD [127.0.0.2]:PORT", our_log
+
+
+async def test_soft_bounce_softens_postscreens_refusals_as_postfix(mailflow_server, caplog):
+    """soft_bounce: every 5xx postscreen sends goes out as a 4xx (psc_send_reply: the code's and the enhanced
+    code's first digit), the RCPT refusal logged so (psc_soften_reply)."""
+    clients = [("127.0.0.2", [b"XCLIENT\r\n", b"EHLO c.test\r\nMAIL FROM:<s@x.test>\r\n", b"RCPT TO:<r@y.test>\r\n",
+                              b"QUIT\r\n"]),
+               ("127.0.0.3", [b"GET / HTTP/1.0\r\n"])]
+    caplog.set_level(logging.INFO, logger="mailflow.postscreen")
+    mf = await mailflow_server(soft_bounce=True, smtpd={
+        "banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
+            "enable": True, "access_list": [], "greet_wait": GREET_WAIT, "pipelining_enable": True,
+            "non_smtp_command_enable": True}})
+    ours = await deep_dialogue(mf.smtp_addresses[0][1], clients)
+    our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
+    theirs, their_log = await postfix_deep_dialogue({"soft_bounce": "yes", "postscreen_pipelining_enable": "yes",
+                                                     "postscreen_non_smtp_command_enable": "yes"}, clients)
+    assert ours == theirs
+    assert our_log == their_log, (our_log, their_log)
+    assert ours[0][1] == b"402 4.5.2 Error: command not recognized\r\n"
+    assert ours[0][4] == b"450 4.5.1 Protocol error\r\n"
+    assert ours[1][-1] == b"421 4.7.0 Error: I can break rules, too. Goodbye.\r\n"

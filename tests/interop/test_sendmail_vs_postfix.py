@@ -252,8 +252,8 @@ NOTIFY_FLAGS = {1: "NEVER", 2: "SUCCESS", 4: "FAILURE", 8: "DELAY"}  # Postfix's
 
 def postfix_rcpt_dsn(postcat: str) -> list[tuple[str, str, str]]:
     """[(recipient, NOTIFY, ORCPT)] of a queue file as postcat shows it. An ORCPT Postfix made up from the
-    recipient itself (rfc822;<recipient>, when none was given) counts as none, as mailflow keeps none; its type
-    in lower case, as mailflow's smtpd keeps it (RFC 3461: an addr-type is case-insensitive)."""
+    recipient itself (rfc822;<recipient>, when none was given) counts as none, as mailflow keeps none; its type as
+    the client wrote it, as both keep it."""
     recipients, notify, orcpt = [], "", ""
     for line in postcat.splitlines():
         name, _, value = line.partition(": ")
@@ -261,8 +261,7 @@ def postfix_rcpt_dsn(postcat: str) -> list[tuple[str, str, str]]:
         if name == "named_attribute" and attribute == "notify_flags":
             notify = ",".join(word for bit, word in NOTIFY_FLAGS.items() if int(attr_value) & bit)
         elif name == "named_attribute" and attribute == "dsn_orig_rcpt":
-            addr_type, _, addr = attr_value.partition(";")
-            orcpt = f"{addr_type.lower()};{addr}"
+            orcpt = attr_value
         elif name == "recipient":
             recipients.append((value, notify, "" if orcpt == f"rfc822;{value}" else orcpt))
             notify, orcpt = "", ""
@@ -312,7 +311,7 @@ async def test_bs_takes_dsn_parameters_as_a_real_postfixs_smtpd_does(write_confi
     assert "notify_flags=10" in postcat
     assert list(zip(stored.recipients, stored.recipient_notify(), stored.rcpt_orcpt)) == postfix_rcpt_dsn(postcat) == [
         ("b@x.test", "SUCCESS,DELAY", "rfc822;orig+b@x.test"), ("c@x.test", "NEVER", ""),
-        ("d@x.test", "", "utf-8;\u00e9t\u00e9@x.test"), ("e@x.test", "", "")]
+        ("d@x.test", "", "UTF-8;\u00e9t\u00e9@x.test"), ("e@x.test", "", "")]
 
 
 # Error counting under -bs, with small limits on both sides. Junk commands past the junk limit and a recipient

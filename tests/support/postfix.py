@@ -5,6 +5,11 @@
         pf.run("postqueue", "-p")                        # a tool pointed at this instance with -c
         await pf.queue_empty()                           # bounded wait until its queue is empty
         pf.maillog                                       # its log so far
+    postfix_instance(main_cf, nameserver="127.53.x.y")  # its resolver asks that address, port 53 (a dns_zone
+                                                         # started there), nothing else: the instance runs in
+                                                         # its own mount namespace (unshare -m) where a
+                                                         # resolv.conf of its own is bound over /etc/resolv.conf
+    private_nameserver_address()                         # a loopback address for that, unlikely to be in use
 
 Everything lives in a fresh folder under the system temp dir (pytest's tmp_path is not traversable by the
 `postfix` user): etc/ (main.cf, master.cf copied from /etc/postfix with chroot off and smtpd moved to the port),
@@ -27,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import re
 import shutil
 import signal
@@ -69,11 +75,18 @@ def require_postfix() -> None:
         pytest.skip("a private Postfix instance needs root")
 
 
+def private_nameserver_address() -> str:
+    """A random address in 127.53.0.0/16 for a DNS server on port 53 that one private Postfix asks (port 53 is
+    the only one libc's resolver asks; each test its own address, so that concurrent ones do not meet)."""
+    return f"127.53.{random.randrange(1, 255)}.{random.randrange(1, 255)}"
+
+
 class PostfixInstance:
-    def __init__(self, root: Path, port: int):
+    def __init__(self, root: Path, port: int, nameserver: str | None = None):
         self.root = root
         self.etc = root / "etc"
         self.port = port
+        self.nameserver = nameserver
 
     @property
     def maillog(self) -> str:
@@ -122,10 +135,22 @@ class PostfixInstance:
         cooled = time.time() - MAIN_CF_COOL_DOWN
         os.utime(main_cf, (cooled, cooled))
         self.run("postconf", "-F", "*/*/chroot = n").check_returncode()
-        started = self.run("postfix", "start")  # runs `postfix check` (which makes the queue folders) first
+        started = self._start_master()
         assert started.returncode == 0, started.stderr.decode(errors="replace")
         await eventually(lambda: accepts(self.port), timeout=10, step=0.1,
                          what=f"the private Postfix listens on 127.0.0.1:{self.port}")
+
+    def _start_master(self) -> subprocess.CompletedProcess:
+        """`postfix start` (which runs `postfix check`, which makes the queue folders, first); with a nameserver,
+        in a mount namespace of its own where /etc/resolv.conf names only that server (the master and every
+        daemon it starts live in it; the machine's own file is untouched)."""
+        if self.nameserver is None:
+            return self.run("postfix", "start")
+        resolv = self.root / "resolv.conf"
+        resolv.write_text(f"nameserver {self.nameserver}\noptions attempts:1 timeout:2\n")
+        script = 'mount --bind "$1" /etc/resolv.conf && exec postfix -c "$2" start'
+        return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", str(resolv),
+                               str(self.etc)], capture_output=True, timeout=20)
 
     async def stop(self) -> None:
         """SIGTERM to the master (what `postfix stop` sends, without the script around it), at most 10 s for it
@@ -141,11 +166,11 @@ class PostfixInstance:
 
 
 @contextlib.asynccontextmanager
-async def postfix_instance(main_cf: dict[str, str] | None = None, master_cf: str = ""):
+async def postfix_instance(main_cf: dict[str, str] | None = None, master_cf: str = "", nameserver: str | None = None):
     require_postfix()
     root = Path(tempfile.mkdtemp(prefix="mailflow-pf-"))
     os.chmod(root, 0o755)
-    pf = PostfixInstance(root, free_port())
+    pf = PostfixInstance(root, free_port(), nameserver)
     try:
         await pf.start(main_cf or {}, master_cf)
         yield pf

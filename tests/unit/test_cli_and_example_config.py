@@ -298,13 +298,19 @@ class Limits:
 
 
 def test_the_descriptor_estimate_counts_each_smtp_client_connection_cache():
-    """Each SMTP client ([smtp], each [smtp.services.NAME]) keeps its own idle sessions, up to MAX_IDLE, each a
-    socket: a service whose cache is off keeps none, and [lmtp] caches nothing."""
+    """Each SMTP and LMTP client ([smtp], relay, [lmtp], each [smtp.services.NAME] and [lmtp.services.NAME]) keeps
+    its own idle sessions, up to MAX_IDLE, each a socket: a service whose cache is off keeps none. An
+    [smtp.services.relay] is the relay client, not one more."""
     base = Config.model_validate({})
     services = Config.model_validate({"smtp": {"services": {"out2": {"bind_address": "192.0.2.2"},
                                                             "nocache": {"connection_cache_time_limit": 0}}},
-                                      "lmtp": {"services": {"dovecot": {"port": 24}}}})
-    assert cli_server.descriptors_needed(services) - cli_server.descriptors_needed(base) == 200
+                                      "lmtp": {"services": {"dovecot": {"port": 24},
+                                                            "uncached": {"connection_cache_time_limit": 0}}}})
+    assert cli_server.descriptors_needed(services) - cli_server.descriptors_needed(base) == 2 * 200
+    lmtp_uncached = Config.model_validate({"lmtp": {"connection_cache_time_limit": 0}})
+    assert cli_server.descriptors_needed(base) - cli_server.descriptors_needed(lmtp_uncached) == 200
+    relay_uncached = Config.model_validate({"smtp": {"services": {"relay": {"connection_cache_time_limit": 0}}}})
+    assert cli_server.descriptors_needed(base) - cli_server.descriptors_needed(relay_uncached) == 200
 
 
 @pytest.mark.parametrize("hard, warned", [(4096, True), (10000, False)])
@@ -319,9 +325,9 @@ def test_serve_raises_the_descriptor_limit_to_the_hard_one_and_warns_when_it_is_
     caplog.set_level(logging.WARNING, logger="mailflow")
     cfg = Config.model_validate({"smtpd": {"max_sessions": 2000}})
     cli_server.ensure_descriptors(cfg)
-    assert limits.limits == (hard, hard) and cli_server.descriptors_needed(cfg) == 4464  # 2*2000 + 2*100 + 200 + 64
+    assert limits.limits == (hard, hard) and cli_server.descriptors_needed(cfg) == 4864  # 2*2000 + 2*100 + 3*200 + 64
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     if warned:
-        assert len(warnings) == 1 and warnings[0].startswith("the file descriptor limit (4096) is below the 4464")
+        assert len(warnings) == 1 and warnings[0].startswith("the file descriptor limit (4096) is below the 4864")
     else:
         assert warnings == []

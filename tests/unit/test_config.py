@@ -35,7 +35,7 @@ def test_embedded_defaults():
     assert c.mydestination == ("localhost",)
     assert c.relay_domains == ()
     assert c.relayhost == ""
-    assert (c.local_transport, c.relay_transport, c.default_transport) == ("local", "smtp", "smtp")
+    assert (c.local_transport, c.relay_transport, c.default_transport) == ("local", "relay", "smtp")
     assert c.queue.minimal_backoff_time == 300.0
     assert c.queue.maximal_backoff_time == 4000.0
 
@@ -423,3 +423,23 @@ def test_a_queue_table_naming_no_transport_is_refused(tmp_path, table):
     assert f"queue.{table}: 'dovecott' is not a transport" in err.reason
     piped = f"[queue]\n{table} = {{ dovecot = {value} }}\n[pipe.dovecot]\nargv = ['/bin/true']\n"
     assert getattr(load_config(write(tmp_path, piped)).queue, table)["dovecot"]
+
+
+@pytest.mark.parametrize("option, words", [
+    ("bogus=1", "unknown policy service option 'bogus'"),
+    ("timeout=0", "timeout=0: at least 1s"),
+    ("try_limit=0", "try_limit=0: a number, at least 1"),
+    ("default_action=", "default_action= is empty"),
+    ("timeout", "'timeout' is not name=value"),
+])
+def test_a_policy_service_option_postfix_would_refuse_names_file_key_and_reason(tmp_path, option, words):
+    path = write(tmp_path, f'[smtpd]\nrecipient_restrictions = ["check_policy_service {{ inet:127.0.0.1:9998, '
+                           f'{option} }}"]\n')
+    err = config_error(path)
+    assert err.key.startswith("smtpd.recipient_restrictions") and words in err.reason, (err.key, err.reason)
+
+
+def test_a_policy_service_in_braces_with_known_options_is_taken():
+    item = "check_policy_service { inet:127.0.0.1:9998, timeout=10s, max_idle=1m, max_ttl=1h, retry_delay=1s, " \
+           "request_limit=0, try_limit=2, { default_action = 451 4.3.5 try later }, policy_context=submission }"
+    assert config_from_dict({"smtpd": {"recipient_restrictions": [item]}}).smtpd.recipient_restrictions == (item,)

@@ -4,9 +4,7 @@ section's; an unknown key or a name another transport has is refused naming the 
 from __future__ import annotations
 
 import pytest
-from typer.testing import CliRunner
 
-from mailflow.cli import app as cli
 
 from mailflow.config import config_from_dict, load_config
 from mailflow.config.reload import in_force
@@ -33,18 +31,6 @@ def test_relay_may_be_an_smtp_service_of_its_own_as_in_postfix_s_master_cf():
     [smtp.services.relay] gives mailflow's relay transport its own settings (without it relay is [smtp]'s)."""
     config = config_from_dict({"smtp": {"services": {"relay": {"tls_security_level": "encrypt"}}}})
     assert config.smtp.for_service("relay").tls_security_level == "encrypt"
-
-
-@pytest.mark.parametrize("relay_transport, warned", [(None, True), ("smtp:[gw.example]", True), ("relay", False),
-                                                     ("relay:[gw.example]", False)])
-def test_check_config_warns_of_a_relay_service_relay_domain_mail_never_reaches(tmp_path, relay_transport, warned):
-    """mailflow's relay_transport defaults to `smtp` (Postfix's: `relay`): an [smtp.services.relay] written by hand
-    governs relay-domain mail only with relay_transport = "relay"; `config check` says so (exit 0)."""
-    top = f'relay_transport = "{relay_transport}"\n' if relay_transport else ""
-    (tmp_path / "mailflow.toml").write_text(f'{top}[smtp.services.relay]\ntls_security_level = "encrypt"\n')
-    result = CliRunner().invoke(cli, ["config", "check", "--config", str(tmp_path / "mailflow.toml")])
-    assert result.exit_code == 0, result.output + result.stderr
-    assert ("warning: smtp.services.relay: relay_transport is" in result.stderr) is warned, result.stderr
 
 
 def test_per_transport_queue_tables_and_local_may_name_a_service():

@@ -72,7 +72,7 @@ def test_dies_after_a_failed_cohort_and_hands_back_its_queue():
     assert d.is_dead(T0) and d.dead_until == T0 + DEAD_TIME
     assert [j.queue_id for j in died_with] == ["Q10", "Q11", "Q12"]
     assert not d.can_start(T0 + DEAD_TIME - 1)
-    assert d.snapshot()[2] == 0 and d.snapshot()[7] == "connection refused"
+    assert d.snapshot(T0)[2] == 0 and d.snapshot(T0)[7] == "connection refused"
 
 
 def test_a_success_clears_the_failure_count():
@@ -169,7 +169,7 @@ def test_a_message_s_jobs_waiting_their_turn_are_withdrawn_drained_and_counted()
     d = dest()
     d.queue([Job("BIG", "smtp", "example.test", (Recipient(i, f"u{i}@example.test", ""),)) for i in range(3)])
     d.queue([job(1), job(1)])
-    assert d.snapshot()[4] == 5
+    assert d.snapshot(T0)[4] == 5
     assert [j.recipients[0].index for j in d.withdraw("BIG")] == [0, 1, 2]
     assert [j.queue_id for j in d.drain()] == ["Q1", "Q1"]
     assert d.idle(T0)

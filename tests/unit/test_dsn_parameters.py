@@ -1,7 +1,8 @@
 """The DSN parameters (RFC 3461) as smtpd takes them: what Postfix takes, and no more."""
 import pytest
 
-from mailflow.dsn_parameters import DsnError, envid, notify, orcpt, uxtext_decode, without_success, xtext_decode
+from mailflow.dsn_parameters import (DsnError, envid, is_orcpt_value, notify, orcpt, uxtext_decode, without_success,
+                                     xtext_decode)
 
 
 def test_a_notify_word_given_twice_counts_once_and_empty_items_are_skipped():
@@ -12,8 +13,15 @@ def test_a_notify_word_given_twice_counts_once_and_empty_items_are_skipped():
 
 def test_an_orcpt_without_an_address_or_with_an_odd_type_is_taken_and_reports_nothing():
     assert orcpt("rfc822;") == orcpt("r\u00e9;x@y.test") == ""
-    assert orcpt("RFC822;a+2Bb@x.test") == orcpt("rfc822;a+2bb@x.test") == "rfc822;a+b@x.test"
+    assert orcpt("rfc822;a+2Bb@x.test") == orcpt("rfc822;a+2bb@x.test") == "rfc822;a+b@x.test"
     assert orcpt("utf-8;j\\x{F6}e@x.test") == "utf-8;j\u00f6e@x.test"
+
+
+def test_an_orcpt_type_is_kept_as_the_client_wrote_it():
+    """As Postfix's smtpd keeps it (the next hop and the notice get `RFC822;...`); utf-8 decodes uxtext in any case."""
+    assert orcpt("RFC822;a+2Bb@x.test") == "RFC822;a+b@x.test"
+    assert orcpt("UTF-8;j\\x{F6}e@x.test") == "UTF-8;j\u00f6e@x.test"
+    assert is_orcpt_value("RFC822;a@x.test") and is_orcpt_value("Utf-8;j\u00f6e@x.test")
 
 
 def test_xtext_as_postfix_reads_it():

@@ -712,6 +712,36 @@ def test_parameters_postfix_reads_raw_are_written_as_is(tmp_path):
     assert doc["smtpd"]["reject_footer"] == "Contact postmaster, client $client_address"
 
 
+def test_the_dnsbl_reply_settings_are_imported(tmp_path):
+    write(tmp_path, "rbl_replies", "zen.example 550 5.7.1 Listed by $rbl_domain: $rbl_reason\n")
+    main = write(tmp_path, "main.cf", f"""\
+        default_rbl_reply = $rbl_code 5.7.1 Blocked: $rbl_class [$rbl_what] by $rbl_domain${{rbl_reason?; $rbl_reason}}
+        rbl_reply_maps = texthash:{tmp_path}/rbl_replies
+        maps_rbl_reject_code = 550
+        """)
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert (code, err) == (0, "")
+    doc = checked(tmp_path / "mailflow.toml")
+    assert doc["smtpd"]["default_rbl_reply"] == \
+        "$rbl_code 5.7.1 Blocked: $rbl_class [$rbl_what] by $rbl_domain${rbl_reason?; $rbl_reason}"  # raw
+    assert doc["smtpd"]["rbl_reply_maps"] == [f"texthash:{tmp_path}/rbl_replies"]
+    assert doc["smtpd"]["maps_rbl_reject_code"] == 550
+
+
+def test_a_policy_service_with_its_own_settings_in_braces_is_one_item(tmp_path):
+    main = write(tmp_path, "main.cf", """\
+        smtpd_recipient_restrictions = permit_mynetworks,
+            check_policy_service { inet:127.0.0.1:9998, timeout=10s, { default_action = 451 4.3.5 later } },
+            reject_unauth_destination
+        """)
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert (code, err) == (0, "")
+    assert checked(tmp_path / "mailflow.toml")["smtpd"]["recipient_restrictions"] == [
+        "permit_mynetworks",
+        "check_policy_service { inet:127.0.0.1:9998, timeout=10s, { default_action = 451 4.3.5 later } }",
+        "reject_unauth_destination"]
+
+
 def test_a_hash_table_without_its_source_file_is_left_out_and_a_stale_db_noted(tmp_path):
     import os
     (tmp_path / "only.db").write_bytes(b"")
@@ -863,14 +893,14 @@ def test_a_certificate_or_key_file_that_is_not_there_is_left_out_naming_it(tmp_p
     "relay unix - - n - 4 smtp\n",
 ])
 def test_a_relay_service_of_its_own_gets_relay_domain_mail_as_in_postfix(tmp_path, master_cf):
-    """Postfix's relay_transport defaults to `relay` (mailflow's to `smtp`): master.cf's `relay` with an -o (an
-    [smtp.services.relay]) or a maxproc used to be dead configuration, relay-domain mail going over [smtp]."""
+    """relay_transport defaults to `relay` in both (Postfix's mail_params.h DEF_RELAY_TRANSPORT): master.cf's
+    `relay` with an -o (an [smtp.services.relay]) or a maxproc gets relay-domain mail without a relay_transport
+    written out."""
     main = write(tmp_path, "main.cf", "myhostname = mx.example.com\nrelay_domains = example.net\n")
     code, err = run_import(main, write(tmp_path, "master.cf", master_cf), tmp_path / "mailflow.toml")
     doc = checked(tmp_path / "mailflow.toml")
     assert code == 0, err
-    assert doc["relay_transport"] == "relay"
-    assert "(no relay_transport in main.cf) Postfix's default: relay" in (tmp_path / "mailflow.toml").read_text()
+    assert "relay_transport" not in doc
     result = CliRunner().invoke(cli, ["address", "-c", str(tmp_path / "mailflow.toml"), "u@example.net"])
     assert re.search(r"transport:\s+relay\b", result.output), result.output
 
@@ -1081,3 +1111,44 @@ def test_reject_tempfail_action_in_master_cf_sets_that_listeners_tempfail_action
         "unknown_helo_hostname_tempfail_action": "defer_if_permit", "unknown_address_tempfail_action": "defer",
         "unverified_recipient_tempfail_action": "defer"}
     assert not any(k.endswith("tempfail_action") for k in listeners["0.0.0.0:2525"])
+
+
+def test_the_lmtp_connection_cache_parameters_and_a_service_s_become_lmtp_settings(tmp_path):
+    """lmtp_connection_cache_time_limit and the reuse limits (lmtp(8)'s cache, which mailflow's LMTP client has),
+    in main.cf and as a dovecot service's -o; caching on demand (Postfix's default) is built in."""
+    main = write(tmp_path, "main.cf", "myhostname = mx.example.com\nlmtp_connection_cache_time_limit = 5s\n"
+                                      "lmtp_connection_reuse_count_limit = 10\nlmtp_connection_reuse_time_limit = 60\n"
+                                      "lmtp_connection_cache_on_demand = yes\n")
+    master = write(tmp_path, "master.cf", "dovecot unix - - n - - lmtp -o lmtp_connection_cache_time_limit=0\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    doc = checked(tmp_path / "mailflow.toml")
+    assert code == 0, err
+    assert {k: v for k, v in doc["lmtp"].items() if k.startswith("connection_")} == {
+        "connection_cache_time_limit": "5s", "connection_reuse_count_limit": 10, "connection_reuse_time_limit": "60s"}
+    assert doc["lmtp"]["services"]["dovecot"] == {"connection_cache_time_limit": "0s"}
+
+
+@pytest.mark.parametrize("tls_lines, level", [
+    ("postscreen_enforce_tls = yes\nsmtpd_use_tls = yes\n", "encrypt"),
+    ("postscreen_use_tls = yes\n", "may"),
+    ("postscreen_use_tls = no\nsmtpd_use_tls = yes\n", "none"),
+    ("postscreen_use_tls = yes\nsmtpd_tls_security_level = none\n", None),  # (a level wins: smtpd's, inherited)
+    ("postscreen_tls_security_level = encrypt\npostscreen_use_tls = no\n", "encrypt"),
+])
+def test_postscreens_dummy_engine_settings_are_translated(tmp_path, tls_lines, level):
+    """postscreen_discard_ehlo_keywords and its address maps, command filter and reject footer as they are;
+    postscreen_use_tls and postscreen_enforce_tls (defaults: smtpd's) as Postfix 3.7 maps them to a level, only
+    when no security level applies."""
+    (tmp_path / "discards").write_text("127.0.0.3 dsn\n")
+    (tmp_path / "commands").write_text("/^NOOP x$/ NOOP\n")
+    main = write(tmp_path, "main.cf", f"postscreen_discard_ehlo_keywords = silent-discard, dsn\n"
+                                      f"postscreen_discard_ehlo_keyword_address_maps = texthash:{tmp_path}/discards\n"
+                                      f"postscreen_command_filter = regexp:{tmp_path}/commands\n"
+                                      "postscreen_reject_footer = \\c see $server_name\n" + tls_lines)
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert code == 0, err
+    screen = checked(tmp_path / "mailflow.toml")["smtpd"]["postscreen"]
+    assert screen.pop("tls_security_level", None) == level
+    assert screen == {"discard_ehlo_keywords": ["silent-discard", "dsn"],
+                      "discard_ehlo_keyword_address_maps": [f"texthash:{tmp_path}/discards"],
+                      "command_filter": [f"regexp:{tmp_path}/commands"], "reject_footer": "\\c see $server_name"}

@@ -9,6 +9,7 @@ import time
 import pytest
 
 import json
+import re
 
 from mailflow import queue_tools as qt
 from mailflow.content import Content, FilePart
@@ -316,13 +317,16 @@ def test_shape_layout_is_qshapes():
 
 def test_destinations_table_and_json(utc):
     rows = [DestinationRow("smtp", "[127.0.0.1]:2525", 0, 0, 0, 3, T0 + 120, "connect refused", T0 - 1),
-            DestinationRow("local", "mx.test", 5, 1, 2, 0, 0.0, "", T0)]
+            DestinationRow("local", "mx.test", 5, 1, 2, 0, 0.0, "", T0),
+            DestinationRow("smtp", "slow.test", 1, 0, 4, 0, 0.0, "", T0, paused_until=T0 + 30)]
     text = qt.format_destinations(rows, T0).splitlines()
     assert text[0].split() == list(qt.DESTINATION_HEADER)
-    assert "2023-11-14 22:15:20 (in 2m00s)" in text[1] and text[1].endswith("(1s ago)  connect refused")
+    assert "2023-11-14 22:15:20 (in 2m00s)  -" in text[1] and text[1].endswith("(1s ago)  connect refused")
     assert text[2].endswith("(0s ago)  -") and "  -  " in text[2]
-    assert qt.destinations_json(rows)[1]["dead_until"] is None
-    assert qt.destinations_json(rows)[0]["dead_until"] == T0 + 120
+    assert re.split(r"\s{2,}", text[3])[6:] == ["-", "2023-11-14 22:13:50 (in 30s)", "2023-11-14 22:13:20 (0s ago)",
+                                                "-"]  # not dead, paused 30 s more
+    assert [(d["dead_until"], d["paused_until"]) for d in qt.destinations_json(rows)] == [
+        (T0 + 120, None), (None, None), (None, T0 + 30)]
 
 
 # ---------------------------------------------------------------------------------------------- progress
@@ -416,8 +420,9 @@ async def test_the_store_answers_with_named_rows(store):
                                                                            orcpt="rfc822;first@y.test")]}
     assert sorted(await store.shape_counts(qt.QUEUES, T0, qt.shape_limits()), key=lambda c: c.domain) == [
         ShapeCount("x.test", 1, 1), ShapeCount("y.test", 1, 1)]
-    await store.save_destinations([("smtp", "[mx.test]", 5, 1, 0, 0, 0.0, "")], T0)
-    assert await store.destination_rows() == [DestinationRow("smtp", "[mx.test]", 5, 1, 0, 0, 0.0, "", T0)]
+    await store.save_destinations([("smtp", "[mx.test]", 1, 0, 2, 0, 0.0, "", T0 + 9)], T0)
+    assert await store.destination_rows() == [DestinationRow("smtp", "[mx.test]", 1, 0, 2, 0, 0.0, "", T0,
+                                                             paused_until=T0 + 9)]
 
 
 async def test_recipient_domain_is_after_the_last_at_in_any_case(store):

@@ -28,15 +28,15 @@ CASES = [
     ({"local_transport": "discard:"}, "user@example.test", LOCAL, "discard", "mx.example.test"),
     ({"local_transport": "smtp:[127.0.0.1]:24"}, "user@example.test", LOCAL, "smtp", "[127.0.0.1]:24"),
     # relay: relay_domains -> relay_transport, nexthop relayhost if set, else the domain
-    ({}, "user@relay.test", RELAY, "smtp", "relay.test"),
-    ({}, "user@RELAY.TEST.", RELAY, "smtp", "relay.test"),
-    ({"relayhost": "[10.0.0.1]:587"}, "user@relay.test", RELAY, "smtp", "[10.0.0.1]:587"),
+    ({}, "user@relay.test", RELAY, "relay", "relay.test"),
+    ({}, "user@RELAY.TEST.", RELAY, "relay", "relay.test"),
+    ({"relayhost": "[10.0.0.1]:587"}, "user@relay.test", RELAY, "relay", "[10.0.0.1]:587"),
     ({"relay_transport": "relay"}, "user@relay.test", RELAY, "relay", "relay.test"),
     ({"relay_transport": "smtp:[10.0.0.2]:2525", "relayhost": "[10.0.0.1]:587"}, "user@relay.test", RELAY,
      "smtp", "[10.0.0.2]:2525"),
     # a relay_domains entry matches its subdomains (Postfix parent_domain_matches_subdomains default)
-    ({}, "user@a.relay.test", RELAY, "smtp", "a.relay.test"),
-    ({}, "user@a.b.relay.test", RELAY, "smtp", "a.b.relay.test"),
+    ({}, "user@a.relay.test", RELAY, "relay", "a.relay.test"),
+    ({}, "user@a.b.relay.test", RELAY, "relay", "a.b.relay.test"),
     ({}, "user@xrelay.test", DEFAULT, "smtp", "xrelay.test"),
     # mydestination is an exact list: a subdomain is another domain
     ({}, "user@a.example.test", DEFAULT, "smtp", "a.example.test"),
@@ -57,7 +57,7 @@ CASES = [
     ({"mydestination": ("mx.example.test",)}, "user", LOCAL, "local", "mx.example.test"),
     # domain lists in the config are matched case- and trailing-dot-insensitively
     ({"mydestination": ("Example.TEST.",)}, "user@example.test", LOCAL, "local", "mx.example.test"),
-    ({"relay_domains": ("Sub.Relay.Test.",)}, "user@a.sub.relay.test", RELAY, "smtp", "a.sub.relay.test"),
+    ({"relay_domains": ("Sub.Relay.Test.",)}, "user@a.sub.relay.test", RELAY, "relay", "a.sub.relay.test"),
     ({"mydestination": ("xn--bcher-kva.example",)}, "user@bücher.example", LOCAL, "local", "mx.example.test"),
     ({"mydestination": ()}, "user@example.test", DEFAULT, "smtp", "example.test"),
 ]

@@ -118,6 +118,11 @@ def smtp(addr: str, nexthop: str | None = None) -> tuple[str, str, str]:
     return (addr, "smtp", nexthop or addr.rpartition("@")[2].lower())
 
 
+def relay(addr: str, nexthop: str | None = None) -> tuple[str, str, str]:
+    """A relay_domains address: relay_transport's (`relay`, as Postfix's default), the next hop as smtp()'s."""
+    return (addr, "relay", nexthop or addr.rpartition("@")[2].lower())
+
+
 def error(addr: str, text: str) -> tuple[str, str, str]:
     return (addr, "error", text)
 
@@ -209,7 +214,7 @@ CASES = [
     # local deliveries first; the forwarded address goes out as a new message
     case("alias-local-and-remote", {}, "mixed@local.test", [mailbox(f"alice@{HOST}"), smtp("dave@remote.test")]),
     case("alias-inline-table", {"alias_maps": ["inline:{ {helpdesk = alice, bob@relay.test} }"]},
-         "helpdesk@local.test", [mailbox(f"alice@{HOST}"), smtp("bob@relay.test")]),
+         "helpdesk@local.test", [mailbox(f"alice@{HOST}"), relay("bob@relay.test")]),
     # local(8) resolves alias results without virtual aliasing (only cleanup does that)
     case("alias-result-not-virtual-aliased", vam("sales@local.test=dave@remote.test"), "sales-desk@local.test",
          [unknown("sales@local.test", "sales")]),
@@ -245,7 +250,7 @@ CASES = [
 
     # -- virtual alias (cleanup, every domain, recursive) ---------------------------------------------
     case("virtual-one-to-many", vam("{info@local.test = alice, bob@relay.test}"), "info@local.test",
-         [mailbox(f"alice@{HOST}"), smtp("bob@relay.test")]),
+         [mailbox(f"alice@{HOST}"), relay("bob@relay.test")]),
     case("virtual-any-domain", vam("dave@remote.test=carol"), "dave@remote.test", [mailbox(f"carol@{HOST}")]),
     case("virtual-alias-domain", {"virtual_alias_domains": ["va.test"], **vam("info@va.test=bob")},
          "info@va.test", [mailbox(f"bob@{HOST}")]),
@@ -267,7 +272,7 @@ CASES = [
     # virtual(5): "@otherdomain ... works only for the first address in a multi-address lookup result"; a
     # later @domain is an address with an empty local part (a real Postfix sends RCPT TO:<""@remote.test>)
     case("virtual-second-result-at-domain", vam("{info@local.test = bob@relay.test, @remote.test}"),
-         "info@local.test", [smtp("bob@relay.test"), smtp('""@remote.test', "remote.test")]),
+         "info@local.test", [relay("bob@relay.test"), smtp('""@remote.test', "remote.test")]),
     case("virtual-domain-rewrite-keeps-extension", vam("@old.test=@new.test"), "x+tag@old.test",
          [smtp("x+tag@new.test")]),
     case("virtual-extension-propagated", vam("sales@va.test=bob@remote.test"), "sales+eu@va.test",
@@ -309,9 +314,9 @@ CASES = [
          [error("x@both.test", VA_UNKNOWN)]),
 
     # -- relay class ------------------------------------------------------------------------------------
-    case("relay-domain", {}, "x@relay.test", [smtp("x@relay.test")]),
+    case("relay-domain", {}, "x@relay.test", [relay("x@relay.test")]),
     case("relay-relayhost", {"relayhost": "[smarthost.test]"}, "x@relay.test",
-         [smtp("x@relay.test", "[smarthost.test]")]),
+         [relay("x@relay.test", "[smarthost.test]")]),
     case("relay-transport", {"relay_transport": "relay"}, "x@relay.test", [("x@relay.test", "relay", "relay.test")]),
     case("relay-transport-nexthop-beats-relayhost",
          {"relay_transport": "relay:[relaygw.test]", "relayhost": "[smarthost.test]"}, "x@relay.test",
@@ -337,7 +342,7 @@ CASES = [
          [smtp("u@sub.vmail.test")]),
     case("virtual-alias-domains-exact", {"virtual_alias_domains": ["va.test"]}, "u@sub.va.test",
          [smtp("u@sub.va.test")]),
-    case("relay-domains-deep-subdomain", {}, "x@a.b.relay.test", [smtp("x@a.b.relay.test")]),
+    case("relay-domains-deep-subdomain", {}, "x@a.b.relay.test", [relay("x@a.b.relay.test")]),
     case("relay-domains-not-a-suffix-match", {}, "x@badrelay.test", [smtp("x@badrelay.test")]),
 
     # postmaster is always somebody here: without an alias, the postmaster mailbox (RFC 5321 4.5.1)
@@ -387,7 +392,7 @@ CASES = [
     case("transport-star-catches-local-too", tm("*=smtp:[smarthost.test]"), "team@local.test",
          [smtp("team@local.test", "[smarthost.test]")]),
     case("transport-empty-transport-keeps-class", tm("relay.test=:[gw.test]"), "x@relay.test",
-         [smtp("x@relay.test", "[gw.test]")]),
+         [relay("x@relay.test", "[gw.test]")]),
     case("transport-empty-nexthop-recipient-domain", tm("remote.test=relay:"), "x@remote.test",
          [("x@remote.test", "relay", "remote.test")]),
     case("transport-beats-relayhost", {"relayhost": "[smarthost.test]", **tm("remote.test=smtp:[gw.test]")},
@@ -429,7 +434,7 @@ CASES = [
     case("canonical-then-virtual",
          {"canonical_maps": ["inline:{info@local.test=sales@local.test}"],
           **vam("{sales@local.test = alice, bob@relay.test}")},
-         "info@local.test", [mailbox(f"alice@{HOST}"), smtp("bob@relay.test")]),
+         "info@local.test", [mailbox(f"alice@{HOST}"), relay("bob@relay.test")]),
     # virtual alias results are not canonicalized again
     case("canonical-not-applied-to-virtual-results",
          {"canonical_maps": ["inline:{alice=carol}"], **vam("info@local.test=alice")}, "info@local.test",

@@ -50,8 +50,8 @@ def test_default_class_by_sender(sender, expected):
 
 def test_relay_class_takes_the_sender_relayhost_but_not_the_sender_transport():
     rw = rewriter()
-    assert hop(rw, "x@relay.test", "bob@acct.test") == ("smtp", "[10.0.0.3]")
-    assert hop(rw, "x@relay.test", "y@special.test") == ("smtp", "[10.0.0.1]")
+    assert hop(rw, "x@relay.test", "bob@acct.test") == ("relay", "[10.0.0.3]")
+    assert hop(rw, "x@relay.test", "y@special.test") == ("relay", "[10.0.0.1]")
 
 
 @pytest.mark.parametrize("rcpt, klass", [("alice@local.test", AddressClass.LOCAL),

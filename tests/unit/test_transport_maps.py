@@ -36,7 +36,7 @@ def test_transport_maps_search_order(addr, transport, nexthop):
 
 def test_without_transport_maps_the_class_decides():
     res = rewriter().resolve("x@relay.test")
-    assert (res.address_class, res.transport, res.nexthop) == (AddressClass.RELAY, "smtp", "[relayhost.test]:25")
+    assert (res.address_class, res.transport, res.nexthop) == (AddressClass.RELAY, "relay", "[relayhost.test]:25")
 
 
 def test_each_key_is_asked_of_every_table_before_the_next_key():

@@ -103,6 +103,7 @@ async function loadDestinations() {
     cell(row, d.queued, "number");
     cell(row, d.failures, "number");
     cell(row, d.dead_until ? time(d.dead_until) : "-", d.dead_until ? "status-bounced" : "");
+    cell(row, d.paused_until ? time(d.paused_until) : "-");
     cell(row, d.reason || "");
   });
 }

@@ -40,7 +40,8 @@ The loop
   Sink) reads the next one (`next_timer`) and whether the mail in hand waits for nothing else
   (`waiting_for_timers`), to stop there and to count such mail as settled. A record the store refused (a store
   fault) is retried after a backoff on the same clock (`faults.Retrier`): its retry time is such a timer, and a
-  record waiting for it is not `working`.
+  record waiting for it is not `working`; so is a failed scan's (`scan_backing_off`: mail due or incoming meanwhile
+  waits for the clock alone), and a damaged message a scan took counts in `taken_count` while it is set aside.
 - An address verification probe (mailflow.stages.verify) is delivered through `deliver_probe`: a dead destination
   defers it without a connection, as Postfix's qmgr defers the probe (a queued message) of a dead queue; what the
   probe finds is not fed back (Postfix's probes never make a destination dead); it is not queued and waits for no
@@ -201,11 +202,13 @@ class QueueManager:
         self._in_flight = 0
         self._in_flight_by_transport: dict[str, int] = {}  # transports with deliveries under way: how many
         self._tasks: set[asyncio.Task] = set()
+        self._setting_aside: set[str] = set()  # damaged messages a scan took (active in the store), being set aside
         self._deliveries: set[asyncio.Task] = set()
         self._retired: list = []  # transports a reload replaced, closed once their deliveries end
         self._retirements: set[asyncio.Task] = set()
         self._wakeup = asyncio.Event()
         self._scan_wanted = True  # the next turn scans; not after a wake-up that only a destination's timer rang
+        self._scan_under_way = False  # the loop is in a scan (which may wait for a retry of a write: `_set_aside`)
         self._timer_only = False  # the loop's current sleep ends for a destination's timer, not for a scan
         self._next_scan = 0.0
         self._next_maintenance = 0.0
@@ -339,6 +342,12 @@ class QueueManager:
     def active_count(self) -> int:
         return len(self._active)
 
+    @property
+    def taken_count(self) -> int:
+        """The messages the store holds active on qmgr's behalf: those in hand, and the damaged ones a scan took that
+        are being set aside (their move to the corrupt queue may wait for a retry after a store fault)."""
+        return len(self._active) + len(self._setting_aside)
+
     def in_hand(self, queue_id: str) -> bool:
         """Whether the message is in qmgr's hands (its attempt not concluded), whatever its queue in the store
         says: pickup copies no requeued message before its attempt is over."""
@@ -351,19 +360,27 @@ class QueueManager:
 
     @property
     def working(self) -> bool:
-        """Deliveries or records are under way, but for records that wait for the clock alone (the retry of a write
-        the store refused): a driver of a virtual clock waits for this to clear, then moves the clock."""
-        return bool(self._tasks) and not (self._writes.resting() and self._tasks <= self._writes.callers)
+        """Deliveries, records or a scan are under way, but for those that wait for the clock alone (the retry of a
+        write the store refused): a driver of a virtual clock waits for this to clear, then moves the clock."""
+        workers = self._tasks | ({self._loop_task} if self._scan_under_way else set())
+        return bool(workers) and not (self._writes.resting() and workers <= self._writes.callers)
 
     def next_timer(self) -> float | None:
         """The earliest time still to come a destination's timer rings (a rate delay's pause or a dead site's
-        memory ends) or a refused record is retried, or None: a driver of a virtual clock stops there on its way,
-        as at the store's due times. (It may be a timer whose destination has since moved on: stopping there
-        changes nothing.)"""
+        memory ends), a refused record is retried or a failed scan is tried again (`scan_backing_off`), or None: a
+        driver of a virtual clock stops there on its way, as at the store's due times. (It may be a timer whose
+        destination has since moved on: stopping there changes nothing.)"""
         now = self._clock.time()
-        retry = self._writes.next_retry()
-        moments = [when for when, _ in self._timers] + ([retry] if retry is not None else [])
+        retries = (self._writes.next_retry(), self._scanning.resume_at if self.scan_backing_off else None)
+        moments = [when for when, _ in self._timers] + [when for when in retries if when is not None]
         return min((when for when in moments if when > now), default=None)
+
+    @property
+    def scan_backing_off(self) -> bool:
+        """The last scan failed and the next waits for its backoff (a time on the clock, in `next_timer`): mail due
+        now or incoming waits for the clock alone. A driver of a virtual clock counts it as settled and does not
+        `wake()` qmgr for it (a wake-up, the sign of a commit, ends the backoff)."""
+        return self._scanning.backing_off
 
     def waiting_for_timers(self) -> bool:
         """Nothing is under way and nothing can start before the clock moves: no delivery, record (but one waiting
@@ -378,7 +395,9 @@ class QueueManager:
         return all(dest.held(now) for dest in self._destinations.values() if dest.jobs)
 
     def destinations(self) -> list[tuple]:
-        return [d.snapshot() for d in self._destinations.values()]
+        """Each destination's `Destination.snapshot` now."""
+        now = self._clock.time()
+        return [d.snapshot(now) for d in self._destinations.values()]
 
     # -- address verification probes -------------------------------------------------------------------
     async def deliver_probe(self, transport: str, request: DeliveryRequest) -> tuple[DeliveryReport, str]:
@@ -414,11 +433,19 @@ class QueueManager:
                 await self._publish.run(self._publish_destinations)
             if self._scan_wanted or ticked:
                 self._scan_wanted = False
-                await self._scanning.run(self._scan)
+                await self._scan_guarded()
             if self._clock.time() >= self._next_maintenance:
                 self._next_maintenance = self._clock.time() + MAINTENANCE_INTERVAL
                 await self._maintenance.run(self._store.maintain)
             await self._idle(self._idle_until())
+
+    async def _scan_guarded(self) -> None:
+        """The scan, unless it backs off after a failure; `working` while under way."""
+        self._scan_under_way = True
+        try:
+            await self._scanning.run(self._scan)
+        finally:
+            self._scan_under_way = False
 
     def _idle_until(self) -> float:
         """The clock time the loop sleeps until: the next scan (or the scan's backoff), at most a tick away, or
@@ -480,8 +507,9 @@ class QueueManager:
             self._pump()
         if self._snapshot is None:
             self._changed = set()
-            rows = {dest.key: dest.snapshot() for dest in self._destinations.values()}
-            await self._store.save_destinations(list(rows.values()), self._clock.time())
+            now = self._clock.time()
+            rows = {dest.key: dest.snapshot(now) for dest in self._destinations.values()}
+            await self._store.save_destinations(list(rows.values()), now)
             self._snapshot = rows
             return
         changed, self._changed = self._changed, set()
@@ -495,16 +523,17 @@ class QueueManager:
         """Write the rows of `changed` that differ from `last` and remove those of destinations forgotten."""
         rows: dict[tuple[str, str], tuple] = {}
         gone = []
+        now = self._clock.time()
         for key in changed:
             dest = self._destinations.get(key)
             if dest is None:
                 if key in last:
                     gone.append(key)
-            elif last.get(key) != (row := dest.snapshot()):
+            elif last.get(key) != (row := dest.snapshot(now)):
                 rows[key] = row
         if not rows and not gone:
             return
-        await self._store.save_destinations(list(rows.values()), self._clock.time(), gone)
+        await self._store.save_destinations(list(rows.values()), now, gone)
         last.update(rows)
         for key in gone:
             del last[key]
@@ -626,7 +655,7 @@ class QueueManager:
                     await asyncio.sleep(0)
                 for message in taken[start:start + ADMIT_SLICE]:
                     if message.damage:
-                        self._spawn(self._set_aside([(message.queue_id, message.damage)]))
+                        self._set_aside_taken(message)
                     else:
                         self._log_opened(message)
                         self._admit(message, now)
@@ -634,6 +663,14 @@ class QueueManager:
                 self._pump()
         finally:
             self._admitting = 0
+
+    def _set_aside_taken(self, message: QueuedMessage) -> None:
+        """A damaged message the scan took (the store holds it active) is set aside by a task of its own, counted in
+        `taken_count` until its write is done (it may wait for a retry after a store fault)."""
+        queue_id = message.queue_id
+        self._setting_aside.add(queue_id)
+        task = self._spawn(self._set_aside([(queue_id, message.damage)]))
+        task.add_done_callback(lambda _: self._setting_aside.discard(queue_id))
 
     async def _set_aside(self, damaged: list[tuple[str, str]]) -> None:
         """Messages with damaged queue rows, (queue id, what is wrong) each, are not delivered: their values are

@@ -175,12 +175,14 @@ class Destination:
         """Nothing queued, in flight, remembered dead or paused: the destination may be forgotten."""
         return not self.jobs and self.in_flight == 0 and not self.dead_until and now >= self.resume_at
 
-    def snapshot(self) -> tuple:
-        """(transport, nexthop, window, in_flight, queued, failures, dead_until, reason) for the tools."""
+    def snapshot(self, now: float) -> tuple:
+        """(transport, nexthop, window, in_flight, queued, failures, dead_until, reason, paused_until) for the tools
+        at `now`: `paused_until` is when its rate delay's pause ends, 0 when it is not paused."""
         window = 0 if self.dead_until else self.window
         queued = len(self.jobs) + sum(len(more) for more in self.later.values())
+        paused_until = self.resume_at if self.resume_at > now else 0.0
         return (self.transport, self.nexthop, window, self.in_flight, queued, self.failures,
-                self.dead_until, self.reason)
+                self.dead_until, self.reason, paused_until)
 
     def _rate_limit(self) -> None:
         """Postfix's qmgr_transport: a rate delay makes the destination concurrency limit 1."""

@@ -5,7 +5,8 @@ reject_unknown_recipient_domain (Postfix's postconf(5) meanings; the ones that a
 server_checks.py's). restrictions.py decides when each runs; this module asks the resolver and words the answer.
 
     DnsChecks(resolver, rewriter, unknown_address_reject_code, unknown_address_tempfail_action)
-        .rbl(arg, facts), .rhsbl(kind, arg, facts)      554 5.7.1 when listed (127.x, or the answer asked for)
+        .rbl(arg, facts), .rhsbl(kind, arg, facts)      listed (127.x, or the answer asked for): a Listed, with
+                                                         the list's TXT reason (rbl_replies.py words the reply)
         .allowlisted(kind, arg, facts) -> bool           permit_dnswl_client (kind "client": the address) and
                                                          permit_rhswl_client ("client_name": the verified name)
                                                          listed as reject_rbl_client's lists are; a lookup that
@@ -50,6 +51,8 @@ from mailflow.dns import (MX, InvalidReply, NonRecoverable, NotFound, confirmed_
                           is_ip_literal, ptr_names)
 from mailflow.errors import LookupRetry
 from mailflow.model import AddressClass
+from mailflow.rbl_reply import txt_reason
+from mailflow.stages.smtpd.rbl_replies import Listed
 from mailflow.syntax import is_ipv4
 
 if TYPE_CHECKING:
@@ -85,21 +88,27 @@ class DnsChecks:
 
     # -------------------------------------------------------------------------------- block lists
 
-    async def rbl(self, arg: str, facts: Facts) -> status.Reply | None:
+    async def rbl(self, arg: str, facts: Facts) -> Listed | None:
+        """reject_rbl_client: the client's address (reversed) under the list has an address (127.x, or the one
+        asked for) -> what the list said (its TXT reason too); None when not listed or it cannot be asked."""
         rbl_domain, _, wanted = arg.partition("=")
         query = rbl_query_name(facts.client_addr, rbl_domain)
         if query is None or not await self._listed(query, wanted, facts.memo):
             return None
-        return status.rbl_listed(facts.client_addr, rbl_domain)
+        return Listed(arg, facts.client_addr, "Client host", await self._reason(query, facts.memo))
 
-    async def rhsbl(self, kind: str, arg: str, facts: Facts) -> status.Reply | None:
-        """reject_rhsbl_<kind>: `<domain>.<rbl>` has an address (127.x, or the one asked for) -> 554 5.7.1."""
+    async def rhsbl(self, kind: str, arg: str, facts: Facts) -> Listed | None:
+        """reject_rhsbl_<kind>: `<domain>.<rbl>` has an address (127.x, or the one asked for) -> what the list said;
+        what was looked up is named as Postfix names it: the whole sender or recipient address, else the name."""
         rbl_domain, _, wanted = arg.partition("=")
-        domain, what = await self._rhsbl_subject(kind, facts)
-        domain = address.normalise_domain(domain or "")
-        if not domain or domain.startswith("[") or not await self._listed(f"{domain}.{rbl_domain}", wanted, facts.memo):
+        subject, what = await self._rhsbl_subject(kind, facts)
+        subject = subject or ""
+        is_address = kind in ("sender", "recipient") and subject
+        domain = address.normalise_domain(address.split(subject)[1] if is_address else subject)
+        query = f"{domain}.{rbl_domain}"
+        if not domain or domain.startswith("[") or not await self._listed(query, wanted, facts.memo):
             return None
-        return status.rbl_listed(domain, rbl_domain, what)
+        return Listed(arg, subject, what, await self._reason(query, facts.memo))
 
     async def _rhsbl_subject(self, kind: str, facts: Facts) -> tuple[str | None, str]:
         if kind == "client":
@@ -109,7 +118,7 @@ class DnsChecks:
         if kind == "helo":
             return facts.helo, "Helo command"
         addr = facts.sender if kind == "sender" else facts.recipient
-        return (address.split(addr)[1] if addr else ""), ("Sender address" if kind == "sender" else "Recipient address")
+        return addr, ("Sender address" if kind == "sender" else "Recipient address")
 
     async def _listed(self, query: str, wanted: str, memo: dict) -> bool | None:
         """`query` has an address (127.x, or the one `wanted`); None when the DNS cannot tell (logged once: the
@@ -133,6 +142,18 @@ class DnsChecks:
         except LookupRetry as e:
             log.warning("%s: RBL lookup error: %s", query, failure_text(e))  # (dns_lookup's why, as Postfix's)
             return None
+
+    async def _reason(self, query: str, memo: dict) -> str:
+        """The list's TXT records for `query` as Postfix's reason (rbl_reply.txt_reason); "" when it has none or
+        they cannot be had (nothing logged, as Postfix). Asked once a session, and only of a list that names
+        the client (Postfix asks it with every address answer)."""
+        key = ("dnsxl txt", query)
+        if key not in memo:
+            try:
+                memo[key] = txt_reason(await self._resolver.txt(query))
+            except (NotFound, LookupRetry):
+                memo[key] = ""
+        return memo[key]
 
     async def allowlisted(self, kind: str, arg: str, facts: Facts) -> bool:
         """permit_dnswl_client / permit_rhswl_client: the client's address (reversed, as for a DNSBL) or its

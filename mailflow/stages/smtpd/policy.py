@@ -7,6 +7,11 @@ ignored) and an empty line back.
     PolicyClient(spec, timeout, max_idle=, max_ttl=, request_limit=).query(attributes) -> action text
                                                                                         raises PolicyError
     PolicyClient.close()      the idle connections now, the busy ones when their query ends (shutdown, reload)
+    policy_service(arg, smtpd) -> PolicyService(client, default_action, context)
+                              check_policy_service's argument (an endpoint, or `{ endpoint, name=value, ... }`:
+                              mailflow.syntax.parse_policy_service) with smtpd's policy_service_* settings, the
+                              service's own values over them (Postfix 3.0's per-service overrides); try_limit and
+                              retry_delay are taken and checked, and the retry rule below stays
 
 Connections are kept and reused, as Postfix's attr_clnt/auto_clnt keep one per smtpd process: the protocol is
 lock-step, so a connection carries one query at a time and concurrent queries use up to CONNECTION_LIMIT
@@ -30,8 +35,9 @@ import asyncio
 import contextlib
 import logging
 import re
+from typing import NamedTuple
 
-from mailflow.syntax import parse_endpoint
+from mailflow.syntax import parse_endpoint, parse_policy_service
 
 log = logging.getLogger("mailflow.smtpd")
 
@@ -137,6 +143,25 @@ class _Connection(asyncio.Protocol):
             start = end + 1
         self._scanned = start
         return None
+
+
+class PolicyService(NamedTuple):
+    """One check_policy_service's client, and what its requests and failures use."""
+
+    client: PolicyClient
+    default_action: str  # the action when the server cannot be asked (policy_service_default_action)
+    context: str  # the requests' policy_context attribute
+
+
+def policy_service(arg: str, smtpd) -> PolicyService:
+    """See the module doc; `arg` was checked by the configuration (ValueError otherwise)."""
+    endpoint, own = parse_policy_service(arg)
+    settings = {name: getattr(smtpd, f"policy_service_{name}") for name in
+                ("timeout", "max_idle", "max_ttl", "request_limit", "default_action", "policy_context")}
+    settings.update((name, value) for name, value in own.items() if name in settings)
+    client = PolicyClient(endpoint, float(settings["timeout"]), max_idle=float(settings["max_idle"]),
+                          max_ttl=float(settings["max_ttl"]), request_limit=int(settings["request_limit"]))
+    return PolicyService(client, str(settings["default_action"]), str(settings["policy_context"]))
 
 
 class PolicyClient:

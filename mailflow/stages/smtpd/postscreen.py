@@ -5,13 +5,16 @@
                                     settings it takes as Postfix's postscreen_* defaults
         .screen(conn, client) -> Verdict   run before smtpd's "connect from": PASS (smtpd takes the client) or
                                     the end
-    EngineTraits(message_size_limit, session_time_limit, disable_vrfy, helo_required)   what the dummy engine
-                                    takes from smtpd's settings
+    EngineTraits(message_size_limit, session_time_limit, disable_vrfy, helo_required, tls, tls_loglevel,
+                 discard_ehlo_keywords, discard_ehlo_keyword_address_maps, reject_footer, soft_bounce)   what
+                                    the dummy engine takes from smtpd's settings; .from_config(smtpd, soft_bounce):
+                                    a listener's (postscreen's own settings, else smtpd's)
     PassCache(limit)                the clients that passed, per test with its expiry (postscreen_cache_map; one
                                     per server, in memory; beyond `limit` the expired dropped first, then the
                                     least recently used)
         .due(ip, tests, now) -> tests | None   those without an unexpired pass (None: not in the cache); .passed
-        .record(ip, {test: expiry}, now)   passes added; .expiry(ip, test), .complete(ip, tests): each passed once
+        .record(ip, {test: expiry}, now)   passes added; .expiry(ip, test), .complete(ip, tests): each passed once;
+        .entry(ip): a copy of its passes
 
 What it does, in Postfix 3.7's order and words (src/postscreen/postscreen.c, _early.c, _dnsbl.c, _smtpd.c, _misc.c;
 lines logged as `postscreen`, `[ip]:port` as postscreen writes a client):
@@ -23,7 +26,10 @@ lines logged as `postscreen`, `[ip]:port` as postscreen writes a client):
   denylist_action (Postfix 3.7's respectful_logging words).
 - the cache: a client whose every enabled test passed within its TTL: `PASS OLD [ip]:port`, to smtpd at once; a
   cached client meets only its expired tests (the pregreet test not due: no teaser, no read, the wait ends with the
-  DNSBL answers), then `PASS OLD`.
+  DNSBL answers), then `PASS OLD`. A client's connections in the screen at once share one record of what they
+  passed (Postfix's client_info->expire_time; the first's copy of its cache entry): a connection that comes while
+  another is there meets only the tests that record has not passed (none: to smtpd, with no PASS line), each pass
+  is written there at once, and a session's end caches the whole record (psc_conclude).
 - allowlist_interfaces: a listener address outside it: `ALLOWLIST VETO [ip]:port`; the client meets the tests but
   never smtpd (the dummy engine, every deep test on) nor the cache.
 - beyond `pre_queue_limit` clients in the tests at once on the listener (the access list and the cache come first):
@@ -57,7 +63,17 @@ lines logged as `postscreen`, `[ip]:port` as postscreen writes a client):
 - the end of the dummy engine is psc_conclude's: the passes cached and `PASS NEW` unless a test failed, the final
   reply (221 to QUIT, 554 to DATA/BDAT: `DATA without valid RCPT from`), `DISCONNECT`.
 
-Not built: a persistent cache_map; postscreen's TLS, EHLO discards, command filter and reply footer.
+- the dummy engine's STARTTLS (postscreen_tls_security_level, unset: smtpd's; smtpd's certificate, the connection's
+  `tls_handshake`, as Postfix's tlsproxy: its `CONNECT from`, `DISCONNECT` and failure lines logged as `tlsproxy`),
+  the session then over TLS with its HELO and MAIL forgotten, the deep tests on; encrypt: `530 5.7.0` before it but
+  for HELO, EHLO, STARTTLS, NOOP, QUIT. Its EHLO leaves out discard_ehlo_keywords or the address maps' answer
+  (logged `[ip]port: discarding EHLO keywords: ...`, as 3.7's "[%s]%s"); command_filter rewrites each line
+  (`[ip]:port: replacing command "a" with "b"`); reject_footer goes under every 4xx/5xx postscreen sends, with
+  postscreen's four macros (psc_send_reply, psc_expand_lookup).
+
+Under soft_bounce every 5xx postscreen sends goes out (and is logged at RCPT) as a 4xx, as psc_send_reply.
+
+Not built: a persistent cache_map; reject_footer_maps and expansion_filter (the macros are filtered as smtpd's).
 
 Bounded: at most pre_queue_limit clients in the tests at once per listener, and client_connection_count_limit
 connections of one client in the screen; the DNSBL queries by their deadline and the greet wait; the dummy engine by
@@ -73,6 +89,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import heapq
 import logging
 import re
@@ -83,19 +100,22 @@ from typing import Callable, Coroutine, Protocol
 from mailflow import status
 from mailflow.address import quoted_local
 from mailflow.clock import Clock
-from mailflow.config.smtpd import SMTPD_BANNER, PostscreenConfig
+from mailflow.config.smtpd import SMTPD_BANNER, PostscreenConfig, SmtpdConfig
 from mailflow.dnsbl_sites import DnsblSite, parse_dnsbl_site
 from mailflow.dns import NotFound, failure_text
+from mailflow.ehlo_keywords import SILENT, discard_names, discard_set
 from mailflow.errors import LookupRetry
 from mailflow.logs import escaped, format_tv, printable
 from mailflow.message import starts_header_field
+from mailflow.reply_footer import POSTSCREEN_FOOTER_MACROS, footer_lines, postscreen_footer_values, unknown_macros
 from mailflow.stages.smtpd.anvil import Places
 from mailflow.stages.smtpd.dns_checks import rbl_query_name
 from mailflow.stages.smtpd.wire import Wire, WireError
-from mailflow.tables import TableCache
+from mailflow.tables import TableCache, find
 from mailflow.tables.networks import NetworkList
 
 log = logging.getLogger("mailflow.postscreen")
+tls_log = logging.getLogger("mailflow.tlsproxy")  # the lines Postfix's tlsproxy writes for postscreen's STARTTLS
 
 PREGREET, DNSBL = "pregreet", "dnsbl"
 PIPELINING, NON_SMTP, BARE_NEWLINE = "pipelining", "non_smtp_command", "bare_newline"
@@ -108,6 +128,7 @@ QUOTED = 100  # bytes of a command or of pending input a deep test's log line qu
 # the commands the dummy engine knows (Postfix's command_table: XCLIENT, XFORWARD and AUTH known but disabled)
 KNOWN_COMMANDS = ("HELO", "EHLO", "STARTTLS", "XCLIENT", "XFORWARD", "AUTH", "MAIL", "RCPT", "DATA", "BDAT", "RSET",
                   "NOOP", "VRFY", "ETRN", "QUIT")
+PRE_TLS = ("HELO", "EHLO", "STARTTLS", "NOOP", "QUIT")  # encrypt answers these before STARTTLS (_FLAG_PRE_TLS)
 _LETTER = re.compile(rb"[A-Za-z]")  # smtpd_forbidden_commands' regexp:{{/^[^A-Z]/ Bogus}} (case-insensitive)
 
 
@@ -125,6 +146,12 @@ class Connection(Protocol):
     def send(self, text: str) -> None: ...
 
     def hang_up(self) -> None: ...
+
+    async def tls_handshake(self, timeout: float) -> tuple[bool, str]:
+        """The server side of a TLS handshake with smtpd's certificate, within `timeout`: (True, `TLSv1.3 with
+        cipher … (n/n bits)`) once done, the connection then over TLS; (False, why, in tls_server.c's words) when
+        it failed (the connection is then over)."""
+        ...
 
 
 @dataclass
@@ -163,6 +190,10 @@ class PassCache:
             self._entries.move_to_end(ip)
         return due
 
+    def entry(self, ip: str) -> dict[str, float]:
+        """A copy of the client's passes (empty: not in the cache)."""
+        return dict(self._entries.get(ip, {}))
+
     def expiry(self, ip: str, test: str) -> float:
         """Until when the client's pass of `test` holds (0: never passed, or not in the cache)."""
         return self._entries.get(ip, {}).get(test, 0.0)
@@ -195,6 +226,19 @@ class PassCache:
         return None
 
 
+class _SharedPasses(dict):
+    """A session's passes, each also written to the results its client's connections in the screen share
+    (Postfix's client_info->expire_time: one process, one record per client while it has connections there)."""
+
+    def __init__(self, shared: dict[str, float]):
+        super().__init__()
+        self.shared = shared
+
+    def __setitem__(self, test: str, until: float) -> None:
+        super().__setitem__(test, until)
+        self.shared[test] = until
+
+
 @dataclass
 class _Screening:
     """One client's state while it is screened."""
@@ -205,6 +249,7 @@ class _Screening:
     vetoed: bool = False  # not on an allowlist interface: never to smtpd, nothing cached (PSC_STATE_FLAG_ALLIST_FAIL)
     silent: bool = False  # the pregreet test failed under enforce: the dummy engine sends no greeting
     passes: dict[str, float] = field(default_factory=dict)  # the tests passed this session, until when
+    nothing_due: bool = False  # another connection of the client passed every test meanwhile (no cache lookup)
     due: tuple[str, ...] = ()  # a cached client's expired tests, the ones it meets (): all
     known: bool = False  # has passed every test once: its PASS is `PASS OLD` (Postfix's PSC_STATE_FLAG_NEW unset)
 
@@ -255,6 +300,8 @@ class Postscreen:
         self._connection_limit = smtpd_connection_limit if limit is None else limit
         self._connections: dict[str, int] = {}  # ip -> its connections in the screen now (none: no key)
         self._passed_new: set[str] = set()  # clients with a connection in the screen that logged `PASS NEW`
+        # ip -> test -> until when: what its connections in the screen passed, shared (client_info->expire_time)
+        self._shared: dict[str, dict[str, float]] = {}
         self._dnsbl_in_flight: dict[str, _DnsblQueries] = {}  # ip -> the DNSBL queries its connections share
         self._deep = _deep_settings(config)
         deep = tuple(test for test in DEEP_TESTS if self._deep[test].enabled)
@@ -268,9 +315,14 @@ class Postscreen:
         self._min_ttl = min(config.greet_ttl, config.dnsbl_min_ttl, config.pipelining_ttl,
                             config.non_smtp_command_ttl, config.bare_newline_ttl)
         self._engine = engine or EngineTraits()
+        self._discard_maps = tables.open(list(self._engine.discard_ehlo_keyword_address_maps))
+        self._command_filter = tables.open(list(config.command_filter))
 
     async def screen(self, conn: Connection, client: Client) -> Verdict:
         log.info("CONNECT from %s to [%s]:%s", client.where, client.server_ip, client.server_port)
+        if self._engine.reject_footer or self._engine.soft_bounce:
+            conn = _Replies(conn, soft_bounce=self._engine.soft_bounce, template=self._engine.reject_footer,
+                            values=functools.partial(postscreen_footer_values, self._hostname, client.ip, client.port))
         count = self._connections.get(client.ip, 0) + 1
         self._connections[client.ip] = count
         try:
@@ -288,6 +340,7 @@ class Postscreen:
             self._connections[ip] = count
         else:
             self._passed_new.discard(ip)
+            self._shared.pop(ip, None)
 
     async def _screen(self, conn: Connection, state: _Screening) -> Verdict:
         """Postfix's psc_endpt_lookup_done: the access list, the cache, then a screening place for the tests."""
@@ -300,13 +353,17 @@ class Postscreen:
             log.info("DENYLISTED %s", client.where)
             if state.fail(self._config.denylist_action, status.postscreen_denylisted, conn):
                 return Verdict.DONE
-        if not state.failed:
+        shared = self._shared.get(client.ip) if self._connections[client.ip] > 1 else None
+        if shared is not None:  # (psc_todo_tests: another connection's results, not the cache's)
+            self._due_from(state, shared)
+        elif not state.failed:
             due = self._cache.due(client.ip, self._tests, self._clock.time())
             if due == ():
                 log.info("PASS OLD %s", client.where)
                 return Verdict.PASS
             if due is not None:  # (psc_parse_tests: only the expired tests run again)
                 state.due, state.known = due, self._cache.complete(client.ip, self._tests)
+        state.passes = _SharedPasses(self._shared.setdefault(client.ip, self._cache.entry(client.ip)))
         if client.server_ip and not self._interfaces.contains(client.server_ip):  # (a table that fails: vetoed)
             log.info("ALLOWLIST VETO %s", client.where)
             state.vetoed = True
@@ -318,6 +375,14 @@ class Postscreen:
             return await self._tests_of(conn, state)
         finally:
             self._give_back_place()
+
+    def _due_from(self, state: _Screening, shared: dict[str, float]) -> None:
+        """A client with another connection in the screen meets the tests their shared results have not passed
+        (or whose pass expired); none: `nothing_due` (Postfix hands it over with no PASS line)."""
+        now = self._clock.time()
+        due = tuple(test for test in self._tests if shared.get(test, 0.0) <= now)
+        state.due, state.nothing_due = due, not due
+        state.known = all(test in shared for test in self._tests)
 
     def _take_place(self) -> bool:
         """A screening place (False: none free); stress mode entered when the places are 90 % taken."""
@@ -345,7 +410,9 @@ class Postscreen:
     async def _tests_of(self, conn: Connection, state: _Screening) -> Verdict:
         """The early tests, then the dummy engine (enforce, a veto, deep tests due: psc_early_event's end), or
         smtpd."""
-        if not await self._early_tests(conn, state):
+        if state.nothing_due and not state.vetoed:
+            return Verdict.PASS  # (psc_conclude: this session passed nothing, so no PASS line, no cache update)
+        if not state.nothing_due and not await self._early_tests(conn, state):
             return Verdict.DONE
         if state.rcpt_reply is not None or state.vetoed or self._deep_due(state):
             await self._dummy_engine(conn, state)
@@ -378,7 +445,8 @@ class Postscreen:
         # does not make the client `PASS NEW` again
         disabled = {test: 0.0 for test in ALL_TESTS
                     if test not in self._tests and not self._cache.complete(ip, (test,))}
-        self._cache.record(ip, {**disabled, **state.passes}, self._clock.time())
+        shared = state.passes.shared if isinstance(state.passes, _SharedPasses) else state.passes
+        self._cache.record(ip, {**disabled, **shared}, self._clock.time())  # (psc_print_tests: the shared record)
 
     async def _access(self, ip: str) -> str:
         """permit, reject or dunno: the first answer of the access list, as Postfix's server_acl_eval: a table's
@@ -559,7 +627,7 @@ class Postscreen:
         failed: a client that passes is to come back), the deep tests on each command line; never hand over. Its
         end is psc_conclude's: the passes cached, `PASS NEW`, the final reply, `DISCONNECT`."""
         deep = _DeepTests(self._deep_due(state))
-        dialogue = _Dummy(self._hostname, state, self._engine)
+        dialogue = _Dummy(self._hostname, state, self._engine, *await self._ehlo_discards(state.client.ip))
         if not state.silent:  # (no banner for a client that failed the pregreet test)
             conn.send(f"{status.greeting(self._hostname, self._banner)}\r\n")
         started = self._clock.time()
@@ -580,7 +648,26 @@ class Postscreen:
         if final is not None:
             conn.send(final)
         log.info("DISCONNECT %s", state.client.where)
+        if dialogue.tls_active:
+            tls_log.info("DISCONNECT %s", state.client.where)
         conn.hang_up()
+
+    async def _ehlo_discards(self, ip: str) -> tuple[frozenset[str], bool]:
+        """The EHLO keywords the client's dummy session leaves out: the address maps' answer (True: it differs from
+        postscreen_discard_ehlo_keywords, so each EHLO logs it, as psc_ehlo_cmd), else those. A map that cannot
+        answer: the default, with a warning (Postfix's postscreen stops there)."""
+        default = self._engine.discard_ehlo_keywords
+        if not self._discard_maps:
+            return default, False
+        try:
+            found = await self._table_cache.run(find, self._discard_maps, [ip])
+        except LookupRetry as e:
+            log.warning("postscreen_discard_ehlo_keyword_address_maps lookup error for %s: %s", ip, e.reason)
+            return default, False
+        if found is None:
+            return default, False
+        words = discard_set([found[2]], ignore_unknown=True)
+        return words, words != default
 
     async def _next_command(self, conn: Connection, state: _Screening, deep: "_DeepTests",
                             dialogue: "_Dummy") -> str | None:
@@ -594,10 +681,16 @@ class Postscreen:
             log.info("COMMAND LENGTH LIMIT from %s after %s", client.where, dialogue.where)
             return f"{status.postscreen_unavailable(self._hostname)}\r\n"
         line, bare = got
+        received = line
+        if self._command_filter:
+            filtered = await self._filtered_command(client, line)
+            if filtered is None:
+                return f"{status.postscreen_unavailable(self._hostname)}\r\n"
+            line = filtered
         command, _, rest = line.lstrip(b" ").partition(b" ")
         verb = command.decode("ascii", "replace").upper()
         after, dialogue.where = dialogue.where, verb if verb in KNOWN_COMMANDS else "UNIMPLEMENTED"
-        dropped = self._line_tests(conn, state, deep, line, bare=bare, verb=verb, after=after)
+        dropped = self._line_tests(conn, state, deep, line, bare=bare, verb=verb, after=after, received=received)
         if dropped is not None:
             return dropped
         if verb == "RCPT":  # (the deep tests pass once the client got this far; a later command can still fail them)
@@ -611,16 +704,56 @@ class Postscreen:
         if dialogue.over:
             return reply
         conn.send(reply)
+        if dialogue.tls_wanted:
+            await self._start_tls(conn, client, dialogue)
         return None
 
+    async def _filtered_command(self, client: Client, line: bytes) -> bytes | None:
+        """postscreen_command_filter: the line (leading blanks skipped; not when it is not UTF-8) looked up, a value
+        in its place, logged as psc_smtpd_read_event; None when the table could not answer (Postfix's postscreen
+        stops: the client gets the 421 and the end)."""
+        try:
+            key = line.lstrip(b" \t").decode("utf-8")
+        except UnicodeDecodeError:
+            return line
+        for table in self._command_filter:
+            try:
+                value = await self._table_cache.run(table.lookup, key)
+            except LookupRetry as e:
+                log.warning("%s lookup error for \"%s\": %s", table.name, printable(key)[:QUOTED], e.reason)
+                return None
+            if value is not None:
+                log.info('%s: replacing command "%s" with "%s"', client.where,
+                         printable(line.decode("utf-8"))[:QUOTED], printable(value)[:QUOTED])
+                return value.encode("utf-8")
+        return line
+
+    async def _start_tls(self, conn: Connection, client: Client, dialogue: "_Dummy") -> None:
+        """STARTTLS answered 220: the handshake, as Postfix's tlsproxy does it for postscreen (with smtpd's
+        certificate, within the command time limit), then the dialogue over TLS with its HELO and MAIL forgotten. A
+        handshake that fails ends the session as a hangup (ConnectionResetError), tlsproxy's lines logged."""
+        dialogue.tls_wanted = False
+        tls_log.info("CONNECT from %s", client.where)
+        done, detail = await conn.tls_handshake(self._command_time_limit)
+        if not done:
+            if detail:
+                tls_log.warning("TLS library problem: %s", detail)
+            tls_log.info("TLS handshake failed for service=smtpd peer=%s", client.where)
+            tls_log.info("DISCONNECT %s", client.where)
+            raise ConnectionResetError("the TLS handshake failed")
+        if self._engine.tls_loglevel >= 1:
+            tls_log.info("Anonymous TLS connection established from %s: %s", client.where, detail)
+        dialogue.tls_started()
+
     def _line_tests(self, conn: Connection, state: _Screening, deep: "_DeepTests", line: bytes, *, bare: bool,
-                    verb: str, after: str) -> str | None:
+                    verb: str, after: str, received: bytes) -> str | None:
         """The deep tests of one command line (`bare`: it ended with a bare LF; `verb`: its first word, upper case;
-        `after`: the command before it), in psc_smtpd_read_event's order: bare newline, non-SMTP command,
-        pipelining; the final reply of a test failed under drop (None: the session goes on)."""
+        `after`: the command before it; `received`: the line before the command filter), in psc_smtpd_read_event's
+        order: bare newline, non-SMTP command, pipelining; the final reply of a test failed under drop (None: the
+        session goes on)."""
         client = state.client
         if bare and deep.due(BARE_NEWLINE):
-            log.info("BARE NEWLINE from %s after %s", client.where, escaped(line[:QUOTED]))
+            log.info("BARE NEWLINE from %s after %s", client.where, escaped(received[:QUOTED]))
             if self._deep_failed(state, deep, BARE_NEWLINE):
                 return f"{status.postscreen_protocol_error(521)}\r\n"
         command, _, rest = line.lstrip(b" ").partition(b" ")
@@ -652,6 +785,8 @@ class Postscreen:
         ends the session with its 521)."""
         deep.failed.add(test)
         state.passes.pop(test, None)
+        if isinstance(state.passes, _SharedPasses):
+            state.passes.shared[test] = 0.0  # (expire_time[...] = PSC_TIME_STAMP_DISABLED, for every connection)
         action = self._deep[test].action
         if action == "ignore":
             state.passes[test] = self._clock.time() + self._min_ttl
@@ -688,6 +823,26 @@ class EngineTraits:
     session_time_limit: float = 0.0  # smtpd's session_time_limit: a dummy session's whole time (0: none)
     disable_vrfy: bool = False  # postscreen_disable_vrfy_command
     helo_required: bool = False  # postscreen_helo_required: MAIL and ETRN need HELO/EHLO first
+    tls: str = "none"  # postscreen_tls_security_level in force: none, may (STARTTLS offered), encrypt (required)
+    tls_loglevel: int = 0  # tlsproxy_tls_loglevel ($smtpd_tls_loglevel): from 1 the handshake's summary
+    discard_ehlo_keywords: frozenset[str] = frozenset()  # postscreen_discard_ehlo_keywords
+    discard_ehlo_keyword_address_maps: tuple[str, ...] = ()  # postscreen_discard_ehlo_keyword_address_maps
+    reject_footer: str = ""  # postscreen_reject_footer
+    soft_bounce: bool = False  # every 5xx postscreen sends (and logs at RCPT) goes out as a 4xx
+
+    @classmethod
+    def from_config(cls, smtpd: SmtpdConfig, soft_bounce: bool = False) -> "EngineTraits":
+        """A listener's: each postscreen setting left unset is smtpd's, as Postfix's defaults; no certificate, no
+        STARTTLS."""
+        screen = smtpd.postscreen
+        level = (screen.tls_security_level or smtpd.tls_security_level) if smtpd.tls_cert_file else "none"
+        discards = smtpd.discard_ehlo_keywords if screen.discard_ehlo_keywords is None else \
+            screen.discard_ehlo_keywords
+        maps = smtpd.discard_ehlo_keyword_address_maps if screen.discard_ehlo_keyword_address_maps is None else \
+            screen.discard_ehlo_keyword_address_maps
+        return cls(smtpd.message_size_limit, smtpd.session_time_limit, smtpd.disable_vrfy_command,
+                   smtpd.helo_required, level, smtpd.tls_loglevel, frozenset(discards), tuple(maps),
+                   smtpd.reject_footer if screen.reject_footer is None else screen.reject_footer, soft_bounce)
 
 
 class _DeepTests:
@@ -750,10 +905,17 @@ async def _dnsbl_until(queries: _DnsblQueries | None, deadline: float) -> None:
 class _Dummy:
     """The dummy engine's dialogue: one reply (with its CRLF) per command (postscreen_smtpd.c's handlers)."""
 
-    def __init__(self, hostname: str, state: _Screening, traits: EngineTraits):
+    def __init__(self, hostname: str, state: _Screening, traits: EngineTraits,
+                 discards: frozenset[str] = frozenset(), log_discards: bool = False):
         self._hostname = hostname
         self._state = state
         self._traits = traits
+        self._discards = discards  # the EHLO keywords left out
+        # STARTTLS and BDAT refused for those only after an EHLO (Postfix 3.7's ehlo_discard_mask starts as 0)
+        self._refused: frozenset[str] = frozenset()
+        self._log_discards = log_discards and bool(discards) and SILENT not in discards  # (an address map's)
+        self.tls_wanted = False  # STARTTLS answered 220: the handshake is next
+        self.tls_active = False
         self._helo: str | None = None
         self._protocol = "SMTP"
         self._sender: str | None = None
@@ -765,7 +927,14 @@ class _Dummy:
         handler = self._COMMANDS.get(verb)
         if handler is None:  # (XCLIENT, XFORWARD and AUTH too: known, not enabled)
             return f"{status.POSTSCREEN_NOT_RECOGNIZED}\r\n"
+        if self._traits.tls == "encrypt" and not self.tls_active and verb not in PRE_TLS:
+            return f"{status.STARTTLS_FIRST}\r\n"
         return handler(self, args)
+
+    def tls_started(self) -> None:
+        """The handshake is done: the session over TLS forgets its HELO and MAIL (psc_starttls_resume)."""
+        self.tls_active = True
+        self._helo, self._sender = None, None
 
     def _rcpt_reply(self) -> status.Reply:
         return self._state.rcpt_reply or status.POSTSCREEN_COME_BACK
@@ -782,10 +951,23 @@ class _Dummy:
         if name is None:
             return f"{status.hello_syntax('EHLO')}\r\n"
         self._helo, self._sender, self._protocol = name, None, "ESMTP"
+        self._refused = self._discards
+        if self._log_discards:
+            client = self._state.client  # (`[ip]port`, no colon: Postfix 3.7's "[%s]%s" of PSC_CLIENT_ADDR_PORT)
+            log.info("[%s]%s: discarding EHLO keywords: %s", client.ip, client.port, discard_names(self._discards))
+        return "".join(f"{line}\r\n" for line in status.ehlo_lines(self._hostname, self._keywords()))
+
+    def _keywords(self) -> list[str]:
+        """The EHLO reply's keywords (psc_smtpd_format_ehlo_reply), the discarded ones left out."""
         limit = self._traits.message_size_limit
-        keywords = [f"SIZE {limit}" if limit else "SIZE"] + ([] if self._traits.disable_vrfy else ["VRFY"]) + \
-            ["ETRN", "ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8", "CHUNKING"]
-        return "".join(f"{line}\r\n" for line in status.ehlo_lines(self._hostname, keywords))
+        offered = [("size", f"SIZE {limit}" if limit else "SIZE"), ("vrfy", not self._traits.disable_vrfy),
+                   ("etrn", True), ("starttls", self._starttls_offered()), ("enhancedstatuscodes", True),
+                   ("8bitmime", True), ("dsn", True), ("smtputf8", True), ("chunking", True)]
+        return [word if isinstance(word, str) else name.upper() for name, word in offered
+                if word and name not in self._discards]
+
+    def _starttls_offered(self) -> bool:
+        return self._traits.tls != "none" and not self.tls_active and "starttls" not in self._discards
 
     def _mail_cmd(self, args: str) -> str:
         if self._traits.helo_required and self._helo is None:
@@ -803,8 +985,9 @@ class _Dummy:
         if ":" not in args:
             return f"{status.POSTSCREEN_RCPT_SYNTAX}\r\n"
         reply = self._rcpt_reply()
+        logged = status.soft_bounced(str(reply)) if self._traits.soft_bounce else reply  # (psc_soften_reply)
         log.info("NOQUEUE: reject: RCPT from %s: %s; from=<%s>, to=<%s>, proto=%s, helo=<%s>",
-                 self._state.client.where, reply, _logged(self._sender), _logged(_address(args.partition(":")[2])),
+                 self._state.client.where, logged, _logged(self._sender), _logged(_address(args.partition(":")[2])),
                  self._protocol, printable(self._helo or ""))
         return f"{reply}\r\n"
 
@@ -820,6 +1003,8 @@ class _Dummy:
     def _bdat_cmd(self, args: str) -> str:
         log.info("BDAT without valid RCPT from %s", self._state.client.where)
         self.over = True
+        if "chunking" in self._refused:
+            return f"{status.NOT_IMPLEMENTED}\r\n"
         if _token(args) is None:
             return f"{status.POSTSCREEN_BDAT_SYNTAX}\r\n"
         if self._sender is None:
@@ -850,7 +1035,12 @@ class _Dummy:
     def _starttls_cmd(self, args: str) -> str:
         if _token(args) is not None:
             return f"{status.POSTSCREEN_STARTTLS_SYNTAX}\r\n"
-        return f"{status.NOT_IMPLEMENTED}\r\n"  # (no TLS in the screen)
+        if self.tls_active:
+            return f"{status.TLS_ALREADY_ACTIVE}\r\n"
+        if self._traits.tls == "none" or "starttls" in self._refused:
+            return f"{status.NOT_IMPLEMENTED}\r\n"
+        self.tls_wanted = True
+        return f"{status.READY_FOR_TLS}\r\n"
 
     def _quit_cmd(self, args: str) -> str:
         self.over = True
@@ -861,6 +1051,37 @@ class _Dummy:
         "DATA": _data_cmd, "BDAT": _bdat_cmd, "RSET": _rset_cmd, "NOOP": _noop_cmd, "VRFY": _vrfy_cmd,
         "ETRN": _etrn_cmd, "QUIT": _quit_cmd,
     }
+
+
+class _Replies:
+    """A connection whose replies go out as psc_send_reply writes them: under soft_bounce a 5xx as a 4xx (the code's
+    and the enhanced code's first digit), then postscreen_reject_footer (`template`, "" none) under a 4xx or 5xx."""
+
+    def __init__(self, conn: Connection, *, soft_bounce: bool, template: str, values: Callable[[], dict[str, str]]):
+        self._conn = conn
+        self._soft_bounce = soft_bounce
+        self._template = template
+        self._values = values
+        self._unknown = unknown_macros(template, POSTSCREEN_FOOTER_MACROS)  # (smtpd's footer's other macros)
+
+    @property
+    def wire(self) -> Wire:
+        return self._conn.wire
+
+    def send(self, text: str) -> None:
+        if self._soft_bounce:
+            text = status.soft_bounced(text)
+        if self._template and text[:1] in ("4", "5"):
+            for name in self._unknown:  # (psc_expand_lookup's warning, at each expansion)
+                log.warning('unknown macro name "%s" in expansion request', name)
+            text = status.with_footer(text.removesuffix("\r\n"), *footer_lines(self._template, self._values())) + "\r\n"
+        self._conn.send(text)
+
+    def hang_up(self) -> None:
+        self._conn.hang_up()
+
+    async def tls_handshake(self, timeout: float) -> tuple[bool, str]:
+        return await self._conn.tls_handshake(timeout)
 
 
 def _logged(address: str) -> str:

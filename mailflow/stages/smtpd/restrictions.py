@@ -12,11 +12,12 @@ What it owns
   (the handler runs the data list at DATA or the first BDAT, before any content); `close()`: the policy
   services' kept connections (policy.py) are closed.
 - The restrictions that ask the DNS are dns_checks.py's (reject_rbl_client, reject_rhsbl_*, permit_dnswl_client,
-  permit_rhswl_client, the unknown client name, HELO name and address domain checks) and server_checks.py's
+  permit_rhswl_client, the unknown client name, HELO name and address domain checks; a list's refusal is worded
+  by rbl_replies.py: default_rbl_reply, rbl_reply_maps, the list's TXT reason) and server_checks.py's
   (check_*_{mx,ns,a}_access: this module asks the table with each server it names, and refuses an OK as Postfix's
-  forbid_allowlist does, 451 4.3.5, as for check_reverse_client_hostname_access; permit_mx_backup). A permit of
-  permit_dnswl_client, permit_rhswl_client, permit_mx_backup, permit_auth_destination or permit_naked_ip_address
-  is logged when log_access_permit_actions names it;
+  forbid_allowlist does, 451 4.3.5, as for check_reverse_client_hostname_access; permit_mx_backup). A permit (the
+  permit items, an access value OK, RELAY, DISCARD or all digits) is logged when log_access_permit_actions names
+  it, as Postfix's smtpd_acl_permit logs it;
   the inbound filters' (docs/filtering.md):
   check_greylist (450 4.2.0 as a DEFER_IF_PERMIT, postgrey's answer; mailflow.filters.greylist),
   reject_spf_fail (550 5.7.23) and, at end of data, reject_dmarc_policy (p=reject: 550 5.7.1; p=quarantine:
@@ -103,14 +104,16 @@ from mailflow.dsn_parameters import xtext_encode
 from mailflow.errors import LookupRetry
 from mailflow.logs import SmtpdLog, printable
 from mailflow.restriction_vocabulary import (ACCESS_CHECKS, ALL_PERMITS, CLIENT_CERT_PERMITS, DNSWL_CHECKS, KNOWN,
-                                             LOGGED_PERMITS, NEEDS_FILTER, RCPT_STAGES, REVERSE_CLIENT_ACCESS,
-                                             RHSBL_CHECKS, SENDER_LOGIN_CHECKS, SERVER_ACCESS_CHECKS, STAGES,
-                                             WARN_IF_REJECT, WITH_ARGUMENT, check_item, split_item)
+                                             LOGGED_PERMITS, NEEDS_FILTER, PERMIT_VALUES, RCPT_STAGES,
+                                             REVERSE_CLIENT_ACCESS, RHSBL_CHECKS, SENDER_LOGIN_CHECKS,
+                                             SERVER_ACCESS_CHECKS, STAGES, WARN_IF_REJECT, WITH_ARGUMENT, check_item,
+                                             is_logged_permit, split_item)
 from mailflow.stages.smtpd.auth import SenderLogins
 from mailflow.routing.rewrite import unknown_reject_codes
 from mailflow.stages.smtpd.dns_checks import DnsChecks
 from mailflow.stages.smtpd.server_checks import ServerChecks
-from mailflow.stages.smtpd.policy import PolicyClient, PolicyError
+from mailflow.stages.smtpd.policy import PolicyError, policy_service
+from mailflow.stages.smtpd.rbl_replies import Listed, RblReplies
 from mailflow.stages.smtpd.tls import ClientCert
 from mailflow.stages.verify import Status as VerifyStatus
 from mailflow.stages.verify import Verifier
@@ -333,6 +336,7 @@ class Restrictions:
         self._unknown_codes = unknown_reject_codes(smtpd)  # the unknown-user refusal's code per address class
         self._rewriter = rewriter
         self._mapper = mapper
+        self._rbl_replies = RblReplies(smtpd, config.myhostname, tables, fit_dsn=dsn_fix)
         self._dns = DnsChecks(resolver, rewriter, smtpd.unknown_address_reject_code,
                               smtpd.unknown_address_tempfail_action)
         self._lists = {stage: tuple(split_item(i) for i in getattr(smtpd, f"{stage}_restrictions"))
@@ -344,10 +348,8 @@ class Restrictions:
         self._tables = {arg: tables.open([arg]) for items in every for name, arg in items
                         if name in ACCESS_CHECKS or name in SERVER_ACCESS_CHECKS or name == REVERSE_CLIENT_ACCESS}
         self._relay_clientcerts = tables.open(smtpd.relay_clientcerts)
-        self._policies = {arg: PolicyClient(arg, smtpd.policy_service_timeout, max_idle=smtpd.policy_service_max_idle,
-                                            max_ttl=smtpd.policy_service_max_ttl,
-                                            request_limit=smtpd.policy_service_request_limit)
-                          for items in every for name, arg in items if name == "check_policy_service"}
+        self._policies = {arg: policy_service(arg, smtpd) for items in every for name, arg in items
+                          if name == "check_policy_service"}
         # mynetworks is in Postfix's parent_domain_matches_subdomains: a table is asked the name's parents
         self._mynetworks = NetworkList.from_items(config.mynetworks, tables.open, parent_style=True,
                                                  setting="mynetworks")
@@ -436,7 +438,7 @@ class Restrictions:
 
     def close(self) -> None:
         """The policy services' kept connections are closed (a reload replaced these lists, or the server stops)."""
-        for client in self._policies.values():
+        for client in (service.client for service in self._policies.values()):
             client.close()
 
     def trusted(self, client_addr: str, client_name: str | None = None) -> bool:
@@ -506,7 +508,7 @@ class Restrictions:
         if name in ACCESS_CHECKS:
             return await self._access(ACCESS_CHECKS[name], arg, stage, facts)
         if name == "reject_rbl_client":
-            return await self._dns.rbl(arg, facts)
+            return await self._rbl_reply(await self._dns.rbl(arg, facts), facts)
         if name == "check_policy_service":
             return await self._policy(arg, stage, facts, subject)
         if name == "reject_unknown_recipient_domain":
@@ -520,7 +522,7 @@ class Restrictions:
         if name in CLIENT_CERT_PERMITS:
             return await self._certificate_item(name, stage, facts, subject)
         if name in RHSBL_CHECKS:
-            return await self._dns.rhsbl(RHSBL_CHECKS[name], arg, facts)
+            return await self._rbl_reply(await self._dns.rhsbl(RHSBL_CHECKS[name], arg, facts), facts)
         if name in ("reject_unknown_client_hostname", "reject_unknown_reverse_client_hostname"):
             return await self._dns.unknown_client(facts, self._smtpd.unknown_client_reject_code,
                                                   reverse_only=name == "reject_unknown_reverse_client_hostname")
@@ -558,14 +560,16 @@ class Restrictions:
         """The restrictions that need no I/O; _UNHANDLED for the others."""
         rcpt = facts.recipient
         if name == "permit":
-            return PERMIT
+            who, what = subject or self._subject(stage, facts)
+            return self._permitted(name, what, who, facts, stage)
         if name in ("reject", "defer"):
             who, what = subject or self._subject(stage, facts)
             return status.access_denied(who, what) if name == "reject" else status.rule_deferred(who, what)
         if name == "permit_mynetworks":
-            return PERMIT if self._mynetworks.holds(facts.client_addr, facts.client_name) else None
+            return self._client_permitted(name, facts, stage) \
+                if self._mynetworks.holds(facts.client_addr, facts.client_name) else None
         if name == "permit_sasl_authenticated":
-            return PERMIT if facts.authenticated else None
+            return self._client_permitted(name, facts, stage) if facts.authenticated else None
         if name in ("reject_unauth_destination", "defer_unauth_destination"):
             if not rcpt or self._rewriter.authorized_destination(rcpt):
                 return None
@@ -608,8 +612,8 @@ class Restrictions:
         relay_clientcerts cannot answer, Postfix's reject_dict_retry naming what the list is about (`<host[ip]>` in
         the client list, the HELO name in the helo list, ...), a server fault."""
         try:
-            return PERMIT if await self.certificate_permits(name, facts.client_cert, facts.encryption_protocol) \
-                else None
+            return self._client_permitted(name, facts, stage) \
+                if await self.certificate_permits(name, facts.client_cert, facts.encryption_protocol) else None
         except LookupRetry:
             return status.lookup_failed((subject or self._subject(stage, facts))[0])
 
@@ -705,6 +709,10 @@ class Restrictions:
 
     # -------------------------------------------------------------------------------- access tables
 
+    async def _rbl_reply(self, listed: Listed | None, facts: Facts) -> status.Reply | None:
+        """reject_rbl_client, reject_rhsbl_*: the refusal of a list that named the client (rbl_replies.py)."""
+        return None if listed is None else await self._rbl_replies.reply(listed, facts)
+
     async def _access(self, kind: str, spec: str, stage: str, facts: Facts):
         if kind == "ccert":
             return await self._certificate_access(spec, stage, facts)
@@ -778,8 +786,8 @@ class Restrictions:
         word, _, text = value.strip().partition(" ")
         text = text.strip()
         upper = word.upper()
-        if upper == "OK":
-            return PERMIT
+        if upper in ("OK", "RELAY"):  # (Postfix: RELAY is OK, for old tables)
+            return self._permitted(word, what, name, facts, stage, source)
         if upper == "DUNNO":
             return None
         if upper == "REJECT":
@@ -791,7 +799,7 @@ class Restrictions:
         if upper == "DISCARD":
             self._whatsup("discard", _triggered(upper, name, what, text), facts, stage)
             facts.marks.discard = text or f"{source}: DISCARD"
-            return PERMIT
+            return self._permitted(word, what, name, facts, stage, source)
         if upper == "HOLD":
             if facts.marks.hold is None:  # Postfix: a held message's next HOLD is not logged
                 self._whatsup("hold", _triggered(upper, name, what, text), facts, stage)
@@ -816,7 +824,7 @@ class Restrictions:
                 self._whatsup(upper.lower(), _triggered(upper, name, what, text), facts, stage)
             return None
         if value.strip().isascii() and value.strip().isdigit():  # Postfix: a time stamp some POP-before-SMTP
-            return PERMIT  # schemes write: OK
+            return self._permitted(word, what, name, facts, stage, source)  # schemes write: OK
         if not upper:  # Postfix: "entry ... has empty value", an OK from the days when an empty value meant OK
             log.warning("%s: access action has empty value; taken as OK", source)
             return PERMIT
@@ -979,7 +987,7 @@ class Restrictions:
             return status.error_reply(e, facts.recipient)
         if not await self._dns.allowlisted(DNSWL_CHECKS[name], arg, facts):
             return None
-        return self._permitted(name, SUBJECT["client"], f"{facts.client_name}[{facts.client_addr}]", facts, stage)
+        return self._client_permitted(name, facts, stage)
 
     async def _mx_backup(self, stage: str, facts: Facts):
         """permit_mx_backup (ServerChecks.mx_backup): PERMIT for a recipient this host is a backup MX of."""
@@ -991,13 +999,21 @@ class Restrictions:
         return self._permitted("permit_mx_backup", SUBJECT["recipient"], facts.recipient, facts, stage) if backup \
             else None
 
-    def _permitted(self, name: str, what: str, subject: str, facts: Facts, stage: str) -> str:
-        """PERMIT, logged when log_access_permit_actions names the action and no DEFER_IF_PERMIT overrules it
-        (Postfix's smtpd_acl_permit: `permit: RCPT from host[ip]: action=NAME for Client host=host[ip] ; ...`, the
-        space before the `;` its empty format's, seen on 3.7.11)."""
-        if name in self._logged_permits and facts.defer_if_permit is None:
-            self._whatsup("permit", f"action={name} for {what}={subject} ", facts, stage)
+    def _permitted(self, name: str, what: str, subject: str, facts: Facts, stage: str, source: str = "") -> str:
+        """PERMIT, logged when log_access_permit_actions names the action (any case) and no DEFER_IF_PERMIT
+        overrules it (Postfix's smtpd_acl_permit: `permit: RCPT from host[ip]: action=NAME for Client host=host[ip]
+        ; ...`, the space before the `;` its empty format's, seen on 3.7.11; an access table's `action=OK for Sender
+        address=s@d from TABLE`: `source`)."""
+        logged = self._logged_permits
+        if (logged is None or name.lower() in logged) and facts.defer_if_permit is None:
+            self._whatsup("permit", f"action={name} for {what}={subject} {f'from {source}' if source else ''}",
+                          facts, stage)
         return PERMIT
+
+    def _client_permitted(self, name: str, facts: Facts, stage: str) -> str:
+        """`_permitted` for a permit about the client (permit_mynetworks, permit_sasl_authenticated, ...): Postfix
+        names the client whatever the list."""
+        return self._permitted(name, SUBJECT["client"], f"{facts.client_name}[{facts.client_addr}]", facts, stage)
 
     # -------------------------------------------------------------------------------- filters and policy
 
@@ -1061,17 +1077,15 @@ class Restrictions:
 
     async def _policy(self, spec: str, stage: str, facts: Facts, subject: tuple[str, str] | None = None):
         name, what = subject or self._subject(stage, facts)
+        service = self._policies[spec]
+        endpoint = service.client.spec
         try:
-            request = policy_request(facts, stage, self._smtpd.policy_service_policy_context)
-            answer = await self._policies[spec].query(request)
+            answer = await service.client.query(policy_request(facts, stage, service.context))
         except PolicyError as e:
-            log.warning("policy service %s: %s", spec, e)
-            return await self._policy_default(name, what, facts, spec, stage)
-        return await self.action(answer, name, what, facts, source=spec, stage=stage)
-
-    async def _policy_default(self, name: str, what: str, facts: Facts, spec: str, stage: str):
-        """policy_service_default_action, an access(5) action (Postfix: 451 4.3.5 Server configuration problem)."""
-        return await self.action(self._smtpd.policy_service_default_action, name, what, facts, source=spec, stage=stage)
+            log.warning("policy service %s: %s", endpoint, e)
+            # policy_service_default_action, an access(5) action (Postfix: 451 4.3.5 Server configuration problem)
+            return await self.action(service.default_action, name, what, facts, source=endpoint, stage=stage)
+        return await self.action(answer, name, what, facts, source=endpoint, stage=stage)
 
 
 _UNHANDLED = object()
@@ -1099,14 +1113,16 @@ def _mark(word: str, text: str, marks: Marks, source: str) -> bool:
     return True
 
 
-def logged_permits(actions: tuple[str, ...]) -> frozenset[str]:
-    """The permits log_access_permit_actions asks to log (`static:all`: all mailflow can); Postfix's other permit
-    names are warned of and not logged."""
-    others = [name for name in actions if name != ALL_PERMITS and name not in LOGGED_PERMITS]
+def logged_permits(actions: tuple[str, ...]) -> frozenset[str] | None:
+    """The permits log_access_permit_actions asks to log, in lower case (None: all of them, `static:all`); a permit
+    name mailflow does not know (Postfix's permit_inet_interfaces, check_relay_domains) is warned of."""
+    if ALL_PERMITS in actions:
+        return None
+    others = [name for name in actions if not is_logged_permit(name)]
     if others:
-        log.warning("log_access_permit_actions: the permits of %s are not logged (mailflow logs those of %s)",
-                    ", ".join(others), ", ".join(LOGGED_PERMITS))
-    return frozenset(LOGGED_PERMITS if ALL_PERMITS in actions else actions)
+        log.warning("log_access_permit_actions: the permits of %s are not logged (mailflow logs those of %s, and "
+                    "access actions: %s)", ", ".join(others), ", ".join(LOGGED_PERMITS), ", ".join(PERMIT_VALUES))
+    return frozenset(name.lower() for name in actions)
 
 
 def _not_asked(keys: list[str], asked: dict[str, bool]) -> tuple[list[str], tuple[int, ...]]:

@@ -80,6 +80,7 @@ from mailflow.stages.smtpd.frontends import FrontEnds
 from mailflow.stages.smtpd.handler import SmtpdHandler
 from mailflow.stages.smtpd.ehlo_discards import EhloDiscards
 from mailflow.stages.smtpd.postscreen import Client, EngineTraits, PassCache, Postscreen, Verdict
+from mailflow.stages.smtpd.secure import handshake_failure
 from mailflow.stages.smtpd.session import ProtocolLimits, SmtpSession
 from mailflow.stages.smtpd.tls import ServerTls
 from mailflow.stages.smtpd.transcript import SessionObserver
@@ -133,8 +134,10 @@ class ListenerSession(SmtpSession):
     """A session of one listener: the admission (connection limits and the session cap) before the greeting,
     TLS from the first byte on a submissions listener, plaintext AUTH on loopback when allowed."""
 
-    def __init__(self, handler, *, listener: Listener, implicit_tls: ssl.SSLContext | None = None, **kwargs):
+    def __init__(self, handler, *, listener: Listener, implicit_tls: ssl.SSLContext | None = None,
+                 certificate: ssl.SSLContext | None = None, **kwargs):
         super().__init__(handler, **kwargs)
+        self._certificate = certificate  # the listener's TLS context, for postscreen's STARTTLS too
         self._listener = listener  # its admission (anvil, slots) stays across reloads
         # what a reload may change on the listener, as this session started with it (it keeps that to its end)
         self._role, self._smtpd = listener.role, listener.smtpd
@@ -162,6 +165,23 @@ class ListenerSession(SmtpSession):
         """postscreen's words, written as they are (no reply bookkeeping: smtpd has not started)."""
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(text.encode("utf-8", "replace"))  # type: ignore[attr-defined]
+
+    async def tls_handshake(self, timeout: float) -> tuple[bool, str]:
+        """postscreen's STARTTLS (Postfix's tlsproxy): the handshake with the listener's certificate within
+        `timeout`, smtpd's command deadline kept off (the screen has its own): (True, `TLSv1.3 with cipher … (n/n
+        bits)`) once done; (False, the TLS library's problem, "" when none) when it failed."""
+        if self._certificate is None:
+            return False, ""
+        try:
+            await self.start_tls(self._certificate, timeout)
+        except (TLSSetupException, ConnectionError) as error:
+            return False, handshake_failure(error)[1]
+        finally:
+            self._no_deadline()
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
+        name, version, bits = (ssl_object.cipher() if ssl_object is not None else None) or ("", "", 0)
+        return True, f"{ssl_object.version() if ssl_object is not None else version} with cipher {name} " \
+                     f"({bits}/{bits} bits)"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         connecting = self.transport is None
@@ -352,8 +372,7 @@ class Smtpd:
                           smtpd_timeout=smtpd.timeout,
                           smtpd_connection_limit=smtpd.client_connection_count_limit,
                           smtpd_forbid_cmds=smtpd.forbid_cmds,
-                          engine=EngineTraits(smtpd.message_size_limit, smtpd.session_time_limit,
-                                              smtpd.disable_vrfy_command, smtpd.helo_required))
+                          engine=EngineTraits.from_config(smtpd, soft_bounce=self._config.soft_bounce))
 
     def _auth_backend(self, smtpd: SmtpdConfig) -> Backend:
         """Who checks a listener's AUTH passwords: Dovecot's auth server (one connection per socket, shared by
@@ -383,6 +402,7 @@ class Smtpd:
             listener.handler,
             listener=listener,
             implicit_tls=tls.context if tls is not None and implicit else None,
+            certificate=tls.context if tls is not None else None,
             sessions=self.sessions,
             protocol=listener.limits,
             frontends=listener.frontends,

@@ -54,7 +54,8 @@ or several): each failure, with its own status, text and Diagnostic-Code, is tol
 list's to its owner, about its list; another to the sender, about its member) and logged on a line of its own,
 as bounce_workaround calls bounce_one once per failure; with `diagnostic`, a failed command's
 `x-unix; <output>` (a program that could not be executed is told as Postfix's child tells it, `temporary
-failure. Command output: local: fatal: execvp PROG: why`; other reasons not to run, `x-unix; <why>`), when one
+failure. Command output: local: fatal: execvp PROG: why`, or `execl /bin/sh: why` for the shell of a command
+with shell metacharacters; other reasons not to run, `x-unix; <why>`), when one
 part failed): deferred if any part must be retried (a retry repeats the parts already done, as local(8) does);
 else bounced when a part was refused (unknown user, loop, restricted command, a command's permanent failure), the
 rest being delivered; else sent, naming every destination.
@@ -476,7 +477,7 @@ def _owned_failures(result: RcptResult, parts: list[Part], lists: list[ListOf],
              OwnedFailure("", member or result.recipient.address, part.dsn,
                           part.text.removeprefix(f"{member}: ") if member else part.text, part.diagnostic)
              for part, where, member in failed]
-    return tuple(owned) if len(owned) <= OWNED_NOTICE_LIMIT else _per_list(owned)
+    return _per_list(owned) if sum(1 for f in owned if f.owner) > OWNED_NOTICE_LIMIT else tuple(owned)
 
 
 def _members(rcpt: Recipient, leaves: list, parts: list[Part]) -> list[str]:
@@ -488,22 +489,29 @@ def _members(rcpt: Recipient, leaves: list, parts: list[Part]) -> list[str]:
     return [member for part, member in zip(parts, members) if part.outcome is Outcome.BOUNCED]
 
 
-OWNED_NOTICE_LIMIT = 100  # failures told one notice each at most; past it, one per list (a list may have 100 000)
+OWNED_NOTICE_LIMIT = 100  # failures told to owners a notice each at most; past it, one per list (of up to 100 000)
 
 
 def _per_list(owned: list[OwnedFailure]) -> tuple[OwnedFailure, ...]:
-    """Failures too many for a notice each: one per (owner, list), its first failure's status and words and how
-    many more there were, so the notices, their log lines and the stored result stay bounded by the lists."""
-    first: dict[tuple[str, str], OwnedFailure] = {}
-    more: dict[tuple[str, str], int] = {}
+    """Failures told to list owners too many for a notice each: one per (owner, list), its first failure's status
+    and words and how many more there were, so the notices, their log lines and the stored result stay bounded by
+    the lists. (Postfix's bounce_one sends them all.) The failures told to the sender stay one each, in their
+    place: they make one notice whatever their number, in which bounce(8) lists every one (bounce_append: no cap,
+    no "more" line)."""
+    per_list: dict[tuple[str, str], int] = {}
+    for failure in owned:
+        if failure.owner:
+            key = (failure.owner, failure.address)
+            per_list[key] = per_list.get(key, 0) + 1
+    kept = []
     for failure in owned:
         key = (failure.owner, failure.address)
-        if key in first:
-            more[key] = more.get(key, 0) + 1
-        else:
-            first[key] = failure
-    return tuple(f._replace(text=f"{f.text} (and {more[key]} more failures)") if key in more else f
-                 for key, f in first.items())
+        if not failure.owner:
+            kept.append(failure)
+        elif key in per_list:  # (its first failure: the others are counted in it)
+            more = per_list.pop(key) - 1
+            kept.append(failure._replace(text=f"{failure.text} (and {more} more failures)") if more else failure)
+    return tuple(kept)
 
 
 def _failures(result: RcptResult, parts: list[Part], lists: list[ListOf]) -> list[tuple[Part, ListOf]]:

@@ -1,9 +1,20 @@
-"""The SMTP client's connection cache (Postfix smtp_reuse and scache): idle sessions kept for the next message
-to the same next hop. Nothing here is global; no task is ever started.
+"""The SMTP and LMTP clients' connection cache (Postfix smtp_reuse and scache, which lmtp(8) shares): idle
+sessions kept for the next message to the same next hop. Nothing here is global; no task is ever started.
 
-    SessionCache(time_limit, reuse_count_limit, reuse_time_limit, clock, max_idle=MAX_IDLE)
+    SessionCache(time_limit, reuse_count_limit, reuse_time_limit, clock, max_idle=MAX_IDLE)   (RSET_TIMEOUT: what a
+                                                     client's release waits for RSET at most)
       .take(key) -> Session | None                   an idle session for that destination, or None
       .accepts(session) -> bool   .put(key, session) keep it for `time_limit` seconds (a loop timer that QUITs it)
+      await .reuse(key, transaction, probe=None) -> Session | None   `transaction(session)` (proto.send_message
+                                                     with reused=True) on the idle sessions for `key` in turn, until
+                                                     one is not stale: that session, to be released; None when none
+                                                     was idle or each had died (StaleSession: closed, nothing
+                                                     delivered). `probe`: each is sent RSET first (within that many
+                                                     seconds) and dropped unless it answers 2xx (Postfix's RSET probe,
+                                                     smtp_reuse_common: the LMTP client's; the SMTP client finds a
+                                                     dead session at MAIL instead, a round trip less a message)
+      await .release(key, session, rset_timeout)     keep the session (RSET first when its transaction is still
+                                                     open) or QUIT it
       .close()                                       QUIT every idle session, cancel the timers; afterwards
                                                      nothing is cached again
 
@@ -17,11 +28,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
 from mailflow.transports.smtp.chat import Session
+from mailflow.transports.smtp.proto import reset
+from mailflow.transports.smtp.trouble import StaleSession
 
 MAX_IDLE = 200
+# A peer slow to answer RSET (before a session is cached) must not hold the results back long.
+RSET_TIMEOUT = 20.0  # Postfix smtp_rset_timeout, lmtp_rset_timeout
 
 
 class SessionCache:
@@ -72,6 +87,40 @@ class SessionCache:
     def put(self, key: str, session: Session) -> None:
         timer = asyncio.get_running_loop().call_later(self._time_limit, self._expire, key, session)
         self._idle.setdefault(key, []).append((session, timer))
+
+    async def reuse(self, key: str, transaction: Callable[[Session], Awaitable[None]],
+                    probe: float | None = None) -> Session | None:
+        """See the module docstring."""
+        while (session := self.take(key)) is not None:
+            if probe is not None and not await reset(session, probe):
+                session.log.debug("cached session with %s failed its RSET probe; using another", session.peer.relay)
+                session.abort()
+                continue
+            try:
+                await transaction(session)
+            except StaleSession:
+                session.log.debug("%s: cached session with %s is gone; using a new one", session.queue_id,
+                                  session.peer.relay)
+                session.abort()
+                continue
+            except BaseException:
+                session.abort()
+                raise
+            return session
+        return None
+
+    async def release(self, key: str, session: Session, rset_timeout: float) -> None:
+        """See the module docstring."""
+        if session.aborted or not self.accepts(session):
+            session.quit()
+            return
+        if session.transaction_open and not await reset(session, rset_timeout):
+            session.abort()
+            return
+        if session.garbled:  # (RSET's reply had garbage in it)
+            session.quit()
+            return
+        self.put(key, session)
 
     def close(self) -> None:
         self._closed = True

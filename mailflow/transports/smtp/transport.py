@@ -34,7 +34,7 @@ smtp_fallback_relay configuration problem`.
     SmtpTransport(config, *, resolver, helo_name, rng=None, clock=time.monotonic, tables=None, mta_sts=None,
                   plaintext_after=0.0, own_addresses=frozenset(), own_ports=frozenset(), relayhost="",
                   now=time.time, generic=None, checks=None, sender_keys=None, soft_bounce=False,
-                  level_source="smtp.tls_security_level")
+                  level_source="smtp.tls_security_level", program="smtp")
     await deliver(request) -> DeliveryReport      one result per recipient, never raises for a delivery problem
 `now`: qmgr's clock, for the time each transaction's session was set up (proto's ConnStats; the log's delays).
 `plaintext_after` (qmgr's minimal_backoff_time, as Postfix's var_min_backoff_time): at TLS level may, a failed
@@ -50,6 +50,8 @@ smtp_sender_dependent_authentication, sasl_password_maps asked by the envelope s
 cached session reused only for mail from the same sender (connect's Destination.cache_key), as Postfix keys its
 connection cache by sender then. `level_source`: the key config.tls_security_level is set by, as the TLS
 policy names it ("smtp.tls_security_level", "smtp.services.NAME.tls_security_level" when the service sets it).
+`program`: what its result lines are logged under (`relay/smtp` for the relay transport, as Postfix's stock
+master.cf gives `relay` `-o syslog_name=postfix/$service_name`).
     await close()                                 QUITs the cached sessions; no task or timer is left behind
 
 The TLS policy of a next hop (`tls_policy`, also for `mailflow address`): a tls_policy_maps entry; else, for a domain
@@ -94,22 +96,19 @@ from mailflow.transports.smtp_checks import OutboundChecks, outbound_wire_form
 from mailflow.transports.smtp.commands import screen_envelope
 from mailflow.transports.smtp.connect import Destination, SmtpHandshake, SourceAddress, log_connect_failure
 from mailflow.transports.smtp.mtasts import MtaSts
-from mailflow.transports.smtp.proto import reset, send_message
-from mailflow.transports.smtp.reuse import SessionCache
+from mailflow.transports.smtp.proto import send_message
+from mailflow.transports.smtp.reuse import RSET_TIMEOUT, SessionCache
 from mailflow.transports.smtp.tls import TlsContexts, TlsPolicy, default_policy, parse_policy, policy_keys
 from mailflow.transports.smtp.trouble import (
     ConnectFailure,
     LocalProblem,
     Outcomes,
     SiteFailure,
-    StaleSession,
     record_unreachable,
 )
 
 log = logging.getLogger("mailflow.smtp")
 
-# A peer slow to answer RSET (before a session is cached) must not hold the results back long.
-RSET_TIMEOUT = 20.0  # Postfix smtp_rset_timeout
 # Sessions (completed handshakes) per delivery: a temporary failure in one that is not the last of them leaves
 # its recipients for the next peer (Postfix smtp_mx_session_limit).
 MX_SESSION_LIMIT = 2
@@ -128,7 +127,7 @@ Candidate = tuple[MX, list[str] | None]  # an MX host and its addresses, None: n
 class SmtpTransport:
     """See the module docstring."""
 
-    program = "smtp"  # the Postfix delivery agent whose name its result lines are logged under
+    program: str  # what its result lines are logged under: `smtp`, or `relay/smtp` (see the module docstring)
 
     def __init__(
         self,
@@ -150,7 +149,9 @@ class SmtpTransport:
         sender_keys: Callable[[str], list[str]] | None = None,
         soft_bounce: bool = False,
         level_source: str = "smtp.tls_security_level",
+        program: str = "smtp",
     ):
+        self.program = program
         self._config = config
         self._generic = generic
         self._checks = checks
@@ -361,21 +362,12 @@ class SmtpTransport:
                                          wire: WireForm | None) -> Peer | None:
         """Deliver over a cached session when one is idle for this next hop: its peer; None when none could be
         used."""
-        while (session := self._cache.take(destination.cache_key)) is not None:
-            try:
-                await send_message(session, request, recipients, outcomes, self._timeouts, self._now, reused=True,
-                                   wire=wire)
-            except StaleSession:
-                log.debug("%s: cached session with %s is gone; using a new one", request.queue_id,
-                          session.peer.relay)
-                session.abort()
-                continue
-            except BaseException:
-                session.abort()
-                raise
-            await self._release(session, destination)
-            return session.peer
-        return None
+        session = await self._cache.reuse(destination.cache_key, lambda s: send_message(
+            s, request, recipients, outcomes, self._timeouts, self._now, reused=True, wire=wire))
+        if session is None:
+            return None
+        await self._release(session, destination)
+        return session.peer
 
     async def _deliver_to_first_reachable(self, candidates: Sequence[Candidate], destination: Destination,
                                           request: DeliveryRequest, recipients: list[Recipient],
@@ -556,16 +548,7 @@ class SmtpTransport:
     async def _release(self, session: Session, destination: Destination) -> None:
         """Cache the session for the next message to this next hop (RSET first when a transaction is still
         open), or QUIT it."""
-        if session.aborted or not self._cache.accepts(session):
-            session.quit()
-            return
-        if session.transaction_open and not await reset(session, min(RSET_TIMEOUT, self._config.command_timeout)):
-            session.abort()
-            return
-        if session.garbled:  # (RSET's reply had garbage in it)
-            session.quit()
-            return
-        self._cache.put(destination.cache_key, session)
+        await self._cache.release(destination.cache_key, session, min(RSET_TIMEOUT, self._config.command_timeout))
 
 
 @dataclass(frozen=True)

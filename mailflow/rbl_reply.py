@@ -1,0 +1,82 @@
+"""leaf: the reply to a client a DNS list names (Postfix 3.7's rbl_reject_reply, rbl_expand_lookup and the TXT
+reason of rbl_pagein: smtpd_check.c), standard library and sibling leaves only.
+
+    DEFAULT_RBL_REPLY            Postfix's default_rbl_reply
+    RBL_MACROS                   the names a template may use: $rbl_code, $rbl_domain, $rbl_reason (and its old name
+                                 $rbl_txt), $rbl_what, $rbl_class, then smtpd's own (reply_footer.FOOTER_MACROS)
+    check_rbl_template(template) the template, or ValueError (an unknown or malformed macro): the configuration's
+                                 check of default_rbl_reply
+    txt_reason(records)          the list's TXT records as Postfix makes the reason: each record's text, non-printable
+                                 bytes as spaces, joined with " / ", at most TXT_LIMIT characters
+    rbl_reply_parts(template, values) -> (code, dsn, text) | None
+                                 the template expanded (values filtered as smtpd_expansion_filter does: a character
+                                 other than a tab or printable ASCII becomes `_`) and split as Postfix splits it:
+                                 `ddd [x.y.z] text` (the enhanced code 4.7.1 when it gives none; the text `Service
+                                 unavailable` when it is empty); None when it does not start with a 4xx or 5xx code
+                                 and a space (Postfix then logs `rbl response code configuration error` and answers
+                                 450 4.7.1 Service unavailable). ValueError for a bad template (Postfix: `bad rbl
+                                 reply template`, the default used instead).
+
+Failure behaviour: check_rbl_template and rbl_reply_parts raise ValueError for a template that cannot be expanded
+(an unknown name too: Postfix's mac_expand reports an undefined macro); nothing else raises.
+"""
+from __future__ import annotations
+
+import re
+
+from mailflow.local_macros import check_macros, expand_macros
+from mailflow.reply_footer import FOOTER_MACROS
+
+DEFAULT_RBL_REPLY = ("$rbl_code Service unavailable; $rbl_class [$rbl_what] blocked using $rbl_domain"
+                     "${rbl_reason?; $rbl_reason}")
+RBL_MACROS = ("rbl_code", "rbl_domain", "rbl_reason", "rbl_txt", "rbl_what", "rbl_class", *FOOTER_MACROS)
+TXT_LIMIT = 500  # Postfix's RBL_TXT_LIMIT: the reason's length at most
+TXT_SEPARATOR = " / "
+DEFAULT_DSN = "4.7.1"
+_FILTERED = re.compile(r"[^\t\x20-\x7e]")  # what smtpd_expansion_filter (its default) does not let through
+_REPLY = re.compile(r"([45]\d\d) (.*)", re.DOTALL)
+_LEADING_DSN = re.compile(r"\s*([245]\.\d{1,3}\.\d{1,3})(?=\s|$)\s*")
+
+
+def check_rbl_template(template: str) -> str:
+    """`template` when every macro in it is one of RBL_MACROS and well formed; ValueError otherwise."""
+    return check_macros(template, RBL_MACROS)
+
+
+def txt_reason(records: list[str]) -> str:
+    """Postfix 3.7's reason from a DNS list's TXT records, in the order the DNS gave them: each record's text with
+    a byte that is not printable ASCII as a space (dns_lookup; a UTF-8 character is as many spaces as it has bytes),
+    joined with " / " while more than 3 characters are left, cut at TXT_LIMIT."""
+    reason = ""
+    for i, record in enumerate(records):
+        space = TXT_LIMIT - len(reason)
+        if space <= 0:
+            break
+        reason += _printable(record)[:space]
+        if i + 1 < len(records) and TXT_LIMIT - len(reason) > len(TXT_SEPARATOR):
+            reason += TXT_SEPARATOR
+    return reason
+
+
+def rbl_reply_parts(template: str, values: dict[str, str]) -> tuple[int, str, str] | None:
+    """(code, enhanced code, text) of the expanded template; see the module doc."""
+    filtered = {name: _FILTERED.sub("_", value) for name, value in values.items()}
+    check_rbl_template(template)
+    expanded = _REPLY.fullmatch(expand_macros(template, filtered))
+    if expanded is None:
+        return None
+    text = expanded[2]
+    dsn = _LEADING_DSN.match(text)
+    if dsn is not None:
+        return int(expanded[1]), dsn[1], text[dsn.end():] or "Service unavailable"
+    return int(expanded[1]), DEFAULT_DSN, text.lstrip() or "Service unavailable"
+
+
+def rbl_expanded(template: str, values: dict[str, str]) -> str:
+    """The template expanded with `values` filtered (for the log line of a reply that is not one)."""
+    return expand_macros(template, {name: _FILTERED.sub("_", value) for name, value in values.items()})
+
+
+def _printable(record: str) -> str:
+    """`record` as Postfix's dns_lookup keeps a TXT string: a byte that is not printable ASCII becomes a space."""
+    return "".join(ch if " " <= ch <= "~" else " " * len(ch.encode("utf-8", "replace")) for ch in record)

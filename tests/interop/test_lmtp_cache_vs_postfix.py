@@ -1,0 +1,56 @@
+"""Differential test of the LMTP client's connection cache: a private Postfix 3.7 (its lmtp(8), told to cache
+sessions to the peer's address by lmtp_connection_cache_destinations, as it caches on demand) and mailflow (which
+always caches, lmtp.connection_cache_time_limit) each deliver three messages, one after the other, to a scripted
+LMTP peer of their own; the peers hear the same commands: one session, LHLO once, and Postfix's RSET probe before
+each reuse (smtp_reuse_common). QUIT is left out: Postfix's scache closes an idle session without one, mailflow
+QUITs it."""
+from __future__ import annotations
+
+import pytest
+
+from tests.interop.test_smtp_faults_vs_postfix import ScriptedPeer
+from tests.support import SmtpClient, eventually, postfix_instance
+
+pytestmark = pytest.mark.interop
+
+PEER_HOST = "127.0.0.2"  # (no other peer has it: Postfix caches the sessions to it only)
+RCPTS = [f"u{n}@box.test" for n in range(3)]
+
+
+async def deliver_one_after_the_other(port: int, peer: ScriptedPeer) -> None:
+    for n, rcpt in enumerate(RCPTS):
+        client = await SmtpClient.connect(port)
+        for command in ("EHLO client.test", "MAIL FROM:<s@sender.test>", f"RCPT TO:<{rcpt}>", "DATA"):
+            await client.cmd(command)
+        assert (await client.cmd("Subject: cached\r\n\r\nbody\r\n.")).code == 250
+        await client.cmd("QUIT")
+        await client.close()
+        await eventually(lambda: heard(peer).count("DATA") > n, timeout=15, what=f"{rcpt} delivered")
+
+
+def heard(peer: ScriptedPeer) -> list[str]:
+    """The verbs the peer heard, session by session ("|" between sessions), QUIT left out."""
+    verbs = []
+    for session in peer.sessions:
+        verbs += [line.split()[0].decode() for line in session if line.split() and line.split()[0] != b"QUIT"]
+        verbs.append("|")
+    return verbs
+
+
+async def test_lmtp_sessions_are_reused_after_an_rset_probe_as_postfix_s_lmtp_does(mailflow_server):
+    pf_peer, mf_peer = await ScriptedPeer({}).start(PEER_HOST), await ScriptedPeer({}).start(PEER_HOST)
+    try:
+        async with postfix_instance({
+            "mydestination": "", "relay_domains": "box.test", "mynetworks": "127.0.0.0/8",
+            "transport_maps": f"inline:{{box.test=lmtp:[{PEER_HOST}]:{pf_peer.port}}}",
+            "lmtp_connection_cache_destinations": PEER_HOST,
+        }) as pf:
+            await deliver_one_after_the_other(pf.port, pf_peer)
+        mf = await mailflow_server(relay_domains=["box.test"], mynetworks=["127.0.0.0/8"],
+                                   transport_maps=[f"inline:{{box.test=lmtp:[{PEER_HOST}]:{mf_peer.port}}}"])
+        await deliver_one_after_the_other(mf.smtp_addresses[0][1], mf_peer)
+    finally:
+        await pf_peer.stop()
+        await mf_peer.stop()
+    assert heard(mf_peer) == heard(pf_peer) == ["LHLO"] + ["MAIL", "RCPT", "DATA", "RSET"] * 2 + [
+        "MAIL", "RCPT", "DATA", "|"]
