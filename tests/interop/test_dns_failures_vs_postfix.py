@@ -1,0 +1,104 @@
+"""Differential test of the checks that ask the DNS about a name, when the DNS answers oddly: a private Postfix 3.7
+and mailflow ask the same in-process DNS server (Postfix from its own mount namespace, where its resolv.conf names
+that server on port 53: tests.support.postfix) under reject_unknown_helo_hostname, reject_unknown_sender_domain
+and reject_unknown_recipient_domain (both reject codes 550, so that "not found" and "cannot tell now" differ),
+and each RCPT reply is compared word for word: every mix of MX, A and AAAA answers (records, NODATA, NXDOMAIN,
+SERVFAIL, a null MX), a reply naming no host (an MX host, a CNAME target), a reply cut short, FORMERR, REFUSED and
+NOTIMP. (The client names' cases were seen with a private Postfix whose /etc/hosts was empty, which this harness
+does not do: 127.0.0.1 is `localhost` there; see tests/e2e/test_smtpd_dns_restrictions.py and
+tests/unit/test_peername.py.)"""
+from __future__ import annotations
+
+import pytest
+
+from tests.support import SmtpClient, postfix_instance
+from tests.support.postfix import private_nameserver_address
+
+pytestmark = pytest.mark.interop
+
+ANSWERS = ("records", "nodata", "nxdomain", "servfail")
+COMBINATIONS = [(mx, a, aaaa) for mx in (*ANSWERS, "null") for a in ANSWERS for aaaa in ANSWERS]
+ODD_ZONE = """
+known.test.             60 IN A     192.0.2.1
+mx.known.test.          60 IN A     192.0.2.2
+badmx.test.             60 IN MX    10 bad-.example.test.
+badmxaddr.test.         60 IN MX    10 bad-.example.test.
+badmxaddr.test.         60 IN A     192.0.2.1
+badcname.test.          60 IN CNAME bad-.example.test.
+bad-.example.test.      60 IN A     192.0.2.1
+garbled.test.           60 IN MX    10 mx.known.test.
+garbled.test.           60 IN A     192.0.2.1
+"""
+ODD = ("badmx", "badmxaddr", "badcname", "garbled", "formerr", "refused", "notimp")
+RCODES = {"formerr.test": "FORMERR", "refused.test": "REFUSED", "notimp.test": "NOTIMP"}
+CHECKS = {"helo_restrictions": ["reject_unknown_helo_hostname"],
+          "sender_restrictions": ["reject_unknown_sender_domain"],
+          "recipient_restrictions": ["reject_unknown_recipient_domain", "permit_mynetworks", "reject"]}
+
+
+def combination_zone() -> tuple[str, list[str], list[str]]:
+    """`<mx>-<a>-<aaaa>.combo.test` answering as its name says: (zone text, SERVFAIL and NXDOMAIN entries)."""
+    lines, servfail, nxdomain = [], [], []
+    records = {"MX": "MX 10 mx.known.test.", "A": "A 192.0.2.1", "AAAA": "AAAA 2001:db8::1"}
+    for combination in COMBINATIONS:
+        name = "-".join(combination) + ".combo.test"
+        lines.append(f'{name}. 60 IN TXT "exists"')
+        for qtype, answer in zip(("MX", "A", "AAAA"), combination):
+            if answer == "records":
+                lines.append(f"{name}. 60 IN {records[qtype]}")
+            elif answer == "null":
+                lines.append(f"{name}. 60 IN MX 0 .")
+            elif answer != "nodata":
+                (servfail if answer == "servfail" else nxdomain).append(f"{name}/{qtype}")
+    return "\n".join(lines) + "\n", servfail, nxdomain
+
+
+def probes() -> list[tuple[str, str, str]]:
+    """(HELO name, sender, recipient): each odd name once as each of the three, the others known."""
+    names = ["-".join(c) + ".combo.test" for c in COMBINATIONS] + [f"{name}.test" for name in ODD]
+    return ([(name, "s@known.test", "r@known.test") for name in names]
+            + [("known.test", f"s@{name}", "r@known.test") for name in names]
+            + [("known.test", "s@known.test", f"r@{name}") for name in names])
+
+
+async def replies(port: int) -> dict[tuple[str, str, str], str]:
+    answers = {}
+    client = await SmtpClient.connect(port)
+    try:
+        for helo, sender, rcpt in probes():
+            assert (await client.cmd(f"EHLO {helo}")).code == 250
+            assert (await client.cmd(f"MAIL FROM:<{sender}>")).code == 250
+            answers[helo, sender, rcpt] = (await client.cmd(f"RCPT TO:<{rcpt}>")).text
+            assert (await client.cmd("RSET")).code == 250
+    finally:
+        await client.close()
+    return answers
+
+
+async def test_odd_dns_answers_make_the_same_replies_as_a_real_postfix(mailflow_server, dns_zone):
+    zone, servfail, nxdomain = combination_zone()
+    address = private_nameserver_address()
+    dns_zone(ODD_ZONE + zone, servfail=servfail, nxdomain=nxdomain, garbled=("garbled.test",), rcodes=RCODES,
+             address=address, port=53)
+    settings = {"unknown_address_reject_code": "550", "unknown_hostname_reject_code": "550",
+                "smtpd_error_sleep_time": "0", "smtpd_soft_error_limit": "10000", "smtpd_hard_error_limit": "10000"}
+    async with postfix_instance({**settings, **{f"smtpd_{k}": ", ".join(v) for k, v in CHECKS.items()}},
+                                nameserver=address) as pf:
+        postfix = await replies(pf.port)
+    mf = await mailflow_server(mynetworks=["127.0.0.0/8"],
+                               dns={"nameservers": [f"{address}:53"], "timeout": "2s", "tries": 1},
+                               smtpd={"unknown_address_reject_code": 550, "unknown_hostname_reject_code": 550,
+                                      "error_sleep_time": 0, "soft_error_limit": 10000, "hard_error_limit": 10000,
+                                      "relay_restrictions": ["permit_mynetworks", "reject"], **CHECKS})
+    mailflow = await replies(mf.smtp_addresses[0][1])
+    assert {probe: (postfix[probe], mailflow[probe]) for probe in postfix if postfix[probe] != mailflow[probe]} == {}
+    # what Postfix said, so that the same mistake on both sides cannot pass unnoticed
+    assert postfix["known.test", "s@nxdomain-servfail-nodata.combo.test", "r@known.test"] == \
+        "450 4.1.8 <s@nxdomain-servfail-nodata.combo.test>: Sender address rejected: Domain not found"
+    assert postfix["known.test", "s@known.test", "r@badmx.test"] == \
+        "550 5.1.2 <r@badmx.test>: Recipient address rejected: Malformed DNS server reply"
+    assert postfix["null-servfail-nodata.combo.test", "s@known.test", "r@known.test"] == \
+        "450 4.7.1 <null-servfail-nodata.combo.test>: Helo command rejected: Host not found"
+    assert postfix["formerr.test", "s@known.test", "r@known.test"] == \
+        "550 5.7.1 <formerr.test>: Helo command rejected: Host not found"
+
