@@ -4,14 +4,18 @@ that server on port 53: tests.support.postfix) under reject_unknown_helo_hostnam
 and reject_unknown_recipient_domain (both reject codes 550, so that "not found" and "cannot tell now" differ),
 and each RCPT reply is compared word for word: every mix of MX, A and AAAA answers (records, NODATA, NXDOMAIN,
 SERVFAIL, a null MX), a reply naming no host (an MX host, a CNAME target), a reply cut short, FORMERR, REFUSED and
-NOTIMP. (The client names' cases were seen with a private Postfix whose /etc/hosts was empty, which this harness
-does not do: 127.0.0.1 is `localhost` there; see tests/e2e/test_smtpd_dns_restrictions.py and
-tests/unit/test_peername.py.)"""
+NOTIMP. Then the SMTP client's outcome for mail to domains whose MX lookup meets the same. (The client names'
+cases were seen with a private Postfix whose /etc/hosts was empty, which this harness does not do: 127.0.0.1 is
+`localhost` there; see tests/e2e/test_smtpd_dns_restrictions.py and tests/unit/test_peername.py.)"""
 from __future__ import annotations
 
+import logging
+
+import aiosmtplib
 import pytest
 
-from tests.support import SmtpClient, postfix_instance
+from tests.interop.test_smtp_faults_vs_postfix import MailLogLines, outcomes
+from tests.support import SmtpClient, eventually, postfix_instance
 from tests.support.postfix import private_nameserver_address
 
 pytestmark = pytest.mark.interop
@@ -102,3 +106,61 @@ async def test_odd_dns_answers_make_the_same_replies_as_a_real_postfix(mailflow_
     assert postfix["formerr.test", "s@known.test", "r@known.test"] == \
         "550 5.7.1 <formerr.test>: Helo command rejected: Host not found"
 
+
+
+DELIVERY_ZONE = """
+garbled.test.           60 IN MX    10 mx.known.test.
+badmx.test.             60 IN MX    10 bad-.example.test.
+bad-.example.test.      60 IN A     192.0.2.1
+"""
+DELIVERY_RCODES = {"formerr.test": "FORMERR", "refused.test": "REFUSED", "notimp.test": "NOTIMP"}
+DESTINATIONS = ("garbled", "badmx", "formerr", "refused", "notimp", "broken")
+
+
+async def relay_one_each(port: int) -> None:
+    for name in DESTINATIONS:
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10) as client:
+            await client.sendmail("s@sender.test", [f"r@{name}.test"], b"Subject: t\r\n\r\nhello\r\n")
+
+
+async def test_the_smtp_client_ends_mail_for_odd_mx_answers_as_a_real_postfix(mailflow_server, dns_zone, smtp_peer):
+    """Each recipient's outcome (relay, dsn, status, text) in the mail log: an MX reply cut short defers (4.4.3) and
+    one naming no host bounces (5.4.4), both "Name service error for name=N type=MX: Malformed or unexpected name
+    server reply"; FORMERR bounces 5.4.3 ("...: Non-recoverable error"); REFUSED, NOTIMP and SERVFAIL defer
+    ("...: Host not found, try again"), these three after "Host or domain name not found. "."""
+    address = private_nameserver_address()
+    dns_zone(ODD_ZONE + DELIVERY_ZONE, servfail=("broken.test",), garbled=("garbled.test",), rcodes=DELIVERY_RCODES,
+             address=address, port=53)
+    notices = await smtp_peer()
+    log = MailLogLines()
+    mail_logger = logging.getLogger("mailflow.mail")
+    level = mail_logger.level
+    mail_logger.addHandler(log)
+    mail_logger.setLevel(logging.INFO)
+    everyone = {f"r@{name}.test" for name in DESTINATIONS}
+    try:
+        async with postfix_instance({
+                "myhostname": "pf.test", "mydestination": "", "smtp_dns_support_level": "enabled",
+                "transport_maps": f"inline:{{sender.test=smtp:[127.0.0.1]:{notices.port}}}"}, nameserver=address) as pf:
+            await relay_one_each(pf.port)
+            await eventually(lambda: set(outcomes(pf.maillog)) >= everyone or None, timeout=20,
+                             what="Postfix ended every recipient")
+            postfix = outcomes(pf.maillog)
+        mf = await mailflow_server(mynetworks=["127.0.0.0/8"],
+                                   dns={"nameservers": [f"{address}:53"], "timeout": "2s", "tries": 1},
+                                   transport_maps=[f"inline:{{sender.test=smtp:[127.0.0.1]:{notices.port}}}"])
+        await relay_one_each(mf.smtp_addresses[0][1])
+        await eventually(lambda: set(outcomes("\n".join(log.lines))) >= everyone or None, timeout=20,
+                         what="mailflow ended every recipient")
+        mailflow = outcomes("\n".join(log.lines))
+    finally:
+        mail_logger.removeHandler(log)
+        mail_logger.setLevel(level)
+    assert {r: (postfix[r], mailflow[r]) for r in everyone if postfix[r] != mailflow[r]} == {}
+    # what Postfix said, so that the same mistake on both sides cannot pass unnoticed
+    malformed = "Malformed or unexpected name server reply"
+    said = "Name service error for name={}.test type=MX: {}"
+    assert postfix["r@badmx.test"][1:] == ("5.4.4", "bounced", said.format("badmx", malformed))
+    assert postfix["r@garbled.test"][1:] == ("4.4.3", "deferred", said.format("garbled", malformed))
+    assert postfix["r@formerr.test"][1:] == \
+        ("5.4.3", "bounced", "Host or domain name not found. " + said.format("formerr", "Non-recoverable error"))
