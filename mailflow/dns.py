@@ -613,11 +613,15 @@ def merge_address_answers(answers: Sequence[object]) -> list[str]:
 
 def _worst_failure(answers: Sequence[object]) -> BaseException | None:
     """Postfix's order (dns.h: DNS_RETRY over DNS_INVAL over DNS_FAIL over DNS_NOTFOUND), the last of equals."""
-    ranked = (lambda a: isinstance(a, LookupRetry) and not isinstance(a, (InvalidReply, NonRecoverable)),
-              lambda a: isinstance(a, InvalidReply), lambda a: isinstance(a, NonRecoverable),
-              lambda a: isinstance(a, NotFound), lambda a: isinstance(a, BaseException))
-    for kind in ranked:
-        for answer in reversed(answers):
-            if kind(answer):
-                return answer  # type: ignore[return-value]
-    return None
+    failures = [answer for answer in answers if isinstance(answer, BaseException)]
+    return max(reversed(failures), key=_failure_rank) if failures else None  # (max keeps the first of equals)
+
+
+def _failure_rank(failure: BaseException) -> int:
+    if isinstance(failure, InvalidReply):
+        return 3
+    if isinstance(failure, NonRecoverable):
+        return 2
+    if isinstance(failure, LookupRetry):
+        return 4
+    return 1 if isinstance(failure, NotFound) else 0
