@@ -250,10 +250,11 @@ class ClientName:
 
 
 async def client_name(resolver: Resolver, address: str, names: list[str]) -> ClientName:
-    """The first of `names` (an address's PTR names) when its A/AAAA records include `address`: the name that leads
-    back to it. Only the first, as Postfix's smtpd takes the one name getnameinfo gives (a later PTR name that would
-    lead back makes no difference); a numeric or malformed one is no name (sockaddr_to_hostname). The warnings are
-    Postfix's, with getaddrinfo's words for why the name gave no address."""
+    """The first of `names` (an address's PTR names) when its addresses include `address`: the name that leads back
+    to it. Only the first, as Postfix's smtpd takes the one name getnameinfo gives (a later PTR name that would lead
+    back makes no difference); a numeric or malformed one is no name (sockaddr_to_hostname). An IPv4 address's name
+    is asked for A records only (hostname_to_sockaddr_pf in the client's family: an AAAA failure is none of its
+    business). The warnings are Postfix's, with getaddrinfo's words for why the name gave no address."""
     if not names:
         return ClientName()
     name = names[0].rstrip(".")
@@ -264,7 +265,7 @@ async def client_name(resolver: Resolver, address: str, names: list[str]) -> Cli
         return ClientName(warning=f"valid_hostname: {gripe}")
     elsewhere = f"hostname {name} does not resolve to address {address}"
     try:
-        found = await resolver.addresses(name)
+        found = await (resolver.ipv4_addresses(name) if is_ipv4(address) else resolver.addresses(name))
     except NotFound:
         return ClientName(warning=f"{elsewhere}: {GAI_NONAME}")
     except NonRecoverable:

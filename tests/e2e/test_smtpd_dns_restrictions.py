@@ -188,6 +188,19 @@ async def test_only_the_first_ptr_name_can_be_the_client_s_verified_name(mailflo
         (250, "250 2.1.5 Ok"), (250, "250 2.1.5 Ok")]
 
 
+async def test_an_ipv4_client_s_name_is_asked_for_a_records_only(mailflow_server, dns_zone):
+    """The same private Postfix (hostname_to_sockaddr_pf in the client's family): a PTR name without A records whose
+    AAAA lookup fails is 550 5.7.25 ("No address associated with hostname"); one whose A lookup fails though it has
+    an AAAA is 450 4.7.25 ("Temporary failure in name resolution"). mailflow asked A and AAAA and said the other."""
+    zone = ("1.0.0.127.in-addr.arpa. 300 IN PTR {}.\nv6fail.test. 300 IN TXT \"no A\"\n"
+            "v6only.test. 300 IN AAAA ::1\n")
+    servfail = ("v6fail.test/AAAA", "v6only.test/A")
+    assert (await client_name_replies(mailflow_server, dns_zone, zone.format("v6fail.test"), servfail))[0] == \
+        (550, "550 5.7.25 Client host rejected: cannot find your hostname, [127.0.0.1]")
+    assert (await client_name_replies(mailflow_server, dns_zone, zone.format("v6only.test"), servfail))[0] == \
+        (450, "450 4.7.25 Client host rejected: cannot find your hostname, [127.0.0.1]")
+
+
 async def test_a_numeric_or_malformed_first_ptr_name_is_no_reverse_name(mailflow_server, dns_zone):
     """The same private Postfix with the PTR names bad-.example.test (then client.ok.test), or 192.0.2.7: "warning:
     valid_hostname: misplaced hyphen: bad-.example.test" (or "numeric hostname: 192.0.2.7"), the client unknown,

@@ -107,6 +107,9 @@ class Stalled:
     async def addresses(self, name: str) -> list[str]:
         return ["198.51.100.7"]
 
+    async def ipv4_addresses(self, name: str) -> list[str]:  # (an IPv4 client's name is asked for A records only)
+        return ["198.51.100.7"]
+
 
 async def test_lookups_under_way_are_bounded_and_the_rest_are_unknown_at_once(tmp_path):
     resolver = Stalled()
