@@ -178,6 +178,7 @@ class SmtpTransport:
             reply_filter=ReplyFilter(self._tables.open(config.reply_filter)) if config.reply_filter else None)
         self._cache = SessionCache(config.connection_cache_time_limit, config.connection_reuse_count_limit,
                                    config.connection_reuse_time_limit, clock=clock)
+        self._rset_timeout = min(RSET_TIMEOUT, config.command_timeout)  # (Postfix's smtp_rset_timeout)
         self._nexthops: dict[str, Nexthop] = {}  # next hops as written -> parsed (usable ones; NEXTHOP_CACHE at most)
 
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
@@ -360,10 +361,11 @@ class SmtpTransport:
     async def _deliver_on_cached_session(self, destination: Destination, request: DeliveryRequest,
                                          recipients: list[Recipient], outcomes: Outcomes,
                                          wire: WireForm | None) -> Peer | None:
-        """Deliver over a cached session when one is idle for this next hop: its peer; None when none could be
-        used."""
+        """Deliver over a cached session when one is idle for this next hop, after its RSET probe (proto): its peer;
+        None when none could be used."""
         session = await self._cache.reuse(destination.cache_key, lambda s: send_message(
-            s, request, recipients, outcomes, self._timeouts, self._now, reused=True, wire=wire))
+            s, request, recipients, outcomes, self._timeouts, self._now, reused=True, wire=wire,
+            probe=self._rset_timeout))
         if session is None:
             return None
         await self._release(session, destination)
@@ -548,7 +550,7 @@ class SmtpTransport:
     async def _release(self, session: Session, destination: Destination) -> None:
         """Cache the session for the next message to this next hop (RSET first when a transaction is still
         open), or QUIT it."""
-        await self._cache.release(destination.cache_key, session, min(RSET_TIMEOUT, self._config.command_timeout))
+        await self._cache.release(destination.cache_key, session, self._rset_timeout)
 
 
 @dataclass(frozen=True)
