@@ -6,9 +6,10 @@
         without an answer (relay: the peer) and fails the site. A `reused` (cached) session that dies before MAIL
         FROM is answered raises StaleSession instead and leaves `outcomes` untouched. `probe` (a reused session:
         the RSET timeout; the SMTP client's): Postfix's RSET probe first (smtp_reuse_common), see below. The
-        results of the transaction carry its ConnStats: `now()` (qmgr's clock) as MAIL FROM is sent, and the session's use count
-        (Postfix's conn_setup_done and reuse_count, for the log's `delays=` and `conn_use=`). `wire`: the addresses
-        and header section smtp_generic_maps put on the wire (mailflow.transports.generic), None: as queued.
+        results of the transaction carry its ConnStats: `now()` (qmgr's clock) as MAIL FROM is sent, and the
+        session's use count (Postfix's conn_setup_done and reuse_count, for the log's `delays=` and `conn_use=`).
+        `wire`: the addresses and header section smtp_generic_maps put on the wire (mailflow.transports.generic),
+        None: as queued.
     await reset(session, timeout) -> bool      RSET (a transaction is still open, or its end of data was refused,
                                                and the session is to be cached)
     smtp_data(content, encoders) / asmtp_data(content, encoders)   the content as DATA: through `encoders`,
