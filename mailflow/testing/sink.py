@@ -71,6 +71,9 @@ from mailflow.testing.threaded import ThreadedSink
 
 # What a Sink adds to the capture-everything settings: no delay after a failed AUTH (tests want the answer).
 SINK_DEFAULTS = merged(CAPTURE_EVERYTHING, {"smtpd": {"auth_failure_delay": 0}})
+# The clients with a connection cache (its limits in real seconds): under virtual time a next try hours later comes
+# moments later in real time, and would reuse a session Postfix's would have closed long before; none is kept.
+CACHING_CLIENTS = ("smtp", "lmtp")
 FAST_HASH_N = 1024  # scrypt cost of the Sink's users: a test's passwords need no protection
 SETTLE_TIMEOUT = 30.0
 
@@ -172,7 +175,8 @@ class Sink:
         else:
             base = load_config(given).model_dump()
         if isinstance(self.clock, VirtualClock):  # hours pass between tries: no session is kept for the next
-            base = merged(base, _for_every_client(merged(base, self._settings), {"connection_cache_time_limit": 0}))
+            base = merged(base, _for_every_client(merged(base, self._settings), {"connection_cache_time_limit": 0},
+                                                  CACHING_CLIENTS))
         data = merged(base, self._settings)
         smtpd = data.get("smtpd", {})
         listeners = [{**listener, "address": "127.0.0.1:0"} for listener in smtpd.get("listeners", [])]
@@ -377,10 +381,15 @@ def _fast_temporary_directory() -> str | None:
     return str(shm) if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else None
 
 
-def _for_every_client(data: dict, keys: dict) -> dict:
-    """`keys` for [smtp], and for each [smtp.services.NAME] of `data` that sets one of them (its own value would
-    win over [smtp]'s): what the Sink forces reaches every SMTP client."""
-    services = data.get("smtp", {}).get("services", {})
+def _for_every_client(data: dict, keys: dict, sections: tuple[str, ...] = ("smtp",)) -> dict:
+    """`keys` for each of `sections` ([smtp] by default), and for each of their services ([smtp.services.NAME]) in
+    `data` that sets one of them (its own value would win over the section's): what the Sink forces reaches every
+    client of those sections."""
+    return {section: _for_section(data.get(section, {}), keys) for section in sections}
+
+
+def _for_section(section: dict, keys: dict) -> dict:
+    services = section.get("services", {})
     own = {name: {k: v for k, v in keys.items() if k in service} for name, service in services.items()}
     own = {name: values for name, values in own.items() if values}
-    return {"smtp": {**keys, **({"services": own} if own else {})}}
+    return {**keys, **({"services": own} if own else {})}

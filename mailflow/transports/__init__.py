@@ -35,12 +35,13 @@ The registry:
     build_lmtp_client(config, client, *, clock, router, tables) -> LmtpTransport
                              one client from a section's settings ([smtp], [lmtp] or a service's merged ones): its
                              own connection cache, TLS contexts and tables
-    build_mta_sts(config, resolver), build_generic_maps(config, client, router, tables, program="smtp"),
-    build_outbound_checks(client, tables, program="smtp"), sasl_sender_keys(client, router)
+    build_mta_sts(config, resolver), build_generic_maps(config, client, router, tables, program="smtp", log=None),
+    build_outbound_checks(client, tables, program="smtp", log=None), sasl_sender_keys(client, router)
                              a client's parts from its settings (None where the setting is off)
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Protocol
 
 from mailflow.model import DeliveryReport, DeliveryRequest
@@ -55,6 +56,7 @@ from mailflow.transports.maildir import MaildirTransport, MaildirWriter, virtual
 from mailflow.transports.pipe import PipeTransport
 from mailflow.transports.smtp import SmtpTransport
 from mailflow.transports.smtp_checks import OutboundChecks
+from mailflow.transports.smtp.chat import client_log
 from mailflow.transports.smtp.mtasts import HttpsPolicyFetcher, MtaSts
 
 
@@ -86,22 +88,27 @@ def build_mta_sts(config, resolver) -> MtaSts | None:
     return MtaSts(resolver, fetcher, cache_size=config.mta_sts.cache_size)
 
 
-def build_generic_maps(config, client, router, tables: TableCache, program: str = "smtp") -> GenericMaps | None:
+def build_generic_maps(config, client, router, tables: TableCache, program: str = "smtp",
+                       log: logging.Logger | None = None) -> GenericMaps | None:
     """The `client`'s ([smtp], [lmtp] or one of their services) generic_maps as that client asks them (None when
-    unset: nothing is looked up); `program` names the client in log lines and deferrals."""
+    unset: nothing is looked up); `program` names the client in log lines and deferrals (smtp_generic_maps), `log`
+    the logger of its lines when it is not `program`'s (the relay transport's, relay/smtp)."""
     if not client.generic_maps:
         return None
     return GenericMaps(tables.open(client.generic_maps), delimiter=config.recipient_delimiter,
-                       qualify=router.rewriter.qualify, find_address=router.rewriter.find_address, program=program)
+                       qualify=router.rewriter.qualify, find_address=router.rewriter.find_address, program=program,
+                       log=log)
 
 
-def build_outbound_checks(client, tables: TableCache, program: str = "smtp") -> OutboundChecks | None:
+def build_outbound_checks(client, tables: TableCache, program: str = "smtp",
+                          log: logging.Logger | None = None) -> OutboundChecks | None:
     """The `client`'s ([smtp], [lmtp] or one of their services) header_checks, mime_header_checks,
-    nested_header_checks and body_checks (None when none is set: no per-message work)."""
+    nested_header_checks and body_checks (None when none is set: no per-message work); `program` and `log` as
+    build_generic_maps'."""
     specs = (client.header_checks, client.mime_header_checks, client.nested_header_checks, client.body_checks)
     if not any(specs):
         return None
-    return OutboundChecks(*(tables.open(spec) if spec else [] for spec in specs), program=program)
+    return OutboundChecks(*(tables.open(spec) if spec else [] for spec in specs), program=program, log=log)
 
 
 def sasl_sender_keys(client, router) -> Callable[[str], list[str]] | None:
@@ -115,15 +122,16 @@ def sasl_sender_keys(client, router) -> Callable[[str], list[str]] | None:
 def build_smtp_client(config, client, *, resolver, clock, router, tables: TableCache, mta_sts,
                       level_source: str = "smtp.tls_security_level", program: str = "smtp") -> SmtpTransport:
     """One SMTP client ([smtp], or the merged settings of an [smtp.services.NAME], `level_source` naming the key its
-    TLS level is set by; `program` what its results are logged under): its own connection cache, TLS contexts and
-    tables, so that services never share a session."""
+    TLS level is set by; `program` what every line of it is logged under, its generic maps' and content checks'
+    too): its own connection cache, TLS contexts and tables, so that services never share a session."""
+    log = client_log(program)
     return SmtpTransport(client, resolver=resolver, helo_name=client.helo_name or config.myhostname, mta_sts=mta_sts,
                          level_source=level_source, program=program,
                          plaintext_after=config.queue.minimal_backoff_time,
                          own_addresses=router.rewriter.own_addresses, own_ports=config.smtpd.ports,
                          relayhost=config.relayhost, now=clock.time, tables=tables,
-                         generic=build_generic_maps(config, client, router, tables),
-                         checks=build_outbound_checks(client, tables),
+                         generic=build_generic_maps(config, client, router, tables, log=log),
+                         checks=build_outbound_checks(client, tables, log=log),
                          sender_keys=sasl_sender_keys(client, router), soft_bounce=config.soft_bounce)
 
 

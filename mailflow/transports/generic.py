@@ -4,8 +4,9 @@ domain names are not valid on the Internet (`joe@box.local` -> `joe.user@example
 the notices keep the addresses as queued; so does ORCPT: to a next hop that offers DSN, RCPT TO's `ORCPT=rfc822;…`
 still names the queued recipient (the one the client gave), as Postfix's smtp sends it.
 
-    GenericMaps(tables, *, delimiter, qualify, find_address, program="smtp")   (`program`: "lmtp" for the LMTP
-                                       client's: its log lines name lmtp_generic_maps, under lmtp)
+    GenericMaps(tables, *, delimiter, qualify, find_address, program="smtp", log=None)   (`program`: "lmtp" for
+                                       the LMTP client's: its log lines name lmtp_generic_maps, under lmtp; `log`:
+                                       the client's logger when it is another, relay/smtp's, else `program`'s)
       .address(addr, queue_id="") -> str   one address mapped, or itself: the entry `find_address(tables, addr)`
                                        finds (Rewriter.find_address: keys as mail_addr_find, `user+ext@domain`,
                                        `user@domain`, `user+ext` and `user` for this host's domains, `@domain`);
@@ -124,10 +125,10 @@ class GenericMaps:
 
     def __init__(self, tables: list[Table], *, delimiter: str, qualify: Callable[[str], str],
                  find_address: Callable[[list[Table], str], tuple[str, str, str] | None],
-                 program: str = "smtp") -> None:
+                 program: str = "smtp", log: logging.Logger | None = None) -> None:
         self._tables = tables
         self._name = f"{program}_generic_maps"  # (Postfix's parameter, as its log lines name it)
-        self._log = logging.getLogger(f"mailflow.{program}")
+        self._log = log if log is not None else logging.getLogger(f"mailflow.{program}")
         self._delimiter = delimiter
         self._qualify = qualify
         self._find_address = find_address

@@ -3,11 +3,12 @@ and smtp_body_checks: smtp(8) with header_body_checks.c): the content of mail th
 goes on the wire. The queue keeps the message as it was; a DKIM signature made before (cleanup signs) breaks when
 a signed header field is changed or removed here, as in Postfix.
 
-    OutboundChecks(header, mime, nested, body, program="smtp")   the tables (lists of mailflow.tables.Table);
-                                     each unset one is empty: unlike cleanup's, mime and nested do not fall back
-                                     to header (Postfix's smtp_mime/nested_header_checks default to nothing);
-                                     `program`: smtp or lmtp, the logger (mailflow.smtp, mailflow.lmtp) and the
-                                     maps' names in warnings
+    OutboundChecks(header, mime, nested, body, program="smtp", log=None)   the tables (lists of
+                                     mailflow.tables.Table); each unset one is empty: unlike cleanup's, mime and
+                                     nested do not fall back to header (Postfix's smtp_mime/nested_header_checks
+                                     default to nothing); `program`: smtp or lmtp, the maps' names in warnings and
+                                     the logger (mailflow.smtp, mailflow.lmtp) unless `log` is given: the client's
+                                     when it is another (relay/smtp's)
       .head(queue_id, head) -> bytes | None   the primary header section as it goes out (None: unchanged); a MIME
                                      header (is_mime_header: Content-Type, ...) is looked up in `mime`, the others
                                      in `header`
@@ -67,10 +68,10 @@ class OutboundChecks:
     """See the module docstring."""
 
     def __init__(self, header: list[Table], mime: list[Table], nested: list[Table], body: list[Table], *,
-                 program: str = "smtp") -> None:
+                 program: str = "smtp", log: logging.Logger | None = None) -> None:
         self._tables = {"header": header, "mime": mime, "nested": nested, "body": body}
         self.program = program
-        self.log = logging.getLogger(f"mailflow.{program}")
+        self.log = log if log is not None else logging.getLogger(f"mailflow.{program}")
 
     @property
     def blocking(self) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import sqlite3
 import threading
 import tracemalloc
@@ -332,3 +333,32 @@ async def test_a_recipient_screened_out_is_not_mapped_and_the_others_go(smtp_pee
     report = await deliver(make_transport(generic()), request)
     assert [(r.outcome, r.dsn) for r in report.results] == [(Outcome.BOUNCED, "5.1.3"), (Outcome.SENT, "2.0.0")]
     assert [m.rcpt_tos for m in peer.messages] == [["sam@example.com"]]
+
+
+async def test_the_relay_client_s_generic_maps_and_header_checks_lines_are_relay_smtp_s(smtp_peer, caplog, tmp_path):
+    """Postfix's relay process (`-o syslog_name=postfix/$service_name`) writes every line as relay/smtp, those of
+    smtp_generic_maps and smtp_header_checks too (their names stay smtp_*: relay runs smtp(8) with its settings);
+    the smtp transport's stay smtp's."""
+    from mailflow.clock import VirtualClock
+    from mailflow.logs import service_of
+    from mailflow.routing.router import Router
+    from mailflow.transports import build_transports
+
+    peer = await smtp_peer()
+    (tmp_path / "checks").write_text("/^Subject:/ WARN subject seen\n")
+    config = Config(myhostname="box.local", mydestination=("box.local",), myorigin="example.org",
+                    smtp={"tls_security_level": "none", "generic_maps": [TABLE],
+                          "header_checks": [f"regexp:{tmp_path}/checks"]})
+    transports = build_transports(config, StaticResolver(), VirtualClock(), Router(config))
+    caplog.set_level(logging.INFO, "mailflow")
+    for name in ("relay", "smtp"):
+        await deliver(transports[name], make_request(peer.port, Content.of(b"Subject: s\r\n\r\nx\r\n"),
+                                                     sender="two@box.local"))
+    lines = [(service_of(r), r.getMessage()) for r in caplog.records if r.name.startswith("mailflow.")
+             and ("generic_maps" in r.getMessage() or "subject seen" in r.getMessage())]
+    assert lines == [
+        ("relay/smtp", "Q1: warning: header Subject: s: subject seen"),
+        ("relay/smtp", "Q1: multi-valued smtp_generic_maps result for two@box.local"),
+        ("smtp", "Q1: warning: header Subject: s: subject seen"),
+        ("smtp", "Q1: multi-valued smtp_generic_maps result for two@box.local"),
+    ]

@@ -956,11 +956,12 @@ class ScriptedPeer:
     (`hold_mail_reply`: MAIL is answered only once every RCPT of the transaction has arrived, so a client that
     waits for each reply never gets one), stay silent at one command (`silent_at`), refuse by address, refuse
     the end of data (`dot_replies`, one per message, then 250) and keep a refused transaction open until RSET
-    (`refusal_keeps_transaction`: aiosmtpd does when its DATA handler fails), answer RSET with `rset_reply`."""
+    (`refusal_keeps_transaction`: aiosmtpd does when its DATA handler fails), answer RSET with `rset_reply`, only
+    once the next command has come (`hold_rset_reply`: a client that waits for it before MAIL never gets it)."""
 
     def __init__(self, extensions=("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"), *, hold_mail_reply=0,
                  silent_at: str = "", mail_reply="250 2.1.0 Ok", rcpt_replies=None, dot_replies=(),
-                 refusal_keeps_transaction=False, rset_reply="250 2.0.0 Ok"):
+                 refusal_keeps_transaction=False, rset_reply="250 2.0.0 Ok", hold_rset_reply=False):
         self.extensions = extensions
         self.hold_mail_reply = hold_mail_reply
         self.silent_at = silent_at
@@ -969,6 +970,7 @@ class ScriptedPeer:
         self.dot_replies = list(dot_replies)
         self.refusal_keeps_transaction = refusal_keeps_transaction
         self.rset_reply = rset_reply
+        self.hold_rset_reply = hold_rset_reply
         self.commands: list[str] = []
         self.messages: list[bytes] = []
         self.connections = 0
@@ -996,12 +998,15 @@ class ScriptedPeer:
         held: list[bytes] = []
         accepted: int | None = None  # recipients accepted in the transaction; None: no MAIL yet
         stuck = False  # a refused transaction kept open (refusal_keeps_transaction) until RSET
+        rset_held = b""  # RSET's reply, until the next command (hold_rset_reply)
         try:
             writer.write(b"220 scripted.test ESMTP\r\n")
             while line := await reader.readline():
                 command = line.decode().strip()
                 self.commands.append(command)
                 verb = command.split(" ", 1)[0].upper()
+                writer.write(rset_held)
+                rset_held = b""
                 if self.silent_at and command.upper().startswith(self.silent_at):
                     await reader.read()  # until the client gives up
                     return
@@ -1047,7 +1052,10 @@ class ScriptedPeer:
                     writer.write(reply.encode() + b"\r\n")
                 elif verb == "RSET":
                     accepted, stuck = None, False
-                    writer.write(self.rset_reply.encode() + b"\r\n")
+                    if self.hold_rset_reply:
+                        rset_held = self.rset_reply.encode() + b"\r\n"
+                    else:
+                        writer.write(self.rset_reply.encode() + b"\r\n")
                 elif verb == "QUIT":
                     writer.write(b"221 2.0.0 Bye\r\n")
                     break
@@ -1697,7 +1705,8 @@ async def test_rset_after_an_unfinished_transaction_before_reuse(scripted_peer):
                                     make_request(f"[127.0.0.1]:{port}", "ok@example.test"))
     assert [r.results[0].outcome for r in reports] == [Outcome.BOUNCED, Outcome.SENT]
     assert peer.connections == 1
-    assert peer.commands.count("RSET") == 1  # after the refused RCPT only; a finished DATA needs none
+    # RSET after the refused RCPT (before caching), then the RSET probe of the reuse, pipelined with MAIL
+    assert peer.commands[4:8] == ["RSET", "RSET", "MAIL FROM:<a@remote.test>", "RCPT TO:<ok@example.test>"]
 
 
 async def test_rset_after_a_refused_end_of_data_before_reuse(scripted_peer):
@@ -1708,7 +1717,7 @@ async def test_rset_after_a_refused_end_of_data_before_reuse(scripted_peer):
     reports = await deliver_several(make_transport(), make_request(f"[127.0.0.1]:{port}", "a@example.test"),
                                     make_request(f"[127.0.0.1]:{port}", "b@example.test"))
     assert [r.results[0].outcome for r in reports] == [Outcome.BOUNCED, Outcome.SENT]
-    assert peer.connections == 1 and peer.commands.count("RSET") == 1
+    assert peer.connections == 1 and peer.commands.count("RSET") == 2  # (and the reuse's RSET probe)
 
 
 async def test_a_session_whose_rset_reply_was_garbled_is_not_kept(scripted_peer):
@@ -1719,6 +1728,74 @@ async def test_a_session_whose_rset_reply_was_garbled_is_not_kept(scripted_peer)
                                     make_request(f"[127.0.0.1]:{port}", "b@example.test"))
     assert [r.results[0].outcome for r in reports] == [Outcome.BOUNCED, Outcome.SENT]
     assert peer.connections == 2 and peer.commands.count("RSET") == 1
+
+
+async def deliver_twice(peer: ScriptedPeer, port: int, transport: SmtpTransport, between=None):
+    """One message, then (after `between(peer)`) another over the cached session: the second's report."""
+    try:
+        await transport.deliver(make_request(f"[127.0.0.1]:{port}", "one@example.test"))
+        if between is not None:
+            between(peer)
+        return await asyncio.wait_for(transport.deliver(make_request(f"[127.0.0.1]:{port}", "two@example.test")), 5)
+    finally:
+        await transport.close()
+
+
+def transaction(rcpt: str) -> list[str]:
+    return ["MAIL FROM:<a@remote.test>", f"RCPT TO:<{rcpt}>", "DATA"]
+
+
+@pytest.mark.parametrize("extensions", [("PIPELINING", "8BITMIME"), ("8BITMIME",)], ids=["pipelined", "lone"])
+async def test_a_cached_session_is_reused_after_its_rset_probe_as_postfix_s(scripted_peer, extensions):
+    """Postfix's smtp_reuse_common: RSET before every reuse of a cached session (smtp_rset)."""
+    peer, port = await scripted_peer(extensions=extensions)
+    report = await deliver_twice(peer, port, make_transport())
+    assert report.site_ok and report.results[0].outcome is Outcome.SENT
+    assert peer.connections == 1
+    assert peer.commands[1:8] == [*transaction("one@example.test"), "RSET", *transaction("two@example.test")]
+
+
+async def test_to_a_pipelining_peer_the_rset_probe_goes_with_mail_rcpt_and_data_in_one_round_trip(scripted_peer):
+    """RFC 2920: RSET may be anywhere in a group. The peer answers RSET only once MAIL has come: a client that
+    waited for RSET's reply (as Postfix's does) would time out, drop the session and open another."""
+    peer, port = await scripted_peer(hold_rset_reply=True)
+    report = await deliver_twice(peer, port, make_transport(timeout=0.5))
+    assert report.site_ok and report.results[0].outcome is Outcome.SENT
+    assert peer.connections == 1 and peer.commands.count("RSET") == 1
+
+
+async def test_without_pipelining_the_rset_probe_waits_for_its_reply(scripted_peer):
+    """As Postfix's: RSET alone; MAIL only after its reply (a peer that holds it back gets no MAIL on that session:
+    the probe times out, the session is dropped and the message goes over a new one)."""
+    peer, port = await scripted_peer(extensions=("8BITMIME",), hold_rset_reply=True)
+    report = await deliver_twice(peer, port, make_transport(timeout=0.3))
+    assert report.site_ok and report.results[0].outcome is Outcome.SENT
+    assert peer.connections == 2
+    assert peer.commands[peer.commands.index("RSET") + 1] == "EHLO client.mailflow.test"  # (the new session's)
+
+
+@pytest.mark.parametrize("extensions", [("PIPELINING", "8BITMIME"), ("8BITMIME",)], ids=["pipelined", "lone"])
+@pytest.mark.parametrize("rset_reply", ["421 4.3.2 Shutting down", "452 4.3.1 Busy", "502 5.5.2 No RSET", None],
+                         ids=["421", "4xx", "5xx", "silent"])
+async def test_a_cached_session_that_fails_its_rset_probe_is_dropped_without_a_deferral(scripted_peer, extensions,
+                                                                                        rset_reply, caplog):
+    """Postfix's smtp_reuse_common: a session whose probe fails (a reply other than 2xx, none in time, a lost
+    connection) is not used; the message goes over a new one, nothing deferred, no failure counted, no line
+    logged but debug ones (smtp_rset fails quietly)."""
+    peer, port = await scripted_peer(extensions=extensions)
+
+    def probe_fails(peer: ScriptedPeer) -> None:
+        if rset_reply is None:
+            peer.silent_at = "RSET"
+        else:
+            peer.rset_reply = rset_reply
+
+    with caplog.at_level(logging.INFO, "mailflow"):
+        report = await deliver_twice(peer, port, make_transport(timeout=0.3), probe_fails)
+    assert report.site_ok and [(r.outcome, r.conn.use) for r in report.results] == [(Outcome.SENT, 1)]
+    assert peer.connections == 2
+    assert [m for m in peer.messages if m] == [CONTENT.replace(b"\r\n.", b"\r\n..")] * 2
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO] == []
 
 
 # ---------------------------------------------------------------------------------------------------- PIPELINING

@@ -149,3 +149,18 @@ async def test_a_client_service_s_own_port_is_the_fake_destinations_one_too():
         await sink.settle()
         [delivered] = dest.messages
     assert delivered.helo == "mx2.shop.test"
+
+
+async def test_under_virtual_time_no_client_keeps_a_session_lmtp_ones_too():
+    """Under virtual time a retry hours later comes moments later in real time: a cached session would be reused
+    where Postfix's had long closed it. The Sink turned the cache off for [smtp] and its services only; [lmtp] has
+    the same cache (and its services theirs)."""
+    settings = {"smtp": {"services": {"own": {"connection_cache_time_limit": "30s"}}},
+                "lmtp": {"connection_cache_time_limit": "30s",
+                         "services": {"dovecot": {"connection_cache_time_limit": "30s"}, "plain": {}}}}
+    async with Sink(settings, virtual_time=True) as sink:  # (a setting given as a keyword would win)
+        config = sink.config
+        assert config is not None
+        clients = [config.smtp, config.smtp.for_service("own"), config.lmtp, config.lmtp.for_service("dovecot"),
+                   config.lmtp.for_service("plain")]
+    assert [c.connection_cache_time_limit for c in clients] == [0, 0, 0, 0, 0]

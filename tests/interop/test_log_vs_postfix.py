@@ -45,11 +45,13 @@ import contextlib
 import os
 import re
 import shutil
+import ssl
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+import trustme
 
 from tests.interop.test_policy_vs_postfix import ScriptedPolicy
 from tests.interop.test_smtp_faults_vs_postfix import ScriptedPeer
@@ -955,3 +957,59 @@ async def test_relay_domain_mail_is_logged_by_the_relay_service_as_postfix_logs_
         await message(mf.smtp_addresses[0][1], [rcpt], "relayed")
     await eventually(lambda: set(rcpts) <= set(programs(mail_log.read_text())), timeout=10)
     assert programs(mail_log.read_text()) == pf_programs == {"u@relay.test": "relay/smtp", "u@other.test": "smtp"}
+
+
+def client_lines(log: str) -> list[tuple[str, str]]:
+    """(program, text) of each line of an SMTP client process (smtp, relay/smtp), in order: queue ids as QID,
+    ports as PORT, a TLS summary cut after its bits (Postfix goes on with the key exchange)."""
+    lines = []
+    for tag, text in re.findall(r" (\S+)\[\d+\]: (.*)", log):
+        program = tag.partition("/")[2]
+        if program.rpartition("/")[2] != "smtp":
+            continue
+        text = re.sub(r"\b[0-9A-F]{6,}: ", "QID: ", text)
+        text = re.sub(r"\](:\d+)", "]:PORT", text)
+        text = re.sub(r"(bits\)).*", r"\1", text)
+        lines.append((program, text))
+    return lines
+
+
+async def test_every_line_of_the_relay_client_is_logged_as_relay_smtp_as_postfix_logs_it(mailflow_server, mail_log,
+                                                                                         smtp_peer, tmp_path):
+    """master.cf's `relay … smtp -o syslog_name=postfix/$service_name` names every line of that process, not only
+    its results: a relay-domain message whose relayhost refuses the connection, whose first fallback relay defers
+    it (451, its reply rewritten by smtp_reply_filter) and whose second takes it over STARTTLS (smtp_tls_loglevel 1),
+    its Subject replaced by smtp_header_checks: the connection's, reply filter's, `QID: host … said`, TLS and header
+    check lines are all relay/smtp's, in Postfix and in mailflow alike."""
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    greylisting, tls_peer = await smtp_peer(), await smtp_peer(tls_context=context)
+    greylisting.handler.rcpt_replies["u@relay.test"] = "451 4.7.1 greylisted"
+    (tmp_path / "reply_filter").write_text("/^451 4\\.7\\.1 greylisted$/ 451 4.7.1 greylisted (filtered)\n")
+    (tmp_path / "header_checks").write_text("/^Subject: (.*)$/ REPLACE Subject: checked $1\n")
+    closed = free_port()
+    fallbacks = [f"[127.0.0.1]:{greylisting.port}", f"[127.0.0.1]:{tls_peer.port}"]
+    async with postfix_instance({
+        "myhostname": PF_HOST, "mydestination": "", "relay_domains": "relay.test", "mynetworks": "127.0.0.0/8",
+        "relayhost": f"[127.0.0.1]:{closed}", "smtp_fallback_relay": ", ".join(fallbacks),
+        "smtp_tls_security_level": "may", "smtp_tls_loglevel": "1",
+        "smtp_reply_filter": f"regexp:{tmp_path}/reply_filter",
+        "smtp_header_checks": f"regexp:{tmp_path}/header_checks",
+    }) as pf:
+        await message(pf.port, ["u@relay.test"], "relayed")
+        await eventually(lambda: "status=sent" in pf.maillog, timeout=15, what="Postfix delivered")
+        theirs = client_lines(pf.maillog)
+    mf = await mailflow_server(myhostname=MF_HOST, mydestination=[], relay_domains=["relay.test"],
+                               mynetworks=["127.0.0.0/8"], relayhost=f"[127.0.0.1]:{closed}",
+                               smtp={"fallback_relay": fallbacks, "tls_security_level": "may", "tls_loglevel": 1,
+                                     "reply_filter": [f"regexp:{tmp_path}/reply_filter"],
+                                     "header_checks": [f"regexp:{tmp_path}/header_checks"]})
+    await message(mf.smtp_addresses[0][1], ["u@relay.test"], "relayed")
+    await eventually(lambda: "status=sent" in mail_log.read_text(), timeout=15, what="mailflow delivered")
+    ours = client_lines(mail_log.read_text())
+    assert {program for program, _ in theirs} == {program for program, _ in ours} == {"relay/smtp"}
+    # (in order but for the header check's line: mailflow checks the header before it connects, Postfix as it sends)
+    assert sorted(text for _, text in ours if "to=<" not in text) == sorted(
+        text for _, text in theirs if "to=<" not in text)
+    assert len(theirs) == 6  # connect, replacing, said, TLS, replace, the result

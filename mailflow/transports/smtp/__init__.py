@@ -36,10 +36,11 @@ its failure (none tried: the first session's answers stand). A 5xx is final wher
 left to the next peer is logged (`QID: host ... said: 4xx ...`, Postfix's line for a server that is not the final
 one) when that peer is tried, so the session that turns out to be the last logs only its results.
 Then smtp.fallback_relay, each relay a next hop of its own, for what is left (transport's docstring).
-A cached session for the next hop is used before any of that; one that
-turns out dead before MAIL FROM is answered is dropped and the delivery goes on a fresh connection, counting
-no failure. After a delivery the session is cached (RSET first only when a transaction is still open: a finished
-DATA leaves the server in its initial state) for connection_cache_time_limit; QUIT is sent without waiting for
+A cached session for the next hop is used before any of that, after its RSET probe (pipelined with MAIL when
+the peer offers PIPELINING: proto); one that fails the probe or turns out dead before MAIL FROM is answered is
+dropped and the delivery goes on a fresh connection, counting no failure. After a delivery the session is cached
+(RSET first only when a transaction is still open: a finished DATA leaves the server in its initial state) for
+connection_cache_time_limit; QUIT is sent without waiting for
 its reply (Postfix smtp_skip_quit_response). TLS and AUTH: see connect.
 
 What each recipient gets:

@@ -9,7 +9,7 @@ wire keeps its failure and raises it at every later read; told as a SiteFailure,
 would hold the wire's frames, and they the wire: a reference cycle per failed connection).
 
     Timeouts(connect, helo, command, data)            the limit of each stage of a session, in seconds
-    Session(wire, peer, opened)                       (built by connect.open_session)
+    Session(wire, peer, opened, log=None)             (built by connect.open_session; `log`: its client's logger)
       .send(data, activity) .send_many(pieces, activity)   write now (a big piece is not copied into a join)
       await .drain(timeout, activity)                 until the peer has taken enough of what was written
       await .reply(timeout, activity) -> Reply        the next reply in order; a 421 closes the session
@@ -28,9 +28,12 @@ would hold the wire's frames, and they the wire: a reference cycle per failed co
       .alive .idle_clean .aborted .uses .transaction_open .opened
       .garbled           a reply had garbage in it: the session is not cached (Postfix's DONT_CACHE_THIS_SESSION)
       .queue_id .dialect the message the session is busy with and "ESMTP" or "LMTP", for its log lines
-      .log               the logger of its lines: the dialect's service (CLIENT_LOGS), so that syslog names an
-                         LMTP session's lines `lmtp`, as Postfix's lmtp(8) writes them, and an SMTP one's `smtp`
+      .log               the logger of its lines: its client's (`log`: client_log(program), so that a relay
+                         session's lines are `relay/smtp`'s, as every line of Postfix's relay process), else the
+                         dialect's service (CLIENT_LOGS): an LMTP session's lines `lmtp`, as Postfix's lmtp(8) writes
+                         them, an SMTP one's `smtp`
       .quit() .abort()                                polite and impolite ends; both idempotent
+    client_log(program) -> Logger                     the logger whose lines are `program`'s (logs.service_of)
 
 `quit` sends QUIT and closes without waiting for the reply (Postfix smtp_skip_quit_response and
 lmtp_skip_quit_response: the results are final already, a peer slow to answer QUIT must not hold them up); what
@@ -56,6 +59,12 @@ from mailflow.transports.smtp.trouble import stream_failure
 # The logger of a session's lines by its dialect: the service the log names (logs.service_of), Postfix's smtp(8) or
 # lmtp(8), whose lines these are when it speaks it
 CLIENT_LOGS = {"ESMTP": logging.getLogger("mailflow.smtp"), "LMTP": logging.getLogger("mailflow.lmtp")}
+
+
+def client_log(program: str) -> logging.Logger:
+    """See the module docstring (`relay/smtp`: mailflow.relay/smtp, whose lines logs.service_of names so)."""
+    return logging.getLogger(f"mailflow.{program}")
+
 
 READ_AHEAD = 64  # complete replies waiting to be read before reading pauses
 JOIN_LIMIT = 16384  # send_many joins pieces smaller than this; a bigger one is written as it is (not copied)
@@ -195,8 +204,9 @@ def _time_out(waiter: asyncio.Future) -> None:
 class Session:
     """One session with one peer over one connection (see the module docstring)."""
 
-    def __init__(self, wire: Wire, peer: Peer, opened: float):
+    def __init__(self, wire: Wire, peer: Peer, opened: float, log: logging.Logger | None = None):
         assert wire.transport is not None
+        self._log = log
         self.peer = peer
         self.opened = opened
         self.extensions = Extensions()
@@ -212,9 +222,9 @@ class Session:
 
     @property
     def log(self) -> logging.Logger:
-        """The logger of this session's lines (its dialect's: set by connect.hello, before any line can be
-        written)."""
-        return CLIENT_LOGS[self.dialect]
+        """The logger of this session's lines (its client's; else its dialect's: set by connect.hello, before any
+        line can be written)."""
+        return self._log if self._log is not None else CLIENT_LOGS[self.dialect]
 
     @property
     def alive(self) -> bool:

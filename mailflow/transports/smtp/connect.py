@@ -1,9 +1,10 @@
 """Opening a session (Postfix smtp_connect, with smtp_proto's handshake): connect, greeting, EHLO/HELO or LHLO,
 and for SMTP STARTTLS as the TLS policy asks and AUTH with the relay's credentials.
 
-    await open_session(peer, timeout, clock, source=None, reply_filter=None) -> Session     TCP, or a UNIX-domain
-                                socket (port 0), within `timeout` (`reply_filter`: smtp_reply_filter, the session's
-                                reply lines through it: mailflow.transports.smtp.reply_filter); ConnectFailure
+    await open_session(peer, timeout, clock, source=None, reply_filter=None, log=None) -> Session     TCP, or a
+                                UNIX-domain socket (port 0), within `timeout` (`reply_filter`: smtp_reply_filter, the
+                                session's reply lines through it: mailflow.transports.smtp.reply_filter; `log`: the
+                                client's logger, the session's lines' and the bind warning's); ConnectFailure
                                 4.4.1 "connect to h[ip]:port: Connection refused" (or timed out), which the
                                 caller logs with log_connect_failure. `source`
                                 (SourceAddress.of(config, "smtp" or "lmtp"): bind_address, bind_address6), the
@@ -31,7 +32,9 @@ and for SMTP STARTTLS as the TLS policy asks and AUTH with the relay's credentia
                                 TLSA records (MTA-STS's, else may), whether its MX records were DNSSEC-validated, and
                                 (sender-dependent authentication: None when off) the envelope sender, whose
                                 credentials a session uses and whose own cached sessions it goes to (`cache_key`)
-    SmtpHandshake(config, helo_name, tls, password_tables, tables, clock, resolver, plaintext_after, sender_keys)
+    SmtpHandshake(config, helo_name, tls, password_tables, tables, clock, resolver, plaintext_after, sender_keys,
+                  source, reply_filter, log)   `log`: the client's logger (chat.client_log(program)): every line
+                                of the handshake and of its sessions, so that the relay transport's are relay/smtp's
       await .open(peer, destination, queue_id, queued_for=None) -> Session   a session past the whole SMTP
                                 handshake (`queued_for`: the message's time in the queue, None: long); raises
                                 SiteFailure (try the next peer; once connected, its `relay` names the peer) or
@@ -86,7 +89,7 @@ from mailflow.syntax import is_ipv4
 from mailflow.errors import LookupRetry, detached, os_reason, tls_failure
 from mailflow.tables import Table, TableCache, find
 from mailflow.transports.smtp.addr import Nexthop, Peer, unique
-from mailflow.transports.smtp.chat import CRLF, Session, Wire
+from mailflow.transports.smtp.chat import CLIENT_LOGS, CRLF, Session, Wire, client_log
 from mailflow.transports.smtp.commands import Extensions
 from mailflow.transports.smtp import dane
 from mailflow.transports.smtp.mtasts import mx_allowed
@@ -109,8 +112,6 @@ from mailflow.transports.smtp.trouble import (
     is_hard,
     refused_to_talk,
 )
-
-log = logging.getLogger("mailflow.smtp")
 
 GREETING = "receiving the initial server greeting"
 STARTTLS = "receiving the STARTTLS response"
@@ -142,7 +143,8 @@ class SourceAddress:
 
 
 async def open_session(peer: Peer, timeout: float, clock: Callable[[], float],
-                       source: SourceAddress | None = None, reply_filter: ReplyFilter | None = None) -> Session:
+                       source: SourceAddress | None = None, reply_filter: ReplyFilter | None = None,
+                       log: logging.Logger | None = None) -> Session:
     """See the module docstring."""
     loop = asyncio.get_running_loop()
     opened = clock()
@@ -152,17 +154,17 @@ async def open_session(peer: Peer, timeout: float, clock: Callable[[], float],
         async with asyncio.timeout(timeout):
             if bound:
                 assert source is not None
-                await loop.create_connection(lambda: wire, sock=await _bound_socket(peer, bound, source))
+                await loop.create_connection(lambda: wire, sock=await _bound_socket(peer, bound, source, log))
             elif peer.port:
                 await loop.create_connection(lambda: wire, peer.address, peer.port)
             else:
                 await loop.create_unix_connection(lambda: wire, peer.address)
     except (OSError, TimeoutError) as e:
         raise ConnectFailure(f"connect to {peer.relay}: {os_reason(e)}", tcp=bool(peer.port)) from None
-    return Session(wire, peer, opened)
+    return Session(wire, peer, opened, log)
 
 
-async def _bound_socket(peer: Peer, bound: str, source: SourceAddress) -> socket.socket:
+async def _bound_socket(peer: Peer, bound: str, source: SourceAddress, log: logging.Logger | None) -> socket.socket:
     """A socket connected to `peer` from `bound`, as Postfix's smtp_connect_addr: a failed bind is a warning
     (`smtp_connect_addr: bind 192.0.2.1: Cannot assign requested address`), then the connection goes from any
     address, or with `enforce` the peer fails with 4.4.0 "server configuration error" (BindFailure)."""
@@ -173,8 +175,8 @@ async def _bound_socket(peer: Peer, bound: str, source: SourceAddress) -> socket
         try:
             sock.bind((bound, 0))
         except OSError as e:
-            logging.getLogger(f"mailflow.{source.program}").warning(
-                "%s_connect_addr: bind %s: %s", source.program, bound, os_reason(e))
+            (log or client_log(source.program)).warning("%s_connect_addr: bind %s: %s", source.program, bound,
+                                                        os_reason(e))
             if source.enforce:
                 raise BindFailure() from None
         await asyncio.get_running_loop().sock_connect(sock, (peer.address, peer.port))
@@ -258,6 +260,7 @@ class SmtpHandshake:
     sender_keys: Callable[[str], list[str]] | None = None  # a sender's sasl_password_maps keys; None: not asked
     source: SourceAddress | None = None  # bind_address, bind_address6 (None: neither set)
     reply_filter: ReplyFilter | None = None  # smtp_reply_filter (None: unset, each reply line as received)
+    log: logging.Logger = CLIENT_LOGS["ESMTP"]  # the client's (chat.client_log(program)): every line, its sessions'
 
     async def open(self, peer: Peer, destination: Destination, queue_id: str,
                    queued_for: float | None = None) -> Session:
@@ -270,7 +273,7 @@ class SmtpHandshake:
             return await self._handshake(peer, destination, policy, credentials, queue_id, tls_allowed=True,
                                          fallback=fallback)
         except RetryPlaintext:
-            log.info("%s: %s", queue_id, HANDSHAKE_FAILURE)  # (Postfix's line for a peer it goes on from)
+            self.log.info("%s: %s", queue_id, HANDSHAKE_FAILURE)  # (Postfix's line for a peer it goes on from)
             return await self._handshake(peer, destination, policy, credentials, queue_id, tls_allowed=False)
 
     async def peer_policy(self, peer: Peer, destination: Destination) -> TlsPolicy:
@@ -281,19 +284,19 @@ class SmtpHandshake:
         fallback = destination.fallback or without_dane(policy.level)
         return await dane.peer_policy(self.resolver, policy, peer.host, peer.port, destination.mx_secure, fallback)
 
-    @staticmethod
-    def _check_mx(policy: TlsPolicy, peer: Peer, queue_id: str) -> None:
+    def _check_mx(self, policy: TlsPolicy, peer: Peer, queue_id: str) -> None:
         if policy.mx_patterns is None or mx_allowed(peer.host, policy.mx_patterns):
             return
         text = f"MX host {peer.host} does not match the MTA-STS policy ({', '.join(policy.mx_patterns)})"
         if not policy.testing:
             raise SiteFailure("4.7.5", text)
-        log.info("%s: MTA-STS testing: %s", queue_id, text)
+        self.log.info("%s: MTA-STS testing: %s", queue_id, text)
 
     async def _handshake(self, peer: Peer, destination: Destination, policy: TlsPolicy,
                          credentials: Credentials | None, queue_id: str, tls_allowed: bool,
                          fallback: bool = False) -> Session:
-        session = await open_session(peer, self.config.connect_timeout, self.clock, self.source, self.reply_filter)
+        session = await open_session(peer, self.config.connect_timeout, self.clock, self.source, self.reply_filter,
+                                     self.log)
         session.queue_id = queue_id  # (the handshake's log lines are the message's too)
         try:
             await greet(session, self.config.helo_timeout)
@@ -322,7 +325,7 @@ class SmtpHandshake:
         if not session.extensions.supports("starttls"):
             if policy.required:
                 raise SiteFailure("4.7.4", f"TLS is required, but was not offered by host {peer.name}")
-            _testing(policy, queue_id, f"TLS was not offered by host {peer.name}")
+            _testing(session, policy, f"TLS was not offered by host {peer.name}")
             return
         context = self._tls_context(policy)
         if context is None:
@@ -340,11 +343,11 @@ class SmtpHandshake:
             await session.start_tls(context, None if is_ip_literal(peer.host) else peer.host, timeout)
         except ssl.SSLCertVerificationError as e:
             detached(e)  # (the wire keeps it, the cause of its loss: its traceback would hold the session, a cycle)
-            _not_verified(peer, e.verify_code, e.verify_message)
+            _not_verified(session, e.verify_code, e.verify_message)
         except (SiteFailure, OSError, TimeoutError) as e:
             detached(e)  # (likewise)
-            _log_connect_error(peer, e)
-            _testing(policy, queue_id, f"TLS handshake failure with host {peer.name}")
+            _log_connect_error(session, e)
+            _testing(session, policy, f"TLS handshake failure with host {peer.name}")
             if policy.level in ("may", "dane") and not policy.tlsa and credentials is None and fallback:
                 raise RetryPlaintext() from None
             raise SiteFailure("4.7.5", HANDSHAKE_FAILURE) from None
@@ -355,7 +358,7 @@ class SmtpHandshake:
         elif policy.testing and not certificate_matches({"subjectAltName": [("DNS", n) for n in
                                                          der_names(session.peercert_der)]}, ("hostname",), peer.host,
                                                         destination.nexthop.host):
-            _testing(policy, queue_id, f"the certificate of host {peer.name} does not name {peer.host}")
+            _testing(session, policy, f"the certificate of host {peer.name} does not name {peer.host}")
         if self.config.tls_loglevel >= 1:
             _log_established(session, verified=policy.verifies or bool(policy.tlsa))
         await hello(session, self.helo_name, self.config.helo_timeout, queue_id=queue_id)
@@ -367,19 +370,19 @@ class SmtpHandshake:
         except TlsUnavailable as e:
             if policy.required:
                 raise LocalProblem("4.7.5", f"TLS is required, but our TLS engine is unavailable: {e}") from None
-            log.warning("TLS is unavailable (%s): sending in plaintext", e)
+            self.log.warning("TLS is unavailable (%s): sending in plaintext", e)
             return None
 
     @staticmethod
     def _verify_tlsa(session: Session, policy: TlsPolicy) -> None:
         if not dane.matches(session.peercert_der, policy.tlsa):
-            _not_verified(session.peer, *dane.NO_MATCH)
+            _not_verified(session, *dane.NO_MATCH)
 
     @staticmethod
     def _verify_peer_name(session: Session, destination: Destination, policy: TlsPolicy) -> None:
         peer, patterns, nexthop = session.peer, policy.match, destination.nexthop.host
         if not certificate_matches(session.peercert, patterns, peer.host, nexthop):
-            _not_verified(peer, *mismatch_error(patterns, peer.host, nexthop))
+            _not_verified(session, *mismatch_error(patterns, peer.host, nexthop))
 
     # -- AUTH
 
@@ -425,14 +428,14 @@ class SmtpHandshake:
                               f"SASL authentication failed; server {peer.name} said: {reply.one_line}")
 
 
-def _log_connect_error(peer: Peer, error: BaseException) -> None:
+def _log_connect_error(session: Session, error: BaseException) -> None:
     """A failed client handshake, logged as Postfix's tls_client.c logs it: `SSL_connect error to host[ip]:port:
     reason` ("lost connection", "Connection timed out", "-1" for a TLS protocol error, whose description follows
     as `warning: TLS library problem: …`)."""
     reason, problem = tls_failure(error)
-    log.info("SSL_connect error to %s: %s", peer.relay, reason)
+    session.log.info("SSL_connect error to %s: %s", session.peer.relay, reason)
     if problem:
-        log.warning("TLS library problem: %s", problem)
+        session.log.warning("TLS library problem: %s", problem)
 
 
 # OpenSSL's default verification depth (intermediate CAs at most), which Python's ssl leaves as it is: Postfix's
@@ -451,7 +454,7 @@ _SERVER_CERTIFICATE_FAILURES = {9: "certificate not yet valid", 13: "certificate
                                 10: "certificate has expired", 14: "certificate has expired"}
 
 
-def _not_verified(peer: Peer, code: int, text: str) -> NoReturn:
+def _not_verified(session: Session, code: int, text: str) -> NoReturn:
     """A certificate that a verifying level (verify, secure, DANE) refuses, by OpenSSL's error `code` and `text`:
     logged as Postfix's tls_verify.c logs it at any smtp_tls_loglevel (`certificate verification failed for
     h[ip]:port: untrusted issuer …`, `server certificate verification failed for h[ip]:port: num=62:hostname
@@ -460,12 +463,13 @@ def _not_verified(peer: Peer, code: int, text: str) -> NoReturn:
     `<unknown>` (Postfix's word for an issuer it cannot name), and a failure is the server certificate's (Postfix
     says `CA certificate verification failed` for an expired intermediate, which the depth tells it; Python's ssl
     cannot)."""
+    log, relay = session.log, session.peer.relay
     if code in _CERTIFICATE_FAILURES:
-        log.info("certificate verification failed for %s: %s", peer.relay, _CERTIFICATE_FAILURES[code])
+        log.info("certificate verification failed for %s: %s", relay, _CERTIFICATE_FAILURES[code])
     elif code in _SERVER_CERTIFICATE_FAILURES:
-        log.info("server certificate verification failed for %s: %s", peer.relay, _SERVER_CERTIFICATE_FAILURES[code])
+        log.info("server certificate verification failed for %s: %s", relay, _SERVER_CERTIFICATE_FAILURES[code])
     else:
-        log.info("server certificate verification failed for %s: num=%d:%s", peer.relay, code, text)
+        log.info("server certificate verification failed for %s: num=%d:%s", relay, code, text)
     raise SiteFailure("4.7.5", NOT_VERIFIED)
 
 
@@ -474,11 +478,11 @@ def _log_established(session: Session, *, verified: bool) -> None:
     h[ip]:port: TLSv1.3 with cipher … (256/256 bits)` ("Untrusted" when the certificate was not verified), without
     a queue id (a connection may serve several messages)."""
     cipher, _, bits = session.cipher
-    log.info("%s TLS connection established to %s: %s with cipher %s (%d/%d bits)",
+    session.log.info("%s TLS connection established to %s: %s with cipher %s (%d/%d bits)",
              "Verified" if verified else "Untrusted", session.peer.relay, session.tls_version, cipher, bits, bits)
 
 
-def _testing(policy: TlsPolicy, queue_id: str, what: str) -> None:
+def _testing(session: Session, policy: TlsPolicy, what: str) -> None:
     """MTA-STS testing mode: what enforce would have refused, logged (RFC 8461 5)."""
     if policy.testing:
-        log.info("%s: MTA-STS testing: enforce would defer: %s", queue_id, what)
+        session.log.info("%s: MTA-STS testing: enforce would defer: %s", session.queue_id, what)

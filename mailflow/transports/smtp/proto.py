@@ -1,12 +1,15 @@
 """One mail transaction on an open session (Postfix smtp_proto's smtp_xfer), for SMTP and LMTP alike.
 
-    await send_message(session, request, recipients, outcomes, timeouts, now, reused=False, lmtp=False, wire=None)
+    await send_message(session, request, recipients, outcomes, timeouts, now, reused=False, lmtp=False, wire=None,
+                       probe=None)
         every recipient ends with a result in `outcomes`; a lost, timed-out or garbled dialogue defers those still
         without an answer (relay: the peer) and fails the site. A `reused` (cached) session that dies before MAIL
-        FROM is answered raises StaleSession instead and leaves `outcomes` untouched. The results of the
-        transaction carry its ConnStats: `now()` (qmgr's clock) as MAIL FROM is sent, and the session's use count
-        (Postfix's conn_setup_done and reuse_count, for the log's `delays=` and `conn_use=`). `wire`: the addresses
-        and header section smtp_generic_maps put on the wire (mailflow.transports.generic), None: as queued.
+        FROM is answered raises StaleSession instead and leaves `outcomes` untouched. `probe` (a reused session:
+        the RSET timeout; the SMTP client's): Postfix's RSET probe first (smtp_reuse_common), see below. The
+        results of the transaction carry its ConnStats: `now()` (qmgr's clock) as MAIL FROM is sent, and the
+        session's use count (Postfix's conn_setup_done and reuse_count, for the log's `delays=` and `conn_use=`).
+        `wire`: the addresses and header section smtp_generic_maps put on the wire (mailflow.transports.generic),
+        None: as queued.
     await reset(session, timeout) -> bool      RSET (a transaction is still open, or its end of data was refused,
                                                and the session is to be cached)
     smtp_data(content, encoders) / asmtp_data(content, encoders)   the content as DATA: through `encoders`,
@@ -19,6 +22,12 @@ after a refusal are read (a DATA accepted anyway gets an empty message, "." alon
 is streamed: a message in memory goes in one write, a spooled one CHUNK bytes at a time, each write waiting
 (within data_timeout) until the peer has taken the last. After the content SMTP reads one reply for every
 accepted recipient, LMTP (RFC 2033 4.2) one reply per accepted recipient, in RCPT order.
+
+The RSET probe of a reused session: RSET before MAIL, its reply read first; anything but 2xx (a 4xx or 5xx, a 421,
+the connection lost or silent) raises StaleSession (nothing logged but a debug line, as Postfix's smtp_rset fails
+quietly): the caller drops the session and the message goes over another. With PIPELINING it goes in the same write
+as MAIL, the RCPTs and DATA (RFC 2920: RSET may be anywhere in a group), so it costs no round trip; without it,
+alone, waiting for its reply, as Postfix's smtp(8) sends it (always alone).
 
 An address probe (`request.verify`, Postfix's smtp with the verify flag) ends after the RCPT replies: no DATA
 (nor in the pipelined write), each accepted recipient SENT with its RCPT reply, the transaction left open (RSET
@@ -51,6 +60,7 @@ RCPT = "sending RCPT TO"
 DATA = "sending DATA command"
 BODY = "sending message body"
 END_OF_DATA = "sending end of data -- message may be sent more than once"
+RSET_PROBE = "sending RSET probe"
 
 
 async def send_message(
@@ -64,6 +74,7 @@ async def send_message(
     reused: bool = False,
     lmtp: bool = False,
     wire: WireForm | None = None,
+    probe: float | None = None,
 ) -> None:
     """See the module docstring."""
     refusal = cannot_take(session.extensions, session.peer, request, wire)
@@ -75,7 +86,7 @@ async def send_message(
     conn = ConnStats(now(), session.uses)
     todo = outcomes.pending(recipients)
     try:
-        await _transaction(session, request, recipients, outcomes, timeouts, reused, lmtp, wire)
+        await _transaction(session, request, recipients, outcomes, timeouts, reused, lmtp, wire, probe)
     except SiteFailure as e:
         outcomes.fail(outcomes.pending(recipients), e, session.peer.relay).site_failed(e.text)
     outcomes.stamp(todo, conn)  # not reached on StaleSession: `outcomes` stays untouched
@@ -90,6 +101,7 @@ async def _transaction(
     reused: bool,
     lmtp: bool,
     wire: WireForm | None,
+    probe: float | None,
 ) -> None:
     peer, extensions = session.peer, session.extensions
     encoders, body = content_encoding(extensions, request, wire)
@@ -106,8 +118,13 @@ async def _transaction(
         mail = mail_command(request, extensions, body, converted=converted, wire=wire)
     pipelining = extensions.supports("pipelining")
     data = [] if request.verify else [b"DATA" + CRLF]  # a probe stops after RCPT (Postfix's verify flag)
+    rset = [] if probe is None else [b"RSET" + CRLF]
+    if probe is not None and not pipelining:
+        await _rset_probe(session, probe)
     try:
-        session.send(b"".join([mail, *rcpts, *data]) if pipelining else mail, MAIL)
+        session.send(b"".join([*rset, mail, *rcpts, *data]) if pipelining else mail, MAIL)
+        if probe is not None and pipelining:
+            await _rset_probe(session, probe, sent=True)
         reply = await session.reply(timeouts.command, MAIL)
     except SiteFailure:
         if reused:
@@ -155,6 +172,23 @@ async def _transaction(
     # after a refusal the peer's state is in doubt (aiosmtpd keeps the transaction when its handler fails): the
     # session is RSET before it is reused, as Postfix probes every cached session with RSET
     session.transaction_open = refused
+
+
+async def _rset_probe(session: Session, timeout: float, *, sent: bool = False) -> None:
+    """The RSET probe (see the module docstring): RSET, unless it was `sent` already, and its reply; StaleSession
+    unless that is 2xx."""
+    try:
+        if not sent:
+            session.send(b"RSET" + CRLF, RSET_PROBE)
+        reply = await session.reply(timeout, RSET_PROBE)
+    except SiteFailure as e:
+        session.log.debug("%s: cached session with %s failed its RSET probe: %s", session.queue_id,
+                          session.peer.relay, e.text)
+        raise StaleSession() from None
+    if not reply.positive:
+        session.log.debug("%s: cached session with %s refused its RSET probe: %s", session.queue_id,
+                          session.peer.relay, reply.one_line)
+        raise StaleSession()
 
 
 async def _abandon_pipelined(session: Session, rcpt_replies: int, timeout: float, data: bool = True) -> None:

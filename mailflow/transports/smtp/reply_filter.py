@@ -2,7 +2,7 @@
 (Postfix's smtp_chat_resp_filter in smtp_chat.c), to work around a broken server or to inject faults. Use with care:
 a reply rewritten from 5xx to 4xx defers mail for good.
 
-    ReplyFilter(tables)
+    ReplyFilter(tables, log)                        (`log`: the client's logger, chat.client_log)
       .for_peer(relay) -> Callable[[bytes], bytes]   the ReplyParser's line filter for one session with `relay`
                                                     (host[ip]:port)
 
@@ -23,14 +23,13 @@ from mailflow.logs import printable
 from mailflow.tables import Table
 from mailflow.transports.smtp.reply import ReplyFilterError
 
-log = logging.getLogger("mailflow.smtp")
-
 
 class ReplyFilter:
     """See the module docstring."""
 
-    def __init__(self, tables: list[Table]) -> None:
+    def __init__(self, tables: list[Table], log: logging.Logger) -> None:
         self._tables = tables
+        self._log = log
 
     def for_peer(self, relay: str) -> Callable[[bytes], bytes]:
         def line_filter(line: bytes) -> bytes:
@@ -38,7 +37,7 @@ class ReplyFilter:
             value = self._lookup(key)
             if value is None:
                 return line
-            log.info('%s: replacing server reply "%s" with "%s"', relay, key, value)
+            self._log.info('%s: replacing server reply "%s" with "%s"', relay, key, value)
             return value.encode("utf-8")
         return line_filter
 

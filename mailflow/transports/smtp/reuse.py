@@ -11,8 +11,8 @@ sessions kept for the next message to the same next hop. Nothing here is global;
                                                      was idle or each had died (StaleSession: closed, nothing
                                                      delivered). `probe`: each is sent RSET first (within that many
                                                      seconds) and dropped unless it answers 2xx (Postfix's RSET probe,
-                                                     smtp_reuse_common: the LMTP client's; the SMTP client finds a
-                                                     dead session at MAIL instead, a round trip less a message)
+                                                     smtp_reuse_common: the LMTP client's; the SMTP client's
+                                                     transaction sends its own, pipelined when it can be: proto)
       await .release(key, session, rset_timeout)     keep the session (RSET first when its transaction is still
                                                      open) or QUIT it
       .close()                                       QUIT every idle session, cancel the timers; afterwards

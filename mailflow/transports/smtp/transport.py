@@ -50,8 +50,10 @@ smtp_sender_dependent_authentication, sasl_password_maps asked by the envelope s
 cached session reused only for mail from the same sender (connect's Destination.cache_key), as Postfix keys its
 connection cache by sender then. `level_source`: the key config.tls_security_level is set by, as the TLS
 policy names it ("smtp.tls_security_level", "smtp.services.NAME.tls_security_level" when the service sets it).
-`program`: what its result lines are logged under (`relay/smtp` for the relay transport, as Postfix's stock
-master.cf gives `relay` `-o syslog_name=postfix/$service_name`).
+`program`: what its lines are logged under, every one (its results, connections, TLS, the `QID: host ... said` of
+a server that is not the final one, smtp_reply_filter's; `relay/smtp` for the relay transport, as Postfix's stock
+master.cf gives `relay` `-o syslog_name=postfix/$service_name`, which names every line of that process; `generic`
+and `checks` are given the same logger by the registry).
     await close()                                 QUITs the cached sessions; no task or timer is left behind
 
 The TLS policy of a next hop (`tls_policy`, also for `mailflow address`): a tls_policy_maps entry; else, for a domain
@@ -66,7 +68,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
-import logging
 import random
 import time
 from contextlib import aclosing
@@ -89,7 +90,7 @@ from mailflow.transports.smtp.addr import (
     parse_nexthop,
     unique,
 )
-from mailflow.transports.smtp.chat import Session, Timeouts
+from mailflow.transports.smtp.chat import Session, Timeouts, client_log
 from mailflow.transports.generic import GenericMaps, WireForm
 from mailflow.transports.smtp.reply_filter import ReplyFilter
 from mailflow.transports.smtp_checks import OutboundChecks, outbound_wire_form
@@ -106,8 +107,6 @@ from mailflow.transports.smtp.trouble import (
     SiteFailure,
     record_unreachable,
 )
-
-log = logging.getLogger("mailflow.smtp")
 
 # Sessions (completed handshakes) per delivery: a temporary failure in one that is not the last of them leaves
 # its recipients for the next peer (Postfix smtp_mx_session_limit).
@@ -152,6 +151,7 @@ class SmtpTransport:
         program: str = "smtp",
     ):
         self.program = program
+        self._log = client_log(program)
         self._config = config
         self._generic = generic
         self._checks = checks
@@ -174,10 +174,12 @@ class SmtpTransport:
             tls=TlsContexts(config.tls_ca_file, config.tls_cert_file, config.tls_key_file),
             password_tables=self._tables.open(config.sasl_password_maps), tables=self._tables, clock=clock,
             resolver=resolver, plaintext_after=plaintext_after, sender_keys=sender_keys,
-            source=SourceAddress.of(config, "smtp"),
-            reply_filter=ReplyFilter(self._tables.open(config.reply_filter)) if config.reply_filter else None)
+            source=SourceAddress.of(config, "smtp"), log=self._log,
+            reply_filter=ReplyFilter(self._tables.open(config.reply_filter), self._log) if config.reply_filter
+            else None)
         self._cache = SessionCache(config.connection_cache_time_limit, config.connection_reuse_count_limit,
                                    config.connection_reuse_time_limit, clock=clock)
+        self._rset_timeout = min(RSET_TIMEOUT, config.command_timeout)  # (Postfix's smtp_rset_timeout)
         self._nexthops: dict[str, Nexthop] = {}  # next hops as written -> parsed (usable ones; NEXTHOP_CACHE at most)
 
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
@@ -290,10 +292,9 @@ class SmtpTransport:
             self._log_results(request, left, outcomes.take_back(left))
         return left
 
-    @staticmethod
-    def _log_results(request: DeliveryRequest, recipients: list[Recipient], taken: Outcomes) -> None:
+    def _log_results(self, request: DeliveryRequest, recipients: list[Recipient], taken: Outcomes) -> None:
         for r in recipients:
-            log.info("%s: %s", request.queue_id, taken.results[r].text)
+            self._log.info("%s: %s", request.queue_id, taken.results[r].text)
 
     def _nexthop(self, written: str) -> Nexthop:
         """parse_nexthop's answer for a next hop as written, parsed once (the port default is this transport's
@@ -336,7 +337,7 @@ class SmtpTransport:
         try:
             return dataclasses.replace(parse_policy(found[2]), source=f"tls_policy_maps: {found[1]}")
         except ValueError as e:
-            log.warning("TLS policy for %s: %s", written.strip(), e)
+            self._log.warning("TLS policy for %s: %s", written.strip(), e)
             raise LocalProblem("4.7.0", f"client TLS configuration problem: {e}") from None
 
     async def _sts_policy(self, mta_sts: MtaSts, nexthop: Nexthop) -> TlsPolicy | None:
@@ -360,10 +361,11 @@ class SmtpTransport:
     async def _deliver_on_cached_session(self, destination: Destination, request: DeliveryRequest,
                                          recipients: list[Recipient], outcomes: Outcomes,
                                          wire: WireForm | None) -> Peer | None:
-        """Deliver over a cached session when one is idle for this next hop: its peer; None when none could be
-        used."""
+        """Deliver over a cached session when one is idle for this next hop, after its RSET probe (proto): its peer;
+        None when none could be used."""
         session = await self._cache.reuse(destination.cache_key, lambda s: send_message(
-            s, request, recipients, outcomes, self._timeouts, self._now, reused=True, wire=wire))
+            s, request, recipients, outcomes, self._timeouts, self._now, reused=True, wire=wire,
+            probe=self._rset_timeout))
         if session is None:
             return None
         await self._release(session, destination)
@@ -388,10 +390,10 @@ class SmtpTransport:
             async for peer in peers:
                 if unlogged is not None:
                     for r in recipients:
-                        log.info("%s: %s", request.queue_id, unlogged.results[r].text)
+                        self._log.info("%s: %s", request.queue_id, unlogged.results[r].text)
                     unlogged = None
                 if unlogged_failure is not None:
-                    log.info("%s: %s", request.queue_id, unlogged_failure.text)
+                    self._log.info("%s: %s", request.queue_id, unlogged_failure.text)
                     unlogged_failure = None
                 try:
                     session = await self._handshake.open(peer, destination, request.queue_id, request.queued_for)
@@ -401,9 +403,9 @@ class SmtpTransport:
                         record_unreachable(outcomes, recipients, e, [])  # greeting; under soft_bounce, as a 4xx)
                         return []
                     if isinstance(e, ConnectFailure):  # Postfix's smtp_connect_inet: at once, no queue id
-                        log_connect_failure(e, log)
+                        log_connect_failure(e, self._log)
                     elif e.relay == "none" or not site.final:  # refused before connecting (DANE, MTA-STS), or
-                        log.info("%s: %s", request.queue_id, e.text)  # a server that is not the final one
+                        self._log.info("%s: %s", request.queue_id, e.text)  # a server that is not the final one
                     else:  # Postfix's smtp_bulk_fail: at the final server the result line is the only one
                         unlogged_failure = e
                     continue
@@ -446,11 +448,11 @@ class SmtpTransport:
         if not error.permanent:
             return error
         if site.fallback:
-            log.warning("smtp_fallback_relay configuration problem")
+            self._log.warning("smtp_fallback_relay configuration problem")
             return TemporaryError("4.3.5", error.text)
         if not self._relayhost or request.nexthop != self._relayhost:
             return error
-        log.warning("%s: relayhost configuration problem: %s", request.queue_id, error.text)
+        self._log.warning("%s: relayhost configuration problem: %s", request.queue_id, error.text)
         return TemporaryError("4.3.5", error.text)
 
     async def _without_myself(self, hosts: list[MX], nexthop: Nexthop,
@@ -548,7 +550,7 @@ class SmtpTransport:
     async def _release(self, session: Session, destination: Destination) -> None:
         """Cache the session for the next message to this next hop (RSET first when a transaction is still
         open), or QUIT it."""
-        await self._cache.release(destination.cache_key, session, min(RSET_TIMEOUT, self._config.command_timeout))
+        await self._cache.release(destination.cache_key, session, self._rset_timeout)
 
 
 @dataclass(frozen=True)
