@@ -407,6 +407,18 @@ def test_rbl_listed_client_is_refused_and_a_filter_narrows_the_answers():
     assert rcpt(restrictions(client_restrictions=["reject_rbl_client bl.test"]), client_addr="198.51.100.4") is None
 
 
+def test_a_bad_map_template_gives_way_to_the_default_even_when_that_is_no_reply(tmp_path, caplog):
+    # Postfix 3.7's rbl_reject_reply forgets the bad template, expands the default and, as that is no reply, logs
+    # it and answers 450 4.7.1 Service unavailable (mailflow expanded the bad template again and raised)
+    (tmp_path / "rbl_replies").write_text("bl.test 554 ${rbl_reason\n")
+    r = restrictions(client_restrictions=["reject_rbl_client bl.test"], default_rbl_reply="blocked by $rbl_domain",
+                     rbl_reply_maps=[f"texthash:{tmp_path}/rbl_replies"])
+    with caplog.at_level("WARNING", logger="mailflow.smtpd"):
+        assert rcpt(r) == status.RBL_REPLY_ERROR
+    assert caplog.messages == ["rbl_reject_reply: bad rbl reply template for domain bl.test: 554 ${rbl_reason",
+                               "rbl response code configuration error: blocked by bl.test"]
+
+
 # ---------------------------------------------------------------------------------------------- policy
 
 

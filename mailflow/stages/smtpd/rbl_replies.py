@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable
 
 from mailflow import status
 from mailflow.errors import LookupRetry
-from mailflow.rbl_reply import rbl_expanded, rbl_reply_parts
+from mailflow.rbl_reply import check_rbl_template, rbl_expanded, rbl_reply_parts
 from mailflow.reply_footer import FooterClient, footer_values
 from mailflow.tables import TableCache, find
 
@@ -63,10 +63,10 @@ class RblReplies:
             log.warning("rbl_reply_maps lookup error for %r: %s", listed.rbl, e.reason)
             return status.SERVER_CONFIGURATION_ERROR
         values = self._values(listed, facts)
-        parts = self._expanded(template or self._default, values, listed.rbl)
+        template = self._usable(template, listed.rbl)
+        parts = rbl_reply_parts(template, values)
         if parts is None:
-            log.warning("rbl response code configuration error: %s",
-                        rbl_expanded(template or self._default, values))
+            log.warning("rbl response code configuration error: %s", rbl_expanded(template, values))
             return status.RBL_REPLY_ERROR
         code, dsn, text = parts
         return status.rbl_listed(code, self._fit_dsn(dsn, listed.reply_class), text)
@@ -78,13 +78,16 @@ class RblReplies:
         found = await self._run(find, self._maps, [rbl])
         return None if found is None else found[2]
 
-    def _expanded(self, template: str, values: dict[str, str], rbl: str) -> tuple[int, str, str] | None:
-        """The template's (code, dsn, text); a map's template that cannot be expanded gives way to the default."""
+    def _usable(self, template: str | None, rbl: str) -> str:
+        """The map's template when it can be expanded, else default_rbl_reply (checked by the configuration): a bad
+        one is logged and then counts as not found, as Postfix's rbl_reject_reply sets it to 0."""
+        if template is None:
+            return self._default
         try:
-            return rbl_reply_parts(template, values)
+            return check_rbl_template(template)
         except ValueError:
             log.warning("rbl_reject_reply: bad rbl reply template for domain %s: %s", rbl, template)
-        return rbl_reply_parts(self._default, values)
+        return self._default
 
     def _values(self, listed: Listed, facts: Facts) -> dict[str, str]:
         """The macros' values: the list's, then smtpd's own (as Postfix's smtpd_expand_lookup gives them)."""
