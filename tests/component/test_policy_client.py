@@ -7,7 +7,8 @@ import asyncio
 
 import pytest
 
-from mailflow.stages.smtpd.policy import PolicyClient, PolicyError
+from mailflow.config import config_from_dict
+from mailflow.stages.smtpd.policy import PolicyClient, PolicyError, policy_service
 from tests.support import SmtpClient, eventually
 from tests.support.policy import PolicyServer, read_request
 
@@ -101,6 +102,40 @@ async def test_request_limit_counts_the_queries_of_a_connection():
             await client.query(REQUEST)
         assert server.connections == 3
         client.close()
+
+
+# smtpd's own settings, far from the service's so that a service using them would be seen
+SMTPD_POLICY = {"policy_service_timeout": "100s", "policy_service_max_idle": "100s",
+                "policy_service_max_ttl": "1000s", "policy_service_request_limit": 0}
+
+
+async def test_a_service_in_braces_uses_its_own_timeout_over_smtpds():
+    smtpd = config_from_dict({"smtpd": SMTPD_POLICY}).smtpd
+    async with CountingPolicy(delay=60) as server:
+        service = policy_service(f"{{ {server.spec}, timeout=1s }}", smtpd)
+        with pytest.raises(PolicyError, match="timeout after 1s"):
+            await asyncio.wait_for(service.client.query(REQUEST), 5)
+        service.client.close()
+
+
+@pytest.mark.parametrize("own", ["max_idle=1s", "max_ttl=1s"])
+async def test_a_service_in_braces_closes_its_kept_connection_after_its_own_time(own):
+    smtpd = config_from_dict({"smtpd": SMTPD_POLICY}).smtpd
+    async with CountingPolicy() as server:
+        service = policy_service(f"{{ {server.spec}, {own} }}", smtpd)
+        await service.client.query(REQUEST)
+        await eventually(lambda: server.open == 0, timeout=4, what=f"the kept connection closed after {own}")
+        service.client.close()
+
+
+async def test_a_service_in_braces_uses_its_own_request_limit_over_smtpds():
+    smtpd = config_from_dict({"smtpd": SMTPD_POLICY}).smtpd
+    async with CountingPolicy() as server:
+        service = policy_service(f"{{ {server.spec}, request_limit=1 }}", smtpd)
+        for _ in range(3):
+            await service.client.query(REQUEST)
+        assert server.connections == 3
+        service.client.close()
 
 
 async def test_a_connection_the_server_closed_is_replaced_before_use():
