@@ -1,7 +1,7 @@
 """The server side of Postfix's policy delegation protocol, for tests: `PolicyServer` listens on 127.0.0.1 (an
 async context manager; `spec` is its `inet:127.0.0.1:PORT`) and hands each connection to the subclass's
 `_serve(reader, writer)`; `read_request(reader)` reads one request's attributes (None: the client closed);
-`RecordingPolicy` answers DUNNO to every request and keeps them (`requests`)."""
+`RecordingPolicy` answers DUNNO (or its `action`) to every request and keeps them (`requests`)."""
 from __future__ import annotations
 
 import asyncio
@@ -26,15 +26,16 @@ class PolicyServer:
 
 
 class RecordingPolicy(PolicyServer):
-    """Answers every request DUNNO and keeps its attributes, in order."""
+    """Answers every request `action` (DUNNO) and keeps its attributes, in order."""
 
-    def __init__(self):
+    def __init__(self, action: str = "DUNNO"):
         self.requests: list[dict[str, str]] = []
+        self._answer = f"action={action}\n\n".encode()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while request := await read_request(reader):
             self.requests.append(request)
-            writer.write(b"action=DUNNO\n\n")
+            writer.write(self._answer)
             await writer.drain()
         writer.close()
 

@@ -1084,8 +1084,9 @@ class Restrictions:
         except PolicyError as e:
             log.warning("policy service %s: %s", endpoint, e)
             # policy_service_default_action, an access(5) action (Postfix: 451 4.3.5 Server configuration problem)
-            return await self.action(service.default_action, name, what, facts, source=endpoint, stage=stage)
-        return await self.action(answer, name, what, facts, source=endpoint, stage=stage)
+            return await self.action(service.default_action, name, what, facts, source=spec, stage=stage)
+        # (the item as written names the answer's source, braces too: Postfix's check_table_result gets `server`)
+        return await self.action(answer, name, what, facts, source=spec, stage=stage)
 
 
 _UNHANDLED = object()
