@@ -77,7 +77,10 @@ def require_postfix() -> None:
 
 def private_nameserver_address() -> str:
     """A random address in 127.53.0.0/16 for a DNS server on port 53 that one private Postfix asks (port 53 is
-    the only one libc's resolver asks; each test its own address, so that concurrent ones do not meet)."""
+    the only one libc's resolver asks; each test its own address, so that concurrent ones do not meet). Asked
+    before the server binds port 53, it skips (or fails) first where a private Postfix cannot run, as
+    `postfix_instance` would: binding port 53 needs root too."""
+    require_postfix()
     return f"127.53.{random.randrange(1, 255)}.{random.randrange(1, 255)}"
 
 
