@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.support.postfix import private_nameserver_address
+from tests.support.postfix import postfix_instance, private_nameserver_address, require_postfix
 
 pytestmark = pytest.mark.interop
 
@@ -19,4 +19,29 @@ def test_without_root_the_address_is_refused_before_port_53_is_bound(monkeypatch
         private_nameserver_address()
     monkeypatch.setenv("MAILFLOW_REQUIRE_TOOLS", "1")
     with pytest.raises(pytest.fail.Exception, match="needs root"):
+        private_nameserver_address()
+
+
+@pytest.fixture
+def failing_unshare(tmp_path, monkeypatch):
+    """An `unshare` first on PATH that fails as it does in a container without CAP_SYS_ADMIN."""
+    fake = tmp_path / "unshare"
+    fake.write_text("#!/bin/sh\necho 'unshare: unshare failed: Operation not permitted' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+
+
+@pytest.mark.parametrize("required", [False, True])
+async def test_without_a_mount_namespace_a_private_nameserver_skips_or_fails_as_asked(failing_unshare, monkeypatch,
+                                                                                   required):
+    require_postfix()  # (root and Postfix: what is tested is the namespace)
+    if required:
+        monkeypatch.setenv("MAILFLOW_REQUIRE_TOOLS", "1")
+    else:
+        monkeypatch.delenv("MAILFLOW_REQUIRE_TOOLS", raising=False)
+    outcome = pytest.fail.Exception if required else pytest.skip.Exception
+    with pytest.raises(outcome, match=r"needs a mount namespace \(unshare -m: unshare: unshare failed: Operation not"):
+        async with postfix_instance({}, nameserver="127.53.254.254"):
+            pass
+    with pytest.raises(outcome, match="needs a mount namespace"):
         private_nameserver_address()

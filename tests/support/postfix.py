@@ -10,6 +10,8 @@
                                                          # its own mount namespace (unshare -m) where a
                                                          # resolv.conf of its own is bound over /etc/resolv.conf
     private_nameserver_address()                         # a loopback address for that, unlikely to be in use
+                                                         # (both skip, or fail under MAILFLOW_REQUIRE_TOOLS=1,
+                                                         # without unshare, mount or the privilege to use them)
 
 Everything lives in a fresh folder under the system temp dir (pytest's tmp_path is not traversable by the
 `postfix` user): etc/ (main.cf, master.cf copied from /etc/postfix with chroot off and smtpd moved to the port),
@@ -75,12 +77,28 @@ def require_postfix() -> None:
         pytest.skip("a private Postfix instance needs root")
 
 
+def require_private_nameserver() -> None:
+    """What a private Postfix with a nameserver of its own needs: root and Postfix, `unshare` and `mount`, and the
+    privilege to make a mount namespace (a container without CAP_SYS_ADMIN has not): skips, or fails under
+    MAILFLOW_REQUIRE_TOOLS=1, naming what is missing."""
+    require_postfix()
+    unshare, mount = require_tool("unshare"), require_tool("mount")
+    probe = subprocess.run([unshare, "-m", "--propagation", "private", mount, "--version"], capture_output=True,
+                           timeout=20)
+    if probe.returncode != 0:
+        message = ("a private Postfix's own resolv.conf needs a mount namespace (unshare -m: "
+                   f"{probe.stderr.decode(errors='replace').strip()})")
+        if os.environ.get("MAILFLOW_REQUIRE_TOOLS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 def private_nameserver_address() -> str:
     """A random address in 127.53.0.0/16 for a DNS server on port 53 that one private Postfix asks (port 53 is
     the only one libc's resolver asks; each test its own address, so that concurrent ones do not meet). Asked
-    before the server binds port 53, it skips (or fails) first where a private Postfix cannot run, as
-    `postfix_instance` would: binding port 53 needs root too."""
-    require_postfix()
+    before the server binds port 53, it skips (or fails) first where a private Postfix cannot run with it
+    (`require_private_nameserver`), as `postfix_instance` would: binding port 53 needs root too."""
+    require_private_nameserver()
     return f"127.53.{random.randrange(1, 255)}.{random.randrange(1, 255)}"
 
 
@@ -170,7 +188,7 @@ class PostfixInstance:
 
 @contextlib.asynccontextmanager
 async def postfix_instance(main_cf: dict[str, str] | None = None, master_cf: str = "", nameserver: str | None = None):
-    require_postfix()
+    require_postfix() if nameserver is None else require_private_nameserver()
     root = Path(tempfile.mkdtemp(prefix="mailflow-pf-"))
     os.chmod(root, 0o755)
     pf = PostfixInstance(root, free_port(), nameserver)
