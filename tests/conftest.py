@@ -8,6 +8,9 @@
   {name or name/TYPE: "FORMERR"} for other answers; `address`, `port`: where it listens (a private Postfix's
   resolver asks port 53 of the address its resolv.conf names: tests.support.postfix,
   `postfix_instance(nameserver=...)`).
+- `private_dns_zone(zone_text, servfail=(), ...)`: `dns_zone` on port 53 of a fresh 127.53.x.y address for a
+  private Postfix to ask (`private_nameserver_address`: skips without what that needs); returns the address. An
+  address in use (another worker's, another run's) gives way to another.
 - `smtp_peer(host="127.0.0.1", port=0, **smtp_kwargs)` starts a capturing aiosmtpd server on the test's own loop
   (never aiosmtpd's threaded Controller) and returns a `CapturePeer`: `.port`, `.messages` (one `Captured` per
   accepted DATA) and `.handler`, whose `mail_reply`, `rcpt_replies[address]` and `data_reply` script refusals.
@@ -40,6 +43,7 @@ from dnslib.server import DNSHandler, DNSLogger, DNSServer
 from mailflow.app import Mailflow
 from mailflow.config import config_from_dict
 from mailflow.stages.smtpd.auth import hash_password
+from tests.support import postfix as postfix_support
 from tests.support import CaptureHandler, CapturePeer, ZoneAuthority, base_settings, dovecot_instance, merged, to_toml
 
 
@@ -60,7 +64,7 @@ class _TruncatingHandler(DNSHandler):
 def _dns_servers(authority, logger, tcp: bool, address: str = "127.0.0.1", port: int = 0) -> list[DNSServer]:
     """A UDP server on a port the kernel picks (or `port`) and, with `tcp`, a TCP one on the same number (where a
     truncated UDP answer makes the resolver ask again); that number may be taken for TCP (another worker's
-    connection), so a few ports are tried."""
+    connection), so a few ports are tried. A given `port` is tried once: OSError EADDRINUSE when it is taken."""
     for _ in range(20):
         udp = DNSServer(authority, port=port, address=address, logger=logger,
                         handler=_TruncatingHandler if tcp else DNSHandler)
@@ -71,7 +75,7 @@ def _dns_servers(authority, logger, tcp: bool, address: str = "127.0.0.1", port:
                                    tcp=True)]
         except OSError as e:
             udp.server.server_close()
-            if e.errno != errno.EADDRINUSE:
+            if e.errno != errno.EADDRINUSE or port:
                 raise
     raise AssertionError("no port free for both UDP and TCP")
 
@@ -98,6 +102,25 @@ def dns_zone():
     for server in servers:
         server.server.shutdown()
         server.server.server_close()
+
+
+PRIVATE_ADDRESS_TRIES = 20
+
+
+@pytest.fixture
+def private_dns_zone(dns_zone):
+    def start(zone_text: str, **options) -> str:
+        for _ in range(PRIVATE_ADDRESS_TRIES):
+            address = postfix_support.private_nameserver_address()
+            try:
+                dns_zone(zone_text, address=address, port=53, **options)
+                return address
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    raise
+        raise AssertionError(f"no 127.53.x.y address free on port 53 in {PRIVATE_ADDRESS_TRIES} tries")
+
+    return start
 
 
 @pytest.fixture

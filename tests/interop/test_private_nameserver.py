@@ -1,12 +1,16 @@
 """The test support for a private Postfix that asks a DNS server of the test's (tests.support.postfix:
 private_nameserver_address, postfix_instance(nameserver=...)): where that cannot run (no root, no unshare or no
-mount namespace) a test skips, or fails under MAILFLOW_REQUIRE_TOOLS=1, before anything binds port 53."""
+mount namespace) a test skips, or fails under MAILFLOW_REQUIRE_TOOLS=1, before anything binds port 53; the DNS
+server on port 53 (conftest's private_dns_zone) takes another address when one is in use."""
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
+from dnslib import DNSRecord
 
+from tests.support import postfix as postfix_support
 from tests.support.postfix import postfix_instance, private_nameserver_address, require_postfix
 
 pytestmark = pytest.mark.interop
@@ -45,3 +49,16 @@ async def test_without_a_mount_namespace_a_private_nameserver_skips_or_fails_as_
             pass
     with pytest.raises(outcome, match="needs a mount namespace"):
         private_nameserver_address()
+
+
+def test_a_private_dns_zone_takes_another_address_when_one_is_in_use(private_dns_zone, monkeypatch):
+    require_postfix()  # (root: port 53)
+    taken, free = "127.53.255.1", "127.53.255.2"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:  # another worker's server
+        other.bind((taken, 53))
+        offered = iter([taken, free])
+        monkeypatch.setattr(postfix_support, "private_nameserver_address", lambda: next(offered))
+        address = private_dns_zone("ok.test. 60 IN A 192.0.2.1\n")
+    assert address == free
+    query = DNSRecord.question("ok.test", "A").send(free, 53, timeout=5)
+    assert str(DNSRecord.parse(query).a.rdata) == "192.0.2.1"

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from tests.support import SmtpClient, eventually, postfix_instance
-from tests.support.postfix import private_nameserver_address
 
 pytestmark = pytest.mark.interop
 
@@ -120,10 +119,9 @@ def reply_maps():
     shutil.rmtree(folder, ignore_errors=True)
 
 
-async def test_dnsbl_replies_match_a_real_postfix_word_for_word(mailflow_server, dns_zone, reply_maps, caplog):
+async def test_dnsbl_replies_match_a_real_postfix_word_for_word(mailflow_server, private_dns_zone, reply_maps, caplog):
     caplog.set_level(logging.INFO, logger="mailflow.smtpd")
-    address = private_nameserver_address()
-    dns_zone(ZONE + MAPPED_ZONE, servfail=SERVFAIL, address=address, port=53)
+    address = private_dns_zone(ZONE + MAPPED_ZONE, servfail=SERVFAIL)
     async with postfix_instance({
         "myhostname": "pf.test", "mydestination": "local.test", "local_recipient_maps": "inline:{alice=ok}",
         "smtpd_restriction_classes": ", ".join(CLASSES), **CLASSES,
