@@ -3,28 +3,55 @@
     check_local_macros(template)            raises ValueError naming an unknown macro or a stray '$'
     expand_local_macros(template, values)   the template with its macros replaced
     check_macros(template, known), expand_macros(template, values)   the same for another set of names (smtpd's
-                                            reject footer, mailflow.reply_footer)
+                                            reject footer, mailflow.reply_footer; the DNS lists' replies,
+                                            mailflow.rbl_reply)
     macro_names(template)                   the names its macros use (postscreen's footer: those it does not know)
 
 Macros (LOCAL_MACROS): $user (the local part without its extension), $local and $mailbox (the local part),
 $extension (without the delimiter), $recipient_delimiter, $domain, $recipient (the whole address), $home and
-$shell (always "" for luser_relay: its recipient has no account). Forms: `$name`, `${name}`, `$(name)`; `${name?text}`
-is `text` when the value is not empty, `${name:text}` when it is, the text itself expanded (and checked) as a
-template, as mac_expand does; a bracket pair inside it nests. `$$` is a literal `$`. Postfix 3.x's
-`${name?{text}:{text}}` and relational forms are not supported (their braces would be taken as text).
+$shell (always "" for luser_relay: its recipient has no account). Forms, as Postfix 3.7's mac_expand takes them
+(util/mac_expand.c, the same in each of these places): `$name`, `${name}`, `$(name)`; `${name?text}` is `text`
+when the value is not empty, `${name:text}` when it is; Postfix 3's `{text}` operands, whitespace around them
+ignored: `${name?{text}}`, `${name:{text}}`, `${name?{text1}:{text2}}` (and `${name?{text1}:text2}`); relational
+`${{text1} == {text2}}` ("true" or ""), `${{text1} == {text2}?{text3}:{text4}}` (or `?`/`:` alone), with `==`,
+`!=`, `<`, `<=`, `>=`, `>` (numbers when both sides are all digits, else text). A text chosen (and each side
+compared) is expanded and checked as a template in turn; a bracket pair inside it nests. A text after `?` that
+does not start with `{` runs to the end, `:` included (Postfix 2.x's form). `$$` is a literal `$`. Whitespace
+around a name is ignored, as mac_expand ignores it.
 """
 from __future__ import annotations
 
 import re
-from typing import Callable
+from typing import Callable, NamedTuple
 
 LOCAL_MACROS = ("user", "local", "mailbox", "extension", "recipient_delimiter", "domain", "recipient", "home", "shell")
 _NAME = re.compile(r"[A-Za-z0-9_]+")
-_BODY = re.compile(r"([A-Za-z0-9_]+)(?:([?:])(.*))?", re.DOTALL)
 _CLOSE = {"{": "}", "(": ")"}
+_SPACE = " \t\r\n"  # Postfix's CHARS_SPACE
+_OPERATOR_CHARS = "<>!=?+-*/~&|%"  # what mac_exp_parse_relational takes as an operator, for its diagnostics
+_COMPARE: dict[str, Callable[[int], bool]] = {
+    "==": lambda d: d == 0, "!=": lambda d: d != 0, "<": lambda d: d < 0, "<=": lambda d: d <= 0,
+    ">=": lambda d: d >= 0, ">": lambda d: d > 0}
+TRUE = "true"  # a relational expression's value when it holds ("" when not), as mac_expand's
 
-# on_macro(name, mark, text) -> what the macro stands for; mark "?" or ":" with its text, else None and None
-OnMacro = Callable[[str, "str | None", "str | None"], str]
+
+class Macro(NamedTuple):
+    """One `$name` or `${...}`: a name, or a relation (left text, operator, right text); the texts after `?`
+    (if_true) and `:` (if_false), None when it has none."""
+
+    name: str | None
+    relation: tuple[str, str, str] | None = None
+    if_true: str | None = None
+    if_false: str | None = None
+
+    def templates(self) -> list[str]:
+        """Its texts that are templates in turn: the relation's sides, then the conditional texts."""
+        sides = [self.relation[0], self.relation[2]] if self.relation else []
+        return [text for text in (*sides, self.if_true, self.if_false) if text is not None]
+
+
+# on_macro(macro) -> what the macro stands for
+OnMacro = Callable[[Macro], str]
 
 
 def check_local_macros(template: str) -> str:
@@ -41,12 +68,12 @@ def expand_local_macros(template: str, values: dict[str, str]) -> str:
 
 
 def check_macros(template: str, known: tuple[str, ...]) -> str:
-    """`template` when every macro in it, conditional texts included, is one of `known` (the same syntax serves
-    smtpd's reject footer: mailflow.reply_footer); ValueError otherwise."""
-    def check(name: str, mark: str | None, text: str | None) -> str:
-        if name not in known:
-            raise ValueError(f"unknown macro ${name} (known: {', '.join(known)})")
-        if text is not None:
+    """`template` when every macro in it, conditional texts and compared sides included, is one of `known` (the
+    same syntax serves smtpd's reject footer: mailflow.reply_footer); ValueError otherwise."""
+    def check(macro: Macro) -> str:
+        if macro.name is not None and macro.name not in known:
+            raise ValueError(f"unknown macro ${macro.name} (known: {', '.join(known)})")
+        for text in macro.templates():
             check_macros(text, known)
         return ""
     _walk(template, check)
@@ -54,13 +81,14 @@ def check_macros(template: str, known: tuple[str, ...]) -> str:
 
 
 def macro_names(template: str) -> list[str]:
-    """The names of the macros in `template`, conditional texts included, in order (a malformed macro raises
-    ValueError)."""
+    """The names of the macros in `template`, conditional texts and compared sides included, in order (a
+    malformed macro raises ValueError)."""
     names: list[str] = []
 
-    def collect(name: str, mark: str | None, text: str | None) -> str:
-        names.append(name)
-        if text is not None:
+    def collect(macro: Macro) -> str:
+        if macro.name is not None:
+            names.append(macro.name)
+        for text in macro.templates():
             names.extend(macro_names(text))
         return ""
     _walk(template, collect)
@@ -69,13 +97,28 @@ def macro_names(template: str) -> list[str]:
 
 def expand_macros(template: str, values: dict[str, str]) -> str:
     """`expand_local_macros` for any set of names."""
-    def expand(name: str, mark: str | None, text: str | None) -> str:
-        value = values.get(name, "")
-        if mark is None or text is None:
+    def expand(macro: Macro) -> str:
+        value = values.get(macro.name, "") if macro.name is not None else _related(macro.relation, values)
+        if macro.if_true is None and macro.if_false is None:
             return value
-        chosen = bool(value) if mark == "?" else not value
-        return expand_macros(text, values) if chosen else ""
+        chosen = macro.if_true if value else macro.if_false
+        return "" if chosen is None else expand_macros(chosen, values)
     return _walk(template, expand)
+
+
+def _related(relation: tuple[str, str, str] | None, values: dict[str, str]) -> str:
+    """TRUE when the relation holds between its two sides expanded, else "" (mac_exp_eval)."""
+    assert relation is not None
+    left, operator, right = expand_macros(relation[0], values), relation[1], expand_macros(relation[2], values)
+    if _all_digits(left) and _all_digits(right):
+        delta = int(left) - int(right)
+    else:
+        delta = (left > right) - (left < right)
+    return TRUE if _COMPARE[operator](delta) else ""
+
+
+def _all_digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()
 
 
 def _walk(template: str, on_macro: OnMacro) -> str:
@@ -100,16 +143,84 @@ def _macro(template: str, start: int, on_macro: OnMacro, out: list[str]) -> int:
         return start + 2
     if after in _CLOSE:
         end = _matching(template, start + 1)
-        body = _BODY.fullmatch(template, start + 2, end)
-        if body is None:
-            raise ValueError(f"{template!r}: bad macro {template[start:end + 1]!r}")
-        out.append(on_macro(body[1], body[2], body[3]))
+        try:
+            macro = _parsed(template[start + 2:end])
+        except ValueError as e:
+            raise ValueError(f"{template!r}: bad macro {template[start:end + 1]!r}: {e}") from None
+        out.append(on_macro(macro))
         return end + 1
     name = _NAME.match(template, start + 1)
     if name is None:
         raise ValueError(f"{template!r}: a '$' that starts no macro (write $$ for a '$')")
-    out.append(on_macro(name[0], None, None))
+    out.append(on_macro(Macro(name[0])))
     return name.end()
+
+
+def _parsed(body: str) -> Macro:
+    """The inside of `${...}` as mac_expand_callback reads it: a relation (it starts with `{`) or a name, then
+    nothing, `?` or `:` with their texts; ValueError naming what is wrong."""
+    text = body.lstrip(_SPACE)
+    if text.startswith("{"):
+        relation, rest = _relation(text)
+        if rest and rest[0] not in "?:":
+            raise ValueError(f"'?' or ':' expected at {rest[:20]!r}")
+        return Macro(None, relation, *_conditional(rest))
+    name = _NAME.match(text)
+    rest = text[name.end():].lstrip(_SPACE) if name else text
+    if name is None or (rest and rest[0] not in "?:"):
+        raise ValueError(f"attribute name syntax error at {rest[:20]!r}" if name else "no name")
+    return Macro(name[0], None, *_conditional(rest))
+
+
+def _relation(text: str) -> tuple[tuple[str, str, str], str]:
+    """`{left} op {right} rest` -> ((left, op, right), rest with leading whitespace skipped)."""
+    left, rest = _curly(text)
+    operator = rest[:len(rest) - len(rest.lstrip(_OPERATOR_CHARS))]
+    if operator not in _COMPARE:
+        raise ValueError(f"one of {', '.join(_COMPARE)} expected at {rest[:20]!r}")
+    rest = rest[len(operator):].lstrip(_SPACE)
+    if not rest.startswith("{"):
+        raise ValueError(f"'{{text}}' expected after {operator!r}")
+    right, rest = _curly(rest)
+    return (left, operator, right), rest
+
+
+def _conditional(rest: str) -> tuple[str | None, str | None]:
+    """(if_true, if_false) of what follows a name or a relation: "", `?text`, `:text`, `?{text}:{text}` (or
+    `?{text}:text`); a text not in braces runs to the end."""
+    if not rest:
+        return None, None
+    mark, rest = rest[0], rest[1:]
+    first, rest = _operand(rest)
+    if mark == ":":
+        if rest:
+            raise ValueError(f"unexpected text after '}}': {rest[:20]!r}")
+        return None, first
+    if not rest:
+        return first, None
+    if rest[0] != ":":
+        raise ValueError(f"':' expected after '}}' at {rest[:20]!r}")
+    second, rest = _operand(rest[1:])
+    if rest:
+        raise ValueError(f"unexpected text after '}}': {rest[:20]!r}")
+    return first, second
+
+
+def _operand(text: str) -> tuple[str, str]:
+    """(the operand, what follows): `{text}` (whitespace around it skipped), or all of `text` as it is."""
+    stripped = text.lstrip(_SPACE)
+    return _curly(stripped) if stripped.startswith("{") else (text, "")
+
+
+def _curly(text: str) -> tuple[str, str]:
+    """`{payload} rest` -> (payload, rest with leading whitespace skipped), braces balanced
+    (mac_exp_extract_curly_payload)."""
+    depth = 0
+    for i, char in enumerate(text):
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if depth == 0:
+            return text[1:i], text[i + 1:].lstrip(_SPACE)
+    raise ValueError(f"unbalanced {{}} in {text!r}")
 
 
 def _matching(template: str, opening: int) -> int:

@@ -284,6 +284,14 @@ async def test_a_peer_that_reports_no_result_defers_that_recipient_only(tmp_path
     ("${extension?+${extension}}", {}, ""),
     ("a$(extension:$user.x)b", {"user": "ghost"}, "aghost.xb"),
     ("${user}$$", {"user": "ghost"}, "ghost$"),
+    # Postfix 3's mac_expand: {text} operands, whitespace around them ignored, and relational expressions
+    ("${extension?{+$extension}:{-none}}", {"extension": "tag"}, "+tag"),
+    ("${extension?{+$extension}:{-none}}", {}, "-none"),
+    ("${extension ? {x} : y}", {}, " y"),  # (a text not in braces is taken as it is)
+    ("${extension?a:b}", {"extension": "t"}, "a:b"),  # (Postfix 2's form: all of it, ':' too)
+    ("${{$user} == {ghost}?{g}:{o}}${{$user}=={ghost}}[${{$user}!={ghost}}]", {"user": "ghost"}, "gtrue[]"),
+    ("${{$extension} < {9} ? {low} : {high}}", {"extension": "10"}, "high"),  # (numbers: 10 > 9)
+    ("${{$extension} < {9} ? {low} : {high}}", {"extension": "a10"}, "high"),  # (text: "a10" > "9")
 ])
 def test_luser_relay_macros_expand_the_conditional_text(template, values, expanded):
     assert expand_local_macros(template, values) == expanded
@@ -293,6 +301,13 @@ def test_luser_relay_macros_expand_the_conditional_text(template, values, expand
     ("${extension?$usr}", "unknown macro $usr"),  # the text is checked too
     ("${extension?x", "'${extension?x': a '$' that starts no macro"),
     ("a$", "'a$': a '$' that starts no macro"),
+    ("${extension?{x}:{$usr}}", "unknown macro $usr"),  # both texts, and both sides of a relation
+    ("${{$usr} == {x}}", "unknown macro $usr"),
+    ("${{$user} =~ {x}}", "one of ==, !=, <, <=, >=, > expected"),
+    ("${{$user} == x}", "'{text}' expected after '=='"),
+    ("${extension?{x} y}", "':' expected after '}'"),
+    ("${extension?{x}:{y}z}", "unexpected text after '}'"),
+    ("${extension?{x}", "not closed"),
 ])
 def test_luser_relay_macros_check_the_conditional_text(template, message):
     with pytest.raises(ValueError) as caught:

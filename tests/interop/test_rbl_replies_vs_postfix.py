@@ -59,6 +59,9 @@ nodsn.test             451 only text, 4.7.1 added
 classfix.test          554 4.7.0 the enhanced code takes the reply code's class
 notareply.test         hello $rbl_code
 badtemplate.test       554 ${{rbl_reason
+forms.test             554 ${{rbl_reason?{{has $rbl_reason}}:{{none}}}} ${{rbl_txt:{{no}}}} ${{{{$rbl_code}}=={{554}}?{{eq}}:{{ne}}}}
+ ${{{{$rbl_what}} != {{127.0.0.1}} ? {{other}} : {{this}}}} [${{{{$rbl_code}} < {{60}}}}] ${{rbl_reason?{{r}}:rr}}
+noreason.test          554 ${{rbl_reason?{{has $rbl_reason}}:{{none}}}} ${{{{$rbl_code}}>{{60}}}}
 """
 CLASSES = {  # a restriction class per case; the session's sender names it
     "bl": "reject_rbl_client bl.test",
@@ -75,6 +78,8 @@ CLASSES = {  # a restriction class per case; the session's sender names it
     "classfix": "reject_rbl_client classfix.test",
     "notareply": "reject_rbl_client notareply.test",
     "badtemplate": "reject_rbl_client badtemplate.test",
+    "forms": "reject_rbl_client forms.test",  # Postfix 3's {text} operands, ?: both and relational forms
+    "noreason": "reject_rbl_client noreason.test",
     "rhssender": "reject_rhsbl_sender rhs.test",
     "rhshelo": "reject_rhsbl_helo rhs.test",
     "rhsrecipient": "reject_rhsbl_recipient rhs.test",
@@ -83,7 +88,8 @@ CLASSES = {  # a restriction class per case; the session's sender names it
 }
 # the lists whose replies come from the maps, each listing the client with its name as the reason
 MAPPED_ZONE = "\n".join(f"1.0.0.127.{name}.test. 60 IN A 127.0.0.2\n1.0.0.127.{name}.test. 60 IN TXT \"{name}\""
-                         for name in ("keyed", "nodsn", "classfix", "notareply", "badtemplate"))
+                         for name in ("keyed", "nodsn", "classfix", "notareply", "badtemplate", "forms")) + \
+    "\n1.0.0.127.noreason.test. 60 IN A 127.0.0.2"
 SENDERS = {name: f"{name}@spam.test" for name in CLASSES}
 ACCESS = "inline:{ " + ", ".join(f"{sender}={name}" for name, sender in SENDERS.items()) + " }"
 
@@ -151,5 +157,7 @@ async def test_dnsbl_replies_match_a_real_postfix_word_for_word(mailflow_server,
     assert postfix["notareply"] == "450 4.7.1 Service unavailable"
     assert postfix["keyed"] == "550 5.0.0 asked with the filter"  # (5.1.1 names an address, not a client)
     assert postfix["unkeyed"] == "550 5.7.1 for the list named without a filter"
+    assert postfix["forms"] == "554 5.7.1 has forms  eq this [] r"  # ($rbl_txt is not empty)
+    assert postfix["noreason"] == "554 5.7.1 none true"
     assert postfix["mapped"] == ("554 5.7.9 [Client host] [127.0.0.1] [mapped.test] [mapped reason] [mapped reason] "
                                  "127.0.0.1 localhost spam.test mapped@spam.test local.test pf.test yes")

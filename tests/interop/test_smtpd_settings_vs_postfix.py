@@ -432,6 +432,9 @@ FOOTERS = [
     r" rv=$reverse_client_name",
     r"\c (see https://help.test/$client_address)",
     r"one\ntwo\n\cthree ${helo_name:no helo}",
+    # Postfix 3's mac_expand forms: {text} operands (whitespace around them ignored), ?: both, relational ones
+    r"\n${helo_name?{h=$helo_name}:{no helo}} ${sender_domain? {sd} } ${{$sender_domain}=={remote.test}?{ours}:"
+    r"{theirs}} [${{$client_port}<{1}}] ${{$recipient_name} != {} ? {to $recipient_name}} ${recipient?{r}:rr}",
 ]
 FOOTER_SESSIONS: dict[str, list[str | bytes]] = {
     "replies with and without an enhanced code, refusals of each stage, 2xx untouched": [
@@ -472,6 +475,9 @@ async def test_the_reject_footer_is_under_every_refusal_as_in_postfix(mailflow_s
         assert without_port(replies[8].split("\n")[-1]) == (
             "550 5.1.1 For help: HOST 127.0.0.1 [localhost[127.0.0.1]] helo=c.test s=s@remote.test sd=remote.test"
             " sn=s r=x@elsewhere.test rn=x rd=elsewhere.test p=PORT n=localhost rv=localhost")
+    if footer == FOOTERS[3]:
+        assert replies[0].split("\n")[-1] == "501 no helo  theirs []  rr"
+        assert replies[8].split("\n")[-1] == "550 5.1.1 h=c.test sd ours [] to x r"
 
 
 def test_the_footer_is_checked_at_load(tmp_path):

@@ -45,3 +45,14 @@ def test_a_default_rbl_reply_with_an_unknown_macro_is_a_configuration_error():
     assert info.value.key == "smtpd.default_rbl_reply" and "unknown macro $rbl_list" in info.value.reason
     with pytest.raises(ValueError):
         rbl_reply_parts("554 ${rbl_reason", VALUES)
+
+
+def test_postfix_3_forms_choose_a_text_as_postfix_3_7s_mac_expand():
+    # (Postfix 2's form took the braces as text: `x {has}:{none}`; tests/interop/test_rbl_replies_vs_postfix.py
+    # compares these forms with a real Postfix)
+    template = "$rbl_code x ${rbl_reason?{has}:{none}} ${{$rbl_reason} == {r}?{eq}:{ne}}"
+    assert rbl_reply_parts(template, {**VALUES, "rbl_reason": "r"}) == (554, "4.7.1", "x has eq")
+    assert rbl_reply_parts(template, VALUES) == (554, "4.7.1", "x none ne")
+    config_from_dict({"smtpd": {"default_rbl_reply": template}})
+    with pytest.raises(ConfigError):
+        config_from_dict({"smtpd": {"default_rbl_reply": "$rbl_code ${rbl_reason?{x}:{$rbl_list}}"}})
