@@ -419,6 +419,20 @@ def test_a_bad_map_template_gives_way_to_the_default_even_when_that_is_no_reply(
                                "rbl response code configuration error: blocked by bl.test"]
 
 
+def test_log_access_permit_actions_matches_names_and_access_values_in_any_case(caplog):
+    # Postfix's smtpd_acl_permit looks the action up case-insensitively: PERMIT_MYNETWORKS names
+    # permit_mynetworks, `ok` an access table's OK
+    r = restrictions(client_restrictions=["permit_mynetworks"],
+                     sender_restrictions=["check_sender_access inline:{s@remote.example=OK}"],
+                     log_access_permit_actions=["PERMIT_MYNETWORKS", "ok"])
+    with caplog.at_level("INFO", logger="mailflow.smtpd"):
+        assert rcpt(r, client_addr="192.0.2.7") is None
+        assert rcpt(r) is None
+    permits = [m.split(": ", 3)[3].split(" for ")[0] for m in caplog.messages if m.startswith("NOQUEUE: permit: ")]
+    # (a client in mynetworks: its client list, its sender list, the relay list's default permit_mynetworks)
+    assert permits == ["action=permit_mynetworks", "action=OK", "action=permit_mynetworks", "action=OK"]
+
+
 # ---------------------------------------------------------------------------------------------- policy
 
 
