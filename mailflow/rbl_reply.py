@@ -25,7 +25,8 @@ from __future__ import annotations
 import re
 
 from mailflow.local_macros import check_macros, expand_macros
-from mailflow.reply_footer import FOOTER_MACROS
+from mailflow.reply_footer import FOOTER_MACROS, expansion_filtered
+from mailflow.syntax import split_leading_dsn
 
 DEFAULT_RBL_REPLY = ("$rbl_code Service unavailable; $rbl_class [$rbl_what] blocked using $rbl_domain"
                      "${rbl_reason?; $rbl_reason}")
@@ -33,9 +34,7 @@ RBL_MACROS = ("rbl_code", "rbl_domain", "rbl_reason", "rbl_txt", "rbl_what", "rb
 TXT_LIMIT = 500  # Postfix's RBL_TXT_LIMIT: the reason's length at most
 TXT_SEPARATOR = " / "
 DEFAULT_DSN = "4.7.1"
-_FILTERED = re.compile(r"[^\t\x20-\x7e]")  # what smtpd_expansion_filter (its default) does not let through
 _REPLY = re.compile(r"([45]\d\d) (.*)", re.DOTALL)
-_LEADING_DSN = re.compile(r"\s*([245]\.\d{1,3}\.\d{1,3})(?=\s|$)\s*")
 
 
 def check_rbl_template(template: str) -> str:
@@ -60,21 +59,17 @@ def txt_reason(records: list[str]) -> str:
 
 def rbl_reply_parts(template: str, values: dict[str, str]) -> tuple[int, str, str] | None:
     """(code, enhanced code, text) of the expanded template; see the module doc."""
-    filtered = {name: _FILTERED.sub("_", value) for name, value in values.items()}
     check_rbl_template(template)
-    expanded = _REPLY.fullmatch(expand_macros(template, filtered))
+    expanded = _REPLY.fullmatch(expand_macros(template, expansion_filtered(values)))
     if expanded is None:
         return None
-    text = expanded[2]
-    dsn = _LEADING_DSN.match(text)
-    if dsn is not None:
-        return int(expanded[1]), dsn[1], text[dsn.end():] or "Service unavailable"
-    return int(expanded[1]), DEFAULT_DSN, text.lstrip() or "Service unavailable"
+    dsn, text = split_leading_dsn(expanded[2].lstrip())  # (dsn_split skips blanks before the code too)
+    return int(expanded[1]), dsn or DEFAULT_DSN, text or "Service unavailable"
 
 
 def rbl_expanded(template: str, values: dict[str, str]) -> str:
     """The template expanded with `values` filtered (for the log line of a reply that is not one)."""
-    return expand_macros(template, {name: _FILTERED.sub("_", value) for name, value in values.items()})
+    return expand_macros(template, expansion_filtered(values))
 
 
 def _printable(record: str) -> str:

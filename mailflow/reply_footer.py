@@ -14,6 +14,8 @@
                                    FooterClient, None before there is one): smtpd's and sendmail -bs's one list
     postscreen_footer_values(server_name, client_address, client_port)   postscreen's (psc_expand_lookup)
     unknown_macros(template, known) the names of its macros not in `known` (postscreen warns of each at each reply)
+    expansion_filtered(values)     the macros' values as Postfix's smtpd_expand_filter lets them through (its
+                                   default: a character other than a tab or printable ASCII becomes `_`)
 
 status.with_footer puts the lines under a reply. The macros' values are filtered as Postfix's smtpd_expand_filter
 does: a character other than a tab or printable ASCII becomes `_`.
@@ -35,7 +37,7 @@ FOOTER_MACROS = ("server_name", "client", "client_address", "client_port", "clie
 POSTSCREEN_FOOTER_MACROS = ("server_name", "client_address", "client_port", "localtime")  # psc_expand_lookup's
 LINE_BREAK = "\\n"  # the two characters, as main.cf writes it
 CONTINUE = "\\c"  # at the start only
-_FILTERED = re.compile(r"[^\t\x20-\x7e]")
+_FILTERED = re.compile(r"[^\t\x20-\x7e]")  # what smtpd_expansion_filter (its default) does not let through
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _NOT_ASCII = re.compile(r"[^\x00-\x7f]")
 
@@ -53,9 +55,14 @@ def check_footer(template: str, macros: tuple[str, ...] = FOOTER_MACROS) -> str:
 
 def footer_lines(template: str, values: dict[str, str]) -> tuple[bool, list[str]]:
     """(continues, the footer's lines expanded); see the module doc."""
-    filtered = {name: _FILTERED.sub("_", value) for name, value in values.items()}
+    filtered = expansion_filtered(values)
     continues, pieces = _pieces(template)
     return continues, [expand_macros(piece, filtered) for piece in pieces]
+
+
+def expansion_filtered(values: dict[str, str]) -> dict[str, str]:
+    """See the module doc."""
+    return {name: _FILTERED.sub("_", value) for name, value in values.items()}
 
 
 def address_values(prefix: str, addr: str | None) -> dict[str, str]:

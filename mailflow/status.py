@@ -3,7 +3,8 @@
 Texts are generic and meant for clients: they name the address and the rule, never a config detail.
 Every reply smtpd sends is built here; tests compare against these values. `error_reply(error)` is the one
 table from an error (mailflow.errors, a store or spool fault) to its reply. `split_leading_dsn(text)`: the
-enhanced code an action's text (access table, policy answer, header check) starts with, as Postfix's dsn_split.
+enhanced code an action's text (access table, policy answer, header check) starts with, as Postfix's dsn_split
+(mailflow.syntax's, a leaf's: the DNS lists' replies use it too).
 `soft_bounced(reply)`: a reply as soft_bounce makes it (5xx -> 4xx, 5.X.X -> 4.X.X), applied where smtpd writes.
 `ehlo_lines(host, keywords)`: EHLO's multi-line reply, a line each (smtpd's, sendmail -bs's, postscreen's).
 """
@@ -17,6 +18,7 @@ from typing import Callable, Iterable
 
 from mailflow.errors import ContentRejected, DeliveryError, LookupRetry, MessageTooBig, Overloaded, PermanentError
 from mailflow.logs import printable
+from mailflow.syntax import split_leading_dsn as split_leading_dsn  # (its callers' name for mailflow.syntax's)
 
 
 @dataclass(frozen=True)
@@ -38,15 +40,6 @@ class Reply:
     @property
     def is_ok(self) -> bool:
         return 200 <= self.code < 400
-
-
-_LEADING_DSN = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?:\s+|$)")
-
-
-def split_leading_dsn(text: str) -> tuple[str | None, str]:
-    """(the enhanced status code `text` starts with, the text after it and its blanks); (None, text) without one."""
-    found = _LEADING_DSN.match(text)
-    return (found.group().rstrip(), text[found.end():]) if found else (None, text)
 
 
 SENDER_OK = Reply(250, "2.1.0", "Ok")

@@ -9,7 +9,7 @@ may use it without an import cycle.
     parse_hostport(value, default_port=None)    "host:port", "[2001:db8::1]:25" -> (host, port); brackets dropped
     parse_endpoint(spec)                        "inet:host:port" -> ("inet", host, port); "unix:/path" -> ("unix",
                                                 path, 0) (Postfix's policy service endpoints)
-    parse_policy_service(arg) -> PolicyService  check_policy_service's argument: an endpoint, or Postfix 3.0's
+    parse_policy_service(arg) -> PolicyServiceSpec  check_policy_service's argument: an endpoint, or Postfix 3.0's
                                                 `{ endpoint, timeout=10s, default_action=DUNNO, ... }` with the
                                                 service's own smtpd_policy_service_* values (POLICY_SERVICE_*)
     TABLE_TYPES, FILE_TABLE_TYPES               the lookup table types (mailflow.tables implements each one), and
@@ -33,6 +33,8 @@ may use it without an import cycle.
                                                 '~': what an ENVID must be, being written into notices' headers)
     split_outside_braces(text) -> [words]       split at whitespace and commas outside `{...}` (Postfix's
                                                 mystrtokq with CHARS_BRACE: `inline:{ a=b, c=d }` stays one word)
+    split_leading_dsn(text) -> (dsn | None, rest)   the enhanced status code a reply text starts with (Postfix's
+                                                dsn_split: `4.7.1 text`), the text after it and its blanks
 
 Failure behaviour: the parsers raise `ValueError` with a reason fit for a configuration error (config turns it
 into `FILE: KEY: REASON`); the predicates never raise.
@@ -218,27 +220,27 @@ POLICY_SERVICE_COUNTS = {"request_limit": 0, "try_limit": 1}
 POLICY_SERVICE_TEXTS = ("default_action", "policy_context")  # (not empty)
 
 
-class PolicyService(NamedTuple):
+class PolicyServiceSpec(NamedTuple):
     """A check_policy_service argument: the endpoint and the service's own values (seconds for the durations)."""
 
     endpoint: str
     overrides: dict[str, float | int | str]
 
 
-def parse_policy_service(arg: str) -> PolicyService:
+def parse_policy_service(arg: str) -> PolicyServiceSpec:
     """`inet:host:port`, `unix:/path`, or `{ endpoint, name=value, { name = value with spaces }, ... }` with names
     of POLICY_SERVICE_DURATIONS, _COUNTS and _TEXTS. ValueError naming the trouble (Postfix stops: fatal)."""
     text = arg.strip()
     if not text.startswith("{"):
         parse_endpoint(text)
-        return PolicyService(text, {})
+        return PolicyServiceSpec(text, {})
     if not text.endswith("}"):
         raise ValueError(f"{text!r}: a policy service in braces must end with '}}'")
     words = split_outside_braces(text[1:-1])
     if not words:
         raise ValueError(f"empty policy service: {text!r}")
     parse_endpoint(words[0])
-    return PolicyService(words[0], dict(_policy_override(word) for word in words[1:]))
+    return PolicyServiceSpec(words[0], dict(_policy_override(word) for word in words[1:]))
 
 
 def _policy_override(word: str) -> tuple[str, float | int | str]:
@@ -264,6 +266,15 @@ def _policy_override(word: str) -> tuple[str, float | int | str]:
         return name, value
     known = (*POLICY_SERVICE_DURATIONS, *POLICY_SERVICE_COUNTS, *POLICY_SERVICE_TEXTS)
     raise ValueError(f"unknown policy service option {name!r} (known: {', '.join(known)})")
+
+
+_LEADING_DSN = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?:\s+|$)")
+
+
+def split_leading_dsn(text: str) -> tuple[str | None, str]:
+    """(the enhanced status code `text` starts with, the text after it and its blanks); (None, text) without one."""
+    found = _LEADING_DSN.match(text)
+    return (found.group().rstrip(), text[found.end():]) if found else (None, text)
 
 
 def split_outside_braces(text: str) -> list[str]:
