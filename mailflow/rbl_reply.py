@@ -4,8 +4,10 @@ reason of rbl_pagein: smtpd_check.c), standard library and sibling leaves only.
     DEFAULT_RBL_REPLY            Postfix's default_rbl_reply
     RBL_MACROS                   the names a template may use: $rbl_code, $rbl_domain, $rbl_reason (and its old name
                                  $rbl_txt), $rbl_what, $rbl_class, then smtpd's own (reply_footer.FOOTER_MACROS)
-    check_rbl_template(template) the template, or ValueError (an unknown or malformed macro): the configuration's
-                                 check of default_rbl_reply
+    check_rbl_template(template) the template, or ValueError (an unknown or malformed macro, a character that is
+                                 not ASCII: a reply is ASCII, RFC 5321 4.2, as reply_footer.check_footer refuses
+                                 it): the configuration's check of default_rbl_reply, and of a map's template
+                                 before use (Postfix sends such bytes as they are)
     txt_reason(records)          the list's TXT records as Postfix makes the reason: each record's text, non-printable
                                  bytes as spaces, joined with " / ", at most TXT_LIMIT characters
     rbl_reply_parts(template, values) -> (code, dsn, text) | None
@@ -38,7 +40,10 @@ _REPLY = re.compile(r"([45]\d\d) (.*)", re.DOTALL)
 
 
 def check_rbl_template(template: str) -> str:
-    """`template` when every macro in it is one of RBL_MACROS and well formed; ValueError otherwise."""
+    """`template` when it is ASCII and every macro in it is one of RBL_MACROS and well formed; ValueError
+    otherwise."""
+    if not template.isascii():
+        raise ValueError("a character that is not ASCII (SMTP replies are ASCII)")
     return check_macros(template, RBL_MACROS)
 
 

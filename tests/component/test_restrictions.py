@@ -419,6 +419,15 @@ def test_a_bad_map_template_gives_way_to_the_default_even_when_that_is_no_reply(
                                "rbl response code configuration error: blocked by bl.test"]
 
 
+def test_a_map_template_that_is_not_ascii_gives_way_to_the_default(tmp_path, caplog):
+    (tmp_path / "rbl_replies").write_text("bl.test 554 Rejet\u00e9: $rbl_reason\n", encoding="utf-8")
+    r = restrictions(client_restrictions=["reject_rbl_client bl.test"],
+                     rbl_reply_maps=[f"texthash:{tmp_path}/rbl_replies"])
+    with caplog.at_level("WARNING", logger="mailflow.smtpd"):
+        assert str(rcpt(r)) == f"554 5.7.1 Service unavailable; Client host [{OUTSIDER}] blocked using bl.test"
+    assert "bad rbl reply template for domain bl.test: 554 Rejet\u00e9: $rbl_reason" in caplog.text
+
+
 def test_log_access_permit_actions_matches_names_and_access_values_in_any_case(caplog):
     # Postfix's smtpd_acl_permit looks the action up case-insensitively: PERMIT_MYNETWORKS names
     # permit_mynetworks, `ok` an access table's OK

@@ -56,3 +56,13 @@ def test_postfix_3_forms_choose_a_text_as_postfix_3_7s_mac_expand():
     config_from_dict({"smtpd": {"default_rbl_reply": template}})
     with pytest.raises(ConfigError):
         config_from_dict({"smtpd": {"default_rbl_reply": "$rbl_code ${rbl_reason?{x}:{$rbl_list}}"}})
+
+
+def test_a_template_that_is_not_ascii_is_refused_as_a_footer_is():
+    # (a reply is ASCII, RFC 5321 4.2: Postfix would send the bytes as they are to a client that did not ask for
+    # SMTPUTF8)
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"smtpd": {"default_rbl_reply": "$rbl_code Rejet\u00e9: $rbl_reason"}})
+    assert info.value.key == "smtpd.default_rbl_reply" and "not ASCII" in info.value.reason
+    with pytest.raises(ValueError, match="not ASCII"):
+        rbl_reply_parts("554 Rejet\u00e9", VALUES)
