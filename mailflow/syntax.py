@@ -33,6 +33,8 @@ may use it without an import cycle.
                                                 '~': what an ENVID must be, being written into notices' headers)
     split_outside_braces(text) -> [words]       split at whitespace and commas outside `{...}` (Postfix's
                                                 mystrtokq with CHARS_BRACE: `inline:{ a=b, c=d }` stays one word)
+    postfix_int(value), postfix_time(value)     a number / a time in seconds as Postfix reads one (strtol into a C
+                                                int; conv_time), None when Postfix refuses it
     split_leading_dsn(text) -> (dsn | None, rest)   the enhanced status code a reply text starts with (Postfix's
                                                 dsn_split: `4.7.1 text`), the text after it and its blanks
 
@@ -224,7 +226,7 @@ class PolicyServiceSpec(NamedTuple):
     """A check_policy_service argument: the endpoint and the service's own values (seconds for the durations)."""
 
     endpoint: str
-    overrides: dict[str, float | int | str]
+    overrides: dict[str, int | str]
 
 
 def parse_policy_service(arg: str) -> PolicyServiceSpec:
@@ -243,7 +245,7 @@ def parse_policy_service(arg: str) -> PolicyServiceSpec:
     return PolicyServiceSpec(words[0], dict(_policy_override(word) for word in words[1:]))
 
 
-def _policy_override(word: str) -> tuple[str, float | int | str]:
+def _policy_override(word: str) -> tuple[str, int | str]:
     """One `name=value` (or `{ name = value }`) of a policy service in braces, its value checked."""
     inner = word[1:-1] if word.startswith("{") and word.endswith("}") else word
     name, eq, value = inner.partition("=")
@@ -252,20 +254,46 @@ def _policy_override(word: str) -> tuple[str, float | int | str]:
         raise ValueError(f"policy service option {word!r} is not name=value (braces allow spaces: "
                          "{ default_action = 451 4.3.5 try later })")
     if name in POLICY_SERVICE_DURATIONS:
-        seconds = parse_duration(value)
-        if seconds < POLICY_SERVICE_DURATIONS[name]:
-            raise ValueError(f"policy service option {name}={value}: at least {POLICY_SERVICE_DURATIONS[name]}s")
+        seconds = postfix_time(value)
+        if seconds is None or seconds < POLICY_SERVICE_DURATIONS[name]:
+            raise ValueError(f"policy service option {name}={value}: whole seconds (or m, h, d, w), at least "
+                             f"{POLICY_SERVICE_DURATIONS[name]}s")
         return name, seconds
     if name in POLICY_SERVICE_COUNTS:
-        if not (value.isascii() and value.isdigit()) or int(value) < POLICY_SERVICE_COUNTS[name]:
+        count = postfix_int(value)
+        if count is None or count < POLICY_SERVICE_COUNTS[name]:
             raise ValueError(f"policy service option {name}={value}: a number, at least {POLICY_SERVICE_COUNTS[name]}")
-        return name, int(value)
+        return name, count
     if name in POLICY_SERVICE_TEXTS:
         if not value:
             raise ValueError(f"policy service option {name}= is empty")
         return name, value
     known = (*POLICY_SERVICE_DURATIONS, *POLICY_SERVICE_COUNTS, *POLICY_SERVICE_TEXTS)
     raise ValueError(f"unknown policy service option {name!r} (known: {', '.join(known)})")
+
+
+_STRTOL = re.compile(r"[ \t\n\v\f\r]*([+-]?[0-9]+)")  # what C's strtol reads in base 10
+_TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+INT_MAX = 2**31 - 1  # a C int's bound, Postfix's for its numbers and times
+
+
+def postfix_int(value: str) -> int | None:
+    """`value` as Postfix reads a number (mail_conf_int, attr_override: strtol, all of it, a C int), else None."""
+    number = _STRTOL.fullmatch(value)
+    return int(number[1]) if number and -INT_MAX - 1 <= int(number[1]) <= INT_MAX else None
+
+
+def postfix_time(value: str, default_unit: str = "s") -> int | None:
+    """`value` in seconds as Postfix's conv_time reads a time (mail_conf_time, attr_override): a whole number, not
+    negative, then a unit (s, m, h, d, w; none: `default_unit`), at most INT_MAX seconds; else None. As conv_time,
+    only the character after the number is looked at (`10sx` is 10s)."""
+    number = _STRTOL.match(value)
+    if number is None or not 0 <= int(number[1]) <= INT_MAX:
+        return None
+    factor = _TIME_UNITS.get(value[number.end():number.end() + 1] or default_unit)
+    if factor is None or (factor > 1 and int(number[1]) >= INT_MAX // factor):
+        return None
+    return int(number[1]) * factor
 
 
 _LEADING_DSN = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?:\s+|$)")

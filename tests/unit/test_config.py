@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from mailflow.config import Config, QueueConfig, SmtpdConfig, config_from_dict, load_config, resolve_paths
 from mailflow.errors import ConfigError
-from mailflow.syntax import parse_duration, parse_hostport
+from mailflow.syntax import parse_duration, parse_hostport, parse_policy_service
 
 
 def write(tmp_path: Path, text: str, name: str = "mailflow.toml") -> Path:
@@ -427,7 +427,13 @@ def test_a_queue_table_naming_no_transport_is_refused(tmp_path, table):
 
 @pytest.mark.parametrize("option, words", [
     ("bogus=1", "unknown policy service option 'bogus'"),
-    ("timeout=0", "timeout=0: at least 1s"),
+    ("timeout=0", "timeout=0: whole seconds (or m, h, d, w), at least 1s"),
+    # what Postfix 3.7's attr_override refuses too: conv_time reads whole numbers only, a count is a C int
+    ("timeout=1.5s", "timeout=1.5s: whole seconds"),
+    ("{ max_idle = 5 s }", "max_idle=5 s: whole seconds"),
+    ("max_ttl=3551w", "max_ttl=3551w: whole seconds"),
+    ("request_limit=99999999999", "request_limit=99999999999: a number"),
+    ("request_limit=-1", "request_limit=-1: a number, at least 0"),
     ("try_limit=0", "try_limit=0: a number, at least 1"),
     ("default_action=", "default_action= is empty"),
     ("timeout", "'timeout' is not name=value"),
@@ -443,3 +449,11 @@ def test_a_policy_service_in_braces_with_known_options_is_taken():
     item = "check_policy_service { inet:127.0.0.1:9998, timeout=10s, max_idle=1m, max_ttl=1h, retry_delay=1s, " \
            "request_limit=0, try_limit=2, { default_action = 451 4.3.5 try later }, policy_context=submission }"
     assert config_from_dict({"smtpd": {"recipient_restrictions": [item]}}).smtpd.recipient_restrictions == (item,)
+
+
+def test_policy_service_options_are_read_as_postfix_reads_them():
+    # attr_override: strtol into an int (`+5` is 5), conv_time (no unit: seconds; only the character after the
+    # number is read, so `10sx` is 10s)
+    item = "{ inet:127.0.0.1:9998, request_limit=+5, timeout=10sx, max_idle=2, max_ttl=1w }"
+    assert parse_policy_service(item).overrides == {"request_limit": 5, "timeout": 10, "max_idle": 2,
+                                                    "max_ttl": 604800}
