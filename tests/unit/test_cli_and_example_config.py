@@ -37,6 +37,11 @@ def test_example_config_states_every_setting():
     assert [name for name in flat_settings(Config()) if name not in stated] == []
 
 
+def test_example_config_lines_are_at_most_120_characters_as_the_codes_are():
+    lines = (ROOT / "config.toml").read_text().splitlines()
+    assert [(number, len(line)) for number, line in enumerate(lines, 1) if len(line) > 120] == []
+
+
 def test_check_config_accepts_the_example():
     result = mailflow("check-config", "--config", str(ROOT / "config.toml"))
     assert result.returncode == 0 and "ok" in result.stdout
