@@ -59,7 +59,8 @@ nodsn.test             451 only text, 4.7.1 added
 classfix.test          554 4.7.0 the enhanced code takes the reply code's class
 notareply.test         hello $rbl_code
 badtemplate.test       554 ${{rbl_reason
-forms.test             554 ${{rbl_reason?{{has $rbl_reason}}:{{none}}}} ${{rbl_txt:{{no}}}} ${{{{$rbl_code}}=={{554}}?{{eq}}:{{ne}}}}
+forms.test             554 ${{rbl_reason?{{has $rbl_reason}}:{{none}}}} ${{rbl_txt:{{no}}}}
+ ${{{{$rbl_code}}=={{554}}?{{eq}}:{{ne}}}}
  ${{{{$rbl_what}} != {{127.0.0.1}} ? {{other}} : {{this}}}} [${{{{$rbl_code}} < {{60}}}}] ${{rbl_reason?{{r}}:rr}}
 noreason.test          554 ${{rbl_reason?{{has $rbl_reason}}:{{none}}}} ${{{{$rbl_code}}>{{60}}}}
 """
