@@ -249,10 +249,9 @@ def test_failures_past_the_notice_limit_are_told_one_notice_per_list():
     assert len(_owned_failures(result, *few)) == 3  # within the limit: one each, as bounce_workaround tells them
 
 
-def test_failures_told_to_the_sender_are_each_in_the_senders_notice_past_the_limit():
-    """The limit bounds the notices to list owners (one each): the sender's failures make one notice whatever their
-    number, and Postfix's bounce(8) lists every one (bounce_append, no cap). Past OWNED_NOTICE_LIMIT failures in
-    all, the sender's were folded into one "(and N more failures)" as an owner's list's are."""
+def test_failures_told_to_the_sender_are_each_in_its_notice_up_to_the_limit_then_counted():
+    """The sender's failures are listed one by one as Postfix's bounce(8) lists them, up to OWNED_NOTICE_LIMIT;
+    past it the last one listed says how many more there were, in the notice, the log and the stored row."""
     rcpt = Recipient(0, "mix@example.test", "")
     count = OWNED_NOTICE_LIMIT + 1
     parts = [Part(Outcome.BOUNCED, "5.3.0", f"command {n} failed") for n in range(count + 1)]
@@ -260,13 +259,50 @@ def test_failures_told_to_the_sender_are_each_in_the_senders_notice_past_the_lim
     result = RcptResult(rcpt, Outcome.BOUNCED, "5.3.0", "failed")
     owned = _owned_failures(result, parts, lists, [""] * (count + 1))
     assert owned[0] == OwnedFailure("owner-l1@example.test", "l1@example.test", "5.3.0", "command 0 failed")
-    assert owned[1:] == tuple(OwnedFailure("", "mix@example.test", "5.3.0", f"command {n} failed")
-                              for n in range(1, count + 1))
+    assert owned[1:-1] == tuple(OwnedFailure("", "mix@example.test", "5.3.0", f"command {n} failed")
+                                for n in range(1, count - 1))
+    last = OwnedFailure("", "mix@example.test", "5.3.0", f"command {count - 1} failed (and 1 more failures)")
+    assert owned[-1] == last
+    within = _owned_failures(result, parts[:-1], lists[:-1], [""] * count)
+    assert [f.text for f in within[1:]] == [f"command {n} failed" for n in range(1, count)]  # all, as Postfix's
     many = [("owner-l1@example.test", "l1@example.test")] * count + [None]  # past the limit for the owner
     assert _owned_failures(result, parts, many, [""] * (count + 1)) == (
         OwnedFailure("owner-l1@example.test", "l1@example.test", "5.3.0", f"command 0 failed (and {count - 1} more"
                      " failures)"),
         OwnedFailure("", "mix@example.test", "5.3.0", f"command {count} failed"))
+
+
+def test_failures_of_no_list_are_told_each_as_with_an_owner():
+    """Without an owner the same rule: several failures are each in the sender's notice (bounce(8) lists them),
+    not folded into one "(5 times)" line, so adding an owned list to an alias does not change how they are told."""
+    rcpt = Recipient(0, "mix@example.test", "")
+    parts = [Part(Outcome.BOUNCED, "5.3.0", f"command {n} failed") for n in range(5)]
+    result = RcptResult(rcpt, Outcome.BOUNCED, "5.3.0", "failed")
+    owned = _owned_failures(result, parts, [None] * 5, [""] * 5)
+    assert owned == tuple(OwnedFailure("", "mix@example.test", "5.3.0", f"command {n} failed") for n in range(5))
+
+
+def test_five_thousand_failures_keep_what_is_told_small():
+    """An alias of 5 000 failing commands, each with output_limit bytes of output, with and without an owned
+    list: what the notice, the log lines and the recipient row are made of stays within the limit's size."""
+    rcpt = Recipient(0, "mix@example.test", "")
+    count = 5000
+    output = "x" * 2048
+    parts = [Part(Outcome.BOUNCED, "5.3.0", f"command died: {output}", f"x-unix; {output}") for _ in range(count)]
+    for lists in ([None] * count, [("owner-l1@example.test", "l1@example.test")] + [None] * (count - 1)):
+        owned = _owned_failures(RcptResult(rcpt, Outcome.BOUNCED, "5.3.0", "failed"), parts, lists, [""] * count)
+        assert len(owned) <= OWNED_NOTICE_LIMIT + 1
+        assert sum(len(f.text) + len(f.diagnostic) for f in owned) < (OWNED_NOTICE_LIMIT + 1) * 4200
+        senders = count - (lists[0] is not None)
+        assert owned[-1].text.endswith(f"(and {senders - OWNED_NOTICE_LIMIT} more failures)")
+
+
+async def test_an_alias_of_several_failing_commands_tells_the_sender_each(tmp_path):
+    """Delivered: an alias of three failing commands and no owner gives three failures told to the sender."""
+    t = transport(tmp_path, 'mix: "|exit 67 # a", "|exit 67 # b", "|exit 67 # c"\n')
+    [result] = (await t.deliver(request("mix@example.test"))).results
+    assert (result.outcome, result.owner) == (Outcome.BOUNCED, ""), result
+    assert [(f.owner, f.address, f.dsn) for f in result.owned] == [("", "mix@example.test", "5.1.1")] * 3
 
 
 async def test_a_lists_command_gets_its_owner_as_the_sender_and_no_original_recipient(scripts, tmp_path):

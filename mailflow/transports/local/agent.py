@@ -49,10 +49,10 @@ The recipient's result (about the member, `expanded`, when an alias led it to on
 it; with `expansion` when an alias, a list or a .forward expanded it: its success notice says "alias expanded",
 as local(8)'s; with `owner` when the one part that bounced was a list's command or file, or a file it may not
 write: its failure notice goes to the list's owner, as local(8)'s bounce_workaround sends it; with `owned`
-instead when several parts bounced, one at least of a list with an owner- alias (one list or several, one owner
-or several): each failure, with its own status, text and Diagnostic-Code, is told in a notice of its own (a
-list's to its owner, about its list; another to the sender, about its member) and logged on a line of its own,
-as bounce_workaround calls bounce_one once per failure; with `diagnostic`, a failed command's
+instead when several parts bounced (of lists with an owner- alias or not): each failure, with its own status,
+text and Diagnostic-Code, is told on its own (a list's to its owner in a notice of its own, about its list; the
+others to the sender, each in its one notice, about its member) and logged on a line of its own, as
+bounce_workaround calls bounce_one once per failure, up to OWNED_NOTICE_LIMIT of each (past it counted); with `diagnostic`, a failed command's
 `x-unix; <output>` (a program that could not be executed is told as Postfix's child tells it, `temporary
 failure. Command output: local: fatal: execvp PROG: why`, or `execl /bin/sh: why` for the shell of a command
 with shell metacharacters; other reasons not to run, `x-unix; <why>`), when one
@@ -469,15 +469,16 @@ def _owned_failures(result: RcptResult, parts: list[Part], lists: list[ListOf],
     alias: each of a list for its own list's owner, about its list, and each of no list for the sender (owner
     ""), about the member it names (`members`: the address a part is about, "" for the recipient itself), each
     with its own text and Diagnostic-Code, as local(8)'s bounce_workaround calls bounce_one once per failed
-    delivery; () otherwise (one failure: `_failures_owner`; failures of no list: the sender is told all)."""
+    delivery; the same when no failure is a list's: the sender is told each, as bounce(8) lists them; () for one
+    failure (`_failures_owner`, or the result itself). Bounded by `_bounded`."""
     failed = [(part, where, member) for (part, where), member in zip(_failures(result, parts, lists), members)]
-    if len(failed) < 2 or all(where is None for _, where, _ in failed):
+    if len(failed) < 2:
         return ()
     owned = [OwnedFailure(where[0], where[1], part.dsn, part.text, part.diagnostic) if where is not None else
              OwnedFailure("", member or result.recipient.address, part.dsn,
                           part.text.removeprefix(f"{member}: ") if member else part.text, part.diagnostic)
              for part, where, member in failed]
-    return _per_list(owned) if sum(1 for f in owned if f.owner) > OWNED_NOTICE_LIMIT else tuple(owned)
+    return _bounded(owned)
 
 
 def _members(rcpt: Recipient, leaves: list, parts: list[Part]) -> list[str]:
@@ -489,15 +490,25 @@ def _members(rcpt: Recipient, leaves: list, parts: list[Part]) -> list[str]:
     return [member for part, member in zip(parts, members) if part.outcome is Outcome.BOUNCED]
 
 
-OWNED_NOTICE_LIMIT = 100  # failures told to owners a notice each at most; past it, one per list (of up to 100 000)
+OWNED_NOTICE_LIMIT = 100  # a recipient's failures told one by one at most, to owners and to the sender each
 
 
-def _per_list(owned: list[OwnedFailure]) -> tuple[OwnedFailure, ...]:
+def _bounded(owned: list[OwnedFailure]) -> tuple[OwnedFailure, ...]:
+    """A recipient's failures as told, bounded whatever their number (an alias or .forward may expand to 100 000
+    failing commands, each with up to output_limit bytes of output, all held in memory as the notice, the log
+    lines and the recipient row): up to OWNED_NOTICE_LIMIT owners' failures a notice each, past it one per list
+    (`_per_list`); up to OWNED_NOTICE_LIMIT of the sender's each listed in its notice, past it the last listed
+    says how many more (`_senders_first`). Within the limit this is what Postfix tells (bounce(8) lists all)."""
+    to_owners = [failure for failure in owned if failure.owner]
+    if len(to_owners) > OWNED_NOTICE_LIMIT:
+        owned = _per_list(owned)
+    return _senders_first(owned)
+
+
+def _per_list(owned: list[OwnedFailure]) -> list[OwnedFailure]:
     """Failures told to list owners too many for a notice each: one per (owner, list), its first failure's status
     and words and how many more there were, so the notices, their log lines and the stored result stay bounded by
-    the lists. (Postfix's bounce_one sends them all.) The failures told to the sender stay one each, in their
-    place: they make one notice whatever their number, in which bounce(8) lists every one (bounce_append: no cap,
-    no "more" line)."""
+    the lists. (Postfix's bounce_one sends them all.) The failures told to the sender stay in their place."""
     per_list: dict[tuple[str, str], int] = {}
     for failure in owned:
         if failure.owner:
@@ -509,9 +520,31 @@ def _per_list(owned: list[OwnedFailure]) -> tuple[OwnedFailure, ...]:
         if not failure.owner:
             kept.append(failure)
         elif key in per_list:  # (its first failure: the others are counted in it)
-            more = per_list.pop(key) - 1
-            kept.append(failure._replace(text=f"{failure.text} (and {more} more failures)") if more else failure)
+            kept.append(_and_more(failure, per_list.pop(key) - 1))
+    return kept
+
+
+def _senders_first(owned: list[OwnedFailure]) -> tuple[OwnedFailure, ...]:
+    """The failures told to the sender, the first OWNED_NOTICE_LIMIT of them each in its place, the last of those
+    saying how many more were left out (Postfix's bounce(8) lists every one: equal up to the limit); the owners'
+    as they are."""
+    told = 0
+    kept = []
+    for failure in owned:
+        if not failure.owner:
+            told += 1
+            if told > OWNED_NOTICE_LIMIT:
+                continue
+        kept.append(failure)
+    if told > OWNED_NOTICE_LIMIT:
+        last = max(n for n, failure in enumerate(kept) if not failure.owner)
+        kept[last] = _and_more(kept[last], told - OWNED_NOTICE_LIMIT)
     return tuple(kept)
+
+
+def _and_more(failure: OwnedFailure, more: int) -> OwnedFailure:
+    """`failure`, its text saying how many more failures it stands for (none: as it is)."""
+    return failure._replace(text=f"{failure.text} (and {more} more failures)") if more else failure
 
 
 def _failures(result: RcptResult, parts: list[Part], lists: list[ListOf]) -> list[tuple[Part, ListOf]]:
