@@ -46,19 +46,19 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
    A file whose directory does not exist is not created (its directories neither: deferred 4.2.0 until someone
    makes it), and an executable file is not written (bounced 5.7.1 "file is executable", as local(8)).
 The recipient's result (about the member, `expanded`, when an alias led it to one mailbox only, as local(8) logs
-it; with `expansion` when an alias, a list or a .forward expanded it: its success notice says "alias expanded",
-as local(8)'s; with `owner` when the one part that bounced was a list's command or file, or a file it may not
-write: its failure notice goes to the list's owner, as local(8)'s bounce_workaround sends it; with `owned`
-instead when several parts bounced (of lists with an owner- alias or not): each failure, with its own status,
-text and Diagnostic-Code, is told on its own (a list's to its owner in a notice of its own, about its list; the
-others to the sender, each in its one notice, about its member) and logged on a line of its own, as
-bounce_workaround calls bounce_one once per failure, up to OWNED_NOTICE_LIMIT of each (past it counted); with `diagnostic`, a failed command's
-`x-unix; <output>` (a program that could not be executed is told as Postfix's child tells it, `temporary
-failure. Command output: local: fatal: execvp PROG: why`, or `execl /bin/sh: why` for the shell of a command
-with shell metacharacters; other reasons not to run, `x-unix; <why>`), when one
-part failed): deferred if any part must be retried (a retry repeats the parts already done, as local(8) does);
-else bounced when a part was refused (unknown user, loop, restricted command, a command's permanent failure), the
-rest being delivered; else sent, naming every destination.
+it; with `expansion` when an alias, a list or a .forward expanded it: its success notice says "alias expanded", as
+local(8)'s; with `owner` when the one part that bounced was a list's command or file, or a file it may not write:
+its failure notice goes to the list's owner, as local(8)'s bounce_workaround sends it; with `owned` instead when
+several parts bounced (of lists with an owner- alias or not): each failure, with its own status, text and
+Diagnostic-Code, is told on its own (a list's to its owner in a notice of its own, about its list; the others to
+the sender, each in its one notice, about its member) and logged on a line of its own, as bounce_workaround calls
+bounce_one once per failure, up to OWNED_NOTICE_LIMIT of each (past it counted); with `diagnostic`, a failed
+command's `x-unix; <output>` (a program that could not be executed is told as Postfix's child tells it, `temporary
+failure. Command output: local: fatal: execvp PROG: why`, or `execl /bin/sh: why` for the shell of a command with
+shell metacharacters; other reasons not to run, `x-unix; <why>`), when one part failed): deferred if any part must
+be retried (a retry repeats the parts already done, as local(8) does); else bounced when a part was refused
+(unknown user, loop, restricted command, a command's permanent failure), the rest being delivered; else sent,
+naming every destination.
 
 Failures: never raises for a recipient (what is no delivery problem, a bug, defers that recipient 4.3.0
 "unknown mail transport error", logged with its traceback); an OS error writing a Maildir defers (4.2.0), but a quota or
