@@ -313,8 +313,9 @@ class Sink:
         """Until nothing is due now: no message incoming, none deferred and due, no delivery or record under way
         (but records waiting to retry a write the store refused), and the active messages (if any) waiting only for
         a destination's timer (its rate delay's pause), so that nothing happens before the clock moves. Mail incoming
-        or due while a failed queue scan waits for its retry time waits for the clock too. Raises TimeoutError after
-        `timeout` seconds."""
+        or due while a failed queue scan waits for its retry time waits for the clock too under virtual time (only
+        advance() moves it); in real time it is waited for (qmgr woken), as the clock ends the wait by itself.
+        Raises TimeoutError after `timeout` seconds."""
         store, qmgr = self._queue
         clock = self._server.clock
         loop = asyncio.get_running_loop()
@@ -324,7 +325,8 @@ class Sink:
             await asyncio.sleep(0)
             counts = await store.counts()
             due = await store.next_due_time()
-            scan_waits = qmgr.scan_backing_off  # (mail incoming or due waits for the scan's retry time)
+            # (mail incoming or due waits for the scan's retry time, if only advance() brings it)
+            scan_waits = qmgr.scan_backing_off and isinstance(clock, VirtualClock)
             incoming = counts.get("incoming", 0) and not scan_waits
             busy = qmgr.working or incoming or not _waits_for_time(qmgr, counts.get("active", 0))
             due_now = due is not None and due <= clock.time() and not scan_waits

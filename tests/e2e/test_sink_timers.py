@@ -182,6 +182,20 @@ async def test_settle_returns_while_a_failing_queue_scan_backs_off():
         assert sent_times(sink) == [pytest.approx(due + 65.5)] and await queue_counts_of(sink) == {}
 
 
+async def test_settle_in_real_time_waits_for_due_mail_behind_a_failed_queue_scan():
+    """In real time the clock ends a failed scan's backoff by itself: settle() returned at once with the due mail
+    still deferred (counting the backoff as settled, as it must under virtual time). Now it waits, and the mail
+    goes."""
+    relay = {**RELAY, "queue": {**RELAY["queue"], "minimal_backoff_time": "1s", "maximal_backoff_time": "2s"}}
+    async with Sink(**relay) as sink:
+        due = await deferred_once(sink)
+        scans = StoreFault(sink, "take", times=1)
+        await asyncio.sleep(max(0.0, due - time.time()) + 0.05)
+        await sink.settle(timeout=10)
+        assert scans.tries >= 2 and len(sink.destination("example.com").messages) == 1
+        assert await queue_counts_of(sink) == {}
+
+
 async def test_a_damaged_message_set_aside_after_a_store_fault_under_virtual_time():
     """A scan took a message whose queue row was damaged (by hand) and set it aside, but the store refused the move
     to the corrupt queue: the message, active in the store and not in qmgr's hands, kept settle() from returning
