@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 import threading
 
 import pytest
@@ -99,6 +100,43 @@ async def test_without_room_new_mail_waits_in_the_incoming_queue(host):
     await eventually(lambda: len(h.smtp.calls) == 2)
     await eventually(lambda: h.qmgr.active_count == 0)
     assert await h.store.counts() == {}
+
+
+async def test_a_damaged_message_being_set_aside_holds_its_place_in_the_active_queue(host, monkeypatch):
+    """A scan took a message whose queue row is damaged; its move to the corrupt queue waits for a retry (the store
+    refused it), the store holding it active. It counts against active_limit (qmgr admitted another beside it:
+    {'active': 2} with a limit of 1): new mail waits in the incoming queue, and is taken once the move is done."""
+    h = await host(active_limit=1)
+    await asyncio.sleep(0.05)
+    real_insert, real_reserve, real_mark_corrupt = h.store.insert, h.qmgr.reserve, h.store.mark_corrupt
+    refused = {"moves": True}
+
+    async def damaged_insert(msg):
+        await real_insert(msg)
+        with sqlite3.connect(h.tmp_path / "queue.db") as db:
+            db.execute("UPDATE message SET arrival = 'x' WHERE id = ?", (msg.queue_id,))
+
+    async def mark_corrupt(ids):
+        if refused["moves"]:
+            raise sqlite3.OperationalError("database or disk is full")
+        await real_mark_corrupt(ids)
+
+    monkeypatch.setattr(h.store, "insert", damaged_insert)
+    monkeypatch.setattr(h.qmgr, "reserve", lambda: False)  # through the store, for a scan to take
+    monkeypatch.setattr(h.store, "mark_corrupt", mark_corrupt)
+    await h.submit(1)
+    await eventually(lambda: h.qmgr.taken_count == 1)
+    monkeypatch.setattr(h.store, "insert", real_insert)
+    monkeypatch.setattr(h.qmgr, "reserve", real_reserve)
+    await h.submit(2)
+    await asyncio.sleep(0.05)
+    assert await h.store.counts() == {"active": 1, "incoming": 1} and h.smtp.calls == []
+    refused["moves"] = False
+    h.clock.advance(60)  # the move's retry
+    await eventually(lambda: len(h.smtp.calls) == 1)
+    h.smtp.release.set()
+    await eventually(lambda: h.qmgr.active_count == 0)
+    assert await h.store.counts() == {"corrupt": 1}
 
 
 async def test_a_failed_commit_gives_its_place_back(host, monkeypatch):

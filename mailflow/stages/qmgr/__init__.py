@@ -310,7 +310,7 @@ class QueueManager:
         doc); True holds it until `hand_over` or `release`."""
         if self._stopping or self._loop_task is None or self._room_was_short:
             return False
-        if len(self._active) + self._reserved + self._admitting >= self._config.active_limit:
+        if self.taken_count + self._reserved + self._admitting >= self._config.active_limit:
             return False
         self._reserved += 1
         return True
@@ -628,7 +628,7 @@ class QueueManager:
             raise
 
     async def _take_due(self, now: float) -> None:
-        room = self._config.active_limit - len(self._active) - self._reserved
+        room = self._config.active_limit - self.taken_count - self._reserved  # (those being set aside too)
         taken = await self._store.take(now, room) if room > 0 else []
         self._room_was_short = room <= 0 or len(taken) >= room  # more may be due than there was room for
         await self._admit_all(taken, now)
@@ -666,11 +666,17 @@ class QueueManager:
 
     def _set_aside_taken(self, message: QueuedMessage) -> None:
         """A damaged message the scan took (the store holds it active) is set aside by a task of its own, counted in
-        `taken_count` until its write is done (it may wait for a retry after a store fault)."""
+        `taken_count`, and against `active_limit`, until its write is done (it may wait for a retry after a store
+        fault); its place is free then."""
         queue_id = message.queue_id
         self._setting_aside.add(queue_id)
         task = self._spawn(self._set_aside([(queue_id, message.damage)]))
-        task.add_done_callback(lambda _: self._setting_aside.discard(queue_id))
+        task.add_done_callback(lambda _: self._set_aside_done(queue_id))
+
+    def _set_aside_done(self, queue_id: str) -> None:
+        self._setting_aside.discard(queue_id)
+        if self._room_was_short:  # the last scan left due mail behind for want of room: there is some now
+            self._rouse()
 
     async def _set_aside(self, damaged: list[tuple[str, str]]) -> None:
         """Messages with damaged queue rows, (queue id, what is wrong) each, are not delivered: their values are
