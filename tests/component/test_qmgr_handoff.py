@@ -139,6 +139,28 @@ async def test_a_damaged_message_being_set_aside_holds_its_place_in_the_active_q
     assert await h.store.counts() == {"corrupt": 1}
 
 
+async def test_new_mail_handed_over_ends_a_failed_scans_backoff(host, monkeypatch):
+    """A scan failed (a store fault) and backs off; new mail committed and handed straight to qmgr showed the store
+    works again, yet the mail due meanwhile waited for the backoff (only mail through the store woke the scan, as
+    the docs say new mail does). Now the hand-over ends the backoff too: both go without the clock moving."""
+    h = await host()
+    await asyncio.sleep(0.05)
+    real_take, real_reserve = h.store.take, h.qmgr.reserve
+
+    async def failing_take(*args, **kw):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(h.store, "take", failing_take)
+    monkeypatch.setattr(h.qmgr, "reserve", lambda: False)  # through the store: the scan fails to take it
+    await h.submit(1)
+    await eventually(lambda: h.qmgr.scan_backing_off)
+    monkeypatch.setattr(h.store, "take", real_take)
+    monkeypatch.setattr(h.qmgr, "reserve", real_reserve)
+    await h.submit(2)
+    await eventually(lambda: len(h.smtp.calls) == 2)
+    assert not h.qmgr.scan_backing_off and await h.store.counts() == {"active": 2}
+
+
 async def test_a_failed_commit_gives_its_place_back(host, monkeypatch):
     h = await host(active_limit=1)
     await asyncio.sleep(0.05)

@@ -300,9 +300,17 @@ class QueueManager:
     def wake(self) -> None:
         """New mail is queued: scan soon. Carries no state, but says the store took a commit, so a chore backing
         off after a store fault is tried again now rather than at the end of its backoff."""
+        self._store_took_a_commit()
+        self._rouse()
+
+    def _store_took_a_commit(self) -> None:
+        """New mail was committed (through the store or handed over): the chores backing off after a store fault
+        try again now, and a failed scan with them (the mail due meanwhile waits no longer)."""
+        scan_waited = self.scan_backing_off
         for guard in (self._poll, self._publish, self._scanning):
             guard.retry_now()
-        self._rouse()
+        if scan_waited:
+            self._rouse()
 
     # -- new mail handed over by cleanup ------------------------------------------------------------
     def reserve(self) -> bool:
@@ -325,6 +333,7 @@ class QueueManager:
         self._reserved -= 1
         if self._stopping:
             return
+        self._store_took_a_commit()
         content, kept = None, 0
         if msg.content.in_memory and self._handed_bytes + msg.content.size <= HANDOFF_CONTENT_BUDGET:
             content = (self._event_loop or asyncio.get_running_loop()).create_future()
