@@ -841,7 +841,8 @@ async def test_destinations_shows_what_qmgr_published(mailflow_server, write_con
         assert header.split() == ["TRANSPORT", "NEXTHOP", "WINDOW", "IN-FLIGHT", "QUEUED", "FAILURES",
                                   "DEAD-UNTIL", "PAUSED-UNTIL", "UPDATED", "REASON"]
         cells = row.split()
-        assert cells[:8] == ["smtp", f"[127.0.0.1]:{port}", "5", "1", "0", "0", "-", "-"]
+        # relay.test is a relay domain: relay_transport, `relay` as Postfix's default
+        assert cells[:8] == ["relay", f"[127.0.0.1]:{port}", "5", "1", "0", "0", "-", "-"]
         assert cells[-2:] == ["ago)", "-"]  # updated "… (0s ago)", no reason
 
         rc, out, _ = await queue(config, "destinations", "--json")
@@ -852,7 +853,6 @@ async def test_destinations_shows_what_qmgr_published(mailflow_server, write_con
         for writer in sessions:
             writer.close()
         server.close()
-
 
 
 async def test_destinations_shows_a_destination_paused_by_its_rate_delay(mailflow_server, write_config, smtp_peer,
