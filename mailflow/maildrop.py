@@ -15,8 +15,11 @@ some recipient has a value, so other files are as before.
 
 Compatibility: the version stays 1 while keys are only added and optional: a reader takes the keys it knows and
 ignores the others (an older pickup delivers a -bs file without its per-recipient DSN, as if none was given).
-One exception: a -bs ENVID may be longer than -V's 100 characters, which a pickup older than -bs's DSN takes for
-a corrupt file; sendmail and the server come in one package, so that lasts only until the server's restart.
+Two exceptions, which last only until the server's restart (sendmail and the server come in one package): a -bs
+ENVID may be longer than -V's 100 characters, which a pickup older than -bs's DSN takes for a corrupt file; and
+a -bs ORCPT keeps its type as the client gave it (`RFC822;…`, `UTF-8;…`, as Postfix's smtpd), which a pickup
+older than that (it wanted the type in lower case) takes for a corrupt file too: the message goes to corrupt/,
+so restart the server soon after installing a new package, before `sendmail -bs` clients give upper-case types.
 
 - `MaildropMessage`: the envelope, the content's `size` and (once read back) its `offset` in the file, as a
   frozen value. The content itself is never held whole: it is written from, and read back as, chunks.
