@@ -78,7 +78,7 @@ def _tools(command: str, cfg: Config, work):
         _fail(command, f"no queue database at {db} (check queue_directory in the configuration)", 1)
 
     async def run():
-        store = await Store.open(db)
+        store = await Store.open(db, upgrade=False)  # (an older server may run on it: it upgrades at its start)
         try:
             return await work(store)
         finally:

@@ -4,7 +4,8 @@ side of a requeue from requeue.py).
 Contract
 - `Store.open(path)` opens (creating, or migrating an older queue) the database and its content directory;
   `close()` finishes every write already submitted, then closes. `owner=True` (the server, holding the queue's
-  lock) also converts a queue made before auto_vacuum.
+  lock) also converts a queue made before auto_vacuum; `upgrade=False` (the operator tools) refuses an older
+  queue instead of migrating it.
 - `insert(msg)` returns only after the transaction is on disk (a durable commit): smtpd may then say 250. A
   message with a content file is durable whole: the file is fsynced, linked under its queue id and the
   directory fsynced before the transaction that adds its row commits; a failed commit removes the link.
@@ -85,14 +86,16 @@ class Store(OperatorQueries, RequeueQueries):
     @classmethod
     async def open(cls, path: str | Path, *, batch_limit: int = DEFAULTS.queue.commit_batch_limit,
                    backlog_limit: int = DEFAULTS.queue.incoming_backlog_limit,
-                   busy_timeout: float = BUSY_TIMEOUT, owner: bool = False) -> "Store":
+                   busy_timeout: float = BUSY_TIMEOUT, owner: bool = False, upgrade: bool = True) -> "Store":
         """`owner`: the caller holds the queue's lock (the server); only then is an old file converted to
-        incremental vacuum, which needs the database to itself."""
+        incremental vacuum, which needs the database to itself. `upgrade`: an older queue's schema is brought up
+        to date; else it is refused (sqlite3.DatabaseError, "older than this mailflow"): the operator tools,
+        which must not change it under an older server still running on it."""
         path = Path(path)
         (path.parent / CONTENT_DIRECTORY).mkdir(mode=0o700, parents=True, exist_ok=True)
         writer, reader = Writer(path), Reader(path)
         try:
-            await writer.call(writer.open, busy_timeout, owner)  # first: it creates or migrates the schema
+            await writer.call(writer.open, busy_timeout, owner, upgrade)  # first: it creates or migrates the schema
             await reader.open(busy_timeout)
         except BaseException:
             await reader.close()  # their threads would otherwise keep the process alive

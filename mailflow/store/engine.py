@@ -36,7 +36,8 @@ What it owns
   with `fetch_leniently` (store/damage.py names such text as damaged), so one bad row stops no scan or listing;
   the failed read's statement is reset at once (`fetch_rows`), so it leaves no snapshot open behind it.
 - `BatchLoader`: `load(key)` calls made in the same loop turn become one `fetch_many(keys)` call.
-- Opening the writer brings an older queue to the current schema (`schema.py`).
+- Opening the writer brings an older queue to the current schema (`schema.py`), unless told not to (the
+  operator tools: an older queue is refused instead, the server running on it may be older too).
 - Content files in a transaction: the pseudo-statement `LINK_CONTENT` hard-links `(source file, queue id)`
   rows in as `content/<queue id>` (fsync of the directory) before the transaction, and they are unlinked again
   if it fails; the files of rows deleted by `DELETE_CONTENT` (see `remove_ops`) go after the commit. A source
@@ -210,11 +211,12 @@ class Writer(Connection):
         super().__init__(path, "store-writer")
         self._content_dir = path.parent / CONTENT_DIRECTORY
 
-    def open(self, busy_timeout: float, owner: bool) -> None:
-        """Open, migrate an older queue, and (`owner`: the caller holds the queue's lock) convert a file made
-        before auto_vacuum, which needs the database to itself. The owner (the server) also takes the write lock
-        once, so that a database another process keeps locked fails the open (the server's start waits and
-        tries again) rather than its first write; the operator tools take it only to change something."""
+    def open(self, busy_timeout: float, owner: bool, upgrade: bool = True) -> None:
+        """Open, migrate an older queue (`upgrade`; else refuse it: `schema.migrate`), and (`owner`: the caller
+        holds the queue's lock) convert a file made before auto_vacuum, which needs the database to itself. The
+        owner (the server) also takes the write lock once, so that a database another process keeps locked fails
+        the open (the server's start waits and tries again) rather than its first write; the operator tools take
+        it only to change something."""
         con = self._connect(busy_timeout)
         try:
             if owner:
@@ -225,7 +227,7 @@ class Writer(Connection):
             con.execute("PRAGMA journal_mode = WAL")
             con.execute("PRAGMA synchronous = FULL")  # a commit is on disk when it returns
             con.execute(f"PRAGMA journal_size_limit = {WAL_KEEP}")
-            migrate(con)
+            migrate(con, upgrade)
             if owner and con.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
                 convert_to_incremental_vacuum(con, self._path)
         except BaseException:

@@ -84,10 +84,17 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
 }
 
 
-def migrate(con: sqlite3.Connection) -> None:
+def migrate(con: sqlite3.Connection, upgrade: bool = True) -> None:
+    """Bring the queue to SCHEMA_VERSION (create it when new). Without `upgrade` (an operator tool, which may run
+    beside an older server still serving the queue) an older queue is refused rather than changed under that
+    server, which would then not start again after a rollback: the server upgrades it when it starts."""
     version = _schema_version(con)
     if version is not None and version > SCHEMA_VERSION:
         raise sqlite3.DatabaseError(f"queue schema version {version} is newer than this mailflow ({SCHEMA_VERSION})")
+    if version is not None and version < SCHEMA_VERSION and not upgrade:
+        raise sqlite3.DatabaseError(f"queue schema version {version} is older than this mailflow ({SCHEMA_VERSION}):"
+                                    " the server upgrades it when it starts (restart it with this mailflow first);"
+                                    " the queue tools do not change it")
     if version is not None and version < SCHEMA_VERSION:
         con.execute("BEGIN IMMEDIATE")
         try:

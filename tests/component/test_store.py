@@ -833,6 +833,25 @@ async def test_a_queue_of_schema_11_gets_the_destination_snapshot_with_its_pause
         assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
 
 
+async def test_an_older_queue_is_refused_not_upgraded_when_upgrading_is_not_ours(tmp_path):
+    """The operator tools open without `upgrade`: an older server may still run on the queue, and a queue moved on
+    under it would keep it from starting again after a rollback (and its destination rows were dropped)."""
+    path = tmp_path / "queue.db"
+    await (await Store.open(path)).close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE schema_version SET version = 11")
+        db.execute("INSERT INTO destination (transport, nexthop, window, in_flight, queued, failures, updated)"
+                   " VALUES ('smtp', 'old.test', 1, 0, 0, 0, 1)")
+    with pytest.raises(sqlite3.DatabaseError, match=r"version 11 is older than this mailflow .*restart"):
+        await Store.open(path, upgrade=False)
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(11,)]
+        assert db.execute("SELECT nexthop FROM destination").fetchall() == [("old.test",)]
+    await (await Store.open(path, owner=True)).close()  # the server's start upgrades it
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+
+
 async def test_a_queue_of_schema_4_upgrades_its_messages_keeping_empty_client_attributes(tmp_path):
     """The client attributes (Postfix's client_name ... sasl_sender) are message columns added by a migration:
     mail queued before has them empty, as a Postfix queue file without them; new mail keeps them."""

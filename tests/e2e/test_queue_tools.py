@@ -23,7 +23,7 @@ import pytest
 from mailflow.config import config_from_dict
 from mailflow.content import Content
 from mailflow.model import Recipient
-from mailflow.store import NewMessage
+from mailflow.store import NewMessage, Store
 from mailflow import status
 from tests.support import ScanWatch, SmtpClient, base_settings, eventually, free_port, merged, send
 from tests.support.maillog import mail_log_file
@@ -813,6 +813,24 @@ async def test_shape_counts_pending_recipients_by_domain_and_age(mixed):
 
 
 # ---------------------------------------------------------------------------------------------- destinations
+
+
+async def test_the_tools_do_not_upgrade_an_older_queue_under_its_server(write_config, tmp_path):
+    """`mailflow queue destinations` against a queue of schema 11 (an older server still running on it) moved it
+    to the current schema without a word, and the older server then refused to start again. Now the tools refuse
+    an older queue, saying the server upgrades it, and leave it as it was."""
+    config = write_config(tmp_path / "mailflow.toml")
+    db = tmp_path / "queue" / "queue.db"
+    await (await Store.open(db)).close()
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE schema_version SET version = 11")
+    for command in (["destinations"], ["list"]):
+        rc, out, err = await queue(config, *command)
+        assert (rc, out) == (1, ""), err
+        assert f"the queue database {db}: queue schema version 11 is older than this mailflow" in err
+        assert "the server upgrades it when it starts" in err
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT version FROM schema_version").fetchall() == [(11,)]
 
 
 async def test_destinations_shows_what_qmgr_published(mailflow_server, write_config, tmp_path):
