@@ -297,6 +297,34 @@ def test_five_thousand_failures_keep_what_is_told_small():
         assert owned[-1].text.endswith(f"(and {senders - OWNED_NOTICE_LIMIT} more failures)")
 
 
+@pytest.mark.parametrize("owned_list", [False, True])
+async def test_an_alias_of_five_thousand_failing_members_makes_a_small_notice_and_few_log_lines(tmp_path, owned_list):
+    """Delivered and told: an alias of 5 000 unknown members (and, in the mixed case, a list with an owner whose
+    command fails) gives the sender one notice listing OWNED_NOTICE_LIMIT of them and a count, of a size and a
+    number of log lines that do not grow with the expansion (it was 5 000 lines and a notice of megabytes)."""
+    from mailflow.model import QueuedMessage
+    from mailflow.stages.bounce import build_notice
+    from mailflow.stages.qmgr import _owned_lines
+    from mailflow.stages.qmgr.notices import plan
+
+    count = 5000
+    members = ", ".join(f"ghost{n}" for n in range(count))
+    lists = 'l1: "|exit 67"\nowner-l1: alice\n' if owned_list else ""
+    t = transport(tmp_path, f"mix: {members}{', l1' if owned_list else ''}\n{lists}")
+    [result] = (await t.deliver(request("mix@example.test"))).results
+    assert result.outcome is Outcome.BOUNCED and len(result.owned) == OWNED_NOTICE_LIMIT + owned_list
+    assert len(_owned_lines(result)) == OWNED_NOTICE_LIMIT + owned_list
+    message = QueuedMessage("Q1", "sender@remote.test", 0.0, 10, False, "7BIT", 1, (result.recipient,))
+    notices = plan(message, [result], warn_delay=False, myhostname="mx.example.test", double_bounce_recipient="pm",
+                   now=0.0)
+    [senders] = [n for n in notices if n.to == "sender@remote.test"]
+    raw = build_notice(kind=senders.kind, queue_id="Q1", sender=message.sender, arrival=0.0, envid="", ret="",
+                       recipients=list(senders.recipients), original=CONTENT, reporting_mta="mx.example.test",
+                       now=0.0, notice_id="Q1.failure")
+    assert raw.count(b"Final-Recipient:") == OWNED_NOTICE_LIMIT and len(raw) < 100_000
+    assert b"(and 4900 more failures)" in raw
+
+
 async def test_an_alias_of_several_failing_commands_tells_the_sender_each(tmp_path):
     """Delivered: an alias of three failing commands and no owner gives three failures told to the sender."""
     t = transport(tmp_path, 'mix: "|exit 67 # a", "|exit 67 # b", "|exit 67 # c"\n')
