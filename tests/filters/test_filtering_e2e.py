@@ -320,7 +320,7 @@ bad.test.dbl.test. 300 IN A 127.0.1.2
     assert await rcpt_reply(port, "alice@local.test", sender="x@nowhere.test") == \
         (450, "450 4.1.8 <x@nowhere.test>: Sender address rejected: Domain not found")
     assert await rcpt_reply(port, "alice@local.test", sender="x@bad.test") == \
-        (554, "554 5.7.1 Service unavailable; Sender address [bad.test] blocked using dbl.test")
+        (554, "554 5.7.1 Service unavailable; Sender address [x@bad.test] blocked using dbl.test")
     assert (await rcpt_reply(port, "alice@local.test", sender="x@known.test"))[0] == 250
 
 
