@@ -445,6 +445,26 @@ async def test_a_denylisted_client_under_enforce_meets_the_dummy_engine(mailflow
                               "helo=<zombie.test>") for line in screen_log()), screen_log()
 
 
+async def test_a_denylisted_clients_second_connection_meets_the_dummy_engine_too(mailflow_server, tmp_path,
+                                                                                    screen_log):
+    """denylist_action enforce: a second connection while the first is in the dummy engine (it passed the pregreet
+    test, so the shared record has every test passed) is still refused at RCPT, never handed to smtpd (Postfix's
+    PSC_STATE_FLAG_NOFORWARD: psc_smtpd_tests)."""
+    table = tmp_path / "access.cidr"
+    table.write_text("127.0.0.0/8 reject\n")
+    mf = await mailflow_server(smtpd=screen(access_list=[f"cidr:{table}"], denylist_action="enforce"))
+    port = mf.smtp_addresses[0][1]
+    first = await SmtpClient.connect(port)
+    assert (await first.cmd("HELO zombie.test")).code == 250
+    second = await SmtpClient.connect(port)
+    assert "PIPELINING" not in (await second.cmd("EHLO zombie.test")).text  # the dummy engine's EHLO
+    assert (await second.cmd("MAIL FROM:<s@remote.test>")).code == 250
+    assert await second.cmd("RCPT TO:<alice@local.test>") == status.postscreen_denylisted(550)
+    await first.close()
+    await second.close()
+    assert sum(line.startswith("DENYLISTED") for line in screen_log()) == 2, screen_log()
+
+
 async def test_beyond_the_screening_places_a_client_is_told_to_come_back(mailflow_server, screen_log):
     mf = await mailflow_server(smtpd=screen(greet_wait=3, pre_queue_limit=1))
     port = mf.smtp_addresses[0][1]

@@ -402,6 +402,62 @@ async def test_concurrent_connections_of_one_client_share_its_test_results_as_po
     assert our_log[-1] == "PASS OLD [127.0.0.2]:PORT", our_log
 
 
+async def denylisted_dialogue(port: int) -> list[str]:
+    """A denylisted client's two connections at once: the second opens while the first is in the dummy engine."""
+    seen = []
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+
+    async def say(writer: asyncio.StreamWriter, reader: asyncio.StreamReader, line: bytes) -> bytes:
+        writer.write(line + CRLF)
+        await writer.drain()
+        return await read_reply(reader)
+
+    first_reader, first = await connect()
+    seen.append(f"first: {await read_reply(first_reader)!r}")
+    seen.append(f"first: {await say(first, first_reader, b'HELO c.test')!r}")
+    reader, writer = await connect()
+    seen.append(f"second: {await read_reply(reader)!r}")
+    ehlo = await say(writer, reader, b"EHLO c.test")
+    seen.append(f"second: {'smtpd' if b'PIPELINING' in ehlo else 'the dummy engine'} answers EHLO")
+    seen.append(f"second: {await say(writer, reader, b'MAIL FROM:<s@x.test>')!r}")
+    seen.append(f"second: {await say(writer, reader, b'RCPT TO:<r@y.test>')!r}")
+    writer.close()
+    first.close()
+    await asyncio.sleep(0.3)
+    return seen
+
+
+async def test_a_denylisted_clients_second_connection_is_not_forwarded_as_postfix(mailflow_server, caplog,
+                                                                                 tmp_path):
+    """postscreen_denylist_action enforce (PSC_STATE_FLAG_NOFORWARD): a second connection of the client, while its
+    first is in the dummy engine with the pregreet test passed, meets the dummy engine too, and its 550 at RCPT."""
+    table = tmp_path / "access.cidr"
+    table.write_text("127.0.0.2/32 reject\n")
+    table.chmod(0o644)
+    tmp_path.chmod(0o755)  # (Postfix's postscreen reads it as its own user)
+    caplog.set_level(logging.INFO, logger="mailflow.postscreen")
+    mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
+        "enable": True, "access_list": [f"cidr:{table}"], "greet_wait": GREET_WAIT, "denylist_action": "enforce"}})
+    ours = await denylisted_dialogue(mf.smtp_addresses[0][1])
+    our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
+    port = free_port()
+    async with postfix_instance(main_cf={"myhostname": HOST, "postscreen_greet_wait": f"{GREET_WAIT}s",
+                                         "postscreen_access_list": f"cidr:{table}", "smtputf8_enable": "yes",
+                                         "postscreen_denylist_action": "enforce",
+                                         "postscreen_cache_map": "btree:$data_directory/postscreen_cache",
+                                         "relay_domains": "y.test"},
+                                master_cf=postscreen_master_cf(port)) as pf:
+        theirs = await denylisted_dialogue(port)
+        their_log = postscreen_lines(re.findall(r"/postscreen\[\d+\]: (.*)$", pf.maillog, re.M))
+    their_log = [line for line in their_log if not line.startswith("cache ")]
+    assert ours == theirs
+    assert our_log == their_log, (our_log, their_log)
+    assert ours[3] == "second: the dummy engine answers EHLO"
+    assert ours[-1] == "second: b'550 5.3.2 Service currently unavailable\\r\\n'", ours
+
+
 async def test_soft_bounce_softens_postscreens_refusals_as_postfix(mailflow_server, caplog):
     """soft_bounce: every 5xx postscreen sends goes out as a 4xx (psc_send_reply: the code's and the enhanced
     code's first digit), the RCPT refusal logged so (psc_soften_reply)."""

@@ -410,7 +410,7 @@ class Postscreen:
     async def _tests_of(self, conn: Connection, state: _Screening) -> Verdict:
         """The early tests, then the dummy engine (enforce, a veto, deep tests due: psc_early_event's end), or
         smtpd."""
-        if state.nothing_due and not state.vetoed:
+        if state.nothing_due and not state.vetoed and state.rcpt_reply is None:  # (enforce: Postfix's NOFORWARD)
             return Verdict.PASS  # (psc_conclude: this session passed nothing, so no PASS line, no cache update)
         if not state.nothing_due and not await self._early_tests(conn, state):
             return Verdict.DONE
