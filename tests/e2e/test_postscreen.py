@@ -420,6 +420,28 @@ async def test_concurrent_connections_of_one_client_log_pass_new_once(mailflow_s
     assert passes == ["PASS NEW", "PASS OLD"], screen_log()
 
 
+async def test_a_deep_test_one_connection_fails_undoes_the_pass_another_connection_shared(mailflow_server,
+                                                                                          screen_log):
+    """B passes the pipelining test at its RCPT (into the record the client's connections share); A, at the same
+    time, fails it under enforce, which undoes that pass for every connection (Postfix: expire_time[...] =
+    PSC_TIME_STAMP_DISABLED). B's end caches the record, so the client's next connection meets the test again."""
+    mf = await mailflow_server(smtpd={**screen(pipelining_enable=True), "forbid_unauth_pipelining": False})
+    port = mf.smtp_addresses[0][1]
+    b = await SmtpClient.connect(port)
+    a = await SmtpClient.connect(port)  # (B passed the pregreet test: A skips it and meets the pipelining test)
+    assert (await through_rcpt(b))[-1] == status.POSTSCREEN_COME_BACK
+    await a.send(b"EHLO a.test\r\nNOOP\r\n")
+    assert [(await a.reply()).code for _ in range(2)] == [250, 250]
+    await eventually(lambda: any(line.startswith("COMMAND PIPELINING") for line in screen_log()))
+    await a.cmd("QUIT")
+    await b.cmd("QUIT")
+    await eventually(lambda: sum(line.startswith("DISCONNECT") for line in screen_log()) == 2)
+    assert any(line.startswith("PASS NEW") for line in screen_log()), screen_log()
+    c = await SmtpClient.connect(port)
+    assert "PIPELINING" not in (await c.cmd("EHLO c.test")).text  # the dummy engine again, not smtpd
+    await c.close()
+
+
 async def test_the_teaser_can_be_set_or_left_out(mailflow_server):
     mf = await mailflow_server(smtpd=screen(greet_wait=0.1, greet_banner="hold on"))
     c = await SmtpClient.connect(mf.smtp_addresses[0][1])

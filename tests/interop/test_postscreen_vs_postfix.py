@@ -458,6 +458,62 @@ async def test_a_denylisted_clients_second_connection_is_not_forwarded_as_postfi
     assert ours[-1] == "second: b'550 5.3.2 Service currently unavailable\\r\\n'", ours
 
 
+async def undone_pass_dialogue(port: int) -> list[str]:
+    """B passes the pipelining test at RCPT while A, the same client at once, fails it; then C, alone."""
+    seen = []
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+
+    async def say(writer: asyncio.StreamWriter, reader: asyncio.StreamReader, line: bytes, replies: int = 1) -> str:
+        writer.write(line)
+        await writer.drain()
+        return " ".join([repr((await read_reply(reader))[:4]) for _ in range(replies)])
+
+    b_reader, b = await connect()
+    seen.append(f"B: {await read_reply(b_reader)!r}")
+    a_reader, a = await connect()
+    seen.append(f"A: {await read_reply(a_reader)!r}")
+    for line in (b"EHLO b.test", b"MAIL FROM:<s@x.test>", b"RCPT TO:<r@y.test>"):
+        seen.append(f"B: {await say(b, b_reader, line + CRLF)}")
+    seen.append(f"A: {await say(a, a_reader, b'EHLO a.test' + CRLF + b'NOOP' + CRLF, replies=2)}")
+    seen.append(f"A: {await say(a, a_reader, b'QUIT' + CRLF)}")
+    seen.append(f"B: {await say(b, b_reader, b'QUIT' + CRLF)}")
+    a.close()
+    b.close()
+    await asyncio.sleep(0.3)
+    c_reader, c = await connect()
+    seen.append(f"C: {(await read_reply(c_reader))[:4]!r}")
+    c.write(b"EHLO c.test" + CRLF)
+    ehlo = await read_reply(c_reader)
+    seen.append(f"C: {'smtpd' if b'PIPELINING' in ehlo else 'the dummy engine'} answers EHLO")
+    c.close()
+    await asyncio.sleep(0.3)
+    return seen
+
+
+async def test_a_deep_test_one_connection_fails_undoes_the_others_pass_as_postfix(mailflow_server, caplog):
+    """One client's connections at once: B passes the pipelining test, A then fails it (enforce), which undoes
+    the shared pass (expire_time[...] = PSC_TIME_STAMP_DISABLED); B's end caches that, so C meets the test again."""
+    caplog.set_level(logging.INFO, logger="mailflow.postscreen")
+    mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
+        "enable": True, "access_list": [], "greet_wait": GREET_WAIT, "pipelining_enable": True}})
+    ours = await undone_pass_dialogue(mf.smtp_addresses[0][1])
+    our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
+    port = free_port()
+    async with postfix_instance(main_cf={"myhostname": HOST, "postscreen_greet_wait": f"{GREET_WAIT}s",
+                                         "postscreen_access_list": "", "smtputf8_enable": "yes",
+                                         "postscreen_cache_map": "btree:$data_directory/postscreen_cache",
+                                         "postscreen_pipelining_enable": "yes"},
+                                master_cf=postscreen_master_cf(port)) as pf:
+        theirs = await undone_pass_dialogue(port)
+        their_log = postscreen_lines(re.findall(r"/postscreen\[\d+\]: (.*)$", pf.maillog, re.M))
+    their_log = [line for line in their_log if not line.startswith("cache ")]
+    assert ours == theirs
+    assert our_log == their_log, (our_log, their_log)
+    assert ours[-1] == "C: the dummy engine answers EHLO", ours
+
+
 async def test_soft_bounce_softens_postscreens_refusals_as_postfix(mailflow_server, caplog):
     """soft_bounce: every 5xx postscreen sends goes out as a 4xx (psc_send_reply: the code's and the enhanced
     code's first digit), the RCPT refusal logged so (psc_soften_reply)."""
