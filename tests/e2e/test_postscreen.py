@@ -487,6 +487,28 @@ async def test_a_denylisted_clients_second_connection_meets_the_dummy_engine_too
     assert sum(line.startswith("DENYLISTED") for line in screen_log()) == 2, screen_log()
 
 
+async def test_a_cached_client_denylisted_later_shares_no_cached_pass_with_its_second_connection(
+        mailflow_server, tmp_path, screen_log):
+    """A client denylisted under enforce is not looked up in the cache (psc_new_tests: every test new), so a second
+    connection during its first's greet wait shares nothing cached: it meets the teaser and the greet wait too."""
+    mf = await mailflow_server(smtpd=screen(greet_wait=0.2))
+    port = mf.smtp_addresses[0][1]
+    c = await SmtpClient.connect(port)
+    await c.cmd("QUIT")
+    await eventually(lambda: any(line.startswith("PASS NEW") for line in screen_log()))
+    table = tmp_path / "access.cidr"
+    table.write_text("127.0.0.0/8 reject\n")
+    settings = mf.config.model_dump()
+    await mf.reload(config_from_dict({**settings, "smtpd": {**settings["smtpd"], **screen(
+        greet_wait=1, access_list=[f"cidr:{table}"], denylist_action="enforce")}}))
+    first = await SmtpClient.connect(port, greet=False)
+    assert (await first.reader.readline()).startswith(b"220-")  # the teaser: in its greet wait
+    second = await SmtpClient.connect(port, greet=False)
+    assert (await asyncio.wait_for(second.reader.readline(), 3)).startswith(b"220-")  # not the engine's 220 at once
+    await first.close()
+    await second.close()
+
+
 async def test_beyond_the_screening_places_a_client_is_told_to_come_back(mailflow_server, screen_log):
     mf = await mailflow_server(smtpd=screen(greet_wait=3, pre_queue_limit=1))
     port = mf.smtp_addresses[0][1]

@@ -363,7 +363,8 @@ class Postscreen:
                 return Verdict.PASS
             if due is not None:  # (psc_parse_tests: only the expired tests run again)
                 state.due, state.known = due, self._cache.complete(client.ip, self._tests)
-        state.passes = _SharedPasses(self._shared.setdefault(client.ip, self._cache.entry(client.ip)))
+        seed = {} if state.failed else self._cache.entry(client.ip)  # (failed: psc_new_tests, the cache unread)
+        state.passes = _SharedPasses(self._shared.setdefault(client.ip, seed))
         if client.server_ip and not self._interfaces.contains(client.server_ip):  # (a table that fails: vetoed)
             log.info("ALLOWLIST VETO %s", client.where)
             state.vetoed = True
