@@ -555,8 +555,15 @@ def reject_tempfail_action(value: str) -> str:
     return action
 
 
+# postscreen_tls_security_level's levels Postfix's postscreen takes as encrypt, with a warning (psc_smtpd_init)
+_POSTSCREEN_ENCRYPT_LEVELS = ("secure", "verify", "fingerprint")
+
+
 def convert(name: str, key: str, value: str, notes: list[str]) -> object:
     """`value` (expanded) as mailflow's `key` takes it; Refused with the reason."""
+    if key == "smtpd.postscreen.tls_security_level" and value.lower() in _POSTSCREEN_ENCRYPT_LEVELS:
+        notes.append(f"{name} = {value} is encrypt, as Postfix's postscreen takes it (unsupported TLS level)")
+        return "encrypt"
     default = SETTING_TYPES[key]
     if isinstance(default, bool):
         if value.lower() not in ("yes", "no", "true", "false"):

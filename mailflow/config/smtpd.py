@@ -105,7 +105,7 @@ class PostscreenConfig(Section):
     # (a backup MX address) it is never handed to smtpd: `ALLOWLIST VETO`, then the dummy engine
     allowlist_interfaces: Networks = ("static:all",)
     # STARTTLS in the dummy engine (postscreen_tls_security_level; unset: smtpd's tls_security_level, as Postfix's
-    # default), with smtpd's certificate (none: not offered): may offers it, encrypt also answers anything but
+    # default), with smtpd's certificate (none: not offered; encrypt needs it): may offers it, encrypt also answers
     # HELO, EHLO, STARTTLS, NOOP and QUIT `530 5.7.0` before it; the deep tests go on over TLS
     tls_security_level: Literal["none", "may", "encrypt"] | None = None
     # the EHLO keywords the dummy engine leaves out (postscreen_discard_ehlo_keywords and
@@ -483,6 +483,8 @@ class SmtpdConfig(SmtpdFilterSettings):
         needs_cert = self.tls_security_level == "encrypt" or role == "submissions"
         if needs_cert and not self.tls_cert_file:
             return "needs tls_cert_file (TLS is required)"
+        if self.postscreen.tls_security_level == "encrypt" and not self.tls_cert_file:
+            return "postscreen.tls_security_level \"encrypt\" needs tls_cert_file (TLS is required before MAIL)"
         if self.tls_key_file and not self.tls_cert_file:
             return "tls_key_file needs tls_cert_file"
         if self.tls_ask_ccert and not self.tls_ca_file:

@@ -1022,8 +1022,17 @@ async def test_encrypt_requires_starttls_in_the_dummy_engine(mailflow_server, pk
     await c.close()
 
 
+def test_encrypt_without_a_certificate_is_a_config_error_naming_the_key(tmp_path):
+    """As smtpd's own encrypt: the screen cannot be passed in plaintext, so no certificate is no start (Postfix's
+    postscreen would answer every STARTTLS 454 and every MAIL 530)."""
+    with pytest.raises(ConfigError, match=r"mailflow\.toml: smtpd: postscreen\.tls_security_level \"encrypt\" needs "
+                                          r"tls_cert_file"):
+        config_from_dict({**base_settings(tmp_path), "smtpd": screen(tls_security_level="encrypt")},
+                         "mailflow.toml")
+
+
 async def test_no_certificate_no_starttls_in_the_dummy_engine(mailflow_server):
-    plain = await mailflow_server(smtpd=screen(**DEEP, tls_security_level="encrypt"))
+    plain = await mailflow_server(smtpd=screen(**DEEP, tls_security_level="may"))
     c = await SmtpClient.connect(plain.smtp_addresses[0][1])
     assert "STARTTLS" not in (await c.cmd("EHLO client.test")).text
     assert (await c.cmd("STARTTLS")).text == "502 5.5.1 Error: command not implemented"

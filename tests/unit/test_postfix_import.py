@@ -1128,17 +1128,41 @@ def test_the_lmtp_connection_cache_parameters_and_a_service_s_become_lmtp_settin
     assert doc["lmtp"]["services"]["dovecot"] == {"connection_cache_time_limit": "0s"}
 
 
+@pytest.mark.parametrize("level", ["secure", "verify", "fingerprint"])
+def test_postscreens_levels_beyond_encrypt_are_encrypt_as_postfix_takes_them(tmp_path, level):
+    """psc_smtpd_init: `unsupported TLS level "secure", using "encrypt"`; the import says so."""
+    pki = ClientPki(tmp_path)
+    main = write(tmp_path, "main.cf", f"postscreen_tls_security_level = {level}\n"
+                                      f"smtpd_tls_cert_file = {pki.server_cert}\nsmtpd_tls_key_file = {pki.server_cert}\n")
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert code == 0, err
+    assert checked(tmp_path / "mailflow.toml")["smtpd"]["postscreen"]["tls_security_level"] == "encrypt"
+    assert f"postscreen_tls_security_level = {level} is encrypt" in (tmp_path / "mailflow.toml").read_text()
+
+
+def test_postscreens_encrypt_without_a_certificate_is_left_out_and_said(tmp_path):
+    """mailflow refuses postscreen encrypt without smtpd's certificate (Postfix's would answer STARTTLS 454)."""
+    main = write(tmp_path, "main.cf", "postscreen_tls_security_level = encrypt\n")
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert "main.cf:1: postscreen_tls_security_level: mailflow refuses it: postscreen.tls_security_level " \
+           "\"encrypt\" needs tls_cert_file" in err, err
+    assert "tls_security_level" not in checked(tmp_path / "mailflow.toml").get("smtpd", {}).get("postscreen", {})
+
+
 @pytest.mark.parametrize("tls_lines, level", [
     ("postscreen_enforce_tls = yes\nsmtpd_use_tls = yes\n", "encrypt"),
     ("postscreen_use_tls = yes\n", "may"),
     ("postscreen_use_tls = no\nsmtpd_use_tls = yes\n", "none"),
     ("postscreen_use_tls = yes\nsmtpd_tls_security_level = none\n", None),  # (a level wins: smtpd's, inherited)
     ("postscreen_tls_security_level = encrypt\npostscreen_use_tls = no\n", "encrypt"),
+    ("postscreen_tls_security_level = secure\n", "encrypt"),  # (with Postfix's warning: see below)
 ])
 def test_postscreens_dummy_engine_settings_are_translated(tmp_path, tls_lines, level):
     """postscreen_discard_ehlo_keywords and its address maps, command filter and reject footer as they are;
     postscreen_use_tls and postscreen_enforce_tls (defaults: smtpd's) as Postfix 3.7 maps them to a level, only
     when no security level applies."""
+    pki = ClientPki(tmp_path)
+    tls_lines += f"smtpd_tls_cert_file = {pki.server_cert}\nsmtpd_tls_key_file = {pki.server_cert}\n"
     (tmp_path / "discards").write_text("127.0.0.3 dsn\n")
     (tmp_path / "commands").write_text("/^NOOP x$/ NOOP\n")
     main = write(tmp_path, "main.cf", f"postscreen_discard_ehlo_keywords = silent-discard, dsn\n"
