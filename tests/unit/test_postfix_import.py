@@ -1132,8 +1132,8 @@ def test_the_lmtp_connection_cache_parameters_and_a_service_s_become_lmtp_settin
 def test_postscreens_levels_beyond_encrypt_are_encrypt_as_postfix_takes_them(tmp_path, level):
     """psc_smtpd_init: `unsupported TLS level "secure", using "encrypt"`; the import says so."""
     pki = ClientPki(tmp_path)
-    main = write(tmp_path, "main.cf", f"postscreen_tls_security_level = {level}\n"
-                                      f"smtpd_tls_cert_file = {pki.server_cert}\nsmtpd_tls_key_file = {pki.server_cert}\n")
+    main = write(tmp_path, "main.cf", f"postscreen_tls_security_level = {level}\nsmtpd_tls_cert_file = "
+                                      f"{pki.server_cert}\nsmtpd_tls_key_file = {pki.server_cert}\n")
     code, err = run_import(main, None, tmp_path / "mailflow.toml")
     assert code == 0, err
     assert checked(tmp_path / "mailflow.toml")["smtpd"]["postscreen"]["tls_security_level"] == "encrypt"
