@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import ssl
 import time
 
 import pytest
@@ -14,6 +15,7 @@ from mailflow import status
 from mailflow.config import config_from_dict
 from mailflow.errors import ConfigError
 from tests.support import SmtpClient, eventually
+from tests.support.client_certs import ClientPki
 from tests.support.servers import base_settings
 
 ZONE = """
@@ -989,6 +991,26 @@ async def test_a_client_can_starttls_in_the_dummy_engine_and_is_still_screened(m
     again = await SmtpClient.connect(port)  # passed: smtpd's own greeting
     assert again.greeting.text == "220 mx.mailflow.test ESMTP mailflow"
     await again.close()
+
+
+async def test_tlsproxys_summary_says_whether_the_client_certificate_is_trusted(mailflow_server, tmp_path, caplog):
+    """tls_ask_ccert: tlsproxy's summary, as smtpd's, is `Trusted` for a client that sent a certificate the CA
+    file verifies (tls_misc.c's tls_log_summary), `Anonymous` only without one."""
+    caplog.set_level(logging.INFO, logger="mailflow.tlsproxy")
+    pki = ClientPki(tmp_path)
+    mf = await mailflow_server(smtpd={"tls_cert_file": pki.server_cert, "tls_ask_ccert": True,
+                                      "tls_ca_file": pki.ca_file, "tls_loglevel": 1, **screen(**DEEP)})
+    port = mf.smtp_addresses[0][1]
+    anonymous = ssl.create_default_context()
+    pki.ca.configure_trust(anonymous)
+    for context in (pki.client("trusted").context(pki), anonymous):
+        c = await SmtpClient.connect(port)
+        await c.starttls(context)
+        assert (await c.cmd("NOOP")).code == 250
+        await c.close()
+    summaries = [r.getMessage().split(" TLS ")[0] for r in caplog.records
+                 if r.name == "mailflow.tlsproxy" and " TLS connection established " in r.getMessage()]
+    assert summaries == ["Trusted", "Anonymous"], summaries
 
 
 async def test_a_failed_handshake_in_the_dummy_engine_is_a_hangup(mailflow_server, pki, caplog, screen_log):

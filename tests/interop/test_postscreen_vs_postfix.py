@@ -21,6 +21,7 @@ import time
 import pytest
 
 from tests.support import SmtpClient, free_port, postfix_instance
+from tests.support.client_certs import ClientPki
 
 pytestmark = pytest.mark.interop
 
@@ -326,6 +327,35 @@ async def test_starttls_in_the_dummy_engine_as_postfix(mailflow_server, caplog, 
     assert "250-STARTTLS" in ours[0] and "STARTTLS" not in ours[3]
     assert ours[5:7] == ["450 4.3.2 Service currently unavailable", "554 5.5.1 Error: TLS already active"]
     assert "postscreen: PASS NEW [127.0.0.1]:PORT" in our_log and "tlsproxy: DISCONNECT [127.0.0.1]:PORT" in our_log
+
+
+async def test_tlsproxys_summary_tells_a_trusted_client_certificate_as_postfix(mailflow_server, caplog, tmp_path):
+    """smtpd_tls_ask_ccert (tlsproxy's default) and tls_loglevel 1: a client that sends a certificate the CA file
+    verifies is `Trusted` in tlsproxy's summary (tls_log_summary), compared up to its bits (see
+    tests/interop/test_smtpd_tls_log_vs_postfix.py)."""
+    pki = ClientPki(tmp_path)
+    ctx = pki.client("trusted").context(pki)
+    caplog.set_level(logging.INFO, logger="mailflow.tlsproxy")
+    mf = await mailflow_server(smtpd={
+        "tls_cert_file": pki.server_cert, "tls_ask_ccert": True, "tls_ca_file": pki.ca_file, "tls_loglevel": 1,
+        "postscreen": {"enable": True, "access_list": [], "greet_wait": GREET_WAIT, "pipelining_enable": True}})
+    await tls_dialogue(mf.smtp_addresses[0][1], ctx)
+    ours = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.tlsproxy"])
+    port = free_port()
+    async with postfix_instance(main_cf={"myhostname": HOST, "postscreen_greet_wait": f"{GREET_WAIT}s",
+                                         "postscreen_access_list": "", "smtputf8_enable": "yes",
+                                         "postscreen_cache_map": "btree:$data_directory/postscreen_cache",
+                                         "postscreen_pipelining_enable": "yes", "smtpd_tls_security_level": "may",
+                                         "smtpd_tls_cert_file": pki.server_cert, "smtpd_tls_key_file": pki.server_cert,
+                                         "smtpd_tls_ask_ccert": "yes", "smtpd_tls_CAfile": pki.ca_file,
+                                         "smtpd_tls_loglevel": "1"},
+                                master_cf=postscreen_master_cf(port)) as pf:
+        await tls_dialogue(port, ctx)
+        await asyncio.sleep(0.3)
+        theirs = postscreen_lines(re.findall(r"/tlsproxy\[\d+\]: (.*)$", pf.maillog, re.M))
+    theirs = [re.sub(r"(bits\)).*", r"\1", line) for line in theirs]
+    assert ours == theirs
+    assert ours[1].startswith("Trusted TLS connection established from [127.0.0.1]:PORT: TLSv1.3 with cipher "), ours
 
 
 async def concurrent_dialogue(port: int) -> list[str]:

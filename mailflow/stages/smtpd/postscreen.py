@@ -105,7 +105,7 @@ from mailflow.dnsbl_sites import DnsblSite, parse_dnsbl_site
 from mailflow.dns import NotFound, failure_text
 from mailflow.ehlo_keywords import SILENT, discard_names, discard_set
 from mailflow.errors import LookupRetry
-from mailflow.logs import escaped, format_tv, printable
+from mailflow.logs import SmtpdLog, escaped, format_tv, printable
 from mailflow.message import starts_header_field
 from mailflow.reply_footer import POSTSCREEN_FOOTER_MACROS, footer_lines, postscreen_footer_values, unknown_macros
 from mailflow.stages.smtpd.anvil import Places
@@ -147,10 +147,10 @@ class Connection(Protocol):
 
     def hang_up(self) -> None: ...
 
-    async def tls_handshake(self, timeout: float) -> tuple[bool, str]:
-        """The server side of a TLS handshake with smtpd's certificate, within `timeout`: (True, `TLSv1.3 with
-        cipher … (n/n bits)`) once done, the connection then over TLS; (False, why, in tls_server.c's words) when
-        it failed (the connection is then over)."""
+    async def tls_handshake(self, timeout: float, client: str, lines: SmtpdLog | None) -> tuple[bool, str]:
+        """The server side of a TLS handshake with smtpd's certificate, within `timeout`: (True, "") once done, the
+        connection then over TLS, tls_misc.c's summary written to `lines` (None: not written) as `client`'s;
+        (False, why, in tls_server.c's words) when it failed (the connection is then over)."""
         ...
 
 
@@ -735,15 +735,14 @@ class Postscreen:
         handshake that fails ends the session as a hangup (ConnectionResetError), tlsproxy's lines logged."""
         dialogue.tls_wanted = False
         tls_log.info("CONNECT from %s", client.where)
-        done, detail = await conn.tls_handshake(self._command_time_limit)
+        summary = SmtpdLog(tls_log, service="tlsproxy") if self._engine.tls_loglevel >= 1 else None
+        done, problem = await conn.tls_handshake(self._command_time_limit, client.where, summary)
         if not done:
-            if detail:
-                tls_log.warning("TLS library problem: %s", detail)
+            if problem:
+                tls_log.warning("TLS library problem: %s", problem)
             tls_log.info("TLS handshake failed for service=smtpd peer=%s", client.where)
             tls_log.info("DISCONNECT %s", client.where)
             raise ConnectionResetError("the TLS handshake failed")
-        if self._engine.tls_loglevel >= 1:
-            tls_log.info("Anonymous TLS connection established from %s: %s", client.where, detail)
         dialogue.tls_started()
 
     def _line_tests(self, conn: Connection, state: _Screening, deep: "_DeepTests", line: bytes, *, bare: bool,
@@ -1081,8 +1080,8 @@ class _Replies:
     def hang_up(self) -> None:
         self._conn.hang_up()
 
-    async def tls_handshake(self, timeout: float) -> tuple[bool, str]:
-        return await self._conn.tls_handshake(timeout)
+    async def tls_handshake(self, timeout: float, client: str, lines: SmtpdLog | None) -> tuple[bool, str]:
+        return await self._conn.tls_handshake(timeout, client, lines)
 
 
 def _logged(address: str) -> str:

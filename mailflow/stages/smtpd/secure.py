@@ -59,10 +59,11 @@ from aiosmtpd.smtp import MISSING, TLSSetupException
 from mailflow import status
 from mailflow.config import DEFAULTS
 from mailflow.errors import LookupRetry, detached, tls_failure
+from mailflow.logs import SmtpdLog
 from mailflow.stages.smtpd.auth import Authenticator, SenderLogins, login_of
 from mailflow.stages.smtpd.frontends import FrontEndCommands
 from mailflow.stages.smtpd.protocol import UnknownEhloFeature
-from mailflow.stages.smtpd.tls import client_cert
+from mailflow.stages.smtpd.tls import ClientCert, client_cert
 from mailflow.tables.networks import NetworkList
 from mailflow.syntax import ascii_upper
 from mailflow.stages.smtpd.wire import WireError
@@ -84,6 +85,14 @@ def decode_base64(blob: bytes) -> bytes | None:
         return base64.b64decode(blob, validate=True)
     except binascii.Error:
         return None
+
+
+def log_tls_summary(lines: SmtpdLog, client: str, ssl_object: ssl.SSLObject, cert: ClientCert | None) -> None:
+    """tls_misc.c's summary of a server handshake done: `Anonymous` (no client certificate), `Trusted` or
+    `Untrusted` (one, verified or not) `TLS connection established from client: TLSv1.3 with cipher … (n/n bits)`."""
+    name, version, bits = ssl_object.cipher() or ("", "", 0)
+    trust = "Anonymous" if cert is None else "Trusted" if cert.trusted else "Untrusted"
+    lines.tls_established(client, ssl_object.version() or version, name, bits or 0, trust)
 
 
 def handshake_failure(error: BaseException) -> tuple[str, str]:
@@ -231,11 +240,7 @@ class SecureCommands(FrontEndCommands):
         ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
         if ssl_object is None or self._tls_loglevel < 1:
             return
-        name, version, bits = ssl_object.cipher() or ("", "", 0)
-        cert = self.session.client_cert
-        trust = "Anonymous" if cert is None else "Trusted" if cert.trusted else "Untrusted"
-        self.record.lines.tls_established(self.session.client, ssl_object.version() or version, name, bits or 0,
-                                          trust)
+        log_tls_summary(self.record.lines, self.session.client, ssl_object, self.session.client_cert)
 
     # --- AUTH ---------------------------------------------------------------------------------------------
 

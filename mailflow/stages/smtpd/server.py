@@ -72,6 +72,7 @@ from mailflow.clock import Clock, SystemClock
 from mailflow.config import Config, SmtpdConfig
 from mailflow.errors import ConfigError, os_reason
 from mailflow.listening import Listening, listen
+from mailflow.logs import SmtpdLog
 from mailflow.stages.smtpd.anvil import EVENT_LIMITS, Anvil, Places, SessionSlots
 from mailflow.stages.smtpd.auth import (Authenticator, Backend, DovecotBackend, FailureCounter, PasswordHasher,
                                         SenderLogins, TableBackend, is_loopback)
@@ -80,9 +81,9 @@ from mailflow.stages.smtpd.frontends import FrontEnds
 from mailflow.stages.smtpd.handler import SmtpdHandler
 from mailflow.stages.smtpd.ehlo_discards import EhloDiscards
 from mailflow.stages.smtpd.postscreen import Client, EngineTraits, PassCache, Postscreen, Verdict
-from mailflow.stages.smtpd.secure import handshake_failure
+from mailflow.stages.smtpd.secure import handshake_failure, log_tls_summary
 from mailflow.stages.smtpd.session import ProtocolLimits, SmtpSession
-from mailflow.stages.smtpd.tls import ServerTls
+from mailflow.stages.smtpd.tls import ServerTls, client_cert
 from mailflow.stages.smtpd.transcript import SessionObserver
 from mailflow.syntax import parse_hostport
 from mailflow.tables import Table, TableCache
@@ -166,10 +167,11 @@ class ListenerSession(SmtpSession):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(text.encode("utf-8", "replace"))  # type: ignore[attr-defined]
 
-    async def tls_handshake(self, timeout: float) -> tuple[bool, str]:
+    async def tls_handshake(self, timeout: float, client: str, lines: SmtpdLog | None) -> tuple[bool, str]:
         """postscreen's STARTTLS (Postfix's tlsproxy): the handshake with the listener's certificate within
-        `timeout`, smtpd's command deadline kept off (the screen has its own): (True, `TLSv1.3 with cipher … (n/n
-        bits)`) once done; (False, the TLS library's problem, "" when none) when it failed."""
+        `timeout`, smtpd's command deadline kept off (the screen has its own): (True, "") once done, its summary
+        written to `lines` as `client`'s (None: not written), with the client certificate's trust; (False, the TLS
+        library's problem, "" when none) when it failed."""
         if self._certificate is None:
             return False, ""
         try:
@@ -179,9 +181,9 @@ class ListenerSession(SmtpSession):
         finally:
             self._no_deadline()
         ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
-        name, version, bits = (ssl_object.cipher() if ssl_object is not None else None) or ("", "", 0)
-        return True, f"{ssl_object.version() if ssl_object is not None else version} with cipher {name} " \
-                     f"({bits}/{bits} bits)"
+        if lines is not None and ssl_object is not None:
+            log_tls_summary(lines, client, ssl_object, client_cert(ssl_object, self._fingerprint_digest, client))
+        return True, ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         connecting = self.transport is None
