@@ -6,6 +6,8 @@
                                    when it logs nothing
     discard_names(discarded) -> `8BITMIME AUTH ...`: the names in Postfix's order and spelling
     keyword_name(line_text) -> the lower-case keyword of an EHLO reply line's text (`SIZE 1000` -> `size`)
+    address_discards(maps, ip) -> the keywords discard_ehlo_keyword_address_maps (opened) give the client's address
+                                   (unknown words skipped), None: no answer; LookupRetry passes (postscreen's)
     discards_for(maps, ip, default, logger=) -> (keywords, failed): the keywords discard_ehlo_keyword_address_maps
                                    (opened) give the client's address (unknown words skipped, as Postfix's
                                    ehlo_mask), else `default`; `failed` when a table could not answer (logged to
@@ -79,14 +81,22 @@ def keyword_name(text: str) -> str:
     return text.split(" ", 1)[0].lower()
 
 
+def address_discards(maps: list[Table], ip: str) -> frozenset[str] | None:
+    """See the module doc: the maps' keywords for the address, None when none answers (a blocking table waits
+    here: call it off the event loop)."""
+    found = find(maps, [ip])
+    return None if found is None else discard_set([found[2]], ignore_unknown=True)
+
+
 def discards_for(maps: list[Table], ip: str, default: frozenset[str], *,
                  logger: logging.Logger | logging.LoggerAdapter = log) -> tuple[frozenset[str], bool]:
-    """See the module doc: the maps asked the address (a blocking table waits here: call it off the event loop)."""
+    """See the module doc: address_discards, else `default` (a blocking table waits here: call it off the event
+    loop)."""
     if not maps:
         return default, False
     try:
-        found = find(maps, [ip])
+        words = address_discards(maps, ip)
     except LookupRetry as e:
         logger.warning("discard_ehlo_keyword_address_maps: %s: %s", ip, e.reason)
         return default, True
-    return (default, False) if found is None else (discard_set([found[2]], ignore_unknown=True), False)
+    return (default if words is None else words), False

@@ -103,15 +103,16 @@ from mailflow.clock import Clock
 from mailflow.config.smtpd import SMTPD_BANNER, PostscreenConfig, SmtpdConfig
 from mailflow.dnsbl_sites import DnsblSite, parse_dnsbl_site
 from mailflow.dns import NotFound, failure_text
-from mailflow.ehlo_keywords import SILENT, discard_names, discard_set
+from mailflow.ehlo_keywords import SILENT, address_discards, discard_names
 from mailflow.errors import LookupRetry
 from mailflow.logs import SmtpdLog, escaped, format_tv, printable
 from mailflow.message import starts_header_field
 from mailflow.reply_footer import POSTSCREEN_FOOTER_MACROS, footer_lines, postscreen_footer_values, unknown_macros
 from mailflow.stages.smtpd.anvil import Places
+from mailflow.stages.smtpd.command_filter import replacement
 from mailflow.stages.smtpd.dns_checks import rbl_query_name
 from mailflow.stages.smtpd.wire import Wire, WireError
-from mailflow.tables import TableCache, find
+from mailflow.tables import TableCache
 from mailflow.tables.networks import NetworkList
 
 log = logging.getLogger("mailflow.postscreen")
@@ -661,13 +662,12 @@ class Postscreen:
         if not self._discard_maps:
             return default, False
         try:
-            found = await self._table_cache.run(find, self._discard_maps, [ip])
+            words = await self._table_cache.run(address_discards, self._discard_maps, ip)
         except LookupRetry as e:
             log.warning("postscreen_discard_ehlo_keyword_address_maps lookup error for %s: %s", ip, e.reason)
             return default, False
-        if found is None:
+        if words is None:
             return default, False
-        words = discard_set([found[2]], ignore_unknown=True)
         return words, words != default
 
     async def _next_command(self, conn: Connection, state: _Screening, deep: "_DeepTests",
@@ -717,17 +717,15 @@ class Postscreen:
             key = line.lstrip(b" \t").decode("utf-8")
         except UnicodeDecodeError:
             return line
-        for table in self._command_filter:
-            try:
-                value = await self._table_cache.run(table.lookup, key)
-            except LookupRetry as e:
-                log.warning("%s lookup error for \"%s\": %s", table.name, printable(key)[:QUOTED], e.reason)
-                return None
-            if value is not None:
-                log.info('%s: replacing command "%s" with "%s"', client.where,
-                         printable(line.decode("utf-8"))[:QUOTED], printable(value)[:QUOTED])
-                return value.encode("utf-8")
-        return line
+        value, failure = await replacement(self._command_filter, key, self._table_cache.run)
+        if failure is not None:
+            log.warning("%s lookup error for \"%s\": %s", failure[0], printable(key)[:QUOTED], failure[1].reason)
+            return None
+        if value is None:
+            return line
+        log.info('%s: replacing command "%s" with "%s"', client.where, printable(line.decode("utf-8"))[:QUOTED],
+                 printable(value)[:QUOTED])
+        return value.encode("utf-8")
 
     async def _start_tls(self, conn: Connection, client: Client, dialogue: "_Dummy") -> None:
         """STARTTLS answered 220: the handshake, as Postfix's tlsproxy does it for postscreen (with smtpd's

@@ -88,9 +88,9 @@ from mailflow import address, status
 from mailflow.config import DEFAULTS
 from mailflow.ehlo_keywords import discard_log_text, keyword_name
 from mailflow.reply_footer import FooterClient, footer_lines, footer_values
-from mailflow.errors import LookupRetry
 from mailflow.junk_commands import JunkCount
 from mailflow.session_log import SessionLog
+from mailflow.stages.smtpd.command_filter import replacement
 from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction, helo_name
 from mailflow.stages.smtpd.transcript import SessionObserver, Transcript, tls_description
 from mailflow.stages.smtpd.wire import CHUNK, Wire, WireError
@@ -686,20 +686,17 @@ class ProtocolCore(SMTP):
         """Postfix's smtpd_command_filter: the line (leading blanks skipped) looked up, a value in its place, logged.
         None: the table could not answer; 421 4.3.0 has been sent and the session ends (Postfix's SMTP_ERR_DATA)."""
         key = line.lstrip(b" \t").decode("utf-8", "replace")
-        run = self.command_filter_run
-        for table in self.command_filter:
-            try:
-                value = await run(table.lookup, key) if run is not None else table.lookup(key)
-            except LookupRetry:
-                refusal = status.local_data_error(self.hostname)
-                self.record.lines.command_filter_failed(self.envelope.queue_id, table.name, key, self.record.where,
-                                                        self.session.client, str(refusal))
-                await self._refuse_and_close(refusal)
-                return None
-            if value is not None:
-                self.record.lines.command_replaced(self.session.client, line.decode("utf-8", "replace"), value)
-                return value.encode("utf-8")
-        return line
+        value, failure = await replacement(self.command_filter, key, self.command_filter_run)
+        if failure is not None:
+            refusal = status.local_data_error(self.hostname)
+            self.record.lines.command_filter_failed(self.envelope.queue_id, failure[0], key, self.record.where,
+                                                    self.session.client, str(refusal))
+            await self._refuse_and_close(refusal)
+            return None
+        if value is None:
+            return line
+        self.record.lines.command_replaced(self.session.client, line.decode("utf-8", "replace"), value)
+        return value.encode("utf-8")
 
     def _not_smtp(self, command: str) -> bool:
         """Postfix's smtpd_forbid_cmds, and its rules for a command that looks like a message header or does not
