@@ -2,10 +2,10 @@
 
     check_local_macros(template)            raises ValueError naming an unknown macro or a stray '$'
     expand_local_macros(template, values)   the template with its macros replaced
-    check_macros(template, known), expand_macros(template, values)   the same for another set of names (smtpd's
-                                            reject footer, mailflow.reply_footer; the DNS lists' replies,
-                                            mailflow.rbl_reply)
-    macro_names(template)                   the names its macros use (postscreen's footer: those it does not know)
+    check_macros(template, known), expand_macros(template, values, missing=None)   the same for another set of
+                                            names (smtpd's reject footer, mailflow.reply_footer; the DNS lists'
+                                            replies, mailflow.rbl_reply); `missing(name)` told of each name without
+                                            a value as it is looked up
 
 Macros (LOCAL_MACROS): $user (the local part without its extension), $local and $mailbox (the local part),
 $extension (without the delimiter), $recipient_delimiter, $domain, $recipient (the whole address), $home and
@@ -80,36 +80,27 @@ def check_macros(template: str, known: tuple[str, ...]) -> str:
     return template
 
 
-def macro_names(template: str) -> list[str]:
-    """The names of the macros in `template`, conditional texts and compared sides included, in order (a
-    malformed macro raises ValueError)."""
-    names: list[str] = []
-
-    def collect(macro: Macro) -> str:
-        if macro.name is not None:
-            names.append(macro.name)
-        for text in macro.templates():
-            names.extend(macro_names(text))
-        return ""
-    _walk(template, collect)
-    return names
-
-
-def expand_macros(template: str, values: dict[str, str]) -> str:
-    """`expand_local_macros` for any set of names."""
+def expand_macros(template: str, values: dict[str, str], missing: Callable[[str], None] | None = None) -> str:
+    """`expand_local_macros` for any set of names; `missing(name)` told of each name not in `values` as it is
+    looked up (a conditional text only when it is chosen, as mac_expand's lookups)."""
     def expand(macro: Macro) -> str:
-        value = values.get(macro.name, "") if macro.name is not None else _related(macro.relation, values)
+        if macro.name is not None and missing is not None and macro.name not in values:
+            missing(macro.name)
+        value = (values.get(macro.name, "") if macro.name is not None
+                 else _related(macro.relation, values, missing))
         if macro.if_true is None and macro.if_false is None:
             return value
         chosen = macro.if_true if value else macro.if_false
-        return "" if chosen is None else expand_macros(chosen, values)
+        return "" if chosen is None else expand_macros(chosen, values, missing)
     return _walk(template, expand)
 
 
-def _related(relation: tuple[str, str, str] | None, values: dict[str, str]) -> str:
+def _related(relation: tuple[str, str, str] | None, values: dict[str, str],
+             missing: Callable[[str], None] | None = None) -> str:
     """TRUE when the relation holds between its two sides expanded, else "" (mac_exp_eval)."""
     assert relation is not None
-    left, operator, right = expand_macros(relation[0], values), relation[1], expand_macros(relation[2], values)
+    left, operator, right = (expand_macros(relation[0], values, missing), relation[1],
+                             expand_macros(relation[2], values, missing))
     if _all_digits(left) and _all_digits(right):
         delta = int(left) - int(right)
     else:

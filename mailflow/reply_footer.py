@@ -4,16 +4,16 @@
     check_footer(template, macros=FOOTER_MACROS)   the template, or ValueError (a macro not in `macros`, a malformed
                                    one, a control character, one that is not ASCII: a reply is ASCII, RFC 5321 4.2)
     POSTSCREEN_FOOTER_MACROS       the ones postscreen's footer knows (psc_expand_lookup)
-    footer_lines(template, values) -> (continues, lines): the template cut at each `\\n` (backslash, n: main.cf's
-                                   spelling; a real line break counts as one too), each piece expanded with
-                                   `values`; `continues` when it began with `\\c` (its first piece goes at the end
-                                   of the reply's last line, not on a line of its own)
+    footer_lines(template, values, missing=None) -> (continues, lines): the template cut at each `\\n` (backslash,
+                                   n: main.cf's spelling; a real line break counts as one too), each piece expanded
+                                   with `values`; `continues` when it began with `\\c` (its first piece goes at the
+                                   end of the reply's last line, not on a line of its own); `missing(name)` told of
+                                   each macro without a value as the expansion looks it up (postscreen warns)
     address_values(prefix, addr)   $sender, $sender_name, $sender_domain (or recipient's) as Postfix gives them
     footer_values(server_name, sender, recipient, client)
                                    every macro's value now, as Postfix's smtpd_expand_lookup gives them (`client`:
                                    FooterClient, None before there is one): smtpd's and sendmail -bs's one list
     postscreen_footer_values(server_name, client_address, client_port)   postscreen's (psc_expand_lookup)
-    unknown_macros(template, known) the names of its macros not in `known` (postscreen warns of each at each reply)
     expansion_filtered(values)     the macros' values as Postfix's smtpd_expand_filter lets them through (its
                                    default: a character other than a tab or printable ASCII becomes `_`)
 
@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import re
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
-from mailflow.local_macros import check_macros, expand_macros, macro_names
+from mailflow.local_macros import check_macros, expand_macros
 
 FOOTER_MACROS = ("server_name", "client", "client_address", "client_port", "client_name", "reverse_client_name",
                  "helo_name", "sender", "sender_name", "sender_domain", "recipient", "recipient_name",
@@ -53,11 +53,12 @@ def check_footer(template: str, macros: tuple[str, ...] = FOOTER_MACROS) -> str:
     return template
 
 
-def footer_lines(template: str, values: dict[str, str]) -> tuple[bool, list[str]]:
+def footer_lines(template: str, values: dict[str, str],
+                 missing: Callable[[str], None] | None = None) -> tuple[bool, list[str]]:
     """(continues, the footer's lines expanded); see the module doc."""
     filtered = expansion_filtered(values)
     continues, pieces = _pieces(template)
-    return continues, [expand_macros(piece, filtered) for piece in pieces]
+    return continues, [expand_macros(piece, filtered, missing) for piece in pieces]
 
 
 def expansion_filtered(values: dict[str, str]) -> dict[str, str]:
@@ -84,12 +85,6 @@ class FooterClient(NamedTuple):
     port: str
     name: str
     helo: str
-
-
-def unknown_macros(template: str, known: tuple[str, ...]) -> list[str]:
-    """The macros of a checked template that are not in `known`, each time one is used (smtpd's footer as
-    postscreen's, which expands them to nothing with a warning)."""
-    return [name for piece in _pieces(template)[1] for name in macro_names(piece) if name not in known]
 
 
 def postscreen_footer_values(server_name: str, client_address: str, client_port: str) -> dict[str, str]:

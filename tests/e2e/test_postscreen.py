@@ -1081,6 +1081,20 @@ async def test_smtpds_footer_goes_under_postscreens_refusals_its_other_macros_em
     assert 'unknown macro name "helo_name" in expansion request' in screen_log()  # (Postfix's warning)
 
 
+async def test_only_the_macros_the_footer_expansion_looks_up_are_warned_of(mailflow_server, screen_log):
+    """psc_expand_lookup warns of a macro it does not know when mac_expand looks it up: a conditional text that is
+    not chosen is not expanded, so its macros get no warning."""
+    footer = "Ask ${helo_name?x $sender} ${client_port:$recipient} ${client_address?$reverse_client_name}"
+    mf = await mailflow_server(smtpd={"reject_footer": footer, **screen(greet_wait=2, greet_action="drop")})
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1], greet=False)
+    await c.reader.readline()
+    await c.send(b"EHLO early.test\r\n")
+    assert (await c.reply()).text == "521-5.5.1 Protocol error\n521 5.5.1 Ask   "
+    assert [line for line in screen_log() if line.startswith("unknown macro")] == [
+        'unknown macro name "helo_name" in expansion request',
+        'unknown macro name "reverse_client_name" in expansion request']
+
+
 async def test_a_discarded_starttls_is_refused_only_after_ehlo(mailflow_server, pki):
     """Postfix 3.7.11's dummy engine applies its EHLO discard mask from the EHLO on (it starts as 0): STARTTLS
     discarded still works after HELO alone, and is 502 after EHLO."""

@@ -276,6 +276,25 @@ async def test_the_dummy_engines_ehlo_discards_command_filter_and_footer_as_post
     assert b"250-DSN" not in ehlo and b"250-ETRN" not in ehlo and b"250-STARTTLS" in ehlo
 
 
+async def test_the_footer_warns_of_the_unknown_macros_it_looks_up_as_postfix(mailflow_server, caplog):
+    """smtpd's footer under postscreen's refusals (postscreen_reject_footer's default): psc_expand_lookup warns of a
+    macro it does not know as mac_expand looks it up, so not of one in a conditional text left out."""
+    footer = "Ask ${helo_name?x $sender} ${client_port:$recipient} ${client_address?$reverse_client_name}"
+    clients = [("127.0.0.2", [b"GET / HTTP/1.0\r\n"])]
+    caplog.set_level(logging.INFO, logger="mailflow.postscreen")
+    mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "reject_footer": footer,
+                                      "postscreen": {"enable": True, "access_list": [], "greet_wait": GREET_WAIT,
+                                                     "non_smtp_command_enable": True}})
+    ours = await deep_dialogue(mf.smtp_addresses[0][1], clients)
+    our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
+    theirs, their_log = await postfix_deep_dialogue({"postscreen_non_smtp_command_enable": "yes",
+                                                     "smtpd_reject_footer": footer}, clients)
+    assert ours == theirs
+    assert our_log == [line.removeprefix("warning: ") for line in their_log], (our_log, their_log)
+    assert 'unknown macro name "helo_name" in expansion request' in our_log, our_log
+    assert not any('"sender"' in line or '"recipient"' in line for line in our_log), our_log
+
+
 async def tls_dialogue(port: int, ctx) -> list[str]:
     """A client that starts TLS in the dummy engine before its RCPT, then comes back: what it reads."""
     seen = []

@@ -107,7 +107,7 @@ from mailflow.ehlo_keywords import SILENT, address_discards, discard_names
 from mailflow.errors import LookupRetry
 from mailflow.logs import SmtpdLog, escaped, format_tv, printable
 from mailflow.message import starts_header_field
-from mailflow.reply_footer import POSTSCREEN_FOOTER_MACROS, footer_lines, postscreen_footer_values, unknown_macros
+from mailflow.reply_footer import footer_lines, postscreen_footer_values
 from mailflow.stages.smtpd.anvil import Places
 from mailflow.stages.smtpd.command_filter import replacement
 from mailflow.stages.smtpd.dns_checks import rbl_query_name
@@ -1060,7 +1060,6 @@ class _Replies:
         self._soft_bounce = soft_bounce
         self._template = template
         self._values = values
-        self._unknown = unknown_macros(template, POSTSCREEN_FOOTER_MACROS)  # (smtpd's footer's other macros)
 
     @property
     def wire(self) -> Wire:
@@ -1070,9 +1069,8 @@ class _Replies:
         if self._soft_bounce:
             text = status.soft_bounced(text)
         if self._template and text[:1] in ("4", "5"):
-            for name in self._unknown:  # (psc_expand_lookup's warning, at each expansion)
-                log.warning('unknown macro name "%s" in expansion request', name)
-            text = status.with_footer(text.removesuffix("\r\n"), *footer_lines(self._template, self._values())) + "\r\n"
+            footer = footer_lines(self._template, self._values(), _unknown_macro)
+            text = status.with_footer(text.removesuffix("\r\n"), *footer) + "\r\n"
         self._conn.send(text)
 
     def hang_up(self) -> None:
@@ -1080,6 +1078,11 @@ class _Replies:
 
     async def tls_handshake(self, timeout: float, client: str, lines: SmtpdLog | None) -> tuple[bool, str]:
         return await self._conn.tls_handshake(timeout, client, lines)
+
+
+def _unknown_macro(name: str) -> None:
+    """psc_expand_lookup's warning for a macro it does not know (smtpd's footer's others), as it is looked up."""
+    log.warning('unknown macro name "%s" in expansion request', name)
 
 
 def _logged(address: str) -> str:
