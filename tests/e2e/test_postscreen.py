@@ -1013,6 +1013,23 @@ async def test_tlsproxys_summary_says_whether_the_client_certificate_is_trusted(
     assert summaries == ["Trusted", "Anonymous"], summaries
 
 
+async def test_plaintext_sent_after_starttls_is_discarded_in_the_dummy_engine(mailflow_server, pki, screen_log):
+    """A command pipelined after STARTTLS in plaintext is thrown away, not run over TLS (Postfix's
+    psc_starttls_finish: vstream_fpurge(..., VSTREAM_PURGE_BOTH)); the pipelining test still sees it."""
+    _, cert, ctx = pki
+    mf = await mailflow_server(smtpd={"tls_cert_file": cert, **screen(**DEEP, pipelining_action="ignore")})
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("EHLO client.test")).code == 250
+    await c.send(b"STARTTLS\r\nMAIL FROM:<injected@evil.test>\r\n")
+    assert (await c.reply()).code == 220
+    await c.writer.start_tls(ctx, server_hostname="localhost")
+    assert await c.cmd("RCPT TO:<alice@local.test>") == status.NEED_MAIL  # (no MAIL ran)
+    assert (await c.cmd("NOOP")).code == 250
+    await c.close()
+    assert any(re.fullmatch(rf"COMMAND PIPELINING from {WHERE} after STARTTLS: MAIL FROM:<injected@evil\.test>\\r\\n",
+                            line) for line in screen_log()), screen_log()
+
+
 async def test_a_failed_handshake_in_the_dummy_engine_is_a_hangup(mailflow_server, pki, caplog, screen_log):
     caplog.set_level(logging.INFO, logger="mailflow.tlsproxy")
     _, cert, _ = pki
