@@ -228,6 +228,25 @@ async def test_dnsbl_drop_refuses_in_place_of_the_greeting(mailflow_server, dns_
     assert any(line.startswith("DNSBL rank 1 for [127.0.0.1]:") for line in screen_log())
 
 
+async def test_soft_bounce_softens_the_pregreet_and_dnsbl_drops(mailflow_server, dns_zone, tmp_path):
+    """soft_bounce (psc_send_reply): the pregreet drop's 521 and the DNSBL drop's 521 go out as 421 (the code's and
+    the enhanced code's first digit), as every 5xx postscreen sends."""
+    nameserver = dns_zone(ZONE)
+    mf = await mailflow_server(soft_bounce=True, dns={"nameservers": [nameserver]},
+                               smtpd=screen(dnsbl_sites=["bl.test"], dnsbl_action="drop"))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1], greet=False)
+    assert (await c.reply()).text == ("220-mx.mailflow.test ESMTP mailflow\n"
+                                      "421 4.7.1 Service unavailable; client [127.0.0.1] blocked using bl.test")
+    assert await c.closed()
+    await mf.stop()
+    mf = await mailflow_server(soft_bounce=True, smtpd=screen(greet_wait=2, greet_action="drop"))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1], greet=False)
+    await c.reader.readline()
+    await c.send(b"EHLO zombie.test\r\n")
+    assert (await c.reply()).text == "421 4.5.1 Protocol error"
+    assert await c.closed()
+
+
 async def test_a_negative_score_allowlists_and_ends_the_wait(mailflow_server, dns_zone, screen_log):
     nameserver = dns_zone(ZONE)
     mf = await mailflow_server(dns={"nameservers": [nameserver]},
