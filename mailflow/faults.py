@@ -4,7 +4,7 @@ What it owns: how long a failing piece of work waits before its next try, and ho
 
 - `Backoff(first, cap)`: `failed() -> seconds` doubles from `first` up to `cap`; `succeeded()` starts over.
 - `FailureLog(logger, what, clock, interval)`: a failing job's voice. The first failure of a run is logged at
-  once with the real error (a traceback only for an error that is not an I/O or store error, i.e. a probable
+  once with the real error (a traceback only for an error that is not an I/O, store or table error, i.e. a probable
   bug); later ones are counted and told once per `interval` with the count; the first success after failures
   says so. A fault costs a few lines a minute, never one per turn of a loop.
 - `Guard(what, clock, logger)`: one periodic chore of a loop (a scan, a poll, a snapshot). `await run(fn)`
@@ -31,20 +31,22 @@ import sqlite3
 from typing import Awaitable, Callable, TypeVar
 
 from mailflow.clock import Clock
+from mailflow.errors import LookupRetry
 
 T = TypeVar("T")
 
 FIRST_DELAY = 0.5  # seconds before the first retry
 MAX_DELAY = 10.0  # the cap: a fault that clears is noticed within this long
 REPORT_INTERVAL = 60.0  # a repeating failure is told once per this many seconds
-EXPECTED = (sqlite3.Error, OSError, asyncio.TimeoutError)  # faults of the world, not of the code: no traceback
+# faults of the world, not of the code (a table that cannot answer too): no traceback
+EXPECTED = (sqlite3.Error, OSError, asyncio.TimeoutError, LookupRetry)
 IN_LINE = math.inf  # a Retrier's caller waiting for another's probe, not for a time of its own
 
 
 def describe(error: BaseException) -> str:
     """The error as an operator needs it: SQLite's own words and code ("database or disk is full (SQLITE_FULL)")."""
     code = getattr(error, "sqlite_errorname", "")
-    text = str(error) or type(error).__name__
+    text = error.reason if isinstance(error, LookupRetry) else str(error) or type(error).__name__
     return f"{text} ({code})" if code else text
 
 

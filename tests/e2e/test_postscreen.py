@@ -1131,6 +1131,23 @@ async def test_only_the_macros_the_footer_expansion_looks_up_are_warned_of(mailf
         'unknown macro name "reverse_client_name" in expansion request']
 
 
+async def test_a_table_that_cannot_answer_is_told_once_a_minute_not_per_client(mailflow_server, caplog, screen_log):
+    """postscreen_command_filter and the EHLO discard maps failing: every client still gets its 421 (the filter) or
+    the default keywords (the maps), but the failure is logged once with a count a minute later (faults.FailureLog),
+    not once per client."""
+    caplog.set_level(logging.INFO, logger="mailflow.postscreen")
+    mf = await mailflow_server(smtpd=screen(**DEEP, command_filter=["fail:filter"],
+                                            discard_ehlo_keyword_address_maps=["fail:maps"]))
+    for _ in range(3):
+        c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+        assert (await c.cmd("EHLO client.test")).text == "421 mx.mailflow.test Service unavailable - try again later"
+        assert await c.closed()
+    await eventually(lambda: sum(line.startswith("DISCONNECT") for line in screen_log()) == 3)
+    failed = [r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen" and "failed" in r.getMessage()]
+    assert [line.split(": ")[0] for line in failed] == ["postscreen_discard_ehlo_keyword_address_maps lookup failed",
+                                                        "postscreen_command_filter fail:filter lookup failed"], failed
+
+
 async def test_a_discarded_starttls_is_refused_only_after_ehlo(mailflow_server, pki):
     """Postfix 3.7.11's dummy engine applies its EHLO discard mask from the EHLO on (it starts as 0): STARTTLS
     discarded still works after HELO alone, and is 502 after EHLO."""

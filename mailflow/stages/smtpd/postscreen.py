@@ -105,6 +105,7 @@ from mailflow.dnsbl_sites import DnsblSite, parse_dnsbl_site
 from mailflow.dns import NotFound, failure_text
 from mailflow.ehlo_keywords import SILENT, address_discards, discard_names
 from mailflow.errors import LookupRetry
+from mailflow.faults import FailureLog
 from mailflow.logs import SmtpdLog, escaped, format_tv, printable
 from mailflow.message import starts_header_field
 from mailflow.reply_footer import footer_lines, postscreen_footer_values
@@ -318,6 +319,10 @@ class Postscreen:
         self._engine = engine or EngineTraits()
         self._discard_maps = tables.open(list(self._engine.discard_ehlo_keyword_address_maps))
         self._command_filter = tables.open(list(config.command_filter))
+        # a table that cannot answer: told once per minute with a count, not once per client (faults.FailureLog)
+        self._discard_failures = FailureLog(log, "postscreen_discard_ehlo_keyword_address_maps lookup", clock)
+        self._filter_failures = {table.name: FailureLog(log, f"postscreen_command_filter {table.name} lookup", clock)
+                                 for table in self._command_filter}
 
     async def screen(self, conn: Connection, client: Client) -> Verdict:
         log.info("CONNECT from %s to [%s]:%s", client.where, client.server_ip, client.server_port)
@@ -657,15 +662,17 @@ class Postscreen:
     async def _ehlo_discards(self, ip: str) -> tuple[frozenset[str], bool]:
         """The EHLO keywords the client's dummy session leaves out: the address maps' answer (True: it differs from
         postscreen_discard_ehlo_keywords, so each EHLO logs it, as psc_ehlo_cmd), else those. A map that cannot
-        answer: the default, with a warning (Postfix's postscreen stops there)."""
+        answer: the default, told once a minute with a count (faults.FailureLog; Postfix's postscreen stops
+        there)."""
         default = self._engine.discard_ehlo_keywords
         if not self._discard_maps:
             return default, False
         try:
             words = await self._table_cache.run(address_discards, self._discard_maps, ip)
         except LookupRetry as e:
-            log.warning("postscreen_discard_ehlo_keyword_address_maps lookup error for %s: %s", ip, e.reason)
+            self._discard_failures.failed(e)
             return default, False
+        self._discard_failures.succeeded()
         if words is None:
             return default, False
         return words, words != default
@@ -711,16 +718,18 @@ class Postscreen:
 
     async def _filtered_command(self, client: Client, line: bytes) -> bytes | None:
         """postscreen_command_filter: the line (leading blanks skipped; not when it is not UTF-8) looked up, a value
-        in its place, logged as psc_smtpd_read_event; None when the table could not answer (Postfix's postscreen
-        stops: the client gets the 421 and the end)."""
+        in its place, logged as psc_smtpd_read_event; None when the table could not answer (told once a minute
+        with a count: faults.FailureLog; Postfix's postscreen stops: the client gets the 421 and the end)."""
         try:
             key = line.lstrip(b" \t").decode("utf-8")
         except UnicodeDecodeError:
             return line
         value, failure = await replacement(self._command_filter, key, self._table_cache.run)
         if failure is not None:
-            log.warning("%s lookup error for \"%s\": %s", failure[0], printable(key)[:QUOTED], failure[1].reason)
+            self._filter_failures[failure[0]].failed(failure[1])
             return None
+        for failures in self._filter_failures.values():
+            failures.succeeded()
         if value is None:
             return line
         log.info('%s: replacing command "%s" with "%s"', client.where, printable(line.decode("utf-8"))[:QUOTED],
