@@ -73,6 +73,9 @@ lines logged as `postscreen`, `[ip]:port` as postscreen writes a client):
 
 Under soft_bounce every 5xx postscreen sends goes out (and is logged at RCPT) as a 4xx, as psc_send_reply.
 
+A command filter or EHLO discard map that cannot answer (Postfix's postscreen stops) is logged through a
+faults.FailureLog per table (once, then a count a minute), the client getting the 421 or the default keywords.
+
 Not built: a persistent cache_map; reject_footer_maps and expansion_filter (the macros are filtered as smtpd's).
 
 Bounded: at most pre_queue_limit clients in the tests at once per listener, and client_connection_count_limit
