@@ -66,7 +66,7 @@ from mailflow.transports.smtp.chat import Session, Timeouts
 from mailflow.transports.smtp.commands import screen_envelope
 from mailflow.transports.smtp.connect import SourceAddress, greet, hello, log_connect_failure, open_session
 from mailflow.transports.smtp.proto import send_message
-from mailflow.transports.smtp.reuse import RSET_TIMEOUT, SessionCache
+from mailflow.transports.smtp.reuse import SessionCache
 from mailflow.transports.smtp_checks import OutboundChecks, outbound_wire_form
 from mailflow.transports.smtp.trouble import ConnectFailure, Outcomes, SiteFailure, record_unreachable
 
@@ -90,8 +90,7 @@ class LmtpTransport:
         self._source = SourceAddress.of(config, "lmtp")
         self._timeouts = Timeouts(config.connect_timeout, config.command_timeout, config.command_timeout,
                                   config.data_timeout)
-        self._cache = SessionCache(config.connection_cache_time_limit, config.connection_reuse_count_limit,
-                                   config.connection_reuse_time_limit, clock=clock)
+        self._cache = SessionCache.of(config, clock)
 
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
         outcomes, sendable = screen_envelope(request)
@@ -126,14 +125,13 @@ class LmtpTransport:
             outcomes.fail(recipients, TemporaryError("4.3.5", text)).site_failed(text)
             return
         key = f"unix:{nexthop.path}" if nexthop.path else f"[{nexthop.host}]:{nexthop.port}"
-        rset_timeout = min(RSET_TIMEOUT, self._config.command_timeout)
         session = await self._cache.reuse(key, lambda s: send_message(
             s, request, recipients, outcomes, self._timeouts, self._now, reused=True, lmtp=True, wire=wire),
-            probe=rset_timeout)
+            probe=True)
         if session is None:
             session = await self._deliver_on_new_session(nexthop, request, recipients, outcomes, wire)
         if session is not None:
-            await self._cache.release(key, session, rset_timeout)
+            await self._cache.release(key, session)
 
     async def _deliver_on_new_session(self, nexthop: Nexthop, request: DeliveryRequest, recipients: list[Recipient],
                                       outcomes: Outcomes, wire: WireForm | None) -> Session | None:

@@ -63,6 +63,7 @@ class LmtpHandler:
     final_replies: dict[str, str] = field(default_factory=dict)
     hang_after: int | None = None
     rset_reply: str = "250 2.0.0 Ok"
+    rset_silent: bool = False  # RSET is never answered (until the test is over)
     messages: list[Received] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
     release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -90,6 +91,8 @@ class LmtpHandler:
 
     async def handle_RSET(self, server, session, envelope):
         self.commands.append("RSET")
+        if self.rset_silent:
+            await self.release.wait()
         return self.rset_reply
 
     async def handle_QUIT(self, server, session, envelope):
@@ -695,6 +698,48 @@ async def test_a_cached_session_that_refuses_its_rset_probe_is_dropped_for_a_new
         await transport.close()
     assert outcomes(second) == [("two@example.test", Outcome.SENT, "2.0.0")] and second.results[0].conn.use == 1
     assert len(peer.connections) == 2
+
+
+async def test_one_cached_session_at_most_is_probed_per_delivery(lmtp_peer):
+    """Postfix's smtp_connect_local: one cached session (smtp_reuse_nexthop), its RSET probe, then a new session.
+    A server whose idle sessions all stop answering RSET (old lmtp processes stuck on a lock) costs a delivery one
+    probe timeout, not one per cached session."""
+    peer = await lmtp_peer()
+    transport = make_transport(timeout=0.5)
+    nexthop = f"[127.0.0.1]:{peer.port}"
+    try:
+        first = await asyncio.gather(*(transport.deliver(make_request(nexthop, f"u{n}@example.test"))
+                                       for n in range(3)))
+        assert [r.results[0].outcome for r in first] == [Outcome.SENT] * 3 and len(peer.connections) == 3
+        peer.handler.rset_silent = True
+        started = asyncio.get_running_loop().time()
+        report = await asyncio.wait_for(transport.deliver(make_request(nexthop, "late@example.test")), 5)
+        elapsed = asyncio.get_running_loop().time() - started
+    finally:
+        await transport.close()
+    assert outcomes(report) == [("late@example.test", Outcome.SENT, "2.0.0")] and report.results[0].conn.use == 1
+    assert peer.handler.commands.count("RSET") == 1 and len(peer.connections) == 4
+    assert elapsed < 1.0  # one probe timeout (0.5s), not three
+
+
+async def test_a_delivery_cancelled_during_the_rset_probe_closes_the_session(lmtp_peer):
+    """The cached session is the delivery's once it is taken: cancelled while its probe waits, it is closed (the
+    server sees the connection end), not leaked."""
+    peer = await lmtp_peer()
+    transport = make_transport()
+    nexthop = f"[127.0.0.1]:{peer.port}"
+    try:
+        await transport.deliver(make_request(nexthop, "one@example.test"))
+        peer.handler.rset_silent = True
+        delivery = asyncio.create_task(transport.deliver(make_request(nexthop, "two@example.test")))
+        await eventually(lambda: "RSET" in peer.handler.commands, what="the RSET probe")
+        delivery.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await delivery
+        await eventually(lambda: peer.connections[0].transport is None or peer.connections[0].transport.is_closing(),
+                         timeout=2, what="the probed session closed at once")
+    finally:
+        await transport.close()
 
 
 async def test_with_the_cache_off_each_message_has_a_session_of_its_own(lmtp_peer):

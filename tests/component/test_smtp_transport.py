@@ -1798,6 +1798,28 @@ async def test_a_cached_session_that_fails_its_rset_probe_is_dropped_without_a_d
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO] == []
 
 
+@pytest.mark.parametrize("extensions", [("PIPELINING", "8BITMIME"), ("8BITMIME",)], ids=["pipelined", "lone"])
+async def test_one_cached_session_at_most_is_probed_per_delivery(scripted_peer, extensions):
+    """Postfix's smtp_reuse_nexthop: one cached session per lookup, its RSET probe, then a new session. A peer whose
+    idle sessions all stop answering RSET costs a delivery one probe timeout, not one per cached session."""
+    peer, port = await scripted_peer(extensions=extensions)
+    transport = make_transport(timeout=0.4)
+    nexthop = f"[127.0.0.1]:{port}"
+    try:
+        first = await asyncio.gather(*(transport.deliver(make_request(nexthop, f"u{n}@example.test"))
+                                       for n in range(3)))
+        assert [r.results[0].outcome for r in first] == [Outcome.SENT] * 3 and peer.connections == 3
+        peer.silent_at = "RSET"
+        started = asyncio.get_running_loop().time()
+        report = await asyncio.wait_for(transport.deliver(make_request(nexthop, "late@example.test")), 5)
+        elapsed = asyncio.get_running_loop().time() - started
+    finally:
+        await transport.close()
+    assert report.site_ok and [(r.outcome, r.conn.use) for r in report.results] == [(Outcome.SENT, 1)]
+    assert peer.commands.count("RSET") == 1 and peer.connections == 4
+    assert elapsed < 0.8  # one probe timeout (0.4s), not three
+
+
 # ---------------------------------------------------------------------------------------------------- PIPELINING
 
 

@@ -1,19 +1,21 @@
 """The SMTP and LMTP clients' connection cache (Postfix smtp_reuse and scache, which lmtp(8) shares): idle
 sessions kept for the next message to the same next hop. Nothing here is global; no task is ever started.
 
-    SessionCache(time_limit, reuse_count_limit, reuse_time_limit, clock, max_idle=MAX_IDLE)   (RSET_TIMEOUT: what a
-                                                     client's release waits for RSET at most)
+    SessionCache.of(config, clock)                   the cache of a client's settings (connection_cache_time_limit,
+                                                     connection_reuse_count_limit, connection_reuse_time_limit; its
+                                                     RSET timeout min(RSET_TIMEOUT, command_timeout))
+    SessionCache(time_limit, reuse_count_limit, reuse_time_limit, rset_timeout, clock, max_idle=MAX_IDLE)
+      .rset_timeout                                  how long a probe or a release waits for RSET's reply
       .take(key) -> Session | None                   an idle session for that destination, or None
       .accepts(session) -> bool   .put(key, session) keep it for `time_limit` seconds (a loop timer that QUITs it)
-      await .reuse(key, transaction, probe=None) -> Session | None   `transaction(session)` (proto.send_message
-                                                     with reused=True) on the idle sessions for `key` in turn, until
-                                                     one is not stale: that session, to be released; None when none
-                                                     was idle or each had died (StaleSession: closed, nothing
-                                                     delivered). `probe`: each is sent RSET first (within that many
-                                                     seconds) and dropped unless it answers 2xx (Postfix's RSET probe,
-                                                     smtp_reuse_common: the LMTP client's; the SMTP client's
-                                                     transaction sends its own, pipelined when it can be: proto)
-      await .release(key, session, rset_timeout)     keep the session (RSET first when its transaction is still
+      await .reuse(key, transaction, probe=False) -> Session | None   `transaction(session)` (proto.send_message
+                                                     with reused=True) on one idle session for `key`: that session,
+                                                     to be released; None when none was idle or it had died
+                                                     (StaleSession: closed, nothing delivered). `probe`: it is sent
+                                                     RSET first and dropped unless it answers 2xx in time (the LMTP
+                                                     client's); the SMTP client's transaction sends its own,
+                                                     pipelined when it can be (proto)
+      await .release(key, session)                   keep the session (RSET first when its transaction is still
                                                      open) or QUIT it
       .close()                                       QUIT every idle session, cancel the timers; afterwards
                                                      nothing is cached again
@@ -23,12 +25,18 @@ Postfix's smtp(8) semantics: a session is kept for `connection_cache_time_limit`
 not after `connection_reuse_time_limit` since it was opened. At most MAX_IDLE sessions wait in all; beyond
 that a session is closed instead. An idle session that received anything (a 421 before the peer hung up)
 or was closed is never handed out; one that met a reply with garbage in it (`garbled`) is not kept.
+
+Postfix's smtp(8) and lmtp(8) alike send an RSET probe before each reuse (smtp_reuse_common: smtp_rset) and
+try at most one cached session per lookup (smtp_reuse_nexthop; one per address for smtp_reuse_addr): a
+session that fails its probe is dropped and the message goes over a new one. So does `reuse`: one session,
+never the next idle one, so a peer whose idle sessions all stop answering costs one RSET timeout per delivery,
+not one per session. A session cancelled while it is probed or RSET (the delivery cancelled) is closed.
 """
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Protocol
 
 from mailflow.transports.smtp.chat import Session
 from mailflow.transports.smtp.proto import reset
@@ -39,6 +47,15 @@ MAX_IDLE = 200
 RSET_TIMEOUT = 20.0  # Postfix smtp_rset_timeout, lmtp_rset_timeout
 
 
+class CachingClient(Protocol):
+    """The settings of an SMTP or LMTP client that its cache reads."""
+
+    connection_cache_time_limit: float
+    connection_reuse_count_limit: int
+    connection_reuse_time_limit: float
+    command_timeout: float
+
+
 class SessionCache:
     """Idle sessions by destination key, each on a loop timer that QUITs it after `time_limit` seconds."""
 
@@ -47,9 +64,11 @@ class SessionCache:
         time_limit: float,
         reuse_count_limit: int,
         reuse_time_limit: float,
+        rset_timeout: float = RSET_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
         max_idle: int = MAX_IDLE,
     ):
+        self.rset_timeout = rset_timeout
         self._time_limit = time_limit
         self._reuse_count_limit = reuse_count_limit
         self._reuse_time_limit = reuse_time_limit
@@ -57,6 +76,12 @@ class SessionCache:
         self._max_idle = max_idle
         self._idle: dict[str, list[tuple[Session, asyncio.TimerHandle]]] = {}
         self._closed = False
+
+    @classmethod
+    def of(cls, config: CachingClient, clock: Callable[[], float] = time.monotonic) -> SessionCache:
+        """See the module docstring."""
+        return cls(config.connection_cache_time_limit, config.connection_reuse_count_limit,
+                   config.connection_reuse_time_limit, min(RSET_TIMEOUT, config.command_timeout), clock=clock)
 
     @property
     def idle_count(self) -> int:
@@ -89,32 +114,38 @@ class SessionCache:
         self._idle.setdefault(key, []).append((session, timer))
 
     async def reuse(self, key: str, transaction: Callable[[Session], Awaitable[None]],
-                    probe: float | None = None) -> Session | None:
+                    probe: bool = False) -> Session | None:
         """See the module docstring."""
-        while (session := self.take(key)) is not None:
-            if probe is not None and not await reset(session, probe):
-                session.log.debug("cached session with %s failed its RSET probe; using another", session.peer.relay)
+        session = self.take(key)
+        if session is None:
+            return None
+        try:
+            if probe and not await reset(session, self.rset_timeout):
+                session.log.debug("cached session with %s failed its RSET probe; using a new one", session.peer.relay)
                 session.abort()
-                continue
-            try:
-                await transaction(session)
-            except StaleSession:
-                session.log.debug("%s: cached session with %s is gone; using a new one", session.queue_id,
-                                  session.peer.relay)
-                session.abort()
-                continue
-            except BaseException:
-                session.abort()
-                raise
-            return session
-        return None
+                return None
+            await transaction(session)
+        except StaleSession:
+            session.log.debug("%s: cached session with %s is gone; using a new one", session.queue_id,
+                              session.peer.relay)
+            session.abort()
+            return None
+        except BaseException:
+            session.abort()
+            raise
+        return session
 
-    async def release(self, key: str, session: Session, rset_timeout: float) -> None:
+    async def release(self, key: str, session: Session) -> None:
         """See the module docstring."""
         if session.aborted or not self.accepts(session):
             session.quit()
             return
-        if session.transaction_open and not await reset(session, rset_timeout):
+        try:
+            reset_failed = session.transaction_open and not await reset(session, self.rset_timeout)
+        except BaseException:
+            session.abort()
+            raise
+        if reset_failed:
             session.abort()
             return
         if session.garbled:  # (RSET's reply had garbage in it)

@@ -98,7 +98,7 @@ from mailflow.transports.smtp.commands import screen_envelope
 from mailflow.transports.smtp.connect import Destination, SmtpHandshake, SourceAddress, log_connect_failure
 from mailflow.transports.smtp.mtasts import MtaSts
 from mailflow.transports.smtp.proto import send_message
-from mailflow.transports.smtp.reuse import RSET_TIMEOUT, SessionCache
+from mailflow.transports.smtp.reuse import SessionCache
 from mailflow.transports.smtp.tls import TlsContexts, TlsPolicy, default_policy, parse_policy, policy_keys
 from mailflow.transports.smtp.trouble import (
     ConnectFailure,
@@ -177,9 +177,7 @@ class SmtpTransport:
             source=SourceAddress.of(config, "smtp"), log=self._log,
             reply_filter=ReplyFilter(self._tables.open(config.reply_filter), self._log) if config.reply_filter
             else None)
-        self._cache = SessionCache(config.connection_cache_time_limit, config.connection_reuse_count_limit,
-                                   config.connection_reuse_time_limit, clock=clock)
-        self._rset_timeout = min(RSET_TIMEOUT, config.command_timeout)  # (Postfix's smtp_rset_timeout)
+        self._cache = SessionCache.of(config, clock)
         self._nexthops: dict[str, Nexthop] = {}  # next hops as written -> parsed (usable ones; NEXTHOP_CACHE at most)
 
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
@@ -365,7 +363,7 @@ class SmtpTransport:
         None when none could be used."""
         session = await self._cache.reuse(destination.cache_key, lambda s: send_message(
             s, request, recipients, outcomes, self._timeouts, self._now, reused=True, wire=wire,
-            probe=self._rset_timeout))
+            probe=self._cache.rset_timeout))
         if session is None:
             return None
         await self._release(session, destination)
@@ -550,7 +548,7 @@ class SmtpTransport:
     async def _release(self, session: Session, destination: Destination) -> None:
         """Cache the session for the next message to this next hop (RSET first when a transaction is still
         open), or QUIT it."""
-        await self._cache.release(destination.cache_key, session, self._rset_timeout)
+        await self._cache.release(destination.cache_key, session)
 
 
 @dataclass(frozen=True)
