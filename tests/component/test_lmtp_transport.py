@@ -645,9 +645,9 @@ async def test_messages_to_one_next_hop_share_one_cached_session_quit_at_close(l
     await eventually(lambda: peer.handler.commands[-1:] == ["QUIT"], what="the cached session QUIT at close")
 
 
-async def test_a_session_whose_transaction_was_refused_is_rset_before_it_is_reused(lmtp_peer):
-    """A recipient refused after DATA leaves the server's state in doubt: RSET before the session is cached (and its
-    RSET probe before it is used again); the next message goes over it."""
+async def test_a_session_whose_end_of_data_was_refused_is_cached_without_rset_and_probed_before_reuse(lmtp_peer):
+    """The final replies end the transaction, a refusal among them too (RFC 2033): no RSET before the session is
+    cached (it would hold the results back), as Postfix's lmtp; its RSET probe before it is used again."""
     peer = await lmtp_peer()
     peer.handler.final_replies = {"full@example.test": "452 4.2.2 <full@example.test> Mailbox is full"}
     transport = make_transport()
@@ -660,7 +660,7 @@ async def test_a_session_whose_transaction_was_refused_is_rset_before_it_is_reus
     assert [r.outcome for r in first.results] == [Outcome.SENT, Outcome.DEFERRED]
     assert outcomes(second) == [("u@example.test", Outcome.SENT, "2.0.0")]
     assert len(peer.connections) == 1
-    assert peer.handler.commands[3:] == ["RSET", "RSET", "MAIL a@remote.test", "RCPT u@example.test"]
+    assert peer.handler.commands[3:] == ["RSET", "MAIL a@remote.test", "RCPT u@example.test"]
 
 
 @pytest.mark.parametrize("idle_timeout", [None, 0.2], ids=["dropped", "421-on-idle"])

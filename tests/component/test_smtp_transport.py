@@ -1710,19 +1710,20 @@ async def test_rset_after_an_unfinished_transaction_before_reuse(scripted_peer):
 
 
 async def test_rset_after_a_refused_end_of_data_before_reuse(scripted_peer):
-    """A refused end of data leaves the peer's state to doubt (aiosmtpd keeps the transaction when its handler
-    fails): RSET before the session is reused, as Postfix probes a cached session with RSET, or the next
-    message's MAIL would get 503 and bounce."""
+    """A refused end of data ends the transaction: no RSET before caching (Postfix's SMTP_STATE_DOT). A peer that
+    keeps it anyway (aiosmtpd when its handler fails) is cleared by the RSET probe before the session is reused,
+    or the next message's MAIL would get 503 and bounce."""
     peer, port = await scripted_peer(dot_replies=["554 5.7.1 no thanks"], refusal_keeps_transaction=True)
     reports = await deliver_several(make_transport(), make_request(f"[127.0.0.1]:{port}", "a@example.test"),
                                     make_request(f"[127.0.0.1]:{port}", "b@example.test"))
     assert [r.results[0].outcome for r in reports] == [Outcome.BOUNCED, Outcome.SENT]
-    assert peer.connections == 1 and peer.commands.count("RSET") == 2  # (and the reuse's RSET probe)
+    assert peer.connections == 1 and peer.commands.count("RSET") == 1  # (the reuse's RSET probe alone)
 
 
 async def test_a_session_whose_rset_reply_was_garbled_is_not_kept(scripted_peer):
-    """Postfix caches no session after a reply with garbage in it, RSET's (the one before caching) too."""
-    peer, port = await scripted_peer(dot_replies=["554 5.7.1 no thanks"], refusal_keeps_transaction=True,
+    """Postfix caches no session after a reply with garbage in it, RSET's (the one before caching: every recipient
+    refused, the transaction left open) too."""
+    peer, port = await scripted_peer(rcpt_replies={"a@example.test": "550 5.1.1 no such user"},
                                      rset_reply="oops\r\n250 2.0.0 Ok")
     reports = await deliver_several(make_transport(), make_request(f"[127.0.0.1]:{port}", "a@example.test"),
                                     make_request(f"[127.0.0.1]:{port}", "b@example.test"))

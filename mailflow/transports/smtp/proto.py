@@ -164,14 +164,13 @@ async def _transaction(
         return
     await _send_body(session, request.content, encoders, timeouts.data)
     notifies = extensions.supports("dsn")
-    refused = False
     for answered in ([r] for r in accepted) if lmtp else [accepted]:
         reply = await session.reply(timeouts.data, END_OF_DATA)
-        refused = refused or not reply.positive
         outcomes.update(reply_results(answered, reply, peer, "end of DATA", next_hop_notifies=notifies))
-    # after a refusal the peer's state is in doubt (aiosmtpd keeps the transaction when its handler fails): the
-    # session is RSET before it is reused, as Postfix probes every cached session with RSET
-    session.transaction_open = refused
+    # the end of data's replies end the transaction, refused or not: no RSET before the session is cached, as
+    # Postfix's smtp_loop (SMTP_STATE_DOT: LAST, not ABORT's RSET); a peer that keeps a refused transaction anyway
+    # (aiosmtpd when its handler fails) is cleared by the RSET probe before the session is reused
+    session.transaction_open = False
 
 
 async def _rset_probe(session: Session, timeout: float, *, sent: bool = False) -> None:
