@@ -2,9 +2,12 @@
 sessions to the peer's address by lmtp_connection_cache_destinations, as it caches on demand) and mailflow (which
 always caches, lmtp.connection_cache_time_limit) each deliver three messages, one after the other, to a scripted
 LMTP peer of their own; the peers hear the same commands: one session, LHLO once, and Postfix's RSET probe before
-each reuse (smtp_reuse_common). QUIT is left out: Postfix's scache closes an idle session without one, mailflow
+each reuse (smtp_reuse_common), none after a refused end of data (the final replies end the transaction: Postfix's
+SMTP_STATE_DOT caches the session without RSET). QUIT is left out: Postfix's scache closes an idle session without one, mailflow
 QUITs it."""
 from __future__ import annotations
+
+from typing import Callable
 
 import pytest
 
@@ -37,8 +40,16 @@ def heard(peer: ScriptedPeer) -> list[str]:
     return verbs
 
 
-async def test_lmtp_sessions_are_reused_after_an_rset_probe_as_postfix_s_lmtp_does(mailflow_server):
-    pf_peer, mf_peer = await ScriptedPeer({}).start(PEER_HOST), await ScriptedPeer({}).start(PEER_HOST)
+def refused_first() -> Callable[[str], bytes]:
+    """The end-of-data reply: the first message's one recipient refused, the others accepted."""
+    replies = iter([b"550 5.2.0 <u0@box.test> refused\r\n"])
+    return lambda _: next(replies, b"250 2.0.0 <u@box.test> Saved\r\n")
+
+
+@pytest.mark.parametrize("refusing", [False, True], ids=["accepted", "first-refused"])
+async def test_lmtp_sessions_are_reused_after_an_rset_probe_as_postfix_s_lmtp_does(mailflow_server, refusing):
+    pf_peer = await ScriptedPeer({"DOT": refused_first()} if refusing else {}).start(PEER_HOST)
+    mf_peer = await ScriptedPeer({"DOT": refused_first()} if refusing else {}).start(PEER_HOST)
     try:
         async with postfix_instance({
             "mydestination": "", "relay_domains": "box.test", "mynetworks": "127.0.0.0/8",
