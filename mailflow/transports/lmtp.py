@@ -8,10 +8,11 @@ end of DATA, reads one reply per accepted recipient, in RCPT order (RFC 2033 4.2
 Connection cache: the SMTP client's (smtp.reuse.SessionCache, Postfix's lmtp(8) shares smtp(8)'s): after a
 delivery the session waits `connection_cache_time_limit` for the next message to the same next hop (the UNIX
 socket, or host and port), is used at most 1 + `connection_reuse_count_limit` times (0: no limit) and not after
-`connection_reuse_time_limit`; a transaction left open (an end of data refused) is RSET before it is cached, and
-every cached session is sent RSET before it is used again (Postfix's RSET probe, which its lmtp(8) sends before each
-reuse). A cached session the server closed meanwhile (its RSET probe fails, or it dies before MAIL FROM is
-answered) is dropped and the message goes over another, a new one at last: no deferral. A session not kept is
+`connection_reuse_time_limit`; the final replies end the transaction (refused ones too: no RSET as it is cached),
+and a cached session is sent RSET before it is used again (the RSET probe, which Postfix's lmtp(8) and smtp(8) send
+before each reuse). One cached session at most is tried per delivery: when the server closed it meanwhile (its RSET
+probe fails, or it dies before MAIL FROM is answered) it is dropped and the message goes over a new one: no
+deferral. A session not kept is
 QUIT without waiting for the reply (Postfix's lmtp_skip_quit_response = yes).
 
     LmtpTransport(config, *, helo_name, clock=time.monotonic, now=time.time, checks=None, generic=None)   (`now`:

@@ -666,7 +666,7 @@ async def test_a_session_whose_end_of_data_was_refused_is_cached_without_rset_an
 @pytest.mark.parametrize("idle_timeout", [None, 0.2], ids=["dropped", "421-on-idle"])
 async def test_a_cached_session_the_server_closed_costs_no_deferral(lmtp_peer, idle_timeout):
     """The server ends an idle session (hangs up; or says 421 at its idle timeout, as Dovecot's lmtp and aiosmtpd
-    do): the next message finds it dead at MAIL and goes over a new session, delivered, no deferral."""
+    do): the next message finds it dead at its RSET probe and goes over a new session, delivered, no deferral."""
     peer = await lmtp_peer(pipelining=True, **({"timeout": idle_timeout} if idle_timeout else {}))
     transport = make_transport(connection_cache_time_limit=30)
     try:
