@@ -288,9 +288,22 @@ async def held_pair(port: int) -> list[list[int | None]]:
 
 def message_lines(log: str, qid: str) -> list[str]:
     """What the log says of one message, in order: `service: line`, its queue id, Message-ID, size, delays masked."""
-    lines = re.findall(rf"{SYSLOG_NAME}/(\w+)\[\d+\]: {qid}: (.*)$", log, re.M)
+    lines = re.findall(rf"{SYSLOG_NAME}/([\w/]+)\[\d+\]: {qid}: (.*)$", log, re.M)
     return [f"{service}: " + re.sub(r"size=\d+", "size=N", re.sub(r", delay=.*?dsn=", ", dsn=", re.sub(
         r"message-id=<.*>$", "message-id=<ID>", line))) for service, line in lines]
+
+
+def test_the_line_readers_keep_a_relay_service_s_lines():
+    """A line of master.cf's relay (`relay/smtp`, syslog_name=postfix/$service_name) is one of the message's, a
+    result, a milter's: none is dropped on either side of a comparison."""
+    log = (f"Dec  6 06:30:00 host {SYSLOG_NAME}/relay/smtp[7]: 0123456789AB: to=<u@relay.test>, relay=none, "
+           "delay=1, delays=0/0/1/0, dsn=4.4.1, status=deferred (connect to x: Connection refused)\n"
+           f"Dec  6 06:30:00 host {SYSLOG_NAME}/relay/smtp[7]: 0123456789AB: milter-discard: END-OF-MESSAGE\n")
+    assert message_lines(log, "0123456789AB") == [
+        "relay/smtp: to=<u@relay.test>, relay=none, dsn=4.4.1, status=deferred (connect to x: Connection refused)",
+        "relay/smtp: milter-discard: END-OF-MESSAGE"]
+    assert [line.split(":")[0] for line in delivery_lines(log)["u@relay.test"]] == ["relay/smtp"]
+    assert milter_lines(log) == ["relay/smtp: QID: milter-discard: END-OF-MESSAGE"]
 
 
 def held_ids(log: str) -> list[str]:
@@ -721,7 +734,7 @@ def delivery_lines(log: str) -> dict[str, list[str]]:
     """Each recipient's result lines in order, `service: to=<r>, …` (no prefix, no queue id), by the address
     the client gave (orig_to when there is one), in lower case."""
     found: dict[str, list[str]] = {}
-    for service, line in re.findall(rf"{SYSLOG_NAME}/(\w+)\[\d+\]: [0-9A-F]+: (to=<.*)$", log, re.M):
+    for service, line in re.findall(rf"{SYSLOG_NAME}/([\w/]+)\[\d+\]: [0-9A-F]+: (to=<.*)$", log, re.M):
         given = re.match(r"to=<([^>]*)>(?:, orig_to=<([^>]*)>)?", line)
         found.setdefault((given[2] or given[1]).lower(), []).append(f"{service}: {line}")
     return found
@@ -866,7 +879,7 @@ def milter_lines(log: str) -> list[str]:
     milter-hold lines only the first (Postfix 3.7 logs one more at each later command: docs/filtering.md)."""
     found, held = [], set()
     for service, qid, action, rest in re.findall(
-            rf"{SYSLOG_NAME}/(\w+)\[\d+\]: (\w+): (milter-hold|milter-discard): (.*)$", log, re.M):
+            rf"{SYSLOG_NAME}/([\w/]+)\[\d+\]: (\w+): (milter-hold|milter-discard): (.*)$", log, re.M):
         if action == "milter-hold" and qid in held:
             continue
         held.add(qid)
