@@ -3,8 +3,8 @@ sessions to the peer's address by lmtp_connection_cache_destinations, as it cach
 always caches, lmtp.connection_cache_time_limit) each deliver three messages, one after the other, to a scripted
 LMTP peer of their own; the peers hear the same commands: one session, LHLO once, and Postfix's RSET probe before
 each reuse (smtp_reuse_common), none after a refused end of data (the final replies end the transaction: Postfix's
-SMTP_STATE_DOT caches the session without RSET). QUIT is left out: Postfix's scache closes an idle session without one, mailflow
-QUITs it."""
+SMTP_STATE_DOT caches the session without RSET). QUIT is left out: Postfix's scache closes an idle session without
+one, mailflow QUITs it."""
 from __future__ import annotations
 
 from typing import Callable

@@ -50,10 +50,17 @@ RSET_TIMEOUT = 20.0  # Postfix smtp_rset_timeout, lmtp_rset_timeout
 class CachingClient(Protocol):
     """The settings of an SMTP or LMTP client that its cache reads."""
 
-    connection_cache_time_limit: float
-    connection_reuse_count_limit: int
-    connection_reuse_time_limit: float
-    command_timeout: float
+    @property
+    def connection_cache_time_limit(self) -> float: ...
+
+    @property
+    def connection_reuse_count_limit(self) -> int: ...
+
+    @property
+    def connection_reuse_time_limit(self) -> float: ...
+
+    @property
+    def command_timeout(self) -> float: ...
 
 
 class SessionCache:
