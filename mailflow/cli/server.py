@@ -111,9 +111,8 @@ def idle_sessions_cached(cfg: Config) -> int:
     (a cache each)."""
     from mailflow.transports.smtp.reuse import MAX_IDLE  # (only serve builds the clients; the rest need not load it)
 
-    relay = [] if "relay" in cfg.smtp.services else [cfg.smtp]
     clients: list[SmtpConfig | LmtpConfig] = [
-        cfg.smtp, *relay, *(cfg.smtp.for_service(name) for name in cfg.smtp.services),
+        *(settings for _, _, settings in cfg.smtp_clients()),
         cfg.lmtp, *(cfg.lmtp.for_service(name) for name in cfg.lmtp.services)]
     return MAX_IDLE * sum(client.connection_cache_time_limit > 0 for client in clients)
 

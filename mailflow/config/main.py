@@ -2,7 +2,8 @@
 
     Config                   frozen; `origin` (myorigin or myhostname), `domain`, `queue_path`; `for_probes()`
                              (the routing of address verification's probes); `defined_transports()`;
-                             `smtp_client_of(transport)` (the SMTP client settings a transport name uses)
+                             `smtp_client_of(transport)` (the SMTP client settings a transport name uses);
+                             `smtp_clients()` (every SMTP client: name, where its settings are, the settings)
     DEFAULTS                 Config() as built in, relative paths as written: where a component's constructor
                              needs a default (for tests), it takes it from here rather than restating it
     BUILTIN_TRANSPORTS       the transport names a [pipe.NAME] or an [smtp.services.NAME] service may not take
@@ -244,6 +245,13 @@ class Config(Section):
         if transport in self.smtp.services:
             return f"smtp.services.{transport}", self.smtp.for_service(transport)
         return ("smtp", self.smtp) if transport in ("smtp", "relay") else None
+
+    def smtp_clients(self) -> list[tuple[str, str, SmtpConfig]]:
+        """(transport name, where its settings are, the settings) of every SMTP client the server runs: smtp, relay
+        ([smtp]'s settings under its own name unless an [smtp.services.relay] takes its place), each
+        [smtp.services.NAME]; each a client of its own (its own sessions and cache), as smtp_client_of says."""
+        names = dict.fromkeys(("smtp", "relay", *self.smtp.services))
+        return [(name, *client) for name in names if (client := self.smtp_client_of(name)) is not None]
 
     def defined_transports(self) -> set[str]:
         """Every transport name this configuration defines: the built-in ones and its services'."""

@@ -29,7 +29,8 @@ The registry:
                              unless an [smtp.services.relay] takes its place
     agent_of(program) -> str the delivery agent of a Transport.program (`relay/smtp` -> `smtp`)
     client_services(config, resolver, clock, router, tables, mta_sts) -> {name: Transport}
-                             the [smtp.services.NAME] and [lmtp.services.NAME] clients, each with its merged settings
+                             every SMTP client (Config.smtp_clients: smtp, relay, each [smtp.services.NAME]) and
+                             each [lmtp.services.NAME] client, each with its merged settings
     build_smtp_client(config, client, *, resolver, clock, router, tables, mta_sts, level_source=…, program=…)
                              -> SmtpTransport
     build_lmtp_client(config, client, *, clock, router, tables) -> LmtpTransport
@@ -143,14 +144,14 @@ def build_lmtp_client(config, client, *, clock, router, tables: TableCache) -> L
 
 
 def client_services(config, resolver, clock, router, tables: TableCache, mta_sts) -> dict[str, Transport]:
-    """The [smtp.services.NAME] and [lmtp.services.NAME] clients by name (config validation keeps their names off
-    the built-in transports' but `relay`'s, which an [smtp.services.relay] replaces, and off each other's)."""
+    """Every SMTP client (Config.smtp_clients: smtp, relay, each [smtp.services.NAME]) and each
+    [lmtp.services.NAME] client by name (config validation keeps their names off the built-in transports' but
+    `relay`'s, which an [smtp.services.relay] replaces, and off each other's)."""
     smtp: dict[str, Transport] = {
-        name: build_smtp_client(config, config.smtp.for_service(name), resolver=resolver, clock=clock, router=router,
-                                tables=tables, mta_sts=mta_sts,
-                                level_source=config.smtp.key_source(name, "tls_security_level"),
+        name: build_smtp_client(config, settings, resolver=resolver, clock=clock, router=router, tables=tables,
+                                mta_sts=mta_sts, level_source=config.smtp.key_source(name, "tls_security_level"),
                                 program=RELAY_PROGRAM if name == RELAY else "smtp")
-        for name in config.smtp.services}
+        for name, _, settings in config.smtp_clients()}
     lmtp: dict[str, Transport] = {
         name: build_lmtp_client(config, config.lmtp.for_service(name), clock=clock, router=router, tables=tables)
         for name in config.lmtp.services}
@@ -163,8 +164,6 @@ def build_transports(config, resolver, clock, router, forward=None, mailbox=None
     capture `mailbox` (mailflow.capture), the `capture` transport keeps messages in it."""
     tables = TableCache()
     mta_sts = build_mta_sts(config, resolver)
-    smtp, relay = (build_smtp_client(config, config.smtp, resolver=resolver, clock=clock, router=router, tables=tables,
-                                     mta_sts=mta_sts, program=program) for program in ("smtp", RELAY_PROGRAM))
     registry: dict[str, Transport] = {}  # local hands mailboxes to the others (mailbox_transport, fallback_transport)
     registry.update({
         **({"capture": CaptureTransport(mailbox)} if mailbox is not None else {}),
@@ -175,8 +174,6 @@ def build_transports(config, resolver, clock, router, forward=None, mailbox=None
                                     relay="virtual", quota=router.rewriter.virtual_mailbox_limit,
                                     overquota_bounce=config.virtual_overquota_bounce,
                                     owner=router.rewriter.virtual_owner, base=config.virtual_mailbox_base),
-        "smtp": smtp,
-        RELAY: relay,  # [smtp]'s settings, its own sessions (an [smtp.services.relay], below, takes its place)
         "lmtp": build_lmtp_client(config, config.lmtp, clock=clock, router=router, tables=tables),
         "discard": DiscardTransport(),
         "error": ErrorTransport(),

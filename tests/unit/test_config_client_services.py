@@ -33,6 +33,18 @@ def test_relay_may_be_an_smtp_service_of_its_own_as_in_postfix_s_master_cf():
     assert config.smtp.for_service("relay").tls_security_level == "encrypt"
 
 
+def test_every_smtp_client_is_listed_once_with_where_its_settings_are():
+    """Config.smtp_clients, the one rule the server's transports, its descriptor count and `address` share: smtp and
+    relay are [smtp]'s unless an [smtp.services.relay] takes relay's place; each service is a client of its own."""
+    assert [(name, where) for name, where, _ in config_from_dict({}).smtp_clients()] == [
+        ("smtp", "smtp"), ("relay", "smtp")]
+    config = config_from_dict({"smtp": {**AMAVIS["smtp"], "services": {
+        **AMAVIS["smtp"]["services"], "relay": {"tls_security_level": "dane"}}}})
+    assert [(name, where, settings.tls_security_level) for name, where, settings in config.smtp_clients()] == [
+        ("smtp", "smtp", "encrypt"), ("relay", "smtp.services.relay", "dane"),
+        ("smtp-amavis", "smtp.services.smtp-amavis", "none")]
+
+
 def test_per_transport_queue_tables_and_local_may_name_a_service():
     config = config_from_dict({**AMAVIS, "queue": {"transport_concurrency_limit": {"smtp-amavis": 2},
                                                    "transport_destination_rate_delay": {"dovecot": "1s"},
