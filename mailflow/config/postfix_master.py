@@ -18,7 +18,7 @@ that client's settings through the one table, syslog_name, max_use and the like 
 behaviour's (disable_dns_lookups = no) noted, anything else left out with the reason; its maxproc as any
 transport's; so is Postfix's own `relay` service with an -o that translates (it replaces the built-in relay,
 [smtp]'s otherwise). Postfix's own `smtp`/`lmtp`/`relay` with only -o mailflow does not need (syslog_name, max_use)
-keep their maxproc, the -o noted. Another instance of any other daemon
+keep their maxproc, the -o noted (syslog_name as what mailflow logs instead). Another instance of any other daemon
 (`local2 … local`) and anything else is left out with the reason (and postfix_import leaves out a setting naming a
 transport mailflow then does not have).
 """
@@ -40,6 +40,7 @@ TRANSPORTS = ("smtp", "relay", "lmtp", "local", "virtual", "error", "discard")
 PORTS = {"smtp": 25, "submission": 587, "smtps": 465, "submissions": 465}
 _NOT_NEEDED_OVERRIDES = {"syslog_name": "mailflow logs every listener and transport under log.syslog_name",
                          "milter_macro_daemon_name": "mailflow sends the milter macros it has itself"}
+RELAY = "relay"  # Postfix's relay_transport default, master.cf's `relay` service
 
 
 def translate_service(importer: ImportState, service: Service) -> None:
@@ -106,6 +107,9 @@ def _options(service: Service) -> list[tuple[str, str]]:
 
 
 def _transport_service(importer: ImportState, service: Service) -> None:
+    if service.name == RELAY and not any(name == "syslog_name" for name, _ in _options(service)):
+        importer.out.notes.append(f"{service.line.where}: relay has no -o syslog_name: Postfix logs its lines as "
+                                  "smtp (a master.cf from before Postfix 3.3); mailflow logs them as relay/smtp")
     if service.name in REPLACEABLE.get(service.command, ()) and any(
             not _not_needed(name) for name, _ in _options(service)):
         _client_service(importer, service)  # (`relay … smtp -o …`: an [smtp.services.relay] of its own)
@@ -113,8 +117,7 @@ def _transport_service(importer: ImportState, service: Service) -> None:
     for name, value in _options(service):
         if not _not_needed(name):
             raise Refused(f"-o {name}={value}: mailflow's transports take their settings from the sections only")
-        importer.out.notes.append(f"{service.line.where}: {service.name} -o {name}={value} not needed: "
-                                  f"{_not_needed(name)}")
+        importer.out.notes.append(_not_needed_note(service, name, value))
     if service.name in TRANSPORTS:
         _concurrency_limit(importer, service)
 
@@ -122,6 +125,20 @@ def _transport_service(importer: ImportState, service: Service) -> None:
 def _not_needed(name: str) -> str:
     """Why an -o of a transport service is not needed in mailflow (syslog_name, max_use…), "" when it may be."""
     return _NOT_NEEDED_OVERRIDES.get(name) or names.NOT_NEEDED.get(name, "")
+
+
+def _not_needed_note(service: Service, name: str, raw: str) -> str:
+    """The note for an -o mailflow does not carry over (_not_needed says which): syslog_name's says how mailflow
+    logs the service's lines and how Postfix's would (the same for relay's stock `postfix/$service_name`)."""
+    where, what = service.line.where, f"{service.name} -o {name}={raw}"
+    if name != "syslog_name":
+        return f"{where}: {what} not needed: {_not_needed(name)}"
+    if service.name == RELAY and service.command == "smtp":
+        same = raw.endswith(("/$service_name", "/${service_name}", "/$(service_name)", f"/{RELAY}"))
+        return (f"{where}: {what} not carried over: mailflow logs every line of relay's client as relay/smtp "
+                f"(under log.syslog_name)" + (", as this makes Postfix's" if same else f"; Postfix's as {raw}/smtp"))
+    return (f"{where}: {what} not carried over: mailflow logs this service's lines under log.syslog_name as "
+            f"{service.command}'s; Postfix's as {raw}/{service.command}")
 
 
 def _client_service(importer: ImportState, service: Service) -> None:
@@ -179,8 +196,8 @@ def _noted_option(importer: ImportState, service: Service, name: str, raw: str, 
     """True, with a note, when a client service's -o is one mailflow does not need (syslog_name, max_use…) or its
     built-in behaviour (disable_dns_lookups = no); Refused when it asks another behaviour than the built-in one."""
     where = service.line.where
-    if why := _not_needed(name):
-        importer.out.notes.append(f"{where}: {service.name} -o {name}={raw} not needed: {why}")
+    if _not_needed(name):
+        importer.out.notes.append(_not_needed_note(service, name, raw))
         return True
     if name not in names.BUILT_IN:
         return False
@@ -284,8 +301,7 @@ def _overrides(importer: ImportState, service: Service, options: list[tuple[str,
     expander = importer.expander.with_names({"service_name": service.name, "service_type": service.kind})
     for name, raw in options:
         if name in _NOT_NEEDED_OVERRIDES:  # whatever it refers to
-            importer.out.notes.append(f"{service.line.where}: {service.name} -o {name}={raw} not needed: "
-                                      f"{_NOT_NEEDED_OVERRIDES[name]}")
+            importer.out.notes.append(_not_needed_note(service, name, raw))
             continue
         try:
             value = expander.expand(raw)

@@ -476,8 +476,27 @@ def test_filter_readme_s_client_services_are_named_services_with_their_own_setti
         "4 Postfix timeouts, and they differ (lmtp_lhlo_timeout = 300s, lmtp_mail_timeout = 300s, lmtp_rcpt_timeout "
         "= 60s, lmtp_data_init_timeout = 120s)"]
     text = (tmp_path / "mailflow.toml").read_text()
-    assert "smtp-amavis -o max_use=20 not needed" in text and "slow -o syslog_name=postfix-slow not needed" in text
+    assert "smtp-amavis -o max_use=20 not needed" in text
+    assert ("slow -o syslog_name=postfix-slow not carried over: mailflow logs this service's lines under "
+            "log.syslog_name as smtp's; Postfix's as postfix-slow/smtp") in text
     assert '[smtp.services.smtp-amavis]\ndata_timeout = "1200s"\n' in text
+
+
+@pytest.mark.parametrize("relay_line, told", [
+    ("relay unix - - n - - smtp\n  -o syslog_name=postfix/$service_name\n",
+     "relay -o syslog_name=postfix/$service_name not carried over: mailflow logs every line of relay's client as "
+     "relay/smtp (under log.syslog_name), as this makes Postfix's"),
+    ("relay unix - - n - - smtp\n", "relay has no -o syslog_name: Postfix logs its lines as smtp (a master.cf from "
+     "before Postfix 3.3); mailflow logs them as relay/smtp"),
+], ids=["stock", "before-3.3"])
+def test_the_relay_service_s_log_name_is_noted_as_it_is(tmp_path, relay_line, told):
+    """Postfix 3.3+'s master.cf logs relay as postfix/relay/smtp (-o syslog_name=postfix/$service_name), as mailflow
+    does; an older master.cf kept across upgrades has no such -o: Postfix logs relay's lines as smtp."""
+    master = write(tmp_path, "master.cf", "smtp inet n - y - - smtpd\n" + relay_line)
+    main = write(tmp_path, "main.cf", "myhostname = mx.example.com\nrelay_domains = relay.example\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    assert code == 0, err
+    assert f"# Note: master.cf:2: {told}\n" in (tmp_path / "mailflow.toml").read_text()
 
 
 def test_a_main_cf_that_is_not_a_regular_file_exits_2(tmp_path):
