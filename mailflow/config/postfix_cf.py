@@ -74,6 +74,8 @@ class Imported:
     clients: dict[str, dict[str, object]] = field(default_factory=dict)
     # a per-transport table's entries' lines: "queue.transport_concurrency_limit" -> transport -> "where: name = value"
     entry_origins: dict[str, dict[str, str]] = field(default_factory=dict)
+    # the transport master.cf's `relay` is in mailflow when it is not an smtp service ("": none translated)
+    relay_service: str = ""
 
     def set_entry(self, key: str, transport: str, value: object, origin: str) -> None:
         """One entry of a per-transport table (queue.transport_*), its line kept to leave it out alone."""

@@ -28,7 +28,9 @@ master.cf: `smtpd` inet services become the listen addresses (the `smtp` service
 service's `-o` applied there; the postscreen_* parameters are [smtpd.postscreen]'s); `pipe` services become
 `[pipe.NAME]`; a second smtp or lmtp service (a content filter's) an `[smtp.services.NAME]` (or lmtp); Postfix's own
 services are built in; anything else is left out (mailflow.config.postfix_master). A `*_transport` or content_filter
-naming a transport mailflow then does not have (master.cf's service left out, or no master.cf) is left out. The
+naming a transport mailflow then does not have (master.cf's service left out, or no master.cf) is left out.
+relay_transport naming `relay` (its default) while master.cf's relay is not an smtp service, or is missing, is
+written as what does what Postfix does there (master.cf's relay as mailflow has it, or a 4.3.0 deferral). The
 reading half (files, expansion, values, the result) is mailflow.config.postfix_cf.
 """
 from __future__ import annotations
@@ -46,7 +48,7 @@ from mailflow.config.postfix_cf import (POSTFIX_TABLE_DEFAULTS, Expander, Import
                                         Unexpanded, UnreadableFile, convert, from_queue_directory, read_main_cf,
                                         read_master_cf, restriction_items, dovecot_sasl_path, split_list,
                                         merged_timeouts_agree, reject_tempfail_action, table_spec)
-from mailflow.config.postfix_master import translate_service
+from mailflow.config.postfix_master import RELAY, translate_service
 from mailflow.config.show import format_setting
 from mailflow.config.smtpd import LISTENER_ROLES, SMTPD_BANNER
 from mailflow.errors import ConfigError
@@ -79,6 +81,7 @@ class Importer:
         if self.services is not None:
             for service in self.services:
                 self._service(service)
+            self._relay_transport()
         self._check_transports()
         self._check_certificate()
         self._validate()
@@ -356,6 +359,39 @@ class Importer:
 
     def _service(self, service: Service) -> None:
         translate_service(self, service)
+
+    def _relay_transport(self) -> None:
+        """relay_transport (main.cf's, or its default `relay`) when master.cf's `relay` is not an smtp service:
+        Postfix hands relay_domains' mail to master.cf's relay whatever runs it, and defers it when master.cf has
+        none (qmgr: `warning: connect to transport private/relay: …`, then error(8)'s `status=deferred (mail
+        transport unavailable)`, 4.3.0). mailflow's `relay` is its built-in SMTP relay, so relay_transport is
+        written to name what does the same: the transport master.cf's relay became (postfix_master), or
+        `error:4.3.0 mail transport unavailable` when master.cf has no relay (the same result line, without qmgr's
+        warning); a relay left out (its line says why) is reported here too, as its mail would go out over SMTP.
+        Nothing changes without relay_domains (no mail is relay_transport's) unless main.cf sets relay_transport."""
+        value = str(self.out.settings.get("relay_transport", RELAY))
+        transport, colon, nexthop = value.partition(":")
+        relay = next((s for s in self.services or () if s.name == RELAY), None)
+        if transport != RELAY or (relay is not None and relay.command == "smtp") or (
+                not self.out.settings.get("relay_domains") and "relay_transport" not in self.out.settings):
+            return  # (no relay_domains: no mail is relay_transport's, unless main.cf said where it goes)
+        origin = self.out.origins.get("relay_transport", "relay_transport's default, relay")
+        if relay is None:
+            route = "error:4.3.0 mail transport unavailable"
+            why = ("master.cf has no relay service: Postfix's qmgr defers its mail (warning: connect to transport "
+                   "private/relay, status=deferred (mail transport unavailable))")
+        elif self.out.relay_service:
+            route = self.out.relay_service + colon + nexthop
+            why = f"master.cf's relay runs {relay.command} ({relay.line.where}): mailflow's {route} does the same"
+        else:
+            self.out.leave_out(relay.line.where, "relay_transport", value,
+                               f"master.cf's relay ({relay.command}) is left out, so relay_domains mail would go "
+                               f"over mailflow's SMTP relay where Postfix's goes to that {relay.command} service: "
+                               "set relay_transport to what does the same")
+            return
+        self.out.settings["relay_transport"] = route
+        self.out.origins["relay_transport"] = f"{origin}; {why}"
+        self.out.notes.append(f"relay_transport = {route}: {why}")
 
     def _check_transports(self) -> None:
         """A setting naming a transport mailflow does not have (`default_transport = slow` with master.cf's `slow`

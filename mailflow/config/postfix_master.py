@@ -18,13 +18,18 @@ that client's settings through the one table, syslog_name, max_use and the like 
 behaviour's (disable_dns_lookups = no) noted, anything else left out with the reason; its maxproc as any
 transport's; so is Postfix's own `relay` service with an -o that translates (it replaces the built-in relay,
 [smtp]'s otherwise). Postfix's own `smtp`/`lmtp`/`relay` with only -o mailflow does not need (syslog_name, max_use)
-keep their maxproc, the -o noted (syslog_name as what mailflow logs instead). Another instance of any other daemon
+keep their maxproc, the -o noted (syslog_name as what mailflow logs instead). A `relay` run by another daemon
+(lmtp, pipe, discard, error, local, virtual) sets `out.relay_service`, the transport that does the same in mailflow
+(that built-in one, or a `relay-lmtp` / `relay-pipe` service of the line), for postfix_import's relay_transport.
+Another instance of any other daemon
 (`local2 … local`) and anything else is left out with the reason (and postfix_import leaves out a setting naming a
 transport mailflow then does not have).
 """
 from __future__ import annotations
 
+import dataclasses
 import re
+
 from mailflow.config import postfix_names as names
 from mailflow.config.base import BUILTIN_TRANSPORTS, TRANSPORT_NAME
 from mailflow.config.delivery import REPLACEABLE
@@ -41,6 +46,9 @@ PORTS = {"smtp": 25, "submission": 587, "smtps": 465, "submissions": 465}
 _NOT_NEEDED_OVERRIDES = {"syslog_name": "mailflow logs every listener and transport under log.syslog_name",
                          "milter_macro_daemon_name": "mailflow sends the milter macros it has itself"}
 RELAY = "relay"  # Postfix's relay_transport default, master.cf's `relay` service
+# Daemons a master.cf `relay` may run (instead of smtp) that mailflow has as a built-in transport of the same name,
+# reading the same main.cf settings: relay_transport names that one when the service has no -o that matters
+_RELAY_AS_BUILT_IN = ("lmtp", "discard", "error", "local", "virtual")
 
 
 def translate_service(importer: ImportState, service: Service) -> None:
@@ -48,6 +56,8 @@ def translate_service(importer: ImportState, service: Service) -> None:
     try:
         if service.kind == "inet" and service.command in ("smtpd", "postscreen"):
             _smtpd_service(importer, service)
+        elif service.name == RELAY and service.command != "smtp":
+            _relay_of_another_daemon(importer, service)
         elif service.command == "pipe":
             _pipe_service(importer, service)
         elif _postfix_s_own(service) and service.name in TRANSPORTS:
@@ -120,6 +130,28 @@ def _transport_service(importer: ImportState, service: Service) -> None:
         importer.out.notes.append(_not_needed_note(service, name, value))
     if service.name in TRANSPORTS:
         _concurrency_limit(importer, service)
+
+
+def _relay_of_another_daemon(importer: ImportState, service: Service) -> None:
+    """master.cf's `relay` run by lmtp, pipe, discard, error, local or virtual: Postfix hands relay_transport's mail
+    (relay_domains') to it. The transport that does the same in mailflow becomes `importer.out.relay_service`
+    (postfix_import points relay_transport at it): the built-in transport of that daemon when no -o matters (its
+    main.cf settings are the section's), else a service of its own named `relay-DAEMON` ([lmtp.services.relay-lmtp],
+    [pipe.relay-pipe]: `relay` is the built-in SMTP relay's name). Refused otherwise (postfix_import reports it)."""
+    options = _options(service) if service.command != "pipe" else []
+    needed = [(name, value) for name, value in options if not _not_needed(name)]
+    if service.command in _RELAY_AS_BUILT_IN and not needed:
+        for name, value in options:
+            importer.out.notes.append(_not_needed_note(service, name, value))
+        importer.out.relay_service = service.command
+        return
+    if service.command not in ("lmtp", "pipe"):
+        raise Refused(f"a {service.command} relay with -o {needed[0][0]}: mailflow's {service.command} transport "
+                      "takes its settings from its section only" if needed else
+                      f"a {service.command} relay: mailflow has no {service.command} transport")
+    renamed = dataclasses.replace(service, name=f"{RELAY}-{service.command}")
+    (_client_service if service.command == "lmtp" else _pipe_service)(importer, renamed)
+    importer.out.relay_service = renamed.name
 
 
 def _not_needed(name: str) -> str:

@@ -17,6 +17,8 @@ from mailflow.config import DEFAULTS, flat_settings
 from mailflow.config import postfix_names as names
 from mailflow.config.postfix_import import import_postfix
 from mailflow.config.smtpd import PostscreenConfig
+from mailflow.model import Outcome
+from mailflow.transports.error import parse_error_nexthop
 from tests.support.client_certs import ClientPki
 from tests.support.tools import require_tool
 
@@ -482,6 +484,59 @@ def test_filter_readme_s_client_services_are_named_services_with_their_own_setti
     assert '[smtp.services.smtp-amavis]\ndata_timeout = "1200s"\n' in text
 
 
+RELAY_DOMAIN_MAIN = "myhostname = mx.example.com\nrelay_domains = relay.example\nrelayhost = [10.0.0.1]\n"
+
+
+@pytest.mark.parametrize("relay_line, relay_transport, section", [
+    ("", "error:4.3.0 mail transport unavailable", None),
+    ("relay unix - - n - - lmtp\n  -o syslog_name=postfix/$service_name\n", "lmtp", None),
+    ("relay unix - - n - 3 lmtp -o lmtp_connect_timeout=10s\n", "relay-lmtp",
+     ("lmtp", "services", "relay-lmtp", {"connect_timeout": "10s"})),
+    ("relay unix - n n - - pipe flags=F user=nobody argv=/usr/bin/relay-in ${recipient}\n", "relay-pipe",
+     ("pipe", "relay-pipe", "argv", ["/usr/bin/relay-in", "${recipient}"])),
+    ("relay unix - - n - - discard\n", "discard", None),
+    ("relay unix - - n - - error\n", "error", None),
+], ids=["missing", "lmtp", "lmtp-o", "pipe", "discard", "error"])
+def test_relay_domain_mail_goes_where_master_cf_s_relay_sends_it_as_in_postfix(tmp_path, relay_line,
+                                                                               relay_transport, section):
+    """Postfix hands relay_transport's mail (its default: master.cf's `relay`) to whatever master.cf's relay runs,
+    and defers it when there is none (checked on a private Postfix: qmgr's `warning: connect to transport
+    private/relay`, error's `dsn=4.3.0, status=deferred (mail transport unavailable)`); mailflow's `relay` is its
+    SMTP relay, so relay_transport names what does the same (it went out over SMTP)."""
+    master = write(tmp_path, "master.cf", "smtp inet n - y - - smtpd\n" + relay_line)
+    code, err = run_import(write(tmp_path, "main.cf", RELAY_DOMAIN_MAIN), master, tmp_path / "mailflow.toml")
+    doc = checked(tmp_path / "mailflow.toml")
+    assert code == 0, err
+    assert doc["relay_transport"] == relay_transport
+    result = CliRunner().invoke(cli, ["address", "-c", str(tmp_path / "mailflow.toml"), "u@relay.example"])
+    assert re.search(rf"transport:\s+{relay_transport.partition(':')[0]}\b", result.output), result.output
+    if section is not None:
+        *path, key, value = section
+        table = doc
+        for name in path:
+            table = table[name]
+        assert table[key] == value
+    if relay_transport.startswith("error:"):
+        assert parse_error_nexthop(relay_transport.partition(":")[2]) == (
+            Outcome.DEFERRED, "4.3.0", "mail transport unavailable")
+
+
+@pytest.mark.parametrize("main_cf", ["", "relay_transport = relay:[10.0.0.2]\n"], ids=["default", "main.cf"])
+def test_main_cf_s_relay_transport_naming_relay_follows_master_cf_s_relay_and_keeps_its_next_hop(tmp_path, main_cf):
+    master = write(tmp_path, "master.cf", "smtp inet n - y - - smtpd\nrelay unix - - n - - lmtp\n")
+    code, err = run_import(write(tmp_path, "main.cf", RELAY_DOMAIN_MAIN + main_cf), master, tmp_path / "mailflow.toml")
+    assert code == 0, err
+    assert checked(tmp_path / "mailflow.toml")["relay_transport"] == ("lmtp:[10.0.0.2]" if main_cf else "lmtp")
+
+
+def test_a_relay_master_cf_runs_with_a_daemon_mailflow_lacks_is_reported_with_relay_transport(tmp_path):
+    master = write(tmp_path, "master.cf", "smtp inet n - y - - smtpd\nrelay unix - - n - - bounce\n")
+    code, err = run_import(write(tmp_path, "main.cf", RELAY_DOMAIN_MAIN), master, tmp_path / "mailflow.toml")
+    assert code == 1
+    assert [line.split(": ")[1] for line in err.splitlines()[1:]] == ["master.cf relay", "relay_transport"]
+    assert "relay_domains mail would go over mailflow's SMTP relay where Postfix's goes to that bounce service" in err
+
+
 @pytest.mark.parametrize("relay_line, told", [
     ("relay unix - - n - - smtp\n  -o syslog_name=postfix/$service_name\n",
      "relay -o syslog_name=postfix/$service_name not carried over: mailflow logs every line of relay's client as "
@@ -493,8 +548,7 @@ def test_the_relay_service_s_log_name_is_noted_as_it_is(tmp_path, relay_line, to
     """Postfix 3.3+'s master.cf logs relay as postfix/relay/smtp (-o syslog_name=postfix/$service_name), as mailflow
     does; an older master.cf kept across upgrades has no such -o: Postfix logs relay's lines as smtp."""
     master = write(tmp_path, "master.cf", "smtp inet n - y - - smtpd\n" + relay_line)
-    main = write(tmp_path, "main.cf", "myhostname = mx.example.com\nrelay_domains = relay.example\n")
-    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    code, err = run_import(write(tmp_path, "main.cf", RELAY_DOMAIN_MAIN), master, tmp_path / "mailflow.toml")
     assert code == 0, err
     assert f"# Note: master.cf:2: {told}\n" in (tmp_path / "mailflow.toml").read_text()
 
@@ -934,16 +988,14 @@ def test_main_cf_s_own_relay_transport_is_kept_whatever_master_cf_s_relay(tmp_pa
 
 
 @pytest.mark.parametrize("master_cf", [
-    "relay unix - - n - - lmtp -o lmtp_connect_timeout=5\n",
-    "relay unix - - n - - lmtp\n",
     "virtual unix - - n - - smtp -o smtp_helo_name=v.example\n",
     "lmtp unix - - n - - smtp\n",
-    "relay unix - n n - 2 pipe user=nobody argv=/bin/true\n",
     "local unix - n n - - pipe user=nobody argv=/bin/true\n",
 ])
 def test_a_service_under_a_built_in_transport_s_name_it_cannot_replace_is_left_out_not_a_crash(tmp_path, master_cf):
     """Only `relay … smtp` replaces a built-in transport; another client or a pipe under a built-in's name used to
-    write an [lmtp.services.relay] / [smtp.services.virtual] / [pipe.relay] mailflow refuses: exit 70."""
+    write an [smtp.services.virtual] / [pipe.local] mailflow refuses: exit 70. (A `relay` run by lmtp or pipe is a
+    service of its own relay_transport names: test_relay_domain_mail_goes_where_master_cf_s_relay_sends_it…)"""
     main = write(tmp_path, "main.cf", "myhostname = mx.example.com\n")
     code, err = run_import(main, write(tmp_path, "master.cf", master_cf), tmp_path / "mailflow.toml")
     assert code == 1, err
