@@ -70,6 +70,7 @@ class Importer:
         self.expander = Expander({n: v for n, (_, v) in self.params.items()}, hostname or self._system_hostname())
         self.out = Imported()
         self.used: set[str] = set()
+        self._cache_off: set[str] = set()  # *_connection_cache_on_demand = no without destinations
 
     def run(self) -> Imported:
         self._defaults()
@@ -77,6 +78,7 @@ class Importer:
         for name, (line, raw) in self.params.items():
             if name not in self.used and name not in classes:
                 self._parameter(name, line, raw)
+        self._caches_off()
         self._listen()
         if self.services is not None:
             for service in self.services:
@@ -189,6 +191,8 @@ class Importer:
                 for key in names.SETTINGS[name]:
                     self._set(name, line, raw, key, self._in_queue_directory(convert(name, key, value,
                                                                                      self.out.notes)))
+            elif name in names.CACHE_ON_DEMAND and value.lower() == "no":
+                self._no_cache_on_demand(name)
             elif name in names.BUILT_IN:
                 fixed, why = names.BUILT_IN[name]
                 if value.lower() != fixed:
@@ -204,6 +208,31 @@ class Importer:
             self.out.leave_out(line.where, name, raw, str(e))
         except Unexpanded as e:  # queue_directory's, when a unix: path is taken from it
             self.out.leave_out(line.where, name, raw, f"needs queue_directory, which {e.reason()}")
+
+    def _no_cache_on_demand(self, name: str) -> None:
+        """`smtp_connection_cache_on_demand = no` (or lmtp's): Postfix then caches only the sessions of
+        *_connection_cache_destinations, none when that is empty (its default), so the client's
+        connection_cache_time_limit is 0s, whatever main.cf's *_connection_cache_time_limit (which then applies to
+        nothing); with destinations, Refused: mailflow caches every destination's sessions or none."""
+        client = names.CACHE_ON_DEMAND[name]
+        destinations = f"{client}_connection_cache_destinations"
+        if self._main_value(destinations):
+            raise Refused(f"with {destinations}, Postfix caches those destinations' sessions only; mailflow's "
+                          f"{client} client caches every destination's or none ({client}.connection_cache_time_limit)")
+        self._cache_off.add(name)
+
+    def _caches_off(self) -> None:
+        """The clients _no_cache_on_demand turned off: connection_cache_time_limit 0s (after every parameter, so
+        that a *_connection_cache_time_limit line, which Postfix then applies to nothing, does not undo it)."""
+        for name in self._cache_off:
+            client, (line, raw) = names.CACHE_ON_DEMAND[name], self.params[name]
+            key = f"{client}.connection_cache_time_limit"
+            if key in self.out.settings and key not in self._defaulted():
+                self.out.notes.append(f"{self.out.origins[key]} applies to nothing: {name} = {raw} without "
+                                      f"{client}_connection_cache_destinations caches no session")
+            self.out.settings[key] = convert(f"{client}_connection_cache_time_limit", key, "0s", self.out.notes)
+            self.out.origins[key] = (f"{line.where}: {name} = {raw} (no {client}_connection_cache_destinations: "
+                                     "Postfix caches no session)")
 
     def _merged_agree(self, name: str) -> bool:
         """Refused unless every Postfix name merged into `name`'s mailflow setting (main.cf's value, else Postfix's

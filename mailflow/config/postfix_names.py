@@ -143,9 +143,11 @@ BUILT_IN: dict[str, tuple[str, str]] = {
                                   "[127.0.0.1]:10024, is never looked up as MX)"),
     "smtp_tls_note_starttls_offer": ("no", "mailflow does not log it"),
     **dict.fromkeys(("smtp_connection_cache_on_demand", "lmtp_connection_cache_on_demand"), (
-        "yes", "mailflow's SMTP and LMTP clients cache each session for connection_cache_time_limit, backlog or not "
-               "(0s turns a client's cache off)")),
+        "yes", "mailflow's SMTP and LMTP clients cache every session (Postfix's: on demand, for a destination with "
+               "a backlog) for connection_cache_time_limit (0s turns a client's cache off)")),
 }
+# main.cf's *_connection_cache_on_demand -> its client (= no, without *_connection_cache_destinations: no cache)
+CACHE_ON_DEMAND = {"smtp_connection_cache_on_demand": "smtp", "lmtp_connection_cache_on_demand": "lmtp"}
 
 _POSTFIX_OWN = "a path or setting of Postfix's own installation; mailflow keeps its own (queue_directory)"
 NOT_NEEDED: dict[str, str] = {
