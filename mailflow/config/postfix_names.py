@@ -168,6 +168,9 @@ NOT_NEEDED: dict[str, str] = {
 }
 
 NOT_IMPORTABLE: dict[str, str] = {
+    **dict.fromkeys(("smtp_connection_cache_destinations", "lmtp_connection_cache_destinations"),
+                    "mailflow's clients cache every destination's sessions or none (connection_cache_time_limit), "
+                    "not a list of destinations'"),
     "smtpd_reject_footer_maps": "mailflow has smtpd.reject_footer (one text, its macros), not a map by reply",
     "postscreen_reject_footer_maps": "mailflow has smtpd.postscreen.reject_footer (one text), not a map by reply",
     "postscreen_cache_map": "mailflow's postscreen keeps its cache of passed clients in memory (cache_limit)",
