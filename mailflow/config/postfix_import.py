@@ -30,7 +30,8 @@ service's `-o` applied there; the postscreen_* parameters are [smtpd.postscreen]
 services are built in; anything else is left out (mailflow.config.postfix_master). A `*_transport` or content_filter
 naming a transport mailflow then does not have (master.cf's service left out, or no master.cf) is left out.
 relay_transport naming `relay` (its default) while master.cf's relay is not an smtp service, or is missing, is
-written as what does what Postfix does there (master.cf's relay as mailflow has it, or a 4.3.0 deferral). The
+written as what does what Postfix does there (master.cf's relay as mailflow has it, or ABSENT_RELAY: a 4.3.0
+deferral). The
 reading half (files, expansion, values, the result) is mailflow.config.postfix_cf.
 """
 from __future__ import annotations
@@ -59,6 +60,11 @@ _SMTPD_BANNER_REFERENCE = re.compile(r"\$(?:smtpd_banner|\{smtpd_banner\}|\(smtp
 _SMTPD_FORBIDDEN_REFERENCE = re.compile(r"\$(?:smtpd_forbidden_commands|\{smtpd_forbidden_commands\}|"
                                         r"\(smtpd_forbidden_commands\))")
 _NON_LETTER_RULE = "regexp:{{/^[^A-Z]/ Bogus}}"  # smtpd_forbidden_commands' default rule, built into mailflow
+
+
+# relay_transport when master.cf has no relay: a transport no configuration defines, whose mail qmgr defers as
+# Postfix's defers mail for a service master.cf lacks
+ABSENT_RELAY = "relay-absent"
 
 
 class Importer:
@@ -395,8 +401,9 @@ class Importer:
         none (qmgr: `warning: connect to transport private/relay: …`, then error(8)'s `status=deferred (mail
         transport unavailable)`, 4.3.0). mailflow's `relay` is its built-in SMTP relay, so relay_transport is
         written to name what does the same: the transport master.cf's relay became (postfix_master), or
-        `error:4.3.0 mail transport unavailable` when master.cf has no relay (the same result line, without qmgr's
-        warning); a relay left out (its line says why) is reported here too, as its mail would go out over SMTP.
+        ABSENT_RELAY, a transport mailflow does not define, when master.cf has no relay (its qmgr defers that mail
+        so, with a warning; an `error:` transport would not do: smtpd refuses its recipients at RCPT, as Postfix's
+        smtpd_check does); a relay left out (its line says why) is reported here too, as its mail would go out over SMTP.
         Nothing changes without relay_domains (no mail is relay_transport's) unless main.cf sets relay_transport."""
         value = str(self.out.settings.get("relay_transport", RELAY))
         transport, colon, nexthop = value.partition(":")
@@ -406,9 +413,10 @@ class Importer:
             return  # (no relay_domains: no mail is relay_transport's, unless main.cf said where it goes)
         origin = self.out.origins.get("relay_transport", "relay_transport's default, relay")
         if relay is None:
-            route = "error:4.3.0 mail transport unavailable"
-            why = ("master.cf has no relay service: Postfix's qmgr defers its mail (warning: connect to transport "
-                   "private/relay, status=deferred (mail transport unavailable))")
+            route = ABSENT_RELAY
+            why = (f"master.cf has no relay service: Postfix's qmgr defers its mail (warning: connect to transport "
+                   f"private/relay, then 4.3.0 mail transport unavailable), as mailflow's defers mail for "
+                   f"{ABSENT_RELAY}, a transport it does not define (an error: transport would be refused at RCPT)")
         elif self.out.relay_service:
             route = self.out.relay_service + colon + nexthop
             why = f"master.cf's relay runs {relay.command} ({relay.line.where}): mailflow's {route} does the same"
@@ -425,7 +433,7 @@ class Importer:
     def _check_transports(self) -> None:
         """A setting naming a transport mailflow does not have (`default_transport = slow` with master.cf's `slow`
         left out or not given) is left out: written, it would load and defer all mail (transport not defined)."""
-        known = set(BUILTIN_TRANSPORTS) | set(self.out.pipes) | set(self.out.clients)
+        known = set(BUILTIN_TRANSPORTS) | set(self.out.pipes) | set(self.out.clients) | {ABSENT_RELAY}
         hint = ("master.cf has no service of that name mailflow translates" if self.services is not None
                 else "no master.cf given (--master) to say what it is")
         for key, value in list(self.out.settings.items()):
