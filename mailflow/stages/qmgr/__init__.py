@@ -149,6 +149,7 @@ MIN_RESCAN = 0.1  # seconds: the soonest a timed scan follows the one before
 MAINTENANCE_INTERVAL = 60.0  # seconds between checks whether the store has space to give back
 RECORD_GRACE = 5.0  # at stop, seconds granted to results already back to be recorded after deliveries are cut off
 HANDOFF_CONTENT_BUDGET = SCAN_CONTENT_BUDGET  # bytes of handed-over content kept in memory at once
+UNDEFINED_TRANSPORT_PROGRAM = "error"  # what a result for a transport that is not defined is logged as
 ADMIT_SLICE = 100  # messages a scan admits (routes, schedules) before it hands the loop back
 OVERLOOK_SLICE = 1000  # destinations the tick's safety net (`_mark_the_overlooked`) looks at, round robin
 
@@ -959,10 +960,11 @@ class QueueManager:
     def _program(self, result: RcptResult) -> str:
         """The program a result's line is logged as: its delivery agent's (Postfix's agents log their own results;
         the one it names, `RcptResult.program`, when its agent passed the recipient on to another), qmgr for one
-        qmgr made itself (no agent had the job: suspended destination, no transport)."""
+        qmgr made itself (no agent had the job: a suspended destination), the one it names when qmgr made it
+        for another (error, for a transport that is not defined)."""
         transport = self._transports.get(result.transport) if result.stats is not None else None
         if transport is None:
-            return "qmgr"
+            return result.program or "qmgr"
         return result.program or transport.program
 
     def _job_done(self, job: Job, report: DeliveryReport, handoff: float = 0.0, done: float = 0.0) -> None:
@@ -1149,10 +1151,13 @@ def _suspended(dest: Destination, recipients: tuple[Recipient, ...]) -> Delivery
 def _undefined_transport(transport: str, recipients: tuple[Recipient, ...]) -> DeliveryReport:
     """What qmgr answers for the recipients of a job (or a probe) routed to a transport that is not defined: as
     Postfix's qmgr for a service master.cf lacks, 4.3.0 "mail transport unavailable", with a warning that names
-    it (Postfix's "connect to transport private/NAME: No such file or directory")."""
+    it (Postfix's "connect to transport private/NAME: No such file or directory"); each result logged as error's
+    (Postfix's qmgr hands such mail to its retry service, error(8), whose line it is)."""
     log.warning("transport %r is not defined (no built-in transport nor [pipe.%s], [smtp.services.%s] or "
                 "[lmtp.services.%s])", transport, transport, transport, transport)
-    return DeliveryReport.uniform(recipients, Outcome.DEFERRED, "4.3.0", "mail transport unavailable")
+    report = DeliveryReport.uniform(recipients, Outcome.DEFERRED, "4.3.0", "mail transport unavailable")
+    return dataclasses.replace(report, results=tuple(dataclasses.replace(r, program=UNDEFINED_TRANSPORT_PROGRAM)
+                                                     for r in report.results))
 
 
 def _owned_lines(result: RcptResult) -> list[RcptResult]:
