@@ -403,8 +403,9 @@ class Importer:
         written to name what does the same: the transport master.cf's relay became (postfix_master), or
         ABSENT_RELAY, a transport mailflow does not define, when master.cf has no relay (its qmgr defers that mail
         so, with a warning; an `error:` transport would not do: smtpd refuses its recipients at RCPT, as Postfix's
-        smtpd_check does); a relay left out (its line says why) is reported here too, as its mail would go out over SMTP.
-        Nothing changes without relay_domains (no mail is relay_transport's) unless main.cf sets relay_transport."""
+        smtpd_check does); a relay left out (its line says why) is reported here too, as its mail would go out
+        over SMTP. Nothing changes without relay_domains (no mail is relay_transport's) unless main.cf sets
+        relay_transport."""
         value = str(self.out.settings.get("relay_transport", RELAY))
         transport, colon, nexthop = value.partition(":")
         relay = next((s for s in self.services or () if s.name == RELAY), None)
