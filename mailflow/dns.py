@@ -22,7 +22,8 @@ component may use it.
     AiodnsResolver(nameservers=…, timeout=…, tries=…) / .close()    (app.py builds it from [dns]); a lookup
                                               takes at most `timeout` x `tries` seconds, and may take them all
                                               (what c-ares's own, shorter, timeouts give up is asked again on a
-                                              second channel, shared too: `_query`)
+                                              second channel, shared too: `_query`); `isolated_asks=` (default
+                                              ISOLATED_ASKS): lookups asked again alone at once (below)
     StaticResolver(mx={...}, addresses={...}, txt={...}, ptr={...}, tlsa={...}, ns={...}, secure=(names...))
     is_ip_literal(host) -> bool               an IP literal resolves to itself, without a query
                                               (mailflow.syntax.is_ip_address)
@@ -45,6 +46,11 @@ Failure behaviour (a failed lookup is never "not found"):
 - a reply that cannot be read (garbled, a record cut     -> raise `UnreadableReply`, a LookupRetry whose text is
   short)                                                    Postfix's for its dns_get_answer's DNS_RETRY ("...:
                                                             Malformed or unexpected name server reply")
+  one lookup's fault never reaches another: c-ares fails every query in flight on its UDP socket when one reply
+  there cannot be read, so a query c-ares ends unreadable is asked again alone, once, on a socket of its own
+  (`IsolatedAsker`: its answer, or failure, is the lookup's); at most `isolated_asks` at once per resolver, past
+  them it stays UnreadableReply (a flood of garbled replies opens no more sockets); within the same deadline;
+  logged at debug only
 - an MX, A or AAAA reply naming what is no host name     -> raise `InvalidReply` (Postfix's DNS_INVAL, after its
   (a record's owner, an MX host, a CNAME target: Postfix's  valid_rr_name's warning, logged alike): a LookupRetry for
   valid_rr_name)                                            whoever does not ask for it (a failure), the same text
@@ -59,15 +65,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import time
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import aiodns
 import aiodns.error
+import dns.asyncbackend
+import dns.asyncquery
 import dns.asyncresolver
 import dns.exception
 import dns.flags
+import dns.inet
+import dns.message
+import dns.name
 import dns.nameserver
+import dns.rcode
+import dns.rdatatype
 import dns.resolver
 import dns.reversename
 import pycares
@@ -92,6 +107,18 @@ TRY_AGAIN_CODES = frozenset({aiodns.error.ARES_ESERVFAIL, aiodns.error.ARES_ETIM
 CHECKED_NAMES = ("MX", "A", "AAAA")
 RECORD_TYPES = {pycares.QUERY_TYPE_MX: "MX", pycares.QUERY_TYPE_A: "A", pycares.QUERY_TYPE_AAAA: "AAAA",
                 pycares.QUERY_TYPE_CNAME: "CNAME"}
+# Queries asked again on a socket of their own (`IsolatedAsker`) at once, per resolver: past it, a query c-ares
+# found unreadable stays an UnreadableReply (a flood of garbled replies opens no more sockets than this).
+ISOLATED_ASKS = 32
+# A reply's rcode as the c-ares failure it comes to (ares_dns_query_reply_tostatus); NOERROR without an answer is
+# ENODATA, an rcode not named here an unexpected reply (EBADRESP).
+RCODE_FAILURES = {dns.rcode.NXDOMAIN: aiodns.error.ARES_ENOTFOUND, dns.rcode.SERVFAIL: aiodns.error.ARES_ESERVFAIL,
+                  dns.rcode.REFUSED: aiodns.error.ARES_EREFUSED, dns.rcode.NOTIMP: aiodns.error.ARES_ENOTIMP,
+                  dns.rcode.FORMERR: aiodns.error.ARES_EFORMERR}
+# The failures after which the isolated re-ask tries the next name server (as c-ares and the system's resolver do).
+NEXT_SERVER_FAILURES = frozenset({aiodns.error.ARES_EBADRESP, aiodns.error.ARES_ESERVFAIL, aiodns.error.ARES_EREFUSED,
+                                  aiodns.error.ARES_ENOTIMP, aiodns.error.ARES_ETIMEOUT,
+                                  aiodns.error.ARES_ECONNREFUSED})
 
 
 @dataclass(frozen=True)
@@ -372,15 +399,17 @@ class AiodnsResolver:
     loop, and made again if a later call comes from another loop.
     """
 
-    def __init__(self, *, nameservers: tuple[str, ...], timeout: float, tries: int):
+    def __init__(self, *, nameservers: tuple[str, ...], timeout: float, tries: int,
+                 isolated_asks: int = ISOLATED_ASKS):
         """`nameservers`: "ip" or "ip:port" entries, () for the system's resolv.conf; `timeout` seconds per
-        try; `tries` per query (c-ares)."""
+        try; `tries` per query (c-ares); `isolated_asks`: queries asked again alone at once (`IsolatedAsker`)."""
         self._nameservers = tuple(nameservers)
         self._timeout = timeout
         self._tries = tries
         self._channel: aiodns.DNSResolver | None = None
         self._retry_channel: aiodns.DNSResolver | None = None  # what `_channel` timed out, asked again
         self._dnspython: dns.asyncresolver.Resolver | None = None  # TLSA and the AD bit (no loop binding)
+        self._isolated = IsolatedAsker(self._nameservers, timeout, isolated_asks)  # what c-ares found unreadable
 
     async def mx(self, domain: str) -> list[MX]:
         result = await self._query(domain, "MX")
@@ -474,7 +503,8 @@ class AiodnsResolver:
         has answered a few queries, c-ares (1.32 on, always on) waits 5 times its average latency, at least 250 ms,
         instead of `timeout`; after quick answers (a recursive resolver's cache) a slow one (its recursion) timed
         out in 0.75 s. A query the shared channel gives up on is asked again on the one retry channel, which sees
-        only such queries (`_query_until`)."""
+        only such queries (`_query_until`). A query c-ares ends as unreadable is asked again alone, once
+        (`IsolatedAsker`): one garbled reply fails every query in flight on c-ares's socket."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout * self._tries
         try:
@@ -494,13 +524,16 @@ class AiodnsResolver:
     async def _query_until(self, name: str, qtype: str, deadline: float):
         """c-ares's answer: the shared channel's, else (each time c-ares timed out with at least RETRY_FLOOR left
         before `deadline`, loop time) the retry channel's. Two channels whatever the load: in an outage every
-        lookup waits on them, none makes a channel (a thread, descriptors, an inotify instance) of its own."""
+        lookup waits on them, none makes a channel (a thread, descriptors, an inotify instance) of its own.
+        Unreadable (EBADRESP): the isolated asker's answer, asked once."""
         loop = asyncio.get_running_loop()
         channel = self._resolver()
         while True:
             try:
                 return await channel.query_dns(dns_name(name), qtype)
             except aiodns.error.DNSError as e:
+                if error_code(e) == aiodns.error.ARES_EBADRESP:
+                    return await self._isolated.ask_again(name, qtype, e)
                 if not is_timeout(e) or deadline - loop.time() < RETRY_FLOOR:
                     raise
             log.debug("lookup %s %s: no answer within c-ares's time, asked again", name, qtype)
@@ -525,8 +558,137 @@ class AiodnsResolver:
                                   tries=self._tries)
 
 
+class IsolatedAsker:
+    """Asks a query again on a UDP socket of its own (dnspython; over TCP when the reply is truncated), for a query
+    c-ares ended as unreadable (EBADRESP). c-ares reads the replies of all its queries to a server on one UDP
+    socket and, when one of them cannot be read, fails every query in flight there: asked alone, each gets its own
+    answer, and a reply that is garbled indeed is unreadable again.
+
+    Bounded: at most `limit` queries at once (past it the query stays unreadable: a flood of garbled replies opens
+    no more sockets), each name server asked once per query, `timeout` seconds each (and the caller's deadline).
+    The answer is what c-ares's query_dns gives (a pycares.DNSResult, answer records of the types this module
+    reads: A, AAAA, MX, TXT, PTR, NS, CNAME), a failure the aiodns DNSError c-ares would raise for it."""
+
+    def __init__(self, nameservers: tuple[str, ...], timeout: float, limit: int):
+        """`nameservers` as AiodnsResolver's: () for the system's resolv.conf."""
+        self._nameservers = nameservers
+        self._servers: list[tuple[str, int]] | None = None
+        self._timeout = timeout
+        self._limit = limit
+        self._in_flight = 0
+
+    async def ask_again(self, name: str, qtype: str, unreadable: aiodns.error.DNSError) -> pycares.DNSResult:
+        """The answer for name/qtype asked alone; raises `unreadable` when `limit` queries are asked already."""
+        if self._in_flight >= self._limit:
+            log.debug("lookup %s %s: reply unreadable, not asked again (%d asked alone now)", name, qtype,
+                      self._in_flight)
+            raise unreadable
+        log.debug("lookup %s %s: reply unreadable, asked again alone", name, qtype)
+        self._in_flight += 1
+        try:
+            return await self._ask_servers(name, qtype)
+        finally:
+            self._in_flight -= 1
+
+    async def _ask_servers(self, name: str, qtype: str) -> pycares.DNSResult:
+        """The first server's answer; the next server's after a failure c-ares would try the next one for; else
+        the last failure."""
+        failure = aiodns.error.DNSError(aiodns.error.ARES_ECONNREFUSED, "no name server")
+        for host, port in self._server_list():
+            try:
+                return await self._ask(host, port, name, qtype)
+            except aiodns.error.DNSError as e:
+                if error_code(e) not in NEXT_SERVER_FAILURES:
+                    raise
+                failure = e
+        try:
+            raise failure
+        finally:  # (its traceback holds this frame, which must then not hold it)
+            del failure
+
+    async def _ask(self, host: str, port: int, name: str, qtype: str) -> pycares.DNSResult:
+        try:
+            reply = await self._exchange(dns.message.make_query(dns_name(name), qtype), host, port)
+        except dns.exception.Timeout:
+            raise aiodns.error.DNSError(aiodns.error.ARES_ETIMEOUT, "Timeout while contacting DNS servers") from None
+        except ConnectionRefusedError:
+            raise aiodns.error.DNSError(aiodns.error.ARES_ECONNREFUSED, "Could not contact DNS servers") from None
+        except (dns.exception.DNSException, EOFError) as e:
+            raise aiodns.error.DNSError(aiodns.error.ARES_EBADRESP, f"Misformatted DNS reply: {e!r}") from None
+        return cares_result(reply)
+
+    async def _exchange(self, query: dns.message.Message, host: str, port: int) -> dns.message.Message:
+        """The reply to `query` over UDP (over TCP when truncated), on a socket of its own connected to the server
+        (the kernel drops datagrams from elsewhere). A datagram that reads as a reply to another query (one late
+        for a socket that had this port before) is passed over, as c-ares passes over a reply of unknown id."""
+        destination = (host, port)
+        expiration = time.time() + self._timeout  # (dnspython's clock)
+        backend = dns.asyncbackend.get_default_backend()
+        try:
+            async with await backend.make_socket(dns.inet.af_for_address(host), socket.SOCK_DGRAM, 0, None,
+                                                 destination) as sock:
+                await dns.asyncquery.send_udp(sock, query, destination, expiration)
+                while True:
+                    reply, _, _ = await dns.asyncquery.receive_udp(sock, destination, expiration,
+                                                                   raise_on_truncation=True)
+                    if query.is_response(reply):
+                        return reply
+        except dns.message.Truncated:
+            return await dns.asyncquery.tcp(query, host, timeout=max(expiration - time.time(), 0), port=port)
+
+    def _server_list(self) -> list[tuple[str, int]]:
+        if self._servers is None:
+            entries = self._nameservers or tuple(system_nameservers())
+            self._servers = [split_nameserver(entry) for entry in entries]
+        return self._servers
+
+
+def system_nameservers() -> list[str]:
+    """resolv.conf's name servers, as c-ares reads them; [] when there is none to read."""
+    try:
+        return [str(server) for server in dns.resolver.Resolver(configure=True).nameservers]
+    except (dns.exception.DNSException, OSError):
+        return []
+
+
+def cares_result(reply: dns.message.Message) -> pycares.DNSResult:
+    """A dnspython reply as c-ares's query_dns gives it: its answer records, or the DNSError of its rcode (NOERROR
+    without an answer: ENODATA)."""
+    rcode = reply.rcode()
+    if rcode != dns.rcode.NOERROR:
+        raise aiodns.error.DNSError(RCODE_FAILURES.get(rcode, aiodns.error.ARES_EBADRESP), dns.rcode.to_text(rcode))
+    if not reply.answer:
+        raise aiodns.error.DNSError(aiodns.error.ARES_ENODATA, "DNS server returned answer with no data")
+    records = [pycares.DNSRecord(rrset.name.to_text(omit_final_dot=True), rrset.rdtype, rrset.rdclass, rrset.ttl,
+                                 RECORD_DATA[rrset.rdtype](rdata))
+               for rrset in reply.answer if rrset.rdtype in RECORD_DATA for rdata in rrset]
+    return pycares.DNSResult(records, [], [])
+
+
+def _target(name: dns.name.Name) -> str:
+    return name.to_text(omit_final_dot=True)
+
+
+CaresRecordData = (pycares.ARecordData | pycares.AAAARecordData | pycares.MXRecordData | pycares.TXTRecordData
+                   | pycares.PTRRecordData | pycares.NSRecordData | pycares.CNAMERecordData)
+# Answer records as pycares gives them, by type (dnspython rdata -> pycares record data).
+RECORD_DATA: dict[int, Callable[[Any], CaresRecordData]] = {
+    dns.rdatatype.A: lambda rdata: pycares.ARecordData(rdata.address),
+    dns.rdatatype.AAAA: lambda rdata: pycares.AAAARecordData(rdata.address),
+    dns.rdatatype.MX: lambda rdata: pycares.MXRecordData(rdata.preference, _target(rdata.exchange)),
+    dns.rdatatype.TXT: lambda rdata: pycares.TXTRecordData(b"".join(rdata.strings)),
+    dns.rdatatype.PTR: lambda rdata: pycares.PTRRecordData(_target(rdata.target)),
+    dns.rdatatype.NS: lambda rdata: pycares.NSRecordData(_target(rdata.target)),
+    dns.rdatatype.CNAME: lambda rdata: pycares.CNAMERecordData(_target(rdata.target)),
+}
+
+
+def error_code(error: aiodns.error.DNSError) -> int | None:
+    return error.args[0] if error.args else None
+
+
 def is_timeout(error: aiodns.error.DNSError) -> bool:
-    return bool(error.args) and error.args[0] == aiodns.error.ARES_ETIMEOUT
+    return error_code(error) == aiodns.error.ARES_ETIMEOUT
 
 
 def split_nameserver(entry: str) -> tuple[str, int]:

@@ -295,6 +295,107 @@ async def test_answers_too_big_for_udp_come_over_tcp_and_are_used_within_bounds(
     assert loop.time() - started < 2
 
 
+# ------------------------------------------------------------------------------------ one garbled reply, isolated
+
+GARBLE_ZONE = ZONE + """
+garbled.test.        300 IN MX 10 mx1.example.test.
+badmx.test.          300 IN MX 10 bad-.example.test.
+alias.test.          300 IN CNAME example.test.
+example.test.        300 IN NS ns1.example.test.
+5.0.0.127.in-addr.arpa. 300 IN PTR implicit.test.
+big.test.            300 IN TXT """ + " ".join(f'"{chr(97 + i % 26) * 255}"' for i in range(20)) + """
+""" + "".join(f"n{i}.test. 300 IN A 127.0.1.{i}\n" for i in range(40))
+# Every lookup below but garbled.test's: answered after a while, so that each is in flight, on c-ares's socket,
+# when garbled.test's reply (at once, cut short) arrives.
+BESIDE = ("example.test", "mx1.example.test", "textonly.test", "nullmx.test", "implicit.test", "alias.test",
+          "badmx.test", "nowhere.test", "broken.test", "5.0.0.127.in-addr.arpa", "big.test")
+
+
+def lookups(resolver: AiodnsResolver) -> list:
+    """One lookup of each kind the resolver makes (each answer type converted, each failure), none of garbled.test."""
+    return [resolver.mx("example.test"), resolver.addresses("mx1.example.test"), resolver.txt("textonly.test"),
+            resolver.mx("nullmx.test"), resolver.mx("implicit.test"), resolver.mx("alias.test"),
+            resolver.ns("example.test"), resolver.ptr("127.0.0.5"), resolver.mx("badmx.test"),
+            resolver.mx("nowhere.test"), resolver.mx("broken.test"), resolver.txt("big.test")]  # (big: over TCP)
+
+
+def outcome(answer: object) -> object:
+    """An answer, or a failure as its type and text (what callers read of it)."""
+    return (type(answer).__name__, answer.text) if isinstance(answer, PermanentError | LookupRetry) else answer
+
+
+async def test_a_garbled_reply_spoils_no_other_lookup_in_flight(dns_zone):
+    """c-ares reads the replies of all its queries to a server on one UDP socket and fails every query in flight
+    there when one reply cannot be read (EBADRESP): a garbled reply for garbled.test made each lookup of another
+    name beside it (other sessions', other deliveries') a "Malformed or unexpected name server reply", a deferral.
+    Each is asked again alone and answered as if garbled.test had not been asked; garbled.test stays unreadable,
+    in Postfix's words; all within one try's timeout."""
+    nameserver = dns_zone(GARBLE_ZONE, servfail=("broken.test",), garbled=("garbled.test",), slow=BESIDE, delay=0.3,
+                          tcp=True)
+    alone = AiodnsResolver(nameservers=(nameserver,), timeout=2.0, tries=2)
+    try:
+        expected = [outcome(a) for a in await asyncio.gather(*lookups(alone), return_exceptions=True)]
+    finally:
+        await alone.close()
+    assert expected[0] == [MX(10, "mx1.example.test"), MX(20, "mx2.example.test"), MX(30, "mx3.example.test")]
+    assert expected[6:8] == [["ns1.example.test"], ["implicit.test"]] and expected[9][0] == "NotFound"
+    assert len(expected[11][0]) == 20 * 255
+    assert expected[8] == ("InvalidReply", "Name service error for name=badmx.test type=MX: Malformed or unexpected "
+                                           "name server reply")
+    loop = asyncio.get_running_loop()
+    for _ in range(3):  # (a resolver each time: c-ares answers a name again from its cache)
+        resolver = AiodnsResolver(nameservers=(nameserver,), timeout=2.0, tries=2)
+        started = loop.time()
+        try:
+            garbled, *beside = await asyncio.gather(resolver.mx("garbled.test"), *lookups(resolver),
+                                                    return_exceptions=True)
+        finally:
+            await resolver.close()
+        assert [outcome(a) for a in beside] == expected
+        assert outcome(garbled) == ("UnreadableReply", "Name service error for name=garbled.test type=MX: "
+                                                       "Malformed or unexpected name server reply")
+        assert loop.time() - started < 2.0
+
+
+async def test_lookups_are_asked_alone_once_and_only_so_many_at_once(dns_zone):
+    """A query c-ares found unreadable is asked alone once (a reply garbled again is unreadable, not asked a
+    third time), and at most `isolated_asks` at once: past them a flood of garbled replies opens no more
+    sockets, and the queries past them stay unreadable."""
+    asked: list[tuple[str, str]] = []
+    names = [f"n{i}.test" for i in range(30)]
+    nameserver = dns_zone(GARBLE_ZONE, garbled=("garbled.test",), slow=tuple(names), delay=0.3, asked=asked)
+    resolver = AiodnsResolver(nameservers=(nameserver,), timeout=2.0, tries=1, isolated_asks=4)
+    loop = asyncio.get_running_loop()
+    threads, descriptors = threads_and_descriptors()
+    peak = [descriptors]
+
+    async def sample() -> None:
+        while True:
+            peak[0] = max(peak[0], threads_and_descriptors()[1])
+            await asyncio.sleep(0.01)
+
+    sampler = asyncio.create_task(sample())
+    started = loop.time()
+    try:
+        beside = [asyncio.ensure_future(resolver.ipv4_addresses(n)) for n in names]
+        await asyncio.sleep(0.1)  # (all sent: c-ares sends from a thread of its own)
+        answers = await asyncio.gather(resolver.mx("garbled.test"), *beside, return_exceptions=True)
+    finally:
+        sampler.cancel()
+        await resolver.close()
+    assert loop.time() - started < 2.0
+    times_asked = {name: sum(1 for n, _ in asked if n.rstrip(".") == name) for name in ["garbled.test", *names]}
+    # c-ares's one try (none for a query still unsent when it failed them all), then at most once alone
+    assert max(times_asked.values()) <= 2 and sum(times_asked.values()) <= len(times_asked) + 4
+    unreadable = "Malformed or unexpected name server reply"
+    for name, answer in zip(["garbled.test", *names], answers):
+        if isinstance(answer, list):
+            assert answer == [f"127.0.1.{name[1:].split('.')[0]}"]
+        else:
+            assert isinstance(answer, LookupRetry) and answer.text.endswith(unreadable), answer
+    assert isinstance(answers[0], LookupRetry) and 1 <= sum(isinstance(answer, list) for answer in answers) <= 4
+    assert peak[0] <= descriptors + 8, (descriptors, peak)
+
 
 LONG_NAME = ("a" * 60 + ".") * 5 + "test"
 
