@@ -418,10 +418,7 @@ class AiodnsResolver:
             for rec in result
             if rec.type == pycares.QUERY_TYPE_MX
         ]
-        for record in records:
-            if not record.is_null and not valid_rr_name(record.host):
-                raise invalid_reply(domain, "MX", "resource data", "MX", record.host)
-        return sort_mx(records)
+        return sort_mx(usable_mx_records(records, domain))
 
     async def addresses(self, host: str) -> list[str]:
         if is_ip_literal(host):
@@ -727,6 +724,20 @@ def check_reply_names(records, name: str, qtype: str) -> None:
             raise invalid_reply(name, qtype, "resource name", rtype, rec.name)
         if rec.type == pycares.QUERY_TYPE_CNAME and not valid_rr_name(normalize_name(rec.data.cname)):
             raise invalid_reply(name, qtype, "resource data", rtype, rec.data.cname)
+
+
+def usable_mx_records(records: list[MX], domain: str) -> list[MX]:
+    """The records of an MX answer Postfix's dns_get_answer keeps: each record whose host is no host name is
+    dropped after Postfix's warning; a null MX is kept (its callers take the answer as a null MX, as Postfix's
+    DNS_NULLMX, whatever else it holds); InvalidReply only when none is left (Postfix's DNS_INVAL only when no
+    record was found)."""
+    usable = [record for record in records if record.is_null or valid_rr_name(record.host)]
+    for record in records:
+        if record not in usable:
+            invalid_reply(domain, "MX", "resource data", "MX", record.host)
+    if records and not usable:
+        raise InvalidReply(domain, "MX")
+    return usable
 
 
 def invalid_reply(name: str, qtype: str, location: str, rtype: str, value: str) -> InvalidReply:

@@ -32,8 +32,10 @@ badcname.test.          60 IN CNAME bad-.example.test.
 bad-.example.test.      60 IN A     192.0.2.1
 garbled.test.           60 IN MX    10 mx.known.test.
 garbled.test.           60 IN A     192.0.2.1
+mixedmx.test.           60 IN MX    10 mx.known.test.
+mixedmx.test.           60 IN MX    20 bad-.example.test.
 """
-ODD = ("badmx", "badmxaddr", "badcname", "garbled", "formerr", "refused", "notimp")
+ODD = ("badmx", "badmxaddr", "mixedmx", "badcname", "garbled", "formerr", "refused", "notimp")
 RCODES = {"formerr.test": "FORMERR", "refused.test": "REFUSED", "notimp.test": "NOTIMP"}
 CHECKS = {"helo_restrictions": ["reject_unknown_helo_hostname"],
           "sender_restrictions": ["reject_unknown_sender_domain"],
@@ -105,7 +107,7 @@ async def test_odd_dns_answers_make_the_same_replies_as_a_real_postfix(mailflow_
         "450 4.7.1 <null-servfail-nodata.combo.test>: Helo command rejected: Host not found"
     assert postfix["formerr.test", "s@known.test", "r@known.test"] == \
         "550 5.7.1 <formerr.test>: Helo command rejected: Host not found"
-
+    assert postfix["known.test", "s@mixedmx.test", "r@known.test"] == "250 2.1.5 Ok"
 
 
 DELIVERY_ZONE = """
@@ -114,7 +116,7 @@ badmx.test.             60 IN MX    10 bad-.example.test.
 bad-.example.test.      60 IN A     192.0.2.1
 """
 DELIVERY_RCODES = {"formerr.test": "FORMERR", "refused.test": "REFUSED", "notimp.test": "NOTIMP"}
-DESTINATIONS = ("garbled", "badmx", "formerr", "refused", "notimp", "broken")
+DESTINATIONS = ("garbled", "badmx", "mixedmx", "formerr", "refused", "notimp", "broken")
 
 
 async def relay_one_each(port: int) -> None:
@@ -161,6 +163,50 @@ async def test_the_smtp_client_ends_mail_for_odd_mx_answers_as_a_real_postfix(ma
     malformed = "Malformed or unexpected name server reply"
     said = "Name service error for name={}.test type=MX: {}"
     assert postfix["r@badmx.test"][1:] == ("5.4.4", "bounced", said.format("badmx", malformed))
+    assert postfix["r@mixedmx.test"][2] == "deferred"  # mx.known.test asked, not bounced
     assert postfix["r@garbled.test"][1:] == ("4.4.3", "deferred", said.format("garbled", malformed))
     assert postfix["r@formerr.test"][1:] == \
         ("5.4.3", "bounced", "Host or domain name not found. " + said.format("formerr", "Non-recoverable error"))
+
+
+MX_ACCESS_ZONE = """
+spam.test.              60 IN MX    10 mx.bad-hoster.test.
+spam.test.              60 IN MX    20 bad-.example.test.
+mx.bad-hoster.test.     60 IN A     198.51.100.66
+known.test.             60 IN A     192.0.2.1
+"""
+MX_ACCESS = "check_sender_mx_access inline:{mx.bad-hoster.test=REJECT}"
+
+
+async def mx_access_replies(port: int) -> dict[str, str]:
+    answers = {}
+    client = await SmtpClient.connect(port)
+    try:
+        await client.cmd("EHLO known.test")
+        for sender, rcpt in (("s@spam.test", "r@known.test"), ("s@known.test", "r@known.test")):
+            await client.cmd(f"MAIL FROM:<{sender}>")
+            answers[sender, rcpt] = (await client.cmd(f"RCPT TO:<{rcpt}>")).text
+            await client.cmd("RSET")
+    finally:
+        await client.close()
+    return answers
+
+
+async def test_an_mx_record_naming_no_host_beside_good_ones_is_dropped_alone_as_by_a_real_postfix(mailflow_server,
+                                                                                                   dns_zone):
+    """Postfix's dns_get_answer drops an MX record whose host is no host name and keeps the others: a listed MX host
+    is still refused by check_sender_mx_access: one bogus record must not slip a blocklist."""
+    address = private_nameserver_address()
+    dns_zone(MX_ACCESS_ZONE, address=address, port=53)
+    async with postfix_instance({"smtpd_sender_restrictions": MX_ACCESS, "smtpd_error_sleep_time": "0",
+                                 "smtpd_relay_restrictions": "permit_mynetworks, reject",
+                                 "mynetworks": "127.0.0.0/8"}, nameserver=address) as pf:
+        postfix = await mx_access_replies(pf.port)
+    mf = await mailflow_server(mynetworks=["127.0.0.0/8"],
+                               dns={"nameservers": [f"{address}:53"], "timeout": "2s", "tries": 1},
+                               smtpd={"sender_restrictions": [MX_ACCESS], "error_sleep_time": 0,
+                                      "relay_restrictions": ["permit_mynetworks", "reject"]})
+    mailflow = await mx_access_replies(mf.smtp_addresses[0][1])
+    assert mailflow == postfix
+    assert postfix["s@spam.test", "r@known.test"] == "554 5.7.1 <s@spam.test>: Sender address rejected: Access denied"
+    assert postfix["s@known.test", "r@known.test"] == "250 2.1.5 Ok"

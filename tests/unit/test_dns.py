@@ -12,7 +12,8 @@ from dnslib import QTYPE, RR, DNSRecord, A
 
 from mailflow.app import build_resolver
 from mailflow.config import DnsConfig
-from mailflow.dns import MX, AiodnsResolver, NotFound, StaticResolver, hostname_gripe, is_ip_literal
+from mailflow.dns import (MX, AiodnsResolver, InvalidReply, NotFound, StaticResolver, hostname_gripe,
+                          is_ip_literal)
 from mailflow.errors import LookupRetry, PermanentError
 from mailflow.transports.smtp.addr import MX_HOST_LIMIT, exchangers, parse_nexthop
 from tests.support import free_port
@@ -130,6 +131,29 @@ async def test_aiodns_null_mx_reads_as_dot(dns_zone):
     try:
         assert await resolver.mx("nullmx.test") == [MX(0, ".")]
         assert (await resolver.mx("nullmx.test"))[0].is_null
+    finally:
+        await resolver.close()
+
+
+MIXED_MX_ZONE = """
+mixed.test.   300 IN MX 20 bad-.example.test.
+mixed.test.   300 IN MX 10 mx.example.test.
+nullbad.test. 300 IN MX 10 bad-.example.test.
+nullbad.test. 300 IN MX 0 .
+allbad.test.  300 IN MX 10 bad-.example.test.
+"""
+
+
+async def test_aiodns_mx_drops_only_the_records_naming_no_host(dns_zone, caplog):
+    """Postfix's dns_get_answer: a bad MX host is dropped with a warning, the answer is DNS_INVAL only when nothing
+    is left; a null MX stands whatever comes before it."""
+    resolver = aiodns_resolver(dns_zone(MIXED_MX_ZONE))
+    try:
+        assert await resolver.mx("mixed.test") == [MX(10, "mx.example.test")]
+        assert "malformed domain name in resource data of MX record for mixed.test: bad-.example.test" in caplog.text
+        assert [r.is_null for r in await resolver.mx("nullbad.test")] == [True]
+        with pytest.raises(InvalidReply):
+            await resolver.mx("allbad.test")
     finally:
         await resolver.close()
 
