@@ -551,8 +551,12 @@ class AiodnsResolver:
         return self._retry_channel
 
     def _channel_for(self, loop: asyncio.AbstractEventLoop) -> aiodns.DNSResolver:
+        """A c-ares channel asking without EDNS (flags=0; c-ares's default is ARES_FLAG_EDNS), as Postfix's
+        resolver asks unless it wants DNSSEC: a server that answers FORMERR to EDNS queries answers these (c-ares
+        retries such a FORMERR without EDNS only while it still sends a DNS cookie, its first query to a server).
+        A truncated answer is asked again over TCP; the AD bit (DANE, TLSA) is asked through dnspython."""
         return aiodns.DNSResolver(nameservers=list(self._nameservers) or None, loop=loop, timeout=self._timeout,
-                                  tries=self._tries)
+                                  tries=self._tries, flags=0)
 
 
 class IsolatedAsker:

@@ -8,7 +8,8 @@ import socket
 import time
 
 import pytest
-from dnslib import QTYPE, RR, DNSRecord, A
+from dnslib import EDNS0, QTYPE, RCODE, RR, DNSRecord, A
+from dnslib import MX as MXData
 
 from mailflow.app import build_resolver
 from mailflow.config import DnsConfig
@@ -156,6 +157,45 @@ async def test_aiodns_mx_drops_only_the_records_naming_no_host(dns_zone, caplog)
             await resolver.mx("allbad.test")
     finally:
         await resolver.close()
+
+
+class EdnsIntolerantServer(asyncio.DatagramProtocol):
+    """FORMERR, with an OPT record, to every query carrying EDNS; an MX answer to a plain one."""
+
+    def __init__(self) -> None:
+        self.asked_with_edns: list[bool] = []
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        request = DNSRecord.parse(data)
+        with_edns = any(record.rtype == QTYPE.OPT for record in request.ar)
+        self.asked_with_edns.append(with_edns)
+        reply = request.reply()
+        if with_edns:
+            reply.header.rcode = RCODE.FORMERR
+            reply.add_ar(EDNS0())
+        else:
+            reply.add_answer(RR(request.q.qname, QTYPE.MX, rdata=MXData("mx.example.org"), ttl=60))
+        self.transport.sendto(reply.pack(), addr)
+
+
+async def test_a_server_answering_formerr_to_edns_is_asked_without_it_as_postfix_asks(dns_zone):
+    """Postfix's resolver sends no EDNS unless it wants DNSSEC, so such a server answers it; c-ares (EDNS by
+    default) falls back to a plain query only for its first query to a server: later lookups were NonRecoverable,
+    which bounces mail 5.4.3 and makes smtpd's domain checks say "not found"."""
+    server = EdnsIntolerantServer()
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(lambda: server,
+                                                                             local_addr=("127.0.0.1", 0))
+    resolver = aiodns_resolver(f"127.0.0.1:{transport.get_extra_info('sockname')[1]}")
+    try:
+        for n in range(3):
+            assert await resolver.mx(f"d{n}.test") == [MX(10, "mx.example.org")]
+        assert not any(server.asked_with_edns)
+    finally:
+        await resolver.close()
+        transport.close()
 
 
 async def test_aiodns_nxdomain_raises_not_found(dns_zone):
