@@ -780,7 +780,7 @@ def merge_address_answers(answers: Sequence[object]) -> list[str]:
     found = [addr for answer in answers if isinstance(answer, list) for addr in answer]
     if found:
         return found
-    failure = _worst_failure(answers)
+    failure = worst_failure(answers)
     if failure is None:
         return []
     try:
@@ -789,17 +789,23 @@ def merge_address_answers(answers: Sequence[object]) -> list[str]:
         del failure, answers
 
 
-def _worst_failure(answers: Sequence[object]) -> BaseException | None:
-    """Postfix's order (dns.h: DNS_RETRY over DNS_INVAL over DNS_FAIL over DNS_NOTFOUND), the last of equals."""
+def worst_failure(answers: Sequence[object]) -> BaseException | None:
+    """Of the failures among `answers`, the one Postfix's dns_lookup_rl keeps (failure_rank), the last of equals."""
     failures = [answer for answer in answers if isinstance(answer, BaseException)]
-    return max(reversed(failures), key=_failure_rank) if failures else None  # (max keeps the first of equals)
+    return max(reversed(failures), key=failure_rank) if failures else None  # (max keeps the first of equals)
 
 
-def _failure_rank(failure: BaseException) -> int:
+# Postfix's dns.h statuses, negated: the higher the worse, as dns_lookup_rl keeps the worst met.
+DNS_RETRY, DNS_INVAL, DNS_FAIL, DNS_NULLMX, DNS_NOTFOUND = 6, 5, 4, 3, 2
+
+
+def failure_rank(failure: BaseException | None) -> int:
+    """A lookup's failure as Postfix's status: a temporary one (UnreadableReply too) DNS_RETRY, InvalidReply
+    DNS_INVAL, NonRecoverable DNS_FAIL, NotFound DNS_NOTFOUND; 0 for none. (A null MX, no failure, is DNS_NULLMX.)"""
     if isinstance(failure, InvalidReply):
-        return 3
+        return DNS_INVAL
     if isinstance(failure, NonRecoverable):
-        return 2
+        return DNS_FAIL
     if isinstance(failure, LookupRetry):
-        return 4
-    return 1 if isinstance(failure, NotFound) else 0
+        return DNS_RETRY
+    return DNS_NOTFOUND if isinstance(failure, NotFound) else 0

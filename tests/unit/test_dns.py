@@ -13,8 +13,8 @@ from dnslib import MX as MXData
 
 from mailflow.app import build_resolver
 from mailflow.config import DnsConfig
-from mailflow.dns import (MX, AiodnsResolver, InvalidReply, NotFound, StaticResolver, hostname_gripe,
-                          is_ip_literal)
+from mailflow.dns import (MX, AiodnsResolver, InvalidReply, NonRecoverable, NotFound, StaticResolver,
+                          UnreadableReply, hostname_gripe, is_ip_literal, merge_address_answers)
 from mailflow.errors import LookupRetry, PermanentError
 from mailflow.transports.smtp.addr import MX_HOST_LIMIT, exchangers, parse_nexthop
 from tests.support import free_port
@@ -475,3 +475,30 @@ LONG_NAME = ("a" * 60 + ".") * 5 + "test"
 def test_hostname_gripe_says_what_postfix_s_valid_hostname_warns(name, gripe):
     """postfix-3.7.11 src/util/valid_hostname.c: the warning after "valid_hostname: " (the name cut at 100)."""
     assert hostname_gripe(name) == gripe
+
+
+# Postfix's dns.h order, written out here (not taken from mailflow.dns): DNS_RETRY (a failure now, a reply that
+# cannot be read), DNS_INVAL, DNS_FAIL, DNS_NOTFOUND, then NODATA.
+ANSWER_KINDS = {"addresses": 9, "retry": 6, "unreadable": 6, "invalid": 5, "formerr": 4, "nxdomain": 2, "nodata": 1}
+
+
+def answer_of(kind: str):
+    return {"addresses": ["192.0.2.1"], "nodata": [], "nxdomain": NotFound("h.test", "A"),
+            "formerr": NonRecoverable("h.test", "A"), "invalid": InvalidReply("h.test", "A"),
+            "unreadable": UnreadableReply("h.test", "A"), "retry": LookupRetry("h.test: Host not found, try again")
+            }[kind]
+
+
+@pytest.mark.parametrize("a", ANSWER_KINDS)
+@pytest.mark.parametrize("aaaa", ANSWER_KINDS)
+def test_the_a_and_aaaa_answers_merge_as_postfix_ranks_their_statuses(a, aaaa):
+    """Any address wins; else the worst status met (the AAAA one of equals, as dns_lookup_rv keeps the last)."""
+    answers = [answer_of(a), answer_of(aaaa)]
+    expected = answers[0] if ANSWER_KINDS[a] > ANSWER_KINDS[aaaa] else answers[1]
+    if isinstance(expected, list):
+        assert merge_address_answers(answers) == [addr for answer in answers if isinstance(answer, list)
+                                                  for addr in answer]
+    else:
+        with pytest.raises(type(expected)) as raised:
+            merge_address_answers(answers)
+        assert raised.value is expected

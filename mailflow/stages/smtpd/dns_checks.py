@@ -47,8 +47,8 @@ from typing import TYPE_CHECKING
 
 from mailflow import address, status
 from mailflow.address import client_ip
-from mailflow.dns import (MX, InvalidReply, NonRecoverable, NotFound, confirmed_name, failure_text, hostname_gripe,
-                          is_ip_literal, ptr_names)
+from mailflow.dns import (DNS_INVAL, DNS_NULLMX, DNS_FAIL, DNS_RETRY, MX, NotFound, confirmed_name, failure_rank,
+                          failure_text, hostname_gripe, is_ip_literal, ptr_names, worst_failure)
 from mailflow.errors import LookupRetry
 from mailflow.model import AddressClass
 from mailflow.rbl_reply import txt_reason
@@ -63,6 +63,8 @@ log = logging.getLogger("mailflow.smtpd")
 REMOTE = (AddressClass.DEFAULT, AddressClass.RELAY)
 # What the DNS says of a HELO name or an address's domain (Postfix's dns_lookup_l statuses, as its checks take them).
 FOUND, UNKNOWN, NULL_MX, MALFORMED, RETRY = "found", "unknown", "null MX", "malformed", "retry"
+# A host name's verdict from the worst status its lookups met (DNS_FAIL ranks over DNS_NULLMX: then not found).
+HOST_VERDICTS = {DNS_RETRY: RETRY, DNS_INVAL: MALFORMED, DNS_FAIL: UNKNOWN, DNS_NULLMX: FOUND}
 TEMPUNAVAIL = "[TEMPUNAVAIL]"  # XCLIENT NAME's "the front end's DNS cannot tell now" (SMTPD_PEER_CODE_TEMP)
 
 
@@ -274,28 +276,23 @@ class DnsChecks:
         Postfix asks it as a name, which no TLD answers)."""
         if is_ip_literal(name):
             return UNKNOWN
-        met = set()
+        worst = 0
         for lookup in (self._resolver.addresses, self._resolver.mx):
             try:
                 records = await lookup(name)
-            except NotFound:
+            except LookupRetry as e:  # (an InvalidReply logged by the resolver, as Postfix's dns_lookup warns)
+                if failure_rank(e) == DNS_RETRY:
+                    log.debug("%s: address or MX lookup error: %s", name, e.reason)  # (Postfix logs none)
+                worst = max(worst, failure_rank(e))
                 continue
-            except InvalidReply:  # (logged by the resolver, as Postfix's dns_lookup warns)
-                met.add(MALFORMED)
-                continue
-            except NonRecoverable:
-                met.add(UNKNOWN)  # (DNS_FAIL ranks over DNS_NULLMX: then not found)
-                continue
-            except LookupRetry as e:
-                log.debug("%s: address or MX lookup error: %s", name, e.reason)  # (Postfix logs none)
-                met.add(RETRY)
+            except NotFound as e:
+                worst = max(worst, failure_rank(e))
                 continue
             if any(isinstance(r, MX) and r.is_null for r in records):
-                met.add(NULL_MX)
+                worst = max(worst, DNS_NULLMX)
             elif records:
                 return FOUND
-        return next((verdict for verdict in (RETRY, MALFORMED, UNKNOWN) if verdict in met),
-                    FOUND if NULL_MX in met else UNKNOWN)
+        return HOST_VERDICTS.get(worst, UNKNOWN)
 
     # -------------------------------------------------------------------------------- address domains
 
@@ -330,30 +327,27 @@ class DnsChecks:
         lookup that failed, or said NXDOMAIN, the addresses are asked, and a failure met on any step wins over
         "not found" or a malformed reply (dns_lookup_rl keeps the highest status met: DNS_RETRY over DNS_INVAL over
         DNS_NOTFOUND)."""
-        mx_failed: LookupRetry | None = None
+        mx_failure: NotFound | LookupRetry | None = None
         try:
             records = await self._domain_records("mx", domain, memo)
-        except (NotFound, NonRecoverable):  # (DNS_FAIL ranks over DNS_NOTFOUND; neither ends it)
-            records = ()
-        except InvalidReply:
-            return MALFORMED
-        except LookupRetry as e:
-            records, mx_failed = (), e
+        except (NotFound, LookupRetry) as e:  # (only DNS_INVAL ends it)
+            if failure_rank(e) == DNS_INVAL:
+                return MALFORMED
+            records, mx_failure = (), e
         if any(r.is_null for r in records):
             return NULL_MX
         if records:
             return FOUND
+        address_failure: NotFound | LookupRetry | None = None
         try:
             if await self._domain_records("addresses", domain, memo):
                 return FOUND
-        except (NotFound, NonRecoverable):
-            pass
-        except InvalidReply:
-            if mx_failed is None:
-                return MALFORMED
-        if mx_failed is not None:
-            raise mx_failed
-        return UNKNOWN
+        except (NotFound, LookupRetry) as e:
+            address_failure = e
+        worst = worst_failure([mx_failure, address_failure])
+        if worst is not None and failure_rank(worst) == DNS_RETRY:
+            raise worst
+        return MALFORMED if failure_rank(worst) == DNS_INVAL else UNKNOWN
 
     async def unknown_recipient_domain(self, facts: Facts) -> status.Reply | None:
         """No MX and no address for the recipient's domain (`code` 4.1.2 "Domain not found"); a null MX refuses it
