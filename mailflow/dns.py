@@ -243,6 +243,8 @@ class Resolver(Protocol):
 
     async def ipv4_addresses(self, name: str) -> list[str]: ...  # A records only (DNSBL queries, as dnsblog)
 
+    async def ipv6_addresses(self, name: str) -> list[str]: ...  # AAAA records only (an IPv6 client's name)
+
     async def txt(self, name: str) -> list[str]: ...
 
     async def ptr(self, address: str) -> list[str]: ...
@@ -279,9 +281,10 @@ class ClientName:
 async def client_name(resolver: Resolver, address: str, names: list[str]) -> ClientName:
     """The first of `names` (an address's PTR names) when its addresses include `address`: the name that leads back
     to it. Only the first, as Postfix's smtpd takes the one name getnameinfo gives (a later PTR name that would lead
-    back makes no difference); a numeric or malformed one is no name (sockaddr_to_hostname). An IPv4 address's name
-    is asked for A records only (hostname_to_sockaddr_pf in the client's family: an AAAA failure is none of its
-    business). The warnings are Postfix's, with getaddrinfo's words for why the name gave no address."""
+    back makes no difference); a numeric or malformed one is no name (sockaddr_to_hostname). The name is asked for
+    the client's family only, A records for an IPv4 address, AAAA for an IPv6 one (hostname_to_sockaddr_pf: the
+    other family's failure is none of its business). The warnings are Postfix's, with getaddrinfo's words for why
+    the name gave no address."""
     if not names:
         return ClientName()
     name = names[0].rstrip(".")
@@ -292,7 +295,7 @@ async def client_name(resolver: Resolver, address: str, names: list[str]) -> Cli
         return ClientName(warning=f"valid_hostname: {gripe}")
     elsewhere = f"hostname {name} does not resolve to address {address}"
     try:
-        found = await (resolver.ipv4_addresses(name) if is_ipv4(address) else resolver.addresses(name))
+        found = await (resolver.ipv4_addresses(name) if is_ipv4(address) else resolver.ipv6_addresses(name))
     except NotFound:
         return ClientName(warning=f"{elsewhere}: {GAI_NONAME}")
     except NonRecoverable:
@@ -391,6 +394,9 @@ class StaticResolver:
         except NotFound:
             raise NotFound(name, "A") from None
 
+    async def ipv6_addresses(self, name: str) -> list[str]:
+        return [a for a in await self.addresses(name) if not is_ipv4(a)]
+
 
 class AiodnsResolver:
     """The real resolver: aiodns 4 (c-ares) `query_dns`, against `nameservers` or the system's resolv.conf.
@@ -432,6 +438,9 @@ class AiodnsResolver:
 
     async def ipv4_addresses(self, name: str) -> list[str]:
         return await self._addresses_of_type(name, "A", pycares.QUERY_TYPE_A)
+
+    async def ipv6_addresses(self, name: str) -> list[str]:
+        return await self._addresses_of_type(name, "AAAA", pycares.QUERY_TYPE_AAAA)
 
     async def txt(self, name: str) -> list[str]:
         result = await self._query(name, "TXT")

@@ -301,6 +301,9 @@ class FakeDns:
     async def ipv4_addresses(self, name: str) -> list[str]:
         return [a for a in await self.addresses(name) if ":" not in a]
 
+    async def ipv6_addresses(self, name: str) -> list[str]:
+        return [a for a in await self.addresses(name) if ":" in a]
+
     async def ns(self, domain: str) -> list[str]:
         """No name servers (smtpd's check_*_ns_access): a destination's domain has none, others do not exist."""
         if self._find(domain) is None:

@@ -13,8 +13,8 @@ from dnslib import MX as MXData
 
 from mailflow.app import build_resolver
 from mailflow.config import DnsConfig
-from mailflow.dns import (MX, AiodnsResolver, InvalidReply, NonRecoverable, NotFound, StaticResolver,
-                          UnreadableReply, hostname_gripe, is_ip_literal, merge_address_answers)
+from mailflow.dns import (GAI_NODATA, MX, AiodnsResolver, InvalidReply, NonRecoverable, NotFound, StaticResolver,
+                          UnreadableReply, client_name, hostname_gripe, is_ip_literal, merge_address_answers)
 from mailflow.errors import LookupRetry, PermanentError
 from mailflow.transports.smtp.addr import MX_HOST_LIMIT, exchangers, parse_nexthop
 from tests.support import free_port
@@ -502,3 +502,15 @@ def test_the_a_and_aaaa_answers_merge_as_postfix_ranks_their_statuses(a, aaaa):
         with pytest.raises(type(expected)) as raised:
             merge_address_answers(answers)
         assert raised.value is expected
+
+
+async def test_an_ipv6_client_s_name_is_asked_for_aaaa_records_only(dns_zone):
+    """Postfix's smtpd_peer.c asks hostname_to_sockaddr_pf in the client's family: a name without AAAA whose A
+    lookup fails is "No address associated with hostname" (a permanent verdict), not a temporary failure."""
+    resolver = aiodns_resolver(dns_zone('v6.test. 300 IN TXT "no AAAA"\n', servfail=("v6.test/A",)))
+    try:
+        verdict = await client_name(resolver, "2001:db8::7", ["v6.test"])
+        assert (verdict.name, verdict.retry) == ("", False)
+        assert verdict.warning == f"hostname v6.test does not resolve to address 2001:db8::7: {GAI_NODATA}"
+    finally:
+        await resolver.close()
