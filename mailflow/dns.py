@@ -173,10 +173,27 @@ def failure_text(error: LookupRetry) -> str:
 
 def valid_rr_name(name: str) -> bool:
     """A name Postfix's valid_rr_name takes in a reply: a valid host name (a leading `*` label too) or an IP
-    address (which it only warns of)."""
+    address (which it only warns of: checked_rr_name)."""
+    return is_ip_literal(name) or rr_name_gripe(name) is None
+
+
+def rr_name_gripe(name: str) -> str | None:
+    """hostname_gripe with Postfix's DO_WILDCARD: `*` alone, or as the first label, is taken."""
+    return None if name == "*" else hostname_gripe(name[2:] if name.startswith("*.") else name)
+
+
+def checked_rr_name(name: str, location: str, rtype: str, query: str) -> bool:
+    """valid_rr_name, with Postfix's warnings: "numeric domain name in ..." for an IP address (taken), else for a
+    name refused "valid_hostname: <why>" then "malformed domain name in <location> of <TYPE> record for <query>"."""
     if is_ip_literal(name):
+        log.warning("numeric domain name in %s of %s record for %s: %.100s", location, rtype, query, name)
         return True
-    return hostname_gripe(name[2:] if name.startswith("*.") else name) is None
+    gripe = rr_name_gripe(name)
+    if gripe is None:
+        return True
+    log.warning("valid_hostname: %s", gripe)
+    log.warning("malformed domain name in %s of %s record for %s: %.100s", location, rtype, query, name)
+    return False
 
 
 def hostname_gripe(name: str) -> str | None:
@@ -733,10 +750,11 @@ def check_reply_names(records, name: str, qtype: str) -> None:
     after Postfix's warning."""
     for rec in records:
         rtype = RECORD_TYPES.get(rec.type, str(rec.type))
-        if not valid_rr_name(normalize_name(rec.name)):
-            raise invalid_reply(name, qtype, "resource name", rtype, rec.name)
-        if rec.type == pycares.QUERY_TYPE_CNAME and not valid_rr_name(normalize_name(rec.data.cname)):
-            raise invalid_reply(name, qtype, "resource data", rtype, rec.data.cname)
+        if not checked_rr_name(normalize_name(rec.name), "resource name", rtype, name):
+            raise InvalidReply(name, qtype)
+        if rec.type == pycares.QUERY_TYPE_CNAME and not checked_rr_name(normalize_name(rec.data.cname),
+                                                                         "resource data", rtype, name):
+            raise InvalidReply(name, qtype)
 
 
 def usable_mx_records(records: list[MX], domain: str) -> list[MX]:
@@ -744,19 +762,11 @@ def usable_mx_records(records: list[MX], domain: str) -> list[MX]:
     dropped after Postfix's warning; a null MX is kept (its callers take the answer as a null MX, as Postfix's
     DNS_NULLMX, whatever else it holds); InvalidReply only when none is left (Postfix's DNS_INVAL only when no
     record was found)."""
-    usable = [record for record in records if record.is_null or valid_rr_name(record.host)]
-    for record in records:
-        if record not in usable:
-            invalid_reply(domain, "MX", "resource data", "MX", record.host)
+    usable = [record for record in records
+              if record.is_null or checked_rr_name(record.host, "resource data", "MX", domain)]
     if records and not usable:
         raise InvalidReply(domain, "MX")
     return usable
-
-
-def invalid_reply(name: str, qtype: str, location: str, rtype: str, value: str) -> InvalidReply:
-    """The InvalidReply of a lookup of `name`, once Postfix's valid_rr_name warning is logged."""
-    log.warning("malformed domain name in %s of %s record for %s: %.100s", location, rtype, name, value)
-    return InvalidReply(name, qtype)
 
 
 def classify_dns_error(error: aiodns.error.DNSError, name: str, qtype: str) -> list:

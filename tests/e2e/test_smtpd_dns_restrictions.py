@@ -870,7 +870,8 @@ async def test_a_reply_naming_no_host_is_refused_and_a_garbled_one_deferred_as_p
                     "450 4.1.8 <s@garbled.test>: Sender address rejected: Domain not found",
                     "450 4.1.2 <r@garbled.test>: Recipient address rejected: Domain not found"]}
     warned = {r.getMessage() for r in caplog.records if r.name == "mailflow.dns"}
-    assert warned == {"malformed domain name in resource data of MX record for badmx.test: bad-.example.test",
+    assert warned == {"valid_hostname: misplaced hyphen: bad-.example.test",
+                      "malformed domain name in resource data of MX record for badmx.test: bad-.example.test",
                       "malformed domain name in resource data of MX record for badmxaddr.test: bad-.example.test",
                       "malformed domain name in resource data of CNAME record for badcname.test: bad-.example.test"}
 

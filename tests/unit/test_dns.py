@@ -14,7 +14,8 @@ from dnslib import MX as MXData
 from mailflow.app import build_resolver
 from mailflow.config import DnsConfig
 from mailflow.dns import (GAI_NODATA, MX, AiodnsResolver, InvalidReply, NonRecoverable, NotFound, StaticResolver,
-                          UnreadableReply, client_name, hostname_gripe, is_ip_literal, merge_address_answers)
+                          UnreadableReply, checked_rr_name, client_name, hostname_gripe, is_ip_literal,
+                          merge_address_answers)
 from mailflow.errors import LookupRetry, PermanentError
 from mailflow.transports.smtp.addr import MX_HOST_LIMIT, exchangers, parse_nexthop
 from tests.support import free_port
@@ -139,6 +140,7 @@ async def test_aiodns_null_mx_reads_as_dot(dns_zone):
 MIXED_MX_ZONE = """
 mixed.test.   300 IN MX 20 bad-.example.test.
 mixed.test.   300 IN MX 10 mx.example.test.
+numeric.test. 300 IN MX 10 192.0.2.9.
 nullbad.test. 300 IN MX 10 bad-.example.test.
 nullbad.test. 300 IN MX 0 .
 allbad.test.  300 IN MX 10 bad-.example.test.
@@ -514,3 +516,21 @@ async def test_an_ipv6_client_s_name_is_asked_for_aaaa_records_only(dns_zone):
         assert verdict.warning == f"hostname v6.test does not resolve to address 2001:db8::7: {GAI_NODATA}"
     finally:
         await resolver.close()
+
+
+async def test_names_in_replies_are_warned_of_as_postfix_s_valid_rr_name_warns(dns_zone, caplog):
+    """postfix-3.7.11 src/dns/dns_lookup.c valid_rr_name: valid_hostname(DO_GRIPE | DO_WILDCARD) logs its own
+    warning before "malformed domain name in ..."; an IP address passes with "numeric domain name in ..."; a `*`
+    label alone is a name."""
+    resolver = aiodns_resolver(dns_zone(MIXED_MX_ZONE))
+    try:
+        await resolver.mx("mixed.test")
+        assert await resolver.mx("numeric.test") == [MX(10, "192.0.2.9")]
+    finally:
+        await resolver.close()
+    assert [m for m in caplog.messages if "domain name" in m or "valid_hostname" in m] == [
+        "valid_hostname: misplaced hyphen: bad-.example.test",
+        "malformed domain name in resource data of MX record for mixed.test: bad-.example.test",
+        "numeric domain name in resource data of MX record for numeric.test: 192.0.2.9"]
+    assert checked_rr_name("*", "resource name", "A", "x.test") and checked_rr_name("*.x.test", "resource name",
+                                                                                      "A", "x.test")
