@@ -530,3 +530,26 @@ async def test_the_footers_reverse_client_name_is_the_name_smtpd_knows(mailflow_
     refused = await client.cmd("RCPT TO:<x@elsewhere.test>")
     await client.close()
     assert refused.text.split("\n")[-1] == "554 5.7.1 n=other.test rv=other.test"
+
+
+async def xclient_name_codes(port: int) -> dict[str, int]:
+    codes = {}
+    for name in ("1.2.3.4", "a_b.test", "9.example.test", "bad-.test"):
+        client = await SmtpClient.connect(port)
+        try:
+            await client.cmd("EHLO c.test")
+            codes[name] = (await client.cmd(f"XCLIENT NAME={name}")).code
+        finally:
+            await client.close()
+    return codes
+
+
+async def test_xclient_name_is_checked_as_postfix_s_valid_hostname_checks_it(mailflow_server):
+    """smtpd.c xclient_cmd: valid_hostname(DONT_GRIPE) or "501 5.5.4 Bad NAME syntax": a numeric name is refused
+    (it would pass reject_unknown_client_hostname as a verified name), an underscore taken. mailflow checked
+    another syntax and said the other."""
+    async with postfix_instance({**POSTFIX_BASE, "smtpd_authorized_xclient_hosts": "127.0.0.0/8"}) as pf:
+        postfix = await xclient_name_codes(pf.port)
+    port = await start_mailflow(mailflow_server, authorized_xclient_hosts=["127.0.0.0/8"])
+    assert await xclient_name_codes(port) == postfix
+    assert postfix == {"1.2.3.4": 501, "a_b.test": 220, "9.example.test": 220, "bad-.test": 501}

@@ -45,11 +45,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from mailflow import status
+from mailflow.dns import hostname_gripe
 from mailflow.logs import printable
 from mailflow.stages.smtpd.dns_checks import TEMPUNAVAIL
 from mailflow.stages.smtpd.protocol import ProtocolCore
 from mailflow.stages.smtpd.state import SessionState, helo_name
-from mailflow.syntax import ascii_upper, is_hostname
+from mailflow.syntax import ascii_upper
 from mailflow.tables.networks import NetworkList
 
 log = logging.getLogger("mailflow.smtpd")
@@ -238,7 +239,7 @@ def _checked(name: str, value: str, word: str) -> str | None:
     if not value or not all("!" <= c <= "~" for c in value):
         raise bad
     if name == "NAME":
-        if not is_hostname(value):
+        if hostname_gripe(value) is not None:  # (Postfix's valid_hostname: a numeric name too)
             raise bad
         return value.lower()
     if name == "ADDR":
