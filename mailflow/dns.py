@@ -139,19 +139,20 @@ GAI_AGAIN, GAI_FAIL = "Temporary failure in name resolution", "Non-recoverable f
 MAX_LABEL, MAX_HOSTNAME = 63, 255  # Postfix's VALID_LABEL_LEN, VALID_HOSTNAME_LEN
 
 
-class UnreadableReply(LookupRetry):
+class MalformedReply(LookupRetry):
+    """A reply Postfix's dns_lookup cannot use, in its words (MALFORMED)."""
+
+    def __init__(self, name: str, qtype: str):
+        super().__init__(f"Name service error for name={name} type={qtype}: {MALFORMED}")
+
+
+class UnreadableReply(MalformedReply):
     """A reply that cannot be read: temporary (Postfix's dns_get_answer answers DNS_RETRY)."""
 
-    def __init__(self, name: str, qtype: str):
-        super().__init__(f"Name service error for name={name} type={qtype}: {MALFORMED}")
 
-
-class InvalidReply(LookupRetry):
+class InvalidReply(MalformedReply):
     """A reply naming what is no host name (Postfix's DNS_INVAL): its MX lookup bounces (5.4.4), smtpd's unknown
     domain and HELO checks refuse ("Malformed DNS server reply"); elsewhere a failure like any other."""
-
-    def __init__(self, name: str, qtype: str):
-        super().__init__(f"Name service error for name={name} type={qtype}: {MALFORMED}")
 
 
 class NonRecoverable(LookupRetry):
@@ -166,7 +167,7 @@ class NonRecoverable(LookupRetry):
 def failure_text(error: LookupRetry) -> str:
     """The text of a failed lookup as Postfix's dns_lookup gives it to the SMTP client: "Host or domain name not
     found. " before a resolver's error (h_errno), nothing before a reply it could not use (MALFORMED)."""
-    if isinstance(error, (UnreadableReply, InvalidReply)):
+    if isinstance(error, MalformedReply):
         return error.text
     return f"Host or domain name not found. {error.text}"
 
@@ -295,6 +296,17 @@ class ClientName:
     warning: str = ""
 
 
+def ptr_name_gripe(name: str) -> str | None:
+    """Why Postfix's smtpd takes a PTR name as no client name (sockaddr_to_hostname), in its warning's words: an IP
+    address ("numeric hostname: ..."), or no valid host name ("valid_hostname: ..."); None when it takes it. c-ares
+    hands a name over with some octets escaped (`caf\\195\\169`): the warning then names the escape's backslash (92),
+    not the octet, where glibc would have dropped such a PTR name (res_hnok) and Postfix logged nothing."""
+    if is_ip_literal(name):
+        return f"numeric hostname: {name}"
+    gripe = hostname_gripe(name)
+    return None if gripe is None else f"valid_hostname: {gripe}"
+
+
 async def client_name(resolver: Resolver, address: str, names: list[str]) -> ClientName:
     """The first of `names` (an address's PTR names) when its addresses include `address`: the name that leads back
     to it. Only the first, as Postfix's smtpd takes the one name getnameinfo gives (a later PTR name that would lead
@@ -305,11 +317,9 @@ async def client_name(resolver: Resolver, address: str, names: list[str]) -> Cli
     if not names:
         return ClientName()
     name = names[0].rstrip(".")
-    if is_ip_literal(name):
-        return ClientName(warning=f"numeric hostname: {name}")
-    gripe = hostname_gripe(name)
+    gripe = ptr_name_gripe(name)
     if gripe is not None:
-        return ClientName(warning=f"valid_hostname: {gripe}")
+        return ClientName(warning=gripe)
     elsewhere = f"hostname {name} does not resolve to address {address}"
     try:
         found = await (resolver.ipv4_addresses(name) if is_ipv4(address) else resolver.ipv6_addresses(name))

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 from mailflow import address, status
 from mailflow.address import client_ip
 from mailflow.dns import (DNS_INVAL, DNS_NULLMX, DNS_FAIL, DNS_RETRY, MX, NotFound, confirmed_name, failure_rank,
-                          failure_text, hostname_gripe, is_ip_literal, ptr_names, worst_failure)
+                          failure_text, is_ip_literal, ptr_name_gripe, ptr_names, worst_failure)
 from mailflow.errors import LookupRetry
 from mailflow.model import AddressClass
 from mailflow.rbl_reply import txt_reason
@@ -400,7 +400,7 @@ def _malformed(verdict: str) -> tuple[str, ...]:
 
 def _peer_name(name: str) -> bool:
     """A PTR name Postfix takes as a client's name: a valid host name (valid_hostname), not an address."""
-    return bool(name) and not is_ip_literal(name) and hostname_gripe(name) is None
+    return ptr_name_gripe(name) is None
 
 
 def _given_names(given_name: str) -> list[str] | None:
