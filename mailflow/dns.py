@@ -289,11 +289,13 @@ async def ptr_names(resolver: Resolver, address: str) -> list[str]:
 @dataclass(frozen=True)
 class ClientName:
     """What Postfix's smtpd (smtpd_peer.c) makes of an address's PTR names: `name` the verified name ("" for none),
-    `retry` when the DNS could not tell now, `warning` the line it logs at connect ("" for none)."""
+    `retry` when the DNS could not tell now, `warning` the line it logs at connect ("" for none), `failure` the
+    failed lookup's text."""
 
     name: str = ""
     retry: bool = False
     warning: str = ""
+    failure: str = ""  # with `retry`: the failed lookup's own text
 
 
 def ptr_name_gripe(name: str) -> str | None:
@@ -327,18 +329,18 @@ async def client_name(resolver: Resolver, address: str, names: list[str]) -> Cli
         return ClientName(warning=f"{elsewhere}: {GAI_NONAME}")
     except NonRecoverable:
         return ClientName(warning=f"{elsewhere}: {GAI_FAIL}")
-    except LookupRetry:
-        return ClientName(retry=True, warning=f"{elsewhere}: {GAI_AGAIN}")
+    except LookupRetry as e:
+        return ClientName(retry=True, warning=f"{elsewhere}: {GAI_AGAIN}", failure=e.text)
     if address in found:
         return ClientName(names[0])
     return ClientName(warning=elsewhere if found else f"{elsewhere}: {GAI_NODATA}")
 
 
 async def confirmed_name(resolver: Resolver, address: str, names: list[str]) -> str:
-    """`client_name`'s name; raises LookupRetry when DNS cannot tell now."""
+    """`client_name`'s name; raises LookupRetry (the failed lookup's text) when DNS cannot tell now."""
     verdict = await client_name(resolver, address, names)
     if verdict.retry:
-        raise LookupRetry(verdict.warning)
+        raise LookupRetry(verdict.failure or verdict.warning)
     return verdict.name
 
 

@@ -214,15 +214,19 @@ async def test_a_numeric_or_malformed_first_ptr_name_is_no_reverse_name(mailflow
             (550, "550 5.7.1 Client host rejected: cannot find your reverse hostname, [127.0.0.1]")], first
 
 
-async def test_a_client_name_the_dns_cannot_tell_is_450_whatever_the_code(mailflow_server, dns_zone):
+async def test_a_client_name_the_dns_cannot_tell_is_450_whatever_the_code(mailflow_server, dns_zone, caplog):
     """smtpd_peer.c: a temporary failure is SMTPD_PEER_CODE_TEMP, and reject_unknown_client / _reverse_name
     answer it 450 at once (no tempfail action), the forward lookup's failure too."""
     assert await client_name_replies(mailflow_server, dns_zone, "", servfail=("1.0.0.127.in-addr.arpa",)) == [
         (450, "450 4.7.25 Client host rejected: cannot find your hostname, [127.0.0.1]"),
         (450, "450 4.7.1 Client host rejected: cannot find your reverse hostname, [127.0.0.1]")]
     forward_fails = "1.0.0.127.in-addr.arpa. 300 IN PTR broken.test.\n"
-    assert await client_name_replies(mailflow_server, dns_zone, forward_fails, servfail=("broken.test",)) == [
-        (450, "450 4.7.25 Client host rejected: cannot find your hostname, [127.0.0.1]"), (250, "250 2.1.5 Ok")]
+    with caplog.at_level(logging.WARNING, logger="mailflow.smtpd"):
+        assert await client_name_replies(mailflow_server, dns_zone, forward_fails, servfail=("broken.test",)) == [
+            (450, "450 4.7.25 Client host rejected: cannot find your hostname, [127.0.0.1]"), (250, "250 2.1.5 Ok")]
+    # the lookup error names the lookup that failed (it said the connect warning again)
+    assert "127.0.0.1: lookup error: Name service error for name=broken.test type=A: Host not found, try again" \
+        in caplog.messages
 
 
 async def test_without_peername_lookup_the_name_checks_see_unknown_and_ask_no_dns(mailflow_server, dns_zone):
