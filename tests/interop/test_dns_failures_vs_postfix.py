@@ -10,9 +10,12 @@ cases were seen with a private Postfix whose /etc/hosts was empty, which this ha
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 
 import aiosmtplib
 import pytest
+from dnslib import EDNS0, MX, QTYPE, RCODE, RR, DNSRecord
 
 from tests.interop.test_smtp_faults_vs_postfix import MailLogLines, outcomes
 from tests.support import SmtpClient, eventually, postfix_instance
@@ -210,3 +213,65 @@ async def test_an_mx_record_naming_no_host_beside_good_ones_is_dropped_alone_as_
     assert mailflow == postfix
     assert postfix["s@spam.test", "r@known.test"] == "554 5.7.1 <s@spam.test>: Sender address rejected: Access denied"
     assert postfix["s@known.test", "r@known.test"] == "250 2.1.5 Ok"
+
+
+def answer_plain_queries_only(sock: socket.socket, asked_with_edns: list[bool]) -> None:
+    """FORMERR, with an OPT record, to every query carrying EDNS; an MX answer to a plain one (until closed)."""
+    sock.settimeout(0.1)
+    while True:
+        try:
+            data, peer = sock.recvfrom(4096)
+        except TimeoutError:
+            continue
+        except OSError:  # closed
+            return
+        request = DNSRecord.parse(data)
+        with_edns = any(record.rtype == QTYPE.OPT for record in request.ar)
+        asked_with_edns.append(with_edns)
+        reply = request.reply()
+        if with_edns:
+            reply.header.rcode = RCODE.FORMERR
+            reply.add_ar(EDNS0())
+        elif request.q.qtype == QTYPE.MX:
+            reply.add_answer(RR(request.q.qname, QTYPE.MX, rdata=MX("mx.known.test"), ttl=60))
+        sock.sendto(reply.pack(), peer)
+
+
+async def recipient_domain_replies(port: int) -> list[str]:
+    answers = []
+    client = await SmtpClient.connect(port)
+    try:
+        await client.cmd("EHLO known.test")
+        for n in range(3):
+            await client.cmd("MAIL FROM:<s@known.test>")
+            answers.append((await client.cmd(f"RCPT TO:<r@d{n}.test>")).text)
+            await client.cmd("RSET")
+    finally:
+        await client.close()
+    return answers
+
+
+async def test_a_server_answering_formerr_to_edns_answers_both_as_it_answers_postfix(mailflow_server):
+    """Postfix's resolver asks without EDNS (unless it wants DNSSEC), so a server refusing EDNS with FORMERR answers
+    it; mailflow (c-ares: EDNS, a plain retry only for its first query) found the later domains not there."""
+    address = private_nameserver_address()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((address, 53))
+    asked_with_edns: list[bool] = []
+    threading.Thread(target=answer_plain_queries_only, args=(sock, asked_with_edns), daemon=True).start()
+    try:
+        async with postfix_instance({"unknown_address_reject_code": "550", "smtpd_error_sleep_time": "0",
+                                     "smtpd_recipient_restrictions": "reject_unknown_recipient_domain, permit",
+                                     "smtpd_relay_restrictions": "permit_mynetworks, reject",
+                                     "mynetworks": "127.0.0.0/8"}, nameserver=address) as pf:
+            postfix = await recipient_domain_replies(pf.port)
+        mf = await mailflow_server(mynetworks=["127.0.0.0/8"],
+                                   dns={"nameservers": [f"{address}:53"], "timeout": "2s", "tries": 1},
+                                   smtpd={"unknown_address_reject_code": 550, "error_sleep_time": 0,
+                                          "recipient_restrictions": ["reject_unknown_recipient_domain", "permit"],
+                                          "relay_restrictions": ["permit_mynetworks", "reject"]})
+        mailflow = await recipient_domain_replies(mf.smtp_addresses[0][1])
+    finally:
+        sock.close()
+    assert mailflow == postfix == ["250 2.1.5 Ok"] * 3
+    assert not any(asked_with_edns)
