@@ -405,7 +405,9 @@ def _peer_name(name: str) -> bool:
 
 def _given_names(given_name: str) -> list[str] | None:
     """The client's names when they were given without the DNS (XCLIENT NAME's, or "unknown" under
-    peername_lookup = no): that name; none for `unknown`; None (the DNS cannot tell now) for [TEMPUNAVAIL]."""
+    peername_lookup = no): that name; none for `unknown`; None (the DNS cannot tell now) for [TEMPUNAVAIL].
+    Difference: a literal XCLIENT NAME=unknown is no name here; Postfix's name_code maps only [UNAVAILABLE] and
+    [TEMPUNAVAIL] to a failed status, so its reject_unknown_client_hostname passes a client so named."""
     if given_name == TEMPUNAVAIL:
         return None
     return [] if given_name.lower() == "unknown" else [given_name]
