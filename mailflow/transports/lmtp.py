@@ -10,9 +10,9 @@ delivery the session waits `connection_cache_time_limit` for the next message to
 socket, or host and port), is used at most 1 + `connection_reuse_count_limit` times (0: no limit) and not after
 `connection_reuse_time_limit`; the final replies end the transaction (refused ones too: no RSET as it is cached),
 and a cached session is sent RSET before it is used again (the RSET probe, which Postfix's lmtp(8) and smtp(8) send
-before each reuse). One cached session at most is tried per delivery: when the server closed it meanwhile (its RSET
-probe fails, or it dies before MAIL FROM is answered) it is dropped and the message goes over a new one: no
-deferral. A session not kept is
+before each reuse; smtp.proto's, as the SMTP client's: in MAIL's write to a server that offers PIPELINING). One
+cached session at most is tried per delivery: when the server closed it meanwhile (its RSET probe fails, or it dies
+before MAIL FROM is answered) it is dropped and the message goes over a new one: no deferral. A session not kept is
 QUIT without waiting for the reply (Postfix's lmtp_skip_quit_response = yes).
 
     LmtpTransport(config, *, helo_name, clock=time.monotonic, now=time.time, checks=None, generic=None)   (`now`:
@@ -127,8 +127,8 @@ class LmtpTransport:
             return
         key = f"unix:{nexthop.path}" if nexthop.path else f"[{nexthop.host}]:{nexthop.port}"
         session = await self._cache.reuse(key, lambda s: send_message(
-            s, request, recipients, outcomes, self._timeouts, self._now, reused=True, lmtp=True, wire=wire),
-            probe=True)
+            s, request, recipients, outcomes, self._timeouts, self._now, reused=True, lmtp=True, wire=wire,
+            probe=self._cache.rset_timeout))
         if session is None:
             session = await self._deliver_on_new_session(nexthop, request, recipients, outcomes, wire)
         if session is not None:

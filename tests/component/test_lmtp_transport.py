@@ -9,7 +9,7 @@ import asyncio
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -720,6 +720,63 @@ async def test_one_cached_session_at_most_is_probed_per_delivery(lmtp_peer):
     assert outcomes(report) == [("late@example.test", Outcome.SENT, "2.0.0")] and report.results[0].conn.use == 1
     assert peer.handler.commands.count("RSET") == 1 and len(peer.connections) == 4
     assert elapsed < 1.0  # one probe timeout (0.5s), not three
+
+
+async def test_the_rset_probe_s_garbage_is_logged_with_the_queue_id_of_the_message_it_precedes(lmtp_peer, caplog):
+    """The probe belongs to the delivery that reuses the session: a line that is no LMTP reply before RSET's 250
+    is warned about (Postfix's smtp_chat_resp, a PIPELINING peer) under that message's queue id, not the one the
+    session carried before."""
+    peer = await lmtp_peer(pipelining=True)
+    transport = make_transport()
+    nexthop = f"[127.0.0.1]:{peer.port}"
+    try:
+        await transport.deliver(replace(make_request(nexthop, "one@example.test"), queue_id="FIRSTQID"))
+        peer.handler.rset_reply = "garbage-from-rset\r\n250 2.0.0 Ok"
+        with caplog.at_level(logging.WARNING, "mailflow.lmtp"):
+            second = await transport.deliver(replace(make_request(nexthop, "two@example.test"), queue_id="SECONDQID"))
+    finally:
+        await transport.close()
+    assert outcomes(second) == [("two@example.test", Outcome.SENT, "2.0.0")] and second.results[0].conn.use == 2
+    assert [r.getMessage() for r in caplog.records if r.name == "mailflow.lmtp"] == [
+        f"SECONDQID: non-LMTP response from 127.0.0.1[127.0.0.1]:{peer.port}: garbage-from-rset"]
+
+
+async def test_to_a_pipelining_server_the_rset_probe_goes_with_mail_in_one_round_trip():
+    """RFC 2920 (which RFC 2033 servers offer): RSET goes in MAIL's write, as the SMTP client sends it. This server
+    answers RSET only once MAIL has come: a client that waited for RSET's reply alone would time out, drop the
+    session and open another."""
+    connections: list[list[bytes]] = []
+
+    async def holds_rset_until_mail(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heard: list[bytes] = []
+        connections.append(heard)
+        writer.write(b"220 lmtp.test LMTP\r\n")
+        replies = {b"LHLO": b"250-lmtp.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n", b"MAIL": b"250 2.1.0 Ok\r\n",
+                   b"RCPT": b"250 2.1.5 Ok\r\n", b"DATA": b"354 go on\r\n", b"QUIT": b"221 2.0.0 Bye\r\n"}
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            heard.append(verb)
+            if verb == b"RSET":
+                continue  # (answered with MAIL's reply)
+            writer.write((b"250 2.0.0 Ok\r\n" if heard[-2:-1] == [b"RSET"] else b"") + replies.get(verb, b""))
+            if verb == b"DATA":
+                while (await reader.readline()) not in (b".\r\n", b""):
+                    pass
+                writer.write(b"250 2.0.0 Ok: delivered\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(holds_rset_until_mail, "127.0.0.1", 0)
+    nexthop = f"[127.0.0.1]:{server.sockets[0].getsockname()[1]}"
+    transport = make_transport(timeout=0.5)
+    try:
+        reports = [await asyncio.wait_for(transport.deliver(make_request(nexthop, f"u{n}@example.test")), 5)
+                   for n in range(2)]
+    finally:
+        await transport.close()
+        server.close()
+        await server.wait_closed()
+    assert [(r.results[0].outcome, r.results[0].conn.use) for r in reports] == [(Outcome.SENT, 1), (Outcome.SENT, 2)]
+    assert len(connections) == 1 and connections[0][4:7] == [b"RSET", b"MAIL", b"RCPT"]
 
 
 async def test_a_delivery_cancelled_during_the_rset_probe_closes_the_session(lmtp_peer):

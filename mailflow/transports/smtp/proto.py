@@ -5,7 +5,7 @@
         every recipient ends with a result in `outcomes`; a lost, timed-out or garbled dialogue defers those still
         without an answer (relay: the peer) and fails the site. A `reused` (cached) session that dies before MAIL
         FROM is answered raises StaleSession instead and leaves `outcomes` untouched. `probe` (a reused session:
-        the RSET timeout; the SMTP client's): Postfix's RSET probe first (smtp_reuse_common), see below. The
+        the RSET timeout; the SMTP and LMTP clients'): Postfix's RSET probe first (smtp_reuse_common), see below. The
         results of the transaction carry its ConnStats: `now()` (qmgr's clock) as MAIL FROM is sent, and the
         session's use count (Postfix's conn_setup_done and reuse_count, for the log's `delays=` and `conn_use=`).
         `wire`: the addresses and header section smtp_generic_maps put on the wire (mailflow.transports.generic),

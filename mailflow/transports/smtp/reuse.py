@@ -8,13 +8,11 @@ sessions kept for the next message to the same next hop. Nothing here is global;
       .rset_timeout                                  how long a probe or a release waits for RSET's reply
       .take(key) -> Session | None                   an idle session for that destination, or None
       .accepts(session) -> bool   .put(key, session) keep it for `time_limit` seconds (a loop timer that QUITs it)
-      await .reuse(key, transaction, probe=False) -> Session | None   `transaction(session)` (proto.send_message
-                                                     with reused=True) on one idle session for `key`: that session,
-                                                     to be released; None when none was idle or it had died
-                                                     (StaleSession: closed, nothing delivered). `probe`: it is sent
-                                                     RSET first and dropped unless it answers 2xx in time (the LMTP
-                                                     client's); the SMTP client's transaction sends its own,
-                                                     pipelined when it can be (proto)
+      await .reuse(key, transaction) -> Session | None   `transaction(session)` (proto.send_message with
+                                                     reused=True and its RSET probe, `probe=rset_timeout`) on one
+                                                     idle session for `key`: that session, to be released; None
+                                                     when none was idle or it had died or failed its probe
+                                                     (StaleSession: closed, nothing delivered)
       await .release(key, session)                   keep the session (RSET first when its transaction is still
                                                      open) or QUIT it
       .close()                                       QUIT every idle session, cancel the timers; afterwards
@@ -120,17 +118,12 @@ class SessionCache:
         timer = asyncio.get_running_loop().call_later(self._time_limit, self._expire, key, session)
         self._idle.setdefault(key, []).append((session, timer))
 
-    async def reuse(self, key: str, transaction: Callable[[Session], Awaitable[None]],
-                    probe: bool = False) -> Session | None:
+    async def reuse(self, key: str, transaction: Callable[[Session], Awaitable[None]]) -> Session | None:
         """See the module docstring."""
         session = self.take(key)
         if session is None:
             return None
         try:
-            if probe and not await reset(session, self.rset_timeout):
-                session.log.debug("cached session with %s failed its RSET probe; using a new one", session.peer.relay)
-                session.abort()
-                return None
             await transaction(session)
         except StaleSession:
             session.log.debug("%s: cached session with %s is gone; using a new one", session.queue_id,
