@@ -209,13 +209,16 @@ async def test_probes_go_where_the_sender_dependent_relayhost_of_the_probe_sende
 
 async def test_a_probe_routed_to_an_undefined_transport_gets_qmgr_s_answer_for_mail(verifying, caplog):
     """A transport that is not defined: the probe is answered as qmgr answers a message routed there (one text,
-    one enhanced code for both)."""
+    one enhanced code for both), its line error's as the mail's (Postfix's probe is a message, handed to error(8)
+    as mail is)."""
     caplog.set_level(logging.INFO, logger=MAIL_LOGGER)
     mf = await verifying(verify={"transport_maps": ["inline:{ {good.test = nosuch:} }"]})
     text = "mail transport unavailable"  # Postfix's words (qmgr_deliver.c)
     assert await rcpt(mf, "u@good.test") == unverified("u@good.test", text)
-    [line] = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "verified"]
-    assert line.partition(": ")[2] == f"to=<u@good.test>, relay=none, dsn=4.3.0, status=undeliverable ({text})"
+    [record] = [r for r in caplog.records if getattr(r, "event", "") == "verified"]
+    assert record.getMessage().partition(": ")[2] == (
+        f"to=<u@good.test>, relay=none, dsn=4.3.0, status=undeliverable ({text})")
+    assert record.service == "error"
 
 
 async def test_with_a_sender_ttl_probes_come_from_a_stamped_sender_that_smtpd_takes_unrefused(smtp_peer,

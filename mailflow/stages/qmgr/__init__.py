@@ -416,11 +416,12 @@ class QueueManager:
         connection, as it defers its queued jobs (`delivery temporarily suspended: <why it died>`); otherwise the
         transport runs it. What the probe finds teaches qmgr nothing, as in Postfix (whose smtp client reports a
         probe's failure as recorded, not as the site's: a probe never makes a destination dead); it waits for no
-        window nor limit (the verifier bounds its probes). Returns the report and the program that made it: the
-        transport's, or "qmgr" when no agent had the probe. What the transport raises propagates."""
+        window nor limit (the verifier bounds its probes). Returns the report and the program that made it, as a
+        message's result is logged (`_program`): the transport's, error for a transport that is not defined, or
+        "qmgr" for a dead destination. What the transport raises propagates."""
         agent = self._transports.get(transport)
         if agent is None:
-            return _undefined_transport(transport, request.recipients), "qmgr"
+            return _undefined_transport(transport, request.recipients), UNDEFINED_TRANSPORT_PROGRAM
         queue = request.nexthop
         if self._config.recipient_limit(transport) == 1 and len(request.recipients) == 1:
             queue = self._recipient_queue(request.recipients[0].address, request.nexthop)
