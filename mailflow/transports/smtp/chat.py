@@ -213,7 +213,7 @@ class Session:
         self.tls = False
         self.uses = 0
         self.aborted = False  # closed by us (a timeout, a 421, the end): nothing more is read or sent
-        self.transaction_open = False  # MAIL accepted, end of data not yet answered: RSET before reuse
+        self.transaction_open = False  # MAIL accepted, end of data not yet answered: RSET before it is cached
         self.garbled = False  # a reply had garbage in it: not to be cached
         self.queue_id = ""
         self.dialect = "ESMTP"

@@ -10,8 +10,9 @@
         session's use count (Postfix's conn_setup_done and reuse_count, for the log's `delays=` and `conn_use=`).
         `wire`: the addresses and header section smtp_generic_maps put on the wire (mailflow.transports.generic),
         None: as queued.
-    await reset(session, timeout) -> bool      RSET (a transaction is still open, or its end of data was refused,
-                                               and the session is to be cached)
+    await reset(session, timeout) -> bool      RSET, True when answered 2xx: before a session whose transaction is
+                                               still open (an address probe's, a refused RCPT or DATA) is cached
+                                               (reuse.release); the end of data's replies close the transaction
     smtp_data(content, encoders) / asmtp_data(content, encoders)   the content as DATA: through `encoders`,
         dot-stuffed, then the terminator; from memory / a spool file read chunk by chunk
 

@@ -41,7 +41,8 @@ from mailflow.transports.smtp.proto import reset
 from mailflow.transports.smtp.trouble import StaleSession
 
 MAX_IDLE = 200
-# A peer slow to answer RSET (before a session is cached) must not hold the results back long.
+# How long RSET's reply is waited for: the RSET probe's before each reuse (proto.send_message's `probe`) and the
+# RSET's before a session whose transaction is still open is cached; a slow peer must not hold results back long.
 RSET_TIMEOUT = 20.0  # Postfix smtp_rset_timeout, lmtp_rset_timeout
 
 
