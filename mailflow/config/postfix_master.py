@@ -43,7 +43,9 @@ BUILT_IN_SERVICES = ("pickup", "cleanup", "qmgr", "oqmgr", "tlsmgr", "trivial-re
                      "postlogd", "smtp")
 TRANSPORTS = ("smtp", "relay", "lmtp", "local", "virtual", "error", "discard")
 PORTS = {"smtp": 25, "submission": 587, "smtps": 465, "submissions": 465}
-_NOT_NEEDED_OVERRIDES = {"syslog_name": "mailflow logs every listener and transport under log.syslog_name",
+# -o names mailflow does not carry over whatever they say, and why (syslog_name's note is _not_needed_note's own: it
+# says which program a service's lines are logged as, which differs for relay)
+_NOT_NEEDED_OVERRIDES = {"syslog_name": "mailflow names each line's program itself, under log.syslog_name",
                          "milter_macro_daemon_name": "mailflow sends the milter macros it has itself"}
 RELAY = "relay"  # Postfix's relay_transport default, master.cf's `relay` service
 # Daemons a master.cf `relay` may run (instead of smtp) that mailflow has as a built-in transport of the same name,
