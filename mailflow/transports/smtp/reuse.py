@@ -4,10 +4,7 @@ sessions kept for the next message to the same next hop. Nothing here is global;
     SessionCache.of(config, clock)                   the cache of a client's settings (connection_cache_time_limit,
                                                      connection_reuse_count_limit, connection_reuse_time_limit; its
                                                      RSET timeout min(RSET_TIMEOUT, command_timeout))
-    SessionCache(time_limit, reuse_count_limit, reuse_time_limit, rset_timeout, clock, max_idle=MAX_IDLE)
       .rset_timeout                                  how long a probe or a release waits for RSET's reply
-      .take(key) -> Session | None                   an idle session for that destination, or None
-      .accepts(session) -> bool   .put(key, session) keep it for `time_limit` seconds (a loop timer that QUITs it)
       await .reuse(key, transaction) -> Session | None   `transaction(session)` (proto.send_message with
                                                      reused=True and its RSET probe, `probe=rset_timeout`) on one
                                                      idle session for `key`: that session, to be released; None
@@ -70,8 +67,8 @@ class SessionCache:
         time_limit: float,
         reuse_count_limit: int,
         reuse_time_limit: float,
-        rset_timeout: float = RSET_TIMEOUT,
-        clock: Callable[[], float] = time.monotonic,
+        rset_timeout: float,
+        clock: Callable[[], float],
         max_idle: int = MAX_IDLE,
     ):
         self.rset_timeout = rset_timeout
@@ -93,7 +90,7 @@ class SessionCache:
     def idle_count(self) -> int:
         return sum(len(v) for v in self._idle.values())
 
-    def take(self, key: str) -> Session | None:
+    def _take(self, key: str) -> Session | None:
         """The most recently used idle session for `key` that is still usable; stale ones are closed."""
         waiting = self._idle.get(key, [])
         while waiting:
@@ -106,7 +103,7 @@ class SessionCache:
         self._forget_if_empty(key)
         return None
 
-    def accepts(self, session: Session) -> bool:
+    def _accepts(self, session: Session) -> bool:
         """May this session wait for another message? (Cache on, limits not reached, still alive.)"""
         if self._closed or self._time_limit <= 0 or not session.alive or session.garbled or \
                 self._too_old(session):
@@ -115,13 +112,14 @@ class SessionCache:
             return False
         return self.idle_count < self._max_idle
 
-    def put(self, key: str, session: Session) -> None:
+    def _put(self, key: str, session: Session) -> None:
+        """Keep it for `time_limit` seconds (a loop timer that QUITs it)."""
         timer = asyncio.get_running_loop().call_later(self._time_limit, self._expire, key, session)
         self._idle.setdefault(key, []).append((session, timer))
 
     async def reuse(self, key: str, transaction: Callable[[Session], Awaitable[None]]) -> Session | None:
         """See the module docstring."""
-        session = self.take(key)
+        session = self._take(key)
         if session is None:
             return None
         try:
@@ -138,7 +136,7 @@ class SessionCache:
 
     async def release(self, key: str, session: Session) -> None:
         """See the module docstring."""
-        if session.aborted or not self.accepts(session):
+        if session.aborted or not self._accepts(session):
             session.quit()
             return
         try:
@@ -152,7 +150,7 @@ class SessionCache:
         if session.garbled:  # (RSET's reply had garbage in it)
             session.quit()
             return
-        self.put(key, session)
+        self._put(key, session)
 
     def close(self) -> None:
         self._closed = True

@@ -90,7 +90,7 @@ from mailflow.transports.smtp.addr import (
     parse_nexthop,
     unique,
 )
-from mailflow.transports.smtp.chat import Session, Timeouts, client_log
+from mailflow.transports.smtp.chat import Timeouts, client_log
 from mailflow.transports.generic import GenericMaps, WireForm
 from mailflow.transports.smtp.reply_filter import ReplyFilter
 from mailflow.transports.smtp_checks import OutboundChecks, outbound_wire_form
@@ -366,7 +366,7 @@ class SmtpTransport:
             probe=self._cache.rset_timeout))
         if session is None:
             return None
-        await self._release(session, destination)
+        await self._cache.release(destination.cache_key, session)
         return session.peer
 
     async def _deliver_to_first_reachable(self, candidates: Sequence[Candidate], destination: Destination,
@@ -413,7 +413,7 @@ class SmtpTransport:
                 except BaseException:
                     session.abort()
                     raise
-                await self._release(session, destination)
+                await self._cache.release(destination.cache_key, session)
                 deferred = self._for_next_peer(recipients, outcomes)
                 if not deferred or sessions >= MX_SESSION_LIMIT:
                     return self._left_for_next_site(site, request, deferred, outcomes)
@@ -544,11 +544,6 @@ class SmtpTransport:
                     return
                 tried += 1
                 yield peer
-
-    async def _release(self, session: Session, destination: Destination) -> None:
-        """Cache the session for the next message to this next hop (RSET first when a transaction is still
-        open), or QUIT it."""
-        await self._cache.release(destination.cache_key, session)
 
 
 @dataclass(frozen=True)
