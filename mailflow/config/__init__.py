@@ -42,7 +42,7 @@ errors and what they import), never a stage, a transport or the routing librarie
 """
 from mailflow.config.admin import AdminConfig, beyond_loopback
 from mailflow.config.accounts import AccountsConfig
-from mailflow.config.base import Duration, Section
+from mailflow.config.base import RELAY, Duration, Section
 from mailflow.config.delivery import (DnsConfig, LmtpConfig, LmtpService, LocalConfig, PipeService, SmtpConfig,
                                       SmtpService)
 from mailflow.config.http import HttpConfig
@@ -67,7 +67,7 @@ __all__ = [
     "DeliverabilityConfig", "DkimConfig", "GreylistConfig", "LISTENER_ROLES", "MilterConfig", "Config", "ConfigError",
     "DnsConfig", "Duration", "HttpConfig", "ListenerConfig", "LmtpConfig", "LmtpService", "LocalConfig", "LogConfig",
     "MtaStsConfig",
-    "PipeService", "QueueConfig", "Section", "SenderAuthConfig", "SendmailConfig", "SinkConfig", "SmtpConfig",
+    "PipeService", "QueueConfig", "RELAY", "Section", "SenderAuthConfig", "SendmailConfig", "SinkConfig", "SmtpConfig",
     "SmtpService", "SmtpdConfig", "SpamdConfig", "SrsConfig", "beyond_loopback", "config_from_dict", "flat_settings",
     "format_setting", "in_force", "load_config", "opendkim_dataset", "resolve_paths", "restart_needed",
     "show_settings",

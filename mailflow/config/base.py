@@ -20,6 +20,8 @@
     Relayhost, Transport     a relayhost, a `transport[:nexthop]` setting (check_relayhost, check_transport);
     TransportOverride        the latter or "" (the main setting's, for a section that overrides it)
     BUILTIN_TRANSPORTS       the transport names a [pipe.NAME] or an SMTP/LMTP client service may not take
+    RELAY                    `relay`: relay_transport's default, an SMTP client of its own (Postfix's master.cf
+                             service of that name)
     each_one_of(items, allowed)  the items, when each is one of `allowed` (a list of keywords)
     check_transport(value)   a `transport` or `transport:nexthop` setting (TRANSPORT_NAME: a transport's name)
     check_service_names(services, replaceable=())  the services, when each name is a transport's and no built-in
@@ -52,8 +54,11 @@ from mailflow.tables.networks import check_network_list
 
 
 MAX_INT = 2**63 - 1
+# Postfix's relay_transport default: the smtp service its stock master.cf runs under that name (the one place
+# that spells it: the config's SMTP clients, the import and the transports read it here).
+RELAY = "relay"
 # The transports mailflow has built in: a [pipe.NAME] or a [smtp.services.NAME] / [lmtp.services.NAME] takes none.
-BUILTIN_TRANSPORTS = ("local", "virtual", "smtp", "relay", "lmtp", "discard", "error", "capture")
+BUILTIN_TRANSPORTS = ("local", "virtual", "smtp", RELAY, "lmtp", "discard", "error", "capture")
 TRANSPORT_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a transport (built in or [pipe.NAME]) as transport_maps name it
 _TRANSPORT_NEXTHOP = re.compile(rf"{TRANSPORT_NAME.pattern}(:.*)?")  # transport or transport:nexthop
 

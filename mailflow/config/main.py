@@ -19,8 +19,8 @@ from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_
 from mailflow.address import is_valid_domain, mailbox_syntax_error, normalise_domain
 from mailflow.config.accounts import AccountsConfig
 from mailflow.config.admin import AdminConfig
-from mailflow.config.base import (BUILTIN_TRANSPORTS, Duration, Networks, Relayhost, Section, TableSpecs, Transport,
-                                  check_service_names, each_one_of)
+from mailflow.config.base import (BUILTIN_TRANSPORTS, RELAY, Duration, Networks, Relayhost, Section, TableSpecs,
+                                  Transport, check_service_names, each_one_of)
 from mailflow.config.filters import (PROBE_ROUTING, AddressVerifyConfig, ChecksConfig, ClamdConfig, GreylistConfig,
                                      MilterConfig, SenderAuthConfig, SpamdConfig)
 from mailflow.config.delivery import DnsConfig, LmtpConfig, LocalConfig, PipeService, SmtpConfig
@@ -75,7 +75,7 @@ class Config(Section):
     mynetworks: Networks = ("127.0.0.0/8", "::1/128")
     relayhost: Relayhost = ""
     local_transport: Transport = "local"
-    relay_transport: Transport = "relay"  # (Postfix's default: an smtp client service of its own, [smtp]'s settings)
+    relay_transport: Transport = RELAY  # (Postfix's default: an smtp client service of its own, [smtp]'s settings)
     default_transport: Transport = "smtp"
     # Lookup tables (`type:name`, searched in order): transport:nexthop per address or domain, overriding
     # the class's transport; and the known recipients of relay_domains (empty: any recipient is accepted).
@@ -244,13 +244,13 @@ class Config(Section):
         [smtp.services.NAME] (`relay` too when it is one), else [smtp] for smtp and relay; None for another."""
         if transport in self.smtp.services:
             return f"smtp.services.{transport}", self.smtp.for_service(transport)
-        return ("smtp", self.smtp) if transport in ("smtp", "relay") else None
+        return ("smtp", self.smtp) if transport in ("smtp", RELAY) else None
 
     def smtp_clients(self) -> list[tuple[str, str, SmtpConfig]]:
         """(transport name, where its settings are, the settings) of every SMTP client the server runs: smtp, relay
         ([smtp]'s settings under its own name unless an [smtp.services.relay] takes its place), each
         [smtp.services.NAME]; each a client of its own (its own sessions and cache), as smtp_client_of says."""
-        names = dict.fromkeys(("smtp", "relay", *self.smtp.services))
+        names = dict.fromkeys(("smtp", RELAY, *self.smtp.services))
         return [(name, *client) for name in names if (client := self.smtp_client_of(name)) is not None]
 
     def defined_transports(self) -> set[str]:

@@ -43,13 +43,13 @@ import stat
 from typing import Iterable
 
 from mailflow.config import postfix_names as names
+from mailflow.config.base import BUILTIN_TRANSPORTS, RELAY
 from mailflow.config.load import config_from_dict
-from mailflow.config.main import BUILTIN_TRANSPORTS
 from mailflow.config.postfix_cf import (POSTFIX_TABLE_DEFAULTS, Expander, Imported, Line, Refused, Service,
                                         Unexpanded, UnreadableFile, convert, from_queue_directory, read_main_cf,
                                         read_master_cf, restriction_items, dovecot_sasl_path, split_list,
                                         merged_timeouts_agree, reject_tempfail_action, table_spec)
-from mailflow.config.postfix_master import RELAY, translate_service
+from mailflow.config.postfix_master import translate_service
 from mailflow.config.show import format_setting
 from mailflow.config.smtpd import LISTENER_ROLES, SMTPD_BANNER
 from mailflow.errors import ConfigError

@@ -31,7 +31,7 @@ import dataclasses
 import re
 
 from mailflow.config import postfix_names as names
-from mailflow.config.base import BUILTIN_TRANSPORTS, TRANSPORT_NAME
+from mailflow.config.base import BUILTIN_TRANSPORTS, RELAY, TRANSPORT_NAME
 from mailflow.config.delivery import REPLACEABLE
 from mailflow.config.postfix_cf import (ImportState, Refused, Service, Unexpanded, convert, from_queue_directory,
                                         dovecot_sasl_path, merged_timeouts_agree, reject_tempfail_action)
@@ -47,7 +47,6 @@ PORTS = {"smtp": 25, "submission": 587, "smtps": 465, "submissions": 465}
 # says which program a service's lines are logged as, which differs for relay)
 _NOT_NEEDED_OVERRIDES = {"syslog_name": "mailflow names each line's program itself, under log.syslog_name",
                          "milter_macro_daemon_name": "mailflow sends the milter macros it has itself"}
-RELAY = "relay"  # Postfix's relay_transport default, master.cf's `relay` service
 # Daemons a master.cf `relay` may run (instead of smtp) that mailflow has as a built-in transport of the same name,
 # reading the same main.cf settings: relay_transport names that one when the service has no -o that matters
 _RELAY_AS_BUILT_IN = ("lmtp", "discard", "error", "local", "virtual")

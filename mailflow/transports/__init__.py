@@ -45,6 +45,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Protocol
 
+from mailflow.config import RELAY
 from mailflow.model import DeliveryReport, DeliveryRequest
 from mailflow.tables import TableCache
 from mailflow.transports.capture import CaptureTransport
@@ -61,10 +62,9 @@ from mailflow.transports.smtp.chat import client_log
 from mailflow.transports.smtp.mtasts import HttpsPolicyFetcher, MtaSts
 
 
-# The transport Postfix's stock master.cf runs as an smtp service of its own (relay_transport's default), and what
-# its lines are logged under (its `-o syslog_name=postfix/$service_name`).
-RELAY = "relay"
-RELAY_PROGRAM = "relay/smtp"
+# What the relay transport's lines are logged under (Postfix's stock master.cf runs it with
+# `-o syslog_name=postfix/$service_name`).
+RELAY_PROGRAM = f"{RELAY}/smtp"
 
 
 def agent_of(program: str) -> str:

@@ -58,12 +58,12 @@ from mailflow.transports.smtp.trouble import stream_failure
 
 # The logger of a session's lines by its dialect: the service the log names (logs.service_of), Postfix's smtp(8) or
 # lmtp(8), whose lines these are when it speaks it
-CLIENT_LOGS = {"ESMTP": logging.getLogger("mailflow.smtp"), "LMTP": logging.getLogger("mailflow.lmtp")}
-
-
 def client_log(program: str) -> logging.Logger:
     """See the module docstring (`relay/smtp`: mailflow.relay/smtp, whose lines logs.service_of names so)."""
     return logging.getLogger(f"mailflow.{program}")
+
+
+CLIENT_LOGS = {dialect: client_log(program) for dialect, program in (("ESMTP", "smtp"), ("LMTP", "lmtp"))}
 
 
 READ_AHEAD = 64  # complete replies waiting to be read before reading pauses
