@@ -328,11 +328,11 @@ class RcptResult:
     alias with an owner- alias), '' not at all; its success notice then says "alias expanded" with `Action:
     expanded` ("delivered" for a list), as local(8) reports it (the addresses it expands to report no success).
     `owner`: where a failure notice about the recipient goes instead of the sender (a mailing list's owner, when
-    its one command or file failed: local(8)'s bounce_workaround). `owned`: a recipient with several failures,
-    one at least of a list with an owner- alias (an alias of two lists, a list of two failing commands, a list
-    beside an unknown member), has no `owner`, but each failure here, told in a notice of its own, as local(8)'s
-    bounce_workaround calls bounce_one for each: a list's to its owner about the list, the others to the sender
-    (owner "") about the member they name; () for the others. `diagnostic`: the
+    its one command or file failed: local(8)'s bounce_workaround). `owned`: a recipient with several failures
+    (an alias of failing commands or unknown members, of two lists, a list of two failing commands, a list beside
+    an unknown member), a list's owner- alias among them or not, has no `owner`, but each failure here, told in a
+    notice of its own, as local(8)'s bounce_workaround calls bounce_one for each: a list's to its owner about the
+    list, the others to the sender (owner "") about the member they name; () for the others. `diagnostic`: the
     Diagnostic-Code of the result's notice when the agent gives one of its own, `type; text` (a failed command's
     `x-unix; <its output>`, as Postfix's pipe_command); '' for the others, whose notice makes it from `text`.
     `relayed`, `expanded`, `expansion`, `owner`, `owned` and `diagnostic` are stored with the result: a notice

@@ -465,12 +465,12 @@ def _failures_owner(result: RcptResult, parts: list[Part], lists: list[ListOf]) 
 
 def _owned_failures(result: RcptResult, parts: list[Part], lists: list[ListOf],
                     members: list[str]) -> tuple[OwnedFailure, ...]:
-    """The failures of a bounced recipient when several parts bounced, one at least of a list with an owner-
-    alias: each of a list for its own list's owner, about its list, and each of no list for the sender (owner
-    ""), about the member it names (`members`: the address a part is about, "" for the recipient itself), each
-    with its own text and Diagnostic-Code, as local(8)'s bounce_workaround calls bounce_one once per failed
-    delivery; the same when no failure is a list's: the sender is told each, as bounce(8) lists them; () for one
-    failure (`_failures_owner`, or the result itself). Bounded by `_bounded`."""
+    """Each failure of a bounced recipient whose parts failed several times, whoever it is told to ("owned" by
+    its list's owner or, owner "", by the sender): one of a list with an owner- alias for that owner, about its
+    list; one of no list (an alias of failing commands, unknown members: the main case) for the sender, about the
+    member it names (`members`: the address a part is about, "" for the recipient itself); each with its own text
+    and Diagnostic-Code, as local(8)'s bounce_workaround calls bounce_one once per failed delivery and bounce(8)
+    lists the sender's. () for one failure (`_failures_owner`, or the result itself). Bounded by `_bounded`."""
     failed = [(part, where, member) for (part, where), member in zip(_failures(result, parts, lists), members)]
     if len(failed) < 2:
         return ()
@@ -498,11 +498,11 @@ def _bounded(owned: list[OwnedFailure]) -> tuple[OwnedFailure, ...]:
     failing commands, each with up to output_limit bytes of output, all held in memory as the notice, the log
     lines and the recipient row): up to OWNED_NOTICE_LIMIT owners' failures a notice each, past it one per list
     (`_per_list`); up to OWNED_NOTICE_LIMIT of the sender's each listed in its notice, past it the last listed
-    says how many more (`_senders_first`). Within the limit this is what Postfix tells (bounce(8) lists all)."""
+    says how many more (`_senders_bounded`). Within the limit this is what Postfix tells (bounce(8) lists all)."""
     to_owners = [failure for failure in owned if failure.owner]
     if len(to_owners) > OWNED_NOTICE_LIMIT:
         owned = _per_list(owned)
-    return _senders_first(owned)
+    return _senders_bounded(owned)
 
 
 def _per_list(owned: list[OwnedFailure]) -> list[OwnedFailure]:
@@ -524,7 +524,7 @@ def _per_list(owned: list[OwnedFailure]) -> list[OwnedFailure]:
     return kept
 
 
-def _senders_first(owned: list[OwnedFailure]) -> tuple[OwnedFailure, ...]:
+def _senders_bounded(owned: list[OwnedFailure]) -> tuple[OwnedFailure, ...]:
     """The failures told to the sender, the first OWNED_NOTICE_LIMIT of them each in its place, the last of those
     saying how many more were left out (Postfix's bounce(8) lists every one: equal up to the limit); the owners'
     as they are."""
