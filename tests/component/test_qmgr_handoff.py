@@ -11,7 +11,6 @@ import threading
 
 import pytest
 
-from mailflow.clock import VirtualClock
 from mailflow.config import config_from_dict
 from mailflow.content import Content
 from mailflow.logs import MailLog
@@ -22,7 +21,7 @@ import mailflow.stages.qmgr as qmgr_module
 from mailflow.stages.qmgr import QueueManager
 from mailflow.store import Store
 from mailflow.store.engine import Writer
-from tests.support import BlockingTransport, always, eventually
+from tests.support import BlockingTransport, RecordingClock, always, eventually, qmgr_turn
 
 T0 = 1_700_000_000.0
 
@@ -32,7 +31,7 @@ class Host:
         self.config = config_from_dict({"myhostname": "mx.local.test", "mydestination": ["local.test"],
                                         "queue": {"active_limit": active_limit}})
         self.tmp_path = tmp_path
-        self.clock = VirtualClock(T0)
+        self.clock = RecordingClock(T0)
         self.smtp = BlockingTransport("smtp", clock=self.clock, script=always(Outcome.SENT, "2.0.0", "250 ok"))
 
     async def start(self) -> "Host":
@@ -129,7 +128,7 @@ async def test_a_damaged_message_being_set_aside_holds_its_place_in_the_active_q
     monkeypatch.setattr(h.store, "insert", real_insert)
     monkeypatch.setattr(h.qmgr, "reserve", real_reserve)
     await h.submit(2)
-    await asyncio.sleep(0.05)
+    await qmgr_turn(h.qmgr, h.clock)  # a whole turn, its scan too, has looked at the queue since
     assert await h.store.counts() == {"active": 1, "incoming": 1} and h.smtp.calls == []
     refused["moves"] = False
     h.clock.advance(60)  # the move's retry
