@@ -78,6 +78,7 @@ class SessionCache:
         self._clock = clock
         self._max_idle = max_idle
         self._idle: dict[str, list[tuple[Session, asyncio.TimerHandle]]] = {}
+        self._idle_total = 0  # the sessions in `_idle`, all keys: counted as they come and go, not summed per release
         self._closed = False
 
     @classmethod
@@ -88,13 +89,14 @@ class SessionCache:
 
     @property
     def idle_count(self) -> int:
-        return sum(len(v) for v in self._idle.values())
+        return self._idle_total
 
     def _take(self, key: str) -> Session | None:
         """The most recently used idle session for `key` that is still usable; stale ones are closed."""
         waiting = self._idle.get(key, [])
         while waiting:
             session, timer = waiting.pop()
+            self._idle_total -= 1
             timer.cancel()
             if session.idle_clean and not self._too_old(session):
                 self._forget_if_empty(key)
@@ -116,6 +118,7 @@ class SessionCache:
         """Keep it for `time_limit` seconds (a loop timer that QUITs it)."""
         timer = asyncio.get_running_loop().call_later(self._time_limit, self._expire, key, session)
         self._idle.setdefault(key, []).append((session, timer))
+        self._idle_total += 1
 
     async def reuse(self, key: str, transaction: Callable[[Session], Awaitable[None]]) -> Session | None:
         """See the module docstring."""
@@ -159,6 +162,7 @@ class SessionCache:
                 timer.cancel()
                 session.quit()
         self._idle.clear()
+        self._idle_total = 0
 
     def _too_old(self, session: Session) -> bool:
         return self._clock() - session.opened >= self._reuse_time_limit
@@ -166,6 +170,7 @@ class SessionCache:
     def _expire(self, key: str, session: Session) -> None:
         waiting = self._idle.get(key, [])
         self._idle[key] = [(s, t) for s, t in waiting if s is not session]
+        self._idle_total -= len(waiting) - len(self._idle[key])
         self._forget_if_empty(key)
         session.quit()
 
