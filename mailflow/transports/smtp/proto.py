@@ -62,6 +62,9 @@ DATA = "sending DATA command"
 BODY = "sending message body"
 END_OF_DATA = "sending end of data -- message may be sent more than once"
 RSET_PROBE = "sending RSET probe"
+# The commands without arguments, made once, not per message.
+DATA_LINE = b"DATA" + CRLF
+RSET_LINE = b"RSET" + CRLF
 
 
 async def send_message(
@@ -118,8 +121,8 @@ async def _transaction(
         rcpts = [rcpt_command(r, extensions, wire.recipient(r.address), request.smtputf8) for r in recipients]
         mail = mail_command(request, extensions, body, converted=converted, wire=wire)
     pipelining = extensions.supports("pipelining")
-    data = [] if request.verify else [b"DATA" + CRLF]  # a probe stops after RCPT (Postfix's verify flag)
-    rset = [] if probe is None else [b"RSET" + CRLF]
+    data = [] if request.verify else [DATA_LINE]  # a probe stops after RCPT (Postfix's verify flag)
+    rset = [] if probe is None else [RSET_LINE]
     if probe is not None and not pipelining:
         await _rset_probe(session, probe)
     try:
@@ -155,7 +158,7 @@ async def _transaction(
             await _abandon_pipelined(session, 0, timeouts.command)
         return
     if not pipelining:
-        session.send(b"DATA" + CRLF, DATA)
+        session.send(DATA_LINE, DATA)
     reply = await session.reply(timeouts.command, DATA)
     if reply.positive:  # the server thinks the message is over before it began: Postfix's protocol error
         outcomes.update(unexpected_reply_results(accepted, reply, peer, "DATA"))
@@ -179,7 +182,7 @@ async def _rset_probe(session: Session, timeout: float, *, sent: bool = False) -
     unless that is 2xx."""
     try:
         if not sent:
-            session.send(b"RSET" + CRLF, RSET_PROBE)
+            session.send(RSET_LINE, RSET_PROBE)
         reply = await session.reply(timeout, RSET_PROBE)
     except SiteFailure as e:
         session.log.debug("%s: cached session with %s failed its RSET probe: %s", session.queue_id,
@@ -234,7 +237,7 @@ async def _send_body(session: Session, content: Content, encoders: tuple[Encoder
 async def reset(session: Session, timeout: float) -> bool:
     """See the module docstring."""
     try:
-        session.send(b"RSET" + CRLF, "sending RSET")
+        session.send(RSET_LINE, "sending RSET")
         reply = await session.reply(timeout, "sending RSET")
     except SiteFailure as e:
         session.log.debug("RSET to %s: %s", session.peer.relay, e.text)
