@@ -9,11 +9,13 @@ Postfix's SMTP_STATE_DOT caches the session without RSET). QUIT is left out: Pos
 without one, mailflow QUITs it."""
 from __future__ import annotations
 
+import logging
+import re
 from typing import Callable
 
 import pytest
 
-from tests.interop.test_smtp_faults_vs_postfix import EHLO, ScriptedPeer
+from tests.interop.test_smtp_faults_vs_postfix import EHLO, MailLogLines, ScriptedPeer
 from tests.support import SmtpClient, eventually, postfix_instance
 
 pytestmark = pytest.mark.interop
@@ -23,7 +25,11 @@ RCPTS = [f"u{n}@box.test" for n in range(3)]
 WITHOUT_PIPELINING = EHLO.replace(b"250-PIPELINING\r\n", b"")
 
 
-async def deliver_one_after_the_other(port: int, peer: ScriptedPeer) -> None:
+async def deliver_one_after_the_other(port: int, maillog: Callable[[], str]) -> None:
+    """Each message once the last is done with (`done_with`): its result, then its `removed` line, which the
+    server writes once its delivery agent has finished (Postfix's qmgr hears from the agent after it cached the
+    session). Waiting for the peer to hear DATA let Postfix's qmgr give the next message to a second lmtp process
+    before the first had cached its session after a refused end of data: a new session now and then."""
     for n, rcpt in enumerate(RCPTS):
         client = await SmtpClient.connect(port)
         for command in ("EHLO client.test", "MAIL FROM:<s@sender.test>", f"RCPT TO:<{rcpt}>", "DATA"):
@@ -31,7 +37,14 @@ async def deliver_one_after_the_other(port: int, peer: ScriptedPeer) -> None:
         assert (await client.cmd("Subject: cached\r\n\r\nbody\r\n.")).code == 250
         await client.cmd("QUIT")
         await client.close()
-        await eventually(lambda: heard(peer).count("DATA") > n, timeout=15, what=f"{rcpt} delivered")
+        await eventually(lambda: done_with(maillog(), rcpt), timeout=15, what=f"{rcpt} done with")
+
+
+def done_with(maillog: str, rcpt: str) -> bool:
+    """Whether the message to `rcpt` has its result and then its `removed` line (not some other message's: a
+    notice's)."""
+    found = re.search(rf"(\w+): to=<{re.escape(rcpt)}>,.* status=", maillog)
+    return found is not None and f"{found.group(1)}: removed" in maillog
 
 
 def heard(peer: ScriptedPeer) -> list[str]:
@@ -59,17 +72,23 @@ async def test_sessions_are_reused_after_an_rset_probe_as_postfix_s_client_does(
     """`script()`: the peer's replies (each peer its own: refused_first's replies are used up)."""
     pf_peer = await ScriptedPeer(script()).start(PEER_HOST)
     mf_peer = await ScriptedPeer(script()).start(PEER_HOST)
+    mail_logger, mf_log = logging.getLogger("mailflow.mail"), MailLogLines()
+    level = mail_logger.level
     try:
         async with postfix_instance({
             "mydestination": "", "relay_domains": "box.test", "mynetworks": "127.0.0.0/8",
             "transport_maps": f"inline:{{box.test={transport}:[{PEER_HOST}]:{pf_peer.port}}}",
             f"{transport}_connection_cache_destinations": PEER_HOST,
         }) as pf:
-            await deliver_one_after_the_other(pf.port, pf_peer)
+            await deliver_one_after_the_other(pf.port, lambda: pf.maillog)
         mf = await mailflow_server(relay_domains=["box.test"], mynetworks=["127.0.0.0/8"],
                                    transport_maps=[f"inline:{{box.test={transport}:[{PEER_HOST}]:{mf_peer.port}}}"])
-        await deliver_one_after_the_other(mf.smtp_addresses[0][1], mf_peer)
+        mail_logger.addHandler(mf_log)
+        mail_logger.setLevel(logging.INFO)
+        await deliver_one_after_the_other(mf.smtp_addresses[0][1], lambda: "\n".join(mf_log.lines))
     finally:
+        mail_logger.removeHandler(mf_log)
+        mail_logger.setLevel(level)
         await pf_peer.stop()
         await mf_peer.stop()
     greeting = "LHLO" if transport == "lmtp" else "EHLO"
