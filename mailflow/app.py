@@ -276,7 +276,7 @@ class Mailflow:
                              interval=c.sendmail.pickup_interval, bounce_size_limit=c.queue.bounce_size_limit,
                              size_limit=c.smtpd.message_size_limit, milters=non_smtpd_milters(c), store=self.store,
                              in_hand=self.qmgr.in_hand, soft_bounce=c.soft_bounce,
-                             receive_override_options=c.smtpd.receive_override_options)
+                             receive_override_options=c.smtpd.receive_override_options, policy=c)
         await self.pickup.start()
         self._filters = FilterServices(c, self._dns_resolver(), self.clock)
         self.smtpd = Smtpd(c, self._handler_for(router, self._filters, sender), clock=self.clock,
@@ -476,7 +476,8 @@ class Mailflow:
                                     bounce_size_limit=config.queue.bounce_size_limit,
                                     size_limit=config.smtpd.message_size_limit, milters=non_smtpd_milters(config),
                                     soft_bounce=config.soft_bounce,
-                                    receive_override_options=config.smtpd.receive_override_options)
+                                    receive_override_options=config.smtpd.receive_override_options,
+                                    policy=config)
             await use_smtpd()
             self._close_unused_filters()
             self.config = config

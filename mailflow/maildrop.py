@@ -27,11 +27,20 @@ so restart the server soon after installing a new package, before `sendmail -bs`
   name in the same directory, the envelope line, the chunks as they come, fsync, rename to the final name, fsync
   the directory. The envelope line is written first with room for the size (and, when `body_type` is "", the
   body type: 8BITMIME when a byte is not ASCII) and completed in place at the end (JSON allows the spaces that
-  pad it). The file is mode 0600; the directory is created 0700 when missing. Raises `MaildropError` (with
+  pad it). The file is created O_EXCL and O_NOFOLLOW under a name with 32 random bits (no other user can plant it
+  first) and made mode 0644 whatever the umask (pickup runs as the queue's owner and reads it; the directory is not
+  listable, so its name is its secret, as with Postfix's postdrop); the directory, when missing, is created
+  DIRECTORY_MODE (1733: any local user may create a file, none may list, read by name guessing or remove another's;
+  the server fixes it at start). Raises `MaildropError` (with
   `.code`, a sysexits value: 65 EX_DATAERR when the content exceeds `size_limit` bytes (0: no limit) -
   reading stops there; 64 EX_USAGE when the envelope line would exceed HEADER_LIMIT (hundreds of thousands
   of recipients), before the content is read or a file created; 73 EX_CANTCREAT when the directory cannot be
   created or written; 75 EX_TEMPFAIL for anything else, such as a full disk); a failed write leaves no file.
+- `open_maildrop(path) -> MaildropFile`: the file as pickup takes it, whoever wrote it: never a symbolic link (not
+  followed: O_NOFOLLOW), a FIFO, a device or a directory, nor a file with more than one link (a hard link another
+  user made to a file it does not own), all `CorruptMaildrop`; its envelope read as `read_maildrop` does; the
+  content is then read from the same open file (`chunks`, `prefix`), never by its name again, so that a file
+  swapped for a symbolic link after the checks is not what is read.
 - `read_maildrop(path) -> MaildropMessage`: validates the envelope line and that exactly `size` bytes follow
   (without reading them); raises `CorruptMaildrop(reason)` for anything that is not a complete, well-formed
   file (pickup moves such a file aside; `notify`, `ret`, `envid`, `body_type`, `rcpt_notify` and `rcpt_orcpt`
@@ -58,15 +67,15 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from mailflow.content import Content, FilePart
 from mailflow.dsn_parameters import is_notify_value, is_orcpt_value
 from mailflow.syntax import is_printable_ascii
 
 VERSION = 1
-FILE_MODE = 0o600
-DIRECTORY_MODE = 0o700
+FILE_MODE = 0o644  # readable by pickup, the queue's owner; the directory hides the name (Postfix's postdrop)
+DIRECTORY_MODE = 0o1733  # sticky, world-writable, not listable: as Postfix's maildrop/ (1730, group postdrop)
 # bytes of the JSON line, written and read: room for every recipient a command line can hold (Linux: 2 MB of
 # arguments by default) and then some, yet a bound on what pickup reads to find out
 HEADER_LIMIT = 16_000_000
@@ -145,11 +154,12 @@ def write_maildrop(directory: Path, message: MaildropMessage, chunks: Iterable[b
     name = new_name(time.time())
     temp = directory / f".tmp.{name}"
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
     except OSError as e:
         raise MaildropError(f"cannot create a file in {directory}: {e.strerror}", _code(e)) from None
     try:
         try:
+            os.fchmod(fd, FILE_MODE)  # (a umask of 077 would leave it unreadable by pickup)
             with os.fdopen(fd, "wb") as f:
                 _write_message(f, message, chunks, size_limit, room)
                 os.fsync(f.fileno())
@@ -182,11 +192,23 @@ def _write_message(f, message: MaildropMessage, chunks: Iterable[bytes], size_li
 
 def _ensure_directory(directory: Path) -> None:
     try:
-        directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        if make_maildrop_directory(directory):
+            return
     except OSError as e:
         raise MaildropError(f"cannot create {directory}: {e.strerror}", os.EX_CANTCREAT) from None
     if not directory.is_dir():
         raise MaildropError(f"{directory} is not a directory", os.EX_CANTCREAT)
+
+
+def make_maildrop_directory(directory: Path) -> bool:
+    """Create `directory` DIRECTORY_MODE (whatever the umask); False when it was there already."""
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        return False
+    os.chmod(directory, DIRECTORY_MODE)
+    return True
 
 
 def _code(e: OSError) -> int:
@@ -201,21 +223,93 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def read_maildrop(path: Path) -> MaildropMessage:
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the caller (pickup's event loop)
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):  # (a directory opens too, and open() below would refuse it, fd unclosed)
-        os.close(fd)
-        raise CorruptMaildrop("not a regular file")
-    with open(fd, "rb") as f:
-        first = f.readline(HEADER_LIMIT)
-    if not first.endswith(b"\n"):
-        raise CorruptMaildrop("no envelope line (empty, truncated or not a maildrop file)")
+class MaildropFile:
+    """A maildrop file opened by `open_maildrop`: its envelope (`message`, `owner_uid` the kernel's word) and its
+    content read from the open file. Close it (a context manager)."""
+
+    def __init__(self, fd: int, message: MaildropMessage):
+        self._fd = fd
+        self.message = message
+
+    def __enter__(self) -> "MaildropFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def chunks(self, size: int = 65536) -> Iterator[bytes]:
+        """The content, `size` bytes at a time; CorruptMaildrop when the file is shorter than it said."""
+        offset, end = self.message.offset, self.message.offset + self.message.size
+        while offset < end:
+            data = os.pread(self._fd, min(size, end - offset), offset)
+            if not data:
+                raise CorruptMaildrop("truncated while being read")
+            offset += len(data)
+            yield data
+
+    def prefix(self, size: int) -> bytes:
+        """At most `size` bytes of the content (for quoting it in a notice)."""
+        return os.pread(self._fd, min(size, self.message.size), self.message.offset)
+
+    def unchanged(self) -> bool:
+        """Whether the file is still as long as its envelope says."""
+        return os.fstat(self._fd).st_size == self.message.offset + self.message.size
+
+
+def open_maildrop(path: Path) -> MaildropFile:
+    before = os.lstat(path)  # (not opened at all when it is not a plain file: a device, a FIFO, a link)
+    if stat.S_ISLNK(before.st_mode):
+        raise CorruptMaildrop(f"a symbolic link (uid {before.st_uid})")
+    if not stat.S_ISREG(before.st_mode):
+        raise CorruptMaildrop(f"not a regular file (uid {before.st_uid})")
+    try:  # a FIFO swapped in meanwhile must not block the caller (pickup's event loop), nor a link be followed
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CorruptMaildrop(f"a symbolic link (uid {before.st_uid})") from None
+        raise
     try:
-        header = json.loads(first)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # (RecursionError: arrays nested too deep)
-        raise CorruptMaildrop(f"envelope line is not JSON: {str(e)[:200]}") from None
-    return _message(header, st.st_size - len(first), len(first), st.st_uid)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptMaildrop(f"not a regular file (uid {st.st_uid})")
+        if st.st_nlink != 1:  # a hard link made to a file of another owner (the queue's, root's) names it
+            raise CorruptMaildrop(f"uid {st.st_uid}: file has {st.st_nlink} links")
+        first = _first_line(fd)
+        if not first.endswith(b"\n"):
+            raise CorruptMaildrop("no envelope line (empty, truncated or not a maildrop file)")
+        try:
+            header = json.loads(first)
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # (RecursionError: arrays nested too deep)
+            raise CorruptMaildrop(f"envelope line is not JSON: {str(e)[:200]}") from None
+        return MaildropFile(fd, _message(header, st.st_size - len(first), len(first), st.st_uid))
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _first_line(fd: int) -> bytes:
+    """The bytes up to and including the first newline, at most HEADER_LIMIT of them."""
+    line = bytearray()
+    while len(line) < HEADER_LIMIT:
+        data = os.pread(fd, min(65536, HEADER_LIMIT - len(line)), len(line))
+        if not data:
+            break
+        end = data.find(b"\n")
+        if end >= 0:
+            line += data[:end + 1]
+            break
+        line += data
+    return bytes(line)
+
+
+def read_maildrop(path: Path) -> MaildropMessage:
+    with open_maildrop(path) as opened:
+        return opened.message
 
 
 def maildrop_content(path: Path, message: MaildropMessage) -> Content:

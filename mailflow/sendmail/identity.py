@@ -2,6 +2,7 @@
 local_login_sender_maps).
 
     current_identity() -> Identity                    the process's uid, login name and GECOS full name
+    identity_of(uid) -> Identity                      the same for any uid (its passwd entry; "uid<N>" when none)
     gecos_full_name(gecos, login) -> str              the full name in a GECOS field, as Postfix's fullname() reads
                                                       it: up to the first ',', ';' or '%', each '&' the login
                                                       name capitalized
@@ -9,6 +10,9 @@ local_login_sender_maps).
     may_use_sender(login, sender, config) -> bool     login@myorigin always; else the first table that knows the
                                                       login decides (patterns: "*", "<>", "@domain", an address,
                                                       a bare local part qualified with myorigin)
+    submit_problem(login, sender, config) -> str      both checks as pickup applies them to a maildrop file of
+                                                      another user (what sendmail checked before writing it):
+                                                      why not ("" when it may)
 
 Failure behaviour: a table that cannot answer raises LookupRetry (sendmail exits 75).
 """
@@ -31,7 +35,10 @@ class Identity:
 
 
 def current_identity() -> Identity:
-    uid = os.getuid()
+    return identity_of(os.getuid())
+
+
+def identity_of(uid: int) -> Identity:
     try:
         entry = pwd.getpwuid(uid)
         return Identity(uid, entry.pw_name, gecos_full_name(entry.pw_gecos, entry.pw_name))
@@ -69,6 +76,16 @@ def may_use_sender(login: str, sender: str, config: Config) -> bool:
         if value is not None:
             return any(_sender_matches(p, sender, origin) for p in re.split(r"[\s,]+", value.strip()) if p)
     return False
+
+
+def submit_problem(login: str, sender: str, config: Config) -> str:
+    """Why `login` may not submit mail from `sender` ("" when it may): authorized_submit_users, then
+    local_login_sender_maps (as sendmail checks them)."""
+    if not may_submit(login, config.sendmail.authorized_submit_users):
+        return "not allowed to submit mail (authorized_submit_users)"
+    if not may_use_sender(login, sender, config):
+        return f"may not use the sender address <{sender}> (local_login_sender_maps)"
+    return ""
 
 
 def _sender_matches(pattern: str, sender: str, origin: str) -> bool:

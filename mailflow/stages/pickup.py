@@ -56,26 +56,30 @@ A socket that cannot be bound (e.g. a path longer than the UNIX limit) is logged
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 from mailflow.clock import Clock
-from mailflow.config import DEFAULTS
-from mailflow.content import Content, Truncated
-from mailflow.errors import DeliveryError, MessageTooBig, PermanentError, TemporaryError
+from mailflow.config import DEFAULTS, Config
+from mailflow.content import Content
+from mailflow.errors import DeliveryError, LookupRetry, MessageTooBig, PermanentError, TemporaryError
 from mailflow.faults import Guard
 from mailflow.filters.milter import NonSmtpdMilters
-from mailflow.maildrop import (REQUEUED, CorruptMaildrop, MaildropMessage, maildrop_content, maildrop_names,
-                               read_maildrop, remove_stale_temporaries)
+from mailflow.maildrop import DIRECTORY_MODE as MAILDROP_MODE
+from mailflow.maildrop import (REQUEUED, CorruptMaildrop, MaildropFile, MaildropMessage, make_maildrop_directory,
+                               maildrop_names, open_maildrop, remove_stale_temporaries)
 from mailflow.logs import printable
-from mailflow.message import quoted_original
+from mailflow.message import HEADER_READ_LIMIT, quoted_original
 from mailflow.model import ClientInfo, Envelope, LocalUser, QueueId, Recipient, Submission
 from mailflow.stages.bounce import NoticeRecipient, build_notice, notice_is_8bit, wants_notice
+from mailflow.sendmail.identity import identity_of, submit_problem
 from mailflow.store import RequeuedMessage, RequeueGone, Store, store_fault
 
 logger = logging.getLogger("mailflow.pickup")
@@ -85,6 +89,14 @@ PUBLIC_MODE = 0o755
 SOCKET_MODE = 0o666
 REQUEUE_PAGE = 100  # requeued messages read per query
 REQUEUE_RECHECK = 1.0  # seconds between scans while requeued mail waits for the end of its attempt
+
+
+class SubmitRefused(Exception):
+    """A maildrop file of a user the policy does not let submit it (`reason` says which check)."""
+
+    def __init__(self, uid: int, login: str, reason: str):
+        super().__init__(reason)
+        self.uid, self.login, self.reason = uid, login, reason
 
 
 class _WakeProtocol(asyncio.DatagramProtocol):
@@ -101,11 +113,13 @@ class Pickup:
                  bounce_size_limit: int = DEFAULTS.queue.bounce_size_limit, size_limit: int = 0,
                  milters: NonSmtpdMilters | None = None, store: Store | None = None,
                  in_hand: Callable[[str], bool] | None = None, soft_bounce: bool = False,
-                 receive_override_options: Sequence[str] = ()):
+                 receive_override_options: Sequence[str] = (), policy: Config | None = None):
         """`milters`: non_smtpd_milters (None: none); `store`: the queue whose requeued mail it copies (None:
         none); `in_hand` (required with a store: TypeError): whether qmgr still has a message (its attempt under
         way), which is not copied yet; `soft_bounce`: a refused message is not returned (see the module doc);
-        `receive_override_options`: [smtpd]'s (see the module doc)."""
+        `receive_override_options`: [smtpd]'s (see the module doc); `policy`: the configuration whose
+        authorized_submit_users and local_login_sender_maps (and myorigin) the files of users other than root and
+        this process's own are held to (None: every such file is refused)."""
         if store is not None and in_hand is None:  # (a default of "never" would copy mail under delivery)
             raise TypeError("Pickup: a store needs in_hand, qmgr's word on the messages it has in hand")
         self.maildrop = Path(queue_directory) / "maildrop"
@@ -120,6 +134,7 @@ class Pickup:
         self._soft_bounce = soft_bounce
         self._milters = milters
         self._overrides = frozenset(receive_override_options)
+        self._policy = policy
         self._store = store
         self._in_hand = in_hand or (lambda queue_id: False)  # (no store: no requeued mail to ask about)
         self._requeues_waiting = False  # requeued mail waits for the end of an attempt: scan again soon
@@ -136,11 +151,30 @@ class Pickup:
 
     async def start(self) -> None:
         """Create the directories, listen for wake-ups, and scan at once (mail left while the server was down)."""
-        for directory in (self.maildrop, self.corrupt):
-            directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+        self.corrupt.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+        self._prepare_maildrop()
         await self._listen()
         self._wanted.set()
         self._task = asyncio.create_task(self._run(), name="pickup")
+
+    def _prepare_maildrop(self) -> None:
+        """The maildrop as local users need it: MAILDROP_MODE (1733), owned by this process's user (the only one
+        who may then remove the files of others). One of ours with another mode (0700 before mailflow let other
+        users submit, or changed by hand) is made so, logged; one that is not ours is left alone, logged."""
+        if make_maildrop_directory(self.maildrop):
+            return
+        st = os.lstat(self.maildrop)
+        mode = stat.S_IMODE(st.st_mode)
+        if not stat.S_ISDIR(st.st_mode):
+            logger.error("pickup: %s is not a directory: sendmail cannot leave mail there", self.maildrop)
+        elif st.st_uid != os.geteuid():
+            logger.warning("pickup: %s belongs to uid %d, not to this server's uid %d (mode %04o): files of other "
+                           "users cannot be removed once picked up; make it ours, mode %04o", self.maildrop,
+                           st.st_uid, os.geteuid(), mode, MAILDROP_MODE)
+        elif mode != MAILDROP_MODE:
+            os.chmod(self.maildrop, MAILDROP_MODE)
+            logger.warning("pickup: %s: mode %04o changed to %04o: local users may leave mail there (whether it is "
+                           "taken: authorized_submit_users)", self.maildrop, mode, MAILDROP_MODE)
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop listening; let the file being handed over finish (within `grace`), so that a commit is
@@ -167,9 +201,10 @@ class Pickup:
 
     def reconfigure(self, *, myhostname: str, interval: float, bounce_size_limit: int, size_limit: int,
                     milters: NonSmtpdMilters | None, soft_bounce: bool,
-                    receive_override_options: Sequence[str]) -> None:
+                    receive_override_options: Sequence[str], policy: Config | None = None) -> None:
         """A reload: the files picked up from now on are handled with these settings."""
         self._myhostname, self._interval, self._milters = myhostname, interval, milters
+        self._policy = policy
         self._overrides = frozenset(receive_override_options)
         self._soft_bounce = soft_bounce
         self._kept.clear()  # (soft_bounce off, or other checks: the kept files are tried at the next scan)
@@ -303,22 +338,41 @@ class Pickup:
     async def _pick(self, name: str) -> bool:
         path = self.maildrop / name
         try:
-            message = await asyncio.to_thread(read_maildrop, path)  # an envelope line may be 16 MB of JSON
-            self._check_owner(message)
+            opened = await asyncio.to_thread(open_maildrop, path)  # an envelope line may be 16 MB of JSON
         except FileNotFoundError:
             return False  # taken by another scan or removed by an operator
         except (CorruptMaildrop, OSError) as e:
             return self._unreadable(name, e)
+        try:
+            return await self._take(name, path, opened)
+        finally:
+            opened.close()
+
+    async def _take(self, name: str, path: Path, opened: MaildropFile) -> bool:
+        """The file opened and its envelope read: its writer's rights checked, then into cleanup."""
+        try:
+            message = await self._admitted(opened.message)
+        except CorruptMaildrop as e:
+            return self._unreadable(name, e)
+        except SubmitRefused as e:
+            path.unlink(missing_ok=True)
+            logger.warning("pickup: maildrop/%s: uid=%d from=<%s>: refused: user %s %s; removed", name, e.uid,
+                           opened.message.sender, e.login, e.reason)
+            return False
+        except LookupRetry as e:
+            logger.warning("pickup: maildrop/%s: not queued (%s); will retry", name, e)
+            return False
         if self._size_limit and message.size > self._size_limit:
             too_big = MessageTooBig("5.3.4", "message file too big",
                                     f"{message.size} bytes, more than message_size_limit {self._size_limit}")
-            if await self._refused(name, message, maildrop_content(path, message), too_big):
+            quoted = await asyncio.to_thread(opened.prefix, max(self._bounce_size_limit, HEADER_READ_LIMIT) + 1)
+            if await self._refused(name, message, Content.of(quoted), too_big, size=message.size):
                 path.unlink(missing_ok=True)
             return False
         spool = self._cleanup.new_spool()
         try:
             try:
-                content = await self._copy_in(path, message, spool)
+                content = await self._copy_in(opened, spool)
             except (CorruptMaildrop, OSError) as e:
                 return self._unreadable(name, e)
             try:
@@ -362,27 +416,38 @@ class Pickup:
         return filtered.submission, filtered.hold is not None
 
     @staticmethod
-    async def _copy_in(path: Path, message: MaildropMessage, spool) -> Content:
-        """The file's content, streamed into `spool`. Raises CorruptMaildrop when it is not `message.size` bytes
-        (changed since its envelope was read), OSError when it cannot be read or spooled."""
-        try:
-            async for chunk in maildrop_content(path, message).stream():
-                spool.append(chunk)
-                await spool.drain()
-        except Truncated:
-            raise CorruptMaildrop("truncated while being read") from None
+    async def _copy_in(opened: MaildropFile, spool) -> Content:
+        """The file's content, streamed into `spool` from the file opened (never by its name again). Raises
+        CorruptMaildrop when it is not the size its envelope says, OSError when it cannot be read or spooled."""
+        chunks = opened.chunks()
+        while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+            spool.append(chunk)
+            await spool.drain()
         if spool.failure is not None:
             raise spool.failure
-        if os.stat(path).st_size != message.offset + message.size:
+        if not opened.unchanged():
             raise CorruptMaildrop("changed while being read")
         return await spool.finish()
 
-    @staticmethod
-    def _check_owner(message: MaildropMessage) -> None:
-        """The file's owner is who wrote it: it must be the user it names, unless root or mailflow wrote it."""
+    async def _admitted(self, message: MaildropMessage) -> MaildropMessage:
+        """The file's envelope as it may be taken: one written by root or the queue's owner as it is; one of
+        another user (the kernel's word: the file's owner) only when it claims that user's uid (else
+        CorruptMaildrop), under that user's login name from the passwd entry whatever it claims, and when that
+        login passes authorized_submit_users and local_login_sender_maps for its sender (else SubmitRefused),
+        since that user may have written the file without sendmail's checks. LookupRetry: a table cannot answer."""
         owner = message.owner_uid
-        if owner is not None and owner not in (message.uid, 0, os.geteuid()):
+        if owner is None or owner in (0, os.geteuid()):
+            return message
+        if owner != message.uid:
             raise CorruptMaildrop(f"owner uid {owner} differs from the submitting uid {message.uid} it claims")
+        if self._policy is None:
+            raise SubmitRefused(owner, f"uid{owner}", "not allowed to submit mail (no policy for other users)")
+        policy = self._policy
+        user = await asyncio.to_thread(identity_of, owner)
+        problem = await asyncio.to_thread(submit_problem, user.login, message.sender, policy)
+        if problem:
+            raise SubmitRefused(owner, user.login, problem)
+        return dataclasses.replace(message, user=user.login)
 
     def _submission(self, m: MaildropMessage, content: Content) -> Submission:
         envelope = Envelope(m.sender, m.recipients, smtputf8=not all(a.isascii() for a in (m.sender, *m.recipients)),
@@ -413,10 +478,11 @@ class Pickup:
             return
         logger.warning("pickup: maildrop/%s: corrupt: %s; moved to %s/%s", name, reason, self.corrupt, name)
 
-    async def _refused(self, name: str, m: MaildropMessage, content: Content, error: PermanentError) -> bool:
+    async def _refused(self, name: str, m: MaildropMessage, content: Content, error: PermanentError, *,
+                       size: int | None = None) -> bool:
         """Return a message refused for good to its sender (never a bounce of a bounce), quoting at most
-        bounce_size_limit bytes of `content`. False when the notice could not be queued: the file stays for
-        the next scan."""
+        bounce_size_limit bytes of `content` (`size`: the message's, when `content` is only its start). False
+        when the notice could not be queued: the file stays for the next scan."""
         logger.warning("pickup: maildrop/%s: from=<%s>: refused: %s %s", name, m.sender, error.dsn, error.reason)
         if self._soft_bounce:  # Postfix's cleanup cannot bounce it then (bounce_append): it stays in the maildrop
             logger.warning("pickup: maildrop/%s: not returned to <%s> (soft_bounce); will retry", name, m.sender)
@@ -438,7 +504,8 @@ class Pickup:
             original = b""
         notice = build_notice(kind="failure", queue_id=name, sender=m.sender, arrival=m.time or now,
                               envid=m.envid, ret=m.ret, recipients=failed, original=original,
-                              original_size=content.size, reporting_mta=self._myhostname, now=now,
+                              original_size=content.size if size is None else size,
+                              reporting_mta=self._myhostname, now=now,
                               notice_id=f"{name}.pickup", size_limit=self._bounce_size_limit)
         envelope = Envelope("", (m.sender,), smtputf8=not m.sender.isascii(),
                             body_type="8BITMIME" if notice_is_8bit(notice) else "")

@@ -33,12 +33,18 @@ def drop(directory, message=MESSAGE, content=CONTENT, **kwargs) -> str:
 # ---------------------------------------------------------------------------------------------- the file
 
 
-def test_written_file_reads_back_equal_with_private_modes(tmp_path):
+def test_written_file_reads_back_equal_in_a_directory_others_may_write_but_not_list(tmp_path):
+    """The directory is made 1733 (sticky, writable by all, listable by none: Postfix's maildrop/ is 1730 group
+    postdrop) and the file 0644, whatever the writer's umask: pickup, the queue's owner, reads the files of others."""
     directory = tmp_path / "q" / "maildrop"
-    name = drop(directory)
+    old = os.umask(0o077)
+    try:
+        name = drop(directory)
+    finally:
+        os.umask(old)
     assert maildrop_names(directory) == [name]  # no temporary file left behind
-    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
-    assert stat.S_IMODE(os.stat(directory / name).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o1733
+    assert stat.S_IMODE(os.stat(directory / name).st_mode) == 0o644
     back = read_maildrop(directory / name)
     assert back == dataclasses.replace(MESSAGE, size=len(CONTENT)) and back.owner_uid == os.getuid()
     assert maildrop_content(directory / name, back).to_bytes() == CONTENT
