@@ -25,13 +25,14 @@ so restart the server soon after installing a new package, before `sendmail -bs`
   frozen value. The content itself is never held whole: it is written from, and read back as, chunks.
 - `write_maildrop(directory, message, chunks, size_limit=0) -> name`: atomic and durable: a hidden temporary
   name in the same directory, the envelope line, the chunks as they come, fsync, rename to the final name, fsync
-  the directory. The envelope line is written first with room for the size (and, when `body_type` is "", the
-  body type: 8BITMIME when a byte is not ASCII) and completed in place at the end (JSON allows the spaces that
-  pad it). The file is created O_EXCL and O_NOFOLLOW under a name with 32 random bits (no other user can plant it
-  first) and made mode 0644 whatever the umask (pickup runs as the queue's owner and reads it; the directory is not
-  listable, so its name is its secret, as with Postfix's postdrop); the directory, when missing, is created
-  DIRECTORY_MODE (1733: any local user may create a file, none may list, read by name guessing or remove another's;
-  the server fixes it at start). Raises `MaildropError` (with
+  the directory (when the writer may open it: only its owner may, see below; the file itself is fsynced, as with
+  Postfix's postdrop). The envelope line is written first with room for the size (and, when `body_type` is "",
+  the body type: 8BITMIME when a byte is not ASCII) and completed in place at the end (JSON allows the spaces
+  that pad it). The file is created O_EXCL and O_NOFOLLOW under a name with 32 random bits (no other user can
+  plant it first) and made mode 0644 whatever the umask (pickup runs as the queue's owner and reads it; the
+  directory is not listable, so its name is its secret, as with Postfix's postdrop). The directory, when missing,
+  is created DIRECTORY_MODE (1733: any local user may create a file in it, none may list it nor remove another's
+  file; the server makes an older one so at start). Raises `MaildropError` (with
   `.code`, a sysexits value: 65 EX_DATAERR when the content exceeds `size_limit` bytes (0: no limit) -
   reading stops there; 64 EX_USAGE when the envelope line would exceed HEADER_LIMIT (hundreds of thousands
   of recipients), before the content is read or a file created; 73 EX_CANTCREAT when the directory cannot be
@@ -216,7 +217,12 @@ def _code(e: OSError) -> int:
 
 
 def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+    """The rename made durable; not for a user who may not read the directory (every one but its owner, in the
+    1733 maildrop: as Postfix's postdrop, the file itself was fsynced, and journaling filesystems keep the rename)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except PermissionError:
+        return
     try:
         os.fsync(fd)
     finally:

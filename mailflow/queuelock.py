@@ -54,6 +54,7 @@ class QueueLock:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
             if not _try_flock(fd, fcntl.LOCK_EX):
                 raise QueueBusy(directory, _read_pid(path))
+            os.fchmod(fd, FILE_MODE)  # (whatever the umask: sendmail, run by any user, reads it)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         except BaseException:

@@ -57,7 +57,7 @@ class Submitter:
             raise MaildropError(problem, os.EX_CANTCREAT)
         name = write_maildrop(queue / "maildrop", message, chunks, size_limit=self.config.smtpd.message_size_limit)
         wake_pickup(queue / "public" / "pickup")
-        if not self._told_no_server and queue_owner(queue) is None:
+        if not self._told_no_server and _no_server(queue):
             self._told_no_server = True
             self.say(f"warning: no mailflow server is running on {queue}: the mail waits in its maildrop until one "
                      "starts")
@@ -65,6 +65,15 @@ class Submitter:
 
     def split(self, lines: Iterable[bytes]) -> tuple[bytes, Iterator[bytes]]:
         return split_input(lines, self.config.header_size_limit)
+
+
+def _no_server(queue: Path) -> bool:
+    """Whether no server holds the queue's lock; False when this user cannot tell (the lock file unreadable: the
+    mail is stored all the same, so nothing is said)."""
+    try:
+        return queue_owner(queue) is None
+    except OSError:
+        return False
 
 
 def queue_problem(queue: Path) -> str:

@@ -211,7 +211,10 @@ class Pickup:
         self._bounce_size_limit, self._size_limit = bounce_size_limit, size_limit
 
     async def _listen(self) -> None:
-        self.socket_path.parent.mkdir(mode=PUBLIC_MODE, parents=True, exist_ok=True)
+        public = self.socket_path.parent
+        public.mkdir(mode=PUBLIC_MODE, parents=True, exist_ok=True)
+        if public.stat().st_uid == os.geteuid():  # (a umask of 077 made it 0700: no other user could wake us)
+            os.chmod(public, PUBLIC_MODE)
         self.socket_path.unlink(missing_ok=True)  # left by a server that did not stop cleanly
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
