@@ -4,7 +4,9 @@ side of a requeue from requeue.py).
 Contract
 - `Store.open(path)` opens (creating, or migrating an older queue) the database and its content directory;
   `close()` finishes every write already submitted, then closes. `owner=True` (the server, holding the queue's
-  lock) also converts a queue made before auto_vacuum; `upgrade=False` (the operator tools) refuses an older
+  lock) also converts a queue made before auto_vacuum and keeps the database file 0600, whatever the umask (local
+  users traverse the queue directory to reach the maildrop, so its known names must not be readable);
+  `upgrade=False` (the operator tools) refuses an older
   queue instead of migrating it.
 - `insert(msg)` returns only after the transaction is on disk (a durable commit): smtpd may then say 250. A
   message with a content file is durable whole: the file is fsynced, linked under its queue id and the
@@ -56,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 from pathlib import Path
 from typing import Sequence
@@ -93,6 +96,8 @@ class Store(OperatorQueries, RequeueQueries):
         which must not change it under an older server still running on it."""
         path = Path(path)
         (path.parent / CONTENT_DIRECTORY).mkdir(mode=0o700, parents=True, exist_ok=True)
+        if owner:
+            _keep_private(path)
         writer, reader = Writer(path), Reader(path)
         try:
             await writer.call(writer.open, busy_timeout, owner, upgrade)  # first: it creates or migrates the schema
@@ -513,3 +518,16 @@ def _alternate(first: list, second: list) -> list:
     for i in range(max(len(first), len(second))):
         out.extend(side[i] for side in (first, second) if i < len(side))
     return out
+
+
+def _keep_private(path: Path) -> None:
+    """The database (the mail itself, for small messages) readable by its owner alone, whatever the umask: local
+    users traverse the queue directory to reach the maildrop. Created 0600 before SQLite opens it (its -wal and
+    -shm files take the database's mode); an older one of ours, made under a looser umask, is made 0600."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            if name.stat().st_uid == os.geteuid() and name.stat().st_mode & 0o077:
+                os.chmod(name, 0o600)
+        except FileNotFoundError:
+            pass

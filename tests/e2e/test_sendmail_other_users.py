@@ -3,8 +3,8 @@ that user writing the maildrop directly, bypassing sendmail's checks: the maildr
 pickup holds each file to what its owner (the kernel's word) may do.
 
 The server is the in-process `mailflow_server` fixture (root: the tests need root to run a process as another
-user); the other user is `nobody` (uid 65534), its processes real children made with setuid. The test directory
-and its parents are opened for traversal (o+x) for the test's length, as a queue directory must be for local users.
+user); the other user is `nobody` (uid 65534), its processes real children started by setpriv. The queue is in a
+directory of /tmp others may traverse, as a queue directory must be for local users (docs/operations.md).
 """
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ import asyncio
 import logging
 import os
 import pwd
+import shutil
 import stat
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,26 +30,33 @@ NOBODY = 65534
 ORIGIN = "mx.mailflow.test"  # myorigin: base_settings' myhostname
 
 
+@dataclass(frozen=True)
+class OtherUser:
+    login: str
+    queue: Path  # the queue directory (0755, as an installation's), in a directory others may traverse
+    config: Path  # where the tests write the configuration sendmail reads (readable by all)
+
+    def settings(self, **overrides) -> dict:
+        return {"queue_directory": str(self.queue), **overrides}
+
+
 @pytest.fixture
-def other_user(tmp_path):
-    """Root is needed to run as nobody: skip otherwise (fail under MAILFLOW_REQUIRE_TOOLS=1). The directories from
-    tmp_path up are made traversable (not listable) by others, and put back."""
+def other_user():
+    """Root is needed to run as nobody: skip otherwise (fail under MAILFLOW_REQUIRE_TOOLS=1). The queue and the
+    configuration are in a directory of /tmp others may traverse (not list): tmp_path's parents are 0700, and
+    every pytest session makes /tmp/pytest-of-root 0700 again."""
     if os.geteuid() != 0:
         if os.environ.get("MAILFLOW_REQUIRE_TOOLS") == "1":
             pytest.fail("running a process as another user needs root")
         pytest.skip("running a process as another user needs root")
-    login = pwd.getpwuid(NOBODY).pw_name
-    opened = []
-    for directory in (tmp_path, *tmp_path.parents):
-        mode = stat.S_IMODE(os.stat(directory).st_mode)
-        if not mode & 0o001:
-            os.chmod(directory, mode | 0o001)
-            opened.append((directory, mode))
-    (tmp_path / "queue").mkdir(mode=0o755)
-    os.chmod(tmp_path / "queue", 0o755)
-    yield login
-    for directory, mode in opened:
-        os.chmod(directory, mode)
+    top = Path(tempfile.mkdtemp(prefix="mailflow-other-user-"))
+    try:
+        os.chmod(top, 0o711)
+        (top / "queue").mkdir()
+        os.chmod(top / "queue", 0o755)
+        yield OtherUser(pwd.getpwuid(NOBODY).pw_name, top / "queue", top / "mailflow.toml")
+    finally:
+        shutil.rmtree(top)
 
 
 async def as_nobody(*argv: str, stdin: bytes = b"") -> tuple[int, str, str]:
@@ -92,8 +102,8 @@ async def test_another_user_submits_and_is_delivered_at_once_named_by_its_uid(ma
     """As with Postfix's setgid postdrop: delivered, logged `uid=65534`, Received naming that uid; the wake-up
     reaches pickup (well before its periodic scan, a minute)."""
     caplog.set_level(logging.INFO, "mailflow.pickup")
-    await mailflow_server()
-    config = write_config(tmp_path / "mailflow.toml")
+    await mailflow_server(**other_user.settings())
+    config = write_config(other_user.config, **other_user.settings())
     started = time.monotonic()
     rc, err = await sendmail(config, "-t", stdin=b"To: alice@local.test\nSubject: from nobody\n\nhi\n")
     assert rc == 0 and err == "", err
@@ -101,9 +111,10 @@ async def test_another_user_submits_and_is_delivered_at_once_named_by_its_uid(ma
     assert time.monotonic() - started < 5
     [message] = inbox(tmp_path, "alice")
     assert f"(mailflow, from userid {NOBODY})".encode() in message
-    assert f"From: {other_user} <{other_user}@{ORIGIN}>".encode() in message  # (its GECOS field is its name)
-    assert logged(caplog, f"uid={NOBODY} from=<{other_user}@{ORIGIN}>")
-    drop = tmp_path / "queue" / "maildrop"
+    login = other_user.login
+    assert f"From: {login} <{login}@{ORIGIN}>".encode() in message  # (its GECOS field is its name)
+    assert logged(caplog, f"uid={NOBODY} from=<{other_user.login}@{ORIGIN}>")
+    drop = other_user.queue / "maildrop"
     assert stat.S_IMODE(os.stat(drop).st_mode) == 0o1733 and maildrop_names(drop) == []
 
 
@@ -113,23 +124,24 @@ async def test_a_server_started_under_umask_077_is_still_woken_by_other_users(ma
     waited for pickup's periodic scan (a minute)."""
     old = os.umask(0o077)
     try:
-        await mailflow_server()
+        await mailflow_server(**other_user.settings())
     finally:
         os.umask(old)
-    rc, err = await sendmail(write_config(tmp_path / "mailflow.toml"), "alice@local.test", stdin=b"Subject: s\n\nx\n")
+    config = write_config(other_user.config, **other_user.settings())
+    rc, err = await sendmail(config, "alice@local.test", stdin=b"Subject: s\n\nx\n")
     assert rc == 0 and err == "", err
     await eventually(lambda: inbox(tmp_path, "alice"), timeout=5)
-    assert stat.S_IMODE(os.stat(tmp_path / "queue" / "maildrop").st_mode) == 0o1733
+    assert stat.S_IMODE(os.stat(other_user.queue / "maildrop").st_mode) == 0o1733
 
 
 async def test_a_private_maildrop_of_an_older_mailflow_is_opened_to_local_users_at_start(
         mailflow_server, write_config, other_user, tmp_path, caplog):
-    config = write_config(tmp_path / "mailflow.toml")
-    drop = tmp_path / "queue" / "maildrop"
+    config = write_config(other_user.config, **other_user.settings())
+    drop = other_user.queue / "maildrop"
     drop.mkdir(mode=0o700)  # as mailflow made it before other users could submit
     rc, err = await sendmail(config, "alice@local.test", stdin=b"Subject: later\n\nwaiting\n")
     assert rc == 73 and "cannot create a file" in err  # not theirs to write
-    await mailflow_server()
+    await mailflow_server(**other_user.settings())
     assert stat.S_IMODE(os.stat(drop).st_mode) == 0o1733
     assert logged(caplog, str(drop), "mode 0700 changed to 1733")
     rc, err = await sendmail(config, "alice@local.test", stdin=b"Subject: now\n\nwaiting\n")
@@ -139,42 +151,42 @@ async def test_a_private_maildrop_of_an_older_mailflow_is_opened_to_local_users_
 
 async def test_a_file_left_while_the_server_is_down_is_delivered_at_its_start(mailflow_server, write_config,
                                                                               other_user, tmp_path):
-    mf = await mailflow_server()
+    mf = await mailflow_server(**other_user.settings())
     await mf.stop()
-    config = write_config(tmp_path / "mailflow.toml")
+    config = write_config(other_user.config, **other_user.settings())
     rc, err = await sendmail(config, "alice@local.test", stdin=b"Subject: later\n\nwaiting\n")
     assert rc == 0 and "no mailflow server is running" in err
-    assert len(maildrop_names(tmp_path / "queue" / "maildrop")) == 1
-    await mailflow_server()
+    assert len(maildrop_names(other_user.queue / "maildrop")) == 1
+    await mailflow_server(**other_user.settings())
     await eventually(lambda: inbox(tmp_path, "alice"), timeout=5)
 
 
 async def test_a_user_not_authorized_is_refused_by_sendmail_and_its_own_file_dropped_by_pickup(
         mailflow_server, write_config, other_user, tmp_path, caplog):
-    settings = {"sendmail": {"authorized_submit_users": ["root"]}}
+    settings = other_user.settings(sendmail={"authorized_submit_users": ["root"]})
     mf = await mailflow_server(**settings)
-    config = write_config(tmp_path / "mailflow.toml", **settings)
+    config = write_config(other_user.config, **settings)
     rc, err = await sendmail(config, "alice@local.test", stdin=b"Subject: no\n\nno\n")
     assert rc == 77 and "not allowed to submit mail (authorized_submit_users)" in err
     name = await write_directly(mf)
     await eventually(lambda: logged(caplog, f"maildrop/{name}: uid={NOBODY}", "refused", "authorized_submit_users"),
                      timeout=5)
-    assert not (tmp_path / "queue" / "maildrop" / name).exists()
-    assert not (tmp_path / "queue" / "corrupt" / name).exists()
+    assert not (other_user.queue / "maildrop" / name).exists()
+    assert not (other_user.queue / "corrupt" / name).exists()
     await asyncio.sleep(0.5)
     assert inbox(tmp_path, "alice") == [] and inbox(tmp_path, "bob") == []  # not delivered, nor bounced
 
 
 async def test_a_forged_sender_is_refused_by_sendmail_and_its_direct_file_dropped_by_pickup(
         mailflow_server, write_config, other_user, tmp_path, caplog):
-    mf = await mailflow_server()
-    config = write_config(tmp_path / "mailflow.toml")
+    mf = await mailflow_server(**other_user.settings())
+    config = write_config(other_user.config, **other_user.settings())
     rc, err = await sendmail(config, "-f", "bob@local.test", "alice@local.test", stdin=b"Subject: forged\n\nx\n")
     assert rc == 77 and "local_login_sender_maps" in err
     name = await write_directly(mf, sender="bob@local.test")
     await eventually(lambda: logged(caplog, f"maildrop/{name}: uid={NOBODY} from=<bob@local.test>", "refused",
                                     "local_login_sender_maps"), timeout=5)
-    assert not (tmp_path / "queue" / "maildrop" / name).exists()
+    assert not (other_user.queue / "maildrop" / name).exists()
     await asyncio.sleep(0.5)
     assert inbox(tmp_path, "alice") == [] and inbox(tmp_path, "bob") == []  # not delivered, no notice to bob
     # its own address it may use, even written by hand
@@ -185,9 +197,9 @@ async def test_a_forged_sender_is_refused_by_sendmail_and_its_direct_file_droppe
 
 
 async def test_a_file_claiming_another_uid_is_never_mail(mailflow_server, write_config, other_user, tmp_path, caplog):
-    mf = await mailflow_server()
+    mf = await mailflow_server(**other_user.settings())
     name = await write_directly(mf, uid=0, user="root", sender="root@local.test")
-    await eventually(lambda: (tmp_path / "queue" / "corrupt" / name).exists(), timeout=5)
+    await eventually(lambda: (other_user.queue / "corrupt" / name).exists(), timeout=5)
     assert logged(caplog, name, f"owner uid {NOBODY} differs from the submitting uid 0")
     await asyncio.sleep(0.3)
     assert inbox(tmp_path, "alice") == []
@@ -198,22 +210,37 @@ async def test_links_and_fifos_planted_by_a_user_are_never_read_and_do_not_stop_
     """A symbolic link to a root-only file in maildrop format (root's own mail, say), a hard link to it (where
     the kernel allows one: root makes it here, as fs.protected_hardlinks=0 would let any user) and a FIFO: none is
     read as mail; each is set aside, and nobody's own mail behind them is delivered."""
-    mf = await mailflow_server()
+    mf = await mailflow_server(**other_user.settings())
     secret_dir = tmp_path / "root-only"
     secret_dir.mkdir(mode=0o711)
     secret = secret_dir / write_maildrop(secret_dir, MaildropMessage(
         sender="root@local.test", recipients=("bob@local.test",), uid=0, user="root"), [b"Subject: secret\r\n\r\n"])
     os.chmod(secret, 0o600)
-    drop = tmp_path / "queue" / "maildrop"
+    drop = other_user.queue / "maildrop"
     code = (f"import os\nos.symlink({str(secret)!r}, {str(drop / '00000000000000LINK')!r})\n"
             f"os.mkfifo({str(drop / '00000000000000FIFO')!r})\n")
     assert (await as_nobody(sys.executable, "-c", code))[0] == 0
     os.link(secret, drop / "00000000000000HARD")
     await write_directly(mf)
     await eventually(lambda: inbox(tmp_path, "alice"), timeout=5)
-    await eventually(lambda: len(os.listdir(tmp_path / "queue" / "corrupt")) == 3, timeout=5)
-    assert sorted(os.listdir(tmp_path / "queue" / "corrupt")) == ["00000000000000FIFO", "00000000000000HARD",
+    await eventually(lambda: len(os.listdir(other_user.queue / "corrupt")) == 3, timeout=5)
+    assert sorted(os.listdir(other_user.queue / "corrupt")) == ["00000000000000FIFO", "00000000000000HARD",
                                                                   "00000000000000LINK"]
     assert logged(caplog, "00000000000000LINK", "a symbolic link") and logged(caplog, "HARD", "file has 2 links")
     assert inbox(tmp_path, "bob") == [] and secret.exists()
     assert maildrop_names(drop) == []
+
+
+async def test_the_queue_database_stays_private_in_a_directory_local_users_traverse(mailflow_server, other_user,
+                                                                                    tmp_path):
+    """The queue directory is traversable by all (else they cannot reach the maildrop), so its files of known names
+    must not be readable: queue.db holds the small messages themselves. It was 0644 under a umask of 022."""
+    queue = other_user.queue
+    (queue / "queue.db").write_bytes(b"")
+    os.chmod(queue / "queue.db", 0o644)  # an older server's, made under umask 022
+    await mailflow_server(**other_user.settings())
+    code = f"open({str(queue / 'queue.db')!r}, 'rb')"
+    rc, _, err = await as_nobody(sys.executable, "-c", code)
+    assert rc == 1 and "Permission denied" in err
+    assert [name for name in os.listdir(queue) if name.startswith("queue.db")
+            and stat.S_IMODE(os.stat(queue / name).st_mode) & 0o077] == []
