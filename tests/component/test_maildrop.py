@@ -395,6 +395,31 @@ async def test_a_fifo_or_a_deeply_nested_envelope_is_set_aside_and_does_not_stop
     assert maildrop_names(drop) == [] and not released.is_set()
 
 
+def test_the_content_is_read_from_the_file_opened_never_by_its_name_again(tmp_path):
+    """The writer owns its file and may swap it, after pickup's checks, for a symbolic link to a file only the
+    server may read, of the same size: pickup read the content by name again, and so sent that file as mail."""
+    directory = tmp_path / "maildrop"
+    name = drop(directory)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"S" * os.stat(directory / name).st_size)
+    with maildrop.open_maildrop(directory / name) as opened:
+        os.replace(directory / name, tmp_path / "moved")
+        (directory / name).symlink_to(secret)
+        assert b"".join(opened.chunks()) == CONTENT and opened.unchanged()
+    with pytest.raises(CorruptMaildrop, match="a symbolic link"):
+        read_maildrop(directory / name)
+
+
+def test_a_file_with_a_second_link_is_not_taken(tmp_path):
+    """A hard link a user made to a file of another owner (where fs.protected_hardlinks allows one) would pass
+    for that owner's."""
+    directory = tmp_path / "maildrop"
+    name = drop(directory)
+    os.link(directory / name, tmp_path / "elsewhere")
+    with pytest.raises(CorruptMaildrop, match="file has 2 links"):
+        read_maildrop(directory / name)
+
+
 def test_a_directory_in_the_maildrop_is_corrupt_and_holds_no_descriptor(tmp_path):
     (tmp_path / "00000000000000DIRX").mkdir()
     before = len(os.listdir("/proc/self/fd"))
