@@ -1,13 +1,22 @@
 """pickup: feeds the maildrop directory (what `mailflow sendmail` wrote) to cleanup (Postfix pickup(8)).
 
-It owns `<queue_directory>/maildrop/` on the server side, `<queue_directory>/corrupt/` and the wake-up socket
-`<queue_directory>/public/pickup` (a UNIX datagram socket, mode 0666; any datagram means "look now", like
-Postfix's public/pickup FIFO). It scans the maildrop when it starts, on every wake-up, and at least every
-`pickup_interval`. For each file, oldest first:
+It owns `<queue_directory>/maildrop/` on the server side (made mode 1733 at start, logged when one of its own had
+another mode: any local user may leave a file there, docs/operations.md "Local submission"),
+`<queue_directory>/corrupt/` and the wake-up socket `<queue_directory>/public/pickup` (a UNIX datagram socket,
+mode 0666 in a 0755 directory, whatever the umask; any datagram means "look now", like Postfix's public/pickup
+FIFO). It scans the maildrop when it starts, on every wake-up, and at least every `pickup_interval`. For each
+file, oldest first:
 
-- it reads and validates its envelope (`mailflow.maildrop.read_maildrop`); a corrupt file, or one whose owner is
-  neither the uid it claims nor root nor mailflow's own user (a forged identity), is moved to `corrupt/` and
-  logged, and the scan goes on with the next file;
+- it opens the file once (`mailflow.maildrop.open_maildrop`: never a symbolic link, FIFO or file with a second
+  link) and validates its envelope, and reads the content from that open file only; a corrupt file, or one whose
+  owner is neither the uid it claims nor root nor mailflow's own user (a forged identity), is moved to `corrupt/`
+  and logged, and the scan goes on with the next file;
+- a file of another user (its owner, the kernel's word, neither root nor this process's user) may have been written
+  without sendmail's checks: its login is taken from that uid's passwd entry, whatever the file says, and it must
+  pass `authorized_submit_users` and `local_login_sender_maps` for its sender (`policy`, the configuration;
+  mailflow.sendmail.identity's checks); else it is removed, never returned (a notice would go to a sender the user
+  may not use), logged `pickup: maildrop/NAME: uid=N from=<S>: refused: user LOGIN REASON; removed`; a table that
+  cannot answer leaves it for the next scan;
 - a message bigger than `size_limit` (message_size_limit; 0: none) is not loaded: it is returned to its sender
   ("message file too big", 5.3.4, its header section quoted) and its file removed, as Postfix's cleanup does;
 - the content is copied, streamed, into a spool of the queue (cleanup.new_spool: in memory when small, else a
