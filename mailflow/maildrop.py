@@ -23,20 +23,20 @@ so restart the server soon after installing a new package, before `sendmail -bs`
 
 - `MaildropMessage`: the envelope, the content's `size` and (once read back) its `offset` in the file, as a
   frozen value. The content itself is never held whole: it is written from, and read back as, chunks.
-- `write_maildrop(directory, message, chunks, size_limit=0) -> name`: atomic and durable: a hidden temporary
-  name in the same directory, the envelope line, the chunks as they come, fsync, rename to the final name, fsync
-  the directory (when the writer may open it: only its owner may, see below; the file itself is fsynced, as with
-  Postfix's postdrop). The envelope line is written first with room for the size (and, when `body_type` is "",
-  the body type: 8BITMIME when a byte is not ASCII) and completed in place at the end (JSON allows the spaces
-  that pad it). The file is created O_EXCL and O_NOFOLLOW under a name with 32 random bits (no other user can
-  plant it first) and made mode 0644 whatever the umask (pickup runs as the queue's owner and reads it; the
-  directory is not listable, so its name is its secret, as with Postfix's postdrop). The directory, when missing,
-  is created DIRECTORY_MODE (1733: any local user may create a file in it, none may list it nor remove another's
-  file; the server makes an older one so at start). Raises `MaildropError` (with
-  `.code`, a sysexits value: 65 EX_DATAERR when the content exceeds `size_limit` bytes (0: no limit) -
-  reading stops there; 64 EX_USAGE when the envelope line would exceed HEADER_LIMIT (hundreds of thousands
-  of recipients), before the content is read or a file created; 73 EX_CANTCREAT when the directory cannot be
-  created or written; 75 EX_TEMPFAIL for anything else, such as a full disk); a failed write leaves no file.
+- `write_maildrop(directory, message, chunks, size_limit=0) -> name`: atomic and durable: a hidden temporary name in
+  the same directory, the envelope line, the chunks as they come, fsync, rename to the final name, fsync the
+  directory (when the writer may open it: only its owner may, see below; the file itself is fsynced, as with
+  Postfix's postdrop). The envelope line is written first with room for the size (and, when `body_type` is "", the
+  body type: 8BITMIME when a byte is not ASCII) and completed in place at the end (JSON allows the spaces that pad
+  it). The file is created O_EXCL and O_NOFOLLOW under a name with 32 random bits (no other user can plant it first)
+  and made mode 0644 whatever the umask (pickup runs as the queue's owner and reads it; the directory is not
+  listable, so its name is its secret, as with Postfix's postdrop). The directory, when missing, is created
+  DIRECTORY_MODE (1733: any local user may create a file in it, none may list it nor remove another's file; the
+  server makes an older one so at start), owned by the queue directory's owner (also when root makes it). Raises
+  `MaildropError` (with `.code`, a sysexits value: 65 EX_DATAERR when the content exceeds `size_limit` bytes (0: no
+  limit) - reading stops there; 64 EX_USAGE when the envelope line would exceed HEADER_LIMIT (hundreds of thousands
+  of recipients), before the content is read or a file created; 73 EX_CANTCREAT when the directory cannot be created
+  or written; 75 EX_TEMPFAIL for anything else, such as a full disk); a failed write leaves no file.
 - `open_maildrop(path) -> MaildropFile`: the file as pickup takes it, whoever wrote it: never a symbolic link (not
   followed: O_NOFOLLOW), a FIFO, a device or a directory, nor a file with more than one link (a hard link another
   user made to a file it does not own), all `CorruptMaildrop`; its envelope read as `read_maildrop` does; the
@@ -203,11 +203,16 @@ def _ensure_directory(directory: Path) -> None:
 
 
 def make_maildrop_directory(directory: Path) -> bool:
-    """Create `directory` DIRECTORY_MODE (whatever the umask); False when it was there already."""
+    """Create `directory` DIRECTORY_MODE (whatever the umask), owned by the owner of the directory it is in (the
+    queue's: root's sendmail run before the server's first start must not make it root's, which the server could
+    neither list nor clean); False when it was there already."""
     try:
         os.mkdir(directory, 0o700)
     except FileExistsError:
         return False
+    queue = os.stat(directory.parent)
+    if os.geteuid() == 0 and queue.st_uid != 0:
+        os.chown(directory, queue.st_uid, queue.st_gid)
     os.chmod(directory, DIRECTORY_MODE)
     return True
 

@@ -50,6 +50,19 @@ def test_written_file_reads_back_equal_in_a_directory_others_may_write_but_not_l
     assert maildrop_content(directory / name, back).to_bytes() == CONTENT
 
 
+def test_roots_sendmail_makes_a_missing_maildrop_the_queue_owners(tmp_path):
+    """Root's sendmail before the server's first start made it root's: the server (another user) could not list it,
+    nor remove the files of others from it once sticky."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    queue = tmp_path / "q"
+    queue.mkdir()
+    os.chown(queue, 4242, 4343)
+    drop(queue / "maildrop")
+    st = os.stat(queue / "maildrop")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (4242, 4343, 0o1733)
+
+
 def test_per_recipient_dsn_reads_back_and_is_written_only_when_given(tmp_path):
     """-bs's RCPT NOTIFY and ORCPT, one per recipient, and an ENVID longer than -V takes (Postfix's smtpd takes
     any length): read back as written; a file without them has no such keys, as before."""
