@@ -1148,6 +1148,25 @@ async def test_a_table_that_cannot_answer_is_told_once_a_minute_not_per_client(m
                                                         "postscreen_command_filter fail:filter lookup failed"], failed
 
 
+async def test_a_filter_table_not_asked_does_not_reset_its_failure_count(mailflow_server, caplog, screen_log,
+                                                                          tmp_path):
+    """command_filter = [A, B], B failing: a command A answers never reaches B, so B's failure log is not told it
+    works again (which would log each client's next failure as a first one: two lines per client)."""
+    caplog.set_level(logging.INFO, logger="mailflow.postscreen")
+    first = tmp_path / "filter.regexp"
+    first.write_text("/^NOOP$/ NOOP\n")
+    mf = await mailflow_server(smtpd=screen(**DEEP, command_filter=[f"regexp:{first}", "fail:second"]))
+    for _ in range(3):
+        c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+        assert (await c.cmd("NOOP")).code == 250
+        assert (await c.cmd("EHLO client.test")).code == 421
+        assert await c.closed()
+    await eventually(lambda: sum(line.startswith("DISCONNECT") for line in screen_log()) == 3)
+    told = [r.getMessage().split(": ")[0] for r in caplog.records if r.name == "mailflow.postscreen"
+            and ("failed" in r.getMessage() or "works again" in r.getMessage())]
+    assert told == ["postscreen_command_filter fail:second lookup failed"], told
+
+
 async def test_a_discarded_starttls_is_refused_only_after_ehlo(mailflow_server, pki):
     """Postfix 3.7.11's dummy engine applies its EHLO discard mask from the EHLO on (it starts as 0): STARTTLS
     discarded still works after HELO alone, and is 502 after EHLO."""

@@ -722,17 +722,17 @@ class Postscreen:
     async def _filtered_command(self, client: Client, line: bytes) -> bytes | None:
         """postscreen_command_filter: the line (leading blanks skipped; not when it is not UTF-8) looked up, a value
         in its place, logged as psc_smtpd_read_event; None when the table could not answer (told once a minute
-        with a count: faults.FailureLog; Postfix's postscreen stops: the client gets the 421 and the end)."""
+        with a count: faults.FailureLog, each table's told only of the lookups it was asked; Postfix's postscreen
+        stops: the client gets the 421 and the end)."""
         try:
             key = line.lstrip(b" \t").decode("utf-8")
         except UnicodeDecodeError:
             return line
-        value, failure = await replacement(self._command_filter, key, self._table_cache.run)
+        value, failure = await replacement(self._command_filter, key, self._table_cache.run,
+                                           answered=lambda name: self._filter_failures[name].succeeded())
         if failure is not None:
             self._filter_failures[failure[0]].failed(failure[1])
             return None
-        for failures in self._filter_failures.values():
-            failures.succeeded()
         if value is None:
             return line
         log.info('%s: replacing command "%s" with "%s"', client.where, printable(line.decode("utf-8"))[:QUOTED],
