@@ -7,7 +7,7 @@
     discard_names(discarded) -> `8BITMIME AUTH ...`: the names in Postfix's order and spelling
     keyword_name(line_text) -> the lower-case keyword of an EHLO reply line's text (`SIZE 1000` -> `size`)
     address_discards(maps, ip) -> the keywords discard_ehlo_keyword_address_maps (opened) give the client's address
-                                   (unknown words skipped), None: no answer; LookupRetry passes (postscreen's)
+                                   (unknown words skipped), None: no answer; LookupRetry passes
     discards_for(maps, ip, default, logger=) -> (keywords, failed): the keywords discard_ehlo_keyword_address_maps
                                    (opened) give the client's address (unknown words skipped, as Postfix's
                                    ehlo_mask), else `default`; `failed` when a table could not answer (logged to

@@ -1144,8 +1144,9 @@ async def test_a_table_that_cannot_answer_is_told_once_a_minute_not_per_client(m
         assert await c.closed()
     await eventually(lambda: sum(line.startswith("DISCONNECT") for line in screen_log()) == 3)
     failed = [r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen" and "failed" in r.getMessage()]
-    assert [line.split(": ")[0] for line in failed] == ["postscreen_discard_ehlo_keyword_address_maps lookup failed",
-                                                        "postscreen_command_filter fail:filter lookup failed"], failed
+    assert [line.split(": ")[0] for line in failed] == [
+        "postscreen_discard_ehlo_keyword_address_maps fail:maps lookup failed",
+        "postscreen_command_filter fail:filter lookup failed"], failed
 
 
 async def test_a_filter_table_not_asked_does_not_reset_its_failure_count(mailflow_server, caplog, screen_log,
@@ -1165,6 +1166,27 @@ async def test_a_filter_table_not_asked_does_not_reset_its_failure_count(mailflo
     told = [r.getMessage().split(": ")[0] for r in caplog.records if r.name == "mailflow.postscreen"
             and ("failed" in r.getMessage() or "works again" in r.getMessage())]
     assert told == ["postscreen_command_filter fail:second lookup failed"], told
+
+
+async def test_a_discard_map_not_asked_does_not_reset_its_failure_count(mailflow_server, caplog, screen_log,
+                                                                         tmp_path):
+    """discard_ehlo_keyword_address_maps = [A, B], B failing: a client A lists never reaches B, so B's failure log
+    is not told it works again (clients from alternating networks would each log two lines)."""
+    caplog.set_level(logging.INFO, logger="mailflow.postscreen")
+    first = tmp_path / "discards.cidr"
+    first.write_text("127.0.0.1/32 etrn\n")
+    mf = await mailflow_server(smtpd=screen(**DEEP, discard_ehlo_keyword_address_maps=[f"cidr:{first}", "fail:maps"]))
+    for source in ("127.0.0.2", "127.0.0.1", "127.0.0.2"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", mf.smtp_addresses[0][1], local_addr=(source, 0))
+        c = SmtpClient(reader, writer)
+        assert (await c.reply()).code == 220
+        assert ("ETRN" in (await c.cmd("EHLO client.test")).text) == (source == "127.0.0.2")
+        assert (await c.cmd("QUIT")).code == 221
+        assert await c.closed()
+    await eventually(lambda: sum(line.startswith("DISCONNECT") for line in screen_log()) == 3)
+    told = [r.getMessage().split(": ")[0] for r in caplog.records if r.name == "mailflow.postscreen"
+            and ("failed" in r.getMessage() or "works again" in r.getMessage())]
+    assert told == ["postscreen_discard_ehlo_keyword_address_maps fail:maps lookup failed"], told
 
 
 async def test_a_discarded_starttls_is_refused_only_after_ehlo(mailflow_server, pki):

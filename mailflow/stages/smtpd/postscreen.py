@@ -74,7 +74,8 @@ lines logged as `postscreen`, `[ip]:port` as postscreen writes a client):
 Under soft_bounce every 5xx postscreen sends goes out (and is logged at RCPT) as a 4xx, as psc_send_reply.
 
 A command filter or EHLO discard map that cannot answer (Postfix's postscreen stops) is logged through a
-faults.FailureLog per table (once, then a count a minute), the client getting the 421 or the default keywords.
+faults.FailureLog per table (once, then a count a minute; told it works again only when it was asked, as a table
+after the one that answered is not), the client getting the 421 or the default keywords.
 
 Not built: a persistent cache_map; reject_footer_maps and expansion_filter (the macros are filtered as smtpd's).
 
@@ -106,7 +107,7 @@ from mailflow.clock import Clock
 from mailflow.config.smtpd import SMTPD_BANNER, PostscreenConfig, SmtpdConfig
 from mailflow.dnsbl_sites import DnsblSite, parse_dnsbl_site
 from mailflow.dns import NotFound, failure_text
-from mailflow.ehlo_keywords import SILENT, address_discards, discard_names
+from mailflow.ehlo_keywords import SILENT, discard_names, discard_set
 from mailflow.errors import LookupRetry
 from mailflow.faults import FailureLog
 from mailflow.logs import SmtpdLog, escaped, format_tv, printable
@@ -323,7 +324,9 @@ class Postscreen:
         self._discard_maps = tables.open(list(self._engine.discard_ehlo_keyword_address_maps))
         self._command_filter = tables.open(list(config.command_filter))
         # a table that cannot answer: told once per minute with a count, not once per client (faults.FailureLog)
-        self._discard_failures = FailureLog(log, "postscreen_discard_ehlo_keyword_address_maps lookup", clock)
+        self._discard_failures = {table.name: FailureLog(log, f"postscreen_discard_ehlo_keyword_address_maps "
+                                                              f"{table.name} lookup", clock)
+                                  for table in self._discard_maps}
         self._filter_failures = {table.name: FailureLog(log, f"postscreen_command_filter {table.name} lookup", clock)
                                  for table in self._command_filter}
 
@@ -665,19 +668,19 @@ class Postscreen:
     async def _ehlo_discards(self, ip: str) -> tuple[frozenset[str], bool]:
         """The EHLO keywords the client's dummy session leaves out: the address maps' answer (True: it differs from
         postscreen_discard_ehlo_keywords, so each EHLO logs it, as psc_ehlo_cmd), else those. A map that cannot
-        answer: the default, told once a minute with a count (faults.FailureLog; Postfix's postscreen stops
-        there)."""
+        answer: the default, told once a minute with a count (a faults.FailureLog per map, told only of the lookups
+        it was asked; Postfix's postscreen stops there)."""
         default = self._engine.discard_ehlo_keywords
         if not self._discard_maps:
             return default, False
-        try:
-            words = await self._table_cache.run(address_discards, self._discard_maps, ip)
-        except LookupRetry as e:
-            self._discard_failures.failed(e)
+        value, failure = await replacement(self._discard_maps, ip, self._table_cache.run,
+                                           answered=lambda name: self._discard_failures[name].succeeded())
+        if failure is not None:
+            self._discard_failures[failure[0]].failed(failure[1])
             return default, False
-        self._discard_failures.succeeded()
-        if words is None:
+        if value is None:
             return default, False
+        words = discard_set([value], ignore_unknown=True)
         return words, words != default
 
     async def _next_command(self, conn: Connection, state: _Screening, deep: "_DeepTests",
