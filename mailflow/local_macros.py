@@ -1,4 +1,5 @@
-"""local(8)'s `$name` expansion of luser_relay (Postfix local_expand with mac_expand), standard library only.
+"""The one `$name` expander (Postfix's mac_expand): local(8)'s luser_relay (local_expand), and through
+check_macros/expand_macros smtpd's and postscreen's reject footers and the DNS lists' replies; standard library only.
 
     check_local_macros(template)            raises ValueError naming an unknown macro or a stray '$'
     expand_local_macros(template, values)   the template with its macros replaced
@@ -69,7 +70,8 @@ def expand_local_macros(template: str, values: dict[str, str]) -> str:
 
 def check_macros(template: str, known: tuple[str, ...]) -> str:
     """`template` when every macro in it, conditional texts and compared sides included, is one of `known` (the
-    same syntax serves smtpd's reject footer: mailflow.reply_footer); ValueError otherwise."""
+    same syntax serves the reject footers, mailflow.reply_footer, and the DNS lists' replies, mailflow.rbl_reply);
+    ValueError otherwise."""
     def check(macro: Macro) -> str:
         if macro.name is not None and macro.name not in known:
             raise ValueError(f"unknown macro ${macro.name} (known: {', '.join(known)})")

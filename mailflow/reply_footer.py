@@ -21,7 +21,9 @@ status.with_footer puts the lines under a reply. The macros' values are filtered
 does: a character other than a tab or printable ASCII becomes `_`.
 
 Failure behaviour: check_footer raises ValueError; footer_lines does not raise for a checked template (a macro
-the session has no value for is ""; Postfix expands an unknown one to "" with a warning, here it is refused at load).
+the session has no value for is ""). Postfix expands an unknown one to "" with a warning: here smtpd's footer
+refuses one at load (as postscreen's own), while postscreen's copy of smtpd's footer, which keeps smtpd's macros,
+expands those postscreen does not know to "" with Postfix's warning (through `missing`).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
                                                as the restriction gave it (`domain=filter` too), what was looked up
                                                (the client address, a name, a sender or recipient address), its
                                                class ("Client host", "Sender address", ...) and the list's TXT reason
-    RblReplies(smtpd, server_name, tables, table_cache, fit_dsn)
+    RblReplies(smtpd, server_name, tables, fit_dsn)   (`tables`: the TableCache its maps open in)
         .reply(listed, facts) -> Reply         the refusal: the rbl_reply_maps template for the list (asked with
                                                the list as written, `domain=filter` too: Postfix 3.7 asks no more;
                                                later ones ask the domain alone next), else default_rbl_reply,
