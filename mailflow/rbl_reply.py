@@ -5,9 +5,11 @@ reason of rbl_pagein: smtpd_check.c), standard library and sibling leaves only.
     RBL_MACROS                   the names a template may use: $rbl_code, $rbl_domain, $rbl_reason (and its old name
                                  $rbl_txt), $rbl_what, $rbl_class, then smtpd's own (reply_footer.FOOTER_MACROS)
     check_rbl_template(template) the template, or ValueError (an unknown or malformed macro, a character that is
-                                 not ASCII: a reply is ASCII, RFC 5321 4.2, as reply_footer.check_footer refuses
-                                 it): the configuration's check of default_rbl_reply, and of a map's template
-                                 before use (Postfix sends such bytes as they are)
+                                 not ASCII: a reply is ASCII, RFC 5321 4.2, or a control character but a tab: a
+                                 line break in a map's value would end the reply early; as
+                                 reply_footer.check_footer refuses them): the configuration's check of
+                                 default_rbl_reply, and of a map's template before use (Postfix sends such bytes
+                                 as they are)
     txt_reason(records)          the list's TXT records as Postfix makes the reason: each record's text, non-printable
                                  bytes as spaces, joined with " / ", at most TXT_LIMIT characters
     rbl_reply_parts(template, values) -> (code, dsn, text) | None
@@ -37,11 +39,14 @@ TXT_LIMIT = 500  # Postfix's RBL_TXT_LIMIT: the reason's length at most
 TXT_SEPARATOR = " / "
 DEFAULT_DSN = "4.7.1"
 _REPLY = re.compile(r"([45]\d\d) (.*)", re.DOTALL)
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # (as reply_footer.check_footer refuses them)
 
 
 def check_rbl_template(template: str) -> str:
-    """`template` when it is ASCII and every macro in it is one of RBL_MACROS and well formed; ValueError
-    otherwise."""
+    """`template` when it is ASCII without control characters (a tab aside) and every macro in it is one of
+    RBL_MACROS and well formed; ValueError otherwise."""
+    if _CONTROL.search(template):
+        raise ValueError("a control character (a reply is one line of text)")
     if not template.isascii():
         raise ValueError("a character that is not ASCII (SMTP replies are ASCII)")
     return check_macros(template, RBL_MACROS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 
 import pytest
 
@@ -426,6 +427,20 @@ def test_a_map_template_that_is_not_ascii_gives_way_to_the_default(tmp_path, cap
     with caplog.at_level("WARNING", logger="mailflow.smtpd"):
         assert str(rcpt(r)) == f"554 5.7.1 Service unavailable; Client host [{OUTSIDER}] blocked using bl.test"
     assert "bad rbl reply template for domain bl.test: 554 Rejet\u00e9: $rbl_reason" in caplog.text
+
+
+def test_a_map_template_with_a_line_break_gives_way_to_the_default(tmp_path, caplog):
+    # a sqlite: value can hold one: sent, it would end the reply early and the rest be read as the next reply
+    db = tmp_path / "rbl.db"
+    with sqlite3.connect(db) as connection:
+        connection.execute("CREATE TABLE rbl (k TEXT PRIMARY KEY, v TEXT)")
+        connection.execute("INSERT INTO rbl VALUES ('bl.test', ?)", ("554 go away\r\n250 2.0.0 Ok",))
+    connection.close()
+    (tmp_path / "rbl.cf").write_text(f"dbpath = {db}\nquery = SELECT v FROM rbl WHERE k='%s'\n")
+    r = restrictions(client_restrictions=["reject_rbl_client bl.test"], rbl_reply_maps=[f"sqlite:{tmp_path}/rbl.cf"])
+    with caplog.at_level("WARNING", logger="mailflow.smtpd"):
+        assert str(rcpt(r)) == f"554 5.7.1 Service unavailable; Client host [{OUTSIDER}] blocked using bl.test"
+    assert "bad rbl reply template for domain bl.test" in caplog.text
 
 
 def test_log_access_permit_actions_matches_names_and_access_values_in_any_case(caplog):

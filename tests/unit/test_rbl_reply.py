@@ -6,7 +6,7 @@ import pytest
 
 from mailflow.config import config_from_dict
 from mailflow.errors import ConfigError
-from mailflow.rbl_reply import DEFAULT_RBL_REPLY, TXT_LIMIT, rbl_reply_parts, txt_reason
+from mailflow.rbl_reply import DEFAULT_RBL_REPLY, TXT_LIMIT, check_rbl_template, rbl_reply_parts, txt_reason
 
 VALUES = {"rbl_code": "554", "rbl_class": "Client host", "rbl_what": "192.0.2.1", "rbl_domain": "zen.example",
           "rbl_reason": "", "client_name": "unknown"}
@@ -66,3 +66,10 @@ def test_a_template_that_is_not_ascii_is_refused_as_a_footer_is():
     assert info.value.key == "smtpd.default_rbl_reply" and "not ASCII" in info.value.reason
     with pytest.raises(ValueError, match="not ASCII"):
         rbl_reply_parts("554 Rejet\u00e9", VALUES)
+
+
+@pytest.mark.parametrize("template", ["554 a\r\n250 b", "554 a\nb", "554 bell\x07", "554 del\x7f"])
+def test_a_template_with_a_control_character_is_refused(template):
+    with pytest.raises(ValueError, match="control character"):
+        check_rbl_template(template)
+    assert check_rbl_template("554 a\tb") == "554 a\tb"  # (a tab is text, as in a footer)
