@@ -17,10 +17,11 @@ import asyncio
 import logging
 import re
 import time
+from typing import Callable
 
 import pytest
 
-from tests.support import SmtpClient, free_port, postfix_instance
+from tests.support import SmtpClient, eventually, free_port, postfix_instance
 from tests.support.client_certs import ClientPki
 
 pytestmark = pytest.mark.interop
@@ -61,6 +62,33 @@ async def dialogue(port: int) -> list[bytes]:
 def postscreen_lines(lines: list[str]) -> list[str]:
     """The lines, each client port as PORT (`[ip]port` too: Postfix 3.7's EHLO discard line has no colon)."""
     return [re.sub(r"\]:?\d+", lambda m: "]:PORT" if m[0][1] == ":" else "]PORT", line) for line in lines]
+
+
+# lines() -> the server's log lines so far (postscreen's, with tlsproxy's as `process: text` where both are read)
+LogLines = Callable[[], list[str]]
+
+
+async def logged(lines: LogLines, text: str, count: int) -> None:
+    """Wait until `count` of the server's log lines start with `text`: what the client cannot see (its close
+    handled, the cache written; Postfix's log written by postlogd), with no fixed sleep a slow host outruns."""
+    await eventually(lambda: sum(line.startswith(text) for line in lines()) >= count,
+                     what=f"{count} log lines starting with {text!r}")
+
+
+def our_lines(caplog, *processes: str) -> LogLines:
+    """mailflow's postscreen lines; with `processes`, those loggers' lines as `process: text`."""
+    if not processes:
+        return lambda: [r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"]
+    return lambda: [f"{r.name.split('.')[1]}: {r.getMessage()}" for r in caplog.records
+                    if r.name in [f"mailflow.{process}" for process in processes]]
+
+
+def their_lines(pf, *processes: str) -> LogLines:
+    """our_lines of a private Postfix, from its maillog."""
+    if not processes:
+        return lambda: re.findall(r"/postscreen\[\d+\]: (.*)$", pf.maillog, re.M)
+    pattern = rf"/({'|'.join(processes)})\[\d+\]: (.*)$"
+    return lambda: [f"{name}: {text}" for name, text in re.findall(pattern, pf.maillog, re.M)]
 
 
 def postscreen_master_cf(port: int) -> str:
@@ -301,8 +329,9 @@ async def test_the_footer_warns_of_the_unknown_macros_it_looks_up_as_postfix(mai
         f'unknown macro name "{name}" in expansion request' for name in warned], our_log
 
 
-async def tls_dialogue(port: int, ctx) -> list[str]:
-    """A client that starts TLS in the dummy engine before its RCPT, then comes back: what it reads."""
+async def tls_dialogue(port: int, ctx, lines: LogLines) -> list[str]:
+    """A client that starts TLS in the dummy engine before its RCPT, then comes back: what it reads (`lines`:
+    postscreen's and tlsproxy's, to wait for the server to have handled each end)."""
     seen = []
     c = await SmtpClient.connect(port, timeout=GREET_WAIT + 5)
     for line in ("EHLO c.test", "STARTTLS x", "STARTTLS"):
@@ -311,11 +340,13 @@ async def tls_dialogue(port: int, ctx) -> list[str]:
     for line in ("EHLO again.test", "MAIL FROM:<s@x.test>", "RCPT TO:<r@y.test>", "STARTTLS", "QUIT"):
         seen.append((await c.cmd(line)).text)
     await c.close()
-    await asyncio.sleep(0.2)
+    await logged(lines, "postscreen: DISCONNECT", 1)  # (the pass cached)
     again = await SmtpClient.connect(port, timeout=GREET_WAIT + 5)
     assert again.greeting is not None
     seen += [again.greeting.text, (await again.cmd("QUIT")).text]
     await again.close()
+    await logged(lines, "postscreen: PASS OLD", 1)
+    await logged(lines, "tlsproxy: DISCONNECT", 1)
     return seen
 
 
@@ -329,9 +360,8 @@ async def test_starttls_in_the_dummy_engine_as_postfix(mailflow_server, caplog, 
     mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "tls_cert_file": cert,
                                       "postscreen": {"enable": True, "access_list": [], "greet_wait": GREET_WAIT,
                                                      "pipelining_enable": True}})
-    ours = await tls_dialogue(mf.smtp_addresses[0][1], ctx)
-    our_log = postscreen_lines([f"{r.name.split('.')[1]}: {r.getMessage()}" for r in caplog.records
-                                if r.name in ("mailflow.postscreen", "mailflow.tlsproxy")])
+    ours = await tls_dialogue(mf.smtp_addresses[0][1], ctx, our_lines(caplog, "postscreen", "tlsproxy"))
+    our_log = postscreen_lines(our_lines(caplog, "postscreen", "tlsproxy")())
     port = free_port()
     async with postfix_instance(main_cf={"myhostname": HOST, "postscreen_greet_wait": f"{GREET_WAIT}s",
                                          "postscreen_access_list": "", "smtputf8_enable": "yes",
@@ -339,10 +369,8 @@ async def test_starttls_in_the_dummy_engine_as_postfix(mailflow_server, caplog, 
                                          "postscreen_pipelining_enable": "yes", "smtpd_tls_security_level": "may",
                                          "smtpd_tls_cert_file": cert, "smtpd_tls_key_file": cert},
                                 master_cf=postscreen_master_cf(port)) as pf:
-        theirs = await tls_dialogue(port, ctx)
-        await asyncio.sleep(0.3)
-        their_log = postscreen_lines([f"{name}: {text}" for name, text in
-                                      re.findall(r"/(postscreen|tlsproxy)\[\d+\]: (.*)$", pf.maillog, re.M)])
+        theirs = await tls_dialogue(port, ctx, their_lines(pf, "postscreen", "tlsproxy"))
+        their_log = postscreen_lines(their_lines(pf, "postscreen", "tlsproxy")())
     their_log = [line for line in their_log if not line.startswith("postscreen: cache ")]
     theirs[1] = "501 5.5.4 Syntax: STARTTLS"  # (3.7.11 says `501 Syntax: EHLO hostname`, a slip fixed in 3.8)
     assert ours == theirs
@@ -360,11 +388,12 @@ async def test_tlsproxys_summary_tells_a_trusted_client_certificate_as_postfix(m
     tests/interop/test_smtpd_tls_log_vs_postfix.py)."""
     pki = ClientPki(tmp_path)
     ctx = pki.client("trusted").context(pki)
+    caplog.set_level(logging.INFO, logger="mailflow.postscreen")
     caplog.set_level(logging.INFO, logger="mailflow.tlsproxy")
     mf = await mailflow_server(smtpd={
         "tls_cert_file": pki.server_cert, "tls_ask_ccert": True, "tls_ca_file": pki.ca_file, "tls_loglevel": 1,
         "postscreen": {"enable": True, "access_list": [], "greet_wait": GREET_WAIT, "pipelining_enable": True}})
-    await tls_dialogue(mf.smtp_addresses[0][1], ctx)
+    await tls_dialogue(mf.smtp_addresses[0][1], ctx, our_lines(caplog, "postscreen", "tlsproxy"))
     ours = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.tlsproxy"])
     port = free_port()
     async with postfix_instance(main_cf={"myhostname": HOST, "postscreen_greet_wait": f"{GREET_WAIT}s",
@@ -375,17 +404,17 @@ async def test_tlsproxys_summary_tells_a_trusted_client_certificate_as_postfix(m
                                          "smtpd_tls_ask_ccert": "yes", "smtpd_tls_CAfile": pki.ca_file,
                                          "smtpd_tls_loglevel": "1"},
                                 master_cf=postscreen_master_cf(port)) as pf:
-        await tls_dialogue(port, ctx)
-        await asyncio.sleep(0.3)
+        await tls_dialogue(port, ctx, their_lines(pf, "postscreen", "tlsproxy"))
         theirs = postscreen_lines(re.findall(r"/tlsproxy\[\d+\]: (.*)$", pf.maillog, re.M))
     theirs = [re.sub(r"(bits\)).*", r"\1", line) for line in theirs]
     assert ours == theirs
     assert ours[1].startswith("Trusted TLS connection established from [127.0.0.1]:PORT: TLSv1.3 with cipher "), ours
 
 
-async def concurrent_dialogue(port: int) -> list[str]:
+async def concurrent_dialogue(port: int, lines: LogLines) -> list[str]:
     """One client's connections while its first is in the dummy engine: what each reads. The second comes once the
-    first passed the pregreet test, the third once it got to RCPT (it has passed the deep tests, not yet left)."""
+    first passed the pregreet test, the third once it got to RCPT (it has passed the deep tests, not yet left), the
+    fourth once the server has handled the first's end (`lines`: its postscreen log)."""
     seen = []
 
     async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -417,13 +446,13 @@ async def concurrent_dialogue(port: int) -> list[str]:
     writer.close()
     seen.append(f"first: {await say(first, first_reader, b'QUIT' + CRLF)!r}")
     first.close()
-    await asyncio.sleep(0.2)
+    await logged(lines, "DISCONNECT", 2)  # (the second's, the first's)
     reader, writer = await connect()  # alone again: the cache, which the first's end updated (PASS OLD)
     seen.append(f"fourth: {(await read_reply(reader))[:4]!r}")
     ehlo = await say(writer, reader, b"EHLO c.test" + CRLF)
     seen.append(f"fourth: {'smtpd' if b'PIPELINING' in ehlo else 'the dummy engine'} answers EHLO")
     writer.close()
-    await asyncio.sleep(0.2)
+    await logged(lines, "PASS OLD", 1)
     return seen
 
 
@@ -438,7 +467,7 @@ async def test_concurrent_connections_of_one_client_share_its_test_results_as_po
     caplog.set_level(logging.INFO, logger="mailflow.postscreen")
     mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
         "enable": True, "access_list": [], "greet_wait": GREET_WAIT, "pipelining_enable": True}})
-    ours = await concurrent_dialogue(mf.smtp_addresses[0][1])
+    ours = await concurrent_dialogue(mf.smtp_addresses[0][1], our_lines(caplog))
     our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
     port = free_port()
     async with postfix_instance(main_cf={"myhostname": HOST, "postscreen_greet_wait": f"{GREET_WAIT}s",
@@ -446,8 +475,7 @@ async def test_concurrent_connections_of_one_client_share_its_test_results_as_po
                                          "postscreen_cache_map": "btree:$data_directory/postscreen_cache",
                                          "postscreen_pipelining_enable": "yes"},
                                 master_cf=postscreen_master_cf(port)) as pf:
-        theirs = await concurrent_dialogue(port)
-        await asyncio.sleep(0.3)
+        theirs = await concurrent_dialogue(port, their_lines(pf))
         their_log = postscreen_lines(re.findall(r"/postscreen\[\d+\]: (.*)$", pf.maillog, re.M))
     their_log = [line for line in their_log if not line.startswith("cache ")]
     assert ours == theirs
@@ -457,8 +485,9 @@ async def test_concurrent_connections_of_one_client_share_its_test_results_as_po
     assert our_log[-1] == "PASS OLD [127.0.0.2]:PORT", our_log
 
 
-async def denylisted_dialogue(port: int) -> list[str]:
-    """A denylisted client's two connections at once: the second opens while the first is in the dummy engine."""
+async def denylisted_dialogue(port: int, lines: LogLines) -> list[str]:
+    """A denylisted client's two connections at once: the second opens while the first is in the dummy engine;
+    done when the server has logged both ends (`lines`: its postscreen log)."""
     seen = []
 
     async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -480,7 +509,7 @@ async def denylisted_dialogue(port: int) -> list[str]:
     seen.append(f"second: {await say(writer, reader, b'RCPT TO:<r@y.test>')!r}")
     writer.close()
     first.close()
-    await asyncio.sleep(0.3)
+    await logged(lines, "DISCONNECT", 2)
     return seen
 
 
@@ -495,7 +524,7 @@ async def test_a_denylisted_clients_second_connection_is_not_forwarded_as_postfi
     caplog.set_level(logging.INFO, logger="mailflow.postscreen")
     mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
         "enable": True, "access_list": [f"cidr:{table}"], "greet_wait": GREET_WAIT, "denylist_action": "enforce"}})
-    ours = await denylisted_dialogue(mf.smtp_addresses[0][1])
+    ours = await denylisted_dialogue(mf.smtp_addresses[0][1], our_lines(caplog))
     our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
     port = free_port()
     async with postfix_instance(main_cf={"myhostname": HOST, "postscreen_greet_wait": f"{GREET_WAIT}s",
@@ -504,7 +533,7 @@ async def test_a_denylisted_clients_second_connection_is_not_forwarded_as_postfi
                                          "postscreen_cache_map": "btree:$data_directory/postscreen_cache",
                                          "relay_domains": "y.test"},
                                 master_cf=postscreen_master_cf(port)) as pf:
-        theirs = await denylisted_dialogue(port)
+        theirs = await denylisted_dialogue(port, their_lines(pf))
         their_log = postscreen_lines(re.findall(r"/postscreen\[\d+\]: (.*)$", pf.maillog, re.M))
     their_log = [line for line in their_log if not line.startswith("cache ")]
     assert ours == theirs
@@ -513,8 +542,9 @@ async def test_a_denylisted_clients_second_connection_is_not_forwarded_as_postfi
     assert ours[-1] == "second: b'550 5.3.2 Service currently unavailable\\r\\n'", ours
 
 
-async def undone_pass_dialogue(port: int) -> list[str]:
-    """B passes the pipelining test at RCPT while A, the same client at once, fails it; then C, alone."""
+async def undone_pass_dialogue(port: int, lines: LogLines) -> list[str]:
+    """B passes the pipelining test at RCPT while A, the same client at once, fails it; then C, alone, once the
+    server has handled both ends (`lines`: its postscreen log)."""
     seen = []
 
     async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -536,14 +566,14 @@ async def undone_pass_dialogue(port: int) -> list[str]:
     seen.append(f"B: {await say(b, b_reader, b'QUIT' + CRLF)}")
     a.close()
     b.close()
-    await asyncio.sleep(0.3)
+    await logged(lines, "DISCONNECT", 2)
     c_reader, c = await connect()
     seen.append(f"C: {(await read_reply(c_reader))[:4]!r}")
     c.write(b"EHLO c.test" + CRLF)
     ehlo = await read_reply(c_reader)
     seen.append(f"C: {'smtpd' if b'PIPELINING' in ehlo else 'the dummy engine'} answers EHLO")
     c.close()
-    await asyncio.sleep(0.3)
+    await logged(lines, "DISCONNECT", 3)
     return seen
 
 
@@ -553,7 +583,7 @@ async def test_a_deep_test_one_connection_fails_undoes_the_others_pass_as_postfi
     caplog.set_level(logging.INFO, logger="mailflow.postscreen")
     mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
         "enable": True, "access_list": [], "greet_wait": GREET_WAIT, "pipelining_enable": True}})
-    ours = await undone_pass_dialogue(mf.smtp_addresses[0][1])
+    ours = await undone_pass_dialogue(mf.smtp_addresses[0][1], our_lines(caplog))
     our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
     port = free_port()
     async with postfix_instance(main_cf={"myhostname": HOST, "postscreen_greet_wait": f"{GREET_WAIT}s",
@@ -561,7 +591,7 @@ async def test_a_deep_test_one_connection_fails_undoes_the_others_pass_as_postfi
                                          "postscreen_cache_map": "btree:$data_directory/postscreen_cache",
                                          "postscreen_pipelining_enable": "yes"},
                                 master_cf=postscreen_master_cf(port)) as pf:
-        theirs = await undone_pass_dialogue(port)
+        theirs = await undone_pass_dialogue(port, their_lines(pf))
         their_log = postscreen_lines(re.findall(r"/postscreen\[\d+\]: (.*)$", pf.maillog, re.M))
     their_log = [line for line in their_log if not line.startswith("cache ")]
     assert ours == theirs
