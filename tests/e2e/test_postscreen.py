@@ -1132,9 +1132,9 @@ async def test_only_the_macros_the_footer_expansion_looks_up_are_warned_of(mailf
 
 
 async def test_a_table_that_cannot_answer_is_told_once_a_minute_not_per_client(mailflow_server, caplog, screen_log):
-    """postscreen_command_filter and the EHLO discard maps failing: every client still gets its 421 (the filter) or
-    the default keywords (the maps), but the failure is logged once with a count a minute later (faults.FailureLog),
-    not once per client."""
+    """postscreen_command_filter and the EHLO discard maps failing: every client still gets its 421 (the filter; the
+    maps, asked at EHLO, are not reached, as the filter comes first in Postfix too), but the failure is logged once
+    with a count a minute later (faults.FailureLog), not once per client (the maps alone: the test below)."""
     caplog.set_level(logging.INFO, logger="mailflow.postscreen")
     mf = await mailflow_server(smtpd=screen(**DEEP, command_filter=["fail:filter"],
                                             discard_ehlo_keyword_address_maps=["fail:maps"]))
@@ -1144,9 +1144,7 @@ async def test_a_table_that_cannot_answer_is_told_once_a_minute_not_per_client(m
         assert await c.closed()
     await eventually(lambda: sum(line.startswith("DISCONNECT") for line in screen_log()) == 3)
     failed = [r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen" and "failed" in r.getMessage()]
-    assert [line.split(": ")[0] for line in failed] == [
-        "postscreen_discard_ehlo_keyword_address_maps fail:maps lookup failed",
-        "postscreen_command_filter fail:filter lookup failed"], failed
+    assert [line.split(": ")[0] for line in failed] == ["postscreen_command_filter fail:filter lookup failed"], failed
 
 
 async def test_a_filter_table_not_asked_does_not_reset_its_failure_count(mailflow_server, caplog, screen_log,
@@ -1187,6 +1185,24 @@ async def test_a_discard_map_not_asked_does_not_reset_its_failure_count(mailflow
     told = [r.getMessage().split(": ")[0] for r in caplog.records if r.name == "mailflow.postscreen"
             and ("failed" in r.getMessage() or "works again" in r.getMessage())]
     assert told == ["postscreen_discard_ehlo_keyword_address_maps fail:maps lookup failed"], told
+
+
+async def test_the_discard_maps_are_asked_at_ehlo_not_for_a_session_without_one(mailflow_server, caplog, screen_log):
+    """psc_ehlo_cmd asks discard_ehlo_keyword_address_maps at each EHLO with a name: a HELO session, or an EHLO
+    without one (501), never meets a map that cannot answer."""
+    caplog.set_level(logging.INFO, logger="mailflow.postscreen")
+    mf = await mailflow_server(smtpd=screen(**DEEP, discard_ehlo_keyword_address_maps=["fail:maps"]))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("HELO client.test")).code == 250
+    assert (await c.cmd("EHLO")).code == 501
+    assert (await c.cmd("QUIT")).code == 221
+    await eventually(lambda: any(line.startswith("DISCONNECT") for line in screen_log()))
+    assert not [r for r in caplog.records if "maps fail:maps lookup" in r.getMessage()]
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("EHLO client.test")).code == 250
+    assert [r.getMessage().split(": ")[0] for r in caplog.records if "maps fail:maps lookup" in r.getMessage()] == [
+        "postscreen_discard_ehlo_keyword_address_maps fail:maps lookup failed"]
+    await c.close()
 
 
 async def test_a_discarded_starttls_is_refused_only_after_ehlo(mailflow_server, pki):

@@ -67,7 +67,8 @@ lines logged as `postscreen`, `[ip]:port` as postscreen writes a client):
   `tls_handshake`, as Postfix's tlsproxy: its `CONNECT from`, `DISCONNECT` and failure lines logged as `tlsproxy`),
   the session then over TLS with its HELO and MAIL forgotten, the deep tests on; encrypt: `530 5.7.0` before it but
   for HELO, EHLO, STARTTLS, NOOP, QUIT. Its EHLO leaves out discard_ehlo_keywords or the address maps' answer
-  (logged `[ip]port: discarding EHLO keywords: ...`, as 3.7's "[%s]%s"); command_filter rewrites each line
+  (asked at each EHLO with a name, as psc_ehlo_cmd; logged `[ip]port: discarding EHLO keywords: ...`, as 3.7's
+  "[%s]%s"); command_filter rewrites each line
   (`[ip]:port: replacing command "a" with "b"`); reject_footer goes under every 4xx/5xx postscreen sends, with
   postscreen's four macros (psc_send_reply, psc_expand_lookup).
 
@@ -640,7 +641,7 @@ class Postscreen:
         failed: a client that passes is to come back), the deep tests on each command line; never hand over. Its
         end is psc_conclude's: the passes cached, `PASS NEW`, the final reply, `DISCONNECT`."""
         deep = _DeepTests(self._deep_due(state))
-        dialogue = _Dummy(self._hostname, state, self._engine, *await self._ehlo_discards(state.client.ip))
+        dialogue = _Dummy(self._hostname, state, self._engine, self._engine.discard_ehlo_keywords)
         if not state.silent:  # (no banner for a client that failed the pregreet test)
             conn.send(f"{status.greeting(self._hostname, self._banner)}\r\n")
         started = self._clock.time()
@@ -666,10 +667,10 @@ class Postscreen:
         conn.hang_up()
 
     async def _ehlo_discards(self, ip: str) -> tuple[frozenset[str], bool]:
-        """The EHLO keywords the client's dummy session leaves out: the address maps' answer (True: it differs from
-        postscreen_discard_ehlo_keywords, so each EHLO logs it, as psc_ehlo_cmd), else those. A map that cannot
-        answer: the default, told once a minute with a count (a faults.FailureLog per map, told only of the lookups
-        it was asked; Postfix's postscreen stops there)."""
+        """The EHLO keywords an EHLO of the client's dummy session leaves out: the address maps' answer (True: it
+        differs from postscreen_discard_ehlo_keywords, so the EHLO logs it, as psc_ehlo_cmd), else those. A map
+        that cannot answer: the default, told once a minute with a count (a faults.FailureLog per map, told only of
+        the lookups it was asked; Postfix's postscreen stops there)."""
         default = self._engine.discard_ehlo_keywords
         if not self._discard_maps:
             return default, False
@@ -714,7 +715,10 @@ class Postscreen:
         if dialogue.commands > self._config.command_count_limit and verb != "QUIT":
             log.info("COMMAND COUNT LIMIT from %s after %s", client.where, after)
             return f"{status.postscreen_unavailable(self._hostname)}\r\n"
-        reply = dialogue.answer(verb, rest.decode("utf-8", "replace"))
+        args = rest.decode("utf-8", "replace")
+        if verb == "EHLO" and self._discard_maps and _token(args) is not None:  # (asked at each EHLO: psc_ehlo_cmd)
+            dialogue.discard(*await self._ehlo_discards(client.ip))
+        reply = dialogue.answer(verb, args)
         if dialogue.over:
             return reply
         conn.send(reply)
@@ -918,15 +922,14 @@ async def _dnsbl_until(queries: _DnsblQueries | None, deadline: float) -> None:
 class _Dummy:
     """The dummy engine's dialogue: one reply (with its CRLF) per command (postscreen_smtpd.c's handlers)."""
 
-    def __init__(self, hostname: str, state: _Screening, traits: EngineTraits,
-                 discards: frozenset[str] = frozenset(), log_discards: bool = False):
+    def __init__(self, hostname: str, state: _Screening, traits: EngineTraits, discards: frozenset[str] = frozenset()):
         self._hostname = hostname
         self._state = state
         self._traits = traits
         self._discards = discards  # the EHLO keywords left out
         # STARTTLS and BDAT refused for those only after an EHLO (Postfix 3.7's ehlo_discard_mask starts as 0)
         self._refused: frozenset[str] = frozenset()
-        self._log_discards = log_discards and bool(discards) and SILENT not in discards  # (an address map's)
+        self._log_discards = False
         self.tls_wanted = False  # STARTTLS answered 220: the handshake is next
         self.tls_active = False
         self._helo: str | None = None
@@ -943,6 +946,12 @@ class _Dummy:
         if self._traits.tls == "encrypt" and not self.tls_active and verb not in PRE_TLS:
             return f"{status.STARTTLS_FIRST}\r\n"
         return handler(self, args)
+
+    def discard(self, discards: frozenset[str], log_discards: bool) -> None:
+        """The next EHLO leaves out `discards`, logged when `log_discards` (an address map's answer) unless
+        silent-discard."""
+        self._discards = discards
+        self._log_discards = log_discards and bool(discards) and SILENT not in discards
 
     def tls_started(self) -> None:
         """The handshake is done: the session over TLS forgets its HELO and MAIL (psc_starttls_resume)."""
