@@ -255,7 +255,8 @@ class _Screening:
     failed: bool = False  # a test failed under drop or enforce (ignore: PSC_UNFAIL_SESSION_STATE, not failed)
     vetoed: bool = False  # not on an allowlist interface: never to smtpd, nothing cached (PSC_STATE_FLAG_ALLIST_FAIL)
     silent: bool = False  # the pregreet test failed under enforce: the dummy engine sends no greeting
-    passes: dict[str, float] = field(default_factory=dict)  # the tests passed this session, until when
+    # the tests passed this session, until when (its client's shared record set in _screen, before any test)
+    passes: _SharedPasses = field(default_factory=lambda: _SharedPasses({}))
     nothing_due: bool = False  # another connection of the client passed every test meanwhile (no cache lookup)
     due: tuple[str, ...] = ()  # a cached client's expired tests, the ones it meets (): all
     known: bool = False  # has passed every test once: its PASS is `PASS OLD` (Postfix's PSC_STATE_FLAG_NEW unset)
@@ -459,8 +460,8 @@ class Postscreen:
         # does not make the client `PASS NEW` again
         disabled = {test: 0.0 for test in ALL_TESTS
                     if test not in self._tests and not self._cache.complete(ip, (test,))}
-        shared = state.passes.shared if isinstance(state.passes, _SharedPasses) else state.passes
-        self._cache.record(ip, {**disabled, **shared}, self._clock.time())  # (psc_print_tests: the shared record)
+        # (psc_print_tests: the shared record)
+        self._cache.record(ip, {**disabled, **state.passes.shared}, self._clock.time())
 
     async def _access(self, ip: str) -> str:
         """permit, reject or dunno: the first answer of the access list, as Postfix's server_acl_eval: a table's
@@ -802,8 +803,7 @@ class Postscreen:
         ends the session with its 521)."""
         deep.failed.add(test)
         state.passes.pop(test, None)
-        if isinstance(state.passes, _SharedPasses):
-            state.passes.shared[test] = 0.0  # (expire_time[...] = PSC_TIME_STAMP_DISABLED, for every connection)
+        state.passes.shared[test] = 0.0  # (expire_time[...] = PSC_TIME_STAMP_DISABLED, for every connection)
         action = self._deep[test].action
         if action == "ignore":
             state.passes[test] = self._clock.time() + self._min_ttl
