@@ -12,17 +12,18 @@ reason of rbl_pagein: smtpd_check.c), standard library and sibling leaves only.
                                  as they are)
     txt_reason(records)          the list's TXT records as Postfix makes the reason: each record's text, non-printable
                                  bytes as spaces, joined with " / ", at most TXT_LIMIT characters
-    rbl_reply_parts(template, values) -> (code, dsn, text) | None
-                                 the template expanded (values filtered as smtpd_expansion_filter does: a character
-                                 other than a tab or printable ASCII becomes `_`) and split as Postfix splits it:
-                                 `ddd [x.y.z] text` (the enhanced code 4.7.1 when it gives none; the text `Service
-                                 unavailable` when it is empty); None when it does not start with a 4xx or 5xx code
-                                 and a space (Postfix then logs `rbl response code configuration error` and answers
-                                 450 4.7.1 Service unavailable). ValueError for a bad template (Postfix: `bad rbl
-                                 reply template`, the default used instead).
+    rbl_expanded(template, values) -> the checked template expanded (values filtered as smtpd_expansion_filter does:
+                                 a character other than a tab or printable ASCII becomes `_`)
+    rbl_reply_split(expanded) -> (code, dsn, text) | None
+                                 the expansion split as Postfix splits it: `ddd [x.y.z] text` (the enhanced code
+                                 4.7.1 when it gives none; the text `Service unavailable` when it is empty); None
+                                 when it does not start with a 4xx or 5xx code and a space (Postfix then logs `rbl
+                                 response code configuration error` and answers 450 4.7.1 Service unavailable)
+    rbl_reply_parts(template, values) -> rbl_reply_split(rbl_expanded(template, values))
 
-Failure behaviour: check_rbl_template and rbl_reply_parts raise ValueError for a template that cannot be expanded
-(an unknown name too: Postfix's mac_expand reports an undefined macro); nothing else raises.
+Failure behaviour: check_rbl_template raises ValueError for a template that cannot be expanded (an unknown name
+too: Postfix's mac_expand reports an undefined macro; Postfix: `bad rbl reply template`, the default used instead);
+the others take a checked template (a malformed one: ValueError). Nothing else raises.
 """
 from __future__ import annotations
 
@@ -69,16 +70,20 @@ def txt_reason(records: list[str]) -> str:
 
 def rbl_reply_parts(template: str, values: dict[str, str]) -> tuple[int, str, str] | None:
     """(code, enhanced code, text) of the expanded template; see the module doc."""
-    check_rbl_template(template)
-    expanded = _REPLY.fullmatch(expand_macros(template, expansion_filtered(values)))
-    if expanded is None:
+    return rbl_reply_split(rbl_expanded(template, values))
+
+
+def rbl_reply_split(expanded: str) -> tuple[int, str, str] | None:
+    """(code, enhanced code, text) of an expanded template; see the module doc."""
+    reply = _REPLY.fullmatch(expanded)
+    if reply is None:
         return None
-    dsn, text = split_leading_dsn(expanded[2].lstrip())  # (dsn_split skips blanks before the code too)
-    return int(expanded[1]), dsn or DEFAULT_DSN, text or "Service unavailable"
+    dsn, text = split_leading_dsn(reply[2].lstrip())  # (dsn_split skips blanks before the code too)
+    return int(reply[1]), dsn or DEFAULT_DSN, text or "Service unavailable"
 
 
 def rbl_expanded(template: str, values: dict[str, str]) -> str:
-    """The template expanded with `values` filtered (for the log line of a reply that is not one)."""
+    """The checked template expanded with `values` filtered."""
     return expand_macros(template, expansion_filtered(values))
 
 

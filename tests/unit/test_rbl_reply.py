@@ -65,7 +65,7 @@ def test_a_template_that_is_not_ascii_is_refused_as_a_footer_is():
         config_from_dict({"smtpd": {"default_rbl_reply": "$rbl_code Rejet\u00e9: $rbl_reason"}})
     assert info.value.key == "smtpd.default_rbl_reply" and "not ASCII" in info.value.reason
     with pytest.raises(ValueError, match="not ASCII"):
-        rbl_reply_parts("554 Rejet\u00e9", VALUES)
+        check_rbl_template("554 Rejet\u00e9")
 
 
 @pytest.mark.parametrize("template", ["554 a\r\n250 b", "554 a\nb", "554 bell\x07", "554 del\x7f"])

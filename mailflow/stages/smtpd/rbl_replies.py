@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable
 
 from mailflow import status
 from mailflow.errors import LookupRetry
-from mailflow.rbl_reply import check_rbl_template, rbl_expanded, rbl_reply_parts
+from mailflow.rbl_reply import check_rbl_template, rbl_expanded, rbl_reply_split
 from mailflow.reply_footer import FooterClient, footer_values
 from mailflow.tables import TableCache, find
 
@@ -64,9 +64,10 @@ class RblReplies:
             return status.SERVER_CONFIGURATION_ERROR
         values = self._values(listed, facts)
         template = self._usable(template, listed.rbl)
-        parts = rbl_reply_parts(template, values)
+        expanded = rbl_expanded(template, values)  # (a checked template: the map's by _usable, the default at load)
+        parts = rbl_reply_split(expanded)
         if parts is None:
-            log.warning("rbl response code configuration error: %s", rbl_expanded(template, values))
+            log.warning("rbl response code configuration error: %s", expanded)
             return status.RBL_REPLY_ERROR
         code, dsn, text = parts
         return status.rbl_listed(code, self._fit_dsn(dsn, listed.reply_class), text)
