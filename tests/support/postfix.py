@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import re
@@ -82,15 +83,21 @@ def require_private_nameserver() -> None:
     privilege to make a mount namespace (a container without CAP_SYS_ADMIN has not): skips, or fails under
     MAILFLOW_REQUIRE_TOOLS=1, naming what is missing."""
     require_postfix()
-    unshare, mount = require_tool("unshare"), require_tool("mount")
-    probe = subprocess.run([unshare, "-m", "--propagation", "private", mount, "--version"], capture_output=True,
-                           timeout=20)
-    if probe.returncode != 0:
-        message = ("a private Postfix's own resolv.conf needs a mount namespace (unshare -m: "
-                   f"{probe.stderr.decode(errors='replace').strip()})")
+    refused = _mount_namespace_refused(require_tool("unshare"), require_tool("mount"))
+    if refused is not None:
+        message = f"a private Postfix's own resolv.conf needs a mount namespace (unshare -m: {refused})"
         if os.environ.get("MAILFLOW_REQUIRE_TOOLS") == "1":
             pytest.fail(message)
         pytest.skip(message)
+
+
+@functools.cache
+def _mount_namespace_refused(unshare: str, mount: str) -> str | None:
+    """Why `unshare -m` cannot make a mount namespace here (its error), None when it can: probed once per pair of
+    tools, not at each address drawn (the skip or fail decision is not cached: MAILFLOW_REQUIRE_TOOLS changes)."""
+    probe = subprocess.run([unshare, "-m", "--propagation", "private", mount, "--version"], capture_output=True,
+                           timeout=20)
+    return None if probe.returncode == 0 else probe.stderr.decode(errors="replace").strip()
 
 
 def private_nameserver_address() -> str:
