@@ -106,14 +106,9 @@ WITHOUT_ARGUMENT += ("reject_unknown_helo_hostname", "reject_unknown_hostname", 
 LOGGED_PERMITS = ("permit", "permit_mynetworks", "permit_sasl_authenticated", "permit_tls_clientcerts",
                   "permit_tls_all_clientcerts", *DNSWL_CHECKS, "permit_mx_backup", "permit_auth_destination",
                   "permit_naked_ip_address")
-PERMIT_VALUES = ("OK", "RELAY", "DISCARD", "<digits>")
+PERMIT_VALUES = ("OK", "RELAY", "DISCARD")  # (and an all-digit value)
+PERMIT_VALUES_TEXT = ", ".join((*PERMIT_VALUES, "<digits>"))  # for the messages that name them
 ALL_PERMITS = "static:all"  # log_access_permit_actions: every permit (Postfix's documented example)
-
-
-def is_logged_permit(name: str) -> bool:
-    """`name` (any case) is a permit mailflow logs when log_access_permit_actions names it."""
-    lower = name.lower()
-    return lower in LOGGED_PERMITS or name.upper() in PERMIT_VALUES or (name.isascii() and name.isdigit())
 WITH_ARGUMENT += tuple(SERVER_ACCESS_CHECKS) + tuple(DNSWL_CHECKS) + (REVERSE_CLIENT_ACCESS,)
 # Restrictions that need a filter of [greylist] / [sender_auth], set up when a list (or a class it names) names
 # them: one named only in an access table's value has none
@@ -123,6 +118,12 @@ RELAY_GUARDS = ("reject_unauth_destination", "defer_unauth_destination", "reject
 ACCESS_ACTIONS = ("ok", "dunno", "reject", "defer", "defer_if_permit", "defer_if_reject", "discard", "hold",
                   "filter", "prepend", "redirect", "bcc", "warn", "info")
 _CLASS_NAME = re.compile(r"[a-z0-9_][a-z0-9_.-]*")  # a main.cf parameter name, as Postfix's class names are
+
+
+def is_logged_permit(name: str) -> bool:
+    """`name` (any case) is a permit mailflow logs when log_access_permit_actions names it."""
+    lower = name.lower()
+    return lower in LOGGED_PERMITS or name.upper() in PERMIT_VALUES or (name.isascii() and name.isdigit())
 
 
 def split_item(text: str) -> tuple[str, str]:

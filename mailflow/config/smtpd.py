@@ -25,7 +25,7 @@ from mailflow.tables import check_spec
 from mailflow.ehlo_keywords import discard_set
 from mailflow.rbl_reply import DEFAULT_RBL_REPLY, check_rbl_template
 from mailflow.reply_footer import POSTSCREEN_FOOTER_MACROS, check_footer
-from mailflow.restriction_vocabulary import ALL_PERMITS, LOGGED_PERMITS, PERMIT_VALUES, RELAY_GUARDS, expand
+from mailflow.restriction_vocabulary import ALL_PERMITS, LOGGED_PERMITS, PERMIT_VALUES_TEXT, RELAY_GUARDS, expand
 from mailflow.syntax import parse_endpoint, parse_hostport
 
 
@@ -402,7 +402,7 @@ class SmtpdConfig(SmtpdFilterSettings):
         for name in v:
             if name != ALL_PERMITS and not re.fullmatch(r"[A-Za-z0-9_]+", name):
                 raise ValueError(f"{name!r} is not a permit action name nor {ALL_PERMITS} (mailflow logs the permits "
-                                 f"of {', '.join(LOGGED_PERMITS)} and the access values {', '.join(PERMIT_VALUES)})")
+                                 f"of {', '.join(LOGGED_PERMITS)} and the access values {PERMIT_VALUES_TEXT})")
         return v
 
     @field_validator("reject_footer")

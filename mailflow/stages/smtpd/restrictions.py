@@ -104,7 +104,7 @@ from mailflow.dsn_parameters import xtext_encode
 from mailflow.errors import LookupRetry
 from mailflow.logs import SmtpdLog, printable
 from mailflow.restriction_vocabulary import (ACCESS_CHECKS, ALL_PERMITS, CLIENT_CERT_PERMITS, DNSWL_CHECKS, KNOWN,
-                                             LOGGED_PERMITS, NEEDS_FILTER, PERMIT_VALUES, RCPT_STAGES,
+                                             LOGGED_PERMITS, NEEDS_FILTER, PERMIT_VALUES_TEXT, RCPT_STAGES,
                                              REVERSE_CLIENT_ACCESS, RHSBL_CHECKS, SENDER_LOGIN_CHECKS,
                                              SERVER_ACCESS_CHECKS, STAGES, WARN_IF_REJECT, WITH_ARGUMENT, check_item,
                                              is_logged_permit, split_item)
@@ -1122,7 +1122,7 @@ def logged_permits(actions: tuple[str, ...]) -> frozenset[str] | None:
     others = [name for name in actions if not is_logged_permit(name)]
     if others:
         log.warning("log_access_permit_actions: the permits of %s are not logged (mailflow logs those of %s, and "
-                    "access actions: %s)", ", ".join(others), ", ".join(LOGGED_PERMITS), ", ".join(PERMIT_VALUES))
+                    "access actions: %s)", ", ".join(others), ", ".join(LOGGED_PERMITS), PERMIT_VALUES_TEXT)
     return frozenset(name.lower() for name in actions)
 
 
