@@ -214,6 +214,11 @@ class Facts:
     # sender_rcptmap_checked, recipient_rcptmap_checked): not made again, by an item or the implied check
     listed_checked: set[str] | None = None
 
+    @property
+    def client(self) -> str:
+        """`name[address]`, as Postfix names the client in its replies and log lines."""
+        return f"{self.client_name}[{self.client_addr}]"
+
     def raise_defer_if_permit(self, reply: status.Reply) -> None:
         """A DEFER_IF_PERMIT met: the first one is kept (Postfix's defer_if); under warn_if_reject it is only
         held in `warned_deferrals` for its reject_warning line, whatever is pending (Postfix's DEFER_IF_PERMIT
@@ -646,7 +651,7 @@ class Restrictions:
         """(name, class) a refusal in `stage` names: <addr>: Recipient address, <host[ip]>: Client host, …"""
         what = SUBJECT[stage]
         if stage == "client":
-            return f"{facts.client_name}[{facts.client_addr}]", what
+            return facts.client, what
         if stage == "helo":
             return facts.helo, what
         if stage in ("sender", "mail"):
@@ -755,7 +760,7 @@ class Restrictions:
     def _access_keys(self, kind: str, facts: Facts) -> tuple[list[str] | None, str, str]:
         if kind == "client":
             return (client_keys(facts.client_addr, facts.client_name),
-                    f"{facts.client_name}[{facts.client_addr}]", "Client host")
+                    facts.client, "Client host")
         if kind == "helo":
             return (domain_keys(facts.helo) if facts.helo else None), facts.helo, "Helo command"
         if kind == "etrn":
@@ -856,7 +861,7 @@ class Restrictions:
     def _whatsup(self, action: str, text: str, facts: Facts, stage: str) -> None:
         """Postfix's log_whatsup: `QID: action: RCPT from host[ip]: text; from=<s> to=<r> proto=… helo=<…>`, at the
         command that met the action, NOQUEUE before the transaction has its queue id."""
-        self._lines.reject(protocol_state(stage, facts), f"{facts.client_name}[{facts.client_addr}]", text,
+        self._lines.reject(protocol_state(stage, facts), facts.client, text,
                            sender=facts.sender, recipient=facts.recipient, protocol=facts.protocol,
                            helo=facts.helo, action=action, queue_id=facts.queue_id)
 
@@ -966,7 +971,7 @@ class Restrictions:
         check; None when there is none (no client name, no HELO, the null sender, ...), as Postfix skips it."""
         if subject == "client":
             known = facts.client_name and facts.client_name.lower() != "unknown"
-            return (facts.client_name, f"{facts.client_name}[{facts.client_addr}]", SUBJECT["client"]) if known \
+            return (facts.client_name, facts.client, SUBJECT["client"]) if known \
                 else None
         if subject == "reverse_client":
             reverse = await self._dns.reverse_name(facts)
@@ -1013,7 +1018,7 @@ class Restrictions:
     def _client_permitted(self, name: str, facts: Facts, stage: str) -> str:
         """`_permitted` for a permit about the client (permit_mynetworks, permit_sasl_authenticated, ...): Postfix
         names the client whatever the list."""
-        return self._permitted(name, SUBJECT["client"], f"{facts.client_name}[{facts.client_addr}]", facts, stage)
+        return self._permitted(name, SUBJECT["client"], facts.client, facts, stage)
 
     # -------------------------------------------------------------------------------- filters and policy
 
