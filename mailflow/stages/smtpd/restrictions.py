@@ -565,6 +565,8 @@ class Restrictions:
         """The restrictions that need no I/O; _UNHANDLED for the others."""
         rcpt = facts.recipient
         if name == "permit":
+            if not self._logs_permit(name):
+                return PERMIT
             who, what = subject or self._subject(stage, facts)
             return self._permitted(name, what, who, facts, stage)
         if name in ("reject", "defer"):
@@ -1004,20 +1006,26 @@ class Restrictions:
         return self._permitted("permit_mx_backup", SUBJECT["recipient"], facts.recipient, facts, stage) if backup \
             else None
 
+    def _logs_permit(self, name: str) -> bool:
+        """log_access_permit_actions names the action (any case), or is `static:all`."""
+        logged = self._logged_permits
+        return logged is None or name.lower() in logged
+
     def _permitted(self, name: str, what: str, subject: str, facts: Facts, stage: str, source: str = "") -> str:
         """PERMIT, logged when log_access_permit_actions names the action (any case) and no DEFER_IF_PERMIT
         overrules it (Postfix's smtpd_acl_permit: `permit: RCPT from host[ip]: action=NAME for Client host=host[ip]
         ; ...`, the space before the `;` its empty format's, seen on 3.7.11; an access table's `action=OK for Sender
         address=s@d from TABLE`: `source`)."""
-        logged = self._logged_permits
-        if (logged is None or name.lower() in logged) and facts.defer_if_permit is None:
+        if self._logs_permit(name) and facts.defer_if_permit is None:
             self._whatsup("permit", f"action={name} for {what}={subject} {f'from {source}' if source else ''}",
                           facts, stage)
         return PERMIT
 
     def _client_permitted(self, name: str, facts: Facts, stage: str) -> str:
         """`_permitted` for a permit about the client (permit_mynetworks, permit_sasl_authenticated, ...): Postfix
-        names the client whatever the list."""
+        names the client whatever the list (nothing built when the permit is not logged, the common case)."""
+        if not self._logs_permit(name):
+            return PERMIT
         return self._permitted(name, SUBJECT["client"], facts.client, facts, stage)
 
     # -------------------------------------------------------------------------------- filters and policy
