@@ -342,13 +342,13 @@ async def tls_dialogue(port: int, ctx, lines: LogLines) -> list[str]:
     for line in ("EHLO again.test", "MAIL FROM:<s@x.test>", "RCPT TO:<r@y.test>", "STARTTLS", "QUIT"):
         seen.append((await c.cmd(line)).text)
     await c.close()
-    await logged(lines, "postscreen: DISCONNECT", 1)  # (the pass cached)
+    await logged(lines, "postscreen: DISCONNECT [127.0.0.1]", 1)  # (the pass cached)
     again = await SmtpClient.connect(port, timeout=GREET_WAIT + 5)
     assert again.greeting is not None
     seen += [again.greeting.text, (await again.cmd("QUIT")).text]
     await again.close()
-    await logged(lines, "postscreen: PASS OLD", 1)
-    await logged(lines, "tlsproxy: DISCONNECT", 1)
+    await logged(lines, "postscreen: PASS OLD [127.0.0.1]", 1)
+    await logged(lines, "tlsproxy: DISCONNECT [127.0.0.1]", 1)
     return seen
 
 
@@ -448,13 +448,13 @@ async def concurrent_dialogue(port: int, lines: LogLines) -> list[str]:
     writer.close()
     seen.append(f"first: {await say(first, first_reader, b'QUIT' + CRLF)!r}")
     first.close()
-    await logged(lines, "DISCONNECT", 2)  # (the second's, the first's)
+    await logged(lines, "DISCONNECT [127.0.0.2]", 2)  # (the second's, the first's)
     reader, writer = await connect()  # alone again: the cache, which the first's end updated (PASS OLD)
     seen.append(f"fourth: {(await read_reply(reader))[:4]!r}")
     ehlo = await say(writer, reader, b"EHLO c.test" + CRLF)
     seen.append(f"fourth: {'smtpd' if b'PIPELINING' in ehlo else 'the dummy engine'} answers EHLO")
     writer.close()
-    await logged(lines, "PASS OLD", 1)
+    await logged(lines, "PASS OLD [127.0.0.2]", 1)
     return seen
 
 
@@ -511,7 +511,7 @@ async def denylisted_dialogue(port: int, lines: LogLines) -> list[str]:
     seen.append(f"second: {await say(writer, reader, b'RCPT TO:<r@y.test>')!r}")
     writer.close()
     first.close()
-    await logged(lines, "DISCONNECT", 2)
+    await logged(lines, "DISCONNECT [127.0.0.2]", 2)
     return seen
 
 
@@ -568,14 +568,14 @@ async def undone_pass_dialogue(port: int, lines: LogLines) -> list[str]:
     seen.append(f"B: {await say(b, b_reader, b'QUIT' + CRLF)}")
     a.close()
     b.close()
-    await logged(lines, "DISCONNECT", 2)
+    await logged(lines, "DISCONNECT [127.0.0.2]", 2)
     c_reader, c = await connect()
     seen.append(f"C: {(await read_reply(c_reader))[:4]!r}")
     c.write(b"EHLO c.test" + CRLF)
     ehlo = await read_reply(c_reader)
     seen.append(f"C: {'smtpd' if b'PIPELINING' in ehlo else 'the dummy engine'} answers EHLO")
     c.close()
-    await logged(lines, "DISCONNECT", 3)
+    await logged(lines, "DISCONNECT [127.0.0.2]", 3)
     return seen
 
 
