@@ -6,8 +6,6 @@
                                    when it logs nothing
     discard_names(discarded) -> `8BITMIME AUTH ...`: the names in Postfix's order and spelling
     keyword_name(line_text) -> the lower-case keyword of an EHLO reply line's text (`SIZE 1000` -> `size`)
-    address_discards(maps, ip) -> the keywords discard_ehlo_keyword_address_maps (opened) give the client's address
-                                   (unknown words skipped), None: no answer; LookupRetry passes
     discards_for(maps, ip, default, logger=) -> (keywords, failed): the keywords discard_ehlo_keyword_address_maps
                                    (opened) give the client's address (unknown words skipped, as Postfix's
                                    ehlo_mask), else `default`; `failed` when a table could not answer (logged to
@@ -81,22 +79,15 @@ def keyword_name(text: str) -> str:
     return text.split(" ", 1)[0].lower()
 
 
-def address_discards(maps: list[Table], ip: str) -> frozenset[str] | None:
-    """See the module doc: the maps' keywords for the address, None when none answers (a blocking table waits
-    here: call it off the event loop)."""
-    found = find(maps, [ip])
-    return None if found is None else discard_set([found[2]], ignore_unknown=True)
-
-
 def discards_for(maps: list[Table], ip: str, default: frozenset[str], *,
                  logger: logging.Logger | logging.LoggerAdapter = log) -> tuple[frozenset[str], bool]:
-    """See the module doc: address_discards, else `default` (a blocking table waits here: call it off the event
-    loop)."""
+    """See the module doc (a blocking table waits here: call it off the event loop; postscreen asks its maps with
+    stages.smtpd.command_filter.replacement, each with its own failure log)."""
     if not maps:
         return default, False
     try:
-        words = address_discards(maps, ip)
+        found = find(maps, [ip])
     except LookupRetry as e:
         logger.warning("discard_ehlo_keyword_address_maps: %s: %s", ip, e.reason)
         return default, True
-    return (default if words is None else words), False
+    return (default if found is None else discard_set([found[2]], ignore_unknown=True)), False
