@@ -650,26 +650,27 @@ class IsolatedAsker:
             reply = await self._exchange(dns.message.make_query(dns_name(name), qtype), host, port)
         except dns.exception.Timeout:
             raise aiodns.error.DNSError(aiodns.error.ARES_ETIMEOUT, "Timeout while contacting DNS servers") from None
-        except ConnectionRefusedError:
-            raise aiodns.error.DNSError(aiodns.error.ARES_ECONNREFUSED, "Could not contact DNS servers") from None
         except (dns.exception.DNSException, EOFError) as e:
             raise aiodns.error.DNSError(aiodns.error.ARES_EBADRESP, f"Misformatted DNS reply: {e!r}") from None
+        except (OSError, ValueError) as e:  # refused, unreachable, no descriptor, an address it cannot use
+            log.debug("lookup %s %s: name server %s port %d not reached: %r", name, qtype, host, port, e)
+            raise aiodns.error.DNSError(aiodns.error.ARES_ECONNREFUSED, "Could not contact DNS servers") from None
         return cares_result(reply)
 
     async def _exchange(self, query: dns.message.Message, host: str, port: int) -> dns.message.Message:
         """The reply to `query` over UDP (over TCP when truncated), on a socket of its own connected to the server
         (the kernel drops datagrams from elsewhere). A datagram that reads as a reply to another query (one late
         for a socket that had this port before) is passed over, as c-ares passes over a reply of unknown id."""
-        destination = (host, port)
         expiration = time.time() + self._timeout  # (dnspython's clock)
         backend = dns.asyncbackend.get_default_backend()
         try:
             async with await backend.make_socket(dns.inet.af_for_address(host), socket.SOCK_DGRAM, 0, None,
-                                                 destination) as sock:
-                await dns.asyncquery.send_udp(sock, query, destination, expiration)
+                                                 (host, port)) as sock:
+                # the socket's own peer address: a connected socket takes no other, and IPv6's is a 4-tuple
+                peer = await sock.getpeername()
+                await dns.asyncquery.send_udp(sock, query, peer, expiration)
                 while True:
-                    reply, _, _ = await dns.asyncquery.receive_udp(sock, destination, expiration,
-                                                                   raise_on_truncation=True)
+                    reply, _, _ = await dns.asyncquery.receive_udp(sock, peer, expiration, raise_on_truncation=True)
                     if query.is_response(reply):
                         return reply
         except dns.message.Truncated:

@@ -8,13 +8,14 @@ import socket
 import time
 
 import pytest
+from aiodns.error import ARES_EBADRESP, DNSError
 from dnslib import EDNS0, QTYPE, RCODE, RR, DNSRecord, A
 from dnslib import MX as MXData
 
 from mailflow.app import build_resolver
 from mailflow.config import DnsConfig
-from mailflow.dns import (GAI_NODATA, MX, AiodnsResolver, InvalidReply, NonRecoverable, NotFound, StaticResolver,
-                          UnreadableReply, checked_rr_name, client_name, hostname_gripe, is_ip_literal,
+from mailflow.dns import (GAI_NODATA, MX, AiodnsResolver, InvalidReply, IsolatedAsker, NonRecoverable, NotFound,
+                          StaticResolver, UnreadableReply, checked_rr_name, client_name, hostname_gripe, is_ip_literal,
                           merge_address_answers)
 from mailflow.errors import LookupRetry, PermanentError
 from mailflow.transports.smtp.addr import MX_HOST_LIMIT, exchangers, parse_nexthop
@@ -390,14 +391,35 @@ def outcome(answer: object) -> object:
     return (type(answer).__name__, answer.text) if isinstance(answer, PermanentError | LookupRetry) else answer
 
 
-async def test_a_garbled_reply_spoils_no_other_lookup_in_flight(dns_zone):
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def bracketed(nameserver: str) -> str:
+    """dns_zone's "address:port" as the configuration writes it ("[::1]:port" for an IPv6 address)."""
+    address, _, port = nameserver.rpartition(":")
+    return f"[{address}]:{port}" if ":" in address else nameserver
+
+
+SERVER_ADDRESSES = ["127.0.0.1", pytest.param("::1", marks=pytest.mark.skipif(not ipv6_loopback(),
+                                                                              reason="no IPv6 loopback"))]
+
+
+@pytest.mark.parametrize("address", SERVER_ADDRESSES)
+async def test_a_garbled_reply_spoils_no_other_lookup_in_flight(dns_zone, address):
     """c-ares reads the replies of all its queries to a server on one UDP socket and fails every query in flight
     there when one reply cannot be read (EBADRESP): a garbled reply for garbled.test made each lookup of another
     name beside it (other sessions', other deliveries') a "Malformed or unexpected name server reply", a deferral.
     Each is asked again alone and answered as if garbled.test had not been asked; garbled.test stays unreadable,
-    in Postfix's words; all within one try's timeout."""
-    nameserver = dns_zone(GARBLE_ZONE, servfail=("broken.test",), garbled=("garbled.test",), slow=BESIDE, delay=0.3,
-                          tcp=True)
+    in Postfix's words; all within one try's timeout. With an IPv6 name server too (where the re-ask once sent to
+    an address its connected socket refused, and every lookup beside failed with that Python error's text)."""
+    nameserver = bracketed(dns_zone(GARBLE_ZONE, servfail=("broken.test",), garbled=("garbled.test",), slow=BESIDE,
+                                    delay=0.3, tcp=True, address=address))
     alone = AiodnsResolver(nameservers=(nameserver,), timeout=2.0, tries=2)
     try:
         expected = [outcome(a) for a in await asyncio.gather(*lookups(alone), return_exceptions=True)]
@@ -421,6 +443,18 @@ async def test_a_garbled_reply_spoils_no_other_lookup_in_flight(dns_zone):
         assert outcome(garbled) == ("UnreadableReply", "Name service error for name=garbled.test type=MX: "
                                                        "Malformed or unexpected name server reply")
         assert loop.time() - started < 2.0
+
+
+@pytest.mark.parametrize("unusable", ["[fe80::1%nosuchif]:53", "[::1]:0"])
+async def test_a_name_server_not_reached_when_asked_alone_gives_way_to_the_next(dns_zone, unusable):
+    """As c-ares passes over a server it cannot reach: one whose address cannot be used (a scope no interface
+    has, port 0) failed the whole re-ask with that Python error, and the good server after it was not asked."""
+    good = dns_zone(ZONE)
+    asker = IsolatedAsker((unusable, good), timeout=1.0, limit=1)
+    unreadable = DNSError(ARES_EBADRESP, "unreadable")
+    answer = await asker.ask_again("example.test", "MX", unreadable)
+    assert sorted((rec.data.priority, rec.data.exchange) for rec in answer.answer) == \
+        [(10, "mx1.example.test"), (20, "mx2.example.test"), (30, "mx3.example.test")]
 
 
 async def test_lookups_are_asked_alone_once_and_only_so_many_at_once(dns_zone):
