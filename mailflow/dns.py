@@ -54,8 +54,8 @@ Failure behaviour (a failed lookup is never "not found"):
 - an MX, A or AAAA reply naming what is no host name     -> raise `InvalidReply` (Postfix's DNS_INVAL, after its
   (a record's owner, an MX host, a CNAME target: Postfix's  valid_rr_name's warning, logged alike): a LookupRetry for
   valid_rr_name)                                            whoever does not ask for it (a failure), the same text
-- FORMERR (the server found the query malformed)         -> raise `NonRecoverable` (Postfix's DNS_FAIL,
-                                                            "Non-recoverable error"): a LookupRetry for whoever does
+- FORMERR (the server found the query malformed), and    -> raise `NonRecoverable` (Postfix's DNS_FAIL,
+  an rcode not named here (YXDOMAIN, NXRRSET, NOTAUTH...)   "Non-recoverable error"): a LookupRetry for whoever does
                                                             not ask for it
 - `failure_text(error)`: a failed lookup's text as Postfix's dns_lookup words it: "Host or domain name not found. "
   before a resolver's error, not before a reply found malformed
@@ -111,7 +111,8 @@ RECORD_TYPES = {pycares.QUERY_TYPE_MX: "MX", pycares.QUERY_TYPE_A: "A", pycares.
 # found unreadable stays an UnreadableReply (a flood of garbled replies opens no more sockets than this).
 ISOLATED_ASKS = 32
 # A reply's rcode as the c-ares failure it comes to (ares_dns_query_reply_tostatus); NOERROR without an answer is
-# ENODATA, an rcode not named here an unexpected reply (EBADRESP).
+# ENODATA. An rcode not named here (YXDOMAIN, NXRRSET, NOTAUTH, ...), which c-ares leaves a success without records,
+# is EFORMERR, NonRecoverable in both paths: the NO_RECOVERY Postfix's dns_query gets for it, its DNS_FAIL.
 RCODE_FAILURES = {dns.rcode.NXDOMAIN: aiodns.error.ARES_ENOTFOUND, dns.rcode.SERVFAIL: aiodns.error.ARES_ESERVFAIL,
                   dns.rcode.REFUSED: aiodns.error.ARES_EREFUSED, dns.rcode.NOTIMP: aiodns.error.ARES_ENOTIMP,
                   dns.rcode.FORMERR: aiodns.error.ARES_EFORMERR}
@@ -156,7 +157,8 @@ class InvalidReply(MalformedReply):
 
 
 class NonRecoverable(LookupRetry):
-    """A server that found the query malformed (FORMERR): the system's resolver, Postfix's, says NO_RECOVERY, a
+    """A server that found the query malformed (FORMERR), or another rcode than NOERROR, NXDOMAIN, SERVFAIL, REFUSED
+    and NOTIMP (YXDOMAIN, NOTAUTH, ...): the system's resolver, Postfix's, says NO_RECOVERY, a
     DNS_FAIL: smtpd's unknown domain and HELO checks take it as not found, the SMTP client bounces (5.4.3);
     elsewhere a failure like any other."""
 
@@ -552,6 +554,8 @@ class AiodnsResolver:
         except (OSError, ValueError, pycares.AresError) as e:
             log.debug("lookup %s %s failed: %r", name, qtype, e)
             raise LookupRetry(f"Name service error for name={name} type={qtype}: {e}") from None
+        if not result.answer:  # c-ares's success without records: an rcode it does not name (RCODE_FAILURES)
+            raise NonRecoverable(name, qtype)
         if qtype in CHECKED_NAMES:
             check_reply_names(result.answer, name, qtype)
         return list(result.answer)
@@ -696,7 +700,7 @@ def cares_result(reply: dns.message.Message) -> pycares.DNSResult:
     without an answer: ENODATA)."""
     rcode = reply.rcode()
     if rcode != dns.rcode.NOERROR:
-        raise aiodns.error.DNSError(RCODE_FAILURES.get(rcode, aiodns.error.ARES_EBADRESP), dns.rcode.to_text(rcode))
+        raise aiodns.error.DNSError(RCODE_FAILURES.get(rcode, aiodns.error.ARES_EFORMERR), dns.rcode.to_text(rcode))
     if not reply.answer:
         raise aiodns.error.DNSError(aiodns.error.ARES_ENODATA, "DNS server returned answer with no data")
     records = [pycares.DNSRecord(rrset.name.to_text(omit_final_dot=True), rrset.rdtype, rrset.rdclass, rrset.ttl,

@@ -3,8 +3,8 @@ and mailflow ask the same in-process DNS server (Postfix from its own mount name
 that server on port 53: tests.support.postfix) under reject_unknown_helo_hostname, reject_unknown_sender_domain
 and reject_unknown_recipient_domain (both reject codes 550, so that "not found" and "cannot tell now" differ),
 and each RCPT reply is compared word for word: every mix of MX, A and AAAA answers (records, NODATA, NXDOMAIN,
-SERVFAIL, a null MX), a reply naming no host (an MX host, a CNAME target), a reply cut short, FORMERR, REFUSED and
-NOTIMP. Then the SMTP client's outcome for mail to domains whose MX lookup meets the same. (The client names'
+SERVFAIL, a null MX), a reply naming no host (an MX host, a CNAME target), a reply cut short, FORMERR, REFUSED,
+NOTIMP, YXDOMAIN and NOTAUTH. Then the SMTP client's outcome for mail to domains whose MX lookup meets the same. (The client names'
 cases were seen with a private Postfix whose /etc/hosts was empty, which this harness does not do: 127.0.0.1 is
 `localhost` there; see tests/e2e/test_smtpd_dns_restrictions.py and tests/unit/test_peername.py.)"""
 from __future__ import annotations
@@ -38,8 +38,9 @@ garbled.test.           60 IN A     192.0.2.1
 mixedmx.test.           60 IN MX    10 mx.known.test.
 mixedmx.test.           60 IN MX    20 bad-.example.test.
 """
-ODD = ("badmx", "badmxaddr", "mixedmx", "badcname", "garbled", "formerr", "refused", "notimp")
-RCODES = {"formerr.test": "FORMERR", "refused.test": "REFUSED", "notimp.test": "NOTIMP"}
+ODD = ("badmx", "badmxaddr", "mixedmx", "badcname", "garbled", "formerr", "refused", "notimp", "yxdomain", "notauth")
+RCODES = {"formerr.test": "FORMERR", "refused.test": "REFUSED", "notimp.test": "NOTIMP", "yxdomain.test": "YXDOMAIN",
+          "notauth.test": "NOTAUTH"}
 CHECKS = {"helo_restrictions": ["reject_unknown_helo_hostname"],
           "sender_restrictions": ["reject_unknown_sender_domain"],
           "recipient_restrictions": ["reject_unknown_recipient_domain", "permit_mynetworks", "reject"]}
@@ -118,8 +119,9 @@ garbled.test.           60 IN MX    10 mx.known.test.
 badmx.test.             60 IN MX    10 bad-.example.test.
 bad-.example.test.      60 IN A     192.0.2.1
 """
-DELIVERY_RCODES = {"formerr.test": "FORMERR", "refused.test": "REFUSED", "notimp.test": "NOTIMP"}
-DESTINATIONS = ("garbled", "badmx", "mixedmx", "formerr", "refused", "notimp", "broken")
+DELIVERY_RCODES = {"formerr.test": "FORMERR", "refused.test": "REFUSED", "notimp.test": "NOTIMP",
+                   "yxdomain.test": "YXDOMAIN", "notauth.test": "NOTAUTH"}
+DESTINATIONS = ("garbled", "badmx", "mixedmx", "formerr", "refused", "notimp", "yxdomain", "notauth", "broken")
 
 
 async def relay_one_each(port: int) -> None:
@@ -131,7 +133,7 @@ async def relay_one_each(port: int) -> None:
 async def test_the_smtp_client_ends_mail_for_odd_mx_answers_as_a_real_postfix(mailflow_server, dns_zone, smtp_peer):
     """Each recipient's outcome (relay, dsn, status, text) in the mail log: an MX reply cut short defers (4.4.3) and
     one naming no host bounces (5.4.4), both "Name service error for name=N type=MX: Malformed or unexpected name
-    server reply"; FORMERR bounces 5.4.3 ("...: Non-recoverable error"); REFUSED, NOTIMP and SERVFAIL defer
+    server reply"; FORMERR, YXDOMAIN and NOTAUTH bounce 5.4.3 ("...: Non-recoverable error"); REFUSED, NOTIMP and SERVFAIL defer
     ("...: Host not found, try again"), these three after "Host or domain name not found. "."""
     address = private_nameserver_address()
     dns_zone(ODD_ZONE + DELIVERY_ZONE, servfail=("broken.test",), garbled=("garbled.test",), rcodes=DELIVERY_RCODES,
@@ -170,6 +172,8 @@ async def test_the_smtp_client_ends_mail_for_odd_mx_answers_as_a_real_postfix(ma
     assert postfix["r@garbled.test"][1:] == ("4.4.3", "deferred", said.format("garbled", malformed))
     assert postfix["r@formerr.test"][1:] == \
         ("5.4.3", "bounced", "Host or domain name not found. " + said.format("formerr", "Non-recoverable error"))
+    assert postfix["r@yxdomain.test"][1:] == \
+        ("5.4.3", "bounced", "Host or domain name not found. " + said.format("yxdomain", "Non-recoverable error"))
 
 
 MX_ACCESS_ZONE = """

@@ -8,7 +8,7 @@ import socket
 import time
 
 import pytest
-from aiodns.error import ARES_EBADRESP, DNSError
+from aiodns.error import ARES_EBADRESP, ARES_EFORMERR, DNSError
 from dnslib import EDNS0, QTYPE, RCODE, RR, DNSRecord, A
 from dnslib import MX as MXData
 
@@ -455,6 +455,24 @@ async def test_a_name_server_not_reached_when_asked_alone_gives_way_to_the_next(
     answer = await asker.ask_again("example.test", "MX", unreadable)
     assert sorted((rec.data.priority, rec.data.exchange) for rec in answer.answer) == \
         [(10, "mx1.example.test"), (20, "mx2.example.test"), (30, "mx3.example.test")]
+
+
+@pytest.mark.parametrize("rcode", ["YXDOMAIN", "NXRRSET", "NOTAUTH", "NOTZONE"])
+async def test_an_rcode_neither_path_names_is_non_recoverable_in_both_as_postfix_takes_it(dns_zone, rcode):
+    """Postfix's dns_query says NO_RECOVERY (DNS_FAIL) for an rcode other than NOERROR, NXDOMAIN and SERVFAIL (REFUSED
+    and NOTIMP: the next server, then TRY_AGAIN). c-ares leaves these a success without records, which read as
+    NODATA (an MX lookup then fell back to the domain's address); asked alone the same reply was unreadable."""
+    nameserver = dns_zone(ZONE, rcodes={"example.test": rcode})
+    resolver = aiodns_resolver(nameserver)
+    try:
+        with pytest.raises(NonRecoverable):
+            await resolver.mx("example.test")
+    finally:
+        await resolver.close()
+    with pytest.raises(DNSError) as alone:
+        await IsolatedAsker((nameserver,), timeout=1.0, limit=1).ask_again("example.test", "MX",
+                                                                          DNSError(ARES_EBADRESP, "unreadable"))
+    assert alone.value.args[0] == ARES_EFORMERR
 
 
 async def test_lookups_are_asked_alone_once_and_only_so_many_at_once(dns_zone):
