@@ -37,10 +37,13 @@ garbled.test.           60 IN MX    10 mx.known.test.
 garbled.test.           60 IN A     192.0.2.1
 mixedmx.test.           60 IN MX    10 mx.known.test.
 mixedmx.test.           60 IN MX    20 bad-.example.test.
+nullformerr.test.       60 IN MX    0 .
 """
-ODD = ("badmx", "badmxaddr", "mixedmx", "badcname", "garbled", "formerr", "refused", "notimp", "yxdomain", "notauth")
+ODD = ("badmx", "badmxaddr", "mixedmx", "badcname", "garbled", "formerr", "refused", "notimp", "yxdomain", "notauth",
+       "nullformerr")
+# (nullformerr: a null MX beside FORMERR for A and AAAA, where Postfix ranks DNS_FAIL over DNS_NULLMX)
 RCODES = {"formerr.test": "FORMERR", "refused.test": "REFUSED", "notimp.test": "NOTIMP", "yxdomain.test": "YXDOMAIN",
-          "notauth.test": "NOTAUTH"}
+          "notauth.test": "NOTAUTH", "nullformerr.test/A": "FORMERR", "nullformerr.test/AAAA": "FORMERR"}
 CHECKS = {"helo_restrictions": ["reject_unknown_helo_hostname"],
           "sender_restrictions": ["reject_unknown_sender_domain"],
           "recipient_restrictions": ["reject_unknown_recipient_domain", "permit_mynetworks", "reject"]}
@@ -112,6 +115,8 @@ async def test_odd_dns_answers_make_the_same_replies_as_a_real_postfix(mailflow_
     assert postfix["formerr.test", "s@known.test", "r@known.test"] == \
         "550 5.7.1 <formerr.test>: Helo command rejected: Host not found"
     assert postfix["known.test", "s@mixedmx.test", "r@known.test"] == "250 2.1.5 Ok"
+    assert postfix["nullformerr.test", "s@known.test", "r@known.test"] == \
+        "550 5.7.1 <nullformerr.test>: Helo command rejected: Host not found"
 
 
 DELIVERY_ZONE = """
