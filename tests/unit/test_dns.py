@@ -457,6 +457,44 @@ async def test_a_name_server_not_reached_when_asked_alone_gives_way_to_the_next(
         [(10, "mx1.example.test"), (20, "mx2.example.test"), (30, "mx3.example.test")]
 
 
+class StrayFirstServer(asyncio.DatagramProtocol):
+    """To each query, first a reply to another one (another id, or another question) naming stray.test, then the
+    right reply naming mx.example.org."""
+
+    def __init__(self, stray: str) -> None:
+        self.stray = stray
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        request = DNSRecord.parse(data)
+        stray = DNSRecord.parse(data).reply()
+        if self.stray == "id":
+            stray.header.id = (request.header.id + 1) % 65536
+        else:
+            stray.q.qname = "other.test"
+        stray.add_answer(RR(request.q.qname, QTYPE.MX, rdata=MXData("stray.test"), ttl=60))
+        right = request.reply()
+        right.add_answer(RR(request.q.qname, QTYPE.MX, rdata=MXData("mx.example.org"), ttl=60))
+        self.transport.sendto(stray.pack(), addr)
+        self.transport.sendto(right.pack(), addr)
+
+
+@pytest.mark.parametrize("stray", ["id", "question"])
+async def test_asked_alone_a_reply_to_another_query_is_passed_over(stray):
+    """A datagram on the re-ask's socket that answers another query (a late reply for a socket that had this port
+    before, a forgery) is not taken for the answer: the reply with the query's id and question is."""
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(lambda: StrayFirstServer(stray),
+                                                                             local_addr=("127.0.0.1", 0))
+    try:
+        asker = IsolatedAsker((f"127.0.0.1:{transport.get_extra_info('sockname')[1]}",), timeout=1.0, limit=1)
+        answer = await asker.ask_again("example.test", "MX", DNSError(ARES_EBADRESP, "unreadable"))
+    finally:
+        transport.close()
+    assert [rec.data.exchange for rec in answer.answer] == ["mx.example.org"]
+
+
 @pytest.mark.parametrize("rcode", ["YXDOMAIN", "NXRRSET", "NOTAUTH", "NOTZONE"])
 async def test_an_rcode_neither_path_names_is_non_recoverable_in_both_as_postfix_takes_it(dns_zone, rcode):
     """Postfix's dns_query says NO_RECOVERY (DNS_FAIL) for an rcode other than NOERROR, NXDOMAIN and SERVFAIL (REFUSED
