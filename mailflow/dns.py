@@ -49,8 +49,8 @@ Failure behaviour (a failed lookup is never "not found"):
   one lookup's fault never reaches another: c-ares fails every query in flight on its UDP socket when one reply
   there cannot be read, so a query c-ares ends unreadable is asked again alone, once, on a socket of its own
   (`IsolatedAsker`: its answer, or failure, is the lookup's); at most `isolated_asks` at once per resolver, past
-  them it stays UnreadableReply (a flood of garbled replies opens no more sockets); within the same deadline;
-  logged at debug only
+  them it waits for a slot (a flood of garbled replies opens no more sockets); within the same deadline (a lookup
+  still waiting then is a LookupRetry, as a timeout); logged at debug only
 - an MX, A or AAAA reply naming what is no host name     -> raise `InvalidReply` (Postfix's DNS_INVAL, after its
   (a record's owner, an MX host, a CNAME target: Postfix's  valid_rr_name's warning, logged alike): a LookupRetry for
   valid_rr_name)                                            whoever does not ask for it (a failure), the same text
@@ -108,7 +108,8 @@ CHECKED_NAMES = ("MX", "A", "AAAA")
 RECORD_TYPES = {pycares.QUERY_TYPE_MX: "MX", pycares.QUERY_TYPE_A: "A", pycares.QUERY_TYPE_AAAA: "AAAA",
                 pycares.QUERY_TYPE_CNAME: "CNAME"}
 # Queries asked again on a socket of their own (`IsolatedAsker`) at once, per resolver: past it, a query c-ares
-# found unreadable stays an UnreadableReply (a flood of garbled replies opens no more sockets than this).
+# found unreadable waits, within its lookup's deadline, for one of them to end (a flood of garbled replies opens no
+# more sockets than this).
 ISOLATED_ASKS = 32
 # A reply's rcode as the c-ares failure it comes to (ares_dns_query_reply_tostatus); NOERROR without an answer is
 # ENODATA. An rcode not named here (YXDOMAIN, NXRRSET, NOTAUTH, ...), which c-ares leaves a success without records,
@@ -572,7 +573,7 @@ class AiodnsResolver:
                 return await channel.query_dns(dns_name(name), qtype)
             except aiodns.error.DNSError as e:
                 if error_code(e) == aiodns.error.ARES_EBADRESP:
-                    return await self._isolated.ask_again(name, qtype, e)
+                    return await self._isolated.ask_again(name, qtype)
                 if not is_timeout(e) or deadline - loop.time() < RETRY_FLOOR:
                     raise
             log.debug("lookup %s %s: no answer within c-ares's time, asked again", name, qtype)
@@ -607,8 +608,9 @@ class IsolatedAsker:
     socket and, when one of them cannot be read, fails every query in flight there: asked alone, each gets its own
     answer, and a reply that is garbled indeed is unreadable again.
 
-    Bounded: at most `limit` queries at once (past it the query stays unreadable: a flood of garbled replies opens
-    no more sockets), each name server asked once per query, `timeout` seconds each (and the caller's deadline).
+    Bounded: at most `limit` queries at once (past it a query waits for one to end: a flood of garbled replies
+    opens no more sockets; the caller's deadline bounds the wait), each name server asked once per query,
+    `timeout` seconds each (and the caller's deadline).
     The answer is what c-ares's query_dns gives (a pycares.DNSResult, answer records of the types this module
     reads: A, AAAA, MX, TXT, PTR, NS, CNAME), a failure the aiodns DNSError c-ares would raise for it."""
 
@@ -618,20 +620,24 @@ class IsolatedAsker:
         self._servers: list[tuple[str, int]] | None = None
         self._timeout = timeout
         self._limit = limit
-        self._in_flight = 0
+        self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
 
-    async def ask_again(self, name: str, qtype: str, unreadable: aiodns.error.DNSError) -> pycares.DNSResult:
-        """The answer for name/qtype asked alone; raises `unreadable` when `limit` queries are asked already."""
-        if self._in_flight >= self._limit:
-            log.debug("lookup %s %s: reply unreadable, not asked again (%d asked alone now)", name, qtype,
-                      self._in_flight)
-            raise unreadable
-        log.debug("lookup %s %s: reply unreadable, asked again alone", name, qtype)
-        self._in_flight += 1
-        try:
+    async def ask_again(self, name: str, qtype: str) -> pycares.DNSResult:
+        """The answer for name/qtype asked alone, once fewer than `limit` queries are asked so (the wait is bounded
+        by the caller's deadline: cancelled, it holds no slot). Raises the DNSError c-ares would raise."""
+        slots = self._slots_of(asyncio.get_running_loop())
+        if slots.locked():
+            log.debug("lookup %s %s: reply unreadable, waits to be asked again (%d asked alone now)", name, qtype,
+                      self._limit)
+        async with slots:
+            log.debug("lookup %s %s: reply unreadable, asked again alone", name, qtype)
             return await self._ask_servers(name, qtype)
-        finally:
-            self._in_flight -= 1
+
+    def _slots_of(self, loop: asyncio.AbstractEventLoop) -> asyncio.Semaphore:
+        """The `limit` slots of this event loop (a semaphore serves one loop; the resolver may outlive one)."""
+        if self._slots is None or self._slots[0] is not loop:
+            self._slots = (loop, asyncio.Semaphore(self._limit))
+        return self._slots[1]
 
     async def _ask_servers(self, name: str, qtype: str) -> pycares.DNSResult:
         """The first server's answer; the next server's after a failure c-ares would try the next one for; else
