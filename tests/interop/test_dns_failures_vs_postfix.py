@@ -4,9 +4,9 @@ that server on port 53: tests.support.postfix) under reject_unknown_helo_hostnam
 and reject_unknown_recipient_domain (both reject codes 550, so that "not found" and "cannot tell now" differ),
 and each RCPT reply is compared word for word: every mix of MX, A and AAAA answers (records, NODATA, NXDOMAIN,
 SERVFAIL, a null MX), a reply naming no host (an MX host, a CNAME target), a reply cut short, FORMERR, REFUSED,
-NOTIMP, YXDOMAIN and NOTAUTH. Then the SMTP client's outcome for mail to domains whose MX lookup meets the same. (The client names'
-cases were seen with a private Postfix whose /etc/hosts was empty, which this harness does not do: 127.0.0.1 is
-`localhost` there; see tests/e2e/test_smtpd_dns_restrictions.py and tests/unit/test_peername.py.)"""
+NOTIMP, YXDOMAIN and NOTAUTH. Then the SMTP client's outcome for mail to domains whose MX lookup meets the same.
+(The client names' cases were seen with a private Postfix whose /etc/hosts was empty, which this harness does not
+do: 127.0.0.1 is `localhost` there; see tests/e2e/test_smtpd_dns_restrictions.py and tests/unit/test_peername.py.)"""
 from __future__ import annotations
 
 import logging
@@ -138,8 +138,8 @@ async def relay_one_each(port: int) -> None:
 async def test_the_smtp_client_ends_mail_for_odd_mx_answers_as_a_real_postfix(mailflow_server, dns_zone, smtp_peer):
     """Each recipient's outcome (relay, dsn, status, text) in the mail log: an MX reply cut short defers (4.4.3) and
     one naming no host bounces (5.4.4), both "Name service error for name=N type=MX: Malformed or unexpected name
-    server reply"; FORMERR, YXDOMAIN and NOTAUTH bounce 5.4.3 ("...: Non-recoverable error"); REFUSED, NOTIMP and SERVFAIL defer
-    ("...: Host not found, try again"), these three after "Host or domain name not found. "."""
+    server reply"; FORMERR, YXDOMAIN and NOTAUTH bounce 5.4.3 ("...: Non-recoverable error"); REFUSED, NOTIMP and
+    SERVFAIL defer ("...: Host not found, try again"), these three after "Host or domain name not found. "."""
     address = private_nameserver_address()
     dns_zone(ODD_ZONE + DELIVERY_ZONE, servfail=("broken.test",), garbled=("garbled.test",), rcodes=DELIVERY_RCODES,
              address=address, port=53)
