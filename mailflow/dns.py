@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -107,6 +108,7 @@ TRY_AGAIN_CODES = frozenset({aiodns.error.ARES_ESERVFAIL, aiodns.error.ARES_ETIM
 CHECKED_NAMES = ("MX", "A", "AAAA")
 RECORD_TYPES = {pycares.QUERY_TYPE_MX: "MX", pycares.QUERY_TYPE_A: "A", pycares.QUERY_TYPE_AAAA: "AAAA",
                 pycares.QUERY_TYPE_CNAME: "CNAME"}
+RESOLV_CONF = "/etc/resolv.conf"
 # Queries asked again on a socket of their own (`IsolatedAsker`) at once, per resolver: past it, a query c-ares
 # found unreadable waits, within its lookup's deadline, for one of them to end (a flood of garbled replies opens no
 # more sockets than this).
@@ -446,8 +448,10 @@ class AiodnsResolver:
         self._tries = tries
         self._channel: aiodns.DNSResolver | None = None
         self._retry_channel: aiodns.DNSResolver | None = None  # what `_channel` timed out, asked again
+        self._servers = NameServers(self._nameservers)  # what dnspython asks (c-ares reads its own)
         self._dnspython: dns.asyncresolver.Resolver | None = None  # TLSA and the AD bit (no loop binding)
-        self._isolated = IsolatedAsker(self._nameservers, timeout, isolated_asks)  # what c-ares found unreadable
+        self._dnspython_servers: list[tuple[str, int]] | None = None  # the servers it was given
+        self._isolated = IsolatedAsker(self._servers, timeout, isolated_asks)  # what c-ares found unreadable
 
     async def mx(self, domain: str) -> list[MX]:
         result = await self._query(domain, "MX")
@@ -518,16 +522,18 @@ class AiodnsResolver:
             raise LookupRetry(f"Name service error for name={name} type={qtype}: {e}") from None
 
     def _dnssec_resolver(self) -> dns.asyncresolver.Resolver:
+        """dnspython's resolver, made once, asking `NameServers`'s servers (given again when they change)."""
         if self._dnspython is None:
-            resolver = dns.asyncresolver.Resolver(configure=not self._nameservers)
-            if self._nameservers:
-                resolver.nameservers = [dns.nameserver.Do53Nameserver(*split_nameserver(n))
-                                        for n in self._nameservers]
+            resolver = dns.asyncresolver.Resolver(configure=False)
             resolver.timeout = self._timeout
             resolver.lifetime = self._timeout * self._tries
             resolver.flags = dns.flags.RD | dns.flags.AD
             resolver.use_edns(0, dns.flags.DO, 1232)
             self._dnspython = resolver
+        servers = self._servers.servers()
+        if servers is not self._dnspython_servers:
+            self._dnspython.nameservers = [dns.nameserver.Do53Nameserver(host, port) for host, port in servers]
+            self._dnspython_servers = servers
         return self._dnspython
 
     async def _addresses_of_type(self, host: str, qtype: str, type_code: int) -> list[str]:
@@ -614,10 +620,9 @@ class IsolatedAsker:
     The answer is what c-ares's query_dns gives (a pycares.DNSResult, answer records of the types this module
     reads: A, AAAA, MX, TXT, PTR, NS, CNAME), a failure the aiodns DNSError c-ares would raise for it."""
 
-    def __init__(self, nameservers: tuple[str, ...], timeout: float, limit: int):
-        """`nameservers` as AiodnsResolver's: () for the system's resolv.conf."""
-        self._nameservers = nameservers
-        self._servers: list[tuple[str, int]] | None = None
+    def __init__(self, servers: NameServers, timeout: float, limit: int):
+        """`servers`: the name servers to ask, in order (the resolver's)."""
+        self._servers = servers
         self._timeout = timeout
         self._limit = limit
         self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
@@ -643,7 +648,7 @@ class IsolatedAsker:
         """The first server's answer; the next server's after a failure c-ares would try the next one for; else
         the last failure."""
         failure = aiodns.error.DNSError(aiodns.error.ARES_ECONNREFUSED, "no name server")
-        for host, port in self._server_list():
+        for host, port in self._servers.servers():
             try:
                 return await self._ask(host, port, name, qtype)
             except aiodns.error.DNSError as e:
@@ -686,17 +691,39 @@ class IsolatedAsker:
         except dns.message.Truncated:
             return await dns.asyncquery.tcp(query, host, timeout=max(expiration - time.time(), 0), port=port)
 
-    def _server_list(self) -> list[tuple[str, int]]:
-        if self._servers is None:
-            entries = self._nameservers or tuple(system_nameservers())
-            self._servers = [split_nameserver(entry) for entry in entries]
-        return self._servers
+
+class NameServers:
+    """The name servers a resolver asks besides c-ares (the isolated re-ask, dnspython's DNSSEC queries), in order,
+    as (address, port): the configured entries ("ip", "ip:port", "[v6]:port"), else resolv.conf's, read again when
+    its modification time changes (as c-ares follows resolv.conf). `servers()` gives the same list object until
+    they change; [] when resolv.conf names none or cannot be read."""
+
+    def __init__(self, configured: tuple[str, ...], resolv_conf: str = RESOLV_CONF):
+        self._configured = [split_nameserver(entry) for entry in configured]
+        self._resolv_conf = resolv_conf
+        self._read: tuple[int | None, list[tuple[str, int]]] | None = None  # (resolv.conf's mtime, its servers)
+
+    def servers(self) -> list[tuple[str, int]]:
+        if self._configured:
+            return self._configured
+        stamp = modified_at(self._resolv_conf)
+        if self._read is None or self._read[0] != stamp:
+            self._read = (stamp, [split_nameserver(entry) for entry in system_nameservers(self._resolv_conf)])
+        return self._read[1]
 
 
-def system_nameservers() -> list[str]:
+def modified_at(path: str) -> int | None:
+    """A file's modification time (ns); None when it cannot be read."""
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+def system_nameservers(resolv_conf: str = RESOLV_CONF) -> list[str]:
     """resolv.conf's name servers, as c-ares reads them; [] when there is none to read."""
     try:
-        return [str(server) for server in dns.resolver.Resolver(configure=True).nameservers]
+        return [str(server) for server in dns.resolver.Resolver(filename=resolv_conf, configure=True).nameservers]
     except (dns.exception.DNSException, OSError):
         return []
 

@@ -14,9 +14,9 @@ from dnslib import MX as MXData
 
 from mailflow.app import build_resolver
 from mailflow.config import DnsConfig
-from mailflow.dns import (GAI_NODATA, MX, TRY_AGAIN, AiodnsResolver, InvalidReply, IsolatedAsker, NonRecoverable,
-                          NotFound, StaticResolver, UnreadableReply, checked_rr_name, client_name, hostname_gripe, is_ip_literal,
-                          merge_address_answers)
+from mailflow.dns import (GAI_NODATA, MX, TRY_AGAIN, AiodnsResolver, InvalidReply, IsolatedAsker, NameServers,
+                          NonRecoverable, NotFound, StaticResolver, UnreadableReply, checked_rr_name, client_name,
+                          hostname_gripe, is_ip_literal, merge_address_answers)
 from mailflow.errors import LookupRetry, PermanentError
 from mailflow.transports.smtp.addr import MX_HOST_LIMIT, exchangers, parse_nexthop
 from tests.support import free_port
@@ -450,7 +450,7 @@ async def test_a_name_server_not_reached_when_asked_alone_gives_way_to_the_next(
     """As c-ares passes over a server it cannot reach: one whose address cannot be used (a scope no interface
     has, port 0) failed the whole re-ask with that Python error, and the good server after it was not asked."""
     good = dns_zone(ZONE)
-    asker = IsolatedAsker((unusable, good), timeout=1.0, limit=1)
+    asker = IsolatedAsker(NameServers((unusable, good)), timeout=1.0, limit=1)
     answer = await asker.ask_again("example.test", "MX")
     assert sorted((rec.data.priority, rec.data.exchange) for rec in answer.answer) == \
         [(10, "mx1.example.test"), (20, "mx2.example.test"), (30, "mx3.example.test")]
@@ -487,7 +487,8 @@ async def test_asked_alone_a_reply_to_another_query_is_passed_over(stray):
     transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(lambda: StrayFirstServer(stray),
                                                                              local_addr=("127.0.0.1", 0))
     try:
-        asker = IsolatedAsker((f"127.0.0.1:{transport.get_extra_info('sockname')[1]}",), timeout=1.0, limit=1)
+        server = f"127.0.0.1:{transport.get_extra_info('sockname')[1]}"
+        asker = IsolatedAsker(NameServers((server,)), timeout=1.0, limit=1)
         answer = await asker.ask_again("example.test", "MX")
     finally:
         transport.close()
@@ -507,7 +508,7 @@ async def test_an_rcode_neither_path_names_is_non_recoverable_in_both_as_postfix
     finally:
         await resolver.close()
     with pytest.raises(DNSError) as alone:
-        await IsolatedAsker((nameserver,), timeout=1.0, limit=1).ask_again("example.test", "MX")
+        await IsolatedAsker(NameServers((nameserver,)), timeout=1.0, limit=1).ask_again("example.test", "MX")
     assert alone.value.args[0] == ARES_EFORMERR
 
 
@@ -565,6 +566,37 @@ async def test_a_lookup_waiting_to_be_asked_alone_waits_no_longer_than_its_deadl
     late = [answer for answer in answers if isinstance(answer, LookupRetry) and answer.text.endswith(TRY_AGAIN)]
     assert late and all(isinstance(answer, list) or answer in late for answer in answers[1:]), answers
     await asyncio.sleep(0.6)  # (the server's answers to the lookups given up, before it closes)
+
+
+def test_without_configured_name_servers_resolv_conf_is_read_again_when_it_changes(tmp_path):
+    """As c-ares follows resolv.conf: the isolated re-ask and dnspython's DNSSEC queries kept the servers they
+    first read, forever; configured servers are taken as written, resolv.conf not read."""
+    resolv_conf = tmp_path / "resolv.conf"
+    resolv_conf.write_text("nameserver 192.0.2.53\n")
+    servers = NameServers((), resolv_conf=str(resolv_conf))
+    assert servers.servers() == [("192.0.2.53", 53)] and servers.servers() is servers.servers()
+    resolv_conf.write_text("nameserver 2001:db8::53\nnameserver 192.0.2.54\n")
+    later = os.stat(resolv_conf).st_mtime_ns + 1_000_000_000
+    os.utime(resolv_conf, ns=(later, later))
+    assert servers.servers() == [("2001:db8::53", 53), ("192.0.2.54", 53)]
+    resolv_conf.unlink()
+    assert servers.servers() == []
+    assert NameServers(("[::1]:5353", "127.0.0.1"), resolv_conf=str(resolv_conf)).servers() == \
+        [("::1", 5353), ("127.0.0.1", 53)]
+
+
+async def test_dnssec_queries_ask_the_servers_resolv_conf_names_now(tmp_path):
+    """dnspython's resolver is given the servers again when resolv.conf changes (it was made once with the servers
+    first read). (The resolver's NameServers is pointed at a file of the test's: /etc/resolv.conf is not ours.)"""
+    resolver = AiodnsResolver(nameservers=(), timeout=1.0, tries=1)
+    resolv_conf = tmp_path / "resolv.conf"
+    resolv_conf.write_text("nameserver 192.0.2.53\n")
+    resolver._servers = NameServers((), resolv_conf=str(resolv_conf))
+    assert [(n.address, n.port) for n in resolver._dnssec_resolver().nameservers] == [("192.0.2.53", 53)]
+    resolv_conf.write_text("nameserver 192.0.2.54\n")
+    later = os.stat(resolv_conf).st_mtime_ns + 1_000_000_000
+    os.utime(resolv_conf, ns=(later, later))
+    assert [(n.address, n.port) for n in resolver._dnssec_resolver().nameservers] == [("192.0.2.54", 53)]
 
 
 LONG_NAME = ("a" * 60 + ".") * 5 + "test"
