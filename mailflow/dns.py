@@ -266,7 +266,10 @@ class Resolver(Protocol):
 
     async def ipv4_addresses(self, name: str) -> list[str]: ...  # A records only (DNSBL queries, as dnsblog)
 
-    async def ipv6_addresses(self, name: str) -> list[str]: ...  # AAAA records only (an IPv6 client's name)
+    async def ipv6_addresses(self, name: str) -> list[str]:
+        """AAAA records only (an IPv6 client's name); [] for a name with A records only (NODATA), failures as
+        `addresses`'s."""
+        ...
 
     async def txt(self, name: str) -> list[str]: ...
 
@@ -603,7 +606,8 @@ class AiodnsResolver:
         """A c-ares channel asking without EDNS (flags=0; c-ares's default is ARES_FLAG_EDNS), as Postfix's
         resolver asks unless it wants DNSSEC: a server that answers FORMERR to EDNS queries answers these (c-ares
         retries such a FORMERR without EDNS only while it still sends a DNS cookie, its first query to a server).
-        A truncated answer is asked again over TCP; the AD bit (DANE, TLSA) is asked through dnspython."""
+        A truncated answer is asked again over TCP; the AD bit (DANE, TLSA) is asked through dnspython. Without EDNS
+        c-ares sends no DNS cookie either (RFC 7873, carried in EDNS), as Postfix's resolver sends none."""
         return aiodns.DNSResolver(nameservers=list(self._nameservers) or None, loop=loop, timeout=self._timeout,
                                   tries=self._tries, flags=0)
 
@@ -661,6 +665,9 @@ class IsolatedAsker:
             del failure
 
     async def _ask(self, host: str, port: int, name: str, qtype: str) -> pycares.DNSResult:
+        """One server's answer (`cares_result`). Raises a DNSError as c-ares would: ETIMEOUT for no reply in time,
+        EBADRESP for a reply that cannot be read, ECONNREFUSED for a server not reached (refused, unreachable, an
+        address that cannot be used), the rcode's failure (RCODE_FAILURES) else."""
         try:
             reply = await self._exchange(dns.message.make_query(dns_name(name), qtype), host, port)
         except dns.exception.Timeout:
@@ -743,6 +750,8 @@ def cares_result(reply: dns.message.Message) -> pycares.DNSResult:
 
 
 def _target(name: dns.name.Name) -> str:
+    """A name in a record's data as pycares gives it: without the final dot, in dnspython's presentation form
+    (which escapes a space as \\032 where c-ares leaves it; such a name is no host name either way)."""
     return name.to_text(omit_final_dot=True)
 
 
@@ -761,6 +770,7 @@ RECORD_DATA: dict[int, Callable[[Any], CaresRecordData]] = {
 
 
 def error_code(error: aiodns.error.DNSError) -> int | None:
+    """A c-ares failure's ARES_* code; None for one without."""
     return error.args[0] if error.args else None
 
 
@@ -825,7 +835,7 @@ def classify_dns_error(error: aiodns.error.DNSError, name: str, qtype: str) -> l
     a reply c-ares cannot read -> UnreadableReply; everything else -> LookupRetry, a SERVFAIL, a timeout, no server,
     REFUSED or NOTIMP (where the system's resolver, Postfix's, tries the next server and then says TRY_AGAIN) in
     Postfix's words ("Host not found, try again")."""
-    code = error.args[0] if error.args else None
+    code = error_code(error)
     if code == aiodns.error.ARES_ENODATA:
         return []
     if code in (aiodns.error.ARES_ENOTFOUND, aiodns.error.ARES_EBADNAME):
