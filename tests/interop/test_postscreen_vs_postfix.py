@@ -461,25 +461,33 @@ async def concurrent_dialogue(port: int, lines: LogLines) -> list[str]:
 CRLF = b"\r\n"
 
 
+async def dialogue_on_both(mailflow_server, caplog, dialogue, ours: dict, theirs: dict) -> tuple[list, ...]:
+    """`dialogue(port, lines)` against mailflow's postscreen (`ours`: its settings over the shared ones) and then a
+    private Postfix's (`theirs`: main.cf over the shared ones): (mailflow's answers, Postfix's, mailflow's postscreen
+    log, Postfix's without its cache lines)."""
+    caplog.set_level(logging.INFO, logger="mailflow.postscreen")
+    mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
+        "enable": True, "greet_wait": GREET_WAIT, **ours}})
+    our_answers = await dialogue(mf.smtp_addresses[0][1], our_lines(caplog))
+    our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
+    port = free_port()
+    async with postfix_instance(main_cf={"myhostname": HOST, "postscreen_greet_wait": f"{GREET_WAIT}s",
+                                         "smtputf8_enable": "yes",
+                                         "postscreen_cache_map": "btree:$data_directory/postscreen_cache", **theirs},
+                                master_cf=postscreen_master_cf(port)) as pf:
+        their_answers = await dialogue(port, their_lines(pf))
+        their_log = postscreen_lines(re.findall(r"/postscreen\[\d+\]: (.*)$", pf.maillog, re.M))
+    return our_answers, their_answers, our_log, [line for line in their_log if not line.startswith("cache ")]
+
+
 async def test_concurrent_connections_of_one_client_share_its_test_results_as_postfix(mailflow_server, caplog):
     """Postfix's postscreen is one process: a client's connections in the screen at once share its test results
     (client_info->expire_time, not the cache): the second skips the pregreet test the first passed, the third,
     after the first passed the deep tests at RCPT, goes to smtpd at once (no PASS line), and the first's end
     caches it all (PASS NEW once)."""
-    caplog.set_level(logging.INFO, logger="mailflow.postscreen")
-    mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
-        "enable": True, "access_list": [], "greet_wait": GREET_WAIT, "pipelining_enable": True}})
-    ours = await concurrent_dialogue(mf.smtp_addresses[0][1], our_lines(caplog))
-    our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
-    port = free_port()
-    async with postfix_instance(main_cf={"myhostname": HOST, "postscreen_greet_wait": f"{GREET_WAIT}s",
-                                         "postscreen_access_list": "", "smtputf8_enable": "yes",
-                                         "postscreen_cache_map": "btree:$data_directory/postscreen_cache",
-                                         "postscreen_pipelining_enable": "yes"},
-                                master_cf=postscreen_master_cf(port)) as pf:
-        theirs = await concurrent_dialogue(port, their_lines(pf))
-        their_log = postscreen_lines(re.findall(r"/postscreen\[\d+\]: (.*)$", pf.maillog, re.M))
-    their_log = [line for line in their_log if not line.startswith("cache ")]
+    ours, theirs, our_log, their_log = await dialogue_on_both(
+        mailflow_server, caplog, concurrent_dialogue, {"access_list": [], "pipelining_enable": True},
+        {"postscreen_access_list": "", "postscreen_pipelining_enable": "yes"})
     assert ours == theirs
     assert our_log == their_log, (our_log, their_log)
     assert "second: b'220 mx.mailflow.test ESMTP Postfix\\r\\n' at once" in ours, ours
@@ -523,21 +531,9 @@ async def test_a_denylisted_clients_second_connection_is_not_forwarded_as_postfi
     table.write_text("127.0.0.2/32 reject\n")
     table.chmod(0o644)
     tmp_path.chmod(0o755)  # (Postfix's postscreen reads it as its own user)
-    caplog.set_level(logging.INFO, logger="mailflow.postscreen")
-    mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
-        "enable": True, "access_list": [f"cidr:{table}"], "greet_wait": GREET_WAIT, "denylist_action": "enforce"}})
-    ours = await denylisted_dialogue(mf.smtp_addresses[0][1], our_lines(caplog))
-    our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
-    port = free_port()
-    async with postfix_instance(main_cf={"myhostname": HOST, "postscreen_greet_wait": f"{GREET_WAIT}s",
-                                         "postscreen_access_list": f"cidr:{table}", "smtputf8_enable": "yes",
-                                         "postscreen_denylist_action": "enforce",
-                                         "postscreen_cache_map": "btree:$data_directory/postscreen_cache",
-                                         "relay_domains": "y.test"},
-                                master_cf=postscreen_master_cf(port)) as pf:
-        theirs = await denylisted_dialogue(port, their_lines(pf))
-        their_log = postscreen_lines(re.findall(r"/postscreen\[\d+\]: (.*)$", pf.maillog, re.M))
-    their_log = [line for line in their_log if not line.startswith("cache ")]
+    ours, theirs, our_log, their_log = await dialogue_on_both(
+        mailflow_server, caplog, denylisted_dialogue, {"access_list": [f"cidr:{table}"], "denylist_action": "enforce"},
+        {"postscreen_access_list": f"cidr:{table}", "postscreen_denylist_action": "enforce", "relay_domains": "y.test"})
     assert ours == theirs
     assert our_log == their_log, (our_log, their_log)
     assert ours[3] == "second: the dummy engine answers EHLO"
@@ -582,20 +578,9 @@ async def undone_pass_dialogue(port: int, lines: LogLines) -> list[str]:
 async def test_a_deep_test_one_connection_fails_undoes_the_others_pass_as_postfix(mailflow_server, caplog):
     """One client's connections at once: B passes the pipelining test, A then fails it (enforce), which undoes
     the shared pass (expire_time[...] = PSC_TIME_STAMP_DISABLED); B's end caches that, so C meets the test again."""
-    caplog.set_level(logging.INFO, logger="mailflow.postscreen")
-    mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
-        "enable": True, "access_list": [], "greet_wait": GREET_WAIT, "pipelining_enable": True}})
-    ours = await undone_pass_dialogue(mf.smtp_addresses[0][1], our_lines(caplog))
-    our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
-    port = free_port()
-    async with postfix_instance(main_cf={"myhostname": HOST, "postscreen_greet_wait": f"{GREET_WAIT}s",
-                                         "postscreen_access_list": "", "smtputf8_enable": "yes",
-                                         "postscreen_cache_map": "btree:$data_directory/postscreen_cache",
-                                         "postscreen_pipelining_enable": "yes"},
-                                master_cf=postscreen_master_cf(port)) as pf:
-        theirs = await undone_pass_dialogue(port, their_lines(pf))
-        their_log = postscreen_lines(re.findall(r"/postscreen\[\d+\]: (.*)$", pf.maillog, re.M))
-    their_log = [line for line in their_log if not line.startswith("cache ")]
+    ours, theirs, our_log, their_log = await dialogue_on_both(
+        mailflow_server, caplog, undone_pass_dialogue, {"access_list": [], "pipelining_enable": True},
+        {"postscreen_access_list": "", "postscreen_pipelining_enable": "yes"})
     assert ours == theirs
     assert our_log == their_log, (our_log, their_log)
     assert ours[-1] == "C: the dummy engine answers EHLO", ours
