@@ -738,9 +738,10 @@ def postfix_mailhost_status(mx: str, a: str, aaaa: str) -> int:
     return postfix_lookup_status((mx, a, aaaa), stop_nullmx=True)
 
 
-def combination_zone(combinations) -> tuple[str, list[str], list[str], list[str]]:
-    """A zone where `<mx>-<a>-<aaaa>.combo.test` answers MX, A and AAAA queries as its name says: (zone text, its
-    SERVFAIL, NXDOMAIN and slow name/TYPE entries). Every name has a TXT record: it exists (NODATA elsewhere)."""
+def combination_zone(combinations, base: str = ZONE) -> tuple[str, list[str], list[str], list[str]]:
+    """A zone (`base` and) where `<mx>-<a>-<aaaa>.combo.test` answers MX, A and AAAA queries as its name says: (zone
+    text, its SERVFAIL, NXDOMAIN and slow name/TYPE entries). Every name has a TXT record: it exists (NODATA
+    elsewhere)."""
     lines, servfail, nxdomain, slow = [], [], [], []
     records = {"MX": "MX 10 mx.known.test.", "A": "A 192.0.2.1", "AAAA": "AAAA 2001:db8::1"}
     for combination in combinations:
@@ -753,7 +754,7 @@ def combination_zone(combinations) -> tuple[str, list[str], list[str], list[str]
                 lines.append(f"{name}. 300 IN MX 0 .")
             else:
                 {"servfail": servfail, "nxdomain": nxdomain, "timeout": slow}.get(answer, []).append(f"{name}/{qtype}")
-    return ZONE + "\n".join(lines) + "\n", servfail, nxdomain, slow
+    return base + "\n".join(lines) + "\n", servfail, nxdomain, slow
 
 
 def postfix_reply(combination: tuple[str, str, str], side: str) -> tuple[int, str]:

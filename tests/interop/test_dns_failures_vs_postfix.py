@@ -17,6 +17,7 @@ import aiosmtplib
 import pytest
 from dnslib import EDNS0, MX, QTYPE, RCODE, RR, DNSRecord
 
+from tests.e2e.test_smtpd_dns_restrictions import combination_zone
 from tests.interop.test_smtp_faults_vs_postfix import MailLogLines, outcomes
 from tests.support import SmtpClient, eventually, postfix_instance
 from tests.support.postfix import private_nameserver_address
@@ -49,23 +50,6 @@ CHECKS = {"helo_restrictions": ["reject_unknown_helo_hostname"],
           "recipient_restrictions": ["reject_unknown_recipient_domain", "permit_mynetworks", "reject"]}
 
 
-def combination_zone() -> tuple[str, list[str], list[str]]:
-    """`<mx>-<a>-<aaaa>.combo.test` answering as its name says: (zone text, SERVFAIL and NXDOMAIN entries)."""
-    lines, servfail, nxdomain = [], [], []
-    records = {"MX": "MX 10 mx.known.test.", "A": "A 192.0.2.1", "AAAA": "AAAA 2001:db8::1"}
-    for combination in COMBINATIONS:
-        name = "-".join(combination) + ".combo.test"
-        lines.append(f'{name}. 60 IN TXT "exists"')
-        for qtype, answer in zip(("MX", "A", "AAAA"), combination):
-            if answer == "records":
-                lines.append(f"{name}. 60 IN {records[qtype]}")
-            elif answer == "null":
-                lines.append(f"{name}. 60 IN MX 0 .")
-            elif answer != "nodata":
-                (servfail if answer == "servfail" else nxdomain).append(f"{name}/{qtype}")
-    return "\n".join(lines) + "\n", servfail, nxdomain
-
-
 def probes() -> list[tuple[str, str, str]]:
     """(HELO name, sender, recipient): each odd name once as each of the three, the others known."""
     names = ["-".join(c) + ".combo.test" for c in COMBINATIONS] + [f"{name}.test" for name in ODD]
@@ -89,7 +73,7 @@ async def replies(port: int) -> dict[tuple[str, str, str], str]:
 
 
 async def test_odd_dns_answers_make_the_same_replies_as_a_real_postfix(mailflow_server, dns_zone):
-    zone, servfail, nxdomain = combination_zone()
+    zone, servfail, nxdomain, _ = combination_zone(COMBINATIONS, base="")
     address = private_nameserver_address()
     dns_zone(ODD_ZONE + zone, servfail=servfail, nxdomain=nxdomain, garbled=("garbled.test",), rcodes=RCODES,
              address=address, port=53)
