@@ -196,6 +196,31 @@ async def test_a_forged_sender_is_refused_by_sendmail_and_its_direct_file_droppe
     assert f"from userid {NOBODY}".encode() in message
 
 
+async def test_authorized_submit_users_checks_the_owners_login_never_the_user_the_file_claims(
+        mailflow_server, other_user, tmp_path, caplog):
+    """A file of nobody claiming `"user": "root"` is held to nobody's rights (passwd's login for its owner's
+    uid): root alone may submit here; had pickup taken the login from the file, it would pass."""
+    mf = await mailflow_server(**other_user.settings(sendmail={"authorized_submit_users": ["root"]}))
+    name = await write_directly(mf, user="root")
+    await eventually(lambda: logged(caplog, f"maildrop/{name}: uid={NOBODY}", "refused: user nobody",
+                                    "authorized_submit_users"), timeout=5)
+    assert not (other_user.queue / "maildrop" / name).exists()
+    await asyncio.sleep(0.3)
+    assert inbox(tmp_path, "alice") == []
+
+
+async def test_local_login_sender_maps_checks_the_owners_login_never_the_user_the_file_claims(
+        mailflow_server, other_user, tmp_path, caplog):
+    """Root may send as anyone here; nobody's file claiming to be root's may not send as bob."""
+    mf = await mailflow_server(**other_user.settings(sendmail={"local_login_sender_maps": ["inline:{root=*}"]}))
+    name = await write_directly(mf, user="root", sender="bob@local.test")
+    await eventually(lambda: logged(caplog, f"maildrop/{name}: uid={NOBODY} from=<bob@local.test>",
+                                    "refused: user nobody", "local_login_sender_maps"), timeout=5)
+    assert not (other_user.queue / "maildrop" / name).exists()
+    await asyncio.sleep(0.3)
+    assert inbox(tmp_path, "alice") == [] and inbox(tmp_path, "bob") == []
+
+
 async def test_a_file_claiming_another_uid_is_never_mail(mailflow_server, write_config, other_user, tmp_path, caplog):
     mf = await mailflow_server(**other_user.settings())
     name = await write_directly(mf, uid=0, user="root", sender="root@local.test")
