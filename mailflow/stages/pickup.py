@@ -8,9 +8,12 @@ FIFO). It scans the maildrop when it starts, on every wake-up, and at least ever
 file, oldest first:
 
 - it opens the file once (`mailflow.maildrop.open_maildrop`: never a symbolic link, FIFO or file with a second
-  link) and validates its envelope, and reads the content from that open file only; a corrupt file, or one whose
-  owner is neither the uid it claims nor root nor mailflow's own user (a forged identity), is moved to `corrupt/`
-  and logged, and the scan goes on with the next file;
+  link) and validates its envelope, and reads the content from that open file only; a corrupt entry, or one whose
+  owner is neither the uid it claims nor root nor mailflow's own user (a forged identity), is set aside, logged,
+  and the scan goes on with the next file: another user's is removed (as Postfix's pickup removes a malformed
+  file; so is one of theirs this process may not read), root's and mailflow's own are moved to `corrupt/` for
+  inspection (NAME.N when corrupt/NAME is taken); what stays (a directory of another user, left in place; a file
+  that cannot be read or moved) is logged once, then tried again by the periodic scans only, silently;
 - a file of another user (its owner, the kernel's word, neither root nor this process's user) may have been written
   without sendmail's checks: its login is taken from that uid's passwd entry, whatever the file says, and it must
   pass `authorized_submit_users` and `local_login_sender_maps` for its sender (`policy`, the configuration;
@@ -150,6 +153,9 @@ class Pickup:
         self._store_due = True  # the next scan looks at the store's requeued mail too
         # files refused under soft_bounce and kept: tried again by the periodic scans only, not at every wake-up
         self._kept: set[str] = set()
+        # entries that cannot be taken nor set aside (a directory of another user, a file that cannot be read):
+        # logged once, then tried by the periodic scans only
+        self._stuck: set[str] = set()
         self._periodic = False  # the scan under way is a periodic one (it tries the kept files too)
         self._wanted = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -262,10 +268,11 @@ class Pickup:
         done, periodic, self._periodic = 0, self._periodic, False
         names = maildrop_names(self.maildrop)
         self._kept.intersection_update(names)
+        self._stuck.intersection_update(names)
         for name in names:
             if self._closing:
                 break
-            if name in self._kept and not periodic:
+            if (name in self._kept or name in self._stuck) and not periodic:
                 continue
             if await self._pick(name):
                 done += 1
@@ -473,22 +480,64 @@ class Pickup:
         return ClientInfo(addr="127.0.0.1", helo=self._myhostname, protocol="local", hostname="localhost")
 
     def _unreadable(self, name: str, error: CorruptMaildrop | OSError) -> bool:
-        """A file that cannot be taken in: a corrupt one is set aside, one that cannot be read is tried again at
-        the next scan. Returns False (not picked up)."""
-        if isinstance(error, CorruptMaildrop):
-            self._set_aside(name, str(error))
+        """An entry that cannot be taken in: a corrupt one, or one of another user this process may not read, is
+        set aside (`_set_aside`); another that cannot be read is tried again (logged once: `_note`). Returns
+        False (not picked up)."""
+        try:
+            st = os.lstat(self.maildrop / name)
+        except OSError:
+            return False  # taken by another scan or removed by an operator
+        foreign = st.st_uid not in (0, os.geteuid())
+        if isinstance(error, CorruptMaildrop) or (foreign and isinstance(error, PermissionError)):
+            self._set_aside(name, st, str(error))
         else:
-            logger.warning("pickup: maildrop/%s: cannot read: %s; will retry", name, error)
+            self._note(name, logging.WARNING, "pickup: maildrop/%s: cannot read: %s; will retry", name, error)
         return False
 
-    def _set_aside(self, name: str, reason: str) -> None:
-        try:
-            os.replace(self.maildrop / name, self.corrupt / name)
-        except OSError as e:
-            logger.error("pickup: maildrop/%s: corrupt (%s) and cannot be moved to %s: %s",
-                         name, reason, self.corrupt, e)
+    def _set_aside(self, name: str, st: os.stat_result, reason: str) -> None:
+        """Another user's entry (its owner, `st`, neither root nor this process's user) is removed, as Postfix's
+        pickup removes a malformed file: nothing of theirs piles up where they cannot reach it; a directory of
+        theirs is left in place (logged once). Root's and this process's own (a fault, not an attack) are moved
+        to corrupt/ for inspection, under a name of their own there (NAME.N when NAME is taken)."""
+        path = self.maildrop / name
+        if st.st_uid not in (0, os.geteuid()):
+            if stat.S_ISDIR(st.st_mode):
+                self._note(name, logging.WARNING, "pickup: maildrop/%s: corrupt: %s; left in place (a directory "
+                           "of uid %d: remove it by hand)", name, reason, st.st_uid)
+                return
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                return
+            except OSError as e:
+                self._note(name, logging.ERROR, "pickup: maildrop/%s: corrupt (%s) and cannot be removed: %s", name,
+                           reason, e)
+                return
+            logger.warning("pickup: maildrop/%s: corrupt: %s; removed (uid %d)", name, reason, st.st_uid)
             return
-        logger.warning("pickup: maildrop/%s: corrupt: %s; moved to %s/%s", name, reason, self.corrupt, name)
+        target = self._corrupt_target(name)
+        try:
+            os.rename(path, target)
+        except OSError as e:
+            self._note(name, logging.ERROR, "pickup: maildrop/%s: corrupt (%s) and cannot be moved to %s: %s", name,
+                       reason, self.corrupt, e)
+            return
+        logger.warning("pickup: maildrop/%s: corrupt: %s; moved to %s", name, reason, target)
+
+    def _corrupt_target(self, name: str) -> Path:
+        """corrupt/NAME, or NAME.1, NAME.2, ... when taken (corrupt/ is this process's alone: no race)."""
+        target, n = self.corrupt / name, 0
+        while os.path.lexists(target):
+            n += 1
+            target = self.corrupt / f"{name}.{n}"
+        return target
+
+    def _note(self, name: str, level: int, message: str, *args) -> None:
+        """An entry left in the maildrop that pickup cannot take: logged the first time only, then passed by until
+        a periodic scan tries it again (silently), so that neither wake-ups nor scans make a log line each."""
+        if name not in self._stuck:
+            logger.log(level, message, *args)
+            self._stuck.add(name)
 
     async def _refused(self, name: str, m: MaildropMessage, content: Content, error: PermanentError, *,
                        size: int | None = None) -> bool:

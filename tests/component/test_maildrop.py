@@ -452,14 +452,30 @@ async def test_a_temporary_file_left_by_a_dead_sendmail_is_removed_after_a_day(m
     assert sorted(os.listdir(drop)) == [".tmp.NEW"]
 
 
-async def test_a_file_owned_by_another_user_than_it_claims_is_corrupt(mailflow_server):
+async def test_a_file_owned_by_another_user_than_it_claims_is_corrupt_and_removed(mailflow_server, caplog):
+    """Another user's junk is removed, as Postfix's pickup removes a malformed file: kept in corrupt/, out of
+    their reach, it filled the disk for good."""
     if os.geteuid() != 0:
         pytest.skip("needs root to give the file another owner")
     mf = await mailflow_server()
     name = _drop(mf, uid=4242)
     os.chown(mf.config.queue_path / "maildrop" / name, 4343, -1)
     mf.pickup.wake()
-    await eventually(lambda: (mf.config.queue_path / "corrupt" / name).exists(), timeout=5)
+    await eventually(lambda: any(f"{name}: corrupt" in r.getMessage() and "removed (uid 4343)" in r.getMessage()
+                                 for r in caplog.records), timeout=5)
+    assert not (mf.config.queue_path / "maildrop" / name).exists()
+    assert os.listdir(mf.config.queue_path / "corrupt") == []
+
+
+async def test_corrupt_files_of_the_same_name_are_all_kept_in_corrupt(mailflow_server):
+    """A second corrupt file of a name corrupt/ already holds replaced the first (the evidence lost)."""
+    mf = await mailflow_server()
+    drop, corrupt = mf.config.queue_path / "maildrop", mf.config.queue_path / "corrupt"
+    for content in (b"first\n", b"second\n"):
+        (drop / "00000000000000BAD").write_bytes(content)
+        await mf.pickup.scan()
+    assert sorted(os.listdir(corrupt)) == ["00000000000000BAD", "00000000000000BAD.1"]
+    assert (corrupt / "00000000000000BAD").read_bytes() == b"first\n"
 
 
 async def test_a_looping_message_is_returned_to_its_sender(mailflow_server, tmp_path):

@@ -224,8 +224,9 @@ async def test_local_login_sender_maps_checks_the_owners_login_never_the_user_th
 async def test_a_file_claiming_another_uid_is_never_mail(mailflow_server, write_config, other_user, tmp_path, caplog):
     mf = await mailflow_server(**other_user.settings())
     name = await write_directly(mf, uid=0, user="root", sender="root@local.test")
-    await eventually(lambda: (other_user.queue / "corrupt" / name).exists(), timeout=5)
-    assert logged(caplog, name, f"owner uid {NOBODY} differs from the submitting uid 0")
+    await eventually(lambda: logged(caplog, name, f"owner uid {NOBODY} differs from the submitting uid 0",
+                                    f"removed (uid {NOBODY})"), timeout=5)
+    assert not (other_user.queue / "maildrop" / name).exists() and os.listdir(other_user.queue / "corrupt") == []
     await asyncio.sleep(0.3)
     assert inbox(tmp_path, "alice") == []
 
@@ -234,7 +235,8 @@ async def test_links_and_fifos_planted_by_a_user_are_never_read_and_do_not_stop_
         mailflow_server, write_config, other_user, tmp_path, caplog):
     """A symbolic link to a root-only file in maildrop format (root's own mail, say), a hard link to it (where
     the kernel allows one: root makes it here, as fs.protected_hardlinks=0 would let any user) and a FIFO: none is
-    read as mail; each is set aside, and nobody's own mail behind them is delivered."""
+    read as mail; nobody's link and FIFO are removed, root's hard link is kept in corrupt/ for inspection, and
+    nobody's own mail behind them is delivered."""
     mf = await mailflow_server(**other_user.settings())
     secret_dir = tmp_path / "root-only"
     secret_dir.mkdir(mode=0o711)
@@ -248,9 +250,8 @@ async def test_links_and_fifos_planted_by_a_user_are_never_read_and_do_not_stop_
     os.link(secret, drop / "00000000000000HARD")
     await write_directly(mf)
     await eventually(lambda: inbox(tmp_path, "alice"), timeout=5)
-    await eventually(lambda: len(os.listdir(other_user.queue / "corrupt")) == 3, timeout=5)
-    assert sorted(os.listdir(other_user.queue / "corrupt")) == ["00000000000000FIFO", "00000000000000HARD",
-                                                                  "00000000000000LINK"]
+    await eventually(lambda: maildrop_names(drop) == [], timeout=5)
+    assert os.listdir(other_user.queue / "corrupt") == ["00000000000000HARD"]
     assert logged(caplog, "00000000000000LINK", "a symbolic link") and logged(caplog, "HARD", "file has 2 links")
     assert inbox(tmp_path, "bob") == [] and secret.exists()
     assert maildrop_names(drop) == []
@@ -269,3 +270,27 @@ async def test_the_queue_database_stays_private_in_a_directory_local_users_trave
     assert rc == 1 and "Permission denied" in err
     assert [name for name in os.listdir(queue) if name.startswith("queue.db")
             and stat.S_IMODE(os.stat(queue / name).st_mode) & 0o077] == []
+
+
+async def test_another_users_junk_is_removed_or_logged_once_however_often_pickup_is_woken(
+        mailflow_server, other_user, tmp_path, caplog):
+    """A directory (that pickup can neither take nor remove) made an error line at every scan, and any user's
+    wake-ups made that a flood; a junk file went to corrupt/ for good, out of its owner's reach. Now: the file is
+    removed (as Postfix's pickup removes a malformed one), the directory logged once and left alone."""
+    mf = await mailflow_server(**other_user.settings())
+    drop = other_user.queue / "maildrop"
+    code = (f"import os\nos.mkdir({str(drop / '0000000000000ZDIR')!r})\n"
+            f"open({str(drop / '0000000000000ZDIR' / 'x')!r}, 'w').close()\n"
+            f"open({str(drop / '0000000000000ZJUNK')!r}, 'w').write('junk')\n")
+    assert (await as_nobody(sys.executable, "-c", code))[0] == 0
+    for _ in range(5):
+        await mf.pickup.scan()
+        mf.pickup.wake()
+        await asyncio.sleep(0.05)
+    await write_directly(mf)
+    await eventually(lambda: inbox(tmp_path, "alice"), timeout=5)
+    lines = [r.getMessage() for r in caplog.records if "0000000000000Z" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert logged(caplog, "maildrop/0000000000000ZJUNK: corrupt", f"removed (uid {NOBODY})")
+    assert logged(caplog, "maildrop/0000000000000ZDIR: corrupt", "left in place")
+    assert maildrop_names(drop) == ["0000000000000ZDIR"] and os.listdir(other_user.queue / "corrupt") == []
