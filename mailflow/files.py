@@ -7,6 +7,8 @@ when they are regular files, and only up to a limit.
                                                (or a link to it) reads as an empty file, for a table or a list
     read_bounded(f, size, limit) -> bytes      an open file's bytes, `limit` + 1 at most, asking for `size` + 1
                                                (its fstat() size) first: for callers with an open of their own
+    keep_private(path)                         a SQLite database created 0600 before SQLite opens it (its -wal
+                                               and -shm take its mode); an older one of ours made 0600
     check_regular_file(path, limit)            the same checks without reading, for a file a library opens by name
                                                (OpenSSL's certificates and CA files)
     RefusedFile(OSError)                       not a regular file (a FIFO, a device, a directory, a socket):
@@ -122,3 +124,17 @@ def _size(limit: int) -> str:
         if limit >= 1 << shift and limit % (1 << shift) == 0:
             return f"{limit >> shift} {unit}"
     return f"{limit} bytes"
+
+
+def keep_private(path: Path) -> None:
+    """A database in the queue directory (queue.db: the mail itself, for small messages; greylist.db: who mails
+    whom) readable by its owner alone, whatever the umask: local users traverse the queue directory to reach the
+    maildrop. Created 0600 before SQLite opens it (its -wal and -shm files take the database's mode); an older one
+    of ours, made under a looser umask, is made 0600."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            if name.stat().st_uid == os.geteuid() and name.stat().st_mode & 0o077:
+                os.chmod(name, 0o600)
+        except FileNotFoundError:
+            pass

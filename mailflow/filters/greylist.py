@@ -31,6 +31,7 @@ from pathlib import Path
 
 from mailflow.address import client_ip, normalise_domain
 from mailflow.address import split as split_address
+from mailflow.files import keep_private
 from mailflow.tables.networks import NetworkList
 
 log = logging.getLogger("mailflow.smtpd")
@@ -90,6 +91,7 @@ class Greylist:
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
             Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+            keep_private(Path(self._path))  # (in the queue directory, which local users traverse, by default)
             db = sqlite3.connect(self._path, timeout=5, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")

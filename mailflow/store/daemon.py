@@ -65,6 +65,7 @@ from typing import Sequence
 
 from mailflow.config import DEFAULTS
 from mailflow.content import MEMORY_LIMIT, Content, Spool
+from mailflow.files import keep_private
 from mailflow.model import (ClientAttributes, Delivered, NewMessage, Outcome, QueuedMessage, QueueId, OwnedFailure,
                             RcptResult, Recipient)
 from mailflow.store.contents import CLIENT_COLUMNS, content_of, insert_ops, row_content, storable, sweep
@@ -97,7 +98,7 @@ class Store(OperatorQueries, RequeueQueries):
         path = Path(path)
         (path.parent / CONTENT_DIRECTORY).mkdir(mode=0o700, parents=True, exist_ok=True)
         if owner:
-            _keep_private(path)
+            keep_private(path)
         writer, reader = Writer(path), Reader(path)
         try:
             await writer.call(writer.open, busy_timeout, owner, upgrade)  # first: it creates or migrates the schema
@@ -518,16 +519,3 @@ def _alternate(first: list, second: list) -> list:
     for i in range(max(len(first), len(second))):
         out.extend(side[i] for side in (first, second) if i < len(side))
     return out
-
-
-def _keep_private(path: Path) -> None:
-    """The database (the mail itself, for small messages) readable by its owner alone, whatever the umask: local
-    users traverse the queue directory to reach the maildrop. Created 0600 before SQLite opens it (its -wal and
-    -shm files take the database's mode); an older one of ours, made under a looser umask, is made 0600."""
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-        try:
-            if name.stat().st_uid == os.geteuid() and name.stat().st_mode & 0o077:
-                os.chmod(name, 0o600)
-        except FileNotFoundError:
-            pass

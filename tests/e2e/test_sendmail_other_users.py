@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from mailflow.maildrop import MaildropMessage, maildrop_names, write_maildrop
-from tests.support import eventually, maildir_messages
+from tests.support import eventually, maildir_messages, rcpt_reply
 from tests.support.tools import require_tool
 
 NOBODY = 65534
@@ -294,3 +294,22 @@ async def test_another_users_junk_is_removed_or_logged_once_however_often_pickup
     assert logged(caplog, "maildrop/0000000000000ZJUNK: corrupt", f"removed (uid {NOBODY})")
     assert logged(caplog, "maildrop/0000000000000ZDIR: corrupt", "left in place")
     assert maildrop_names(drop) == ["0000000000000ZDIR"] and os.listdir(other_user.queue / "corrupt") == []
+
+
+async def test_no_file_in_the_queue_directory_is_readable_by_local_users_but_the_public_ones(mailflow_server,
+                                                                                             other_user):
+    """Under umask 022: greylist.db (who mails whom) and its -wal and -shm were 0644, in the directory every local
+    user traverses; only the maildrop, public/ (and its socket) and the pid file are for them."""
+    old = os.umask(0o022)
+    try:
+        mf = await mailflow_server(**other_user.settings(smtpd={"recipient_restrictions": ["check_greylist"]},
+                                                         greylist={"delay": "1h"}))
+        assert (await rcpt_reply(mf.smtp_addresses[0][1], "alice@local.test")).code == 450  # greylist.db in use
+    finally:
+        os.umask(old)
+    queue = other_user.queue
+    public = {"maildrop", "public", "mailflow.pid"}
+    assert (queue / "greylist.db").exists() and (queue / "greylist.db-wal").exists()
+    readable = [name for name in os.listdir(queue) if name not in public
+                and stat.S_IMODE(os.lstat(queue / name).st_mode) & 0o044]
+    assert readable == []
