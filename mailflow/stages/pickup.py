@@ -413,7 +413,8 @@ class Pickup:
         finally:
             spool.discard()
         path.unlink(missing_ok=True)
-        logger.info("%s: uid=%d from=<%s> (maildrop/%s)", queue_id, message.uid, message.sender, name)
+        # (cleanup logged Postfix's one `QID: uid=N from=<s>` line; this only ties the file to its queue id)
+        logger.debug("%s: picked up maildrop/%s", queue_id, name)
         return True
 
     async def _filtered(self, name: str, sub: Submission) -> tuple[Submission | None, bool]:
