@@ -423,6 +423,34 @@ def test_the_content_is_read_from_the_file_opened_never_by_its_name_again(tmp_pa
         read_maildrop(directory / name)
 
 
+async def test_pickup_queues_the_content_of_the_file_it_opened_though_its_name_now_links_elsewhere(
+        mailflow_server, tmp_path, monkeypatch):
+    """The writer swaps its file, once pickup has opened and checked it (here: as pickup asks for a spool), for a
+    symbolic link to a file of the same size only the server may read: pickup read the content by name again
+    (e706ed1a), and so queued that file as mail."""
+    mf = await mailflow_server()
+    content = b"Subject: picked\r\n\r\nthe writer's own\r\n"
+    name = _drop(mf, content=content)
+    path = mf.config.queue_path / "maildrop" / name
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"Subject: secret\r\n\r\n" + b"S" * (path.stat().st_size - 21))
+    cleanup = mf.pickup._cleanup
+    new_spool = cleanup.new_spool
+
+    def swapped_then_spool(*args, **kwargs):
+        if path.exists() and not path.is_symlink():
+            path.rename(tmp_path / "moved")
+            path.symlink_to(secret)
+        return new_spool(*args, **kwargs)
+
+    monkeypatch.setattr(cleanup, "new_spool", swapped_then_spool)
+    mf.pickup.wake()
+    maildir = tmp_path / "mail" / "bob" / "Maildir"
+    await eventually(lambda: maildir_messages(maildir), timeout=5)
+    [message] = maildir_messages(maildir)
+    assert b"the writer's own" in message and b"secret" not in message
+
+
 def test_a_file_with_a_second_link_is_not_taken(tmp_path):
     """A hard link a user made to a file of another owner (where fs.protected_hardlinks allows one) would pass
     for that owner's."""
