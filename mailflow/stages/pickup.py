@@ -64,6 +64,9 @@ masquerading, virtual alias or automatic BCC: the after-queue filter set-up, who
 so that sendmail's mail gets its BCC copies once), `no_header_body_checks`, `no_milters` (non_smtpd_milters off);
 requeued mail included, as Postfix's pickup gives the same flags to mail postsuper -r requeued.
 A socket that cannot be bound (e.g. a path longer than the UNIX limit) is logged; the periodic scan still runs.
+A maildrop/ or public/ that is not a directory (a symbolic link: whoever can write the queue directory could point
+it at root's files) is never followed: the maildrop is not scanned, public/ neither chmodded nor listened on, each
+logged once (checked with lstat: the queue directory itself must stay the server's and root's alone).
 """
 from __future__ import annotations
 
@@ -156,6 +159,7 @@ class Pickup:
         # entries that cannot be taken nor set aside (a directory of another user, a file that cannot be read):
         # logged once, then tried by the periodic scans only
         self._stuck: set[str] = set()
+        self._maildrop_refused = False  # the maildrop is not a directory (logged once): not scanned
         self._periodic = False  # the scan under way is a periodic one (it tries the kept files too)
         self._wanted = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -180,9 +184,9 @@ class Pickup:
             return
         st = os.lstat(self.maildrop)
         mode = stat.S_IMODE(st.st_mode)
-        if not stat.S_ISDIR(st.st_mode):
-            logger.error("pickup: %s is not a directory: sendmail cannot leave mail there", self.maildrop)
-        elif st.st_uid != os.geteuid():
+        if not self._maildrop_is_directory():
+            return
+        if st.st_uid != os.geteuid():
             logger.warning("pickup: %s belongs to uid %d, not to this server's uid %d (mode %04o): files of other "
                            "users cannot be removed once picked up; make it ours, mode %04o", self.maildrop,
                            st.st_uid, os.geteuid(), mode, MAILDROP_MODE)
@@ -190,6 +194,20 @@ class Pickup:
             os.chmod(self.maildrop, MAILDROP_MODE)
             logger.warning("pickup: %s: mode %04o changed to %04o: local users may leave mail there (whether it is "
                            "taken: authorized_submit_users)", self.maildrop, mode, MAILDROP_MODE)
+
+    def _maildrop_is_directory(self) -> bool:
+        """Whether the maildrop is a directory itself, not a symbolic link (never followed: its target's files
+        would be taken, moved or removed as mail left there). One that is not is not scanned, logged once (again
+        after it was one)."""
+        try:
+            is_directory = stat.S_ISDIR(os.lstat(self.maildrop).st_mode)
+        except FileNotFoundError:
+            is_directory = False
+        if not is_directory and not self._maildrop_refused:
+            logger.error("pickup: %s is not a directory (a symbolic link is never followed): not scanned; sendmail "
+                         "cannot leave mail there", self.maildrop)
+        self._maildrop_refused = not is_directory
+        return is_directory
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop listening; let the file being handed over finish (within `grace`), so that a commit is
@@ -228,7 +246,12 @@ class Pickup:
     async def _listen(self) -> None:
         public = self.socket_path.parent
         public.mkdir(mode=PUBLIC_MODE, parents=True, exist_ok=True)
-        if public.stat().st_uid == os.geteuid():  # (a umask of 077 made it 0700: no other user could wake us)
+        st = os.lstat(public)
+        if not stat.S_ISDIR(st.st_mode):  # a symbolic link: its target is never chmodded nor emptied of `pickup`
+            logger.error("pickup: %s is not a directory (a symbolic link is never followed): not listening there; "
+                         "scanning every %gs", public, self._interval)
+            return
+        if st.st_uid == os.geteuid():  # (a umask of 077 made it 0700: no other user could wake us)
             os.chmod(public, PUBLIC_MODE)
         self.socket_path.unlink(missing_ok=True)  # left by a server that did not stop cleanly
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -262,7 +285,10 @@ class Pickup:
             await self._scans.run(self.scan)  # anything it raises backs the scans off; the files stay
     async def scan(self) -> int:
         """One pass over the maildrop; returns how many files were handed to cleanup. First, the temporary
-        files of sendmail processes that died writing them (not touched for a day) are removed."""
+        files of sendmail processes that died writing them (not touched for a day) are removed. A maildrop that is
+        not a directory (a symbolic link) is not scanned: only the requeued mail is copied."""
+        if not self._maildrop_is_directory():
+            return await self._copy_requeued()
         for name in remove_stale_temporaries(self.maildrop, time.time()):  # (file times are wall-clock times)
             logger.warning("pickup: maildrop/%s: removed: an unfinished file left by a sendmail that died", name)
         done, periodic, self._periodic = 0, self._periodic, False

@@ -314,3 +314,27 @@ async def test_no_file_in_the_queue_directory_is_readable_by_local_users_but_the
     readable = [name for name in os.listdir(queue) if name not in public
                 and stat.S_IMODE(os.lstat(queue / name).st_mode) & 0o044]
     assert readable == []
+
+
+async def test_a_symlinked_maildrop_or_public_directory_is_never_followed(mailflow_server, other_user, tmp_path,
+                                                                          caplog):
+    """Whoever can write the queue directory could point maildrop/ at a directory of root's mail (it was scanned:
+    each file taken, or moved to corrupt/) and public/ at a private directory (made 0755, its `pickup` replaced by
+    the socket). Each is refused, logged once."""
+    victim, private = tmp_path / "victim", tmp_path / "private"
+    victim.mkdir(mode=0o700)
+    private.mkdir(mode=0o700)
+    kept = write_maildrop(victim, MaildropMessage(sender="root@local.test", recipients=("alice@local.test",), uid=0,
+                                                  user="root"), [b"Subject: root's\r\n\r\nx\r\n"])
+    (victim / "0000000000000ZJUNK").write_bytes(b"junk\n")
+    (private / "pickup").write_bytes(b"private")
+    (other_user.queue / "maildrop").symlink_to(victim)
+    (other_user.queue / "public").symlink_to(private)
+    mf = await mailflow_server(**other_user.settings())
+    for _ in range(3):
+        await mf.pickup.scan()
+    await asyncio.sleep(0.3)
+    assert sorted(os.listdir(victim)) == sorted([kept, "0000000000000ZJUNK"]) and inbox(tmp_path, "alice") == []
+    assert stat.S_IMODE(os.stat(private).st_mode) == 0o700 and (private / "pickup").read_bytes() == b"private"
+    refusals = [r.getMessage() for r in caplog.records if "is not a directory (a symbolic link" in r.getMessage()]
+    assert len(refusals) == 2 and any("/maildrop" in m for m in refusals) and any("/public" in m for m in refusals)
