@@ -4,8 +4,9 @@ It owns `<queue_directory>/maildrop/` on the server side (made mode 1733 at star
 another mode: any local user may leave a file there, docs/operations.md "Local submission"),
 `<queue_directory>/corrupt/` and the wake-up socket `<queue_directory>/public/pickup` (a UNIX datagram socket,
 mode 0666 in a 0755 directory, whatever the umask; any datagram means "look now", like Postfix's public/pickup
-FIFO). It scans the maildrop when it starts, on every wake-up, and at least every `pickup_interval`. For each
-file, oldest first:
+FIFO). It scans the maildrop when it starts, on every wake-up (not sooner than WAKE_GAP after the end of the last
+scan: any local user may send wake-ups, a stream of them costs one scan per gap), and at least every
+`pickup_interval`. For each file, oldest first:
 
 - it opens the file once (`mailflow.maildrop.open_maildrop`: never a symbolic link, FIFO or file with a second
   link) and validates its envelope, and reads the content from that open file only; a corrupt entry, or one whose
@@ -104,6 +105,7 @@ PUBLIC_MODE = 0o755
 SOCKET_MODE = 0o666
 REQUEUE_PAGE = 100  # requeued messages read per query
 REQUEUE_RECHECK = 1.0  # seconds between scans while requeued mail waits for the end of its attempt
+WAKE_GAP = 0.1  # seconds at least from the end of a scan to a scan a wake-up asks for (any user may send them)
 
 
 class SubmitRefused(Exception):
@@ -161,6 +163,7 @@ class Pickup:
         self._stuck: set[str] = set()
         self._maildrop_refused = False  # the maildrop is not a directory (logged once): not scanned
         self._periodic = False  # the scan under way is a periodic one (it tries the kept files too)
+        self._last_scan = -math.inf  # when the last scan ended (the event loop's clock): see WAKE_GAP
         self._wanted = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._transport: asyncio.DatagramTransport | None = None
@@ -274,15 +277,31 @@ class Pickup:
                 timeout, self._store_due = min(timeout, REQUEUE_RECHECK), True
             if self._scans.backing_off:
                 event, timeout = self._stopping, max(0.0, self._scans.resume_at - self._clock.time())
-            try:  # (not wait_for: in 3.11 it swallows a cancellation that comes as the event is set)
-                async with asyncio.timeout(timeout):
-                    await event.wait()
-            except TimeoutError:
+            if await self._woken(event, timeout):
+                await self._pause(self._last_scan + WAKE_GAP - asyncio.get_running_loop().time())
+            else:
                 self._store_due = self._periodic = True  # a periodic scan (or a backoff's end) looks at everything
-            self._wanted.clear()
+            self._wanted.clear()  # (the wake-ups of the pause are this scan's)
             if self._closing:
                 return
             await self._scans.run(self.scan)  # anything it raises backs the scans off; the files stay
+            self._last_scan = asyncio.get_running_loop().time()
+
+    @staticmethod
+    async def _woken(event: asyncio.Event, timeout: float) -> bool:
+        """Whether `event` was set within `timeout` seconds."""
+        try:  # (not wait_for: in 3.11 it swallows a cancellation that comes as the event is set)
+            async with asyncio.timeout(timeout):
+                await event.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait `seconds` (none when not positive), cut short by stop()."""
+        if seconds > 0:
+            await self._woken(self._stopping, seconds)
+
     async def scan(self) -> int:
         """One pass over the maildrop; returns how many files were handed to cleanup. First, the temporary
         files of sendmail processes that died writing them (not touched for a day) are removed. A maildrop that is

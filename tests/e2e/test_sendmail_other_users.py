@@ -338,3 +338,25 @@ async def test_a_symlinked_maildrop_or_public_directory_is_never_followed(mailfl
     assert stat.S_IMODE(os.stat(private).st_mode) == 0o700 and (private / "pickup").read_bytes() == b"private"
     refusals = [r.getMessage() for r in caplog.records if "is not a directory (a symbolic link" in r.getMessage()]
     assert len(refusals) == 2 and any("/maildrop" in m for m in refusals) and any("/public" in m for m in refusals)
+
+
+async def test_a_stream_of_wake_ups_from_any_user_costs_a_bounded_number_of_scans(mailflow_server, other_user,
+                                                                                    monkeypatch):
+    """Any user may write to public/pickup: a datagram loop kept pickup rescanning (about 87 % of a CPU), and made
+    a log flood of any per-scan line. Wake-up scans are WAKE_GAP (0.1 s) apart at least."""
+    mf = await mailflow_server(**other_user.settings())
+    scans = []
+    scan = mf.pickup.scan
+
+    async def counted() -> int:
+        scans.append(time.monotonic())
+        return await scan()
+
+    monkeypatch.setattr(mf.pickup, "scan", counted)
+    code = ("import socket, time\ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\nend = time.monotonic() + 1\n"
+            "while time.monotonic() < end:\n"
+            f"    try: s.sendto(b'W', {str(other_user.queue / 'public' / 'pickup')!r})\n"
+            "    except BlockingIOError: pass\n")
+    rc, _, err = await as_nobody(sys.executable, "-c", code)
+    assert rc == 0, err
+    assert 3 <= len(scans) <= 13, len(scans)  # woken all along; ~10 at 0.1 s apart (thousands without the gap)
