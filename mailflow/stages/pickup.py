@@ -4,7 +4,8 @@ It owns `<queue_directory>/maildrop/` on the server side (made mode 1733 at star
 another mode: any local user may leave a file there, docs/operations.md "Local submission"),
 `<queue_directory>/corrupt/` and the wake-up socket `<queue_directory>/public/pickup` (a UNIX datagram socket,
 mode 0666 in a 0755 directory, whatever the umask; any datagram means "look now", like Postfix's public/pickup
-FIFO). It scans the maildrop when it starts, on every wake-up (not sooner than WAKE_GAP after the end of the last
+FIFO; mailflow.maildrop.REQUEUED, "the store's requeued mail too", only from root or the server's user, as the
+kernel names the sender: SO_PASSCRED). It scans the maildrop when it starts, on every wake-up (not sooner than WAKE_GAP after the end of the last
 scan: any local user may send wake-ups, a stream of them costs one scan per gap), and at least every
 `pickup_interval`. For each file, oldest first:
 
@@ -78,6 +79,7 @@ import math
 import os
 import socket
 import stat
+import struct
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -116,12 +118,15 @@ class SubmitRefused(Exception):
         self.uid, self.login, self.reason = uid, login, reason
 
 
-class _WakeProtocol(asyncio.DatagramProtocol):
-    def __init__(self, wake):
-        self._wake = wake
+UCRED = struct.Struct("iII")  # Linux's struct ucred (pid, uid, gid): a datagram's sender, SCM_CREDENTIALS
 
-    def datagram_received(self, data, addr) -> None:
-        self._wake(requeued=data == REQUEUED)
+
+def _sender_uid(ancillary: list[tuple[int, int, bytes]]) -> int | None:
+    """The uid the kernel gives for a datagram's sender (SO_PASSCRED); None without one."""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= UCRED.size:
+            return UCRED.unpack_from(data)[1]
+    return None
 
 
 class Pickup:
@@ -166,7 +171,7 @@ class Pickup:
         self._last_scan = -math.inf  # when the last scan ended (the event loop's clock): see WAKE_GAP
         self._wanted = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._transport: asyncio.DatagramTransport | None = None
+        self._socket: socket.socket | None = None  # public/pickup, read by the event loop
         self._closing = False
         self._stopping = asyncio.Event()
         self._scans = Guard("pickup: maildrop scan", clock, logger)
@@ -215,9 +220,10 @@ class Pickup:
     async def stop(self, grace: float = 10.0) -> None:
         """Stop listening; let the file being handed over finish (within `grace`), so that a commit is
         followed by its unlink; the rest waits in the maildrop for the next start."""
-        if self._transport:
-            self._transport.close()
-            self._transport = None
+        if self._socket:
+            asyncio.get_running_loop().remove_reader(self._socket.fileno())
+            self._socket.close()
+            self._socket = None
             self.socket_path.unlink(missing_ok=True)
         if self._task:
             self._closing = True
@@ -259,15 +265,30 @@ class Pickup:
         self.socket_path.unlink(missing_ok=True)  # left by a server that did not stop cleanly
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
-            sock.bind(str(self.socket_path))  # (bound here: not every event loop binds AF_UNIX datagram sockets)
+            sock.bind(str(self.socket_path))
             sock.setblocking(False)
-            self._transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-                lambda: _WakeProtocol(self.wake), sock=sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # (each datagram then names its sender)
             os.chmod(self.socket_path, SOCKET_MODE)
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._read_wake_ups, sock)
+            self._socket = sock
         except OSError as e:
             sock.close()
             logger.warning("pickup: cannot listen on %s (%s): sendmail cannot wake it; scanning every %gs",
                            self.socket_path, e, self._interval)
+
+    def _read_wake_ups(self, sock: socket.socket) -> None:
+        """Every datagram waiting: a wake-up. REQUEUED ("look at the store too") counts only from root or this
+        process's user, the only ones who can requeue mail (queue.db is theirs alone); from anyone else it is a
+        plain wake-up, which costs no query of the store."""
+        while True:
+            try:
+                data, ancillary, _, _ = sock.recvmsg(16, socket.CMSG_SPACE(UCRED.size))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                logger.warning("pickup: %s: %s", self.socket_path, e)
+                return
+            self.wake(requeued=data == REQUEUED and _sender_uid(ancillary) in (0, os.geteuid()))
 
     async def _run(self) -> None:
         while not self._closing:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from mailflow.maildrop import MaildropMessage, maildrop_names, write_maildrop
+from mailflow.maildrop import REQUEUED, MaildropMessage, maildrop_names, wake_pickup, write_maildrop
 from tests.support import eventually, maildir_messages, rcpt_reply
 from tests.support.tools import require_tool
 
@@ -360,3 +360,36 @@ async def test_a_stream_of_wake_ups_from_any_user_costs_a_bounded_number_of_scan
     rc, _, err = await as_nobody(sys.executable, "-c", code)
     assert rc == 0, err
     assert 3 <= len(scans) <= 13, len(scans)  # woken all along; ~10 at 0.1 s apart (thousands without the gap)
+
+
+async def test_a_requeued_wake_up_counts_only_from_root_or_the_server(mailflow_server, other_user, monkeypatch):
+    """"R" ("look at the store's requeued mail too") made every scan query the store, whoever sent it; only root
+    and the server's user can requeue mail. Another user's "R" is a plain wake-up (SO_PASSCRED names them)."""
+    mf = await mailflow_server(**other_user.settings())
+    await asyncio.sleep(0.2)  # (the start's scan queried the store)
+    queries = []
+    store = mf.pickup._store
+    requeued_messages = store.requeued_messages
+
+    async def counted(**kwargs):
+        queries.append(kwargs)
+        return await requeued_messages(**kwargs)
+
+    monkeypatch.setattr(store, "requeued_messages", counted)
+    scans = []
+    scan = mf.pickup.scan
+
+    async def counted_scan() -> int:
+        scans.append(1)
+        return await scan()
+
+    monkeypatch.setattr(mf.pickup, "scan", counted_scan)
+    code = ("import socket, time\ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\nfor _ in range(3):\n"
+            f"    s.sendto(b'R', {str(other_user.queue / 'public' / 'pickup')!r}); time.sleep(0.15)\n")
+    rc, _, err = await as_nobody(sys.executable, "-c", code)
+    assert rc == 0, err
+    await eventually(lambda: len(scans) >= 2, timeout=5)  # woken all the same
+    await asyncio.sleep(0.2)
+    assert queries == []
+    assert wake_pickup(other_user.queue / "public" / "pickup", REQUEUED)  # root's (the queue tools')
+    await eventually(lambda: queries, timeout=5)
