@@ -5,9 +5,9 @@ another mode: any local user may leave a file there, docs/operations.md "Local s
 `<queue_directory>/corrupt/` and the wake-up socket `<queue_directory>/public/pickup` (a UNIX datagram socket,
 mode 0666 in a 0755 directory, whatever the umask; any datagram means "look now", like Postfix's public/pickup
 FIFO; mailflow.maildrop.REQUEUED, "the store's requeued mail too", only from root or the server's user, as the
-kernel names the sender: SO_PASSCRED). It scans the maildrop when it starts, on every wake-up (not sooner than WAKE_GAP after the end of the last
-scan: any local user may send wake-ups, a stream of them costs one scan per gap), and at least every
-`pickup_interval`. For each file, oldest first:
+kernel names the sender: SO_PASSCRED). It scans the maildrop when it starts, on every wake-up (not sooner than
+WAKE_GAP after the end of the last scan: any local user may send wake-ups, a stream of them costs one scan per
+gap), and at least every `pickup_interval`. For each file, oldest first:
 
 - it opens the file once (`mailflow.maildrop.open_maildrop`: never a symbolic link, FIFO or file with a second
   link) and validates its envelope, and reads the content from that open file only; a corrupt entry, or one whose
