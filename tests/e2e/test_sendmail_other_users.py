@@ -366,7 +366,8 @@ async def test_a_requeued_wake_up_counts_only_from_root_or_the_server(mailflow_s
     """"R" ("look at the store's requeued mail too") made every scan query the store, whoever sent it; only root
     and the server's user can requeue mail. Another user's "R" is a plain wake-up (SO_PASSCRED names them)."""
     mf = await mailflow_server(**other_user.settings())
-    await asyncio.sleep(0.2)  # (the start's scan queried the store)
+    await eventually(lambda: not mf.pickup._store_due, timeout=5)  # (the start's scan queried the store)
+    await asyncio.sleep(0.1)
     queries = []
     store = mf.pickup._store
     requeued_messages = store.requeued_messages
