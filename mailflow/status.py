@@ -690,8 +690,15 @@ def sender_login_mismatch(sender: str, login: str | None) -> Reply:
 XCLIENT_DENIED = Reply(550, "5.7.0", "Error: insufficient authorization")
 XCLIENT_SYNTAX = Reply(501, "5.5.4", "Syntax: XCLIENT attribute=value...")
 XCLIENT_IN_TRANSACTION = TRANSACTION_IN_PROGRESS
+XCLIENT_VALUE_EXPECTED = Reply(501, "5.5.4", "Error: attribute=value expected")  # no "=", or nothing after it
+XCLIENT_VALUE_TOO_LONG = Reply(501, "5.5.4", "Error: attribute value too long")  # more than 255 octets as sent
 
 
-def xclient_bad(kind: str, word: str) -> Reply:
-    """`kind`: "name" or "value"; `word` is the offending attribute=value (cut short)."""
-    return Reply(501, "5.5.4", f"Bad XCLIENT attribute {kind}: {word[:100]}")
+def xclient_bad_name(name: str) -> Reply:
+    """An attribute XCLIENT does not know, named as the client wrote it (Postfix's xclient_cmd)."""
+    return Reply(501, "5.5.4", f"Bad XCLIENT attribute name: {name}")
+
+
+def xclient_bad_syntax(attribute: str, value: str) -> Reply:
+    """A value the syntax of `attribute` (NAME, ADDR, PORT, PROTO, HELO) refuses, in Postfix's words."""
+    return Reply(501, "5.5.4", f"Bad {attribute} syntax: {value}")

@@ -234,11 +234,11 @@ async def test_xclient_from_an_authorized_host_replaces_the_client(mailflow_serv
 
 @pytest.mark.parametrize("line, reply", [
     ("XCLIENT", status.XCLIENT_SYNTAX),
-    ("XCLIENT FOO=bar", status.xclient_bad("name", "FOO=bar")),
-    ("XCLIENT ADDR", status.xclient_bad("name", "ADDR")),
-    ("XCLIENT ADDR=192.0.2.999", status.xclient_bad("value", "ADDR=192.0.2.999")),
-    ("XCLIENT PROTO=LMTP", status.xclient_bad("value", "PROTO=LMTP")),
-    ("XCLIENT HELO=a+2", status.xclient_bad("value", "HELO=a+2")),
+    ("XCLIENT FOO=bar", status.xclient_bad_name("FOO")),
+    ("XCLIENT ADDR", status.XCLIENT_VALUE_EXPECTED),
+    ("XCLIENT ADDR=192.0.2.999", status.xclient_bad_syntax("ADDR", "192.0.2.999")),
+    ("XCLIENT PROTO=LMTP", status.xclient_bad_syntax("PROTO", "LMTP")),
+    ("XCLIENT NAME=a+2", status.xclient_bad_syntax("NAME", "a+2")),  # (not xtext: taken as sent)
 ])
 async def test_xclient_bad_attributes_get_501(mailflow_server, line, reply):
     mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "authorized_xclient_hosts": ["127.0.0.1/32"]})

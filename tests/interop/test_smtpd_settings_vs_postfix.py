@@ -553,3 +553,24 @@ async def test_xclient_name_is_checked_as_postfix_s_valid_hostname_checks_it(mai
     port = await start_mailflow(mailflow_server, authorized_xclient_hosts=["127.0.0.0/8"])
     assert await xclient_name_codes(port) == postfix
     assert postfix == {"1.2.3.4": 501, "a_b.test": 220, "9.example.test": 220, "bad-.test": 501}
+
+
+XCLIENT_ATTRIBUTE_LINES = [
+    "XCLIENT NAME=bad-.test", "XCLIENT NAME=a+01b.test", "XCLIENT ADDR=192.0.2.999", "XCLIENT ADDR=IPV6:zz",
+    "XCLIENT PORT=x1", "XCLIENT PROTO=LMTP", "XCLIENT FOO=bar", "XCLIENT foo=bar", "XCLIENT ADDR", "XCLIENT ADDR=",
+    "XCLIENT FOO=", "XCLIENT HELO=" + "h" * 256, "XCLIENT NAME=ok.test FOO=bar", "XCLIENT HELO=a+2",
+    "XCLIENT HELO=a+01b", "XCLIENT NAME=[unavailable] ADDR=[Unavailable]", "XCLIENT proto=esmtp"]
+
+
+async def test_xclient_attribute_errors_are_worded_as_postfix_s(mailflow_server):
+    """smtpd.c xclient_cmd, word by word: `Error: attribute=value expected` (no value), `Error: attribute value too
+    long` (over 255 octets), the value xtext-decoded (taken as sent when it is not xtext) and masked, then `Bad
+    XCLIENT attribute name: FOO` (the name only), then `Bad NAME syntax: value` per attribute. mailflow said
+    `Bad XCLIENT attribute value: NAME=...` for all of them, and refused a value that was not xtext."""
+    sessions = {line: ["HELO c.test", line] for line in XCLIENT_ATTRIBUTE_LINES}  # (EHLO: 3.7 offers more)
+    async with postfix_instance({**POSTFIX_BASE, "smtpd_authorized_xclient_hosts": "127.0.0.0/8"}) as pf:
+        postfix = await replay(pf.port, sessions)
+    port = await start_mailflow(mailflow_server, authorized_xclient_hosts=["127.0.0.0/8"])
+    greeting_by_code = lambda text: "220" if text.startswith("220 ") else text  # noqa: E731 (the banners differ)
+    assert differences(sessions, postfix, await replay(port, sessions), greeting_by_code) == {}
+    assert postfix["XCLIENT NAME=bad-.test"][1] == "501 5.5.4 Bad NAME syntax: bad-.test"

@@ -195,49 +195,60 @@ class XclientError(Exception):
 
 
 def parse_xclient(arg: str | None) -> dict[str, str | None]:
-    """{attribute: value} from `NAME=... ADDR=...` (xtext-decoded and checked); None for [UNAVAILABLE]; NAME's
-    [TEMPUNAVAIL] is kept (a temporary name status, as Postfix's SMTPD_PEER_CODE_TEMP). ADDR is normalised
-    ("IPV6:" prefix removed); PROTO is upper case."""
+    """{attribute: value} from `NAME=... ADDR=...`, checked word by word as Postfix's xclient_cmd checks them: a
+    value (at most 255 octets), xtext-decoded (a value that is not xtext is taken as written, Postfix's backwards
+    compatibility), characters that are not printable ASCII masked as "?", a known attribute, then its syntax.
+    None for [UNAVAILABLE] (any case); NAME's [TEMPUNAVAIL] is kept (a temporary name status, as Postfix's
+    SMTPD_PEER_CODE_TEMP). ADDR is normalised ("IPV6:" prefix removed); PROTO is upper case."""
     if not arg or not arg.strip():
         raise XclientError(status.XCLIENT_SYNTAX)
     found: dict[str, str | None] = {}
     for word in arg.split():
-        name, equals, raw = word.partition("=")
-        name = ascii_upper(name)
-        if not equals or name not in XCLIENT_ATTRIBUTES:
-            raise XclientError(status.xclient_bad("name", word))
-        value = _xtext_decode(raw, word)
-        found[name] = _checked(name, value, word)
+        name, _, raw = word.partition("=")
+        if not raw:
+            raise XclientError(status.XCLIENT_VALUE_EXPECTED)
+        if len(raw.encode()) > 255:
+            raise XclientError(status.XCLIENT_VALUE_TOO_LONG)
+        value = _masked(_xtext_decoded(raw))
+        if ascii_upper(name) not in XCLIENT_ATTRIBUTES:
+            raise XclientError(status.xclient_bad_name(name))
+        found[ascii_upper(name)] = _checked(ascii_upper(name), value)
     return found
 
 
-def _xtext_decode(raw: str, word: str) -> str:
-    """RFC 3461 xtext: "+XX" is the byte XX; other characters are printable ASCII other than "+" and "="."""
+def _xtext_decoded(raw: str) -> str:
+    """RFC 3461 xtext: "+XX" is the byte XX; `raw` itself when it is not xtext (Postfix's xtext_unquote fails on
+    a "+" without two upper-case hex digits, and on characters outside "!".."~" or "=")."""
     out, i = [], 0
     while i < len(raw):
         char = raw[i]
         if char == "+":
             hexa = raw[i + 1:i + 3]
             if len(hexa) != 2 or not re.fullmatch(r"[0-9A-F]{2}", hexa):
-                raise XclientError(status.xclient_bad("value", word))
+                return raw
             out.append(chr(int(hexa, 16)))
             i += 3
             continue
         if not ("!" <= char <= "~") or char == "=":
-            raise XclientError(status.xclient_bad("value", word))
+            return raw
         out.append(char)
         i += 1
     return "".join(out)
 
 
-def _checked(name: str, value: str, word: str) -> str | None:
-    if value == UNAVAILABLE:
+def _masked(value: str) -> str:
+    """Postfix's printable(value, '?'): what is not printable ASCII becomes "?"."""
+    return "".join(c if " " <= c <= "~" else "?" for c in value)
+
+
+def _checked(name: str, value: str) -> str | None:
+    """The value of attribute `name` as the session takes it; XclientError `Bad NAME syntax: value` (Postfix's
+    words, the value as masked) when the attribute's syntax refuses it."""
+    if ascii_upper(value) == UNAVAILABLE:
         return None
-    if name == "NAME" and value == TEMPUNAVAIL:
+    if name == "NAME" and ascii_upper(value) == TEMPUNAVAIL:
         return TEMPUNAVAIL
-    bad = XclientError(status.xclient_bad("value", word))
-    if not value or not all("!" <= c <= "~" for c in value):
-        raise bad
+    bad = XclientError(status.xclient_bad_syntax(name, value))
     if name == "NAME":
         if hostname_gripe(value) is not None:  # (Postfix's valid_hostname: a numeric name too)
             raise bad
@@ -259,7 +270,7 @@ def _checked(name: str, value: str, word: str) -> str | None:
         if ascii_upper(value) not in ("SMTP", "ESMTP"):
             raise bad
         return ascii_upper(value)
-    if len(value) > 255:  # HELO, LOGIN
+    if name == "HELO" and len(value) > 255:
         raise bad
     return value
 
