@@ -260,7 +260,7 @@ async def test_xclient_from_others_is_refused_and_not_offered(mailflow_server):
 
 def test_parse_xclient_values():
     assert parse_xclient("NAME=Mail.Example.COM ADDR=192.0.2.1 PORT=25 PROTO=esmtp HELO=x+2By LOGIN=bob") == {
-        "NAME": "mail.example.com", "ADDR": "192.0.2.1", "PORT": "25", "PROTO": "ESMTP", "HELO": "x+y",
+        "NAME": "Mail.Example.COM", "ADDR": "192.0.2.1", "PORT": "25", "PROTO": "ESMTP", "HELO": "x+y",
         "LOGIN": "bob"}
     assert parse_xclient("NAME=[TEMPUNAVAIL] ADDR=[UNAVAILABLE]") == {"NAME": "[TEMPUNAVAIL]", "ADDR": None}
     with pytest.raises(XclientError):

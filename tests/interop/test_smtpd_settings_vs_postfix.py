@@ -574,3 +574,39 @@ async def test_xclient_attribute_errors_are_worded_as_postfix_s(mailflow_server)
     greeting_by_code = lambda text: "220" if text.startswith("220 ") else text  # noqa: E731 (the banners differ)
     assert differences(sessions, postfix, await replay(port, sessions), greeting_by_code) == {}
     assert postfix["XCLIENT NAME=bad-.test"][1] == "501 5.5.4 Bad NAME syntax: bad-.test"
+
+
+XCLIENT_NAMED = {  # (a session each: once it names a client outside 127.0.0.0/8, XCLIENT is no longer allowed)
+    "refused": ["HELO c.test", "XCLIENT NAME=MiXeD.Test ADDR=192.0.2.9", "HELO c.test", M, "RCPT TO:<x@relay.test>"],
+    "queued": ["HELO c.test", "XCLIENT NAME=Other.Test ADDR=192.0.2.9", "HELO c.test", M, "RCPT TO:<x@relay.test>",
+               "DATA", "Subject: named\r\n\r\nhi\r\n.", "QUIT"]}
+
+
+def client_lines(lines) -> list[str]:
+    return re.findall(r"\bclient=([^,\s]+)", "\n".join(line for line in lines if ": client=" in line))
+
+
+async def test_the_xclient_name_is_kept_as_given_as_postfix_keeps_it(mailflow_server, smtp_peer, caplog):
+    """smtpd.c xclient_cmd keeps NAME's case: replies, the `client=` log line and the Received header name the
+    client as the front end wrote it; check_client_access still finds it (table lookups fold the key themselves).
+    mailflow lower-cased it."""
+    caplog.set_level(logging.INFO, logger="mailflow")
+    restrictions = "check_client_access inline:{mixed.test=REJECT}"
+    async with postfix_instance({**POSTFIX_BASE, "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
+                                 "smtpd_client_restrictions": restrictions}) as pf:
+        postfix = await replay(pf.port, XCLIENT_NAMED)
+        [queue_id] = await eventually(lambda: re.findall(r"([0-9A-F]+): client=", pf.maillog), timeout=10)
+        postfix_client = client_lines(pf.maillog.splitlines())
+        postfix_received = received(pf.run("postcat", "-hq", queue_id).stdout.decode())
+    peer = await smtp_peer()
+    mf = await mailflow_server(mydestination=["local.test"], relayhost=f"[127.0.0.1]:{peer.port}",
+                               relay_domains=["relay.test"], smtpd={"authorized_xclient_hosts": ["127.0.0.0/8"],
+                                                                    "client_restrictions": [restrictions]})
+    greeting_by_code = lambda text: "220" if text.startswith("220 ") else text  # noqa: E731 (the banners differ)
+    mailflow = await replay(mf.smtp_addresses[0][1], XCLIENT_NAMED)
+    assert differences(XCLIENT_NAMED, postfix, mailflow, greeting_by_code) == {}
+    assert postfix["refused"][4] == "554 5.7.1 <MiXeD.Test[192.0.2.9]>: Client host rejected: Access denied"
+    [message] = await eventually(lambda: peer.messages)
+    assert received(message.content.decode()) == postfix_received
+    assert postfix_received.startswith("Received: from c.test (Other.Test [192.0.2.9])")
+    assert client_lines(r.getMessage() for r in caplog.records) == postfix_client == ["Other.Test[192.0.2.9]"]

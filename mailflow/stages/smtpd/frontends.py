@@ -252,7 +252,7 @@ def _checked(name: str, value: str) -> str | None:
     if name == "NAME":
         if hostname_gripe(value) is not None:  # (Postfix's valid_hostname: a numeric name too)
             raise bad
-        return value.lower()
+        return value  # as written, as Postfix keeps it (its table lookups fold the case of the key themselves)
     if name == "ADDR":
         text = value[5:] if ascii_upper(value).startswith("IPV6:") else value
         try:
