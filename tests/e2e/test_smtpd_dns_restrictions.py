@@ -469,6 +469,39 @@ async def test_an_xclient_name_the_front_ends_dns_could_not_tell_is_450_whatever
             await client.close()
 
 
+LISTED_UNKNOWN = ZONE + """
+unknown.rhsbl.test.     300 IN A     127.0.0.2
+unknown.rhswl.test.     300 IN A     127.0.0.2
+unknown.                300 IN A     192.0.2.1
+"""
+
+
+async def test_an_xclient_name_unknown_is_a_name_the_dns_checks_skip_as_postfix_does(mailflow_server, dns_zone):
+    """XCLIENT NAME=unknown is a name to Postfix (xclient_cmd's name_code: its status OK), so
+    reject_unknown_client_hostname passes it; smtpd_check.c skips a name "unknown" for the RHS lists and the server
+    access checks (strcasecmp(state->name, "unknown")), so no list or table is asked about it. mailflow took it for
+    no name."""
+    asked: list[tuple[str, str]] = []
+    port = await dns_checked(mailflow_server, dns_zone(LISTED_UNKNOWN, asked=asked), smtpd={
+        "authorized_xclient_hosts": ["127.0.0.0/8"], "client_restrictions": [
+            "reject_unknown_client_hostname", "reject_unknown_reverse_client_hostname",
+            "reject_rhsbl_client rhsbl.test", "reject_rhsbl_reverse_client rhsbl.test",
+            "check_client_a_access inline:{192.0.2.1=REJECT}",
+            "check_reverse_client_hostname_a_access inline:{192.0.2.1=REJECT}", "permit_rhswl_client rhswl.test",
+            "check_client_access inline:{ { unknown = REJECT named unknown } }"]})
+    client = await SmtpClient.connect(port)
+    try:
+        assert (await client.cmd("EHLO front.test")).code == 250
+        assert (await client.cmd("XCLIENT ADDR=192.0.2.77 NAME=unknown")).code == 220
+        assert (await client.cmd("EHLO client.test")).code == 250
+        assert (await client.cmd("MAIL FROM:<s@remote.test>")).code == 250
+        assert await client.cmd("RCPT TO:<alice@local.test>") == \
+            (554, "554 5.7.1 <unknown[192.0.2.77]>: Client host rejected: named unknown")
+    finally:
+        await client.close()
+    assert not [q for q in asked if q[0].lower().startswith("unknown")], asked
+
+
 async def test_a_failing_rhs_allowlist_lookup_turns_a_refusal_into_a_deferral(mailflow_server, dns_zone):
     # Postfix's permit_dnswl_domain: DEFER_IF_REJECT2 450 4.7.1 <name>: Client host rejected: Service unavailable
     port = await start(mailflow_server, dns_zone, client_restrictions=["permit_rhswl_client wl-broken.test", "reject"])

@@ -610,3 +610,31 @@ async def test_the_xclient_name_is_kept_as_given_as_postfix_keeps_it(mailflow_se
     assert received(message.content.decode()) == postfix_received
     assert postfix_received.startswith("Received: from c.test (Other.Test [192.0.2.9])")
     assert client_lines(r.getMessage() for r in caplog.records) == postfix_client == ["Other.Test[192.0.2.9]"]
+
+
+async def name_check_replies(port: int, names: tuple[str, ...]) -> dict[str, str]:
+    """Per XCLIENT NAME, RCPT's reply under the client name checks."""
+    replies = {}
+    for name in names:
+        replies[name] = (await dialogue(port, ["HELO c.test", f"XCLIENT NAME={name} ADDR=192.0.2.9", "HELO c.test",
+                                               M, "RCPT TO:<x@relay.test>"]))[-1]
+    return replies
+
+
+@pytest.mark.parametrize("check, names", [
+    ("reject_unknown_client_hostname", ("unknown", "UnKnown", "[UNAVAILABLE]", "[unavailable]", "given.test")),
+    # (not [UNAVAILABLE] here: Postfix then keeps the reverse name of the connection, the front end's; mailflow
+    # has none)
+    ("reject_unknown_reverse_client_hostname", ("unknown", "UnKnown", "given.test"))])
+async def test_a_literal_xclient_name_unknown_is_a_name_as_postfix_takes_it(mailflow_server, check, names):
+    """smtpd.c xclient_cmd's name_code maps only [UNAVAILABLE] and [TEMPUNAVAIL] (any case) to a failed name
+    status: NAME=unknown is a name whose status is OK, which reject_unknown_client_hostname and
+    reject_unknown_reverse_client_hostname (smtpd_check.c: they look at the status) pass. mailflow took it for no
+    name and refused it."""
+    async with postfix_instance({**POSTFIX_BASE, "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
+                                 "smtpd_client_restrictions": check}) as pf:
+        postfix = await name_check_replies(pf.port, names)
+    port = await start_mailflow(mailflow_server, authorized_xclient_hosts=["127.0.0.0/8"], client_restrictions=[check])
+    assert await name_check_replies(port, names) == postfix
+    assert postfix["unknown"] == postfix["UnKnown"] == postfix["given.test"] == "250 2.1.5 Ok"
+    assert postfix.get("[unavailable]", postfix["unknown"]).startswith(("250 ", "450 4.7.25 Client host rejected"))

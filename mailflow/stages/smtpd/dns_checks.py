@@ -66,6 +66,9 @@ FOUND, UNKNOWN, NULL_MX, MALFORMED, RETRY = "found", "unknown", "null MX", "malf
 # A host name's verdict from the worst status its lookups met (DNS_FAIL ranks over DNS_NULLMX: then not found).
 HOST_VERDICTS = {DNS_RETRY: RETRY, DNS_INVAL: MALFORMED, DNS_FAIL: UNKNOWN, DNS_NULLMX: FOUND}
 TEMPUNAVAIL = "[TEMPUNAVAIL]"  # XCLIENT NAME's "the front end's DNS cannot tell now" (SMTPD_PEER_CODE_TEMP)
+# A given name that is none (SMTPD_PEER_CODE_PERM): XCLIENT NAME's [UNAVAILABLE], or peername_lookup = no. Not
+# "unknown": XCLIENT NAME=unknown is a name (its status OK), as Postfix's xclient_cmd takes it.
+UNAVAILABLE = "[UNAVAILABLE]"
 
 
 def rbl_query_name(client_addr: str, rbl_domain: str) -> str | None:
@@ -114,9 +117,9 @@ class DnsChecks:
 
     async def _rhsbl_subject(self, kind: str, facts: Facts) -> tuple[str | None, str]:
         if kind == "client":
-            return await self._verified_client_name(facts), "Client host"
+            return _named(await self._verified_client_name(facts)), "Client host"
         if kind == "reverse_client":
-            return await self.reverse_name(facts), "Unverified Client host"
+            return _named(await self.reverse_name(facts)), "Unverified Client host"
         if kind == "helo":
             return facts.helo, "Helo command"
         addr = facts.sender if kind == "sender" else facts.recipient
@@ -166,7 +169,7 @@ class DnsChecks:
             subject = facts.client_addr
             query = rbl_query_name(subject, list_domain)
         else:
-            subject = address.normalise_domain(await self._verified_client_name(facts) or "")
+            subject = address.normalise_domain(_named(await self._verified_client_name(facts)))
             query = f"{subject}.{list_domain}" if _rhs_name(subject) else None
         if query is None:
             return False
@@ -219,7 +222,7 @@ class DnsChecks:
 
     async def _verified_client_name(self, facts: Facts) -> str | None:
         """The client's name whose addresses include the client's address (Postfix's verified client name):
-        "" when there is none, None when DNS cannot tell now. The given name (XCLIENT NAME's, "unknown" under
+        "" when there is none, None when DNS cannot tell now. The given name (XCLIENT NAME's, UNAVAILABLE under
         peername_lookup = no) is, as Postfix's state->name."""
         if facts.given_name is not None:
             names = _given_names(facts.given_name)
@@ -404,13 +407,19 @@ def _peer_name(name: str) -> bool:
 
 
 def _given_names(given_name: str) -> list[str] | None:
-    """The client's names when they were given without the DNS (XCLIENT NAME's, or "unknown" under
-    peername_lookup = no): that name; none for `unknown`; None (the DNS cannot tell now) for [TEMPUNAVAIL].
-    Difference: a literal XCLIENT NAME=unknown is no name here; Postfix's name_code maps only [UNAVAILABLE] and
-    [TEMPUNAVAIL] to a failed status, so its reject_unknown_client_hostname passes a client so named."""
+    """The client's names when they were given without the DNS (XCLIENT NAME's, or UNAVAILABLE under
+    peername_lookup = no): that name; none for UNAVAILABLE; None (the DNS cannot tell now) for [TEMPUNAVAIL]. A
+    literal `unknown` is a name, as Postfix's name_code takes it (reject_unknown_client_hostname passes it; the
+    checks that ask the DNS about a name skip it: _named)."""
     if given_name == TEMPUNAVAIL:
         return None
-    return [] if given_name.lower() == "unknown" else [given_name]
+    return [] if given_name == UNAVAILABLE else [given_name]
+
+
+def _named(name: str | None) -> str:
+    """`name` for the checks that ask the DNS about the client's name (RHS lists, the server access checks); ""
+    for none and for `unknown`, which Postfix's smtpd_check.c skips there (strcasecmp(name, "unknown"))."""
+    return "" if not name or name.lower() == "unknown" else name
 
 
 def _rhs_name(name: str) -> bool:

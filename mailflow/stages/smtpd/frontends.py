@@ -47,7 +47,7 @@ from typing import Protocol
 from mailflow import status
 from mailflow.dns import hostname_gripe
 from mailflow.logs import printable
-from mailflow.stages.smtpd.dns_checks import TEMPUNAVAIL
+from mailflow.stages.smtpd.dns_checks import TEMPUNAVAIL, UNAVAILABLE
 from mailflow.stages.smtpd.protocol import ProtocolCore
 from mailflow.stages.smtpd.state import SessionState, helo_name
 from mailflow.syntax import ascii_upper
@@ -62,7 +62,6 @@ V2_TCP4, V2_TCP6 = 0x11, 0x21
 
 XCLIENT_ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "LOGIN")
 XCLIENT_KEYWORD = "XCLIENT NAME ADDR PORT PROTO HELO LOGIN"  # offered to authorized_xclient_hosts only
-UNAVAILABLE = "[UNAVAILABLE]"
 
 
 class ProxyError(Exception):
@@ -290,7 +289,7 @@ def apply_xclient(state: SessionState, attributes: dict[str, str | None]) -> Non
     state.peer = (addr, port)
     if "NAME" in attributes:  # (Postfix's state->name and reverse_name: the DNS checks take it for the client's)
         given = attributes["NAME"]
-        state.xclient_name = given or "unknown"  # ([TEMPUNAVAIL] stays: the name checks answer it 450)
+        state.xclient_name = given or UNAVAILABLE  # ([TEMPUNAVAIL] stays: the name checks answer it 450)
         state.client_name = "unknown" if given in (None, TEMPUNAVAIL) else given
     if "HELO" in attributes:
         state.host_name = helo_name(attributes["HELO"]) if attributes["HELO"] is not None else None

@@ -75,8 +75,9 @@ from mailflow.logs import printable
 from mailflow.model import Submission
 from mailflow.routing.addressmap import AddressMapper
 from mailflow.routing.rewrite import Rewriter, domain_in
+from mailflow.stages.smtpd.dns_checks import UNAVAILABLE
 from mailflow.stages.smtpd.filtering import FilterServices
-from mailflow.stages.smtpd.peername import UNKNOWN as UNKNOWN_CLIENT, PeerNames
+from mailflow.stages.smtpd.peername import PeerNames
 from mailflow.stages.smtpd.restrictions import Facts, Marks, Restrictions
 from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction, helo_name
 from mailflow.stages.verify import ProbeSender, Verifier
@@ -518,12 +519,12 @@ class SmtpdHandler:
     # -------------------------------------------------------------------------------- facts
 
     def _given_name(self, session: SessionState) -> str | None:
-        """The client's names as the restrictions take them without asking the DNS: XCLIENT NAME's; "unknown"
-        when peername_lookup is off (Postfix's smtpd_peer.c: name and reverse name "unknown", a permanent status);
-        None: the name checks ask the DNS."""
+        """The client's names as the restrictions take them without asking the DNS: XCLIENT NAME's; UNAVAILABLE (no
+        name) when peername_lookup is off (Postfix's smtpd_peer.c: name and reverse name "unknown", a permanent
+        status); None: the name checks ask the DNS."""
         if session.xclient_name is not None or self._peer_names is not None:
             return session.xclient_name
-        return UNKNOWN_CLIENT
+        return UNAVAILABLE
 
     def _facts(self, session: SessionState, envelope: Transaction, rcpt: str, stage: str = "rcpt",
                command: str = "") -> Facts:

@@ -175,8 +175,8 @@ class Facts:
     server_addr: str = ""  # the address and port of this server the client connected to
     server_port: int = 0
     client_name: str = "unknown"
-    # The client's name and PTR name given without the DNS (None: the DNS is asked): XCLIENT NAME's ("unknown": none,
-    # [TEMPUNAVAIL]: the DNS could not tell), or "unknown" under peername_lookup = no (Postfix's smtpd_peer.c)
+    # The client's name and PTR name given without the DNS (None: the DNS is asked): XCLIENT NAME's ([UNAVAILABLE]:
+    # none, [TEMPUNAVAIL]: the DNS could not tell), or [UNAVAILABLE] under peername_lookup = no (smtpd_peer.c)
     given_name: str | None = None
     helo: str = ""
     sender: str | None = None
@@ -977,7 +977,8 @@ class Restrictions:
                 else None
         if subject == "reverse_client":
             reverse = await self._dns.reverse_name(facts)
-            return (reverse, reverse, "Unverified Client host") if reverse else None
+            known = reverse and reverse.lower() != "unknown"  # (a given name may be it: Postfix skips it)
+            return (reverse, reverse, "Unverified Client host") if known else None
         value = {"helo": facts.helo, "sender": facts.sender, "recipient": facts.recipient}[subject]
         return (value, value, SUBJECT[subject]) if value else None
 

@@ -85,7 +85,7 @@ class SessionState(_AiosmtpdSession):
     auth_data: Any  # that login name (str) while authenticated, else None
     # (aiosmtpd's `loop`; its `proxy_data` stays None: frontends.py says why mailflow reads PROXY itself)
     client_name: str  # the client's host name for logs and checks: found at connect (peername.py), or XCLIENT NAME
-    xclient_name: str | None  # what XCLIENT NAME said ("unknown": no name; [TEMPUNAVAIL]): the client's DNS names
+    xclient_name: str | None  # what XCLIENT NAME said ([UNAVAILABLE]: no name; [TEMPUNAVAIL]): the client's DNS names
     proxied_by: str  # the load balancer's address when a PROXY header named the client, else ""
     auth_mechanism: str  # PLAIN, LOGIN or XCLIENT: the `sasl_method` of the log and of policy requests
     milters: Any  # the session's milter connections (filters.milter.MilterSession), made at its first event
