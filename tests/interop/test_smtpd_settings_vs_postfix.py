@@ -559,7 +559,8 @@ XCLIENT_ATTRIBUTE_LINES = [
     "XCLIENT NAME=bad-.test", "XCLIENT NAME=a+01b.test", "XCLIENT ADDR=192.0.2.999", "XCLIENT ADDR=IPV6:zz",
     "XCLIENT PORT=x1", "XCLIENT PROTO=LMTP", "XCLIENT FOO=bar", "XCLIENT foo=bar", "XCLIENT ADDR", "XCLIENT ADDR=",
     "XCLIENT FOO=", "XCLIENT HELO=" + "h" * 256, "XCLIENT NAME=ok.test FOO=bar", "XCLIENT HELO=a+2",
-    "XCLIENT HELO=a+01b", "XCLIENT NAME=[unavailable] ADDR=[Unavailable]", "XCLIENT proto=esmtp"]
+    "XCLIENT HELO=a+01b", "XCLIENT NAME=[unavailable] ADDR=[Unavailable]", "XCLIENT proto=esmtp",
+    "XCLIENT NAME=a+2db.test", "XCLIENT NAME=a=b.test"]
 
 
 async def test_xclient_attribute_errors_are_worded_as_postfix_s(mailflow_server):

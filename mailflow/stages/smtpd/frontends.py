@@ -195,8 +195,9 @@ class XclientError(Exception):
 
 def parse_xclient(arg: str | None) -> dict[str, str | None]:
     """{attribute: value} from `NAME=... ADDR=...`, checked word by word as Postfix's xclient_cmd checks them: a
-    value (at most 255 octets), xtext-decoded (a value that is not xtext is taken as written, Postfix's backwards
-    compatibility), characters that are not printable ASCII masked as "?", a known attribute, then its syntax.
+    value (at most 255 octets), xtext-decoded as Postfix decodes it (a value that is not xtext is taken as
+    written, Postfix's backwards compatibility), what is not printable ASCII masked as "?", a known attribute,
+    then its syntax.
     None for [UNAVAILABLE] (any case); NAME's [TEMPUNAVAIL] is kept (a temporary name status, as Postfix's
     SMTPD_PEER_CODE_TEMP). ADDR is normalised ("IPV6:" prefix removed); PROTO is upper case."""
     if not arg or not arg.strip():
@@ -216,21 +217,19 @@ def parse_xclient(arg: str | None) -> dict[str, str | None]:
 
 
 def _xtext_decoded(raw: str) -> str:
-    """RFC 3461 xtext: "+XX" is the byte XX; `raw` itself when it is not xtext (Postfix's xtext_unquote fails on
-    a "+" without two upper-case hex digits, and on characters outside "!".."~" or "=")."""
+    """xtext as Postfix's xtext_unquote reads it: "+XX" is the byte XX (hex digits in either case), any other
+    character is itself; `raw` itself when a "+" is not followed by two hex digits (xclient_cmd then takes the
+    value as sent)."""
     out, i = [], 0
     while i < len(raw):
-        char = raw[i]
-        if char == "+":
+        if raw[i] == "+":
             hexa = raw[i + 1:i + 3]
-            if len(hexa) != 2 or not re.fullmatch(r"[0-9A-F]{2}", hexa):
+            if not re.fullmatch(r"[0-9A-Fa-f]{2}", hexa):
                 return raw
             out.append(chr(int(hexa, 16)))
             i += 3
             continue
-        if not ("!" <= char <= "~") or char == "=":
-            return raw
-        out.append(char)
+        out.append(raw[i])
         i += 1
     return "".join(out)
 
