@@ -42,9 +42,10 @@ gap), and at least every `pickup_interval`. For each file, oldest first:
   unable to bounce it, leaves it in the maildrop;
 - a temporary failure (a table that cannot answer, a full write backlog, anything unexpected) leaves the file
   where it is, logged; it is tried again at the next scan. Other files are not held up.
-- a fault of the queue itself (the store locked, the disk full: `store_fault`) ends the scan: the files stay,
-  and the scans back off (0.5 s doubling to 10 s; wake-ups do not cut the wait short), logged once a minute
-  with a count (`faults.Guard`), until a scan gets through.
+- a fault of the queue itself (the store locked, the disk full, a spool it may not write: `store_fault`; never
+  the file's own, whoever its owner) ends the scan: the files stay, as Postfix's pickup keeps a file its cleanup
+  could not write, and the scans back off (0.5 s doubling to 10 s; wake-ups do not cut the wait short), logged
+  once a minute with a count (`faults.Guard`), until a scan gets through.
 A scan then copies the messages an operator requeued (`mailflow queue requeue`: the store's maildrop queue,
 mailflow/store/requeue.py), as Postfix's pickup copies the queue files postsuper -r moved into maildrop/: at the
 start, on the tools' wake-up (`mailflow.maildrop.REQUEUED`) and at each periodic scan (a sendmail's wake-up does
@@ -82,7 +83,7 @@ import stat
 import struct
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from mailflow.clock import Clock
 from mailflow.config import DEFAULTS, Config
@@ -108,6 +109,23 @@ SOCKET_MODE = 0o666
 REQUEUE_PAGE = 100  # requeued messages read per query
 REQUEUE_RECHECK = 1.0  # seconds between scans while requeued mail waits for the end of its attempt
 WAKE_GAP = 0.1  # seconds at least from the end of a scan to a scan a wake-up asks for (any user may send them)
+
+
+class UnreadableMaildrop(Exception):
+    """A maildrop file's content could not be read (`error`, from the file itself, never from the queue's spool)."""
+
+    def __init__(self, error: OSError):
+        super().__init__(str(error))
+        self.error = error
+
+
+async def _read_chunk(chunks: Iterator[bytes]) -> bytes | None:
+    """The next chunk of a maildrop file's content (None at its end), read on a thread; UnreadableMaildrop when
+    reading fails."""
+    try:
+        return await asyncio.to_thread(next, chunks, None)
+    except OSError as e:
+        raise UnreadableMaildrop(e) from e
 
 
 class SubmitRefused(Exception):
@@ -458,8 +476,10 @@ class Pickup:
         try:
             try:
                 content = await self._copy_in(opened, spool)
-            except (CorruptMaildrop, OSError) as e:
+            except CorruptMaildrop as e:
                 return self._unreadable(name, e)
+            except UnreadableMaildrop as e:
+                return self._unreadable(name, e.error)
             try:
                 submission, hold = await self._filtered(name, self._submission(message, content))
                 if submission is None:
@@ -504,9 +524,11 @@ class Pickup:
     @staticmethod
     async def _copy_in(opened: MaildropFile, spool) -> Content:
         """The file's content, streamed into `spool` from the file opened (never by its name again). Raises
-        CorruptMaildrop when it is not the size its envelope says, OSError when it cannot be read or spooled."""
+        CorruptMaildrop when it is not the size its envelope says, UnreadableMaildrop when the file cannot be read;
+        an error of the spool (the queue's side: its directory's permissions, a full disk) as it is, which ends
+        the scan and leaves every file where it is (a store fault: see the module doc)."""
         chunks = opened.chunks()
-        while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+        while (chunk := await _read_chunk(chunks)) is not None:
             spool.append(chunk)
             await spool.drain()
         if spool.failure is not None:

@@ -9,6 +9,7 @@ directory of /tmp others may traverse, as a queue directory must be for local us
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import pwd
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from mailflow.content import Spool
 from mailflow.maildrop import REQUEUED, MaildropMessage, maildrop_names, wake_pickup, write_maildrop
 from tests.support import eventually, maildir_messages, rcpt_reply
 from tests.support.tools import require_tool
@@ -237,6 +239,33 @@ async def test_a_file_claiming_another_uid_is_never_mail(mailflow_server, write_
     assert not (other_user.queue / "maildrop" / name).exists() and os.listdir(other_user.queue / "corrupt") == []
     await asyncio.sleep(0.3)
     assert inbox(tmp_path, "alice") == []
+
+
+async def test_a_spool_the_queue_may_not_write_keeps_another_users_mail_until_it_can(mailflow_server, other_user,
+                                                                                      tmp_path, caplog, monkeypatch):
+    """The queue's own spool failing with EACCES (its directory's permissions) was taken for the user's file being
+    unreadable: a well-formed file sendmail had accepted was removed as "corrupt". Postfix's pickup keeps a file
+    its cleanup could not write; so does mailflow now, and takes it once the spool works again."""
+    mf = await mailflow_server(**other_user.settings())
+    cleanup = mf.pickup._cleanup
+    new_spool = cleanup.new_spool
+
+    def unwritable_spool(max_size=None):
+        spool = Spool(other_user.queue, max_size=max_size, memory_limit=0)  # (a file at once)
+
+        def denied() -> None:
+            raise PermissionError(errno.EACCES, "Permission denied", str(other_user.queue / "content"))
+        spool._open = denied
+        return spool
+
+    monkeypatch.setattr(cleanup, "new_spool", unwritable_spool)
+    name = await write_directly(mf)
+    await eventually(lambda: logged(caplog, "Permission denied"), timeout=5)
+    await asyncio.sleep(0.3)
+    assert maildrop_names(other_user.queue / "maildrop") == [name] and not logged(caplog, "corrupt")
+    monkeypatch.setattr(cleanup, "new_spool", new_spool)
+    await eventually(lambda: inbox(tmp_path, "alice"), timeout=15)  # (at the end of the scans' backoff)
+    assert maildrop_names(other_user.queue / "maildrop") == []
 
 
 async def test_links_and_fifos_planted_by_a_user_are_never_read_and_do_not_stop_pickup(
