@@ -7,7 +7,8 @@ mode 0666 in a 0755 directory, whatever the umask; any datagram means "look now"
 FIFO; mailflow.maildrop.REQUEUED, "the store's requeued mail too", only from root or the server's user, as the
 kernel names the sender: SO_PASSCRED). It scans the maildrop when it starts, on every wake-up (not sooner than
 WAKE_GAP after the end of the last scan: any local user may send wake-ups, a stream of them costs one scan per
-gap), and at least every `pickup_interval`. For each file, oldest first:
+gap), and at least every `pickup_interval` (a periodic scan, due however many wake-up scans came meanwhile). For
+each file, oldest first:
 
 - it opens the file once (`mailflow.maildrop.open_maildrop`: never a symbolic link, FIFO or file with a second
   link) and validates its envelope, and reads the content from that open file only; a corrupt entry, or one whose
@@ -309,17 +310,23 @@ class Pickup:
             self.wake(requeued=data == REQUEUED and _sender_uid(ancillary) in (0, os.geteuid()))
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        periodic_at = loop.time() + self._interval  # (the start's scan looks at everything)
         while not self._closing:
             # after a failed scan, wait out the backoff: only stop() cuts it short, not a wake-up
-            event, timeout = self._wanted, self._interval
+            event, timeout = self._wanted, max(0.0, min(periodic_at, loop.time() + self._interval) - loop.time())
             if self._requeues_waiting:  # (every scan looks again, however it was woken)
                 timeout, self._store_due = min(timeout, REQUEUE_RECHECK), True
             if self._scans.backing_off:
                 event, timeout = self._stopping, max(0.0, self._scans.resume_at - self._clock.time())
-            if await self._woken(event, timeout):
-                await self._pause(self._last_scan + WAKE_GAP - asyncio.get_running_loop().time())
-            else:
-                self._store_due = self._periodic = True  # a periodic scan (or a backoff's end) looks at everything
+            woken = await self._woken(event, timeout)
+            if woken:
+                await self._pause(self._last_scan + WAKE_GAP - loop.time())
+            # a periodic scan (or a backoff's end) looks at everything; it is due every interval, however many
+            # wake-up scans came meanwhile (they never put it off: any user may send wake-ups)
+            if not woken or loop.time() >= periodic_at:
+                self._store_due = self._periodic = True
+                periodic_at = loop.time() + self._interval
             self._wanted.clear()  # (the wake-ups of the pause are this scan's)
             if self._closing:
                 return

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mailflow.maildrop import maildrop_names, read_maildrop
+from mailflow.maildrop import maildrop_names, read_maildrop, wake_pickup
 from mailflow.sendmail import LINE_PIECE
 from tests.support import big_message, eventually, maildir_messages, queue_becomes
 
@@ -648,6 +648,25 @@ async def test_under_soft_bounce_a_refused_message_stays_in_the_maildrop_unretur
     for _ in range(3):  # wake-up scans (a sendmail each) pass a kept file by: no work, no log line each
         await mf.pickup.scan()
     assert caplog.text.count("not returned to <") == 1
+
+
+async def test_a_kept_file_is_tried_every_pickup_interval_however_many_wake_ups_come(mailflow_server, cfg,
+                                                                                      tmp_path, caplog):
+    """Only a scan that no wake-up came before was periodic: a sendmail (any user's) every interval or more often
+    put the periodic scan off for good, and a file kept for the periodic scans (soft_bounce here; one that could
+    not be read) was never tried again. The periodic scan is due every pickup_interval whatever the wake-ups."""
+    settings = {"soft_bounce": True, "hopcount_limit": 1, "sendmail": {"pickup_interval": 1}}
+    config = cfg(**settings)
+    mf = await mailflow_server(**settings)
+    rc, _, err = await run(config, "bob@local.test", stdin=b"Received: from a\nReceived: from b\nSubject: loop\n\nx\n")
+    assert rc == 0, err
+    await eventually(lambda: "not returned to <" in caplog.text, timeout=5)
+    end = time.monotonic() + 3.5
+    while time.monotonic() < end:  # a wake-up every 0.3 s, as sendmail gives (wake_pickup)
+        assert wake_pickup(mf.pickup.socket_path)
+        await asyncio.sleep(0.3)
+    assert 3 <= caplog.text.count("not returned to <") <= 6  # the first, then about one a second
+    assert len(maildrop_names(tmp_path / "queue" / "maildrop")) == 1
 
 
 LOADED_MODULES = """\
