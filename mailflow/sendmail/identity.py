@@ -3,6 +3,8 @@ local_login_sender_maps).
 
     current_identity() -> Identity                    the process's uid, login name and GECOS full name
     identity_of(uid) -> Identity                      the same for any uid (its passwd entry; "uid<N>" when none)
+    passwd_identity(uid) -> Identity | None           its passwd entry; None when none is given (no entry, or
+                                                      NSS cannot answer: pwd cannot tell them apart)
     gecos_full_name(gecos, login) -> str              the full name in a GECOS field, as Postfix's fullname() reads
                                                       it: up to the first ',', ';' or '%', each '&' the login
                                                       name capitalized
@@ -39,11 +41,17 @@ def current_identity() -> Identity:
 
 
 def identity_of(uid: int) -> Identity:
+    return passwd_identity(uid) or Identity(uid, f"uid{uid}", "")  # (no entry, containers: named by its number)
+
+
+def passwd_identity(uid: int) -> Identity | None:
+    """`uid`'s passwd entry; None when the passwd database does not give one (none, or NSS cannot answer: the
+    same KeyError)."""
     try:
         entry = pwd.getpwuid(uid)
-        return Identity(uid, entry.pw_name, gecos_full_name(entry.pw_gecos, entry.pw_name))
-    except KeyError:  # a uid without a passwd entry (containers): named by its number
-        return Identity(uid, f"uid{uid}", "")
+    except KeyError:
+        return None
+    return Identity(uid, entry.pw_name, gecos_full_name(entry.pw_gecos, entry.pw_name))
 
 
 def gecos_full_name(gecos: str, login: str) -> str:

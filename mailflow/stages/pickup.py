@@ -22,7 +22,8 @@ each file, oldest first:
   pass `authorized_submit_users` and `local_login_sender_maps` for its sender (`policy`, the configuration;
   mailflow.sendmail.identity's checks); else it is removed, never returned (a notice would go to a sender the user
   may not use), logged `pickup: maildrop/NAME: uid=N from=<S>: refused: user LOGIN REASON; removed`; a table that
-  cannot answer leaves it for the next scan;
+  cannot answer leaves it for the next scan, and so does a uid without a passwd entry (NSS may be down: pwd cannot
+  tell) until the file is PASSWD_PATIENCE old (the time its envelope gives), then named `uid<N>` as sendmail does;
 - a message bigger than `size_limit` (message_size_limit; 0: none) is not loaded: it is returned to its sender
   ("message file too big", 5.3.4, its header section quoted) and its file removed, as Postfix's cleanup does;
 - the content is copied, streamed, into a spool of the queue (cleanup.new_spool: in memory when small, else a
@@ -99,7 +100,7 @@ from mailflow.logs import printable
 from mailflow.message import HEADER_READ_LIMIT, quoted_original
 from mailflow.model import ClientInfo, Envelope, LocalUser, QueueId, Recipient, Submission
 from mailflow.stages.bounce import NoticeRecipient, build_notice, notice_is_8bit, wants_notice
-from mailflow.sendmail.identity import identity_of, submit_problem
+from mailflow.sendmail.identity import identity_of, passwd_identity, submit_problem
 from mailflow.store import RequeuedMessage, RequeueGone, Store, store_fault
 
 logger = logging.getLogger("mailflow.pickup")
@@ -109,6 +110,7 @@ PUBLIC_MODE = 0o755
 SOCKET_MODE = 0o666
 REQUEUE_PAGE = 100  # requeued messages read per query
 REQUEUE_RECHECK = 1.0  # seconds between scans while requeued mail waits for the end of its attempt
+PASSWD_PATIENCE = 86400.0  # seconds a file of a uid without a passwd entry waits for one (NSS may be down)
 WAKE_GAP = 0.1  # seconds at least from the end of a scan to a scan a wake-up asks for (any user may send them)
 
 
@@ -549,7 +551,8 @@ class Pickup:
         another user (the kernel's word: the file's owner) only when it claims that user's uid (else
         CorruptMaildrop), under that user's login name from the passwd entry whatever it claims, and when that
         login passes authorized_submit_users and local_login_sender_maps for its sender (else SubmitRefused),
-        since that user may have written the file without sendmail's checks. LookupRetry: a table cannot answer."""
+        since that user may have written the file without sendmail's checks. LookupRetry: a table cannot answer
+        (the passwd database too: see PASSWD_PATIENCE)."""
         owner = message.owner_uid
         if owner is None or owner in (0, os.geteuid()):
             return message
@@ -558,7 +561,11 @@ class Pickup:
         if self._policy is None:
             raise SubmitRefused(owner, f"uid{owner}", "not allowed to submit mail (no policy for other users)")
         policy = self._policy
-        user = await asyncio.to_thread(identity_of, owner)
+        user = await asyncio.to_thread(passwd_identity, owner)
+        if user is None:  # NSS down (LDAP, SSSD) or no entry: pwd says the same; it waits PASSWD_PATIENCE
+            if time.time() - message.time < PASSWD_PATIENCE:  # (the envelope's time, when sendmail wrote it)
+                raise LookupRetry(f"no passwd entry for uid {owner} (the passwd database may not answer)")
+            user = identity_of(owner)  # as sendmail names a uid without one
         problem = await asyncio.to_thread(submit_problem, user.login, message.sender, policy)
         if problem:
             raise SubmitRefused(owner, user.login, problem)

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from mailflow.content import Spool
+from mailflow.sendmail import identity
 from mailflow.maildrop import REQUEUED, MaildropMessage, maildrop_names, wake_pickup, write_maildrop
 from tests.support import eventually, maildir_messages, rcpt_reply
 from tests.support.tools import require_tool
@@ -266,6 +267,30 @@ async def test_a_spool_the_queue_may_not_write_keeps_another_users_mail_until_it
     monkeypatch.setattr(cleanup, "new_spool", new_spool)
     await eventually(lambda: inbox(tmp_path, "alice"), timeout=15)  # (at the end of the scans' backoff)
     assert maildrop_names(other_user.queue / "maildrop") == []
+
+
+async def test_a_passwd_database_that_cannot_answer_keeps_another_users_mail_for_a_retry(
+        mailflow_server, write_config, other_user, tmp_path, caplog, monkeypatch):
+    """NSS down (LDAP, SSSD): pwd.getpwuid raises the KeyError of a uid without an entry; the owner was named
+    `uid65534`, refused by local_login_sender_maps and the file removed, though sendmail had accepted it under its
+    login a moment before. It stays for the next scan now (the rule for a table that cannot answer)."""
+    mf = await mailflow_server(**other_user.settings())
+    getpwuid = pwd.getpwuid
+
+    def nss_down(uid: int):
+        if uid == NOBODY:
+            raise KeyError(f"getpwuid(): uid not found: {uid}")
+        return getpwuid(uid)
+
+    monkeypatch.setattr(identity.pwd, "getpwuid", nss_down)
+    config = write_config(other_user.config, **other_user.settings())
+    rc, err = await sendmail(config, "alice@local.test", stdin=b"Subject: s\n\nx\n")
+    assert rc == 0 and err == "", err
+    await eventually(lambda: logged(caplog, f"no passwd entry for uid {NOBODY}", "will retry"), timeout=5)
+    assert len(maildrop_names(other_user.queue / "maildrop")) == 1 and not logged(caplog, "refused")
+    monkeypatch.setattr(identity.pwd, "getpwuid", getpwuid)
+    mf.pickup.wake()
+    await eventually(lambda: inbox(tmp_path, "alice"), timeout=5)
 
 
 async def test_links_and_fifos_planted_by_a_user_are_never_read_and_do_not_stop_pickup(
