@@ -22,7 +22,8 @@ each file, oldest first:
   pass `authorized_submit_users` and `local_login_sender_maps` for its sender (`policy`, the configuration;
   mailflow.sendmail.identity's checks); else it is removed, never returned (a notice would go to a sender the user
   may not use), logged `pickup: maildrop/NAME: uid=N from=<S>: refused: user LOGIN REASON; removed`; a table that
-  cannot answer leaves it for the next scan, and so does a uid without a passwd entry (NSS may be down: pwd cannot
+  cannot answer leaves it, and the other users' files after it, for the next scan (logged at once, then a count
+  once a minute: `faults.FailureLog`), and so does a uid without a passwd entry (NSS may be down: pwd cannot
   tell) until the file is PASSWD_PATIENCE old (the time its envelope gives), then named `uid<N>` as sendmail does;
 - a message bigger than `size_limit` (message_size_limit; 0: none) is not loaded: it is returned to its sender
   ("message file too big", 5.3.4, its header section quoted) and its file removed, as Postfix's cleanup does;
@@ -91,7 +92,7 @@ from mailflow.clock import Clock
 from mailflow.config import DEFAULTS, Config
 from mailflow.content import Content
 from mailflow.errors import DeliveryError, LookupRetry, MessageTooBig, PermanentError, TemporaryError
-from mailflow.faults import Guard
+from mailflow.faults import FailureLog, Guard
 from mailflow.filters.milter import NonSmtpdMilters
 from mailflow.maildrop import DIRECTORY_MODE as MAILDROP_MODE
 from mailflow.maildrop import (REQUEUED, CorruptMaildrop, MaildropFile, MaildropMessage, make_maildrop_directory,
@@ -196,6 +197,10 @@ class Pickup:
         self._closing = False
         self._stopping = asyncio.Event()
         self._scans = Guard("pickup: maildrop scan", clock, logger)
+        # the checks of other users' files (passwd, authorized_submit_users, local_login_sender_maps) that could not
+        # answer: logged at once, then a count once a minute; the rest of that scan does not ask them again
+        self._checks = FailureLog(logger, "pickup: checking other users' maildrop files (they stay for a retry)", clock)
+        self._checks_down = False  # they could not answer in the scan under way
 
     async def start(self) -> None:
         """Create the directories, listen for wake-ups, and scan at once (mail left while the server was down)."""
@@ -359,6 +364,7 @@ class Pickup:
         for name in remove_stale_temporaries(self.maildrop, time.time()):  # (file times are wall-clock times)
             logger.warning("pickup: maildrop/%s: removed: an unfinished file left by a sendmail that died", name)
         done, periodic, self._periodic = 0, self._periodic, False
+        self._checks_down = False
         names = maildrop_names(self.maildrop)
         self._kept.intersection_update(names)
         self._stuck.intersection_update(names)
@@ -471,8 +477,10 @@ class Pickup:
             logger.warning("pickup: maildrop/%s: uid=%d from=<%s>: refused: user %s %s; removed", name, e.uid,
                            opened.message.sender, e.login, e.reason)
             return False
-        except LookupRetry as e:
-            logger.warning("pickup: maildrop/%s: not queued (%s); will retry", name, e)
+        except LookupRetry as e:  # (logged once per scan at most, through _checks: any user may leave many files)
+            if not self._checks_down:
+                self._checks_down = True
+                self._checks.failed(e)
             return False
         if self._size_limit and message.size > self._size_limit:
             too_big = MessageTooBig("5.3.4", "message file too big",
@@ -560,6 +568,8 @@ class Pickup:
             raise CorruptMaildrop(f"owner uid {owner} differs from the submitting uid {message.uid} it claims")
         if self._policy is None:
             raise SubmitRefused(owner, f"uid{owner}", "not allowed to submit mail (no policy for other users)")
+        if self._checks_down:
+            raise LookupRetry("not checked: the checks could not answer earlier in this scan")
         policy = self._policy
         user = await asyncio.to_thread(passwd_identity, owner)
         if user is None:  # NSS down (LDAP, SSSD) or no entry: pwd says the same; it waits PASSWD_PATIENCE
@@ -567,6 +577,7 @@ class Pickup:
                 raise LookupRetry(f"no passwd entry for uid {owner} (the passwd database may not answer)")
             user = identity_of(owner)  # as sendmail names a uid without one
         problem = await asyncio.to_thread(submit_problem, user.login, message.sender, policy)
+        self._checks.succeeded()
         if problem:
             raise SubmitRefused(owner, user.login, problem)
         return dataclasses.replace(message, user=user.login)

@@ -286,11 +286,25 @@ async def test_a_passwd_database_that_cannot_answer_keeps_another_users_mail_for
     config = write_config(other_user.config, **other_user.settings())
     rc, err = await sendmail(config, "alice@local.test", stdin=b"Subject: s\n\nx\n")
     assert rc == 0 and err == "", err
-    await eventually(lambda: logged(caplog, f"no passwd entry for uid {NOBODY}", "will retry"), timeout=5)
+    await eventually(lambda: logged(caplog, f"no passwd entry for uid {NOBODY}", "they stay for a retry"), timeout=5)
     assert len(maildrop_names(other_user.queue / "maildrop")) == 1 and not logged(caplog, "refused")
     monkeypatch.setattr(identity.pwd, "getpwuid", getpwuid)
     mf.pickup.wake()
     await eventually(lambda: inbox(tmp_path, "alice"), timeout=5)
+
+
+async def test_checks_that_cannot_answer_are_logged_once_however_many_files_and_scans(mailflow_server, other_user,
+                                                                                       caplog):
+    """A table that could not answer made a line per file of another user per scan, and any user may leave any
+    number of files and send wake-ups (a scan every WAKE_GAP): an unbounded flood. Now one line (then a count once
+    a minute); the files stay for the scans after."""
+    mf = await mailflow_server(**other_user.settings(sendmail={"authorized_submit_users": ["fail:down"]}))
+    names = [await write_directly(mf) for _ in range(4)]
+    for _ in range(5):
+        await mf.pickup.scan()
+    lines = [r.getMessage() for r in caplog.records if "fail: table" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert maildrop_names(other_user.queue / "maildrop") == sorted(names) and not logged(caplog, "refused")
 
 
 async def test_links_and_fifos_planted_by_a_user_are_never_read_and_do_not_stop_pickup(
