@@ -15,8 +15,9 @@ each file, oldest first:
   owner is neither the uid it claims nor root nor mailflow's own user (a forged identity), is set aside, logged,
   and the scan goes on with the next file: another user's is removed (as Postfix's pickup removes a malformed
   file; so is one of theirs this process may not read), root's and mailflow's own are moved to `corrupt/` for
-  inspection (NAME.N when corrupt/NAME is taken); what stays (a directory of another user, left in place; a file
-  that cannot be read or moved) is logged once, then tried again by the periodic scans only, silently;
+  inspection (NAME.N when corrupt/NAME is taken), an empty directory of theirs removed; what stays (a directory of
+  another user that is not empty, left in place; a file that cannot be read or moved) is logged once, then tried
+  again by the periodic scans only, silently;
 - a file of another user (its owner, the kernel's word, neither root nor this process's user) may have been written
   without sendmail's checks: its login is taken from that uid's passwd entry, whatever the file says, and it must
   pass `authorized_submit_users` and `local_login_sender_maps` for its sender (`policy`, the configuration;
@@ -609,15 +610,14 @@ class Pickup:
         return False
 
     def _set_aside(self, name: str, st: os.stat_result, reason: str) -> None:
-        """Another user's entry (its owner, `st`, neither root nor this process's user) is removed, as Postfix's
-        pickup removes a malformed file: nothing of theirs piles up where they cannot reach it; a directory of
-        theirs is left in place (logged once). Root's and this process's own (a fault, not an attack) are moved
-        to corrupt/ for inspection, under a name of their own there (NAME.N when NAME is taken)."""
+        """Another user's entry (its owner, `st`, neither root nor this process's user) is removed, as Postfix's pickup
+        removes a malformed file: nothing of theirs piles up where they cannot reach it; a directory of theirs is
+        removed when empty, else left in place (logged once). Root's and this process's own (a fault, not an attack) are
+        moved to corrupt/ for inspection, under a name of their own there (NAME.N when NAME is taken)."""
         path = self.maildrop / name
         if st.st_uid not in (0, os.geteuid()):
             if stat.S_ISDIR(st.st_mode):
-                self._note(name, logging.WARNING, "pickup: maildrop/%s: corrupt: %s; left in place (a directory "
-                           "of uid %d: remove it by hand)", name, reason, st.st_uid)
+                self._remove_directory(name, st, reason)
                 return
             try:
                 path.unlink()
@@ -637,6 +637,20 @@ class Pickup:
                        reason, self.corrupt, e)
             return
         logger.warning("pickup: maildrop/%s: corrupt: %s; moved to %s", name, reason, target)
+
+    def _remove_directory(self, name: str, st: os.stat_result, reason: str) -> None:
+        """Another user's directory in the maildrop (never mail): removed when empty, so that none piles up there;
+        else left in place (what it holds is theirs), logged once."""
+        try:
+            os.rmdir(self.maildrop / name)  # (never follows a symbolic link; fails when not empty)
+        except FileNotFoundError:
+            return
+        except OSError:
+            self._note(name, logging.WARNING, "pickup: maildrop/%s: corrupt: %s; left in place (a directory of uid "
+                       "%d that is not empty: remove it by hand)", name, reason, st.st_uid)
+            return
+        logger.warning("pickup: maildrop/%s: corrupt: %s; removed (an empty directory of uid %d)", name, reason,
+                       st.st_uid)
 
     def _corrupt_target(self, name: str) -> Path:
         """corrupt/NAME, or NAME.1, NAME.2, ... when taken (corrupt/ is this process's alone: no race)."""

@@ -351,10 +351,12 @@ async def test_another_users_junk_is_removed_or_logged_once_however_often_pickup
         mailflow_server, other_user, tmp_path, caplog):
     """A directory (that pickup can neither take nor remove) made an error line at every scan, and any user's
     wake-ups made that a flood; a junk file went to corrupt/ for good, out of its owner's reach. Now: the file is
-    removed (as Postfix's pickup removes a malformed one), the directory logged once and left alone."""
+    removed (as Postfix's pickup removes a malformed one), an empty directory too (it stayed for good, one more
+    entry each scan passed by), one that is not empty logged once and left alone."""
     mf = await mailflow_server(**other_user.settings())
     drop = other_user.queue / "maildrop"
     code = (f"import os\nos.mkdir({str(drop / '0000000000000ZDIR')!r})\n"
+            f"os.mkdir({str(drop / '0000000000000ZEMPTY')!r})\n"
             f"open({str(drop / '0000000000000ZDIR' / 'x')!r}, 'w').close()\n"
             f"open({str(drop / '0000000000000ZJUNK')!r}, 'w').write('junk')\n")
     assert (await as_nobody(sys.executable, "-c", code))[0] == 0
@@ -365,8 +367,9 @@ async def test_another_users_junk_is_removed_or_logged_once_however_often_pickup
     await write_directly(mf)
     await eventually(lambda: inbox(tmp_path, "alice"), timeout=5)
     lines = [r.getMessage() for r in caplog.records if "0000000000000Z" in r.getMessage()]
-    assert len(lines) == 2, lines
+    assert len(lines) == 3, lines
     assert logged(caplog, "maildrop/0000000000000ZJUNK: corrupt", f"removed (uid {NOBODY})")
+    assert logged(caplog, "maildrop/0000000000000ZEMPTY: corrupt", f"removed (an empty directory of uid {NOBODY})")
     assert logged(caplog, "maildrop/0000000000000ZDIR: corrupt", "left in place")
     assert maildrop_names(drop) == ["0000000000000ZDIR"] and os.listdir(other_user.queue / "corrupt") == []
 
