@@ -113,6 +113,7 @@ SOCKET_MODE = 0o666
 REQUEUE_PAGE = 100  # requeued messages read per query
 REQUEUE_RECHECK = 1.0  # seconds between scans while requeued mail waits for the end of its attempt
 PASSWD_PATIENCE = 86400.0  # seconds a file of a uid without a passwd entry waits for one (NSS may be down)
+SCAN_TURN = 256  # maildrop entries a scan goes through at most before it lets the event loop's other tasks run
 WAKE_GAP = 0.1  # seconds at least from the end of a scan to a scan a wake-up asks for (any user may send them)
 
 
@@ -359,19 +360,23 @@ class Pickup:
     async def scan(self) -> int:
         """One pass over the maildrop; returns how many files were handed to cleanup. First, the temporary
         files of sendmail processes that died writing them (not touched for a day) are removed. A maildrop that is
-        not a directory (a symbolic link) is not scanned: only the requeued mail is copied."""
+        not a directory (a symbolic link) is not scanned: only the requeued mail is copied. The directory is listed
+        on a thread, and the loop over its entries yields every SCAN_TURN of them: any user may fill it."""
         if not self._maildrop_is_directory():
             return await self._copy_requeued()
-        for name in remove_stale_temporaries(self.maildrop, time.time()):  # (file times are wall-clock times)
+        stale = await asyncio.to_thread(remove_stale_temporaries, self.maildrop, time.time())  # (wall-clock times)
+        for name in stale:
             logger.warning("pickup: maildrop/%s: removed: an unfinished file left by a sendmail that died", name)
         done, periodic, self._periodic = 0, self._periodic, False
         self._checks_down = False
-        names = maildrop_names(self.maildrop)
+        names = await asyncio.to_thread(maildrop_names, self.maildrop)  # (any user may make it long)
         self._kept.intersection_update(names)
         self._stuck.intersection_update(names)
-        for name in names:
+        for position, name in enumerate(names, 1):
             if self._closing:
                 break
+            if position % SCAN_TURN == 0:
+                await asyncio.sleep(0)  # (however many entries are passed by, the other tasks get their turn)
             if (name in self._kept or name in self._stuck) and not periodic:
                 continue
             if await self._pick(name):

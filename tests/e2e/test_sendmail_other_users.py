@@ -25,6 +25,7 @@ import pytest
 
 from mailflow.content import Spool
 from mailflow.sendmail import identity
+from mailflow.stages import pickup
 from mailflow.maildrop import REQUEUED, MaildropMessage, maildrop_names, wake_pickup, write_maildrop
 from tests.support import eventually, maildir_messages, rcpt_reply
 from tests.support.tools import require_tool
@@ -372,6 +373,36 @@ async def test_another_users_junk_is_removed_or_logged_once_however_often_pickup
     assert logged(caplog, "maildrop/0000000000000ZEMPTY: corrupt", f"removed (an empty directory of uid {NOBODY})")
     assert logged(caplog, "maildrop/0000000000000ZDIR: corrupt", "left in place")
     assert maildrop_names(drop) == ["0000000000000ZDIR"] and os.listdir(other_user.queue / "corrupt") == []
+
+
+async def test_a_scan_past_many_entries_lets_the_other_tasks_run(mailflow_server, other_user, monkeypatch):
+    """A user's directories (not empty: they stay, passed by at each wake-up scan) held the event loop, SMTP
+    sessions and all, for the whole pass (0.33 s at 200,000 of them, every WAKE_GAP under a wake-up stream). The
+    scan now lets the other tasks run every SCAN_TURN entries."""
+    mf = await mailflow_server(**other_user.settings())
+    drop = other_user.queue / "maildrop"
+    code = (f"import os\nfor i in range(3 * {pickup.SCAN_TURN}):\n"
+            f"    os.mkdir(f'{drop}/0000000000{{i:05d}}D')\n    open(f'{drop}/0000000000{{i:05d}}D/x', 'w').close()\n")
+    assert (await as_nobody(sys.executable, "-c", code))[0] == 0
+    await mf.pickup.scan()  # (each logged once, kept aside from the wake-up scans)
+    turns = [0]
+    listed = []
+
+    class Kept(set):
+        def intersection_update(self, *others) -> None:  # (on the loop, once the listing is done)
+            listed.append(turns[0])
+            super().intersection_update(*others)
+
+    async def ticker():
+        while True:
+            turns[0] += 1
+            await asyncio.sleep(0)
+
+    monkeypatch.setattr(mf.pickup, "_kept", Kept())
+    task = asyncio.create_task(ticker())
+    await mf.pickup.scan()
+    task.cancel()
+    assert turns[0] - listed[0] >= 2, (turns, listed)  # 3 at SCAN_TURN
 
 
 async def test_no_file_in_the_queue_directory_is_readable_by_local_users_but_the_public_ones(mailflow_server,
