@@ -147,8 +147,9 @@ UCRED = struct.Struct("iII")  # Linux's struct ucred (pid, uid, gid): a datagram
 
 def _sender_uid(ancillary: list[tuple[int, int, bytes]]) -> int | None:
     """The uid the kernel gives for a datagram's sender (SO_PASSCRED); None without one."""
+    credentials = getattr(socket, "SCM_CREDENTIALS", None)  # (Linux's)
     for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= UCRED.size:
+        if level == socket.SOL_SOCKET and kind == credentials and len(data) >= UCRED.size:
             return UCRED.unpack_from(data)[1]
     return None
 
@@ -295,7 +296,7 @@ class Pickup:
         try:
             sock.bind(str(self.socket_path))
             sock.setblocking(False)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # (each datagram then names its sender)
+            self._pass_credentials(sock)
             os.chmod(self.socket_path, SOCKET_MODE)
             asyncio.get_running_loop().add_reader(sock.fileno(), self._read_wake_ups, sock)
             self._socket = sock
@@ -303,6 +304,15 @@ class Pickup:
             sock.close()
             logger.warning("pickup: cannot listen on %s (%s): sendmail cannot wake it; scanning every %gs",
                            self.socket_path, e, self._interval)
+
+    def _pass_credentials(self, sock: socket.socket) -> None:
+        """SO_PASSCRED on `sock`: each datagram then names its sender. Without it (not Linux, or refused), the
+        socket still wakes pickup; every datagram is a plain wake-up then ("R" too: its sender is unknown), logged."""
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        except (AttributeError, OSError) as e:
+            logger.warning("pickup: %s: no sender credentials (%s): every wake-up is a plain one; requeued mail is "
+                           "copied at the periodic scans", self.socket_path, e)
 
     def _read_wake_ups(self, sock: socket.socket) -> None:
         """Every datagram waiting: a wake-up. REQUEUED ("look at the store too") counts only from root or this

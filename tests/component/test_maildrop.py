@@ -5,6 +5,7 @@ import dataclasses
 import io
 import os
 import pwd
+import socket
 import stat
 import threading
 import time
@@ -356,6 +357,17 @@ async def test_pickup_delivers_a_dropped_file_on_wake_up_with_local_headers(mail
     assert "From: Alice Liddell <alice@local.test>" in text
     assert "Message-ID: <" in text and "Date: " in text
     assert not (mf.config.queue_path / "maildrop" / name).exists()
+
+
+async def test_without_so_passcred_pickup_still_starts_and_is_woken(mailflow_server, tmp_path, monkeypatch, caplog):
+    """Where socket.SO_PASSCRED does not exist (not Linux), start() raised AttributeError; where it was refused,
+    the socket was closed and no wake-up came (mail waited for the periodic scan, a minute)."""
+    monkeypatch.delattr(socket, "SO_PASSCRED", raising=False)
+    mf = await mailflow_server()
+    assert "no sender credentials" in caplog.text
+    _drop(mf)
+    assert wake_pickup(mf.config.queue_path / "public" / "pickup", maildrop.REQUEUED)
+    await eventually(lambda: maildir_messages(tmp_path / "mail" / "bob" / "Maildir"), timeout=5)
 
 
 async def test_a_submission_gets_its_header_addresses_qualified(mailflow_server, tmp_path):
