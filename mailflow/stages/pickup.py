@@ -23,9 +23,10 @@ each file, oldest first:
   pass `authorized_submit_users` and `local_login_sender_maps` for its sender (`policy`, the configuration;
   mailflow.sendmail.identity's checks); else it is removed, never returned (a notice would go to a sender the user
   may not use), logged `pickup: maildrop/NAME: uid=N from=<S>: refused: user LOGIN REASON; removed`; a table that
-  cannot answer leaves it, and the other users' files after it, for the next scan (logged at once, then a count
-  once a minute: `faults.FailureLog`), and so does a uid without a passwd entry (NSS may be down: pwd cannot
-  tell) until the file is PASSWD_PATIENCE old (the time its envelope gives), then named `uid<N>` as sendmail does;
+  cannot answer (or anything unexpected) leaves it, and the other users' files after it, for the next scan
+  (logged at once, then a count once a minute: `faults.FailureLog`), and so does a uid without a passwd entry (NSS
+  may be down: pwd cannot tell) until the file is PASSWD_PATIENCE old (the time its envelope gives), then named
+  `uid<N>` as sendmail does;
 - a message bigger than `size_limit` (message_size_limit; 0: none) is not loaded: it is returned to its sender
   ("message file too big", 5.3.4, its header section quoted) and its file removed, as Postfix's cleanup does;
 - the content is copied, streamed, into a spool of the queue (cleanup.new_spool: in memory when small, else a
@@ -493,8 +494,8 @@ class Pickup:
             logger.warning("pickup: maildrop/%s: uid=%d from=<%s>: refused: user %s %s; removed", name, e.uid,
                            opened.message.sender, e.login, e.reason)
             return False
-        except LookupRetry as e:  # (logged once per scan at most, through _checks: any user may leave many files)
-            if not self._checks_down:
+        except Exception as e:  # LookupRetry, a bug: the file stays; logged once per scan at most, through _checks
+            if not self._checks_down:  # (any user may leave many files)
                 self._checks_down = True
                 self._checks.failed(e)
             return False

@@ -308,6 +308,25 @@ async def test_checks_that_cannot_answer_are_logged_once_however_many_files_and_
     assert maildrop_names(other_user.queue / "maildrop") == sorted(names) and not logged(caplog, "refused")
 
 
+async def test_an_unexpected_error_checking_another_users_file_keeps_it_and_the_scan_goes_on(
+        mailflow_server, other_user, tmp_path, caplog, monkeypatch):
+    """Anything but the expected refusals (a bug, a table raising what it should not) ended the whole scan: the
+    same file came first again at each scan, and root's files after it were never reached."""
+    mf = await mailflow_server(**other_user.settings())
+
+    def broken(*args):
+        raise ValueError("a bug in a table")
+
+    monkeypatch.setattr(pickup, "submit_problem", broken)
+    foreign = await write_directly(mf)
+    await eventually(lambda: logged(caplog, "a bug in a table"), timeout=5)
+    roots = MaildropMessage(sender="root@local.test", recipients=("alice@local.test",), uid=0, user="root")
+    write_maildrop(other_user.queue / "maildrop", roots, [b"Subject: r\r\n\r\nx\r\n"])  # (a later name)
+    mf.pickup.wake()
+    await eventually(lambda: inbox(tmp_path, "alice"), timeout=5)
+    assert maildrop_names(other_user.queue / "maildrop") == [foreign]
+
+
 async def test_links_and_fifos_planted_by_a_user_are_never_read_and_do_not_stop_pickup(
         mailflow_server, write_config, other_user, tmp_path, caplog):
     """A symbolic link to a root-only file in maildrop format (root's own mail, say), a hard link to it (where
