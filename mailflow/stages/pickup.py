@@ -115,6 +115,7 @@ REQUEUE_PAGE = 100  # requeued messages read per query
 REQUEUE_RECHECK = 1.0  # seconds between scans while requeued mail waits for the end of its attempt
 PASSWD_PATIENCE = 86400.0  # seconds a file of a uid without a passwd entry waits for one (NSS may be down)
 SCAN_TURN = 256  # maildrop entries a scan goes through at most before it lets the event loop's other tasks run
+WAKE_READS = 64  # datagrams read from public/pickup at most in one turn of the event loop
 WAKE_GAP = 0.1  # seconds at least from the end of a scan to a scan a wake-up asks for (any user may send them)
 
 
@@ -316,10 +317,11 @@ class Pickup:
                            "copied at the periodic scans", self.socket_path, e)
 
     def _read_wake_ups(self, sock: socket.socket) -> None:
-        """Every datagram waiting: a wake-up. REQUEUED ("look at the store too") counts only from root or this
-        process's user, the only ones who can requeue mail (queue.db is theirs alone); from anyone else it is a
-        plain wake-up, which costs no query of the store."""
-        while True:
+        """The datagrams waiting, WAKE_READS at most (the rest at the loop's next turn: any user may flood the
+        socket): each a wake-up. REQUEUED ("look at the store too") counts only from root or this process's user,
+        the only ones who can requeue mail (queue.db is theirs alone); from anyone else it is a plain wake-up,
+        which costs no query of the store."""
+        for _ in range(WAKE_READS):
             try:
                 data, ancillary, _, _ = sock.recvmsg(16, socket.CMSG_SPACE(UCRED.size))
             except (BlockingIOError, InterruptedError):

@@ -19,6 +19,7 @@ from mailflow.maildrop import (CorruptMaildrop, MaildropError, MaildropMessage, 
 from mailflow.sendmail import (LINE_PIECE, UsageError, header_recipients, may_submit, may_use_sender, parse_args,
                                read_message, split_input, without_bcc)
 from mailflow.sendmail import identity
+from mailflow.stages import pickup
 from tests.support import big_message, eventually, maildir_messages, queue_becomes
 
 MESSAGE = MaildropMessage(sender="alice@local.test", recipients=("bob@local.test",), uid=1000, user="alice",
@@ -368,6 +369,25 @@ async def test_without_so_passcred_pickup_still_starts_and_is_woken(mailflow_ser
     _drop(mf)
     assert wake_pickup(mf.config.queue_path / "public" / "pickup", maildrop.REQUEUED)
     await eventually(lambda: maildir_messages(tmp_path / "mail" / "bob" / "Maildir"), timeout=5)
+
+
+async def test_a_flood_of_wake_ups_is_read_a_bounded_number_at_a_time(mailflow_server):
+    """The wake-up reader drained the socket to the end in one callback: local users sending datagrams as fast as
+    they can (the socket refilled as it is read) held the event loop for as long as they kept up. It reads
+    WAKE_READS at most per turn now. (A socket that is never empty stands for them: the kernel queues only a few
+    datagrams, net.unix.max_dgram_qlen.)"""
+    mf = await mailflow_server()
+    reads = []
+
+    class Flooded:
+        def recvmsg(self, size: int, ancillary_size: int):
+            reads.append(1)
+            if len(reads) > 100 * pickup.WAKE_READS:
+                raise BlockingIOError
+            return b"W", [], 0, None
+
+    mf.pickup._read_wake_ups(Flooded())
+    assert len(reads) == pickup.WAKE_READS
 
 
 async def test_a_submission_gets_its_header_addresses_qualified(mailflow_server, tmp_path):
