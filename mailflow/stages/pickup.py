@@ -156,6 +156,12 @@ def _sender_uid(ancillary: list[tuple[int, int, bytes]]) -> int | None:
     return None
 
 
+def _trusted(uid: int | None) -> bool:
+    """Whether `uid` is root or this process's user: their files are taken as they are, set aside to corrupt/ not
+    removed, and their REQUEUED wake-ups count; every other user's are held to what that user may do."""
+    return uid in (0, os.geteuid())
+
+
 class Pickup:
     def __init__(self, queue_directory: Path, cleanup, *, myhostname: str, clock: Clock,
                  interval: float = DEFAULTS.sendmail.pickup_interval,
@@ -284,6 +290,10 @@ class Pickup:
         self._bounce_size_limit, self._size_limit = bounce_size_limit, size_limit
 
     async def _listen(self) -> None:
+        """Listen on public/pickup (`_socket`), the wake-up socket: public/ made (PUBLIC_MODE, chmodded only when
+        it is this process's own), a stale socket replaced, the socket SOCKET_MODE with sender credentials when the
+        system gives them. Without a socket (public/ not a directory: a symbolic link is never followed; a bind
+        that fails), logged: only the periodic scans find the mail then."""
         public = self.socket_path.parent
         public.mkdir(mode=PUBLIC_MODE, parents=True, exist_ok=True)
         st = os.lstat(public)
@@ -329,7 +339,7 @@ class Pickup:
             except OSError as e:
                 logger.warning("pickup: %s: %s", self.socket_path, e)
                 return
-            self.wake(requeued=data == REQUEUED and _sender_uid(ancillary) in (0, os.geteuid()))
+            self.wake(requeued=data == REQUEUED and _trusted(_sender_uid(ancillary)))
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -473,6 +483,8 @@ class Pickup:
                           header_rewrite_domain="" if local else None, overrides=self._overrides)
 
     async def _pick(self, name: str) -> bool:
+        """maildrop/NAME opened (never through a link) and taken in (`_take`); True when cleanup queued it. One that
+        cannot be opened as a maildrop file is `_unreadable`; one gone meanwhile is passed by."""
         path = self.maildrop / name
         try:
             opened = await asyncio.to_thread(open_maildrop, path)  # an envelope line may be 16 MB of JSON
@@ -581,7 +593,7 @@ class Pickup:
         since that user may have written the file without sendmail's checks. LookupRetry: a table cannot answer
         (the passwd database too: see PASSWD_PATIENCE)."""
         owner = message.owner_uid
-        if owner is None or owner in (0, os.geteuid()):
+        if owner is None or _trusted(owner):
             return message
         if owner != message.uid:
             raise CorruptMaildrop(f"owner uid {owner} differs from the submitting uid {message.uid} it claims")
@@ -620,7 +632,7 @@ class Pickup:
             st = os.lstat(self.maildrop / name)
         except OSError:
             return False  # taken by another scan or removed by an operator
-        foreign = st.st_uid not in (0, os.geteuid())
+        foreign = not _trusted(st.st_uid)
         if isinstance(error, CorruptMaildrop) or (foreign and isinstance(error, PermissionError)):
             self._set_aside(name, st, str(error))
         else:
@@ -633,7 +645,7 @@ class Pickup:
         removed when empty, else left in place (logged once). Root's and this process's own (a fault, not an attack) are
         moved to corrupt/ for inspection, under a name of their own there (NAME.N when NAME is taken)."""
         path = self.maildrop / name
-        if st.st_uid not in (0, os.geteuid()):
+        if not _trusted(st.st_uid):
             if stat.S_ISDIR(st.st_mode):
                 self._remove_directory(name, st, reason)
                 return
