@@ -41,7 +41,7 @@ so restart the server soon after installing a new package, before `sendmail -bs`
   followed: O_NOFOLLOW), a FIFO, a device or a directory, nor a file with more than one link (a hard link another
   user made to a file it does not own), all `CorruptMaildrop`; its envelope read as `read_maildrop` does; the
   content is then read from the same open file (`chunks`, `prefix`), never by its name again, so that a file
-  swapped for a symbolic link after the checks is not what is read.
+  swapped for a symbolic link after the checks is not what is read; `modified()` is its mtime.
 - `read_maildrop(path) -> MaildropMessage`: validates the envelope line and that exactly `size` bytes follow
   (without reading them); raises `CorruptMaildrop(reason)` for anything that is not a complete, well-formed
   file (pickup moves such a file aside; `notify`, `ret`, `envid`, `body_type`, `rcpt_notify` and `rcpt_orcpt`
@@ -266,6 +266,10 @@ class MaildropFile:
     def prefix(self, size: int) -> bytes:
         """At most `size` bytes of the content (for quoting it in a notice)."""
         return os.pread(self._fd, min(size, self.message.size), self.message.offset)
+
+    def modified(self) -> float:
+        """When the file was last written (its mtime, wall-clock: the kernel's word, not its envelope's)."""
+        return os.fstat(self._fd).st_mtime
 
     def unchanged(self) -> bool:
         """Whether the file is still as long as its envelope says."""

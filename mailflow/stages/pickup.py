@@ -25,7 +25,7 @@ each file, oldest first:
   may not use), logged `pickup: maildrop/NAME: uid=N from=<S>: refused: user LOGIN REASON; removed`; a table that
   cannot answer (or anything unexpected) leaves it, and the other users' files after it, for the next scan
   (logged at once, then a count once a minute: `faults.FailureLog`), and so does a uid without a passwd entry (NSS
-  may be down: pwd cannot tell) until the file is PASSWD_PATIENCE old (the time its envelope gives), then named
+  may be down: pwd cannot tell) until the file is PASSWD_PATIENCE old (its mtime), then named
   `uid<N>` as sendmail does;
 - a message bigger than `size_limit` (message_size_limit; 0: none) is not loaded: it is returned to its sender
   ("message file too big", 5.3.4, its header section quoted) and its file removed, as Postfix's cleanup does;
@@ -500,7 +500,7 @@ class Pickup:
     async def _take(self, name: str, path: Path, opened: MaildropFile) -> bool:
         """The file opened and its envelope read: its writer's rights checked, then into cleanup."""
         try:
-            message = await self._admitted(opened.message)
+            message = await self._admitted(opened.message, opened.modified())
         except CorruptMaildrop as e:
             return self._unreadable(name, e)
         except SubmitRefused as e:
@@ -585,13 +585,13 @@ class Pickup:
             raise CorruptMaildrop("changed while being read")
         return await spool.finish()
 
-    async def _admitted(self, message: MaildropMessage) -> MaildropMessage:
+    async def _admitted(self, message: MaildropMessage, written: float) -> MaildropMessage:
         """The file's envelope as it may be taken: one written by root or the queue's owner as it is; one of
         another user (the kernel's word: the file's owner) only when it claims that user's uid (else
         CorruptMaildrop), under that user's login name from the passwd entry whatever it claims, and when that
         login passes authorized_submit_users and local_login_sender_maps for its sender (else SubmitRefused),
         since that user may have written the file without sendmail's checks. LookupRetry: a table cannot answer
-        (the passwd database too: see PASSWD_PATIENCE)."""
+        (the passwd database too: see PASSWD_PATIENCE, counted from `written`, when the file was)."""
         owner = message.owner_uid
         if owner is None or _trusted(owner):
             return message
@@ -604,7 +604,7 @@ class Pickup:
         policy = self._policy
         user = await asyncio.to_thread(passwd_identity, owner)
         if user is None:  # NSS down (LDAP, SSSD) or no entry: pwd says the same; it waits PASSWD_PATIENCE
-            if time.time() - message.time < PASSWD_PATIENCE:  # (the envelope's time, when sendmail wrote it)
+            if time.time() - written < PASSWD_PATIENCE:  # (the file's mtime: an envelope's time may be absent)
                 raise LookupRetry(f"no passwd entry for uid {owner} (the passwd database may not answer)")
             user = identity_of(owner)  # as sendmail names a uid without one
         problem = await asyncio.to_thread(submit_problem, user.login, message.sender, policy)
