@@ -54,6 +54,7 @@ client.known.test.rhswl.test. 300 IN A 127.0.0.2
 given.test.rhswl.test.  300 IN A     127.0.0.2
 """
 RELAY_FROM_HERE = ["check_client_access inline:{127.0.0.1=OK}", "reject"]  # (the test client relays)
+MANY_REFUSALS = {"error_sleep_time": 0, "hard_error_limit": 1000}  # (one session meets them all, unhurried)
 SERVFAIL = ("broken.test", "nsfail.test", "wl-broken.test", "1.0.0.127.wl-broken.test",
             "client.known.test.wl-broken.test")
 ACCESS = """
@@ -535,8 +536,7 @@ async def test_the_unknown_domain_checks_ask_the_dns_once_a_session(mailflow_ser
                              mynetworks=["127.0.0.0/8"],
                              smtpd={"sender_restrictions": ["reject_unknown_sender_domain"],
                                     "relay_restrictions": ["permit_mynetworks", "reject"],
-                                    "recipient_restrictions": ["reject_unknown_recipient_domain"],
-                                    "error_sleep_time": 0, "hard_error_limit": 1000})
+                                    "recipient_restrictions": ["reject_unknown_recipient_domain"], **MANY_REFUSALS})
     client = await SmtpClient.connect(port)
     try:
         assert (await client.cmd("EHLO client.test")).code == 250
@@ -712,8 +712,7 @@ async def test_the_session_memo_drops_the_least_recently_read_answers_not_all(ma
                              mynetworks=["127.0.0.0/8"],
                              smtpd={"client_restrictions": ["reject_rbl_client rbl.test"],
                                     "relay_restrictions": ["permit_mynetworks", "reject"],
-                                    "recipient_restrictions": ["reject_unknown_recipient_domain"],
-                                    "error_sleep_time": 0, "hard_error_limit": 1000})
+                                    "recipient_restrictions": ["reject_unknown_recipient_domain"], **MANY_REFUSALS})
     client = await SmtpClient.connect(port)
     try:
         assert (await client.cmd("EHLO client.test")).code == 250
@@ -815,8 +814,7 @@ async def test_every_mx_a_and_aaaa_answer_is_decided_as_postfix_s_reject_unknown
     zone, servfail, nxdomain, slow = combination_zone(COMBINATIONS)
     nameserver = dns_zone(zone, servfail=servfail, nxdomain=nxdomain, slow=tuple(slow), delay=0.6)
     mf = await mailflow_server(dns={"nameservers": [nameserver], "timeout": 0.3, "tries": 1}, smtpd={
-        "relay_restrictions": RELAY_FROM_HERE, "unknown_address_reject_code": 550,
-        "error_sleep_time": 0, "hard_error_limit": 1000,
+        "relay_restrictions": RELAY_FROM_HERE, "unknown_address_reject_code": 550, **MANY_REFUSALS,
         f"{side}_restrictions": [f"reject_unknown_{side}_domain"]})
     client = await SmtpClient.connect(mf.smtp_addresses[0][1])
     seen, expected = {}, {}
@@ -842,7 +840,7 @@ async def test_every_a_aaaa_and_mx_answer_is_decided_as_postfix_s_reject_unknown
     zone, servfail, nxdomain, _ = combination_zone(combinations)
     nameserver = dns_zone(zone, servfail=servfail, nxdomain=nxdomain)
     port = await dns_checked(mailflow_server, nameserver, smtpd={
-        "unknown_hostname_reject_code": 550, "error_sleep_time": 0, "hard_error_limit": 1000,
+        "unknown_hostname_reject_code": 550, **MANY_REFUSALS,
         "helo_restrictions": ["reject_unknown_helo_hostname"]})
     client = await SmtpClient.connect(port)
     seen, expected = {}, {}
@@ -864,7 +862,8 @@ async def test_every_a_aaaa_and_mx_answer_is_decided_as_postfix_s_reject_unknown
 
 # ---------------------------------------------------------------------------------------------- malformed replies
 
-MALFORMED_ZONE = ZONE + """
+# names whose replies Postfix's valid_rr_name refuses (bad-.example.test), and one whose reply is cut short
+MALFORMED_RECORDS = """
 badmx.test.             300 IN MX    10 bad-.example.test.
 badmxaddr.test.         300 IN MX    10 bad-.example.test.
 badmxaddr.test.         300 IN A     192.0.2.1
@@ -873,6 +872,7 @@ bad-.example.test.      300 IN A     192.0.2.1
 garbled.test.           300 IN MX    10 mx.known.test.
 garbled.test.           300 IN A     192.0.2.1
 """
+MALFORMED_ZONE = ZONE + MALFORMED_RECORDS
 
 
 async def test_a_reply_naming_no_host_is_refused_and_a_garbled_one_deferred_as_postfix_does(mailflow_server,

@@ -17,7 +17,7 @@ import aiosmtplib
 import pytest
 from dnslib import EDNS0, MX, QTYPE, RCODE, RR, DNSRecord
 
-from tests.e2e.test_smtpd_dns_restrictions import combination_zone
+from tests.e2e.test_smtpd_dns_restrictions import MALFORMED_RECORDS, combination_zone
 from tests.interop.test_smtp_faults_vs_postfix import MailLogLines, outcomes
 from tests.support import SmtpClient, eventually, postfix_instance
 from tests.support.postfix import private_nameserver_address
@@ -29,13 +29,7 @@ COMBINATIONS = [(mx, a, aaaa) for mx in (*ANSWERS, "null") for a in ANSWERS for 
 ODD_ZONE = """
 known.test.             60 IN A     192.0.2.1
 mx.known.test.          60 IN A     192.0.2.2
-badmx.test.             60 IN MX    10 bad-.example.test.
-badmxaddr.test.         60 IN MX    10 bad-.example.test.
-badmxaddr.test.         60 IN A     192.0.2.1
-badcname.test.          60 IN CNAME bad-.example.test.
-bad-.example.test.      60 IN A     192.0.2.1
-garbled.test.           60 IN MX    10 mx.known.test.
-garbled.test.           60 IN A     192.0.2.1
+""" + MALFORMED_RECORDS + """
 mixedmx.test.           60 IN MX    10 mx.known.test.
 mixedmx.test.           60 IN MX    20 bad-.example.test.
 nullformerr.test.       60 IN MX    0 .

@@ -419,18 +419,10 @@ async def concurrent_dialogue(port: int, lines: LogLines) -> list[str]:
     fourth once the server has handled the first's end (`lines`: its postscreen log)."""
     seen = []
 
-    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        return await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
-
-    async def say(writer: asyncio.StreamWriter, reader: asyncio.StreamReader, line: bytes) -> bytes:
-        writer.write(line)
-        await writer.drain()
-        return await read_reply(reader)
-
-    first_reader, first = await connect()
+    first_reader, first = await connect(port)
     seen.append(f"first: {await read_reply(first_reader)!r}")
     seen.append(f"first: {await say(first, first_reader, b'EHLO c.test' + CRLF)!r}")
-    reader, writer = await connect()
+    reader, writer = await connect(port)
     began = time.monotonic()
     greeting = await read_reply(reader)
     waited = "after a greet wait" if time.monotonic() - began > GREET_WAIT / 2 else "at once"
@@ -438,7 +430,7 @@ async def concurrent_dialogue(port: int, lines: LogLines) -> list[str]:
     writer.close()
     for line in (b"MAIL FROM:<s@x.test>", b"RCPT TO:<r@y.test>"):
         seen.append(f"first: {await say(first, first_reader, line + CRLF)!r}")
-    reader, writer = await connect()
+    reader, writer = await connect(port)
     began = time.monotonic()
     greeting = await read_reply(reader)
     waited = "after a greet wait" if time.monotonic() - began > GREET_WAIT / 2 else "at once"
@@ -449,7 +441,7 @@ async def concurrent_dialogue(port: int, lines: LogLines) -> list[str]:
     seen.append(f"first: {await say(first, first_reader, b'QUIT' + CRLF)!r}")
     first.close()
     await logged(lines, "DISCONNECT [127.0.0.2]", 2)  # (the second's, the first's)
-    reader, writer = await connect()  # alone again: the cache, which the first's end updated (PASS OLD)
+    reader, writer = await connect(port)  # alone again: the cache, which the first's end updated (PASS OLD)
     seen.append(f"fourth: {(await read_reply(reader))[:4]!r}")
     ehlo = await say(writer, reader, b"EHLO c.test" + CRLF)
     seen.append(f"fourth: {'smtpd' if b'PIPELINING' in ehlo else 'the dummy engine'} answers EHLO")
@@ -459,6 +451,18 @@ async def concurrent_dialogue(port: int, lines: LogLines) -> list[str]:
 
 
 CRLF = b"\r\n"
+
+
+async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection from 127.0.0.2, the one client of the concurrency dialogues."""
+    return await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+
+
+async def say(writer: asyncio.StreamWriter, reader: asyncio.StreamReader, line: bytes) -> bytes:
+    """`line` (its CRLF given) and the reply to it."""
+    writer.write(line)
+    await writer.drain()
+    return await read_reply(reader)
 
 
 async def dialogue_on_both(mailflow_server, caplog, dialogue, ours: dict, theirs: dict) -> tuple[list, ...]:
@@ -500,23 +504,15 @@ async def denylisted_dialogue(port: int, lines: LogLines) -> list[str]:
     done when the server has logged both ends (`lines`: its postscreen log)."""
     seen = []
 
-    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        return await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
-
-    async def say(writer: asyncio.StreamWriter, reader: asyncio.StreamReader, line: bytes) -> bytes:
-        writer.write(line + CRLF)
-        await writer.drain()
-        return await read_reply(reader)
-
-    first_reader, first = await connect()
+    first_reader, first = await connect(port)
     seen.append(f"first: {await read_reply(first_reader)!r}")
-    seen.append(f"first: {await say(first, first_reader, b'HELO c.test')!r}")
-    reader, writer = await connect()
+    seen.append(f"first: {await say(first, first_reader, b'HELO c.test' + CRLF)!r}")
+    reader, writer = await connect(port)
     seen.append(f"second: {await read_reply(reader)!r}")
-    ehlo = await say(writer, reader, b"EHLO c.test")
+    ehlo = await say(writer, reader, b"EHLO c.test" + CRLF)
     seen.append(f"second: {'smtpd' if b'PIPELINING' in ehlo else 'the dummy engine'} answers EHLO")
-    seen.append(f"second: {await say(writer, reader, b'MAIL FROM:<s@x.test>')!r}")
-    seen.append(f"second: {await say(writer, reader, b'RCPT TO:<r@y.test>')!r}")
+    seen.append(f"second: {await say(writer, reader, b'MAIL FROM:<s@x.test>' + CRLF)!r}")
+    seen.append(f"second: {await say(writer, reader, b'RCPT TO:<r@y.test>' + CRLF)!r}")
     writer.close()
     first.close()
     await logged(lines, "DISCONNECT [127.0.0.2]", 2)
@@ -545,27 +541,24 @@ async def undone_pass_dialogue(port: int, lines: LogLines) -> list[str]:
     server has handled both ends (`lines`: its postscreen log)."""
     seen = []
 
-    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        return await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
-
-    async def say(writer: asyncio.StreamWriter, reader: asyncio.StreamReader, line: bytes, replies: int = 1) -> str:
+    async def codes(writer: asyncio.StreamWriter, reader: asyncio.StreamReader, line: bytes, replies: int = 1) -> str:
         writer.write(line)
         await writer.drain()
         return " ".join([repr((await read_reply(reader))[:4]) for _ in range(replies)])
 
-    b_reader, b = await connect()
+    b_reader, b = await connect(port)
     seen.append(f"B: {await read_reply(b_reader)!r}")
-    a_reader, a = await connect()
+    a_reader, a = await connect(port)
     seen.append(f"A: {await read_reply(a_reader)!r}")
     for line in (b"EHLO b.test", b"MAIL FROM:<s@x.test>", b"RCPT TO:<r@y.test>"):
-        seen.append(f"B: {await say(b, b_reader, line + CRLF)}")
-    seen.append(f"A: {await say(a, a_reader, b'EHLO a.test' + CRLF + b'NOOP' + CRLF, replies=2)}")
-    seen.append(f"A: {await say(a, a_reader, b'QUIT' + CRLF)}")
-    seen.append(f"B: {await say(b, b_reader, b'QUIT' + CRLF)}")
+        seen.append(f"B: {await codes(b, b_reader, line + CRLF)}")
+    seen.append(f"A: {await codes(a, a_reader, b'EHLO a.test' + CRLF + b'NOOP' + CRLF, replies=2)}")
+    seen.append(f"A: {await codes(a, a_reader, b'QUIT' + CRLF)}")
+    seen.append(f"B: {await codes(b, b_reader, b'QUIT' + CRLF)}")
     a.close()
     b.close()
     await logged(lines, "DISCONNECT [127.0.0.2]", 2)
-    c_reader, c = await connect()
+    c_reader, c = await connect(port)
     seen.append(f"C: {(await read_reply(c_reader))[:4]!r}")
     c.write(b"EHLO c.test" + CRLF)
     ehlo = await read_reply(c_reader)
