@@ -1,10 +1,13 @@
 """Shared fixtures: real local peers on 127.0.0.1, port 0. What they build on is in tests/support/.
 
-- `dns_zone(zone_text, servfail=(), tcp=False, asked=None, nxdomain=(), garbled=(), rcodes=None)` starts an
-  in-process authoritative DNS server (dnslib, `ZoneAuthority`) for a BIND-style zone and returns its
-  "127.0.0.1:port" nameserver string; `tcp`: on TCP too (the same port), for answers too big for UDP (then truncated
-  there past 1232 bytes); `asked`: a list that gets the (name, type) of each query; `nxdomain`: names (or
-  "name/TYPE") answered NXDOMAIN though in the zone; `garbled`: the ones whose replies are cut short; `rcodes`:
+- `dns_zone(zone_text, servfail=(), tcp="answer", tcp_delay=0.0, asked=None, nxdomain=(), garbled=(), rcodes=None)`
+  starts an in-process authoritative DNS server (dnslib, `ZoneAuthority`) for a BIND-style zone and returns its
+  "127.0.0.1:port" nameserver string. Sized as a real server: a UDP answer holds at most 512 bytes without EDNS,
+  the advertised size with it; past that it is cut at a record boundary with TC set, and the resolver asks again
+  over TCP on the same port (length-prefixed, several queries a connection). `tcp`: "answer", "refuse" (the port
+  held, connections refused) or "close" (each query read, the connection closed unanswered); `tcp_delay`: seconds
+  before each TCP answer. `asked`: a list that gets the (name, type) of each query (UDP and TCP); `nxdomain`: names
+  (or "name/TYPE") answered NXDOMAIN though in the zone; `garbled`: the ones whose replies are cut short; `rcodes`:
   {name or name/TYPE: "FORMERR"} for other answers; `address`, `port`: where it listens (a private Postfix's
   resolver asks port 53 of the address its resolv.conf names: tests.support.postfix,
   `postfix_instance(nameserver=...)`).
@@ -26,7 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import socket
 import ssl
+import struct
 import threading
 from collections.abc import Collection
 from pathlib import Path
@@ -37,7 +42,7 @@ import trustme
 pytest_plugins = ("pytester",)  # tests of the mailflow pytest plugin (tests/e2e/test_sink_pytest_plugin.py)
 
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
-from dnslib import DNSRecord
+from dnslib import QTYPE, DNSError, DNSRecord
 from dnslib.server import DNSHandler, DNSLogger, DNSServer
 
 from mailflow.app import Mailflow
@@ -47,32 +52,137 @@ from tests.support import postfix as postfix_support
 from tests.support import CaptureHandler, CapturePeer, ZoneAuthority, base_settings, dovecot_instance, merged, to_toml
 
 
-class _TruncatingHandler(DNSHandler):
-    """A UDP answer past the EDNS size resolvers ask for (1232) is truncated as a real server does: the question
-    kept, no records, TC set (dnslib's own truncate() drops the question, which c-ares refuses as misformatted)."""
+UDP_PLAIN = 512  # RFC 1035 4.2.1: the most a UDP answer to a query without EDNS may hold
+TCP_QUERIES = 64  # queries answered on one TCP connection, at most (a client sends several: c-ares, glibc)
+TCP_IDLE = 5.0  # seconds a TCP connection may wait for its next query (or a client for its answer) before closing
+TCP_MODES = ("answer", "refuse", "close")
+
+
+class _SizedHandler(DNSHandler):
+    """Answers as a real server sizes them. UDP: at most 512 bytes to a query without an OPT record, the size its
+    OPT advertises (at least 512) to one with it; a larger answer is cut after the last whole answer record that
+    fits, TC set, the question kept (as BIND renders a partial answer section; dnslib's truncate() drops the
+    question, which c-ares refuses), other sections dropped. TCP (length-prefixed): each query of the connection
+    answered in turn, as c-ares and glibc send several on one (dnslib's own handler answers one, then closes), per
+    the server's `tcp_mode`: "answer", or "close" (the query read, the connection closed unanswered); each answer
+    after `tcp_delay` seconds. Bounded: TCP_QUERIES a connection, TCP_IDLE seconds of silence."""
+
+    def handle(self):
+        if self.server.socket_type != socket.SOCK_STREAM:
+            return super().handle()
+        self.protocol = "tcp"
+        connection = self.request
+        connection.settimeout(TCP_IDLE)
+        stopping = self.server.stopping
+        try:
+            for _ in range(TCP_QUERIES):
+                length = _read_exactly(connection, 2)
+                query = length and _read_exactly(connection, struct.unpack("!H", length)[0])
+                if not query or self.server.tcp_mode == "close":
+                    return
+                if self.server.tcp_delay and stopping.wait(self.server.tcp_delay):
+                    return
+                answer = self.get_reply(query)
+                connection.sendall(struct.pack("!H", len(answer)) + answer)
+        except (OSError, DNSError):
+            return
 
     def get_reply(self, data):
         answer = super().get_reply(data)
-        if self.protocol != "udp" or len(answer) <= 1232:
+        if self.protocol != "udp":
             return answer
+        limit = udp_limit(DNSRecord.parse(data))
+        return answer if len(answer) <= limit else truncated(answer, limit)
+
+
+def udp_limit(query: DNSRecord) -> int:
+    """The largest UDP answer `query` takes: 512 bytes, or its OPT record's payload size when larger."""
+    sizes = [rr.rclass for rr in query.ar if rr.rtype == QTYPE.OPT]
+    return max([UDP_PLAIN, *sizes])
+
+
+def truncated(answer: bytes, limit: int) -> bytes:
+    """`answer` cut to `limit` bytes at a record boundary: the question and the answer records that fit, TC set. A
+    reply that cannot be read (a `garbled` one) is sent as it is."""
+    try:
         reply = DNSRecord.parse(answer)
-        reply.rr, reply.auth, reply.ar = [], [], []
-        reply.header.tc = 1
-        return reply.pack()
+    except DNSError:
+        return answer
+    records = reply.rr
+    reply.auth, reply.ar = [], []
+    reply.header.tc = 1
+    fits, too_many = 0, len(records)  # the most records that fit (bisected: a pack costs what the records cost)
+    while too_many - fits > 1:
+        middle = (fits + too_many) // 2
+        reply.rr = records[:middle]
+        if len(reply.pack()) <= limit:
+            fits = middle
+        else:
+            too_many = middle
+    reply.rr = records[:fits]
+    return reply.pack()
 
 
-def _dns_servers(authority, logger, tcp: bool, address: str = "127.0.0.1", port: int = 0) -> list[DNSServer]:
-    """A UDP server on a port the kernel picks (or `port`) and, with `tcp`, a TCP one on the same number (where a
-    truncated UDP answer makes the resolver ask again); that number may be taken for TCP (another worker's
-    connection), so a few ports are tried. A given `port` is tried once: OSError EADDRINUSE when it is taken."""
+def _read_exactly(connection: socket.socket, size: int) -> bytes:
+    """`size` bytes from `connection`; b"" when it closes first."""
+    data = b""
+    while len(data) < size:
+        chunk = connection.recv(size - len(data))
+        if not chunk:
+            return b""
+        data += chunk
+    return data
+
+
+class _Servers:
+    """A zone's UDP server and its TCP one (or, for `tcp="refuse"`, a TCP socket bound but not listening: the port
+    is held, and a connection to it refused)."""
+
+    def __init__(self, authority, logger, tcp: str, tcp_delay: float, address: str, port: int):
+        if tcp not in TCP_MODES:
+            raise ValueError(f"dns_zone tcp={tcp!r}: one of {TCP_MODES}")
+        self.stopping = threading.Event()
+        self.udp, self.tcp, self.held = _dns_servers(authority, logger, tcp, address, port)
+        for server in (self.udp, self.tcp):
+            if server is not None:
+                server.server.stopping, server.server.tcp_mode = self.stopping, tcp
+                server.server.tcp_delay = tcp_delay
+                # DNSServer.start_thread() polls every 0.5 s, which is what stopping it would cost each test.
+                threading.Thread(target=server.server.serve_forever, kwargs={"poll_interval": 0.02},
+                                 daemon=True).start()
+
+    @property
+    def port(self) -> int:
+        return self.udp.server.server_address[1]
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for server in (self.udp, self.tcp):
+            if server is not None:
+                server.server.shutdown()
+                server.server.server_close()
+        if self.held is not None:
+            self.held.close()
+
+
+def _dns_servers(authority, logger, tcp: str, address: str = "127.0.0.1", port: int = 0):
+    """(UDP server, TCP server, held TCP socket): UDP on a port the kernel picks (or `port`), TCP on the same
+    number; that number may be taken for TCP (another worker's connection), so a few ports are tried. A given
+    `port` is tried once: OSError EADDRINUSE when it is taken."""
     for _ in range(20):
-        udp = DNSServer(authority, port=port, address=address, logger=logger,
-                        handler=_TruncatingHandler if tcp else DNSHandler)
-        if not tcp:
-            return [udp]
+        udp = DNSServer(authority, port=port, address=address, logger=logger, handler=_SizedHandler)
+        number = udp.server.server_address[1]
         try:
-            return [udp, DNSServer(authority, port=udp.server.server_address[1], address=address, logger=logger,
-                                   tcp=True)]
+            if tcp != "refuse":
+                return udp, DNSServer(authority, port=number, address=address, logger=logger, tcp=True,
+                                      handler=_SizedHandler), None
+            held = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                held.bind((address, number))
+            except OSError:
+                held.close()
+                raise
+            return udp, None, held
         except OSError as e:
             udp.server.server_close()
             if e.errno != errno.EADDRINUSE or port:
@@ -82,26 +192,21 @@ def _dns_servers(authority, logger, tcp: bool, address: str = "127.0.0.1", port:
 
 @pytest.fixture
 def dns_zone():
-    servers: list[DNSServer] = []
+    started: list[_Servers] = []
 
     def start(zone_text: str, servfail: Collection[str] = (), slow: tuple[str, ...] = (), delay: float = 0.0,
-              tcp: bool = False, asked: list[tuple[str, str]] | None = None, address: str = "127.0.0.1",
-              port: int = 0, nxdomain: Collection[str] = (), garbled: Collection[str] = (),
-              rcodes: dict[str, str] | None = None) -> str:
+              tcp: str = "answer", tcp_delay: float = 0.0, asked: list[tuple[str, str]] | None = None,
+              address: str = "127.0.0.1", port: int = 0, nxdomain: Collection[str] = (),
+              garbled: Collection[str] = (), rcodes: dict[str, str] | None = None) -> str:
         quiet = DNSLogger("-request,-reply,-truncated,-recv,-send,-error,-data", False)
         authority = ZoneAuthority(zone_text, servfail, slow, delay, asked, nxdomain, garbled, rcodes)
-        started = _dns_servers(authority, quiet, tcp, address, port)
-        port = started[0].server.server_address[1]
-        for each in started:
-            # DNSServer.start_thread() polls every 0.5 s, which is what stopping it would cost each test.
-            threading.Thread(target=each.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-            servers.append(each)
-        return f"{address}:{port}"
+        servers = _Servers(authority, quiet, tcp, tcp_delay, address, port)
+        started.append(servers)
+        return f"{address}:{servers.port}"
 
     yield start
-    for server in servers:
-        server.server.shutdown()
-        server.server.server_close()
+    for servers in started:
+        servers.stop()
 
 
 PRIVATE_ADDRESS_TRIES = 20

@@ -130,7 +130,7 @@ async def test_a_key_too_costly_to_verify_with_is_permerror_at_once(signed_and_r
     which refuses such key records too). Served over TCP by a real name server (the record is too big for UDP)."""
     signed, _ = signed_and_record
     record = rsa_key_record(modulus, exponent)
-    results, lag = await verify_timed(signed, dns_zone(zone_txt(KEY_NAME, record), tcp=True))
+    results, lag = await verify_timed(signed, dns_zone(zone_txt(KEY_NAME, record)))
     # (the bound is loose, for a loaded host: the reason says the pow() was skipped; it would take 1 s at least)
     assert [(r.result, r.reason) for r in results] == [("permerror", reason)] and lag.longest < 0.5
     opendkim = re.search(r"dkim=(\w+)", opendkim_verdict(signed, {KEY_NAME: record}, tmp_path / "opendkim"))
@@ -146,7 +146,7 @@ async def test_an_arc_key_too_costly_to_verify_with_is_no_key_to_the_seals_check
     message = b"Authentication-Results: fwd.test; dkim=pass\r\n" + signed
     sealed = b"".join(dkim.arc_sign(message, b"arc", b"fwd.test", forwarder.private, b"fwd.test")) + message
     record = rsa_key_record(16384, 16384)
-    resolver = AiodnsResolver(nameservers=(dns_zone(zone_txt("arc._domainkey.fwd.test", record), tcp=True),),
+    resolver = AiodnsResolver(nameservers=(dns_zone(zone_txt("arc._domainkey.fwd.test", record)),),
                               timeout=2, tries=1)
     try:
         async with LoopLag() as lag:

@@ -347,7 +347,7 @@ async def test_answers_too_big_for_udp_come_over_tcp_and_are_used_within_bounds(
     over UDP, asked again over TCP; the MX set is used up to MX_HOST_LIMIT hosts, the TXT strings are joined."""
     zone = "".join(f"many.test. 300 IN MX {i % 50} mx{i}.many.test.\n" for i in range(1000))
     zone += "big.test. 300 IN TXT " + " ".join(f'"{chr(97 + i % 26) * 255}"' for i in range(250)) + "\n"
-    resolver = AiodnsResolver(nameservers=(dns_zone(zone, tcp=True),), timeout=2.0, tries=1)
+    resolver = AiodnsResolver(nameservers=(dns_zone(zone),), timeout=2.0, tries=1)
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:
@@ -419,7 +419,7 @@ async def test_a_garbled_reply_spoils_no_other_lookup_in_flight(dns_zone, addres
     in Postfix's words; all within one try's timeout. With an IPv6 name server too (where the re-ask once sent to
     an address its connected socket refused, and every lookup beside failed with that Python error's text)."""
     nameserver = bracketed(dns_zone(GARBLE_ZONE, servfail=("broken.test",), garbled=("garbled.test",), slow=BESIDE,
-                                    delay=0.3, tcp=True, address=address))
+                                    delay=0.3, address=address))
     alone = AiodnsResolver(nameservers=(nameserver,), timeout=2.0, tries=2)
     try:
         expected = [outcome(a) for a in await asyncio.gather(*lookups(alone), return_exceptions=True)]
