@@ -667,14 +667,15 @@ class IsolatedAsker:
     async def _ask(self, host: str, port: int, name: str, qtype: str) -> pycares.DNSResult:
         """One server's answer (`cares_result`). Raises a DNSError as c-ares would: ETIMEOUT for no reply in time,
         EBADRESP for a reply that cannot be read, ECONNREFUSED for a server not reached (refused, unreachable, an
-        address that cannot be used), the rcode's failure (RCODE_FAILURES) else."""
+        address that cannot be used, TCP closed without an answer), the rcode's failure (RCODE_FAILURES) else."""
         try:
             reply = await self._exchange(dns.message.make_query(dns_name(name), qtype), host, port)
         except dns.exception.Timeout:
             raise aiodns.error.DNSError(aiodns.error.ARES_ETIMEOUT, "Timeout while contacting DNS servers") from None
-        except (dns.exception.DNSException, EOFError) as e:
+        except dns.exception.DNSException as e:
             raise aiodns.error.DNSError(aiodns.error.ARES_EBADRESP, f"Misformatted DNS reply: {e!r}") from None
-        except (OSError, ValueError) as e:  # refused, unreachable, no descriptor, an address it cannot use
+        except (OSError, ValueError, EOFError) as e:  # refused, unreachable, no descriptor, an address it cannot
+            # use, a TCP connection closed before its answer (after a truncated one: c-ares, glibc try the next)
             log.debug("lookup %s %s: name server %s port %d not reached: %r", name, qtype, host, port, e)
             raise aiodns.error.DNSError(aiodns.error.ARES_ECONNREFUSED, "Could not contact DNS servers") from None
         return cares_result(reply)

@@ -1,0 +1,108 @@
+"""Answers too big for a UDP reply without EDNS (512 bytes): the server sends the records that fit with TC set, and
+the resolver must ask again over TCP and use only that answer (c-ares's path and the isolated re-ask's; dnspython's
+DNSSEC queries past their 1232 bytes). When TCP cannot be had (refused, closed unanswered, too slow) the lookup is a
+temporary failure, as Postfix's resolver (res_send: TC, then TCP; no answer there: TRY_AGAIN), never the cut record
+set and never "not found"; within the lookup's timeout."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiodns.error import DNSError
+
+from mailflow.dns import TRY_AGAIN, AiodnsResolver, IsolatedAsker, NameServers, NotFound, Tlsa, classify_dns_error
+from mailflow.errors import LookupRetry
+
+# 30 MX hosts: about 1 100 bytes; the one of preference 0 comes last, past where a UDP answer is cut.
+MANY_MX = "".join(f"many.test. 60 IN MX {i + 1} mail-exchanger-{i:02d}.many.test.\n" for i in range(29))
+MANY_MX += "many.test. 60 IN MX 0 mail-exchanger-best.many.test.\n"
+SPF_STRINGS = [f"ip4:192.0.2.{i}" for i in range(60)]
+SPF = "v=spf1 " + " ".join(SPF_STRINGS) + " -all"
+LONG_SPF = "spf.test. 60 IN TXT " + " ".join(f'"{SPF[i:i + 200]}"' for i in range(0, len(SPF), 200)) + "\n"
+TLSA_DATA = [bytes([i]) * 64 for i in range(24)]  # 24 records of 64 octets: about 2 000 bytes, past 1232
+TLSA = "".join(f"_25._tcp.mx.tlsa.test. 60 IN TLSA 3 1 2 {data.hex()}\n" for data in TLSA_DATA)
+ADDRESSES = "".join(f"crowd.test. 60 IN A 192.0.2.{i}\n" for i in range(1, 61))  # 60 x 16 octets
+PTRS = "".join(f"9.2.0.192.in-addr.arpa. 60 IN PTR host-with-a-long-name-{i:02d}.ptr.test.\n" for i in range(20))
+ZONE = MANY_MX + LONG_SPF + TLSA + ADDRESSES + PTRS + "small.test. 60 IN A 192.0.2.1\n"
+
+
+def resolver_for(nameserver: str, timeout: float = 1.0) -> AiodnsResolver:
+    return AiodnsResolver(nameservers=(nameserver,), timeout=timeout, tries=1)
+
+
+async def test_large_answers_come_whole_over_tcp_through_c_ares(dns_zone):
+    asked: list[tuple[str, str]] = []
+    resolver = resolver_for(dns_zone(ZONE, asked=asked))
+    try:
+        records = await resolver.mx("many.test")
+        [spf] = await resolver.txt("spf.test")
+        addresses = await resolver.ipv4_addresses("crowd.test")
+        names = await resolver.ptr("192.0.2.9")
+        tlsa = await resolver.tlsa("_25._tcp.mx.tlsa.test")
+    finally:
+        await resolver.close()
+    assert len(records) == 30 and records[0].host == "mail-exchanger-best.many.test"
+    assert spf == SPF  # RFC 7208 3.3: the strings joined
+    assert sorted(addresses) == sorted(f"192.0.2.{i}" for i in range(1, 61))
+    assert len(names) == 20
+    assert sorted(record.data for record in tlsa.records) == TLSA_DATA
+    assert tlsa.records[0] == Tlsa(3, 1, 2, tlsa.records[0].data)
+    # each asked twice: over UDP (cut, TC) then over TCP
+    assert asked.count(("many.test.", "MX")) == 2 and asked.count(("spf.test.", "TXT")) == 2
+    assert asked.count(("_25._tcp.mx.tlsa.test.", "TLSA")) == 2
+
+
+@pytest.mark.parametrize(("name", "qtype", "count"), [("many.test", "MX", 30), ("spf.test", "TXT", 1),
+                                                      ("crowd.test", "A", 60), ("9.2.0.192.in-addr.arpa", "PTR", 20)])
+async def test_the_isolated_re_ask_follows_tc_to_tcp(dns_zone, name, qtype, count):
+    asked: list[tuple[str, str]] = []
+    asker = IsolatedAsker(NameServers((dns_zone(ZONE, asked=asked),)), timeout=1.0, limit=1)
+    answer = await asker.ask_again(name, qtype)
+    assert len(answer.answer) == count
+    assert asked == [(name + ".", qtype)] * 2
+    if qtype == "TXT":
+        assert answer.answer[0].data.data == SPF.encode()
+
+
+LOOKUPS = {"mx": "many.test", "txt": "spf.test", "ipv4_addresses": "crowd.test", "ptr": "192.0.2.9",
+           "tlsa": "_25._tcp.mx.tlsa.test"}
+
+
+@pytest.mark.parametrize("tcp", ["refuse", "close", "slow"])
+@pytest.mark.parametrize("lookup", sorted(LOOKUPS))
+async def test_a_truncated_answer_without_tcp_is_a_temporary_failure_never_the_cut_records(dns_zone, tcp, lookup):
+    """Postfix's resolver asks again over TCP; when TCP cannot answer it says TRY_AGAIN (DNS_RETRY): a deferral,
+    never a bounce, never the records that fitted in the cut UDP answer; within the lookup's timeout x tries."""
+    nameserver = dns_zone(ZONE, tcp="answer" if tcp == "slow" else tcp, tcp_delay=3.0 if tcp == "slow" else 0.0)
+    resolver = resolver_for(nameserver, timeout=1.0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        with pytest.raises(LookupRetry) as failure:
+            await getattr(resolver, lookup)(LOOKUPS[lookup])
+        assert await resolver.ipv4_addresses("small.test") == ["192.0.2.1"]  # what fits in UDP is answered
+    finally:
+        await resolver.close()
+    assert not isinstance(failure.value, NotFound)
+    if lookup != "tlsa":
+        qtype = {"ipv4_addresses": "A", "mx": "MX", "txt": "TXT", "ptr": "PTR"}[lookup]
+        name = "9.2.0.192.in-addr.arpa" if lookup == "ptr" else LOOKUPS[lookup]
+        assert failure.value.text == f"Name service error for name={name} type={qtype}: {TRY_AGAIN}"
+    assert loop.time() - started < 1.0 + 0.5
+
+
+@pytest.mark.parametrize("tcp", ["refuse", "close", "slow"])
+async def test_asked_alone_a_truncated_answer_without_tcp_fails_as_c_ares_would(dns_zone, tcp):
+    """The isolated re-ask, meeting TC then no TCP answer: the failure c-ares gives (a try-again), not the cut
+    records; within its timeout. (A TCP connection closed unanswered was a "Malformed or unexpected name server
+    reply" here, where c-ares and glibc try the next server, then say TRY_AGAIN.)"""
+    nameserver = dns_zone(ZONE, tcp="answer" if tcp == "slow" else tcp, tcp_delay=3.0 if tcp == "slow" else 0.0)
+    asker = IsolatedAsker(NameServers((nameserver,)), timeout=1.0, limit=1)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(DNSError) as failure:
+        await asker.ask_again("many.test", "MX")
+    assert loop.time() - started < 1.5
+    with pytest.raises(LookupRetry) as classified:
+        classify_dns_error(failure.value, "many.test", "MX")
+    assert classified.value.text == f"Name service error for name=many.test type=MX: {TRY_AGAIN}"
