@@ -14,6 +14,8 @@ component may use it.
     Resolver.addresses(host) -> list[str]     A records, then AAAA records, as IP strings; [] = no address; a
                                               failure of both names AAAA (the last asked, as Postfix reports it)
     Resolver.txt(name) -> list[str]           each TXT record, its strings joined (DKIM keys, SPF, DMARC, MTA-STS)
+    Resolver.txt_strings(name)                each TXT record's strings apart, a tuple each (a DNS list's reason:
+                                              Postfix keeps the first); asked alone (c-ares joins them)
     Resolver.ptr(address) -> list[str]        the names of an IP address (reverse DNS)
     Resolver.ns(domain) -> list[str]          the name servers of a domain (smtpd's check_*_ns_access)
     Resolver.tlsa(name) -> TlsaAnswer         TLSA records (RFC 6698) and whether the answer was DNSSEC-validated
@@ -273,6 +275,11 @@ class Resolver(Protocol):
 
     async def txt(self, name: str) -> list[str]: ...
 
+    async def txt_strings(self, name: str) -> list[tuple[str, ...]]:
+        """Each TXT record's strings apart (a DNS list's reason: Postfix's dns_lookup keeps a record's first
+        string); failures as `txt`'s."""
+        ...
+
     async def ptr(self, address: str) -> list[str]: ...
 
     async def ns(self, domain: str) -> list[str]: ...
@@ -393,6 +400,9 @@ class StaticResolver:
             raise NotFound(name, "TXT")
         return list(self._txt.get(key, ()))
 
+    async def txt_strings(self, name: str) -> list[tuple[str, ...]]:
+        return [(record,) for record in await self.txt(name)]
+
     async def ptr(self, address: str) -> list[str]:
         if address not in self._ptr:
             raise NotFound(address, "PTR")
@@ -484,6 +494,19 @@ class AiodnsResolver:
     async def txt(self, name: str) -> list[str]:
         result = await self._query(name, "TXT")
         return [_text(rec.data.data) for rec in result if rec.type == pycares.QUERY_TYPE_TXT]
+
+    async def txt_strings(self, name: str) -> list[tuple[str, ...]]:
+        """Asked alone (`IsolatedAsker.ask`: c-ares joins the strings), within `timeout` x `tries`; failures as
+        `txt`'s, but for a reply that cannot be read, asked once."""
+        try:
+            async with asyncio.timeout(self._timeout * self._tries):
+                reply = await self._isolated.ask(name, "TXT")
+        except TimeoutError:
+            raise LookupRetry(f"Name service error for name={name} type=TXT: {TRY_AGAIN}") from None
+        except aiodns.error.DNSError as e:
+            return classify_dns_error(e, name, "TXT")
+        return [tuple(_text(string) for string in rdata.strings)
+                for rrset in reply.answer if rrset.rdtype == dns.rdatatype.TXT for rdata in rrset]
 
     async def ptr(self, address: str) -> list[str]:
         reverse = dns.reversename.from_address(address).to_text(omit_final_dot=True)
@@ -634,12 +657,16 @@ class IsolatedAsker:
     async def ask_again(self, name: str, qtype: str) -> pycares.DNSResult:
         """The answer for name/qtype asked alone, once fewer than `limit` queries are asked so (the wait is bounded
         by the caller's deadline: cancelled, it holds no slot). Raises the DNSError c-ares would raise."""
+        log.debug("lookup %s %s: reply unreadable, asked again alone", name, qtype)
+        return cares_result(await self.ask(name, qtype))
+
+    async def ask(self, name: str, qtype: str) -> dns.message.Message:
+        """`ask_again`'s reply as dnspython reads it (a NOERROR reply: another rcode raises its DNSError), for what
+        c-ares cannot give (each TXT string apart)."""
         slots = self._slots_of(asyncio.get_running_loop())
         if slots.locked():
-            log.debug("lookup %s %s: reply unreadable, waits to be asked again (%d asked alone now)", name, qtype,
-                      self._limit)
+            log.debug("lookup %s %s: waits to be asked alone (%d asked alone now)", name, qtype, self._limit)
         async with slots:
-            log.debug("lookup %s %s: reply unreadable, asked again alone", name, qtype)
             return await self._ask_servers(name, qtype)
 
     def _slots_of(self, loop: asyncio.AbstractEventLoop) -> asyncio.Semaphore:
@@ -648,7 +675,7 @@ class IsolatedAsker:
             self._slots = (loop, asyncio.Semaphore(self._limit))
         return self._slots[1]
 
-    async def _ask_servers(self, name: str, qtype: str) -> pycares.DNSResult:
+    async def _ask_servers(self, name: str, qtype: str) -> dns.message.Message:
         """The first server's answer; the next server's after a failure c-ares would try the next one for; else
         the last failure."""
         failure = aiodns.error.DNSError(aiodns.error.ARES_ECONNREFUSED, "no name server")
@@ -664,8 +691,8 @@ class IsolatedAsker:
         finally:  # (its traceback holds this frame, which must then not hold it)
             del failure
 
-    async def _ask(self, host: str, port: int, name: str, qtype: str) -> pycares.DNSResult:
-        """One server's answer (`cares_result`). Raises a DNSError as c-ares would: ETIMEOUT for no reply in time,
+    async def _ask(self, host: str, port: int, name: str, qtype: str) -> dns.message.Message:
+        """One server's NOERROR reply. Raises a DNSError as c-ares would: ETIMEOUT for no reply in time,
         EBADRESP for a reply that cannot be read, ECONNREFUSED for a server not reached (refused, unreachable, an
         address that cannot be used, TCP closed without an answer), the rcode's failure (RCODE_FAILURES) else."""
         try:
@@ -678,12 +705,16 @@ class IsolatedAsker:
             # use, a TCP connection closed before its answer (after a truncated one: c-ares, glibc try the next)
             log.debug("lookup %s %s: name server %s port %d not reached: %r", name, qtype, host, port, e)
             raise aiodns.error.DNSError(aiodns.error.ARES_ECONNREFUSED, "Could not contact DNS servers") from None
-        return cares_result(reply)
+        rcode = reply.rcode()
+        if rcode != dns.rcode.NOERROR:
+            raise aiodns.error.DNSError(RCODE_FAILURES.get(rcode, aiodns.error.ARES_EFORMERR), dns.rcode.to_text(rcode))
+        return reply
 
     async def _exchange(self, query: dns.message.Message, host: str, port: int) -> dns.message.Message:
         """The reply to `query` over UDP (over TCP when truncated), on a socket of its own connected to the server
         (the kernel drops datagrams from elsewhere). A datagram that reads as a reply to another query (one late
-        for a socket that had this port before) is passed over, as c-ares passes over a reply of unknown id."""
+        for a socket that had this port before) is passed over, as c-ares passes over a reply of unknown id. Each
+        record as sent (one_rr_per_rrset): dnspython would merge records sent twice, which c-ares keeps."""
         expiration = time.time() + self._timeout  # (dnspython's clock)
         backend = dns.asyncbackend.get_default_backend()
         try:
@@ -693,11 +724,13 @@ class IsolatedAsker:
                 peer = await sock.getpeername()
                 await dns.asyncquery.send_udp(sock, query, peer, expiration)
                 while True:
-                    reply, _, _ = await dns.asyncquery.receive_udp(sock, peer, expiration, raise_on_truncation=True)
+                    reply, _, _ = await dns.asyncquery.receive_udp(sock, peer, expiration, raise_on_truncation=True,
+                                                                   one_rr_per_rrset=True)
                     if query.is_response(reply):
                         return reply
         except dns.message.Truncated:
-            return await dns.asyncquery.tcp(query, host, timeout=max(expiration - time.time(), 0), port=port)
+            return await dns.asyncquery.tcp(query, host, timeout=max(expiration - time.time(), 0), port=port,
+                                            one_rr_per_rrset=True)
 
 
 class NameServers:
@@ -737,11 +770,7 @@ def system_nameservers(resolv_conf: str = RESOLV_CONF) -> list[str]:
 
 
 def cares_result(reply: dns.message.Message) -> pycares.DNSResult:
-    """A dnspython reply as c-ares's query_dns gives it: its answer records, or the DNSError of its rcode (NOERROR
-    without an answer: ENODATA)."""
-    rcode = reply.rcode()
-    if rcode != dns.rcode.NOERROR:
-        raise aiodns.error.DNSError(RCODE_FAILURES.get(rcode, aiodns.error.ARES_EFORMERR), dns.rcode.to_text(rcode))
+    """A dnspython NOERROR reply as c-ares's query_dns gives it: its answer records (none: the DNSError ENODATA)."""
     if not reply.answer:
         raise aiodns.error.DNSError(aiodns.error.ARES_ENODATA, "DNS server returned answer with no data")
     records = [pycares.DNSRecord(rrset.name.to_text(omit_final_dot=True), rrset.rdtype, rrset.rdclass, rrset.ttl,

@@ -89,7 +89,7 @@ async def test_smtpd_checks_on_answers_past_512_bytes_match_a_real_postfix(mailf
     else:
         assert postfix["unknown", "s@bigmx.test"] == \
             "450 4.1.8 <unknown-s@bigmx.test>: Sender address rejected: Domain not found"
-        assert postfix["mx", "s@bigmx.test"].startswith("450 4.")
+        assert postfix["mx", "s@bigmx.test"] == "250 2.1.5 Ok"  # (check_server_access: a failed MX lookup is DUNNO)
         assert postfix["long", "s@known.test"].endswith("blocked using long.test")  # no reason: TXT failed
     assert all(not reply.startswith("5") or "Access denied" in reply or "blocked using" in reply
                for reply in postfix.values())

@@ -106,3 +106,18 @@ async def test_asked_alone_a_truncated_answer_without_tcp_fails_as_c_ares_would(
     with pytest.raises(LookupRetry) as classified:
         classify_dns_error(failure.value, "many.test", "MX")
     assert classified.value.text == f"Name service error for name=many.test type=MX: {TRY_AGAIN}"
+
+
+async def test_each_txt_record_s_strings_apart_whole_and_as_sent(dns_zone):
+    """txt_strings (a DNS list's reason) keeps each record's strings apart, over TCP past 512 bytes, and a record
+    sent twice twice, as c-ares's txt does (dnspython merged the two, and the reason lost a ' / ' part)."""
+    twice = 'twice.test. 60 IN TXT "' + "x" * 200 + '"\n'
+    resolver = resolver_for(dns_zone(ZONE + twice * 3))
+    try:
+        [spf] = await resolver.txt_strings("spf.test")
+        repeated = await resolver.txt_strings("twice.test")
+        assert len(await resolver.txt("twice.test")) == 3
+    finally:
+        await resolver.close()
+    assert spf == tuple(SPF[i:i + 200] for i in range(0, len(SPF), 200))
+    assert repeated == [("x" * 200,)] * 3

@@ -149,13 +149,15 @@ class DnsChecks:
             return None
 
     async def _reason(self, query: str, memo: dict) -> str:
-        """The list's TXT records for `query` as Postfix's reason (rbl_reply.txt_reason); "" when it has none or
-        they cannot be had (nothing logged, as Postfix). Asked once a session, and only of a list that names
-        the client (Postfix asks it with every address answer)."""
+        """The list's TXT records for `query` as Postfix's reason (rbl_reply.txt_reason), each record's first string
+        (Postfix 3.7's dns_lookup keeps no other); "" when it has none or they cannot be had (nothing logged, as
+        Postfix). Asked once a session, and only of a list that names the client (Postfix asks it with every
+        address answer)."""
         key = ("dnsxl txt", query)
         if key not in memo:
             try:
-                memo[key] = txt_reason(await self._resolver.txt(query))
+                records = await self._resolver.txt_strings(query)
+                memo[key] = txt_reason([strings[0] if strings else "" for strings in records])
             except (NotFound, LookupRetry):
                 memo[key] = ""
         return memo[key]
