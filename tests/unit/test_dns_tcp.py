@@ -6,11 +6,14 @@ set and never "not found"; within the lookup's timeout."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 
 import pytest
 from aiodns.error import DNSError
 
-from mailflow.dns import TRY_AGAIN, AiodnsResolver, IsolatedAsker, NameServers, NotFound, Tlsa, classify_dns_error
+from mailflow.dns import (TRY_AGAIN, AiodnsResolver, IsolatedAsker, NameServers, NotFound, Tlsa, classify_dns_error,
+                          client_name)
+from mailflow.filters.spf_query import check_host
 from mailflow.errors import LookupRetry
 
 # 30 MX hosts: about 1 100 bytes; the one of preference 0 comes last, past where a UDP answer is cut.
@@ -23,6 +26,9 @@ TLSA_DATA = [bytes([i]) * 64 for i in range(24)]  # 24 records of 64 octets: abo
 TLSA = "".join(f"_25._tcp.mx.tlsa.test. 60 IN TLSA 3 1 2 {data.hex()}\n" for data in TLSA_DATA)
 ADDRESSES = "".join(f"crowd.test. 60 IN A 192.0.2.{i}\n" for i in range(1, 61))  # 60 x 16 octets
 PTRS = "".join(f"9.2.0.192.in-addr.arpa. 60 IN PTR host-with-a-long-name-{i:02d}.ptr.test.\n" for i in range(20))
+# the first PTR name's 60 addresses, the client's last (past the UDP cut)
+PTRS += "".join(f"host-with-a-long-name-00.ptr.test. 60 IN A 198.51.100.{i}\n" for i in range(1, 60))
+PTRS += "host-with-a-long-name-00.ptr.test. 60 IN A 192.0.2.9\n"
 ZONE = MANY_MX + LONG_SPF + TLSA + ADDRESSES + PTRS + "small.test. 60 IN A 192.0.2.1\n"
 
 
@@ -121,3 +127,40 @@ async def test_each_txt_record_s_strings_apart_whole_and_as_sent(dns_zone):
         await resolver.close()
     assert spf == tuple(SPF[i:i + 200] for i in range(0, len(SPF), 200))
     assert repeated == [("x" * 200,)] * 3
+
+
+@pytest.mark.parametrize("tcp", ["answer", "refuse"])
+async def test_spf_of_several_strings_past_512_bytes(dns_zone, tcp):
+    """RFC 7208 3.3: the strings of a TXT record joined; the address allowed is in the last string, past the UDP
+    cut. Without TCP a temperror (a DNS error, RFC 7208 4.4), never a fail from the cut record."""
+    resolver = resolver_for(dns_zone(ZONE, tcp=tcp))
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        allowed = await check_host(resolver, "192.0.2.59", "s@spf.test", timeout=2.0, executor=pool)
+        other = await check_host(resolver, "198.51.100.1", "s@spf.test", timeout=2.0, executor=pool)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        await resolver.close()
+    if tcp == "answer":
+        assert (allowed.result, other.result) == ("pass", "fail")
+    else:
+        assert (allowed.result, other.result) == ("temperror", "temperror")
+
+
+@pytest.mark.parametrize("tcp", ["answer", "refuse"])
+async def test_the_client_name_from_ptr_and_a_sets_past_512_bytes(dns_zone, tcp):
+    """smtpd's verified client name: 20 PTR names, the first one's 60 addresses with the client's last. Without
+    TCP the DNS cannot tell now (retry: reject_unknown_client_hostname answers 450), not "no name"."""
+    resolver = resolver_for(dns_zone(ZONE, tcp=tcp))
+    try:
+        if tcp == "answer":
+            names = await resolver.ptr("192.0.2.9")
+            verdict = await client_name(resolver, "192.0.2.9", names)
+            assert (verdict.name, verdict.retry) == ("host-with-a-long-name-00.ptr.test", False)
+        else:
+            with pytest.raises(LookupRetry):
+                await resolver.ptr("192.0.2.9")
+            verdict = await client_name(resolver, "192.0.2.9", ["host-with-a-long-name-00.ptr.test"])
+            assert (verdict.name, verdict.retry) == ("", True)
+    finally:
+        await resolver.close()
