@@ -714,7 +714,8 @@ class IsolatedAsker:
         """The reply to `query` over UDP (over TCP when truncated), on a socket of its own connected to the server
         (the kernel drops datagrams from elsewhere). A datagram that reads as a reply to another query (one late
         for a socket that had this port before) is passed over, as c-ares passes over a reply of unknown id. Each
-        record as sent (one_rr_per_rrset): dnspython would merge records sent twice, which c-ares keeps."""
+        record as sent (one_rr_per_rrset): dnspython would merge records sent twice, which c-ares keeps. One
+        answer held at a time: the cut one (its socket too) is let go before TCP is asked."""
         expiration = time.time() + self._timeout  # (dnspython's clock)
         backend = dns.asyncbackend.get_default_backend()
         try:
@@ -729,8 +730,9 @@ class IsolatedAsker:
                     if query.is_response(reply):
                         return reply
         except dns.message.Truncated:
-            return await dns.asyncquery.tcp(query, host, timeout=max(expiration - time.time(), 0), port=port,
-                                            one_rr_per_rrset=True)
+            pass  # (the exception holds the cut answer: TCP is asked once it is handled)
+        return await dns.asyncquery.tcp(query, host, timeout=max(expiration - time.time(), 0), port=port,
+                                        one_rr_per_rrset=True)
 
 
 class NameServers:

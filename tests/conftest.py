@@ -80,9 +80,9 @@ class _SizedHandler(DNSHandler):
                 query = length and _read_exactly(connection, struct.unpack("!H", length)[0])
                 if not query or self.server.tcp_mode == "close":
                     return
+                answer = self.get_reply(query)  # (`asked` has it now)
                 if self.server.tcp_delay and stopping.wait(self.server.tcp_delay):
                     return
-                answer = self.get_reply(query)
                 connection.sendall(struct.pack("!H", len(answer)) + answer)
         except (OSError, DNSError):
             return

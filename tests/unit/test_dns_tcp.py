@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 
+import dns.flags
+import dns.message
 import pytest
 from aiodns.error import DNSError
 
@@ -15,6 +18,7 @@ from mailflow.dns import (TRY_AGAIN, AiodnsResolver, IsolatedAsker, NameServers,
                           client_name)
 from mailflow.filters.spf_query import check_host
 from mailflow.errors import LookupRetry
+from tests.support import eventually
 
 # 30 MX hosts: about 1 100 bytes; the one of preference 0 comes last, past where a UDP answer is cut.
 MANY_MX = "".join(f"many.test. 60 IN MX {i + 1} mail-exchanger-{i:02d}.many.test.\n" for i in range(29))
@@ -164,3 +168,18 @@ async def test_the_client_name_from_ptr_and_a_sets_past_512_bytes(dns_zone, tcp)
             assert (verdict.name, verdict.retry) == ("", True)
     finally:
         await resolver.close()
+
+
+async def test_asked_alone_the_cut_answer_is_let_go_before_tcp_is_asked(dns_zone):
+    """One answer held per lookup: while the TCP answer (up to 64 KB) is awaited, the cut UDP one (up to 64 KB
+    from a server that sends a large datagram with TC) is no longer held (it was, by the exception being
+    handled around the TCP query)."""
+    asked: list[tuple[str, str]] = []
+    asker = IsolatedAsker(NameServers((dns_zone(ZONE, asked=asked, tcp_delay=0.5),)), timeout=2.0, limit=1)
+    asking = asyncio.ensure_future(asker.ask_again("many.test", "MX"))
+    await eventually(lambda: len(asked) == 2, timeout=2, what="the query asked again over TCP")
+    gc.collect()
+    held = [m for m in gc.get_objects() if isinstance(m, dns.message.Message) and m.flags & dns.flags.TC]
+    answer = await asking
+    assert len(answer.answer) == 30
+    assert held == []
