@@ -9,6 +9,7 @@ import asyncio
 import concurrent.futures
 import gc
 
+import dns.asyncquery
 import dns.flags
 import dns.message
 import pytest
@@ -34,6 +35,20 @@ PTRS = "".join(f"9.2.0.192.in-addr.arpa. 60 IN PTR host-with-a-long-name-{i:02d}
 PTRS += "".join(f"host-with-a-long-name-00.ptr.test. 60 IN A 198.51.100.{i}\n" for i in range(1, 60))
 PTRS += "host-with-a-long-name-00.ptr.test. 60 IN A 192.0.2.9\n"
 ZONE = MANY_MX + LONG_SPF + TLSA + ADDRESSES + PTRS + "small.test. 60 IN A 192.0.2.1\n"
+
+
+@pytest.mark.parametrize("payload", [None, 600, 4096])
+async def test_the_test_server_cuts_udp_answers_as_a_real_server(dns_zone, payload):
+    """What the tests above stand on: 512 bytes without EDNS, the advertised size with it; past that the records
+    that fit (some, not none: a resolver that took them would act on a partial set), TC set."""
+    host, port = dns_zone(ZONE).split(":")
+    query = dns.message.make_query("many.test", "MX", use_edns=payload is not None, payload=payload or 512)
+    reply = await dns.asyncquery.udp(query, host, port=int(port), timeout=2, ignore_trailing=True)
+    size = len(reply.to_wire())
+    if payload == 4096:
+        assert not reply.flags & dns.flags.TC and len(reply.answer[0]) == 30
+    else:
+        assert reply.flags & dns.flags.TC and 0 < len(reply.answer[0]) < 30 and size <= (payload or 512)
 
 
 def resolver_for(nameserver: str, timeout: float = 1.0) -> AiodnsResolver:
