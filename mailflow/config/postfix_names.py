@@ -102,6 +102,7 @@ SETTINGS: dict[str, tuple[str, ...]] = {name: (key,) for name, key in {
                      "bounce_queue_lifetime delay_warning_time bounce_size_limit initial_destination_concurrency "
                      "default_destination_concurrency_limit queue_minfree"),
     "2bounce_notice_recipient": "queue.double_bounce_recipient",
+    **_same("queue", "notify_classes bounce_notice_recipient delay_notice_recipient error_notice_recipient"),
     "qmgr_message_active_limit": "queue.active_limit",
     "default_destination_concurrency_failed_cohort_limit": "queue.destination_concurrency_failed_cohort_limit",
     "default_destination_rate_delay": "queue.destination_rate_delay",
@@ -184,7 +185,6 @@ NOT_IMPORTABLE: dict[str, str] = {
     "smtp_tls_CApath": "mailflow reads one CA file (smtp.tls_ca_file), not a directory",
     "smtpd_tls_CApath": "mailflow reads one CA file (smtpd.tls_ca_file), not a directory",
     "smtpd_tls_wrappermode": "a listener property: give it in master.cf (-o smtpd_tls_wrappermode=yes)",
-    "notify_classes": "mailflow's notices are its own (queue.double_bounce_recipient); no postmaster copies",
     "mailbox_command_maps": "mailflow has local.mailbox_command only",
     "smtpd_tls_ccert_verifydepth": "mailflow's chain depth is fixed (10 intermediate CAs, docs/config.md)",
 }

@@ -9,10 +9,20 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, field_validator
 
-from mailflow.config.base import Duration, Section, TableSpecs
+from mailflow.config.base import Duration, Section, TableSpecs, each_one_of
 from mailflow.tables import check_spec
+
+# Postfix's error classes (mail_error.c), the words of notify_classes
+NOTIFY_CLASSES = ("bounce", "2bounce", "data", "delay", "policy", "protocol", "resource", "software")
+
+
+def _lowercase_words(value: object) -> object:
+    """notify_classes' words in any case (Postfix's name_mask ignores it)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(w.lower() if isinstance(w, str) else w for w in value)
+    return value
 
 
 class QueueConfig(Section):
@@ -28,6 +38,18 @@ class QueueConfig(Section):
     delay_warning_time: Duration = 0.0
     # Where a bounce that cannot be returned (its own sender is null) goes; "" drops it (logged).
     double_bounce_recipient: str = "postmaster"
+    # Postfix's notify_classes: which problems the postmaster hears of (docs/queue.md, "Postmaster notices").
+    # bounce: a copy of each failure notice (headers only) to bounce_notice_recipient, and smtpd's transcript of
+    # a session refused for a bounce reason (an unknown user, a message too big or looping) to it; 2bounce: a failed
+    # notice to double_bounce_recipient; delay: a copy of each delay notice to delay_notice_recipient; data, policy,
+    # protocol, resource, software: smtpd's transcript of a session with such an error to error_notice_recipient.
+    # Unlike Postfix (whose default is resource, software), 2bounce is on by default: a failed notice is not lost.
+    notify_classes: Annotated[tuple[str, ...], BeforeValidator(_lowercase_words),
+                              AfterValidator(lambda v: each_one_of(v, NOTIFY_CLASSES))] = (
+        "2bounce", "resource", "software")
+    bounce_notice_recipient: str = "postmaster"
+    delay_notice_recipient: str = "postmaster"
+    error_notice_recipient: str = "postmaster"
     # Bounces carry the whole original up to this many bytes, else its headers only.
     bounce_size_limit: int = Field(50_000, ge=0)
     active_limit: int = Field(10_000, ge=1)

@@ -25,9 +25,10 @@ Decisions:
   N hour(s)" from delay_warning_time, "N day(s) old" from the queue lifetime), then a paragraph per recipient,
   `<address>: <reason>`, wrapped at 79 columns as Postfix's line_wrap (a word is never split unless it is longer
   than a line may be).
-- A postmaster copy (a failed bounce, sent to double_bounce_recipient) is laid out as Postfix's: Subject
-  "Postmaster Copy: Undelivered Mail", Auto-Submitted: auto-generated, no template text (only the recipient
-  paragraphs), the whole original (within the size limit) whatever RET said. A null sender is named
+- A postmaster copy (a failed bounce, sent to double_bounce_recipient; notify_classes' copies of failure and delay
+  notices) is laid out as Postfix's: Subject "Postmaster Copy: Undelivered Mail" or "Postmaster Warning: Delayed
+  Mail", Auto-Submitted: auto-generated, no template text (only the recipient paragraphs), the whole original
+  (within the size limit) when the caller passes RET=FULL (a double bounce), else its header section. A null sender is named
   MAILER-DAEMON@<reporting MTA> in its sender field and Return-Path, as Postfix's bounce(8) names it.
 - Diagnostic-Code: `smtp; <reply>` when the diagnostic carries a remote SMTP reply, in the transports' wording
   "host H said: <reply> (in reply to X command)" / "host H refused to talk to me: <reply>" (or to start TLS, or
@@ -174,7 +175,7 @@ def build_notice(
     `original_size` is the original message's size when `original` is only its beginning. A delay notice
     says, as Postfix's, that the message waited more than `delay_warning_time` (in hours) and will be retried
     until it is (`will_retry_until` - `arrival`) days old. A `postmaster_copy` (a double bounce) is Postfix's:
-    its own subject, Auto-Submitted: auto-generated, no template text, the whole original whatever RET said.
+    its own subject, Auto-Submitted: auto-generated, no template text, the whole original only with RET=FULL.
     `smtputf8`: the original was SMTPUTF8 mail (its headers may be UTF-8), reported with the global types.
     """
     if kind not in KINDS:
@@ -192,7 +193,7 @@ def build_notice(
     size = len(original) if original_size is None else original_size
     if postmaster_copy and kind not in POSTMASTER_SUBJECTS:
         raise ValueError(f"no postmaster copy of a {kind} notice")
-    full = kind == "failure" and (ret != "HDRS" or postmaster_copy) and size <= size_limit
+    full = (ret == "FULL" if postmaster_copy else kind == "failure" and ret != "HDRS") and size <= size_limit
     mta = _clean(reporting_mta)
     named_sender = sender or f"MAILER-DAEMON@{mta}"  # the null sender, as Postfix's bounce(8) names it
     returned = _with_return_path(named_sender, original if full else split_header(original)[0])

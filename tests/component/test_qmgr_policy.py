@@ -656,3 +656,42 @@ def test_no_success_notice_when_the_next_hop_offered_dsn_and_took_notify():
     assert plan(message, [with_dsn], **kwargs) == []
     [notice] = plan(message, [without], **kwargs)
     assert notice.kind == "success" and notice.recipients[0].action == "relayed"
+
+
+def test_notify_classes_decide_the_postmasters_copies():
+    """Postfix's notify_classes (bounce_notify_service.c, bounce_warn_service.c): `bounce` copies a failure
+    notice (headers only, every recipient whatever its NOTIFY) to bounce_notice_recipient, `delay` a delay notice
+    to delay_notice_recipient, from the double-bounce sender; a failed notice (null sender) goes to the
+    double-bounce recipient with `2bounce` or `bounce` only, whole; neither class: none of these."""
+    from mailflow.model import QueuedMessage
+    from mailflow.stages.qmgr.notices import Postmaster
+
+    never = Recipient(0, "a@example.test", "a@example.test", notify="NEVER")
+    told = Recipient(1, "b@example.test", "b@example.test")
+    message = QueuedMessage("Q1", "s@example.org", 0.0, 10, False, "7BIT", 1, (never, told))
+    bounce = QueuedMessage("Q2", "", 0.0, 10, False, "7BIT", 1, (told,))
+    failures = [RcptResult(r, Outcome.BOUNCED, "5.1.1", "no", "local") for r in (never, told)]
+    delays = [RcptResult(r, Outcome.DEFERRED, "4.2.0", "busy", "local") for r in (never, told)]
+
+    def notices(msg, results, classes, warn=False):
+        pm = Postmaster(classes, bounce_to="bounces", delay_to="delays@example.net")
+        return [(n.kind, n.sender, n.to, n.ret, [r.recipient.address for r in n.recipients])
+                for n in plan(msg, results, warn_delay=warn, myhostname="mx.test", double_bounce_recipient="pm",
+                              now=0.0, postmaster=pm)]
+
+    copy = ("double-bounce@mx.test", "bounces@mx.test", "HDRS", ["a@example.test", "b@example.test"])
+    assert notices(message, failures, ("bounce",)) == [
+        ("failure", "", "s@example.org", None, ["b@example.test"]), ("failure", *copy)]
+    assert notices(message, failures, ("resource", "software", "2bounce", "delay")) == [
+        ("failure", "", "s@example.org", None, ["b@example.test"])]
+    assert notices(message, delays, ("delay",), warn=True) == [
+        ("delay", "", "s@example.org", None, ["b@example.test"]),
+        ("delay", "double-bounce@mx.test", "delays@example.net", "HDRS", ["a@example.test", "b@example.test"])]
+    assert notices(message, delays, ("bounce",), warn=True) == [
+        ("delay", "", "s@example.org", None, ["b@example.test"])]
+    double = [("failure", "double-bounce@mx.test", "pm@mx.test", "FULL", ["b@example.test"])]
+    assert notices(bounce, failures[1:], ("2bounce",)) == double
+    assert notices(bounce, failures[1:], ("bounce",)) == double
+    assert notices(bounce, failures[1:], ("resource", "software", "delay")) == []
+    assert notices(bounce, delays[1:], ("delay",), warn=True) == [
+        ("delay", "double-bounce@mx.test", "delays@example.net", "HDRS", ["b@example.test"])]

@@ -499,8 +499,8 @@ def test_a_success_notice_says_where_each_copy_went_as_postfix_does():
 
 def test_a_postmaster_copy_is_laid_out_as_postfixs():
     """A double bounce: Postfix's postmaster copy (its subject, auto-generated, no template text, the whole
-    original even for RET=HDRS, the null sender named MAILER-DAEMON@host)."""
-    raw = notice([refused()], sender="", to="postmaster@mx.example.test", ret="HDRS", postmaster_copy=True)
+    original, which the caller asks for with RET=FULL, the null sender named MAILER-DAEMON@host)."""
+    raw = notice([refused()], sender="", to="postmaster@mx.example.test", ret="FULL", postmaster_copy=True)
     message = parse(raw)
     assert (message["Subject"], message["Auto-Submitted"]) == ("Postmaster Copy: Undelivered Mail", "auto-generated")
     text, _, original = parts(raw)
@@ -510,6 +510,18 @@ def test_a_postmaster_copy_is_laid_out_as_postfixs():
     assert f"Return-Path: <MAILER-DAEMON@{MTA}>\r\n".encode() + ORIGINAL in raw
     with pytest.raises(ValueError):
         notice([refused()], kind="success", postmaster_copy=True)
+
+
+def test_a_postmaster_copy_of_a_failure_or_a_delay_notice_returns_the_header_section():
+    """notify_classes' bounce and delay copies (Postfix's DSN_RET_HDRS): the original's header section only,
+    whatever the sender's RET said; the delay copy with Postfix's subject and no template text."""
+    for kind, subject in (("failure", "Postmaster Copy: Undelivered Mail"),
+                          ("delay", "Postmaster Warning: Delayed Mail")):
+        raw = notice([refused()], kind=kind, ret="HDRS", to="postmaster@mx.example.test", postmaster_copy=True)
+        assert parse(raw)["Subject"] == subject
+        text, _, original = parts(raw)
+        assert original.get_content_type() == "text/rfc822-headers"
+        assert text.get_content().startswith("\r\n<bob@remote.test>: ")
 
 
 def test_a_long_run_of_blanks_in_a_reason_keeps_every_line_under_998_octets():

@@ -33,6 +33,7 @@ import asyncio
 from dataclasses import dataclass, replace
 from typing import Callable
 
+from mailflow.config import DEFAULTS
 from mailflow.content import Content
 from mailflow.message import quoted_original
 from mailflow.model import ClientInfo, Envelope, Outcome, QueuedMessage, RcptResult, Recipient, Submission
@@ -51,15 +52,30 @@ class Notice:
     to: str
     recipients: tuple[NoticeRecipient, ...]
     list_owner: bool = False  # to a mailing list's owner: without the sender's ENVID and RET (local(8)'s alias.c)
+    ret: str | None = None  # a postmaster's notice: "FULL" (a double bounce) or "HDRS" (a copy); else the sender's
 
     @property
     def postmaster_copy(self) -> bool:
-        """A double bounce (from the double-bounce sender): Postfix's postmaster copy."""
+        """A notice to the postmaster (from the double-bounce sender): Postfix's postmaster copy."""
         return bool(self.sender)
 
 
+@dataclass(frozen=True)
+class Postmaster:
+    """What the postmaster hears of (Postfix's notify_classes and its *_notice_recipient): `classes` the words,
+    `bounce_to` gets the copies of failure notices, `delay_to` the copies of delay notices."""
+
+    classes: tuple[str, ...] = DEFAULTS.queue.notify_classes
+    bounce_to: str = DEFAULTS.queue.bounce_notice_recipient
+    delay_to: str = DEFAULTS.queue.delay_notice_recipient
+
+    @classmethod
+    def of(cls, config) -> "Postmaster":
+        return cls(config.notify_classes, config.bounce_notice_recipient, config.delay_notice_recipient)
+
+
 def plan(message: QueuedMessage, results: list[RcptResult], *, warn_delay: bool, myhostname: str,
-         double_bounce_recipient: str, now: float) -> list[Notice]:
+         double_bounce_recipient: str, now: float, postmaster: Postmaster = Postmaster()) -> list[Notice]:
     if _is_double_bounce(message, myhostname):
         return []  # a failed double bounce is dropped
     wanted = [("failure", Outcome.BOUNCED), ("success", Outcome.SENT)]
@@ -73,15 +89,48 @@ def plan(message: QueuedMessage, results: list[RcptResult], *, warn_delay: bool,
         notices.extend(Notice(kind, "", owner, (about,), list_owner=True) for owner, about in owned)
         told = tuple(told for r in chosen for told in (
             _senders_told(r, now) if kind == "failure" and (r.owner or r.owned) else [_notice_recipient(r, now)]))
-        if not told:
-            continue
-        if message.sender:
+        if message.sender and told:
             notices.append(Notice(kind, "", message.sender, told))
-        elif kind == "failure" and double_bounce_recipient:
-            to = (double_bounce_recipient if "@" in double_bounce_recipient
-                  else f"{double_bounce_recipient}@{myhostname}")
-            notices.append(Notice(kind, _double_bounce_sender(myhostname), to, told))
+        notices += _postmaster_copies(message, results, kind, outcome, postmaster, double_bounce_recipient,
+                                      myhostname, now, told=bool(told))
     return notices
+
+
+def _postmaster_copies(message: QueuedMessage, results: list[RcptResult], kind: str, outcome: Outcome,
+                       postmaster: Postmaster, double_bounce_recipient: str, myhostname: str, now: float, *,
+                       told: bool) -> list[Notice]:
+    """The postmaster's notices of this kind, as Postfix's bounce(8) sends them (bounce_notify_service.c,
+    bounce_warn_service.c), from the double-bounce sender, about every recipient whatever its NOTIFY:
+    - the failures of a notice (null sender): to double_bounce_recipient with the whole original, with the class
+      2bounce or bounce; the delays of a notice: to delay_notice_recipient, with the class delay;
+    - the failures of other mail: a copy to bounce_notice_recipient, the original's header section only, with the
+      class bounce, when a notice went to the sender (Postfix sends the copy after the sender's);
+      its delays: a copy to delay_notice_recipient with the class delay, when a delay notice went to the sender."""
+    if kind == "success":
+        return []
+    classes = postmaster.classes
+    about = tuple(_notice_recipient(r, now) for r in results if r.outcome is outcome)
+    if not about:
+        return []
+    if not message.sender:
+        if kind == "failure" and double_bounce_recipient and ("2bounce" in classes or "bounce" in classes):
+            return [Notice(kind, _double_bounce_sender(myhostname), _qualified(double_bounce_recipient, myhostname),
+                           about, ret="FULL")]
+        if kind == "delay" and "delay" in classes and postmaster.delay_to:
+            return [Notice(kind, _double_bounce_sender(myhostname), _qualified(postmaster.delay_to, myhostname),
+                           about, ret="HDRS")]
+        return []
+    to = {"failure": postmaster.bounce_to if "bounce" in classes else "",
+          "delay": postmaster.delay_to if "delay" in classes else ""}[kind]
+    if not to or not told:
+        return []
+    return [Notice(kind, _double_bounce_sender(myhostname), _qualified(to, myhostname), about, ret="HDRS")]
+
+
+def _qualified(recipient: str, myhostname: str) -> str:
+    """A notice recipient without a domain is one of this host's (Postfix's post_mail has cleanup qualify it with
+    myorigin; myhostname here, as the double bounce's)."""
+    return recipient if "@" in recipient else f"{recipient}@{myhostname}"
 
 
 def discarded(message: QueuedMessage, results: list[RcptResult], *, myhostname: str) -> bool:
@@ -157,13 +206,14 @@ class Notices:
         c = self._config
         out = []
         planned = plan(message, results, warn_delay=warn_delay, myhostname=self._myhostname,
-                       double_bounce_recipient=c.double_bounce_recipient, now=now)
+                       double_bounce_recipient=c.double_bounce_recipient, now=now, postmaster=Postmaster.of(c))
         quoted = quoted_original(original, c.bounce_size_limit) if planned else b""
         for notice in planned:
             content = await asyncio.to_thread(
                 build_notice,
                 kind=notice.kind, queue_id=message.queue_id, sender=message.sender, arrival=message.arrival,
-                envid="" if notice.list_owner else message.envid, ret="" if notice.list_owner else message.ret,
+                envid="" if notice.list_owner else message.envid,
+                ret="" if notice.list_owner else message.ret if notice.ret is None else notice.ret,
                 recipients=list(notice.recipients), original=quoted,
                 original_size=original.size, reporting_mta=self._myhostname, now=now,
                 will_retry_until=retry_until if notice.kind == "delay" else None,
