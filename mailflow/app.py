@@ -82,6 +82,7 @@ from mailflow.signing.keytables import arc_key_from_config, keys_from_config
 from mailflow.signing.outbound import OutboundSigning
 from mailflow.stages.smtpd import Smtpd, SmtpdHandler
 from mailflow.stages.smtpd.filtering import FilterServices
+from mailflow.stages.smtpd.postmaster import SessionNotices
 from mailflow.stages.smtpd.transcript import SessionObservers
 from mailflow.stages.verify import ProbeSender, Prober, Verifier
 from mailflow.store import Store
@@ -206,6 +207,7 @@ class Mailflow:
         self._retired_filters: list[FilterServices] = []
         self.metrics: Metrics | None = None  # with [admin] enable
         self.admin: Admin | None = None  # with [admin] enable
+        self._postmaster: SessionNotices | None = None  # once the stages are built
         if config.admin.enable:
             from mailflow.metrics import Metrics
 
@@ -279,8 +281,11 @@ class Mailflow:
                              receive_override_options=c.smtpd.receive_override_options, policy=c)
         await self.pickup.start()
         self._filters = FilterServices(c, self._dns_resolver(), self.clock)
+        self._postmaster = SessionNotices(c, self._cleanup.submit)  # notify_classes' session transcripts
+        observer = self._postmaster if self._session_observer is None else SessionObservers(
+            self._session_observer, self._postmaster)
         self.smtpd = Smtpd(c, self._handler_for(router, self._filters, sender), clock=self.clock,
-                           observer=self._session_observer, resolver=self._dns_resolver())
+                           observer=observer, resolver=self._dns_resolver())
         await self.smtpd.start()
 
     @staticmethod
@@ -424,6 +429,9 @@ class Mailflow:
         stages = [stage for stage in (self.smtpd, self.pickup, self.qmgr) if stage is not None]
         await asyncio.gather(*(stage.stop(self._grace) for stage in stages))
         self.smtpd = self.pickup = self.qmgr = None
+        if self._postmaster is not None:  # the transcripts of the last sessions, queued before the store closes
+            await self._postmaster.close()
+            self._postmaster = None
         for filters in (self._filters, *self._retired_filters):
             if filters is not None:
                 filters.close()
@@ -472,6 +480,8 @@ class Mailflow:
                                   recipient_delimiter=config.recipient_delimiter)
             if self._verifier is not None:
                 self._verifier.reconfigure(config.address_verify, prober)
+            if self._postmaster is not None:
+                self._postmaster.reconfigure(config)
             self.pickup.reconfigure(myhostname=config.myhostname, interval=config.sendmail.pickup_interval,
                                     bounce_size_limit=config.queue.bounce_size_limit,
                                     size_limit=config.smtpd.message_size_limit, milters=non_smtpd_milters(config),

@@ -28,8 +28,9 @@ Decisions:
 - A postmaster copy (a failed bounce, sent to double_bounce_recipient; notify_classes' copies of failure and delay
   notices) is laid out as Postfix's: Subject "Postmaster Copy: Undelivered Mail" or "Postmaster Warning: Delayed
   Mail", Auto-Submitted: auto-generated, no template text (only the recipient paragraphs), the whole original
-  (within the size limit) when the caller passes RET=FULL (a double bounce), else its header section. A null sender is named
-  MAILER-DAEMON@<reporting MTA> in its sender field and Return-Path, as Postfix's bounce(8) names it.
+  (within the size limit) when the caller passes RET=FULL (a double bounce), else its header section. A null
+  sender is named MAILER-DAEMON@<reporting MTA> in its sender field and Return-Path, as Postfix's bounce(8) names
+  it.
 - Diagnostic-Code: `smtp; <reply>` when the diagnostic carries a remote SMTP reply, in the transports' wording
   "host H said: <reply> (in reply to X command)" / "host H refused to talk to me: <reply>" (or to start TLS, or
   the SASL refusal "server H said: <reply>"), or is a bare reply

@@ -58,8 +58,14 @@ class SessionObservers(SessionObserver):
 
     def __init__(self, *observers: SessionObserver):
         self._observers = observers
-        self.line_limit = max(o.line_limit for o in observers)
-        self.byte_limit = max(o.byte_limit for o in observers)
+
+    @property
+    def line_limit(self) -> int:  # type: ignore[override]  # (asked again: an observer's may change at a reload)
+        return max(o.line_limit for o in self._observers)
+
+    @property
+    def byte_limit(self) -> int:  # type: ignore[override]
+        return max(o.byte_limit for o in self._observers)
 
     def started(self, transcript: "Transcript") -> None:
         for o in self._observers:

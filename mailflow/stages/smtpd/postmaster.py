@@ -1,0 +1,219 @@
+"""smtpd's postmaster notices: the transcript of a session with errors (Postfix's smtpd_chat_notify).
+
+With notify_classes naming a class smtpd files its errors under (bounce, data, policy, protocol, resource,
+software; Postfix's default: resource, software), a session whose refusals fall in one of them ends with a
+notice to the postmaster: "Transcript of session follows.", each line of the dialogue as Postfix writes it
+(` Out: 220 ...`, ` In:  EHLO ...`, wrapped at 78 columns, continuations indented by 4), the reason of an aborted
+session, "For other details, see the local mail logfile". It goes to error_notice_recipient, or to
+bounce_notice_recipient when one of the errors is of the class bounce, from the double-bounce sender (so a notice
+that cannot be delivered is dropped, never a notice about a notice), through cleanup as any local mail.
+
+    error_class(reply) -> str | None       the class Postfix's smtpd files a refusal under (by its code, enhanced
+                                           code and words), None for a reply that is no client error
+    transcript_notice(...) -> bytes         the notice (CRLF lines, header and body)
+    SessionNotices(config, submit)          the session observer (stages.smtpd.transcript) that sends them;
+                                           reconfigure(config) at a reload; await close() at the stop
+
+Decisions:
+- As Postfix's smtpd, a message accepted forgives the errors before it (its error mask is cleared at a 250 for
+  DATA or BDAT); the transcript itself is the whole session's.
+- Bounded: the session's transcript keeps at most LINE_LIMIT lines and BYTE_LIMIT bytes (each line cut at
+  transcript.MAX_LINE): past them lines are counted, and the notice says how many it leaves out (Postfix keeps
+  them all, flushing a notice every smtpd_history_flush_threshold lines at HELO, RSET and DATA). At most
+  PENDING_LIMIT notices wait for cleanup at once; past that a notice is dropped and logged (Postfix's smtpd posts
+  with post_mail_fopen_nowait: a notice that cannot be posted now is dropped, with a warning).
+- The reason of an aborted session is derived from its last lines as Postfix's names it: "timeout" (421 4.4.2 …
+  timeout exceeded), "too many errors" (421 … too many errors), "lost connection" (the client left without QUIT
+  while the server still talked).
+- A failure to queue a notice is logged and touches nothing else: the session has ended.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Awaitable, Callable
+
+from mailflow.content import Content
+from mailflow.logs import printable
+from mailflow.model import ClientInfo, Envelope, Submission
+from mailflow.stages.smtpd.transcript import SessionObserver, Transcript
+
+log = logging.getLogger("mailflow.smtpd")
+
+SMTPD_CLASSES = ("bounce", "data", "policy", "protocol", "resource", "software")  # what smtpd's errors are filed as
+LINE_LIMIT = 200  # lines of a session's transcript kept for its notice
+BYTE_LIMIT = 32_768  # bytes of them
+PENDING_LIMIT = 64  # notices waiting for cleanup at once
+WIDTH, INDENT = 78, 4  # Postfix's smtpd_chat_notify: line_wrap(..., LENGTH 78, INDENT 4)
+_REPLY = re.compile(r"(?P<code>[45]\d\d)[ -](?:(?P<status>[45]\.\d{1,3}\.\d{1,3})(?: |$))?(?P<text>.*)", re.S)
+
+
+def error_class(reply: str) -> str | None:
+    """The class of a refusal as Postfix's smtpd files it (smtpd.c, smtpd_check.c): bounce (an unknown user, a
+    message too big or with too many hops), data (a table that could not answer), resource (no room: storage, a
+    queue write), software (the server's own fault), protocol (the client broke the protocol: syntax, sequence,
+    an unknown command), policy (any other refusal: a restriction, a filter). None for a 2xx/3xx reply and for a
+    421 that is the server's state (shutting down, busy, a timeout, the error limit), which Postfix files under
+    none."""
+    m = _REPLY.match(reply)
+    if m is None:
+        return None
+    code, status, text = int(m["code"]), m["status"] or "", m["text"]
+    subject, _, detail = status[2:].partition(".")
+    if "Temporary lookup failure" in text:
+        return "data"
+    if subject == "3" and detail in ("0", "5"):
+        return "resource" if "write error" in text else "software"
+    if code == 421:
+        return None
+    if "User unknown" in text or (subject, detail) in (("3", "4"), ("4", "6")):
+        return "bounce"
+    if subject == "3" and detail == "1":
+        return "resource"
+    if 500 <= code <= 504 or subject == "5" or status[2:] in ("1.3", "1.7"):
+        return "protocol"
+    return "policy"
+
+
+def line_wrap(text: str, width: int = WIDTH, indent: int = INDENT) -> list[str]:
+    """Postfix's line_wrap: break before a word that would pass `width` columns (never inside a word), trailing
+    blanks stripped; lines after the first indented by `indent` (and `width` less that)."""
+    out: list[str] = []
+    start, limit, pad = 0, width, 0
+    pos = 0
+    while True:
+        space = _next_blank(text, pos)
+        if pos > start and space - start > limit:
+            out.append(" " * pad + text[start:pos].rstrip(" \t"))
+            while pos < len(text) and text[pos] in " \t":
+                pos += 1
+            if not out[1:]:
+                pad, limit = indent, width - indent
+            start = pos
+        if space >= len(text):
+            break
+        pos = space + 1
+    out.append(" " * pad + text[start:].rstrip(" \t"))
+    return out
+
+
+def _next_blank(text: str, pos: int) -> int:
+    found = [i for i in (text.find(" ", pos), text.find("\t", pos)) if i >= 0]
+    return min(found) if found else len(text)
+
+
+def transcript_notice(*, lines: list[tuple[str, str]], omitted: int, client: str, reason: str, myhostname: str,
+                      header_to: str) -> bytes:
+    """The notice, as Postfix's smtpd_chat_notify writes it (cleanup adds Received, Message-ID): `lines` the
+    dialogue, ("C", command) or ("S", reply); `header_to` the To: address (Postfix's always names
+    error_notice_recipient there, even for a notice that goes to bounce_notice_recipient)."""
+    head = [
+        f"From: Mail Delivery System <MAILER-DAEMON@{myhostname}>",
+        f"To: Postmaster <{printable(header_to)}>",
+        f"Subject: mailflow SMTP server: errors from {printable(client)}",
+    ]  # (cleanup adds Received, Message-ID and Date, as Postfix's does)
+    body = ["", "Transcript of session follows.", ""]
+    for who, text in lines:
+        for line in text.split("\r\n"):
+            prefix = "In:  " if who == "C" else "Out: "
+            body += [" " + piece for piece in line_wrap(printable(prefix + line))]
+    if omitted:
+        body.append(f" ({omitted} more lines of the session not kept)")
+    body.append("")
+    if reason:
+        body.append(f"Session aborted, reason: {reason}")
+    body += ["", "For other details, see the local mail logfile"]
+    return ("\r\n".join(head + body) + "\r\n").encode("utf-8", "replace")
+
+
+def session_reason(lines: list[tuple[str, str]]) -> str:
+    """Why the session was aborted, as Postfix names it, from its last lines; "" for a session that ended with QUIT
+    (or a 221) or by the server's own 421 for another reason."""
+    if not lines:
+        return "lost connection"
+    who, last = lines[-1]
+    if who == "S" and last.startswith("421"):
+        if "timeout exceeded" in last:
+            return "timeout"
+        if "too many errors" in last:
+            return "too many errors"
+        return ""
+    if (who == "C" and last.strip().upper() == "QUIT") or (who == "S" and last.startswith("221")):
+        return ""
+    return "lost connection"
+
+
+class SessionNotices(SessionObserver):
+    """The session observer that sends the postmaster a session's transcript (see the module docstring).
+    `submit` is cleanup's (Submission -> queue id)."""
+
+    def __init__(self, config, submit: Callable[[Submission], Awaitable[str]]):
+        self._submit = submit
+        self._errors: dict[Transcript, set[str]] = {}
+        self._pending: set[asyncio.Task] = set()
+        self.reconfigure(config)
+
+    def reconfigure(self, config) -> None:
+        """The classes and recipients of `config` (a reload): sessions from now on, and those under way at their
+        end."""
+        q = config.queue
+        self._classes = frozenset(c for c in q.notify_classes if c in SMTPD_CLASSES)
+        self._myhostname = config.myhostname
+        self._error_to, self._bounce_to = q.error_notice_recipient, q.bounce_notice_recipient
+
+    @property
+    def line_limit(self) -> int:  # type: ignore[override]  # (no lines kept while no class is on)
+        return LINE_LIMIT if self._classes else 0
+
+    @property
+    def byte_limit(self) -> int:  # type: ignore[override]
+        return BYTE_LIMIT
+
+    def replied(self, transcript: Transcript, line: str) -> None:
+        if not self._classes:
+            return
+        found = error_class(line)
+        if found is not None:
+            self._errors.setdefault(transcript, set()).add(found)
+
+    def queued(self, transcript: Transcript, queue_id: str) -> None:
+        self._errors.pop(transcript, None)  # a message accepted forgives the errors before it (Postfix's smtpd)
+
+    def ended(self, transcript: Transcript) -> None:
+        errors = self._errors.pop(transcript, set()) & self._classes
+        if not errors:
+            return
+        to = self._bounce_to if "bounce" in errors else self._error_to
+        if not to:
+            return
+        if len(self._pending) >= PENDING_LIMIT:
+            log.warning("postmaster notify: %s: dropped, %d notices wait for the queue already",
+                        transcript.client, len(self._pending))
+            return
+        to, header_to = (_qualified(a, self._myhostname) for a in (to, self._error_to or to))
+        notice = transcript_notice(lines=list(transcript.lines), omitted=transcript.omitted, client=transcript.client,
+                                   reason=session_reason(transcript.lines), myhostname=self._myhostname,
+                                   header_to=header_to)
+        task = asyncio.get_running_loop().create_task(self._send(notice, to, transcript.client))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _send(self, notice: bytes, to: str, client: str) -> None:
+        envelope = Envelope(f"double-bounce@{self._myhostname}", (to,))
+        local = ClientInfo(addr="127.0.0.1", helo=self._myhostname, protocol="local")
+        try:
+            queue_id = await self._submit(Submission(envelope, Content.of(notice), local))
+        except Exception as e:
+            log.warning("postmaster notify: the transcript of a session of %s could not be queued: %s", client, e)
+            return
+        log.info("%s: postmaster notification: transcript of a session of %s", queue_id, client)
+
+    async def close(self) -> None:
+        """Wait for the notices under way (the store must stay open until they are queued)."""
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+
+
+def _qualified(recipient: str, myhostname: str) -> str:
+    return recipient if "@" in recipient else f"{recipient}@{myhostname}"

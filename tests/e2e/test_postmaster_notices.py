@@ -1,0 +1,64 @@
+"""notify_classes' session transcripts (Postfix's smtpd_chat_notify) through a running server: which sessions
+beget a notice, where it goes, what it says."""
+from __future__ import annotations
+
+import email
+import email.policy
+
+from tests.support import SmtpClient, eventually, queue_becomes
+
+POSTMASTER = "pm@relay.test"  # a relay domain: the notice leaves for the capturing peer
+
+
+async def test_a_refused_session_sends_its_transcript_to_the_postmaster(mailflow_server, smtp_peer):
+    """policy and protocol on: a session with a relay refusal and an unknown command ends with one notice from the
+    double-bounce sender to error_notice_recipient, its transcript line by line as Postfix writes it; a session
+    whose refusal was followed by an accepted message (forgiven, as Postfix's smtpd) and one whose only error is of
+    a class not named (an unknown user: bounce) send none."""
+    peer = await smtp_peer()
+    mf = await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}",
+                               queue={"notify_classes": ["policy", "protocol"], "error_notice_recipient": POSTMASTER})
+    port = mf.smtp_addresses[0][1]
+
+    forgiven = await SmtpClient.connect(port)
+    assert (await forgiven.cmd("EHLO forgiven.test")).code == 250
+    assert (await forgiven.cmd("MAIL FROM:<s@remote.test>")).code == 250
+    assert (await forgiven.cmd("RCPT TO:<x@elsewhere.test>")).code == 554
+    assert (await forgiven.cmd("RSET")).code == 250
+    assert (await forgiven.send_message(ehlo=False)).code == 250
+    assert (await forgiven.cmd("QUIT")).code == 221
+    unknown = await SmtpClient.connect(port)
+    assert (await unknown.cmd("HELO unknown.test")).code == 250
+    assert (await unknown.cmd("MAIL FROM:<s@remote.test>")).code == 250
+    assert (await unknown.cmd("RCPT TO:<nobody@local.test>")).code == 550
+    await unknown.close()
+
+    refused = await SmtpClient.connect(port)
+    assert (await refused.cmd("HELO refused.test")).code == 250
+    assert (await refused.cmd("MAIL FROM:<s@remote.test>")).code == 250
+    assert (await refused.cmd("RCPT TO:<x@elsewhere.test>")).code == 554
+    assert (await refused.cmd("BOGUS")).code == 500
+    await refused.close()  # without QUIT: "lost connection"
+
+    [notice] = await eventually(lambda: [m for m in peer.messages if m.rcpt_tos == [POSTMASTER]], timeout=10)
+    assert notice.mail_from == "double-bounce@mx.mailflow.test"
+    message = email.message_from_bytes(notice.content, policy=email.policy.default)
+    assert message["From"] == "Mail Delivery System <MAILER-DAEMON@mx.mailflow.test>"
+    assert message["To"] == f"Postmaster <{POSTMASTER}>"
+    assert message["Subject"] == "mailflow SMTP server: errors from localhost[127.0.0.1]"
+    body = message.get_content().replace("\r\n", "\n")
+    assert body == (
+        "Transcript of session follows.\n\n"
+        f" Out: {refused.greeting.text}\n"
+        " In:  HELO refused.test\n"
+        " Out: 250 mx.mailflow.test\n"
+        " In:  MAIL FROM:<s@remote.test>\n"
+        " Out: 250 2.1.0 Ok\n"
+        " In:  RCPT TO:<x@elsewhere.test>\n"
+        " Out: 554 5.7.1 <x@elsewhere.test>: Relay access denied\n"
+        " In:  BOGUS\n"
+        " Out: 500 5.5.2 Error: command not recognized\n"
+        "\nSession aborted, reason: lost connection\n"
+        "\nFor other details, see the local mail logfile\n")
+    await queue_becomes(mf.store, {})
+    assert [m.rcpt_tos for m in peer.messages if m.mail_from != "s@remote.test"] == [[POSTMASTER]]
