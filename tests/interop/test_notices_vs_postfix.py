@@ -265,6 +265,30 @@ async def test_a_double_bounce_is_postfixs_postmaster_copy(mailflow_server, smtp
     assert re.search(r": postmaster non-delivery notification: \w+$", caplog.text, re.MULTILINE)
 
 
+async def test_notify_classes_bounce_and_delay_copy_the_notices_to_the_postmaster_as_postfix(mailflow_server,
+                                                                                              smtp_peer):
+    """notify_classes = bounce, delay: each failure and delay notice to a sender has a postmaster copy, to
+    bounce_notice_recipient and delay_notice_recipient, from double-bounce@myhostname, as Postfix's bounce(8)
+    (bounce_notify_service.c, bounce_warn_service.c): its subject, no template text, the header section only."""
+    messages = [Send("case-failure", {"b": []}, ["RET=FULL"]), Send("case-delay", {"d": ["NOTIFY=DELAY"]})]
+    to = {"bounce_notice_recipient": "pm@sender.test", "delay_notice_recipient": "pm@sender.test"}
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {"RCPT": rcpt_reply}, messages, 4,
+                                   postfix={**QUICK, "queue_run_delay": "1s", "notify_classes": "bounce, delay", **to},
+                                   queue={**QUICK, "notify_classes": ["bounce", "delay"], **to})
+
+    def shape(notice) -> tuple:
+        named = {name: notice[name].replace(PF_HOST, "HOST").replace(MF_HOST, "HOST")
+                 for name in ("From", "To", "Subject", "Auto-Submitted")}
+        envelope = (notice.envelope[0].replace(PF_HOST, "HOST").replace(MF_HOST, "HOST"), notice.envelope[1])
+        return envelope, named, human_part(notice), report(notice), returned(notice)
+
+    assert {s: sorted(map(shape, ns)) for s, ns in mf.items()} == {s: sorted(map(shape, ns)) for s, ns in pf.items()}
+    copies = [n for ns in pf.values() for n in ns if n.envelope[1] == ["pm@sender.test"]]
+    assert sorted((n.envelope[0], n["Subject"]) for n in copies) == [
+        ("double-bounce@pf.test", "Postmaster Copy: Undelivered Mail"),
+        ("double-bounce@pf.test", "Postmaster Warning: Delayed Mail")]
+
+
 async def test_a_double_bounce_that_bounces_is_discarded_with_postfixs_warning(mailflow_server, smtp_peer, caplog):
     """No triple bounce: bounce(8) logs "warning: ID: undeliverable postmaster notification discarded"."""
     caplog.set_level("INFO", logger="mailflow")

@@ -5,7 +5,8 @@ software; Postfix's default: resource, software), a session whose refusals fall 
 notice to the postmaster: "Transcript of session follows.", each line of the dialogue as Postfix writes it
 (` Out: 220 ...`, ` In:  EHLO ...`, wrapped at 78 columns, continuations indented by 4), the reason of an aborted
 session, "For other details, see the local mail logfile". It goes to error_notice_recipient, or to
-bounce_notice_recipient when one of the errors is of the class bounce, from the double-bounce sender (so a notice
+bounce_notice_recipient when one of the session's errors is of the class bounce (named in notify_classes or not;
+its To: field names error_notice_recipient all the same, as Postfix's), from the double-bounce sender (so a notice
 that cannot be delivered is dropped, never a notice about a notice), through cleanup as any local mail.
 
     error_class(reply) -> str | None       the class Postfix's smtpd files a refusal under (by its code, enhanced
@@ -181,10 +182,10 @@ class SessionNotices(SessionObserver):
         self._errors.pop(transcript, None)  # a message accepted forgives the errors before it (Postfix's smtpd)
 
     def ended(self, transcript: Transcript) -> None:
-        errors = self._errors.pop(transcript, set()) & self._classes
-        if not errors:
+        errors = self._errors.pop(transcript, set())
+        if not errors & self._classes:
             return
-        to = self._bounce_to if "bounce" in errors else self._error_to
+        to = self._bounce_to if "bounce" in errors else self._error_to  # (bounce named in notify_classes or not)
         if not to:
             return
         if len(self._pending) >= PENDING_LIMIT:

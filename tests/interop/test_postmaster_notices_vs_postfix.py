@@ -1,0 +1,74 @@
+"""Differential test of smtpd's postmaster notices (notify_classes' session transcripts, Postfix's
+smtpd_chat_notify): a private Postfix and mailflow hear the same dialogue and send their notices to a capturing
+peer each; each notice must be its server's dialogue, written as Postfix writes it, and both must go to the same
+recipient with the same header fields once each server's names (host, mail_name) are set aside."""
+from __future__ import annotations
+
+import email
+import email.policy
+
+import pytest
+
+from mailflow.stages.smtpd.postmaster import line_wrap
+from tests.support import SmtpClient, eventually, postfix_instance
+
+pytestmark = pytest.mark.interop
+
+PF_HOST, MF_HOST = "pf.test", "mx.mailflow.test"
+COMMANDS = ["HELO refused.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<x@elsewhere.test>", "BOGUS",
+            "RCPT TO:<nobody@local.test>", "MAIL FROM:<bad", "RCPT TO:<" + "y" * 70 + " zz@elsewhere.test>"]
+CLASSES = {"notify_classes": "policy, protocol", "error_notice_recipient": "pm@relay.test",
+           "bounce_notice_recipient": "bpm@relay.test"}
+
+
+async def dialogue(port: int) -> list[tuple[str, str]]:
+    """COMMANDS said to the server on `port`, the connection then dropped: the dialogue as (who, line)."""
+    client = await SmtpClient.connect(port)
+    said = [("S", line) for line in client.greeting.text.split("\n")]
+    for command in COMMANDS:
+        reply = await client.cmd(command)
+        said += [("C", command)] + [("S", line) for line in reply.text.split("\n")]
+    await client.close()
+    return said
+
+
+def written(said: list[tuple[str, str]]) -> str:
+    """The body Postfix's smtpd_chat_notify writes for this dialogue of a session that lost its connection."""
+    lines = [" " + piece for who, line in said for piece in line_wrap(("In:  " if who == "C" else "Out: ") + line)]
+    return "\n".join(["Transcript of session follows.", "", *lines, "",
+                      "Session aborted, reason: lost connection", "",
+                      "For other details, see the local mail logfile", ""])
+
+
+def header(notice, host: str, mail_name: str) -> dict[str, str]:
+    return {name: notice[name].replace(host, "HOST").replace(mail_name, "NAME") for name in ("From", "To", "Subject")}
+
+
+async def test_a_session_transcript_is_postfixs_word_for_word(mailflow_server, smtp_peer):
+    """policy and protocol named, a relay refusal, an unknown command, an unknown user (class bounce, not named:
+    its notice goes to bounce_notice_recipient all the same, its To: field naming error_notice_recipient), a
+    nested MAIL, a long command wrapped at 78 columns with a 4-space indent; the session dropped without QUIT."""
+    pf_sink, mf_sink = await smtp_peer(), await smtp_peer()
+    async with postfix_instance({
+        "myhostname": PF_HOST, "mydestination": f"{PF_HOST}, local.test", "mynetworks": "192.0.2.0/24",
+        "relay_domains": "relay.test", "relayhost": f"[127.0.0.1]:{pf_sink.port}",
+        "local_recipient_maps": "inline:{alice=ok}", "smtpd_relay_restrictions": "reject_unauth_destination",
+        **CLASSES,
+    }) as pf:
+        mf = await mailflow_server(myhostname=MF_HOST, relayhost=f"[127.0.0.1]:{mf_sink.port}",
+                                   queue={**CLASSES, "notify_classes": ["policy", "protocol"]})
+        pf_said, mf_said = await dialogue(pf.port), await dialogue(mf.smtp_addresses[0][1])
+        [pf_notice] = await eventually(lambda: pf_sink.messages, timeout=15, what="Postfix's notice")
+        [mf_notice] = await eventually(lambda: mf_sink.messages, timeout=15, what="mailflow's notice")
+
+    assert [w for w, _ in mf_said] == [w for w, _ in pf_said]
+    for said, captured, host, name in ((pf_said, pf_notice, PF_HOST, "Postfix"),
+                                       (mf_said, mf_notice, MF_HOST, "mailflow")):
+        notice = email.message_from_bytes(captured.content, policy=email.policy.default)
+        assert notice.get_content().replace("\r\n", "\n") == written(said), name
+        assert captured.rcpt_tos == ["bpm@relay.test"], name
+        assert captured.mail_from == f"double-bounce@{host}", name
+        assert header(notice, host, name) == {"From": "Mail Delivery System <MAILER-DAEMON@HOST>",
+                                              "To": "Postmaster <pm@relay.test>",
+                                              "Subject": "NAME SMTP server: errors from localhost[127.0.0.1]"}, name
+    assert " In:  RCPT\n     TO:<" in written(pf_said)  # (the long command, wrapped)

@@ -1,0 +1,91 @@
+"""smtpd's postmaster notices (stages/smtpd/postmaster.py): the classes of refusals, the wrapping, the bounds."""
+from __future__ import annotations
+
+import asyncio
+
+from mailflow.config import DEFAULTS
+from mailflow.stages.smtpd.postmaster import (LINE_LIMIT, PENDING_LIMIT, SessionNotices, error_class, line_wrap,
+                                              session_reason)
+from mailflow.stages.smtpd.transcript import Transcript
+
+
+def test_refusals_fall_in_postfixs_classes():
+    """As Postfix's smtpd files them (smtpd.c, smtpd_check.c)."""
+    assert {reply: error_class(reply) for reply in (
+        "250 2.1.0 Ok", "354 End data with <CR><LF>.<CR><LF>",
+        "554 5.7.1 <x@elsewhere.test>: Relay access denied",
+        "450 4.7.1 <c.test>: Helo command rejected: Host not found",
+        "550 5.1.1 <nobody@local.test>: Recipient address rejected: User unknown in local recipient table",
+        "552 5.3.4 Message size exceeds fixed limit", "554 5.4.6 Too many hops",
+        "500 5.5.2 Error: command not recognized", "503 5.5.1 Error: nested MAIL command",
+        "501 5.1.3 Bad recipient address syntax", "554 5.5.1 Error: no valid recipients",
+        "452 4.3.1 Insufficient system storage", "451 4.3.0 Error: queue file write error",
+        "451 4.3.0 <a@b.test>: Temporary lookup failure", "451 4.3.5 Server configuration error",
+        "421 4.4.2 mx.test Error: timeout exceeded", "421 4.3.2 mx.test Service shutting down",
+    )} == {
+        "250 2.1.0 Ok": None, "354 End data with <CR><LF>.<CR><LF>": None,
+        "554 5.7.1 <x@elsewhere.test>: Relay access denied": "policy",
+        "450 4.7.1 <c.test>: Helo command rejected: Host not found": "policy",
+        "550 5.1.1 <nobody@local.test>: Recipient address rejected: User unknown in local recipient table": "bounce",
+        "552 5.3.4 Message size exceeds fixed limit": "bounce", "554 5.4.6 Too many hops": "bounce",
+        "500 5.5.2 Error: command not recognized": "protocol", "503 5.5.1 Error: nested MAIL command": "protocol",
+        "501 5.1.3 Bad recipient address syntax": "protocol", "554 5.5.1 Error: no valid recipients": "protocol",
+        "452 4.3.1 Insufficient system storage": "resource", "451 4.3.0 Error: queue file write error": "resource",
+        "451 4.3.0 <a@b.test>: Temporary lookup failure": "data", "451 4.3.5 Server configuration error": "software",
+        "421 4.4.2 mx.test Error: timeout exceeded": None, "421 4.3.2 mx.test Service shutting down": None,
+    }
+
+
+def test_line_wrap_is_postfixs():
+    """Postfix's line_wrap(str, 78, 4): break before the word that passes the width, never inside a word."""
+    assert line_wrap("Out: short") == ["Out: short"]
+    long = "In:  RCPT TO:<" + "y" * 70 + "> NOTIFY=NEVER"
+    assert line_wrap(long) == ["In:  RCPT", "    TO:<" + "y" * 70 + ">", "    NOTIFY=NEVER"]
+    words = " ".join(["word"] * 30)
+    assert all(len(line) <= 78 for line in line_wrap(words)) and " ".join(line_wrap(words)).split() == words.split()
+
+
+def test_the_reason_of_an_aborted_session():
+    assert session_reason([("C", "QUIT"), ("S", "221 2.0.0 Bye")]) == ""
+    assert session_reason([("C", "RCPT TO:<a@b>"), ("S", "554 5.7.1 no")]) == "lost connection"
+    assert session_reason([("S", "421 4.4.2 mx Error: timeout exceeded")]) == "timeout"
+    assert session_reason([("S", "421 4.7.0 mx Error: too many errors")]) == "too many errors"
+
+
+class _Config:
+    def __init__(self, classes):
+        self.myhostname = "mx.test"
+        self.queue = DEFAULTS.queue.model_copy(update={"notify_classes": classes})
+
+
+async def test_a_transcript_is_bounded_and_so_are_the_notices_waiting_for_the_queue():
+    """A session's transcript keeps LINE_LIMIT lines (its notice says how many more there were); past
+    PENDING_LIMIT notices waiting for cleanup, more are dropped; none is kept while no class asks."""
+    release = asyncio.Event()
+    submitted = []
+
+    async def submit(submission):
+        submitted.append(submission)
+        await release.wait()
+        return "Q1"
+
+    notices = SessionNotices(_Config(("policy",)), submit)
+    for n in range(PENDING_LIMIT + 3):
+        t = Transcript(notices, "c.test[192.0.2.1]", lambda: None)
+        for _ in range(LINE_LIMIT):
+            t.command(b"RCPT TO:<x@elsewhere.test>")
+            t.reply("554 5.7.1 <x@elsewhere.test>: Relay access denied")
+        assert len(t.lines) == LINE_LIMIT and t.omitted == LINE_LIMIT
+        t.ended()
+    await asyncio.sleep(0)  # (the submissions start)
+    assert len(submitted) == PENDING_LIMIT
+    body = b"".join(submitted[0].content.parts)
+    assert body.count(b"\r\n In:  RCPT") == LINE_LIMIT // 2 and b" (200 more lines of the session not kept)" in body
+    release.set()
+    await notices.close()
+
+    notices.reconfigure(_Config(("2bounce", "delay")))  # (no class of smtpd's)
+    t = Transcript(notices, "c.test[192.0.2.1]", lambda: None)
+    t.reply("554 5.7.1 <x@elsewhere.test>: Relay access denied")
+    t.ended()
+    assert t.lines == [] and len(submitted) == PENDING_LIMIT
