@@ -91,7 +91,9 @@ async def test_without_peername_lookup_every_client_is_unknown(server, caplog):
 
 
 async def test_no_observer_no_transcript(server):
-    mf = await server()
+    """No observer and notify_classes without a class of smtpd's (its default, resource and software, asks for
+    the sessions, as Postfix's smtpd keeps their history for its postmaster notices): no transcript at all."""
+    mf = await server(queue={"notify_classes": ["2bounce"]})
     port = mf.smtp_addresses[0][1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     await reader.readline()

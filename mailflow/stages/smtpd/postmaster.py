@@ -18,7 +18,8 @@ that cannot be delivered is dropped, never a notice about a notice), through cle
 Decisions:
 - As Postfix's smtpd, a message accepted forgives the errors before it (its error mask is cleared at a 250 for
   DATA or BDAT); the transcript itself is the whole session's.
-- Bounded: the session's transcript keeps at most LINE_LIMIT lines and BYTE_LIMIT bytes (each line cut at
+- Bounded: its own record of a session (only while a class of smtpd's is named; not the transcript the other
+  observers read, whose limits are theirs) keeps at most LINE_LIMIT lines and BYTE_LIMIT bytes (each line cut at
   transcript.MAX_LINE): past them lines are counted, and the notice says how many it leaves out (Postfix keeps
   them all, flushing a notice every smtpd_history_flush_threshold lines at HELO, RSET and DATA). At most
   PENDING_LIMIT notices wait for cleanup at once; past that a notice is dropped and logged (Postfix's smtpd posts
@@ -38,7 +39,7 @@ from typing import Awaitable, Callable
 from mailflow.content import Content
 from mailflow.logs import printable
 from mailflow.model import ClientInfo, Envelope, Submission
-from mailflow.stages.smtpd.transcript import SessionObserver, Transcript
+from mailflow.stages.smtpd.transcript import MAX_LINE, SessionObserver, Transcript
 
 log = logging.getLogger("mailflow.smtpd")
 
@@ -145,13 +146,36 @@ def session_reason(lines: list[tuple[str, str]]) -> str:
     return "lost connection"
 
 
+class _Record:
+    """What one session's notice needs: its lines (bounded), how many were left out, its error classes."""
+
+    __slots__ = ("lines", "size", "omitted", "errors")
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+        self.size = self.omitted = 0
+        self.errors: set[str] = set()
+
+    def keep(self, who: str, text: str) -> None:
+        text = text[:MAX_LINE]
+        if len(self.lines) >= LINE_LIMIT or self.size + len(text) > BYTE_LIMIT:
+            self.omitted += 1
+            return
+        self.lines.append((who, text))
+        self.size += len(text)
+
+
 class SessionNotices(SessionObserver):
     """The session observer that sends the postmaster a session's transcript (see the module docstring).
-    `submit` is cleanup's (Submission -> queue id)."""
+    `submit` is cleanup's (Submission -> queue id). It keeps its own record of each session (the transcript's
+    lines are the other observers', at their limits): none while notify_classes names no class of smtpd's."""
+
+    line_limit = 0
+    byte_limit = 0
 
     def __init__(self, config, submit: Callable[[Submission], Awaitable[str]]):
         self._submit = submit
-        self._errors: dict[Transcript, set[str]] = {}
+        self._records: dict[Transcript, _Record] = {}
         self._pending: set[asyncio.Task] = set()
         self.reconfigure(config)
 
@@ -164,28 +188,37 @@ class SessionNotices(SessionObserver):
         self._error_to, self._bounce_to = q.error_notice_recipient, q.bounce_notice_recipient
 
     @property
-    def line_limit(self) -> int:  # type: ignore[override]  # (no lines kept while no class is on)
-        return LINE_LIMIT if self._classes else 0
+    def active(self) -> bool:  # type: ignore[override]
+        return bool(self._classes)
 
-    @property
-    def byte_limit(self) -> int:  # type: ignore[override]
-        return BYTE_LIMIT
+    def started(self, transcript: Transcript) -> None:
+        if self._classes:
+            self._records[transcript] = _Record()
+
+    def commanded(self, transcript: Transcript, text: str) -> None:
+        record = self._records.get(transcript)
+        if record is not None:
+            record.keep("C", text)
 
     def replied(self, transcript: Transcript, line: str) -> None:
-        if not self._classes:
+        record = self._records.get(transcript)
+        if record is None:
             return
+        record.keep("S", line.rstrip("\r\n"))
         found = error_class(line)
         if found is not None:
-            self._errors.setdefault(transcript, set()).add(found)
+            record.errors.add(found)
 
     def queued(self, transcript: Transcript, queue_id: str) -> None:
-        self._errors.pop(transcript, None)  # a message accepted forgives the errors before it (Postfix's smtpd)
+        record = self._records.get(transcript)
+        if record is not None:
+            record.errors.clear()  # a message accepted forgives the errors before it (Postfix's smtpd)
 
     def ended(self, transcript: Transcript) -> None:
-        errors = self._errors.pop(transcript, set())
-        if not errors & self._classes:
+        record = self._records.pop(transcript, None)
+        if record is None or not record.errors & self._classes:
             return
-        to = self._bounce_to if "bounce" in errors else self._error_to  # (bounce named in notify_classes or not)
+        to = self._bounce_to if "bounce" in record.errors else self._error_to  # (bounce named or not)
         if not to:
             return
         if len(self._pending) >= PENDING_LIMIT:
@@ -193,8 +226,8 @@ class SessionNotices(SessionObserver):
                         transcript.client, len(self._pending))
             return
         to, header_to = (_qualified(a, self._myhostname) for a in (to, self._error_to or to))
-        notice = transcript_notice(lines=list(transcript.lines), omitted=transcript.omitted, client=transcript.client,
-                                   reason=session_reason(transcript.lines), myhostname=self._myhostname,
+        notice = transcript_notice(lines=record.lines, omitted=record.omitted, client=transcript.client,
+                                   reason=session_reason(record.lines), myhostname=self._myhostname,
                                    header_to=header_to)
         task = asyncio.get_running_loop().create_task(self._send(notice, to, transcript.client))
         self._pending.add(task)

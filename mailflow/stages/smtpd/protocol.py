@@ -537,7 +537,7 @@ class ProtocolCore(SMTP):
 
     async def _serve_client(self) -> None:
         assert self.session is not None
-        if self._observer is not None:
+        if self._observer is not None and self._observer.active:
             self.transcript = Transcript(self._observer, self.session.client, self.hang_up)
             self.transcript.started()
         if not await self._before_greeting():

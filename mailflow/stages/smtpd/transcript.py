@@ -4,7 +4,9 @@ Off unless a consumer asks: `Smtpd(..., observer=...)` gives each session a `Tra
 a session keeps none and pays one `is None` test per command and reply.
 
     SessionObserver            what a consumer implements (the methods here do nothing):
+        active                           whether it wants sessions now (False: a session keeps no transcript)
         started(transcript)              a connection was accepted (before the greeting)
+        commanded(transcript, text)      one command line is read (AUTH's credentials left out)
         replied(transcript, line)        one reply line is sent (told just before the write)
         queued(transcript, queue_id)     a message of the session was committed; the transcript holds its 250
         ended(transcript)                the session is over, however it ended
@@ -38,8 +40,12 @@ class SessionObserver:
 
     line_limit: int = DEFAULTS.sink.transcript_line_limit
     byte_limit: int = DEFAULTS.sink.transcript_byte_limit
+    active: bool = True
 
     def started(self, transcript: "Transcript") -> None:
+        pass
+
+    def commanded(self, transcript: "Transcript", text: str) -> None:
         pass
 
     def replied(self, transcript: "Transcript", line: str) -> None:
@@ -58,18 +64,20 @@ class SessionObservers(SessionObserver):
 
     def __init__(self, *observers: SessionObserver):
         self._observers = observers
+        self.line_limit = max(o.line_limit for o in observers)
+        self.byte_limit = max(o.byte_limit for o in observers)
 
     @property
-    def line_limit(self) -> int:  # type: ignore[override]  # (asked again: an observer's may change at a reload)
-        return max(o.line_limit for o in self._observers)
-
-    @property
-    def byte_limit(self) -> int:  # type: ignore[override]
-        return max(o.byte_limit for o in self._observers)
+    def active(self) -> bool:  # type: ignore[override]  # (asked at each session: an observer's may change)
+        return any(o.active for o in self._observers)
 
     def started(self, transcript: "Transcript") -> None:
         for o in self._observers:
             Transcript._tell(o.started, transcript)
+
+    def commanded(self, transcript: "Transcript", text: str) -> None:
+        for o in self._observers:
+            Transcript._tell(o.commanded, transcript, text)
 
     def replied(self, transcript: "Transcript", line: str) -> None:
         for o in self._observers:
@@ -99,8 +107,10 @@ class Transcript:
         self._hang_up = hang_up
 
     def command(self, line: bytes) -> None:
+        text = _redacted(line.decode("utf-8", "replace"))
         if self.observer.line_limit:
-            self._keep("C", _redacted(line.decode("utf-8", "replace")))
+            self._keep("C", text)
+        self._tell(self.observer.commanded, self, text)
 
     def reply(self, line: str | bytes) -> None:
         text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
