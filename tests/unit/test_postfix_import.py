@@ -1270,3 +1270,24 @@ def test_postscreens_dummy_engine_settings_are_translated(tmp_path, tls_lines, l
     assert screen == {"discard_ehlo_keywords": ["silent-discard", "dsn"],
                       "discard_ehlo_keyword_address_maps": [f"texthash:{tmp_path}/discards"],
                       "command_filter": [f"regexp:{tmp_path}/commands"], "reject_footer": "\\c see $server_name"}
+
+
+def test_the_postmaster_notice_settings_are_imported(tmp_path):
+    """notify_classes (its words in any case, as Postfix's name_mask reads them) and the notice recipients."""
+    main = write(tmp_path, "main.cf", """\
+        notify_classes = Bounce, delay,policy protocol
+        bounce_notice_recipient = bounces@example.test
+        delay_notice_recipient = delays
+        error_notice_recipient = errors@example.test
+        2bounce_notice_recipient = doubles
+        """)
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert (code, err) == (0, "")
+    queue = checked(tmp_path / "mailflow.toml")["queue"]
+    assert {k: queue[k] for k in ("notify_classes", "bounce_notice_recipient", "delay_notice_recipient",
+                                  "error_notice_recipient", "double_bounce_recipient")} == {
+        "notify_classes": ["Bounce", "delay", "policy", "protocol"], "bounce_notice_recipient": "bounces@example.test",
+        "delay_notice_recipient": "delays", "error_notice_recipient": "errors@example.test",
+        "double_bounce_recipient": "doubles"}
+    assert config_from_dict({"queue": {"notify_classes": queue["notify_classes"]}}).queue.notify_classes == (
+        "bounce", "delay", "policy", "protocol")

@@ -16,8 +16,12 @@ sender (several failures, one at least of a list, `RcptResult.owned`: each of a 
 list; each of no list to the sender, about the member it names), in a notice of its own per failure, as
 bounce_one sends it; a list owner's without the sender's ENVID, RET, ORCPT and original address (local(8)'s
 alias.c gives a list none). A message with the null sender is itself a notice: its failures go to
-`double_bounce_recipient` (postmaster by default) from `double-bounce@myhostname`, as a postmaster copy, or
-nowhere when that setting is empty; a double bounce that fails is dropped (`discarded`, which qmgr logs as
+`double_bounce_recipient` (postmaster by default) from `double-bounce@myhostname`, as a postmaster copy, with the
+class 2bounce or bounce in notify_classes, or nowhere (the class not named, the setting empty); with the class
+delay, its delays go to delay_notice_recipient. notify_classes' copies (Postfix's bounce(8)): with the class bounce
+each failure notice to a sender has a copy to bounce_notice_recipient, with delay each delay notice one to
+delay_notice_recipient, from the double-bounce sender, about every recipient whatever its NOTIFY, the original's
+header section only (`Postmaster`, `_postmaster_copies`); a double bounce that fails is dropped (`discarded`, which qmgr logs as
 Postfix's bounce(8) does). So a bounce never bounces, and no notice is sent about a delay or a success of a
 notice.
 `await Notices.for_attempt()` returns ready-to-commit `NewMessage`s (made by cleanup's `prepare`), which qmgr
