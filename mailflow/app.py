@@ -83,6 +83,7 @@ from mailflow.signing.outbound import OutboundSigning
 from mailflow.stages.smtpd import Smtpd, SmtpdHandler
 from mailflow.stages.smtpd.filtering import FilterServices
 from mailflow.stages.smtpd.postmaster import SessionNotices
+from mailflow.bounce_templates import Templates, load_templates
 from mailflow.stages.smtpd.transcript import SessionObservers
 from mailflow.stages.verify import ProbeSender, Prober, Verifier
 from mailflow.store import Store
@@ -266,7 +267,7 @@ class Mailflow:
         transports = self._build_transports(c, router)
         self.qmgr = QueueManager(self.store, resolve=router.rewriter.resolve,
                                  transports=transports, config=c.queue, clock=self.clock,
-                                 rng=self.rng, log=maillog, notices=self._notices(c),
+                                 rng=self.rng, log=maillog, notices=self._notices(c, self._templates(c)),
                                  on_delivery=self.metrics.delivered if self.metrics else None,
                                  soft_bounce=c.soft_bounce, recipient_delimiter=c.recipient_delimiter)
         await self.qmgr.start()
@@ -303,9 +304,19 @@ class Mailflow:
         probe_router = router if probes is config else await self._router(probes, router.tables)
         return Prober(probe_router, transports, sender, self.qmgr.deliver_probe)
 
-    def _notices(self, config: Config) -> Notices:
+    def _notices(self, config: Config, templates: Templates) -> Notices:
         assert self._cleanup is not None
-        return Notices(self._cleanup.prepare_notice, myhostname=config.myhostname, config=config.queue)
+        return Notices(self._cleanup.prepare_notice, myhostname=config.myhostname, config=config.queue,
+                       templates=templates, mydomain=config.domain)
+
+    @staticmethod
+    def _templates(config: Config) -> Templates:
+        """bounce_template_file's templates; ConfigError naming the setting when they cannot be used."""
+        path = config.queue.bounce_template_file
+        try:
+            return load_templates(path)
+        except (OSError, ValueError) as e:
+            raise ConfigError("", "queue.bounce_template_file", f"{path}: {e}") from None
 
     async def _cleanup_settings(self, config: Config, router: Router) -> dict:
         """What cleanup takes from a configuration (at the start and at a reload): rewriting, limits, the
@@ -463,6 +474,7 @@ class Mailflow:
             if problems:
                 raise _all_of(problems)
             router = await self._router(config)
+            templates = self._templates(config)
             cleanup_settings = await self._cleanup_settings(config, router)
             transports = self._build_transports(config, router)
             filters = FilterServices(config, self._dns_resolver(), self.clock)
@@ -476,7 +488,7 @@ class Mailflow:
                 self._retired_filters.append(self._filters)
             self._filters = filters
             self.qmgr.reconfigure(resolve=router.rewriter.resolve, transports=transports, config=config.queue,
-                                  notices=self._notices(config), soft_bounce=config.soft_bounce,
+                                  notices=self._notices(config, templates), soft_bounce=config.soft_bounce,
                                   recipient_delimiter=config.recipient_delimiter)
             if self._verifier is not None:
                 self._verifier.reconfigure(config.address_verify, prober)

@@ -145,7 +145,7 @@ def check_config(config: Optional[str] = ConfigOption) -> None:
     cfg = load(config)
     where = config_name(config_path(config))
     problems = (table_problems(cfg, where) + signing_problems(cfg) + certificate_problems(cfg, where)
-                + log_file_problems(cfg, where))
+                + log_file_problems(cfg, where) + template_problems(cfg, where))
     for problem in problems:
         typer.echo(config_error_text(problem, where), err=True)
     if problems:
@@ -169,6 +169,18 @@ def table_problems(cfg: Config, where: str) -> list[ConfigError]:
     """One ConfigError(where, setting, reason) for each file-backed table (texthash, regexp, cidr, sqlite) that cannot
     answer now."""
     return unreadable_tables(flat_settings(cfg), where)
+
+
+def template_problems(cfg: Config, where: str) -> list[ConfigError]:
+    """`queue.bounce_template_file` when it cannot be read or parsed (mailflow.bounce_templates)."""
+    from mailflow.bounce_templates import load_templates
+
+    path = cfg.queue.bounce_template_file
+    try:
+        load_templates(path)
+    except (OSError, ValueError) as e:
+        return [ConfigError(where, "queue.bounce_template_file", f"{path}: {e}")]
+    return []
 
 
 def log_file_problems(cfg: Config, where: str) -> list[ConfigError]:

@@ -102,7 +102,8 @@ SETTINGS: dict[str, tuple[str, ...]] = {name: (key,) for name, key in {
                      "bounce_queue_lifetime delay_warning_time bounce_size_limit initial_destination_concurrency "
                      "default_destination_concurrency_limit queue_minfree"),
     "2bounce_notice_recipient": "queue.double_bounce_recipient",
-    **_same("queue", "notify_classes bounce_notice_recipient delay_notice_recipient error_notice_recipient"),
+    **_same("queue", "notify_classes bounce_notice_recipient delay_notice_recipient error_notice_recipient "
+                     "bounce_template_file"),
     "qmgr_message_active_limit": "queue.active_limit",
     "default_destination_concurrency_failed_cohort_limit": "queue.destination_concurrency_failed_cohort_limit",
     "default_destination_rate_delay": "queue.destination_rate_delay",

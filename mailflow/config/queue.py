@@ -50,6 +50,9 @@ class QueueConfig(Section):
     bounce_notice_recipient: str = "postmaster"
     delay_notice_recipient: str = "postmaster"
     error_notice_recipient: str = "postmaster"
+    # Postfix's bounce_template_file (bounce(5)): the texts of failure, delay and success notices (From, Subject,
+    # Postmaster-Subject, Charset, the text with $myhostname, $delay_warning_time_hours...); "": the built-in ones.
+    bounce_template_file: str = ""
     # Bounces carry the whole original up to this many bytes, else its headers only.
     bounce_size_limit: int = Field(50_000, ge=0)
     active_limit: int = Field(10_000, ge=1)

@@ -66,6 +66,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from mailflow import address
+from mailflow.bounce_templates import Template
 from mailflow.config import DEFAULTS
 from mailflow.message import rfc5322_date, split_header
 from mailflow.model import Recipient
@@ -169,6 +170,8 @@ def build_notice(
     delay_warning_time: float = DEFAULTS.queue.delay_warning_time,
     postmaster_copy: bool = False,
     smtputf8: bool = False,
+    template: Template | None = None,
+    template_values: dict[str, str] | None = None,
 ) -> bytes:
     """The notice about `recipients` of message `queue_id` (sent by `sender`), as a complete RFC 5322 message.
 
@@ -178,6 +181,8 @@ def build_notice(
     until it is (`will_retry_until` - `arrival`) days old. A `postmaster_copy` (a double bounce) is Postfix's:
     its own subject, Auto-Submitted: auto-generated, no template text, the whole original only with RET=FULL.
     `smtputf8`: the original was SMTPUTF8 mail (its headers may be UTF-8), reported with the global types.
+    `template`: bounce_template_file's for the kind (its From, Subject, Postmaster-Subject, Charset and text, the
+    text's $names from `template_values`), else Postfix's built-in one.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown notice kind {kind!r}")
@@ -199,7 +204,14 @@ def build_notice(
     named_sender = sender or f"MAILER-DAEMON@{mta}"  # the null sender, as Postfix's bounce(8) names it
     returned = _with_return_path(named_sender, original if full else split_header(original)[0])
 
-    text_part = _text_part(kind, mta, recipients, delay_warning_time, arrival, will_retry_until, postmaster_copy)
+    if postmaster_copy:
+        boilerplate: list[str] = []  # (no template text in a postmaster copy)
+    elif template is not None:
+        boilerplate = template.expand(template_values or {})
+    else:
+        boilerplate = _template(kind, mta, delay_warning_time, arrival, will_retry_until)
+    charset = template.charset if template is not None and not postmaster_copy else "us-ascii"
+    text_part = _text_part(boilerplate, recipients, charset)
     status_part = _status_part(global_, mta, queue_id, named_sender, arrival, envid, recipients, will_retry_until)
     original_part = _original_part(kind, global_, full, returned)
     parts = [text_part, status_part, original_part]
@@ -208,9 +220,9 @@ def build_notice(
     to_address = sender if to is None else to
     eight_bit = any(not p.isascii() for p in parts) or not to_address.isascii()
     header = [
-        f"From: Mail Delivery System <MAILER-DAEMON@{mta}>",
+        f"From: {_from(template, mta)}",
         f"To: <{_clean(to_address)}>",
-        f"Subject: {(POSTMASTER_SUBJECTS if postmaster_copy else SUBJECTS)[kind]}",
+        f"Subject: {_subject(kind, template, postmaster_copy)}",
         f"Date: {rfc5322_date(now)}",
         f"Message-ID: <{_ID_UNSAFE.sub('-', _clean(notice_id)) or 'notice'}@{mta}>",
         f"Auto-Submitted: {'auto-generated' if postmaster_copy else 'auto-replied'}",
@@ -230,12 +242,32 @@ def build_notice(
 # ---------------------------------------------------------------------------------------------------- the parts
 
 
-def _text_part(kind: str, mta: str, recipients: list[NoticeRecipient], delay_warning_time: float, arrival: float,
-               will_retry_until: float | None, postmaster_copy: bool) -> bytes:
-    """Part 1: what happened, for a human: Postfix's built-in template for the kind (bounce_templates.c; none in
-    a postmaster copy), then one paragraph per recipient, wrapped as Postfix's line_wrap does (79 columns,
-    continuation indent 4)."""
-    lines = [] if postmaster_copy else _template(kind, mta, delay_warning_time, arrival, will_retry_until)
+def _from(template: Template | None, mta: str) -> str:
+    """The From: field: the template's (an address without a domain qualified, as cleanup does Postfix's), else
+    Postfix's."""
+    if template is None or template.from_ is None:
+        return f"Mail Delivery System <MAILER-DAEMON@{mta}>"
+    value = _clean(template.from_)
+    if "<" in value:
+        return re.sub(r"<([^<>@]+)>", lambda m: f"<{m.group(1)}@{mta}>", value)
+    return f"{value}@{mta}" if "@" not in value and " " not in value else value
+
+
+def _subject(kind: str, template: Template | None, postmaster_copy: bool) -> str:
+    """The template's Subject (its Postmaster-Subject in a postmaster copy), else the built-in one."""
+    if template is not None:
+        chosen = template.postmaster_subject if postmaster_copy else template.subject
+        if chosen is not None:
+            return _clean(chosen)
+    return (POSTMASTER_SUBJECTS if postmaster_copy else SUBJECTS)[kind]
+
+
+def _text_part(boilerplate: list[str], recipients: list[NoticeRecipient], charset: str) -> bytes:
+    """Part 1: what happened, for a human: the template's text (Postfix's built-in one, bounce_templates.c, or
+    bounce_template_file's; none in a postmaster copy), then one paragraph per recipient, wrapped as Postfix's
+    line_wrap does (79 columns, continuation indent 4). `charset`: the template's (utf-8 when it says us-ascii
+    and a recipient's paragraph is not ASCII)."""
+    lines = list(boilerplate)
     for nr in recipients:
         r = nr.recipient
         who = f"<{_clean(r.address)}>"
@@ -248,9 +280,11 @@ def _text_part(kind: str, mta: str, recipients: list[NoticeRecipient], delay_war
                                break_long_words=False, break_on_hyphens=False)
     body = CRLF.join(lines) + CRLF
     ascii_ = body.isascii()
+    if not ascii_ and charset.lower() == "us-ascii":
+        charset = "utf-8"
     head = [
         "Content-Description: Notification",
-        f"Content-Type: text/plain; charset={'us-ascii' if ascii_ else 'utf-8'}",
+        f"Content-Type: text/plain; charset={charset}",
         f"Content-Transfer-Encoding: {'7bit' if ascii_ else '8bit'}",
     ]
     return (CRLF.join(head) + CRLF + CRLF + body).encode("utf-8")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import email
 import email.policy
 
+import pytest
+
 from tests.support import eventually, queue_becomes, send
 
 MESSAGE = b"Subject: will bounce\r\nMessage-ID: <orig-1@remote.test>\r\n\r\nthe original body\r\n"
@@ -64,3 +66,30 @@ async def test_a_missing_alias_member_is_named_in_the_bounce_and_the_log(mailflo
     assert (fields["Action"], fields["Status"]) == ("failed", "5.1.1")
     assert "to=<ghost@local.test>, orig_to=<info@local.test>, relay=local" in caplog.text
     assert await eventually(lambda: list((tmp_path / "mail" / "alice" / "Maildir" / "new").glob("*")))
+
+
+async def test_bounce_template_file_words_the_notice_and_a_bad_one_refuses_the_reload(mailflow_server, smtp_peer,
+                                                                                       tmp_path):
+    """The failure notice takes bounce_template_file's Subject and text; a reload to a template that cannot be
+    used is refused, naming the setting, and the one in force stays."""
+    from mailflow.config import config_from_dict
+    from mailflow.errors import ConfigError
+
+    good, bad = tmp_path / "bounce.cf", tmp_path / "bad.cf"
+    good.write_text("failure_template = <<EOF\nSubject: Sorry\n\nNo luck at $myhostname.\nEOF\n")
+    bad.write_text("failure_template = <<EOF\nSubject: Sorry\n\nNo luck at $nowhere.\nEOF\n")
+    peer = await smtp_peer()
+    peer.handler.rcpt_replies["gone@relay.test"] = "550 5.1.1 no such user here"
+    mf = await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}", queue={"bounce_template_file": str(good)})
+    broken = config_from_dict({**mf.config.model_dump(), "queue": {**mf.config.queue.model_dump(),
+                                                                   "bounce_template_file": str(bad)}})
+    with pytest.raises(ConfigError, match=r"queue.bounce_template_file: .*bad.cf: line 1: failure_template: "
+                                          r"unknown macro \$nowhere"):
+        await mf.reload(broken)
+    await send(mf.smtp_addresses[0][1], "alice@relay.test", ["gone@relay.test"], MESSAGE)
+
+    [bounce] = await eventually(lambda: [m for m in peer.messages if m.mail_from == "<>"], timeout=10)
+    notice = email.message_from_bytes(bounce.content, policy=email.policy.default)
+    assert notice["Subject"] == "Sorry"
+    text = next(p for p in notice.walk() if p.get_content_type() == "text/plain").get_content()
+    assert text.startswith("No luck at mx.mailflow.test.\r\n\r\n<gone@relay.test>: host ")

@@ -13,6 +13,7 @@ import asyncio
 import email
 import email.policy
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -287,6 +288,47 @@ async def test_notify_classes_bounce_and_delay_copy_the_notices_to_the_postmaste
     assert sorted((n.envelope[0], n["Subject"]) for n in copies) == [
         ("double-bounce@pf.test", "Postmaster Copy: Undelivered Mail"),
         ("double-bounce@pf.test", "Postmaster Warning: Delayed Mail")]
+
+
+TEMPLATES = """\
+# bounce(5)
+failure_template = <<EOF
+Charset: us-ascii
+From: Bounces <bounces>
+Subject: Returned: your mail
+Postmaster-Subject: Copy of a returned mail
+
+This is $myhostname of $mydomain, as ${mail_name?told} by bounce(5).
+It tried for $maximal_queue_lifetime_days days, and warns after $delay_warning_time_minutes minutes.
+EOF
+"""
+
+
+async def test_bounce_template_file_gives_the_notices_texts_as_postfix(mailflow_server, smtp_peer, tmp_path):
+    """bounce_template_file's failure_template: its From (the address qualified), Subject, Postmaster-Subject (the
+    bounce class's copy) and text with its $names expanded, as Postfix's bounce(8) writes them."""
+    path = tmp_path / "bounce.cf"
+    path.write_text(TEMPLATES)
+    os.chmod(tmp_path, 0o755)
+    os.chmod(path, 0o644)
+    messages = [Send("case-failure", {"b": []})]
+    to = {"bounce_notice_recipient": "pm@sender.test"}
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {"RCPT": rcpt_reply}, messages, 2,
+                                   postfix={"bounce_template_file": str(path), "notify_classes": "bounce",
+                                            "mydomain": "example.test", "delay_warning_time": "2h", **to},
+                                   queue={"bounce_template_file": str(path), "notify_classes": ["bounce"],
+                                          "delay_warning_time": "2h", **to},
+                                   settings={"mydomain": "example.test"})
+
+    def shape(notice) -> tuple:
+        named = {name: notice[name].replace(PF_HOST, "HOST").replace(MF_HOST, "HOST") for name in ("From", "Subject")}
+        return notice.envelope[1], named, human_part(notice)
+
+    assert sorted(map(shape, mf["case-failure"])) == sorted(map(shape, pf["case-failure"]))
+    [(_, named, text)] = [shape(n) for n in pf["case-failure"] if n.envelope[1] == [SENDER]]
+    assert named == {"From": "Bounces <bounces@HOST>", "Subject": "Returned: your mail"}
+    assert text.startswith("This is HOST of example.test, as told by bounce(5).\n"
+                           "It tried for 5 days, and warns after 120 minutes.\n")
 
 
 async def test_a_double_bounce_that_bounces_is_discarded_with_postfixs_warning(mailflow_server, smtp_peer, caplog):

@@ -37,6 +37,7 @@ import asyncio
 from dataclasses import dataclass, replace
 from typing import Callable
 
+from mailflow.bounce_templates import Templates, template_values
 from mailflow.config import DEFAULTS
 from mailflow.content import Content
 from mailflow.message import quoted_original
@@ -197,10 +198,15 @@ def _notice_recipient(result: RcptResult, now: float) -> NoticeRecipient:
 class Notices:
     """Turns planned notices into queued messages. `prepare` is cleanup's: Submission -> NewMessage."""
 
-    def __init__(self, prepare: Callable[[Submission], NewMessage], *, myhostname: str, config):
+    def __init__(self, prepare: Callable[[Submission], NewMessage], *, myhostname: str, config,
+                 templates: Templates = Templates(), mydomain: str = ""):
         self._prepare = prepare
         self._myhostname = myhostname
         self._config = config
+        self._templates = templates  # bounce_template_file's
+        self._values = template_values(myhostname=myhostname, mydomain=mydomain or myhostname,
+                                       delay_warning_time=config.delay_warning_time,
+                                       maximal_queue_lifetime=config.maximal_queue_lifetime)
 
     def discards(self, message: QueuedMessage, results: list[RcptResult]) -> bool:
         return discarded(message, results, myhostname=self._myhostname)
@@ -223,7 +229,7 @@ class Notices:
                 will_retry_until=retry_until if notice.kind == "delay" else None,
                 notice_id=f"{message.queue_id}.{notice.kind}.{int(now)}", size_limit=c.bounce_size_limit,
                 to=notice.to, delay_warning_time=c.delay_warning_time, postmaster_copy=notice.postmaster_copy,
-                smtputf8=message.smtputf8,
+                smtputf8=message.smtputf8, template=self._templates.get(notice.kind), template_values=self._values,
             )
             addresses = [notice.sender, notice.to] + [r.recipient.address for r in notice.recipients]
             smtputf8 = message.smtputf8 or not all(a.isascii() for a in addresses)  # (Postfix: as the original)
