@@ -22,6 +22,8 @@ def test_refusals_fall_in_postfixs_classes():
         "452 4.3.1 Insufficient system storage", "451 4.3.0 Error: queue file write error",
         "451 4.3.0 <a@b.test>: Temporary lookup failure", "451 4.3.5 Server configuration error",
         "421 4.4.2 mx.test Error: timeout exceeded", "421 4.3.2 mx.test Service shutting down",
+        "503 5.5.1 Error: send HELO/EHLO first", "454 4.3.0 Try again later",
+        "454 4.7.0 TLS not available due to local problem",
     )} == {
         "250 2.1.0 Ok": None, "354 End data with <CR><LF>.<CR><LF>": None,
         "554 5.7.1 <x@elsewhere.test>: Relay access denied": "policy",
@@ -33,6 +35,8 @@ def test_refusals_fall_in_postfixs_classes():
         "452 4.3.1 Insufficient system storage": "resource", "451 4.3.0 Error: queue file write error": "resource",
         "451 4.3.0 <a@b.test>: Temporary lookup failure": "data", "451 4.3.5 Server configuration error": "software",
         "421 4.4.2 mx.test Error: timeout exceeded": None, "421 4.3.2 mx.test Service shutting down": None,
+        "503 5.5.1 Error: send HELO/EHLO first": "policy", "454 4.3.0 Try again later": "policy",
+        "454 4.7.0 TLS not available due to local problem": "software",
     }
 
 

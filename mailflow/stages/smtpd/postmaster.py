@@ -65,7 +65,9 @@ def error_class(reply: str) -> str | None:
     subject, _, detail = status[2:].partition(".")
     if "Temporary lookup failure" in text:
         return "data"
-    if subject == "3" and detail in ("0", "5"):
+    if "send HELO/EHLO first" in text or (code == 454 and "Try again later" in text):
+        return "policy"  # (smtpd.c's helo_required, smtpd_sasl_proto.c's AUTH limits: Postfix files them so)
+    if subject == "3" and detail in ("0", "5") or "due to local problem" in text:
         return "resource" if "write error" in text else "software"
     if code == 421:
         return None
