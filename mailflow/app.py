@@ -61,6 +61,7 @@ import signal
 import sqlite3
 from typing import TYPE_CHECKING, Callable
 
+from mailflow.bounce_templates import Templates, load_templates
 from mailflow.capture.recorders import Capture
 from mailflow.clock import Clock, SystemClock
 from mailflow.config import Config, DnsConfig, flat_settings, in_force, restart_needed
@@ -83,7 +84,6 @@ from mailflow.signing.outbound import OutboundSigning
 from mailflow.stages.smtpd import Smtpd, SmtpdHandler
 from mailflow.stages.smtpd.filtering import FilterServices
 from mailflow.stages.smtpd.postmaster import SessionNotices
-from mailflow.bounce_templates import Templates, load_templates
 from mailflow.stages.smtpd.transcript import SessionObservers
 from mailflow.stages.verify import ProbeSender, Prober, Verifier
 from mailflow.store import Store

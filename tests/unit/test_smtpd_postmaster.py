@@ -24,6 +24,7 @@ def test_refusals_fall_in_postfixs_classes():
         "421 4.4.2 mx.test Error: timeout exceeded", "421 4.3.2 mx.test Service shutting down",
         "503 5.5.1 Error: send HELO/EHLO first", "454 4.3.0 Try again later",
         "454 4.7.0 TLS not available due to local problem",
+        "421 4.7.0 mx.test Error: too many connections from 192.0.2.1", "421 4.7.0 mx.test Error: too many errors",
     )} == {
         "250 2.1.0 Ok": None, "354 End data with <CR><LF>.<CR><LF>": None,
         "554 5.7.1 <x@elsewhere.test>: Relay access denied": "policy",
@@ -37,6 +38,8 @@ def test_refusals_fall_in_postfixs_classes():
         "421 4.4.2 mx.test Error: timeout exceeded": None, "421 4.3.2 mx.test Service shutting down": None,
         "503 5.5.1 Error: send HELO/EHLO first": "policy", "454 4.3.0 Try again later": "policy",
         "454 4.7.0 TLS not available due to local problem": "software",
+        "421 4.7.0 mx.test Error: too many connections from 192.0.2.1": "policy",
+        "421 4.7.0 mx.test Error: too many errors": None,
     }
 
 

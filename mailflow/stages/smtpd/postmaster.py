@@ -55,9 +55,9 @@ def error_class(reply: str) -> str | None:
     """The class of a refusal as Postfix's smtpd files it (smtpd.c, smtpd_check.c): bounce (an unknown user, a
     message too big or with too many hops), data (a table that could not answer), resource (no room: storage, a
     queue write), software (the server's own fault), protocol (the client broke the protocol: syntax, sequence,
-    an unknown command), policy (any other refusal: a restriction, a filter). None for a 2xx/3xx reply and for a
-    421 that is the server's state (shutting down, busy, a timeout, the error limit), which Postfix files under
-    none."""
+    an unknown command), policy (any other refusal: a restriction, a filter, anvil's limits). None for a 2xx/3xx
+    reply and for a 421 that is the server's state (shutting down, busy, a timeout, the error limit), which
+    Postfix files under none."""
     m = _REPLY.match(reply)
     if m is None:
         return None
@@ -69,8 +69,8 @@ def error_class(reply: str) -> str | None:
         return "policy"  # (smtpd.c's helo_required, smtpd_sasl_proto.c's AUTH limits: Postfix files them so)
     if subject == "3" and detail in ("0", "5") or "due to local problem" in text:
         return "resource" if "write error" in text else "software"
-    if code == 421:
-        return None
+    if code == 421:  # (anvil's rate and count limits are policy, as Postfix's smtpd files them)
+        return "policy" if "Error: too many" in text and "too many errors" not in text else None
     if "User unknown" in text or (subject, detail) in (("3", "4"), ("4", "6")):
         return "bounce"
     if subject == "3" and detail == "1":
