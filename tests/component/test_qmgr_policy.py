@@ -694,4 +694,4 @@ def test_notify_classes_decide_the_postmasters_copies():
     assert notices(bounce, failures[1:], ("bounce",)) == double
     assert notices(bounce, failures[1:], ("resource", "software", "delay")) == []
     assert notices(bounce, delays[1:], ("delay",), warn=True) == [
-        ("delay", "double-bounce@mx.test", "delays@example.net", "HDRS", ["b@example.test"])]
+        ("delay", "double-bounce@mx.test", "delays@example.net", "FULL", ["b@example.test"])]

@@ -107,7 +107,7 @@ def _postmaster_copies(message: QueuedMessage, results: list[RcptResult], kind: 
     """The postmaster's notices of this kind, as Postfix's bounce(8) sends them (bounce_notify_service.c,
     bounce_warn_service.c), from the double-bounce sender, about every recipient whatever its NOTIFY:
     - the failures of a notice (null sender): to double_bounce_recipient with the whole original, with the class
-      2bounce or bounce; the delays of a notice: to delay_notice_recipient, with the class delay;
+      2bounce or bounce; the delays of a notice: to delay_notice_recipient, whole too, with the class delay;
     - the failures of other mail: a copy to bounce_notice_recipient, the original's header section only, with the
       class bounce, when a notice went to the sender (Postfix sends the copy after the sender's);
       its delays: a copy to delay_notice_recipient with the class delay, when a delay notice went to the sender."""
@@ -123,7 +123,7 @@ def _postmaster_copies(message: QueuedMessage, results: list[RcptResult], kind: 
                            about, ret="FULL")]
         if kind == "delay" and "delay" in classes and postmaster.delay_to:
             return [Notice(kind, _double_bounce_sender(myhostname), _qualified(postmaster.delay_to, myhostname),
-                           about, ret="HDRS")]
+                           about, ret="FULL")]
         return []
     to = {"failure": postmaster.bounce_to if "bounce" in classes else "",
           "delay": postmaster.delay_to if "delay" in classes else ""}[kind]
