@@ -664,6 +664,7 @@ def test_notify_classes_decide_the_postmasters_copies():
     to delay_notice_recipient, from the double-bounce sender; a failed notice (null sender) goes to the
     double-bounce recipient with `2bounce` or `bounce` only, whole; neither class: none of these."""
     from mailflow.model import QueuedMessage
+    from mailflow.stages.qmgr import _owes_notice
     from mailflow.stages.qmgr.notices import Postmaster
 
     never = Recipient(0, "a@example.test", "a@example.test", notify="NEVER")
@@ -682,6 +683,9 @@ def test_notify_classes_decide_the_postmasters_copies():
     copy = ("double-bounce@mx.test", "bounces@mx.test", "HDRS", ["a@example.test", "b@example.test"])
     assert notices(message, failures, ("bounce",)) == [
         ("failure", "", "s@example.org", None, ["b@example.test"]), ("failure", *copy)]
+    assert notices(message, failures[:1], ("bounce",)) == [  # (no sender's notice: a copy all the same)
+        ("failure", "double-bounce@mx.test", "bounces@mx.test", "HDRS", ["a@example.test"])]
+    assert _owes_notice(failures[0], ("bounce",)) and not _owes_notice(failures[0], ("2bounce", "delay"))
     assert notices(message, failures, ("resource", "software", "2bounce", "delay")) == [
         ("failure", "", "s@example.org", None, ["b@example.test"])]
     assert notices(message, delays, ("delay",), warn=True) == [

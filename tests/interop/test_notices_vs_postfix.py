@@ -270,10 +270,12 @@ async def test_notify_classes_bounce_and_delay_copy_the_notices_to_the_postmaste
                                                                                               smtp_peer):
     """notify_classes = bounce, delay: each failure and delay notice to a sender has a postmaster copy, to
     bounce_notice_recipient and delay_notice_recipient, from double-bounce@myhostname, as Postfix's bounce(8)
-    (bounce_notify_service.c, bounce_warn_service.c): its subject, no template text, the header section only."""
-    messages = [Send("case-failure", {"b": []}, ["RET=FULL"]), Send("case-delay", {"d": ["NOTIFY=DELAY"]})]
+    (bounce_notify_service.c, bounce_warn_service.c): its subject, no template text, the header section only; a
+    failure whose NOTIFY=NEVER gives no notice to the sender and a copy all the same."""
+    messages = [Send("case-failure", {"b": []}, ["RET=FULL"]), Send("case-delay", {"d": ["NOTIFY=DELAY"]}),
+                Send("case-never", {"b": ["NOTIFY=NEVER"]})]
     to = {"bounce_notice_recipient": "pm@sender.test", "delay_notice_recipient": "pm@sender.test"}
-    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {"RCPT": rcpt_reply}, messages, 4,
+    pf, mf = await notices_of_both(mailflow_server, smtp_peer, {"RCPT": rcpt_reply}, messages, 5,
                                    postfix={**QUICK, "queue_run_delay": "1s", "notify_classes": "bounce, delay", **to},
                                    queue={**QUICK, "notify_classes": ["bounce", "delay"], **to})
 
@@ -287,7 +289,9 @@ async def test_notify_classes_bounce_and_delay_copy_the_notices_to_the_postmaste
     copies = [n for ns in pf.values() for n in ns if n.envelope[1] == ["pm@sender.test"]]
     assert sorted((n.envelope[0], n["Subject"]) for n in copies) == [
         ("double-bounce@pf.test", "Postmaster Copy: Undelivered Mail"),
+        ("double-bounce@pf.test", "Postmaster Copy: Undelivered Mail"),
         ("double-bounce@pf.test", "Postmaster Warning: Delayed Mail")]
+    assert [n.envelope[1] for n in pf["case-never"]] == [["pm@sender.test"]]
 
 
 TEMPLATES = """\

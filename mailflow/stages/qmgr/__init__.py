@@ -1020,7 +1020,7 @@ class QueueManager:
 
     async def _record(self, active: ActiveMessage, results: list[RcptResult]) -> None:
         msg = active.message
-        rows = [(r, _owes_notice(r)) for r in results]
+        rows = [(r, self._owes_notice(r)) for r in results]
         try:
             await self._writes.run(lambda: self._store.record_results(msg.queue_id, rows),
                                    f"{msg.queue_id}: recording delivery results")
@@ -1061,7 +1061,7 @@ class QueueManager:
         expired = [] if held else _expire(pending, now - msg.lifetime_base, lifetime)
         warn = bool(pending and not expired and not held and q.delay_warning_time and not msg.warned
                     and now - msg.arrival >= q.delay_warning_time)
-        owed = active.owed + [r for r in last if _owes_notice(r)]
+        owed = active.owed + [r for r in last if self._owes_notice(r)]
         if expired or warn or owed:  # a notice to queue: the operator may have held or deleted it, unpolled yet
             state = await self._queue_state(msg)
             if state is None:
@@ -1086,6 +1086,9 @@ class QueueManager:
         if retry_at is not None and retry_at < self._next_scan:
             self._next_scan = retry_at
             self._rouse()  # the loop sleeps until the scan it knew of: it must look again
+
+    def _owes_notice(self, result: RcptResult) -> bool:
+        return _owes_notice(result, self._config.notify_classes)
 
     async def _queue_state(self, msg: QueuedMessage) -> str | None:
         """The message's queue now (an operator may have held or deleted it meanwhile); None: gone."""
@@ -1181,10 +1184,13 @@ def _about(rcpt: Recipient, failure: OwnedFailure) -> Recipient:
     return dataclasses.replace(rcpt, address=failure.address, original=rcpt.original or rcpt.address)
 
 
-def _owes_notice(result: RcptResult) -> bool:
-    """A recipient sent or bounced now whose NOTIFY asks for a notice of that: its row keeps a flag until the
-    end of the attempt queues the notice."""
+def _owes_notice(result: RcptResult, notify_classes: tuple[str, ...]) -> bool:
+    """A recipient sent or bounced now whose NOTIFY asks for a notice of that, or bounced with the class bounce in
+    notify_classes (the postmaster's copy names every failure, as Postfix's bounce log holds them all): its row
+    keeps a flag until the end of the attempt queues the notice."""
     kind = _NOTICE_KIND.get(result.outcome)
+    if kind == "failure" and "bounce" in notify_classes:
+        return True
     return kind is not None and wants_notice(result.recipient, kind)
 
 

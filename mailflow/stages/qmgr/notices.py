@@ -97,20 +97,21 @@ def plan(message: QueuedMessage, results: list[RcptResult], *, warn_delay: bool,
         if message.sender and told:
             notices.append(Notice(kind, "", message.sender, told))
         notices += _postmaster_copies(message, results, kind, outcome, postmaster, double_bounce_recipient,
-                                      myhostname, now, told=bool(told))
+                                      myhostname, now)
     return notices
 
 
 def _postmaster_copies(message: QueuedMessage, results: list[RcptResult], kind: str, outcome: Outcome,
-                       postmaster: Postmaster, double_bounce_recipient: str, myhostname: str, now: float, *,
-                       told: bool) -> list[Notice]:
+                       postmaster: Postmaster, double_bounce_recipient: str, myhostname: str,
+                       now: float) -> list[Notice]:
     """The postmaster's notices of this kind, as Postfix's bounce(8) sends them (bounce_notify_service.c,
     bounce_warn_service.c), from the double-bounce sender, about every recipient whatever its NOTIFY:
     - the failures of a notice (null sender): to double_bounce_recipient with the whole original, with the class
       2bounce or bounce; the delays of a notice: to delay_notice_recipient, whole too, with the class delay;
     - the failures of other mail: a copy to bounce_notice_recipient, the original's header section only, with the
-      class bounce, when a notice went to the sender (Postfix sends the copy after the sender's);
-      its delays: a copy to delay_notice_recipient with the class delay, when a delay notice went to the sender."""
+      class bounce, whether or not a recipient's NOTIFY asked for the sender's notice (Postfix's bounce log holds
+      every failure; qmgr flags each for the copy); its delays: a copy to delay_notice_recipient with the class
+      delay, at the warning's time (whatever the NOTIFY of each)."""
     if kind == "success":
         return []
     classes = postmaster.classes
@@ -127,7 +128,7 @@ def _postmaster_copies(message: QueuedMessage, results: list[RcptResult], kind: 
         return []
     to = {"failure": postmaster.bounce_to if "bounce" in classes else "",
           "delay": postmaster.delay_to if "delay" in classes else ""}[kind]
-    if not to or not told:
+    if not to:
         return []
     return [Notice(kind, _double_bounce_sender(myhostname), _qualified(to, myhostname), about, ret="HDRS")]
 
