@@ -216,11 +216,12 @@ async def test_connection_limits_apply_to_the_proxied_client(mailflow_server):
 
 async def test_xclient_from_an_authorized_host_replaces_the_client(mailflow_server):
     mf = await mailflow_server(mynetworks=["192.0.2.0/24"],
-                               smtpd={"listen": ["127.0.0.1:0"], "authorized_xclient_hosts": ["127.0.0.0/8"],
+                               smtpd={"listen": ["127.0.0.1:0"], "authorized_xclient_hosts": ["127.0.0.0/8",
+                                                                                              "192.0.2.1"],
                                       "helo_required": True})  # (to see that XCLIENT forgets the HELO)
     c = await SmtpClient.connect(mf.smtpd.address_of("mta")[1])
     ehlo = await c.cmd("EHLO filter.test")
-    assert ehlo.code == 250 and "XCLIENT NAME ADDR PORT PROTO HELO LOGIN" in ehlo.lines
+    assert ehlo.code == 250 and "XCLIENT NAME ADDR PROTO HELO REVERSE_NAME PORT LOGIN DESTADDR DESTPORT" in ehlo.lines
     assert await c.cmd("XCLIENT ADDR=192.0.2.1 NAME=[UNAVAILABLE]") == status.greeting("mx.mailflow.test",
                                                                                        "ESMTP mailflow")
     assert await c.cmd("MAIL FROM:<s@remote.test>") == status.NEED_HELO  # reset
@@ -229,6 +230,21 @@ async def test_xclient_from_an_authorized_host_replaces_the_client(mailflow_serv
     assert (await c.cmd("RSET"))[0] == 250
     assert (await c.cmd("XCLIENT ADDR=IPV6:2001:db8::7 PORT=4242"))[0] == 220
     assert (await relay_reply(c))[0] == 554  # no longer in mynetworks
+    await c.close()
+
+
+async def test_xclient_is_judged_again_on_the_client_it_names(mailflow_server):
+    """smtpd.c xclient_cmd evaluates xclient_allowed again for the client it names: a front end that named a client
+    outside authorized_xclient_hosts has handed the session over, and that client can no longer rename itself.
+    mailflow judged XCLIENT on the client of the connection for the whole session."""
+    mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "authorized_xclient_hosts": ["127.0.0.0/8"]})
+    c = await SmtpClient.connect(mf.smtpd.address_of("mta")[1])
+    assert (await c.cmd("EHLO filter.test"))[0] == 250
+    assert (await c.cmd("XCLIENT ADDR=127.0.0.9"))[0] == 220  # (still an authorized one)
+    assert "XCLIENT" in (await c.cmd("EHLO filter.test")).text
+    assert (await c.cmd("XCLIENT ADDR=192.0.2.1"))[0] == 220
+    assert "XCLIENT" not in (await c.cmd("EHLO filter.test")).text
+    assert await c.cmd("XCLIENT ADDR=127.0.0.1") == status.XCLIENT_DENIED
     await c.close()
 
 
@@ -259,12 +275,18 @@ async def test_xclient_from_others_is_refused_and_not_offered(mailflow_server):
 
 
 def test_parse_xclient_values():
-    assert parse_xclient("NAME=Mail.Example.COM ADDR=192.0.2.1 PORT=25 PROTO=esmtp HELO=x+2By LOGIN=bob") == {
-        "NAME": "Mail.Example.COM", "ADDR": "192.0.2.1", "PORT": "25", "PROTO": "ESMTP", "HELO": "x+y",
-        "LOGIN": "bob"}
-    assert parse_xclient("NAME=[TEMPUNAVAIL] ADDR=[UNAVAILABLE]") == {"NAME": "[TEMPUNAVAIL]", "ADDR": None}
-    with pytest.raises(XclientError):
-        parse_xclient("ADDR=[TEMPUNAVAIL]")
+    assert parse_xclient("NAME=Mail.Example.COM ADDR=192.0.2.1 PORT=25 PROTO=esmtp HELO=x+2By LOGIN=bob") == [
+        ("NAME", "Mail.Example.COM"), ("ADDR", "192.0.2.1"), ("PORT", "25"), ("PROTO", "ESMTP"), ("HELO", "x+y"),
+        ("LOGIN", "bob")]
+    assert parse_xclient("NAME=[TEMPUNAVAIL] ADDR=[UNAVAILABLE]") == [("NAME", "[TEMPUNAVAIL]"), ("ADDR", None)]
+    # Postfix's REVERSE_NAME, DESTADDR and DESTPORT, in the order given; a port of up to five digits (alldig)
+    assert parse_xclient("REVERSE_NAME=r.test DESTADDR=IPV6:2001:db8::1 DESTPORT=99999 PORT=00025 "
+                         "REVERSE_NAME=[tempunavail]") == [
+        ("REVERSE_NAME", "r.test"), ("DESTADDR", "2001:db8::1"), ("DESTPORT", "99999"), ("PORT", "25"),
+        ("REVERSE_NAME", "[TEMPUNAVAIL]")]
+    for bad in ("ADDR=[TEMPUNAVAIL]", "PORT=123456", "DESTPORT=-1", "DESTADDR=IPV6:192.0.2.1", "REVERSE_NAME=1.2.3.4"):
+        with pytest.raises(XclientError):
+            parse_xclient(bad)
 
 
 async def test_read_proxy_header_consumes_exactly_the_header():
@@ -361,7 +383,7 @@ async def test_header_addresses_are_rewritten_for_local_header_rewrite_clients(m
     head = await delivered_head(mailflow_server, tmp_path, settings, client, UNQUALIFIED)
     assert b"\n" + from_ + b"\n" in head and b"\n" + to in head, head
     assert b"\nSubject: bob" in head  # (not an address field)
-    assert f"(unknown [{client}])".encode() in head  # XCLIENT ADDR without NAME: not the front end's name
+    assert f"(localhost [{client}])".encode() in head  # XCLIENT ADDR without NAME keeps the name (Postfix)
 
 
 def test_local_header_rewrite_clients_names_the_bad_entry(tmp_path):

@@ -470,6 +470,54 @@ async def test_an_xclient_name_the_front_ends_dns_could_not_tell_is_450_whatever
             await client.close()
 
 
+async def xclient_rcpt(port: int, xclient: str) -> tuple[int | None, str]:
+    """RCPT's reply after the front end's `XCLIENT <xclient>` and the client's EHLO."""
+    client = await SmtpClient.connect(port)
+    try:
+        assert (await client.cmd("EHLO front.test")).code == 250
+        assert (await client.cmd(f"XCLIENT {xclient}")).code == 220
+        assert (await client.cmd("EHLO client.test")).code == 250
+        assert (await client.cmd("MAIL FROM:<s@remote.test>")).code == 250
+        return await client.cmd("RCPT TO:<alice@local.test>")
+    finally:
+        await client.close()
+
+
+async def test_what_xclient_does_not_give_stays_the_front_ends_as_in_postfix(mailflow_server, dns_zone):
+    """smtpd.c xclient_cmd sets each name only from the attribute that gives it, in the order given: ADDR alone
+    keeps the names smtpd_peer found for the connection (the front end's: here client.known.test, verified and
+    reverse), NAME=[UNAVAILABLE] leaves the reverse name as it was, REVERSE_NAME sets only the reverse name, and a
+    NAME after it sets both. mailflow reset both names at ADDR, lost the reverse name at NAME=[UNAVAILABLE] and
+    refused REVERSE_NAME."""
+    port = await start(mailflow_server, dns_zone, authorized_xclient_hosts=["127.0.0.0/8"], client_restrictions=[
+        "check_reverse_client_hostname_access inline:{ { client.known.test = REJECT reverse kept }, "
+        "{ bad.test = REJECT reverse bad } }", "permit_rhswl_client rhswl.test", "reject"])
+    reverse_kept = (554, "554 5.7.1 <client.known.test>: Unverified Client host rejected: reverse kept")
+    for xclient, expected in (
+            ("ADDR=192.0.2.77", reverse_kept),
+            ("ADDR=192.0.2.77 NAME=[UNAVAILABLE]", reverse_kept),
+            ("ADDR=192.0.2.77 REVERSE_NAME=given.test", (250, "250 2.1.5 Ok")),  # verified: the front end's
+            ("ADDR=192.0.2.77 NAME=[UNAVAILABLE] REVERSE_NAME=other.test",
+             said(status.access_denied("unknown[192.0.2.77]", "Client host"))),
+            ("ADDR=192.0.2.77 REVERSE_NAME=given.test NAME=bad.test",
+             (554, "554 5.7.1 <bad.test>: Unverified Client host rejected: reverse bad")),
+            ("ADDR=192.0.2.77 NAME=bad.test REVERSE_NAME=given.test",
+             said(status.access_denied("bad.test[192.0.2.77]", "Client host")))):
+        assert await xclient_rcpt(port, xclient) == expected, xclient
+
+
+async def test_an_xclient_reverse_name_the_front_end_could_not_tell_is_450(mailflow_server, dns_zone):
+    """REVERSE_NAME=[TEMPUNAVAIL] is SMTPD_PEER_CODE_TEMP for the reverse name (reject_unknown_reverse_client_hostname
+    answers 450 whatever the code), [UNAVAILABLE] a permanent none; the verified name is left alone."""
+    port = await start(mailflow_server, dns_zone, authorized_xclient_hosts=["127.0.0.0/8"],
+                       unknown_client_reject_code=550, client_restrictions=[
+                           "reject_unknown_reverse_client_hostname", "reject_unknown_client_hostname"])
+    for name, expected in (("[TEMPUNAVAIL]", "450 4.7.1"), ("[UNAVAILABLE]", "550 5.7.1")):
+        assert (await xclient_rcpt(port, f"ADDR=192.0.2.77 REVERSE_NAME={name}")).text == \
+            f"{expected} Client host rejected: cannot find your reverse hostname, [192.0.2.77]"
+    assert (await xclient_rcpt(port, "ADDR=192.0.2.77 REVERSE_NAME=given.test"))[0] == 250
+
+
 LISTED_UNKNOWN = ZONE + """
 unknown.rhsbl.test.     300 IN A     127.0.0.2
 unknown.rhswl.test.     300 IN A     127.0.0.2

@@ -193,6 +193,55 @@ async def test_behind_a_proxy_the_header_names_client_and_server(mailflow_server
     assert mailflow == postfix
 
 
+XCLIENTS = ("XCLIENT ADDR=192.0.2.10 PORT=40001 DESTADDR=203.0.113.5 DESTPORT=2525",
+            "XCLIENT NAME=[UNAVAILABLE] REVERSE_NAME=r.test ADDR=192.0.2.11 PORT=99999 DESTADDR=198.51.100.5 "
+            "DESTPORT=[UNAVAILABLE]",
+            "XCLIENT NAME=n.test ADDR=192.0.2.12 PORT=[UNAVAILABLE] DESTADDR=[UNAVAILABLE]",
+            "XCLIENT REVERSE_NAME=[TEMPUNAVAIL] ADDR=192.0.2.13 PORT=25")
+
+
+async def test_xclient_names_the_client_and_server_of_the_requests(mailflow_server):
+    """smtpd.c xclient_cmd: ADDR and PORT name the client, DESTADDR and DESTPORT the server (`unknown` for
+    [UNAVAILABLE], a port of five digits as given), NAME the client's name and reverse name, REVERSE_NAME the
+    reverse name only; ADDR alone keeps the names (the front end's). mailflow refused DESTADDR, DESTPORT and
+    REVERSE_NAME and a port above 65535, sent the client name as the reverse name and reset it at ADDR."""
+    attributes = ("client_address", "client_port", "client_name", "reverse_client_name", "server_address",
+                  "server_port")
+    async with ScriptedPolicy() as policy:
+        async with postfix_instance({
+            "myhostname": "pf.test", "mydestination": "local.test", "local_recipient_maps": "inline:{alice=ok}",
+            "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
+            "smtpd_recipient_restrictions": f"check_policy_service {policy.spec}",
+        }) as pf:
+            for xclient in XCLIENTS:
+                await rcpt_after(pf.port, xclient)
+        postfix, policy.requests[:] = [seen(r, attributes, pf.port) for r in policy.requests], []
+        mf = await mailflow_server(local_recipient_maps=["inline:{alice=ok}"], smtpd={
+            "authorized_xclient_hosts": ["127.0.0.0/8"],
+            "recipient_restrictions": [f"check_policy_service {policy.spec}"]})
+        for xclient in XCLIENTS:
+            await rcpt_after(mf.smtp_addresses[0][1], xclient)
+        mailflow = [seen(r, attributes, mf.smtp_addresses[0][1]) for r in policy.requests]
+    assert mailflow == postfix
+    assert postfix[0] == {"client_address": "192.0.2.10", "client_port": "40001", "client_name": "localhost",
+                          "reverse_client_name": "localhost", "server_address": "203.0.113.5", "server_port": "2525"}
+    assert postfix[1]["reverse_client_name"] == "r.test" and postfix[1]["server_port"] == "unknown"
+
+
+def seen(request: dict[str, str], attributes: tuple[str, ...], listener: int) -> dict[str, str]:
+    """The request's `attributes`, the server's own listening port as LISTENER (each side has its own)."""
+    got = {k: request[k] for k in attributes}
+    return {**got, "server_port": "LISTENER"} if got["server_port"] == str(listener) else got
+
+
+async def rcpt_after(port: int, xclient: str) -> None:
+    client = await SmtpClient.connect(port)
+    for command in ("EHLO front.test", xclient, "EHLO client.test", "MAIL FROM:<s@remote.test>",
+                    "RCPT TO:<alice@local.test>"):
+        assert (await client.cmd(command)).code in (220, 250), command
+    await client.close()
+
+
 async def rcpt_behind(port: int, header: bytes) -> None:
     client = await SmtpClient.connect(port, first=header)
     for command in ("EHLO client.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<alice@local.test>"):

@@ -560,7 +560,13 @@ XCLIENT_ATTRIBUTE_LINES = [
     "XCLIENT PORT=x1", "XCLIENT PROTO=LMTP", "XCLIENT FOO=bar", "XCLIENT foo=bar", "XCLIENT ADDR", "XCLIENT ADDR=",
     "XCLIENT FOO=", "XCLIENT HELO=" + "h" * 256, "XCLIENT NAME=ok.test FOO=bar", "XCLIENT HELO=a+2",
     "XCLIENT HELO=a+01b", "XCLIENT NAME=[unavailable] ADDR=[Unavailable]", "XCLIENT proto=esmtp",
-    "XCLIENT NAME=a+2db.test", "XCLIENT NAME=a=b.test"]
+    "XCLIENT NAME=a+2db.test", "XCLIENT NAME=a=b.test",
+    # REVERSE_NAME, DESTADDR and DESTPORT (mailflow refused them as unknown attributes); a port of five digits is
+    # taken whatever its value, an address neutered before it is quoted
+    "XCLIENT REVERSE_NAME=1.2.3.4", "XCLIENT REVERSE_NAME=[tempunavail]", "XCLIENT DESTADDR=IPV6:192.0.2.1",
+    "XCLIENT DESTADDR=192.0.2.1;", "XCLIENT DESTADDR=[UNAVAILABLE] DESTPORT=[UNAVAILABLE]", "XCLIENT DESTPORT=1x",
+    "XCLIENT DESTPORT=65536", "XCLIENT PORT=99999", "XCLIENT PORT=00025", "XCLIENT PORT=123456",
+    "XCLIENT ADDR=1.2.3.4<", "XCLIENT NAME=a.test REVERSE_NAME=b.test ADDR=192.0.2.1 DESTADDR=192.0.2.2"]
 
 
 async def test_xclient_attribute_errors_are_worded_as_postfix_s(mailflow_server):
@@ -613,6 +619,48 @@ async def test_the_xclient_name_is_kept_as_given_as_postfix_keeps_it(mailflow_se
     assert client_lines(r.getMessage() for r in caplog.records) == postfix_client == ["Other.Test[192.0.2.9]"]
 
 
+XCLIENT_PARTS = {  # (a session each) what one XCLIENT does not give stays; attributes apply in the order given
+    "ADDR keeps the name": ["HELO c.test", "XCLIENT ADDR=192.0.2.9", "HELO c.test", M, "RCPT TO:<x@relay.test>"],
+    "a reverse name": ["HELO c.test", "XCLIENT NAME=ok.test REVERSE_NAME=Bad.Test ADDR=192.0.2.9", "HELO c.test", M,
+                       "RCPT TO:<x@relay.test>"],
+    "NAME after REVERSE_NAME": ["HELO c.test", "XCLIENT REVERSE_NAME=bad.test NAME=ok.test ADDR=192.0.2.9",
+                                "HELO c.test", M, "RCPT TO:<x@relay.test>"],
+    "judged again on the client named": ["HELO c.test", "XCLIENT NAME=ok.test ADDR=192.0.2.9",
+                                         "XCLIENT ADDR=127.0.0.1", "EHLO c.test"],
+}
+
+
+async def test_xclient_changes_only_what_it_gives_as_postfix_does(mailflow_server):
+    """smtpd.c xclient_cmd: ADDR alone keeps the client's name (here the front end's, localhost), REVERSE_NAME sets
+    the reverse name only, a later NAME sets both; the client it names is judged again for XCLIENT (550 once it is
+    outside authorized_xclient_hosts, and EHLO no longer offers it). mailflow reset the name at ADDR, refused
+    REVERSE_NAME and judged XCLIENT on the connection's client for the whole session."""
+    restrictions = ["check_reverse_client_hostname_access inline:{bad.test=REJECT}",
+                    "check_client_access inline:{localhost=REJECT}"]
+    async with postfix_instance({**POSTFIX_BASE, "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
+                                 "smtpd_client_restrictions": ", ".join(restrictions)}) as pf:
+        postfix = await replay(pf.port, XCLIENT_PARTS)
+        postfix_ehlo = await ehlo_lines(pf.port)
+    port = await start_mailflow(mailflow_server, authorized_xclient_hosts=["127.0.0.0/8"],
+                                client_restrictions=restrictions)
+    greeting_by_code = lambda text: "220" if text.startswith("220 ") else text  # noqa: E731 (the banners differ)
+    assert differences(XCLIENT_PARTS, postfix, await replay(port, XCLIENT_PARTS), greeting_by_code) == {}
+    assert postfix["ADDR keeps the name"][-1] == "554 5.7.1 <localhost[192.0.2.9]>: Client host rejected: Access denied"
+    assert postfix["a reverse name"][-1] == "554 5.7.1 <Bad.Test>: Unverified Client host rejected: Access denied"
+    assert postfix["judged again on the client named"][2] == "550 5.7.0 Error: insufficient authorization"
+    offered = [line for line in postfix_ehlo if line.startswith("XCLIENT")]
+    assert offered == [line for line in await ehlo_lines(port) if line.startswith("XCLIENT")]
+    assert offered == ["XCLIENT NAME ADDR PROTO HELO REVERSE_NAME PORT LOGIN DESTADDR DESTPORT"]
+
+
+async def ehlo_lines(port: int) -> list[str]:
+    client = await SmtpClient.connect(port)
+    try:
+        return (await client.cmd("EHLO c.test")).lines
+    finally:
+        await client.close()
+
+
 async def name_check_replies(port: int, names: tuple[str, ...]) -> dict[str, str]:
     """Per XCLIENT NAME, RCPT's reply under the client name checks."""
     replies = {}
@@ -624,8 +672,8 @@ async def name_check_replies(port: int, names: tuple[str, ...]) -> dict[str, str
 
 @pytest.mark.parametrize("check, names", [
     ("reject_unknown_client_hostname", ("unknown", "UnKnown", "[UNAVAILABLE]", "[unavailable]", "given.test")),
-    # (not [UNAVAILABLE] here: Postfix then keeps the reverse name of the connection, the front end's; mailflow
-    # has none)
+    # (not [UNAVAILABLE] here: both then keep the reverse name of the connection, the front end's, which Postfix
+    # reads from the hosts file and mailflow's checks from the DNS only)
     ("reject_unknown_reverse_client_hostname", ("unknown", "UnKnown", "given.test"))])
 async def test_a_literal_xclient_name_unknown_is_a_name_as_postfix_takes_it(mailflow_server, check, names):
     """smtpd.c xclient_cmd's name_code maps only [UNAVAILABLE] and [TEMPUNAVAIL] (any case) to a failed name

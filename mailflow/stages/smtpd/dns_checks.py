@@ -186,7 +186,8 @@ class DnsChecks:
         """reject_unknown_(reverse_)client_hostname, as Postfix's reject_unknown_client / _reverse_name: no name
         for the address (or, unless reverse_only, no name that leads back to it): `code` (unknown_client_reject_code);
         450 when the DNS cannot tell now. At once: Postfix has no tempfail action for these."""
-        if self._resolver is None or client_ip(facts.client_addr) is None:
+        given = facts.given_reverse_name if reverse_only else facts.given_name
+        if given is None and (self._resolver is None or client_ip(_names_addr(facts)) is None):
             return None
         if reverse_only:  # (Postfix's reverse name is the first PTR name, when a host name: sockaddr_to_hostname)
             names = await self._client_names(facts)
@@ -202,43 +203,51 @@ class DnsChecks:
         """The client's first PTR name, unverified (Postfix's reverse client name); "" for none, for a name that is
         numeric or malformed (Postfix's sockaddr_to_hostname and smtpd_peer refuse those: `unknown`) or when the DNS
         cannot tell now."""
-        if self._resolver is None or client_ip(facts.client_addr) is None:
+        if facts.given_reverse_name is None and (self._resolver is None or client_ip(_names_addr(facts)) is None):
             return ""
         name = (await self._client_names(facts) or [""])[0].rstrip(".")
         return name if _peer_name(name) else ""
 
     async def _client_names(self, facts: Facts) -> list[str] | None:
-        """The client address's PTR names (memoized per session; the given name: XCLIENT NAME's, as Postfix takes it
-        for the reverse name, or none under peername_lookup = no); None when DNS cannot answer now."""
-        if facts.given_name is not None:
-            return _given_names(facts.given_name)
-        key = ("ptr", facts.client_addr)
+        """The client's reverse names: the given one (XCLIENT NAME's or REVERSE_NAME's, as Postfix's reverse_name;
+        none under peername_lookup = no), else its address's PTR names; None when DNS cannot answer now."""
+        if facts.given_reverse_name is not None:
+            return _given_names(facts.given_reverse_name)
+        return await self._ptr_names(facts)
+
+    async def _ptr_names(self, facts: Facts) -> list[str] | None:
+        """The PTR names of the address the client's names are found for (_names_addr), memoized per session;
+        None when DNS cannot answer now."""
+        addr = _names_addr(facts)
+        key = ("ptr", addr)
         if key not in facts.memo:
             try:
-                names = await ptr_names(self._resolver, facts.client_addr) if self._resolver is not None else []
+                names = await ptr_names(self._resolver, addr) \
+                    if self._resolver is not None and client_ip(addr) is not None else []
             except LookupRetry as e:
-                log.warning("%s: reverse lookup error: %s", facts.client_addr, e.reason)
+                log.warning("%s: reverse lookup error: %s", addr, e.reason)
                 return None
             facts.memo[key] = names
         return facts.memo[key]
 
     async def _verified_client_name(self, facts: Facts) -> str | None:
-        """The client's name whose addresses include the client's address (Postfix's verified client name):
+        """The client's name whose addresses include the address it was found for (Postfix's verified client name):
         "" when there is none, None when DNS cannot tell now. The given name (XCLIENT NAME's, UNAVAILABLE under
-        peername_lookup = no) is, as Postfix's state->name."""
+        peername_lookup = no) is, as Postfix's state->name; a REVERSE_NAME is not asked about."""
         if facts.given_name is not None:
             names = _given_names(facts.given_name)
             return None if names is None else (names or [""])[0]
-        key = ("verified", facts.client_addr)
+        addr = _names_addr(facts)
+        key = ("verified", addr)
         if key in facts.memo:
             return facts.memo[key]
-        names = await self._client_names(facts)
+        names = await self._ptr_names(facts)
         if names is None:
             return None
         try:
-            found = await confirmed_name(self._resolver, facts.client_addr, names)
+            found = await confirmed_name(self._resolver, addr, names)
         except LookupRetry as e:
-            log.warning("%s: lookup error: %s", facts.client_addr, e.reason)
+            log.warning("%s: lookup error: %s", addr, e.reason)
             return None
         facts.memo[key] = found
         return found
@@ -406,6 +415,12 @@ def _malformed(verdict: str) -> tuple[str, ...]:
 def _peer_name(name: str) -> bool:
     """A PTR name Postfix takes as a client's name: a valid host name (valid_hostname), not an address."""
     return ptr_name_gripe(name) is None
+
+
+def _names_addr(facts: Facts) -> str:
+    """The address the client's names are found for: its own, or after XCLIENT ADDR without a NAME the one it
+    connected from (Postfix keeps the names smtpd_peer found at connect)."""
+    return facts.names_addr or facts.client_addr
 
 
 def _given_names(given_name: str) -> list[str] | None:

@@ -15,9 +15,10 @@ What it owns
   the PROXY header is read before the greeting (and before the admission, so that limits, mynetworks and logs
   see the real client) and its client becomes `session.peer` (`session.proxied_by` the balancer), the address
   it connected to `session.server_ip`/`server_port` (as Postfix's dest_addr/dest_port); XCLIENT is
-  offered to and taken from authorized_xclient_hosts only (judged on the client as it was at the greeting),
-  and starts the session again with a new 220 (or, with delay_reject false, the client list's refusal of the
-  client it names: protocol.greet).
+  offered to and taken from authorized_xclient_hosts only (judged on the client after any PROXY header, and
+  again on each client an XCLIENT names, as Postfix's xclient_cmd), sets what it gives and nothing else (ADDR
+  alone keeps the client's names), and starts the session again with a new 220 (or, with delay_reject false,
+  the client list's refusal of the client it names: protocol.greet).
 
 aiosmtpd's own PROXY support (`proxy_protocol_timeout`, `handle_PROXY`) is not used: it runs only inside
 aiosmtpd's command loop, which mailflow replaces; it reads the header from any peer before anyone may check
@@ -49,7 +50,7 @@ from mailflow.dns import hostname_gripe
 from mailflow.logs import printable
 from mailflow.stages.smtpd.dns_checks import TEMPUNAVAIL, UNAVAILABLE
 from mailflow.stages.smtpd.protocol import ProtocolCore
-from mailflow.stages.smtpd.state import SessionState, helo_name
+from mailflow.stages.smtpd.state import NEUTERED, SessionState, helo_name
 from mailflow.syntax import ascii_upper
 from mailflow.tables.networks import NetworkList
 
@@ -60,8 +61,9 @@ V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V2_MAX = 536  # the longest v2 header taken, TLVs included: Postfix's HAPROXY_HEADER_MAX_LEN (haproxy_srvr.h)
 V2_TCP4, V2_TCP6 = 0x11, 0x21
 
-XCLIENT_ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "LOGIN")
-XCLIENT_KEYWORD = "XCLIENT NAME ADDR PORT PROTO HELO LOGIN"  # offered to authorized_xclient_hosts only
+# offered to authorized_xclient_hosts only, in the order of Postfix 3.7's EHLO reply (with SASL: LOGIN)
+XCLIENT_ATTRIBUTES = ("NAME", "ADDR", "PROTO", "HELO", "REVERSE_NAME", "PORT", "LOGIN", "DESTADDR", "DESTPORT")
+XCLIENT_KEYWORD = " ".join(("XCLIENT",) + XCLIENT_ATTRIBUTES)
 
 
 class ProxyError(Exception):
@@ -193,16 +195,17 @@ class XclientError(Exception):
         self.reply = reply
 
 
-def parse_xclient(arg: str | None) -> dict[str, str | None]:
-    """{attribute: value} from `NAME=... ADDR=...`, checked word by word as Postfix's xclient_cmd checks them: a
-    value (at most 255 octets), xtext-decoded as Postfix decodes it (a value that is not xtext is taken as
-    written, Postfix's backwards compatibility), what is not printable ASCII masked as "?", a known attribute,
-    then its syntax.
-    None for [UNAVAILABLE] (any case); NAME's [TEMPUNAVAIL] is kept (a temporary name status, as Postfix's
-    SMTPD_PEER_CODE_TEMP). ADDR is normalised ("IPV6:" prefix removed); PROTO is upper case."""
+def parse_xclient(arg: str | None) -> list[tuple[str, str | None]]:
+    """[(attribute, value)] from `NAME=... ADDR=...`, in the order given (xclient_cmd applies them in turn: a later
+    NAME overrides an earlier REVERSE_NAME), checked word by word as Postfix's xclient_cmd checks them: a value (at
+    most 255 octets), xtext-decoded as Postfix decodes it (a value that is not xtext is taken as written, Postfix's
+    backwards compatibility), what is not printable ASCII masked as "?", a known attribute, then its syntax.
+    None for [UNAVAILABLE] (any case); NAME's and REVERSE_NAME's [TEMPUNAVAIL] is kept (a temporary name status,
+    as Postfix's SMTPD_PEER_CODE_TEMP). ADDR and DESTADDR are normalised ("IPV6:" prefix removed); PROTO is upper
+    case."""
     if not arg or not arg.strip():
         raise XclientError(status.XCLIENT_SYNTAX)
-    found: dict[str, str | None] = {}
+    found: list[tuple[str, str | None]] = []
     for word in arg.split():
         name, _, raw = word.partition("=")
         if not raw:
@@ -212,7 +215,7 @@ def parse_xclient(arg: str | None) -> dict[str, str | None]:
         value = _masked(_xtext_decoded(raw))
         if ascii_upper(name) not in XCLIENT_ATTRIBUTES:
             raise XclientError(status.xclient_bad_name(name))
-        found[ascii_upper(name)] = _checked(ascii_upper(name), value)
+        found.append((ascii_upper(name), _checked(ascii_upper(name), value)))
     return found
 
 
@@ -241,63 +244,78 @@ def _masked(value: str) -> str:
 
 def _checked(name: str, value: str) -> str | None:
     """The value of attribute `name` as the session takes it; XclientError `Bad NAME syntax: value` (Postfix's
-    words, the value as masked) when the attribute's syntax refuses it."""
+    words, the value as masked; an address neutered first, as xclient_cmd does) when the attribute's syntax
+    refuses it."""
     if ascii_upper(value) == UNAVAILABLE:
         return None
-    if name == "NAME" and ascii_upper(value) == TEMPUNAVAIL:
-        return TEMPUNAVAIL
-    bad = XclientError(status.xclient_bad_syntax(name, value))
-    if name == "NAME":
+    if name in ("NAME", "REVERSE_NAME"):
+        if ascii_upper(value) == TEMPUNAVAIL:
+            return TEMPUNAVAIL
         if hostname_gripe(value) is not None:  # (Postfix's valid_hostname: a numeric name too)
-            raise bad
+            raise XclientError(status.xclient_bad_syntax(name, value))
         return value  # as written, as Postfix keeps it (its table lookups fold the case of the key themselves)
-    if name == "ADDR":
-        text = value[5:] if ascii_upper(value).startswith("IPV6:") else value
-        try:
-            addr = ipaddress.ip_address(text)
-        except ValueError:
-            raise bad from None
-        if "%" in text or (addr.version == 4 and text != value):
-            raise bad
-        return str(addr)
-    if name == "PORT":
-        if not value.isdigit() or int(value) > 65535:
-            raise bad
+    if name in ("ADDR", "DESTADDR"):
+        return _address(name, value.translate(NEUTERED))
+    if name in ("PORT", "DESTPORT"):  # (alldig, at most five digits: 99999 is taken, as Postfix takes it)
+        if not (value.isascii() and value.isdigit()) or len(value) > len("65535"):
+            raise XclientError(status.xclient_bad_syntax(name, value))
         return str(int(value))
     if name == "PROTO":
         if ascii_upper(value) not in ("SMTP", "ESMTP"):
-            raise bad
+            raise XclientError(status.xclient_bad_syntax(name, value))
         return ascii_upper(value)
     if name == "HELO" and len(value) > 255:
-        raise bad
+        raise XclientError(status.xclient_bad_syntax(name, value))
     return value
 
 
-def apply_xclient(state: SessionState, attributes: dict[str, str | None]) -> None:
-    """The given attributes replace the session's; [UNAVAILABLE] (None) makes one unknown. The session
-    starts again: HELO name, protocol and login are forgotten unless given (the client sends EHLO again)."""
+def _address(name: str, value: str) -> str:
+    """An ADDR or DESTADDR value as normalize_mailhost_addr takes it: IPv4, or IPv6 with or without "IPv6:"."""
+    text = value[5:] if ascii_upper(value).startswith("IPV6:") else value
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        raise XclientError(status.xclient_bad_syntax(name, value)) from None
+    if "%" in text or (addr.version == 4 and text != value):
+        raise XclientError(status.xclient_bad_syntax(name, value))
+    return str(addr)
+
+
+def apply_xclient(state: SessionState, attributes: list[tuple[str, str | None]]) -> None:
+    """The given attributes replace the session's, in turn, as Postfix's xclient_cmd sets them; [UNAVAILABLE] (None)
+    makes one unknown. What is not given stays: ADDR alone keeps the client's names (the front end's, found for
+    the address it connected from: `names_addr`, where the DNS checks keep asking); NAME=[UNAVAILABLE] or
+    [TEMPUNAVAIL] leaves the reverse name as it was. The session starts again: HELO name, protocol and login are
+    forgotten unless given (the client sends EHLO again)."""
     state.host_name, state.extended_smtp = None, False
     state.authenticated, state.auth_data = False, None
     addr, port = (list(state.peer[:2]) + [0])[:2] if isinstance(state.peer, tuple) else ("unknown", 0)
-    if "ADDR" in attributes:
-        addr = attributes["ADDR"] or "unknown"
-        state.client_name = "unknown"  # the name found at connect was the front end's (NAME may give one)
-        state.xclient_name = None
-    if "PORT" in attributes:
-        port = int(attributes["PORT"] or 0)
+    for name, value in attributes:
+        if name == "NAME":  # Postfix's state->name; its reverse_name too when it is a name
+            state.xclient_name = value or UNAVAILABLE  # ([TEMPUNAVAIL] stays: the name checks answer it 450)
+            state.client_name = "unknown" if value in (None, TEMPUNAVAIL) else value
+            if value not in (None, TEMPUNAVAIL):
+                state.xclient_reverse_name = value
+        elif name == "REVERSE_NAME":
+            state.xclient_reverse_name = value or UNAVAILABLE
+        elif name == "ADDR":
+            state.names_addr = state.names_addr or state.peer_ip
+            addr = value or "unknown"
+        elif name == "PORT":
+            port = int(value or 0)
+        elif name == "DESTADDR":
+            state.server_ip = value or ""
+        elif name == "DESTPORT":
+            state.server_port = int(value or 0)
+        elif name == "HELO":
+            state.host_name = helo_name(value) if value is not None else None
+        elif name == "PROTO":
+            state.extended_smtp = value == "ESMTP"
+        elif name == "LOGIN":
+            state.authenticated = value is not None
+            state.auth_data = value
+            state.auth_mechanism = "XCLIENT"  # what Postfix logs as sasl_method for an XCLIENT login
     state.peer = (addr, port)
-    if "NAME" in attributes:  # (Postfix's state->name and reverse_name: the DNS checks take it for the client's)
-        given = attributes["NAME"]
-        state.xclient_name = given or UNAVAILABLE  # ([TEMPUNAVAIL] stays: the name checks answer it 450)
-        state.client_name = "unknown" if given in (None, TEMPUNAVAIL) else given
-    if "HELO" in attributes:
-        state.host_name = helo_name(attributes["HELO"]) if attributes["HELO"] is not None else None
-    if "PROTO" in attributes:
-        state.extended_smtp = attributes["PROTO"] == "ESMTP"
-    if "LOGIN" in attributes:
-        state.authenticated = attributes["LOGIN"] is not None
-        state.auth_data = attributes["LOGIN"]
-        state.auth_mechanism = "XCLIENT"  # what Postfix logs as sasl_method for an XCLIENT login
 
 
 # -------------------------------------------------------------------------------- the session layer
@@ -406,6 +424,9 @@ class FrontEndCommands(ProtocolCore):
             return
         before = self.session.client
         apply_xclient(self.session, attributes)
+        # judged again on the client it names, as xclient_cmd does: a front end that named an outside client has
+        # handed the session over (a second XCLIENT then gets 550, and EHLO no longer offers it)
+        self._xclient_allowed = self._frontends.xclient_hosts.contains(self.session.peer_ip, self.session.client_name)
         log.info("%s: XCLIENT: client is now %s:%s helo=<%s> login=%s", before, self.session.client,
                  self.session.peer[1], printable(self.session.host_name or ""),
                  printable(self.session.auth_data) if self.session.authenticated else "-")

@@ -518,12 +518,12 @@ class SmtpdHandler:
 
     # -------------------------------------------------------------------------------- facts
 
-    def _given_name(self, session: SessionState) -> str | None:
-        """The client's names as the restrictions take them without asking the DNS: XCLIENT NAME's; UNAVAILABLE (no
-        name) when peername_lookup is off (Postfix's smtpd_peer.c: name and reverse name "unknown", a permanent
-        status); None: the name checks ask the DNS."""
-        if session.xclient_name is not None or self._peer_names is not None:
-            return session.xclient_name
+    def _given(self, xclient_value: str | None) -> str | None:
+        """A client name as the restrictions take it without asking the DNS: XCLIENT's (`xclient_value`);
+        UNAVAILABLE (no name) when peername_lookup is off (Postfix's smtpd_peer.c: name and reverse name "unknown",
+        a permanent status); None: the name checks ask the DNS."""
+        if xclient_value is not None or self._peer_names is not None:
+            return xclient_value
         return UNAVAILABLE
 
     def _facts(self, session: SessionState, envelope: Transaction, rcpt: str, stage: str = "rcpt",
@@ -538,7 +538,9 @@ class SmtpdHandler:
             server_addr=session.server_ip,
             server_port=session.server_port,
             client_name=session.client_name,
-            given_name=self._given_name(session),
+            given_name=self._given(session.xclient_name),
+            given_reverse_name=self._given(session.xclient_reverse_name),
+            names_addr=session.names_addr,
             helo=session.host_name or "",
             sender=envelope.sender,
             recipient=rcpt,

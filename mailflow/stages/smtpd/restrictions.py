@@ -110,7 +110,7 @@ from mailflow.restriction_vocabulary import (ACCESS_CHECKS, ALL_PERMITS, CLIENT_
                                              is_logged_permit, split_item)
 from mailflow.stages.smtpd.auth import SenderLogins
 from mailflow.routing.rewrite import unknown_reject_codes
-from mailflow.stages.smtpd.dns_checks import DnsChecks
+from mailflow.stages.smtpd.dns_checks import TEMPUNAVAIL, UNAVAILABLE, DnsChecks
 from mailflow.stages.smtpd.server_checks import ServerChecks
 from mailflow.stages.smtpd.policy import PolicyError, policy_service
 from mailflow.stages.smtpd.rbl_replies import Listed, RblReplies
@@ -175,9 +175,12 @@ class Facts:
     server_addr: str = ""  # the address and port of this server the client connected to
     server_port: int = 0
     client_name: str = "unknown"
-    # The client's name and PTR name given without the DNS (None: the DNS is asked): XCLIENT NAME's ([UNAVAILABLE]:
-    # none, [TEMPUNAVAIL]: the DNS could not tell), or [UNAVAILABLE] under peername_lookup = no (smtpd_peer.c)
+    # The client's verified name and reverse (PTR) name given without the DNS (None: the DNS is asked): XCLIENT
+    # NAME's, REVERSE_NAME's ([UNAVAILABLE]: none, [TEMPUNAVAIL]: the DNS could not tell), or [UNAVAILABLE] under
+    # peername_lookup = no (smtpd_peer.c)
     given_name: str | None = None
+    given_reverse_name: str | None = None
+    names_addr: str = ""  # whose names the DNS is asked for ("": client_addr; after XCLIENT ADDR: the front end's)
     helo: str = ""
     sender: str | None = None
     recipient: str = ""
@@ -1178,6 +1181,15 @@ def protocol_state(stage: str, facts: Facts) -> str:
     return facts.command or PROTOCOL_STATE.get(stage, "RCPT")
 
 
+def given_reverse_name(facts: Facts) -> str:
+    """The reverse client name of a policy request: the one XCLIENT gave (`unknown` for none), else the name smtpd
+    knows (mailflow looks the PTR name up only for the checks that read it)."""
+    given = facts.given_reverse_name
+    if given is None:
+        return facts.client_name
+    return "unknown" if given in (UNAVAILABLE, TEMPUNAVAIL) else given
+
+
 def policy_request(facts: Facts, stage: str, context: str = "") -> dict[str, str]:
     """The SMTPD_POLICY_README attributes mailflow knows; the others are sent empty. queue_id is the transaction's,
     as Postfix sends it: empty until its first recipient was accepted (the RCPT after that one on)."""
@@ -1192,10 +1204,10 @@ def policy_request(facts: Facts, stage: str, context: str = "") -> dict[str, str
         "recipient_count": str(facts.recipient_count if stage in PROTOCOL_STATE else 0),  # Postfix: 0 before DATA
         "client_address": facts.client_addr,
         "client_name": facts.client_name,
-        "client_port": str(facts.client_port),
-        "reverse_client_name": facts.client_name,
-        "server_address": facts.server_addr,
-        "server_port": str(facts.server_port),
+        "client_port": str(facts.client_port or "unknown"),  # (0: XCLIENT PORT=[UNAVAILABLE], Postfix's unknown)
+        "reverse_client_name": given_reverse_name(facts),
+        "server_address": facts.server_addr or "unknown",  # (XCLIENT DESTADDR=[UNAVAILABLE], Postfix's unknown)
+        "server_port": str(facts.server_port or "unknown"),
         "instance": facts.instance,
         "sasl_method": facts.sasl_method,
         "sasl_username": facts.sasl_username,

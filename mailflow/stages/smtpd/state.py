@@ -35,7 +35,7 @@ from mailflow.stages.smtpd.tls import ClientCert
 from mailflow.stages.smtpd.wire import ContentCheck
 
 NULL_SENDER = "<>"  # how aiosmtpd spells MAIL FROM:<> in `mail_from`
-_NEUTERED = str.maketrans({c: "?" for c in ' <>()\\";@'})  # Postfix smtpd's NEUTER_CHARACTERS
+NEUTERED = str.maketrans({c: "?" for c in ' <>()\\";@'})  # Postfix smtpd's NEUTER_CHARACTERS
 
 
 MEMO_LIMIT = 32  # lookup answers a session remembers
@@ -68,7 +68,7 @@ def helo_name(text: str) -> str:
     characters of ` <>()\\";@` made `?`. It is written into the Received header (`from NAME (host [ip])`),
     whose comment it must not forge, and into the logs and policy requests. The checks of the HELO command
     itself (milters) see it as sent."""
-    return printable(text).translate(_NEUTERED)
+    return printable(text).translate(NEUTERED)
 
 
 class SessionState(_AiosmtpdSession):
@@ -85,7 +85,13 @@ class SessionState(_AiosmtpdSession):
     auth_data: Any  # that login name (str) while authenticated, else None
     # (aiosmtpd's `loop`; its `proxy_data` stays None: frontends.py says why mailflow reads PROXY itself)
     client_name: str  # the client's host name for logs and checks: found at connect (peername.py), or XCLIENT NAME
-    xclient_name: str | None  # what XCLIENT NAME said ([UNAVAILABLE]: no name; [TEMPUNAVAIL]): the client's DNS names
+    # What XCLIENT NAME said of the client's verified name ([UNAVAILABLE]: no name; [TEMPUNAVAIL]: the front end's DNS
+    # could not tell), and NAME or REVERSE_NAME of its reverse (PTR) name; None: not given, the DNS checks ask
+    xclient_name: str | None
+    xclient_reverse_name: str | None
+    # the address the client's names are asked for when not given ("": its own); after XCLIENT ADDR without NAME
+    # the front end's, as Postfix keeps the names it found at connect
+    names_addr: str
     proxied_by: str  # the load balancer's address when a PROXY header named the client, else ""
     auth_mechanism: str  # PLAIN, LOGIN or XCLIENT: the `sasl_method` of the log and of policy requests
     milters: Any  # the session's milter connections (filters.milter.MilterSession), made at its first event
@@ -106,7 +112,8 @@ class SessionState(_AiosmtpdSession):
         self.server_ip = ""
         self.server_port = 0
         self.client_name = "unknown"
-        self.xclient_name = None
+        self.xclient_name = self.xclient_reverse_name = None
+        self.names_addr = ""
         self.proxied_by = ""
         self.auth_mechanism = ""
         self.client_cert = None
@@ -124,6 +131,8 @@ class SessionState(_AiosmtpdSession):
         self.proxied_by = previous.proxied_by
         self.client_name = previous.client_name
         self.xclient_name = previous.xclient_name
+        self.xclient_reverse_name = previous.xclient_reverse_name
+        self.names_addr = previous.names_addr
         self.milters = previous.milters  # the same milter connections (a new HELO follows)
         self.access_denied = previous.access_denied  # (Postfix's stay over STARTTLS)
         self.defer_if_permit_client = previous.defer_if_permit_client
