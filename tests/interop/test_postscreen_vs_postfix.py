@@ -129,6 +129,33 @@ async def test_pregreet_and_pass_as_postfix(mailflow_server, caplog):
         "PASS OLD"], our_log
 
 
+async def test_an_access_list_table_that_cannot_answer_as_postfix(mailflow_server, caplog):
+    """postscreen_access_list with a table that cannot answer (`fail:`): Postfix's server_acl_eval warns and takes
+    the list as dunno, postscreen goes on with the tests (it does not stop, unlike for its other tables); the
+    fault stays in that connection: the pregreeter is dropped, the patient client passes, the pass is cached."""
+    caplog.set_level(logging.INFO, logger="mailflow.postscreen")
+    mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "postscreen": {
+        "enable": True, "access_list": ["fail:acl"], "greet_wait": GREET_WAIT, "greet_action": "drop"}})
+    ours = await dialogue(mf.smtp_addresses[0][1])
+    our_log = postscreen_lines([f"{'warning: ' * (r.levelno == logging.WARNING)}{r.getMessage()}"
+                                for r in caplog.records if r.name == "mailflow.postscreen"])
+    port = free_port()
+    async with postfix_instance(main_cf={"myhostname": HOST, "postscreen_greet_wait": f"{GREET_WAIT}s",
+                                         "postscreen_greet_action": "drop", "postscreen_access_list": "fail:acl",
+                                         "postscreen_cache_map": "btree:$data_directory/postscreen_cache"},
+                                master_cf=postscreen_master_cf(port)) as pf:
+        theirs = await dialogue(port)
+        await logged(their_lines(pf), "PASS OLD", 1)
+        their_log = postscreen_lines(their_lines(pf)())
+    their_log = [line for line in their_log if not line.startswith("cache ")]
+    if theirs[1] == b"<reset>":
+        theirs[1] = ours[1]
+    assert ours == theirs
+    assert our_log == their_log, (our_log, their_log)
+    assert their_log.count("warning: postscreen_access_list: fail:acl: table lookup error -- ignoring the "
+                           "remainder of this access list") == 3
+
+
 # The deep protocol tests: each client from its own loopback address (its own cache entry), one command line (or
 # pipelined group) at a time, its replies read before the next. Postfix's defaults: pipelining enforce, non-SMTP
 # commands drop, bare newlines ignore.
