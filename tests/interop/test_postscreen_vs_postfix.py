@@ -411,50 +411,6 @@ async def test_starttls_in_the_dummy_engine_as_postfix(mailflow_server, caplog, 
     assert "postscreen: PASS NEW [127.0.0.1]:PORT" in our_log and "tlsproxy: DISCONNECT [127.0.0.1]:PORT" in our_log
 
 
-async def no_certificate_dialogue(port: int, lines: LogLines) -> list[str]:
-    seen = []
-    c = await SmtpClient.connect(port, timeout=GREET_WAIT + 5)
-    for line in ("EHLO c.test", "STARTTLS", "EHLO c.test", "STARTTLS", "MAIL FROM:<s@x.test>", "RCPT TO:<r@y.test>",
-                 "QUIT"):
-        seen.append((await c.cmd(line)).text)
-    await c.close()
-    await logged(lines, "postscreen: DISCONNECT [127.0.0.1]", 1)
-    await logged(lines, "tlsproxy: DISCONNECT [127.0.0.1]", 2)
-    return seen
-
-
-async def test_starttls_without_a_certificate_as_postfix(mailflow_server, caplog):
-    """smtpd_tls_security_level may and no certificate: postscreen offers STARTTLS all the same (it does not know),
-    tlsproxy says it cannot serve, the client gets 454 and goes on in plaintext (STARTTLS offered again); the
-    lines of both processes as Postfix's. mailflow offered no STARTTLS (502)."""
-    caplog.set_level(logging.INFO, logger="mailflow.postscreen")
-    caplog.set_level(logging.INFO, logger="mailflow.tlsproxy")
-    mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False,
-                                      "tls_security_level": "may",
-                                      "postscreen": {"enable": True, "access_list": [], "greet_wait": GREET_WAIT,
-                                                     "pipelining_enable": True}})
-    ours = await no_certificate_dialogue(mf.smtp_addresses[0][1], our_lines(caplog, "postscreen", "tlsproxy"))
-    our_log = postscreen_lines([f"{r.name.split('.')[1]}: {'warning: ' * (r.levelno == logging.WARNING)}"
-                                f"{r.getMessage()}" for r in caplog.records
-                                if r.name in ("mailflow.postscreen", "mailflow.tlsproxy")])
-    port = free_port()
-    async with postfix_instance(main_cf={"myhostname": HOST, "postscreen_greet_wait": f"{GREET_WAIT}s",
-                                         "postscreen_access_list": "", "smtputf8_enable": "yes",
-                                         "postscreen_cache_map": "btree:$data_directory/postscreen_cache",
-                                         "postscreen_pipelining_enable": "yes", "smtpd_tls_security_level": "may"},
-                                master_cf=postscreen_master_cf(port)) as pf:
-        theirs = await no_certificate_dialogue(port, their_lines(pf, "postscreen", "tlsproxy"))
-        their_log = postscreen_lines(their_lines(pf, "postscreen", "tlsproxy")())
-    their_log = [line for line in their_log if not line.startswith("postscreen: cache ")]
-    assert ours == theirs
-    for process in ("postscreen", "tlsproxy"):  # (each in its order; Postfix's two processes' lines interleave)
-        assert [line for line in our_log if line.startswith(process)] == \
-            [line for line in their_log if line.startswith(process)], (our_log, their_log)
-    assert ours[1] == ours[3] == "454 4.7.0 TLS not available due to local problem"
-    assert "250-STARTTLS" in ours[2].splitlines()
-    assert "tlsproxy: warning: No server certs available. TLS can't be enabled" in their_log
-
-
 async def test_tlsproxys_summary_tells_a_trusted_client_certificate_as_postfix(mailflow_server, caplog, tmp_path):
     """smtpd_tls_ask_ccert (tlsproxy's default) and tls_loglevel 1: a client that sends a certificate the CA file
     verifies is `Trusted` in tlsproxy's summary (tls_log_summary), compared up to its bits (see

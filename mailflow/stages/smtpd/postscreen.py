@@ -5,7 +5,7 @@
                                     settings it takes as Postfix's postscreen_* defaults
         .screen(conn, client) -> Verdict   run before smtpd's "connect from": PASS (smtpd takes the client) or
                                     the end
-    EngineTraits(message_size_limit, session_time_limit, disable_vrfy, helo_required, tls, tls_ready, tls_loglevel,
+    EngineTraits(message_size_limit, session_time_limit, disable_vrfy, helo_required, tls, tls_loglevel,
                  discard_ehlo_keywords, discard_ehlo_keyword_address_maps, reject_footer, soft_bounce)   what
                                     the dummy engine takes from smtpd's settings; .from_config(smtpd, soft_bounce):
                                     a listener's (postscreen's own settings, else smtpd's)
@@ -66,12 +66,9 @@ lines logged as `postscreen`, `[ip]:port` as postscreen writes a client):
 - the dummy engine's STARTTLS (postscreen_tls_security_level, unset: smtpd's; smtpd's certificate, the connection's
   `tls_handshake`, as Postfix's tlsproxy: its `CONNECT from`, `DISCONNECT` and failure lines logged as `tlsproxy`),
   the session then over TLS with its HELO and MAIL forgotten, the deep tests on; encrypt: `530 5.7.0` before it but
-  for HELO, EHLO, STARTTLS, NOOP, QUIT. Without a certificate STARTTLS is still offered under may, and answered
-  `454 4.7.0 TLS not available due to local problem` with Postfix's lines (tlsproxy's `No server certs available`
-  once, its CONNECT, handshake failure and DISCONNECT, postscreen's `problem receiving status from
-  private/tlsproxy service`); the dialogue goes on in plaintext. Its EHLO leaves out discard_ehlo_keywords or
-  the address maps' answer (asked at each EHLO with a name, as psc_ehlo_cmd; logged `[ip]port: discarding EHLO
-  keywords: ...`, as 3.7's "[%s]%s"); command_filter rewrites each line
+  for HELO, EHLO, STARTTLS, NOOP, QUIT. Its EHLO leaves out discard_ehlo_keywords or the address maps' answer
+  (asked at each EHLO with a name, as psc_ehlo_cmd; logged `[ip]port: discarding EHLO keywords: ...`, as 3.7's
+  "[%s]%s"); command_filter rewrites each line
   (`[ip]:port: replacing command "a" with "b"`); reject_footer goes under every 4xx/5xx postscreen sends, with
   postscreen's four macros (psc_send_reply, psc_expand_lookup).
 
@@ -307,7 +304,6 @@ class Postscreen:
         self._stress_high = max(1, int(0.9 * config.pre_queue_limit))
         self._stress_low = int(0.7 * config.pre_queue_limit)
         self._stressed = False
-        self._told_no_certificate = False  # tlsproxy's "No server certs available" warning (once, as at its start)
         limit = config.client_connection_count_limit
         self._connection_limit = smtpd_connection_limit if limit is None else limit
         self._connections: dict[str, int] = {}  # ip -> its connections in the screen now (none: no key)
@@ -724,9 +720,6 @@ class Postscreen:
         if verb == "EHLO" and self._discard_maps and _token(args) is not None:  # (asked at each EHLO: psc_ehlo_cmd)
             dialogue.discard(*await self._ehlo_discards(client.ip))
         reply = dialogue.answer(verb, args)
-        if dialogue.tls_unavailable:
-            self._tls_unavailable(client)
-            dialogue.tls_unavailable = False
         if dialogue.over:
             return reply
         conn.send(reply)
@@ -753,17 +746,6 @@ class Postscreen:
         log.info('%s: replacing command "%s" with "%s"', client.where, printable(line.decode("utf-8"))[:QUOTED],
                  printable(value)[:QUOTED])
         return value.encode("utf-8")
-
-    def _tls_unavailable(self, client: Client) -> None:
-        """STARTTLS without a certificate: the lines Postfix's tlsproxy (its warning once, as at its start) and
-        postscreen write when tlsproxy says it cannot serve; the client gets 454 and the dialogue goes on."""
-        if not self._told_no_certificate:
-            self._told_no_certificate = True
-            tls_log.warning("No server certs available. TLS can't be enabled")
-        tls_log.info("CONNECT from %s", client.where)
-        log.warning("problem receiving status from private/tlsproxy service")
-        tls_log.info("TLS handshake failed for service=smtpd peer=%s", client.where)
-        tls_log.info("DISCONNECT %s", client.where)
 
     async def _start_tls(self, conn: Connection, client: Client, dialogue: "_Dummy") -> None:
         """STARTTLS answered 220: the handshake, as Postfix's tlsproxy does it for postscreen (with smtpd's
@@ -859,7 +841,6 @@ class EngineTraits:
     disable_vrfy: bool = False  # postscreen_disable_vrfy_command
     helo_required: bool = False  # postscreen_helo_required: MAIL and ETRN need HELO/EHLO first
     tls: str = "none"  # postscreen_tls_security_level in force: none, may (STARTTLS offered), encrypt (required)
-    tls_ready: bool = False  # smtpd has a certificate: STARTTLS can be done (else 454, as Postfix's tlsproxy says)
     tls_loglevel: int = 0  # tlsproxy_tls_loglevel ($smtpd_tls_loglevel): from 1 the handshake's summary
     discard_ehlo_keywords: frozenset[str] = frozenset()  # postscreen_discard_ehlo_keywords
     discard_ehlo_keyword_address_maps: tuple[str, ...] = ()  # postscreen_discard_ehlo_keyword_address_maps
@@ -868,17 +849,16 @@ class EngineTraits:
 
     @classmethod
     def from_config(cls, smtpd: SmtpdConfig, soft_bounce: bool = False) -> "EngineTraits":
-        """A listener's: each postscreen setting left unset is smtpd's, as Postfix's defaults. Without a
-        certificate STARTTLS is still offered under "may" (postscreen does not know; its tlsproxy refuses)."""
+        """A listener's: each postscreen setting left unset is smtpd's, as Postfix's defaults; no certificate, no
+        STARTTLS."""
         screen = smtpd.postscreen
-        level = screen.tls_security_level or smtpd.tls_security_level
+        level = (screen.tls_security_level or smtpd.tls_security_level) if smtpd.tls_cert_file else "none"
         discards = smtpd.discard_ehlo_keywords if screen.discard_ehlo_keywords is None else \
             screen.discard_ehlo_keywords
         maps = smtpd.discard_ehlo_keyword_address_maps if screen.discard_ehlo_keyword_address_maps is None else \
             screen.discard_ehlo_keyword_address_maps
         return cls(smtpd.message_size_limit, smtpd.session_time_limit, smtpd.disable_vrfy_command,
-                   smtpd.helo_required, level, bool(smtpd.tls_cert_file), smtpd.tls_loglevel, frozenset(discards),
-                   tuple(maps),
+                   smtpd.helo_required, level, smtpd.tls_loglevel, frozenset(discards), tuple(maps),
                    smtpd.reject_footer if screen.reject_footer is None else screen.reject_footer, soft_bounce)
 
 
@@ -951,7 +931,6 @@ class _Dummy:
         self._refused: frozenset[str] = frozenset()
         self._log_discards = False
         self.tls_wanted = False  # STARTTLS answered 220: the handshake is next
-        self.tls_unavailable = False  # STARTTLS answered 454: no certificate (tlsproxy's lines to be logged)
         self.tls_active = False
         self._helo: str | None = None
         self._protocol = "SMTP"
@@ -1082,9 +1061,6 @@ class _Dummy:
             return f"{status.TLS_ALREADY_ACTIVE}\r\n"
         if self._traits.tls == "none" or "starttls" in self._refused:
             return f"{status.NOT_IMPLEMENTED}\r\n"
-        if not self._traits.tls_ready:  # (still offered after it: Postfix's USING_TLS flag is not set)
-            self.tls_unavailable = True
-            return f"{status.TLS_LOCAL_PROBLEM}\r\n"
         self.tls_wanted = True
         return f"{status.READY_FOR_TLS}\r\n"
 
