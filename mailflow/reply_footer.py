@@ -4,18 +4,24 @@
     check_footer(template, macros=FOOTER_MACROS)   the template, or ValueError (a macro not in `macros`, a malformed
                                    one, a control character, one that is not ASCII: a reply is ASCII, RFC 5321 4.2)
     POSTSCREEN_FOOTER_MACROS       the ones postscreen's footer knows (psc_expand_lookup)
-    footer_lines(template, values, missing=None) -> (continues, lines): the template cut at each `\\n` (backslash,
-                                   n: main.cf's spelling; a real line break counts as one too), each piece expanded
-                                   with `values`; `continues` when it began with `\\c` (its first piece goes at the
-                                   end of the reply's last line, not on a line of its own); `missing(name)` told of
+    footer_gripe(template)         why a footer from a table cannot be used (a control or non-ASCII character); None
+    footer_lines(template, values, missing=None, allowed=None) -> (continues, lines)
+                                   the template cut at each `\\n` (backslash, n: main.cf's spelling; a real line
+                                   break counts as one too), each piece expanded with `values` (filtered by
+                                   `allowed`, expansion_filtered); `continues` when it began with `\\c` (its
+                                   first piece goes at the end of the reply's last line, not on a line of its
+                                   own); `missing(name)` told of
                                    each macro without a value as the expansion looks it up (postscreen warns)
     address_values(prefix, addr)   $sender, $sender_name, $sender_domain (or recipient's) as Postfix gives them
     footer_values(server_name, sender, recipient, client)
                                    every macro's value now, as Postfix's smtpd_expand_lookup gives them (`client`:
                                    FooterClient, None before there is one): smtpd's and sendmail -bs's one list
     postscreen_footer_values(server_name, client_address, client_port)   postscreen's (psc_expand_lookup)
-    expansion_filtered(values)     the macros' values as Postfix's smtpd_expand_filter lets them through (its
-                                   default: a character other than a tab or printable ASCII becomes `_`)
+    expansion_filtered(values, allowed=None)   the macros' values as Postfix's smtpd_expand_filter lets them
+                                   through: a character not in `allowed` becomes `_` (None: the default filter, a tab
+                                   and printable ASCII)
+    unescaped(text)                a character list written as Postfix writes one (expansion_filter: `\t`, `\40`,
+                                   `\\`), as its unescape() reads it
 
 status.with_footer puts the lines under a reply. The macros' values are filtered as Postfix's smtpd_expand_filter
 does: a character other than a tab or printable ASCII becomes `_`.
@@ -55,17 +61,48 @@ def check_footer(template: str, macros: tuple[str, ...] = FOOTER_MACROS) -> str:
     return template
 
 
-def footer_lines(template: str, values: dict[str, str],
-                 missing: Callable[[str], None] | None = None) -> tuple[bool, list[str]]:
-    """(continues, the footer's lines expanded); see the module doc."""
-    filtered = expansion_filtered(values)
+def footer_gripe(template: str) -> str | None:
+    """Why a footer looked up from a table cannot go under a reply (a control or non-ASCII character: a reply is
+    ASCII, and a line break is `\\n`); None when it can."""
+    if _CONTROL.search(template.replace("\r\n", "\n").replace("\n", LINE_BREAK)):
+        return "a control character"
+    if _NOT_ASCII.search(template):
+        return "a character that is not ASCII"
+    return None
+
+
+def footer_lines(template: str, values: dict[str, str], missing: Callable[[str], None] | None = None,
+                 allowed: str | None = None) -> tuple[bool, list[str]]:
+    """(continues, the footer's lines expanded, the values filtered by `allowed`); see the module doc."""
+    filtered = expansion_filtered(values, allowed)
     continues, pieces = _pieces(template)
     return continues, [expand_macros(piece, filtered, missing) for piece in pieces]
 
 
-def expansion_filtered(values: dict[str, str]) -> dict[str, str]:
+def expansion_filtered(values: dict[str, str], allowed: str | None = None) -> dict[str, str]:
     """See the module doc."""
-    return {name: _FILTERED.sub("_", value) for name, value in values.items()}
+    if allowed is None:
+        return {name: _FILTERED.sub("_", value) for name, value in values.items()}
+    return {name: "".join(c if c in allowed else "_" for c in value) for name, value in values.items()}
+
+
+_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
+_ESCAPE = re.compile(r"\\([0-7]{1,3}|.)", re.S)
+
+
+def unescaped(text: str) -> str:
+    """See the module doc: `\\a` … `\\v`, up to three octal digits (`\\40` a space), any other escaped
+    character itself; a backslash at the end is dropped."""
+    def one(m: re.Match) -> str:
+        code = m[1]
+        if code[0] in "01234567":
+            return chr(int(code, 8) & 0xFF)
+        return _ESCAPES.get(code, code)
+    return _ESCAPE.sub(one, text.removesuffix("\\") if _odd_backslashes_at_end(text) else text)
+
+
+def _odd_backslashes_at_end(text: str) -> bool:
+    return (len(text) - len(text.rstrip("\\"))) % 2 == 1
 
 
 def address_values(prefix: str, addr: str | None) -> dict[str, str]:

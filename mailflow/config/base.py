@@ -10,8 +10,9 @@
     TableSpecs               a list of `type:name` lookup tables (mailflow.tables.check_spec: a known type; an
                              inline:, static: or unix: table that opens)
     InlineTableSpecs         the same, none of a type whose lookup may wait (sqlite:, unix:): for a setting
-                             looked up on the event loop for each line as mail streams (content checks, reply
-                             filter), where no lookup may be moved off the loop
+                             looked up on the event loop for each line as mail streams or each reply (content
+                             checks, reply filter, postscreen's reply footers), where no lookup may be moved off
+                             the loop
     Networks                 a network list as Postfix's mynetworks (mailflow.tables.networks): networks
                              ("10.0.0.0/8", "::1/128"; Postfix's "[::1]/128" is taken, the brackets dropped),
                              "!pattern", "/file/name", "cidr:/path"; host bits set ("10.0.0.1/8") or a netmask
@@ -96,7 +97,8 @@ def _inline_table_specs(specs: tuple[str, ...]) -> tuple[str, ...]:
     for spec in _table_specs(specs):
         if table_type(spec) in BLOCKING_TABLE_TYPES:
             raise ValueError(f"{spec!r}: a {table_type(spec)}: lookup may wait, and this setting is looked up on the "
-                             "event loop for each line as mail streams; use regexp:, texthash:, cidr: or inline:")
+                             "event loop (for each line as mail streams, or each reply); use regexp:, texthash:, "
+                             "cidr: or inline:")
     return specs
 
 

@@ -181,6 +181,10 @@ class Importer:
         if name == "postscreen_greet_banner" and _SMTPD_BANNER_REFERENCE.fullmatch(raw.strip()):
             self._set(name, line, raw, "smtpd.postscreen.greet_banner", SMTPD_BANNER)  # smtpd's own greeting
             return
+        if name == "postscreen_expansion_filter" and raw.strip() == "$smtpd_expansion_filter":  # (its default)
+            self.out.notes.append(f"{line.where}: {name} = {raw} is mailflow's default (a tab and printable ASCII; "
+                                  "smtpd_expansion_filter has no counterpart)")
+            return
         if name == "postscreen_forbidden_commands" and _SMTPD_FORBIDDEN_REFERENCE.fullmatch(raw.strip()):
             self.out.notes.append(f"{line.where}: {name} = {raw} is mailflow's default (smtpd.forbid_cmds)")
             return

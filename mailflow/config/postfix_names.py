@@ -118,7 +118,8 @@ SETTINGS: dict[str, tuple[str, ...]] = {name: (key,) for name, key in {
                                 "non_smtp_command_enable non_smtp_command_action non_smtp_command_ttl "
                                 "bare_newline_enable bare_newline_action bare_newline_ttl dnsbl_reply_map "
                                 "allowlist_interfaces tls_security_level discard_ehlo_keywords "
-                                "discard_ehlo_keyword_address_maps command_filter reject_footer",
+                                "discard_ehlo_keyword_address_maps command_filter reject_footer reject_footer_maps "
+                                "expansion_filter",
            prefix="postscreen_"),
     "postscreen_whitelist_interfaces": "smtpd.postscreen.allowlist_interfaces",  # its name before Postfix 3.6
     "postscreen_blacklist_action": "smtpd.postscreen.denylist_action",  # its name before Postfix 3.6
@@ -174,7 +175,6 @@ NOT_IMPORTABLE: dict[str, str] = {
                     "mailflow's clients cache every destination's sessions or none (connection_cache_time_limit), "
                     "not a list of destinations'"),
     "smtpd_reject_footer_maps": "mailflow has smtpd.reject_footer (one text, its macros), not a map by reply",
-    "postscreen_reject_footer_maps": "mailflow has smtpd.postscreen.reject_footer (one text), not a map by reply",
     "postscreen_cache_map": "mailflow's postscreen keeps its cache of passed clients in memory (cache_limit)",
     **dict.fromkeys(("smtpd_tls_protocols", "smtpd_tls_mandatory_protocols", "smtpd_tls_ciphers",
                      "smtpd_tls_mandatory_ciphers", "smtpd_tls_exclude_ciphers", "smtp_tls_protocols",

@@ -17,8 +17,9 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from mailflow.config.base import (Duration, FrozenMap, HostPorts, Networks, Restriction, RestrictionClasses, Section,
-                                  TableSpecs, overlay, validation_key, validation_reason)
+from mailflow.config.base import (Duration, FrozenMap, HostPorts, InlineTableSpecs, Networks, Restriction,
+                                  RestrictionClasses, Section, TableSpecs, overlay, validation_key,
+                                  validation_reason)
 from mailflow.config.filters import SmtpdFilterSettings
 from mailflow.dnsbl_sites import parse_dnsbl_site
 from mailflow.tables import check_spec
@@ -120,6 +121,14 @@ class PostscreenConfig(Section):
     # its macros are postscreen's: $server_name, $client_address, $client_port, $localtime (smtpd's others, in
     # smtpd's footer, expand to nothing, as in Postfix)
     reject_footer: str | None = None
+    # footers by reply (postscreen_reject_footer_maps): tables looked up with the whole reply (`550 5.3.2 Service
+    # currently unavailable`, before soft_bounce), the first that has it giving the footer in reject_footer's place;
+    # tables that answer without waiting only (a reply is written on the event loop)
+    reject_footer_maps: InlineTableSpecs = ()
+    # the characters a footer macro's value keeps, the others made `_` (postscreen_expansion_filter, as main.cf
+    # writes it: `\t`, `\40` for a space, `\\` for a backslash; unset: Postfix's default, a tab and printable
+    # ASCII)
+    expansion_filter: str | None = None
 
     @field_validator("discard_ehlo_keywords")
     @classmethod

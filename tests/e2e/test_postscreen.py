@@ -1131,6 +1131,44 @@ async def test_only_the_macros_the_footer_expansion_looks_up_are_warned_of(mailf
         'unknown macro name "reverse_client_name" in expansion request']
 
 
+def test_footer_maps_that_may_wait_are_refused_naming_the_key(tmp_path):
+    """A reply is written on the event loop: postscreen_reject_footer_maps takes tables that answer at once."""
+    bad = {**base_settings(tmp_path), "smtpd": screen(reject_footer_maps=[f"sqlite:{tmp_path}/f.db"])}
+    with pytest.raises(ConfigError, match=r"mailflow\.toml: smtpd\.postscreen\.reject_footer_maps.*lookup may wait"):
+        config_from_dict(bad, "mailflow.toml")
+
+
+async def dropped_pregreeter(port: int) -> str:
+    c = await SmtpClient.connect(port, greet=False)
+    await c.reader.readline()
+    await c.send(b"EHLO early.test\r\n")
+    text = (await c.reply()).text
+    await c.close()
+    return text
+
+
+async def test_a_footer_map_that_cannot_answer_gives_reject_footer(mailflow_server, screen_log):
+    """Postfix's psc_send_reply: no footer from the maps (none has the reply, or one cannot answer) is
+    postscreen_reject_footer; a failing table is told once, then once a minute with a count."""
+    mf = await mailflow_server(smtpd=screen(greet_wait=2, greet_action="drop", reject_footer="plain $client_address",
+                                            reject_footer_maps=["fail:footers"]))
+    for _ in range(2):
+        assert await dropped_pregreeter(mf.smtp_addresses[0][1]) == \
+            "521-5.5.1 Protocol error\n521 5.5.1 plain 127.0.0.1"
+    failed = [line for line in screen_log() if "postscreen_reject_footer_maps lookup failed" in line]
+    assert len(failed) == 1, screen_log()
+
+
+async def test_a_mapped_footer_that_cannot_go_under_a_reply_is_left_out(mailflow_server, screen_log, tmp_path):
+    """A footer the map gives with a control character is never sent: left out, with a warning."""
+    (tmp_path / "footers").write_text("/^521 / bad \x01 footer\n")
+    mf = await mailflow_server(smtpd=screen(greet_wait=2, greet_action="drop", reject_footer="plain",
+                                            reject_footer_maps=[f"regexp:{tmp_path}/footers"]))
+    assert await dropped_pregreeter(mf.smtp_addresses[0][1]) == "521 5.5.1 Protocol error"
+    assert any("footer for '521 5.5.1 Protocol error' not used: a control character" in line
+               for line in screen_log()), screen_log()
+
+
 async def test_a_table_that_cannot_answer_is_told_once_a_minute_not_per_client(mailflow_server, caplog, screen_log):
     """postscreen_command_filter and the EHLO discard maps failing: every client still gets its 421 (the filter; the
     maps, asked at EHLO, are not reached, as the filter comes first in Postfix too), but the failure is logged once

@@ -333,6 +333,32 @@ async def test_the_dummy_engines_ehlo_discards_command_filter_and_footer_as_post
     assert b"250-DSN" not in ehlo and b"250-ETRN" not in ehlo and b"250-STARTTLS" in ehlo
 
 
+async def test_footers_by_reply_and_the_expansion_filter_as_postfix(mailflow_server, caplog, tmp_path):
+    """postscreen_reject_footer_maps: the whole reply looked up (a regexp: table, `$$` for a macro's `$`), its
+    value the footer, postscreen_reject_footer where no table has the reply; postscreen_expansion_filter: what a
+    macro's value keeps, the rest `_`. mailflow had neither (every footer reject_footer's, values as smtpd's
+    filter keeps them)."""
+    maps = tmp_path / "footers"
+    maps.write_text("/^502 5\\.5\\.2 / \\c mapped $$server_name [$$client_address]\\nsecond\n")
+    allowed = "\\t\\40abcdefghijklmnopqrstuvwxyz0123456789[]"  # (as main.cf writes it: no dots)
+    clients = [("127.0.0.2", [b"EHLO c.test\r\n", b"XCLIENT\r\n", b"RCPT TO:<r@y.test>\r\n", b"QUIT\r\n"])]
+    caplog.set_level(logging.INFO, logger="mailflow.postscreen")
+    mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
+        "enable": True, "access_list": [], "greet_wait": GREET_WAIT, "pipelining_enable": True,
+        "reject_footer": "default $client_address", "reject_footer_maps": [f"regexp:{maps}"],
+        "expansion_filter": allowed}})
+    ours = await deep_dialogue(mf.smtp_addresses[0][1], clients)
+    our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
+    theirs, their_log = await postfix_deep_dialogue({
+        "postscreen_pipelining_enable": "yes", "postscreen_reject_footer": "default $client_address",
+        "postscreen_reject_footer_maps": f"regexp:{maps}", "postscreen_expansion_filter": allowed}, clients)
+    assert ours == theirs
+    assert our_log == their_log, (our_log, their_log)
+    assert ours[0][2] == (b"502-5.5.2 Error: command not recognized mapped mx_mailflow_test [127_0_0_2]\r\n"
+                          b"502 5.5.2 second\r\n")
+    assert ours[0][3] == b"503-5.5.1 Error: need MAIL command\r\n503 5.5.1 default 127_0_0_2\r\n"
+
+
 @pytest.mark.parametrize("footer, warned", [
     ("Ask ${helo_name?x $sender} ${client_port:$recipient} ${client_address?$reverse_client_name}",
      ["helo_name", "reverse_client_name"]),

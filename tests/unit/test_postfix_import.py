@@ -1243,6 +1243,23 @@ def test_caching_on_demand_off_with_cache_destinations_is_left_out_with_the_reas
             "those destinations' sessions only; mailflow's smtp client caches every destination's or none") in err
 
 
+def test_postscreens_footer_maps_and_expansion_filter_are_translated(tmp_path):
+    """postscreen_reject_footer_maps ($names expanded) and postscreen_expansion_filter as written (Postfix reads it
+    raw); the filter's default reference is mailflow's default."""
+    (tmp_path / "footers").write_text("/^5/ call us\n")
+    main = write(tmp_path, "main.cf", f"footers = regexp:{tmp_path}/footers\n"
+                                      "postscreen_reject_footer_maps = $footers\n"
+                                      "postscreen_expansion_filter = \\t\\40abc$\n")
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert code == 0, err
+    screen = checked(tmp_path / "mailflow.toml")["smtpd"]["postscreen"]
+    assert screen == {"reject_footer_maps": [f"regexp:{tmp_path}/footers"], "expansion_filter": "\\t\\40abc$"}
+    main = write(tmp_path, "main.cf", "postscreen_expansion_filter = $smtpd_expansion_filter\n")
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert code == 0, err
+    assert "postscreen" not in checked(tmp_path / "mailflow.toml").get("smtpd", {})
+
+
 @pytest.mark.parametrize("tls_lines, level", [
     ("postscreen_enforce_tls = yes\nsmtpd_use_tls = yes\n", "encrypt"),
     ("postscreen_use_tls = yes\n", "may"),

@@ -70,7 +70,8 @@ lines logged as `postscreen`, `[ip]:port` as postscreen writes a client):
   (asked at each EHLO with a name, as psc_ehlo_cmd; logged `[ip]port: discarding EHLO keywords: ...`, as 3.7's
   "[%s]%s"); command_filter rewrites each line
   (`[ip]:port: replacing command "a" with "b"`); reject_footer goes under every 4xx/5xx postscreen sends, with
-  postscreen's four macros (psc_send_reply, psc_expand_lookup).
+  postscreen's four macros (psc_send_reply, psc_expand_lookup), or the footer reject_footer_maps gives for that
+  reply (looked up with the whole reply, before soft_bounce); the macros' values kept to expansion_filter.
 
 Under soft_bounce every 5xx postscreen sends goes out (and is logged at RCPT) as a 4xx, as psc_send_reply.
 
@@ -78,7 +79,8 @@ A command filter or EHLO discard map that cannot answer (Postfix's postscreen st
 faults.FailureLog per table (once, then a count a minute; told it works again only when it was asked, as a table
 after the one that answered is not), the client getting the 421 or the default keywords.
 
-Not built: a persistent cache_map; reject_footer_maps and expansion_filter (the macros are filtered as smtpd's).
+Not built: a persistent cache_map. Deliberate: without smtpd's certificate the dummy engine offers no STARTTLS
+(Postfix's postscreen offers it and answers 454 under an explicit may: docs/security.md says why not here).
 
 Bounded: at most pre_queue_limit clients in the tests at once per listener, and client_connection_count_limit
 connections of one client in the screen; the DNSBL queries by their deadline and the greet wait; the dummy engine by
@@ -113,7 +115,7 @@ from mailflow.errors import LookupRetry
 from mailflow.faults import FailureLog
 from mailflow.logs import SmtpdLog, escaped, format_tv, printable
 from mailflow.message import starts_header_field
-from mailflow.reply_footer import footer_lines, postscreen_footer_values
+from mailflow.reply_footer import footer_gripe, footer_lines, postscreen_footer_values, unescaped
 from mailflow.stages.smtpd.anvil import Places
 from mailflow.stages.smtpd.command_filter import replacement
 from mailflow.stages.smtpd.dns_checks import rbl_query_name
@@ -331,12 +333,16 @@ class Postscreen:
                                   for table in self._discard_maps}
         self._filter_failures = {table.name: FailureLog(log, f"postscreen_command_filter {table.name} lookup", clock)
                                  for table in self._command_filter}
+        self._footer_maps = tables.open(list(self._engine.reject_footer_maps))  # (none that waits: the config's)
+        self._footer_failures = FailureLog(log, "postscreen_reject_footer_maps lookup", clock)
 
     async def screen(self, conn: Connection, client: Client) -> Verdict:
         log.info("CONNECT from %s to [%s]:%s", client.where, client.server_ip, client.server_port)
-        if self._engine.reject_footer or self._engine.soft_bounce:
+        if self._engine.reject_footer or self._engine.soft_bounce or self._footer_maps:
             conn = _Replies(conn, soft_bounce=self._engine.soft_bounce, template=self._engine.reject_footer,
-                            values=functools.partial(postscreen_footer_values, self._hostname, client.ip, client.port))
+                            values=functools.partial(postscreen_footer_values, self._hostname, client.ip, client.port),
+                            mapped=self._mapped_footer if self._footer_maps else None,
+                            allowed=self._engine.expansion_filter)
         count = self._connections.get(client.ip, 0) + 1
         self._connections[client.ip] = count
         try:
@@ -347,6 +353,22 @@ class Postscreen:
             return await self._screen(conn, _Screening(client))
         finally:
             self._leave(client.ip)
+
+    def _mapped_footer(self, reply: str) -> str | None:
+        """postscreen_reject_footer_maps' footer for `reply` (the whole reply, no CRLF): the first table that has it;
+        None when none has it, or a table cannot answer (reject_footer then, as Postfix's psc_send_reply; told once,
+        then once a minute with a count)."""
+        for table in self._footer_maps:
+            try:
+                found = table.lookup(reply)
+            except LookupRetry as e:
+                self._footer_failures.failed(e)
+                return None
+            if found is not None:
+                self._footer_failures.succeeded()
+                return found
+        self._footer_failures.succeeded()
+        return None
 
     def _leave(self, ip: str) -> None:
         count = self._connections.pop(ip) - 1
@@ -845,6 +867,9 @@ class EngineTraits:
     discard_ehlo_keywords: frozenset[str] = frozenset()  # postscreen_discard_ehlo_keywords
     discard_ehlo_keyword_address_maps: tuple[str, ...] = ()  # postscreen_discard_ehlo_keyword_address_maps
     reject_footer: str = ""  # postscreen_reject_footer
+    reject_footer_maps: tuple[str, ...] = ()  # postscreen_reject_footer_maps: a footer by reply, else reject_footer
+    expansion_filter: str | None = None  # postscreen_expansion_filter, unescaped: what a macro's value keeps (None: the
+    # default, a tab and printable ASCII)
     soft_bounce: bool = False  # every 5xx postscreen sends (and logs at RCPT) goes out as a 4xx
 
     @classmethod
@@ -859,7 +884,9 @@ class EngineTraits:
             screen.discard_ehlo_keyword_address_maps
         return cls(smtpd.message_size_limit, smtpd.session_time_limit, smtpd.disable_vrfy_command,
                    smtpd.helo_required, level, smtpd.tls_loglevel, frozenset(discards), tuple(maps),
-                   smtpd.reject_footer if screen.reject_footer is None else screen.reject_footer, soft_bounce)
+                   smtpd.reject_footer if screen.reject_footer is None else screen.reject_footer,
+                   tuple(screen.reject_footer_maps),
+                   None if screen.expansion_filter is None else unescaped(screen.expansion_filter), soft_bounce)
 
 
 class _DeepTests:
@@ -1077,25 +1104,46 @@ class _Dummy:
 
 class _Replies:
     """A connection whose replies go out as psc_send_reply writes them: under soft_bounce a 5xx as a 4xx (the code's
-    and the enhanced code's first digit), then postscreen_reject_footer (`template`, "" none) under a 4xx or 5xx."""
+    and the enhanced code's first digit), then under a 4xx or 5xx the footer `mapped(reply)` gives (the reply as
+    sent to send(), before soft_bounce, without its CRLF; postscreen_reject_footer_maps), else `template`
+    (postscreen_reject_footer; "" none), its macros' values kept to the characters `allowed` (None: the default
+    expansion filter). A footer from a table that cannot be expanded is left out, with a warning."""
 
-    def __init__(self, conn: Connection, *, soft_bounce: bool, template: str, values: Callable[[], dict[str, str]]):
+    def __init__(self, conn: Connection, *, soft_bounce: bool, template: str, values: Callable[[], dict[str, str]],
+                 mapped: Callable[[str], str | None] | None = None, allowed: str | None = None):
         self._conn = conn
         self._soft_bounce = soft_bounce
         self._template = template
         self._values = values
+        self._mapped = mapped
+        self._allowed = allowed
 
     @property
     def wire(self) -> Wire:
         return self._conn.wire
 
     def send(self, text: str) -> None:
+        template = self._footer(text) if text[:1] in ("4", "5") else ""
         if self._soft_bounce:
             text = status.soft_bounced(text)
-        if self._template and text[:1] in ("4", "5"):
-            footer = footer_lines(self._template, self._values(), _unknown_macro)
-            text = status.with_footer(text.removesuffix("\r\n"), *footer) + "\r\n"
+        if template:
+            text = status.with_footer(text.removesuffix("\r\n"), *template) + "\r\n"
         self._conn.send(text)
+
+    def _footer(self, reply: str) -> tuple[bool, list[str]] | str:
+        """The footer's lines for `reply` ("" none)."""
+        found = self._mapped(reply.removesuffix("\r\n")) if self._mapped is not None else None
+        if found:
+            gripe = footer_gripe(found)
+            try:
+                if gripe is None:
+                    return footer_lines(found, self._values(), _unknown_macro, self._allowed)
+            except ValueError as e:
+                gripe = str(e)
+            log.warning("postscreen_reject_footer_maps: footer for %r not used: %s", reply.removesuffix("\r\n"),
+                        gripe)
+            return ""
+        return footer_lines(self._template, self._values(), _unknown_macro, self._allowed) if self._template else ""
 
     def hang_up(self) -> None:
         self._conn.hang_up()
