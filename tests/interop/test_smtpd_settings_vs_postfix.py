@@ -661,6 +661,33 @@ async def ehlo_lines(port: int) -> list[str]:
         await client.close()
 
 
+XCLIENT_ADDR_ONLY = {"queued": ["HELO c.test", "XCLIENT ADDR=192.0.2.9 PORT=99999", "HELO c.test", M,
+                                 "RCPT TO:<x@relay.test>", "DATA", "Subject: addr\r\n\r\nhi\r\n.", "QUIT"]}
+
+
+async def test_xclient_addr_alone_keeps_the_name_in_the_log_and_received_as_postfix(mailflow_server, smtp_peer,
+                                                                                    caplog):
+    """XCLIENT ADDR without NAME: the `client=` line and the Received header name the new address with the name
+    found at connect (the front end's, localhost), as Postfix's xclient_cmd leaves state->name alone. mailflow
+    named the client `unknown`."""
+    caplog.set_level(logging.INFO, logger="mailflow")
+    async with postfix_instance({**POSTFIX_BASE, "smtpd_authorized_xclient_hosts": "127.0.0.0/8"}) as pf:
+        postfix = await replay(pf.port, XCLIENT_ADDR_ONLY)
+        [queue_id] = await eventually(lambda: re.findall(r"([0-9A-F]+): client=", pf.maillog), timeout=10)
+        postfix_client = client_lines(pf.maillog.splitlines())
+        postfix_received = received(pf.run("postcat", "-hq", queue_id).stdout.decode())
+    peer = await smtp_peer()
+    mf = await mailflow_server(mydestination=["local.test"], relayhost=f"[127.0.0.1]:{peer.port}",
+                               relay_domains=["relay.test"], smtpd={"authorized_xclient_hosts": ["127.0.0.0/8"]})
+    greeting_by_code = lambda text: "220" if text.startswith("220 ") else text  # noqa: E731 (the banners differ)
+    mailflow = await replay(mf.smtp_addresses[0][1], XCLIENT_ADDR_ONLY)
+    assert differences(XCLIENT_ADDR_ONLY, postfix, mailflow, greeting_by_code) == {}
+    [message] = await eventually(lambda: peer.messages)
+    assert received(message.content.decode()) == postfix_received
+    assert postfix_received.startswith("Received: from c.test (localhost [192.0.2.9])")
+    assert client_lines(r.getMessage() for r in caplog.records) == postfix_client == ["localhost[192.0.2.9]"]
+
+
 async def name_check_replies(port: int, names: tuple[str, ...]) -> dict[str, str]:
     """Per XCLIENT NAME, RCPT's reply under the client name checks."""
     replies = {}
