@@ -37,6 +37,7 @@ import typer
 
 from mailflow import __version__
 from mailflow.capture.settings import capture_server
+from mailflow.bounce_templates import load_templates
 from mailflow.cli.deliverability import tls_steps
 from mailflow.cli.common import (ConfigOption, config_error_text, config_name, config_path, fail, fail_config,
                                      load)
@@ -173,8 +174,6 @@ def table_problems(cfg: Config, where: str) -> list[ConfigError]:
 
 def template_problems(cfg: Config, where: str) -> list[ConfigError]:
     """`queue.bounce_template_file` when it cannot be read or parsed (mailflow.bounce_templates)."""
-    from mailflow.bounce_templates import load_templates
-
     path = cfg.queue.bounce_template_file
     try:
         load_templates(path)
