@@ -577,11 +577,13 @@ async def return_memory_when_idle(mf: "Mailflow", interval: float = IDLE_TRIM_IN
 
 
 async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None,
-                reread: Callable[[], Config] | None = None, where: str = "") -> None:
+                reread: Callable[[], Config] | None = None, where: str = "",
+                started: Callable[[], object] | None = None) -> None:
     """Run until SIGTERM/SIGINT (or `shutdown_trigger` is set), then drain and stop. SIGHUP reloads: `reread()`
     (run in a worker thread; default: `config` as it is, which re-reads the tables and certificates) gives the
     configuration to put in force; a refused one is logged and the one in force stays. `where`: the
-    configuration's file, named in a refusal whose problem lies in a file it names (a table, a certificate)."""
+    configuration's file, named in a refusal whose problem lies in a file it names (a table, a certificate).
+    `started()`: run in a worker thread once the server has started (the queue directory is made)."""
     stop = shutdown_trigger or asyncio.Event()
     loop = asyncio.get_running_loop()
     # SIGHUPs arriving during a reload make one more reload, not one each. Caught from before the start (which
@@ -593,6 +595,8 @@ async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None,
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, wanted.set)
     async with Mailflow(config) as mf:
+        if started is not None:
+            await asyncio.to_thread(started)
         freeze_the_heap()
         helpers = [asyncio.create_task(return_memory_when_idle(mf), name="memory-trim"),
                    asyncio.create_task(_reloads(mf, wanted, reread or (lambda: config), where), name="reload")]

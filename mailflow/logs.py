@@ -59,11 +59,14 @@ import os
 import sys
 import time
 from datetime import datetime
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator, Union
 
 from mailflow import address
-from mailflow.config import LogConfig
 from mailflow.model import ConnStats, MsgStats, Outcome, RcptResult
+
+if TYPE_CHECKING:
+    from mailflow.config import LogConfig
+    from mailflow.sendmail.settings import LogSettings
 
 MAIL_LOGGER = "mailflow.mail"
 SMTPD_LOGGER = "mailflow.smtpd"
@@ -599,7 +602,7 @@ class LogFileHandler(logging.handlers.WatchedFileHandler):
             sys.stderr.flush()
 
 
-def _handler(log_config: LogConfig, hostname: str) -> logging.Handler:
+def _handler(log_config: Union[LogConfig, LogSettings], hostname: str) -> logging.Handler:
     """Where a `LogConfig` writes (its file, else stderr), in its format. Raises OSError (the file)."""
     path = log_config.file
     handler: logging.Handler
@@ -621,7 +624,7 @@ def setup_logging(log_config: LogConfig, hostname: str) -> None:
 
 
 @contextlib.contextmanager
-def tool_logger(log_config: LogConfig, hostname: str) -> Iterator[logging.Logger]:
+def tool_logger(log_config: Union[LogConfig, LogSettings], hostname: str) -> Iterator[logging.Logger]:
     """The logger of a command beside the server (see the module doc): its lines go to `[log] file` in the
     server's format; with no file it writes nothing. Raises OSError when the file cannot be opened."""
     logger = logging.Logger(MAIL_LOGGER)  # this command's own, outside logging's registry: no global state

@@ -22,6 +22,7 @@ import typer
 from mailflow.cli.config_file import config_error_text, config_name, config_path
 from mailflow.config import Config, load_config
 from mailflow.errors import ConfigError
+from mailflow.sendmail.settings import remember_settings
 
 __all__ = ["ConfigOption", "JsonOption", "config_error_text", "config_name", "config_path", "fail", "fail_config",
            "load"]
@@ -40,9 +41,13 @@ def fail_config(prefix: str, error: ConfigError, where: str = "") -> NoReturn:
     fail(prefix, config_error_text(error, where), 2)
 
 
-def load(option: Optional[str]) -> Config:
+def load(option: Optional[str], remember: bool = False) -> Config:
+    """The configuration (a bad one: its line, exit 2); with `remember`, its settings recorded for sendmail
+    (mailflow/sendmail/settings.py: check-config)."""
     path = config_path(option)
     try:
+        if remember:
+            return remember_settings(path)
         return load_config(path)
     except ConfigError as e:
         fail_config("mailflow", e, config_name(path))

@@ -48,6 +48,7 @@ from mailflow.config.smtpd import SmtpdConfig
 from mailflow.errors import ConfigError, DeliveryError, LookupRetry
 from mailflow.logs import setup_logging
 from mailflow.queuelock import QueueBusy
+from mailflow.sendmail.settings import remember_settings
 from mailflow.syntax import parse_hostport
 from mailflow.tables import open_table
 from mailflow.tables.check import table_problems as unreadable_tables
@@ -70,18 +71,27 @@ def serve(config: Optional[str] = ConfigOption,
                 fail_config("mailflow", e, where)
             _serve(run, cfg, where, lambda: capture_server(load_config(path), queue))
         return
-    _serve(run, cfg, where, lambda: load_config(path))
+    _serve(run, cfg, where, lambda: remember_settings(path), started=lambda: _remember(path))
 
 
-def _serve(run, cfg: Config, where: str, reread) -> None:
-    """`reread()`: the configuration a reload (SIGHUP, `mailflow reload`) puts in force, read again."""
+def _remember(path: Optional[str]) -> None:
+    """The settings of the configuration file as it is now, for sendmail (mailflow/sendmail/settings.py)."""
+    try:
+        remember_settings(path)
+    except ConfigError:  # changed since the server read it: sendmail loads it itself, and says what is wrong
+        pass
+
+
+def _serve(run, cfg: Config, where: str, reread, started=None) -> None:
+    """`reread()`: the configuration a reload (SIGHUP, `mailflow reload`) puts in force, read again; `started()`:
+    run once the server has started."""
     try:
         setup_logging(cfg.log, cfg.myhostname)
     except OSError as e:
         fail_config("mailflow", ConfigError(where, "log.file", f"cannot open {cfg.log.file}: {e.strerror}"))
     ensure_descriptors(cfg)
     try:
-        asyncio.run(run(cfg, reread=reread, where=where))
+        asyncio.run(run(cfg, reread=reread, where=where, started=started))
     except QueueBusy as e:  # another server owns this queue: it was left untouched
         fail("mailflow", f"cannot start: {e}", 1)
     except ConfigError as e:  # found while building the stages (e.g. a lookup table spec)
@@ -143,7 +153,7 @@ def check_config(config: Optional[str] = ConfigOption) -> None:
     """Validate the configuration and read every file-backed lookup table, DKIM key and listener certificate it
     names, and see that the log file can be written (like `postfix check`). Exit 2 on the first bad setting, or after
     listing every file that cannot be used."""
-    cfg = load(config)
+    cfg = load(config, remember=True)
     where = config_name(config_path(config))
     problems = (table_problems(cfg, where) + signing_problems(cfg) + certificate_problems(cfg, where)
                 + log_file_problems(cfg, where) + template_problems(cfg, where))

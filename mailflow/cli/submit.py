@@ -7,7 +7,9 @@ queue flush and address commands (-bv as mail from -f's sender, else from the lo
                                           and -bs (other modes keep the command's own code)
 
 Deliver and -bs, run once per message, load neither typer nor the other commands' modules (the queue tools, the
-router): the modes that are those commands import them when they run. The typer command `mailflow sendmail`
+router), and with the settings the server recorded for this exact configuration (mailflow/sendmail/settings.py)
+not the configuration model either (pydantic); without them, the configuration is loaded and validated as by
+every command. The modes that are other commands import them when they run. The typer command `mailflow sendmail`
 is in commands.py; `mailflow.cli.main` calls run_sendmail before typer is imported.
 
 Failure behaviour: a usage error prints the usage and returns 64 (EX_USAGE); nothing raises. The warnings of
@@ -22,9 +24,9 @@ from typing import TYPE_CHECKING, Optional
 
 from mailflow import sendmail as sm
 from mailflow.cli.config_file import config_error_text, config_name, config_path
-from mailflow.config import load_config
 from mailflow.errors import ConfigError
 from mailflow.sendmail.identity import current_identity
+from mailflow.sendmail.settings import SubmitSettings, cached_settings, settings_of
 
 if TYPE_CHECKING:
     from mailflow.config import Config
@@ -46,13 +48,23 @@ def run_sendmail(args: list[str]) -> int:
         return 0
     config = config_path(opts.config)
     if opts.mode in ("deliver", "smtp"):  # the per-message modes: no typer, no other command's module
-        try:
-            cfg = load_config(config)
-        except ConfigError as e:
-            _say(f"mailflow: {config_error_text(e, config_name(config))}")  # common.load's line
+        settings = cached_settings(config) or _loaded_settings(config)
+        if settings is None:
             return os.EX_CONFIG
-        return sm.run(opts, cfg, sys.stdin.buffer, sys.stdout.buffer, sys.stderr)
+        return sm.run(opts, settings, sys.stdin.buffer, sys.stdout.buffer, sys.stderr)
     return _command_mode(opts, config)
+
+
+def _loaded_settings(config: Optional[str]) -> Optional[SubmitSettings]:
+    """The full path: the configuration loaded and validated (the model, ~100 ms); None when it is bad, after
+    saying why as every command does."""
+    from mailflow.config import load_config
+
+    try:
+        return settings_of(load_config(config))
+    except ConfigError as e:
+        _say(f"mailflow: {config_error_text(e, config_name(config))}")  # common.load's line
+        return None
 
 
 def _command_mode(opts: sm.Options, config: Optional[str]) -> int:

@@ -3,6 +3,8 @@
     load_config(path=None) -> Config             None: the embedded defaults; relative paths made absolute
                                                  from the file's directory (from the current directory for the
                                                  defaults)
+    load_source(path=None) -> (Config, bytes | None)   the same and the bytes it validated (None: the defaults),
+                                                 for the settings sendmail keeps (mailflow.sendmail.settings)
     config_from_dict(data, name, base=None)      validate a parsed document; with `base`, resolve its paths
 
 Failure behaviour: a missing or unreadable file, bad TOML or a bad value raise `ConfigError(file, key, reason)`
@@ -32,11 +34,17 @@ from mailflow.files import FileTooLarge, read_regular_file
 def load_config(path: str | Path | None = None) -> Config:
     """Read and validate `path` (TOML); None gives the embedded defaults. Relative paths are made absolute from
     the file's directory (from the current directory for the defaults). Raises ConfigError."""
+    return load_source(path)[0]
+
+
+def load_source(path: str | Path | None = None) -> tuple[Config, bytes | None]:
+    """load_config's result and the bytes it validated (None for the embedded defaults). Reads no environment
+    variable: what it returns depends on the bytes, the file's directory and the code only."""
     if path is None:
-        return resolve_paths(Config(), Path.cwd())
+        return resolve_paths(Config(), Path.cwd()), None
     name = str(path)
-    data = _parse(_read(path, name), name)
-    return config_from_dict(data, name, base=Path(path).absolute().parent)
+    raw = _read(path, name)
+    return config_from_dict(_parse(raw, name), name, base=Path(path).absolute().parent), raw
 
 
 MAX_FILE_BYTES = 4 << 20  # a hundred times the annotated example; /dev/zero is refused, not read to the end

@@ -17,7 +17,6 @@ import signal
 import threading
 from typing import BinaryIO, Iterator, TextIO
 
-from mailflow.config import Config
 from mailflow.errors import LookupRetry
 from mailflow.logs import tool_logger
 from mailflow.maildrop import MaildropError
@@ -25,6 +24,7 @@ from mailflow.sendmail.identity import Identity, current_identity, may_submit
 from mailflow.sendmail.options import Options, UsageError
 from mailflow.sendmail.reading import (argument_recipients, argument_sender, clean_recipient, header_recipients,
                                        read_message, text_of_argument, without_bcc)
+from mailflow.sendmail.settings import Settings
 from mailflow.sendmail.stdio_smtp import StdioSmtp
 from mailflow.sendmail.submitter import Submitter
 
@@ -39,7 +39,7 @@ class Signalled(BaseException):
         self.number = number
 
 
-def run(opts: Options, config: Config, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO,
+def run(opts: Options, config: Settings, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO,
         identity: Identity | None = None) -> int:
     """deliver or -bs; returns the exit code. SIGTERM or SIGHUP while a message is being stored removes its
     unfinished maildrop file, as Postfix's postdrop does, then ends the process by that signal."""
@@ -76,7 +76,7 @@ def _cleanup_on_signals() -> Iterator[list[int]]:
             signal.signal(number, old)
 
 
-def _run(opts: Options, config: Config, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO,
+def _run(opts: Options, config: Settings, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO,
          identity: Identity | None) -> int:
     me = identity or current_identity()
     say = lambda text: stderr.write(f"sendmail: {text}\n")  # noqa: E731
@@ -112,7 +112,7 @@ def _smtp(stdin: BinaryIO, stdout: BinaryIO, submitter: Submitter, opts: Options
         return StdioSmtp(stdin, stdout, submitter, opts, logger=logger).run()
 
 
-def _deliver(opts: Options, config: Config, stdin: BinaryIO, stderr: TextIO, submitter: Submitter, say) -> int:
+def _deliver(opts: Options, config: Settings, stdin: BinaryIO, stderr: TextIO, submitter: Submitter, say) -> int:
     origin = config.origin
     if not opts.extract and not opts.recipients:
         raise UsageError("no recipients: name them on the command line or use -t")

@@ -25,7 +25,7 @@ import pwd
 import re
 from dataclasses import dataclass
 
-from mailflow.config import Config
+from mailflow.sendmail.settings import Settings
 from mailflow.tables import open_table
 
 
@@ -74,7 +74,7 @@ def may_submit(login: str, items: tuple[str, ...]) -> bool:
     return False
 
 
-def may_use_sender(login: str, sender: str, config: Config) -> bool:
+def may_use_sender(login: str, sender: str, config: Settings) -> bool:
     """local_login_sender_maps: login@myorigin always; else the first table that knows `login` decides."""
     origin = config.origin
     if sender.lower() in (login.lower(), f"{login}@{origin}".lower()):
@@ -86,7 +86,7 @@ def may_use_sender(login: str, sender: str, config: Config) -> bool:
     return False
 
 
-def submit_problem(login: str, sender: str, config: Config) -> str:
+def submit_problem(login: str, sender: str, config: Settings) -> str:
     """Why `login` may not submit mail from `sender` ("" when it may): authorized_submit_users, then
     local_login_sender_maps (as sendmail checks them)."""
     if not may_submit(login, config.sendmail.authorized_submit_users):

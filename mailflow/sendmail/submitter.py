@@ -17,19 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from mailflow.config import Config
 from mailflow.maildrop import MaildropError, MaildropMessage, wake_pickup, write_maildrop
 from mailflow.queuelock import queue_owner
 from mailflow.sendmail.identity import Identity, may_use_sender
 from mailflow.sendmail.options import Options
 from mailflow.sendmail.reading import split_input
+from mailflow.sendmail.settings import Settings
 
 
 @dataclass
 class Submitter:
     """Stores messages for one identity under one configuration: the checks, the maildrop, the wake-up."""
 
-    config: Config
+    config: Settings
     identity: Identity
     fullname: str
     say: Callable[[str], object] = lambda text: None  # a warning for the user (stderr)

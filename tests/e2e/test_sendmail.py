@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from mailflow.maildrop import maildrop_names, read_maildrop, wake_pickup
+from mailflow.sendmail.settings import CACHE_NAME, cached_settings
 from mailflow.sendmail import LINE_PIECE
-from tests.support import big_message, eventually, maildir_messages, queue_becomes
+from tests.support import ServerProcess, big_message, eventually, free_port, maildir_messages, queue_becomes
 
 VENV_SCRIPT = Path(sys.executable).parent / "mailflow"
 
@@ -702,3 +703,40 @@ async def test_a_bad_configuration_names_file_key_and_reason(tmp_path, args, std
     rc, out, err = await run(config, *args, stdin=stdin)
     assert (rc, out) == (code, b"")
     assert err.startswith(f"mailflow: {config}: queue.queue_run_delay: "), err
+
+
+BS_DIALOGUE = (b"EHLO client.test\r\nMAIL FROM:<root@local.test>\r\nRCPT TO:<bob@local.test>\r\nVRFY x\r\nRSET\r\n"
+               b"QUIT\r\n")
+
+
+async def test_serve_records_sendmails_settings_and_sendmail_then_starts_without_the_model(tmp_path, write_config):
+    """`mailflow serve` records the settings of its configuration file at its start and at each reload
+    (mailflow/sendmail/settings.py); deliver and -bs then load neither pydantic nor mailflow.config, say what
+    they say without the record, and the mail goes through."""
+    port = free_port()
+    config = write_config(tmp_path / "mailflow.toml", smtpd={"listen": [f"127.0.0.1:{port}"]})
+    record = tmp_path / "queue" / CACHE_NAME
+    server = ServerProcess(config, tmp_path / "server.log", port)
+    await server.start()
+    try:
+        await eventually(record.exists, timeout=10, what="the settings recorded at the start")
+        rc, _, err = await run(config, "-t", stdin=b"To: bob@local.test\nSubject: fast\n\nx\n",
+                               program=[sys.executable, "-c", LOADED_MODULES])
+        assert rc == 0, err
+        [loaded] = [line.split()[1:] for line in err.splitlines() if line.startswith("loaded:")]
+        assert [m for m in loaded if m.split(".")[0] == "pydantic" or m.startswith("mailflow.config")] == []
+        assert "mailflow.sendmail" in loaded
+        [message] = await delivered(tmp_path, "bob")
+        assert b"Subject: fast" in message
+
+        config.write_text(config.read_text().replace('myhostname = "mx.mailflow.test"', 'myhostname = "mx2.test"'))
+        assert cached_settings(str(config)) is None  # (changed: until the server has read it again)
+        server.proc.send_signal(signal.SIGHUP)
+        await eventually(lambda: cached_settings(str(config)), timeout=10, what="the settings recorded at reload")
+        assert cached_settings(str(config)).myhostname == "mx2.test"
+    finally:
+        await server.terminate()
+    fast = await run(config, "-bs", stdin=BS_DIALOGUE)
+    record.unlink()  # the full path: the same words
+    assert fast == await run(config, "-bs", stdin=BS_DIALOGUE)
+    assert b"220 mx2.test ESMTP" in fast[1] and b"250 2.1.5 Ok" in fast[1]

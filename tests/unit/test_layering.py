@@ -94,6 +94,10 @@ FUNCTION_IMPORTS = {
                                                     "the queue tools, the router): deliver and -bs, run once per "
                                                     "message, load none of them",
     ("mailflow.cli.submit", "mailflow.cli.queue"): "as above",
+    ("mailflow.cli.submit", "mailflow.config"): "deliver and -bs load the configuration model (pydantic, ~100 ms) "
+                                                "only when the server recorded no settings for this exact file "
+                                                "(mailflow/sendmail/settings.py)",
+    ("mailflow.sendmail.settings", "mailflow.config.load"): "as above: the server's side of the cache loads it",
     ("mailflow.cli.submit", "mailflow.cli.server"): "as above",
     ("mailflow.tables.spec", "mailflow.tables.files"): "a file-backed table type's module (the aliases parser, RE2, "
                                                        "sqlite3) loads when a spec names one: the configuration checks "
@@ -367,7 +371,19 @@ def test_the_sendmail_entry_loads_neither_the_command_table_nor_the_server():
     commands = ("mailflow.cli.commands", "mailflow.cli.common", "mailflow.cli.server", "mailflow.cli.queue",
                 "mailflow.cli.ops", "mailflow.cli.accounts", "mailflow.cli.deliverability")
     assert sorted(n for n in loaded if _under(n, server + commands)) == []
-    assert {"mailflow.sendmail", "mailflow.config"} <= loaded
+    assert "mailflow.sendmail" in loaded
+
+
+def test_sendmails_fast_path_loads_neither_pydantic_nor_the_configuration_model():
+    """With the settings the server recorded (mailflow/sendmail/settings.py), deliver and -bs never import the
+    configuration model: the entry, cli.submit and the sendmail package leave mailflow.config (and so pydantic)
+    to the full path, imported inside the function that takes it (docs/performance.md). The modules run in
+    tests/e2e/test_sendmail.py show it at run time."""
+    layering = Layering.read(PACKAGE)
+    loaded = set().union(*(layering.loaded_by_import(name) for name in (
+        "mailflow.cli", "mailflow.cli.submit", "mailflow.sendmail", "mailflow.sendmail.settings")))
+    assert sorted(n for n in loaded if _under(n, ("mailflow.config",))) == []
+    assert "mailflow.sendmail.settings" in loaded
 
 
 def test_the_queue_tools_load_no_transport_or_stage():

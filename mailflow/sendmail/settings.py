@@ -1,0 +1,260 @@
+"""The settings `mailflow sendmail` uses, and the cache that lets deliver and -bs start without the configuration
+model (importing mailflow.config, pydantic and its 36 models, costs ~100 ms: docs/performance.md).
+
+    SubmitSettings                          what sendmail reads of a configuration: myhostname, origin, the queue,
+                                            header_size_limit, soft_bounce, [sendmail]'s policy, [log], and the
+                                            [smtpd] limits -bs applies (attribute names as in Config)
+    settings_of(config) -> SubmitSettings   from a validated Config (the full path)
+    cached_settings(path) -> SubmitSettings | None
+                                            the fast path: the settings the server recorded for exactly this
+                                            configuration, else None (the caller loads the configuration)
+    remember_settings(path) -> Config       load_config(path), and the settings of the bytes it validated recorded
+                                            in `<queue_directory>/CACHE_NAME` (by `serve` at its start and at each
+                                            reload, and by `check-config`); raises ConfigError as load_config
+
+The cache holds a key and the settings. The key is a SHA-256 of mailflow's version, the size and time of every
+module of mailflow/config and of this one (an upgrade, or an edited install, is new code), the absolute directory
+the configuration's relative paths are taken from and the configuration file's exact bytes (or "the built-in
+defaults"). load_config reads no environment variable; one it read would have to join the key. sendmail reads the
+file's bytes, takes queue_directory from them with tomllib (~1 ms), reads the cache there and compares keys: equal,
+the settings are what load_config would give (validation depends on nothing else), so the configuration is valid
+and the model is not loaded. Anything else (no cache, another key, a cache that cannot be read or parsed, one
+that is not a regular file, is group- or world-writable, or is owned by neither root nor the queue directory's
+owner) is doubt: None, and sendmail takes the full path, whose errors are today's, exactly.
+
+Security: sendmail runs as the user, who controls MAILFLOW_CONFIG, -C and the file it names; the cache only
+spares work the user could have the full path do with the same outcome, and is trusted only as written by the
+queue's owner (or root) in a place others cannot write. pickup checks the submission policy again server-side.
+
+Failure behaviour: cached_settings never raises (None); remember_settings raises ConfigError as load_config and
+leaves the cache alone when it cannot write it (a queue directory not yet made, or not this user's).
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import stat
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+import mailflow
+from mailflow.files import read_regular_file
+
+if TYPE_CHECKING:
+    from mailflow.config import Config
+
+CACHE_NAME = "sendmail-settings.json"
+FORMAT = 1  # the cache's layout; a reader finding another one takes the full path
+CACHE_LIMIT = 1 << 20  # bytes: a cache beyond it is not ours
+CONFIG_LIMIT = 4 << 20  # load_config's own bound: a file it refuses never has a cache (any bound would do)
+DEFAULT_QUEUE_DIRECTORY = "var"  # Config's default, checked against the cached settings' queue, never trusted alone
+
+
+@dataclass(frozen=True)
+class SendmailPolicy:
+    """[sendmail]: who may submit, with which senders."""
+
+    authorized_submit_users: tuple[str, ...]
+    local_login_sender_maps: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """[log], as mailflow.logs writes it."""
+
+    level: str
+    format: str
+    syslog_name: str
+    file: str
+
+
+@dataclass(frozen=True)
+class SmtpdLimits:
+    """The [smtpd] settings `sendmail -bs` applies, as Postfix's smtpd does in stand-alone mode."""
+
+    banner: str
+    message_size_limit: int
+    recipient_limit: int
+    recipient_overshoot_limit: int
+    max_line_length: int
+    soft_error_limit: int
+    hard_error_limit: int
+    error_sleep_time: float
+    junk_command_limit: int
+    disable_vrfy_command: bool
+    reject_footer: str
+    strict_rfc821_envelopes: bool
+    discard_ehlo_keywords: tuple[str, ...]
+    discard_ehlo_keyword_address_maps: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SubmitSettings:
+    """What sendmail reads of a configuration (paths absolute, as load_config gives them)."""
+
+    myhostname: str
+    origin: str
+    queue_directory: str
+    header_size_limit: int
+    soft_bounce: bool
+    sendmail: SendmailPolicy
+    log: LogSettings
+    smtpd: SmtpdLimits
+
+    @property
+    def queue_path(self) -> Path:
+        return Path(self.queue_directory)
+
+
+Settings = Union["Config", SubmitSettings]  # what the sendmail modules accept: pickup passes its Config
+
+
+def settings_of(config: "Config") -> SubmitSettings:
+    def pick(cls: Any, section: object) -> Any:
+        return cls(**{f.name: getattr(section, f.name) for f in dataclasses.fields(cls)})
+
+    return SubmitSettings(
+        myhostname=config.myhostname, origin=config.origin, queue_directory=config.queue_directory,
+        header_size_limit=config.header_size_limit, soft_bounce=config.soft_bounce,
+        sendmail=pick(SendmailPolicy, config.sendmail), log=pick(LogSettings, config.log),
+        smtpd=pick(SmtpdLimits, config.smtpd))
+
+
+# --- the fast path -------------------------------------------------------------------------------------------
+
+def cached_settings(path: Optional[str]) -> Optional[SubmitSettings]:
+    """The recorded settings of configuration `path` (None: the built-in defaults), or None (see the module doc)."""
+    try:
+        raw = None if path is None else read_regular_file(path, CONFIG_LIMIT)
+        base = _base(path)
+        queue = _queue_of(raw, base)
+        if queue is None:
+            return None
+        recorded = _read_cache(queue)
+        if recorded is None or recorded.get("format") != FORMAT or recorded.get("key") != source_key(raw, base):
+            return None
+        settings = _settings_from(recorded.get("settings"))
+    except (OSError, ValueError, TypeError, KeyError, RecursionError):
+        return None
+    return settings if settings is not None and settings.queue_path == queue else None
+
+
+def _base(path: Optional[str]) -> Path:
+    """The directory load_config takes relative paths from."""
+    return Path.cwd() if path is None else Path(path).absolute().parent
+
+
+def _queue_of(raw: Optional[bytes], base: Path) -> Optional[Path]:
+    """queue_directory as load_config makes it absolute; None when the file does not say it plainly."""
+    written: object = DEFAULT_QUEUE_DIRECTORY
+    if raw is not None:
+        written = tomllib.loads(raw.decode("utf-8")).get("queue_directory", DEFAULT_QUEUE_DIRECTORY)
+    if not isinstance(written, str) or not written:
+        return None
+    return Path(written) if Path(written).is_absolute() else base / written
+
+
+def _read_cache(queue: Path) -> Optional[dict]:
+    """The cache's JSON object when the queue's owner (or root) wrote it where others cannot write, else None."""
+    owner = os.stat(queue).st_uid
+    fd = os.open(queue / CACHE_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if (not stat.S_ISREG(st.st_mode) or st.st_mode & 0o022 or st.st_uid not in (0, owner)
+                or st.st_size > CACHE_LIMIT):
+            return None
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(CACHE_LIMIT + 1)
+    finally:
+        os.close(fd)
+    found = json.loads(data)
+    return found if isinstance(found, dict) and len(data) <= CACHE_LIMIT else None
+
+
+def source_key(raw: Optional[bytes], base: Path) -> str:
+    """The key of a configuration's bytes (None: the built-in defaults) read from directory `base`, under this code."""
+    digest = hashlib.sha256()
+    for part in (mailflow.__version__.encode(), _code_fingerprint(), os.fsencode(str(base))):
+        digest.update(len(part).to_bytes(8, "big") + part)
+    digest.update(b"defaults" if raw is None else b"file:" + raw)
+    return digest.hexdigest()
+
+
+def _code_fingerprint() -> bytes:
+    """Name, size and modification time of each module that decides what a configuration's settings are."""
+    config = Path(mailflow.__file__).parent / "config"
+    files = sorted((entry.name, entry.stat()) for entry in os.scandir(config) if entry.name.endswith(".py"))
+    files.append((Path(__file__).name, os.stat(__file__)))
+    return "\n".join(f"{name} {st.st_size} {st.st_mtime_ns}" for name, st in files).encode()
+
+
+def _settings_from(data: object) -> Optional[SubmitSettings]:
+    """The settings in the cache's JSON, each field of the type it must have; None when one is missing, extra or
+    of another type."""
+    found = _dataclass_from(SubmitSettings, data)
+    return found if isinstance(found, SubmitSettings) else None
+
+
+def _dataclass_from(cls: Any, data: object) -> object:
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    if not isinstance(data, dict) or set(data) != set(fields):
+        return None
+    values = {}
+    for name, kind in fields.items():
+        value = _value_from(kind, data[name])
+        if value is None:
+            return None
+        values[name] = value
+    return cls(**values)
+
+
+def _value_from(kind: Any, value: object) -> object:
+    if dataclasses.is_dataclass(kind):
+        return _dataclass_from(kind, value)
+    if kind is bool:
+        return value if isinstance(value, bool) else None
+    if kind is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if kind is float:
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if kind is str:
+        return value if isinstance(value, str) else None
+    if kind == tuple[str, ...]:
+        ok = isinstance(value, list) and all(isinstance(item, str) for item in value)
+        return tuple(value) if ok else None  # type: ignore[arg-type]
+    return None
+
+
+# --- the server's side -----------------------------------------------------------------------------------------
+
+def remember_settings(path: Optional[str]) -> "Config":
+    """load_config(path), its settings recorded for sendmail (see the module doc). Raises ConfigError."""
+    from mailflow.config.load import load_source
+
+    config, raw = load_source(path)
+    _write_cache(settings_of(config), source_key(raw, _base(path)))
+    return config
+
+
+def _write_cache(settings: SubmitSettings, key: str) -> None:
+    """Replace the cache in the settings' queue directory (made by the server; nothing when it is not there or
+    this user cannot write it)."""
+    queue = settings.queue_path
+    if not queue.is_dir():
+        return
+    data = json.dumps({"format": FORMAT, "key": key, "settings": dataclasses.asdict(settings)}, indent=1).encode()
+    temporary = queue / f".{CACHE_NAME}.{os.getpid()}"
+    try:
+        temporary.unlink(missing_ok=True)  # (one a writer of the same pid left behind)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return
+    try:
+        with open(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # (whatever the umask: sendmail, run by any user, reads it)
+            f.write(data)
+        os.replace(temporary, queue / CACHE_NAME)
+    except OSError:
+        temporary.unlink(missing_ok=True)

@@ -1,0 +1,265 @@
+"""The settings sendmail keeps (mailflow/sendmail/settings.py): taken from the cache only for the exact
+configuration the server validated, under the same code and directory, from a file only the queue's owner could
+write; every doubt takes the full path, whose errors are today's."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+import mailflow
+from mailflow.cli.submit import run_sendmail
+from mailflow.config import load_config
+from mailflow.config.load import load_source
+from mailflow.sendmail import settings as cache
+from mailflow.sendmail.settings import (CACHE_NAME, SubmitSettings, cached_settings, remember_settings,
+                                        settings_of)
+
+GOOD = """\
+myhostname = "mx.example.test"
+myorigin = "example.test"
+queue_directory = "queue"
+header_size_limit = 20000
+soft_bounce = true
+[sendmail]
+authorized_submit_users = ["alice", "!bob", "static:anyone"]
+local_login_sender_maps = ["inline:{alice=@example.test}", "texthash:senders"]
+[log]
+format = "json"
+file = "mail.log"
+[smtpd]
+banner = "ESMTP here"
+message_size_limit = 5000
+reject_footer = "see $server_name"
+discard_ehlo_keywords = ["dsn"]
+error_sleep_time = "2s"
+"""
+
+
+@pytest.fixture
+def config(tmp_path) -> Path:
+    (tmp_path / "queue").mkdir()
+    path = tmp_path / "mailflow.toml"
+    path.write_text(GOOD)
+    return path
+
+
+def recorded(config: Path) -> Path:
+    remember_settings(str(config))
+    return config.parent / "queue" / CACHE_NAME
+
+
+def test_the_cache_gives_what_loading_the_configuration_gives(config):
+    """Paths made absolute as load_config makes them, every field as the model has it."""
+    assert recorded(config).exists()
+    found = cached_settings(str(config))
+    assert isinstance(found, SubmitSettings)
+    assert found == settings_of(load_config(config))
+    assert found.queue_path == config.parent / "queue"
+    assert found.sendmail.local_login_sender_maps[1] == f"texthash:{config.parent / 'senders'}"
+    assert found.log.file == str(config.parent / "mail.log") and found.smtpd.error_sleep_time == 2.0
+
+
+def test_the_built_in_defaults_are_cached_for_the_directory_they_were_read_in(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "var").mkdir()
+    remember_settings(None)
+    assert cached_settings(None) == settings_of(load_config(None))
+    other = tmp_path / "elsewhere"
+    (other / "var").mkdir(parents=True)
+    shutil.copy(tmp_path / "var" / CACHE_NAME, other / "var" / CACHE_NAME)
+    monkeypatch.chdir(other)
+    assert cached_settings(None) is None
+
+
+def test_no_queue_directory_no_cache(tmp_path):
+    path = tmp_path / "mailflow.toml"
+    path.write_text(GOOD)
+    remember_settings(str(path))  # (the server makes the queue directory: nothing to write into yet)
+    assert not (tmp_path / "queue").exists()
+    assert cached_settings(str(path)) is None
+
+
+@pytest.mark.parametrize("change", [
+    pytest.param(lambda text: text + "# a comment\n", id="a comment added"),
+    pytest.param(lambda text: text.replace("5000", "6000"), id="a value changed"),
+    pytest.param(lambda text: text.replace('"mx.example.test"', "'mx.example.test'"), id="the same value spelt "
+                 "otherwise"),
+])
+def test_a_configuration_changed_by_a_byte_is_not_taken_from_the_cache(config, change):
+    recorded(config)
+    config.write_text(change(GOOD))
+    assert cached_settings(str(config)) is None
+
+
+def test_another_mailflow_version_is_not_taken_from_the_cache(config, monkeypatch):
+    recorded(config)
+    monkeypatch.setattr(mailflow, "__version__", mailflow.__version__ + ".1")
+    assert cached_settings(str(config)) is None
+
+
+def test_other_code_is_not_taken_from_the_cache(config, monkeypatch):
+    """An edited configuration module (an upgrade without a new version number, a development install)."""
+    recorded(config)
+    fingerprint = cache._code_fingerprint()
+    monkeypatch.setattr(cache, "_code_fingerprint", lambda: fingerprint + b"\nmain.py 1 1")
+    assert cached_settings(str(config)) is None
+
+
+def test_the_same_bytes_in_another_directory_are_not_taken_from_the_cache(config, tmp_path):
+    """Relative paths are taken from the file's directory: the same bytes elsewhere are another configuration,
+    even where the queue is named absolutely."""
+    text = GOOD.replace('queue_directory = "queue"', f'queue_directory = "{tmp_path / "queue"}"')
+    config.write_text(text)
+    recorded(config)
+    moved = tmp_path / "other" / "mailflow.toml"
+    moved.parent.mkdir()
+    moved.write_text(text)
+    assert cached_settings(str(config)) is not None
+    assert cached_settings(str(moved)) is None
+
+
+def test_the_file_mailflow_config_names_is_the_one_compared(config, tmp_path, monkeypatch, capsys):
+    """A user's MAILFLOW_CONFIG naming another file with the same queue gets that file's settings (here: its
+    error), never the cache of the server's file."""
+    recorded(config)
+    mine = tmp_path / "mine.toml"
+    mine.write_text(GOOD.replace("header_size_limit = 20000", "header_size_limit = 10"))
+    monkeypatch.setenv("MAILFLOW_CONFIG", str(mine))
+    assert cached_settings(str(mine)) is None
+    assert run_sendmail(["-bs"]) == os.EX_CONFIG
+    assert capsys.readouterr().err.startswith(f"mailflow: {mine}: header_size_limit: ")
+
+
+def corrupt(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-20])
+
+
+def wrong_type(path: Path) -> None:
+    data = json.loads(path.read_text())
+    data["settings"]["smtpd"]["message_size_limit"] = "5000"
+    path.write_text(json.dumps(data))
+
+
+def extra_field(path: Path) -> None:
+    data = json.loads(path.read_text())
+    data["settings"]["smtpd"]["something"] = 1
+    path.write_text(json.dumps(data))
+
+
+def missing_field(path: Path) -> None:
+    data = json.loads(path.read_text())
+    del data["settings"]["sendmail"]["authorized_submit_users"]
+    path.write_text(json.dumps(data))
+
+
+def another_format(path: Path) -> None:
+    data = json.loads(path.read_text())
+    data["format"] = 2
+    path.write_text(json.dumps(data))
+
+
+def another_queue(path: Path) -> None:
+    data = json.loads(path.read_text())
+    data["settings"]["queue_directory"] = "/elsewhere"
+    path.write_text(json.dumps(data))
+
+
+def owned_by_another_user(path: Path) -> None:
+    os.chown(path, 54321, -1)
+
+
+def world_writable(path: Path) -> None:
+    os.chmod(path, 0o666)
+
+
+def group_writable(path: Path) -> None:
+    os.chmod(path, 0o664)
+
+
+def a_symbolic_link(path: Path) -> None:
+    target = path.with_name("target.json")
+    path.rename(target)
+    path.symlink_to(target)
+
+
+def a_fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def a_directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+def too_big(path: Path) -> None:
+    with path.open("a") as f:
+        f.write(" " * cache.CACHE_LIMIT)
+
+
+@pytest.mark.parametrize("spoil", [corrupt, wrong_type, extra_field, missing_field, another_format, another_queue,
+                                   owned_by_another_user, world_writable, group_writable, a_symbolic_link, a_fifo,
+                                   a_directory, too_big])
+def test_a_cache_in_doubt_is_not_used(config, spoil):
+    if spoil is owned_by_another_user and os.geteuid() != 0:
+        pytest.skip("chown needs root")
+    spoil(recorded(config))
+    assert cached_settings(str(config)) is None
+
+
+def test_a_cache_owned_by_the_queues_owner_or_root_is_used(config):
+    if os.geteuid() != 0:
+        pytest.skip("chown needs root")
+    path = recorded(config)
+    os.chown(config.parent / "queue", 54321, -1)
+    os.chown(path, 54321, -1)
+    assert cached_settings(str(config)) is not None
+    os.chown(path, 0, -1)
+    assert cached_settings(str(config)) is not None
+
+
+def test_load_source_gives_the_bytes_it_validated(config):
+    loaded, raw = load_source(config)
+    assert raw == GOOD.encode() and loaded == load_config(config)
+    assert load_source(None)[1] is None
+
+
+BAD = {
+    "not TOML": GOOD + "x = [\n",
+    "a value of the wrong type": GOOD.replace('myorigin = "example.test"', "myorigin = 3"),
+    "an unknown key": GOOD + "colour = 1\n",
+    "queue_directory not a string": GOOD.replace('queue_directory = "queue"', "queue_directory = 5"),
+    "a bad log level": GOOD.replace('format = "json"', 'format = "json"\nlevel = "loud"'),
+    "mailbox smaller than a message": GOOD + "[local]\nmailbox_size_limit = 10\n",
+    "a line break in a value": GOOD.replace('banner = "ESMTP here"', 'banner = "ESMTP\\nhere"'),
+    "a bad duration": GOOD.replace('error_sleep_time = "2s"', 'error_sleep_time = "soon"'),
+    "not UTF-8": GOOD.encode().replace(b"ESMTP here", b"ESMTP h\xe9re"),
+    "no file": None,
+}
+
+
+@pytest.mark.parametrize("mode", ["-t", "-bs"])
+@pytest.mark.parametrize("bad", BAD, ids=list(BAD))
+def test_a_bad_configuration_gives_the_full_paths_error_with_a_cache_of_the_good_one(config, bad, mode, capsys,
+                                                                                     monkeypatch):
+    """The server recorded the good configuration; the file is then made bad. sendmail says what every command
+    says (`mailflow: FILE: KEY: REASON`, exit 78), the same words with the cache there or not."""
+    monkeypatch.setattr(sys, "stdin", open(os.devnull))
+    recorded(config)
+    text = BAD[bad]
+    if text is None:
+        config.unlink()
+    else:
+        config.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with_cache = run_sendmail(["-C", str(config), mode]), capsys.readouterr()
+    (config.parent / "queue" / CACHE_NAME).unlink()
+    without = run_sendmail(["-C", str(config), mode]), capsys.readouterr()
+    assert with_cache == without
+    code, said = with_cache
+    assert code == os.EX_CONFIG and said.out == ""
+    assert said.err.startswith(f"mailflow: {config}: ") and said.err.count("\n") == 1, said.err
