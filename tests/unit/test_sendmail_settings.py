@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -263,3 +264,12 @@ def test_a_bad_configuration_gives_the_full_paths_error_with_a_cache_of_the_good
     code, said = with_cache
     assert code == os.EX_CONFIG and said.out == ""
     assert said.err.startswith(f"mailflow: {config}: ") and said.err.count("\n") == 1, said.err
+
+
+def test_check_config_records_the_settings(config):
+    """`mailflow check-config` (and `config check`) validates the file as serve does: it records them too."""
+    (config.parent / "senders").write_text("alice alice@example.test\n")
+    done = subprocess.run([sys.executable, "-m", "mailflow", "check-config", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert cached_settings(str(config)) == settings_of(load_config(config))
