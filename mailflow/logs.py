@@ -62,10 +62,9 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Iterator, Union
 
 from mailflow import address
-from mailflow.model import ConnStats, MsgStats, Outcome, RcptResult
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # (annotations only: sendmail, run once per message, loads neither the model nor pydantic)
     from mailflow.config import LogConfig
+    from mailflow.model import ConnStats, MsgStats, RcptResult
     from mailflow.sendmail.settings import LogSettings
 
 MAIL_LOGGER = "mailflow.mail"
@@ -184,7 +183,7 @@ class MailLog:
         no `status=bounced`, and pflogsumm counts those)."""
         if not (self.active if logged else self._observer is not None):
             return
-        event = _RESULT_STATUS[result.outcome]
+        event = result.outcome.value  # sent, deferred, bounced: the status words of Postfix's lines
         status = SOFT_BOUNCE_STATUS if result.soft_bounced else event
         named = result.named
         to = named.address
@@ -270,7 +269,6 @@ class MailLog:
                        level=logging.WARNING)
 
 
-_RESULT_STATUS = {Outcome.SENT: "sent", Outcome.DEFERRED: "deferred", Outcome.BOUNCED: "bounced"}
 SOFT_BOUNCE_STATUS = "SOFTBOUNCE"  # a bounce soft_bounce kept deferred: its line's status (its event: deferred)
 
 
