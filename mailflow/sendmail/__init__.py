@@ -22,12 +22,13 @@ says the mail waits in the maildrop until one starts (exit 0: it is stored, as w
   unless `-f`/`-r` names one this login may use; the full name is `-F`, else $NAME, else the passwd GECOS field.
 - submitter.py: the maildrop file and the wake-up, for one identity.
 """
+from typing import Any
+
 from mailflow.sendmail.deliver import run
 from mailflow.sendmail.identity import Identity, current_identity, may_submit, may_use_sender
 from mailflow.sendmail.options import HELP, USAGE, Options, UsageError, parse_args, parse_notify, program_mode
 from mailflow.sendmail.reading import (LINE_PIECE, clean_address, header_recipients, read_message, split_input,
                                        without_bcc)
-from mailflow.sendmail.stdio_smtp import StdioSmtp
 from mailflow.sendmail.submitter import Submitter, queue_problem
 
 __all__ = [
@@ -36,3 +37,13 @@ __all__ = [
     "may_use_sender", "parse_args", "parse_notify", "program_mode", "queue_problem", "read_message", "run",
     "split_input", "without_bcc",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """`StdioSmtp`, loaded on first use: deliver mode (`-t`, the common one) needs no SMTP dialogue (smtpd's
+    replies, parameter checks and session log: ~10 ms of every start)."""
+    if name == "StdioSmtp":
+        from mailflow.sendmail.stdio_smtp import StdioSmtp
+
+        return StdioSmtp
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

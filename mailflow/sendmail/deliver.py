@@ -18,14 +18,12 @@ import threading
 from typing import BinaryIO, Iterator, TextIO
 
 from mailflow.errors import LookupRetry
-from mailflow.logs import tool_logger
 from mailflow.maildrop import MaildropError
 from mailflow.sendmail.identity import Identity, current_identity, may_submit
 from mailflow.sendmail.options import Options, UsageError
 from mailflow.sendmail.reading import (argument_recipients, argument_sender, clean_recipient, header_recipients,
                                        read_message, text_of_argument, without_bcc)
 from mailflow.sendmail.settings import Settings
-from mailflow.sendmail.stdio_smtp import StdioSmtp
 from mailflow.sendmail.submitter import Submitter
 
 CLEANUP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # (SIGINT already raises KeyboardInterrupt)
@@ -102,6 +100,9 @@ def _run(opts: Options, config: Settings, stdin: BinaryIO, stdout: BinaryIO, std
 
 def _smtp(stdin: BinaryIO, stdout: BinaryIO, submitter: Submitter, opts: Options, say) -> int:
     """-bs, its session logged to `[log] file` as smtpd's (a file that cannot be opened: a warning, no log)."""
+    from mailflow.logs import tool_logger
+    from mailflow.sendmail.stdio_smtp import StdioSmtp
+
     config = submitter.config
     with contextlib.ExitStack() as opened:
         try:

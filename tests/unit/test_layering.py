@@ -98,6 +98,10 @@ FUNCTION_IMPORTS = {
                                                 "only when the server recorded no settings for this exact file "
                                                 "(mailflow/sendmail/settings.py)",
     ("mailflow.sendmail.settings", "mailflow.config.load"): "as above: the server's side of the cache loads it",
+    ("mailflow.sendmail", "mailflow.sendmail.stdio_smtp"): "deliver mode (-t), the common one, needs no SMTP dialogue "
+                                                           "(smtpd's replies, parameter checks, session log)",
+    ("mailflow.sendmail.deliver", "mailflow.sendmail.stdio_smtp"): "as above",
+    ("mailflow.sendmail.deliver", "mailflow.logs"): "as above: only -bs writes the mail log",
     ("mailflow.cli.submit", "mailflow.cli.server"): "as above",
     ("mailflow.tables.spec", "mailflow.tables.files"): "a file-backed table type's module (the aliases parser, RE2, "
                                                        "sqlite3) loads when a spec names one: the configuration checks "
