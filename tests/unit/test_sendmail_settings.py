@@ -103,11 +103,18 @@ def test_another_mailflow_version_is_not_taken_from_the_cache(config, monkeypatc
     assert cached_settings(str(config)) is None
 
 
-def test_other_code_is_not_taken_from_the_cache(config, monkeypatch):
-    """An edited configuration module (an upgrade without a new version number, a development install)."""
+@pytest.mark.parametrize("module", ["config/main.py", "syntax.py", "tables/spec.py"])
+def test_other_code_is_not_taken_from_the_cache(config, tmp_path, monkeypatch, module):
+    """An edited module, the configuration's or a leaf its validation uses (an upgrade without a new version
+    number, a development install): here in a stand-in for the package's directory."""
+    package = tmp_path / "package"
+    for name in ("__init__.py", "config/main.py", "syntax.py", "tables/spec.py"):
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
+        (package / name).write_text("# code\n")
+    monkeypatch.setattr(mailflow, "__file__", str(package / "__init__.py"))
     recorded(config)
-    fingerprint = cache._code_fingerprint()
-    monkeypatch.setattr(cache, "_code_fingerprint", lambda: fingerprint + b"\nmain.py 1 1")
+    assert cached_settings(str(config)) is not None
+    (package / module).write_text("# other code\n")
     assert cached_settings(str(config)) is None
 
 
