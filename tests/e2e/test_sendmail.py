@@ -720,12 +720,12 @@ async def test_serve_records_sendmails_settings_and_sendmail_then_starts_without
     await server.start()
     try:
         await eventually(record.exists, timeout=10, what="the settings recorded at the start")
-        rc, _, err = await run(config, "-t", stdin=b"To: bob@local.test\nSubject: fast\n\nx\n",
-                               program=[sys.executable, "-c", LOADED_MODULES])
-        assert rc == 0, err
-        [loaded] = [line.split()[1:] for line in err.splitlines() if line.startswith("loaded:")]
-        assert [m for m in loaded if m.split(".")[0] == "pydantic" or m.startswith("mailflow.config")] == []
-        assert "mailflow.sendmail" in loaded
+        for args, stdin in (("-t",), b"To: bob@local.test\nSubject: fast\n\nx\n"), (("-bs",), b"QUIT\r\n"):
+            rc, _, err = await run(config, *args, stdin=stdin, program=[sys.executable, "-c", LOADED_MODULES])
+            assert rc == 0, err
+            [loaded] = [line.split()[1:] for line in err.splitlines() if line.startswith("loaded:")]
+            assert [m for m in loaded if m.split(".")[0] == "pydantic" or m.startswith("mailflow.config")] == []
+            assert "mailflow.sendmail" in loaded
         [message] = await delivered(tmp_path, "bob")
         assert b"Subject: fast" in message
 
