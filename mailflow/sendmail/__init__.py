@@ -21,6 +21,8 @@ says the mail waits in the maildrop until one starts (exit 0: it is stored, as w
 - Identity (identity.py): the uid and login name of the process (`os.getuid()`); the sender is login@myorigin
   unless `-f`/`-r` names one this login may use; the full name is `-F`, else $NAME, else the passwd GECOS field.
 - submitter.py: the maildrop file and the wake-up, for one identity.
+- settings.py: `SubmitSettings`, what these modules read of a configuration (a `Config` serves too: pickup's), and
+  the record `mailflow serve` keeps of them so that deliver and -bs start without the configuration model.
 """
 from typing import Any
 
