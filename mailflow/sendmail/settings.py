@@ -20,11 +20,14 @@ file's bytes, takes queue_directory from them with tomllib (~1 ms), reads the ca
 the settings are what load_config would give (validation depends on nothing else), so the configuration is valid
 and the model is not loaded. Anything else (no cache, another key, a cache that cannot be read or parsed, one
 that is not a regular file, is group- or world-writable, or is owned by neither root nor the queue directory's
-owner) is doubt: None, and sendmail takes the full path, whose errors are today's, exactly.
+owner, or one whose queue or [log] file is not the file's) is doubt: None, and sendmail takes the full path,
+whose errors are today's, exactly.
 
 Security: sendmail runs as the user, who controls MAILFLOW_CONFIG, -C and the file it names; the cache only
 spares work the user could have the full path do with the same outcome, and is trusted only as written by the
-queue's owner (or root) in a place others cannot write. pickup checks the submission policy again server-side.
+queue's owner (or root) in a place others cannot write; and the two places sendmail writes to, the queue and
+(-bs) the log file, must be the ones the configuration file names, so the record's writer chooses neither (root's
+-bs never appends to a file the queue's owner picked). pickup checks the submission policy again server-side.
 
 Failure behaviour: cached_settings never raises (None); remember_settings raises ConfigError as load_config and
 leaves the cache alone when it cannot write it (a queue directory not yet made, or not this user's).
@@ -49,7 +52,7 @@ CACHE_NAME = "sendmail-settings.json"
 FORMAT = 1  # the cache's layout; a reader finding another one takes the full path
 CACHE_LIMIT = 1 << 20  # bytes: a cache beyond it is not ours
 CONFIG_LIMIT = 4 << 20  # load_config's own bound: a file it refuses never has a cache (any bound would do)
-DEFAULT_QUEUE_DIRECTORY = "var"  # Config's default, checked against the cached settings' queue, never trusted alone
+WRITTEN_DEFAULTS = {"queue_directory": "var", "log.file": ""}  # Config's defaults, compared with the record's
 
 
 @dataclass(frozen=True)
@@ -129,16 +132,19 @@ def cached_settings(path: Optional[str]) -> Optional[SubmitSettings]:
     try:
         raw = None if path is None else read_regular_file(path, CONFIG_LIMIT)
         base = _base(path)
-        queue = _queue_of(raw, base)
-        if queue is None:
+        document = {} if raw is None else tomllib.loads(raw.decode("utf-8"))
+        queue, log_file = _written_path(document, "queue_directory", base), _written_path(document, "log.file", base)
+        if not queue or log_file is None:
             return None
-        recorded = _read_cache(queue)
+        recorded = _read_cache(Path(queue))
         if recorded is None or recorded.get("format") != FORMAT or recorded.get("key") != source_key(raw, base):
             return None
         settings = _settings_from(recorded.get("settings"))
     except (OSError, ValueError, TypeError, KeyError, RecursionError):
         return None
-    return settings if settings is not None and settings.queue_path == queue else None
+    if settings is None or settings.queue_path != Path(queue) or settings.log.file != log_file:
+        return None
+    return settings
 
 
 def _base(path: Optional[str]) -> Path:
@@ -146,14 +152,18 @@ def _base(path: Optional[str]) -> Path:
     return Path.cwd() if path is None else Path(path).absolute().parent
 
 
-def _queue_of(raw: Optional[bytes], base: Path) -> Optional[Path]:
-    """queue_directory as load_config makes it absolute; None when the file does not say it plainly."""
-    written: object = DEFAULT_QUEUE_DIRECTORY
-    if raw is not None:
-        written = tomllib.loads(raw.decode("utf-8")).get("queue_directory", DEFAULT_QUEUE_DIRECTORY)
-    if not isinstance(written, str) or not written:
+def _written_path(document: dict, key: str, base: Path) -> Optional[str]:
+    """The path setting `key` ("queue_directory", "log.file": the two the user's sendmail writes to) as the file
+    says it, made absolute as load_config makes it ("" unset: [log] file's default); None when the file does not
+    say it plainly. The record must say the same: whoever wrote it chooses no place sendmail writes to."""
+    *sections, name = key.split(".")
+    found: object = document
+    for section in sections:
+        found = found.get(section, {}) if isinstance(found, dict) else None
+    found = found.get(name, WRITTEN_DEFAULTS[key]) if isinstance(found, dict) else None
+    if not isinstance(found, str):
         return None
-    return Path(written) if Path(written).is_absolute() else base / written
+    return found if not found or Path(found).is_absolute() else str(base / found)
 
 
 def _read_cache(queue: Path) -> Optional[dict]:

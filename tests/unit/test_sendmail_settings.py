@@ -177,6 +177,13 @@ def another_queue(path: Path) -> None:
     path.write_text(json.dumps(data))
 
 
+def another_log_file(path: Path) -> None:
+    """(the key still right: as the queue's owner could write it, to have -bs append where it chose)"""
+    data = json.loads(path.read_text())
+    data["settings"]["log"]["file"] = "/etc/elsewhere"
+    path.write_text(json.dumps(data))
+
+
 def owned_by_another_user(path: Path) -> None:
     os.chown(path, 54321, -1)
 
@@ -211,6 +218,7 @@ def too_big(path: Path) -> None:
 
 
 @pytest.mark.parametrize("spoil", [corrupt, wrong_type, extra_field, missing_field, another_format, another_queue,
+                                   another_log_file,
                                    owned_by_another_user, world_writable, group_writable, a_symbolic_link, a_fifo,
                                    a_directory, too_big])
 def test_a_cache_in_doubt_is_not_used(config, spoil):
