@@ -41,7 +41,8 @@ from mailflow.bounce_templates import load_templates
 from mailflow.cli.deliverability import tls_steps
 from mailflow.cli.common import (ConfigOption, config_error_text, config_name, config_path, fail, fail_config,
                                      load)
-from mailflow.config import Config, LmtpConfig, SmtpConfig, flat_settings, load_config, show_settings
+from mailflow.config import (BUILTIN_TRANSPORTS, Config, LmtpConfig, SmtpConfig, flat_settings, load_config,
+                             show_settings)
 from mailflow.config.postfix_cf import printable
 from mailflow.config.postfix_import import UnreadableFile, import_postfix
 from mailflow.config.smtpd import SmtpdConfig
@@ -49,8 +50,8 @@ from mailflow.errors import ConfigError, DeliveryError, LookupRetry
 from mailflow.logs import setup_logging
 from mailflow.queuelock import QueueBusy
 from mailflow.sendmail.settings import remember_settings
-from mailflow.syntax import parse_hostport
-from mailflow.tables import open_table
+from mailflow.syntax import parse_hostport, table_type
+from mailflow.tables import FailTable, InlineTable, StaticTable, open_table
 from mailflow.tables.check import table_problems as unreadable_tables
 
 
@@ -117,15 +118,48 @@ def descriptors_needed(cfg: Config) -> int:
 
 def idle_sessions_cached(cfg: Config) -> int:
     """The idle SMTP and LMTP sessions the configuration's clients may keep at once: MAX_IDLE for each client whose
-    connection cache is on, [smtp]'s, relay's ([smtp]'s settings under its own name, unless an
-    [smtp.services.relay] takes its place), each [smtp.services.NAME]'s, [lmtp]'s and each [lmtp.services.NAME]'s
-    (a cache each)."""
+    connection cache is on and that mail can reach: [smtp]'s, relay's ([smtp]'s settings under its own name, unless
+    an [smtp.services.relay] takes its place) and [lmtp]'s when `routed_transports` has them, each
+    [smtp.services.NAME]'s and [lmtp.services.NAME]'s always (a service is defined to be used: a FILTER action may
+    name it). A client no mail reaches opens no connection, so its cache stays empty."""
     from mailflow.transports.smtp.reuse import MAX_IDLE  # (only serve builds the clients; the rest need not load it)
 
-    clients: list[SmtpConfig | LmtpConfig] = [
-        *(settings for _, _, settings in cfg.smtp_clients()),
-        cfg.lmtp, *(cfg.lmtp.for_service(name) for name in cfg.lmtp.services)]
-    return MAX_IDLE * sum(client.connection_cache_time_limit > 0 for client in clients)
+    routed = routed_transports(cfg)
+    clients: list[tuple[str, SmtpConfig | LmtpConfig]] = [
+        *((name, settings) for name, _, settings in cfg.smtp_clients()),
+        ("lmtp", cfg.lmtp), *((name, cfg.lmtp.for_service(name)) for name in cfg.lmtp.services)]
+    return MAX_IDLE * sum(client.connection_cache_time_limit > 0 for name, client in clients
+                          if name in routed or name not in BUILTIN_TRANSPORTS)
+
+
+def routed_transports(cfg: Config) -> set[str]:
+    """The transports the configuration can hand mail to: the address classes' (relay_transport only with
+    relay_domains: no other mail is the relay class's), default_transport, those the transport tables
+    (transport_maps, sender_dependent_default_transport_maps) can answer, local's mailbox_transport and
+    fallback_transport, every listener's content_filter; address verification's overrides of these too. A
+    transport table whose answers are not known at the start (a file, a database, a socket: it may change while
+    the server runs) can name any: then every transport the configuration defines."""
+    values: set[str] = {cfg.local.mailbox_transport, cfg.local.fallback_transport,
+                        *(smtpd.content_filter for _, _, smtpd, _ in cfg.smtpd.listener_settings())}
+    for routing in (cfg, cfg.for_probes()):
+        values.update((routing.local_transport, routing.virtual_transport, routing.default_transport))
+        if routing.relay_domains:
+            values.add(routing.relay_transport)
+        for spec in (*routing.transport_maps, *routing.sender_dependent_default_transport_maps):
+            answers = fixed_answers(spec)
+            if answers is None:
+                return cfg.defined_transports()
+            values.update(answers)
+    return {value.partition(":")[0].strip() for value in values}
+
+
+def fixed_answers(spec: str) -> tuple[str, ...] | None:
+    """Every value an inline:, static: or fail: table can answer (its spec is all of it); None for another type."""
+    if table_type(spec) not in ("inline", "static", "fail"):
+        return None
+    table = open_table(spec)
+    assert isinstance(table, (InlineTable, StaticTable, FailTable))
+    return table.answers()
 
 
 def ensure_descriptors(cfg: Config) -> None:

@@ -7,6 +7,7 @@
 - `fail:name`: every lookup raises LookupRetry (a deliberate failure, for tests and for disabling a map).
 
     open_inline(spec, name) / open_static(spec, name) / FailTable(spec)
+    each table's answers(): every value a lookup can answer (fixed for the table's life: the spec is the table)
 
 Failure behaviour: a malformed inline or static spec raises `ConfigError("", spec, reason)` when opened (the
 caller names the file and key); lookups in these tables never fail, except fail:'s.
@@ -67,6 +68,10 @@ class InlineTable:
     def lookup(self, key: str) -> str | None:
         return self._entries.get(key.lower())
 
+    def answers(self) -> tuple[str, ...]:
+        """Every value a lookup can answer (the spec's, fixed for the table's life)."""
+        return tuple(self._entries.values())
+
 
 class StaticTable:
     fixed = True
@@ -78,6 +83,10 @@ class StaticTable:
     def lookup(self, key: str) -> str | None:
         return self._value
 
+    def answers(self) -> tuple[str, ...]:
+        """Every value a lookup can answer: the one."""
+        return (self._value,)
+
 
 class FailTable:
     fixed = True
@@ -88,6 +97,10 @@ class FailTable:
 
     def lookup(self, key: str) -> str | None:
         raise LookupRetry(f"table {self.name} is a fail: table; every lookup fails")
+
+    def answers(self) -> tuple[str, ...]:
+        """Every value a lookup can answer: none."""
+        return ()
 
 
 def open_inline(spec: str, name: str) -> InlineTable:

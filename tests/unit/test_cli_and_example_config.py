@@ -306,16 +306,56 @@ def test_the_descriptor_estimate_counts_each_smtp_client_connection_cache():
     """Each SMTP and LMTP client ([smtp], relay, [lmtp], each [smtp.services.NAME] and [lmtp.services.NAME]) keeps
     its own idle sessions, up to MAX_IDLE, each a socket: a service whose cache is off keeps none. An
     [smtp.services.relay] is the relay client, not one more."""
-    base = Config.model_validate({})
-    services = Config.model_validate({"smtp": {"services": {"out2": {"bind_address": "192.0.2.2"},
-                                                            "nocache": {"connection_cache_time_limit": 0}}},
-                                      "lmtp": {"services": {"dovecot": {"port": 24},
-                                                            "uncached": {"connection_cache_time_limit": 0}}}})
+    base = Config.model_validate({"relay_domains": ["example.com"], "transport_maps": ["inline:{a.example=lmtp:h}"]})
+    services = base.model_copy(update={"smtp": Config.model_validate({"smtp": {"services": {
+        "out2": {"bind_address": "192.0.2.2"}, "nocache": {"connection_cache_time_limit": 0}}}}).smtp,
+        "lmtp": Config.model_validate({"lmtp": {"services": {
+            "dovecot": {"port": 24}, "uncached": {"connection_cache_time_limit": 0}}}}).lmtp})
     assert cli_server.descriptors_needed(services) - cli_server.descriptors_needed(base) == 2 * 200
-    lmtp_uncached = Config.model_validate({"lmtp": {"connection_cache_time_limit": 0}})
+    lmtp_uncached = base.model_copy(update={"lmtp": Config.model_validate(
+        {"lmtp": {"connection_cache_time_limit": 0}}).lmtp})
     assert cli_server.descriptors_needed(base) - cli_server.descriptors_needed(lmtp_uncached) == 200
-    relay_uncached = Config.model_validate({"smtp": {"services": {"relay": {"connection_cache_time_limit": 0}}}})
+    relay_uncached = base.model_copy(update={"smtp": Config.model_validate(
+        {"smtp": {"services": {"relay": {"connection_cache_time_limit": 0}}}}).smtp})
     assert cli_server.descriptors_needed(base) - cli_server.descriptors_needed(relay_uncached) == 200
+
+
+@pytest.mark.parametrize("settings, cached", [
+    ({}, {"smtp"}),
+    ({"relay_domains": ["example.com"]}, {"smtp", "relay"}),
+    ({"relay_domains": ["example.com"], "relay_transport": "lmtp:inet:[127.0.0.1]:24"}, {"smtp", "lmtp"}),
+    ({"relay_transport": "relay:[mx.example.net]"}, {"smtp"}),  # no relay_domains: no mail is the relay class's
+    ({"default_transport": "relay"}, {"relay"}),
+    ({"virtual_mailbox_domains": ["example.org"], "virtual_transport": "lmtp:unix:/run/dovecot/lmtp"},
+     {"smtp", "lmtp"}),
+    ({"local": {"mailbox_transport": "lmtp:unix:/run/dovecot/lmtp"}}, {"smtp", "lmtp"}),
+    ({"smtpd": {"content_filter": "relay:[127.0.0.1]:10024"}}, {"smtp", "relay"}),
+    ({"transport_maps": ["inline:{example.com=relay:[mx.example.net], example.org=:[mx2.example.net]}"]},
+     {"smtp", "relay"}),
+    ({"transport_maps": ["static:lmtp:inet:[127.0.0.1]:24"]}, {"smtp", "lmtp"}),
+    ({"sender_dependent_default_transport_maps": ["inline:{<>=relay}"]}, {"smtp", "relay"}),
+    ({"address_verify": {"default_transport": "lmtp:inet:[127.0.0.1]:24"}}, {"smtp", "lmtp"}),
+    ({"transport_maps": ["regexp:/etc/mailflow/transport.re"]}, {"smtp", "relay", "lmtp"}),  # any, and may change
+])
+def test_the_descriptor_estimate_counts_a_client_cache_only_when_mail_can_reach_the_client(settings, cached):
+    """A client no mail is routed to never connects, so its connection cache stays empty: relay's counts with
+    relay_domains (relay_transport's mail) or when a setting or fixed table names it, [lmtp]'s likewise; a table
+    read from a file can name any client (and change while the server runs)."""
+    cfg = Config.model_validate(settings)
+    assert cli_server.idle_sessions_cached(cfg) == 200 * len(cached)
+    assert cli_server.routed_transports(cfg) & {"smtp", "relay", "lmtp"} == cached
+
+
+def test_the_default_configuration_is_quiet_under_the_common_1024_descriptor_limit(monkeypatch, caplog):
+    """1024 is the soft and hard limit of many hosts and containers: the default configuration (100 sessions, 100
+    deliveries, the smtp client's cache: 664 descriptors) is not warned about there."""
+    limits = Limits(1024, 1024)
+    monkeypatch.setattr(cli_server.resource, "getrlimit", limits.getrlimit)
+    monkeypatch.setattr(cli_server.resource, "setrlimit", limits.setrlimit)
+    caplog.set_level(logging.WARNING, logger="mailflow")
+    cli_server.ensure_descriptors(Config.model_validate({}))
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == []
+    assert cli_server.descriptors_needed(Config.model_validate({})) == 2 * 100 + 2 * 100 + 200 + 64
 
 
 @pytest.mark.parametrize("hard, warned", [(4096, True), (10000, False)])
@@ -330,9 +370,9 @@ def test_serve_raises_the_descriptor_limit_to_the_hard_one_and_warns_when_it_is_
     caplog.set_level(logging.WARNING, logger="mailflow")
     cfg = Config.model_validate({"smtpd": {"max_sessions": 2000}})
     cli_server.ensure_descriptors(cfg)
-    assert limits.limits == (hard, hard) and cli_server.descriptors_needed(cfg) == 4864  # 2*2000 + 2*100 + 3*200 + 64
+    assert limits.limits == (hard, hard) and cli_server.descriptors_needed(cfg) == 4464  # 2*2000 + 2*100 + 200 + 64
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     if warned:
-        assert len(warnings) == 1 and warnings[0].startswith("the file descriptor limit (4096) is below the 4864")
+        assert len(warnings) == 1 and warnings[0].startswith("the file descriptor limit (4096) is below the 4464")
     else:
         assert warnings == []
