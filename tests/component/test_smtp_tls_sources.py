@@ -17,7 +17,9 @@ from cryptography.hazmat.primitives import serialization
 from mailflow.config import SmtpConfig
 from mailflow.content import Content
 from mailflow.dns import AiodnsResolver
+from mailflow.logs import service_of
 from mailflow.model import DeliveryRequest, Outcome, Recipient
+from mailflow.transports import RELAY_PROGRAM
 from mailflow.transports.smtp import SmtpTransport
 from mailflow.transports.smtp.mtasts import FetchError, HttpsPolicyFetcher, MtaSts
 from tests.support.deliverability import PolicyServer, start_zone
@@ -55,10 +57,12 @@ def server_tls(ca: trustme.CA, name: str) -> tuple[ssl.SSLContext, bytes]:
     return context, spki
 
 
-def transport(resolver, port: int, ca_path: str = "", tls: str = "may", mta_sts=None) -> SmtpTransport:
+def transport(resolver, port: int, ca_path: str = "", tls: str = "may", mta_sts=None,
+              program: str = "smtp") -> SmtpTransport:
     config = SmtpConfig(port=port, connect_timeout=2, helo_timeout=2, command_timeout=2, data_timeout=2,
                         tls_security_level=tls, tls_ca_file=ca_path)
-    return SmtpTransport(config, resolver=resolver, helo_name="client.mailflow.test", mta_sts=mta_sts)
+    return SmtpTransport(config, resolver=resolver, helo_name="client.mailflow.test", mta_sts=mta_sts,
+                         program=program)
 
 
 async def deliver(t: SmtpTransport, nexthop: str = "dest.test"):
@@ -230,6 +234,23 @@ async def test_a_policy_that_cannot_be_fetched_is_no_policy(zones, smtp_peer, ca
     sts = MtaSts(resolver, HttpsPolicyFetcher(resolver, ca_file=ca_path(ca, tmp_path), port=policy_server.port))
     result = await deliver(transport(resolver, peer.port, ca_path(ca, tmp_path), mta_sts=sts))
     assert result.outcome is Outcome.SENT  # as without MTA-STS (RFC 8461 5.1: no valid policy)
+    policy_server.close()
+
+
+async def test_the_mta_sts_lines_are_the_asking_clients_own(zones, smtp_peer, ca, tmp_path, caplog):
+    """One MtaSts serves every SMTP client: a policy the relay client could not use is logged as `relay/smtp`'s,
+    as each other line of its deliveries, not as smtp's."""
+    resolver = zones(STS_ZONE, ad=False)
+    policy_server = await PolicyServer(ca, "mta-sts.dest.test", sts_policy("enforce"), content_type="text/html").start()
+    peer = await smtp_peer(tls_context=server_tls(ca, "mx.dest.test")[0])
+    sts = MtaSts(resolver, HttpsPolicyFetcher(resolver, ca_file=ca_path(ca, tmp_path), port=policy_server.port))
+    with caplog.at_level(logging.INFO, logger="mailflow"):
+        result = await deliver(transport(resolver, peer.port, ca_path(ca, tmp_path), mta_sts=sts,
+                                         program=RELAY_PROGRAM))
+    assert result.outcome is Outcome.SENT
+    lines = [(service_of(r), r.getMessage()) for r in caplog.records if "MTA-STS" in r.getMessage()]
+    assert lines == [("relay/smtp", "MTA-STS: policy of dest.test (id 20240101) not usable: mta-sts.dest.test: "
+                                    "content type 'text/html', not text/plain")]
     policy_server.close()
 
 

@@ -3,11 +3,14 @@ StaticResolver."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
 from mailflow.dns import StaticResolver
 from mailflow.errors import LookupRetry
+from mailflow.logs import service_of
+from mailflow.transports.smtp.chat import client_log
 from mailflow.transports.smtp.mtasts import FetchError, MtaSts, mx_allowed, parse_policy, parse_record
 
 POLICY = "version: STSv1\r\nmode: enforce\r\nmx: mx1.example.test\r\nmx: *.backup.test\r\nmax_age: 86400\r\n"
@@ -116,6 +119,19 @@ async def test_a_dns_failure_uses_the_cached_policy():
     resolver.failing = True
     assert await cache.policy("example.test") == cached
     assert await MtaSts(resolver, FakeFetcher(), now=Clock()).policy("example.test") is None
+
+
+async def test_a_failed_txt_lookup_is_logged_by_the_asking_clients_logger(caplog):
+    """One MtaSts serves every SMTP client: its lines are the asking client's (`relay/smtp`), not smtp's."""
+    class Failing(StaticResolver):
+        async def txt(self, name):
+            raise LookupRetry("SERVFAIL")
+
+    with caplog.at_level(logging.INFO, logger="mailflow"):
+        assert await MtaSts(Failing(), FakeFetcher(), now=Clock()).policy("example.test",
+                                                                           client_log("relay/smtp")) is None
+    assert [(service_of(r), r.getMessage()) for r in caplog.records] == [
+        ("relay/smtp", "MTA-STS: TXT lookup for example.test failed: SERVFAIL")]
 
 
 async def test_the_cache_is_bounded():

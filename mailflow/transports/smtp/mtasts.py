@@ -11,14 +11,18 @@
                                                  name, 200 and text/plain only, no redirects, at most
                                                  MAX_POLICY_SIZE bytes, all within `timeout`; raises FetchError
     MtaSts(resolver, fetcher, now=time.monotonic, cache_size=1000)
-      await policy(domain) -> StsPolicy | None   the domain's policy (mode none counts as no policy for callers)
+      await policy(domain, log=SMTP_LOG) -> StsPolicy | None   the domain's policy (mode none counts as no policy
+                                                 for callers); `log`: the asking client's logger (chat.client_log),
+                                                 whose lines these are: one MtaSts serves smtp, relay and each
+                                                 [smtp.services.NAME]
 
 Caching (RFC 8461 3.3, 5.1): a fetched policy is kept until `max_age` (at most MAX_AGE_LIMIT) runs out, in a
 least-recently-used cache of `cache_size` domains. The TXT record is asked at each delivery: the same id means the
 cached policy stands; a new id fetches the policy again; a fetch or TXT lookup that fails keeps the cached one (and
 without one, the destination has no policy: delivery is as without MTA-STS). Concurrent deliveries to one domain
 share one fetch.
-Failure behaviour: nothing raises out of `policy()`; failures are logged once per fetch, with the domain.
+Failure behaviour: nothing raises out of `policy()`; failures are logged once per fetch, with the domain, by the
+logger of the client whose delivery asked (a fetch shared by several: the first's).
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ from mailflow.dns import NotFound, Resolver
 from mailflow.errors import DeliveryError, LookupRetry
 from mailflow.files import TEXT_LIMIT, check_regular_file
 
-log = logging.getLogger("mailflow.smtp")
+SMTP_LOG = logging.getLogger("mailflow.smtp")  # the lines of a caller that names no client's logger: smtp's
 
 MAX_POLICY_SIZE = 64 * 1024  # RFC 8461 3.3: a policy larger than this is not valid
 MAX_AGE_LIMIT = 31557600  # RFC 8461 3.2: a year
@@ -201,7 +205,7 @@ class MtaSts:
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._fetching: dict[str, asyncio.Future] = {}
 
-    async def policy(self, domain: str) -> StsPolicy | None:
+    async def policy(self, domain: str, log: logging.Logger = SMTP_LOG) -> StsPolicy | None:
         domain = domain.lower().rstrip(".")
         cached = self._cached(domain)
         try:
@@ -213,7 +217,7 @@ class MtaSts:
             return cached
         if record_id is None or (cached is not None and cached.id == record_id):
             return cached
-        return await self._fetch_shared(domain, record_id, cached)
+        return await self._fetch_shared(domain, record_id, cached, log)
 
     def _cached(self, domain: str) -> StsPolicy | None:
         entry = self._cache.get(domain)
@@ -225,15 +229,17 @@ class MtaSts:
         self._cache.move_to_end(domain)
         return entry.policy
 
-    async def _fetch_shared(self, domain: str, record_id: str, cached: StsPolicy | None) -> StsPolicy | None:
+    async def _fetch_shared(self, domain: str, record_id: str, cached: StsPolicy | None,
+                            log: logging.Logger) -> StsPolicy | None:
         pending = self._fetching.get(domain)
         if pending is None:
-            pending = asyncio.ensure_future(self._fetch(domain, record_id, cached))
+            pending = asyncio.ensure_future(self._fetch(domain, record_id, cached, log))
             self._fetching[domain] = pending
             pending.add_done_callback(lambda _: self._fetching.pop(domain, None))
         return await asyncio.shield(pending)
 
-    async def _fetch(self, domain: str, record_id: str, cached: StsPolicy | None) -> StsPolicy | None:
+    async def _fetch(self, domain: str, record_id: str, cached: StsPolicy | None,
+                     log: logging.Logger) -> StsPolicy | None:
         try:
             fetched = parse_policy(await self._fetcher.fetch(domain))
         except (FetchError, ValueError) as e:

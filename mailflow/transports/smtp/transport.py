@@ -341,7 +341,7 @@ class SmtpTransport:
     async def _sts_policy(self, mta_sts: MtaSts, nexthop: Nexthop) -> TlsPolicy | None:
         """MTA-STS enforce: verify (trusted chain, the MX host's name) and only the MX hosts listed; testing: the
         level as configured, with what enforce would refuse logged. None without a policy (or mode none)."""
-        sts = await mta_sts.policy(nexthop.host)
+        sts = await mta_sts.policy(nexthop.host, self._log)
         if sts is None or sts.mode == "none":
             return None
         source = f"MTA-STS {sts.mode}, policy id {sts.id}"
