@@ -31,7 +31,8 @@ services are built in; anything else is left out (mailflow.config.postfix_master
 naming a transport mailflow then does not have (master.cf's service left out, or no master.cf) is left out.
 relay_transport naming `relay` (its default) while master.cf's relay is not an smtp service, or is missing, is
 written as what does what Postfix does there (master.cf's relay as mailflow has it, or ABSENT_RELAY: a 4.3.0
-deferral). The
+deferral); so is every other route to relay (default_transport, a content_filter, an inline:/static: transport
+table's entry; a table file's entry is reported with its line). The
 reading half (files, expansion, values, the result) is mailflow.config.postfix_cf.
 """
 from __future__ import annotations
@@ -53,6 +54,8 @@ from mailflow.config.postfix_master import translate_service
 from mailflow.config.show import format_setting
 from mailflow.config.smtpd import LISTENER_ROLES, SMTPD_BANNER
 from mailflow.errors import ConfigError
+from mailflow.tables import InlineTable, StaticTable, open_table
+from mailflow.tables.files import logical_lines
 
 __all__ = ["import_postfix", "UnreadableFile", "Imported"]
 
@@ -61,6 +64,9 @@ _SMTPD_FORBIDDEN_REFERENCE = re.compile(r"\$(?:smtpd_forbidden_commands|\{smtpd_
                                         r"\(smtpd_forbidden_commands\))")
 _NON_LETTER_RULE = "regexp:{{/^[^A-Z]/ Bogus}}"  # smtpd_forbidden_commands' default rule, built into mailflow
 
+
+# the transport tables whose entries may name relay (main.cf's, and address verification's of the same name)
+RELAY_ROUTING_TABLES = ("transport_maps", "sender_dependent_default_transport_maps")
 
 # relay_transport when master.cf has no relay: a transport no configuration defines, whose mail qmgr defers as
 # Postfix's defers mail for a service master.cf lacks
@@ -400,40 +406,111 @@ class Importer:
         translate_service(self, service)
 
     def _relay_transport(self) -> None:
-        """relay_transport (main.cf's, or its default `relay`) when master.cf's `relay` is not an smtp service:
-        Postfix hands relay_domains' mail to master.cf's relay whatever runs it, and defers it when master.cf has
-        none (qmgr: `warning: connect to transport private/relay: …`, then error(8)'s `status=deferred (mail
-        transport unavailable)`, 4.3.0). mailflow's `relay` is its built-in SMTP relay, so relay_transport is
-        written to name what does the same: the transport master.cf's relay became (postfix_master), or
-        ABSENT_RELAY, a transport mailflow does not define, when master.cf has no relay (its qmgr defers that mail
-        so, with a warning; an `error:` transport would not do: smtpd refuses its recipients at RCPT, as Postfix's
-        smtpd_check does); a relay left out (its line says why) is reported here too, as its mail would go out
-        over SMTP. Nothing changes without relay_domains (no mail is relay_transport's) unless main.cf sets
-        relay_transport."""
-        value = str(self.out.settings.get("relay_transport", RELAY))
-        transport, colon, nexthop = value.partition(":")
+        """Every route to `relay` when master.cf's `relay` is not an smtp service: relay_transport (main.cf's, or
+        its default `relay`), any other `*_transport` or content_filter setting (default_transport = relay, a
+        listener's -o content_filter), and each entry of a transport table (transport_maps,
+        sender_dependent_default_transport_maps, address verification's) naming it. Postfix hands that mail to
+        master.cf's relay whatever runs it, and defers it when master.cf has none (qmgr: `warning: connect to
+        transport private/relay: …`, then error(8)'s `status=deferred (mail transport unavailable)`, 4.3.0).
+        mailflow's `relay` is its built-in SMTP relay, so each route is written to name what does the same
+        (`_relay_route`); an entry of a table file, which the import does not write, is reported (its line, and
+        what to write there). Nothing changes for relay_transport without relay_domains (no mail is
+        relay_transport's) unless main.cf sets it."""
         relay = next((s for s in self.services or () if s.name == RELAY), None)
-        if transport != RELAY or (relay is not None and relay.command == "smtp") or (
-                not self.out.settings.get("relay_domains") and "relay_transport" not in self.out.settings):
-            return  # (no relay_domains: no mail is relay_transport's, unless main.cf said where it goes)
-        origin = self.out.origins.get("relay_transport", "relay_transport's default, relay")
-        if relay is None:
-            route = ABSENT_RELAY
-            why = (f"master.cf has no relay service: Postfix's qmgr defers its mail (warning: connect to transport "
-                   f"private/relay, then 4.3.0 mail transport unavailable), as mailflow's defers mail for "
-                   f"{ABSENT_RELAY}, a transport it does not define (an error: transport would be refused at RCPT)")
-        elif self.out.relay_service:
-            route = self.out.relay_service + colon + nexthop
-            why = f"master.cf's relay runs {relay.command} ({relay.line.where}): mailflow's {route} does the same"
-        else:
-            self.out.leave_out(relay.line.where, "relay_transport", value,
-                               f"master.cf's relay ({relay.command}) is left out, so relay_domains mail would go "
-                               f"over mailflow's SMTP relay where Postfix's goes to that {relay.command} service: "
-                               "set relay_transport to what does the same")
+        if relay is not None and relay.command == "smtp":
             return
-        self.out.settings["relay_transport"] = route
-        self.out.origins["relay_transport"] = f"{origin}; {why}"
-        self.out.notes.append(f"relay_transport = {route}: {why}")
+        if self.out.settings.get("relay_domains") and "relay_transport" not in self.out.settings:
+            self.out.settings["relay_transport"] = RELAY
+            self.out.origins["relay_transport"] = "relay_transport's default, relay"
+        for key, value in list(self.out.settings.items()):
+            if _transport_named(key, value) == RELAY:
+                self._reroute_setting(key, str(value), relay)
+            elif key.rpartition(".")[2] in RELAY_ROUTING_TABLES and isinstance(value, list):
+                self.out.settings[key] = [self._reroute_table(key, spec, relay) for spec in value]
+        for listener in self.out.listeners:
+            overrides = listener.get("overrides")
+            value = overrides.get("content_filter") if isinstance(overrides, dict) else None
+            route = self._relay_route(str(value), relay) if _transport_named("content_filter", value) == RELAY \
+                else None
+            if isinstance(overrides, dict) and route is not None:
+                overrides["content_filter"] = route[0]
+                self.out.notes.append(f"{listener.get('origin', '')} -o content_filter = {route[0]}: {route[1]}")
+
+    def _relay_route(self, value: str, relay: Service | None) -> tuple[str, str] | None:
+        """(what to write for `value`, `relay` or `relay:nexthop`, why) as Postfix routes it: master.cf's relay as
+        mailflow has it (the transport it became, postfix_master, with the next hop), or ABSENT_RELAY, a transport
+        mailflow does not define, when master.cf has no relay (its qmgr defers that mail so, with a warning; an
+        `error:` transport would not do: smtpd refuses its recipients at RCPT, as Postfix's smtpd_check does).
+        None when master.cf's relay was left out (its line says why)."""
+        nexthop = value.partition(":")[2]
+        if relay is None:
+            return ABSENT_RELAY, (
+                f"master.cf has no relay service: Postfix's qmgr defers its mail (warning: connect to transport "
+                f"private/relay, then 4.3.0 mail transport unavailable), as mailflow's defers mail for "
+                f"{ABSENT_RELAY}, a transport it does not define (an error: transport would be refused at RCPT)")
+        if not self.out.relay_service:
+            return None
+        route = self.out.relay_service + (f":{nexthop}" if nexthop else "")
+        return route, f"master.cf's relay runs {relay.command} ({relay.line.where}): mailflow's {route} does the same"
+
+    def _reroute_setting(self, key: str, value: str, relay: Service | None) -> None:
+        route = self._relay_route(value, relay)
+        origin = self.out.origins.get(key, key)
+        if route is None:
+            assert relay is not None
+            del self.out.settings[key]
+            where, colon, _ = self.out.origins.pop(key, "").partition(": ")
+            self.out.leave_out(where if colon else relay.line.where, key, value, _relay_left_out(relay, key))
+            return
+        self.out.settings[key] = route[0]
+        self.out.origins[key] = f"{origin}; {route[1]}"
+        self.out.notes.append(f"{key} = {route[0]}: {route[1]}")
+
+    def _reroute_table(self, key: str, spec: str, relay: Service | None) -> str:
+        """`spec` with each entry naming relay rerouted (inline:, static:: the spec is the table), or as it is,
+        each such entry of its texthash: file reported with its line and what to write there."""
+        kind, _, name = spec.partition(":")
+        if kind == "texthash":
+            self._report_table_file(key, name, relay)
+            return spec
+        if kind not in ("inline", "static"):
+            return spec  # (regexp:, cidr:, sqlite:, unix:: answers not known here)
+        table = open_table(spec)
+        assert isinstance(table, (InlineTable, StaticTable))
+        if not any(_names_relay(value) for value in table.answers()):
+            return spec
+        entries = table.entries() if isinstance(table, InlineTable) else (("", table.answers()[0]),)
+        rerouted = []
+        for lookup, value in entries:
+            route = self._relay_route(value, relay) if _names_relay(value) else None
+            if route is not None:
+                self.out.notes.append(f"{key}: {lookup or 'static'} {value} is {route[0]}: {route[1]}")
+            elif _names_relay(value):
+                assert relay is not None
+                where, colon, _ = self.out.origins.get(key, "").partition(": ")
+                self.out.leave_out(where if colon else relay.line.where, f"{key} entry {lookup or 'static'}", value,
+                                   _relay_left_out(relay, "this entry"))
+            rerouted.append((lookup, route[0] if route else value))
+        if isinstance(table, StaticTable):
+            return f"static:{{ {rerouted[0][1]} }}"
+        return "inline:{ " + ", ".join(f"{{ {lookup} = {value} }}" for lookup, value in rerouted) + " }"
+
+    def _report_table_file(self, key: str, path: str, relay: Service | None) -> None:
+        """Each entry of a texthash: file naming relay, reported: the file is read as it is, so mailflow would send
+        that mail over its SMTP relay."""
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                lines = logical_lines(f.read())
+        except (OSError, ValueError):
+            return  # (the import reported an unreadable table already, or `config check` will)
+        for number, line in lines:
+            lookup, value = line.split(None, 1)[0], (line.split(None, 1) + [""])[1].strip()
+            if not _names_relay(value):
+                continue
+            route = self._relay_route(value, relay)
+            instead = f"write {route[0]} there ({route[1]})" if route else _relay_left_out(relay, "this entry")
+            self.out.leave_out(f"{path}:{number}", f"{key} entry {lookup}", value,
+                               f"mailflow's relay is its SMTP relay, and it reads this file as it is: {instead}")
 
     def _check_transports(self) -> None:
         """A setting naming a transport mailflow does not have (`default_transport = slow` with master.cf's `slow`
@@ -739,6 +816,19 @@ def missing_file(path: str) -> str | None:
     except OSError:
         return None
     return None if stat.S_ISREG(found.st_mode) else "not a regular file"
+
+
+def _names_relay(value: str) -> bool:
+    """Whether a transport table's value (`transport[:nexthop]`) names relay."""
+    return _transport_named("_transport", value) == RELAY
+
+
+def _relay_left_out(relay: Service | None, name: str) -> str:
+    """Why a route to relay is not translated: master.cf's relay (`relay`, not an smtp service) was left out."""
+    command = relay.command if relay else "relay"
+    mail = "relay_domains mail" if name == "relay_transport" else f"{name}'s mail"
+    return (f"master.cf's relay ({command}) is left out, so {mail} would go over mailflow's SMTP relay where "
+            f"Postfix's goes to that {command} service: set {name} to what does the same")
 
 
 def _transport_named(key: str, value: object) -> str | None:

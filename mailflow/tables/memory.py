@@ -72,6 +72,10 @@ class InlineTable:
         """Every value a lookup can answer (the spec's, fixed for the table's life)."""
         return tuple(self._entries.values())
 
+    def entries(self) -> tuple[tuple[str, str], ...]:
+        """(key, value) of each entry, keys folded to lower case, in the spec's order."""
+        return tuple(self._entries.items())
+
 
 class StaticTable:
     fixed = True

@@ -1038,34 +1038,39 @@ async def test_every_line_of_the_relay_client_is_logged_as_relay_smtp_as_postfix
     assert len(theirs) == 6  # connect, replacing, said, TLS, replace, the result
 
 
+@pytest.mark.parametrize("routing, rcpt", [
+    ({"relay_domains": "relay.test"}, "u@relay.test"),
+    ({"default_transport": "relay"}, "u@other.test"),
+    ({"transport_maps": "inline:{relay.test=relay:[127.0.0.1]:1}"}, "u@relay.test"),
+], ids=["relay_domains", "default_transport", "transport_maps"])
 async def test_relay_domain_mail_without_a_relay_service_is_deferred_as_postfix_defers_it(mailflow_server, mail_log,
-                                                                                          tmp_path):
-    """master.cf without `relay` (relay_transport's default): Postfix's qmgr cannot reach the service and error(8)
-    defers the mail, 4.3.0 "mail transport unavailable"; `config import` of that master.cf makes mailflow write the
-    same result line (it sent the mail out over its SMTP relay)."""
+                                                                                          tmp_path, routing, rcpt):
+    """master.cf without `relay` (relay_transport's default; or named by default_transport, a transport_maps
+    entry): Postfix's qmgr cannot reach the service and error(8) defers the mail, 4.3.0 "mail transport
+    unavailable"; `config import` of that master.cf makes mailflow write the same result line (it sent the mail
+    out over its SMTP relay)."""
     from mailflow.config.postfix_import import import_postfix
 
-    settings = {"myhostname": PF_HOST, "mydestination": "", "relay_domains": "relay.test",
-                "mynetworks": "127.0.0.0/8"}
+    settings = {"myhostname": PF_HOST, "mydestination": "", "mynetworks": "127.0.0.0/8", **routing}
     async with postfix_instance({**settings, "syslog_name": SYSLOG_NAME}) as pf:
         master = pf.etc / "master.cf"
         master.write_text(re.sub(r"^relay\s.*\n(?:[ \t]+.*\n)*", "", master.read_text(), flags=re.M))
         assert pf.run("postfix", "reload").returncode == 0
         await asyncio.sleep(1)  # (the reload's new qmgr)
-        await message(pf.port, ["u@relay.test"], "no relay")
-        await eventually(lambda: "u@relay.test" in delivery_lines(pf.maillog), timeout=15, what="Postfix's result")
-        theirs = delivery_lines(pf.maillog)["u@relay.test"]
+        await message(pf.port, [rcpt], "no relay")
+        await eventually(lambda: rcpt in delivery_lines(pf.maillog), timeout=15, what="Postfix's result")
+        theirs = delivery_lines(pf.maillog)[rcpt]
         (tmp_path / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
         (tmp_path / "master.cf").write_text(master.read_text())
     imported = import_postfix(str(tmp_path / "main.cf"), str(tmp_path / "master.cf"))
-    mf = await mailflow_server(myhostname=MF_HOST, mydestination=[], relay_domains=["relay.test"],
-                               mynetworks=["127.0.0.0/8"], relay_transport=imported.settings["relay_transport"])
-    await message(mf.smtp_addresses[0][1], ["u@relay.test"], "no relay")
-    await eventually(lambda: "u@relay.test" in delivery_lines(mail_log.read_text()), timeout=15,
-                     what="mailflow's result")
-    ours = delivery_lines(mail_log.read_text())["u@relay.test"]
+    routes = {key: imported.settings[key] for key in ("relay_domains", "relay_transport", "default_transport",
+                                                      "transport_maps") if key in imported.settings}
+    mf = await mailflow_server(myhostname=MF_HOST, mydestination=[], mynetworks=["127.0.0.0/8"], **routes)
+    await message(mf.smtp_addresses[0][1], [rcpt], "no relay")
+    await eventually(lambda: rcpt in delivery_lines(mail_log.read_text()), timeout=15, what="mailflow's result")
+    ours = delivery_lines(mail_log.read_text())[rcpt]
 
     def compared(lines: list[str]) -> list[str]:
         return [re.sub(r", delay=.*?, dsn=", ", dsn=", line) for line in lines]
     assert compared(ours) == compared(theirs) == [
-        "error: to=<u@relay.test>, relay=none, dsn=4.3.0, status=deferred (mail transport unavailable)"]
+        f"error: to=<{rcpt}>, relay=none, dsn=4.3.0, status=deferred (mail transport unavailable)"]

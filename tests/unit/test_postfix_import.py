@@ -534,6 +534,69 @@ def test_a_relay_master_cf_runs_with_a_daemon_mailflow_lacks_is_reported_with_re
     assert "relay_domains mail would go over mailflow's SMTP relay where Postfix's goes to that bounce service" in err
 
 
+RELAY_ROUTES_MAIN = ("myhostname = mx.example.com\nmydestination =\ndefault_transport = relay\n"
+                     "transport_maps = inline:{ a.example=relay:[10.0.0.3], b.example=smtp:[10.0.0.4] }\n"
+                     "address_verify_transport_maps = static:relay\n")
+
+
+@pytest.mark.parametrize("relay_line, route", [
+    ("", "relay-absent"),
+    ("relay unix - - n - - lmtp\n", "lmtp"),
+    ("relay unix - n n - - pipe flags=F user=nobody argv=/usr/bin/relay-in ${recipient}\n", "relay-pipe"),
+], ids=["missing", "lmtp", "pipe"])
+def test_default_transport_and_transport_maps_naming_relay_go_where_master_cf_s_relay_sends_them(tmp_path, relay_line,
+                                                                                              route):
+    """Not relay_transport alone: default_transport = relay, a transport_maps entry `relay:[host]` (and address
+    verification's) reach master.cf's relay in Postfix too (trivial-rewrite names the transport, qmgr hands it to
+    that service or defers, 4.3.0, when there is none): each is written to name what does the same, its next hop
+    kept (but for relay-absent, whose mail is deferred); a route to smtp stays."""
+    master = write(tmp_path, "master.cf", "smtp inet n - y - - smtpd\n" + relay_line)
+    code, err = run_import(write(tmp_path, "main.cf", RELAY_ROUTES_MAIN), master, tmp_path / "mailflow.toml")
+    doc = checked(tmp_path / "mailflow.toml")
+    assert code == 0, err
+    assert doc["default_transport"] == route
+    hop = "" if route == "relay-absent" else ":[10.0.0.3]"
+    assert doc["transport_maps"] == [f"inline:{{ {{ a.example = {route}{hop} }}, {{ b.example = smtp:[10.0.0.4] }} }}"]
+    assert doc["address_verify"]["transport_maps"] == [f"static:{{ {route} }}"]
+    for address, transport in [("u@a.example", route), ("u@b.example", "smtp"), ("u@c.example", route)]:
+        result = CliRunner().invoke(cli, ["address", "-c", str(tmp_path / "mailflow.toml"), address])
+        assert re.search(rf"transport:\s+{transport}\b", result.output), result.output
+
+
+def test_a_listener_s_content_filter_naming_relay_follows_master_cf_s_relay(tmp_path):
+    master = write(tmp_path, "master.cf", "smtp inet n - y - - smtpd -o content_filter=relay:[127.0.0.1]:10025\n"
+                                          "relay unix - - n - - lmtp\n")
+    code, err = run_import(write(tmp_path, "main.cf", "myhostname = mx.example.com\n"), master,
+                           tmp_path / "mailflow.toml")
+    assert code == 0, err
+    listeners = checked(tmp_path / "mailflow.toml")["smtpd"]["listeners"]
+    assert [listener["overrides"]["content_filter"] for listener in listeners] == ["lmtp:[127.0.0.1]:10025"] * 2
+
+
+def test_a_transport_file_entry_naming_relay_is_reported_with_its_line_and_what_to_write(tmp_path):
+    """The import writes no table file: a texthash entry naming relay, read as it is, would go over mailflow's SMTP
+    relay, so it is reported (exit 1) with its line and the route that does what Postfix does; other entries and
+    the table stay."""
+    table = write(tmp_path, "transport", "b.example smtp:[10.0.0.4]\n# relay\na.example relay:[10.0.0.3]\n")
+    master = write(tmp_path, "master.cf", "smtp inet n - y - - smtpd\nrelay unix - - n - - lmtp\n")
+    main = write(tmp_path, "main.cf", f"myhostname = mx.example.com\ntransport_maps = texthash:{table}\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    assert code == 1
+    assert f"{table}:3: transport_maps entry a.example" in err
+    assert "write lmtp:[10.0.0.3] there (master.cf's relay runs lmtp (master.cf:2)" in err
+    assert checked(tmp_path / "mailflow.toml")["transport_maps"] == [f"texthash:{table}"]
+
+
+def test_default_transport_naming_a_relay_mailflow_cannot_run_is_reported(tmp_path):
+    master = write(tmp_path, "master.cf", "smtp inet n - y - - smtpd\nrelay unix - - n - - bounce\n")
+    code, err = run_import(write(tmp_path, "main.cf", "myhostname = mx.example.com\ndefault_transport = relay\n"),
+                           master, tmp_path / "mailflow.toml")
+    assert code == 1
+    assert [line.split(": ")[1] for line in err.splitlines()[1:]] == ["master.cf relay", "default_transport"]
+    assert "default_transport's mail would go over mailflow's SMTP relay where Postfix's goes to that bounce" in err
+    assert "default_transport" not in checked(tmp_path / "mailflow.toml")
+
+
 @pytest.mark.parametrize("relay_line, told", [
     ("relay unix - - n - - smtp\n  -o syslog_name=postfix/$service_name\n",
      "relay -o syslog_name=postfix/$service_name not carried over: mailflow logs every line of relay's client as "
