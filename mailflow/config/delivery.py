@@ -131,9 +131,9 @@ class SmtpSettings(Section):
 
     port: int = Field(25, ge=1, le=65535)
     connect_timeout: Duration = 30.0
-    helo_timeout: Duration = 300.0
-    command_timeout: Duration = 300.0
-    data_timeout: Duration = 600.0
+    helo_timeout: Duration = Field(300.0, gt=0)
+    command_timeout: Duration = Field(300.0, gt=0)
+    data_timeout: Duration = Field(600.0, gt=0)
     # The reply to STARTTLS and the TLS handshake after it (smtp_starttls_timeout).
     starttls_timeout: Duration = Field(300.0, gt=0)
     # The name said in EHLO/HELO (smtp_helo_name); "" = myhostname.
@@ -172,7 +172,7 @@ class SmtpSettings(Section):
     # Connection cache (smtp_connection_cache_time_limit, smtp_connection_reuse_count/time_limit); 0s: off.
     connection_cache_time_limit: Duration = 2.0
     connection_reuse_count_limit: int = Field(100, ge=0)
-    connection_reuse_time_limit: Duration = 300.0
+    connection_reuse_time_limit: Duration = Field(300.0, gt=0)
     # The source address of connections to IPv4 and IPv6 peers (smtp_bind_address, smtp_bind_address6); "": the
     # system's choice. A bind that fails is a warning and the connection goes from any address, or with
     # bind_address_enforce (smtp_bind_address_enforce) the peer fails: 4.4.0 "server configuration error".
@@ -301,7 +301,7 @@ class LmtpSettings(Section):
     # lmtp_connection_reuse_time_limit, Postfix's defaults); 0s: off, a session a message.
     connection_cache_time_limit: Duration = 2.0
     connection_reuse_count_limit: int = Field(0, ge=0)
-    connection_reuse_time_limit: Duration = 300.0
+    connection_reuse_time_limit: Duration = Field(300.0, gt=0)
 
 
 class LmtpService(LmtpSettings):

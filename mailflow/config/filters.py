@@ -185,7 +185,7 @@ class AddressVerifyConfig(Section):
     sender_dependent_relayhost_maps: TableSpecs = ()
     sender_dependent_default_transport_maps: TableSpecs = ()
     poll_count: int = Field(3, ge=1)
-    poll_delay: Duration = Field(3.0, ge=0)
+    poll_delay: Duration = Field(3.0, gt=0)
     positive_expire_time: Duration = Field(31 * 86400.0, gt=0)
     positive_refresh_time: Duration = Field(7 * 86400.0, gt=0)
     negative_cache: bool = True

@@ -25,15 +25,18 @@ def _lowercase_words(value: object) -> object:
     return value
 
 
+LIFETIME_LIMIT = 100 * 86400.0  # Postfix's maximal_queue_lifetime and bounce_queue_lifetime limit (qmgr.c)
+
+
 class QueueConfig(Section):
     """The queue manager (Postfix qmgr) and the store."""
 
-    queue_run_delay: Duration = 300.0
-    minimal_backoff_time: Duration = 300.0
+    queue_run_delay: Duration = Field(300.0, gt=0)
+    minimal_backoff_time: Duration = Field(300.0, gt=0)
     maximal_backoff_time: Duration = Field(4000.0, validate_default=True)
     # Deferred mail older than this is returned to the sender; null-sender mail (bounces) gives up sooner.
-    maximal_queue_lifetime: Duration = 5 * 86400.0
-    bounce_queue_lifetime: Duration = 5 * 86400.0
+    maximal_queue_lifetime: Duration = Field(5 * 86400.0, le=LIFETIME_LIMIT)
+    bounce_queue_lifetime: Duration = Field(5 * 86400.0, le=LIFETIME_LIMIT)
     # Send the sender one "delayed" notice once a message has waited this long; 0 disables it.
     delay_warning_time: Duration = 0.0
     # Where a bounce that cannot be returned (its own sender is null) goes; "" drops it (logged).
@@ -54,7 +57,7 @@ class QueueConfig(Section):
     # Postmaster-Subject, Charset, the text with $myhostname, $delay_warning_time_hours...); "": the built-in ones.
     bounce_template_file: str = ""
     # Bounces carry the whole original up to this many bytes, else its headers only.
-    bounce_size_limit: int = Field(50_000, ge=0)
+    bounce_size_limit: int = Field(50_000, ge=1)
     active_limit: int = Field(10_000, ge=1)
     # Per destination (transport, nexthop): start at the initial concurrency, grow on success up to the
     # limit, shrink on a site failure; after `failed_cohort_limit` failed rounds in a row the destination is

@@ -57,7 +57,7 @@ class PostscreenConfig(Section):
     # permit_mynetworks, and cidr:/regexp:/texthash: tables answering permit, reject or dunno, first answer wins
     access_list: tuple[str, ...] = ("permit_mynetworks",)
     denylist_action: ScreenAction = "ignore"  # postscreen_denylist_action (blacklist_action before Postfix 3.6)
-    greet_wait: Duration = Field(6.0, ge=0)
+    greet_wait: Duration = Field(6.0, gt=0)
     greet_banner: str = SMTPD_BANNER  # the `220-` teaser: SMTPD_BANNER (smtpd's greeting's text), "": none
     greet_action: ScreenAction = "ignore"
     greet_ttl: Duration = Field(86400.0, gt=0)
@@ -71,7 +71,7 @@ class PostscreenConfig(Section):
     # the cache of clients that passed (postscreen_cache_map; in memory, the oldest dropped beyond this many)
     cache_limit: int = Field(100_000, ge=1)
     # clients being screened at once per listener (postscreen_pre_queue_limit); beyond: 421 4.3.2
-    pre_queue_limit: int = Field(100, ge=1)
+    pre_queue_limit: int = Field(100, ge=10)
     # one client's connections in the screen at once (postscreen_client_connection_count_limit; 0: none); unset:
     # smtpd's client_connection_count_limit, as Postfix's default
     client_connection_count_limit: int | None = Field(None, ge=0)
@@ -191,8 +191,8 @@ class SmtpdConfig(SmtpdFilterSettings):
     message_size_limit: int = Field(10_240_000, ge=0)
     recipient_limit: int = Field(1000, ge=1)
     # 452 answers past recipient_limit count as errors only beyond this many (smtpd_recipient_overshoot_limit).
-    recipient_overshoot_limit: int = Field(1000, ge=0)
-    timeout: Duration = 300.0
+    recipient_overshoot_limit: int = Field(1000, ge=1)
+    timeout: Duration = Field(300.0, gt=0)
     max_line_length: int = Field(2048, ge=512)
     # Front door (docs/security.md): listeners with roles, TLS, AUTH, connection limits.
     # `listen` addresses are mta listeners; `listeners` add listeners with a role and per-listener overrides.
@@ -260,8 +260,8 @@ class SmtpdConfig(SmtpdFilterSettings):
     # beyond `timeout` (smtpd_min_data_rate); error tarpit and limit; junk commands; VRFY.
     forbid_bare_newline: bool = True
     forbid_unauth_pipelining: bool = True
-    min_data_rate: int = Field(500, ge=0)
-    soft_error_limit: int = Field(10, ge=0)
+    min_data_rate: int = Field(500, ge=1)
+    soft_error_limit: int = Field(10, ge=1)
     hard_error_limit: int = Field(20, ge=1)
     error_sleep_time: Duration = Field(1.0, ge=0)
     junk_command_limit: int = Field(100, ge=1)
@@ -360,11 +360,11 @@ class SmtpdConfig(SmtpdFilterSettings):
     # way), how a 4xx is applied (tempfail_action: defer_if_permit, a later refusal wins; or defer, at once) and
     # a text in place of the probe's (reject_reason; "": the probe's).
     unverified_recipient_reject_code: int = Field(450, ge=400, le=599)
-    unverified_recipient_defer_code: int = Field(450, ge=400, le=599)
+    unverified_recipient_defer_code: int = Field(450, ge=400, le=499)
     unverified_recipient_tempfail_action: Literal["defer_if_permit", "defer"] = "defer_if_permit"
     unverified_recipient_reject_reason: str = ""
     unverified_sender_reject_code: int = Field(450, ge=400, le=599)
-    unverified_sender_defer_code: int = Field(450, ge=400, le=599)
+    unverified_sender_defer_code: int = Field(450, ge=400, le=499)
     unverified_sender_tempfail_action: Literal["defer_if_permit", "defer"] = "defer_if_permit"
     unverified_sender_reject_reason: str = ""
     # reject_rbl_client and reject_rhsbl_*'s reply (Postfix's names): default_rbl_reply, a template with $rbl_code

@@ -530,32 +530,41 @@ async def test_a_cached_client_denylisted_later_shares_no_cached_pass_with_its_s
     await second.close()
 
 
+async def screened(port: int, count: int) -> list[SmtpClient]:
+    """`count` clients in their greet wait (each has had the teaser), each holding a screening place."""
+    clients = [await SmtpClient.connect(port, greet=False) for _ in range(count)]
+    for client in clients:
+        assert (await asyncio.wait_for(client.reader.readline(), 3)).startswith(b"220-")
+    return clients
+
+
 async def test_beyond_the_screening_places_a_client_is_told_to_come_back(mailflow_server, screen_log):
-    mf = await mailflow_server(smtpd=screen(greet_wait=3, pre_queue_limit=1))
+    """postscreen_pre_queue_limit's least, 10 (Postfix refuses less), all taken."""
+    mf = await mailflow_server(smtpd=screen(greet_wait=3, pre_queue_limit=10))
     port = mf.smtp_addresses[0][1]
-    first = await SmtpClient.connect(port, greet=False)
-    assert (await first.reader.readline()).startswith(b"220-")  # being screened
+    held = await screened(port, 10)
     second = await SmtpClient.connect(port, greet=False)
     assert await second.reply() == status.SCREENING_PORTS_BUSY
     assert str(status.SCREENING_PORTS_BUSY) == "421 4.3.2 All screening ports are busy"
     assert await second.closed()
     assert any(re.fullmatch(r"reject: connect from \[127\.0\.0\.1\]:\d+: all screening ports busy", line)
                for line in screen_log()), screen_log()
-    first.writer.close()
+    for client in held:
+        client.writer.close()
 
 
 async def test_allowlisted_and_cached_clients_pass_while_the_screening_places_are_full(mailflow_server, screen_log):
     """psc_endpt_lookup_done: the access list and the cache come before "all screening ports busy"."""
     mf = await mailflow_server(mynetworks=["127.0.0.2/32"],
-                               smtpd=screen(greet_wait=3, pre_queue_limit=1, access_list=["permit_mynetworks"]))
+                               smtpd=screen(greet_wait=3, pre_queue_limit=10, access_list=["permit_mynetworks"]))
     port = mf.smtp_addresses[0][1]
-    zombie = await SmtpClient.connect(port, greet=False)
-    assert (await zombie.reader.readline()).startswith(b"220-")  # holds the one place
+    zombies = await screened(port, 10)  # holding every place
     reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
     assert await asyncio.wait_for(reader.readline(), 3) == b"220 mx.mailflow.test ESMTP mailflow\r\n"
     assert any(re.fullmatch(r"ALLOWLISTED \[127\.0\.0\.2\]:\d+", line) for line in screen_log()), screen_log()
     writer.close()
-    zombie.writer.close()
+    for zombie in zombies:
+        zombie.writer.close()
 
 
 async def test_one_client_has_at_most_its_connection_count_in_the_screen(mailflow_server, screen_log):
@@ -928,18 +937,22 @@ async def test_the_dummy_engine_has_its_own_command_time_limit_and_a_session_bou
 
 
 async def test_stress_mode_shortens_the_greet_wait_and_the_command_time_limit(mailflow_server, screen_log):
-    """Postfix's stress mode: from 90 % of pre_queue_limit taken (here 1 of 2) the greet wait and the command time
-    limit are the stress ones; left at 70 % (here when the client is gone), each logged as postscreen does."""
+    """Postfix's stress mode: from 90 % of pre_queue_limit taken (here 9 of 10: 8 clients held in their greet wait,
+    then this one) the greet wait and the command time limit are the stress ones; left at 70 % (7 of 10, as the
+    held ones go), each logged as postscreen does."""
     mf = await mailflow_server(smtpd={"timeout": 300, **screen(
-        pipelining_enable=True, pre_queue_limit=2, greet_wait=30, stress_greet_wait=0.2,
+        pipelining_enable=True, pre_queue_limit=10, greet_wait=30, stress_greet_wait=0.2,
         stress_command_time_limit=0.4)})
+    held = await screened(mf.smtp_addresses[0][1], 8)
     started = time.monotonic()
     c = await SmtpClient.connect(mf.smtp_addresses[0][1])
     assert (await c.reply()).text == "421 4.4.2 mx.mailflow.test Error: timeout exceeded"
     assert time.monotonic() - started < 10  # (neither the greet wait's 30 s nor smtpd's 300 s)
-    await eventually(lambda: screen_log()[-1].startswith("leaving"))
-    assert screen_log()[1] == "entering STRESS mode with 1 connections", screen_log()
-    assert screen_log()[-1] == "leaving STRESS mode with 0 connections", screen_log()
+    for client in held:
+        client.writer.close()
+    await eventually(lambda: any(line.startswith("leaving") for line in screen_log()))
+    assert [line for line in screen_log() if "STRESS" in line] == [
+        "entering STRESS mode with 9 connections", "leaving STRESS mode with 7 connections"], screen_log()
 
 
 async def test_a_client_on_a_vetoed_interface_never_reaches_smtpd_nor_the_cache(mailflow_server, screen_log):

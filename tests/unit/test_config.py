@@ -225,7 +225,7 @@ def test_a_file_that_is_no_toml_document_names_file_and_reason(tmp_path, content
 ])
 def test_durations_parse(text, seconds):
     assert parse_duration(text) == seconds
-    assert QueueConfig(queue_run_delay=text).queue_run_delay == seconds
+    assert QueueConfig(delay_warning_time=text).delay_warning_time == seconds
 
 
 @pytest.mark.parametrize("bad", ["", "5x", "m5", "5 m s", "-5s", -1, True, None, [5], float("nan"), float("inf"),
