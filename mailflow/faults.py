@@ -6,7 +6,9 @@ What it owns: how long a failing piece of work waits before its next try, and ho
 - `FailureLog(logger, what, clock, interval)`: a failing job's voice. The first failure of a run is logged at
   once with the real error (a traceback only for an error that is not an I/O, store or table error, i.e. a probable
   bug); later ones are counted and told once per `interval` with the count; the first success after failures
-  says so. A fault costs a few lines a minute, never one per turn of a loop.
+  says so. A fault costs a few lines a minute, never one per turn of a loop. `since` (the clock time of the run's
+  first failure, None when not failing) and `describe_run()` (what fails, how long, how often, the last error)
+  tell the run to a driver that waits on the job (the Sink's settle and wait_for).
 - `Guard(what, clock, logger)`: one periodic chore of a loop (a scan, a poll, a snapshot). `await run(fn)`
   calls `fn()` unless the chore is backing off after a failure (then it does nothing and returns False);
   a failure is caught, logged through a FailureLog and backs the chore off. `resume_at` is when it is tried
@@ -74,15 +76,28 @@ class FailureLog:
         self._failures = 0  # in this run of failures
         self._untold = 0  # since the last line
         self._told_at = 0.0
+        self._since = 0.0  # the clock time of this run's first failure
+        self._last = ""  # its last error, described
 
     @property
     def failing(self) -> bool:
         return self._failures > 0
 
+    @property
+    def since(self) -> float | None:
+        return self._since if self._failures else None
+
+    def describe_run(self) -> str:
+        """`qmgr: queue scan failed 10 times in a row, for 55.5s: database or disk is full (SQLITE_FULL)`."""
+        times = "once" if self._failures == 1 else f"{self._failures} times in a row"
+        return f"{self._what} failed {times}, for {self._clock.time() - self._since:g}s: {self._last}"
+
     def failed(self, error: BaseException) -> None:
         now = self._clock.time()
         self._failures += 1
+        self._last = describe(error)
         if self._failures == 1:
+            self._since = now
             bug = not isinstance(error, EXPECTED)
             self._logger.error("%s failed: %s", self._what, describe(error), exc_info=error if bug else None)
             self._told_at, self._untold = now, 0

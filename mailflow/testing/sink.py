@@ -38,8 +38,10 @@ Failure behaviour: a bad setting raises mailflow.config.ConfigError at start; `w
 mailflow.capture.mailbox.WaitTimeout (an AssertionError that lists what did arrive), and RuntimeError at once
 when the Sink stops (or has stopped) before enough messages match; `advance` without
 virtual_time raises RuntimeError, by a negative or infinite span ValueError (the clock never goes back);
-`settle` raises TimeoutError after `timeout` seconds; `start` on a running Sink raises RuntimeError (a stopped
-one may be started again: a new queue and mailbox, the same faults).
+`settle` raises TimeoutError after `timeout` seconds (under virtual time, once mail has waited `timeout` seconds of
+its clock for a queue scan that keeps failing), naming such a failure, as `wait_for`'s WaitTimeout does; `start`
+on a running Sink raises RuntimeError (a stopped one may be started again: a new queue and mailbox, the same
+faults).
 """
 from __future__ import annotations
 
@@ -55,12 +57,13 @@ from pathlib import Path
 from typing import Callable
 
 from mailflow.app import Mailflow
-from mailflow.capture.mailbox import CapturedMessage, Criteria
+from mailflow.capture.mailbox import CapturedMessage, Criteria, WaitTimeout
 from mailflow.capture import search as capture_search
 from mailflow.capture.recorders import Capture
 from mailflow.capture.settings import CAPTURE_EVERYTHING, merged
 from mailflow.clock import Clock, SystemClock, VirtualClock
 from mailflow.config import Config, config_from_dict, load_config
+from mailflow.faults import FailureLog
 from mailflow.model import SessionTranscript
 from mailflow.stages.qmgr import QueueManager
 from mailflow.store import Store
@@ -98,6 +101,7 @@ class Sink:
         self._rng = random.Random(seed)
         self.faults = InboundFaults()
         self.server: Mailflow | None = None
+        self._told_scan_failure: float | None = None  # (virtual time) the run of failed scans settle raised for
         self.directory: Path | None = None
         self.config: Config | None = None
         self.ca_pem: bytes | None = None
@@ -122,6 +126,7 @@ class Sink:
             capture = Capture(self.config.sink, self.clock, session_observer=SinkObserver(
                 self.faults, limit=self.config.sink.history_limit, line_limit=self.config.sink.transcript_line_limit,
                 byte_limit=self.config.sink.transcript_byte_limit))
+            self._told_scan_failure = None
             server = self.server = Mailflow(self.config, clock=self.clock, rng=self._rng, capture=capture,
                                             resolver=self._destinations.resolver if self._destinations else None,
                                             smtpd_policy=self.faults, shutdown_grace=self._grace)
@@ -265,9 +270,17 @@ class Sink:
                        subject: str | re.Pattern | None = None, match: Callable[[CapturedMessage], bool] | None = None,
                        count: int = 1, timeout: float = 5.0) -> list[CapturedMessage]:
         """The matching messages once at least `count` are here (mailbox.Criteria says how each criterion
-        matches); WaitTimeout, listing what did arrive, after `timeout` seconds."""
+        matches); WaitTimeout, listing what did arrive, after `timeout` seconds, naming the queue scan's failure
+        when the last scan failed (the mail it would take waits for it)."""
         criteria = Criteria(to=to, sender=sender, subject=subject, match=match)
-        return await self._capture.mailbox.wait(criteria, count, timeout)
+        try:
+            return await self._capture.mailbox.wait(criteria, count, timeout)
+        except WaitTimeout as e:
+            qmgr = self.server.qmgr if self.server is not None else None
+            failure = qmgr.scan_failure if qmgr is not None else None
+            if failure is None:
+                raise
+            raise WaitTimeout(f"{e}\n  the queue's mail waits for it: {failure.describe_run()}") from None
 
     def transcript(self, queue_id: str) -> SessionTranscript | None:
         """The SMTP session that submitted `queue_id` (also for mail that was not captured)."""
@@ -315,7 +328,10 @@ class Sink:
         a destination's timer (its rate delay's pause), so that nothing happens before the clock moves. Mail incoming
         or due while a failed queue scan waits for its retry time waits for the clock too under virtual time (only
         advance() moves it); in real time it is waited for (qmgr woken), as the clock ends the wait by itself.
-        Raises TimeoutError after `timeout` seconds."""
+        Raises TimeoutError after `timeout` seconds, naming the queue scan's failure when mail waits for a scan that
+        keeps failing; under virtual time, where settle counts that mail as settled (advance() steps to the scan's
+        retries), once the scans have failed for `timeout` seconds of its clock (once for a run of failures: the
+        next settle, or advance, goes on retrying, so a test that ends the fault sees its mail go)."""
         store, qmgr = self._queue
         clock = self._server.clock
         loop = asyncio.get_running_loop()
@@ -327,6 +343,11 @@ class Sink:
             due = await store.next_due_time()
             # (mail incoming or due waits for the scan's retry time, if only advance() brings it)
             scan_waits = qmgr.scan_backing_off and isinstance(clock, VirtualClock)
+            failure = qmgr.scan_failure
+            held = bool(counts.get("incoming", 0) or (due is not None and due <= clock.time()))
+            if scan_waits and held and failure is not None and self._lasted(failure, timeout):
+                raise TimeoutError(f"the queue did not settle within {timeout:g}s of its clock: mail waits for the "
+                                   f"queue scan: {failure.describe_run()}; {_nonzero(counts)}")
             incoming = counts.get("incoming", 0) and not scan_waits
             busy = qmgr.working or incoming or not _waits_for_time(qmgr, counts.get("active", 0))
             due_now = due is not None and due <= clock.time() and not scan_waits
@@ -339,8 +360,18 @@ class Sink:
             if due_now and not qmgr.working:
                 qmgr.wake()
             if loop.time() > deadline:
-                raise TimeoutError(f"the queue did not settle within {timeout:g}s: {counts}")
+                scan = f"; {failure.describe_run()}" if failure is not None else ""
+                raise TimeoutError(f"the queue did not settle within {timeout:g}s: {_nonzero(counts)}{scan}")
             await asyncio.sleep(0.002)
+
+    def _lasted(self, failure: FailureLog, timeout: float) -> bool:
+        """Whether the run of failed scans has lasted `timeout` seconds of the clock and was not told yet (then it is
+        told: advance() steps on to the scan's retries again)."""
+        since = failure.since
+        if since is None or self.clock.time() - since < timeout or since == self._told_scan_failure:
+            return False
+        self._told_scan_failure = since
+        return True
 
     async def advance(self, seconds: float = 0, *, minutes: float = 0, hours: float = 0, days: float = 0) -> None:
         """Move the virtual clock on by the sum, stopping at each moment something is to happen on the way (deferred
@@ -368,6 +399,11 @@ class Sink:
         now = self.clock.time()
         moments = (await store.next_due_time(), qmgr.next_timer())
         return min([target, *(moment for moment in moments if moment is not None and moment > now)])
+
+
+def _nonzero(counts: dict[str, int]) -> dict[str, int]:
+    """The queues holding mail, with their counts."""
+    return {queue: n for queue, n in counts.items() if n}
 
 
 def _waits_for_time(qmgr: QueueManager, active: int) -> bool:

@@ -5,12 +5,14 @@ record the store refused. What a client waits for on the wire (the AUTH failure 
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import time
 
 import aiosmtplib
 import pytest
 
+from mailflow.capture.mailbox import WaitTimeout
 from mailflow.testing import Sink
 
 
@@ -167,19 +169,57 @@ async def test_a_failed_queue_scan_is_retried_on_the_virtual_clock():
         assert time.monotonic() - started < 2  # no real time waited for the backoff
 
 
-async def test_settle_returns_while_a_failing_queue_scan_backs_off():
-    """A lasting scan fault: settle() returned only when the fault cleared (TimeoutError while it lasted). Now mail
-    due while the scan backs off is settled, advance() retries the scan on its backoff (0.5 s doubling to 10 s),
-    and the mail goes once the fault clears."""
+SCAN_FAILURE = "qmgr: queue scan failed {tries} times in a row, for {span}s: database or disk is full"
+
+
+async def test_settle_returns_while_a_failing_queue_scan_backs_off_and_times_out_once_it_lasts():
+    """Mail due while the scan backs off is settled: advance() retries the scan on its backoff (0.5 s doubling to
+    10 s). A lasting fault never became a settle() timeout (advance stepped through it for days, the mail never
+    went, nothing said why); now settle raises TimeoutError naming the failure once the scans have failed for its
+    timeout (30 s) of the virtual clock (once for the run), and the mail goes once the fault clears."""
     async with Sink(virtual_time=True, **RELAY) as sink:
         due = await deferred_once(sink)
         scans = StoreFault(sink, "take")
         await asyncio.wait_for(sink.advance(seconds=due - sink.clock.time()), 5)
-        await asyncio.wait_for(sink.advance(60), 5)  # tries at +0.5, 1.5, 3.5, 7.5, 15.5, 25.5, ... 55.5
-        assert scans.tries == 10 and await queue_counts_of(sink) == {"deferred": 1}
+        await asyncio.wait_for(sink.advance(20), 5)  # tries at +0.5, 1.5, 3.5, 7.5, 15.5
+        assert scans.tries == 6 and await queue_counts_of(sink) == {"deferred": 1}
+        with pytest.raises(TimeoutError) as lasting:
+            await asyncio.wait_for(sink.advance(20), 5)  # tries at +25.5, 35.5: 35.5 s of failure by then
+        assert str(lasting.value) == ("the queue did not settle within 30s of its clock: mail waits for the queue "
+                                      f"scan: {SCAN_FAILURE.format(tries=8, span=35.5)}; {{'deferred': 1}}")
+        await sink.settle()  # (told once: settle and advance go on retrying the scan)
         scans.broken = False
         await sink.advance(10)
-        assert sent_times(sink) == [pytest.approx(due + 65.5)] and await queue_counts_of(sink) == {}
+        assert sent_times(sink) == [pytest.approx(due + 45.5)] and await queue_counts_of(sink) == {}
+
+
+async def test_wait_for_names_a_failing_queue_scan_under_virtual_time():
+    async with Sink(virtual_time=True, **RELAY) as sink:
+        due = await deferred_once(sink)
+        StoreFault(sink, "take")
+        await sink.advance(seconds=due - sink.clock.time())
+        with pytest.raises(WaitTimeout) as waited:
+            await sink.wait_for(to="bob@example.com", timeout=0.2)
+        assert str(waited.value).endswith(
+            "\n  the queue's mail waits for it: qmgr: queue scan failed once, for 0s: database or disk is full")
+
+
+async def test_settle_and_wait_for_in_real_time_name_a_failing_queue_scan():
+    """In real time settle() waited out its timeout with the due mail behind a scan that kept failing and said only
+    the queue's counts; wait_for() said only what had arrived. Both now name the failure."""
+    relay = {**RELAY, "queue": {**RELAY["queue"], "minimal_backoff_time": "1s", "maximal_backoff_time": "2s"}}
+    async with Sink(**relay) as sink:
+        due = await deferred_once(sink)
+        StoreFault(sink, "take")
+        await asyncio.sleep(max(0.0, due - time.time()) + 0.05)
+        with pytest.raises(TimeoutError) as settling:
+            await sink.settle(timeout=1)
+        assert re.fullmatch(r"the queue did not settle within 1s: \{'deferred': 1\}; qmgr: queue scan failed "
+                            r"(once|\d+ times in a row), for [\d.]+s: database or disk is full", str(settling.value))
+        with pytest.raises(WaitTimeout) as waited:
+            await sink.wait_for(to="bob@example.com", timeout=0.5)
+        assert re.search(r"\n  the queue's mail waits for it: qmgr: queue scan failed (once|\d+ times in a row), "
+                         r"for [\d.]+s: database or disk is full$", str(waited.value))
 
 
 async def test_settle_in_real_time_waits_for_due_mail_behind_a_failed_queue_scan():

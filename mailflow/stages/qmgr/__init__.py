@@ -41,7 +41,8 @@ The loop
   (`waiting_for_timers`), to stop there and to count such mail as settled. A record the store refused (a store
   fault) is retried after a backoff on the same clock (`faults.Retrier`): its retry time is such a timer, and a
   record waiting for it is not `working`; so is a failed scan's (`scan_backing_off`: mail due or incoming meanwhile
-  waits for the clock alone), and a damaged message a scan took counts in `taken_count` while it is set aside.
+  waits for the clock alone; `scan_failure`: the run of failures, for the driver to tell when it gives up), and a
+  damaged message a scan took counts in `taken_count` while it is set aside.
 - An address verification probe (mailflow.stages.verify) is delivered through `deliver_probe`: a dead destination
   defers it without a connection, as Postfix's qmgr defers the probe (a queued message) of a dead queue; what the
   probe finds is not fed back (Postfix's probes never make a destination dead); it is not queued and waits for no
@@ -130,7 +131,7 @@ from typing import Callable, Iterator
 
 from mailflow.clock import Clock
 from mailflow.content import Content
-from mailflow.faults import FIRST_DELAY, MAX_DELAY, Guard, Retrier
+from mailflow.faults import FIRST_DELAY, MAX_DELAY, FailureLog, Guard, Retrier
 from mailflow.logs import MailLog
 from mailflow.message import header_value
 from mailflow.model import (Delivered, DeliveryReport, DeliveryRequest, MsgStats, NewMessage, Outcome,
@@ -391,6 +392,11 @@ class QueueManager:
         now or incoming waits for the clock alone. A driver of a virtual clock counts it as settled and does not
         `wake()` qmgr for it (a wake-up, the sign of a commit, ends the backoff)."""
         return self._scanning.backing_off
+
+    @property
+    def scan_failure(self) -> FailureLog | None:
+        """The run of failed queue scans (`since`, `describe_run()`) while the last scan failed, else None."""
+        return self._scanning.log if self._scanning.log.failing else None
 
     def waiting_for_timers(self) -> bool:
         """Nothing is under way and nothing can start before the clock moves: no delivery, record (but one waiting
