@@ -18,6 +18,7 @@
                              "!pattern", "/file/name", "cidr:/path"; host bits set ("10.0.0.1/8") or a netmask
                              ("/255.0.0.0") are refused (Postfix takes them and fails every lookup reaching them)
     HostPorts                a list of "host:port" addresses
+    PostfixInt               an integer setting whose Postfix parameter is a C int: at most POSTFIX_INT_MAX
     Relayhost, Transport     a relayhost, a `transport[:nexthop]` setting (check_relayhost, check_transport);
     TransportOverride        the latter or "" (the main setting's, for a section that overrides it)
     BUILTIN_TRANSPORTS       the transport names a [pipe.NAME] or an SMTP/LMTP client service may not take
@@ -44,7 +45,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Iterable, Mapping, TypeVar
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import ErrorDetails
 
 from mailflow.restriction_vocabulary import check_classes, check_item
@@ -55,6 +56,7 @@ from mailflow.tables.networks import check_network_list
 
 
 MAX_INT = 2**63 - 1
+POSTFIX_INT_MAX = 2**31 - 1  # a Postfix int parameter's largest (mail_conf_int.c: "bad numerical configuration")
 # Postfix's relay_transport default: the smtp service its stock master.cf runs under that name (the one place
 # that spells it: the config's SMTP clients, the import and the transports read it here).
 RELAY = "relay"
@@ -189,7 +191,10 @@ InlineTableSpecs = Annotated[tuple[str, ...], AfterValidator(_inline_table_specs
 Networks = Annotated[tuple[str, ...], AfterValidator(_networks)]
 HostPorts = Annotated[tuple[str, ...], AfterValidator(_host_ports)]
 Relayhost = Annotated[str, AfterValidator(check_relayhost)]  # "" (none) or a host, maybe with a port
-Transport = Annotated[str, AfterValidator(check_transport)]  # transport or transport:nexthop
+Transport = Annotated[str, AfterValidator(check_transport)]
+# an integer setting whose Postfix parameter is an int (its daemons' CONFIG_INT_TABLE / CONFIG_NINT_TABLE): at most
+# POSTFIX_INT_MAX, as Postfix takes it (tests/unit/test_postfix_ranges.py sweeps them)
+PostfixInt = Annotated[int, Field(le=POSTFIX_INT_MAX)]  # transport or transport:nexthop
 TransportOverride = Annotated[str, AfterValidator(lambda v: check_transport(v) if v else v)]  # "": the main one
 
 

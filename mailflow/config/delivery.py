@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, Mapping, Self, T
 from pydantic import (AfterValidator, Field, ValidationError, ValidationInfo, field_serializer, field_validator,
                       model_validator)
 
-from mailflow.config.base import (Duration, InlineTableSpecs, NestedRefusal, Section, TableSpecs, check_service_names,
-                                  check_transport, overlay, validation_key, validation_reason)
+from mailflow.config.base import (Duration, InlineTableSpecs, NestedRefusal, PostfixInt, Section, TableSpecs,
+                                  check_service_names, check_transport, overlay, validation_key, validation_reason)
 from mailflow.local_macros import check_local_macros
 from mailflow.pipe_argv import check_flags, parse_argv
 from mailflow.syntax import parse_hostport, parse_ip
@@ -171,7 +171,7 @@ class SmtpSettings(Section):
     reply_filter: InlineTableSpecs = ()
     # Connection cache (smtp_connection_cache_time_limit, smtp_connection_reuse_count/time_limit); 0s: off.
     connection_cache_time_limit: Duration = 2.0
-    connection_reuse_count_limit: int = Field(100, ge=0)
+    connection_reuse_count_limit: PostfixInt = Field(100, ge=0)
     connection_reuse_time_limit: Duration = Field(300.0, gt=0)
     # The source address of connections to IPv4 and IPv6 peers (smtp_bind_address, smtp_bind_address6); "": the
     # system's choice. A bind that fails is a warning and the connection goes from any address, or with
@@ -300,7 +300,7 @@ class LmtpSettings(Section):
     # Connection cache, as [smtp]'s (lmtp_connection_cache_time_limit, lmtp_connection_reuse_count_limit and
     # lmtp_connection_reuse_time_limit, Postfix's defaults); 0s: off, a session a message.
     connection_cache_time_limit: Duration = 2.0
-    connection_reuse_count_limit: int = Field(0, ge=0)
+    connection_reuse_count_limit: PostfixInt = Field(0, ge=0)
     connection_reuse_time_limit: Duration = Field(300.0, gt=0)
 
 

@@ -21,7 +21,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from mailflow.config.base import (Duration, Networks, Relayhost, Section, TableSpecs, TransportOverride,
+from mailflow.config.base import (Duration, Networks, PostfixInt, Relayhost, Section, TableSpecs, TransportOverride,
                                   each_one_of)
 from mailflow.syntax import parse_endpoint, parse_hostport
 
@@ -86,7 +86,7 @@ class ChecksConfig(Section):
     nested_header_checks: TableSpecs = ()  # headers of attached messages (message/rfc822 parts)
     body_checks: TableSpecs = ()
     # Only this many bytes of each body part are given to body_checks (0: none).
-    body_checks_size_limit: int = Field(51200, ge=0)
+    body_checks_size_limit: PostfixInt = Field(51200, ge=0)
 
 
 class MilterConfig(Section):
@@ -184,7 +184,7 @@ class AddressVerifyConfig(Section):
     # asked with the probe's sender, as mail is with its own (address_verify_sender_dependent_*_maps)
     sender_dependent_relayhost_maps: TableSpecs = ()
     sender_dependent_default_transport_maps: TableSpecs = ()
-    poll_count: int = Field(3, ge=1)
+    poll_count: PostfixInt = Field(3, ge=1)
     poll_delay: Duration = Field(3.0, gt=0)
     positive_expire_time: Duration = Field(31 * 86400.0, gt=0)
     positive_refresh_time: Duration = Field(7 * 86400.0, gt=0)

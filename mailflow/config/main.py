@@ -19,8 +19,8 @@ from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_
 from mailflow.address import is_valid_domain, mailbox_syntax_error, normalise_domain
 from mailflow.config.accounts import AccountsConfig
 from mailflow.config.admin import AdminConfig
-from mailflow.config.base import (BUILTIN_TRANSPORTS, RELAY, Duration, Networks, Relayhost, Section, TableSpecs,
-                                  Transport, check_service_names, each_one_of)
+from mailflow.config.base import (BUILTIN_TRANSPORTS, RELAY, Duration, Networks, PostfixInt, Relayhost, Section,
+                                  TableSpecs, Transport, check_service_names, each_one_of)
 from mailflow.config.filters import (PROBE_ROUTING, AddressVerifyConfig, ChecksConfig, ClamdConfig, GreylistConfig,
                                      MilterConfig, SenderAuthConfig, SpamdConfig)
 from mailflow.config.delivery import DnsConfig, LmtpConfig, LocalConfig, PipeService, SmtpConfig
@@ -132,8 +132,8 @@ class Config(Section):
     # virtual_alias_domains are domains with aliases only (an address without an alias gets 550 5.1.1).
     virtual_alias_domains: tuple[str, ...] = ()
     virtual_alias_maps: TableSpecs = ()
-    virtual_alias_recursion_limit: int = Field(1000, ge=1)
-    virtual_alias_expansion_limit: int = Field(1000, ge=1)
+    virtual_alias_recursion_limit: PostfixInt = Field(1000, ge=1)
+    virtual_alias_expansion_limit: PostfixInt = Field(1000, ge=1)
     recipient_delimiter: str = "+"
     # Postfix allow_min_user: false refuses a sender or recipient beginning with '-' (smtpd: 501 5.1.7 / 5.1.3;
     # pipe and local bounce it), so that no address reaches a command's argv as an option.
@@ -141,8 +141,8 @@ class Config(Section):
     # cleanup's limits on a message (Postfix names): hopcount_limit Received headers, this host's own counted,
     # is a mail loop (554 5.4.0, Postfix's reply); a header section larger than header_size_limit bytes is
     # refused (552 5.3.4).
-    hopcount_limit: int = Field(50, ge=1)
-    header_size_limit: int = Field(102400, ge=1024)
+    hopcount_limit: PostfixInt = Field(50, ge=1)
+    header_size_limit: PostfixInt = Field(102400, ge=1024)
     # Postfix message_drop_headers: header fields cleanup removes from every message it queues (names, any
     # case): a Bcc must never reach the recipients, and Return-Path and Content-Length are for the final hop.
     message_drop_headers: tuple[str, ...] = ("bcc", "content-length", "resent-bcc", "return-path")

@@ -11,7 +11,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, field_validator
 
-from mailflow.config.base import Duration, Section, TableSpecs, each_one_of
+from mailflow.config.base import Duration, PostfixInt, Section, TableSpecs, each_one_of
 from mailflow.tables import check_spec
 
 # Postfix's error classes (mail_error.c), the words of notify_classes
@@ -57,16 +57,16 @@ class QueueConfig(Section):
     # Postmaster-Subject, Charset, the text with $myhostname, $delay_warning_time_hours...); "": the built-in ones.
     bounce_template_file: str = ""
     # Bounces carry the whole original up to this many bytes, else its headers only.
-    bounce_size_limit: int = Field(50_000, ge=1)
-    active_limit: int = Field(10_000, ge=1)
+    bounce_size_limit: PostfixInt = Field(50_000, ge=1)
+    active_limit: PostfixInt = Field(10_000, ge=1)
     # Per destination (transport, nexthop): start at the initial concurrency, grow on success up to the
     # limit, shrink on a site failure; after `failed_cohort_limit` failed rounds in a row the destination is
     # dead for `minimal_backoff_time`, and its mail is deferred without a connection attempt.
-    initial_destination_concurrency: int = Field(5, ge=1)
-    default_destination_concurrency_limit: int = Field(20, ge=1)
-    destination_concurrency_failed_cohort_limit: int = Field(1, ge=1)
+    initial_destination_concurrency: PostfixInt = Field(5, ge=1)
+    default_destination_concurrency_limit: PostfixInt = Field(20, ge=1)
+    destination_concurrency_failed_cohort_limit: PostfixInt = Field(1, ge=1)
     # Deliveries at once over all destinations, and per transport where a cap is set ({ smtp = 50 }).
-    delivery_concurrency_limit: int = Field(100, ge=1)
+    delivery_concurrency_limit: PostfixInt = Field(100, ge=1)
     transport_concurrency_limit: dict[str, Annotated[int, Field(ge=1)]] = {}
     # The pause between two deliveries to the same destination (Postfix default_destination_rate_delay), and per
     # transport where one is set ({ smtp = "10s" }: transport_destination_rate_delay); 0 = none. While it is
@@ -78,7 +78,7 @@ class QueueConfig(Section):
     # destination of its own (user@nexthop, without its extension): the concurrency and the rate delay are then
     # per recipient, as Postfix's qmgr makes them. `local` takes any number unless the table sets it: its agent
     # writes one copy per user per delivery, which a split would break.
-    destination_recipient_limit: int = Field(50, ge=0)
+    destination_recipient_limit: PostfixInt = Field(50, ge=0)
     transport_destination_recipient_limit: dict[str, Annotated[int, Field(ge=0)]] = {}
     commit_batch_limit: int = Field(500, ge=1)
     incoming_backlog_limit: int = Field(5000, ge=1)

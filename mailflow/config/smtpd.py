@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from mailflow.config.base import (Duration, FrozenMap, HostPorts, InlineTableSpecs, Networks, Restriction,
+from mailflow.config.base import (Duration, FrozenMap, HostPorts, InlineTableSpecs, Networks, PostfixInt, Restriction,
                                   RestrictionClasses, Section, TableSpecs, overlay, validation_key,
                                   validation_reason)
 from mailflow.config.filters import SmtpdFilterSettings
@@ -62,7 +62,7 @@ class PostscreenConfig(Section):
     greet_action: ScreenAction = "ignore"
     greet_ttl: Duration = Field(86400.0, gt=0)
     dnsbl_sites: tuple[str, ...] = ()  # domain[=filter][*weight]
-    dnsbl_threshold: int = Field(1, ge=1)
+    dnsbl_threshold: PostfixInt = Field(1, ge=1)
     dnsbl_allowlist_threshold: int = Field(0, le=0)  # a score at or below it (when < 0) allowlists the client
     dnsbl_action: ScreenAction = "ignore"
     dnsbl_timeout: Duration = Field(10.0, gt=0)
@@ -71,10 +71,10 @@ class PostscreenConfig(Section):
     # the cache of clients that passed (postscreen_cache_map; in memory, the oldest dropped beyond this many)
     cache_limit: int = Field(100_000, ge=1)
     # clients being screened at once per listener (postscreen_pre_queue_limit); beyond: 421 4.3.2
-    pre_queue_limit: int = Field(100, ge=10)
+    pre_queue_limit: PostfixInt = Field(100, ge=10)
     # one client's connections in the screen at once (postscreen_client_connection_count_limit; 0: none); unset:
     # smtpd's client_connection_count_limit, as Postfix's default
-    client_connection_count_limit: int | None = Field(None, ge=0)
+    client_connection_count_limit: PostfixInt | None = Field(None, ge=0)
     # the dummy engine's commands per session (postscreen_command_count_limit; QUIT always answered); at most 1000
     # here, which bounds what a client that never reads its replies leaves in the write buffer
     command_count_limit: int = Field(20, ge=1, le=1000)
@@ -189,11 +189,11 @@ class SmtpdConfig(SmtpdFilterSettings):
     # forward-confirmed PTR name, else "unknown" (logs, Received, check_client_access, the policy service).
     peername_lookup: bool = True
     message_size_limit: int = Field(10_240_000, ge=0)
-    recipient_limit: int = Field(1000, ge=1)
+    recipient_limit: PostfixInt = Field(1000, ge=1)
     # 452 answers past recipient_limit count as errors only beyond this many (smtpd_recipient_overshoot_limit).
-    recipient_overshoot_limit: int = Field(1000, ge=1)
+    recipient_overshoot_limit: PostfixInt = Field(1000, ge=1)
     timeout: Duration = Field(300.0, gt=0)
-    max_line_length: int = Field(2048, ge=512)
+    max_line_length: PostfixInt = Field(2048, ge=512)
     # Front door (docs/security.md): listeners with roles, TLS, AUTH, connection limits.
     # `listen` addresses are mta listeners; `listeners` add listeners with a role and per-listener overrides.
     listeners: tuple[ListenerConfig, ...] = ()
@@ -244,27 +244,27 @@ class SmtpdConfig(SmtpdFilterSettings):
     auth_failure_delay_limit: Duration = 16.0
     # anvil: sessions at once and new sessions per anvil_rate_time_unit per client IP (0: no limit; mynetworks
     # exempt), and sessions at once per listener (more wait for a slot; beyond twice as many: 421 4.3.2).
-    client_connection_count_limit: int = Field(50, ge=0)
-    client_connection_rate_limit: int = Field(0, ge=0)
+    client_connection_count_limit: PostfixInt = Field(50, ge=0)
+    client_connection_rate_limit: PostfixInt = Field(0, ge=0)
     # and per anvil_rate_time_unit per client IP: MAIL commands, RCPT (and VRFY) commands, AUTH commands (0: no
     # limit; beyond: 450 4.7.1), TLS handshakes that resume no session (beyond: 421 4.7.0, then STARTTLS 454 4.7.0)
-    client_message_rate_limit: int = Field(0, ge=0)
-    client_recipient_rate_limit: int = Field(0, ge=0)
-    client_auth_rate_limit: int = Field(0, ge=0)
-    client_new_tls_session_rate_limit: int = Field(0, ge=0)
+    client_message_rate_limit: PostfixInt = Field(0, ge=0)
+    client_recipient_rate_limit: PostfixInt = Field(0, ge=0)
+    client_auth_rate_limit: PostfixInt = Field(0, ge=0)
+    client_new_tls_session_rate_limit: PostfixInt = Field(0, ge=0)
     anvil_rate_time_unit: Duration = Field(60.0, gt=0)
-    max_sessions: int = Field(100, ge=1)
+    max_sessions: PostfixInt = Field(100, ge=1)
     # Protocol (docs/security.md): bare LF/CR refused with 521 and a disconnect
     # (smtpd_forbid_bare_newline = reject); input before the greeting or pipelined where RFC 2920 forbids it
     # refused with 554 and a disconnect (smtpd_forbid_unauth_pipelining); DATA must keep min_data_rate bytes/s
     # beyond `timeout` (smtpd_min_data_rate); error tarpit and limit; junk commands; VRFY.
     forbid_bare_newline: bool = True
     forbid_unauth_pipelining: bool = True
-    min_data_rate: int = Field(500, ge=1)
-    soft_error_limit: int = Field(10, ge=1)
-    hard_error_limit: int = Field(20, ge=1)
+    min_data_rate: PostfixInt = Field(500, ge=1)
+    soft_error_limit: PostfixInt = Field(10, ge=1)
+    hard_error_limit: PostfixInt = Field(20, ge=1)
     error_sleep_time: Duration = Field(1.0, ge=0)
-    junk_command_limit: int = Field(100, ge=1)
+    junk_command_limit: PostfixInt = Field(100, ge=1)
     disable_vrfy_command: bool = True
     # A text under every 4xx and 5xx reply (smtpd_reject_footer): `\n` (backslash, n) starts a line, each a copy of
     # the reply's codes; `\c` first puts the first part at the end of the reply's last line; macros: $client_address,
@@ -379,7 +379,7 @@ class SmtpdConfig(SmtpdFilterSettings):
     policy_service_policy_context: str = ""  # the requests' policy_context attribute
     policy_service_max_idle: Duration = Field(300.0, gt=0)  # an unused kept connection is closed after this
     policy_service_max_ttl: Duration = Field(1000.0, gt=0)  # any connection is closed this long after its opening
-    policy_service_request_limit: int = Field(0, ge=0)  # queries per connection (0: no limit)
+    policy_service_request_limit: PostfixInt = Field(0, ge=0)  # queries per connection (0: no limit)
 
     @model_validator(mode="after")
     def _relay_guarded(self) -> "SmtpdConfig":

@@ -107,7 +107,8 @@ def test_unknown_key_names_file_key_and_reason(tmp_path, text, key):
     ("[address_verify]\nsender_ttl = '-1h'\n", "address_verify.sender_ttl", "not a duration"),
     ("[queue]\nactive_limit = 0\n", "queue.active_limit", "greater than or equal to 1"),
     ("[log]\nformat = 'xml'\n", "log.format", "json"),
-    ("[queue]\nactive_limit = '999999999999999999999'\n", "queue.active_limit", "too large (at most 92233"),
+    ("[queue]\ncommit_batch_limit = '999999999999999999999'\n", "queue.commit_batch_limit", "too large (at most 92233"),
+    ("[queue]\nactive_limit = 2147483648\n", "queue.active_limit", "less than or equal to 2147483647"),  # a C int
     ('[dkim]\nkey_table = "keys\\u0000x"\n', "dkim.key_table", "contains a NUL character"),
     ('[pipe.x]\nargv = ["/bin/cat", "a\\u0000"]\n', "pipe.x.argv[1]", "contains a NUL character"),
     ('[smtpd]\nbanner = "ESMTP\\r\\n250 forged"\n', "smtpd.banner", "line break or another control character"),

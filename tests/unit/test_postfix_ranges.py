@@ -1,7 +1,9 @@
 """Every numeric main.cf parameter mailflow maps (mailflow.config.postfix_names.SETTINGS) refuses what Postfix 3.7
 refuses: a value below the minimum or above the maximum of its daemons' CONFIG_INT_TABLE / CONFIG_NINT_TABLE /
 CONFIG_LONG_TABLE / CONFIG_TIME_TABLE entries (src/*/*.c; min and max 0: no bound; mail_conf_int.c's
-check_mail_conf_int), and any negative time (conv_time.c). Where several daemons read one parameter, the strictest.
+check_mail_conf_int), any negative time (conv_time.c), and an int beyond a C int's 2**31 - 1 (mail_conf_int.c's
+convert_mail_conf_int: "bad numerical configuration"; durations stop there already, the LONG ones at 2**63 - 1).
+Where several daemons read one parameter, the strictest.
 
 mailflow's durations also take fractions of a second (tests use them): a TIME minimum of 1 is taken as "more than
 0", which refuses every value of Postfix's own syntax that Postfix refuses (0)."""
@@ -139,7 +141,7 @@ def refused_by_postfix(kind: str, low: int, high: int) -> list[int]:
     values = [low - 1] if low else []
     if kind == "TIME" and -1 not in values:
         values.append(-1)  # conv_time: no negative time
-    return values + ([high + 1] if high else [])
+    return values + ([high + 1] if high else [2**31] if kind in ("INT", "NINT") else [])
 
 
 def nested(key: str, value: int) -> dict:
