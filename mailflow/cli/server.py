@@ -150,7 +150,7 @@ def routed_transports(cfg: Config) -> set[str]:
             if answers is None:
                 return cfg.defined_transports()
             values.update(answers)
-    return {value.partition(":")[0].strip() for value in values}
+    return {name for value in values if (name := value.partition(":")[0].strip())}
 
 
 def fixed_answers(spec: str) -> tuple[str, ...] | None:
