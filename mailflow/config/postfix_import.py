@@ -475,7 +475,10 @@ class Importer:
             return spec
         if kind not in ("inline", "static"):
             return spec  # (regexp:, cidr:, sqlite:, unix:: answers not known here)
-        table = open_table(spec)
+        try:
+            table = open_table(spec)
+        except ConfigError:
+            return spec  # (malformed: the validation leaves it out with its reason)
         assert isinstance(table, (InlineTable, StaticTable))
         if not any(_names_relay(value) for value in table.answers()):
             return spec
