@@ -4,7 +4,8 @@ instructions of the whole process (valgrind's callgrind), for one smtp-source lo
 
     .venv/bin/python bench/calls.py                      COUNT=1000 SIZE=2000 SESSIONS=1 WARMUP=100 TOP=25
     TOOL=callgrind .venv/bin/python bench/calls.py       (slow: COUNT=300 or so)
-    KEEP=/tmp/p.prof ...                                  (keep the stats, for pstats or callgrind_annotate)
+    KEEP=/tmp/p.prof ...                                  (keep the stats, for pstats or callgrind_annotate: one
+                                                          file per thread with callgrind, KEEP-01 the loop's)
 
 Contract:
 - A fresh `mailflow serve` with make bench's configuration (bench/servers.py) relays to Postfix's smtp-sink;
@@ -12,7 +13,8 @@ Contract:
   (cProfile: SIGUSR1 to this script's `--serve` wrapper, which enables a profiler on the loop thread; callgrind:
   `callgrind_control -i on`), `smtp-source -s SESSIONS -l SIZE -m COUNT` sends COUNT messages, the queue
   drains (every message delivered to the sink), and measurement is switched off (SIGUSR2 dumps the profile).
-- Prints calls (or instructions) per message, and with cProfile the TOP functions by calls per message.
+- Prints calls (or instructions: all threads, and the event loop's) per message, and with cProfile the TOP functions
+  by calls per message.
   The figure does not depend on the machine's load (up to the event loop's idle turns, a few per message).
 - Exits 0 (a measurement); non-zero when a tool is missing or a step times out. Only 127.0.0.1 is used;
   everything lives in a temporary directory, removed at the end.
@@ -135,7 +137,7 @@ def main() -> None:
         profile = str(work / "profile")
         serve = [sys.executable, __file__, "--serve", str(config), profile]
         if TOOL == "callgrind":
-            serve = [tool("valgrind"), "--tool=callgrind", "--instr-atstart=no",
+            serve = [tool("valgrind"), "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
                      f"--callgrind-out-file={work}/callgrind.out", *serve]
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
         sink = subprocess.Popen([tool("smtp-sink"), *user, f"127.0.0.1:{sink_port}", "256"],
@@ -172,14 +174,18 @@ def main() -> None:
             sink.terminate()
             sink.wait(15)
         if KEEP:
-            shutil.copyfile(work / "callgrind.out" if TOOL == "callgrind" else profile, KEEP)
+            for out in sorted(work.glob("callgrind.out*")) if TOOL == "callgrind" else [Path(profile)]:
+                shutil.copyfile(out, KEEP + out.name.removeprefix("callgrind.out").removeprefix("profile"))
         label = f"{COUNT} x {SIZE} B, {SESSIONS} session(s), after {WARMUP}"
         if TOOL == "callgrind":
-            text = (work / "callgrind.out").read_text(errors="replace")
-            found = re.search(r"^totals:\s+(\d+)", text, re.M)  # ("summary:" stays 0 with --instr-atstart=no)
-            if not found:
+            threads = {}  # callgrind.out-NN: thread NN's instructions (01: the main thread, the event loop's)
+            for out in work.glob("callgrind.out-*"):
+                found = re.search(r"^totals:\s+(\d+)", out.read_text(errors="replace"), re.M)
+                threads[out.name.rsplit("-", 1)[1]] = int(found.group(1)) if found else 0
+            if not threads:  # ("summary:" stays 0 with --instr-atstart=no: "totals:" is the count)
                 raise SystemExit("no instruction count in callgrind's output")
-            print(f"{label}: {int(found.group(1)) / COUNT / 1e6:.3f} M instructions per message")
+            print(f"{label}: {sum(threads.values()) / COUNT / 1e6:.3f} M instructions per message, "
+                  f"{threads.get('01', 0) / COUNT / 1e6:.3f} M of them on the event loop's thread")
             return
         stats = pstats.Stats(profile)
         turns, handles, idling = loop_turns(stats)
