@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, NamedTuple, TypeVar
 
 from mailflow.content import Content
+from mailflow.records import record
 
 QueueId = str
 Value = TypeVar("Value")
@@ -38,7 +39,7 @@ class AddressClass(enum.Enum):
     DEFAULT = "default"
 
 
-@dataclass(frozen=True)
+@record
 class Resolution:
     """Where trivial-rewrite sends one recipient: `transport:nexthop` for `address`."""
 
@@ -48,7 +49,7 @@ class Resolution:
     address: str
 
 
-@dataclass(frozen=True)
+@record
 class ClientInfo:
     """Who handed us the message: peer address, the name it gave in HELO, how it spoke."""
 
@@ -68,7 +69,7 @@ class ClientInfo:
         return f"{self.hostname}[{self.addr}]"
 
 
-@dataclass(frozen=True)
+@record
 class ClientAttributes:
     """The client attributes Postfix keeps with a queued message (its queue file's client_name, client_address,
     client_port, helo_name, protocol_name, sasl_method, sasl_username, sasl_sender) and hands its delivery agents
@@ -86,7 +87,7 @@ class ClientAttributes:
     sasl_sender: str = ""  # MAIL FROM's AUTH= value as given ("" for AUTH=<>), whoever sent it
 
 
-@dataclass(frozen=True)
+@record
 class SessionTranscript:
     """What one SMTP session said, as smtpd's transcript facility recorded it up to a moment (a message queued,
     the end of the session): the client, its HELO name, TLS (protocol and cipher, "" without), the AUTH login,
@@ -101,7 +102,7 @@ class SessionTranscript:
     omitted: int = 0
 
 
-@dataclass(frozen=True)
+@record
 class Envelope:
     """The SMTP envelope as accepted: sender ("" is the null sender) and recipients in order."""
 
@@ -138,7 +139,7 @@ class Envelope:
             orcpts=self.orcpts + ("",) * len(added) if self.orcpts else ())
 
 
-@dataclass(frozen=True)
+@record
 class LocalUser:
     """Who submitted a message with `mailflow sendmail` (pickup): the Received header names the uid, and a
     missing From header is made from `fullname` and the envelope sender."""
@@ -148,7 +149,7 @@ class LocalUser:
     fullname: str = ""
 
 
-@dataclass(frozen=True)
+@record
 class Submission:
     """One accepted message on its way from smtpd (or pickup) into cleanup."""
 
@@ -182,7 +183,7 @@ class Submission:
     received: Envelope | None = None
 
 
-@dataclass(frozen=True)
+@record
 class Recipient:
     """One recipient of a queued message. `index` is its position in the envelope; `original` the address as
     the client gave it; `notify` and `orcpt` its DSN parameters (RFC 3461), '' when not given."""
@@ -194,7 +195,7 @@ class Recipient:
     orcpt: str = ""
 
 
-@dataclass(frozen=True)
+@record
 class NewMessage:
     """A message as cleanup (or qmgr, for a notice) commits it to the store. Recipient indexes are their positions
     in `recipients`."""
@@ -216,7 +217,7 @@ class NewMessage:
     #                               copy's making; None: the arrival
 
 
-@dataclass(frozen=True)
+@record
 class QueuedMessage:
     """A message as the queue manager sees it: envelope data and the recipients still to do; `owed`: results
     recorded before a stop whose failure/success notice is not queued yet (the end of this attempt queues it)."""
@@ -249,7 +250,7 @@ class QueuedMessage:
         return self.arrival if self.created is None else self.created
 
 
-@dataclass(frozen=True)
+@record
 class DeliveryRequest:
     """What qmgr hands one transport: one message, the recipients for one `(transport, nexthop)`."""
 
@@ -309,7 +310,7 @@ class OwnedFailure(NamedTuple):
     diagnostic: str = ""
 
 
-@dataclass(frozen=True)
+@record
 class RcptResult:
     """The fate of one recipient after one delivery attempt.
 
@@ -372,7 +373,7 @@ class RcptResult:
                                    original=self.recipient.original or self.recipient.address)
 
 
-@dataclass(frozen=True)
+@record
 class DeliveryReport:
     """A transport's answer: one result per recipient, plus the site verdict.
 
@@ -399,7 +400,7 @@ class DeliveryReport:
         return cls(results, site_ok=site_ok, site_reason="" if site_ok else text)
 
 
-@dataclass(frozen=True)
+@record
 class Delivered:
     """The end of one delivery attempt of a message, as qmgr records it (each recipient's result was recorded
     when its job ended): when to try the rest again, recipients that expired unsent (now bounced), and the

@@ -13,15 +13,16 @@ from __future__ import annotations
 import errno
 import re
 import sqlite3
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from typing import Callable, Iterable
 
 from mailflow.errors import ContentRejected, DeliveryError, LookupRetry, MessageTooBig, Overloaded, PermanentError
 from mailflow.logs import printable
+from mailflow.records import record
 from mailflow.syntax import split_leading_dsn as split_leading_dsn  # (its callers' name for mailflow.syntax's)
 
 
-@dataclass(frozen=True)
+@record
 class Reply:
     code: int
     status: str

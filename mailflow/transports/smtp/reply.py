@@ -48,8 +48,10 @@ garbage lines of a reply the first GARBAGE_KEPT are kept (to be warned of), the 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Callable
+
+from mailflow.records import record
 
 MAX_LINE_LENGTH = 2048  # bytes of a reply line that are kept (Postfix line_length_limit; RFC 5321 allows 512)
 MAX_REPLY_LINES = 1000  # lines in one reply
@@ -67,7 +69,7 @@ class ReplyFilterError(Exception):
     """smtp_reply_filter could not answer for a line (Postfix: a local data error, the session ends)."""
 
 
-@dataclass(frozen=True)
+@record
 class Reply:
     """One complete server reply."""
 
