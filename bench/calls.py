@@ -142,7 +142,9 @@ def main() -> None:
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
         sink = subprocess.Popen([tool("smtp-sink"), *user, f"127.0.0.1:{sink_port}", "256"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        # (a fixed hash seed: the dicts' and sets' collisions, hence the instruction counts, the same every run)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                   PYTHONHASHSEED=os.environ.get("PYTHONHASHSEED", "0"))
         server = subprocess.Popen(serve, cwd=work, env=env, stdout=open(work / "mailflow.log", "ab"),
                                   stderr=subprocess.STDOUT)
         db = work / "queue" / "queue.db"
