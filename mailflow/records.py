@@ -4,10 +4,10 @@
     class Thing: ...
 
 Why: the `__init__` that `dataclasses` writes for a frozen class sets each field through `object.__setattr__` (its
-instances refuse plain assignment), a call through a C wrapper per field, ~350 machine instructions each. The
-messages' records (model.NewMessage, RcptResult, ... and the SMTP replies) are built about 200 fields' worth a
-message on the event loop: 2 % of its instructions at one session (docs/performance.md, twentieth pass). Here
-`__init__` writes the instance's `__dict__` instead, which is what `object.__setattr__` does for these classes.
+instances refuse plain assignment), a call through a C wrapper per field. The messages' records (model.NewMessage,
+RcptResult, ... and the SMTP replies) are built about 200 fields' worth a message on the event loop: writing the
+instance's `__dict__` instead (what `object.__setattr__` does for these classes) saved 4-6 % of its instructions at
+one session (docs/performance.md, twentieth pass).
 
 Contract: everything but the speed of `__init__` is the dataclass's own: frozen (assignment and deletion raise
 FrozenInstanceError), eq, hash, repr, match_args, `dataclasses.fields`/`replace`/`asdict`. `__init__` takes the same
