@@ -15,7 +15,9 @@ component may use it.
                                               failure of both names AAAA (the last asked, as Postfix reports it)
     Resolver.txt(name) -> list[str]           each TXT record, its strings joined (DKIM keys, SPF, DMARC, MTA-STS)
     Resolver.txt_strings(name)                each TXT record's strings apart, a tuple each (a DNS list's reason:
-                                              Postfix keeps the first); asked alone (c-ares joins them)
+                                              Postfix keeps the first); asked alone (c-ares joins them), at most
+                                              `reason_asks=` (default REASON_ASKS) at once, in slots of their own:
+                                              past them a LookupRetry at once
     Resolver.ptr(address) -> list[str]        the names of an IP address (reverse DNS)
     Resolver.ns(domain) -> list[str]          the name servers of a domain (smtpd's check_*_ns_access)
     Resolver.tlsa(name) -> TlsaAnswer         TLSA records (RFC 6698) and whether the answer was DNSSEC-validated
@@ -115,6 +117,10 @@ RESOLV_CONF = "/etc/resolv.conf"
 # found unreadable waits, within its lookup's deadline, for one of them to end (a flood of garbled replies opens no
 # more sockets than this).
 ISOLATED_ASKS = 32
+# DNS lists' reasons (`txt_strings`, each asked on a socket of its own) asked at once, per resolver, apart from the
+# re-asks above (a flood of listed clients takes none of theirs); past it a reason is a LookupRetry at once (the
+# reply then has none, as Postfix's when its TXT lookup fails).
+REASON_ASKS = 16
 # A reply's rcode as the c-ares failure it comes to (ares_dns_query_reply_tostatus); NOERROR without an answer is
 # ENODATA. An rcode not named here (YXDOMAIN, NXRRSET, NOTAUTH, ...), which c-ares leaves a success without records,
 # is EFORMERR, NonRecoverable in both paths: the NO_RECOVERY Postfix's dns_query gets for it, its DNS_FAIL.
@@ -453,9 +459,10 @@ class AiodnsResolver:
     """
 
     def __init__(self, *, nameservers: tuple[str, ...], timeout: float, tries: int,
-                 isolated_asks: int = ISOLATED_ASKS):
+                 isolated_asks: int = ISOLATED_ASKS, reason_asks: int = REASON_ASKS):
         """`nameservers`: "ip" or "ip:port" entries, () for the system's resolv.conf; `timeout` seconds per
-        try; `tries` per query (c-ares); `isolated_asks`: queries asked again alone at once (`IsolatedAsker`)."""
+        try; `tries` per query (c-ares); `isolated_asks`: queries asked again alone at once (`IsolatedAsker`);
+        `reason_asks`: `txt_strings` lookups asked at once (more fail at once)."""
         self._nameservers = tuple(nameservers)
         self._timeout = timeout
         self._tries = tries
@@ -465,6 +472,7 @@ class AiodnsResolver:
         self._dnspython: dns.asyncresolver.Resolver | None = None  # TLSA and the AD bit (no loop binding)
         self._dnspython_servers: list[tuple[str, int]] | None = None  # the servers it was given
         self._isolated = IsolatedAsker(self._servers, timeout, isolated_asks)  # what c-ares found unreadable
+        self._reasons = IsolatedAsker(self._servers, timeout, reason_asks)  # txt_strings (c-ares joins the strings)
 
     async def mx(self, domain: str) -> list[MX]:
         result = await self._query(domain, "MX")
@@ -496,11 +504,12 @@ class AiodnsResolver:
         return [_text(rec.data.data) for rec in result if rec.type == pycares.QUERY_TYPE_TXT]
 
     async def txt_strings(self, name: str) -> list[tuple[str, ...]]:
-        """Asked alone (`IsolatedAsker.ask`: c-ares joins the strings), within `timeout` x `tries`; failures as
-        `txt`'s, but for a reply that cannot be read, asked once."""
+        """Asked alone (`IsolatedAsker.ask_unless_busy`: c-ares joins the strings), within `timeout` x `tries`;
+        failures as `txt`'s, but for a reply that cannot be read, asked once; a LookupRetry at once while
+        `reason_asks` are asked (the slots of re-asks are not theirs)."""
         try:
             async with asyncio.timeout(self._timeout * self._tries):
-                reply = await self._isolated.ask(name, "TXT")
+                reply = await self._reasons.ask_unless_busy(name, "TXT")
         except TimeoutError:
             raise LookupRetry(f"Name service error for name={name} type=TXT: {TRY_AGAIN}") from None
         except aiodns.error.DNSError as e:
@@ -667,6 +676,15 @@ class IsolatedAsker:
         if slots.locked():
             log.debug("lookup %s %s: waits to be asked alone (%d asked alone now)", name, qtype, self._limit)
         async with slots:
+            return await self._ask_servers(name, qtype)
+
+    async def ask_unless_busy(self, name: str, qtype: str) -> dns.message.Message:
+        """`ask`'s reply, but while `limit` queries are asked, no wait: the ETIMEOUT DNSError at once."""
+        slots = self._slots_of(asyncio.get_running_loop())
+        if slots.locked():
+            log.debug("lookup %s %s: not asked (%d asked alone now)", name, qtype, self._limit)
+            raise aiodns.error.DNSError(aiodns.error.ARES_ETIMEOUT, f"{self._limit} lookups asked at once")
+        async with slots:  # (free: taken without a wait)
             return await self._ask_servers(name, qtype)
 
     def _slots_of(self, loop: asyncio.AbstractEventLoop) -> asyncio.Semaphore:

@@ -669,3 +669,34 @@ async def test_names_in_replies_are_warned_of_as_postfix_s_valid_rr_name_warns(d
         "numeric domain name in resource data of MX record for numeric.test: 192.0.2.9"]
     assert checked_rr_name("*", "resource name", "A", "x.test") and checked_rr_name("*.x.test", "resource name",
                                                                                       "A", "x.test")
+
+
+async def test_dns_list_reasons_take_no_slot_of_the_re_asks_and_fail_at_once_past_their_own(dns_zone):
+    """A DNS list's reason (txt_strings) is asked alone, but in slots of its own: a flood of listed clients once
+    took every re-ask slot, and the lookups a garbled reply spoiled beside it (other sessions', other deliveries')
+    waited past their deadline (a 450, a deferral). Past `reason_asks` a reason fails at once (the reply then has
+    none, as Postfix's when the TXT lookup fails), without waiting for a slot."""
+    reasons = [f"r{i}.test" for i in range(10)]
+    zone = GARBLE_ZONE + "".join(f'{name}. 300 IN TXT "listed"\n' for name in reasons)
+    names = [f"n{i}.test" for i in range(4)]
+    nameserver = dns_zone(zone, garbled=("garbled.test",), slow=(*reasons, *names), delay=0.6)
+    resolver = AiodnsResolver(nameservers=(nameserver,), timeout=1.0, tries=1, isolated_asks=4, reason_asks=2)
+    loop = asyncio.get_running_loop()
+    try:
+        flood = [asyncio.ensure_future(resolver.txt_strings(name)) for name in reasons]
+        await asyncio.sleep(0)  # (each has taken its slot, or failed)
+        started = loop.time()
+        refused = await asyncio.wait_for(asyncio.gather(*flood[2:], return_exceptions=True), 0.3)
+        failed_in = loop.time() - started
+        beside = [asyncio.ensure_future(resolver.ipv4_addresses(n)) for n in names]
+        await asyncio.sleep(0.1)  # (all sent: c-ares sends from a thread of its own)
+        answers = await asyncio.gather(resolver.mx("garbled.test"), *beside, return_exceptions=True)
+        listed = await asyncio.gather(*flood[:2])
+    finally:
+        await resolver.close()
+    assert all(isinstance(r, LookupRetry) and r.text.endswith(TRY_AGAIN) for r in refused), refused
+    assert failed_in < 0.3
+    assert isinstance(answers[0], UnreadableReply)
+    assert answers[1:] == [[f"127.0.1.{i}"] for i in range(4)]
+    assert listed == [[("listed",)]] * 2
+    await asyncio.sleep(0.6)  # (the server's answers to the lookups given up, before it closes)
