@@ -73,7 +73,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 import aiodns
 import aiodns.error
@@ -507,13 +507,10 @@ class AiodnsResolver:
         """Asked alone (`IsolatedAsker.ask_unless_busy`: c-ares joins the strings), within `timeout` x `tries`;
         failures as `txt`'s, but for a reply that cannot be read, asked once; a LookupRetry at once while
         `reason_asks` are asked (the slots of re-asks are not theirs)."""
-        try:
-            async with asyncio.timeout(self._timeout * self._tries):
-                reply = await self._reasons.ask_unless_busy(name, "TXT")
-        except TimeoutError:
-            raise LookupRetry(f"Name service error for name={name} type=TXT: {TRY_AGAIN}") from None
-        except aiodns.error.DNSError as e:
-            return classify_dns_error(e, name, "TXT")
+        deadline = asyncio.get_running_loop().time() + self._timeout * self._tries
+        reply = await answer_by(deadline, name, "TXT", self._reasons.ask_unless_busy(name, "TXT"))
+        if isinstance(reply, list):  # NODATA
+            return reply
         return [tuple(_text(string) for string in rdata.strings)
                 for rrset in reply.answer if rrset.rdtype == dns.rdatatype.TXT for rdata in rrset]
 
@@ -584,18 +581,10 @@ class AiodnsResolver:
         out in 0.75 s. A query the shared channel gives up on is asked again on the one retry channel, which sees
         only such queries (`_query_until`). A query c-ares ends as unreadable is asked again alone, once
         (`IsolatedAsker`): one garbled reply fails every query in flight on c-ares's socket."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout * self._tries
-        try:
-            async with asyncio.timeout_at(deadline):
-                result = await self._query_until(name, qtype, deadline)
-        except TimeoutError:
-            raise LookupRetry(f"Name service error for name={name} type={qtype}: {TRY_AGAIN}") from None
-        except aiodns.error.DNSError as e:
-            return classify_dns_error(e, name, qtype)
-        except (OSError, ValueError, pycares.AresError) as e:
-            log.debug("lookup %s %s failed: %r", name, qtype, e)
-            raise LookupRetry(f"Name service error for name={name} type={qtype}: {e}") from None
+        deadline = asyncio.get_running_loop().time() + self._timeout * self._tries
+        result = await answer_by(deadline, name, qtype, self._query_until(name, qtype, deadline))
+        if isinstance(result, list):  # NODATA
+            return result
         if not result.answer:  # c-ares's success without records: an rcode it does not name (RCODE_FAILURES)
             raise NonRecoverable(name, qtype)
         if qtype in CHECKED_NAMES:
@@ -877,6 +866,22 @@ def usable_mx_records(records: list[MX], domain: str) -> list[MX]:
     if records and not usable:
         raise InvalidReply(domain, "MX")
     return usable
+
+
+async def answer_by(deadline: float, name: str, qtype: str, asking: Awaitable[Any]) -> Any:
+    """What `asking` (a lookup of name/qtype) answers by `deadline` (loop time); [] for NODATA. Raises NotFound or
+    LookupRetry: its DNSError as `classify_dns_error` says, no answer by then as TRY_AGAIN, an OSError, ValueError
+    or c-ares error (a descriptor, an address it cannot use) with its text."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await asking
+    except TimeoutError:
+        raise LookupRetry(f"Name service error for name={name} type={qtype}: {TRY_AGAIN}") from None
+    except aiodns.error.DNSError as e:
+        return classify_dns_error(e, name, qtype)
+    except (OSError, ValueError, pycares.AresError) as e:
+        log.debug("lookup %s %s failed: %r", name, qtype, e)
+        raise LookupRetry(f"Name service error for name={name} type={qtype}: {e}") from None
 
 
 def classify_dns_error(error: aiodns.error.DNSError, name: str, qtype: str) -> list:
