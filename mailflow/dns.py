@@ -17,7 +17,8 @@ component may use it.
     Resolver.txt_strings(name)                each TXT record's strings apart, a tuple each (a DNS list's reason:
                                               Postfix keeps the first); asked alone (c-ares joins them), at most
                                               `reason_asks=` (default REASON_ASKS) at once, in slots of their own:
-                                              past them a LookupRetry at once
+                                              past them a LookupRetry at once; `tries` times, as c-ares asks; an
+                                              answer kept for its TTL (TxtCache, bounded), as c-ares keeps `txt`'s
     Resolver.ptr(address) -> list[str]        the names of an IP address (reverse DNS)
     Resolver.ns(domain) -> list[str]          the name servers of a domain (smtpd's check_*_ns_access)
     Resolver.tlsa(name) -> TlsaAnswer         TLSA records (RFC 6698) and whether the answer was DNSSEC-validated
@@ -121,6 +122,12 @@ ISOLATED_ASKS = 32
 # re-asks above (a flood of listed clients takes none of theirs); past it a reason is a LookupRetry at once (the
 # reply then has none, as Postfix's when its TXT lookup fails).
 REASON_ASKS = 16
+# `txt_strings` answers kept, per resolver, for their TTL (at most REASON_TTL seconds: c-ares's qcache_max_ttl), as
+# c-ares keeps `txt`'s: at most REASON_CACHE answers (the oldest go first), each of at most REASON_CACHED_CHARS
+# characters (a longer one is asked again).
+REASON_CACHE = 512
+REASON_TTL = 3600
+REASON_CACHED_CHARS = 1024
 # A reply's rcode as the c-ares failure it comes to (ares_dns_query_reply_tostatus); NOERROR without an answer is
 # ENODATA. An rcode not named here (YXDOMAIN, NXRRSET, NOTAUTH, ...), which c-ares leaves a success without records,
 # is EFORMERR, NonRecoverable in both paths: the NO_RECOVERY Postfix's dns_query gets for it, its DNS_FAIL.
@@ -472,7 +479,9 @@ class AiodnsResolver:
         self._dnspython: dns.asyncresolver.Resolver | None = None  # TLSA and the AD bit (no loop binding)
         self._dnspython_servers: list[tuple[str, int]] | None = None  # the servers it was given
         self._isolated = IsolatedAsker(self._servers, timeout, isolated_asks)  # what c-ares found unreadable
-        self._reasons = IsolatedAsker(self._servers, timeout, reason_asks)  # txt_strings (c-ares joins the strings)
+        # txt_strings (c-ares joins the strings): asked `tries` times, as c-ares asks; kept as c-ares keeps answers
+        self._reasons = IsolatedAsker(self._servers, timeout, reason_asks, rounds=tries)
+        self._reason_cache = TxtCache(REASON_CACHE, REASON_TTL, REASON_CACHED_CHARS)
 
     async def mx(self, domain: str) -> list[MX]:
         result = await self._query(domain, "MX")
@@ -504,15 +513,22 @@ class AiodnsResolver:
         return [_text(rec.data.data) for rec in result if rec.type == pycares.QUERY_TYPE_TXT]
 
     async def txt_strings(self, name: str) -> list[tuple[str, ...]]:
-        """Asked alone (`IsolatedAsker.ask_unless_busy`: c-ares joins the strings), within `timeout` x `tries`;
-        failures as `txt`'s, but for a reply that cannot be read, asked once; a LookupRetry at once while
-        `reason_asks` are asked (the slots of re-asks are not theirs)."""
+        """Asked alone (`IsolatedAsker.ask_unless_busy`: c-ares joins the strings) as c-ares asks `txt`: each
+        server `tries` times (`timeout` each), within `timeout` x `tries`; an answer with records kept for its TTL
+        (`TxtCache`), as c-ares's cache keeps it (a failure, NXDOMAIN or NODATA is asked again). Failures as `txt`'s;
+        a LookupRetry at once while `reason_asks` are asked (the slots of re-asks are not theirs)."""
+        cached = self._reason_cache.get(name)
+        if cached is not None:
+            return cached
         deadline = asyncio.get_running_loop().time() + self._timeout * self._tries
         reply = await answer_by(deadline, name, "TXT", self._reasons.ask_unless_busy(name, "TXT"))
         if isinstance(reply, list):  # NODATA
             return reply
-        return [tuple(_text(string) for string in rdata.strings)
-                for rrset in reply.answer if rrset.rdtype == dns.rdatatype.TXT for rdata in rrset]
+        records = [tuple(_text(string) for string in rdata.strings)
+                   for rrset in reply.answer if rrset.rdtype == dns.rdatatype.TXT for rdata in rrset]
+        if records:
+            self._reason_cache.put(name, records, min(rrset.ttl for rrset in reply.answer))
+        return records
 
     async def ptr(self, address: str) -> list[str]:
         reverse = dns.reversename.from_address(address).to_text(omit_final_dot=True)
@@ -640,14 +656,15 @@ class IsolatedAsker:
     answer, and a reply that is garbled indeed is unreadable again.
 
     Bounded: at most `limit` queries at once (past it a query waits for one to end: a flood of garbled replies
-    opens no more sockets; the caller's deadline bounds the wait), each name server asked once per query,
-    `timeout` seconds each (and the caller's deadline).
+    opens no more sockets; the caller's deadline bounds the wait), each name server asked `rounds` times per query
+    (in turn, as c-ares's tries), `timeout` seconds each (and the caller's deadline).
     The answer is what c-ares's query_dns gives (a pycares.DNSResult, answer records of the types this module
     reads: A, AAAA, MX, TXT, PTR, NS, CNAME), a failure the aiodns DNSError c-ares would raise for it."""
 
-    def __init__(self, servers: NameServers, timeout: float, limit: int):
+    def __init__(self, servers: NameServers, timeout: float, limit: int, rounds: int = 1):
         """`servers`: the name servers to ask, in order (the resolver's)."""
         self._servers = servers
+        self._rounds = rounds
         self._timeout = timeout
         self._limit = limit
         self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
@@ -683,10 +700,10 @@ class IsolatedAsker:
         return self._slots[1]
 
     async def _ask_servers(self, name: str, qtype: str) -> dns.message.Message:
-        """The first server's answer; the next server's after a failure c-ares would try the next one for; else
-        the last failure."""
+        """The first server's answer; the next server's after a failure c-ares would try the next one for (after
+        the last, the first again, `rounds` times in all); else the last failure."""
         failure = aiodns.error.DNSError(aiodns.error.ARES_ECONNREFUSED, "no name server")
-        for host, port in self._servers.servers():
+        for host, port in self._servers.servers() * self._rounds:
             try:
                 return await self._ask(host, port, name, qtype)
             except aiodns.error.DNSError as e:
@@ -740,6 +757,38 @@ class IsolatedAsker:
             pass  # (the exception holds the cut answer: TCP is asked once it is handled)
         return await dns.asyncquery.tcp(query, host, timeout=max(expiration - time.time(), 0), port=port,
                                         one_rr_per_rrset=True)
+
+
+class TxtCache:
+    """TXT answers by name, each until its TTL (at most `longest` seconds) has passed; at most `size` of them (the
+    oldest put goes first) and none of more than `chars` characters in all, so at most about `size` x `chars`."""
+
+    def __init__(self, size: int, longest: float, chars: int, clock: Callable[[], float] = time.monotonic):
+        self._size = size
+        self._longest = longest
+        self._chars = chars
+        self._clock = clock
+        self._answers: dict[str, tuple[float, list[tuple[str, ...]]]] = {}  # name -> (when it expires, records)
+
+    def get(self, name: str) -> list[tuple[str, ...]] | None:
+        """The records kept for `name` (a copy), None when none are, or no longer."""
+        key = normalize_name(name)
+        kept = self._answers.get(key)
+        if kept is None:
+            return None
+        if kept[0] <= self._clock():
+            del self._answers[key]
+            return None
+        return list(kept[1])
+
+    def put(self, name: str, records: list[tuple[str, ...]], ttl: float) -> None:
+        if ttl <= 0 or sum(len(string) for strings in records for string in strings) > self._chars:
+            return
+        key = normalize_name(name)
+        self._answers.pop(key, None)
+        while len(self._answers) >= self._size:
+            del self._answers[next(iter(self._answers))]
+        self._answers[key] = (self._clock() + min(ttl, self._longest), list(records))
 
 
 class NameServers:

@@ -9,12 +9,12 @@ import time
 
 import pytest
 from aiodns.error import ARES_EFORMERR, DNSError
-from dnslib import EDNS0, QTYPE, RCODE, RR, DNSRecord, A
+from dnslib import EDNS0, QTYPE, RCODE, RR, TXT, DNSRecord, A
 from dnslib import MX as MXData
 
 from mailflow.app import build_resolver
 from mailflow.config import DnsConfig
-from mailflow.dns import (GAI_NODATA, MX, TRY_AGAIN, AiodnsResolver, InvalidReply, IsolatedAsker, NameServers,
+from mailflow.dns import (GAI_NODATA, MX, TRY_AGAIN, AiodnsResolver, InvalidReply, IsolatedAsker, NameServers, TxtCache,
                           NonRecoverable, NotFound, StaticResolver, UnreadableReply, checked_rr_name, client_name,
                           hostname_gripe, is_ip_literal, merge_address_answers)
 from mailflow.errors import LookupRetry, PermanentError
@@ -700,3 +700,78 @@ async def test_dns_list_reasons_take_no_slot_of_the_re_asks_and_fail_at_once_pas
     assert answers[1:] == [[f"127.0.1.{i}"] for i in range(4)]
     assert listed == [[("listed",)]] * 2
     await asyncio.sleep(0.6)  # (the server's answers to the lookups given up, before it closes)
+
+
+class LosesFirstServer(asyncio.DatagramProtocol):
+    """Drops the first query it gets (a datagram lost on the way); answers each later one with a TXT record of two
+    strings."""
+
+    def __init__(self) -> None:
+        self.queries = 0
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.queries += 1
+        if self.queries == 1:
+            return
+        request = DNSRecord.parse(data)
+        reply = request.reply()
+        reply.add_answer(RR(request.q.qname, QTYPE.TXT, rdata=TXT(["listed here", "second"]), ttl=60))
+        self.transport.sendto(reply.pack(), addr)
+
+
+@pytest.mark.parametrize("lookup", ["txt", "txt_strings"])
+async def test_a_dns_list_reason_is_asked_again_after_a_lost_datagram_as_c_ares_asks(lookup):
+    """txt_strings is asked `tries` times, as c-ares asks `txt` (and Postfix's res_query, RES_RETRY): asked once, a
+    datagram lost made the reason a LookupRetry, and the reply said "blocked using D" without it, where Postfix's
+    has it."""
+    transport, server = await asyncio.get_running_loop().create_datagram_endpoint(
+        LosesFirstServer, local_addr=("127.0.0.1", 0))
+    resolver = AiodnsResolver(nameservers=(f"127.0.0.1:{transport.get_extra_info('sockname')[1]}",), timeout=0.5,
+                              tries=2)
+    try:
+        records = await getattr(resolver, lookup)("reason.test")
+    finally:
+        await resolver.close()
+        transport.close()
+    assert records == ([("listed here", "second")] if lookup == "txt_strings" else ["listed heresecond"])
+    assert server.queries == 2
+
+
+async def test_a_dns_list_reason_is_kept_for_its_ttl_as_c_ares_keeps_txt(dns_zone):
+    """Each listed session asked the list's TXT again (a socket and a query each), where c-ares answers `txt` from
+    its cache: the reason is kept for its TTL; one of TTL 0 is not kept, nor is a failure."""
+    asked: list[tuple[str, str]] = []
+    zone = 'reason.test. 60 IN TXT "listed" "why"\nfleeting.test. 0 IN TXT "listed"\n'
+    resolver = AiodnsResolver(nameservers=(dns_zone(zone, servfail=("broken.test",), asked=asked),), timeout=1.0,
+                              tries=1)
+    try:
+        kept = [await resolver.txt_strings(name) for name in ("reason.test", "Reason.Test.", "reason.test")]
+        fleeting = [await resolver.txt_strings("fleeting.test") for _ in range(2)]
+        for _ in range(2):
+            with pytest.raises(LookupRetry):
+                await resolver.txt_strings("broken.test")
+    finally:
+        await resolver.close()
+    assert kept == [[("listed", "why")]] * 3 and fleeting == [[("listed",)]] * 2
+    times_asked = {name: sum(1 for n, _ in asked if n.rstrip(".").lower() == name) for name in
+                   ("reason.test", "fleeting.test", "broken.test")}
+    assert times_asked == {"reason.test": 1, "fleeting.test": 2, "broken.test": 2}
+
+
+def test_the_reasons_kept_are_bounded_in_time_number_and_size():
+    now = [0.0]
+    cache = TxtCache(size=2, longest=100, chars=10, clock=lambda: now[0])
+    cache.put("a.test", [("x",)], ttl=5)
+    cache.put("long.test", [("x" * 6, "y" * 5)], ttl=60)  # 11 characters: not kept
+    cache.put("b.test", [("y",)], ttl=1000)  # kept 100 s at most
+    assert cache.get("A.test.") == [("x",)] and cache.get("long.test") is None
+    now[0] = 5.0
+    assert cache.get("a.test") is None and cache.get("b.test") == [("y",)]
+    cache.put("c.test", [("z",)], ttl=60)
+    cache.put("d.test", [("w",)], ttl=60)  # the third kept: the oldest put (b.test) goes
+    assert cache.get("b.test") is None and cache.get("c.test") == [("z",)] and cache.get("d.test") == [("w",)]
+    now[0] = 65.0
+    assert cache.get("c.test") is None
