@@ -4,13 +4,14 @@
   starts an in-process authoritative DNS server (dnslib, `ZoneAuthority`) for a BIND-style zone and returns its
   "127.0.0.1:port" nameserver string. Sized as a real server: a UDP answer holds at most 512 bytes without EDNS,
   the advertised size with it; past that it is cut at a record boundary with TC set, and the resolver asks again
-  over TCP on the same port (length-prefixed, several queries a connection). `tcp`: "answer", "refuse" (the port
-  held, connections refused) or "close" (each query read, the connection closed unanswered); `tcp_delay`: seconds
-  before each TCP answer. `asked`: a list that gets the (name, type) of each query (UDP and TCP); `nxdomain`: names
-  (or "name/TYPE") answered NXDOMAIN though in the zone; `garbled`: the ones whose replies are cut short; `rcodes`:
-  {name or name/TYPE: "FORMERR"} for other answers; `address`, `port`: where it listens (a private Postfix's
-  resolver asks port 53 of the address its resolv.conf names: tests.support.postfix,
-  `postfix_instance(nameserver=...)`).
+  over TCP on the same port (length-prefixed, several queries a connection, each answered as soon as it can be,
+  out of order as BIND's). `tcp`: "answer", "refuse" (the port held, connections refused), "close" (each query
+  read, the connection closed unanswered) or "drop" (connection attempts dropped, as by a firewall: a connect
+  times out); `tcp_delay`: seconds before each TCP answer. `asked`: a list that gets the (name, type) of each
+  query (UDP and TCP, "close"'s too); `nxdomain`: names (or "name/TYPE") answered NXDOMAIN though in the zone;
+  `garbled`: the ones whose replies are cut short; `rcodes`: {name or name/TYPE: "FORMERR"} for other answers;
+  `address`, `port`: where it listens (a private Postfix's resolver asks port 53 of the address its resolv.conf
+  names: tests.support.postfix, `postfix_instance(nameserver=...)`).
 - `private_dns_zone(zone_text, servfail=(), ...)`: `dns_zone` on port 53 of a fresh 127.53.x.y address for a
   private Postfix to ask (`private_nameserver_address`: skips without what that needs); returns the address. An
   address in use (another worker's, another run's) gives way to another.
@@ -55,17 +56,21 @@ from tests.support import CaptureHandler, CapturePeer, ZoneAuthority, base_setti
 UDP_PLAIN = 512  # RFC 1035 4.2.1: the most a UDP answer to a query without EDNS may hold
 TCP_QUERIES = 64  # queries answered on one TCP connection, at most (a client sends several: c-ares, glibc)
 TCP_IDLE = 5.0  # seconds a TCP connection may wait for its next query (or a client for its answer) before closing
-TCP_MODES = ("answer", "refuse", "close")
+TCP_MODES = ("answer", "refuse", "close", "drop")
+DROP_FILL = 8  # connections made to fill a `tcp="drop"` listener's backlog, at most (the kernel takes 1 past 0)
+DROP_WAIT = 0.2  # seconds a connection to it waits before it is taken as dropped
 
 
 class _SizedHandler(DNSHandler):
     """Answers as a real server sizes them. UDP: at most 512 bytes to a query without an OPT record, the size its
     OPT advertises (at least 512) to one with it; a larger answer is cut after the last whole answer record that
     fits, TC set, the question kept (as BIND renders a partial answer section; dnslib's truncate() drops the
-    question, which c-ares refuses), other sections dropped. TCP (length-prefixed): each query of the connection
-    answered in turn, as c-ares and glibc send several on one (dnslib's own handler answers one, then closes), per
-    the server's `tcp_mode`: "answer", or "close" (the query read, the connection closed unanswered); each answer
-    after `tcp_delay` seconds. Bounded: TCP_QUERIES a connection, TCP_IDLE seconds of silence."""
+    question, which c-ares refuses), other sections dropped. TCP (length-prefixed): the queries of the connection
+    answered each in a thread of its own, as they come (c-ares and glibc send several on one; dnslib's own handler
+    answers one, then closes), so a quick answer overtakes a slow one, as BIND's and Unbound's (RFC 7766 6.2.1.1);
+    per the server's `tcp_mode`: "answer", or "close" (the query read, given to `asked`, the connection closed
+    unanswered); each answer after `tcp_delay` seconds. Bounded: TCP_QUERIES a connection (and threads), TCP_IDLE
+    seconds of silence; the connection closes once its answers are sent."""
 
     def handle(self):
         if self.server.socket_type != socket.SOCK_STREAM:
@@ -73,19 +78,42 @@ class _SizedHandler(DNSHandler):
         self.protocol = "tcp"
         connection = self.request
         connection.settimeout(TCP_IDLE)
-        stopping = self.server.stopping
+        writing = threading.Lock()
+        answering: list[threading.Thread] = []
         try:
             for _ in range(TCP_QUERIES):
                 length = _read_exactly(connection, 2)
                 query = length and _read_exactly(connection, struct.unpack("!H", length)[0])
-                if not query or self.server.tcp_mode == "close":
-                    return
-                answer = self.get_reply(query)  # (`asked` has it now)
-                if self.server.tcp_delay and stopping.wait(self.server.tcp_delay):
-                    return
+                if not query:
+                    break
+                if self.server.tcp_mode == "close":
+                    self._record(query)
+                    break
+                answering.append(threading.Thread(target=self._answer, args=(connection, writing, query),
+                                                  daemon=True))
+                answering[-1].start()
+        except (OSError, DNSError):
+            pass
+        for thread in answering:  # (the connection is closed when this returns)
+            thread.join()
+
+    def _answer(self, connection: socket.socket, writing: threading.Lock, query: bytes) -> None:
+        """One TCP query's answer, after `tcp_delay` (none once the server stops)."""
+        try:
+            answer = self.get_reply(query)  # (`asked` has it now)
+            if self.server.tcp_delay and self.server.stopping.wait(self.server.tcp_delay):
+                return
+            with writing:
                 connection.sendall(struct.pack("!H", len(answer)) + answer)
         except (OSError, DNSError):
             return
+
+    def _record(self, query: bytes) -> None:
+        """`query` given to the zone's `asked`, as answering it would."""
+        asked = self.server.resolver.asked
+        request = DNSRecord.parse(query)
+        if asked is not None:
+            asked.append((str(request.q.qname).lower(), QTYPE[request.q.qtype]))
 
     def get_reply(self, data):
         answer = super().get_reply(data)
@@ -136,13 +164,15 @@ def _read_exactly(connection: socket.socket, size: int) -> bytes:
 
 class _Servers:
     """A zone's UDP server and its TCP one (or, for `tcp="refuse"`, a TCP socket bound but not listening: the port
-    is held, and a connection to it refused)."""
+    is held, and a connection to it refused; for `tcp="drop"`, one listening that accepts nothing, its backlog kept
+    full: a connection to it is never made, as behind a firewall that drops TCP/53)."""
 
     def __init__(self, authority, logger, tcp: str, tcp_delay: float, address: str, port: int):
         if tcp not in TCP_MODES:
             raise ValueError(f"dns_zone tcp={tcp!r}: one of {TCP_MODES}")
         self.stopping = threading.Event()
         self.udp, self.tcp, self.held = _dns_servers(authority, logger, tcp, address, port)
+        self.filling = _fill_backlog(self.held) if tcp == "drop" else []
         for server in (self.udp, self.tcp):
             if server is not None:
                 server.server.stopping, server.server.tcp_mode = self.stopping, tcp
@@ -161,8 +191,9 @@ class _Servers:
             if server is not None:
                 server.server.shutdown()
                 server.server.server_close()
-        if self.held is not None:
-            self.held.close()
+        for held in (*self.filling, self.held):
+            if held is not None:
+                held.close()
 
 
 def _dns_servers(authority, logger, tcp: str, address: str = "127.0.0.1", port: int = 0):
@@ -173,12 +204,14 @@ def _dns_servers(authority, logger, tcp: str, address: str = "127.0.0.1", port: 
         udp = DNSServer(authority, port=port, address=address, logger=logger, handler=_SizedHandler)
         number = udp.server.server_address[1]
         try:
-            if tcp != "refuse":
+            if tcp not in ("refuse", "drop"):
                 return udp, DNSServer(authority, port=number, address=address, logger=logger, tcp=True,
                                       handler=_SizedHandler), None
             held = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
             try:
                 held.bind((address, number))
+                if tcp == "drop":
+                    held.listen(0)
             except OSError:
                 held.close()
                 raise
@@ -188,6 +221,24 @@ def _dns_servers(authority, logger, tcp: str, address: str = "127.0.0.1", port: 
             if e.errno != errno.EADDRINUSE or port:
                 raise
     raise AssertionError("no port free for both UDP and TCP")
+
+
+def _fill_backlog(listening: socket.socket) -> list[socket.socket]:
+    """Connections to `listening` (which never accepts) until one is not made within DROP_WAIT: its backlog is
+    full, and the kernel drops each later connection attempt (SYN) unanswered. The connections made, to be held."""
+    made: list[socket.socket] = []
+    for _ in range(DROP_FILL):
+        connection = socket.socket(listening.family, socket.SOCK_STREAM)
+        connection.settimeout(DROP_WAIT)
+        try:
+            connection.connect(listening.getsockname()[:2])
+        except TimeoutError:
+            connection.close()
+            return made
+        made.append(connection)
+    for connection in made:
+        connection.close()
+    raise AssertionError(f"the backlog of a listener that accepts nothing took {DROP_FILL} connections")
 
 
 @pytest.fixture

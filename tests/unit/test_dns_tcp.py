@@ -93,7 +93,7 @@ LOOKUPS = {"mx": "many.test", "txt": "spf.test", "ipv4_addresses": "crowd.test",
            "tlsa": "_25._tcp.mx.tlsa.test"}
 
 
-@pytest.mark.parametrize("tcp", ["refuse", "close", "slow"])
+@pytest.mark.parametrize("tcp", ["refuse", "close", "slow", "drop"])
 @pytest.mark.parametrize("lookup", sorted(LOOKUPS))
 async def test_a_truncated_answer_without_tcp_is_a_temporary_failure_never_the_cut_records(dns_zone, tcp, lookup):
     """Postfix's resolver asks again over TCP; when TCP cannot answer it says TRY_AGAIN (DNS_RETRY): a deferral,
@@ -116,12 +116,15 @@ async def test_a_truncated_answer_without_tcp_is_a_temporary_failure_never_the_c
     assert loop.time() - started < 1.0 + 0.5
 
 
-@pytest.mark.parametrize("tcp", ["refuse", "close", "slow"])
+@pytest.mark.parametrize("tcp", ["refuse", "close", "slow", "drop"])
 async def test_asked_alone_a_truncated_answer_without_tcp_fails_as_c_ares_would(dns_zone, tcp):
     """The isolated re-ask, meeting TC then no TCP answer: the failure c-ares gives (a try-again), not the cut
     records; within its timeout. (A TCP connection closed unanswered was a "Malformed or unexpected name server
-    reply" here, where c-ares and glibc try the next server, then say TRY_AGAIN.)"""
-    nameserver = dns_zone(ZONE, tcp="answer" if tcp == "slow" else tcp, tcp_delay=3.0 if tcp == "slow" else 0.0)
+    reply" here, where c-ares and glibc try the next server, then say TRY_AGAIN.) The server had the TCP query
+    unless it refused or dropped the connection."""
+    asked: list[tuple[str, str]] = []
+    nameserver = dns_zone(ZONE, tcp="answer" if tcp == "slow" else tcp, tcp_delay=3.0 if tcp == "slow" else 0.0,
+                          asked=asked)
     asker = IsolatedAsker(NameServers((nameserver,)), timeout=1.0, limit=1)
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -131,6 +134,38 @@ async def test_asked_alone_a_truncated_answer_without_tcp_fails_as_c_ares_would(
     with pytest.raises(LookupRetry) as classified:
         classify_dns_error(failure.value, "many.test", "MX")
     assert classified.value.text == f"Name service error for name=many.test type=MX: {TRY_AGAIN}"
+    assert asked == [("many.test.", "MX")] * (1 if tcp in ("refuse", "drop") else 2)
+
+
+async def test_the_test_server_answers_a_connection_s_queries_as_each_is_ready(dns_zone):
+    """What a test of TCP lookups side by side stands on: the server answers the queries of one TCP connection
+    each when ready, a quick one before a slow one asked first, as BIND and Unbound (RFC 7766 6.2.1.1); it
+    answered them in turn, and a quick answer waited behind the slow one."""
+    host, port = dns_zone(ZONE, slow=("many.test",), delay=1.0).split(":")
+    slow, quick = dns.message.make_query("many.test", "MX"), dns.message.make_query("small.test", "A")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        for query in (slow, quick):
+            wire = query.to_wire()
+            writer.write(len(wire).to_bytes(2, "big") + wire)
+        replies = []
+        for _ in range(2):
+            size = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), 3), "big")
+            replies.append((dns.message.from_wire(await reader.readexactly(size)), loop.time() - started))
+    finally:
+        writer.close()
+    (first, first_took), (second, _) = replies
+    assert quick.is_response(first) and slow.is_response(second)
+    assert first_took < 0.5
+
+
+async def test_the_test_server_s_drop_mode_drops_connection_attempts_as_a_firewall(dns_zone):
+    """tcp="drop": a connection to the TCP port is neither made nor refused; the attempt times out."""
+    host, port = dns_zone(ZONE, tcp="drop").split(":")
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(asyncio.open_connection(host, int(port)), 0.5)
 
 
 async def test_each_txt_record_s_strings_apart_whole_and_as_sent(dns_zone):
