@@ -30,6 +30,7 @@ component may use it.
                                               second channel, shared too: `_query`); `isolated_asks=` (default
                                               ISOLATED_ASKS): lookups asked again alone at once (below)
     StaticResolver(mx={...}, addresses={...}, txt={...}, ptr={...}, tlsa={...}, ns={...}, secure=(names...))
+                                              (a TXT record: a string, or a tuple of its strings)
     is_ip_literal(host) -> bool               an IP literal resolves to itself, without a query
                                               (mailflow.syntax.is_ip_address)
     await ptr_names(resolver, address)        its PTR names, at most PTR_NAMES_KEPT; [] for none
@@ -74,7 +75,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence
 
 import aiodns
 import aiodns.error
@@ -384,15 +385,18 @@ def normalize_name(name: str) -> str:
 
 class StaticResolver:
     """A resolver answering from dictionaries, for unit tests. A name missing from every table raises `NotFound`;
-    a name in another table answers NODATA ([]). `secure`: the names whose answers carry the AD bit."""
+    a name in another table answers NODATA ([]). `secure`: the names whose answers carry the AD bit. A TXT record
+    is a string, or a tuple of its strings (`txt` joins them, `txt_strings` keeps them apart)."""
 
     def __init__(self, mx: dict[str, list[MX]] | None = None, addresses: dict[str, list[str]] | None = None,
-                 txt: dict[str, list[str]] | None = None, ptr: dict[str, list[str]] | None = None,
+                 txt: Mapping[str, Sequence[str | tuple[str, ...]]] | None = None,
+                 ptr: dict[str, list[str]] | None = None,
                  tlsa: dict[str, list[Tlsa]] | None = None, secure: tuple[str, ...] = (),
                  ns: dict[str, list[str]] | None = None):
         self._mx = {normalize_name(k): list(v) for k, v in (mx or {}).items()}
         self._addresses = {normalize_name(k): list(v) for k, v in (addresses or {}).items()}
-        self._txt = {normalize_name(k): list(v) for k, v in (txt or {}).items()}
+        self._txt = {normalize_name(k): [(r,) if isinstance(r, str) else tuple(r) for r in v]
+                     for k, v in (txt or {}).items()}
         self._ptr = {normalize_name(k): list(v) for k, v in (ptr or {}).items()}
         self._tlsa = {normalize_name(k): tuple(v) for k, v in (tlsa or {}).items()}
         self._secure = {normalize_name(n) for n in secure}
@@ -408,13 +412,13 @@ class StaticResolver:
         return list(self._ns.get(key, ()))
 
     async def txt(self, name: str) -> list[str]:
+        return ["".join(strings) for strings in await self.txt_strings(name)]
+
+    async def txt_strings(self, name: str) -> list[tuple[str, ...]]:
         key = normalize_name(name)
         if not self._exists(key):
             raise NotFound(name, "TXT")
         return list(self._txt.get(key, ()))
-
-    async def txt_strings(self, name: str) -> list[tuple[str, ...]]:
-        return [(record,) for record in await self.txt(name)]
 
     async def ptr(self, address: str) -> list[str]:
         if address not in self._ptr:

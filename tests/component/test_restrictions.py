@@ -408,6 +408,15 @@ def test_rbl_listed_client_is_refused_and_a_filter_narrows_the_answers():
     assert rcpt(restrictions(client_restrictions=["reject_rbl_client bl.test"]), client_addr="198.51.100.4") is None
 
 
+def test_a_dns_list_s_reason_is_each_txt_record_s_first_string_as_postfix_s():
+    """Postfix 3.7's dns_lookup keeps a TXT record's first string (the interop test shows it); joined, the reply
+    had "first stringsecond"."""
+    resolver = StaticResolver(addresses={"9.113.0.203.bl.test": ["127.0.0.2"]},
+                              txt={"9.113.0.203.bl.test": [("first string", "second"), "another record"]})
+    assert str(rcpt(restrictions(resolver, client_restrictions=["reject_rbl_client bl.test"]))) == \
+        f"554 5.7.1 Service unavailable; Client host [{OUTSIDER}] blocked using bl.test; first string / another record"
+
+
 def test_a_bad_map_template_gives_way_to_the_default_even_when_that_is_no_reply(tmp_path, caplog):
     # Postfix 3.7's rbl_reject_reply forgets the bad template, expands the default and, as that is no reply, logs
     # it and answers 450 4.7.1 Service unavailable (mailflow expanded the bad template again and raised)
