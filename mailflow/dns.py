@@ -15,10 +15,12 @@ component may use it.
                                               failure of both names AAAA (the last asked, as Postfix reports it)
     Resolver.txt(name) -> list[str]           each TXT record, its strings joined (DKIM keys, SPF, DMARC, MTA-STS)
     Resolver.txt_strings(name)                each TXT record's strings apart, a tuple each (a DNS list's reason:
-                                              Postfix keeps the first); asked alone (c-ares joins them), at most
-                                              `reason_asks=` (default REASON_ASKS) at once, in slots of their own:
-                                              past them a LookupRetry at once; `tries` times, as c-ares asks; an
-                                              answer kept for its TTL (TxtCache, bounded), as c-ares keeps `txt`'s
+                                              Postfix keeps the first; optional: asked through
+                                              `record_strings(resolver, name)`, `txt`'s records else); asked alone
+                                              (c-ares joins them), at most `reason_asks=` (default REASON_ASKS) at
+                                              once, in slots of their own: past them a LookupRetry at once;
+                                              `tries` times, as c-ares asks; an answer kept for its TTL (TxtCache,
+                                              bounded), as c-ares keeps `txt`'s
     Resolver.ptr(address) -> list[str]        the names of an IP address (reverse DNS)
     Resolver.ns(domain) -> list[str]          the name servers of a domain (smtpd's check_*_ns_access)
     Resolver.tlsa(name) -> TlsaAnswer         TLSA records (RFC 6698) and whether the answer was DNSSEC-validated
@@ -291,7 +293,8 @@ class Resolver(Protocol):
 
     async def txt_strings(self, name: str) -> list[tuple[str, ...]]:
         """Each TXT record's strings apart (a DNS list's reason: Postfix's dns_lookup keeps a record's first
-        string); failures as `txt`'s."""
+        string); failures as `txt`'s. Optional: callers ask through `record_strings`, which takes each `txt` record
+        as one string from a resolver without it (one given to `Mailflow(resolver=...)` before it was added)."""
         ...
 
     async def ptr(self, address: str) -> list[str]: ...
@@ -301,6 +304,14 @@ class Resolver(Protocol):
     async def tlsa(self, name: str) -> TlsaAnswer: ...
 
     async def validated(self, name: str, qtype: str) -> bool: ...
+
+
+async def record_strings(resolver: Resolver, name: str) -> list[tuple[str, ...]]:
+    """`resolver.txt_strings(name)`; from a resolver without it, each `txt` record as one string."""
+    strings = getattr(resolver, "txt_strings", None)
+    if strings is None:
+        return [(record,) for record in await resolver.txt(name)]
+    return await strings(name)
 
 
 PTR_NAMES_KEPT = 5  # an address's PTR names looked at (Postfix checks a few; hundreds would be an attack)

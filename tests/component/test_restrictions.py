@@ -417,6 +417,28 @@ def test_a_dns_list_s_reason_is_each_txt_record_s_first_string_as_postfix_s():
         f"554 5.7.1 Service unavailable; Client host [{OUTSIDER}] blocked using bl.test; first string / another record"
 
 
+class WithoutTxtStrings:
+    """A resolver given to Mailflow(resolver=...) written before the protocol had txt_strings."""
+
+    def __init__(self, resolver: StaticResolver) -> None:
+        self._resolver = resolver
+
+    def __getattr__(self, name: str):
+        if name == "txt_strings":
+            raise AttributeError(name)
+        return getattr(self._resolver, name)
+
+
+def test_a_resolver_without_txt_strings_gives_the_reason_of_its_txt_records():
+    """It raised AttributeError out of reject_rbl_client (review of dnstcp, LOW 5)."""
+    resolver = WithoutTxtStrings(StaticResolver(
+        addresses={"9.113.0.203.bl.test": ["127.0.0.2"]},
+        txt={"9.113.0.203.bl.test": [("first string", "second"), "another record"]}))
+    assert str(rcpt(restrictions(resolver, client_restrictions=["reject_rbl_client bl.test"]))) == \
+        f"554 5.7.1 Service unavailable; Client host [{OUTSIDER}] blocked using bl.test; " \
+        "first stringsecond / another record"
+
+
 def test_a_bad_map_template_gives_way_to_the_default_even_when_that_is_no_reply(tmp_path, caplog):
     # Postfix 3.7's rbl_reject_reply forgets the bad template, expands the default and, as that is no reply, logs
     # it and answers 450 4.7.1 Service unavailable (mailflow expanded the bad template again and raised)

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 from mailflow import address, status
 from mailflow.address import client_ip
 from mailflow.dns import (DNS_INVAL, DNS_NULLMX, DNS_FAIL, DNS_RETRY, MX, NotFound, confirmed_name, failure_rank,
-                          failure_text, is_ip_literal, ptr_name_gripe, ptr_names, worst_failure)
+                          failure_text, is_ip_literal, ptr_name_gripe, ptr_names, record_strings, worst_failure)
 from mailflow.errors import LookupRetry
 from mailflow.model import AddressClass
 from mailflow.rbl_reply import txt_reason
@@ -156,7 +156,7 @@ class DnsChecks:
         key = ("dnsxl txt", query)
         if key not in memo:
             try:
-                records = await self._resolver.txt_strings(query)
+                records = await record_strings(self._resolver, query)
                 memo[key] = txt_reason([strings[0] if strings else "" for strings in records])
             except (NotFound, LookupRetry):
                 memo[key] = ""
