@@ -124,7 +124,7 @@ ISOLATED_ASKS = 32
 # DNS lists' reasons (`txt_strings`, each asked on a socket of its own) asked at once, per resolver, apart from the
 # re-asks above (a flood of listed clients takes none of theirs); past it a reason is a LookupRetry at once (the
 # reply then has none, as Postfix's when its TXT lookup fails).
-REASON_ASKS = 16
+REASON_ASKS = 32
 # `txt_strings` answers kept, per resolver, for their TTL (at most REASON_TTL seconds: c-ares's qcache_max_ttl), as
 # c-ares keeps `txt`'s: at most REASON_CACHE answers (the oldest go first), each of at most REASON_CACHED_CHARS
 # characters (a longer one is asked again).
