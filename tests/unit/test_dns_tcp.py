@@ -161,6 +161,29 @@ async def test_the_test_server_answers_a_connection_s_queries_as_each_is_ready(d
     assert first_took < 0.5
 
 
+async def test_a_slow_answer_over_tcp_holds_up_no_other_lookup_on_the_connection(dns_zone):
+    """c-ares sends each TCP query on its one connection to the server: a quick answer there is not waited for
+    behind a slow one (as a real server sends it, out of order)."""
+    zone = "".join(f"{domain}. 60 IN MX {i} mail-exchanger-number-{i:02d}.hoster.test.\n"
+                   for domain in ("slow.test", "warm.test", "quick.test") for i in range(30))
+    asked: list[tuple[str, str]] = []
+    resolver = AiodnsResolver(nameservers=(dns_zone(zone, slow=("slow.test",), delay=0.8, asked=asked),),
+                              timeout=3.0, tries=1)
+    loop = asyncio.get_running_loop()
+    try:
+        await resolver.mx("warm.test")  # (c-ares's TCP connection made)
+        slow = asyncio.ensure_future(resolver.mx("slow.test"))
+        await eventually(lambda: asked.count(("slow.test.", "MX")) == 2, timeout=3, what="slow.test asked over TCP")
+        started = loop.time()
+        quick = await resolver.mx("quick.test")
+        took = loop.time() - started
+        assert not slow.done()
+        assert len(await slow) == 30
+    finally:
+        await resolver.close()
+    assert len(quick) == 30 and took < 0.5
+
+
 async def test_the_test_server_s_drop_mode_drops_connection_attempts_as_a_firewall(dns_zone):
     """tcp="drop": a connection to the TCP port is neither made nor refused; the attempt times out."""
     host, port = dns_zone(ZONE, tcp="drop").split(":")
