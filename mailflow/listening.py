@@ -9,8 +9,7 @@ seconds while the loop served nothing else. One flooding client must not take th
 What `Listening` owns: the sockets bound for one address (one per address family `host` resolves to, as
 create_server binds them), listening from the moment `listen()` returns (connections wait in the kernel's queue
 until `start_serving()`), and the accepting. Each accepted connection gets its protocol from `factory()` on a
-transport of its own (`loop.connect_accepted_socket`, TLS from the first byte when `ssl` is given; a plaintext
-one on asyncio's selector loops made at once, as asyncio's own accepting makes it, without a task).
+transport of its own (`loop.connect_accepted_socket`, TLS from the first byte when `ssl` is given).
 
 Failure behaviour:
 - accept() out of resources: the socket is not watched for a pause (ACCEPT_PAUSE, doubling up to MAX_PAUSE while
@@ -30,7 +29,6 @@ import errno
 import logging
 import socket
 import ssl as ssl_module
-from asyncio import selector_events
 from typing import Callable
 
 LISTEN_BACKLOG = 100  # connections the kernel queues for a socket (asyncio's create_server default)
@@ -63,10 +61,6 @@ class Listening(asyncio.AbstractServer):
         self._failing = False  # since the last failure, nothing accepted yet
         self._warned = False  # a warning was written since accepting last worked
         self._connecting: set[asyncio.Task] = set()
-        # asyncio's selector loops make a plaintext connection's transport at once (`_connect_plain`); any other
-        # loop (uvloop) through `connect_accepted_socket`, in a task
-        self._plain = getattr(self._loop, "_make_socket_transport", None) \
-            if isinstance(self._loop, selector_events.BaseSelectorEventLoop) else None
 
     @property
     def where(self) -> str:
@@ -134,24 +128,9 @@ class Listening(asyncio.AbstractServer):
             if self._failing:
                 self._recovered()
             conn.setblocking(False)
-            if self._ssl is None and self._plain is not None:
-                self._connect_plain(conn)
-                continue
             task = self._loop.create_task(self._connect(conn))
             self._connecting.add(task)
             task.add_done_callback(self._connecting.discard)
-
-    def _connect_plain(self, conn: socket.socket) -> None:
-        """A plaintext connection's transport, made here (what `connect_accepted_socket` does, without its task,
-        its future and two loop turns per connection: asyncio's own accepting makes it the same way)."""
-        try:
-            protocol = self._factory()
-        except Exception:  # (the protocol factory's fault: this connection only)
-            self._log.exception("%s: cannot begin a session", self.where)
-            conn.close()
-            return
-        assert self._plain is not None
-        self._plain(conn, protocol)  # (connection_made and the reading start in the next loop turn)
 
     async def _connect(self, conn: socket.socket) -> None:
         try:
