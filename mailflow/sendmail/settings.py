@@ -10,7 +10,9 @@ model (importing mailflow.config, pydantic and its 36 models, costs ~100 ms: doc
                                             configuration, else None (the caller loads the configuration)
     remember_settings(path) -> Config       load_config(path), and the settings of the bytes it validated recorded
                                             in `<queue_directory>/CACHE_NAME` (by `serve` at its start and at each
-                                            reload, and by `check-config`); raises ConfigError as load_config
+                                            reload, and by `check-config`); raises ConfigError as load_config.
+                                            Not when the code on disk is no longer the code this process loaded
+                                            (LOADED_CODE; an upgrade before a reload): then the record is removed
 
 The cache holds a key and the settings. The key is a SHA-256 of mailflow's version, the path, size and time of
 every module of mailflow (an upgrade, or an edited install, is new code), the absolute directory
@@ -184,19 +186,26 @@ def _read_cache(queue: Path) -> Optional[dict]:
 
 
 def source_key(raw: Optional[bytes], base: Path) -> str:
-    """The key of a configuration's bytes (None: the built-in defaults) read from directory `base`, under this code."""
+    """The key of a configuration's bytes (None: the built-in defaults) read from directory `base`, under the code
+    this process loaded (LOADED_CODE)."""
     digest = hashlib.sha256()
-    for part in (mailflow.__version__.encode(), _code_fingerprint(), os.fsencode(str(base))):
+    if LOADED_CODE is None:
+        raise OSError("mailflow's modules could not be listed")
+    for part in (mailflow.__version__.encode(), LOADED_CODE, os.fsencode(str(base))):
         digest.update(len(part).to_bytes(8, "big") + part)
     digest.update(b"defaults" if raw is None else b"file:" + raw)
     return digest.hexdigest()
 
 
-def _code_fingerprint() -> bytes:
+def _code_fingerprint() -> Optional[bytes]:
     """Path, size and modification time of each module of mailflow (the configuration's and the leaves its
-    validation uses, this one: any could change what a file's settings are; ~1 ms for 200 files)."""
+    validation uses, this one: any could change what a file's settings are; ~1 ms for 200 files); None when they
+    cannot be listed."""
     found: list[tuple[str, os.stat_result]] = []
-    _modules(Path(mailflow.__file__).parent, found)
+    try:
+        _modules(Path(mailflow.__file__).parent, found)
+    except OSError:
+        return None
     return "\n".join(f"{name} {st.st_size} {st.st_mtime_ns}" for name, st in sorted(found)).encode()
 
 
@@ -207,6 +216,11 @@ def _modules(directory: Path, found: list[tuple[str, os.stat_result]], depth: in
                 found.append((entry.path, entry.stat()))
             elif depth < 4 and entry.name != "__pycache__" and entry.is_dir(follow_symlinks=False):
                 _modules(Path(entry.path), found, depth + 1)
+
+
+# The code as this process loaded it, taken once as this module is imported: the server's command line imports
+# mailflow.config just before it (mailflow/cli/common.py), sendmail takes its key from it.
+LOADED_CODE = _code_fingerprint()
 
 
 def _settings_from(data: object) -> Optional[SubmitSettings]:
@@ -253,8 +267,20 @@ def remember_settings(path: Optional[str]) -> "Config":
     from mailflow.config.load import load_source
 
     config, raw = load_source(path)
-    _write_cache(settings_of(config), source_key(raw, _base(path)))
+    settings = settings_of(config)
+    if LOADED_CODE is not None and _code_fingerprint() == LOADED_CODE:
+        _write_cache(settings, source_key(raw, _base(path)))
+    else:  # upgraded since this process loaded its code: its validation is not the new sendmail's
+        _forget(settings.queue_path)
     return config
+
+
+def _forget(queue: Path) -> None:
+    """No record in `queue`: sendmail takes the full path until a server running the code on disk writes one."""
+    try:
+        (queue / CACHE_NAME).unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _write_cache(settings: SubmitSettings, key: str) -> None:

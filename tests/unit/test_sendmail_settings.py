@@ -103,19 +103,37 @@ def test_another_mailflow_version_is_not_taken_from_the_cache(config, monkeypatc
     assert cached_settings(str(config)) is None
 
 
-@pytest.mark.parametrize("module", ["config/main.py", "syntax.py", "tables/spec.py"])
-def test_other_code_is_not_taken_from_the_cache(config, tmp_path, monkeypatch, module):
-    """An edited module, the configuration's or a leaf its validation uses (an upgrade without a new version
-    number, a development install): here in a stand-in for the package's directory."""
+@pytest.fixture
+def package(tmp_path, monkeypatch) -> Path:
+    """A stand-in for mailflow's directory, loaded as it is now (LOADED_CODE: a process importing it)."""
     package = tmp_path / "package"
     for name in ("__init__.py", "config/main.py", "syntax.py", "tables/spec.py"):
         (package / name).parent.mkdir(parents=True, exist_ok=True)
         (package / name).write_text("# code\n")
     monkeypatch.setattr(mailflow, "__file__", str(package / "__init__.py"))
+    monkeypatch.setattr(cache, "LOADED_CODE", cache._code_fingerprint())
+    return package
+
+
+@pytest.mark.parametrize("module", ["config/main.py", "syntax.py", "tables/spec.py"])
+def test_other_code_is_not_taken_from_the_cache(config, package, monkeypatch, module):
+    """An edited module, the configuration's or a leaf its validation uses (an upgrade without a new version
+    number, a development install): a sendmail started after it has another key."""
     recorded(config)
     assert cached_settings(str(config)) is not None
     (package / module).write_text("# other code\n")
+    monkeypatch.setattr(cache, "LOADED_CODE", cache._code_fingerprint())  # (a sendmail started now)
     assert cached_settings(str(config)) is None
+
+
+def test_a_server_whose_code_changed_on_disk_records_nothing(config, package):
+    """A server reloading after an upgrade (`git pull`, `pip install`) validates with the code it loaded, not the
+    code a new sendmail runs: it writes no record, and removes the one it wrote before."""
+    record = recorded(config)
+    assert record.exists()
+    (package / "config/main.py").write_text("# other code\n")
+    remember_settings(str(config))
+    assert not record.exists()
 
 
 def test_the_same_bytes_in_another_directory_are_not_taken_from_the_cache(config, tmp_path):
