@@ -285,17 +285,22 @@ def _forget(queue: Path) -> None:
 
 def _write_cache(settings: SubmitSettings, key: str) -> None:
     """Replace the cache in the settings' queue directory (made by the server; nothing when it is not there or
-    this user cannot write it)."""
+    this user cannot write it). Best effort: an OSError (a queue that cannot be looked at, a full disk) leaves the
+    cache as it was, and never fails a check or a reload."""
+    try:
+        _replace_cache(settings, key)
+    except OSError:
+        pass
+
+
+def _replace_cache(settings: SubmitSettings, key: str) -> None:
     queue = settings.queue_path
-    if not queue.is_dir():
+    if not stat.S_ISDIR(os.stat(queue).st_mode):
         return
     data = json.dumps({"format": FORMAT, "key": key, "settings": dataclasses.asdict(settings)}, indent=1).encode()
     temporary = queue / f".{CACHE_NAME}.{os.getpid()}"
-    try:
-        temporary.unlink(missing_ok=True)  # (one a writer of the same pid left behind)
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    except OSError:
-        return
+    temporary.unlink(missing_ok=True)  # (one a writer of the same pid left behind)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         with open(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o644)  # (whatever the umask: sendmail, run by any user, reads it)
@@ -303,3 +308,4 @@ def _write_cache(settings: SubmitSettings, key: str) -> None:
         os.replace(temporary, queue / CACHE_NAME)
     except OSError:
         temporary.unlink(missing_ok=True)
+        raise

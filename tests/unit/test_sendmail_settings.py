@@ -85,6 +85,18 @@ def test_no_queue_directory_no_cache(tmp_path):
     assert cached_settings(str(path)) is None
 
 
+def test_a_queue_that_cannot_be_looked_at_records_nothing_and_fails_nothing(tmp_path):
+    """Recording is best effort: an OSError on the queue (here ENAMETOOLONG, which pathlib's is_dir raises; EACCES
+    alike) fails neither check-config nor a reload."""
+    path = tmp_path / "mailflow.toml"
+    path.write_text(GOOD.replace('queue_directory = "queue"', f'queue_directory = "{"q" * 300}"'))
+    assert remember_settings(str(path)).queue_directory.endswith("q" * 300)
+    (tmp_path / "senders").write_text("alice alice@example.test\n")
+    done = subprocess.run([sys.executable, "-m", "mailflow", "check-config", "--config", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in done.stderr and done.stdout.startswith(f"{path}: ok"), done.stderr
+
+
 @pytest.mark.parametrize("change", [
     pytest.param(lambda text: text + "# a comment\n", id="a comment added"),
     pytest.param(lambda text: text.replace("5000", "6000"), id="a value changed"),
