@@ -130,15 +130,18 @@ def settings_of(config: "Config") -> SubmitSettings:
 # --- the fast path -------------------------------------------------------------------------------------------
 
 def cached_settings(path: Optional[str]) -> Optional[SubmitSettings]:
-    """The recorded settings of configuration `path` (None: the built-in defaults), or None (see the module doc)."""
+    """The recorded settings of configuration `path`, or None (see the module doc; the built-in defaults, `path`
+    None, never have a record)."""
+    if path is None:  # (its queue, ./var, is whoever's owns the directory sendmail is run in)
+        return None
     try:
-        raw = None if path is None else read_regular_file(path, CONFIG_LIMIT)
+        raw = read_regular_file(path, CONFIG_LIMIT)
         base = _base(path)
-        document = {} if raw is None else tomllib.loads(raw.decode("utf-8"))
+        document = tomllib.loads(raw.decode("utf-8"))
         queue, log_file = _written_path(document, "queue_directory", base), _written_path(document, "log.file", base)
         if not queue or log_file is None:
             return None
-        recorded = _read_cache(Path(queue))
+        recorded = _read_cache(Path(queue), _trusted_writers(Path(queue), path))
         if recorded is None or recorded.get("format") != FORMAT or recorded.get("key") != source_key(raw, base):
             return None
         settings = _settings_from(recorded.get("settings"))
@@ -168,13 +171,20 @@ def _written_path(document: dict, key: str, base: Path) -> Optional[str]:
     return found if not found or Path(found).is_absolute() else str(base / found)
 
 
-def _read_cache(queue: Path) -> Optional[dict]:
-    """The cache's JSON object when the queue's owner (or root) wrote it where others cannot write, else None."""
-    owner = os.stat(queue).st_uid
+def _trusted_writers(queue: Path, config: str) -> tuple[int, ...]:
+    """Whose record is believed: root's, and the queue owner's; a sendmail run by root believes only root's and the
+    configuration file's owner's (who chooses its settings anyway), not those of a queue it does not own."""
+    if os.geteuid() == 0:
+        return 0, os.stat(config).st_uid
+    return 0, os.stat(queue).st_uid
+
+
+def _read_cache(queue: Path, writers: tuple[int, ...]) -> Optional[dict]:
+    """The cache's JSON object when one of `writers` wrote it where others cannot write, else None."""
     fd = os.open(queue / CACHE_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
-        if (not stat.S_ISREG(st.st_mode) or st.st_mode & 0o022 or st.st_uid not in (0, owner)
+        if (not stat.S_ISREG(st.st_mode) or st.st_mode & 0o022 or st.st_uid not in writers
                 or st.st_size > CACHE_LIMIT):
             return None
         with open(fd, "rb", closefd=False) as f:
@@ -268,6 +278,8 @@ def remember_settings(path: Optional[str]) -> "Config":
 
     config, raw = load_source(path)
     settings = settings_of(config)
+    if raw is None:  # the built-in defaults: sendmail never takes them from a record
+        return config
     if LOADED_CODE is not None and _code_fingerprint() == LOADED_CODE:
         _write_cache(settings, source_key(raw, _base(path)))
     else:  # upgraded since this process loaded its code: its validation is not the new sendmail's

@@ -3,6 +3,7 @@ configuration the server validated, under the same code and directory, from a fi
 write; every doubt takes the full path, whose errors are today's."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -65,15 +66,16 @@ def test_the_cache_gives_what_loading_the_configuration_gives(config):
     assert found.log.file == str(config.parent / "mail.log") and found.smtpd.error_sleep_time == 2.0
 
 
-def test_the_built_in_defaults_are_cached_for_the_directory_they_were_read_in(tmp_path, monkeypatch):
+def test_the_built_in_defaults_are_never_taken_from_a_record(tmp_path, monkeypatch):
+    """Their queue is ./var, whoever's owns the directory sendmail runs in: that owner could write root's settings
+    (every part of the key is public). No record is written for them, and one found is not read."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "var").mkdir()
     remember_settings(None)
-    assert cached_settings(None) == settings_of(load_config(None))
-    other = tmp_path / "elsewhere"
-    (other / "var").mkdir(parents=True)
-    shutil.copy(tmp_path / "var" / CACHE_NAME, other / "var" / CACHE_NAME)
-    monkeypatch.chdir(other)
+    assert not (tmp_path / "var" / CACHE_NAME).exists()
+    planted = {"format": cache.FORMAT, "key": cache.source_key(None, tmp_path),
+               "settings": dataclasses.asdict(settings_of(load_config(None)))}
+    (tmp_path / "var" / CACHE_NAME).write_text(json.dumps(planted))
     assert cached_settings(None) is None
 
 
@@ -258,13 +260,32 @@ def test_a_cache_in_doubt_is_not_used(config, spoil):
     assert cached_settings(str(config)) is None
 
 
-def test_a_cache_owned_by_the_queues_owner_or_root_is_used(config):
+def test_a_users_sendmail_believes_a_record_of_the_queues_owner_or_root(config, monkeypatch):
     if os.geteuid() != 0:
         pytest.skip("chown needs root")
     path = recorded(config)
     os.chown(config.parent / "queue", 54321, -1)
     os.chown(path, 54321, -1)
+    monkeypatch.setattr(os, "geteuid", lambda: 12345)
     assert cached_settings(str(config)) is not None
+    os.chown(path, 0, -1)
+    assert cached_settings(str(config)) is not None
+    os.chown(path, 23456, -1)
+    assert cached_settings(str(config)) is None
+
+
+def test_roots_sendmail_believes_a_record_of_root_or_the_configuration_files_owner(config):
+    """Not the queue owner's: that user would choose root's settings (authorized_submit_users, the tables root
+    opens), unless the configuration is theirs anyway."""
+    if os.geteuid() != 0:
+        pytest.skip("chown needs root")
+    path = recorded(config)
+    os.chown(config.parent / "queue", 54321, -1)
+    os.chown(path, 54321, -1)
+    assert cached_settings(str(config)) is None
+    os.chown(config, 54321, -1)
+    assert cached_settings(str(config)) is not None
+    os.chown(config, 0, -1)
     os.chown(path, 0, -1)
     assert cached_settings(str(config)) is not None
 
