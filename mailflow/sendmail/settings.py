@@ -36,9 +36,11 @@ leaves the cache alone when it cannot write it (a queue directory not yet made, 
 """
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import stat
+import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,16 +209,50 @@ def source_key(raw: Optional[bytes], base: Path) -> str:
     return digest.hexdigest()
 
 
+DEPENDENCIES = ("pydantic", "pydantic_core")  # the validation's libraries: an upgrade of one is new code too
+
+
 def _code_fingerprint() -> Optional[bytes]:
-    """Path, size and modification time of each module of mailflow (the configuration's and the leaves its
-    validation uses, this one: any could change what a file's settings are; ~1 ms for 200 files); None when they
-    cannot be listed."""
+    """The code a configuration is validated with, as it is on disk now (~1.3 ms; None when it cannot be read):
+    Python's version; the path, size and modification time of each module of mailflow (the configuration's and
+    the leaves its validation uses, this one: any could change what a file's settings are) and the contents of
+    the configuration model's (mailflow/config: an edit keeping size and time, as `cp -p` or `rsync -a` deploy
+    one); and DEPENDENCIES' installed versions and files, found without importing them."""
+    package = Path(mailflow.__file__).parent
     found: list[tuple[str, os.stat_result]] = []
     try:
-        _modules(Path(mailflow.__file__).parent, found)
-    except OSError:
+        _modules(package, found)
+        lines = [sys.version, *(f"{name} {st.st_size} {st.st_mtime_ns}" for name, st in sorted(found)),
+                 _contents(sorted((package / "config").glob("*.py")))]
+        for name in DEPENDENCIES:
+            lines.extend(_installed(name))
+    except (OSError, ImportError, ValueError):  # (find_spec's, for a broken installation)
         return None
-    return "\n".join(f"{name} {st.st_size} {st.st_mtime_ns}" for name, st in sorted(found)).encode()
+    return "\n".join(lines).encode()
+
+
+def _contents(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        data = path.read_bytes()
+        digest.update(os.fsencode(str(path)) + b"\0" + len(data).to_bytes(8, "big") + data)
+    return digest.hexdigest()
+
+
+def _installed(name: str) -> list[str]:
+    """Package `name`'s directory, the name, size and time of its top-level files and the *.dist-info beside it
+    (its version)."""
+    spec = importlib.util.find_spec(name)  # (a top-level package: found, not imported)
+    if spec is None or not spec.submodule_search_locations:
+        return [f"{name}: not installed"]
+    directory = Path(list(spec.submodule_search_locations)[0])
+    with os.scandir(directory) as entries:
+        files = sorted(f"{entry.path} {st.st_size} {st.st_mtime_ns}" for entry in entries
+                       if entry.is_file(follow_symlinks=False) and (st := entry.stat(follow_symlinks=False)))
+    with os.scandir(directory.parent) as entries:
+        versions = sorted(entry.name for entry in entries
+                          if entry.name.startswith(f"{name}-") and entry.name.endswith(".dist-info"))
+    return [str(directory), *files, *versions]
 
 
 def _modules(directory: Path, found: list[tuple[str, os.stat_result]], depth: int = 0) -> None:

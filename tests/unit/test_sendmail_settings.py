@@ -140,6 +140,46 @@ def test_other_code_is_not_taken_from_the_cache(config, package, monkeypatch, mo
     assert cached_settings(str(config)) is None
 
 
+def test_an_edit_keeping_size_and_time_of_a_configuration_module_is_other_code(config, package, monkeypatch):
+    """(`cp -p`, `rsync -a`: the model's modules are compared by content)"""
+    recorded(config)
+    module = package / "config/main.py"
+    before = module.stat()
+    module.write_text("# edoc\n")
+    os.utime(module, ns=(before.st_atime_ns, before.st_mtime_ns))
+    monkeypatch.setattr(cache, "LOADED_CODE", cache._code_fingerprint())
+    assert cached_settings(str(config)) is None
+
+
+def another_python(monkeypatch, dependency: Path) -> None:
+    monkeypatch.setattr(sys, "version", sys.version + " (patched)")
+
+
+def another_version_of_a_dependency(monkeypatch, dependency: Path) -> None:
+    (dependency.parent / "fakedep-1.0.dist-info").rename(dependency.parent / "fakedep-1.1.dist-info")
+
+
+def a_dependency_reinstalled(monkeypatch, dependency: Path) -> None:
+    os.utime(dependency / "__init__.py", ns=(0, 0))
+
+
+@pytest.mark.parametrize("change", [another_python, another_version_of_a_dependency, a_dependency_reinstalled])
+def test_another_python_or_validation_library_is_other_code(config, tmp_path, monkeypatch, change):
+    """Python's version and the installed pydantic and pydantic-core (here a stand-in) are part of the code."""
+    dependency = tmp_path / "site" / "fakedep"
+    dependency.mkdir(parents=True)
+    (dependency / "__init__.py").write_text("")
+    (dependency.parent / "fakedep-1.0.dist-info").mkdir()
+    monkeypatch.syspath_prepend(str(dependency.parent))
+    monkeypatch.setattr(cache, "DEPENDENCIES", ("fakedep", *getattr(cache, "DEPENDENCIES", ())), raising=False)
+    monkeypatch.setattr(cache, "LOADED_CODE", cache._code_fingerprint())
+    recorded(config)
+    assert cached_settings(str(config)) is not None
+    change(monkeypatch, dependency)
+    monkeypatch.setattr(cache, "LOADED_CODE", cache._code_fingerprint())  # (a sendmail started now)
+    assert cached_settings(str(config)) is None
+
+
 def test_a_server_whose_code_changed_on_disk_records_nothing(config, package):
     """A server reloading after an upgrade (`git pull`, `pip install`) validates with the code it loaded, not the
     code a new sendmail runs: it writes no record, and removes the one it wrote before."""
