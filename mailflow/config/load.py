@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from mailflow.config.base import validation_key, validation_reason
 from mailflow.config.main import Config
 from mailflow.config.paths import resolve_paths
+from mailflow.config_source import CONTROL, MAX_FILE_BYTES
 from mailflow.errors import ConfigError
 from mailflow.files import FileTooLarge, read_regular_file
 
@@ -47,7 +48,6 @@ def load_source(path: str | Path | None = None) -> tuple[Config, bytes | None]:
     return config_from_dict(_parse(raw, name), name, base=Path(path).absolute().parent), raw
 
 
-MAX_FILE_BYTES = 4 << 20  # a hundred times the annotated example; /dev/zero is refused, not read to the end
 MAX_DEPTH = 32  # tables and arrays within each other; the deepest setting (a listener's override list) is 4
 
 
@@ -118,7 +118,6 @@ def _too_deep(value: object, key: str = "", depth: int = 0) -> tuple[str, str] |
 
 
 ARGUMENTS = re.compile(r"pipe\.[^.]+\.argv\[\d+\]")  # may hold a line break: `sh -c` with a script
-CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def _control_character(value: object, key: str = "") -> tuple[str, str] | None:

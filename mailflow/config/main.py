@@ -30,6 +30,7 @@ from mailflow.config.log import LogConfig
 from mailflow.config.queue import QueueConfig, SendmailConfig
 from mailflow.config.sink import SinkConfig
 from mailflow.config.smtpd import SmtpdConfig
+from mailflow.config_source import QUEUE_DIRECTORY
 from mailflow.syntax import is_ip_address
 from mailflow.tables import check_spec
 
@@ -157,7 +158,7 @@ class Config(Section):
     # a domain: theirs are then rewritten too, unqualified ones getting @this domain (Postfix's names).
     remote_header_rewrite_domain: str = ""
     always_add_missing_headers: bool = False
-    queue_directory: str = "var"
+    queue_directory: str = QUEUE_DIRECTORY
     # Postfix soft_bounce, the safety net while testing a configuration: mail that would bounce is deferred
     # instead (logged `status=SOFTBOUNCE`, its status made 4.X.X), and every 5xx reply smtpd gives becomes 4xx.
     # Mail still goes back to its sender when it outlives maximal_queue_lifetime, as in Postfix.

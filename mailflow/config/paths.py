@@ -19,6 +19,7 @@ from typing import TypeVar
 from mailflow.config.base import Section
 from mailflow.config.deliverability import opendkim_dataset
 from mailflow.config.main import Config
+from mailflow.config_source import resolve_path as _resolve_path
 from mailflow.syntax import FILE_TABLE_TYPES, table_type
 from mailflow.tables.networks import NETWORK_LIST_SETTINGS
 
@@ -83,10 +84,6 @@ def _resolve_restriction(item: str, base: Path) -> str:
     words = item.split()
     resolved = [_resolve_table(word, base) for word in words]
     return " ".join(resolved) if resolved != words else item
-
-
-def _resolve_path(value: str, base: Path) -> str:
-    return value if not value or Path(value).is_absolute() else str(base / value)
 
 
 def _resolve_table(spec: str, base: Path) -> str:

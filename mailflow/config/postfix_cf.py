@@ -31,6 +31,7 @@ from mailflow.config import postfix_names as names
 from mailflow.files import read_regular_file
 from mailflow.config.main import DEFAULTS
 from mailflow.config.show import flat_settings, format_setting
+from mailflow.config_source import MAX_FILE_BYTES  # as a mailflow configuration file: a main.cf is a few kilobytes
 from mailflow.restriction_vocabulary import WITH_ARGUMENT
 
 
@@ -181,7 +182,6 @@ def _toml_key(name: str) -> str:
     return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else '"' + name.replace('"', '\\"') + '"'
 
 
-MAX_FILE_BYTES = 4 << 20  # as a mailflow configuration file: a main.cf is a few kilobytes
 
 
 # --- reading the files ------------------------------------------------------------------------------------------

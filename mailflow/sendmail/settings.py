@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import mailflow
+from mailflow.config_source import LOG_FILE, MAX_FILE_BYTES, QUEUE_DIRECTORY, resolve_path
 from mailflow.files import read_regular_file
 
 if TYPE_CHECKING:
@@ -55,8 +56,7 @@ if TYPE_CHECKING:
 CACHE_NAME = "sendmail-settings.json"
 FORMAT = 1  # the cache's layout; a reader finding another one takes the full path
 CACHE_LIMIT = 1 << 20  # bytes: a cache beyond it is not ours
-CONFIG_LIMIT = 4 << 20  # load_config's own bound: a file it refuses never has a cache (any bound would do)
-WRITTEN_DEFAULTS = {"queue_directory": "var", "log.file": ""}  # Config's defaults, compared with the record's
+WRITTEN_DEFAULTS = {"queue_directory": QUEUE_DIRECTORY, "log.file": LOG_FILE}  # compared with the record's
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def cached_settings(path: Optional[str]) -> Optional[SubmitSettings]:
     if path is None:  # (its queue, ./var, is whoever's owns the directory sendmail is run in)
         return None
     try:
-        raw = read_regular_file(path, CONFIG_LIMIT)
+        raw = read_regular_file(path, MAX_FILE_BYTES)
         base = _base(path)
         document = tomllib.loads(raw.decode("utf-8"))
         queue, log_file = _written_path(document, "queue_directory", base), _written_path(document, "log.file", base)
@@ -170,7 +170,7 @@ def _written_path(document: dict, key: str, base: Path) -> Optional[str]:
     found = found.get(name, WRITTEN_DEFAULTS[key]) if isinstance(found, dict) else None
     if not isinstance(found, str):
         return None
-    return found if not found or Path(found).is_absolute() else str(base / found)
+    return resolve_path(found, base)
 
 
 def _trusted_writers(queue: Path, config: str) -> tuple[int, ...]:

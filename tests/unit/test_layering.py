@@ -29,7 +29,7 @@ LEAVES = (
     "mailflow.tables", "mailflow.aliases", "mailflow.dns", "mailflow.message", "mailflow.content", "mailflow.model",
     "mailflow.clock", "mailflow.passwords", "mailflow.accounts", "mailflow.files", "mailflow.dsn_parameters",
     "mailflow.junk_commands", "mailflow.local_macros", "mailflow.header_addresses", "mailflow.ehlo_keywords",
-    "mailflow.reply_footer", "mailflow.dnsbl_sites", "mailflow.rbl_reply",
+    "mailflow.reply_footer", "mailflow.dnsbl_sites", "mailflow.rbl_reply", "mailflow.config_source",
 )
 # What mailflow.config may load (besides itself): leaves only, and of those only these.
 CONFIG_MAY_LOAD = ("mailflow", "mailflow.syntax", "mailflow.restriction_vocabulary", "mailflow.pipe_argv",
@@ -37,7 +37,8 @@ CONFIG_MAY_LOAD = ("mailflow", "mailflow.syntax", "mailflow.restriction_vocabula
                    "mailflow.accounts", "mailflow.files", "mailflow.local_macros",
                    "mailflow.header_addresses", "mailflow.message",
                    "mailflow.ehlo_keywords", "mailflow.reply_footer",
-                   "mailflow.dnsbl_sites", "mailflow.rbl_reply")  # (aliases: values read as RFC 822 lists)
+                   "mailflow.dnsbl_sites", "mailflow.rbl_reply",
+                   "mailflow.config_source")  # (aliases: values read as RFC 822 lists)
 ABOVE_LEAVES = ("mailflow.config", "mailflow.filters", "mailflow.stages", "mailflow.transports", "mailflow.routing",
                 "mailflow.store", "mailflow.app", "mailflow.cli", "mailflow.sendmail", "mailflow.queue_tools")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -328,6 +327,22 @@ def test_roots_sendmail_believes_a_record_of_root_or_the_configuration_files_own
     os.chown(config, 0, -1)
     os.chown(path, 0, -1)
     assert cached_settings(str(config)) is not None
+
+
+def test_the_records_constants_are_the_models():
+    """sendmail compares the record with the file without the model: the defaults, the size bound and [log]'s
+    values it uses are the model's own (mailflow/config_source.py)."""
+    from typing import get_args
+
+    from mailflow import config_source
+    from mailflow.config import Config, load
+    from mailflow.config.log import LogConfig
+
+    defaults = Config()
+    assert cache.WRITTEN_DEFAULTS == {"queue_directory": defaults.queue_directory, "log.file": defaults.log.file}
+    assert load.MAX_FILE_BYTES == config_source.MAX_FILE_BYTES
+    assert get_args(LogConfig.model_fields["level"].annotation) == config_source.LOG_LEVELS
+    assert get_args(LogConfig.model_fields["format"].annotation) == config_source.LOG_FORMATS
 
 
 def test_load_source_gives_the_bytes_it_validated(config):
