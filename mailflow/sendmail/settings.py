@@ -39,6 +39,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import stat
 import sys
 import tomllib
@@ -47,8 +48,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import mailflow
-from mailflow.config_source import LOG_FILE, MAX_FILE_BYTES, QUEUE_DIRECTORY, resolve_path
+from mailflow.config_source import (CONTROL, LOG_FILE, LOG_FORMATS, LOG_LEVELS, MAX_FILE_BYTES, QUEUE_DIRECTORY,
+                                    SYSLOG_NAME, resolve_path)
 from mailflow.files import read_regular_file
+from mailflow.syntax import DURATION_MAX
 
 if TYPE_CHECKING:
     from mailflow.config import Config
@@ -270,10 +273,16 @@ LOADED_CODE = _code_fingerprint()
 
 
 def _settings_from(data: object) -> Optional[SubmitSettings]:
-    """The settings in the cache's JSON, each field of the type it must have; None when one is missing, extra or
-    of another type."""
+    """The settings in the cache's JSON, each field of the type it must have and a value the model could give; None
+    when one is missing, extra, of another type, a string with a control character (a banner or a host name with
+    a line break), a negative number, or not one of [log]'s values."""
     found = _dataclass_from(SubmitSettings, data)
-    return found if isinstance(found, SubmitSettings) else None
+    if not isinstance(found, SubmitSettings):
+        return None
+    log = found.log
+    if log.level not in LOG_LEVELS or log.format not in LOG_FORMATS or not re.match(SYSLOG_NAME, log.syslog_name):
+        return None
+    return found
 
 
 def _dataclass_from(cls: Any, data: object) -> object:
@@ -294,16 +303,22 @@ def _value_from(kind: Any, value: object) -> object:
         return _dataclass_from(kind, value)
     if kind is bool:
         return value if isinstance(value, bool) else None
-    if kind is int:
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
-    if kind is float:
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if kind is int:  # (every count and size the model has is 0 or more)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    if kind is float:  # (a duration: error_sleep_time; JSON has NaN and Infinity)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= DURATION_MAX
+        return float(value) if ok else None  # type: ignore[arg-type]
     if kind is str:
-        return value if isinstance(value, str) else None
+        return value if _plain(value) else None
     if kind == tuple[str, ...]:
-        ok = isinstance(value, list) and all(isinstance(item, str) for item in value)
+        ok = isinstance(value, list) and all(_plain(item) for item in value)
         return tuple(value) if ok else None  # type: ignore[arg-type]
     return None
+
+
+def _plain(value: object) -> bool:
+    """A string the configuration loader lets through (mailflow/config/load.py: no control character)."""
+    return isinstance(value, str) and CONTROL.search(value) is None
 
 
 # --- the server's side -----------------------------------------------------------------------------------------

@@ -255,6 +255,23 @@ def another_log_file(path: Path) -> None:
     path.write_text(json.dumps(data))
 
 
+def setting(section: str, name: str, value: object):
+    """A record whose key is right holding a value the model never gives (as a careless writer could)."""
+    def spoil(path: Path) -> None:
+        data = json.loads(path.read_text())
+        (data["settings"][section] if section else data["settings"])[name] = value
+        path.write_text(json.dumps(data))
+    spoil.__name__ = f"{section}.{name}={value!r}"
+    return spoil
+
+
+NOT_THE_MODELS = [setting("log", "level", "loud"), setting("log", "format", "xml"),
+                  setting("log", "syslog_name", "-x y"), setting("smtpd", "banner", "ESMTP\r\n250 injected"),
+                  setting("", "myhostname", "mx.test\nX: y"), setting("sendmail", "authorized_submit_users", ["a\0"]),
+                  setting("smtpd", "recipient_limit", -1), setting("smtpd", "error_sleep_time", float("nan")),
+                  setting("smtpd", "error_sleep_time", float("inf"))]
+
+
 def owned_by_another_user(path: Path) -> None:
     os.chown(path, 54321, -1)
 
@@ -291,7 +308,7 @@ def too_big(path: Path) -> None:
 @pytest.mark.parametrize("spoil", [corrupt, wrong_type, extra_field, missing_field, another_format, another_queue,
                                    another_log_file,
                                    owned_by_another_user, world_writable, group_writable, a_symbolic_link, a_fifo,
-                                   a_directory, too_big])
+                                   a_directory, too_big, *NOT_THE_MODELS], ids=lambda spoil: spoil.__name__)
 def test_a_cache_in_doubt_is_not_used(config, spoil):
     if spoil is owned_by_another_user and os.geteuid() != 0:
         pytest.skip("chown needs root")
