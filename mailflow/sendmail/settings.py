@@ -42,6 +42,7 @@ import os
 import re
 import stat
 import sys
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
 CACHE_NAME = "sendmail-settings.json"
 FORMAT = 1  # the cache's layout; a reader finding another one takes the full path
 CACHE_LIMIT = 1 << 20  # bytes: a cache beyond it is not ours
+LEFTOVER_AGE = 60  # seconds: a temporary record this old is a killed writer's (one is renamed within microseconds)
 WRITTEN_DEFAULTS = {"queue_directory": QUEUE_DIRECTORY, "log.file": LOG_FILE}  # compared with the record's
 
 
@@ -360,6 +362,7 @@ def _replace_cache(settings: SubmitSettings, key: str) -> None:
     queue = settings.queue_path
     if not stat.S_ISDIR(os.stat(queue).st_mode):
         return
+    _sweep(queue)
     data = json.dumps({"format": FORMAT, "key": key, "settings": dataclasses.asdict(settings)}, indent=1).encode()
     temporary = queue / f".{CACHE_NAME}.{os.getpid()}"
     temporary.unlink(missing_ok=True)  # (one a writer of the same pid left behind)
@@ -372,3 +375,18 @@ def _replace_cache(settings: SubmitSettings, key: str) -> None:
     except OSError:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def _sweep(queue: Path) -> None:
+    """Remove the temporary records (`.CACHE_NAME.PID`) that writers killed between creating and renaming one left
+    behind, when older than LEFTOVER_AGE (a younger one is being written)."""
+    oldest = time.time() - LEFTOVER_AGE
+    with os.scandir(queue) as entries:  # (the queue's top level: a few directories and files)
+        for entry in entries:
+            if not entry.name.startswith(f".{CACHE_NAME}."):
+                continue
+            try:
+                if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < oldest:
+                    os.unlink(entry.path)
+            except OSError:
+                continue

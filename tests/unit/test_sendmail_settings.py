@@ -362,6 +362,19 @@ def test_the_records_constants_are_the_models():
     assert get_args(LogConfig.model_fields["format"].annotation) == config_source.LOG_FORMATS
 
 
+def test_temporary_records_killed_writers_left_are_swept(config):
+    """(a writer killed between creating `.sendmail-settings.json.PID` and renaming it) The server sweeps them as
+    it records the settings at its start; one being written now (younger than LEFTOVER_AGE) is left alone."""
+    queue = config.parent / "queue"
+    left, being_written = queue / f".{CACHE_NAME}.99999", queue / f".{CACHE_NAME}.99998"
+    left.write_text("{")
+    being_written.write_text("{")
+    os.utime(left, (0, 0))
+    recorded(config)
+    assert not left.exists() and being_written.exists()
+    assert cached_settings(str(config)) is not None
+
+
 def test_load_source_gives_the_bytes_it_validated(config):
     loaded, raw = load_source(config)
     assert raw == GOOD.encode() and loaded == load_config(config)
