@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -137,6 +138,39 @@ def test_other_code_is_not_taken_from_the_cache(config, package, monkeypatch, mo
     (package / module).write_text("# other code\n")
     monkeypatch.setattr(cache, "LOADED_CODE", cache._code_fingerprint())  # (a sendmail started now)
     assert cached_settings(str(config)) is None
+
+
+UPGRADING_SERVER = """\
+import sys
+from pathlib import Path
+
+import mailflow.config
+from mailflow.sendmail.settings import remember_settings
+
+main = Path(mailflow.__file__).parent / "config" / "main.py"
+assert main.is_relative_to(sys.argv[2]), main  # the copy, never the tree the tests run from
+main.write_text(main.read_text().replace("Field(102400, ge=1024)", "Field(102400, ge=50000)"))
+remember_settings(sys.argv[1])  # a reload (SIGHUP, `mailflow reload`) after the upgrade
+"""
+
+
+def test_after_an_upgrade_sendmail_gives_the_new_codes_error_until_the_server_restarts(tmp_path):
+    """A server running the old code reloads after an upgrade that makes the model refuse its file: the new
+    sendmail says the new code's error, as it would without any record (the old server's validation is not
+    its own). Real processes, with a copy of mailflow as the installed code."""
+    code = tmp_path / "code"
+    shutil.copytree(Path(mailflow.__file__).parent, code / "mailflow", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "PYTHONPATH": str(code), "PYTHONDONTWRITEBYTECODE": "1"}
+    (tmp_path / "queue").mkdir()
+    config = tmp_path / "mailflow.toml"
+    config.write_text('queue_directory = "queue"\nheader_size_limit = 20000\n')
+    # (run in tmp_path: `-c` and `-m` put the current directory first on the path)
+    subprocess.run([sys.executable, "-c", UPGRADING_SERVER, str(config), str(code)], env=env, cwd=tmp_path,
+                   check=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "mailflow", "sendmail", "-C", str(config), "-t"], env=env,
+                          cwd=tmp_path, input=b"To: a@example.test\n\nhi\n", capture_output=True, timeout=60)
+    assert done.returncode == os.EX_CONFIG, done.stderr
+    assert done.stderr.decode().startswith(f"mailflow: {config}: header_size_limit: "), done.stderr
 
 
 def test_an_edit_keeping_size_and_time_of_a_configuration_module_is_other_code(config, package, monkeypatch):
