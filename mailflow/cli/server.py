@@ -186,7 +186,9 @@ def ensure_descriptors(cfg: Config) -> None:
 def check_config(config: Optional[str] = ConfigOption) -> None:
     """Validate the configuration and read every file-backed lookup table, DKIM key and listener certificate it
     names, and see that the log file can be written (like `postfix check`). Exit 2 on the first bad setting, or after
-    listing every file that cannot be used."""
+    listing every file that cannot be used. A valid configuration file's settings for sendmail are recorded in
+    <queue_directory>/sendmail-settings.json when this user can write there, as `serve` records them (none for the
+    built-in defaults; docs/sendmail.md)."""
     cfg = load(config, remember=True)
     where = config_name(config_path(config))
     problems = (table_problems(cfg, where) + signing_problems(cfg) + certificate_problems(cfg, where)

@@ -10,29 +10,40 @@ model (importing mailflow.config, pydantic and its 36 models, costs ~100 ms: doc
                                             configuration, else None (the caller loads the configuration)
     remember_settings(path) -> Config       load_config(path), and the settings of the bytes it validated recorded
                                             in `<queue_directory>/CACHE_NAME` (by `serve` at its start and at each
-                                            reload, and by `check-config`); raises ConfigError as load_config.
-                                            Not when the code on disk is no longer the code this process loaded
-                                            (LOADED_CODE; an upgrade before a reload): then the record is removed
+                                            reload, and by `check-config`), temporary records killed writers left
+                                            there swept; raises ConfigError as load_config. Nothing is recorded for
+                                            the built-in defaults (path None), nor when the code on disk is no
+                                            longer the code this process loaded (an upgrade before a reload: then
+                                            the record is removed)
 
-The cache holds a key and the settings. The key is a SHA-256 of mailflow's version, the path, size and time of
-every module of mailflow (an upgrade, or an edited install, is new code), the absolute directory
-the configuration's relative paths are taken from and the configuration file's exact bytes (or "the built-in
-defaults"). load_config reads no environment variable; one it read would have to join the key. sendmail reads the
-file's bytes, takes queue_directory from them with tomllib (~1 ms), reads the cache there and compares keys: equal,
-the settings are what load_config would give (validation depends on nothing else), so the configuration is valid
-and the model is not loaded. Anything else (no cache, another key, a cache that cannot be read or parsed, one
-that is not a regular file, is group- or world-writable, or is owned by neither root nor the queue directory's
-owner, or one whose queue or [log] file is not the file's) is doubt: None, and sendmail takes the full path,
-whose errors are today's, exactly.
+The cache holds a key and the settings. The key is a SHA-256 of mailflow's version, the code (LOADED_CODE, taken
+once as this module is imported: Python's version, the path, size and time of every module of mailflow, the
+contents of the configuration model's modules, pydantic's and pydantic-core's versions and files; an upgrade, or
+an edited install, is new code), the absolute directory the configuration's relative paths are taken from and the
+configuration file's exact bytes. load_config reads no environment variable; one it read would have to join the
+key. sendmail reads the file's bytes, takes queue_directory from them with tomllib (~1 ms), reads the cache there
+and compares keys: equal, the settings are what load_config would give under the code sendmail runs (validation
+depends on nothing else), so the configuration is valid and the model is not loaded. Anything else (no cache,
+another key, a cache that cannot be read or parsed, one that is not a regular file, is group- or world-writable,
+is written by another than the writers below, holds a value the model never gives, or whose queue or [log] file
+is not the file's) is doubt: None, and sendmail takes the full path, whose errors are today's, exactly.
+
+What the key cannot see: code changed by other means than files under mailflow/, pydantic/ and pydantic_core/
+(their top level) or Python's version (another library the validation imports, a module of mailflow edited
+keeping its size and time outside mailflow/config), and a code change between the server's import of
+mailflow.config and of this module (milliseconds).
 
 Security: sendmail runs as the user, who controls MAILFLOW_CONFIG, -C and the file it names; the cache only
-spares work the user could have the full path do with the same outcome, and is trusted only as written by the
-queue's owner (or root) in a place others cannot write; and the two places sendmail writes to, the queue and
-(-bs) the log file, must be the ones the configuration file names, so the record's writer chooses neither (root's
--bs never appends to a file the queue's owner picked). pickup checks the submission policy again server-side.
+spares work the user could have the full path do with the same outcome, and is believed only as written where
+others cannot write, by root or the queue's owner, or, for a sendmail run by root, by root or the configuration
+file's owner (who picks its settings anyway: the queue's owner could otherwise pick root's); and the two places
+sendmail writes to, the queue and (-bs) the log file, must be the ones the configuration file names, so the
+record's writer chooses neither. The built-in defaults have no record: their queue, ./var, is whoever's owns the
+directory sendmail runs in. pickup checks the submission policy again server-side.
 
-Failure behaviour: cached_settings never raises (None); remember_settings raises ConfigError as load_config and
-leaves the cache alone when it cannot write it (a queue directory not yet made, or not this user's).
+Failure behaviour: cached_settings never raises (None); remember_settings raises ConfigError as load_config, and
+leaves the cache alone when it cannot write it (a queue directory not yet made, not this user's, or any other
+OSError): recording never fails a check or a reload.
 """
 import dataclasses
 import hashlib
