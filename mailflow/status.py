@@ -31,6 +31,11 @@ class Reply:
     # the server's own failure, not a policy's verdict: a table that could not answer, a configuration error
     # (Postfix's reject_dict_retry, reject_server_error); warn_if_reject never makes one a warning
     server_fault: bool = field(default=False, compare=False, repr=False)
+    # the class smtpd files this refusal under for notify_classes, set where the refusal is made as Postfix's
+    # smtpd_check_reject(state, MAIL_ERROR_x, ...) and smtpd.c's error_mask do: policy (a restriction's, the
+    # default), protocol, bounce, data, resource, software; None for a refusal Postfix files under none (a failed
+    # AUTH, the recipient limit, the server's own 421s). Meaningless for a 2xx/3xx
+    error_class: str | None = field(default="policy", compare=False, repr=False)
 
     def __str__(self) -> str:
         last = f"{self.code} {self.status} {self.text}" if self.status else f"{self.code} {self.text}"
@@ -64,42 +69,45 @@ def user_unknown(address: str, table: str = "local recipient table", what: str =
     "Sender address": reject_unlisted_sender's refusal (Postfix: X.1.0); `code`: the class's
     unknown_*_reject_code (smtpd), the enhanced code's class following it (450 4.1.1), as Postfix's."""
     detail = "1.0" if what == "Sender address" else "1.1"
-    return Reply(code, f"{code // 100}.{detail}", f"<{address}>: {what} rejected: User unknown in {table}")
+    return Reply(code, f"{code // 100}.{detail}", f"<{address}>: {what} rejected: User unknown in {table}",
+                 error_class="bounce")
 
 
 def bad_address_syntax(address: str) -> Reply:
-    return Reply(501, "5.1.3", f"<{address}>: Bad recipient address syntax")
+    return Reply(501, "5.1.3", f"<{address}>: Bad recipient address syntax", error_class="protocol")
 
 
 def bad_sender_syntax(address: str) -> Reply:
-    return Reply(501, "5.1.7", f"<{address}>: Bad sender address syntax")
+    return Reply(501, "5.1.7", f"<{address}>: Bad sender address syntax", error_class="protocol")
 
 
 # A MAIL or RCPT path that cannot be parsed (Postfix's words: no address is named, it is not one).
-SENDER_SYNTAX = Reply(501, "5.1.7", "Bad sender address syntax")
-RECIPIENT_SYNTAX = Reply(501, "5.1.3", "Bad recipient address syntax")
-BAD_SIZE_SYNTAX = Reply(501, "5.5.4", "Bad message size syntax")
+SENDER_SYNTAX = Reply(501, "5.1.7", "Bad sender address syntax", error_class="protocol")
+RECIPIENT_SYNTAX = Reply(501, "5.1.3", "Bad recipient address syntax", error_class="protocol")
+BAD_SIZE_SYNTAX = Reply(501, "5.5.4", "Bad message size syntax", error_class="protocol")
 SIZE_EXCEEDS_LIMIT = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 SIZE_OVERFLOW = Reply(552, "5.3.4", "Message size exceeds file system imposed limit")  # past OFF_T_MAX
-MULTIPLE_AUTH = Reply(503, "5.5.4", "Error: multiple AUTH= options")  # an AUTH= after one naming a sender
+# an AUTH= after one naming a sender
+MULTIPLE_AUTH = Reply(503, "5.5.4", "Error: multiple AUTH= options", error_class="protocol")
 
 
 def unsupported_option(word: str) -> Reply:
     """A MAIL or RCPT parameter mailflow does not know (Postfix: 555 5.5.4 Unsupported option)."""
-    return Reply(555, "5.5.4", f"Unsupported option: {printable(word[:100])}")
+    return Reply(555, "5.5.4", f"Unsupported option: {printable(word[:100])}", error_class="protocol")
 
 
 def lookup_failed(address: str) -> Reply:
-    return Reply(451, "4.3.0", f"<{address}>: Temporary lookup failure", server_fault=True)
+    return Reply(451, "4.3.0", f"<{address}>: Temporary lookup failure", server_fault=True, error_class="data")
 
 
-SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")  # Postfix's words
-INTERNAL_ERROR = Reply(451, "4.3.0", "Error: internal error, try again later")
-TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
-QUEUE_FULL = Reply(451, "4.3.1", "Error: queue file write error, try again later")
-INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
-QUEUE_ERROR = Reply(451, "4.3.0", "Error: queue file write error")
-TEMPORARY_LOOKUP_FAILURE = Reply(451, "4.3.0", "Temporary lookup failure", server_fault=True)
+# Postfix's words
+SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address", error_class=None)
+INTERNAL_ERROR = Reply(451, "4.3.0", "Error: internal error, try again later", error_class="software")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients", error_class=None)
+QUEUE_FULL = Reply(451, "4.3.1", "Error: queue file write error, try again later", error_class="resource")
+INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage", error_class="resource")
+QUEUE_ERROR = Reply(451, "4.3.0", "Error: queue file write error", error_class="resource")
+TEMPORARY_LOOKUP_FAILURE = Reply(451, "4.3.0", "Temporary lookup failure", server_fault=True, error_class="data")
 
 
 # ---- errors as replies: the one table from an error raised while a message or an address is accepted (by
@@ -116,10 +124,10 @@ def _lookup_failed(error: BaseException, address: str) -> Reply:
     return lookup_failed(address) if address else TEMPORARY_LOOKUP_FAILURE
 
 
-def _delivery_error(code: int) -> Callable[[BaseException, str], Reply]:
+def _delivery_error(code: int, error_class: str = "policy") -> Callable[[BaseException, str], Reply]:
     def reply(error: BaseException, address: str) -> Reply:
         assert isinstance(error, DeliveryError)
-        return Reply(code, error.dsn, error.text)
+        return Reply(code, error.dsn, error.text, error_class=error_class)
     return reply
 
 
@@ -131,8 +139,8 @@ ERROR_REPLIES: tuple[tuple[type[BaseException], Callable[[BaseException, str], R
     (Overloaded, lambda error, address: QUEUE_FULL),  # the store's write backlog is full: retry soon
     (ContentRejected, _delivery_error(550)),  # header_checks / body_checks REJECT (Postfix: 550 5.7.1)
     (LookupRetry, _lookup_failed),  # a table or DNS cannot answer now; its text may name a table: not shown
-    (MessageTooBig, _delivery_error(552)),  # a size limit (X.3.4)
-    (PermanentError, _delivery_error(554)),  # refused for good: a mail loop (5.4.0), ...
+    (MessageTooBig, _delivery_error(552, "bounce")),  # a size limit (X.3.4)
+    (PermanentError, _delivery_error(554, "bounce")),  # refused for good: a mail loop (5.4.0), ...
     (DeliveryError, _delivery_error(451)),  # refused for now: an alias expansion error (4.6.0), ...
     (OSError, _store_fault),  # the spool or the queue's files: 4.3.1 when the disk is full
     (sqlite3.Error, _store_fault),  # the queue database: locked, I/O error, full
@@ -152,11 +160,11 @@ def error_reply(error: BaseException, address: str = "") -> Reply:
 # `name` is what the rule looked at (<addr>, <host[ip]>, <helo>, <DATA>), `what` its class ("Recipient address",
 # "Sender address", "Client host", "Helo command", "Data command", "End-of-data").
 
-def restriction_rejected(code: int, dsn: str, name: str, what: str, text: str) -> Reply:
+def restriction_rejected(code: int, dsn: str, name: str, what: str, text: str, error_class: str = "policy") -> Reply:
     """`554 5.7.1 <name>: What rejected: text`: a reject/defer action, a table or policy answer (`name` made
     printable, a space for a control as Postfix's smtpd_check_reject: a reply line cannot be split by what a
-    client chose, such as its certificate's name)."""
-    return Reply(code, dsn, f"<{printable(name, ' ')}>: {what} rejected: {text}")
+    client chose, such as its certificate's name); filed under `error_class` (Reply.error_class)."""
+    return Reply(code, dsn, f"<{printable(name, ' ')}>: {what} rejected: {text}", error_class=error_class)
 
 
 def access_denied(name: str, what: str, text: str = "", dsn: str = "5.7.1") -> Reply:
@@ -194,7 +202,7 @@ def restriction_table_failure(name: str, what: str) -> Reply:
 def restriction_config_error(name: str, what: str) -> Reply:
     """An action mailflow does not know (an access value naming a table or an undefined class, lists nested too
     deep): the client retries later; the server's fault (Postfix's reject_server_error), never a warning."""
-    return replace(restriction_table_failure(name, what), server_fault=True)
+    return replace(restriction_table_failure(name, what), server_fault=True, error_class="software")
 
 
 def relay_deferred(address: str) -> Reply:
@@ -327,11 +335,13 @@ MILTER_REJECTED = Reply(550, "5.7.1", "Command rejected")
 MILTER_SHUTDOWN = Reply(421, "4.7.0", "Server closing connection")  # a milter's SMFIR_SHUTDOWN (Postfix's smtpd)
 MILTER_UNAVAILABLE = Reply(550, "5.5.0", "Service unavailable")  # milter_default_action = reject (Postfix's milter8)
 # a milter whose own reply (SMFIR_REPLYCODE) is malformed: closed, as Postfix's milter8 does for a configuration error
-MILTER_CONFIGURATION_PROBLEM = Reply(451, "4.3.5", "Server configuration problem - try again later")
+MILTER_CONFIGURATION_PROBLEM = Reply(451, "4.3.5", "Server configuration problem - try again later",
+                                     error_class="software")
 # Postfix's configuration errors that make mail wait: in smtpd a restriction that may not permit did
 # (check_*_{mx,ns,a}_access answering OK; its reject_server_error); a non_smtpd_milter that refused a recipient of
 # mail that came by sendmail
-SERVER_CONFIGURATION_ERROR = Reply(451, "4.3.5", "Server configuration error", server_fault=True)
+SERVER_CONFIGURATION_ERROR = Reply(451, "4.3.5", "Server configuration error", server_fault=True,
+                                   error_class="software")
 SPAM_REJECTED = Reply(550, "5.7.1", "Message rejected as spam")
 
 
@@ -514,88 +524,93 @@ def ehlo_lines(host: str, keywords: Iterable[str]) -> list[str]:
 
 def hello_syntax(verb: str) -> Reply:
     """HELO/EHLO without a name: like every HELO/EHLO reply, without an enhanced code (Postfix)."""
-    return Reply(501, "", f"Syntax: {verb} hostname")
+    return Reply(501, "", f"Syntax: {verb} hostname", error_class="protocol")
 
 
 def bare_newline(host: str, char: str = "LF") -> Reply:
     """A line ended by a bare LF, or holding a bare CR (Postfix smtpd_forbid_bare_newline = reject); the
     session is closed after it."""
-    return Reply(521, "5.5.2", f"{host} Error: bare <{char}> received")
+    return Reply(521, "5.5.2", f"{host} Error: bare <{char}> received", error_class="protocol")
 
 
 def shutting_down(host: str) -> Reply:
     """The server stops (SIGTERM): said to a session between transactions, which is then closed."""
-    return Reply(421, "4.3.2", f"{host} Service shutting down, closing transmission channel")
+    return Reply(421, "4.3.2", f"{host} Service shutting down, closing transmission channel", error_class=None)
 
 
 def session_too_long(host: str) -> Reply:
     """session_time_limit reached; the session is closed after it."""
-    return Reply(421, "4.4.2", f"{host} Error: session time limit exceeded")
+    return Reply(421, "4.4.2", f"{host} Error: session time limit exceeded", error_class=None)
 
 
 def too_many_errors(host: str) -> Reply:
     """smtpd_hard_error_limit reached; the session is closed after it."""
-    return Reply(421, "4.7.0", f"{host} Error: too many errors")
+    return Reply(421, "4.7.0", f"{host} Error: too many errors", error_class="protocol")
 
 
 def proxy_failed(host: str) -> Reply:
     """In place of the greeting when a PROXY header is missing, malformed or late (Postfix's answer when its
     upstream proxy handshake fails); the connection is closed after it."""
-    return Reply(421, "4.3.0", f"{host} Server local error")
+    return Reply(421, "4.3.0", f"{host} Server local error", error_class="software")
 
 
 def local_data_error(host: str) -> Reply:
     """A table smtpd needs could not answer (Postfix's SMTP_ERR_DATA: the EHLO keywords to discard); the session
     ends."""
-    return Reply(421, "4.3.0", f"{host} Server local data error")
+    return Reply(421, "4.3.0", f"{host} Server local data error", error_class="data")
 
 
 def session_timeout(host: str) -> Reply:
-    return Reply(421, "4.4.2", f"{host} Error: timeout exceeded")
+    return Reply(421, "4.4.2", f"{host} Error: timeout exceeded", error_class=None)
 
 
-LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long", error_class="protocol")
 # Input sent before the greeting (answered in its place) or pipelined where RFC 2920 forbids it
 # (smtpd_forbid_unauth_pipelining); the session is closed after it. Postfix 3.7.11's words: no host name.
-PROTOCOL_SYNC = Reply(554, "5.5.0", "Error: SMTP protocol synchronization")
-BAD_SYNTAX = Reply(500, "5.5.2", "Error: bad syntax")
-BAD_UTF8 = Reply(500, "5.5.2", "Error: bad UTF-8 syntax")
-NOT_RECOGNIZED = Reply(500, "5.5.2", "Error: command not recognized")  # 500, as Postfix (RFC 5321: unrecognized)
+PROTOCOL_SYNC = Reply(554, "5.5.0", "Error: SMTP protocol synchronization", error_class=None)
+BAD_SYNTAX = Reply(500, "5.5.2", "Error: bad syntax", error_class="protocol")
+BAD_UTF8 = Reply(500, "5.5.2", "Error: bad UTF-8 syntax", error_class="protocol")
+# 500, as Postfix (RFC 5321: unrecognized)
+NOT_RECOGNIZED = Reply(500, "5.5.2", "Error: command not recognized", error_class="protocol")
 # a line that is not SMTP at all (smtpd_forbid_cmds, a header as a command): the connection is closed after it
 NON_SMTP_COMMAND = Reply(221, "2.7.0", "Error: I can break rules, too. Goodbye.")
 # a command this listener knows but does not offer (STARTTLS without a certificate: Postfix's words)
-NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
-NUL_IN_COMMAND = Reply(500, "5.5.2", "Error: NUL character in command")
-NUL_IN_DATA = Reply(554, "5.6.0", "Error: NUL character in message content")
-MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message file too big")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented", error_class="protocol")
+NUL_IN_COMMAND = Reply(500, "5.5.2", "Error: NUL character in command", error_class="protocol")
+NUL_IN_DATA = Reply(554, "5.6.0", "Error: NUL character in message content", error_class="protocol")
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message file too big", error_class="bounce")
 CHUNK_TOO_BIG = Reply(552, "5.3.4", "Chunk exceeds message size limit")  # a BDAT chunk, refused before it is read
 VRFY_DISABLED = Reply(502, "5.5.1", "VRFY command is disabled")
-VRFY_SYNTAX = Reply(501, "5.5.4", "Syntax: VRFY address [SMTPUTF8]")  # (Postfix's, with smtputf8_enable)
+# (Postfix's, with smtputf8_enable)
+VRFY_SYNTAX = Reply(501, "5.5.4", "Syntax: VRFY address [SMTPUTF8]", error_class="protocol")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
-BDAT_MIXED = Reply(503, "5.5.1", "Error: DATA after BDAT")  # (Postfix's words)
-MAIL_AFTER_BDAT = Reply(503, "5.5.1", "Error: MAIL after BDAT")  # a BDAT refused outside a transaction
-BDAT_SYNTAX = Reply(521, "5.5.4", "Syntax: BDAT count [LAST]")  # then the session closes: its chunk cannot be skipped
+BDAT_MIXED = Reply(503, "5.5.1", "Error: DATA after BDAT", error_class="protocol")  # (Postfix's words)
+# a BDAT refused outside a transaction
+MAIL_AFTER_BDAT = Reply(503, "5.5.1", "Error: MAIL after BDAT", error_class="protocol")
+# then the session closes: its chunk cannot be skipped
+BDAT_SYNTAX = Reply(521, "5.5.4", "Syntax: BDAT count [LAST]", error_class="protocol")
 # BDAT where CHUNKING is discarded (discard_ehlo_keywords): its chunk would be read as commands, so the session closes
-BDAT_NOT_IMPLEMENTED = Reply(521, "5.5.1", "Error: command not implemented")
-NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+BDAT_NOT_IMPLEMENTED = Reply(521, "5.5.1", "Error: command not implemented", error_class="protocol")
+NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command", error_class="protocol")
 # DATA or BDAT after MAIL when no recipient was accepted (Postfix: NEED_RCPT only outside a transaction)
-NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
-NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
-RCPT_AFTER_BDAT = Reply(503, "5.5.1", "Error: RCPT after BDAT")  # the message's content has begun
-NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
+NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients", error_class="protocol")
+NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command", error_class="protocol")
+# the message's content has begun
+RCPT_AFTER_BDAT = Reply(503, "5.5.1", "Error: RCPT after BDAT", error_class="protocol")
+NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command", error_class="protocol")
 NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
 OK = Reply(250, "2.0.0", "Ok")
 BYE = Reply(221, "2.0.0", "Bye")
-STARTTLS_FIRST = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
-TLS_ALREADY_ACTIVE = Reply(554, "5.5.1", "Error: TLS already active")
+STARTTLS_FIRST = Reply(530, "5.7.0", "Must issue a STARTTLS command first", error_class=None)
+TLS_ALREADY_ACTIVE = Reply(554, "5.5.1", "Error: TLS already active", error_class="protocol")
 READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")  # Postfix's words (aiosmtpd: the same, no code)
-TRANSACTION_IN_PROGRESS = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
-AUTH_ABORTED = Reply(501, "5.7.0", "Authentication aborted")
-AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Can't decode base64")
-AUTH_RESPONSE_TOO_LONG = Reply(500, "5.5.6", "SASL response limit exceeded")
+TRANSACTION_IN_PROGRESS = Reply(503, "5.5.1", "Error: MAIL transaction in progress", error_class="protocol")
+AUTH_ABORTED = Reply(501, "5.7.0", "Authentication aborted", error_class=None)
+AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Can't decode base64", error_class=None)
+AUTH_RESPONSE_TOO_LONG = Reply(500, "5.5.6", "SASL response limit exceeded", error_class=None)
 # ETRN (RFC 1985), in Postfix's words, with enhanced codes
-ETRN_SYNTAX = Reply(500, "5.5.4", "Syntax: ETRN domain")
-ETRN_BAD_SITE = Reply(501, "5.5.4", "Error: invalid parameter syntax")
+ETRN_SYNTAX = Reply(500, "5.5.4", "Syntax: ETRN domain", error_class="protocol")
+ETRN_BAD_SITE = Reply(501, "5.5.4", "Error: invalid parameter syntax", error_class="protocol")
 ETRN_STARTED = Reply(250, "2.0.0", "Queuing started")
 ETRN_FAILED = Reply(458, "4.3.0", "Unable to queue messages")
 
@@ -613,7 +628,7 @@ def etrn_refused(site: str) -> Reply:
 
 def syntax(usage: str) -> Reply:
     """A command with a malformed argument: `usage` is how it is written ("MAIL FROM:<address>")."""
-    return Reply(501, "5.5.4", f"Syntax: {usage}")
+    return Reply(501, "5.5.4", f"Syntax: {usage}", error_class="protocol")
 
 
 def no_recipients(in_transaction: bool) -> Reply:
@@ -636,22 +651,23 @@ def bdat_discarded(size: int) -> Reply:
 
 
 # A malformed or repeated RFC 3461 parameter, in Postfix's words (its MAIL replies say no "Error:", its RCPT ones do)
-BAD_RET = Reply(501, "5.5.4", "Bad RET parameter syntax")
-BAD_ENVID = Reply(501, "5.5.4", "Bad ENVID parameter syntax")
-BAD_NOTIFY = Reply(501, "5.5.4", "Error: Bad NOTIFY parameter syntax")
-BAD_ORCPT = Reply(501, "5.5.4", "Error: Bad ORCPT parameter syntax")
-DSN_DISABLED = Reply(501, "5.7.1", "DSN support is disabled")  # RET, ENVID, NOTIFY, ORCPT where DSN is discarded
+BAD_RET = Reply(501, "5.5.4", "Bad RET parameter syntax", error_class="protocol")
+BAD_ENVID = Reply(501, "5.5.4", "Bad ENVID parameter syntax", error_class="protocol")
+BAD_NOTIFY = Reply(501, "5.5.4", "Error: Bad NOTIFY parameter syntax", error_class="protocol")
+BAD_ORCPT = Reply(501, "5.5.4", "Error: Bad ORCPT parameter syntax", error_class="protocol")
+# RET, ENVID, NOTIFY, ORCPT where DSN is discarded
+DSN_DISABLED = Reply(501, "5.7.1", "DSN support is disabled", error_class="protocol")
 
 
 # ---- front door (listeners, TLS, AUTH, connection limits)
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
-AUTH_FAILED = Reply(535, "5.7.8", "Error: authentication failed")
-AUTH_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure")
-AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Error: authentication not enabled")
+AUTH_FAILED = Reply(535, "5.7.8", "Error: authentication failed", error_class=None)
+AUTH_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure", error_class=None)
+AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Error: authentication not enabled", error_class="protocol")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
-ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Error: already authenticated")
+ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Error: already authenticated", error_class="protocol")
 AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
-NEED_EHLO = Reply(503, "5.5.1", "Error: send EHLO first")
+NEED_EHLO = Reply(503, "5.5.1", "Error: send EHLO first", error_class="protocol")
 SERVER_BUSY = Reply(421, "4.3.2", "Error: too many sessions, try again later")
 
 
@@ -689,17 +705,19 @@ def sender_login_mismatch(sender: str, login: str | None) -> Reply:
 
 # ---- trusted front ends (XCLIENT, Postfix XCLIENT_README)
 XCLIENT_DENIED = Reply(550, "5.7.0", "Error: insufficient authorization")
-XCLIENT_SYNTAX = Reply(501, "5.5.4", "Syntax: XCLIENT attribute=value...")
+XCLIENT_SYNTAX = Reply(501, "5.5.4", "Syntax: XCLIENT attribute=value...", error_class="protocol")
 XCLIENT_IN_TRANSACTION = TRANSACTION_IN_PROGRESS
-XCLIENT_VALUE_EXPECTED = Reply(501, "5.5.4", "Error: attribute=value expected")  # no "=", or nothing after it
-XCLIENT_VALUE_TOO_LONG = Reply(501, "5.5.4", "Error: attribute value too long")  # more than 255 octets as sent
+# no "=", or nothing after it
+XCLIENT_VALUE_EXPECTED = Reply(501, "5.5.4", "Error: attribute=value expected", error_class="protocol")
+# more than 255 octets as sent
+XCLIENT_VALUE_TOO_LONG = Reply(501, "5.5.4", "Error: attribute value too long", error_class="protocol")
 
 
 def xclient_bad_name(name: str) -> Reply:
     """An attribute XCLIENT does not know, named as the client wrote it (Postfix's xclient_cmd)."""
-    return Reply(501, "5.5.4", f"Bad XCLIENT attribute name: {name}")
+    return Reply(501, "5.5.4", f"Bad XCLIENT attribute name: {name}", error_class="protocol")
 
 
 def xclient_bad_syntax(attribute: str, value: str) -> Reply:
     """A value the syntax of `attribute` (NAME, ADDR, PORT, PROTO, HELO) refuses, in Postfix's words."""
-    return Reply(501, "5.5.4", f"Bad {attribute} syntax: {value}")
+    return Reply(501, "5.5.4", f"Bad {attribute} syntax: {value}", error_class="protocol")

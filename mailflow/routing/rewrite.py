@@ -609,14 +609,14 @@ def error_refusal(addr: str, res: Resolution, what: str = "Recipient address", c
     names none; 5.1.0 for a sender) and text (Postfix check_rcpt_maps: the error transport is undeliverable
     whatever its status says); `code`: this code instead (the virtual alias class's
     unknown_virtual_alias_reject_code). The status's class follows the code, as Postfix's smtpd_check_reject
-    makes it (`error:4.7.0 later` is `550 5.7.0 ... later`)."""
+    makes it (`error:4.7.0 later` is `550 5.7.0 ... later`); filed under bounce, as Postfix's check_rcpt_maps."""
     explicit = res.nexthop.strip()[:1] in ("4", "5")
     _, dsn, text = parse_error_nexthop(res.nexthop)
     if not explicit:
         dsn = "5.1.0" if what == "Sender address" else "5.1.1"
     if code is None:
         code = 550
-    return status.restriction_rejected(code, f"{code // 100}{dsn[1:]}", addr, what, text)
+    return status.restriction_rejected(code, f"{code // 100}{dsn[1:]}", addr, what, text, "bounce")
 
 
 CLASS_SETTING = {

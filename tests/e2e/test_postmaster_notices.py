@@ -2,9 +2,12 @@
 beget a notice, where it goes, what it says."""
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
 
+from mailflow.stages.smtpd.auth import hash_password
+from mailflow.stages.smtpd.transcript import SessionObserver, Transcript
 from tests.support import SmtpClient, eventually, queue_becomes
 
 POSTMASTER = "pm@relay.test"  # a relay domain: the notice leaves for the capturing peer
@@ -62,3 +65,60 @@ async def test_a_refused_session_sends_its_transcript_to_the_postmaster(mailflow
         "\nFor other details, see the local mail logfile\n")
     await queue_becomes(mf.store, {})
     assert [m.rcpt_tos for m in peer.messages if m.mail_from != "s@remote.test"] == [[POSTMASTER]]
+
+
+class _Classes(SessionObserver):
+    """Each ended session's refusals, as the classes smtpd filed them under."""
+
+    line_limit = byte_limit = 0
+
+    def __init__(self) -> None:
+        self.ended_sessions: list[list[str]] = []
+        self._open: dict[Transcript, list[str]] = {}
+
+    def started(self, transcript: Transcript) -> None:
+        self._open[transcript] = []
+
+    def refused(self, transcript: Transcript, error_class: str) -> None:
+        self._open[transcript].append(error_class)
+
+    def ended(self, transcript: Transcript) -> None:
+        self.ended_sessions.append(self._open.pop(transcript))
+
+
+async def test_each_refusal_is_filed_under_the_class_it_was_made_with(mailflow_server, tmp_path):
+    """The class comes from where the refusal is made, as Postfix's smtpd_check_reject(state, MAIL_ERROR_x):
+    an address whose words are another refusal's ("due to local problem", "User unknown", "Temporary lookup
+    failure") is a relay refusal (policy) all the same; a non-FQDN HELO and sender: policy; a failed AUTH: none;
+    the recipient limit: none, policy past the overshoot limit; a relocated user: bounce;
+    the error limit's 421: protocol."""
+    (tmp_path / "users").write_text(f"bob {hash_password('hunter2', n=1024)}\n")
+    observer = _Classes()
+    mf = await mailflow_server(session_observer=observer,
+                               relocated_maps=["inline:{gone@local.test=new@elsewhere.test}"],
+                               smtpd={"helo_restrictions": ["reject_non_fqdn_helo_hostname"],
+                                      "sender_restrictions": ["reject_non_fqdn_sender"],
+                                      "sasl_auth_enable": True, "sasl_user_maps": [f"texthash:{tmp_path / 'users'}"],
+                                      "auth_failure_delay": 0, "allow_plaintext_auth_on_loopback": True,
+                                      "recipient_limit": 1, "recipient_overshoot_limit": 1,
+                                      "hard_error_limit": 4, "soft_error_limit": 4})
+    port = mf.smtp_addresses[0][1]
+
+    async def session(*commands: str) -> list[str]:
+        client = await SmtpClient.connect(port)
+        for command in commands:
+            await client.cmd(command)
+        await client.close()
+        [classes] = await eventually(lambda: observer.ended_sessions, timeout=10)
+        observer.ended_sessions.clear()
+        return classes
+
+    words = ["write error due to local problem", "User unknown", "Temporary lookup failure"]
+    assert await session("EHLO client.test", "MAIL FROM:<s@remote.test>",
+                         *(f'RCPT TO:<"{w}"@elsewhere.test>' for w in words)) == ["policy"] * 3
+    for helo, sender in (("client", "s@remote.test"), ("client.test", "s@remote")):  # (refused at RCPT)
+        assert await session(f"EHLO {helo}", f"MAIL FROM:<{sender}>", "RCPT TO:<postmaster@local.test>") == ["policy"]
+    assert await session("EHLO client.test", "AUTH PLAIN " + base64.b64encode(b"\0bob\0wrong").decode()) == []
+    assert await session("EHLO client.test", "MAIL FROM:<s@remote.test>", *["RCPT TO:<postmaster>"] * 3) == ["policy"]
+    assert await session("EHLO client.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<gone@local.test>") == ["bounce"]
+    assert await session("EHLO client.test", *["BOGUS"] * 5) == ["protocol"] * 5

@@ -4,13 +4,14 @@ peer each; each notice must be its server's dialogue, written as Postfix writes 
 recipient with the same header fields once each server's names (host, mail_name) are set aside."""
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
 
 import pytest
 
 from mailflow.stages.smtpd.postmaster import line_wrap
-from tests.support import SmtpClient, eventually, postfix_instance
+from tests.support import SmtpClient, dovecot_instance, eventually, postfix_instance, queue_becomes
 
 pytestmark = pytest.mark.interop
 
@@ -72,3 +73,70 @@ async def test_a_session_transcript_is_postfixs_word_for_word(mailflow_server, s
                                               "To": "Postmaster <pm@relay.test>",
                                               "Subject": "NAME SMTP server: errors from localhost[127.0.0.1]"}, name
     assert " In:  RCPT\n     TO:<" in written(pf_said)  # (the long command, wrapped)
+
+
+CASES = {  # each session said to both servers, then QUIT; notify_classes = policy
+    "an address with another refusal's words": [
+        "EHLO client.test", "MAIL FROM:<s@remote.test>", 'RCPT TO:<"due to local problem"@elsewhere.test>',
+        'RCPT TO:<"User unknown"@elsewhere.test>', 'RCPT TO:<"Temporary lookup failure"@elsewhere.test>'],
+    "a non-FQDN HELO": ["EHLO client", "MAIL FROM:<s@remote.test>", "RCPT TO:<x@relay.test>"],
+    "a failed AUTH": ["EHLO client.test", "AUTH PLAIN " + base64.b64encode(b"\0alice@example.test\0wrong").decode()],
+    "the recipient limit": ["EHLO client.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<a@relay.test>",
+                            "RCPT TO:<b@relay.test>"],
+    "past the overshoot limit": ["EHLO client.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<a@relay.test>",
+                                 "RCPT TO:<b@relay.test>", "RCPT TO:<c@relay.test>"],
+}
+MARKER = ["EHLO marker.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<x@elsewhere.test>"]  # a notice each time
+
+
+async def said_and_quit(port: int, commands: list[str]) -> None:
+    """`commands`, then QUIT, and the server's close awaited (Postfix's smtpd posts its notice before it closes)."""
+    client = await SmtpClient.connect(port)
+    for command in commands:
+        await client.cmd(command)
+    await client.cmd("QUIT")
+    assert await client.closed()
+    await client.close()
+
+
+async def notices_of(port: int, sink, settled, commands: list[str]) -> list[list[str]]:
+    """The recipients of each notice the session `commands` begets: the session, then MARKER (whose notice
+    arrives after the session's was posted), the queue emptied."""
+    sink.messages.clear()
+    await said_and_quit(port, commands)
+    await said_and_quit(port, MARKER)
+    await eventually(lambda: [m for m in sink.messages if b"marker.test" in m.content], timeout=15, what="marker")
+    await settled()
+    return [m.rcpt_tos for m in sink.messages if b"marker.test" not in m.content]
+
+
+async def test_which_sessions_beget_a_notice_is_postfixs(mailflow_server, smtp_peer):
+    """notify_classes = policy: client-chosen words in an address do not change a relay refusal's class (policy);
+    a non-FQDN HELO is policy; a failed AUTH and the recipient limit are filed under no class, the recipient
+    limit past smtpd_recipient_overshoot_limit under policy: the same notices (how many, to whom) from both."""
+    pf_sink, mf_sink = await smtp_peer(), await smtp_peer()
+    with dovecot_instance() as dovecot:
+        async with postfix_instance({
+            "myhostname": PF_HOST, "mydestination": f"{PF_HOST}, local.test", "mynetworks": "192.0.2.0/24",
+            "relay_domains": "relay.test", "relayhost": f"[127.0.0.1]:{pf_sink.port}",
+            "smtpd_helo_restrictions": "reject_non_fqdn_helo_hostname", "smtpd_sasl_auth_enable": "yes",
+            "smtpd_sasl_type": "dovecot", "smtpd_sasl_path": str(dovecot.auth_socket),
+            "smtpd_recipient_limit": "1", "smtpd_recipient_overshoot_limit": "1",
+            "smtpd_relay_restrictions": "reject_unauth_destination", **CLASSES, "notify_classes": "policy",
+        }) as pf:
+            mf = await mailflow_server(myhostname=MF_HOST, relayhost=f"[127.0.0.1]:{mf_sink.port}",
+                                       queue={**CLASSES, "notify_classes": ["policy"]},
+                                       smtpd={"helo_restrictions": ["reject_non_fqdn_helo_hostname"],
+                                              "sasl_auth_enable": True, "sasl_type": "dovecot",
+                                              "sasl_path": str(dovecot.auth_socket), "auth_failure_delay": 0,
+                                              "allow_plaintext_auth_on_loopback": True, "recipient_limit": 1,
+                                              "recipient_overshoot_limit": 1})
+            mf_port = mf.smtp_addresses[0][1]
+            pf_got = {case: await notices_of(pf.port, pf_sink, pf.queue_empty, commands)
+                      for case, commands in CASES.items()}
+            mf_got = {case: await notices_of(mf_port, mf_sink, lambda: queue_becomes(mf.store, {}), commands)
+                      for case, commands in CASES.items()}
+    assert mf_got == pf_got
+    assert pf_got == {"an address with another refusal's words": [["pm@relay.test"]],
+                      "a non-FQDN HELO": [["pm@relay.test"]], "a failed AUTH": [], "the recipient limit": [],
+                      "past the overshoot limit": [["pm@relay.test"]]}

@@ -3,43 +3,41 @@ from __future__ import annotations
 
 import asyncio
 
+from mailflow import status
 from mailflow.config import DEFAULTS
-from mailflow.stages.smtpd.postmaster import (LINE_LIMIT, PENDING_LIMIT, SessionNotices, error_class, line_wrap,
-                                              session_reason)
+from mailflow.stages.smtpd.postmaster import LINE_LIMIT, PENDING_LIMIT, SessionNotices, line_wrap, session_reason
 from mailflow.stages.smtpd.transcript import Transcript
 
 
-def test_refusals_fall_in_postfixs_classes():
-    """As Postfix's smtpd files them (smtpd.c, smtpd_check.c)."""
-    assert {reply: error_class(reply) for reply in (
-        "250 2.1.0 Ok", "354 End data with <CR><LF>.<CR><LF>",
-        "554 5.7.1 <x@elsewhere.test>: Relay access denied",
-        "450 4.7.1 <c.test>: Helo command rejected: Host not found",
-        "550 5.1.1 <nobody@local.test>: Recipient address rejected: User unknown in local recipient table",
-        "552 5.3.4 Message size exceeds fixed limit", "554 5.4.6 Too many hops",
-        "500 5.5.2 Error: command not recognized", "503 5.5.1 Error: nested MAIL command",
-        "501 5.1.3 Bad recipient address syntax", "554 5.5.1 Error: no valid recipients",
-        "452 4.3.1 Insufficient system storage", "451 4.3.0 Error: queue file write error",
-        "451 4.3.0 <a@b.test>: Temporary lookup failure", "451 4.3.5 Server configuration error",
-        "421 4.4.2 mx.test Error: timeout exceeded", "421 4.3.2 mx.test Service shutting down",
-        "503 5.5.1 Error: send HELO/EHLO first", "454 4.3.0 Try again later",
-        "454 4.7.0 TLS not available due to local problem",
-        "421 4.7.0 mx.test Error: too many connections from 192.0.2.1", "421 4.7.0 mx.test Error: too many errors",
+def test_the_catalogue_files_refusals_in_postfixs_classes():
+    """Each refusal carries the class Postfix's smtpd gives it where it makes it (smtpd.c's error_mask,
+    smtpd_check.c's smtpd_check_reject, smtpd_sasl_glue.c): never derived from the reply's words."""
+    host = "mx.test"
+    assert {str(r): r.error_class for r in (
+        status.relay_denied('"due to local problem"@elsewhere.test'), status.non_fqdn_helo("client"),
+        status.invalid_helo("c_l"), status.non_fqdn_address("s@remote", "Sender address"),
+        status.user_unknown("nobody@local.test"), status.AUTH_FAILED, status.AUTH_UNAVAILABLE,
+        status.too_many_errors(host), status.TOO_MANY_RECIPIENTS, status.local_data_error(host),
+        status.proxy_failed(host), status.NOT_RECOGNIZED, status.NESTED_MAIL, status.RECIPIENT_SYNTAX,
+        status.INSUFFICIENT_STORAGE, status.QUEUE_ERROR, status.lookup_failed("a@b.test"),
+        status.SERVER_CONFIGURATION_ERROR, status.session_timeout(host), status.shutting_down(host),
+        status.NEED_HELO, status.MESSAGE_TOO_BIG, status.VRFY_DISABLED,
     )} == {
-        "250 2.1.0 Ok": None, "354 End data with <CR><LF>.<CR><LF>": None,
-        "554 5.7.1 <x@elsewhere.test>: Relay access denied": "policy",
-        "450 4.7.1 <c.test>: Helo command rejected: Host not found": "policy",
+        '554 5.7.1 <"due to local problem"@elsewhere.test>: Relay access denied': "policy",
+        "504 5.5.2 <client>: Helo command rejected: need fully-qualified hostname": "policy",
+        "501 5.5.2 <c_l>: Helo command rejected: Invalid name": "policy",
+        "504 5.5.2 <s@remote>: Sender address rejected: need fully-qualified address": "policy",
         "550 5.1.1 <nobody@local.test>: Recipient address rejected: User unknown in local recipient table": "bounce",
-        "552 5.3.4 Message size exceeds fixed limit": "bounce", "554 5.4.6 Too many hops": "bounce",
+        "535 5.7.8 Error: authentication failed": None, "454 4.7.0 Temporary authentication failure": None,
+        "421 4.7.0 mx.test Error: too many errors": "protocol", "452 4.5.3 Error: too many recipients": None,
+        "421 4.3.0 mx.test Server local data error": "data", "421 4.3.0 mx.test Server local error": "software",
         "500 5.5.2 Error: command not recognized": "protocol", "503 5.5.1 Error: nested MAIL command": "protocol",
-        "501 5.1.3 Bad recipient address syntax": "protocol", "554 5.5.1 Error: no valid recipients": "protocol",
-        "452 4.3.1 Insufficient system storage": "resource", "451 4.3.0 Error: queue file write error": "resource",
-        "451 4.3.0 <a@b.test>: Temporary lookup failure": "data", "451 4.3.5 Server configuration error": "software",
-        "421 4.4.2 mx.test Error: timeout exceeded": None, "421 4.3.2 mx.test Service shutting down": None,
-        "503 5.5.1 Error: send HELO/EHLO first": "policy", "454 4.3.0 Try again later": "policy",
-        "454 4.7.0 TLS not available due to local problem": "software",
-        "421 4.7.0 mx.test Error: too many connections from 192.0.2.1": "policy",
-        "421 4.7.0 mx.test Error: too many errors": None,
+        "501 5.1.3 Bad recipient address syntax": "protocol", "452 4.3.1 Insufficient system storage": "resource",
+        "451 4.3.0 Error: queue file write error": "resource", "451 4.3.0 <a@b.test>: Temporary lookup failure": "data",
+        "451 4.3.5 Server configuration error": "software", "421 4.4.2 mx.test Error: timeout exceeded": None,
+        "421 4.3.2 mx.test Service shutting down, closing transmission channel": None,
+        "503 5.5.1 Error: send HELO/EHLO first": "policy", "552 5.3.4 Error: message file too big": "bounce",
+        "502 5.5.1 VRFY command is disabled": "policy",
     }
 
 
@@ -82,7 +80,7 @@ async def test_a_transcript_is_bounded_and_so_are_the_notices_waiting_for_the_qu
         t.started()
         for _ in range(LINE_LIMIT):
             t.command(b"RCPT TO:<x@elsewhere.test>")
-            t.reply("554 5.7.1 <x@elsewhere.test>: Relay access denied")
+            t.reply("554 5.7.1 <x@elsewhere.test>: Relay access denied", "policy")
         assert t.lines == []  # (the notices keep their own record)
         t.ended()
     await asyncio.sleep(0)  # (the submissions start)
@@ -96,6 +94,6 @@ async def test_a_transcript_is_bounded_and_so_are_the_notices_waiting_for_the_qu
     assert not notices.active  # (a session makes no transcript for it)
     t = Transcript(notices, "c.test[192.0.2.1]", lambda: None)
     t.started()
-    t.reply("554 5.7.1 <x@elsewhere.test>: Relay access denied")
+    t.reply("554 5.7.1 <x@elsewhere.test>: Relay access denied", "policy")
     t.ended()
     assert len(submitted) == PENDING_LIMIT

@@ -205,6 +205,6 @@ class DataCommands(TransactionCommands):
         self._reset_transaction()
         if isinstance(reply, str) and reply.startswith("250"):
             self._message_accepted()
-        await self.push(reply if isinstance(reply, str) else status.OK)
+        await self.push(reply if isinstance(reply, (str, status.Reply)) else status.OK)
         if queued_as:
             self._observe_queued(queued_as)

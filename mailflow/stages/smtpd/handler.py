@@ -219,18 +219,18 @@ class SmtpdHandler:
         lines[-1] = "250 " + lines[-1][4:]
         return lines
 
-    async def handle_ETRN(self, server, session: SessionState, envelope: Transaction, site: str) -> str:
+    async def handle_ETRN(self, server, session: SessionState, envelope: Transaction, site: str) -> str | status.Reply:
         """RFC 1985: the mail deferred for `site` is retried now, when the lists let the client ask (its refusal
         logged as Postfix logs it) and the site is one of relay_domains or below one (Postfix's default
         fast_flush_domains); any other site gets 459, logged as Postfix logs it."""
         refusal = await self._etrn_refusal(session, envelope, site)
         if refusal is not None:
             server.log_reject("ETRN", refusal)
-            return str(refusal)
+            return refusal
         domain = address.normalise_domain(site)
         if self._flush_site is None or not domain_in(domain, self._config.relay_domains, parent=True):
             log.warning("reject: ETRN %s... from %s", printable(site[:100]), session.client)
-            return str(status.etrn_refused(site))
+            return status.etrn_refused(site)
         try:
             await self._flush_site(domain)
         except Exception as e:  # the store is failing: the client may ask again later
@@ -248,12 +248,12 @@ class SmtpdHandler:
         return await self.restrictions.check_etrn(facts)
 
     async def handle_MAIL(self, server, session: SessionState, envelope: Transaction, addr: str,
-                          options: list[str]) -> str:
+                          options: list[str]) -> str | status.Reply:
         sender = "" if addr == NULL_SENDER else addr
         if address.is_utf8(sender) and "SMTPUTF8" not in options:  # (its syntax: address_refusal)
             return str(status.SMTPUTF8_REQUIRED)
         if self._short_of_space(_declared_size(options)):
-            return str(status.INSUFFICIENT_STORAGE)
+            return status.INSUFFICIENT_STORAGE
         own = self._own_probe_sender(sender)  # a stamped probe sender of this server is checked and kept unstamped
         written, sender = sender, own or sender
         refusal = await self._sender_list_refusal(session, envelope, sender, options) or \
@@ -261,7 +261,7 @@ class SmtpdHandler:
         if refusal is not None:
             envelope.marks = Marks()  # what the sender list marked goes with the refused MAIL (Postfix's mail_reset)
             server.log_reject("MAIL", refusal, sender=addr)
-            return str(refusal)
+            return refusal
         envelope.mail_from = own or addr
         envelope.mail_options.extend(options)
         return str(status.SENDER_OK)
@@ -282,7 +282,7 @@ class SmtpdHandler:
         return short_of_space(free, self._config.queue.queue_minfree, self._config.smtpd.message_size_limit, declared)
 
     async def handle_RCPT(self, server, session: SessionState, envelope: Transaction, addr: str,
-                          options: list[str]) -> str:
+                          options: list[str]) -> str | status.Reply:
         """The session has checked the path syntax and the recipient limit. A policy refusal is logged as Postfix
         logs it (`NOQUEUE: reject: RCPT from …`). The first recipient accepted gives the transaction its queue
         id."""
@@ -299,7 +299,7 @@ class SmtpdHandler:
             if refusal is not None:
                 server.log_reject("RCPT", refusal, addr)
         if refusal is not None:
-            return str(refusal)
+            return refusal
         if not envelope.queue_id:  # Postfix's smtpd opens its queue file here: `QID: client=` is logged
             envelope.queue_id = self._cleanup.begin(session.client_info(envelope), envelope.auth_sender)
         envelope.rcpt_tos.append(own or addr)
@@ -403,7 +403,7 @@ class SmtpdHandler:
             return True
         return not self._config.allow_min_user and address.is_min_user(addr)
 
-    async def handle_DATA(self, server, session: SessionState, envelope: Transaction) -> str:
+    async def handle_DATA(self, server, session: SessionState, envelope: Transaction) -> str | status.Reply:
         """The end of the message: the policy hook's "data" stage and the end_of_data list (the data list ran at
         DATA: `handle_DATA_COMMAND`), the filters (milters, scanners; with sender authentication before the
         end_of_data list), then cleanup (or DISCARD / HOLD)."""
@@ -411,7 +411,7 @@ class SmtpdHandler:
         refusal = await self._content_refusal(session, envelope, verdicts)
         if refusal is not None:
             server.log_reject("END-OF-MESSAGE", refusal, envelope.single_recipient)
-            return str(refusal)
+            return refusal
         assert envelope.content is not None
         marks = envelope.marks
         submission = Submission(envelope=envelope.model_envelope().with_bcc(marks.bcc).redirected(marks.redirect),
@@ -424,7 +424,7 @@ class SmtpdHandler:
             outcome = await self._filters.end_of_message(session, submission, verdicts, marks)
             if outcome.refusal is not None:
                 server.log_reject("END-OF-MESSAGE", outcome.refusal, envelope.single_recipient)
-                return str(outcome.refusal)
+                return outcome.refusal
             marks.discard = marks.discard or outcome.discard
             marks.hold = marks.hold or outcome.hold
             submission = outcome.submission or submission
@@ -442,7 +442,7 @@ class SmtpdHandler:
         except Exception as error:  # not queued: the table says what the client is told
             reply = status.error_reply(error)
             _log_not_queued(session.client, error, reply)
-            return str(reply)
+            return reply
         finally:
             self.submitting -= 1
         if marks.hold is not None and not marks.hold_logged:  # (an access HOLD's line is logged where met)

@@ -1,7 +1,9 @@
 """smtpd's postmaster notices: the transcript of a session with errors (Postfix's smtpd_chat_notify).
 
 With notify_classes naming a class smtpd files its errors under (bounce, data, policy, protocol, resource,
-software; Postfix's default: resource, software), a session whose refusals fall in one of them ends with a
+software; Postfix's default: resource, software), a session whose refusals fall in one of them (each refusal's
+class is the one its status.Reply was given where it was made, as Postfix's smtpd_check_reject(state,
+MAIL_ERROR_x, ...): never read from the reply's words, which may hold what the client sent) ends with a
 notice to the postmaster: "Transcript of session follows.", each line of the dialogue as Postfix writes it
 (` Out: 220 ...`, ` In:  EHLO ...`, wrapped at 78 columns, continuations indented by 4), the reason of an aborted
 session, "For other details, see the local mail logfile". It goes to error_notice_recipient, or to
@@ -9,8 +11,6 @@ bounce_notice_recipient when one of the session's errors is of the class bounce 
 its To: field names error_notice_recipient all the same, as Postfix's), from the double-bounce sender (so a notice
 that cannot be delivered is dropped, never a notice about a notice), through cleanup as any local mail.
 
-    error_class(reply) -> str | None       the class Postfix's smtpd files a refusal under (by its code, enhanced
-                                           code and words), None for a reply that is no client error
     transcript_notice(...) -> bytes         the notice (CRLF lines, header and body)
     SessionNotices(config, submit)          the session observer (stages.smtpd.transcript) that sends them;
                                            reconfigure(config) at a reload; await close() at the stop
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from typing import Awaitable, Callable
 
 from mailflow.content import Content
@@ -48,36 +47,6 @@ LINE_LIMIT = 200  # lines of a session's transcript kept for its notice
 BYTE_LIMIT = 32_768  # bytes of them
 PENDING_LIMIT = 64  # notices waiting for cleanup at once
 WIDTH, INDENT = 78, 4  # Postfix's smtpd_chat_notify: line_wrap(..., LENGTH 78, INDENT 4)
-_REPLY = re.compile(r"(?P<code>[45]\d\d)[ -](?:(?P<status>[45]\.\d{1,3}\.\d{1,3})(?: |$))?(?P<text>.*)", re.S)
-
-
-def error_class(reply: str) -> str | None:
-    """The class of a refusal as Postfix's smtpd files it (smtpd.c, smtpd_check.c): bounce (an unknown user, a
-    message too big or with too many hops), data (a table that could not answer), resource (no room: storage, a
-    queue write), software (the server's own fault), protocol (the client broke the protocol: syntax, sequence,
-    an unknown command), policy (any other refusal: a restriction, a filter, anvil's limits). None for a 2xx/3xx
-    reply and for a 421 that is the server's state (shutting down, busy, a timeout, the error limit), which
-    Postfix files under none."""
-    m = _REPLY.match(reply)
-    if m is None:
-        return None
-    code, status, text = int(m["code"]), m["status"] or "", m["text"]
-    subject, _, detail = status[2:].partition(".")
-    if "Temporary lookup failure" in text:
-        return "data"
-    if "send HELO/EHLO first" in text or (code == 454 and "Try again later" in text):
-        return "policy"  # (smtpd.c's helo_required, smtpd_sasl_proto.c's AUTH limits: Postfix files them so)
-    if subject == "3" and detail in ("0", "5") or "due to local problem" in text:
-        return "resource" if "write error" in text else "software"
-    if code == 421:  # (anvil's rate and count limits are policy, as Postfix's smtpd files them)
-        return "policy" if "Error: too many" in text and "too many errors" not in text else None
-    if "User unknown" in text or (subject, detail) in (("3", "4"), ("4", "6")):
-        return "bounce"
-    if subject == "3" and detail == "1":
-        return "resource"
-    if 500 <= code <= 504 or subject == "5" or status[2:] in ("1.3", "1.7"):
-        return "protocol"
-    return "policy"
 
 
 def line_wrap(text: str, width: int = WIDTH, indent: int = INDENT) -> list[str]:
@@ -207,9 +176,11 @@ class SessionNotices(SessionObserver):
         if record is None:
             return
         record.keep("S", line.rstrip("\r\n"))
-        found = error_class(line)
-        if found is not None:
-            record.errors.add(found)
+
+    def refused(self, transcript: Transcript, error_class: str) -> None:
+        record = self._records.get(transcript)
+        if record is not None:
+            record.errors.add(error_class)
 
     def queued(self, transcript: Transcript, queue_id: str) -> None:
         record = self._records.get(transcript)

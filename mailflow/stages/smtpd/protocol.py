@@ -408,12 +408,14 @@ class ProtocolCore(SMTP):
         await self._write(b"".join(self._reply_bytes(line, True) for line in lines))
 
     def _reply_bytes(self, line: Any, counts_as_error: bool) -> bytes:
-        """One reply line as sent, counted (errors, the disconnect statistics) and in the transcript. A 4xx or 5xx
+        """One reply line as sent, counted (errors, the disconnect statistics) and in the transcript (a refusal
+        with the class its Reply was given where it was made: status.Reply.error_class). A 4xx or 5xx
         gets the reject_footer (status.with_footer) under its last line, then under soft_bounce a 5xx goes out as 4xx
         (status.soft_bounced), whoever wrote it: this is where every reply passes, as Postfix's smtpd_chat_reply.
         A continuation line sent on its own (`push_lines`) gets no footer: the reply's last line does."""
+        error_class: str | None = "protocol"  # (a library-written refusal: aiosmtpd's syntax and sequence errors)
         if isinstance(line, status.Reply):  # one final line, as the catalogue wrote it
-            final, line, text = line.code, str(line), True
+            final, line, text, error_class = line.code, str(line), True, line.error_class
         else:
             text = isinstance(line, str)  # (else bytes, as sent: AUTH's 334 challenges)
             if self._replies_sent and not self._in_hello and text:  # the first is the greeting
@@ -429,7 +431,7 @@ class ProtocolCore(SMTP):
         self.record.replied(final)
         self._replies_sent += 1
         if self.transcript is not None:
-            self.transcript.reply(line)
+            self.transcript.reply(line, error_class if final >= 400 else None)
         data = line.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") if text else line
         return data + b"\r\n"
 

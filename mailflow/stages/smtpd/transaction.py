@@ -32,6 +32,7 @@ recipient_limit 452 4.5.3, counted as an error only past recipient_overshoot_lim
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from mailflow import address, status
@@ -84,8 +85,9 @@ class TransactionCommands(SecureCommands):
         rcpt, notify_orcpt, written = taken
         if len(self.envelope.rcpt_tos) >= self._limits.recipient_limit:
             self.envelope.overshoot += 1
-            await self.push(status.TOO_MANY_RECIPIENTS,
-                            counts_as_error=self.envelope.overshoot > self._limits.recipient_overshoot_limit)
+            over = self.envelope.overshoot > self._limits.recipient_overshoot_limit  # (Postfix's rcpt_overlim)
+            await self.push(replace(status.TOO_MANY_RECIPIENTS, error_class="policy") if over
+                            else status.TOO_MANY_RECIPIENTS, counts_as_error=over)
             return
         before = len(self.envelope.rcpt_tos)
         reply = await self._call_handler_hook("RCPT", rcpt, [])

@@ -8,13 +8,18 @@ a session keeps none and pays one `is None` test per command and reply.
         started(transcript)              a connection was accepted (before the greeting)
         commanded(transcript, text)      one command line is read (AUTH's credentials left out)
         replied(transcript, line)        one reply line is sent (told just before the write)
+        refused(transcript, error_class) the reply just told is a refusal smtpd files under `error_class`
+                                         (status.Reply.error_class: policy, protocol, bounce, ...)
         queued(transcript, queue_id)     a message of the session was committed; the transcript holds its 250
         ended(transcript)                the session is over, however it ended
         line_limit, byte_limit           how much one transcript keeps (0 lines: none, and no work for it)
     SessionObservers(*observers)  several as one (each told every event; the transcript keeps the most asked)
     Transcript                 one session's record: `client`, `helo`, `tls`, `login` (filled by the session as
-                               it learns them), `command(line)`, `reply(line)`, `snapshot()` -> model.SessionTranscript,
-                               `hang_up()` (the server ends the session, as at shutdown)
+                               it learns them), `reason` (why the session was aborted, as Postfix names it: "timeout",
+                               "lost connection", "too many errors"; "" when it ended otherwise: set by the session
+                               where it ends), `command(line)`, `reply(line, error_class)`,
+                               `snapshot()` -> model.SessionTranscript, `hang_up()` (the server ends the session,
+                               as at shutdown)
 
 Bounded: a transcript keeps at most `line_limit` lines and `byte_limit` bytes of text (each line cut at
 MAX_LINE characters); past that lines are counted, not kept. Never kept: AUTH's credentials (the command keeps
@@ -51,6 +56,9 @@ class SessionObserver:
     def replied(self, transcript: "Transcript", line: str) -> None:
         pass
 
+    def refused(self, transcript: "Transcript", error_class: str) -> None:
+        pass
+
     def queued(self, transcript: "Transcript", queue_id: str) -> None:
         pass
 
@@ -83,6 +91,10 @@ class SessionObservers(SessionObserver):
         for o in self._observers:
             Transcript._tell(o.replied, transcript, line)
 
+    def refused(self, transcript: "Transcript", error_class: str) -> None:
+        for o in self._observers:
+            Transcript._tell(o.refused, transcript, error_class)
+
     def queued(self, transcript: "Transcript", queue_id: str) -> None:
         for o in self._observers:
             Transcript._tell(o.queued, transcript, queue_id)
@@ -101,6 +113,7 @@ class Transcript:
         self.helo = ""
         self.tls = ""
         self.login = ""
+        self.reason = ""
         self.lines: list[tuple[str, str]] = []
         self.omitted = 0
         self._bytes = 0
@@ -112,11 +125,14 @@ class Transcript:
             self._keep("C", text)
         self._tell(self.observer.commanded, self, text)
 
-    def reply(self, line: str | bytes) -> None:
+    def reply(self, line: str | bytes, error_class: str | None = None) -> None:
+        """One reply line sent; `error_class`: the class of the refusal it is (None: none, or no refusal)."""
         text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
         if self.observer.line_limit:
             self._keep("S", text.rstrip("\r\n"))
         self._tell(self.observer.replied, self, text)
+        if error_class is not None:
+            self._tell(self.observer.refused, self, error_class)
 
     def snapshot(self) -> SessionTranscript:
         return SessionTranscript(self.client, self.helo, self.tls, self.login, tuple(self.lines), self.omitted)
