@@ -108,6 +108,12 @@ class SessionLog:
             self.lines.timeout(self._after(), self._client())
         self.server_hung_up = True
 
+    @property
+    def client_left(self) -> bool:
+        """The client went away without QUIT while the server still talked (Postfix's SMTP_ERR_EOF: its
+        "lost connection" reason); False once the server ended the session (a refusal, a timeout, a stop)."""
+        return not self.server_hung_up and "quit" not in self.counts
+
     def ended(self) -> None:
         logged = self.connected and self.lines.active
         client = self._client() if logged else ""  # (named only for a line: the name costs a few calls)

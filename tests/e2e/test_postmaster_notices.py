@@ -122,3 +122,21 @@ async def test_each_refusal_is_filed_under_the_class_it_was_made_with(mailflow_s
     assert await session("EHLO client.test", "MAIL FROM:<s@remote.test>", *["RCPT TO:<postmaster>"] * 3) == ["policy"]
     assert await session("EHLO client.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<gone@local.test>") == ["bounce"]
     assert await session("EHLO client.test", *["BOGUS"] * 5) == ["protocol"] * 5
+
+
+async def test_a_session_the_server_ends_gives_no_reason(mailflow_server, smtp_peer):
+    """The reason is the one the session set where it ended, as Postfix's (timeout, lost connection, too many
+    errors): a session the server closes after its 521 for a bare <LF> has none, where its last lines alone would
+    look like a lost connection."""
+    peer = await smtp_peer()
+    mf = await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}",
+                               queue={"notify_classes": ["protocol"], "error_notice_recipient": POSTMASTER})
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await client.cmd("HELO bare.test")).code == 250
+    assert (await client.cmd(b"NOOP\n")).code == 521
+    assert await client.closed()
+    await client.close()
+    [notice] = await eventually(lambda: [m for m in peer.messages if m.rcpt_tos == [POSTMASTER]], timeout=10)
+    body = email.message_from_bytes(notice.content, policy=email.policy.default).get_content().replace("\r\n", "\n")
+    assert body.endswith(" Out: 521 5.5.2 mx.mailflow.test Error: bare <LF> received\n\n\n"
+                         "For other details, see the local mail logfile\n")

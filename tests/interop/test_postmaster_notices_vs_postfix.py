@@ -85,6 +85,8 @@ CASES = {  # each session said to both servers, then QUIT; notify_classes = poli
                             "RCPT TO:<b@relay.test>"],
     "past the overshoot limit": ["EHLO client.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<a@relay.test>",
                                  "RCPT TO:<b@relay.test>", "RCPT TO:<c@relay.test>"],
+    "past smtpd_history_flush_threshold": ["EHLO client.test", "MAIL FROM:<s@remote.test>",
+                                           "RCPT TO:<x@elsewhere.test>", *["NOOP"] * 70, "RSET"],
 }
 MARKER = ["EHLO marker.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<x@elsewhere.test>"]  # a notice each time
 
@@ -99,21 +101,26 @@ async def said_and_quit(port: int, commands: list[str]) -> None:
     await client.close()
 
 
-async def notices_of(port: int, sink, settled, commands: list[str]) -> list[list[str]]:
-    """The recipients of each notice the session `commands` begets: the session, then MARKER (whose notice
-    arrives after the session's was posted), the queue emptied."""
+async def notices_of(port: int, sink, settled, commands: list[str]) -> list[tuple[list[str], int, bool]]:
+    """Each notice the session `commands` begets: its recipients, how many commands its transcript shows, whether
+    it gives a reason; the session, then MARKER (whose notice arrives after the session's was posted), the queue
+    emptied."""
     sink.messages.clear()
     await said_and_quit(port, commands)
     await said_and_quit(port, MARKER)
     await eventually(lambda: [m for m in sink.messages if b"marker.test" in m.content], timeout=15, what="marker")
     await settled()
-    return [m.rcpt_tos for m in sink.messages if b"marker.test" not in m.content]
+    return [(m.rcpt_tos, m.content.count(b"\n In:  "), b"Session aborted" in m.content)
+            for m in sink.messages if b"marker.test" not in m.content]
 
 
 async def test_which_sessions_beget_a_notice_is_postfixs(mailflow_server, smtp_peer):
     """notify_classes = policy: client-chosen words in an address do not change a relay refusal's class (policy);
     a non-FQDN HELO is policy; a failed AUTH and the recipient limit are filed under no class, the recipient
-    limit past smtpd_recipient_overshoot_limit under policy: the same notices (how many, to whom) from both."""
+    limit past smtpd_recipient_overshoot_limit under policy; a session past smtpd_history_flush_threshold (100
+    lines) at RSET sends its refusal's notice there (RSET its last command), without a reason, and nothing at its
+    end: the same notices (how many,
+    to whom, how long, with a reason or not) from both."""
     pf_sink, mf_sink = await smtp_peer(), await smtp_peer()
     with dovecot_instance() as dovecot:
         async with postfix_instance({
@@ -137,6 +144,7 @@ async def test_which_sessions_beget_a_notice_is_postfixs(mailflow_server, smtp_p
             mf_got = {case: await notices_of(mf_port, mf_sink, lambda: queue_becomes(mf.store, {}), commands)
                       for case, commands in CASES.items()}
     assert mf_got == pf_got
-    assert pf_got == {"an address with another refusal's words": [["pm@relay.test"]],
-                      "a non-FQDN HELO": [["pm@relay.test"]], "a failed AUTH": [], "the recipient limit": [],
-                      "past the overshoot limit": [["pm@relay.test"]]}
+    pm = ["pm@relay.test"]
+    assert pf_got == {"an address with another refusal's words": [(pm, 6, False)], "a non-FQDN HELO": [(pm, 4, False)],
+                      "a failed AUTH": [], "the recipient limit": [], "past the overshoot limit": [(pm, 6, False)],
+                      "past smtpd_history_flush_threshold": [(pm, 74, False)]}

@@ -5,7 +5,7 @@ import asyncio
 
 from mailflow import status
 from mailflow.config import DEFAULTS
-from mailflow.stages.smtpd.postmaster import LINE_LIMIT, PENDING_LIMIT, SessionNotices, line_wrap, session_reason
+from mailflow.stages.smtpd.postmaster import BYTE_LIMIT, FLUSH_THRESHOLD, PENDING_LIMIT, SessionNotices, line_wrap
 from mailflow.stages.smtpd.transcript import Transcript
 
 
@@ -50,21 +50,14 @@ def test_line_wrap_is_postfixs():
     assert all(len(line) <= 78 for line in line_wrap(words)) and " ".join(line_wrap(words)).split() == words.split()
 
 
-def test_the_reason_of_an_aborted_session():
-    assert session_reason([("C", "QUIT"), ("S", "221 2.0.0 Bye")]) == ""
-    assert session_reason([("C", "RCPT TO:<a@b>"), ("S", "554 5.7.1 no")]) == "lost connection"
-    assert session_reason([("S", "421 4.4.2 mx Error: timeout exceeded")]) == "timeout"
-    assert session_reason([("S", "421 4.7.0 mx Error: too many errors")]) == "too many errors"
-
-
 class _Config:
     def __init__(self, classes):
         self.myhostname = "mx.test"
         self.queue = DEFAULTS.queue.model_copy(update={"notify_classes": classes})
 
 
-async def test_a_transcript_is_bounded_and_so_are_the_notices_waiting_for_the_queue():
-    """A session's record keeps LINE_LIMIT lines (its notice says how many more there were); past
+async def test_a_record_is_bounded_and_so_are_the_notices_waiting_for_the_queue():
+    """A session's record keeps BYTE_LIMIT bytes of lines (its notice says how many more there were); past
     PENDING_LIMIT notices waiting for cleanup, more are dropped; none is kept while no class of smtpd's is named."""
     release = asyncio.Event()
     submitted = []
@@ -78,17 +71,28 @@ async def test_a_transcript_is_bounded_and_so_are_the_notices_waiting_for_the_qu
     for n in range(PENDING_LIMIT + 3):
         t = Transcript(notices, "c.test[192.0.2.1]", lambda: None)
         t.started()
-        for _ in range(LINE_LIMIT):
-            t.command(b"RCPT TO:<x@elsewhere.test>")
-            t.reply("554 5.7.1 <x@elsewhere.test>: Relay access denied", "policy")
+        t.command(b"RCPT TO:<x@elsewhere.test>")
+        t.reply("554 5.7.1 <x@elsewhere.test>: Relay access denied", "policy")
+        t.command(b"NOOP " + b"x" * 2000)  # (cut at MAX_LINE: 1000 characters)
         assert t.lines == []  # (the notices keep their own record)
         t.ended()
     await asyncio.sleep(0)  # (the submissions start)
     assert len(submitted) == PENDING_LIMIT
-    body = b"".join(submitted[0].content.parts)
-    assert body.count(b"\r\n In:  RCPT") == LINE_LIMIT // 2 and b" (200 more lines of the session not kept)" in body
     release.set()
     await notices.close()
+
+    submitted.clear()
+    t = Transcript(notices, "c.test[192.0.2.1]", lambda: None)
+    t.started()
+    t.reply("554 5.7.1 <x@elsewhere.test>: Relay access denied", "policy")
+    for _ in range(FLUSH_THRESHOLD // 2 - 1):
+        t.reply("x" * 2000)  # (a reply line per command, no command: never flushed)
+    t.ended()
+    await notices.close()
+    [notice] = submitted
+    body = b"".join(notice.content.parts)
+    kept = (BYTE_LIMIT - 51) // 1001
+    assert body.count(b"x\r\n") == kept and f" ({FLUSH_THRESHOLD // 2 - 1 - kept} more lines".encode() in body
 
     notices.reconfigure(_Config(("2bounce", "delay")))  # (no class of smtpd's)
     assert not notices.active  # (a session makes no transcript for it)
@@ -96,4 +100,55 @@ async def test_a_transcript_is_bounded_and_so_are_the_notices_waiting_for_the_qu
     t.started()
     t.reply("554 5.7.1 <x@elsewhere.test>: Relay access denied", "policy")
     t.ended()
-    assert len(submitted) == PENDING_LIMIT
+    assert submitted == [notice]
+
+
+async def test_a_long_session_is_flushed_at_postfixs_threshold_and_ends_with_its_own_reason():
+    """Postfix's smtpd_history_flush_threshold: at a checkpoint (HELO, EHLO, RSET, the end of a message), a record
+    past FLUSH_THRESHOLD lines sends its notice (the refusal in it, no reason: the session goes on) if its errors are
+    of a named class, then starts again with none; at XCLIENT's, whatever its length; the session's end sends the
+    rest only with a new error, its reason the one the session set."""
+    submitted = []
+
+    async def submit(submission):
+        submitted.append(b"".join(submission.content.parts).decode())
+        return "Q1"
+
+    notices = SessionNotices(_Config(("policy",)), submit)
+    t = Transcript(notices, "c.test[192.0.2.1]", lambda: None)
+    t.started()
+    t.reply("220 mx.test ESMTP")
+    t.command(b"RCPT TO:<x@elsewhere.test>")
+    t.reply("554 5.7.1 <x@elsewhere.test>: Relay access denied", "policy")
+    for n in range(60):
+        t.command(b"NOOP")
+        t.reply("250 2.0.0 Ok")
+        if n == 40:
+            t.checkpoint()  # (under the threshold: nothing)
+    t.command(b"RSET")
+    t.checkpoint()
+    t.reply("250 2.0.0 Ok")
+    t.command(b"QUIT")
+    t.reply("221 2.0.0 Bye")
+    t.ended()
+    await notices.close()
+    [flushed] = submitted
+    assert "554 5.7.1 <x@elsewhere.test>: Relay access denied" in flushed and "Session aborted" not in flushed
+    assert flushed.count(" In:  NOOP") == 60 and flushed.endswith(
+        " In:  RSET\r\n\r\n\r\nFor other details, see the local mail logfile\r\n")
+
+    submitted.clear()
+    t = Transcript(notices, "c.test[192.0.2.1]", lambda: None)
+    t.started()
+    t.command(b"RCPT TO:<x@elsewhere.test>")
+    t.reply("554 5.7.1 <x@elsewhere.test>: Relay access denied", "policy")
+    t.command(b"XCLIENT NAME=other.test")
+    t.checkpoint(everything=True)
+    t.command(b"RCPT TO:<y@elsewhere.test>")
+    t.reply("554 5.7.1 <y@elsewhere.test>: Relay access denied", "policy")
+    t.reason = "timeout"
+    t.ended()
+    await notices.close()
+    assert ["x@" in n and "XCLIENT" in n and "y@" not in n and "Session aborted" not in n for n in submitted] + [
+        "y@" in n and "x@" not in n and "Session aborted, reason: timeout" in n for n in submitted] == \
+        [True, False, False, True]

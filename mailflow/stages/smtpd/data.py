@@ -197,6 +197,7 @@ class DataCommands(TransactionCommands):
                           spool.failure)
             self._reset_transaction()
             await self.push(why_not)
+            self._checkpoint()  # (after the reply, as Postfix's chat_reset at the end of a message)
             return
         self.envelope.content = self.envelope.original_content = await spool.finish(crlf=crlf)
         reply = await self._call_handler_hook("DATA")
@@ -208,3 +209,4 @@ class DataCommands(TransactionCommands):
         await self.push(reply if isinstance(reply, (str, status.Reply)) else status.OK)
         if queued_as:
             self._observe_queued(queued_as)
+        self._checkpoint()

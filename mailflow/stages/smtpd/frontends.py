@@ -431,4 +431,5 @@ class FrontEndCommands(ProtocolCore):
                  self.session.peer[1], printable(self.session.host_name or ""),
                  printable(self.session.auth_data) if self.session.authenticated else "-")
         self._reset_transaction()
+        self._checkpoint(everything=True)  # (Postfix's xclient_cmd: chat_reset(state, 0))
         await self.greet("XCLIENT")

@@ -17,17 +17,19 @@ that cannot be delivered is dropped, never a notice about a notice), through cle
 
 Decisions:
 - As Postfix's smtpd, a message accepted forgives the errors before it (its error mask is cleared at a 250 for
-  DATA or BDAT); the transcript itself is the whole session's.
+  DATA or BDAT); the transcript itself is the whole session's since its last flush.
+- As Postfix's smtpd at smtpd_history_flush_threshold: at HELO, EHLO, RSET and the end of a message (the
+  session's `checkpoint`), a record past FLUSH_THRESHOLD lines is flushed (at XCLIENT, whatever its length): its
+  notice sent if its errors fall in a named class (with no reason: the session goes on), then its lines and
+  errors cleared; the session's end sends what is left the same way. The reason of an aborted
+  session is the one the session set where it ended (`Transcript.reason`: "timeout", "lost connection", "too
+  many errors"; none for QUIT or an end the server chose, as Postfix's).
 - Bounded: its own record of a session (only while a class of smtpd's is named; not the transcript the other
-  observers read, whose limits are theirs) keeps at most LINE_LIMIT lines and BYTE_LIMIT bytes (each line cut at
-  transcript.MAX_LINE): past them lines are counted, and the notice says how many it leaves out (Postfix keeps
-  them all, flushing a notice every smtpd_history_flush_threshold lines at HELO, RSET and DATA). At most
-  PENDING_LIMIT notices wait for cleanup at once; past that a notice is dropped and logged (Postfix's smtpd posts
-  with post_mail_fopen_nowait: a notice that cannot be posted now is dropped, with a warning).
-- The reason of an aborted session is derived from its last lines as Postfix's names it: "timeout" (421 4.4.2 …
-  timeout exceeded), "too many errors" (421 … too many errors), "lost connection" (the client left without QUIT
-  while the server still talked).
-- A failure to queue a notice is logged and touches nothing else: the session has ended.
+  observers read, whose limits are theirs) keeps at most BYTE_LIMIT bytes (each line cut at transcript.MAX_LINE,
+  counted one more for its end): past them lines are counted, and the notice says how many it leaves out. At
+  most PENDING_LIMIT notices wait for cleanup at once; past that a notice is dropped and logged (Postfix's smtpd
+  posts with post_mail_fopen_nowait: a notice that cannot be posted now is dropped, with a warning).
+- A failure to queue a notice is logged and touches nothing else (the session has ended, or goes on).
 """
 from __future__ import annotations
 
@@ -43,8 +45,8 @@ from mailflow.stages.smtpd.transcript import MAX_LINE, SessionObserver, Transcri
 log = logging.getLogger("mailflow.smtpd")
 
 SMTPD_CLASSES = ("bounce", "data", "policy", "protocol", "resource", "software")  # what smtpd's errors are filed as
-LINE_LIMIT = 200  # lines of a session's transcript kept for its notice
-BYTE_LIMIT = 32_768  # bytes of them
+FLUSH_THRESHOLD = 100  # Postfix's smtpd_history_flush_threshold: lines of a record before it is flushed
+BYTE_LIMIT = 32_768  # bytes of a record's lines
 PENDING_LIMIT = 64  # notices waiting for cleanup at once
 WIDTH, INDENT = 78, 4  # Postfix's smtpd_chat_notify: line_wrap(..., LENGTH 78, INDENT 4)
 
@@ -100,25 +102,9 @@ def transcript_notice(*, lines: list[tuple[str, str]], omitted: int, client: str
     return ("\r\n".join(head + body) + "\r\n").encode("utf-8", "replace")
 
 
-def session_reason(lines: list[tuple[str, str]]) -> str:
-    """Why the session was aborted, as Postfix names it, from its last lines; "" for a session that ended with QUIT
-    (or a 221) or by the server's own 421 for another reason."""
-    if not lines:
-        return "lost connection"
-    who, last = lines[-1]
-    if who == "S" and last.startswith("421"):
-        if "timeout exceeded" in last:
-            return "timeout"
-        if "too many errors" in last:
-            return "too many errors"
-        return ""
-    if (who == "C" and last.strip().upper() == "QUIT") or (who == "S" and last.startswith("221")):
-        return ""
-    return "lost connection"
-
-
 class _Record:
-    """What one session's notice needs: its lines (bounded), how many were left out, its error classes."""
+    """What one session's notice needs: its lines since the last flush (bounded), how many were left out, the
+    classes of its errors since then."""
 
     __slots__ = ("lines", "size", "omitted", "errors")
 
@@ -129,11 +115,15 @@ class _Record:
 
     def keep(self, who: str, text: str) -> None:
         text = text[:MAX_LINE]
-        if len(self.lines) >= LINE_LIMIT or self.size + len(text) > BYTE_LIMIT:
+        if self.size + len(text) + 1 > BYTE_LIMIT:
             self.omitted += 1
             return
         self.lines.append((who, text))
-        self.size += len(text)
+        self.size += len(text) + 1
+
+    @property
+    def count(self) -> int:
+        return len(self.lines) + self.omitted
 
 
 class SessionNotices(SessionObserver):
@@ -187,9 +177,22 @@ class SessionNotices(SessionObserver):
         if record is not None:
             record.errors.clear()  # a message accepted forgives the errors before it (Postfix's smtpd)
 
+    def checkpoint(self, transcript: Transcript, everything: bool) -> None:
+        """Postfix's chat_reset(state, threshold): past the threshold (0 for `everything`), the notice if one is
+        due (no reason: the session goes on), then the lines and errors cleared."""
+        record = self._records.get(transcript)
+        if record is not None and record.count > (0 if everything else FLUSH_THRESHOLD):
+            self._notify(transcript, record, "")
+            self._records[transcript] = _Record()
+
     def ended(self, transcript: Transcript) -> None:
         record = self._records.pop(transcript, None)
-        if record is None or not record.errors & self._classes:
+        if record is not None:
+            self._notify(transcript, record, transcript.reason)
+
+    def _notify(self, transcript: Transcript, record: _Record, reason: str) -> None:
+        """The notice of `record`'s lines, when its errors fall in a named class."""
+        if not record.errors & self._classes:
             return
         to = self._bounce_to if "bounce" in record.errors else self._error_to  # (bounce named or not)
         if not to:
@@ -200,8 +203,7 @@ class SessionNotices(SessionObserver):
             return
         to, header_to = (_qualified(a, self._myhostname) for a in (to, self._error_to or to))
         notice = transcript_notice(lines=record.lines, omitted=record.omitted, client=transcript.client,
-                                   reason=session_reason(record.lines), myhostname=self._myhostname,
-                                   header_to=header_to)
+                                   reason=reason, myhostname=self._myhostname, header_to=header_to)
         task = asyncio.get_running_loop().create_task(self._send(notice, to, transcript.client))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)

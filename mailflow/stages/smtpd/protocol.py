@@ -312,6 +312,8 @@ class ProtocolCore(SMTP):
         closing = self._handle_hooks.get("CLOSE")  # the handler frees what it held for the session
         if closing is not None:
             closing(self, self.session, self.envelope)
+        if self.transcript is not None and not self.transcript.reason and self.record.client_left:
+            self.transcript.reason = "lost connection"  # (Postfix's REASON_LOST_CONNECTION, at EOF)
         self.record.ended()
         if self.transcript is not None:
             self._observe_identity(self.transcript)
@@ -343,6 +345,8 @@ class ProtocolCore(SMTP):
         return self.session.client
 
     def _timeout_cb(self) -> None:
+        if self.transcript is not None and not self.record.server_hung_up:
+            self.transcript.reason = "timeout"
         self.record.timed_out()
         if self._may_reply() and self.transport is not None and not self.transport.is_closing():
             self._writer.write(self._reply_bytes(status.session_timeout(self.hostname), False))  # as Postfix says it
@@ -646,6 +650,8 @@ class ProtocolCore(SMTP):
             return False
         if self._errors >= self._limits.hard_error_limit:
             self.record.too_many_errors()
+            if self.transcript is not None:
+                self.transcript.reason = "too many errors"
             await self._refuse_and_close(status.too_many_errors(self.hostname))
             return False
         if self._errors >= self._limits.soft_error_limit and self._limits.error_sleep_time:
@@ -761,6 +767,8 @@ class ProtocolCore(SMTP):
         try:
             if hostname and await self._hello_refused("HELO", hostname):
                 return
+            if hostname:
+                self._checkpoint()
             await super().smtp_HELO(hostname)
         finally:  # (aiosmtpd's HELO clears it before the handler's hook, which may fail)
             self.session.extended_smtp = extended
@@ -799,6 +807,7 @@ class ProtocolCore(SMTP):
                 await self._local_data_error(e.feature)
                 return
             self._reset_transaction()
+            self._checkpoint()
             self.session.extended_smtp = True
             lines = status.ehlo_lines(self.hostname, keywords)
             edited = await self._call_handler_hook("EHLO", hostname, lines)
@@ -838,6 +847,18 @@ class ProtocolCore(SMTP):
     def _ehlo_keywords(self) -> tuple[str, ...]:
         """EHLO keywords the layers implement, added after the handler's hook (XCLIENT: frontends.py)."""
         return LAYER_KEYWORDS
+
+    async def smtp_RSET(self, arg: str | None) -> None:
+        """aiosmtpd's RSET, at which Postfix's smtpd flushes a long history (`_checkpoint`)."""
+        if not arg:
+            self._checkpoint()
+        await super().smtp_RSET(arg)
+
+    def _checkpoint(self, everything: bool = False) -> None:
+        """Where Postfix's smtpd calls chat_reset (HELO, EHLO, RSET, the end of a message; XCLIENT: `everything`):
+        the transcript's observers may flush what they hold (postmaster.py's notices)."""
+        if self.transcript is not None:
+            self.transcript.checkpoint(everything)
 
     async def smtp_QUIT(self, arg: str | None) -> None:
         """221, then the session ends, arguments or not: a client that wants to leave is let go, as Postfix does

@@ -11,6 +11,8 @@ a session keeps none and pays one `is None` test per command and reply.
         refused(transcript, error_class) the reply just told is a refusal smtpd files under `error_class`
                                          (status.Reply.error_class: policy, protocol, bounce, ...)
         queued(transcript, queue_id)     a message of the session was committed; the transcript holds its 250
+        checkpoint(transcript, everything)  where Postfix's smtpd flushes its history (HELO, EHLO, RSET, the end of
+                                         a message; XCLIENT, `everything`: whatever its length)
         ended(transcript)                the session is over, however it ended
         line_limit, byte_limit           how much one transcript keeps (0 lines: none, and no work for it)
     SessionObservers(*observers)  several as one (each told every event; the transcript keeps the most asked)
@@ -18,8 +20,8 @@ a session keeps none and pays one `is None` test per command and reply.
                                it learns them), `reason` (why the session was aborted, as Postfix names it: "timeout",
                                "lost connection", "too many errors"; "" when it ended otherwise: set by the session
                                where it ends), `command(line)`, `reply(line, error_class)`,
-                               `snapshot()` -> model.SessionTranscript, `hang_up()` (the server ends the session,
-                               as at shutdown)
+                               `checkpoint(everything)`, `snapshot()` -> model.SessionTranscript, `hang_up()`
+                               (the server ends the session, as at shutdown)
 
 Bounded: a transcript keeps at most `line_limit` lines and `byte_limit` bytes of text (each line cut at
 MAX_LINE characters); past that lines are counted, not kept. Never kept: AUTH's credentials (the command keeps
@@ -62,6 +64,9 @@ class SessionObserver:
     def queued(self, transcript: "Transcript", queue_id: str) -> None:
         pass
 
+    def checkpoint(self, transcript: "Transcript", everything: bool) -> None:
+        pass
+
     def ended(self, transcript: "Transcript") -> None:
         pass
 
@@ -98,6 +103,10 @@ class SessionObservers(SessionObserver):
     def queued(self, transcript: "Transcript", queue_id: str) -> None:
         for o in self._observers:
             Transcript._tell(o.queued, transcript, queue_id)
+
+    def checkpoint(self, transcript: "Transcript", everything: bool) -> None:
+        for o in self._observers:
+            Transcript._tell(o.checkpoint, transcript, everything)
 
     def ended(self, transcript: "Transcript") -> None:
         for o in self._observers:
@@ -145,6 +154,9 @@ class Transcript:
 
     def queued(self, queue_id: str) -> None:
         self._tell(self.observer.queued, self, queue_id)
+
+    def checkpoint(self, everything: bool = False) -> None:
+        self._tell(self.observer.checkpoint, self, everything)
 
     def ended(self) -> None:
         self._hang_up = _nothing  # the session is over; the observer may keep this record without holding it
