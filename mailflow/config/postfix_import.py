@@ -71,6 +71,7 @@ RELAY_ROUTING_TABLES = ("transport_maps", "sender_dependent_default_transport_ma
 # relay_transport when master.cf has no relay: a transport no configuration defines, whose mail qmgr defers as
 # Postfix's defers mail for a service master.cf lacks
 ABSENT_RELAY = "relay-absent"
+POSTFIX_NOTIFY_CLASSES = "resource, software"  # Postfix's default notify_classes (mailflow's adds 2bounce)
 
 
 class Importer:
@@ -145,6 +146,12 @@ class Importer:
                                        e.reason())
                     continue
                 self.out.origins[name] = f"(no {name} in main.cf) Postfix's default: {default}"
+
+        if "notify_classes" not in self.params:  # (mailflow's default adds 2bounce: failed bounces to the postmaster)
+            [key] = names.SETTINGS["notify_classes"]
+            self.out.settings[key] = convert("notify_classes", key, POSTFIX_NOTIFY_CLASSES, self.out.notes)
+            self.out.origins[key] = (f"(no notify_classes in main.cf) Postfix's default: {POSTFIX_NOTIFY_CLASSES} "
+                                     "(mailflow's own adds 2bounce)")
 
     def _default_tables(self) -> None:
         """alias_maps and local_recipient_maps without a main.cf line: Postfix's defaults written out (mailflow's

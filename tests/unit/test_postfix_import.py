@@ -1371,3 +1371,19 @@ def test_the_postmaster_notice_settings_are_imported(tmp_path):
         "double_bounce_recipient": "doubles"}
     assert config_from_dict({"queue": {"notify_classes": queue["notify_classes"]}}).queue.notify_classes == (
         "bounce", "delay", "policy", "protocol")
+
+
+@pytest.mark.parametrize("line, classes", [
+    ("", ["resource", "software"]),  # Postfix's default, written out: mailflow's own adds 2bounce
+    ("notify_classes = bounce, 2bounce\n", ["bounce", "2bounce"]),
+    ("notify_classes =\n", []),
+])
+def test_notify_classes_are_postfixs_whether_main_cf_names_them_or_not(tmp_path, line, classes):
+    """A main.cf without notify_classes gets Postfix's default written, so that the postmaster hears of what the
+    Postfix being replaced told them (no failed bounce: bounce_notify_service.c), not mailflow's default."""
+    main = write(tmp_path, "main.cf", "myhostname = mx.example.test\n" + line)
+    assert run_import(main, None, tmp_path / "mailflow.toml") == (0, "")
+    assert checked(tmp_path / "mailflow.toml")["queue"]["notify_classes"] == classes
+    if not line:
+        assert ("# (no notify_classes in main.cf) Postfix's default: resource, software (mailflow's own adds "
+                "2bounce)") in (tmp_path / "mailflow.toml").read_text()
