@@ -10,7 +10,8 @@ The file is Postfix's: `failure_template = <<EOF`, the template's lines, a line 
 and digits); `#` comments and blank lines between templates; names failure_template, delay_template,
 success_template, verify_template (mailflow sends no address verification report: a verify_template is checked
 and not used). A template is header lines (`From:`, `Subject:`, `Postmaster-Subject:` for failure and delay only,
-`Charset:`), ASCII and not empty, a blank line, then the text, in which `$name` is expanded as Postfix's
+`Charset:`), ASCII without control characters but a tab and not empty (Charset an RFC 2045 token), a blank line,
+then the text (lines of at most 998 octets, no bare CR or NUL), in which `$name` is expanded as Postfix's
 mac_expand: $myhostname, $mydomain, $mail_name ("mailflow"), and $delay_warning_time_UNIT,
 $maximal_queue_lifetime_UNIT with UNIT seconds, minutes, hours, days or weeks (the value divided, as an integer).
 
@@ -35,6 +36,9 @@ NAMES = ("myhostname", "mydomain", "mail_name", *(f"{t}_{u}" for t in TIMES for 
 MAIL_NAME = "mailflow"
 _HEADER = re.compile(r"([!-9;-~]+)[ \t]*:")  # a header label, as is_header takes it
 _MARKER = re.compile(r"[A-Za-z0-9]\S*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # not in a header value (one line, written as is), a tab aside
+_TOKEN = re.compile(r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+")  # RFC 2045's token: a Charset is written into Content-Type
+MAX_TEXT_LINE = 998  # octets of a text line (RFC 5322 2.1.1), before its $names are expanded
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,8 @@ def _template(kind: str, lines: list[str]) -> Template:
             raise ValueError(f'empty "{m.group(1)}" header value')
         if not value.isascii():
             raise ValueError(f'non-ASCII "{m.group(1)}" header value')
+        if _CONTROL.search(value.replace("\t", " ")):
+            raise ValueError(f'control character in "{m.group(1)}" header value')
         if label == "postmaster-subject" and kind not in ("failure", "delay"):
             raise ValueError(f'inapplicable "{m.group(1)}" header label')
         if label not in ("charset", "from", "subject", "postmaster-subject"):
@@ -132,6 +138,13 @@ def _template(kind: str, lines: list[str]) -> Template:
     if not text:
         raise ValueError("missing message text")
     charset = fields.get("charset", "us-ascii")
+    if not _TOKEN.fullmatch(charset):
+        raise ValueError(f"Charset {charset!r} is not a MIME token (RFC 2045)")
+    for number, line in enumerate(text, 1):
+        if "\r" in line or "\0" in line:
+            raise ValueError(f"message text line {number}: a bare CR or a NUL")
+        if len(line.encode()) > MAX_TEXT_LINE:
+            raise ValueError(f"message text line {number}: longer than {MAX_TEXT_LINE} octets (RFC 5322 2.1.1)")
     if not all(line.isascii() for line in text) and charset.lower() == "us-ascii":
         raise ValueError("8-bit message text: give a Charset other than us-ascii")
     for line in text:

@@ -18,7 +18,8 @@ ignored: `${name?{text}}`, `${name:{text}}`, `${name?{text1}:{text2}}` (and `${n
 `!=`, `<`, `<=`, `>=`, `>` (numbers when both sides are all digits, else text). A text chosen (and each side
 compared) is expanded and checked as a template in turn; a bracket pair inside it nests. A text after `?` that
 does not start with `{` runs to the end, `:` included (Postfix 2.x's form). `$$` is a literal `$`. Whitespace
-around a name is ignored, as mac_expand ignores it.
+around a name is ignored, as mac_expand ignores it. Texts nest at most MAX_NESTING deep (100, as mac_expand's):
+deeper is a ValueError, never a RecursionError.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ _COMPARE: dict[str, Callable[[int], bool]] = {
     "==": lambda d: d == 0, "!=": lambda d: d != 0, "<": lambda d: d < 0, "<=": lambda d: d <= 0,
     ">=": lambda d: d >= 0, ">": lambda d: d > 0}
 TRUE = "true"  # a relational expression's value when it holds ("" when not), as mac_expand's
+MAX_NESTING = 100  # texts in texts (mac_expand's limit: deeper is "unreasonable macro call nesting")
 
 
 class Macro(NamedTuple):
@@ -68,41 +70,52 @@ def expand_local_macros(template: str, values: dict[str, str]) -> str:
     return expand_macros(template, values)
 
 
-def check_macros(template: str, known: tuple[str, ...]) -> str:
+def check_macros(template: str, known: tuple[str, ...], _level: int = 0) -> str:
     """`template` when every macro in it, conditional texts and compared sides included, is one of `known` (the
     same syntax serves the reject footers, mailflow.reply_footer, and the DNS lists' replies, mailflow.rbl_reply);
-    ValueError otherwise."""
+    ValueError otherwise (also for texts nested more than MAX_NESTING deep)."""
+    _nesting(template, _level)
+
     def check(macro: Macro) -> str:
         if macro.name is not None and macro.name not in known:
             raise ValueError(f"unknown macro ${macro.name} (known: {', '.join(known)})")
         for text in macro.templates():
-            check_macros(text, known)
+            check_macros(text, known, _level + 1)
         return ""
     _walk(template, check)
     return template
 
 
-def expand_macros(template: str, values: dict[str, str], missing: Callable[[str], None] | None = None) -> str:
+def expand_macros(template: str, values: dict[str, str], missing: Callable[[str], None] | None = None,
+                  _level: int = 0) -> str:
     """`expand_local_macros` for any set of names; `missing(name)` told of each name not in `values` as it is
     looked up (a conditional text only when it is chosen, as mac_expand's lookups)."""
+    _nesting(template, _level)
+
     def expand(macro: Macro) -> str:
         if macro.name is not None and missing is not None and macro.name not in values:
             missing(macro.name)
         value = (values.get(macro.name, "") if macro.name is not None
-                 else _related(macro.relation, values, missing))
+                 else _related(macro.relation, values, missing, _level + 1))
         if macro.if_true is None and macro.if_false is None:
             return value
         chosen = macro.if_true if value else macro.if_false
-        return "" if chosen is None else expand_macros(chosen, values, missing)
+        return "" if chosen is None else expand_macros(chosen, values, missing, _level + 1)
     return _walk(template, expand)
 
 
+def _nesting(template: str, level: int) -> None:
+    """ValueError past MAX_NESTING levels of texts in texts (mac_expand's "unreasonable macro call nesting")."""
+    if level > MAX_NESTING:
+        raise ValueError(f'unreasonable macro call nesting: "{template[:100]}"')
+
+
 def _related(relation: tuple[str, str, str] | None, values: dict[str, str],
-             missing: Callable[[str], None] | None = None) -> str:
+             missing: Callable[[str], None] | None = None, level: int = 0) -> str:
     """TRUE when the relation holds between its two sides expanded, else "" (mac_exp_eval)."""
     assert relation is not None
-    left, operator, right = (expand_macros(relation[0], values, missing), relation[1],
-                             expand_macros(relation[2], values, missing))
+    left, operator, right = (expand_macros(relation[0], values, missing, level), relation[1],
+                             expand_macros(relation[2], values, missing, level))
     if _all_digits(left) and _all_digits(right):
         delta = int(left) - int(right)
     else:

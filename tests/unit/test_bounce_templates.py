@@ -63,11 +63,27 @@ def test_a_notice_takes_the_templates_subject_text_and_charset():
     ("failure_template = <<EOF\nSubject: x\n\nZugestellt: ü\nEOF\n", "8-bit message text: give a Charset"),
     ("failure_template = <<EOF\nSubject: x\n\n\nEOF\n", "missing message text"),
     ("failure_template = <<EOF\nSubject: x\n\nat $myhost\nEOF\n", "unknown macro $myhost"),
+    ("failure_template = <<EOF\nCharset: utf-8\rX-Evil: 1\n\ntext\nEOF\n", 'control character in "Charset"'),
+    ("failure_template = <<EOF\nSubject: a\rBcc: b\n\ntext\nEOF\n", 'control character in "Subject"'),
+    ("failure_template = <<EOF\nFrom: a\x0bb\n\ntext\nEOF\n", 'control character in "From"'),
+    ("failure_template = <<EOF\nCharset: utf-8; x=y\n\ntext\nEOF\n", "Charset 'utf-8; x=y' is not a MIME token"),
+    ("failure_template = <<EOF\nSubject: x\n\n" + "y" * 999 + "\nEOF\n", "line 1: longer than 998 octets"),
+    ("failure_template = <<EOF\nSubject: x\n\nok\na\rb\nEOF\n", "line 2: a bare CR or a NUL"),
 ])
 def test_a_template_file_postfix_would_not_use_is_refused_with_its_line(text, words):
+    """Also what would break the notice (a bare CR in a header value or the text, a Charset that is no token: its
+    Content-Type; a line past RFC 5322's limit, which also bounds how deep its texts nest)."""
     with pytest.raises(ValueError) as info:
         parse_templates(text, "bounce.cf")
     assert words in str(info.value)
+
+
+def test_a_template_at_the_limits_is_taken():
+    """998 octets of text, a tab in a Subject, 60 nested texts."""
+    nested = "${myhostname?{" * 60 + "deep" + "}}" * 60
+    template = parse_templates("failure_template = <<EOF\nSubject: a\tb\nCharset: ISO-8859-1\n\n" + "y" * 998 +
+                               "\n" + nested + "\nEOF\n", "bounce.cf").get("failure")
+    assert template.subject == "a\tb" and template.expand({"myhostname": "h"})[1] == "deep"
 
 
 def test_config_check_names_the_setting_and_the_file(tmp_path):
