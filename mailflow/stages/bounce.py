@@ -61,7 +61,6 @@ Failures: ValueError for an unknown kind, action or RET value, or an empty recip
 from __future__ import annotations
 
 import re
-import textwrap
 import unicodedata
 from dataclasses import dataclass
 
@@ -276,8 +275,7 @@ def _text_part(boilerplate: list[str], recipients: list[NoticeRecipient], charse
             who += f" (expanded from <{_clean(original)}>)"
         said = _via(nr, _reason(nr) or _action_words(nr.action))
         lines.append("")
-        lines += textwrap.wrap(_cut_long_words(f"{who}: {said}"), TEXT_WIDTH, subsequent_indent="    ",
-                               break_long_words=False, break_on_hyphens=False)
+        lines += line_wrap(_cut_long_words(f"{who}: {said}"), TEXT_WIDTH, 4)
     body = CRLF.join(lines) + CRLF
     ascii_ = body.isascii()
     if not ascii_ and charset.lower() == "us-ascii":
@@ -475,3 +473,36 @@ def _boundary(queue_id: str, notice_id: str, parts: list[bytes]) -> str:
         n += 1
         candidate = f"{base}.{n}"
     return candidate
+
+
+def notice_recipient(recipient: str, myhostname: str) -> str:
+    """A notice recipient without a domain is one of this host's (Postfix's post_mail has cleanup qualify it with
+    myorigin; myhostname here, as the double bounce's): qmgr's notices and smtpd's transcripts."""
+    return recipient if "@" in recipient else f"{recipient}@{myhostname}"
+
+
+def line_wrap(text: str, width: int, indent: int) -> list[str]:
+    """Postfix's line_wrap: break before a word that would pass `width` columns (never inside a word), trailing
+    blanks stripped; lines after the first indented by `indent` (and `width` less that)."""
+    out: list[str] = []
+    start, limit, pad = 0, width, 0
+    pos = 0
+    while True:
+        space = _next_blank(text, pos)
+        if pos > start and space - start > limit:
+            out.append(" " * pad + text[start:pos].rstrip(" \t"))
+            while pos < len(text) and text[pos] in " \t":
+                pos += 1
+            if not out[1:]:
+                pad, limit = indent, width - indent
+            start = pos
+        if space >= len(text):
+            break
+        pos = space + 1
+    out.append(" " * pad + text[start:].rstrip(" \t"))
+    return out
+
+
+def _next_blank(text: str, pos: int) -> int:
+    found = [i for i in (text.find(" ", pos), text.find("\t", pos)) if i >= 0]
+    return min(found) if found else len(text)

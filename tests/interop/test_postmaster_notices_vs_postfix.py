@@ -10,7 +10,8 @@ import email.policy
 
 import pytest
 
-from mailflow.stages.smtpd.postmaster import line_wrap
+from mailflow.stages.bounce import line_wrap
+from mailflow.stages.smtpd.postmaster import INDENT, WIDTH
 from tests.support import SmtpClient, dovecot_instance, eventually, postfix_instance, queue_becomes
 
 pytestmark = pytest.mark.interop
@@ -35,7 +36,8 @@ async def dialogue(port: int) -> list[tuple[str, str]]:
 
 def written(said: list[tuple[str, str]]) -> str:
     """The body Postfix's smtpd_chat_notify writes for this dialogue of a session that lost its connection."""
-    lines = [" " + piece for who, line in said for piece in line_wrap(("In:  " if who == "C" else "Out: ") + line)]
+    lines = [" " + piece for who, line in said for piece in line_wrap(("In:  " if who == "C" else "Out: ") + line,
+                                                                       WIDTH, INDENT)]
     return "\n".join(["Transcript of session follows.", "", *lines, "",
                       "Session aborted, reason: lost connection", "",
                       "For other details, see the local mail logfile", ""])

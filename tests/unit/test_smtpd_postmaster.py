@@ -5,7 +5,8 @@ import asyncio
 
 from mailflow import status
 from mailflow.config import DEFAULTS
-from mailflow.stages.smtpd.postmaster import BYTE_LIMIT, FLUSH_THRESHOLD, PENDING_LIMIT, SessionNotices, line_wrap
+from mailflow.stages.bounce import line_wrap
+from mailflow.stages.smtpd.postmaster import BYTE_LIMIT, FLUSH_THRESHOLD, PENDING_LIMIT, SessionNotices
 from mailflow.stages.smtpd.transcript import Transcript
 
 
@@ -43,11 +44,12 @@ def test_the_catalogue_files_refusals_in_postfixs_classes():
 
 def test_line_wrap_is_postfixs():
     """Postfix's line_wrap(str, 78, 4): break before the word that passes the width, never inside a word."""
-    assert line_wrap("Out: short") == ["Out: short"]
+    assert line_wrap("Out: short", 78, 4) == ["Out: short"]
     long = "In:  RCPT TO:<" + "y" * 70 + "> NOTIFY=NEVER"
-    assert line_wrap(long) == ["In:  RCPT", "    TO:<" + "y" * 70 + ">", "    NOTIFY=NEVER"]
+    assert line_wrap(long, 78, 4) == ["In:  RCPT", "    TO:<" + "y" * 70 + ">", "    NOTIFY=NEVER"]
     words = " ".join(["word"] * 30)
-    assert all(len(line) <= 78 for line in line_wrap(words)) and " ".join(line_wrap(words)).split() == words.split()
+    wrapped = line_wrap(words, 78, 4)
+    assert all(len(line) <= 78 for line in wrapped) and " ".join(wrapped).split() == words.split()
 
 
 class _Config:
@@ -152,3 +154,28 @@ async def test_a_long_session_is_flushed_at_postfixs_threshold_and_ends_with_its
     assert ["x@" in n and "XCLIENT" in n and "y@" not in n and "Session aborted" not in n for n in submitted] + [
         "y@" in n and "x@" not in n and "Session aborted, reason: timeout" in n for n in submitted] == \
         [True, False, False, True]
+
+
+async def test_the_stop_waits_for_a_stalled_queue_a_bounded_time_and_no_line_of_its_own_is_logged(caplog):
+    """close(timeout): a notice the queue does not take in time is cancelled and counted in a warning, so a stalled
+    store cannot hold up the stop; a notice queued logs nothing of smtpd's own (Postfix's smtpd logs none:
+    cleanup's lines name the message)."""
+    stalled = asyncio.Event()
+
+    async def submit(submission):
+        if submission.envelope.recipients == ("stall@mx.test",):
+            await stalled.wait()
+        return "Q1"
+
+    caplog.set_level("INFO", logger="mailflow.smtpd")
+    for to in ("pm@mx.test", "stall@mx.test"):
+        config = _Config(("policy",))
+        config.queue = config.queue.model_copy(update={"error_notice_recipient": to})
+        notices = SessionNotices(config, submit)
+        t = Transcript(notices, "c.test[192.0.2.1]", lambda: None)
+        t.started()
+        t.reply("554 5.7.1 <x@elsewhere.test>: Relay access denied", "policy")
+        t.ended()
+        await asyncio.wait_for(notices.close(timeout=0.05), 5)
+    assert [r.getMessage() for r in caplog.records] == [
+        "postmaster notify: 1 notices not queued at the stop (the queue did not take them within 0.05 s)"]

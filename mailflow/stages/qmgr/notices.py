@@ -42,7 +42,7 @@ from mailflow.config import DEFAULTS
 from mailflow.content import Content
 from mailflow.message import quoted_original
 from mailflow.model import ClientInfo, Envelope, Outcome, QueuedMessage, RcptResult, Recipient, Submission
-from mailflow.stages.bounce import NoticeRecipient, build_notice, notice_is_8bit, wants_notice
+from mailflow.stages.bounce import NoticeRecipient, build_notice, notice_is_8bit, notice_recipient, wants_notice
 from mailflow.store import NewMessage
 
 ACTION = {Outcome.BOUNCED: "failed", Outcome.DEFERRED: "delayed", Outcome.SENT: "delivered"}
@@ -120,23 +120,17 @@ def _postmaster_copies(message: QueuedMessage, results: list[RcptResult], kind: 
         return []
     if not message.sender:
         if kind == "failure" and double_bounce_recipient and ("2bounce" in classes or "bounce" in classes):
-            return [Notice(kind, _double_bounce_sender(myhostname), _qualified(double_bounce_recipient, myhostname),
-                           about, ret="FULL")]
+            return [Notice(kind, _double_bounce_sender(myhostname),
+                           notice_recipient(double_bounce_recipient, myhostname), about, ret="FULL")]
         if kind == "delay" and "delay" in classes and postmaster.delay_to:
-            return [Notice(kind, _double_bounce_sender(myhostname), _qualified(postmaster.delay_to, myhostname),
+            return [Notice(kind, _double_bounce_sender(myhostname), notice_recipient(postmaster.delay_to, myhostname),
                            about, ret="FULL")]
         return []
     to = {"failure": postmaster.bounce_to if "bounce" in classes else "",
           "delay": postmaster.delay_to if "delay" in classes else ""}[kind]
     if not to:
         return []
-    return [Notice(kind, _double_bounce_sender(myhostname), _qualified(to, myhostname), about, ret="HDRS")]
-
-
-def _qualified(recipient: str, myhostname: str) -> str:
-    """A notice recipient without a domain is one of this host's (Postfix's post_mail has cleanup qualify it with
-    myorigin; myhostname here, as the double bounce's)."""
-    return recipient if "@" in recipient else f"{recipient}@{myhostname}"
+    return [Notice(kind, _double_bounce_sender(myhostname), notice_recipient(to, myhostname), about, ret="HDRS")]
 
 
 def discarded(message: QueuedMessage, results: list[RcptResult], *, myhostname: str) -> bool:

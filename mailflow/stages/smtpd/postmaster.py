@@ -14,6 +14,7 @@ that cannot be delivered is dropped, never a notice about a notice), through cle
     transcript_notice(...) -> bytes         the notice (CRLF lines, header and body)
     SessionNotices(config, submit)          the session observer (stages.smtpd.transcript) that sends them;
                                            reconfigure(config) at a reload; await close() at the stop
+                                           (at most CLOSE_TIMEOUT seconds)
 
 Decisions:
 - As Postfix's smtpd, a message accepted forgives the errors before it (its error mask is cleared at a 250 for
@@ -40,6 +41,7 @@ from typing import Awaitable, Callable
 from mailflow.content import Content
 from mailflow.logs import printable
 from mailflow.model import ClientInfo, Envelope, Submission
+from mailflow.stages.bounce import line_wrap, notice_recipient
 from mailflow.stages.smtpd.transcript import MAX_LINE, SessionObserver, Transcript
 
 log = logging.getLogger("mailflow.smtpd")
@@ -48,34 +50,8 @@ SMTPD_CLASSES = ("bounce", "data", "policy", "protocol", "resource", "software")
 FLUSH_THRESHOLD = 100  # Postfix's smtpd_history_flush_threshold: lines of a record before it is flushed
 BYTE_LIMIT = 32_768  # bytes of a record's lines
 PENDING_LIMIT = 64  # notices waiting for cleanup at once
+CLOSE_TIMEOUT = 10.0  # seconds the stop waits for the notices under way
 WIDTH, INDENT = 78, 4  # Postfix's smtpd_chat_notify: line_wrap(..., LENGTH 78, INDENT 4)
-
-
-def line_wrap(text: str, width: int = WIDTH, indent: int = INDENT) -> list[str]:
-    """Postfix's line_wrap: break before a word that would pass `width` columns (never inside a word), trailing
-    blanks stripped; lines after the first indented by `indent` (and `width` less that)."""
-    out: list[str] = []
-    start, limit, pad = 0, width, 0
-    pos = 0
-    while True:
-        space = _next_blank(text, pos)
-        if pos > start and space - start > limit:
-            out.append(" " * pad + text[start:pos].rstrip(" \t"))
-            while pos < len(text) and text[pos] in " \t":
-                pos += 1
-            if not out[1:]:
-                pad, limit = indent, width - indent
-            start = pos
-        if space >= len(text):
-            break
-        pos = space + 1
-    out.append(" " * pad + text[start:].rstrip(" \t"))
-    return out
-
-
-def _next_blank(text: str, pos: int) -> int:
-    found = [i for i in (text.find(" ", pos), text.find("\t", pos)) if i >= 0]
-    return min(found) if found else len(text)
 
 
 def transcript_notice(*, lines: list[tuple[str, str]], omitted: int, client: str, reason: str, myhostname: str,
@@ -92,7 +68,7 @@ def transcript_notice(*, lines: list[tuple[str, str]], omitted: int, client: str
     for who, text in lines:
         for line in text.split("\r\n"):
             prefix = "In:  " if who == "C" else "Out: "
-            body += [" " + piece for piece in line_wrap(printable(prefix + line))]
+            body += [" " + piece for piece in line_wrap(printable(prefix + line), WIDTH, INDENT)]
     if omitted:
         body.append(f" ({omitted} more lines of the session not kept)")
     body.append("")
@@ -201,7 +177,7 @@ class SessionNotices(SessionObserver):
             log.warning("postmaster notify: %s: dropped, %d notices wait for the queue already",
                         transcript.client, len(self._pending))
             return
-        to, header_to = (_qualified(a, self._myhostname) for a in (to, self._error_to or to))
+        to, header_to = (notice_recipient(a, self._myhostname) for a in (to, self._error_to or to))
         notice = transcript_notice(lines=record.lines, omitted=record.omitted, client=transcript.client,
                                    reason=reason, myhostname=self._myhostname, header_to=header_to)
         task = asyncio.get_running_loop().create_task(self._send(notice, to, transcript.client))
@@ -212,17 +188,22 @@ class SessionNotices(SessionObserver):
         envelope = Envelope(f"double-bounce@{self._myhostname}", (to,))
         local = ClientInfo(addr="127.0.0.1", helo=self._myhostname, protocol="local")
         try:
-            queue_id = await self._submit(Submission(envelope, Content.of(notice), local))
+            await self._submit(Submission(envelope, Content.of(notice), local))
         except Exception as e:
             log.warning("postmaster notify: the transcript of a session of %s could not be queued: %s", client, e)
+        # (queued: cleanup logs it as any message; Postfix's smtpd logs no line of its own for the notice)
+
+    async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Wait for the notices under way (the store must stay open until they are queued), at most `timeout`
+        seconds: past that those still waiting are cancelled and counted in a warning (a stop is not held up by
+        a stalled store)."""
+        if not self._pending:
             return
-        log.info("%s: postmaster notification: transcript of a session of %s", queue_id, client)
+        _, late = await asyncio.wait(set(self._pending), timeout=timeout)
+        for task in late:
+            task.cancel()
+        if late:
+            log.warning("postmaster notify: %d notices not queued at the stop (the queue did not take them within "
+                        "%g s)", len(late), timeout)
+            await asyncio.gather(*late, return_exceptions=True)
 
-    async def close(self) -> None:
-        """Wait for the notices under way (the store must stay open until they are queued)."""
-        if self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
-
-
-def _qualified(recipient: str, myhostname: str) -> str:
-    return recipient if "@" in recipient else f"{recipient}@{myhostname}"
