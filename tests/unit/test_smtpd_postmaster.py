@@ -93,7 +93,7 @@ async def test_a_record_is_bounded_and_so_are_the_notices_waiting_for_the_queue(
     await notices.close()
     [notice] = submitted
     body = b"".join(notice.content.parts)
-    kept = (BYTE_LIMIT - 51) // 1001
+    kept = (BYTE_LIMIT - 56) // 1006  # ("Out: " and an end counted with each line)
     assert body.count(b"x\r\n") == kept and f" ({FLUSH_THRESHOLD // 2 - 1 - kept} more lines".encode() in body
 
     notices.reconfigure(_Config(("2bounce", "delay")))  # (no class of smtpd's)

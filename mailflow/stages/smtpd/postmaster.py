@@ -54,10 +54,10 @@ CLOSE_TIMEOUT = 10.0  # seconds the stop waits for the notices under way
 WIDTH, INDENT = 78, 4  # Postfix's smtpd_chat_notify: line_wrap(..., LENGTH 78, INDENT 4)
 
 
-def transcript_notice(*, lines: list[tuple[str, str]], omitted: int, client: str, reason: str, myhostname: str,
+def transcript_notice(*, lines: list[str], omitted: int, client: str, reason: str, myhostname: str,
                       header_to: str) -> bytes:
     """The notice, as Postfix's smtpd_chat_notify writes it (cleanup adds Received, Message-ID): `lines` the
-    dialogue, ("C", command) or ("S", reply); `header_to` the To: address (Postfix's always names
+    dialogue, a line each ("In:  command", "Out: reply"); `header_to` the To: address (Postfix's always names
     error_notice_recipient there, even for a notice that goes to bounce_notice_recipient)."""
     head = [
         f"From: Mail Delivery System <MAILER-DAEMON@{myhostname}>",
@@ -65,10 +65,8 @@ def transcript_notice(*, lines: list[tuple[str, str]], omitted: int, client: str
         f"Subject: mailflow SMTP server: errors from {printable(client)}",
     ]  # (cleanup adds Received, Message-ID and Date, as Postfix's does)
     body = ["", "Transcript of session follows.", ""]
-    for who, text in lines:
-        for line in text.split("\r\n"):
-            prefix = "In:  " if who == "C" else "Out: "
-            body += [" " + piece for piece in line_wrap(printable(prefix + line), WIDTH, INDENT)]
+    for line in lines:
+        body += [" " + piece for piece in line_wrap(printable(line), WIDTH, INDENT)]
     if omitted:
         body.append(f" ({omitted} more lines of the session not kept)")
     body.append("")
@@ -85,17 +83,19 @@ class _Record:
     __slots__ = ("lines", "size", "omitted", "errors")
 
     def __init__(self) -> None:
-        self.lines: list[tuple[str, str]] = []
+        self.lines: list[str] = []  # one string a line, as the notice writes it ("In:  ...", "Out: ...")
         self.size = self.omitted = 0
         self.errors: set[str] = set()
 
-    def keep(self, who: str, text: str) -> None:
-        text = text[:MAX_LINE]
-        if self.size + len(text) + 1 > BYTE_LIMIT:
-            self.omitted += 1
-            return
-        self.lines.append((who, text))
-        self.size += len(text) + 1
+    def keep(self, prefix: str, text: str) -> None:
+        """Each line of `text` (a reply may have several), cut at MAX_LINE, after `prefix`."""
+        for line in text.split("\r\n"):
+            line = prefix + line[:MAX_LINE]
+            if self.size + len(line) + 1 > BYTE_LIMIT:
+                self.omitted += 1
+                continue
+            self.lines.append(line)
+            self.size += len(line) + 1
 
     @property
     def count(self) -> int:
@@ -135,13 +135,13 @@ class SessionNotices(SessionObserver):
     def commanded(self, transcript: Transcript, text: str) -> None:
         record = self._records.get(transcript)
         if record is not None:
-            record.keep("C", text)
+            record.keep("In:  ", text)
 
     def replied(self, transcript: Transcript, line: str) -> None:
         record = self._records.get(transcript)
         if record is None:
             return
-        record.keep("S", line.rstrip("\r\n"))
+        record.keep("Out: ", line.rstrip("\r\n"))
 
     def refused(self, transcript: Transcript, error_class: str) -> None:
         record = self._records.get(transcript)
