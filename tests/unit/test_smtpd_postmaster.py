@@ -179,3 +179,25 @@ async def test_the_stop_waits_for_a_stalled_queue_a_bounded_time_and_no_line_of_
         await asyncio.wait_for(notices.close(timeout=0.05), 5)
     assert [r.getMessage() for r in caplog.records] == [
         "postmaster notify: 1 notices not queued at the stop (the queue did not take them within 0.05 s)"]
+
+
+async def test_each_line_of_a_multi_line_reply_counts_toward_the_flush_threshold():
+    """A record keeps one string a line ("Out: ..."): a reply with a footer is two lines, as in Postfix's history,
+    so 34 such refusals (1 + 34 * 3 = 103 lines) pass the threshold at the next checkpoint."""
+    submitted = []
+
+    async def submit(submission):
+        submitted.append(b"".join(submission.content.parts).decode())
+        return "Q1"
+
+    notices = SessionNotices(_Config(("policy",)), submit)
+    t = Transcript(notices, "c.test[192.0.2.1]", lambda: None)
+    t.started()
+    t.reply("220 mx.test ESMTP")
+    for _ in range(34):
+        t.command(b"RCPT TO:<x@elsewhere.test>")
+        t.reply("554-5.7.1 <x@elsewhere.test>: Relay access denied\r\n554 5.7.1 see https://mx.test/help", "policy")
+    t.checkpoint()
+    await notices.close()
+    [notice] = submitted
+    assert notice.count("\r\n Out: 554-5.7.1") == 34 and notice.count("\r\n Out: 554 5.7.1 see") == 34
