@@ -578,12 +578,14 @@ async def return_memory_when_idle(mf: "Mailflow", interval: float = IDLE_TRIM_IN
 
 async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None,
                 reread: Callable[[], Config] | None = None, where: str = "",
-                started: Callable[[], object] | None = None) -> None:
+                started: Callable[[], object] | None = None,
+                reloaded: Callable[[Config], object] | None = None) -> None:
     """Run until SIGTERM/SIGINT (or `shutdown_trigger` is set), then drain and stop. SIGHUP reloads: `reread()`
     (run in a worker thread; default: `config` as it is, which re-reads the tables and certificates) gives the
     configuration to put in force; a refused one is logged and the one in force stays. `where`: the
     configuration's file, named in a refusal whose problem lies in a file it names (a table, a certificate).
-    `started()`: run in a worker thread once the server has started (the queue directory is made)."""
+    `started()`: run in a worker thread once the server has started (the queue directory is made);
+    `reloaded(config)`: run after each reload put `config` in force."""
     stop = shutdown_trigger or asyncio.Event()
     loop = asyncio.get_running_loop()
     # SIGHUPs arriving during a reload make one more reload, not one each. Caught from before the start (which
@@ -599,7 +601,8 @@ async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None,
             await asyncio.to_thread(started)
         freeze_the_heap()
         helpers = [asyncio.create_task(return_memory_when_idle(mf), name="memory-trim"),
-                   asyncio.create_task(_reloads(mf, wanted, reread or (lambda: config), where), name="reload")]
+                   asyncio.create_task(_reloads(mf, wanted, reread or (lambda: config), where, reloaded),
+                                       name="reload")]
         try:
             await stop.wait()
         finally:
@@ -609,12 +612,14 @@ async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None,
         log.info("mailflow stopping")
 
 
-async def _reloads(mf: Mailflow, wanted: asyncio.Event, reread: Callable[[], Config], where: str) -> None:
+async def _reloads(mf: Mailflow, wanted: asyncio.Event, reread: Callable[[], Config], where: str,
+                   reloaded: Callable[[Config], object] | None = None) -> None:
     while True:
         await wanted.wait()
         wanted.clear()
         gc.unfreeze()  # what the configuration replaced may now be collected (a cycle of it, once unused)
-        await reload_logged(mf, reread, where)
+        if await reload_logged(mf, reread, where) and reloaded is not None:
+            reloaded(mf.config)
         freeze_the_heap()
 
 

@@ -49,6 +49,8 @@ from mailflow.config.smtpd import SmtpdConfig
 from mailflow.errors import ConfigError, DeliveryError, LookupRetry
 from mailflow.logs import setup_logging
 from mailflow.queuelock import QueueBusy
+from mailflow.restriction_vocabulary import (ACCESS_CHECKS, REVERSE_CLIENT_ACCESS, SERVER_ACCESS_CHECKS, STAGES,
+                                             expand)
 from mailflow.sendmail.settings import remember_settings
 from mailflow.syntax import parse_hostport, table_type
 from mailflow.tables import FailTable, InlineTable, StaticTable, open_table
@@ -90,9 +92,9 @@ def _serve(run, cfg: Config, where: str, reread, started=None) -> None:
         setup_logging(cfg.log, cfg.myhostname)
     except OSError as e:
         fail_config("mailflow", ConfigError(where, "log.file", f"cannot open {cfg.log.file}: {e.strerror}"))
-    ensure_descriptors(cfg)
+    watch = ensure_descriptors(cfg)
     try:
-        asyncio.run(run(cfg, reread=reread, where=where, started=started))
+        asyncio.run(run(cfg, reread=reread, where=where, started=started, reloaded=watch.check))
     except QueueBusy as e:  # another server owns this queue: it was left untouched
         fail("mailflow", f"cannot start: {e}", 1)
     except ConfigError as e:  # found while building the stages (e.g. a lookup table spec)
@@ -136,10 +138,13 @@ def routed_transports(cfg: Config) -> set[str]:
     """The transports the configuration can hand mail to: the address classes' (relay_transport only with
     relay_domains: no other mail is the relay class's), default_transport, those the transport tables
     (transport_maps, sender_dependent_default_transport_maps) can answer, local's mailbox_transport and
-    fallback_transport, every listener's content_filter; address verification's overrides of these too. A
-    transport table whose answers are not known at the start (a file, a database, a socket: it may change while
-    the server runs) can name any: then every transport the configuration defines."""
-    values: set[str] = {cfg.local.mailbox_transport, cfg.local.fallback_transport,
+    fallback_transport, [smtpd]'s content_filter (pickup's mail takes it too, with no listener) and every
+    listener's; address verification's overrides of these too. A transport table whose answers are not known at
+    the start (a file, a database, a socket: it may change while the server runs) can name any, and so can a
+    FILTER action (`filter_possible`): then every transport the configuration defines."""
+    if filter_possible(cfg):
+        return cfg.defined_transports()
+    values: set[str] = {cfg.local.mailbox_transport, cfg.local.fallback_transport, cfg.smtpd.content_filter,
                         *(smtpd.content_filter for _, _, smtpd, _ in cfg.smtpd.listener_settings())}
     for routing in (cfg, cfg.for_probes()):
         values.update((routing.local_transport, routing.virtual_transport, routing.default_transport))
@@ -153,6 +158,24 @@ def routed_transports(cfg: Config) -> set[str]:
     return {name for value in values if (name := value.partition(":")[0].strip())}
 
 
+# the restriction items that ask an access table or a policy service, whose answer may be FILTER transport:nexthop
+FILTER_ANSWERING = frozenset((*ACCESS_CHECKS, *SERVER_ACCESS_CHECKS, REVERSE_CLIENT_ACCESS, "check_policy_service"))
+
+
+def filter_possible(cfg: Config) -> bool:
+    """A FILTER action can route mail (Postfix access(5), header_checks(5)): cleanup's header or body checks are
+    configured, or a listener's restriction list (or a restriction class it names) asks an access table or a
+    policy service. Its transport is known only once it answers."""
+    checks = cfg.checks
+    if checks.header_checks or checks.mime_header_checks or checks.nested_header_checks or checks.body_checks:
+        return True
+    for _, _, smtpd, _ in cfg.smtpd.listener_settings():
+        items = [item for stage in STAGES for item in getattr(smtpd, f"{stage}_restrictions")]
+        if expand(items, smtpd.restriction_classes) & FILTER_ANSWERING:
+            return True
+    return False
+
+
 def fixed_answers(spec: str) -> tuple[str, ...] | None:
     """Every value an inline:, static: or fail: table can answer (its spec is all of it); None for another type."""
     if table_type(spec) not in ("inline", "static", "fail"):
@@ -162,21 +185,38 @@ def fixed_answers(spec: str) -> tuple[str, ...] | None:
     return table.answers()
 
 
-def ensure_descriptors(cfg: Config) -> None:
+def ensure_descriptors(cfg: Config) -> "DescriptorWatch":
     """The process's file descriptor limit raised to its hard limit (as Go's runtime raises it for chasquid and
     maddy; the soft limit is often 1024 where the hard one is far higher), with a warning when even that is below
-    what the configuration can hold open. Out of descriptors, the server goes on: the listeners pause accepting
-    (mailflow.listening) and deliveries are deferred."""
+    what the configuration can hold open; the watch that checks each configuration a reload puts in force. Out of
+    descriptors, the server goes on: the listeners pause accepting (mailflow.listening) and deliveries are
+    deferred."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = NOFILE_CEILING if hard == resource.RLIM_INFINITY else hard
     if soft != resource.RLIM_INFINITY and soft < wanted:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-            soft = wanted
         except (ValueError, OSError):
             pass
-    needed = descriptors_needed(cfg)
-    if soft != resource.RLIM_INFINITY and soft < needed:
+    watch = DescriptorWatch()
+    watch.check(cfg)
+    return watch
+
+
+class DescriptorWatch:
+    """Warns when the descriptor limit is below what a configuration can hold open: at the start, and after a
+    reload (relay_domains, mailbox_transport, max_sessions, delivery_concurrency_limit take effect without a
+    restart) only when the need grew past what was already warned about, so a reload repeats no warning."""
+
+    def __init__(self) -> None:
+        self.warned = 0  # the largest need warned about
+
+    def check(self, cfg: Config) -> None:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        needed = descriptors_needed(cfg)
+        if soft == resource.RLIM_INFINITY or soft >= needed or needed <= self.warned:
+            return
+        self.warned = needed
         logging.getLogger("mailflow").warning(
             "the file descriptor limit (%d) is below the %d this configuration can use (smtpd max_sessions, "
             "queue delivery_concurrency_limit, the SMTP and LMTP clients' connection caches); connections wait in the "

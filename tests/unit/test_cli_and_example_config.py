@@ -1,17 +1,22 @@
 """The repository's config.toml loads unchanged and documents the defaults; the CLI reports bad config."""
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
 import resource
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from mailflow.app import _reloads
 from mailflow.cli import server as cli_server
 from mailflow.config import Config, flat_settings, load_config, resolve_paths
+from mailflow.errors import ConfigError
 from tests.support.deliverability import dkim_settings, make_key
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -336,6 +341,17 @@ def test_the_descriptor_estimate_counts_each_smtp_client_connection_cache():
     ({"sender_dependent_default_transport_maps": ["inline:{<>=relay}"]}, {"smtp", "relay"}),
     ({"address_verify": {"default_transport": "lmtp:inet:[127.0.0.1]:24"}}, {"smtp", "lmtp"}),
     ({"transport_maps": ["regexp:/etc/mailflow/transport.re"]}, {"smtp", "relay", "lmtp"}),  # any, and may change
+    ({"smtpd": {"listen": [], "content_filter": "lmtp:inet:127.0.0.1:10024"}}, {"smtp", "lmtp"}),  # pickup's mail
+    # a FILTER action can name any client: an access table, a policy service, cleanup's checks
+    ({"smtpd": {"recipient_restrictions": ["check_client_access inline:{ {127.0.0.1 = FILTER lmtp:unix:/run/a} }"]}},
+     {"smtp", "relay", "lmtp"}),
+    ({"smtpd": {"restriction_classes": {"scan": ["check_sender_access inline:{ {a@b = FILTER relay:[h]} }"]},
+                "recipient_restrictions": ["scan"]}}, {"smtp", "relay", "lmtp"}),
+    ({"smtpd": {"recipient_restrictions": ["check_policy_service inet:127.0.0.1:10040"]}}, {"smtp", "relay", "lmtp"}),
+    ({"checks": {"body_checks": ["regexp:{ {/^x/ FILTER relay:[127.0.0.1]:10025} }"]}}, {"smtp", "relay", "lmtp"}),
+    ({"smtpd": {"listeners": [{"address": "127.0.0.1:0", "role": "mta", "overrides": {
+        "recipient_restrictions": ["check_recipient_access inline:{ {a@b = FILTER lmtp:h} }"]}}]}},
+     {"smtp", "relay", "lmtp"}),
 ])
 def test_the_descriptor_estimate_counts_a_client_cache_only_when_mail_can_reach_the_client(settings, cached):
     """A client no mail is routed to never connects, so its connection cache stays empty: relay's counts with
@@ -356,6 +372,59 @@ def test_the_default_configuration_is_quiet_under_the_common_1024_descriptor_lim
     cli_server.ensure_descriptors(Config.model_validate({}))
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == []
     assert cli_server.descriptors_needed(Config.model_validate({})) == 2 * 100 + 2 * 100 + 200 + 64
+
+
+def test_a_reload_that_needs_more_descriptors_than_the_limit_warns_once(monkeypatch, caplog):
+    """relay_domains, mailbox_transport, max_sessions and delivery_concurrency_limit take effect at a reload: the
+    watch serve keeps warns when a reloaded configuration needs more than the limit, and not again for the same
+    need at the next reload."""
+    limits = Limits(1024, 1024)
+    monkeypatch.setattr(cli_server.resource, "getrlimit", limits.getrlimit)
+    monkeypatch.setattr(cli_server.resource, "setrlimit", limits.setrlimit)
+    caplog.set_level(logging.WARNING, logger="mailflow")
+    watch = cli_server.ensure_descriptors(Config.model_validate({}))
+    grown = Config.model_validate({"relay_domains": ["example.com"],
+                                   "local": {"mailbox_transport": "lmtp:unix:/run/dovecot/lmtp"}})
+    watch.check(grown)
+    watch.check(grown)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("the file descriptor limit (1024) is below the 1064")
+
+
+async def test_serve_hands_each_configuration_a_reload_put_in_force_to_its_watch():
+    """Only a reload that succeeded is checked: a refused one leaves the configuration in force as it was."""
+    new = Config.model_validate({"relay_domains": ["example.com"]})
+    outcomes = [ConfigError("", "relay_domains", "refused"), None]
+    refused, checked_once = asyncio.Event(), asyncio.Event()
+    checked: list[Config] = []
+    mf = SimpleNamespace(config=Config.model_validate({}))
+
+    async def reload(config: Config) -> None:
+        refusal = outcomes.pop(0)
+        if refusal:
+            refused.set()
+            raise refusal
+        mf.config = config
+
+    def reloaded(config: Config) -> None:
+        checked.append(config)
+        checked_once.set()
+
+    mf.reload = reload
+    wanted = asyncio.Event()
+    level = logging.getLogger().level  # a reload puts the configuration's log level in force
+    reloads = asyncio.create_task(_reloads(mf, wanted, lambda: new, "", reloaded))
+    try:
+        wanted.set()
+        await asyncio.wait_for(refused.wait(), 5)
+        wanted.set()  # (cleared before the reload it asked for began)
+        await asyncio.wait_for(checked_once.wait(), 5)
+    finally:
+        reloads.cancel()
+        await asyncio.gather(reloads, return_exceptions=True)
+        gc.unfreeze()
+        logging.getLogger().setLevel(level)
+    assert checked == [new]
 
 
 @pytest.mark.parametrize("hard, warned", [(4096, True), (10000, False)])
