@@ -8,7 +8,8 @@
         sink.reject(...), sink.defer(...), sink.slow(s), sink.drop(times), sink.clear_faults()   (inbound)
         sink.destination(domain) -> FakeDestination                                              (outbound)
         await sink.advance(seconds=0, minutes=0, hours=0, days=0)       (virtual_time=True)
-        await sink.settle()               until nothing is due now: no message waiting, no delivery running
+        await sink.settle(timeout=30, scan_failure_timeout=30)
+                                          until nothing is due now: no message waiting, no delivery running
                                           (mail held only by a destination's timer, a rate delay, or by the retry
                                           of a record or a queue scan after a store fault counts as settled)
     Sink.threaded(...) -> ThreadedSink    the same on a loop of its own, in a thread, with blocking methods
@@ -38,8 +39,9 @@ Failure behaviour: a bad setting raises mailflow.config.ConfigError at start; `w
 mailflow.capture.mailbox.WaitTimeout (an AssertionError that lists what did arrive), and RuntimeError at once
 when the Sink stops (or has stopped) before enough messages match; `advance` without
 virtual_time raises RuntimeError, by a negative or infinite span ValueError (the clock never goes back);
-`settle` raises TimeoutError after `timeout` seconds (under virtual time, once mail has waited `timeout` seconds of
-its clock for a queue scan that keeps failing), naming such a failure, as `wait_for`'s WaitTimeout does; `start`
+`settle` raises TimeoutError after `timeout` real seconds (under virtual time also once mail has waited
+`scan_failure_timeout` seconds of its clock for a queue scan that keeps failing), naming such a failure, as
+`wait_for`'s WaitTimeout does; `advance` rides through such a failure (its retries go on, on the clock); `start`
 on a running Sink raises RuntimeError (a stopped one may be started again: a new queue and mailbox, the same
 faults).
 """
@@ -78,7 +80,8 @@ SINK_DEFAULTS = merged(CAPTURE_EVERYTHING, {"smtpd": {"auth_failure_delay": 0}})
 # moments later in real time, and would reuse a session Postfix's would have closed long before; none is kept.
 CACHING_CLIENTS = ("smtp", "lmtp")
 FAST_HASH_N = 1024  # scrypt cost of the Sink's users: a test's passwords need no protection
-SETTLE_TIMEOUT = 30.0
+SETTLE_TIMEOUT = 30.0  # real seconds
+SCAN_FAILURE_TIMEOUT = 30.0  # seconds of a virtual clock that mail may wait for a failing queue scan in settle()
 
 
 class Sink:
@@ -322,16 +325,21 @@ class Sink:
 
     # -- time -----------------------------------------------------------------------------------------------
 
-    async def settle(self, timeout: float = SETTLE_TIMEOUT) -> None:
+    async def settle(self, timeout: float = SETTLE_TIMEOUT, *,
+                     scan_failure_timeout: float = SCAN_FAILURE_TIMEOUT) -> None:
         """Until nothing is due now: no message incoming, none deferred and due, no delivery or record under way
         (but records waiting to retry a write the store refused), and the active messages (if any) waiting only for
         a destination's timer (its rate delay's pause), so that nothing happens before the clock moves. Mail incoming
         or due while a failed queue scan waits for its retry time waits for the clock too under virtual time (only
         advance() moves it); in real time it is waited for (qmgr woken), as the clock ends the wait by itself.
-        Raises TimeoutError after `timeout` seconds, naming the queue scan's failure when mail waits for a scan that
-        keeps failing; under virtual time, where settle counts that mail as settled (advance() steps to the scan's
-        retries), once the scans have failed for `timeout` seconds of its clock (once for a run of failures: the
-        next settle, or advance, goes on retrying, so a test that ends the fault sees its mail go)."""
+        Raises TimeoutError after `timeout` real seconds, naming the queue scan's failure when mail waits for a scan
+        that keeps failing; under virtual time, where settle counts that mail as settled (advance() steps to the
+        scan's retries), also once the scans have failed for `scan_failure_timeout` seconds of its clock (once for a
+        run of failures: the next settle goes on, so a test that ends the fault sees its mail go)."""
+        await self._settle(timeout, scan_failure_timeout)
+
+    async def _settle(self, timeout: float, scan_failure_timeout: float | None) -> None:
+        """settle(); `scan_failure_timeout` None: mail may wait for a failing scan as long as it lasts (advance)."""
         store, qmgr = self._queue
         clock = self._server.clock
         loop = asyncio.get_running_loop()
@@ -345,9 +353,10 @@ class Sink:
             scan_waits = qmgr.scan_backing_off and isinstance(clock, VirtualClock)
             failure = qmgr.scan_failure
             held = bool(counts.get("incoming", 0) or (due is not None and due <= clock.time()))
-            if scan_waits and held and failure is not None and self._lasted(failure, timeout):
-                raise TimeoutError(f"the queue did not settle within {timeout:g}s of its clock: mail waits for the "
-                                   f"queue scan: {failure.describe_run()}; {_nonzero(counts)}")
+            if (scan_waits and held and failure is not None and scan_failure_timeout is not None
+                    and self._lasted(failure, scan_failure_timeout)):
+                raise TimeoutError(f"the queue did not settle within {scan_failure_timeout:g}s of its clock: mail "
+                                   f"waits for the queue scan: {failure.describe_run()}; {_nonzero(counts)}")
             incoming = counts.get("incoming", 0) and not scan_waits
             busy = qmgr.working or incoming or not _waits_for_time(qmgr, counts.get("active", 0))
             due_now = due is not None and due <= clock.time() and not scan_waits
@@ -366,7 +375,7 @@ class Sink:
 
     def _lasted(self, failure: FailureLog, timeout: float) -> bool:
         """Whether the run of failed scans has lasted `timeout` seconds of the clock and was not told yet (then it is
-        told: advance() steps on to the scan's retries again)."""
+        told: the next settle() goes on)."""
         since = failure.since
         if since is None or self.clock.time() - since < timeout or since == self._told_scan_failure:
             return False
@@ -378,17 +387,19 @@ class Sink:
         mail comes due; a destination's rate-delay pause or dead-site memory ends; a refused record or a failed queue
         scan is retried) and settling there, in order,
         so that every retry, rate-delayed delivery, delay notice and expiry in the span happens when it would
-        have (without waiting for it). The clock ends at the span's end."""
+        have (without waiting for it). The clock ends at the span's end. A queue scan that keeps failing (a store
+        fault: the disk full) is retried on its backoff through the span, as the server would: advance raises
+        for it no error, a settle() the test calls afterwards does (`scan_failure_timeout`)."""
         if not isinstance(self.clock, VirtualClock):
             raise RuntimeError("advance() needs Sink(virtual_time=True)")
         span = seconds + 60 * minutes + 3600 * hours + 86400 * days
         if not math.isfinite(span) or span < 0:
             raise ValueError(f"advance() takes a finite span, not {span:g} seconds: the clock never goes back")
         target = self.clock.now + span
-        await self.settle()
+        await self._settle(SETTLE_TIMEOUT, None)
         while self.clock.now < target:
             self.clock.advance(await self._next_stop(target) - self.clock.now)
-            await self.settle()
+            await self._settle(SETTLE_TIMEOUT, None)
 
     async def _next_stop(self, target: float) -> float:
         """The first moment before `target` something is to happen: deferred mail comes due (the store), or a

@@ -200,8 +200,8 @@ class ThreadedSink:
     def destination(self, domain: str):
         return self._call(self._sink.destination, domain)
 
-    def settle(self, timeout: float = 30.0) -> None:
-        self._wait(lambda: self._sink.settle(timeout), timeout)
+    def settle(self, timeout: float = 30.0, *, scan_failure_timeout: float = 30.0) -> None:
+        self._wait(lambda: self._sink.settle(timeout, scan_failure_timeout=scan_failure_timeout), timeout)
 
     def advance(self, seconds: float = 0, **span) -> None:
         self._wait(lambda: self._sink.advance(seconds, **span), 300.0)

@@ -172,25 +172,40 @@ async def test_a_failed_queue_scan_is_retried_on_the_virtual_clock():
 SCAN_FAILURE = "qmgr: queue scan failed {tries} times in a row, for {span}s: database or disk is full"
 
 
-async def test_settle_returns_while_a_failing_queue_scan_backs_off_and_times_out_once_it_lasts():
+async def test_advance_rides_through_a_disk_full_for_five_minutes_and_the_mail_goes_once_it_clears():
     """Mail due while the scan backs off is settled: advance() retries the scan on its backoff (0.5 s doubling to
-    10 s). A lasting fault never became a settle() timeout (advance stepped through it for days, the mail never
-    went, nothing said why); now settle raises TimeoutError naming the failure once the scans have failed for its
-    timeout (30 s) of the virtual clock (once for the run), and the mail goes once the fault clears."""
+    10 s) through the whole span, as the server would; the mail goes once the fault clears. (advance raised
+    TimeoutError 35.5 s into the span, the clock left there.)"""
     async with Sink(virtual_time=True, **RELAY) as sink:
         due = await deferred_once(sink)
         scans = StoreFault(sink, "take")
         await asyncio.wait_for(sink.advance(seconds=due - sink.clock.time()), 5)
-        await asyncio.wait_for(sink.advance(20), 5)  # tries at +0.5, 1.5, 3.5, 7.5, 15.5
-        assert scans.tries == 6 and await queue_counts_of(sink) == {"deferred": 1}
-        with pytest.raises(TimeoutError) as lasting:
-            await asyncio.wait_for(sink.advance(20), 5)  # tries at +25.5, 35.5: 35.5 s of failure by then
-        assert str(lasting.value) == ("the queue did not settle within 30s of its clock: mail waits for the queue "
-                                      f"scan: {SCAN_FAILURE.format(tries=8, span=35.5)}; {{'deferred': 1}}")
-        await sink.settle()  # (told once: settle and advance go on retrying the scan)
+        await asyncio.wait_for(sink.advance(minutes=5), 10)  # tries at +0.5, 1.5, 3.5, 7.5, 15.5, 25.5, ... 295.5
+        assert sink.clock.time() == pytest.approx(due + 300)
+        assert scans.tries == 34 and await queue_counts_of(sink) == {"deferred": 1}
         scans.broken = False
         await sink.advance(10)
-        assert sent_times(sink) == [pytest.approx(due + 45.5)] and await queue_counts_of(sink) == {}
+        assert sent_times(sink) == [pytest.approx(due + 305.5)] and await queue_counts_of(sink) == {}
+
+
+async def test_settle_names_a_queue_scan_failure_that_lasted_its_scan_failure_timeout_of_the_clock():
+    """settle()'s `timeout` is real seconds; what mail may wait for a failing scan under virtual time is its own
+    `scan_failure_timeout` (30 s of the clock by default): settle(timeout=1) does not raise after 3 s of failure;
+    a settle after 40 s does, naming the failure, once for the run of failures."""
+    async with Sink(virtual_time=True, **RELAY) as sink:
+        due = await deferred_once(sink)
+        scans = StoreFault(sink, "take")
+        await asyncio.wait_for(sink.advance(seconds=due - sink.clock.time()), 5)
+        await asyncio.wait_for(sink.advance(3), 5)  # tries at +0, 0.5, 1.5
+        await sink.settle(timeout=1)
+        await asyncio.wait_for(sink.advance(37), 5)  # tries at +3.5, 7.5, 15.5, 25.5, 35.5
+        assert scans.tries == 8
+        await sink.settle(scan_failure_timeout=60)
+        with pytest.raises(TimeoutError) as lasting:
+            await sink.settle(timeout=1)
+        assert str(lasting.value) == ("the queue did not settle within 30s of its clock: mail waits for the queue "
+                                      f"scan: {SCAN_FAILURE.format(tries=8, span=40)}; {{'deferred': 1}}")
+        await sink.settle()  # (told once: settle goes on)
 
 
 async def test_wait_for_names_a_failing_queue_scan_under_virtual_time():
