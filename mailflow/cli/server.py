@@ -52,8 +52,9 @@ from mailflow.queuelock import QueueBusy
 from mailflow.restriction_vocabulary import (ACCESS_CHECKS, REVERSE_CLIENT_ACCESS, SERVER_ACCESS_CHECKS, STAGES,
                                              expand)
 from mailflow.sendmail.settings import remember_settings
-from mailflow.syntax import parse_hostport, table_type
-from mailflow.tables import FailTable, InlineTable, StaticTable, open_table
+from mailflow.syntax import parse_hostport
+from mailflow.tables import open_table
+from mailflow.tables.memory import table_entries
 from mailflow.tables.check import table_problems as unreadable_tables
 
 
@@ -178,11 +179,8 @@ def filter_possible(cfg: Config) -> bool:
 
 def fixed_answers(spec: str) -> tuple[str, ...] | None:
     """Every value an inline:, static: or fail: table can answer (its spec is all of it); None for another type."""
-    if table_type(spec) not in ("inline", "static", "fail"):
-        return None
-    table = open_table(spec)
-    assert isinstance(table, (InlineTable, StaticTable, FailTable))
-    return table.answers()
+    entries = table_entries(spec)
+    return None if entries is None else tuple(value for _, value in entries)
 
 
 def ensure_descriptors(cfg: Config) -> "DescriptorWatch":

@@ -32,7 +32,8 @@ naming a transport mailflow then does not have (master.cf's service left out, or
 relay_transport naming `relay` (its default) while master.cf's relay is not an smtp service, or is missing, is
 written as what does what Postfix does there (master.cf's relay as mailflow has it, or ABSENT_RELAY: a 4.3.0
 deferral); so is every other route to relay (default_transport, a content_filter, an inline:/static: transport
-table's entry; a table file's entry is reported with its line). The
+table's entry; a texthash:, regexp: or cidr: file's entry, or a FILTER relay action of an access or check table, is
+reported with its line; a table it cannot read, sqlite: or unix:, is reported for the user to check). The
 reading half (files, expansion, values, the result) is mailflow.config.postfix_cf.
 """
 from __future__ import annotations
@@ -41,7 +42,7 @@ import os
 import re
 import socket
 import stat
-from typing import Iterable
+from typing import Callable, Iterable
 
 from mailflow.config import postfix_names as names
 from mailflow.config.base import BUILTIN_TRANSPORTS, RELAY
@@ -54,8 +55,9 @@ from mailflow.config.postfix_master import translate_service
 from mailflow.config.show import format_setting
 from mailflow.config.smtpd import LISTENER_ROLES, SMTPD_BANNER
 from mailflow.errors import ConfigError
-from mailflow.tables import InlineTable, StaticTable, open_table
-from mailflow.tables.files import logical_lines
+from mailflow.restriction_vocabulary import ACCESS_CHECKS, REVERSE_CLIENT_ACCESS, SERVER_ACCESS_CHECKS, split_item
+from mailflow.tables.files import SCANNED_TABLE_FILES, table_file_entries
+from mailflow.tables.memory import table_entries
 
 __all__ = ["import_postfix", "UnreadableFile", "Imported"]
 
@@ -434,6 +436,9 @@ class Importer:
                 self._reroute_setting(key, str(value), relay)
             elif key.rpartition(".")[2] in RELAY_ROUTING_TABLES and isinstance(value, list):
                 self.out.settings[key] = [self._reroute_table(key, spec, relay) for spec in value]
+            else:
+                for spec in _filter_tables(key, value):
+                    self._report_filters(key, spec, relay)
         for listener in self.out.listeners:
             overrides = listener.get("overrides")
             value = overrides.get("content_filter") if isinstance(overrides, dict) else None
@@ -477,19 +482,18 @@ class Importer:
         """`spec` with each entry naming relay rerouted (inline:, static:: the spec is the table), or as it is,
         each such entry of its texthash: file reported with its line and what to write there."""
         kind, _, name = spec.partition(":")
-        if kind == "texthash":
-            self._report_table_file(key, name, relay)
+        if kind in SCANNED_TABLE_FILES:
+            self._report_table_file(key, kind, name, relay, _names_relay)
             return spec
-        if kind not in ("inline", "static"):
-            return spec  # (regexp:, cidr:, sqlite:, unix:: answers not known here)
+        if kind not in ("inline", "static", "fail"):
+            self._report_unread_table(key, spec, relay, "an entry naming relay")
+            return spec
         try:
-            table = open_table(spec)
+            entries = table_entries(spec) or ()
         except ConfigError:
             return spec  # (malformed: the validation leaves it out with its reason)
-        assert isinstance(table, (InlineTable, StaticTable))
-        if not any(_names_relay(value) for value in table.answers()):
+        if not any(_names_relay(value) for _, value in entries):
             return spec
-        entries = table.entries() if isinstance(table, InlineTable) else (("", table.answers()[0]),)
         rerouted = []
         for lookup, value in entries:
             route = self._relay_route(value, relay) if _names_relay(value) else None
@@ -501,26 +505,61 @@ class Importer:
                 self.out.leave_out(where if colon else relay.line.where, f"{key} entry {lookup or 'static'}", value,
                                    _relay_left_out(relay, "this entry"))
             rerouted.append((lookup, route[0] if route else value))
-        if isinstance(table, StaticTable):
+        if kind == "static":
             return f"static:{{ {rerouted[0][1]} }}"
         return "inline:{ " + ", ".join(f"{{ {lookup} = {value} }}" for lookup, value in rerouted) + " }"
 
-    def _report_table_file(self, key: str, path: str, relay: Service | None) -> None:
-        """Each entry of a texthash: file naming relay, reported: the file is read as it is, so mailflow would send
-        that mail over its SMTP relay."""
+    def _report_table_file(self, key: str, kind: str, path: str, relay: Service | None,
+                           names_relay: Callable[[str], bool]) -> None:
+        """Each entry of a texthash:, regexp: or cidr: file whose value `names_relay` (a route, or a FILTER action,
+        to relay), reported with its line: the file is read as it is, so mailflow would send that mail over its
+        SMTP relay."""
         try:
             with open(path, encoding="utf-8", errors="replace") as f:
-                lines = logical_lines(f.read())
+                entries = table_file_entries(kind, f.read())
         except (OSError, ValueError):
             return  # (the import reported an unreadable table already, or `config check` will)
-        for number, line in lines:
-            lookup, value = line.split(None, 1)[0], (line.split(None, 1) + [""])[1].strip()
-            if not _names_relay(value):
+        for number, lookup, value in entries:
+            if not names_relay(value):
                 continue
-            route = self._relay_route(value, relay)
-            instead = f"write {route[0]} there ({route[1]})" if route else _relay_left_out(relay, "this entry")
+            action, _, target = value.partition(" ") if _filter_names_relay(value) else ("", "", value)
+            route = self._relay_route(target.strip(), relay)
+            instead = (f"write {f'{action} ' if action else ''}{route[0]} there ({route[1]})" if route
+                       else _relay_left_out(relay, "this entry"))
             self.out.leave_out(f"{path}:{number}", f"{key} entry {lookup}", value,
                                f"mailflow's relay is its SMTP relay, and it reads this file as it is: {instead}")
+
+    def _report_unread_table(self, key: str, spec: str, relay: Service | None, what: str) -> None:
+        """A table the import cannot read (sqlite:, unix:: its answers come from elsewhere) where `what` would go
+        over mailflow's SMTP relay, not master.cf's relay: reported, for the user to check."""
+        where, colon, _ = self.out.origins.get(key, "").partition(": ")
+        runs = f"runs {relay.command} ({relay.line.where})" if relay else "is missing (Postfix defers that mail)"
+        self.out.leave_out(where if colon else key, f"{key} table", spec,
+                           f"the import cannot read this table's entries: {what} would go over mailflow's SMTP "
+                           f"relay where master.cf's relay {runs}: check that none does")
+
+    def _report_filters(self, key: str, spec: str, relay: Service | None) -> None:
+        """Each `FILTER relay[:nexthop]` of an access or content-check table, reported as a transport table's
+        route to relay is (the import rewrites no access table: an inline: one is reported with its entry)."""
+        kind, _, name = spec.partition(":")
+        if kind in SCANNED_TABLE_FILES:
+            self._report_table_file(key, kind, name, relay, _filter_names_relay)
+            return
+        if kind not in ("inline", "static", "fail"):
+            self._report_unread_table(key, spec, relay, "a FILTER action naming relay")
+            return
+        try:
+            entries = table_entries(spec) or ()
+        except ConfigError:
+            return  # (malformed: the validation leaves it out with its reason)
+        for lookup, value in entries:
+            if _filter_names_relay(value):
+                route = self._relay_route(value.partition(" ")[2].strip(), relay)
+                instead = f"write FILTER {route[0]} there ({route[1]})" if route \
+                    else _relay_left_out(relay, "this entry")
+                where, colon, _ = self.out.origins.get(key, "").partition(": ")
+                self.out.leave_out(where if colon else key, f"{key} entry {lookup or 'static'}", value,
+                                   f"mailflow's relay is its SMTP relay: {instead}")
 
     def _check_transports(self) -> None:
         """A setting naming a transport mailflow does not have (`default_transport = slow` with master.cf's `slow`
@@ -831,6 +870,31 @@ def missing_file(path: str) -> str | None:
 def _names_relay(value: str) -> bool:
     """Whether a transport table's value (`transport[:nexthop]`) names relay."""
     return _transport_named("_transport", value) == RELAY
+
+
+def _filter_names_relay(value: str) -> bool:
+    """Whether an access or check table's value is a FILTER action (any case) to relay (`FILTER relay:[h]:10025`)."""
+    action, _, target = value.strip().partition(" ")
+    return action.upper() == "FILTER" and _names_relay(target.strip())
+
+
+# the restriction items whose argument is a table that may answer FILTER (access(5))
+_FILTER_TABLE_ITEMS = frozenset((*ACCESS_CHECKS, *SERVER_ACCESS_CHECKS, REVERSE_CLIENT_ACCESS))
+_CHECK_TABLES = ("header_checks", "mime_header_checks", "nested_header_checks", "body_checks")
+
+
+def _filter_tables(key: str, value: object) -> list[str]:
+    """The table specs of a setting that may answer FILTER: cleanup's header/body checks (`checks.*`), and the
+    access tables of a restriction list or of the restriction classes."""
+    leaf = key.rpartition(".")[2]
+    if key.startswith("checks.") and leaf in _CHECK_TABLES and isinstance(value, list):
+        return [str(spec) for spec in value]
+    items: list[str] = []
+    if leaf.endswith("_restrictions") and isinstance(value, list):
+        items = [str(item) for item in value]
+    elif leaf == "restriction_classes" and isinstance(value, dict):
+        items = [str(item) for members in value.values() for item in members]
+    return [arg for name, arg in map(split_item, items) if name in _FILTER_TABLE_ITEMS]
 
 
 def _relay_left_out(relay: Service | None, name: str) -> str:

@@ -5,6 +5,8 @@
   happens in a worker thread while lookups go on answering from the previous contents.
 - `logical_lines(text)`: postmap(1) input rules (blank and `#` lines skipped, a line starting with whitespace
   continues the previous one); shared with the regexp and sqlite parsers.
+- `table_file_entries(kind, text)`: (line, key or pattern, value) of each entry of a texthash:, regexp: or cidr:
+  file (SCANNED_TABLE_FILES) as written, `$n` not substituted: what `config import` scans for routes to relay.
 - `texthash:/path`: `key value` lines; keys case-insensitive; first of duplicate keys wins. With `aliases`, the
   file is in aliases(5) format (`name: value, value`, mailflow.aliases), as alias_maps files are.
   `TexthashTable.load()` reads the file now (TableCache.preload calls it off the loop).
@@ -119,6 +121,41 @@ def logical_lines(text: str) -> list[tuple[int, str]]:
         else:
             lines.append((number, line.rstrip()))
     return lines
+
+
+SCANNED_TABLE_FILES = ("texthash", "regexp", "cidr")
+
+
+def table_file_entries(kind: str, text: str) -> list[tuple[int, str, str]]:
+    """(line number, key or pattern, value) of each entry of a `kind` file (SCANNED_TABLE_FILES); the `if` and
+    `endif` lines of a regexp or cidr file have no value and are skipped. Raises ValueError("line N: …") for a
+    continuation line first."""
+    entries = []
+    for number, line in logical_lines(text):
+        if kind == "regexp":
+            lookup, value = _split_regexp_rule(line)
+        else:
+            lookup, value = line.split(None, 1)[0], (line.split(None, 1) + [""])[1]
+        if value.strip() and not (kind != "texthash" and lookup.lower() in ("if", "endif")):
+            entries.append((number, lookup, value.strip()))
+    return entries
+
+
+def _split_regexp_rule(line: str) -> tuple[str, str]:
+    """`/pattern/flags value` (or `!/pattern/`) -> (pattern with its delimiters and flags, value); an `if` line's
+    pattern has no value."""
+    text = line.strip()
+    if text.lower() == "endif" or (text[:2].lower() == "if" and not text[2:3].isalnum()):
+        return "if", ""
+    start = 1 if text.startswith("!") else 0
+    start += len(text[start:]) - len(text[start:].lstrip())
+    delimiter, i = text[start:start + 1], start + 1
+    while i < len(text) and text[i] != delimiter:
+        i += 2 if text[i] == "\\" else 1
+    end = i + 1
+    while end < len(text) and not text[end].isspace():
+        end += 1
+    return text[:end], text[end:]
 
 
 def _parse_texthash(text: str) -> dict[str, str]:

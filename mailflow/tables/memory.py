@@ -8,6 +8,9 @@
 
     open_inline(spec, name) / open_static(spec, name) / FailTable(spec)
     each table's answers(): every value a lookup can answer (fixed for the table's life: the spec is the table)
+    table_entries(spec) -> ((key, value), ...) | None   an inline:, static: ("" its key) or fail: (none) spec's
+                           entries, None for another type: the one walk of such a table (serve's descriptor
+                           estimate, the import's relay rerouting)
 
 Failure behaviour: a malformed inline or static spec raises `ConfigError("", spec, reason)` when opened (the
 caller names the file and key); lookups in these tables never fail, except fail:'s.
@@ -15,7 +18,7 @@ caller names the file and key); lookups in these tables never fail, except fail:
 from __future__ import annotations
 
 from mailflow.errors import ConfigError, LookupRetry
-from mailflow.syntax import split_outside_braces
+from mailflow.syntax import split_outside_braces, table_type
 
 
 def _braced(text: str) -> str | None:
@@ -113,3 +116,17 @@ def open_inline(spec: str, name: str) -> InlineTable:
 
 def open_static(spec: str, name: str) -> StaticTable:
     return StaticTable(spec, _parse_static(spec, name))
+
+
+def table_entries(spec: str) -> tuple[tuple[str, str], ...] | None:
+    """(key, value) of each entry of an inline: spec (keys in lower case, in order), ("", value) of a static:
+    one, none of a fail: one; None for a table of another type (its entries are not in the spec). Raises
+    ConfigError for a malformed spec."""
+    kind, name = table_type(spec), spec.partition(":")[2]
+    if kind == "inline":
+        return tuple(_parse_inline(spec, name).items())
+    if kind == "static":
+        return (("", _parse_static(spec, name)),)
+    if kind == "fail":
+        return ()
+    return None

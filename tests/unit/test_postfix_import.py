@@ -587,6 +587,70 @@ def test_a_transport_file_entry_naming_relay_is_reported_with_its_line_and_what_
     assert checked(tmp_path / "mailflow.toml")["transport_maps"] == [f"texthash:{table}"]
 
 
+LMTP_RELAY = "smtp inet n - y - - smtpd\nrelay unix - - n - - lmtp\n"
+
+
+@pytest.mark.parametrize("kind, line, lookup", [
+    ("pcre", "/@a\\.example$/ relay:[10.0.0.3]", "/@a\\.example$/"),
+    ("regexp", "!/@b\\.example$/i relay:[10.0.0.3]", "!/@b\\.example$/i"),
+    ("cidr", "10.0.0.0/8 relay:[10.0.0.3]", "10.0.0.0/8"),
+])
+def test_a_regexp_or_cidr_transport_file_entry_naming_relay_is_reported_with_its_line(tmp_path, kind, line, lookup):
+    """A regexp:, pcre: or cidr: transport table naming relay was written unchanged with no word (exit 0), and
+    mailflow sent that mail over its SMTP relay where Postfix speaks master.cf's relay (LMTP here): reported with
+    its line, as a texthash entry is."""
+    table = write(tmp_path, "transport", f"# routes\n/x/ smtp:[10.0.0.4]\n{line}\n" if kind != "cidr"
+                  else f"# routes\n192.0.2.0/24 smtp:[10.0.0.4]\n{line}\n")
+    main = write(tmp_path, "main.cf", f"myhostname = mx.example.com\ntransport_maps = {kind}:{table}\n")
+    code, err = run_import(main, write(tmp_path, "master.cf", LMTP_RELAY), tmp_path / "mailflow.toml")
+    assert code == 1
+    assert f"{table}:3: transport_maps entry {lookup}" in err
+    assert "write lmtp:[10.0.0.3] there (master.cf's relay runs lmtp (master.cf:2)" in err
+
+
+@pytest.mark.parametrize("setting, kind, line, lookup", [
+    ("smtpd_client_restrictions = check_client_access", "cidr", "10.0.0.0/8 FILTER relay:[127.0.0.1]:10025",
+     "10.0.0.0/8"),
+    ("smtpd_recipient_restrictions = permit_mynetworks, reject_unauth_destination, check_sender_access", "hash",
+     "a@b.example filter relay:[127.0.0.1]:10025", "a@b.example"),
+    ("header_checks =", "regexp", "/^Subject:/ FILTER relay:[127.0.0.1]:10025", "/^Subject:/"),
+])
+def test_a_filter_action_naming_relay_is_reported_with_its_line(tmp_path, setting, kind, line, lookup):
+    """An access table's or a header check's FILTER relay:… goes to master.cf's relay in Postfix (LMTP here),
+    to mailflow's SMTP relay as written: reported with its line and what to write (the import exited 0)."""
+    table = write(tmp_path, "table", f"{line}\n")
+    main = write(tmp_path, "main.cf", f"myhostname = mx.example.com\n{setting} {kind}:{table}\n")
+    code, err = run_import(main, write(tmp_path, "master.cf", LMTP_RELAY), tmp_path / "mailflow.toml")
+    assert code == 1, err
+    assert f"{table}:1: " in err and f"entry {lookup}" in err
+    assert "write filter lmtp:[127.0.0.1]:10025 there (master.cf's relay runs lmtp (master.cf:2)" in err.lower()
+
+
+def test_an_inline_access_table_s_filter_naming_relay_is_reported(tmp_path):
+    main = write(tmp_path, "main.cf", "myhostname = mx.example.com\nsmtpd_client_restrictions = "
+                                      "check_client_access inline:{ {10.0.0.1 = FILTER relay:[127.0.0.1]:10025} }\n")
+    code, err = run_import(main, write(tmp_path, "master.cf", LMTP_RELAY), tmp_path / "mailflow.toml")
+    assert code == 1
+    assert "smtpd.client_restrictions entry 10.0.0.1" in err and "write FILTER lmtp:[127.0.0.1]:10025 there" in err
+
+
+def test_a_transport_table_the_import_cannot_read_is_reported_when_master_cf_s_relay_is_not_smtp(tmp_path):
+    """An sqlite: table's answers are not read by the import: that it may name relay is said (it was not)."""
+    main = write(tmp_path, "main.cf", f"myhostname = mx.example.com\ntransport_maps = sqlite:{tmp_path}/t.cf\n")
+    code, err = run_import(main, write(tmp_path, "master.cf", LMTP_RELAY), tmp_path / "mailflow.toml")
+    assert code == 1
+    assert "the import cannot read this table's entries: an entry naming relay would go over mailflow's SMTP" in err
+
+
+def test_filter_tables_are_not_reported_when_master_cf_s_relay_is_smtp(tmp_path):
+    table = write(tmp_path, "access", "10.0.0.0/8 FILTER relay:[127.0.0.1]:10025\n")
+    main = write(tmp_path, "main.cf", f"myhostname = mx.example.com\n"
+                                      f"smtpd_client_restrictions = check_client_access cidr:{table}\n")
+    master = write(tmp_path, "master.cf", "smtp inet n - y - - smtpd\nrelay unix - - n - - smtp\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    assert code == 0, err
+
+
 def test_default_transport_naming_a_relay_mailflow_cannot_run_is_reported(tmp_path):
     master = write(tmp_path, "master.cf", "smtp inet n - y - - smtpd\nrelay unix - - n - - bounce\n")
     code, err = run_import(write(tmp_path, "main.cf", "myhostname = mx.example.com\ndefault_transport = relay\n"),
