@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
 import resource
 import subprocess
 import sys
@@ -47,13 +48,51 @@ def test_example_config_lines_are_at_most_120_characters_as_the_codes_are():
     assert [(number, len(line)) for number, line in enumerate(lines, 1) if len(line) > 120] == []
 
 
+def zero_offers(text: str) -> list[tuple[int, str]]:
+    """(line, dotted key) of each setting whose comment line just above it offers 0 ("0: no limit", "0 means")
+    without naming another setting."""
+    offers, section, comment = [], "", None
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if stripped.startswith("[") and not stripped.startswith("[["):
+            section, comment = stripped.strip("[]"), None
+        elif stripped.startswith("#"):
+            comment = stripped
+        elif (found := re.match(r"(\w+)\s*=", stripped)) and comment is not None:
+            others = set(re.findall(r"\b[a-z]+(?:_[a-z]+)+\b", comment)) - {found[1]}
+            if re.search(r"(?<![\w.-])0(?:: | means)", comment) and not others:
+                offers.append((number, f"{section}.{found[1]}".lstrip(".")))
+            comment = None
+        else:
+            comment = None
+    return offers
+
+
+def test_every_0_the_example_config_offers_is_taken():
+    """config.toml said of min_data_rate "0: only `timeout`", a value the range sweep made a refusal."""
+    offers = zero_offers((ROOT / "config.toml").read_text())
+    assert len(offers) >= 3
+    refused = []
+    for number, key in offers:
+        *sections, name = key.split(".")
+        settings: dict = {}
+        table = settings
+        for section in sections:
+            table = table.setdefault(section, {})
+        table[name] = 0
+        try:
+            Config.model_validate(settings)
+        except ValueError as e:
+            refused.append((number, key, str(e).splitlines()[2].strip()))
+    assert refused == []
+
+
 def test_check_config_accepts_the_example():
     result = mailflow("check-config", "--config", str(ROOT / "config.toml"))
     assert result.returncode == 0 and "ok" in result.stdout
 
 
 def test_every_doc_the_example_config_names_exists_with_the_named_section():
-    import re
 
     text = (ROOT / "config.toml").read_text()
     links = re.findall(r'(docs/[\w.-]+\.md)(?:, "([^"]+)")?', text)

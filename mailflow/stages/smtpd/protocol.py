@@ -516,9 +516,7 @@ class ProtocolCore(SMTP):
             return
         self._data_bytes += count
         now = self.loop.time()
-        allowed = self._command_timeout
-        if self._limits.min_data_rate:
-            allowed += self._data_bytes / self._limits.min_data_rate
+        allowed = self._command_timeout + self._data_bytes / self._limits.min_data_rate  # (at least 1: config)
         deadline = min(self._data_started + allowed, now + self._command_timeout)
         self._reset_timeout(max(deadline - now, 0.001))
 
