@@ -130,7 +130,7 @@ class SmtpSettings(Section):
     """The SMTP client's settings (Postfix smtp): [smtp]'s, and what a `[smtp.services.NAME]` may set."""
 
     port: int = Field(25, ge=1, le=65535)
-    connect_timeout: Duration = 30.0
+    connect_timeout: Duration = 30.0  # 0: the system's connect limit, none of mailflow's (as Postfix's)
     helo_timeout: Duration = Field(300.0, gt=0)
     command_timeout: Duration = Field(300.0, gt=0)
     data_timeout: Duration = Field(600.0, gt=0)
@@ -280,10 +280,11 @@ class SmtpConfig(SmtpSettings, ClientServices):
 
 class LmtpSettings(Section):
     """The LMTP client (Postfix lmtp): final delivery to a mailbox server such as Dovecot. `port` is used when the
-    nexthop names none; each stage of the dialogue has its own limit (none of them may be 0)."""
+    nexthop names none; each stage of the dialogue has its own limit (none of them may be 0 but connect_timeout's:
+    0 leaves the connection to the system's limit, as Postfix's lmtp_connect_timeout 0 does)."""
 
     port: int = Field(24, ge=1, le=65535)
-    connect_timeout: Duration = Field(30.0, gt=0)
+    connect_timeout: Duration = 30.0
     command_timeout: Duration = Field(300.0, gt=0)
     data_timeout: Duration = Field(600.0, gt=0)
     # As [smtp]'s (lmtp_bind_address, lmtp_bind_address6, lmtp_bind_address_enforce): TCP next hops only.

@@ -196,7 +196,7 @@ class LmtpTransport:
             return [Peer(host, host, port)]
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self._config.connect_timeout):
+            async with asyncio.timeout(self._config.connect_timeout or None):  # (0: the system's limit)
                 infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (OSError, TimeoutError) as e:
             reason = "lookup timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))

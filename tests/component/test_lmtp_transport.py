@@ -222,6 +222,16 @@ async def test_each_recipient_gets_its_own_reply_after_data(lmtp_peer, pipelinin
     assert f"SIZE={len(CONTENT)}" in message.mail_options and "BODY=8BITMIME" in message.mail_options
 
 
+async def test_connect_timeout_0_leaves_the_connection_to_the_system_s_limit(lmtp_peer):
+    """Postfix's lmtp_connect_timeout (and smtp's) 0: no timer of its own. mailflow refused it for lmtp, and for
+    smtp took 0 as a timer that ran out at once (every connection failed: `connect to …: timed out`)."""
+    peer = await lmtp_peer()
+    config = LmtpConfig(port=peer.port, connect_timeout=0, command_timeout=2, data_timeout=2)
+    report = await deliver(LmtpTransport(config, helo_name=HELO), make_request(f"[127.0.0.1]:{peer.port}"))
+    assert [(address, outcome) for address, outcome, _ in outcomes(report)] == [("b@example.test", Outcome.SENT)]
+    assert len(peer.messages) == 1
+
+
 async def test_refused_rcpt_gets_the_rcpt_reply_and_the_others_are_delivered(lmtp_peer):
     peer = await lmtp_peer()
     peer.handler.rcpt_replies = {

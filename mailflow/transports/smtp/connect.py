@@ -145,13 +145,14 @@ class SourceAddress:
 async def open_session(peer: Peer, timeout: float, clock: Callable[[], float],
                        source: SourceAddress | None = None, reply_filter: ReplyFilter | None = None,
                        log: logging.Logger | None = None) -> Session:
-    """See the module docstring."""
+    """See the module docstring. `timeout` 0: none of mailflow's, the system's connect limit (Postfix's
+    smtp_connect_timeout / lmtp_connect_timeout 0)."""
     loop = asyncio.get_running_loop()
     opened = clock()
     wire = Wire(reply_filter.for_peer(peer.relay) if reply_filter is not None else None)
     bound = source.for_peer(peer.address) if source is not None and peer.port else ""
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(timeout or None):
             if bound:
                 assert source is not None
                 await loop.create_connection(lambda: wire, sock=await _bound_socket(peer, bound, source, log))
