@@ -194,7 +194,7 @@ Relayhost = Annotated[str, AfterValidator(check_relayhost)]  # "" (none) or a ho
 Transport = Annotated[str, AfterValidator(check_transport)]
 # an integer setting whose Postfix parameter is an int (its daemons' CONFIG_INT_TABLE / CONFIG_NINT_TABLE): at most
 # POSTFIX_INT_MAX, as Postfix takes it (tests/unit/test_postfix_ranges.py sweeps them)
-PostfixInt = Annotated[int, Field(le=POSTFIX_INT_MAX)]  # transport or transport:nexthop
+PostfixInt = Annotated[int, Field(le=POSTFIX_INT_MAX)]
 TransportOverride = Annotated[str, AfterValidator(lambda v: check_transport(v) if v else v)]  # "": the main one
 
 

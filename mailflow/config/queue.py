@@ -67,7 +67,7 @@ class QueueConfig(Section):
     destination_concurrency_failed_cohort_limit: PostfixInt = Field(1, ge=1)
     # Deliveries at once over all destinations, and per transport where a cap is set ({ smtp = 50 }).
     delivery_concurrency_limit: PostfixInt = Field(100, ge=1)
-    transport_concurrency_limit: dict[str, Annotated[int, Field(ge=1)]] = {}
+    transport_concurrency_limit: dict[str, Annotated[PostfixInt, Field(ge=1)]] = {}
     # The pause between two deliveries to the same destination (Postfix default_destination_rate_delay), and per
     # transport where one is set ({ smtp = "10s" }: transport_destination_rate_delay); 0 = none. While it is
     # non-zero the destination's concurrency is 1: at most one delivery per delay.
@@ -79,7 +79,7 @@ class QueueConfig(Section):
     # per recipient, as Postfix's qmgr makes them. `local` takes any number unless the table sets it: its agent
     # writes one copy per user per delivery, which a split would break.
     destination_recipient_limit: PostfixInt = Field(50, ge=0)
-    transport_destination_recipient_limit: dict[str, Annotated[int, Field(ge=0)]] = {}
+    transport_destination_recipient_limit: dict[str, Annotated[PostfixInt, Field(ge=0)]] = {}
     commit_batch_limit: int = Field(500, ge=1)
     incoming_backlog_limit: int = Field(5000, ge=1)
     # Bytes of free space the queue's file system must keep (Postfix queue_minfree): smtpd answers MAIL with

@@ -83,7 +83,7 @@ class PostscreenConfig(Section):
     # `${stress?...}` values) the stress_ ones apply to the commands and to the greet wait of new clients
     command_time_limit: Duration | None = Field(None, gt=0)
     stress_command_time_limit: Duration = Field(10.0, gt=0)
-    stress_greet_wait: Duration = Field(2.0, ge=0)
+    stress_greet_wait: Duration = Field(2.0, gt=0)  # postscreen_greet_wait's: min 1s
     # the deep protocol tests (after the 220, in the dummy engine; a client that passes is told 450 at its RCPT and
     # goes to smtpd when it comes back): pipelining (a command sent before the reply to the one before),
     # non_smtp_command (a forbidden_commands word, or a header-like or non-letter command), bare_newline (a line
