@@ -539,8 +539,9 @@ async def screened(port: int, count: int) -> list[SmtpClient]:
 
 
 async def test_beyond_the_screening_places_a_client_is_told_to_come_back(mailflow_server, screen_log):
-    """postscreen_pre_queue_limit's least, 10 (Postfix refuses less), all taken."""
-    mf = await mailflow_server(smtpd=screen(greet_wait=3, pre_queue_limit=10))
+    """postscreen_pre_queue_limit's least, 10 (Postfix refuses less), all taken. A greet wait of 10 s: the first
+    client's must not end (freeing its place) while a loaded host sets up the other nine."""
+    mf = await mailflow_server(smtpd=screen(greet_wait=10, pre_queue_limit=10))
     port = mf.smtp_addresses[0][1]
     held = await screened(port, 10)
     second = await SmtpClient.connect(port, greet=False)
@@ -556,7 +557,7 @@ async def test_beyond_the_screening_places_a_client_is_told_to_come_back(mailflo
 async def test_allowlisted_and_cached_clients_pass_while_the_screening_places_are_full(mailflow_server, screen_log):
     """psc_endpt_lookup_done: the access list and the cache come before "all screening ports busy"."""
     mf = await mailflow_server(mynetworks=["127.0.0.2/32"],
-                               smtpd=screen(greet_wait=3, pre_queue_limit=10, access_list=["permit_mynetworks"]))
+                               smtpd=screen(greet_wait=10, pre_queue_limit=10, access_list=["permit_mynetworks"]))
     port = mf.smtp_addresses[0][1]
     zombies = await screened(port, 10)  # holding every place
     reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
@@ -569,7 +570,7 @@ async def test_allowlisted_and_cached_clients_pass_while_the_screening_places_ar
 
 async def test_one_client_has_at_most_its_connection_count_in_the_screen(mailflow_server, screen_log):
     """postscreen_client_connection_count_limit (by default smtpd's): the one beyond it gets Postfix's 421 4.7.0."""
-    mf = await mailflow_server(smtpd=screen(greet_wait=3, client_connection_count_limit=2))
+    mf = await mailflow_server(smtpd=screen(greet_wait=10, client_connection_count_limit=2))
     port = mf.smtp_addresses[0][1]
     held = [await SmtpClient.connect(port, greet=False) for _ in range(2)]
     for c in held:
