@@ -43,6 +43,7 @@ from mailflow.cli.common import (ConfigOption, config_error_text, config_name, c
                                      load)
 from mailflow.config import (BUILTIN_TRANSPORTS, Config, LmtpConfig, SmtpConfig, flat_settings, load_config,
                              show_settings)
+from mailflow.config.base import transport_name
 from mailflow.config.postfix_cf import printable
 from mailflow.config.postfix_import import UnreadableFile, import_postfix
 from mailflow.config.smtpd import SmtpdConfig
@@ -156,7 +157,7 @@ def routed_transports(cfg: Config) -> set[str]:
             if answers is None:
                 return cfg.defined_transports()
             values.update(answers)
-    return {name for value in values if (name := value.partition(":")[0].strip())}
+    return {name for value in values if (name := transport_name(value))}
 
 
 # the restriction items that ask an access table or a policy service, whose answer may be FILTER transport:nexthop

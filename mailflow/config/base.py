@@ -26,6 +26,7 @@
                              service of that name)
     each_one_of(items, allowed)  the items, when each is one of `allowed` (a list of keywords)
     check_transport(value)   a `transport` or `transport:nexthop` setting (TRANSPORT_NAME: a transport's name)
+    transport_name(value)    the transport of a `transport[:nexthop]` value, stripped ("" for `:nexthop`)
     check_service_names(services, replaceable=())  the services, when each name is a transport's and no built-in
                              one's but `replaceable`'s
     check_relayhost(value)   a relayhost: host, host:port, [host] or [address], with :port or not
@@ -161,6 +162,12 @@ def check_transport(value: str) -> str:
     if not _TRANSPORT_NEXTHOP.fullmatch(value):
         raise ValueError(f"{value!r} is not transport or transport:nexthop")
     return value
+
+
+def transport_name(value: str) -> str:
+    """The transport of a `transport[:nexthop]` value (a route, a content_filter, a FILTER action's target, a
+    transport table's answer): `relay` of `relay:[h]:25`, "" for ":[h]" (the next hop only) or ""."""
+    return value.partition(":")[0].strip()
 
 
 def check_relayhost(value: str) -> str:

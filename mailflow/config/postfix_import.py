@@ -45,7 +45,7 @@ import stat
 from typing import Callable, Iterable
 
 from mailflow.config import postfix_names as names
-from mailflow.config.base import BUILTIN_TRANSPORTS, RELAY
+from mailflow.config.base import BUILTIN_TRANSPORTS, RELAY, transport_name
 from mailflow.config.load import config_from_dict
 from mailflow.config.postfix_cf import (POSTFIX_TABLE_DEFAULTS, Expander, Imported, Line, Refused, Service,
                                         Unexpanded, UnreadableFile, convert, from_queue_directory, read_main_cf,
@@ -909,7 +909,7 @@ def _transport_named(key: str, value: object) -> str | None:
     """The transport a `*_transport` or `content_filter` setting's value names (`smtp` of `smtp:[host]:25`)."""
     if not key.endswith(("_transport", "content_filter")) or not isinstance(value, str):
         return None
-    return value.partition(":")[0] or None
+    return transport_name(value) or None
 
 
 _LISTENER_REFUSAL = re.compile(r"listener (\d+) \([^)]*\): (?:overrides\.(\w+): )?(.*)", re.S)
