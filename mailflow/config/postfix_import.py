@@ -441,6 +441,9 @@ class Importer:
                     self._report_filters(key, spec, relay)
         for listener in self.out.listeners:
             overrides = listener.get("overrides")
+            for name, setting in (overrides.items() if isinstance(overrides, dict) else ()):
+                for spec in _filter_tables(f"smtpd.{name}", setting):
+                    self._report_filters(f"{listener.get('origin', '')} -o {name}", spec, relay)
             value = overrides.get("content_filter") if isinstance(overrides, dict) else None
             route = self._relay_route(str(value), relay) if _transport_named("content_filter", value) == RELAY \
                 else None

@@ -634,6 +634,16 @@ def test_an_inline_access_table_s_filter_naming_relay_is_reported(tmp_path):
     assert "smtpd.client_restrictions entry 10.0.0.1" in err and "write FILTER lmtp:[127.0.0.1]:10025 there" in err
 
 
+def test_a_listener_s_access_table_filter_naming_relay_is_reported(tmp_path):
+    table = write(tmp_path, "access", "10.0.0.0/8 FILTER relay:[127.0.0.1]:10025\n")
+    master = write(tmp_path, "master.cf", f"smtp inet n - y - - smtpd -o smtpd_client_restrictions="
+                                          f"check_client_access,cidr:{table}\nrelay unix - - n - - lmtp\n")
+    code, err = run_import(write(tmp_path, "main.cf", "myhostname = mx.example.com\n"), master,
+                           tmp_path / "mailflow.toml")
+    assert code == 1
+    assert f"{table}:1: " in err and "write FILTER lmtp:[127.0.0.1]:10025 there" in err
+
+
 def test_a_transport_table_the_import_cannot_read_is_reported_when_master_cf_s_relay_is_not_smtp(tmp_path):
     """An sqlite: table's answers are not read by the import: that it may name relay is said (it was not)."""
     main = write(tmp_path, "main.cf", f"myhostname = mx.example.com\ntransport_maps = sqlite:{tmp_path}/t.cf\n")
