@@ -107,3 +107,48 @@ async def test_a_stamped_probe_sender_reaches_milters_as_written_its_macro_unsta
     assert postfix == [("{mail_addr}", "double-bounce@D"), ("M", written),
                        ("{rcpt_addr}", "double-bounce@D"), ("R", written)]
     assert mailflow == postfix
+
+
+async def xclient_session(port: int) -> None:
+    """A front end's session: EHLO (its own), XCLIENT naming the client and the server it connected to, EHLO and
+    MAIL of the client."""
+    client = await SmtpClient.connect(port)
+    assert (await client.cmd("EHLO front.test")).code == 250
+    xclient = "XCLIENT NAME=client.example ADDR=192.0.2.10 PORT=40001 DESTADDR=203.0.113.5 DESTPORT=2525"
+    assert (await client.cmd(xclient)).code == 220
+    assert (await client.cmd("EHLO client.test")).code == 250
+    assert (await client.cmd("MAIL FROM:<s@remote.test>")).code == 250
+    await client.close()
+
+
+def connects(milter: ScriptedMilter) -> list[tuple[bytes, bytes, str]]:
+    """The session's two milter connections (the front end's, the client's; postfix_instance's readiness probe
+    made one before): each one's connect packet host name and address (not the front end's ephemeral port), the
+    {daemon_addr} sent with it, and the commands of the last one (the negotiation, macros and QUIT left out).
+    Postfix connects the front end's at its greeting, mailflow at the first event."""
+    found = []
+    daemons = [m.get("{daemon_addr}", "") for m in milter.macros(b"C")]
+    for session, daemon in list(zip(milter.sessions, daemons))[-2:]:
+        connect = next((payload for command, payload in session if command == b"C"), b"")
+        name, _, rest = connect.partition(b"\0")
+        found.append((name + b" " + rest[3:], daemon))
+    last = bytes(c[0] for c, _ in milter.sessions[-1] if c not in (b"O", b"D", b"Q"))
+    return found + [last]
+
+
+async def test_after_xclient_the_milters_connect_again_for_the_new_client_as_postfix_does(mailflow_server):
+    """Postfix's xclient_cmd ends the milters' session (milter_disc_event, teardown_milters) and starts new ones:
+    the next event connects again naming the client XCLIENT gave, and {daemon_addr} the DESTADDR. mailflow kept
+    the front end's milter session, which judged every proxied client as the front end."""
+    async with scripted_milter() as milter:
+        async with postfix_instance({"myhostname": "pf.test", "smtpd_milters": milter.spec,
+                                     "smtpd_authorized_xclient_hosts": "127.0.0.0/8"}) as pf:
+            await xclient_session(pf.port)
+        postfix = connects(milter)
+    async with scripted_milter() as milter:
+        mf = await mailflow_server(smtpd={"milters": [milter.spec], "authorized_xclient_hosts": ["127.0.0.0/8"]})
+        await xclient_session(mf.smtp_addresses[0][1])
+        mailflow = connects(milter)
+    assert postfix == [(b"localhost 127.0.0.1\0", "127.0.0.1"), (b"client.example 192.0.2.10\0", "203.0.113.5"),
+                       b"CHM"]
+    assert mailflow == postfix

@@ -12,6 +12,8 @@
             otherwise (a stamped probe sender of this server's: the milters' argument, the address their macro)
         await auth_verdicts(session, envelope) -> Verdicts | None     (before the end_of_data restrictions)
         await end_of_message(session, submission, verdicts, marks) -> Outcome   milters, clamd, spamd, in order
+        await client_changed(session)           XCLIENT named another client: its milter connections are closed
+                                                (QUIT), the next event connects again naming the new client
         closed(session)                         the SMTP session ended: its milter connections are closed
 
 A milter's DISCARD or quarantine (HOLD) is logged where it is met, in Postfix's words: at MAIL or RCPT as its
@@ -193,6 +195,14 @@ class ListenerFilters:
                                    recipient=envelope.recipients[-1] if envelope.recipients else "",
                                    protocol=session.protocol, helo=session.host_name or "", action=action,
                                    queue_id=submission.queue_id)
+
+    async def client_changed(self, session) -> None:
+        """XCLIENT named another client (and server): as Postfix's xclient_cmd (milter_disc_event, teardown_milters,
+        setup_milters), the milters are told the session ended and the next event connects again, its connect
+        packet and macros ({client_addr}, {daemon_addr}, ...) naming the new client."""
+        if session.milters is not None:
+            milters, session.milters = session.milters, None
+            await milters.close()
 
     def closed(self, session) -> None:
         if session.milters is not None:

@@ -18,7 +18,8 @@ What it owns
   offered to and taken from authorized_xclient_hosts only (judged on the client after any PROXY header, and
   again on each client an XCLIENT names, as Postfix's xclient_cmd), sets what it gives and nothing else (ADDR
   alone keeps the client's names), and starts the session again with a new 220 (or, with delay_reject false,
-  the client list's refusal of the client it names: protocol.greet).
+  the client list's refusal of the client it names: protocol.greet); the handler's XCLIENT hook first closes
+  the milters' connections, which the next event opens again for the new client (Postfix's xclient_cmd).
 
 aiosmtpd's own PROXY support (`proxy_protocol_timeout`, `handle_PROXY`) is not used: it runs only inside
 aiosmtpd's command loop, which mailflow replaces; it reads the header from any peer before anyone may check
@@ -432,4 +433,5 @@ class FrontEndCommands(ProtocolCore):
                  printable(self.session.auth_data) if self.session.authenticated else "-")
         self._reset_transaction()
         self._checkpoint(everything=True)  # (Postfix's xclient_cmd: chat_reset(state, 0))
+        await self._call_handler_hook("XCLIENT")  # (the milters start again for the new client)
         await self.greet("XCLIENT")

@@ -507,6 +507,11 @@ class SmtpdHandler:
         if self._peer_names is not None:
             session.client_name = await self._peer_names.name(session.peer_ip)
 
+    async def handle_XCLIENT(self, server, session: SessionState, envelope: Transaction) -> None:
+        """XCLIENT named another client: the milters start again for it (filtering.client_changed)."""
+        if self._filters is not None:
+            await self._filters.client_changed(session)
+
     def handle_CLOSE(self, server, session: SessionState, envelope: Transaction) -> None:
         """The session ended (protocol.py calls this once): its milter connections are closed."""
         if self._filters is not None:
