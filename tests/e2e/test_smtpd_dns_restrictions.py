@@ -485,17 +485,22 @@ async def xclient_rcpt(port: int, xclient: str) -> tuple[int | None, str]:
 
 async def test_what_xclient_does_not_give_stays_the_front_ends_as_in_postfix(mailflow_server, dns_zone):
     """smtpd.c xclient_cmd sets each name only from the attribute that gives it, in the order given: ADDR alone
-    keeps the names smtpd_peer found for the connection (the front end's: here client.known.test, verified and
-    reverse), NAME=[UNAVAILABLE] leaves the reverse name as it was, REVERSE_NAME sets only the reverse name, and a
-    NAME after it sets both. mailflow reset both names at ADDR, lost the reverse name at NAME=[UNAVAILABLE] and
-    refused REVERSE_NAME."""
-    port = await start(mailflow_server, dns_zone, authorized_xclient_hosts=["127.0.0.0/8"], client_restrictions=[
-        "check_reverse_client_hostname_access inline:{ { client.known.test = REJECT reverse kept }, "
-        "{ bad.test = REJECT reverse bad } }", "permit_rhswl_client rhswl.test", "reject"])
-    reverse_kept = (554, "554 5.7.1 <client.known.test>: Unverified Client host rejected: reverse kept")
+    keeps the names smtpd_peer found for the connection (the front end's: here localhost, from the hosts file,
+    verified and reverse; the DNS's PTR client.known.test is not asked, as neither peername.py nor Postfix's
+    getnameinfo asks it when the hosts file names the address), NAME=[UNAVAILABLE] leaves the reverse name as it
+    was, REVERSE_NAME sets only the reverse name, and a NAME after it sets both. (Not a differential: Postfix's
+    resolver reads /etc/resolv.conf, which cannot name this test's DNS server and its port.) mailflow asked the
+    DNS about the front end's address after ADDR, where the logs named it from the hosts file."""
+    nameserver = dns_zone(ZONE + "localhost.rhswl.test. 300 IN A 127.0.0.2\n", servfail=SERVFAIL)
+    port = await dns_checked(mailflow_server, nameserver, smtpd={
+        "authorized_xclient_hosts": ["127.0.0.0/8"], "client_restrictions": [
+            "check_reverse_client_hostname_access inline:{ { localhost = REJECT reverse kept }, "
+            "{ bad.test = REJECT reverse bad } }", "permit_rhswl_client rhswl.test", "reject"]})
+    reverse_kept = (554, "554 5.7.1 <localhost>: Unverified Client host rejected: reverse kept")
     for xclient, expected in (
             ("ADDR=192.0.2.77", reverse_kept),
             ("ADDR=192.0.2.77 NAME=[UNAVAILABLE]", reverse_kept),
+            ("NAME=[UNAVAILABLE] ADDR=192.0.2.77", reverse_kept),
             ("ADDR=192.0.2.77 REVERSE_NAME=given.test", (250, "250 2.1.5 Ok")),  # verified: the front end's
             ("ADDR=192.0.2.77 NAME=[UNAVAILABLE] REVERSE_NAME=other.test",
              said(status.access_denied("unknown[192.0.2.77]", "Client host"))),
@@ -504,6 +509,18 @@ async def test_what_xclient_does_not_give_stays_the_front_ends_as_in_postfix(mai
             ("ADDR=192.0.2.77 NAME=bad.test REVERSE_NAME=given.test",
              said(status.access_denied("bad.test[192.0.2.77]", "Client host")))):
         assert await xclient_rcpt(port, xclient) == expected, xclient
+
+
+async def test_after_xclient_addr_alone_the_name_checks_take_the_name_found_at_connect(mailflow_server, dns_zone):
+    """Postfix's xclient_cmd keeps name_status from connect: the front end (localhost in the hosts file) has a
+    name, so reject_unknown_client_hostname passes the client ADDR names, though the DNS has no PTR for 127.0.0.1.
+    mailflow asked the DNS about the front end's address and answered 450 cannot find your hostname."""
+    zone = "".join(line + "\n" for line in ZONE.splitlines() if "in-addr.arpa" not in line)
+    port = await dns_checked(mailflow_server, dns_zone(zone), smtpd={
+        "authorized_xclient_hosts": ["127.0.0.0/8"], "client_restrictions": ["reject_unknown_client_hostname"]})
+    assert await xclient_rcpt(port, "ADDR=192.0.2.77") == (250, "250 2.1.5 Ok")
+    assert await xclient_rcpt(port, "ADDR=192.0.2.77 NAME=[UNAVAILABLE]") == \
+        said(status.unknown_client("192.0.2.77", 450, False))
 
 
 async def test_an_xclient_reverse_name_the_front_end_could_not_tell_is_450(mailflow_server, dns_zone):

@@ -284,15 +284,17 @@ def _address(name: str, value: str) -> str:
 
 def apply_xclient(state: SessionState, attributes: list[tuple[str, str | None]]) -> None:
     """The given attributes replace the session's, in turn, as Postfix's xclient_cmd sets them; [UNAVAILABLE] (None)
-    makes one unknown. What is not given stays: ADDR alone keeps the client's names (the front end's, found for
-    the address it connected from: `names_addr`, where the DNS checks keep asking); NAME=[UNAVAILABLE] or
-    [TEMPUNAVAIL] leaves the reverse name as it was. The session starts again: HELO name, protocol and login are
-    forgotten unless given (the client sends EHLO again)."""
+    makes one unknown. What is not given stays: ADDR alone keeps the client's names, NAME=[UNAVAILABLE] or
+    [TEMPUNAVAIL] the reverse name (`_keep_found_names`). The session starts again: HELO name, protocol and login
+    are forgotten unless given (the client sends EHLO again)."""
     state.host_name, state.extended_smtp = None, False
     state.authenticated, state.auth_data = False, None
     addr, port = (list(state.peer[:2]) + [0])[:2] if isinstance(state.peer, tuple) else ("unknown", 0)
+    found = state.client_name if state.xclient_name is None and state.client_name != "unknown" else None
     for name, value in attributes:
         if name == "NAME":  # Postfix's state->name; its reverse_name too when it is a name
+            if value in (None, TEMPUNAVAIL):
+                _keep_found_names(state, found, verified=False)
             state.xclient_name = value or UNAVAILABLE  # ([TEMPUNAVAIL] stays: the name checks answer it 450)
             state.client_name = "unknown" if value in (None, TEMPUNAVAIL) else value
             if value not in (None, TEMPUNAVAIL):
@@ -300,7 +302,7 @@ def apply_xclient(state: SessionState, attributes: list[tuple[str, str | None]])
         elif name == "REVERSE_NAME":
             state.xclient_reverse_name = value or UNAVAILABLE
         elif name == "ADDR":
-            state.names_addr = state.names_addr or state.peer_ip
+            _keep_found_names(state, found, verified=True)
             addr = value or "unknown"
         elif name == "PORT":
             port = int(value or 0)
@@ -317,6 +319,23 @@ def apply_xclient(state: SessionState, attributes: list[tuple[str, str | None]])
             state.auth_data = value
             state.auth_mechanism = "XCLIENT"  # what Postfix logs as sasl_method for an XCLIENT login
     state.peer = (addr, port)
+
+
+def _keep_found_names(state: SessionState, found: str | None, *, verified: bool) -> None:
+    """The names smtpd found at connect stay the client's when XCLIENT changes the address without naming it (and
+    the reverse name when NAME gives none), as Postfix's xclient_cmd keeps state->name, reverse_name and their
+    status: `found` (peername.py's verified name, from the hosts file or the DNS) becomes the given name and
+    reverse name, so that the checks and the policy service see what Postfix's see. Without one (peername found
+    none, or peername_lookup is off), the DNS checks keep asking about the address the front end connected from
+    (`names_addr`), whose names Postfix would have looked up at connect."""
+    if found is None:
+        if verified:
+            state.names_addr = state.names_addr or state.peer_ip
+        return
+    if verified and state.xclient_name is None:
+        state.xclient_name = found
+    if state.xclient_reverse_name is None:
+        state.xclient_reverse_name = found
 
 
 # -------------------------------------------------------------------------------- the session layer

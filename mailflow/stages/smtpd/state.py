@@ -90,7 +90,7 @@ class SessionState(_AiosmtpdSession):
     xclient_name: str | None
     xclient_reverse_name: str | None
     # the address the client's names are asked for when not given ("": its own); after XCLIENT ADDR without NAME
-    # the front end's, as Postfix keeps the names it found at connect
+    # the front end's when no name was found at connect (else that name is kept as the given one: frontends.py)
     names_addr: str
     proxied_by: str  # the load balancer's address when a PROXY header named the client, else ""
     auth_mechanism: str  # PLAIN, LOGIN or XCLIENT: the `sasl_method` of the log and of policy requests
