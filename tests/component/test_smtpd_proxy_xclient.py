@@ -389,3 +389,19 @@ async def test_header_addresses_are_rewritten_for_local_header_rewrite_clients(m
 def test_local_header_rewrite_clients_names_the_bad_entry(tmp_path):
     with pytest.raises(ConfigError, match="local_header_rewrite_clients.*permit_auth_destination"):
         config_from_dict(merged(base_settings(tmp_path), {"local_header_rewrite_clients": ["permit_auth_destination"]}))
+
+
+async def test_xclient_addr_without_name_says_once_a_session_that_the_front_ends_name_is_kept(mailflow_server,
+                                                                                             caplog):
+    """ADDR alone keeps the front end's name (Postfix's rule): a name-based permit then covers every client it
+    names. An upgrade hazard (mailflow named such a client `unknown` before), said at info level once a session."""
+    mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "authorized_xclient_hosts": ["127.0.0.0/8"]})
+    c = await SmtpClient.connect(mf.smtpd.address_of("mta")[1])
+    with caplog.at_level(logging.INFO, logger="mailflow.smtpd"):
+        for xclient in ("XCLIENT ADDR=127.0.0.8", "XCLIENT ADDR=127.0.0.9", "XCLIENT NAME=n.test ADDR=127.0.0.7"):
+            assert (await c.cmd("EHLO filter.test"))[0] == 250
+            assert (await c.cmd(xclient))[0] == 220
+        await c.close()
+    kept = [m for m in caplog.messages if "XCLIENT ADDR without NAME" in m]
+    assert kept == ["localhost[127.0.0.8]: XCLIENT ADDR without NAME: the client keeps the name localhost found for "
+                    "the front end (name-based permits apply to it)"]

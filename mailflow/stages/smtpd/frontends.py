@@ -364,6 +364,7 @@ class FrontEndCommands(ProtocolCore):
         super().__init__(handler, **kwargs)
         self._frontends = frontends or FrontEnds()
         self._xclient_allowed = False
+        self._name_kept_logged = False  # "XCLIENT ADDR without NAME" said once a session
 
     async def _before_greeting(self) -> bool:
         if not await self._upstream_proxy():
@@ -416,6 +417,17 @@ class FrontEndCommands(ProtocolCore):
             return
         await self._refuse_and_close(status.proxy_failed(self.hostname))
 
+    def _log_name_kept(self, attributes: list[tuple[str, str | None]]) -> None:
+        """ADDR without NAME keeps the front end's name (Postfix's rule): name-based permits (check_client_access
+        on the name, permit_rhswl_client, ...) then cover every client it names that way. Said at info level once
+        a session, so that the upgrade hazard is seen in the log (Postfix says nothing)."""
+        given = {name for name, _ in attributes}
+        if self._name_kept_logged or "ADDR" not in given or "NAME" in given or self.session.client_name == "unknown":
+            return
+        self._name_kept_logged = True
+        log.info("%s: XCLIENT ADDR without NAME: the client keeps the name %s found for the front end (name-based "
+                 "permits apply to it)", self.session.client, self.session.client_name)
+
     async def smtp_XFORWARD(self, arg: str | None) -> None:
         """Postfix XFORWARD (a content filter passing on the original client's attributes): not supported, so
         refused as Postfix refuses a client outside smtpd_authorized_xforward_hosts (empty by default), after
@@ -450,6 +462,7 @@ class FrontEndCommands(ProtocolCore):
         log.info("%s: XCLIENT: client is now %s:%s helo=<%s> login=%s", before, self.session.client,
                  self.session.peer[1], printable(self.session.host_name or ""),
                  printable(self.session.auth_data) if self.session.authenticated else "-")
+        self._log_name_kept(attributes)
         self._reset_transaction()
         self._checkpoint(everything=True)  # (Postfix's xclient_cmd: chat_reset(state, 0))
         await self._call_handler_hook("XCLIENT")  # (the milters start again for the new client)
