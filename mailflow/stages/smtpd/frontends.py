@@ -202,8 +202,8 @@ def parse_xclient(arg: str | None) -> list[tuple[str, str | None]]:
     most 255 octets), xtext-decoded as Postfix decodes it (a value that is not xtext is taken as written, Postfix's
     backwards compatibility), what is not printable ASCII masked as "?", a known attribute, then its syntax.
     None for [UNAVAILABLE] (any case); NAME's and REVERSE_NAME's [TEMPUNAVAIL] is kept (a temporary name status,
-    as Postfix's SMTPD_PEER_CODE_TEMP). ADDR and DESTADDR are normalised ("IPV6:" prefix removed); PROTO is upper
-    case."""
+    as Postfix's SMTPD_PEER_CODE_TEMP). ADDR and DESTADDR are normalised ("IPV6:" prefix removed, an IPv4-mapped
+    address as IPv4: _canonical, as for a PROXY header); PROTO is upper case."""
     if not arg or not arg.strip():
         raise XclientError(status.XCLIENT_SYNTAX)
     found: list[tuple[str, str | None]] = []
@@ -271,7 +271,8 @@ def _checked(name: str, value: str) -> str | None:
 
 
 def _address(name: str, value: str) -> str:
-    """An ADDR or DESTADDR value as normalize_mailhost_addr takes it: IPv4, or IPv6 with or without "IPv6:"."""
+    """An ADDR or DESTADDR value as normalize_mailhost_addr takes it: IPv4, or IPv6 with or without "IPv6:";
+    written as Postfix writes it (_canonical: an IPv4-mapped IPv6 address as IPv4)."""
     text = value[5:] if ascii_upper(value).startswith("IPV6:") else value
     try:
         addr = ipaddress.ip_address(text)
@@ -279,7 +280,7 @@ def _address(name: str, value: str) -> str:
         raise XclientError(status.xclient_bad_syntax(name, value)) from None
     if "%" in text or (addr.version == 4 and text != value):
         raise XclientError(status.xclient_bad_syntax(name, value))
-    return str(addr)
+    return _canonical(addr)
 
 
 def apply_xclient(state: SessionState, attributes: list[tuple[str, str | None]]) -> None:
