@@ -566,7 +566,11 @@ XCLIENT_ATTRIBUTE_LINES = [
     "XCLIENT REVERSE_NAME=1.2.3.4", "XCLIENT REVERSE_NAME=[tempunavail]", "XCLIENT DESTADDR=IPV6:192.0.2.1",
     "XCLIENT DESTADDR=192.0.2.1;", "XCLIENT DESTADDR=[UNAVAILABLE] DESTPORT=[UNAVAILABLE]", "XCLIENT DESTPORT=1x",
     "XCLIENT DESTPORT=65536", "XCLIENT PORT=99999", "XCLIENT PORT=00025", "XCLIENT PORT=123456",
-    "XCLIENT ADDR=1.2.3.4<", "XCLIENT NAME=a.test REVERSE_NAME=b.test ADDR=192.0.2.1 DESTADDR=192.0.2.2"]
+    "XCLIENT ADDR=1.2.3.4<", "XCLIENT NAME=a.test REVERSE_NAME=b.test ADDR=192.0.2.1 DESTADDR=192.0.2.2",
+    # an IPv6 address only after "IPv6:", any case (valid_mailhost_addr; an IPv4-mapped one: this Postfix has
+    # inet_protocols = ipv4); PROTO has no [UNAVAILABLE] (mailflow took them)
+    "XCLIENT ADDR=2001:db8::1", "XCLIENT DESTADDR=2001:db8::1", "XCLIENT ADDR=ipv6:::ffff:192.0.2.12",
+    "XCLIENT PROTO=[UNAVAILABLE]", "XCLIENT ADDR=IPv6:::ffff:192.0.2.11"]
 
 
 async def test_xclient_attribute_errors_are_worded_as_postfix_s(mailflow_server):

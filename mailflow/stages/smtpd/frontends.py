@@ -201,7 +201,7 @@ def parse_xclient(arg: str | None) -> list[tuple[str, str | None]]:
     NAME overrides an earlier REVERSE_NAME), checked word by word as Postfix's xclient_cmd checks them: a value (at
     most 255 octets), xtext-decoded as Postfix decodes it (a value that is not xtext is taken as written, Postfix's
     backwards compatibility), what is not printable ASCII masked as "?", a known attribute, then its syntax.
-    None for [UNAVAILABLE] (any case); NAME's and REVERSE_NAME's [TEMPUNAVAIL] is kept (a temporary name status,
+    None for [UNAVAILABLE] (any case; not PROTO's); NAME's and REVERSE_NAME's [TEMPUNAVAIL] is kept (a temporary name status,
     as Postfix's SMTPD_PEER_CODE_TEMP). ADDR and DESTADDR are normalised ("IPV6:" prefix removed, an IPv4-mapped
     address as IPv4: _canonical, as for a PROXY header); PROTO is upper case."""
     if not arg or not arg.strip():
@@ -247,7 +247,7 @@ def _checked(name: str, value: str) -> str | None:
     """The value of attribute `name` as the session takes it; XclientError `Bad NAME syntax: value` (Postfix's
     words, the value as masked; an address neutered first, as xclient_cmd does) when the attribute's syntax
     refuses it."""
-    if ascii_upper(value) == UNAVAILABLE:
+    if ascii_upper(value) == UNAVAILABLE and name != "PROTO":  # (PROTO has none: Postfix's `Bad PROTO syntax`)
         return None
     if name in ("NAME", "REVERSE_NAME"):
         if ascii_upper(value) == TEMPUNAVAIL:
@@ -271,14 +271,15 @@ def _checked(name: str, value: str) -> str | None:
 
 
 def _address(name: str, value: str) -> str:
-    """An ADDR or DESTADDR value as normalize_mailhost_addr takes it: IPv4, or IPv6 with or without "IPv6:";
-    written as Postfix writes it (_canonical: an IPv4-mapped IPv6 address as IPv4)."""
-    text = value[5:] if ascii_upper(value).startswith("IPV6:") else value
+    """An ADDR or DESTADDR value as normalize_mailhost_addr takes it (valid_mailhost_addr): IPv4, or IPv6 after
+    "IPv6:" (any case); written as Postfix writes it (_canonical: an IPv4-mapped IPv6 address as IPv4)."""
+    ipv6 = ascii_upper(value).startswith("IPV6:")
+    text = value[5:] if ipv6 else value
     try:
         addr = ipaddress.ip_address(text)
     except ValueError:
         raise XclientError(status.xclient_bad_syntax(name, value)) from None
-    if "%" in text or (addr.version == 4 and text != value):
+    if "%" in text or (addr.version == 6) != ipv6:
         raise XclientError(status.xclient_bad_syntax(name, value))
     return _canonical(addr)
 
