@@ -9,6 +9,8 @@ go without it.
 """
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from mailflow.clock import SystemClock
@@ -121,19 +123,19 @@ async def xclient_session(port: int) -> None:
     await client.close()
 
 
-def connects(milter: ScriptedMilter) -> list[tuple[bytes, bytes, str]]:
-    """The session's two milter connections (the front end's, the client's; postfix_instance's readiness probe
-    made one before): each one's connect packet host name and address (not the front end's ephemeral port), the
-    {daemon_addr} sent with it, and the commands of the last one (the negotiation, macros and QUIT left out).
-    Postfix connects the front end's at its greeting, mailflow at the first event."""
-    found = []
+def connects(milter: ScriptedMilter) -> list[tuple[bytes, str] | bytes]:
+    """The milter connections of the session, each once (postfix_instance's readiness probe made one like the front
+    end's, whose milter connection may come late): each one's connect packet host name and address (not the front
+    end's ephemeral port) and the {daemon_addr} sent with it, then the commands of the client's (after XCLIENT; the
+    negotiation, macros and QUIT left out). Postfix connects the front end's at its greeting, mailflow at the
+    first event."""
+    found: dict[tuple[bytes, str], bytes] = {}
     daemons = [m.get("{daemon_addr}", "") for m in milter.macros(b"C")]
-    for session, daemon in list(zip(milter.sessions, daemons))[-2:]:
-        connect = next((payload for command, payload in session if command == b"C"), b"")
+    for session, daemon in zip([s for s in milter.sessions if any(c == b"C" for c, _ in s)], daemons):
+        connect = next(payload for command, payload in session if command == b"C")
         name, _, rest = connect.partition(b"\0")
-        found.append((name + b" " + rest[3:], daemon))
-    last = bytes(c[0] for c, _ in milter.sessions[-1] if c not in (b"O", b"D", b"Q"))
-    return found + [last]
+        found[(name + b" " + rest[3:], daemon)] = bytes(c[0] for c, _ in session if c not in (b"O", b"D", b"Q"))
+    return [*sorted(found), found.get((b"client.example 192.0.2.10\0", "203.0.113.5"), b"")]
 
 
 async def test_after_xclient_the_milters_connect_again_for_the_new_client_as_postfix_does(mailflow_server):
@@ -149,6 +151,29 @@ async def test_after_xclient_the_milters_connect_again_for_the_new_client_as_pos
         mf = await mailflow_server(smtpd={"milters": [milter.spec], "authorized_xclient_hosts": ["127.0.0.0/8"]})
         await xclient_session(mf.smtp_addresses[0][1])
         mailflow = connects(milter)
-    assert postfix == [(b"localhost 127.0.0.1\0", "127.0.0.1"), (b"client.example 192.0.2.10\0", "203.0.113.5"),
+    assert postfix == [(b"client.example 192.0.2.10\0", "203.0.113.5"), (b"localhost 127.0.0.1\0", "127.0.0.1"),
                        b"CHM"]
     assert mailflow == postfix
+
+
+async def test_a_client_port_above_65535_reaches_the_milters_as_0_as_postfix_sends_it(mailflow_server, caplog):
+    """XCLIENT PORT takes five digits (99999 too); Postfix's milter8_conn_event warns `milter M: bad client port
+    number 99999` and sends 0 in the connect packet. mailflow sent it wrapped (99999 & 0xFFFF: 34463)."""
+    async def session(port: int) -> bytes:
+        client = await SmtpClient.connect(port)
+        assert (await client.cmd("XCLIENT NAME=client.example ADDR=192.0.2.10 PORT=99999")).code == 220
+        assert (await client.cmd("EHLO client.test")).code == 250
+        await client.close()
+        return next(payload for session in reversed(milter.sessions) for command, payload in session
+                    if command == b"C" and payload.startswith(b"client.example"))  # (not the readiness probe's)
+
+    async with scripted_milter() as milter:
+        async with postfix_instance({"myhostname": "pf.test", "smtpd_milters": milter.spec,
+                                     "smtpd_authorized_xclient_hosts": "127.0.0.0/8"}) as pf:
+            postfix = await session(pf.port)
+        mf = await mailflow_server(smtpd={"milters": [milter.spec], "authorized_xclient_hosts": ["127.0.0.0/8"]})
+        with caplog.at_level(logging.WARNING, logger="mailflow.smtpd"):
+            mailflow = await session(mf.smtp_addresses[0][1])
+    assert postfix == b"client.example\x004\x00\x00192.0.2.10\x00"
+    assert mailflow == postfix
+    assert f"milter {milter.spec}: bad client port number 99999" in caplog.messages

@@ -370,7 +370,8 @@ class MilterSession:
         values = {"j": c.myhostname, "{daemon_name}": c.daemon_name, "{daemon_addr}": c.daemon_addr, **port,
                   "v": "mailflow", "_": f"{c.client_name} [{c.client_addr}]", "{client_addr}": c.client_addr,
                   "{client_name}": c.client_name, "{client_port}": str(c.client_port)}
-        packet = p.connect(c.client_name, c.client_addr, c.client_port)
+        port_ok = 0 <= c.client_port <= 65535  # (XCLIENT PORT takes five digits: 99999 too)
+        packet = p.connect(c.client_name, c.client_addr, c.client_port if port_ok else 0)
         for milter in self._milters:
             try:
                 await milter.open()
@@ -379,6 +380,8 @@ class MilterSession:
                 if verdict.action != "continue":
                     return verdict
                 continue
+            if not port_ok:  # Postfix's milter8_conn_event: warned, and 0 sent, milter by milter
+                log.warning("milter %s: bad client port number %s", milter.spec, c.client_port)
             verdict = await self._ask(milter, p.CONNECT, packet, values)
             if verdict.action in ("reject", "tempfail"):
                 return verdict

@@ -76,11 +76,11 @@ def macros(stage: bytes, values: dict[str, str]) -> bytes:
 
 
 def connect(hostname: str, address: str, port: int) -> bytes:
-    """`address` an IPv4/IPv6 address (family 4/6), or "" for an unknown client (family U)."""
+    """`address` an IPv4/IPv6 address (family 4/6), or "" for an unknown client (family U); `port` 0..65535."""
     if not address or address == "unknown":
         return encode(CONNECT, _z(hostname) + b"U")
     family = b"6" if ":" in address else b"4"
-    return encode(CONNECT, _z(hostname) + family + struct.pack("!H", port & 0xFFFF) + _z(address))
+    return encode(CONNECT, _z(hostname) + family + struct.pack("!H", port) + _z(address))
 
 
 def helo(name: str) -> bytes:
