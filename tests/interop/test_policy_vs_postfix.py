@@ -200,7 +200,8 @@ XCLIENTS = ("XCLIENT ADDR=192.0.2.10 PORT=40001 DESTADDR=203.0.113.5 DESTPORT=25
             "XCLIENT REVERSE_NAME=[TEMPUNAVAIL] ADDR=192.0.2.13 PORT=25",
             "XCLIENT NAME=[UNAVAILABLE] PORT=40004",  # (no ADDR: the reverse name stays the one found at connect)
             "XCLIENT NAME=[TEMPUNAVAIL] ADDR=192.0.2.14 PORT=40005",
-            "XCLIENT ADDR=IPV6:::ffff:192.0.2.15 PORT=40006 DESTADDR=IPv6:::FFFF:198.51.100.6")  # (IPv4-mapped)
+            "XCLIENT ADDR=IPV6:::ffff:192.0.2.15 PORT=40006 DESTADDR=IPv6:::FFFF:198.51.100.6",  # (IPv4-mapped)
+            "XCLIENT ADDR=192.0.2.16 PORT=0 DESTPORT=0")  # (0, not unknown: that is [UNAVAILABLE]'s)
 
 
 async def test_xclient_names_the_client_and_server_of_the_requests(mailflow_server):
@@ -231,6 +232,7 @@ async def test_xclient_names_the_client_and_server_of_the_requests(mailflow_serv
     assert postfix[1]["reverse_client_name"] == "r.test" and postfix[1]["server_port"] == "unknown"
     assert [(r["client_name"], r["reverse_client_name"]) for r in postfix[4:6]] == [("unknown", "localhost")] * 2
     assert (postfix[6]["client_address"], postfix[6]["server_address"]) == ("192.0.2.15", "198.51.100.6")
+    assert (postfix[7]["client_port"], postfix[7]["server_port"]) == ("0", "0")
 
 
 def seen(request: dict[str, str], attributes: tuple[str, ...], listener: int) -> dict[str, str]:

@@ -131,7 +131,7 @@ class ListenerFilters:
             return None
         if session.milters is None:
             client = ClientMacros(myhostname=self._config.myhostname, daemon_name=self._config.myhostname,
-                                  daemon_addr=session.server_ip, daemon_port=session.server_port,
+                                  daemon_addr=session.server_ip, daemon_port=session.server_port or 0,
                                   client_addr=session.peer_ip if session.peer_ip != "unknown" else "",
                                   client_name=session.client_name, client_port=session.peer_port)
             session.milters = MilterSession(self._milters, self._milter_settings, client)

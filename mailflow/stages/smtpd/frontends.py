@@ -307,11 +307,11 @@ def apply_xclient(state: SessionState, attributes: list[tuple[str, str | None]])
             _keep_found_names(state, found, verified=True)
             addr = value or "unknown"
         elif name == "PORT":
-            port = int(value or 0)
+            port = int(value) if value is not None else None
         elif name == "DESTADDR":
             state.server_ip = value or ""
         elif name == "DESTPORT":
-            state.server_port = int(value or 0)
+            state.server_port = int(value) if value is not None else None
         elif name == "HELO":
             state.host_name = helo_name(value) if value is not None else None
         elif name == "PROTO":
@@ -462,7 +462,7 @@ class FrontEndCommands(ProtocolCore):
         # handed the session over (a second XCLIENT then gets 550, and EHLO no longer offers it)
         self._xclient_allowed = self._frontends.xclient_hosts.contains(self.session.peer_ip, self.session.client_name)
         log.info("%s: XCLIENT: client is now %s:%s helo=<%s> login=%s", before, self.session.client,
-                 self.session.peer[1], printable(self.session.host_name or ""),
+                 self.session.port_text, printable(self.session.host_name or ""),
                  printable(self.session.auth_data) if self.session.authenticated else "-")
         self._log_name_kept(attributes)
         self._reset_transaction()

@@ -539,7 +539,7 @@ class SmtpdHandler:
         cipher = session.ssl.get("cipher") if isinstance(session.ssl, dict) else None
         return Facts(
             client_addr=session.peer_ip,
-            client_port=session.peer_port,
+            client_port=session.port_text,
             server_addr=session.server_ip,
             server_port=session.server_port,
             client_name=session.client_name,

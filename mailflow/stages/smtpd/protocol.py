@@ -443,7 +443,7 @@ class ProtocolCore(SMTP):
         """The reject footer's macros now, as Postfix's smtpd_expand_lookup gives them: $recipient is the
         transaction's first accepted recipient; $reverse_client_name is the client's name as smtpd knows it."""
         session, envelope = self.session, self.envelope
-        client = None if session is None else FooterClient(session.client, session.peer_ip, str(session.peer_port),
+        client = None if session is None else FooterClient(session.client, session.peer_ip, session.port_text,
                                                            session.client_name, session.host_name or "")
         sender = envelope.mail_from if envelope is not None else None
         recipients = envelope.rcpt_tos if envelope is not None else []

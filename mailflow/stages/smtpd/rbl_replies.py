@@ -93,7 +93,7 @@ class RblReplies:
     def _values(self, listed: Listed, facts: Facts) -> dict[str, str]:
         """The macros' values: the list's, then smtpd's own (as Postfix's smtpd_expand_lookup gives them)."""
         sender = facts.sender
-        client = FooterClient(facts.client, facts.client_addr, str(facts.client_port),
+        client = FooterClient(facts.client, facts.client_addr, facts.client_port,
                               facts.client_name, facts.helo)
         values = footer_values(self._server_name, sender, facts.recipient or None, client)
         values.update(rbl_code=str(self._code), rbl_domain=listed.rbl.partition("=")[0], rbl_reason=listed.reason,

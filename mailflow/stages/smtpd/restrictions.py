@@ -171,9 +171,9 @@ class Facts:
     """What a restriction may look at. `sender` None: no MAIL yet; "" the null sender."""
 
     client_addr: str
-    client_port: int = 0
+    client_port: str = "unknown"  # as Postfix writes it: SessionState.port_text
     server_addr: str = ""  # the address and port of this server the client connected to
-    server_port: int = 0
+    server_port: int | None = None  # (None: unknown, or XCLIENT DESTPORT=[UNAVAILABLE])
     client_name: str = "unknown"
     # The client's verified name and reverse (PTR) name given without the DNS (None: the DNS is asked): XCLIENT
     # NAME's, REVERSE_NAME's ([UNAVAILABLE]: none, [TEMPUNAVAIL]: the DNS could not tell), or [UNAVAILABLE] under
@@ -1204,10 +1204,10 @@ def policy_request(facts: Facts, stage: str, context: str = "") -> dict[str, str
         "recipient_count": str(facts.recipient_count if stage in PROTOCOL_STATE else 0),  # Postfix: 0 before DATA
         "client_address": facts.client_addr,
         "client_name": facts.client_name,
-        "client_port": str(facts.client_port or "unknown"),  # (0: XCLIENT PORT=[UNAVAILABLE], Postfix's unknown)
+        "client_port": facts.client_port,  # (`unknown` after XCLIENT PORT=[UNAVAILABLE], `0` after PORT=0)
         "reverse_client_name": given_reverse_name(facts),
         "server_address": facts.server_addr or "unknown",  # (XCLIENT DESTADDR=[UNAVAILABLE], Postfix's unknown)
-        "server_port": str(facts.server_port or "unknown"),
+        "server_port": "unknown" if facts.server_port is None else str(facts.server_port),  # (DESTPORT=0: 0)
         "instance": facts.instance,
         "sasl_method": facts.sasl_method,
         "sasl_username": facts.sasl_username,

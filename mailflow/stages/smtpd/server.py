@@ -155,7 +155,7 @@ class ListenerSession(SmtpSession):
         if screen is None:
             return True
         s = self.session
-        client = Client(s.peer_ip, str(s.peer_port), s.server_ip or "", str(s.server_port))
+        client = Client(s.peer_ip, str(s.peer_port), s.server_ip or "", str(s.server_port or 0))
         self._no_deadline()  # the screen keeps its own: the greet wait, the dummy engine's per command
         if await screen.screen(self, client) is not Verdict.PASS:
             return False

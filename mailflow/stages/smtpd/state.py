@@ -74,9 +74,10 @@ def helo_name(text: str) -> str:
 class SessionState(_AiosmtpdSession):
     """The client of one connection. aiosmtpd's fields first, as mailflow uses them, then mailflow's."""
 
-    peer: Any  # (ip, port) of the client: the real one after a PROXY header or XCLIENT, not the socket's
+    peer: Any  # (ip, port) of the client: the real one after a PROXY header or XCLIENT (port None: [UNAVAILABLE])
     server_ip: str  # the address of this server the client connected to ("" when unknown); behind a PROXY
-    server_port: int  # header the one it names (the balancer's front end), as Postfix; the port (0 when unknown)
+    server_port: int | None  # header the one it names (the balancer's front end), as Postfix; the port (None when
+    # unknown: not known from the socket, or XCLIENT DESTPORT=[UNAVAILABLE])
     ssl: dict[str, Any] | None  # None before TLS; then "ssl_object" and "cipher" (name, version, bits)
     client_cert: ClientCert | None  # what the client's TLS certificate says (tls.client_cert); None: none sent
     host_name: str | None  # the HELO/EHLO name (`helo_name`: printable, neutered); None before one
@@ -110,7 +111,7 @@ class SessionState(_AiosmtpdSession):
         super().__init__(loop)
         self.authenticated = False
         self.server_ip = ""
-        self.server_port = 0
+        self.server_port = None
         self.client_name = "unknown"
         self.xclient_name = self.xclient_reverse_name = None
         self.names_addr = ""
@@ -154,8 +155,17 @@ class SessionState(_AiosmtpdSession):
 
     @property
     def peer_port(self) -> int:
+        """The client's port; 0 when unknown (XCLIENT PORT=[UNAVAILABLE])."""
         peer = self.peer
-        return int(peer[1]) if isinstance(peer, tuple) and len(peer) > 1 else 0
+        return int(peer[1] or 0) if isinstance(peer, tuple) and len(peer) > 1 else 0
+
+    @property
+    def port_text(self) -> str:
+        """The client's port as Postfix writes it (policy requests, the queue file's client_port, footers):
+        `unknown` after XCLIENT PORT=[UNAVAILABLE] (the peer's port None), else the number (`0` for PORT=0)."""
+        peer = self.peer
+        port = peer[1] if isinstance(peer, tuple) and len(peer) > 1 else None
+        return "unknown" if port is None else str(port)
 
     @property
     def client(self) -> str:
@@ -175,7 +185,8 @@ class SessionState(_AiosmtpdSession):
     def client_info(self, transaction: Transaction | None = None, *, login_in_received: bool = False) -> ClientInfo:
         """The client as cleanup records it (Received header, `client=` log line); `login_in_received`: the
         Received header names the login (sasl_authenticated_header)."""
-        host, port = (self.peer or ("unknown", 0))[:2]
+        host = (self.peer or ("unknown", 0))[0]
+        port = self.peer_port
         login = self.login
         return ClientInfo(addr=host, port=port, helo=self.host_name or "",
                           protocol=received_protocol(self, transaction), hostname=self.client_name,
@@ -188,7 +199,7 @@ class SessionState(_AiosmtpdSession):
         ip = self.peer_ip
         login = self.login
         return ClientAttributes(name=self.client_name, address=f"IPv6:{ip}" if ":" in ip else ip,
-                                port=str(self.peer_port or "unknown"),
+                                port=self.port_text,
                                 helo=self.host_name or "", protocol=self.protocol,
                                 sasl_method=self.auth_mechanism if login else "", sasl_username=login,
                                 sasl_sender=transaction.auth_sender)
