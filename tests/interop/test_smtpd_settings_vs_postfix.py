@@ -718,3 +718,17 @@ async def test_a_literal_xclient_name_unknown_is_a_name_as_postfix_takes_it(mail
     assert await name_check_replies(port, names) == postfix
     assert postfix["unknown"] == postfix["UnKnown"] == postfix["given.test"] == "250 2.1.5 Ok"
     assert postfix.get("[unavailable]", postfix["unknown"]).startswith(("250 ", "450 4.7.25 Client host rejected"))
+
+
+async def test_authorized_xclient_hosts_is_judged_on_the_name_at_the_greeting_too_as_postfix(mailflow_server):
+    """smtpd_proto and xclient_cmd both ask namadr_list_match(xclient_hosts, name, addr): a table holding the
+    front end's name (localhost, from the hosts file) authorizes it at the greeting, and the client an XCLIENT names
+    localhost keeps it. mailflow asked the address only at the greeting: EHLO offered no XCLIENT, XCLIENT got 550."""
+    sessions = {"s": ["EHLO c.test", "XCLIENT NAME=localhost ADDR=192.0.2.7", "XCLIENT ADDR=192.0.2.8",
+                      "XCLIENT NAME=other.test", "XCLIENT ADDR=192.0.2.9"]}
+    async with postfix_instance({**POSTFIX_BASE, "smtpd_authorized_xclient_hosts": "inline:{localhost=ok}"}) as pf:
+        postfix = await replay(pf.port, sessions)
+    port = await start_mailflow(mailflow_server, authorized_xclient_hosts=["inline:{localhost=ok}"])
+    greeting_by_code = lambda text: "220" if text.startswith("220 ") else text  # noqa: E731 (the banners differ)
+    assert differences(sessions, postfix, await replay(port, sessions), greeting_by_code) == {}
+    assert [reply[:3] for reply in postfix["s"][1:]] == ["220", "220", "220", "550"]

@@ -373,7 +373,8 @@ class FrontEndCommands(ProtocolCore):
             return False
         if not await super()._before_greeting():
             return False
-        self._xclient_allowed = self._frontends.xclient_hosts.contains(self.session.peer_ip)
+        # judged on address and name (the one found at connect), as smtpd_proto's namadr_list_match(xclient_hosts)
+        self._xclient_allowed = self._frontends.xclient_hosts.contains(self.session.peer_ip, self.session.client_name)
         return True
 
     def _ehlo_keywords(self) -> tuple[str, ...]:
