@@ -61,6 +61,10 @@ from mailflow.tables.memory import table_entries
 
 __all__ = ["import_postfix", "UnreadableFile", "Imported"]
 
+# postscreen parameters whose Postfix default is smtpd's of the same job: an smtpd one mailflow's smtpd lacks is
+# still taken for postscreen unless main.cf gives postscreen's its own value
+_POSTSCREEN_HEIRS = {"smtpd_expansion_filter": "postscreen_expansion_filter",
+                     "smtpd_reject_footer_maps": "postscreen_reject_footer_maps"}
 _SMTPD_BANNER_REFERENCE = re.compile(r"\$(?:smtpd_banner|\{smtpd_banner\}|\(smtpd_banner\))")
 _SMTPD_FORBIDDEN_REFERENCE = re.compile(r"\$(?:smtpd_forbidden_commands|\{smtpd_forbidden_commands\}|"
                                         r"\(smtpd_forbidden_commands\))")
@@ -190,15 +194,18 @@ class Importer:
             return None
 
     def _parameter(self, name: str, line: Line, raw: str) -> None:
+        if self._inherited_by_postscreen(name, line, raw):
+            return
         if name in names.NOT_IMPORTABLE:  # its reason, whatever its value refers to
             self.out.leave_out(line.where, name, raw, names.why_not(name))
             return
         if name == "postscreen_greet_banner" and _SMTPD_BANNER_REFERENCE.fullmatch(raw.strip()):
             self._set(name, line, raw, "smtpd.postscreen.greet_banner", SMTPD_BANNER)  # smtpd's own greeting
             return
-        if name == "postscreen_expansion_filter" and raw.strip() == "$smtpd_expansion_filter":  # (its default)
-            self.out.notes.append(f"{line.where}: {name} = {raw} is mailflow's default (a tab and printable ASCII; "
-                                  "smtpd_expansion_filter has no counterpart)")
+        parent = next((smtpd for smtpd, heir in _POSTSCREEN_HEIRS.items() if heir == name), None)
+        if parent is not None and _names(raw, parent):  # (its default): smtpd's value, taken there, or none
+            self.out.notes.append(f"{line.where}: {name} = {raw} is " + (
+                f"{parent}'s value" if parent in self.params else "mailflow's default"))
             return
         if name == "postscreen_forbidden_commands" and _SMTPD_FORBIDDEN_REFERENCE.fullmatch(raw.strip()):
             self.out.notes.append(f"{line.where}: {name} = {raw} is mailflow's default (smtpd.forbid_cmds)")
@@ -233,6 +240,26 @@ class Importer:
             self.out.leave_out(line.where, name, raw, str(e))
         except Unexpanded as e:  # queue_directory's, when a unix: path is taken from it
             self.out.leave_out(line.where, name, raw, f"needs queue_directory, which {e.reason()}")
+
+    def _inherited_by_postscreen(self, name: str, line: Line, raw: str) -> bool:
+        """An smtpd parameter mailflow's smtpd lacks whose value Postfix's postscreen takes by default
+        (_POSTSCREEN_HEIRS): written as postscreen's setting, unless main.cf gives postscreen's its own value, and
+        left out for smtpd with a reason that says so. False: not such a parameter (or postscreen has its own)."""
+        heir = _POSTSCREEN_HEIRS.get(name)
+        if heir is None or (heir in self.params and not _names(self.params[heir][1], name)):
+            return False
+        value = raw if heir in names.RAW else self._expand(name, line, raw)
+        if value is None:
+            return True
+        try:
+            for key in names.SETTINGS[heir]:
+                self._set(name, line, raw, key, convert(heir, key, value, self.out.notes))
+        except Refused as e:
+            self.out.leave_out(line.where, name, raw, str(e))
+            return True
+        self.out.leave_out(line.where, name, raw, f"{names.why_not(name)}; postscreen takes it ({heir}'s default "
+                                                  f"${name}: {', '.join(names.SETTINGS[heir])})")
+        return True
 
     def _no_cache_on_demand(self, name: str) -> None:
         """`smtp_connection_cache_on_demand = no` (or lmtp's): Postfix then caches only the sessions of
@@ -834,6 +861,11 @@ class Importer:
 
 
 _ENTRY_REFUSAL = re.compile(r"(queue\.transport_[a-z_]+): '([^']+)' is not a transport")  # an orphaned entry
+def _names(raw: str, parameter: str) -> bool:
+    """`raw` is nothing but a reference to `parameter` ($name, ${name}, $(name))."""
+    return raw.strip() in (f"${parameter}", f"${{{parameter}}}", f"$({parameter})")
+
+
 def _client_refusal(parts: list[str], clients: dict[str, dict[str, object]]) -> tuple[str, str] | None:
     """(service, key) when mailflow's refusal is of an imported client service ("smtp.services.NAME.KEY", a check
     of its merged settings too), else None."""

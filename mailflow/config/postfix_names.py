@@ -174,7 +174,9 @@ NOT_IMPORTABLE: dict[str, str] = {
     **dict.fromkeys(("smtp_connection_cache_destinations", "lmtp_connection_cache_destinations"),
                     "mailflow's clients cache every destination's sessions or none (connection_cache_time_limit), "
                     "not a list of destinations'"),
-    "smtpd_reject_footer_maps": "mailflow has smtpd.reject_footer (one text, its macros), not a map by reply",
+    "smtpd_reject_footer_maps": "mailflow's smtpd has reject_footer (one text, its macros), not a map by reply",
+    "smtpd_expansion_filter": "mailflow's smtpd filters its footer macros with Postfix's default (a tab and "
+                              "printable ASCII), not a setting",
     "postscreen_cache_map": "mailflow's postscreen keeps its cache of passed clients in memory (cache_limit)",
     **dict.fromkeys(("smtpd_tls_protocols", "smtpd_tls_mandatory_protocols", "smtpd_tls_ciphers",
                      "smtpd_tls_mandatory_ciphers", "smtpd_tls_exclude_ciphers", "smtp_tls_protocols",

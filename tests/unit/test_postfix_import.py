@@ -1397,6 +1397,33 @@ def test_postscreens_footer_maps_and_expansion_filter_are_translated(tmp_path):
     assert "postscreen" not in checked(tmp_path / "mailflow.toml").get("smtpd", {})
 
 
+@pytest.mark.parametrize("smtpd_lines", ["smtpd_expansion_filter = abc\nsmtpd_reject_footer_maps = $footers\n",
+                                         "smtpd_expansion_filter = abc\nsmtpd_reject_footer_maps = $footers\n"
+                                         "postscreen_expansion_filter = ${smtpd_expansion_filter}\n"
+                                         "postscreen_reject_footer_maps = $smtpd_reject_footer_maps\n"])
+def test_smtpds_footer_maps_and_expansion_filter_are_postscreens_unless_it_has_its_own(tmp_path, smtpd_lines):
+    """postscreen_expansion_filter's default is $smtpd_expansion_filter, postscreen_reject_footer_maps's
+    $smtpd_reject_footer_maps: smtpd's values (which mailflow's smtpd has no setting for) are postscreen's, and
+    left out for smtpd with a reason that says so. The import took mailflow's default filter and dropped the maps."""
+    (tmp_path / "footers").write_text("/^5/ call us\n")
+    main = write(tmp_path, "main.cf", f"footers = regexp:{tmp_path}/footers\n{smtpd_lines}")
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert code == 1
+    screen = checked(tmp_path / "mailflow.toml")["smtpd"]["postscreen"]
+    assert screen == {"reject_footer_maps": [f"regexp:{tmp_path}/footers"], "expansion_filter": "abc"}
+    assert ("main.cf:3: smtpd_reject_footer_maps: mailflow's smtpd has reject_footer (one text, its macros), not a "
+            "map by reply; postscreen takes it (postscreen_reject_footer_maps's default $smtpd_reject_footer_maps: "
+            "smtpd.postscreen.reject_footer_maps)") in err
+    assert "main.cf:2: smtpd_expansion_filter: mailflow's smtpd filters" in err
+    main = write(tmp_path, "main.cf", f"{smtpd_lines}postscreen_expansion_filter = xyz\n"
+                                      "postscreen_reject_footer_maps =\n")  # (postscreen's own, the last line's)
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert code == 1
+    assert checked(tmp_path / "mailflow.toml")["smtpd"]["postscreen"] == {"expansion_filter": "xyz",
+                                                                          "reject_footer_maps": []}
+    assert "postscreen takes it" not in err
+
+
 @pytest.mark.parametrize("tls_lines, level", [
     ("postscreen_enforce_tls = yes\nsmtpd_use_tls = yes\n", "encrypt"),
     ("postscreen_use_tls = yes\n", "may"),
