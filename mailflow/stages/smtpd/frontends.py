@@ -201,9 +201,9 @@ def parse_xclient(arg: str | None) -> list[tuple[str, str | None]]:
     NAME overrides an earlier REVERSE_NAME), checked word by word as Postfix's xclient_cmd checks them: a value (at
     most 255 octets), xtext-decoded as Postfix decodes it (a value that is not xtext is taken as written, Postfix's
     backwards compatibility), what is not printable ASCII masked as "?", a known attribute, then its syntax.
-    None for [UNAVAILABLE] (any case; not PROTO's); NAME's and REVERSE_NAME's [TEMPUNAVAIL] is kept (a temporary name status,
-    as Postfix's SMTPD_PEER_CODE_TEMP). ADDR and DESTADDR are normalised ("IPV6:" prefix removed, an IPv4-mapped
-    address as IPv4: _canonical, as for a PROXY header); PROTO is upper case."""
+    None for [UNAVAILABLE] (any case; not PROTO's); NAME's and REVERSE_NAME's [TEMPUNAVAIL] is kept (a temporary
+    name status, as Postfix's SMTPD_PEER_CODE_TEMP). ADDR and DESTADDR are normalised ("IPV6:" prefix removed, an
+    IPv4-mapped address as IPv4: _canonical, as for a PROXY header); PROTO is upper case."""
     if not arg or not arg.strip():
         raise XclientError(status.XCLIENT_SYNTAX)
     found: list[tuple[str, str | None]] = []
