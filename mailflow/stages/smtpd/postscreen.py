@@ -335,6 +335,9 @@ class Postscreen:
                                  for table in self._command_filter}
         self._footer_maps = tables.open(list(self._engine.reject_footer_maps))  # (none that waits: the config's)
         self._footer_failures = FailureLog(log, "postscreen_reject_footer_maps lookup", clock)
+        # a footer a map gives that cannot go under a reply: told once, then once a minute with a count, not at
+        # each reply (a client could make command_count_limit of them per connection); a reload starts over
+        self._unusable_footers = FailureLog(log, "postscreen_reject_footer_maps footer", clock)
 
     async def screen(self, conn: Connection, client: Client) -> Verdict:
         log.info("CONNECT from %s to [%s]:%s", client.where, client.server_ip, client.server_port)
@@ -342,7 +345,7 @@ class Postscreen:
             conn = _Replies(conn, soft_bounce=self._engine.soft_bounce, template=self._engine.reject_footer,
                             values=functools.partial(postscreen_footer_values, self._hostname, client.ip, client.port),
                             mapped=self._mapped_footer if self._footer_maps else None,
-                            allowed=self._engine.expansion_filter)
+                            allowed=self._engine.expansion_filter, unusable=self._unusable_footers)
         count = self._connections.get(client.ip, 0) + 1
         self._connections[client.ip] = count
         try:
@@ -1107,11 +1110,14 @@ class _Replies:
     and the enhanced code's first digit), then under a 4xx or 5xx the footer `mapped(reply)` gives (the reply as
     sent to send(), before soft_bounce, without its CRLF; postscreen_reject_footer_maps), else `template`
     (postscreen_reject_footer; "" none), its macros' values kept to the characters `allowed` (None: the default
-    expansion filter). A footer from a table that cannot be expanded is left out, with a warning."""
+    expansion filter). A footer from a table that cannot be expanded is left out, told to `unusable` (a FailureLog:
+    once, then once a minute with a count)."""
 
     def __init__(self, conn: Connection, *, soft_bounce: bool, template: str, values: Callable[[], dict[str, str]],
-                 mapped: Callable[[str], str | None] | None = None, allowed: str | None = None):
+                 mapped: Callable[[str], str | None] | None = None, allowed: str | None = None,
+                 unusable: FailureLog | None = None):
         self._conn = conn
+        self._unusable = unusable
         self._soft_bounce = soft_bounce
         self._template = template
         self._values = values
@@ -1140,8 +1146,9 @@ class _Replies:
                     return footer_lines(found, self._values(), _unknown_macro, self._allowed)
             except ValueError as e:
                 gripe = str(e)
-            log.warning("postscreen_reject_footer_maps: footer for %r not used: %s", reply.removesuffix("\r\n"),
-                        gripe)
+            if self._unusable is not None:
+                shown = reply.removesuffix("\r\n")
+                self._unusable.failed(UnusableFooter(f"footer for {shown!r} not used: {gripe}"))
             return ""
         return footer_lines(self._template, self._values(), _unknown_macro, self._allowed) if self._template else ""
 
@@ -1150,6 +1157,11 @@ class _Replies:
 
     async def tls_handshake(self, timeout: float, client: str, lines: SmtpdLog | None) -> tuple[bool, str]:
         return await self._conn.tls_handshake(timeout, client, lines)
+
+
+class UnusableFooter(LookupRetry):
+    """A footer a postscreen_reject_footer_maps table gave that cannot go under a reply: a fault of the table's
+    data, told through a FailureLog (no traceback) as the table's failures are."""
 
 
 def _unknown_macro(name: str) -> None:
