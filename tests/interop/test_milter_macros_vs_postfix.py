@@ -127,14 +127,19 @@ def connects(milter: ScriptedMilter) -> list[tuple[bytes, str] | bytes]:
     """The milter connections of the session, each once (postfix_instance's readiness probe made one like the front
     end's, whose milter connection may come late): each one's connect packet host name and address (not the front
     end's ephemeral port) and the {daemon_addr} sent with it, then the commands of the client's (after XCLIENT; the
-    negotiation, macros and QUIT left out). Postfix connects the front end's at its greeting, mailflow at the
+    negotiation, macros, and the ABORT and QUIT of the session's end, which may come after the test looks, left
+    out). Postfix connects the front end's at its greeting, mailflow at the
     first event."""
     found: dict[tuple[bytes, str], bytes] = {}
-    daemons = [m.get("{daemon_addr}", "") for m in milter.macros(b"C")]
-    for session, daemon in zip([s for s in milter.sessions if any(c == b"C" for c, _ in s)], daemons):
-        connect = next(payload for command, payload in session if command == b"C")
+    for session in list(milter.sessions):
+        connect = next((payload for command, payload in session if command == b"C"), None)
+        if connect is None:  # (a connection that has yet to send its connect: the probe's, late)
+            continue
+        macros = next(payload for command, payload in session if command == b"D" and payload[:1] == b"C")
+        parts = macros[1:].split(b"\0")
+        daemon = parts[parts.index(b"{daemon_addr}") + 1].decode() if b"{daemon_addr}" in parts else ""
         name, _, rest = connect.partition(b"\0")
-        found[(name + b" " + rest[3:], daemon)] = bytes(c[0] for c, _ in session if c not in (b"O", b"D", b"Q"))
+        found[(name + b" " + rest[3:], daemon)] = bytes(c[0] for c, _ in session if c not in (b"O", b"D", b"A", b"Q"))
     return [*sorted(found), found.get((b"client.example 192.0.2.10\0", "203.0.113.5"), b"")]
 
 
