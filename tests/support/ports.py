@@ -3,7 +3,8 @@
 - `free_port()`: a port where nothing listens (bound, then released a moment ago), for a server a test starts
   later or for "nothing listens there". It is taken below the kernel's ephemeral range, so no outgoing connection
   (of this test, or of another pytest-xdist worker) takes it before the server binds it.
-- `accepts(port)`: True when something accepts a connection on the port now (a listener that has started).
+- `accepts(port, host)`: True when something accepts a connection on host:port now (127.0.0.1 unless told): a
+  listener that has started.
 - `LOOPBACK_NAME`: the name smtpd gives a client on 127.0.0.1 (its name in /etc/hosts, usually "localhost";
   "unknown" without one), and `LOOPBACK_CLIENT`, the `name[127.0.0.1]` of logs and transcripts.
 """
@@ -47,8 +48,10 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
-def accepts(port: int) -> bool:
-    """Something listens on 127.0.0.1:`port` and accepted a connection (closed again at once)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+def accepts(port: int, host: str = "127.0.0.1") -> bool:
+    """Something listens on `host`:`port` (127.0.0.1 unless told) and accepted a connection (closed again at
+    once)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.settimeout(1)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex((host, port)) == 0

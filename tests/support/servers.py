@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from mailflow.config.load import load_config
+from mailflow.syntax import parse_hostport
 from tests.support.ports import accepts
 from tests.support.waiting import eventually
 
@@ -92,12 +94,17 @@ class ServerProcess:
             resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     async def start(self) -> None:
+        """Launch, then wait until every SMTP listener of the configuration accepts connections. The server binds
+        its listeners one after another (each address resolved off the loop first): one listening says nothing
+        of the next, least of all on a loaded machine."""
         self.launch()
+        waiting = listener_addresses(self.config_path) | {("127.0.0.1", self.port)}
         try:
-            await eventually(lambda: accepts(self.port), timeout=15, step=0.05)
+            await eventually(lambda: all(accepts(port, host) for host, port in waiting), timeout=15, step=0.05)
         except AssertionError:
             self.kill()
-            pytest.fail(f"server did not listen on {self.port}:\n{self.log_path.read_text()[-2000:]}")
+            silent = sorted(f"{host}:{port}" for host, port in waiting if not accepts(port, host))
+            pytest.fail(f"server did not listen on {', '.join(silent)}:\n{self.log_path.read_text()[-2000:]}")
 
     async def terminate(self, timeout: float = 30) -> int:
         """SIGTERM, then wait (without blocking the loop) for the exit; returns the exit status."""
@@ -123,6 +130,18 @@ class ServerProcess:
         """Lines of the server's output holding every one of `words`."""
         return [line for line in self.log_path.read_text(errors="replace").splitlines()
                 if all(w in line for w in words)]
+
+
+def listener_addresses(config_path: Path) -> set[tuple[str, int]]:
+    """(host, port) of every SMTP listener a configuration file names with a fixed port; a wildcard host as
+    127.0.0.1 (where a test connects)."""
+    config = load_config(config_path)
+    addresses = set()
+    for address, _role, _settings, _key in config.smtpd.listener_settings():
+        host, port = parse_hostport(address)
+        if port:
+            addresses.add((host or "127.0.0.1", port))
+    return addresses
 
 
 def queue_counts(db: Path) -> dict:
