@@ -578,10 +578,10 @@ def test_regexp_catastrophic_pattern_answers_at_once(tmp_path):
     """`^(a+)+$` backtracks exponentially on `aaaa…b` in a backtracking engine (Python's re needs hours for
     40 a's); RE2 answers in linear time."""
     t, _ = regexp_table(tmp_path, "/^(a+)+$/ matched\n/^(a|aa)+b@/ other\n")
-    started = time.monotonic()
+    started = time.thread_time()  # the CPU the lookups cost (in this thread), not the time others took meanwhile
     assert t.lookup("a" * 60 + "b@example.com") == "other"
     assert t.lookup("a" * 5000 + "!") is None
-    assert time.monotonic() - started < 0.5
+    assert time.thread_time() - started < 0.5
 
 
 def test_regexp_rejects_back_references_with_the_line(tmp_path):
@@ -600,10 +600,10 @@ def test_sqlite_query_past_its_timeout_is_retry_and_the_next_works(tmp_path):
     cf = write(tmp_path / "slow.cf", f"dbpath = {db}\nquery = {SLOW_QUERY}\ntimeout = 0.2\n")
     t = open_table(f"sqlite:{cf}")
     assert t.blocking and t.timeout == 0.2
-    started = time.monotonic()
+    started = time.process_time()  # the CPU the query cost: the count to a hundred million needs seconds of it
     with pytest.raises(LookupRetry, match="no answer within 0.2s"):
         t.lookup("slow@example.com")
-    assert time.monotonic() - started < 2.0
+    assert time.process_time() - started < 2.0
     assert t.lookup("quick@example.com") == "OK"
 
 
