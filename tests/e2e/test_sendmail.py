@@ -63,17 +63,16 @@ async def test_t_delivers_to_the_maildir_with_the_server_running(mailflow_server
     assert f"(mailflow, from userid {os.getuid()})".encode() in message
 
 
-async def test_mail_waits_in_maildrop_and_is_delivered_within_a_second_of_start(mailflow_server, cfg, tmp_path):
+async def test_mail_waits_in_maildrop_and_is_delivered_by_the_scan_at_start(mailflow_server, cfg, tmp_path):
     config = cfg()
     rc, _, err = await run(config, "bob@local.test", stdin=b"Subject: later\n\nwaiting\n")
     assert rc == 0, err
     assert f"warning: no mailflow server is running on {tmp_path / 'queue'}" in err  # stored, but said
     drop = tmp_path / "queue" / "maildrop"
     assert len(maildrop_names(drop)) == 1
-    started = time.monotonic()
-    await mailflow_server()
-    [message] = await delivered(tmp_path, "bob", timeout=1.0)
-    assert time.monotonic() - started < 1.0
+    # the periodic scan an hour away: only the one at the start can find the file (whatever the machine's pace)
+    await mailflow_server(sendmail={"pickup_interval": 3600})
+    [message] = await delivered(tmp_path, "bob")
     assert b"waiting" in message and maildrop_names(drop) == []
 
 
