@@ -928,13 +928,13 @@ async def test_the_dummy_engine_has_its_own_command_time_limit_and_a_session_bou
     assert re.fullmatch(rf"COMMAND TIME LIMIT from {WHERE} after CONNECT", screen_log()[-2]), screen_log()
 
     slow = await SmtpClient.connect(port)
-    started = time.monotonic()
     replies = []
     while len(replies) < 20 and (not replies or replies[-1].code == 250):
         await asyncio.sleep(0.25)
         replies.append(await slow.cmd("NOOP"))
     assert replies[-1].text == "421 4.4.2 mx.mailflow.test Error: timeout exceeded", replies
-    assert time.monotonic() - started < 4  # (the session's 1.5 s, not 20 commands' 5 s)
+    # the session's 1.5 s hold 6 commands 0.25 s apart at most (fewer on a slow machine), not 20 commands' 5 s
+    assert len(replies) <= 7, replies
 
 
 async def test_stress_mode_shortens_the_greet_wait_and_the_command_time_limit(mailflow_server, screen_log):
