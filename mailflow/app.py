@@ -265,9 +265,10 @@ class Mailflow:
         self._cleanup = Cleanup(self.store, clock=self.clock, rng=self.rng, log=maillog, on_queued=self._wake_qmgr,
                                 **await self._cleanup_settings(c, router))
         transports = self._build_transports(c, router)
+        notices = self._notices(c, self._templates(c))  # qmgr's, and pickup's for the maildrop files it refuses
         self.qmgr = QueueManager(self.store, resolve=router.rewriter.resolve,
                                  transports=transports, config=c.queue, clock=self.clock,
-                                 rng=self.rng, log=maillog, notices=self._notices(c, self._templates(c)),
+                                 rng=self.rng, log=maillog, notices=notices,
                                  on_delivery=self.metrics.delivered if self.metrics else None,
                                  soft_bounce=c.soft_bounce, recipient_delimiter=c.recipient_delimiter)
         await self.qmgr.start()
@@ -276,7 +277,7 @@ class Mailflow:
                                   maillog)
         self._cleanup.attach_queue_manager(self.qmgr)
         self.pickup = Pickup(c.queue_path, self._cleanup, myhostname=c.myhostname, clock=self.clock,
-                             interval=c.sendmail.pickup_interval, bounce_size_limit=c.queue.bounce_size_limit,
+                             interval=c.sendmail.pickup_interval, notices=notices,
                              size_limit=c.smtpd.message_size_limit, milters=non_smtpd_milters(c), store=self.store,
                              in_hand=self.qmgr.in_hand, soft_bounce=c.soft_bounce,
                              receive_override_options=c.smtpd.receive_override_options, policy=c)
@@ -487,15 +488,16 @@ class Mailflow:
             if self._filters is not None:
                 self._retired_filters.append(self._filters)
             self._filters = filters
+            notices = self._notices(config, templates)
             self.qmgr.reconfigure(resolve=router.rewriter.resolve, transports=transports, config=config.queue,
-                                  notices=self._notices(config, templates), soft_bounce=config.soft_bounce,
+                                  notices=notices, soft_bounce=config.soft_bounce,
                                   recipient_delimiter=config.recipient_delimiter)
             if self._verifier is not None:
                 self._verifier.reconfigure(config.address_verify, prober)
             if self._postmaster is not None:
                 self._postmaster.reconfigure(config)
             self.pickup.reconfigure(myhostname=config.myhostname, interval=config.sendmail.pickup_interval,
-                                    bounce_size_limit=config.queue.bounce_size_limit,
+                                    notices=notices,
                                     size_limit=config.smtpd.message_size_limit, milters=non_smtpd_milters(config),
                                     soft_bounce=config.soft_bounce,
                                     receive_override_options=config.smtpd.receive_override_options,

@@ -100,9 +100,10 @@ from mailflow.maildrop import DIRECTORY_MODE as MAILDROP_MODE
 from mailflow.maildrop import (REQUEUED, CorruptMaildrop, MaildropFile, MaildropMessage, make_maildrop_directory,
                                maildrop_names, open_maildrop, remove_stale_temporaries)
 from mailflow.logs import printable
-from mailflow.message import HEADER_READ_LIMIT, quoted_original
-from mailflow.model import ClientInfo, Envelope, LocalUser, QueueId, Recipient, Submission
-from mailflow.stages.bounce import NoticeRecipient, build_notice, notice_is_8bit, wants_notice
+from mailflow.message import HEADER_READ_LIMIT
+from mailflow.model import (ClientInfo, Envelope, LocalUser, Outcome, QueuedMessage, QueueId, RcptResult, Recipient,
+                            Submission)
+from mailflow.stages.qmgr.notices import NoticeWriter
 from mailflow.sendmail.identity import identity_of, passwd_identity, submit_problem
 from mailflow.store import RequeuedMessage, RequeueGone, Store, store_fault
 
@@ -165,7 +166,7 @@ def _trusted(uid: int | None) -> bool:
 class Pickup:
     def __init__(self, queue_directory: Path, cleanup, *, myhostname: str, clock: Clock,
                  interval: float = DEFAULTS.sendmail.pickup_interval,
-                 bounce_size_limit: int = DEFAULTS.queue.bounce_size_limit, size_limit: int = 0,
+                 notices: NoticeWriter | None = None, size_limit: int = 0,
                  milters: NonSmtpdMilters | None = None, store: Store | None = None,
                  in_hand: Callable[[str], bool] | None = None, soft_bounce: bool = False,
                  receive_override_options: Sequence[str] = (), policy: Config | None = None):
@@ -174,7 +175,9 @@ class Pickup:
         way), which is not copied yet; `soft_bounce`: a refused message is not returned (see the module doc);
         `receive_override_options`: [smtpd]'s (see the module doc); `policy`: the configuration whose
         authorized_submit_users and local_login_sender_maps (and myorigin) the files of users other than root and
-        this process's own are held to (None: every such file is refused)."""
+        this process's own are held to (None: every such file is refused); `notices`: how a refused file's
+        notices are planned and written (qmgr's: bounce_template_file, notify_classes, bounce_size_limit; None:
+        Postfix's built-in texts and the default [queue] settings)."""
         if store is not None and in_hand is None:  # (a default of "never" would copy mail under delivery)
             raise TypeError("Pickup: a store needs in_hand, qmgr's word on the messages it has in hand")
         self.maildrop = Path(queue_directory) / "maildrop"
@@ -184,7 +187,7 @@ class Pickup:
         self._myhostname = myhostname
         self._clock = clock
         self._interval = interval
-        self._bounce_size_limit = bounce_size_limit
+        self._notices = notices or NoticeWriter(myhostname=myhostname, config=DEFAULTS.queue)
         self._size_limit = size_limit
         self._soft_bounce = soft_bounce
         self._milters = milters
@@ -278,7 +281,7 @@ class Pickup:
         self._store_due = self._store_due or requeued
         self._wanted.set()
 
-    def reconfigure(self, *, myhostname: str, interval: float, bounce_size_limit: int, size_limit: int,
+    def reconfigure(self, *, myhostname: str, interval: float, notices: NoticeWriter, size_limit: int,
                     milters: NonSmtpdMilters | None, soft_bounce: bool,
                     receive_override_options: Sequence[str], policy: Config | None = None) -> None:
         """A reload: the files picked up from now on are handled with these settings."""
@@ -287,7 +290,7 @@ class Pickup:
         self._overrides = frozenset(receive_override_options)
         self._soft_bounce = soft_bounce
         self._kept.clear()  # (soft_bounce off, or other checks: the kept files are tried at the next scan)
-        self._bounce_size_limit, self._size_limit = bounce_size_limit, size_limit
+        self._notices, self._size_limit = notices, size_limit
 
     async def _listen(self) -> None:
         """Listen on public/pickup (`_socket`), the wake-up socket: public/ made (PUBLIC_MODE, chmodded only when
@@ -516,7 +519,8 @@ class Pickup:
         if self._size_limit and message.size > self._size_limit:
             too_big = MessageTooBig("5.3.4", "message file too big",
                                     f"{message.size} bytes, more than message_size_limit {self._size_limit}")
-            quoted = await asyncio.to_thread(opened.prefix, max(self._bounce_size_limit, HEADER_READ_LIMIT) + 1)
+            quoted = await asyncio.to_thread(opened.prefix,
+                                             max(self._notices.bounce_size_limit, HEADER_READ_LIMIT) + 1)
             if await self._refused(name, message, Content.of(quoted), too_big, size=message.size):
                 path.unlink(missing_ok=True)
             return False
@@ -699,41 +703,49 @@ class Pickup:
 
     async def _refused(self, name: str, m: MaildropMessage, content: Content, error: PermanentError, *,
                        size: int | None = None) -> bool:
-        """Return a message refused for good to its sender (never a bounce of a bounce), quoting at most
-        bounce_size_limit bytes of `content` (`size`: the message's, when `content` is only its start). False
-        when the notice could not be queued: the file stays for the next scan."""
+        """Return a message refused for good, as Postfix's cleanup bounces it for pickup through bounce(8): the
+        notices qmgr's planning calls for (`plan`: the sender's failure notice, worded by bounce_template_file's
+        failure template; with notify_classes bounce a headers-only copy to bounce_notice_recipient; for a null
+        sender, with 2bounce or bounce, the whole original to double_bounce_recipient; never a bounce of a
+        double bounce), quoting at most bounce_size_limit bytes of `content` (`size`: the message's, when
+        `content` is only its start). False when a notice could not be queued: the file stays for the next scan
+        (the ones queued are sent again then, as Postfix's cleanup, its bounce failed, leaves the file)."""
         logger.warning("pickup: maildrop/%s: from=<%s>: refused: %s %s", name, m.sender, error.dsn, error.reason)
         if self._soft_bounce:  # Postfix's cleanup cannot bounce it then (bounce_append): it stays in the maildrop
             logger.warning("pickup: maildrop/%s: not returned to <%s> (soft_bounce); will retry", name, m.sender)
             self._kept.add(name)
             return False
         now = self._clock.time()
-        notify = m.recipient_notify() or ("",) * len(m.recipients)
-        orcpts = m.rcpt_orcpt or ("",) * len(m.recipients)
-        failed = [NoticeRecipient(Recipient(i, r, r, notify[i], orcpts[i]), "failed", error.dsn, error.text,
-                                  last_attempt=now) for i, r in enumerate(m.recipients)]
-        failed = [nr for nr in failed if wants_notice(nr.recipient, "failure")]
-        if not m.sender or not failed:
-            logger.warning("pickup: maildrop/%s: null sender or NOTIFY=NEVER: dropped without notice", name)
-            return True
+        message, results = _as_bounced(name, m, error, now, size=content.size if size is None else size)
         try:
-            original = quoted_original(content, self._bounce_size_limit)
+            built = await self._notices.submissions(message, results, original=content, now=now,
+                                                    original_size=message.size)
         except OSError as e:
             logger.warning("pickup: maildrop/%s: cannot read the message to quote it: %s", name, e)
-            original = b""
-        notice = build_notice(kind="failure", queue_id=name, sender=m.sender, arrival=m.time or now,
-                              envid=m.envid, ret=m.ret, recipients=failed, original=original,
-                              original_size=content.size if size is None else size,
-                              reporting_mta=self._myhostname, now=now,
-                              notice_id=f"{name}.pickup", size_limit=self._bounce_size_limit)
-        envelope = Envelope("", (m.sender,), smtputf8=not m.sender.isascii(),
-                            body_type="8BITMIME" if notice_is_8bit(notice) else "")
-        client = ClientInfo(addr="127.0.0.1", helo=self._myhostname, protocol="local")
-        try:
-            queue_id = await self._cleanup.submit(Submission(envelope, Content.of(notice), client))
-        except Exception as e:
-            logger.error("pickup: maildrop/%s: the failure notice to <%s> could not be queued: %s; will retry",
-                         name, m.sender, e)
-            return False
-        logger.info("pickup: maildrop/%s: sender non-delivery notification: %s", name, queue_id)
+            built = await self._notices.submissions(message, results, original=Content.of(b""), now=now,
+                                                    original_size=message.size)
+        if not built:
+            logger.warning("pickup: maildrop/%s: null sender or NOTIFY=NEVER: dropped without notice", name)
+            return True
+        for notice, submission in built:
+            whose = "postmaster" if notice.postmaster_copy else "sender"
+            try:
+                queue_id = await self._cleanup.submit(submission)
+            except Exception as e:
+                logger.error("pickup: maildrop/%s: the %s non-delivery notification to <%s> could not be queued: %s; "
+                             "will retry", name, whose, notice.to, e)
+                return False
+            logger.info("pickup: maildrop/%s: %s non-delivery notification: %s", name, whose, queue_id)
         return True
+
+
+def _as_bounced(name: str, m: MaildropMessage, error: PermanentError, now: float, *,
+                size: int) -> tuple[QueuedMessage, list[RcptResult]]:
+    """A refused maildrop file as qmgr's notice planning sees a message whose every recipient bounced."""
+    notify = m.recipient_notify() or ("",) * len(m.recipients)
+    orcpts = m.rcpt_orcpt or ("",) * len(m.recipients)
+    recipients = tuple(Recipient(i, r, r, notify[i], orcpts[i]) for i, r in enumerate(m.recipients))
+    message = QueuedMessage(queue_id=name, sender=m.sender, arrival=m.time or now, size=size,
+                            smtputf8=not m.sender.isascii(), body_type=m.body_type, attempts=0,
+                            recipients=recipients, envid=m.envid, ret=m.ret)
+    return message, [RcptResult(r, Outcome.BOUNCED, error.dsn, error.text) for r in recipients]

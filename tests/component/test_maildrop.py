@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import email
 import io
 import os
 import pwd
@@ -550,6 +551,86 @@ async def test_a_looping_message_is_returned_to_its_sender(mailflow_server, tmp_
     assert b"5.4.0" in notice and b"Subject: Undelivered Mail Returned to Sender" in notice
     assert not (mf.config.queue_path / "maildrop" / name).exists()
     assert maildir_messages(tmp_path / "mail" / "bob" / "Maildir") == []
+
+
+LOOP = b"Received: a\r\nReceived: b\r\nReceived: c\r\nSubject: loop\r\n\r\nthe loop's body\r\n"
+TEMPLATE = """failure_template = <<EOF
+From: Returns <returns>
+Subject: Your local mail came back
+
+This is $myhostname: your mail could not be taken.
+EOF
+"""
+
+
+def _header(message: bytes, name: str) -> str:
+    return email.message_from_bytes(message)[name]
+
+
+async def test_a_refused_file_is_returned_in_the_words_of_bounce_template_file_after_a_reload(
+        mailflow_server, tmp_path):
+    """pickup's notice is bounce(8)'s: the failure template's From (qualified), Subject and text, as a reload
+    sets them."""
+    path = tmp_path / "bounce.cf"
+    path.write_text(TEMPLATE)
+    os.chmod(tmp_path, 0o755)
+    os.chmod(path, 0o644)
+    mf = await mailflow_server(hopcount_limit=2)
+    settings = mf.config.model_dump()
+    settings["queue"]["bounce_template_file"] = str(path)
+    await mf.reload(config_from_dict(settings))
+    _drop(mf, content=LOOP)
+    mf.pickup.wake()
+    alice = tmp_path / "mail" / "alice" / "Maildir"
+    await eventually(lambda: maildir_messages(alice), timeout=5)
+    [notice] = maildir_messages(alice)
+    assert _header(notice, "From") == "Returns <returns@mx.mailflow.test>"
+    assert _header(notice, "Subject") == "Your local mail came back"
+    assert b"This is mx.mailflow.test: your mail could not be taken." in notice and b"5.4.0" in notice
+
+
+async def test_notify_classes_bounce_gives_the_postmaster_a_headers_only_copy_of_a_refused_files_notice(
+        mailflow_server, tmp_path, caplog):
+    caplog.set_level("INFO", logger="mailflow")
+    mf = await mailflow_server(hopcount_limit=2, queue={"notify_classes": ["bounce"],
+                                                        "bounce_notice_recipient": "bob@local.test"})
+    name = _drop(mf, content=LOOP)
+    mf.pickup.wake()
+    alice, bob = (tmp_path / "mail" / user / "Maildir" for user in ("alice", "bob"))
+    await eventually(lambda: maildir_messages(alice) and maildir_messages(bob), timeout=5)
+    [notice], [copy] = maildir_messages(alice), maildir_messages(bob)
+    assert b"the loop's body" in notice  # the sender's: the whole original
+    assert _header(copy, "Subject") == "Postmaster Copy: Undelivered Mail"
+    assert b"Subject: loop" in copy and b"the loop's body" not in copy  # the postmaster's: its header section
+    assert b"Return-Path: <double-bounce@mx.mailflow.test>" in copy
+    assert f"maildrop/{name}: postmaster non-delivery notification" in caplog.text
+
+
+async def test_a_refused_file_of_the_null_sender_goes_whole_to_the_double_bounce_recipient(mailflow_server, tmp_path):
+    """A refused notice cannot be returned: with the class 2bounce (the default's) the postmaster gets it, whole."""
+    mf = await mailflow_server(hopcount_limit=2, queue={"double_bounce_recipient": "bob@local.test"})
+    _drop(mf, sender="", content=LOOP)
+    mf.pickup.wake()
+    bob = tmp_path / "mail" / "bob" / "Maildir"
+    await eventually(lambda: maildir_messages(bob), timeout=5)
+    [copy] = maildir_messages(bob)
+    assert _header(copy, "Subject") == "Postmaster Copy: Undelivered Mail"
+    assert b"the loop's body" in copy and b"5.4.0" in copy
+    await queue_becomes(mf.store, {})
+    assert maildir_messages(tmp_path / "mail" / "alice" / "Maildir") == []
+
+
+async def test_without_the_classes_a_refused_file_gets_no_postmaster_notice(mailflow_server, tmp_path, caplog):
+    postmaster = {"double_bounce_recipient": "bob@local.test", "bounce_notice_recipient": "bob@local.test"}
+    mf = await mailflow_server(hopcount_limit=2, queue={"notify_classes": [], **postmaster})
+    _drop(mf, content=LOOP)
+    null = _drop(mf, sender="", content=LOOP)
+    mf.pickup.wake()
+    alice = tmp_path / "mail" / "alice" / "Maildir"
+    await eventually(lambda: maildir_messages(alice), timeout=5)
+    await eventually(lambda: f"maildrop/{null}: null sender or NOTIFY=NEVER: dropped" in caplog.text, timeout=5)
+    await queue_becomes(mf.store, {})
+    assert len(maildir_messages(alice)) == 1 and maildir_messages(tmp_path / "mail" / "bob" / "Maildir") == []
 
 
 async def test_a_file_over_the_size_limit_is_returned_unread_and_a_big_one_under_it_is_delivered(

@@ -190,12 +190,12 @@ def _notice_recipient(result: RcptResult, now: float) -> NoticeRecipient:
                            diagnostic_code="" if result.outcome is Outcome.SENT else result.diagnostic)
 
 
-class Notices:
-    """Turns planned notices into queued messages. `prepare` is cleanup's: Submission -> NewMessage."""
+class NoticeWriter:
+    """Writes the notices `plan` calls for, with bounce_template_file's texts (`templates`) and the [queue] settings
+    (`config`: bounce_size_limit, notify_classes and the *_notice_recipient addresses): qmgr's, through `Notices`,
+    and pickup's for a maildrop file it refuses, so that both are planned and worded one way."""
 
-    def __init__(self, prepare: Callable[[Submission], NewMessage], *, myhostname: str, config,
-                 templates: Templates = Templates(), mydomain: str = ""):
-        self._prepare = prepare
+    def __init__(self, *, myhostname: str, config, templates: Templates = Templates(), mydomain: str = ""):
         self._myhostname = myhostname
         self._config = config
         self._templates = templates  # bounce_template_file's
@@ -203,11 +203,17 @@ class Notices:
                                        delay_warning_time=config.delay_warning_time,
                                        maximal_queue_lifetime=config.maximal_queue_lifetime)
 
-    def discards(self, message: QueuedMessage, results: list[RcptResult]) -> bool:
-        return discarded(message, results, myhostname=self._myhostname)
+    @property
+    def bounce_size_limit(self) -> int:
+        """The bytes of the original a notice quotes at most."""
+        return self._config.bounce_size_limit
 
-    async def for_attempt(self, message: QueuedMessage, results: list[RcptResult], *, original: Content,
-                          now: float, warn_delay: bool, retry_until: float) -> list[tuple[Notice, NewMessage]]:
+    async def submissions(self, message: QueuedMessage, results: list[RcptResult], *, original: Content,
+                          now: float, warn_delay: bool = False, retry_until: float = 0.0,
+                          original_size: int | None = None) -> list[tuple[Notice, Submission]]:
+        """The notices `plan` calls for, each as the Submission that queues it (for_attempt's, and pickup's for a
+        maildrop file it refuses: Postfix's cleanup bounces it through bounce(8), its templates and notify_classes
+        alike). `original_size`: the original's when `original` is only its start."""
         c = self._config
         out = []
         planned = plan(message, results, warn_delay=warn_delay, myhostname=self._myhostname,
@@ -220,7 +226,8 @@ class Notices:
                 envid="" if notice.list_owner else message.envid,
                 ret="" if notice.list_owner else message.ret if notice.ret is None else notice.ret,
                 recipients=list(notice.recipients), original=quoted,
-                original_size=original.size, reporting_mta=self._myhostname, now=now,
+                original_size=original.size if original_size is None else original_size,
+                reporting_mta=self._myhostname, now=now,
                 will_retry_until=retry_until if notice.kind == "delay" else None,
                 notice_id=f"{message.queue_id}.{notice.kind}.{int(now)}", size_limit=c.bounce_size_limit,
                 to=notice.to, delay_warning_time=c.delay_warning_time, postmaster_copy=notice.postmaster_copy,
@@ -231,6 +238,23 @@ class Notices:
             envelope = Envelope(notice.sender, (notice.to,), smtputf8=smtputf8,
                                 body_type="8BITMIME" if notice_is_8bit(content) else "")
             client = ClientInfo(addr="127.0.0.1", helo=self._myhostname, protocol="local")
-            out.append((notice, self._prepare(Submission(envelope, Content.of(content), client))))
+            out.append((notice, Submission(envelope, Content.of(content), client)))
         return out
 
+
+class Notices(NoticeWriter):
+    """qmgr's: turns planned notices into queued messages. `prepare` is cleanup's: Submission -> NewMessage."""
+
+    def __init__(self, prepare: Callable[[Submission], NewMessage], *, myhostname: str, config,
+                 templates: Templates = Templates(), mydomain: str = ""):
+        super().__init__(myhostname=myhostname, config=config, templates=templates, mydomain=mydomain)
+        self._prepare = prepare
+
+    def discards(self, message: QueuedMessage, results: list[RcptResult]) -> bool:
+        return discarded(message, results, myhostname=self._myhostname)
+
+    async def for_attempt(self, message: QueuedMessage, results: list[RcptResult], *, original: Content,
+                          now: float, warn_delay: bool, retry_until: float) -> list[tuple[Notice, NewMessage]]:
+        built = await self.submissions(message, results, original=original, now=now, warn_delay=warn_delay,
+                                       retry_until=retry_until)
+        return [(notice, self._prepare(sub)) for notice, sub in built]
