@@ -40,8 +40,10 @@ each file, oldest first:
   file removed. A crash between the commit and the unlink delivers the
   message twice after the restart: at-least-once, as in Postfix (a message is never lost);
 - a message cleanup refuses for good (a mail loop 5.4.0, a header section too large 5.3.4) is returned to its
-  sender as a failure notice (null sender; dropped with a log line when the sender is null itself), as Postfix's
-  cleanup bounces for pickup, and its file removed; under soft_bounce it is not returned and its file stays, tried
+  sender, as Postfix's cleanup bounces for pickup through bounce(8), and its file removed: the notices are
+  qmgr's for a bounce (`notices`, qmgr.notices.NoticeWriter: bounce_template_file's failure template,
+  notify_classes' postmaster copy, for a null sender the whole message to double_bounce_recipient; dropped with
+  a log line when none is called for); under soft_bounce it is not returned and its file stays, tried
   (and refused, logged) again at each periodic scan (`interval`; a wake-up by sendmail passes it by, so that a
   kept file costs no work and no log line per submission; a reload tries it at once), as Postfix's cleanup,
   unable to bounce it, leaves it in the maildrop;

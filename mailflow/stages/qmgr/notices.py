@@ -24,6 +24,7 @@ delay_notice_recipient, from the double-bounce sender, about every recipient wha
 header section only (`Postmaster`, `_postmaster_copies`); a double bounce that fails is dropped (`discarded`,
 which qmgr logs as Postfix's bounce(8) does). So a bounce never bounces, and no notice goes to the null sender;
 nothing is sent about a notice from double-bounce@ (a postmaster's).
+`NoticeWriter.submissions()` writes the planned notices (also pickup's, for a maildrop file it returns);
 `await Notices.for_attempt()` returns ready-to-commit `NewMessage`s (made by cleanup's `prepare`), which qmgr
 commits in the same transaction as the results, so a crash can lose neither. Of the original it reads at
 most `bounce_size_limit` bytes, or only its header section (mailflow.message.quoted_original): a notice is
