@@ -825,38 +825,31 @@ async def test_a_list_failure_beside_another_goes_to_the_owner_and_the_other_to_
     assert len(bounced(maillog[0].splitlines())) == 4
 
 
+
 LOOP = b"Received: a\nReceived: b\nReceived: c\nSubject: case-loop\n\nthe loop's body\n"
 
 
-async def test_a_maildrop_file_refused_for_a_loop_is_returned_as_postfixs_cleanup_returns_it(
-        mailflow_server, smtp_peer, write_config, tmp_path):
-    """sendmail's message with too many hops: pickup's cleanup refuses it and bounces it through bounce(8), the
-    failure template's From, Subject and text in the sender's notice, notify_classes bounce's headers-only copy to
-    bounce_notice_recipient (mailflow's pickup plans them as qmgr does)."""
-    path = tmp_path / "bounce.cf"
-    path.write_text(TEMPLATES)
-    os.chmod(tmp_path, 0o755)
-    os.chmod(path, 0o644)
+async def loops_returned_by_both(mailflow_server, smtp_peer, write_config, tmp_path, *, sender: str, expected: int,
+                                 postfix: dict, queue: dict) -> tuple[list[tuple], list[tuple]]:
+    """Each server's sendmail submits LOOP (too many hops for hopcount_limit 2) from `sender`; pickup's cleanup
+    refuses it and bounces it through bounce(8): the shapes of the `expected` notices each sends to sender.test,
+    (Postfix's, mailflow's), sorted: envelope recipients, From and Subject, human part, whether the body came."""
     pf_sink, mf_sink = await smtp_peer(), await smtp_peer()
-    to = "pm@sender.test"
-    async with postfix_instance({"myhostname": PF_HOST, "mydomain": "example.test", "mydestination": "",
-                                 "hopcount_limit": "2",
-                                 "notify_classes": "bounce", "bounce_notice_recipient": to,
-                                 "bounce_template_file": str(path),
-                                 "transport_maps": f"inline:{{sender.test=smtp:[127.0.0.1]:{pf_sink.port}}}"}) as pf:
-        await asyncio.to_thread(subprocess.run, ["sendmail", "-C", str(pf.etc), "-f", SENDER, "a@peer.test"],
-                                input=LOOP, check=True, timeout=20)
-        await eventually(lambda: len(pf_sink.messages) >= 2, timeout=20, what="Postfix's two notices")
     settings = {"myhostname": MF_HOST, "mydomain": "example.test", "hopcount_limit": 2,
-                "smtp": {"tls_security_level": "none"},
-                "transport_maps": [f"inline:{{sender.test=smtp:[127.0.0.1]:{mf_sink.port}}}"],
-                "queue": {"bounce_template_file": str(path), "notify_classes": ["bounce"],
-                          "bounce_notice_recipient": to}}
-    await mailflow_server(**settings)
+                "smtp": {"tls_security_level": "none"}, "queue": queue,
+                "transport_maps": [f"inline:{{sender.test=smtp:[127.0.0.1]:{mf_sink.port}}}"]}
+    mf = await mailflow_server(**settings)
     config = write_config(tmp_path / "mailflow.toml", **settings)
-    await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "mailflow", "sendmail", "-C", str(config), "-f",
-                                             SENDER, "a@peer.test"], input=LOOP, check=True, timeout=20)
-    await eventually(lambda: len(mf_sink.messages) >= 2, timeout=20, what="mailflow's two notices")
+    async with postfix_instance({"myhostname": PF_HOST, "mydomain": "example.test", "mydestination": "",
+                                 "hopcount_limit": "2", **postfix,
+                                 "transport_maps": f"inline:{{sender.test=smtp:[127.0.0.1]:{pf_sink.port}}}"}) as pf:
+        for command in (["sendmail", "-C", str(pf.etc)], [sys.executable, "-m", "mailflow", "sendmail", "-C",
+                                                          str(config)]):
+            await asyncio.to_thread(subprocess.run, [*command, "-f", sender, "a@peer.test"], input=LOOP,
+                                    check=True, timeout=20)
+        await eventually(lambda: len(pf_sink.messages) >= expected, timeout=20, what="Postfix's notices")
+        await eventually(lambda: len(mf_sink.messages) >= expected, timeout=20, what="mailflow's notices")
+        await settled(pf, mf, 0.5)  # (a notice too many would come now)
 
     def shape(notice) -> tuple:
         named = {name: notice[name].replace(PF_HOST, "HOST").replace(MF_HOST, "HOST") for name in ("From", "Subject")}
@@ -865,5 +858,35 @@ async def test_a_maildrop_file_refused_for_a_loop_is_returned_as_postfixs_cleanu
         text = human_part(notice).replace(": Error: too many hops", ": too many hops")
         return notice.envelope[1], named, text, b"the loop's body" in notice.raw
 
-    pf, mf = by_subject(pf_sink.messages)["case-loop"], by_subject(mf_sink.messages)["case-loop"]
-    assert sorted(map(shape, mf)) == sorted(map(shape, pf))
+    return (sorted(map(shape, by_subject(pf_sink.messages)["case-loop"])),
+            sorted(map(shape, by_subject(mf_sink.messages)["case-loop"])))
+
+
+async def test_a_maildrop_file_refused_for_a_loop_is_returned_as_postfixs_cleanup_returns_it(
+        mailflow_server, smtp_peer, write_config, tmp_path):
+    """The failure template's From, Subject and text in the sender's notice, notify_classes bounce's headers-only
+    copy to bounce_notice_recipient (mailflow's pickup plans them as qmgr does)."""
+    path = tmp_path / "bounce.cf"
+    path.write_text(TEMPLATES)
+    os.chmod(tmp_path, 0o755)
+    os.chmod(path, 0o644)
+    to = "pm@sender.test"
+    pf, mf = await loops_returned_by_both(
+        mailflow_server, smtp_peer, write_config, tmp_path, sender=SENDER, expected=2,
+        postfix={"notify_classes": "bounce", "bounce_notice_recipient": to, "bounce_template_file": str(path)},
+        queue={"notify_classes": ["bounce"], "bounce_notice_recipient": to, "bounce_template_file": str(path)})
+    assert mf == pf
+    assert [(rcpt, named["Subject"], body) for rcpt, named, _, body in pf] == [
+        (["alice@sender.test"], "Returned: your mail", True), (["pm@sender.test"], "Copy of a returned mail", False)]
+
+
+async def test_a_maildrop_file_of_the_null_sender_refused_for_a_loop_goes_whole_to_2bounce_notice_recipient(
+        mailflow_server, smtp_peer, write_config, tmp_path):
+    to = "pm@sender.test"
+    pf, mf = await loops_returned_by_both(
+        mailflow_server, smtp_peer, write_config, tmp_path, sender="", expected=1,
+        postfix={"notify_classes": "2bounce", "2bounce_notice_recipient": to},
+        queue={"notify_classes": ["2bounce"], "double_bounce_recipient": to})
+    assert mf == pf
+    assert [(rcpt, named["Subject"], body) for rcpt, named, _, body in pf] == [
+        (["pm@sender.test"], "Postmaster Copy: Undelivered Mail", True)]
