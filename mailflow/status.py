@@ -550,8 +550,9 @@ def too_many_errors(host: str) -> Reply:
 
 def proxy_failed(host: str) -> Reply:
     """In place of the greeting when a PROXY header is missing, malformed or late (Postfix's answer when its
-    upstream proxy handshake fails); the connection is closed after it."""
-    return Reply(421, "4.3.0", f"{host} Server local error", error_class="software")
+    upstream proxy handshake fails); the connection is closed after it. No class, as Postfix's smtpd.c sends it
+    without one: any client that reaches the listener could otherwise have a notice sent for each connection."""
+    return Reply(421, "4.3.0", f"{host} Server local error", error_class=None)
 
 
 def local_data_error(host: str) -> Reply:

@@ -7,6 +7,7 @@ import email
 import email.policy
 
 from mailflow.stages.smtpd.auth import hash_password
+from mailflow.stages.smtpd.postmaster import SMTPD_CLASSES
 from mailflow.stages.smtpd.transcript import SessionObserver, Transcript
 from tests.support import SmtpClient, eventually, queue_becomes
 
@@ -140,3 +141,28 @@ async def test_a_session_the_server_ends_gives_no_reason(mailflow_server, smtp_p
     body = email.message_from_bytes(notice.content, policy=email.policy.default).get_content().replace("\r\n", "\n")
     assert body.endswith(" Out: 521 5.5.2 mx.mailflow.test Error: bare <LF> received\n\n\n"
                          "For other details, see the local mail logfile\n")
+
+
+async def test_a_bad_proxy_header_begets_no_notice(mailflow_server, smtp_peer):
+    """A bad PROXY header's 421 has no class, as Postfix's smtpd.c sends it: with every class smtpd files named,
+    a client that sends garbage to an upstream_proxy_protocol listener makes no notice, where a proxied session
+    with an unknown command (protocol), made after it, does."""
+    peer = await smtp_peer()
+    mf = await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}",
+                               queue={"notify_classes": list(SMTPD_CLASSES), "error_notice_recipient": POSTMASTER},
+                               smtpd={"listen": ["127.0.0.1:0"],
+                                      "listeners": [{"address": "127.0.0.1:0", "role": "mta",
+                                                     "overrides": {"upstream_proxy_protocol": "haproxy"}}]})
+    port = mf.smtpd.listeners[1].server.sockets[0].getsockname()[1]
+    garbage = await SmtpClient.connect(port, first=b"GARBAGE\r\n", greet=False)
+    assert (await garbage.reply()).code == 421
+    assert await garbage.rest() == b""
+    await garbage.close()
+    proxied = await SmtpClient.connect(port, first=b"PROXY TCP4 192.0.2.7 203.0.113.1 40000 25\r\n")
+    assert (await proxied.cmd("BOGUS")).code == 500
+    await proxied.close()
+    [notice] = await eventually(lambda: [m for m in peer.messages if m.rcpt_tos == [POSTMASTER]], timeout=10)
+    await queue_becomes(mf.store, {})
+    assert [m.rcpt_tos for m in peer.messages] == [[POSTMASTER]]
+    subject = email.message_from_bytes(notice.content, policy=email.policy.default)["Subject"]
+    assert subject == "mailflow SMTP server: errors from unknown[192.0.2.7]"

@@ -31,7 +31,7 @@ def test_the_catalogue_files_refusals_in_postfixs_classes():
         "550 5.1.1 <nobody@local.test>: Recipient address rejected: User unknown in local recipient table": "bounce",
         "535 5.7.8 Error: authentication failed": None, "454 4.7.0 Temporary authentication failure": None,
         "421 4.7.0 mx.test Error: too many errors": "protocol", "452 4.5.3 Error: too many recipients": None,
-        "421 4.3.0 mx.test Server local data error": "data", "421 4.3.0 mx.test Server local error": "software",
+        "421 4.3.0 mx.test Server local data error": "data", "421 4.3.0 mx.test Server local error": None,
         "500 5.5.2 Error: command not recognized": "protocol", "503 5.5.1 Error: nested MAIL command": "protocol",
         "501 5.1.3 Bad recipient address syntax": "protocol", "452 4.3.1 Insufficient system storage": "resource",
         "451 4.3.0 Error: queue file write error": "resource", "451 4.3.0 <a@b.test>: Temporary lookup failure": "data",
