@@ -613,7 +613,7 @@ AUTH_RESPONSE_TOO_LONG = Reply(500, "5.5.6", "SASL response limit exceeded", err
 ETRN_SYNTAX = Reply(500, "5.5.4", "Syntax: ETRN domain", error_class="protocol")
 ETRN_BAD_SITE = Reply(501, "5.5.4", "Error: invalid parameter syntax", error_class="protocol")
 ETRN_STARTED = Reply(250, "2.0.0", "Queuing started")
-ETRN_FAILED = Reply(458, "4.3.0", "Unable to queue messages")
+ETRN_FAILED = Reply(458, "4.3.0", "Unable to queue messages", error_class=None)  # (Postfix: no error_mask)
 
 
 def vrfy_answer(argument: str) -> Reply:

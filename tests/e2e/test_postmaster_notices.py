@@ -166,3 +166,28 @@ async def test_a_bad_proxy_header_begets_no_notice(mailflow_server, smtp_peer):
     assert [m.rcpt_tos for m in peer.messages] == [[POSTMASTER]]
     subject = email.message_from_bytes(notice.content, policy=email.policy.default)["Subject"]
     assert subject == "mailflow SMTP server: errors from unknown[192.0.2.7]"
+
+
+async def test_a_catalogue_reply_keeps_its_class_through_a_session(mailflow_server, monkeypatch):
+    """The handler's replies go out as the catalogue's Reply objects, so each keeps its class: a UTF-8 sender
+    without SMTPUTF8 (Postfix's 553) has none; a handler's bug (451, internal error) is software, which the
+    default notify_classes name."""
+    observer = _Classes()
+    mf = await mailflow_server(session_observer=observer)
+    port = mf.smtp_addresses[0][1]
+
+    async def failing_rcpt(*args):
+        raise RuntimeError("a bug")
+
+    async def session(*commands: str) -> tuple[list[int], list[str]]:
+        client = await SmtpClient.connect(port)
+        codes = [(await client.cmd(command)).code for command in commands]
+        await client.close()
+        [classes] = await eventually(lambda: observer.ended_sessions, timeout=10)
+        observer.ended_sessions.clear()
+        return codes, classes
+
+    assert await session("EHLO client.test", "MAIL FROM:<ü@remote.test>") == ([250, 553], [])
+    monkeypatch.setattr(mf.smtpd.listeners[0].handler, "handle_RCPT", failing_rcpt)
+    assert await session("EHLO client.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<postmaster@local.test>") == (
+        [250, 250, 451], ["software"])

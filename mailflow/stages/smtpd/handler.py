@@ -235,8 +235,8 @@ class SmtpdHandler:
             await self._flush_site(domain)
         except Exception as e:  # the store is failing: the client may ask again later
             log.error("ETRN %s from %s: cannot flush the queue: %s", domain, session.client, e)
-            return str(status.ETRN_FAILED)
-        return str(status.ETRN_STARTED)
+            return status.ETRN_FAILED
+        return status.ETRN_STARTED
 
     async def _etrn_refusal(self, session: SessionState, envelope: Transaction, site: str) -> status.Reply | None:
         """Postfix's smtpd_check_etrn: the client and helo lists (delay_reject true; false: their DEFER_IF_PERMIT,
@@ -251,7 +251,7 @@ class SmtpdHandler:
                           options: list[str]) -> str | status.Reply:
         sender = "" if addr == NULL_SENDER else addr
         if address.is_utf8(sender) and "SMTPUTF8" not in options:  # (its syntax: address_refusal)
-            return str(status.SMTPUTF8_REQUIRED)
+            return status.SMTPUTF8_REQUIRED
         if self._short_of_space(_declared_size(options)):
             return status.INSUFFICIENT_STORAGE
         own = self._own_probe_sender(sender)  # a stamped probe sender of this server is checked and kept unstamped
@@ -517,9 +517,10 @@ class SmtpdHandler:
         if self._filters is not None:
             self._filters.closed(session)
 
-    async def handle_exception(self, error: Exception) -> str:
+    async def handle_exception(self, error: Exception) -> status.Reply:
+        """A handler's bug: logged, and a 451 filed as software (a notice under the default notify_classes)."""
         log.exception("unexpected error in a session", exc_info=error)
-        return str(status.INTERNAL_ERROR)
+        return status.INTERNAL_ERROR
 
     # -------------------------------------------------------------------------------- facts
 

@@ -580,10 +580,10 @@ class ProtocolCore(SMTP):
                 return
             except Exception as error:  # a bug must not end the session silently, nor the server
                 try:
-                    reply = await self.handle_exception(error)
+                    reply: str | status.Reply = await self.handle_exception(error)
                 except Exception:
                     log.exception("error in handle_exception")
-                    reply = str(status.INTERNAL_ERROR)
+                    reply = status.INTERNAL_ERROR
                 await self.push(reply)
 
     async def _take_turns(self) -> None:
