@@ -191,3 +191,25 @@ async def test_a_catalogue_reply_keeps_its_class_through_a_session(mailflow_serv
     monkeypatch.setattr(mf.smtpd.listeners[0].handler, "handle_RCPT", failing_rcpt)
     assert await session("EHLO client.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<postmaster@local.test>") == (
         [250, 250, 451], ["software"])
+
+
+async def test_a_notice_flushed_mid_session_names_the_proxied_client(mailflow_server, smtp_peer):
+    """A long session's notice goes at RSET (Postfix's chat_reset past 100 lines) and names the client the PROXY
+    header gave, as Postfix's state->namaddr, not the balancer the transcript began with."""
+    peer = await smtp_peer()
+    mf = await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}",
+                               queue={"notify_classes": ["protocol"], "error_notice_recipient": POSTMASTER},
+                               smtpd={"listen": ["127.0.0.1:0"], "junk_command_limit": 1000,
+                                      "listeners": [{"address": "127.0.0.1:0", "role": "mta",
+                                                     "overrides": {"upstream_proxy_protocol": "haproxy"}}]})
+    port = mf.smtpd.listeners[1].server.sockets[0].getsockname()[1]
+    client = await SmtpClient.connect(port, first=b"PROXY TCP4 192.0.2.7 203.0.113.1 40000 25\r\n")
+    assert (await client.cmd("EHLO client.test")).code == 250
+    assert (await client.cmd("BOGUS")).code == 500
+    for _ in range(50):
+        assert (await client.cmd("NOOP")).code == 250
+    assert (await client.cmd("RSET")).code == 250
+    [notice] = await eventually(lambda: [m for m in peer.messages if m.rcpt_tos == [POSTMASTER]], timeout=10)
+    subject = email.message_from_bytes(notice.content, policy=email.policy.default)["Subject"]
+    assert subject == "mailflow SMTP server: errors from unknown[192.0.2.7]"
+    await client.close()

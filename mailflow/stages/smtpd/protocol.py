@@ -854,8 +854,10 @@ class ProtocolCore(SMTP):
 
     def _checkpoint(self, everything: bool = False) -> None:
         """Where Postfix's smtpd calls chat_reset (HELO, EHLO, RSET, the end of a message; XCLIENT: `everything`):
-        the transcript's observers may flush what they hold (postmaster.py's notices)."""
+        the transcript's observers may flush what they hold (postmaster.py's notices), naming the client as known now
+        (after a PROXY header or XCLIENT: Postfix's state->namaddr)."""
         if self.transcript is not None:
+            self._observe_identity(self.transcript)
             self.transcript.checkpoint(everything)
 
     async def smtp_QUIT(self, arg: str | None) -> None:
