@@ -279,10 +279,11 @@ def test_parse_xclient_values():
         ("NAME", "Mail.Example.COM"), ("ADDR", "192.0.2.1"), ("PORT", "25"), ("PROTO", "ESMTP"), ("HELO", "x+y"),
         ("LOGIN", "bob")]
     assert parse_xclient("NAME=[TEMPUNAVAIL] ADDR=[UNAVAILABLE]") == [("NAME", "[TEMPUNAVAIL]"), ("ADDR", None)]
-    # Postfix's REVERSE_NAME, DESTADDR and DESTPORT, in the order given; a port of up to five digits (alldig)
+    # Postfix's REVERSE_NAME, DESTADDR and DESTPORT, in the order given; a port of up to five digits (alldig), kept
+    # as sent (xclient_cmd's UPDATE_STR)
     assert parse_xclient("REVERSE_NAME=r.test DESTADDR=IPV6:2001:db8::1 DESTPORT=99999 PORT=00025 "
                          "REVERSE_NAME=[tempunavail]") == [
-        ("REVERSE_NAME", "r.test"), ("DESTADDR", "2001:db8::1"), ("DESTPORT", "99999"), ("PORT", "25"),
+        ("REVERSE_NAME", "r.test"), ("DESTADDR", "2001:db8::1"), ("DESTPORT", "99999"), ("PORT", "00025"),
         ("REVERSE_NAME", "[TEMPUNAVAIL]")]
     # an IPv4-mapped address as IPv4, as Postfix's normalize_mailhost_addr (and the PROXY header's _canonical)
     assert parse_xclient("ADDR=IPV6:::ffff:192.0.2.11 DESTADDR=ipv6:::FFFF:c633:6406") == [

@@ -201,14 +201,16 @@ XCLIENTS = ("XCLIENT ADDR=192.0.2.10 PORT=40001 DESTADDR=203.0.113.5 DESTPORT=25
             "XCLIENT NAME=[UNAVAILABLE] PORT=40004",  # (no ADDR: the reverse name stays the one found at connect)
             "XCLIENT NAME=[TEMPUNAVAIL] ADDR=192.0.2.14 PORT=40005",
             "XCLIENT ADDR=IPV6:::ffff:192.0.2.15 PORT=40006 DESTADDR=IPv6:::FFFF:198.51.100.6",  # (IPv4-mapped)
-            "XCLIENT ADDR=192.0.2.16 PORT=0 DESTPORT=0")  # (0, not unknown: that is [UNAVAILABLE]'s)
+            "XCLIENT ADDR=192.0.2.16 PORT=0 DESTPORT=0",  # (0, not unknown: that is [UNAVAILABLE]'s)
+            "XCLIENT ADDR=192.0.2.17 PORT=00025 DESTPORT=00587")  # (the digits as sent)
 
 
 async def test_xclient_names_the_client_and_server_of_the_requests(mailflow_server):
     """smtpd.c xclient_cmd: ADDR and PORT name the client, DESTADDR and DESTPORT the server (`unknown` for
-    [UNAVAILABLE], a port of five digits as given), NAME the client's name and reverse name, REVERSE_NAME the
-    reverse name only; ADDR alone keeps the names (the front end's). mailflow refused DESTADDR, DESTPORT and
-    REVERSE_NAME and a port above 65535, sent the client name as the reverse name and reset it at ADDR."""
+    [UNAVAILABLE], a port of up to five digits as given: 00025 stays 00025), NAME the client's name and reverse
+    name, REVERSE_NAME the reverse name only; ADDR alone keeps the names (the front end's). mailflow refused
+    DESTADDR, DESTPORT and REVERSE_NAME and a port above 65535, sent the client name as the reverse name and reset
+    it at ADDR."""
     attributes = ("client_address", "client_port", "client_name", "reverse_client_name", "server_address",
                   "server_port")
     async with ScriptedPolicy() as policy:
@@ -233,6 +235,7 @@ async def test_xclient_names_the_client_and_server_of_the_requests(mailflow_serv
     assert [(r["client_name"], r["reverse_client_name"]) for r in postfix[4:6]] == [("unknown", "localhost")] * 2
     assert (postfix[6]["client_address"], postfix[6]["server_address"]) == ("192.0.2.15", "198.51.100.6")
     assert (postfix[7]["client_port"], postfix[7]["server_port"]) == ("0", "0")
+    assert (postfix[8]["client_port"], postfix[8]["server_port"]) == ("00025", "00587")
 
 
 def seen(request: dict[str, str], attributes: tuple[str, ...], listener: int) -> dict[str, str]:

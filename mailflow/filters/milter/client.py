@@ -336,10 +336,10 @@ class ClientMacros:
     myhostname: str
     daemon_name: str
     daemon_addr: str
-    daemon_port: int
+    daemon_port: str  # as the session has it (XCLIENT DESTPORT's digits as sent); "": none
     client_addr: str
     client_name: str
-    client_port: int
+    client_port: str  # the digits as the session has them (XCLIENT PORT's as sent: 00025), "0" when unknown
 
 
 class MilterSession:
@@ -366,12 +366,13 @@ class MilterSession:
             return CONTINUE
         self._opened = True
         c = self._client
-        port = {"{daemon_port}": str(c.daemon_port)} if c.daemon_port else {}
+        port = {"{daemon_port}": c.daemon_port} if c.daemon_port else {}
         values = {"j": c.myhostname, "{daemon_name}": c.daemon_name, "{daemon_addr}": c.daemon_addr, **port,
                   "v": "mailflow", "_": f"{c.client_name} [{c.client_addr}]", "{client_addr}": c.client_addr,
-                  "{client_name}": c.client_name, "{client_port}": str(c.client_port)}
-        port_ok = 0 <= c.client_port <= 65535  # (XCLIENT PORT takes five digits: 99999 too)
-        packet = p.connect(c.client_name, c.client_addr, c.client_port if port_ok else 0)
+                  "{client_name}": c.client_name, "{client_port}": c.client_port}
+        number = int(c.client_port)  # (the packet's is a number; XCLIENT PORT takes five digits: 99999 too)
+        port_ok = 0 <= number <= 65535
+        packet = p.connect(c.client_name, c.client_addr, number if port_ok else 0)
         for milter in self._milters:
             try:
                 await milter.open()

@@ -120,7 +120,7 @@ class NonSmtpdMilters:
         self._settings = settings
         name, addr = EMULATED_CLIENT
         self._client = ClientMacros(myhostname=myhostname, daemon_name=myhostname, daemon_addr="",
-                                    daemon_port=0, client_addr=addr, client_name=name, client_port=0)
+                                    daemon_port="", client_addr=addr, client_name=name, client_port="0")
 
     async def filter(self, submission: Submission) -> Filtered:
         session = MilterSession(self._specs, self._settings, self._client)

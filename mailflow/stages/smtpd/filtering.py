@@ -131,9 +131,10 @@ class ListenerFilters:
             return None
         if session.milters is None:
             client = ClientMacros(myhostname=self._config.myhostname, daemon_name=self._config.myhostname,
-                                  daemon_addr=session.server_ip, daemon_port=session.server_port or 0,
+                                  daemon_addr=session.server_ip, daemon_port=str(session.server_port or ""),
                                   client_addr=session.peer_ip if session.peer_ip != "unknown" else "",
-                                  client_name=session.client_name, client_port=session.peer_port)
+                                  client_name=session.client_name,
+                                  client_port="0" if session.port_text == "unknown" else session.port_text)
             session.milters = MilterSession(self._milters, self._milter_settings, client)
         return session.milters
 

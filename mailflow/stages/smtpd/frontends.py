@@ -260,7 +260,7 @@ def _checked(name: str, value: str) -> str | None:
     if name in ("PORT", "DESTPORT"):  # (alldig, at most five digits: 99999 is taken, as Postfix takes it)
         if not (value.isascii() and value.isdigit()) or len(value) > len("65535"):
             raise XclientError(status.xclient_bad_syntax(name, value))
-        return str(int(value))
+        return value  # the digits as sent (00025 stays 00025 in logs, policy requests, footers), as Postfix keeps it
     if name == "PROTO":
         if ascii_upper(value) not in ("SMTP", "ESMTP"):
             raise XclientError(status.xclient_bad_syntax(name, value))
@@ -307,11 +307,11 @@ def apply_xclient(state: SessionState, attributes: list[tuple[str, str | None]])
             _keep_found_names(state, found, verified=True)
             addr = value or "unknown"
         elif name == "PORT":
-            port = int(value) if value is not None else None
+            port = value
         elif name == "DESTADDR":
             state.server_ip = value or ""
         elif name == "DESTPORT":
-            state.server_port = int(value) if value is not None else None
+            state.server_port = value
         elif name == "HELO":
             state.host_name = helo_name(value) if value is not None else None
         elif name == "PROTO":

@@ -173,7 +173,7 @@ class Facts:
     client_addr: str
     client_port: str = "unknown"  # as Postfix writes it: SessionState.port_text
     server_addr: str = ""  # the address and port of this server the client connected to
-    server_port: int | None = None  # (None: unknown, or XCLIENT DESTPORT=[UNAVAILABLE])
+    server_port: int | str | None = None  # (None: unknown, or XCLIENT DESTPORT=[UNAVAILABLE]; str: DESTPORT's digits)
     client_name: str = "unknown"
     # The client's verified name and reverse (PTR) name given without the DNS (None: the DNS is asked): XCLIENT
     # NAME's, REVERSE_NAME's ([UNAVAILABLE]: none, [TEMPUNAVAIL]: the DNS could not tell), or [UNAVAILABLE] under

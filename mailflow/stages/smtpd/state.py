@@ -74,10 +74,11 @@ def helo_name(text: str) -> str:
 class SessionState(_AiosmtpdSession):
     """The client of one connection. aiosmtpd's fields first, as mailflow uses them, then mailflow's."""
 
-    peer: Any  # (ip, port) of the client: the real one after a PROXY header or XCLIENT (port None: [UNAVAILABLE])
+    peer: Any  # (ip, port) of the client: the real one after a PROXY header or XCLIENT (port None: [UNAVAILABLE];
+    # after XCLIENT PORT the digits as sent, a str)
     server_ip: str  # the address of this server the client connected to ("" when unknown); behind a PROXY
-    server_port: int | None  # header the one it names (the balancer's front end), as Postfix; the port (None when
-    # unknown: not known from the socket, or XCLIENT DESTPORT=[UNAVAILABLE])
+    server_port: int | str | None  # header the one it names (the balancer's front end), as Postfix; the port (None
+    # when unknown: not known from the socket, or XCLIENT DESTPORT=[UNAVAILABLE]; after DESTPORT the digits as sent)
     ssl: dict[str, Any] | None  # None before TLS; then "ssl_object" and "cipher" (name, version, bits)
     client_cert: ClientCert | None  # what the client's TLS certificate says (tls.client_cert); None: none sent
     host_name: str | None  # the HELO/EHLO name (`helo_name`: printable, neutered); None before one
