@@ -113,10 +113,12 @@ NOFILE_CEILING = 1 << 20  # the soft limit asked for when the hard one is unlimi
 
 
 def descriptors_needed(cfg: Config) -> int:
-    """What the configuration can hold open at once: each listener's sessions and as many waiting for a slot,
-    two per delivery (its connection or file, and its content), the idle sessions each SMTP and LMTP client's
-    connection cache may keep and a reserve."""
-    sessions = sum(2 * smtpd.max_sessions for _, _, smtpd, _ in cfg.smtpd.listener_settings())
+    """What the configuration can hold open at once: each listener's sessions and as many waiting for a slot, the
+    clients a postscreen listener screens before that (its pre_queue_limit), two per delivery (its connection or
+    file, and its content), the idle sessions each SMTP and LMTP client's connection cache may keep and a
+    reserve."""
+    sessions = sum(2 * smtpd.max_sessions + (smtpd.postscreen.pre_queue_limit if smtpd.postscreen.enable else 0)
+                   for _, _, smtpd, _ in cfg.smtpd.listener_settings())
     return sessions + 2 * cfg.queue.delivery_concurrency_limit + idle_sessions_cached(cfg) + DESCRIPTOR_RESERVE
 
 

@@ -401,6 +401,13 @@ def test_the_descriptor_estimate_counts_a_client_cache_only_when_mail_can_reach_
     assert cli_server.routed_transports(cfg) & {"smtp", "relay", "lmtp"} == cached
 
 
+def test_the_descriptor_estimate_counts_the_clients_postscreen_screens():
+    """postscreen screens up to pre_queue_limit clients a listener before they reach a session slot: each holds a
+    socket on top of the sessions' (the estimate left them out: 664 for pre_queue_limit 5000)."""
+    screened = Config.model_validate({"smtpd": {"postscreen": {"enable": True, "pre_queue_limit": 5000}}})
+    assert cli_server.descriptors_needed(screened) == 5000 + 2 * 100 + 2 * 100 + 200 + 64
+
+
 def test_the_default_configuration_is_quiet_under_the_common_1024_descriptor_limit(monkeypatch, caplog):
     """1024 is the soft and hard limit of many hosts and containers: the default configuration (100 sessions, 100
     deliveries, the smtp client's cache: 664 descriptors) is not warned about there."""
