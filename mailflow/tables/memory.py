@@ -7,7 +7,6 @@
 - `fail:name`: every lookup raises LookupRetry (a deliberate failure, for tests and for disabling a map).
 
     open_inline(spec, name) / open_static(spec, name) / FailTable(spec)
-    each table's answers(): every value a lookup can answer (fixed for the table's life: the spec is the table)
     table_entries(spec) -> ((key, value), ...) | None   an inline:, static: ("" its key) or fail: (none) spec's
                            entries, None for another type: the one walk of such a table (serve's descriptor
                            estimate, the import's relay rerouting)
@@ -71,14 +70,6 @@ class InlineTable:
     def lookup(self, key: str) -> str | None:
         return self._entries.get(key.lower())
 
-    def answers(self) -> tuple[str, ...]:
-        """Every value a lookup can answer (the spec's, fixed for the table's life)."""
-        return tuple(self._entries.values())
-
-    def entries(self) -> tuple[tuple[str, str], ...]:
-        """(key, value) of each entry, keys folded to lower case, in the spec's order."""
-        return tuple(self._entries.items())
-
 
 class StaticTable:
     fixed = True
@@ -90,10 +81,6 @@ class StaticTable:
     def lookup(self, key: str) -> str | None:
         return self._value
 
-    def answers(self) -> tuple[str, ...]:
-        """Every value a lookup can answer: the one."""
-        return (self._value,)
-
 
 class FailTable:
     fixed = True
@@ -104,10 +91,6 @@ class FailTable:
 
     def lookup(self, key: str) -> str | None:
         raise LookupRetry(f"table {self.name} is a fail: table; every lookup fails")
-
-    def answers(self) -> tuple[str, ...]:
-        """Every value a lookup can answer: none."""
-        return ()
 
 
 def open_inline(spec: str, name: str) -> InlineTable:
