@@ -26,15 +26,13 @@ import pstats
 import re
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from servers import MAILFLOW_CONFIG
-from smtp_tools import wait_listening
+from smtp_tools import free_port, installed, queued_messages, wait_listening, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNT = int(os.environ.get("COUNT", 1000))
@@ -71,39 +69,8 @@ def serve_profiled(config: str, out: str) -> None:
     main()
 
 
-def tool(name: str) -> str:
-    found = shutil.which(name) or f"/usr/sbin/{name}"
-    if not os.path.exists(found):
-        sys.exit(f"{name} is not installed")
-    return found
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out: {what}")
-        time.sleep(0.05)
-
-
-def queued(db: Path) -> int:
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-            return con.execute("SELECT count(*) FROM message").fetchone()[0]
-    except sqlite3.Error:
-        return -1
-
-
 def send(port: int, count: int) -> None:
-    subprocess.run([tool("smtp-source"), "-s", str(SESSIONS), "-l", str(SIZE), "-m", str(count),
+    subprocess.run([installed("smtp-source"), "-s", str(SESSIONS), "-l", str(SIZE), "-m", str(count),
                     "-f", "bench@source.test", "-t", "bench@dest.test", f"127.0.0.1:{port}"], check=True,
                    stdout=subprocess.DEVNULL, timeout=DRAIN_TIMEOUT)
 
@@ -137,36 +104,36 @@ def main() -> None:
         profile = str(work / "profile")
         serve = [sys.executable, __file__, "--serve", str(config), profile]
         if TOOL == "callgrind":
-            serve = [tool("valgrind"), "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
+            serve = [installed("valgrind"), "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
                      f"--callgrind-out-file={work}/callgrind.out", *serve]
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
-        sink = subprocess.Popen([tool("smtp-sink"), *user, f"127.0.0.1:{sink_port}", "256"],
+        sink = subprocess.Popen([installed("smtp-sink"), *user, f"127.0.0.1:{sink_port}", "256"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # (a fixed hash seed: the dicts' and sets' collisions, hence the instruction counts, the same every run)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                    PYTHONHASHSEED=os.environ.get("PYTHONHASHSEED", "0"))
-        server = subprocess.Popen(serve, cwd=work, env=env, stdout=open(work / "mailflow.log", "ab"),
-                                  stderr=subprocess.STDOUT)
+        with open(work / "mailflow.log", "ab") as log:  # (the server has its own copy of the descriptor)
+            server = subprocess.Popen(serve, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
         db = work / "queue" / "queue.db"
         try:
             if not (wait_listening(port, 300) and wait_listening(sink_port, 30)):
                 raise SystemExit("timed out: the server and the sink listen")
             send(port, WARMUP)
-            wait_for(lambda: queued(db) == 0, DRAIN_TIMEOUT, "the warm-up drains")
+            wait_until(lambda: queued_messages(db) == 0, DRAIN_TIMEOUT, "the warm-up drains")
             if TOOL == "callgrind":
-                subprocess.run([tool("callgrind_control"), "-i", "on", str(server.pid)], check=True,
+                subprocess.run([installed("callgrind_control"), "-i", "on", str(server.pid)], check=True,
                                stdout=subprocess.DEVNULL)
             else:
                 server.send_signal(signal.SIGUSR1)
-                wait_for(lambda: os.path.exists(profile + ".on"), 30, "the profiler starts")
+                wait_until(lambda: os.path.exists(profile + ".on"), 30, "the profiler starts")
             send(port, COUNT)
-            wait_for(lambda: queued(db) == 0, DRAIN_TIMEOUT, "the load drains")
+            wait_until(lambda: queued_messages(db) == 0, DRAIN_TIMEOUT, "the load drains")
             if TOOL == "callgrind":
-                subprocess.run([tool("callgrind_control"), "-i", "off", str(server.pid)], check=True,
+                subprocess.run([installed("callgrind_control"), "-i", "off", str(server.pid)], check=True,
                                stdout=subprocess.DEVNULL)
             else:
                 server.send_signal(signal.SIGUSR2)
-                wait_for(lambda: os.path.exists(profile + ".done"), 60, "the profile is written")
+                wait_until(lambda: os.path.exists(profile + ".done"), 60, "the profile is written")
         finally:
             server.terminate()
             try:

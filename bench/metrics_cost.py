@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
 from servers import MAILFLOW_CONFIG
-from smtp_tools import wait_listening
+from smtp_tools import free_port, installed, queued_messages, wait_listening, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNT = int(os.environ.get("COUNT", 2000))
@@ -41,30 +39,9 @@ listen = ["127.0.0.1:{admin_port}"]
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tool(name: str) -> str:
-    found = shutil.which(name) or f"/usr/sbin/{name}"
-    if not os.path.exists(found):
-        sys.exit(f"{name} is not installed (Debian: postfix)")
-    return found
-
-
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out: {what}")
-        time.sleep(0.05)
 
 
 
@@ -76,19 +53,20 @@ def one_run(admin: bool, work: Path) -> float:
     config.write_text(CONFIG.format(sink_port=sink_port, queue_dir=work / "queue", port=port,
                                     admin="true" if admin else "false", admin_port=admin_port))
     user = ["-u", "nobody"] if os.geteuid() == 0 else []
-    sink = subprocess.Popen([tool("smtp-sink"), *user, f"127.0.0.1:{sink_port}", "256"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    server = subprocess.Popen([sys.executable, "-m", "mailflow", "serve", "-c", str(config)], cwd=ROOT,
-                              stdout=open(work / "mailflow.log", "ab"), stderr=subprocess.STDOUT)
+    sink = subprocess.Popen([installed("smtp-sink"), *user, f"127.0.0.1:{sink_port}", "256"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(work / "mailflow.log", "ab") as log:  # (the server has its own copy of the descriptor)
+        server = subprocess.Popen([sys.executable, "-m", "mailflow", "serve", "-c", str(config)], cwd=ROOT,
+                                  stdout=log, stderr=subprocess.STDOUT)
     try:
         if not (wait_listening(port, 30) and wait_listening(sink_port, 30)):
             raise SystemExit("timed out: the server and the sink listen")
         before = cpu_seconds(server.pid)
-        subprocess.run([tool("smtp-source"), "-s", str(SESSIONS), "-l", str(SIZE), "-m", str(COUNT),
+        subprocess.run([installed("smtp-source"), "-s", str(SESSIONS), "-l", str(SIZE), "-m", str(COUNT),
                         "-f", "bench@source.test", "-t", "bench@dest.test", f"127.0.0.1:{port}"], check=True,
                        stdout=subprocess.DEVNULL, timeout=600)
         queue = work / "queue" / "queue.db"
-        wait_for(lambda: _queued(queue) == 0, 120, "the queue drains")
+        wait_until(lambda: queued_messages(queue) == 0, 120, "the queue drains")
         used = cpu_seconds(server.pid) - before
         if admin:
             text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10).read().decode()
@@ -102,16 +80,6 @@ def one_run(admin: bool, work: Path) -> float:
             except subprocess.TimeoutExpired:
                 proc.kill()
         shutil.rmtree(work / "queue", ignore_errors=True)
-
-
-def _queued(db: Path) -> int:
-    import sqlite3
-
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-            return con.execute("SELECT count(*) FROM message").fetchone()[0]
-    except sqlite3.Error:
-        return -1
 
 
 def main() -> None:

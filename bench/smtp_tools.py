@@ -14,6 +14,10 @@ Contract:
   so that late or duplicate deliveries are counted instead of leaking into the next run.
 - `run_source(...)` runs one load (N messages over C sessions, size L) against a target, bounded by timeout;
   returns (ok, seconds, error text).
+- For the one-server probes (calls.py, metrics_cost.py): `free_port()` a free 127.0.0.1 port; `installed(name)`
+  a program's path (PATH, then /usr/sbin) or exit; `wait_until(predicate, timeout, what)` polls every 50 ms and
+  exits with "timed out: WHAT" past `timeout`; `queued_messages(db)` the messages in a queue database (-1 when
+  it cannot be read yet).
 """
 from __future__ import annotations
 
@@ -66,6 +70,37 @@ def end_process(proc: subprocess.Popen, grace: float = 5.0) -> None:
             proc.wait(timeout=5)
         except ProcessLookupError:
             pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def installed(name: str) -> str:
+    found = shutil.which(name) or f"/usr/sbin/{name}"
+    if not os.path.exists(found):
+        sys.exit(f"{name} is not installed")
+    return found
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out: {what}")
+        time.sleep(0.05)
+
+
+def queued_messages(db: Path) -> int:
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+            return con.execute("SELECT count(*) FROM message").fetchone()[0]
+    except sqlite3.Error:
+        return -1
 
 
 def _if_exists(path: str) -> str | None:
