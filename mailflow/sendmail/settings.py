@@ -25,8 +25,9 @@ key. sendmail reads the file's bytes, takes queue_directory from them with tomll
 and compares keys: equal, the settings are what load_config would give under the code sendmail runs (validation
 depends on nothing else), so the configuration is valid and the model is not loaded. Anything else (no cache,
 another key, a cache that cannot be read or parsed, one that is not a regular file, is group- or world-writable,
-is written by another than the writers below, holds a value the model never gives, or whose queue or [log] file
-is not the file's) is doubt: None, and sendmail takes the full path, whose errors are today's, exactly.
+is written by another than the writers below, holds a value of another type or one of the few kinds the check
+below refuses (`_settings_from`), or whose queue or [log] file is not the file's) is doubt: None, and sendmail
+takes the full path, whose errors are today's, exactly.
 
 What the key cannot see: code changed by other means than files under mailflow/, pydantic/ and pydantic_core/
 (their top level) or Python's version (another library the validation imports, a module of mailflow edited
@@ -286,9 +287,11 @@ LOADED_CODE = _code_fingerprint()
 
 
 def _settings_from(data: object) -> Optional[SubmitSettings]:
-    """The settings in the cache's JSON, each field of the type it must have and a value the model could give; None
-    when one is missing, extra, of another type, a string with a control character (a banner or a host name with
-    a line break), a negative number, or not one of [log]'s values."""
+    """The settings in the cache's JSON, each field of the type it must have; None when one is missing, extra, of
+    another type, a string with a control character (a banner or a host name with a line break), a negative
+    number, a duration past DURATION_MAX, or not one of [log]'s values. No more: a count under the model's own
+    minimum (max_line_length 0) or a table spec the model would refuse is taken; the record's writer is trusted
+    for those (root, the queue's or the configuration file's owner, who can write that file anyway)."""
     found = _dataclass_from(SubmitSettings, data)
     if not isinstance(found, SubmitSettings):
         return None
