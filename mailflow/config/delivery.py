@@ -299,7 +299,7 @@ class LmtpSettings(Section):
     nested_header_checks: InlineTableSpecs = ()
     body_checks: InlineTableSpecs = ()
     # Connection cache, as [smtp]'s (lmtp_connection_cache_time_limit, lmtp_connection_reuse_count_limit and
-    # lmtp_connection_reuse_time_limit, Postfix's defaults); 0s: off, a session a message.
+    # lmtp_connection_reuse_time_limit, Postfix's defaults); connection_cache_time_limit = 0s: off, a session a message.
     connection_cache_time_limit: Duration = 2.0
     connection_reuse_count_limit: PostfixInt = Field(0, ge=0)
     connection_reuse_time_limit: Duration = Field(300.0, gt=0)
