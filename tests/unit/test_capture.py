@@ -204,6 +204,21 @@ def test_a_transcript_keeps_no_credentials_and_stays_bounded():
     assert hung_up == [1]
 
 
+@pytest.mark.parametrize("line,kept", [
+    ("auth login dXNlcg==", "auth login ****"),
+    ("\fAUTH PLAIN AGFsaWNl", "AUTH PLAIN ****"),  # any space str.split sees before the command
+    ("\u00a0AUTH PLAIN AGFsaWNl", "AUTH PLAIN ****"),
+    (" AUTH PLAIN AGFsaWNl ", "AUTH PLAIN ****"),
+    ("AUTH PLAIN", "AUTH PLAIN"),
+    ("MAIL FROM:<a@b> ", "MAIL FROM:<a@b>"),
+    ("", ""),
+])
+def test_a_transcript_keeps_no_credentials_whatever_the_space_before_auth(line, kept):
+    t = Transcript(Limits(), "unknown[127.0.0.1]", lambda: None)
+    t.command(line.encode())
+    assert t.snapshot().lines == (("C", kept),)
+
+
 def test_tls_description():
     assert tls_description({"cipher": ("TLS_AES_256_GCM_SHA384", "TLSv1.3", 256)}) == "TLSv1.3 TLS_AES_256_GCM_SHA384"
     assert tls_description(None) == ""

@@ -89,13 +89,14 @@ class _Record:
 
     def keep(self, prefix: str, text: str) -> None:
         """Each line of `text` (a reply may have several), cut at MAX_LINE, after `prefix`."""
-        for line in text.split("\r\n"):
+        for line in (text.split("\r\n") if "\r\n" in text else (text,)):
             line = prefix + line[:MAX_LINE]
-            if self.size + len(line) + 1 > BYTE_LIMIT:
+            size = self.size + len(line) + 1
+            if size > BYTE_LIMIT:
                 self.omitted += 1
                 continue
             self.lines.append(line)
-            self.size += len(line) + 1
+            self.size = size
 
     @property
     def count(self) -> int:
@@ -158,6 +159,7 @@ class SessionNotices(SessionObserver):
         due (no reason: the session goes on), then the lines and errors cleared."""
         record = self._records.get(transcript)
         if record is not None and record.count > (0 if everything else FLUSH_THRESHOLD):
+            transcript.identify()  # (the client as known now: after PROXY or XCLIENT)
             self._notify(transcript, record, "")
             self._records[transcript] = _Record()
 

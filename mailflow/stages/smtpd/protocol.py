@@ -542,7 +542,7 @@ class ProtocolCore(SMTP):
     async def _serve_client(self) -> None:
         assert self.session is not None
         if self._observer is not None and self._observer.active:
-            self.transcript = Transcript(self._observer, self.session.client, self.hang_up)
+            self.transcript = Transcript(self._observer, self.session.client, self.hang_up, self._observe_identity)
             self.transcript.started()
         if not await self._before_greeting():
             return
@@ -855,9 +855,9 @@ class ProtocolCore(SMTP):
     def _checkpoint(self, everything: bool = False) -> None:
         """Where Postfix's smtpd calls chat_reset (HELO, EHLO, RSET, the end of a message; XCLIENT: `everything`):
         the transcript's observers may flush what they hold (postmaster.py's notices), naming the client as known now
-        (after a PROXY header or XCLIENT: Postfix's state->namaddr)."""
+        (Transcript.identify, asked by the observer that flushes: after a PROXY header or XCLIENT, Postfix's
+        state->namaddr)."""
         if self.transcript is not None:
-            self._observe_identity(self.transcript)
             self.transcript.checkpoint(everything)
 
     async def smtp_QUIT(self, arg: str | None) -> None:

@@ -116,7 +116,8 @@ class SessionObservers(SessionObserver):
 class Transcript:
     """One session's record (see the module docstring)."""
 
-    def __init__(self, observer: SessionObserver, client: str, hang_up: Callable[[], None]):
+    def __init__(self, observer: SessionObserver, client: str, hang_up: Callable[[], None],
+                 identify: Callable[["Transcript"], None] | None = None):
         self.observer = observer
         self.client = client
         self.helo = ""
@@ -127,19 +128,35 @@ class Transcript:
         self.omitted = 0
         self._bytes = 0
         self._hang_up = hang_up
+        self._identify = identify
+
+    def identify(self) -> None:
+        """Bring client, helo, tls and login up to date (the session's, as known now: after PROXY, XCLIENT,
+        STARTTLS, AUTH), for an observer about to use them mid-session; the session does it itself before
+        `queued` and `ended`."""
+        if self._identify is not None:
+            self._identify(self)
 
     def command(self, line: bytes) -> None:
         text = _redacted(line.decode("utf-8", "replace"))
-        if self.observer.line_limit:
+        observer = self.observer
+        if observer.line_limit:
             self._keep("C", text)
-        self._tell(self.observer.commanded, self, text)
+        try:  # (_tell written out: two events a command, in every session)
+            observer.commanded(self, text)
+        except Exception:
+            log.exception("session observer %s failed", "commanded")
 
     def reply(self, line: str | bytes, error_class: str | None = None) -> None:
         """One reply line sent; `error_class`: the class of the refusal it is (None: none, or no refusal)."""
         text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
-        if self.observer.line_limit:
+        observer = self.observer
+        if observer.line_limit:
             self._keep("S", text.rstrip("\r\n"))
-        self._tell(self.observer.replied, self, text)
+        try:  # (as in command)
+            observer.replied(self, text)
+        except Exception:
+            log.exception("session observer %s failed", "replied")
         if error_class is not None:
             self._tell(self.observer.refused, self, error_class)
 
@@ -160,6 +177,7 @@ class Transcript:
 
     def ended(self) -> None:
         self._hang_up = _nothing  # the session is over; the observer may keep this record without holding it
+        self._identify = None
         self._tell(self.observer.ended, self)
 
     def _keep(self, who: str, text: str) -> None:
@@ -184,6 +202,9 @@ def _nothing() -> None:
 
 def _redacted(line: str) -> str:
     """An AUTH command keeps its mechanism only: `AUTH PLAIN <credentials>` -> `AUTH PLAIN ****`."""
+    first = line[:1]
+    if first.isalpha() and first not in "Aa":  # (a command that cannot be AUTH, whatever space str.split sees)
+        return line.strip()
     words = line.split()
     if len(words) > 2 and words[0].upper() == "AUTH":
         return f"{words[0]} {words[1]} ****"
