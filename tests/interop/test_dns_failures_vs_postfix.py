@@ -9,7 +9,6 @@ NOTIMP, YXDOMAIN and NOTAUTH. Then the SMTP client's outcome for mail to domains
 do: 127.0.0.1 is `localhost` there; see tests/e2e/test_smtpd_dns_restrictions.py and tests/unit/test_peername.py.)"""
 from __future__ import annotations
 
-import logging
 import socket
 import threading
 
@@ -122,11 +121,7 @@ async def test_the_smtp_client_ends_mail_for_odd_mx_answers_as_a_real_postfix(ma
     dns_zone(ODD_ZONE + DELIVERY_ZONE, servfail=("broken.test",), garbled=("garbled.test",), rcodes=DELIVERY_RCODES,
              address=address, port=53)
     notices = await smtp_peer()
-    log = MailLogLines()
-    mail_logger = logging.getLogger("mailflow.mail")
-    level = mail_logger.level
-    mail_logger.addHandler(log)
-    mail_logger.setLevel(logging.INFO)
+    log = MailLogLines().start()
     everyone = {f"r@{name}.test" for name in DESTINATIONS}
     try:
         async with postfix_instance({
@@ -144,8 +139,7 @@ async def test_the_smtp_client_ends_mail_for_odd_mx_answers_as_a_real_postfix(ma
                          what="mailflow ended every recipient")
         mailflow = outcomes("\n".join(log.lines))
     finally:
-        mail_logger.removeHandler(log)
-        mail_logger.setLevel(level)
+        log.stop()
     assert {r: (postfix[r], mailflow[r]) for r in everyone if postfix[r] != mailflow[r]} == {}
     # what Postfix said, so that the same mistake on both sides cannot pass unnoticed
     malformed = "Malformed or unexpected name server reply"

@@ -7,7 +7,6 @@ SMTP client's outcome for mail to a domain of 30 MX hosts (the most preferred, t
 cut). Without TCP every lookup is a temporary failure: 450, a deferral, never the cut records."""
 from __future__ import annotations
 
-import logging
 
 import aiosmtplib
 import pytest
@@ -109,11 +108,7 @@ async def test_delivery_to_30_mx_hosts_past_512_bytes_ends_as_by_a_real_postfix(
     dns_zone(ZONE, tcp=tcp, address=address, port=53)
     peer = await smtp_peer("127.0.0.3", 0)
     nexthop = f"inline:{{bigdest.test=smtp:bigdest.test:{peer.port}}}"
-    log = MailLogLines()
-    mail_logger = logging.getLogger("mailflow.mail")
-    level = mail_logger.level
-    mail_logger.addHandler(log)
-    mail_logger.setLevel(logging.INFO)
+    log = MailLogLines().start()
     try:
         async with postfix_instance({"myhostname": "pf.test", "mydestination": "", "transport_maps": nexthop,
                                      "smtp_dns_support_level": "enabled"},
@@ -129,8 +124,7 @@ async def test_delivery_to_30_mx_hosts_past_512_bytes_ends_as_by_a_real_postfix(
                          what="mailflow ended the recipient")
         mailflow = outcomes("\n".join(log.lines))["r@bigdest.test"]
     finally:
-        mail_logger.removeHandler(log)
-        mail_logger.setLevel(level)
+        log.stop()
     assert mailflow[:3] == postfix[:3] and (tcp == "answer" or mailflow == postfix)  # (the peer's queue ids differ)
     if tcp == "answer":
         assert postfix[:3] == (f"best.hoster.test[127.0.0.3]:{peer.port}", "2.0.0", "sent")

@@ -163,9 +163,23 @@ def notice_fields(messages) -> dict[str, dict[str, str]]:
 
 
 class MailLogLines(logging.Handler):
+    """mailflow.mail's lines (INFO and up) from start() to stop(), which puts the logger's level back."""
+
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.lines: list[str] = []
+        self._logger = logging.getLogger("mailflow.mail")
+        self._level = self._logger.level
+
+    def start(self) -> "MailLogLines":
+        self._level = self._logger.level
+        self._logger.addHandler(self)
+        self._logger.setLevel(logging.INFO)
+        return self
+
+    def stop(self) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._level)
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(record.getMessage())
@@ -198,11 +212,7 @@ async def run_both(mailflow_server, smtp_peer, scenarios: dict[str, Scenario], *
     tls = ", ".join(f"[127.0.0.1]:{peers[name].port}={s.tls}" for name, s in scenarios.items() if s.tls)
     tls_maps = {"smtp_tls_policy_maps": f"inline:{{{tls}}}"} if tls else {}
     everyone = {f"{r}@{name}.test" for name, s in scenarios.items() for r in s.recipients}
-    log = MailLogLines()
-    mail_logger = logging.getLogger("mailflow.mail")
-    level = mail_logger.level
-    mail_logger.addHandler(log)
-    mail_logger.setLevel(logging.INFO)
+    log = MailLogLines().start()
     try:
         async with postfix_instance({
             "myhostname": "pf.test", "mydestination": "", "delay_warning_time": "0", **tls_maps,
@@ -236,8 +246,7 @@ async def run_both(mailflow_server, smtp_peer, scenarios: dict[str, Scenario], *
             return ((outcomes(pf.maillog), notice_fields(pf_notices.messages)),
                     (outcomes("\n".join(log.lines)), notice_fields(mf_notices.messages)))
     finally:
-        mail_logger.removeHandler(log)
-        mail_logger.setLevel(level)
+        log.stop()
         for peer in peers.values():
             await peer.stop()
 
