@@ -58,6 +58,21 @@ class _Config:
         self.queue = DEFAULTS.queue.model_copy(update={"notify_classes": classes})
 
 
+def _policy_session() -> tuple[SessionNotices, Transcript, list[str]]:
+    """Notices for the class `policy`, a session begun (220 sent) and the bodies of the notices it queues."""
+    submitted: list[str] = []
+
+    async def submit(submission):
+        submitted.append(b"".join(submission.content.parts).decode())
+        return "Q1"
+
+    notices = SessionNotices(_Config(("policy",)), submit)
+    t = Transcript(notices, "c.test[192.0.2.1]", lambda: None)
+    t.started()
+    t.reply("220 mx.test ESMTP")
+    return notices, t, submitted
+
+
 async def test_a_record_is_bounded_and_so_are_the_notices_waiting_for_the_queue():
     """A session's record keeps BYTE_LIMIT bytes of lines (its notice says how many more there were); past
     PENDING_LIMIT notices waiting for cleanup, more are dropped; none is kept while no class of smtpd's is named."""
@@ -110,16 +125,7 @@ async def test_a_long_session_is_flushed_at_postfixs_threshold_and_ends_with_its
     past FLUSH_THRESHOLD lines sends its notice (the refusal in it, no reason: the session goes on) if its errors are
     of a named class, then starts again with none; at XCLIENT's, whatever its length; the session's end sends the
     rest only with a new error, its reason the one the session set."""
-    submitted = []
-
-    async def submit(submission):
-        submitted.append(b"".join(submission.content.parts).decode())
-        return "Q1"
-
-    notices = SessionNotices(_Config(("policy",)), submit)
-    t = Transcript(notices, "c.test[192.0.2.1]", lambda: None)
-    t.started()
-    t.reply("220 mx.test ESMTP")
+    notices, t, submitted = _policy_session()
     t.command(b"RCPT TO:<x@elsewhere.test>")
     t.reply("554 5.7.1 <x@elsewhere.test>: Relay access denied", "policy")
     for n in range(60):
@@ -184,16 +190,7 @@ async def test_the_stop_waits_for_a_stalled_queue_a_bounded_time_and_no_line_of_
 async def test_each_line_of_a_multi_line_reply_counts_toward_the_flush_threshold():
     """A record keeps one string a line ("Out: ..."): a reply with a footer is two lines, as in Postfix's history,
     so 34 such refusals (1 + 34 * 3 = 103 lines) pass the threshold at the next checkpoint."""
-    submitted = []
-
-    async def submit(submission):
-        submitted.append(b"".join(submission.content.parts).decode())
-        return "Q1"
-
-    notices = SessionNotices(_Config(("policy",)), submit)
-    t = Transcript(notices, "c.test[192.0.2.1]", lambda: None)
-    t.started()
-    t.reply("220 mx.test ESMTP")
+    notices, t, submitted = _policy_session()
     for _ in range(34):
         t.command(b"RCPT TO:<x@elsewhere.test>")
         t.reply("554-5.7.1 <x@elsewhere.test>: Relay access denied\r\n554 5.7.1 see https://mx.test/help", "policy")
