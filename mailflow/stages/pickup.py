@@ -95,7 +95,7 @@ from typing import Callable, Iterator, Sequence
 from mailflow.clock import Clock
 from mailflow.config import DEFAULTS, Config
 from mailflow.content import Content
-from mailflow.errors import DeliveryError, LookupRetry, MessageTooBig, PermanentError, TemporaryError
+from mailflow.errors import ContentRejected, DeliveryError, LookupRetry, MessageTooBig, PermanentError, TemporaryError
 from mailflow.faults import FailureLog, Guard
 from mailflow.filters.milter import NonSmtpdMilters
 from mailflow.maildrop import DIRECTORY_MODE as MAILDROP_MODE
@@ -105,7 +105,7 @@ from mailflow.logs import printable
 from mailflow.message import HEADER_READ_LIMIT
 from mailflow.model import (ClientInfo, Envelope, LocalUser, Outcome, QueuedMessage, QueueId, RcptResult, Recipient,
                             Submission)
-from mailflow.stages.qmgr.notices import NoticeWriter
+from mailflow.stages.qmgr.notices import Notice, NoticeWriter
 from mailflow.sendmail.identity import identity_of, passwd_identity, submit_problem
 from mailflow.store import RequeuedMessage, RequeueGone, Store, store_fault
 
@@ -565,7 +565,7 @@ class Pickup:
         filtered = await self._milters.filter(sub)
         if filtered.action in ("reject", "tempfail"):
             assert filtered.reply is not None  # (a refusal always carries its reply)
-            refusal = PermanentError if filtered.action == "reject" else TemporaryError
+            refusal = ContentRejected if filtered.action == "reject" else TemporaryError  # (Postfix: CLEANUP_STAT_CONT)
             raise refusal(filtered.reply.status, filtered.reply.text, filtered.reason)
         if filtered.action == "discard":
             logger.info("pickup: maildrop/%s: from=<%s>: milter-discard (%s)", name, sub.envelope.sender,
@@ -729,16 +729,28 @@ class Pickup:
         if not built:
             logger.warning("pickup: maildrop/%s: null sender or NOTIFY=NEVER: dropped without notice", name)
             return True
-        for notice, submission in built:
+        # the notices that return the message first (the sender's, or a null sender's double bounce): only theirs
+        # keep the file; a headers-only postmaster copy that cannot be queued is not critical (Postfix's
+        # bounce_notify_service warns and goes on), or the sender would get theirs again at every scan
+        for notice, submission in sorted(built, key=lambda pair: _only_a_copy(pair[0])):
             whose = "postmaster" if notice.postmaster_copy else "sender"
             try:
                 queue_id = await self._cleanup.submit(submission)
             except Exception as e:
+                if _only_a_copy(notice):
+                    logger.warning("pickup: maildrop/%s: the postmaster copy of the non-delivery notification to "
+                                   "<%s> could not be queued: %s", name, notice.to, e)
+                    continue
                 logger.error("pickup: maildrop/%s: the %s non-delivery notification to <%s> could not be queued: %s; "
                              "will retry", name, whose, notice.to, e)
                 return False
             logger.info("pickup: maildrop/%s: %s non-delivery notification: %s", name, whose, queue_id)
         return True
+
+
+def _only_a_copy(notice: Notice) -> bool:
+    """A postmaster's headers-only copy of a notice that goes to someone else (not a double bounce)."""
+    return notice.postmaster_copy and notice.ret == "HDRS"
 
 
 def _as_bounced(name: str, m: MaildropMessage, error: PermanentError, now: float, *,
@@ -749,5 +761,8 @@ def _as_bounced(name: str, m: MaildropMessage, error: PermanentError, now: float
     recipients = tuple(Recipient(i, r, r, notify[i], orcpts[i]) for i, r in enumerate(m.recipients))
     message = QueuedMessage(queue_id=name, sender=m.sender, arrival=m.time or now, size=size,
                             smtputf8=not m.sender.isascii(), body_type=m.body_type, attempts=0,
-                            recipients=recipients, envid=m.envid, ret=m.ret)
+                            recipients=recipients, envid=m.envid,
+                            # content a check or a milter refused, or too big, goes back as its headers only:
+                            # Postfix's cleanup_bounce (CLEANUP_STAT_CONT, CLEANUP_STAT_SIZE) sends no unfiltered body
+                            ret="HDRS" if isinstance(error, (ContentRejected, MessageTooBig)) else m.ret)
     return message, [RcptResult(r, Outcome.BOUNCED, error.dsn, error.text) for r in recipients]

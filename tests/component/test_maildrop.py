@@ -15,6 +15,7 @@ import pytest
 
 from mailflow import maildrop
 from mailflow.config import config_from_dict
+from mailflow.errors import TemporaryError
 from mailflow.maildrop import (CorruptMaildrop, MaildropError, MaildropMessage, maildrop_content, maildrop_names,
                                read_maildrop, wake_pickup, write_maildrop)
 from mailflow.sendmail import (LINE_PIECE, UsageError, header_recipients, may_submit, may_use_sender, parse_args,
@@ -603,6 +604,7 @@ async def test_notify_classes_bounce_gives_the_postmaster_a_headers_only_copy_of
     assert _header(copy, "Subject") == "Postmaster Copy: Undelivered Mail"
     assert b"Subject: loop" in copy and b"the loop's body" not in copy  # the postmaster's: its header section
     assert b"Return-Path: <double-bounce@mx.mailflow.test>" in copy
+    assert _header(copy, "Message-ID") != _header(notice, "Message-ID")  # (a mailbox may keep one of two alike)
     assert f"maildrop/{name}: postmaster non-delivery notification" in caplog.text
 
 
@@ -618,6 +620,48 @@ async def test_a_refused_file_of_the_null_sender_goes_whole_to_the_double_bounce
     assert b"the loop's body" in copy and b"5.4.0" in copy
     await queue_becomes(mf.store, {})
     assert maildir_messages(tmp_path / "mail" / "alice" / "Maildir") == []
+
+
+async def test_a_postmaster_copy_that_cannot_be_queued_neither_keeps_the_file_nor_repeats_the_senders_notice(
+        mailflow_server, tmp_path, caplog, monkeypatch):
+    """Postfix's bounce_notify_service: the postmaster's copy is not critical, a warning and on. Keeping the file
+    for it queued the sender's notice again at every scan."""
+    mf = await mailflow_server(hopcount_limit=2, queue={"notify_classes": ["bounce"],
+                                                        "bounce_notice_recipient": "pm@local.test"})
+    cleanup = mf.pickup._cleanup
+    submit = cleanup.submit
+
+    async def refusing_the_postmaster(submission, **kwargs):
+        if submission.envelope.recipients == ("pm@local.test",):
+            raise TemporaryError("4.3.0", "queue file write error")
+        return await submit(submission, **kwargs)
+
+    monkeypatch.setattr(cleanup, "submit", refusing_the_postmaster)
+    name = _drop(mf, content=LOOP)
+    mf.pickup.wake()
+    await eventually(lambda: not (mf.config.queue_path / "maildrop" / name).exists(), timeout=5,
+                     what="the refused file removed")
+    mf.pickup.wake()  # (a scan after it finds nothing more to return)
+    alice = tmp_path / "mail" / "alice" / "Maildir"
+    await eventually(lambda: maildir_messages(alice), timeout=5)
+    await queue_becomes(mf.store, {})
+    assert len(maildir_messages(alice)) == 1
+    assert f"maildrop/{name}: the postmaster copy of the non-delivery notification" in caplog.text
+
+
+async def test_content_a_check_refused_goes_back_as_its_header_section_only(mailflow_server, tmp_path):
+    """Postfix's cleanup_bounce: a message its checks refused (or too big) is returned without its body, whatever
+    RET says, so that sendmail -f someone-else cannot have refused content delivered to a third party."""
+    checks = tmp_path / "header_checks"
+    checks.write_text("/^Subject: forbidden/ REJECT not here\n")
+    mf = await mailflow_server(checks={"header_checks": [f"regexp:{checks}"]})
+    _drop(mf, content=b"Subject: forbidden\r\n\nthe refused body\r\n", ret="FULL")
+    mf.pickup.wake()
+    alice = tmp_path / "mail" / "alice" / "Maildir"
+    await eventually(lambda: maildir_messages(alice), timeout=5)
+    [notice] = maildir_messages(alice)
+    assert b"Subject: forbidden" in notice and b"the refused body" not in notice
+    assert b"text/rfc822-headers" in notice
 
 
 async def test_without_the_classes_a_refused_file_gets_no_postmaster_notice(mailflow_server, tmp_path, caplog):

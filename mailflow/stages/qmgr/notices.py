@@ -220,7 +220,8 @@ class NoticeWriter:
         planned = plan(message, results, warn_delay=warn_delay, myhostname=self._myhostname,
                        double_bounce_recipient=c.double_bounce_recipient, now=now, postmaster=Postmaster.of(c))
         quoted = quoted_original(original, c.bounce_size_limit) if planned else b""
-        for notice in planned:
+        for n, notice in enumerate(planned):
+            apart = f".{n}" if n else ""  # (a copy's Message-ID is its own: a mailbox may keep one of two alike)
             content = await asyncio.to_thread(
                 build_notice,
                 kind=notice.kind, queue_id=message.queue_id, sender=message.sender, arrival=message.arrival,
@@ -230,7 +231,7 @@ class NoticeWriter:
                 original_size=original.size if original_size is None else original_size,
                 reporting_mta=self._myhostname, now=now,
                 will_retry_until=retry_until if notice.kind == "delay" else None,
-                notice_id=f"{message.queue_id}.{notice.kind}.{int(now)}", size_limit=c.bounce_size_limit,
+                notice_id=f"{message.queue_id}.{notice.kind}{apart}.{int(now)}", size_limit=c.bounce_size_limit,
                 to=notice.to, delay_warning_time=c.delay_warning_time, postmaster_copy=notice.postmaster_copy,
                 smtputf8=message.smtputf8, template=self._templates.get(notice.kind), template_values=self._values,
             )
