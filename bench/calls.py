@@ -45,6 +45,20 @@ KEEP = os.environ.get("KEEP", "")  # a path: the cProfile stats (or callgrind's 
 DRAIN_TIMEOUT = 600.0
 
 
+def measure(server: subprocess.Popen, profile: str, *, on: bool) -> None:
+    """Measurement switched on or off in the running server: callgrind's instrumentation, or the profiler of the
+    `--serve` wrapper (SIGUSR1 / SIGUSR2, and the mark it leaves when done)."""
+    if TOOL == "callgrind":
+        subprocess.run([installed("callgrind_control"), "-i", "on" if on else "off", str(server.pid)], check=True,
+                       stdout=subprocess.DEVNULL)
+    elif on:
+        server.send_signal(signal.SIGUSR1)
+        wait_until(lambda: os.path.exists(profile + ".on"), 30, "the profiler starts")
+    else:
+        server.send_signal(signal.SIGUSR2)
+        wait_until(lambda: os.path.exists(profile + ".done"), 60, "the profile is written")
+
+
 def serve_profiled(config: str, out: str) -> None:
     """The `--serve` wrapper: `mailflow serve`, with SIGUSR1 starting a profiler on this (the loop's) thread and
     SIGUSR2 stopping it and writing its stats to `out` (then `out`.done)."""
@@ -120,20 +134,10 @@ def main() -> None:
                 raise SystemExit("timed out: the server and the sink listen")
             send(port, WARMUP)
             wait_until(lambda: queued_messages(db) == 0, DRAIN_TIMEOUT, "the warm-up drains")
-            if TOOL == "callgrind":
-                subprocess.run([installed("callgrind_control"), "-i", "on", str(server.pid)], check=True,
-                               stdout=subprocess.DEVNULL)
-            else:
-                server.send_signal(signal.SIGUSR1)
-                wait_until(lambda: os.path.exists(profile + ".on"), 30, "the profiler starts")
+            measure(server, profile, on=True)
             send(port, COUNT)
             wait_until(lambda: queued_messages(db) == 0, DRAIN_TIMEOUT, "the load drains")
-            if TOOL == "callgrind":
-                subprocess.run([installed("callgrind_control"), "-i", "off", str(server.pid)], check=True,
-                               stdout=subprocess.DEVNULL)
-            else:
-                server.send_signal(signal.SIGUSR2)
-                wait_until(lambda: os.path.exists(profile + ".done"), 60, "the profile is written")
+            measure(server, profile, on=False)
         finally:
             server.terminate()
             try:
