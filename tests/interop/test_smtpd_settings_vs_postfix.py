@@ -597,28 +597,37 @@ def client_lines(lines) -> list[str]:
     return re.findall(r"\bclient=([^,\s]+)", "\n".join(line for line in lines if ": client=" in line))
 
 
+async def xclient_message_both_ways(mailflow_server, smtp_peer, script: list[str], restrictions: str = ""):
+    """`script` (an XCLIENT dialogue that queues one message) through a private Postfix, then mailflow relaying to a
+    peer; their replies must not differ (but for the banner). Returns Postfix's replies, its `client=` lines, its
+    Received header, and mailflow's Received header."""
+    client_checks = {"smtpd_client_restrictions": restrictions} if restrictions else {}
+    async with postfix_instance({**POSTFIX_BASE, "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
+                                 **client_checks}) as pf:
+        postfix = await replay(pf.port, script)
+        [queue_id] = await eventually(lambda: re.findall(r"([0-9A-F]+): client=", pf.maillog), timeout=10)
+        postfix_client = client_lines(pf.maillog.splitlines())
+        postfix_received = received(pf.run("postcat", "-hq", queue_id).stdout.decode())
+    peer = await smtp_peer()
+    smtpd = {"authorized_xclient_hosts": ["127.0.0.0/8"], "client_restrictions": [restrictions] if restrictions else []}
+    mf = await mailflow_server(mydestination=["local.test"], relayhost=f"[127.0.0.1]:{peer.port}",
+                               relay_domains=["relay.test"], smtpd=smtpd)
+    greeting_by_code = lambda text: "220" if text.startswith("220 ") else text  # noqa: E731 (the banners differ)
+    mailflow = await replay(mf.smtp_addresses[0][1], script)
+    assert differences(script, postfix, mailflow, greeting_by_code) == {}
+    [message] = await eventually(lambda: peer.messages)
+    return postfix, postfix_client, postfix_received, received(message.content.decode())
+
+
 async def test_the_xclient_name_is_kept_as_given_as_postfix_keeps_it(mailflow_server, smtp_peer, caplog):
     """smtpd.c xclient_cmd keeps NAME's case: replies, the `client=` log line and the Received header name the
     client as the front end wrote it; check_client_access still finds it (table lookups fold the key themselves).
     mailflow lower-cased it."""
     caplog.set_level(logging.INFO, logger="mailflow")
-    restrictions = "check_client_access inline:{mixed.test=REJECT}"
-    async with postfix_instance({**POSTFIX_BASE, "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
-                                 "smtpd_client_restrictions": restrictions}) as pf:
-        postfix = await replay(pf.port, XCLIENT_NAMED)
-        [queue_id] = await eventually(lambda: re.findall(r"([0-9A-F]+): client=", pf.maillog), timeout=10)
-        postfix_client = client_lines(pf.maillog.splitlines())
-        postfix_received = received(pf.run("postcat", "-hq", queue_id).stdout.decode())
-    peer = await smtp_peer()
-    mf = await mailflow_server(mydestination=["local.test"], relayhost=f"[127.0.0.1]:{peer.port}",
-                               relay_domains=["relay.test"], smtpd={"authorized_xclient_hosts": ["127.0.0.0/8"],
-                                                                    "client_restrictions": [restrictions]})
-    greeting_by_code = lambda text: "220" if text.startswith("220 ") else text  # noqa: E731 (the banners differ)
-    mailflow = await replay(mf.smtp_addresses[0][1], XCLIENT_NAMED)
-    assert differences(XCLIENT_NAMED, postfix, mailflow, greeting_by_code) == {}
+    postfix, postfix_client, postfix_received, mailflow_received = await xclient_message_both_ways(
+        mailflow_server, smtp_peer, XCLIENT_NAMED, "check_client_access inline:{mixed.test=REJECT}")
     assert postfix["refused"][4] == "554 5.7.1 <MiXeD.Test[192.0.2.9]>: Client host rejected: Access denied"
-    [message] = await eventually(lambda: peer.messages)
-    assert received(message.content.decode()) == postfix_received
+    assert mailflow_received == postfix_received
     assert postfix_received.startswith("Received: from c.test (Other.Test [192.0.2.9])")
     assert client_lines(r.getMessage() for r in caplog.records) == postfix_client == ["Other.Test[192.0.2.9]"]
 
@@ -675,19 +684,9 @@ async def test_xclient_addr_alone_keeps_the_name_in_the_log_and_received_as_post
     found at connect (the front end's, localhost), as Postfix's xclient_cmd leaves state->name alone. mailflow
     named the client `unknown`."""
     caplog.set_level(logging.INFO, logger="mailflow")
-    async with postfix_instance({**POSTFIX_BASE, "smtpd_authorized_xclient_hosts": "127.0.0.0/8"}) as pf:
-        postfix = await replay(pf.port, XCLIENT_ADDR_ONLY)
-        [queue_id] = await eventually(lambda: re.findall(r"([0-9A-F]+): client=", pf.maillog), timeout=10)
-        postfix_client = client_lines(pf.maillog.splitlines())
-        postfix_received = received(pf.run("postcat", "-hq", queue_id).stdout.decode())
-    peer = await smtp_peer()
-    mf = await mailflow_server(mydestination=["local.test"], relayhost=f"[127.0.0.1]:{peer.port}",
-                               relay_domains=["relay.test"], smtpd={"authorized_xclient_hosts": ["127.0.0.0/8"]})
-    greeting_by_code = lambda text: "220" if text.startswith("220 ") else text  # noqa: E731 (the banners differ)
-    mailflow = await replay(mf.smtp_addresses[0][1], XCLIENT_ADDR_ONLY)
-    assert differences(XCLIENT_ADDR_ONLY, postfix, mailflow, greeting_by_code) == {}
-    [message] = await eventually(lambda: peer.messages)
-    assert received(message.content.decode()) == postfix_received
+    _, postfix_client, postfix_received, mailflow_received = await xclient_message_both_ways(
+        mailflow_server, smtp_peer, XCLIENT_ADDR_ONLY)
+    assert mailflow_received == postfix_received
     assert postfix_received.startswith("Received: from c.test (localhost [192.0.2.9])")
     assert client_lines(r.getMessage() for r in caplog.records) == postfix_client == ["localhost[192.0.2.9]"]
 
