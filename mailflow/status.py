@@ -334,6 +334,15 @@ FILTER_UNAVAILABLE = Reply(451, "4.7.1", "Service unavailable - try again later"
 MILTER_REJECTED = Reply(550, "5.7.1", "Command rejected")
 MILTER_SHUTDOWN = Reply(421, "4.7.0", "Server closing connection")  # a milter's SMFIR_SHUTDOWN (Postfix's smtpd)
 MILTER_UNAVAILABLE = Reply(550, "5.5.0", "Service unavailable")  # milter_default_action = reject (Postfix's milter8)
+
+
+def milter_connect_refused(host: str, code: int) -> Reply:
+    """In the greeting's place when a milter refused the connect event (Postfix's smtpd_proto: its own words,
+    whatever the milter said, which is logged): a 421 (the session ends) or any 5xx (554; the session goes on, and
+    the milter's reply answers every MAIL). No enhanced code: a greeting."""
+    if code == 421:
+        return Reply(421, "", f"{host} Service unavailable - try again later")
+    return Reply(554, "", f"{host} ESMTP not accepting connections")
 # a milter whose own reply (SMFIR_REPLYCODE) is malformed: closed, as Postfix's milter8 does for a configuration error
 MILTER_CONFIGURATION_PROBLEM = Reply(451, "4.3.5", "Server configuration problem - try again later",
                                      error_class="software")

@@ -211,6 +211,48 @@ async def test_a_milter_that_hangs_in_one_session_does_not_hold_another(milter_s
     await other.close()
 
 
+async def test_a_milter_slow_to_answer_connect_delays_no_other_sessions_greeting(milter_server):
+    """The milters hear of the client before the greeting (Postfix's smtpd_proto): the first session's milter never
+    answers the connect event, so its greeting waits for command_timeout (2 s; then the default action, tempfail:
+    a 220 and 451 4.7.1 at MAIL), while a second session meanwhile is greeted and served in full."""
+    _, port = await milter_server({b"C": lambda session, _: HANG if session == 0 else reply(b"c")})
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    stuck = await SmtpClient.connect(port, greet=False)
+    greeting = asyncio.create_task(stuck.reply())
+    other = await SmtpClient.connect(port)
+    assert (await other.send_message(MESSAGE)).code == 250
+    assert loop.time() - started < 1.5 and not greeting.done()
+    assert (await greeting).code == 220 and 1.5 < loop.time() - started < 3.5
+    assert (await stuck.cmd("EHLO client.test")).code == 250
+    assert await stuck.cmd("MAIL FROM:<s@remote.test>") == status.FILTER_UNAVAILABLE
+    await stuck.close()
+    await other.close()
+
+
+@pytest.mark.parametrize("commands", [[], ["QUIT"]], ids=["no command", "QUIT only"])
+async def test_the_milters_hear_of_a_client_that_never_reaches_them_with_a_command(milter_server, commands):
+    """Postfix tells them at the greeting: a session that sends nothing, or only QUIT, is connected and ended."""
+    milter, port = await milter_server()
+    client = await SmtpClient.connect(port)
+    for command in commands:
+        assert (await client.cmd(command)).code == 221
+    await client.close()
+    await eventually(lambda: milter.sessions and milter.commands(0).endswith(b"Q"))
+    assert milter.commands(0).replace(b"D", b"") == b"OCQ"
+
+
+async def test_a_client_the_client_list_refuses_at_connect_is_not_told_to_the_milters(milter_server):
+    """delay_reject false: the client list's refusal takes the greeting's place and the milters never hear of the
+    client (Postfix's smtpd_proto: the connect event is the greeting's other branch)."""
+    milter, port = await milter_server(smtpd={"delay_reject": False, "client_restrictions": ["reject"]})
+    client = await SmtpClient.connect(port, greet=False)
+    assert (await client.reply()).code == 554
+    assert (await client.cmd("QUIT")).code == 221
+    await client.close()
+    assert milter.sessions == []
+
+
 async def test_a_milter_dribbling_its_reply_is_cut_at_command_timeout_and_holds_no_other_session(milter_server):
     """The milter answers RCPT a byte every 0.7 s: never silent for a read's timeout, but the reply as a whole
     takes 3.5 s. command_timeout (2 s) bounds the whole reply: 451 4.7.1 (the default action) at 2 s, not the

@@ -128,8 +128,7 @@ def connects(milter: ScriptedMilter) -> list[tuple[bytes, str] | bytes]:
     end's, whose milter connection may come late): each one's connect packet host name and address (not the front
     end's ephemeral port) and the {daemon_addr} sent with it, then the commands of the client's (after XCLIENT; the
     negotiation, macros, and the ABORT and QUIT of the session's end, which may come after the test looks, left
-    out). Postfix connects the front end's at its greeting, mailflow at the
-    first event."""
+    out). Both connect each at its greeting: the front end's at the connection, the client's at XCLIENT's 220."""
     found: dict[tuple[bytes, str], bytes] = {}
     for session in list(milter.sessions):
         connect = next((payload for command, payload in session if command == b"C"), None)
@@ -145,7 +144,7 @@ def connects(milter: ScriptedMilter) -> list[tuple[bytes, str] | bytes]:
 
 async def test_after_xclient_the_milters_connect_again_for_the_new_client_as_postfix_does(mailflow_server):
     """Postfix's xclient_cmd ends the milters' session (milter_disc_event, teardown_milters) and starts new ones:
-    the next event connects again naming the client XCLIENT gave, and {daemon_addr} the DESTADDR. mailflow kept
+    the new greeting connects again naming the client XCLIENT gave, and {daemon_addr} the DESTADDR. mailflow kept
     the front end's milter session, which judged every proxied client as the front end."""
     async with scripted_milter() as milter:
         async with postfix_instance({"myhostname": "pf.test", "smtpd_milters": milter.spec,

@@ -3,7 +3,7 @@ asks every milter of a listener in turn (Postfix smtpd_milters).
 
     MilterSettings.from_config(config.milter, size_limit)   timeouts, default action, protocol version, and
                                                       smtpd.message_size_limit (0: none) for the edits
-    MilterSession(specs, settings, macros)            one per SMTP session (made at its first event)
+    MilterSession(specs, settings, macros)            one per SMTP session (made at its greeting)
         await connect(client) / helo(name) / mail(sender, options, written=None) / rcpt(address, queue_id,
             written=None) -> Verdict     `written`: the address as the command gave it (default: the address), the
             milters' argument, as Postfix passes the command's own words (milter_argv); the macro ({mail_addr},
@@ -116,7 +116,7 @@ class MilterFailed(Exception):
 
 
 class MilterConnection:
-    """One milter for one SMTP session (one socket, opened at the session's first event)."""
+    """One milter for one SMTP session (one socket, opened at the session's greeting)."""
 
     def __init__(self, spec: str, settings: MilterSettings):
         self.spec = spec

@@ -6,6 +6,9 @@
         .for_listener(config) -> ListenerFilters | None     None: no filter applies to that listener
         .close()
     ListenerFilters: one listener's steps
+        await connect(session) -> Verdict     the milters' connect event, at the greeting (as Postfix's
+                                              smtpd_proto: before the 220, after the admission and the client list
+                                              of delay_reject false; again after XCLIENT); CONTINUE without milters
         await helo(session, name)             milters told of HELO (a refusal answers the next MAIL)
         await mail(session, envelope, sender, options, written=None) / rcpt(session, envelope, address,
             written=None) -> Reply | None     `written`: the address as the command gave it, when smtpd took it
@@ -13,7 +16,7 @@
         await auth_verdicts(session, envelope) -> Verdicts | None     (before the end_of_data restrictions)
         await end_of_message(session, submission, verdicts, marks) -> Outcome   milters, clamd, spamd, in order
         await client_changed(session)           XCLIENT named another client: its milter connections are closed
-                                                (QUIT), the next event connects again naming the new client
+                                                (QUIT); the new greeting connects again naming the new client
         closed(session)                         the SMTP session ended: its milter connections are closed
 
 A milter's DISCARD or quarantine (HOLD) is logged where it is met, in Postfix's words: at MAIL or RCPT as its
@@ -39,7 +42,7 @@ from dataclasses import dataclass
 from mailflow import status
 from mailflow.config import Config
 from mailflow.filters.greylist import Greylist
-from mailflow.filters.milter import ClientMacros, MilterSession, MilterSettings, Verdict, end_of_message
+from mailflow.filters.milter import CONTINUE, ClientMacros, MilterSession, MilterSettings, Verdict, end_of_message
 from mailflow.filters.scanners import Clamd, ScanResult, Spamd
 from mailflow.filters.senderauth import SenderAuth, Verdicts
 from mailflow.logs import SmtpdLog
@@ -138,6 +141,16 @@ class ListenerFilters:
             session.milters = MilterSession(self._milters, self._milter_settings, client)
         return session.milters
 
+    async def connect(self, session) -> Verdict:
+        """The milters' connect event (their connections opened): what answers for them for the session, a refusal
+        (reject, tempfail: every MAIL gets it; smtpd puts 554 or 421 in the greeting's place, handler.py), a
+        quarantine (a default action) or CONTINUE. A milter slow to answer holds this session only, bounded by
+        milter connect_timeout and command_timeout (client.py)."""
+        milters = self._milter_session(session)
+        if milters is None:
+            return CONTINUE
+        return await milters.connect()
+
     async def helo(self, session, name: str) -> None:
         """Milters are told of HELO; what they say is never HELO's reply (Postfix): a refusal at connect or HELO
         answers every later MAIL of the session (client.py)."""
@@ -199,7 +212,7 @@ class ListenerFilters:
 
     async def client_changed(self, session) -> None:
         """XCLIENT named another client (and server): as Postfix's xclient_cmd (milter_disc_event, teardown_milters,
-        setup_milters), the milters are told the session ended and the next event connects again, its connect
+        setup_milters), the milters are told the session ended and the new greeting connects again, its connect
         packet and macros ({client_addr}, {daemon_addr}, ...) naming the new client."""
         if session.milters is not None:
             milters, session.milters = session.milters, None

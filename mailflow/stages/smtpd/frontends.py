@@ -19,7 +19,7 @@ What it owns
   again on each client an XCLIENT names, as Postfix's xclient_cmd), sets what it gives and nothing else (ADDR
   alone keeps the client's names), and starts the session again with a new 220 (or, with delay_reject false,
   the client list's refusal of the client it names: protocol.greet); the handler's XCLIENT hook first closes
-  the milters' connections, which the next event opens again for the new client (Postfix's xclient_cmd).
+  the milters' connections, which the new greeting opens again for the new client (Postfix's xclient_cmd).
 
 aiosmtpd's own PROXY support (`proxy_protocol_timeout`, `handle_PROXY`) is not used: it runs only inside
 aiosmtpd's command loop, which mailflow replaces; it reads the header from any peer before anyone may check

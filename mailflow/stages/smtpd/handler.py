@@ -76,7 +76,7 @@ from mailflow.model import Submission
 from mailflow.routing.addressmap import AddressMapper
 from mailflow.routing.rewrite import Rewriter, domain_in
 from mailflow.stages.smtpd.dns_checks import UNAVAILABLE
-from mailflow.stages.smtpd.filtering import FilterServices
+from mailflow.stages.smtpd.filtering import FilterServices, ListenerFilters
 from mailflow.stages.smtpd.peername import PeerNames
 from mailflow.stages.smtpd.restrictions import Facts, Marks, Restrictions
 from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction, helo_name
@@ -170,16 +170,39 @@ class SmtpdHandler:
 
     async def handle_CLIENT(self, server, session: SessionState, envelope: Transaction,
                             command: str) -> status.Reply | None:
-        """delay_reject false: the client list, at connect or after XCLIENT (`command`), as Postfix's
-        smtpd_check_client there: its refusal (logged), or None. Its DEFER_IF_PERMIT is kept for the RCPT lists."""
-        if self._config.smtpd.delay_reject:
+        """Before the greeting, at connect or after XCLIENT (`command`), as Postfix's smtpd_proto: the reply that
+        takes the greeting's place, or None (220). With delay_reject false, the client list first (Postfix's
+        smtpd_check_client): its refusal, logged, denies every later command but QUIT (`session.access_denied`),
+        and the milters are not told of the client; its DEFER_IF_PERMIT is kept for the RCPT lists. Then the
+        milters' connect event (`_milters_connect`)."""
+        if not self._config.smtpd.delay_reject:
+            facts = self._facts(session, envelope, "", stage="client", command=command)
+            refusal = await self.restrictions.check_early("client", facts)
+            session.defer_if_permit_client = facts.defer_if_permit
+            if refusal is not None:
+                server.log_reject(command, refusal)
+                session.access_denied = refusal
+                return refusal
+        if self._filters is None:
             return None
-        facts = self._facts(session, envelope, "", stage="client", command=command)
-        refusal = await self.restrictions.check_early("client", facts)
-        session.defer_if_permit_client = facts.defer_if_permit
-        if refusal is not None:
-            server.log_reject(command, refusal)
-        return refusal
+        return await self._milters_connect(self._filters, server, session, command)
+
+    @staticmethod
+    async def _milters_connect(filters: ListenerFilters, server, session: SessionState,
+                               command: str) -> status.Reply | None:
+        """The milters told of the client, as Postfix's smtpd_proto and check_milter_reply: a refusal is logged
+        (`NOQUEUE: milter-reject: CONNECT from host[ip]: 550 5.7.1 Command rejected; proto=SMTP`) and answers every
+        MAIL of the session; a 5xx puts `554 host ESMTP not accepting connections` in the greeting's place, a 421
+        `421 host Service unavailable - try again later` (the session ends), a 4xx leaves the 220. A quarantine (a
+        milter_default_action) is logged `milter-hold: CONNECT from …: milter triggers HOLD action`."""
+        verdict = await filters.connect(session)
+        if verdict.action == "quarantine":
+            server.log_reject(command, "milter triggers HOLD action", action="milter-hold")
+        if verdict.reply is None or verdict.action not in ("reject", "tempfail"):
+            return None
+        server.log_reject(command, verdict.reply, action="milter-reject")
+        code = verdict.reply.code
+        return status.milter_connect_refused(server.hostname, code) if code == 421 or code >= 500 else None
 
     async def handle_HELLO(self, server, session: SessionState, envelope: Transaction, command: str,
                            hostname: str) -> status.Reply | None:

@@ -24,9 +24,9 @@ What it owns
   float stored; the timer, when it fires before the deadline, sets itself again for what is left (not a
   TimerHandle made and cancelled per command).
 - The greeting (`greet`, at connect and after XCLIENT): the handler's CLIENT hook may put a refusal in its place
-  (delay_reject false); such a session answers every command but QUIT with 503 5.7.0 (`session.access_denied`),
-  and a 421 or 521 refusal ends it. HELO and EHLO ask the handler's HELLO hook first (the helo list): a refusal
-  is the reply and changes nothing.
+  (the client list of delay_reject false: then every command but QUIT gets 503 5.7.0, `session.access_denied`;
+  a milter's refusal of the connect event), and a 421 or 521 refusal ends it. HELO and EHLO ask the handler's
+  HELLO hook first (the helo list): a refusal is the reply and changes nothing.
 - The command loop (`_handle_client`): the greeting (input before it is early talk, answered 554 in its place),
   the error gate (session_time_limit, soft and hard error limits), a line through `wire.Wire`, malformed lines,
   the STARTTLS requirement, then RFC 2920 pipelining discipline, dispatch to the `smtp_*` methods, junk commands.
@@ -621,15 +621,14 @@ class ProtocolCore(SMTP):
 
     async def greet(self, command: str) -> bool:
         """The greeting, at connect or after XCLIENT (`command`). The handler's CLIENT hook (delay_reject false:
-        the client list) may refuse the client first: its refusal takes the greeting's place and counts as an
-        error, every later command but QUIT gets `503 5.7.0 Error: access denied for host[ip]`, and a 421 or 521
-        ends the session (Postfix). False when the session ended."""
+        the client list; the milters' connect event) may put a refusal in its place: it counts as an error, and a
+        421 or 521 ends the session (Postfix); the client list's also gets every later command but QUIT refused
+        (`session.access_denied`, set by the hook). False when the session ended."""
         hook = self._handle_hooks.get("CLIENT")
         refusal = await hook(self, self.session, self.envelope, command) if hook is not None else None
         if refusal is None:
             await self.push(status.greeting(self.hostname, self._banner))
             return True
-        self.session.access_denied = refusal
         if not self._replies_sent:  # (push counts no error for the greeting's place)
             self._errors += 1
         if refusal.code in (421, 521):

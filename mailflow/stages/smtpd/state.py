@@ -96,7 +96,7 @@ class SessionState(_AiosmtpdSession):
     names_addr: str
     proxied_by: str  # the load balancer's address when a PROXY header named the client, else ""
     auth_mechanism: str  # PLAIN, LOGIN or XCLIENT: the `sasl_method` of the log and of policy requests
-    milters: Any  # the session's milter connections (filters.milter.MilterSession), made at its first event
+    milters: Any  # the session's milter connections (filters.milter.MilterSession), made at its greeting
     memo: SessionMemo  # answers of the session's restriction lookups (client name, SPF), by question; kept small
     # delay_reject false (the client and helo lists run at connect or XCLIENT, and HELO/EHLO): the client list's
     # refusal, after which every command but QUIT is refused; each list's DEFER_IF_PERMIT (the helo list's

@@ -1,0 +1,128 @@
+"""Differential test of the milters' connect event: one scripted milter (tests/support/milters.py) behind a private
+Postfix 3.7 (smtpd_milters) and behind mailflow, the same sessions through each.
+
+Postfix's smtpd_proto tells the milters of the client before its greeting (milter_conn_event), so a session that
+never sends a command is seen by them too; their answer to it decides the greeting: a 5xx puts `554 host ESMTP not
+accepting connections` in its place (the session goes on, and the milter's reply answers every MAIL), a 421 (a
+SHUTDOWN, a 421 of its own) `421 host Service unavailable - try again later` and the end of the session, anything
+else leaves the 220. check_milter_reply logs the refusal (`NOQUEUE: milter-reject: CONNECT from host[ip]: 550
+5.7.1 Command rejected; proto=SMTP`). A milter that cannot be reached answers by milter_default_action from the
+connect event on.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.support import SmtpClient, eventually, postfix_instance
+from tests.support.maillog import SYSLOG_NAME
+from tests.support.milters import replycode, reply, scripted_milter
+from tests.support.ports import free_port
+
+pytestmark = pytest.mark.interop
+
+PF_HOST, MF_HOST = "pf.test", "mx.mailflow.test"
+CONNECT_ANSWERS = {  # what the milter answers the connect event, by scenario
+    "continue": reply(b"c"), "reject": reply(b"r"), "tempfail": reply(b"t"), "accept": reply(b"a"),
+    "discard": reply(b"d"), "shutdown": reply(b"4"), "own 554": replycode("554 5.7.1 not from you"),
+    "own 421": replycode("421 4.7.0 go away now"), "own 450": replycode("450 4.7.1 later please"),
+}
+DEFAULT_ACTIONS = ("tempfail", "reject", "accept")
+
+
+async def dialogue(port: int, host: str) -> list[str]:
+    """The greeting, then (unless the server hung up) EHLO, MAIL and QUIT: each reply's first line (a 220's and
+    EHLO's code only), `host` as HOST; "closed" where the server had closed the connection."""
+    client = await SmtpClient.connect(port, greet=False)
+    replies = [await client.reply()]
+    for command in ("EHLO client.test", "MAIL FROM:<s@remote.test>", "QUIT"):
+        if replies[-1].code is None or replies[-1].code == 421:
+            break
+        replies.append(await client.cmd(command))
+    await client.close()
+    shown = [("250" if r.text.startswith("250-") else "220" if r.code == 220 else r.text.splitlines()[0])
+             if r.code else "closed" for r in replies]  # (EHLO's keywords and the banner are each server's own)
+    return [line.replace(host, "HOST") for line in shown]
+
+
+def milter_lines(log: str) -> list[str]:
+    """smtpd's milter-reject and milter-hold lines at CONNECT, the client as CLIENT."""
+    return [re.sub(r"from \S+\[127\.0\.0\.1\]", "from CLIENT", line) for line in re.findall(
+        rf"{SYSLOG_NAME}/smtpd\[\d+\]: (NOQUEUE: milter-\w+: CONNECT .*)$", log, re.M)]
+
+
+def connects(milter) -> list[bytes]:
+    """Each milter session's commands (negotiation, macros and the end left out)."""
+    return [bytes(c[0] for c, _ in session if c not in (b"O", b"D", b"A", b"Q")) for session in milter.sessions]
+
+
+async def through_postfix(scenarios: list[str], current: list[str], milter) -> tuple[list, list, str]:
+    """Every scenario through one private Postfix (a dead milter's default actions on services of their own);
+    (dialogues, milter sessions per scenario, log)."""
+    dead = free_port()
+    ports = {action: free_port() for action in DEFAULT_ACTIONS}
+    master_cf = "".join(f"127.0.0.1:{port} inet n - n - - smtpd -o smtpd_milters=inet:127.0.0.1:{dead} "
+                        f"-o milter_default_action={action}\n" for action, port in ports.items())
+    async with postfix_instance({"myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "smtpd_milters": milter.spec,
+                                 "milter_connect_timeout": "2s", "milter_command_timeout": "2s"},
+                                master_cf=master_cf) as pf:
+        await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the readiness probe's session
+        started, seen = len(pf.maillog), len(milter.sessions)
+        dialogues, sessions = [], []
+        for scenario in scenarios:
+            current[0] = scenario
+            before = len(milter.sessions)
+            dialogues.append(await dialogue(pf.port, PF_HOST))
+            sessions.append(before)
+        for action in DEFAULT_ACTIONS:
+            dialogues.append(await dialogue(ports[action], PF_HOST))
+        count = len(scenarios) + len(DEFAULT_ACTIONS)
+        await eventually(lambda: pf.maillog[started:].count("disconnect from") >= count, timeout=10)
+        log = pf.maillog[started:]
+    assert seen <= sessions[0]
+    return dialogues, [connects(milter)[n] for n in sessions], log
+
+
+async def through_mailflow(mailflow_server, mail_log, tmp_path, scenarios: list[str], current: list[str],
+                           milter) -> tuple[list, list, str]:
+    settings = {"connect_timeout": "2s", "command_timeout": "2s"}
+    mf = await mailflow_server(myhostname=MF_HOST, smtpd={"milters": [milter.spec]}, milter=settings)
+    dialogues, sessions = [], []
+    for scenario in scenarios:
+        current[0] = scenario
+        before = len(milter.sessions)
+        dialogues.append(await dialogue(mf.smtp_addresses[0][1], MF_HOST))
+        sessions.append(before)
+    dead = f"inet:127.0.0.1:{free_port()}"
+    for action in DEFAULT_ACTIONS:
+        server = await mailflow_server(myhostname=MF_HOST, smtpd={"milters": [dead]},
+                                       milter={**settings, "default_action": action},
+                                       queue_directory=str(tmp_path / action))
+        dialogues.append(await dialogue(server.smtp_addresses[0][1], MF_HOST))
+    count = len(scenarios) + len(DEFAULT_ACTIONS)
+    await eventually(lambda: mail_log.read_text().count("disconnect from") >= count, timeout=10)
+    return dialogues, [connects(milter)[n] for n in sessions], mail_log.read_text()
+
+
+async def test_the_milters_hear_of_the_client_at_the_greeting_and_decide_it_as_in_postfix(mailflow_server,
+                                                                                          mail_log, tmp_path):
+    scenarios = list(CONNECT_ANSWERS)
+    current = ["continue"]
+    async with scripted_milter({b"C": lambda _, __: CONNECT_ANSWERS[current[0]]}) as milter:
+        postfix = await through_postfix(scenarios, current, milter)
+        mailflow = await through_mailflow(mailflow_server, mail_log, tmp_path, scenarios, current, milter)
+    pf_dialogues, pf_sessions, pf_log = postfix
+    mf_dialogues, mf_sessions, mf_log = mailflow
+    assert dict(zip(scenarios + list(DEFAULT_ACTIONS), mf_dialogues)) == \
+        dict(zip(scenarios + list(DEFAULT_ACTIONS), pf_dialogues))
+    assert mf_sessions == pf_sessions
+    assert milter_lines(mf_log) == milter_lines(pf_log)
+    # the edges themselves, so that the same change on both sides cannot pass unnoticed
+    assert pf_dialogues[scenarios.index("reject")] == ["554 HOST ESMTP not accepting connections", "250",
+                                                       "550 5.7.1 Command rejected", "221 2.0.0 Bye"]
+    assert pf_dialogues[scenarios.index("shutdown")] == ["421 HOST Service unavailable - try again later"]
+    assert pf_dialogues[scenarios.index("tempfail")] == [
+        "220", "250", "451 4.7.1 Service unavailable - try again later", "221 2.0.0 Bye"]
+    assert "NOQUEUE: milter-reject: CONNECT from CLIENT: 550 5.7.1 Command rejected; proto=SMTP" in \
+        milter_lines(pf_log)
