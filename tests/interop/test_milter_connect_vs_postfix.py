@@ -28,6 +28,9 @@ CONNECT_ANSWERS = {  # what the milter answers the connect event, by scenario
     "discard": reply(b"d"), "shutdown": reply(b"4"), "own 554": replycode("554 5.7.1 not from you"),
     "own 421": replycode("421 4.7.0 go away now"), "own 450": replycode("450 4.7.1 later please"),
 }
+LATER_ANSWERS = {  # scenarios where it answers HELO or MAIL (the connect event: continue)
+    "helo reject": {b"H": reply(b"r")}, "helo shutdown": {b"H": reply(b"4")}, "mail reject": {b"M": reply(b"r")},
+}
 DEFAULT_ACTIONS = ("tempfail", "reject", "accept")
 
 
@@ -47,9 +50,9 @@ async def dialogue(port: int, host: str) -> list[str]:
 
 
 def milter_lines(log: str) -> list[str]:
-    """smtpd's milter-reject and milter-hold lines at CONNECT, the client as CLIENT."""
+    """smtpd's milter-reject and milter-hold lines, the client as CLIENT."""
     return [re.sub(r"from \S+\[127\.0\.0\.1\]", "from CLIENT", line) for line in re.findall(
-        rf"{SYSLOG_NAME}/smtpd\[\d+\]: (NOQUEUE: milter-\w+: CONNECT .*)$", log, re.M)]
+        rf"{SYSLOG_NAME}/smtpd\[\d+\]: (NOQUEUE: milter-\w+: .*)$", log, re.M)]
 
 
 def connects(milter) -> list[bytes]:
@@ -107,9 +110,14 @@ async def through_mailflow(mailflow_server, mail_log, tmp_path, scenarios: list[
 
 async def test_the_milters_hear_of_the_client_at_the_greeting_and_decide_it_as_in_postfix(mailflow_server,
                                                                                           mail_log, tmp_path):
-    scenarios = list(CONNECT_ANSWERS)
+    scenarios = list(CONNECT_ANSWERS) + list(LATER_ANSWERS)
     current = ["continue"]
-    async with scripted_milter({b"C": lambda _, __: CONNECT_ANSWERS[current[0]]}) as milter:
+
+    def answer(command: bytes):
+        return lambda _, __: CONNECT_ANSWERS.get(current[0], reply(b"c")) if command == b"C" else \
+            LATER_ANSWERS.get(current[0], {}).get(command, reply(b"c"))
+
+    async with scripted_milter({command: answer(command) for command in (b"C", b"H", b"M")}) as milter:
         postfix = await through_postfix(scenarios, current, milter)
         mailflow = await through_mailflow(mailflow_server, mail_log, tmp_path, scenarios, current, milter)
     pf_dialogues, pf_sessions, pf_log = postfix
@@ -124,5 +132,9 @@ async def test_the_milters_hear_of_the_client_at_the_greeting_and_decide_it_as_i
     assert pf_dialogues[scenarios.index("shutdown")] == ["421 HOST Service unavailable - try again later"]
     assert pf_dialogues[scenarios.index("tempfail")] == [
         "220", "250", "451 4.7.1 Service unavailable - try again later", "221 2.0.0 Bye"]
-    assert "NOQUEUE: milter-reject: CONNECT from CLIENT: 550 5.7.1 Command rejected; proto=SMTP" in \
-        milter_lines(pf_log)
+    assert pf_dialogues[scenarios.index("helo shutdown")] == ["220", "421 4.7.0 Server closing connection"]
+    assert milter_lines(pf_log)[:3] == [
+        "NOQUEUE: milter-reject: CONNECT from CLIENT: 550 5.7.1 Command rejected; proto=SMTP",
+        "NOQUEUE: milter-reject: EHLO from CLIENT: 550 5.7.1 Command rejected; proto=SMTP helo=<client.test>",
+        "NOQUEUE: milter-reject: MAIL from CLIENT: 550 5.7.1 Command rejected; from=<s@remote.test> proto=ESMTP "
+        "helo=<client.test>"]

@@ -9,7 +9,7 @@
         await connect(session) -> Verdict     the milters' connect event, at the greeting (as Postfix's
                                               smtpd_proto: before the 220, after the admission and the client list
                                               of delay_reject false; again after XCLIENT); CONTINUE without milters
-        await helo(session, name)             milters told of HELO (a refusal answers the next MAIL)
+        await helo(session, name) -> Verdict  milters told of HELO (a refusal answers the next MAIL)
         await mail(session, envelope, sender, options, written=None) / rcpt(session, envelope, address,
             written=None) -> Reply | None     `written`: the address as the command gave it, when smtpd took it
             otherwise (a stamped probe sender of this server's: the milters' argument, the address their macro)
@@ -151,12 +151,12 @@ class ListenerFilters:
             return CONTINUE
         return await milters.connect()
 
-    async def helo(self, session, name: str) -> None:
-        """Milters are told of HELO; what they say is never HELO's reply (Postfix): a refusal at connect or HELO
-        answers every later MAIL of the session (client.py)."""
+    async def helo(self, session, name: str) -> Verdict:
+        """Milters are told of HELO: what answers for them (client.py): a refusal at connect or HELO answers every
+        later MAIL of the session (HELO's reply is smtpd's: handler.py)."""
         milters = self._milter_session(session)
         if milters is None:
-            return
+            return CONTINUE
         tls = {}
         cipher = session.ssl.get("cipher") if isinstance(session.ssl, dict) else None
         if cipher:
@@ -164,7 +164,7 @@ class ListenerFilters:
         cert = session.client_cert
         if cert is not None and cert.trusted:  # (Postfix's smtpd_milter.c: the names of a trusted certificate)
             tls.update({"{cert_subject}": cert.subject_cn, "{cert_issuer}": cert.issuer_cn})
-        await milters.helo(name, tls)
+        return await milters.helo(name, tls)
 
     async def mail(self, session, envelope, sender: str, options: list[str],
                    written: str | None = None) -> status.Reply | None:

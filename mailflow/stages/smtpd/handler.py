@@ -222,18 +222,22 @@ class SmtpdHandler:
             server.log_reject(command, refusal, last, helo=facts.helo)
         return refusal
 
-    async def handle_HELO(self, server, session: SessionState, envelope: Transaction, hostname: str):
-        """Milters are told of HELO (what they say answers MAIL, as in Postfix); without milters aiosmtpd's default
-        stands."""
+    async def handle_HELO(self, server, session: SessionState, envelope: Transaction,
+                          hostname: str) -> str | status.Reply:
+        """Milters are told of HELO (`_milters_helo`); without milters aiosmtpd's default stands."""
         if self._filters is not None:
-            await self._filters.helo(session, hostname)
+            refusal = await self._milters_helo(self._filters, server, session, "HELO", hostname)
+            if refusal is not None:
+                return refusal
         session.host_name = helo_name(hostname)
         return f"250 {server.hostname}"
 
     async def handle_EHLO(self, server, session: SessionState, envelope: Transaction, hostname: str,
-                          responses: list[str]) -> list[str]:
+                          responses: list[str]) -> list[str] | status.Reply:
         if self._filters is not None:
-            await self._filters.helo(session, hostname)
+            refusal = await self._milters_helo(self._filters, server, session, "EHLO", hostname)
+            if refusal is not None:
+                return refusal
         session.host_name = helo_name(hostname)
         keywords = [r[4:] for r in responses[1:]]
         keywords[1:1] = ["PIPELINING"]
@@ -241,6 +245,19 @@ class SmtpdHandler:
         lines = [responses[0]] + [f"250-{k}" for k in keywords]
         lines[-1] = "250 " + lines[-1][4:]
         return lines
+
+    @staticmethod
+    async def _milters_helo(filters: ListenerFilters, server, session: SessionState, command: str,
+                            hostname: str) -> status.Reply | None:
+        """The milters told of HELO or EHLO (`command`), as Postfix's helo_cmd and check_milter_reply: a refusal,
+        theirs or one standing from connect, is logged (`NOQUEUE: milter-reject: EHLO from host[ip]: 550 5.7.1
+        Command rejected; proto=SMTP helo=<name>`) and answers every MAIL; the command's reply stays 250 unless
+        it is a 421, which answers it (and ends the session)."""
+        verdict = await filters.helo(session, hostname)
+        if verdict.reply is None or verdict.action not in ("reject", "tempfail"):
+            return None
+        server.log_reject(command, verdict.reply, action="milter-reject", helo=helo_name(hostname))
+        return verdict.reply if verdict.reply.code == 421 else None
 
     async def handle_ETRN(self, server, session: SessionState, envelope: Transaction, site: str) -> str | status.Reply:
         """RFC 1985: the mail deferred for `site` is retried now, when the lists let the client ask (its refusal
@@ -280,10 +297,13 @@ class SmtpdHandler:
         own = self._own_probe_sender(sender)  # a stamped probe sender of this server is checked and kept unstamped
         written, sender = sender, own or sender
         refusal = await self._sender_list_refusal(session, envelope, sender, options) or \
-            await self._sender_refusal(session, envelope, sender, options, written)
+            await self._policy_sender_refusal(session, envelope, sender)
+        action = "reject"
+        if refusal is None and self._filters is not None:  # (`written`: the sender as the command gave it)
+            refusal, action = await self._filters.mail(session, envelope, sender, options, written), "milter-reject"
         if refusal is not None:
             envelope.marks = Marks()  # what the sender list marked goes with the refused MAIL (Postfix's mail_reset)
-            server.log_reject("MAIL", refusal, sender=addr)
+            server.log_reject("MAIL", refusal, sender=addr, action=action)
             return refusal
         envelope.mail_from = own or addr
         envelope.mail_options.extend(options)
@@ -317,10 +337,11 @@ class SmtpdHandler:
             # sender, as Postfix's smtpd takes it (a site verifying our probes' sender must not be refused)
             if addr.lower() != "postmaster" and own is None:
                 refusal = await self.check_recipient(session, envelope, addr)
+            action = "reject"
             if refusal is None and self._filters is not None:  # (as Postfix: the milters' macro unstamped)
-                refusal = await self._filters.rcpt(session, envelope, own or addr, addr)
+                refusal, action = await self._filters.rcpt(session, envelope, own or addr, addr), "milter-reject"
             if refusal is not None:
-                server.log_reject("RCPT", refusal, addr)
+                server.log_reject("RCPT", refusal, addr, action=action)
         if refusal is not None:
             return refusal
         if not envelope.queue_id:  # Postfix's smtpd opens its queue file here: `QID: client=` is logged
@@ -393,19 +414,14 @@ class SmtpdHandler:
         envelope.defer_if_permit_sender = facts.defer_if_permit
         return refusal
 
-    async def _sender_refusal(self, session: SessionState, envelope: Transaction, sender: str,
-                              options: list[str], written: str) -> status.Reply | None:
-        """MAIL FROM's checks beyond syntax and space: the policy hook, then the filters (milters; `written`: the
-        sender as the command gave it, their argument)."""
-        if self._policy is not None:
-            facts = self._facts(session, envelope, "", stage="mail", command="MAIL")
-            facts.sender = sender
-            refusal = await self._policy_refusal("mail", facts, ())
-            if refusal is not None:
-                return refusal
-        if self._filters is None:
+    async def _policy_sender_refusal(self, session: SessionState, envelope: Transaction,
+                                     sender: str) -> status.Reply | None:
+        """The policy hook at MAIL FROM (before the milters)."""
+        if self._policy is None:
             return None
-        return await self._filters.mail(session, envelope, sender, options, written)
+        facts = self._facts(session, envelope, "", stage="mail", command="MAIL")
+        facts.sender = sender
+        return await self._policy_refusal("mail", facts, ())
 
     async def _unroutable(self, addr: str) -> status.Reply | None:
         try:

@@ -466,16 +466,17 @@ class ProtocolCore(SMTP):
     def log_reject(self, stage: str, reply, recipient: str = "", *, action: str = "reject",
                    sender: str | None = None, helo: str | None = None) -> None:
         """`QID: reject: STAGE from host[ip]: reply; from=<s> to=<r> proto=… helo=<…>` (Postfix's form: QID the
-        transaction's queue id, taken at its first accepted recipient, `NOQUEUE` before; `action` hold or discard
-        for a message a filter held or discarded; `sender` the one refused at MAIL, else the transaction's; `helo`
-        the name refused at HELO/EHLO, else the session's)."""
+        transaction's queue id, taken at its first accepted recipient, `NOQUEUE` before; `action` milter-reject for
+        a milter's refusal (Postfix's check_milter_reply), hold or discard for a message a filter held or
+        discarded; `sender` the one refused at MAIL, else the transaction's; `helo` the name refused at HELO/EHLO,
+        else the session's)."""
         if sender is None:
             sender = self.envelope.sender
         elif sender == NULL_SENDER:
             sender = ""
         helo = self.session.host_name or "" if helo is None else helo
         text = str(reply)
-        if self._limits.soft_bounce and action == "reject":  # the reply as sent (Postfix's smtpd_check_reject)
+        if self._limits.soft_bounce and action in ("reject", "milter-reject"):  # the reply as sent
             text = status.soft_bounced(text)
         self.record.lines.reject(stage, self.session.client, text, sender=sender, recipient=recipient,
                                  protocol=self.session.protocol, helo=helo,
@@ -784,8 +785,9 @@ class ProtocolCore(SMTP):
     async def smtp_EHLO(self, hostname: str | None) -> None:
         """The keywords aiosmtpd would offer (SIZE, 8BITMIME, SMTPUTF8; VRFY when enabled), the layers' (STARTTLS
         and AUTH; DSN, CHUNKING and XCLIENT), then the handler's `handle_EHLO` edits the list (it adds PIPELINING
-        and ENHANCEDSTATUSCODES); those of `discarded` are left out (discard_ehlo_keywords, logged as Postfix logs
-        it). A new transaction begins; the replies carry no enhanced code (RFC 2034)."""
+        and ENHANCEDSTATUSCODES) or answers in its place (a Reply: the milters' 421); those of `discarded` are left
+        out (discard_ehlo_keywords, logged as Postfix logs it). A new transaction begins; the replies carry no
+        enhanced code (RFC 2034)."""
         self._in_hello = True
         try:
             if not hostname:
@@ -805,9 +807,12 @@ class ProtocolCore(SMTP):
                 return
             self._reset_transaction()
             self._checkpoint()
-            self.session.extended_smtp = True
             lines = status.ehlo_lines(self.hostname, keywords)
-            edited = await self._call_handler_hook("EHLO", hostname, lines)
+            edited = await self._call_handler_hook("EHLO", hostname, lines)  # (the log's proto= is still the old)
+            if isinstance(edited, status.Reply):  # the milters' 421 (the session ends)
+                await self.push(edited)
+                return
+            self.session.extended_smtp = True
             if edited is MISSING:  # a handler without the hook: aiosmtpd's default
                 self.session.host_name = helo_name(hostname)
                 edited = lines
