@@ -334,6 +334,8 @@ FILTER_UNAVAILABLE = Reply(451, "4.7.1", "Service unavailable - try again later"
 MILTER_REJECTED = Reply(550, "5.7.1", "Command rejected")
 MILTER_SHUTDOWN = Reply(421, "4.7.0", "Server closing connection")  # a milter's SMFIR_SHUTDOWN (Postfix's smtpd)
 MILTER_UNAVAILABLE = Reply(550, "5.5.0", "Service unavailable")  # milter_default_action = reject (Postfix's milter8)
+# STARTTLS and AUTH while a milter's 4xx holds for the session (Postfix, after Sendmail: any 4xx becomes this one)
+MILTER_TRY_AGAIN = Reply(454, "4.3.0", "Try again later")
 
 
 def milter_connect_refused(host: str, code: int) -> Reply:

@@ -4,6 +4,7 @@ private Postfix 3.7 and smtpd_milters; the replies are Postfix's milter8.c and s
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import os
@@ -251,6 +252,43 @@ async def test_a_client_the_client_list_refuses_at_connect_is_not_told_to_the_mi
     assert (await client.cmd("QUIT")).code == 221
     await client.close()
     assert milter.sessions == []
+
+
+@pytest.mark.parametrize("answer, greeting, expected", [(reply(b"r"), 554, status.MILTER_REJECTED),
+                                                        (reply(b"t"), 220, status.MILTER_TRY_AGAIN)],
+                         ids=["reject", "tempfail"])
+async def test_auth_gets_the_refusal_a_milter_made_at_connect(mailflow_server, pki, users, answer, greeting,
+                                                              expected):
+    """Postfix's smtpd_sasl_auth_cmd asks milter_other_event: the refusal that holds for the session answers AUTH,
+    a 4xx as 454 4.3.0 Try again later (Sendmail's way). On a submissions listener the milters hear of the client
+    once the TLS handshake is done, before the greeting (Postfix's wrapper mode)."""
+    _, cert, ctx = pki
+    async with scripted_milter({b"C": answer}) as milter:
+        mf = await mailflow_server(smtpd={"tls_cert_file": cert, "sasl_user_maps": [users], "auth_failure_delay": 0,
+                                          "milters": [milter.spec],
+                                          "listeners": [{"address": "127.0.0.1:0", "role": "submissions"}]})
+        client = await SmtpClient.connect(mf.smtpd.address_of("submissions")[1], tls=ctx, greet=False)
+        assert (await client.reply()).code == greeting
+        assert (await client.cmd("EHLO client.test")).code == 250
+        login = base64.b64encode(b"\0alice\0s3cret").decode()
+        assert await client.cmd(f"AUTH PLAIN {login}") == expected
+        await client.close()
+        assert milter.commands(0).replace(b"D", b"").rstrip(b"Q") == b"OC"  # (not asked again: HELO not sent)
+
+
+async def test_after_starttls_the_milters_are_not_told_of_the_client_again(mailflow_server, pki):
+    """Postfix keeps its milters over STARTTLS: one connect event, then HELO again after the handshake."""
+    _, cert, ctx = pki
+    async with scripted_milter() as milter:
+        mf = await mailflow_server(smtpd={"tls_cert_file": cert, "milters": [milter.spec]})
+        client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+        assert (await client.cmd("EHLO client.test")).code == 250
+        await client.starttls(ctx)
+        assert (await client.cmd("EHLO client.test")).code == 250
+        assert (await client.cmd("QUIT")).code == 221
+        await client.close()
+        await eventually(lambda: milter.commands(0).endswith(b"Q"))
+        assert milter.commands(0).replace(b"D", b"") == b"OCHHQ"
 
 
 async def test_a_milter_dribbling_its_reply_is_cut_at_command_timeout_and_holds_no_other_session(milter_server):

@@ -10,6 +10,7 @@ asks every milter of a listener in turn (Postfix smtpd_milters).
             {rcpt_addr}) is the address as smtpd took it (a stamped probe sender of this server's, unstamped)
         await end_of_message(head, body, queue_id) -> Verdict (with `edits` for the message)
         abort()  (the transaction ends without a message)     await close()  (QUIT, then the sockets)
+        standing_refusal() -> Reply | None   what holds for the session (Postfix's milter_other_event)
     Verdict(action, reply, edits, reason)     action: continue, reject, tempfail, discard, quarantine
     Edits: header changes, sender and recipient changes, a replaced body, as the milters asked at end of message;
            `too_big`: they came to more than the size limit (only what fits was kept; see message)
@@ -449,6 +450,16 @@ class MilterSession:
         if result.edits.quarantine:
             result.action = "quarantine"
         return result
+
+    def standing_refusal(self) -> status.Reply | None:
+        """Postfix's milter_other_event (asked before VRFY, ETRN, STARTTLS and AUTH): the first milter's answer that
+        holds for the session (at connect or HELO, or its default action after a failure), when that is a refusal;
+        None when it is not (a quarantine) or no milter has one."""
+        for milter in self._milters:
+            standing = milter.session_verdict
+            if standing is not None and standing.action != "continue":
+                return standing.reply if standing.action in ("reject", "tempfail") else None
+        return None
 
     def abort(self) -> None:
         """The transaction ended without a message: milters in one are told to forget it."""

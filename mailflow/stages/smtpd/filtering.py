@@ -10,6 +10,8 @@
                                               smtpd_proto: before the 220, after the admission and the client list
                                               of delay_reject false; again after XCLIENT); CONTINUE without milters
         await helo(session, name) -> Verdict  milters told of HELO (a refusal answers the next MAIL)
+        standing_refusal(session) -> Reply | None    the refusal that holds for the session (before VRFY, ETRN,
+                                              STARTTLS and AUTH: Postfix's milter_other_event)
         await mail(session, envelope, sender, options, written=None) / rcpt(session, envelope, address,
             written=None) -> Reply | None     `written`: the address as the command gave it, when smtpd took it
             otherwise (a stamped probe sender of this server's: the milters' argument, the address their macro)
@@ -150,6 +152,10 @@ class ListenerFilters:
         if milters is None:
             return CONTINUE
         return await milters.connect()
+
+    @staticmethod
+    def standing_refusal(session) -> status.Reply | None:
+        return session.milters.standing_refusal() if session.milters is not None else None
 
     async def helo(self, session, name: str) -> Verdict:
         """Milters are told of HELO: what answers for them (client.py): a refusal at connect or HELO answers every

@@ -246,6 +246,11 @@ class SmtpdHandler:
         lines[-1] = "250 " + lines[-1][4:]
         return lines
 
+    def handle_OTHER(self, server, session: SessionState, envelope: Transaction) -> status.Reply | None:
+        """Before VRFY, ETRN, STARTTLS and AUTH (protocol.py): the milters' refusal that holds for the session (at
+        connect or HELO), as Postfix's milter_other_event; None without one."""
+        return self._filters.standing_refusal(session) if self._filters is not None else None
+
     @staticmethod
     async def _milters_helo(filters: ListenerFilters, server, session: SessionState, command: str,
                             hostname: str) -> status.Reply | None:

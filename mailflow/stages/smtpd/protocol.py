@@ -894,13 +894,24 @@ class ProtocolCore(SMTP):
         await self.push(status.event_rate_exceeded(event, self.session.peer_ip))
         return True
 
+    def milters_refusal(self, tls_or_auth: bool = False) -> status.Reply | None:
+        """The handler's OTHER hook, asked before VRFY, ETRN, STARTTLS and AUTH as Postfix asks milter_other_event:
+        the reply a milter's refusal at connect or HELO (or a failed milter's default action) holds for the session;
+        for STARTTLS and AUTH (`tls_or_auth`) a 4xx is `454 4.3.0 Try again later`, as Postfix maps it."""
+        hook = self._handle_hooks.get("OTHER")
+        refusal = hook(self, self.session, self.envelope) if hook is not None else None
+        if refusal is not None and tls_or_auth and refusal.code < 500:
+            return status.MILTER_TRY_AGAIN
+        return refusal
+
     async def smtp_VRFY(self, arg: str | None) -> None:
         """Off by default (disable_vrfy_command). On, as Postfix's vrfy_cmd: the address (a path, or a phrase and
         a path in angle brackets; a last word SMTPUTF8 dropped, RFC 6531) is checked by the handler's
         `handle_VRFY(server, session, envelope, address, written, smtputf8)` as RCPT checks a recipient, its refusal the
         reply; else `252 2.0.0` and the argument as written: VRFY says no more than RCPT would. A malformed
         address gets 501 5.1.3 (logged as Postfix's "Illegal address syntax"). It counts toward the client's
-        recipient rate, as in Postfix (450 4.7.1 past it)."""
+        recipient rate, as in Postfix (450 4.7.1 past it); a milters' refusal that holds for the session answers it
+        before the address is looked at (`milters_refusal`)."""
         if self._limits.disable_vrfy_command:
             await self.push(status.VRFY_DISABLED)
             return
@@ -911,6 +922,10 @@ class ProtocolCore(SMTP):
             await self.push(status.VRFY_SYNTAX)
             return
         if await self.refused_for_rate("rcpt"):
+            return
+        refusal = self.milters_refusal()
+        if refusal is not None:
+            await self.push(refusal)
             return
         addr = address.vrfy_address(written)
         if not addr:
@@ -923,8 +938,13 @@ class ProtocolCore(SMTP):
     async def smtp_ETRN(self, arg: str | None) -> None:
         """RFC 1985, as Postfix answers it: not inside a transaction, one site (a leading `@` or `#` dropped), a
         domain name or an address literal; the handler's `handle_ETRN(server, session, envelope, site)` answers
-        the rest (without one: 459 for every site)."""
+        the rest (without one: 459 for every site). A milters' refusal that holds for the session answers it first
+        (`milters_refusal`)."""
         if await self.check_helo_needed("ETRN") or await self.check_auth_needed("ETRN"):
+            return
+        refusal = self.milters_refusal()
+        if refusal is not None:
+            await self.push(refusal)
             return
         if self.in_transaction:
             await self.push(status.TRANSACTION_IN_PROGRESS)

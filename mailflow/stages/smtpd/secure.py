@@ -37,7 +37,8 @@ What it owns
 
 Failure behaviour: every refusal is a `mailflow.status` reply: AUTH not enabled, or without TLS where TLS is
 required, 503 5.5.1 (as Postfix with smtpd_tls_auth_only), before EHLO 503 5.5.1, twice 503 5.5.1, inside a
-transaction 503 5.5.1, a bad mechanism 504 5.5.4, bad base64 501 5.5.2, `*` 501 5.7.0 (logged as Postfix
+transaction 503 5.5.1, a milters' refusal that holds for the session as it is (a 4xx: 454 4.3.0, as Postfix;
+STARTTLS too), a bad mechanism 504 5.5.4, bad base64 501 5.5.2, `*` 501 5.7.0 (logged as Postfix
 logs it), wrong credentials or a malformed PLAIN message 535 5.7.8 (slowed down and logged by the
 Authenticator), a user table that cannot answer 454 4.7.0; a sender the login does not own 553 5.7.1, a login
 table that cannot answer 451 4.3.0; a sasl_exceptions_networks table that cannot answer, at EHLO 421 4.3.0 and the
@@ -150,12 +151,16 @@ class SecureCommands(FrontEndCommands):
     # --- STARTTLS -----------------------------------------------------------------------------------------
 
     async def smtp_STARTTLS(self, arg: str | None) -> None:
-        """RFC 3207, refused inside TLS (554 5.5.1, as Postfix) and inside a mail transaction (503 5.5.1: the
-        handshake would reset it). A handshake that fails or that the client abandons ends the session, as does
-        a STARTTLS read after the client closed its side (answered all the same, as Postfix answers it; no
-        handshake can follow it)."""
+        """RFC 3207, refused while a milters' refusal holds for the session (`milters_refusal`, as Postfix), inside
+        TLS (554 5.5.1, as Postfix) and inside a mail transaction (503 5.5.1: the handshake would reset it). A
+        handshake that fails or that the client abandons ends the session, as does a STARTTLS read after the
+        client closed its side (answered all the same, as Postfix answers it; no handshake can follow it)."""
         if arg:
             await self.push(status.syntax("STARTTLS"))
+            return
+        refusal = self.milters_refusal(tls_or_auth=True)
+        if refusal is not None:
+            await self.push(refusal)
             return
         if self.session.ssl is not None:
             await self.push(status.TLS_ALREADY_ACTIVE)
@@ -286,6 +291,9 @@ class SecureCommands(FrontEndCommands):
             return status.NEED_EHLO
         if self.envelope.mail_from:  # before "already authenticated", as Postfix checks them
             return status.TRANSACTION_IN_PROGRESS
+        refusal = self.milters_refusal(tls_or_auth=True)
+        if refusal is not None:
+            return refusal
         if self.session.authenticated:
             return status.ALREADY_AUTHENTICATED
         words = (arg or "").split()
