@@ -243,6 +243,19 @@ async def test_the_milters_hear_of_a_client_that_never_reaches_them_with_a_comma
     assert milter.commands(0).replace(b"D", b"") == b"OCQ"
 
 
+async def test_a_client_over_its_connection_limit_is_not_told_to_the_milters(milter_server):
+    """The admission comes first (Postfix's smtpd_proto: anvil's 421 before the connect event)."""
+    milter, port = await milter_server(smtpd={"client_connection_count_limit": 1})
+    first = await SmtpClient.connect(port)
+    second = await SmtpClient.connect(port, greet=False)
+    assert (await second.reply()).code == 421
+    await second.close()
+    assert (await first.cmd("QUIT")).code == 221
+    await first.close()
+    await eventually(lambda: milter.sessions and milter.commands(0).endswith(b"Q"))
+    assert len(milter.sessions) == 1
+
+
 async def test_a_client_the_client_list_refuses_at_connect_is_not_told_to_the_milters(milter_server):
     """delay_reject false: the client list's refusal takes the greeting's place and the milters never hear of the
     client (Postfix's smtpd_proto: the connect event is the greeting's other branch)."""

@@ -152,3 +152,36 @@ async def test_the_milters_hear_of_the_client_at_the_greeting_and_decide_it_as_i
         "NOQUEUE: milter-reject: EHLO from CLIENT: 550 5.7.1 Command rejected; proto=SMTP helo=<client.test>",
         "NOQUEUE: milter-reject: MAIL from CLIENT: 550 5.7.1 Command rejected; from=<s@remote.test> proto=ESMTP "
         "helo=<client.test>"]
+
+
+async def xclient_dialogue(port: int, host: str) -> list[str]:
+    """A front end's session: EHLO, XCLIENT naming a client the milter refuses, EHLO and MAIL of that client."""
+    client = await SmtpClient.connect(port)
+    replies = [await client.cmd(command) for command in (
+        "EHLO front.test", "XCLIENT NAME=client.example ADDR=192.0.2.10", "EHLO client.test",
+        "MAIL FROM:<s@remote.test>", "QUIT")]
+    await client.close()
+    return [("250" if r.text.startswith("250-") else r.text.splitlines()[0]).replace(host, "HOST") for r in replies]
+
+
+async def test_after_xclient_the_milters_decide_the_new_greeting_as_in_postfix(mailflow_server, mail_log):
+    """Postfix's xclient_cmd runs the connection's start again (smtpd_proto's case 0): the milters, set up again,
+    hear of the client XCLIENT names before the new greeting, which their refusal replaces; logged at XCLIENT."""
+    def connect(_, payload: bytes) -> bytes:
+        return reply(b"r") if b"192.0.2.10" in payload else reply(b"c")
+
+    async with scripted_milter({b"C": connect}) as milter:
+        async with postfix_instance({"myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "smtpd_milters": milter.spec,
+                                     "smtpd_authorized_xclient_hosts": "127.0.0.0/8"}) as pf:
+            postfix = await xclient_dialogue(pf.port, PF_HOST)
+            await eventually(lambda: "milter-reject: MAIL" in pf.maillog, timeout=10)
+            pf_log = pf.maillog
+        mf = await mailflow_server(myhostname=MF_HOST, smtpd={"milters": [milter.spec],
+                                                               "authorized_xclient_hosts": ["127.0.0.0/8"]})
+        mailflow = await xclient_dialogue(mf.smtp_addresses[0][1], MF_HOST)
+        await eventually(lambda: "milter-reject: MAIL" in mail_log.read_text(), timeout=10)
+    assert mailflow == postfix == ["250", "554 HOST ESMTP not accepting connections", "250",
+                                   "550 5.7.1 Command rejected", "221 2.0.0 Bye"]
+    assert milter_lines(mail_log.read_text()) == milter_lines(pf_log)
+    assert milter_lines(pf_log)[0] == ("NOQUEUE: milter-reject: XCLIENT from client.example[192.0.2.10]: 550 5.7.1 "
+                                       "Command rejected; proto=SMTP")
