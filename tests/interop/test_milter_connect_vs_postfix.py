@@ -31,7 +31,7 @@ CONNECT_ANSWERS = {  # what the milter answers the connect event, by scenario
 LATER_ANSWERS = {  # scenarios where it answers HELO or MAIL (the connect event: continue)
     "helo reject": {b"H": reply(b"r")}, "helo shutdown": {b"H": reply(b"4")}, "mail reject": {b"M": reply(b"r")},
 }
-DEFAULT_ACTIONS = ("tempfail", "reject", "accept")
+DEFAULT_ACTIONS = ("tempfail", "reject", "accept", "quarantine")
 
 
 async def dialogue(port: int, host: str) -> list[str]:

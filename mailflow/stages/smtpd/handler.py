@@ -71,12 +71,13 @@ from mailflow.config import Config
 from mailflow.content import Spool
 from mailflow.errors import ContentRejected, DeliveryError, LookupRetry, Overloaded
 from mailflow.faults import EXPECTED, describe
+from mailflow.filters.milter import Verdict
 from mailflow.logs import printable
 from mailflow.model import Submission
 from mailflow.routing.addressmap import AddressMapper
 from mailflow.routing.rewrite import Rewriter, domain_in
 from mailflow.stages.smtpd.dns_checks import UNAVAILABLE
-from mailflow.stages.smtpd.filtering import FilterServices, ListenerFilters
+from mailflow.stages.smtpd.filtering import MILTER_TRIGGERS, FilterServices, ListenerFilters
 from mailflow.stages.smtpd.peername import PeerNames
 from mailflow.stages.smtpd.restrictions import Facts, Marks, Restrictions
 from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction, helo_name
@@ -196,11 +197,8 @@ class SmtpdHandler:
         `421 host Service unavailable - try again later` (the session ends), a 4xx leaves the 220. A quarantine (a
         milter_default_action) is logged `milter-hold: CONNECT from …: milter triggers HOLD action`."""
         verdict = await filters.connect(session)
-        if verdict.action == "quarantine":
-            server.log_reject(command, "milter triggers HOLD action", action="milter-hold")
-        if verdict.reply is None or verdict.action not in ("reject", "tempfail"):
+        if not _log_milter_verdict(server, command, verdict) or verdict.reply is None:
             return None
-        server.log_reject(command, verdict.reply, action="milter-reject")
         code = verdict.reply.code
         return status.milter_connect_refused(server.hostname, code) if code == 421 or code >= 500 else None
 
@@ -257,11 +255,10 @@ class SmtpdHandler:
         """The milters told of HELO or EHLO (`command`), as Postfix's helo_cmd and check_milter_reply: a refusal,
         theirs or one standing from connect, is logged (`NOQUEUE: milter-reject: EHLO from host[ip]: 550 5.7.1
         Command rejected; proto=SMTP helo=<name>`) and answers every MAIL; the command's reply stays 250 unless
-        it is a 421, which answers it (and ends the session)."""
+        it is a 421, which answers it (and ends the session). A quarantine is logged `milter-hold`."""
         verdict = await filters.helo(session, hostname)
-        if verdict.reply is None or verdict.action not in ("reject", "tempfail"):
+        if not _log_milter_verdict(server, command, verdict, helo=helo_name(hostname)) or verdict.reply is None:
             return None
-        server.log_reject(command, verdict.reply, action="milter-reject", helo=helo_name(hostname))
         return verdict.reply if verdict.reply.code == 421 else None
 
     async def handle_ETRN(self, server, session: SessionState, envelope: Transaction, site: str) -> str | status.Reply:
@@ -668,3 +665,18 @@ def _on_this_host(ip: str, transport) -> bool:
         return True
     local = transport.get_extra_info("sockname") if transport is not None else None
     return isinstance(local, tuple) and address.client_ip(str(local[0])) == client
+
+
+def _log_milter_verdict(server, command: str, verdict: Verdict, **where) -> bool:
+    """A milters' answer to connect or HELO (one of theirs, or one that holds for the session), logged where it
+    answers as Postfix's check_milter_reply logs it: a refusal `milter-reject: COMMAND from …: reply;`, a
+    quarantine `milter-hold: COMMAND from …: milter triggers HOLD action;` (`where`: log_reject's helo=).
+    Whether it is a refusal."""
+    if verdict.action == "quarantine":
+        action, text = MILTER_TRIGGERS["quarantine"]
+        server.log_reject(command, text, action=action, **where)
+        return False
+    if verdict.reply is None or verdict.action not in ("reject", "tempfail"):
+        return False
+    server.log_reject(command, verdict.reply, action="milter-reject", **where)
+    return True
