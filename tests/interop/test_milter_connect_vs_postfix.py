@@ -12,12 +12,13 @@ connect event on.
 from __future__ import annotations
 
 import re
+import struct
 
 import pytest
 
 from tests.support import SmtpClient, eventually, postfix_instance
 from tests.support.maillog import SYSLOG_NAME
-from tests.support.milters import replycode, reply, scripted_milter
+from tests.support.milters import optneg, replycode, reply, scripted_milter
 from tests.support.ports import free_port
 
 pytestmark = pytest.mark.interop
@@ -185,3 +186,32 @@ async def test_after_xclient_the_milters_decide_the_new_greeting_as_in_postfix(m
     assert milter_lines(mail_log.read_text()) == milter_lines(pf_log)
     assert milter_lines(pf_log)[0] == ("NOQUEUE: milter-reject: XCLIENT from client.example[192.0.2.10]: 550 5.7.1 "
                                        "Command rejected; proto=SMTP")
+
+
+@pytest.mark.parametrize("port", ["[UNAVAILABLE]", "99999", "00025"])
+async def test_the_client_port_xclient_gives_reaches_the_milters_as_postfix_sends_it(mailflow_server, caplog, port):
+    """Postfix's xclient_cmd takes PORT=[UNAVAILABLE] as an unknown port, which smtpd passes to the milters as 0
+    (packet and {client_port}); five digits above 65535 are sent as 0 after `warning: milter M: bad client port
+    number 99999` (milter8_conn_event); the macro keeps the digits as sent. (Postfix sends {client_port} to a
+    milter that asks for it: its default milter_connect_macros has none.)"""
+    asks = optneg(macros=struct.pack("!I", 0) + b"{client_addr} {client_port}\0")  # SETSYMLIST for connect
+    async def session(server_port: int) -> tuple[bytes, str]:
+        client = await SmtpClient.connect(server_port)
+        assert (await client.cmd(f"XCLIENT NAME=client.example ADDR=192.0.2.10 PORT={port}")).code == 220
+        await client.close()
+        connect = await eventually(lambda: next((
+            (payload, n) for n, session in enumerate(list(milter.sessions)) for command, payload in session
+            if command == b"C" and payload.startswith(b"client.example")), None))
+        macros = milter.macros(b"C")  # (every session's; the one sent with that connect)
+        return connect[0], next(m for m in macros if m.get("{client_addr}") == "192.0.2.10")["{client_port}"]
+
+    async with scripted_milter(negotiation=asks) as milter:
+        async with postfix_instance({"myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "smtpd_milters": milter.spec,
+                                     "smtpd_authorized_xclient_hosts": "127.0.0.0/8"}) as pf:
+            postfix = await session(pf.port)
+            pf_warned = "bad client port number" in pf.maillog
+    async with scripted_milter(negotiation=asks) as milter:
+        mf = await mailflow_server(smtpd={"milters": [milter.spec], "authorized_xclient_hosts": ["127.0.0.0/8"]})
+        mailflow = await session(mf.smtp_addresses[0][1])
+    assert mailflow == postfix
+    assert any("bad client port number" in m for m in caplog.messages) == pf_warned == (port == "99999")

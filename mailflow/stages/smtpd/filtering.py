@@ -6,6 +6,7 @@
         .for_listener(config) -> ListenerFilters | None     None: no filter applies to that listener
         .close()
     ListenerFilters: one listener's steps
+        has_milters                           whether this listener has any (else nothing is asked at connect)
         await connect(session) -> Verdict     the milters' connect event, at the greeting (as Postfix's
                                               smtpd_proto: before the 220, after the admission and the client list
                                               of delay_reject false; again after XCLIENT); CONTINUE without milters
@@ -130,6 +131,10 @@ class ListenerFilters:
         self._cleanup_lines = SmtpdLog(cleanup_log, service="cleanup")
 
     # -------------------------------------------------------------------------------- milters by stage
+
+    @property
+    def has_milters(self) -> bool:
+        return bool(self._milters)
 
     def _milter_session(self, session) -> MilterSession | None:
         if not self._milters:

@@ -184,7 +184,7 @@ class SmtpdHandler:
                 server.log_reject(command, refusal)
                 session.access_denied = refusal
                 return refusal
-        if self._filters is None:
+        if self._filters is None or not self._filters.has_milters:  # (nothing more per connection without milters)
             return None
         return await self._milters_connect(self._filters, server, session, command)
 
