@@ -216,11 +216,12 @@ async def test_a_milter_slow_to_answer_connect_delays_no_other_sessions_greeting
     """The milters hear of the client before the greeting (Postfix's smtpd_proto): the first session's milter never
     answers the connect event, so its greeting waits for command_timeout (2 s; then the default action, tempfail:
     a 220 and 451 4.7.1 at MAIL), while a second session meanwhile is greeted and served in full."""
-    _, port = await milter_server({b"C": lambda session, _: HANG if session == 0 else reply(b"c")})
+    milter, port = await milter_server({b"C": lambda session, _: HANG if session == 0 else reply(b"c")})
     loop = asyncio.get_running_loop()
     started = loop.time()
     stuck = await SmtpClient.connect(port, greet=False)
     greeting = asyncio.create_task(stuck.reply())
+    await eventually(lambda: milter.sessions)  # (the milter's session 0 is the stuck one's)
     other = await SmtpClient.connect(port)
     assert (await other.send_message(MESSAGE)).code == 250
     assert loop.time() - started < 1.5 and not greeting.done()
