@@ -218,6 +218,8 @@ async def test_the_client_port_xclient_gives_reaches_the_milters_as_postfix_send
         async with postfix_instance({"myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "smtpd_milters": milter.spec,
                                      "smtpd_authorized_xclient_hosts": "127.0.0.0/8"}) as pf:
             postfix = await session(pf.port)
+            # (the warning comes before the session's disconnect line; the readiness probe's is the first)
+            await eventually(lambda: pf.maillog.count("disconnect from") >= 2, timeout=10)
             pf_warned = "bad client port number" in pf.maillog
     async with scripted_milter(negotiation=asks) as milter:
         mf = await mailflow_server(smtpd={"milters": [milter.spec], "authorized_xclient_hosts": ["127.0.0.0/8"]})
