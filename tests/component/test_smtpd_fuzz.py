@@ -8,18 +8,15 @@ number of examples for a longer run (docs/security.md records one).
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import socket
-import threading
 import time
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from mailflow.app import Mailflow
-from mailflow.config import config_from_dict
-from tests.support import base_settings, maildir_messages, merged
+from tests.support import ServerThread, base_settings, maildir_messages, merged
+
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "120"))
 QUEUED = re.compile(rb"^250 2\.0\.0 Ok: (?:\d+ bytes )?queued as ", re.M)
@@ -36,36 +33,6 @@ ENVELOPE = b"EHLO fuzz.test\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@local
 PREFIXES = [b"", ENVELOPE + b"DATA\r\nSubject: f\r\n\r\n", ENVELOPE + b"BDAT 4\r\nab\r\n"]
 tail = st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.binary(max_size=40)), max_size=25).map(b"".join)
 stream = st.tuples(st.sampled_from(PREFIXES), tail).map(b"".join)
-
-
-class ServerThread:
-    """mailflow on its own loop in a thread; `port`, `stop()`."""
-
-    def __init__(self, settings: dict):
-        self._settings = settings
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self.port = 0
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-        self._thread.start()
-        assert self._ready.wait(10), "mailflow did not start"
-
-    async def _main(self) -> None:
-        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        self.mf = Mailflow(config_from_dict(self._settings), shutdown_grace=1.0)
-        await self.mf.start()
-        self.port = self.mf.smtp_addresses[0][1]
-        self._ready.set()
-        await self._stop.wait()
-        await self.mf.stop()
-
-    def counts(self) -> dict:
-        return asyncio.run_coroutine_threadsafe(self.mf.store.counts(), self._loop).result(5)
-
-    def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
 
 
 def talk(port: int, data: bytes) -> bytes:

@@ -10,7 +10,7 @@ are in tests/conftest.py and build on these.
 - clocks: `RecordingClock` (a VirtualClock that records its sleeps), `qmgr_turn` (qmgr has run a whole turn).
 - ports: `free_port`, `accepts`, `LOOPBACK_NAME`, `LOOPBACK_CLIENT` (how smtpd names a client on 127.0.0.1).
 - peers: `CapturePeer`, `CaptureHandler`, `Captured`, `stall_mail`, `ZoneAuthority` (in-process SMTP and DNS peers).
-- servers: `base_settings`, `merged`, `to_toml`, `ServerProcess`, `queue_counts`.
+- servers: `base_settings`, `merged`, `to_toml`, `ServerProcess`, `ServerThread`, `queue_counts`.
 - content: `big_message`, `spooled`, `maildir_messages`.
 - browser: `Chromium` (headless: the DOM after the scripts ran, a DevTools session to click and take screenshots),
   `keep_artifact` (a screenshot kept where CI collects it).
@@ -35,7 +35,7 @@ from tests.support.peers import CaptureHandler, Captured, CapturePeer, ZoneAutho
 from tests.support.ports import LOOPBACK_CLIENT, LOOPBACK_NAME, accepts, free_port
 from tests.support.postfix import postfix_instance
 from tests.support.scripts import ScriptDir, script_dir
-from tests.support.servers import ServerProcess, base_settings, merged, queue_counts, to_toml
+from tests.support.servers import ServerProcess, ServerThread, base_settings, merged, queue_counts, to_toml
 from tests.support.tools import require_tool, run_tool
 from tests.support.transports import BlockingTransport, RecordingTransport, ScriptedTransport, always
 from tests.support.waiting import LoopLag, ScanWatch, eventually, queue_becomes, sessions_over

@@ -6,9 +6,12 @@
   tables, such as `smtpd.listeners`, as arrays of inline tables).
 - `ServerProcess(config, log, port)`: `python -m mailflow serve -c CONFIG` as a child process (launch, start,
   terminate, kill, CPU seconds, log lines); `queue_counts(db)` reads a queue database read-only beside a running server.
+- `ServerThread(settings)`: mailflow in this process, on an event loop of its own in a thread, for tests that drive
+  it with blocking sockets (`port`, `counts()`, `stop()`).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import resource
@@ -16,10 +19,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
+from mailflow.app import Mailflow
+from mailflow.config import config_from_dict
 from mailflow.config.load import load_config
 from mailflow.syntax import parse_hostport
 from tests.support.ports import accepts
@@ -151,3 +157,33 @@ def queue_counts(db: Path) -> dict:
         return dict(con.execute("SELECT queue, count(*) FROM message GROUP BY queue").fetchall())
     finally:
         con.close()
+
+
+class ServerThread:
+    """mailflow on its own loop in a thread; `port` (its first SMTP listener), `counts()`, `stop()`."""
+
+    def __init__(self, settings: dict):
+        self._settings = settings
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self.port = 0
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10), "mailflow did not start"
+
+    async def _main(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        self.mf = Mailflow(config_from_dict(self._settings), shutdown_grace=1.0)
+        await self.mf.start()
+        self.port = self.mf.smtp_addresses[0][1]
+        self._ready.set()
+        await self._stop.wait()
+        await self.mf.stop()
+
+    def counts(self) -> dict:
+        return asyncio.run_coroutine_threadsafe(self.mf.store.counts(), self._loop).result(5)
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
