@@ -647,3 +647,15 @@ async def test_one_sessions_failure_does_not_touch_another_sessions_mail(mailflo
     assert (await good.reply())[0] == 250
     msgs = await eventually(lambda: _alice_mail(tmp_path))
     assert len(msgs) == 1 and msgs[0].endswith(b"part one\npart two\n")
+
+
+@pytest.mark.parametrize("site", ["relay.test.", "r\u00e9lay.test", "@relay.test.", "xn--rlay-bpa.test."])
+async def test_etrn_takes_a_site_as_postfixs_valid_hostname_does(mailflow_server, site):
+    """A trailing dot or a non-ASCII name is no host name to Postfix's ETRN (valid_hostname): 501, where mailflow
+    used to start a flush of relay.test for `relay.test.` (checked against Postfix 3.7.11: test_smtpd_vs_postfix)."""
+    mf = await mailflow_server(relay_domains=["relay.test"])
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    await client.cmd("EHLO client.test")
+    assert await client.cmd(f"ETRN {site}") == status.ETRN_BAD_SITE
+    assert await client.cmd("ETRN relay.test") == status.ETRN_STARTED
+    await client.close()

@@ -78,6 +78,8 @@ SESSIONS: dict[str, list[str | bytes]] = {
     "ETRN": [E, "ETRN", "ETRN elsewhere.test", "ETRN relay.test", "ETRN @relay.test", "ETRN #sub.relay.test",
              "ETRN local.test", "ETRN bad_host!", "ETRN [192.0.2.1]", "ETRN a b"],
     "ETRN before HELO, and in a transaction": ["ETRN relay.test", E, M, "ETRN relay.test", "RSET", "ETRN relay.test"],
+    "ETRN sites that are no host name to valid_hostname: a trailing dot, a UTF-8 name": [
+        E, "ETRN relay.test.", "ETRN @relay.test.", "ETRN r\u00e9lay.test", "ETRN relay.test"],
     "an unknown command pipelined after HELO": ["HELO client.test", b"FOO\r\nQUIT"],  # answered before the check
     "HELO after EHLO: the session stays ESMTP and may pipeline": [E, "HELO client.test",
                                                                    M.encode() + b"\r\nQUIT"],
@@ -226,6 +228,8 @@ async def test_protocol_edges_match_a_real_postfix(mailflow_server):
         250, 250, 250, 250, 250, 501, 501]
     assert postfix["ETRN"] == [250, 500, 459, 250, 250, 250, 459, 501, 459, 500]
     assert postfix["ETRN before HELO, and in a transaction"] == [250, 250, 250, 503, 250, 250]
+    assert postfix["ETRN sites that are no host name to valid_hostname: a trailing dot, a UTF-8 name"] == [
+        250, 501, 501, 501, 250]
     assert postfix["an unknown command pipelined after HELO"] == [250, 500]
     assert postfix["HELO after EHLO: the session stays ESMTP and may pipeline"] == [250, 250, 250]
     assert postfix["a malformed address is refused before its parameters are looked at"] == [

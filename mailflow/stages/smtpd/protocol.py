@@ -937,9 +937,9 @@ class ProtocolCore(SMTP):
 
     async def smtp_ETRN(self, arg: str | None) -> None:
         """RFC 1985, as Postfix answers it: not inside a transaction, one site (a leading `@` or `#` dropped), a
-        domain name or an address literal; the handler's `handle_ETRN(server, session, envelope, site)` answers
-        the rest (without one: 459 for every site). A milters' refusal that holds for the session answers it first
-        (`milters_refusal`)."""
+        domain name (ASCII, without a trailing dot) or an address literal; the handler's
+        `handle_ETRN(server, session, envelope, site)` answers the rest (without one: 459 for every site). A
+        milters' refusal that holds for the session answers it first (`milters_refusal`)."""
         if await self.check_helo_needed("ETRN") or await self.check_auth_needed("ETRN"):
             return
         refusal = self.milters_refusal()
@@ -954,7 +954,8 @@ class ProtocolCore(SMTP):
             await self.push(status.ETRN_SYNTAX)
             return
         site = words[0][1:] if words[0][0] in "@#" else words[0]
-        if not address.is_valid_domain(site):
+        # Postfix's valid_hostname: ASCII, no trailing dot (which is_valid_domain takes, for addresses)
+        if not (site.isascii() and not site.endswith(".") and address.is_valid_domain(site)):
             await self.push(status.ETRN_BAD_SITE)
             return
         reply = await self._call_handler_hook("ETRN", site)
