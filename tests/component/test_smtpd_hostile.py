@@ -5,8 +5,9 @@ NUL, 8-bit and UTF-8 bytes in commands, overlong lines, bare CR or LF anywhere, 
 together, pipelining after DATA, BDAT, STARTTLS and AUTH, `BDAT 0 LAST`, BDAT sizes that are not numbers or are far
 larger than the data, AUTH with bad base64 or a huge initial response, MAIL and RCPT parameters repeated, unknown,
 empty, `=` alone, with malformed xtext, SMTPUTF8 misused, XCLIENT and XFORWARD from a client not authorised, a PROXY
-header on a plain listener, STARTTLS twice and TLS garbage after STARTTLS. Each dialogue is sent whole, then the
-client half-closes and reads until the server closes. After each one:
+header on a plain listener, STARTTLS twice and TLS garbage after STARTTLS. With forbid_unauth_pipelining off each
+dialogue is sent whole; with it on (the default), in RFC 2920 groups, each group's reply awaited. Then the client
+half-closes and reads until the server closes. After each one:
 - every reply line is `DDD-text` or `DDD text` ending in CRLF, with an enhanced status code wherever Postfix gives
   one (all but the greeting, 334, 354, and HELO/EHLO's own lines), a multi-line reply keeps its code, and nothing
   follows a reply that ends the session (221, 421, 521);
@@ -60,9 +61,6 @@ TOKEN = re.compile(rb"^Subject: hostile-(\d+-\d+)$", re.M)  # (a Maildir file ha
 class Dialogue:
     steps: list[bytes] = field(default_factory=list)
     bodies: dict[str, bytes] = field(default_factory=dict)  # token -> the message's body section as sent (unstuffed)
-
-    def wire(self) -> bytes:
-        return b"".join(self.steps)
 
 
 def _xtext(rng: random.Random) -> bytes:
@@ -259,16 +257,31 @@ def reply_problems(output: bytes) -> list[str]:
     return problems
 
 
-def converse(port: int, data: bytes, *, limit: float = 6.0) -> bytes:
-    """The greeting, then `data` sent whole and the sending side closed; everything the server said until it
-    closed the connection (`limit` seconds at most)."""
+ENDS_A_GROUP = re.compile(rb"(?i)(EHLO|HELO|DATA|VRFY|NOOP|QUIT|STARTTLS)\b|Subject: hostile")
+FINAL_REPLY = re.compile(rb"(?:^|\n)\d{3} [^\n]*\n$")
+
+
+def converse(port: int, steps: list[bytes], *, in_groups: bool, limit: float = 6.0) -> bytes:
+    """The greeting, then the steps (all at once, or as a client that keeps RFC 2920's groups: after each step
+    that ends one, its reply is awaited, 0.3 s at most) and the sending side closed; everything the server said
+    until it closed the connection (`limit` seconds at most)."""
     with socket.create_connection(("127.0.0.1", port), timeout=limit) as s:
         out = s.recv(4096)
         try:
-            s.sendall(data)
+            if in_groups:
+                for step in steps:
+                    s.sendall(step)
+                    if ENDS_A_GROUP.match(step):
+                        said, closed = _reply_to(s, 0.3)
+                        out += said
+                        if closed:
+                            return out
+            else:
+                s.sendall(b"".join(steps))
             s.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the server closed first: what it said is still read below
+        s.settimeout(limit)
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
             try:
@@ -279,6 +292,24 @@ def converse(port: int, data: bytes, *, limit: float = 6.0) -> bytes:
                 break
             out += chunk
         return out
+
+
+def _reply_to(s: socket.socket, wait: float) -> tuple[bytes, bool]:
+    """What the server says until a final reply line ends it (or `wait` seconds pass), and whether it closed."""
+    got = b""
+    deadline = time.monotonic() + wait
+    while not FINAL_REPLY.search(got) and (left := deadline - time.monotonic()) > 0:
+        s.settimeout(left)
+        try:
+            chunk = s.recv(65536)
+        except TimeoutError:
+            break
+        except OSError:
+            return got, True
+        if not chunk:
+            return got, True
+        got += chunk
+    return got, False
 
 
 def answers_noop(port: int, within: float) -> float:
@@ -334,17 +365,22 @@ def delivered(tmp_path) -> list[bytes]:
 # -------------------------------------------------------------------------------------------------- the tests
 
 
-def test_generated_hostile_dialogues_keep_replies_well_formed_and_messages_whole(tmp_path, troubles):
-    server = ServerThread(hostile_settings(tmp_path))
-    rng = random.Random(SEED)
+@pytest.mark.parametrize("pipelining_checked", [False, True], ids=["pipelining-unchecked", "pipelining-checked"])
+def test_generated_hostile_dialogues_keep_replies_well_formed_and_messages_whole(tmp_path, troubles,
+                                                                                 pipelining_checked):
+    """With forbid_unauth_pipelining off (dialogues sent whole reach deep), and on (Postfix 3.9's default and
+    mailflow's: dialogues sent in RFC 2920 groups)."""
+    server = ServerThread(hostile_settings(tmp_path, forbid_unauth_pipelining=pipelining_checked))
+    rng = random.Random(SEED + pipelining_checked)
     queued: list[bytes] = []
     bodies: dict[str, bytes] = {}
     started = time.monotonic()
     try:
         for number in range(DIALOGUES):
             d = dialogue(rng, number)
-            output = converse(server.port, d.wire())
-            where = f"seed {SEED}, dialogue {number}: {d.steps!r:.2000}\nreplies: {output!r:.2000}"
+            output = converse(server.port, d.steps, in_groups=pipelining_checked)
+            where = (f"seed {SEED}, pipelining checked {pipelining_checked}, dialogue {number}: {d.steps!r:.2000}\n"
+                     f"replies: {output!r:.2000}")
             assert reply_problems(output) == [], where
             queued += QUEUED.findall(output.split(b" Ready to start TLS\r\n")[0])
             bodies.update(d.bodies)
