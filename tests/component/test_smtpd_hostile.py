@@ -564,8 +564,8 @@ def test_floods_leave_memory_bounded_and_other_sessions_served(tmp_path, trouble
             assert _garbage_without_line_end(server.port) == (b"500 5.5.2 Error: line too long\r\n"
                                                               b"250 2.0.0 Ok\r\n")
             output, lasted = chunk.result()
-            assert output.endswith(b"421 4.4.2 mx.mailflow.test Error: timeout exceeded\r\n") and lasted < 4.0
-            assert max(slow.result()) < 4.0
+            assert output.endswith(b"421 4.4.2 mx.mailflow.test Error: timeout exceeded\r\n") and lasted < 5.0
+            assert max(slow.result()) < 5.0  # (the command deadline is 2 s)
             output, lasted = recipients.result()
             # each answered: the first 1000 taken, the others refused (recipient_limit; no error limit here)
             assert output.count(b"250 2.1.5 Ok\r\n") == 1000 and lasted < 30.0, output[-300:]
