@@ -31,9 +31,11 @@ permit_auth_destination): a resolved address that is not routed (`is_routed`: it
 or `%`, which a next hop may take as routing whatever this host's settings, Postfix's RESOLVE_FLAG_ROUTED with
 allow_untrusted_routing = no) and is not of the default class.
 
-An address with nothing after its '@' (`bob@`, which only a local submission, an alias or a .forward can
-give) resolves to `error:5.1.3 bad address syntax`: it bounces at once, as Postfix's trivial-rewrite flags it
-and its qmgr bounces it, instead of waiting for a next hop that cannot exist. So does one beginning with '-'
+An address whose domain is no host name nor address literal (`bob@`, `bob@x..test`, `bob@[192.0.2.1`, the
+numeric `bob@192.0.2.1`: which only a local submission, an alias or a .forward can give, smtpd refusing them)
+resolves to `error:5.1.3 bad address syntax`: it bounces at once, as Postfix's trivial-rewrite flags it (its
+valid_hostname and valid_mailhost_literal) and its qmgr bounces it, instead of waiting for a next hop that
+cannot exist (a bad literal was deferred as "bad SMTP nexthop" until the queue lifetime ran out). So does one beginning with '-'
 unless `allow_min_user` (`sendmail -- -oQ@example.org`, an alias, a .forward), whatever its class or transport:
 Postfix's resolve puts that check where no transport can bypass it (an option to some command further on).
 `transport_maps` (transport(5)) override the class's choice, except for the virtual alias class and a bad
@@ -84,7 +86,7 @@ from mailflow.tables import Table, TableCache, address_keys, find, find_address,
 from mailflow.transports.error import parse_error_nexthop
 
 VIRTUAL_ALIAS_TRANSPORT = "error:5.1.1 User unknown in virtual alias table"
-BAD_SYNTAX_TRANSPORT = "error:5.1.3 bad address syntax"  # nothing after its '@' (`bob@`), or a leading '-'
+BAD_SYNTAX_TRANSPORT = "error:5.1.3 bad address syntax"  # a domain that is no host name (`bob@`), or a leading '-'
 status_log = logging.getLogger("mailflow.smtpd")
 log = logging.getLogger("mailflow.trivial_rewrite")
 
@@ -366,8 +368,11 @@ class Rewriter:
         return Resolution(res.address_class, transport or res.transport, nexthop or res.nexthop, res.address)
 
     def _bad_syntax(self, qualified: str) -> bool:
-        """Nothing after the '@', or (allow_min_user off) a leading '-': Postfix's resolve flags both an error."""
-        return not address.split(qualified)[1] or (not self._config.allow_min_user and address.is_min_user(qualified))
+        """A domain that is no host name nor address literal (nothing after the '@', `x..test`, `[192.0.2.1`, a
+        numeric `192.0.2.1`), or (allow_min_user off) a leading '-': Postfix's resolve flags each an error."""
+        domain = address.split(qualified)[1]
+        return (not domain or not address.is_valid_domain(domain)
+                or (not self._config.allow_min_user and address.is_min_user(qualified)))
 
     def _class_default(self, qualified: str) -> Resolution:
         answer = self._class_answers.get(qualified)
@@ -381,7 +386,7 @@ class Rewriter:
         c = self._config
         klass = self.classify(qualified)
         domain = address.normalise_domain(address.split(qualified)[1])
-        if self._bad_syntax(qualified):  # `bob@`, `-x@y` (sendmail, an alias, a .forward): Postfix bounces it 5.1.3
+        if self._bad_syntax(qualified):  # `bob@`, `bob@x..y`, `-x@y` (sendmail, an alias, a .forward): 5.1.3
             return Resolution(klass, *split_transport(BAD_SYNTAX_TRANSPORT), qualified)
         if klass is AddressClass.LOCAL:
             transport, nexthop = split_transport(c.local_transport)

@@ -532,6 +532,18 @@ async def test_a_recipient_with_nothing_after_the_at_bounces_at_once_as_bad_synt
     await queue_becomes(mf.store, {})
 
 
+async def test_a_recipient_whose_domain_is_a_bad_address_literal_bounces_at_once(mailflow_server, cfg, tmp_path):
+    """`sendmail bob@[192.0.2.1`: Postfix's resolve flags a domain that is no host name nor address literal
+    (valid_mailhost_literal) and bounces it, 5.1.3 bad address syntax; mailflow deferred it ("mail system
+    configuration error: bad SMTP nexthop") until the queue lifetime ran out."""
+    mf = await mailflow_server()
+    rc, _, err = await run(cfg(), "-f", "alice@local.test", "bob@[192.0.2.1", stdin=b"Subject: lost\n\nx\n")
+    assert rc == 0, err
+    [notice] = await delivered(tmp_path, "alice", timeout=3)
+    assert b"Status: 5.1.3" in notice and b"bad address syntax" in notice
+    await queue_becomes(mf.store, {})
+
+
 async def test_a_recipient_beginning_with_a_dash_bounces_whatever_its_transport(mailflow_server, smtp_peer, cfg,
                                                                                  tmp_path):
     """`sendmail -- -oQ@relay.test`: Postfix takes it (exit 0) and bounces it, 5.1.3 bad address syntax, because

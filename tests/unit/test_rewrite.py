@@ -233,3 +233,20 @@ def test_classify_resolved_takes_the_domain_as_it_is():
     assert r.classify("u%relay.test@example.test") is RELAY  # the percent hack: u@relay.test
     assert r.classify_resolved("u%relay.test@example.test") is LOCAL
     assert r.classify_resolved(r.resolved_address("u%relay.test@example.test")) is RELAY
+
+
+@pytest.mark.parametrize("addr", ["bob@", "bob@x..test", "bob@.x.test", "bob@-x.test", "bob@[192.0.2.1",
+                                  "bob@[IPv6:zz]", "bob@[300.1.1.1]", "bob@192.0.2.1", "bob@exa mple.test"])
+def test_a_domain_that_is_no_host_name_nor_address_literal_resolves_to_bad_address_syntax(addr):
+    """Postfix's resolve flags such a domain an error (valid_hostname, valid_mailhost_literal) and its qmgr bounces
+    it at once, 5.1.3; a bad literal used to be deferred as "bad SMTP nexthop" until the queue lifetime ran out,
+    and the others went to the DNS."""
+    rw = rewriter(relayhost="[10.0.0.1]:587", transport_maps=("inline:{ *=smtp:[10.0.0.2] }",))
+    res = rw.resolve(addr)
+    assert (res.transport, res.nexthop) == ("error", "5.1.3 bad address syntax")
+
+
+@pytest.mark.parametrize("addr", ["bob@x.test", "bob@x_y.test", "bob@[192.0.2.1]", "bob@[IPv6:2001:db8::1]",
+                                  "bob@bücher.example", "bob@x.test.", "bob@1x.test"])
+def test_a_host_name_or_address_literal_is_no_bad_syntax(addr):
+    assert rewriter().resolve(addr).transport == "smtp"
