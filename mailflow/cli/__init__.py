@@ -12,6 +12,9 @@ queue (named by its pid).
 database the configuration names directly, whether or not `serve` runs; the work is in queue_tools.py.
 A command line that does not say which messages exits 2; an unknown queue id for `show` exits 1.
 
+A closed standard input, output or error is opened on /dev/null first, for every command (as Postfix's sendmail
+does): never a traceback for it.
+
 `mailflow sendmail …` (also `sendmail`, `mailq`, `newaliases` through links) is the Sendmail-compatible local
 submission command (mailflow/sendmail/, docs/sendmail.md); its exit codes are sysexits values.
 
@@ -32,6 +35,7 @@ queue tools) are imported inside those commands, so that `sendmail`, run once pe
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -40,6 +44,7 @@ from mailflow.sendmail.options import program_mode
 
 
 def main() -> None:
+    _standard_streams()
     extra = program_mode(sys.argv[0])
     if extra is not None:  # invoked as sendmail, mailq or newaliases (a link to this program)
         sys.exit(run_sendmail(extra + sys.argv[1:]))
@@ -48,6 +53,23 @@ def main() -> None:
     from mailflow.cli.commands import app
 
     app(prog_name="mailflow")
+
+
+def _standard_streams() -> None:
+    """A closed standard input, output or error (cron jobs and daemons run so) is /dev/null, as Postfix's
+    sendmail makes it, for every command: closed input is an empty message (sendmail), no keys (`table query -`),
+    an empty password (`--password-stdin`); output to a closed one goes nowhere. It was a traceback."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        if getattr(sys, name) is not None:
+            continue
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # (the lowest free descriptor: `fd` when those below are open)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        setattr(sys, name, open(fd, mode, closefd=False))
 
 
 def __getattr__(name: str) -> Any:

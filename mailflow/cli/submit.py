@@ -13,8 +13,8 @@ every command. The modes that are other commands import them when they run. The 
 is in commands.py; `mailflow.cli.main` calls run_sendmail before typer is imported.
 
 Failure behaviour: a usage error prints the usage and returns 64 (EX_USAGE); nothing raises. The warnings of
-parse_args (a bad -N, -R or -V value, ignored) are printed on standard error first, in every mode. A closed standard
-input, output or error is opened on /dev/null first (Postfix's sendmail does the same).
+parse_args (a bad -N, -R or -V value, ignored) are printed on standard error first, in every mode. (A closed standard
+input, output or error is /dev/null here: mailflow.cli.main opens it so for every command.)
 """
 from __future__ import annotations
 
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 
 def run_sendmail(args: list[str]) -> int:
-    _standard_streams()
     try:
         opts = sm.parse_args(args)
     except sm.UsageError as e:
@@ -105,22 +104,6 @@ def _verify_sender(given: str | None, config: str | None) -> str:
     if given is not None:
         return given
     return f"{current_identity().login}@{load(config).origin}"
-
-
-def _standard_streams() -> None:
-    """A closed standard input, output or error (cron jobs and daemons run so) is /dev/null, as Postfix's
-    sendmail makes it: closed input is an empty message, not a traceback."""
-    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
-        if getattr(sys, name) is not None:
-            continue
-        try:
-            os.fstat(fd)
-        except OSError:
-            null = os.open(os.devnull, os.O_RDWR)  # (the lowest free descriptor: `fd` when those below are open)
-            if null != fd:
-                os.dup2(null, fd)
-                os.close(null)
-        setattr(sys, name, open(fd, mode, closefd=False))
 
 
 def _newaliases(cfg: Config, config: str | None) -> int:

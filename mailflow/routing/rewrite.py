@@ -35,9 +35,10 @@ An address whose domain is no host name nor address literal (`bob@`, `bob@x..tes
 numeric `bob@192.0.2.1`: which only a local submission, an alias or a .forward can give, smtpd refusing them)
 resolves to `error:5.1.3 bad address syntax`: it bounces at once, as Postfix's trivial-rewrite flags it (its
 valid_hostname and valid_mailhost_literal) and its qmgr bounces it, instead of waiting for a next hop that
-cannot exist (a bad literal was deferred as "bad SMTP nexthop" until the queue lifetime ran out). So does one beginning with '-'
-unless `allow_min_user` (`sendmail -- -oQ@example.org`, an alias, a .forward), whatever its class or transport:
-Postfix's resolve puts that check where no transport can bypass it (an option to some command further on).
+cannot exist (a bad literal was deferred as "bad SMTP nexthop" until the queue lifetime ran out). So does one
+beginning with '-' unless `allow_min_user` (`sendmail -- -oQ@example.org`, an alias, a .forward), whatever its
+class or transport: Postfix's resolve puts that check where no transport can bypass it (an option to some command
+further on).
 `transport_maps` (transport(5)) override the class's choice, except for the virtual alias class and a bad
 address. Search order: the address, the address without its extension, the domain, each parent domain as
 `.parent`, then `*`; every table is asked one key before the next. A value `:nexthop` keeps the class's

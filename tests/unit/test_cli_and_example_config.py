@@ -18,6 +18,7 @@ from mailflow.app import _reloads
 from mailflow.cli import server as cli_server
 from mailflow.config import Config, flat_settings, load_config, resolve_paths
 from mailflow.errors import ConfigError
+from mailflow.store import Store
 from tests.support.deliverability import dkim_settings, make_key
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -269,6 +270,36 @@ def test_a_password_on_standard_input_that_is_not_utf8_is_refused_not_a_tracebac
         stderr = result.stderr.decode()
         assert result.returncode == 2 and "Traceback" not in stderr, stderr
         assert stderr.endswith("not UTF-8 text (AUTH PLAIN carries UTF-8)\n"), stderr
+
+
+def test_every_command_takes_a_closed_standard_stream_as_dev_null_not_a_traceback(tmp_path):
+    """cron jobs and daemons may run a command with standard input or output closed: sendmail took that as
+    /dev/null (as Postfix's does), the other commands died with a traceback (`sys.stdin` or `sys.stdout` None)."""
+    table = tmp_path / "table"
+    table.write_text("a b\n")
+    database = str(tmp_path / "accounts.db")
+    assert mailflow("account", "domain", "add", "example.test", "--database", database).returncode == 0
+    closed_input = ["sh", "-c", 'exec "$@" <&-', "sh", sys.executable, "-m", "mailflow"]
+    for command, code, said in ((["table", "query", f"texthash:{table}", "-"], 1, ""),  # no keys: none found
+                                (["auth", "hash-password", "--stdin"], 2, "empty password"),
+                                (["account", "user", "add", "bob@example.test", "--password-stdin", "--database",
+                                  database], 2, "too short")):
+        done = subprocess.run(closed_input + command, capture_output=True, text=True, timeout=30)
+        assert (done.returncode, "Traceback" in done.stderr) == (code, False), done.stderr
+        assert said in done.stderr
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    asyncio.run(_empty_queue(queue / "queue.db"))
+    config = tmp_path / "m.toml"
+    config.write_text(f'queue_directory = "{queue}"\n')
+    closed_output = ["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", "mailflow"]
+    done = subprocess.run(closed_output + ["queue", "list", "--config", str(config)], capture_output=True,
+                          text=True, timeout=30)
+    assert (done.returncode, done.stderr) == (0, "")
+
+
+async def _empty_queue(path: Path) -> None:
+    await (await Store.open(path)).close()
 
 
 def test_check_config_sees_a_log_file_that_serve_could_not_open(tmp_path):
