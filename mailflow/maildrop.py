@@ -337,6 +337,9 @@ def _message(header: object, available: int, offset: int, owner: int) -> Maildro
         raise CorruptMaildrop("envelope line is not a JSON object")
     if header.get("version") != VERSION:
         raise CorruptMaildrop(f"unknown version {header.get('version')!r}")
+    for key, value in header.items():
+        if not _is_text(value):
+            raise CorruptMaildrop(f"{key}: not UTF-8 text (a lone surrogate escape)")
     _expect(header, "sender", str)
     _expect(header, "uid", int)
     _expect(header, "user", str)
@@ -364,6 +367,20 @@ def _message(header: object, available: int, offset: int, owner: int) -> Maildro
     return MaildropMessage(sender=header["sender"], recipients=tuple(recipients), uid=header["uid"],
                            user=header["user"], flags=tuple(flags), size=header["size"], offset=offset,
                            owner_uid=owner, **optional)
+
+
+def _is_text(value: object) -> bool:
+    """False for a string (or a list holding one) with a lone surrogate: JSON's `\\ud800` escape reads as one, and
+    no such string can be encoded to be queued, logged or sent (sendmail never writes one; a file written by hand
+    can hold one)."""
+    values = value if isinstance(value, list) else [value]
+    try:
+        for item in values:
+            if isinstance(item, str):
+                item.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_dsn_fields(fields: dict) -> None:

@@ -134,6 +134,13 @@ def test_names_sort_in_submission_order(tmp_path):
      b'"rcpt_orcpt": "rfc822;c@d"}\n', "rcpt_orcpt"),
     (b'{"version": 1, "sender": "a@b", "recipients": ["c@d"], "uid": 1, "user": "a", "size": 0, '
      b'"body_type": "BINARYMIME"}\n', "body_type"),
+    # JSON's escape of a lone surrogate: a file written by hand (pickup retried it at every scan, logging each)
+    (b'{"version": 1, "sender": "a@b", "recipients": ["\\udce9@d"], "uid": 1, "user": "a", "size": 0}\n',
+     "recipients: not UTF-8"),
+    (b'{"version": 1, "sender": "\\ud800@b", "recipients": ["c@d"], "uid": 1, "user": "a", "size": 0}\n',
+     "sender: not UTF-8"),
+    (b'{"version": 1, "sender": "a@b", "recipients": ["c@d"], "uid": 1, "user": "a", "size": 0, '
+     b'"fullname": "\\ud800"}\n', "fullname: not UTF-8"),
 ])
 def test_malformed_files_are_corrupt(tmp_path, raw, reason):
     path = tmp_path / "F1"
