@@ -162,7 +162,7 @@ def shown_original(addr: str) -> str:
 def _without_needless_quotes(local: str) -> str:
     """A quoted local part whose content is a dot-atom is that dot-atom: `"alice"` is `alice` (RFC 5322 3.4.1;
     Postfix's internal form drops such quotes too, so it is looked up and passed on unquoted)."""
-    if local.startswith('"'):
+    if len(local) > 1 and local.startswith('"') and local.endswith('"'):  # (never closed: kept as it is)
         inner = _QUOTED_PAIR.sub(r"\1", local[1:-1])
         if _DOT_ATOM_RE.fullmatch(inner):
             return inner

@@ -289,6 +289,7 @@ def test_an_original_recipient_is_shown_as_postfix_shows_it():
     assert address.shown_original('"Team"@VDomain.Test.') == "Team@VDomain.Test."  # Postfix's X-Original-To
     assert address.shown_original('"a b"@x.test') == '"a b"@x.test' and address.shown_original('"joe"') == "joe"
     assert address.shown_original("@relay.test:route@x.test") == "route@x.test"  # (Postfix logs no orig_to)
+    assert address.shown_original('"joe@x.test') == '"joe@x.test'  # a quote never closed: it lost its last letter
 
 
 @pytest.mark.parametrize("text", ["<a@b.test", "<a@b.test>x", "<a b@b.test>", "<a\\b@b.test>", "<a,b@b.test>",
