@@ -210,7 +210,7 @@ def _dsn_option(opts: Options, letter: str, value: str) -> None:
         opts.warnings.append(f"-V{value} (VERP) is not supported -- ignored")
     elif len(value) > ENVID_MAX:
         opts.warnings.append("too long -V option value -- ignored")
-    elif not is_printable_ascii(value):
+    elif not value or not is_printable_ascii(value):  # (Postfix's allprint() is false for "" too)
         opts.warnings.append("bad syntax in -V option value -- ignored")
     else:
         opts.envid = value

@@ -22,11 +22,11 @@ header section (for -t and Bcc), streamed so that a big message is never held wh
     without_bcc(header) -> header                  Bcc and Resent-Bcc removed
 
 Failure behaviour: `clean_address` raises UsageError for an address with spaces or brackets (outside a quoted
-local part: `"john smith"@example.org` is an address, as Postfix takes it), a quoted string never closed
-(`"joe@example.org`, which Postfix closes at the end), CR, LF, NUL or bytes that are not
-UTF-8 (`clean_recipient` also for an empty one: a maildrop file must name real recipients, else pickup sets it
-aside as corrupt after sendmail said it was stored; `argument_recipients` also for a mailbox of the list that is
-not one address: none is dropped unsaid); the rest never raise.
+local part: `"john smith"@example.org` is an address, as Postfix takes it), CR, LF, NUL or bytes that are not
+UTF-8 (`clean_recipient` also for a quoted string never closed, `"joe@example.org`, and for an empty one: a
+maildrop file must name real recipients, else pickup sets it aside as corrupt after sendmail said it was stored;
+`argument_recipients` also for a mailbox of the list that is not one address: none is dropped unsaid); the rest
+never raise.
 """
 from __future__ import annotations
 
@@ -50,8 +50,6 @@ def clean_address(value: str, origin: str) -> str:
     outside = _QUOTED_STRING.sub('""', address)  # `"john smith"@x` is an address: its quoted string may hold these
     if any(c in address for c in "\r\n\0") or any(c in "<>" or c.isspace() for c in outside):
         raise UsageError(f"{value!r}: bad address syntax")
-    if '"' in outside.replace('""', ""):  # a quote never closed: its address would reach the wire so
-        raise UsageError(f"{value!r}: bad address syntax: a quoted string is not closed")
     if not _is_utf8(address):  # bytes of the command line that are not UTF-8 (they cannot be stored)
         raise UsageError(f"{value!r}: bad address syntax: not UTF-8")
     if address and "@" not in address:
@@ -74,10 +72,14 @@ def _is_utf8(value: str) -> bool:
 
 
 def clean_recipient(value: str, origin: str) -> str:
-    """clean_address for a recipient: the null address `<>` (or an empty one) is a usage error."""
+    """clean_address for a recipient: the null address `<>` (or an empty one) is a usage error, and so is a quoted
+    string never closed (its address would reach the wire so; Postfix closes it at the end of the word). A sender
+    (-f) with one is taken, as Postfix takes it: refusing it would lose the mail of a script that never looks."""
     address = clean_address(value, origin)
     if not address:
         raise UsageError(f"{value!r}: bad address syntax: an empty recipient address")
+    if '"' in _QUOTED_STRING.sub("", address):
+        raise UsageError(f"{value!r}: bad address syntax: a quoted string is not closed")
     return address
 
 

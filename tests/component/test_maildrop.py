@@ -244,6 +244,7 @@ def test_bad_dsn_values_are_ignored_with_a_warning_as_postfix_does():
     assert o.warnings == ["bad -N option value -- ignored", "bad -R option value -- ignored",
                           "too long -V option value -- ignored"]
     assert parse_args(["-V", "caf\u00e9"]).warnings == ["bad syntax in -V option value -- ignored"]
+    assert parse_args(["-V", ""]).warnings == ["bad syntax in -V option value -- ignored"]  # Postfix 3.7's words too
     assert parse_args(["-V", "a b+c=d"]).envid == "a b+c=d"  # printable ASCII: written as xtext on the wire
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mailflow.sendmail.options import UsageError
-from mailflow.sendmail.reading import argument_recipients, clean_recipient
+from mailflow.sendmail.reading import argument_recipients, argument_sender, clean_recipient
 
 
 def test_a_long_recipient_list_is_taken_whole_or_refused():
@@ -28,3 +28,7 @@ def test_a_quoted_string_never_closed_is_bad_address_syntax(value):
                                             ('"a\\"b"@x.test', '"a\\"b"@x.test')])
 def test_closed_quoted_strings_are_taken(value, address):
     assert argument_recipients(value, "origin.test") == [address]
+
+
+def test_a_sender_with_a_quoted_string_never_closed_is_taken_as_postfix_takes_it():
+    assert argument_sender('"', "origin.test", print) == '"@origin.test'
