@@ -130,6 +130,7 @@ RECIPIENT_CASES = [
     (["a@x.test b@x.test"], MESSAGE),  # `sendmail "$RECIPIENTS"`: a space-separated list in one argument
     (["Joe a@x.test,c@x.test\tb@x.test"], MESSAGE),
     (["-f", "a@x.test b@x.test", "c@x.test"], MESSAGE),  # -f: the first (with a warning)
+    (["-V", "", "-N", "", "c@x.test"], MESSAGE),  # empty -V and -N values: ignored, each with its warning
     (["-t"], b"To: a@x.test b@x.test\nCc: Joe Q <c@x.test>, Team: d@x.test e@x.test;\nBcc: f@x.test g@x.test\n"
              b"Subject: probe\n\nbody\n"),
 ]
