@@ -7,7 +7,8 @@
     aliases: add_alias(address, targets), remove_alias(address, targets=()), list_aliases(domain=None)
     sender logins: add_sender(login, sender), remove_sender, list_senders(login=None)
     check_password(password, address, min_length) -> reason | None     the "weak input" rules
-    parse_size("1G") -> bytes                                          quotas: 0, 500M, 1G (units of 1024)
+    parse_size("1G") -> bytes                                          quotas: 0, 500M, 1G (units of 1024), at
+                                                                       most MAX_SIZE
     close()
 
 Addresses and domains are stored in lower case, domains as IDNA A-labels (mailflow.address.normalise_domain).
@@ -35,6 +36,7 @@ from mailflow.passwords import argon2id_password, text_problem
 LOCK_TIMEOUT = 5.0  # seconds a change waits for another writer (or a reader) to finish
 MAX_PASSWORD = 1024  # bytes
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+MAX_SIZE = (1 << 63) - 1  # the largest quota the database can hold
 
 EX_CONFLICT, EX_INPUT, EX_TEMPFAIL = 1, 2, 75
 
@@ -74,7 +76,10 @@ def parse_size(text: str) -> int:
     number = value[:-1] if unit else value
     if not number.isdigit():
         raise AccountError(f"{text!r} is not a size (bytes, or a number with K, M, G or T: 500M, 1G)", EX_INPUT)
-    return int(number) * _SIZE_UNITS[unit]
+    size = int(number) * _SIZE_UNITS[unit]
+    if size > MAX_SIZE:  # (SQLite's INTEGER: a bigger one was an OverflowError, a traceback or an HTTP 500)
+        raise AccountError(f"{text!r} is too big a size (at most {MAX_SIZE} bytes)", EX_INPUT)
+    return size
 
 
 def check_password(password: str, address: str, min_length: int) -> str | None:

@@ -454,6 +454,9 @@ async def test_account_endpoints_change_the_account_database(mailflow_server, tm
     assert status == 400 and "refused" in answer["error"]
     assert (await post(mf, "/api/accounts", {"address": "x@elsewhere.test", "password": "long enough"}))[0] == 409
     assert (await post(mf, "/api/accounts", {"address": "x@example.com"}))[0] == 400
+    status, answer = await post(mf, "/api/accounts", {"address": "big@example.com", "password": "long enough",
+                                                      "quota": "99999999999T"})  # it was a 500 (OverflowError)
+    assert status == 400 and "too big" in answer["error"]
 
     status, text = await get(mf, "/api/accounts?domain=example.com")
     assert status == 200 and [u["address"] for u in json.loads(text)["users"]] == ["ann@example.com"]

@@ -56,6 +56,11 @@ def test_weak_passwords_and_sizes():
     with pytest.raises(AccountError) as e:
         parse_size("lots")
     assert e.value.code == 2
+    assert parse_size(str((1 << 63) - 1)) == (1 << 63) - 1
+    for too_big in (str(1 << 63), "99999999999T"):  # past SQLite's INTEGER: an OverflowError when stored
+        with pytest.raises(AccountError, match="too big") as e:
+            parse_size(too_big)
+        assert e.value.code == 2
 
 
 # ---------------------------------------------------------------------------------------------- the database
