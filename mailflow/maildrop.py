@@ -32,7 +32,9 @@ so restart the server soon after installing a new package, before `sendmail -bs`
   and made mode 0644 whatever the umask (pickup runs as the queue's owner and reads it; the directory is not
   listable, so its name is its secret, as with Postfix's postdrop). The directory, when missing, is created
   DIRECTORY_MODE (1733: any local user may create a file in it, none may list it nor remove another's file; the
-  server makes an older one so at start), owned by the queue directory's owner (also when root makes it). Raises
+  server makes an older one so at start), owned by the queue directory's owner (also when root makes it); a
+  symbolic link in its place is never followed (the queue's owner could point it at root's directories), refused
+  73 as "not a directory", and the file is made and renamed relative to the directory opened. Raises
   `MaildropError` (with `.code`, a sysexits value: 65 EX_DATAERR when the content exceeds `size_limit` bytes (0: no
   limit) - reading stops there; 64 EX_USAGE when the envelope line would exceed HEADER_LIMIT (hundreds of thousands
   of recipients), before the content is read or a file created; 73 EX_CANTCREAT when the directory cannot be created
@@ -152,10 +154,22 @@ def write_maildrop(directory: Path, message: MaildropMessage, chunks: Iterable[b
         raise MaildropError(f"too many recipients ({len(message.recipients)}): the envelope would be {room} bytes, "
                             f"more than {HEADER_LIMIT}", os.EX_USAGE)
     _ensure_directory(directory)
-    name = new_name(time.time())
-    temp = directory / f".tmp.{name}"
+    where = _open_directory(directory)
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+        return _write_in(where, directory, message, chunks, size_limit, room)
+    finally:
+        os.close(where)
+
+
+def _write_in(where: int, directory: Path, message: MaildropMessage, chunks: Iterable[bytes], size_limit: int,
+              room: int) -> str:
+    """The file written in the directory open as `where` (every name relative to it: never another directory the
+    path may name meanwhile)."""
+    name = new_name(time.time())
+    temp = f".tmp.{name}"
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE,
+                     dir_fd=where)
     except OSError as e:
         raise MaildropError(f"cannot create a file in {directory}: {e.strerror}", _code(e)) from None
     try:
@@ -164,14 +178,30 @@ def write_maildrop(directory: Path, message: MaildropMessage, chunks: Iterable[b
             with os.fdopen(fd, "wb") as f:
                 _write_message(f, message, chunks, size_limit, room)
                 os.fsync(f.fileno())
-            os.rename(temp, directory / name)
+            os.rename(temp, name, src_dir_fd=where, dst_dir_fd=where)
             _fsync_directory(directory)
         except OSError as e:
             raise MaildropError(f"cannot write {directory / name}: {e.strerror}", _code(e)) from None
     except BaseException:
-        temp.unlink(missing_ok=True)
+        try:
+            os.unlink(temp, dir_fd=where)
+        except FileNotFoundError:
+            pass
         raise
     return name
+
+
+def _open_directory(directory: Path) -> int:
+    """The maildrop directory itself, never through a symbolic link: whoever may write in the queue directory (its
+    owner) could make maildrop/ a link to root's directories, where root's sendmail would then write (pickup never
+    follows one either). O_PATH: the directory need not be readable (1733), only searchable."""
+    try:
+        return os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise MaildropError(f"{directory} is not a directory (a symbolic link is never followed)",
+                                os.EX_CANTCREAT) from None
+        raise MaildropError(f"cannot open {directory}: {e.strerror}", _code(e)) from None
 
 
 def _write_message(f, message: MaildropMessage, chunks: Iterable[bytes], size_limit: int, room: int) -> None:
@@ -225,7 +255,7 @@ def _fsync_directory(directory: Path) -> None:
     """The rename made durable; not for a user who may not read the directory (every one but its owner, in the
     1733 maildrop: as Postfix's postdrop, the file itself was fsynced, and journaling filesystems keep the rename)."""
     try:
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except PermissionError:
         return
     try:

@@ -469,6 +469,18 @@ async def test_a_queue_directory_that_does_not_exist_is_refused_naming_it(write_
     assert not (tmp_path / "nowhere").exists()
 
 
+async def test_a_maildrop_that_is_a_symbolic_link_is_never_followed(cfg, tmp_path):
+    """Whoever may write in the queue directory (its owner) could make maildrop/ a link to root's directories (a
+    cron.d): root's sendmail wrote its file there. Refused, 73, as pickup refuses to scan it."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "queue").mkdir(exist_ok=True)
+    (tmp_path / "queue" / "maildrop").symlink_to(elsewhere)
+    rc, _, err = await run(cfg(), "bob@local.test", stdin=b"Subject: x\n\nx\n")
+    assert rc == 73 and "maildrop is not a directory (a symbolic link is never followed)" in err, err
+    assert list(elsewhere.iterdir()) == []
+
+
 async def test_a_message_that_cannot_be_stored_exits_73_with_a_reason(cfg, tmp_path):
     (tmp_path / "queue").write_text("not a directory")
     rc, _, err = await run(cfg(), "bob@local.test", stdin=b"\nx\n")
