@@ -61,13 +61,16 @@ class Selection:
 
 
 _ID = re.compile(r"[0-9A-Za-z]+")
+MAX_ID = 255  # Postfix's mail_queue_id_ok (VALID_HOSTNAME_LEN): a longer word is no queue id
+SHOWN = 100  # characters of a word that is no queue id repeated in the error
 
 
 def clean_id(token: str) -> str:
     """A queue id as typed or pasted from mailq (a trailing `*` or `!` is dropped)."""
     qid = token.strip().rstrip("*!")
-    if not _ID.fullmatch(qid):
-        raise SelectionError(f"{token!r} is not a queue id")
+    if len(qid) > MAX_ID or not _ID.fullmatch(qid):
+        shown = repr(token) if len(token) <= SHOWN else f"{token[:SHOWN]!r}... ({len(token)} characters)"
+        raise SelectionError(f"{shown} is not a queue id")
     return qid
 
 

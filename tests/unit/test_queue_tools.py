@@ -41,6 +41,9 @@ def test_ids_are_cleaned_deduplicated_and_checked():
     sel = qt.parse_selection(["x-y", "ABC123", "../z"], invalid=warnings.append)
     assert sel.ids == ("ABC123",) and warnings == ["'x-y' is not a queue id", "'../z' is not a queue id"]
     assert qt.parse_selection(["x-y"], invalid=warnings.append).ids == ()  # never everything
+    warnings.clear()  # a word longer than Postfix's mail_queue_id_ok takes (255) is none, and is not repeated whole
+    assert qt.parse_selection(["A" * 255, "B" * 5000], invalid=warnings.append).ids == ("A" * 255,)
+    assert warnings == [f"{'B' * 100!r}... (5000 characters) is not a queue id"]
 
 
 def test_all_means_any_id_and_cannot_mix_with_ids():
