@@ -13,7 +13,7 @@ database the configuration names directly, whether or not `serve` runs; the work
 A command line that does not say which messages exits 2; an unknown queue id for `show` exits 1.
 
 A closed standard input, output or error is opened on /dev/null first, for every command (as Postfix's sendmail
-does): never a traceback for it.
+does): never a traceback for it; nor for a reader that goes away (`… | head`): exit 1, as click makes it.
 
 `mailflow sendmail …` (also `sendmail`, `mailq`, `newaliases` through links) is the Sendmail-compatible local
 submission command (mailflow/sendmail/, docs/sendmail.md); its exit codes are sysexits values.
@@ -47,12 +47,21 @@ def main() -> None:
     _standard_streams()
     extra = program_mode(sys.argv[0])
     if extra is not None:  # invoked as sendmail, mailq or newaliases (a link to this program)
-        sys.exit(run_sendmail(extra + sys.argv[1:]))
+        _sendmail(extra + sys.argv[1:])
     if sys.argv[1:2] == ["sendmail"]:  # before typer, so that "--" and Sendmail's option syntax stay intact
-        sys.exit(run_sendmail(sys.argv[2:]))
+        _sendmail(sys.argv[2:])
     from mailflow.cli.commands import app
 
     app(prog_name="mailflow")
+
+
+def _sendmail(args: list[str]) -> None:
+    try:
+        code = run_sendmail(args)
+    except BrokenPipeError:  # `sendmail -bv … | head`: the reader has gone; exit 1 without a traceback, as click
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # makes it for the other commands
+        code = 1
+    sys.exit(code)
 
 
 def _standard_streams() -> None:

@@ -447,6 +447,18 @@ def test_bs_ends_quietly_when_the_client_stops_reading_the_replies(cfg):
     assert proc.returncode == 0 and b"Traceback" not in err and b"Exception" not in err, err
 
 
+def test_bv_to_a_reader_that_goes_away_exits_1_without_a_traceback(cfg):
+    """`sendmail -bv … | head -1`: a BrokenPipeError traceback; click's commands (`mailflow address`) exit 1."""
+    proc = subprocess.Popen([sys.executable, "-m", "mailflow", "sendmail", "-C", str(cfg()), "-bv",
+                             *(f"u{n}@remote.test" for n in range(2000))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().startswith(b"address:")
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=30)
+    assert (proc.returncode, err) == (1, b"")
+
+
 def test_closed_standard_streams_are_dev_null(cfg, tmp_path):
     """Run with standard input (or error) closed, as cron jobs and daemons may: an empty message is queued (and
     an error is reported nowhere, with its exit code), as Postfix's sendmail does; it was a traceback."""
