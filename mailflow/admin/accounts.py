@@ -13,7 +13,8 @@ Passwords are checked as `mailflow account` checks them (`[accounts] password_mi
 database (argon2id), never logged nor answered. Each call runs on a worker thread (hashing takes a while; the
 event loop goes on). Every change is logged with who and what (never the password).
 
-Failure behaviour: the database's refusals (AccountError) answer {"error": ...}: bad input 400, an unknown user
+Failure behaviour: the database's refusals (AccountError) answer {"error": ...}: bad input 400 (a field the
+endpoint does not take too), an unknown user
 or a missing database 404, any other conflict (a duplicate, an unknown domain) 409, the database locked 503.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from aiohttp import web
 from mailflow.accounts.database import (EX_INPUT, EX_TEMPFAIL, AccountDatabase, AccountError, check_password,
                                         parse_size)
 from mailflow.admin.access import who
-from mailflow.admin.api import json_body
+from mailflow.admin.api import json_body, refuse_unknown
 
 log = logging.getLogger("mailflow.admin")
 T = TypeVar("T")
@@ -48,10 +49,13 @@ def _refusal(e: AccountError) -> web.HTTPException:
     return _error(web.HTTPConflict, e.message)
 
 
-async def _body(request: web.Request, *names: str) -> dict:
+async def _body(request: web.Request, *names: str, optional: tuple[str, ...] = ()) -> dict:
+    """The JSON object of a request with the string fields `names`; a field it does not take is a 400 (a misspelt
+    "qouta" must not make a mailbox without its quota), as the queue endpoints refuse one."""
     body = await json_body(request)
     if not isinstance(body, dict):
         raise _error(web.HTTPBadRequest, "the body is a JSON object")
+    refuse_unknown(body, names + optional)
     for name in names:
         if not isinstance(body.get(name), str) or not body[name]:
             raise _error(web.HTTPBadRequest, f"{name}: a string is required")
@@ -90,7 +94,7 @@ def routes(server) -> web.RouteTableDef:
 
     @table.post("/api/accounts")
     async def add_user(request: web.Request) -> web.Response:
-        body = await _body(request, "address", "password")
+        body = await _body(request, "address", "password", optional=("quota",))
         quota = body.get("quota", 0)
         if not isinstance(quota, (int, str)) or isinstance(quota, bool):
             raise _error(web.HTTPBadRequest, "quota: bytes, or a size such as \"500M\"")

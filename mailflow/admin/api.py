@@ -123,7 +123,7 @@ async def json_body(request: web.Request) -> object:
     return body
 
 
-def _known(names: Iterable[str], allowed: Sequence[str]) -> None:
+def refuse_unknown(names: Iterable[str], allowed: Sequence[str]) -> None:
     """400 for a field a request does not take: a misspelt selector ("form", "to_domian") must not be dropped,
     which would widen the selection (`{"ids": ["ALL"], "form": "x@y"}` deleting everything), as `mailflow queue`
     refuses an unknown option."""
@@ -134,7 +134,7 @@ def _known(names: Iterable[str], allowed: Sequence[str]) -> None:
 
 def _query(request: web.Request, *allowed: str) -> dict[str, str]:
     """The query's parameters: 400 for an unknown one, or one given twice (which of them would count?)."""
-    _known(request.query.keys(), allowed)
+    refuse_unknown(request.query.keys(), allowed)
     for name in allowed:
         if len(request.query.getall(name, ())) > 1:
             raise _error(web.HTTPBadRequest, f"{name}: given more than once")
@@ -345,7 +345,7 @@ def routes(server, metrics: Metrics) -> web.RouteTableDef:
         body = await json_body(request)
         if not isinstance(body, dict):
             raise _error(web.HTTPBadRequest, "the body is a JSON object: {\"ids\": [...], ...}")
-        _known(body, SELECTORS)
+        refuse_unknown(body, SELECTORS)
         selection = _selection(body, required=name in REQUIRES_SELECTION)
         done, missed = await qt.apply(store(), action, selection, server.clock.time(), io.StringIO(),
                                       log=server.mail_log or MailLog())  # (before the stages: no observers yet)

@@ -457,6 +457,9 @@ async def test_account_endpoints_change_the_account_database(mailflow_server, tm
     status, answer = await post(mf, "/api/accounts", {"address": "big@example.com", "password": "long enough",
                                                       "quota": "99999999999T"})  # it was a 500 (OverflowError)
     assert status == 400 and "too big" in answer["error"]
+    status, answer = await post(mf, "/api/accounts", {"address": "typo@example.com", "password": "long enough",
+                                                      "qouta": "1G"})  # it made a mailbox without its quota
+    assert (status, answer) == (400, {"error": "unknown field 'qouta' (use address, password, quota)"})
 
     status, text = await get(mf, "/api/accounts?domain=example.com")
     assert status == 200 and [u["address"] for u in json.loads(text)["users"]] == ["ann@example.com"]
