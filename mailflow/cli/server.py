@@ -31,7 +31,7 @@ import sqlite3
 import sys
 import tempfile
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterable, List, Optional
 
 import typer
 
@@ -440,10 +440,11 @@ def table_query(spec: str = typer.Argument(..., metavar="TYPE:NAME", help="the t
     except ConfigError as e:
         fail_config("mailflow table query", e)
     several = len(keys) > 1 or keys == ["-"]
-    if keys == ["-"]:
-        keys = [line.removesuffix("\n") for line in sys.stdin]
+    asked: Iterable[str] = keys
+    if keys == ["-"]:  # one key a line, looked up as it is read (postmap -q - streams them too)
+        asked = (line.removesuffix("\n") for line in sys.stdin)
     found = 0
-    for key in keys:
+    for key in asked:
         try:
             value = table.lookup(key)
         except LookupRetry as e:
