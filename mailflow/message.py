@@ -20,6 +20,9 @@ of one; such a line is the first of the body, and cleanup puts the missing empty
     read_header(content, limit) -> (head, complete)   the header section of a `Content` (mailflow.content), read
                                           in growing steps, never more than `limit` + 2 bytes; when it is longer
                                           than `limit`, its first `limit` bytes and complete=False
+    header_fits(data, limit) -> bool      the header section at the start of `data` (at least `limit` + 2 bytes of
+                                          it) ends within `limit` bytes (a long line that starts as no field ends
+                                          it: the body's first line)
     header_lines(head)                    the lines, without their line ends
     header_fields(head)                   (lower-case name, the field's raw lines with continuations) in order
     starts_header_field(text) -> bool     a header field's start, a name and a colon (Postfix's is_header)
@@ -56,6 +59,8 @@ HEADER_READ_LIMIT = 1_000_000  # how much of a header section readers other than
 # continuation lines, each complete (its line end included)
 _FIELDS = re.compile(rb"(?:[!-9;-~]+[ \t]*:[^\n]*\n(?:[ \t][^\n]*\n)*)*")
 _FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")
+_MAY_START_FIELD = re.compile(rb"[!-9;-~]*[ \t]*")  # what a field's start may be before its colon is read
+LINE_LENGTH = 2048  # Postfix's line_length_limit: is_header decides on a line's first record, this long
 
 
 def starts_header_field(text: str) -> bool:
@@ -94,8 +99,25 @@ def read_header(content, limit: int) -> tuple[bytes, bool]:
         if end is not None:
             return (prefix[:end], True) if end <= limit else (prefix[:limit], False)
         if want >= limit + 2:
-            return prefix[:limit], False
+            fields = _fields_end(prefix)
+            return (prefix[:fields], True) if header_fits(prefix, limit) else (prefix[:limit], False)
         want = min(want * 8, limit + 2)
+
+
+def header_fits(data: bytes, limit: int) -> bool:
+    """Whether the header section at the start of `data` (the first `limit` + 2 bytes of a message, or more) ends
+    within `limit` bytes: at the empty line, at a complete line that is no header field, or at a line longer than
+    the rest of `data` that does not start as one (neither a name and a colon nor a continuation's blank: a long
+    first body line, a log piped to sendmail, is body as Postfix's is_header takes it at its start, its first
+    line_length_limit bytes; it was taken for an endless header section and the message refused 5.3.4)."""
+    end = header_end(data)
+    if end is not None:
+        return end <= limit
+    fields = _fields_end(data)
+    line = data[fields:fields + LINE_LENGTH]
+    if fields > limit or line[:1] in (b"", b" ", b"\t") or _FIELD_START.match(line):
+        return False
+    return len(line) >= LINE_LENGTH or not _MAY_START_FIELD.fullmatch(line)  # (else its colon may yet come)
 
 
 def header_lines(head: bytes) -> list[bytes]:

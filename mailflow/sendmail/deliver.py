@@ -3,10 +3,11 @@
     run(options, config, stdin, stdout, stderr, identity=None) -> exit code
 
 Exit codes (sysexits): 0; 64 EX_USAGE (no recipients, bad address); 65 EX_DATAERR (bigger than
-`message_size_limit`: "message file too big"); 77 EX_NOPERM (not in `authorized_submit_users`, or a sender
-`local_login_sender_maps` does not allow); 73 EX_CANTCREAT / 75 EX_TEMPFAIL when the message cannot be stored
-(and 75 when a table cannot answer). Every failure prints one line on stderr. SIGTERM or SIGHUP before the
-message is stored removes its unfinished file and ends the process by that signal (nothing is left behind).
+`message_size_limit`: "message file too big", or a header section larger than `header_size_limit`); 77
+EX_NOPERM (not in `authorized_submit_users`, or a sender `local_login_sender_maps` does not allow); 73
+EX_CANTCREAT / 75 EX_TEMPFAIL when the message cannot be stored (and 75 when a table cannot answer). Every failure
+prints one line on stderr. SIGTERM or SIGHUP before the message is stored removes its unfinished file and ends the
+process by that signal (nothing is left behind).
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from mailflow.errors import LookupRetry
 from mailflow.maildrop import MaildropError
 from mailflow.sendmail.identity import Identity, current_identity, may_submit
 from mailflow.sendmail.options import Options, UsageError
-from mailflow.sendmail.reading import (argument_recipients, argument_sender, clean_recipient, header_recipients,
-                                       read_message, text_of_argument, without_bcc)
+from mailflow.sendmail.reading import (argument_recipients, argument_sender, clean_recipient, header_overflows,
+                                       header_recipients, read_message, text_of_argument, without_bcc)
 from mailflow.sendmail.settings import Settings
 from mailflow.sendmail.submitter import Submitter
 
@@ -125,6 +126,10 @@ def _deliver(opts: Options, config: Settings, stdin: BinaryIO, stderr: TextIO, s
         say(problem)
         return os.EX_NOPERM
     head, rest = submitter.split(read_message(stdin, opts.ignore_dots))
+    if header_overflows(head, config.header_size_limit):  # cleanup would refuse it; -t would miss recipients
+        say(f"message not stored: the header section is larger than header_size_limit "
+            f"({config.header_size_limit} bytes)")
+        return os.EX_DATAERR
     if opts.extract:
         recipients += [clean_recipient(r, origin) for r in header_recipients(head)]
     if not recipients:  # (`sendmail ''` or `sendmail ,` name no address either)

@@ -18,6 +18,7 @@ header section (for -t and Bcc), streamed so that a big message is never held wh
     line_pieces(stream) -> (text, complete, last)  what both read_message and -bs's DATA read: lines, or pieces
                                                    of LINE_PIECE, without their line ends
     split_input(lines, limit) -> (header section, the rest)
+    header_overflows(head, limit) -> bool           the header section goes on past the limit (split_input cut it)
     header_recipients(header) -> addresses         -t: To, Cc, Bcc (Resent-* when any Resent- header is present)
     without_bcc(header) -> header                  Bcc and Resent-Bcc removed
 
@@ -35,7 +36,7 @@ import re
 from typing import BinaryIO, Callable, Iterable, Iterator
 
 from mailflow.header_addresses import mailbox_spans
-from mailflow.message import CRLF, header_fields, split_header
+from mailflow.message import CRLF, header_fields, header_fits, split_header
 from mailflow.sendmail.options import UsageError
 
 LINE_PIECE = 65536  # standard input is read a line at a time, a longer line in pieces of this size
@@ -171,6 +172,13 @@ def split_input(lines: Iterable[bytes], limit: int) -> tuple[bytes, Iterator[byt
         if size > limit:
             break
     return b"".join(head), rest
+
+
+def header_overflows(head: bytes, limit: int) -> bool:
+    """Whether `head` (split_input's) is a header section cut at `limit`: its fields go on past it, so that
+    cleanup would refuse the message (header section larger than header_size_limit) and -t would miss the
+    recipients after the cut. A message whose first lines are no header fields (a log piped in) is none."""
+    return len(head) > limit and not header_fits(head, limit)
 
 
 def header_recipients(content: bytes) -> list[str]:

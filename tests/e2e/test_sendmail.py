@@ -568,6 +568,28 @@ async def test_a_recipient_whose_domain_is_a_bad_address_literal_bounces_at_once
     await queue_becomes(mf.store, {})
 
 
+@pytest.mark.parametrize("args", [["-t"], ["bob@local.test"]])
+async def test_a_header_section_past_header_size_limit_is_refused_at_once(cfg, tmp_path, args):
+    """-t missed every recipient past the limit (`no recipient addresses found`, or a Cc dropped and the message
+    bounced by cleanup after exit 0); without -t cleanup bounced it after exit 0. Now 65, nothing stored (Postfix's
+    sendmail -t: `unable to extract recipients: message header length exceeds safety limit`)."""
+    head = b"To: bob@local.test\n" + b"".join(b"X-H%d: %070d\n" % (n, 0) for n in range(2000))
+    rc, _, err = await run(cfg(), *args, stdin=head + b"Cc: alice@local.test\n\nbody\n")
+    assert rc == 65 and "the header section is larger than header_size_limit (102400 bytes)" in err, err
+    assert maildrop_names(tmp_path / "queue" / "maildrop") == []
+
+
+async def test_a_long_first_body_line_is_body_and_delivered(mailflow_server, cfg, tmp_path):
+    """`sendmail bob < report.log`: a first line longer than header_size_limit that is no header field is the
+    body's (Postfix's is_header); cleanup took it for an endless header section and bounced the message 5.3.4."""
+    await mailflow_server()
+    document = b"2026-12-06 04:00:01 backup done: " + b"7, " * 100_000 + b"0\n"
+    rc, _, err = await run(cfg(), "alice@local.test", stdin=document)
+    assert rc == 0, err
+    [message] = await delivered(tmp_path, "alice", timeout=5)
+    assert message.endswith(b"\n\n" + document)
+
+
 async def test_a_recipient_beginning_with_a_dash_bounces_whatever_its_transport(mailflow_server, smtp_peer, cfg,
                                                                                  tmp_path):
     """`sendmail -- -oQ@relay.test`: Postfix takes it (exit 0) and bounces it, 5.1.3 bad address syntax, because

@@ -10,7 +10,7 @@ import pytest
 from mailflow.content import Content
 from mailflow.errors import PermanentError
 from mailflow.logs import MailLog
-from mailflow.message import header_names, header_value, rfc5322_date, split_header
+from mailflow.message import header_names, header_value, read_header, rfc5322_date, split_header
 from mailflow.model import ClientInfo, Envelope, Recipient, Submission
 from mailflow.stages.cleanup import Cleanup, QueueIdGenerator
 from mailflow.store import NewMessage
@@ -69,6 +69,25 @@ HEAD = (
     b"Message-ID: <id@example.test>\r\n"
     b"Subject: second subject\r\n"
 )
+
+
+LONG = 200_000  # past the limit below (which must leave room for Postfix's line_length_limit, 2048)
+LIMIT = 5000
+
+
+@pytest.mark.parametrize("content, head", [
+    (b"a" * LONG + b"\r\n", b""),  # no colon in its first 2048 bytes: body, as Postfix's is_header says
+    (b"To: x@y.test\r\n" + b"[" + b"7," * LONG + b"0]\r\n", b"To: x@y.test\r\n"),
+    (b"To: x@y.test\r\n" + b"a b" * LONG + b"\r\n", b"To: x@y.test\r\n"),  # no field's name has a blank inside
+    (b"Subject: " + b"a" * LONG + b"\r\n\r\nbody\r\n", None),  # a field too long
+    (b"Subject: x\r\n " + b"a" * LONG + b"\r\n", None),  # a continuation line too long
+    (b"X-A: 1\r\n" * 20000 + b"\r\nbody\r\n", None),  # fields past the limit
+    (b"X-A: 1\r\n" * 624 + b"X-Long: v\r\n", None),  # a field cut at the limit, its colon not read yet
+])
+def test_a_long_first_body_line_ends_the_header_section_but_a_long_field_is_too_big(content, head):
+    """cleanup took a first body line longer than header_size_limit (no header field) for an endless header section
+    and refused the message 5.3.4: `sendmail user < report.log` bounced."""
+    assert read_header(Content((content,)), LIMIT) == ((head, True) if head is not None else (content[:LIMIT], False))
 
 
 def test_header_names_lower_case_in_order_skipping_continuations():
