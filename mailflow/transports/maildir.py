@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 from mailflow import address
 from mailflow.clock import Clock
@@ -142,10 +142,12 @@ class MaildirTransport:
         return Owner(-1 if uid is None else uid, -1 if gid is None else gid, self._base)
 
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
-        results = []
+        return DeliveryReport(tuple([result async for result in self.deliver_each(request)]))
+
+    async def deliver_each(self, request: DeliveryRequest) -> AsyncIterator[RcptResult]:
+        """Each recipient's result as its file is written, one after another (qmgr records each at once)."""
         for rcpt in request.recipients:
-            results.append(await self._deliver_one(request, rcpt))
-        return DeliveryReport(tuple(results))
+            yield await self._deliver_one(request, rcpt)
 
     async def close(self) -> None:
         pass

@@ -129,6 +129,69 @@ async def test_a_stop_repeats_only_the_delivery_it_interrupted(s):
     assert sent_to(s.smtp) == ["b@remote.test"]
 
 
+class OneByOne:
+    """An agent that delivers its recipients one after another (as local and virtual do): `deliver_each` yields
+    each result (bounced for a `bad-` local part, else sent), then waits for `release` before the next one; with
+    `fail_at` it raises instead of delivering that recipient."""
+
+    program = "local"
+
+    def __init__(self, fail_at: str = ""):
+        self.release = asyncio.Event()
+        self.fail_at = fail_at
+        self.delivered: list[str] = []
+
+    async def deliver_each(self, request):
+        for rcpt in request.recipients:
+            if rcpt.address == self.fail_at:
+                raise RuntimeError("the agent died")
+            self.delivered.append(rcpt.address)
+            bad = rcpt.address.startswith("bad-")
+            yield RcptResult(rcpt, Outcome.BOUNCED if bad else Outcome.SENT, "5.1.1" if bad else "2.0.0",
+                             "no such user" if bad else "delivered", relay="local")
+            await self.release.wait()
+
+    async def deliver(self, request):
+        raise AssertionError("qmgr asks deliver_each of an agent that has it")
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_an_agent_delivering_one_recipient_after_another_has_each_result_recorded_as_it_comes(s):
+    """Postfix's local(8) and virtual(8) cross each recipient off as it is delivered (deliver_completed): a crash
+    repeats only the one in flight. mailflow recorded a job's results when the whole job ended, so a stop in the
+    middle of a local job with many recipients delivered the finished ones again."""
+    s.local = OneByOne()
+    await s.start()
+    await s.queue("Q1", "a@example.test", "b@example.test", "c@example.test")
+    rows = await eventually(lambda: _recipients_if(s, "Q1", lambda rows: rows[0][1] == "sent"))
+    assert [r[:2] for r in rows] == [("a@example.test", "sent"), ("b@example.test", "pending"),
+                                     ("c@example.test", "pending")]
+    await eventually(lambda: s.logged("Q1: to=<a@example.test>", "status=sent"))  # logged after its commit
+    await s.stop(grace=0.05)  # cut off while b's delivery is under way (its result not given yet)
+
+    s.local = RecordingTransport("local")
+    await s.start()
+    await eventually(lambda: _counts_are(s, {}))
+    assert sent_to(s.local) == ["b@example.test", "c@example.test"], "a recorded delivery was repeated"
+
+
+async def test_a_recipient_after_an_agent_died_midway_is_deferred_and_those_before_stand(s):
+    """The results given before the agent raised are recorded (a bounce's notice owed, its flag kept); the rest of
+    the job is deferred 4.3.0, the job's last recipient too."""
+    s.local = OneByOne(fail_at="c@example.test")
+    s.local.release.set()
+    await s.start()
+    await s.queue("Q1", "a@example.test", "bad-b@example.test", "c@example.test", "d@example.test")
+    await eventually(lambda: _counts_are(s, {"deferred": 1}))
+    rows = await s.store.recipients("Q1")
+    assert [r[:3] for r in rows] == [("a@example.test", "sent", "2.0.0"), ("bad-b@example.test", "bounced", "5.1.1"),
+                                     ("c@example.test", "pending", "4.3.0"), ("d@example.test", "pending", "4.3.0")]
+    assert len(s.logged("Q1: to=<", "status=")) == 4  # each once
+    assert s.local.delivered == ["a@example.test", "bad-b@example.test"]
+
+
 # ---------------------------------------------------------------------------------------------- records that fail
 
 

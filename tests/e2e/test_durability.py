@@ -2,12 +2,15 @@
 or a crash while one destination is slow repeats no delivery that had finished, and each is in the log once."""
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import uuid
 
 import pytest
 
 from tests.support import (ServerProcess, SmtpClient, big_message, eventually, free_port, maildir_messages,
-                           queue_counts, send, stall_mail)
+                           queue_counts, script_dir, send, stall_mail)
 
 MESSAGES = 5
 
@@ -172,3 +175,40 @@ async def test_a_bounce_soft_bounce_kept_deferred_survives_sigkill_and_is_delive
                      and srv.log_lines("to=<gone@relay.test>", "status=sent"), timeout=20, what="delivered and logged")
     assert [(m.mail_from, m.rcpt_tos) for m in peer.messages] == [("s@remote.test", ["gone@relay.test"])]
     assert not srv.log_lines("status=bounced")  # kept deferred, never turned into a bounce
+
+
+# ------------------------------------------------------------------------------------ one job, several recipients
+
+
+async def test_sigkill_during_a_local_job_repeats_only_the_recipient_in_flight(server, tmp_path):
+    """One message to alice, bob (Maildirs) and an alias whose command is still running when the server is
+    SIGKILLed: the two mailboxes were written and their results recorded as each was delivered (Postfix's local(8)
+    crosses each recipient off as it goes, deliver_completed), so after the restart only the command runs again."""
+    with script_dir() as scripts:
+        quick = scripts.out / "quick"
+        script = scripts.script("slow.sh", f"echo $$ >> {scripts.out / 'pids'}\necho run >> {scripts.out / 'runs'}\n"
+                                           f"[ -e {quick} ] || exec sleep 30\n")
+        aliases = tmp_path / "aliases"
+        aliases.write_text(f"slow: |{script}\n")
+        srv = server(alias_maps=[f"texthash:{aliases}"], local_recipient_maps=["inline:{alice=ok, bob=ok, slow=ok}"])
+        await srv.start()
+        try:
+            _, reply = await send(srv.port, "s@remote.test", ["alice@local.test", "bob@local.test", "slow@local.test"],
+                                  message("job"))
+            assert reply.startswith("2.0.0 Ok: queued as")
+            boxes = [tmp_path / "mail" / user / "Maildir" for user in ("alice", "bob")]
+            await eventually(lambda: scripts.read("runs") and all(maildir_messages(box) for box in boxes), timeout=10)
+            # the results of alice and bob are on disk before the command ends (the log line follows the commit)
+            await eventually(lambda: len(srv.log_lines("status=sent")) == 2, timeout=5, what="two results recorded")
+            srv.kill()
+            quick.touch()  # the command ends at once from now on
+
+            await srv.start()
+            db = tmp_path / "queue" / "queue.db"
+            await eventually(lambda: queue_counts(db) == {}, timeout=15, what="the message delivered")
+            assert [len(maildir_messages(box)) for box in boxes] == [1, 1], "a recorded delivery was repeated"
+            assert scripts.read("runs") == "run\nrun\n", "the command in flight ran again, once"
+        finally:
+            for pid in scripts.read("pids").split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)

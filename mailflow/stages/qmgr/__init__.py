@@ -50,7 +50,10 @@ The loop
 - When a job is back its recipients' results are recorded at once (`store.record_results`, group-committed
   with other writes) and logged: sent, bounced, or still pending with the reason. A recipient whose failure or
   success notice is owed keeps a flag in its row. So a stop or a crash repeats only deliveries that were
-  themselves interrupted (Postfix's deliver_completed).
+  themselves interrupted (Postfix's deliver_completed). An agent that delivers a job's recipients one after
+  another (`deliver_each`: local, virtual) has each result but the job's last recorded as it comes (the last goes
+  with the job's end, so a one-recipient job costs no more writes), as local(8) and virtual(8) cross each
+  recipient off: a stop in the middle of such a job repeats only the recipient in flight.
 - When every job of a message is back, one `store.finish()` records the last job's results, queues the notices
   the flagged rows call for (`notices.py`; rows flagged before a stop come with the message from the scan) and
   clears the flags, and removes the message or defers it to
@@ -122,12 +125,13 @@ destination windows (`destination.py`), the retry schedule (`backoff.py`) and th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import heapq
 import logging
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Callable, Iterator
+from typing import AsyncIterator, Callable, Collection, Iterator
 
 from mailflow.clock import Clock
 from mailflow.content import Content
@@ -930,8 +934,9 @@ class QueueManager:
     async def _run_job(self, dest: Destination, job: Job) -> None:
         report = None
         started = self._clock.time()  # the hand-off to the delivery agent
+        recorded: set[int] = set()  # the recipients whose results were recorded while the job ran
         try:
-            report = await self._deliver(self._active[job.queue_id], job)
+            report = await self._deliver(self._active[job.queue_id], job, started, recorded)
         finally:
             ended = self._clock.time()
             if self._on_delivery is not None:
@@ -950,7 +955,7 @@ class QueueManager:
                 self._wake_for(dest, dest.dead_until)
             if dest.resume_at > ended:  # a rate delay: the loop wakes when it is over (a paused destination is kept)
                 self._wake_for(dest, dest.resume_at)
-        self._job_done(job, report, started, ended)
+        self._job_done(job, report, started, ended, recorded)
         self._pump()
 
     def _forget(self, dest: Destination) -> None:
@@ -974,16 +979,19 @@ class QueueManager:
             return result.program or "qmgr"
         return result.program or transport.program
 
-    def _job_done(self, job: Job, report: DeliveryReport, handoff: float = 0.0, done: float = 0.0) -> None:
+    def _job_done(self, job: Job, report: DeliveryReport, handoff: float = 0.0, done: float = 0.0,
+                  recorded: Collection[int] = ()) -> None:
         """A job's report: from its delivery agent, handed the job at `handoff`, back at `done`; or qmgr's own
-        (0.0: no agent had it)."""
+        (0.0: no agent had it). `recorded`: the recipients (indexes) whose results were recorded as they came."""
         active = self._active[job.queue_id]
         active.jobs_left -= 1
         stats = active.stats._replace(handoff=handoff, done=done) if handoff else None
-        results = _complete(job, report, stats)
+        results = [r for r in _complete(job, report, stats) if r.recipient.index not in recorded]
         self._results_in(active, [_soft_bounced(r) for r in results] if self._soft_bounce else results)
 
-    async def _deliver(self, active: ActiveMessage, job: Job) -> DeliveryReport:
+    async def _deliver(self, active: ActiveMessage, job: Job, handoff: float, recorded: set[int]) -> DeliveryReport:
+        """The agent's report; an agent that delivers its recipients one after another (`deliver_each`) has each
+        result but the job's last recorded as it comes (`_each_result`), its index added to `recorded`."""
         msg = active.message
         transport = self._transports.get(job.transport)
         if transport is None:
@@ -999,14 +1007,39 @@ class QueueManager:
                                   msg.smtputf8, msg.body_type, msg.arrival, envid=msg.envid, ret=msg.ret,
                                   queued_for=max(0.0, self._clock.time() - msg.arrival),
                                   client_attributes=msg.client_attributes)
+        each = getattr(transport, "deliver_each", None)
         try:
-            return await transport.deliver(request)
+            if each is None or len(job.recipients) == 1:
+                return await transport.deliver(request)
+            async with contextlib.aclosing(each(request)) as results:
+                return await self._each_result(active, job, results, handoff, recorded)
         except asyncio.CancelledError:
             raise
         except Exception as e:
             log.exception("%s: transport %s failed", msg.queue_id, job.transport)
             return DeliveryReport.uniform(job.recipients, Outcome.DEFERRED, "4.3.0",
                                           f"delivery agent {job.transport} failed: {e}")
+
+    async def _each_result(self, active: ActiveMessage, job: Job, results: AsyncIterator[RcptResult],
+                           handoff: float, recorded: set[int]) -> DeliveryReport:
+        """Each result of `job` as its agent gives it, recorded at once while others are still to come, as Postfix's
+        local(8) and virtual(8) cross each recipient off the queue file as it is delivered (deliver_completed): a
+        stop or a crash repeats only the recipient in flight. The last one comes back in the report, to go with
+        the job's end (for the message's last job, with the end of the attempt: no write more than before)."""
+        mine = {r.index: r for r in job.recipients}
+        last: list[RcptResult] = []
+        async for result in results:
+            index = result.recipient.index
+            if mine.get(index) != result.recipient or index in recorded:
+                continue
+            if len(recorded) + 1 == len(mine):
+                last.append(result)
+                continue
+            recorded.add(index)
+            stats = active.stats._replace(handoff=handoff, done=self._clock.time())
+            result = replaced(result, transport=job.transport, stats=stats)
+            self._results_in(active, [_soft_bounced(result) if self._soft_bounce else result])
+        return DeliveryReport(tuple(last))
 
     async def _content(self, active: ActiveMessage) -> Content | None:
         if active.content is None:

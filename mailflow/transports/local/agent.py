@@ -76,7 +76,7 @@ import pwd
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Awaitable, Callable, Mapping, NamedTuple, Protocol
+from typing import AsyncIterator, Awaitable, Callable, Mapping, NamedTuple, Protocol
 
 from mailflow import address
 from mailflow.clock import Clock
@@ -169,12 +169,14 @@ class LocalTransport:
         self._relay = relay
 
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
+        return DeliveryReport(tuple([result async for result in self.deliver_each(request)]))
+
+    async def deliver_each(self, request: DeliveryRequest) -> AsyncIterator[RcptResult]:
+        """Each recipient's result as its delivery ends, one after another (qmgr records each at once)."""
         seen = delivered_to(read_header(request.content, HEADER_READ_LIMIT)[0])
         filled = _Filled()
-        results = []
         for rcpt in request.recipients:
-            results.append(await self._each_recipient(request, rcpt, seen, filled))
-        return DeliveryReport(tuple(results))
+            yield await self._each_recipient(request, rcpt, seen, filled)
 
     async def _each_recipient(self, request: DeliveryRequest, rcpt: Recipient, seen: frozenset[str],
                               filled: _Filled) -> RcptResult:
