@@ -35,7 +35,7 @@ Runner (used by pipe services and by local's `|command` destinations):
 3. The command runs once for all remaining recipients (argv elements holding a per-recipient macro expand to
    one element per recipient), or once per recipient when flags D or O are set (those headers name one
    recipient: Postfix requires transport_destination_recipient_limit = 1 for them). Its result applies to
-   every recipient of that run.
+   every recipient of that run; `deliver_each` yields each run's results as it ends (qmgr records them at once).
 argv macros (their grammar is `mailflow.pipe_argv`; each value one argv element, never a shell): per recipient
 ${recipient}, ${original_recipient}, ${user}, ${extension}, ${mailbox}, ${domain}; per request ${sender} (null
 sender: `null_sender`, default MAILER-DAEMON), ${nexthop}, ${queue_id}, ${size}, and the message's client
@@ -429,37 +429,45 @@ class PipeTransport:
         self._now = now
 
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
+        results = {result.recipient.index: result async for result in self.deliver_each(request)}
+        return DeliveryReport(tuple(results[r.index] for r in request.recipients))
+
+    async def deliver_each(self, request: DeliveryRequest) -> AsyncIterator[RcptResult]:
+        """The recipients' results as they are known: those refused before any run, then each run's (one run per
+        recipient with flag D or O, one after another: qmgr records each as it comes)."""
         s = self._service
-        if s.size_limit and request.content.size > s.size_limit:
-            return DeliveryReport.uniform(request.recipients, Outcome.BOUNCED, "5.2.3", "message too large",
-                                          relay=self._name)
-        if has_control(request.sender):
-            return DeliveryReport.uniform(request.recipients, Outcome.BOUNCED, "5.1.7",
-                                          "bad sender address syntax: control characters", relay=self._name)
-        if self._min_user(request.sender):
-            return DeliveryReport.uniform(request.recipients, Outcome.BOUNCED, "5.1.7",
-                                          "bad sender address syntax: begins with '-'", relay=self._name)
-        results: dict[int, RcptResult] = {}
+        refusal = self._refused_message(request)
+        if refusal is not None:
+            outcome, dsn, text = refusal
+            for result in DeliveryReport.uniform(request.recipients, outcome, dsn, text, relay=self._name).results:
+                yield result
+            return
         ready = []
         seen = self._delivered_to(request) if "D" in s.flags else frozenset()
         values = {r.index: recipient_values(r, s.flags, self._delimiter) for r in request.recipients}
         for rcpt in request.recipients:
             if has_control(rcpt.address) or has_control(rcpt.original):
-                results[rcpt.index] = self._result(rcpt, Outcome.BOUNCED, "5.1.3",
-                                                   "bad recipient address syntax: control characters")
+                yield self._result(rcpt, Outcome.BOUNCED, "5.1.3", "bad recipient address syntax: control characters")
             elif any(self._min_user(v) for v in values[rcpt.index].values()):
-                results[rcpt.index] = self._result(rcpt, Outcome.BOUNCED, "5.1.3",
-                                                   "bad recipient address syntax: begins with '-'")
+                yield self._result(rcpt, Outcome.BOUNCED, "5.1.3", "bad recipient address syntax: begins with '-'")
             elif rcpt.address.lower() in seen:
-                results[rcpt.index] = self._result(rcpt, Outcome.BOUNCED, "5.4.6",
-                                                   f"mail forwarding loop for {rcpt.address}")
+                yield self._result(rcpt, Outcome.BOUNCED, "5.4.6", f"mail forwarding loop for {rcpt.address}")
             else:
                 ready.append(rcpt)
         one_each = "D" in s.flags or "O" in s.flags
         for batch in ([[r] for r in ready] if one_each else [ready] if ready else []):
             for result in await self._run_batch(request, batch, values):
-                results[result.recipient.index] = result
-        return DeliveryReport(tuple(results[r.index] for r in request.recipients))
+                yield result
+
+    def _refused_message(self, request: DeliveryRequest) -> tuple[Outcome, str, str] | None:
+        """Why no recipient of the message is delivered: too big for the service, a sender it refuses; None."""
+        if self._service.size_limit and request.content.size > self._service.size_limit:
+            return Outcome.BOUNCED, "5.2.3", "message too large"
+        if has_control(request.sender):
+            return Outcome.BOUNCED, "5.1.7", "bad sender address syntax: control characters"
+        if self._min_user(request.sender):
+            return Outcome.BOUNCED, "5.1.7", "bad sender address syntax: begins with '-'"
+        return None
 
     async def close(self) -> None:
         pass

@@ -11,6 +11,7 @@ import pytest
 
 from tests.support import (ServerProcess, SmtpClient, big_message, eventually, free_port, maildir_messages,
                            queue_counts, script_dir, send, stall_mail)
+from tests.support.dovecot import lmtp_route
 
 MESSAGES = 5
 
@@ -208,6 +209,50 @@ async def test_sigkill_during_a_local_job_repeats_only_the_recipient_in_flight(s
             await eventually(lambda: queue_counts(db) == {}, timeout=15, what="the message delivered")
             assert [len(maildir_messages(box)) for box in boxes] == [1, 1], "a recorded delivery was repeated"
             assert scripts.read("runs") == "run\nrun\n", "the command in flight ran again, once"
+        finally:
+            for pid in scripts.read("pids").split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+
+
+async def test_sigkill_during_a_message_split_across_five_transports_repeats_only_the_delivery_in_flight(
+        server, smtp_peer, dovecot, tmp_path):
+    """One message to a relay sink (smtp), two Dovecot users (lmtp), two local Maildirs, and three recipients of a
+    pipe service with flag D (a run per recipient, one after another), the last run still going when the server is
+    SIGKILLed: after the restart every recipient got its copy once, but the run that was cut off (at least once,
+    as Postfix): the pipe's first two runs were recorded as each ended."""
+    peer = await smtp_peer()
+    with script_dir() as scripts:
+        quick = scripts.out / "quick"
+        script = scripts.script("deliver.sh", f'echo $$ >> {scripts.out / "pids"}\n'
+                                              f'echo "$1" >> {scripts.out / "runs"}\n'
+                                              f'[ "$1" != slow@pipe.test ] || [ -e {quick} ] || exec sleep 30\n')
+        routes = lmtp_route(dovecot, **{"pipe.test": "deliver:"})
+        srv = server(relayhost=f"[127.0.0.1]:{peer.port}", relay_domains=["relay.test", "example.test", "pipe.test"],
+                     transport_maps=routes, pipe={"deliver": {"argv": [str(script), "${recipient}"], "flags": "D"}})
+        await srv.start()
+        pipe_rcpts = ["p1@pipe.test", "p2@pipe.test", "slow@pipe.test"]
+        rcpts = ["far@relay.test", "alice@example.test", "bob@example.test", "alice@local.test", "bob@local.test",
+                 *pipe_rcpts]
+        boxes = [dovecot.root / "mail" / "example.test" / user / "Maildir" for user in ("alice", "bob")] + \
+            [tmp_path / "mail" / user / "Maildir" for user in ("alice", "bob")]
+        try:
+            _, reply = await send(srv.port, "s@remote.test", rcpts, message("split"))
+            assert reply.startswith("2.0.0 Ok: queued as")
+            await eventually(lambda: "slow@pipe.test" in scripts.read("runs"), timeout=10)
+            # everything but the run in flight is recorded (each log line follows its commit)
+            await eventually(lambda: len(srv.log_lines("status=sent")) == len(rcpts) - 1, timeout=10,
+                             what="the finished deliveries recorded")
+            srv.kill()
+            quick.touch()
+
+            await srv.start()
+            db = tmp_path / "queue" / "queue.db"
+            await eventually(lambda: queue_counts(db) == {}, timeout=15, what="the message delivered")
+            assert [m.rcpt_tos for m in peer.messages] == [["far@relay.test"]]
+            assert [len(maildir_messages(box)) for box in boxes] == [1, 1, 1, 1], "a recorded delivery was repeated"
+            assert scripts.read("runs").split() == pipe_rcpts + ["slow@pipe.test"]
+            assert not srv.log_lines("status=bounced")
         finally:
             for pid in scripts.read("pids").split():
                 with contextlib.suppress(ProcessLookupError):
