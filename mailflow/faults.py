@@ -20,7 +20,8 @@ What it owns: how long a failing piece of work waits before its next try, and ho
   fault costs one failed attempt per interval, not one per waiting message. Other errors back off their own
   caller only. Cancellation (server stop) ends the wait. For a driver of a virtual clock (the Sink) it tells
   whether its callers wait for the clock alone (`resting`: each asleep until a retry time still to come, or in
-  line behind a probe that is), which tasks they are (`callers`) and the next retry time (`next_retry`).
+  line behind a probe that is), which tasks they are (`callers`), the next retry time (`next_retry`) and the run
+  of store faults they wait out (`failure`).
 
 Time is the injected clock's, so tests drive the intervals with a virtual clock.
 """
@@ -185,6 +186,11 @@ class Retrier:
             if until is None or until <= now or (until == IN_LINE and not self._probe.locked()):
                 return False
         return True
+
+    @property
+    def failure(self) -> FailureLog | None:
+        """The run of store faults its callers wait out (`since`, `describe_run()`) while any waits, else None."""
+        return self._log if self._log.failing and self._waits else None
 
     def next_retry(self) -> float | None:
         """The earliest clock time a sleeping caller tries again, or None."""

@@ -10,8 +10,9 @@
         await sink.advance(seconds=0, minutes=0, hours=0, days=0)       (virtual_time=True)
         await sink.settle(timeout=30, scan_failure_timeout=30)
                                           until nothing is due now: no message waiting, no delivery running
-                                          (mail held only by a destination's timer, a rate delay, or by the retry
-                                          of a record or a queue scan after a store fault counts as settled)
+                                          (mail held only by a destination's timer, a rate delay, or, under
+                                          virtual time, by the retry of a record or a queue scan after a store
+                                          fault counts as settled)
     Sink.threaded(...) -> ThreadedSink    the same on a loop of its own, in a thread, with blocking methods
 
 Configuration: by default every recipient is accepted and delivered to the `capture` transport (the settings
@@ -40,7 +41,8 @@ mailflow.capture.mailbox.WaitTimeout (an AssertionError that lists what did arri
 when the Sink stops (or has stopped) before enough messages match; `advance` without
 virtual_time raises RuntimeError, by a negative or infinite span ValueError (the clock never goes back);
 `settle` raises TimeoutError after `timeout` real seconds (under virtual time also once mail has waited
-`scan_failure_timeout` seconds of its clock for a queue scan that keeps failing), naming such a failure, as
+`scan_failure_timeout` seconds of its clock for a queue scan that keeps failing, or delivery results for a store
+that keeps refusing them), naming such a failure, as
 `wait_for`'s WaitTimeout does; `advance` rides through such a failure (its retries go on, on the clock); `start`
 on a running Sink raises RuntimeError (a stopped one may be started again: a new queue and mailbox, the same
 faults).
@@ -104,7 +106,7 @@ class Sink:
         self._rng = random.Random(seed)
         self.faults = InboundFaults()
         self.server: Mailflow | None = None
-        self._told_scan_failure: float | None = None  # (virtual time) the run of failed scans settle raised for
+        self._told: dict[int, float] = {}  # (virtual time) the runs of failures settle raised for: since, by log
         self.directory: Path | None = None
         self.config: Config | None = None
         self.ca_pem: bytes | None = None
@@ -129,7 +131,7 @@ class Sink:
             capture = Capture(self.config.sink, self.clock, session_observer=SinkObserver(
                 self.faults, limit=self.config.sink.history_limit, line_limit=self.config.sink.transcript_line_limit,
                 byte_limit=self.config.sink.transcript_byte_limit))
-            self._told_scan_failure = None
+            self._told = {}
             server = self.server = Mailflow(self.config, clock=self.clock, rng=self._rng, capture=capture,
                                             resolver=self._destinations.resolver if self._destinations else None,
                                             smtpd_policy=self.faults, shutdown_grace=self._grace)
@@ -328,14 +330,16 @@ class Sink:
     async def settle(self, timeout: float = SETTLE_TIMEOUT, *,
                      scan_failure_timeout: float = SCAN_FAILURE_TIMEOUT) -> None:
         """Until nothing is due now: no message incoming, none deferred and due, no delivery or record under way
-        (but records waiting to retry a write the store refused), and the active messages (if any) waiting only for
+        (but, under virtual time, records waiting to retry a write the store refused: in real time they are waited
+        for, as their retries come by themselves), and the active messages (if any) waiting only for
         a destination's timer (its rate delay's pause), so that nothing happens before the clock moves. Mail incoming
         or due while a failed queue scan waits for its retry time waits for the clock too under virtual time (only
         advance() moves it); in real time it is waited for (qmgr woken), as the clock ends the wait by itself.
         Raises TimeoutError after `timeout` real seconds, naming the queue scan's failure when mail waits for a scan
         that keeps failing; under virtual time, where settle counts that mail as settled (advance() steps to the
         scan's retries), also once the scans have failed for `scan_failure_timeout` seconds of its clock (once for a
-        run of failures: the next settle goes on, so a test that ends the fault sees its mail go)."""
+        run of failures: the next settle goes on, so a test that ends the fault sees its mail go); the same for
+        records the store keeps refusing (named too when `timeout` ends a real-time settle)."""
         await self._settle(timeout, scan_failure_timeout)
 
     async def _settle(self, timeout: float, scan_failure_timeout: float | None) -> None:
@@ -357,8 +361,16 @@ class Sink:
                     and self._lasted(failure, scan_failure_timeout)):
                 raise TimeoutError(f"the queue did not settle within {scan_failure_timeout:g}s of its clock: mail "
                                    f"waits for the queue scan: {failure.describe_run()}; {_nonzero(counts)}")
+            # delivery results the store refused wait for their retry: under virtual time for the clock alone
+            records = qmgr.record_failure
+            virtual = isinstance(clock, VirtualClock)
+            if (virtual and records is not None and scan_failure_timeout is not None
+                    and self._lasted(records, scan_failure_timeout)):
+                raise TimeoutError(f"the queue did not settle within {scan_failure_timeout:g}s of its clock: delivery "
+                                   f"results wait to be recorded: {records.describe_run()}; {_nonzero(counts)}")
             incoming = counts.get("incoming", 0) and not scan_waits
-            busy = qmgr.working or incoming or not _waits_for_time(qmgr, counts.get("active", 0))
+            busy = (qmgr.working or incoming or not _waits_for_time(qmgr, counts.get("active", 0))
+                    or (records is not None and not virtual))  # in real time the retry comes by itself
             due_now = due is not None and due <= clock.time() and not scan_waits
             if not busy and not due_now:
                 quiet += 1
@@ -369,17 +381,17 @@ class Sink:
             if due_now and not qmgr.working:
                 qmgr.wake()
             if loop.time() > deadline:
-                scan = f"; {failure.describe_run()}" if failure is not None else ""
-                raise TimeoutError(f"the queue did not settle within {timeout:g}s: {_nonzero(counts)}{scan}")
+                why = "".join(f"; {run.describe_run()}" for run in (failure, records) if run is not None)
+                raise TimeoutError(f"the queue did not settle within {timeout:g}s: {_nonzero(counts)}{why}")
             await asyncio.sleep(0.002)
 
     def _lasted(self, failure: FailureLog, timeout: float) -> bool:
-        """Whether the run of failed scans has lasted `timeout` seconds of the clock and was not told yet (then it is
-        told: the next settle() goes on)."""
+        """Whether the run of failures (the scans', the records') has lasted `timeout` seconds of the clock and was
+        not told yet (then it is told: the next settle() goes on)."""
         since = failure.since
-        if since is None or self.clock.time() - since < timeout or since == self._told_scan_failure:
+        if since is None or self.clock.time() - since < timeout or self._told.get(id(failure)) == since:
             return False
-        self._told_scan_failure = since
+        self._told[id(failure)] = since
         return True
 
     async def advance(self, seconds: float = 0, *, minutes: float = 0, hours: float = 0, days: float = 0) -> None:

@@ -141,6 +141,51 @@ async def test_records_retried_after_a_store_fault_wait_on_the_virtual_clock():
         assert len(sink.messages) == 2  # delivered once each
 
 
+RECORD_FAILURE = "qmgr: recording delivery results failed {tries} times in a row, for {span}s: database or disk is full"
+
+
+async def test_settle_names_a_store_that_kept_refusing_the_results_for_its_scan_failure_timeout_of_the_clock():
+    """Under a lasting store fault the delivered mail's results wait for their retry, which settle() counts as
+    settled under virtual time: it returned without an error however long the store refused them (the test saw
+    its mail captured and never learnt the queue kept it active). Now, as for a failing scan, a settle after
+    `scan_failure_timeout` of the clock raises, naming the failure, once for the run of failures."""
+    async with Sink(virtual_time=True) as sink:
+        faults = StoreFault(sink, "finish")
+        await send(sink, "bob@example.org", "kept")
+        await sink.settle(timeout=5)
+        await asyncio.wait_for(sink.advance(40), 5)  # probes at +0.5, 1.5, 3.5, 7.5, 15.5, 25.5, 35.5
+        assert faults.tries == 8 and await queue_counts_of(sink) == {"active": 1}
+        with pytest.raises(TimeoutError) as lasting:
+            await sink.settle(timeout=1)
+        assert str(lasting.value) == ("the queue did not settle within 30s of its clock: delivery results wait to be "
+                                      f"recorded: {RECORD_FAILURE.format(tries=8, span=40)}; {{'active': 1}}")
+        await sink.settle()  # (told once: settle goes on)
+        faults.broken = False
+        await sink.advance(10)
+        assert await queue_counts_of(sink) == {} and len(sink.messages) == 1
+
+
+async def test_settle_in_real_time_waits_for_results_the_store_refused_and_names_a_lasting_refusal():
+    """In real time a refused record's retry comes by itself: settle() returned at once with the message still
+    active (counted as settled, as it must be under virtual time). Now it waits for the record, and a refusal
+    that outlasts `timeout` is named."""
+    async with Sink() as sink:
+        faults = StoreFault(sink, "finish", times=2)  # refused at once and at the probe 0.5 s later
+        await send(sink, "bob@example.org", "one")
+        await sink.settle(timeout=10)
+        assert faults.tries == 3 and await queue_counts_of(sink) == {}
+        faults = StoreFault(sink, "finish")
+        await send(sink, "bob@example.org", "two")
+        with pytest.raises(TimeoutError) as lasting:
+            await sink.settle(timeout=1)
+        assert re.fullmatch(r"the queue did not settle within 1s: \{'active': 1\}; qmgr: recording delivery results "
+                            r"failed (once|\d+ times in a row), for [\d.]+s: database or disk is full",
+                            str(lasting.value))
+        faults.broken = False
+        await sink.settle(timeout=15)
+        assert await queue_counts_of(sink) == {} and len(sink.messages) == 2
+
+
 async def deferred_once(sink: Sink) -> float:
     """A message for example.com deferred by its first attempt (a 451); the time its retry is due."""
     sink.destination("example.com").answers(451, "4.2.0 Try later").times(1).then(250)

@@ -41,7 +41,8 @@ The loop
   (`waiting_for_timers`), to stop there and to count such mail as settled. A record the store refused (a store
   fault) is retried after a backoff on the same clock (`faults.Retrier`): its retry time is such a timer, and a
   record waiting for it is not `working`; so is a failed scan's (`scan_backing_off`: mail due or incoming meanwhile
-  waits for the clock alone; `scan_failure`: the run of failures, for the driver to tell when it gives up), and a
+  waits for the clock alone; `scan_failure`: the run of failures, for the driver to tell when it gives up;
+  `record_failure`: the records'), and a
   damaged message a scan took counts in `taken_count` while it is set aside.
 - An address verification probe (mailflow.stages.verify) is delivered through `deliver_probe`: a dead destination
   defers it without a connection, as Postfix's qmgr defers the probe (a queued message) of a dead queue; what the
@@ -401,6 +402,12 @@ class QueueManager:
     def scan_failure(self) -> FailureLog | None:
         """The run of failed queue scans (`since`, `describe_run()`) while the last scan failed, else None."""
         return self._scanning.log if self._scanning.log.failing else None
+
+    @property
+    def record_failure(self) -> FailureLog | None:
+        """The run of store faults that records (delivery results, the ends of attempts) wait out for their retry,
+        while any waits, else None: for a driver to tell when it gives up, as `scan_failure`."""
+        return self._writes.failure
 
     def waiting_for_timers(self) -> bool:
         """Nothing is under way and nothing can start before the clock moves: no delivery, record (but one waiting
