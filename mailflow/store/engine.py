@@ -4,7 +4,7 @@ What it owns
 - `Connection`: one sqlite3 connection used only on a thread of its own. `call(fn, *args)` runs `fn(*args)`
   there: one thread hop, however many statements `fn` runs; `submit(fn, args, done)` the same with a callback
   called on the loop with (error, result) instead of a future to await. `hops` counts them.
-- `Writer`: the one writing connection (WAL). `transaction(merged, calls)` is a whole
+- `Writer`: the one writing connection (WAL). `transaction(ops, calls)` is a whole
   `BEGIN IMMEDIATE; executemany…; calls; COMMIT` in one hop, so the lock is held only while SQLite works (never
   across event-loop turns, where a stalled loop would hold it against the operator tools); it returns once the
   commit is on disk (`synchronous=FULL`: the WAL is fsynced), every commit alike. (Committing what follows a
@@ -17,7 +17,8 @@ What it owns
   than one thing asks for it in one statement (Store.due: JSON aggregation and joins).
 - `GroupCommitter`: every write goes through it. Requests (lists of `(sql, rows)`, and optionally a call that
   needs the connection, such as a claim) that arrive while a commit is running are merged into the next
-  transaction, so N concurrent sessions cost one fsync, not N. No task of its own: the first request of an idle
+  transaction, so N concurrent sessions cost one fsync, not N: a statement's rows from every request in one
+  executemany, wherever that keeps each request's statements in its own order (`_merged`). No task of its own: the first request of an idle
   committer starts a batch at the end of the loop turn (with every request made in that turn), and the writer's
   answer settles every request of the batch at once and starts the next batch with those that came meanwhile.
   Requests in one batch must be independent: a caller waits for its request before sending one that depends on
@@ -235,18 +236,18 @@ class Writer(Connection):
             raise
         self._con = con
 
-    def transaction(self, merged: Mapping[str, list[tuple]], calls: Sequence[Call | None] = ()) -> list:
-        """The statements, then each call (its result in the list returned, None for no call); one commit, on
-        disk when it returns. Content files are linked in (and the directory fsynced) before it,
+    def transaction(self, ops: Sequence[Op], calls: Sequence[Call | None] = ()) -> list:
+        """The statements in order, then each call (its result in the list returned, None for no call); one
+        commit, on disk when it returns. Content files are linked in (and the directory fsynced) before it,
         so a committed row always has its file; they are unlinked again if it fails. Files of removed content
         go after it."""
         con = self._connection()
-        linked = self._link_contents(merged.get(LINK_CONTENT, ()))
+        linked = self._link_contents(_rows_of(ops, LINK_CONTENT))
         try:
             con.execute("BEGIN IMMEDIATE")
             try:
-                removed = _content_files(con, merged.get(DELETE_CONTENT, ()))  # before the rows go
-                for sql, rows in merged.items():
+                removed = _content_files(con, _rows_of(ops, DELETE_CONTENT))  # before the rows go
+                for sql, rows in ops:
                     if rows and sql != LINK_CONTENT:
                         con.executemany(sql, rows)
                 results = [call(con) if call else None for call in calls]
@@ -500,14 +501,30 @@ class GroupCommitter:
             self._next_batch()
 
 
-def _merged(requests: list[Request]) -> tuple[dict[str, list[tuple]], list]:
-    """Writer.transaction's arguments for requests run together: every statement's rows from every request (one
-    executemany per statement, in order of first appearance) and the calls."""
-    merged: dict[str, list[tuple]] = {}
+def _merged(requests: list[Request]) -> tuple[list[Op], list]:
+    """Writer.transaction's arguments for requests run together: their statements, one executemany for the rows
+    of every request that runs it wherever that keeps each request's own order, and the calls. A statement a
+    request runs after one the batch runs later gets an executemany of its own, after that one: a requeued copy's
+    `UPDATE message SET warned` after its INSERT, even when a request before it in the batch ran that UPDATE
+    before its own INSERTs (the end of an attempt that queues a delay notice), which ran the copy's too soon."""
+    merged: list[Op] = []
+    places: dict[str, list[int]] = {}  # where each statement is in `merged`, in order
     for request in requests:
+        last = 0  # where this request's previous statement went: the next one goes there or later
         for sql, rows in request.ops:
-            merged.setdefault(sql, []).extend(rows)
+            at = next((i for i in places.get(sql, ()) if i >= last), None)
+            if at is None:
+                at = len(merged)
+                merged.append((sql, []))
+                places.setdefault(sql, []).append(at)
+            merged[at][1].extend(rows)
+            last = at
     return merged, [request.call for request in requests]
+
+
+def _rows_of(ops: Sequence[Op], sql: str) -> list[tuple]:
+    """The rows of every executemany of `sql` in `ops`."""
+    return [row for statement, rows in ops if statement == sql for row in rows]
 
 
 def _settle(fut: asyncio.Future, error: BaseException | None, result: object = None) -> None:

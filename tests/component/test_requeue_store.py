@@ -80,6 +80,26 @@ async def test_the_copy_of_a_message_whose_delay_notice_went_out_sends_none_agai
     assert {m.queue_id: m.warned for m in await store.take(T0, 10)} == {"NEW1": True, "NEW2": False}
 
 
+async def test_a_copy_committed_with_another_message_s_delay_notice_keeps_its_notice_sent(store):
+    """The group commit ran each statement once for the whole batch, in the order it first appeared: qmgr's end of
+    an attempt that queues a delay notice runs `UPDATE message SET warned = 1` before its INSERTs, so a requeued
+    copy committed in the same batch had its own UPDATE run before its row was inserted, and its sender got the
+    "delayed" notice again (seen in the kill campaign). A request's statements now run in its own order."""
+    await store.insert(new("OLD1"))
+    await store.insert(new("OTHER"))
+    await store.take(T0, 10)
+    await store.finish(Delivered("OLD1", T0 + 3600, warned=True))
+    await store.requeue_messages(["OLD1"], T0)
+    [requeued] = await store.requeued_messages()
+    content = await store.content("OLD1")
+    notice = new("NOTICE", content=Content.of(b"Subject: Delayed Mail\r\n\r\nlater\r\n"))
+    await asyncio.gather(  # one loop turn: one batch
+        store.finish(Delivered("OTHER", T0 + 3600, warned=True), [notice]),
+        store.replace_requeued("OLD1", copy_of("OLD1", "NEW1", content, requeued.recipients), warned=True))
+    assert {m.queue_id: m.warned for m in await store.take(T0 + 7200, 10)} == \
+        {"NEW1": True, "OTHER": True, "NOTICE": False}
+
+
 async def test_requeued_mail_is_listed_as_sound_in_the_maildrop_queue(store):
     """maildrop is a queue a row may name: the listings do not take it for a hand-edited value."""
     await store.insert(new("Q1"))
