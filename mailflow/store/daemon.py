@@ -68,7 +68,7 @@ from mailflow.files import keep_private
 from mailflow.model import (ClientAttributes, Delivered, NewMessage, Outcome, QueuedMessage, QueueId, OwnedFailure,
                             RcptResult, Recipient)
 from mailflow.store.contents import CLIENT_COLUMNS, content_of, insert_ops, row_content, storable, sweep
-from mailflow.store.damage import Columns, checked, sort_time, undecodable
+from mailflow.store.damage import QUEUES, Columns, checked, sort_time, undecodable
 from mailflow.store.engine import (BUSY_TIMEOUT, CONTENT_DIRECTORY, MAX_VARS, BatchLoader, GroupCommitter, Op,
                                    Reader, Writer, chunks, fetch_leniently, fetch_rows, marks, remove_ops)
 from mailflow.store.operator import OperatorQueries
@@ -257,12 +257,16 @@ class Store(OperatorQueries, RequeueQueries):
         return messages
 
     async def never_due(self) -> list[tuple[QueueId, str]]:
-        """Deferred messages whose next_attempt is text or a BLOB (set by hand), each with what is wrong: SQLite
-        sorts those above every number, so `next_attempt <= now` never holds and `due()` never sees them. An index
-        range scan (message_due: text and BLOBs sort after the numbers), for qmgr's timed scans, not per message."""
+        """The messages no scan can ever take, each with what is wrong (set by hand, or a database made with its
+        checks off): deferred ones whose next_attempt is text or a BLOB (SQLite sorts those above every number, so
+        `next_attempt <= now` never holds and `due()` never sees them), and those in a queue that is none of
+        QUEUES (no scan, listing or tool sees them). Index range scans (message_due: text and BLOBs sort after the
+        numbers; the gaps between the queues' names), for qmgr's timed scans, not per message."""
         rows = await self._reader.fetchall(
             "SELECT id, next_attempt FROM message WHERE queue = 'deferred' AND next_attempt >= ''")
-        return [(qid, checked((when,), _NEXT_ATTEMPT_KIND)[1]) for qid, when in rows]
+        misplaced = await self._reader.fetchall(f"SELECT id, queue FROM message WHERE {_NO_QUEUE}")
+        return ([(qid, checked((when,), _NEXT_ATTEMPT_KIND)[1]) for qid, when in rows]
+                + [(qid, f"queue is {queue!r}, not one of {', '.join(QUEUES)}") for qid, queue in misplaced])
 
     async def next_due_time(self) -> float | None:
         rows = await self._reader.fetchall("SELECT min(next_attempt) FROM message WHERE queue = 'deferred'")
@@ -347,6 +351,11 @@ _RECIPIENTS_AT = len(_MESSAGE_KINDS.names)  # a DUE row: the message's columns, 
 _NRCPT_AT = _RECIPIENTS_AT + 1              # it had in all, side, next_attempt, the content row's data and body
 _SIDE_AT = _NRCPT_AT + 1
 _NEXT_ATTEMPT_KIND = Columns(("next_attempt", "time"))  # never_due()'s
+# never_due(): a queue that is none of QUEUES, as ranges of the index message_due (below, between and above the
+# names in order: numbers sort below text, BLOBs above it)
+QUEUES_IN_ORDER = sorted(QUEUES)
+_NO_QUEUE = " OR ".join([f"queue < '{QUEUES_IN_ORDER[0]}'", f"queue > '{QUEUES_IN_ORDER[-1]}'",
+                         *(f"(queue > '{a}' AND queue < '{b}')" for a, b in zip(QUEUES_IN_ORDER, QUEUES_IN_ORDER[1:]))])
 SCAN_CONTENT_SIZE = MEMORY_LIMIT  # bytes: a message kept in its row (this size at most) is read with due()
 SCAN_CONTENT_BUDGET = 8 << 20  # bytes of content read with one due() at the most
 DECODE_INLINE = 100  # rows of a due() or take() decoded on the event loop; more are decoded in a worker thread
@@ -361,7 +370,7 @@ DECODE_INLINE = 100  # rows of a due() or take() decoded on the event loop; more
 DUE = f"""
 SELECT {_MESSAGE_KINDS.select_list},
        (SELECT json_group_array(json_array({_RECIPIENT_COLUMNS})) FROM recipient
-        WHERE message_id = m.id AND (status = 'pending' OR notice = 1)),
+        WHERE message_id = m.id AND (status NOT IN ('sent', 'bounced') OR notice = 1)),
        (SELECT count(*) FROM recipient WHERE message_id = m.id),
        side, next_attempt, c.data, c.body
 FROM (SELECT *, 0 AS side, sum(CASE WHEN size <= :scan_size THEN size ELSE 0 END)

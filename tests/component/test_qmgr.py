@@ -273,6 +273,10 @@ async def test_missing_content_moves_the_message_to_corrupt(h):
      "size is -5, not a size"),
     ("UPDATE recipient SET status = 'odd', notice = 1 WHERE message_id = :qid",
      "recipient 0: status is 'odd', not pending, sent or bounced"),
+    # (no notice owed: the scan read only pending rows and those owing one, so the message, its one recipient
+    # unseen, was removed as done: lost without a word)
+    ("UPDATE recipient SET status = 'odd' WHERE message_id = :qid",
+     "recipient 0: status is 'odd', not pending, sent or bounced"),
     ("UPDATE recipient SET reason = x'ff' WHERE message_id = :qid", "recipient 0: reason is {'blob': 'FF'}, not text"),
     ("UPDATE message SET sender = CAST(x'ff61' AS TEXT) WHERE id = :qid",  # (Python's sqlite3 cannot decode it)
      "sender is b'\\xffa', not text"),
@@ -280,8 +284,8 @@ async def test_missing_content_moves_the_message_to_corrupt(h):
      "recipient 0: address is b'\\xffb', not text"),
     ("UPDATE recipient SET owned = '[[\"o@x\"' WHERE message_id = :qid",  # (the failures told to list owners)
      "recipient 0: owned is '[[\"o@x\"', not failures told to list owners (JSON)"),
-], ids=["arrival", "size-and-next-attempt", "recipient-status", "blob", "sender-not-utf8", "address-not-utf8",
-        "owned-not-json"])
+], ids=["arrival", "size-and-next-attempt", "recipient-status", "recipient-status-no-notice", "blob",
+        "sender-not-utf8", "address-not-utf8", "owned-not-json"])
 async def test_a_message_with_damaged_queue_rows_goes_to_corrupt_and_the_others_are_delivered(h, caplog, damage,
                                                                                             said):
     """A row edited by hand (values of the wrong kind) neither stops qmgr's loop nor the other deliveries: the
@@ -323,6 +327,27 @@ async def test_a_deferred_message_whose_next_attempt_is_no_time_goes_to_corrupt(
     said_of_it = [(r.levelname, r.getMessage()) for r in caplog.records if bad in r.getMessage()]
     assert said_of_it == [("WARNING", f"{bad}: moved to the corrupt queue: damaged queue row: next_attempt is {said},"
                                       " not a time")], said_of_it
+
+
+@pytest.mark.parametrize("queue, said", [("'bogus'", "'bogus'"), ("'zzz'", "'zzz'"), ("7", "'7'"),
+                                         ("x'00'", "b'\\x00'")], ids=["between", "above", "number", "blob"])
+async def test_a_message_in_no_known_queue_goes_to_corrupt(h, caplog, queue, said):
+    """A message whose queue is none of the store's (a database edited with its checks off) was never taken,
+    listed nor told of: it stayed for ever, unseen. A timed scan (the first at start) sets it aside as the other
+    damaged messages are."""
+    caplog.set_level(logging.INFO, logger="mailflow.mail")
+    await h.open_store()
+    sound = await h.queue("a@remote.test", wake=False)
+    bad = await h.queue("b@remote.test", wake=False)
+    with sqlite3.connect(h.tmp_path / "queue.db") as db:
+        db.execute("PRAGMA ignore_check_constraints = 1")
+        db.execute(f"UPDATE message SET queue = {queue} WHERE id = ?", (bad,))
+    await h.start()
+    await eventually(lambda: _is(h, {"corrupt": 1}))
+    assert [req.queue_id for req in h.smtp.requests] == [sound]
+    said_of_it = [(r.levelname, r.getMessage()) for r in caplog.records if bad in r.getMessage()]
+    assert said_of_it == [("WARNING", f"{bad}: moved to the corrupt queue: damaged queue row: queue is {said}, not one"
+                                      " of incoming, active, deferred, hold, corrupt, maildrop")], said_of_it
 
 
 # ---------------------------------------------------------------------------------------------- concurrency

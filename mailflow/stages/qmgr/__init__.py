@@ -99,7 +99,8 @@ Failure behaviour
   that recipient is deferred (4.3.0), never lost. Unknown transport: deferred 4.3.0 "mail transport
   unavailable" with a warning naming it, as Postfix. Missing content: the message goes to the corrupt queue; so does
   a message whose queue rows hold values of the wrong kind (edited by hand: `QueuedMessage.damage`, and, found at
-  each timed scan, a deferred one whose next_attempt is no time: `Store.never_due`), with a warning naming it and
+  each timed scan, a deferred one whose next_attempt is no time or one in no known queue: `Store.never_due`; a
+  recipient whose status is none the store writes, however its notice flag is set), with a warning naming it and
   what is wrong, as Postfix's qmgr saves a queue file it cannot read; the others go on.
 - A message an operator holds or deletes while it is active: its jobs not yet started are dropped at the
   next tick (held: its recipients stay pending; deleted: nothing is recorded or logged, as the queue tool
