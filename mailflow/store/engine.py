@@ -18,8 +18,9 @@ What it owns
 - `GroupCommitter`: every write goes through it. Requests (lists of `(sql, rows)`, and optionally a call that
   needs the connection, such as a claim) that arrive while a commit is running are merged into the next
   transaction, so N concurrent sessions cost one fsync, not N: a statement's rows from every request in one
-  executemany, wherever that keeps each request's statements in its own order (`_merged`). No task of its own: the first request of an idle
-  committer starts a batch at the end of the loop turn (with every request made in that turn), and the writer's
+  executemany, wherever that keeps each request's statements in its own order (`_merged`). No task of its own:
+  the first request of an idle committer starts a batch at the end of the loop turn (with every request made in
+  that turn), and the writer's
   answer settles every request of the batch at once and starts the next batch with those that came meanwhile.
   Requests in one batch must be independent: a caller waits for its request before sending one that depends on
   it (every caller does: each write is awaited). Past `backlog_limit` waiting requests, a write that
