@@ -392,6 +392,7 @@ async def campaign(args: argparse.Namespace, dovecot: Dovecot | None) -> int:
         c.stop = True
         await asyncio.gather(*workers, return_exceptions=True)
     server.kill()  # one more crash, then a clean start and a settle
+    c.kills.append(time.time())
     await server.start()
     stuck = await settle(c, server, handler, timeout=90)
     await server.terminate()

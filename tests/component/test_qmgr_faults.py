@@ -195,6 +195,34 @@ async def test_a_recipient_after_an_agent_died_midway_is_deferred_and_those_befo
 # ---------------------------------------------------------------------------------------------- records that fail
 
 
+async def test_a_start_up_recovery_the_store_refused_is_done_by_a_later_scan_and_takes_back_nothing_in_hand(
+        tmp_path):
+    """The disk full at start: recovery (what the last run left active is due again) failed and the start with it.
+    Now the start goes on, no scan and no hand-over happens before recovery is done, and the scans retry it: the
+    mail left active and the mail that came meanwhile are each delivered once."""
+    s = Setup(tmp_path, clock=SystemClock())
+    s.store = await Store.open(s.path)
+    await s.store.insert(NewMessage("LEFT", "sender@remote.test", T0, Content.of(b"Subject: l\r\n\r\nb\r\n"),
+                                    (Recipient(0, "left@remote.test", "left@remote.test"),)))
+    assert [m.queue_id for m in await s.store.take(T0 + 1, 10)] == ["LEFT"]  # active when the last run stopped
+    works, tries = s.store.recover, []
+
+    async def recover():
+        tries.append(1)
+        if len(tries) <= 2:
+            raise sqlite3.OperationalError("database or disk is full")
+        return await works()
+    s.store.recover = recover
+    try:
+        await s.start(backoff=(0.05, 0.1))
+        assert not s.qmgr.reserve(), "a hand-over before recovery"
+        await s.queue("NEW", "new@remote.test")
+        await eventually(lambda: _counts_are(s, {}), timeout=10)
+        assert len(tries) == 3 and sorted(sent_to(s.smtp)) == ["left@remote.test", "new@remote.test"]
+    finally:
+        await s.close()
+
+
 class FlakyWrites:
     """Makes the store's qmgr writes fail with a store fault while `broken` is set; counts the tries."""
 

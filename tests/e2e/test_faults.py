@@ -333,6 +333,38 @@ async def test_a_full_queue_file_system_slows_down_refuses_mail_and_recovers(sma
                                                              "r2@relay.test"]
 
 
+async def test_a_server_started_on_a_full_queue_file_system_recovers_the_mail_left_active_once_space_returns(
+        small_filesystem, servers, smtp_peer, tmp_path):
+    """A crash left mail active, and the queue's file system is full when the server starts again: the start-up
+    recovery (active -> incoming) could not be written, and the server exited ("cannot start: ... database or disk
+    is full"), to be started again by someone once there was space. Now it starts, says so in one line, and
+    recovers and delivers the mail on its own once space returns."""
+    peer = await smtp_peer()
+    gate = stall_mail(peer)
+    port = free_port()
+    queue = small_filesystem / "queue"
+    srv = servers(config(tmp_path / "mailflow.toml", tmp_path, port, queue_directory=str(queue),
+                         relayhost=f"[127.0.0.1]:{peer.port}", smtpd={"listen": [f"127.0.0.1:{port}"],
+                                                                         "message_size_limit": 100_000}), port)
+    await srv.start()
+    for n in range(3):
+        await send(srv.port, "s@remote.test", [f"r{n}@relay.test"], message(f"left{n}"))
+    await eventually(lambda: peer.handler.stalled == 3, timeout=10)  # every message active, in delivery
+    srv.kill()
+    db = queue / "queue.db"
+    assert queue_counts(db) == {"active": 3}
+    gate.set()
+
+    filler = fill(small_filesystem)
+    await srv.start()  # listening: it did start
+    await eventually(lambda: srv.log_lines("cannot make the mail left active by the last stop due again yet",
+                                           "database or disk is full"), timeout=10)
+    assert queue_counts(db) == {"active": 3} and srv.proc.poll() is None
+    filler.unlink()
+    await eventually(lambda: queue_counts(db) == {}, timeout=20, what="recovered and delivered once there is space")
+    assert sorted(m.rcpt_tos[0] for m in peer.messages) == ["r0@relay.test", "r1@relay.test", "r2@relay.test"]
+
+
 async def test_a_full_log_file_system_stops_no_mail_and_says_so_in_one_line(small_filesystem, servers, tmp_path):
     """`[log] file` on a file system that is full: mail is accepted and delivered, and stderr says the log cannot
     be written in one line, not with logging's traceback for each line (about 4 KB a line: 485 KB for 21

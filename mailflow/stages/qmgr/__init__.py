@@ -137,7 +137,7 @@ from typing import AsyncIterator, Callable, Collection, Iterator
 
 from mailflow.clock import Clock
 from mailflow.content import Content
-from mailflow.faults import FIRST_DELAY, MAX_DELAY, FailureLog, Guard, Retrier
+from mailflow.faults import FIRST_DELAY, MAX_DELAY, FailureLog, Guard, Retrier, describe
 from mailflow.logs import MailLog
 from mailflow.message import header_value
 from mailflow.model import (Delivered, DeliveryReport, DeliveryRequest, MsgStats, NewMessage, Outcome,
@@ -240,13 +240,20 @@ class QueueManager:
         self._poll = Guard("qmgr: reading operator changes", clock, logger, first=first, cap=cap)
         self._publish = Guard("qmgr: writing the destination snapshot", clock, logger, first=first, cap=cap)
         self._scanning = Guard("qmgr: queue scan", clock, logger, first=first, cap=cap)
+        self._recovered = False  # the start-up recovery is done (`_recover`): scans and hand-overs wait for it
         self._maintenance = Guard("qmgr: store maintenance", clock, logger, first=first, cap=cap)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
-        recovered = await self._store.recover()
-        if recovered:
-            log.info("qmgr: %d messages were active when the server stopped; they are due again", recovered)
+        """Recovery first (`_recover`); a store fault (the disk full) leaves it to the first scan that gets through,
+        so that the server starts and recovers when space returns, with no one to start it again."""
+        try:
+            await self._recover()
+        except Exception as e:
+            if not store_fault(e):
+                raise
+            log.error("qmgr: cannot make the mail left active by the last stop due again yet: %s; no queue scan "
+                      "before it is done (tried again with the scans)", describe(e))
         self._generation, self._flushes = await self._store.operator_counters()
         self._next_maintenance = self._clock.time() + MAINTENANCE_INTERVAL
         self._event_loop = asyncio.get_running_loop()
@@ -324,7 +331,7 @@ class QueueManager:
     def reserve(self) -> bool:
         """A place in the active queue for a message cleanup is about to commit straight into it (see the module
         doc); True holds it until `hand_over` or `release`."""
-        if self._stopping or self._loop_task is None or self._room_was_short:
+        if self._stopping or self._loop_task is None or self._room_was_short or not self._recovered:
             return False
         if self.taken_count + self._reserved + self._admitting >= self._config.active_limit:
             return False
@@ -636,12 +643,24 @@ class QueueManager:
         text = "delivery suspended: the message was put on hold"
         self._job_done(job, DeliveryReport.uniform(job.recipients, Outcome.DEFERRED, "4.0.0", text))
 
+    async def _recover(self) -> None:
+        """Start-up recovery (Store.recover): the mail a stop or a crash left active is due again. Until it is done
+        nothing is taken and nothing handed over (every active message is then the last run's), so a recovery that
+        waited for a store fault never takes back mail this run has in hand."""
+        recovered = await self._store.recover()
+        self._recovered = True
+        if recovered:
+            log.info("qmgr: %d messages were active when the server stopped; they are due again", recovered)
+
     async def _scan(self) -> None:
-        """Take and admit what is due. A timed scan (its time came) also sets the next one's time: a queue run
-        away, or sooner the earliest deferred message's due time. That time is set before the scan's first wait
+        """Take and admit what is due (after the start-up recovery, when a store fault kept it from the start). A
+        timed scan (its time came) also sets the next one's time: a queue run away, or sooner the earliest deferred
+        message's due time. That time is set before the scan's first wait
         and only brought forward after: an attempt that ends while the scan waits on the store defers its message
         to a time the index lookup may have been read too early to see, and moves the next scan to it
         (`_conclude`); overwritten, that retry would wait for the next queue run."""
+        if not self._recovered:
+            await self._recover()
         now = self._clock.time()
         timed, due_since = now >= self._next_scan, self._next_scan
         if timed:
