@@ -209,10 +209,10 @@ def _write_maildir_file(maildir: Path, name: str, prefix: bytes, content: Conten
                     f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
+            os.rename(name, name, src_dir_fd=subs["tmp"], dst_dir_fd=subs["new"])
         except BaseException:
-            os.unlink(name, dir_fd=subs["tmp"])  # never leave a partial message in tmp/
+            os.unlink(name, dir_fd=subs["tmp"])  # never leave a message in tmp/, partial or not moved (Postfix's too)
             raise
-        os.rename(name, name, src_dir_fd=subs["tmp"], dst_dir_fd=subs["new"])
         os.fsync(subs["new"])
     finally:
         for fd in (*subs.values(), dir_fd):

@@ -4,14 +4,18 @@ mbox_dsn maps it: a full disk defers 4.3.0, a quota or file size limit bounces 5
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
 
 import pytest
 
+from mailflow.clock import VirtualClock
+from mailflow.content import Content
 from mailflow.errors import PermanentError
 from mailflow.model import Outcome
+from mailflow.transports import maildir
 from mailflow.transports.local.mbox import _os_error
-from mailflow.transports.maildir import write_failure
+from mailflow.transports.maildir import MaildirWriter, write_failure
 
 CASES = [(errno.ENOSPC, Outcome.DEFERRED, "4.3.0"), (errno.EDQUOT, Outcome.BOUNCED, "5.2.2"),
          (errno.EFBIG, Outcome.BOUNCED, "5.2.2"), (errno.EACCES, Outcome.DEFERRED, "4.2.0")]
@@ -23,3 +27,17 @@ def test_mbox_and_maildir_map_an_os_error_alike(code, outcome, dsn):
     assert write_failure(Path("/m"), error)[:2] == (outcome, dsn)
     mapped = _os_error(Path("/m"), error, "write")
     assert (isinstance(mapped, PermanentError), mapped.dsn) == (outcome is Outcome.BOUNCED, dsn)
+
+
+async def test_a_maildir_file_that_cannot_be_moved_into_new_is_not_left_in_tmp(tmp_path, monkeypatch):
+    """The rename into new/ failing (the disk full or an I/O error on the directory) left the whole message in
+    tmp/, a copy no reader sees and nothing removes, at every retry; now it goes as a failed write's does (Postfix's
+    maildir delivery unlinks its tmp file when the link into new/ fails)."""
+    def rename(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(maildir.os, "rename", rename)
+    box = tmp_path / "Maildir"
+    with pytest.raises(OSError) as failed:
+        await MaildirWriter(VirtualClock()).write(box, b"Delivered-To: a@b\n", Content.of(b"Subject: s\r\n\r\nb\r\n"))
+    assert write_failure(box, failed.value)[:2] == (Outcome.DEFERRED, "4.3.0")
+    assert [list((box / sub).iterdir()) for sub in ("tmp", "new")] == [[], []]
