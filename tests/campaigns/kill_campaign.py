@@ -10,7 +10,8 @@ Workload, each message carrying a unique token (X-Token and the envelope sender 
 - softonly: one soft- recipient (stays deferred; the ones `queue delete` may remove);
 - sendmail: `mailflow sendmail -f snd-TOKEN@relay.test alice@local.test ok-TOKEN@relay.test`;
 - lmtp (with --dovecot): alice and bob@example.test in a private Dovecot over LMTP, + ok-TOKEN@relay.test.
-Meanwhile `queue hold/release/requeue/delete` run, and the server is SIGKILLed at random moments and restarted.
+Meanwhile `queue hold/release/requeue/delete` and `reload` run, and the server is SIGKILLed at random moments and
+restarted.
 At the end (after release ALL and a settle), per accepted token and recipient: delivered once, or bounced to
 the sender, or still queued (soft); duplicates are counted and printed with the log lines of their queue id;
 content files without a row, rows left active, and the queue tool's view are checked. Exit status 1 on a loss.
@@ -173,19 +174,25 @@ class Campaign:
             await asyncio.sleep(self.rng.random() * 0.3)
 
     async def queue_tool(self, *args: str) -> int:
+        return await self.mailflow("queue", *args)
+
+    async def mailflow(self, *args: str) -> int:
+        """`mailflow ARGS -c CONFIG`; a failure is counted in `ops` with its last words."""
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mailflow", "queue", *args, "-c", str(self.config),
+            sys.executable, "-m", "mailflow", *args, "-c", str(self.config),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
         _, err = await proc.communicate()
         if proc.returncode:
-            self.ops[f"queue {args[0]} exit {proc.returncode}: {err.decode()[-200:]}"] += 1
+            self.ops[f"{' '.join(args[:2])} exit {proc.returncode}: {err.decode()[-200:]}"] += 1
         return proc.returncode
 
     async def operator(self) -> None:
         while not self.stop:
             await asyncio.sleep(0.5 + self.rng.random() * 2)
-            op = self.rng.choice(["hold", "release", "requeue", "delete", "flush"])
-            if op == "delete":
+            op = self.rng.choice(["hold", "release", "requeue", "delete", "flush", "reload"])
+            if op == "reload":  # SIGHUP: the kills come during reloads too
+                await self.mailflow("reload")
+            elif op == "delete":
                 soft = [a for a in self.accepted.values() if a.kind == "softonly" and a.token not in self.deleted]
                 if not soft:
                     continue
