@@ -200,18 +200,18 @@ async def test_a_failed_queue_scan_is_retried_on_the_virtual_clock():
     """The scan that takes due mail failed (a store fault) and backed off, but settle() woke qmgr again and again
     while the mail was due, so the scan was retried at once, as fast as settle looped, whatever its backoff (and a
     lasting fault kept settle spinning to its TimeoutError). Now the backoff is a timer on the virtual clock: the
-    scan fails at the due time, is tried again 0.5 s and 1 s later, and the third try delivers."""
+    scan fails at the due time, is tried again 0.5 s and 1 s later, and the third try delivers. (The times asserted
+    are the virtual clock's: a backoff waited in real time would leave the scan untried when advance() ends and
+    the delivery off due + 1.5; a bound on the real time taken said nothing more, and a loaded machine broke it.)"""
     async with Sink(virtual_time=True, **RELAY) as sink:
         due = await deferred_once(sink)
         scans = StoreFault(sink, "take", times=2)
-        started = time.monotonic()
         await sink.advance(seconds=due - sink.clock.time())
         assert scans.tries == 1 and await queue_counts_of(sink) == {"deferred": 1}  # waits for the scan's retry
         await sink.advance(minutes=1)
         assert scans.tries >= 3 and len(sink.destination("example.com").messages) == 1
         assert sent_times(sink) == [pytest.approx(due + 0.5 + 1.0)]
         assert await queue_counts_of(sink) == {}
-        assert time.monotonic() - started < 2  # no real time waited for the backoff
 
 
 SCAN_FAILURE = "qmgr: queue scan failed {tries} times in a row, for {span}s: database or disk is full"
