@@ -306,13 +306,23 @@ async def test_a_failing_scan_backs_off_instead_of_spinning_and_new_mail_retries
 
     s.store.take = broken
     for _ in range(300):  # 30 virtual seconds in small steps: the loop turns every tick
-        s.clock.advance(0.1)
-        await asyncio.sleep(0.001)
+        await step_the_clock(s.qmgr, s.clock, 0.1)
     assert 3 <= len(calls) <= 10, f"{len(calls)} scans in 30 s of a broken store"
     assert s.qmgr._scanning.backing_off
     s.store.take = take
     await s.queue("Q1", "b@remote.test")  # a commit: the store works, the scan need not wait out its backoff
     await eventually(lambda: _counts_are(s, {}))  # with the clock standing still
+
+
+async def step_the_clock(qmgr: QueueManager, clock: RecordingClock, seconds: float) -> None:
+    """Move `clock` on by `seconds`; when that wakes qmgr's loop (or it is awake), return once it sleeps again: the
+    clock never runs ahead of a turn. (Steps 1 ms of real time apart let a loaded machine's qmgr see 30 s of the
+    clock go by in one turn: one scan where the backoff allows four.)"""
+    asked, deadline = len(clock.sleeps), clock.next_deadline()
+    clock.advance(seconds)
+    if deadline is None or deadline <= clock.now:
+        await eventually(lambda: len(clock.sleeps) > asked and clock.next_deadline() is not None, step=0.001,
+                         what="qmgr asleep on the clock again")
 
 
 # ---------------------------------------------------------------------------------------------- claims
