@@ -518,7 +518,8 @@ async def test_a_message_held_on_arrival_logs_its_from_line_each_time_it_enters_
     await eventually(lambda: ("HELD", "deferred") in events)  # (released, it was deferred already: not that)
     del h.smtp.outcomes["b@remote.test"]
     h.clock.advance(MIN_BACKOFF * 1.2)  # past the jittered retry
-    await eventually(lambda: queue_is_empty(h))
+    await eventually(lambda: ("HELD", "sent") in events)  # (its line follows the commit that empties the queue)
+    assert await queue_is_empty(h)
     assert [r.queue_id for r in h.smtp.requests] == ["HELD", "HELD"]
     assert [event for _, event in events if event in ("opened", "deferred", "sent")] == [
         "opened", "deferred", "opened", "sent"]
@@ -556,7 +557,9 @@ class TwoSeconds(RecordingTransport):
 
 
 def timed_lines(events: list[dict]):
-    """A MailLog observer keeping the fields of each result line (those with `delays`) in `events`."""
+    """A MailLog observer keeping the fields of each result line (those with `delays`) in `events`. A line is logged
+    just after the commit of its result: a test waits for the lines, not for the queue to be empty (on a loaded
+    machine the empty queue was seen before either line)."""
     return lambda queue_id, event, fields: events.append(fields) if "delays" in fields else None
 
 
@@ -582,7 +585,8 @@ async def test_the_log_times_each_stage_of_an_attempt_as_postfix_does(h):
     del smtp.outcomes["b@remote.test"]
     h.clock.advance(MIN_BACKOFF * 1.2)  # past the jittered retry
     waited = h.clock.now - (T0 - 100)  # until the retry entered the active queue
-    await eventually(lambda: queue_is_empty(h))
+    await eventually(lambda: len(events) == 3, what="the three result lines")
+    assert await queue_is_empty(h)
     assert [(e["to"], e["status"], e["delay"], e["delays"]) for e in events] == [
         ("a@example.test", "sent", 100.0, [100.0, 0.0, 0.0, 0.0]),
         ("b@remote.test", "deferred", 102.0, [100.0, 0.0, 0.0, 2.0]),
@@ -598,7 +602,8 @@ async def test_the_wait_for_a_delivery_agent_is_the_log_lines_b(h):
     await h.queue("c@remote.test", arrival=T0 - 100, wake=False)  # both taken by the first scan
     await h.start(transports={"smtp": TwoSeconds("smtp", clock=h.clock), "local": h.local},
                   log=MailLog(observer=timed_lines(events)), default_destination_concurrency_limit=1)
-    await eventually(lambda: queue_is_empty(h))
+    await eventually(lambda: len(events) == 2, what="the two result lines")
+    assert await queue_is_empty(h)
     assert [(e["to"], e["delay"], e["delays"]) for e in events] == [
         ("b@remote.test", 102.0, [100.0, 0.0, 0.0, 2.0]), ("c@remote.test", 104.0, [100.0, 2.0, 0.0, 2.0])]
 
