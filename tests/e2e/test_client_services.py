@@ -14,7 +14,7 @@ from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import AuthResult
 
 from mailflow.config import config_from_dict
-from tests.support import CaptureHandler, eventually, free_port, queue_becomes, send, stall_mail
+from tests.support import CaptureHandler, eventually, free_port, lines_logged, queue_becomes, send, stall_mail
 
 MESSAGE = b"Subject: s\r\n\r\nbody\r\n"
 
@@ -155,7 +155,7 @@ async def test_a_reload_removes_and_adds_a_service_and_mail_for_a_removed_one_wa
     await mf.reload(config_from_dict(without))
     _, reply = await send(port, "s@remote.test", ["u2@a.test"], MESSAGE)
     await queue_becomes(mf.store, {"deferred": 1})
-    lines = [r.getMessage() for r in caplog.records]
+    lines = await lines_logged(caplog, "to=<u2@a.test>", "status=deferred")
     assert any("to=<u2@a.test>" in line and line.endswith("dsn=4.3.0, status=deferred (mail transport unavailable)")
                for line in lines), lines
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from mailflow import status
-from tests.support import eventually, queue_becomes, rcpt_reply, rcpt_until, send
+from tests.support import eventually, lines_logged, queue_becomes, rcpt_reply, rcpt_until, send
 
 
 async def test_unreadable_tables_defer_and_recover(mailflow_server, smtp_peer, tmp_path):
@@ -55,7 +55,7 @@ async def test_mail_routed_to_an_undefined_transport_is_deferred_in_postfix_s_wo
     mf = await mailflow_server(transport_maps=["inline:{ {far.test = nosuch:} }"], relay_domains=["far.test"])
     await send(mf.smtp_addresses[0][1], "a@local.test", ["u@far.test"], b"Subject: x\r\n\r\nhi\r\n")
     await queue_becomes(mf.store, {"deferred": 1})
-    lines = [r.getMessage() for r in caplog.records]
+    lines = await lines_logged(caplog, "status=deferred (mail transport unavailable)")
     assert any(line.endswith("dsn=4.3.0, status=deferred (mail transport unavailable)") for line in lines), lines
     assert ("transport 'nosuch' is not defined (no built-in transport nor [pipe.nosuch], [smtp.services.nosuch] or "
             "[lmtp.services.nosuch])") in lines

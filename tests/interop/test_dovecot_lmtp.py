@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from tests.support import eventually, lmtp_route, queue_becomes, send
+from tests.support import eventually, lines_logged, lmtp_route, queue_becomes, send
 from tests.support.dovecot import stop, wait_for_listeners  # noqa: F401 (imported from here by other interop tests)
 
 pytestmark = pytest.mark.interop
@@ -63,7 +63,7 @@ async def test_one_transaction_for_two_mailboxes_read_back_byte_exact(mailflow_s
         assert b"by mx.mailflow.test (mailflow) with ESMTP" in stored
 
     relay = f"relay=127.0.0.1[127.0.0.1]:{dovecot.lmtp_port}"
-    sent = [r.getMessage() for r in caplog.records if "status=sent" in r.getMessage()]
+    sent = [line for line in await lines_logged(caplog, "status=sent", count=2) if "status=sent" in line]
     assert len(sent) == 2 and all(relay in line for line in sent), sent
     assert len({line.split(":")[0] for line in sent}) == 1  # one queue id, one delivery
     # Dovecot's log: both saves in one LMTP session (same session id, bob's is ":R2"), and exactly one LMTP session
@@ -117,7 +117,8 @@ async def test_local_mailbox_transport_hands_the_mailbox_to_dovecot_after_the_al
 
     [stored] = await asyncio.to_thread(dovecot.fetch_all, "alice@example.test")
     assert stored.endswith(MESSAGE)
-    lines = [r.getMessage() for r in caplog.records if "to=<" in r.getMessage() or "passing <" in r.getMessage()]
+    lines = [line for line in await lines_logged(caplog, "to=<alice@example.test>", "status=sent")
+             if "to=<" in line or "passing <" in line]
     relay = f"relay=127.0.0.1[127.0.0.1]:{dovecot.lmtp_port}"
     assert any(re.search(r": passing <alice@example\.test> to transport=lmtp$", line) for line in lines), lines
     [sent] = [line for line in lines if "status=sent" in line]
@@ -140,6 +141,7 @@ async def test_local_mailbox_command_runs_dovecot_lda(mailflow_server, dovecot, 
     await send(mf.smtp_addresses[0][1], "sender@remote.test", ["alice@example.test"], MESSAGE,
                mail_options=["BODY=8BITMIME"])
     await queue_becomes(mf.store, {}, timeout=15)
+    await lines_logged(caplog, "to=<alice@example.test>")
 
     [stored] = await asyncio.to_thread(dovecot.fetch_all, "alice@example.test")
     assert stored.startswith(b"Return-Path: <sender@remote.test>\r\nX-Original-To: alice@example.test\r\n"
@@ -160,6 +162,7 @@ async def test_messages_one_after_the_other_share_one_cached_lmtp_session_quit_a
         await send(mf.smtp_addresses[0][1], "sender@remote.test", ["alice@example.test"],
                    MESSAGE.replace(b"lmtp-interop-1@", f"lmtp-cache-{n}@".encode()))
         await queue_becomes(mf.store, {}, timeout=15)
+        await lines_logged(caplog, "status=sent", count=n + 1)  # (before the next message: a line follows the commit)
     sent = [r.getMessage() for r in caplog.records if "status=sent" in r.getMessage()]
     assert [m[1] if (m := re.search(r", conn_use=(\d+),", line)) else None for line in sent] == [None, "2", "3"], sent
     assert "Logged out" not in dovecot.log  # (the session waits in the cache)

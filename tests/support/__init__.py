@@ -4,7 +4,7 @@ are in tests/conftest.py and build on these.
 
 - dialogue: `SmtpClient` (the raw SMTP dialogue client) and its `Reply`; `rcpt_reply`, `rcpt_until`, `send`,
   `half_client_hello`.
-- waiting: `eventually` (bounded polling that fails with a message), `queue_becomes`, `sessions_over`,
+- waiting: `eventually` (bounded polling that fails with a message), `queue_becomes`, `lines_logged`, `sessions_over`,
   `ScanWatch` (qmgr's scans, to say "passed over" without a fixed sleep), `LoopLag` (what work cost the loop).
 - transports: `RecordingTransport`, `ScriptedTransport` (with `always`), `BlockingTransport`: fake delivery agents.
 - clocks: `RecordingClock` (a VirtualClock that records its sleeps), `qmgr_turn` (qmgr has run a whole turn).
@@ -38,7 +38,7 @@ from tests.support.scripts import ScriptDir, script_dir
 from tests.support.servers import ServerProcess, ServerThread, base_settings, merged, queue_counts, to_toml
 from tests.support.tools import require_tool, run_tool
 from tests.support.transports import BlockingTransport, RecordingTransport, ScriptedTransport, always
-from tests.support.waiting import LoopLag, ScanWatch, eventually, queue_becomes, sessions_over
+from tests.support.waiting import LoopLag, ScanWatch, eventually, lines_logged, queue_becomes, sessions_over
 
 __all__ = [
     "LOOPBACK_CLIENT", "LOOPBACK_NAME", "BlockingTransport", "CaptureHandler", "CapturePeer", "Captured", "Chromium",
@@ -46,7 +46,7 @@ __all__ = [
     "RecordingTransport", "Reply", "ScanWatch", "ScriptDir", "ScriptedTransport", "ServerProcess", "ServerThread",
     "SmtpClient",
     "ZoneAuthority", "accepts", "always", "base_settings", "big_message", "dovecot_instance", "eventually", "free_port",
-    "half_client_hello", "keep_artifact", "lmtp_route", "maildir_messages", "merged",
+    "half_client_hello", "keep_artifact", "lines_logged", "lmtp_route", "maildir_messages", "merged",
     "postfix_instance", "qmgr_turn", "queue_becomes", "queue_counts", "rcpt_reply", "rcpt_until", "require_tool",
     "send_probe",
     "run_tool", "script_dir", "send", "sessions_over", "spooled", "stall_mail", "to_toml",

@@ -5,6 +5,8 @@ which something that did not happen never will (an event, not a fixed sleep).
   something truthy and return that; after `timeout` seconds raise AssertionError naming `what` (or the predicate's
   source line) and the last value. Never returns a false value, so a test cannot forget to assert it.
 - `queue_becomes(store, counts)`: the store's per-queue counts reach `counts` (then returns them).
+- `lines_logged(caplog, *words, count=1)`: until `count` captured records hold every one of `words`; returns every
+  record's message. A result's line follows the commit of the result: the queue's counts can be seen before it.
 - `sessions_over(mf)`: every smtpd session of a running Mailflow has ended. Whatever a session queued was
   committed before its reply, so a test that saw a refusal and then this can say "nothing was queued" at once.
 - `ScanWatch(store)`: wraps `store.take` to see qmgr's queue scans; `await watch.scan_after(when)` returns once
@@ -42,6 +44,15 @@ async def eventually(predicate: Callable[[], Any | Awaitable[Any]], timeout: flo
         if loop.time() >= deadline:
             raise AssertionError(f"not within {timeout}s: {what or _describe(predicate)} (last value {value!r})")
         await asyncio.sleep(step)
+
+
+async def lines_logged(caplog, *words: str, count: int = 1, timeout: float = 10.0) -> list[str]:
+    """Until `count` records caplog captured hold every one of `words`; then the messages of all its records."""
+    def matching() -> int:
+        return sum(all(w in r.getMessage() for w in words) for r in caplog.records)
+
+    await eventually(lambda: matching() >= count, timeout=timeout, what=f"{count} line(s) with {words}")
+    return [r.getMessage() for r in caplog.records]
 
 
 async def queue_becomes(store, expected: dict, timeout: float = 10.0) -> dict:
