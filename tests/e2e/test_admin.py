@@ -62,6 +62,15 @@ def sample(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+async def scrape_once(mf, *reached: tuple[float, str, dict]) -> dict[tuple[str, tuple], float]:
+    """/metrics once every (value, name, labels) of `reached` is there: results are counted as they are logged, just
+    after the commit that the queue's counts show (a loaded machine scraped between the two)."""
+    async def scraped() -> dict | None:
+        samples = await scrape(mf)
+        return samples if all(sample(samples, name, **labels) >= value for value, name, labels in reached) else None
+    return await eventually(scraped, timeout=10, what=f"the metrics reaching {reached}")
+
+
 # ---------------------------------------------------------------------------------------------- metrics
 
 
@@ -76,7 +85,7 @@ async def test_a_message_held_on_arrival_is_counted_queued_once(mailflow_server)
     status, answer = await post(mf, "/api/queue/release", {"ids": [held]})
     assert status == 200 and answer["messages"] == 1
     await queue_becomes(mf.store, {})
-    m = await scrape(mf)
+    m = await scrape_once(mf, (1, "mailflow_messages_removed_total", {}))
     assert sample(m, "mailflow_messages_queued_total") == 1
     assert sample(m, "mailflow_messages_removed_total") == 1
     assert sample(m, "mailflow_deliveries_total", transport="local", status="sent", dsn_class="2.0") == 1
@@ -97,7 +106,9 @@ async def test_metrics_count_known_traffic(mailflow_server, smtp_peer):
     status, answer = await post(mf, "/api/queue/hold", {"ids": [held]})
     assert status == 200 and answer["messages"] == 1
 
-    m = await scrape(mf)
+    m = await scrape_once(mf, (5, "mailflow_messages_removed_total", {}), (1, "mailflow_deliveries_total",
+                                                                          {"transport": "relay", "status": "deferred",
+                                                                           "dsn_class": "4.2"}))
     assert sample(m, "mailflow_messages_received_total", source="smtpd") == 5
     assert sample(m, "mailflow_messages_queued_total") == 6  # and the failure notice
     assert sample(m, "mailflow_messages_removed_total") == 5
@@ -229,8 +240,12 @@ async def test_queue_list_show_shape_and_refusals(mailflow_server):
         assert entry["id"] == qid and entry["recipients"][0]["address"] == "carol@relay.test"
         async with session.get(base(mf) + "/api/queue", params={"from": "nobody@x.test"}) as r:
             assert (await r.json())["messages"] == []
-        async with session.get(base(mf) + f"/api/queue/{qid}") as r:
-            shown = await r.json()
+
+        async def shown_with_its_history() -> dict | None:  # (the deferral is logged just after its commit)
+            async with session.get(base(mf) + f"/api/queue/{qid}") as r:
+                shown = await r.json()
+            return shown if shown["history"] else None
+        shown = await eventually(shown_with_its_history, timeout=10, what="the deferral in the message's history")
         assert shown["queue"] == "deferred" and "Subject: look at me" in shown["headers"]
         assert [h["status"] for h in shown["history"]] == ["deferred"]
         async with session.get(base(mf) + f"/api/queue/{qid}/raw") as r:
