@@ -11,7 +11,7 @@ import aiosmtplib
 import pytest
 
 from mailflow.stages.smtpd.transcript import SessionObserver, Transcript
-from tests.support import LOOPBACK_CLIENT, send
+from tests.support import LOOPBACK_CLIENT, eventually, send
 
 MESSAGE = b"Subject: hi\r\n\r\nhello\r\n"
 
@@ -36,6 +36,10 @@ class Recorder(SessionObserver):
 
     def ended(self, transcript: Transcript) -> None:
         self.events.append(("ended", transcript.snapshot()))
+
+    async def session_over(self) -> None:
+        """Until the server has ended the session (after the client's QUIT: its end is the server's to see)."""
+        await eventually(lambda: self.events and self.events[-1][0] == "ended", timeout=5, what="the session ended")
 
 
 class Policy:
@@ -67,7 +71,7 @@ async def test_a_session_transcript_is_keyed_to_each_queued_message(server):
         await client.sendmail("s@remote.test", ["alice@local.test"], MESSAGE)
         await client.sendmail("s@remote.test", ["bob@local.test"], MESSAGE)
         await client.sendmail("s@remote.test", ["bob@local.test"], MESSAGE)
-    await asyncio.sleep(0.05)
+    await recorder.session_over()
     kinds = [e[0] for e in recorder.events]
     assert kinds == ["started", "queued", "queued", "queued", "ended"]
     (_, first_id, first), (_, second_id, second) = recorder.events[1:3]
@@ -85,7 +89,7 @@ async def test_without_peername_lookup_every_client_is_unknown(server, caplog):
     mf = await server(observer=recorder, smtpd={"listen": ["127.0.0.1:0"], "peername_lookup": False})
     async with aiosmtplib.SMTP(hostname="127.0.0.1", port=mf.smtp_addresses[0][1]) as client:
         await client.sendmail("s@remote.test", ["alice@local.test"], MESSAGE)
-    await asyncio.sleep(0.05)
+    await recorder.session_over()
     assert recorder.events[1][2].client == "unknown[127.0.0.1]"
     assert "connect from unknown[127.0.0.1]" in caplog.text
 
