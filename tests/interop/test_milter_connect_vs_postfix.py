@@ -38,7 +38,8 @@ DEFAULT_ACTIONS = ("tempfail", "reject", "accept", "quarantine")
 
 async def dialogue(port: int, host: str) -> list[str]:
     """The greeting, then (unless the server hung up) EHLO, VRFY, ETRN, STARTTLS (neither server offers it), MAIL,
-    RCPT (relayed for mynetworks) and QUIT: each reply's first line (a 220's and EHLO's code only), `host` as HOST."""
+    RCPT (relayed for mynetworks) and QUIT: each reply's first line (a 220's code only; EHLO's keyword names,
+    sorted), `host` as HOST."""
     client = await SmtpClient.connect(port, greet=False)
     replies = [await client.reply()]
     for command in ("EHLO client.test", "VRFY postmaster", "ETRN remote.test", "STARTTLS", "MAIL FROM:<s@remote.test>",
@@ -47,9 +48,14 @@ async def dialogue(port: int, host: str) -> list[str]:
             break
         replies.append(await client.cmd(command))
     await client.close()
-    shown = [("250" if r.text.startswith("250-") else "220" if r.code == 220 else r.text.splitlines()[0])
-             if r.code else "closed" for r in replies]  # (EHLO's keywords and the banner are each server's own)
+    shown = [(ehlo_keywords(r.text) if r.text.startswith("250-") else "220" if r.code == 220 else
+              r.text.splitlines()[0]) if r.code else "closed" for r in replies]  # (the banner is each server's own)
     return [line.replace(host, "HOST") for line in shown]
+
+
+def ehlo_keywords(text: str) -> str:
+    """`250 KEYWORD ...`: an EHLO reply's keyword names, sorted (SIZE's value is each server's own)."""
+    return " ".join(["250", *sorted(line[4:].split(" ", 1)[0] for line in text.splitlines()[1:])])
 
 
 DSN = re.compile(r"(\d{3} )[245]\.\d{1,3}\.\d{1,3} ")
@@ -86,7 +92,7 @@ async def through_postfix(scenarios: list[str], current: list[str], milter) -> t
     master_cf = "".join(f"127.0.0.1:{port} inet n - n - - smtpd -o smtpd_milters=inet:127.0.0.1:{dead} "
                         f"-o milter_default_action={action}\n" for action, port in ports.items())
     async with postfix_instance({"myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "smtpd_milters": milter.spec,
-                                 "disable_vrfy_command": "no",
+                                 "disable_vrfy_command": "no", "smtputf8_enable": "yes",  # (mailflow's EHLO)
                                  "milter_connect_timeout": "2s", "milter_command_timeout": "2s"},
                                 master_cf=master_cf) as pf:
         await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the readiness probe's session
@@ -150,11 +156,14 @@ async def test_the_milters_hear_of_the_client_at_the_greeting_and_decide_it_as_i
     # the edges themselves, so that the same change on both sides cannot pass unnoticed
     rejected, later = "550 5.7.1 Command rejected", "451 4.7.1 Service unavailable - try again later"
     no_mail, bye = "503 5.5.1 Error: need MAIL command", "221 2.0.0 Bye"
+    full, cut = "250 8BITMIME CHUNKING DSN ENHANCEDSTATUSCODES ETRN PIPELINING SIZE SMTPUTF8 VRFY", \
+        "250 ENHANCEDSTATUSCODES"  # (after a milter's 5xx: ehlo_cmd's discard mask)
     assert pf_dialogues[scenarios.index("reject")] == [  # (VRFY, ETRN, STARTTLS: milter_other_event; MAIL)
-        "554 HOST ESMTP not accepting connections", "250", rejected, rejected, rejected, rejected, no_mail, bye]
+        "554 HOST ESMTP not accepting connections", cut, rejected, rejected, rejected, rejected, no_mail, bye]
+    assert [pf_dialogues[scenarios.index(s)][1] for s in ("own 554", "helo reject", "own 450")] == [cut, cut, full]
     assert pf_dialogues[scenarios.index("shutdown")] == ["421 HOST Service unavailable - try again later"]
     assert pf_dialogues[scenarios.index("tempfail")] == [
-        "220", "250", later, later, "454 4.3.0 Try again later", later, no_mail, bye]
+        "220", full, later, later, "454 4.3.0 Try again later", later, no_mail, bye]
     assert pf_dialogues[scenarios.index("rcpt reject")][-2:] == [rejected, bye]
     assert pf_dialogues[scenarios.index("helo shutdown")] == ["220", "421 4.7.0 Server closing connection"]
     assert milter_lines(pf_log)[:3] == [
@@ -171,7 +180,8 @@ async def xclient_dialogue(port: int, host: str) -> list[str]:
         "EHLO front.test", "XCLIENT NAME=client.example ADDR=192.0.2.10", "EHLO client.test",
         "MAIL FROM:<s@remote.test>", "QUIT")]
     await client.close()
-    return [("250" if r.text.startswith("250-") else r.text.splitlines()[0]).replace(host, "HOST") for r in replies]
+    return [(ehlo_keywords(r.text) if r.text.startswith("250-") else r.text.splitlines()[0]).replace(host, "HOST")
+            for r in replies]
 
 
 async def test_after_xclient_the_milters_decide_the_new_greeting_as_in_postfix(mailflow_server, mail_log):
@@ -182,15 +192,17 @@ async def test_after_xclient_the_milters_decide_the_new_greeting_as_in_postfix(m
 
     async with scripted_milter({b"C": connect}) as milter:
         async with postfix_instance({"myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "smtpd_milters": milter.spec,
-                                     "smtpd_authorized_xclient_hosts": "127.0.0.0/8"}) as pf:
+                                     "smtpd_authorized_xclient_hosts": "127.0.0.0/8", "smtputf8_enable": "yes"}) as pf:
             postfix = await xclient_dialogue(pf.port, PF_HOST)
             await eventually(lambda: "milter-reject: MAIL" in pf.maillog, timeout=10)
             pf_log = pf.maillog
-        mf = await mailflow_server(myhostname=MF_HOST, smtpd={"milters": [milter.spec],
+        mf = await mailflow_server(myhostname=MF_HOST, smtpd={"milters": [milter.spec], "disable_vrfy_command": False,
                                                                "authorized_xclient_hosts": ["127.0.0.0/8"]})
         mailflow = await xclient_dialogue(mf.smtp_addresses[0][1], MF_HOST)
         await eventually(lambda: "milter-reject: MAIL" in mail_log.read_text(), timeout=10)
-    assert mailflow == postfix == ["250", "554 HOST ESMTP not accepting connections", "250",
+    assert mailflow == postfix == ["250 8BITMIME CHUNKING DSN ENHANCEDSTATUSCODES ETRN PIPELINING SIZE SMTPUTF8 VRFY "
+                                   "XCLIENT",
+                                   "554 HOST ESMTP not accepting connections", "250 ENHANCEDSTATUSCODES",
                                    "550 5.7.1 Command rejected", "221 2.0.0 Bye"]
     assert milter_lines(mail_log.read_text()) == milter_lines(pf_log)
     assert milter_lines(pf_log)[0] == ("NOQUEUE: milter-reject: XCLIENT from client.example[192.0.2.10]: 550 5.7.1 "

@@ -79,6 +79,7 @@ from mailflow.routing.rewrite import Rewriter, domain_in
 from mailflow.stages.smtpd.dns_checks import UNAVAILABLE
 from mailflow.stages.smtpd.filtering import MILTER_TRIGGERS, FilterServices, ListenerFilters
 from mailflow.stages.smtpd.peername import PeerNames
+from mailflow.stages.smtpd.protocol import OnlyKeywords
 from mailflow.stages.smtpd.restrictions import Facts, Marks, Restrictions
 from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction, helo_name
 from mailflow.stages.verify import ProbeSender, Verifier
@@ -222,21 +223,28 @@ class SmtpdHandler:
 
     async def handle_HELO(self, server, session: SessionState, envelope: Transaction,
                           hostname: str) -> str | status.Reply:
-        """Milters are told of HELO (`_milters_helo`); without milters aiosmtpd's default stands."""
+        """Milters are told of HELO (`_milters_helo`): their 421 answers it; without milters aiosmtpd's default
+        stands."""
         if self._filters is not None:
             refusal = await self._milters_helo(self._filters, server, session, "HELO", hostname)
-            if refusal is not None:
+            if refusal is not None and refusal.code == 421:
                 return refusal
         session.host_name = helo_name(hostname)
         return f"250 {server.hostname}"
 
     async def handle_EHLO(self, server, session: SessionState, envelope: Transaction, hostname: str,
                           responses: list[str]) -> list[str] | status.Reply:
+        """Milters are told of EHLO (`_milters_helo`): their 421 answers it; their 5xx (at connect or HELO) leaves
+        ENHANCEDSTATUSCODES the only keyword offered, as Postfix's ehlo_cmd (Sendmail's way); else smtpd's list
+        with PIPELINING and ENHANCEDSTATUSCODES added."""
+        refusal = None
         if self._filters is not None:
             refusal = await self._milters_helo(self._filters, server, session, "EHLO", hostname)
-            if refusal is not None:
+            if refusal is not None and refusal.code == 421:
                 return refusal
         session.host_name = helo_name(hostname)
+        if refusal is not None and refusal.code >= 500:
+            return OnlyKeywords([responses[0], "250 ENHANCEDSTATUSCODES"])
         keywords = [r[4:] for r in responses[1:]]
         keywords[1:1] = ["PIPELINING"]
         keywords.append("ENHANCEDSTATUSCODES")
@@ -255,11 +263,12 @@ class SmtpdHandler:
         """The milters told of HELO or EHLO (`command`), as Postfix's helo_cmd and check_milter_reply: a refusal,
         theirs or one standing from connect, is logged (`NOQUEUE: milter-reject: EHLO from host[ip]: 550 5.7.1
         Command rejected; proto=SMTP helo=<name>`) and answers every MAIL; the command's reply stays 250 unless
-        it is a 421, which answers it (and ends the session). A quarantine is logged `milter-hold`."""
+        it is a 421, which answers it (and ends the session). A quarantine is logged `milter-hold`. The refusal, or
+        None."""
         verdict = await filters.helo(session, hostname)
-        if not _log_milter_verdict(server, command, verdict, helo=helo_name(hostname)) or verdict.reply is None:
+        if not _log_milter_verdict(server, command, verdict, helo=helo_name(hostname)):
             return None
-        return verdict.reply if verdict.reply.code == 421 else None
+        return verdict.reply
 
     async def handle_ETRN(self, server, session: SessionState, envelope: Transaction, site: str) -> str | status.Reply:
         """RFC 1985: the mail deferred for `site` is retried now, when the lists let the client ask (its refusal

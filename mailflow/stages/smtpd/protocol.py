@@ -785,9 +785,9 @@ class ProtocolCore(SMTP):
     async def smtp_EHLO(self, hostname: str | None) -> None:
         """The keywords aiosmtpd would offer (SIZE, 8BITMIME, SMTPUTF8; VRFY when enabled), the layers' (STARTTLS
         and AUTH; DSN, CHUNKING and XCLIENT), then the handler's `handle_EHLO` edits the list (it adds PIPELINING
-        and ENHANCEDSTATUSCODES) or answers in its place (a Reply: the milters' 421); those of `discarded` are left
-        out (discard_ehlo_keywords, logged as Postfix logs it). A new transaction begins; the replies carry no
-        enhanced code (RFC 2034)."""
+        and ENHANCEDSTATUSCODES; after a milter's 5xx only ENHANCEDSTATUSCODES, an `OnlyKeywords` no layer adds to)
+        or answers in its place (a Reply: the milters' 421); those of `discarded` are left out (discard_ehlo_keywords,
+        logged as Postfix logs it). A new transaction begins; the replies carry no enhanced code (RFC 2034)."""
         self._in_hello = True
         try:
             if not hostname:
@@ -816,7 +816,9 @@ class ProtocolCore(SMTP):
             if edited is MISSING:  # a handler without the hook: aiosmtpd's default
                 self.session.host_name = helo_name(hostname)
                 edited = lines
-            await self.push_lines(_without_keywords(_with_keywords(edited, self._ehlo_keywords()), self.discarded))
+            if not isinstance(edited, OnlyKeywords):
+                edited = _with_keywords(edited, self._ehlo_keywords())
+            await self.push_lines(_without_keywords(edited, self.discarded))
         finally:
             self._in_hello = False
 
@@ -960,6 +962,11 @@ class ProtocolCore(SMTP):
             return
         reply = await self._call_handler_hook("ETRN", site)
         await self.push(status.etrn_refused(site) if reply is MISSING else reply)
+
+
+class OnlyKeywords(list):
+    """EHLO reply lines from the handler's hook that no layer adds to (a milter's 5xx: Postfix's ehlo_cmd offers
+    ENHANCEDSTATUSCODES alone, XCLIENT's access control included); discard_ehlo_keywords still applies."""
 
 
 def _with_keywords(lines: list[str], keywords: tuple[str, ...]) -> list[str]:
