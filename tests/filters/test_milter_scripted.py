@@ -15,7 +15,7 @@ import pytest
 from mailflow import status
 from mailflow.maildrop import MaildropMessage, write_maildrop
 from tests.support import SmtpClient, eventually, maildir_messages, queue_becomes
-from tests.support.milters import HANG, Drip, replycode, reply, scripted_milter
+from tests.support.milters import HANG, Drip, Held, optneg, replycode, reply, scripted_milter
 
 MESSAGE = b"From: <s@remote.test>\r\nSubject: scripted\r\nX-Old: 1\r\n\r\nline one\r\n"
 
@@ -213,23 +213,71 @@ async def test_a_milter_that_hangs_in_one_session_does_not_hold_another(milter_s
 
 
 async def test_a_milter_slow_to_answer_connect_delays_no_other_sessions_greeting(milter_server):
-    """The milters hear of the client before the greeting (Postfix's smtpd_proto): the first session's milter never
-    answers the connect event, so its greeting waits for command_timeout (2 s; then the default action, tempfail:
-    a 220 and 451 4.7.1 at MAIL), while a second session meanwhile is greeted and served in full."""
-    milter, port = await milter_server({b"C": lambda session, _: HANG if session == 0 else reply(b"c")})
-    loop = asyncio.get_running_loop()
-    started = loop.time()
+    """The milters hear of the client before the greeting (Postfix's smtpd_proto): the first session's milter holds
+    its answer to the connect event, so that session's greeting waits for it, while a second session meanwhile is
+    greeted and served in full; the answer (tempfail) then gives the first its 220, and 451 4.7.1 at MAIL."""
+    released = asyncio.Event()
+    milter, port = await milter_server({b"C": lambda session, _: Held(released, reply(b"t")) if session == 0
+                                        else reply(b"c")}, command_timeout="60s")
     stuck = await SmtpClient.connect(port, greet=False)
     greeting = asyncio.create_task(stuck.reply())
     await eventually(lambda: milter.sessions)  # (the milter's session 0 is the stuck one's)
     other = await SmtpClient.connect(port)
     assert (await other.send_message(MESSAGE)).code == 250
-    assert loop.time() - started < 1.5 and not greeting.done()
-    assert (await greeting).code == 220 and 1.5 < loop.time() - started < 3.5
+    assert not greeting.done()  # (the milter has not answered: nothing else can greet it)
+    released.set()
+    assert (await greeting).code == 220
     assert (await stuck.cmd("EHLO client.test")).code == 250
     assert await stuck.cmd("MAIL FROM:<s@remote.test>") == status.FILTER_UNAVAILABLE
     await stuck.close()
     await other.close()
+
+
+async def test_smtpds_timeout_does_not_run_while_the_milters_are_waited_for(milter_server):
+    """Postfix's smtpd_timeout bounds the client's input and output only: a milter slower than it at connect,
+    HELO, MAIL, RCPT or the end of the message is waited for up to its own timeout (2 s here; smtpd's is 1 s), and
+    then milter_default_action (accept) answers for it: the session goes on (mailflow's command deadline said
+    `421 4.4.2 … Error: timeout exceeded` after 1 s). One session per event, side by side."""
+    helos: dict[int, str] = {}
+
+    def answer(event: bytes):
+        def step(session: int, payload: bytes):
+            if event == b"H":
+                helos[session] = payload.rstrip(b"\0").decode()
+            held = session == 0 if event == b"C" else helos.get(session) == f"{event.decode()}.test"
+            return HANG if held else reply(b"c")
+        return step
+
+    milter, port = await milter_server({event: answer(event) for event in (b"C", b"H", b"M", b"R", b"E")},
+                                       smtpd={"timeout": "1s"}, default_action="accept")
+
+    async def session(helo: str) -> list[int | None]:
+        """Each reply's code, up to a 421 or the connection's end."""
+        client = await SmtpClient.connect(port, greet=False)
+        codes = [(await client.reply()).code]
+        for command in (f"EHLO {helo}", "MAIL FROM:<s@remote.test>", "RCPT TO:<alice@local.test>", "DATA",
+                        MESSAGE + b"."):
+            if codes[-1] in (None, 421):
+                break
+            codes.append((await client.cmd(command)).code)
+        await client.close()
+        return codes
+
+    held_at_connect = asyncio.create_task(session("any.test"))
+    await eventually(lambda: milter.sessions)  # (the milter's session 0 is that one's)
+    others = await asyncio.gather(*(session(f"{event}.test") for event in "HMRE"))
+    assert [await held_at_connect, *others] == [[220, 250, 250, 250, 354, 250]] * 5
+
+
+async def test_the_negotiation_is_read_under_command_timeout_as_postfix_reads_it(milter_server):
+    """Postfix's milter8_connect: connect_timeout bounds the connection, the negotiation's reply is a command's
+    (milter_command_timeout). A milter that takes longer than connect_timeout to negotiate is used, not failed."""
+    milter, port = await milter_server({b"M": reply(b"r")}, negotiation=Drip(optneg(), 0.05),  # (about 0.85 s)
+                                       connect_timeout=0.3, command_timeout="5s")
+    client = await SmtpClient.connect(port)
+    await client.cmd("EHLO client.test")
+    assert await client.cmd("MAIL FROM:<s@remote.test>") == status.MILTER_REJECTED  # (not the default action's)
+    await client.close()
 
 
 @pytest.mark.parametrize("commands", [[], ["QUIT"]], ids=["no command", "QUIT only"])

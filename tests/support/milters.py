@@ -8,8 +8,9 @@ real wire format (4-byte length, 1-byte command, payload), told what to answer t
 
 A script maps a command letter (b"C" connect, b"H" HELO, b"M", b"R", b"T" DATA, b"L" header, b"N", b"B" body,
 b"E" end of message) to what is written back: bytes (one or more packets, or garbage), HANG (nothing, for
-ever), CLOSE (the connection is closed), Drip(data, every) (the bytes one at a time, `every` seconds apart), or a
-callable (session number, payload) -> one of those. Commands not
+ever), CLOSE (the connection is closed), Drip(data, every) (the bytes one at a time, `every` seconds apart),
+Held(released, data) (`data` once the test sets the event `released`), or a callable (session number, payload) ->
+one of those. Commands not
 in the script get CONTINUE; the negotiation gets `optneg` (default: version 6, every action, every event, each
 answered). MACRO, ABORT and QUIT get no answer, as the protocol says.
 """
@@ -33,7 +34,15 @@ class Drip:
     every: float
 
 
-Answer = Union[bytes, str, Drip]
+@dataclass(frozen=True)
+class Held:
+    """An answer held back until the test sets `released`: a milter that answers when the test says so."""
+
+    released: asyncio.Event
+    data: bytes
+
+
+Answer = Union[bytes, str, Drip, Held]
 Script = dict[bytes, Union[Answer, Callable[[int, bytes], Answer]]]
 SILENT = (b"D", b"A", b"Q", b"K")  # MACRO, ABORT, QUIT, QUIT_NC: no reply
 
@@ -53,7 +62,7 @@ def replycode(text: str) -> bytes:
 
 
 class ScriptedMilter:
-    def __init__(self, script: Script, negotiation: bytes):
+    def __init__(self, script: Script, negotiation: Answer):
         self._script = script
         self._negotiation = negotiation
         self.sessions: list[list[tuple[bytes, bytes]]] = []
@@ -115,6 +124,9 @@ class ScriptedMilter:
                     break
                 if isinstance(answer, Drip):
                     await _drip(writer, answer)
+                if isinstance(answer, Held):
+                    await answer.released.wait()
+                    answer = answer.data
                 if isinstance(answer, bytes) and answer:
                     writer.write(answer)
                     await writer.drain()
@@ -141,7 +153,7 @@ async def _drip(writer: asyncio.StreamWriter, drip: Drip) -> None:
 
 
 @contextlib.asynccontextmanager
-async def scripted_milter(script: Script | None = None, negotiation: bytes | None = None):
+async def scripted_milter(script: Script | None = None, negotiation: Answer | None = None):
     milter = await ScriptedMilter(script or {}, negotiation if negotiation is not None else optneg()).start()
     try:
         yield milter

@@ -24,8 +24,8 @@ final reply: the event's own reply follows it (continue: the message is held and
 refusal wins), as Postfix's milter8 reads on. Progress replies extend the deadline. A reply to connect or HELO
 holds for the whole SMTP session (Postfix's milter8): accept -> the milter is not asked again; reject / tempfail
 -> HELO is still answered 250, and that reply answers every later MAIL; discard is not allowed there (logged, it
-means continue). A milter that cannot be reached, that times out (connect_timeout for the connection and the
-negotiation, command_timeout per command, content_timeout for the message: each bounds a whole reply however
+means continue). A milter that cannot be reached, that times out (connect_timeout for the connection, command_timeout
+for the negotiation and per command, content_timeout for the message: each bounds a whole reply however
 slowly it comes, where Postfix's bounds each read; asyncio.timeout each: wait_for's task would be held in a cycle
 with the failure it raised) or breaks the protocol is closed for the rest of the session and `default_action`
 answers for it: tempfail (451 4.7.1), reject (550 5.5.0 Service unavailable), accept (as if it were not configured) or
@@ -135,18 +135,19 @@ class MilterConnection:
         self.in_message = False  # MAIL was sent and the message not ended
 
     async def open(self) -> None:
+        """The connection within connect_timeout, the negotiation's reply within command_timeout (Postfix's
+        milter8_connect)."""
         kind, host, port = parse_endpoint(self.spec)
-        timeout = self._settings.connect_timeout
         try:
             if kind == "unix":
                 opening = asyncio.open_unix_connection(host)
             else:
                 opening = asyncio.open_connection(host, port)
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(self._settings.connect_timeout):
                 self._reader, writer = await opening
             self._writer = writer
             writer.write(p.optneg(self._settings.protocol))
-            reply = await self._read(timeout)
+            reply = await self._read(self._settings.command_timeout)
             self.negotiated = p.Negotiated.from_reply(reply)
         except (OSError, TimeoutError, p.ProtocolError, asyncio.IncompleteReadError) as e:
             raise MilterFailed(_why(e)) from None

@@ -265,7 +265,8 @@ class SmtpdHandler:
         Command rejected; proto=SMTP helo=<name>`) and answers every MAIL; the command's reply stays 250 unless
         it is a 421, which answers it (and ends the session). A quarantine is logged `milter-hold`. The refusal, or
         None."""
-        verdict = await filters.helo(session, hostname)
+        with server.untimed():
+            verdict = await filters.helo(session, hostname)
         if not _log_milter_verdict(server, command, verdict, helo=helo_name(hostname)):
             return None
         return verdict.reply
@@ -311,7 +312,9 @@ class SmtpdHandler:
             await self._policy_sender_refusal(session, envelope, sender)
         action = "reject"
         if refusal is None and self._filters is not None:  # (`written`: the sender as the command gave it)
-            refusal, action = await self._filters.mail(session, envelope, sender, options, written), "milter-reject"
+            with server.untimed():
+                refusal = await self._filters.mail(session, envelope, sender, options, written)
+            action = "milter-reject"
         if refusal is not None:
             envelope.marks = Marks()  # what the sender list marked goes with the refused MAIL (Postfix's mail_reset)
             server.log_reject("MAIL", refusal, sender=addr, action=action)
@@ -350,7 +353,9 @@ class SmtpdHandler:
                 refusal = await self.check_recipient(session, envelope, addr)
             action = "reject"
             if refusal is None and self._filters is not None:  # (as Postfix: the milters' macro unstamped)
-                refusal, action = await self._filters.rcpt(session, envelope, own or addr, addr), "milter-reject"
+                with server.untimed():
+                    refusal = await self._filters.rcpt(session, envelope, own or addr, addr)
+                action = "milter-reject"
             if refusal is not None:
                 server.log_reject("RCPT", refusal, addr, action=action)
         if refusal is not None:
@@ -471,7 +476,8 @@ class SmtpdHandler:
                                 queue_id=envelope.queue_id, redirected=marks.redirect is not None,
                                 **await self._header_rewriting(server, session))
         if self._filters is not None and marks.discard is None:
-            outcome = await self._filters.end_of_message(session, submission, verdicts, marks)
+            with server.untimed():  # (Postfix's cleanup talks to them: smtpd's client timeout does not run)
+                outcome = await self._filters.end_of_message(session, submission, verdicts, marks)
             if outcome.refusal is not None:
                 server.log_reject("END-OF-MESSAGE", outcome.refusal, envelope.single_recipient)
                 return outcome.refusal

@@ -20,9 +20,10 @@ What it owns
   the server volunteers (the timeout's, the stop's) is not written while TLS is yet to come (`_may_reply`): the
   connection just closes.
 - Deadlines: a command within `timeout` of the previous one; DATA/BDAT content at `min_data_rate`; none during
-  a TLS handshake (`_no_deadline`: it has its own, secure.py). One loop timer per session: a new deadline is a
-  float stored; the timer, when it fires before the deadline, sets itself again for what is left (not a
-  TimerHandle made and cancelled per command).
+  a TLS handshake (`_no_deadline`: it has its own, secure.py), nor while the milters are waited for (`untimed`:
+  Postfix's smtpd_timeout bounds the client's I/O only). One loop timer per session: a new deadline is a float
+  stored; the timer, when it fires before the deadline, sets itself again for what is left (not a TimerHandle made
+  and cancelled per command).
 - The greeting (`greet`, at connect and after XCLIENT): the handler's CLIENT hook may put a refusal in its place
   (the client list of delay_reject false: then every command but QUIT gets 503 5.7.0, `session.access_denied`;
   a milter's refusal of the connect event), and a 421 or 521 refusal ends it. HELO and EHLO ask the handler's
@@ -74,13 +75,14 @@ their own modules (frontends, secure, transaction, data), as are the wire, the s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import re
 import struct
 import termios
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, cast
+from typing import Any, Awaitable, Callable, Iterator, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException
 
@@ -502,6 +504,17 @@ class ProtocolCore(SMTP):
             self._timeout_handle.cancel()
         self._timer_at = None
 
+    @contextlib.contextmanager
+    def untimed(self) -> Iterator[None]:
+        """A wait that is not on the client (the milters): no command deadline meanwhile, as Postfix's smtpd_timeout
+        bounds the client's input and output only (the milters' own timeouts bound the wait); a whole `timeout`
+        from its end on."""
+        self._no_deadline()
+        try:
+            yield
+        finally:
+            self._reset_timeout()
+
     def _timer_fired(self) -> None:
         self._timer_at = None
         if self.loop.time() < self._deadline:  # moved since the timer was set
@@ -626,7 +639,8 @@ class ProtocolCore(SMTP):
         421 or 521 ends the session (Postfix); the client list's also gets every later command but QUIT refused
         (`session.access_denied`, set by the hook). False when the session ended."""
         hook = self._handle_hooks.get("CLIENT")
-        refusal = await hook(self, self.session, self.envelope, command) if hook is not None else None
+        with self.untimed():  # (the milters' wait, as postscreen's: smtpd_timeout is the client's)
+            refusal = await hook(self, self.session, self.envelope, command) if hook is not None else None
         if refusal is None:
             await self.push(status.greeting(self.hostname, self._banner))
             return True
