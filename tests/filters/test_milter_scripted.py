@@ -387,8 +387,10 @@ async def test_connect_macros_name_this_server_as_postfix_does(milter_server):
 
 async def test_behind_a_proxy_the_daemon_macros_name_the_address_the_client_connected_to(mailflow_server):
     """Postfix's smtpd_milter_eval: {daemon_addr} and {daemon_port} are dest_addr and dest_port, which a PROXY
-    header sets to its destination (smtpd_haproxy.c), not the balancer's connection."""
-    async with scripted_milter() as milter:
+    header sets to its destination (smtpd_haproxy.c), not the balancer's connection. (A milter asks for those
+    beyond Postfix's default milter_connect_macros with SETSYMLIST.)"""
+    asks = optneg(macros=struct.pack("!I", 0) + b"{daemon_addr} {daemon_port} {client_addr} {client_port}\0")
+    async with scripted_milter(negotiation=asks) as milter:
         mf = await mailflow_server(smtpd={"listen": [], "milters": [milter.spec], "listeners": [
             {"address": "127.0.0.1:0", "role": "mta", "overrides": {"upstream_proxy_protocol": "haproxy"}}]})
         header = b"PROXY TCP4 192.0.2.10 203.0.113.5 40001 2525\r\n"

@@ -238,3 +238,47 @@ async def test_the_client_port_xclient_gives_reaches_the_milters_as_postfix_send
         mailflow = await session(mf.smtp_addresses[0][1])
     assert mailflow == postfix
     assert any("bad client port number" in m for m in caplog.messages) == pf_warned == (port == "99999")
+
+
+async def macro_session(port: int) -> None:
+    client = await SmtpClient.connect(port)
+    for command in ("EHLO client.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<r@remote.test>",
+                    "RCPT TO:<q@remote.test>", "DATA"):
+        await client.cmd(command)
+    assert (await client.cmd(b"Subject: macros\r\n\r\nbody\r\n.")).code == 250
+    await client.cmd("QUIT")
+    await client.close()
+
+
+def macro_names(session) -> dict[str, set[tuple[str, ...]]]:
+    """The names of the macros sent before the events of one milter session, by the event's letter (Postfix's
+    empty packets left out: its HELO's without TLS; mailflow sends none)."""
+    found: dict[str, set[tuple[str, ...]]] = {}
+    for command, payload in session:
+        parts = payload[1:].split(b"\0")[:-1]
+        if command == b"D" and parts:
+            found.setdefault(payload[:1].decode(), set()).add(tuple(sorted(p.decode() for p in parts[0::2])))
+    return found
+
+
+async def test_a_milter_that_asks_for_no_macros_is_sent_postfix_s_default_lists(mailflow_server):
+    """Postfix 3.7's milter_*_macros defaults (postconf -d): connect `j {daemon_name} {daemon_addr} v _`, HELO the
+    TLS ones (none without TLS), MAIL `i {auth_type} {auth_authen} {auth_author} {mail_addr} {mail_host}
+    {mail_mailer}`, RCPT `i {rcpt_addr} {rcpt_host} {rcpt_mailer}`, `i` with DATA, the headers and the body: the
+    same names each event, but {mail_host}, {mail_mailer}, {rcpt_host} and {rcpt_mailer}, which mailflow has not
+    (Postfix's resolver's answer for the address)."""
+    unknown = {"{mail_host}", "{mail_mailer}", "{rcpt_host}", "{rcpt_mailer}"}
+    async with scripted_milter() as milter:
+        async with postfix_instance({"myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "smtpd_milters": milter.spec,
+                                     "mynetworks": "127.0.0.0/8"}) as pf:
+            await macro_session(pf.port)
+            await eventually(lambda: any(c == b"Q" for c, _ in milter.sessions[-1]), timeout=10)
+            postfix = macro_names(milter.sessions[-1])
+        mf = await mailflow_server(myhostname=MF_HOST, mynetworks=["127.0.0.0/8"], smtpd={"milters": [milter.spec]})
+        await macro_session(mf.smtp_addresses[0][1])
+        await eventually(lambda: any(c == b"Q" for c, _ in milter.sessions[-1]), timeout=10)
+        mailflow = macro_names(milter.sessions[-1])
+    assert mailflow == {stage: {tuple(n for n in names if n not in unknown) for names in lists}
+                        for stage, lists in postfix.items()}
+    assert postfix["C"] == {("_", "j", "v", "{daemon_addr}", "{daemon_name}")}
+    assert postfix["M"] == {("{mail_addr}", "{mail_host}", "{mail_mailer}")}

@@ -32,13 +32,14 @@ answers for it: tempfail (451 4.7.1), reject (550 5.5.0 Service unavailable), ac
 quarantine (hold); one whose own reply is malformed (status.milter_reply) is closed as misconfigured: 451 4.3.5
 Server configuration problem unless the action is accept or quarantine. Logged once per failure.
 
-Macros (Postfix's defaults): at connect j, {daemon_name}, {daemon_addr}, v, _, {client_addr}, {client_name},
-{client_port}, {daemon_port} (the server's address and port: behind a PROXY header the ones it names; no
-{daemon_port} for non_smtpd_milters); at HELO {tls_version}, {cipher}, {cipher_bits}; at MAIL {mail_addr},
-{auth_type}, {auth_authen}; at RCPT i (the queue id, once the transaction has one: from the RCPT after its first
-accepted one, as Postfix's smtpd has it) and {rcpt_addr}; i with DATA, each header, end of headers, each body
-chunk and end of message (Postfix's milter8 sends the end-of-header macros with each header, the end-of-data ones
-with each body chunk); and whatever a milter asked for with SETSYMLIST when mailflow knows it.
+Macros: Postfix 3.7's default lists (DEFAULT_MACROS), or for a stage a milter asked for with SETSYMLIST its list,
+of what mailflow has there: at connect j, {daemon_name}, {daemon_addr}, v, _ (by default), {client_addr},
+{client_name}, {client_port}, {daemon_port} (the server's address and port: behind a PROXY header the ones it
+names; no {daemon_port} for non_smtpd_milters); at HELO {tls_version}, {cipher}, {cipher_bits}, {cert_subject},
+{cert_issuer}; at MAIL {mail_addr}, {auth_type}, {auth_authen}; at RCPT i (the queue id, once the transaction has
+one: from the RCPT after its first accepted one, as Postfix's smtpd has it) and {rcpt_addr}; i with DATA, each
+header, end of headers, each body chunk and end of message (Postfix's milter8 sends the end-of-header macros with
+each header, the end-of-data ones with each body chunk).
 """
 from __future__ import annotations
 
@@ -564,6 +565,18 @@ class MilterSession:
         return Verdict("tempfail", status.FILTER_UNAVAILABLE, reason=reason)
 
 
+# Postfix 3.7's milter_connect_macros, milter_helo_macros, milter_mail_macros, milter_rcpt_macros, milter_data_macros,
+# milter_end_of_header_macros and milter_end_of_data_macros (postconf -d; names without braces): what a milter that
+# asked for none of a stage's (SETSYMLIST) is sent there, of what mailflow has (not {auth_author}, {mail_host},
+# {mail_mailer}, {rcpt_host}, {rcpt_mailer})
+DEFAULT_MACROS: dict[bytes, tuple[str, ...]] = {
+    p.CONNECT: ("j", "daemon_name", "daemon_addr", "v", "_"),
+    p.HELO: ("tls_version", "cipher", "cipher_bits", "cert_subject", "cert_issuer"),
+    p.MAIL: ("i", "auth_type", "auth_authen", "auth_author", "mail_addr", "mail_host", "mail_mailer"),
+    p.RCPT: ("i", "rcpt_addr", "rcpt_host", "rcpt_mailer"),
+    p.DATA: ("i",), p.EOH: ("i",), p.BODYEOB: ("i",),
+}
+
 # the macro stage whose macros each message event carries (Postfix's milter8: the end-of-header macros with each
 # header, the end-of-data ones with each body chunk)
 MESSAGE_MACRO_STAGES = {p.DATA: p.DATA, p.HEADER: p.EOH, p.EOH: p.EOH, p.BODY: p.BODYEOB, p.BODYEOB: p.BODYEOB}
@@ -580,11 +593,11 @@ def _message_macros(values: dict[str, str], milter: MilterConnection) -> dict[by
 
 
 def _macro_packet(command: bytes, values: dict[str, str], milter: MilterConnection, stage: bytes = b"") -> bytes:
-    """The macros of one event: the ones mailflow sends there, narrowed to what the milter asked for at its
-    `stage` (by default the event's own)."""
-    wanted = milter.negotiated.macros.get(stage or command) if milter.negotiated else None
-    if wanted is not None:
-        values = {k: v for k, v in values.items() if k.strip("{}") in wanted}
+    """The macros of one event: of those mailflow has there, the ones the milter asked for at its `stage` (by
+    default the event's own) with SETSYMLIST, else Postfix's default list for that stage (its MILTER_MACRO_EVAL)."""
+    asked = milter.negotiated.macros.get(stage or command) if milter.negotiated else None
+    wanted = asked or DEFAULT_MACROS.get(stage or command, ())
+    values = {k: v for k, v in values.items() if k.strip("{}") in wanted}
     return p.macros(command, values) if values else b""
 
 
