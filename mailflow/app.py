@@ -113,7 +113,7 @@ def non_smtpd_milters(config: Config) -> NonSmtpdMilters | None:
     specs = config.milter.non_smtpd_milters
     if not specs:
         return None
-    return NonSmtpdMilters(specs, MilterSettings.from_config(config.milter, config.smtpd.message_size_limit),
+    return NonSmtpdMilters(specs, MilterSettings.from_config(config, config.smtpd.message_size_limit),
                            config.myhostname)
 
 

@@ -1,8 +1,8 @@
 """The Milter client's asyncio edge: one connection to one milter for one SMTP session, and the session that
 asks every milter of a listener in turn (Postfix smtpd_milters).
 
-    MilterSettings.from_config(config.milter, size_limit)   timeouts, default action, protocol version, and
-                                                      smtpd.message_size_limit (0: none) for the edits
+    MilterSettings.from_config(config, size_limit)    timeouts, default action, protocol version, soft_bounce,
+                                                      and smtpd.message_size_limit (0: none) for the edits
     MilterSession(specs, settings, macros)            one per SMTP session (made at its greeting)
         await connect(client) / helo(name) / mail(sender, options, written=None) / rcpt(address, queue_id,
             written=None) -> Verdict     `written`: the address as the command gave it (default: the address), the
@@ -69,11 +69,14 @@ class MilterSettings:
     command_timeout: float
     content_timeout: float
     size_limit: int = 0  # the most bytes of edits kept of one message (smtpd.message_size_limit; 0: no limit)
+    soft_bounce: bool = False  # a milter's own 5xx reply (REPLYCODE) is read as a 4xx, as Postfix's milter8 reads it
 
     @classmethod
-    def from_config(cls, milter, size_limit: int = 0) -> "MilterSettings":
+    def from_config(cls, config, size_limit: int = 0) -> "MilterSettings":
+        """`config`: the whole configuration (its [milter] section and soft_bounce)."""
+        milter = config.milter
         return cls(milter.default_action, milter.protocol, milter.connect_timeout, milter.command_timeout,
-                   milter.content_timeout, size_limit)
+                   milter.content_timeout, size_limit, config.soft_bounce)
 
 
 @dataclass
@@ -534,6 +537,8 @@ class MilterSession:
             reply_text = status.milter_reply(reply.text())
             if reply_text is None:  # Postfix: a configuration error
                 return self._failed(milter, MilterFailed(f"malformed reply: {reply.text()!r}"), configuration=True)
+            if self._settings.soft_bounce:  # (milter8: each line's code and enhanced code, once found well-formed)
+                reply_text = status.milter_reply(status.soft_bounced(reply.text())) or reply_text
             return Verdict("reject" if reply_text.code >= 500 else "tempfail", reply_text,
                            reason=f"milter {milter.spec}")
         if c == p.SHUTDOWN:  # Postfix: 421, and the milter answers so for the rest of the session

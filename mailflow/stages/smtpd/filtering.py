@@ -68,6 +68,7 @@ class Outcome:
     whether it is discarded or held (the logged reason)."""
 
     refusal: status.Reply | None = None
+    logged: bool = False  # the refusal was logged here (a milter's, as Postfix's cleanup logs it)
     submission: Submission | None = None
     discard: str | None = None
     hold: str | None = None
@@ -97,7 +98,7 @@ class FilterServices:
                                           also=("dmarc",) if self.dmarc_policy else ())
         self.spamd = Spamd(config.spamd) if config.spamd.address else None
         self.clamd = Clamd(config.clamd) if config.clamd.address else None
-        self.milter = MilterSettings.from_config(config.milter)  # (the size limit is each listener's)
+        self.milter = MilterSettings.from_config(config)  # (the size limit is each listener's)
 
     def for_listener(self, config: Config) -> ListenerFilters | None:
         milters = () if "no_milters" in config.smtpd.receive_override_options else config.smtpd.milters
@@ -221,6 +222,16 @@ class ListenerFilters:
                                    protocol=session.protocol, helo=session.host_name or "", action=action,
                                    queue_id=submission.queue_id)
 
+    def _cleanup_reject(self, session, submission: Submission, reply: status.Reply) -> None:
+        """Postfix's cleanup_milter_apply line for a milters' refusal of the message (theirs, or their default
+        action's): `QID: milter-reject: END-OF-MESSAGE from host[ip]: 5.7.1 Command rejected; from=<s> to=<the last
+        recipient> proto=ESMTP helo=<h>`, the reply without its code, as the milter gave it (soft_bounce: client.py)."""
+        envelope = submission.envelope
+        self._cleanup_lines.reject("END-OF-MESSAGE", session.client, str(reply)[4:], sender=envelope.sender,
+                                   recipient=envelope.recipients[-1] if envelope.recipients else "",
+                                   protocol=session.protocol, helo=session.host_name or "", action="milter-reject",
+                                   queue_id=submission.queue_id)
+
     async def client_changed(self, session) -> None:
         """XCLIENT named another client (and server): as Postfix's xclient_cmd (milter_disc_event, teardown_milters,
         setup_milters), the milters are told the session ended and the new greeting connects again, its connect
@@ -258,6 +269,9 @@ class ListenerFilters:
                 return outcome
             if filtered.action != "continue":
                 outcome.refusal = filtered.reply
+                if filtered.reply is not None and filtered.reply is not status.MESSAGE_TOO_BIG:  # (too big: smtpd's)
+                    self._cleanup_reject(session, submission, filtered.reply)
+                    outcome.logged = True
                 return outcome
             submission, outcome.hold = filtered.submission, filtered.hold
             if filtered.hold is not None and marks.hold is None:

@@ -479,7 +479,8 @@ class SmtpdHandler:
             with server.untimed():  # (Postfix's cleanup talks to them: smtpd's client timeout does not run)
                 outcome = await self._filters.end_of_message(session, submission, verdicts, marks)
             if outcome.refusal is not None:
-                server.log_reject("END-OF-MESSAGE", outcome.refusal, envelope.single_recipient)
+                if not outcome.logged:
+                    server.log_reject("END-OF-MESSAGE", outcome.refusal, envelope.single_recipient)
                 return outcome.refusal
             marks.discard = marks.discard or outcome.discard
             marks.hold = marks.hold or outcome.hold

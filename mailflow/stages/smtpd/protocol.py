@@ -471,14 +471,15 @@ class ProtocolCore(SMTP):
         transaction's queue id, taken at its first accepted recipient, `NOQUEUE` before; `action` milter-reject for
         a milter's refusal (Postfix's check_milter_reply), hold or discard for a message a filter held or
         discarded; `sender` the one refused at MAIL, else the transaction's; `helo` the name refused at HELO/EHLO,
-        else the session's)."""
+        else the session's). Under soft_bounce a reject is logged as sent (4xx); a milter-reject as the milter gave
+        it, as Postfix's check_milter_reply logs it (milter8 made its own 5xx a 4xx when it read it: client.py)."""
         if sender is None:
             sender = self.envelope.sender
         elif sender == NULL_SENDER:
             sender = ""
         helo = self.session.host_name or "" if helo is None else helo
         text = str(reply)
-        if self._limits.soft_bounce and action in ("reject", "milter-reject"):  # the reply as sent
+        if self._limits.soft_bounce and action == "reject":  # the reply as sent
             text = status.soft_bounced(text)
         self.record.lines.reject(stage, self.session.client, text, sender=sender, recipient=recipient,
                                  protocol=self.session.protocol, helo=helo,
