@@ -18,7 +18,7 @@ import pytest
 
 from tests.support import SmtpClient, eventually, postfix_instance
 from tests.support.maillog import SYSLOG_NAME
-from tests.support.milters import optneg, replycode, reply, scripted_milter
+from tests.support.milters import HANG, optneg, replycode, reply, scripted_milter
 from tests.support.ports import free_port
 
 pytestmark = pytest.mark.interop
@@ -171,6 +171,24 @@ async def test_the_milters_hear_of_the_client_at_the_greeting_and_decide_it_as_i
         "NOQUEUE: milter-reject: EHLO from CLIENT: 550 5.7.1 Command rejected; proto=SMTP helo=<client.test>",
         "NOQUEUE: milter-reject: MAIL from CLIENT: 550 5.7.1 Command rejected; from=<s@remote.test> proto=ESMTP "
         "helo=<client.test>"]
+
+
+async def test_a_milter_slower_than_smtpds_timeout_holds_the_greeting_as_in_postfix(mailflow_server):
+    """smtpd_timeout (1 s) bounds the client's I/O only: a milter that never answers the connect event is waited
+    for up to milter_command_timeout (2 s), then milter_default_action (accept) answers for it: a 220, and the
+    session goes on."""
+    async with scripted_milter({b"C": HANG}) as milter:
+        async with postfix_instance({"myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "smtpd_milters": milter.spec,
+                                     "smtpd_timeout": "1s", "milter_command_timeout": "2s",
+                                     "milter_default_action": "accept", "disable_vrfy_command": "no",
+                                     "smtputf8_enable": "yes"}) as pf:
+            postfix = await dialogue(pf.port, PF_HOST)
+        mf = await mailflow_server(myhostname=MF_HOST, mynetworks=["127.0.0.0/8"],
+                                   smtpd={"milters": [milter.spec], "timeout": "1s", "disable_vrfy_command": False},
+                                   milter={"command_timeout": "2s", "default_action": "accept"})
+        mailflow = await dialogue(mf.smtp_addresses[0][1], MF_HOST)
+    assert as_postfix(postfix, mailflow) == postfix
+    assert postfix[:2] == ["220", "250 8BITMIME CHUNKING DSN ENHANCEDSTATUSCODES ETRN PIPELINING SIZE SMTPUTF8 VRFY"]
 
 
 async def xclient_dialogue(port: int, host: str) -> list[str]:
