@@ -191,6 +191,50 @@ async def test_a_milter_slower_than_smtpds_timeout_holds_the_greeting_as_in_post
     assert postfix[:2] == ["220", "250 8BITMIME CHUNKING DSN ENHANCEDSTATUSCODES ETRN PIPELINING SIZE SMTPUTF8 VRFY"]
 
 
+async def test_discarded_keywords_are_logged_after_the_milters_line_and_not_after_their_5xx_as_in_postfix(
+        mailflow_server, mail_log):
+    """discard_ehlo_keywords (dsn) with a milter: Postfix's ehlo_cmd logs `discarding EHLO keywords: DSN` after the
+    milters' line of that EHLO, and not at all after their 5xx (its mask is then everything but
+    ENHANCEDSTATUSCODES, silently)."""
+    answers = {"continue": reply(b"c"), "quarantine": reply(b"q", b"held\0") + reply(b"c"), "reject": reply(b"r")}
+    current = ["continue"]
+
+    async def sessions(port: int) -> list[str]:
+        shown = []
+        for name in answers:
+            current[0] = name
+            client = await SmtpClient.connect(port, greet=False)
+            await client.reply()
+            shown.append(ehlo_keywords((await client.cmd("EHLO client.test")).text))
+            await client.cmd("QUIT")
+            await client.close()
+        return shown
+
+    def lines(log: str) -> list[str]:
+        return [re.sub(r"from \S+\[127\.0\.0\.1\]", "from CLIENT", line) for line in re.findall(
+            rf"{SYSLOG_NAME}/smtpd\[\d+\]: ((?:NOQUEUE: milter-\w+: EHLO|discarding EHLO|disconnect).*)$", log, re.M)]
+
+    async with scripted_milter({b"H": lambda _, __: answers[current[0]]}) as milter:
+        async with postfix_instance({"myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "smtpd_milters": milter.spec,
+                                     "smtpd_discard_ehlo_keywords": "dsn", "smtputf8_enable": "yes"}) as pf:
+            await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the readiness probe's session
+            started = len(pf.maillog)
+            postfix = await sessions(pf.port)
+            await eventually(lambda: pf.maillog[started:].count("disconnect from") >= len(answers), timeout=10)
+            pf_log = pf.maillog[started:]
+        mf = await mailflow_server(myhostname=MF_HOST, smtpd={"milters": [milter.spec], "disable_vrfy_command": False,
+                                                               "discard_ehlo_keywords": ["dsn"]})
+        mailflow = await sessions(mf.smtp_addresses[0][1])
+        await eventually(lambda: mail_log.read_text().count("disconnect from") >= len(answers), timeout=10)
+    assert mailflow == postfix
+    assert lines(mail_log.read_text()) == lines(pf_log)
+    assert [line for line in lines(pf_log) if not line.startswith("disconnect")] == [
+        "discarding EHLO keywords: DSN",
+        "NOQUEUE: milter-hold: EHLO from CLIENT: milter triggers HOLD action; proto=SMTP helo=<client.test>",
+        "discarding EHLO keywords: DSN",
+        "NOQUEUE: milter-reject: EHLO from CLIENT: 550 5.7.1 Command rejected; proto=SMTP helo=<client.test>"]
+
+
 async def xclient_dialogue(port: int, host: str) -> list[str]:
     """A front end's session: EHLO, XCLIENT naming a client the milter refuses, EHLO and MAIL of that client."""
     client = await SmtpClient.connect(port)

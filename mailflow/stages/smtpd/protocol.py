@@ -810,9 +810,8 @@ class ProtocolCore(SMTP):
                 return
             if await self._hello_refused("EHLO", hostname):
                 return
-            if self.discarded:
-                self._log_discarded()
             if self.discards_unknown:  # Postfix: its ehlo_discard_maps failed; the 421 ends the session
+                self._log_discarded()
                 await self._local_data_error()
                 return
             try:
@@ -831,7 +830,8 @@ class ProtocolCore(SMTP):
             if edited is MISSING:  # a handler without the hook: aiosmtpd's default
                 self.session.host_name = helo_name(hostname)
                 edited = lines
-            if not isinstance(edited, OnlyKeywords):
+            if not isinstance(edited, OnlyKeywords):  # (a milter's 5xx: Postfix's mask is then silent)
+                self._log_discarded()  # (after the milters' line, as Postfix's ehlo_cmd logs them)
                 edited = _with_keywords(edited, self._ehlo_keywords())
             await self.push_lines(_without_keywords(edited, self.discarded))
         finally:
