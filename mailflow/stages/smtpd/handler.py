@@ -187,7 +187,8 @@ class SmtpdHandler:
                 return refusal
         if self._filters is None or not self._filters.has_milters:  # (nothing more per connection without milters)
             return None
-        return await self._milters_connect(self._filters, server, session, command)
+        with server.untimed():  # (the milters' wait: smtpd_timeout is the client's)
+            return await self._milters_connect(self._filters, server, session, command)
 
     @staticmethod
     async def _milters_connect(filters: ListenerFilters, server, session: SessionState,

@@ -640,8 +640,7 @@ class ProtocolCore(SMTP):
         421 or 521 ends the session (Postfix); the client list's also gets every later command but QUIT refused
         (`session.access_denied`, set by the hook). False when the session ended."""
         hook = self._handle_hooks.get("CLIENT")
-        with self.untimed():  # (the milters' wait, as postscreen's: smtpd_timeout is the client's)
-            refusal = await hook(self, self.session, self.envelope, command) if hook is not None else None
+        refusal = await hook(self, self.session, self.envelope, command) if hook is not None else None
         if refusal is None:
             await self.push(status.greeting(self.hostname, self._banner))
             return True
