@@ -11,7 +11,7 @@ import dataclasses
 import enum
 from collections.abc import Iterable
 from dataclasses import field
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, AsyncIterator, NamedTuple, TypeVar
 
 from mailflow.content import Content
 from mailflow.records import record
@@ -398,6 +398,12 @@ class DeliveryReport:
         """The same result for every recipient (a refused MAIL, a dead site, a discard, a missing agent)."""
         results = tuple(RcptResult(r, outcome, dsn, text, relay) for r in recipients)
         return cls(results, site_ok=site_ok, site_reason="" if site_ok else text)
+
+    @classmethod
+    async def gathered(cls, recipients: tuple[Recipient, ...], each: AsyncIterator[RcptResult]) -> "DeliveryReport":
+        """The whole of an agent's `deliver_each` (its `deliver`): every result it gives, in `recipients`' order."""
+        given = {result.recipient.index: result async for result in each}
+        return cls(tuple(given[r.index] for r in recipients if r.index in given))
 
 
 @record

@@ -14,9 +14,11 @@ Contract of a transport (postfix's delivery agents; chasquid's Courier; maddy's 
 - `request.content` is a mailflow.content.Content: a transport reads it as a stream (`stream()`, or `chunks()`
   in a worker thread) and transforms it chunk by chunk (`encode.py`), never holding a big message whole; its
   size is `request.content.size`.
-- `deliver_each(request) -> AsyncIterator[RcptResult]` (optional; local and virtual have it): an agent that
-  delivers the recipients one after another yields each result as that delivery ends; qmgr then records each at
-  once, so a crash repeats only the recipient in flight (Postfix's deliver_completed). `deliver` stays the whole.
+- `deliver_each(request) -> AsyncIterator[RcptResult]` with `delivers_each = True` (optional; local, virtual, a
+  pipe service with flag D or O): an agent that delivers the recipients one after another yields each result as
+  that delivery ends; qmgr records them as they come (one record in flight a message, those that end meanwhile
+  in the next), so a crash repeats only the recipients not recorded yet (Postfix's deliver_completed).
+  `deliver` stays the whole (`DeliveryReport.gathered`).
 - `close` releases cached connections; qmgr calls it once at shutdown.
 - `program`: the Postfix program the agent stands for (smtp, lmtp, local, virtual, pipe, error, discard): the
   mail log writes its result lines under that name, as Postfix's agents log their own (`postfix/smtp[pid]: …

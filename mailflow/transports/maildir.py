@@ -141,8 +141,10 @@ class MaildirTransport:
             return None
         return Owner(-1 if uid is None else uid, -1 if gid is None else gid, self._base)
 
+    delivers_each = True  # one recipient after another: qmgr records each result as it comes (`deliver_each`)
+
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
-        return DeliveryReport(tuple([result async for result in self.deliver_each(request)]))
+        return await DeliveryReport.gathered(request.recipients, self.deliver_each(request))
 
     async def deliver_each(self, request: DeliveryRequest) -> AsyncIterator[RcptResult]:
         """Each recipient's result as its file is written, one after another (qmgr records each at once)."""

@@ -35,7 +35,8 @@ Runner (used by pipe services and by local's `|command` destinations):
 3. The command runs once for all remaining recipients (argv elements holding a per-recipient macro expand to
    one element per recipient), or once per recipient when flags D or O are set (those headers name one
    recipient: Postfix requires transport_destination_recipient_limit = 1 for them). Its result applies to
-   every recipient of that run; `deliver_each` yields each run's results as it ends (qmgr records them at once).
+   every recipient of that run; `deliver_each` yields each run's results as it ends. With D or O (`delivers_each`)
+   qmgr records each run's as it comes; a single run's go with the job's end.
 argv macros (their grammar is `mailflow.pipe_argv`; each value one argv element, never a shell): per recipient
 ${recipient}, ${original_recipient}, ${user}, ${extension}, ${mailbox}, ${domain}; per request ${sender} (null
 sender: `null_sender`, default MAILER-DAEMON), ${nexthop}, ${queue_id}, ${size}, and the message's client
@@ -428,9 +429,14 @@ class PipeTransport:
         self._templates = parse_argv(service.argv)
         self._now = now
 
+    @property
+    def delivers_each(self) -> bool:
+        """One run per recipient (flag D or O), one after another: qmgr records each result as it comes
+        (`deliver_each`); a single run for all of them has all its results at once, recorded with the job's end."""
+        return "D" in self._service.flags or "O" in self._service.flags
+
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
-        results = {result.recipient.index: result async for result in self.deliver_each(request)}
-        return DeliveryReport(tuple(results[r.index] for r in request.recipients))
+        return await DeliveryReport.gathered(request.recipients, self.deliver_each(request))
 
     async def deliver_each(self, request: DeliveryRequest) -> AsyncIterator[RcptResult]:
         """The recipients' results as they are known: those refused before any run, then each run's (one run per
@@ -454,8 +460,7 @@ class PipeTransport:
                 yield self._result(rcpt, Outcome.BOUNCED, "5.4.6", f"mail forwarding loop for {rcpt.address}")
             else:
                 ready.append(rcpt)
-        one_each = "D" in s.flags or "O" in s.flags
-        for batch in ([[r] for r in ready] if one_each else [ready] if ready else []):
+        for batch in ([[r] for r in ready] if self.delivers_each else [ready] if ready else []):
             for result in await self._run_batch(request, batch, values):
                 yield result
 

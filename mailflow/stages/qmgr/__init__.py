@@ -52,9 +52,13 @@ The loop
   with other writes) and logged: sent, bounced, or still pending with the reason. A recipient whose failure or
   success notice is owed keeps a flag in its row. So a stop or a crash repeats only deliveries that were
   themselves interrupted (Postfix's deliver_completed). An agent that delivers a job's recipients one after
-  another (`deliver_each`: local, virtual) has each result but the job's last recorded as it comes (the last goes
-  with the job's end, so a one-recipient job costs no more writes), as local(8) and virtual(8) cross each
-  recipient off: a stop in the middle of such a job repeats only the recipient in flight.
+  another (`delivers_each`: local, virtual, pipe with flag D or O) has each result but the job's last recorded as
+  it comes, as local(8) and virtual(8) cross each recipient off: a stop in the middle of such a job repeats only
+  the recipients whose results were not committed yet. A message has one record in flight at a time: results
+  that come back while it is written go together in the next, and once every job is back those not recorded go
+  with the end of the attempt. So a job costs a write per result that ends while none is being written (about
+  one per recipient for an agent slower than a commit, as few as the job's end for a fast one) and a
+  one-recipient job no more than its end.
 - When every job of a message is back, one `store.finish()` records the last job's results, queues the notices
   the flagged rows call for (`notices.py`; rows flagged before a stop come with the message from the scan) and
   clears the flags, and removes the message or defers it to
@@ -133,7 +137,7 @@ import heapq
 import logging
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import AsyncIterator, Callable, Collection, Iterator
+from typing import AsyncIterator, Callable, Collection, Iterable, Iterator
 
 from mailflow.clock import Clock
 from mailflow.content import Content
@@ -168,7 +172,8 @@ class ActiveMessage:
     stats: MsgStats  # its arrival and this attempt's entry into the active queue (the log's delays a and b)
     attempt: list[RcptResult] = field(default_factory=list)  # this attempt's results, recorded
     owed: list[RcptResult] = field(default_factory=list)  # recorded results whose notice is not queued yet
-    recording: int = 0  # result batches being written
+    unrecorded: list[RcptResult] = field(default_factory=list)  # results back, waiting for the record in flight
+    recording: bool = False  # a record of its results is being written (one at a time)
     finishing: bool = False
     content: asyncio.Future | None = None  # read once however many destinations (a Content: big ones stay in files)
     withdrawn: str = ""  # "hold" or "deleted" when an operator took it back while it was active
@@ -1017,7 +1022,7 @@ class QueueManager:
         self._results_in(active, [_soft_bounced(r) for r in results] if self._soft_bounce else results)
 
     async def _deliver(self, active: ActiveMessage, job: Job, handoff: float, recorded: set[int]) -> DeliveryReport:
-        """The agent's report; an agent that delivers its recipients one after another (`deliver_each`) has each
+        """The agent's report; an agent that delivers its recipients one after another (`delivers_each`) has each
         result but the job's last recorded as it comes (`_each_result`), its index added to `recorded`."""
         msg = active.message
         transport = self._transports.get(job.transport)
@@ -1034,11 +1039,10 @@ class QueueManager:
                                   msg.smtputf8, msg.body_type, msg.arrival, envid=msg.envid, ret=msg.ret,
                                   queued_for=max(0.0, self._clock.time() - msg.arrival),
                                   client_attributes=msg.client_attributes)
-        each = getattr(transport, "deliver_each", None)
         try:
-            if each is None or len(job.recipients) == 1:
+            if not getattr(transport, "delivers_each", False) or len(job.recipients) == 1:
                 return await transport.deliver(request)
-            async with contextlib.aclosing(each(request)) as results:
+            async with contextlib.aclosing(transport.deliver_each(request)) as results:
                 return await self._each_result(active, job, results, handoff, recorded)
         except asyncio.CancelledError:
             raise
@@ -1049,23 +1053,23 @@ class QueueManager:
 
     async def _each_result(self, active: ActiveMessage, job: Job, results: AsyncIterator[RcptResult],
                            handoff: float, recorded: set[int]) -> DeliveryReport:
-        """Each result of `job` as its agent gives it, recorded at once while others are still to come, as Postfix's
-        local(8) and virtual(8) cross each recipient off the queue file as it is delivered (deliver_completed): a
-        stop or a crash repeats only the recipient in flight. The last one comes back in the report, to go with
-        the job's end (for the message's last job, with the end of the attempt: no write more than before)."""
-        mine = {r.index: r for r in job.recipients}
+        """Each result of `job` as its agent gives it, handed to `_results_in` while others are still to come, as
+        Postfix's local(8) and virtual(8) cross each recipient off the queue file as it is delivered
+        (deliver_completed): a stop or a crash repeats only the recipients whose results were not committed yet.
+        The last one comes back in the report, to go with the job's end (for a one-recipient job, or the message's
+        last job, with the end of the attempt)."""
+        expected = len(job.recipients)
         last: list[RcptResult] = []
-        async for result in results:
-            index = result.recipient.index
-            if mine.get(index) != result.recipient or index in recorded:
-                continue
-            if len(recorded) + 1 == len(mine):
-                last.append(result)
-                continue
-            recorded.add(index)
+        async for given in results:
             stats = active.stats._replace(handoff=handoff, done=self._clock.time())
-            result = replaced(result, transport=job.transport, stats=stats)
-            self._results_in(active, [_soft_bounced(result) if self._soft_bounce else result])
+            for result in _stamped(job, [given], stats):
+                if result.recipient.index in recorded:
+                    continue
+                if len(recorded) + 1 == expected:
+                    last.append(given)
+                    continue
+                recorded.add(result.recipient.index)
+                self._results_in(active, [_soft_bounced(result) if self._soft_bounce else result])
         return DeliveryReport(tuple(last))
 
     async def _content(self, active: ActiveMessage) -> Content | None:
@@ -1075,14 +1079,20 @@ class QueueManager:
 
     # -- recording results as jobs end ---------------------------------------------------------------
     def _results_in(self, active: ActiveMessage, results: list[RcptResult]) -> None:
-        """A job's results: recorded at once; those of the job that ends the attempt go with the end of the
-        attempt, in one transaction (a single-destination message costs one write)."""
-        if active.jobs_left == 0 and active.recording == 0 and not active.finishing:
+        """Results back from an agent: recorded at once when no record of the message is being written, else
+        together in the next one, after it (one record in flight a message). Once every job is back, those not
+        recorded go with the end of the attempt, in one transaction (a single-destination message costs one
+        write)."""
+        active.unrecorded.extend(results)
+        if active.recording or active.finishing:
+            return
+        batch, active.unrecorded = active.unrecorded, []
+        if active.jobs_left == 0:
             active.finishing = True
-            self._spawn(self._finish(active, results))
-        elif results:
-            active.recording += 1  # before the write starts, so the message cannot finish before it
-            self._spawn(self._record(active, results))
+            self._spawn(self._finish(active, batch))
+        elif batch:
+            active.recording = True  # before the write starts, so the message cannot finish before it
+            self._spawn(self._record(active, batch))
 
     async def _record(self, active: ActiveMessage, results: list[RcptResult]) -> None:
         msg = active.message
@@ -1091,11 +1101,11 @@ class QueueManager:
             await self._writes.run(lambda: self._store.record_results(msg.queue_id, rows),
                                    f"{msg.queue_id}: recording delivery results")
         finally:
-            active.recording -= 1
+            active.recording = False
         self._log_results(active, results, self._clock.time())
         active.attempt.extend(results)
         active.owed.extend(r for r, owed in rows if owed)
-        self._results_in(active, [])  # the last record of a finished attempt ends it
+        self._results_in(active, [])  # those that came meanwhile, or the end of a finished attempt
 
     # -- the end of an attempt ------------------------------------------------------------------------
     async def _finish(self, active: ActiveMessage, last: list[RcptResult]) -> None:
@@ -1279,16 +1289,22 @@ def _expire(pending: list[RcptResult], age: float, lifetime: float) -> list[Rcpt
 
 
 def _complete(job: Job, report: DeliveryReport, stats: MsgStats | None) -> list[RcptResult]:
-    """The report's results for this job's recipients, each marked with the job's transport and `stats` (None: no
-    agent had the job, they keep none); one the agent did not mention stays queued (4.3.0)."""
-    mine = {r.index: r for r in job.recipients}
-    t = job.transport
-    results = [replaced(r, transport=t, stats=r.stats if stats is None else stats) for r in report.results
-               if mine.get(r.recipient.index) == r.recipient]
+    """The report's results for this job's recipients (`_stamped`); one the agent did not mention stays queued
+    (4.3.0)."""
+    results = _stamped(job, report.results, stats)
     told = {r.recipient.index for r in results}
-    results += [RcptResult(r, Outcome.DEFERRED, "4.3.0", "delivery agent reported no result", transport=t,
+    results += [RcptResult(r, Outcome.DEFERRED, "4.3.0", "delivery agent reported no result", transport=job.transport,
                            stats=stats) for r in job.recipients if r.index not in told]
     return results
+
+
+def _stamped(job: Job, results: Iterable[RcptResult], stats: MsgStats | None) -> list[RcptResult]:
+    """Those of `results` that are for this job's recipients, each marked with the job's transport and `stats`
+    (None: no agent had the job, they keep theirs)."""
+    mine = {r.index: r for r in job.recipients}
+    t = job.transport
+    return [replaced(r, transport=t, stats=r.stats if stats is None else stats) for r in results
+            if mine.get(r.recipient.index) == r.recipient]
 
 
 def _content_missing(active: ActiveMessage) -> bool:

@@ -168,8 +168,10 @@ class LocalTransport:
         self._forward = forward
         self._relay = relay
 
+    delivers_each = True  # one recipient after another: qmgr records each result as it comes (`deliver_each`)
+
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
-        return DeliveryReport(tuple([result async for result in self.deliver_each(request)]))
+        return await DeliveryReport.gathered(request.recipients, self.deliver_each(request))
 
     async def deliver_each(self, request: DeliveryRequest) -> AsyncIterator[RcptResult]:
         """Each recipient's result as its delivery ends, one after another (qmgr records each at once)."""
