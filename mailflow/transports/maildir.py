@@ -8,7 +8,9 @@ message is never held whole; raises OSError (also when the content's spool file 
   end in "/" (Maildir) and stay inside the base.
 Per recipient: write `Return-Path`, `X-Original-To` and `Delivered-To` then the message, with LF line endings
 (the mailbox convention, as Postfix writes it) into `tmp/`, fsync the file, rename it into `new/`, fsync
-`new/`. Only then is the recipient SENT. The file work runs in a worker thread.
+`new/`. Only then is the recipient SENT (once the rename is done it is SENT even when that last fsync fails:
+logged as a warning, never written twice; Postfix does not fsync the directory). The file work runs in a
+worker thread.
 Quota (`quota(recipient) -> bytes`, 0 = none): the sizes of the files in new/ and cur/ plus the new message
 (counted as queued, with its CRLF line ends: the file is at most that big) may not exceed it; over quota bounces 5.2.2,
 or defers 4.2.2 when `overquota_bounce` is False. Success reads "delivered to maildir", as virtual(8) logs it (the path
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -43,6 +46,7 @@ from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult,
 from mailflow.transports.encode import ToLf, encode
 
 Locate = Callable[[str], "Path | None"]
+log = logging.getLogger("mailflow.maildir")
 
 
 def virtual_maildirs(base: str | Path, rewriter) -> Locate:
@@ -73,10 +77,15 @@ class MaildirWriter:
         self._seq = count()
 
     async def write(self, maildir: Path, prefix: bytes, content: Content, owner: "Owner | None" = None,
-                    size_limit: int = 0) -> None:
-        """`size_limit` (bytes, 0 = none; local's mailbox_size_limit): a bigger file raises OSError EFBIG."""
-        await asyncio.to_thread(_write_maildir_file, maildir, self._unique_name(), prefix, content, owner,
-                                size_limit)
+                    size_limit: int = 0, *, queue_id: str = "") -> None:
+        """`size_limit` (bytes, 0 = none; local's mailbox_size_limit): a bigger file raises OSError EFBIG. Once the
+        file is in new/ the message is delivered: a failed fsync of new/ after it is a warning (keyed by
+        `queue_id`), not an error: a retry would deliver a second copy (Postfix never fsyncs the directory)."""
+        name = self._unique_name()
+        unsynced = await asyncio.to_thread(_write_maildir_file, maildir, name, prefix, content, owner, size_limit)
+        if unsynced is not None:
+            log.warning("%s: maildir %s: new/%s delivered, but new/ could not be synced to disk: %s",
+                        queue_id or "NOQUEUE", maildir, name, unsynced.strerror or unsynced)
 
     def _unique_name(self) -> str:
         now = self._clock.time()
@@ -167,7 +176,8 @@ class MaildirTransport:
             refusal = await self._over_quota(rcpt, maildir, len(prefix) + request.content.size)
             if refusal is not None:
                 return refusal
-            await self._writer.write(maildir, prefix, request.content, self._owner_of(rcpt.address))
+            await self._writer.write(maildir, prefix, request.content, self._owner_of(rcpt.address),
+                                     queue_id=request.queue_id)
         except TemporaryError as e:
             return RcptResult(rcpt, Outcome.DEFERRED, e.dsn, e.text, relay=self._relay)
         except OSError as e:
@@ -189,9 +199,10 @@ class MaildirTransport:
 
 
 def _write_maildir_file(maildir: Path, name: str, prefix: bytes, content: Content,
-                        owner: Owner | None = None, size_limit: int = 0) -> None:
-    """The message into tmp/, fsynced, renamed into new/, new/ fsynced. With `owner`, the directories created
-    (from `owner.base` down, through fds that never follow a symbolic link) and the file get that uid and gid."""
+                        owner: Owner | None = None, size_limit: int = 0) -> OSError | None:
+    """The message into tmp/, fsynced, renamed into new/, new/ fsynced; returns the error of that last fsync (the
+    message is delivered by then), None when it worked. With `owner`, the directories created (from `owner.base`
+    down, through fds that never follow a symbolic link) and the file get that uid and gid."""
     dir_fd = _open_maildir(maildir, owner)
     subs: dict[str, int] = {}
     try:
@@ -215,7 +226,11 @@ def _write_maildir_file(maildir: Path, name: str, prefix: bytes, content: Conten
         except BaseException:
             os.unlink(name, dir_fd=subs["tmp"])  # never leave a message in tmp/, partial or not moved (Postfix's too)
             raise
-        os.fsync(subs["new"])
+        try:
+            os.fsync(subs["new"])
+        except OSError as e:
+            return e
+        return None
     finally:
         for fd in (*subs.values(), dir_fd):
             os.close(fd)

@@ -4,7 +4,9 @@ mbox_dsn maps it: a full disk defers 4.3.0, a quota or file size limit bounces 5
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -12,10 +14,10 @@ import pytest
 from mailflow.clock import VirtualClock
 from mailflow.content import Content
 from mailflow.errors import PermanentError
-from mailflow.model import Outcome
+from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports import maildir
 from mailflow.transports.local.mbox import _os_error
-from mailflow.transports.maildir import MaildirWriter, write_failure
+from mailflow.transports.maildir import MaildirTransport, MaildirWriter, write_failure
 
 CASES = [(errno.ENOSPC, Outcome.DEFERRED, "4.3.0"), (errno.EDQUOT, Outcome.BOUNCED, "5.2.2"),
          (errno.EFBIG, Outcome.BOUNCED, "5.2.2"), (errno.EACCES, Outcome.DEFERRED, "4.2.0")]
@@ -41,3 +43,25 @@ async def test_a_maildir_file_that_cannot_be_moved_into_new_is_not_left_in_tmp(t
         await MaildirWriter(VirtualClock()).write(box, b"Delivered-To: a@b\n", Content.of(b"Subject: s\r\n\r\nb\r\n"))
     assert write_failure(box, failed.value)[:2] == (Outcome.DEFERRED, "4.3.0")
     assert [list((box / sub).iterdir()) for sub in ("tmp", "new")] == [[], []]
+
+
+async def test_a_message_in_new_is_delivered_when_the_fsync_of_new_fails_after_it(tmp_path, monkeypatch, caplog):
+    """The fsync of new/ after the rename failing (EIO) deferred 4.2.0 a message already in new/, and the retry
+    wrote a second copy; Postfix never fsyncs the directory: once the link into new/ works it is delivered. The
+    failure is a warning keyed by the queue id."""
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+    monkeypatch.setattr(maildir.os, "fsync", fsync)
+    box = tmp_path / "Maildir"
+    transport = MaildirTransport(lambda rcpt: box, clock=VirtualClock())
+    rcpt = Recipient(0, "a@example.test", "a@example.test")
+    request = DeliveryRequest("Q1", "s@example.test", (rcpt,), "example.test", Content.of(b"Subject: s\r\n\r\nb\r\n"))
+    with caplog.at_level(logging.WARNING, logger="mailflow.maildir"):
+        report = await transport.deliver(request)
+    assert [(r.outcome, r.dsn) for r in report.results] == [(Outcome.SENT, "2.0.0")]
+    assert len(list((box / "new").iterdir())) == 1 and not list((box / "tmp").iterdir())
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("Q1: maildir ")], caplog.text

@@ -299,7 +299,8 @@ class LocalTransport:
         owner = await self._owner(leaf.user)
         if kind == "maildir":
             try:
-                await self._writer.write(path, prefix, request.content, owner, self._local.mailbox_size_limit)
+                await self._writer.write(path, prefix, request.content, owner, self._local.mailbox_size_limit,
+                                         queue_id=request.queue_id)
             except OSError as e:
                 return Part(*write_failure(path, e))
             return Part(Outcome.SENT, "2.0.0", "delivered to maildir")  # local(8)'s words: the path is not named
