@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from bisect import bisect_left
 import logging
 import os
 import queue
@@ -513,11 +514,16 @@ def _merged(requests: list[Request]) -> tuple[list[Op], list]:
     for request in requests:
         last = 0  # where this request's previous statement went: the next one goes there or later
         for sql, rows in request.ops:
-            at = next((i for i in places.get(sql, ()) if i >= last), None)
-            if at is None:
+            spots = places.get(sql)
+            if spots is None:
+                spots = places[sql] = []
+            k = bisect_left(spots, last)  # (a search, not a scan: a big batch is one loop turn's CPU)
+            if k < len(spots):
+                at = spots[k]
+            else:
                 at = len(merged)
                 merged.append((sql, []))
-                places.setdefault(sql, []).append(at)
+                spots.append(at)
             merged[at][1].extend(rows)
             last = at
     return merged, [request.call for request in requests]
