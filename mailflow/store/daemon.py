@@ -177,7 +177,7 @@ class Store(OperatorQueries, RequeueQueries):
 
     async def finish(self, done: Delivered, notices: Sequence[NewMessage] = (),
                      results: Sequence[RcptResult] = ()) -> None:
-        """The end of one attempt of a message, in one transaction: the last job's `results` (as
+        """The end of one attempt of a message, in one transaction: the attempt's `results` not recorded yet (as
         `record_results`; their notices are among `notices`), recipients past the queue lifetime become
         bounced, the owed notices (`done.noticed`) are cleared as `notices` are queued, and the message is
         deferred until `done.next_attempt`, or removed when that is None.
@@ -451,8 +451,8 @@ def _due_message(row: tuple) -> QueuedMessage:
 
 
 def _deferral_ops(done: Delivered, results: Sequence[RcptResult]) -> list[Op]:
-    """`finish` for a message that stays: the last job's results, the expired and noticed recipients, then the
-    message deferred (if still active)."""
+    """`finish` for a message that stays: the results not recorded yet, the expired and noticed recipients, then
+    the message deferred (if still active)."""
     qid = done.queue_id
     ops: list[Op] = [_record_op(qid, [(r, False) for r in results])]  # first: the statements below see these
     if done.expired:
@@ -505,7 +505,8 @@ def _owned_of(text: str) -> tuple[OwnedFailure, ...]:
 
 def _record_op(queue_id: QueueId, rows: Sequence[tuple[RcptResult, bool]]) -> Op:
     """Recipients' results; only pending rows change, so a result recorded twice does no harm. Every write that
-    holds it holds it first (statements merge in order of first appearance in a batch)."""
+    holds it holds it first: a batch merges a statement into its first executemany of it at or after where the
+    request's previous statement went, so as every request's first statement they all share one."""
     return ("UPDATE recipient SET status = ?, dsn = ?, reason = ?, relay = ?, notice = ?, relayed = ?, expanded = ?,"
             " expansion = ?, owner = ?, diagnostic = ?, owned = ?"
             " WHERE message_id = ? AND idx = ? AND status = 'pending'",

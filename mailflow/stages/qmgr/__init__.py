@@ -59,7 +59,7 @@ The loop
   with the end of the attempt. So a job costs a write per result that ends while none is being written (about
   one per recipient for an agent slower than a commit, as few as the job's end for a fast one) and a
   one-recipient job no more than its end.
-- When every job of a message is back, one `store.finish()` records the last job's results, queues the notices
+- When every job of a message is back, one `store.finish()` records the results not recorded yet, queues the notices
   the flagged rows call for (`notices.py`; rows flagged before a stop come with the message from the scan) and
   clears the flags, and removes the message or defers it to
   `now + clamp(age, minimal_backoff_time, maximal_backoff_time)` plus up to 10 % jitter, all in one
@@ -1109,7 +1109,7 @@ class QueueManager:
 
     # -- the end of an attempt ------------------------------------------------------------------------
     async def _finish(self, active: ActiveMessage, last: list[RcptResult]) -> None:
-        """The end of the attempt; `last`: the results of the job that ended it, not recorded yet."""
+        """The end of the attempt; `last`: its results not recorded yet (the last job's, and those that waited)."""
         msg = active.message
         try:
             missing = _content_missing(active)  # (a settled future: the answer stays)
