@@ -195,15 +195,22 @@ async def test_a_recipient_after_an_agent_died_midway_is_deferred_and_those_befo
 
 
 class Stepped(OneByOne):
-    """OneByOne that delivers the next recipient only when told (`step`), and says when it gave a result."""
+    """OneByOne that delivers the next recipient only when told (`steps`); `cut_off` is set when a stop cancels it
+    while it waits."""
 
     def __init__(self):
         super().__init__()
         self.steps = asyncio.Semaphore(0)
 
+        self.cut_off = asyncio.Event()
+
     async def deliver_each(self, request):
         for rcpt in request.recipients:
-            await self.steps.acquire()
+            try:
+                await self.steps.acquire()
+            except asyncio.CancelledError:
+                self.cut_off.set()
+                raise
             self.delivered.append(rcpt.address)
             yield RcptResult(rcpt, Outcome.SENT, "2.0.0", "delivered", relay="local")
 
@@ -267,6 +274,29 @@ async def test_a_result_after_a_record_is_written_starts_the_next_one_and_the_jo
     assert [r[1] for r in rows] == ["sent", "sent", "sent", "pending"]
     assert records.calls == [["u0@example.test"], ["u1@example.test", "u2@example.test"]]
     await s.stop(grace=0.05)  # u3's delivery cut off
+
+    s.local = RecordingTransport("local")
+    await s.start()
+    await eventually(lambda: _counts_are(s, {}))
+    assert sent_to(s.local) == ["u3@example.test"]
+
+
+async def test_results_that_waited_behind_a_record_are_recorded_by_a_stop_that_cuts_the_job_off(s):
+    """The results that came back while a record was written are written after it even when a stop cuts the job
+    off meanwhile (within the stop's grace for records): the next start repeats only the delivery in flight."""
+    s.local = Stepped()
+    await s.start()
+    records = GatedRecords(s.store)
+    await s.queue("Q1", *[f"u{i}@example.test" for i in range(4)])
+    for i in range(3):
+        s.local.steps.release()
+        await eventually(lambda: len(s.local.delivered) == i + 1)
+    assert records.calls == [["u0@example.test"]]  # u1 and u2 wait behind it
+    stop = asyncio.ensure_future(s.stop(grace=0.3))
+    await s.local.cut_off.wait()  # u3's delivery cancelled
+    records.open.set()
+    await stop
+    assert records.calls == [["u0@example.test"], ["u1@example.test", "u2@example.test"]]
 
     s.local = RecordingTransport("local")
     await s.start()
