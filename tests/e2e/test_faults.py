@@ -290,11 +290,9 @@ async def mail_reply(port: int) -> tuple[int, str]:
             return e.code, e.message
 
 
-FAULT_SECONDS = 2
-
-
-async def test_a_full_queue_file_system_slows_down_refuses_mail_and_recovers(small_filesystem, servers, smtp_peer,
-                                                                           tmp_path):
+async def three_messages_in_delivery(small_filesystem, servers, smtp_peer, tmp_path, tag: str):
+    """A server whose queue is on the small file system, relaying to a peer that holds every message it is given:
+    three messages sent, all three in delivery (active). Returns (peer, its gate, server, queue directory)."""
     peer = await smtp_peer()
     gate = stall_mail(peer)
     port = free_port()
@@ -304,8 +302,17 @@ async def test_a_full_queue_file_system_slows_down_refuses_mail_and_recovers(sma
                                                                          "message_size_limit": 100_000}), port)
     await srv.start()
     for n in range(3):
-        await send(srv.port, "s@remote.test", [f"r{n}@relay.test"], message(f"full{n}"))
+        await send(srv.port, "s@remote.test", [f"r{n}@relay.test"], message(f"{tag}{n}"))
     await eventually(lambda: peer.handler.stalled == 3, timeout=10)  # every message in delivery
+    return peer, gate, srv, queue
+
+
+FAULT_SECONDS = 2
+
+
+async def test_a_full_queue_file_system_slows_down_refuses_mail_and_recovers(small_filesystem, servers, smtp_peer,
+                                                                           tmp_path):
+    peer, gate, srv, queue = await three_messages_in_delivery(small_filesystem, servers, smtp_peer, tmp_path, "full")
 
     filler = fill(small_filesystem)
     cpu, log_size = srv.cpu_seconds(), srv.log_path.stat().st_size
@@ -339,17 +346,7 @@ async def test_a_server_started_on_a_full_queue_file_system_recovers_the_mail_le
     recovery (active -> incoming) could not be written, and the server exited ("cannot start: ... database or disk
     is full"), to be started again by someone once there was space. Now it starts, says so in one line, and
     recovers and delivers the mail on its own once space returns."""
-    peer = await smtp_peer()
-    gate = stall_mail(peer)
-    port = free_port()
-    queue = small_filesystem / "queue"
-    srv = servers(config(tmp_path / "mailflow.toml", tmp_path, port, queue_directory=str(queue),
-                         relayhost=f"[127.0.0.1]:{peer.port}", smtpd={"listen": [f"127.0.0.1:{port}"],
-                                                                         "message_size_limit": 100_000}), port)
-    await srv.start()
-    for n in range(3):
-        await send(srv.port, "s@remote.test", [f"r{n}@relay.test"], message(f"left{n}"))
-    await eventually(lambda: peer.handler.stalled == 3, timeout=10)  # every message active, in delivery
+    peer, gate, srv, queue = await three_messages_in_delivery(small_filesystem, servers, smtp_peer, tmp_path, "left")
     srv.kill()
     db = queue / "queue.db"
     assert queue_counts(db) == {"active": 3}
