@@ -509,6 +509,8 @@ def _merged(requests: list[Request]) -> tuple[list[Op], list]:
     request runs after one the batch runs later gets an executemany of its own, after that one: a requeued copy's
     `UPDATE message SET warned` after its INSERT, even when a request before it in the batch ran that UPDATE
     before its own INSERTs (the end of an attempt that queues a delay notice), which ran the copy's too soon."""
+    if len(requests) == 1:  # (one session's commit, the common case: its statements as they are, in order)
+        return list(requests[0].ops), [requests[0].call]
     merged: list[Op] = []
     places: dict[str, list[int]] = {}  # where each statement is in `merged`, in order
     for request in requests:
