@@ -517,15 +517,15 @@ def _merged(requests: list[Request]) -> tuple[list[Op], list]:
         last = 0  # where this request's previous statement went: the next one goes there or later
         for sql, rows in request.ops:
             spots = places.get(sql)
-            if spots is None:
-                spots = places[sql] = []
-            k = bisect_left(spots, last)  # (a search, not a scan: a big batch is one loop turn's CPU)
-            if k < len(spots):
-                at = spots[k]
-            else:
+            if spots is None or spots[-1] < last:  # a new executemany, after every one this request ran so far
                 at = len(merged)
                 merged.append((sql, []))
-                spots.append(at)
+                if spots is None:
+                    places[sql] = [at]
+                else:
+                    spots.append(at)
+            else:  # the first at or after `last` (a search, not a scan: a big batch is one loop turn's CPU)
+                at = spots[0] if spots[0] >= last else spots[bisect_left(spots, last)]
             merged[at][1].extend(rows)
             last = at
     return merged, [request.call for request in requests]
