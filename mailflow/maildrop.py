@@ -235,16 +235,41 @@ def _ensure_directory(directory: Path) -> None:
 def make_maildrop_directory(directory: Path) -> bool:
     """Create `directory` DIRECTORY_MODE (whatever the umask), owned by the owner of the directory it is in (the
     queue's: root's sendmail run before the server's first start must not make it root's, which the server could
-    neither list nor clean); False when it was there already."""
+    neither list nor clean); False when it was there already. The owner and mode are set through the directory
+    opened, never by its name: the queue's owner may write in the queue directory and could put a symbolic link
+    (or a directory of its own) there between the mkdir and the chown, which root's sendmail would then give to
+    the queue's owner mode 1733. Raises OSError when what is there is not the directory just made."""
     try:
         os.mkdir(directory, 0o700)
     except FileExistsError:
         return False
-    queue = os.stat(directory.parent)
-    if os.geteuid() == 0 and queue.st_uid != 0:
-        os.chown(directory, queue.st_uid, queue.st_gid)
-    os.chmod(directory, DIRECTORY_MODE)
+    fd = _open_made_directory(directory)
+    try:
+        queue = os.stat(directory.parent)
+        if os.geteuid() == 0 and queue.st_uid != 0:
+            os.fchown(fd, queue.st_uid, queue.st_gid)
+        os.fchmod(fd, DIRECTORY_MODE)
+    finally:
+        os.close(fd)
     return True
+
+
+def _open_made_directory(directory: Path) -> int:
+    """The directory this process has just made, open (never through a symbolic link), or OSError: it must be
+    this user's, private (mkdir's 0700, less a umask) and hold no directory, as a new one does."""
+    replaced = OSError(errno.EPERM, "replaced while it was made (a symbolic link or a directory not made here)",
+                       str(directory))
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise replaced from None
+        raise
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o7077 or st.st_nlink != 2:
+        os.close(fd)
+        raise replaced
+    return fd
 
 
 def _code(e: OSError) -> int:

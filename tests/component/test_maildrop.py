@@ -67,6 +67,36 @@ def test_roots_sendmail_makes_a_missing_maildrop_the_queue_owners(tmp_path):
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (4242, 4343, 0o1733)
 
 
+@pytest.mark.parametrize("swap", ["symlink", "directory"])
+def test_a_maildrop_swapped_between_mkdir_and_chmod_is_refused_and_its_stand_in_left_alone(tmp_path, monkeypatch,
+                                                                                         swap):
+    """The queue's owner may write in the queue directory: it can rename the maildrop root's sendmail has just made
+    and put a symbolic link to root's directories (or a directory of its own) in its place before the chown and
+    chmod. Those go through the directory opened, so the stand-in keeps its owner and mode and nothing is written."""
+    queue = tmp_path / "q"
+    queue.mkdir()
+    target = tmp_path / "roots"
+    target.mkdir(mode=0o755)
+    os.chmod(target, 0o755)
+    real_mkdir = os.mkdir
+
+    def mkdir_then_swap(path, mode=0o777):
+        real_mkdir(path, mode)
+        os.rename(path, tmp_path / "moved")
+        if swap == "symlink":
+            os.symlink(target, path)
+        else:
+            real_mkdir(path, 0o755)
+            os.chmod(path, 0o755)
+
+    monkeypatch.setattr(maildrop.os, "mkdir", mkdir_then_swap)
+    with pytest.raises(MaildropError) as info:
+        drop(queue / "maildrop")
+    assert info.value.code == 73 and "replaced while it was made" in str(info.value)
+    stand_in = target if swap == "symlink" else queue / "maildrop"
+    assert stat.S_IMODE(os.stat(stand_in).st_mode) == 0o755 and os.listdir(stand_in) == []
+
+
 def test_per_recipient_dsn_reads_back_and_is_written_only_when_given(tmp_path):
     """-bs's RCPT NOTIFY and ORCPT, one per recipient, and an ENVID longer than -V takes (Postfix's smtpd takes
     any length): read back as written; a file without them has no such keys, as before."""
