@@ -8,7 +8,9 @@
   file, so two servers in one process also exclude each other, and a crashed server's lock goes with it.
 - `queue_owner(directory) -> int | None`: the pid of the server running on this queue (0 when its pid cannot be
   read), or None when none is (a shared lock that can be had means nobody holds the exclusive one). For `mailflow
-  sendmail`, which runs as any user: the file is world-readable.
+  sendmail`, which runs as any user: the file is world-readable. The file is opened without following a symbolic
+  link nor waiting on a FIFO (the queue's owner could put either there for root's sendmail) and must be a regular
+  file, else OSError.
 
 The server takes the lock before it opens the store and before recovery, so a second `mailflow serve` on the
 same queue changes nothing and exits.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 from pathlib import Path
 
 LOCK_NAME = "mailflow.pid"
@@ -76,12 +79,16 @@ class QueueLock:
 def queue_owner(directory: Path) -> int | None:
     path = Path(directory) / LOCK_NAME
     try:
-        fd = os.open(path, os.O_RDONLY)
+        # Never through a symbolic link nor waiting on a FIFO: the queue's owner may put either there, and root's
+        # sendmail (cron) reads this file after storing each message.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
         if not _try_flock(fd, fcntl.LOCK_SH):
-            return _read_pid(path) or 0  # held, though its pid cannot be read (yet)
+            return _pid_in(fd) or 0  # held, though its pid cannot be read (yet)
         return None
     finally:
         os.close(fd)
@@ -96,6 +103,11 @@ def _try_flock(fd: int, operation: int) -> bool:
             raise
         return False
     return True
+
+
+def _pid_in(fd: int) -> int | None:
+    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    return int(text) if text.isdigit() else None
 
 
 def _read_pid(path: Path) -> int | None:

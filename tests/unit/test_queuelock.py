@@ -44,3 +44,21 @@ def test_a_removed_pid_file_does_not_let_a_second_server_in(tmp_path):
     assert not (queue / LOCK_NAME).exists()
     lock.release()
     QueueLock.acquire(queue).release()
+
+
+@pytest.mark.parametrize("plant", ["fifo", "symlink"])
+def test_a_fifo_or_a_symbolic_link_as_the_pid_file_is_refused_at_once(tmp_path, plant):
+    """The queue's owner may put a FIFO (root's sendmail would wait on it for ever after storing each message) or a
+    symbolic link (to a file it may not read) in place of the pid file: OSError at once, neither followed."""
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    if plant == "fifo":
+        os.mkfifo(queue / LOCK_NAME)
+    else:
+        (tmp_path / "elsewhere").write_text("4242\n")
+        os.symlink(tmp_path / "elsewhere", queue / LOCK_NAME)
+    code = ("from mailflow.queuelock import queue_owner\n"
+            f"try:\n    print(queue_owner({str(queue)!r}))\nexcept OSError as e:\n    print('OSError', e.errno)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=10,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.stdout.startswith("OSError"), done.stdout + done.stderr
