@@ -6,7 +6,8 @@ Exit codes (sysexits): 0; 64 EX_USAGE (no recipients, bad address); 65 EX_DATAER
 `message_size_limit`: "message file too big", or a header section larger than `header_size_limit`); 77
 EX_NOPERM (not in `authorized_submit_users`, or a sender `local_login_sender_maps` does not allow); 73
 EX_CANTCREAT / 75 EX_TEMPFAIL when the message cannot be stored (and 75 when a table cannot answer). Every failure
-prints one line on stderr. SIGTERM or SIGHUP before the message is stored removes its unfinished file and ends the
+prints one line on stderr; a standard error that cannot be written (a pipe nobody reads) changes no exit code: a
+stored message is 0 whatever its warnings or -v's line met. SIGTERM or SIGHUP before the message is stored removes its unfinished file and ends the
 process by that signal (nothing is left behind).
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import itertools
 import os
 import signal
 import threading
-from typing import BinaryIO, Iterator, TextIO
+from typing import BinaryIO, Callable, Iterator, TextIO
 
 from mailflow.errors import LookupRetry
 from mailflow.maildrop import MaildropError
@@ -78,7 +79,7 @@ def _cleanup_on_signals() -> Iterator[list[int]]:
 def _run(opts: Options, config: Settings, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO,
          identity: Identity | None) -> int:
     me = identity or current_identity()
-    say = lambda text: stderr.write(f"sendmail: {text}\n")  # noqa: E731
+    say = _warner(stderr)
     for note in opts.notes if opts.verbose else ():
         say(note)
     try:
@@ -97,6 +98,19 @@ def _run(opts: Options, config: Settings, stdin: BinaryIO, stdout: BinaryIO, std
     except UsageError as e:
         say(str(e))
         return os.EX_USAGE
+
+
+def _warner(stderr: TextIO) -> Callable[[str], None]:
+    """One line on standard error; a write error there (a pipe nobody reads) is ignored: the exit code says what
+    happened, and once the message is stored it must be 0 (a caller that retried on failure would send it twice)."""
+    def say(text: str) -> None:
+        try:
+            stderr.write(f"sendmail: {text}\n")
+            stderr.flush()
+        except OSError:
+            pass
+
+    return say
 
 
 def _smtp(stdin: BinaryIO, stdout: BinaryIO, submitter: Submitter, opts: Options, say) -> int:

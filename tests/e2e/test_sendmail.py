@@ -459,6 +459,22 @@ def test_bv_to_a_reader_that_goes_away_exits_1_without_a_traceback(cfg):
     assert (proc.returncode, err) == (1, b"")
 
 
+@pytest.mark.parametrize("verbose", [[], ["-v"]])
+def test_a_stored_message_exits_0_though_its_warnings_cannot_be_written(cfg, tmp_path, verbose):
+    """Standard error on a pipe nobody reads: the warning that no server runs (and -v's line), written after the
+    message is stored, fail with EPIPE. The exit code says the mail is stored (0): a caller that retried on 1
+    would send it twice."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-m", "mailflow", "sendmail", "-C", str(cfg()), *verbose,
+                               "bob@local.test"], input=b"Subject: once\n\nbody\n", stderr=write_end, timeout=20)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 0
+    assert len(maildrop_names(tmp_path / "queue" / "maildrop")) == 1
+
+
 def test_closed_standard_streams_are_dev_null(cfg, tmp_path):
     """Run with standard input (or error) closed, as cron jobs and daemons may: an empty message is queued (and
     an error is reported nowhere, with its exit code), as Postfix's sendmail does; it was a traceback."""
