@@ -16,6 +16,8 @@ rewriting: `user` becomes `user@myorigin`, canonical maps and masquerading apply
                                             the addresses of a table value (canonical, virtual alias and generic
                                             maps) as Postfix's mail_addr_crunch parses it: mailbox_spans' addresses
                                             as text, None for a mailbox that is no address (cached: pure)
+    closed_address(address) -> address      a quoted string or literal never closed, closed at the end as Postfix's
+                                            tokenizer closes it (`bob@[192.0.2.1` is bob@[192.0.2.1])
     rewrite_address_fields(head, sender, recipient) -> bytes
                                             the header section with every address of a sender field passed
                                             through `sender` and of a recipient field through `recipient`
@@ -184,10 +186,56 @@ def mailbox_spans(value: bytes) -> list[tuple[int, int] | None]:
 def value_addresses(value: str) -> tuple[str | None, ...]:
     """The addresses of a table value as Postfix's mail_addr_crunch parses it (RFC 822 tokens: `Joe <joe@x>` is
     `joe@x`, a comment or a group's name is none, words side by side are an address each, commas separate), None
-    for a mailbox that is not one address (`a@b>x`, `<>`, a comment alone)."""
+    for a mailbox that is not one address (`a@b>x`, `<>`, a comment alone, `"`); one whose quoted string or literal
+    is never closed is closed (`closed_address`)."""
     raw = value.encode("utf-8", "surrogateescape")
-    return tuple(None if span is None else raw[span[0]:span[1]].decode("utf-8", "surrogateescape")
+    return tuple(None if span is None else _closed_or_none(raw[span[0]:span[1]].decode("utf-8", "surrogateescape"))
                  for span in mailbox_spans(raw))
+
+
+def _closed_or_none(address: str) -> str | None:
+    return closed_address(address) or None
+
+
+# RFC 5322 atext, and any character that is not ASCII (RFC 6532): a local part of these needs no quotes
+_ATOM_TEXT = r"[^\x00-\x20\x7f()<>\[\]:;@\\,.\"]+"
+_DOT_ATOM = re.compile(rf"{_ATOM_TEXT}(?:\.{_ATOM_TEXT})*")
+
+
+def closed_address(address: str) -> str:
+    """An address whose last quoted string or address literal is never closed, closed at its end as Postfix's
+    tokenizer (tok822_scan) closes it; any other is returned as it is. A literal gets its `]` (`bob@[192.0.2.1` is
+    bob@[192.0.2.1]); a quoted string its `"`, and the address is then written as Postfix writes the internal form
+    that gives (quotes opened, the local part before the last '@' quoted again only when it must be): `"joe@x.test`
+    is joe@x.test, `"joe smith@x.test` is "joe smith"@x.test, as Postfix's sendmail, aliases and .forward take
+    them."""
+    quoted = literal = False
+    internal: list[str] = []
+    i = 0
+    while i < len(address):
+        c = address[i]
+        if c == "\\" and (quoted or literal) and i + 1 < len(address):
+            internal.append(address[i + 1] if quoted else address[i:i + 2])
+            i += 2
+            continue
+        if c == '"' and not literal:
+            quoted = not quoted
+        else:
+            literal = (literal and c != "]") or (not quoted and c == "[")
+            internal.append(c)
+        i += 1
+    if literal:
+        return address + "]"
+    if not quoted:
+        return address
+    local, at, domain = "".join(internal).rpartition("@")
+    if not at and not domain:  # `"` alone: nothing (-f's null sender, as Postfix's)
+        return ""
+    if not at:
+        local = domain
+    if not _DOT_ATOM.fullmatch(local):
+        local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"{local}@{domain}" if at else local
 
 
 _WORDS = ("word", "quoted", "literal")

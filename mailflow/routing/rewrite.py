@@ -31,8 +31,9 @@ permit_auth_destination): a resolved address that is not routed (`is_routed`: it
 or `%`, which a next hop may take as routing whatever this host's settings, Postfix's RESOLVE_FLAG_ROUTED with
 allow_untrusted_routing = no) and is not of the default class.
 
-An address whose domain is no host name nor address literal (`bob@`, `bob@x..test`, `bob@[192.0.2.1`, the
-numeric `bob@192.0.2.1`: which only a local submission, an alias or a .forward can give, smtpd refusing them)
+An address whose domain is no host name nor address literal (`bob@`, `bob@x..test`, `bob@[1.2.3]`, the
+numeric `bob@192.0.2.1`: which only a local submission, an alias or a .forward can give, smtpd refusing them;
+a literal never closed, `bob@[192.0.2.1`, is closed by their parsers as Postfix's tokenizer closes it)
 resolves to `error:5.1.3 bad address syntax`: it bounces at once, as Postfix's trivial-rewrite flags it (its
 valid_hostname and valid_mailhost_literal) and its qmgr bounces it, instead of waiting for a next hop that
 cannot exist (a bad literal was deferred as "bad SMTP nexthop" until the queue lifetime ran out). So does one

@@ -6,9 +6,9 @@ Exit codes (sysexits): 0; 64 EX_USAGE (no recipients, bad address); 65 EX_DATAER
 `message_size_limit`: "message file too big", or a header section larger than `header_size_limit`); 77
 EX_NOPERM (not in `authorized_submit_users`, or a sender `local_login_sender_maps` does not allow); 73
 EX_CANTCREAT / 75 EX_TEMPFAIL when the message cannot be stored (and 75 when a table cannot answer). Every failure
-prints one line on stderr; a standard error that cannot be written (a pipe nobody reads) changes no exit code: a
-stored message is 0 whatever its warnings or -v's line met. SIGTERM or SIGHUP before the message is stored removes its unfinished file and ends the
-process by that signal (nothing is left behind).
+prints one line on stderr; a standard error that cannot be written (a pipe nobody reads) changes no exit
+code: a stored message is 0 whatever its warnings or -v's line met. SIGTERM or SIGHUP before the message is
+stored removes its unfinished file and ends the process by that signal (nothing is left behind).
 """
 from __future__ import annotations
 

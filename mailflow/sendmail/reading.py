@@ -1,7 +1,8 @@
 """The message as `mailflow sendmail` reads it: addresses from the command line, lines from standard input, the
 header section (for -t and Bcc), streamed so that a big message is never held whole.
 
-    clean_address(value, origin) -> address        `<a@b>` -> `a@b`; a bare local part gets @myorigin
+    clean_address(value, origin) -> address        `<a@b>` -> `a@b`; a bare local part gets @myorigin; a quoted
+                                                   string or literal never closed is closed (`"joe@x` is joe@x)
     clean_recipient(value, origin) -> address      the same, but "" and "<>" (the null address) are refused
     argument_sender(value, origin, warn) -> address
                                                    -f/-r as Postfix's sendmail parses it: the first address of the
@@ -24,7 +25,7 @@ header section (for -t and Bcc), streamed so that a big message is never held wh
 
 Failure behaviour: `clean_address` raises UsageError for an address with spaces or brackets (outside a quoted
 local part: `"john smith"@example.org` is an address, as Postfix takes it), CR, LF, NUL or bytes that are not
-UTF-8 (`clean_recipient` also for a quoted string never closed, `"joe@example.org`, and for an empty one: a
+UTF-8 (`clean_recipient` also for an empty one: a
 maildrop file must name real recipients, else pickup sets it aside as corrupt after sendmail said it was stored;
 `argument_recipients` also for a mailbox of the list that is not one address: none is dropped unsaid); the rest
 never raise.
@@ -35,7 +36,7 @@ import itertools
 import re
 from typing import BinaryIO, Callable, Iterable, Iterator
 
-from mailflow.header_addresses import mailbox_spans
+from mailflow.header_addresses import closed_address, mailbox_spans
 from mailflow.message import CRLF, header_fields, header_fits, split_header
 from mailflow.sendmail.options import UsageError
 
@@ -44,10 +45,13 @@ _QUOTED_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
 def clean_address(value: str, origin: str) -> str:
-    """`<a@b>` -> `a@b`; "" and "<>" stay the null sender; a bare local part gets @myorigin."""
+    """`<a@b>` -> `a@b`; "" and "<>" stay the null sender; a bare local part gets @myorigin; a quoted string or
+    literal never closed is closed at the end (`"joe@x.test` is joe@x.test, `bob@[192.0.2.1` bob@[192.0.2.1]), as
+    Postfix's tokenizer closes it."""
     address = value.strip()
     if address.startswith("<") and address.endswith(">"):
         address = address[1:-1].strip()
+    address = closed_address(address)
     outside = _QUOTED_STRING.sub('""', address)  # `"john smith"@x` is an address: its quoted string may hold these
     if any(c in address for c in "\r\n\0") or any(c in "<>" or c.isspace() for c in outside):
         raise UsageError(f"{value!r}: bad address syntax")
@@ -73,14 +77,10 @@ def _is_utf8(value: str) -> bool:
 
 
 def clean_recipient(value: str, origin: str) -> str:
-    """clean_address for a recipient: the null address `<>` (or an empty one) is a usage error, and so is a quoted
-    string never closed (its address would reach the wire so; Postfix closes it at the end of the word). A sender
-    (-f) with one is taken, as Postfix takes it: refusing it would lose the mail of a script that never looks."""
+    """clean_address for a recipient: the null address `<>` (or an empty one) is a usage error."""
     address = clean_address(value, origin)
     if not address:
         raise UsageError(f"{value!r}: bad address syntax: an empty recipient address")
-    if '"' in _QUOTED_STRING.sub("", address):
-        raise UsageError(f"{value!r}: bad address syntax: a quoted string is not closed")
     return address
 
 

@@ -573,15 +573,25 @@ async def test_a_recipient_with_nothing_after_the_at_bounces_at_once_as_bad_synt
 
 
 async def test_a_recipient_whose_domain_is_a_bad_address_literal_bounces_at_once(mailflow_server, cfg, tmp_path):
-    """`sendmail bob@[192.0.2.1`: Postfix's resolve flags a domain that is no host name nor address literal
-    (valid_mailhost_literal) and bounces it, 5.1.3 bad address syntax; mailflow deferred it ("mail system
-    configuration error: bad SMTP nexthop") until the queue lifetime ran out."""
+    """`sendmail bob@[1.2.3]`: Postfix's resolve flags a domain that is no host name nor address literal
+    (valid_ipv4_hostaddr: "invalid octet count") and its qmgr bounces it, 5.1.3 bad address syntax; mailflow
+    deferred it ("mail system configuration error: bad SMTP nexthop") until the queue lifetime ran out."""
     mf = await mailflow_server()
-    rc, _, err = await run(cfg(), "-f", "alice@local.test", "bob@[192.0.2.1", stdin=b"Subject: lost\n\nx\n")
+    rc, _, err = await run(cfg(), "-f", "alice@local.test", "bob@[1.2.3]", stdin=b"Subject: lost\n\nx\n")
     assert rc == 0, err
-    [notice] = await delivered(tmp_path, "alice", timeout=3)
+    [notice] = await delivered(tmp_path, "alice", timeout=30)  # (returns as soon as the notice is there)
     assert b"Status: 5.1.3" in notice and b"bad address syntax" in notice
     await queue_becomes(mf.store, {})
+
+
+async def test_a_literal_never_closed_is_queued_closed_as_postfix_queues_it(cfg, tmp_path):
+    """`sendmail bob@[192.0.2.1`: Postfix 3.7's tokenizer closes the literal and queues bob@[192.0.2.1] (exit 0);
+    mailflow stored it unclosed and bounced it 5.1.3."""
+    rc, _, err = await run(cfg(), "bob@[192.0.2.1", '"joe@x.test', stdin=b"Subject: closed\n\nx\n")
+    assert rc == 0, err
+    drop = tmp_path / "queue" / "maildrop"
+    [name] = maildrop_names(drop)
+    assert read_maildrop(drop / name).recipients == ("bob@[192.0.2.1]", "joe@x.test")
 
 
 @pytest.mark.parametrize("args", [["-t"], ["bob@local.test"]])

@@ -222,3 +222,11 @@ def test_an_item_that_is_not_one_address_is_read_as_postfixs_local_reads_it():
         AddressTarget("g2"), AddressTarget("s1"), AddressTarget("s2"))
     assert parse_value('"|/bin/cmd arg", /var/mail/x y', F) == (CommandTarget("/bin/cmd arg"),
                                                                 FileTarget("/var/mail/x y"))  # (Postfix: x and y)
+
+
+def test_an_address_literal_never_closed_is_closed_at_the_end_as_postfixs_local_closes_it():
+    """Postfix's local reads a value with its tokenizer, which closes `[` at the end: bob@[192.0.2.1] (it was a
+    syntax error here, and sendmail's copy bounced 5.1.3)."""
+    assert parse_forward("bob@[192.0.2.1\n", "f") == (AddressTarget("bob@[192.0.2.1]"),)
+    assert parse_aliases("team: alice, bob@[192.0.2.1\n", "aliases")["team"] == (
+        AddressTarget("alice"), AddressTarget("bob@[192.0.2.1]"))

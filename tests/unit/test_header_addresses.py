@@ -7,10 +7,11 @@ header section with nothing to change comes back as the same object; any bytes a
 """
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from mailflow.header_addresses import (RECIPIENT_FIELDS, SENDER_FIELDS, TOKEN_LIMIT, _spans_of_tokens, address_spans,
-                                       mailbox_spans, rewrite_address_fields)
+                                       closed_address, mailbox_spans, rewrite_address_fields, value_addresses)
 
 
 def addresses(value: bytes) -> list[bytes]:
@@ -105,3 +106,15 @@ def test_addresses_past_the_token_limit_are_left_as_they_came():
     out = rewrite_address_fields(b"To:" + value, qualify, qualify)
     assert out.count(b"@example.test") == len(spans) and out.endswith(b", u%d\r\n" % (TOKEN_LIMIT - 1))
     assert b"@example.test@" not in out
+
+
+@pytest.mark.parametrize("written, address", [
+    ('"joe@x.test', "joe@x.test"), ('"joe smith@x.test', '"joe smith"@x.test'), ('"jo\\"e@x.test', '"jo\\"e"@x.test'),
+    ("bob@[192.0.2.1", "bob@[192.0.2.1]"), ('"', ""), ('"a b"@x.test', '"a b"@x.test'),
+    ("bob@[192.0.2.1]", "bob@[192.0.2.1]"),
+    ('"[x@y.test', '"[x"@y.test')])
+def test_a_quoted_string_or_literal_never_closed_is_closed_as_postfixs_tokenizer_closes_it(written, address):
+    """What Postfix 3.7 queued for each (its internal form written back with quote_822_local); table values
+    (canonical, virtual, aliases) are closed so too."""
+    assert closed_address(written) == address
+    assert value_addresses(written) == ((address,) if address else (None,))
