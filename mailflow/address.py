@@ -269,16 +269,49 @@ def is_address_literal(domain: str) -> bool:
 
 def literal_ip(domain: str) -> str | None:
     """The address of an address literal (`[IPv6:2001:DB8::1]` -> `2001:db8::1`), None when `domain` is not one
-    (RFC 5321 4.1.3: IPv4, or IPv6 behind its tag, in any case; no IPv6 zone id, which `ipaddress` would take)."""
+    (RFC 5321 4.1.3: IPv4, or IPv6 behind its tag, in any case), as Postfix's valid_ipv4_hostaddr and
+    valid_ipv6_hostaddr take them: an octet may have leading zeros (`[192.0.2.01]` is 192.0.2.1), a first octet 0
+    only in 0.0.0.0 (`[0.1.2.3]` is none), no IPv6 zone id."""
     if not (domain.startswith("[") and domain.endswith("]")):
         return None
     inner = domain[1:-1]
-    if "%" in inner:
+    if inner[:5].lower() == "ipv6:":
+        return _ipv6_hostaddr(inner[5:])
+    return _ipv4_hostaddr(inner)
+
+
+def _ipv4_hostaddr(text: str) -> str | None:
+    """Postfix's valid_ipv4_hostaddr: four decimal octets of at most 255 (leading zeros allowed), no misplaced
+    dot, a first octet 0 only in 0.0.0.0; the address written without the zeros, or None."""
+    octets = text.split(".")
+    if len(octets) != 4 or not all(o.isascii() and o.isdigit() for o in octets):
         return None
+    values = [int(o) for o in octets]
+    if any(v > 255 for v in values) or (values[0] == 0 and any(values[1:])):
+        return None
+    return ".".join(map(str, values))
+
+
+def _ipv6_hostaddr(text: str) -> str | None:
+    """Postfix's valid_ipv6_hostaddr (2 to 7 colons, at most one `::`, fields of at most 4 hex digits, an IPv4
+    tail as _ipv4_hostaddr takes it after 2 to 6 colons), the address also being one `ipaddress` can read (what
+    a connection needs); written in its short form, or None."""
+    head, dot, _ = text.partition(".")
+    fields = (head.rpartition(":")[0] if dot else text).split(":")
+    colons = len(fields) - 1 + (1 if dot else 0)
+    if not 2 <= colons <= (6 if dot else 7) or text.count("::") > 1:
+        return None
+    if (text.startswith(":") and not text.startswith("::")) or (text.endswith(":") and not text.endswith("::")):
+        return None
+    if any(len(f) > 4 or not all(c in "0123456789abcdefABCDEF" for c in f) for f in fields):
+        return None
+    if dot:
+        tail = _ipv4_hostaddr(text.rpartition(":")[2])
+        if tail is None:
+            return None
+        text = text.rpartition(":")[0] + ":" + tail
     try:
-        if inner[:5].lower() == "ipv6:":
-            return str(ipaddress.IPv6Address(inner[5:]))
-        return str(ipaddress.IPv4Address(inner))
+        return str(ipaddress.IPv6Address(text))
     except ValueError:
         return None
 

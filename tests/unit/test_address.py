@@ -181,15 +181,16 @@ def test_utf8_label_length_counts_its_a_label():
     assert mailbox_syntax_error("user@" + "ü" * 58 + ".de") == "bad domain"  # A-label over 63
 
 
-@pytest.mark.parametrize("literal", ["[...]", "[999.1.1.1]", "[1]", "[IPv6:::::]", "[IPv6:1:2:3]", "[01.2.3.4]",
+@pytest.mark.parametrize("literal", ["[...]", "[999.1.1.1]", "[1]", "[IPv6:::::]", "[IPv6:1:2:3]", "[0.1.2.3]",
                                      "[IPv4:192.0.2.1]", "[IPv6:192.0.2.1]", "[]", "[IPv6:]", "[ 192.0.2.1]"])
 def test_malformed_address_literals_are_refused(literal):
     assert mailbox_syntax_error(f"user@{literal}") == "bad domain"
 
 
 @pytest.mark.parametrize("literal", ["[192.0.2.1]", "[0.0.0.0]", "[IPv6:2001:db8::1]", "[IPv6:::ffff:192.0.2.1]",
-                                     "[IPv6:2001:db8:0:0:0:0:0:1]", "[IPV6:::1]"])
+                                     "[IPv6:2001:db8:0:0:0:0:0:1]", "[IPV6:::1]", "[01.2.3.4]"])
 def test_address_literals_holding_real_addresses_are_accepted(literal):
+    """smtpd asks trivial-rewrite (smtpd_check_addr), whose valid_ipv4_hostaddr takes leading zeros."""
     assert mailbox_syntax_error(f"user@{literal}") is None
 
 
@@ -316,3 +317,16 @@ def test_the_character_classes_are_rfc_5322s_and_every_non_ascii_character(char)
     assert bool(address._LOCAL_RE.fullmatch(f'"{char}"')) == qtext
     assert bool(address._DOMAIN_RE.fullmatch(char)) == label
     assert bool(address._DOMAIN_RE.fullmatch(f"a{char}b")) == (label or char in "-.")
+
+
+@pytest.mark.parametrize("literal, ip", [
+    ("[192.0.2.01]", "192.0.2.1"), ("[192.0.2.001]", "192.0.2.1"), ("[0.0.0.0]", "0.0.0.0"),
+    ("[255.1.2.3]", "255.1.2.3"),
+    ("[0.1.2.3]", None), ("[1.2.3]", None), ("[1.2.3.256]", None), ("[1..2.3]", None), ("[1.2.3.4.]", None),
+    ("[192.0.2.1 x]", None), ("[IPv6:2001:DB8::1]", "2001:db8::1"), ("[ipv6:::1]", "::1"), ("[IPv6:1::]", "1::"),
+    ("[IPv6:fe80::1%eth0]", None), ("[IPv6:1::2::3]", None), ("[IPv6:12345::]", None), ("[IPv6::1]", None),
+    ("[IPv6:1:2:3:4:5:6:7:8:9]", None), ("[IPv6:::1.2.3]", None), ("[IPv6:::ffff:192.0.2.01]", "::ffff:c000:201")])
+def test_address_literals_as_postfixs_valid_ipv4_and_ipv6_hostaddr_take_them(literal, ip):
+    """Postfix 3.7.11's trivial-rewrite took [192.0.2.01], [192.0.2.001] and [255.1.2.3] and refused [0.1.2.3]
+    ("bad initial octet value"), [1.2.3] ("invalid octet count") and [1.2.3.256] ("invalid octet value")."""
+    assert address.literal_ip(literal) == ip

@@ -775,3 +775,9 @@ def test_the_reasons_kept_are_bounded_in_time_number_and_size():
     assert cache.get("b.test") is None and cache.get("c.test") == [("z",)] and cache.get("d.test") == [("w",)]
     now[0] = 65.0
     assert cache.get("c.test") is None
+
+
+def test_a_bracketed_ipv4_next_hop_with_leading_zeros_is_that_address():
+    """bob@[192.0.2.01] routes (Postfix's valid_ipv4_hostaddr takes it): its next hop is 192.0.2.1, not a name."""
+    assert parse_nexthop("[192.0.2.01]:25", 25).host == "192.0.2.1"
+    assert parse_nexthop("[192.0.2.1]", 25).host == "192.0.2.1"

@@ -236,7 +236,8 @@ def test_classify_resolved_takes_the_domain_as_it_is():
 
 
 @pytest.mark.parametrize("addr", ["bob@", "bob@x..test", "bob@.x.test", "bob@-x.test", "bob@[192.0.2.1",
-                                  "bob@[IPv6:zz]", "bob@[300.1.1.1]", "bob@192.0.2.1", "bob@exa mple.test"])
+                                  "bob@[IPv6:zz]", "bob@[300.1.1.1]", "bob@192.0.2.1", "bob@exa mple.test",
+                                  "bob@[0.1.2.3]", "bob@[1.2.3]", "bob@[IPv6:fe80::1%eth0]"])
 def test_a_domain_that_is_no_host_name_nor_address_literal_resolves_to_bad_address_syntax(addr):
     """Postfix's resolve flags such a domain an error (valid_hostname, valid_mailhost_literal) and its qmgr bounces
     it at once, 5.1.3; a bad literal used to be deferred as "bad SMTP nexthop" until the queue lifetime ran out,
@@ -247,6 +248,9 @@ def test_a_domain_that_is_no_host_name_nor_address_literal_resolves_to_bad_addre
 
 
 @pytest.mark.parametrize("addr", ["bob@x.test", "bob@x_y.test", "bob@[192.0.2.1]", "bob@[IPv6:2001:db8::1]",
-                                  "bob@bücher.example", "bob@x.test.", "bob@1x.test"])
+                                  "bob@bücher.example", "bob@x.test.", "bob@1x.test", "bob@[192.0.2.01]",
+                                  "bob@[0.0.0.0]"])
 def test_a_host_name_or_address_literal_is_no_bad_syntax(addr):
+    """Literals as Postfix 3.7's valid_ipv4_hostaddr takes them: it queued bob@[192.0.2.01] for its smtp and
+    bounced bob@[0.1.2.3] ("bad initial octet value"), as the test above."""
     assert rewriter().resolve(addr).transport == "smtp"

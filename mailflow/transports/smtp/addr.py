@@ -4,7 +4,8 @@ One next-hop parser and one peer type for the SMTP and LMTP clients. The resolve
 
     parse_nexthop(written, default_port, lmtp=False) -> Nexthop     raises ValueError for an unusable next hop
         smtp: `[host]:port`, `[host]` (no MX lookup), `domain:port`, `domain` (MX lookup); an address in
-              brackets may carry RFC 5321's `IPv6:` tag (`[IPv6:2001:db8::1]:25`), as Postfix's host_port takes it
+              brackets may carry RFC 5321's `IPv6:` tag (`[IPv6:2001:db8::1]:25`), as Postfix's host_port takes it,
+              and an IPv4 one leading zeros (`[192.0.2.01]` is 192.0.2.1, read as decimal)
         lmtp: `[host]:port`, `host:port`, `[host]`, `host`, optionally after `inet:` (never an MX lookup), or
               `unix:/path` (a UNIX-domain socket); the port defaults to `default_port`
     Peer(host, address, port)     one address of one host: `name` "host[address]" as diagnostics say it, `relay`
@@ -31,6 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import groupby
 
+from mailflow.address import literal_ip
 from mailflow.syntax import is_ipv4, parse_hostport
 from mailflow.dns import MX, InvalidReply, NonRecoverable, NotFound, Resolver, failure_text, is_ip_literal
 from mailflow.errors import DeliveryError, LookupRetry, PermanentError, TemporaryError
@@ -85,7 +87,15 @@ def parse_nexthop(written: str, default_port: int, *, lmtp: bool = False) -> Nex
             raise ValueError(f"{written!r}: malformed IPv6 address")
     if not host:
         raise ValueError(f"{written!r} names no host")
+    if value.startswith("[") and is_ipv4_literal_with_zeros(host):
+        host = literal_ip(f"[{host}]") or host  # `[192.0.2.01]`, as Postfix's valid_ipv4_hostaddr takes it
     return Nexthop(host, port, mx_lookup=not lmtp and not value.startswith("["))
+
+
+def is_ipv4_literal_with_zeros(host: str) -> bool:
+    """`192.0.2.01`: an IPv4 address literal with a leading zero that Postfix takes (valid_ipv4_hostaddr) and
+    `ipaddress` refuses (it is connected to as 192.0.2.1)."""
+    return not is_ipv4(host) and literal_ip(f"[{host}]") is not None
 
 
 async def exchangers(resolver: Resolver, nexthop: Nexthop, rng: random.Random) -> list[MX]:
