@@ -28,7 +28,7 @@ import unicodedata
 
 import idna
 
-from mailflow.syntax import ascii_upper, parse_ip
+from mailflow.syntax import ascii_upper, is_postfix_ipv4, parse_ip
 
 # The character classes are written as what they leave out of ASCII (every non-ASCII character is in): the same
 # sets as [A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\x80-\U0010ffff] and the like, but a class with a range up to U+10FFFF
@@ -281,15 +281,9 @@ def literal_ip(domain: str) -> str | None:
 
 
 def _ipv4_hostaddr(text: str) -> str | None:
-    """Postfix's valid_ipv4_hostaddr: four decimal octets of at most 255 (leading zeros allowed), no misplaced
-    dot, a first octet 0 only in 0.0.0.0; the address written without the zeros, or None."""
-    octets = text.split(".")
-    if len(octets) != 4 or not all(o.isascii() and o.isdigit() for o in octets):
-        return None
-    values = [int(o) for o in octets]
-    if any(v > 255 for v in values) or (values[0] == 0 and any(values[1:])):
-        return None
-    return ".".join(map(str, values))
+    """Postfix's valid_ipv4_hostaddr (syntax.is_postfix_ipv4); the address written without leading zeros, or
+    None."""
+    return ".".join(str(int(octet)) for octet in text.split(".")) if is_postfix_ipv4(text) else None
 
 
 def _ipv6_hostaddr(text: str) -> str | None:
