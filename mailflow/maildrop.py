@@ -74,7 +74,7 @@ from typing import Iterable, Iterator
 
 from mailflow.content import Content, FilePart
 from mailflow.dsn_parameters import is_notify_value, is_orcpt_value
-from mailflow.syntax import is_printable_ascii
+from mailflow.syntax import echoed, is_printable_ascii, is_utf8_text
 
 VERSION = 1
 FILE_MODE = 0o644  # readable by pickup, the queue's owner; the directory hides the name (Postfix's postdrop)
@@ -391,10 +391,10 @@ def _message(header: object, available: int, offset: int, owner: int) -> Maildro
     if not isinstance(header, dict):
         raise CorruptMaildrop("envelope line is not a JSON object")
     if header.get("version") != VERSION:
-        raise CorruptMaildrop(f"unknown version {header.get('version')!r}")
+        raise CorruptMaildrop(f"unknown version {echoed(repr(header.get('version')))}")
     for key, value in header.items():
         if not _is_text(value):
-            raise CorruptMaildrop(f"{key}: not UTF-8 text (a lone surrogate escape)")
+            raise CorruptMaildrop(f"{echoed(key)}: not UTF-8 text (a lone surrogate escape)")
     _expect(header, "sender", str)
     _expect(header, "uid", int)
     _expect(header, "user", str)
@@ -429,13 +429,7 @@ def _is_text(value: object) -> bool:
     no such string can be encoded to be queued, logged or sent (sendmail never writes one; a file written by hand
     can hold one)."""
     values = value if isinstance(value, list) else [value]
-    try:
-        for item in values:
-            if isinstance(item, str):
-                item.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return all(is_utf8_text(item) for item in values if isinstance(item, str))
 
 
 def _check_dsn_fields(fields: dict) -> None:

@@ -29,6 +29,11 @@ may use it without an import cycle.
                                                 None past OFF_T_MAX (ValueError: not digits)
     ascii_upper(text)                           only the ASCII letters in upper case (Postfix's strcasecmp: a
                                                 keyword spelled with `ſ` or `ı` is not SIZE or BODY=8BITMIME)
+    is_utf8_text(text)                          no lone surrogate: text that can be encoded as UTF-8 (one check for
+                                                sendmail's arguments, maildrop envelopes, the admin API's JSON and
+                                                the store's damaged-record reader)
+    echoed(text)                                a value someone else chose, for an error or a log line: repr() of at
+                                                most ECHO_LIMIT (100) characters
     ENVID_MAX, is_printable_ascii(text)         RFC 3461's ENVID length bound; printable US-ASCII only (space to
                                                 '~': what an ENVID must be, being written into notices' headers)
     split_outside_braces(text) -> [words]       split at whitespace and commas outside `{...}` (Postfix's
@@ -196,6 +201,27 @@ def ascii_upper(text: str) -> str:
     """`text` with its ASCII letters in upper case and nothing else changed, as C's toupper() in the C locale:
     what an SMTP keyword is compared in (str.upper() maps `ſ` to S, `ı` to I and `ﬆ` to ST)."""
     return text.translate(_ASCII_UPPER)
+
+
+def is_utf8_text(text: str) -> bool:
+    """False for text holding a lone surrogate (Python's surrogateescape of bytes that were not UTF-8, JSON's
+    `\\ud800`): no such text can be encoded to be stored, logged or sent."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+ECHO_LIMIT = 100  # characters of a refused value echoed back in an error or a log line
+
+
+def echoed(text: str) -> str:
+    """A value someone else chose, for an error text or a log line: repr() (quotes, escapes) of at most
+    ECHO_LIMIT characters, `…` after it when cut: a megabyte key or field name is not written back whole."""
+    return repr(text[:ECHO_LIMIT]) + ("…" if len(text) > ECHO_LIMIT else "")
 
 
 def is_printable_ascii(text: str) -> bool:

@@ -54,7 +54,7 @@ from mailflow.config import flat_settings
 from mailflow.errors import detached
 from mailflow.logs import MailLog
 from mailflow.metrics import Metrics
-from mailflow.syntax import FILE_TABLE_TYPES, table_type
+from mailflow.syntax import FILE_TABLE_TYPES, echoed, is_utf8_text, table_type
 
 log = logging.getLogger("mailflow.admin")
 
@@ -116,10 +116,8 @@ async def json_body(request: web.Request) -> object:
         body = await request.json()
     except (ValueError, LookupError, RecursionError):
         raise _error(web.HTTPBadRequest, "the body is not JSON") from None
-    try:
-        json.dumps(body, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise _error(web.HTTPBadRequest, "the body holds a lone surrogate (\\ud800-\\udfff): not text") from None
+    if not is_utf8_text(json.dumps(body, ensure_ascii=False)):
+        raise _error(web.HTTPBadRequest, "the body holds a lone surrogate (\\ud800-\\udfff): not text")
     return body
 
 
@@ -129,7 +127,7 @@ def refuse_unknown(names: Iterable[str], allowed: Sequence[str]) -> None:
     refuses an unknown option."""
     unknown = sorted(set(names) - set(allowed))
     if unknown:
-        raise _error(web.HTTPBadRequest, f"unknown field {unknown[0]!r} (use {', '.join(allowed)})")
+        raise _error(web.HTTPBadRequest, f"unknown field {echoed(unknown[0])} (use {', '.join(allowed)})")
 
 
 def _query(request: web.Request, *allowed: str) -> dict[str, str]:

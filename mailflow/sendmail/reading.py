@@ -39,6 +39,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 from mailflow.header_addresses import closed_address, mailbox_spans
 from mailflow.message import CRLF, header_fields, header_fits, split_header
 from mailflow.sendmail.options import UsageError
+from mailflow.syntax import is_utf8_text
 
 LINE_PIECE = 65536  # standard input is read a line at a time, a longer line in pieces of this size
 _QUOTED_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
@@ -55,7 +56,7 @@ def clean_address(value: str, origin: str) -> str:
     outside = _QUOTED_STRING.sub('""', address)  # `"john smith"@x` is an address: its quoted string may hold these
     if any(c in address for c in "\r\n\0") or any(c in "<>" or c.isspace() for c in outside):
         raise UsageError(f"{value!r}: bad address syntax")
-    if not _is_utf8(address):  # bytes of the command line that are not UTF-8 (they cannot be stored)
+    if not is_utf8_text(address):  # bytes of the command line that are not UTF-8 (they cannot be stored)
         raise UsageError(f"{value!r}: bad address syntax: not UTF-8")
     if address and "@" not in address:
         address = f"{address}@{origin}"
@@ -65,15 +66,7 @@ def clean_address(value: str, origin: str) -> str:
 def text_of_argument(value: str) -> str:
     """A command-line or environment value (-F, $NAME, GECOS) as storable text: bytes that are not UTF-8
     (Python's surrogate escapes) become U+FFFD."""
-    return value if _is_utf8(value) else value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def _is_utf8(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return value if is_utf8_text(value) else value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def clean_recipient(value: str, origin: str) -> str:

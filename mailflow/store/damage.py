@@ -31,6 +31,8 @@ import math
 import sqlite3
 from typing import Any, Callable, NamedTuple, Sequence
 
+from mailflow.syntax import is_utf8_text
+
 MAX_TIME = 253402300799.0  # 9999-12-31 23:59:59 UTC: past it, time.localtime() cannot say the date
 STATUSES = ("pending", "sent", "bounced")
 # schema.sql's; maildrop: requeued, not yet copied
@@ -51,15 +53,7 @@ def _is_count(value: object) -> bool:
 
 def _is_text(value: object) -> bool:
     """Text that is UTF-8: not a NotUtf8, nor text with its surrogates (read through JSON from one)."""
-    return type(value) is str and (value.isascii() or _is_utf8(value))
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
+    return type(value) is str and is_utf8_text(value)
 
 
 def _is_owned(value: object) -> bool:
@@ -78,7 +72,7 @@ def _is_owned(value: object) -> bool:
 def _text(value: object) -> str:
     """A stand-in for text: bytes and surrogates (text that was not UTF-8) as U+FFFD, so it can be printed."""
     if isinstance(value, str):
-        return value if _is_utf8(value) else _raw(value).decode("utf-8", "replace")
+        return value if is_utf8_text(value) else _raw(value).decode("utf-8", "replace")
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return "" if value is None else str(value)
@@ -169,7 +163,7 @@ def sort_time(value: object) -> float:
 
 
 def _shown(value: object) -> str:
-    if isinstance(value, str) and not _is_utf8(value):
+    if isinstance(value, str) and not is_utf8_text(value):
         value = _raw(value)  # shown as the bytes it is: b'\\xffa'
     text = "NULL" if value is None else repr(value)
     return text if len(text) <= 40 else text[:37] + "..."

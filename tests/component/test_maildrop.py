@@ -166,17 +166,28 @@ def test_names_sort_in_submission_order(tmp_path):
      b'"body_type": "BINARYMIME"}\n', "body_type"),
     # JSON's escape of a lone surrogate: a file written by hand (pickup retried it at every scan, logging each)
     (b'{"version": 1, "sender": "a@b", "recipients": ["\\udce9@d"], "uid": 1, "user": "a", "size": 0}\n',
-     "recipients: not UTF-8"),
+     "'recipients': not UTF-8"),
     (b'{"version": 1, "sender": "\\ud800@b", "recipients": ["c@d"], "uid": 1, "user": "a", "size": 0}\n',
-     "sender: not UTF-8"),
+     "'sender': not UTF-8"),
     (b'{"version": 1, "sender": "a@b", "recipients": ["c@d"], "uid": 1, "user": "a", "size": 0, '
-     b'"fullname": "\\ud800"}\n', "fullname: not UTF-8"),
+     b'"fullname": "\\ud800"}\n', "'fullname': not UTF-8"),
 ])
 def test_malformed_files_are_corrupt(tmp_path, raw, reason):
     path = tmp_path / "F1"
     path.write_bytes(raw)
     with pytest.raises(CorruptMaildrop, match=reason):
         read_maildrop(path)
+
+
+def test_a_long_key_or_version_is_echoed_cut_to_100_characters(tmp_path):
+    """A local user's 16 MB JSON key (or version) was written whole into the corrupt reason, and so the log."""
+    for field in (b'"%s": "\\udce9"' % (b"k" * 100_000), b'"version": "%s"' % (b"v" * 100_000)):
+        path = tmp_path / "f"
+        path.write_bytes(b'{"version": 1, ' + field + b', "sender": "a@b", "recipients": ["c@d"], "uid": 1, '
+                         b'"user": "a", "size": 0}\n')
+        with pytest.raises(CorruptMaildrop) as info:
+            read_maildrop(path)
+        assert 100 < len(str(info.value)) < 200, str(info.value)
 
 
 def test_truncated_content_is_corrupt(tmp_path):

@@ -2,11 +2,13 @@
 loopback checks, and which settings /api/config hides."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mailflow.admin.access import is_loopback_host, read_tokens
-from mailflow.admin.api import redacted
+from mailflow.admin.api import redacted, refuse_unknown
 from mailflow.clock import VirtualClock
 from mailflow.config import ConfigError, beyond_loopback
 from mailflow.metrics import Buckets, Metrics, dsn_class
@@ -132,3 +134,11 @@ def test_secrets_are_redacted_but_files_named():
     assert redacted("relayhost", "[mx]:25") == "[mx]:25"
     assert redacted("accounts.password_min_length", 8) == 8 and redacted("srs.secret_file", "/k") == "/k"
     assert redacted("milter.secret", "s3cr3t") == "<redacted>"
+
+
+def test_an_unknown_field_is_named_cut_to_100_characters():
+    """A field name of up to a megabyte was echoed whole in the 400 (as the queue id once was in the 404)."""
+    with pytest.raises(Exception) as info:
+        refuse_unknown(["f" * 1_000_000], ["address", "quota"])
+    error = json.loads(info.value.text)["error"]  # type: ignore[attr-defined]
+    assert error == f"unknown field {'f' * 100!r}… (use address, quota)"
