@@ -597,8 +597,9 @@ async def test_a_literal_never_closed_is_queued_closed_as_postfix_queues_it(cfg,
 @pytest.mark.parametrize("args", [["-t"], ["bob@local.test"]])
 async def test_a_header_section_past_header_size_limit_is_refused_at_once(cfg, tmp_path, args):
     """-t missed every recipient past the limit (`no recipient addresses found`, or a Cc dropped and the message
-    bounced by cleanup after exit 0); without -t cleanup bounced it after exit 0. Now 65, nothing stored (Postfix's
-    sendmail -t: `unable to extract recipients: message header length exceeds safety limit`)."""
+    bounced by cleanup after exit 0); without -t cleanup bounced it after exit 0. Now 65, nothing stored. mailflow's
+    own limit: Postfix's applies to each field (its sendmail -t queued this, exit 0), mailflow's cleanup bounds the
+    section it holds (docs/sendmail.md)."""
     head = b"To: bob@local.test\n" + b"".join(b"X-H%d: %070d\n" % (n, 0) for n in range(2000))
     rc, _, err = await run(cfg(), *args, stdin=head + b"Cc: alice@local.test\n\nbody\n")
     assert rc == 65 and "the header section is larger than header_size_limit (102400 bytes)" in err, err
