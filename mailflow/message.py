@@ -6,8 +6,9 @@ header section ends. A leaf module: it imports nothing from the stages or the tr
 Content is bytes with CRLF line ends as queued; a header section whose lines (or the empty line that ends it)
 end in a bare LF is accepted too: a sloppy client's headers still count as headers. The header section ends,
 as Postfix's cleanup ends it (is_header), at the empty line or at the first line that is neither a header
-field (`name:`, the name printable ASCII without a colon, blanks allowed before the colon) nor a continuation
-of one; such a line is the first of the body, and cleanup puts the missing empty line before it.
+field (`name:`, the name printable ASCII without a colon, blanks allowed before the colon, the colon within
+the line's first 2048 bytes, Postfix's line_length_limit) nor a continuation of one (after a field); such a line
+is the first of the body, and cleanup puts the missing empty line before it.
 
     header_end(data) -> int | None        length of the header section at the start of `data` (its final line end
                                           included) once the line ending it is in `data`; 0 when `data` starts
@@ -18,11 +19,12 @@ of one; such a line is the first of the body, and cleanup puts the missing empty
                                           message of header fields only is all header section (a missing final
                                           CRLF is supplied)
     read_header(content, limit) -> (head, complete)   the header section of a `Content` (mailflow.content), read
-                                          in growing steps, never more than `limit` + 2 bytes; when it is longer
-                                          than `limit`, its first `limit` bytes and complete=False
-    header_fits(data, limit) -> bool      the header section at the start of `data` (at least `limit` + 2 bytes of
-                                          it) ends within `limit` bytes (a long line that starts as no field ends
-                                          it: the body's first line)
+                                          in growing steps, never more than `limit` + 2 + LINE_LENGTH bytes (the
+                                          line after the fields is read as far as Postfix's is_header looks); when
+                                          it is longer than `limit`, its first `limit` bytes and complete=False
+    header_fits(data, limit) -> bool      the header section at the start of `data` (at least `limit` + 2 +
+                                          LINE_LENGTH bytes of it) ends within `limit` bytes (a long line that
+                                          starts as no field ends it: the body's first line)
     header_lines(head)                    the lines, without their line ends
     header_fields(head)                   (lower-case name, the field's raw lines with continuations) in order
     starts_header_field(text) -> bool     a header field's start, a name and a colon (Postfix's is_header)
@@ -55,12 +57,13 @@ FIRST_READ = 8192  # read_header's first step; most header sections fit
 HEADER_READ_LIMIT = 1_000_000  # how much of a header section readers other than cleanup (which refuses more than
 #                                header_size_limit) look at: transports looking for Delivered-To, notices
 
-# header fields (Postfix is_header: a name of printable ASCII but the colon, blanks, the colon) and their
-# continuation lines, each complete (its line end included)
-_FIELDS = re.compile(rb"(?:[!-9;-~]+[ \t]*:[^\n]*\n(?:[ \t][^\n]*\n)*)*")
-_FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")
-_MAY_START_FIELD = re.compile(rb"[!-9;-~]*[ \t]*")  # what a field's start may be before its colon is read
 LINE_LENGTH = 2048  # Postfix's line_length_limit: is_header decides on a line's first record, this long
+# header fields (Postfix is_header: a name of printable ASCII but the colon, blanks, the colon within the line's
+# first LINE_LENGTH bytes) and their continuation lines, each complete (its line end included)
+_FIELD_NAME = rb"(?=[!-9;-~ \t]{0,%d}:)[!-9;-~]+[ \t]*:" % (LINE_LENGTH - 1)
+_FIELDS = re.compile(rb"(?:%s[^\n]*\n(?:[ \t][^\n]*\n)*)*" % _FIELD_NAME)
+_FIELD_START = re.compile(_FIELD_NAME)
+_MAY_START_FIELD = re.compile(rb"[!-9;-~]*[ \t]*")  # what a field's start may be before its colon is read
 
 
 def starts_header_field(text: str) -> bool:
@@ -89,7 +92,8 @@ def split_header(content: bytes) -> tuple[bytes, bytes]:
 
 def read_header(content, limit: int) -> tuple[bytes, bool]:
     """See the module docstring. `content` is a mailflow.content.Content (anything with `read_prefix` and `size`)."""
-    want = min(FIRST_READ, limit + 2)
+    most = limit + 2 + LINE_LENGTH  # (the line after the fields, up to the limit, read as far as is_header looks)
+    want = min(FIRST_READ, most)
     while True:
         prefix = content.read_prefix(want)
         end = header_end(prefix)
@@ -98,24 +102,27 @@ def read_header(content, limit: int) -> tuple[bytes, bool]:
             end = len(prefix)
         if end is not None:
             return (prefix[:end], True) if end <= limit else (prefix[:limit], False)
-        if want >= limit + 2:
+        if want >= most:
             fields = _fields_end(prefix)
             return (prefix[:fields], True) if header_fits(prefix, limit) else (prefix[:limit], False)
-        want = min(want * 8, limit + 2)
+        want = min(want * 8, most)
 
 
 def header_fits(data: bytes, limit: int) -> bool:
-    """Whether the header section at the start of `data` (the first `limit` + 2 bytes of a message, or more) ends
-    within `limit` bytes: at the empty line, at a complete line that is no header field, or at a line longer than
-    the rest of `data` that does not start as one (neither a name and a colon nor a continuation's blank: a long
-    first body line, a log piped to sendmail, is body as Postfix's is_header takes it at its start, its first
-    line_length_limit bytes; it was taken for an endless header section and the message refused 5.3.4)."""
+    """Whether the header section at the start of `data` (the first `limit` + 2 + LINE_LENGTH bytes of a message,
+    or more) ends within `limit` bytes: at the empty line, at a complete line that is no header field, or at a line
+    longer than the rest of `data` that does not start as one (neither a name and a colon in its first LINE_LENGTH
+    bytes nor, after a field, a continuation's blank: a long first body line, a log piped to sendmail, is body as
+    Postfix's is_header takes it at its start, its first line_length_limit bytes; so is a first line that starts
+    with a blank, no field before it to continue; it was taken for an endless header section and the message
+    refused 5.3.4)."""
     end = header_end(data)
     if end is not None:
         return end <= limit
     fields = _fields_end(data)
     line = data[fields:fields + LINE_LENGTH]
-    if fields > limit or line[:1] in (b"", b" ", b"\t") or _FIELD_START.match(line):
+    continues = fields > 0 and line[:1] in (b" ", b"\t")
+    if fields > limit or not line or continues or _FIELD_START.match(line):
         return False
     return len(line) >= LINE_LENGTH or not _MAY_START_FIELD.fullmatch(line)  # (else its colon may yet come)
 

@@ -83,6 +83,15 @@ LIMIT = 5000
     (b"Subject: x\r\n " + b"a" * LONG + b"\r\n", None),  # a continuation line too long
     (b"X-A: 1\r\n" * 20000 + b"\r\nbody\r\n", None),  # fields past the limit
     (b"X-A: 1\r\n" * 624 + b"X-Long: v\r\n", None),  # a field cut at the limit, its colon not read yet
+    # Postfix's is_header (mime_state, Postfix 3.7.11's postcat): a first line that starts with a blank continues
+    # no field, so it is body however long; a colon past the line's first 2048 bytes makes no field; a line of
+    # name characters that runs past the limit is body once 2048 of its bytes show no colon
+    (b" " + b"a" * LONG + b"\r\n", b""),
+    (b"\t" + b"a" * LONG + b"\r\nTo: x@y.test\r\n", b""),
+    (b"X" * 3000 + b": y\r\n\r\nbody\r\n", b""),
+    (b"To: x@y.test\r\n" + b"X" * 3000 + b": y\r\n", b"To: x@y.test\r\n"),
+    (b"X-A: 1\r\n" * 600 + b"X" * 2100 + b"\r\n", b"X-A: 1\r\n" * 600),
+    (b"X-A: 1\r\n" * 600 + b"X" * 2046 + b": y\r\n", None),  # (a field: its colon within 2048 bytes)
 ])
 def test_a_long_first_body_line_ends_the_header_section_but_a_long_field_is_too_big(content, head):
     """cleanup took a first body line longer than header_size_limit (no header field) for an endless header section
