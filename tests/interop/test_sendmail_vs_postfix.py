@@ -133,6 +133,10 @@ RECIPIENT_CASES = [
     (["-V", "", "-N", "", "c@x.test"], MESSAGE),  # empty -V and -N values: ignored, each with its warning
     (["-t"], b"To: a@x.test b@x.test\nCc: Joe Q <c@x.test>, Team: d@x.test e@x.test;\nBcc: f@x.test g@x.test\n"
              b"Subject: probe\n\nbody\n"),
+    # a quoted string or literal never closed: closed at the end by both tokenizers (mailflow refused the first
+    # with exit 64 and stored the literal unclosed)
+    (["-f", '"al@x.test', 'b@x.test', '"joe@x.test', "bob@[192.0.2.1"], MESSAGE),
+    (["-t"], b'To: bob@x.test, "joe@x.test\nSubject: probe\n\nbody\n'),
 ]
 
 
