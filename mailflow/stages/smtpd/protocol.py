@@ -78,6 +78,7 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import math
 import re
 import struct
 import termios
@@ -509,8 +510,9 @@ class ProtocolCore(SMTP):
     def untimed(self) -> Iterator[None]:
         """A wait that is not on the client (the milters): no command deadline meanwhile, as Postfix's smtpd_timeout
         bounds the client's input and output only (the milters' own timeouts bound the wait); a whole `timeout`
-        from its end on."""
-        self._no_deadline()
+        from its end on. The pending timer stays (no TimerHandle cancelled and made per command): one that fires
+        meanwhile lets go (`_timer_fired`), and the end of the wait sets a new one then."""
+        self._deadline = math.inf
         try:
             yield
         finally:
@@ -519,8 +521,9 @@ class ProtocolCore(SMTP):
     def _timer_fired(self) -> None:
         self._timer_at = None
         if self.loop.time() < self._deadline:  # moved since the timer was set
-            self._timer_at = self._deadline
-            self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
+            if self._deadline != math.inf:  # (inf: an untimed wait, whose end sets the timer again)
+                self._timer_at = self._deadline
+                self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
             return
         self._timeout_cb()
 
