@@ -1,4 +1,4 @@
-"""Small pure vocabularies that the configuration and the components share, each written once.
+r"""Small pure vocabularies that the configuration and the components share, each written once.
 
 A leaf: it imports only the standard library, so `mailflow.config` (below every component) and any component
 may use it without an import cycle.
@@ -27,6 +27,9 @@ may use it without an import cycle.
     has_control(text), mask_control(text)       C0 control characters and DEL: present? / each replaced by "?"
     parse_octet_count(text) -> int | None       an SMTP size (`SIZE=`, `BDAT`): ASCII digits, leading zeros taken;
                                                 None past OFF_T_MAX (ValueError: not digits)
+    command_words(text) -> [words]              an SMTP command's argument split at ASCII white space only
+                                                ([ \t\n\v\f\r], Postfix's ISSPACE): \x1c-\x1f, U+0085, U+00A0
+                                                and U+2000-U+200A, which str.split() breaks at, stay in a word
     ascii_upper(text)                           only the ASCII letters in upper case (Postfix's strcasecmp: a
                                                 keyword spelled with `ſ` or `ı` is not SIZE or BODY=8BITMIME)
     is_utf8_text(text)                          no lone surrogate: text that can be encoded as UTF-8 (one check for
@@ -195,6 +198,16 @@ def has_control(text: str) -> bool:
 
 def mask_control(text: str, replacement: str = "?") -> str:
     return _CONTROL.sub(replacement, text)
+
+
+_COMMAND_WORD = re.compile(r"[^ \t\n\v\f\r]+")
+
+
+def command_words(text: str | None) -> list[str]:
+    r"""The words of a client's command argument, split as Postfix's smtpd_token splits them: at ASCII white space
+    only. str.split() also breaks at \x1c-\x1f and Unicode spaces, where Postfix sees one word: `BDAT 4\x1cLAST`
+    would be a last chunk here and a syntax error (521, hang-up) there, two parsers framing one message apart."""
+    return _COMMAND_WORD.findall(text or "")
 
 
 def ascii_upper(text: str) -> str:

@@ -267,6 +267,19 @@ async def test_auth_plain_with_another_authorization_identity_is_refused(mailflo
     await c.close()
 
 
+async def test_auth_arguments_are_split_at_ascii_white_space_only(mailflow_server, users):
+    """As Postfix's smtpd_token: U+00A0 joins the mechanism and its response into one unknown mechanism, and a
+    trailing \\x1c is part of the response (not base64); a tab separates them."""
+    mf = await mailflow_server(**auth_door(users))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    response = b64(b"\0alice\0s3cret")
+    assert await c.cmd("AUTH PLAIN\u00a0" + response) == status.AUTH_UNKNOWN_MECHANISM
+    assert await c.cmd("AUTH PLAIN " + response + "\x1c") == status.AUTH_BAD_BASE64
+    assert (await c.cmd("AUTH PLAIN\t" + response))[0] == 235
+    await c.close()
+
+
 async def test_auth_login_prompts_and_no_deprecated_api(mailflow_server, users):
     mf = await mailflow_server(**auth_door(users))
     c = await SmtpClient.connect(mf.smtp_addresses[0][1])

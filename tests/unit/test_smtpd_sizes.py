@@ -5,7 +5,7 @@ import pytest
 from mailflow import status
 from mailflow.stages.smtpd.data import bdat_arguments
 from mailflow.smtp_parameters import mail_parameters
-from mailflow.syntax import OFF_T_MAX, parse_octet_count
+from mailflow.syntax import OFF_T_MAX, command_words, parse_octet_count
 
 
 @pytest.mark.parametrize("text, value", [("0", 0), ("000", 0), ("0000000000000000000000004", 4),
@@ -34,3 +34,17 @@ def test_mail_size_past_off_t_max_is_postfixs_file_system_limit_not_a_syntax_err
     assert mail_parameters(["SIZE=99999999999999999999999"], 10240) == status.SIZE_OVERFLOW
     assert mail_parameters(["SIZE=10241"], 10240) == status.SIZE_EXCEEDS_LIMIT
     assert mail_parameters(["SIZE=1e3"], 10240) == status.BAD_SIZE_SYNTAX
+
+
+def test_bdat_words_are_split_at_ascii_white_space_only():
+    """As Postfix's smtpd_token (ISSPACE): `4\\x1cLAST` is one malformed word (Postfix: 521), never a last chunk."""
+    for sep in " \t\v\f":
+        assert bdat_arguments(f"4{sep}LAST") == (4, True)
+    for sep in "\x1c\x1d\x1e\x1f\u0085\u00a0\u2000\u2003\u200a\u3000":
+        assert bdat_arguments(f"4{sep}LAST") is None, repr(sep)
+
+
+def test_command_words_split_at_the_six_ascii_white_space_characters_only():
+    assert command_words(" a\tb\nc\vd\fe\rf  ") == ["a", "b", "c", "d", "e", "f"]
+    assert command_words("a\x1cb\u00a0c\u2003d") == ["a\x1cb\u00a0c\u2003d"]
+    assert command_words(None) == [] and command_words(" \t") == []

@@ -36,7 +36,7 @@ from mailflow import status
 from mailflow.content import Spool
 from mailflow.stages.smtpd.transaction import TransactionCommands
 from mailflow.stages.smtpd.wire import ContentCheck, refusal
-from mailflow.syntax import ascii_upper, parse_octet_count
+from mailflow.syntax import ascii_upper, command_words, parse_octet_count
 
 log = logging.getLogger("mailflow.smtpd")
 
@@ -44,7 +44,7 @@ log = logging.getLogger("mailflow.smtpd")
 def bdat_arguments(arg: str | None) -> tuple[int, bool] | None:
     """(size, last) of `BDAT <size> [LAST]`, or None when malformed: a size that is not digits, or past
     OFF_T_MAX (leading zeros are taken, as Postfix takes them)."""
-    words = (arg or "").split()
+    words = command_words(arg)
     if not words or len(words) > 2 or (len(words) == 2 and ascii_upper(words[1]) != "LAST"):
         return None
     try:

@@ -52,7 +52,7 @@ from mailflow.logs import printable
 from mailflow.stages.smtpd.dns_checks import TEMPUNAVAIL, UNAVAILABLE
 from mailflow.stages.smtpd.protocol import ProtocolCore
 from mailflow.stages.smtpd.state import NEUTERED, SessionState, helo_name
-from mailflow.syntax import ascii_upper
+from mailflow.syntax import ascii_upper, command_words
 from mailflow.tables.networks import NetworkList
 
 log = logging.getLogger("mailflow.smtpd")
@@ -204,10 +204,11 @@ def parse_xclient(arg: str | None) -> list[tuple[str, str | None]]:
     None for [UNAVAILABLE] (any case; not PROTO's); NAME's and REVERSE_NAME's [TEMPUNAVAIL] is kept (a temporary
     name status, as Postfix's SMTPD_PEER_CODE_TEMP). ADDR and DESTADDR are normalised ("IPV6:" prefix removed, an
     IPv4-mapped address as IPv4: _canonical, as for a PROXY header); PROTO is upper case."""
-    if not arg or not arg.strip():
+    words = command_words(arg)
+    if not words:
         raise XclientError(status.XCLIENT_SYNTAX)
     found: list[tuple[str, str | None]] = []
-    for word in arg.split():
+    for word in words:
         name, _, raw = word.partition("=")
         if not raw:
             raise XclientError(status.XCLIENT_VALUE_EXPECTED)

@@ -97,6 +97,7 @@ from mailflow.stages.smtpd.command_filter import replacement
 from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction, helo_name
 from mailflow.stages.smtpd.transcript import SessionObserver, Transcript, tls_description
 from mailflow.stages.smtpd.wire import CHUNK, Wire, WireError
+from mailflow.syntax import command_words
 from mailflow.tables import Table
 
 log = logging.getLogger("mailflow.smtpd")
@@ -955,8 +956,9 @@ class ProtocolCore(SMTP):
         await self.push(status.vrfy_answer(written) if reply is MISSING or reply is None else reply)
 
     async def smtp_ETRN(self, arg: str | None) -> None:
-        """RFC 1985, as Postfix answers it: not inside a transaction, one site (a leading `@` or `#` dropped), a
-        domain name (ASCII, without a trailing dot) or an address literal; the handler's
+        """RFC 1985, as Postfix answers it: not inside a transaction, one site (a leading `@` or `#` dropped, the
+        argument split at ASCII white space only: `command_words`), a host name as Postfix's valid_hostname takes
+        it or an address literal; the handler's
         `handle_ETRN(server, session, envelope, site)` answers the rest (without one: 459 for every site). A
         milters' refusal that holds for the session answers it first (`milters_refusal`)."""
         if await self.check_helo_needed("ETRN") or await self.check_auth_needed("ETRN"):
@@ -968,7 +970,7 @@ class ProtocolCore(SMTP):
         if self.in_transaction:
             await self.push(status.TRANSACTION_IN_PROGRESS)
             return
-        words = (arg or "").split()
+        words = command_words(arg)
         if len(words) != 1:
             await self.push(status.ETRN_SYNTAX)
             return

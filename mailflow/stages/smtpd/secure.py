@@ -66,7 +66,7 @@ from mailflow.stages.smtpd.frontends import FrontEndCommands
 from mailflow.stages.smtpd.protocol import UnknownEhloFeature
 from mailflow.stages.smtpd.tls import ClientCert, client_cert
 from mailflow.tables.networks import NetworkList
-from mailflow.syntax import ascii_upper
+from mailflow.syntax import ascii_upper, command_words
 from mailflow.stages.smtpd.wire import WireError
 
 log = logging.getLogger("mailflow.smtpd")
@@ -266,7 +266,7 @@ class SecureCommands(FrontEndCommands):
             await self.push(refusal)
             return
         assert arg is not None and self._sasl is not None
-        words = arg.split()
+        words = command_words(arg)
         mechanism, initial = ascii_upper(words[0]), (words[1] if len(words) == 2 else None)
         self._auth_mechanism = mechanism  # for the log line of an abort
         exchange = self._plain_exchange if mechanism == "PLAIN" else self._login_exchange
@@ -296,7 +296,7 @@ class SecureCommands(FrontEndCommands):
             return refusal
         if self.session.authenticated:
             return status.ALREADY_AUTHENTICATED
-        words = (arg or "").split()
+        words = command_words(arg)
         if not 1 <= len(words) <= 2:
             return status.syntax("AUTH mechanism")
         if ascii_upper(words[0]) not in MECHANISMS:

@@ -39,7 +39,7 @@ from mailflow import address, status
 from mailflow.smtp_parameters import mail_parameters, path_text, path_word, rcpt_parameters
 from mailflow.stages.smtpd.secure import SecureCommands
 from mailflow.stages.smtpd.state import NULL_SENDER
-from mailflow.syntax import ascii_upper
+from mailflow.syntax import ascii_upper, command_words
 
 
 class TransactionCommands(SecureCommands):
@@ -174,4 +174,4 @@ class TransactionCommands(SecureCommands):
             await self.push(bad)
             return None
         self.path_as_sent = sent  # (what the handler's refusal logs)
-        return addr, written, rest.split()  # parameters after HELO too, as Postfix takes them
+        return addr, written, command_words(rest)  # parameters after HELO too, as Postfix takes them
