@@ -290,7 +290,8 @@ def test_parse_xclient_values():
         ("ADDR", "192.0.2.11"), ("DESTADDR", "198.51.100.6")]
     # split at ASCII white space only, as Postfix's smtpd_token: U+00A0 is part of NAME's value, not a separator
     assert parse_xclient("NAME=a.test\tADDR=192.0.2.1") == [("NAME", "a.test"), ("ADDR", "192.0.2.1")]
-    for bad in ("NAME=a.test\u00a0ADDR=192.0.2.1", "NAME=a.test\x1cADDR=192.0.2.1", "ADDR=[TEMPUNAVAIL]", "PORT=123456", "DESTPORT=-1", "DESTADDR=IPV6:192.0.2.1", "REVERSE_NAME=1.2.3.4",
+    for bad in ("NAME=a.test\u00a0ADDR=192.0.2.1", "NAME=a.test\x1cADDR=192.0.2.1",
+                "ADDR=[TEMPUNAVAIL]", "PORT=123456", "DESTPORT=-1", "DESTADDR=IPV6:192.0.2.1", "REVERSE_NAME=1.2.3.4",
                 "ADDR=2001:db8::1", "DESTADDR=2001:db8::1", "PROTO=[UNAVAILABLE]"):
         with pytest.raises(XclientError):
             parse_xclient(bad)
