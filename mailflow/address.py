@@ -10,6 +10,8 @@
 - `ascii_domain(d)`: a domain's A-label form as Postfix's midna_domain_to_ascii makes it (UTS 46 without
   transitional mapping: `straße.test` is `xn--strae-oqa.test`, not `strasse.test`); UnicodeError when it has none.
 - `mailbox_syntax_error(addr) -> str | None`: why an address is not an RFC 5321 mailbox (None if it is).
+- `hostname_gripe(name) -> str | None`: why Postfix's valid_hostname refuses a host name, in the words of its
+  warning; `is_valid_hostname(name)`: it takes it (ETRN's site, myhostname, XCLIENT's NAME).
 - `parse_path(text) -> (address, rest)`: the address of a MAIL FROM / RCPT TO argument and the parameters
   after it; raises `PathError` (see its doc for what is accepted, as Postfix accepts it); `parse_written_path`
   also gives the address as the client wrote it (Postfix's original recipient: quotes, trailing dot kept).
@@ -50,6 +52,7 @@ _A_LABELS = re.compile(rb"[A-Za-z0-9_\-.]+")  # (the codec maps U+3002 and its k
 # RFC 5321's 64-octet local part is not enforced (Postfix does not either): VERP and SRS addresses, mailflow's own
 # among them, are longer. The whole address is bounded by the 256-octet path, less its angle brackets.
 MAX_ADDRESS = 254
+MAX_LABEL, MAX_HOSTNAME = 63, 255  # Postfix's VALID_LABEL_LEN, VALID_HOSTNAME_LEN
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 controls
 _UNSAFE_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f]")  # what ends or forges a command line
 
@@ -260,6 +263,40 @@ def is_valid_domain(domain: str) -> bool:
         return is_address_literal(domain)
     return (len(domain) <= 255 and bool(_DOMAIN_RE.fullmatch(domain)) and _labels_fit(domain)
             and not _NUMERIC_DOMAIN.fullmatch(domain))
+
+
+def hostname_gripe(name: str) -> str | None:
+    """Why Postfix's valid_hostname refuses `name`, in the words of its warning (after "valid_hostname: "); None
+    when it takes it: labels of letters, digits, `_` and inner `-`, at most 63 octets, not all digits, at most 255
+    octets in all."""
+    label_length, non_numeric = 0, False
+    if not name:
+        return "empty hostname"
+    for i, ch in enumerate(name):
+        following = name[i + 1:i + 2]
+        if ch.isascii() and (ch.isalnum() or ch == "_"):
+            label_length += 1
+            if label_length > MAX_LABEL:
+                return f"hostname label too long: {name[:100]}"
+            non_numeric = non_numeric or not ch.isdigit()
+        elif ch == ".":
+            if label_length == 0 or not following:
+                return f"misplaced delimiter: {name[:100]}"
+            label_length = 0
+        elif ch == "-":
+            non_numeric, label_length = True, label_length + 1
+            if label_length == 1 or following in ("", "."):
+                return f"misplaced hyphen: {name[:100]}"
+        else:
+            return f"invalid character {ch.encode()[0]}(decimal): {name[:100]}"
+    if not non_numeric:
+        return f"numeric hostname: {name[:100]}"
+    return f"bad length {len(name)} for {name[:100]}..." if len(name) > MAX_HOSTNAME else None
+
+
+def is_valid_hostname(name: str) -> bool:
+    """A host name as Postfix's valid_hostname takes it (hostname_gripe): ASCII, no trailing dot, no literal."""
+    return hostname_gripe(name) is None
 
 
 def is_address_literal(domain: str) -> bool:

@@ -39,7 +39,7 @@ component may use it.
     await confirmed_name(resolver, address, names)   the first of `names` when its addresses include `address`
                                               (Postfix's verified client name); "" for none
     await client_name(resolver, address, names) -> ClientName   the same, with Postfix's warning of it
-    hostname_gripe(name) -> str | None        why Postfix's valid_hostname refuses a name, in its words
+    hostname_gripe(name) -> str | None        why Postfix's valid_hostname refuses a name (mailflow.address)
     failure_text(error) -> str                a LookupRetry's text as Postfix's SMTP client says it (below)
     valid_rr_name(name) -> bool               a name Postfix's dns_lookup takes in a reply (valid_rr_name)
 
@@ -96,7 +96,7 @@ import dns.resolver
 import dns.reversename
 import pycares
 
-from mailflow.address import ascii_domain
+from mailflow.address import ascii_domain, hostname_gripe
 from mailflow.errors import LookupRetry, PermanentError
 from mailflow.syntax import is_ip_address as is_ip_literal
 from mailflow.syntax import is_ipv4
@@ -158,7 +158,6 @@ NO_RECOVERY = "Non-recoverable error"  # Postfix's dns_strerror(NO_RECOVERY)
 # getaddrinfo's words (gai_strerror), as Postfix's smtpd logs why a client's name gave no address.
 GAI_NONAME, GAI_NODATA = "Name or service not known", "No address associated with hostname"
 GAI_AGAIN, GAI_FAIL = "Temporary failure in name resolution", "Non-recoverable failure in name resolution"
-MAX_LABEL, MAX_HOSTNAME = 63, 255  # Postfix's VALID_LABEL_LEN, VALID_HOSTNAME_LEN
 
 
 class MalformedReply(LookupRetry):
@@ -218,35 +217,6 @@ def checked_rr_name(name: str, location: str, rtype: str, query: str) -> bool:
     log.warning("valid_hostname: %s", gripe)
     log.warning("malformed domain name in %s of %s record for %s: %.100s", location, rtype, query, name)
     return False
-
-
-def hostname_gripe(name: str) -> str | None:
-    """Why Postfix's valid_hostname refuses `name`, in the words of its warning (after "valid_hostname: "); None
-    when it takes it: labels of letters, digits, `_` and inner `-`, at most 63 octets, not all digits, at most 255
-    octets in all."""
-    label_length, non_numeric = 0, False
-    if not name:
-        return "empty hostname"
-    for i, ch in enumerate(name):
-        following = name[i + 1:i + 2]
-        if ch.isascii() and (ch.isalnum() or ch == "_"):
-            label_length += 1
-            if label_length > MAX_LABEL:
-                return f"hostname label too long: {name[:100]}"
-            non_numeric = non_numeric or not ch.isdigit()
-        elif ch == ".":
-            if label_length == 0 or not following:
-                return f"misplaced delimiter: {name[:100]}"
-            label_length = 0
-        elif ch == "-":
-            non_numeric, label_length = True, label_length + 1
-            if label_length == 1 or following in ("", "."):
-                return f"misplaced hyphen: {name[:100]}"
-        else:
-            return f"invalid character {ch.encode()[0]}(decimal): {name[:100]}"
-    if not non_numeric:
-        return f"numeric hostname: {name[:100]}"
-    return f"bad length {len(name)} for {name[:100]}..." if len(name) > MAX_HOSTNAME else None
 
 
 class NotFound(PermanentError):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
-from mailflow.address import is_valid_domain, mailbox_syntax_error, normalise_domain
+from mailflow.address import is_valid_domain, is_valid_hostname, mailbox_syntax_error, normalise_domain
 from mailflow.config.accounts import AccountsConfig
 from mailflow.config.admin import AdminConfig
 from mailflow.config.base import (BUILTIN_TRANSPORTS, RELAY, Duration, Networks, PostfixInt, Relayhost, Section,
@@ -319,7 +319,7 @@ class Config(Section):
     def _hostname(cls, v: str) -> str:
         """As Postfix's valid_hostname takes it (else `postfix` refuses to start): it is said in EHLO, Received and
         Message-ID."""
-        if not (v.isascii() and not v.startswith("[") and not v.endswith(".") and is_valid_domain(v)):
+        if not is_valid_hostname(v):
             raise ValueError(f"{v!r} is not a host name (letters, digits, '-' and '_' in labels separated by dots, "
                              "not all digits)")
         return v

@@ -63,7 +63,8 @@ async def test_bare_newline_in_data_is_refused_and_nothing_is_queued(mailflow_se
     assert await mf.store.counts() == {} and _alice_mail(tmp_path) == []
 
 
-@pytest.mark.parametrize("command", ["BDAT", "BDAT x", "BDAT 1 FOO", "BDAT -1 LAST", "BDAT 1 LAST extra"])
+@pytest.mark.parametrize("command", ["BDAT", "BDAT x", "BDAT 1 FOO", "BDAT -1 LAST", "BDAT 1 LAST extra",
+                                     "BDAT 1\x1cLAST", "BDAT 1\u00a0LAST", "BDAT 1\u2003LAST"])
 async def test_a_malformed_bdat_ends_the_session(mailflow_server, tmp_path, command):
     # Postfix: 521 and hang up. The chunk's size is unknown, so what follows could only be read as commands:
     # here a whole transaction that must not be queued.
@@ -649,13 +650,40 @@ async def test_one_sessions_failure_does_not_touch_another_sessions_mail(mailflo
     assert len(msgs) == 1 and msgs[0].endswith(b"part one\npart two\n")
 
 
-@pytest.mark.parametrize("site", ["relay.test.", "r\u00e9lay.test", "@relay.test.", "xn--rlay-bpa.test."])
+@pytest.mark.parametrize("site", ["relay.test.", "r\u00e9lay.test", "@relay.test.", "xn--rlay-bpa.test.",
+                                  "relay.test\x1c", "relay.test\x1f", "relay.test\u0085", "relay.test\u00a0",
+                                  "\u2003relay.test", "relay.test\x1ctail"])
 async def test_etrn_takes_a_site_as_postfixs_valid_hostname_does(mailflow_server, site):
     """A trailing dot or a non-ASCII name is no host name to Postfix's ETRN (valid_hostname): 501, where mailflow
-    used to start a flush of relay.test for `relay.test.` (checked against Postfix 3.7.11: test_smtpd_vs_postfix)."""
+    used to start a flush of relay.test for `relay.test.` (checked against Postfix 3.7.11: test_smtpd_vs_postfix).
+    The argument is split at ASCII white space only: \\x1c and U+00A0 are part of the site, as in Postfix."""
     mf = await mailflow_server(relay_domains=["relay.test"])
     client = await SmtpClient.connect(mf.smtp_addresses[0][1])
     await client.cmd("EHLO client.test")
     assert await client.cmd(f"ETRN {site}") == status.ETRN_BAD_SITE
     assert await client.cmd("ETRN relay.test") == status.ETRN_STARTED
     await client.close()
+
+
+async def test_etrn_of_a_site_past_253_octets_is_no_flush_domain(mailflow_server):
+    """Postfix's flush matches its domains with midna_domain_to_ascii's name, which refuses one past 253 octets: a
+    254-octet site under relay.test, which valid_hostname takes, gets 459 (as Postfix 3.7.11: test_smtpd_vs_postfix)."""
+    mf = await mailflow_server(relay_domains=["relay.test"])
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    await client.cmd("EHLO client.test")
+    for octets, expected in ((253, 250), (254, 459), (255, 459), (256, 501)):
+        site = ".".join(["a" * 63] * 3 + ["b" * (octets - 203)]) + ".relay.test"
+        assert len(site) == octets and (await client.cmd(f"ETRN {site}")).code == expected, octets
+    await client.close()
+
+
+async def test_mail_and_rcpt_parameters_are_split_at_ascii_white_space_only(mailflow_server):
+    """`SIZE=1\\u00a0BODY=8BITMIME` is one malformed SIZE to Postfix (501), not two parameters."""
+    _, port = await _server(mailflow_server)
+    c = await SmtpClient.connect(port)
+    assert (await c.cmd("EHLO client.test")).code == 250
+    assert (await c.cmd("MAIL FROM:<s@remote.test> SIZE=1\u00a0BODY=8BITMIME")).code == 501
+    assert (await c.cmd("MAIL FROM:<s@remote.test> SIZE=1\x0bBODY=8BITMIME")).code == 250  # (\\v is white space)
+    assert (await c.cmd("RCPT TO:<alice@local.test> NOTIFY=NEVER\x1f")).code == 501
+    assert (await c.cmd("RCPT TO:<alice@local.test> NOTIFY=NEVER")).code == 250
+    await c.close()

@@ -330,3 +330,14 @@ def test_address_literals_as_postfixs_valid_ipv4_and_ipv6_hostaddr_take_them(lit
     """Postfix 3.7.11's trivial-rewrite took [192.0.2.01], [192.0.2.001] and [255.1.2.3] and refused [0.1.2.3]
     ("bad initial octet value"), [1.2.3] ("invalid octet count") and [1.2.3.256] ("invalid octet value")."""
     assert address.literal_ip(literal) == ip
+
+
+@pytest.mark.parametrize("name, valid", [
+    ("relay.test", True), ("a_b.relay.test", True), ("123.relay.test", True), ("relay.test.", False),
+    ("r\u00e9lay.test", False), ("1.2.3.4", False), ("[192.0.2.1]", False), ("a..test", False), ("-a.test", False),
+    (".".join(["a" * 63] * 4), True), (".".join(["a" * 63] * 4) + "b", False), ("a" * 64 + ".test", False),
+    ("", False)])
+def test_is_valid_hostname_is_postfixs_valid_hostname(name, valid):
+    """One check for ETRN's site, myhostname and XCLIENT's NAME: hostname_gripe's (255 octets, no literal)."""
+    assert address.is_valid_hostname(name) is valid
+    assert (address.hostname_gripe(name) is None) is valid

@@ -86,6 +86,7 @@ from mailflow.stages.verify import ProbeSender, Verifier
 from mailflow.tables import TableCache
 
 log = logging.getLogger("mailflow.smtpd")
+_FLUSH_NAME_MAX = 253  # octets: the longest name Postfix's midna_domain_to_ascii (and so its flush service) takes
 
 
 class SmtpdPolicy(Protocol):
@@ -281,7 +282,10 @@ class SmtpdHandler:
             server.log_reject("ETRN", refusal)
             return refusal
         domain = address.normalise_domain(site)
-        if self._flush_site is None or not domain_in(domain, self._config.relay_domains, parent=True):
+        # Postfix's flush matches fast_flush_domains with midna_domain_to_ascii's name, which refuses one past 253
+        # octets: a 254-255 octet site, though valid_hostname takes it, is never a flush domain
+        if (self._flush_site is None or len(domain) > _FLUSH_NAME_MAX
+                or not domain_in(domain, self._config.relay_domains, parent=True)):
             log.warning("reject: ETRN %s... from %s", printable(site[:100]), session.client)
             return status.etrn_refused(site)
         try:

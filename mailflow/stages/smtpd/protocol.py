@@ -975,8 +975,7 @@ class ProtocolCore(SMTP):
             await self.push(status.ETRN_SYNTAX)
             return
         site = words[0][1:] if words[0][0] in "@#" else words[0]
-        # Postfix's valid_hostname: ASCII, no trailing dot (which is_valid_domain takes, for addresses)
-        if not (site.isascii() and not site.endswith(".") and address.is_valid_domain(site)):
+        if not (address.is_valid_hostname(site) or address.is_address_literal(site)):
             await self.push(status.ETRN_BAD_SITE)
             return
         reply = await self._call_handler_hook("ETRN", site)
