@@ -26,6 +26,13 @@ E, M, R = "EHLO client.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<alice@local
 CONTENT = b"Subject: probe\r\n\r\nbody\r\n."
 LONG = "SRS0=HHHH=TT=sender-domain.example=" + "x" * 60  # a 95-octet local part
 
+
+def etrn_site(octets: int) -> str:
+    """A host name of `octets` octets under relay.test, its labels at most 63 octets."""
+    return ".".join(["a" * 63] * 3 + ["b" * (octets - 203)]) + ".relay.test"
+
+
+
 SESSIONS: dict[str, list[str | bytes]] = {
     "mail before hello": [M, R, "DATA", CONTENT],
     "EHLO without a name": ["EHLO", "HELO"],
@@ -80,6 +87,14 @@ SESSIONS: dict[str, list[str | bytes]] = {
     "ETRN before HELO, and in a transaction": ["ETRN relay.test", E, M, "ETRN relay.test", "RSET", "ETRN relay.test"],
     "ETRN sites that are no host name to valid_hostname: a trailing dot, a UTF-8 name": [
         E, "ETRN relay.test.", "ETRN @relay.test.", "ETRN r\u00e9lay.test", "ETRN relay.test"],
+    "arguments split at ASCII white space only: \\x1c-\\x1f and Unicode spaces stay in a word": [
+        E, "ETRN relay.test\x1c", "ETRN relay.test\x1f", "ETRN relay.test\x85", "ETRN relay.test\xa0",
+        "ETRN \u2003relay.test", "ETRN relay.test\x1ctail", "ETRN relay.test\x0b", M + " SIZE=1\xa0BODY=8BITMIME", M,
+        R + " NOTIFY=NEVER\x1f", R + " NOTIFY=NEVER\u200a"],
+    "BDAT 4\\x1cLAST: one malformed word, not a last chunk": [E, M, R, b"BDAT 4\x1cLAST\r\nab"],
+    "BDAT 4\\u00a0LAST: one malformed word, not a last chunk": [E, M, R, "BDAT 4\xa0LAST\r\nab".encode()],
+    "ETRN of a site valid_hostname takes but flush's 253-octet name does not": [
+        E, f"ETRN {etrn_site(253)}", f"ETRN {etrn_site(254)}", f"ETRN {etrn_site(255)}", f"ETRN {etrn_site(256)}"],
     "an unknown command pipelined after HELO": ["HELO client.test", b"FOO\r\nQUIT"],  # answered before the check
     "HELO after EHLO: the session stays ESMTP and may pipeline": [E, "HELO client.test",
                                                                    M.encode() + b"\r\nQUIT"],
@@ -230,6 +245,12 @@ async def test_protocol_edges_match_a_real_postfix(mailflow_server):
     assert postfix["ETRN before HELO, and in a transaction"] == [250, 250, 250, 503, 250, 250]
     assert postfix["ETRN sites that are no host name to valid_hostname: a trailing dot, a UTF-8 name"] == [
         250, 501, 501, 501, 250]
+    assert postfix["arguments split at ASCII white space only: \\x1c-\\x1f and Unicode spaces stay in a word"] == [
+        250, 501, 501, 501, 501, 501, 501, 250, 501, 250, 501, 501]
+    assert postfix["BDAT 4\\x1cLAST: one malformed word, not a last chunk"] == [250, 250, 250, 521]
+    assert postfix["BDAT 4\\u00a0LAST: one malformed word, not a last chunk"] == [250, 250, 250, 521]
+    assert postfix["ETRN of a site valid_hostname takes but flush's 253-octet name does not"] == [
+        250, 250, 459, 459, 501]
     assert postfix["an unknown command pipelined after HELO"] == [250, 500]
     assert postfix["HELO after EHLO: the session stays ESMTP and may pipeline"] == [250, 250, 250]
     assert postfix["a malformed address is refused before its parameters are looked at"] == [
