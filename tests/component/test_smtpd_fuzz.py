@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import time
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from tests.support import ServerThread, base_settings, maildir_messages, merged
+from tests.support import ServerThread, base_settings, merged
+from tests.support.raw import answers_noop, converse
 
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "120"))
@@ -35,35 +34,6 @@ tail = st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.binary(max_size=40)), m
 stream = st.tuples(st.sampled_from(PREFIXES), tail).map(b"".join)
 
 
-def talk(port: int, data: bytes) -> bytes:
-    """Greeting, then `data`, then half-close; everything the server said until it closed (5 s at most)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.recv(1024)  # the greeting first: this is about input after it
-        try:
-            s.sendall(data)
-            s.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # the server may close first; what it said is still read below
-        out = b""
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                chunk = s.recv(65536)
-            except (TimeoutError, OSError):
-                break
-            if not chunk:
-                break
-            out += chunk
-        return out
-
-
-def noop_works(port: int) -> bool:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        greeting = s.recv(1024)
-        s.sendall(b"NOOP\r\n")
-        return greeting.startswith(b"220 ") and s.recv(1024).startswith(b"250 ")
-
-
 def test_random_streams_never_crash_smtpd_nor_queue_incomplete_mail(tmp_path):
     settings_ = merged(base_settings(tmp_path), {"smtpd": {
         "listen": ["127.0.0.1:0"], "timeout": "2s", "forbid_unauth_pipelining": False,
@@ -76,16 +46,12 @@ def test_random_streams_never_crash_smtpd_nor_queue_incomplete_mail(tmp_path):
         @given(stream)
         def check(data: bytes) -> None:
             nonlocal queued
-            replies = talk(server.port, data)
+            replies = converse(server.port, data)
             queued += len(QUEUED.findall(replies))
-            assert noop_works(server.port)
+            answers_noop(server.port, within=5.0)
 
         check()
-        maildir = tmp_path / "mail" / "alice" / "Maildir"
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and (len(maildir_messages(maildir)) < queued or server.counts()):
-            time.sleep(0.1)
-        assert len(maildir_messages(maildir)) == queued and server.counts() == {}
+        assert len(server.settle(tmp_path / "mail" / "alice" / "Maildir", queued, within=15)) == queued
         print(f"fuzz: {EXAMPLES} examples, {queued} messages completed and delivered")
     finally:
         server.stop()

@@ -12,6 +12,7 @@ from mailflow.content import Content
 from mailflow.model import Recipient
 from mailflow.store import NewMessage, Store
 from tests.support import queue_counts
+from tests.support.raw import rss_mb
 
 MESSAGES = 100_000
 ACTIVE_LIMIT = 1000
@@ -21,14 +22,6 @@ RSS_LIMIT_MB = 200
 # and the whole wait
 STALL_LIMIT = 60.0
 WAIT_LIMIT = 400.0
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 

@@ -21,7 +21,9 @@ are in tests/conftest.py and build on these.
   them from tests.support.policy); sessions: `replay_sessions`, `connected`, `xclient`, `restriction_settings`,
   `disconnects`, `every_session_ended` (scripted sessions for the differential tests of restriction lists; import
   them from tests.support.sessions); client_certs: `ClientPki` (a CA, the server's certificate and client
-  certificates with their Postfix fingerprints, for tls_ask_ccert; import it from tests.support.client_certs).
+  certificates with their Postfix fingerprints, for tls_ask_ccert; import it from tests.support.client_certs); raw:
+  `converse`, `read_until_closed`, `answers_noop` (SMTP over a blocking socket, for the fuzz and hostile tests),
+  `rss_mb`, `peak_rss_mb`, `reset_peak_rss` (a process's memory from /proc; import them from tests.support.raw).
 
 Every name above but those said otherwise is importable from `tests.support` itself.
 """

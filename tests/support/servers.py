@@ -7,7 +7,8 @@
 - `ServerProcess(config, log, port)`: `python -m mailflow serve -c CONFIG` as a child process (launch, start,
   terminate, kill, CPU seconds, log lines); `queue_counts(db)` reads a queue database read-only beside a running server.
 - `ServerThread(settings)`: mailflow in this process, on an event loop of its own in a thread, for tests that drive
-  it with blocking sockets (`port`, `counts()`, `stop()`).
+  it with blocking sockets (`port`, `counts()`, `settle(maildir, count)`: the messages delivered once the queue is
+  empty, `stop()`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,7 @@ from mailflow.app import Mailflow
 from mailflow.config import config_from_dict
 from mailflow.config.load import load_config
 from mailflow.syntax import parse_hostport
+from tests.support.content import maildir_messages
 from tests.support.ports import accepts
 from tests.support.waiting import eventually
 
@@ -160,7 +163,7 @@ def queue_counts(db: Path) -> dict:
 
 
 class ServerThread:
-    """mailflow on its own loop in a thread; `port` (its first SMTP listener), `counts()`, `stop()`."""
+    """mailflow on its own loop in a thread; `port` (its first SMTP listener), `counts()`, `settle()`, `stop()`."""
 
     def __init__(self, settings: dict):
         self._settings = settings
@@ -183,6 +186,15 @@ class ServerThread:
 
     def counts(self) -> dict:
         return asyncio.run_coroutine_threadsafe(self.mf.store.counts(), self._loop).result(5)
+
+    def settle(self, maildir: Path, count: int, within: float = 20.0) -> list[bytes]:
+        """The messages in `maildir` once it holds `count` and the queue is empty (`within` seconds at most; an
+        AssertionError when the queue is not empty by then)."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline and (len(maildir_messages(maildir)) < count or self.counts()):
+            time.sleep(0.05)
+        assert self.counts() == {}, self.counts()
+        return maildir_messages(maildir)
 
     def stop(self) -> None:
         self._loop.call_soon_threadsafe(self._stop.set)
