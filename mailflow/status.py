@@ -620,7 +620,7 @@ TRANSACTION_IN_PROGRESS = Reply(503, "5.5.1", "Error: MAIL transaction in progre
 AUTH_ABORTED = Reply(501, "5.7.0", "Authentication aborted", error_class=None)
 AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Can't decode base64", error_class=None)
 AUTH_RESPONSE_TOO_LONG = Reply(500, "5.5.6", "SASL response limit exceeded", error_class=None)
-# ETRN (RFC 1985), in Postfix's words, with enhanced codes
+# ETRN (RFC 1985), in Postfix's words, with enhanced codes (Postfix's have none: deliberate, docs/security.md)
 ETRN_SYNTAX = Reply(500, "5.5.4", "Syntax: ETRN domain", error_class="protocol")
 ETRN_BAD_SITE = Reply(501, "5.5.4", "Error: invalid parameter syntax", error_class="protocol")
 ETRN_STARTED = Reply(250, "2.0.0", "Queuing started")
