@@ -30,7 +30,7 @@ import unicodedata
 
 import idna
 
-from mailflow.syntax import ascii_upper, is_postfix_ipv4, parse_ip
+from mailflow.syntax import COMMAND_BLANKS, ascii_upper, is_postfix_ipv4, parse_ip
 
 # The character classes are written as what they leave out of ASCII (every non-ASCII character is in): the same
 # sets as [A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\x80-\U0010ffff] and the like, but a class with a range up to U+10FFFF
@@ -76,24 +76,25 @@ def parse_written_path(text: str) -> tuple[str, str, str]:
     takes: spaces before the path, a path without angle brackets (it ends at the first space outside a quoted
     string), a path in more than one pair of them (`<<a@b>>`), a source route `@a,@b:` (dropped, RFC 5321 C),
     and one trailing dot on the domain (dropped).
-    `<>` gives "", and so does `<"">`. A tab separates like a space (Postfix splits command words on both).
+    `<>` gives "", and so does `<"">`. A tab, vertical tab or form feed separates like a space (COMMAND_BLANKS:
+    Postfix's smtpd_token splits command words at each).
     Quotes that add nothing are dropped (`"alice"@b` is `alice@b`); a local part that needs them keeps them as
     written.
-    Refused (PathError): a `<` without its `>`, anything but a space or tab right after the `>`, a
+    Refused (PathError): a `<` without its `>`, anything but a blank right after the `>`, a
     bracket in an unbracketed path, and any address that is not `local-part[@domain]` with a dot-atom or quoted
     local part: an unquoted space, a backslash or another character outside atext, an empty label. Whether a
     domain is required, and UTF-8, are for the caller."""
-    text = text.lstrip(" \t")
+    text = text.lstrip(COMMAND_BLANKS)
     if text.startswith("<"):
         depth = len(text) - len(text.lstrip("<"))  # `<<a@b>>`: brackets in brackets, taken as Postfix takes them
         end = _find_unquoted(text, ">", depth)  # the first '>' closing them
         if end < 0 or text[end:end + depth] != ">" * depth:
             raise PathError("no closing '>'")
         path, rest = text[depth:end], text[end + depth:]
-        if rest and rest[0] not in " \t":
+        if rest and rest[0] not in COMMAND_BLANKS:
             raise PathError("junk after '>'")
     else:
-        end = _find_unquoted(text, " ", 0)
+        end = _find_unquoted(text, COMMAND_BLANKS, 0)
         end = len(text) if end < 0 else end
         path, rest = text[:end], text[end:]
         if "<" in path or ">" in path:
@@ -111,7 +112,7 @@ def parse_written_path(text: str) -> tuple[str, str, str]:
             raise PathError("malformed local part" if domain or not at else "empty domain")
         local = _without_needless_quotes(local)
         path = f"{local}@{domain}" if at else ("" if local == '""' else local)  # `<"">` is `<>`, as in Postfix
-    return path, written, rest.strip(" \t")
+    return path, written, rest.strip(COMMAND_BLANKS)
 
 
 def tidy(addr: str) -> str:
@@ -172,11 +173,11 @@ def _without_needless_quotes(local: str) -> str:
     return local
 
 
-def _find_unquoted(text: str, char: str, start: int) -> int:
-    """The index of the first `char` at or after `start` outside a quoted string (whose quoted pairs are
+def _find_unquoted(text: str, chars: str, start: int) -> int:
+    """The index of the first of `chars` at or after `start` outside a quoted string (whose quoted pairs are
     skipped too), or -1."""
     if text.find('"', start) < 0:  # nothing quoted (the usual path): the first one is the answer
-        return text.find(char, start)
+        return min((i for i in (text.find(c, start) for c in chars) if i >= 0), default=-1)
     quoted = False
     i = start
     while i < len(text):
@@ -186,7 +187,7 @@ def _find_unquoted(text: str, char: str, start: int) -> int:
             continue
         if c == '"':
             quoted = not quoted
-        elif c == char and not quoted:
+        elif c in chars and not quoted:
             return i
         i += 1
     return -1

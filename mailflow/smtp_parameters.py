@@ -27,7 +27,7 @@ from typing import Callable
 
 from mailflow import dsn_parameters as dsn, status
 from mailflow.logs import printable
-from mailflow.syntax import ascii_upper, parse_octet_count
+from mailflow.syntax import COMMAND_BLANKS, ascii_upper, parse_octet_count
 
 
 PATH_KEYWORDS = {"MAIL": "FROM:", "RCPT": "TO:"}  # what each command's argument begins with (RFC 5321 4.1.1)
@@ -41,7 +41,7 @@ def path_text(arg: str | None, command: str) -> str | status.Reply:
     its parameter words; the usage reply when the keyword is missing or no path follows it (`<>` is one)."""
     keyword = PATH_KEYWORDS[command]
     text = (arg or "")[len(keyword):]
-    if not arg or ascii_upper(arg[:len(keyword)]) != keyword or not text.strip(" \t"):
+    if not arg or ascii_upper(arg[:len(keyword)]) != keyword or not text.strip(COMMAND_BLANKS):
         return status.syntax(f"{command} {keyword}<address>")
     return text
 
@@ -53,7 +53,7 @@ def path_word(text: str) -> str:
     word: list[str] = []
     closing: list[str] = []  # the closing characters awaited, innermost last
     escaped = False
-    for c in text.lstrip(" \t"):
+    for c in text.lstrip(COMMAND_BLANKS):
         if escaped:
             escaped = False
         elif c == "\\":
@@ -62,7 +62,7 @@ def path_word(text: str) -> str:
             closing.pop()
         elif c == '"' or (c == "<" and (not closing or closing[-1] == ">")):
             closing.append('"' if c == '"' else ">")
-        elif c in " \t" and not closing:
+        elif c in COMMAND_BLANKS and not closing:
             break
         word.append(c)
     return "".join(word)

@@ -28,8 +28,9 @@ may use it without an import cycle.
     parse_octet_count(text) -> int | None       an SMTP size (`SIZE=`, `BDAT`): ASCII digits, leading zeros taken;
                                                 None past OFF_T_MAX (ValueError: not digits)
     command_words(text) -> [words]              an SMTP command's argument split at ASCII white space only
-                                                ([ \t\n\v\f\r], Postfix's ISSPACE): \x1c-\x1f, U+0085, U+00A0
-                                                and U+2000-U+200A, which str.split() breaks at, stay in a word
+                                                (COMMAND_BLANKS: [ \t\n\v\f\r], Postfix's ISSPACE): \x1c-\x1f,
+                                                U+0085, U+00A0 and U+2000-U+200A, which str.split() breaks at,
+                                                stay in a word
     ascii_upper(text)                           only the ASCII letters in upper case (Postfix's strcasecmp: a
                                                 keyword spelled with `ſ` or `ı` is not SIZE or BODY=8BITMIME)
     is_utf8_text(text)                          no lone surrogate: text that can be encoded as UTF-8 (one check for
@@ -200,6 +201,7 @@ def mask_control(text: str, replacement: str = "?") -> str:
     return _CONTROL.sub(replacement, text)
 
 
+COMMAND_BLANKS = " \t\n\v\f\r"  # what separates a command's words: C's isspace() in the C locale (Postfix's ISSPACE)
 _COMMAND_WORD = re.compile(r"[^ \t\n\v\f\r]+")
 
 

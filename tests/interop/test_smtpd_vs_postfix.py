@@ -90,7 +90,8 @@ SESSIONS: dict[str, list[str | bytes]] = {
     "arguments split at ASCII white space only: \\x1c-\\x1f and Unicode spaces stay in a word": [
         E, "ETRN relay.test\x1c", "ETRN relay.test\x1f", "ETRN relay.test\x85", "ETRN relay.test\xa0",
         "ETRN \u2003relay.test", "ETRN relay.test\x1ctail", "ETRN relay.test\x0b", M + " SIZE=1\xa0BODY=8BITMIME", M,
-        R + " NOTIFY=NEVER\x1f", R + " NOTIFY=NEVER\u200a"],
+        R + " NOTIFY=NEVER\x1f", R + " NOTIFY=NEVER\u200a", "RSET", "MAIL FROM:<s@remote.test>\x0bSIZE=1",
+        "RCPT TO:<alice@local.test>\x0cNOTIFY=NEVER", "RSET", "MAIL FROM:s@remote.test\x0bSIZE=1"],
     "BDAT 4\\x1cLAST: one malformed word, not a last chunk": [E, M, R, b"BDAT 4\x1cLAST\r\nab"],
     "BDAT 4\\u00a0LAST: one malformed word, not a last chunk": [E, M, R, "BDAT 4\xa0LAST\r\nab".encode()],
     "ETRN of a site valid_hostname takes but flush's 253-octet name does not": [
@@ -246,7 +247,7 @@ async def test_protocol_edges_match_a_real_postfix(mailflow_server):
     assert postfix["ETRN sites that are no host name to valid_hostname: a trailing dot, a UTF-8 name"] == [
         250, 501, 501, 501, 250]
     assert postfix["arguments split at ASCII white space only: \\x1c-\\x1f and Unicode spaces stay in a word"] == [
-        250, 501, 501, 501, 501, 501, 501, 250, 501, 250, 501, 501]
+        250, 501, 501, 501, 501, 501, 501, 250, 501, 250, 501, 501, 250, 250, 250, 250, 250]
     assert postfix["BDAT 4\\x1cLAST: one malformed word, not a last chunk"] == [250, 250, 250, 521]
     assert postfix["BDAT 4\\u00a0LAST: one malformed word, not a last chunk"] == [250, 250, 250, 521]
     assert postfix["ETRN of a site valid_hostname takes but flush's 253-octet name does not"] == [

@@ -269,6 +269,9 @@ def test_client_ip_unmaps_ipv4_and_a_network_list_matches_it():
     ("<postmaster>", ("postmaster", "")),
     ("<jörg@bü.test>", ("jörg@bü.test", "")),
     ("\t<a@b.test>\tNOTIFY=NEVER", ("a@b.test", "NOTIFY=NEVER")),  # a tab separates words, as in Postfix
+    # a vertical tab or form feed too (Postfix's smtpd_token: ISSPACE), against Postfix 3.7.11: test_smtpd_vs_postfix
+    ("\x0b<a@b.test>\x0bSIZE=1", ("a@b.test", "SIZE=1")), ("<a@b.test>\x0cNOTIFY=NEVER", ("a@b.test", "NOTIFY=NEVER")),
+    ("a@b.test\x0bSIZE=1", ("a@b.test", "SIZE=1")), ("a@b.test\tSIZE=1", ("a@b.test", "SIZE=1")),
     ("<<a@b.test>> SIZE=1", ("a@b.test", "SIZE=1")),  # brackets in brackets: Postfix takes them too
     ('<<"a>b"@b.test>>', ('"a>b"@b.test', "")),
 ])
@@ -295,7 +298,7 @@ def test_an_original_recipient_is_shown_as_postfix_shows_it():
 
 @pytest.mark.parametrize("text", ["<a@b.test", "<a@b.test>x", "<a b@b.test>", "<a\\b@b.test>", "<a,b@b.test>",
                                   "<a@>", "<a..b@b.test>", "a@b<x>", '<"a@b.test>', "<(c)a@b.test>", "<.a@b.test>",
-                                  "<<a@b.test>", "<a@b.test>>"])
+                                  "<<a@b.test>", "<a@b.test>>", "<a@b.test>\x1cSIZE=1", "<a@b.test>\u00a0SIZE=1"])
 def test_parse_path_refuses_malformed_paths(text):
     with pytest.raises(address.PathError):
         address.parse_path(text)

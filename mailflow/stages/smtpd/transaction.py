@@ -39,7 +39,7 @@ from mailflow import address, status
 from mailflow.smtp_parameters import mail_parameters, path_text, path_word, rcpt_parameters
 from mailflow.stages.smtpd.secure import SecureCommands
 from mailflow.stages.smtpd.state import NULL_SENDER
-from mailflow.syntax import ascii_upper, command_words
+from mailflow.syntax import COMMAND_BLANKS, ascii_upper, command_words
 
 
 class TransactionCommands(SecureCommands):
@@ -168,7 +168,7 @@ class TransactionCommands(SecureCommands):
             self.record.lines.illegal_address(self.session.client, command, path_word(text))  # (Postfix's word)
             await self.push(bad)
             return None
-        sent = text[:len(text) - len(rest)].strip(" \t")
+        sent = text[:len(text) - len(rest)].strip(COMMAND_BLANKS)
         if (command == "RCPT" and not addr) or (self._limits.strict_rfc821_envelopes and not sent.startswith("<")):
             self.record.lines.illegal_address(self.session.client, command, path_word(text))
             await self.push(bad)
