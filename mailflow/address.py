@@ -30,7 +30,7 @@ import unicodedata
 
 import idna
 
-from mailflow.syntax import COMMAND_BLANKS, ascii_upper, is_postfix_ipv4, parse_ip
+from mailflow.syntax import COMMAND_BLANKS, ascii_upper, command_words, is_postfix_ipv4, parse_ip
 
 # The character classes are written as what they leave out of ASCII (every non-ASCII character is in): the same
 # sets as [A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\x80-\U0010ffff] and the like, but a class with a range up to U+10FFFF
@@ -397,11 +397,11 @@ def client_ip(text) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 
 def vrfy_argument(arg: str, smtputf8_offered: bool = True) -> tuple[str, bool]:
-    """VRFY's argument as Postfix reads it: its words joined by one space (collapse_args), a last word SMTPUTF8
-    dropped ("" when nothing is left: the usage reply); and whether it was there (RFC 6531: the address may then
-    be UTF-8). Where SMTPUTF8 is not offered (`smtputf8_offered` false: a discarded EHLO keyword) that word stays
-    part of the argument, as in Postfix."""
-    words = arg.split()
+    """VRFY's argument as Postfix reads it: its words (command_words) joined by one space (collapse_args), a last
+    word SMTPUTF8 dropped ("" when nothing is left: the usage reply); and whether it was there (RFC 6531: the
+    address may then be UTF-8). Where SMTPUTF8 is not offered (`smtputf8_offered` false: a discarded EHLO keyword)
+    that word stays part of the argument, as in Postfix."""
+    words = command_words(arg)
     smtputf8 = smtputf8_offered and bool(words) and ascii_upper(words[-1]) == "SMTPUTF8"
     if smtputf8:
         words.pop()

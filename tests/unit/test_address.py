@@ -344,3 +344,9 @@ def test_is_valid_hostname_is_postfixs_valid_hostname(name, valid):
     """One check for ETRN's site, myhostname and XCLIENT's NAME: hostname_gripe's (255 octets, no literal)."""
     assert address.is_valid_hostname(name) is valid
     assert (address.hostname_gripe(name) is None) is valid
+
+
+def test_vrfy_argument_splits_words_at_ascii_white_space_only():
+    assert address.vrfy_argument("Joe\t <a@b.test>  SMTPUTF8") == ("Joe <a@b.test>", True)
+    assert address.vrfy_argument("a@b.test\u00a0SMTPUTF8") == ("a@b.test\u00a0SMTPUTF8", False)
+    assert address.vrfy_argument("a@b.test\x1cSMTPUTF8") == ("a@b.test\x1cSMTPUTF8", False)
