@@ -68,6 +68,7 @@ from mailflow.sendmail.reading import (LINE_PIECE, clean_address, clean_recipien
 from mailflow.sendmail.submitter import Submitter
 from mailflow.session_log import SessionLog
 from mailflow.smtp_parameters import mail_parameters, path_text, path_word, rcpt_parameters
+from mailflow.syntax import COMMAND_BLANKS, command_words
 from mailflow.tables import open_table
 
 # the client as Postfix's stand-alone smtpd names it (smtpd_peer_assume_local_client): its footer's $client...,
@@ -393,9 +394,9 @@ def _path(arg: str, command: str, bad_path: status.Reply, strict: bool) -> tuple
         found, rest = address.parse_path(text)
     except address.PathError:
         return bad_path
-    if strict and not text.lstrip(" \t").startswith("<"):
+    if strict and not text.lstrip(COMMAND_BLANKS).startswith("<"):
         return bad_path
-    return found, rest.split()
+    return found, command_words(rest)
 
 
 def _discards(smtpd, logger: logging.Logger) -> tuple[frozenset[str], bool]:

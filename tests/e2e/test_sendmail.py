@@ -195,6 +195,15 @@ async def test_bs_offers_size_and_refuses_a_message_declared_too_big(cfg):
     assert b"552 5.3.4 Message size exceeds fixed limit\r\n250 2.1.0" in out
 
 
+async def test_bs_splits_mail_parameters_at_ascii_white_space_only(cfg):
+    """As smtpd (Postfix's smtpd_token): `SIZE=1001<U+00A0>BODY=8BITMIME` is one malformed SIZE, a vertical tab
+    separates the path from its parameters."""
+    config = cfg(smtpd={"listen": ["127.0.0.1:0"], "message_size_limit": 1000})
+    rc, out, _ = await run(config, "-bs", stdin="EHLO x\r\nMAIL FROM:<> SIZE=1\u00a0BODY=8BITMIME\r\n"
+                                              "MAIL FROM:<>\x0bSIZE=1001\r\nQUIT\r\n".encode())
+    assert rc == 0 and b"\r\n501 5.5.4 Bad message size syntax\r\n552 5.3.4 Message size exceeds fixed limit\r\n" in out
+
+
 async def test_bs_keeps_body_as_the_body_type_and_offers_dsn_whose_parameters_go_to_the_maildrop(cfg, tmp_path):
     """BODY= is the message's body type, as -B (Postfix's smtpd records it as the encoding). DSN is offered, as
     Postfix's smtpd offers it under -bs: MAIL's RET and ENVID and each recipient's NOTIFY and ORCPT are kept in
