@@ -1019,7 +1019,7 @@ class QueueManager:
         active.jobs_left -= 1
         stats = active.stats._replace(handoff=handoff, done=done) if handoff else None
         results = [r for r in _complete(job, report, stats) if r.recipient.index not in recorded]
-        self._results_in(active, [_soft_bounced(r) for r in results] if self._soft_bounce else results)
+        self._results_in(active, results)
 
     async def _deliver(self, active: ActiveMessage, job: Job, handoff: float, recorded: set[int]) -> DeliveryReport:
         """The agent's report; an agent that delivers its recipients one after another (`delivers_each`) has each
@@ -1069,7 +1069,7 @@ class QueueManager:
                     last.append(given)
                     continue
                 recorded.add(result.recipient.index)
-                self._results_in(active, [_soft_bounced(result) if self._soft_bounce else result])
+                self._results_in(active, [result])
         return DeliveryReport(tuple(last))
 
     async def _content(self, active: ActiveMessage) -> Content | None:
@@ -1082,8 +1082,8 @@ class QueueManager:
         """Results back from an agent: recorded at once when no record of the message is being written, else
         together in the next one, after it (one record in flight a message). Once every job is back, those not
         recorded go with the end of the attempt, in one transaction (a single-destination message costs one
-        write)."""
-        active.unrecorded.extend(results)
+        write). Under soft_bounce a failure is made 4.X.X here, as each comes in (`_soft_bounced`)."""
+        active.unrecorded.extend(map(_soft_bounced, results) if self._soft_bounce else results)
         if active.recording or active.finishing:
             return
         batch, active.unrecorded = active.unrecorded, []
