@@ -156,6 +156,7 @@ def write_maildrop(directory: Path, message: MaildropMessage, chunks: Iterable[b
     _ensure_directory(directory)
     where = _open_directory(directory)
     try:
+        _check_pickup_may_read(where, directory)
         return _write_in(where, directory, message, chunks, size_limit, room)
     finally:
         os.close(where)
@@ -204,6 +205,23 @@ def _open_directory(directory: Path) -> int:
         raise MaildropError(f"cannot open {directory}: {e.strerror}", _code(e)) from None
 
 
+def _check_pickup_may_read(where: int, directory: Path) -> None:
+    """Refuse (EX_CANTCREAT) a maildrop, open as `where`, in which pickup could not take the file: one not owned by
+    the queue directory's owner (the server's user: it could neither list it nor remove the files of others), or,
+    for a writer other than its owner, one not DIRECTORY_MODE (pickup makes its own so at start). Root's sendmail
+    would otherwise store mail that waits there unseen."""
+    st = os.fstat(where)
+    queue_uid = os.stat(directory.parent).st_uid
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid != queue_uid:
+        raise MaildropError(f"{directory} belongs to uid {st.st_uid}, not to the queue directory's owner (uid "
+                            f"{queue_uid}, the server's user, who could not take the mail): make it uid {queue_uid}'s, "
+                            f"mode {DIRECTORY_MODE:04o}", os.EX_CANTCREAT)
+    if st.st_uid != os.geteuid() and mode != DIRECTORY_MODE:
+        raise MaildropError(f"{directory} has mode {mode:04o}, not {DIRECTORY_MODE:04o} (the server makes it so at "
+                            "its start)", os.EX_CANTCREAT)
+
+
 def _write_message(f, message: MaildropMessage, chunks: Iterable[bytes], size_limit: int, room: int) -> None:
     """The envelope line (`room` bytes, for what is known only at the end), the content, the line completed."""
     detect = not message.body_type
@@ -243,7 +261,7 @@ def make_maildrop_directory(directory: Path) -> bool:
         os.mkdir(directory, 0o700)
     except FileExistsError:
         return False
-    fd = _open_made_directory(directory)
+    fd = _open_made_directory(directory, os.lstat(directory))
     try:
         queue = os.stat(directory.parent)
         if os.geteuid() == 0 and queue.st_uid != 0:
@@ -254,9 +272,11 @@ def make_maildrop_directory(directory: Path) -> bool:
     return True
 
 
-def _open_made_directory(directory: Path) -> int:
-    """The directory this process has just made, open (never through a symbolic link), or OSError: it must be
-    this user's, private (mkdir's 0700, less a umask) and hold no directory, as a new one does."""
+def _open_made_directory(directory: Path, made: os.stat_result) -> int:
+    """The directory this process has just made (`made`: its lstat just after the mkdir), open (never through a
+    symbolic link), or OSError: it must be that very directory (device and inode), this user's and private
+    (mkdir's 0700, less a umask; the set-group-ID bit a setgid queue directory passes on is allowed). No link count
+    is checked: btrfs and many other filesystems give a directory one link."""
     replaced = OSError(errno.EPERM, "replaced while it was made (a symbolic link or a directory not made here)",
                        str(directory))
     try:
@@ -266,7 +286,8 @@ def _open_made_directory(directory: Path) -> int:
             raise replaced from None
         raise
     st = os.fstat(fd)
-    if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o7077 or st.st_nlink != 2:
+    if ((st.st_dev, st.st_ino) != (made.st_dev, made.st_ino) or not stat.S_ISDIR(st.st_mode)
+            or st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o5077):
         os.close(fd)
         raise replaced
     return fd

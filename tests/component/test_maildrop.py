@@ -97,6 +97,56 @@ def test_a_maildrop_swapped_between_mkdir_and_chmod_is_refused_and_its_stand_in_
     assert stat.S_IMODE(os.stat(stand_in).st_mode) == 0o755 and os.listdir(stand_in) == []
 
 
+def test_a_maildrop_made_under_a_setgid_queue_directory_is_made_1733(tmp_path):
+    """A setgid queue directory passes its bit on to the new maildrop (mode 2700 after mkdir): that is still the
+    directory just made, not a stand-in; it was refused, and root's sendmail stored mail in a directory left root's
+    0700 (and pickup's start failed)."""
+    queue = tmp_path / "q"
+    queue.mkdir()
+    os.chmod(queue, 0o2755)
+    name = drop(queue / "maildrop")
+    st = os.stat(queue / "maildrop")
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (os.stat(queue).st_uid, 0o1733)
+    assert read_maildrop(queue / "maildrop" / name).recipients == MESSAGE.recipients
+
+
+def test_a_maildrop_made_on_a_filesystem_giving_directories_one_link_is_made_1733(tmp_path, monkeypatch):
+    """btrfs (and ceph, many FUSE filesystems) report one link for a directory: the link count is no test of a
+    directory just made."""
+    real_fstat = os.fstat
+
+    def fstat_one_link(fd):
+        st = real_fstat(fd)
+        return os.stat_result((*st[:3], 1, *st[4:10])) if stat.S_ISDIR(st.st_mode) else st
+
+    monkeypatch.setattr(maildrop.os, "fstat", fstat_one_link)
+    drop(tmp_path / "q" / "maildrop")
+    assert stat.S_IMODE(os.stat(tmp_path / "q" / "maildrop").st_mode) == 0o1733
+
+
+@pytest.mark.parametrize("owner, mode", [(0, 0o2700), (4242, 0o700)])
+def test_roots_sendmail_refuses_a_maildrop_pickup_could_not_take_from(tmp_path, owner, mode):
+    """A maildrop that is not the queue owner's (root's 2700, as a failed make left it), or, for another writer, not
+    1733: refused (73, saying why) rather than storing mail the server would never see."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    queue = tmp_path / "q"
+    (queue / "maildrop").mkdir(parents=True)
+    os.chown(queue, 4242, 4343)
+    os.chown(queue / "maildrop", owner, owner)
+    os.chmod(queue / "maildrop", mode)
+    with pytest.raises(MaildropError) as info:
+        drop(queue / "maildrop")
+    assert info.value.code == 73
+    assert ("belongs to uid 0, not to the queue directory's owner" in str(info.value) if owner == 0
+            else "has mode 0700, not 1733" in str(info.value))
+    assert os.listdir(queue / "maildrop") == []
+    os.chmod(queue / "maildrop", 0o1733)
+    os.chown(queue / "maildrop", 4242, 4343)
+    name = drop(queue / "maildrop")
+    assert os.listdir(queue / "maildrop") == [name]
+
+
 def test_per_recipient_dsn_reads_back_and_is_written_only_when_given(tmp_path):
     """-bs's RCPT NOTIFY and ORCPT, one per recipient, and an ENVID longer than -V takes (Postfix's smtpd takes
     any length): read back as written; a file without them has no such keys, as before."""
