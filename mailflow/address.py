@@ -318,6 +318,12 @@ def literal_ip(domain: str) -> str | None:
     return _ipv4_hostaddr(inner)
 
 
+def host_address(text: str) -> str | None:
+    """Postfix's valid_hostaddr: a bare IPv4 address (leading zeros allowed) or, when `text` holds a colon, a bare
+    IPv6 address, as literal_ip takes them between brackets; the address in its usual form, or None."""
+    return _ipv6_hostaddr(text) if ":" in text else _ipv4_hostaddr(text)
+
+
 def _ipv4_hostaddr(text: str) -> str | None:
     """Postfix's valid_ipv4_hostaddr (syntax.is_postfix_ipv4); the address written without leading zeros, or
     None."""

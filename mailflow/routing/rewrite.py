@@ -83,7 +83,7 @@ from typing import Mapping
 from mailflow import address, status
 from mailflow.errors import LookupRetry
 from mailflow.model import AddressClass, Resolution
-from mailflow.syntax import parse_hostport
+from mailflow.syntax import parse_hostport, parse_ip
 from mailflow.tables import Table, TableCache, address_keys, find, find_address, find_local, split_extension
 from mailflow.transports.error import parse_error_nexthop
 
@@ -151,7 +151,7 @@ def own_addresses(config) -> frozenset:
     hosts += [parse_hostport(listener.address)[0] for listener in config.smtpd.listeners]
     found = set()
     for host in list(hosts) + list(config.proxy_interfaces):
-        ip = ip_literal(f"[{host}]")
+        ip = parse_ip(host)
         if ip is not None and ip.is_unspecified:
             found |= {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
         elif ip is not None:
@@ -160,16 +160,10 @@ def own_addresses(config) -> frozenset:
 
 
 def ip_literal(domain: str):
-    """`[192.0.2.1]` or `[IPv6:2001:db8::1]` -> the address; None for anything else."""
-    if not (domain.startswith("[") and domain.endswith("]")):
-        return None
-    inner = domain[1:-1]
-    if inner[:5].lower() == "ipv6:":
-        inner = inner[5:]
-    try:
-        return ipaddress.ip_address(inner)
-    except ValueError:
-        return None
+    """`[192.0.2.1]` or `[IPv6:2001:db8::1]` -> the address (as address.literal_ip reads it: `[127.0.0.01]` is
+    127.0.0.1, as to Postfix's resolve_local); None for anything else."""
+    text = address.literal_ip(domain)
+    return None if text is None else ipaddress.ip_address(text)
 
 
 def transport_keys(addr: str, delimiter: str) -> list[str]:

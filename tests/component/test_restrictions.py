@@ -378,6 +378,16 @@ def test_non_fqdn_and_invalid_helo():
         status.non_fqdn_address("alice@localhost", "Recipient address")
 
 
+
+@pytest.mark.parametrize("helo, valid", [("01.2.3.4", True), ("2001:db8::1", True), ("::ffff:192.0.2.01", True),
+                                         ("0.1.2.3", False), ("2001:db8::g", False), ("IPv6:2001:db8::1", False)])
+def test_a_bare_address_helo_is_valid_as_postfixs_valid_hostaddr_takes_it(helo, valid):
+    """reject_invalid_helo_hostname takes valid_hostname or valid_hostaddr (smtpd_check.c): the literal parser's
+    rules without the brackets, leading zeros and IPv6 included (refused 501 before)."""
+    r = restrictions(helo_restrictions=["reject_invalid_helo_hostname"])
+    assert rcpt(r, helo=helo) == (None if valid else status.invalid_helo(helo))
+
+
 # ---------------------------------------------------------------------------------------------- DNS
 
 

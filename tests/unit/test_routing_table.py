@@ -328,6 +328,10 @@ CASES = [
     # -- which domains are local, virtual, relay: as Postfix's lists match them ----------------------------
     # user@[address] is local when the address is one of the server's own (listeners, proxy_interfaces)
     case("own-address-literal-is-local", {}, "alice@[127.0.0.1]", [mailbox("alice@[127.0.0.1]")]),
+    # ... read as Postfix's resolve_local reads it (valid_ipv4_hostaddr: leading zeros), not remote, 554 or 5.4.6
+    case("own-address-literal-zero-padded", {}, "alice@[127.0.0.01]", [mailbox("alice@[127.0.0.01]")]),
+    case("own-address-literal-ipv6-ipv4-tail", {"smtpd": {"listen": ["[::ffff:127.0.0.1]:2525"]}},
+         "alice@[IPv6:::ffff:127.0.0.01]", [mailbox("alice@[IPv6:::ffff:127.0.0.01]")]),
     case("own-address-literal-wildcard-listener", {"smtpd": {"listen": ["0.0.0.0:25"]}}, "alice@[127.0.0.1]",
          [mailbox("alice@[127.0.0.1]")]),
     case("own-address-literal-ipv6", {"smtpd": {"listen": ["[::1]:2525"]}}, "alice@[IPv6:::1]",

@@ -117,7 +117,7 @@ from mailflow.stages.smtpd.rbl_replies import Listed, RblReplies
 from mailflow.stages.smtpd.tls import ClientCert
 from mailflow.stages.verify import Status as VerifyStatus
 from mailflow.stages.verify import Verifier
-from mailflow.syntax import is_ipv4, is_postfix_ipv4
+from mailflow.syntax import is_postfix_ipv4
 from mailflow.tables import TableCache, find, split_extension
 from mailflow.tables.networks import NetworkList
 
@@ -319,8 +319,8 @@ def is_fqdn_helo(name: str) -> bool:
 
 def is_valid_helo(name: str) -> bool:
     """Postfix's reject_invalid_helo_hostname test: valid_hostname (underscores taken), an address literal, or
-    a bare IPv4 address."""
-    return address.is_valid_domain(name) or is_ipv4(name)
+    a bare address as its valid_hostaddr takes it (`01.2.3.4`, `2001:db8::1`)."""
+    return address.is_valid_domain(name) or address.host_address(name) is not None
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
