@@ -36,7 +36,8 @@ Syntax (Postfix aliases(5), compatible with sendmail):
   and the address `arg`; here a command or a file name is the whole item, blanks and all.)
 
 Failures: `AliasSyntaxError(filename, line, reason)`, a `ConfigError` whose str reads `FILE: line N: reason`,
-for: a line without `:`, an empty name, an empty value list, an unterminated quote, a relative file path,
+for: a line without `:`, an empty name, an empty value list, an unterminated quote in a name (one in a value is
+closed at its end, as Postfix's local closes it), a relative file path,
 `:include:` without an absolute path, an empty command, a bad address, a control character (CR before LF is
 allowed), a continuation line with no entry above it. The first error stops the parse: a bad file yields no map.
 
@@ -159,20 +160,21 @@ def _unquote(inner: str) -> str:
 
 
 def _split_values(line: _Text, start: int) -> list[tuple[int, str]]:
-    """Split `line.text[start:]` at commas outside quotes: (offset, stripped item), empty items dropped."""
-    items, text, i, item_start = [], line.text, start, start
+    """Split `line.text[start:]` at commas outside quotes: (offset, stripped item), empty items dropped. A quoted
+    string never closed runs to the end of the value and is closed there, as Postfix's local reads it (tok822_scan:
+    `"|/bin/x` is the command /bin/x, `"joe@x.test` the address joe@x.test)."""
+    items, text, i, item_start, unclosed = [], line.text, start, start, False
     while i <= len(text):
         if i == len(text) or text[i] == ",":
             raw = text[item_start:i]
             if raw.strip():
-                items.append((item_start + len(raw) - len(raw.lstrip()), raw.strip()))
+                items.append((item_start + len(raw) - len(raw.lstrip()), raw.strip() + ('"' if unclosed else "")))
             item_start = i + 1
             i += 1
         elif text[i] == '"':
             end = _closing_quote(text, i)
-            if end < 0:
-                raise line.error(i, "unterminated quote")
-            i = end + 1
+            unclosed = end < 0
+            i = len(text) if unclosed else end + 1
         else:
             i += 1
     return items
