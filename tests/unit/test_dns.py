@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import random
 import socket
@@ -781,3 +782,15 @@ def test_a_bracketed_ipv4_next_hop_with_leading_zeros_is_that_address():
     """bob@[192.0.2.01] routes (Postfix's valid_ipv4_hostaddr takes it): its next hop is 192.0.2.1, not a name."""
     assert parse_nexthop("[192.0.2.01]:25", 25).host == "192.0.2.1"
     assert parse_nexthop("[192.0.2.1]", 25).host == "192.0.2.1"
+
+
+def test_a_bracketed_ipv6_next_hop_with_a_zero_padded_ipv4_tail_is_that_address():
+    """bob@[IPv6:::ffff:192.0.2.01] is taken at RCPT (Postfix's valid_ipv6_hostaddr takes the tail as
+    valid_ipv4_hostaddr does): its next hop is read the same way, not deferred "bad SMTP nexthop" for the queue
+    lifetime; one that is no address stays malformed."""
+    assert ipaddress.ip_address(parse_nexthop("[IPv6:::ffff:192.0.2.01]", 25).host) == \
+        ipaddress.ip_address("::ffff:192.0.2.1")
+    assert parse_nexthop("[IPv6:2001:DB8::1]:26", 25).host == "2001:db8::1"
+    for bad in ("[IPv6:::ffff:192.0.2.256]", "[IPv6:192.0.2.1]", "[IPv6:2001:db8::g]"):
+        with pytest.raises(ValueError, match="malformed IPv6 address"):
+            parse_nexthop(bad, 25)

@@ -83,8 +83,10 @@ def parse_nexthop(written: str, default_port: int, *, lmtp: bool = False) -> Nex
     host = host.strip().rstrip(".").lower()
     if value.startswith("[") and host.startswith("ipv6:"):  # RFC 5321 4.1.3's tag, dropped as Postfix's host_port
         host = host.removeprefix("ipv6:")
-        if not is_ip_literal(host) or is_ipv4(host):
-            raise ValueError(f"{written!r}: malformed IPv6 address")
+        if not is_ip_literal(host) or is_ipv4(host):  # `::ffff:192.0.2.01`: taken at RCPT, read as RCPT reads it
+            host = literal_ip(f"[IPv6:{host}]") or ""
+            if not host:
+                raise ValueError(f"{written!r}: malformed IPv6 address")
     if not host:
         raise ValueError(f"{written!r} names no host")
     if value.startswith("[") and is_ipv4_literal_with_zeros(host):
