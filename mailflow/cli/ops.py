@@ -43,7 +43,10 @@ def reload(config: Optional[str] = ConfigOption) -> None:
         typer.echo(config_error_text(problem), err=True)
     if problems:
         raise typer.Exit(2)
-    pid = queue_owner(cfg.queue_path)
+    try:
+        pid = queue_owner(cfg.queue_path)
+    except OSError as e:  # the pid file a symbolic link or a FIFO (never followed nor waited on), unreadable
+        fail("mailflow reload", f"cannot read the pid file {e.filename or cfg.queue_path}: {e.strerror}", 1)
     if pid is None:
         fail("mailflow reload", f"no server is running on the queue {cfg.queue_path}", 1)
     if not pid:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import re
 import resource
 import select
@@ -19,6 +20,7 @@ from mailflow.app import _reloads
 from mailflow.cli import server as cli_server
 from mailflow.config import Config, flat_settings, load_config, resolve_paths
 from mailflow.errors import ConfigError
+from mailflow.queuelock import LOCK_NAME
 from mailflow.store import Store
 from tests.support.deliverability import dkim_settings, make_key
 
@@ -542,3 +544,21 @@ def test_serve_raises_the_descriptor_limit_to_the_hard_one_and_warns_when_it_is_
         assert len(warnings) == 1 and warnings[0].startswith("the file descriptor limit (4096) is below the 4464")
     else:
         assert warnings == []
+
+
+@pytest.mark.parametrize("pid_file", ["symlink", "fifo"])
+def test_reload_says_why_it_cannot_read_a_pid_file_that_is_a_link_or_a_fifo(tmp_path, write_config, pid_file):
+    """queue_owner refuses (never follows nor waits on) such a pid file: `mailflow reload` says so, exit 1, where
+    it ended in a traceback."""
+    config = write_config(tmp_path / "mailflow.toml")
+    queue = load_config(config).queue_path
+    queue.mkdir(parents=True, exist_ok=True)
+    if pid_file == "symlink":
+        (tmp_path / "elsewhere").write_text("1\n")
+        os.symlink(tmp_path / "elsewhere", queue / LOCK_NAME)
+    else:
+        os.mkfifo(queue / LOCK_NAME)
+    done = mailflow("reload", "-c", str(config))
+    assert done.returncode == 1, done.stderr
+    assert f"mailflow reload: cannot read the pid file {queue / LOCK_NAME}: " in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
