@@ -54,8 +54,8 @@ so restart the server soon after installing a new package, before `sendmail -bs`
 - `maildrop_names(directory)`: the finished files, oldest first (temporary names start with ".").
 - `remove_stale_temporaries(directory, now, age=STALE_AGE) -> names`: removes the temporary files of writers that
   died (SIGKILL, a crash) and were not touched for `age` seconds (Postfix's postsuper -p purges such files).
-- `wake_pickup(socket_path)`: one byte to the running server's pickup socket; a missing socket (no server)
-  is not an error.
+- `wake_pickup(socket_path)`: one byte to the running server's pickup socket, only a socket of the queue
+  directory's owner and never through a symbolic link; a missing socket (no server) is not an error.
 Nothing here needs a running server.
 """
 from __future__ import annotations
@@ -412,7 +412,7 @@ def _message(header: object, available: int, offset: int, owner: int) -> Maildro
     if not isinstance(header, dict):
         raise CorruptMaildrop("envelope line is not a JSON object")
     if header.get("version") != VERSION:
-        raise CorruptMaildrop(f"unknown version {echoed(repr(header.get('version')))}")
+        raise CorruptMaildrop(f"unknown version {echoed(json.dumps(header.get('version')))}")
     for key, value in header.items():
         if not _is_text(value):
             raise CorruptMaildrop(f"{echoed(key)}: not UTF-8 text (a lone surrogate escape)")
@@ -515,8 +515,13 @@ REQUEUED = b"R"  # one for mail an operator requeued (the queue tools): pickup a
 
 def wake_pickup(socket_path: Path, what: bytes = NEW_FILE) -> bool:
     """Tell a running server to look now (`what`: NEW_FILE or REQUEUED). False when no server listens (not an
-    error: it scans at start)."""
+    error: it scans at start), or when `socket_path` is not a socket of the queue directory's owner (the server's
+    user): a symbolic link the queue's owner put there is not followed to another socket root may write to (the
+    file is found at pickup's next scan)."""
     try:
+        st = os.lstat(socket_path)
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.stat(Path(socket_path).parent.parent).st_uid:
+            return False
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
             s.setblocking(False)
             s.sendto(what, str(socket_path))

@@ -191,7 +191,8 @@ def test_names_sort_in_submission_order(tmp_path):
     (b"", "no envelope line"),
     (b'{"version": 1, "sender": "a@b"', "no envelope line"),
     (b"not json\nbody", "not JSON"),
-    (b'{"version": 2}\n', "unknown version"),
+    (b'{"version": 2}\n', "unknown version '2'$"),  # as JSON writes it: repr was applied twice ("'2'")
+    (b'{"version": "1"}\n', "unknown version '\"1\"'$"),
     (b'{"version": 1, "sender": "a@b", "recipients": [], "uid": 1, "user": "a", "size": 0}\n', "recipients"),
     (b'{"version": 1, "sender": "a@b", "recipients": ["c@d"], "uid": "1", "user": "a", "size": 0}\n', "uid"),
     (b'{"version": 1, "sender": "a@b", "recipients": ["c\\r\\nX: y"], "uid": 1, "user": "a", "size": 0}\n',
@@ -271,6 +272,27 @@ def test_unwritable_maildrop_is_cantcreat(tmp_path):
 
 def test_waking_without_a_server_is_not_an_error(tmp_path):
     assert wake_pickup(tmp_path / "public" / "pickup") is False
+
+
+def test_the_wake_up_goes_only_to_a_socket_of_the_queue_owner_never_through_a_link(tmp_path):
+    """The queue's owner may write in public/: a symbolic link there to another datagram socket root may write to
+    is not followed (nor a socket of another user); pickup's scan finds the file."""
+    public = tmp_path / "q" / "public"
+    public.mkdir(parents=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as target, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as pickup_socket:
+        target.bind(str(tmp_path / "elsewhere"))
+        target.setblocking(False)
+        os.symlink(tmp_path / "elsewhere", public / "pickup")
+        assert wake_pickup(public / "pickup") is False
+        with pytest.raises(BlockingIOError):
+            target.recv(16)
+        os.unlink(public / "pickup")
+        pickup_socket.bind(str(public / "pickup"))
+        assert wake_pickup(public / "pickup") is True and pickup_socket.recv(16) == b"W"
+        if os.geteuid() == 0:
+            os.chown(public / "pickup", 4242, 4242)
+            assert wake_pickup(public / "pickup") is False
 
 
 # ---------------------------------------------------------------------------------------------- options
