@@ -208,14 +208,16 @@ def closed_address(address: str) -> str:
     bob@[192.0.2.1]); a quoted string its `"`, and the address is then written as Postfix writes the internal form
     that gives (quotes opened, the local part before the last '@' quoted again only when it must be): `"joe@x.test`
     is joe@x.test, `"joe smith@x.test` is "joe smith"@x.test, as Postfix's sendmail, aliases and .forward take
-    them."""
-    quoted = literal = False
+    them. A backslash outside quotes escapes the next character, as in Postfix's tokenizer: `a\\"b@x.test` opens
+    no quoted string, and is written so too ("a\\"b"@x.test)."""
+    quoted = literal = escaped = False
     internal: list[str] = []
     i = 0
     while i < len(address):
         c = address[i]
-        if c == "\\" and (quoted or literal) and i + 1 < len(address):
-            internal.append(address[i + 1] if quoted else address[i:i + 2])
+        if c == "\\" and i + 1 < len(address):  # a quoted-pair, outside quotes too (`a\"b` opens none)
+            internal.append(address[i:i + 2] if literal else address[i + 1])
+            escaped = escaped or not (quoted or literal)
             i += 2
             continue
         if c == '"' and not literal:
@@ -226,7 +228,7 @@ def closed_address(address: str) -> str:
         i += 1
     if literal:
         return address + "]"
-    if not quoted:
+    if not (quoted or escaped):
         return address
     local, at, domain = "".join(internal).rpartition("@")
     if not at and not domain:  # `"` alone: nothing (-f's null sender, as Postfix's)

@@ -118,3 +118,12 @@ def test_a_quoted_string_or_literal_never_closed_is_closed_as_postfixs_tokenizer
     (canonical, virtual, aliases) are closed so too."""
     assert closed_address(written) == address
     assert value_addresses(written) == ((address,) if address else (None,))
+
+
+@pytest.mark.parametrize("written, address", [
+    ('a\\"b@x.test', '"a\\"b"@x.test'), ('a\\.b@x.test', "a.b@x.test"), ('"a\\"b@x.test', '"a\\"b"@x.test'),
+    ("bob@[192.0.2.1\\]", "bob@[192.0.2.1\\]]")])
+def test_a_backslash_outside_quotes_escapes_the_next_character_as_in_postfixs_tokenizer(written, address):
+    """tok822_scan's atoms take a quoted-pair too: `a\\"b@x.test` opens no quoted string (it was closed as
+    "a\\\\b"@x.test, another local part); the internal form a"b is written back quoted, as Postfix queues it."""
+    assert closed_address(written) == address
