@@ -308,7 +308,8 @@ def is_address_literal(domain: str) -> bool:
 def literal_ip(domain: str) -> str | None:
     """The address of an address literal (`[IPv6:2001:DB8::1]` -> `2001:db8::1`), None when `domain` is not one
     (RFC 5321 4.1.3: IPv4, or IPv6 behind its tag, in any case), as Postfix's valid_ipv4_hostaddr and
-    valid_ipv6_hostaddr take them: an octet may have leading zeros (`[192.0.2.01]` is 192.0.2.1), a first octet 0
+    valid_ipv6_hostaddr take them: an octet may have leading zeros when it is below 8 (`[192.0.2.01]` is
+    192.0.2.1; `[192.0.2.010]`, octal 8 to the inet_aton Postfix connects through, is none), a first octet 0
     only in 0.0.0.0 (`[0.1.2.3]` is none), no IPv6 zone id."""
     if not (domain.startswith("[") and domain.endswith("]")):
         return None
@@ -318,16 +319,24 @@ def literal_ip(domain: str) -> str | None:
     return _ipv4_hostaddr(inner)
 
 
-def host_address(text: str) -> str | None:
-    """Postfix's valid_hostaddr: a bare IPv4 address (leading zeros allowed) or, when `text` holds a colon, a bare
-    IPv6 address, as literal_ip takes them between brackets; the address in its usual form, or None."""
-    return _ipv6_hostaddr(text) if ":" in text else _ipv4_hostaddr(text)
+def is_host_address(text: str) -> bool:
+    """Postfix's valid_hostaddr: a bare IPv4 address as its valid_ipv4_hostaddr takes it (leading zeros allowed)
+    or, when `text` holds a colon, a bare IPv6 address as literal_ip takes it between brackets."""
+    return _ipv6_hostaddr(text) is not None if ":" in text else is_postfix_ipv4(text)
 
 
 def _ipv4_hostaddr(text: str) -> str | None:
-    """Postfix's valid_ipv4_hostaddr (syntax.is_postfix_ipv4); the address written without leading zeros, or
+    """Postfix's valid_ipv4_hostaddr (syntax.is_postfix_ipv4) that names one address however it is read: an octet
+    with a leading zero only below 8 (`01`, `007`). Postfix connects through glibc's inet_aton, which reads `010`
+    as octal 8 and refuses `09`, where the text says 10 and 9: such a literal is none here (5.1.3), rather than
+    mail sent to a host other than the one written, or than Postfix's. The address without leading zeros, or
     None."""
-    return ".".join(str(int(octet)) for octet in text.split(".")) if is_postfix_ipv4(text) else None
+    if not is_postfix_ipv4(text):
+        return None
+    octets = text.split(".")
+    if any(len(octet) > 1 and octet[0] == "0" and int(octet) >= 8 for octet in octets):
+        return None
+    return ".".join(str(int(octet)) for octet in octets)
 
 
 def _ipv6_hostaddr(text: str) -> str | None:

@@ -1,6 +1,8 @@
 """mailflow.address: split, normalise_domain and mailbox_syntax_error (RFC 5321, RFC 6531 for UTF-8)."""
 from __future__ import annotations
 
+import socket
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -333,6 +335,18 @@ def test_address_literals_as_postfixs_valid_ipv4_and_ipv6_hostaddr_take_them(lit
     """Postfix 3.7.11's trivial-rewrite took [192.0.2.01], [192.0.2.001] and [255.1.2.3] and refused [0.1.2.3]
     ("bad initial octet value"), [1.2.3] ("invalid octet count") and [1.2.3.256] ("invalid octet value")."""
     assert address.literal_ip(literal) == ip
+
+
+@pytest.mark.parametrize("literal, ip", [
+    ("[192.0.2.07]", "192.0.2.7"), ("[007.0.2.1]", "7.0.2.1"), ("[192.0.2.010]", None), ("[192.0.2.09]", None),
+    ("[192.0.2.0255]", None), ("[IPv6:::ffff:192.0.2.010]", None)])
+def test_a_zero_padded_octet_is_taken_only_where_decimal_and_octal_agree(literal, ip):
+    """Postfix takes [192.0.2.010] and connects through glibc's inet_aton, to 192.0.2.8 (octal); [192.0.2.09] it
+    takes and cannot connect to. mailflow read them as .10 and .9: another host than the one Postfix reaches.
+    An octet with a leading zero is taken when both readings agree (below 8); the others are no address (5.1.3)."""
+    assert address.literal_ip(literal) == ip
+    if ip is not None and ":" not in literal:
+        assert socket.inet_ntoa(socket.inet_aton(literal[1:-1])) == ip  # the host Postfix connects to
 
 
 @pytest.mark.parametrize("name, valid", [

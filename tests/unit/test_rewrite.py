@@ -237,7 +237,8 @@ def test_classify_resolved_takes_the_domain_as_it_is():
 
 @pytest.mark.parametrize("addr", ["bob@", "bob@x..test", "bob@.x.test", "bob@-x.test", "bob@[192.0.2.1",
                                   "bob@[IPv6:zz]", "bob@[300.1.1.1]", "bob@192.0.2.1", "bob@exa mple.test",
-                                  "bob@[0.1.2.3]", "bob@[1.2.3]", "bob@[IPv6:fe80::1%eth0]"])
+                                  "bob@[0.1.2.3]", "bob@[1.2.3]", "bob@[IPv6:fe80::1%eth0]", "bob@[192.0.2.010]",
+                                  "bob@[192.0.2.09]"])
 def test_a_domain_that_is_no_host_name_nor_address_literal_resolves_to_bad_address_syntax(addr):
     """Postfix's resolve flags such a domain an error (valid_hostname, valid_mailhost_literal) and its qmgr bounces
     it at once, 5.1.3; a bad literal used to be deferred as "bad SMTP nexthop" until the queue lifetime ran out,

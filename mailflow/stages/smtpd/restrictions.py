@@ -320,7 +320,7 @@ def is_fqdn_helo(name: str) -> bool:
 def is_valid_helo(name: str) -> bool:
     """Postfix's reject_invalid_helo_hostname test: valid_hostname (underscores taken), an address literal, or
     a bare address as its valid_hostaddr takes it (`01.2.3.4`, `2001:db8::1`)."""
-    return address.is_valid_domain(name) or address.host_address(name) is not None
+    return address.is_valid_domain(name) or address.is_host_address(name)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
