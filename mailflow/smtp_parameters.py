@@ -27,7 +27,7 @@ from typing import Callable
 
 from mailflow import dsn_parameters as dsn, status
 from mailflow.logs import printable
-from mailflow.syntax import COMMAND_BLANKS, ascii_upper, parse_octet_count
+from mailflow.syntax import COMMAND_BLANKS, ascii_upper, next_command_word, parse_octet_count
 
 
 PATH_KEYWORDS = {"MAIL": "FROM:", "RCPT": "TO:"}  # what each command's argument begins with (RFC 5321 4.1.1)
@@ -47,25 +47,9 @@ def path_text(arg: str | None, command: str) -> str | status.Reply:
 
 
 def path_word(text: str) -> str:
-    """The first word of `text` (path_text's) as Postfix's smtpd_token takes one: up to white space outside `<…>`
-    and `"…"` (a quote opened inside angle brackets nests; a bracket inside quotes does not), a backslash taking the
-    next character as it is; an unclosed bracket or quote runs to the end. `<a b> NOTIFY=NEVER` gives `<a b>`."""
-    word: list[str] = []
-    closing: list[str] = []  # the closing characters awaited, innermost last
-    escaped = False
-    for c in text.lstrip(COMMAND_BLANKS):
-        if escaped:
-            escaped = False
-        elif c == "\\":
-            escaped = True
-        elif closing and c == closing[-1]:
-            closing.pop()
-        elif c == '"' or (c == "<" and (not closing or closing[-1] == ">")):
-            closing.append('"' if c == '"' else ">")
-        elif c in COMMAND_BLANKS and not closing:
-            break
-        word.append(c)
-    return "".join(word)
+    """The first word of `text` (path_text's) as Postfix's smtpd_token takes one (syntax.command_words): the
+    address its `Illegal address syntax` warning quotes. `<a b> NOTIFY=NEVER` gives `<a b>`."""
+    return next_command_word(text)[0]
 
 
 def _take_dsn(found: dict[str, str], key: str, value: str, discarded: frozenset[str]) -> status.Reply | None:

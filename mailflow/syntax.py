@@ -27,10 +27,12 @@ may use it without an import cycle.
     has_control(text), mask_control(text)       C0 control characters and DEL: present? / each replaced by "?"
     parse_octet_count(text) -> int | None       an SMTP size (`SIZE=`, `BDAT`): ASCII digits, leading zeros taken;
                                                 None past OFF_T_MAX (ValueError: not digits)
-    command_words(text) -> [words]              an SMTP command's argument split at ASCII white space only
-                                                (COMMAND_BLANKS: [ \t\n\v\f\r], Postfix's ISSPACE): \x1c-\x1f,
-                                                U+0085, U+00A0 and U+2000-U+200A, which str.split() breaks at,
-                                                stay in a word
+    command_words(text) -> [words]              an SMTP command's argument split as Postfix's smtpd_token splits
+                                                it: at ASCII white space only (COMMAND_BLANKS: [ \t\n\v\f\r],
+                                                Postfix's ISSPACE) outside `"…"` and `<…>` and not after a
+                                                backslash; \x1c-\x1f, U+0085, U+00A0 and U+2000-U+200A, which
+                                                str.split() breaks at, stay in a word
+    next_command_word(text, start) -> (word, end)   one such word: the first after `start`, and where it ends
     ascii_upper(text)                           only the ASCII letters in upper case (Postfix's strcasecmp: a
                                                 keyword spelled with `ſ` or `ı` is not SIZE or BODY=8BITMIME)
     is_utf8_text(text)                          no lone surrogate: text that can be encoded as UTF-8 (one check for
@@ -203,13 +205,54 @@ def mask_control(text: str, replacement: str = "?") -> str:
 
 COMMAND_BLANKS = " \t\n\v\f\r"  # what separates a command's words: C's isspace() in the C locale (Postfix's ISSPACE)
 _COMMAND_WORD = re.compile(r"[^ \t\n\v\f\r]+")
+_QUOTING = re.compile(r'["<\\]')  # what makes a span of a command one word, blanks and all
+_SPLIT_BY_STR = re.compile(r"[\x1c-\x1f]")  # ASCII str.split() breaks at beyond COMMAND_BLANKS
 
 
 def command_words(text: str | None) -> list[str]:
-    r"""The words of a client's command argument, split as Postfix's smtpd_token splits them: at ASCII white space
-    only. str.split() also breaks at \x1c-\x1f and Unicode spaces, where Postfix sees one word: `BDAT 4\x1cLAST`
-    would be a last chunk here and a syntax error (521, hang-up) there, two parsers framing one message apart."""
-    return _COMMAND_WORD.findall(text or "")
+    r"""The words of a client's command argument, split as Postfix's smtpd_token (smtp_next_token, smtp_quoted)
+    splits them: at ASCII white space only, outside `<…>` and `"…"` (a quote opens inside angle brackets; a
+    bracket does not open inside quotes), a backslash taking the next character into the word; an unclosed bracket
+    or quote runs to the end. The characters are kept as written. `ENVID="a b" RET=HDRS` is two words.
+    str.split() also breaks at \x1c-\x1f and Unicode spaces, where Postfix sees one word: `BDAT 4\x1cLAST` would be
+    a last chunk here and a syntax error (521, hang-up) there, two parsers framing one message apart."""
+    if not text:
+        return []
+    if _QUOTING.search(text) is None:  # the usual command: plain blanks
+        if text.isascii() and _SPLIT_BY_STR.search(text) is None:
+            return text.split()
+        return _COMMAND_WORD.findall(text)
+    words: list[str] = []
+    start = 0
+    while True:
+        word, start = next_command_word(text, start)
+        if not word:
+            return words
+        words.append(word)
+
+
+def next_command_word(text: str, start: int = 0) -> tuple[str, int]:
+    """The command word (see command_words) at or after `start` (blanks before it skipped), and the index just
+    past it; ("", len(text)) when only blanks remain."""
+    end = len(text)
+    while start < end and text[start] in COMMAND_BLANKS:
+        start += 1
+    closing: list[str] = []  # the closing characters awaited, innermost last
+    i = start
+    while i < end:
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if closing and c == closing[-1]:
+            closing.pop()
+        elif c == '"' or (c == "<" and (not closing or closing[-1] == ">")):
+            closing.append('"' if c == '"' else ">")
+        elif not closing and c in COMMAND_BLANKS:
+            break
+        i += 1
+    i = min(i, end)
+    return text[start:i], i
 
 
 def ascii_upper(text: str) -> str:

@@ -96,6 +96,10 @@ SESSIONS: dict[str, list[str | bytes]] = {
     "BDAT 4\\u00a0LAST: one malformed word, not a last chunk": [E, M, R, "BDAT 4\xa0LAST\r\nab".encode()],
     "ETRN of a site valid_hostname takes but flush's 253-octet name does not": [
         E, f"ETRN {etrn_site(253)}", f"ETRN {etrn_site(254)}", f"ETRN {etrn_site(255)}", f"ETRN {etrn_site(256)}"],
+    "a quoted, bracketed or escaped span is one parameter word, blanks and all, as in Postfix's smtpd_token": [
+        E, "ETRN relay.test\\ x", M + ' ENVID="a b"', "RSET", M + " ENVID=<a b>", "RSET", M + " ENVID=a\\ b", "RSET",
+        M + ' ENVID="a RET=HDRS"', "RSET", M + " ENVID=x<y SIZE=1 RET=HDRS>", R + ' ORCPT=rfc822;"x y"@local.test',
+        R + ' NOTIFY=NEVER ORCPT=rfc822;"a NOTIFY=SUCCESS"'],
     "an unknown command pipelined after HELO": ["HELO client.test", b"FOO\r\nQUIT"],  # answered before the check
     "HELO after EHLO: the session stays ESMTP and may pipeline": [E, "HELO client.test",
                                                                    M.encode() + b"\r\nQUIT"],
@@ -232,6 +236,8 @@ async def test_protocol_edges_match_a_real_postfix(mailflow_server):
     assert postfix["EXPN, HELP and XFORWARD"] == [250, 500, 500, 500, 550, 501]
     assert postfix["a malformed BDAT"] == [250, 250, 250, 521]
     assert postfix["an ENVID that is not printable ASCII once decoded"] == [250, 501, 501, 250]
+    assert postfix["a quoted, bracketed or escaped span is one parameter word, blanks and all, as in Postfix's "
+                   "smtpd_token"] == [250, 501] + [250] * 11
     assert postfix["MAIL and RCPT with no path after the colon"] == [250, 501, 501, 250, 501, 501, 250]
     assert postfix["RCPT once BDAT content has begun"] == [250, 250, 250, 250, 503, 250]
     assert postfix["an address in two pairs of brackets"][:3] == [250, 250, 250]
