@@ -173,11 +173,17 @@ def _without_needless_quotes(local: str) -> str:
     return local
 
 
+_COMMAND_BLANK = re.compile(f"[{COMMAND_BLANKS}]")
+
+
 def _find_unquoted(text: str, chars: str, start: int) -> int:
-    """The index of the first of `chars` at or after `start` outside a quoted string (whose quoted pairs are
-    skipped too), or -1."""
+    """The index of the first of `chars` (one character, or COMMAND_BLANKS) at or after `start` outside a quoted
+    string (whose quoted pairs are skipped too), or -1."""
     if text.find('"', start) < 0:  # nothing quoted (the usual path): the first one is the answer
-        return min((i for i in (text.find(c, start) for c in chars) if i >= 0), default=-1)
+        if len(chars) == 1:
+            return text.find(chars, start)
+        blank = _COMMAND_BLANK.search(text, start)
+        return blank.start() if blank else -1
     quoted = False
     i = start
     while i < len(text):

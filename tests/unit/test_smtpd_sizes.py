@@ -5,7 +5,7 @@ import pytest
 from mailflow import status
 from mailflow.stages.smtpd.data import bdat_arguments
 from mailflow.smtp_parameters import mail_parameters
-from mailflow.syntax import OFF_T_MAX, command_words, parse_octet_count
+from mailflow.syntax import OFF_T_MAX, command_words, next_command_word, parse_octet_count
 
 
 @pytest.mark.parametrize("text, value", [("0", 0), ("000", 0), ("0000000000000000000000004", 4),
@@ -48,3 +48,22 @@ def test_command_words_split_at_the_six_ascii_white_space_characters_only():
     assert command_words(" a\tb\nc\vd\fe\rf  ") == ["a", "b", "c", "d", "e", "f"]
     assert command_words("a\x1cb\u00a0c\u2003d") == ["a\x1cb\u00a0c\u2003d"]
     assert command_words(None) == [] and command_words(" \t") == []
+
+
+def test_command_words_keep_a_quoted_bracketed_or_escaped_span_whole_as_postfixs_smtpd_token():
+    assert command_words(' ENVID="a b" RET=HDRS') == ['ENVID="a b"', "RET=HDRS"]
+    assert command_words("ENVID=<a b> X") == ["ENVID=<a b>", "X"]
+    assert command_words("ENVID=a\\ b x\\") == ["ENVID=a\\ b", "x\\"]
+    assert command_words('<a "b> c" d> e') == ['<a "b> c" d>', "e"]  # a quote opens inside brackets
+    assert command_words('"a <b" c> d') == ['"a <b"', "c>", "d"]  # a bracket does not open inside quotes
+    assert command_words('x"unclosed y') == ['x"unclosed y']
+
+
+def test_command_words_fast_path_agrees_with_the_tokenizer_on_every_character():
+    for code in list(range(0x80)) + [0x85, 0xA0, 0x2003, 0x3000]:
+        text = f" a{chr(code)}b  c{chr(code)} "
+        slow, start = [], 0
+        while (word := next_command_word(text, start))[0]:
+            slow.append(word[0])
+            start = word[1]
+        assert command_words(text) == slow, repr(text)
