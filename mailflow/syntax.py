@@ -33,6 +33,8 @@ may use it without an import cycle.
                                                 backslash; \x1c-\x1f, U+0085, U+00A0 and U+2000-U+200A, which
                                                 str.split() breaks at, stay in a word
     next_command_word(text, start) -> (word, end)   one such word: the first after `start`, and where it ends
+    verb_and_argument(line), verb_and_argument_bytes(line)   a command line's verb and the rest: split at space,
+                                                tab, VT and FF, as Postfix's smtpd (smtpd and sendmail -bs)
     ascii_upper(text)                           only the ASCII letters in upper case (Postfix's strcasecmp: a
                                                 keyword spelled with `ſ` or `ı` is not SIZE or BODY=8BITMIME)
     is_utf8_text(text)                          no lone surrogate: text that can be encoded as UTF-8 (one check for
@@ -231,6 +233,28 @@ def command_words(text: str | None) -> list[str]:
         if not word:
             return words
         words.append(word)
+
+
+# A command's verb: after any leading blanks, up to the next (Postfix splits a command on space, tab, vertical tab and
+# form feed, though RFC 5321 has only SP: `MAIL<TAB>FROM:<a@b>` is a MAIL command to it)
+_VERB_PATTERN = r"[ \t\v\f]*([^ \t\v\f]*)[ \t\v\f]*"
+_VERB = re.compile(_VERB_PATTERN)
+_VERB_BYTES = re.compile(_VERB_PATTERN.encode())
+
+
+def verb_and_argument(line: str) -> tuple[str, str]:
+    """A command line's verb and what follows it, as smtpd splits a line (verb_and_argument_bytes), for `sendmail
+    -bs`, which reads its lines as text."""
+    match = _VERB.match(line)  # every line matches: each part may be empty
+    assert match is not None
+    return match.group(1), line[match.end():]
+
+
+def verb_and_argument_bytes(line: bytes) -> tuple[bytes, bytes]:
+    """A command line's verb and what follows it, the line as read from the wire."""
+    match = _VERB_BYTES.match(line)  # every line matches: each part may be empty
+    assert match is not None  # (not typing.cast: a call of its own, five a message)
+    return match.group(1), line[match.end():]
 
 
 def next_command_word(text: str, start: int = 0) -> tuple[str, int]:

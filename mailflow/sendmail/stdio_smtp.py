@@ -68,7 +68,7 @@ from mailflow.sendmail.reading import (LINE_PIECE, clean_address, clean_recipien
 from mailflow.sendmail.submitter import Submitter
 from mailflow.session_log import SessionLog
 from mailflow.smtp_parameters import mail_parameters, path_text, path_word, rcpt_parameters
-from mailflow.syntax import COMMAND_BLANKS, command_words
+from mailflow.syntax import COMMAND_BLANKS, ascii_upper, command_words, verb_and_argument
 from mailflow.tables import open_table
 
 # the client as Postfix's stand-alone smtpd names it (smtpd_peer_assume_local_client): its footer's $client...,
@@ -172,15 +172,16 @@ class StdioSmtp:
                 self._record.command(None)
                 self._reply(status.BAD_UTF8)
                 continue
-            verb, _, arg = text.strip().partition(" ")
-            handler = getattr(self, f"_do_{verb.upper()}", None) if verb.isalpha() else None
-            self._record.command(verb.upper() if handler is not None else None)
+            verb, arg = verb_and_argument(text)  # as smtpd splits a line: at ASCII blanks only
+            verb = ascii_upper(verb)  # (str.upper() makes QU\u0131T a QUIT)
+            handler = getattr(self, f"_do_{verb}", None) if verb.isascii() and verb.isalpha() else None
+            self._record.command(verb if handler is not None else None)
             if handler is None:
                 self._reply(status.NOT_RECOGNIZED if verb else status.BAD_SYNTAX)
                 continue
-            if handler(arg.strip()) is False:
+            if handler(arg.strip(COMMAND_BLANKS)) is False:
                 return 0
-            if self._junk.answered(verb.upper()):  # one more error from the (junk_command_limit + 2)th on
+            if self._junk.answered(verb):  # one more error from the (junk_command_limit + 2)th on
                 self._errors += 1
 
     def _skip_line(self) -> None:

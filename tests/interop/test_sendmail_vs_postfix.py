@@ -503,3 +503,27 @@ async def test_bs_sessions_are_logged_as_a_real_postfixs_stand_alone_smtpd_logs_
         "ID: client=localhost[127.0.0.1]", "warning: ID: queue file size limit exceeded",
         "too many errors after END-OF-MESSAGE from localhost[127.0.0.1]",
         "disconnect from localhost[127.0.0.1] ehlo=1 mail=1 rcpt=1/4 data=0/1 commands=3/7"]
+
+
+# A -bs command line split as smtpd splits one: the verb at space, tab, VT and FF; the argument's edges stripped of
+# ASCII white space only (\x1c and U+00A0 are part of it, as to Postfix's smtpd_token)
+BS_BLANKS: list[str | bytes] = [
+    "EHLO client.test", "NOOP\vx", "MAIL\tFROM:<a@x.test>", "RSET", "MAIL FROM:<a@x.test> SIZE=1\x1c",
+    "MAIL FROM:<a@x.test>", "RCPT TO:<b@x.test>\xa0", 'RCPT TO:<b@x.test> ORCPT=rfc822;"x y"@x.test', "QU\u0131T",
+    "QUIT"]
+
+
+async def test_bs_splits_a_command_line_at_ascii_blanks_as_a_real_postfixs_smtpd_does(write_config, tmp_path):
+    (tmp_path / "queue").mkdir()
+    config = write_config(tmp_path / "mailflow.toml", smtpd={"listen": ["127.0.0.1:0"], **NO_TARPIT}, **COMMON)
+
+    async def postfix_side() -> list[str]:
+        async with postfix_instance({**COMMON, **NO_TARPIT_PF, "relayhost": "[127.0.0.1]:9",
+                                     "smtputf8_enable": "yes"}) as pf:
+            return await bs_replies(["sendmail", "-C", str(pf.etc)], BS_BLANKS)
+
+    postfix, mailflow = await asyncio.gather(
+        postfix_side(), bs_replies([sys.executable, "-m", "mailflow", "sendmail", "-C", str(config)], BS_BLANKS))
+    codes = [reply[:3] for reply in postfix]
+    assert codes == ["220", "250", "250", "250", "250", "501", "250", "501", "250", "500", "221"], postfix
+    assert [reply[:3] for reply in mailflow] == codes, mailflow

@@ -97,7 +97,7 @@ from mailflow.stages.smtpd.command_filter import replacement
 from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction, helo_name
 from mailflow.stages.smtpd.transcript import SessionObserver, Transcript, tls_description
 from mailflow.stages.smtpd.wire import CHUNK, Wire, WireError
-from mailflow.syntax import command_words
+from mailflow.syntax import command_words, verb_and_argument_bytes
 from mailflow.tables import Table
 
 log = logging.getLogger("mailflow.smtpd")
@@ -687,7 +687,7 @@ class ProtocolCore(SMTP):
                 return
             line = filtered
         self.command_line = line
-        command_bytes, arg_bytes = _verb_and_argument(line)
+        command_bytes, arg_bytes = verb_and_argument_bytes(line)
         refusal = _malformed(line, command_bytes)
         if refusal is not None:  # Postfix counts these as unknown commands
             self.record.command(None)
@@ -1012,18 +1012,6 @@ def _without_keywords(lines: list[str], discarded: frozenset[str]) -> list[str]:
 _HEADER_NAME = re.compile(r"[!-9;-~]+:")  # RFC 5322 field name, then the colon
 _LETTER = re.compile(r"[A-Za-z]")
 _HANG_UP_CODES = (b"421", b"521")  # a reply starting with one ends the session (Postfix: SMTPD_FLAG_HANGUP)
-# The verb: after any leading white space, up to the next (Postfix splits a command on space, tab, vertical tab
-# and form feed, though RFC 5321 has only SP: `MAIL<TAB>FROM:<a@b>` is a MAIL command to it).
-_VERB = re.compile(rb"[ \t\v\f]*([^ \t\v\f]*)[ \t\v\f]*")
-
-
-def _verb_and_argument(line: bytes) -> tuple[bytes, bytes]:
-    """The command line's verb and what follows it (see _VERB)."""
-    match = _VERB.match(line)  # every line matches: each part may be empty
-    assert match is not None  # (not typing.cast: a call of its own, five a message)
-    return match.group(1), line[match.end():]
-
-
 def _malformed(line: bytes, verb: bytes) -> status.Reply | None:
     """Why a command line cannot be a command at all (NUL, invalid UTF-8, no `verb`: empty or only blanks), or
     None. Valid UTF-8 is checked for the whole line first, as Postfix does with SMTPUTF8 on: nothing later has
