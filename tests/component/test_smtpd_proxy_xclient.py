@@ -297,6 +297,15 @@ def test_parse_xclient_values():
             parse_xclient(bad)
 
 
+def test_xclient_values_are_masked_as_postfixs_printable_with_smtputf8():
+    """Valid UTF-8 kept, sent or xtext-encoded; a control or stray byte one "?" each; a run Postfix would keep but
+    that is not UTF-8 (a lead byte one continuation short) one "?" per byte too: no reply carries invalid UTF-8."""
+    assert parse_xclient("HELO=\u20ac+C3+A9 LOGIN=a+0Ab+FF") == [("HELO", "\u20ac\u00e9"), ("LOGIN", "a?b?")]
+    with pytest.raises(XclientError) as refused:
+        parse_xclient("NAME=a+E2+82.test")
+    assert refused.value.reply.text.endswith("Bad NAME syntax: a??.test")
+
+
 async def test_read_proxy_header_consumes_exactly_the_header():
     reader = asyncio.StreamReader()
     reader.feed_data(v1("2001:db8::1", 1234, family="TCP6", dst="2001:db8::2") + b"EHLO x\r\n")

@@ -570,7 +570,11 @@ XCLIENT_ATTRIBUTE_LINES = [
     # an IPv6 address only after "IPv6:", any case (valid_mailhost_addr; an IPv4-mapped one: this Postfix has
     # inet_protocols = ipv4); PROTO has no [UNAVAILABLE] (mailflow took them)
     "XCLIENT ADDR=2001:db8::1", "XCLIENT DESTADDR=2001:db8::1", "XCLIENT ADDR=ipv6:::ffff:192.0.2.12",
-    "XCLIENT PROTO=[UNAVAILABLE]", "XCLIENT ADDR=IPv6:::ffff:192.0.2.11"]
+    "XCLIENT PROTO=[UNAVAILABLE]", "XCLIENT ADDR=IPv6:::ffff:192.0.2.11",
+    # a quoted span is one word, echoed whole (smtpd_token); valid UTF-8 is echoed as it is, sent or xtext-encoded
+    # (smtputf8_enable: printable() takes it), an octet outside it is one "?"
+    'XCLIENT NAME="a b.test"', "XCLIENT NAME=a.test\u00a0HELO=x", "XCLIENT HELO=\u20ac\u00e9",
+    "XCLIENT NAME=a+C3+A9.test", "XCLIENT NAME=a+FF+C3.test", "XCLIENT NAME=a+0A+C3+A9.test"]
 
 
 async def test_xclient_attribute_errors_are_worded_as_postfix_s(mailflow_server):

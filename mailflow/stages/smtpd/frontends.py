@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from mailflow import status
-from mailflow.dns import hostname_gripe
+from mailflow.address import hostname_gripe
 from mailflow.logs import printable
 from mailflow.stages.smtpd.dns_checks import TEMPUNAVAIL, UNAVAILABLE
 from mailflow.stages.smtpd.protocol import ProtocolCore
@@ -200,7 +200,8 @@ def parse_xclient(arg: str | None) -> list[tuple[str, str | None]]:
     """[(attribute, value)] from `NAME=... ADDR=...`, in the order given (xclient_cmd applies them in turn: a later
     NAME overrides an earlier REVERSE_NAME), checked word by word as Postfix's xclient_cmd checks them: a value (at
     most 255 octets), xtext-decoded as Postfix decodes it (a value that is not xtext is taken as written, Postfix's
-    backwards compatibility), what is not printable ASCII masked as "?", a known attribute, then its syntax.
+    backwards compatibility), a control character or an octet outside valid UTF-8 masked as "?" (_masked), a known
+    attribute, then its syntax.
     None for [UNAVAILABLE] (any case; not PROTO's); NAME's and REVERSE_NAME's [TEMPUNAVAIL] is kept (a temporary
     name status, as Postfix's SMTPD_PEER_CODE_TEMP). ADDR and DESTADDR are normalised ("IPV6:" prefix removed, an
     IPv4-mapped address as IPv4: _canonical, as for a PROXY header); PROTO is upper case."""
@@ -221,27 +222,45 @@ def parse_xclient(arg: str | None) -> list[tuple[str, str | None]]:
     return found
 
 
-def _xtext_decoded(raw: str) -> str:
+def _xtext_decoded(raw: str) -> bytes:
     """xtext as Postfix's xtext_unquote reads it: "+XX" is the byte XX (hex digits in either case), any other
-    character is itself; `raw` itself when a "+" is not followed by two hex digits (xclient_cmd then takes the
-    value as sent)."""
-    out, i = [], 0
+    character is itself (its UTF-8); `raw` itself when a "+" is not followed by two hex digits (xclient_cmd then
+    takes the value as sent)."""
+    out, i = bytearray(), 0
     while i < len(raw):
         if raw[i] == "+":
             hexa = raw[i + 1:i + 3]
             if not re.fullmatch(r"[0-9A-Fa-f]{2}", hexa):
-                return raw
-            out.append(chr(int(hexa, 16)))
+                return raw.encode()
+            out.append(int(hexa, 16))
             i += 3
             continue
-        out.append(raw[i])
+        out += raw[i].encode()
         i += 1
+    return bytes(out)
+
+
+def _masked(value: bytes) -> str:
+    """Postfix's printable(value, '?') as smtpd runs it with SMTPUTF8 (util_utf8_enable): printable ASCII is kept,
+    and so is a byte 194-254 with the continuation bytes (128-191) after it, one or more; anything else is one "?"
+    per byte (`a.test<U+00A0>` is echoed as it is, as by Postfix 3.7.11). Unlike Postfix, a sequence so kept that
+    is still not UTF-8 (`+E2+82`, one byte short) is masked too, a "?" per byte: no reply carries invalid UTF-8."""
+    if value.isascii() and value.isalnum():  # (the usual value: nothing to mask)
+        return value.decode()
+    out: list[str] = []
+    i = 0
+    while i < len(value):
+        end = i + 1
+        if 194 <= value[i] <= 254:
+            while end < len(value) and 128 <= value[end] < 192:
+                end += 1
+        try:
+            kept = value[i:end].decode() if end > i + 1 or 32 <= value[i] <= 126 else None
+        except UnicodeDecodeError:
+            kept = None
+        out.append("?" * (end - i) if kept is None else kept)
+        i = end
     return "".join(out)
-
-
-def _masked(value: str) -> str:
-    """Postfix's printable(value, '?'): what is not printable ASCII becomes "?"."""
-    return "".join(c if " " <= c <= "~" else "?" for c in value)
 
 
 def _checked(name: str, value: str) -> str | None:
