@@ -177,7 +177,7 @@ def mailbox_spans(value: bytes) -> list[tuple[int, int] | None]:
     recipient list, where nothing may be dropped unsaid: a value past TOKEN_LIMIT ends with a None too). Words
     side by side outside angle brackets are a mailbox each, as Postfix's tok822_parse takes them."""
     tokens = _tokens(value)
-    mailboxes = [part for mailbox in _mailboxes(tokens) for part in _missing_commas(mailbox)]
+    mailboxes = [part for mailbox in _mailboxes(tokens) for part in _missing_commas(mailbox, value)]
     spans = [_address_span(mailbox) for mailbox in mailboxes]
     return spans + [None] if tokens and tokens[-1][2] < len(value) else spans
 
@@ -243,19 +243,28 @@ def closed_address(address: str) -> str:
 _WORDS = ("word", "quoted", "literal")
 
 
-def _missing_commas(mailbox: list[Token]) -> list[list[Token]]:
+def _missing_commas(mailbox: list[Token], value: bytes) -> list[list[Token]]:
     """A mailbox without angle brackets cut before each word that follows another word with only blanks or
-    comments between them: where Postfix's tok822_parse adds a missing comma (`a@x b@y`, `Joe a@x`)."""
+    comments between them: where Postfix's tok822_parse adds a missing comma (`a@x b@y`, `Joe a@x`). A dot is an
+    operator of its own in Postfix's tokenizer, not part of an atom: words joined by one are one local part
+    (`a."b c"@x`, `"a"."b"@x`), never two mailboxes."""
     if any(kind == "<" for kind, _, _ in mailbox):
         return [mailbox]
     parts: list[list[Token]] = [[]]
-    previous = ""  # the kind of the last token that is not a blank or a comment
+    previous: Token | None = None  # the last token that is not a blank or a comment
     for token in mailbox:
-        if token[0] in _WORDS and previous in _WORDS:
+        if (token[0] in _WORDS and previous is not None and previous[0] in _WORDS
+                and not _dot_between(value, previous, token)):
             parts.append([])
         parts[-1].append(token)
-        previous = token[0] if token[0] not in ("blank", "comment") else previous
+        previous = token if token[0] not in ("blank", "comment") else previous
     return parts
+
+
+def _dot_between(value: bytes, before: Token, after: Token) -> bool:
+    """Whether a dot joins two words (one ends with it or the other starts with it; quoted strings and literals
+    hold theirs inside)."""
+    return (before[0] == "word" and value[before[2] - 1] == 0x2E) or (after[0] == "word" and value[after[1]] == 0x2E)
 
 
 def _spans_of_tokens(value: bytes) -> list[tuple[int, int]]:

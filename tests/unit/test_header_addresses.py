@@ -50,6 +50,10 @@ def test_mailbox_spans_add_the_commas_postfix_adds_between_words_side_by_side():
     assert mailboxes(b'Joe a@x.test "q s" (c) [1.2.3.4]') == [b"Joe", b"a@x.test", b'"q s"', b"[1.2.3.4]"]
     assert mailboxes(b"Joe Q <j@x.test>, j@x.test (Joe Q)") == [b"j@x.test", b"j@x.test"]
     assert mailboxes(b"a (c) @b") == [None]
+    # a dot is an operator of Postfix's tokenizer, not part of an atom: words it joins are one local part (they
+    # were cut into two mailboxes: `a."b c"@x.test` went to a.@origin and "b c"@x.test)
+    assert mailboxes(b'a."b c"@x.test, "a"."b"@x.test') == [b'a."b c"@x.test', b'"a"."b"@x.test']
+    assert mailboxes(b'"a b".c@x.test d@y.test') == [b'"a b".c@x.test', b"d@y.test"]
 
 
 def test_sender_and_recipient_fields_go_through_their_own_function():
