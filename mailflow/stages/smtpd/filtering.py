@@ -216,20 +216,19 @@ class ListenerFilters:
         sender, the last recipient (cleanup's last recipient record), the protocol and HELO name."""
         marks.hold_logged = marks.hold_logged or verdict == "quarantine"
         action, text = MILTER_TRIGGERS[verdict]
-        envelope = submission.envelope
-        self._cleanup_lines.reject("END-OF-MESSAGE", session.client, text, sender=envelope.sender,
-                                   recipient=envelope.recipients[-1] if envelope.recipients else "",
-                                   protocol=session.protocol, helo=session.host_name or "", action=action,
-                                   queue_id=submission.queue_id)
+        self._end_of_message_line(session, submission, action, text)
 
     def _cleanup_reject(self, session, submission: Submission, reply: status.Reply) -> None:
         """Postfix's cleanup_milter_apply line for a milters' refusal of the message (theirs, or their default
         action's): `QID: milter-reject: END-OF-MESSAGE from host[ip]: 5.7.1 Command rejected; from=<s> to=<the last
         recipient> proto=ESMTP helo=<h>`, the reply without its code, as the milter gave it (soft_bounce: client.py)."""
+        self._end_of_message_line(session, submission, "milter-reject", str(reply)[4:])
+
+    def _end_of_message_line(self, session, submission: Submission, action: str, text: str) -> None:
         envelope = submission.envelope
-        self._cleanup_lines.reject("END-OF-MESSAGE", session.client, str(reply)[4:], sender=envelope.sender,
+        self._cleanup_lines.reject("END-OF-MESSAGE", session.client, text, sender=envelope.sender,
                                    recipient=envelope.recipients[-1] if envelope.recipients else "",
-                                   protocol=session.protocol, helo=session.host_name or "", action="milter-reject",
+                                   protocol=session.protocol, helo=session.host_name or "", action=action,
                                    queue_id=submission.queue_id)
 
     async def client_changed(self, session) -> None:
