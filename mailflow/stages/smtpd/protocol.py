@@ -924,6 +924,14 @@ class ProtocolCore(SMTP):
             return status.MILTER_TRY_AGAIN
         return refusal
 
+    async def refused_by_milters(self, tls_or_auth: bool = False) -> bool:
+        """`milters_refusal` answered, and True: the command goes no further."""
+        refusal = self.milters_refusal(tls_or_auth)
+        if refusal is None:
+            return False
+        await self.push(refusal)
+        return True
+
     async def smtp_VRFY(self, arg: str | None) -> None:
         """Off by default (disable_vrfy_command). On, as Postfix's vrfy_cmd: the address (a path, or a phrase and
         a path in angle brackets; a last word SMTPUTF8 dropped, RFC 6531) is checked by the handler's
@@ -943,9 +951,7 @@ class ProtocolCore(SMTP):
             return
         if await self.refused_for_rate("rcpt"):
             return
-        refusal = self.milters_refusal()
-        if refusal is not None:
-            await self.push(refusal)
+        if await self.refused_by_milters():
             return
         addr = address.vrfy_address(written)
         if not addr:
@@ -963,9 +969,7 @@ class ProtocolCore(SMTP):
         milters' refusal that holds for the session answers it first (`milters_refusal`)."""
         if await self.check_helo_needed("ETRN") or await self.check_auth_needed("ETRN"):
             return
-        refusal = self.milters_refusal()
-        if refusal is not None:
-            await self.push(refusal)
+        if await self.refused_by_milters():
             return
         if self.in_transaction:
             await self.push(status.TRANSACTION_IN_PROGRESS)

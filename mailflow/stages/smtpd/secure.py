@@ -158,9 +158,7 @@ class SecureCommands(FrontEndCommands):
         if arg:
             await self.push(status.syntax("STARTTLS"))
             return
-        refusal = self.milters_refusal(tls_or_auth=True)
-        if refusal is not None:
-            await self.push(refusal)
+        if await self.refused_by_milters(tls_or_auth=True):
             return
         if self.session.ssl is not None:
             await self.push(status.TLS_ALREADY_ACTIVE)
