@@ -283,7 +283,7 @@ class Mailflow:
                              receive_override_options=c.smtpd.receive_override_options, policy=c)
         await self.pickup.start()
         self._filters = FilterServices(c, self._dns_resolver(), self.clock)
-        self._postmaster = SessionNotices(c, self._cleanup.submit)  # notify_classes' session transcripts
+        self._postmaster = SessionNotices(c, self._cleanup.submit, self.clock)  # notify_classes' session transcripts
         observer = self._postmaster if self._session_observer is None else SessionObservers(
             self._session_observer, self._postmaster)
         self.smtpd = Smtpd(c, self._handler_for(router, self._filters, sender), clock=self.clock,

@@ -73,7 +73,7 @@ def _policy_session() -> tuple[SessionNotices, Transcript, list[str]]:
     return notices, t, submitted
 
 
-async def test_a_record_is_bounded_and_so_are_the_notices_waiting_for_the_queue():
+async def test_a_record_is_bounded_and_so_are_the_notices_waiting_for_the_queue(caplog):
     """A session's record keeps BYTE_LIMIT bytes of lines (its notice says how many more there were); past
     PENDING_LIMIT notices waiting for cleanup, more are dropped; none is kept while no class of smtpd's is named."""
     release = asyncio.Event()
@@ -95,6 +95,8 @@ async def test_a_record_is_bounded_and_so_are_the_notices_waiting_for_the_queue(
         t.ended()
     await asyncio.sleep(0)  # (the submissions start)
     assert len(submitted) == PENDING_LIMIT
+    # three dropped, one warning: a client erring in every session makes no line each
+    assert sum("dropped" in r.getMessage() for r in caplog.records) == 1
     release.set()
     await notices.close()
 

@@ -29,7 +29,8 @@ Decisions:
   observers read, whose limits are theirs) keeps at most BYTE_LIMIT bytes (each line cut at transcript.MAX_LINE,
   counted one more for its end): past them lines are counted, and the notice says how many it leaves out. At
   most PENDING_LIMIT notices wait for cleanup at once; past that a notice is dropped and logged (Postfix's smtpd
-  posts with post_mail_fopen_nowait: a notice that cannot be posted now is dropped, with a warning).
+  posts with post_mail_fopen_nowait: a notice that cannot be posted now is dropped, with a warning): one
+  warning a REPORT_INTERVAL at most, the next saying how many were dropped untold since.
 - A failure to queue a notice is logged and touches nothing else (the session has ended, or goes on).
 """
 from __future__ import annotations
@@ -38,7 +39,9 @@ import asyncio
 import logging
 from typing import Awaitable, Callable
 
+from mailflow.clock import Clock, SystemClock
 from mailflow.content import Content
+from mailflow.faults import REPORT_INTERVAL
 from mailflow.logs import printable
 from mailflow.model import ClientInfo, Envelope, Submission
 from mailflow.stages.bounce import line_wrap, notice_recipient
@@ -111,8 +114,11 @@ class SessionNotices(SessionObserver):
     line_limit = 0
     byte_limit = 0
 
-    def __init__(self, config, submit: Callable[[Submission], Awaitable[str]]):
+    def __init__(self, config, submit: Callable[[Submission], Awaitable[str]], clock: Clock | None = None):
         self._submit = submit
+        self._clock = clock or SystemClock()
+        self._dropped_untold = 0  # notices dropped since the last warning about it
+        self._dropped_told_at = -REPORT_INTERVAL
         self._records: dict[Transcript, _Record] = {}
         self._pending: set[asyncio.Task] = set()
         self.reconfigure(config)
@@ -176,8 +182,7 @@ class SessionNotices(SessionObserver):
         if not to:
             return
         if len(self._pending) >= PENDING_LIMIT:
-            log.warning("postmaster notify: %s: dropped, %d notices wait for the queue already",
-                        transcript.client, len(self._pending))
+            self._dropped(transcript.client)
             return
         to, header_to = (notice_recipient(a, self._myhostname) for a in (to, self._error_to or to))
         notice = transcript_notice(lines=record.lines, omitted=record.omitted, client=transcript.client,
@@ -185,6 +190,18 @@ class SessionNotices(SessionObserver):
         task = asyncio.get_running_loop().create_task(self._send(notice, to, transcript.client))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+
+    def _dropped(self, client: str) -> None:
+        """A notice dropped for want of room: warned of once a REPORT_INTERVAL at most (a client making errors in
+        every session cannot make a line each)."""
+        now = self._clock.time()
+        if now - self._dropped_told_at < REPORT_INTERVAL:
+            self._dropped_untold += 1
+            return
+        more = f" ({self._dropped_untold} more dropped since the last warning)" if self._dropped_untold else ""
+        log.warning("postmaster notify: %s: dropped, %d notices wait for the queue already%s", client,
+                    len(self._pending), more)
+        self._dropped_told_at, self._dropped_untold = now, 0
 
     async def _send(self, notice: bytes, to: str, client: str) -> None:
         envelope = Envelope(f"double-bounce@{self._myhostname}", (to,))
