@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from mailflow.config_source import CONTROL
 from mailflow.files import read_regular_file
 from mailflow.local_macros import check_macros, expand_macros
 
@@ -36,7 +37,6 @@ NAMES = ("myhostname", "mydomain", "mail_name", *(f"{t}_{u}" for t in TIMES for 
 MAIL_NAME = "mailflow"
 _HEADER = re.compile(r"([!-9;-~]+)[ \t]*:")  # a header label, as is_header takes it
 _MARKER = re.compile(r"[A-Za-z0-9]\S*")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # not in a header value (one line, written as is), a tab aside
 _TOKEN = re.compile(r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+")  # RFC 2045's token: a Charset is written into Content-Type
 MAX_TEXT_LINE = 998  # octets of a text line (RFC 5322 2.1.1), before its $names are expanded
 
@@ -124,7 +124,7 @@ def _template(kind: str, lines: list[str]) -> Template:
             raise ValueError(f'empty "{m.group(1)}" header value')
         if not value.isascii():
             raise ValueError(f'non-ASCII "{m.group(1)}" header value')
-        if _CONTROL.search(value.replace("\t", " ")):
+        if CONTROL.search(value):  # (not in a header value: one line, written as is; a tab aside)
             raise ValueError(f'control character in "{m.group(1)}" header value')
         if label == "postmaster-subject" and kind not in ("failure", "delay"):
             raise ValueError(f'inapplicable "{m.group(1)}" header label')

@@ -503,6 +503,11 @@ def line_wrap(text: str, width: int, indent: int) -> list[str]:
     return out
 
 
+_BLANK = re.compile(r"[ \t]")
+
+
 def _next_blank(text: str, pos: int) -> int:
-    found = [i for i in (text.find(" ", pos), text.find("\t", pos)) if i >= 0]
-    return min(found) if found else len(text)
+    """Where the next space or tab at or after `pos` is, else len(text) (one search: a find for each would scan
+    to the end of a long text at every word)."""
+    match = _BLANK.search(text, pos)
+    return match.start() if match else len(text)
