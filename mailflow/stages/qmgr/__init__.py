@@ -1059,17 +1059,18 @@ class QueueManager:
         The last one comes back in the report, to go with the job's end (for a one-recipient job, or the message's
         last job, with the end of the attempt)."""
         expected = len(job.recipients)
+        mine = {r.index: r for r in job.recipients}  # (once a job: an agent gives up to all of them)
         last: list[RcptResult] = []
         async for given in results:
             stats = active.stats._replace(handoff=handoff, done=self._clock.time())
-            for result in _stamped(job, [given], stats):
-                if result.recipient.index in recorded:
-                    continue
-                if len(recorded) + 1 == expected:
-                    last.append(given)
-                    continue
-                recorded.add(result.recipient.index)
-                self._results_in(active, [result])
+            result = _stamp(job.transport, mine, given, stats)
+            if result is None or result.recipient.index in recorded:
+                continue
+            if len(recorded) + 1 == expected:
+                last.append(given)
+                continue
+            recorded.add(result.recipient.index)
+            self._results_in(active, [result])
         return DeliveryReport(tuple(last))
 
     async def _content(self, active: ActiveMessage) -> Content | None:
@@ -1302,9 +1303,16 @@ def _stamped(job: Job, results: Iterable[RcptResult], stats: MsgStats | None) ->
     """Those of `results` that are for this job's recipients, each marked with the job's transport and `stats`
     (None: no agent had the job, they keep theirs)."""
     mine = {r.index: r for r in job.recipients}
-    t = job.transport
-    return [replaced(r, transport=t, stats=r.stats if stats is None else stats) for r in results
-            if mine.get(r.recipient.index) == r.recipient]
+    return [stamped for stamped in (_stamp(job.transport, mine, r, stats) for r in results) if stamped is not None]
+
+
+def _stamp(transport: str, mine: dict[int, Recipient], result: RcptResult,
+           stats: MsgStats | None) -> RcptResult | None:
+    """`result` marked with `transport` and `stats` (None: it keeps its own), or None when it is for none of the
+    job's recipients (`mine`, by index)."""
+    if mine.get(result.recipient.index) != result.recipient:
+        return None
+    return replaced(result, transport=transport, stats=result.stats if stats is None else stats)
 
 
 def _content_missing(active: ActiveMessage) -> bool:
