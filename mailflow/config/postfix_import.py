@@ -511,18 +511,8 @@ class Importer:
     def _reroute_table(self, key: str, spec: str, relay: Service | None) -> str:
         """`spec` with each entry naming relay rerouted (inline:, static:: the spec is the table), or as it is,
         each such entry of its texthash: file reported with its line and what to write there."""
-        kind, _, name = spec.partition(":")
-        if kind in SCANNED_TABLE_FILES:
-            self._report_table_file(key, kind, name, relay, _names_relay)
-            return spec
-        if kind not in ("inline", "static", "fail"):
-            self._report_unread_table(key, spec, relay, "an entry naming relay")
-            return spec
-        try:
-            entries = table_entries(spec) or ()
-        except ConfigError:
-            return spec  # (malformed: the validation leaves it out with its reason)
-        if not any(_names_relay(value) for _, value in entries):
+        entries = self._inline_entries(key, spec, relay, _names_relay, "an entry naming relay")
+        if entries is None or not any(_names_relay(value) for _, value in entries):
             return spec
         rerouted = []
         for lookup, value in entries:
@@ -535,9 +525,27 @@ class Importer:
                 self.out.leave_out(where if colon else relay.line.where, f"{key} entry {lookup or 'static'}", value,
                                    _relay_left_out(relay, "this entry"))
             rerouted.append((lookup, route[0] if route else value))
-        if kind == "static":
+        if spec.partition(":")[0] == "static":
             return f"static:{{ {rerouted[0][1]} }}"
         return "inline:{ " + ", ".join(f"{{ {lookup} = {value} }}" for lookup, value in rerouted) + " }"
+
+    def _inline_entries(self, key: str, spec: str, relay: Service | None, names_relay: Callable[[str], bool],
+                        what: str) -> tuple[tuple[str, str], ...] | None:
+        """The (lookup, value) entries of an inline:, static: or fail: `spec`, the tables whose entries the import
+        handles one by one; None for any other table, each of whose entries `names_relay` is reported here (a
+        texthash:, regexp: or cidr: file's with its line; a table the import cannot read, as one where `what`
+        may be), and for a malformed spec (the validation leaves it out with its reason)."""
+        kind, _, name = spec.partition(":")
+        if kind in SCANNED_TABLE_FILES:
+            self._report_table_file(key, kind, name, relay, names_relay)
+            return None
+        if kind not in ("inline", "static", "fail"):
+            self._report_unread_table(key, spec, relay, what)
+            return None
+        try:
+            return table_entries(spec) or ()
+        except ConfigError:
+            return None
 
     def _report_table_file(self, key: str, kind: str, path: str, relay: Service | None,
                            names_relay: Callable[[str], bool]) -> None:
@@ -571,18 +579,8 @@ class Importer:
     def _report_filters(self, key: str, spec: str, relay: Service | None) -> None:
         """Each `FILTER relay[:nexthop]` of an access or content-check table, reported as a transport table's
         route to relay is (the import rewrites no access table: an inline: one is reported with its entry)."""
-        kind, _, name = spec.partition(":")
-        if kind in SCANNED_TABLE_FILES:
-            self._report_table_file(key, kind, name, relay, _filter_names_relay)
-            return
-        if kind not in ("inline", "static", "fail"):
-            self._report_unread_table(key, spec, relay, "a FILTER action naming relay")
-            return
-        try:
-            entries = table_entries(spec) or ()
-        except ConfigError:
-            return  # (malformed: the validation leaves it out with its reason)
-        for lookup, value in entries:
+        for lookup, value in self._inline_entries(key, spec, relay, _filter_names_relay,
+                                                  "a FILTER action naming relay") or ():
             if _filter_names_relay(value):
                 route = self._relay_route(value.partition(" ")[2].strip(), relay)
                 instead = f"write FILTER {route[0]} there ({route[1]})" if route \
