@@ -5,6 +5,10 @@ when they are regular files, and only up to a limit.
                                                the whole file; raises OSError (FileNotFoundError and the others as
                                                the system gives them) or RefusedFile. `null_is_empty`: /dev/null
                                                (or a link to it) reads as an empty file, for a table or a list
+    read_regular_file_stat(path, limit) -> (bytes, os.stat_result)
+                                               the same bytes and the fstat() of the descriptor read: a caller
+                                               trusting the file by its owner takes it from there, not from a
+                                               second stat() of a path that may have been swapped meanwhile
     read_bounded(f, size, limit) -> bytes      an open file's bytes, `limit` + 1 at most, asking for `size` + 1
                                                (its fstat() size) first: for callers with an open of their own
     keep_private(path)                         a SQLite database created 0600 before SQLite opens it (its -wal
@@ -68,10 +72,15 @@ class FileTooLarge(RefusedFile):
 def read_regular_file(path: str | Path, limit: int, *, null_is_empty: bool = False) -> bytes:
     """The bytes of `path`, a regular file of at most `limit` bytes (see the module docstring); with
     `null_is_empty`, /dev/null gives b""."""
-    st = os.stat(path)
-    if null_is_empty and _is_null_device(st):
+    if null_is_empty and _is_null_device(os.stat(path)):
         return b""
-    _refuse(st, path, limit)
+    return read_regular_file_stat(path, limit)[0]
+
+
+def read_regular_file_stat(path: str | Path, limit: int) -> tuple[bytes, os.stat_result]:
+    """`read_regular_file`'s bytes, and the fstat() of the descriptor they were read from: the owner and mode of
+    the file read, whatever the path names by the time the caller looks."""
+    _refuse(os.stat(path), path, limit)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
@@ -83,7 +92,7 @@ def read_regular_file(path: str | Path, limit: int, *, null_is_empty: bool = Fal
         os.close(fd)
     if len(data) > limit:
         raise FileTooLarge(f"larger than {_size(limit)}", path)
-    return data
+    return data, st
 
 
 def read_bounded(f: BinaryIO, size: int, limit: int) -> bytes:

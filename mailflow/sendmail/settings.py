@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import mailflow
 from mailflow.config_source import (CONTROL, LOG_FILE, LOG_FORMATS, LOG_LEVELS, MAX_FILE_BYTES, QUEUE_DIRECTORY,
                                     SYSLOG_NAME, resolve_path)
-from mailflow.files import read_regular_file
+from mailflow.files import read_regular_file_stat
 from mailflow.syntax import DURATION_MAX
 
 if TYPE_CHECKING:
@@ -154,13 +154,13 @@ def cached_settings(path: Optional[str]) -> Optional[SubmitSettings]:
     if path is None:  # (its queue, ./var, is whoever's owns the directory sendmail is run in)
         return None
     try:
-        raw = read_regular_file(path, MAX_FILE_BYTES)
+        raw, config_stat = read_regular_file_stat(path, MAX_FILE_BYTES)
         base = _base(path)
         document = tomllib.loads(raw.decode("utf-8"))
         queue, log_file = _written_path(document, "queue_directory", base), _written_path(document, "log.file", base)
         if not queue or log_file is None:
             return None
-        recorded = _read_cache(Path(queue), _trusted_writers(Path(queue), path))
+        recorded = _read_cache(Path(queue), _trusted_writers(Path(queue), config_stat.st_uid))
         if recorded is None or recorded.get("format") != FORMAT or recorded.get("key") != source_key(raw, base):
             return None
         settings = _settings_from(recorded.get("settings"))
@@ -190,11 +190,13 @@ def _written_path(document: dict, key: str, base: Path) -> Optional[str]:
     return resolve_path(found, base)
 
 
-def _trusted_writers(queue: Path, config: str) -> tuple[int, ...]:
+def _trusted_writers(queue: Path, config_owner: int) -> tuple[int, ...]:
     """Whose record is believed: root's, and the queue owner's; a sendmail run by root believes only root's and the
-    configuration file's owner's (who chooses its settings anyway), not those of a queue it does not own."""
+    configuration file's owner's (who chooses its settings anyway), not those of a queue it does not own.
+    `config_owner` is the owner of the file whose bytes were read (its descriptor's fstat): a stat() of the path
+    now could find another file swapped in since, owned by whoever swapped it."""
     if os.geteuid() == 0:
-        return 0, os.stat(config).st_uid
+        return 0, config_owner
     return 0, os.stat(queue).st_uid
 
 

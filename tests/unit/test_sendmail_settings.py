@@ -380,6 +380,30 @@ def test_roots_sendmail_believes_a_record_of_root_or_the_configuration_files_own
     assert cached_settings(str(config)) is not None
 
 
+def test_roots_sendmail_takes_the_owner_of_the_configuration_it_read_not_of_one_swapped_in_after(config,
+                                                                                                 monkeypatch):
+    """The configuration file's owner is the read descriptor's: a file of the queue owner's renamed over the path
+    between sendmail's read of root's file and a look at its owner does not make that user's record root's."""
+    if os.geteuid() != 0:
+        pytest.skip("chown needs root")
+    path = recorded(config)
+    os.chown(config.parent / "queue", 54321, -1)
+    os.chown(path, 54321, -1)
+    swapped = config.parent / "swapped.toml"
+    swapped.write_bytes(config.read_bytes())
+    os.chown(swapped, 54321, -1)
+    read = cache.read_regular_file_stat
+
+    def read_then_swap(name, limit):
+        found = read(name, limit)
+        os.replace(swapped, config)
+        return found
+
+    monkeypatch.setattr(cache, "read_regular_file_stat", read_then_swap)
+    assert cached_settings(str(config)) is None
+    assert config.stat().st_uid == 54321  # (the swap happened: the record's writer owns the path's file now)
+
+
 def test_the_records_constants_are_the_models():
     """sendmail compares the record with the file without the model: the defaults, the size bound and [log]'s
     values it uses are the model's own (mailflow/config_source.py)."""
