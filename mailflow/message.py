@@ -82,7 +82,11 @@ def header_end(data: bytes) -> int | None:
 
 
 def split_header(content: bytes) -> tuple[bytes, bytes]:
-    end = _fields_end(content)
+    return _split_at(content, _fields_end(content))
+
+
+def _split_at(content: bytes, end: int) -> tuple[bytes, bytes]:
+    """split_header, the fields' end (`_fields_end`) found already."""
     # ended by a complete line, or by a last line (without its line end) that is no header field: the body
     if content.find(b"\n", end) >= 0 or (end < len(content) and not _FIELD_START.match(content, end)):
         return content[:end], content[end:]
@@ -96,16 +100,17 @@ def read_header(content, limit: int) -> tuple[bytes, bool]:
     want = min(FIRST_READ, most)
     while True:
         prefix = content.read_prefix(want)
-        end = header_end(prefix)
-        if end is None and len(prefix) >= content.size:  # the whole message, without an empty line
-            prefix = split_header(prefix)[0]
-            end = len(prefix)
-        if end is not None:
-            return (prefix[:end], True) if end <= limit else (prefix[:limit], False)
-        if want >= most:
-            fields = _fields_end(prefix)
-            return (prefix[:fields], True) if header_fits(prefix, limit) else (prefix[:limit], False)
-        want = min(want * 8, most)
+        fields = _fields_end(prefix)  # (once a read: the one scan of up to `most` bytes)
+        if prefix.find(b"\n", fields) >= 0:  # ended by the complete line after the fields
+            head = prefix[:fields]
+        elif len(prefix) >= content.size:  # the whole message, without a complete line after its fields
+            head = _split_at(prefix, fields)[0]
+        elif want >= most:
+            return (prefix[:fields], True) if _fits(prefix, limit, fields) else (prefix[:limit], False)
+        else:
+            want = min(want * 8, most)
+            continue
+        return (head, True) if len(head) <= limit else (head[:limit], False)
 
 
 def header_fits(data: bytes, limit: int) -> bool:
@@ -116,10 +121,13 @@ def header_fits(data: bytes, limit: int) -> bool:
     Postfix's is_header takes it at its start, its first line_length_limit bytes; so is a first line that starts
     with a blank, no field before it to continue; it was taken for an endless header section and the message
     refused 5.3.4)."""
-    end = header_end(data)
-    if end is not None:
-        return end <= limit
-    fields = _fields_end(data)
+    return _fits(data, limit, _fields_end(data))
+
+
+def _fits(data: bytes, limit: int, fields: int) -> bool:
+    """header_fits, the fields' end (`_fields_end`) found already."""
+    if data.find(b"\n", fields) >= 0:
+        return fields <= limit
     line = data[fields:fields + LINE_LENGTH]
     continues = fields > 0 and line[:1] in (b" ", b"\t")
     if fields > limit or not line or continues or _FIELD_START.match(line):

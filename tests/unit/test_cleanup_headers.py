@@ -8,6 +8,7 @@ import random
 import pytest
 
 from mailflow.content import Content
+from mailflow import message
 from mailflow.errors import PermanentError
 from mailflow.logs import MailLog
 from mailflow.message import header_names, header_value, read_header, rfc5322_date, split_header
@@ -97,6 +98,32 @@ def test_a_long_first_body_line_ends_the_header_section_but_a_long_field_is_too_
     """cleanup took a first body line longer than header_size_limit (no header field) for an endless header section
     and refused the message 5.3.4: `sendmail user < report.log` bounced."""
     assert read_header(Content((content,)), LIMIT) == ((head, True) if head is not None else (content[:LIMIT], False))
+
+
+@pytest.mark.parametrize("content", [b"Subject: " + b"a" * LONG + b"\r\n\r\nbody\r\n",
+                                     b"X-A: 1\r\n" * 600 + b"X" * 2100 + b"\r\n", b"X-A: 1\r\n" * 20000])
+def test_read_header_scans_each_read_for_the_fields_end_once(content, monkeypatch):
+    """An oversized header section's last read (limit + 2 + LINE_LENGTH bytes) was scanned for the fields' end four
+    times (header_end, then header_fits' own two)."""
+    class Counting:
+        def __init__(self, pattern):
+            self.pattern, self.scans = pattern, 0
+
+        def match(self, data, *args):
+            self.scans += 1
+            return self.pattern.match(data, *args)
+
+    counting = Counting(message._FIELDS)
+    monkeypatch.setattr(message, "_FIELDS", counting)
+    reads = []
+
+    class Recording(Content):
+        def read_prefix(self, n):
+            reads.append(n)
+            return super().read_prefix(n)
+
+    read_header(Recording((content,)), LIMIT)
+    assert counting.scans == len(reads)
 
 
 def test_header_names_lower_case_in_order_skipping_continuations():
