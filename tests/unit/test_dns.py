@@ -19,7 +19,9 @@ from mailflow.dns import (GAI_NODATA, MX, TRY_AGAIN, AiodnsResolver, InvalidRepl
                           NonRecoverable, NotFound, StaticResolver, UnreadableReply, checked_rr_name, client_name,
                           hostname_gripe, is_ip_literal, merge_address_answers)
 from mailflow.errors import LookupRetry, PermanentError
-from mailflow.transports.smtp.addr import MX_HOST_LIMIT, exchangers, parse_nexthop
+from mailflow.address import literal_ip
+from mailflow.transports.smtp import addr
+from mailflow.transports.smtp.addr import MX_HOST_LIMIT, Nexthop, exchangers, parse_nexthop
 from tests.support import free_port
 
 ZONE = """
@@ -782,6 +784,20 @@ def test_a_bracketed_ipv4_next_hop_with_leading_zeros_is_that_address():
     """bob@[192.0.2.01] routes (Postfix's valid_ipv4_hostaddr takes it): its next hop is 192.0.2.1, not a name."""
     assert parse_nexthop("[192.0.2.01]:25", 25).host == "192.0.2.1"
     assert parse_nexthop("[192.0.2.1]", 25).host == "192.0.2.1"
+
+
+def test_a_bracketed_next_hop_is_parsed_as_an_address_literal_once(monkeypatch):
+    """`[192.0.2.01]` was read by literal_ip twice (is it one? then: which?); a bracketed name stays as written."""
+    calls = []
+
+    def counted(text):
+        calls.append(text)
+        return literal_ip(text)
+
+    monkeypatch.setattr(addr, "literal_ip", counted)
+    assert parse_nexthop("[192.0.2.01]:25", 25).host == "192.0.2.1"
+    assert calls == ["[192.0.2.01]"]
+    assert parse_nexthop("[MX.Example.test.]", 25) == Nexthop("mx.example.test", 25)
 
 
 def test_a_bracketed_ipv6_next_hop_with_a_zero_padded_ipv4_tail_is_that_address():

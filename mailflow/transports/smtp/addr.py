@@ -81,23 +81,20 @@ def parse_nexthop(written: str, default_port: int, *, lmtp: bool = False) -> Nex
         value = value.removeprefix("inet:")
     host, port = parse_hostport(value, default_port)
     host = host.strip().rstrip(".").lower()
-    if value.startswith("[") and host.startswith("ipv6:"):  # RFC 5321 4.1.3's tag, dropped as Postfix's host_port
+    bracketed = value.startswith("[")
+    if bracketed and host.startswith("ipv6:"):  # RFC 5321 4.1.3's tag, dropped as Postfix's host_port
         host = host.removeprefix("ipv6:")
         if not is_ip_literal(host) or is_ipv4(host):  # `::ffff:192.0.2.01`: taken at RCPT, read as RCPT reads it
             host = literal_ip(f"[IPv6:{host}]") or ""
             if not host:
                 raise ValueError(f"{written!r}: malformed IPv6 address")
+    elif bracketed and host and not is_ipv4(host):
+        # `[192.0.2.01]`, an IPv4 literal with a leading zero that Postfix takes (valid_ipv4_hostaddr) and
+        # `ipaddress` refuses: connected to as 192.0.2.1; any other bracketed name stays as written
+        host = literal_ip(f"[{host}]") or host
     if not host:
         raise ValueError(f"{written!r} names no host")
-    if value.startswith("[") and is_ipv4_literal_with_zeros(host):
-        host = literal_ip(f"[{host}]") or host  # `[192.0.2.01]`, as Postfix's valid_ipv4_hostaddr takes it
-    return Nexthop(host, port, mx_lookup=not lmtp and not value.startswith("["))
-
-
-def is_ipv4_literal_with_zeros(host: str) -> bool:
-    """`192.0.2.01`: an IPv4 address literal with a leading zero that Postfix takes (valid_ipv4_hostaddr) and
-    `ipaddress` refuses (it is connected to as 192.0.2.1)."""
-    return not is_ipv4(host) and literal_ip(f"[{host}]") is not None
+    return Nexthop(host, port, mx_lookup=not lmtp and not bracketed)
 
 
 async def exchangers(resolver: Resolver, nexthop: Nexthop, rng: random.Random) -> list[MX]:
