@@ -264,8 +264,11 @@ def mailbox_syntax_error(address: str) -> str | None:
 
 
 def is_valid_domain(domain: str) -> bool:
-    """A domain name as Postfix's valid_hostname takes it (at most 255 octets, not all digits and dots), or an
-    address literal."""
+    """An address's domain: a domain name as Postfix's valid_hostname takes it (at most 255 octets, not all digits
+    and dots), or an address literal. Not `is_valid_hostname`, on purpose: a domain may also hold UTF-8 labels
+    (SMTPUTF8; each counted in its A-label form) and end in one dot, and this runs for every address (a compiled
+    expression, not hostname_gripe's loop, which is there for its warning's words). On an ASCII name without a
+    trailing dot or brackets the two agree (tests/unit/test_address.py keeps them so)."""
     if domain.startswith("["):
         return is_address_literal(domain)
     return (len(domain) <= 255 and bool(_DOMAIN_RE.fullmatch(domain)) and _labels_fit(domain)
@@ -302,7 +305,9 @@ def hostname_gripe(name: str) -> str | None:
 
 
 def is_valid_hostname(name: str) -> bool:
-    """A host name as Postfix's valid_hostname takes it (hostname_gripe): ASCII, no trailing dot, no literal."""
+    """A host name as Postfix's valid_hostname takes it (hostname_gripe): ASCII, no trailing dot, no literal;
+    where a host name is named (myhostname, ETRN's site, XCLIENT's NAME), not an address's domain
+    (`is_valid_domain`, which also takes UTF-8 labels, a trailing dot and literals)."""
     return hostname_gripe(name) is None
 
 

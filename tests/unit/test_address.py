@@ -1,6 +1,7 @@
 """mailflow.address: split, normalise_domain and mailbox_syntax_error (RFC 5321, RFC 6531 for UTF-8)."""
 from __future__ import annotations
 
+import random
 import socket
 
 import pytest
@@ -358,6 +359,16 @@ def test_is_valid_hostname_is_postfixs_valid_hostname(name, valid):
     """One check for ETRN's site, myhostname and XCLIENT's NAME: hostname_gripe's (255 octets, no literal)."""
     assert address.is_valid_hostname(name) is valid
     assert (address.hostname_gripe(name) is None) is valid
+
+
+def test_is_valid_domain_and_is_valid_hostname_agree_on_ascii_names():
+    """Two codings of Postfix's valid_hostname (a domain's expression, hostname_gripe's loop with its words) that
+    must differ only where a domain may: UTF-8 labels, one trailing dot, an address literal."""
+    rng = random.Random(7)
+    names = ["".join(rng.choice("a1-_.Z9 :[") for _ in range(rng.randrange(12))) for _ in range(20000)]
+    names += ["a" * 63, "a" * 64, "b." + "a" * 63, ".".join(["a" * 63] * 4), ".".join(["a" * 63] * 4) + "b"]
+    for name in (n for n in names if not n.endswith(".")):
+        assert address.is_valid_domain(name) is address.is_valid_hostname(name), name
 
 
 def test_vrfy_argument_splits_words_at_ascii_white_space_only():
