@@ -3,7 +3,8 @@
 - `QueueLock.acquire(directory) -> QueueLock`: creates the directory if needed, takes an exclusive `flock` on
   the directory and on the pid file without waiting and writes this process's pid into it (the directory's lock
   holds even when the pid file is removed under a running server). Raises `QueueBusy` (naming the pid that
-  holds it) when another server runs on this queue, OSError when the directory or file cannot be made.
+  holds it, read through a descriptor: the locked file's, or one opened as queue_owner opens it) when another
+  server runs on this queue, OSError when the directory or file cannot be made.
   `release()` gives it back (the file stays; the next server overwrites it). The lock belongs to the open
   file, so two servers in one process also exclude each other, and a crashed server's lock goes with it.
 - `queue_owner(directory) -> int | None`: the pid of the server running on this queue (0 when its pid cannot be
@@ -56,7 +57,7 @@ class QueueLock:
                 raise QueueBusy(directory, _read_pid(path))
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
             if not _try_flock(fd, fcntl.LOCK_EX):
-                raise QueueBusy(directory, _read_pid(path))
+                raise QueueBusy(directory, _pid_in(fd))  # (the file locked, not one renamed over it since)
             os.fchmod(fd, FILE_MODE)  # (whatever the umask: sendmail, run by any user, reads it)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -111,8 +112,15 @@ def _pid_in(fd: int) -> int | None:
 
 
 def _read_pid(path: Path) -> int | None:
+    """The pid in the pid file of a queue whose directory another server holds, read through one descriptor
+    opened as queue_owner opens it (no symbolic link followed, no wait on a FIFO); None when it cannot be read."""
     try:
-        text = path.read_text().strip()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
-    return int(text) if text.isdigit() else None
+    try:
+        return _pid_in(fd) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)

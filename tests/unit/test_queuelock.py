@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 
 import pytest
 
+from mailflow import queuelock
 from mailflow.queuelock import LOCK_NAME, QueueBusy, QueueLock, queue_owner
 
 
@@ -62,3 +64,40 @@ def test_a_fifo_or_a_symbolic_link_as_the_pid_file_is_refused_at_once(tmp_path, 
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=10,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert done.stdout.startswith("OSError"), done.stdout + done.stderr
+
+
+def test_a_held_pid_file_names_the_pid_of_the_file_it_locked_not_of_one_renamed_over_it(tmp_path, monkeypatch):
+    """The pid is read through the descriptor whose lock was refused, not by name again."""
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    (queue / LOCK_NAME).write_text("4242\n")
+    (tmp_path / "other").write_text("999\n")
+    real = queuelock._try_flock
+
+    def held_then_swapped(fd, operation):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            return real(fd, operation)
+        os.replace(tmp_path / "other", queue / LOCK_NAME)
+        return False
+
+    monkeypatch.setattr(queuelock, "_try_flock", held_then_swapped)
+    with pytest.raises(QueueBusy) as info:
+        QueueLock.acquire(queue)
+    assert info.value.pid == 4242
+
+
+def test_a_fifo_as_a_held_queues_pid_file_does_not_hold_the_second_server(tmp_path):
+    """The directory held, the pid file replaced by a FIFO: the second server is refused at once, naming nobody
+    (it opened the FIFO by name to read the pid, and waited there for a writer)."""
+    queue = tmp_path / "queue"
+    lock = QueueLock.acquire(queue)
+    (queue / LOCK_NAME).unlink()
+    os.mkfifo(queue / LOCK_NAME)
+    code = ("from mailflow.queuelock import QueueBusy, QueueLock\n"
+            f"try:\n    QueueLock.acquire({str(queue)!r})\nexcept QueueBusy as e:\n    print('busy', e.pid)")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=10,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    finally:
+        lock.release()
+    assert done.stdout == "busy None\n", done.stdout + done.stderr
