@@ -180,7 +180,7 @@ def _write_in(where: int, directory: Path, message: MaildropMessage, chunks: Ite
                 _write_message(f, message, chunks, size_limit, room)
                 os.fsync(f.fileno())
             os.rename(temp, name, src_dir_fd=where, dst_dir_fd=where)
-            _fsync_directory(directory)
+            _fsync_directory(where)
         except OSError as e:
             raise MaildropError(f"cannot write {directory / name}: {e.strerror}", _code(e)) from None
     except BaseException:
@@ -200,9 +200,18 @@ def _open_directory(directory: Path) -> int:
         return os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise MaildropError(f"{directory} is not a directory (a symbolic link is never followed)",
-                                os.EX_CANTCREAT) from None
+            raise MaildropError(f"{directory} is not a directory{_not_followed(directory)}", os.EX_CANTCREAT) \
+                from None
         raise MaildropError(f"cannot open {directory}: {e.strerror}", _code(e)) from None
+
+
+def _not_followed(directory: Path) -> str:
+    """What to add when `directory` is not one: that a symbolic link to one is never followed (looked at only on
+    this error's path)."""
+    try:
+        return " (a symbolic link is never followed)" if os.path.islink(directory) and directory.is_dir() else ""
+    except OSError:
+        return ""
 
 
 def _check_pickup_may_read(where: int, directory: Path) -> None:
@@ -211,7 +220,7 @@ def _check_pickup_may_read(where: int, directory: Path) -> None:
     for a writer other than its owner, one not DIRECTORY_MODE (pickup makes its own so at start). Root's sendmail
     would otherwise store mail that waits there unseen."""
     st = os.fstat(where)
-    queue_uid = os.stat(directory.parent).st_uid
+    queue_uid = os.stat("..", dir_fd=where).st_uid  # (the parent of the directory open, not of its name now)
     mode = stat.S_IMODE(st.st_mode)
     if st.st_uid != queue_uid:
         raise MaildropError(f"{directory} belongs to uid {st.st_uid}, not to the queue directory's owner (uid "
@@ -240,14 +249,16 @@ def _write_message(f, message: MaildropMessage, chunks: Iterable[bytes], size_li
 
 
 def _ensure_directory(directory: Path) -> None:
+    """The maildrop made when it is missing (its parents too); nothing looked at when it is there: what is there
+    is opened next, as a directory or refused (`_open_directory`)."""
     try:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        if make_maildrop_directory(directory):
-            return
+        try:
+            make_maildrop_directory(directory)
+        except FileNotFoundError:  # (the queue directory missing too)
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            make_maildrop_directory(directory)
     except OSError as e:
         raise MaildropError(f"cannot create {directory}: {e.strerror}", os.EX_CANTCREAT) from None
-    if not directory.is_dir():
-        raise MaildropError(f"{directory} is not a directory", os.EX_CANTCREAT)
 
 
 def make_maildrop_directory(directory: Path) -> bool:
@@ -297,11 +308,13 @@ def _code(e: OSError) -> int:
     return os.EX_CANTCREAT if e.errno in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.EROFS) else os.EX_TEMPFAIL
 
 
-def _fsync_directory(directory: Path) -> None:
-    """The rename made durable; not for a user who may not read the directory (every one but its owner, in the
-    1733 maildrop: as Postfix's postdrop, the file itself was fsynced, and journaling filesystems keep the rename)."""
+def _fsync_directory(where: int) -> None:
+    """The rename made durable in the directory open as `where` (an O_PATH descriptor, which cannot be fsynced:
+    reopened through it, not by its name); not for a user who may not read the directory (every one but its owner,
+    in the 1733 maildrop: as Postfix's postdrop, the file itself was fsynced, and journaling filesystems keep the
+    rename)."""
     try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=where)
     except PermissionError:
         return
     try:

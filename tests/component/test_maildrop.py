@@ -147,6 +147,24 @@ def test_roots_sendmail_refuses_a_maildrop_pickup_could_not_take_from(tmp_path, 
     assert os.listdir(queue / "maildrop") == [name]
 
 
+def test_a_message_into_an_existing_maildrop_looks_it_up_by_name_once(tmp_path, monkeypatch):
+    """The directory is opened once by name and everything else goes through that descriptor: its owner and mode,
+    its parent's owner, the directory fsynced (it was also stat()ed twice by name, its parent twice, and reopened
+    by name for the fsync)."""
+    directory = tmp_path / "q" / "maildrop"
+    drop(directory)  # (made)
+    named = []
+    for name in ("stat", "lstat", "open", "mkdir"):
+        def recording(path, *args, real=getattr(os, name), label=name, **kwargs):
+            if kwargs.get("dir_fd") is None and str(path) in (str(directory), str(directory.parent)):
+                named.append(label)
+            return real(path, *args, **kwargs)
+        monkeypatch.setattr(os, name, recording)
+    drop(directory)
+    assert named == ["mkdir", "open"]  # (the mkdir finds it there: nothing to make)
+    assert len(maildrop_names(directory)) == 2
+
+
 def test_per_recipient_dsn_reads_back_and_is_written_only_when_given(tmp_path):
     """-bs's RCPT NOTIFY and ORCPT, one per recipient, and an ENVID longer than -V takes (Postfix's smtpd takes
     any length): read back as written; a file without them has no such keys, as before."""
