@@ -262,11 +262,9 @@ class Store(OperatorQueries, RequeueQueries):
         `next_attempt <= now` never holds and `due()` never sees them), and those in a queue that is none of
         QUEUES (no scan, listing or tool sees them). Index range scans (message_due: text and BLOBs sort after the
         numbers; the gaps between the queues' names), for qmgr's timed scans, not per message."""
-        rows = await self._reader.fetchall(
-            "SELECT id, next_attempt FROM message WHERE queue = 'deferred' AND next_attempt >= ''")
-        misplaced = await self._reader.fetchall(f"SELECT id, queue FROM message WHERE {_NO_QUEUE}")
-        return ([(qid, checked((when,), _NEXT_ATTEMPT_KIND)[1]) for qid, when in rows]
-                + [(qid, f"queue is {queue!r}, not one of {', '.join(QUEUES)}") for qid, queue in misplaced])
+        rows = await self._reader.fetchall(NEVER_DUE)
+        return [(qid, f"queue is {value!r}, not one of {', '.join(QUEUES)}" if misplaced
+                 else checked((value,), _NEXT_ATTEMPT_KIND)[1]) for qid, misplaced, value in rows]
 
     async def next_due_time(self) -> float | None:
         rows = await self._reader.fetchall("SELECT min(next_attempt) FROM message WHERE queue = 'deferred'")
@@ -356,6 +354,13 @@ _NEXT_ATTEMPT_KIND = Columns(("next_attempt", "time"))  # never_due()'s
 QUEUES_IN_ORDER = sorted(QUEUES)
 _NO_QUEUE = " OR ".join([f"queue < '{QUEUES_IN_ORDER[0]}'", f"queue > '{QUEUES_IN_ORDER[-1]}'",
                          *(f"(queue > '{a}' AND queue < '{b}')" for a, b in zip(QUEUES_IN_ORDER, QUEUES_IN_ORDER[1:]))])
+# never_due()'s one query: (id, 0, next_attempt) of each deferred message whose next_attempt is text or a BLOB
+# (they sort after the numbers), then (id, 1, queue) of each in no queue of QUEUES; each part an index range scan
+NEVER_DUE = f"""
+SELECT id, 0, next_attempt FROM message WHERE queue = 'deferred' AND next_attempt >= ''
+UNION ALL
+SELECT id, 1, queue FROM message WHERE {_NO_QUEUE}
+"""
 SCAN_CONTENT_SIZE = MEMORY_LIMIT  # bytes: a message kept in its row (this size at most) is read with due()
 SCAN_CONTENT_BUDGET = 8 << 20  # bytes of content read with one due() at the most
 DECODE_INLINE = 100  # rows of a due() or take() decoded on the event loop; more are decoded in a worker thread

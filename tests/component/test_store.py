@@ -1068,3 +1068,21 @@ async def test_a_read_that_met_text_not_utf8_leaves_no_snapshot_behind(store, tm
         assert [row.queue_id for row in await store.message_page(queues=["hold"])] == ["A1"]
     finally:
         gc.enable()
+
+
+async def test_never_due_finds_both_kinds_of_unreachable_message_in_one_read(store, tmp_path):
+    """A deferred message whose next_attempt is no time and one in no known queue, with what is wrong, in one
+    reader hop (it was two queries, each a hop, at every timed scan)."""
+    for qid in ("A1", "B2", "C3"):
+        await store.insert(NewMessage(qid, "s@x.test", 1.0, Content.of(b"Subject: s\r\n\r\nb\r\n"),
+                                      (Recipient(0, "r@x.test", "r@x.test"),)))
+    with sqlite3.connect(tmp_path / "q" / "queue.db") as con:
+        con.execute("PRAGMA ignore_check_constraints = 1")
+        con.execute("UPDATE message SET queue = 'deferred', next_attempt = 'y' WHERE id = 'A1'")
+        con.execute("UPDATE message SET queue = 'bogus' WHERE id = 'B2'")
+        con.execute("UPDATE message SET queue = 'deferred', next_attempt = 5.0 WHERE id = 'C3'")
+    before = store.reads
+    found = await store.never_due()
+    assert store.reads == before + 1
+    assert sorted(found) == [("A1", "next_attempt is 'y', not a time"),
+                             ("B2", "queue is 'bogus', not one of incoming, active, deferred, hold, corrupt, maildrop")]
