@@ -48,6 +48,15 @@ async def test_a_refusal_at_helo_answers_every_mail_and_not_helo(milter_server):
     assert b"M" not in milter.commands(0)
 
 
+@pytest.mark.parametrize("command", ["HELO", "EHLO"])
+async def test_a_421_of_the_milter_at_helo_answers_helo_or_ehlo_and_ends_the_session(milter_server, command):
+    """Postfix's helo_cmd and ehlo_cmd: check_milter_reply's 421 is the command's reply, and the connection ends."""
+    _, port = await milter_server({b"H": replycode("421 4.7.0 bye now")})
+    client = await SmtpClient.connect(port)
+    assert await client.cmd(f"{command} client.test") == (421, "421 4.7.0 bye now")
+    assert await client.closed()
+
+
 @pytest.mark.parametrize("script", [{b"C": reply(b"t")}, {b"C": replycode("450 4.7.1 not now")}])
 async def test_a_tempfail_at_connect_answers_mail_for_the_session(milter_server, script):
     _, port = await milter_server(script)

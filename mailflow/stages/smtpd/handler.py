@@ -64,7 +64,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-from typing import Awaitable, Callable, Protocol
+from typing import Awaitable, Callable, Protocol, TypeGuard
 
 from mailflow import address, status
 from mailflow.config import Config
@@ -225,26 +225,19 @@ class SmtpdHandler:
 
     async def handle_HELO(self, server, session: SessionState, envelope: Transaction,
                           hostname: str) -> str | status.Reply:
-        """Milters are told of HELO (`_milters_helo`): their 421 answers it; without milters aiosmtpd's default
+        """Milters are told of HELO (`_greeted`): their 421 answers it; without milters aiosmtpd's default
         stands."""
-        if self._filters is not None:
-            refusal = await self._milters_helo(self._filters, server, session, "HELO", hostname)
-            if refusal is not None and refusal.code == 421:
-                return refusal
-        session.host_name = helo_name(hostname)
-        return f"250 {server.hostname}"
+        refusal = await self._greeted(server, session, "HELO", hostname)
+        return refusal if _closes(refusal) else f"250 {server.hostname}"
 
     async def handle_EHLO(self, server, session: SessionState, envelope: Transaction, hostname: str,
                           responses: list[str]) -> list[str] | status.Reply:
-        """Milters are told of EHLO (`_milters_helo`): their 421 answers it; their 5xx (at connect or HELO) leaves
+        """Milters are told of EHLO (`_greeted`): their 421 answers it; their 5xx (at connect or HELO) leaves
         ENHANCEDSTATUSCODES the only keyword offered, as Postfix's ehlo_cmd (Sendmail's way); else smtpd's list
         with PIPELINING and ENHANCEDSTATUSCODES added."""
-        refusal = None
-        if self._filters is not None:
-            refusal = await self._milters_helo(self._filters, server, session, "EHLO", hostname)
-            if refusal is not None and refusal.code == 421:
-                return refusal
-        session.host_name = helo_name(hostname)
+        refusal = await self._greeted(server, session, "EHLO", hostname)
+        if _closes(refusal):
+            return refusal
         if refusal is not None and refusal.code >= 500:
             return OnlyKeywords([responses[0], "250 ENHANCEDSTATUSCODES"])
         keywords = [r[4:] for r in responses[1:]]
@@ -258,6 +251,17 @@ class SmtpdHandler:
         """Before VRFY, ETRN, STARTTLS and AUTH (protocol.py): the milters' refusal that holds for the session (at
         connect or HELO), as Postfix's milter_other_event; None without one."""
         return self._filters.standing_refusal(session) if self._filters is not None else None
+
+    async def _greeted(self, server, session: SessionState, command: str, hostname: str) -> status.Reply | None:
+        """HELO or EHLO (`command`) `hostname`: the milters told of it (`_milters_helo`), and their refusal returned
+        (None: none, or no milters); the session takes the name unless the refusal `_closes` it, and answers the
+        command."""
+        refusal = None
+        if self._filters is not None:
+            refusal = await self._milters_helo(self._filters, server, session, command, hostname)
+        if not _closes(refusal):
+            session.host_name = helo_name(hostname)
+        return refusal
 
     @staticmethod
     async def _milters_helo(filters: ListenerFilters, server, session: SessionState, command: str,
@@ -686,6 +690,12 @@ def _on_this_host(ip: str, transport) -> bool:
         return True
     local = transport.get_extra_info("sockname") if transport is not None else None
     return isinstance(local, tuple) and address.client_ip(str(local[0])) == client
+
+
+def _closes(refusal: status.Reply | None) -> TypeGuard[status.Reply]:
+    """A milters' refusal of HELO or EHLO that answers the command and ends the session (421), as Postfix's
+    helo_cmd and ehlo_cmd take check_milter_reply's 421; any other leaves the command's own reply."""
+    return refusal is not None and refusal.code == 421
 
 
 def _log_milter_verdict(server, command: str, verdict: Verdict, **where) -> bool:
