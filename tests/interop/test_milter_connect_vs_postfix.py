@@ -344,3 +344,25 @@ async def test_a_milter_that_asks_for_no_macros_is_sent_postfix_s_default_lists(
                         for stage, lists in postfix.items()}
     assert postfix["C"] == {("_", "j", "v", "{daemon_addr}", "{daemon_name}")}
     assert postfix["M"] == {("{mail_addr}", "{mail_host}", "{mail_mailer}")}
+
+
+async def test_an_empty_setsymlist_list_is_the_defaults_and_one_of_blanks_is_no_macros_as_postfix_has_it(
+        mailflow_server):
+    """Postfix 3.7's milter8 keeps each list the milter gives, and MILTER_MACRO_EVAL sends a stage whose list is
+    the empty string (or that is not listed) the defaults (milter_*_macros): so connect and RCPT here; a list of
+    blanks is a list of no names: nothing at MAIL. mailflow took the blanks for an empty list (the defaults)."""
+    asks = optneg(macros=struct.pack("!I", 0) + b"\0" + struct.pack("!I", 2) + b" \0")  # connect "", MAIL " "
+    unknown = {"{mail_host}", "{mail_mailer}", "{rcpt_host}", "{rcpt_mailer}"}
+    async with scripted_milter(negotiation=asks) as milter:
+        async with postfix_instance({"myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "smtpd_milters": milter.spec,
+                                     "mynetworks": "127.0.0.0/8"}) as pf:
+            await macro_session(pf.port)
+            await eventually(lambda: any(c == b"Q" for c, _ in milter.sessions[-1]), timeout=10)
+            postfix = macro_names(milter.sessions[-1])
+        mf = await mailflow_server(myhostname=MF_HOST, mynetworks=["127.0.0.0/8"], smtpd={"milters": [milter.spec]})
+        await macro_session(mf.smtp_addresses[0][1])
+        await eventually(lambda: any(c == b"Q" for c, _ in milter.sessions[-1]), timeout=10)
+        mailflow = macro_names(milter.sessions[-1])
+    assert mailflow == {stage: {tuple(n for n in names if n not in unknown) for names in lists}
+                        for stage, lists in postfix.items()}
+    assert postfix["C"] == {("_", "j", "v", "{daemon_addr}", "{daemon_name}")} and "M" not in postfix

@@ -601,7 +601,7 @@ def _macro_packet(command: bytes, values: dict[str, str], milter: MilterConnecti
     """The macros of one event: of those mailflow has there, the ones the milter asked for at its `stage` (by
     default the event's own) with SETSYMLIST, else Postfix's default list for that stage (its MILTER_MACRO_EVAL)."""
     asked = milter.negotiated.macros.get(stage or command) if milter.negotiated else None
-    wanted = asked or DEFAULT_MACROS.get(stage or command, ())
+    wanted = DEFAULT_MACROS.get(stage or command, ()) if asked is None else asked
     values = {k: v for k, v in values.items() if k.strip("{}") in wanted}
     return p.macros(command, values) if values else b""
 

@@ -152,7 +152,9 @@ class Decoder:
 @dataclass(frozen=True)
 class Negotiated:
     """What the milter's OPTNEG reply settled: its version, the actions it may take, the protocol flags (what
-    it is not sent, what it does not answer) and the macros it asked for per stage (SETSYMLIST)."""
+    it is not sent, what it does not answer) and the macros it asked for per stage (SETSYMLIST: as Postfix 3.7's
+    milter8 and MILTER_MACRO_EVAL, a stage not listed, or listed with an empty string, is sent the defaults; one
+    listed with separators only is sent none)."""
 
     version: int
     actions: int
@@ -171,7 +173,7 @@ class Negotiated:
         while len(rest) >= 5:
             (stage,) = struct.unpack("!I", rest[:4])
             names, _, rest = rest[4:].partition(b"\0")
-            if stage in MACRO_STAGES:
+            if stage in MACRO_STAGES and names:  # (an empty list is no list: that stage's defaults, as Postfix's)
                 wanted[MACRO_STAGES[stage]] = tuple(n.strip(b"{}").decode("ascii", "replace") for n in names.split())
         if actions & ~OFFERED_ACTIONS:  # Postfix: "request mask conflict", the milter is not used
             raise ProtocolError(f"request mask {actions:#x} conflict with MTA request mask {OFFERED_ACTIONS:#x}")
