@@ -191,6 +191,21 @@ async def test_edits_past_the_message_size_limit_refuse_the_message_as_postfix_d
         "queue file size limit exceeded"]
 
 
+async def test_a_milter_s_own_too_big_reply_is_logged_as_its_reject_not_as_the_size_limit(milter_server, caplog):
+    """A milter may answer the message with the very text of smtpd's size refusal (552 5.3.4 Error: message file
+    too big): Postfix logs that as the milter's reject (milter-reject: END-OF-MESSAGE), not as its own limit. Only
+    the size check's own reply (status.MESSAGE_TOO_BIG, by identity) is the size limit's."""
+    _, port = await milter_server({b"E": replycode("552 5.3.4 Error: message file too big")})
+    client = await SmtpClient.connect(port)
+    with caplog.at_level(logging.INFO, logger="mailflow.cleanup"):
+        assert await client.send_message(MESSAGE) == status.MESSAGE_TOO_BIG
+        await client.close()
+        said = await eventually(lambda: [r.getMessage().partition(": ")[2] for r in caplog.records
+                                         if r.name == "mailflow.cleanup" and "END-OF-MESSAGE" in r.getMessage()])
+    assert said[0].startswith("milter-reject: END-OF-MESSAGE from ") and "5.3.4 Error: message file too big" in said[0]
+    assert not any("size limit exceeded" in r.getMessage() for r in caplog.records)
+
+
 async def test_edits_past_a_listener_s_own_message_size_limit_refuse_the_message(milter_server, caplog):
     """A listener's override of message_size_limit (master.cf's -o) is the limit of its milters' edits: Postfix's
     cleanup, which writes them into the queue file, stops at the limit of the smtpd service that made it."""

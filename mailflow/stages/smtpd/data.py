@@ -190,7 +190,7 @@ class DataCommands(TransactionCommands):
         """Hand complete content to the handler (or refuse it); either way the transaction ends. `crlf`: its
         line ends were checked (mailflow.content.Content.crlf)."""
         if why_not is not None:
-            if why_not is status.MESSAGE_TOO_BIG:
+            if spool.exceeded:  # (why_not is then the size refusal: wire.refusal)
                 self.record.lines.queue_file_too_big(self.envelope.queue_id)
             if spool.failure is not None:
                 log.error("%s: message not queued: cannot write its spool file: %s", self.session.client,

@@ -268,7 +268,10 @@ class ListenerFilters:
                 return outcome
             if filtered.action != "continue":
                 outcome.refusal = filtered.reply
-                if filtered.reply is not None and filtered.reply is not status.MESSAGE_TOO_BIG:  # (too big: smtpd's)
+                # by identity, not value: the size check's own reply (the milters' edits too big: its warning is
+                # logged there) is not logged as theirs, but a milter's replycode of the same text is (Postfix logs
+                # it milter-reject)
+                if filtered.reply is not None and filtered.reply is not status.MESSAGE_TOO_BIG:
                     self._cleanup_reject(session, submission, filtered.reply)
                     outcome.logged = True
                 return outcome
