@@ -48,6 +48,7 @@ from mailflow.config.postfix_cf import printable
 from mailflow.config.postfix_import import UnreadableFile, import_postfix
 from mailflow.config.smtpd import SmtpdConfig
 from mailflow.errors import ConfigError, DeliveryError, LookupRetry
+from mailflow.logs import printable as masked
 from mailflow.logs import setup_logging
 from mailflow.queuelock import QueueBusy
 from mailflow.restriction_vocabulary import (ACCESS_CHECKS, REVERSE_CLIENT_ACCESS, SERVER_ACCESS_CHECKS, STAGES,
@@ -404,7 +405,8 @@ def address_test(addresses: List[str] = typer.Argument(..., metavar="ADDRESS..."
     """How each address would be routed, step by step (like sendmail -bv / exim -bt): the RCPT verdict,
     canonical and virtual alias rewriting, class, transport, next hop (by the sender's tables with --sender),
     local aliases and .forward, and where forwarded copies go, and the TLS policy a delivery to each SMTP next hop
-    would use. Exit 75 when a table or file cannot be read now."""
+    would use. Exit 75 when a table or file cannot be read now. Control characters (an escape sequence, a line
+    break) are shown as `?`, as the queue tools show them."""
     from mailflow.routing.router import Router
 
     cfg = load(config)
@@ -418,9 +420,9 @@ def address_test(addresses: List[str] = typer.Argument(..., metavar="ADDRESS..."
         try:
             steps = tls_steps(cfg, router.explain(addr, _envelope_sender(sender)))
         except DeliveryError as e:
-            fail("mailflow address", f"{addr}: {e.dsn} {e.text}", 75)
-        for depth, label, text in steps:
-            typer.echo(f"{'  ' * depth}{label + ':':<{max(16 - 2 * depth, len(label) + 1)}} {text}")
+            fail("mailflow address", masked(f"{addr}: {e.dsn} {e.text}"), 75)
+        for depth, label, text in steps:  # (the address's control characters as `?`, as the queue tools show them)
+            typer.echo(f"{'  ' * depth}{label + ':':<{max(16 - 2 * depth, len(label) + 1)}} {masked(text)}")
 
 
 def _envelope_sender(given: str | None) -> str | None:

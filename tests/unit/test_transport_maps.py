@@ -94,6 +94,20 @@ def test_mailflow_address_explains_each_step(tmp_path):
     assert second["refused"].strip() == '5.1.1 unknown user: "nobody"'
 
 
+def test_mailflow_address_masks_control_characters_as_the_queue_tools_do(tmp_path):
+    """An escape sequence or a line break in an address was printed raw: a terminal took it, and one step's line
+    became two. Each is `?`, as mailq and postcat show them."""
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('mydestination = ["local.test"]\n')
+    result = run_cli("address", "-c", str(cfg), "a\x1b[31mb@remote.test", "x\ny@remote.test")
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stdout and "a?[31mb@remote.test" in result.stdout
+    first, second = result.stdout.strip().split("\n\n")
+    assert first.splitlines()[0].split() == ["address:", "a?[31mb@remote.test"]
+    assert second.splitlines()[0].split() == ["address:", "x?y@remote.test"]
+    assert all(":" in line for line in second.splitlines())  # (no line cut in two)
+
+
 def test_mailflow_address_exits_75_when_a_table_cannot_answer(tmp_path):
     cfg = tmp_path / "m.toml"
     cfg.write_text('transport_maps = ["fail:down"]\n')
