@@ -349,9 +349,12 @@ async def test_a_milter_that_asks_for_no_macros_is_sent_postfix_s_default_lists(
 async def test_an_empty_setsymlist_list_is_the_defaults_and_one_of_blanks_is_no_macros_as_postfix_has_it(
         mailflow_server):
     """Postfix 3.7's milter8 keeps each list the milter gives, and MILTER_MACRO_EVAL sends a stage whose list is
-    the empty string (or that is not listed) the defaults (milter_*_macros): so connect and RCPT here; a list of
-    blanks is a list of no names: nothing at MAIL. mailflow took the blanks for an empty list (the defaults)."""
-    asks = optneg(macros=struct.pack("!I", 0) + b"\0" + struct.pack("!I", 2) + b" \0")  # connect "", MAIL " "
+    the empty string (or that is not listed) the defaults (milter_*_macros): so connect and DATA here; a list of
+    blanks is a list of no names: nothing at MAIL. mailflow took the blanks for an empty list (the defaults). Names
+    are separated by commas as well as blanks (mystrtok's ", \\t\\r\\n"): RCPT's `{rcpt_addr},i` is two names, which
+    mailflow took for one unknown name and sent nothing."""
+    asks = optneg(macros=struct.pack("!I", 0) + b"\0" + struct.pack("!I", 2) + b" \0"  # connect "", MAIL " "
+                  + struct.pack("!I", 3) + b"{rcpt_addr},i\0")  # RCPT "{rcpt_addr},i"
     unknown = {"{mail_host}", "{mail_mailer}", "{rcpt_host}", "{rcpt_mailer}"}
     async with scripted_milter(negotiation=asks) as milter:
         async with postfix_instance({"myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "smtpd_milters": milter.spec,
@@ -366,3 +369,4 @@ async def test_an_empty_setsymlist_list_is_the_defaults_and_one_of_blanks_is_no_
     assert mailflow == {stage: {tuple(n for n in names if n not in unknown) for names in lists}
                         for stage, lists in postfix.items()}
     assert postfix["C"] == {("_", "j", "v", "{daemon_addr}", "{daemon_name}")} and "M" not in postfix
+    assert ("i", "{rcpt_addr}") in postfix["R"]

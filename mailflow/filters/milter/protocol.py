@@ -15,6 +15,7 @@ with data) or a negotiation that cannot work; the caller treats it like a milter
 """
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 
@@ -52,6 +53,7 @@ STEPS = {
 }
 # SMFIM_* macro stages of SETSYMLIST
 MACRO_STAGES = {0: CONNECT, 1: HELO, 2: MAIL, 3: RCPT, 4: DATA, 5: BODYEOB, 6: EOH}
+_MACRO_SEPARATORS = re.compile(rb"[, \t\r\n]+")  # a SETSYMLIST list's, as milter8's mystrtok(CHARS_COMMA_SP)
 
 
 class ProtocolError(Exception):
@@ -174,7 +176,8 @@ class Negotiated:
             (stage,) = struct.unpack("!I", rest[:4])
             names, _, rest = rest[4:].partition(b"\0")
             if stage in MACRO_STAGES and names:  # (an empty list is no list: that stage's defaults, as Postfix's)
-                wanted[MACRO_STAGES[stage]] = tuple(n.strip(b"{}").decode("ascii", "replace") for n in names.split())
+                wanted[MACRO_STAGES[stage]] = tuple(n.strip(b"{}").decode("ascii", "replace")
+                                                    for n in _MACRO_SEPARATORS.split(names) if n)
         if actions & ~OFFERED_ACTIONS:  # Postfix: "request mask conflict", the milter is not used
             raise ProtocolError(f"request mask {actions:#x} conflict with MTA request mask {OFFERED_ACTIONS:#x}")
         # a milter may answer with protocol bits that were not offered (rspamd does): only what was offered counts
