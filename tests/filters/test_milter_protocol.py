@@ -56,6 +56,18 @@ def test_negotiation_keeps_only_what_was_offered_and_reads_macro_lists():
         p.Negotiated.from_reply(p.Reply(p.CONTINUE))
 
 
+def test_macro_lists_are_split_on_commas_and_blanks_and_the_last_list_of_a_stage_wins_as_in_milter8():
+    """milter8 keeps the last SETSYMLIST list given for a stage (an empty one: the stage's defaults) and splits
+    its names with mystrtok's ", \\t\\r\\n"; a list of separators only is no macros."""
+    def lists(*pairs: tuple[int, bytes]) -> dict:
+        payload = struct.pack("!III", 6, 0, 0) + b"".join(struct.pack("!I", s) + n + b"\0" for s, n in pairs)
+        return p.Negotiated.from_reply(p.Reply(p.OPTNEG, payload)).macros
+    assert lists((3, b"{rcpt_addr},i")) == {p.RCPT: ("rcpt_addr", "i")}
+    assert lists((2, b"{mail_addr}"), (2, b"")) == {}
+    assert lists((2, b""), (2, b"i")) == {p.MAIL: ("i",)}
+    assert lists((2, b" ,\t")) == {p.MAIL: ()}
+
+
 def test_a_milter_asking_for_actions_not_offered_is_refused_as_postfix_does():
     """Postfix's "request mask conflict": the milter is not used (milter_default_action applies), rather than
     being let on with fewer rights than it asked for."""

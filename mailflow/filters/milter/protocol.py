@@ -175,7 +175,11 @@ class Negotiated:
         while len(rest) >= 5:
             (stage,) = struct.unpack("!I", rest[:4])
             names, _, rest = rest[4:].partition(b"\0")
-            if stage in MACRO_STAGES and names:  # (an empty list is no list: that stage's defaults, as Postfix's)
+            if stage not in MACRO_STAGES:
+                continue
+            if not names:  # an empty list is no list: that stage's defaults, as Postfix's (the last list given wins)
+                wanted.pop(MACRO_STAGES[stage], None)
+            else:
                 wanted[MACRO_STAGES[stage]] = tuple(n.strip(b"{}").decode("ascii", "replace")
                                                     for n in _MACRO_SEPARATORS.split(names) if n)
         if actions & ~OFFERED_ACTIONS:  # Postfix: "request mask conflict", the milter is not used
