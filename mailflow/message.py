@@ -25,6 +25,13 @@ is the first of the body, and cleanup puts the missing empty line before it.
     header_fits(data, limit) -> bool      the header section at the start of `data` (at least `limit` + 2 +
                                           LINE_LENGTH bytes of it) ends within `limit` bytes (a long line that
                                           starts as no field ends it: the body's first line)
+    normalized_field_names(head) -> bytes  the header section with the obsolete `name SP :` written `name:` (blanks
+                                          before a field's colon removed), as Postfix's cleanup (mime_state) writes
+                                          every header field it keeps
+    mailbox_lines(data) -> (length, labelled)   the mbox `From ` lines (`>From ` too) `data` starts with, each labelled
+                                          `X-Mailbox-Line: ` as Postfix's smtpd labels them at the start of DATA
+                                          content (a header field, not a line that ends the header section); length
+                                          0 when there is none
     header_lines(head)                    the lines, without their line ends
     header_fields(head)                   (lower-case name, the field's raw lines with continuations) in order
     starts_header_field(text) -> bool     a header field's start, a name and a colon (Postfix's is_header)
@@ -135,6 +142,26 @@ def _fits(data: bytes, limit: int, fields: int) -> bool:
     return len(line) >= LINE_LENGTH or not _MAY_START_FIELD.fullmatch(line)  # (else its colon may yet come)
 
 
+_BLANKS_BEFORE_COLON = re.compile(rb"^([!-9;-~]+)[ \t]+:", re.MULTILINE)  # (a continuation starts with a blank)
+
+
+def normalized_field_names(head: bytes) -> bytes:
+    if b" :" not in head and b"\t:" not in head:
+        return head
+    return _BLANKS_BEFORE_COLON.sub(rb"\1:", head)
+
+
+MAILBOX_LINE = b"X-Mailbox-Line: "
+_MAILBOX_LINES = re.compile(rb"(?:>*From [^\n]*\n)*")
+
+
+def mailbox_lines(data: bytes) -> tuple[int, bytes]:
+    lines = _MAILBOX_LINES.match(data).group()  # type: ignore[union-attr]  # (it matches the empty string at least)
+    if not lines:
+        return 0, b""
+    return len(lines), b"".join(MAILBOX_LINE + line for line in lines.splitlines(keepends=True))
+
+
 def header_lines(head: bytes) -> list[bytes]:
     return [line.removesuffix(b"\r") for line in head.split(b"\n")]
 
@@ -223,6 +250,11 @@ def _date_of_second(second: int) -> str:
     return email.utils.format_datetime(datetime.fromtimestamp(second, timezone.utc))
 
 
+# the Resent- fields that make a message a resent one (Postfix's header_opts, HDR_OPT_RR): cleanup adds the
+# Resent-Message-ID, Resent-Date and Resent-From it lacks, sendmail -t takes Resent-To/Cc/Bcc; another Resent- name
+# (Resent-Comment) is an ordinary field
+RESENT_FIELDS = frozenset({"resent-bcc", "resent-cc", "resent-date", "resent-from", "resent-message-id",
+                           "resent-reply-to", "resent-sender", "resent-to"})
 ADDRESS_FIELDS = frozenset({"from", "to", "cc", "bcc", "reply-to", "sender", "resent-from", "resent-to", "resent-cc",
                             "resent-bcc", "resent-sender"})
 

@@ -12,12 +12,13 @@ says the mail waits in the maildrop until one starts (exit 0: it is stored, as w
 - `run(options, config, stdin, stdout, stderr) -> int` (deliver.py): deliver and `-bs` (stdio_smtp.py); the other
   modes are mailflow.cli's commands. Exit codes are sysexits values (deliver.py lists them).
 - Message handling (reading.py): standard input is streamed into the maildrop file, never held whole: only the
-  header section is kept (at most `header_size_limit` bytes; past that the rest goes on as it is), for -t and
-  Bcc. Line ends become CRLF, and a CR inside a line a space (as Postfix stores it: never a line end); without
-  `-i` a line holding a lone "." ends the input; a leading mbox "From " line is dropped; `-t` adds the To/Cc/Bcc
-  addresses (Resent-To/Cc/Bcc when the message has Resent- headers) to those of the command line; Bcc and
-  Resent-Bcc headers are removed from every message. `-bs` DATA is streamed the same way; too big is
-  `552 5.3.4`.
+  header section is kept (at most `header_size_limit` bytes; past that the rest goes on as it is), for -t. Line ends
+  become CRLF, and a CR inside a line a space (as Postfix stores it: never a line end); without `-i` a line holding
+  a lone "." ends the input; the leading mbox "From " lines (">From " too) are dropped; `-t` adds the To/Cc/Bcc
+  addresses (Resent-To/Cc/Bcc when the message has Resent- fields: mailflow.message.RESENT_FIELDS) to those of the
+  command line; Bcc and Resent-Bcc fields are left to cleanup, which removes them (message_drop_headers) after it
+  has seen them, as Postfix's does: a Resent-Bcc makes a message a resent one. `-bs` DATA is streamed the same way;
+  too big is `552 5.3.4`.
 - Identity (identity.py): the uid and login name of the process (`os.getuid()`); the sender is login@myorigin
   unless `-f`/`-r` names one this login may use; the full name is `-F`, else $NAME, else the passwd GECOS field.
 - submitter.py: the maildrop file and the wake-up, for one identity.
@@ -29,15 +30,14 @@ from typing import Any
 from mailflow.sendmail.deliver import run
 from mailflow.sendmail.identity import Identity, current_identity, may_submit, may_use_sender
 from mailflow.sendmail.options import HELP, USAGE, Options, UsageError, parse_args, parse_notify, program_mode
-from mailflow.sendmail.reading import (LINE_PIECE, clean_address, header_recipients, read_message, split_input,
-                                       without_bcc)
+from mailflow.sendmail.reading import LINE_PIECE, clean_address, header_recipients, read_message, split_input
 from mailflow.sendmail.submitter import Submitter, queue_problem
 
 __all__ = [
     "HELP", "LINE_PIECE", "USAGE", "Identity", "Options", "StdioSmtp",
     "Submitter", "UsageError", "clean_address", "current_identity", "header_recipients", "may_submit",
     "may_use_sender", "parse_args", "parse_notify", "program_mode", "queue_problem", "read_message", "run",
-    "split_input", "without_bcc",
+    "split_input",
 ]
 
 

@@ -24,7 +24,7 @@ from mailflow.maildrop import MaildropError
 from mailflow.sendmail.identity import Identity, current_identity, may_submit
 from mailflow.sendmail.options import Options, UsageError
 from mailflow.sendmail.reading import (argument_recipients, argument_sender, clean_recipient, header_overflows,
-                                       header_recipients, read_message, text_of_argument, without_bcc)
+                                       header_recipients, read_message, text_of_argument)
 from mailflow.sendmail.settings import Settings
 from mailflow.sendmail.submitter import Submitter
 
@@ -150,7 +150,7 @@ def _deliver(opts: Options, config: Settings, stdin: BinaryIO, stderr: TextIO, s
         raise UsageError("no recipient addresses found in the message header (-t)" if opts.extract
                          else "no recipient addresses found on the command line")
     try:
-        name = submitter.store(sender, recipients, itertools.chain((without_bcc(head),), rest), opts)
+        name = submitter.store(sender, recipients, itertools.chain((head,), rest), opts)
     except MaildropError as e:
         say(f"message not stored: {e}")
         return e.code

@@ -1,5 +1,5 @@
 """The message as `mailflow sendmail` reads it: addresses from the command line, lines from standard input, the
-header section (for -t and Bcc), streamed so that a big message is never held whole.
+header section (for -t), streamed so that a big message is never held whole.
 
     clean_address(value, origin) -> address        `<a@b>` -> `a@b`; a bare local part gets @myorigin; a quoted
                                                    string or literal never closed is closed (`"joe@x` is joe@x)
@@ -14,14 +14,13 @@ header section (for -t and Bcc), streamed so that a big message is never held wh
     text_of_argument(value) -> text                -F, $NAME, GECOS: bytes that are not UTF-8 become U+FFFD
     read_message(stream, ignore_dots) -> lines     CRLF line ends; a lone "." (its line end or not) ends the input
                                                    unless ignore_dots; a CR inside a line becomes a space;
-                                                   a leading mbox "From " line is dropped; a line longer than
+                                                   leading mbox "From " lines are dropped; a line longer than
                                                    LINE_PIECE comes in pieces
     line_pieces(stream) -> (text, complete, last)  what both read_message and -bs's DATA read: lines, or pieces
                                                    of LINE_PIECE, without their line ends
     split_input(lines, limit) -> (header section, the rest)
     header_overflows(head, limit) -> bool           the header section goes on past the limit (split_input cut it)
-    header_recipients(header) -> addresses         -t: To, Cc, Bcc (Resent-* when any Resent- header is present)
-    without_bcc(header) -> header                  Bcc and Resent-Bcc removed
+    header_recipients(header) -> addresses         -t: To, Cc, Bcc (Resent-* when the message is a resent one)
 
 Failure behaviour: `clean_address` raises UsageError for an address with spaces or brackets (outside a quoted
 local part: `"john smith"@example.org` is an address, as Postfix takes it), CR, LF, NUL or bytes that are not
@@ -37,7 +36,7 @@ import re
 from typing import BinaryIO, Callable, Iterable, Iterator
 
 from mailflow.header_addresses import closed_address, mailbox_spans
-from mailflow.message import CRLF, header_fields, header_fits, split_header
+from mailflow.message import CRLF, RESENT_FIELDS, header_fields, header_fits, split_header
 from mailflow.sendmail.options import UsageError
 from mailflow.syntax import is_utf8_text
 
@@ -105,19 +104,16 @@ def argument_recipients(value: str, origin: str) -> list[str]:
 def read_message(stream: BinaryIO, ignore_dots: bool) -> Iterator[bytes]:
     """The message from standard input, as lines ending in CRLF (a line longer than LINE_PIECE comes in pieces,
     the last ending in CRLF); a lone "." ends it unless `ignore_dots` (also as the last line without a line end,
-    as Postfix's sendmail takes it); a leading mbox "From " line is dropped. A CR that is not part of the line end
-    becomes a space (lone_cr_as_space), as with Postfix."""
-    first, at_start, skipping = True, True, False
+    as Postfix's sendmail takes it); the mbox "From " lines it starts with (`>From ` too) are dropped, as Postfix's
+    sendmail drops them. A CR that is not part of the line end becomes a space (lone_cr_as_space), as with Postfix."""
+    leading, at_start, skipping = True, True, False
     for text, complete, last in line_pieces(stream):
         if at_start:
-            if first and text.startswith(b"From "):  # an mbox separator, not a header (Postfix drops it too)
-                skipping = True
-            elif not ignore_dots and text == b"." and (complete or last):
+            skipping = leading = leading and text.lstrip(b">").startswith(b"From ")  # mbox separators, no header
+            if not skipping and not ignore_dots and text == b"." and (complete or last):
                 return  # ("." at the very end of the input, without its line end, counts too)
-        first = False
         if not skipping:
             yield lone_cr_as_space(text) + (CRLF if complete else b"")
-        skipping = skipping and not complete
         at_start = complete
     if not at_start and not skipping:  # the last line had no line end
         yield CRLF
@@ -175,12 +171,13 @@ def header_overflows(head: bytes, limit: int) -> bool:
 
 
 def header_recipients(content: bytes) -> list[str]:
-    """-t: the addresses of To, Cc and Bcc (Resent-To/-Cc/-Bcc when any Resent- header is present), found as
+    """-t: the addresses of To, Cc and Bcc (Resent-To/-Cc/-Bcc when a Resent- field of RESENT_FIELDS is present, as
+    Postfix's cleanup decides: `Resent-Comment` is none), found as
     Postfix's sendmail finds them (mailflow.header_addresses.mailbox_spans): a mailbox with `<...>` is that
     address only (`To: a@x <b@y>` is b@y alone); words side by side without one are an address each (`To: a@x
     b@y`: both, as Postfix adds the missing comma); group names, display names and comments are none."""
     fields = header_fields(split_header(content)[0])
-    resent = any(name.startswith("resent-") for name, _ in fields)
+    resent = any(name in RESENT_FIELDS for name, _ in fields)
     wanted = ("resent-to", "resent-cc", "resent-bcc") if resent else ("to", "cc", "bcc")
     found = []
     for name, field_lines in fields:
@@ -189,10 +186,3 @@ def header_recipients(content: bytes) -> list[str]:
             found += [value[span[0]:span[1]].decode("utf-8", "replace") for span in mailbox_spans(value) if span]
     return found
 
-
-def without_bcc(content: bytes) -> bytes:
-    head, rest = split_header(content)
-    if not content.endswith(b"\n") and not rest:
-        head = content  # a header section without its final line end stays so
-    kept = [b"".join(lines) for name, lines in header_fields(head) if name not in ("bcc", "resent-bcc")]
-    return b"".join(kept) + rest

@@ -60,11 +60,10 @@ from mailflow.ehlo_keywords import discards_for, keyword_name
 from mailflow.junk_commands import JunkCount
 from mailflow.logs import MailLog, SmtpdLog
 from mailflow.maildrop import MaildropError
-from mailflow.message import CRLF
+from mailflow.message import CRLF, MAILBOX_LINE
 from mailflow.reply_footer import FooterClient, footer_lines, footer_values
 from mailflow.sendmail.options import Options, UsageError
-from mailflow.sendmail.reading import (LINE_PIECE, clean_address, clean_recipient, line_pieces, lone_cr_as_space,
-                                       without_bcc)
+from mailflow.sendmail.reading import LINE_PIECE, clean_address, clean_recipient, line_pieces, lone_cr_as_space
 from mailflow.sendmail.submitter import Submitter
 from mailflow.session_log import SessionLog
 from mailflow.smtp_parameters import mail_parameters, path_text, path_word, rcpt_parameters
@@ -282,7 +281,7 @@ class StdioSmtp:
         lines = self._data_lines()
         try:
             head, rest = self._sub.split(lines)
-            name = self._sub.store(self._sender, self._recipients, itertools.chain((without_bcc(head),), rest),
+            name = self._sub.store(self._sender, self._recipients, itertools.chain((head,), rest),
                                    self._message_opts, self._rcpt_dsn)
         except _EndOfInput:
             return  # end of input mid-message: nothing is stored
@@ -303,14 +302,18 @@ class StdioSmtp:
     def _data_lines(self) -> Iterator[bytes]:
         """The DATA content, unstuffed, line by line, up to the "." line; _EndOfInput when input ends first. A
         line longer than LINE_PIECE comes in pieces, only the last ending in CRLF (as read_message gives it): it
-        stays one line, as Postfix's smtpd keeps it."""
-        at_start = True
+        stays one line, as Postfix's smtpd keeps it. The mbox `From ` lines it starts with (`>From ` too) are
+        labelled `X-Mailbox-Line: `, header fields, as Postfix's smtpd labels them (mailflow.message.mailbox_lines)."""
+        at_start, leading = True, True
         for text, complete, _ in line_pieces(self._in):
             self._data_bytes += len(text) + 2 * complete  # (the bytes received, as a line of them with its CRLF)
             if at_start and complete and text == b".":
                 self._record.message_ended()
                 return
             piece = lone_cr_as_space(text[1:] if at_start and text.startswith(b".") else text)
+            if at_start:
+                leading = leading and text.lstrip(b">").startswith(b"From ")
+                piece = MAILBOX_LINE + piece if leading else piece
             yield piece + CRLF if complete else piece
             at_start = complete
         raise _EndOfInput()

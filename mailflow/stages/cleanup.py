@@ -43,6 +43,8 @@ What it does, in order (Postfix cleanup(8)):
    appends Message-ID, Date and From (Resent-Message-ID, Resent-Date, Resent-From for a message with Resent-
    fields) when the message has none and `Submission.add_missing_headers` says so
    (smtpd: local_header_rewrite_clients; a local user's From carries their full name);
+   a field written with blanks before its colon (`Subject : x`) is written `Subject: x`, as Postfix's cleanup
+   writes it (the content checks see it so too);
    only the header section is read (at most `header_size_limit` bytes, mailflow.message.read_header): the
    queued content is the new header section followed by the original's body, never copied (a spooled
    body stays in its file, see mailflow.content);
@@ -89,7 +91,8 @@ from mailflow.filters.content_checks import ContentChecks, Inspection
 from mailflow.header_addresses import rewrite_address_fields
 from mailflow.address import shown_original
 from mailflow.logs import MailLog
-from mailflow.message import comment_sanitized, header_names, header_value, read_header, rfc5322_date, without_fields
+from mailflow.message import (RESENT_FIELDS, comment_sanitized, header_names, header_value, normalized_field_names,
+                              read_header, rfc5322_date, without_fields)
 from mailflow.model import ClientInfo, QueueId, Recipient, Submission, replaced
 from mailflow.routing.addressmap import BCC_NOTIFY, NO_MILTER_EDITS, AddressMapper, MilterEdits
 from mailflow.signing.outbound import OutboundSigning
@@ -312,7 +315,7 @@ class Cleanup:
         env, c = sub.envelope, sub.client
         describe = (f"from {c.named}; from=<{env.sender}> to=<{env.recipients[0] if env.recipients else ''}>"
                     f" proto={c.protocol} helo=<{c.helo}>")
-        return await checks.inspect(queue_id, head, sub.content.after(len(head)), describe)
+        return await checks.inspect(queue_id, normalized_field_names(head), sub.content.after(len(head)), describe)
 
     def prepare(self, sub: Submission, *, rewrite: bool = True) -> NewMessage:
         """Everything but the commit: the queue id, the checks, the envelope rewriting and the headers.
@@ -343,6 +346,7 @@ class Cleanup:
             raise MessageTooBig("5.3.4", "Error: message header size exceeds limit",
                                 f"header section larger than header_size_limit {self._header_size_limit}")
         rest = sub.content.after(len(head))  # (a header section given its missing final CRLF: nothing follows)
+        head = normalized_field_names(head)
         env = sub.envelope
         originals = env.originals or env.recipients
         notify = env.notify or ("",) * len(env.recipients)
@@ -436,10 +440,11 @@ class Cleanup:
 
     def _missing_headers(self, names: list[str], queue_id: QueueId, sender: str, now: float,
                          fullname: str = "") -> bytes:
-        """Message-ID, Date and From when the message lacks them; for a resent message (any Resent- field),
+        """Message-ID, Date and From when the message lacks them; for a resent message (a Resent- field of
+        RESENT_FIELDS, as Postfix's: `Resent-Comment` is none),
         Resent-Message-ID, Resent-Date and Resent-From instead, as Postfix's cleanup adds them (From: the sender
         as it is, `MAILER-DAEMON` for the null sender)."""
-        resent = "Resent-" if any(name.startswith("resent-") for name in names) else ""
+        resent = "Resent-" if RESENT_FIELDS.intersection(names) else ""
         added = []
         if f"{resent}message-id".lower() not in names:
             stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))

@@ -19,7 +19,7 @@ from mailflow.errors import TemporaryError
 from mailflow.maildrop import (CorruptMaildrop, MaildropError, MaildropMessage, maildrop_content, maildrop_names,
                                read_maildrop, wake_pickup, write_maildrop)
 from mailflow.sendmail import (LINE_PIECE, UsageError, header_recipients, may_submit, may_use_sender, parse_args,
-                               read_message, split_input, without_bcc)
+                               read_message, split_input)
 from mailflow.sendmail import identity
 from mailflow.stages import pickup
 from tests.support import big_message, eventually, maildir_messages, queue_becomes
@@ -405,6 +405,14 @@ def test_mbox_from_line_is_dropped_and_line_ends_become_crlf():
     assert message(b"A: b\r\r\n\r\nbody\r", False) == b"A: b\r\n\r\nbody\r\n"
 
 
+def test_every_leading_mbox_from_line_is_dropped_as_postfix_drops_them():
+    """Postfix's sendmail skips the lines its input starts with while they start with `From ` after any `>`s; only
+    the first `From ` line was dropped, the next taken for the first line of the body."""
+    assert message(b"From me Mon Jan 1\n>From you\n>>From them\nA: b\n\nFrom body\n", False) == \
+        b"A: b\r\n\r\nFrom body\r\n"
+    assert message(b"A: b\nFrom me\n", False) == b"A: b\r\nFrom me\r\n"
+
+
 def test_a_long_line_comes_in_pieces_with_its_line_end_whole():
     line = b"x" * (LINE_PIECE - 1) + b"\r"  # the CR is the last byte of the first piece
     pieces = list(read_message(io.BytesIO(b"A: b\n\n" + line + b"\nnext\n"), False))
@@ -426,8 +434,6 @@ def test_header_recipients_and_bcc_removal():
     content = (b"To: A <a@x.test>, b@x.test\r\nCc: c@x.test\r\nBcc: hidden@x.test,\r\n\tother@x.test\r\n"
                b"Subject: s\r\n\r\nBcc: not a header\r\n")
     assert header_recipients(content) == ["a@x.test", "b@x.test", "c@x.test", "hidden@x.test", "other@x.test"]
-    assert without_bcc(content) == (b"To: A <a@x.test>, b@x.test\r\nCc: c@x.test\r\nSubject: s\r\n\r\n"
-                                    b"Bcc: not a header\r\n")
 
 
 def test_a_display_name_that_looks_like_an_address_is_no_recipient():
@@ -440,7 +446,14 @@ def test_a_display_name_that_looks_like_an_address_is_no_recipient():
 def test_resent_headers_take_precedence():
     content = b"Resent-To: r@x.test\r\nResent-Bcc: rb@x.test\r\nTo: orig@x.test\r\n\r\n"
     assert header_recipients(content) == ["r@x.test", "rb@x.test"]
-    assert b"Resent-Bcc" not in without_bcc(content)
+
+
+def test_a_resent_field_postfix_does_not_know_does_not_make_a_resent_message():
+    """Postfix's cleanup takes Resent-To/Cc/Bcc under -t only when the message has a Resent- field of its
+    header_opts (HDR_OPT_RR): `Resent-Comment` is none, and the To was dropped for the Resent-To there is not
+    (no recipient)."""
+    content = b"Resent-Comment: c\r\nTo: orig@x.test\r\n\r\n"
+    assert header_recipients(content) == ["orig@x.test"]
 
 
 # ---------------------------------------------------------------------------------------------- who may

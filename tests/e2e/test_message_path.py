@@ -49,6 +49,22 @@ async def test_headers_the_client_sent_are_not_duplicated(mailflow_server, tmp_p
     assert b"Message-ID: <given@remote.test>" in head
 
 
+async def test_mbox_from_lines_starting_data_become_header_fields(mailflow_server, tmp_path):
+    """As Postfix's smtpd (receive_data_message) keeps them: the `From ` lines (`>From ` too) that DATA's content
+    starts with are labelled `X-Mailbox-Line: `, so that the fields after them stay the header section (they were
+    taken for the first line of the body, the Subject with them; checked against Postfix 3.7.11:
+    tests/interop/test_cleanup_content_vs_postfix.py). A field name's blanks before its colon go, as Postfix's
+    cleanup writes it."""
+    mf = await mailflow_server()
+    msg = b"From s@remote.test Fri Dec  4 12:00:00 2026\r\n>From again\r\nSubject : mbox\r\n\r\nFrom body\r\n"
+    await send(mf.smtp_addresses[0][1], "s@remote.test", ["alice@local.test"], msg)
+    files = await eventually(lambda: maildir_messages(tmp_path / "mail" / "alice" / "Maildir"))
+    head, body = files[0].split(b"\n\n", 1)
+    assert b"\nX-Mailbox-Line: From s@remote.test Fri Dec  4 12:00:00 2026\nX-Mailbox-Line: >From again\n" \
+           b"Subject: mbox\nMessage-ID: <" in head
+    assert body == b"From body\n"
+
+
 async def test_relay_domain_reaches_the_peer_with_envelope_unchanged(mailflow_server, smtp_peer):
     peer = await smtp_peer()
     mf = await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}")

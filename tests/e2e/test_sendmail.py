@@ -99,6 +99,20 @@ async def test_t_with_bcc_removes_the_header_and_delivers_to_the_bcc_recipient(m
         assert b"Bcc" not in message.split(b"\n\n")[0]
 
 
+async def test_a_resent_bcc_makes_a_resent_message_and_is_removed(mailflow_server, cfg, tmp_path):
+    """cleanup sees the Resent-Bcc before it removes it (message_drop_headers), as Postfix's does: the message gets
+    the Resent- fields it lacks, not Message-ID, Date and From (sendmail removed the field itself, so that cleanup
+    never saw it; checked against Postfix 3.7.11: tests/interop/test_cleanup_content_vs_postfix.py)."""
+    await mailflow_server()
+    rc, _, err = await run(cfg(), "alice@local.test", stdin=b"Resent-Bcc: bob@local.test\nSubject: b\n\nx\n")
+    assert rc == 0, err
+    [message] = await delivered(tmp_path, "alice")
+    head = message.split(b"\n\n")[0]
+    assert b"Resent-Bcc" not in head
+    assert [line.split(b":")[0] for line in head.split(b"\n")[-4:]] == [b"Subject", b"Resent-Message-ID",
+                                                                      b"Resent-Date", b"Resent-From"]
+
+
 async def test_t_adds_command_line_recipients(mailflow_server, cfg, tmp_path):
     await mailflow_server()
     rc, _, err = await run(cfg(), "-t", "bob@local.test", stdin=b"To: alice@local.test\n\nx\n")
@@ -154,6 +168,21 @@ async def test_a_cr_inside_a_line_becomes_a_space_and_never_a_line_end(mailflow_
     assert body == b"body  . end\r\n"
     assert b"\r\nSubject: bs  X: y\r\n" in by_rcpt[("b@relay.test",)].partition(b"\r\n\r\n")[0]
     await queue_becomes(mf.store, {})
+
+
+async def test_bs_labels_the_mbox_from_lines_data_starts_with(mailflow_server, smtp_peer, cfg):
+    """Under -bs, as Postfix's smtpd there: the `From ` lines (`>From ` too) DATA's content starts with become
+    `X-Mailbox-Line:` header fields; the header fields after them were taken for the body."""
+    peer = await smtp_peer()
+    await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}")
+    rc, out, err = await run(cfg(), "-bs", stdin=b"HELO x\r\nMAIL FROM:<>\r\nRCPT TO:<b@relay.test>\r\nDATA\r\n"
+                                                b"From a@x.test Fri Dec  4\r\n>From b\r\nSubject: bs\r\n\r\n"
+                                                b"From x\r\n.\r\nQUIT\r\n")
+    assert rc == 0 and b"250 2.0.0 Ok: queued" in out, (out, err)
+    await eventually(lambda: peer.messages, timeout=5)
+    head, _, body = peer.messages[0].content.partition(b"\r\n\r\n")
+    assert b"\r\nX-Mailbox-Line: From a@x.test Fri Dec  4\r\nX-Mailbox-Line: >From b\r\nSubject: bs\r\n" in head
+    assert body == b"From x\r\n"
 
 
 async def test_bs_scripted_smtp_dialogue(mailflow_server, cfg, tmp_path):

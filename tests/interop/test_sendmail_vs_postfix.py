@@ -137,6 +137,9 @@ RECIPIENT_CASES = [
     # with exit 64 and stored the literal unclosed)
     (["-f", '"al@x.test', 'b@x.test', '"joe@x.test', "bob@[192.0.2.1"], MESSAGE),
     (["-t"], b'To: bob@x.test, "joe@x.test\nSubject: probe\n\nbody\n'),
+    # a Resent- field Postfix does not know (header_opts): no resent message, the To is read (mailflow took the
+    # Resent-To/Cc/Bcc there were none of, and refused `no recipient addresses found`)
+    (["-t"], b"Resent-Comment: c\nTo: a@x.test\nSubject: probe\n\nbody\n"),
 ]
 
 

@@ -321,6 +321,26 @@ async def test_a_resent_message_gets_the_resent_fields_it_lacks(env, present, ad
     assert names == ["received", *header_names(present), *added]
 
 
+async def test_a_resent_field_postfix_does_not_know_makes_no_resent_message(env):
+    """Postfix's cleanup adds the Resent- kind only for a Resent- field of its header_opts (HDR_OPT_RR);
+    `Resent-Comment` is an ordinary field (checked against Postfix 3.7.11: mailflow added Resent-Message-ID,
+    Resent-Date and Resent-From)."""
+    await env.cleanup.submit(submission(b"Resent-Comment: c\r\n\r\nbody\r\n"))
+    names = header_names(split_header(env.store.inserted[0].content)[0])
+    assert names == ["received", "resent-comment", "message-id", "date", "from"]
+
+
+async def test_a_field_name_with_blanks_before_its_colon_is_written_without_them(env):
+    """Postfix's cleanup (mime_state) writes the obsolete `name SP :` as `name:` (checked against Postfix 3.7.11);
+    a continuation line and the body keep theirs."""
+    content = b"Subject : spaced\r\nX-Tab\t: tabbed\r\n folded : line\r\nX-Plain: a : b\r\n\r\nBody : x\r\n"
+    await env.cleanup.submit(submission(content))
+    stored = env.store.inserted[0].content
+    assert stored.endswith(b"Subject: spaced\r\nX-Tab: tabbed\r\n folded : line\r\nX-Plain: a : b\r\n"
+                           + stored.split(b"X-Plain: a : b\r\n")[1])
+    assert stored.endswith(b"\r\n\r\nBody : x\r\n")
+
+
 async def test_null_sender_gets_mailer_daemon_from(env):
     """As Postfix's cleanup writes it: MAILER-DAEMON, unqualified (checked against Postfix 3.7)."""
     await env.cleanup.submit(submission(b"Subject: bounce\r\n\r\nx\r\n", sender=""))

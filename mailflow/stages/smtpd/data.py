@@ -10,6 +10,8 @@ What it owns
   (protocol.LAYER_KEYWORDS).
 - Either way the content is written as it arrives into a spool from the handler's `new_spool(message_size_limit)`
   (mailflow.content.Spool: memory for a small message, a file for a big one), under the DATA rate deadline.
+  DATA's content has the mbox `From ` lines it starts with labelled `X-Mailbox-Line: ` (`labelled_mailbox_lines`,
+  as Postfix's smtpd; not BDAT's, as in Postfix).
   At its end the handler's `handle_DATA` finds it as a mailflow.content.Content (`Transaction.content`) and
   answers; the transaction ends however the message ends, and its spool is discarded (what was queued has the
   queue's own name for its file by then). A message queued (250) resets the error counts; BDAT LAST's 250 names
@@ -33,12 +35,24 @@ from __future__ import annotations
 import logging
 
 from mailflow import status
-from mailflow.content import Spool
+from mailflow.content import Content, Spool
+from mailflow.message import LINE_LENGTH, mailbox_lines
 from mailflow.stages.smtpd.transaction import TransactionCommands
 from mailflow.stages.smtpd.wire import ContentCheck, refusal
 from mailflow.syntax import ascii_upper, command_words, parse_octet_count
 
+MAILBOX_LINES_READ = 8 * LINE_LENGTH  # how far labelled_mailbox_lines reads for the lines it labels
 log = logging.getLogger("mailflow.smtpd")
+
+
+def labelled_mailbox_lines(content: Content) -> Content:
+    """DATA content with the mbox `From ` lines (`>From ` too) it starts with labelled `X-Mailbox-Line: `, as
+    Postfix's smtpd (receive_data_message) keeps them for DATA, not for BDAT: header fields, where cleanup would
+    take such a line for the first line of the body. Looked for in the first MAILBOX_LINES_READ bytes."""
+    if not content.read_prefix(LINE_LENGTH).lstrip(b">").startswith(b"From "):
+        return content
+    length, labelled = mailbox_lines(content.read_prefix(MAILBOX_LINES_READ))
+    return Content((labelled, *content.after(length).parts), crlf=content.crlf) if length else content
 
 
 def bdat_arguments(arg: str | None) -> tuple[int, bool] | None:
@@ -83,7 +97,8 @@ class DataCommands(TransactionCommands):
             finally:
                 self._content_ends()
             self.record.message_ended()
-            await self._finish_message(spool, why_not, crlf=True)  # (read_data let no bare CR or LF through)
+            # (read_data let no bare CR or LF through)
+            await self._finish_message(spool, why_not, crlf=True, mailbox_lines=True)
         finally:
             spool.discard()
 
@@ -186,9 +201,11 @@ class DataCommands(TransactionCommands):
         """Where this transaction's content goes (the handler's, i.e. the queue's spool directory)."""
         return self.event_handler.new_spool(self.data_size_limit)
 
-    async def _finish_message(self, spool: Spool, why_not: status.Reply | None, *, crlf: bool) -> None:
+    async def _finish_message(self, spool: Spool, why_not: status.Reply | None, *, crlf: bool,
+                              mailbox_lines: bool = False) -> None:
         """Hand complete content to the handler (or refuse it); either way the transaction ends. `crlf`: its
-        line ends were checked (mailflow.content.Content.crlf)."""
+        line ends were checked (mailflow.content.Content.crlf); `mailbox_lines`: DATA's content, whose leading mbox
+        `From ` lines are labelled (`labelled_mailbox_lines`)."""
         if why_not is not None:
             if spool.exceeded:  # (why_not is then the size refusal: wire.refusal)
                 self.record.lines.queue_file_too_big(self.envelope.queue_id)
@@ -199,7 +216,10 @@ class DataCommands(TransactionCommands):
             await self.push(why_not)
             self._checkpoint()  # (after the reply, as Postfix's chat_reset at the end of a message)
             return
-        self.envelope.content = self.envelope.original_content = await spool.finish(crlf=crlf)
+        content = await spool.finish(crlf=crlf)
+        if mailbox_lines:
+            content = labelled_mailbox_lines(content)
+        self.envelope.content = self.envelope.original_content = content
         reply = await self._call_handler_hook("DATA")
         queued_as = self.envelope.queued_as
         spool.discard()  # what was queued has the queue's own name for its file by now
