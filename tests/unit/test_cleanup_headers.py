@@ -341,6 +341,14 @@ async def test_a_field_name_with_blanks_before_its_colon_is_written_without_them
     assert stored.endswith(b"\r\n\r\nBody : x\r\n")
 
 
+async def test_a_label_written_with_blanks_before_its_colon_marks_the_message_8bitmime(env):
+    """`Content-Transfer-Encoding : 8bit` is Postfix's `Content-Transfer-Encoding: 8bit` (it normalizes the name
+    first), so it marks the message 8BITMIME (checked against Postfix 3.7.11); mailflow's label reader did not see
+    the field."""
+    await env.cleanup.submit(submission(b"MIME-Version: 1.0\r\nContent-Transfer-Encoding :  8bit\r\n\r\nx\r\n"))
+    assert env.store.inserted[0].body_type == "8BITMIME"
+
+
 async def test_null_sender_gets_mailer_daemon_from(env):
     """As Postfix's cleanup writes it: MAILER-DAEMON, unqualified (checked against Postfix 3.7)."""
     await env.cleanup.submit(submission(b"Subject: bounce\r\n\r\nx\r\n", sender=""))
