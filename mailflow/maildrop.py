@@ -154,9 +154,9 @@ def write_maildrop(directory: Path, message: MaildropMessage, chunks: Iterable[b
         raise MaildropError(f"too many recipients ({len(message.recipients)}): the envelope would be {room} bytes, "
                             f"more than {HEADER_LIMIT}", os.EX_USAGE)
     _ensure_directory(directory)
-    where = _open_directory(directory)
+    where, queue_uid = _open_directory(directory)
     try:
-        _check_pickup_may_read(where, directory)
+        _check_pickup_may_read(where, queue_uid, directory)
         return _write_in(where, directory, message, chunks, size_limit, room)
     finally:
         os.close(where)
@@ -192,17 +192,28 @@ def _write_in(where: int, directory: Path, message: MaildropMessage, chunks: Ite
     return name
 
 
-def _open_directory(directory: Path) -> int:
+def _open_directory(directory: Path) -> tuple[int, int]:
     """The maildrop directory itself, never through a symbolic link: whoever may write in the queue directory (its
     owner) could make maildrop/ a link to root's directories, where root's sendmail would then write (pickup never
-    follows one either). O_PATH: the directory need not be readable (1733), only searchable."""
+    follows one either); with the uid of the queue directory it is in (the server's user). The queue directory is
+    opened first and maildrop/ in it: each looked up once by name; O_PATH: neither need be readable (maildrop is
+    1733) nor maildrop searchable (the refusal of a private maildrop is then said, `_check_pickup_may_read`).
+    Every OSError is a MaildropError."""
     try:
-        return os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        queue = os.open(directory.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise MaildropError(f"cannot open {directory.parent}: {e.strerror}", _code(e)) from None
+    try:
+        queue_uid = os.fstat(queue).st_uid
+        return os.open(directory.name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       dir_fd=queue), queue_uid
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENOTDIR):
             raise MaildropError(f"{directory} is not a directory{_not_followed(directory)}", os.EX_CANTCREAT) \
                 from None
         raise MaildropError(f"cannot open {directory}: {e.strerror}", _code(e)) from None
+    finally:
+        os.close(queue)
 
 
 def _not_followed(directory: Path) -> str:
@@ -214,13 +225,15 @@ def _not_followed(directory: Path) -> str:
         return ""
 
 
-def _check_pickup_may_read(where: int, directory: Path) -> None:
+def _check_pickup_may_read(where: int, queue_uid: int, directory: Path) -> None:
     """Refuse (EX_CANTCREAT) a maildrop, open as `where`, in which pickup could not take the file: one not owned by
-    the queue directory's owner (the server's user: it could neither list it nor remove the files of others), or,
-    for a writer other than its owner, one not DIRECTORY_MODE (pickup makes its own so at start). Root's sendmail
-    would otherwise store mail that waits there unseen."""
-    st = os.fstat(where)
-    queue_uid = os.stat("..", dir_fd=where).st_uid  # (the parent of the directory open, not of its name now)
+    `queue_uid`, the queue directory's owner (the server's user: it could neither list it nor remove the files of
+    others), or, for a writer other than its owner, one not DIRECTORY_MODE (pickup makes its own so at start).
+    Root's sendmail would otherwise store mail that waits there unseen."""
+    try:
+        st = os.fstat(where)
+    except OSError as e:
+        raise MaildropError(f"cannot examine {directory}: {e.strerror}", _code(e)) from None
     mode = stat.S_IMODE(st.st_mode)
     if st.st_uid != queue_uid:
         raise MaildropError(f"{directory} belongs to uid {st.st_uid}, not to the queue directory's owner (uid "

@@ -86,6 +86,27 @@ async def sendmail(config: Path, *args: str, stdin: bytes) -> tuple[int, str]:
     return rc, err
 
 
+# What sendmail loads, loaded by root before it becomes nobody (`sendmail_without_capabilities`); the encodings a
+# message file and the terminal need too.
+SENDMAIL_MODULES = ("mailflow.cli", "mailflow.config", "mailflow.config.load", "mailflow.logs", "mailflow.cli.common",
+                    "mailflow.sendmail.stdio_smtp", "encodings.idna", "encodings.ascii", "encodings.latin_1")
+
+
+async def sendmail_without_capabilities(config: Path, *args: str, stdin: bytes) -> tuple[int, str, str]:
+    """`mailflow sendmail` as nobody with no capability at all (READ_ALL hides what nobody may not search): the
+    interpreter may be where nobody may not read (pyenv under /root), so root's process loads sendmail's modules
+    first and then becomes nobody (setresuid from root to another user clears every capability)."""
+    code = (f"import os, sys\nfor name in {SENDMAIL_MODULES!r}: __import__(name)\n"
+            f"os.setgroups([])\nos.setresgid(*[{NOBODY}] * 3)\nos.setresuid(*[{NOBODY}] * 3)\n"
+            f"sys.argv = ['mailflow', 'sendmail', '-C', {str(config)!r}, *{args!r}]\n"
+            "from mailflow.cli import main\nmain()\n")
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, stdin=asyncio.subprocess.PIPE,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd="/",
+                                                env={**os.environ, "HOME": "/"})
+    out, err = await asyncio.wait_for(proc.communicate(stdin), 20)
+    return proc.returncode, out.decode(), err.decode()
+
+
 async def write_directly(mf, **envelope) -> str:
     """A maildrop file written by nobody without sendmail (its checks skipped), and pickup woken: its name."""
     queue = mf.config.queue_path
@@ -158,6 +179,35 @@ async def test_a_private_maildrop_of_an_older_mailflow_is_opened_to_local_users_
     rc, err = await sendmail(config, "alice@local.test", stdin=b"Subject: now\n\nwaiting\n")
     assert rc == 0, err
     await eventually(lambda: inbox(tmp_path, "alice"), timeout=5)
+
+
+@pytest.mark.parametrize("mode", [0o700, 0o730, 0o1730], ids=oct)
+async def test_a_maildrop_nobody_may_not_search_is_refused_with_73_and_said_why(write_config, other_user, mode):
+    """A maildrop of the wrong mode (an older mailflow's 0700, Postfix's 1730): sendmail exits 73 saying so, -bs
+    replies 451 to DATA, for a user with no capability (it was an uncaught PermissionError: a traceback, exit 1,
+    and -bs ended without a reply)."""
+    config = write_config(other_user.config, **other_user.settings())
+    drop = other_user.queue / "maildrop"
+    drop.mkdir()
+    os.chmod(drop, mode)
+    rc, _, err = await sendmail_without_capabilities(config, "alice@local.test", stdin=b"Subject: x\n\nx\n")
+    assert rc == 73 and f"has mode {mode:04o}, not 1733 (the server makes it so at its start)" in err, err
+    session = (f"HELO x\r\nMAIL FROM:<nobody@{ORIGIN}>\r\nRCPT TO:<alice@local.test>\r\nDATA\r\n"
+               "Subject: x\r\n\r\nx\r\n.\r\nQUIT\r\n").encode()
+    rc, out, err = await sendmail_without_capabilities(config, "-bs", stdin=session)
+    assert rc == 0 and "Traceback" not in err, err
+    assert out.splitlines()[-2:] == ["451 4.3.0 Error: queue file write error", "221 2.0.0 Bye"], out
+    assert os.listdir(drop) == []
+
+
+async def test_a_user_with_no_capability_leaves_mail_in_a_1733_maildrop(write_config, other_user):
+    config = write_config(other_user.config, **other_user.settings())
+    (other_user.queue / "maildrop").mkdir()
+    os.chmod(other_user.queue / "maildrop", 0o1733)  # as the server makes it
+    rc, _, err = await sendmail_without_capabilities(config, "alice@local.test", stdin=b"Subject: x\n\nx\n")
+    assert rc == 0 and "no mailflow server is running" in err, err
+    assert [os.stat(other_user.queue / "maildrop" / name).st_uid
+            for name in maildrop_names(other_user.queue / "maildrop")] == [NOBODY]
 
 
 async def test_a_file_left_while_the_server_is_down_is_delivered_at_its_start(mailflow_server, write_config,
