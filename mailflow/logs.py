@@ -40,6 +40,7 @@ What it owns
   and nothing else, as Postfix's postlogd drops what it cannot write: mail goes on, and stderr says so in one line
   (`LogFileHandler`): at the first failure, then once a minute with the count, then when writes work again;
   never Python's traceback for every line.
+- `tool_warnings(prefix)`: a command's warnings on stderr, `PREFIX: warning: TEXT`, printable, while it runs.
 - `tool_mail_log(log_config, hostname)`: the MailLog of a command that runs beside the server (`mailflow queue
   hold` …): the same `[log] file` and format, lines with the command's own pid, as Postfix's postsuper writes to
   maillog_file; none with no `[log] file` (the server's stderr is no place another process can write to).
@@ -637,6 +638,37 @@ def tool_logger(log_config: Union[LogConfig, LogSettings], hostname: str) -> Ite
     finally:
         if handler is not None:
             handler.close()
+
+
+class ToolFormatter(logging.Formatter):
+    """`PREFIX: warning: text`, as Postfix's commands write to stderr (msg_vstream), every line printable."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self._prefix = prefix
+
+    def format(self, record: logging.LogRecord) -> str:
+        head = f"{self._prefix}: {_LEVEL_PREFIX.get(record.levelno, '')}"
+        lines = [head + printable(record.getMessage())]
+        if record.exc_info:
+            lines += [head + printable(line) for line in self.formatException(record.exc_info).splitlines()]
+        return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def tool_warnings(prefix: str) -> Iterator[None]:
+    """While it is open, the warnings (and errors) a command's code logs, such as a lookup that failed, go to
+    stderr as `ToolFormatter` writes them (they went through Python's last-resort handler, raw: an address's
+    escape sequence reached the terminal)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(ToolFormatter(prefix))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
 
 
 @contextlib.contextmanager

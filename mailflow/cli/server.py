@@ -31,7 +31,7 @@ import sqlite3
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import TYPE_CHECKING, Iterable, List, Optional
 
 import typer
 
@@ -49,7 +49,7 @@ from mailflow.config.postfix_import import UnreadableFile, import_postfix
 from mailflow.config.smtpd import SmtpdConfig
 from mailflow.errors import ConfigError, DeliveryError, LookupRetry
 from mailflow.logs import printable as masked
-from mailflow.logs import setup_logging
+from mailflow.logs import setup_logging, tool_warnings
 from mailflow.queuelock import QueueBusy
 from mailflow.restriction_vocabulary import (ACCESS_CHECKS, REVERSE_CLIENT_ACCESS, SERVER_ACCESS_CHECKS, STAGES,
                                              expand)
@@ -58,6 +58,8 @@ from mailflow.syntax import parse_hostport
 from mailflow.tables import open_table
 from mailflow.tables.memory import table_entries
 from mailflow.tables.check import table_problems as unreadable_tables
+if TYPE_CHECKING:
+    from mailflow.routing.router import Router
 
 
 def serve(config: Optional[str] = ConfigOption,
@@ -414,14 +416,20 @@ def address_test(addresses: List[str] = typer.Argument(..., metavar="ADDRESS..."
         router = Router(cfg)
     except ConfigError as e:
         fail_config("mailflow address", e, config_name(config_path(config)))
-    for n, addr in enumerate(addresses):
-        if n:
-            typer.echo("")
-        try:
-            steps = tls_steps(cfg, router.explain(addr, _envelope_sender(sender)))
-        except DeliveryError as e:
-            fail("mailflow address", masked(f"{addr}: {e.dsn} {e.text}"), 75)
-        for depth, label, text in steps:  # (the address's control characters as `?`, as the queue tools show them)
+    with tool_warnings("mailflow address"):  # (a lookup that fails is logged: the address in it printable)
+        for n, addr in enumerate(addresses):
+            _explain(cfg, router, addr, sender, first=not n)
+
+
+def _explain(cfg: Config, router: Router, addr: str, sender: str | None, first: bool) -> None:
+    """One address's steps, printed (after a blank line unless `first`); exit 75 when a table cannot answer."""
+    if not first:
+        typer.echo("")
+    try:
+        steps = tls_steps(cfg, router.explain(addr, _envelope_sender(sender)))
+    except DeliveryError as e:
+        fail("mailflow address", masked(f"{addr}: {e.dsn} {e.text}"), 75)
+    for depth, label, text in steps:  # (the address's control characters as `?`, as the queue tools show them)
             typer.echo(f"{'  ' * depth}{label + ':':<{max(16 - 2 * depth, len(label) + 1)}} {masked(text)}")
 
 

@@ -115,6 +115,18 @@ def test_mailflow_address_exits_75_when_a_table_cannot_answer(tmp_path):
     assert result.returncode == 75 and "fail:down" in result.stderr
 
 
+def test_mailflow_address_masks_control_characters_in_the_warning_of_a_failed_lookup(tmp_path):
+    """The warning logged for a lookup that failed went to stderr through Python's last-resort handler, the
+    address's escape sequence raw; it is the command's warning now, printable."""
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('transport_maps = ["fail:down"]\n')
+    result = run_cli("address", "-c", str(cfg), "a\x1b[31mb@remote.test")
+    assert result.returncode == 75 and "\x1b" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[0] == ("mailflow address: warning: smtpd: Recipient address "
+                                             "<a?[31mb@remote.test>: table fail:down is a fail: table; every lookup "
+                                             "fails")
+
+
 def test_virtual_mailbox_class_sits_between_local_and_relay():
     rw = rewriter(virtual_mailbox_domains=["virtual.test", "relay.test"],
                   virtual_mailbox_maps=["inline:{a@virtual.test=virtual.test/a/, @catch.test=catch/}"])
