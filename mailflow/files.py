@@ -15,6 +15,8 @@ when they are regular files, and only up to a limit.
                                                and -shm take its mode); an older one of ours made 0600
     check_regular_file(path, limit)            the same checks without reading, for a file a library opens by name
                                                (OpenSSL's certificates and CA files)
+    refuse_special(mode, path)                 RefusedFile unless `mode` (st_mode) is a regular file's: for a
+                                               caller with an open of its own (the queue's pid file)
     RefusedFile(OSError)                       not a regular file (a FIFO, a device, a directory, a socket):
                                                `strerror` says which, in words for an error message ("is a FIFO,
                                                not a regular file"); FileTooLarge, its subclass: "larger than 4 MB"
@@ -120,10 +122,15 @@ def _is_null_device(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.stat(os.devnull).st_rdev
 
 
-def _refuse(st: os.stat_result, path: str | Path, limit: int) -> None:
-    if not stat.S_ISREG(st.st_mode):
-        kind = next((name for test, name in _KINDS if test(st.st_mode)), "a special file")
+def refuse_special(mode: int, path: str | Path) -> None:
+    """RefusedFile ("is a FIFO, not a regular file") unless `mode` (a stat's st_mode) is a regular file's."""
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "a special file")
         raise RefusedFile(f"is {kind}, not a regular file", path)
+
+
+def _refuse(st: os.stat_result, path: str | Path, limit: int) -> None:
+    refuse_special(st.st_mode, path)
     if st.st_size > limit:
         raise FileTooLarge(f"larger than {_size(limit)}", path)
 

@@ -4,14 +4,16 @@
   the directory and on the pid file without waiting and writes this process's pid into it (the directory's lock
   holds even when the pid file is removed under a running server). Raises `QueueBusy` (naming the pid that
   holds it, read through a descriptor: the locked file's, or one opened as queue_owner opens it) when another
-  server runs on this queue, OSError when the directory or file cannot be made.
+  server runs on this queue, OSError when the directory or file cannot be made, `files.RefusedFile` (an OSError:
+  "PATH: is a FIFO, not a regular file") when what is there is no regular file of one link (opened as
+  queue_owner opens it: a link to another file would be truncated; Postfix's safe_open refuses it too).
   `release()` gives it back (the file stays; the next server overwrites it). The lock belongs to the open
   file, so two servers in one process also exclude each other, and a crashed server's lock goes with it.
 - `queue_owner(directory) -> int | None`: the pid of the server running on this queue (0 when its pid cannot be
   read), or None when none is (a shared lock that can be had means nobody holds the exclusive one). For `mailflow
   sendmail`, which runs as any user: the file is world-readable. The file is opened without following a symbolic
   link nor waiting on a FIFO (the queue's owner could put either there for root's sendmail) and must be a regular
-  file, else OSError.
+  file, else RefusedFile.
 
 The server takes the lock before it opens the store and before recovery, so a second `mailflow serve` on the
 same queue changes nothing and exits.
@@ -21,8 +23,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import stat
 from pathlib import Path
+
+from mailflow.files import RefusedFile, refuse_special
 
 LOCK_NAME = "mailflow.pid"
 FILE_MODE = 0o644
@@ -54,8 +57,11 @@ class QueueLock:
         fd = None
         try:
             if not _try_flock(directory_fd, fcntl.LOCK_EX):
-                raise QueueBusy(directory, _read_pid(path))
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+                raise QueueBusy(directory, _read_pid(path, directory_fd))
+            fd = _open_pid_file(path, os.O_RDWR | os.O_CREAT, directory_fd)
+            links = os.fstat(fd).st_nlink
+            if links != 1:  # (a hard link to another file: Postfix's safe_open refuses it too)
+                raise RefusedFile(f"has {links} hard links, not 1 (a link to another file would be truncated)", path)
             if not _try_flock(fd, fcntl.LOCK_EX):
                 raise QueueBusy(directory, _pid_in(fd))  # (the file locked, not one renamed over it since)
             os.fchmod(fd, FILE_MODE)  # (whatever the umask: sendmail, run by any user, reads it)
@@ -78,16 +84,11 @@ class QueueLock:
 
 
 def queue_owner(directory: Path) -> int | None:
-    path = Path(directory) / LOCK_NAME
     try:
-        # Never through a symbolic link nor waiting on a FIFO: the queue's owner may put either there, and root's
-        # sendmail (cron) reads this file after storing each message.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = _open_pid_file(Path(directory) / LOCK_NAME, os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
         if not _try_flock(fd, fcntl.LOCK_SH):
             return _pid_in(fd) or 0  # held, though its pid cannot be read (yet)
         return None
@@ -111,16 +112,40 @@ def _pid_in(fd: int) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def _read_pid(path: Path) -> int | None:
-    """The pid in the pid file of a queue whose directory another server holds, read through one descriptor
-    opened as queue_owner opens it (no symbolic link followed, no wait on a FIFO); None when it cannot be read."""
+def _read_pid(path: Path, directory_fd: int) -> int | None:
+    """The pid in the pid file of a queue whose directory (open as `directory_fd`) another server holds, read
+    through one descriptor (`_open_pid_file`); None when it cannot be read."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = _open_pid_file(path, os.O_RDONLY, directory_fd)
     except OSError:
         return None
     try:
-        return _pid_in(fd) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+        return _pid_in(fd)
     except OSError:
         return None
     finally:
         os.close(fd)
+
+
+def _open_pid_file(path: Path, flags: int, directory_fd: int | None = None) -> int:
+    """The pid file, opened with `flags` (its name in the directory open as `directory_fd`, when given), never
+    through a symbolic link nor waiting on a FIFO: the queue's owner may put either there, where root's sendmail
+    (cron) reads it after storing each message and a server run by root writes it. RefusedFile (an OSError:
+    "is a FIFO, not a regular file") unless it is a regular file; other OSErrors as open(2) gives them."""
+    name = path.name if directory_fd is not None else path
+    try:
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, FILE_MODE, dir_fd=directory_fd)
+    except OSError as e:
+        if e.errno not in _NOT_REGULAR:
+            raise
+        raise RefusedFile(f"is {_NOT_REGULAR[e.errno]}, not a regular file", path) from None
+    try:
+        refuse_special(os.fstat(fd).st_mode, path)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+# what open(2) of the pid file, no symbolic link followed, says when it is no regular file
+_NOT_REGULAR = {errno.ELOOP: "a symbolic link (never followed)", errno.EISDIR: "a directory", errno.ENXIO: "a socket"}

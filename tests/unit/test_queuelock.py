@@ -101,3 +101,25 @@ def test_a_fifo_as_a_held_queues_pid_file_does_not_hold_the_second_server(tmp_pa
     finally:
         lock.release()
     assert done.stdout == "busy None\n", done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("plant, said", [("symlink", "is a symbolic link (never followed), not a regular file"),
+                                         ("hardlink", "has 2 hard links, not 1 (a link to another file would be "
+                                                      "truncated)"),
+                                         ("fifo", "is a FIFO, not a regular file"),
+                                         ("directory", "is a directory, not a regular file")])
+def test_a_server_refuses_a_pid_file_that_is_no_regular_file_of_its_own_and_changes_nothing(tmp_path, plant, said):
+    """The queue's owner may put a link to another file in place of the pid file: a server run by root truncated
+    and chmodded that file (a symbolic or hard link), or failed to start on a FIFO with a bare EINVAL. Each is
+    refused, saying what is there, and the file linked to is left as it was."""
+    queue, victim = tmp_path / "queue", tmp_path / "victim"
+    queue.mkdir()
+    victim.write_text("precious data\n")
+    os.chmod(victim, 0o600)
+    {"symlink": lambda p: p.symlink_to(victim), "hardlink": lambda p: os.link(victim, p),
+     "fifo": os.mkfifo, "directory": os.mkdir}[plant](queue / LOCK_NAME)
+    with pytest.raises(OSError) as info:
+        QueueLock.acquire(queue)
+    assert str(info.value) == f"{queue / LOCK_NAME}: {said}"
+    assert victim.read_text() == "precious data\n" and stat.S_IMODE(os.stat(victim).st_mode) == 0o600
+    QueueLock.acquire(tmp_path / "other").release()  # (nothing left held: no descriptor leaked with the lock)
