@@ -74,15 +74,21 @@ class FileTooLarge(RefusedFile):
 def read_regular_file(path: str | Path, limit: int, *, null_is_empty: bool = False) -> bytes:
     """The bytes of `path`, a regular file of at most `limit` bytes (see the module docstring); with
     `null_is_empty`, /dev/null gives b""."""
-    if null_is_empty and _is_null_device(os.stat(path)):
+    looked = os.stat(path)
+    if null_is_empty and _is_null_device(looked):
         return b""
-    return read_regular_file_stat(path, limit)[0]
+    return _read(path, limit, looked)[0]
 
 
 def read_regular_file_stat(path: str | Path, limit: int) -> tuple[bytes, os.stat_result]:
     """`read_regular_file`'s bytes, and the fstat() of the descriptor they were read from: the owner and mode of
     the file read, whatever the path names by the time the caller looks."""
-    _refuse(os.stat(path), path, limit)
+    return _read(path, limit, os.stat(path))
+
+
+def _read(path: str | Path, limit: int, looked: os.stat_result) -> tuple[bytes, os.stat_result]:
+    """The bytes of `path`, which stat() gave as `looked`, and the fstat() of the descriptor read."""
+    _refuse(looked, path, limit)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)

@@ -21,6 +21,7 @@ import pytest
 from mailflow.accounts.database import AccountDatabase, AccountError
 from mailflow.admin.access import read_tokens
 from mailflow.config import load_config
+from mailflow import files as named_files
 from mailflow.errors import ConfigError, LookupRetry, TemporaryError
 from mailflow.files import (TABLE_LIMIT, TEXT_LIMIT, FileTooLarge, RefusedFile, check_regular_file,
                             read_regular_file)
@@ -128,6 +129,23 @@ def test_a_small_file_is_read_without_allocating_the_limit(tmp_path):
         finally:
             tracemalloc.stop()
         assert peak < 256 << 10, peak
+
+
+def test_a_table_is_looked_at_by_name_once_before_it_is_opened(tmp_path, monkeypatch):
+    """A table, for which /dev/null is an empty one, was stat()ed twice before it was opened (is it /dev/null? is it
+    a regular file?): once now, the one result serving both."""
+    table = tmp_path / "table"
+    table.write_bytes(b"key value\n")
+    looked = []
+    real = os.stat
+
+    def counted(path, *args, **kwargs):
+        looked.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(named_files.os, "stat", counted)
+    assert read_regular_file(table, TABLE_LIMIT, null_is_empty=True) == b"key value\n"
+    assert looked.count(table) == 1, looked
 
 
 def test_a_file_longer_than_fstat_says_is_read_whole_and_still_bounded():
