@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import mailflow
+from mailflow import files as named_files
 from mailflow.cli.submit import run_sendmail
 from mailflow.config import load_config
 from mailflow.config.load import load_source
@@ -402,6 +403,61 @@ def test_roots_sendmail_takes_the_owner_of_the_configuration_it_read_not_of_one_
     monkeypatch.setattr(cache, "read_regular_file_stat", read_then_swap)
     assert cached_settings(str(config)) is None
     assert config.stat().st_uid == 54321  # (the swap happened: the record's writer owns the path's file now)
+
+
+class AsRootWithFilesOf:
+    """settings.py's `os` (monkeypatched in), as a sendmail run by root sees it, whoever runs the tests: euid 0,
+    and the files named (their inodes: whatever name they have by then) owned by `uid`."""
+
+    def __init__(self, uid: int, *paths: Path):
+        self.uid = uid
+        self.inodes = {(st.st_dev, st.st_ino) for st in map(os.stat, paths)}
+
+    def __getattr__(self, name: str):
+        return getattr(os, name)
+
+    @staticmethod
+    def geteuid() -> int:
+        return 0
+
+    def stat(self, path, *args, **kwargs) -> os.stat_result:
+        return self._owned(os.stat(path, *args, **kwargs))
+
+    def fstat(self, fd: int) -> os.stat_result:
+        return self._owned(os.fstat(fd))
+
+    def _owned(self, st: os.stat_result) -> os.stat_result:
+        if (st.st_dev, st.st_ino) not in self.inodes:
+            return st
+        fields = list(st)
+        fields[4] = self.uid  # (st_uid)
+        return os.stat_result(fields)
+
+
+def test_roots_sendmail_takes_the_owner_of_the_configuration_it_read_whoever_runs_the_tests(config, monkeypatch):
+    """The test above without root (it skips then): root's sendmail reads a configuration file of another user
+    (whoever runs the tests), then a file of the record writer's (uid 54321) is renamed over the path: that
+    user's record is not believed (it was: the owner came from a second stat of the path)."""
+    path = recorded(config)
+    swapped = config.parent / "swapped.toml"
+    swapped.write_bytes(config.read_bytes())
+
+    def as_root(*owned: Path) -> None:  # (the files read and the settings looked at in the same world)
+        for module in (cache, named_files):
+            monkeypatch.setattr(module, "os", AsRootWithFilesOf(54321, path, *owned))
+
+    as_root(config)
+    assert cached_settings(str(config)) is not None  # (the record writer's own configuration: believed)
+    as_root(swapped)
+    base = cache._base
+
+    def swap_after_the_read(name):  # (called once the file is read, before its owner is looked at)
+        os.replace(swapped, config)
+        return base(name)
+
+    monkeypatch.setattr(cache, "_base", swap_after_the_read)
+    assert cached_settings(str(config)) is None
+    assert cache.os.stat(config).st_uid == 54321  # (the swap happened: the record's writer owns the path's file now)
 
 
 def test_the_records_constants_are_the_models():
