@@ -4,6 +4,10 @@
 - `tidy(addr)`: needless quotes and one trailing dot dropped (`"joe"@x.test.` is `joe@x.test`), as Postfix's
   trivial-rewrite does to every address.
 - `unquoted_local(local)`, `quoted_local(local)`: a quoted local part's content; a local part quoted if it must be;
+  `internal_local(local)`, `external_local(local)`: a local part as written (atoms and quoted strings joined by
+  dots, as Postfix's tokenizer takes them: `a."b c"`) in Postfix's internal form (`a.b c`) and in its own quoting
+  (`"a.b c"`), which is the form every address has inside mailflow; `percent_split(addr)`: the percent hack's
+  split of an address without a domain at its last `%` outside quotes;
   `shown_original(addr)`: an original recipient as Postfix shows it (route and needless quotes dropped);
   `internal_form(addr)`: an address as Postfix's queue keeps it (a quoted local part without its quotes).
 - `normalise_domain(d)`: lower case, no trailing dot, IDNA A-label for matching ("" if it cannot be).
@@ -39,6 +43,11 @@ _ATOM = r"""[^\x00-\x20"(),.:;<>@\[\\\]\x7f]+"""  # RFC 5322 atext, and any non-
 _DOT_ATOM = rf"{_ATOM}(?:\.{_ATOM})*"
 _QUOTED = r'"(?:[^\x00-\x1f"\\\x7f]|\\[\x20-\x7e])*"'  # qtext (\x20 \x21 \x23-\x5b \x5d-\x7e), non-ASCII
 _LOCAL_RE = re.compile(rf"(?:{_DOT_ATOM}|{_QUOTED})")
+# A local part as Postfix's tokenizer (tok822) takes one in an envelope or header address: atoms and quoted strings
+# joined by dots, a dot also first, last or doubled (`a."b c"`, `"a"."b"`, `a..b`, `.a`, `a.`); two words side by side
+# (`"a""b"`, `"a"b`) are two addresses to tok822_parse, which adds the comma they lack (smtpd: 501)
+_WORD = re.compile(rf"{_ATOM}|{_QUOTED}|\.")
+_WORDS_RE = re.compile(rf"(?:{_ATOM}|{_QUOTED})?(?:\.(?:{_ATOM}|{_QUOTED})?)*")
 _DOT_ATOM_RE = re.compile(_DOT_ATOM)
 _QUOTED_PAIR = re.compile(r"\\(.)")
 # A label as Postfix's valid_hostname takes it: letters, digits, hyphens inside, and underscores anywhere (real
@@ -78,11 +87,13 @@ def parse_written_path(text: str) -> tuple[str, str, str]:
     and one trailing dot on the domain (dropped).
     `<>` gives "", and so does `<"">`. A tab, vertical tab or form feed separates like a space (COMMAND_BLANKS:
     Postfix's smtpd_token splits command words at each).
-    Quotes that add nothing are dropped (`"alice"@b` is `alice@b`); a local part that needs them keeps them as
-    written.
+    The local part may be atoms and quoted strings joined by dots, a dot also first, last or doubled, as Postfix's
+    tokenizer takes it (`a."b c"`, `"a"."b"`, `a..b`, `joe.`; not `"a""b"`: two addresses to it); the address
+    comes back with it in Postfix's own quoting (`external_local`): `a."b c"@x` is `"a.b c"@x`, `"alice"@b` is
+    `alice@b`, `"a\\b"@x` is `ab@x`.
     Refused (PathError): a `<` without its `>`, anything but a blank right after the `>`, a
-    bracket in an unbracketed path, and any address that is not `local-part[@domain]` with a dot-atom or quoted
-    local part: an unquoted space, a backslash or another character outside atext, an empty label. Whether a
+    bracket in an unbracketed path, and any address that is not `local-part[@domain]` with such a local part: an
+    unquoted space, a backslash or another character outside atext, an empty label. Whether a
     domain is required, and UTF-8, are for the caller."""
     text = text.lstrip(COMMAND_BLANKS)
     if text.startswith("<"):
@@ -108,24 +119,26 @@ def parse_written_path(text: str) -> tuple[str, str, str]:
             local, domain = path, ""
         elif domain.endswith(".") and not domain.endswith(".."):
             domain = domain[:-1]
-        if not _LOCAL_RE.fullmatch(local) or (at and not domain):
+        if not local or not _WORDS_RE.fullmatch(local) or (at and not domain):
             raise PathError("malformed local part" if domain or not at else "empty domain")
-        local = _without_needless_quotes(local)
+        local = external_local(local)
         path = f"{local}@{domain}" if at else ("" if local == '""' else local)  # `<"">` is `<>`, as in Postfix
     return path, written, rest.strip(COMMAND_BLANKS)
 
 
 def tidy(addr: str) -> str:
-    """`"joe"@x.test.` -> `joe@x.test`: quotes that add nothing dropped from the local part, and one trailing dot
-    from the domain (not from `x..` or a domain that is only a dot), as Postfix's trivial-rewrite tidies every
-    address it rewrites (quote_822_local, rewrite_tree). Anything else is returned as it is."""
+    """`"joe"@x.test.` -> `joe@x.test`: a source route dropped, the local part in Postfix's own quoting
+    (`external_local`: `a."b c"` is `"a.b c"`), and one trailing dot dropped from the domain (not from `x..` or a
+    domain that is only a dot), as Postfix's trivial-rewrite tidies every address it rewrites (quote_822_local,
+    rewrite_tree). A local part that is no words (`external_local`) is left as it is."""
+    if addr.startswith("@") and ":" in addr:
+        addr = addr[addr.index(":") + 1:]
     local, at, domain = addr.rpartition("@")
     if not at:
         local, domain = addr, ""
     if domain.endswith(".") and len(domain) > 1 and not domain.endswith(".."):
         domain = domain[:-1]
-    if len(local) > 1 and local.startswith('"') and local.endswith('"'):
-        local = _without_needless_quotes(local)
+    local = external_local(local) if local else local
     return f"{local}@{domain}" if at else local
 
 
@@ -146,6 +159,53 @@ def internal_form(addr: str) -> str:
     return f"{bare}@{domain}" if at else bare
 
 
+def internal_local(local: str) -> str | None:
+    """A local part as written (atoms and quoted strings joined by dots, `_WORDS_RE`) in Postfix's internal form:
+    quotes opened and their quoted pairs undone (`a."b c"` is `a.b c`, `"a\\b"` is `ab`); None when it is not such words
+    (a quoted string never closed, an unquoted space or special)."""
+    if not local or not _WORDS_RE.fullmatch(local):
+        return None
+    if '"' not in local:
+        return local
+    return "".join(_QUOTED_PAIR.sub(r"\1", w[1:-1]) if w[0] == '"' else w for w in _WORD.findall(local))
+
+
+def external_local(local: str) -> str:
+    """A local part as written, in Postfix's own quoting (quote_822_local of its internal form): a dot-atom as it
+    is, anything else as one quoted string with `"` and `\\` escaped (`a."b c"` is `"a.b c"`, `"a"."b"` is `a.b`,
+    `joe.` is `"joe."`); a local part that is not words (`internal_local`) is returned as it is."""
+    if _DOT_ATOM_RE.fullmatch(local):
+        return local
+    internal = internal_local(local)
+    return local if internal is None else quoted_local(internal)
+
+
+def percent_split(addr: str) -> tuple[str, str] | None:
+    """An address without a domain split at its last `%` outside quoted strings, as Postfix's rewrite_tree finds
+    the percent hack's operator among the words as given (a `%` in quotes is none): (the user part in Postfix's
+    quoting, the rest in internal form); None when there is no such `%`. Given as written (a header),
+    `"<x>".user%y.test` is (`"<x>.user"`, `y.test`) and `"user%y.test"` is none; given in Postfix's quoting (the
+    envelope), `user%y.test` is (`user`, `y.test`)."""
+    if addr.startswith("@") and ":" in addr:
+        addr = addr[addr.index(":") + 1:]
+    at = -1
+    quoted = False
+    i = 0
+    while i < len(addr):
+        c = addr[i]
+        if quoted and c == "\\":
+            i += 1
+        elif c == '"':
+            quoted = not quoted
+        elif c == "%" and not quoted:
+            at = i
+        i += 1
+    if at < 0:
+        return None
+    user, via = addr[:at], addr[at + 1:]
+    return external_local(user), internal_local(via) or via
+
+
 def quoted_local(local: str) -> str:
     """A local part as an address writes it: as it is when it is a dot-atom, else in quotes (quote_822_local)."""
     if _DOT_ATOM_RE.fullmatch(local):
@@ -156,21 +216,12 @@ def quoted_local(local: str) -> str:
 def shown_original(addr: str) -> str:
     """An original recipient (the RCPT address as written) as Postfix shows it in X-Original-To, a notice's
     "expanded from" and the log's orig_to: a source route dropped, the local part in quotes only if it needs them,
-    the domain as it is (`"Team"@X.Test.` is `Team@X.Test.`). ORCPT and Original-Recipient keep it as written."""
+    the domain as it is (`"Team"@X.Test.` is `Team@X.Test.`, `joe.@x.test.` is `"joe."@x.test.`). ORCPT and
+    Original-Recipient keep it as written."""
     if addr.startswith("@") and ":" in addr:
         addr = addr[addr.index(":") + 1:]
     local, at, domain = addr.rpartition("@")
-    return f"{_without_needless_quotes(local)}@{domain}" if at else _without_needless_quotes(addr)
-
-
-def _without_needless_quotes(local: str) -> str:
-    """A quoted local part whose content is a dot-atom is that dot-atom: `"alice"` is `alice` (RFC 5322 3.4.1;
-    Postfix's internal form drops such quotes too, so it is looked up and passed on unquoted)."""
-    if len(local) > 1 and local.startswith('"') and local.endswith('"'):  # (never closed: kept as it is)
-        inner = _QUOTED_PAIR.sub(r"\1", local[1:-1])
-        if _DOT_ATOM_RE.fullmatch(inner):
-            return inner
-    return local
+    return f"{external_local(local)}@{domain}" if at else external_local(addr)
 
 
 _COMMAND_BLANK = re.compile(f"[{COMMAND_BLANKS}]")

@@ -3,9 +3,10 @@ rewriting: `user` becomes `user@myorigin`, canonical maps and masquerading apply
 
     SENDER_FIELDS, RECIPIENT_FIELDS         the fields of each class, as Postfix's header_opts classes them
     address_spans(value) -> [(start, end)]  where each mailbox's address is in a field's value (bytes after the
-                                            colon, folding included): inside `<...>` (after a source route)
-                                            when the mailbox has one, else its words; group names, display
-                                            names, comments and `<>` are no addresses
+                                            colon, folding included): inside `<...>` (its source route too, which
+                                            the rewrite drops as Postfix's does) when the mailbox has one, else
+                                            its words; group names, display names, comments and `<>` are no
+                                            addresses
     mailbox_spans(value) -> [(start, end) | None]
                                             the same, one item per mailbox, where a mailbox without angle
                                             brackets whose words stand side by side is one mailbox per word, as
@@ -144,9 +145,11 @@ def _mailboxes(tokens: list[Token]) -> list[list[Token]]:
     return [m for m in mailboxes if m]
 
 
-def _address_span(mailbox: list[Token]) -> tuple[int, int] | None:
-    """Where the address of one mailbox is, or None: no address, or words that are not one address."""
+def _address_span(mailbox: list[Token], with_route: bool = False) -> tuple[int, int] | None:
+    """Where the address of one mailbox is, or None: no address, or words that are not one address. With
+    `with_route`, the span of an address in angle brackets starts with its source route (`@a,@b:`), if any."""
     kinds = [kind for kind, _, _ in mailbox]
+    route_start = None
     if "<" in kinds:
         inside = mailbox[kinds.index("<") + 1:]
         if ">" not in [kind for kind, _, _ in inside]:
@@ -154,6 +157,8 @@ def _address_span(mailbox: list[Token]) -> tuple[int, int] | None:
         inside = inside[:[kind for kind, _, _ in inside].index(">")]
         route_end = max((i for i, (kind, _, _) in enumerate(inside) if kind == ":"), default=-1)
         words = inside[route_end + 1:]
+        if with_route and route_end >= 0 and inside[0][0] == "@":
+            route_start = inside[0][1]
     else:
         words = mailbox
     significant = [i for i, (kind, _, _) in enumerate(words) if kind not in ("blank", "comment")]
@@ -162,7 +167,7 @@ def _address_span(mailbox: list[Token]) -> tuple[int, int] | None:
     first, last = significant[0], significant[-1]
     if any(kind not in ("word", "quoted", "literal", "@") for kind, _, _ in words[first:last + 1]):
         return None  # blanks, comments or specials between the words: not one address
-    return words[first][1], words[last][2]
+    return words[first][1] if route_start is None else route_start, words[last][2]
 
 
 def address_spans(value: bytes) -> list[tuple[int, int]]:
@@ -272,7 +277,7 @@ def _spans_of_tokens(value: bytes) -> list[tuple[int, int]]:
     mailboxes = _mailboxes(tokens)
     if tokens and tokens[-1][2] < len(value):  # cut at TOKEN_LIMIT: the last mailbox may be cut too
         mailboxes = mailboxes[:-1]
-    spans = (_address_span(mailbox) for mailbox in mailboxes)
+    spans = (_address_span(mailbox, with_route=True) for mailbox in mailboxes)
     return [span for span in spans if span is not None]
 
 

@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 from typing import Mapping
 
 from mailflow import address, status
@@ -86,6 +87,9 @@ from mailflow.model import AddressClass, Resolution
 from mailflow.syntax import parse_hostport, parse_ip
 from mailflow.tables import Table, TableCache, address_keys, find, find_address, find_local, split_extension
 from mailflow.transports.error import parse_error_nexthop
+
+# what tidy may change in an address without quotes: a source route, a local part's leading, doubled or last dot
+_ODD_DOTS = re.compile(r"^[.@]|\.\.|\.@")
 
 VIRTUAL_ALIAS_TRANSPORT = "error:5.1.1 User unknown in virtual alias table"
 BAD_SYNTAX_TRANSPORT = "error:5.1.3 bad address syntax"  # a domain that is no host name (`bob@`), or a leading '-'
@@ -219,19 +223,23 @@ class Rewriter:
     def qualify(self, addr: str, origin: str = "") -> str:
         """`user` -> `user@origin` (default myorigin), but `user%domain` -> `user@domain` (allow_percent_hack); with
         append_dot_mydomain `user@host` -> `user@host.mydomain` (Postfix's rewrite_tree). Tidied first
-        (`address.tidy`: `"joe"@x.test.` is `joe@x.test`), as Postfix's rewrite does; an envelope address from
-        smtpd is tidy already, one from a header, an alias or a table may not be."""
-        quoted = addr.startswith('"')  # (a '%' in quotes is no percent hack, quotes that add nothing or not)
+        (`address.tidy`: `"joe"@x.test.` is `joe@x.test`, `a."b c"` is `"a.b c"`), as Postfix's rewrite does; an
+        envelope address from smtpd is tidy already, one from a header, an alias or a table may not be. The percent
+        hack's `%` is looked for in `addr` as given, outside quotes: a header's `"user%y.test"` is
+        `user%y.test@myorigin`, the envelope's `user%y.test` (smtpd's form of the same) `user@y.test`, as in
+        Postfix, whose rewrite sees the header's words as written and the envelope's in its own quoting."""
         _, at, domain = addr.rpartition("@")
         dotted = "." in domain or not self._config.append_dot_mydomain
-        if at and domain and dotted and not quoted and domain[-1] != ".":
+        if at and domain and dotted and domain[-1] != "." and '"' not in addr and not _ODD_DOTS.search(addr):
             return addr  # tidy and qualified already: most addresses, asked ~10 times a message
-        addr = address.tidy(addr)
+        given, addr = addr, address.tidy(addr)
         local, domain = address.split(addr)
         if not addr or addr.endswith("@"):
             return addr  # empty, or no domain after the '@': a syntax error for the caller to report
-        if not domain and self._config.allow_percent_hack and "%" in addr and not quoted:
-            user, _, via = addr.rpartition("%")
+        # the percent hack finds its '%' among the words as given, outside quotes (see address.percent_split)
+        percent = address.percent_split(given) if not domain and self._config.allow_percent_hack else None
+        if percent is not None:
+            user, via = percent
             return self.qualify(f"{user}@{via}", origin)  # (`user%` is `user@`: returned as it is, above)
         if not domain:
             return f"{addr}@{origin or self._config.origin}"

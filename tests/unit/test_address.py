@@ -277,6 +277,16 @@ def test_client_ip_unmaps_ipv4_and_a_network_list_matches_it():
     ("a@b.test\x0bSIZE=1", ("a@b.test", "SIZE=1")), ("a@b.test\tSIZE=1", ("a@b.test", "SIZE=1")),
     ("<<a@b.test>> SIZE=1", ("a@b.test", "SIZE=1")),  # brackets in brackets: Postfix takes them too
     ('<<"a>b"@b.test>>', ('"a>b"@b.test', "")),
+    # words joined by dots, a dot first, last or doubled: in Postfix's own quoting (smtpd's tok822 internal form,
+    # quoted again as its SMTP client sends it; against Postfix 3.7.11: test_quoting_vs_postfix.py)
+    ('<a."b c"@b.test>', ('"a.b c"@b.test', "")),
+    ('<"a"."b"@b.test>', ("a.b@b.test", "")),
+    ('<"a\\b"@b.test>', ("ab@b.test", "")),  # a quoted pair that needs no quotes: undone
+    ('<"a\\\\b"@b.test>', ('"a\\\\b"@b.test', "")),
+    ("<a..b@b.test>", ('"a..b"@b.test', "")),
+    ("<.a@b.test>", ('".a"@b.test', "")),
+    ("<joe.@b.test.>", ('"joe."@b.test', "")),
+    ('<"".u."a(b)"@b.test>', ('".u.a(b)"@b.test', "")),
 ])
 def test_parse_path_accepts_what_postfix_accepts(text, expected):
     assert address.parse_path(text) == expected
@@ -297,10 +307,38 @@ def test_an_original_recipient_is_shown_as_postfix_shows_it():
     assert address.shown_original('"a b"@x.test') == '"a b"@x.test' and address.shown_original('"joe"') == "joe"
     assert address.shown_original("@relay.test:route@x.test") == "route@x.test"  # (Postfix logs no orig_to)
     assert address.shown_original('"joe@x.test') == '"joe@x.test'  # a quote never closed: it lost its last letter
+    assert address.shown_original("joe.@x.test.") == '"joe."@x.test.'  # in Postfix's quoting, the domain as it is
+    assert address.shown_original('@r.test:a."b c"@x.test') == '"a.b c"@x.test'
+
+
+@pytest.mark.parametrize("local, internal, external", [
+    ("alice", "alice", "alice"),
+    ('a."b c"', "a.b c", '"a.b c"'),
+    ('"a"."b"', "a.b", "a.b"),
+    ('"a\\"b"', 'a"b', '"a\\"b"'),
+    ('""', "", '""'),
+    ("a..b", "a..b", '"a..b"'),
+    ('"a""b"', None, '"a""b"'),  # words side by side: two addresses to Postfix, none here
+    ('"never closed', None, '"never closed'),
+])
+def test_a_local_part_has_postfix_s_internal_and_external_forms(local, internal, external):
+    assert address.internal_local(local) == internal and address.external_local(local) == external
+
+
+def test_the_percent_hack_splits_at_the_last_percent_outside_quotes():
+    assert address.percent_split("user%y.test") == ("user", "y.test")
+    assert address.percent_split('"<x>".a%b%y.test') == ('"<x>.a%b"', "y.test")
+    assert address.percent_split('"user%y.test"') is None and address.percent_split("user") is None
+
+
+def test_tidy_writes_the_local_part_in_postfix_s_quoting_and_drops_a_route():
+    assert address.tidy('a."b c"@x.test.') == '"a.b c"@x.test'
+    assert address.tidy('@r1.test,@r2.test:"a"."b"@x.test') == "a.b@x.test"
+    assert address.tidy("a b@x.test") == "a b@x.test"  # no words: as it is
 
 
 @pytest.mark.parametrize("text", ["<a@b.test", "<a@b.test>x", "<a b@b.test>", "<a\\b@b.test>", "<a,b@b.test>",
-                                  "<a@>", "<a..b@b.test>", "a@b<x>", '<"a@b.test>', "<(c)a@b.test>", "<.a@b.test>",
+                                  "<a@>", '<"a""b"@b.test>', "a@b<x>", '<"a@b.test>', "<(c)a@b.test>", '<"a"b@b.test>',
                                   "<<a@b.test>", "<a@b.test>>", "<a@b.test>\x1cSIZE=1", "<a@b.test>\u00a0SIZE=1"])
 def test_parse_path_refuses_malformed_paths(text):
     with pytest.raises(address.PathError):

@@ -98,6 +98,16 @@ def test_resolution_keeps_the_address_as_given_but_qualified():
     ('"a b"@remote.test.', '"a b"@remote.test'),
     ("user@remote..", "user@remote.."),  # not a trailing dot: an empty label, for the syntax check
     ("user@.", "user@."),
+    # a local part of words in Postfix's quoting (quote_822_local of its internal form); a source route dropped
+    ('a."b c"@remote.test', '"a.b c"@remote.test'),
+    ('"a"."b"@remote.test', "a.b@remote.test"),
+    ("joe.@remote.test", '"joe."@remote.test'),
+    ("a..b", '"a..b"@mx.example.test'),
+    ("@r1.test,@r2.test:u@remote.test", "u@remote.test"),
+    # the percent hack's '%' is looked for among the words as given (a header's: Postfix 3.7.11 rewrites them so,
+    # test_quoting_vs_postfix.py)
+    ('"<x>".user%remote.test', '"<x>.user"@remote.test'),
+    ('"user%remote.test"', "user%remote.test@mx.example.test"),
 ])
 def test_qualify(addr, qualified):
     assert rewriter().qualify(addr) == qualified

@@ -457,12 +457,13 @@ class SmtpdHandler:
         return None
 
     def _malformed(self, addr: str, smtputf8: bool) -> bool:
-        """Whether MAIL, RCPT or VRFY refuses `addr` as a syntax error: its syntax once qualified (an unqualified
-        address is taken, and qualified by cleanup: Postfix's @$myorigin); without `smtputf8` (the transaction
-        did not declare SMTPUTF8; VRFY without it as its last word), a domain that is not ASCII (Postfix's
-        smtpd_check_addr: before the 553 that a UTF-8 local part gets); or, with Postfix's allow_min_user = no, a
-        leading '-' (it could reach a command's argv as an option)."""
-        qualified = self._rewriter.qualify(addr)
+        """Whether MAIL, RCPT or VRFY refuses `addr` as a syntax error: its syntax once qualified and resolved (an
+        unqualified address is taken, and qualified by cleanup: Postfix's @$myorigin; the percent hack of a local
+        domain applied, so that `user%y..test@here` is refused as Postfix's smtpd_check_addr refuses it); without
+        `smtputf8` (the transaction did not declare SMTPUTF8; VRFY without it as its last word), a domain that is
+        not ASCII (Postfix's smtpd_check_addr: before the 553 that a UTF-8 local part gets); or, with Postfix's
+        allow_min_user = no, a leading '-' (it could reach a command's argv as an option)."""
+        qualified = self._rewriter.resolved_address(addr)
         if address.mailbox_syntax_error(qualified) or not (smtputf8 or address.split(qualified)[1].isascii()):
             return True
         return not self._config.allow_min_user and address.is_min_user(addr)
