@@ -30,13 +30,15 @@ from mailflow.tables.base import Table
 def address_keys(address: str, *, delimiter: str, local_domain: bool = False) -> list[str]:
     """Postfix mail_addr_find order: `user+ext@domain`, `user@domain`, then (only when `local_domain`: the
     domain is one of this host's) `user+ext` and `user`, then `@domain`. An address without '@' gets the
-    aliases(5) keys (`local_keys`)."""
+    aliases(5) keys (`local_keys`). The keys are in Postfix's quoting, the extension split off the internal form
+    (`"a b+x"@d` asks `"a b"@d`, as Postfix 3.7's external-form queries do)."""
     local, at, domain = address.rpartition("@")
     if not at:
         return local_keys(address, delimiter=delimiter)
     keys = [address]
-    user, ext = split_extension(local, delimiter)
+    user, ext = split_extension(_plain_local(local), delimiter)  # split in internal form: `"a b+x"` is `"a b"`, +x
     if ext:
+        user = quoted_local(user)
         keys.append(f"{user}@{domain}")
     if local_domain:
         keys += [local, user] if ext else [local]

@@ -14,7 +14,7 @@ import pytest
 from mailflow.errors import ConfigError, LookupRetry
 from mailflow.tables import cidr as cidr_module
 from mailflow.tables import TableCache, lookup_address, lookup_local, open_table, split_extension
-from mailflow.tables.search import mapped_addresses
+from mailflow.tables.search import address_keys, mapped_addresses
 from tests.support import eventually, require_tool
 
 
@@ -737,3 +737,15 @@ def _myorigin(addr: str) -> str:
 ])
 def test_mapped_addresses_is_postfix_mail_addr_map(addr, key, value, propagate, expected):
     assert mapped_addresses(addr, key, value, delimiter="+", qualify=_myorigin, propagate=propagate) == expected
+
+
+@pytest.mark.parametrize("addr, local_domain, keys", [
+    ("joe+x@a.test", True, ["joe+x@a.test", "joe@a.test", "joe+x", "joe", "@a.test"]),
+    # a quoted local part: the extension is split off its internal form and the rest quoted again, as Postfix 3.7
+    # asks (against Postfix: test_quoting_vs_postfix.py, a virtual alias `"v 3"@x.test`)
+    ('"a b+x"@a.test', False, ['"a b+x"@a.test', '"a b"@a.test', "@a.test"]),
+    ('"a b+x"@a.test', True, ['"a b+x"@a.test', '"a b"@a.test', '"a b+x"', '"a b"', "@a.test"]),
+    ('"a b+"@a.test', False, ['"a b+"@a.test', '"a b"@a.test', "@a.test"]),
+])
+def test_address_keys_split_the_extension_as_postfix_does(addr, local_domain, keys):
+    assert address_keys(addr, delimiter="+", local_domain=local_domain) == keys
