@@ -35,6 +35,7 @@ import itertools
 import re
 from typing import BinaryIO, Callable, Iterable, Iterator
 
+from mailflow.address import external_local
 from mailflow.header_addresses import closed_address, mailbox_spans
 from mailflow.message import CRLF, RESENT_FIELDS, header_fields, header_fits, split_header
 from mailflow.sendmail.options import UsageError
@@ -47,7 +48,8 @@ _QUOTED_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 def clean_address(value: str, origin: str) -> str:
     """`<a@b>` -> `a@b`; "" and "<>" stay the null sender; a bare local part gets @myorigin; a quoted string or
     literal never closed is closed at the end (`"joe@x.test` is joe@x.test, `bob@[192.0.2.1` bob@[192.0.2.1]), as
-    Postfix's tokenizer closes it."""
+    Postfix's tokenizer closes it; the local part in Postfix's quoting (`a."b c"@x` is `"a.b c"@x`: sendmail
+    stores the internal form, which Postfix's cleanup quotes so)."""
     address = value.strip()
     if address.startswith("<") and address.endswith(">"):
         address = address[1:-1].strip()
@@ -57,9 +59,10 @@ def clean_address(value: str, origin: str) -> str:
         raise UsageError(f"{value!r}: bad address syntax")
     if not is_utf8_text(address):  # bytes of the command line that are not UTF-8 (they cannot be stored)
         raise UsageError(f"{value!r}: bad address syntax: not UTF-8")
-    if address and "@" not in address:
-        address = f"{address}@{origin}"
-    return address
+    local, at, domain = address.rpartition("@")
+    if not at:
+        local, domain = address, origin
+    return f"{external_local(local)}@{domain}" if address else address
 
 
 def text_of_argument(value: str) -> str:

@@ -140,6 +140,10 @@ RECIPIENT_CASES = [
     # a Resent- field Postfix does not know (header_opts): no resent message, the To is read (mailflow took the
     # Resent-To/Cc/Bcc there were none of, and refused `no recipient addresses found`)
     (["-t"], b"Resent-Comment: c\nTo: a@x.test\nSubject: probe\n\nbody\n"),
+    # local parts of words joined by dots, quoted pairs, a route: in Postfix's own quoting (test_quoting_vs_postfix.py)
+    (["-f", 'a."b c"@x.test', 'a."b c"@x.test', '"a"."b"@x.test', "joe.@x.test", '"a\\b"@x.test', '"v w"'], MESSAGE),
+    (["-t"], b'To: a."b c"@x.test, <"a"."b"@x.test>, joe.@x.test\nCc: <@r1.test:"x y"@x.test>, "a\\b"\n'
+             b"Subject: probe\n\nbody\n"),
 ]
 
 
