@@ -26,7 +26,8 @@ local part holds a `%` (allow_percent_hack), the local domain is dropped and the
 (`user%example.org@here` -> `user@example.org`, which then routes, and is relay-checked, as that address); a
 quoted local part is opened to look for them, as Postfix's resolve_dequoted_address (default yes) does:
 `"user@example.org"@here` is `user@example.org` too, not a local user of that name that a next hop could
-take apart (no relaying through the quotes). `authorized_destination` is smtpd's relay question (Postfix's
+take apart (no relaying through the quotes); an empty local part (`""@here`) is `MAILER-DAEMON@here`, as
+Postfix's empty_address_recipient. `authorized_destination` is smtpd's relay question (Postfix's
 permit_auth_destination): a resolved address that is not routed (`is_routed`: its local part still holds `@`, `!`
 or `%`, which a next hop may take as routing whatever this host's settings, Postfix's RESOLVE_FLAG_ROUTED with
 allow_untrusted_routing = no) and is not of the default class.
@@ -92,6 +93,9 @@ from mailflow.transports.error import parse_error_nexthop
 _ODD_DOTS = re.compile(r"^[.@]|\.\.|\.@")
 
 VIRTUAL_ALIAS_TRANSPORT = "error:5.1.1 User unknown in virtual alias table"
+# Postfix's empty_address_recipient: what an empty local part of a local domain resolves to (resolve.c: "for
+# consistency with our own From: message headers")
+EMPTY_ADDRESS_RECIPIENT = "MAILER-DAEMON"
 BAD_SYNTAX_TRANSPORT = "error:5.1.3 bad address syntax"  # a domain that is no host name (`bob@`), or a leading '-'
 status_log = logging.getLogger("mailflow.smtpd")
 log = logging.getLogger("mailflow.trivial_rewrite")
@@ -288,9 +292,11 @@ class Rewriter:
         for _ in range(len(current)):
             local, at, domain = current.rpartition("@")
             routed = self._routed_local_part(local) if at else None
+            if routed is None and local == '""' and at:
+                routed = EMPTY_ADDRESS_RECIPIENT  # `""@here` is MAILER-DAEMON@here
             if routed is None or not self.resolve_local(address.normalise_domain(domain)):
                 return current
-            current = self.qualify(routed)
+            current = self.qualify(routed if "@" in routed else f"{routed}@{domain}")
         return current
 
     def _routed_local_part(self, local: str) -> str | None:

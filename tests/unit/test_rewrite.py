@@ -82,6 +82,13 @@ def test_resolution_keeps_the_address_as_given_but_qualified():
     assert rw.resolve("user").address == "user@mx.example.test"
 
 
+def test_an_empty_local_part_of_a_local_domain_resolves_to_mailer_daemon():
+    """Postfix's resolve.c (empty_address_recipient): against Postfix 3.7.11 in test_quoting_vs_postfix.py."""
+    rw = rewriter()
+    assert rw.resolved_address('""@example.test') == "MAILER-DAEMON@example.test"
+    assert rw.resolved_address('""@remote.test') == '""@remote.test'  # not local: as it is
+
+
 @pytest.mark.parametrize("addr, qualified", [
     ("user", "user@mx.example.test"),
     ("user@example.test", "user@example.test"),
