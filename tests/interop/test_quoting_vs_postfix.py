@@ -1,0 +1,235 @@
+"""Differential test of addresses in RFC 822 quoting against a real Postfix 3.7: a private Postfix and mailflow,
+configured alike, each relaying everything (local mail too) to its own smtp-sink, get the same addresses as MAIL
+FROM, as RCPT TO (with and without ORCPT) and in From/Reply-To/To/Cc, from 127.0.0.1 (a client whose header
+addresses are rewritten). Compared per probe: the replies to MAIL, RCPT and the end of DATA; the envelope the sink
+saw (MAIL FROM, RCPT TO with its ORCPT); the header fields' values as written (not taken apart: the quoting is the
+point); and the delivery lines' to= and orig_to=. (Through sendmail, command line and -t: test_sendmail_vs_postfix.py.)
+
+Postfix's smtpd takes a local part of atoms and quoted strings joined by dots (tok822), keeps it in internal form
+(quotes opened, quoted pairs undone) and writes it out in its own quoting (quote_822_local) wherever it leaves:
+`a."b c"@x.test` is sent as `"a.b c"@x.test`, `"a"."b"` as `a.b`, `"a\\b"` as `ab`, `joe.` as `"joe."`; two words
+side by side (`"a""b"`) are two addresses to it: 501. A header address is rewritten from its words as written: the
+percent hack of an unqualified one sees a `%` outside quotes only, and a source route goes. Table keys are asked in
+Postfix's quoting, the extension split off the internal form (`"v 3+ext"@x.test` finds `"v 3"@x.test`).
+
+CURATED holds the cases the seeded generator (`generated`) found, and their neighbours; set MAILFLOW_QUOTE_SEEDS
+(`1,2,3`) to run `test_generated_addresses_match_a_real_postfix` over that many seeds of 40 addresses more.
+
+One difference is deliberate (docs/config.md): mailflow does not implement swap_bangpath, so `"a\\b".u!h` stays
+`ab.u!h@origin.test` where Postfix makes it `h@ab.u` (envelope, headers and log); asserted as it is in DELIBERATE.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.support import SmtpClient, eventually, postfix_instance
+from tests.support.postfix import dumped_messages, smtp_sink
+
+pytestmark = pytest.mark.interop
+
+ATOMS = ["a", "Bob", "x-y", "o'neil", "joe+tag", "A.B", "user%y.test", "u!h", "Z"]
+QUOTED_CONTENT = ["b c", "a", "", "a.b", "a..b", ".a", "a.", "x@y", "a,b", "a\\\"b", "a\\\\b", "a\\b", "<x>", "a;b",
+                  "A B", "a(b)", "a:b", "%p", "a]b"]
+DOMAINS = ["x.test", "X.Test", "x.test.", "local.test", "[192.0.2.1]", "[IPv6:2001:db8::1]", ""]
+
+# found by the generator (seeds 1 to 5) or next to what it found; none holds a '!' (see DELIBERATE)
+CURATED = [
+    'a."b c"@x.test', '"a"."b"@x.test', '"a\\b"@x.test', '"a\\\\b"@x.test', '"b c"@x.test', '"a.b"@x.test',
+    '"a..b"@x.test', "a..b@x.test", ".a@x.test", "joe+tag.@x.test.", '""@x.test', '"".@X.Test',
+    '"".o\'neil."a(b)"@X.Test', '".a"."a\\"b"@X.Test', 'Z."<x>"."a\\\\b"@[IPv6:2001:db8::1]',
+    '"<x>".Z.Bob@[192.0.2.1]', '"a;b"."x@y"@X.Test', 'o\'neil."A B"."b c"@local.test',
+    # the percent hack: in internal form in the envelope, among the words as written in a header
+    '""@local.test',  # an empty local part of a local domain: MAILER-DAEMON@local.test (resolve.c)
+    "user%y.test.@local.test", '"user%y.test"', '"user%y.test"@local.test', '"<x>".Bob.user%y.test',
+    'user%y.test.a."a..b"', 'user%y.test."a(b)"@local.test',  # (the last: 501, its resolved domain is no host name)
+    # a source route (in a header inside angle brackets only: outside them it is a group's name)
+    '@r1.test,@r2.test:"a.b".joe+tag.a@x.test.', '@r1.test,@r2.test:"a:b"', '@r1.test,@r2.test:"a."."b c"@[192.0.2.1]',
+    # words side by side: two addresses to Postfix, 501
+    '"a;b""a..b"@x.test', '"a\\\\b"A..B@[192.0.2.1]',
+    # table keys (VIRTUAL)
+    "v.1.@x.test", '"v.2."@x.test', '"v 3+ext"@x.test', '"v 3"@x.test', '"v 3+"@x.test',
+]
+DELIBERATE = ['"a\\b".u!h']  # swap_bangpath: not implemented (docs/config.md)
+
+COMMON = {"myhostname": "mx.origin.test", "myorigin": "origin.test"}
+# keys in Postfix's quoting, and one in internal form (`v.2.@x.test`), which Postfix's virtual aliasing never asks
+VIRTUAL = 'inline:{ {"v.1."@x.test = v1@y.test}, {v.2.@x.test = v2@y.test}, {"v 3"@x.test = v3@y.test} }'
+FIELDS = ("From", "Reply-To", "To", "Cc")
+DELIVERY = re.compile(r"to=<(.*?)>, (?:orig_to=<(.*?)>, )?relay=")
+
+
+def random_local(rng: random.Random) -> str:
+    """A local part of dot-atoms and quoted strings, now and then side by side or with a doubled, leading or
+    trailing dot."""
+    words = []
+    for _ in range(rng.choice([1, 1, 2, 2, 3])):
+        words.append(rng.choice(ATOMS) if rng.random() < 0.5 else '"' + rng.choice(QUOTED_CONTENT) + '"')
+    local = ("" if rng.random() < 0.1 else ".").join(words)
+    roll = rng.random()
+    if roll < 0.05:
+        local = local.replace(".", "..", 1) if "." in local else local + ".."
+    elif roll < 0.1:
+        local = "." + local
+    elif roll < 0.15:
+        local = local + "."
+    return local
+
+
+def generated(seed: int, count: int) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        domain = rng.choice(DOMAINS)
+        address = random_local(rng) + (f"@{domain}" if domain else "")
+        out.append("@r1.test,@r2.test:" + address if rng.random() < 0.05 else address)
+    return out
+
+
+def xtext(text: str) -> str:
+    return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else f"+{ord(c):02X}" for c in text)
+
+
+def probes(addresses: list[str]) -> list[tuple[str, str, str, bool]]:
+    """(sender, recipient, header fields, with ORCPT) per probe: each address as the sender and in From/Reply-To,
+    and as the recipient and in To/Cc, with and without ORCPT."""
+    out = []
+    for a in addresses:
+        bare = a if not a.startswith("@") else f"<{a}>"  # (a route outside angle brackets is a group's name)
+        out.append((a, "r@x.test", f"From: {bare}\r\nReply-To: <{a}>\r\n", False))
+        out.append(("s@x.test", a, f"To: {bare}\r\nCc: Name <{a}>\r\n", False))
+        out.append(("s@x.test", a, f"To: {bare}\r\n", True))
+    return out
+
+
+async def send_one(port: int, index: int, probe) -> tuple:
+    """The replies to MAIL, RCPT and the end of DATA, as far as the transaction went."""
+    sender, rcpt, head, orcpt = probe
+    client = await SmtpClient.connect(port)
+    try:
+        assert (await client.cmd("EHLO client.test")).code == 250
+        mail = (await client.cmd(f"MAIL FROM:<{sender}>")).code
+        if mail != 250:
+            return (mail,)
+        params = f" ORCPT=rfc822;{xtext(rcpt)}" if orcpt else ""
+        rcpt_code = (await client.cmd(f"RCPT TO:<{rcpt}>{params}")).code
+        if rcpt_code != 250:
+            return (mail, rcpt_code)
+        assert (await client.cmd("DATA")).code == 354
+        return (mail, rcpt_code, (await client.cmd(f"Subject: probe-{index}\r\n{head}\r\nx\r\n.")).code)
+    finally:
+        await client.close()
+
+
+def arrivals(dump: Path) -> dict[int, tuple]:
+    """Per probe: (MAIL arguments, sorted RCPT arguments, the address fields' values) as the sink got them."""
+    out = {}
+    for message in dumped_messages(dump):
+        subject = re.search(r"^Subject: probe-(\d+)", message, re.MULTILINE)
+        if subject:
+            head = message.split("\n\n", 1)[0]
+            fields = tuple((name, value.strip()) for name in FIELDS
+                           for value in re.findall(rf"^{name}:(.*(?:\n[ \t].*)*)", head, re.MULTILINE))
+            out[int(subject.group(1))] = (re.findall(r"^X-Mail-Args: (.*)$", message, re.MULTILINE),
+                                          sorted(re.findall(r"^X-Rcpt-Args: (.*)$", message, re.MULTILINE)), fields)
+    return out
+
+
+async def run(port: int, dump: Path, all_probes) -> dict[int, tuple]:
+    replies = [await send_one(port, i, p) for i, p in enumerate(all_probes)]
+    accepted = [i for i, r in enumerate(replies) if r == (250, 250, 250)]
+    arrived = await eventually(lambda: sorted(arrivals(dump)) == accepted and arrivals(dump), timeout=30)
+    return {i: (replies[i], arrived.get(i)) for i in range(len(all_probes))}
+
+
+async def compare(mailflow_server, caplog, addresses: list[str]) -> tuple[dict, dict, list, list]:
+    """(Postfix's results, mailflow's, Postfix's sorted (to, orig_to) pairs, mailflow's)."""
+    all_probes = probes(addresses)
+    async with smtp_sink() as (pf_sink, pf_dump), smtp_sink() as (mf_sink, mf_dump):
+        async with postfix_instance({
+            **COMMON, "mydestination": "local.test", "local_recipient_maps": "",
+            "relayhost": f"[127.0.0.1]:{pf_sink}", "local_transport": f"smtp:[127.0.0.1]:{pf_sink}",
+            "virtual_alias_maps": VIRTUAL, "recipient_delimiter": "+",
+        }) as pf:
+            postfix = await run(pf.port, pf_dump, all_probes)
+            await pf.queue_empty()
+            pf_log = await delivery_lines(lambda: [pf.maillog], delivered(postfix))
+        caplog.set_level(logging.INFO)
+        mf = await mailflow_server(
+            **COMMON, mydestination=["local.test"], local_recipient_maps=[], relayhost=f"[127.0.0.1]:{mf_sink}",
+            local_transport=f"smtp:[127.0.0.1]:{mf_sink}", mynetworks=["127.0.0.0/8"], virtual_alias_maps=[VIRTUAL],
+            recipient_delimiter="+")
+        mailflow = await run(mf.smtp_addresses[0][1], mf_dump, all_probes)
+        mf_log = await delivery_lines(lambda: [r.getMessage() for r in caplog.records], delivered(mailflow))
+    return postfix, mailflow, pf_log, mf_log
+
+
+def delivered(results: dict) -> int:
+    """How many delivery lines the results make: one per recipient the sink got."""
+    return sum(len(arrived[1]) for _, arrived in results.values() if arrived)
+
+
+async def delivery_lines(texts, count: int) -> list[tuple[str, str]]:
+    """The sorted (to, orig_to) pairs of the logs `texts()` gives, once there are `count` (the logs are written
+    after the sink has the mail)."""
+    def found() -> list[tuple[str, str]] | None:
+        pairs = sorted(m.groups("") for text in texts() for m in DELIVERY.finditer(text))
+        return pairs if len(pairs) >= count else None
+    return await eventually(found, timeout=20, what=f"{count} delivery lines logged")
+
+
+def without_bang_paths(lines: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [line for line in lines if "!" not in line[0] + line[1]]
+
+
+def differences(addresses: list[str], postfix: dict, mailflow: dict) -> dict:
+    all_probes = probes(addresses)
+    return {f"{i}: {all_probes[i]}": (postfix[i], mailflow[i]) for i in postfix if postfix[i] != mailflow[i]}
+
+
+async def test_quoted_addresses_come_through_as_through_a_real_postfix(mailflow_server, caplog):
+    postfix, mailflow, pf_log, mf_log = await compare(mailflow_server, caplog, CURATED + DELIBERATE)
+    curated = len(CURATED) * 3
+    assert differences(CURATED, {i: postfix[i] for i in range(curated)}, mailflow) == {}
+    assert without_bang_paths(pf_log) == without_bang_paths(mf_log)
+    # the deliberate difference, as it is
+    assert postfix[curated][1][0] == ["<h@ab.u>"] and mailflow[curated][1][0] == ["<ab.u!h@origin.test>"]
+    # the edges themselves, so that the same change on both sides cannot pass unnoticed
+    by_address = {a: [postfix[3 * i + k] for k in range(3)] for i, a in enumerate(CURATED)}
+    sent, received, _ = by_address['a."b c"@x.test']
+    assert sent[1][0] == ['<"a.b c"@x.test>'] and sent[1][2] == (("From", '"a.b c"@x.test'),
+                                                                  ("Reply-To", '<"a.b c"@x.test>'))
+    assert received[1][1] == ['<"a.b c"@x.test> ORCPT=rfc822;a."b+20c"@x.test']  # ORCPT: as written
+    assert by_address['"a"."b"@x.test'][0][1][0] == ["<a.b@x.test>"]
+    assert by_address['"a\\b"@x.test'][0][1][0] == ["<ab@x.test>"]
+    assert by_address["joe+tag.@x.test."][0][1][0] == ['<"joe+tag."@x.test>']
+    assert ('"joe+tag."@x.test', '"joe+tag."@x.test.') in pf_log  # orig_to: Postfix's quoting, the domain as written
+    assert by_address['"a;b""a..b"@x.test'][0][0] == (501,)
+    assert by_address['user%y.test."a(b)"@local.test'][0][0] == (501,)
+    assert by_address['""@local.test'][1][1][1] == ['<MAILER-DAEMON@local.test> ORCPT=rfc822;""@local.test']
+    assert by_address['"user%y.test"'][0][1][:1] == (["<user@y.test>"],)  # the envelope: opened, then the hack
+    assert by_address['"user%y.test"'][0][1][2][0] == ("From", "user%y.test@origin.test")  # a header: no hack
+    assert by_address['"<x>".Bob.user%y.test'][0][1][2][0] == ("From", '"<x>.Bob.user"@y.test')
+    assert by_address['@r1.test,@r2.test:"a:b"'][0][1][2][0] == ("From", '<"a:b"@origin.test>')  # route dropped
+    assert by_address['"v 3+ext"@x.test'][1][1][1] == ['<v3+ext@y.test> ORCPT=rfc822;"v+203+2Bext"@x.test']
+    assert by_address['"v.2."@x.test'][1][1][1][0].startswith('<"v.2."@x.test>')  # no internal-form key asked
+
+
+@pytest.mark.skipif(not os.environ.get("MAILFLOW_QUOTE_SEEDS"), reason="set MAILFLOW_QUOTE_SEEDS=1,2,3 to run")
+async def test_generated_addresses_match_a_real_postfix(mailflow_server, caplog):
+    """The seeded generator: differences are printed, then asserted none. Left out: those with a '!' (DELIBERATE's)
+    and an empty local part at an IPv6 literal (`""@[IPv6:2001:db8::1]`), which Postfix refuses (501) as its
+    quote_822_local takes the internal form's `@[IPv6:` for a source route: a quirk, not followed."""
+    addresses = [a for seed in os.environ["MAILFLOW_QUOTE_SEEDS"].split(",") for a in generated(int(seed), 40)
+                 if "!" not in a and not a.startswith('""@[IPv6:')]
+    postfix, mailflow, pf_log, mf_log = await compare(mailflow_server, caplog, addresses)
+    diff = differences(addresses, postfix, mailflow)
+    for probe, (theirs, ours) in diff.items():
+        print("DIFF", probe, "\n   PF", theirs, "\n   MF", ours)
+    assert diff == {}
+    assert pf_log == mf_log
