@@ -15,8 +15,8 @@ from mailflow.errors import ConfigError
 from mailflow.routing.addressmap import AddressMapper
 from mailflow.routing.rewrite import Rewriter
 from mailflow.stages.smtpd.policy import PolicyClient, PolicyError, encode_request
-from mailflow.stages.smtpd.restrictions import (Facts, Restrictions, address_access_keys, client_full_keys,
-                                                client_keys, domain_keys)
+from mailflow.stages.smtpd.restrictions import (Facts, Restrictions, address_access_keys, address_full_keys,
+                                                client_full_keys, client_keys, domain_keys)
 from tests.support import free_port
 
 OUTSIDER = "203.0.113.9"
@@ -190,6 +190,17 @@ def test_address_keys_follow_access5():
         "mail.example.com", "example.com", "com", "u+tag@", "u@"]
     assert address_access_keys("", "+") == ["<>"]
     assert domain_keys("a.b.c.") == ["a.b.c", "b.c", "c"]
+
+
+def test_address_keys_are_asked_in_postfix_s_quoting_then_in_internal_form():
+    """mail_addr_find's legacy query form, as Postfix 3.7.11's check_recipient_access asks (test_quoting_vs_postfix.py:
+    `w.1.@x.test` finds the key `w.1.@x.test`, `"w 2+ext"@x.test` the key `"w 2"@x.test`)."""
+    keys = address_access_keys('"w 2+ext"@x.test', "+")
+    assert keys == ['"w 2+ext"@x.test', "w 2+ext@x.test", '"w 2"@x.test', "w 2@x.test", "x.test", "test",
+                    '"w 2+ext"@', "w 2+ext@", '"w 2"@', "w 2@"]
+    assert address_full_keys(keys) == (0, 1)  # a regexp table sees the whole address in both forms
+    assert address_access_keys('"w.1."@x.test', "+")[:2] == ['"w.1."@x.test', "w.1.@x.test"]
+    assert address_full_keys(address_access_keys("u+tag@x.test", "+")) == (0,)
 
 
 # ---------------------------------------------------------------------------------------------- access tables

@@ -10,7 +10,9 @@ Postfix's smtpd takes a local part of atoms and quoted strings joined by dots (t
 `a."b c"@x.test` is sent as `"a.b c"@x.test`, `"a"."b"` as `a.b`, `"a\\b"` as `ab`, `joe.` as `"joe."`; two words
 side by side (`"a""b"`) are two addresses to it: 501. A header address is rewritten from its words as written: the
 percent hack of an unqualified one sees a `%` outside quotes only, and a source route goes. Table keys are asked in
-Postfix's quoting, the extension split off the internal form (`"v 3+ext"@x.test` finds `"v 3"@x.test`).
+Postfix's quoting, the extension split off the internal form (`"v 3+ext"@x.test` finds `"v 3"@x.test`); access
+tables (check_recipient_access) are asked each key in internal form too (`"w.1."@x.test` finds `w.1.@x.test`),
+virtual alias tables not.
 
 CURATED holds the cases the seeded generator (`generated`) found, and their neighbours; set MAILFLOW_QUOTE_SEEDS
 (`1,2,3`) to run `test_generated_addresses_match_a_real_postfix` over that many seeds of 40 addresses more.
@@ -54,12 +56,16 @@ CURATED = [
     '"a;b""a..b"@x.test', '"a\\\\b"A..B@[192.0.2.1]',
     # table keys (VIRTUAL)
     "v.1.@x.test", '"v.2."@x.test', '"v 3+ext"@x.test', '"v 3"@x.test', '"v 3+"@x.test',
+    # access keys (ACCESS)
+    "w.1.@x.test", '"w 2"@x.test', '"w 2+ext"@x.test',
 ]
 DELIBERATE = ['"a\\b".u!h']  # swap_bangpath: not implemented (docs/config.md)
 
 COMMON = {"myhostname": "mx.origin.test", "myorigin": "origin.test"}
 # keys in Postfix's quoting, and one in internal form (`v.2.@x.test`), which Postfix's virtual aliasing never asks
 VIRTUAL = 'inline:{ {"v.1."@x.test = v1@y.test}, {v.2.@x.test = v2@y.test}, {"v 3"@x.test = v3@y.test} }'
+# check_recipient_access: Postfix asks each key in its quoting, then in internal form
+ACCESS = 'inline:{ {w.1.@x.test = REJECT internal key}, {"w 2"@x.test = REJECT quoted key} }'
 FIELDS = ("From", "Reply-To", "To", "Cc")
 DELIVERY = re.compile(r"to=<(.*?)>, (?:orig_to=<(.*?)>, )?relay=")
 
@@ -155,6 +161,7 @@ async def compare(mailflow_server, caplog, addresses: list[str]) -> tuple[dict, 
             **COMMON, "mydestination": "local.test", "local_recipient_maps": "",
             "relayhost": f"[127.0.0.1]:{pf_sink}", "local_transport": f"smtp:[127.0.0.1]:{pf_sink}",
             "virtual_alias_maps": VIRTUAL, "recipient_delimiter": "+",
+            "smtpd_recipient_restrictions": f"check_recipient_access {ACCESS}",
         }) as pf:
             postfix = await run(pf.port, pf_dump, all_probes)
             await pf.queue_empty()
@@ -163,7 +170,7 @@ async def compare(mailflow_server, caplog, addresses: list[str]) -> tuple[dict, 
         mf = await mailflow_server(
             **COMMON, mydestination=["local.test"], local_recipient_maps=[], relayhost=f"[127.0.0.1]:{mf_sink}",
             local_transport=f"smtp:[127.0.0.1]:{mf_sink}", mynetworks=["127.0.0.0/8"], virtual_alias_maps=[VIRTUAL],
-            recipient_delimiter="+")
+            recipient_delimiter="+", smtpd={"recipient_restrictions": [f"check_recipient_access {ACCESS}"]})
         mailflow = await run(mf.smtp_addresses[0][1], mf_dump, all_probes)
         mf_log = await delivery_lines(lambda: [r.getMessage() for r in caplog.records], delivered(mailflow))
     return postfix, mailflow, pf_log, mf_log
@@ -218,6 +225,7 @@ async def test_quoted_addresses_come_through_as_through_a_real_postfix(mailflow_
     assert by_address['@r1.test,@r2.test:"a:b"'][0][1][2][0] == ("From", '<"a:b"@origin.test>')  # route dropped
     assert by_address['"v 3+ext"@x.test'][1][1][1] == ['<v3+ext@y.test> ORCPT=rfc822;"v+203+2Bext"@x.test']
     assert by_address['"v.2."@x.test'][1][1][1][0].startswith('<"v.2."@x.test>')  # no internal-form key asked
+    assert by_address["w.1.@x.test"][1][0] == by_address['"w 2+ext"@x.test'][1][0] == (250, 554)  # access: both
 
 
 @pytest.mark.skipif(not os.environ.get("MAILFLOW_QUOTE_SEEDS"), reason="set MAILFLOW_QUOTE_SEEDS=1,2,3 to run")

@@ -283,23 +283,43 @@ def client_full_keys(hostname: str) -> tuple[int, int]:
 def address_access_keys(addr: str, delimiter: str) -> list[str]:
     """check_sender/recipient_access (access(5)): user+ext@domain, user@domain, domain and its parents,
     user+ext@, user@. The null sender is `<>`. No `@domain` key: that is the virtual(5) and canonical(5) form,
-    which Postfix's access maps never ask (a table shared with those must list the domain itself)."""
+    which Postfix's access maps never ask (a table shared with those must list the domain itself). Each key that
+    holds the local part is asked in Postfix's quoting, then, where that differs, in internal form (`"w.1."@x`,
+    then `w.1.@x`: mail_addr_find's legacy query form), the extension split off the internal form."""
     if not addr:
         return [NULL_SENDER_KEY]
     local, at, domain = addr.rpartition("@")
     if not at:
         local, domain = addr, ""
-    user, ext = split_extension(local, delimiter)
+    internal = address.internal_local(local) or address.unquoted_local(local) or local
+    user, ext = split_extension(internal, delimiter)
     keys = []
     if domain:
-        keys.append(f"{local}@{domain}")
+        keys += _both_forms(internal, f"@{domain}")
         if ext:
-            keys.append(f"{user}@{domain}")
+            keys += _both_forms(user, f"@{domain}")
         keys += domain_keys(domain)
-    keys.append(f"{local}@")
+    keys += _both_forms(internal, "@")
     if ext:
-        keys.append(f"{user}@")
+        keys += _both_forms(user, "@")
     return keys
+
+
+def address_full_keys(keys: list[str]) -> tuple[int, ...]:
+    """The indices of `address_access_keys` that pattern tables are asked (Postfix's FULL lookups): the whole
+    address, in both of its forms when they differ."""
+    return (0, 1) if len(keys) > 1 and keys[1] != keys[0] and _same_address(keys[0], keys[1]) else (0,)
+
+
+def _both_forms(internal: str, suffix: str) -> list[str]:
+    """A key in Postfix's quoting, then in internal form if that differs (`"a b"@x`, `a b@x`)."""
+    quoted = address.quoted_local(internal) + suffix
+    return [quoted] if quoted == internal + suffix else [quoted, internal + suffix]
+
+
+def _same_address(quoted: str, internal: str) -> bool:
+    local, _, domain = quoted.rpartition("@")
+    return internal == f"{address.unquoted_local(local)}@{domain}"
 
 
 def is_fqdn_address(addr: str) -> bool:
@@ -729,7 +749,8 @@ class Restrictions:
         keys, name, what = self._access_keys(kind, facts)
         if keys is None:
             return None
-        full = client_full_keys(facts.client_name) if kind == "client" else (0,)
+        full = (client_full_keys(facts.client_name) if kind == "client" else
+                address_full_keys(keys) if kind in ("sender", "recipient") else (0,))
         try:
             found = await self._find(spec, keys, full)
         except LookupRetry as e:
