@@ -79,7 +79,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 from typing import Mapping
 
 from mailflow import address, status
@@ -89,8 +88,6 @@ from mailflow.syntax import parse_hostport, parse_ip
 from mailflow.tables import Table, TableCache, address_keys, find, find_address, find_local, split_extension
 from mailflow.transports.error import parse_error_nexthop
 
-# what tidy may change in an address without quotes: a source route, a local part's leading, doubled or last dot
-_ODD_DOTS = re.compile(r"^[.@]|\.\.|\.@")
 
 VIRTUAL_ALIAS_TRANSPORT = "error:5.1.1 User unknown in virtual alias table"
 # Postfix's empty_address_recipient: what an empty local part of a local domain resolves to (resolve.c: "for
@@ -234,7 +231,8 @@ class Rewriter:
         Postfix, whose rewrite sees the header's words as written and the envelope's in its own quoting."""
         _, at, domain = addr.rpartition("@")
         dotted = "." in domain or not self._config.append_dot_mydomain
-        if at and domain and dotted and domain[-1] != "." and '"' not in addr and not _ODD_DOTS.search(addr):
+        if (at and domain and dotted and domain[-1] != "." and '"' not in addr and ".." not in addr
+                and ".@" not in addr and addr[0] not in ".@"):  # (what tidy could change: see address.tidy)
             return addr  # tidy and qualified already: most addresses, asked ~10 times a message
         given, addr = addr, address.tidy(addr)
         local, domain = address.split(addr)
