@@ -85,7 +85,7 @@ from mailflow import address, status
 from mailflow.errors import LookupRetry
 from mailflow.model import AddressClass, Resolution
 from mailflow.syntax import parse_hostport, parse_ip
-from mailflow.tables import Table, TableCache, address_keys, find, find_address, find_local, split_extension
+from mailflow.tables import Table, TableCache, address_keys, find, find_address, local_keys, split_extension
 from mailflow.transports.error import parse_error_nexthop
 
 
@@ -612,8 +612,13 @@ class Rewriter:
         return self.is_local_user(addr) or self.alias(addr) is not None
 
     def _local_lookup(self, tables: list[Table], addr: str) -> tuple[str, str, str] | None:
+        """The local part with its extension, then without (split off the internal form), each asked in Postfix's
+        quoting, then in internal form where that differs, as local(8)'s get_alias asks (`"al.1."`, `al.1.`)."""
         local = address.split(self.qualify(addr))[0]
-        return find_local(tables, local, delimiter=self._config.recipient_delimiter)
+        internal = address.internal_local(local) or address.unquoted_local(local) or local
+        keys = [key for name in local_keys(internal, delimiter=self._config.recipient_delimiter)
+                for key in dict.fromkeys((address.quoted_local(name), name))]
+        return find(tables, keys)
 
 
 def error_refusal(addr: str, res: Resolution, what: str = "Recipient address", code: int | None = None

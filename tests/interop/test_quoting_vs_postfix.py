@@ -11,8 +11,9 @@ Postfix's smtpd takes a local part of atoms and quoted strings joined by dots (t
 side by side (`"a""b"`) are two addresses to it: 501. A header address is rewritten from its words as written: the
 percent hack of an unqualified one sees a `%` outside quotes only, and a source route goes. Table keys are asked in
 Postfix's quoting, the extension split off the internal form (`"v 3+ext"@x.test` finds `"v 3"@x.test`); access
-tables (check_recipient_access) are asked each key in internal form too (`"w.1."@x.test` finds `w.1.@x.test`),
-virtual alias tables not.
+tables (check_recipient_access) and local(8)'s alias_maps (a second test, through local delivery) are asked each
+key in internal form too (`"w.1."@x.test` finds `w.1.@x.test`, `"al.1."@alias.test` the alias `al.1.`), virtual
+alias tables not.
 
 CURATED holds the cases the seeded generator (`generated`) found, and their neighbours; set MAILFLOW_QUOTE_SEEDS
 (`1,2,3`) to run `test_generated_addresses_match_a_real_postfix` over that many seeds of 40 addresses more.
@@ -195,7 +196,10 @@ def without_bang_paths(lines: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def differences(addresses: list[str], postfix: dict, mailflow: dict) -> dict:
-    all_probes = probes(addresses)
+    return differences_of(probes(addresses), postfix, mailflow)
+
+
+def differences_of(all_probes: list, postfix: dict, mailflow: dict) -> dict:
     return {f"{i}: {all_probes[i]}": (postfix[i], mailflow[i]) for i in postfix if postfix[i] != mailflow[i]}
 
 
@@ -241,3 +245,26 @@ async def test_generated_addresses_match_a_real_postfix(mailflow_server, caplog)
         print("DIFF", probe, "\n   PF", theirs, "\n   MF", ours)
     assert diff == {}
     assert pf_log == mf_log
+
+
+# local(8)'s alias_maps: asked each key in Postfix's quoting, then in internal form (get_alias)
+ALIASES = "inline:{ {al.1. = a1@y.test}, {al.2 = a2@y.test} }"
+ALIAS_PROBES = ["al.1.@alias.test", '"al.1."@alias.test', "al.1.+x@alias.test", '"al.2+x"@alias.test']
+
+
+async def test_aliases_are_found_as_a_real_postfix_s_local_finds_them(mailflow_server):
+    """A recipient of a local domain through local(8)'s alias_maps, relayed on to the sink: what the sink gets
+    (`al.1.@alias.test`, which smtpd makes `"al.1."@alias.test`, finds the key `al.1.` asked second)."""
+    local = {"mydestination": "alias.test", "local_recipient_maps": "", "recipient_delimiter": "+"}
+    all_probes = [("s@x.test", rcpt, "To: x@x.test\r\n", False) for rcpt in ALIAS_PROBES]
+    async with smtp_sink() as (pf_sink, pf_dump), smtp_sink() as (mf_sink, mf_dump):
+        async with postfix_instance({**COMMON, **local, "alias_maps": ALIASES,
+                                     "relayhost": f"[127.0.0.1]:{pf_sink}"}) as pf:
+            postfix = await run(pf.port, pf_dump, all_probes)
+        mf = await mailflow_server(**COMMON, mydestination=["alias.test"], local_recipient_maps=[],
+                                   recipient_delimiter="+", alias_maps=[ALIASES], relayhost=f"[127.0.0.1]:{mf_sink}",
+                                   mynetworks=["127.0.0.0/8"])
+        mailflow = await run(mf.smtp_addresses[0][1], mf_dump, all_probes)
+    assert differences_of(all_probes, postfix, mailflow) == {}
+    assert [postfix[i][1][1][0].split()[0] for i in range(len(ALIAS_PROBES))] == [
+        "<a1@y.test>", "<a1@y.test>", "<a1@y.test>", "<a2@y.test>"]

@@ -272,3 +272,12 @@ def test_a_host_name_or_address_literal_is_no_bad_syntax(addr):
     """Literals as Postfix 3.7's valid_ipv4_hostaddr takes them: it queued bob@[192.0.2.01] for its smtp and
     bounced bob@[0.1.2.3] ("bad initial octet value"), as the test above."""
     assert rewriter().resolve(addr).transport == "smtp"
+
+
+def test_an_alias_key_is_asked_in_postfix_s_quoting_then_in_internal_form():
+    """local(8)'s get_alias: `"al.1."` then `al.1.`, the extension split off the internal form (against Postfix
+    3.7.11: test_quoting_vs_postfix.py)."""
+    rw = rewriter(alias_maps=('inline:{ {al.1. = a@x.test}, {"b c" = b@x.test} }',))
+    assert rw.alias('"al.1."@example.test')[1] == "al.1."
+    assert rw.alias('"al.1.+x"@example.test')[1] == "al.1."
+    assert rw.alias('"b c+x"@example.test')[1] == '"b c"'
