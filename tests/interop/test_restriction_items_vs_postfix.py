@@ -197,13 +197,16 @@ def postfix(sasl_dovecot):
 
 async def test_the_items_reply_and_log_as_postfix_does(postfix, sasl_dovecot, mailflow_server, caplog):
     caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    offset = await postfix.probed()
     expected = await replay(postfix.port)
-    await asyncio.sleep(1)  # (Postfix writes its log through postlogd)
+    # (Postfix writes its log through postlogd, a moment after the replies: each session's lines are all there once
+    # its disconnect line is)
+    postfix_log = await postfix.logged("disconnect from", count=len(SESSIONS), since=offset)
     mf = await mailflow_server(**mailflow_settings(str(sasl_dovecot.auth_socket)))
     got = await replay(mf.smtp_addresses[0][1])
 
     assert {s: (expected[s], got[s]) for s in expected if expected[s] != got[s]} == {}
-    assert logged(r.getMessage() for r in caplog.records) == logged(postfix.maillog.splitlines())
+    assert logged(r.getMessage() for r in caplog.records) == logged(postfix_log.splitlines())
     # what Postfix did, so that the same mistake on both sides cannot pass unnoticed
     assert expected["pipelining after HELO"][-1] == \
         "503 5.5.0 <pipe@relay.test>: Recipient address rejected: Improper use of SMTP command pipelining"
@@ -266,9 +269,10 @@ async def test_the_bounce_code_and_logged_permits_as_postfix(mailflow_server, ca
                "multi_recipient_bounce_reject_code": "450", "smtpd_log_access_permit_actions": ", ".join(permits),
                "smtpd_relay_restrictions": "", "smtpd_recipient_restrictions": CODE_AND_PERMITS["restrictions"]}
     async with postfix_instance(main_cf) as postfix:
+        offset = await postfix.probed()
         expected = [await replay_one(postfix.port, s) for s in CODE_AND_PERMITS["sessions"]]
-        await asyncio.sleep(1)  # (Postfix writes its log through postlogd)
-        postfix_lines = postfix.maillog.splitlines()
+        postfix_lines = (await postfix.logged("disconnect from", count=len(CODE_AND_PERMITS["sessions"]),
+                                              since=offset)).splitlines()
     mf = await mailflow_server(mydestination=["local.test"], local_recipient_maps=["inline:{alice=ok, bob=ok}"], smtpd={
         "multi_recipient_bounce_reject_code": 450, "log_access_permit_actions": permits, "error_sleep_time": "0s",
         "relay_restrictions": [], "recipient_restrictions": CODE_AND_PERMITS["restrictions"].split(", ")})

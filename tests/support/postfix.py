@@ -5,6 +5,12 @@
         pf.run("postqueue", "-p")                        # a tool pointed at this instance with -c
         await pf.queue_empty()                           # bounded wait until its queue is empty
         pf.maillog                                       # its log so far
+        offset = await pf.probed()                       # where the log stands once the readiness probe's
+                                                         # session is over (what follows is the test's)
+        await pf.logged("disconnect from", count=2, since=offset)
+                                                         # its log from `offset` once it holds the text that
+                                                         # often (postlogd writes a moment after the replies:
+                                                         # wait for a line, never sleep and read once)
     postfix_instance(main_cf, nameserver="127.53.x.y")  # its resolver asks that address, port 53 (a dns_zone
                                                          # started there), nothing else: the instance runs in
                                                          # its own mount namespace (unshare -m) where a
@@ -134,6 +140,22 @@ class PostfixInstance:
         except AssertionError:
             raise AssertionError(f"the private Postfix's queue is not empty after {timeout}s:\n"
                                  f"{self.maillog[-3000:]}") from None
+
+    async def logged(self, text: str, count: int = 1, since: int = 0, timeout: float = 30) -> str:
+        """The log from offset `since` once `text` occurs there `count` times or more; fails with the log's tail
+        after `timeout` seconds (a bound for a failure: a loaded machine's postlogd may be seconds late)."""
+        try:
+            await eventually(lambda: self.maillog[since:].count(text) >= count, timeout=timeout, step=0.05)
+        except AssertionError:
+            raise AssertionError(f"the private Postfix did not log {text!r} {count} time(s) within {timeout}s:\n"
+                                 f"{self.maillog[since:][-3000:]}") from None
+        return self.maillog[since:]
+
+    async def probed(self) -> int:
+        """The log's length once `start`'s readiness probe (a connection closed at once) has its `disconnect
+        from` line: an offset after which every line is the test's."""
+        await self.logged("disconnect from")
+        return len(self.maillog)
 
     def _master_pid(self) -> int | None:
         """The running master's pid; None once it has ended (a zombie too: it is not our child, and its reaper
