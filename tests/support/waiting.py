@@ -1,9 +1,12 @@
 """Waiting in tests: for something to happen (bounded polling that fails with a message), and for the moment after
 which something that did not happen never will (an event, not a fixed sleep).
 
-- `eventually(predicate, timeout=10, step=0.02, what=None)`: call `predicate` (plain or async) until it returns
+- `eventually(predicate, timeout=30, step=0.02, what=None)`: call `predicate` (plain or async) until it returns
   something truthy and return that; after `timeout` seconds raise AssertionError naming `what` (or the predicate's
-  source line) and the last value. Never returns a false value, so a test cannot forget to assert it.
+  source line) and the last value. Never returns a false value, so a test cannot forget to assert it. A deadline
+  only bounds a failure (a pass returns at the event), so every default here is generous: on a loaded machine
+  (CI: 2 vCPUs, `-n 2`) a private Postfix's log line or a server's own 2 s timer can run seconds late. Pass a
+  shorter `timeout` only where the test asserts a time limit.
 - `queue_becomes(store, counts)`: the store's per-queue counts reach `counts` (then returns them).
 - `lines_logged(caplog, *words, count=1)`: until `count` captured records hold every one of `words`; returns every
   record's message. A result's line follows the commit of the result: the queue's counts can be seen before it.
@@ -30,7 +33,7 @@ def _describe(predicate: Callable) -> str:
         return getattr(predicate, "__qualname__", repr(predicate))
 
 
-async def eventually(predicate: Callable[[], Any | Awaitable[Any]], timeout: float = 10.0, step: float = 0.02,
+async def eventually(predicate: Callable[[], Any | Awaitable[Any]], timeout: float = 30.0, step: float = 0.02,
                      what: str | None = None) -> Any:
     """Poll `predicate` until it is truthy (returned), or fail after `timeout` seconds."""
     loop = asyncio.get_running_loop()
@@ -46,7 +49,7 @@ async def eventually(predicate: Callable[[], Any | Awaitable[Any]], timeout: flo
         await asyncio.sleep(step)
 
 
-async def lines_logged(caplog, *words: str, count: int = 1, timeout: float = 10.0) -> list[str]:
+async def lines_logged(caplog, *words: str, count: int = 1, timeout: float = 30.0) -> list[str]:
     """Until `count` records caplog captured hold every one of `words`; then the messages of all its records."""
     def matching() -> int:
         return sum(all(w in r.getMessage() for w in words) for r in caplog.records)
@@ -55,7 +58,7 @@ async def lines_logged(caplog, *words: str, count: int = 1, timeout: float = 10.
     return [r.getMessage() for r in caplog.records]
 
 
-async def queue_becomes(store, expected: dict, timeout: float = 10.0) -> dict:
+async def queue_becomes(store, expected: dict, timeout: float = 30.0) -> dict:
     """Poll the store's per-queue counts until they equal `expected`; returns them."""
     last: dict = {}
 
@@ -71,7 +74,7 @@ async def queue_becomes(store, expected: dict, timeout: float = 10.0) -> dict:
     return last
 
 
-async def sessions_over(mf, timeout: float = 5.0) -> None:
+async def sessions_over(mf, timeout: float = 30.0) -> None:
     """Every smtpd session of `mf` (a running Mailflow) has ended."""
     await eventually(lambda: not mf.smtpd.sessions, timeout=timeout, what="every smtpd session ended")
 
@@ -92,7 +95,7 @@ class ScanWatch:
 
         store.take = watched
 
-    async def scan_after(self, when: float, timeout: float = 10.0) -> None:
+    async def scan_after(self, when: float, timeout: float = 30.0) -> None:
         """Wait for a scan, finished, that looked at the queue as of `when` or later."""
         await eventually(lambda: any(t >= when for t in self.times), timeout=timeout,
                          what=f"a queue scan at or after {when}")
