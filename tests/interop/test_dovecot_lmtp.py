@@ -68,7 +68,7 @@ async def test_one_transaction_for_two_mailboxes_read_back_byte_exact(mailflow_s
     assert len({line.split(":")[0] for line in sent}) == 1  # one queue id, one delivery
     # Dovecot's log: both saves in one LMTP session (same session id, bob's is ":R2"), and exactly one LMTP session
     # that got past the greeting (the other connection is the readiness probe), ended by QUIT
-    logged_out = await eventually(lambda: dovecot.log.count("Disconnect from 127.0.0.1: Logged out"), timeout=5)
+    logged_out = await eventually(lambda: dovecot.log.count("Disconnect from 127.0.0.1: Logged out"))
     assert logged_out == 1, dovecot.log
     assert len(re.findall(r"lmtp\(\d+\): Info: Connect from 127.0.0.1", dovecot.log)) == 2, dovecot.log
     saves = re.findall(r"lmtp\((\S+?)\)<\d+><([^>:]+)[^>]*>: Info: msgid=<lmtp-interop-1@remote.test>: "
@@ -167,7 +167,7 @@ async def test_messages_one_after_the_other_share_one_cached_lmtp_session_quit_a
     assert [m[1] if (m := re.search(r", conn_use=(\d+),", line)) else None for line in sent] == [None, "2", "3"], sent
     assert "Logged out" not in dovecot.log  # (the session waits in the cache)
     await mf.stop()
-    await eventually(lambda: dovecot.log.count("Disconnect from 127.0.0.1: Logged out") == 1, timeout=5)
+    await eventually(lambda: dovecot.log.count("Disconnect from 127.0.0.1: Logged out") == 1)
     assert len(re.findall(r"lmtp\(\d+\): Info: Connect from 127.0.0.1", dovecot.log)) == 2, dovecot.log  # (+ probe)
     sessions = re.findall(r"lmtp\(alice@example.test\)<\d+><([^>:]+)[^>]*>: Info: msgid=<lmtp-cache-\d@remote.test>: "
                           r"saved mail to INBOX", dovecot.log)

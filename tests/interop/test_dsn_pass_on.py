@@ -42,7 +42,7 @@ async def test_smtp_passes_ret_envid_notify_orcpt_to_smtp_sink(mailflow_server):
             ("plain@dest.test", []),
         ], MESSAGE % b"dsn", ["RET=HDRS", "ENVID=id+3Dwith+2Bxtext"])
         await queue_becomes(mf.store, {})
-        args = await eventually(lambda: len(dumped_args(dump)) == 4 and dumped_args(dump), timeout=5)
+        args = await eventually(lambda: len(dumped_args(dump)) == 4 and dumped_args(dump))
     assert args == [
         "X-Mail-Args: <s@remote.test> RET=HDRS ENVID=id+3Dwith+2Bxtext",
         "X-Rcpt-Args: <given@dest.test> ORCPT=rfc822;first+2Bx@dest.test NOTIFY=SUCCESS,DELAY",
@@ -59,7 +59,7 @@ async def test_lmtp_passes_the_dsn_parameters_too(mailflow_server):
         await send_with_dsn(port, "s@remote.test", [("u@dest.test", ["NOTIFY=FAILURE"])], MESSAGE % b"lmtp",
                             ["RET=FULL", "ENVID=lmtp-1"])
         await queue_becomes(mf.store, {})
-        args = await eventually(lambda: len(dumped_args(dump)) == 2 and dumped_args(dump), timeout=5)
+        args = await eventually(lambda: len(dumped_args(dump)) == 2 and dumped_args(dump))
     assert args[0].endswith(" RET=FULL ENVID=lmtp-1")
     assert args[1] == "X-Rcpt-Args: <u@dest.test> ORCPT=rfc822;u@dest.test NOTIFY=FAILURE"
 

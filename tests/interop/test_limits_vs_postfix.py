@@ -125,7 +125,7 @@ async def test_connection_limits_match_a_real_postfix(mailflow_server, caplog):
 
         async def postfix_side() -> tuple[list[str], str, bool]:
             seen = await connection_limits(pf.port)
-            await eventually(lambda: len(pf_warnings(pf.maillog)) >= 3, timeout=5, what="Postfix's anvil warnings")
+            await eventually(lambda: len(pf_warnings(pf.maillog)) >= 3, what="Postfix's anvil warnings")
             return seen, pf.maillog, await admitted_again(pf.port, UNIT)
 
         async def mailflow_side() -> tuple[list[str], list[str], bool]:
@@ -196,7 +196,7 @@ async def test_event_limits_match_a_real_postfix(mailflow_server, caplog, pki):
                                  "smtpd_tls_cert_file": cert, "smtpd_tls_key_file": cert,
                                  "smtpd_tls_security_level": "may", **limits}) as pf:
         postfix = await events(pf.port) + await tls_sessions(pf.port, ctx)
-        await eventually(lambda: len(pf_warnings(pf.maillog)) >= 6, timeout=5, what="Postfix's anvil warnings")
+        await eventually(lambda: len(pf_warnings(pf.maillog)) >= 6, what="Postfix's anvil warnings")
         pf_log = pf.maillog
     mf = await mailflow_server(mynetworks=[NETWORKS], smtpd={"disable_vrfy_command": False,  # Postfix's default
                                                              "error_sleep_time": 0,  # past 10 errors: no tarpit
@@ -245,7 +245,7 @@ async def stall(port: int, stage: str) -> str:
     if stage.startswith("lost"):
         await c.close()
         return "closed"
-    reply = await c.reply(timeout=5)
+    reply = await c.reply()
     assert await c.closed()
     await c.close()
     return same_host(reply.text)
@@ -280,7 +280,7 @@ async def test_timeouts_match_a_real_postfix(mailflow_server, caplog):
 
         async def postfix_side() -> tuple[list[str], str]:
             seen = await timeouts(pf.port)
-            await eventually(lambda: len(pf_timeouts(pf.maillog)) >= 5, timeout=5, what="Postfix's timeout lines")
+            await eventually(lambda: len(pf_timeouts(pf.maillog)) >= 5, what="Postfix's timeout lines")
             return seen, pf.maillog
 
         async def mailflow_side() -> list[str]:
@@ -303,7 +303,7 @@ async def test_timeouts_match_a_real_postfix(mailflow_server, caplog):
 
 async def stalled_handshake(port: int, starttls: bool, sent: bytes) -> tuple[str, str, bool]:
     """A client that starts a TLS handshake (after STARTTLS, or at once on an implicit-TLS port), sends `sent` of it
-    and then nothing: what the server sends after that, and whether it closed the connection between 1.5 and 4 s
+    and then nothing: what the server sends after that, and whether it closed the connection between 1.5 and 15 s
     later (smtpd_timeout 1 s, smtpd_starttls_timeout 2 s)."""
     c = await SmtpClient.connect(port, greet=starttls)
     if starttls:
@@ -311,10 +311,12 @@ async def stalled_handshake(port: int, starttls: bool, sent: bytes) -> tuple[str
         assert (await c.cmd("STARTTLS")).code == 220
     started = asyncio.get_running_loop().time()
     await c.send(sent)
-    rest = await c.rest(timeout=5)
+    rest = await c.rest()
     waited = asyncio.get_running_loop().time() - started
     await c.close()
-    return "STARTTLS" if starttls else "implicit", rest.decode("ascii", "replace"), 1.5 < waited < 4
+    # (a timer never fires early, but on a loaded machine it fires late: the upper bound is far from 2 s, and far
+    # below the 300 s of Postfix's default smtpd_starttls_timeout)
+    return "STARTTLS" if starttls else "implicit", rest.decode("ascii", "replace"), 1.5 < waited < 15
 
 
 async def stalled_handshakes(port: int, implicit_port: int) -> list[tuple[str, str, bool]]:
@@ -356,10 +358,10 @@ async def test_a_stalled_tls_handshake_ends_as_with_a_real_postfix(mailflow_serv
         port, implicit_port = mf.smtp_addresses[0][1], mf.smtpd.address_of("submissions")[1]
 
         async def postfix_side() -> tuple[list[tuple[str, str, bool]], str]:
-            await eventually(lambda: "disconnect from" in pf.maillog, timeout=5, what="the readiness probe's end")
+            await eventually(lambda: "disconnect from" in pf.maillog, what="the readiness probe's end")
             probe = len(pf.maillog)
             stalled = await stalled_handshakes(pf.port, pf_implicit_port)
-            await eventually(lambda: len(pf_handshake_ends(pf.maillog[probe:])) >= 12, timeout=5,
+            await eventually(lambda: len(pf_handshake_ends(pf.maillog[probe:])) >= 12,
                              what="Postfix's lines")
             return stalled, pf.maillog[probe:]
 
@@ -417,10 +419,10 @@ async def test_a_failed_tls_handshake_is_logged_as_by_a_real_postfix(mailflow_se
     _, cert, _ = pki
     async with postfix_instance({"myhostname": PF_HOST, "mynetworks": NETWORKS, "smtpd_tls_cert_file": cert,
                                  "smtpd_tls_key_file": cert, "smtpd_tls_security_level": "may"}) as pf:
-        await eventually(lambda: "disconnect from" in pf.maillog, timeout=5, what="the readiness probe's end")
+        await eventually(lambda: "disconnect from" in pf.maillog, what="the readiness probe's end")
         probe = len(pf.maillog)
         postfix = await broken_handshakes(pf.port)
-        await eventually(lambda: len(pf_handshake_ends(pf.maillog[probe:])) >= 10, timeout=5,
+        await eventually(lambda: len(pf_handshake_ends(pf.maillog[probe:])) >= 10,
                          what="Postfix's lines")
         pf_log = pf.maillog[probe:]
     mf = await mailflow_server(mynetworks=[NETWORKS], smtpd={"tls_cert_file": cert})
@@ -460,7 +462,7 @@ async def test_milter_edits_past_the_message_size_limit_refuse_the_message_as_po
                                      "local_recipient_maps": users, "message_size_limit": "100000",
                                      "smtpd_milters": milter.spec}) as pf:
             postfix = await milter_edited(pf.port)
-            await eventually(lambda: "queue file size limit exceeded" in pf.maillog, timeout=5, what="the warning")
+            await eventually(lambda: "queue file size limit exceeded" in pf.maillog, what="the warning")
         mf = await mailflow_server(local_recipient_maps=[users], relayhost="[127.0.0.1]:9",
                                    smtpd={"milters": [milter.spec], "message_size_limit": 100_000})
         mailflow = await milter_edited(mf.smtp_addresses[0][1])
@@ -513,10 +515,10 @@ async def test_starttls_then_the_end_of_input_is_answered_and_logged_as_by_a_rea
                                                                  "soft_error_limit": 1, "error_sleep_time": "1s"})
 
         async def postfix_side() -> tuple[list[str], str]:
-            await eventually(lambda: "disconnect from" in pf.maillog, timeout=5, what="the readiness probe's end")
+            await eventually(lambda: "disconnect from" in pf.maillog, what="the readiness probe's end")
             probe = len(pf.maillog)
             replies = await starttls_then_gone_each_way(pf.port)
-            await eventually(lambda: len(pf_handshake_ends(pf.maillog[probe:])) >= 6, timeout=5,
+            await eventually(lambda: len(pf_handshake_ends(pf.maillog[probe:])) >= 6,
                              what="Postfix's lines")
             return replies, pf.maillog[probe:]
 
@@ -572,10 +574,10 @@ async def test_a_connection_limit_on_an_implicit_tls_port_refuses_over_tls_as_a_
                                  "smtpd_tls_key_file": cert, "smtpd_tls_loglevel": "1"},  # (mailflow's TLS lines)
                                 master_cf=f"127.0.0.1:{implicit_port} inet n - n - - smtpd -o smtpd_tls_wrappermode=yes"
                                           f" -o smtpd_client_connection_count_limit=1\n") as pf:
-        await eventually(lambda: "disconnect from" in pf.maillog, timeout=5, what="the readiness probe's end")
+        await eventually(lambda: "disconnect from" in pf.maillog, what="the readiness probe's end")
         probe = len(pf.maillog)
         postfix = await refused_over_tls(implicit_port, ctx)
-        await eventually(lambda: pf.maillog.count("disconnect from") >= 3, timeout=5, what="Postfix's lines")
+        await eventually(lambda: pf.maillog.count("disconnect from") >= 3, what="Postfix's lines")
         pf_log = [line.split("]: ", 1)[1].removeprefix("warning: ") for line in pf.maillog[probe:].splitlines()
                   if "smtpd[" in line]
     mf = await mailflow_server(mynetworks=[NETWORKS], smtpd={
@@ -652,7 +654,7 @@ async def test_too_many_errors_after_a_message_is_logged_after_end_of_message_as
                                  "local_recipient_maps": "inline:{alice=ok}", "message_size_limit": "60",
                                  "smtpd_hard_error_limit": "2", "smtpd_error_sleep_time": "0"}) as pf:
         postfix = await errors_then_a_big_message(pf.port)
-        await eventually(lambda: "too many errors" in pf.maillog, timeout=5, what="Postfix's too many errors line")
+        await eventually(lambda: "too many errors" in pf.maillog, what="Postfix's too many errors line")
         pf_said = [line.split("]: ", 1)[1] for line in pf.maillog.splitlines() if "too many errors after" in line]
     mf = await mailflow_server(mynetworks=[NETWORKS], local_recipient_maps=["inline:{alice=ok}"],
                                smtpd={"hard_error_limit": 2, "error_sleep_time": "0s", "message_size_limit": 60})

@@ -351,7 +351,7 @@ async def test_a_double_bounce_that_bounces_is_discarded_with_postfixs_warning(m
     def warned() -> list[str]:
         return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
 
-    await eventually(warned, timeout=5)
+    await eventually(warned)
     assert [w.split(": ", 1)[1] for w in warned()] == ["undeliverable postmaster notification discarded"]
     assert "postmaster non-delivery notification" in caplog.text
 

@@ -59,7 +59,7 @@ async def compare_permits(mailflow_server, caplog, classes: dict[str, str]) -> N
         postfix = await replies(pf.port)
         # (Postfix's smtpd logs through postlogd: the last session's lines may come after its last reply)
         postfix_logged = await eventually(lambda: len(lines := permit_lines(pf.maillog.splitlines())) >= 27 and lines,
-                                          timeout=5, what="the private Postfix's 27 permit and discard lines")
+                                          what="the private Postfix's 27 permit and discard lines")
     mf = await mailflow_server(mydestination=["local.test"], mynetworks=["127.0.0.0/8"], smtpd={
         "restriction_classes": {name: [item] for name, item in classes.items()},
         "sender_restrictions": [f"check_sender_access {ACCESS}", f"check_sender_access {SELECT}"],

@@ -36,7 +36,7 @@ async def test_smtp_source_load_relayed_to_smtp_sink(mailflow_server, tmp_path):
                             "-t", "to@dest.test", f"127.0.0.1:{port}")
         assert rc == 0, out
         await queue_becomes(mf.store, {}, timeout=30)
-        dumped = await eventually(lambda: dump.exists() and dump.read_bytes(), timeout=5)
+        dumped = await eventually(lambda: dump.exists() and dump.read_bytes())
     finally:
         if sink_proc.returncode is None:
             sink_proc.kill()

@@ -136,7 +136,7 @@ async def test_dnsbl_replies_match_a_real_postfix_word_for_word(mailflow_server,
     }, nameserver=address) as pf:
         postfix = await replies(pf.port)
         # (Postfix's smtpd logs through postlogd: the last session's line may come after its last reply)
-        await eventually(lambda: pf.maillog.count("NOQUEUE: reject: ") >= len(CLASSES), timeout=5,
+        await eventually(lambda: pf.maillog.count("NOQUEUE: reject: ") >= len(CLASSES),
                          what="a reject line a session in the private Postfix's log")
         postfix_logged = smtpd_lines(pf.maillog.splitlines())
     mf = await mailflow_server(myhostname="pf.test", mydestination=["local.test"],

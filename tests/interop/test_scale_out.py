@@ -102,7 +102,7 @@ async def test_no_acknowledged_mail_is_lost_when_a_node_behind_the_balancer_is_k
     victim = nodes[0]
     try:
         with haproxy_instance([n.server.port for n in nodes]) as balancer:
-            await eventually(lambda: balancer.states() == {"n1": "UP", "n2": "UP"}, timeout=5)
+            await eventually(lambda: balancer.states() == {"n1": "UP", "n2": "UP"})
             senders = Senders(balancer.port)
             await senders.more(6)  # mail flows to the mailbox through both nodes
 
@@ -111,11 +111,11 @@ async def test_no_acknowledged_mail_is_lost_when_a_node_behind_the_balancer_is_k
             await eventually(lambda: victim.queued() >= 2, timeout=10, what="acknowledged mail queued on node1")
             victim.server.kill()  # SIGKILL, with mail on its disk and clients mid-session
             held = victim.queued()
-            await eventually(lambda: balancer.states()["n1"] == "DOWN", timeout=5)
+            await eventually(lambda: balancer.states()["n1"] == "DOWN")
             await senders.more(6)  # node2 takes every client meanwhile
 
             await victim.server.start()  # same queue: what it had acknowledged is there
-            await eventually(lambda: balancer.states()["n1"] == "UP", timeout=5)
+            await eventually(lambda: balancer.states()["n1"] == "UP")
             dovecot.resume()
             await senders.more(6)
             await senders.stop()

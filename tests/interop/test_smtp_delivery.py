@@ -47,8 +47,8 @@ class SmtpSink:
             require_tool("smtp-sink"), *user, "-c", "-v", "-h", "sink.test", "-D", str(self.dump), *self.options,
             f"127.0.0.1:{self.port}", "64", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         self._reader = asyncio.create_task(self._collect())
-        await eventually(lambda: accepts(self.port), timeout=5)
-        await eventually(lambda: self._counts()["sess"] == 1, timeout=5)  # the probe's session has ended
+        await eventually(lambda: accepts(self.port))
+        await eventually(lambda: self._counts()["sess"] == 1)  # the probe's session has ended
         return self
 
     async def stop(self) -> None:
@@ -140,7 +140,7 @@ async def test_first_mx_refuses_the_connection_the_second_smtp_sink_takes_the_ma
     assert "<-  250 2.0.0 Ok: queued as" in out
 
     await queue_becomes(mf.store, {}, timeout=10)
-    dumped = await eventually(lambda: b"via MX 20" in remote.dumped() and remote.dumped(), timeout=5)
+    dumped = await eventually(lambda: b"via MX 20" in remote.dumped() and remote.dumped())
     assert b"X-Rcpt-Args: <user@dest.test>" in dumped
     assert b"X-Helo-Args: mx.mailflow.test" in dumped
     assert b"X-Mail-Args: <someone@remote.test>" in dumped
@@ -156,10 +156,10 @@ async def test_one_connection_carries_several_messages_to_smtp_sink(mailflow_ser
                         "-t", "to@dest.test", f"127.0.0.1:{mf.smtp_addresses[0][1]}")
     assert rc == 0, out
     await queue_becomes(mf.store, {}, timeout=15)
-    await eventually(lambda: remote.counters["mesg"] == count, timeout=5)
+    await eventually(lambda: remote.counters["mesg"] == count)
     assert remote.counters["sess"] == 0  # the session is still open, cached for the next message
     await mf.stop()  # close() QUITs the cached session
-    await eventually(lambda: remote.counters["sess"] == 1, timeout=5), remote.counters
+    await eventually(lambda: remote.counters["sess"] == 1), remote.counters
     assert remote.counters == {"sess": 1, "quit": 1, "mesg": count}
 
 
@@ -176,7 +176,7 @@ async def test_4xx_defers_and_the_retry_delivers(mailflow_server, dns_zone, sink
     await greylisting.stop()  # the cached session dies with it; the retry notices and connects afresh
     accepting = await sink(port)
     await queue_becomes(mf.store, {}, timeout=15)
-    assert b"second time lucky" in await eventually(accepting.dumped, timeout=5)
+    assert b"second time lucky" in await eventually(accepting.dumped)
 
 
 async def test_5xx_bounces_and_the_notice_reaches_the_sender(mailflow_server, dns_zone, sink, smtp_peer):
@@ -210,7 +210,7 @@ async def test_8bitmime_is_converted_for_a_sink_without_8bitmime(mailflow_server
     await send(mf.smtp_addresses[0][1], "someone@remote.test", ["user@dest.test"], content,
                mail_options=["BODY=8BITMIME"])
     await queue_becomes(mf.store, {}, timeout=10)
-    dumped = await eventually(remote.dumped, timeout=5)
+    dumped = await eventually(remote.dumped)
     assert b"Content-Transfer-Encoding: quoted-printable\n" in dumped  # smtp-sink's dump has LF line ends
     assert dumped.endswith(b"\n\nGr=C3=BC=C3=9Fe\n\n")  # and an empty line after each message
     assert b"BODY=8BITMIME" not in dumped
@@ -311,7 +311,7 @@ async def test_the_tls_line_of_a_delivery_is_postfix_s(mailflow_server, smtp_pee
                                  "smtp_tls_security_level": "may", "smtp_tls_loglevel": "1"}) as pf:
         await send(pf.port, "someone@remote.test", ["user@dest.test"], b"Subject: tls\r\n\r\nhello\r\n")
         await eventually(lambda: len(peer.messages) == 1, timeout=20)
-        await eventually(lambda: tls_established(pf.maillog.splitlines()), timeout=5, what="Postfix's TLS line")
+        await eventually(lambda: tls_established(pf.maillog.splitlines()), what="Postfix's TLS line")
         postfix = [line.split("]: ", 1)[1] for line in tls_established(pf.maillog.splitlines())]
     mf = await mailflow_server(mynetworks=["127.0.0.0/8"], relayhost=relay,
                                smtp={"tls_security_level": "may", "tls_loglevel": 1})

@@ -49,13 +49,13 @@ async def postfix_sessions(cert: str, ctx: ssl.SSLContext) -> list[list[str]]:
                                  "smtpd_tls_security_level": "may"},
                                 master_cf="".join(f"127.0.0.1:{port} inet n - n - - smtpd{option}\n"
                                                   for port, option in zip(ports, options))) as pf:
-        await eventually(lambda: "disconnect from" in pf.maillog, timeout=5, what="the readiness probe's end")
+        await eventually(lambda: "disconnect from" in pf.maillog, what="the readiness probe's end")
         sessions = []
         for port, (implicit, _) in zip([pf.port, *ports], SERVICES):
             start = len(pf.maillog)
             await tls_session(port, ctx, implicit)
             text = await eventually(lambda: "disconnect from" in pf.maillog[start:] and pf.maillog[start:],
-                                    timeout=5, what="the session's end")
+                                    what="the session's end")
             sessions.append([line.split("]: ", 1)[1] for line in text.splitlines() if "/smtpd[" in line])
         return sessions
 
