@@ -115,8 +115,8 @@ async def test_pregreet_and_pass_as_postfix(mailflow_server, caplog):
                                          "postscreen_cache_map": "btree:$data_directory/postscreen_cache"},
                                 master_cf=master) as pf:
         theirs = await dialogue(port)
-        await asyncio.sleep(0.3)
-        their_log = postscreen_lines(re.findall(r"/postscreen\[\d+\]: (.*)$", pf.maillog, re.M))
+        await logged(their_lines(pf), "PASS OLD", 1)
+        their_log = postscreen_lines(their_lines(pf)())
     their_log = [line for line in their_log if not line.startswith("cache ")]  # (its cache file's upkeep)
 
     if theirs[1] == b"<reset>":
@@ -172,10 +172,17 @@ DEEP_CLIENTS = [
 ]
 
 
-async def deep_dialogue(port: int, clients: list[tuple[str, list[bytes]]] = DEEP_CLIENTS) -> list[list[bytes]]:
-    """What each client reads: its greeting, then the replies to each of its lines, until the server closes."""
+# postscreen's last line of a session: the client left (or was dropped), or was handed to smtpd as one passed before
+SESSION_ENDS = ("DISCONNECT [", "PASS OLD [")
+
+
+async def deep_dialogue(port: int, log: LogLines, clients: list[tuple[str, list[bytes]]] = DEEP_CLIENTS
+                        ) -> list[list[bytes]]:
+    """What each client reads: its greeting, then the replies to each of its lines, until the server closes; the
+    next client once the server's `log` has the session's last line (so that the lines of each come before the
+    next one's, and every line is in when this returns)."""
     seen = []
-    for address, lines in clients:
+    for count, (address, lines) in enumerate(clients, 1):
         reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(address, 0))
         replies = [await read_reply(reader)]
         for chunk in lines:
@@ -187,7 +194,8 @@ async def deep_dialogue(port: int, clients: list[tuple[str, list[bytes]]] = DEEP
                 break
         seen.append(replies)
         writer.close()
-        await asyncio.sleep(0.1)  # (the server's log lines of this client before the next one's)
+        await eventually(lambda: sum(line.startswith(SESSION_ENDS) for line in log()) >= count,
+                         what=f"postscreen's last line of session {count} ({address}: {lines[-1]!r})")
     return seen
 
 
@@ -212,7 +220,7 @@ async def test_deep_protocol_tests_as_postfix(mailflow_server, caplog):
     mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
         "enable": True, "access_list": [], "greet_wait": GREET_WAIT, "pipelining_enable": True,
         "non_smtp_command_enable": True, "bare_newline_enable": True}})
-    ours = await deep_dialogue(mf.smtp_addresses[0][1])
+    ours = await deep_dialogue(mf.smtp_addresses[0][1], our_lines(caplog))
     our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
     theirs, their_log = await postfix_deep_dialogue({"postscreen_pipelining_enable": "yes",
                                                      "postscreen_non_smtp_command_enable": "yes",
@@ -245,9 +253,8 @@ async def postfix_deep_dialogue(main_cf: dict[str, str], clients: list[tuple[str
                                          "postscreen_access_list": "", "smtputf8_enable": "yes",
                                          "postscreen_cache_map": "btree:$data_directory/postscreen_cache",
                                          **main_cf}, master_cf=master) as pf:
-        theirs = await deep_dialogue(port, clients)
-        await asyncio.sleep(0.3)
-        their_log = postscreen_lines(re.findall(r"/postscreen\[\d+\]: (.*)$", pf.maillog, re.M))
+        theirs = await deep_dialogue(port, their_lines(pf), clients)
+        their_log = postscreen_lines(their_lines(pf)())
     return theirs, [line for line in their_log if not line.startswith("cache ")]
 
 
@@ -261,7 +268,7 @@ async def test_allowlist_veto_as_postfix(mailflow_server, caplog):
     mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
         "enable": True, "access_list": [], "greet_wait": GREET_WAIT, "allowlist_interfaces": ["!127.0.0.1",
                                                                                               "static:all"]}})
-    ours = await deep_dialogue(mf.smtp_addresses[0][1], clients)
+    ours = await deep_dialogue(mf.smtp_addresses[0][1], our_lines(caplog), clients)
     our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
     theirs, their_log = await postfix_deep_dialogue({"postscreen_allowlist_interfaces": "!127.0.0.1 static:all"},
                                                     clients)
@@ -282,7 +289,7 @@ async def test_the_other_actions_of_the_deep_tests_as_postfix(mailflow_server, c
     mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
         "enable": True, "access_list": [], "greet_wait": GREET_WAIT, "pipelining_enable": True,
         "non_smtp_command_enable": True, "bare_newline_enable": True, **actions}})
-    ours = await deep_dialogue(mf.smtp_addresses[0][1], clients)
+    ours = await deep_dialogue(mf.smtp_addresses[0][1], our_lines(caplog), clients)
     our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
     theirs, their_log = await postfix_deep_dialogue({
         "postscreen_pipelining_enable": "yes", "postscreen_non_smtp_command_enable": "yes",
@@ -317,7 +324,7 @@ async def test_the_dummy_engines_ehlo_discards_command_filter_and_footer_as_post
         "discard_ehlo_keywords": ["starttls", "size", "chunking"],
         "discard_ehlo_keyword_address_maps": [f"texthash:{maps}"], "command_filter": [f"regexp:{commands}"],
         "reject_footer": footer}})
-    ours = await deep_dialogue(mf.smtp_addresses[0][1], clients)
+    ours = await deep_dialogue(mf.smtp_addresses[0][1], our_lines(caplog), clients)
     our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
     theirs, their_log = await postfix_deep_dialogue({
         "smtpd_tls_cert_file": cert, "smtpd_tls_key_file": cert, "smtpd_tls_security_level": "may",
@@ -347,7 +354,7 @@ async def test_footers_by_reply_and_the_expansion_filter_as_postfix(mailflow_ser
         "enable": True, "access_list": [], "greet_wait": GREET_WAIT, "pipelining_enable": True,
         "reject_footer": "default $client_address", "reject_footer_maps": [f"regexp:{maps}"],
         "expansion_filter": allowed}})
-    ours = await deep_dialogue(mf.smtp_addresses[0][1], clients)
+    ours = await deep_dialogue(mf.smtp_addresses[0][1], our_lines(caplog), clients)
     our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
     theirs, their_log = await postfix_deep_dialogue({
         "postscreen_pipelining_enable": "yes", "postscreen_reject_footer": "default $client_address",
@@ -374,7 +381,7 @@ async def test_the_footer_warns_of_the_unknown_macros_it_looks_up_as_postfix(mai
     mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "reject_footer": footer,
                                       "postscreen": {"enable": True, "access_list": [], "greet_wait": GREET_WAIT,
                                                      "non_smtp_command_enable": True}})
-    ours = await deep_dialogue(mf.smtp_addresses[0][1], clients)
+    ours = await deep_dialogue(mf.smtp_addresses[0][1], our_lines(caplog), clients)
     our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
     theirs, their_log = await postfix_deep_dialogue({"postscreen_non_smtp_command_enable": "yes",
                                                      "smtpd_reject_footer": footer}, clients)
@@ -643,7 +650,7 @@ async def test_soft_bounce_softens_postscreens_refusals_as_postfix(mailflow_serv
         "banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
             "enable": True, "access_list": [], "greet_wait": GREET_WAIT, "pipelining_enable": True,
             "non_smtp_command_enable": True}})
-    ours = await deep_dialogue(mf.smtp_addresses[0][1], clients)
+    ours = await deep_dialogue(mf.smtp_addresses[0][1], our_lines(caplog), clients)
     our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
     theirs, their_log = await postfix_deep_dialogue({"soft_bounce": "yes", "postscreen_pipelining_enable": "yes",
                                                      "postscreen_non_smtp_command_enable": "yes"}, clients)
