@@ -197,7 +197,7 @@ def postfix(sasl_dovecot):
 
 async def test_the_items_reply_and_log_as_postfix_does(postfix, sasl_dovecot, mailflow_server, caplog):
     caplog.set_level(logging.INFO, logger="mailflow.smtpd")
-    offset = await postfix.probed()
+    offset = await postfix.sessions_ended()
     expected = await replay(postfix.port)
     # (Postfix writes its log through postlogd, a moment after the replies: each session's lines are all there once
     # its disconnect line is)
@@ -269,7 +269,7 @@ async def test_the_bounce_code_and_logged_permits_as_postfix(mailflow_server, ca
                "multi_recipient_bounce_reject_code": "450", "smtpd_log_access_permit_actions": ", ".join(permits),
                "smtpd_relay_restrictions": "", "smtpd_recipient_restrictions": CODE_AND_PERMITS["restrictions"]}
     async with postfix_instance(main_cf) as postfix:
-        offset = await postfix.probed()
+        offset = await postfix.sessions_ended()
         expected = [await replay_one(postfix.port, s) for s in CODE_AND_PERMITS["sessions"]]
         postfix_lines = (await postfix.logged("disconnect from", count=len(CODE_AND_PERMITS["sessions"]),
                                               since=offset)).splitlines()

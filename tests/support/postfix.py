@@ -5,8 +5,8 @@
         pf.run("postqueue", "-p")                        # a tool pointed at this instance with -c
         await pf.queue_empty()                           # bounded wait until its queue is empty
         pf.maillog                                       # its log so far
-        offset = await pf.probed()                       # where the log stands once the readiness probe's
-                                                         # session is over (what follows is the test's)
+        offset = await pf.sessions_ended()               # where the log stands once every smtpd session so
+                                                         # far (the readiness probe's) has its disconnect line
         await pf.logged("disconnect from", count=2, since=offset)
                                                          # its log from `offset` once it holds the text that
                                                          # often (postlogd writes a moment after the replies:
@@ -121,6 +121,7 @@ class PostfixInstance:
         self.etc = root / "etc"
         self.port = port
         self.nameserver = nameserver
+        self._marks = 0  # postlog(1) marks sent (sessions_ended)
 
     @property
     def maillog(self) -> str:
@@ -151,10 +152,28 @@ class PostfixInstance:
                                  f"{self.maillog[since:][-3000:]}") from None
         return self.maillog[since:]
 
-    async def probed(self) -> int:
-        """The log's length once `start`'s readiness probe (a connection closed at once) has its `disconnect
-        from` line: an offset after which every line is the test's."""
-        await self.logged("disconnect from")
+    async def sessions_ended(self, timeout: float = 30) -> int:
+        """The log's length once every smtpd session begun so far has its `disconnect from` line (`start`'s
+        readiness probe's at least): an offset after which every smtpd line is of the sessions that follow. A mark
+        sent through postlogd with postlog(1) first: once it is in the log, so is every line sent before it (the
+        `connect from` of every session begun); then the sessions' ends. (An offset taken while a session's lines
+        are still on their way to postlogd shifts another's lines in or out.)"""
+        self._marks += 1
+        mark = f"mailflow-test mark {self._marks}"
+        assert self.run("postlog", "-t", "mailflow-test/mark", mark).returncode == 0
+
+        def ended() -> bool:
+            log = self.maillog
+            if not re.search(rf"{mark}$", log, re.MULTILINE):
+                return False
+            disconnects = len(re.findall(r"/smtpd\[\d+\]: disconnect from ", log))
+            return disconnects >= 1 and len(re.findall(r"/smtpd\[\d+\]: connect from ", log)) == disconnects
+
+        try:
+            await eventually(ended, timeout=timeout, step=0.05)
+        except AssertionError:
+            raise AssertionError(f"a private Postfix's smtpd sessions did not all end in its log within {timeout}s:"
+                                 f"\n{self.maillog[-3000:]}") from None
         return len(self.maillog)
 
     def _master_pid(self) -> int | None:
