@@ -240,7 +240,9 @@ async def test_access_actions_reply_and_act_as_postfix_does(postfix, mailflow_se
     caplog.set_level(logging.INFO, logger="mailflow.smtpd")
     pf, ports = postfix
     pf_relay, pf_filter = await smtp_peer(port=ports["relay"]), await smtp_peer(port=ports["filter"])
+    offset = await pf.sessions_ended()
     pf_replies = await run_sessions(pf.port)
+    pf_log = await pf.logged("disconnect from", count=len(pf_replies), since=offset)  # (every session's lines)
     await eventually(lambda: len(delivered(pf_relay, pf_filter)) >= expected_deliveries(pf_replies), timeout=20)
     pf_fates, pf_held = delivered(pf_relay, pf_filter), postfix_held(pf)
 
@@ -257,7 +259,7 @@ async def test_access_actions_reply_and_act_as_postfix_does(postfix, mailflow_se
     assert {p: (pf_replies[p], mf_replies[p]) for p in pf_replies if pf_replies[p] != mf_replies[p]} == {}
     assert delivered(mf_relay, mf_filter) == pf_fates
     assert mailflow_held(tmp_path / "queue" / "queue.db") == pf_held
-    pf_logged = logged(pf.maillog.splitlines(), *LOGGED, filter_port=ports["filter"])
+    pf_logged = logged(pf_log.splitlines(), *LOGGED, filter_port=ports["filter"])
     assert logged((r.getMessage() for r in caplog.records), *LOGGED, filter_port=mf_filter.port) == pf_logged
     # what Postfix did, so that the same mistake on both sides cannot pass unnoticed
     assert pf_replies["sender reject-dsn"][1] == \
@@ -349,7 +351,10 @@ async def test_header_and_body_checks_act_as_postfixs_do(postfix, mailflow_serve
     caplog.set_level(logging.INFO, logger="mailflow.cleanup")
     pf, ports = postfix
     pf_relay, pf_filter = await smtp_peer(port=ports["relay"]), await smtp_peer(port=ports["filter"])
+    offset = await pf.sessions_ended()
     pf_replies = await send_contents(pf.port)
+    # (cleanup's lines of a message reach postlogd before smtpd's disconnect line of its session)
+    pf_log = await pf.logged("disconnect from", count=len(pf_replies), since=offset)
     expected = sum(reply == "250 queued" for reply in pf_replies.values()) - len(CONTENT_NOT_DELIVERED)
     pf_copies = await eventually(lambda: len(copies(pf_relay, pf_filter)) >= expected and copies(pf_relay, pf_filter),
                                  timeout=20)
@@ -368,7 +373,7 @@ async def test_header_and_body_checks_act_as_postfixs_do(postfix, mailflow_serve
 
     assert mf_copies == pf_copies
     assert mailflow_held(tmp_path / "queue" / "queue.db") == pf_held
-    pf_logged = cleanup_logged(pf.maillog.splitlines(), ports["filter"])
+    pf_logged = cleanup_logged(pf_log.splitlines(), ports["filter"])
     assert cleanup_logged((r.getMessage() for r in caplog.records), mf_filter.port) == pf_logged
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "unknown" in r.getMessage()] \
         == []  # INFO is known

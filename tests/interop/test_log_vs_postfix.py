@@ -415,7 +415,7 @@ async def test_requeued_mail_is_logged_under_a_new_queue_id_as_postfix_logs_it(m
             # the attempt over (in the deferred queue): Postfix's postsuper -r would move the file of an active
             # message at once, and a recipient delivered after that is delivered again from the copy
             await eventually(lambda: b'"queue_name": "deferred"' in pf.run("postqueue", "-j").stdout, timeout=10)
-            [old] = re.findall(r": ([0-9A-F]+): client=", pf.maillog[started:])
+            [old] = re.findall(r": ([0-9A-F]+): client=", await pf.logged(": client=", since=started))
             assert pf.run("postsuper", "-r", old).returncode == 0
             await kick_pickup(pf)
             await eventually(lambda: pf.maillog[started:].count(deferred) == 2, timeout=10)
@@ -470,7 +470,7 @@ async def test_old_mail_requeued_is_deferred_again_not_returned_as_postfix_reset
             async def deferred_listed() -> bool:
                 return b'"queue_name": "deferred"' in (await tool("postqueue", "-j")).stdout
             await eventually(deferred_listed, timeout=10, step=0.1)
-            [old] = re.findall(r": ([0-9A-F]+): client=", pf.maillog[started:])
+            [old] = re.findall(r": ([0-9A-F]+): client=", await pf.logged(": client=", since=started))
             await asyncio.sleep(4)  # older than its lifetime now (Postfix counts whole seconds: 4 > 3 whatever)
             assert (await tool("postsuper", "-r", old)).returncode == 0
             assert (await tool("postkick", "public", "pickup", "W")).returncode == 0
@@ -1056,7 +1056,8 @@ async def test_relay_domain_mail_without_a_relay_service_is_deferred_as_postfix_
         master = pf.etc / "master.cf"
         master.write_text(re.sub(r"^relay\s.*\n(?:[ \t]+.*\n)*", "", master.read_text(), flags=re.M))
         assert pf.run("postfix", "reload").returncode == 0
-        await asyncio.sleep(1)  # (the reload's new qmgr)
+        # (`postfix reload` only signals the master: the message goes in once the master has read master.cf again)
+        await pf.logged("reload -- version")
         await message(pf.port, [rcpt], "no relay")
         await eventually(lambda: rcpt in delivery_lines(pf.maillog), timeout=15, what="Postfix's result")
         theirs = delivery_lines(pf.maillog)[rcpt]

@@ -95,6 +95,18 @@ async def settled(pf, mf, settle: float) -> None:
         await asyncio.sleep(0.05)
 
 
+async def whole_log(pf, files: int) -> str:
+    """Postfix's log once it holds the end (`removed`) of each of its queue files, `files` (the messages and their
+    notices) at least: postlogd writes the lines in the order they were sent, a moment later, so every line sent
+    before the last file's end is in then (for a test whose mail all ends: a deferred message has no end)."""
+    def ended() -> str | None:
+        log = pf.maillog
+        made = len(re.findall(r": message-id=", log))
+        return log if made >= files and len(re.findall(r": removed$", log, re.MULTILINE)) >= made else None
+
+    return await eventually(ended, what=f"Postfix logged the end of its {files}+ queue files")
+
+
 async def notices_of_both(mailflow_server, smtp_peer, script: dict, messages: list[Send], expected: int, *,
                           postfix: dict | None = None, queue: dict | None = None, settle: float = 0.5,
                           postfix_logs: str = "", settings: dict | None = None, routes: str = "",
@@ -103,7 +115,7 @@ async def notices_of_both(mailflow_server, smtp_peer, script: dict, messages: li
     peer each (sender.test): ({subject: [Postfix's notices]}, {subject: [mailflow's]}) once each has `expected`
     (and Postfix's mail log has a line that matches `postfix_logs`). `settings`: more of mailflow's, set as
     `postfix` sets Postfix's; `routes`: more transport_maps entries, to services Postfix's `master_cf` and
-    mailflow's `settings` define alike; `maillog` gets Postfix's mail log."""
+    mailflow's `settings` define alike; `maillog` gets Postfix's mail log (`whole_log`: all the mail must end)."""
     peer = await ScriptedPeer(script).start()
     pf_sink, mf_sink = await smtp_peer(enable_SMTPUTF8=True), await smtp_peer(enable_SMTPUTF8=True)
     routes = f"{DISCARDS}, {routes}" if routes else DISCARDS
@@ -129,7 +141,7 @@ async def notices_of_both(mailflow_server, smtp_peer, script: dict, messages: li
                              what=f"Postfix logged {postfix_logs!r}")
             await settled(pf, mf, settle)  # (a notice too many would come now)
             if maillog is not None:
-                maillog.append(pf.maillog)
+                maillog.append(await whole_log(pf, len(messages) + expected))
             return by_subject(pf_sink.messages), by_subject(mf_sink.messages)
     finally:
         await peer.stop()
