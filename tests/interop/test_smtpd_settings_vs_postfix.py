@@ -13,7 +13,6 @@ log lines where the setting logs one.
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import dataclasses
 import logging
@@ -95,14 +94,10 @@ async def replay(port: int, sessions: dict[str, list[str | bytes]]) -> dict[str,
 
 
 async def settled_log(pf, sessions: int) -> list[str]:
-    """The private Postfix's log lines once each of `sessions` sessions logged its disconnect and nothing more
-    came for half a second (postlogd writes a moment after the replies, not always in one go)."""
-    await eventually(lambda: pf.maillog.count("disconnect from") >= sessions, timeout=10)
-    before = None
-    while before != pf.maillog:
-        before = pf.maillog
-        await asyncio.sleep(0.5)
-    return before.splitlines()
+    """A fresh private Postfix's log lines once the readiness probe's session and each of `sessions` sessions
+    logged its disconnect (postlogd writes a moment after the replies: a session's lines are all in once its last
+    one is; this counted the probe's as one of the sessions, and a 0.5 s quiet spell had to cover the last)."""
+    return (await pf.logged("disconnect from", count=sessions + 1)).splitlines()
 
 
 def discard_lines(lines) -> list[str]:
@@ -185,7 +180,8 @@ async def test_discard_ehlo_keyword_address_maps_choose_by_the_client_address_as
     async with postfix_instance({**POSTFIX_BASE, "smtpd_discard_ehlo_keyword_address_maps": maps,
                                  "smtpd_discard_ehlo_keywords": "chunking"}) as pf:
         postfix = await replay(pf.port, sessions)
-        postfix_log = [line.split("]: ", 1)[1] for line in await settled_log(pf, 2) if "/smtpd[" in line]
+        postfix_log = [line.split("]: ", 1)[1] for line in await settled_log(pf, len(sessions))
+                       if "/smtpd[" in line]
     port = await start_mailflow(mailflow_server, discard_ehlo_keyword_address_maps=[maps],
                                 discard_ehlo_keywords=["chunking"])
     assert await replay(port, sessions) == postfix
