@@ -250,9 +250,9 @@ def _date_of_second(second: int) -> str:
     return email.utils.format_datetime(datetime.fromtimestamp(second, timezone.utc))
 
 
-# the Resent- fields that make a message a resent one (Postfix's header_opts, HDR_OPT_RR): cleanup adds the
-# Resent-Message-ID, Resent-Date and Resent-From it lacks, sendmail -t takes Resent-To/Cc/Bcc; another Resent- name
-# (Resent-Comment) is an ordinary field
+# the Resent- fields that make a message a resent one for cleanup (Postfix's header_opts, HDR_OPT_RR): cleanup adds
+# the Resent-Message-ID, Resent-Date and Resent-From it lacks; another Resent- name (Resent-Comment) is an ordinary
+# field. (sendmail -t switches to the Resent- recipients only on a Resent-To, -Cc or -Bcc: mailflow.sendmail.reading)
 RESENT_FIELDS = frozenset({"resent-bcc", "resent-cc", "resent-date", "resent-from", "resent-message-id",
                            "resent-reply-to", "resent-sender", "resent-to"})
 ADDRESS_FIELDS = frozenset({"from", "to", "cc", "bcc", "reply-to", "sender", "resent-from", "resent-to", "resent-cc",

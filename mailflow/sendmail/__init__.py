@@ -15,7 +15,7 @@ says the mail waits in the maildrop until one starts (exit 0: it is stored, as w
   header section is kept (at most `header_size_limit` bytes; past that the rest goes on as it is), for -t. Line ends
   become CRLF, and a CR inside a line a space (as Postfix stores it: never a line end); without `-i` a line holding
   a lone "." ends the input; the leading mbox "From " lines (">From " too) are dropped; `-t` adds the To/Cc/Bcc
-  addresses (Resent-To/Cc/Bcc when the message has Resent- fields: mailflow.message.RESENT_FIELDS) to those of the
+  addresses (Resent-To/Cc/Bcc when the message has one of those, as Postfix's sendmail) to those of the
   command line; Bcc and Resent-Bcc fields are left to cleanup, which removes them (message_drop_headers) after it
   has seen them, as Postfix's does: a Resent-Bcc makes a message a resent one. `-bs` DATA is streamed the same way;
   too big is `552 5.3.4`.

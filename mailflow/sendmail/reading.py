@@ -37,11 +37,12 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 
 from mailflow.address import external_local
 from mailflow.header_addresses import closed_address, mailbox_spans
-from mailflow.message import CRLF, RESENT_FIELDS, header_fields, header_fits, split_header
+from mailflow.message import CRLF, header_fields, header_fits, split_header
 from mailflow.sendmail.options import UsageError
 from mailflow.syntax import is_utf8_text
 
 LINE_PIECE = 65536  # standard input is read a line at a time, a longer line in pieces of this size
+_RESENT_RECIPIENT_FIELDS = ("resent-to", "resent-cc", "resent-bcc")
 _QUOTED_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
@@ -174,14 +175,15 @@ def header_overflows(head: bytes, limit: int) -> bool:
 
 
 def header_recipients(content: bytes) -> list[str]:
-    """-t: the addresses of To, Cc and Bcc (Resent-To/-Cc/-Bcc when a Resent- field of RESENT_FIELDS is present, as
-    Postfix's cleanup decides: `Resent-Comment` is none), found as
-    Postfix's sendmail finds them (mailflow.header_addresses.mailbox_spans): a mailbox with `<...>` is that
-    address only (`To: a@x <b@y>` is b@y alone); words side by side without one are an address each (`To: a@x
-    b@y`: both, as Postfix adds the missing comma); group names, display names and comments are none."""
+    """-t: the addresses of To, Cc and Bcc, or of Resent-To/-Cc/-Bcc when the message has one of these (Postfix's
+    sendmail output_header switches on a recipient field that is HDR_OPT_RR, not on cleanup's wider RESENT_FIELDS:
+    a message with a Resent-From but no Resent-To goes to its To), found as Postfix's sendmail finds them
+    (mailflow.header_addresses.mailbox_spans): a mailbox with `<...>` is that address only (`To: a@x <b@y>` is
+    b@y alone); words side by side without one are an address each (`To: a@x b@y`: both, as Postfix adds the
+    missing comma); group names, display names and comments are none."""
     fields = header_fields(split_header(content)[0])
-    resent = any(name in RESENT_FIELDS for name, _ in fields)
-    wanted = ("resent-to", "resent-cc", "resent-bcc") if resent else ("to", "cc", "bcc")
+    resent = any(name in _RESENT_RECIPIENT_FIELDS for name, _ in fields)
+    wanted = _RESENT_RECIPIENT_FIELDS if resent else ("to", "cc", "bcc")
     found = []
     for name, field_lines in fields:
         if name in wanted:

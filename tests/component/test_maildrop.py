@@ -456,6 +456,16 @@ def test_a_resent_field_postfix_does_not_know_does_not_make_a_resent_message():
     assert header_recipients(content) == ["orig@x.test"]
 
 
+@pytest.mark.parametrize("resent", [b"Resent-From: r@x.test", b"Resent-Date: Fri, 04 Dec 2026 12:00:00 +0000",
+                                    b"Resent-Message-ID: <m@x.test>", b"Resent-Reply-To: rr@x.test",
+                                    b"Resent-Sender: s@x.test"])
+def test_only_a_resent_recipient_field_switches_to_the_resent_recipients(resent):
+    """Postfix's sendmail (output_header) takes the Resent- recipients only once it sees a Resent-To, -Cc or -Bcc:
+    a message with another Resent- field of cleanup's list goes to its To (mailflow refused it, exit 64, no
+    recipient addresses found)."""
+    assert header_recipients(resent + b"\r\nTo: a@x.test\r\n\r\n") == ["a@x.test"]
+
+
 # ---------------------------------------------------------------------------------------------- who may
 
 

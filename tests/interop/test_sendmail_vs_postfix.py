@@ -144,6 +144,12 @@ RECIPIENT_CASES = [
     (["-f", 'a."b c"@x.test', 'a."b c"@x.test', '"a"."b"@x.test', "joe.@x.test", '"a\\b"@x.test', '"v w"'], MESSAGE),
     (["-t"], b'To: a."b c"@x.test, <"a"."b"@x.test>, joe.@x.test\nCc: <@r1.test:"x y"@x.test>, "a\\b"\n'
              b"Subject: probe\n\nbody\n"),
+    # a Resent- field that is no recipient field: Postfix's sendmail goes on taking To/Cc/Bcc (mailflow took the
+    # Resent-To/Cc/Bcc of any of cleanup's resent fields, and refused with exit 64)
+    (["-t"], b"Resent-From: r@x.test\nTo: a@x.test\nSubject: probe\n\nbody\n"),
+    (["-t"], b"Resent-Date: Fri, 04 Dec 2026 12:00:00 +0000\nResent-Message-ID: <m@x.test>\nTo: a@x.test\n\nbody\n"),
+    (["-t"], b"Resent-Reply-To: rr@x.test\nTo: a@x.test\n\nbody\n"),
+    (["-t"], b"To: a@x.test\nResent-Cc: b@x.test\n\nbody\n"),
 ]
 
 
