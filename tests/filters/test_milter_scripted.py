@@ -490,3 +490,44 @@ async def test_smtpds_no_milters_turns_non_smtpd_milters_off_for_sendmails_mail(
         mf.pickup.wake()
         await eventually(lambda: maildir_messages(tmp_path / "mail" / "bob" / "Maildir"))
         assert milter.sessions == []
+
+
+def _header_names(milter) -> list[bytes]:
+    return [payload.split(b"\0")[0] for session in milter.sessions for command, payload in session if command == b"L"]
+
+
+DROPPED = (b"From: <s@remote.test>\r\nBcc: bob@local.test\r\nResent-Bcc: carol@local.test\r\nSubject : s\r\n"
+           b"X-Old: 1\r\n\r\nline one\r\n")
+
+
+async def test_smtpd_milters_are_not_shown_the_dropped_fields_and_see_names_normalized(milter_server, tmp_path):
+    """Postfix's cleanup removes message_drop_headers "after header_checks and before invoking Milter applications"
+    and writes names normalized: the milter sees no Bcc nor Resent-Bcc (blind recipients were disclosed to
+    archivers and DLP filters) and `Subject`, not `Subject ` (observed with a private Postfix 3.7). An edit's index
+    counts the fields the milter was shown (SMFIR_INSHEADER 2 is after Subject), and cleanup still sees the
+    Resent-Bcc: the message stays a resent one (its Resent-Message-ID added)."""
+    milter, port = await milter_server({b"E": header_edit(b"i", "X-Ins", b"v", 2) + reply(b"c")})
+    client = await SmtpClient.connect(port)
+    assert (await client.send_message(DROPPED)).code == 250
+    await client.close()
+    [data] = await eventually(lambda: maildir_messages(tmp_path / "mail" / "alice" / "Maildir"))
+    names = _header_names(milter)
+    assert b"Subject" in names and not {b"Bcc", b"Resent-Bcc", b"Subject "} & set(names), names
+    head = data.split(b"\n\n", 1)[0]
+    assert head.index(b"\nSubject: s\n") < head.index(b"\nX-Ins: v\n") < head.index(b"\nX-Old: 1\n"), head
+    assert b"Bcc" not in head and b"\nResent-Message-ID: " in head, head
+
+
+async def test_non_smtpd_milters_are_not_shown_the_dropped_fields(mailflow_server, tmp_path):
+    """The same at pickup (non_smtpd_milters): sendmail leaves Bcc to cleanup, which removes it after the milters
+    in mailflow; the milters must not see it (they did, since sendmail stopped stripping it)."""
+    async with scripted_milter({}) as milter:
+        mf = await mailflow_server(milter={"non_smtpd_milters": [milter.spec], "command_timeout": "2s"})
+        write_maildrop(mf.config.queue_path / "maildrop",
+                       MaildropMessage(sender="alice@local.test", recipients=("bob@local.test",), uid=os.getuid(),
+                                       user="alice"), [b"To: bob@local.test\r\nBcc: carol@local.test\r\n"
+                                                       b"Subject : picked up\r\n\r\nx\r\n"])
+        mf.pickup.wake()
+        await eventually(lambda: maildir_messages(tmp_path / "mail" / "bob" / "Maildir"))
+        names = _header_names(milter)
+        assert b"Subject" in names and not {b"Bcc", b"Subject "} & set(names), names

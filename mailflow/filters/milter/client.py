@@ -70,13 +70,15 @@ class MilterSettings:
     content_timeout: float
     size_limit: int = 0  # the most bytes of edits kept of one message (smtpd.message_size_limit; 0: no limit)
     soft_bounce: bool = False  # a milter's own 5xx reply (REPLYCODE) is read as a 4xx, as Postfix's milter8 reads it
+    drop_headers: frozenset[str] = frozenset()  # message_drop_headers (lower-case): never shown to a milter
 
     @classmethod
     def from_config(cls, config, size_limit: int = 0) -> "MilterSettings":
         """`config`: the whole configuration (its [milter] section and soft_bounce)."""
         milter = config.milter
         return cls(milter.default_action, milter.protocol, milter.connect_timeout, milter.command_timeout,
-                   milter.content_timeout, size_limit, config.soft_bounce)
+                   milter.content_timeout, size_limit, config.soft_bounce,
+                   frozenset(name.lower() for name in config.message_drop_headers))
 
 
 @dataclass
@@ -362,6 +364,11 @@ class MilterSession:
     def size_limit(self) -> int:
         """The most a message may come to with the milters' edits (0: no limit)."""
         return self._settings.size_limit
+
+    @property
+    def drop_headers(self) -> frozenset[str]:
+        """The header fields (lower-case names) cleanup removes, which no milter is shown (message_drop_headers)."""
+        return self._settings.drop_headers
 
     # -------------------------------------------------------------------------------- events
 

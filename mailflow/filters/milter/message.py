@@ -4,9 +4,15 @@ for smtpd's milters (smtpd_milters) and for mail that does not come through smtp
     await end_of_message(session, submission) -> Filtered     the header section and the body to every milter of
                                                   the session; their edits (headers, body, sender, recipients)
                                                   applied to a new Submission; nothing of the original copied;
+                                                  the header section as Postfix's milters see it (cleanup's
+                                                  view): without the fields of message_drop_headers (Bcc,
+                                                  Resent-Bcc, ...) and with field names normalized (`Subject :`
+                                                  is `Subject:`), a header edit's index counting those fields;
                                                   a recipient no edit touched keeps its original address, NOTIFY
                                                   and ORCPT (as Postfix's cleanup edits its queue file in place);
                                                   an added one takes its ADDRCPT_PAR's NOTIFY and ORCPT
+    milters_view(head, drop) -> (shown, dropped)  the header section as a milter is shown it, and the fields left
+                                                  out of it (message_drop_headers)
     NonSmtpdMilters(specs, settings, myhostname)  Postfix's non_smtpd_milters (pickup: `mailflow sendmail`)
         await .filter(submission) -> Filtered     one milter session per message, the SMTP events emulated as
                                                   Postfix's cleanup does: connect from localhost [127.0.0.1], HELO
@@ -35,7 +41,7 @@ from mailflow import status
 from mailflow.content import Content
 from mailflow.filters.edits import edit_header
 from mailflow.filters.milter.client import ClientMacros, Edits, MilterSession, MilterSettings, Verdict
-from mailflow.message import read_header
+from mailflow.message import header_fields, normalized_field_names, read_header
 from mailflow.model import Envelope, Submission
 
 log = logging.getLogger("mailflow.cleanup")
@@ -57,10 +63,11 @@ async def end_of_message(session: MilterSession, submission: Submission) -> Filt
     """See the module doc."""
     content = submission.content
     head, _ = read_header(content, HEADER_LIMIT)
+    shown, dropped = milters_view(head, session.drop_headers)
     body = content.after(len(head))
     blank = 2 if body.read_prefix(2) == b"\r\n" else (1 if body.read_prefix(1) == b"\n" else 0)
     body_only = body.after(blank)
-    verdict = await session.end_of_message(head, lambda: body_only.stream(), submission.queue_id)
+    verdict = await session.end_of_message(shown, lambda: body_only.stream(), submission.queue_id)
     if verdict.action in ("reject", "tempfail"):
         return Filtered(verdict.action, submission, verdict.reply, verdict.reason)
     if verdict.action == "discard":
@@ -69,7 +76,9 @@ async def end_of_message(session: MilterSession, submission: Submission) -> Filt
     hold = edits.quarantine or None
     if not edits:
         return Filtered("continue", submission)
-    new_head = edit_header(head, edits.headers)
+    # (the fields dropped are put back after the edited ones: cleanup removes them, after it has seen a
+    # Resent-Bcc make the message a resent one)
+    new_head = edit_header(shown, edits.headers) + dropped if edits.headers else head
     if edits.body is not None:
         content = Content((new_head, b"\r\n", *edits.body))
     else:
@@ -86,6 +95,18 @@ async def end_of_message(session: MilterSession, submission: Submission) -> Filt
                                                        else envelope.sender))
     return Filtered("continue", dataclasses.replace(submission, content=content, envelope=envelope,
                                                     received=received), hold=hold)
+
+
+def milters_view(head: bytes, drop: frozenset[str]) -> tuple[bytes, bytes]:
+    """(`head` as the milters are shown it: field names normalized, without the fields named in `drop`; those
+    fields), as Postfix's cleanup removes message_drop_headers "after header_checks and before invoking Milter
+    applications" and writes every field it keeps normalized."""
+    normalized = normalized_field_names(head)
+    fields = header_fields(normalized)
+    if not any(name in drop for name, _ in fields):
+        return normalized, b""
+    shown = b"".join(line for name, lines in fields if name not in drop for line in lines)
+    return shown, b"".join(line for name, lines in fields if name in drop for line in lines)
 
 
 def _edited_envelope(envelope: Envelope, edits: Edits) -> Envelope:
