@@ -28,10 +28,14 @@ is the first of the body, and cleanup puts the missing empty line before it.
     normalized_field_names(head) -> bytes  the header section with the obsolete `name SP :` written `name:` (blanks
                                           before a field's colon removed), as Postfix's cleanup (mime_state) writes
                                           every header field it keeps
-    mailbox_lines(data) -> (length, labelled)   the mbox `From ` lines (`>From ` too) `data` starts with, each labelled
-                                          `X-Mailbox-Line: ` as Postfix's smtpd labels them at the start of DATA
-                                          content (a header field, not a line that ends the header section); length
-                                          0 when there is none
+    mailbox_line(data, pos) -> bool | None   the line at `pos` of `data` (as received: before dot-unstuffing) is
+                                          an mbox `From ` line (`>From ` too), the one test of smtpd's DATA,
+                                          sendmail -bs and sendmail's reading, as Postfix's smtpd and sendmail make
+                                          it; None when `data` ends before it is known
+    mailbox_lines(data, count) -> (length, labelled)   the first `count` lines of `data` (line ends made CRLF),
+                                          each labelled `X-Mailbox-Line: ` as Postfix's smtpd labels the mbox lines
+                                          DATA content starts with (a header field, not a line that ends the header
+                                          section), and the bytes of `data` they were
     header_lines(head)                    the lines, without their line ends
     header_fields(head)                   (lower-case name, the field's raw lines with continuations) in order
     starts_header_field(text) -> bool     a header field's start, a name and a colon (Postfix's is_header)
@@ -152,14 +156,26 @@ def normalized_field_names(head: bytes) -> bytes:
 
 
 MAILBOX_LINE = b"X-Mailbox-Line: "
-_MAILBOX_LINES = re.compile(rb"(?:>*From [^\n]*\n)*")
+_MAILBOX_LINE = re.compile(rb">*From ")
+_MAILBOX_LINE_BEGUN = re.compile(rb">*(?:F(?:r(?:om?)?)?)?")  # what may yet turn out to be one
 
 
-def mailbox_lines(data: bytes) -> tuple[int, bytes]:
-    lines = _MAILBOX_LINES.match(data).group()  # type: ignore[union-attr]  # (it matches the empty string at least)
-    if not lines:
-        return 0, b""
-    return len(lines), b"".join(MAILBOX_LINE + line for line in lines.splitlines(keepends=True))
+def mailbox_line(data: bytes | bytearray, pos: int = 0) -> bool | None:
+    if _MAILBOX_LINE.match(data, pos):
+        return True
+    begun = _MAILBOX_LINE_BEGUN.match(data, pos)
+    return None if begun is not None and begun.end() == len(data) else False
+
+
+def mailbox_lines(data: bytes, count: int) -> tuple[int, bytes]:
+    labelled, pos = [], 0
+    for _ in range(count):
+        end = data.find(b"\n", pos) + 1
+        if not end:
+            break
+        labelled.append(MAILBOX_LINE + data[pos:end].rstrip(b"\r\n") + CRLF)
+        pos = end
+    return pos, b"".join(labelled)
 
 
 def header_lines(head: bytes) -> list[bytes]:

@@ -37,7 +37,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 
 from mailflow.address import external_local
 from mailflow.header_addresses import closed_address, mailbox_spans
-from mailflow.message import CRLF, header_fields, header_fits, split_header
+from mailflow.message import CRLF, header_fields, header_fits, mailbox_line, split_header
 from mailflow.sendmail.options import UsageError
 from mailflow.syntax import is_utf8_text
 
@@ -113,7 +113,7 @@ def read_message(stream: BinaryIO, ignore_dots: bool) -> Iterator[bytes]:
     leading, at_start, skipping = True, True, False
     for text, complete, last in line_pieces(stream):
         if at_start:
-            skipping = leading = leading and text.lstrip(b">").startswith(b"From ")  # mbox separators, no header
+            skipping = leading = leading and mailbox_line(text) is True  # mbox separators, no header
             if not skipping and not ignore_dots and text == b"." and (complete or last):
                 return  # ("." at the very end of the input, without its line end, counts too)
         if not skipping:

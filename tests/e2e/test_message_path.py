@@ -6,7 +6,7 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
-from tests.support import eventually, maildir_messages, queue_becomes, send
+from tests.support import SmtpClient, eventually, maildir_messages, queue_becomes, send
 
 BODY = b".leading dot\r\n..two dots\r\nplain line\r\n.\tdot tab\r\nlast line\r\n"
 MESSAGE = b"Subject: skeleton\r\nTo: <alice@local.test>\r\n\r\n" + BODY
@@ -63,6 +63,34 @@ async def test_mbox_from_lines_starting_data_become_header_fields(mailflow_serve
     assert b"\nX-Mailbox-Line: From s@remote.test Fri Dec  4 12:00:00 2026\nX-Mailbox-Line: >From again\n" \
            b"Subject: mbox\nMessage-ID: <" in head
     assert body == b"From body\n"
+
+
+async def test_bdat_content_keeps_its_mbox_from_lines_unlabelled(mailflow_server, tmp_path):
+    """Postfix's smtpd labels the mbox lines of DATA only (receive_data_message); BDAT's content is stored as sent:
+    its first line, no header field, starts the body."""
+    mf = await mailflow_server()
+    content = b"From s@x Fri\r\nSubject: bdat\r\n\r\nb\r\n"
+    client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    await client.cmd("EHLO client.test")
+    assert (await client.cmd("MAIL FROM:<s@remote.test>")).code == 250
+    assert (await client.cmd("RCPT TO:<alice@local.test>")).code == 250
+    await client.send(b"BDAT %d LAST\r\n" % len(content) + content)
+    assert (await client.reply(timeout=10)).code == 250
+    await client.close()
+    [data] = await eventually(lambda: maildir_messages(tmp_path / "mail" / "alice" / "Maildir"))
+    assert b"X-Mailbox-Line" not in data and data.endswith(b"\n\nFrom s@x Fri\nSubject: bdat\n\nb\n")
+
+
+async def test_a_spooled_data_message_has_its_mbox_lines_labelled_and_its_body_intact(mailflow_server, tmp_path):
+    """A message big enough to go to a spool file (500 KB) is labelled as a small one, its body delivered whole."""
+    mf = await mailflow_server()
+    body = b"".join(b"line %06d " % i + b"x" * 90 + b"\r\n" for i in range(5000))
+    await send(mf.smtp_addresses[0][1], "s@remote.test", ["alice@local.test"],
+               b"From s@remote.test Fri Dec  4\r\n>From b\r\nSubject: big\r\n\r\n" + body)
+    [data] = await eventually(lambda: maildir_messages(tmp_path / "mail" / "alice" / "Maildir"), timeout=10)
+    head, rest = data.split(b"\n\n", 1)
+    assert b"\nX-Mailbox-Line: From s@remote.test Fri Dec  4\nX-Mailbox-Line: >From b\nSubject: big\n" in head
+    assert rest == body.replace(b"\r\n", b"\n")
 
 
 async def test_relay_domain_reaches_the_peer_with_envelope_unchanged(mailflow_server, smtp_peer):

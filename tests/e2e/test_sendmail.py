@@ -185,6 +185,28 @@ async def test_bs_labels_the_mbox_from_lines_data_starts_with(mailflow_server, s
     assert body == b"From x\r\n"
 
 
+async def test_bs_tests_the_mbox_lines_as_sent_and_ends_the_header_section_at_a_blank_after_them(
+        mailflow_server, smtp_peer, cfg):
+    """As Postfix's smtpd under -bs: `.From` is tested before unstuffing (a body line), and a line starting with a
+    blank right after the From lines gets the empty line before it (Postfix ends the header section there; it was
+    folded into the label, the Subject after it kept as a header)."""
+    peer = await smtp_peer()
+    await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}")
+    dialogue = b"HELO x\r\n"
+    for rcpt, content in ((b"a", b".From a@x.test\r\nSubject: dot\r\n"), (b"b", b"From a@x.test\r\n cont\r\n"
+                                                                            b"Subject: blank\r\n")):
+        dialogue += b"MAIL FROM:<>\r\nRCPT TO:<%s@relay.test>\r\nDATA\r\n%s\r\nb\r\n.\r\n" % (rcpt, content)
+    rc, out, err = await run(cfg(), "-bs", stdin=dialogue + b"QUIT\r\n")
+    assert rc == 0 and out.count(b"250 2.0.0 Ok: queued") == 2, (out, err)
+    await eventually(lambda: len(peer.messages) == 2, timeout=5)
+    by_rcpt = {tuple(m.rcpt_tos): m.content.partition(b"\r\n\r\n") for m in peer.messages}
+    head, _, body = by_rcpt[("a@relay.test",)]
+    assert b"X-Mailbox-Line" not in head and body == b"From a@x.test\r\nSubject: dot\r\n\r\nb\r\n"
+    head, _, body = by_rcpt[("b@relay.test",)]
+    assert b"\r\nX-Mailbox-Line: From a@x.test\r\n" in head + b"\r\n"
+    assert body == b" cont\r\nSubject: blank\r\n\r\nb\r\n"
+
+
 async def test_bs_scripted_smtp_dialogue(mailflow_server, cfg, tmp_path):
     await mailflow_server()
     script = (b"EHLO script.test\r\nMAIL FROM:<>\r\nRSET\r\nNOOP\r\nMAIL FROM:<root@mx.mailflow.test>\r\n"

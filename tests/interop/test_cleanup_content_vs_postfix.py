@@ -65,6 +65,16 @@ CASES: list[Case] = [
     ("label-spaced", b"MIME-Version: 1.0\r\nContent-Transfer-Encoding :  BINARY\r\n\r\n7-bit text\r\n", "c"),
     ("attached", b"MIME-Version: 1.0\r\nContent-Type: message/rfc822\r\n\r\nSubject: inner\r\n"
                  b"Content-Transfer-Encoding: 8bit\r\n\r\ninner \xe9\r\n", "c"),
+    # the mbox lines DATA starts with, as Postfix's smtpd labels them: each whole line however long, tested as sent
+    # (a `raw-` case is sent without dot-stuffing: `.From` is unstuffed to a first body line), and a line starting
+    # with a blank after them ends the header section (mailflow labelled 16 KiB of them, tested after unstuffing,
+    # and folded the blank line into the label)
+    ("raw-dot-from", b".From s@x Fri\r\n>From b\r\nSubject: dot\r\n\r\nb\r\n", "c"),
+    ("from-then-dot-from", b"From s@x Fri\r\n.From b\r\nSubject: dot2\r\n\r\nb\r\n", "c"),
+    ("long-from", b"From " + b"a" * 20000 + b"\r\nSubject: long\r\n\r\nb\r\n", "c"),
+    ("many-from", (b"From " + b"a" * 1000 + b"\r\n") * 20 + b"Subject: many\r\n\r\nb\r\n", "c"),
+    ("from-then-continuation", b"From s@x\r\n cont\r\nSubject: cont\r\n\r\nb\r\n", "c"),
+    ("from-then-body", b"From s@x\r\nbody line\r\n", "cs"),
 ]
 
 
@@ -75,10 +85,10 @@ def explored() -> list[Case]:
 
 
 async def send_all(port: int, cases: list[Case]) -> dict[str, str]:
-    """Each case to be sent over SMTP, from cN@client.test to r@x.test: the reply to the end of DATA (its queue id
-    masked), by `cN`."""
+    """Each case to be sent over SMTP, from cN@client.test to r@x.test, dot-stuffed (a case labelled `raw-...` as it
+    is): the reply to the end of DATA (its queue id masked), by `cN`."""
     replies = {}
-    for n, (_, message, ways) in enumerate(cases):
+    for n, (label, message, ways) in enumerate(cases):
         if "c" not in ways:
             continue
         client = await SmtpClient.connect(port)
@@ -86,7 +96,7 @@ async def send_all(port: int, cases: list[Case]) -> dict[str, str]:
         assert (await client.cmd(f"MAIL FROM:<c{n}@client.test>")).code == 250, n
         assert (await client.cmd("RCPT TO:<r@x.test>")).code == 250, n
         assert (await client.cmd("DATA")).code == 354, n
-        await client.send(dot_stuffed(message) + b".\r\n")
+        await client.send((message if label.startswith("raw-") else dot_stuffed(message)) + b".\r\n")
         reply = await client.reply(timeout=30)
         replies[f"c{n}"] = re.sub(r"queued as \w+", "queued as ID", reply.text) if reply.code else "closed"
         client.writer.close()

@@ -452,3 +452,26 @@ async def test_bare_lf_received_headers_count_as_hops(env):
     with pytest.raises(PermanentError):
         await env.cleanup.submit(submission(b"Received: from x by y\n" * 51 + b"\nbody\n"))
 
+
+
+@pytest.mark.parametrize("data, pos, found", [
+    (b"From a\r\n", 0, True), (b">>>From a\r\n", 0, True), (b"x\r\n>From a", 3, True),
+    (b"From\r\n", 0, False), (b"from a\r\n", 0, False), (b".From a\r\n", 0, False), (b" From a\r\n", 0, False),
+    (b"", 0, None), (b">>Fro", 0, None), (b"x\r\nFrom", 3, None),  # (not known until more comes)
+])
+def test_mailbox_line_is_the_raw_line_test(data, pos, found):
+    assert message.mailbox_line(data, pos) is found
+
+
+def test_mailbox_lines_labels_the_lines_counted_with_crlf_line_ends():
+    data = b"From a\r\n>From b\nSubject: s\r\n"
+    assert message.mailbox_lines(data, 2) == (16, b"X-Mailbox-Line: From a\r\nX-Mailbox-Line: >From b\r\n")
+    assert message.mailbox_lines(data, 0) == (0, b"")
+    assert message.mailbox_lines(b"From a", 1) == (0, b"")  # (an incomplete line is none)
+
+
+def test_normalized_field_names_removes_blanks_before_a_field_s_colon_only():
+    head = b"Subject : s\r\nX-Tab\t\t: t\r\n folded : kept\r\nTo: a : b\r\n"
+    assert message.normalized_field_names(head) == b"Subject: s\r\nX-Tab: t\r\n folded : kept\r\nTo: a : b\r\n"
+    plain = b"Subject: s\r\n"
+    assert message.normalized_field_names(plain) is plain  # (no copy when there is nothing to do)

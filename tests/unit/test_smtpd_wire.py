@@ -233,3 +233,25 @@ def test_a_chunk_ending_between_the_cr_and_lf_of_a_line_of_limit_bytes_has_store
     assert check.stored == 0
     check.feed(bytearray(b"\n"), 1)
     assert check.stored == check.octets == 9
+
+
+@pytest.mark.parametrize("sent, found", [
+    (b"Subj", (0, 0, False)),  # (decided by its first bytes: no wait for the rest of the line)
+    (b"From a\r\n>>From b\r\nSubject: s\r\n", (2, 18, False)),
+    (b"From a\r\n\tfolded\r\n", (1, 8, True)),  # the empty line goes before it (Postfix's smtpd)
+    (b" first\r\n", (0, 0, False)),
+    (b".From a\r\n", (0, 0, False)),  # tested as sent, before unstuffing (Postfix's smtpd)
+    (b"From a\r\n.From b\r\n", (1, 8, False)),
+    (b"From a\r\n. x\r\n", (1, 8, False)),  # (the raw line's first byte: a dot, no blank)
+    (b"From " + b"a" * 20000 + b"\r\nX: y\r\n", (1, 20007, False)),  # a whole long line
+    (b"From " + b"a" * 200 + b"\r\nFrom b\r\n", (0, 0, False)),  # past the limit: none of it
+    (b"From a\r\n.\r\n", (1, 8, False)),
+])
+async def test_the_mbox_lines_data_starts_with_are_found_in_the_lines_as_sent(sent, found):
+    wire = Wire("mx.test")
+    reader = asyncio.ensure_future(wire.mailbox_lines(limit=30_000 if len(sent) > 20000 else 100))
+    for at in range(0, len(sent), 7):  # (however the reads fall)
+        wire.feed(sent[at:at + 7])
+        await asyncio.sleep(0)
+    assert await reader == found
+    assert wire.peek(len(sent)) == sent  # nothing consumed

@@ -10,8 +10,9 @@ What it owns
   (protocol.LAYER_KEYWORDS).
 - Either way the content is written as it arrives into a spool from the handler's `new_spool(message_size_limit)`
   (mailflow.content.Spool: memory for a small message, a file for a big one), under the DATA rate deadline.
-  DATA's content has the mbox `From ` lines it starts with labelled `X-Mailbox-Line: ` (`labelled_mailbox_lines`,
-  as Postfix's smtpd; not BDAT's, as in Postfix).
+  DATA's content has the mbox `From ` lines it starts with labelled `X-Mailbox-Line: ` (found in the lines as sent
+  by `wire.Wire.mailbox_lines`, within header_size_limit bytes; `labelled_mailbox_lines`), as Postfix's smtpd; not
+  BDAT's, as in Postfix.
   At its end the handler's `handle_DATA` finds it as a mailflow.content.Content (`Transaction.content`) and
   answers; the transaction ends however the message ends, and its spool is discarded (what was queued has the
   queue's own name for its file by then). A message queued (250) resets the error counts; BDAT LAST's 250 names
@@ -36,23 +37,25 @@ import logging
 
 from mailflow import status
 from mailflow.content import Content, Spool
-from mailflow.message import LINE_LENGTH, mailbox_lines
+from mailflow.message import CRLF, mailbox_lines
 from mailflow.stages.smtpd.transaction import TransactionCommands
 from mailflow.stages.smtpd.wire import ContentCheck, refusal
 from mailflow.syntax import ascii_upper, command_words, parse_octet_count
 
-MAILBOX_LINES_READ = 8 * LINE_LENGTH  # how far labelled_mailbox_lines reads for the lines it labels
 log = logging.getLogger("mailflow.smtpd")
 
 
-def labelled_mailbox_lines(content: Content) -> Content:
+def labelled_mailbox_lines(content: Content, found: tuple[int, int, bool]) -> Content:
     """DATA content with the mbox `From ` lines (`>From ` too) it starts with labelled `X-Mailbox-Line: `, as
     Postfix's smtpd (receive_data_message) keeps them for DATA, not for BDAT: header fields, where cleanup would
-    take such a line for the first line of the body. Looked for in the first MAILBOX_LINES_READ bytes."""
-    if not content.read_prefix(LINE_LENGTH).lstrip(b">").startswith(b"From "):
+    take such a line for the first line of the body. `found`: the wire's (mailbox_lines: how many lines, how many
+    bytes as sent, whether the line after starts with a blank, where the empty line is put, ending the header
+    section as Postfix's smtpd ends it)."""
+    count, sent, blank_after = found
+    if not count:
         return content
-    length, labelled = mailbox_lines(content.read_prefix(MAILBOX_LINES_READ))
-    return Content((labelled, *content.after(length).parts), crlf=content.crlf) if length else content
+    length, labelled = mailbox_lines(content.read_prefix(sent + count), count)  # (a bare LF may have become CRLF)
+    return Content((labelled + (CRLF if blank_after else b""), *content.after(length).parts), crlf=content.crlf)
 
 
 def bdat_arguments(arg: str | None) -> tuple[int, bool] | None:
@@ -93,12 +96,13 @@ class DataCommands(TransactionCommands):
             self._content_begins()
             self.record.content("DATA", lambda: spool.size)
             try:
+                found = await self._wire.mailbox_lines(self._limits.header_size_limit)
                 why_not = await self._wire.read_data(spool)
             finally:
                 self._content_ends()
             self.record.message_ended()
             # (read_data let no bare CR or LF through)
-            await self._finish_message(spool, why_not, crlf=True, mailbox_lines=True)
+            await self._finish_message(spool, why_not, crlf=True, mailbox_lines=found)
         finally:
             spool.discard()
 
@@ -202,10 +206,10 @@ class DataCommands(TransactionCommands):
         return self.event_handler.new_spool(self.data_size_limit)
 
     async def _finish_message(self, spool: Spool, why_not: status.Reply | None, *, crlf: bool,
-                              mailbox_lines: bool = False) -> None:
+                              mailbox_lines: tuple[int, int, bool] = (0, 0, False)) -> None:
         """Hand complete content to the handler (or refuse it); either way the transaction ends. `crlf`: its
-        line ends were checked (mailflow.content.Content.crlf); `mailbox_lines`: DATA's content, whose leading mbox
-        `From ` lines are labelled (`labelled_mailbox_lines`)."""
+        line ends were checked (mailflow.content.Content.crlf); `mailbox_lines`: DATA's leading mbox `From `
+        lines, as the wire found them, to be labelled (`labelled_mailbox_lines`)."""
         if why_not is not None:
             if spool.exceeded:  # (why_not is then the size refusal: wire.refusal)
                 self.record.lines.queue_file_too_big(self.envelope.queue_id)
@@ -217,8 +221,7 @@ class DataCommands(TransactionCommands):
             self._checkpoint()  # (after the reply, as Postfix's chat_reset at the end of a message)
             return
         content = await spool.finish(crlf=crlf)
-        if mailbox_lines:
-            content = labelled_mailbox_lines(content)
+        content = labelled_mailbox_lines(content, mailbox_lines)
         self.envelope.content = self.envelope.original_content = content
         reply = await self._call_handler_hook("DATA")
         queued_as = self.envelope.queued_as

@@ -145,13 +145,17 @@ class ProtocolLimits:
     strict_rfc821_envelopes: bool = False
     reject_footer: str = ""  # (mailflow.reply_footer)
     soft_bounce: bool = False  # the main setting (Config.soft_bounce): every 5xx reply goes out as 4xx
+    header_size_limit: int = DEFAULTS.header_size_limit  # the main setting: how far DATA's mbox lines are labelled
 
     @classmethod
-    def from_config(cls, smtpd, *, soft_bounce: bool = False) -> "ProtocolLimits":
-        """From a `SmtpdConfig` (the listener's effective settings) and the main `soft_bounce`."""
-        values = {name: getattr(smtpd, name) for name in cls.__dataclass_fields__ if name != "soft_bounce"}
+    def from_config(cls, smtpd, *, soft_bounce: bool = False,
+                    header_size_limit: int = DEFAULTS.header_size_limit) -> "ProtocolLimits":
+        """From a `SmtpdConfig` (the listener's effective settings) and the main `soft_bounce` and
+        `header_size_limit`."""
+        main = ("soft_bounce", "header_size_limit")
+        values = {name: getattr(smtpd, name) for name in cls.__dataclass_fields__ if name not in main}
         values["discard_ehlo_keywords"] = frozenset(smtpd.discard_ehlo_keywords)
-        return cls(**values, soft_bounce=soft_bounce)
+        return cls(**values, soft_bounce=soft_bounce, header_size_limit=header_size_limit)
 
 
 _COMMANDS: dict[type, dict[str, Callable]] = {}  # per session class: its smtp_* methods by verb

@@ -356,7 +356,8 @@ class Smtpd:
                                          delimiter=self._config.recipient_delimiter, own_address_without_maps=True)
         return Listener(host, port, role, config, handler, anvil, SessionSlots(smtpd.max_sessions),
                         authenticator, sender_logins, FrontEnds.from_config(smtpd),
-                        ProtocolLimits.from_config(smtpd, soft_bounce=self._config.soft_bounce),
+                        ProtocolLimits.from_config(smtpd, soft_bounce=self._config.soft_bounce,
+                                                   header_size_limit=self._config.header_size_limit),
                         NetworkList.from_items(smtpd.sasl_exceptions_networks, self._tables.open,
                                                setting="smtpd.sasl_exceptions_networks"),
                         EhloDiscards(frozenset(smtpd.discard_ehlo_keywords),

@@ -23,6 +23,9 @@ Rules (Postfix smtpd_forbid_bare_newline = reject):
   The spool's writes are awaited, and input arrives meanwhile: a reader waits for more input only when it has
   looked at everything the buffer holds (a terminator that came during a write is found then, not left waiting
   for input its client, waiting for the reply, never sends).
+- Before DATA's content is read, `mailbox_lines(limit)` looks (without consuming) for the mbox `From ` lines it
+  starts with, in the lines as sent (Postfix's smtpd tests them before unstuffing); a content that does not start
+  with `From ` or `>From ` is decided by its first bytes, no scan nor copy.
 - BDAT chunks are read as exactly n bytes (RFC 3030: no dot-stuffing, no terminator) into the transaction's
   spool; the same bare-newline and NUL rules apply to their content (`ContentCheck`, as Postfix applies
   smtpd_forbid_bare_newline to BDAT).
@@ -38,6 +41,7 @@ from typing import Callable
 
 from mailflow import status
 from mailflow.content import Spool
+from mailflow.message import mailbox_line
 
 CHUNK = 65536
 PARTIAL_LINE_KEEP = 65536  # a DATA line longer than this is passed on in pieces, never held whole
@@ -326,6 +330,30 @@ class Wire:
                 return
             self._buf.clear()
             await self._fill()
+
+    async def mailbox_lines(self, limit: int) -> tuple[int, int, bool]:
+        """At the start of DATA content: (how many lines, how many bytes) of it, as sent, are mbox `From ` lines
+        (mailflow.message.mailbox_line: tested on the line as sent, before unstuffing, as Postfix's smtpd tests it:
+        `.From x` is none), whole lines within its first `limit` bytes (header_size_limit: what a header section may
+        be), and whether the line after them starts with a blank (Postfix's smtpd ends the header section there).
+        Nothing is consumed; when the content does not start with `From ` or `>From `, its first bytes decide at
+        once."""
+        count = pos = 0
+        while True:
+            buf = self._buf
+            found = mailbox_line(buf, pos)
+            if found is None and len(buf) - pos <= limit:
+                await self._fill()  # (the line's start is not all here yet)
+                continue
+            if not found:
+                return count, pos, count > 0 and buf.startswith((b" ", b"\t"), pos)
+            end = buf.find(b"\n", pos, limit + 1) + 1
+            if not end:
+                if len(buf) > limit:
+                    return count, pos, False  # (more than a header section may be: the rest is unlabelled)
+                await self._fill()
+                continue
+            count, pos = count + 1, end
 
     async def read_data(self, spool: Spool) -> status.Reply | None:
         """DATA content through CRLF.CRLF into `spool`, unstuffed (the terminator is consumed; what follows stays
