@@ -14,7 +14,8 @@ header section (for -t), streamed so that a big message is never held whole.
     text_of_argument(value) -> text                -F, $NAME, GECOS: bytes that are not UTF-8 become U+FFFD
     read_message(stream, ignore_dots) -> lines     CRLF line ends; a lone "." (its line end or not) ends the input
                                                    unless ignore_dots; a CR inside a line becomes a space;
-                                                   leading mbox "From " lines are dropped; a line longer than
+                                                   leading mbox "From " lines (each shorter than LINE_LENGTH)
+                                                   are dropped; a line longer than
                                                    LINE_PIECE comes in pieces
     line_pieces(stream) -> (text, complete, last)  what both read_message and -bs's DATA read: lines, or pieces
                                                    of LINE_PIECE, without their line ends
@@ -37,7 +38,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 
 from mailflow.address import external_local
 from mailflow.header_addresses import closed_address, mailbox_spans
-from mailflow.message import CRLF, header_fields, header_fits, mailbox_line, split_header
+from mailflow.message import CRLF, LINE_LENGTH, header_fields, header_fits, mailbox_line, split_header
 from mailflow.sendmail.options import UsageError
 from mailflow.syntax import is_utf8_text
 
@@ -109,11 +110,14 @@ def read_message(stream: BinaryIO, ignore_dots: bool) -> Iterator[bytes]:
     """The message from standard input, as lines ending in CRLF (a line longer than LINE_PIECE comes in pieces,
     the last ending in CRLF); a lone "." ends it unless `ignore_dots` (also as the last line without a line end,
     as Postfix's sendmail takes it); the mbox "From " lines it starts with (`>From ` too) are dropped, as Postfix's
-    sendmail drops them. A CR that is not part of the line end becomes a space (lone_cr_as_space), as with Postfix."""
+    sendmail drops them: each shorter than LINE_LENGTH (a longer one, and what follows it, is kept). A CR that is
+    not part of the line end becomes a space (lone_cr_as_space), as with Postfix."""
     leading, at_start, skipping = True, True, False
     for text, complete, last in line_pieces(stream):
         if at_start:
-            skipping = leading = leading and mailbox_line(text) is True  # mbox separators, no header
+            # mbox separators, no header: a line of one record only (Postfix's REC_TYPE_NORM, shorter than
+            # line_length_limit); a longer one is kept, and so is what follows
+            skipping = leading = leading and complete and len(text) < LINE_LENGTH and mailbox_line(text) is True
             if not skipping and not ignore_dots and text == b"." and (complete or last):
                 return  # ("." at the very end of the input, without its line end, counts too)
         if not skipping:

@@ -75,6 +75,8 @@ CASES: list[Case] = [
     ("many-from", (b"From " + b"a" * 1000 + b"\r\n") * 20 + b"Subject: many\r\n\r\nb\r\n", "c"),
     ("from-then-continuation", b"From s@x\r\n cont\r\nSubject: cont\r\n\r\nb\r\n", "c"),
     ("from-then-body", b"From s@x\r\nbody line\r\n", "cs"),
+    # sendmail drops a leading From line of one record only (shorter than line_length_limit): a longer one is kept
+    ("long-from-sendmail", b"From " + b"a" * 3000 + b"\r\nSubject: long3k\r\n\r\nb\r\n", "s"),
 ]
 
 
