@@ -8,7 +8,8 @@ default, `disable_mime_output_conversion = no`), as its mime_state module does i
                                 cleanup marks 8BITMIME (auto_8bit_enc_hdr), read as this module reads the label
                                 (see below); `header`: the message's header fields when the caller has them apart
 
-- An entity labelled `Content-Transfer-Encoding: 8bit` or `binary` (any case, comments ignored: Postfix's
+- An entity labelled `Content-Transfer-Encoding: 8bit` or `binary` (any case, blanks before the colon allowed,
+  comments ignored: Postfix's
   mime_state reads the label as a token and counts binary in the 8-bit domain) gets its body encoded as
   quoted-printable and the label changed to `quoted-printable`, byte for byte as mime_state_downgrade writes it:
   `=XX` for '=', control characters but tab, and bytes past '~'; a space or tab ending a line as `=20`/`=09`;
@@ -48,6 +49,7 @@ from email.policy import compat32
 from typing import Iterable
 
 from mailflow.content import Content
+from mailflow.message import normalized_field_names
 
 MAX_DEPTH = 20
 MAX_HEADER = 102400
@@ -347,7 +349,10 @@ def transfer_encoding(value: str) -> str:
 
 
 def parse_headers(header_lines: list[bytes], default_type: str) -> Message:
-    info = BytesHeaderParser(policy=compat32).parsebytes(b"".join(header_lines) or b"\r\n")
+    """An entity's header section, its field names read as Postfix's mime_state reads them: `Content-Transfer-Encoding
+    : 8bit` (blanks before the colon) is the label (Python's parser takes such a line for no field)."""
+    head = normalized_field_names(b"".join(header_lines))
+    info = BytesHeaderParser(policy=compat32).parsebytes(head or b"\r\n")
     info.set_default_type(default_type)
     return info
 

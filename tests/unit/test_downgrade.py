@@ -51,6 +51,17 @@ async def test_a_message_of_one_entity_is_judged_by_its_header_and_any_case_of_t
                                header=b"Content-Type: message/rfc822\r\n")
 
 
+async def test_a_part_s_label_with_blanks_before_its_colon_marks_the_message_and_is_converted():
+    """Postfix's mime_state reads a part's `Content-Transfer-Encoding : 8bit` as the label (its cleanup marks the
+    message BODY=8BITMIME, checked against Postfix 3.7.11: tests/interop/test_cleanup_content_vs_postfix.py); Python's
+    header parser took the line for no field, and the message was not marked."""
+    multipart = b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
+    part = b"--b\r\nContent-Transfer-Encoding\t : 8bit\r\n\r\n\xe9\r\n--b--\r\n"
+    assert await labelled_8bit(Content((multipart, part)), header=multipart[:-2])
+    assert downgrade_8bit(multipart + part) == multipart + (b"--b\r\nContent-Transfer-Encoding: quoted-printable\r\n"
+                                                           b"\r\n=E9\r\n--b--\r\n")
+
+
 def test_a_folded_label_is_replaced_whole():
     message = b"Content-Transfer-Encoding:\r\n 8bit\r\nX-After: kept\r\n\r\n\xe9\r\n"
     assert downgrade_8bit(message) == (b"Content-Transfer-Encoding: quoted-printable\r\nX-After: kept\r\n\r\n"
