@@ -153,9 +153,11 @@ class MailLog:
         else:
             self._emit(queue_id, "received", line, service="pickup", uid=uid, sender=sender)
 
-    def message_id(self, queue_id: str, message_id: str) -> None:
+    def message_id(self, queue_id: str, message_id: str, *, resent: bool = False) -> None:
+        """cleanup's `message-id=<…>` (`resent-message-id=<…>` for a Resent-Message-ID field, as Postfix's)."""
         if self.active:
-            self._emit(queue_id, "message-id", f"message-id={message_id}", service="cleanup", message_id=message_id)
+            event = "resent-message-id" if resent else "message-id"
+            self._emit(queue_id, event, f"{event}={message_id}", service="cleanup", message_id=message_id)
 
     def queued(self, queue_id: str, sender: str, size: int, nrcpt: int, *, logged: bool = True) -> None:
         """The message is in the queue: qmgr's `from=<s>, size=N, nrcpt=N (queue active)`. Not `logged` for a

@@ -91,7 +91,7 @@ from mailflow.filters.content_checks import ContentChecks, Inspection
 from mailflow.header_addresses import rewrite_address_fields
 from mailflow.address import shown_original
 from mailflow.logs import MailLog
-from mailflow.message import (RESENT_FIELDS, comment_sanitized, header_names, header_value, normalized_field_names,
+from mailflow.message import (RESENT_FIELDS, comment_sanitized, header_fields, header_names, normalized_field_names,
                               read_header, rfc5322_date, without_fields)
 from mailflow.model import ClientInfo, QueueId, Recipient, Submission, replaced
 from mailflow.routing.addressmap import BCC_NOTIFY, NO_MILTER_EDITS, AddressMapper, MilterEdits
@@ -410,7 +410,8 @@ class Cleanup:
         if sub is not None and sub.submitter is not None:
             sender = sub.envelope.sender if orig_id else msg.sender
             self._log.picked_up(msg.queue_id, sub.submitter.uid, sender, orig_id=orig_id)
-        self._log.message_id(msg.queue_id, header_value(head, "message-id"))
+        for name, value in message_ids(head):
+            self._log.message_id(msg.queue_id, value, resent=name == "resent-message-id")
         self._log.queued(msg.queue_id, msg.sender, msg.content.size, len(msg.recipients), logged=msg.queue != "hold")
 
     def _received(self, sub: Submission, queue_id: QueueId, now: float) -> bytes:
@@ -454,6 +455,21 @@ class Cleanup:
         if f"{resent}from".lower() not in names:
             added.append(resent + (_from_header(sender, fullname) if sender else "From: MAILER-DAEMON"))
         return "".join(line + "\r\n" for line in added).encode("utf-8")
+
+
+def message_ids(head: bytes) -> list[tuple[str, str]]:
+    """What Postfix's cleanup logs of a header section's message ids, in order: each Message-ID and
+    Resent-Message-ID field (`message-id=<…>`, `resent-message-id=<…>`; the one cleanup added last, as it added
+    it), then `message-id=<>` when there is no Message-ID (a resent message's, whose Resent-Message-ID was
+    added instead; pflogsumm reads message-id)."""
+    found = []
+    for name, lines in header_fields(head):
+        if name in ("message-id", "resent-message-id"):
+            found.append((name, b" ".join(line.strip() for line in lines).split(b":", 1)[1].strip()
+                          .decode("utf-8", "replace")))
+    if not any(name == "message-id" for name, _ in found):
+        found.append(("message-id", "<>"))
+    return found
 
 
 def _milter_bcc(mapper: AddressMapper, sub: Submission, sender: str) -> tuple[str, MilterEdits]:

@@ -3,6 +3,7 @@ against a recording store."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 
 import pytest
@@ -475,3 +476,21 @@ def test_normalized_field_names_removes_blanks_before_a_field_s_colon_only():
     assert message.normalized_field_names(head) == b"Subject: s\r\nX-Tab: t\r\n folded : kept\r\nTo: a : b\r\n"
     plain = b"Subject: s\r\n"
     assert message.normalized_field_names(plain) is plain  # (no copy when there is nothing to do)
+
+
+@pytest.mark.parametrize("content, logged", [
+    # a resent message without Message-ID: the Resent-Message-ID cleanup adds, then `message-id=<>`, as Postfix's
+    # cleanup_message.c logs them (mailflow logged `message-id=` with an empty value)
+    (b"Resent-Bcc: x@example.test\r\nSubject: s\r\n\r\nx\r\n",
+     ["resent-message-id=<20231114221320.QID@mx.example.test>", "message-id=<>"]),
+    (b"Resent-Message-ID: <r@remote.test>\r\nResent-From: r@remote.test\r\n\r\nx\r\n",
+     ["resent-message-id=<r@remote.test>", "message-id=<>"]),
+    (b"Message-ID: <m@remote.test>\r\nResent-To: t@remote.test\r\n\r\nx\r\n",
+     ["message-id=<m@remote.test>", "resent-message-id=<20231114221320.QID@mx.example.test>"]),
+    (b"Subject: s\r\n\r\nx\r\n", ["message-id=<20231114221320.QID@mx.example.test>"]),
+])
+async def test_the_message_ids_are_logged_as_postfix_s_cleanup_logs_them(env, caplog, content, logged):
+    caplog.set_level(logging.INFO)
+    qid = await env.cleanup.submit(submission(content))
+    lines = [r.getMessage() for r in caplog.records if "message-id=" in r.getMessage()]
+    assert lines == [f"{qid}: " + line.replace("QID", qid).replace("mx.example.test", HOST) for line in logged]
