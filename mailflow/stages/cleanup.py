@@ -398,6 +398,15 @@ class Cleanup:
             msg = self.prepare(sub, rewrite=False)
         return msg if self._outbound is None else self._outbound.sign_notice(msg)
 
+    def without_dropped_fields(self, content: Content) -> Content:
+        """`content` less the header fields of message_drop_headers (Bcc, Resent-Bcc, ...): what a notice returns of
+        a message refused before it was queued, as Postfix's cleanup_bounce returns its queue file, whose header
+        section had them removed."""
+        head, _ = read_header(content, self._header_size_limit)
+        kept = without_fields(head, self._drop_headers)
+        return content if len(kept) == len(head) else Content((kept, *content.after(len(head)).parts),
+                                                              crlf=content.crlf)
+
     def log_queued(self, msg: NewMessage, sub: Submission | None = None, *, orig_id: QueueId = "") -> None:
         """The log lines of a committed message, in Postfix's order: pickup's `uid=` (smtpd's `client=` came with
         the queue id), its Message-ID, then qmgr's `from=` line; not for a message put on hold, which Postfix's qmgr

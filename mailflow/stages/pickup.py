@@ -40,7 +40,8 @@ each file, oldest first:
   file removed. A crash between the commit and the unlink delivers the
   message twice after the restart: at-least-once, as in Postfix (a message is never lost);
 - a message cleanup refuses for good (a mail loop 5.4.0, a header section too large 5.3.4) is returned to its
-  sender, as Postfix's cleanup bounces for pickup through bounce(8), and its file removed: the notices are
+  sender, as Postfix's cleanup bounces for pickup through bounce(8) (quoting it without the fields of
+  message_drop_headers, a Bcc never shown: Cleanup.without_dropped_fields), and its file removed: the notices are
   qmgr's for a bounce (`notices`, qmgr.notices.NoticeWriter: bounce_template_file's failure template,
   notify_classes' postmaster copy, for a null sender the whole message to double_bounce_recipient; dropped with
   a log line when none is called for); under soft_bounce it is not returned and its file stays, tried
@@ -719,8 +720,9 @@ class Pickup:
             return False
         now = self._clock.time()
         message, results = _as_bounced(name, m, error, now, size=content.size if size is None else size)
+        returned = self._cleanup.without_dropped_fields(content)  # (no Bcc: cleanup had removed it)
         try:
-            built = await self._notices.submissions(message, results, original=content, now=now,
+            built = await self._notices.submissions(message, results, original=returned, now=now,
                                                     original_size=message.size)
         except OSError as e:
             logger.warning("pickup: maildrop/%s: cannot read the message to quote it: %s", name, e)

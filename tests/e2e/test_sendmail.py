@@ -885,3 +885,18 @@ async def test_serve_records_sendmails_settings_and_sendmail_then_starts_without
     record.unlink()  # the full path: the same words
     assert fast == await run(config, "-bs", stdin=BS_DIALOGUE)
     assert b"220 mx2.test ESMTP" in fast[1] and b"250 2.1.5 Ok" in fast[1]
+
+
+async def test_a_refused_message_is_returned_without_its_bcc(mailflow_server, cfg, tmp_path):
+    """Postfix's cleanup returns a message it refuses (header_checks REJECT) from its queue file, whose Bcc it had
+    removed (message_drop_headers): the notice to the sender quotes no Bcc (mailflow's quoted the maildrop file's
+    header section, Bcc and all)."""
+    checks = tmp_path / "header_checks"
+    checks.write_text("/^Subject: nope/ REJECT refused\n")
+    await mailflow_server(checks={"header_checks": [f"regexp:{checks}"]})
+    rc, _, err = await run(cfg(checks={"header_checks": [f"regexp:{checks}"]}), "-f", "alice@local.test", "-t",
+                           stdin=b"To: carol@elsewhere.test\nBcc: secret@elsewhere.test\nSubject: nope\n\nx\n")
+    assert rc == 0, err
+    [notice] = await eventually(lambda: maildir_messages(tmp_path / "mail" / "alice" / "Maildir"), timeout=10)
+    assert b"Subject: nope" in notice and b"To: carol@elsewhere.test" in notice
+    assert b"\nBcc:" not in notice
