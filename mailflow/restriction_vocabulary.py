@@ -91,6 +91,10 @@ WARN_IF_REJECT = "warn_if_reject"  # not a restriction: the next item's refusals
 WITHOUT_ARGUMENT += (  # the items a Postfix main.cf names that need no DNS
     WARN_IF_REJECT, "reject_unauth_pipelining", "reject_multi_recipient_bounce", "reject_plaintext_session",
     "permit_auth_destination", "permit_naked_ip_address", "reject_unlisted_sender", *SENDER_LOGIN_CHECKS)
+# the generic items that only mark the command: a later permit (defer_if_permit) or 5xx refusal (defer_if_reject)
+# of it becomes `450 4.7.0 <x>: … rejected: defer_if_permit requested` (Postfix's wording), as the access actions
+CONDITIONAL_DEFERRALS = ("defer_if_permit", "defer_if_reject")
+WITHOUT_ARGUMENT += CONDITIONAL_DEFERRALS
 ACCESS_CHECKS["check_sasl_access"] = "sasl"  # the key: the SASL login name, as it is (no other key)
 WITH_ARGUMENT = tuple(ACCESS_CHECKS) + ("reject_rbl_client", "check_policy_service") + tuple(RHSBL_CHECKS)
 # DNS-based items of Postfix's smtpd_check.c: a table asked with the MX, NS or A hosts of a name (check_server_access:
@@ -114,7 +118,7 @@ WITH_ARGUMENT += tuple(SERVER_ACCESS_CHECKS) + tuple(DNSWL_CHECKS) + (REVERSE_CL
 # them: one named only in an access table's value has none
 NEEDS_FILTER = ("check_greylist", "reject_spf_fail", "reject_dmarc_policy")
 KNOWN = WITHOUT_ARGUMENT + WITH_ARGUMENT
-RELAY_GUARDS = ("reject_unauth_destination", "defer_unauth_destination", "reject", "defer")
+RELAY_GUARDS = ("reject_unauth_destination", "defer_unauth_destination", "reject", "defer", "defer_if_permit")
 ACCESS_ACTIONS = ("ok", "dunno", "reject", "defer", "defer_if_permit", "defer_if_reject", "discard", "hold",
                   "filter", "prepend", "redirect", "bcc", "warn", "info")
 _CLASS_NAME = re.compile(r"[a-z0-9_][a-z0-9_.-]*")  # a main.cf parameter name, as Postfix's class names are

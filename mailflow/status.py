@@ -188,6 +188,11 @@ def conditional_deferral(name: str, what: str, text: str = "", dsn: str = "4.7.1
     return restriction_rejected(450, dsn, name, what, text or "Service unavailable")
 
 
+def requested_deferral(name: str, what: str, item: str) -> Reply:
+    """The defer_if_permit / defer_if_reject restrictions' deferral (Postfix: 450 4.7.0, whatever defer_code)."""
+    return restriction_rejected(450, "4.7.0", name, what, f"{item} requested")
+
+
 def rule_deferred(name: str, what: str) -> Reply:
     """The `defer` restriction (Postfix: defer_code 450, 4.3.2)."""
     return restriction_rejected(450, "4.3.2", name, what, "Try again later")

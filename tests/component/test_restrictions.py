@@ -606,3 +606,19 @@ async def test_a_redirect_takes_the_bcc_copies_too(mailflow_server, tmp_path):
     assert len(await eventually(lambda: maildir_messages(tmp_path / "mail" / "carol" / "Maildir"))) == 1
     await mf.stop()
     assert [maildir_messages(tmp_path / "mail" / u / "Maildir") for u in ("alice", "bob")] == [[], []]
+
+
+# ---------------------------------------------------------------------------------------------- lists in combination
+# (what tests/interop/test_restriction_lists_vs_postfix.py found against Postfix 3.7.11)
+
+
+def test_defer_if_permit_and_defer_if_reject_as_items():
+    # Postfix 3.7.11's generic items: 450 4.7.0 `<x>: … rejected: defer_if_permit requested` (not defer_code)
+    r = restrictions(sender_restrictions=["defer_if_permit", "permit"])
+    assert str(rcpt(r)) == "450 4.7.0 <s@remote.example>: Sender address rejected: defer_if_permit requested"
+    r = restrictions(recipient_restrictions=["defer_if_reject", "reject"])
+    assert str(rcpt(r)) == "450 4.7.0 <alice@local.test>: Recipient address rejected: defer_if_reject requested"
+    r = restrictions(recipient_restrictions=["defer_if_reject", "check_recipient_access inline:{alice@local.test=OK}"])
+    assert rcpt(r) is None  # no refusal to defer
+    # a defer_if_permit guards the relay, as Postfix's rcpt_required list has it
+    config_from_dict({"smtpd": {"relay_restrictions": ["defer_if_permit"]}})

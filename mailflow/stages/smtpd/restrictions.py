@@ -103,7 +103,8 @@ from mailflow.address import client_ip
 from mailflow.dsn_parameters import xtext_encode
 from mailflow.errors import LookupRetry
 from mailflow.logs import SmtpdLog, printable
-from mailflow.restriction_vocabulary import (ACCESS_CHECKS, ALL_PERMITS, CLIENT_CERT_PERMITS, DNSWL_CHECKS, KNOWN,
+from mailflow.restriction_vocabulary import (ACCESS_CHECKS, ALL_PERMITS, CLIENT_CERT_PERMITS, CONDITIONAL_DEFERRALS,
+                                             DNSWL_CHECKS, KNOWN,
                                              LOGGED_PERMITS, NEEDS_FILTER, PERMIT_VALUES_TEXT, RCPT_STAGES,
                                              REVERSE_CLIENT_ACCESS, RHSBL_CHECKS, SENDER_LOGIN_CHECKS,
                                              SERVER_ACCESS_CHECKS, STAGES, WARN_IF_REJECT, WITH_ARGUMENT, check_item,
@@ -595,6 +596,14 @@ class Restrictions:
         if name in ("reject", "defer"):
             who, what = subject or self._subject(stage, facts)
             return status.access_denied(who, what) if name == "reject" else status.rule_deferred(who, what)
+        if name in CONDITIONAL_DEFERRALS:
+            who, what = subject or self._subject(stage, facts)
+            reply = status.requested_deferral(who, what, name)
+            if name == "defer_if_permit":
+                facts.raise_defer_if_permit(reply)  # (under warn_if_reject: only logged, as Postfix's)
+            else:  # (under warn_if_reject too, as Postfix's DEFER_IF_REJECT2)
+                facts.defer_if_reject = facts.defer_if_reject or reply
+            return None
         if name == "permit_mynetworks":
             return self._client_permitted(name, facts, stage) \
                 if self._mynetworks.holds(facts.client_addr, facts.client_name) else None
