@@ -612,6 +612,13 @@ async def test_a_redirect_takes_the_bcc_copies_too(mailflow_server, tmp_path):
 # (what tests/interop/test_restriction_lists_vs_postfix.py found against Postfix 3.7.11)
 
 
+def test_the_helo_list_is_skipped_without_a_helo_name():
+    # Postfix's smtpd_check_helo returns at once without a name: a `reject` in the list refuses nobody
+    r = restrictions(helo_restrictions=["check_client_access inline:{203.0.113.9=REJECT}", "reject"])
+    assert rcpt(r, helo="") is None
+    assert str(rcpt(r)) == "554 5.7.1 <unknown[203.0.113.9]>: Client host rejected: Access denied"
+
+
 def test_defer_if_permit_and_defer_if_reject_as_items():
     # Postfix 3.7.11's generic items: 450 4.7.0 `<x>: … rejected: defer_if_permit requested` (not defer_code)
     r = restrictions(sender_restrictions=["defer_if_permit", "permit"])

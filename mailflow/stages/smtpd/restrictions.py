@@ -428,7 +428,11 @@ class Restrictions:
     async def _run(self, stage: str, facts: Facts) -> status.Reply | None:
         """A stage's list, then, after the sender list, the implied reject_unlisted_sender
         (smtpd_reject_unlisted_sender), as Postfix's smtpd_check_mail runs it: after a permit too, not after a
-        refusal nor for a discarded message or the null sender."""
+        refusal nor for a discarded message or the null sender. The helo list runs only once the client gave a
+        HELO/EHLO name, as Postfix's smtpd_check_helo (none given: the whole list is skipped, its `reject` too;
+        smtpd_helo_required is what makes a client say one)."""
+        if stage == "helo" and not facts.helo:
+            return None
         answer = await self._run_items(self._lists[stage], stage, facts)
         if isinstance(answer, status.Reply):
             return answer  # the session logs it (NOQUEUE: reject: ...)
