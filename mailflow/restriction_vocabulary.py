@@ -27,8 +27,9 @@ which names can refuse relaying. `mailflow.config` validates every `smtpd.*_rest
                                          restriction classes, smtpd_restriction_classes) is an item too
     check_classes(classes)               ValueError for a bad class name, or classes that name each other in a
                                          loop (check_item refuses an undefined one)
-    expand(items, classes, warned=) -> names  the names of a list and of its classes' items, recursively (a set;
-                                         warned False: without the items warn_if_reject makes only warn)
+    expand(items, classes) -> names      the names of a list and of its classes' items, recursively (a set)
+    guards_relay(items, classes) -> bool  the list can refuse relaying, as Postfix's has_required reads it
+                                         (a warned item does not count; a permit ends the search)
 
 Why this module is a leaf outside `mailflow/stages/smtpd/`: importing any module under that package runs the
 package's `__init__`, which imports the whole SMTP server (aiosmtpd, the session, the handler). The
@@ -44,7 +45,7 @@ nothing else raises.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from mailflow.address import normalise_domain
 from mailflow.syntax import is_ipv4, parse_policy_service
@@ -189,37 +190,47 @@ def _refuse_loop(path: list[str], classes: Mapping[str, Iterable[str]], free: se
     free.add(path[-1])
 
 
-def expand(items: Iterable[str], classes: Mapping[str, Iterable[str]], *, warned: bool = True) -> set[str]:
+def expand(items: Iterable[str], classes: Mapping[str, Iterable[str]]) -> set[str]:
     """The names of `items` and of the items of the classes they name, recursively (no loops: config refused
-    them; each class is walked once). `warned` False: without an item that follows warn_if_reject (which can
-    refuse nothing), as Postfix's has_required asks whether a list can refuse relaying."""
+    them; each class is walked once)."""
     names: set[str] = set()
     seen: set[str] = set()
-    todo = _kept(items, warned)
+    todo = list(items)
     while todo:
         name = split_item(todo.pop())[0]
         if name not in classes:
             names.add(name)
         elif name not in seen:
             seen.add(name)
-            todo += _kept(classes[name], warned)
+            todo += classes[name]
     return names
 
 
-def _kept(items: Iterable[str], warned: bool) -> list[str]:
-    """`items`, or (`warned` False) without each warn_if_reject and the one item after it: Postfix's has_required
-    skips the word after a warn_if_reject, so in `warn_if_reject, warn_if_reject, X` it skips the second one and
-    counts X."""
-    kept: list[str] = []
-    skip = False
-    for item in items:
-        if skip:
-            skip = False
-        elif not warned and split_item(item)[0] == WARN_IF_REJECT:
-            skip = True
-        else:
-            kept.append(item)
-    return kept
+def guards_relay(items: Sequence[str], classes: Mapping[str, Sequence[str]]) -> bool:
+    """Whether a list can refuse relaying, as Postfix's has_required reads it: one of RELAY_GUARDS in the list or,
+    recursively, in a class it names; the item after a warn_if_reject does not count (it refuses nothing), and a
+    `permit` ends the search of its list (what follows it never runs: `permit, reject_unauth_destination` is an
+    open relay), of a class's list only when it is in a class. Classes that name each other in a loop were refused
+    before (check_classes); each class is searched once."""
+    return _guards(items, {name.lower(): value for name, value in classes.items()}, set())
+
+
+def _guards(items: Sequence[str], classes: Mapping[str, Sequence[str]], seen: set[str]) -> bool:
+    index = 0
+    while index < len(items):
+        name = split_item(items[index])[0]
+        index += 1
+        if name == WARN_IF_REJECT and index < len(items):
+            index += 1
+        elif name == "permit":
+            return False
+        elif name in RELAY_GUARDS:
+            return True
+        elif name in classes and name not in seen:
+            seen.add(name)
+            if _guards(classes[name], classes, seen):
+                return True
+    return False
 
 
 def _check_access_table(name: str, spec: str) -> None:

@@ -26,7 +26,8 @@ from mailflow.tables import check_spec
 from mailflow.ehlo_keywords import discard_set
 from mailflow.rbl_reply import DEFAULT_RBL_REPLY, check_rbl_template
 from mailflow.reply_footer import POSTSCREEN_FOOTER_MACROS, check_footer
-from mailflow.restriction_vocabulary import ALL_PERMITS, LOGGED_PERMITS, PERMIT_VALUES_TEXT, RELAY_GUARDS, expand
+from mailflow.restriction_vocabulary import (ALL_PERMITS, LOGGED_PERMITS, PERMIT_VALUES_TEXT, RELAY_GUARDS,
+                                             guards_relay)
 from mailflow.syntax import parse_endpoint, parse_hostport
 
 
@@ -383,11 +384,11 @@ class SmtpdConfig(SmtpdFilterSettings):
 
     @model_validator(mode="after")
     def _relay_guarded(self) -> "SmtpdConfig":
-        """Like Postfix, refuse to start when neither list can refuse relaying."""
-        items = self.relay_restrictions + self.recipient_restrictions
-        if not expand(items, self.restriction_classes, warned=False) & set(RELAY_GUARDS):
+        """Like Postfix (smtpd_check_init), refuse to start when neither list can refuse relaying."""
+        classes = self.restriction_classes
+        if not (guards_relay(self.relay_restrictions, classes) or guards_relay(self.recipient_restrictions, classes)):
             raise ValueError(f"relay_restrictions or recipient_restrictions must hold one of {', '.join(RELAY_GUARDS)}"
-                             " (else this server relays for anyone)")
+                             ", not after a permit nor warned of (else this server relays for anyone)")
         return self
 
     @field_validator("unknown_address_tempfail_action", "unknown_helo_hostname_tempfail_action",

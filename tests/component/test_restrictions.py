@@ -629,3 +629,14 @@ def test_defer_if_permit_and_defer_if_reject_as_items():
     assert rcpt(r) is None  # no refusal to defer
     # a defer_if_permit guards the relay, as Postfix's rcpt_required list has it
     config_from_dict({"smtpd": {"relay_restrictions": ["defer_if_permit"]}})
+
+
+def test_a_permit_before_the_relay_guard_leaves_the_relay_open():
+    # Postfix 3.7.11's has_required stops at a permit (its smtpd dies: "specify at least one working instance
+    # of …"); in a class the permit ends that class's search only, and each list is judged alone
+    for relay in (["permit", "reject_unauth_destination"], ["warn_if_reject", "reject_unauth_destination"]):
+        with pytest.raises(ConfigError, match="must hold one of"):
+            config_from_dict({"smtpd": {"relay_restrictions": relay, "recipient_restrictions": []}})
+    config_from_dict({"smtpd": {"restriction_classes": {"c": ["permit"]},
+                                "relay_restrictions": ["c", "reject_unauth_destination"]}})
+    config_from_dict({"smtpd": {"relay_restrictions": ["permit"], "recipient_restrictions": ["defer"]}})
