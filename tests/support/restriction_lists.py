@@ -1,0 +1,132 @@
+"""Seeded restriction lists in combination, and short sessions to try them with, for the differential test against
+Postfix (tests/interop/test_restriction_lists_vs_postfix.py).
+
+- `generated(seed)`: one `Combination` drawn from `random.Random(seed)`: lists of 1-5 items (client, helo, sender,
+  relay, recipient, data, end_of_data) from a pool that needs no DNS, two restriction classes (`c1` may name `c2`),
+  access tables written inline whose values are actions, restrictions or class names, smtpd_delay_reject,
+  smtpd_helo_required and strict_rfc821_envelopes, and a few sessions (XCLIENT, HELO/EHLO, MAIL, RCPTs, DATA).
+- `Combination.main_cf()`: Postfix's settings for it; `Combination.mailflow()`: mailflow's, alike.
+
+The relay list always ends with `reject_unauth_destination` (both servers refuse to start an open relay). The
+clients are 127.0.0.1 (the connection), 127.0.0.2 (XCLIENT, in mynetworks) and 192.0.2.1-3 (XCLIENT, outside).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+LISTS = ("client", "helo", "sender", "relay", "recipient", "data", "end_of_data")
+KEYS = {
+    "client": ["192.0.2.1", "192.0.2.2", "192.0.2", "127.0.0.2"],
+    "helo": ["good.test", "bad.test", "nodot"],
+    "sender": ["s1@remote.test", "s2@remote.test", "remote.test", "alice@local.test"],
+    "recipient": ["r1@relay.test", "r2@relay.test", "relay.test", "alice@local.test", "x@elsewhere.test"],
+}
+ACTIONS = ["OK", "DUNNO", "REJECT", "REJECT no way", "DEFER", "DEFER later", "DEFER_IF_PERMIT dip",
+           "DEFER_IF_REJECT dir", "HOLD", "HOLD held", "DISCARD", "DISCARD gone", "WARN watch", "INFO note",
+           "450 4.7.0 busy", "550 5.7.1 go away", "553 5.1.2 bad address", "PREPEND X-Tag: yes",
+           "permit_mynetworks", "permit_mynetworks, reject", "reject_non_fqdn_sender", "defer_if_permit",
+           "warn_if_reject reject", "reject_unauth_destination", "reject_unlisted_recipient", "c1", "c2"]
+PLAIN_ITEMS = ["permit", "reject", "defer", "defer_if_permit", "defer_if_reject", "warn_if_reject",
+               "permit_mynetworks", "reject_unauth_pipelining", "reject_non_fqdn_helo_hostname",
+               "reject_invalid_helo_hostname", "reject_non_fqdn_sender", "reject_non_fqdn_recipient",
+               "reject_unlisted_recipient", "reject_unauth_destination",
+               "defer_unauth_destination", "permit_auth_destination", "reject_multi_recipient_bounce"]
+# only in the sender list: elsewhere Postfix checks the sender once per MAIL (smtpd_check_mail resets its
+# sender_rcptmap_checked), so a later RCPT is not refused again; mailflow refuses it at every RCPT
+SENDER_ITEMS = ["reject_unlisted_sender"]
+TABLE_ITEMS = {"check_client_access": "client", "check_helo_access": "helo", "check_sender_access": "sender",
+               "check_recipient_access": "recipient"}
+CLIENTS = ["XCLIENT ADDR=127.0.0.2 NAME=[UNAVAILABLE]", "XCLIENT ADDR=192.0.2.1 NAME=[UNAVAILABLE]",
+           "XCLIENT ADDR=192.0.2.2 NAME=[UNAVAILABLE]", "XCLIENT ADDR=192.0.2.3 NAME=[UNAVAILABLE]"]
+HELLOS = ["EHLO good.test", "HELO bad.test", "EHLO nodot", "EHLO [192.0.2.9]", "EHLO bad_name!"]
+SENDERS = ["<s1@remote.test>", "<s2@remote.test>", "<>", "<alice@local.test>", "<nobody@local.test>",
+           "<nodomain>", "s1@remote.test"]
+RECIPIENTS = ["<r1@relay.test>", "<r2@relay.test>", "<alice@local.test>", "<nobody@local.test>",
+              "<x@elsewhere.test>", "<nodomain>", "r1@relay.test"]
+MESSAGE = "Subject: combination\r\n\r\nbody\r\n."
+
+
+@dataclass
+class Combination:
+    seed: int
+    lists: dict[str, list[str]] = field(default_factory=dict)
+    classes: dict[str, list[str]] = field(default_factory=dict)
+    delay_reject: bool = True
+    helo_required: bool = False
+    strict_rfc821: bool = False
+    sessions: list[list[str]] = field(default_factory=list)
+
+    def main_cf(self) -> dict[str, str]:
+        return {
+            **{f"smtpd_{name}_restrictions": ", ".join(self.lists.get(name, [])) for name in LISTS},
+            "smtpd_restriction_classes": ", ".join(self.classes),
+            **{name: ", ".join(items) for name, items in self.classes.items()},
+            "smtpd_delay_reject": yes(self.delay_reject), "smtpd_helo_required": yes(self.helo_required),
+            "strict_rfc821_envelopes": yes(self.strict_rfc821),
+        }
+
+    def mailflow(self) -> dict:
+        return {**{f"{name}_restrictions": self.lists.get(name, []) for name in LISTS},
+                "restriction_classes": self.classes, "delay_reject": self.delay_reject,
+                "helo_required": self.helo_required, "strict_rfc821_envelopes": self.strict_rfc821}
+
+    def describe(self) -> str:
+        lines = [f"seed {self.seed}: delay_reject={yes(self.delay_reject)} helo_required={yes(self.helo_required)}"
+                 f" strict_rfc821_envelopes={yes(self.strict_rfc821)}"]
+        lines += [f"  {name}: {', '.join(items)}" for name, items in {**self.lists, **self.classes}.items()]
+        return "\n".join(lines)
+
+
+def yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def table(rng: random.Random, kind: str) -> str:
+    """An inline access table of 1-3 entries for `kind`'s keys."""
+    entries = {key: rng.choice(ACTIONS) for key in rng.sample(KEYS[kind], rng.randint(1, 3))}
+    return "inline:{ " + ", ".join(f"{{{key}={value}}}" for key, value in entries.items()) + " }"
+
+
+def item(rng: random.Random, classes: list[str], list_name: str = "") -> str:
+    roll = rng.random()
+    if list_name == "sender" and roll < 0.05:
+        return rng.choice(SENDER_ITEMS)
+    if roll < 0.35:
+        name = rng.choice(list(TABLE_ITEMS))
+        return f"{name} {table(rng, TABLE_ITEMS[name])}"
+    if roll < 0.45 and classes:
+        return rng.choice(classes)
+    return rng.choice(PLAIN_ITEMS)
+
+
+def items(rng: random.Random, classes: list[str], list_name: str = "") -> list[str]:
+    return [item(rng, classes, list_name) for _ in range(rng.randint(1, 5))]
+
+
+def session(rng: random.Random) -> list[str]:
+    commands = [rng.choice(CLIENTS)] if rng.random() < 0.7 else []
+    if rng.random() < 0.85:
+        commands.append(rng.choice(HELLOS))
+    for transaction in range(rng.choice([1, 1, 2])):
+        if transaction:
+            commands.append("RSET")
+        commands.append(f"MAIL FROM:{rng.choice(SENDERS)}")
+        commands += [f"RCPT TO:{rng.choice(RECIPIENTS)}" for _ in range(rng.randint(1, 3))]
+        if rng.random() < 0.6:
+            commands += ["DATA", MESSAGE]
+    return commands + ["QUIT"]
+
+
+def generated(seed: int) -> Combination:
+    rng = random.Random(seed)
+    combination = Combination(seed, delay_reject=rng.random() < 0.6, helo_required=rng.random() < 0.2,
+                              strict_rfc821=rng.random() < 0.2)
+    combination.classes["c2"] = items(rng, [])
+    combination.classes["c1"] = items(rng, ["c2"])
+    # an access value names c1 or c2 whatever the lists do: both are always defined
+    for name in rng.sample(LISTS, rng.randint(2, 5)):
+        combination.lists[name] = items(rng, ["c1", "c2"], name)
+    combination.lists["relay"] = combination.lists.get("relay", []) + ["reject_unauth_destination"]
+    combination.sessions = [session(rng) for _ in range(rng.randint(2, 4))]
+    return combination
