@@ -640,3 +640,10 @@ def test_a_permit_before_the_relay_guard_leaves_the_relay_open():
     config_from_dict({"smtpd": {"restriction_classes": {"c": ["permit"]},
                                 "relay_restrictions": ["c", "reject_unauth_destination"]}})
     config_from_dict({"smtpd": {"relay_restrictions": ["permit"], "recipient_restrictions": ["defer"]}})
+
+
+def test_the_sender_list_is_skipped_outside_a_transaction():
+    # a VRFY before MAIL: Postfix's smtpd_check_mail returns at once without a sender (its `defer` is not met)
+    r = restrictions(sender_restrictions=["defer"])
+    assert rcpt(r, sender=None) is None
+    assert str(rcpt(r, sender="")) == "450 4.3.2 <>: Sender address rejected: Try again later"

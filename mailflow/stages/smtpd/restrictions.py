@@ -430,8 +430,9 @@ class Restrictions:
         (smtpd_reject_unlisted_sender), as Postfix's smtpd_check_mail runs it: after a permit too, not after a
         refusal nor for a discarded message or the null sender. The helo list runs only once the client gave a
         HELO/EHLO name, as Postfix's smtpd_check_helo (none given: the whole list is skipped, its `reject` too;
-        smtpd_helo_required is what makes a client say one)."""
-        if stage == "helo" and not facts.helo:
+        smtpd_helo_required is what makes a client say one); the sender list only in a transaction, as
+        smtpd_check_mail (a VRFY outside one runs the client, helo, relay and recipient lists)."""
+        if (stage == "helo" and not facts.helo) or (stage == "sender" and facts.sender is None):
             return None
         answer = await self._run_items(self._lists[stage], stage, facts)
         if isinstance(answer, status.Reply):
