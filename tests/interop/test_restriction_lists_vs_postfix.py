@@ -69,6 +69,7 @@ def mailflow_config(combination: Combination, folder: Path):
         "myhostname": "pf.test", "mydestination": ["local.test"], "relayhost": "[127.0.0.1]:9",
         "mynetworks": ["127.0.0.0/8"], "smtpd": {
             "authorized_xclient_hosts": ["127.0.0.0/8"], "error_sleep_time": "0s", "forbid_unauth_pipelining": False,
+            "disable_vrfy_command": False,
             **combination.mailflow()}}))
 
 
@@ -155,7 +156,9 @@ async def postfix_side(pf, combination: Combination) -> tuple[list[list[str]], l
     if fatal:
         await drained(pf)
         return [[REFUSED[0] + fatal[0]]], []
-    await every_session_ended(pf)
+    # (postlogd writes the log a little later: every session's disconnect line, as many as sessions)
+    await eventually(lambda: pf.maillog[start:].count(": disconnect from") >= len(combination.sessions), timeout=10,
+                     what="a disconnect line for every session")
     return replies, logged(pf.maillog[start:].splitlines())
 
 

@@ -4,7 +4,8 @@ Postfix (tests/interop/test_restriction_lists_vs_postfix.py).
 - `generated(seed)`: one `Combination` drawn from `random.Random(seed)`: lists of 1-5 items (client, helo, sender,
   relay, recipient, data, end_of_data) from a pool that needs no DNS, two restriction classes (`c1` may name `c2`),
   access tables written inline whose values are actions, restrictions or class names, smtpd_delay_reject,
-  smtpd_helo_required and strict_rfc821_envelopes, and a few sessions (XCLIENT, HELO/EHLO, MAIL, RCPTs, DATA).
+  smtpd_helo_required, strict_rfc821_envelopes, smtpd_reject_unlisted_sender and _recipient,
+  unknown_local_recipient_reject_code, and a few sessions (XCLIENT, HELO/EHLO, MAIL, RCPTs, VRFY, DATA).
 - `Combination.main_cf()`: Postfix's settings for it; `Combination.mailflow()`: mailflow's, alike.
 
 The relay list always ends with `reject_unauth_destination` (both servers refuse to start an open relay). The
@@ -26,7 +27,9 @@ ACTIONS = ["OK", "DUNNO", "REJECT", "REJECT no way", "DEFER", "DEFER later", "DE
            "DEFER_IF_REJECT dir", "HOLD", "HOLD held", "DISCARD", "DISCARD gone", "WARN watch", "INFO note",
            "450 4.7.0 busy", "550 5.7.1 go away", "553 5.1.2 bad address", "PREPEND X-Tag: yes",
            "permit_mynetworks", "permit_mynetworks, reject", "reject_non_fqdn_sender", "defer_if_permit",
-           "warn_if_reject reject", "reject_unauth_destination", "reject_unlisted_recipient", "c1", "c2"]
+           "warn_if_reject reject", "reject_unauth_destination", "reject_unlisted_recipient", "c1", "c2",
+           "421 4.7.0 closing", "521 5.7.1 bye", "FILTER smtp:[127.0.0.1]:9", "REDIRECT other@relay.test",
+           "BCC copy@relay.test"]
 PLAIN_ITEMS = ["permit", "reject", "defer", "defer_if_permit", "defer_if_reject", "warn_if_reject",
                "permit_mynetworks", "reject_unauth_pipelining", "reject_non_fqdn_helo_hostname",
                "reject_invalid_helo_hostname", "reject_non_fqdn_sender", "reject_non_fqdn_recipient",
@@ -55,6 +58,9 @@ class Combination:
     delay_reject: bool = True
     helo_required: bool = False
     strict_rfc821: bool = False
+    unlisted_sender: bool = False  # smtpd_reject_unlisted_sender
+    unlisted_recipient: bool = True  # smtpd_reject_unlisted_recipient
+    unknown_local_code: int = 550  # unknown_local_recipient_reject_code
     sessions: list[list[str]] = field(default_factory=list)
 
     def main_cf(self) -> dict[str, str]:
@@ -64,16 +70,24 @@ class Combination:
             **{name: ", ".join(items) for name, items in self.classes.items()},
             "smtpd_delay_reject": yes(self.delay_reject), "smtpd_helo_required": yes(self.helo_required),
             "strict_rfc821_envelopes": yes(self.strict_rfc821),
+            "smtpd_reject_unlisted_sender": yes(self.unlisted_sender),
+            "smtpd_reject_unlisted_recipient": yes(self.unlisted_recipient),
+            "unknown_local_recipient_reject_code": str(self.unknown_local_code),
         }
 
     def mailflow(self) -> dict:
         return {**{f"{name}_restrictions": self.lists.get(name, []) for name in LISTS},
                 "restriction_classes": self.classes, "delay_reject": self.delay_reject,
-                "helo_required": self.helo_required, "strict_rfc821_envelopes": self.strict_rfc821}
+                "helo_required": self.helo_required, "strict_rfc821_envelopes": self.strict_rfc821,
+                "reject_unlisted_sender": self.unlisted_sender, "reject_unlisted_recipient": self.unlisted_recipient,
+                "unknown_local_recipient_reject_code": self.unknown_local_code}
 
     def describe(self) -> str:
         lines = [f"seed {self.seed}: delay_reject={yes(self.delay_reject)} helo_required={yes(self.helo_required)}"
-                 f" strict_rfc821_envelopes={yes(self.strict_rfc821)}"]
+                 f" strict_rfc821_envelopes={yes(self.strict_rfc821)}"
+                 f" reject_unlisted_sender={yes(self.unlisted_sender)}"
+                 f" reject_unlisted_recipient={yes(self.unlisted_recipient)}"
+                 f" unknown_local_recipient_reject_code={self.unknown_local_code}"]
         lines += [f"  {name}: {', '.join(items)}" for name, items in {**self.lists, **self.classes}.items()]
         return "\n".join(lines)
 
@@ -113,6 +127,8 @@ def session(rng: random.Random) -> list[str]:
             commands.append("RSET")
         commands.append(f"MAIL FROM:{rng.choice(SENDERS)}")
         commands += [f"RCPT TO:{rng.choice(RECIPIENTS)}" for _ in range(rng.randint(1, 3))]
+        if rng.random() < 0.2:
+            commands.append(f"VRFY {rng.choice(RECIPIENTS).strip('<>')}")
         if rng.random() < 0.6:
             commands += ["DATA", MESSAGE]
     return commands + ["QUIT"]
@@ -121,7 +137,8 @@ def session(rng: random.Random) -> list[str]:
 def generated(seed: int) -> Combination:
     rng = random.Random(seed)
     combination = Combination(seed, delay_reject=rng.random() < 0.6, helo_required=rng.random() < 0.2,
-                              strict_rfc821=rng.random() < 0.2)
+                              strict_rfc821=rng.random() < 0.2, unlisted_sender=rng.random() < 0.2,
+                              unlisted_recipient=rng.random() < 0.8, unknown_local_code=rng.choice([550, 550, 450]))
     combination.classes["c2"] = items(rng, [])
     combination.classes["c1"] = items(rng, ["c2"])
     # an access value names c1 or c2 whatever the lists do: both are always defined
