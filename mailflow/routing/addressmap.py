@@ -76,7 +76,7 @@ from mailflow.header_addresses import value_addresses
 from mailflow.model import Recipient
 from mailflow.routing.srs import srs_from_config
 from mailflow.tables import Table, TableCache
-from mailflow.tables.search import mapped_addresses
+from mailflow.tables.search import EXTERNAL_FIRST, mapped_addresses
 
 log = logging.getLogger("mailflow.cleanup")
 
@@ -234,11 +234,12 @@ class AddressMapper:
                 self._add_bcc(self._bcc_address(self._recipient_bcc, canonical, seen), out, seen)
 
     def _bcc_address(self, tables: list[Table], addr: str, seen: set[tuple[str, ...]]) -> str | None:
-        """The BCC address a sender_/recipient_bcc_maps table has for `addr` (keys as mail_addr_find makes them,
-        no extension carried onto the result); None without one. One address: of a list, the first (logged once
-        per message and entry: `seen` is the message's, a thousand recipients meeting one `@domain` entry make
-        one line). A value that holds no address raises LookupRetry, as one of canonical or virtual maps does."""
-        found = self._find(tables, addr)
+        """The BCC address a sender_/recipient_bcc_maps table has for `addr` (keys as mail_addr_find makes them, in
+        its legacy form: quoted, then internal; no extension carried onto the result); None without one. One
+        address: of a list, the first (logged once per message and entry: `seen` is the message's, a thousand
+        recipients meeting one `@domain` entry make one line). A value that holds no address raises LookupRetry,
+        as one of canonical or virtual maps does."""
+        found = self._rewriter.find_address(tables, addr, EXTERNAL_FIRST) if tables else None
         if found is None:
             return None
         table, key, value = found

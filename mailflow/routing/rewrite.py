@@ -85,7 +85,8 @@ from mailflow import address, status
 from mailflow.errors import LookupRetry
 from mailflow.model import AddressClass, Resolution
 from mailflow.syntax import parse_hostport, parse_ip
-from mailflow.tables import Table, TableCache, address_keys, find, find_address, local_keys, split_extension
+from mailflow.tables import Table, TableCache, address_keys, find, find_address, split_extension
+from mailflow.tables.search import EXTERNAL, EXTERNAL_FIRST, address_search, local_part_keys
 from mailflow.transports.error import parse_error_nexthop
 
 
@@ -171,18 +172,19 @@ def ip_literal(domain: str):
     return None if text is None else ipaddress.ip_address(text)
 
 
-def transport_keys(addr: str, delimiter: str) -> list[str]:
-    """transport(5)'s search keys for an address, most specific first."""
-    local, _, domain = addr.rpartition("@")
-    keys = [addr]
-    user, ext = split_extension(local, delimiter)
-    if ext:
-        keys.append(f"{user}@{domain}")
-    labels = domain.split(".")
-    keys.append(domain)
-    keys += ["." + ".".join(labels[i:]) for i in range(1, len(labels))]
+def transport_keys(addr: str, delimiter: str) -> tuple[list[str], tuple[int, ...]]:
+    """transport(5)'s search keys for an address, most specific first, and the indices of the FULL ones: as
+    Postfix's transport.c asks mail_addr_find (the legacy form: `"t 2"@d` then `t 2@d`, the extension split off
+    the internal form), the domain and its parents as `.parent`, then `*`."""
+    keys, full = address_search(addr, delimiter=delimiter, form=EXTERNAL_FIRST, at_domain=False,
+                                domains=_transport_domains)
     keys.append("*")
-    return keys
+    return keys, full
+
+
+def _transport_domains(domain: str) -> list[str]:
+    labels = domain.split(".")
+    return [domain] + ["." + ".".join(labels[i:]) for i in range(1, len(labels))]
 
 
 def is_routed(resolved: str) -> bool:
@@ -254,17 +256,20 @@ class Rewriter:
         domain = address.normalise_domain(domain)
         return domain == self._config.origin or self.resolve_local(domain)
 
-    def find_address(self, tables: list[Table], addr: str) -> tuple[str, str, str] | None:
+    def find_address(self, tables: list[Table], addr: str, form: str = EXTERNAL) -> tuple[str, str, str] | None:
         """(table, key, value) of the first entry for `addr`, keys as Postfix's mail_addr_find makes them:
         `user+ext@domain`, `user@domain`, `user+ext` and `user` only when the domain is one of this host's
-        (`is_local_domain`), `@domain`. May raise LookupRetry."""
-        return find(tables, self.address_keys(addr))
+        (`is_local_domain`), `@domain`; in `form` (mailflow.tables.search: EXTERNAL for canonical, virtual alias
+        and generic maps, EXTERNAL_FIRST for the others). May raise LookupRetry."""
+        domain = address.split(addr)[1]
+        return find_address(tables, addr, delimiter=self._config.recipient_delimiter,
+                            local_domain=bool(domain) and self.is_local_domain(domain), form=form)
 
-    def address_keys(self, addr: str) -> list[str]:
+    def address_keys(self, addr: str, form: str = EXTERNAL) -> list[str]:
         """mail_addr_find's keys for `addr` (see find_address), in order."""
         domain = address.split(addr)[1]
         return address_keys(addr, delimiter=self._config.recipient_delimiter,
-                            local_domain=bool(domain) and self.is_local_domain(domain))
+                            local_domain=bool(domain) and self.is_local_domain(domain), form=form)
 
     def resolve_local(self, domain: str) -> bool:
         """Postfix resolve_local: the (normalised) domain is in mydestination or names one of this server's
@@ -352,7 +357,7 @@ class Rewriter:
         the extension ignored: user@domain, user (a local domain or myorigin only), @domain. May raise LookupRetry."""
         if not self._relocated_maps or self._bad_syntax(res.address):
             return None
-        found = self.find_address(self._relocated_maps, res.address)
+        found = self.find_address(self._relocated_maps, res.address, EXTERNAL_FIRST)
         if found is None:
             return None
         return Resolution(res.address_class, ERROR_TRANSPORT, f"{RELOCATED_STATUS} User has moved to "
@@ -427,7 +432,7 @@ class Rewriter:
         searched as mail_addr_find (a `null_key` too). May raise LookupRetry."""
         if not tables:
             return None
-        return self.find_address(tables, sender or null_key)
+        return self.find_address(tables, sender or null_key, EXTERNAL_FIRST)
 
     def _sender_choice(self, setting: str, tables: list[Table], sender: str, null_key: str, memo: SenderMemo) -> str:
         """The override a sender-dependent table gives, "" for none (no entry, `DUNNO`, an empty value: warned of,
@@ -449,10 +454,10 @@ class Rewriter:
             return None
         local, _, domain = qualified.rpartition("@")
         delimiter = self._config.recipient_delimiter
-        keys = transport_keys(f"{local.lower()}@{domain.lower().rstrip('.')}", delimiter)
-        keys += [k for k in transport_keys(f"{local.lower()}@{address.normalise_domain(domain)}", delimiter)
+        keys, full = transport_keys(f"{local.lower()}@{domain.lower().rstrip('.')}", delimiter)
+        keys += [k for k in transport_keys(f"{local.lower()}@{address.normalise_domain(domain)}", delimiter)[0]
                  if k not in keys]
-        return find(self._transport_maps, keys)
+        return find(self._transport_maps, keys, full)
 
     def explain(self, addr: str, sender: str | None = None) -> list[tuple[str, str]]:
         """The steps of `resolve` as (label, text), for `mailflow address`; with a `sender`, what the
@@ -551,14 +556,16 @@ class Rewriter:
         """The Maildir path (relative to virtual_mailbox_base) of a virtual mailbox user, None if unknown.
         May raise LookupRetry."""
         qualified = self.qualify(addr)
-        found = find_address(self._virtual_mailbox_maps, qualified, delimiter=self._config.recipient_delimiter)
+        found = find_address(self._virtual_mailbox_maps, qualified, delimiter=self._config.recipient_delimiter,
+                             form=EXTERNAL_FIRST)
         return found[2].strip() if found else None
 
     def virtual_mailbox_limit(self, addr: str) -> int:
         """The quota in bytes of a virtual mailbox (0: none): virtual_mailbox_limit_maps, else
         virtual_mailbox_limit. A map value that is not a number counts as a table failure. May raise LookupRetry."""
         qualified = self.qualify(addr)
-        found = find_address(self._virtual_limit_maps, qualified, delimiter=self._config.recipient_delimiter)
+        found = find_address(self._virtual_limit_maps, qualified, delimiter=self._config.recipient_delimiter,
+                             form=EXTERNAL_FIRST)
         if found is None:
             return self._config.virtual_mailbox_limit
         table, key, value = found
@@ -573,7 +580,8 @@ class Rewriter:
         return (self._owner_id(self._virtual_uid_maps, qualified), self._owner_id(self._virtual_gid_maps, qualified))
 
     def _owner_id(self, tables: list[Table], addr: str) -> int | None:
-        found = find_address(tables, addr, delimiter=self._config.recipient_delimiter) if tables else None
+        found = (find_address(tables, addr, delimiter=self._config.recipient_delimiter, form=EXTERNAL_FIRST)
+                 if tables else None)
         if found is None:
             return None
         table, key, value = found
@@ -587,8 +595,8 @@ class Rewriter:
         if not self._relay_recipient_maps:
             return True
         qualified = self.qualify(addr)
-        return find_address(self._relay_recipient_maps, qualified,
-                            delimiter=self._config.recipient_delimiter) is not None
+        return find_address(self._relay_recipient_maps, qualified, delimiter=self._config.recipient_delimiter,
+                            form=EXTERNAL_FIRST) is not None
 
     def local_user(self, addr: str) -> str:
         """The mailbox name of a local address: its local part without extension, lower-cased."""
@@ -615,10 +623,7 @@ class Rewriter:
         """The local part with its extension, then without (split off the internal form), each asked in Postfix's
         quoting, then in internal form where that differs, as local(8)'s get_alias asks (`"al.1."`, `al.1.`)."""
         local = address.split(self.qualify(addr))[0]
-        internal = address.internal_local(local) or address.unquoted_local(local) or local
-        keys = [key for name in local_keys(internal, delimiter=self._config.recipient_delimiter)
-                for key in dict.fromkeys((address.quoted_local(name), name))]
-        return find(tables, keys)
+        return find(tables, local_part_keys(local, delimiter=self._config.recipient_delimiter, form=EXTERNAL_FIRST))
 
 
 def error_refusal(addr: str, res: Resolution, what: str = "Recipient address", code: int | None = None

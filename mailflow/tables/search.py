@@ -1,8 +1,14 @@
 """Postfix's key orders and search order over lookup tables (mail_addr_find, maps_find).
 
-    address_keys(address, *, delimiter, local_domain=False)   user+ext@domain, user@domain, [user+ext, user,]
-                                                                @domain
+    address_search(address, *, delimiter, form, local_domain, at_domain, domains, localpart_at) -> (keys, full)
+                                                               the one builder of mail_addr_find's keys:
+                                                               user+ext@domain, user@domain, [user+ext, user,]
+                                                               [@domain,] [domain keys,] [user+ext@, user@]
+    address_keys(address, *, delimiter, local_domain=False, form=EXTERNAL)   its keys for the maps of mail_addr_find
+    form: EXTERNAL (Postfix's quoting only: canonical, virtual_alias, generic) or EXTERNAL_FIRST (each key quoted,
+          then internal where that differs: every other map Postfix asks with mail_addr_find)
     local_keys(local_part, *, delimiter)                       aliases(5): user+ext, user
+    local_part_keys(local, *, delimiter, form)                 the same from a local part as written, in `form`
     split_extension(local, delimiter) -> (user, extension)
     find(tables, keys, full=(0,)) -> (table name, key, value) | None
                                                                every table asked one key before the next key;
@@ -22,28 +28,83 @@ from __future__ import annotations
 
 from typing import Callable, Collection
 
-from mailflow.address import quoted_local, split, unquoted_local
+from mailflow.address import internal_local, quoted_local, split, unquoted_local
 from mailflow.header_addresses import value_addresses
 from mailflow.tables.base import Table
 
 
-def address_keys(address: str, *, delimiter: str, local_domain: bool = False) -> list[str]:
+EXTERNAL = "external"  # keys in Postfix's quoting only (mail_addr_map: canonical, virtual_alias, generic maps)
+EXTERNAL_FIRST = "external-first"  # each key quoted, then internal where that differs (mail_addr_find's legacy form)
+
+
+def address_keys(address: str, *, delimiter: str, local_domain: bool = False, form: str = EXTERNAL) -> list[str]:
     """Postfix mail_addr_find order: `user+ext@domain`, `user@domain`, then (only when `local_domain`: the
     domain is one of this host's) `user+ext` and `user`, then `@domain`. An address without '@' gets the
-    aliases(5) keys (`local_keys`). The keys are in Postfix's quoting, the extension split off the internal form
-    (`"a b+x"@d` asks `"a b"@d`, as Postfix 3.7's external-form queries do)."""
+    aliases(5) keys (`local_keys`). See `address_search` for `form`."""
+    if "@" not in address:
+        return local_keys(address, delimiter=delimiter)
+    return address_search(address, delimiter=delimiter, local_domain=local_domain, form=form)[0]
+
+
+def address_search(address: str, *, delimiter: str, form: str = EXTERNAL, local_domain: bool = False,
+                   at_domain: bool = True, domains: Callable[[str], list[str]] | None = None,
+                   localpart_at: bool = False) -> tuple[list[str], tuple[int, ...]]:
+    """(keys, the indices of the FULL ones) of an address as Postfix's mail_addr_find_opt makes them, the one
+    builder of them: `user+ext@domain`, `user@domain`; when `local_domain`, `user+ext`, `user`; `@domain` when
+    `at_domain`; then `domains(domain)` (transport(5), access(5): the domain and its parents); when
+    `localpart_at`, `user+ext@`, `user@` (access(5)). The extension is split off the internal form and the user
+    quoted again (`"a b+x"@d` asks `"a b"@d`). `form` EXTERNAL: every key in Postfix's quoting; EXTERNAL_FIRST:
+    each quoted key followed by its internal form where that differs (`"r.1."@d`, `r.1.@d`), both FULL for the
+    whole address. An address without '@' (access(5)'s `user`) has only the `localpart_at` keys."""
     local, at, domain = address.rpartition("@")
     if not at:
-        return local_keys(address, delimiter=delimiter)
-    keys = [address]
-    user, ext = split_extension(_plain_local(local), delimiter)  # split in internal form: `"a b+x"` is `"a b"`, +x
-    if ext:
-        user = quoted_local(user)
-        keys.append(f"{user}@{domain}")
-    if local_domain:
-        keys += [local, user] if ext else [local]
-    keys.append(f"@{domain}")
+        local, domain = address, ""
+    if '"' in local:  # (a plain local part is its own internal form and quoting: no regex for it)
+        internal = internal_local(local) or _plain_local(local)
+        quoted = quoted_local(internal)
+    else:
+        internal = quoted = local
+    user, ext = split_extension(internal, delimiter)
+    quoted_user = quoted_local(user) if ext else ""
+    keys: list[str] = []
+    if at:
+        keys += _forms(internal, quoted, f"@{domain}", form)
+        full = tuple(range(len(keys)))
+        if ext:
+            keys += _forms(user, quoted_user, f"@{domain}", form)
+        if local_domain:
+            keys += _forms(internal, quoted, "", form)
+            if ext:
+                keys += _forms(user, quoted_user, "", form)
+        if at_domain:
+            keys.append(f"@{domain}")
+        if domains is not None:
+            keys += domains(domain)
+    else:
+        full = (0,)
+    if localpart_at:
+        keys += _forms(internal, quoted, "@", form)
+        if ext:
+            keys += _forms(user, quoted_user, "@", form)
+    return keys, full
+
+
+def local_part_keys(local: str, *, delimiter: str, form: str = EXTERNAL) -> list[str]:
+    """aliases(5) keys of a local part (as an address writes it): `user+ext`, then `user`, the extension split off
+    the internal form, each in Postfix's quoting and (EXTERNAL_FIRST) then in internal form where that differs
+    (`"al.1."`, `al.1.`), as local(8)'s alias lookup asks them."""
+    internal = (internal_local(local) or _plain_local(local)) if '"' in local else local
+    keys = []
+    for name in local_keys(internal, delimiter=delimiter):
+        keys += _forms(name, quoted_local(name), "", form)
     return keys
+
+
+def _forms(internal: str, quoted: str, suffix: str, form: str) -> list[str]:
+    """One key in Postfix's quoting, then (EXTERNAL_FIRST) in internal form if that differs."""
+    if form == EXTERNAL or quoted == internal:
+        return [quoted + suffix]
+    return [quoted + suffix, internal + suffix]
 
 
 def local_keys(local_part: str, *, delimiter: str) -> list[str]:
@@ -67,9 +128,11 @@ def find(tables: list[Table], keys: list[str], full: Collection[int] = (0,)) -> 
     return None
 
 
-def find_address(tables: list[Table], address: str, *, delimiter: str,
-                 local_domain: bool = False) -> tuple[str, str, str] | None:
-    return find(tables, address_keys(address, delimiter=delimiter, local_domain=local_domain))
+def find_address(tables: list[Table], address: str, *, delimiter: str, local_domain: bool = False,
+                 form: str = EXTERNAL) -> tuple[str, str, str] | None:
+    if "@" not in address:
+        return find(tables, local_keys(address, delimiter=delimiter))
+    return find(tables, *address_search(address, delimiter=delimiter, local_domain=local_domain, form=form))
 
 
 def find_local(tables: list[Table], local_part: str, *, delimiter: str) -> tuple[str, str, str] | None:

@@ -48,11 +48,13 @@ The registry:
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Callable, Protocol
 
 from mailflow.config import RELAY
 from mailflow.model import DeliveryReport, DeliveryRequest
 from mailflow.tables import TableCache
+from mailflow.tables.search import EXTERNAL_FIRST
 from mailflow.transports.capture import CaptureTransport
 from mailflow.transports.discard import DiscardTransport
 from mailflow.transports.error import ErrorTransport
@@ -122,7 +124,7 @@ def sasl_sender_keys(client, router) -> Callable[[str], list[str]] | None:
     authentication asks them); None when the client's sender_dependent_authentication is off or it has no maps."""
     if not (client.sender_dependent_authentication and client.sasl_password_maps):
         return None
-    return router.rewriter.address_keys
+    return partial(router.rewriter.address_keys, form=EXTERNAL_FIRST)
 
 
 def build_smtp_client(config, client, *, resolver, clock, router, tables: TableCache, mta_sts,

@@ -15,7 +15,8 @@ from mailflow.errors import ConfigError
 from mailflow.routing.addressmap import AddressMapper
 from mailflow.routing.rewrite import Rewriter
 from mailflow.stages.smtpd.policy import PolicyClient, PolicyError, encode_request
-from mailflow.stages.smtpd.restrictions import (Facts, Restrictions, address_access_keys, address_full_keys,
+from mailflow.stages.smtpd.restrictions import (Facts, Restrictions, address_access_keys,
+                                                address_access_search,
                                                 client_full_keys, client_keys, domain_keys)
 from tests.support import free_port
 
@@ -198,9 +199,18 @@ def test_address_keys_are_asked_in_postfix_s_quoting_then_in_internal_form():
     keys = address_access_keys('"w 2+ext"@x.test', "+")
     assert keys == ['"w 2+ext"@x.test', "w 2+ext@x.test", '"w 2"@x.test', "w 2@x.test", "x.test", "test",
                     '"w 2+ext"@', "w 2+ext@", '"w 2"@', "w 2@"]
-    assert address_full_keys(keys) == (0, 1)  # a regexp table sees the whole address in both forms
+    assert address_access_search('"w 2+ext"@x.test', "+")[1] == (0, 1)  # a regexp table sees both forms
     assert address_access_keys('"w.1."@x.test', "+")[:2] == ['"w.1."@x.test', "w.1.@x.test"]
-    assert address_full_keys(address_access_keys("u+tag@x.test", "+")) == (0,)
+    assert address_access_search("u+tag@x.test", "+")[1] == (0,)
+
+
+def test_an_unquoted_local_part_is_never_asked_as_none():
+    """A plain local part is its own internal form: no `None@d.test` key (review of hunt-quote #7)."""
+    keys, full = address_access_search("None+x@d.test", "+")
+    assert keys == ["None+x@d.test", "None@d.test", "d.test", "test", "None+x@", "None@"]
+    assert full == (0,)
+    keys, full = address_access_search("Nonex+x@d.test", "+")
+    assert "None@d.test" not in keys and full == (0,)
 
 
 # ---------------------------------------------------------------------------------------------- access tables

@@ -13,7 +13,8 @@ percent hack of an unqualified one sees a `%` outside quotes only, and a source 
 Postfix's quoting, the extension split off the internal form (`"v 3+ext"@x.test` finds `"v 3"@x.test`); access
 tables (check_recipient_access) and local(8)'s alias_maps (a second test, through local delivery) are asked each
 key in internal form too (`"w.1."@x.test` finds `w.1.@x.test`, `"al.1."@alias.test` the alias `al.1.`), virtual
-alias tables not.
+alias tables not; a third test (MAPS) asks transport, relocated, bcc, relay recipient, virtual mailbox and canonical
+maps an internal-form key and a quoted one each (Postfix's mail_addr_find legacy form; canonical: quoted only).
 
 CURATED holds the cases the seeded generator (`generated`) found, and their neighbours; set MAILFLOW_QUOTE_SEEDS
 (`1,2,3`) to run `test_generated_addresses_match_a_real_postfix` over that many seeds of 40 addresses more.
@@ -268,3 +269,56 @@ async def test_aliases_are_found_as_a_real_postfix_s_local_finds_them(mailflow_s
     assert differences_of(all_probes, postfix, mailflow) == {}
     assert [postfix[i][1][1][0].split()[0] for i in range(len(ALIAS_PROBES))] == [
         "<a1@y.test>", "<a1@y.test>", "<a1@y.test>", "<a2@y.test>"]
+
+
+# The maps Postfix asks with mail_addr_find in its legacy form (each key quoted, then internal where it differs) and
+# those it asks with mail_addr_map (quoted only): one key in internal form (`x.1.`) and one quoted (`"x 2"`) each.
+MAPS = {
+    "transport_maps": 'inline:{ {t.1.@x.test = error:5.1.1 t1 internal}, {"t 2"@x.test = error:5.1.1 t2 quoted} }',
+    "relocated_maps": 'inline:{ {r.1.@local.test = r1@y.test}, {"r 2"@local.test = r2@y.test} }',
+    "recipient_bcc_maps": 'inline:{ {b.1.@x.test = rbcc1@y.test}, {"b 2"@x.test = rbcc2@y.test} }',
+    "sender_bcc_maps": 'inline:{ {s.1.@x.test = sbcc1@y.test}, {"s 2"@x.test = sbcc2@y.test} }',
+    "relay_recipient_maps": 'inline:{ {e.1.@relay.test = ok}, {"e 2"@relay.test = ok} }',
+    "virtual_mailbox_maps": 'inline:{ {m.1.@vm.test = ok}, {"m 2"@vm.test = ok} }',
+    "canonical_maps": 'inline:{ {c.1.@x.test = c1@y.test}, {"c 2"@x.test = c2@y.test} }',  # quoted only
+}
+MAP_RECIPIENTS = [
+    "t.1.@x.test", '"t.1."@x.test', "t.1.+e@x.test", '"t 2"@x.test', '"t 2+e"@x.test',
+    "r.1.@local.test", '"r 2"@local.test', '"r 2+e"@local.test',
+    "b.1.@x.test", "b.1.+e@x.test", '"b 2+e"@x.test',
+    "e.1.@relay.test", '"e.1."@relay.test', "e.1.+e@relay.test", '"e 2"@relay.test', "zz@relay.test",
+    "m.1.@vm.test", '"m 2+e"@vm.test', "zz@vm.test",
+    "c.1.@x.test", '"c 2+e"@x.test',
+]
+MAP_PROBES = ([("s@x.test", rcpt, "To: x@x.test\r\n", False) for rcpt in MAP_RECIPIENTS]
+              + [(sender, "r@x.test", "To: x@x.test\r\n", False) for sender in ("s.1.@x.test", '"s 2+e"@x.test')])
+
+
+async def test_maps_are_asked_in_the_form_postfix_asks_each(mailflow_server):
+    """Each map's keys in Postfix's form for it (docs/config.md, "The form of table keys"): the RCPT reply (transport
+    error, relocated, unknown in the relay or virtual mailbox table), the BCC copy, the canonical address."""
+    async with smtp_sink() as (pf_sink, pf_dump), smtp_sink() as (mf_sink, mf_dump):
+        sink = f"smtp:[127.0.0.1]:{pf_sink}"
+        async with postfix_instance({
+            **COMMON, "mydestination": "local.test", "local_recipient_maps": "", "relay_domains": "relay.test",
+            "virtual_mailbox_domains": "vm.test", "relayhost": f"[127.0.0.1]:{pf_sink}", "local_transport": sink,
+            "virtual_transport": sink, "relay_transport": sink, "recipient_delimiter": "+", **MAPS,
+        }) as pf:
+            postfix = await run(pf.port, pf_dump, MAP_PROBES)
+        sink = f"smtp:[127.0.0.1]:{mf_sink}"
+        mf = await mailflow_server(
+            **COMMON, mydestination=["local.test"], local_recipient_maps=[], relay_domains=["relay.test"],
+            virtual_mailbox_domains=["vm.test"], relayhost=f"[127.0.0.1]:{mf_sink}", local_transport=sink,
+            virtual_transport=sink, relay_transport=sink, mynetworks=["127.0.0.0/8"], recipient_delimiter="+",
+            **{name: [spec] for name, spec in MAPS.items()})
+        mailflow = await run(mf.smtp_addresses[0][1], mf_dump, MAP_PROBES)
+    assert differences_of(MAP_PROBES, postfix, mailflow) == {}
+    # the edges themselves: each internal-form key found where Postfix finds it, the canonical one not
+    by_rcpt = {probe[1]: postfix[i] for i, probe in enumerate(MAP_PROBES[:len(MAP_RECIPIENTS)])}
+    assert [by_rcpt[a][0] for a in ("t.1.+e@x.test", '"t 2+e"@x.test', "r.1.@local.test", "zz@relay.test",
+                                    "zz@vm.test")] == [(250, 550)] * 5
+    assert [by_rcpt[a][0] for a in ("e.1.+e@relay.test", "m.1.@vm.test", "b.1.+e@x.test", "c.1.@x.test")] == [
+        (250, 250, 250)] * 4
+    assert "<rbcc1@y.test> ORCPT=rfc822;rbcc1@y.test NOTIFY=NEVER" in by_rcpt["b.1.+e@x.test"][1][1]
+    assert by_rcpt["c.1.@x.test"][1][1] == ['<"c.1."@x.test> ORCPT=rfc822;c.1.@x.test']  # not canonical-mapped
+    assert "<sbcc1@y.test> ORCPT=rfc822;sbcc1@y.test NOTIFY=NEVER" in postfix[len(MAP_RECIPIENTS)][1][1]

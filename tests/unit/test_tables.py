@@ -14,7 +14,8 @@ import pytest
 from mailflow.errors import ConfigError, LookupRetry
 from mailflow.tables import cidr as cidr_module
 from mailflow.tables import TableCache, lookup_address, lookup_local, open_table, split_extension
-from mailflow.tables.search import address_keys, mapped_addresses
+from mailflow.tables.search import (EXTERNAL_FIRST, address_keys, address_search, local_part_keys,
+                                     mapped_addresses)
 from tests.support import eventually, require_tool
 
 
@@ -749,3 +750,24 @@ def test_mapped_addresses_is_postfix_mail_addr_map(addr, key, value, propagate, 
 ])
 def test_address_keys_split_the_extension_as_postfix_does(addr, local_domain, keys):
     assert address_keys(addr, delimiter="+", local_domain=local_domain) == keys
+
+
+@pytest.mark.parametrize("addr, local_domain, keys", [
+    ("joe+x@a.test", True, ["joe+x@a.test", "joe@a.test", "joe+x", "joe", "@a.test"]),
+    ('"a b+x"@a.test', False, ['"a b+x"@a.test', "a b+x@a.test", '"a b"@a.test', "a b@a.test", "@a.test"]),
+    ('"r.1."@a.test', True, ['"r.1."@a.test', "r.1.@a.test", '"r.1."', "r.1.", "@a.test"]),
+    # `r.1.+e` is a dot-atom: Postfix's quoting leaves it bare, so its one form is asked once
+    ('"r.1.+e"@a.test', False, ["r.1.+e@a.test", '"r.1."@a.test', "r.1.@a.test", "@a.test"]),
+])
+def test_address_keys_in_the_legacy_form_ask_each_key_quoted_then_internal(addr, local_domain, keys):
+    """mail_addr_find's legacy form (MA_FORM_EXTERNAL_FIRST): relay_recipient_maps, virtual_mailbox_maps,
+    relocated_maps, the bcc maps and the others Postfix asks with mail_addr_find (review of hunt-quote #2)."""
+    assert address_keys(addr, delimiter="+", local_domain=local_domain, form=EXTERNAL_FIRST) == keys
+    assert address_search(addr, delimiter="+", form=EXTERNAL_FIRST)[1] == ((0, 1) if keys[0][0] == '"' else (0,))
+
+
+def test_local_part_keys_ask_quoted_then_internal():
+    assert local_part_keys('"al 1+x"', delimiter="+", form=EXTERNAL_FIRST) == ['"al 1+x"', "al 1+x", '"al 1"',
+                                                                                "al 1"]
+    assert local_part_keys('"al.1.+x"', delimiter="+", form=EXTERNAL_FIRST) == ["al.1.+x", '"al.1."', "al.1."]
+    assert local_part_keys("joe+x", delimiter="+", form=EXTERNAL_FIRST) == ["joe+x", "joe"]

@@ -46,7 +46,22 @@ def test_each_key_is_asked_of_every_table_before_the_next_key():
 
 
 def test_transport_keys():
-    assert transport_keys("u+t@a.b.c", "+") == ["u+t@a.b.c", "u@a.b.c", "a.b.c", ".b.c", ".c", "*"]
+    assert transport_keys("u+t@a.b.c", "+") == (["u+t@a.b.c", "u@a.b.c", "a.b.c", ".b.c", ".c", "*"], (0,))
+
+
+def test_transport_keys_split_the_extension_off_the_internal_form_and_ask_both_forms():
+    """Postfix's transport.c asks mail_addr_find in its legacy form: quoted, then internal; the extension is split
+    off the internal form (`"t 2+e"@x.test` asks `"t 2"@x.test`, not `"t 2@x.test`: review of hunt-quote #1)."""
+    assert transport_keys('"t 2+e"@x.test', "+") == (
+        ['"t 2+e"@x.test', "t 2+e@x.test", '"t 2"@x.test', "t 2@x.test", "x.test", ".test", "*"], (0, 1))
+    assert transport_keys('"t.1."@x.test', "+")[0][:2] == ['"t.1."@x.test', "t.1.@x.test"]
+
+
+@pytest.mark.parametrize("addr, value", [('"t 2+e"@x.test', "quoted:"), ('"t.1."@x.test', "internal:"),
+                                         ('"t.1.+e"@x.test', "internal:")])
+def test_transport_maps_find_quoted_and_internal_keys(addr, value):
+    tables = ['inline:{ {"t 2"@x.test = quoted:}, {t.1.@x.test = internal:} }']
+    assert rewriter(transport_maps=tables).resolve(addr).transport == value.rstrip(":")
 
 
 def test_a_failing_transport_table_raises_retry_never_not_found():

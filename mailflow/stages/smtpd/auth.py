@@ -54,6 +54,7 @@ from mailflow.logs import SmtpdLog, printable
 from mailflow.passwords import hash_password, parse_hash, verify_password  # noqa: F401 (re-exported)
 from mailflow.stages.smtpd.dovecot_auth import DovecotAuth, Unavailable
 from mailflow.tables import Table, find_address
+from mailflow.tables.search import EXTERNAL_FIRST
 
 log = logging.getLogger("mailflow.smtpd")
 
@@ -293,7 +294,8 @@ class SenderLogins:
 
     def owners(self, sender: str) -> set[str] | None:
         """The logins the maps give for `sender` (lower case), or None when no map lists it. Raises LookupRetry."""
-        found = find_address(self._tables, sender, delimiter=self._delimiter) if self._tables else None
+        found = (find_address(self._tables, sender, delimiter=self._delimiter, form=EXTERNAL_FIRST)
+                 if self._tables else None)
         if found is None:
             return None
         _table, _key, value = found

@@ -119,7 +119,8 @@ from mailflow.stages.smtpd.tls import ClientCert
 from mailflow.stages.verify import Status as VerifyStatus
 from mailflow.stages.verify import Verifier
 from mailflow.syntax import is_postfix_ipv4
-from mailflow.tables import TableCache, find, split_extension
+from mailflow.tables import TableCache, find
+from mailflow.tables.search import EXTERNAL_FIRST, address_search
 from mailflow.tables.networks import NetworkList
 
 if TYPE_CHECKING:  # (the filters' libraries load only when a filter is configured)
@@ -287,40 +288,16 @@ def address_access_keys(addr: str, delimiter: str) -> list[str]:
     which Postfix's access maps never ask (a table shared with those must list the domain itself). Each key that
     holds the local part is asked in Postfix's quoting, then, where that differs, in internal form (`"w.1."@x`,
     then `w.1.@x`: mail_addr_find's legacy query form), the extension split off the internal form."""
+    return address_access_search(addr, delimiter)[0]
+
+
+def address_access_search(addr: str, delimiter: str) -> tuple[list[str], tuple[int, ...]]:
+    """`address_access_keys` and the indices of those that pattern tables are asked (Postfix's FULL lookups):
+    the whole address, in both of its forms when they differ (mailflow.tables.search.address_search)."""
     if not addr:
-        return [NULL_SENDER_KEY]
-    local, at, domain = addr.rpartition("@")
-    if not at:
-        local, domain = addr, ""
-    internal = address.internal_local(local) or address.unquoted_local(local) or local
-    user, ext = split_extension(internal, delimiter)
-    keys = []
-    if domain:
-        keys += _both_forms(internal, f"@{domain}")
-        if ext:
-            keys += _both_forms(user, f"@{domain}")
-        keys += domain_keys(domain)
-    keys += _both_forms(internal, "@")
-    if ext:
-        keys += _both_forms(user, "@")
-    return keys
-
-
-def address_full_keys(keys: list[str]) -> tuple[int, ...]:
-    """The indices of `address_access_keys` that pattern tables are asked (Postfix's FULL lookups): the whole
-    address, in both of its forms when they differ."""
-    return (0, 1) if len(keys) > 1 and keys[1] != keys[0] and _same_address(keys[0], keys[1]) else (0,)
-
-
-def _both_forms(internal: str, suffix: str) -> list[str]:
-    """A key in Postfix's quoting, then in internal form if that differs (`"a b"@x`, `a b@x`)."""
-    quoted = address.quoted_local(internal) + suffix
-    return [quoted] if quoted == internal + suffix else [quoted, internal + suffix]
-
-
-def _same_address(quoted: str, internal: str) -> bool:
-    local, _, domain = quoted.rpartition("@")
-    return internal == f"{address.unquoted_local(local)}@{domain}"
+        return [NULL_SENDER_KEY], (0,)
+    return address_search(addr, delimiter=delimiter, form=EXTERNAL_FIRST, at_domain=False, domains=domain_keys,
+                          localpart_at=True)
 
 
 def is_fqdn_address(addr: str) -> bool:
@@ -760,11 +737,9 @@ class Restrictions:
     async def _access(self, kind: str, spec: str, stage: str, facts: Facts):
         if kind == "ccert":
             return await self._certificate_access(spec, stage, facts)
-        keys, name, what = self._access_keys(kind, facts)
+        keys, full, name, what = self._access_keys(kind, facts)
         if keys is None:
             return None
-        full = (client_full_keys(facts.client_name) if kind == "client" else
-                address_full_keys(keys) if kind in ("sender", "recipient") else (0,))
         try:
             found = await self._find(spec, keys, full)
         except LookupRetry as e:
@@ -797,33 +772,36 @@ class Restrictions:
                 return answer
         return None
 
-    def _access_keys(self, kind: str, facts: Facts) -> tuple[list[str] | None, str, str]:
+    def _access_keys(self, kind: str, facts: Facts) -> tuple[list[str] | None, tuple[int, ...], str, str]:
+        """(keys, the indices of the FULL ones, name, what) of an access item; keys None: nothing to ask."""
         if kind == "client":
-            return (client_keys(facts.client_addr, facts.client_name),
+            return (client_keys(facts.client_addr, facts.client_name), client_full_keys(facts.client_name),
                     facts.client, "Client host")
         if kind == "helo":
-            return (domain_keys(facts.helo) if facts.helo else None), facts.helo, "Helo command"
+            return (domain_keys(facts.helo) if facts.helo else None), (0,), facts.helo, "Helo command"
         if kind == "etrn":
-            return (domain_keys(facts.etrn_domain) if facts.etrn_domain else None), facts.etrn_domain, SUBJECT["etrn"]
+            return ((domain_keys(facts.etrn_domain) if facts.etrn_domain else None), (0,), facts.etrn_domain,
+                    SUBJECT["etrn"])
         if kind == "sasl":  # (Postfix: only with AUTH on the listener; else the item is ignored, logged)
             if not self._smtpd.sasl_auth_enable:
                 log.warning("restriction `check_sasl_access' ignored: no SASL support")
             if not (facts.sasl_username and self._smtpd.sasl_auth_enable):
-                return None, "", ""
-            return [facts.sasl_username], printable(facts.sasl_username, "_"), SUBJECT["sasl"]
+                return None, (0,), "", ""
+            return [facts.sasl_username], (0,), printable(facts.sasl_username, "_"), SUBJECT["sasl"]
         if kind == "sender":
             if facts.sender is None:
-                return None, "", ""
-            return self._address_keys(facts.sender), facts.sender, "Sender address"
+                return None, (0,), "", ""
+            return *self._address_keys(facts.sender), facts.sender, "Sender address"
         if not facts.recipient:
-            return None, "", ""
-        return self._address_keys(facts.recipient), facts.recipient, "Recipient address"
+            return None, (0,), "", ""
+        return *self._address_keys(facts.recipient), facts.recipient, "Recipient address"
 
-    def _address_keys(self, addr: str) -> list[str]:
-        """The access keys of the address as Postfix's check_mail_access resolves it first: qualified (`user` is
-        `user@myorigin`), the percent hack applied while the domain is local; the null sender stays `<>`."""
+    def _address_keys(self, addr: str) -> tuple[list[str], tuple[int, ...]]:
+        """The access keys (and FULL indices) of the address as Postfix's check_mail_access resolves it first:
+        qualified (`user` is `user@myorigin`), the percent hack applied while the domain is local; the null
+        sender stays `<>`."""
         resolved = self._rewriter.resolved_address(addr) if addr else addr
-        return address_access_keys(resolved, self._config.recipient_delimiter)
+        return address_access_search(resolved, self._config.recipient_delimiter)
 
     async def action(self, value: str, name: str, what: str, facts: Facts, *, source: str, stage: str):
         """An access(5) action (a table's value or a policy server's answer): PERMIT, a Reply or None. A value
