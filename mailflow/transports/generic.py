@@ -44,7 +44,10 @@ the addresses do (Postfix writes a changed field anew, folded its own way). A he
 HEADER_READ_LIMIT goes unchanged (a warning under the queue id says so). A DKIM signature made before (cleanup
 signs mail this host sends) covers From, and Sender, Reply-To, To, Cc and the Resent-* fields when present (dkimpy's
 default signed fields), so rewriting one breaks the signature: sign with the mapped
-addresses (or map before signing), as Postfix's documentation warns too.
+addresses (or map before signing), as Postfix's documentation warns too. A header address with a source route
+(`<@r.test:a@z.test>`) is looked up as Postfix's smtp_map11 asks it, the route part of its local part
+(`"@r.test:a"@z.test`: only an `@domain` key finds it); a result goes out without the route (`<a@w.test>`), and
+no result leaves the address as it is, route and all.
 """
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, NoReturn
 
-from mailflow.address import has_unsafe_characters, printable
+from mailflow.address import has_unsafe_characters, internal_local, printable, quoted_local, unquoted_local
 from mailflow.errors import LookupRetry
 from mailflow.header_addresses import rewrite_address_fields
 from mailflow.message import HEADER_READ_LIMIT, read_header
@@ -178,7 +181,15 @@ class GenericMaps:
         utf8_results: list[str] = []
 
         def in_header(addr: str) -> str:
-            sent = mapped(addr)
+            route, bare = _route_split(addr)
+            if route:
+                key = _route_key(route, bare)
+                sent = mapped(key)
+                if sent == key:
+                    return addr  # no result: the address as it is, its route too
+                sent = _without_route(sent)
+            else:
+                sent = mapped(addr)
             if sent != addr and not sent.isascii():
                 utf8_results.append(sent)
             return sent
@@ -201,3 +212,28 @@ class GenericMaps:
             head = queued
         new_head = rewrite_address_fields(head, mapped, mapped)
         return None if new_head == queued else (len(queued), new_head)
+
+
+def _route_split(addr: str) -> tuple[str, str]:
+    """(`@a,@b:`, the address after it) of a header address with a source route; ("", addr) without one."""
+    if addr.startswith("@") and ":" in addr:
+        end = addr.index(":") + 1
+        return addr[:end], addr[end:]
+    return "", addr
+
+
+def _route_key(route: str, bare: str) -> str:
+    """The address Postfix's smtp_map11 looks up for a routed header address: the route is part of its internal
+    form's local part (`@r.test:a b@z.test`), quoted as a whole (`"@r.test:a b"@z.test`)."""
+    local, _, domain = bare.rpartition("@")
+    return f"{quoted_local(route + (internal_local(local) or unquoted_local(local) or local))}@{domain}"
+
+
+def _without_route(addr: str) -> str:
+    """A result written as Postfix's smtp writes a header address it mapped: a route inside its local part
+    (`"@r.test:a"@w.test`, from an `@domain` value) dropped (`a@w.test`)."""
+    local, _, domain = addr.rpartition("@")
+    inner = unquoted_local(local)
+    if inner is None or not inner.startswith("@") or ":" not in inner:
+        return addr
+    return f"{quoted_local(inner[inner.index(':') + 1:])}@{domain}"

@@ -322,3 +322,26 @@ async def test_maps_are_asked_in_the_form_postfix_asks_each(mailflow_server):
     assert "<rbcc1@y.test> ORCPT=rfc822;rbcc1@y.test NOTIFY=NEVER" in by_rcpt["b.1.+e@x.test"][1][1]
     assert by_rcpt["c.1.@x.test"][1][1] == ['<"c.1."@x.test> ORCPT=rfc822;c.1.@x.test']  # not canonical-mapped
     assert "<sbcc1@y.test> ORCPT=rfc822;sbcc1@y.test NOTIFY=NEVER" in postfix[len(MAP_RECIPIENTS)][1][1]
+
+
+# smtp_generic_maps and a header's source route, from a client whose header addresses cleanup leaves alone
+GENERIC = 'inline:{ {u@x.test = v@y.test}, {@z.test = @w.test} }'
+GENERIC_PROBES = [("s@x.test", "r@x.test", head, False) for head in (
+    "To: <@r.test:u@x.test>\r\nCc: <@r.test:a@z.test>\r\n", 'Cc: <@r.test:"a b"@z.test>, <@q.test:u@z.test>\r\n',
+    "To: <u@x.test>\r\nCc: x@z.test\r\n")]
+
+
+async def test_generic_maps_ask_a_routed_header_address_as_postfix_does(mailflow_server):
+    """Postfix's smtp_map11 asks the route as part of the local part (`"@r.test:u"@x.test`: only `@domain` finds
+    it) and writes a result without the route (`<a@w.test>`); no result leaves the address, route and all."""
+    async with smtp_sink() as (pf_sink, pf_dump), smtp_sink() as (mf_sink, mf_dump):
+        async with postfix_instance({**COMMON, "relayhost": f"[127.0.0.1]:{pf_sink}", "smtp_generic_maps": GENERIC,
+                                     "local_header_rewrite_clients": ""}) as pf:
+            postfix = await run(pf.port, pf_dump, GENERIC_PROBES)
+        mf = await mailflow_server(**COMMON, relayhost=f"[127.0.0.1]:{mf_sink}", mynetworks=["127.0.0.0/8"],
+                                   smtp={"generic_maps": [GENERIC]}, local_header_rewrite_clients=())
+        mailflow = await run(mf.smtp_addresses[0][1], mf_dump, GENERIC_PROBES)
+    assert differences_of(GENERIC_PROBES, postfix, mailflow) == {}
+    assert postfix[0][1][2] == (("To", "<@r.test:u@x.test>"), ("Cc", "<a@w.test>"))
+    assert postfix[1][1][2] == (("Cc", '<"a b"@w.test>, <u@w.test>'),)
+    assert postfix[2][1][2] == (("To", "<v@y.test>"), ("Cc", "x@w.test"))
