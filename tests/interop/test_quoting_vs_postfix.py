@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import SmtpClient, eventually, postfix_instance
+from tests.support import SmtpClient, eventually, postfix_instance, queue_becomes
 from tests.support.postfix import dumped_messages, smtp_sink
 
 pytestmark = pytest.mark.interop
@@ -174,6 +174,7 @@ async def compare(mailflow_server, caplog, addresses: list[str]) -> tuple[dict, 
             local_transport=f"smtp:[127.0.0.1]:{mf_sink}", mynetworks=["127.0.0.0/8"], virtual_alias_maps=[VIRTUAL],
             recipient_delimiter="+", smtpd={"recipient_restrictions": [f"check_recipient_access {ACCESS}"]})
         mailflow = await run(mf.smtp_addresses[0][1], mf_dump, all_probes)
+        await queue_becomes(mf.store, {})
         mf_log = await delivery_lines(lambda: [r.getMessage() for r in caplog.records], delivered(mailflow))
     return postfix, mailflow, pf_log, mf_log
 
@@ -185,11 +186,21 @@ def delivered(results: dict) -> int:
 
 async def delivery_lines(texts, count: int) -> list[tuple[str, str]]:
     """The sorted (to, orig_to) pairs of the logs `texts()` gives, once there are `count` (the logs are written
-    after the sink has the mail)."""
+    after the sink has the mail); the caller has waited for an empty queue, so no line is still to come: one more
+    than `count` fails."""
     def found() -> list[tuple[str, str]] | None:
         pairs = sorted(m.groups("") for text in texts() for m in DELIVERY.finditer(text))
         return pairs if len(pairs) >= count else None
-    return await eventually(found, timeout=20, what=f"{count} delivery lines logged")
+    pairs = await eventually(found, timeout=20, what=f"{count} delivery lines logged")
+    assert len(pairs) == count, f"{len(pairs)} delivery lines logged, {count} expected: {pairs}"
+    return pairs
+
+
+async def test_delivery_lines_fail_on_a_line_more_than_delivered():
+    log = "to=<a@x.test>, relay=sink\nto=<b@x.test>, orig_to=<c@x.test>, relay=sink\n"
+    assert await delivery_lines(lambda: [log], 2) == [("a@x.test", ""), ("b@x.test", "c@x.test")]
+    with pytest.raises(AssertionError, match="2 delivery lines logged, 1 expected"):
+        await delivery_lines(lambda: [log], 1)
 
 
 def without_bang_paths(lines: list[tuple[str, str]]) -> list[tuple[str, str]]:
