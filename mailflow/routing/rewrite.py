@@ -297,8 +297,8 @@ class Rewriter:
             routed = self._routed_local_part(local) if at else None
             if routed is None and local == '""' and at:
                 routed = EMPTY_ADDRESS_RECIPIENT  # `""@here` is MAILER-DAEMON@here
-            if routed is None or not self.resolve_local(address.normalise_domain(domain)):
-                return current
+            if routed is None or (domain and not self.resolve_local(address.normalise_domain(domain))):
+                return current  # (no domain, `user@` of `user%`: routed on as local, as Postfix's resolve strips it)
             current = self.qualify(routed if "@" in routed else f"{routed}@{domain}")
         return current
 

@@ -356,3 +356,44 @@ async def test_generic_maps_ask_a_routed_header_address_as_postfix_does(mailflow
     assert postfix[0][1][2] == (("To", "<@r.test:u@x.test>"), ("Cc", "<a@w.test>"))
     assert postfix[1][1][2] == (("Cc", '<"a b"@w.test>, <u@w.test>'),)
     assert postfix[2][1][2] == (("To", "<v@y.test>"), ("Cc", "x@w.test"))
+
+
+# The percent hack's edges, from a client outside mynetworks: an empty user (`%x.test` is `@x.test`, taken) or an
+# empty domain (`a%b%` is `a%b@`, whose `@` Postfix's resolve strips as a local domain's, then `a@b`; `user%` is
+# `user@`: 501), and quoted local parts that open to them (relayed nowhere: 554)
+PERCENT_EDGES = ["user%@local.test", "%x.test@local.test", "a%b%@local.test", "u%x.test%@local.test",
+                 "u%x.test@local.test", "u%x@local.test", "u%.@local.test", '"u%"@local.test', '"%"@local.test',
+                 '"x@other.test@"@local.test', '"x%other.test%"@local.test', "%local.test@local.test"]
+
+
+async def percent_replies(port: int) -> list[tuple[str, ...]]:
+    """Per address: the MAIL reply's code and status, then RCPT's to it (after MAIL FROM:<s@x.test>)."""
+    out = []
+    for addr in PERCENT_EDGES:
+        client = await SmtpClient.connect(port)
+        try:
+            assert (await client.cmd("EHLO client.test")).code == 250
+            mail = (await client.cmd(f"MAIL FROM:<{addr}>")).text.split()[:2]
+            await client.cmd("RSET")
+            assert (await client.cmd("MAIL FROM:<s@x.test>")).code == 250
+            rcpt = (await client.cmd(f"RCPT TO:<{addr}>")).text.split()[:2]
+            out.append((addr, *mail, *rcpt))
+        finally:
+            await client.close()
+    return out
+
+
+async def test_the_percent_hack_s_empty_parts_answer_as_a_real_postfix(mailflow_server):
+    """MAIL and RCPT of each PERCENT_EDGES address, against Postfix 3.7.11 (review of hunt-quote #4)."""
+    local = {"mydestination": "local.test", "local_recipient_maps": ""}
+    async with postfix_instance({**COMMON, **local, "mynetworks": "192.0.2.0/24",
+                                 "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination"}) as pf:
+        postfix = await percent_replies(pf.port)
+    mf = await mailflow_server(**COMMON, mydestination=["local.test"], local_recipient_maps=[],
+                               mynetworks=["192.0.2.0/24"])
+    mailflow = await percent_replies(mf.smtp_addresses[0][1])
+    assert mailflow == postfix
+    by_address = {reply[0]: reply[1:] for reply in postfix}
+    assert by_address["%x.test@local.test"] == ("250", "2.1.0", "554", "5.7.1")  # `@x.test`: not ours
+    assert by_address["a%b%@local.test"][2] == by_address['"x@other.test@"@local.test'][2] == "554"
+    assert by_address["user%@local.test"] == ("501", "5.1.7", "501", "5.1.3")
