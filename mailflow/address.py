@@ -44,10 +44,13 @@ _DOT_ATOM = rf"{_ATOM}(?:\.{_ATOM})*"
 _QUOTED = r'"(?:[^\x00-\x1f"\\\x7f]|\\[\x20-\x7e])*"'  # qtext (\x20 \x21 \x23-\x5b \x5d-\x7e), non-ASCII
 _LOCAL_RE = re.compile(rf"(?:{_DOT_ATOM}|{_QUOTED})")
 # A local part as Postfix's tokenizer (tok822) takes one in an envelope or header address: atoms and quoted strings
-# joined by dots, a dot also first, last or doubled (`a."b c"`, `"a"."b"`, `a..b`, `.a`, `a.`); two words side by side
-# (`"a""b"`, `"a"b`) are two addresses to tok822_parse, which adds the comma they lack (smtpd: 501)
+# joined by dots or by the routing operators `%` and `!` (tok822 specials), a dot also first, last or doubled
+# (`a."b c"`, `"a"."b"`, `a..b`, `.a`, `a.`, `"a b"%here`, `x!"y z"`); two words side by side (`"a""b"`, `"a"b`) are
+# two addresses to tok822_parse, which adds the comma they lack (smtpd: 501). The atoms of _WORDS_RE leave the
+# operators out, so that no text matches two ways (linear time).
 _WORD = re.compile(rf"{_ATOM}|{_QUOTED}|\.")
-_WORDS_RE = re.compile(rf"(?:{_ATOM}|{_QUOTED})?(?:\.(?:{_ATOM}|{_QUOTED})?)*")
+_ATOM_NO_OPERATOR = r"""[^\x00-\x20"(),.:;<>@\[\\\]\x7f%!]+"""
+_WORDS_RE = re.compile(rf"(?:{_ATOM_NO_OPERATOR}|{_QUOTED})?(?:[.%!](?:{_ATOM_NO_OPERATOR}|{_QUOTED})?)*")
 _DOT_ATOM_RE = re.compile(_DOT_ATOM)
 _QUOTED_PAIR = re.compile(r"\\(.)")
 # A label as Postfix's valid_hostname takes it: letters, digits, hyphens inside, and underscores anywhere (real

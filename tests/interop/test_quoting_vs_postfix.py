@@ -366,10 +366,18 @@ PERCENT_EDGES = ["user%@local.test", "%x.test@local.test", "a%b%@local.test", "u
                  '"x@other.test@"@local.test', '"x%other.test%"@local.test', "%local.test@local.test"]
 
 
-async def percent_replies(port: int) -> list[tuple[str, ...]]:
+# `%` and `!` join words as a dot does (tok822 specials): `"a b"%local.test` is `a b%local.test`, routed on from a
+# local domain (`"a"%"b"@local.test` is relaying to b: 554); `"a"+"b"` and `a"b"` are still two words side by side
+WORD_JOINS = ['"a b"%local.test@local.test', '"a"!b@local.test', 'x!"y z"@local.test', '"a"%"b"@local.test',
+              'x%"y z"@local.test', '"a b"%local.test', '"a"!"b"@local.test', '"a"+"b"@local.test', 'a"b"@local.test',
+              '"x@other.test"%local.test@local.test', 'x%"other.test"@local.test', '"a b"!x%"c d"@local.test',
+              '"a"%"b".%local.test@local.test']
+
+
+async def percent_replies(port: int, addresses: list[str]) -> list[tuple[str, ...]]:
     """Per address: the MAIL reply's code and status, then RCPT's to it (after MAIL FROM:<s@x.test>)."""
     out = []
-    for addr in PERCENT_EDGES:
+    for addr in addresses:
         client = await SmtpClient.connect(port)
         try:
             assert (await client.cmd("EHLO client.test")).code == 250
@@ -383,17 +391,24 @@ async def percent_replies(port: int) -> list[tuple[str, ...]]:
     return out
 
 
-async def test_the_percent_hack_s_empty_parts_answer_as_a_real_postfix(mailflow_server):
-    """MAIL and RCPT of each PERCENT_EDGES address, against Postfix 3.7.11 (review of hunt-quote #4)."""
+@pytest.mark.parametrize("addresses", [PERCENT_EDGES, WORD_JOINS], ids=["percent-edges", "word-joins"])
+async def test_the_percent_hack_s_edges_answer_as_a_real_postfix(mailflow_server, addresses):
+    """MAIL and RCPT of each address, from a client outside mynetworks, against Postfix 3.7.11 (review of hunt-quote
+    #4, #5): the codes and statuses; none is relayed where Postfix refuses it."""
     local = {"mydestination": "local.test", "local_recipient_maps": ""}
     async with postfix_instance({**COMMON, **local, "mynetworks": "192.0.2.0/24",
                                  "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination"}) as pf:
-        postfix = await percent_replies(pf.port)
+        postfix = await percent_replies(pf.port, addresses)
     mf = await mailflow_server(**COMMON, mydestination=["local.test"], local_recipient_maps=[],
                                mynetworks=["192.0.2.0/24"])
-    mailflow = await percent_replies(mf.smtp_addresses[0][1])
+    mailflow = await percent_replies(mf.smtp_addresses[0][1], addresses)
     assert mailflow == postfix
     by_address = {reply[0]: reply[1:] for reply in postfix}
+    if addresses is WORD_JOINS:
+        assert by_address['"a b"%local.test@local.test'][2:] == ("250", "2.1.5")
+        assert by_address['"a"%"b"@local.test'][2:] == by_address['x!"y z"@local.test'][2:] == ("554", "5.7.1")
+        assert by_address['"a"+"b"@local.test'][2:] == ("501", "5.1.3")
+        return
     assert by_address["%x.test@local.test"] == ("250", "2.1.0", "554", "5.7.1")  # `@x.test`: not ours
     assert by_address["a%b%@local.test"][2] == by_address['"x@other.test@"@local.test'][2] == "554"
     assert by_address["user%@local.test"] == ("501", "5.1.7", "501", "5.1.3")
