@@ -59,13 +59,15 @@ def address_search(address: str, *, delimiter: str, form: str = EXTERNAL, local_
     local, at, domain = address.rpartition("@")
     if not at:
         local, domain = address, ""
-    if '"' in local:  # (a plain local part is its own internal form and quoting: no regex for it)
+    if '"' in local:
         internal = internal_local(local) or _plain_local(local)
         quoted = quoted_local(internal)
-    else:
+    else:  # a plain local part (a dot-atom) is its own internal form and quoting: no regex for it
         internal = quoted = local
     user, ext = split_extension(internal, delimiter)
-    quoted_user = quoted_local(user) if ext else ""
+    quoted_user = ""
+    if ext:  # (the user of a dot-atom is one too, unless it ends with the dot before the delimiter)
+        quoted_user = user if quoted == internal and not user.endswith(".") else quoted_local(user)
     keys: list[str] = []
     if at:
         keys += _forms(internal, quoted, f"@{domain}", form)
