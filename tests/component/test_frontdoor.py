@@ -207,6 +207,14 @@ def test_sender_login_rules_without_and_with_maps():
     assert maps.refusal("", alice) is None  # the null sender
 
 
+def test_sender_login_maps_are_asked_quoted_then_internal():
+    """smtpd_sender_login_maps: Postfix's check_mail_addr_find, mail_addr_find's legacy form (docs/config.md)."""
+    maps = SenderLogins([InlineTable("inline:t", {"s.1.@x.test": "sam", '"s 2"@x.test': "sue"})], resolve=str,
+                        delimiter="+")
+    assert maps.owners('"s.1."@x.test') == maps.owners('"s.1.+e"@x.test') == {"sam"}
+    assert maps.owners('"s 2+e"@x.test') == {"sue"}
+
+
 # ---------------------------------------------------------------------------------------------- slow-down
 
 
