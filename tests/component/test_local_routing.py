@@ -150,7 +150,8 @@ async def test_luser_relay_resends_to_a_remote_address(tmp_path):
     [result] = (await t.deliver(request("Ghost@example.test"))).results
     [result2] = (await t.deliver(request("ghost+Tag@example.test"))).results
     assert result.outcome is result2.outcome is Outcome.SENT
-    assert sent == [("ghost.ghost.none@elsewhere.test",), ("ghost+x.ghost+tag.@elsewhere.test",)]
+    # a local part that ends with a dot is no dot-atom: written in quotes, as Postfix's quote_822_local writes it
+    assert sent == [("ghost.ghost.none@elsewhere.test",), ('"ghost+x.ghost+tag."@elsewhere.test',)]
 
 
 async def test_discard_as_fallback_transport(tmp_path):
