@@ -5,7 +5,7 @@ are in tests/conftest.py and build on these.
 - dialogue: `SmtpClient` (the raw SMTP dialogue client) and its `Reply`; `rcpt_reply`, `rcpt_until`, `send`,
   `half_client_hello`.
 - waiting: `eventually` (bounded polling that fails with a message), `queue_becomes`, `lines_logged`, `sessions_over`,
-  `ScanWatch` (qmgr's scans, to say "passed over" without a fixed sleep), `LoopLag` (what work cost the loop).
+  `timed` and `as_prompt_as` (a wait for a server timer bounded by Postfix's in the same run), `ScanWatch` (qmgr's scans, to say "passed over" without a fixed sleep), `LoopLag` (what work cost the loop).
 - transports: `RecordingTransport`, `ScriptedTransport` (with `always`), `BlockingTransport`: fake delivery agents.
 - clocks: `RecordingClock` (a VirtualClock that records its sleeps), `qmgr_turn` (qmgr has run a whole turn).
 - ports: `free_port`, `accepts`, `LOOPBACK_NAME`, `LOOPBACK_CLIENT` (how smtpd names a client on 127.0.0.1).
@@ -40,10 +40,11 @@ from tests.support.scripts import ScriptDir, script_dir
 from tests.support.servers import ServerProcess, ServerThread, base_settings, merged, queue_counts, to_toml
 from tests.support.tools import require_tool, run_tool
 from tests.support.transports import BlockingTransport, RecordingTransport, ScriptedTransport, always
-from tests.support.waiting import LoopLag, ScanWatch, eventually, lines_logged, queue_becomes, sessions_over
+from tests.support.waiting import (LoopLag, ScanWatch, as_prompt_as, eventually, lines_logged, queue_becomes,
+                                  sessions_over, timed)
 
 __all__ = [
-    "LOOPBACK_CLIENT", "LOOPBACK_NAME", "BlockingTransport", "CaptureHandler", "CapturePeer", "Captured", "Chromium",
+    "LOOPBACK_CLIENT", "LOOPBACK_NAME", "as_prompt_as", "timed", "BlockingTransport", "CaptureHandler", "CapturePeer", "Captured", "Chromium",
     "Dovecot", "LoopLag", "RecordingClock",
     "RecordingTransport", "Reply", "ScanWatch", "ScriptDir", "ScriptedTransport", "ServerProcess", "ServerThread",
     "SmtpClient",
