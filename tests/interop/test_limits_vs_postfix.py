@@ -25,8 +25,8 @@ import ssl
 import pytest
 
 from tests.support.milters import reply, scripted_milter
-from tests.support import (LOOPBACK_CLIENT, SmtpClient, accepts, eventually, free_port, half_client_hello,
-                           postfix_instance, sessions_over)
+from tests.support import (LOOPBACK_CLIENT, SmtpClient, accepts, as_prompt_as, eventually, free_port,
+                           half_client_hello, postfix_instance, sessions_over)
 from tests.support.maillog import library_reason
 
 pytestmark = pytest.mark.interop
@@ -301,10 +301,10 @@ async def test_timeouts_match_a_real_postfix(mailflow_server, caplog):
         "timeout after BDAT (N bytes)", "lost connection after DATA (17 bytes)"]]
 
 
-async def stalled_handshake(port: int, starttls: bool, sent: bytes) -> tuple[str, str, bool]:
+async def stalled_handshake(port: int, starttls: bool, sent: bytes) -> tuple[str, str, float]:
     """A client that starts a TLS handshake (after STARTTLS, or at once on an implicit-TLS port), sends `sent` of it
-    and then nothing: what the server sends after that, and whether it closed the connection between 1.5 and 15 s
-    later (smtpd_timeout 1 s, smtpd_starttls_timeout 2 s)."""
+    and then nothing: what the server sends after that, and how many seconds later it closed the connection
+    (smtpd_timeout 1 s, smtpd_starttls_timeout 2 s)."""
     c = await SmtpClient.connect(port, greet=starttls)
     if starttls:
         assert (await c.cmd("EHLO client.test")).code == 250
@@ -314,12 +314,10 @@ async def stalled_handshake(port: int, starttls: bool, sent: bytes) -> tuple[str
     rest = await c.rest()
     waited = asyncio.get_running_loop().time() - started
     await c.close()
-    # (a timer never fires early, but on a loaded machine it fires late: the upper bound is far from 2 s, and far
-    # below the 300 s of Postfix's default smtpd_starttls_timeout)
-    return "STARTTLS" if starttls else "implicit", rest.decode("ascii", "replace"), 1.5 < waited < 15
+    return "STARTTLS" if starttls else "implicit", rest.decode("ascii", "replace"), waited
 
 
-async def stalled_handshakes(port: int, implicit_port: int) -> list[tuple[str, str, bool]]:
+async def stalled_handshakes(port: int, implicit_port: int) -> list[tuple[str, str, float]]:
     return list(await asyncio.gather(*(stalled_handshake(p, p == port, sent)
                                        for p in (port, implicit_port) for sent in (b"", half_client_hello()))))
 
@@ -357,22 +355,26 @@ async def test_a_stalled_tls_handshake_ends_as_with_a_real_postfix(mailflow_serv
             "max_sessions": 2, "client_connection_count_limit": 2})  # as many as the stalled sessions of a listener
         port, implicit_port = mf.smtp_addresses[0][1], mf.smtpd.address_of("submissions")[1]
 
-        async def postfix_side() -> tuple[list[tuple[str, str, bool]], str]:
-            await eventually(lambda: "disconnect from" in pf.maillog, what="the readiness probe's end")
-            probe = len(pf.maillog)
+        async def postfix_side() -> tuple[list[tuple[str, str, float]], str]:
+            probe = await pf.sessions_ended()
             stalled = await stalled_handshakes(pf.port, pf_implicit_port)
             await eventually(lambda: len(pf_handshake_ends(pf.maillog[probe:])) >= 12,
                              what="Postfix's lines")
             return stalled, pf.maillog[probe:]
 
-        async def mailflow_side() -> list[tuple[str, str, bool]]:
+        async def mailflow_side() -> list[tuple[str, str, float]]:
             stalled = await stalled_handshakes(port, implicit_port)
             await sessions_over(mf)
             return stalled
 
         # each server times its own sessions: the two run at once
         (postfix, pf_log), mailflow = await asyncio.gather(postfix_side(), mailflow_side())
-    assert mailflow == postfix
+    assert [end[:2] for end in mailflow] == [end[:2] for end in postfix]
+    # a timer never fires early; on a loaded machine it fires late, as late on both sides (they run at once):
+    # mailflow's close is bounded by Postfix's in the same run (a starttls_timeout 3x too long fails)
+    for (way, _, mf_waited), (_, _, pf_waited) in zip(mailflow, postfix):
+        assert mf_waited > 1.5 and pf_waited > 1.5, (mailflow, postfix)
+        as_prompt_as(mf_waited, pf_waited, f"the close of a stalled handshake ({way})")
     assert mf_handshake_ends(caplog) == pf_handshake_ends(pf_log)
     # their slots and per-client counts were given back: two sessions at once are admitted again, on each listener
     clients = [await SmtpClient.connect(p, tls=ctx if p == implicit_port else None)
@@ -380,7 +382,7 @@ async def test_a_stalled_tls_handshake_ends_as_with_a_real_postfix(mailflow_serv
     for c in clients:
         await leave(c)
     # Postfix's own, so that a change on both sides cannot pass unnoticed
-    assert postfix == [(way, "", True) for way in ("STARTTLS", "STARTTLS", "implicit", "implicit")]
+    assert [end[:2] for end in postfix] == [(way, "") for way in ("STARTTLS", "STARTTLS", "implicit", "implicit")]
     assert pf_handshake_ends(pf_log) == sorted(
         [f"SSL_accept error from {LOOPBACK_CLIENT}: Connection timed out"] * 4
         + [f"lost connection after {where} from {LOOPBACK_CLIENT}" for where in ("STARTTLS", "CONNECT") * 2]
@@ -529,7 +531,12 @@ async def test_starttls_then_the_end_of_input_is_answered_and_logged_as_by_a_rea
 
         # the clients run in threads, one server each: the two run at once
         (postfix, pf_log), mailflow = await asyncio.gather(postfix_side(), mailflow_side())
-    assert mailflow == postfix
+    assert [end[:2] for end in mailflow] == [end[:2] for end in postfix]
+    # a timer never fires early; on a loaded machine it fires late, as late on both sides (they run at once):
+    # mailflow's close is bounded by Postfix's in the same run (a starttls_timeout 3x too long fails)
+    for (way, _, mf_waited), (_, _, pf_waited) in zip(mailflow, postfix):
+        assert mf_waited > 1.5 and pf_waited > 1.5, (mailflow, postfix)
+        as_prompt_as(mf_waited, pf_waited, f"the close of a stalled handshake ({way})")
     assert mf_handshake_ends(caplog) == pf_handshake_ends(pf_log)
     # Postfix's own, so that a change on both sides cannot pass unnoticed
     assert postfix == ["220 2.0.0\n", "500 5.5.2\n220 2.0.0\n"]
