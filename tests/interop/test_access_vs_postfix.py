@@ -74,15 +74,14 @@ async def run_sessions(port: int) -> dict[str, list[str]]:
     got = {}
     for kind in KINDS:
         for n, name in enumerate(ACTIONS, start=1):
-            client = await SmtpClient.connect(port)
-            replies = [await client.cmd(command) for command in probe_session(kind, n, name)][-2:]
-            if replies[-1].code == 250:
-                assert (await client.cmd("DATA")).code == 354
-                content = f"Subject: {kind} {name}\r\n\r\nbody\r\n.".encode()
-                queued = await client.cmd(content)
-                replies.append(queued.code if queued.code != 250 else 250)
+            async with await SmtpClient.connect(port) as client:
+                replies = [await client.cmd(command) for command in probe_session(kind, n, name)][-2:]
+                if replies[-1].code == 250:
+                    assert (await client.cmd("DATA")).code == 354
+                    content = f"Subject: {kind} {name}\r\n\r\nbody\r\n.".encode()
+                    queued = await client.cmd(content)
+                    replies.append(queued.code if queued.code != 250 else 250)
             got[f"{kind} {name}"] = [r if isinstance(r, int) else r.text for r in replies]
-            await client.close()
     return got
 
 
@@ -317,12 +316,11 @@ async def send_contents(port: int) -> dict[str, str]:
     """Each message's reply at the end of DATA (the queue id masked)."""
     got = {}
     for name, (head, body) in CONTENT.items():
-        client = await SmtpClient.connect(port)
-        for command in ("EHLO client.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<plain@relay.test>", "DATA"):
-            await client.cmd(command)
-        reply = await client.cmd(f"{head}\r\n{body}.".encode())
+        async with await SmtpClient.connect(port) as client:
+            for command in ("EHLO client.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<plain@relay.test>", "DATA"):
+                await client.cmd(command)
+            reply = await client.cmd(f"{head}\r\n{body}.".encode())
         got[name] = "250 queued" if reply.code == 250 else reply.text
-        await client.close()
     return got
 
 

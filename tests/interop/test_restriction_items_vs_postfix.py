@@ -152,14 +152,13 @@ async def replay(port: int) -> dict[str, list[str]]:
     """Each session's replies (a HELO or EHLO reply as its code only)."""
     got = {}
     for name, commands in SESSIONS.items():
-        client = await SmtpClient.connect(port)
         replies = []
-        for command in commands:
-            reply = await (client.reply() if command is None else client.cmd(command))
-            hello = isinstance(command, str) and command[:4] in ("EHLO", "HELO")
-            replies.append(str(reply.code) if hello else reply.text)
+        async with await SmtpClient.connect(port) as client:
+            for command in commands:
+                reply = await (client.reply() if command is None else client.cmd(command))
+                hello = isinstance(command, str) and command[:4] in ("EHLO", "HELO")
+                replies.append(str(reply.code) if hello else reply.text)
         got[name] = replies
-        await client.close()
     return got
 
 
@@ -284,9 +283,8 @@ async def test_the_bounce_code_and_logged_permits_as_postfix(mailflow_server, ca
 
 
 async def replay_one(port: int, commands: list[str]) -> list[str]:
-    client = await SmtpClient.connect(port)
-    replies = [(await client.cmd(command)).text for command in commands]
-    await client.close()
+    async with await SmtpClient.connect(port) as client:
+        replies = [(await client.cmd(command)).text for command in commands]
     return [r.split("\r\n")[-1] if r.startswith("250") and "\r\n" in r else r for r in replies][1:]
 
 

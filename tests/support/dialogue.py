@@ -5,7 +5,9 @@ aiosmtplib (a real client library, for tests where the dialogue is not the point
   `send(bytes)`, `reply()`, `cmd(line)` (a line without CRLF, str or bytes), `envelope()` (EHLO, MAIL, RCPT, each
   asserted 250), `send_message(content)` (MAIL to the end of DATA; the final reply), `starttls(ctx)`,
   `peer_names()`, `closed()` (EOF within the timeout), `rest()` (whatever the server still sends, up to EOF),
-  `close()`. With `greet` the greeting is read (and must be 220) and kept as `greeting`.
+  `close()`. With `greet` the greeting is read (and must be 220) and kept as `greeting`. `async with await
+  SmtpClient.connect(port) as client:` closes it however the block ends (a client a failed assertion leaves open
+  holds a private Postfix's session for smtpd_timeout, and every later `sessions_ended` of its instance fails).
 - `Reply(code, text)`: one reply as received. `code` is None when the server closed the connection instead;
   `text` is every line of it as sent, code included ("250-mx…\\n250 SIZE …"). A Reply equals the tuple
   (code, text), and equals a `mailflow.status.Reply` whose one line it is: tests compare with the catalogue
@@ -90,6 +92,12 @@ class SmtpClient:
             client.greeting = await client.reply(timeout)
             assert client.greeting.code == 220, client.greeting
         return client
+
+    async def __aenter__(self) -> "SmtpClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     async def send(self, data: bytes) -> None:
         self.writer.write(data)

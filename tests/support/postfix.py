@@ -7,6 +7,10 @@
         pf.maillog                                       # its log so far
         offset = await pf.sessions_ended()               # where the log stands once every smtpd session so
                                                          # far (the readiness probe's) has its disconnect line
+                                                         # (the error counts the sessions still open)
+        offset = await pf.flushed()                      # once a postlog(1) mark sent now is in the log, so is
+                                                         # every line sent before it: read after "nothing more
+                                                         # comes" waits
         await pf.logged("disconnect from", count=2, since=offset)
                                                          # its log from `offset` once it holds the text that
                                                          # often (postlogd writes a moment after the replies:
@@ -121,7 +125,7 @@ class PostfixInstance:
         self.etc = root / "etc"
         self.port = port
         self.nameserver = nameserver
-        self._marks = 0  # postlog(1) marks sent (sessions_ended)
+        self._marks = 0  # postlog(1) marks sent (flushed)
 
     @property
     def maillog(self) -> str:
@@ -152,28 +156,47 @@ class PostfixInstance:
                                  f"{self.maillog[since:][-3000:]}") from None
         return self.maillog[since:]
 
-    async def sessions_ended(self, timeout: float = 30) -> int:
-        """The log's length once every smtpd session begun so far has its `disconnect from` line (`start`'s
-        readiness probe's at least): an offset after which every smtpd line is of the sessions that follow. A mark
-        sent through postlogd with postlog(1) first: once it is in the log, so is every line sent before it (the
-        `connect from` of every session begun); then the sessions' ends. (An offset taken while a session's lines
-        are still on their way to postlogd shifts another's lines in or out.)"""
+    async def flushed(self, timeout: float = 20) -> int:
+        """The log's length once a mark sent now through postlogd with postlog(1) is in it: then so is every line
+        sent to postlogd before it (postlogd is one process reading one socket). After a wait for "nothing more
+        comes", this makes the log read the log of everything that came meanwhile, however late postlogd is."""
         self._marks += 1
         mark = f"mailflow-test mark {self._marks}"
         assert self.run("postlog", "-t", "mailflow-test/mark", mark).returncode == 0
+        await self.logged_line(rf"{mark}$", timeout)
+        return len(self.maillog)
 
-        def ended() -> bool:
-            log = self.maillog
-            if not re.search(rf"{mark}$", log, re.MULTILINE):
-                return False
-            disconnects = len(re.findall(r"/smtpd\[\d+\]: disconnect from ", log))
-            return disconnects >= 1 and len(re.findall(r"/smtpd\[\d+\]: connect from ", log)) == disconnects
-
+    async def logged_line(self, pattern: str, timeout: float = 20) -> None:
+        """Until a line of the log matches `pattern` (a regular expression, MULTILINE)."""
         try:
-            await eventually(ended, timeout=timeout, step=0.05)
+            await eventually(lambda: re.search(pattern, self.maillog, re.MULTILINE), timeout=timeout, step=0.05)
         except AssertionError:
-            raise AssertionError(f"a private Postfix's smtpd sessions did not all end in its log within {timeout}s:"
-                                 f"\n{self.maillog[-3000:]}") from None
+            raise AssertionError(f"the private Postfix did not log a line matching {pattern!r} within {timeout}s:\n"
+                                 f"{self.maillog[-3000:]}") from None
+
+    def open_sessions(self) -> int:
+        """smtpd sessions with a `connect from` line and no `disconnect from` line yet (-1: not one has ended)."""
+        log = self.maillog
+        disconnects = len(re.findall(r"/smtpd\[\d+\]: disconnect from ", log))
+        return len(re.findall(r"/smtpd\[\d+\]: connect from ", log)) - disconnects if disconnects else -1
+
+    async def sessions_ended(self, timeout: float = 20) -> int:
+        """The log's length once every smtpd session begun so far has its `disconnect from` line (`start`'s
+        readiness probe's at least): an offset after which every smtpd line is of the sessions that follow.
+        `flushed` first: once its mark is in the log, so is the `connect from` of every session begun; then the
+        sessions' ends. (An offset taken while a session's lines are still on their way to postlogd shifts
+        another's lines in or out.) The error says how many are still open: a test that left a client open (one
+        not closed in `finally`, or kept by a failed test's traceback) holds its session for smtpd_timeout."""
+        await self.flushed(timeout)
+        try:
+            await eventually(lambda: self.open_sessions() == 0, timeout=timeout, step=0.05)
+        except AssertionError:
+            open_now = self.open_sessions()
+            raise AssertionError(
+                f"a private Postfix's smtpd sessions did not all end in its log within {timeout}s: "
+                + ("not one has ended" if open_now < 0 else
+                   f"{open_now} still open (connect from lines without their disconnect from; did a test leave a "
+                   f"client open?)") + f"\n{self.maillog[-3000:]}") from None
         return len(self.maillog)
 
     def _master_pid(self) -> int | None:
