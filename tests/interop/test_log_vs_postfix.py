@@ -45,6 +45,7 @@ import contextlib
 import os
 import re
 import shutil
+import socket
 import ssl
 import sys
 import tempfile
@@ -463,8 +464,7 @@ async def test_old_mail_requeued_is_deferred_again_not_returned_as_postfix_reset
             async def tool(*argv: str):  # in a thread: mailflow's side shares this loop
                 return await asyncio.to_thread(pf.run, *argv)
 
-            await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)
-            started = len(pf.maillog)
+            started = await pf.sessions_ended()
             await message(pf.port, ["def@relay.test"], "old")
 
             async def deferred_listed() -> bool:
@@ -476,7 +476,7 @@ async def test_old_mail_requeued_is_deferred_again_not_returned_as_postfix_reset
             assert (await tool("postkick", "public", "pickup", "W")).returncode == 0
             await eventually(lambda: pf.maillog[started:].count(deferred) == 2, timeout=10)
             await asyncio.sleep(0.5)  # (an expiry would be logged right after the attempt's line)
-            pf_log = pf.maillog[started:]
+            pf_log = pf.maillog[started:await pf.flushed()]  # (every line sent meanwhile, postlogd late or not)
             return pf_log, requeued_lines(pf_log, old)
 
     async def mailflow_side() -> tuple[str, list[list[str]]]:
@@ -1038,6 +1038,16 @@ async def test_every_line_of_the_relay_client_is_logged_as_relay_smtp_as_postfix
     assert len(theirs) == 6  # connect, replacing, said, TLS, replace, the result
 
 
+def service_refused(path) -> bool:
+    """Whether connecting to a master service's UNIX socket at `path` fails (the service is gone)."""
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return True
+        return False
+
+
 @pytest.mark.parametrize("routing, rcpt", [
     ({"relay_domains": "relay.test"}, "u@relay.test"),
     ({"default_transport": "relay"}, "u@other.test"),
@@ -1054,10 +1064,15 @@ async def test_relay_domain_mail_without_a_relay_service_is_deferred_as_postfix_
     settings = {"myhostname": PF_HOST, "mydestination": "", "mynetworks": "127.0.0.0/8", **routing}
     async with postfix_instance({**settings, "syslog_name": SYSLOG_NAME}) as pf:
         master = pf.etc / "master.cf"
+        relay = pf.root / "queue" / "private" / "relay"
+        assert not service_refused(relay)
         master.write_text(re.sub(r"^relay\s.*\n(?:[ \t]+.*\n)*", "", master.read_text(), flags=re.M))
         assert pf.run("postfix", "reload").returncode == 0
-        # (`postfix reload` only signals the master: the message goes in once the master has read master.cf again)
+        # (`postfix reload` only signals the master, which logs `reload -- version` before it reads master.cf
+        # again: the message goes in once connecting to the old service is refused)
         await pf.logged("reload -- version")
+        await eventually(lambda: service_refused(relay), step=0.05,
+                         what="the master closed the relay service master.cf no longer has")
         await message(pf.port, [rcpt], "no relay")
         await eventually(lambda: rcpt in delivery_lines(pf.maillog), timeout=15, what="Postfix's result")
         theirs = delivery_lines(pf.maillog)[rcpt]

@@ -241,6 +241,7 @@ async def run_both(mailflow_server, smtp_peer, scenarios: dict[str, Scenario], *
             await eventually(lambda: done("\n".join(log.lines), mf_notices) or None, timeout=15,
                              what="mailflow ended every recipient")
             await asyncio.sleep(0.3)  # (a notice that would still come for a deferred recipient)
+            await pf.flushed()  # (and every line Postfix sent meanwhile is in its log, postlogd late or not)
             if pf_log is not None:
                 pf_log.append(pf.maillog)
             return ((outcomes(pf.maillog), notice_fields(pf_notices.messages)),
