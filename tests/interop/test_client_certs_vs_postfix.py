@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.support import SmtpClient, eventually, postfix_instance, sessions_over
+from tests.support import SmtpClient, postfix_instance, sessions_over
 from tests.support.client_certs import COMPRESSED_EC, ClientCard, ClientPki
 from tests.support.policy import RecordingPolicy
 
@@ -103,13 +103,11 @@ def postfix_settings(pki: ClientPki, policy: str) -> dict[str, str]:
 async def postfix_run(pki: ClientPki, cards) -> tuple[dict, dict, list]:
     async with RecordingPolicy() as policy:
         async with postfix_instance(postfix_settings(pki, policy.spec)) as pf:
-            await eventually(lambda: "disconnect from" in pf.maillog, what="the readiness probe's end")
             replies, lines = {}, {}
             for name, ctx in contexts(pki, cards).items():
-                start = len(pf.maillog)
+                start = await pf.sessions_ended()
                 replies[name] = await session(pf.port, ctx)
-                text = await eventually(lambda: "disconnect from" in pf.maillog[start:] and pf.maillog[start:],
-                                        what="the session's end")
+                text = await pf.logged("disconnect from", since=start)
                 lines[name] = [line.split("]: ", 1)[1] for line in text.splitlines() if "/smtpd[" in line]
         return replies, lines, [ccert_attributes(r) for r in policy.requests]
 
@@ -173,11 +171,9 @@ async def test_the_documented_difference_a_certificate_the_ca_file_does_not_vouc
     ca, _, stranger = pki
     async with RecordingPolicy() as policy:
         async with postfix_instance(postfix_settings(ca, policy.spec)) as pf:
-            await eventually(lambda: "disconnect from" in pf.maillog, what="the readiness probe's end")
-            start = len(pf.maillog)
+            start = await pf.sessions_ended()
             assert await session(pf.port, stranger.context(ca)) == ["250 2.1.5 Ok"] * 3
-            text = await eventually(lambda: "disconnect from" in pf.maillog[start:] and pf.maillog[start:],
-                                    what="the session's end")
+            text = await pf.logged("disconnect from", since=start)
     assert "Untrusted TLS connection established from localhost[127.0.0.1]" in text
     mf = await mailflow_server(smtpd={"tls_cert_file": ca.server_cert, "tls_ask_ccert": True,
                                       "tls_ca_file": ca.ca_file})

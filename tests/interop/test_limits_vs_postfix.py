@@ -358,9 +358,8 @@ async def test_a_stalled_tls_handshake_ends_as_with_a_real_postfix(mailflow_serv
         async def postfix_side() -> tuple[list[tuple[str, str, float]], str]:
             probe = await pf.sessions_ended()
             stalled = await stalled_handshakes(pf.port, pf_implicit_port)
-            await eventually(lambda: len(pf_handshake_ends(pf.maillog[probe:])) >= 12,
-                             what="Postfix's lines")
-            return stalled, pf.maillog[probe:]
+            ended = await pf.sessions_ended()
+            return stalled, pf.maillog[probe:ended]
 
         async def mailflow_side() -> list[tuple[str, str, float]]:
             stalled = await stalled_handshakes(port, implicit_port)
@@ -421,12 +420,10 @@ async def test_a_failed_tls_handshake_is_logged_as_by_a_real_postfix(mailflow_se
     _, cert, _ = pki
     async with postfix_instance({"myhostname": PF_HOST, "mynetworks": NETWORKS, "smtpd_tls_cert_file": cert,
                                  "smtpd_tls_key_file": cert, "smtpd_tls_security_level": "may"}) as pf:
-        await eventually(lambda: "disconnect from" in pf.maillog, what="the readiness probe's end")
-        probe = len(pf.maillog)
+        probe = await pf.sessions_ended()
         postfix = await broken_handshakes(pf.port)
-        await eventually(lambda: len(pf_handshake_ends(pf.maillog[probe:])) >= 10,
-                         what="Postfix's lines")
-        pf_log = pf.maillog[probe:]
+        ended = await pf.sessions_ended()
+        pf_log = pf.maillog[probe:ended]
     mf = await mailflow_server(mynetworks=[NETWORKS], smtpd={"tls_cert_file": cert})
     mailflow = await broken_handshakes(mf.smtp_addresses[0][1])
     await sessions_over(mf)
@@ -517,12 +514,10 @@ async def test_starttls_then_the_end_of_input_is_answered_and_logged_as_by_a_rea
                                                                  "soft_error_limit": 1, "error_sleep_time": "1s"})
 
         async def postfix_side() -> tuple[list[str], str]:
-            await eventually(lambda: "disconnect from" in pf.maillog, what="the readiness probe's end")
-            probe = len(pf.maillog)
+            probe = await pf.sessions_ended()
             replies = await starttls_then_gone_each_way(pf.port)
-            await eventually(lambda: len(pf_handshake_ends(pf.maillog[probe:])) >= 6,
-                             what="Postfix's lines")
-            return replies, pf.maillog[probe:]
+            ended = await pf.sessions_ended()
+            return replies, pf.maillog[probe:ended]
 
         async def mailflow_side() -> list[str]:
             replies = await starttls_then_gone_each_way(mf.smtp_addresses[0][1])
@@ -531,12 +526,7 @@ async def test_starttls_then_the_end_of_input_is_answered_and_logged_as_by_a_rea
 
         # the clients run in threads, one server each: the two run at once
         (postfix, pf_log), mailflow = await asyncio.gather(postfix_side(), mailflow_side())
-    assert [end[:2] for end in mailflow] == [end[:2] for end in postfix]
-    # a timer never fires early; on a loaded machine it fires late, as late on both sides (they run at once):
-    # mailflow's close is bounded by Postfix's in the same run (a starttls_timeout 3x too long fails)
-    for (way, _, mf_waited), (_, _, pf_waited) in zip(mailflow, postfix):
-        assert mf_waited > 1.5 and pf_waited > 1.5, (mailflow, postfix)
-        as_prompt_as(mf_waited, pf_waited, f"the close of a stalled handshake ({way})")
+    assert mailflow == postfix
     assert mf_handshake_ends(caplog) == pf_handshake_ends(pf_log)
     # Postfix's own, so that a change on both sides cannot pass unnoticed
     assert postfix == ["220 2.0.0\n", "500 5.5.2\n220 2.0.0\n"]
@@ -581,11 +571,10 @@ async def test_a_connection_limit_on_an_implicit_tls_port_refuses_over_tls_as_a_
                                  "smtpd_tls_key_file": cert, "smtpd_tls_loglevel": "1"},  # (mailflow's TLS lines)
                                 master_cf=f"127.0.0.1:{implicit_port} inet n - n - - smtpd -o smtpd_tls_wrappermode=yes"
                                           f" -o smtpd_client_connection_count_limit=1\n") as pf:
-        await eventually(lambda: "disconnect from" in pf.maillog, what="the readiness probe's end")
-        probe = len(pf.maillog)
+        probe = await pf.sessions_ended()
         postfix = await refused_over_tls(implicit_port, ctx)
-        await eventually(lambda: pf.maillog.count("disconnect from") >= 3, what="Postfix's lines")
-        pf_log = [line.split("]: ", 1)[1].removeprefix("warning: ") for line in pf.maillog[probe:].splitlines()
+        ended = await pf.sessions_ended()
+        pf_log = [line.split("]: ", 1)[1].removeprefix("warning: ") for line in pf.maillog[probe:ended].splitlines()
                   if "smtpd[" in line]
     mf = await mailflow_server(mynetworks=[NETWORKS], smtpd={
         "tls_cert_file": cert, "sasl_user_maps": [users], "tls_loglevel": 1,

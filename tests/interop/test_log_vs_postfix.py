@@ -476,7 +476,8 @@ async def test_old_mail_requeued_is_deferred_again_not_returned_as_postfix_reset
             assert (await tool("postkick", "public", "pickup", "W")).returncode == 0
             await eventually(lambda: pf.maillog[started:].count(deferred) == 2, timeout=10)
             await asyncio.sleep(0.5)  # (an expiry would be logged right after the attempt's line)
-            pf_log = pf.maillog[started:await pf.flushed()]  # (every line sent meanwhile, postlogd late or not)
+            flushed = await pf.flushed()  # (every line sent meanwhile is in, postlogd late or not)
+            pf_log = pf.maillog[started:flushed]
             return pf_log, requeued_lines(pf_log, old)
 
     async def mailflow_side() -> tuple[str, list[list[str]]]:

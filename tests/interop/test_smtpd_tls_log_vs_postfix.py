@@ -15,7 +15,7 @@ import ssl
 
 import pytest
 
-from tests.support import LOOPBACK_CLIENT, SmtpClient, eventually, free_port, postfix_instance, sessions_over
+from tests.support import LOOPBACK_CLIENT, SmtpClient, free_port, postfix_instance, sessions_over
 
 pytestmark = pytest.mark.interop
 
@@ -49,13 +49,11 @@ async def postfix_sessions(cert: str, ctx: ssl.SSLContext) -> list[list[str]]:
                                  "smtpd_tls_security_level": "may"},
                                 master_cf="".join(f"127.0.0.1:{port} inet n - n - - smtpd{option}\n"
                                                   for port, option in zip(ports, options))) as pf:
-        await eventually(lambda: "disconnect from" in pf.maillog, what="the readiness probe's end")
         sessions = []
         for port, (implicit, _) in zip([pf.port, *ports], SERVICES):
-            start = len(pf.maillog)
+            start = await pf.sessions_ended()
             await tls_session(port, ctx, implicit)
-            text = await eventually(lambda: "disconnect from" in pf.maillog[start:] and pf.maillog[start:],
-                                    what="the session's end")
+            text = await pf.logged("disconnect from", since=start)
             sessions.append([line.split("]: ", 1)[1] for line in text.splitlines() if "/smtpd[" in line])
         return sessions
 
