@@ -26,7 +26,7 @@ import pytest
 
 from tests.support.milters import reply, scripted_milter
 from tests.support import (LOOPBACK_CLIENT, SmtpClient, accepts, as_prompt_as, eventually, free_port,
-                           half_client_hello, postfix_instance, sessions_over)
+                           half_client_hello, postfix_instance, sessions_over, timed)
 from tests.support.maillog import library_reason
 
 pytestmark = pytest.mark.interop
@@ -278,19 +278,22 @@ async def test_timeouts_match_a_real_postfix(mailflow_server, caplog):
                                  "local_recipient_maps": "inline:{alice=ok}", "smtpd_timeout": "1s"}) as pf:
         mf = await mailflow_server(mynetworks=[NETWORKS], smtpd={"timeout": "1s"})
 
-        async def postfix_side() -> tuple[list[str], str]:
-            seen = await timeouts(pf.port)
-            await eventually(lambda: len(pf_timeouts(pf.maillog)) >= 5, what="Postfix's timeout lines")
-            return seen, pf.maillog
+        async def postfix_side() -> tuple[tuple[list[str], float], str]:
+            seen = await timed(timeouts(pf.port))
+            ended = await pf.sessions_ended()
+            return seen, pf.maillog[:ended]
 
-        async def mailflow_side() -> list[str]:
-            seen = await timeouts(mf.smtp_addresses[0][1])
+        async def mailflow_side() -> tuple[list[str], float]:
+            seen = await timed(timeouts(mf.smtp_addresses[0][1]))
             await sessions_over(mf)
             return seen
 
-        # each server's stalls, one after the other; the two servers at once
-        (postfix, pf_log), mailflow = await asyncio.gather(postfix_side(), mailflow_side())
+        # each server's stalls, one after the other; the two servers at once, so that mailflow's stalls (four
+        # smtpd_timeouts) are bounded by Postfix's in the same run (a timeout 3x too long fails)
+        ((postfix, pf_waited), pf_log), (mailflow, mf_waited) = await asyncio.gather(postfix_side(), mailflow_side())
     assert mailflow == postfix
+    assert pf_waited >= 4
+    as_prompt_as(mf_waited, pf_waited, "four stalls under smtpd_timeout 1s")
     assert bdat_bytes(mf_timeouts(caplog)) == bdat_bytes(pf_timeouts(pf_log))
     # Postfix's own, so that a change on both sides cannot pass unnoticed: the same 421 wherever the client
     # stalls; the byte count of DATA content (its complete lines); no line for a connection lost once the
