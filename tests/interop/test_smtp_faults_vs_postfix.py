@@ -28,7 +28,7 @@ from typing import Callable
 import aiosmtplib
 import pytest
 
-from tests.support import eventually, postfix_instance
+from tests.support import as_prompt_as, eventually, postfix_instance
 from tests.support.maillog import library_reason
 
 pytestmark = pytest.mark.interop
@@ -143,6 +143,30 @@ def outcomes(log: str) -> dict[str, tuple[str, str, str, str]]:
     return out
 
 
+DELAYS = re.compile(r", delays=[\d.]+/[\d.]+/([\d.]+)/([\d.]+), ")
+
+
+def conversation_times(log: str) -> dict[str, float]:
+    """Seconds of the conversation (delays= c + d: connection setup, greeting, EHLO, TLS; then transmission) of each
+    recipient's last attempt, from mail log lines in Postfix's format."""
+    out = {}
+    for line in log.splitlines():
+        m, delays = LOG_LINE.search(line), DELAYS.search(line)
+        if m and delays and not m.group(1).endswith("@sender.test"):
+            out[m.group(1)] = float(delays[1]) + float(delays[2])
+    return out
+
+
+def as_prompt_as_postfix(pf_log: str, mf_log: str, timer: float) -> None:
+    """Each recipient's conversation, which ends at the client's own timer (`timer` s), took mailflow no longer than
+    Postfix's in the same run allows (tests.support.waiting.as_prompt_as; a timer 3x too long fails)."""
+    pf_times, mf_times = conversation_times(pf_log), conversation_times(mf_log)
+    assert set(mf_times) == set(pf_times), (mf_times, pf_times)
+    for rcpt, pf_time in pf_times.items():
+        assert pf_time >= timer * 0.9, (rcpt, pf_time)  # (Postfix's delays are rounded)
+        as_prompt_as(mf_times[rcpt], pf_time, f"the conversation for {rcpt}")
+
+
 DSN_FIELDS = ("Action", "Status", "Remote-MTA", "Diagnostic-Code", "Original-Recipient")
 
 
@@ -197,12 +221,13 @@ async def relay_one_each(port: int, scenarios: dict[str, Scenario]) -> None:
 
 async def run_both(mailflow_server, smtp_peer, scenarios: dict[str, Scenario], *, postfix: dict | None = None,
                    queue: dict | None = None, smtp: dict | None = None, notice_for_all: bool = False,
-                   unsettled: tuple[str, ...] = (), pf_log: list[str] | None = None, mailflow: dict | None = None):
+                   unsettled: tuple[str, ...] = (), pf_log: list[str] | None = None, mailflow: dict | None = None,
+                   mf_log: list[str] | None = None):
     """Both servers relay one message per scenario. Returns ((postfix outcomes, postfix notices), (mailflow's…))
     once every recipient has an outcome on both sides (one whose status is not one of `unsettled`: "deferred" to
     wait for a retry) and every failure its notice (`notice_for_all`: every recipient that was not sent).
-    `pf_log`: gets Postfix's mail log, before its instance goes; `mailflow`: more of mailflow's settings (as
-    `postfix` for Postfix's)."""
+    `pf_log`: gets Postfix's mail log, before its instance goes (`mf_log`: mailflow's lines); `mailflow`: more of
+    mailflow's settings (as `postfix` for Postfix's)."""
     peers = {name: await ScriptedPeer(s.script).start() for name, s in scenarios.items()}
     pf_notices, mf_notices = await smtp_peer(), await smtp_peer()
     pf_routes = [f"{name}.test=lmtp:inet:127.0.0.1:{peer.port}" if scenarios[name].lmtp
@@ -244,6 +269,8 @@ async def run_both(mailflow_server, smtp_peer, scenarios: dict[str, Scenario], *
             await pf.flushed()  # (and every line Postfix sent meanwhile is in its log, postlogd late or not)
             if pf_log is not None:
                 pf_log.append(pf.maillog)
+            if mf_log is not None:
+                mf_log.append("\n".join(log.lines))
             return ((outcomes(pf.maillog), notice_fields(pf_notices.messages)),
                     (outcomes("\n".join(log.lines)), notice_fields(mf_notices.messages)))
     finally:
@@ -343,10 +370,15 @@ async def test_a_stalled_tls_handshake_defers_as_with_postfix(mailflow_server, s
     """smtp_starttls_timeout (1 s here; mailflow's [smtp] starttls_timeout) bounds the reply to STARTTLS and the
     handshake: the mail is deferred with Postfix's reason, new mail not sent in plaintext at level may (only once
     it has waited the minimal backoff time)."""
+    pf_log: list[str] = []
+    mf_log: list[str] = []
     (pf_ended, _), (mf_ended, _) = await run_both(mailflow_server, smtp_peer, STALLED_TLS,
                                                   postfix={"smtp_starttls_timeout": "1s"},
-                                                  smtp={"starttls_timeout": "1s"})
+                                                  smtp={"starttls_timeout": "1s"}, pf_log=pf_log, mf_log=mf_log)
     assert mf_ended == pf_ended
+    stalled = [f"a@{name}.test" for name in ("handshake-stalled", "handshake-stalled-encrypt", "starttls-unanswered")]
+    as_prompt_as_postfix(*("\n".join(line for line in log[0].splitlines() if any(r in line for r in stalled))
+                           for log in (pf_log, mf_log)), timer=1)
     # Postfix's own, so that a change on both sides cannot pass unnoticed
     assert {r: ended[1:] for r, ended in pf_ended.items()} == {
         "a@handshake-stalled.test": ("4.7.5", "deferred", "Cannot start TLS: handshake failure"),
@@ -538,11 +570,14 @@ async def test_a_reply_line_that_never_ends_times_out_at_its_own_command_as_with
     """Postfix's smtp_get reads past the rest of an overlong line before it returns the line, within the same time
     limit: a line that never ends is a reply that never comes, and the deferral names the stage it answers (not
     the command that would have followed a reply taken as complete)."""
+    pf_log: list[str] = []
+    mf_log: list[str] = []
     (pf_ended, _), (mf_ended, _) = await run_both(
         mailflow_server, smtp_peer, UNENDING_LINES,
         postfix={"smtp_helo_timeout": "1s", "smtp_rcpt_timeout": "1s", "smtp_mail_timeout": "1s"},
-        smtp={"helo_timeout": "1s", "command_timeout": "1s"})
+        smtp={"helo_timeout": "1s", "command_timeout": "1s"}, pf_log=pf_log, mf_log=mf_log)
     assert mf_ended == pf_ended
+    as_prompt_as_postfix(pf_log[0], mf_log[0], timer=1)
     assert {r: ended[1:] for r, ended in pf_ended.items()} == {
         "a@greeting-unending.test": ("4.4.2", "deferred", "conversation with 127.0.0.1[127.0.0.1] timed out while "
                                                           "receiving the initial server greeting"),
