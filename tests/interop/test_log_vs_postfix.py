@@ -196,13 +196,11 @@ async def test_the_tools_read_both_logs_alike(mailflow_server, mail_log, tmp_pat
                        "auth_failure_delay": 0})
 
             async def postfix_side() -> tuple[list, str]:
-                await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the probe that saw it listen
-                started = len(pf.maillog)
+                started = await pf.sessions_ended()
                 replies = await traffic(pf.port)
                 await eventually(lambda: pf.maillog.count(": removed") >= 5, timeout=20)
-                await eventually(lambda: pf.maillog.count(": disconnect from") == pf.maillog.count(": connect from"),
-                                 timeout=10)  # the last session's disconnect line
-                return replies, pf.maillog[started:]
+                ended = await pf.sessions_ended()  # (the last session's disconnect line)
+                return replies, pf.maillog[started:ended]
 
             async def mailflow_side() -> tuple[list, str]:
                 replies = await traffic(mf.smtp_addresses[0][1])
@@ -329,8 +327,7 @@ async def test_held_mail_released_or_deleted_is_logged_as_postfix_logs_it(mailfl
             "transport_maps": transports, "header_checks": f"regexp:{folder}/header", "queue_run_delay": "1s",
             "notify_classes": "",
         }) as pf:
-            await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the probe that saw it listen
-            started = len(pf.maillog)
+            started = await pf.sessions_ended()
             pf_replies = await held_pair(pf.port)
             await eventually(lambda: len(held_ids(pf.maillog)) == 2, timeout=10)
             released, deleted = held_ids(pf.maillog[started:])
@@ -410,8 +407,7 @@ async def test_requeued_mail_is_logged_under_a_new_queue_id_as_postfix_logs_it(m
             "myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "mydestination": "", "relay_domains": "relay.test",
             "transport_maps": transports, "notify_classes": "", "delay_warning_time": "0",
         }) as pf:
-            await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the probe that saw it listen
-            started = len(pf.maillog)
+            started = await pf.sessions_ended()
             pf_replies = await message(pf.port, rcpts, "requeued")
             # the attempt over (in the deferred queue): Postfix's postsuper -r would move the file of an active
             # message at once, and a recipient delivered after that is delivered again from the copy
@@ -561,11 +557,10 @@ async def test_a_transaction_is_named_by_its_queue_id_from_its_first_accepted_re
             "smtpd_recipient_restrictions": f"check_recipient_access {warn}",
             "smtpd_end_of_data_restrictions": f"check_sender_access {eod}", "smtpd_error_sleep_time": "0",
         }) as pf:
-            await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the probe that saw it listen
-            started = len(pf.maillog)
+            started = await pf.sessions_ended()
             pf_replies = await refusals_around_an_accepted_recipient(pf.port)
-            await eventually(lambda: "disconnect from" in pf.maillog[started:], timeout=10)
-            pf_log = pf.maillog[started:]
+            ended = await pf.sessions_ended()
+            pf_log = pf.maillog[started:ended]
         mf = await mailflow_server(
             myhostname=MF_HOST, mydestination=[], relay_domains=["relay.test"], relay_recipient_maps=[known],
             transport_maps=[transports], mynetworks=["192.0.2.0/24"], smtp={"tls_security_level": "none"},
@@ -618,11 +613,10 @@ async def test_a_message_past_the_size_limit_is_logged_as_postfix_logs_it(mailfl
     async with postfix_instance({"myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "mydestination": "",
                                  "relay_domains": "relay.test", "relay_recipient_maps": known,
                                  "relayhost": "[127.0.0.1]:9", "message_size_limit": str(SIZE_LIMIT)}) as pf:
-        await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the probe that saw it listen
-        started = len(pf.maillog)
+        started = await pf.sessions_ended()
         pf_replies = await too_big_then_queued(pf.port)
-        await eventually(lambda: "disconnect from" in pf.maillog[started:], timeout=10)
-        pf_lines = size_lines(pf.maillog[started:])
+        ended = await pf.sessions_ended()
+        pf_lines = size_lines(pf.maillog[started:ended])
     mf = await mailflow_server(myhostname=MF_HOST, mydestination=[], relay_domains=["relay.test"],
                                relay_recipient_maps=[known], smtpd={"message_size_limit": SIZE_LIMIT})
     mf_replies = await too_big_then_queued(mf.smtp_addresses[0][1])
@@ -695,12 +689,11 @@ async def test_access_actions_are_logged_where_postfix_logs_them(mailflow_server
                 "smtpd_restriction_classes": "held_class", **{k: ", ".join(v) for k, v in classes.items()},
                 **{f"smtpd_{stage}_restrictions": ", ".join(items) for stage, items in lists.items()},
             }) as pf:
-                await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the probe that saw it listen
-                started = len(pf.maillog)
+                started = await pf.sessions_ended()
                 pf_replies = await access_actions(pf.port)
-                await eventually(lambda: "disconnect from" in pf.maillog[started:] and BCC_QUEUED.search(pf.maillog),
-                                 timeout=10)
-                pf_log = pf.maillog[started:]
+                await eventually(lambda: BCC_QUEUED.search(pf.maillog), timeout=10)
+                ended = await pf.sessions_ended()
+                pf_log = pf.maillog[started:ended]
             mf = await mailflow_server(
                 myhostname=MF_HOST, mydestination=[], relay_domains=["relay.test"], transport_maps=[transports],
                 mynetworks=["192.0.2.0/24"], smtp={"tls_security_level": "none"},
@@ -807,8 +800,7 @@ async def test_a_delivery_line_has_postfix_fields_and_time_formats(mailflow_serv
                 "virtual_alias_maps": virtual, "queue_run_delay": "1s", "minimal_backoff_time": "1s",
                 "maximal_backoff_time": "2s", "smtp_connection_cache_destinations": "127.0.0.2",
             }, master_cf=f"pdel unix - n n - - pipe user=nobody argv={command}\n") as pf:
-                await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the probe that saw it listen
-                started = len(pf.maillog)
+                started = await pf.sessions_ended()
                 pf_lines = await deliveries(pf.port, lambda: pf.maillog[started:])
                 pf_log = pf.maillog[started:]
             attempts["later"] = 0
@@ -915,12 +907,10 @@ async def test_milter_hold_and_discard_are_logged_as_postfix_logs_them(mailflow_
                 "myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "mydestination": "", "relay_domains": "relay.test",
                 "transport_maps": transports, "smtpd_milters": milter.spec,
             }) as pf:
-                await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the probe that saw it listen
-                started = len(pf.maillog)
+                started = await pf.sessions_ended()
                 pf_replies = await milter_traffic(pf.port)
-                await eventually(lambda: pf.maillog[started:].count("disconnect from") == len(MILTER_TRANSACTIONS),
-                                 timeout=10)
-                pf_log = pf.maillog[started:]
+                ended = await pf.sessions_ended()
+                pf_log = pf.maillog[started:ended]
             mf = await mailflow_server(
                 myhostname=MF_HOST, mydestination=[], relay_domains=["relay.test"], transport_maps=[transports],
                 smtp={"tls_security_level": "none"}, smtpd={"milters": [milter.spec]})
@@ -969,7 +959,6 @@ async def test_relay_domain_mail_is_logged_by_the_relay_service_as_postfix_logs_
     settings = {"myhostname": PF_HOST, "mydestination": "", "relay_domains": "relay.test",
                 "relayhost": f"[127.0.0.1]:{peer.port}", "mynetworks": "127.0.0.0/8"}
     async with postfix_instance(settings) as pf:
-        await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the probe that saw it listen
         for rcpt in rcpts:
             await message(pf.port, [rcpt], "relayed")
         await eventually(lambda: set(rcpts) <= set(programs(pf.maillog)), timeout=10)

@@ -96,8 +96,7 @@ async def through_postfix(scenarios: list[str], current: list[str], milter) -> t
                                  "disable_vrfy_command": "no", "smtputf8_enable": "yes",  # (mailflow's EHLO)
                                  "milter_connect_timeout": "2s", "milter_command_timeout": "2s"},
                                 master_cf=master_cf) as pf:
-        await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the readiness probe's session
-        started, seen = len(pf.maillog), len(milter.sessions)
+        started, seen = await pf.sessions_ended(), len(milter.sessions)
         dialogues, sessions = [], []
         for scenario in scenarios:
             current[0] = scenario
@@ -106,9 +105,8 @@ async def through_postfix(scenarios: list[str], current: list[str], milter) -> t
             sessions.append(before)
         for action in DEFAULT_ACTIONS:
             dialogues.append(await dialogue(ports[action], PF_HOST))
-        count = len(scenarios) + len(DEFAULT_ACTIONS)
-        await eventually(lambda: pf.maillog[started:].count("disconnect from") >= count, timeout=10)
-        log = pf.maillog[started:]
+        ended = await pf.sessions_ended()
+        log = pf.maillog[started:ended]
     assert seen <= sessions[0]
     return dialogues, [connects(milter)[n] for n in sessions], log
 
@@ -221,11 +219,10 @@ async def test_discarded_keywords_are_logged_after_the_milters_line_and_not_afte
     async with scripted_milter({b"H": lambda _, __: answers[current[0]]}) as milter:
         async with postfix_instance({"myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "smtpd_milters": milter.spec,
                                      "smtpd_discard_ehlo_keywords": "dsn", "smtputf8_enable": "yes"}) as pf:
-            await eventually(lambda: "disconnect from" in pf.maillog, timeout=10)  # the readiness probe's session
-            started = len(pf.maillog)
+            started = await pf.sessions_ended()
             postfix = await sessions(pf.port)
-            await eventually(lambda: pf.maillog[started:].count("disconnect from") >= len(answers), timeout=10)
-            pf_log = pf.maillog[started:]
+            ended = await pf.sessions_ended()
+            pf_log = pf.maillog[started:ended]
         mf = await mailflow_server(myhostname=MF_HOST, smtpd={"milters": [milter.spec], "disable_vrfy_command": False,
                                                                "discard_ehlo_keywords": ["dsn"]})
         mailflow = await sessions(mf.smtp_addresses[0][1])

@@ -5,7 +5,8 @@ are in tests/conftest.py and build on these.
 - dialogue: `SmtpClient` (the raw SMTP dialogue client) and its `Reply`; `rcpt_reply`, `rcpt_until`, `send`,
   `half_client_hello`.
 - waiting: `eventually` (bounded polling that fails with a message), `queue_becomes`, `lines_logged`, `sessions_over`,
-  `timed` and `as_prompt_as` (a wait for a server timer bounded by Postfix's in the same run), `ScanWatch` (qmgr's scans, to say "passed over" without a fixed sleep), `LoopLag` (what work cost the loop).
+  `timed` and `as_prompt_as` (a wait for a server timer bounded by Postfix's in the same run), `ScanWatch` (qmgr's
+  scans, to say "passed over" without a fixed sleep), `LoopLag` (what work cost the loop).
 - transports: `RecordingTransport`, `ScriptedTransport` (with `always`), `BlockingTransport`: fake delivery agents.
 - clocks: `RecordingClock` (a VirtualClock that records its sleeps), `qmgr_turn` (qmgr has run a whole turn).
 - ports: `free_port`, `accepts`, `LOOPBACK_NAME`, `LOOPBACK_CLIENT` (how smtpd names a client on 127.0.0.1).
@@ -44,8 +45,8 @@ from tests.support.waiting import (LoopLag, ScanWatch, as_prompt_as, eventually,
                                   sessions_over, timed)
 
 __all__ = [
-    "LOOPBACK_CLIENT", "LOOPBACK_NAME", "as_prompt_as", "timed", "BlockingTransport", "CaptureHandler", "CapturePeer", "Captured", "Chromium",
-    "Dovecot", "LoopLag", "RecordingClock",
+    "LOOPBACK_CLIENT", "LOOPBACK_NAME", "BlockingTransport", "CaptureHandler", "CapturePeer", "Captured", "Chromium",
+    "Dovecot", "as_prompt_as", "timed", "LoopLag", "RecordingClock",
     "RecordingTransport", "Reply", "ScanWatch", "ScriptDir", "ScriptedTransport", "ServerProcess", "ServerThread",
     "SmtpClient",
     "ZoneAuthority", "accepts", "always", "base_settings", "big_message", "dovecot_instance", "eventually", "free_port",
