@@ -146,7 +146,7 @@ class PostfixInstance:
             raise AssertionError(f"the private Postfix's queue is not empty after {timeout}s:\n"
                                  f"{self.maillog[-3000:]}") from None
 
-    async def logged(self, text: str, count: int = 1, since: int = 0, timeout: float = 30) -> str:
+    async def logged(self, text: str, count: int = 1, since: int = 0, timeout: float = 20) -> str:
         """The log from offset `since` once `text` occurs there `count` times or more; fails with the log's tail
         after `timeout` seconds (a bound for a failure: a loaded machine's postlogd may be seconds late)."""
         try:
