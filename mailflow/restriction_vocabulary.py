@@ -28,8 +28,9 @@ which names can refuse relaying. `mailflow.config` validates every `smtpd.*_rest
     check_classes(classes)               ValueError for a bad class name, or classes that name each other in a
                                          loop (check_item refuses an undefined one)
     expand(items, classes) -> names      the names of a list and of its classes' items, recursively (a set)
-    guards_relay(items, classes) -> bool  the list can refuse relaying, as Postfix's has_required reads it
-                                         (a warned item does not count; a permit ends the search)
+    relay_guard(items, classes) -> GUARDED, PERMITTED or NEITHER: the list reaches a relay guard or a bare permit
+                                         first, or neither (a warned guard does not count; a permit, in a class
+                                         too, ends the search)
 
 Why this module is a leaf outside `mailflow/stages/smtpd/`: importing any module under that package runs the
 package's `__init__`, which imports the whole SMTP server (aiosmtpd, the session, the handler). The
@@ -206,31 +207,43 @@ def expand(items: Iterable[str], classes: Mapping[str, Iterable[str]]) -> set[st
     return names
 
 
-def guards_relay(items: Sequence[str], classes: Mapping[str, Sequence[str]]) -> bool:
-    """Whether a list can refuse relaying, as Postfix's has_required reads it: one of RELAY_GUARDS in the list or,
-    recursively, in a class it names; the item after a warn_if_reject does not count (it refuses nothing), and a
-    `permit` ends the search of its list (what follows it never runs: `permit, reject_unauth_destination` is an
-    open relay), of a class's list only when it is in a class. Classes that name each other in a loop were refused
-    before (check_classes); each class is searched once."""
-    return _guards(items, {name.lower(): value for name, value in classes.items()}, set())
+def relay_guard(items: Sequence[str], classes: Mapping[str, Sequence[str]]) -> str:
+    """Whether a list can refuse relaying: GUARDED when it reaches one of RELAY_GUARDS, in the list or recursively in a class it
+    names, before any bare `permit` (what follows a permit never runs: `permit, reject_unauth_destination` is an
+    open relay), PERMITTED when it reaches a bare permit first, else NEITHER. An item after a run of warn_if_reject refuses nothing, yet a warned `permit` still permits.
+    Stricter than Postfix's has_required on purpose: a class that reaches a `permit` before a guard ends the outer
+    list's search too (as it ends the list at runtime), where Postfix searches on after the class. Classes that
+    name each other in a loop were refused before (check_classes)."""
+    return _reaches(items, {name.lower(): value for name, value in classes.items()}, False, {})
 
 
-def _guards(items: Sequence[str], classes: Mapping[str, Sequence[str]], seen: set[str]) -> bool:
-    index = 0
-    while index < len(items):
-        name = split_item(items[index])[0]
-        index += 1
-        if name == WARN_IF_REJECT and index < len(items):
-            index += 1
-        elif name == "permit":
-            return False
-        elif name in RELAY_GUARDS:
-            return True
-        elif name in classes and name not in seen:
-            seen.add(name)
-            if _guards(classes[name], classes, seen):
-                return True
-    return False
+GUARDED, PERMITTED, NEITHER = "guarded", "permit reached", "neither"  # what a walk of a list meets first
+
+
+def _reaches(items: Sequence[str], classes: Mapping[str, Sequence[str]], warned: bool,
+             known: dict[tuple[str, bool], str]) -> str:
+    """GUARDED or PERMITTED by the first of a guard or a bare permit the list reaches, else NEITHER; with `warned`
+    (the list is a class named right after warn_if_reject) no guard counts. `known` holds each class's result,
+    computed once: it depends only on the class's items and on being warned, never on where the class is named
+    (a warn_if_reject at a class's end does not carry out of it, as in Postfix)."""
+    warn_next = False
+    for item in items:
+        name = split_item(item)[0]
+        if name == WARN_IF_REJECT:
+            warn_next = True
+            continue
+        item_warned, warn_next = warned or warn_next, False
+        if name == "permit":
+            return PERMITTED
+        if name in RELAY_GUARDS and not item_warned:
+            return GUARDED
+        if name in classes:
+            key = (name, item_warned)
+            if key not in known:
+                known[key] = _reaches(classes[name], classes, item_warned, known)
+            if known[key] != NEITHER:
+                return known[key]
+    return NEITHER
 
 
 def _check_access_table(name: str, spec: str) -> None:

@@ -26,8 +26,8 @@ from mailflow.tables import check_spec
 from mailflow.ehlo_keywords import discard_set
 from mailflow.rbl_reply import DEFAULT_RBL_REPLY, check_rbl_template
 from mailflow.reply_footer import POSTSCREEN_FOOTER_MACROS, check_footer
-from mailflow.restriction_vocabulary import (ALL_PERMITS, LOGGED_PERMITS, PERMIT_VALUES_TEXT, RELAY_GUARDS,
-                                             guards_relay)
+from mailflow.restriction_vocabulary import (ALL_PERMITS, LOGGED_PERMITS, PERMIT_VALUES_TEXT, GUARDED,
+                                             PERMITTED, RELAY_GUARDS, relay_guard)
 from mailflow.syntax import parse_endpoint, parse_hostport
 
 
@@ -384,11 +384,16 @@ class SmtpdConfig(SmtpdFilterSettings):
 
     @model_validator(mode="after")
     def _relay_guarded(self) -> "SmtpdConfig":
-        """Like Postfix (smtpd_check_init), refuse to start when neither list can refuse relaying."""
-        classes = self.restriction_classes
-        if not (guards_relay(self.relay_restrictions, classes) or guards_relay(self.recipient_restrictions, classes)):
-            raise ValueError(f"relay_restrictions or recipient_restrictions must hold one of {', '.join(RELAY_GUARDS)}"
-                             ", not after a permit nor warned of (else this server relays for anyone)")
+        """Refuse to start when neither list can refuse relaying (Postfix's smtpd_check_init; stricter on purpose:
+        a class reaching a bare permit before a guard leaves the list unguarded, see docs/security.md)."""
+        found = {key: relay_guard(getattr(self, key), self.restriction_classes)
+                 for key in ("relay_restrictions", "recipient_restrictions")}
+        if GUARDED not in found.values():
+            reasons = "; ".join(f"{key} {'reaches a permit first' if result == PERMITTED else 'reaches none'}"
+                                for key, result in found.items())
+            raise ValueError(f"relay_restrictions or recipient_restrictions must reach one of {', '.join(RELAY_GUARDS)}"
+                             f" before any permit (in a class too), not after warn_if_reject ({reasons}): else this"
+                             " server relays for anyone")
         return self
 
     @field_validator("unknown_address_tempfail_action", "unknown_helo_hostname_tempfail_action",

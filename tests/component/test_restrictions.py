@@ -154,7 +154,7 @@ def test_greylisting_named_only_in_an_access_value_is_a_configuration_error(capl
 
 def test_classes_that_name_each_other_many_times_are_checked_in_linear_time():
     """Each class naming the next twice: walking every path would take 2**40 steps."""
-    classes = {f"c{i}": [f"c{i + 1}", f"c{i + 1}"] for i in range(40)} | {"c40": ["permit"]}
+    classes = {f"c{i}": [f"c{i + 1}", f"c{i + 1}"] for i in range(40)} | {"c40": ["permit_mynetworks"]}
     config = config_from_dict({**BASE, "smtpd": {"restriction_classes": classes,
                                                  "relay_restrictions": ["c0", "reject_unauth_destination"]}})
     assert len(config.smtpd.restriction_classes) == 41
@@ -643,13 +643,29 @@ def test_defer_if_permit_and_defer_if_reject_as_items():
 
 def test_a_permit_before_the_relay_guard_leaves_the_relay_open():
     # Postfix 3.7.11's has_required stops at a permit (its smtpd dies: "specify at least one working instance
-    # of …"); in a class the permit ends that class's search only, and each list is judged alone
-    for relay in (["permit", "reject_unauth_destination"], ["warn_if_reject", "reject_unauth_destination"]):
-        with pytest.raises(ConfigError, match="must hold one of"):
-            config_from_dict({"smtpd": {"relay_restrictions": relay, "recipient_restrictions": []}})
-    config_from_dict({"smtpd": {"restriction_classes": {"c": ["permit"]},
-                                "relay_restrictions": ["c", "reject_unauth_destination"]}})
+    # of …"); mailflow is stricter on purpose: a class reaching a bare permit before a guard ends the outer search
+    # too (Postfix searches on and relays for anyone), and a run of warn_if_reject warns the item after the run
+    classes = {"open": ["permit"], "nested": ["open", "reject_unauth_destination"],
+               "warned": ["reject_unauth_destination", "permit"], "guard": ["reject_unauth_destination"],
+               "mine": ["permit_mynetworks"]}
+    unguarded = (["permit", "reject_unauth_destination"], ["warn_if_reject", "reject_unauth_destination"],
+                 ["open", "reject_unauth_destination"], ["nested", "reject_unauth_destination"],
+                 ["warn_if_reject", "warn_if_reject", "reject_unauth_destination"],
+                 ["warn_if_reject", "permit", "reject_unauth_destination"],
+                 ["warn_if_reject", "warned", "reject_unauth_destination"])
+    for relay in unguarded:
+        with pytest.raises(ConfigError, match=r"smtpd: .*must reach one of .*relay_restrictions reaches"):
+            config_from_dict({"smtpd": {"restriction_classes": classes, "relay_restrictions": relay,
+                                        "recipient_restrictions": []}})
+    guarded = (["permit_mynetworks", "permit_sasl_authenticated", "reject_unauth_destination"],
+               ["check_client_access inline:{192.0.2.1=OK}", "reject_unauth_destination"], ["guard"],
+               ["mine", "reject_unauth_destination"], ["warn_if_reject", "guard", "reject_unauth_destination"],
+               ["warn_if_reject", "warn_if_reject", "reject", "reject_unauth_destination"])
+    for relay in guarded:
+        config_from_dict({"smtpd": {"restriction_classes": classes, "relay_restrictions": relay,
+                                    "recipient_restrictions": []}})
     config_from_dict({"smtpd": {"relay_restrictions": ["permit"], "recipient_restrictions": ["defer"]}})
+    config_from_dict({"smtpd": {"relay_restrictions": [], "recipient_restrictions": ["reject_unauth_destination"]}})
 
 
 def test_the_sender_list_is_skipped_outside_a_transaction():
