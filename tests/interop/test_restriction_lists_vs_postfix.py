@@ -118,7 +118,7 @@ async def replay_one(port: int, commands: list[str]) -> list[str]:
 
 
 LOGGED = re.compile(r"(?:.*/smtpd\[\d+\]: )?(?:warning: )?(NOQUEUE|[0-9A-F]+): "
-                    r"((?:reject|reject_warning|warn|info|hold|discard): .*)")
+                    r"((?:reject|reject_warning|warn|info|hold|discard|filter|redirect|bcc): .*)")
 
 
 def logged(lines) -> list[str]:
@@ -255,3 +255,14 @@ async def test_combined_lists_reply_and_log_as_postfix(postfix, tmp_path):
         assert postfix_replies[82][0][1][3] == "RCPT TO:<r2@relay.test> -> 250 2.1.5 Ok"  # the helo list's defer
         assert postfix_replies[197][0][0][-2] == "VRFY nodomain -> 554 5.7.1 <nodomain>: Relay access denied"
         assert "specify at least one working instance of" in postfix_replies[85][0][0][0]
+
+
+# ---------------------------------------------------------------------------------------------- the comparison itself
+
+
+def test_filter_redirect_and_bcc_lines_are_compared():
+    lines = ["postfix/smtpd[1]: NOQUEUE: filter: RCPT from x: <a>: Sender address triggers FILTER smtp:[h]:9",
+             "postfix/smtpd[1]: NOQUEUE: redirect: RCPT from x: <a>: Recipient address triggers REDIRECT b@c",
+             "postfix/smtpd[1]: NOQUEUE: bcc: RCPT from x: <a>: Sender address triggers BCC b@c",
+             "postfix/smtpd[1]: NOQUEUE: reject: RCPT from x: 554 5.7.1 <a>: Relay access denied"]
+    assert [line.split(": ", 2)[1] for line in logged(lines)] == ["filter", "redirect", "bcc", "reject"]
