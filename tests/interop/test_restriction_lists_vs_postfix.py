@@ -25,8 +25,10 @@ access value it cannot take (a class naming itself through a table: nested too d
 or classes in a loop refuse mailflow's start; the EHLO keywords; a relay or recipient list that reaches a bare
 permit through a class before its guard, or whose guard follows a run of warn_if_reject, refuses mailflow's start
 (Postfix's has_required starts it, an open relay). Known and left (docs/security.md): Postfix checks
-reject_unlisted_sender once per MAIL, so outside the sender list it refuses the first RCPT only; the generator
-puts it in the sender list only.
+reject_unlisted_sender at most once per run of smtpd_check_mail (at MAIL; with delay_reject = yes at each RCPT
+too), so with delay_reject = no it refuses the first RCPT only outside the sender list, and with yes it skips a
+VRFY inside a transaction or a second list of the same RCPT; mailflow checks it wherever met. The generator puts
+it in the sender list only.
 """
 from __future__ import annotations
 
