@@ -208,12 +208,13 @@ def expand(items: Iterable[str], classes: Mapping[str, Iterable[str]]) -> set[st
 
 
 def relay_guard(items: Sequence[str], classes: Mapping[str, Sequence[str]]) -> str:
-    """Whether a list can refuse relaying: GUARDED when it reaches one of RELAY_GUARDS, in the list or recursively in a class it
-    names, before any bare `permit` (what follows a permit never runs: `permit, reject_unauth_destination` is an
-    open relay), PERMITTED when it reaches a bare permit first, else NEITHER. An item after a run of warn_if_reject refuses nothing, yet a warned `permit` still permits.
-    Stricter than Postfix's has_required on purpose: a class that reaches a `permit` before a guard ends the outer
-    list's search too (as it ends the list at runtime), where Postfix searches on after the class. Classes that
-    name each other in a loop were refused before (check_classes)."""
+    """Whether a list can refuse relaying: GUARDED when it reaches one of RELAY_GUARDS, in the list or recursively
+    in a class it names, before any bare `permit` (what follows a permit never runs: `permit,
+    reject_unauth_destination` is an open relay), PERMITTED when it reaches a bare permit first, else NEITHER. An
+    item after a run of warn_if_reject refuses nothing, yet a warned `permit` still permits. Stricter than
+    Postfix's has_required on purpose: a class that reaches a `permit` before a guard ends the outer list's search
+    too (as it ends the list at runtime), where Postfix searches on after the class. Classes that name each other
+    in a loop were refused before (check_classes)."""
     return _reaches(items, {name.lower(): value for name, value in classes.items()}, False, {})
 
 
