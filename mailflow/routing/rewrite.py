@@ -304,7 +304,7 @@ class Rewriter:
 
     def _routed_local_part(self, local: str) -> str | None:
         """The address a local part stands for by its routing operator, or None: `user%domain` (allow_percent_hack)
-        is `user@domain`; a quoted one is opened (Postfix's resolve_dequoted_address, on by default), so
+        is `user@domain` (an empty user is `""`); a quoted one is opened (Postfix's resolve_dequoted_address, on by default), so
         `"user@domain"` is `user@domain` (and `"user%domain"` too) rather than a local user of that name."""
         inner = address.unquoted_local(local)
         text = local if inner is None else inner
@@ -314,6 +314,8 @@ class Rewriter:
             user, _, via = text.rpartition("%")
         else:
             return None
+        if not user:  # `%x.test` is `""@x.test`, as Postfix's resolve makes it (`""@here` is then MAILER-DAEMON)
+            return f'""@{via}'
         return f"{address.quoted_local(user) if inner is not None else user}@{via}"
 
     def authorized_destination(self, addr: str) -> bool:

@@ -412,3 +412,27 @@ async def test_the_percent_hack_s_edges_answer_as_a_real_postfix(mailflow_server
     assert by_address["%x.test@local.test"] == ("250", "2.1.0", "554", "5.7.1")  # `@x.test`: not ours
     assert by_address["a%b%@local.test"][2] == by_address['"x@other.test@"@local.test'][2] == "554"
     assert by_address["user%@local.test"] == ("501", "5.1.7", "501", "5.1.3")
+
+
+# An empty user left by the percent hack, from a client inside mynetworks: `%x.test@local.test` is `""@x.test`,
+# relayed on; `%local.test@local.test` is `""@local.test`, MAILER-DAEMON (empty_address_recipient)
+EMPTY_USERS = ["%x.test@local.test", "%local.test@local.test", '""@local.test', "%local.test%@local.test"]
+EMPTY_USER_PROBES = ([("s@x.test", rcpt, "To: x@x.test\r\n", False) for rcpt in EMPTY_USERS]
+                     + [(sender, "r@x.test", "To: x@x.test\r\n", False) for sender in EMPTY_USERS])
+
+
+async def test_an_empty_user_of_the_percent_hack_goes_where_a_real_postfix_sends_it(mailflow_server):
+    """What the sink gets for each (local mail relayed to it too), from 127.0.0.1 in mynetworks (review of
+    hunt-finalB #1: mailflow sent `<@x.test>`, and local(8) got `<@local.test>`)."""
+    local = {"mydestination": "local.test", "local_recipient_maps": ""}
+    async with smtp_sink() as (pf_sink, pf_dump), smtp_sink() as (mf_sink, mf_dump):
+        sink = f"smtp:[127.0.0.1]:{pf_sink}"
+        async with postfix_instance({**COMMON, **local, "relayhost": f"[127.0.0.1]:{pf_sink}",
+                                     "local_transport": sink}) as pf:
+            postfix = await run(pf.port, pf_dump, EMPTY_USER_PROBES)
+        sink = f"smtp:[127.0.0.1]:{mf_sink}"
+        mf = await mailflow_server(**COMMON, mydestination=["local.test"], local_recipient_maps=[],
+                                   relayhost=f"[127.0.0.1]:{mf_sink}", local_transport=sink, mynetworks=["127.0.0.0/8"])
+        mailflow = await run(mf.smtp_addresses[0][1], mf_dump, EMPTY_USER_PROBES)
+    assert differences_of(EMPTY_USER_PROBES, postfix, mailflow) == {}
+    assert [postfix[i][1][1][0].split()[0] for i in range(2)] == ['<""@x.test>', "<MAILER-DAEMON@local.test>"]

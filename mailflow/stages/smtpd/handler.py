@@ -464,8 +464,6 @@ class SmtpdHandler:
         not ASCII (Postfix's smtpd_check_addr: before the 553 that a UTF-8 local part gets); or, with Postfix's
         allow_min_user = no, a leading '-' (it could reach a command's argv as an option)."""
         qualified = self._rewriter.resolved_address(addr)
-        if qualified.startswith("@"):  # `%x.test@here` is `@x.test`: an empty local part, which Postfix takes
-            qualified = '""' + qualified
         if address.mailbox_syntax_error(qualified) or not (smtputf8 or address.split(qualified)[1].isascii()):
             return True
         return not self._config.allow_min_user and address.is_min_user(addr)
