@@ -606,12 +606,15 @@ class Rewriter:
         return split_extension(local, self._config.recipient_delimiter)[0]
 
     def is_local_user(self, addr: str) -> bool:
-        """local_recipient_maps list the local part (with or without extension); empty maps: anyone is; and
-        postmaster always is (RFC 5321 4.5.1: without an alias, its mail goes to the postmaster mailbox).
-        May raise LookupRetry."""
-        if not self._local_recipient_maps or address.split(self.qualify(addr))[0].lower() == "postmaster":
+        """local_recipient_maps list the address, as Postfix's smtpd asks them (check_rcpt_maps: mail_addr_find,
+        each key quoted, then internal where that differs): `user+ext@domain`, `user@domain`, `user+ext`, `user`,
+        `@domain`; empty maps: anyone is; and postmaster always is (RFC 5321 4.5.1: without an alias, its mail goes
+        to the postmaster mailbox). May raise LookupRetry."""
+        qualified = self.qualify(addr)
+        if not self._local_recipient_maps or address.split(qualified)[0].lower() == "postmaster":
             return True
-        return self._local_lookup(self._local_recipient_maps, addr) is not None
+        return find_address(self._local_recipient_maps, qualified, delimiter=self._config.recipient_delimiter,
+                            local_domain=True, form=EXTERNAL_FIRST) is not None
 
     def alias(self, addr: str) -> tuple[str, str, str] | None:
         """(table, key, value) of the alias_maps entry for a local address, or None. May raise LookupRetry."""

@@ -292,6 +292,8 @@ MAPS = {
     "relay_recipient_maps": 'inline:{ {e.1.@relay.test = ok}, {"e 2"@relay.test = ok} }',
     "virtual_mailbox_maps": 'inline:{ {m.1.@vm.test = ok}, {"m 2"@vm.test = ok} }',
     "canonical_maps": 'inline:{ {c.1.@x.test = c1@y.test}, {"c 2"@x.test = c2@y.test} }',  # quoted only
+    "local_recipient_maps": ('inline:{ {joe@local.test = x}, {@local2.test = x}, {"l.1."@local.test = x}, '
+                             '{r.1.@local.test = x}, {"r 2"@local.test = x} }'),  # smtpd's check_rcpt_maps: whole addresses, @domain
 }
 MAP_RECIPIENTS = [
     "t.1.@x.test", '"t.1."@x.test', "t.1.+e@x.test", '"t 2"@x.test', '"t 2+e"@x.test',
@@ -300,6 +302,7 @@ MAP_RECIPIENTS = [
     "e.1.@relay.test", '"e.1."@relay.test', "e.1.+e@relay.test", '"e 2"@relay.test', "zz@relay.test",
     "m.1.@vm.test", '"m 2+e"@vm.test', "zz@vm.test",
     "c.1.@x.test", '"c 2+e"@x.test',
+    "joe@local.test", "joe+e@local.test", "any@local2.test", "l.1.@local.test", "nobody@local.test",
 ]
 MAP_PROBES = ([("s@x.test", rcpt, "To: x@x.test\r\n", False) for rcpt in MAP_RECIPIENTS]
               + [(sender, "r@x.test", "To: x@x.test\r\n", False) for sender in ("s.1.@x.test", '"s 2+e"@x.test')])
@@ -311,14 +314,14 @@ async def test_maps_are_asked_in_the_form_postfix_asks_each(mailflow_server):
     async with smtp_sink() as (pf_sink, pf_dump), smtp_sink() as (mf_sink, mf_dump):
         sink = f"smtp:[127.0.0.1]:{pf_sink}"
         async with postfix_instance({
-            **COMMON, "mydestination": "local.test", "local_recipient_maps": "", "relay_domains": "relay.test",
+            **COMMON, "mydestination": "local.test local2.test", "relay_domains": "relay.test",
             "virtual_mailbox_domains": "vm.test", "relayhost": f"[127.0.0.1]:{pf_sink}", "local_transport": sink,
             "virtual_transport": sink, "relay_transport": sink, "recipient_delimiter": "+", **MAPS,
         }) as pf:
             postfix = await run(pf.port, pf_dump, MAP_PROBES)
         sink = f"smtp:[127.0.0.1]:{mf_sink}"
         mf = await mailflow_server(
-            **COMMON, mydestination=["local.test"], local_recipient_maps=[], relay_domains=["relay.test"],
+            **COMMON, mydestination=["local.test", "local2.test"], relay_domains=["relay.test"],
             virtual_mailbox_domains=["vm.test"], relayhost=f"[127.0.0.1]:{mf_sink}", local_transport=sink,
             virtual_transport=sink, relay_transport=sink, mynetworks=["127.0.0.0/8"], recipient_delimiter="+",
             **{name: [spec] for name, spec in MAPS.items()})
@@ -327,9 +330,9 @@ async def test_maps_are_asked_in_the_form_postfix_asks_each(mailflow_server):
     # the edges themselves: each internal-form key found where Postfix finds it, the canonical one not
     by_rcpt = {probe[1]: postfix[i] for i, probe in enumerate(MAP_PROBES[:len(MAP_RECIPIENTS)])}
     assert [by_rcpt[a][0] for a in ("t.1.+e@x.test", '"t 2+e"@x.test', "r.1.@local.test", "zz@relay.test",
-                                    "zz@vm.test")] == [(250, 550)] * 5
-    assert [by_rcpt[a][0] for a in ("e.1.+e@relay.test", "m.1.@vm.test", "b.1.+e@x.test", "c.1.@x.test")] == [
-        (250, 250, 250)] * 4
+                                    "zz@vm.test", "nobody@local.test")] == [(250, 550)] * 6
+    assert [by_rcpt[a][0] for a in ("e.1.+e@relay.test", "m.1.@vm.test", "b.1.+e@x.test", "c.1.@x.test",
+                                    "joe+e@local.test", "any@local2.test", "l.1.@local.test")] == [(250, 250, 250)] * 7
     assert "<rbcc1@y.test> ORCPT=rfc822;rbcc1@y.test NOTIFY=NEVER" in by_rcpt["b.1.+e@x.test"][1][1]
     assert by_rcpt["c.1.@x.test"][1][1] == ['<"c.1."@x.test> ORCPT=rfc822;c.1.@x.test']  # not canonical-mapped
     assert "<sbcc1@y.test> ORCPT=rfc822;sbcc1@y.test NOTIFY=NEVER" in postfix[len(MAP_RECIPIENTS)][1][1]
