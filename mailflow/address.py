@@ -9,6 +9,7 @@
   (`"a.b c"`), which is the form every address has inside mailflow; `percent_split(addr)`: the percent hack's
   split of an address without a domain at its last `%` outside quotes;
   `shown_original(addr)`: an original recipient as Postfix shows it (route and needless quotes dropped);
+  `route_length(addr)`: the length of its source route (`@a,@b:`), 0 without one;
   `internal_form(addr)`: an address as Postfix's queue keeps it (a quoted local part without its quotes).
 - `normalise_domain(d)`: lower case, no trailing dot, IDNA A-label for matching ("" if it cannot be).
 - `ascii_domain(d)`: a domain's A-label form as Postfix's midna_domain_to_ascii makes it (UTS 46 without
@@ -221,10 +222,21 @@ def shown_original(addr: str) -> str:
     "expanded from" and the log's orig_to: a source route dropped, the local part in quotes only if it needs them,
     the domain as it is (`"Team"@X.Test.` is `Team@X.Test.`, `joe.@x.test.` is `"joe."@x.test.`). ORCPT and
     Original-Recipient keep it as written."""
-    if addr.startswith("@") and ":" in addr:
-        addr = addr[addr.index(":") + 1:]
+    addr = addr[route_length(addr):]
     local, at, domain = addr.rpartition("@")
     return f"{external_local(local)}@{domain}" if at else external_local(addr)
+
+
+_ROUTE = re.compile(r"@(?:[^:\[]|\[[^\]]*\])*:")  # (each branch starts with its own character: linear)
+
+
+def route_length(addr: str) -> int:
+    """The length of the source route that starts `addr` (`@a,@b:`, up to the first `:` outside an address
+    literal, `@[IPv6:2001:db8::1]:u@x`), 0 without one."""
+    if not addr.startswith("@"):
+        return 0
+    route = _ROUTE.match(addr)
+    return route.end() if route else 0
 
 
 _COMMAND_BLANK = re.compile(f"[{COMMAND_BLANKS}]")

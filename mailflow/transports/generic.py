@@ -57,7 +57,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, NoReturn
 
-from mailflow.address import has_unsafe_characters, internal_local, printable, quoted_local, unquoted_local
+from mailflow.address import (has_unsafe_characters, internal_local, printable, quoted_local, route_length,
+                              unquoted_local)
 from mailflow.errors import LookupRetry
 from mailflow.header_addresses import rewrite_address_fields
 from mailflow.message import HEADER_READ_LIMIT, read_header
@@ -216,10 +217,8 @@ class GenericMaps:
 
 def _route_split(addr: str) -> tuple[str, str]:
     """(`@a,@b:`, the address after it) of a header address with a source route; ("", addr) without one."""
-    if addr.startswith("@") and ":" in addr:
-        end = addr.index(":") + 1
-        return addr[:end], addr[end:]
-    return "", addr
+    end = route_length(addr)
+    return addr[:end], addr[end:]
 
 
 def _route_key(route: str, bare: str) -> str:
@@ -234,6 +233,5 @@ def _without_route(addr: str) -> str:
     (`"@r.test:a"@w.test`, from an `@domain` value) dropped (`a@w.test`)."""
     local, _, domain = addr.rpartition("@")
     inner = unquoted_local(local)
-    if inner is None or not inner.startswith("@") or ":" not in inner:
-        return addr
-    return f"{quoted_local(inner[inner.index(':') + 1:])}@{domain}"
+    end = route_length(inner) if inner is not None else 0
+    return f"{quoted_local(inner[end:])}@{domain}" if inner is not None and end else addr

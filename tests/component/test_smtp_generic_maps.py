@@ -362,3 +362,15 @@ async def test_the_relay_client_s_generic_maps_and_header_checks_lines_are_relay
         ("smtp", "Q1: warning: header Subject: s: subject seen"),
         ("smtp", "Q1: multi-valued smtp_generic_maps result for two@box.local"),
     ]
+
+
+@pytest.mark.parametrize("field, sent", [
+    (b"<@r.test:a@z.test>", b"<a@w.test>"),                          # the route asked in the local part, dropped
+    (b"<@[IPv6:2001:db8::1]:a@z.test>", b"<a@w.test>"),               # the route ends at the `:` after the literal
+    (b"<@[IPv6:2001:db8::1],@[192.0.2.1]:a@z.test>", b"<a@w.test>"),  # (review of hunt-finalB #4)
+])
+def test_a_routed_header_address_loses_its_whole_route_when_mapped(field, sent):
+    request = DeliveryRequest("Q8", "s@remote.test", (Recipient(0, "r@remote.test", "r@remote.test"),), "x",
+                              Content.of(b"Cc: " + field + b"\r\n\r\nx\r\n"))
+    wire = generic("inline:{ {@z.test = @w.test} }").wire_form(request)
+    assert wire.head is not None and wire.head[1] == b"Cc: " + sent + b"\r\n"

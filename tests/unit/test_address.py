@@ -309,6 +309,14 @@ def test_an_original_recipient_is_shown_as_postfix_shows_it():
     assert address.shown_original('"joe@x.test') == '"joe@x.test'  # a quote never closed: it lost its last letter
     assert address.shown_original("joe.@x.test.") == '"joe."@x.test.'  # in Postfix's quoting, the domain as it is
     assert address.shown_original('@r.test:a."b c"@x.test') == '"a.b c"@x.test'
+    assert address.shown_original("@[IPv6:2001:db8::1],@r.test:a@x.test") == "a@x.test"  # `:` inside [] is no end
+
+
+def test_a_source_route_ends_at_the_first_colon_outside_an_address_literal():
+    assert address.route_length("@r.test,@q.test:a@x.test") == len("@r.test,@q.test:")
+    assert address.route_length("@[IPv6:2001:db8::1]:a@x.test") == len("@[IPv6:2001:db8::1]:")
+    assert address.route_length("a@x.test") == address.route_length("@[IPv6:2001:db8::1]") == 0
+    assert address.route_length("@[IPv6:1:" + "[" * 50_000) == 0  # an unclosed literal: no route, in linear time
 
 
 @pytest.mark.parametrize("local, internal, external", [
