@@ -304,8 +304,9 @@ class Rewriter:
 
     def _routed_local_part(self, local: str) -> str | None:
         """The address a local part stands for by its routing operator, or None: `user%domain` (allow_percent_hack)
-        is `user@domain` (an empty user is `""`); a quoted one is opened (Postfix's resolve_dequoted_address, on by default), so
-        `"user@domain"` is `user@domain` (and `"user%domain"` too) rather than a local user of that name."""
+        is `user@domain` (an empty user is `""`); a quoted one is opened (Postfix's resolve_dequoted_address, on by
+        default), so `"user@domain"` is `user@domain` (and `"user%domain"` too) rather than a local user of that
+        name."""
         inner = address.unquoted_local(local)
         text = local if inner is None else inner
         if inner is not None and "@" in inner:

@@ -292,8 +292,9 @@ MAPS = {
     "relay_recipient_maps": 'inline:{ {e.1.@relay.test = ok}, {"e 2"@relay.test = ok} }',
     "virtual_mailbox_maps": 'inline:{ {m.1.@vm.test = ok}, {"m 2"@vm.test = ok} }',
     "canonical_maps": 'inline:{ {c.1.@x.test = c1@y.test}, {"c 2"@x.test = c2@y.test} }',  # quoted only
+    # smtpd's check_rcpt_maps: whole addresses and @domain too
     "local_recipient_maps": ('inline:{ {joe@local.test = x}, {@local2.test = x}, {"l.1."@local.test = x}, '
-                             '{r.1.@local.test = x}, {"r 2"@local.test = x} }'),  # smtpd's check_rcpt_maps: whole addresses, @domain
+                             '{r.1.@local.test = x}, {"r 2"@local.test = x} }'),
 }
 MAP_RECIPIENTS = [
     "t.1.@x.test", '"t.1."@x.test', "t.1.+e@x.test", '"t 2"@x.test', '"t 2+e"@x.test',
