@@ -182,6 +182,24 @@ def transport_keys(addr: str, delimiter: str) -> tuple[list[str], tuple[int, ...
     return keys, full
 
 
+def _with_alternates(keys: list[str], full: tuple[int, ...],
+                     alternates: list[str]) -> tuple[list[str], tuple[int, ...]]:
+    """(keys, FULL indices) with each key followed by its alternate (the same key of another spelling of the
+    address) where that differs, FULL where the key is; alternates that do not pair up go before the last key
+    (`*`)."""
+    if len(alternates) != len(keys):
+        extra = [key for key in alternates if key not in keys]
+        return keys[:-1] + extra + keys[-1:], full
+    out: list[str] = []
+    out_full: list[int] = []
+    for i, (key, alternate) in enumerate(zip(keys, alternates)):
+        for one in (key, alternate) if alternate != key else (key,):
+            if i in full:
+                out_full.append(len(out))
+            out.append(one)
+    return out, tuple(out_full)
+
+
 def _transport_domains(domain: str) -> list[str]:
     labels = domain.split(".")
     return [domain] + ["." + ".".join(labels[i:]) for i in range(1, len(labels))]
@@ -451,15 +469,17 @@ class Rewriter:
         return choice
 
     def _transport_override(self, qualified: str) -> tuple[str, str, str] | None:
-        """The transport_maps entry for an address: keys as written (a UTF-8 domain in UTF-8), then with the
-        domain's A-label form, so that either spelling of an IDNA domain in the table matches."""
+        """The transport_maps entry for an address: its keys as written (a UTF-8 domain in UTF-8, as Postfix asks
+        them), each followed by the same key with the domain's A-label form, so that either spelling of an IDNA
+        domain in the table matches, before `*`."""
         if not self._transport_maps:
             return None
         local, _, domain = qualified.rpartition("@")
+        local, written, a_label = local.lower(), domain.lower().rstrip("."), address.normalise_domain(domain)
         delimiter = self._config.recipient_delimiter
-        keys, full = transport_keys(f"{local.lower()}@{domain.lower().rstrip('.')}", delimiter)
-        keys += [k for k in transport_keys(f"{local.lower()}@{address.normalise_domain(domain)}", delimiter)[0]
-                 if k not in keys]
+        keys, full = transport_keys(f"{local}@{written}", delimiter)
+        if a_label and a_label != written:
+            keys, full = _with_alternates(keys, full, transport_keys(f"{local}@{a_label}", delimiter)[0])
         return find(self._transport_maps, keys, full)
 
     def explain(self, addr: str, sender: str | None = None) -> list[tuple[str, str]]:

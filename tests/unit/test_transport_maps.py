@@ -210,3 +210,22 @@ def test_mailflow_address_names_the_fallback_relays_of_smtp_mail_only():
     steps = dict(rw.explain("x@remote.test"))
     assert steps["fallback"].startswith("[192.0.2.7]:2525, backup.test  (smtp.fallback_relay")
     assert "fallback" not in dict(rw.explain("x@local.test"))
+
+
+@pytest.mark.parametrize("table, transport", [
+    ("inline:{ {xn--bcher-kva.test = special:}, {* = star:} }", "special"),   # the A-label key before `*`
+    ("inline:{ {.xn--bcher-kva.test = parent:}, {* = star:} }", "parent"),   # a parent in A-labels too
+    ("inline:{ {bücher.test = u:}, {xn--bcher-kva.test = a:} }", "u"),       # the key as written first
+])
+def test_an_a_label_key_is_asked_next_to_its_u_label_key(table, transport):
+    """(review of hunt-finalB #5: the A-label keys came after `*`, and a pattern table saw only the U-label
+    address)"""
+    assert rewriter(transport_maps=[table]).resolve("bob@sub.bücher.test" if "parent" in transport
+                                                    else "bob@bücher.test").transport == transport
+
+
+def test_a_pattern_table_sees_the_address_in_a_labels_too(tmp_path):
+    """(after the address as written: `/^bob@/` would match that first)"""
+    (tmp_path / "transport.re").write_text("/^bob@xn--bcher-kva\\.test$/ special:\n/^ann@/ other:\n")
+    assert rewriter(transport_maps=[f"regexp:{tmp_path}/transport.re"]).resolve("bob@bücher.test").transport == (
+        "special")
