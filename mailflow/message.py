@@ -167,6 +167,14 @@ def mailbox_line(data: bytes | bytearray, pos: int = 0) -> bool | None:
     return None if begun is not None and begun.end() == len(data) else False
 
 
+def mailbox_line_room(labelled: int, limit: int) -> int:
+    """The most bytes (its line end included) the next leading mbox `From ` line may have, as sent, to be labelled
+    `X-Mailbox-Line: ` after `labelled` bytes of labelled lines (their label and CRLF counted) within `limit`
+    (header_size_limit): the one rule of smtpd's DATA (Wire.mailbox_lines) and sendmail -bs, decided on the whole
+    line, so that labelling never makes a header section too big for a content whose lines would be body."""
+    return limit - labelled - len(MAILBOX_LINE)
+
+
 def mailbox_lines(data: bytes, count: int) -> tuple[int, bytes]:
     labelled, pos = [], 0
     for _ in range(count):

@@ -245,6 +245,9 @@ def test_a_chunk_ending_between_the_cr_and_lf_of_a_line_of_limit_bytes_has_store
     (b"From a\r\n. x\r\n", (1, 8, False)),  # (the raw line's first byte: a dot, no blank)
     (b"From " + b"a" * 20000 + b"\r\nX: y\r\n", (1, 20007, False)),  # a whole long line
     (b"From " + b"a" * 200 + b"\r\nFrom b\r\n", (0, 0, False)),  # past the limit: none of it
+    (b"From " + b"a" * 77 + b"\r\nX: y\r\n", (1, 84, False)),  # labelled, 100 bytes: within the limit
+    (b"From " + b"a" * 78 + b"\r\nX: y\r\n", (0, 0, False)),  # labelled, 101 bytes: past it, so body
+    (b"From a\r\n" * 5 + b"X: y\r\n", (4, 32, False)),  # (4 labelled lines are 96 bytes, a 5th past the limit)
     (b"From a\r\n.\r\n", (1, 8, False)),
 ])
 async def test_the_mbox_lines_data_starts_with_are_found_in_the_lines_as_sent(sent, found):

@@ -11,8 +11,8 @@ What it owns
 - Either way the content is written as it arrives into a spool from the handler's `new_spool(message_size_limit)`
   (mailflow.content.Spool: memory for a small message, a file for a big one), under the DATA rate deadline.
   DATA's content has the mbox `From ` lines it starts with labelled `X-Mailbox-Line: ` (found in the lines as sent
-  by `wire.Wire.mailbox_lines`, within header_size_limit bytes; `labelled_mailbox_lines`), as Postfix's smtpd; not
-  BDAT's, as in Postfix.
+  by `wire.Wire.mailbox_lines`, labelled within header_size_limit bytes; `labelled_mailbox_lines`), as Postfix's
+  smtpd; not BDAT's, as in Postfix.
   At its end the handler's `handle_DATA` finds it as a mailflow.content.Content (`Transaction.content`) and
   answers; the transaction ends however the message ends, and its spool is discarded (what was queued has the
   queue's own name for its file by then). A message queued (250) resets the error counts; BDAT LAST's 250 names

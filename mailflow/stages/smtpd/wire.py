@@ -41,7 +41,7 @@ from typing import Callable
 
 from mailflow import status
 from mailflow.content import Spool
-from mailflow.message import mailbox_line
+from mailflow.message import MAILBOX_LINE, mailbox_line, mailbox_line_room
 
 CHUNK = 65536
 PARTIAL_LINE_KEEP = 65536  # a DATA line longer than this is passed on in pieces, never held whole
@@ -334,10 +334,10 @@ class Wire:
     async def mailbox_lines(self, limit: int) -> tuple[int, int, bool]:
         """At the start of DATA content: (how many lines, how many bytes) of it, as sent, are mbox `From ` lines
         (mailflow.message.mailbox_line: tested on the line as sent, before unstuffing, as Postfix's smtpd tests it:
-        `.From x` is none), whole lines within its first `limit` bytes (header_size_limit: what a header section may
-        be), and whether the line after them starts with a blank (Postfix's smtpd ends the header section there).
-        Nothing is consumed; when the content does not start with `From ` or `>From `, its first bytes decide at
-        once."""
+        `.From x` is none), whole lines that fit, labelled, within `limit` bytes (header_size_limit: what a header
+        section may be; mailflow.message.mailbox_line_room), and whether the line after them starts with a blank
+        (Postfix's smtpd ends the header section there). Nothing is consumed; when the content does not start with
+        `From ` or `>From `, its first bytes decide at once."""
         count = pos = 0
         while True:
             buf = self._buf
@@ -347,10 +347,11 @@ class Wire:
                 continue
             if not found:
                 return count, pos, count > 0 and buf.startswith((b" ", b"\t"), pos)
-            end = buf.find(b"\n", pos, limit + 1) + 1
+            room = pos + mailbox_line_room(pos + len(MAILBOX_LINE) * count, limit)  # (where its LF must lie before)
+            end = buf.find(b"\n", pos, room) + 1
             if not end:
-                if len(buf) > limit:
-                    return count, pos, False  # (more than a header section may be: the rest is unlabelled)
+                if len(buf) >= room:
+                    return count, pos, False  # (labelled, more than a header section may be: it stays unlabelled)
                 await self._fill()
                 continue
             count, pos = count + 1, end
