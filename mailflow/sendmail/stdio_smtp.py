@@ -60,7 +60,7 @@ from mailflow.ehlo_keywords import discards_for, keyword_name
 from mailflow.junk_commands import JunkCount
 from mailflow.logs import MailLog, SmtpdLog
 from mailflow.maildrop import MaildropError
-from mailflow.message import CRLF, MAILBOX_LINE, mailbox_line
+from mailflow.message import CRLF, MAILBOX_LINE, mailbox_line, mailbox_line_room
 from mailflow.reply_footer import FooterClient, footer_lines, footer_values
 from mailflow.sendmail.options import Options, UsageError
 from mailflow.sendmail.reading import LINE_PIECE, clean_address, clean_recipient, line_pieces, lone_cr_as_space
@@ -303,24 +303,34 @@ class StdioSmtp:
         """The DATA content, unstuffed, line by line, up to the "." line; _EndOfInput when input ends first. A
         line longer than LINE_PIECE comes in pieces, only the last ending in CRLF (as read_message gives it): it
         stays one line, as Postfix's smtpd keeps it. The mbox `From ` lines it starts with (`>From ` too, tested
-        on the line as sent, before unstuffing: mailflow.message.mailbox_line), within header_size_limit bytes, are
-        labelled `X-Mailbox-Line: `, header fields, as Postfix's smtpd labels them; a line starting with a blank
-        right after them gets the empty line before it, which ends the header section, as Postfix's smtpd puts it."""
+        on the line as sent, before unstuffing: mailflow.message.mailbox_line), are
+        labelled `X-Mailbox-Line: `, header fields, as Postfix's smtpd labels them, when they fit, labelled, within
+        header_size_limit bytes (mailflow.message.mailbox_line_room: smtpd's DATA rule, decided on the whole line,
+        so a leading line that may be one is held, at most that many bytes, until it is whole); a line starting
+        with a blank right after them gets the empty line before it, which ends the header section, as Postfix's
+        smtpd puts it."""
         at_start, leading, labelled = True, True, 0
         limit = self._sub.config.header_size_limit
+        held = b""  # (a leading line that may be a From line, until its end or until it cannot fit)
         for text, complete, _ in line_pieces(self._in):
             self._data_bytes += len(text) + 2 * complete  # (the bytes received, as a line of them with its CRLF)
             if at_start and complete and text == b".":
                 self._record.message_ended()
                 return
-            if at_start and leading:
-                leading = labelled + len(text) < limit and mailbox_line(text) is True
+            if leading:
+                held += text
+                fits = len(held) + 2 <= mailbox_line_room(labelled, limit)
+                if not complete and fits and mailbox_line(held) is not False:
+                    at_start = False
+                    continue
+                leading = complete and fits and mailbox_line(held) is True
+                text, held, at_start = held, b"", True  # (the line from its start)
                 if leading:
-                    labelled += len(text) + 2
+                    labelled += len(MAILBOX_LINE) + len(text) + 2
                 elif labelled and text.startswith((b" ", b"\t")):
                     yield CRLF  # (the end of the header section, as Postfix's smtpd writes it there)
             piece = lone_cr_as_space(text[1:] if at_start and text.startswith(b".") else text)
-            if at_start and leading:
+            if leading:
                 piece = MAILBOX_LINE + piece
             yield piece + CRLF if complete else piece
             at_start = complete

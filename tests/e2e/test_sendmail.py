@@ -185,6 +185,32 @@ async def test_bs_labels_the_mbox_from_lines_data_starts_with(mailflow_server, s
     assert body == b"From x\r\n"
 
 
+async def test_bs_leaves_from_lines_as_body_when_labelled_they_pass_header_size_limit(mailflow_server, smtp_peer,
+                                                                                        cfg):
+    """smtpd's DATA rule under -bs (mailflow.message.mailbox_line_room), decided on the whole line: a 200 KB From
+    line was labelled on its first 64 KiB piece and the message bounced (header size exceeds limit) where DATA took
+    it for body; 9000 `From a@b` lines (90 KB, 234 KB labelled) were all labelled and refused: as many as fit,
+    labelled, are. Postfix labels them all and truncates a header field past header_size_limit (mime_state);
+    mailflow, which refuses a header section past it, keeps the rest as body and queues both."""
+    peer = await smtp_peer()
+    await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}")
+    dialogue = b"HELO x\r\n"
+    for rcpt, content in ((b"a", b"From " + b"x" * 200_000 + b"\r\n"), (b"b", b"From a@b\r\n" * 9000)):
+        dialogue += b"MAIL FROM:<>\r\nRCPT TO:<%s@relay.test>\r\nDATA\r\n%sSubject: s\r\n\r\nb\r\n.\r\n" % (
+            rcpt, content)
+    rc, out, err = await run(cfg(), "-bs", stdin=dialogue + b"QUIT\r\n")
+    assert rc == 0 and out.count(b"250 2.0.0 Ok: queued") == 2, (out, err)
+    await eventually(lambda: len(peer.messages) == 2, timeout=10)
+    by_rcpt = {tuple(m.rcpt_tos): m.content.partition(b"\r\n\r\n") for m in peer.messages}
+    head, _, body = by_rcpt[("a@relay.test",)]
+    assert b"X-Mailbox-Line" not in head  # (the long line reaches the peer folded at smtp_line_length_limit)
+    assert body.replace(b"\r\n ", b"") == b"From " + b"x" * 200_000 + b"\r\nSubject: s\r\n\r\nb\r\n"
+    labelled = 102_400 // len(b"X-Mailbox-Line: From a@b\r\n")  # (as many as fit, labelled, as smtpd's DATA)
+    head, _, body = by_rcpt[("b@relay.test",)]
+    assert head.count(b"\r\nX-Mailbox-Line: From a@b") == labelled
+    assert body == b"From a@b\r\n" * (9000 - labelled) + b"Subject: s\r\n\r\nb\r\n"
+
+
 async def test_bs_tests_the_mbox_lines_as_sent_and_ends_the_header_section_at_a_blank_after_them(
         mailflow_server, smtp_peer, cfg):
     """As Postfix's smtpd under -bs: `.From` is tested before unstuffing (a body line), and a line starting with a
