@@ -136,8 +136,8 @@ def _open_pid_file(path: Path, flags: int, directory_fd: int | None = None) -> i
     try:
         fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, FILE_MODE, dir_fd=directory_fd)
     except OSError as e:
-        if e.errno not in _NOT_REGULAR:
-            raise
+        if e.errno not in _NOT_REGULAR:  # (named by its full path, not the bare name opened in the directory)
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise RefusedFile(f"is {_NOT_REGULAR[e.errno]}, not a regular file", path) from None
     try:
         refuse_special(os.fstat(fd).st_mode, path)

@@ -123,3 +123,19 @@ def test_a_server_refuses_a_pid_file_that_is_no_regular_file_of_its_own_and_chan
     assert str(info.value) == f"{queue / LOCK_NAME}: {said}"
     assert victim.read_text() == "precious data\n" and stat.S_IMODE(os.stat(victim).st_mode) == 0o600
     QueueLock.acquire(tmp_path / "other").release()  # (nothing left held: no descriptor leaked with the lock)
+
+
+def test_an_error_opening_the_pid_file_names_its_full_path(tmp_path, monkeypatch):
+    """The pid file is opened by name in the queue directory's descriptor: a server that could not open it (run as
+    a user who may not write it) said `Permission denied: 'mailflow.pid'`, no directory. The error names the path."""
+    real_open = os.open
+
+    def refusing_open(name, flags, *args, **kwargs):
+        if name == LOCK_NAME:
+            raise PermissionError(13, "Permission denied", name)  # (what open(2) gives a user who may not write it)
+        return real_open(name, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    with pytest.raises(PermissionError) as info:
+        QueueLock.acquire(tmp_path)
+    assert str(info.value) == f"[Errno 13] Permission denied: '{tmp_path / LOCK_NAME}'"
