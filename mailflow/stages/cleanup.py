@@ -85,7 +85,7 @@ from typing import Callable, Protocol, Sequence
 
 from mailflow.clock import Clock
 from mailflow.config import DEFAULTS
-from mailflow.content import Content, Spool, crlf_only
+from mailflow.content import CHUNK, Content, Spool, crlf_only
 from mailflow.errors import MessageTooBig, PermanentError, TemporaryError
 from mailflow.filters.content_checks import ContentChecks, Inspection
 from mailflow.header_addresses import rewrite_address_fields
@@ -401,11 +401,17 @@ class Cleanup:
     def without_dropped_fields(self, content: Content) -> Content:
         """`content` less the header fields of message_drop_headers (Bcc, Resent-Bcc, ...): what a notice returns of
         a message refused before it was queued, as Postfix's cleanup_bounce returns its queue file, whose header
-        section had them removed."""
-        head, _ = read_header(content, self._header_size_limit)
+        section had them removed. A header section cut at the limit (the 5.3.4 refusal pickup returns) has a
+        dropped field cut there dropped whole: the rest of its line and its continuation lines past the cut too."""
+        head, complete = read_header(content, self._header_size_limit)
         kept = without_fields(head, self._drop_headers)
-        return content if len(kept) == len(head) else Content((kept, *content.after(len(head)).parts),
-                                                              crlf=content.crlf)
+        if len(kept) == len(head):
+            return content
+        rest = content.after(len(head))
+        fields = header_fields(head)
+        if not complete and fields and fields[-1][0] in self._drop_headers:
+            rest = rest.after(_field_rest_length(rest, head.endswith(b"\n")))
+        return Content((kept, *rest.parts), crlf=content.crlf)
 
     def log_queued(self, msg: NewMessage, sub: Submission | None = None, *, orig_id: QueueId = "") -> None:
         """The log lines of a committed message, in Postfix's order: pickup's `uid=` (smtpd's `client=` came with
@@ -479,6 +485,22 @@ def message_ids(head: bytes) -> list[tuple[str, str]]:
     if not any(name == "message-id" for name, _ in found):
         found.append(("message-id", "<>"))
     return found
+
+
+def _field_rest_length(rest: Content, at_line_start: bool) -> int:
+    """How many bytes at the start of `rest` belong to a header field cut before it: the rest of the cut line
+    (unless `at_line_start`) and the continuation lines (starting with a blank) after it; read a chunk at a time,
+    as far as the content goes."""
+    pos = 0
+    while chunk := rest.after(pos).read_prefix(CHUNK):
+        at = 0
+        while at < len(chunk):
+            if at_line_start and chunk[at:at + 1] not in (b" ", b"\t"):
+                return pos + at
+            end = chunk.find(b"\n", at)
+            at, at_line_start = (len(chunk), False) if end < 0 else (end + 1, True)
+        pos += at
+    return pos
 
 
 def _milter_bcc(mapper: AddressMapper, sub: Submission, sender: str) -> tuple[str, MilterEdits]:

@@ -391,6 +391,18 @@ async def test_message_drop_headers_are_removed_with_their_continuations(env, dr
     assert dropped not in head and b"Subject: x\r\nTo: a@example.test\r\n" in head and rest == b"\r\nbody\r\n"
 
 
+@pytest.mark.parametrize("cut", [0, 3, 4, 5, 25])  # (4: at a line start; 3: before its LF)
+def test_a_dropped_field_cut_at_the_header_limit_is_dropped_whole_from_what_a_notice_returns(env, cut):
+    """pickup returns a message refused for its too big header section less its Bcc (without_dropped_fields): a Bcc
+    cut at header_size_limit left the continuation lines past the cut in the notice (`x.test,\r\n secret049@...`),
+    which went to double_bounce_recipient with a null sender. Cut anywhere in the field, none of it is returned."""
+    bcc = b"Bcc: first@x.test,\r\n" + b"".join(b" secret%05d@x.test,\r\n" % i for i in range(6000))
+    padding = b"X-Pad: " + b"p" * (cut + 10) + b"\r\n"  # (moves where the limit cuts the Bcc)
+    data = b"Subject: hi\r\n" + padding + bcc + b" last@x.test\r\nTo: a@x.test\r\n\r\nbody\r\n"
+    returned = env.cleanup.without_dropped_fields(Content.of(data)).to_bytes()
+    assert returned == b"Subject: hi\r\n" + padding + b"To: a@x.test\r\n\r\nbody\r\n"
+
+
 @pytest.mark.parametrize("content, head_names, body", [
     (b"Subject: probe\r\nthis is body text\r\n", ["subject"], b"\r\nthis is body text\r\n"),
     (b"From: a@example.test\r\nnot a header line\r\nSubject: late\r\n\r\nbody\r\n", ["from"],
