@@ -31,7 +31,8 @@ is the first of the body, and cleanup puts the missing empty line before it.
     mailbox_line(data, pos) -> bool | None   the line at `pos` of `data` (as received: before dot-unstuffing) is
                                           an mbox `From ` line (`>From ` too), the one test of smtpd's DATA,
                                           sendmail -bs and sendmail's reading, as Postfix's smtpd and sendmail make
-                                          it; None when `data` ends before it is known
+                                          it, in its first LINE_LENGTH bytes (Postfix's first record);
+                                          None when `data` ends before it is known
     mailbox_lines(data, count) -> (length, labelled)   the first `count` lines of `data` (line ends made CRLF),
                                           each labelled `X-Mailbox-Line: ` as Postfix's smtpd labels the mbox lines
                                           DATA content starts with (a header field, not a line that ends the header
@@ -161,10 +162,11 @@ _MAILBOX_LINE_BEGUN = re.compile(rb">*(?:F(?:r(?:om?)?)?)?")  # what may yet tur
 
 
 def mailbox_line(data: bytes | bytearray, pos: int = 0) -> bool | None:
-    if _MAILBOX_LINE.match(data, pos):
+    record = pos + LINE_LENGTH  # (tested in the line's first record, as Postfix's smtpd tests it: a longer run of
+    if _MAILBOX_LINE.match(data, pos, record):  # `>` is no From line, whatever follows it)
         return True
-    begun = _MAILBOX_LINE_BEGUN.match(data, pos)
-    return None if begun is not None and begun.end() == len(data) else False
+    begun = _MAILBOX_LINE_BEGUN.match(data, pos, record)
+    return None if begun is not None and begun.end() == len(data) < record else False
 
 
 def mailbox_line_room(labelled: int, limit: int) -> int:

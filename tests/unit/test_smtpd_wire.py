@@ -248,11 +248,13 @@ def test_a_chunk_ending_between_the_cr_and_lf_of_a_line_of_limit_bytes_has_store
     (b"From " + b"a" * 77 + b"\r\nX: y\r\n", (1, 84, False)),  # labelled, 100 bytes: within the limit
     (b"From " + b"a" * 78 + b"\r\nX: y\r\n", (0, 0, False)),  # labelled, 101 bytes: past it, so body
     (b"From a\r\n" * 5 + b"X: y\r\n", (4, 32, False)),  # (4 labelled lines are 96 bytes, a 5th past the limit)
+    (b">" * 2043 + b"From a\r\nX: y\r\n", (1, 2051, False)),  # `From ` within the line's first 2048-byte record
+    (b">" * 2044 + b"From a\r\nX: y\r\n", (0, 0, False)),  # past it: no From line (Postfix's smtpd tests that record)
     (b"From a\r\n.\r\n", (1, 8, False)),
 ])
 async def test_the_mbox_lines_data_starts_with_are_found_in_the_lines_as_sent(sent, found):
     wire = Wire("mx.test")
-    reader = asyncio.ensure_future(wire.mailbox_lines(limit=30_000 if len(sent) > 20000 else 100))
+    reader = asyncio.ensure_future(wire.mailbox_lines(limit=30_000 if len(sent) > 2000 else 100))
     for at in range(0, len(sent), 7):  # (however the reads fall)
         wire.feed(sent[at:at + 7])
         await asyncio.sleep(0)
