@@ -324,14 +324,13 @@ def macro_names(session) -> dict[str, set[tuple[str, ...]]]:
     return found
 
 
-async def test_a_milter_that_asks_for_no_macros_is_sent_postfix_s_default_lists(mailflow_server):
-    """Postfix 3.7's milter_*_macros defaults (postconf -d): connect `j {daemon_name} {daemon_addr} v _`, HELO the
-    TLS ones (none without TLS), MAIL `i {auth_type} {auth_authen} {auth_author} {mail_addr} {mail_host}
-    {mail_mailer}`, RCPT `i {rcpt_addr} {rcpt_host} {rcpt_mailer}`, `i` with DATA, the headers and the body: the
-    same names each event, but {mail_host}, {mail_mailer}, {rcpt_host} and {rcpt_mailer}, which mailflow has not
-    (Postfix's resolver's answer for the address)."""
+async def macros_sent_alike(mailflow_server, negotiation: bytes | None = None) -> dict[str, set[tuple[str, ...]]]:
+    """One macro_session through a private Postfix and one through mailflow, behind the same scripted milter (its
+    OPTNEG reply `negotiation`, else the default one): the macro names mailflow sent must be Postfix's, but for
+    {mail_host}, {mail_mailer}, {rcpt_host} and {rcpt_mailer}, which mailflow has not (Postfix's resolver's answer
+    for the address). Returns Postfix's, for the test's own assertions."""
     unknown = {"{mail_host}", "{mail_mailer}", "{rcpt_host}", "{rcpt_mailer}"}
-    async with scripted_milter() as milter:
+    async with scripted_milter(negotiation=negotiation) as milter:
         async with postfix_instance({"myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "smtpd_milters": milter.spec,
                                      "mynetworks": "127.0.0.0/8"}) as pf:
             await macro_session(pf.port)
@@ -343,6 +342,16 @@ async def test_a_milter_that_asks_for_no_macros_is_sent_postfix_s_default_lists(
         mailflow = macro_names(milter.sessions[-1])
     assert mailflow == {stage: {tuple(n for n in names if n not in unknown) for names in lists}
                         for stage, lists in postfix.items()}
+    return postfix
+
+
+async def test_a_milter_that_asks_for_no_macros_is_sent_postfix_s_default_lists(mailflow_server):
+    """Postfix 3.7's milter_*_macros defaults (postconf -d): connect `j {daemon_name} {daemon_addr} v _`, HELO the
+    TLS ones (none without TLS), MAIL `i {auth_type} {auth_authen} {auth_author} {mail_addr} {mail_host}
+    {mail_mailer}`, RCPT `i {rcpt_addr} {rcpt_host} {rcpt_mailer}`, `i` with DATA, the headers and the body: the
+    same names each event, but {mail_host}, {mail_mailer}, {rcpt_host} and {rcpt_mailer}, which mailflow has not
+    (Postfix's resolver's answer for the address)."""
+    postfix = await macros_sent_alike(mailflow_server)
     assert postfix["C"] == {("_", "j", "v", "{daemon_addr}", "{daemon_name}")}
     assert postfix["M"] == {("{mail_addr}", "{mail_host}", "{mail_mailer}")}
 
@@ -356,18 +365,6 @@ async def test_an_empty_setsymlist_list_is_the_defaults_and_one_of_blanks_is_no_
     mailflow took for one unknown name and sent nothing."""
     asks = optneg(macros=struct.pack("!I", 0) + b"\0" + struct.pack("!I", 2) + b" \0"  # connect "", MAIL " "
                   + struct.pack("!I", 3) + b"{rcpt_addr},i\0")  # RCPT "{rcpt_addr},i"
-    unknown = {"{mail_host}", "{mail_mailer}", "{rcpt_host}", "{rcpt_mailer}"}
-    async with scripted_milter(negotiation=asks) as milter:
-        async with postfix_instance({"myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "smtpd_milters": milter.spec,
-                                     "mynetworks": "127.0.0.0/8"}) as pf:
-            await macro_session(pf.port)
-            await eventually(lambda: any(c == b"Q" for c, _ in milter.sessions[-1]), timeout=10)
-            postfix = macro_names(milter.sessions[-1])
-        mf = await mailflow_server(myhostname=MF_HOST, mynetworks=["127.0.0.0/8"], smtpd={"milters": [milter.spec]})
-        await macro_session(mf.smtp_addresses[0][1])
-        await eventually(lambda: any(c == b"Q" for c, _ in milter.sessions[-1]), timeout=10)
-        mailflow = macro_names(milter.sessions[-1])
-    assert mailflow == {stage: {tuple(n for n in names if n not in unknown) for names in lists}
-                        for stage, lists in postfix.items()}
+    postfix = await macros_sent_alike(mailflow_server, negotiation=asks)
     assert postfix["C"] == {("_", "j", "v", "{daemon_addr}", "{daemon_name}")} and "M" not in postfix
     assert ("i", "{rcpt_addr}") in postfix["R"]
