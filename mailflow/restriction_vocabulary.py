@@ -28,7 +28,9 @@ which names can refuse relaying. `mailflow.config` validates every `smtpd.*_rest
     check_classes(classes)               ValueError for a bad class name, or classes that name each other in a
                                          loop (check_item refuses an undefined one)
     expand(items, classes) -> names      the names of a list and of its classes' items, recursively (a set)
-    relay_guard(items, classes) -> GUARDED, PERMITTED or NEITHER: the list reaches a relay guard or a bare permit
+    relay_guard(items, classes) -> GUARDED, PERMITTED or NEITHER: the list reaches a relay guard or a permit of
+                                         whatever the client chooses (is_client_chosen_permit: permit,
+                                         permit_naked_ip_address, an access check of a permitting static: table)
                                          first, or neither (a warned guard does not count; a permit, in a class
                                          too, ends the search)
 
@@ -51,6 +53,7 @@ from typing import Iterable, Mapping, Sequence
 from mailflow.address import normalise_domain
 from mailflow.syntax import is_ipv4, parse_policy_service
 from mailflow.tables import check_spec
+from mailflow.tables.memory import table_entries
 
 RCPT_STAGES = ("client", "helo", "sender", "relay", "recipient")
 STAGES = RCPT_STAGES + ("data", "end_of_data", "etrn")
@@ -209,24 +212,43 @@ def expand(items: Iterable[str], classes: Mapping[str, Iterable[str]]) -> set[st
 
 def relay_guard(items: Sequence[str], classes: Mapping[str, Sequence[str]]) -> str:
     """Whether a list can refuse relaying: GUARDED when it reaches one of RELAY_GUARDS, in the list or recursively
-    in a class it names, before any bare `permit` (what follows a permit never runs: `permit,
-    reject_unauth_destination` is an open relay), PERMITTED when it reaches a bare permit first, else NEITHER. An
-    item after a run of warn_if_reject refuses nothing, yet a warned `permit` still permits. Stricter than
-    Postfix's has_required on purpose: a class that reaches a `permit` before a guard ends the outer list's search
-    too (as it ends the list at runtime), where Postfix searches on after the class. Classes that name each other
+    in a class it names, before any item that permits whatever the client chooses (what follows it never runs:
+    `permit, reject_unauth_destination` is an open relay), PERMITTED when it reaches such a permit first, else
+    NEITHER. Those permits (is_client_chosen_permit): `permit`, `permit_naked_ip_address` (the client chooses its
+    HELO) and a check_*_access of a static: table whose value permits. An item after a run of warn_if_reject
+    refuses nothing, yet a warned permit still permits. Stricter than Postfix's has_required on purpose: a class
+    that reaches a permit before a guard ends the outer list's search too (as it ends the list at runtime), where
+    Postfix searches on after the class. Classes that name each other
     in a loop were refused before (check_classes)."""
     return _reaches(items, {name.lower(): value for name, value in classes.items()}, False, {})
 
 
 GUARDED, PERMITTED, NEITHER = "guarded", "permit reached", "neither"  # what a walk of a list meets first
+_PERMIT_ACCESS_VALUES = ("ok", "relay", "permit", "permit_naked_ip_address")  # and an all-digit value
+
+
+def is_client_chosen_permit(item: str) -> bool:
+    """`item` permits whatever the client sends: `permit`, `permit_naked_ip_address` (it permits a client that
+    says `HELO 198.51.100.7`), or a check_*_access of a static: table whose value is OK, RELAY, a permit or all
+    digits (every key answers it)."""
+    name, arg = split_item(item)
+    if name in ("permit", "permit_naked_ip_address"):
+        return True
+    if name not in ACCESS_CHECKS and name not in SERVER_ACCESS_CHECKS and name != REVERSE_CLIENT_ACCESS:
+        return False
+    if not arg.lower().startswith("static:"):
+        return False
+    entries = table_entries(arg) or ()
+    values = [value.split()[0].lower() for _, value in entries if value.split()]
+    return bool(values) and all(v in _PERMIT_ACCESS_VALUES or v.isdigit() for v in values)
 
 
 def _reaches(items: Sequence[str], classes: Mapping[str, Sequence[str]], warned: bool,
              known: dict[tuple[str, bool], str]) -> str:
-    """GUARDED or PERMITTED by the first of a guard or a bare permit the list reaches, else NEITHER; with `warned`
-    (the list is a class named right after warn_if_reject) no guard counts. `known` holds each class's result,
-    computed once: it depends only on the class's items and on being warned, never on where the class is named
-    (a warn_if_reject at a class's end does not carry out of it, as in Postfix)."""
+    """GUARDED or PERMITTED by the first of a guard or a client-chosen permit the list reaches, else NEITHER;
+    with `warned` (the list is a class named right after warn_if_reject) no guard counts. `known` holds each
+    class's result, computed once: it depends only on the class's items and on being warned, never on where the
+    class is named (a warn_if_reject at a class's end does not carry out of it, as in Postfix)."""
     warn_next = False
     for item in items:
         name = split_item(item)[0]
@@ -234,7 +256,7 @@ def _reaches(items: Sequence[str], classes: Mapping[str, Sequence[str]], warned:
             warn_next = True
             continue
         item_warned, warn_next = warned or warn_next, False
-        if name == "permit":
+        if is_client_chosen_permit(item):
             return PERMITTED
         if name in RELAY_GUARDS and not item_warned:
             return GUARDED

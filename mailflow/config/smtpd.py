@@ -392,8 +392,9 @@ class SmtpdConfig(SmtpdFilterSettings):
             reasons = "; ".join(f"{key} {'reaches a permit first' if result == PERMITTED else 'reaches none'}"
                                 for key, result in found.items())
             raise ValueError(f"relay_restrictions or recipient_restrictions must reach one of {', '.join(RELAY_GUARDS)}"
-                             f" before any permit (in a class too), not after warn_if_reject ({reasons}): else this"
-                             " server relays for anyone")
+                             " before any permit of what the client chooses (permit, permit_naked_ip_address, a"
+                             f" permitting static: access table; in a class too), not after warn_if_reject ({reasons}):"
+                             " else this server relays for anyone")
         return self
 
     @field_validator("unknown_address_tempfail_action", "unknown_helo_hostname_tempfail_action",

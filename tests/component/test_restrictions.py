@@ -660,12 +660,23 @@ def test_a_permit_before_the_relay_guard_leaves_the_relay_open():
     guarded = (["permit_mynetworks", "permit_sasl_authenticated", "reject_unauth_destination"],
                ["check_client_access inline:{192.0.2.1=OK}", "reject_unauth_destination"], ["guard"],
                ["mine", "reject_unauth_destination"], ["warn_if_reject", "guard", "reject_unauth_destination"],
-               ["warn_if_reject", "warn_if_reject", "reject", "reject_unauth_destination"])
+               ["warn_if_reject", "warn_if_reject", "reject", "reject_unauth_destination"],
+               ["check_helo_access static:DUNNO", "guard"])
     for relay in guarded:
         config_from_dict({"smtpd": {"restriction_classes": classes, "relay_restrictions": relay,
                                     "recipient_restrictions": []}})
     config_from_dict({"smtpd": {"relay_restrictions": ["permit"], "recipient_restrictions": ["defer"]}})
     config_from_dict({"smtpd": {"relay_restrictions": [], "recipient_restrictions": ["reject_unauth_destination"]}})
+
+
+def test_a_permit_the_client_chooses_before_the_guard_leaves_the_relay_open():
+    # Postfix 3.7.11 starts with these and relays for a client that says `HELO 198.51.100.7` (any client, for a
+    # static: table); mailflow promises no open relay, so they count as a bare permit
+    for item in ("permit_naked_ip_address", "check_helo_access static:OK", "check_client_access static:relay",
+                 "check_sender_access static:{ permit }", "check_recipient_access static:250"):
+        with pytest.raises(ConfigError, match=r"relay_restrictions reaches a permit first;"):
+            config_from_dict({"smtpd": {"relay_restrictions": [item, "reject_unauth_destination"],
+                                        "recipient_restrictions": []}})
 
 
 def test_the_sender_list_is_skipped_outside_a_transaction():

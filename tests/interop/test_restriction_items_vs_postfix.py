@@ -266,7 +266,8 @@ async def test_the_bounce_code_and_logged_permits_as_postfix(mailflow_server, ca
     permits = ["permit_auth_destination", "permit_naked_ip_address"]
     main_cf = {"mydestination": "local.test", "local_recipient_maps": "inline:{alice=ok, bob=ok}",
                "multi_recipient_bounce_reject_code": "450", "smtpd_log_access_permit_actions": ", ".join(permits),
-               "smtpd_relay_restrictions": "", "smtpd_recipient_restrictions": CODE_AND_PERMITS["restrictions"]}
+               "smtpd_relay_restrictions": "reject_unauth_destination",  # (a naked IP permits what the client chooses)
+               "smtpd_recipient_restrictions": CODE_AND_PERMITS["restrictions"]}
     async with postfix_instance(main_cf) as postfix:
         offset = await postfix.sessions_ended()
         expected = [await replay_one(postfix.port, s) for s in CODE_AND_PERMITS["sessions"]]
@@ -274,7 +275,8 @@ async def test_the_bounce_code_and_logged_permits_as_postfix(mailflow_server, ca
                                               since=offset)).splitlines()
     mf = await mailflow_server(mydestination=["local.test"], local_recipient_maps=["inline:{alice=ok, bob=ok}"], smtpd={
         "multi_recipient_bounce_reject_code": 450, "log_access_permit_actions": permits, "error_sleep_time": "0s",
-        "relay_restrictions": [], "recipient_restrictions": CODE_AND_PERMITS["restrictions"].split(", ")})
+        "relay_restrictions": ["reject_unauth_destination"],
+        "recipient_restrictions": CODE_AND_PERMITS["restrictions"].split(", ")})
     got = [await replay_one(mf.smtp_addresses[0][1], s) for s in CODE_AND_PERMITS["sessions"]]
     assert got == expected
     assert expected[0][-1] == "450 4.5.3 <bob@local.test>: Recipient address rejected: Multi-recipient bounce"
