@@ -28,11 +28,12 @@ which names can refuse relaying. `mailflow.config` validates every `smtpd.*_rest
     check_classes(classes)               ValueError for a bad class name, or classes that name each other in a
                                          loop (check_item refuses an undefined one)
     expand(items, classes) -> names      the names of a list and of its classes' items, recursively (a set)
-    relay_guard(items, classes) -> GUARDED, PERMITTED or NEITHER: the list reaches a relay guard or a permit of
-                                         whatever the client chooses (is_client_chosen_permit: permit,
-                                         permit_naked_ip_address, an access check of a permitting static: table)
-                                         first, or neither (a warned guard does not count; a permit, in a class
-                                         too, ends the search)
+    relay_guard(label, items, classes) -> Found(GUARDED | PERMITTED | NEITHER, path, warned_guard): the list
+                                         reaches a relay guard or a permit of whatever the client chooses
+                                         (is_client_chosen_permit: permit, permit_naked_ip_address, an access
+                                         check of a permitting static: table) first, or neither (a warned guard
+                                         does not count; a permit, in a class too, ends the search); the path
+                                         says where
 
 Why this module is a leaf outside `mailflow/stages/smtpd/`: importing any module under that package runs the
 package's `__init__`, which imports the whole SMTP server (aiosmtpd, the session, the handler). The
@@ -48,7 +49,7 @@ nothing else raises.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, NamedTuple, Sequence
 
 from mailflow.address import normalise_domain
 from mailflow.syntax import is_ipv4, parse_policy_service
@@ -178,20 +179,30 @@ def check_classes(classes: Mapping[str, Iterable[str]]) -> None:
         if name in KNOWN or name in ACCESS_ACTIONS:
             raise ValueError(f"{name!r}: a restriction class cannot have the name of a restriction or an access "
                              "action")
-    free: set[str] = set()  # classes found to reach no loop (each is walked once, however often it is named)
-    for name in classes:
-        _refuse_loop([name], classes, free)
+    _refuse_loops(classes)
 
 
-def _refuse_loop(path: list[str], classes: Mapping[str, Iterable[str]], free: set[str]) -> None:
-    for item in classes[path[-1]]:
-        word = split_item(item)[0]
-        if word not in classes or word in free:
-            continue
-        if word in path:
-            raise ValueError(f"{path[0]}: the restriction classes loop: {' -> '.join(path + [word])}")
-        _refuse_loop(path + [word], classes, free)
-    free.add(path[-1])
+def _refuse_loops(classes: Mapping[str, Iterable[str]]) -> None:
+    """ValueError naming the first loop of classes found; a depth-first walk with an explicit stack (a chain of
+    thousands of classes is no recursion), each class walked once however often it is named."""
+    free: set[str] = set()  # classes found to reach no loop
+    for start in classes:
+        path, on_path, todo = [start], {start}, [iter(classes[start])]
+        while todo:
+            item = next(todo[-1], None)
+            if item is None:
+                free.add(path[-1])
+                on_path.discard(path.pop())
+                todo.pop()
+                continue
+            word = split_item(item)[0]
+            if word not in classes or word in free:
+                continue
+            if word in on_path:
+                raise ValueError(f"{path[0]}: the restriction classes loop: {' -> '.join(path + [word])}")
+            path.append(word)
+            on_path.add(word)
+            todo.append(iter(classes[word]))
 
 
 def expand(items: Iterable[str], classes: Mapping[str, Iterable[str]]) -> set[str]:
@@ -210,21 +221,33 @@ def expand(items: Iterable[str], classes: Mapping[str, Iterable[str]]) -> set[st
     return names
 
 
-def relay_guard(items: Sequence[str], classes: Mapping[str, Sequence[str]]) -> str:
-    """Whether a list can refuse relaying: GUARDED when it reaches one of RELAY_GUARDS, in the list or recursively
-    in a class it names, before any item that permits whatever the client chooses (what follows it never runs:
-    `permit, reject_unauth_destination` is an open relay), PERMITTED when it reaches such a permit first, else
-    NEITHER. Those permits (is_client_chosen_permit): `permit`, `permit_naked_ip_address` (the client chooses its
-    HELO) and a check_*_access of a static: table whose value permits. An item after a run of warn_if_reject
-    refuses nothing, yet a warned permit still permits. Stricter than Postfix's has_required on purpose: a class
-    that reaches a permit before a guard ends the outer list's search too (as it ends the list at runtime), where
-    Postfix searches on after the class. Classes that name each other
-    in a loop were refused before (check_classes)."""
-    return _reaches(items, {name.lower(): value for name, value in classes.items()}, False, {})
+def relay_guard(label: str, items: Sequence[str], classes: Mapping[str, Sequence[str]]) -> Found:
+    """Whether the list `label` can refuse relaying: GUARDED when it reaches one of RELAY_GUARDS, in the list or
+    in a class it names (at any depth), before any item that permits whatever the client chooses (what follows
+    it never runs: `permit, reject_unauth_destination` is an open relay), PERMITTED when it reaches such a
+    permit first, else NEITHER. Those permits (is_client_chosen_permit): `permit`, `permit_naked_ip_address`
+    (the client chooses its HELO) and a check_*_access of a static: table whose value permits. An item after a
+    run of warn_if_reject refuses nothing, yet a warned permit still permits. Stricter than Postfix's
+    has_required on purpose: a class that reaches a permit before a guard ends the outer list's search too (as
+    it ends the list at runtime), where Postfix searches on after the class. Classes that name each other in a
+    loop were refused before (check_classes). Found.path says where, `relay_restrictions[1] c1 -> c1[0] permit`;
+    with NEITHER, Found.warned_guard the first guard met only under warn_if_reject, if any."""
+    return _reaches(label, items, {name.lower(): value for name, value in classes.items()})
 
 
 GUARDED, PERMITTED, NEITHER = "guarded", "permit reached", "neither"  # what a walk of a list meets first
 _PERMIT_ACCESS_VALUES = ("ok", "relay", "permit", "permit_naked_ip_address")  # and an all-digit value
+
+
+class Found(NamedTuple):
+    result: str  # GUARDED, PERMITTED or NEITHER
+    path: tuple[str, ...] = ()  # the items that lead to it, `list[index] item`, outer first
+    warned_guard: tuple[str, ...] = ()  # NEITHER: the path to the first guard met under warn_if_reject
+
+    def where(self) -> str:
+        """The path for a message: its first three and last two steps when it is longer."""
+        steps = self.path or self.warned_guard
+        return " -> ".join(steps if len(steps) <= 6 else (*steps[:3], "...", *steps[-2:]))
 
 
 def is_client_chosen_permit(item: str) -> bool:
@@ -243,30 +266,60 @@ def is_client_chosen_permit(item: str) -> bool:
     return bool(values) and all(v in _PERMIT_ACCESS_VALUES or v.isdigit() for v in values)
 
 
-def _reaches(items: Sequence[str], classes: Mapping[str, Sequence[str]], warned: bool,
-             known: dict[tuple[str, bool], str]) -> str:
-    """GUARDED or PERMITTED by the first of a guard or a client-chosen permit the list reaches, else NEITHER;
-    with `warned` (the list is a class named right after warn_if_reject) no guard counts. `known` holds each
-    class's result, computed once: it depends only on the class's items and on being warned, never on where the
-    class is named (a warn_if_reject at a class's end does not carry out of it, as in Postfix)."""
-    warn_next = False
-    for item in items:
-        name = split_item(item)[0]
-        if name == WARN_IF_REJECT:
-            warn_next = True
-            continue
-        item_warned, warn_next = warned or warn_next, False
-        if is_client_chosen_permit(item):
-            return PERMITTED
-        if name in RELAY_GUARDS and not item_warned:
-            return GUARDED
-        if name in classes:
-            key = (name, item_warned)
-            if key not in known:
-                known[key] = _reaches(classes[name], classes, item_warned, known)
-            if known[key] != NEITHER:
-                return known[key]
-    return NEITHER
+class _Walk:
+    """One list or class being walked: where it is, whether it is warned, the first warned guard met."""
+
+    def __init__(self, label: str, items: Sequence[str], warned: bool):
+        self.label, self.items, self.warned = label, items, warned
+        self.at, self.warn_next = 0, False
+        self.warned_guard: tuple[str, ...] = ()
+
+    def advance(self, classes: Mapping[str, Sequence[str]],
+                known: dict[tuple[str, bool], Found]) -> Found | tuple[str, bool]:
+        """This walk's Found, or the (class, warned) it needs first (not in `known` yet)."""
+        while self.at < len(self.items):
+            item = self.items[self.at]
+            name = split_item(item)[0]
+            here = f"{self.label}[{self.at}] {item.strip()}"
+            if name == WARN_IF_REJECT:
+                self.warn_next, self.at = True, self.at + 1
+                continue
+            item_warned = self.warned or self.warn_next
+            if name in classes:
+                if (name, item_warned) not in known:
+                    return name, item_warned
+                found = known[(name, item_warned)]
+                if found.result != NEITHER:
+                    return found._replace(path=(here,) + found.path)
+                if found.warned_guard and not self.warned_guard:
+                    self.warned_guard = (here,) + found.warned_guard
+            elif is_client_chosen_permit(item):
+                return Found(PERMITTED, (here,))
+            elif name in RELAY_GUARDS:
+                if not item_warned:
+                    return Found(GUARDED, (here,))
+                self.warned_guard = self.warned_guard or (here,)
+            self.warn_next, self.at = False, self.at + 1
+        return Found(NEITHER, (), self.warned_guard)
+
+
+def _reaches(label: str, items: Sequence[str], classes: Mapping[str, Sequence[str]]) -> Found:
+    """The walk behind relay_guard, with an explicit stack (a chain of thousands of classes is no recursion).
+    Each class's Found is computed once per warned state: it depends only on the class's items and on being
+    warned, never on where the class is named (a warn_if_reject at a class's end does not carry out of it, as
+    in Postfix)."""
+    known: dict[tuple[str, bool], Found] = {}
+    stack = [_Walk(label, items, False)]
+    while True:
+        walk = stack[-1]
+        step = walk.advance(classes, known)
+        if isinstance(step, Found):
+            stack.pop()
+            if not stack:
+                return step
+            known[(walk.label, walk.warned)] = step
+        else:
+            stack.append(_Walk(step[0], classes[step[0]], step[1]))
 
 
 def _check_access_table(name: str, spec: str) -> None:

@@ -27,7 +27,7 @@ from mailflow.ehlo_keywords import discard_set
 from mailflow.rbl_reply import DEFAULT_RBL_REPLY, check_rbl_template
 from mailflow.reply_footer import POSTSCREEN_FOOTER_MACROS, check_footer
 from mailflow.restriction_vocabulary import (ALL_PERMITS, LOGGED_PERMITS, PERMIT_VALUES_TEXT, GUARDED,
-                                             PERMITTED, RELAY_GUARDS, relay_guard)
+                                             PERMITTED, RELAY_GUARDS, Found, relay_guard)
 from mailflow.syntax import parse_endpoint, parse_hostport
 
 
@@ -178,6 +178,17 @@ class ListenerConfig(Section):
     def _address(cls, v: str) -> str:
         parse_hostport(v)
         return v
+
+
+def _unguarded_reason(key: str, found: Found) -> str:
+    """Where a list that cannot refuse relaying goes wrong: `relay_restrictions[1] c1 -> c1[0] permit` first, a
+    guard only under warn_if_reject, or no guard at all."""
+    if found.result == PERMITTED:
+        return f"{key} reaches a permit first: {found.where()}"
+    if found.warned_guard:
+        guard = found.warned_guard[-1].split("] ", 1)[1]
+        return f"{key}: {guard} under warn_if_reject only warns: {found.where()}"
+    return f"{key} reaches none"
 
 
 class SmtpdConfig(SmtpdFilterSettings):
@@ -386,15 +397,14 @@ class SmtpdConfig(SmtpdFilterSettings):
     def _relay_guarded(self) -> "SmtpdConfig":
         """Refuse to start when neither list can refuse relaying (Postfix's smtpd_check_init; stricter on purpose:
         a class reaching a bare permit before a guard leaves the list unguarded, see docs/security.md)."""
-        found = {key: relay_guard(getattr(self, key), self.restriction_classes)
+        found = {key: relay_guard(key, getattr(self, key), self.restriction_classes)
                  for key in ("relay_restrictions", "recipient_restrictions")}
-        if GUARDED not in found.values():
-            reasons = "; ".join(f"{key} {'reaches a permit first' if result == PERMITTED else 'reaches none'}"
-                                for key, result in found.items())
+        if all(f.result != GUARDED for f in found.values()):
+            reasons = "; ".join(_unguarded_reason(key, f) for key, f in found.items())
             raise ValueError(f"relay_restrictions or recipient_restrictions must reach one of {', '.join(RELAY_GUARDS)}"
                              " before any permit of what the client chooses (permit, permit_naked_ip_address, a"
-                             f" permitting static: access table; in a class too), not after warn_if_reject ({reasons}):"
-                             " else this server relays for anyone")
+                             " permitting static: access table; in a class too), not after warn_if_reject"
+                             f" ({reasons}): else this server relays for anyone")
         return self
 
     @field_validator("unknown_address_tempfail_action", "unknown_helo_hostname_tempfail_action",

@@ -654,7 +654,7 @@ def test_a_permit_before_the_relay_guard_leaves_the_relay_open():
                  ["warn_if_reject", "permit", "reject_unauth_destination"],
                  ["warn_if_reject", "warned", "reject_unauth_destination"])
     for relay in unguarded:
-        with pytest.raises(ConfigError, match=r"smtpd: .*must reach one of .*relay_restrictions reaches"):
+        with pytest.raises(ConfigError, match=r"smtpd: .*must reach one of .*\(relay_restrictions"):
             config_from_dict({"smtpd": {"restriction_classes": classes, "relay_restrictions": relay,
                                         "recipient_restrictions": []}})
     guarded = (["permit_mynetworks", "permit_sasl_authenticated", "reject_unauth_destination"],
@@ -674,9 +674,36 @@ def test_a_permit_the_client_chooses_before_the_guard_leaves_the_relay_open():
     # static: table); mailflow promises no open relay, so they count as a bare permit
     for item in ("permit_naked_ip_address", "check_helo_access static:OK", "check_client_access static:relay",
                  "check_sender_access static:{ permit }", "check_recipient_access static:250"):
-        with pytest.raises(ConfigError, match=r"relay_restrictions reaches a permit first;"):
+        with pytest.raises(ConfigError, match=r"relay_restrictions reaches a permit first: relay_restrictions\[0\]"):
             config_from_dict({"smtpd": {"relay_restrictions": [item, "reject_unauth_destination"],
                                         "recipient_restrictions": []}})
+
+
+def test_the_relay_guard_refusal_says_where():
+    classes = {"c1": ["c2"], "c2": ["check_helo_access static:DUNNO", "permit"]}
+    with pytest.raises(ConfigError, match=r"relay_restrictions reaches a permit first: relay_restrictions\[1\] c1 -> "
+                                          r"c1\[0\] c2 -> c2\[1\] permit; recipient_restrictions reaches none\)"):
+        config_from_dict({"smtpd": {"restriction_classes": classes, "recipient_restrictions": [],
+                                    "relay_restrictions": ["permit_mynetworks", "c1", "reject_unauth_destination"]}})
+    with pytest.raises(ConfigError, match=r"relay_restrictions: reject_unauth_destination under warn_if_reject only "
+                                          r"warns: relay_restrictions\[2\] reject_unauth_destination;"):
+        config_from_dict({"smtpd": {"recipient_restrictions": [], "relay_restrictions": [
+            "permit_mynetworks", "warn_if_reject", "reject_unauth_destination"]}})
+
+
+def test_a_long_chain_of_restriction_classes_loads():
+    # no recursion in the loop check or the relay guard's walk (3000 classes raised a bare RecursionError)
+    classes = {f"c{i}": [f"c{i + 1}"] for i in range(3000)}
+    classes["c3000"] = ["reject_unauth_destination"]
+    config_from_dict({"smtpd": {"restriction_classes": classes, "relay_restrictions": ["c0"]}})
+    classes["c3000"] = ["permit"]
+    with pytest.raises(ConfigError, match=r"relay_restrictions\[0\] c0 -> c0\[0\] c1 -> c1\[0\] c2 -> \.\.\. -> "
+                                          r"c2999\[0\] c3000 -> c3000\[0\] permit;"):
+        config_from_dict({"smtpd": {"restriction_classes": classes, "relay_restrictions": ["c0"],
+                                    "recipient_restrictions": []}})
+    classes["c3000"] = ["c0"]
+    with pytest.raises(ConfigError, match=r"c0: the restriction classes loop: c0 -> c1 -> .* -> c3000 -> c0"):
+        config_from_dict({"smtpd": {"restriction_classes": classes, "relay_restrictions": ["c0"]}})
 
 
 def test_the_sender_list_is_skipped_outside_a_transaction():
