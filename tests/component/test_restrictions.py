@@ -661,7 +661,7 @@ def test_a_permit_before_the_relay_guard_leaves_the_relay_open():
                ["check_client_access inline:{192.0.2.1=OK}", "reject_unauth_destination"], ["guard"],
                ["mine", "reject_unauth_destination"], ["warn_if_reject", "guard", "reject_unauth_destination"],
                ["warn_if_reject", "warn_if_reject", "reject", "reject_unauth_destination"],
-               ["check_helo_access static:DUNNO", "guard"])
+               ["warn_if_reject", "guard", "guard"], ["check_helo_access static:DUNNO", "guard"])
     for relay in guarded:
         config_from_dict({"smtpd": {"restriction_classes": classes, "relay_restrictions": relay,
                                     "recipient_restrictions": []}})
