@@ -37,12 +37,14 @@ import logging
 import os
 import re
 import time
+import types
 from pathlib import Path
 
 import pytest
 
 from mailflow.app import Mailflow
 from mailflow.config import config_from_dict
+from mailflow.restriction_vocabulary import RELAY_GUARDS, WARN_IF_REJECT, expand, split_item
 from tests.support import base_settings, eventually, merged, postfix_instance
 from tests.support.postfix import MAIN_CF_COOL_DOWN
 from tests.support.restriction_lists import MESSAGE, Combination, generated
@@ -97,15 +99,25 @@ def shown(command: str, reply) -> str:
     return f"{command} -> {bare_configuration_error(QUEUED.sub('250 2.0.0 Ok: queued as QID', reply.text))}"
 
 
-async def replay(port: int, combination: Combination) -> list[list[str]]:
-    """Each session's replies as `shown`; the message is sent only after a 354 (else it is left out)."""
-    return [await replay_one(port, commands) for commands in combination.sessions]
+GREETING_TIMEOUT = 3.0  # (a server that has not greeted by then has stopped answering)
 
 
-async def replay_one(port: int, commands: list[str]) -> list[str]:
+async def replay(port: int, combination: Combination, greeting_timeout: float = GREETING_TIMEOUT) -> list[list[str]]:
+    """Each session's replies as `shown`; the message is sent only after a 354 (else it is left out). A greeting
+    that does not come ends the replay: the sessions finished before it are returned (fewer than were sent)."""
+    out: list[list[str]] = []
+    for commands in combination.sessions:
+        try:
+            out.append(await replay_one(port, commands, greeting_timeout))
+        except asyncio.TimeoutError:
+            break
+    return out
+
+
+async def replay_one(port: int, commands: list[str], greeting_timeout: float = GREETING_TIMEOUT) -> list[str]:
     client = await SmtpClient.connect(port, greet=False)
     try:
-        last = await client.reply(timeout=3)
+        last = await client.reply(timeout=greeting_timeout)
         out = [shown("", last)]
         for command in commands:
             if last.code is None:
@@ -150,19 +162,21 @@ def rewrite_main_cf(pf, settings: dict[str, str]) -> None:
     os.utime(main_cf, (cooled, cooled))
 
 
-async def postfix_side(pf, combination: Combination) -> tuple[list[list[str]], list[str]]:
+async def postfix_side(pf, combination: Combination,
+                       greeting_timeout: float = GREETING_TIMEOUT) -> tuple[list[list[str]], list[str]]:
     """Postfix's replies and log lines; a configuration its smtpd dies of (a fatal error at start) is its fatal
-    line in place of the sessions."""
+    line in place of the sessions. A greeting that did not come: the sessions it answered and the lines logged so
+    far, after a drain (`differences` then reports the sessions it did not answer)."""
     rewrite_main_cf(pf, combination.main_cf())
     start = len(pf.maillog)
-    try:
-        replies = await replay(pf.port, combination)
-    except asyncio.TimeoutError:
-        replies = []
+    replies = await replay(pf.port, combination, greeting_timeout)
     fatal = [line.split("]: ", 1)[-1] for line in pf.maillog[start:].splitlines() if "fatal: " in line]
     if fatal:
         await drained(pf)
         return [[REFUSED[0] + fatal[0]]], []
+    if len(replies) < len(combination.sessions):  # (no disconnect line to wait for: a session is left hanging)
+        await drained(pf, greeting_timeout)
+        return replies, logged(pf.maillog[start:].splitlines())
     # (postlogd writes the log a little later: every session's disconnect line, as many as sessions)
     await eventually(lambda: pf.maillog[start:].count(": disconnect from") >= len(combination.sessions), timeout=10,
                      what="a disconnect line for every session")
@@ -172,13 +186,16 @@ async def postfix_side(pf, combination: Combination) -> tuple[list[list[str]], l
 NEUTRAL = {**Combination(0).main_cf(), "smtpd_relay_restrictions": "reject_unauth_destination"}
 
 
-async def drained(pf) -> None:
-    """After an smtpd died of a configuration: a working one, and every connection it left waiting in the listen
-    queue served (and its lines logged) before the next combination's, by a probe served after them."""
+async def drained(pf, greeting_timeout: float = 10.0) -> None:
+    """After an smtpd died of a configuration or stopped greeting: a working one, and every connection it left
+    waiting in the listen queue served (and its lines logged) before the next combination's, by a probe served
+    after them. A Postfix that does not greet the probe either is left so (the caller reports the difference)."""
     rewrite_main_cf(pf, NEUTRAL)
     probe = await SmtpClient.connect(pf.port, greet=False)
     try:
-        await probe.reply(timeout=10)
+        await probe.reply(timeout=greeting_timeout)
+    except asyncio.TimeoutError:
+        return
     finally:
         await probe.close()
     await every_session_ended(pf)
@@ -211,14 +228,18 @@ RELAY_GUARD_REFUSED = ("specify at least one working instance of", "must reach o
 
 def differences(combination: Combination, theirs, ours) -> list[str]:
     """The combination and what differs, or nothing. A configuration both refuse for the relay guard is the same;
-    one mailflow refuses for the relay guard where Postfix starts is the difference on purpose (docs/security.md:
-    a class reaching a bare permit before the guard, or a guard after a run of warn_if_reject)."""
+    one mailflow refuses for the relay guard where Postfix starts is the difference on purpose only when Postfix
+    relayed for an outside client to an outside domain in this run, or every list with a guard matches one of the
+    documented patterns (docs/security.md: a class reaching a bare permit before the guard, or a guard after a run
+    of warn_if_reject): a refusal of a safe list is still a difference."""
     (p_replies, p_log), (m_replies, m_log) = theirs, ours
     p_refused = bool(p_replies[:1] and p_replies[0][0].startswith(REFUSED[0]))
     m_refused = bool(m_replies[:1] and m_replies[0][0].startswith(REFUSED[1]))
-    if m_refused and RELAY_GUARD_REFUSED[1] in m_replies[0][0] and \
-            (not p_refused or RELAY_GUARD_REFUSED[0] in p_replies[0][0]):
-        return []
+    if m_refused and RELAY_GUARD_REFUSED[1] in m_replies[0][0]:
+        if p_refused and RELAY_GUARD_REFUSED[0] in p_replies[0][0]:
+            return []
+        if not p_refused and (relayed_for_outsider(p_replies) or documented_open_relay(combination)):
+            return []
     if not p_refused and len(p_replies) != len(combination.sessions):
         return [combination.describe(), f"  postfix answered {len(p_replies)} of {len(combination.sessions)} "
                                         "sessions (timed out), nothing compared"]
@@ -231,6 +252,62 @@ def differences(combination: Combination, theirs, ours) -> list[str]:
         out.append("  log, postfix: " + "\n                 ".join(p_log))
         out.append("  log, mailflow: " + "\n                 ".join(m_log))
     return [combination.describe(), *out] if out else []
+
+
+PERMITS = ("permit", "permit_naked_ip_address")  # (the generator's lists have no static: access table)
+OUTSIDE_CLIENT, OUTSIDE_DOMAIN = "XCLIENT ADDR=192.0.2.", "@elsewhere.test>"  # (Combination's CLIENTS, RECIPIENTS)
+
+
+def relayed_for_outsider(replies: list[list[str]]) -> bool:
+    """A session's replies (`shown`) show a 250 to a RCPT for an outside domain from a client XCLIENT made one
+    outside mynetworks: an open relay seen."""
+    for session in replies:
+        outside = False
+        for line in session:
+            command, _, reply = line.partition(" -> ")
+            if command.startswith("XCLIENT"):
+                outside = command.startswith(OUTSIDE_CLIENT) and reply.startswith("220")
+            elif outside and command.startswith("RCPT TO:") and command.endswith(OUTSIDE_DOMAIN) and \
+                    reply.startswith("250"):
+                return True
+    return False
+
+
+def documented_open_relay(combination: Combination) -> bool:
+    """Every relay or recipient list that names a guard (itself or in its classes) matches a pattern
+    docs/security.md says leaves it open: a bare `permit` before its first guard (Postfix judges so too), a class
+    it names that reaches a bare `permit`, or a guard, a permit or a class right after a warn_if_reject, in the
+    list or a class (Postfix's has_required skips the item after warn_if_reject, a warned permit permits).
+    Looser than relay_guard on purpose, and apart from it: a list with a guard and none of these is safe, and
+    refusing it is a difference."""
+    classes = combination.classes
+    lists = [combination.lists.get(name, []) for name in ("relay", "recipient")]
+    guarded = [items for items in lists if set(expand(items, classes)) & set(RELAY_GUARDS)]
+
+    def warned(items: list[str]) -> bool:
+        names = [split_item(item)[0] for item in items]
+        return any(a == WARN_IF_REJECT and (b in RELAY_GUARDS or b in classes or b in PERMITS)
+                   for a, b in zip(names, names[1:]))
+
+    def permit_first(items: list[str]) -> bool:
+        names = [split_item(item)[0] for item in items]
+        return next((name in PERMITS for name in names if name in PERMITS or name in RELAY_GUARDS), False)
+
+    def classes_under(items: list[str]) -> set[str]:  # the classes a list names, at any depth
+        found: set[str] = set()
+        todo = [split_item(item)[0] for item in items]
+        while todo:
+            name = todo.pop()
+            if name in classes and name not in found:
+                found.add(name)
+                todo += [split_item(item)[0] for item in classes[name]]
+        return found
+
+    def matches(items: list[str]) -> bool:
+        under = classes_under(items)
+        return permit_first(items) or warned(items) or \
+            any("permit" in expand(classes[name], classes) or warned(classes[name]) for name in under)
+    return bool(guarded) and all(matches(items) for items in guarded)
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +365,59 @@ def test_both_refusing_counts_only_for_the_relay_guard():
     assert differences(combination, ([[f"{REFUSED[0]}fatal: specify at least one working instance of …"]], []),
                        ([[f"{REFUSED[1]}smtpd: a class loops"]], []))
     # stricter on purpose: a class reaching permit before the guard, which Postfix starts
-    assert differences(combination, ([[" -> 220"]] * len(combination.sessions), []), ([relay], [])) == []
+    started = ([[" -> 220"]] * len(combination.sessions), [])
+    open_class = Combination(1, lists={"relay": ["c1", "reject_unauth_destination"]}, classes={"c1": ["permit"]},
+                             sessions=combination.sessions)
+    assert differences(open_class, started, ([relay], [])) == []
+    warned = Combination(1, lists={"relay": ["warn_if_reject", "reject_unauth_destination"]},
+                         sessions=combination.sessions)
+    assert differences(warned, started, ([relay], [])) == []
+
+
+def test_a_relay_guard_refusal_of_a_safe_list_is_a_difference():
+    # Postfix started and did not relay for an outsider, and the lists match no documented pattern
+    combination = Combination(1, lists={"relay": ["permit_mynetworks", "c1", "reject_unauth_destination"]},
+                              classes={"c1": ["reject_non_fqdn_sender"], "c2": ["permit"]},
+                              sessions=[["XCLIENT ADDR=192.0.2.1 NAME=[UNAVAILABLE]", "RCPT TO:<x@elsewhere.test>"]])
+    relay = [f"{REFUSED[1]}smtpd: relay_restrictions or recipient_restrictions must reach one of …"]
+    refused = [" -> 220", "XCLIENT ADDR=192.0.2.1 NAME=[UNAVAILABLE] -> 220",
+               "RCPT TO:<x@elsewhere.test> -> 554 5.7.1 <x@elsewhere.test>: Relay access denied"]
+    assert differences(combination, ([refused], []), ([relay], []))[0].startswith("seed 1:")
+    # the same lists, where Postfix's replies show it relaying for an outside client: an open relay seen
+    relayed = refused[:2] + ["RCPT TO:<x@elsewhere.test> -> 250 2.1.5 Ok"]
+    assert differences(combination, ([relayed], []), ([relay], [])) == []
+    inside = ["XCLIENT ADDR=127.0.0.2 NAME=[UNAVAILABLE] -> 220", relayed[2]]
+    assert differences(combination, ([[" -> 220", *inside]], []), ([relay], []))
+
+
+async def test_a_postfix_that_stops_greeting_is_reported_with_what_it_answered(tmp_path):
+    # the first connection is served (a 250 to every command), the later ones are never greeted
+    served = 0
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        served += 1
+        if served == 1:
+            writer.write(b"220 pf.test ESMTP\r\n")
+            while (line := await reader.readline()) and not line.upper().startswith(b"QUIT"):
+                writer.write(b"250 ok\r\n")
+            writer.write(b"221 bye\r\n")
+        else:
+            await reader.read()  # (until the client gives up)
+        writer.close()
+
+    server = await asyncio.start_server(session, "127.0.0.1", 0)
+    (tmp_path / "main.cf").write_text("")
+    pf = types.SimpleNamespace(port=server.sockets[0].getsockname()[1], etc=tmp_path, maillog="")
+    combination = generated(1)
+    try:
+        replies, log = await asyncio.wait_for(postfix_side(pf, combination, greeting_timeout=0.3), timeout=10)
+    finally:
+        server.close()
+    assert len(replies) == 1 and replies[0][0] == " -> 220" and log == []
+    ours = ([[" -> 220"]] * len(combination.sessions), [])
+    assert differences(combination, (replies, log), ours)[1] == \
+        f"  postfix answered 1 of {len(combination.sessions)} sessions (timed out), nothing compared"
 
 
 def test_filter_redirect_and_bcc_lines_are_compared():
