@@ -26,8 +26,9 @@ or classes in a loop refuse mailflow's start; the EHLO keywords; a relay or reci
 permit through a class before its guard, or whose guard follows a run of warn_if_reject, refuses mailflow's start
 (Postfix's has_required starts it, an open relay). Known and left (docs/security.md): Postfix checks
 reject_unlisted_sender at most once per run of smtpd_check_mail (at MAIL; with delay_reject = yes at each RCPT
-too), so with delay_reject = no it refuses the first RCPT only outside the sender list, and with yes it skips a
-VRFY inside a transaction or a second list of the same RCPT; mailflow checks it wherever met. The generator puts
+too), so with delay_reject = no it refuses the first RCPT only outside the sender list, and with yes every other
+RCPT in the client or helo list (run before that reset) and it skips a VRFY inside a transaction or a second
+list of the same RCPT; mailflow checks it wherever met. The generator puts
 it in the sender list only.
 """
 from __future__ import annotations
@@ -345,6 +346,23 @@ async def test_combined_lists_reply_and_log_as_postfix(postfix, tmp_path):
         assert postfix_replies[82][0][1][3] == "RCPT TO:<r2@relay.test> -> 250 2.1.5 Ok"  # the helo list's defer
         assert postfix_replies[197][0][0][-2] == "VRFY nodomain -> 554 5.7.1 <nodomain>: Relay access denied"
         assert "specify at least one working instance of" in postfix_replies[85][0][0][0]
+
+
+async def test_reject_unlisted_sender_in_the_client_list_differs_as_documented(postfix, tmp_path):
+    # docs/security.md, known and left: with delay_reject = yes and the item in the client (or helo) list Postfix
+    # refuses every other RCPT (a refusal returns before smtpd_check_mail's reset of sender_rcptmap_checked);
+    # in the sender list every RCPT; mailflow refuses each RCPT in both
+    rcpts = ["RCPT TO:<alice@local.test>", "RCPT TO:<bob@local.test>"] * 2
+    session = ["EHLO good.test", "MAIL FROM:<nobody@local.test>", *rcpts, "QUIT"]
+    codes = {}
+    for where in ("client", "sender"):
+        combination = Combination(0, lists={where: ["reject_unlisted_sender"], "relay": ["reject_unauth_destination"]},
+                                  delay_reject=True, sessions=[session])
+        theirs = await postfix_side(postfix, combination)
+        ours = await mailflow_side(combination, tmp_path / where)
+        codes[where] = [[line.split(" -> ")[1][:3] for line in side[0][0][3:7]] for side in (theirs, ours)]
+    assert codes["client"] == [["550", "250", "550", "250"], ["550"] * 4]
+    assert codes["sender"] == [["550"] * 4, ["550"] * 4]
 
 
 # ---------------------------------------------------------------------------------------------- the comparison itself

@@ -36,9 +36,10 @@ PLAIN_ITEMS = ["permit", "reject", "defer", "defer_if_permit", "defer_if_reject"
                "reject_unlisted_recipient", "reject_unauth_destination",
                "defer_unauth_destination", "permit_auth_destination", "reject_multi_recipient_bounce"]
 # only in the sender list: elsewhere Postfix checks it once per run of smtpd_check_mail (which resets its
-# sender_rcptmap_checked: at MAIL, and with delay_reject = yes at each RCPT), so with no a later RCPT passes, and
-# with yes a VRFY in a transaction or a second list of one RCPT skips it; mailflow checks it wherever met
-# (drawn outside the sender list with delay_reject = yes, seeds 63, 286 and 393 of 1-400 differed so)
+# sender_rcptmap_checked: at MAIL, and with delay_reject = yes at each RCPT, after the client and helo lists), so
+# with no a later RCPT passes, and with yes every other RCPT passes with it in the client or helo list (seed 63),
+# and a VRFY in a transaction or a second list of one RCPT skips it; mailflow checks it wherever met (drawn
+# outside the sender list with delay_reject = yes, seeds 63, 286 and 393 of 1-400 differed so)
 SENDER_ITEMS = ["reject_unlisted_sender"]
 TABLE_ITEMS = {"check_client_access": "client", "check_helo_access": "helo", "check_sender_access": "sender",
                "check_recipient_access": "recipient"}
