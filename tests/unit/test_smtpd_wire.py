@@ -253,7 +253,19 @@ def test_a_chunk_ending_between_the_cr_and_lf_of_a_line_of_limit_bytes_has_store
     (b"From a\r\n.\r\n", (1, 8, False)),
 ])
 async def test_the_mbox_lines_data_starts_with_are_found_in_the_lines_as_sent(sent, found):
-    wire = Wire("mx.test")
+    await _mbox_lines_found(Wire("mx.test"), sent, found)
+
+
+@pytest.mark.parametrize("sent, found", [
+    (b"From " + b"a" * 77 + b"\nX: y\n", (1, 83, False)),  # stored with CRLF: labelled, 100 bytes
+    (b"From " + b"a" * 78 + b"\nX: y\n", (0, 0, False)),  # 83 bytes sent, but 101 labelled and stored
+    (b"From a\n" * 5 + b"X: y\n", (4, 28, False)),  # (4 lines stored are 96 bytes: a 5th is past the limit)
+])
+async def test_the_mbox_lines_ending_in_a_bare_lf_are_counted_as_stored_with_crlf(sent, found):
+    await _mbox_lines_found(Wire("mx.test", bare_lf=True), sent, found)
+
+
+async def _mbox_lines_found(wire, sent, found):
     reader = asyncio.ensure_future(wire.mailbox_lines(limit=30_000 if len(sent) > 2000 else 100))
     for at in range(0, len(sent), 7):  # (however the reads fall)
         wire.feed(sent[at:at + 7])

@@ -334,11 +334,11 @@ class Wire:
     async def mailbox_lines(self, limit: int) -> tuple[int, int, bool]:
         """At the start of DATA content: (how many lines, how many bytes) of it, as sent, are mbox `From ` lines
         (mailflow.message.mailbox_line: tested on the line as sent, before unstuffing, as Postfix's smtpd tests it:
-        `.From x` is none), whole lines that fit, labelled, within `limit` bytes (header_size_limit: what a header
+        `.From x` is none), whole lines that fit, labelled and stored with CRLF (a bare LF too), within `limit` bytes (header_size_limit: what a header
         section may be; mailflow.message.mailbox_line_room), and whether the line after them starts with a blank
         (Postfix's smtpd ends the header section there). Nothing is consumed; when the content does not start with
         `From ` or `>From `, its first bytes decide at once."""
-        count = pos = 0
+        count = pos = labelled = 0  # (labelled: the bytes of the lines as stored, label and CRLF included)
         while True:
             buf = self._buf
             found = mailbox_line(buf, pos)
@@ -347,14 +347,15 @@ class Wire:
                 continue
             if not found:
                 return count, pos, count > 0 and buf.startswith((b" ", b"\t"), pos)
-            room = pos + mailbox_line_room(pos + len(MAILBOX_LINE) * count, limit)  # (where its LF must lie before)
-            end = buf.find(b"\n", pos, room) + 1
-            if not end:
-                if len(buf) >= room:
-                    return count, pos, False  # (labelled, more than a header section may be: it stays unlabelled)
+            room = mailbox_line_room(labelled, limit)
+            end = buf.find(b"\n", pos, pos + room) + 1  # (as sent, it is no longer than it is stored with CRLF)
+            if not end and len(buf) < pos + room:
                 await self._fill()
                 continue
-            count, pos = count + 1, end
+            stored = len(buf[pos:end].rstrip(b"\r\n")) + 2 if end else room + 1  # (a bare LF is stored as CRLF)
+            if stored > room:
+                return count, pos, False  # (labelled, more than a header section may be: it stays unlabelled)
+            count, pos, labelled = count + 1, end, labelled + len(MAILBOX_LINE) + stored
 
     async def read_data(self, spool: Spool) -> status.Reply | None:
         """DATA content through CRLF.CRLF into `spool`, unstuffed (the terminator is consumed; what follows stays
