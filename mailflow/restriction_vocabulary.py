@@ -252,8 +252,9 @@ class Found(NamedTuple):
 
 def is_client_chosen_permit(item: str) -> bool:
     """`item` permits whatever the client sends: `permit`, `permit_naked_ip_address` (it permits a client that
-    says `HELO 198.51.100.7`), or a check_*_access of a static: table whose value is OK, RELAY, a permit or all
-    digits (every key answers it)."""
+    says `HELO 198.51.100.7`), or a check_*_access of a static: table whose value's first word is OK, RELAY or a
+    permit, or whose whole value is digits (Postfix's check_table_result: `550 go away` is a reject; every key
+    answers it)."""
     name, arg = split_item(item)
     if name in ("permit", "permit_naked_ip_address"):
         return True
@@ -262,8 +263,8 @@ def is_client_chosen_permit(item: str) -> bool:
     if not arg.lower().startswith("static:"):
         return False
     entries = table_entries(arg) or ()
-    values = [value.split()[0].lower() for _, value in entries if value.split()]
-    return bool(values) and all(v in _PERMIT_ACCESS_VALUES or v.isdigit() for v in values)
+    values = [value.strip() for _, value in entries if value.split()]
+    return bool(values) and all(v.split()[0].lower() in _PERMIT_ACCESS_VALUES or v.isdigit() for v in values)
 
 
 class _Walk:

@@ -679,6 +679,14 @@ def test_a_permit_the_client_chooses_before_the_guard_leaves_the_relay_open():
                                         "recipient_restrictions": []}})
 
 
+def test_a_static_access_value_starting_with_digits_is_a_reject_not_a_permit():
+    # Postfix's check_table_result tests the whole value for digits: `550 5.7.1 go away` is a reject, and Postfix
+    # starts with these lists (it refuses everyone)
+    for item in ("check_client_access static:{550 5.7.1 go away}", "check_helo_access static:{450 4.7.1 later}"):
+        config_from_dict({"smtpd": {"relay_restrictions": [item, "reject_unauth_destination"],
+                                    "recipient_restrictions": []}})
+
+
 def test_the_relay_guard_refusal_says_where():
     classes = {"c1": ["c2"], "c2": ["check_helo_access static:DUNNO", "permit"]}
     with pytest.raises(ConfigError, match=r"relay_restrictions reaches a permit first: relay_restrictions\[1\] c1 -> "
