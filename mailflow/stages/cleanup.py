@@ -402,8 +402,11 @@ class Cleanup:
         """`content` less the header fields of message_drop_headers (Bcc, Resent-Bcc, ...): what a notice returns of
         a message refused before it was queued, as Postfix's cleanup_bounce returns its queue file, whose header
         section had them removed. A header section cut at the limit (the 5.3.4 refusal pickup returns) has a
-        dropped field cut there dropped whole: the rest of its line and its continuation lines past the cut too."""
+        dropped field cut there dropped whole: the rest of its line and its continuation lines past the cut too, cut
+        inside its name too (`Bc|c:`)."""
         head, complete = read_header(content, self._header_size_limit)
+        if not complete:
+            head += _cut_name_rest(head, content.after(len(head)))
         kept = without_fields(head, self._drop_headers)
         if len(kept) == len(head):
             return content
@@ -485,6 +488,19 @@ def message_ids(head: bytes) -> list[tuple[str, str]]:
     if not any(name == "message-id" for name, _ in found):
         found.append(("message-id", "<>"))
     return found
+
+
+def _cut_name_rest(head: bytes, rest: Content) -> bytes:
+    """The bytes of `rest` that complete the field name of the line `head` was cut in (through its colon), when
+    the cut falls before that colon: b"" otherwise, or when no colon comes within CHUNK bytes (no name that long
+    is dropped)."""
+    last = head[head.rfind(b"\n") + 1:]
+    if not last or b":" in last or last[:1] in (b" ", b"\t"):
+        return b""
+    more = rest.read_prefix(CHUNK)
+    line = more[:more.find(b"\n")] if b"\n" in more else more
+    colon = line.find(b":")
+    return line[:colon + 1] if colon >= 0 else b""
 
 
 def _field_rest_length(rest: Content, at_line_start: bool) -> int:

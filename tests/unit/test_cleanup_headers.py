@@ -403,6 +403,20 @@ def test_a_dropped_field_cut_at_the_header_limit_is_dropped_whole_from_what_a_no
     assert returned == b"Subject: hi\r\n" + padding + b"To: a@x.test\r\n\r\nbody\r\n"
 
 
+@pytest.mark.parametrize("name", [b"Bcc", b"Resent-Bcc"])
+def test_a_dropped_field_cut_inside_its_name_is_dropped_whole_from_what_a_notice_returns(env, name):
+    """A cut inside the name (`B|cc:`, `Resent-B|cc:`) left no bcc field in the cut head: the Bcc went back whole."""
+    limit = env.cleanup._header_size_limit
+    bcc = name + b": first@x.test,\r\n" + b"".join(b" secret%05d@x.test,\r\n" % i for i in range(6000))
+    for into in range(1, len(name) + 2):  # (len(name) + 1: right after the colon)
+        start = b"Subject: hi\r\n"
+        pad = limit - into - len(start) - len(b"X-Pad: \r\n")
+        padding = b"X-Pad: " + b"p" * pad + b"\r\n"
+        data = start + padding + bcc + b" last@x.test\r\nTo: a@x.test\r\n\r\nbody\r\n"
+        returned = env.cleanup.without_dropped_fields(Content.of(data)).to_bytes()
+        assert returned == start + padding + b"To: a@x.test\r\n\r\nbody\r\n", into
+
+
 @pytest.mark.parametrize("content, head_names, body", [
     (b"Subject: probe\r\nthis is body text\r\n", ["subject"], b"\r\nthis is body text\r\n"),
     (b"From: a@example.test\r\nnot a header line\r\nSubject: late\r\n\r\nbody\r\n", ["from"],
