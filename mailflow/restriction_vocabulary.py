@@ -241,13 +241,19 @@ _PERMIT_ACCESS_VALUES = ("ok", "relay", "permit", "permit_naked_ip_address")  # 
 
 class Found(NamedTuple):
     result: str  # GUARDED, PERMITTED or NEITHER
-    path: tuple[str, ...] = ()  # the items that lead to it, `list[index] item`, outer first
+    path: tuple[str, ...] = ()  # the items that lead to it, `list[index] item`, outer first (_led_by: shortened)
     warned_guard: tuple[str, ...] = ()  # NEITHER: the path to the first guard met under warn_if_reject
 
     def where(self) -> str:
         """The path for a message: its first three and last two steps when it is longer."""
-        steps = self.path or self.warned_guard
-        return " -> ".join(steps if len(steps) <= 6 else (*steps[:3], "...", *steps[-2:]))
+        return " -> ".join(self.path or self.warned_guard)
+
+
+def _led_by(here: str, steps: tuple[str, ...]) -> tuple[str, ...]:
+    """`here` then `steps`, kept to what Found.where prints: past six steps, the first three, "..." and the last
+    two (so a chain of thousands of classes holds a few steps per class walked, not its whole path)."""
+    steps = (here, *steps)
+    return steps if len(steps) <= 6 else (*steps[:3], "...", *steps[-2:])
 
 
 def is_client_chosen_permit(item: str) -> bool:
@@ -291,9 +297,9 @@ class _Walk:
                     return name, item_warned
                 found = known[(name, item_warned)]
                 if found.result != NEITHER:
-                    return found._replace(path=(here,) + found.path)
+                    return found._replace(path=_led_by(here, found.path))
                 if found.warned_guard and not self.warned_guard:
-                    self.warned_guard = (here,) + found.warned_guard
+                    self.warned_guard = _led_by(here, found.warned_guard)
             elif is_client_chosen_permit(item):
                 return Found(PERMITTED, (here,))
             elif name in RELAY_GUARDS:
