@@ -277,17 +277,18 @@ def relayed_for_outsider(replies: list[list[str]]) -> bool:
 def documented_open_relay(combination: Combination) -> bool:
     """Every relay or recipient list that names a guard (itself or in its classes) matches a pattern
     docs/security.md says leaves it open: a bare `permit` before its first guard (Postfix judges so too), a class
-    it names that reaches a bare `permit`, or a guard, a permit or a class right after a warn_if_reject, in the
-    list or a class (Postfix's has_required skips the item after warn_if_reject, a warned permit permits).
+    it names that has a bare `permit` before its first guard, or a guard, a permit or a class reaching either right
+    after a warn_if_reject, in the list or a class (Postfix's has_required skips the item after warn_if_reject, a warned permit permits).
     Looser than relay_guard on purpose, and apart from it: a list with a guard and none of these is safe, and
     refusing it is a difference."""
     classes = combination.classes
     lists = [combination.lists.get(name, []) for name in ("relay", "recipient")]
     guarded = [items for items in lists if set(expand(items, classes)) & set(RELAY_GUARDS)]
 
-    def warned(items: list[str]) -> bool:
+    def warned(items: list[str]) -> bool:  # (a warned class counts when it reaches a guard or a permit itself)
         names = [split_item(item)[0] for item in items]
-        return any(a == WARN_IF_REJECT and (b in RELAY_GUARDS or b in classes or b in PERMITS)
+        return any(a == WARN_IF_REJECT and (b in RELAY_GUARDS or b in PERMITS or
+                                            b in classes and expand(classes[b], classes) & {*RELAY_GUARDS, *PERMITS})
                    for a, b in zip(names, names[1:]))
 
     def permit_first(items: list[str]) -> bool:
@@ -307,7 +308,7 @@ def documented_open_relay(combination: Combination) -> bool:
     def matches(items: list[str]) -> bool:
         under = classes_under(items)
         return permit_first(items) or warned(items) or \
-            any("permit" in expand(classes[name], classes) or warned(classes[name]) for name in under)
+            any(permit_first(classes[name]) or warned(classes[name]) for name in under)
     return bool(guarded) and all(matches(items) for items in guarded)
 
 
@@ -406,6 +407,18 @@ def test_a_relay_guard_refusal_of_a_safe_list_is_a_difference():
     assert differences(combination, ([relayed], []), ([relay], [])) == []
     inside = ["XCLIENT ADDR=127.0.0.2 NAME=[UNAVAILABLE] -> 220", relayed[2]]
     assert differences(combination, ([[" -> 220", *inside]], []), ([relay], []))
+
+
+async def test_only_the_documented_open_relay_patterns_are_excused():
+    safe = (Combination(1, lists={"relay": ["c1"]}, classes={"c1": ["reject_unauth_destination", "permit"]}),
+            Combination(2, lists={"relay": ["warn_if_reject", "c1", "reject_unauth_destination"]},
+                        classes={"c1": ["permit_mynetworks"]}))
+    assert not any(documented_open_relay(combination) for combination in safe)
+    open_ = (Combination(3, lists={"relay": ["c1", "reject_unauth_destination"]}, classes={"c1": ["permit"]}),
+             Combination(4, lists={"relay": ["warn_if_reject", "c1", "reject_unauth_destination"]},
+                         classes={"c1": ["reject_unauth_destination"]}),
+             Combination(5, lists={"relay": ["permit", "reject_unauth_destination"]}))
+    assert all(documented_open_relay(combination) for combination in open_)
 
 
 async def test_a_postfix_that_stops_greeting_is_reported_with_what_it_answered(tmp_path):
