@@ -173,7 +173,9 @@ def mailbox_line_room(labelled: int, limit: int) -> int:
     """The most bytes (its line end included) the next leading mbox `From ` line may have, as sent, to be labelled
     `X-Mailbox-Line: ` after `labelled` bytes of labelled lines (their label and CRLF counted) within `limit`
     (header_size_limit): the one rule of smtpd's DATA (Wire.mailbox_lines) and sendmail -bs, decided on the whole
-    line, so that labelling never makes a header section too big for a content whose lines would be body."""
+    line, so that the labelled lines themselves never make a header section too big. The header fields after
+    them may still pass the limit: smtpd's DATA then keeps the content unlabelled (labelled_mailbox_lines);
+    sendmail -bs, which streams the lines, does not, and refuses it (docs/config.md)."""
     return limit - labelled - len(MAILBOX_LINE)
 
 

@@ -9,7 +9,8 @@ import asyncio
 import pytest
 from hypothesis import given, strategies as st
 
-from mailflow.content import Spool
+from mailflow.content import Content, Spool
+from mailflow.stages.smtpd.data import labelled_mailbox_lines
 from mailflow.stages.smtpd.wire import DOT_HOPS, HIGH_WATER, ContentCheck, Wire, _line_dot
 
 PIECES = [b"\r\n", b".", b"\r\n.", b"\r", b"\n", b"x", b"ab.cd", b"\r\n.\r\n", b"."]
@@ -245,7 +246,8 @@ def test_a_chunk_ending_between_the_cr_and_lf_of_a_line_of_limit_bytes_has_store
     (b"From a\r\n. x\r\n", (1, 8, False)),  # (the raw line's first byte: a dot, no blank)
     (b"From " + b"a" * 20000 + b"\r\nX: y\r\n", (1, 20007, False)),  # a whole long line
     (b"From " + b"a" * 200 + b"\r\nFrom b\r\n", (0, 0, False)),  # past the limit: none of it
-    (b"From " + b"a" * 77 + b"\r\nX: y\r\n", (1, 84, False)),  # labelled, 100 bytes: within the limit
+    (b"From " + b"a" * 77 + b"\r\nX: y\r\n", (1, 84, False)),  # the line labelled, 100 bytes: within the limit
+    # (the header after it then is not: labelled_mailbox_lines keeps the content unlabelled)
     (b"From " + b"a" * 78 + b"\r\nX: y\r\n", (0, 0, False)),  # labelled, 101 bytes: past it, so body
     (b"From a\r\n" * 5 + b"X: y\r\n", (4, 32, False)),  # (4 labelled lines are 96 bytes, a 5th past the limit)
     (b">" * 2043 + b"From a\r\nX: y\r\n", (1, 2051, False)),  # `From ` within the line's first 2048-byte record
@@ -254,6 +256,20 @@ def test_a_chunk_ending_between_the_cr_and_lf_of_a_line_of_limit_bytes_has_store
 ])
 async def test_the_mbox_lines_data_starts_with_are_found_in_the_lines_as_sent(sent, found):
     await _mbox_lines_found(Wire("mx.test"), sent, found)
+
+
+@pytest.mark.parametrize("sent, labelled", [
+    (b"From a\r\nX: y\r\n\r\nbody\r\n", b"X-Mailbox-Line: From a\r\nX: y\r\n\r\nbody\r\n"),
+    # the From line fits labelled, but the header fields after it then pass the limit: unlabelled, all body
+    (b"From " + b"a" * 77 + b"\r\nX: y\r\n\r\nbody\r\n", None),
+])
+async def test_labelling_never_makes_a_header_section_too_big_for_a_content_whose_lines_would_be_body(sent, labelled):
+    wire = Wire("mx.test")
+    wire.feed(sent)
+    found = await wire.mailbox_lines(100)
+    assert found[0] == 1
+    content = labelled_mailbox_lines(Content.of(sent), found, 100)
+    assert content.to_bytes() == (sent if labelled is None else labelled)
 
 
 @pytest.mark.parametrize("sent, found", [

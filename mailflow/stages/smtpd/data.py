@@ -37,7 +37,7 @@ import logging
 
 from mailflow import status
 from mailflow.content import Content, Spool
-from mailflow.message import CRLF, mailbox_lines
+from mailflow.message import CRLF, mailbox_lines, read_header
 from mailflow.stages.smtpd.transaction import TransactionCommands
 from mailflow.stages.smtpd.wire import ContentCheck, refusal
 from mailflow.syntax import ascii_upper, command_words, parse_octet_count
@@ -45,17 +45,20 @@ from mailflow.syntax import ascii_upper, command_words, parse_octet_count
 log = logging.getLogger("mailflow.smtpd")
 
 
-def labelled_mailbox_lines(content: Content, found: tuple[int, int, bool]) -> Content:
+def labelled_mailbox_lines(content: Content, found: tuple[int, int, bool], limit: int) -> Content:
     """DATA content with the mbox `From ` lines (`>From ` too) it starts with labelled `X-Mailbox-Line: `, as
     Postfix's smtpd (receive_data_message) keeps them for DATA, not for BDAT: header fields, where cleanup would
     take such a line for the first line of the body. `found`: the wire's (mailbox_lines: how many lines, how many
     bytes as sent, whether the line after starts with a blank, where the empty line is put, ending the header
-    section as Postfix's smtpd ends it)."""
+    section as Postfix's smtpd ends it). When the labelled lines fit within `limit` (header_size_limit) but the
+    header fields after them then do not, the content stays unlabelled (its From lines body, a header section that
+    fits), rather than be refused for a header section that labelling made too big."""
     count, sent, blank_after = found
     if not count:
         return content
     length, labelled = mailbox_lines(content.read_prefix(sent + count), count)  # (a bare LF may have become CRLF)
-    return Content((labelled + (CRLF if blank_after else b""), *content.after(length).parts), crlf=content.crlf)
+    result = Content((labelled + (CRLF if blank_after else b""), *content.after(length).parts), crlf=content.crlf)
+    return result if read_header(result, limit)[1] or not read_header(content, limit)[1] else content
 
 
 def bdat_arguments(arg: str | None) -> tuple[int, bool] | None:
@@ -221,7 +224,7 @@ class DataCommands(TransactionCommands):
             self._checkpoint()  # (after the reply, as Postfix's chat_reset at the end of a message)
             return
         content = await spool.finish(crlf=crlf)
-        content = labelled_mailbox_lines(content, mailbox_lines)
+        content = labelled_mailbox_lines(content, mailbox_lines, self._limits.header_size_limit)
         self.envelope.content = self.envelope.original_content = content
         reply = await self._call_handler_hook("DATA")
         queued_as = self.envelope.queued_as
