@@ -278,9 +278,9 @@ def documented_open_relay(combination: Combination) -> bool:
     """Every relay or recipient list that names a guard (itself or in its classes) matches a pattern
     docs/security.md says leaves it open: a bare `permit` before its first guard (Postfix judges so too), a class
     it names that has a bare `permit` before its first guard, or a guard, a permit or a class reaching either right
-    after a warn_if_reject, in the list or a class (Postfix's has_required skips the item after warn_if_reject, a warned permit permits).
-    Looser than relay_guard on purpose, and apart from it: a list with a guard and none of these is safe, and
-    refusing it is a difference."""
+    after a warn_if_reject, in the list or a class (Postfix's has_required skips the item after warn_if_reject, a
+    warned permit permits). Looser than relay_guard on purpose, and apart from it: a list with a guard and none of
+    these is safe, and refusing it is a difference."""
     classes = combination.classes
     lists = [combination.lists.get(name, []) for name in ("relay", "recipient")]
     guarded = [items for items in lists if set(expand(items, classes)) & set(RELAY_GUARDS)]

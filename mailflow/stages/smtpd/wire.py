@@ -334,10 +334,10 @@ class Wire:
     async def mailbox_lines(self, limit: int) -> tuple[int, int, bool]:
         """At the start of DATA content: (how many lines, how many bytes) of it, as sent, are mbox `From ` lines
         (mailflow.message.mailbox_line: tested on the line as sent, before unstuffing, as Postfix's smtpd tests it:
-        `.From x` is none), whole lines that fit, labelled and stored with CRLF (a bare LF too), within `limit` bytes (header_size_limit: what a header
-        section may be; mailflow.message.mailbox_line_room), and whether the line after them starts with a blank
-        (Postfix's smtpd ends the header section there). Nothing is consumed; when the content does not start with
-        `From ` or `>From `, its first bytes decide at once."""
+        `.From x` is none), whole lines that fit, labelled and stored with CRLF (a bare LF too), within `limit`
+        bytes (header_size_limit: what a header section may be; mailflow.message.mailbox_line_room), and whether
+        the line after them starts with a blank (Postfix's smtpd ends the header section there). Nothing is
+        consumed; when the content does not start with `From ` or `>From `, its first bytes decide at once."""
         count = pos = labelled = 0  # (labelled: the bytes of the lines as stored, label and CRLF included)
         while True:
             buf = self._buf
