@@ -720,8 +720,8 @@ class Pickup:
             return False
         now = self._clock.time()
         message, results = _as_bounced(name, m, error, now, size=content.size if size is None else size)
-        returned = self._cleanup.without_dropped_fields(content)  # (no Bcc: cleanup had removed it)
         try:
+            returned = self._cleanup.without_dropped_fields(content)  # (no Bcc: cleanup had removed it)
             built = await self._notices.submissions(message, results, original=returned, now=now,
                                                     original_size=message.size)
         except OSError as e:
