@@ -339,6 +339,7 @@ class Wire:
         the line after them starts with a blank (Postfix's smtpd ends the header section there). Nothing is
         consumed; when the content does not start with `From ` or `>From `, its first bytes decide at once."""
         count = pos = labelled = 0  # (labelled: the bytes of the lines as stored, label and CRLF included)
+        scanned = 0  # (where the search for the line end at `pos` goes on: a trickled line is searched once)
         while True:
             buf = self._buf
             found = mailbox_line(buf, pos)
@@ -348,8 +349,9 @@ class Wire:
             if not found:
                 return count, pos, count > 0 and buf.startswith((b" ", b"\t"), pos)
             room = mailbox_line_room(labelled, limit)
-            end = buf.find(b"\n", pos, pos + room) + 1  # (as sent, it is no longer than it is stored with CRLF)
+            end = buf.find(b"\n", max(scanned, pos), pos + room) + 1  # (as sent, no longer than stored with CRLF)
             if not end and len(buf) < pos + room:
+                scanned = len(buf)
                 await self._fill()
                 continue
             stored = len(buf[pos:end].rstrip(b"\r\n")) + 2 if end else room + 1  # (a bare LF is stored as CRLF)
