@@ -162,6 +162,8 @@ _MAILBOX_LINE_BEGUN = re.compile(rb">*(?:F(?:r(?:om?)?)?)?")  # what may yet tur
 
 
 def mailbox_line(data: bytes | bytearray, pos: int = 0) -> bool | None:
+    if pos < len(data) and data[pos] not in b">F":  # (most content: its first byte decides, no regex)
+        return False
     record = pos + LINE_LENGTH  # (tested in the line's first record, as Postfix's smtpd tests it: a longer run of
     if _MAILBOX_LINE.match(data, pos, record):  # `>` is no From line, whatever follows it)
         return True
