@@ -320,10 +320,11 @@ class StdioSmtp:
             if leading:
                 held += text
                 fits = len(held) + 2 <= mailbox_line_room(labelled, limit)
-                if not complete and fits and mailbox_line(held) is not False:
+                found = mailbox_line(held) if fits else False  # (a line too long to label is none)
+                if not complete and found is not False:
                     at_start = False
                     continue
-                leading = complete and fits and mailbox_line(held) is True
+                leading = complete and found is True
                 text, held, at_start = held, b"", True  # (the line from its start)
                 if leading:
                     labelled += len(MAILBOX_LINE) + len(text) + 2
