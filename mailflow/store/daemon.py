@@ -262,7 +262,7 @@ class Store(OperatorQueries, RequeueQueries):
         `next_attempt <= now` never holds and `due()` never sees them), and those in a queue that is none of
         QUEUES (no scan, listing or tool sees them). Index range scans (message_due: text and BLOBs sort after the
         numbers; the gaps between the queues' names), for qmgr's timed scans, not per message."""
-        rows = await self._reader.fetchall(NEVER_DUE)
+        rows = await self._reader.fetchall(_NEVER_DUE)
         return [(qid, f"queue is {value!r}, not one of {', '.join(QUEUES)}" if misplaced
                  else checked((value,), _NEXT_ATTEMPT_KIND)[1]) for qid, misplaced, value in rows]
 
@@ -356,7 +356,7 @@ _NO_QUEUE = " OR ".join([f"queue < '{QUEUES_IN_ORDER[0]}'", f"queue > '{QUEUES_I
                          *(f"(queue > '{a}' AND queue < '{b}')" for a, b in zip(QUEUES_IN_ORDER, QUEUES_IN_ORDER[1:]))])
 # never_due()'s one query: (id, 0, next_attempt) of each deferred message whose next_attempt is text or a BLOB
 # (they sort after the numbers), then (id, 1, queue) of each in no queue of QUEUES; each part an index range scan
-NEVER_DUE = f"""
+_NEVER_DUE = f"""
 SELECT id, 0, next_attempt FROM message WHERE queue = 'deferred' AND next_attempt >= ''
 UNION ALL
 SELECT id, 1, queue FROM message WHERE {_NO_QUEUE}
