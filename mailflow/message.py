@@ -33,6 +33,9 @@ is the first of the body, and cleanup puts the missing empty line before it.
                                           sendmail -bs and sendmail's reading, as Postfix's smtpd and sendmail make
                                           it, in its first LINE_LENGTH bytes (Postfix's first record);
                                           None when `data` ends before it is known
+    MAILBOX_LINE                          `X-Mailbox-Line: `, the label of such a line
+    mailbox_line_room(labelled, limit) -> int   the most bytes the next leading From line may have to be labelled
+                                          within `limit` (header_size_limit): smtpd's DATA and sendmail -bs share it
     mailbox_lines(data, count) -> (length, labelled)   the first `count` lines of `data` (line ends made CRLF),
                                           each labelled `X-Mailbox-Line: ` as Postfix's smtpd labels the mbox lines
                                           DATA content starts with (a header field, not a line that ends the header
@@ -49,6 +52,7 @@ is the first of the body, and cleanup puts the missing empty line before it.
     rfc5322_date(now) -> str              `Tue, 14 Nov 2023 22:13:20 +0000`
     comment_sanitized(text) -> str        a text made safe inside a (comment) as Postfix's smtpd comment_sanitize:
                                           non-printable, non-ASCII and backslash as `?`, parentheses balanced
+    RESENT_FIELDS                         the lower-case names of the Resent-* fields (cleanup)
     encode_8bit_fields(head) -> bytes     each header field with 8-bit bytes made 7-bit (RFC 2047 encoded words: the
                                           whole value of an unstructured field, the display names of an address
                                           field; UTF-8, else taken as Latin-1); a field whose addresses themselves are
