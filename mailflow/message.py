@@ -44,6 +44,8 @@ is the first of the body, and cleanup puts the missing empty line before it.
     header_fields(head)                   (lower-case name, the field's raw lines with continuations) in order
     starts_header_field(text) -> bool     a header field's start, a name and a colon (Postfix's is_header)
     without_fields(head, names)           the header section less the fields named (lower-case names)
+    drop_header_names(names) -> frozenset[str]   message_drop_headers as cleanup removes them and milters never
+                                          see them (lower-case): the one derivation of both
     header_names(head)                    lower-case names, in order
     header_values(head, name) / header_value(head, name)   unfolded values (every one / the first, or '')
     delivered_to(head) -> frozenset[str]  the addresses of the Delivered-To headers, lower-case (loop detection)
@@ -66,6 +68,7 @@ import email.header
 import email.utils
 import functools
 import re
+from collections.abc import Iterable
 from datetime import datetime, timezone
 
 CRLF = b"\r\n"
@@ -215,6 +218,10 @@ def header_fields(head: bytes) -> list[tuple[str, list[bytes]]]:
 
 def without_fields(head: bytes, names: frozenset[str] | set[str]) -> bytes:
     return b"".join(line for name, lines in header_fields(head) if name not in names for line in lines)
+
+
+def drop_header_names(names: Iterable[str]) -> frozenset[str]:
+    return frozenset(name.lower() for name in names)
 
 
 def header_names(head: bytes) -> list[str]:

@@ -91,8 +91,8 @@ from mailflow.filters.content_checks import ContentChecks, Inspection
 from mailflow.header_addresses import rewrite_address_fields
 from mailflow.address import shown_original
 from mailflow.logs import MailLog
-from mailflow.message import (RESENT_FIELDS, comment_sanitized, header_fields, header_names, normalized_field_names,
-                              read_header, rfc5322_date, without_fields)
+from mailflow.message import (RESENT_FIELDS, comment_sanitized, drop_header_names, header_fields, header_names,
+                              normalized_field_names, read_header, rfc5322_date, without_fields)
 from mailflow.model import ClientInfo, QueueId, Recipient, Submission, replaced
 from mailflow.routing.addressmap import BCC_NOTIFY, NO_MILTER_EDITS, AddressMapper, MilterEdits
 from mailflow.signing.outbound import OutboundSigning
@@ -159,7 +159,7 @@ class Cleanup:
         self._on_queued = on_queued
         self._hopcount_limit = hopcount_limit
         self._header_size_limit = header_size_limit
-        self._drop_headers = frozenset(name.lower() for name in drop_headers)
+        self._drop_headers = drop_header_names(drop_headers)
         self._outbound = outbound
         self._checks = checks if checks is not None and checks.enabled else None
         self._content_filter = content_filter
@@ -177,7 +177,7 @@ class Cleanup:
         go on)."""
         self._myhostname, self._mapper = myhostname, mapper
         self._hopcount_limit, self._header_size_limit = hopcount_limit, header_size_limit
-        self._drop_headers = frozenset(name.lower() for name in drop_headers)
+        self._drop_headers = drop_header_names(drop_headers)
         self._outbound = outbound
         self._checks = checks if checks is not None and checks.enabled else None
         self._content_filter = content_filter

@@ -53,7 +53,7 @@ from mailflow import dsn_parameters, status
 from mailflow.address import PathError, mailbox_syntax_error, parse_path, split
 from mailflow.filters.edits import is_field_name
 from mailflow.filters.milter import protocol as p
-from mailflow.message import header_fields
+from mailflow.message import drop_header_names, header_fields
 from mailflow.syntax import parse_endpoint
 
 log = logging.getLogger("mailflow.smtpd")
@@ -78,7 +78,7 @@ class MilterSettings:
         milter = config.milter
         return cls(milter.default_action, milter.protocol, milter.connect_timeout, milter.command_timeout,
                    milter.content_timeout, size_limit, config.soft_bounce,
-                   frozenset(name.lower() for name in config.message_drop_headers))
+                   drop_header_names(config.message_drop_headers))
 
 
 @dataclass
