@@ -823,6 +823,26 @@ async def test_a_postmaster_copy_that_cannot_be_queued_neither_keeps_the_file_no
     assert f"maildrop/{name}: the postmaster copy of the non-delivery notification" in caplog.text
 
 
+async def test_a_refused_file_whose_content_cannot_be_read_is_returned_without_quote_not_retried(
+        mailflow_server, tmp_path, caplog, monkeypatch):
+    """Reading the content to drop message_drop_headers from the quote fails (EIO, a vanished file): the notice
+    goes without a quote. The error escaping the fallback left the file to be tried again at every scan."""
+    mf = await mailflow_server(hopcount_limit=2)
+
+    def unreadable(content):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(mf.pickup._cleanup, "without_dropped_fields", unreadable)
+    name = _drop(mf, content=LOOP)
+    mf.pickup.wake()
+    alice = tmp_path / "mail" / "alice" / "Maildir"
+    await eventually(lambda: maildir_messages(alice), timeout=5)
+    [notice] = maildir_messages(alice)
+    assert b"5.4.0" in notice and b"the loop's body" not in notice and b"Subject: loop" not in notice
+    assert f"maildrop/{name}: cannot read the message to quote it" in caplog.text
+    assert not (mf.config.queue_path / "maildrop" / name).exists()
+
+
 async def test_content_a_check_refused_goes_back_as_its_header_section_only(mailflow_server, tmp_path):
     """Postfix's cleanup_bounce: a message its checks refused (or too big) is returned without its body, whatever
     RET says, so that sendmail -f someone-else cannot have refused content delivered to a third party."""
