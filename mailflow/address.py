@@ -135,8 +135,7 @@ def tidy(addr: str) -> str:
     (`external_local`: `a."b c"` is `"a.b c"`), and one trailing dot dropped from the domain (not from `x..` or a
     domain that is only a dot), as Postfix's trivial-rewrite tidies every address it rewrites (quote_822_local,
     rewrite_tree). A local part that is no words (`external_local`) is left as it is."""
-    if addr.startswith("@") and ":" in addr:
-        addr = addr[addr.index(":") + 1:]
+    addr = addr[route_length(addr):]
     local, at, domain = addr.rpartition("@")
     if not at:
         local, domain = addr, ""
@@ -190,8 +189,7 @@ def percent_split(addr: str) -> tuple[str, str] | None:
     quoting, the rest in internal form); None when there is no such `%`. Given as written (a header),
     `"<x>".user%y.test` is (`"<x>.user"`, `y.test`) and `"user%y.test"` is none; given in Postfix's quoting (the
     envelope), `user%y.test` is (`user`, `y.test`)."""
-    if addr.startswith("@") and ":" in addr:
-        addr = addr[addr.index(":") + 1:]
+    addr = addr[route_length(addr):]
     at = -1
     quoted = False
     i = 0

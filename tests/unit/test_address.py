@@ -345,6 +345,12 @@ def test_tidy_writes_the_local_part_in_postfix_s_quoting_and_drops_a_route():
     assert address.tidy("a b@x.test") == "a b@x.test"  # no words: as it is
 
 
+def test_a_source_route_ends_at_its_first_colon_outside_an_address_literal():
+    assert address.tidy("@[IPv6:2001:db8::1]:u@x.test") == "u@x.test"
+    assert address.tidy("@r.test,@[IPv6:2001:db8::1]:u@x.test.") == "u@x.test"
+    assert address.percent_split("@[IPv6:2001:db8::1]:u%y.test") == ("u", "y.test")
+
+
 @pytest.mark.parametrize("text", ["<a@b.test", "<a@b.test>x", "<a b@b.test>", "<a\\b@b.test>", "<a,b@b.test>",
                                   "<a@>", '<"a""b"@b.test>', "a@b<x>", '<"a@b.test>', "<(c)a@b.test>", '<"a"b@b.test>',
                                   "<<a@b.test>", "<a@b.test>>", "<a@b.test>\x1cSIZE=1", "<a@b.test>\u00a0SIZE=1"])
