@@ -123,9 +123,12 @@ def parse_written_path(text: str) -> tuple[str, str, str]:
             local, domain = path, ""
         elif domain.endswith(".") and not domain.endswith(".."):
             domain = domain[:-1]
-        if not local or not _WORDS_RE.fullmatch(local) or (at and not domain):
+        dot_atom = bool(local) and _DOT_ATOM_RE.fullmatch(local) is not None  # (the usual case: its own quoting)
+        internal = None if dot_atom else internal_local(local)
+        if (not dot_atom and internal is None) or (at and not domain):
             raise PathError("malformed local part" if domain or not at else "empty domain")
-        local = external_local(local)
+        if internal is not None:
+            local = quoted_local(internal)
         path = f"{local}@{domain}" if at else ("" if local == '""' else local)  # `<"">` is `<>`, as in Postfix
     return path, written, rest.strip(COMMAND_BLANKS)
 
