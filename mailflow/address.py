@@ -6,7 +6,8 @@
 - `unquoted_local(local)`, `quoted_local(local)`: a quoted local part's content; a local part quoted if it must be;
   `internal_local(local)`, `external_local(local)`: a local part as written (atoms and quoted strings joined by
   dots, as Postfix's tokenizer takes them: `a."b c"`) in Postfix's internal form (`a.b c`) and in its own quoting
-  (`"a.b c"`), which is the form every address has inside mailflow; `percent_split(addr)`: the percent hack's
+  (`"a.b c"`), which is the form every address has inside mailflow; `as_internal_local(local)`: the internal form
+  of any local part (one that is not words as it is, or without its quotes); `percent_split(addr)`: the percent hack's
   split of an address without a domain at its last `%` outside quotes;
   `shown_original(addr)`: an original recipient as Postfix shows it (route and needless quotes dropped);
   `route_length(addr)`: the length of its source route (`@a,@b:`), 0 without one;
@@ -174,6 +175,19 @@ def internal_local(local: str) -> str | None:
     if '"' not in local:
         return local
     return "".join(_QUOTED_PAIR.sub(r"\1", w[1:-1]) if w[0] == '"' else w for w in _WORD.findall(local))
+
+
+def as_internal_local(local: str) -> str:
+    """A local part as written, in Postfix's internal form as `internal_local` makes it; one that is not words
+    (`internal_local`) without its quotes if it is one quoted string, else as it is. One without a quote (a
+    dot-atom, the usual case) is its own internal form: no regex for it."""
+    if '"' not in local:
+        return local
+    internal = internal_local(local)
+    if internal:
+        return internal
+    bare = unquoted_local(local)
+    return local if bare is None else bare
 
 
 def external_local(local: str) -> str:

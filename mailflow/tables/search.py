@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Callable, Collection
 
-from mailflow.address import internal_local, quoted_local, split, unquoted_local
+from mailflow.address import as_internal_local, quoted_local, split, unquoted_local
 from mailflow.header_addresses import value_addresses
 from mailflow.tables.base import Table
 
@@ -59,7 +59,7 @@ def address_search(address: str, *, delimiter: str, form: str = EXTERNAL, local_
     local, at, domain = address.rpartition("@")
     if not at:
         local, domain = address, ""
-    internal = _internal_form(local)
+    internal = as_internal_local(local)
     quoted = quoted_local(internal) if '"' in local else local  # (a dot-atom is its own quoting: no regex)
     user, ext = split_extension(internal, delimiter)
     quoted_user = ""
@@ -92,7 +92,7 @@ def local_part_keys(local: str, *, delimiter: str, form: str = EXTERNAL) -> list
     """aliases(5) keys of a local part (as an address writes it): `user+ext`, then `user`, the extension split off
     the internal form, each in Postfix's quoting and (EXTERNAL_FIRST) then in internal form where that differs
     (`"al.1."`, `al.1.`), as local(8)'s alias lookup asks them."""
-    internal = _internal_form(local)
+    internal = as_internal_local(local)
     keys = []
     for name in local_keys(internal, delimiter=delimiter):
         keys += _forms(name, quoted_local(name), "", form)
@@ -200,12 +200,6 @@ def _with_extension(item: str, unmatched: str, qualify: Callable[[str], str]) ->
         result_local, result_domain = split(result)
         result = f"{quoted_local(_plain_local(result_local) + unmatched)}@{result_domain}"
     return result
-
-
-def _internal_form(local: str) -> str:
-    """A local part as written, in Postfix's internal form (quotes opened, quoted pairs undone); one without a
-    quote (a dot-atom, the usual case) is its own internal form: no regex for it."""
-    return (internal_local(local) or _plain_local(local)) if '"' in local else local
 
 
 def _plain_local(local: str) -> str:

@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, NoReturn
 
-from mailflow.address import (has_unsafe_characters, internal_local, printable, quoted_local, route_length,
+from mailflow.address import (as_internal_local, has_unsafe_characters, printable, quoted_local, route_length,
                               unquoted_local)
 from mailflow.errors import LookupRetry
 from mailflow.header_addresses import rewrite_address_fields
@@ -225,7 +225,7 @@ def _route_key(route: str, bare: str) -> str:
     """The address Postfix's smtp_map11 looks up for a routed header address: the route is part of its internal
     form's local part (`@r.test:a b@z.test`), quoted as a whole (`"@r.test:a b"@z.test`)."""
     local, _, domain = bare.rpartition("@")
-    return f"{quoted_local(route + (internal_local(local) or unquoted_local(local) or local))}@{domain}"
+    return f"{quoted_local(route + as_internal_local(local))}@{domain}"
 
 
 def _without_route(addr: str) -> str:

@@ -427,3 +427,9 @@ def test_vrfy_argument_splits_words_at_ascii_white_space_only():
     assert address.vrfy_argument("Joe\t <a@b.test>  SMTPUTF8") == ("Joe <a@b.test>", True)
     assert address.vrfy_argument("a@b.test\u00a0SMTPUTF8") == ("a@b.test\u00a0SMTPUTF8", False)
     assert address.vrfy_argument("a@b.test\x1cSMTPUTF8") == ("a@b.test\x1cSMTPUTF8", False)
+
+
+@pytest.mark.parametrize("local, internal", [("a.b", "a.b"), ('a."b c"', "a.b c"), ('"a\\\\b"', "a\\b"),
+                                             ('"a""b"', 'a""b'), ("a b", "a b"), ("", "")])
+def test_any_local_part_has_an_internal_form(local, internal):
+    assert address.as_internal_local(local) == internal
