@@ -2,7 +2,7 @@
 
 - `split(addr) -> (local, domain)`: at the last '@'; domain "" for an unqualified address.
 - `tidy(addr)`: needless quotes and one trailing dot dropped (`"joe"@x.test.` is `joe@x.test`), as Postfix's
-  trivial-rewrite does to every address.
+  trivial-rewrite does to every address; `is_tidy(addr)`: a cheap look that tidy has nothing to do.
 - `unquoted_local(local)`, `quoted_local(local)`: a quoted local part's content; a local part quoted if it must be;
   `internal_local(local)`, `external_local(local)`: a local part as written (atoms and quoted strings joined by
   dots, as Postfix's tokenizer takes them: `a."b c"`) in Postfix's internal form (`a.b c`) and in its own quoting
@@ -147,6 +147,13 @@ def tidy(addr: str) -> str:
         domain = domain[:-1]
     local = external_local(local) if local else local
     return f"{local}@{domain}" if at else local
+
+
+def is_tidy(addr: str) -> bool:
+    """`tidy` has nothing to do: no quote, no doubled dot, no dot before the '@', first or last, no route. Cheap
+    (callers' fast path); it may say False of an address that tidy leaves as it is (`a@.`)."""
+    return ('"' not in addr and ".." not in addr and ".@" not in addr and addr[:1] not in (".", "@")
+            and not addr.endswith("."))
 
 
 def unquoted_local(local: str) -> str | None:

@@ -251,8 +251,7 @@ class Rewriter:
         Postfix, whose rewrite sees the header's words as written and the envelope's in its own quoting."""
         _, at, domain = addr.rpartition("@")
         dotted = "." in domain or not self._config.append_dot_mydomain
-        if (at and domain and dotted and domain[-1] != "." and '"' not in addr and ".." not in addr
-                and ".@" not in addr and addr[0] not in ".@"):  # (what tidy could change: see address.tidy)
+        if at and domain and dotted and address.is_tidy(addr):
             return addr  # tidy and qualified already: most addresses, asked ~10 times a message
         given, addr = addr, address.tidy(addr)
         local, domain = address.split(addr)

@@ -1,6 +1,7 @@
 """mailflow.address: split, normalise_domain and mailbox_syntax_error (RFC 5321, RFC 6531 for UTF-8)."""
 from __future__ import annotations
 
+import itertools
 import random
 import socket
 
@@ -433,3 +434,11 @@ def test_vrfy_argument_splits_words_at_ascii_white_space_only():
                                              ('"a""b"', 'a""b'), ("a b", "a b"), ("", "")])
 def test_any_local_part_has_an_internal_form(local, internal):
     assert address.as_internal_local(local) == internal
+
+
+def test_an_address_is_tidy_only_when_tidy_leaves_it_as_it_is():
+    for n in range(6):
+        for chars in itertools.product('a".@:', repeat=n):
+            addr = "".join(chars)
+            assert not address.is_tidy(addr) or address.tidy(addr) == addr, addr
+    assert address.is_tidy("joe@x.test") and not address.is_tidy("joe.") and not address.is_tidy('"joe"@x.test')
