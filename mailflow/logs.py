@@ -526,11 +526,15 @@ class SyslogFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="microseconds")
         prefix = f"{stamp} {self._hostname} {self._syslog_name}/{service_of(record)}[{self._pid}]: "
-        level = _LEVEL_PREFIX.get(record.levelno, "")
-        lines = [prefix + level + printable(record.getMessage())]
-        if record.exc_info:
-            lines += [prefix + level + printable(line) for line in self.formatException(record.exc_info).splitlines()]
-        return "\n".join(lines)
+        return _printable_lines(prefix + _LEVEL_PREFIX.get(record.levelno, ""), record, self)
+
+
+def _printable_lines(head: str, record: logging.LogRecord, formatter: logging.Formatter) -> str:
+    """A record's message and its traceback's lines, each after `head` and printable (one line per line)."""
+    lines = [head + printable(record.getMessage())]
+    if record.exc_info:
+        lines += [head + printable(line) for line in formatter.formatException(record.exc_info).splitlines()]
+    return "\n".join(lines)
 
 
 class JsonFormatter(logging.Formatter):
@@ -650,11 +654,7 @@ class ToolFormatter(logging.Formatter):
         self._prefix = prefix
 
     def format(self, record: logging.LogRecord) -> str:
-        head = f"{self._prefix}: {_LEVEL_PREFIX.get(record.levelno, '')}"
-        lines = [head + printable(record.getMessage())]
-        if record.exc_info:
-            lines += [head + printable(line) for line in self.formatException(record.exc_info).splitlines()]
-        return "\n".join(lines)
+        return _printable_lines(f"{self._prefix}: {_LEVEL_PREFIX.get(record.levelno, '')}", record, self)
 
 
 @contextlib.contextmanager
