@@ -430,7 +430,7 @@ def _explain(cfg: Config, router: Router, addr: str, sender: str | None, first: 
     except DeliveryError as e:
         fail("mailflow address", masked(f"{addr}: {e.dsn} {e.text}"), 75)
     for depth, label, text in steps:  # (the address's control characters as `?`, as the queue tools show them)
-            typer.echo(f"{'  ' * depth}{label + ':':<{max(16 - 2 * depth, len(label) + 1)}} {masked(text)}")
+        typer.echo(f"{'  ' * depth}{label + ':':<{max(16 - 2 * depth, len(label) + 1)}} {masked(text)}")
 
 
 def _envelope_sender(given: str | None) -> str | None:
