@@ -28,7 +28,7 @@ which names can refuse relaying. `mailflow.config` validates every `smtpd.*_rest
     check_classes(classes)               ValueError for a bad class name, or classes that name each other in a
                                          loop (check_item refuses an undefined one)
     expand(items, classes) -> names      the names of a list and of its classes' items, recursively (a set)
-    relay_guard(label, items, classes) -> Found(GUARDED | PERMITTED | NEITHER, path, warned_guard): the list
+    relay_guard(label, items, classes) -> Found(GUARDED | PERMITTED | NEITHER, path, warned_guard, guard): the list
                                          reaches a relay guard or a permit of whatever the client chooses
                                          (is_client_chosen_permit: permit, permit_naked_ip_address, an access
                                          check of a permitting static: table) first, or neither (a warned guard
@@ -243,6 +243,7 @@ class Found(NamedTuple):
     result: str  # GUARDED, PERMITTED or NEITHER
     path: tuple[str, ...] = ()  # the items that lead to it, `list[index] item`, outer first (_led_by: shortened)
     warned_guard: tuple[str, ...] = ()  # NEITHER: the path to the first guard met under warn_if_reject
+    guard: str = ""  # NEITHER with a warned_guard: that guard's item (`reject_unauth_destination`)
 
     def where(self) -> str:
         """The path for a message: its first three and last two steps when it is longer."""
@@ -280,6 +281,7 @@ class _Walk:
         self.label, self.items, self.warned = label, items, warned
         self.at, self.warn_next = 0, False
         self.warned_guard: tuple[str, ...] = ()
+        self.guard = ""
 
     def advance(self, classes: Mapping[str, Sequence[str]],
                 known: dict[tuple[str, bool], Found]) -> Found | tuple[str, bool]:
@@ -299,15 +301,16 @@ class _Walk:
                 if found.result != NEITHER:
                     return found._replace(path=_led_by(here, found.path))
                 if found.warned_guard and not self.warned_guard:
-                    self.warned_guard = _led_by(here, found.warned_guard)
+                    self.warned_guard, self.guard = _led_by(here, found.warned_guard), found.guard
             elif is_client_chosen_permit(item):
                 return Found(PERMITTED, (here,))
             elif name in RELAY_GUARDS:
                 if not item_warned:
                     return Found(GUARDED, (here,))
-                self.warned_guard = self.warned_guard or (here,)
+                if not self.warned_guard:
+                    self.warned_guard, self.guard = (here,), item.strip()
             self.warn_next, self.at = False, self.at + 1
-        return Found(NEITHER, (), self.warned_guard)
+        return Found(NEITHER, (), self.warned_guard, self.guard)
 
 
 def _reaches(label: str, items: Sequence[str], classes: Mapping[str, Sequence[str]]) -> Found:

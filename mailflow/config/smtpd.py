@@ -186,8 +186,7 @@ def _unguarded_reason(key: str, found: Found) -> str:
     if found.result == PERMITTED:
         return f"{key} reaches a permit first: {found.where()}"
     if found.warned_guard:
-        guard = found.warned_guard[-1].split("] ", 1)[1]
-        return f"{key}: {guard} under warn_if_reject only warns: {found.where()}"
+        return f"{key}: {found.guard} under warn_if_reject only warns: {found.where()}"
     return f"{key} reaches none"
 
 

@@ -699,6 +699,10 @@ def test_the_relay_guard_refusal_says_where():
                                           r"warns: relay_restrictions\[2\] reject_unauth_destination;"):
         config_from_dict({"smtpd": {"recipient_restrictions": [], "relay_restrictions": [
             "permit_mynetworks", "warn_if_reject", "reject_unauth_destination"]}})
+    with pytest.raises(ConfigError, match=r"relay_restrictions: defer_unauth_destination under warn_if_reject only "
+                                          r"warns: relay_restrictions\[0\] c1 -> c1\[1\] defer_unauth_destination;"):
+        config_from_dict({"smtpd": {"recipient_restrictions": [], "relay_restrictions": ["c1"], "restriction_classes": {
+            "c1": ["warn_if_reject", "defer_unauth_destination"]}}})
 
 
 def test_a_long_chain_of_restriction_classes_loads():
