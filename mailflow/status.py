@@ -190,7 +190,7 @@ def conditional_deferral(name: str, what: str, text: str = "", dsn: str = "4.7.1
 
 def requested_deferral(name: str, what: str, item: str) -> Reply:
     """The defer_if_permit / defer_if_reject restrictions' deferral (Postfix: 450 4.7.0, whatever defer_code)."""
-    return restriction_rejected(450, "4.7.0", name, what, f"{item} requested")
+    return conditional_deferral(name, what, f"{item} requested", "4.7.0")
 
 
 def rule_deferred(name: str, what: str) -> Reply:
