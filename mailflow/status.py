@@ -365,12 +365,13 @@ def virus_found(name: str) -> Reply:
     return Reply(554, "5.7.1", f"Message rejected: virus found ({printable(name[:100])})")
 
 
-def milter_reply(text: str) -> Reply | None:
+def milter_reply(text: str, soft_bounce: bool = False) -> Reply | None:
     """A milter's SMFIR_REPLYCODE text (`550 5.7.1 Go away`; a multi-line one's lines joined by CRLF) as a reply;
     None when it is malformed as Postfix's milter8 judges it (a code that is not 4xx/5xx, no space or `-` after
     it, an enhanced code of another class than the code), or lines that do not share the code and end with one
     final line. As in Postfix, `%%` is `%` and another `%` is dropped (sendmail takes the text as a format).
-    A missing enhanced code becomes X.7.1 (RFC 2034: every reply carries one; Postfix sends the line as is)."""
+    A missing enhanced code becomes X.7.1 (RFC 2034: every reply carries one; Postfix sends the line as is).
+    `soft_bounce`: each line, once found well-formed, softened as milter8 does (`soft_bounced`)."""
     lines = re.sub(r"%(.?)", r"\1", text, flags=re.DOTALL).split("\r\n")
     code = lines[-1][:3]
     if len(code) != 3 or not code.isdigit() or code[0] not in "45":
@@ -383,13 +384,16 @@ def milter_reply(text: str) -> Reply | None:
         rest = line[4:].strip()
         if rest[:1].isdigit() and rest[0] != code[0]:
             return None
+        if soft_bounce:
+            line = _soft_bounced_line(line)
+            rest = line[4:].strip()
         first, _, after = rest.partition(" ")
         if first.count(".") == 2 and first.replace(".", "").isdigit():
             parts.append((first, printable(after.strip() or "Command rejected")))
         else:
-            parts.append((f"{code[0]}.7.1", printable(rest or "Command rejected")))
+            parts.append((f"{line[0]}.7.1", printable(rest or "Command rejected")))
     (enhanced, last) = parts.pop()
-    return Reply(int(code), enhanced, last, tuple(f"{e} {t}" for e, t in parts))
+    return Reply(int(line[:3]), enhanced, last, tuple(f"{e} {t}" for e, t in parts))
 
 
 # Enhanced codes for replies whose text the SMTP library writes itself, keyed by the basic code.

@@ -531,3 +531,18 @@ async def test_non_smtpd_milters_are_not_shown_the_dropped_fields(mailflow_serve
         await eventually(lambda: maildir_messages(tmp_path / "mail" / "bob" / "Maildir"))
         names = _header_names(milter)
         assert b"Subject" in names and not {b"Bcc", b"Subject "} & set(names), names
+
+
+async def test_under_soft_bounce_a_milters_own_550_with_a_percent_is_a_4xx(mailflow_server, caplog):
+    """milter8 softens a milter's reply once it is found well-formed (after `%` is dropped): `550 %5.7.1` is
+    answered and logged 450 4.7.1, as `550 5.7.1` is."""
+    caplog.set_level(logging.INFO, logger="mailflow")
+    async with scripted_milter({b"R": replycode("550 %5.7.1 go away")}) as milter:
+        mf = await mailflow_server(soft_bounce=True, smtpd={"listen": ["127.0.0.1:0"], "milters": [milter.spec]})
+        client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+        assert (await client.cmd("EHLO client.test")).code == 250
+        assert (await client.cmd("MAIL FROM:<s@remote.test>")).code == 250
+        assert await client.cmd("RCPT TO:<alice@local.test>") == (450, "450 4.7.1 go away")
+        await client.close()
+    rejects = [r.getMessage() for r in caplog.records if "reject: RCPT from" in r.getMessage()]
+    assert rejects and all("450 4.7.1 go away" in line for line in rejects), rejects

@@ -160,6 +160,18 @@ def test_soft_bounce_makes_each_5xx_line_a_4xx_one_as_postfix_smtpd_chat_reply(s
     assert status.soft_bounced(sent) == soft
 
 
+@pytest.mark.parametrize("text, soft", [
+    ("550 5.7.1 go away", "450 4.7.1 go away"),
+    ("550 %5.7.1 go away", "450 4.7.1 go away"),  # (`%` dropped first, then softened: one parse)
+    ("550 go away", "450 4.7.1 go away"),
+    ("550-5.7.1 one\r\n550 5.7.1 two", "450-4.7.1 one\r\n450 4.7.1 two"),
+    ("451 4.3.0 later", "451 4.3.0 later"),
+])
+def test_a_milters_reply_under_soft_bounce_is_softened_once_found_well_formed(text, soft):
+    assert str(status.milter_reply(text, soft_bounce=True)) == soft
+    assert status.milter_reply("550 4.7.1 mixed", soft_bounce=True) is None
+
+
 def test_a_refusal_cannot_be_split_into_lines_by_the_name_it_quotes():
     """Defence in depth: the name comes from the client (a certificate's CommonName, a HELO name); a space for
     each control, as Postfix's smtpd_check_reject makes its reply printable."""

@@ -541,11 +541,9 @@ class MilterSession:
         if c == p.DISCARD:
             return Verdict("discard", reason=f"milter {milter.spec}")
         if c == p.REPLYCODE:
-            reply_text = status.milter_reply(reply.text())
+            reply_text = status.milter_reply(reply.text(), soft_bounce=self._settings.soft_bounce)
             if reply_text is None:  # Postfix: a configuration error
                 return self._failed(milter, MilterFailed(f"malformed reply: {reply.text()!r}"), configuration=True)
-            if self._settings.soft_bounce:  # (milter8: each line's code and enhanced code, once found well-formed)
-                reply_text = status.milter_reply(status.soft_bounced(reply.text())) or reply_text
             return Verdict("reject" if reply_text.code >= 500 else "tempfail", reply_text,
                            reason=f"milter {milter.spec}")
         if c == p.SHUTDOWN:  # Postfix: 421, and the milter answers so for the rest of the session
