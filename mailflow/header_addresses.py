@@ -212,9 +212,10 @@ def closed_address(address: str) -> str:
     tokenizer (tok822_scan) closes it; any other is returned as it is. A literal gets its `]` (`bob@[192.0.2.1` is
     bob@[192.0.2.1]); a quoted string its `"`, and the address is then written as Postfix writes the internal form
     that gives (quotes opened, the local part before the last '@' quoted again only when it must be): `"joe@x.test`
-    is joe@x.test, `"joe smith@x.test` is "joe smith"@x.test, as Postfix's sendmail, aliases and .forward take
-    them. A backslash outside quotes escapes the next character, as in Postfix's tokenizer: `a\\"b@x.test` opens
-    no quoted string, and is written so too ("a\\"b"@x.test)."""
+    is joe@x.test, `"joe smith@x.test` is "joe smith"@x.test, as Postfix's sendmail takes them (only sendmail:
+    mailflow's aliases and .forward close the quote by their own rule, aliases._split_values, and refuse `"joe
+    smith@x.test`). A backslash outside quotes escapes the next character, as in Postfix's tokenizer:
+    `a\\"b@x.test` opens no quoted string, and is written so too ("a\\"b"@x.test)."""
     quoted = literal = escaped = False
     internal: list[str] = []
     i = 0
