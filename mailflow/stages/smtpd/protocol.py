@@ -505,19 +505,18 @@ class ProtocolCore(SMTP):
         self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
 
     def _no_deadline(self) -> None:
-        """No command deadline until the next `_reset_timeout` (a TLS handshake has its own). The cancelled
-        handle stays: aiosmtpd's connection_lost asserts there is one (and cancels it again)."""
-        if self._timeout_handle is not None:
-            self._timeout_handle.cancel()
-        self._timer_at = None
+        """No command deadline until the next `_reset_timeout` (a TLS handshake has its own; so does postscreen).
+        The pending timer stays (aiosmtpd's connection_lost asserts there is a handle, and no TimerHandle is
+        cancelled only to make another): one that fires meanwhile lets go (`_timer_fired`), and the next
+        `_reset_timeout` sets a new one then."""
+        self._deadline = math.inf
 
     @contextlib.contextmanager
     def untimed(self) -> Iterator[None]:
         """A wait that is not on the client (the milters): no command deadline meanwhile, as Postfix's smtpd_timeout
         bounds the client's input and output only (the milters' own timeouts bound the wait); a whole `timeout`
-        from its end on. The pending timer stays (no TimerHandle cancelled and made per command): one that fires
-        meanwhile lets go (`_timer_fired`), and the end of the wait sets a new one then."""
-        self._deadline = math.inf
+        from its end on."""
+        self._no_deadline()
         try:
             yield
         finally:
@@ -526,7 +525,7 @@ class ProtocolCore(SMTP):
     def _timer_fired(self) -> None:
         self._timer_at = None
         if self.loop.time() < self._deadline:  # moved since the timer was set
-            if self._deadline != math.inf:  # (inf: an untimed wait, whose end sets the timer again)
+            if self._deadline != math.inf:  # (inf: `_no_deadline`; the next `_reset_timeout` sets it again)
                 self._timer_at = self._deadline
                 self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
             return
