@@ -54,8 +54,9 @@ so restart the server soon after installing a new package, before `sendmail -bs`
 - `maildrop_names(directory)`: the finished files, oldest first (temporary names start with ".").
 - `remove_stale_temporaries(directory, now, age=STALE_AGE) -> names`: removes the temporary files of writers that
   died (SIGKILL, a crash) and were not touched for `age` seconds (Postfix's postsuper -p purges such files).
-- `wake_pickup(socket_path)`: one byte to the running server's pickup socket, only a socket of the queue
-  directory's owner and never through a symbolic link; a missing socket (no server) is not an error.
+- `pickup_socket(queue_dir)`: where the running server's pickup socket is (public/pickup).
+- `wake_pickup(queue_dir)`: one byte to that socket, only a socket of the queue directory's owner and never
+  through a symbolic link; a missing socket (no server) is not an error.
 Nothing here needs a running server.
 """
 from __future__ import annotations
@@ -539,14 +540,21 @@ NEW_FILE = b"W"  # a wake-up for a new maildrop file (sendmail)
 REQUEUED = b"R"  # one for mail an operator requeued (the queue tools): pickup also looks at the store's maildrop queue
 
 
-def wake_pickup(socket_path: Path, what: bytes = NEW_FILE) -> bool:
-    """Tell a running server to look now (`what`: NEW_FILE or REQUEUED). False when no server listens (not an
-    error: it scans at start), or when `socket_path` is not a socket of the queue directory's owner (the server's
-    user): a symbolic link the queue's owner put there is not followed to another socket root may write to (the
-    file is found at pickup's next scan)."""
+def pickup_socket(queue_dir: Path | str) -> Path:
+    """The running server's pickup socket in queue directory `queue_dir`."""
+    return Path(queue_dir) / "public" / "pickup"
+
+
+def wake_pickup(queue_dir: Path | str, what: bytes = NEW_FILE) -> bool:
+    """Tell the server running on `queue_dir` to look now (`what`: NEW_FILE or REQUEUED). False when no server
+    listens (not an error: it scans at start), or when its pickup socket is not a socket of the queue directory's
+    owner (the server's user): a symbolic link the queue's owner put there is not followed to another socket root
+    may write to (the file is found at pickup's next scan). The check is an lstat, then a send by name: the
+    queue's owner can swap a link in between (a race left open: one byte, sent as this process's user)."""
+    socket_path = pickup_socket(queue_dir)
     try:
         st = os.lstat(socket_path)
-        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.stat(Path(socket_path).parent.parent).st_uid:
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.stat(queue_dir).st_uid:
             return False
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
             s.setblocking(False)

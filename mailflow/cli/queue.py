@@ -214,7 +214,7 @@ def act(name: str, ids, config, sender, to_domain, older_than, *, required: bool
             log = _mail_log(name, cfg, opened) if name in POSTSUPER else None  # (flush logs nothing)
             done, missed = await qt.apply(store, action, selection, time.time(), sys.stderr, log=log)
         if done and action.wakes_pickup:
-            wake_pickup(Path(cfg.queue_path) / "public" / "pickup", REQUEUED)  # (no server: it copies them at start)
+            wake_pickup(cfg.queue_path, REQUEUED)  # (no server: it copies them at start)
         for qid in missed:
             typer.echo(f"mailflow queue {name}: {qid}: not in the {qt.either(action.sources)} queue", err=True)
         if not quiet:

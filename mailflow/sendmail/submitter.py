@@ -56,7 +56,7 @@ class Submitter:
         if problem:
             raise MaildropError(problem, os.EX_CANTCREAT)
         name = write_maildrop(queue / "maildrop", message, chunks, size_limit=self.config.smtpd.message_size_limit)
-        wake_pickup(queue / "public" / "pickup")
+        wake_pickup(queue)
         if not self._told_no_server and _no_server(queue):
             self._told_no_server = True
             self.say(f"warning: no mailflow server is running on {queue}: the mail waits in its maildrop until one "

@@ -101,7 +101,7 @@ from mailflow.faults import FailureLog, Guard
 from mailflow.filters.milter import NonSmtpdMilters
 from mailflow.maildrop import DIRECTORY_MODE as MAILDROP_MODE
 from mailflow.maildrop import (REQUEUED, CorruptMaildrop, MaildropFile, MaildropMessage, make_maildrop_directory,
-                               maildrop_names, open_maildrop, remove_stale_temporaries)
+                               maildrop_names, open_maildrop, pickup_socket, remove_stale_temporaries)
 from mailflow.logs import printable
 from mailflow.message import HEADER_READ_LIMIT
 from mailflow.model import (ClientInfo, Envelope, LocalUser, Outcome, QueuedMessage, QueueId, RcptResult, Recipient,
@@ -185,7 +185,7 @@ class Pickup:
             raise TypeError("Pickup: a store needs in_hand, qmgr's word on the messages it has in hand")
         self.maildrop = Path(queue_directory) / "maildrop"
         self.corrupt = Path(queue_directory) / "corrupt"
-        self.socket_path = Path(queue_directory) / "public" / "pickup"
+        self.socket_path = pickup_socket(queue_directory)
         self._cleanup = cleanup
         self._myhostname = myhostname
         self._clock = clock

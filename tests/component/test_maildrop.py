@@ -290,7 +290,7 @@ def test_unwritable_maildrop_is_cantcreat(tmp_path):
 
 
 def test_waking_without_a_server_is_not_an_error(tmp_path):
-    assert wake_pickup(tmp_path / "public" / "pickup") is False
+    assert wake_pickup(tmp_path) is False
 
 
 def test_the_wake_up_goes_only_to_a_socket_of_the_queue_owner_never_through_a_link(tmp_path):
@@ -303,15 +303,15 @@ def test_the_wake_up_goes_only_to_a_socket_of_the_queue_owner_never_through_a_li
         target.bind(str(tmp_path / "elsewhere"))
         target.setblocking(False)
         os.symlink(tmp_path / "elsewhere", public / "pickup")
-        assert wake_pickup(public / "pickup") is False
+        assert wake_pickup(public.parent) is False
         with pytest.raises(BlockingIOError):
             target.recv(16)
         os.unlink(public / "pickup")
         pickup_socket.bind(str(public / "pickup"))
-        assert wake_pickup(public / "pickup") is True and pickup_socket.recv(16) == b"W"
+        assert wake_pickup(public.parent) is True and pickup_socket.recv(16) == b"W"
         if os.geteuid() == 0:
             os.chown(public / "pickup", 4242, 4242)
-            assert wake_pickup(public / "pickup") is False
+            assert wake_pickup(public.parent) is False
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -526,7 +526,7 @@ def _drop(mf, content: bytes = b"Subject: picked\r\n\r\nbody\r\n", **changes) ->
 async def test_pickup_delivers_a_dropped_file_on_wake_up_with_local_headers(mailflow_server, tmp_path):
     mf = await mailflow_server()
     name = _drop(mf)
-    assert wake_pickup(mf.config.queue_path / "public" / "pickup")
+    assert wake_pickup(mf.config.queue_path)
     maildir = tmp_path / "mail" / "bob" / "Maildir"
     await eventually(lambda: maildir_messages(maildir), timeout=5)
     text = maildir_messages(maildir)[0].decode()
@@ -543,7 +543,7 @@ async def test_without_so_passcred_pickup_still_starts_and_is_woken(mailflow_ser
     mf = await mailflow_server()
     assert "no sender credentials" in caplog.text
     _drop(mf)
-    assert wake_pickup(mf.config.queue_path / "public" / "pickup", maildrop.REQUEUED)
+    assert wake_pickup(mf.config.queue_path, maildrop.REQUEUED)
     await eventually(lambda: maildir_messages(tmp_path / "mail" / "bob" / "Maildir"), timeout=5)
 
 
@@ -569,7 +569,7 @@ async def test_a_flood_of_wake_ups_is_read_a_bounded_number_at_a_time(mailflow_s
 async def test_a_submission_gets_its_header_addresses_qualified(mailflow_server, tmp_path):
     mf = await mailflow_server(myorigin="local.test")
     _drop(mf, b"From: alice\r\nTo: Bob <bob>, carol@x.test\r\nSubject: bob\r\n\r\nbob\r\n")
-    assert wake_pickup(mf.config.queue_path / "public" / "pickup")
+    assert wake_pickup(mf.config.queue_path)
     maildir = tmp_path / "mail" / "bob" / "Maildir"
     await eventually(lambda: maildir_messages(maildir), timeout=5)
     text = maildir_messages(maildir)[0].decode()

@@ -834,7 +834,7 @@ async def test_a_kept_file_is_tried_every_pickup_interval_however_many_wake_ups_
     await eventually(lambda: "not returned to <" in caplog.text, timeout=5)
     end = time.monotonic() + 3.5
     while time.monotonic() < end:  # a wake-up every 0.3 s, as sendmail gives (wake_pickup)
-        assert wake_pickup(mf.pickup.socket_path)
+        assert wake_pickup(mf.config.queue_path)
         await asyncio.sleep(0.3)
     assert 3 <= caplog.text.count("not returned to <") <= 6  # the first, then about one a second
     assert len(maildrop_names(tmp_path / "queue" / "maildrop")) == 1

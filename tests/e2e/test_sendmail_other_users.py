@@ -569,5 +569,5 @@ async def test_a_requeued_wake_up_counts_only_from_root_or_the_server(mailflow_s
     await eventually(lambda: len(scans) >= 2, timeout=5)  # woken all the same
     await asyncio.sleep(0.2)
     assert queries == []
-    assert wake_pickup(other_user.queue / "public" / "pickup", REQUEUED)  # root's (the queue tools')
+    assert wake_pickup(other_user.queue, REQUEUED)  # root's (the queue tools')
     await eventually(lambda: queries, timeout=5)
