@@ -240,12 +240,15 @@ def _xtext_decoded(raw: str) -> bytes:
     return bytes(out)
 
 
+_PRINTABLE = re.compile(rb"[ -~]*")  # printable ASCII only: nothing to mask
+
+
 def _masked(value: bytes) -> str:
     """Postfix's printable(value, '?') as smtpd runs it with SMTPUTF8 (util_utf8_enable): printable ASCII is kept,
     and so is a byte 194-254 with the continuation bytes (128-191) after it, one or more; anything else is one "?"
     per byte (`a.test<U+00A0>` is echoed as it is, as by Postfix 3.7.11). Unlike Postfix, a sequence so kept that
     is still not UTF-8 (`+E2+82`, one byte short) is masked too, a "?" per byte: no reply carries invalid UTF-8."""
-    if value.isascii() and value.isalnum():  # (the usual value: nothing to mask)
+    if _PRINTABLE.fullmatch(value):  # (the usual value: an address, a name)
         return value.decode()
     out: list[str] = []
     i = 0
