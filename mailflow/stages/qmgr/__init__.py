@@ -137,7 +137,7 @@ import heapq
 import logging
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import AsyncIterator, Callable, Collection, Iterable, Iterator
+from typing import AsyncIterator, Callable, Collection, Iterator
 
 from mailflow.clock import Clock
 from mailflow.content import Content
@@ -1062,15 +1062,14 @@ class QueueManager:
         mine = {r.index: r for r in job.recipients}  # (once a job: an agent gives up to all of them)
         last: list[RcptResult] = []
         async for given in results:
-            stats = active.stats._replace(handoff=handoff, done=self._clock.time())
-            result = _stamp(job.transport, mine, given, stats)
-            if result is None or result.recipient.index in recorded:
+            if not _is_for(mine, given) or given.recipient.index in recorded:
                 continue
             if len(recorded) + 1 == expected:
                 last.append(given)
                 continue
-            recorded.add(result.recipient.index)
-            self._results_in(active, [result])
+            recorded.add(given.recipient.index)
+            stats = active.stats._replace(handoff=handoff, done=self._clock.time())
+            self._results_in(active, [_stamp(job.transport, given, stats)])
         return DeliveryReport(tuple(last))
 
     async def _content(self, active: ActiveMessage) -> Content | None:
@@ -1290,28 +1289,23 @@ def _expire(pending: list[RcptResult], age: float, lifetime: float) -> list[Rcpt
 
 
 def _complete(job: Job, report: DeliveryReport, stats: MsgStats | None) -> list[RcptResult]:
-    """The report's results for this job's recipients (`_stamped`); one the agent did not mention stays queued
-    (4.3.0)."""
-    results = _stamped(job, report.results, stats)
+    """The report's results for this job's recipients, each marked with the job's transport and `stats` (None: no
+    agent had the job, they keep theirs); one the agent did not mention stays queued (4.3.0)."""
+    mine = {r.index: r for r in job.recipients}
+    results = [_stamp(job.transport, r, stats) for r in report.results if _is_for(mine, r)]
     told = {r.recipient.index for r in results}
     results += [RcptResult(r, Outcome.DEFERRED, "4.3.0", "delivery agent reported no result", transport=job.transport,
                            stats=stats) for r in job.recipients if r.index not in told]
     return results
 
 
-def _stamped(job: Job, results: Iterable[RcptResult], stats: MsgStats | None) -> list[RcptResult]:
-    """Those of `results` that are for this job's recipients, each marked with the job's transport and `stats`
-    (None: no agent had the job, they keep theirs)."""
-    mine = {r.index: r for r in job.recipients}
-    return [stamped for stamped in (_stamp(job.transport, mine, r, stats) for r in results) if stamped is not None]
+def _is_for(mine: dict[int, Recipient], result: RcptResult) -> bool:
+    """Whether `result` is for one of the job's recipients (`mine`, by index)."""
+    return mine.get(result.recipient.index) == result.recipient
 
 
-def _stamp(transport: str, mine: dict[int, Recipient], result: RcptResult,
-           stats: MsgStats | None) -> RcptResult | None:
-    """`result` marked with `transport` and `stats` (None: it keeps its own), or None when it is for none of the
-    job's recipients (`mine`, by index)."""
-    if mine.get(result.recipient.index) != result.recipient:
-        return None
+def _stamp(transport: str, result: RcptResult, stats: MsgStats | None) -> RcptResult:
+    """`result` marked with `transport` and `stats` (None: it keeps its own)."""
     return replaced(result, transport=transport, stats=result.stats if stats is None else stats)
 
 
