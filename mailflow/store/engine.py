@@ -520,12 +520,9 @@ def _merged(requests: list[Request]) -> tuple[list[Op], list]:
             if spots is None or spots[-1] < last:  # a new executemany, after every one this request ran so far
                 at = len(merged)
                 merged.append((sql, []))
-                if spots is None:
-                    places[sql] = [at]
-                else:
-                    spots.append(at)
+                places.setdefault(sql, []).append(at)
             else:  # the first at or after `last` (a search, not a scan: a big batch is one loop turn's CPU)
-                at = spots[0] if spots[0] >= last else spots[bisect_left(spots, last)]
+                at = spots[0] if spots[0] >= last else spots[bisect_left(spots, last)]  # (the shortcut: measured)
             merged[at][1].extend(rows)
             last = at
     return merged, [request.call for request in requests]
