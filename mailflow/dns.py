@@ -39,7 +39,6 @@ component may use it.
     await confirmed_name(resolver, address, names)   the first of `names` when its addresses include `address`
                                               (Postfix's verified client name); "" for none
     await client_name(resolver, address, names) -> ClientName   the same, with Postfix's warning of it
-    hostname_gripe(name) -> str | None        why Postfix's valid_hostname refuses a name (mailflow.address)
     failure_text(error) -> str                a LookupRetry's text as Postfix's SMTP client says it (below)
     valid_rr_name(name) -> bool               a name Postfix's dns_lookup takes in a reply (valid_rr_name)
 
