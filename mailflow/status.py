@@ -59,8 +59,19 @@ def queued(queue_id: str, octets: int | None = None) -> Reply:
     return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
 
-def relay_denied(address: str) -> Reply:
-    return Reply(554, "5.7.1", f"<{address}>: Relay access denied")
+def relay_denied(address: str, code: int = 554) -> Reply:
+    """reject_unauth_destination (`code`: relay_domains_reject_code; the enhanced code takes its class)."""
+    return Reply(code, f"{code // 100}.7.1", f"<{address}>: Relay access denied")
+
+
+def relay_deferred(address: str, relay_code: int = 554) -> Reply:
+    """defer_unauth_destination (Postfix's default relay restriction): relay_domains_reject_code less 100, 454 by
+    default; a relay code of 4xx leaves no refusal code, which Postfix's smtpd_check_reject answers with its
+    generic 450 4.7.1 Service unavailable."""
+    code = relay_code - 100
+    if code < 400:
+        return Reply(450, "4.7.1", "Service unavailable")
+    return Reply(code, f"{code // 100}.7.1", f"<{address}>: Relay access denied")
 
 
 def user_unknown(address: str, table: str = "local recipient table", what: str = "Recipient address",
@@ -163,13 +174,15 @@ def error_reply(error: BaseException, address: str = "") -> Reply:
 def restriction_rejected(code: int, dsn: str, name: str, what: str, text: str, error_class: str = "policy") -> Reply:
     """`554 5.7.1 <name>: What rejected: text`: a reject/defer action, a table or policy answer (`name` made
     printable, a space for a control as Postfix's smtpd_check_reject: a reply line cannot be split by what a
-    client chose, such as its certificate's name); filed under `error_class` (Reply.error_class)."""
-    return Reply(code, dsn, f"<{printable(name, ' ')}>: {what} rejected: {text}", error_class=error_class)
+    client chose, such as its certificate's name; the enhanced code takes the code's class, as there: a code
+    setting of 4xx makes `REJECT 5.1.2` 4.1.2); filed under `error_class` (Reply.error_class)."""
+    return Reply(code, f"{code // 100}{dsn[1:]}", f"<{printable(name, ' ')}>: {what} rejected: {text}",
+                 error_class=error_class)
 
 
-def access_denied(name: str, what: str, text: str = "", dsn: str = "5.7.1") -> Reply:
-    """`reject` or an access table's REJECT (access_map_reject_code 554)."""
-    return restriction_rejected(554, dsn, name, what, text or "Access denied")
+def access_denied(name: str, what: str, text: str = "", dsn: str = "5.7.1", code: int = 554) -> Reply:
+    """`reject` (`code`: reject_code) or an access table's REJECT (access_map_reject_code); 554 both by default."""
+    return restriction_rejected(code, dsn, name, what, text or "Access denied")
 
 
 def client_access_denied(client: str) -> Reply:
@@ -178,14 +191,15 @@ def client_access_denied(client: str) -> Reply:
     return Reply(503, "5.7.0", f"Error: access denied for {client}")
 
 
-def access_deferred(name: str, what: str, text: str = "", dsn: str = "4.7.1") -> Reply:
-    """An access table's (or policy server's) DEFER (access_map_defer_code 450; Postfix's text without one)."""
-    return restriction_rejected(450, dsn, name, what, text or "Access denied")
+def access_deferred(name: str, what: str, text: str = "", dsn: str = "4.7.1", code: int = 450) -> Reply:
+    """An access table's (or policy server's) DEFER (`code`: access_map_defer_code; Postfix's text without one)."""
+    return restriction_rejected(code, dsn, name, what, text or "Access denied")
 
 
-def conditional_deferral(name: str, what: str, text: str = "", dsn: str = "4.7.1") -> Reply:
-    """DEFER_IF_PERMIT / DEFER_IF_REJECT: the deferral that replaces the command's verdict (Postfix's text)."""
-    return restriction_rejected(450, dsn, name, what, text or "Service unavailable")
+def conditional_deferral(name: str, what: str, text: str = "", dsn: str = "4.7.1", code: int = 450) -> Reply:
+    """DEFER_IF_PERMIT / DEFER_IF_REJECT: the deferral that replaces the command's verdict (Postfix's text; `code`
+    access_map_defer_code for an access table's or policy server's action, 450 for the others)."""
+    return restriction_rejected(code, dsn, name, what, text or "Service unavailable")
 
 
 def requested_deferral(name: str, what: str, item: str) -> Reply:
@@ -193,9 +207,9 @@ def requested_deferral(name: str, what: str, item: str) -> Reply:
     return conditional_deferral(name, what, f"{item} requested", "4.7.0")
 
 
-def rule_deferred(name: str, what: str) -> Reply:
-    """The `defer` restriction (Postfix: defer_code 450, 4.3.2)."""
-    return restriction_rejected(450, "4.3.2", name, what, "Try again later")
+def rule_deferred(name: str, what: str, code: int = 450) -> Reply:
+    """The `defer` restriction (`code`: defer_code; Postfix's 4.3.2)."""
+    return restriction_rejected(code, "4.3.2", name, what, "Try again later")
 
 
 def restriction_table_failure(name: str, what: str) -> Reply:
@@ -210,27 +224,26 @@ def restriction_config_error(name: str, what: str) -> Reply:
     return replace(restriction_table_failure(name, what), server_fault=True, error_class="software")
 
 
-def relay_deferred(address: str) -> Reply:
-    """defer_unauth_destination (Postfix's default relay restriction)."""
-    return Reply(454, "4.7.1", f"<{address}>: Relay access denied")
+def non_fqdn_address(address: str, what: str, code: int = 504) -> Reply:
+    """reject_non_fqdn_sender / _recipient (`code`: non_fqdn_reject_code)."""
+    return restriction_rejected(code, "5.5.2", address, what, "need fully-qualified address")
 
 
-def non_fqdn_address(address: str, what: str) -> Reply:
-    return restriction_rejected(504, "5.5.2", address, what, "need fully-qualified address")
+def non_fqdn_helo(name: str, code: int = 504) -> Reply:
+    """reject_non_fqdn_helo_hostname (`code`: non_fqdn_reject_code)."""
+    return restriction_rejected(code, "5.5.2", name, "Helo command", "need fully-qualified hostname")
 
 
-def non_fqdn_helo(name: str) -> Reply:
-    return restriction_rejected(504, "5.5.2", name, "Helo command", "need fully-qualified hostname")
+def invalid_helo(name: str, code: int = 501) -> Reply:
+    """reject_invalid_helo_hostname (`code`: invalid_hostname_reject_code)."""
+    return restriction_rejected(code, "5.5.2", name, "Helo command", "Invalid name")
 
 
-def invalid_helo(name: str) -> Reply:
-    return restriction_rejected(501, "5.5.2", name, "Helo command", "Invalid name")
-
-
-def invalid_helo_address(name: str) -> Reply:
+def invalid_helo_address(name: str, code: int = 501) -> Reply:
     """A HELO of digits, dots and colons (permit_naked_ip_address) or an address literal
-    (reject_unknown_helo_hostname) that is no IP address (Postfix's reject_invalid_hostaddr)."""
-    return restriction_rejected(501, "5.5.2", name, "Helo command", "invalid ip address")
+    (reject_unknown_helo_hostname) that is no IP address (Postfix's reject_invalid_hostaddr; `code`:
+    invalid_hostname_reject_code)."""
+    return restriction_rejected(code, "5.5.2", name, "Helo command", "invalid ip address")
 
 
 def unauth_pipelining(name: str, what: str) -> Reply:

@@ -69,7 +69,8 @@ SETTINGS: dict[str, tuple[str, ...]] = {name: (key,) for name, key in {
                      "unverified_sender_reject_code unverified_sender_defer_code unverified_sender_tempfail_action "
                      "unverified_sender_reject_reason disable_vrfy_command strict_rfc821_envelopes content_filter "
                      "receive_override_options message_size_limit default_rbl_reply rbl_reply_maps "
-                     "maps_rbl_reject_code"),
+                     "maps_rbl_reject_code access_map_reject_code access_map_defer_code reject_code defer_code "
+                     "relay_domains_reject_code invalid_hostname_reject_code non_fqdn_reject_code"),
     "smtpd_banner": "smtpd.banner",
     "smtpd_tls_CAfile": "smtpd.tls_ca_file",
     "smtpd_log_access_permit_actions": "smtpd.log_access_permit_actions",

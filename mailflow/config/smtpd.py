@@ -385,6 +385,18 @@ class SmtpdConfig(SmtpdFilterSettings):
     default_rbl_reply: str = DEFAULT_RBL_REPLY
     rbl_reply_maps: TableSpecs = ()
     maps_rbl_reject_code: int = Field(554, ge=400, le=599)
+    # The restrictions' own codes (Postfix's names; the enhanced code takes the code's class): an access table's or
+    # policy server's REJECT, and its DEFER, DEFER_IF_PERMIT and DEFER_IF_REJECT; the reject and defer items;
+    # reject_unauth_destination (less 100: defer_unauth_destination; a 4xx there leaves it Postfix's generic 450
+    # 4.7.1 Service unavailable); reject_invalid_helo_hostname and an invalid address literal or naked address
+    # (invalid_hostname); reject_non_fqdn_helo_hostname, _sender and _recipient.
+    access_map_reject_code: int = Field(554, ge=400, le=599)
+    access_map_defer_code: int = Field(450, ge=400, le=599)
+    reject_code: int = Field(554, ge=400, le=599)
+    defer_code: int = Field(450, ge=400, le=599)
+    relay_domains_reject_code: int = Field(554, ge=400, le=599)
+    invalid_hostname_reject_code: int = Field(501, ge=400, le=599)
+    non_fqdn_reject_code: int = Field(504, ge=400, le=599)
     policy_service_timeout: Duration = Field(100.0, gt=0)
     policy_service_default_action: str = "451 4.3.5 Server configuration problem"
     policy_service_policy_context: str = ""  # the requests' policy_context attribute

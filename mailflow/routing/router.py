@@ -95,7 +95,7 @@ class Router:
         if refused is not None and self._config.soft_bounce:
             refused = status.soft_bounced(refused)
         if not rw.authorized_destination(addr):
-            denied = str(status.relay_denied(addr))
+            denied = str(status.relay_denied(addr, self._config.smtpd.relay_domains_reject_code))
             denied = status.soft_bounced(denied) if self._config.soft_bounce else denied
             relay = f"accepted from mynetworks only (others: {denied})"
             return relay if refused is None else f"{relay}; then {refused}"

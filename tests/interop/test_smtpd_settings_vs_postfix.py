@@ -9,6 +9,8 @@ log lines where the setting logs one.
     sasl_authenticated_header smtpd_sasl_authenticated_header: the login in the Received header
     strict_rfc821_envelopes   strict_rfc821_envelopes: MAIL and RCPT paths in angle brackets only
     unknown_*_reject_code     the unknown-user refusal's code, per address class
+    access_map_*_code, reject_code, defer_code, relay_domains_reject_code, invalid_hostname_reject_code,
+    non_fqdn_reject_code      the restrictions' codes
     reject_footer             smtpd_reject_footer: a text under every 4xx and 5xx reply
 """
 from __future__ import annotations
@@ -418,6 +420,74 @@ async def test_the_unknown_user_refusal_has_each_class_code_as_in_postfix(mailfl
             (553 if codes else 550, "5.1.0", "nobody@relay.test", "User unknown in relay recipient table"),
             (550, "5.1.8", "x@err.test", "no such host"), (550, "5.7.0", "y@err4.test", "later")]] + [
         "250 2.1.5 Ok"]
+
+
+# ------------------------------------------------- the restriction codes: access_map_*, reject, defer, relay, names
+
+RESTRICTION_CODES = {"access_map_reject_code": 553, "access_map_defer_code": 451, "reject_code": 550,
+                     "defer_code": 452, "relay_domains_reject_code": 551, "invalid_hostname_reject_code": 555,
+                     "non_fqdn_reject_code": 450}
+# 4xx refusals: the enhanced codes follow; a relay code of 4xx leaves defer_unauth_destination a 3xx, which
+# Postfix's smtpd_check_reject answers with its generic 450 4.7.1 Service unavailable
+RESTRICTION_CODES_4XX = {"access_map_reject_code": 450, "access_map_defer_code": 550, "reject_code": 451,
+                         "defer_code": 554, "relay_domains_reject_code": 450, "invalid_hostname_reject_code": 453,
+                         "non_fqdn_reject_code": 554}
+CODE_CLASSES = {  # one restriction class per recipient (check_recipient_access chooses it)
+    "c_reject": ["reject"], "c_defer": ["defer"],
+    "c_tabrej": ["check_sender_access inline:{ {s@remote.test=REJECT 5.1.2 gone} }"],
+    "c_tabrej2": ["check_client_access inline:{ {127.0.0.1=REJECT} }"],
+    "c_tabdef": ["check_sender_access inline:{ {s@remote.test=DEFER} }"],
+    "c_dip": ["check_sender_access inline:{ {s@remote.test=DEFER_IF_PERMIT later} }", "permit"],
+    "c_dir": ["check_sender_access inline:{ {s@remote.test=DEFER_IF_REJECT} }", "reject"],
+    "c_relay": ["reject_unauth_destination"], "c_drelay": ["defer_unauth_destination"],
+    "c_nfhelo": ["reject_non_fqdn_helo_hostname"], "c_nfsender": ["reject_non_fqdn_sender"],
+    "c_nfrcpt": ["reject_non_fqdn_recipient"], "c_invhelo": ["reject_invalid_helo_hostname"],
+}
+CODE_RECIPIENTS = "inline:{" + ", ".join(f"{name[2:]}@local.test={name}" for name in CODE_CLASSES) + \
+    ", far.test=c_relay, far2.test=c_drelay, nfrcpt=c_nfrcpt}"
+CODE_SESSIONS: dict[str, list[str | bytes]] = {
+    "reject, defer, the access actions, relaying": [
+        "EHLO c.test", M, *(f"RCPT TO:<{name[2:]}@local.test>" for name in (
+            "c_reject", "c_defer", "c_tabrej", "c_tabrej2", "c_tabdef", "c_dip", "c_dir")),
+        "RCPT TO:<x@far.test>", "RCPT TO:<x@far2.test>", "RCPT TO:<alice@local.test>"],
+    "names not fully qualified": ["EHLO c", "MAIL FROM:<s>", "RCPT TO:<nfhelo@local.test>",
+                                  "RCPT TO:<nfsender@local.test>", "RCPT TO:<x@nfrcpt>"],
+    "an invalid HELO name": ["HELO bad..name", M, "RCPT TO:<invhelo@local.test>"],
+}
+
+
+@pytest.mark.parametrize("codes", [RESTRICTION_CODES, RESTRICTION_CODES_4XX, {}], ids=["set", "4xx", "defaults"])
+async def test_the_restriction_codes_are_postfix_s_settings(mailflow_server, codes):
+    """access_map_reject_code and access_map_defer_code (an access table's REJECT, DEFER, DEFER_IF_PERMIT and
+    DEFER_IF_REJECT), reject_code and defer_code (the reject and defer items), relay_domains_reject_code
+    (reject_unauth_destination; less 100: defer_unauth_destination), invalid_hostname_reject_code and
+    non_fqdn_reject_code: mailflow had none of them (its replies were always Postfix's defaults)."""
+    classes = {name: ", ".join(items) for name, items in CODE_CLASSES.items()}
+    async with postfix_instance({**POSTFIX_BASE, "smtpd_restriction_classes": ", ".join(CODE_CLASSES),
+                                 **classes, "smtpd_recipient_restrictions": f"check_recipient_access {CODE_RECIPIENTS}",
+                                 **{name: str(code) for name, code in codes.items()}}) as pf:
+        postfix = await replay(pf.port, CODE_SESSIONS)
+    port = await start_mailflow(mailflow_server, restriction_classes=CODE_CLASSES,
+                                recipient_restrictions=[f"check_recipient_access {CODE_RECIPIENTS}"], **codes)
+    assert differences(CODE_SESSIONS, postfix, await replay(port, CODE_SESSIONS)) == {}
+    replies = postfix["reject, defer, the access actions, relaying"]
+    if codes == RESTRICTION_CODES:
+        assert replies[2:11] == [
+            "550 5.7.1 <reject@local.test>: Recipient address rejected: Access denied",
+            "452 4.3.2 <defer@local.test>: Recipient address rejected: Try again later",
+            "553 5.1.8 <s@remote.test>: Sender address rejected: gone",
+            "553 5.7.1 <localhost[127.0.0.1]>: Client host rejected: Access denied",
+            "451 4.7.1 <s@remote.test>: Sender address rejected: Access denied",
+            "451 4.7.1 <s@remote.test>: Sender address rejected: later",
+            "451 4.7.1 <s@remote.test>: Sender address rejected: Service unavailable",
+            "551 5.7.1 <x@far.test>: Relay access denied", "451 4.7.1 <x@far2.test>: Relay access denied"]
+        assert postfix["names not fully qualified"][2:] == [
+            "450 4.5.2 <c>: Helo command rejected: need fully-qualified hostname",
+            "450 4.5.2 <s>: Sender address rejected: need fully-qualified address",
+            "450 4.5.2 <x@nfrcpt>: Recipient address rejected: need fully-qualified address"]
+        assert postfix["an invalid HELO name"][-1] == "555 5.5.2 <bad..name>: Helo command rejected: Invalid name"
+    if codes == RESTRICTION_CODES_4XX:
+        assert replies[10] == "450 4.7.1 Service unavailable"
 
 
 # ------------------------------------------------------------------------------------------ reject_footer

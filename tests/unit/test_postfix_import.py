@@ -919,12 +919,19 @@ def test_parameters_postfix_reads_raw_are_written_as_is(tmp_path):
     assert doc["smtpd"]["reject_footer"] == "Contact postmaster, client $client_address"
 
 
-def test_the_dnsbl_reply_settings_are_imported(tmp_path):
+def test_the_dnsbl_reply_settings_and_the_restriction_codes_are_imported(tmp_path):
     write(tmp_path, "rbl_replies", "zen.example 550 5.7.1 Listed by $rbl_domain: $rbl_reason\n")
     main = write(tmp_path, "main.cf", f"""\
         default_rbl_reply = $rbl_code 5.7.1 Blocked: $rbl_class [$rbl_what] by $rbl_domain${{rbl_reason?; $rbl_reason}}
         rbl_reply_maps = texthash:{tmp_path}/rbl_replies
         maps_rbl_reject_code = 550
+        access_map_reject_code = 553
+        access_map_defer_code = 451
+        reject_code = 550
+        defer_code = 452
+        relay_domains_reject_code = 551
+        invalid_hostname_reject_code = 555
+        non_fqdn_reject_code = 450
         """)
     code, err = run_import(main, None, tmp_path / "mailflow.toml")
     assert (code, err) == (0, "")
@@ -933,6 +940,11 @@ def test_the_dnsbl_reply_settings_are_imported(tmp_path):
         "$rbl_code 5.7.1 Blocked: $rbl_class [$rbl_what] by $rbl_domain${rbl_reason?; $rbl_reason}"  # raw
     assert doc["smtpd"]["rbl_reply_maps"] == [f"texthash:{tmp_path}/rbl_replies"]
     assert doc["smtpd"]["maps_rbl_reject_code"] == 550
+    assert {key: doc["smtpd"][key] for key in ("access_map_reject_code", "access_map_defer_code", "reject_code",
+                                               "defer_code", "relay_domains_reject_code",
+                                               "invalid_hostname_reject_code", "non_fqdn_reject_code")} == {
+        "access_map_reject_code": 553, "access_map_defer_code": 451, "reject_code": 550, "defer_code": 452,
+        "relay_domains_reject_code": 551, "invalid_hostname_reject_code": 555, "non_fqdn_reject_code": 450}
 
 
 def test_a_policy_service_with_its_own_settings_in_braces_is_one_item(tmp_path):

@@ -21,6 +21,8 @@ from mailflow.errors import ConfigError
 
 # (Postfix name, table kind, min, max) from Postfix 3.7's daemons' tables, the files that read it
 POSTFIX_RANGES = [
+    ("access_map_defer_code", "INT", 0, 0),  # smtpd/smtpd.c
+    ("access_map_reject_code", "INT", 0, 0),  # smtpd/smtpd.c
     ("address_verify_negative_expire_time", "TIME", 1, 0),  # verify/verify.c
     ("address_verify_negative_refresh_time", "TIME", 1, 0),  # verify/verify.c
     ("address_verify_poll_count", "NINT", 1, 0),  # smtpd/smtpd.c
@@ -38,10 +40,12 @@ POSTFIX_RANGES = [
     ("default_destination_rate_delay", "TIME", 0, 0),  # oqmgr/qmgr.c, qmgr/qmgr.c
     ("default_destination_recipient_limit", "INT", 0, 0),  # oqmgr/qmgr.c, qmgr/qmgr.c
     ("default_process_limit", "INT", 1, 0),  # global/mail_params.c
+    ("defer_code", "INT", 0, 0),  # smtpd/smtpd.c
     ("delay_warning_time", "TIME", 0, 0),  # bounce/bounce.c, cleanup/cleanup_init.c
     ("header_size_limit", "INT", 1, 0),  # global/mail_params.c
     ("hopcount_limit", "INT", 1, 0),  # cleanup/cleanup_init.c
     ("initial_destination_concurrency", "INT", 1, 0),  # oqmgr/qmgr.c, qmgr/qmgr.c
+    ("invalid_hostname_reject_code", "INT", 0, 0),  # smtpd/smtpd.c
     ("line_length_limit", "INT", 512, 0),  # global/mail_params.c
     ("lmtp_connect_timeout", "TIME", 0, 0),  # smtp/lmtp_params.c
     ("lmtp_connection_cache_time_limit", "TIME", 1, 0),  # smtp/lmtp_params.c
@@ -63,6 +67,7 @@ POSTFIX_RANGES = [
     ("milter_content_timeout", "TIME", 1, 0),  # cleanup/cleanup_init.c, smtpd/smtpd.c
     ("minimal_backoff_time", "TIME", 1, 0),  # oqmgr/qmgr.c, qmgr/qmgr.c, smtp/lmtp_params.c, smtp/smtp_params.c
     ("multi_recipient_bounce_reject_code", "INT", 0, 0),  # smtpd/smtpd.c
+    ("non_fqdn_reject_code", "INT", 0, 0),  # smtpd/smtpd.c
     ("plaintext_reject_code", "INT", 0, 0),  # smtpd/smtpd.c
     ("postscreen_bare_newline_ttl", "TIME", 1, 0),  # postscreen/postscreen.c
     ("postscreen_client_connection_count_limit", "NINT", 0, 0),  # postscreen/postscreen.c
@@ -81,6 +86,8 @@ POSTFIX_RANGES = [
     ("qmgr_message_active_limit", "INT", 1, 0),  # oqmgr/qmgr.c, qmgr/qmgr.c
     ("queue_minfree", "LONG", 0, 0),  # smtpd/smtpd.c
     ("queue_run_delay", "TIME", 1, 0),  # oqmgr/qmgr.c, qmgr/qmgr.c, smtp/lmtp_params.c, smtp/smtp_params.c
+    ("reject_code", "INT", 0, 0),  # smtpd/smtpd.c
+    ("relay_domains_reject_code", "INT", 0, 0),  # smtpd/smtpd.c
     ("smtp_connect_timeout", "TIME", 0, 0),  # smtp/smtp_params.c
     ("smtp_connection_cache_time_limit", "TIME", 1, 0),  # smtp/smtp_params.c
     ("smtp_connection_reuse_count_limit", "INT", 0, 0),  # smtp/smtp_params.c
@@ -211,6 +218,8 @@ DEVIATIONS = {
     **{(name, value): "a reply code that is not a refusal (4xx, 5xx) would let mail through or say nothing; "
                       "Postfix takes any number and sends it"
        for name in ("maps_rbl_reject_code", "multi_recipient_bounce_reject_code", "plaintext_reject_code",
+                    "access_map_reject_code", "access_map_defer_code", "reject_code", "defer_code",
+                    "relay_domains_reject_code", "invalid_hostname_reject_code", "non_fqdn_reject_code",
                     "unknown_address_reject_code", "unknown_client_reject_code", "unknown_hostname_reject_code",
                     "unknown_local_recipient_reject_code", "unknown_relay_recipient_reject_code",
                     "unknown_virtual_alias_reject_code", "unknown_virtual_mailbox_reject_code")

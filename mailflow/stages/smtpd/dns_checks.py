@@ -254,16 +254,18 @@ class DnsChecks:
 
     # -------------------------------------------------------------------------------- the HELO name
 
-    async def unknown_helo(self, facts: Facts, code: int, tempfail_action: str) -> status.Reply | None:
+    async def unknown_helo(self, facts: Facts, code: int, tempfail_action: str,
+                           invalid_code: int = 501) -> status.Reply | None:
         """reject_unknown_helo_hostname, as Postfix's reject_unknown_hostname: the HELO name has an A, AAAA or MX
         record (a null MX counts), else `code` 4.7.1 "Host not found" ("Malformed DNS server reply" after a reply
         naming no host); when the DNS cannot tell, 450 4.7.1 as a DEFER_IF_PERMIT (tempfail_action "defer": at
-        once). An address literal is only checked for being one (Postfix's reject_invalid_hostaddr: 501 5.5.2)."""
+        once). An address literal is only checked for being one (Postfix's reject_invalid_hostaddr: `invalid_code`
+        5.5.2, invalid_hostname_reject_code)."""
         helo = facts.helo
         if not helo or self._resolver is None:
             return None
         if helo.startswith("["):
-            return None if address.literal_ip(helo) else status.invalid_helo_address(helo)
+            return None if address.literal_ip(helo) else status.invalid_helo_address(helo, invalid_code)
         verdict = await self._host_records_known(helo, facts.memo)
         if verdict == FOUND:
             return None

@@ -263,16 +263,16 @@ def client_keys(addr: str, hostname: str) -> list[str]:
     return keys
 
 
-def naked_ip_address(helo: str):
+def naked_ip_address(helo: str, invalid_code: int = 501):
     """Postfix 3.7's permit_naked_ip_address (deprecated, logged at each use): a HELO name of digits, dots and
     colons only is a permit when it is an IPv4 address as Postfix's valid_ipv4_hostaddr takes one (leading zeros
     allowed; a name with a colon never is: without Postfix's `IPv6:` prefix it is asked as IPv4), else
-    501 5.5.2 invalid ip address; any other name has no opinion."""
+    `invalid_code` (invalid_hostname_reject_code) 5.5.2 invalid ip address; any other name has no opinion."""
     log.warning("restriction permit_naked_ip_address is deprecated. Use permit_mynetworks or "
                 "permit_sasl_authenticated instead")
     if not helo or helo.strip("0123456789.:"):
         return None
-    return PERMIT if is_postfix_ipv4(helo) else status.invalid_helo_address(helo)
+    return PERMIT if is_postfix_ipv4(helo) else status.invalid_helo_address(helo, invalid_code)
 
 
 def client_full_keys(hostname: str) -> tuple[int, int]:
@@ -562,7 +562,8 @@ class Restrictions:
         if name in ("reject_unknown_helo_hostname", "reject_unknown_hostname"):
             smtpd = self._smtpd
             return await self._dns.unknown_helo(facts, smtpd.unknown_hostname_reject_code,
-                                                smtpd.unknown_helo_hostname_tempfail_action)
+                                                smtpd.unknown_helo_hostname_tempfail_action,
+                                                smtpd.invalid_hostname_reject_code)
         if name == "permit_mx_backup":
             return await self._mx_backup(stage, facts) if facts.recipient else None
         raise AssertionError(f"restriction {name!r} has no evaluation")  # check_item lets no such name in
@@ -577,7 +578,9 @@ class Restrictions:
             return self._permitted(name, what, who, facts, stage)
         if name in ("reject", "defer"):
             who, what = subject or self._subject(stage, facts)
-            return status.access_denied(who, what) if name == "reject" else status.rule_deferred(who, what)
+            smtpd = self._smtpd
+            return status.access_denied(who, what, code=smtpd.reject_code) if name == "reject" \
+                else status.rule_deferred(who, what, smtpd.defer_code)
         if name in CONDITIONAL_DEFERRALS:
             who, what = subject or self._subject(stage, facts)
             reply = status.requested_deferral(who, what, name)
@@ -594,18 +597,25 @@ class Restrictions:
         if name in ("reject_unauth_destination", "defer_unauth_destination"):
             if not rcpt or self._rewriter.authorized_destination(rcpt):
                 return None
-            return status.relay_denied(rcpt) if name.startswith("reject") else status.relay_deferred(rcpt)
+            code = self._smtpd.relay_domains_reject_code
+            return status.relay_denied(rcpt, code) if name.startswith("reject") else status.relay_deferred(rcpt, code)
+        return self._simple_names(name, facts, subject) if name in _NAME_CHECKS \
+            else self._simple_more(name, stage, facts, subject)
+
+    def _simple_names(self, name: str, facts: Facts, subject: tuple[str, str] | None):
+        """More of `_simple`: the names that must be fully qualified or valid (non_fqdn_reject_code,
+        invalid_hostname_reject_code)."""
+        rcpt, helo, non_fqdn = facts.recipient, facts.helo, self._smtpd.non_fqdn_reject_code
         if name == "reject_non_fqdn_sender":
-            return status.non_fqdn_address(facts.sender, "Sender address") if facts.sender and not \
+            return status.non_fqdn_address(facts.sender, "Sender address", non_fqdn) if facts.sender and not \
                 is_fqdn_address(facts.sender) else None
         if name == "reject_non_fqdn_recipient":
-            return status.non_fqdn_address(rcpt, "Recipient address") if rcpt and not is_fqdn_address(rcpt) else None
+            return status.non_fqdn_address(rcpt, "Recipient address", non_fqdn) \
+                if rcpt and not is_fqdn_address(rcpt) else None
         if name == "reject_non_fqdn_helo_hostname":
-            helo = facts.helo
-            return status.non_fqdn_helo(helo) if helo and not is_fqdn_helo(helo) else None
-        if name == "reject_invalid_helo_hostname":
-            return status.invalid_helo(facts.helo) if facts.helo and not is_valid_helo(facts.helo) else None
-        return self._simple_more(name, stage, facts, subject)
+            return status.non_fqdn_helo(helo, non_fqdn) if helo and not is_fqdn_helo(helo) else None
+        return status.invalid_helo(helo, self._smtpd.invalid_hostname_reject_code) \
+            if helo and not is_valid_helo(helo) else None
 
     def _simple_more(self, name: str, stage: str, facts: Facts, subject: tuple[str, str] | None):
         """More of `_simple`: the session's own facts (pipelining, TLS), the null sender's recipients, the
@@ -624,7 +634,7 @@ class Restrictions:
             return self._permitted(name, SUBJECT["recipient"], rcpt, facts, stage) \
                 if rcpt and self._rewriter.authorized_destination(rcpt) else None
         if name == "permit_naked_ip_address":
-            answer = naked_ip_address(facts.helo)
+            answer = naked_ip_address(facts.helo, self._smtpd.invalid_hostname_reject_code)
             return self._permitted(name, SUBJECT["helo"], facts.helo, facts, stage) if answer == PERMIT else answer
         return _UNHANDLED
 
@@ -814,9 +824,11 @@ class Restrictions:
         if upper == "DUNNO":
             return None
         if upper == "REJECT":
-            return status.access_denied(name, what, *split_dsn(text, "5.7.1", what))
+            return status.access_denied(name, what, *split_dsn(text, "5.7.1", what),
+                                        code=self._smtpd.access_map_reject_code)
         if upper == "DEFER":
-            return status.access_deferred(name, what, *split_dsn(text, "4.7.1", what))
+            return status.access_deferred(name, what, *split_dsn(text, "4.7.1", what),
+                                          code=self._smtpd.access_map_defer_code)
         if upper in _MARKS and self._no_transaction(upper, source, facts):
             return None
         if upper == "DISCARD":
@@ -830,11 +842,12 @@ class Restrictions:
                 facts.marks.hold_logged = True
             return None
         if upper == "DEFER_IF_PERMIT":
-            facts.raise_defer_if_permit(status.conditional_deferral(name, what, *split_dsn(text, "4.7.1", what)))
+            facts.raise_defer_if_permit(status.conditional_deferral(
+                name, what, *split_dsn(text, "4.7.1", what), code=self._smtpd.access_map_defer_code))
             return None
         if upper == "DEFER_IF_REJECT":
             facts.defer_if_reject = facts.defer_if_reject or status.conditional_deferral(
-                name, what, *split_dsn(text, "4.7.1", what))
+                name, what, *split_dsn(text, "4.7.1", what), code=self._smtpd.access_map_defer_code)
             return None
         if upper in ("WARN", "INFO"):
             self._whatsup(upper.lower(), text, facts, stage)  # Postfix's log_whatsup: the text alone
@@ -1120,6 +1133,8 @@ class Restrictions:
 
 
 _UNHANDLED = object()
+_NAME_CHECKS = {"reject_non_fqdn_sender", "reject_non_fqdn_recipient", "reject_non_fqdn_helo_hostname",
+                "reject_invalid_helo_hostname"}  # (Restrictions._simple_names)
 _MARKS = {"DISCARD", "HOLD", "FILTER", "PREPEND", "REDIRECT", "BCC"}  # the actions that mark the message
 _MARK_NEEDS = {"FILTER": "transport:destination", "PREPEND": "header: text", "REDIRECT": "user@domain target",
                "BCC": "user@domain target"}
