@@ -340,6 +340,16 @@ def test_the_percent_hack_splits_at_the_last_percent_outside_quotes():
     assert address.percent_split('"user%y.test"') is None and address.percent_split("user") is None
 
 
+def test_an_envelope_route_ends_at_its_first_colon_as_postfix_s_smtpd_cuts_it():
+    """smtpd.c extract_addr: `if (*text == '@' && (colon = strchr(text, ':')) != 0) text = colon + 1`, then
+    trivial-rewrite drops what route is left (`@b:` of `@a:@b:u@x`); an address literal does not hide a colon."""
+    assert address.parse_written_path("<@a.test:@b.test:u@x.test>")[:2] == ("u@x.test", "@a.test:@b.test:u@x.test")
+    assert address.parse_written_path("<@[192.0.2.1],@[192.0.2.2]:u@x.test>")[0] == "u@x.test"
+    for text in ("<@[IPv6:2001:db8::1]:u@x.test>", "<@[IPv6:2001:db8::1],@b.test:u@x.test>"):
+        with pytest.raises(address.PathError):
+            address.parse_written_path(text)
+
+
 def test_tidy_writes_the_local_part_in_postfix_s_quoting_and_drops_a_route():
     assert address.tidy('a."b c"@x.test.') == '"a.b c"@x.test'
     assert address.tidy('@r1.test,@r2.test:"a"."b"@x.test') == "a.b@x.test"
