@@ -284,9 +284,16 @@ class Rewriter:
 
     def address_keys(self, addr: str, form: str = EXTERNAL) -> list[str]:
         """mail_addr_find's keys for `addr` (see find_address), in order."""
+        return self.address_search(addr, form)[0]
+
+    def address_search(self, addr: str, form: str = EXTERNAL) -> tuple[list[str], tuple[int, ...]]:
+        """mail_addr_find's keys for `addr` (see find_address), in order, and the indices of those it asks pattern
+        tables too (the whole address: FULL lookups; mailflow.tables.search.address_search)."""
         domain = address.split(addr)[1]
-        return address_keys(addr, delimiter=self._config.recipient_delimiter,
-                            local_domain=bool(domain) and self.is_local_domain(domain), form=form)
+        if "@" not in addr:
+            return address_keys(addr, delimiter=self._config.recipient_delimiter, form=form), (0,)
+        return address_search(addr, delimiter=self._config.recipient_delimiter,
+                              local_domain=bool(domain) and self.is_local_domain(domain), form=form)
 
     def resolve_local(self, domain: str) -> bool:
         """Postfix resolve_local: the (normalised) domain is in mydestination or names one of this server's

@@ -119,12 +119,13 @@ def build_outbound_checks(client, tables: TableCache, program: str = "smtp",
     return OutboundChecks(*(tables.open(spec) if spec else [] for spec in specs), program=program, log=log)
 
 
-def sasl_sender_keys(client, router) -> Callable[[str], list[str]] | None:
-    """The sasl_password_maps keys of an envelope sender (mail_addr_find's, as Postfix's sender-dependent
-    authentication asks them); None when the client's sender_dependent_authentication is off or it has no maps."""
+def sasl_sender_keys(client, router) -> Callable[[str], tuple[list[str], tuple[int, ...]]] | None:
+    """The sasl_password_maps keys of an envelope sender and the indices of those a pattern table is asked
+    (mail_addr_find's, as Postfix's sender-dependent authentication asks them: the whole address, quoted and
+    internal); None when the client's sender_dependent_authentication is off or it has no maps."""
     if not (client.sender_dependent_authentication and client.sasl_password_maps):
         return None
-    return partial(router.rewriter.address_keys, form=EXTERNAL_FIRST)
+    return partial(router.rewriter.address_search, form=EXTERNAL_FIRST)
 
 
 def build_smtp_client(config, client, *, resolver, clock, router, tables: TableCache, mta_sts,

@@ -29,7 +29,7 @@ from mailflow.model import ConnStats, DeliveryRequest, Outcome, Recipient
 from mailflow.routing.router import Router
 from mailflow.transports import build_transports
 from mailflow.transports.smtp import SmtpTransport
-from mailflow.tables.search import address_keys
+from mailflow.tables.search import EXTERNAL_FIRST, address_search
 from mailflow.transports.smtp.addr import order_exchangers
 from tests.support import CaptureHandler, big_message, eventually, free_port, spooled
 from tests.support.peers import recording_peer
@@ -1562,7 +1562,7 @@ async def test_sender_dependent_authentication_logs_in_as_each_senders_account_o
     config = SmtpConfig(tls_security_level="none", sasl_tls_required=False, sender_dependent_authentication=True,
                         sasl_password_maps=passwords(("alice@acct.test", "alice:pw-a"), ("@acct.test", "acct:pw-d"),
                                                      (nexthop, "relayuser:pw-r")))
-    keys = partial(address_keys, delimiter="+")
+    keys = partial(address_search, delimiter="+")
     transport = SmtpTransport(config, resolver=StaticResolver(), helo_name=HELO, sender_keys=keys)
     senders = ["alice@acct.test", "bob@acct.test", "alice@acct.test", "", "carol@plain.test", "alice+tag@acct.test"]
     reports = await deliver_several(transport, *(make_request(nexthop, sender=s) for s in senders))
@@ -1571,14 +1571,40 @@ async def test_sender_dependent_authentication_logs_in_as_each_senders_account_o
     assert peer.connections == 5  # alice's second message took her cached session; "" and carol each their own
 
 
+async def test_a_pattern_password_table_is_asked_the_sender_the_host_and_the_next_hop(counted_peer, tmp_path):
+    """Postfix's smtp_sasl_passwd_lookup asks a regexp or pcre table the sender (mail_addr_find's FULL keys: the
+    address quoted, then in internal form), the host name, then the next hop as written (maps_find: FULL). mailflow
+    asked such a table the quoted sender and the host name only."""
+    auth = Authenticator()
+    accounts = {(b"acct", b"pw-d"), (b"relayuser", b"pw-r")}
+
+    def any_account(server, session, envelope, mechanism, auth_data):
+        auth(server, session, envelope, mechanism, auth_data)  # (recorded)
+        return AuthResult(success=(auth_data.login, auth_data.password) in accounts, handled=False)
+
+    peer = await counted_peer(authenticator=any_account, auth_require_tls=False)
+    nexthop = f"[127.0.0.1]:{peer.port}"
+    table = tmp_path / "passwords.regexp"
+    table.write_text(f"/^a b@acct\\.test$/ acct:pw-d\n/^\\[127\\.0\\.0\\.1\\]:{peer.port}$/ relayuser:pw-r\n")
+    config = SmtpConfig(tls_security_level="none", sasl_tls_required=False, sender_dependent_authentication=True,
+                        sasl_password_maps=(f"regexp:{table}",))
+    transport = SmtpTransport(config, resolver=StaticResolver(), helo_name=HELO,
+                              sender_keys=partial(address_search, delimiter="+", form=EXTERNAL_FIRST))
+    reports = await deliver_several(transport, *(make_request(nexthop, sender=s)
+                                                 for s in ('"a b"@acct.test', "carol@plain.test")))
+    assert [r.results[0].outcome for r in reports] == [Outcome.SENT] * 2
+    assert [user for _, user, _ in auth.attempts] == ["acct", "relayuser"]
+
+
 def test_the_servers_sender_keys_are_mail_addr_finds_and_only_when_sender_dependent_authentication_is_on():
     from mailflow.transports import sasl_sender_keys
 
     on = Config(mydestination=("local.test",), smtp={"sender_dependent_authentication": True,
                                                      "sasl_password_maps": ["inline:{a=b}"]})
     keys = sasl_sender_keys(on.smtp, Router(on))
-    assert keys("al+x@local.test") == ["al+x@local.test", "al@local.test", "al+x", "al", "@local.test"]
-    assert keys("al+x@remote.test") == ["al+x@remote.test", "al@remote.test", "@remote.test"]
+    assert keys("al+x@local.test") == (["al+x@local.test", "al@local.test", "al+x", "al", "@local.test"], (0,))
+    assert keys("al+x@remote.test") == (["al+x@remote.test", "al@remote.test", "@remote.test"], (0,))
+    assert keys('"a b"@remote.test') == (['"a b"@remote.test', "a b@remote.test", "@remote.test"], (0, 1))
     assert sasl_sender_keys(Config(smtp={"sasl_password_maps": ["inline:{a=b}"]}).smtp, Router(Config())) is None
     assert sasl_sender_keys(Config(smtp={"sender_dependent_authentication": True}).smtp, Router(Config())) is None
 

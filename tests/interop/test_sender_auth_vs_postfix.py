@@ -39,7 +39,11 @@ class AccountRecorder:
 
 
 async def send(port: int, server: str) -> None:
-    for i, sender in enumerate(SENDERS):
+    await send_from(port, server, SENDERS)
+
+
+async def send_from(port: int, server: str, senders: list[str]) -> None:
+    for i, sender in enumerate(senders):
         async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10) as client:
             await client.sendmail(sender, ["x@remote.test"], f"Subject: {server}-{i}\r\n\r\nx\r\n".encode())
 
@@ -80,3 +84,40 @@ async def test_sender_dependent_authentication_matches_a_real_postfix(mailflow_s
     assert mailflow_used == postfix_used
     # the edges themselves, so that a change in both cannot pass unnoticed
     assert [postfix_used[i][1] for i in sorted(every)] == ["alice", "acct", "relayuser", "relayuser", "alice", "acct"]
+
+
+PATTERN_SENDERS = ['"a b"@acct.test', "carol@plain.test"]
+
+
+async def test_a_regexp_password_table_is_asked_as_postfix_asks_it(mailflow_server, tmp_path):
+    """smtp_sasl_passwd_lookup asks a pattern table the sender (mail_addr_find's FULL keys: quoted, then internal
+    form), then the host name, then the next hop as written (`[127.0.0.1]:port`). mailflow asked such a table the
+    quoted sender and the host name only: neither entry below was found, and the relay refused the mail."""
+    recorder = AccountRecorder()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: AiosmtpdSMTP(recorder, hostname="relay.test", authenticator=recorder,
+                                                           auth_required=True, auth_require_tls=False),
+                                      "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        relay = f"[127.0.0.1]:{port}"
+        table = tmp_path / "passwords.regexp"
+        table.write_text(f"/^a b@acct\\.test$/ acct:pw-d\n/^\\[127\\.0\\.0\\.1\\]:{port}$/ relayuser:pw-r\n")
+        async with postfix_instance({"myhostname": "pf.test", "relayhost": relay, "smtp_sasl_auth_enable": "yes",
+                                     "smtp_sasl_security_options": "noanonymous",
+                                     "smtp_sender_dependent_authentication": "yes",
+                                     "smtp_sasl_password_maps": f"regexp:{table}"}) as pf:
+            await send_from(pf.port, "pf", PATTERN_SENDERS)
+            await pf.queue_empty()
+        mf = await mailflow_server(mynetworks=["127.0.0.0/8"], relayhost=relay,
+                                   smtp={"sasl_password_maps": [f"regexp:{table}"], "sasl_tls_required": False,
+                                         "sender_dependent_authentication": True})
+        await send_from(mf.smtp_addresses[0][1], "mf", PATTERN_SENDERS)
+        every = set(range(len(PATTERN_SENDERS)))
+        await eventually(lambda: set(accounts(recorder, "pf")) == every and set(accounts(recorder, "mf")) == every,
+                         what="every message at the relay")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert accounts(recorder, "mf") == accounts(recorder, "pf")
+    assert [accounts(recorder, "pf")[i][1] for i in sorted(every)] == ["acct", "relayuser"]

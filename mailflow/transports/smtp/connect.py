@@ -258,7 +258,8 @@ class SmtpHandshake:
     clock: Callable[[], float]
     resolver: Resolver | None = None  # TLSA lookups (dane, dane-only)
     plaintext_after: float = 0.0  # a failed TLS handshake at level may: plaintext for mail queued this long
-    sender_keys: Callable[[str], list[str]] | None = None  # a sender's sasl_password_maps keys; None: not asked
+    # a sender's sasl_password_maps keys and the indices of those pattern tables are asked; None: not asked
+    sender_keys: Callable[[str], tuple[list[str], tuple[int, ...]]] | None = None
     source: SourceAddress | None = None  # bind_address, bind_address6 (None: neither set)
     reply_filter: ReplyFilter | None = None  # smtp_reply_filter (None: unset, each reply line as received)
     log: logging.Logger = CLIENT_LOGS["ESMTP"]  # the client's (chat.client_log(program)): every line, its sessions'
@@ -389,16 +390,17 @@ class SmtpHandshake:
 
     async def _credentials(self, peer: Peer, destination: Destination) -> Credentials | None:
         """user:password for the envelope sender (sender-dependent authentication), else for the peer's host name,
-        else for the next hop as written. Raises LocalProblem."""
+        else for the next hop as written, a pattern table (regexp, pcre) asked each of these but the sender's
+        partial keys (`@domain`, ...), as Postfix's smtp_sasl_passwd_lookup asks them. Raises LocalProblem."""
         if not self.password_tables:
             return None
         keys = unique([peer.host, destination.written.strip().lower()])
         try:
             found = None
             if self.sender_keys is not None and destination.sender:
-                found = await self.tables.run(find, self.password_tables, self.sender_keys(destination.sender))
+                found = await self.tables.run(find, self.password_tables, *self.sender_keys(destination.sender))
             if found is None:
-                found = await self.tables.run(find, self.password_tables, keys)
+                found = await self.tables.run(find, self.password_tables, keys, range(len(keys)))
         except LookupRetry as e:
             raise LocalProblem("4.3.0", f"sasl_password_maps lookup error: {e.text}") from None
         if found is None:

@@ -145,7 +145,7 @@ class SmtpTransport:
         now: Callable[[], float] = time.time,
         generic: GenericMaps | None = None,
         checks: OutboundChecks | None = None,
-        sender_keys: Callable[[str], list[str]] | None = None,
+        sender_keys: Callable[[str], tuple[list[str], tuple[int, ...]]] | None = None,
         soft_bounce: bool = False,
         level_source: str = "smtp.tls_security_level",
         program: str = "smtp",
