@@ -8,7 +8,8 @@
   dots, as Postfix's tokenizer takes them: `a."b c"`) in Postfix's internal form (`a.b c`) and in its own quoting
   (`"a.b c"`), which is the form every address has inside mailflow; `as_internal_local(local)`: the internal form
   of any local part (one that is not words as it is, or without its quotes); `percent_split(addr)`: the percent hack's
-  split of an address without a domain at its last `%` outside quotes;
+  split of an address without a domain at its last `%` outside quotes; `bang_split(addr)`: swap_bangpath's, at
+  its first `!`;
   `shown_original(addr)`: an original recipient as Postfix shows it (route and needless quotes dropped);
   `route_length(addr)`: the length of its source route (`@a,@b:`), 0 without one;
   `internal_form(addr)`: an address as Postfix's queue keeps it (a quoted local part without its quotes).
@@ -216,7 +217,29 @@ def percent_split(addr: str) -> tuple[str, str] | None:
     `"<x>".user%y.test` is (`"<x>.user"`, `y.test`) and `"user%y.test"` is none; given in Postfix's quoting (the
     envelope), `user%y.test` is (`user`, `y.test`)."""
     addr = addr[route_length(addr):]
-    at = -1
+    at = _unquoted_operator(addr, "%", last=True)
+    if at < 0:
+        return None
+    user, via = addr[:at], addr[at + 1:]
+    return external_local(user), internal_local(via) or via
+
+
+def bang_split(addr: str) -> tuple[str, str] | None:
+    """An address without a domain split at its first `!` outside quoted strings, as Postfix's rewrite_tree swaps
+    a UUCP path (swap_bangpath, `site!user` is `user@site`): (the user part after it in Postfix's quoting, the
+    site before it in internal form); None when there is no such `!`. `"a\\b".u!h` is (`h`, `ab.u`), `a!b!c` is
+    (`b!c`, `a`), `"a!b"` none."""
+    addr = addr[route_length(addr):]
+    bang = _unquoted_operator(addr, "!", last=False)
+    if bang < 0:
+        return None
+    site, user = addr[:bang], addr[bang + 1:]
+    return (external_local(user) if user else ""), internal_local(site) or site
+
+
+def _unquoted_operator(addr: str, operator: str, *, last: bool) -> int:
+    """The index of the first (or `last`) `operator` outside quoted strings, or -1."""
+    found = -1
     quoted = False
     i = 0
     while i < len(addr):
@@ -225,13 +248,12 @@ def percent_split(addr: str) -> tuple[str, str] | None:
             i += 1
         elif c == '"':
             quoted = not quoted
-        elif c == "%" and not quoted:
-            at = i
+        elif c == operator and not quoted:
+            found = i
+            if not last:
+                return found
         i += 1
-    if at < 0:
-        return None
-    user, via = addr[:at], addr[at + 1:]
-    return external_local(user), internal_local(via) or via
+    return found
 
 
 def quoted_local(local: str) -> str:

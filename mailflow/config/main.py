@@ -73,6 +73,9 @@ class Config(Section):
     proxy_interfaces: tuple[str, ...] = ()
     # user%domain@<a local domain> is user@domain, routed (and relay-checked) as such (allow_percent_hack).
     allow_percent_hack: bool = True
+    # site!user (an address without '@') is user@site, and user@site also when it is site!user@<a local domain>
+    # (swap_bangpath, before the percent hack: `a!b%c` is `b%c@a`).
+    swap_bangpath: bool = True
     mynetworks: Networks = ("127.0.0.0/8", "::1/128")
     relayhost: Relayhost = ""
     local_transport: Transport = "local"

@@ -31,7 +31,8 @@ def _same(section: str, names: str, prefix: str = "") -> dict[str, str]:
 
 SETTINGS: dict[str, tuple[str, ...]] = {name: (key,) for name, key in {
     **_same("", "myhostname myorigin mydomain append_dot_mydomain mydestination proxy_interfaces allow_percent_hack "
-                "relay_domains mynetworks relayhost local_transport relay_transport default_transport transport_maps "
+                "swap_bangpath relay_domains mynetworks relayhost local_transport relay_transport default_transport "
+                "transport_maps "
                 "sender_dependent_relayhost_maps sender_dependent_default_transport_maps "
                 "empty_address_relayhost_maps_lookup_key empty_address_default_transport_maps_lookup_key "
                 "relocated_maps relay_recipient_maps recipient_delimiter allow_min_user hopcount_limit "

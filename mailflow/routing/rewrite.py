@@ -19,10 +19,12 @@ relay_domains matches the domain and every subdomain (domain_list, parent style)
 may also name lookup tables (`DomainList`: a domain a table has as a key is in the list), so classifying an
 address may raise LookupRetry. `qualify` tidies an address (needless quotes, a trailing dot) and appends
 `@myorigin` to a bare `user` (and, with `append_dot_mydomain`, `.mydomain` to a dotless `user@host`); an address
-without '@' that holds a `%` has its rightmost `%` made the '@' instead (allow_percent_hack, Postfix's rewrite).
+without '@' that holds a `!` is swapped at its first one, `site!user` to `user@site` (swap_bangpath), else one that
+holds a `%` has its rightmost `%` made the '@' instead (allow_percent_hack, Postfix's rewrite).
 `own_addresses` are this server's IP addresses as `own_addresses(config)` finds them (the SMTP client's loop
 detection takes them as itself). `resolved_address` is trivial-rewrite's resolve loop: while the domain is local and the
-local part holds a `%` (allow_percent_hack), the local domain is dropped and the rightmost `%` becomes `@`
+local part holds a `!` (swap_bangpath: `site!user` is `user@site`) or a `%` (allow_percent_hack), the local domain
+is dropped and the `!` swapped, or the rightmost `%` becomes `@`
 (`user%example.org@here` -> `user@example.org`, which then routes, and is relay-checked, as that address); a
 quoted local part is opened to look for them, as Postfix's resolve_dequoted_address (default yes) does:
 `"user@example.org"@here` is `user@example.org` too, not a local user of that name that a next hop could
@@ -242,7 +244,8 @@ class Rewriter:
         return self._own_addresses
 
     def qualify(self, addr: str, origin: str = "") -> str:
-        """`user` -> `user@origin` (default myorigin), but `user%domain` -> `user@domain` (allow_percent_hack); with
+        """`user` -> `user@origin` (default myorigin), but `site!user` -> `user@site` (swap_bangpath) and
+        `user%domain` -> `user@domain` (allow_percent_hack); with
         append_dot_mydomain `user@host` -> `user@host.mydomain` (Postfix's rewrite_tree). Tidied first
         (`address.tidy`: `"joe"@x.test.` is `joe@x.test`, `a."b c"` is `"a.b c"`), as Postfix's rewrite does; an
         envelope address from smtpd is tidy already, one from a header, an alias or a table may not be. The percent
@@ -257,10 +260,13 @@ class Rewriter:
         local, domain = address.split(addr)
         if not addr or addr.endswith("@"):
             return addr  # empty, or no domain after the '@': a syntax error for the caller to report
-        # the percent hack finds its '%' among the words as given, outside quotes (see address.percent_split)
-        percent = address.percent_split(given) if not domain and self._config.allow_percent_hack else None
-        if percent is not None:
-            user, via = percent
+        # swap_bangpath, else the percent hack, finds its operator among the words as given, outside quotes (see
+        # address.bang_split, percent_split)
+        routed = address.bang_split(given) if not domain and self._config.swap_bangpath else None
+        if routed is None and not domain and self._config.allow_percent_hack:
+            routed = address.percent_split(given)
+        if routed is not None:
+            user, via = routed
             return self.qualify(f"{user}@{via}", origin)  # (`user%` is `user@`: returned as it is, above)
         if not domain:
             return f"{addr}@{origin or self._config.origin}"
@@ -327,16 +333,24 @@ class Rewriter:
         return current
 
     def _routed_local_part(self, local: str) -> str | None:
-        """The address a local part stands for by its routing operator, or None: `user%domain` (allow_percent_hack)
-        is `user@domain` (an empty user is `""`); a quoted one is opened (Postfix's resolve_dequoted_address, on by
-        default), so `"user@domain"` is `user@domain` (and `"user%domain"` too) rather than a local user of that
-        name."""
+        """The address a local part stands for by its routing operator, or None: `site!user` (swap_bangpath) is
+        `user@site`, else `user%domain` (allow_percent_hack) `user@domain` (an empty user is `""`); a quoted one is
+        opened (Postfix's resolve_dequoted_address, on by default), so `"user@domain"` is `user@domain` (and
+        `"user%domain"` too, then `"site!user"`: resolve.c looks for `@`, `%`, `!` in that order in the opened
+        text, `!` before `%` among the words) rather than a local user of that name."""
         inner = address.unquoted_local(local)
         text = local if inner is None else inner
+        swap, percent = self._config.swap_bangpath, self._config.allow_percent_hack
+        if inner is None and swap and "!" in local:
+            bang = address.bang_split(local)
+            if bang is not None:
+                return f"{bang[0]}@{bang[1]}"
         if inner is not None and "@" in inner:
             user, _, via = inner.rpartition("@")
-        elif self._config.allow_percent_hack and "%" in text:
+        elif percent and "%" in text:
             user, _, via = text.rpartition("%")
+        elif inner is not None and swap and "!" in inner:
+            via, _, user = inner.partition("!")
         else:
             return None
         if not user:  # `%x.test` is `""@x.test`, as Postfix's resolve makes it (`""@here` is then MAILER-DAEMON)

@@ -115,6 +115,13 @@ def test_an_empty_local_part_of_a_local_domain_resolves_to_mailer_daemon():
     # test_quoting_vs_postfix.py)
     ('"<x>".user%remote.test', '"<x>.user"@remote.test'),
     ('"user%remote.test"', "user%remote.test@mx.example.test"),
+    # swap_bangpath: the first '!' among the words as given, before the percent hack (Postfix's rewrite_tree)
+    ("remote.test!user", "user@remote.test"),
+    ("a.test!b!c", "b!c@a.test"),
+    ("a.test!b%c.test", "b%c.test@a.test"),
+    ("a%b.test!c", "c@a%b.test"),
+    ('"a!b"', "a!b@mx.example.test"),
+    ('"x y".test!"b c"', '"b c"@x y.test'),
 ])
 def test_qualify(addr, qualified):
     assert rewriter().qualify(addr) == qualified
@@ -122,6 +129,24 @@ def test_qualify(addr, qualified):
 
 def test_qualify_without_the_percent_hack():
     assert rewriter(allow_percent_hack=False).qualify("user%remote.test") == "user%remote.test@mx.example.test"
+
+
+def test_swap_bangpath_off_leaves_a_bang_path_a_local_part():
+    rw = rewriter(swap_bangpath=False)
+    assert rw.qualify("remote.test!user") == "remote.test!user@mx.example.test"
+    assert rw.qualify("a.test!b%c.test") == "a.test!b@c.test"  # (the percent hack then)
+    assert rw.resolved_address("remote.test!user@example.test") == "remote.test!user@example.test"
+
+
+@pytest.mark.parametrize("addr, resolved", [
+    ("remote.test!user@example.test", "user@remote.test"),  # the local domain dropped, then the path swapped
+    ("a.test!b%c.test@example.test", "b%c.test@a.test"),  # '!' before '%' among the words
+    ('"a.test!b"@example.test', "b@a.test"),  # (needless quotes: words to Postfix's tokenizer too)
+    ('"a b!c%d.test"@example.test', '"a b!c"@d.test'),  # opened (resolve_dequoted_address): '%' before '!'
+    ("relay.test!u@remote.test", "relay.test!u@remote.test"),  # not a local domain: left to the next hop
+])
+def test_resolve_swaps_a_bang_path_of_a_local_domain_as_postfix(addr, resolved):
+    assert rewriter().resolved_address(addr) == resolved
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -225,6 +250,8 @@ def test_utf8_domain_in_the_config_matches_utf8_recipients(overrides, klass):
     ({}, "remote.test!user@relay.test", False),
     ({}, '"user@remote.test"@relay.test', False),
     ({}, "remote.test!user@example.test", False),
+    ({}, "relay.test!user@example.test", True),  # swap_bangpath: user@relay.test
+    ({"swap_bangpath": False}, "relay.test!user@example.test", False),
     ({"allow_percent_hack": False}, "user%remote.test@example.test", False),
     ({"allow_percent_hack": False}, "user%relay.test@example.test", False),  # (all compared with Postfix 3.7.11)
     ({}, "user", False),  # user@mx.example.test: myorigin is not one of this host's domains here
