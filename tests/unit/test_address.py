@@ -350,6 +350,13 @@ def test_an_envelope_route_ends_at_its_first_colon_as_postfix_s_smtpd_cuts_it():
             address.parse_written_path(text)
 
 
+def test_a_bang_path_splits_at_its_first_bang_outside_quotes():
+    assert address.bang_split('"a\\b".u!h') == ("h", "ab.u")
+    assert address.bang_split("a!b!c") == ("b!c", "a")
+    assert address.bang_split('x!"b c"') == ('"b c"', "x")
+    assert address.bang_split('"a!b"') is None and address.bang_split("ab") is None
+
+
 def test_tidy_writes_the_local_part_in_postfix_s_quoting_and_drops_a_route():
     assert address.tidy('a."b c"@x.test.') == '"a.b c"@x.test'
     assert address.tidy('@r1.test,@r2.test:"a"."b"@x.test') == "a.b@x.test"
