@@ -4,11 +4,38 @@ sendmail, mailq and newaliases names), which is dispatched before typer and this
 """
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from mailflow.cli import accounts, deliverability, ops, queue, server, submit
+from mailflow.logs import tool_warnings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="mailflow: a mail server in one asyncio process.")
+
+
+@app.callback()
+def command_warnings(ctx: typer.Context) -> None:
+    """The warnings and errors the code under a command logs (a store's missing content file, a table lookup that
+    failed) go to stderr as `mailflow queue show: warning: TEXT`, printable, while it runs, as the command's own
+    errors do; they went through Python's last-resort handler, raw. Not for `serve`, whose logging is its own
+    (setup_logging)."""
+    if ctx.invoked_subcommand in (None, "serve", "sendmail"):
+        return
+    ctx.with_resource(tool_warnings(command_path(ctx, sys.argv[1:])))
+
+
+def command_path(ctx: typer.Context, argv: list[str]) -> str:
+    """`mailflow queue show`: the command words that start `argv`, as far as they name commands of the table (the
+    subcommand the root callback knows, when argv is not this command line's)."""
+    words, command = ["mailflow"], ctx.command
+    for word in argv:
+        found = command.get_command(ctx, word) if hasattr(command, "get_command") else None
+        if found is None:
+            break
+        words.append(word)
+        command = found
+    return " ".join(words) if len(words) > 1 else f"mailflow {ctx.invoked_subcommand}"
 queue_app = typer.Typer(no_args_is_help=True, help="Inspect and change the mail queue (mailq, postsuper, "
                         "postcat, qshape); works with or without a running server.")
 table_app = typer.Typer(no_args_is_help=True, help="Query lookup tables (texthash, inline, static, regexp, "

@@ -49,7 +49,7 @@ from mailflow.config.postfix_import import UnreadableFile, import_postfix
 from mailflow.config.smtpd import SmtpdConfig
 from mailflow.errors import ConfigError, DeliveryError, LookupRetry
 from mailflow.logs import printable as masked
-from mailflow.logs import setup_logging, tool_warnings
+from mailflow.logs import setup_logging
 from mailflow.queuelock import QueueBusy
 from mailflow.restriction_vocabulary import (ACCESS_CHECKS, REVERSE_CLIENT_ACCESS, SERVER_ACCESS_CHECKS, STAGES,
                                              expand)
@@ -416,9 +416,8 @@ def address_test(addresses: List[str] = typer.Argument(..., metavar="ADDRESS..."
         router = Router(cfg)
     except ConfigError as e:
         fail_config("mailflow address", e, config_name(config_path(config)))
-    with tool_warnings("mailflow address"):  # (a lookup that fails is logged: the address in it printable)
-        for n, addr in enumerate(addresses):
-            _explain(cfg, router, addr, sender, first=not n)
+    for n, addr in enumerate(addresses):  # (a lookup that fails is logged: commands.command_warnings shows it)
+        _explain(cfg, router, addr, sender, first=not n)
 
 
 def _explain(cfg: Config, router: Router, addr: str, sender: str | None, first: bool) -> None:

@@ -482,3 +482,27 @@ def test_show_prints_client_strings_printable(utc):
     assert not any(ch in text for ch in "\x1b\x08\x07\u0085\u2028")
     assert "envid=id??" in text and "sender:         s?[2J@x" in text and "Subject: ?[31mred" in text
     assert "b?\tx" in text  # tabs stay
+
+
+async def test_a_library_error_of_queue_show_is_the_command_s_line_on_stderr(tmp_path):
+    """The store logs a content file that is missing; `mailflow queue show` printed that through Python's
+    last-resort handler, as it was (no command name; a control character would reach the terminal raw). Every
+    command but serve writes such lines as `mailflow address` does: `mailflow queue show: error: …`, printable."""
+    import subprocess
+    import sys
+
+    queue = tmp_path / "q"
+    queue.mkdir()
+    source = tmp_path / "body"
+    source.write_bytes(b"body\r\n")
+    s = await Store.open(queue / "queue.db", backlog_limit=100)
+    await s.insert(NewMessage("ABC123", "s@x.test", T0, Content((b"Subject: x\r\n\r\n", FilePart(str(source), 0, 6))),
+                              (Recipient(0, "r@x.test", "r@x.test"),)))
+    await s.close()
+    (queue / "content" / "ABC123").unlink()
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(f'queue_directory = "{queue}"\n')
+    result = subprocess.run([sys.executable, "-m", "mailflow", "queue", "show", "ABC123", "-c", str(cfg)],
+                            capture_output=True, text=True, timeout=30)
+    assert f"mailflow queue show: error: ABC123: content file {queue}/content/ABC123 is missing" in \
+        result.stderr.splitlines(), result.stderr
