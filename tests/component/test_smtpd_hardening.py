@@ -7,13 +7,15 @@
 - AUTH: one failure table per server, hashing on its own threads, authzid, LOGIN prompts, no deprecated API;
 - forbid_bare_newline = false normalises bare LF in DATA without letting `\\n.\\n` end it;
 - MAIL/RCPT path syntax as Postfix takes it; recipients past the limit do not end the session;
-- the Received header's protocol word (RFC 3848).
+- the Received header's protocol word (RFC 3848);
+- a client that never reads its replies loses its session at its timeout.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
 import logging
+import socket
 import ssl
 import threading
 import warnings
@@ -753,3 +755,55 @@ async def test_a_client_silent_after_auth_is_told_timeout_exceeded(mailflow_serv
     assert await c.reply(timeout=5) == status.session_timeout(mf.config.myhostname)
     assert await c.closed()
     assert f"timeout after AUTH from {LOOPBACK_CLIENT}" in [r.getMessage() for r in caplog.records], caplog.text
+
+
+# -------------------------------------------------------------------------------------------- a client that never reads
+
+
+async def _pipeline_unread(port: int, commands: bytes, repeated: bytes, within: float = 10.0) -> socket.socket:
+    """Connect with a small receive buffer, send `commands` then `repeated` again and again, never reading a
+    reply, until the server stops reading too (its replies fill both sockets' buffers: a send that does not go
+    through in 0.5 s)."""
+    loop = asyncio.get_running_loop()
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.setblocking(False)
+    await loop.sock_connect(s, ("127.0.0.1", port))
+    await loop.sock_sendall(s, commands)
+    deadline = loop.time() + within
+    while loop.time() < deadline:
+        try:
+            await asyncio.wait_for(loop.sock_sendall(s, repeated), 0.5)
+        except asyncio.TimeoutError:
+            return s
+    s.close()
+    raise AssertionError(f"the server still read after {within} s")
+
+
+async def test_a_client_that_never_reads_its_replies_loses_its_session_at_its_timeout(mailflow_server):
+    # asyncio's close() waits for the replies to be flushed first: a session whose client did not read them stayed
+    # open for good (its slot, its per-client count, its socket) after its timeout, however short the timeout.
+    # (The error limits raised, as the floods of test_smtpd_hostile.py raise them: with the defaults a session
+    # is ended by its errors before its replies overflow the kernel's socket buffers.)
+    mf = await mailflow_server(smtpd={"timeout": "1s", "forbid_unauth_pipelining": False,
+                                      "recipient_overshoot_limit": 10**9, "hard_error_limit": 10**9})
+    s = await _pipeline_unread(mf.smtp_addresses[0][1], b"EHLO client.test\r\nMAIL FROM:<s@remote.test>\r\n",
+                               b"RCPT TO:<alice@local.test>\r\n" * 2000)
+    try:
+        listener = mf.smtpd.listeners[0]
+        assert mf.smtpd.sessions and listener.anvil.sessions("127.0.0.1") == 1
+        await eventually(lambda: not mf.smtpd.sessions and listener.anvil.sessions("127.0.0.1") == 0, timeout=5)
+        await eventually(lambda: _closed_by_server(s), timeout=2)
+    finally:
+        s.close()
+
+
+def _closed_by_server(s: socket.socket) -> bool:
+    """The server reset the connection (its unread replies dropped): the client's next send fails."""
+    try:
+        s.send(b"NOOP\r\n")
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return False

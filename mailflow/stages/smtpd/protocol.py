@@ -359,6 +359,12 @@ class ProtocolCore(SMTP):
         if self._may_reply() and self.transport is not None and not self.transport.is_closing():
             self._writer.write(self._reply_bytes(status.session_timeout(self.hostname), False))  # as Postfix says it
         super()._timeout_cb()
+        # asyncio's close() keeps the connection until what is buffered for the client is written: a client that
+        # never reads its replies kept it, and its session, waiting to write, for good. Replies unread for a whole
+        # timeout are dropped with the connection (Postfix's smtpd_timeout bounds writes as well as reads).
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and transport.get_write_buffer_size():
+            transport.abort()
 
     def _may_reply(self) -> bool:
         """Whether a reply the server volunteers (a timeout's 421, a stop's) may be written now: not while TLS
