@@ -41,6 +41,7 @@ THEN_NOT_TLS = b"<then not tls>"  # at the end of an answer: answer the client's
 # with a line of plaintext, then hang up
 EHLO = b"250-peer.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SIZE 10240000\r\n250 ENHANCEDSTATUSCODES\r\n"
 SENDER = "alice@sender.test"
+END_OF_DATA = b"<end of data>"  # in a ScriptedPeer's sessions: the client ended the content
 Answer = bytes | Callable[[str], bytes]
 
 
@@ -48,8 +49,9 @@ Answer = bytes | Callable[[str], bytes]
 class ScriptedPeer:
     """An SMTP peer that answers each command as its script says (the default: accept everything). A script maps
     "greeting", "EHLO", "HELO", "MAIL", "RCPT" (bytes, or a function of the recipient address), "DATA" and "DOT"
-    (the reply after the content) to the reply to send; CLOSE hangs up instead, THEN_CLOSE after it; THEN_STALL
-    stalls after it; THEN_NOT_TLS answers the client's next bytes with plaintext after it, then hangs up."""
+    (the reply after the content) and "QUIT" to the reply to send; CLOSE hangs up instead, THEN_CLOSE after it;
+    THEN_STALL stalls after it; THEN_NOT_TLS answers the client's next bytes with plaintext after it, then hangs up.
+    `sessions` holds the lines each session heard, the end of the content as END_OF_DATA."""
 
     script: dict[str, Answer]
     port: int = 0
@@ -94,15 +96,17 @@ class ScriptedPeer:
                 heard.append(line)
                 verb = line.split()[0].upper().decode("ascii", "replace") if line.split() else ""
                 if verb == "QUIT":
-                    await say(b"221 2.0.0 Bye\r\n")
+                    await say(self._answer("QUIT", b"221 2.0.0 Bye\r\n"))
                     return
                 if verb == "DATA":
                     reply = self._answer("DATA", b"354 End data with <CR><LF>.<CR><LF>\r\n")
                     if not await say(reply):
                         return
                     if reply.startswith(b"354"):
-                        while await reader.readline() not in (b".\r\n", b""):
+                        while (content := await reader.readline()) not in (b".\r\n", b""):
                             pass
+                        if content:
+                            heard.append(END_OF_DATA)
                         if not await say(self._answer("DOT", b"250 2.0.0 Ok: queued as X1\r\n")):
                             return
                     continue
@@ -124,6 +128,8 @@ class Scenario:
     tls: str = ""  # the TLS level for this peer (else none)
     lmtp: bool = False  # the peer is an LMTP server: Postfix's lmtp(8) and mailflow's lmtp transport
     notify: str = ""  # the RCPTs' NOTIFY parameter
+    mail_options: tuple[str, ...] = ()  # MAIL FROM's parameters (BODY=8BITMIME, SMTPUTF8)
+    body: str = "hello\r\n"
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -170,17 +176,28 @@ def as_prompt_as_postfix(pf_log: str, mf_log: str, timer: float) -> None:
 DSN_FIELDS = ("Action", "Status", "Remote-MTA", "Diagnostic-Code", "Original-Recipient")
 
 
+def report_groups(part) -> list:
+    """The per-recipient field groups of a message/delivery-status part, or of a message/global-delivery-status
+    one (RFC 6533, for SMTPUTF8 mail: the stdlib does not take it apart)."""
+    if part.get_content_type() == "message/delivery-status":
+        return part.get_payload()[1:]
+    # (parsed as one message: the per-message fields its header, the per-recipient groups its body)
+    text = part.get_payload()[0].get_payload(decode=True).decode("utf-8")
+    return [email.message_from_string(block, policy=email.policy.default)
+            for block in re.split(r"\r?\n\r?\n", text.strip())]
+
+
 def notice_fields(messages) -> dict[str, dict[str, str]]:
-    """The per-recipient RFC 3464 fields of the notices received, by Final-Recipient address; white space
-    removed from the values (line folding is each server's own)."""
+    """The per-recipient RFC 3464 fields of the notices received, by Final-Recipient address (its type, rfc822 or
+    utf-8, set aside); white space removed from the values (line folding is each server's own)."""
     out = {}
     for captured in messages:
         notice = email.message_from_bytes(captured.content, policy=email.policy.default)
         for part in notice.walk():
-            if part.get_content_type() != "message/delivery-status":
+            if part.get_content_type() not in ("message/delivery-status", "message/global-delivery-status"):
                 continue
-            for group in part.get_payload()[1:]:
-                final = "".join(str(group["Final-Recipient"]).split()).removeprefix("rfc822;")
+            for group in report_groups(part):
+                final = "".join(str(group["Final-Recipient"]).split()).partition(";")[2]
                 out[final] = {name: "".join(str(group[name]).split()) if group[name] else None
                               for name in DSN_FIELDS}
     return out
@@ -213,28 +230,32 @@ async def relay_one_each(port: int, scenarios: dict[str, Scenario]) -> None:
     for name, scenario in scenarios.items():
         async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10) as client:
             await client.ehlo()
-            await client.mail(SENDER)
+            encoding = "utf-8" if "SMTPUTF8" in scenario.mail_options else "ascii"
+            await client.mail(SENDER, options=list(scenario.mail_options), encoding=encoding)
             for r in scenario.recipients:
-                await client.rcpt(f"{r}@{name}.test", options=[f"NOTIFY={scenario.notify}"] if scenario.notify else [])
-            await client.data(f"From: {SENDER}\r\nSubject: {name}\r\n\r\nhello\r\n".encode())
+                await client.rcpt(f"{r}@{name}.test", options=[f"NOTIFY={scenario.notify}"] if scenario.notify else [],
+                                  encoding=encoding)
+            await client.data(f"From: {SENDER}\r\nSubject: {name}\r\n\r\n{scenario.body}".encode())
 
 
 async def run_both(mailflow_server, smtp_peer, scenarios: dict[str, Scenario], *, postfix: dict | None = None,
                    queue: dict | None = None, smtp: dict | None = None, notice_for_all: bool = False,
                    unsettled: tuple[str, ...] = (), pf_log: list[str] | None = None, mailflow: dict | None = None,
-                   mf_log: list[str] | None = None):
+                   mf_log: list[str] | None = None, peers: list[ScriptedPeer] | None = None):
     """Both servers relay one message per scenario. Returns ((postfix outcomes, postfix notices), (mailflow's…))
     once every recipient has an outcome on both sides (one whose status is not one of `unsettled`: "deferred" to
     wait for a retry) and every failure its notice (`notice_for_all`: every recipient that was not sent).
     `pf_log`: gets Postfix's mail log, before its instance goes (`mf_log`: mailflow's lines); `mailflow`: more of
-    mailflow's settings (as `postfix` for Postfix's)."""
-    peers = {name: await ScriptedPeer(s.script).start() for name, s in scenarios.items()}
+    mailflow's settings (as `postfix` for Postfix's); `peers`: gets the scripted peers (their sessions)."""
+    by_name = {name: await ScriptedPeer(s.script).start() for name, s in scenarios.items()}
+    if peers is not None:
+        peers.extend(by_name.values())
     pf_notices, mf_notices = await smtp_peer(), await smtp_peer()
     pf_routes = [f"{name}.test=lmtp:inet:127.0.0.1:{peer.port}" if scenarios[name].lmtp
-                 else f"{name}.test=smtp:[127.0.0.1]:{peer.port}" for name, peer in peers.items()]
+                 else f"{name}.test=smtp:[127.0.0.1]:{peer.port}" for name, peer in by_name.items()]
     mf_routes = [f"{name}.test={'lmtp' if scenarios[name].lmtp else 'smtp'}:[127.0.0.1]:{peer.port}"
-                 for name, peer in peers.items()]
-    tls = ", ".join(f"[127.0.0.1]:{peers[name].port}={s.tls}" for name, s in scenarios.items() if s.tls)
+                 for name, peer in by_name.items()]
+    tls = ", ".join(f"[127.0.0.1]:{by_name[name].port}={s.tls}" for name, s in scenarios.items() if s.tls)
     tls_maps = {"smtp_tls_policy_maps": f"inline:{{{tls}}}"} if tls else {}
     everyone = {f"{r}@{name}.test" for name, s in scenarios.items() for r in s.recipients}
     log = MailLogLines().start()
@@ -275,7 +296,7 @@ async def run_both(mailflow_server, smtp_peer, scenarios: dict[str, Scenario], *
                     (outcomes("\n".join(log.lines)), notice_fields(mf_notices.messages)))
     finally:
         log.stop()
-        for peer in peers.values():
+        for peer in by_name.values():
             await peer.stop()
 
 
