@@ -26,7 +26,7 @@ The loop
   bounded (HANDOFF_CONTENT_BUDGET bytes in all, until their messages finish): past that, a message is handed over
   without its content, which its first job reads from the store.
 - Each destination gets one job per message (one per `destination_recipient_limit` recipients, its transport's
-  own `transport_destination_recipient_limit` first; with a limit of 1 each recipient is a destination of its own,
+  own `transport_destination_recipient_limit` first, taken in Postfix's qmgr order: by domain, then address; with a limit of 1 each recipient is a destination of its own,
   `user@nexthop`, as Postfix names its queues then; the jobs of one message take their turns with the other
   messages', so a big message holds back no later mail) and runs as many at once as its window allows
   (`destination.py`: slow start, throttle on site failure, dead-site memory). `delivery_concurrency_limit`
@@ -781,7 +781,9 @@ class QueueManager:
         return groups, unresolved
 
     def _queue_jobs(self, queue_id: str, groups: dict[tuple[str, str], list[Recipient]]) -> int:
-        """One job per destination, or more of at most its transport's recipient limit each; with a limit of 1, a
+        """One job per destination, or more of at most its transport's recipient limit each (the recipients in
+        Postfix's order first, `_postfix_order`: which go together decides, say, whether an ASCII recipient's
+        delivery needs SMTPUTF8 for a UTF-8 one beside it); with a limit of 1, a
         destination per recipient (`_recipient_queue`), as Postfix's qmgr_message_resolve names its queues (but
         for the error and retry transports). Returns the number of jobs."""
         count = 0
@@ -795,7 +797,8 @@ class QueueManager:
                 continue
             if not limit or len(rcpts) <= limit:  # (the common case: one job)
                 jobs = [Job(queue_id, transport, nexthop, tuple(rcpts))]
-            else:
+            else:  # split as Postfix's qmgr splits them: in the order of qmgr_message_sort
+                rcpts = sorted(rcpts, key=_postfix_order)
                 jobs = [Job(queue_id, transport, nexthop, tuple(rcpts[start:start + limit]))
                         for start in range(0, len(rcpts), limit)]
             self._enqueue(transport, nexthop, jobs)
@@ -1215,6 +1218,13 @@ class QueueManager:
 
 
 _NOTICE_KIND = {Outcome.SENT: "success", Outcome.BOUNCED: "failure"}
+
+
+def _postfix_order(rcpt: Recipient) -> tuple[bytes, bytes]:
+    """Postfix's qmgr_message_sort within one destination: by the domain (from the last `@`), then the whole
+    address, each compared as strcasecmp compares them (bytes, ASCII letters folded)."""
+    address = rcpt.address.encode("utf-8", "surrogateescape").lower()
+    return address[address.rfind(b"@"):] if b"@" in address else b"", address
 
 
 def _unique(transports) -> list:
