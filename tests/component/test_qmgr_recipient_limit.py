@@ -47,6 +47,17 @@ async def test_a_message_for_many_recipients_does_not_hold_back_the_mail_queued_
     assert order.index(small) < 5 + 1  # the initial window, then the small message's turn
 
 
+async def test_recipients_split_by_the_limit_go_together_in_postfixs_order(h):
+    """Postfix's qmgr sorts a message's recipients (qmgr_message_sort: the domain, then the address, compared as
+    strcasecmp does) before it cuts them into deliveries of the recipient limit, so which recipients share a
+    delivery (and a UTF-8 one's SMTPUTF8 requirement) does not depend on the order they came in."""
+    await h.start(transport_destination_recipient_limit={"smtp": 2})
+    await h.queue("r1@b.test", "R2@a.test", "j\u00fcrgen@b.test", "r0@b.test", "x@a.test")
+    await eventually(lambda: queue_is_empty(h))
+    assert sorted([r.address for r in request.recipients] for request in h.smtp.requests) == [
+        ["R2@a.test", "x@a.test"], ["j\u00fcrgen@b.test", "r0@b.test"], ["r1@b.test"]]
+
+
 @pytest.mark.parametrize("settings, smtp, local", [
     ({"transport_destination_recipient_limit": {"smtp": 2}}, [1, 2, 2], [2]),
     ({"destination_recipient_limit": 0}, [5], [2]),  # no limit
