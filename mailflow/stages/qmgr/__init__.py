@@ -26,9 +26,10 @@ The loop
   bounded (HANDOFF_CONTENT_BUDGET bytes in all, until their messages finish): past that, a message is handed over
   without its content, which its first job reads from the store.
 - Each destination gets one job per message (one per `destination_recipient_limit` recipients, its transport's
-  own `transport_destination_recipient_limit` first, taken in Postfix's qmgr order: by domain, then address; with a limit of 1 each recipient is a destination of its own,
-  `user@nexthop`, as Postfix names its queues then; the jobs of one message take their turns with the other
-  messages', so a big message holds back no later mail) and runs as many at once as its window allows
+  own `transport_destination_recipient_limit` first, taken in Postfix's qmgr order: by domain, then address;
+  with a limit of 1 each recipient is a destination of its own, `user@nexthop`, as Postfix names its queues
+  then; the jobs of one message take their turns with the other messages', so a big message holds back no later
+  mail) and runs as many at once as its window allows
   (`destination.py`: slow start, throttle on site failure, dead-site memory). `delivery_concurrency_limit`
   caps all deliveries, `transport_concurrency_limit` each transport; under the caps the transports, and within
   each the messages (by their destinations' next jobs), take turns one job at a time (`_pump`), so a freed slot
