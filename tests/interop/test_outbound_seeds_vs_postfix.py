@@ -232,7 +232,8 @@ async def test_generated_scenarios_end_as_with_postfix(mailflow_server, smtp_pee
     for start in range(0, len(seeds), 15):  # (a Postfix and a mailflow per 15 seeds: a failure stays readable)
         batch = {f"seed{seed}": generated(seed) for seed in seeds[start:start + 15]}
         found.update(await differences(mailflow_server, smtp_peer, tmp_path, batch))
-    assert found == {}
+    assert found == {}, "\n".join(f"{r}:\n  postfix  {got['postfix']}\n  mailflow {got['mailflow']}"
+                                   for r, got in found.items())
 
 
 def test_a_seed_makes_the_same_scenario_each_time():

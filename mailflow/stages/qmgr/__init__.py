@@ -782,11 +782,11 @@ class QueueManager:
         return groups, unresolved
 
     def _queue_jobs(self, queue_id: str, groups: dict[tuple[str, str], list[Recipient]]) -> int:
-        """One job per destination, or more of at most its transport's recipient limit each (the recipients in
-        Postfix's order first, `_postfix_order`: which go together decides, say, whether an ASCII recipient's
-        delivery needs SMTPUTF8 for a UTF-8 one beside it); with a limit of 1, a
-        destination per recipient (`_recipient_queue`), as Postfix's qmgr_message_resolve names its queues (but
-        for the error and retry transports). Returns the number of jobs."""
+        """One job per destination, or more of at most its transport's recipient limit each, the recipients in
+        Postfix's order (`_postfix_order`: it decides which recipients go together, whether an ASCII recipient's
+        delivery needs SMTPUTF8 for a UTF-8 one beside it, and which RCPT a peer that hangs up cuts off); with a
+        limit of 1, a destination per recipient (`_recipient_queue`), as Postfix's qmgr_message_resolve names its
+        queues (but for the error and retry transports). Returns the number of jobs."""
         count = 0
         for (transport, nexthop), rcpts in groups.items():
             limit = self._config.recipient_limit(transport)
@@ -796,10 +796,10 @@ class QueueManager:
                     self._enqueue(transport, queue, [Job(queue_id, transport, nexthop, (rcpt,))])
                 count += len(rcpts)
                 continue
+            rcpts = sorted(rcpts, key=_postfix_order)
             if not limit or len(rcpts) <= limit:  # (the common case: one job)
                 jobs = [Job(queue_id, transport, nexthop, tuple(rcpts))]
-            else:  # split as Postfix's qmgr splits them: in the order of qmgr_message_sort
-                rcpts = sorted(rcpts, key=_postfix_order)
+            else:
                 jobs = [Job(queue_id, transport, nexthop, tuple(rcpts[start:start + limit]))
                         for start in range(0, len(rcpts), limit)]
             self._enqueue(transport, nexthop, jobs)
