@@ -15,7 +15,7 @@ from typing import Callable
 
 import pytest
 
-from tests.interop.test_smtp_faults_vs_postfix import EHLO, MailLogLines, ScriptedPeer
+from tests.interop.test_smtp_faults_vs_postfix import EHLO, END_OF_DATA, MailLogLines, ScriptedPeer
 from tests.support import SmtpClient, eventually, postfix_instance
 
 pytestmark = pytest.mark.interop
@@ -51,7 +51,8 @@ def heard(peer: ScriptedPeer) -> list[str]:
     """The verbs the peer heard, session by session ("|" between sessions), QUIT left out."""
     verbs = []
     for session in peer.sessions:
-        verbs += [line.split()[0].decode() for line in session if line.split() and line.split()[0] != b"QUIT"]
+        verbs += [line.split()[0].decode() for line in session
+                  if line.split() and line.split()[0] != b"QUIT" and line != END_OF_DATA]
         verbs.append("|")
     return verbs
 

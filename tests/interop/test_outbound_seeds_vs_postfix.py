@@ -35,25 +35,27 @@ pytestmark = pytest.mark.interop
 
 PF_NAME, MF_NAME = "pf.test", "mx.mailflow.test"  # the two servers' EHLO/HELO names: whose session a peer heard
 
-GREETINGS = [b"220 peer.test ESMTP\r\n"] * 8 + [b"421 4.3.2 busy\r\n", b"554 5.7.1 go away\r\n", CLOSE]
+GREETINGS = [b"220 peer.test ESMTP\r\n"] * 8 + [b"421 4.3.2 busy\r\n" + THEN_CLOSE, b"554 5.7.1 go away\r\n", CLOSE]
+# (a 421 is followed by the peer's hang-up, as RFC 5321 3.8 has it; one that is not: DELIBERATE)
 RCPTS = [b"250 2.1.5 Ok\r\n"] * 6 + [
     b"250 Ok\r\n", b"251 2.1.5 will forward\r\n", b"450 4.2.0 greylisted\r\n", b"451 4.3.0 local error\r\n",
     b"452 4.5.3 Too many recipients\r\n", b"550 5.1.1 no such user\r\n", b"551 5.1.6 user not local\r\n",
     b"552 5.2.2 mailbox full\r\n", b"553 5.1.3 bad address\r\n", b"554 5.7.1 refused\r\n", b"450 busy\r\n",
     b"550 no such user here\r\n", b"550-5.1.1 no such\r\n550 5.1.1 user here\r\n",
     b"250-first\r\n550 5.1.1 second\r\n", b"450-4.2.0 first\r\n550 5.1.1 second\r\n",
-    b"550-5.1.1 first\r\n250 2.1.5 second\r\n", b"421 4.7.0 too fast\r\n", b"250 2.1.5 Ok\r\n" + THEN_CLOSE,
-    b"550 5.1.1 no\r\n" + THEN_CLOSE, CLOSE]
+    b"550-5.1.1 first\r\n250 2.1.5 second\r\n", b"421 4.7.0 too fast\r\n" + THEN_CLOSE,
+    b"250 2.1.5 Ok\r\n" + THEN_CLOSE, b"550 5.1.1 no\r\n" + THEN_CLOSE, CLOSE]
 MAILS = [b"250 2.1.0 Ok\r\n"] * 10 + [
     b"250 Ok\r\n", b"451 4.3.0 later\r\n", b"452 4.3.1 full\r\n", b"550 5.7.1 not you\r\n", b"553 bad sender\r\n",
-    b"421 4.3.2 shutting down\r\n", b"550-5.7.1 not\r\n550 5.7.1 you\r\n", b"250 2.1.0 Ok\r\n" + THEN_CLOSE, CLOSE]
+    b"421 4.3.2 shutting down\r\n" + THEN_CLOSE, b"550-5.7.1 not\r\n550 5.7.1 you\r\n",
+    b"250 2.1.0 Ok\r\n" + THEN_CLOSE, CLOSE]
 DATAS = [b"354 go ahead\r\n"] * 10 + [b"451 4.3.0 later\r\n", b"554 5.5.1 no valid recipients\r\n",
-                                       b"250 2.0.0 done already\r\n", b"421 4.3.2 bye\r\n",
+                                       b"250 2.0.0 done already\r\n", b"421 4.3.2 bye\r\n" + THEN_CLOSE,
                                        b"354 go ahead\r\n" + THEN_CLOSE, CLOSE]
 DOTS = [b"250 2.0.0 Ok: queued as X1\r\n"] * 6 + [
     b"250 queued\r\n", b"451 4.3.0 try again\r\n", b"452 4.3.1 no room\r\n", b"552 5.3.4 too big\r\n",
     b"554 5.7.1 rejected as spam\r\n", b"554-5.7.1 rejected\r\n554 5.7.1 as spam\r\n",
-    b"250-2.0.0 Ok\r\n450 4.0.0 no\r\n", b"421 4.3.2 bye\r\n", b"250 2.0.0 Ok\r\n" + THEN_CLOSE, CLOSE]
+    b"250-2.0.0 Ok\r\n450 4.0.0 no\r\n", b"421 4.3.2 bye\r\n" + THEN_CLOSE, b"250 2.0.0 Ok\r\n" + THEN_CLOSE, CLOSE]
 QUITS = [b"221 2.0.0 Bye\r\n", b"500 what\r\n", CLOSE]
 SETTINGS = ("defaults", "recipient-limit-2", "fallback-relay")
 
