@@ -15,6 +15,13 @@ Compared per recipient: the log's relay, dsn, status and text word for word (the
 set aside: the two servers' messages differ in size), the notice's RFC 3464 fields, and how many times the peers
 took the message for it (a RCPT accepted in a transaction whose content was accepted: none lost, none twice).
 
+Two differences are deliberate, and left out of the pools. A peer that answers 421 and does not hang up: mailflow
+takes the 421 as the end of the session (RFC 5321 3.8; mailflow.transports.smtp.chat), where Postfix reads on and
+takes the replies that follow (a RCPT's 421 is one more 4xx to it). And a cached session keeps the SIZE limit its
+EHLO gave: Postfix's smtp_session_passivate saves the features but not the limit, so a message over it that goes
+over a reused session is sent anyway (and refused by the peer, or not), where mailflow bounces it 5.3.4 as on a
+new session (docs/transports.md).
+
 CURATED holds the scenarios the seeds revealed something with, and their neighbours; set MAILFLOW_OUTBOUND_SEEDS
 (`1-200`, or `1,5,9`) to run `test_generated_scenarios_end_as_with_postfix` over that many seeds.
 """
@@ -93,8 +100,11 @@ def generated(seed: int) -> tuple[str, Scenario]:
         script["EHLO"] = ehlo_reply(rng, eightbit, notify, utf8)
     mail_options = (*(["BODY=8BITMIME"] if eightbit else []), *(["SMTPUTF8"] if utf8 else []))
     body = "gr\u00fc\u00dfe aus K\u00f6ln\r\n" if eightbit else "hello\r\n"
-    return rng.choice(SETTINGS), Scenario(script, tuple(recipients), notify="SUCCESS,FAILURE" if notify else "",
-                                          mail_options=mail_options, body=body)
+    setting = rng.choice(SETTINGS)
+    if setting == "recipient-limit-2":  # (a reused session keeps its SIZE limit: DELIBERATE)
+        script["EHLO"] = script["EHLO"].replace(b"SIZE 100\r\n", b"SIZE 10240000\r\n")
+    return setting, Scenario(script, tuple(recipients), notify="SUCCESS,FAILURE" if notify else "",
+                             mail_options=mail_options, body=body)
 
 
 def answered(reply: bytes) -> bool:
