@@ -221,6 +221,11 @@ CURATED = {
         {"EHLO": b"250-peer.test\r\n250-8BITMIME\r\n250 DSN\r\n",
          "RCPT": lambda a: b"452 4.5.3 Too many recipients\r\n" if a.startswith("r1@") else b"250 2.1.5 Ok\r\n"},
         ("r1", "r2", "r3", "r4", "j\u00fcrgen"), mail_options=("SMTPUTF8",))),
+    # every job's recipients in that order (seed 106): the peer hangs up at the RCPT of a@, which Postfix sends
+    # first, before b@'s (refused had it been asked)
+    "hangup-at-the-first-in-order": ("defaults", Scenario(
+        {"EHLO": b"250-peer.test\r\n250 8BITMIME\r\n",
+         "RCPT": lambda a: CLOSE if a.startswith("a@") else b"554 5.7.1 refused\r\n"}, ("b", "a"))),
     # neighbours: the first next hop refuses or hangs up, the fallback takes what it did not
     "fallback-after-4xx": ("fallback-relay", Scenario(
         {"RCPT": lambda a: b"450 4.2.0 greylisted\r\n" if a.startswith("r1@") else b"250 2.1.5 Ok\r\n"},
