@@ -2,14 +2,14 @@
 test_smtp_faults_vs_postfix.py takes one behaviour at a time, combined. Each seed makes one scenario (a message to
 its own scripted peer, through that file's ScriptedPeer and run_both): 1-5 recipients, each RCPT answered from a
 pool (250, 251, 4xx, 5xx, with and without enhanced codes, multi-line, mixed codes in one reply, a hang-up), MAIL,
-DATA, end-of-DATA and QUIT replies from pools, the greeting refused or lost, the EHLO keywords offered (PIPELINING,
-SIZE below or above the message, 8BITMIME with an 8-bit body, DSN with NOTIFY given, SMTPUTF8 with a UTF-8 address,
-ENHANCEDSTATUSCODES) or EHLO refused (HELO then). Each seed also picks the settings both servers share: the
-defaults, a destination recipient limit of 2 (`smtp_destination_recipient_limit`; mailflow's
-`queue.transport_destination_recipient_limit.smtp`), or a fallback relay that accepts everything
-(`smtp_fallback_relay`; mailflow's `smtp.fallback_relay`), so that a first next hop that fails hands its
-recipients to a second. (smtp_skip_5xx_greeting is always on in mailflow, Postfix's default: a 5xx greeting is in
-the greeting pool.)
+DATA, end-of-DATA, RSET (a reused session's probe) and QUIT replies from pools, the greeting refused or lost, the
+EHLO keywords offered (PIPELINING, SIZE below or above the message, 8BITMIME with an 8-bit body, DSN with NOTIFY
+given, SMTPUTF8 with a UTF-8 address, ENHANCEDSTATUSCODES), EHLO refused (HELO then) or lost. Each seed also picks
+the settings both servers share: the defaults, a destination recipient limit of 2
+(`smtp_destination_recipient_limit`; mailflow's `queue.transport_destination_recipient_limit.smtp`), or a fallback
+relay that accepts everything (`smtp_fallback_relay`; mailflow's `smtp.fallback_relay`), so that a first next hop
+that fails hands its recipients to a second. (smtp_skip_5xx_greeting is always on in mailflow, Postfix's default: a
+5xx greeting is in the greeting pool.)
 
 Compared per recipient: the log's relay, dsn, status and text word for word (the message sizes in a SIZE refusal
 set aside: the two servers' messages differ in size), the notice's RFC 3464 fields, and how many times the peers
@@ -63,6 +63,7 @@ DOTS = [b"250 2.0.0 Ok: queued as X1\r\n"] * 6 + [
     b"250 queued\r\n", b"451 4.3.0 try again\r\n", b"452 4.3.1 no room\r\n", b"552 5.3.4 too big\r\n",
     b"554 5.7.1 rejected as spam\r\n", b"554-5.7.1 rejected\r\n554 5.7.1 as spam\r\n",
     b"250-2.0.0 Ok\r\n450 4.0.0 no\r\n", b"421 4.3.2 bye\r\n" + THEN_CLOSE, b"250 2.0.0 Ok\r\n" + THEN_CLOSE, CLOSE]
+RSETS = [b"250 2.0.0 Ok\r\n"] * 4 + [b"500 5.5.1 what\r\n", b"421 4.3.2 bye\r\n" + THEN_CLOSE, CLOSE]
 QUITS = [b"221 2.0.0 Bye\r\n", b"500 what\r\n", CLOSE]
 SETTINGS = ("defaults", "recipient-limit-2", "fallback-relay")
 
@@ -89,10 +90,12 @@ def generated(seed: int) -> tuple[str, Scenario]:
         recipients[-1] = "j\u00fcrgen"
     replies = {r: rng.choice(RCPTS) for r in recipients}
     script = {"greeting": rng.choice(GREETINGS), "MAIL": rng.choice(MAILS), "DATA": rng.choice(DATAS),
-              "DOT": rng.choice(DOTS), "QUIT": rng.choice(QUITS),
+              "DOT": rng.choice(DOTS), "QUIT": rng.choice(QUITS), "RSET": rng.choice(RSETS),
               "RCPT": lambda address: replies[address.partition("@")[0]]}
     roll = rng.random()
-    if roll < 0.1:
+    if roll < 0.03:
+        script["EHLO"] = CLOSE
+    elif roll < 0.1:
         script["EHLO"] = b"502 5.5.2 Error: command not recognized\r\n"
     elif roll < 0.13:
         script["EHLO"], script["HELO"] = b"500 5.5.1 no\r\n", b"501 5.5.4 not you\r\n"
