@@ -796,7 +796,8 @@ class QueueManager:
                     self._enqueue(transport, queue, [Job(queue_id, transport, nexthop, (rcpt,))])
                 count += len(rcpts)
                 continue
-            rcpts = sorted(rcpts, key=_postfix_order)
+            if len(rcpts) > 1:
+                rcpts = sorted(rcpts, key=_postfix_order)
             if not limit or len(rcpts) <= limit:  # (the common case: one job)
                 jobs = [Job(queue_id, transport, nexthop, tuple(rcpts))]
             else:
