@@ -442,6 +442,17 @@ def literal_ip(domain: str) -> str | None:
     return _ipv4_hostaddr(inner)
 
 
+def is_valid_helo_literal(helo: str) -> bool:
+    """Postfix's reject_invalid_hostaddr test of a HELO name that starts with `[`: the brackets off (when both are
+    there around something), then valid_mailhost_addr: behind an `IPv6:` tag (any case) an IPv6 address, else an
+    IPv4 address as valid_ipv4_hostaddr takes it (leading zeros allowed: `[192.0.2.010]` is one here, though
+    literal_ip refuses it as a destination)."""
+    inner = helo[1:-1] if len(helo) > 2 and helo[0] == "[" and helo[-1] == "]" else helo
+    if inner[:5].lower() == "ipv6:":
+        return _ipv6_hostaddr(inner[5:]) is not None
+    return is_postfix_ipv4(inner)
+
+
 def is_host_address(text: str) -> bool:
     """Postfix's valid_hostaddr: a bare IPv4 address as its valid_ipv4_hostaddr takes it (leading zeros allowed)
     or, when `text` holds a colon, a bare IPv6 address as literal_ip takes it between brackets."""

@@ -490,6 +490,37 @@ async def test_the_restriction_codes_are_postfix_s_settings(mailflow_server, cod
         assert replies[10] == "450 4.7.1 Service unavailable"
 
 
+HELO_LITERAL_CLASSES = {"c_nfhelo": ["reject_non_fqdn_helo_hostname"], "c_invhelo": ["reject_invalid_helo_hostname"],
+                        "c_unkhelo": ["reject_unknown_helo_hostname"]}
+HELO_LITERAL_RECIPIENTS = "inline:{" + ", ".join(f"{name[2:]}@local.test={name}" for name in HELO_LITERAL_CLASSES) + "}"
+HELO_LITERALS = ["[999.1.1.1]", "[bogus]", "[192.0.2.010]", "[192.0.2.1]", "[IPv6:2001:db8::1]", "[2001:db8::1]",
+                 "[ipv6:1.2.3.4]", "[]", "[192.0.2.1", "[0.1.2.3]"]
+HELO_LITERAL_SESSIONS: dict[str, list[str | bytes]] = {
+    helo: [f"HELO {helo}", M, *(f"RCPT TO:<{name[2:]}@local.test>" for name in HELO_LITERAL_CLASSES)]
+    for helo in HELO_LITERALS}
+
+
+async def test_a_helo_address_literal_is_checked_as_an_address_by_each_helo_name_check_as_in_postfix(
+        mailflow_server):
+    """reject_non_fqdn_helo_hostname, reject_invalid_helo_hostname and reject_unknown_helo_hostname send a HELO that
+    starts with `[` to Postfix's reject_invalid_hostaddr: invalid_hostname_reject_code 5.5.2 invalid ip address,
+    from all three, leading zeros allowed (mailflow let any literal through the first, called a bad one an
+    `Invalid name` in the second and refused `[192.0.2.010]` in the third)."""
+    codes = {"invalid_hostname_reject_code": 555, "non_fqdn_reject_code": 450}
+    classes = {name: ", ".join(items) for name, items in HELO_LITERAL_CLASSES.items()}
+    async with postfix_instance({**POSTFIX_BASE, "smtpd_restriction_classes": ", ".join(HELO_LITERAL_CLASSES),
+                                 **classes, **{name: str(code) for name, code in codes.items()},
+                                 "smtpd_recipient_restrictions": f"check_recipient_access {HELO_LITERAL_RECIPIENTS}",
+                                 }) as pf:
+        postfix = await replay(pf.port, HELO_LITERAL_SESSIONS)
+    port = await start_mailflow(mailflow_server, restriction_classes=HELO_LITERAL_CLASSES,
+                                recipient_restrictions=[f"check_recipient_access {HELO_LITERAL_RECIPIENTS}"], **codes)
+    assert differences(HELO_LITERAL_SESSIONS, postfix, await replay(port, HELO_LITERAL_SESSIONS)) == {}
+    invalid = "555 5.5.2 <[999.1.1.1]>: Helo command rejected: invalid ip address"
+    assert postfix["[999.1.1.1]"][2:] == [invalid] * 3
+    assert [reply[:9] for reply in postfix["[192.0.2.010]"][2:]] == ["550 5.1.1"] * 3  # (past the checks)
+
+
 # ------------------------------------------------------------------------------------------ reject_footer
 
 FOOTERS = [

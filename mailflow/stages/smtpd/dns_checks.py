@@ -265,7 +265,7 @@ class DnsChecks:
         if not helo or self._resolver is None:
             return None
         if helo.startswith("["):
-            return None if address.literal_ip(helo) else status.invalid_helo_address(helo, invalid_code)
+            return None if address.is_valid_helo_literal(helo) else status.invalid_helo_address(helo, invalid_code)
         verdict = await self._host_records_known(helo, facts.memo)
         if verdict == FOUND:
             return None

@@ -306,19 +306,26 @@ def is_fqdn_address(addr: str) -> bool:
 
 
 def is_fqdn_helo(name: str) -> bool:
-    """Postfix's reject_non_fqdn_helo_hostname test: an address literal, or a valid host name with a dot (a bare
-    IP address is no fully-qualified host name); one trailing dot does not count."""
-    if name.startswith("["):
-        return True
+    """Postfix's reject_non_fqdn_helo_hostname test of a name (an address literal goes to
+    `helo_literal_refusal` first): a valid host name with a dot (a bare IP address is no fully-qualified host
+    name); one trailing dot does not count."""
     if name.endswith(".") and not name.endswith(".."):
         name = name[:-1]
     return "." in name and address.is_valid_domain(name)
 
 
 def is_valid_helo(name: str) -> bool:
-    """Postfix's reject_invalid_helo_hostname test: valid_hostname (underscores taken), an address literal, or
-    a bare address as its valid_hostaddr takes it (`01.2.3.4`, `2001:db8::1`)."""
+    """Postfix's reject_invalid_helo_hostname test of a name (an address literal goes to `helo_literal_refusal`
+    first): valid_hostname (underscores taken) or a bare address as its valid_hostaddr takes it (`01.2.3.4`,
+    `2001:db8::1`)."""
     return address.is_valid_domain(name) or address.is_host_address(name)
+
+
+def helo_literal_refusal(helo: str, invalid_code: int):
+    """Postfix's smtpd_check.c sends a HELO that starts with `[` to reject_invalid_hostaddr from
+    reject_invalid_helo_hostname, reject_non_fqdn_helo_hostname and reject_unknown_helo_hostname alike: None for
+    a valid address literal, else `invalid_code` (invalid_hostname_reject_code) 5.5.2 invalid ip address."""
+    return None if address.is_valid_helo_literal(helo) else status.invalid_helo_address(helo, invalid_code)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -612,10 +619,14 @@ class Restrictions:
         if name == "reject_non_fqdn_recipient":
             return status.non_fqdn_address(rcpt, "Recipient address", non_fqdn) \
                 if rcpt and not is_fqdn_address(rcpt) else None
+        invalid = self._smtpd.invalid_hostname_reject_code
+        if not helo:
+            return None
+        if helo.startswith("["):
+            return helo_literal_refusal(helo, invalid)
         if name == "reject_non_fqdn_helo_hostname":
-            return status.non_fqdn_helo(helo, non_fqdn) if helo and not is_fqdn_helo(helo) else None
-        return status.invalid_helo(helo, self._smtpd.invalid_hostname_reject_code) \
-            if helo and not is_valid_helo(helo) else None
+            return None if is_fqdn_helo(helo) else status.non_fqdn_helo(helo, non_fqdn)
+        return None if is_valid_helo(helo) else status.invalid_helo(helo, invalid)
 
     def _simple_more(self, name: str, stage: str, facts: Facts, subject: tuple[str, str] | None):
         """More of `_simple`: the session's own facts (pipelining, TLS), the null sender's recipients, the
