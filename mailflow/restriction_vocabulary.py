@@ -22,7 +22,8 @@ which names can refuse relaying. `mailflow.config` validates every `smtpd.*_rest
     RELAY_GUARDS                         the names that can refuse relaying (config requires one of them)
     ACCESS_ACTIONS                       the words an access table's value starts with that are actions, not
                                          restriction names (a restriction class may not be called so)
-    split_item(text) -> (name, argument) the name in lower case, the argument stripped
+    split_item(text) -> (name, argument) the name in lower case (an old name, OLD_NAMES, as its new one: Postfix
+                                         3.7's reject_invalid_hostname...), the argument stripped
     check_item(text, classes) -> text stripped   ValueError naming the problem; a name in `classes` (the
                                          restriction classes, smtpd_restriction_classes) is an item too
     check_classes(classes)               ValueError for a bad class name, or classes that name each other in a
@@ -110,7 +111,7 @@ SERVER_ACCESS_CHECKS = {f"check_{subject}_{rr}_access": (subject.removesuffix("_
                         for rr in ("mx", "ns", "a")}
 DNSWL_CHECKS = {"permit_dnswl_client": "client", "permit_rhswl_client": "client_name"}  # -> what is looked up
 REVERSE_CLIENT_ACCESS = "check_reverse_client_hostname_access"  # check_client_access's keys, of the PTR name
-WITHOUT_ARGUMENT += ("reject_unknown_helo_hostname", "reject_unknown_hostname", "permit_mx_backup")
+WITHOUT_ARGUMENT += ("reject_unknown_helo_hostname", "permit_mx_backup")
 # the permits smtpd.log_access_permit_actions may name (Postfix's smtpd_acl_permit calls), and the access values
 # that permit (OK, RELAY, DISCARD, an all-digit one: named by their word, any case)
 LOGGED_PERMITS = ("permit", "permit_mynetworks", "permit_sasl_authenticated", "permit_tls_clientcerts",
@@ -124,6 +125,13 @@ WITH_ARGUMENT += tuple(SERVER_ACCESS_CHECKS) + tuple(DNSWL_CHECKS) + (REVERSE_CL
 # them: one named only in an access table's value has none
 NEEDS_FILTER = ("check_greylist", "reject_spf_fail", "reject_dmarc_policy")
 KNOWN = WITHOUT_ARGUMENT + WITH_ARGUMENT
+# the old names Postfix 3.7's smtpd_check.c still takes for these, with the same behaviour (split_item answers the
+# new name, so nothing past it sees an old one)
+OLD_NAMES = {"reject_invalid_hostname": "reject_invalid_helo_hostname",
+             "reject_non_fqdn_hostname": "reject_non_fqdn_helo_hostname",
+             "reject_unknown_hostname": "reject_unknown_helo_hostname",
+             "reject_unknown_client": "reject_unknown_client_hostname",
+             "reject_rbl": "reject_rbl_client", "check_recipient_maps": "reject_unlisted_recipient"}
 RELAY_GUARDS = ("reject_unauth_destination", "defer_unauth_destination", "reject", "defer", "defer_if_permit")
 ACCESS_ACTIONS = ("ok", "dunno", "reject", "defer", "defer_if_permit", "defer_if_reject", "discard", "hold",
                   "filter", "prepend", "redirect", "bcc", "warn", "info")
@@ -138,7 +146,13 @@ def is_logged_permit(name: str) -> bool:
 
 def split_item(text: str) -> tuple[str, str]:
     name, _, arg = text.strip().partition(" ")
-    return name.lower(), arg.strip()
+    return current_name(name), arg.strip()
+
+
+def current_name(word: str) -> str:
+    """A restriction name in lower case, an old one (OLD_NAMES) as its new name."""
+    lower = word.lower()
+    return OLD_NAMES.get(lower, lower)
 
 
 def check_item(text: object, classes: Iterable[str] = ()) -> str:
@@ -176,7 +190,7 @@ def check_classes(classes: Mapping[str, Iterable[str]]) -> None:
     for name in classes:
         if not _CLASS_NAME.fullmatch(name):
             raise ValueError(f"{name!r}: a restriction class name is a word of letters, digits, '_', '.' and '-'")
-        if name in KNOWN or name in ACCESS_ACTIONS:
+        if name in KNOWN or name in OLD_NAMES or name in ACCESS_ACTIONS:
             raise ValueError(f"{name!r}: a restriction class cannot have the name of a restriction or an access "
                              "action")
     _refuse_loops(classes)

@@ -32,7 +32,7 @@ from mailflow.files import read_regular_file
 from mailflow.config.main import DEFAULTS
 from mailflow.config.show import flat_settings, format_setting
 from mailflow.config_source import MAX_FILE_BYTES  # as a mailflow configuration file: a main.cf is a few kilobytes
-from mailflow.restriction_vocabulary import WITH_ARGUMENT
+from mailflow.restriction_vocabulary import WITH_ARGUMENT, current_name
 
 
 class UnreadableFile(Exception):
@@ -520,7 +520,7 @@ def restriction_items(tokens: list[str]) -> list[str]:
             pending = False
         else:
             items.append(token)
-            pending = token.lower() in WITH_ARGUMENT
+            pending = current_name(token) in WITH_ARGUMENT
     return items
 
 

@@ -491,13 +491,17 @@ async def test_the_restriction_codes_are_postfix_s_settings(mailflow_server, cod
 
 
 HELO_LITERAL_CLASSES = {"c_nfhelo": ["reject_non_fqdn_helo_hostname"], "c_invhelo": ["reject_invalid_helo_hostname"],
-                        "c_unkhelo": ["reject_unknown_helo_hostname"]}
+                        "c_onfhelo": ["reject_non_fqdn_hostname"], "c_oinvhelo": ["reject_invalid_hostname"],
+                        "c_unkhelo": ["reject_unknown_helo_hostname"]}  # (the old names Postfix 3.7 takes too)
 HELO_LITERAL_RECIPIENTS = "inline:{" + ", ".join(f"{name[2:]}@local.test={name}" for name in HELO_LITERAL_CLASSES) + "}"
 HELO_LITERALS = ["[999.1.1.1]", "[bogus]", "[192.0.2.010]", "[192.0.2.1]", "[IPv6:2001:db8::1]", "[2001:db8::1]",
                  "[ipv6:1.2.3.4]", "[]", "[192.0.2.1", "[0.1.2.3]"]
 HELO_LITERAL_SESSIONS: dict[str, list[str | bytes]] = {
     helo: [f"HELO {helo}", M, *(f"RCPT TO:<{name[2:]}@local.test>" for name in HELO_LITERAL_CLASSES)]
-    for helo in HELO_LITERALS}
+    for helo in HELO_LITERALS} | {  # names, for the checks that ask no DNS
+    helo: [f"HELO {helo}", M,
+           *(f"RCPT TO:<{name[2:]}@local.test>" for name in HELO_LITERAL_CLASSES if "unk" not in name)]
+    for helo in ("bad..name", "c", "c.test.", "1.2.3.4")}
 
 
 async def test_a_helo_address_literal_is_checked_as_an_address_by_each_helo_name_check_as_in_postfix(
@@ -505,7 +509,8 @@ async def test_a_helo_address_literal_is_checked_as_an_address_by_each_helo_name
     """reject_non_fqdn_helo_hostname, reject_invalid_helo_hostname and reject_unknown_helo_hostname send a HELO that
     starts with `[` to Postfix's reject_invalid_hostaddr: invalid_hostname_reject_code 5.5.2 invalid ip address,
     from all three, leading zeros allowed (mailflow let any literal through the first, called a bad one an
-    `Invalid name` in the second and refused `[192.0.2.010]` in the third)."""
+    `Invalid name` in the second and refused `[192.0.2.010]` in the third). The old names reject_non_fqdn_hostname
+    and reject_invalid_hostname are the first two (mailflow refused them as unknown)."""
     codes = {"invalid_hostname_reject_code": 555, "non_fqdn_reject_code": 450}
     classes = {name: ", ".join(items) for name, items in HELO_LITERAL_CLASSES.items()}
     async with postfix_instance({**POSTFIX_BASE, "smtpd_restriction_classes": ", ".join(HELO_LITERAL_CLASSES),
@@ -517,8 +522,9 @@ async def test_a_helo_address_literal_is_checked_as_an_address_by_each_helo_name
                                 recipient_restrictions=[f"check_recipient_access {HELO_LITERAL_RECIPIENTS}"], **codes)
     assert differences(HELO_LITERAL_SESSIONS, postfix, await replay(port, HELO_LITERAL_SESSIONS)) == {}
     invalid = "555 5.5.2 <[999.1.1.1]>: Helo command rejected: invalid ip address"
-    assert postfix["[999.1.1.1]"][2:] == [invalid] * 3
-    assert [reply[:9] for reply in postfix["[192.0.2.010]"][2:]] == ["550 5.1.1"] * 3  # (past the checks)
+    assert postfix["[999.1.1.1]"][2:] == [invalid] * 5
+    assert [reply[:9] for reply in postfix["[192.0.2.010]"][2:]] == ["550 5.1.1"] * 5  # (past the checks)
+    assert [reply[:9] for reply in postfix["c"][2:]] == ["450 4.5.2", "550 5.1.1", "450 4.5.2", "550 5.1.1"]
 
 
 # ------------------------------------------------------------------------------------------ reject_footer

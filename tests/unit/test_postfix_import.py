@@ -17,6 +17,7 @@ from mailflow.config import DEFAULTS, config_from_dict, flat_settings
 from mailflow.config import postfix_names as names
 from mailflow.config.postfix_import import import_postfix
 from mailflow.config.smtpd import PostscreenConfig
+from mailflow.restriction_vocabulary import split_item
 from tests.support.client_certs import ClientPki
 from tests.support.tools import require_tool
 
@@ -1500,3 +1501,26 @@ def test_notify_classes_are_postfixs_whether_main_cf_names_them_or_not(tmp_path,
     if not line:
         assert ("# (no notify_classes in main.cf) Postfix's default: resource, software (mailflow's own adds "
                 "2bounce)") in (tmp_path / "mailflow.toml").read_text()
+
+
+def test_postfix_3_7_s_old_restriction_names_import_and_load(tmp_path):
+    """reject_invalid_hostname, reject_non_fqdn_hostname, reject_unknown_hostname, reject_unknown_client, reject_rbl
+    (with its argument) and check_recipient_maps: Postfix 3.7's smtpd_check.c still takes them, as its new names;
+    mailflow refused all but reject_unknown_hostname as unknown restrictions."""
+    main = write(tmp_path, "main.cf", """\
+        myhostname = mx.example.test
+        smtpd_helo_required = yes
+        smtpd_helo_restrictions = reject_invalid_hostname, reject_non_fqdn_hostname, Reject_Unknown_Hostname
+        smtpd_client_restrictions = reject_unknown_client, reject_rbl zen.example.test
+        smtpd_recipient_restrictions = check_recipient_maps, permit_mynetworks, reject_unauth_destination
+        """)
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert (code, err) == (0, "")
+    smtpd = checked(tmp_path / "mailflow.toml")["smtpd"]
+    assert smtpd["client_restrictions"] == ["reject_unknown_client", "reject_rbl zen.example.test"]
+    assert [split_item(item) for item in smtpd["helo_restrictions"] + smtpd["client_restrictions"] +
+            smtpd["recipient_restrictions"][:1]] == [
+        ("reject_invalid_helo_hostname", ""), ("reject_non_fqdn_helo_hostname", ""),
+        ("reject_unknown_helo_hostname", ""),
+        ("reject_unknown_client_hostname", ""), ("reject_rbl_client", "zen.example.test"),
+        ("reject_unlisted_recipient", "")]

@@ -566,7 +566,7 @@ class Restrictions:
             return await self._reverse_client_access(arg, stage, facts)
         if name in DNSWL_CHECKS:
             return await self._allowlisted(name, arg, stage, facts)
-        if name in ("reject_unknown_helo_hostname", "reject_unknown_hostname"):
+        if name == "reject_unknown_helo_hostname":
             smtpd = self._smtpd
             return await self._dns.unknown_helo(facts, smtpd.unknown_hostname_reject_code,
                                                 smtpd.unknown_helo_hostname_tempfail_action,
