@@ -457,7 +457,7 @@ CODE_SESSIONS: dict[str, list[str | bytes]] = {
 
 
 @pytest.mark.parametrize("codes", [RESTRICTION_CODES, RESTRICTION_CODES_4XX, {}], ids=["set", "4xx", "defaults"])
-async def test_the_restriction_codes_are_postfix_s_settings(mailflow_server, codes):
+async def test_the_restriction_codes_are_postfix_s_settings(mailflow_server, codes, caplog):
     """access_map_reject_code and access_map_defer_code (an access table's REJECT, DEFER, DEFER_IF_PERMIT and
     DEFER_IF_REJECT), reject_code and defer_code (the reject and defer items), relay_domains_reject_code
     (reject_unauth_destination; less 100: defer_unauth_destination), invalid_hostname_reject_code and
@@ -467,9 +467,13 @@ async def test_the_restriction_codes_are_postfix_s_settings(mailflow_server, cod
                                  **classes, "smtpd_recipient_restrictions": f"check_recipient_access {CODE_RECIPIENTS}",
                                  **{name: str(code) for name, code in codes.items()}}) as pf:
         postfix = await replay(pf.port, CODE_SESSIONS)
+        postfix_warnings = [line.partition(": warning: ")[2] for line in await settled_log(pf)
+                            if ": warning: " in line and "configuration error" in line]
     port = await start_mailflow(mailflow_server, restriction_classes=CODE_CLASSES,
                                 recipient_restrictions=[f"check_recipient_access {CODE_RECIPIENTS}"], **codes)
+    caplog.set_level(logging.WARNING, "mailflow.smtpd")
     assert differences(CODE_SESSIONS, postfix, await replay(port, CODE_SESSIONS)) == {}
+    assert [r.getMessage() for r in caplog.records if "configuration error" in r.getMessage()] == postfix_warnings
     replies = postfix["reject, defer, the access actions, relaying"]
     if codes == RESTRICTION_CODES:
         assert replies[2:11] == [
@@ -488,6 +492,7 @@ async def test_the_restriction_codes_are_postfix_s_settings(mailflow_server, cod
         assert postfix["an invalid HELO name"][-1] == "555 5.5.2 <bad..name>: Helo command rejected: Invalid name"
     if codes == RESTRICTION_CODES_4XX:
         assert replies[10] == "450 4.7.1 Service unavailable"
+        assert postfix_warnings == ["SMTP reply code configuration error: 350 4.7.1 <x@far2.test>: Relay access denied"]
 
 
 HELO_LITERAL_CLASSES = {"c_nfhelo": ["reject_non_fqdn_helo_hostname"], "c_invhelo": ["reject_invalid_helo_hostname"],

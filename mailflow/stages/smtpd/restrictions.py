@@ -605,7 +605,12 @@ class Restrictions:
             if not rcpt or self._rewriter.authorized_destination(rcpt):
                 return None
             code = self._smtpd.relay_domains_reject_code
-            return status.relay_denied(rcpt, code) if name.startswith("reject") else status.relay_deferred(rcpt, code)
+            if name.startswith("reject"):
+                return status.relay_denied(rcpt, code)
+            if code - 100 < 400:  # (Postfix's smtpd_check_reject: the only clue the admin gets)
+                log.warning("SMTP reply code configuration error: %d 4.7.1 <%s>: Relay access denied", code - 100,
+                            rcpt)
+            return status.relay_deferred(rcpt, code)
         return self._simple_names(name, facts, subject) if name in _NAME_CHECKS \
             else self._simple_more(name, stage, facts, subject)
 
