@@ -119,8 +119,10 @@ def parse_written_path(text: str) -> tuple[str, str, str]:
         if "<" in path or ">" in path:
             raise PathError("unbalanced '<' or '>'")
     written = path
-    while path.startswith("@") and ":" in path:  # (at its first ':', a literal's too: Postfix's extract_addr;
-        path = path[path.index(":") + 1:]        # `@a:@b:u@x` is routed twice, as trivial-rewrite takes it)
+    # every hop cut, each at its first ':', a literal's too (Postfix's extract_addr cuts one, trivial-rewrite one more:
+    # `@a:@b:u@x` is `u@x` in both, but `@a:@b:@c:u@x` stays `@c:u@x` in Postfix: docs/security.md)
+    while path.startswith("@") and ":" in path:
+        path = path[path.index(":") + 1:]
     if path:
         local, at, domain = path.rpartition("@")
         if not at:

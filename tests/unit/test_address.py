@@ -345,6 +345,8 @@ def test_an_envelope_route_ends_at_its_first_colon_as_postfix_s_smtpd_cuts_it():
     trivial-rewrite drops what route is left (`@b:` of `@a:@b:u@x`); an address literal does not hide a colon."""
     assert address.parse_written_path("<@a.test:@b.test:u@x.test>")[:2] == ("u@x.test", "@a.test:@b.test:u@x.test")
     assert address.parse_written_path("<@[192.0.2.1],@[192.0.2.2]:u@x.test>")[0] == "u@x.test"
+    # deliberate difference (docs/security.md): three hops are cut whole; Postfix keeps `@c.test:u@x.test`
+    assert address.parse_written_path("<@a.test:@b.test:@c.test:u@x.test>")[0] == "u@x.test"
     for text in ("<@[IPv6:2001:db8::1]:u@x.test>", "<@[IPv6:2001:db8::1],@b.test:u@x.test>"):
         with pytest.raises(address.PathError):
             address.parse_written_path(text)
