@@ -112,6 +112,7 @@ SERVER_ACCESS_CHECKS = {f"check_{subject}_{rr}_access": (subject.removesuffix("_
 DNSWL_CHECKS = {"permit_dnswl_client": "client", "permit_rhswl_client": "client_name"}  # -> what is looked up
 REVERSE_CLIENT_ACCESS = "check_reverse_client_hostname_access"  # check_client_access's keys, of the PTR name
 WITHOUT_ARGUMENT += ("reject_unknown_helo_hostname", "permit_mx_backup")
+WITHOUT_ARGUMENT += ("reject_maps_rbl",)  # (Postfix 3.7's old item: reject_rbl_client with each maps_rbl_domains)
 # the permits smtpd.log_access_permit_actions may name (Postfix's smtpd_acl_permit calls), and the access values
 # that permit (OK, RELAY, DISCARD, an all-digit one: named by their word, any case)
 LOGGED_PERMITS = ("permit", "permit_mynetworks", "permit_sasl_authenticated", "permit_tls_clientcerts",

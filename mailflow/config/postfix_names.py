@@ -69,7 +69,7 @@ SETTINGS: dict[str, tuple[str, ...]] = {name: (key,) for name, key in {
                      "unverified_recipient_tempfail_action unverified_recipient_reject_reason "
                      "unverified_sender_reject_code unverified_sender_defer_code unverified_sender_tempfail_action "
                      "unverified_sender_reject_reason disable_vrfy_command strict_rfc821_envelopes content_filter "
-                     "receive_override_options message_size_limit default_rbl_reply rbl_reply_maps "
+                     "receive_override_options message_size_limit default_rbl_reply rbl_reply_maps maps_rbl_domains "
                      "maps_rbl_reject_code access_map_reject_code access_map_defer_code reject_code defer_code "
                      "relay_domains_reject_code invalid_hostname_reject_code non_fqdn_reject_code"),
     "smtpd_banner": "smtpd.banner",

@@ -27,7 +27,7 @@ from mailflow.ehlo_keywords import discard_set
 from mailflow.rbl_reply import DEFAULT_RBL_REPLY, check_rbl_template
 from mailflow.reply_footer import POSTSCREEN_FOOTER_MACROS, check_footer
 from mailflow.restriction_vocabulary import (ALL_PERMITS, LOGGED_PERMITS, PERMIT_VALUES_TEXT, GUARDED,
-                                             PERMITTED, RELAY_GUARDS, Found, relay_guard)
+                                             PERMITTED, RELAY_GUARDS, Found, check_item, relay_guard)
 from mailflow.syntax import parse_endpoint, parse_hostport
 
 
@@ -385,6 +385,8 @@ class SmtpdConfig(SmtpdFilterSettings):
     default_rbl_reply: str = DEFAULT_RBL_REPLY
     rbl_reply_maps: TableSpecs = ()
     maps_rbl_reject_code: int = Field(554, ge=400, le=599)
+    # the lists reject_maps_rbl asks, in order, each as reject_rbl_client's argument (Postfix 3.7's old item)
+    maps_rbl_domains: tuple[str, ...] = ()
     # The restrictions' own codes (Postfix's names; the enhanced code takes the code's class): an access table's or
     # policy server's REJECT, and its DEFER, DEFER_IF_PERMIT and DEFER_IF_REJECT; the reject and defer items;
     # reject_unauth_destination (less 100: defer_unauth_destination; a 4xx there leaves it Postfix's generic 450
@@ -424,6 +426,13 @@ class SmtpdConfig(SmtpdFilterSettings):
     def _tempfail_action_any_case(cls, v: object) -> object:
         """DEFER is defer: Postfix reads its tempfail actions without regard to case (name_code)."""
         return v.lower() if isinstance(v, str) else v
+
+    @field_validator("maps_rbl_domains")
+    @classmethod
+    def _maps_rbl_domains(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in v:
+            check_item(f"reject_rbl_client {entry}")
+        return v
 
     @field_validator("tls_fingerprint_digest")
     @classmethod

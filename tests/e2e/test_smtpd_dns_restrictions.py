@@ -17,6 +17,8 @@ import logging
 import pytest
 
 from mailflow import status
+from mailflow.config import load_config
+from mailflow.errors import ConfigError
 from tests.support import SmtpClient
 
 ZONE = """
@@ -997,3 +999,29 @@ async def test_formerr_is_not_found_and_refused_or_notimp_a_failure_as_postfix_s
                            f"{code} {code // 100}.1.8 <s@{name}.test>: Sender address rejected: Domain not found",
                            f"{code} {code // 100}.1.2 <r@{name}.test>: Recipient address rejected: Domain not found"]
                     for name, code in (("formerr", 550), ("refused", 450), ("notimp", 450))}
+
+
+async def test_reject_maps_rbl_asks_each_of_maps_rbl_domains_as_postfix_3_7_does(mailflow_server, dns_zone, caplog):
+    """Postfix 3.7's old reject_maps_rbl: reject_rbl_client with each of maps_rbl_domains in turn (the first that
+    lists the client refuses), its going-away warning logged once; mailflow refused the item as unknown."""
+    zone = ZONE + "1.0.0.127.bl2.test.     300 IN A     127.0.0.2\n"
+    port = await dns_checked(mailflow_server, dns_zone(zone), mynetworks=["127.0.0.0/8"],
+                             smtpd={"client_restrictions": ["reject_maps_rbl"],
+                                    "maps_rbl_domains": ["bl1.test", "bl2.test"], "maps_rbl_reject_code": 550,
+                                    "relay_restrictions": ["permit_mynetworks", "reject"]})
+    with caplog.at_level(logging.WARNING, logger="mailflow.smtpd"):
+        for _ in range(2):
+            assert await rcpt(port) == (550, "550 5.7.1 Service unavailable; Client host [127.0.0.1] blocked using "
+                                             "bl2.test")
+    assert [r.getMessage() for r in caplog.records if "reject_maps_rbl" in r.getMessage()] == [
+        'support for restriction "reject_maps_rbl" will be removed from Postfix; use "reject_rbl_client domain-name" '
+        "instead"]
+
+
+def test_maps_rbl_domains_are_checked_at_load(tmp_path):
+    path = tmp_path / "mailflow.toml"
+    path.write_text("[smtpd]\nmaps_rbl_domains = ['bl.test=127.0.0.300']\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert (info.value.file, info.value.key) == (str(path), "smtpd.maps_rbl_domains")
+    assert "is not a DNSBL" in info.value.reason

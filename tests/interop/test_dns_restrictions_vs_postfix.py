@@ -84,3 +84,33 @@ async def test_the_dns_free_paths_of_the_dns_items_match_a_real_postfix(mailflow
                                                                    "use DUNNO"))]
     assert mailflow_logged == postfix_logged
     assert len(postfix_logged) == 7  # four permits (alice@local.test too: a local domain is permitted) and 3 warnings
+
+
+async def test_reject_maps_rbl_with_no_lists_warns_once_and_passes_as_postfix_3_7(mailflow_server, caplog):
+    """Postfix 3.7's old reject_maps_rbl (the lists, maps_rbl_domains, left empty: no DNS) logs that it is going
+    away, once, and has no opinion; mailflow refused the item as unknown."""
+    caplog.set_level(logging.WARNING, logger="mailflow.smtpd")
+    async with postfix_instance({"myhostname": "pf.test", "mydestination": "local.test",
+                                 "local_recipient_maps": "inline:{alice=ok}",
+                                 "smtpd_client_restrictions": "reject_maps_rbl"}) as pf:
+        offset = await pf.sessions_ended()
+        postfix = [await rcpt_reply(pf.port) for _ in range(2)]
+        logged = await pf.logged("disconnect from", count=2, since=offset)
+    postfix_logged = [line.split("warning: ", 1)[1] for line in logged.splitlines() if "reject_maps_rbl" in line]
+    mf = await mailflow_server(mydestination=["local.test"], local_recipient_maps=["inline:{alice=ok}"],
+                               smtpd={"client_restrictions": ["reject_maps_rbl"]})
+    mailflow = [await rcpt_reply(mf.smtp_addresses[0][1]) for _ in range(2)]
+    assert mailflow == postfix == ["250 2.1.5 Ok"] * 2
+    assert [m for m in caplog.messages if "reject_maps_rbl" in m] == postfix_logged == [
+        'support for restriction "reject_maps_rbl" will be removed from Postfix; use "reject_rbl_client domain-name" '
+        "instead"]
+
+
+async def rcpt_reply(port: int) -> str:
+    client = await SmtpClient.connect(port)
+    try:
+        assert (await client.cmd("EHLO c.test")).code == 250
+        assert (await client.cmd("MAIL FROM:<s@remote.test>")).code == 250
+        return (await client.cmd("RCPT TO:<alice@local.test>")).text
+    finally:
+        await client.close()

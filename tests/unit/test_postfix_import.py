@@ -1506,21 +1506,24 @@ def test_notify_classes_are_postfixs_whether_main_cf_names_them_or_not(tmp_path,
 def test_postfix_3_7_s_old_restriction_names_import_and_load(tmp_path):
     """reject_invalid_hostname, reject_non_fqdn_hostname, reject_unknown_hostname, reject_unknown_client, reject_rbl
     (with its argument) and check_recipient_maps: Postfix 3.7's smtpd_check.c still takes them, as its new names;
-    mailflow refused all but reject_unknown_hostname as unknown restrictions."""
+    mailflow refused all but reject_unknown_hostname as unknown restrictions. reject_maps_rbl, with its
+    maps_rbl_domains, too."""
     main = write(tmp_path, "main.cf", """\
         myhostname = mx.example.test
         smtpd_helo_required = yes
         smtpd_helo_restrictions = reject_invalid_hostname, reject_non_fqdn_hostname, Reject_Unknown_Hostname
-        smtpd_client_restrictions = reject_unknown_client, reject_rbl zen.example.test
+        smtpd_client_restrictions = reject_unknown_client, reject_rbl zen.example.test, reject_maps_rbl
+        maps_rbl_domains = bl1.example.test, bl2.example.test=127.0.0.2
         smtpd_recipient_restrictions = check_recipient_maps, permit_mynetworks, reject_unauth_destination
         """)
     code, err = run_import(main, None, tmp_path / "mailflow.toml")
     assert (code, err) == (0, "")
     smtpd = checked(tmp_path / "mailflow.toml")["smtpd"]
-    assert smtpd["client_restrictions"] == ["reject_unknown_client", "reject_rbl zen.example.test"]
+    assert smtpd["client_restrictions"] == ["reject_unknown_client", "reject_rbl zen.example.test", "reject_maps_rbl"]
+    assert smtpd["maps_rbl_domains"] == ["bl1.example.test", "bl2.example.test=127.0.0.2"]
     assert [split_item(item) for item in smtpd["helo_restrictions"] + smtpd["client_restrictions"] +
             smtpd["recipient_restrictions"][:1]] == [
         ("reject_invalid_helo_hostname", ""), ("reject_non_fqdn_helo_hostname", ""),
         ("reject_unknown_helo_hostname", ""),
-        ("reject_unknown_client_hostname", ""), ("reject_rbl_client", "zen.example.test"),
+        ("reject_unknown_client_hostname", ""), ("reject_rbl_client", "zen.example.test"), ("reject_maps_rbl", ""),
         ("reject_unlisted_recipient", "")]

@@ -341,6 +341,7 @@ class Restrictions:
         _sender; without them those have no opinion."""
         tables = tables or TableCache()
         self._table_cache = tables  # (its `run` asks a blocking table, sqlite, off the event loop)
+        self._maps_rbl_warned = False
         self._greylist = greylist
         self._verifier = verifier
         self._sender_auth = sender_auth
@@ -527,6 +528,8 @@ class Restrictions:
             return await self._access(ACCESS_CHECKS[name], arg, stage, facts)
         if name == "reject_rbl_client":
             return await self._rbl_reply(await self._dns.rbl(arg, facts), facts)
+        if name == "reject_maps_rbl":
+            return await self._maps_rbl(facts)
         if name == "check_policy_service":
             return await self._policy(arg, stage, facts, subject)
         if name == "reject_unknown_recipient_domain":
@@ -613,6 +616,19 @@ class Restrictions:
             return status.relay_deferred(rcpt, code)
         return self._simple_names(name, facts, subject) if name in _NAME_CHECKS \
             else self._simple_more(name, stage, facts, subject)
+
+    async def _maps_rbl(self, facts: Facts):
+        """Postfix 3.7's reject_maps_rbl: reject_rbl_client with each of maps_rbl_domains in turn, the first that
+        lists the client refusing; its warning that the item is going away logged once (per restriction set)."""
+        if not self._maps_rbl_warned:
+            self._maps_rbl_warned = True
+            log.warning('support for restriction "reject_maps_rbl" will be removed from Postfix; '
+                        'use "reject_rbl_client domain-name" instead')
+        for rbl_domain in self._smtpd.maps_rbl_domains:
+            reply = await self._rbl_reply(await self._dns.rbl(rbl_domain, facts), facts)
+            if reply is not None:
+                return reply
+        return None
 
     def _simple_names(self, name: str, facts: Facts, subject: tuple[str, str] | None):
         """More of `_simple`: the names that must be fully qualified or valid (non_fqdn_reject_code,
