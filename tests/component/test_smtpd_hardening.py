@@ -443,6 +443,16 @@ async def test_helo_required_refuses_a_transaction_before_hello(mailflow_server,
     await c.close()
 
 
+async def test_helo_required_answers_a_bdat_before_hello_as_data(mailflow_server):
+    # as DATA and Postfix's bdat_cmd: recipients first, `503 5.5.1 Error: need RCPT command` (it was NEED_HELO;
+    # the restriction differential's extended seed 31); the chunk (`ab` and cmd's CRLF: 4 octets) read and dropped
+    mf = await mailflow_server(smtpd={"helo_required": True, "forbid_unauth_pipelining": False})
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert await c.cmd("BDAT 4 LAST\r\nab") == status.no_recipients(False)
+    assert await c.cmd("MAIL FROM:<s@remote.test>") == status.NEED_HELO
+    await c.close()
+
+
 async def test_an_unqualified_sender_is_taken_and_qualified_like_a_recipient(mailflow_server, tmp_path):
     # Postfix takes MAIL FROM:<user> and cleanup appends @$myorigin
     mf = await mailflow_server()
