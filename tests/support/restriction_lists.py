@@ -6,6 +6,9 @@ Postfix (tests/interop/test_restriction_lists_vs_postfix.py).
   access tables written inline whose values are actions, restrictions or class names, smtpd_delay_reject,
   smtpd_helo_required, strict_rfc821_envelopes, smtpd_reject_unlisted_sender and _recipient,
   unknown_local_recipient_reject_code, and a few sessions (XCLIENT, HELO/EHLO, MAIL, RCPTs, VRFY, DATA).
+- `extended(combination)` (by `generated` unless `extend=False`): from a stream of its own, so the base draws of a
+  seed stay as they were: an etrn list with ETRN commands, access keys in address forms, the items that ask the
+  envelope or the session anywhere, BDAT in place of DATA, commands pipelined in one write (joined by PIPELINED).
 - `Combination.main_cf()`: Postfix's settings for it; `Combination.mailflow()`: mailflow's, alike.
 
 The relay list always ends with `reject_unauth_destination` (both servers refuse to start an open relay). The
@@ -17,6 +20,7 @@ import random
 from dataclasses import dataclass, field
 
 LISTS = ("client", "helo", "sender", "relay", "recipient", "data", "end_of_data")
+ALL_LISTS = LISTS + ("etrn",)  # (the etrn list is drawn by `extended`, from its own stream)
 KEYS = {
     "client": ["192.0.2.1", "192.0.2.2", "192.0.2", "127.0.0.2"],
     "helo": ["good.test", "bad.test", "nodot"],
@@ -51,6 +55,23 @@ SENDERS = ["<s1@remote.test>", "<s2@remote.test>", "<>", "<alice@local.test>", "
 RECIPIENTS = ["<r1@relay.test>", "<r2@relay.test>", "<alice@local.test>", "<nobody@local.test>",
               "<x@elsewhere.test>", "<nodomain>", "r1@relay.test"]
 MESSAGE = "Subject: combination\r\n\r\nbody\r\n."
+# drawn by `extended` only (its own stream: the base draws of a seed stay as they were)
+ETRN_KEYS = ["relay.test", "elsewhere.test", "local.test"]
+ETRN_ITEMS = ["permit", "reject", "defer_if_permit", "defer_if_reject", "warn_if_reject", "permit_mynetworks",
+              "reject_unauth_pipelining", "reject_non_fqdn_helo_hostname", "reject_invalid_helo_hostname"]
+# the address forms of an access table's keys (user@, domain, <> for the null sender: smtpd_null_access_lookup_key)
+ADDRESS_KEYS = {"sender": ["<>", "s1@", "nobody@", "local.test", "remote.test", "s1@remote.test"],
+                "recipient": ["r1@", "alice@", "nobody@", "local.test", "elsewhere.test", "nodomain"]}
+EXTRA_ITEMS = ["reject_sender_login_mismatch", "reject_unauth_pipelining", "reject_multi_recipient_bounce",
+               "permit_auth_destination", "reject_unlisted_recipient", "reject_non_fqdn_recipient"]
+# (no flush domain, relay.test: Postfix's fast flush answered 250 for it, and after some 200 combinations of a
+# long run 459 for every later one, cause not found; a site past the lists gets 459 on both sides)
+ETRNS = ["ETRN elsewhere.test", "ETRN @elsewhere.test", "ETRN #local.test", "ETRN bad!name", "ETRN",
+         "ETRN [192.0.2.9]"]
+# a BDAT transaction's one chunk, sent with its command (`replay_one` shows the command line only)
+BDAT_BODY = "Subject: chunked\r\n\r\nbody\r\n"
+BDAT = f"BDAT {len(BDAT_BODY)} LAST\r\n{BDAT_BODY}"
+PIPELINED = "\r\n"  # commands joined so are sent in one write, their replies read after
 
 
 @dataclass
@@ -68,7 +89,7 @@ class Combination:
 
     def main_cf(self) -> dict[str, str]:
         return {
-            **{f"smtpd_{name}_restrictions": ", ".join(self.lists.get(name, [])) for name in LISTS},
+            **{f"smtpd_{name}_restrictions": ", ".join(self.lists.get(name, [])) for name in ALL_LISTS},
             "smtpd_restriction_classes": ", ".join(self.classes),
             **{name: ", ".join(items) for name, items in self.classes.items()},
             "smtpd_delay_reject": yes(self.delay_reject), "smtpd_helo_required": yes(self.helo_required),
@@ -79,7 +100,7 @@ class Combination:
         }
 
     def mailflow(self) -> dict:
-        return {**{f"{name}_restrictions": self.lists.get(name, []) for name in LISTS},
+        return {**{f"{name}_restrictions": self.lists.get(name, []) for name in ALL_LISTS},
                 "restriction_classes": self.classes, "delay_reject": self.delay_reject,
                 "helo_required": self.helo_required, "strict_rfc821_envelopes": self.strict_rfc821,
                 "reject_unlisted_sender": self.unlisted_sender, "reject_unlisted_recipient": self.unlisted_recipient,
@@ -137,7 +158,8 @@ def session(rng: random.Random) -> list[str]:
     return commands + ["QUIT"]
 
 
-def generated(seed: int) -> Combination:
+def generated(seed: int, extend: bool = True) -> Combination:
+    """The base combination of `seed`, then (`extend`) what `extended` adds to it."""
     rng = random.Random(seed)
     combination = Combination(seed, delay_reject=rng.random() < 0.6, helo_required=rng.random() < 0.2,
                               strict_rfc821=rng.random() < 0.2, unlisted_sender=rng.random() < 0.2,
@@ -149,4 +171,69 @@ def generated(seed: int) -> Combination:
         combination.lists[name] = items(rng, ["c1", "c2"], name)
     combination.lists["relay"] = combination.lists.get("relay", []) + ["reject_unauth_destination"]
     combination.sessions = [session(rng) for _ in range(rng.randint(2, 4))]
+    return extended(combination) if extend else combination
+
+
+def extended(combination: Combination) -> Combination:
+    """The stages and items the base draws leave out, from a stream of its own (`random.Random("extended SEED")`):
+    an etrn list (check_etrn_access among its items) with ETRN commands in the sessions, in and out of a transaction;
+    access tables keyed by address forms (user@, domain, <>) and the items that ask the envelope or the session,
+    put in any list or class; BDAT in place of DATA; commands pipelined in one write (what
+    reject_unauth_pipelining refuses: after HELO, or before EHLO's reply, or past DATA)."""
+    rng = random.Random(f"extended {combination.seed}")
+    classes = list(combination.classes)
+    if rng.random() < 0.4:
+        combination.lists["etrn"] = [etrn_item(rng, classes) for _ in range(rng.randint(1, 4))]
+    for _ in range(rng.choice([0, 1, 1, 2])):
+        where = rng.choice([*combination.lists, *combination.classes])
+        items = combination.lists.get(where) or combination.classes[where]
+        position = rng.randint(0, len(items) - (1 if where == "relay" else 0))  # (before the relay guard)
+        items.insert(position, extra_item(rng))
+    eod = "end_of_data" in combination.lists
+    combination.sessions = [extended_session(rng, commands, eod) for commands in combination.sessions]
     return combination
+
+
+def etrn_item(rng: random.Random, classes: list[str]) -> str:
+    roll = rng.random()
+    if roll < 0.35:
+        entries = {key: rng.choice(ACTIONS) for key in rng.sample(ETRN_KEYS, rng.randint(1, 2))}
+        return "check_etrn_access inline:{ " + ", ".join(f"{{{k}={v}}}" for k, v in entries.items()) + " }"
+    if roll < 0.45:
+        return f"check_client_access {table(rng, 'client')}"
+    if roll < 0.55:
+        return rng.choice(classes)
+    return rng.choice(ETRN_ITEMS)
+
+
+def extra_item(rng: random.Random) -> str:
+    if rng.random() < 0.6:
+        kind = rng.choice(list(ADDRESS_KEYS))
+        entries = {key: rng.choice(ACTIONS) for key in rng.sample(ADDRESS_KEYS[kind], rng.randint(1, 3))}
+        return f"check_{kind}_access inline:{{ " + ", ".join(f"{{{k}={v}}}" for k, v in entries.items()) + " }"
+    return rng.choice(EXTRA_ITEMS)
+
+
+def extended_session(rng: random.Random, commands: list[str], eod: bool) -> list[str]:
+    """`commands` with an ETRN, BDAT, a pipelined group or none. With an end_of_data list no ETRN right after a
+    message (Postfix 3.7 keeps the transaction after that list's refusal, mailflow ends it: docs/security.md)."""
+    commands = list(commands)
+    if rng.random() < 0.35:  # an ETRN anywhere after the XCLIENT, before QUIT
+        first = 1 if commands[0].startswith("XCLIENT") else 0
+        places = [n for n in range(first, len(commands)) if commands[n] != MESSAGE and  # (not between DATA and it)
+                  not (eod and commands[n - 1] == MESSAGE)]
+        commands.insert(rng.choice(places), rng.choice(ETRNS))
+    if rng.random() < 0.3 and "DATA" in commands:  # the (first) DATA and its message: BDAT
+        at = commands.index("DATA")
+        commands[at:at + 2] = [BDAT]
+    if rng.random() < 0.35:  # a run of 2-4 commands sent at once (not XCLIENT, not past DATA or BDAT)
+        starts = [n for n, c in enumerate(commands[:-1]) if not c.startswith(("XCLIENT", "BDAT")) and c != MESSAGE]
+        start = rng.choice(starts) if starts else None
+        if start is not None:
+            end, length = start + 1, rng.randint(2, 4)
+            while end < len(commands) - 1 and end - start < length and commands[end - 1] != "DATA" and \
+                    commands[end] != MESSAGE and not commands[end].startswith(("XCLIENT", "BDAT")):
+                end += 1
+            if end - start > 1:
+                commands[start:end] = [PIPELINED.join(commands[start:end])]
+    return commands
