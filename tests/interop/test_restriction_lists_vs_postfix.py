@@ -36,7 +36,8 @@ RCPT in the client or helo list (run before that reset) and it skips a VRFY insi
 list of the same RCPT; mailflow checks it wherever met. The generator puts
 it in the sender list only. Postfix 3.7 keeps the transaction after end_of_data_restrictions refuse a message (an
 ETRN then gets `503 Error: MAIL transaction in progress`), mailflow ends it: no ETRN is drawn right after a message
-when there is an end_of_data list (test_an_end_of_data_refusal_ends_the_transaction_as_documented). The ETRN
+when there is an end_of_data list (test_an_end_of_data_refusal_ends_the_transaction_as_documented). After a
+refused BDAT LAST Postfix's ETRN refusal logs the last RCPT's address (`to=<…>`, stale): dropped. The ETRN
 replies' enhanced codes (mailflow's, on purpose) are masked; the ETRN sites are no flush domain (Postfix's flush
 service turned from 250 to 459 for relay.test after some 200 combinations of a long run, cause not found).
 """
@@ -170,9 +171,18 @@ LOGGED = re.compile(r"(?:.*/smtpd\[\d+\]: )?(?:warning: )?(NOQUEUE|[0-9A-F]+): "
                     r"((?:reject|reject_warning|warn|info|hold|discard|filter|redirect|bcc): .*)")
 
 
+# Postfix 3.7's skip_bdat ends a transaction whose last chunk it refused without its rcpt_reset: the last RCPT's
+# address stays, and a later ETRN refusal logs it (`…; to=<a@b> proto=…`, extended seed 1360); dropped
+ETRN_STALE_RECIPIENT = re.compile(r"^(reject: ETRN from [^;]*; )to=<[^>]*> ")
+
+
 def logged(lines) -> list[str]:
     found = (LOGGED.fullmatch(line) for line in lines)
-    return [f"{'NOQUEUE' if m[1] == 'NOQUEUE' else 'QID'}: {bare_configuration_error(m[2])}" for m in found if m]
+    return [f"{'NOQUEUE' if m[1] == 'NOQUEUE' else 'QID'}: {compared(m[2])}" for m in found if m]
+
+
+def compared(text: str) -> str:
+    return ETRN_STALE_RECIPIENT.sub(r"\1", bare_configuration_error(text))
 
 
 class Lines(logging.Handler):
@@ -513,3 +523,11 @@ def test_filter_redirect_and_bcc_lines_are_compared():
              "postfix/smtpd[1]: NOQUEUE: bcc: RCPT from x: <a>: Sender address triggers BCC b@c",
              "postfix/smtpd[1]: NOQUEUE: reject: RCPT from x: 554 5.7.1 <a>: Relay access denied"]
     assert [line.split(": ", 2)[1] for line in logged(lines)] == ["filter", "redirect", "bcc", "reject"]
+
+
+def test_only_an_etrn_line_loses_its_stale_recipient():
+    etrn = "postfix/smtpd[1]: NOQUEUE: reject: ETRN from x: 450 4.7.0 <e.test>: Etrn command rejected: no; to=<a@b> "
+    rcpt = "postfix/smtpd[1]: NOQUEUE: reject: RCPT from x: 554 5.7.1 <a@b>: Relay access denied; from=<s> to=<a@b> "
+    assert logged([etrn + "proto=ESMTP helo=<h>", rcpt + "proto=ESMTP helo=<h>"]) == [
+        "NOQUEUE: reject: ETRN from x: 450 4.7.0 <e.test>: Etrn command rejected: no; proto=ESMTP helo=<h>",
+        "NOQUEUE: " + rcpt.split("NOQUEUE: ")[1] + "proto=ESMTP helo=<h>"]
