@@ -817,3 +817,94 @@ def _closed_by_server(s: socket.socket) -> bool:
     except OSError:
         return True
     return False
+
+
+def _connect_small(port: int) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connect: no window scaling past it)
+    s.settimeout(10)
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def _read_reply(s: socket.socket | ssl.SSLSocket) -> bytes:
+    """One whole reply (its last line `ddd `), read a byte at a time: nothing after it is taken."""
+    data = b""
+    while not (data.endswith(b"\r\n") and data.rsplit(b"\r\n", 2)[-2][3:4] == b" "):
+        chunk = s.recv(1)
+        if not chunk:
+            raise AssertionError(f"closed after {data!r}")
+        data += chunk
+    return data
+
+
+def _client_up_to_the_flood(port: int, how: str, ctx: ssl.SSLContext | None) -> socket.socket | ssl.SSLSocket:
+    """A blocking client (`how`: plain, starttls, implicit) greeted and, over TLS, past its handshake."""
+    s: socket.socket | ssl.SSLSocket = _connect_small(port)
+    if how == "implicit":
+        assert ctx is not None
+        s = ctx.wrap_socket(s, server_hostname="localhost")
+    assert _read_reply(s).startswith(b"220")
+    if how == "starttls":
+        assert ctx is not None
+        s.sendall(b"EHLO client.test\r\n")
+        assert _read_reply(s).startswith(b"250")
+        s.sendall(b"STARTTLS\r\n")
+        assert _read_reply(s).startswith(b"220")
+        s = ctx.wrap_socket(s, server_hostname="localhost")
+    return s
+
+
+@pytest.mark.parametrize("how", ["plain", "starttls", "implicit"])
+async def test_replies_left_unread_after_quit_do_not_keep_the_socket_past_the_timeout(mailflow_server, pki, users,
+                                                                                      how):
+    # The session ends (QUIT) with replies still in asyncio's buffers (the client reads none of them, its flow
+    # control never paused the session: the buffer limits are raised): its slot and per-client count are given
+    # back, and asyncio's close() waits to write them, for good in plaintext, for its 30 s SSL shutdown timeout under
+    # TLS (for good there too once the client sends its close_notify). One client could hold any number of sockets.
+    # Now what is left unsent gets one timeout.
+    _, cert, ctx = pki
+    listeners = [{"address": "127.0.0.1:0", "role": "submissions"}] if how == "implicit" else []
+    mf = await mailflow_server(smtpd={"timeout": "1s", "forbid_unauth_pipelining": False, "tls_cert_file": cert,
+                                      "junk_command_limit": 10**9, "listeners": listeners, "sasl_user_maps": [users]})
+    port = mf.smtpd.address_of("submissions")[1] if how == "implicit" else mf.smtp_addresses[0][1]
+    client = await asyncio.to_thread(_client_up_to_the_flood, port, how, ctx)
+    try:
+        await eventually(lambda: len(mf.smtpd.sessions) == 1 and (
+            how == "plain" or next(iter(mf.smtpd.sessions)).session.ssl is not None), timeout=5)
+        session = next(iter(mf.smtpd.sessions))
+        lost = asyncio.Event()
+        connection_lost = session.connection_lost
+        session.connection_lost = lambda error: (lost.set(), connection_lost(error))
+        transports = {session.transport, session._original_transport} - {None}
+        for transport in transports:
+            transport.set_write_buffer_limits(high=1 << 24)
+        raw = session._original_transport or session.transport
+        raw.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        await asyncio.to_thread(client.sendall, b"EHLO client.test\r\n" + b"NOOP\r\n" * 20000 + b"QUIT\r\n")
+        await eventually(lambda: not mf.smtpd.sessions, timeout=5)
+        assert raw.get_write_buffer_size(), "the replies were all sent: nothing tested"
+        await asyncio.wait_for(lost.wait(), 3)  # the timeout is 1 s (before: never, or after 30 s under TLS)
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("how", ["starttls", "implicit"])
+async def test_a_silent_tls_client_loses_its_session_at_its_timeout_after_its_421(mailflow_server, pki, users, how):
+    # Over TLS the timeout's close() is asyncio's SSL shutdown: it waits for the client's close_notify, which a
+    # silent client never sends, for 30 s (ssl_shutdown_timeout), the session, its slot and its per-client count held
+    # meanwhile. Now the 421 and the server's close_notify are written and the connection is dropped then.
+    _, cert, ctx = pki
+    listeners = [{"address": "127.0.0.1:0", "role": "submissions"}] if how == "implicit" else []
+    mf = await mailflow_server(smtpd={"timeout": "1s", "tls_cert_file": cert, "listeners": listeners,
+                                      "sasl_user_maps": [users]})
+    port = mf.smtpd.address_of("submissions")[1] if how == "implicit" else mf.smtp_addresses[0][1]
+    client = await asyncio.to_thread(_client_up_to_the_flood, port, how, ctx)
+    try:
+        await eventually(lambda: len(mf.smtpd.sessions) == 1, timeout=5)
+        await eventually(lambda: not mf.smtpd.sessions and not any(
+            listener.anvil.sessions("127.0.0.1") for listener in mf.smtpd.listeners), timeout=3)
+        assert await asyncio.to_thread(_read_reply, client) == \
+            (str(status.session_timeout(mf.config.myhostname)) + "\r\n").encode()
+    finally:
+        client.close()

@@ -242,6 +242,7 @@ class ProtocolCore(SMTP):
         self._deadline = 0.0  # loop time the session times out, unless moved again before
         self._timer_at: float | None = None  # when the pending timer fires; None when none is pending
         self._ended = False
+        self._linger_handle: asyncio.TimerHandle | None = None  # after the end: drops replies left unread too long
         self._quit = False  # QUIT answered: the command loop ends
         self._stopping = False  # the server stops: once no transaction is under way, 421 and the end
         self._observer = observer
@@ -298,6 +299,9 @@ class ProtocolCore(SMTP):
         self._wire.feed(data)
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._linger_handle is not None:
+            self._linger_handle.cancel()
+            self._linger_handle = None
         self._sessions.discard(self)
         self.envelope.discard_bdat()
         self._wire.feed_eof(error)
@@ -317,6 +321,7 @@ class ProtocolCore(SMTP):
         for transport in (self.transport, self._original_transport):
             if transport is not None and not transport.is_closing():
                 transport.close()
+        self._drop_unsent_later()
         closing = self._handle_hooks.get("CLOSE")  # the handler frees what it held for the session
         if closing is not None:
             closing(self, self.session, self.envelope)
@@ -361,10 +366,44 @@ class ProtocolCore(SMTP):
         super()._timeout_cb()
         # asyncio's close() keeps the connection until what is buffered for the client is written: a client that
         # never reads its replies kept it, and its session, waiting to write, for good. Replies unread for a whole
-        # timeout are dropped with the connection (Postfix's smtpd_timeout bounds writes as well as reads).
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and transport.get_write_buffer_size():
+        # timeout are dropped with the connection (Postfix's smtpd_timeout bounds writes as well as reads). Under
+        # TLS, close() is asyncio's SSL shutdown, which waits for the client's close_notify (30 s): a silent client
+        # would keep its session that long. The 421 and the server's close_notify were handed to the socket first.
+        if self._unsent() or self._original_transport is not None:
+            self._drop_connection()
+
+    def _socket_transport(self) -> asyncio.WriteTransport | None:
+        """The transport on the client's socket: under TLS, the one beneath asyncio's SSL layer."""
+        return cast(asyncio.WriteTransport | None, self._original_transport or self.transport)
+
+    def _unsent(self) -> int:
+        """Bytes written for the client that its socket has not taken yet, as the socket transport holds them
+        (under TLS the SSL layer hands its records down until that transport pauses it: with anything held above,
+        it holds more than its high-water mark)."""
+        transport = self._socket_transport()
+        return transport.get_write_buffer_size() if transport is not None else 0
+
+    def _drop_connection(self) -> None:
+        """Close the client's socket now, whatever is still buffered for it (the SSL layer's close_notify too);
+        connection_lost follows."""
+        transport = self._socket_transport()
+        if transport is not None:
             transport.abort()
+
+    def _drop_unsent_later(self) -> None:
+        """After the session's close: a client that leaves its last replies unread (a QUIT's, a 421's, a refusal's
+        pipelined behind many others) would keep the socket open, asyncio's close() waiting to write them, after
+        its session slot and per-client count were given back: one client could hold any number of sockets. What
+        is still buffered then (or, under TLS, the shutdown exchange still to come) gets one timeout; past it
+        the connection is dropped. connection_lost cancels the timer. (The timer holds the socket transport, not
+        the session: an ended session is freed by reference counting all the same.)"""
+        transport = self._socket_transport()
+        if transport is None or self._linger_handle is not None:
+            return
+        tls_shutdown = self._original_transport is not None and not transport.is_closing()
+        if not self._unsent() and not tls_shutdown:
+            return
+        self._linger_handle = self.loop.call_later(self._command_timeout, transport.abort)
 
     def _may_reply(self) -> bool:
         """Whether a reply the server volunteers (a timeout's 421, a stop's) may be written now: not while TLS
