@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailflow.content import Content
-from mailflow.transports.downgrade import Downgrade, downgrade_8bit, labelled_8bit
+from mailflow.transports.downgrade import (Downgrade, _8BIT_DOMAIN, downgrade_8bit, entity_facts, labelled_8bit,
+                                           parse_headers, transfer_encoding)
 
 
 def test_a_single_part_labelled_8bit_becomes_quoted_printable():
@@ -186,3 +187,24 @@ async def test_a_big_mime_message_is_read_once_in_a_worker_thread(monkeypatch):
     assert await labelled_8bit(Content((header, body, last)), header=header)
     assert not await labelled_8bit(Content((header, body, b"--b--\r\n")), header=header)
     assert threads == [1, 1]
+
+
+# entity_facts skips the parse of a header section without a Content-* field: its answers are the parse's, whatever
+# the section (fields in any case, blanks before the colon, folding, bare CR or LF line ends, garbage lines).
+_HEADER_PIECES = [b"Content-Type: multipart/mixed; boundary=b", b"content-type : message/rfc822",
+                  b"CONTENT-TRANSFER-ENCODING: 8bit", b"Content-Transfer-Encoding: (c) binary", b"Content-ID: <x>",
+                  b"X-Content-Type: multipart/mixed; boundary=q", b"Subject: Content-Type: text/html", b" folded",
+                  b"\tContent-Type: multipart/alternative; boundary=z", b"not a field", b"From x", b"X: \xe9t\xe9",
+                  b"X: a\rContent-Type: multipart/mixed; boundary=r", b"", b"X: a\x0bContent-Type: text/html"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_HEADER_PIECES), st.sampled_from([b"\r\n", b"\n"])), max_size=6),
+       st.sampled_from(["text/plain", "message/rfc822"]))
+def test_entity_facts_are_the_parse_s(lines, default_type):
+    header_lines = [text + end for text, end in lines]
+    info = parse_headers(header_lines, default_type)
+    content_type = info.get_content_type()
+    parsed = (content_type, transfer_encoding(str(info.get("content-transfer-encoding", ""))) in _8BIT_DOMAIN,
+              info.get_boundary() if content_type.startswith("multipart/") else None)
+    assert entity_facts(header_lines, default_type) == parsed
