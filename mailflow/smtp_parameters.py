@@ -78,6 +78,7 @@ def mail_parameters(words: list[str], size_limit: int | None,
     options: dict[str, str] = {}  # by keyword: the option as the handler gets it
     found: dict[str, str] = {}  # RET and ENVID
     auth = ""
+    named = False  # an AUTH= other than <> was given (its value may be empty: Postfix's sasl_sender is set)
     declared = 0  # the last SIZE= given
     for word in words:
         key, eq, value = word.partition("=")
@@ -92,9 +93,9 @@ def mail_parameters(words: list[str], size_limit: int | None,
                 return size
             declared, options[key] = size, f"SIZE={size}"
         elif key == "AUTH" and eq:  # RFC 4954 section 5: accepted from anyone, trusted from no one
-            if auth:  # Postfix refuses a second AUTH= once one named a sender (one after AUTH=<> is taken)
+            if named:  # Postfix refuses a second AUTH= once one named a sender (one after AUTH=<> is taken)
                 return status.MULTIPLE_AUTH
-            auth = "" if value == "<>" else printable(value)
+            named, auth = value != "<>", "" if value == "<>" else printable(value)
         elif key in ("RET", "ENVID") and eq:
             refusal = _take_dsn(found, key, value, discarded)
             if refusal is not None:

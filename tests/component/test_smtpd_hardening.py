@@ -376,6 +376,7 @@ LONG_LOCAL = "SRS0=HHHH=TT=sender-domain.example=" + "x" * 60  # 95 octets
     ("MAIL FROM:<s@remote.test> AUTH=a@x.test AUTH=b@x.test", status.MULTIPLE_AUTH),
     ("MAIL FROM:<s@remote.test> AUTH=a@x.test AUTH=<>", status.MULTIPLE_AUTH),
     ("MAIL FROM:<s@remote.test> AUTH=<> AUTH=b@x.test", status.SENDER_OK),
+    ("MAIL FROM:<s@remote.test> AUTH= AUTH=", status.MULTIPLE_AUTH),  # an empty value names a sender (Postfix's)
     # an SRS / VERP sender longer than RFC 5321's 64-octet local part: Postfix takes it, so must we
     (f"MAIL FROM:<{LONG_LOCAL}@remote.test>", status.SENDER_OK),
     ("MAIL FROM:<" + "s" * 250 + "@remote.test>", status.SENDER_SYNTAX),  # a path longer than RFC 5321's 256
