@@ -5,7 +5,7 @@ Postfix takes it (unqualified, long local parts, a tab, source routes), ESMTP an
 relaying, QUIT and STARTTLS where they are odd, ETRN, BDAT's transaction states and sizes, XCLIENT and XFORWARD
 from a client not allowed them, pipelining, and lines that are not SMTP at all (an HTTP request, message content
 after a refused DATA, a first word that does not begin with a letter). Many of them were found by a differential
-fuzz of the dialogue against Postfix 3.7.11.
+fuzz of the dialogue against Postfix 3.7.11, now kept as tests/interop/test_dialogue_vs_postfix.py (seeded).
 
 Not compared, because mailflow differs on purpose (docs/security.md, docs/config.md): VRFY (off by default), bare
 LF/CR and NUL in commands or content (refused), UTF-8 (the private Postfix runs with smtputf8_enable = no).
