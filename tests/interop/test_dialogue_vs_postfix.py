@@ -12,9 +12,10 @@ connection ends).
 
 SEEDS are the sessions kept, run as a regular test (about 2 s). With MAILFLOW_DIALOGUE_SEEDS=1-300 (or 1,5,9)
 those seeds run instead, an exploration (a session takes about 4 ms on both sides: 60000 seeds in 4 minutes; add
-`--timeout 900`); the differences are printed, MAILFLOW_DIALOGUE_REPORT=FILE writes them, then they are asserted
-none. A seed during which Postfix's smtpd dies of a signal is listed apart and not compared (Postfix 3.7.11's dies
-of a SIGSEGV on some BDATs that follow a chunk refused for its size; docs/security.md).
+`--timeout 900`, and `-p no:logging`: the captured log of a long run slows it down); the differences are printed,
+MAILFLOW_DIALOGUE_REPORT=FILE gets each as it is found, then they are asserted none. A seed during which
+Postfix's smtpd dies of a signal is listed apart and not compared (Postfix 3.7.11's dies of a SIGSEGV on some
+BDATs that follow a chunk refused for its size; docs/security.md).
 
 Left out of the generator on purpose (the differences kept, test_smtpd_vs_postfix.py's docstring): VRFY, bare LF
 or CR, NUL, UTF-8 and SMTPUTF8 (the private Postfix runs with smtputf8_enable = no), STARTTLS. Kept out of it as
@@ -158,9 +159,11 @@ async def died(pf, before: int) -> bool:
     return False
 
 
-async def differences(mailflow_server, seed_list: list[int]) -> tuple[dict[int, list[str]], list[int]]:
+async def differences(mailflow_server, seed_list: list[int],
+                      report: str | None = None) -> tuple[dict[int, list[str]], list[int]]:
     """(the seeds whose replies differ, each with its steps and replies side by side; the seeds during which
-    Postfix's smtpd died of a signal, a Postfix fault and not compared)."""
+    Postfix's smtpd died of a signal, a Postfix fault and not compared). `report`: a file that gets each
+    difference as it is found, and each such seed."""
     mf = await mailflow_server(**MAILFLOW)
     port = mf.smtp_addresses[0][1]
     out, crashed = {}, []
@@ -174,19 +177,23 @@ async def differences(mailflow_server, seed_list: list[int]) -> tuple[dict[int, 
                 continue
             if await died(pf, before):
                 crashed.append(seed)
+                write(report, f"postfix died: seed {seed}")
                 continue
             out[seed] = [f"seed {seed}:", *(f"   {unit!r}" for unit in describe(steps)),
                          *(f"  {'  ' if p == m else '!='} PF {p!r}\n     MF {m!r}" for p, m in
                            zip(postfix + [""] * len(ours), ours + [""] * len(postfix)))]
+            write(report, "\n".join(out[seed]))
     return out, crashed
 
 
-async def test_seeded_dialogues_match_a_real_postfix(mailflow_server):
-    found, crashed = await differences(mailflow_server, seeds())
-    report = os.environ.get("MAILFLOW_DIALOGUE_REPORT")
+def write(report: str | None, text: str) -> None:
     if report:
-        with open(report, "w") as f:
-            f.write("\n".join(line for lines in found.values() for line in lines) + f"\npostfix died: {crashed}\n")
+        with open(report, "a") as f:
+            f.write(text + "\n")
+
+
+async def test_seeded_dialogues_match_a_real_postfix(mailflow_server):
+    found, crashed = await differences(mailflow_server, seeds(), os.environ.get("MAILFLOW_DIALOGUE_REPORT"))
     for lines in found.values():
         print("\n".join(lines))
     print("seeds during which Postfix's smtpd died:", crashed)
