@@ -389,6 +389,22 @@ async def test_refused_bdat_requests_are_logged_in_postfixs_words_by_queue_id(ma
                      f"{queue_id}: malformed BDAT command syntax from localhost[127.0.0.1]: bdat  1 FIRST"]
 
 
+async def test_a_bdat_last_refused_for_its_size_ends_the_whole_transaction(mailflow_server):
+    """Its recipients too: a BDAT or DATA after it needs a new MAIL and RCPT (503). Postfix 3.7.11 keeps its
+    recipient state there: a second oversized chunk 552, a DATA or a BDAT without LAST kills its smtpd
+    (docs/security.md; tests/interop/test_dialogue_vs_postfix.py)."""
+    mf, port = await _server(mailflow_server, smtpd={"message_size_limit": 1000})
+    c = await SmtpClient.connect(port)
+    await c.envelope()
+    for after in (b"BDAT 2000 LAST\r\n" + b"a" * 1998, b"BDAT 4\r\nab", b"DATA"):  # (cmd() adds a CRLF)
+        await c.send(b"BDAT 2000 LAST\r\n" + b"a" * 2000)
+        assert await c.reply() == status.CHUNK_TOO_BIG
+        assert await c.cmd(after) == status.NEED_RCPT
+        assert (await c.cmd("RSET"))[0] == 250
+        await c.envelope(ehlo=False)
+    await c.close()
+
+
 async def test_bdat_0_without_last_fails_the_transaction_as_postfix_does(mailflow_server, tmp_path):
     mf, port = await _server(mailflow_server)
     c = await SmtpClient.connect(port)

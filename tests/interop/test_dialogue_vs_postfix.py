@@ -21,7 +21,7 @@ Left out of the generator on purpose (the differences kept, test_smtpd_vs_postfi
 or CR, NUL, UTF-8 and SMTPUTF8 (the private Postfix runs with smtputf8_enable = no), STARTTLS. Kept out of it as
 documented differences (docs/security.md, docs/config.md; tests/support/dialogues.py says how): a SIZE= over
 message_size_limit and a second AUTH= after a refused MAIL (Postfix keeps both until the transaction ends); a
-BDAT after a refused BDAT LAST (Postfix keeps its recipient state); an RFC 822 phrase or an empty list member
+BDAT or DATA after a refused BDAT LAST (Postfix keeps its recipient state); an RFC 822 phrase or an empty list member
 around a path (`MAIL FROM: AUTH=<>`, `RCPT TO: NOTIFY=,`); a MAIL, RCPT or EHLO line near the limit whose length
 goes into the queue file (Postfix counts its queue file in message_size_limit). A command line over
 line_length_limit is sent only as an unknown verb, and mailflow's `500 5.5.2 Error: line too long` is compared as

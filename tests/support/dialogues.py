@@ -196,21 +196,19 @@ def one_auth_mail(steps: list[Step]) -> list[Step]:
 BDAT_WORDS = re.compile(rb"\s*bdat[ \t]+(\d+)([ \t]+last)?[ \t]*\r\n", re.IGNORECASE)
 
 
-def no_bdat_after_refused_last(steps: list[Step]) -> list[Step]:
-    """`steps` without the BDATs after a BDAT LAST that may have been refused as a chunk past message_size_limit
-    or after a null chunk (`BDAT 0` without LAST): Postfix 3.7.11's skip_bdat ends such a transaction without
-    resetting its recipient state, so a later BDAT without MAIL and RCPT is judged on what is left (552 for a
-    chunk past the limit again; its smtpd dies of a SIGSEGV for a small one without LAST). mailflow answers
-    503 5.5.1 Error: need RCPT command (docs/security.md)."""
+def no_content_after_refused_last(steps: list[Step]) -> list[Step]:
+    """`steps` without the BDATs and DATAs after a BDAT LAST that may have been refused as a chunk past
+    message_size_limit or after a null chunk (`BDAT 0` without LAST): Postfix 3.7.11's skip_bdat ends such a
+    transaction without resetting its recipient state, so a later BDAT or DATA without MAIL and RCPT is judged on
+    what is left (552 for a chunk past the limit again, `501 5.5.4 Syntax: DATA` for a DATA with an argument; its
+    smtpd dies of a SIGSEGV at a DATA or a small BDAT without LAST). mailflow answers 503 5.5.1 Error: need RCPT
+    command (docs/security.md)."""
     risky = done = False
     out = []
     for step in steps:
         units = []
         for unit_ in step.units:
-            if unit_.lstrip()[:4].upper() != b"BDAT":
-                units.append(unit_)
-                continue
-            if done:
+            if done and (is_data(unit_) or unit_.lstrip()[:4].upper() == b"BDAT"):
                 continue
             units.append(unit_)
             words = BDAT_WORDS.match(unit_)
@@ -239,4 +237,4 @@ def generated(seed: int) -> list[Step]:
         else:
             one = unit(rng)
             steps.append(Step((one,), rng.choice(CONTENTS) if is_data(one) else b""))
-    return no_bdat_after_refused_last(one_auth_mail(steps[:15]))
+    return no_content_after_refused_last(one_auth_mail(steps[:15]))
