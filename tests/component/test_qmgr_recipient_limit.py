@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 
 from mailflow.config import QueueConfig
-from mailflow.stages.qmgr import OVERLOOK_SLICE
+from mailflow.model import Recipient
+from mailflow.stages.qmgr import OVERLOOK_SLICE, _postfix_order
 from mailflow.stages.qmgr.destination import Destination
-from tests.component.test_qmgr import Harness, queue_is_empty
+from tests.component.test_qmgr import Harness, queue_is_empty, relaying
 from tests.support import BlockingTransport, RecordingTransport, eventually, qmgr_turn
 
 
@@ -48,14 +49,43 @@ async def test_a_message_for_many_recipients_does_not_hold_back_the_mail_queued_
 
 
 async def test_recipients_split_by_the_limit_go_together_in_postfixs_order(h):
-    """Postfix's qmgr sorts a message's recipients (qmgr_message_sort: the domain, then the address, compared as
-    strcasecmp does) before it cuts them into deliveries of the recipient limit, so which recipients share a
+    """Postfix's qmgr sorts a message's recipients (qmgr_message_sort: the domain with its case folded, then the
+    address byte for byte) before it cuts them into deliveries of the recipient limit, so which recipients share a
     delivery (and a UTF-8 one's SMTPUTF8 requirement) does not depend on the order they came in."""
     await h.start(transport_destination_recipient_limit={"smtp": 2})
     await h.queue("r1@b.test", "R2@a.test", "j\u00fcrgen@b.test", "r0@b.test", "x@a.test")
     await eventually(lambda: queue_is_empty(h))
     assert sorted([r.address for r in request.recipients] for request in h.smtp.requests) == [
         ["R2@a.test", "x@a.test"], ["j\u00fcrgen@b.test", "r0@b.test"], ["r1@b.test"]]
+
+
+async def test_the_local_part_s_case_counts_in_postfixs_order(h):
+    """Postfix's qmgr_message_sort_compare folds the domain's case only and compares the addresses with strcmp:
+    `C@` comes before `a@`, so with a limit of 2 `C` and `a` share a delivery and `b` goes alone (folding the
+    whole address put `a` and `b` together)."""
+    await h.start(transport_destination_recipient_limit={"smtp": 2})
+    await h.queue("b@remote.test", "C@remote.test", "a@remote.test")
+    await eventually(lambda: queue_is_empty(h))
+    assert sorted([r.address for r in request.recipients] for request in h.smtp.requests) == [
+        ["C@remote.test", "a@remote.test"], ["b@remote.test"]]
+
+
+async def test_a_utf8_domain_s_case_is_folded_in_postfixs_order(h):
+    """Postfix with smtputf8_enable compares domains with strcasecmp_utf8, which case-folds UTF-8 too: `x@Ö.test`
+    sorts as `x@ö.test`, after `x@ä.test` (byte for byte Ö's \xc3\x96 came first). Through one relay, one
+    delivery, its RCPTs in that order."""
+    resolve, _ = relaying("[relay.test]")
+    await h.start(resolve=resolve)
+    await h.queue("x@\u00d6.test", "x@\u00e4.test", "y@B.test", "x@a.test")
+    await eventually(lambda: queue_is_empty(h))
+    assert [[r.address for r in request.recipients] for request in h.smtp.requests] == [
+        ["x@a.test", "y@B.test", "x@\u00e4.test", "x@\u00d6.test"]]
+
+
+def test_addresses_without_an_at_sign_sort_last_in_postfixs_order():
+    """qmgr_message_sort_compare: an address without `@` (or the empty one) after every address with one."""
+    rcpts = [Recipient(i, a, a) for i, a in enumerate(["root", "", "b@x.test", "A@x.test"])]
+    assert [r.address for r in sorted(rcpts, key=_postfix_order)] == ["A@x.test", "b@x.test", "", "root"]
 
 
 @pytest.mark.parametrize("settings, smtp, local", [

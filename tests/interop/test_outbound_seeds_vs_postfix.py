@@ -233,6 +233,11 @@ CURATED = {
     "hangup-at-the-first-in-order": ("defaults", Scenario(
         {"EHLO": b"250-peer.test\r\n250 8BITMIME\r\n",
          "RCPT": lambda a: CLOSE if a.startswith("a@") else b"554 5.7.1 refused\r\n"}, ("b", "a"))),
+    # the local part's case counts (Postfix's strcmp after the folded domain): B@ before a@, so the hang-up at B@
+    # defers a@ too, where a@ first would have been refused 5.7.1
+    "hangup-at-the-upper-case-first": ("defaults", Scenario(
+        {"EHLO": b"250-peer.test\r\n250 8BITMIME\r\n",
+         "RCPT": lambda a: CLOSE if a.startswith("B@") else b"554 5.7.1 refused\r\n"}, ("a", "B"))),
     # neighbours: the first next hop refuses or hangs up, the fallback takes what it did not
     "fallback-after-4xx": ("fallback-relay", Scenario(
         {"RCPT": lambda a: b"450 4.2.0 greylisted\r\n" if a.startswith("r1@") else b"250 2.1.5 Ok\r\n"},
@@ -250,9 +255,11 @@ async def test_curated_scenarios_end_as_with_postfix(mailflow_server, smtp_peer,
     # Postfix's own, so that a change on both sides cannot pass unnoticed
     ended = {r.partition(".")[0]: got[1:3] for r, got in pf_ended.items()}
     assert {r: ended[r] for r in ("r1@utf8-among-ascii", "r2@utf8-among-ascii", "b@hangup-at-the-first-in-order",
-                                  "r1@fallback-after-4xx", "r1@fallback-not-after-5xx")} == {
+                                  "a@hangup-at-the-upper-case-first", "r1@fallback-after-4xx",
+                                  "r1@fallback-not-after-5xx")} == {
         "r1@utf8-among-ascii": ("5.6.7", "bounced"), "r2@utf8-among-ascii": ("2.0.0", "sent"),
-        "b@hangup-at-the-first-in-order": ("4.4.2", "deferred"), "r1@fallback-after-4xx": ("2.0.0", "sent"),
+        "b@hangup-at-the-first-in-order": ("4.4.2", "deferred"),
+        "a@hangup-at-the-upper-case-first": ("4.4.2", "deferred"), "r1@fallback-after-4xx": ("2.0.0", "sent"),
         "r1@fallback-not-after-5xx": ("5.1.1", "bounced")}
 
 

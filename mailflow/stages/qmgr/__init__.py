@@ -1222,11 +1222,18 @@ class QueueManager:
 _NOTICE_KIND = {Outcome.SENT: "success", Outcome.BOUNCED: "failure"}
 
 
-def _postfix_order(rcpt: Recipient) -> tuple[bytes, bytes]:
-    """Postfix's qmgr_message_sort within one destination: by the domain (from the last `@`), then the whole
-    address, each compared as strcasecmp compares them (bytes, ASCII letters folded)."""
-    address = rcpt.address.encode("utf-8", "surrogateescape").lower()
-    return address[address.rfind(b"@"):] if b"@" in address else b"", address
+def _postfix_order(rcpt: Recipient) -> tuple[int, bytes, bytes]:
+    """Postfix 3.7's qmgr_message_sort_compare within one destination: addresses with an `@` first, by the domain
+    (from the last `@`) as strcasecmp_utf8 compares it (ASCII letters folded; a UTF-8 domain case-folded, as
+    Postfix with smtputf8_enable, which mailflow always is), then by the whole address byte for byte (strcmp: the
+    local part's case counts, `C@x` before `a@x`); addresses without an `@` last, byte for byte."""
+    address = rcpt.address.encode("utf-8", "surrogateescape")
+    at = address.rfind(b"@")
+    if at < 0:
+        return 1, b"", address
+    domain = rcpt.address[rcpt.address.rfind("@"):]
+    folded = domain.lower() if domain.isascii() else domain.casefold()
+    return 0, folded.encode("utf-8", "surrogateescape"), address
 
 
 def _unique(transports) -> list:
