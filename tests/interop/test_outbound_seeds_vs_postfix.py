@@ -6,7 +6,9 @@ DATA, end-of-DATA, RSET (a reused session's probe) and QUIT replies from pools, 
 EHLO keywords offered (PIPELINING, SIZE below or above the message, 8BITMIME with an 8-bit body, DSN with NOTIFY
 given, SMTPUTF8 with a UTF-8 address, ENHANCEDSTATUSCODES), EHLO refused (HELO then) or lost. Each seed also picks
 the settings both servers share: the defaults, a destination recipient limit of 2
-(`smtp_destination_recipient_limit`; mailflow's `queue.transport_destination_recipient_limit.smtp`), or a fallback
+(`smtp_destination_recipient_limit`; mailflow's `queue.transport_destination_recipient_limit.smtp`) with one
+session at a time to a destination (a destination concurrency of 1), so that a job reuses the session the one
+before it left, RSET probe and all (else parallel sessions left the RSET pool unheard), or a fallback
 relay that accepts everything (`smtp_fallback_relay`; mailflow's `smtp.fallback_relay`), so that a first next hop
 that fails hands its recipients to a second. (smtp_skip_5xx_greeting is always on in mailflow, Postfix's default: a
 5xx greeting is in the greeting pool.)
@@ -164,10 +166,10 @@ def comparable_notices(notices: dict) -> dict:
 
 
 async def differences(mailflow_server, smtp_peer, tmp_path, cases: dict[str, tuple[str, Scenario]],
-                      postfix_ended: dict | None = None) -> dict:
+                      postfix_ended: dict | None = None, heard: dict[str, list[ScriptedPeer]] | None = None) -> dict:
     """Every recipient whose end differs between Postfix and mailflow, over the cases (name: setting, scenario;
     one run per setting), with what each server did; and mailflow's recipients taken other than once when sent.
-    `postfix_ended` gets Postfix's (relay, dsn, status, text) of each recipient."""
+    `postfix_ended` gets Postfix's (relay, dsn, status, text) of each recipient; `heard` each setting's peers."""
     by_setting: dict[str, dict[str, Scenario]] = {}
     for name, (setting, scenario) in cases.items():
         by_setting.setdefault(setting, {})[name] = scenario
@@ -177,13 +179,15 @@ async def differences(mailflow_server, smtp_peer, tmp_path, cases: dict[str, tup
         postfix: dict = {"smtputf8_enable": "yes"}
         smtp: dict = {}
         queue: dict = {}
-        if setting == "recipient-limit-2":
-            postfix["smtp_destination_recipient_limit"], queue = "2", {"transport_destination_recipient_limit":
-                                                                         {"smtp": 2}}
+        if setting == "recipient-limit-2":  # (one session at a time: a job's session is the next one's, RSET and all)
+            postfix |= {"smtp_destination_recipient_limit": "2", "smtp_destination_concurrency_limit": "1"}
+            queue = {"transport_destination_recipient_limit": {"smtp": 2}, "default_destination_concurrency_limit": 1}
         elif setting == "fallback-relay":
             postfix["smtp_fallback_relay"] = f"[127.0.0.1]:{fallback.port}"
             smtp = {"fallback_relay": [f"[127.0.0.1]:{fallback.port}"]}
         peers: list[ScriptedPeer] = [fallback]
+        if heard is not None:
+            heard[setting] = peers
         started = []
 
         async def start_mailflow(**settings):
@@ -249,9 +253,18 @@ CURATED = {
 }
 
 
+def resets(peers: list[ScriptedPeer], name: str) -> int:
+    """How many RSETs the peers heard in the sessions of the server called `name`."""
+    return sum(line.split()[:1] == [b"RSET"] for peer in peers for heard in peer.sessions
+               if heard and heard[0].split()[1:2] == [name.encode()] for line in heard)
+
+
 async def test_curated_scenarios_end_as_with_postfix(mailflow_server, smtp_peer, tmp_path):
     pf_ended: dict = {}
-    assert await differences(mailflow_server, smtp_peer, tmp_path, CURATED, pf_ended) == {}
+    heard: dict[str, list[ScriptedPeer]] = {}
+    assert await differences(mailflow_server, smtp_peer, tmp_path, CURATED, pf_ended, heard) == {}
+    # with a recipient limit of 2 a session is reused (one at a time to a destination), so RSET is heard
+    assert resets(heard["recipient-limit-2"], PF_NAME) > 0 and resets(heard["recipient-limit-2"], MF_NAME) > 0
     # Postfix's own, so that a change on both sides cannot pass unnoticed
     ended = {r.partition(".")[0]: got[1:3] for r, got in pf_ended.items()}
     assert {r: ended[r] for r in ("r1@utf8-among-ascii", "r2@utf8-among-ascii", "b@hangup-at-the-first-in-order",
