@@ -150,17 +150,15 @@ def reply_to(peer: ScriptedPeer, what: str, argument: str) -> bytes:
     return answer(argument) if callable(answer) else answer
 
 
-SIZE = re.compile(r"message size \d+ exceeds")
+SIZE = re.compile(r"(message\s*size\s*)\d+(\s*exceeds)")  # (a notice's fields have their white space removed)
 
 
 def comparable_outcomes(ended: dict) -> dict:
-    return {r: (relay, dsn, status, SIZE.sub("message size N exceeds", text))
-            for r, (relay, dsn, status, text) in ended.items()}
+    return {r: (relay, dsn, status, SIZE.sub(r"\1N\2", text)) for r, (relay, dsn, status, text) in ended.items()}
 
 
 def comparable_notices(notices: dict) -> dict:
-    size = re.compile(r"messagesize\d+exceeds")
-    return {r: {**fields, "Diagnostic-Code": size.sub("messagesizeNexceeds", (fields["Diagnostic-Code"] or "")
+    return {r: {**fields, "Diagnostic-Code": SIZE.sub(r"\1N\2", (fields["Diagnostic-Code"] or "")
                                                       .replace("X-Postfix;", "X-Mailflow;"))}
             for r, fields in notices.items()}
 
