@@ -384,6 +384,7 @@ class DeliveryReport:
     results: tuple[RcptResult, ...]
     site_ok: bool = True
     site_reason: str = ""
+    site_status: str = ""  # the site failure's enhanced status code (Postfix's dsb status), "" when none was given
 
     @classmethod
     def uniform(
@@ -397,7 +398,7 @@ class DeliveryReport:
     ) -> "DeliveryReport":
         """The same result for every recipient (a refused MAIL, a dead site, a discard, a missing agent)."""
         results = tuple(RcptResult(r, outcome, dsn, text, relay) for r in recipients)
-        return cls(results, site_ok=site_ok, site_reason="" if site_ok else text)
+        return cls(results, site_ok=site_ok, site_reason="" if site_ok else text, site_status="" if site_ok else dsn)
 
     @classmethod
     async def gathered(cls, recipients: tuple[Recipient, ...], each: AsyncIterator[RcptResult]) -> "DeliveryReport":

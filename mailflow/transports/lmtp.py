@@ -122,8 +122,8 @@ class LmtpTransport:
         try:
             nexthop = parse_nexthop(request.nexthop, self._config.port, lmtp=True)
         except ValueError:
-            text = f"mail system configuration error: bad LMTP nexthop {request.nexthop!r}"
-            outcomes.fail(recipients, TemporaryError("4.3.5", text)).site_failed(text)
+            error = TemporaryError("4.3.5", f"mail system configuration error: bad LMTP nexthop {request.nexthop!r}")
+            outcomes.fail(recipients, error).site_failed(error)
             return
         key = f"unix:{nexthop.path}" if nexthop.path else f"[{nexthop.host}]:{nexthop.port}"
         session = await self._cache.reuse(key, lambda s: send_message(

@@ -827,6 +827,21 @@ async def test_a_reload_forgets_dead_destinations_as_postfix_qmgr_restart_does(h
     await eventually(lambda: _is(h, {"deferred": 3}), what="the third message deferred")
 
 
+async def test_mail_for_a_dead_destination_is_deferred_with_the_status_of_the_failure_that_killed_it(h):
+    """Postfix's qmgr keeps the delivery agent's status and reason (queue->dsn) and defers what waits for a dead
+    site with both, "delivery temporarily suspended: " before the reason: a refused greeting's 4.7.1 stays 4.7.1
+    (mailflow said 4.4.1 whatever the failure)."""
+    failing = ScriptedTransport(h.clock, always(Outcome.DEFERRED, "4.7.1", "host mx refused to talk to me", False))
+    await h.start(transports={"local": h.local, "smtp": failing}, initial_destination_concurrency=1)
+    first = await h.queue("a@remote.test")
+    await eventually(lambda: _is(h, {"deferred": 1}), what="the destination dead")
+    second = await h.queue("b@remote.test")
+    await eventually(lambda: _is(h, {"deferred": 2}), what="the second message deferred without an attempt")
+    assert [r.queue_id for r in failing.requests] == [first]
+    assert await h.store.recipients(second) == [
+        ("b@remote.test", "pending", "4.7.1", "delivery temporarily suspended: host mx refused to talk to me")]
+
+
 async def test_mail_for_a_dead_destination_is_deferred_at_once_while_every_delivery_slot_is_taken(h):
     """The jobs of a dead destination are deferred without an attempt, and at once: they waited for a free slot
     under `delivery_concurrency_limit` (the loop stopped at the cap before it reached them)."""

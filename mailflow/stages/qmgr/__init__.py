@@ -981,8 +981,8 @@ class QueueManager:
             self._in_flight -= 1
             self._one_less_in_flight(job.transport)
             site_ok = report.site_ok if report is not None else True
-            reason = report.site_reason if report is not None else ""
-            self._suspend(dest, dest.done(site_ok, reason, ended, self._config.minimal_backoff_time))
+            reason, status = (report.site_reason, report.site_status) if report is not None else ("", "")
+            self._suspend(dest, dest.done(site_ok, reason, ended, self._config.minimal_backoff_time, status))
             self._changed.add(dest.key)
             if dest.idle(ended):  # (the common case: one message's job) forgotten now, with no turn in `_pump`
                 self._forget(dest)
@@ -1242,9 +1242,11 @@ def _unique(transports) -> list:
 
 
 def _suspended(dest: Destination, recipients: tuple[Recipient, ...]) -> DeliveryReport:
-    """What a dead destination answers for the recipients of a job (or a probe) it will not attempt."""
+    """What a dead destination answers for the recipients of a job (or a probe) it will not attempt: the status
+    and reason of the failure that killed it, as Postfix's qmgr keeps them (queue->dsn: `4.7.1` after a refused
+    greeting, `4.4.2` after a lost connection); 4.4.1 when the agent gave no status."""
     text = f"delivery temporarily suspended: {dest.reason or 'destination is not responding'}"
-    return DeliveryReport.uniform(recipients, Outcome.DEFERRED, "4.4.1", text, site_ok=False)
+    return DeliveryReport.uniform(recipients, Outcome.DEFERRED, dest.status or "4.4.1", text, site_ok=False)
 
 
 def _undefined_transport(transport: str, recipients: tuple[Recipient, ...]) -> DeliveryReport:

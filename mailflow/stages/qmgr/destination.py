@@ -56,6 +56,7 @@ class Destination:
     failures: int = 0  # site failures in a row, for the operator
     dead_until: float = 0.0
     reason: str = ""
+    status: str = ""  # the last site failure's status code, with its reason: what the suspended are told
     jobs: deque = field(default_factory=deque)  # the next job of each message, in turn
     later: dict[str, deque] = field(default_factory=dict)  # a message's further jobs, by queue id
     rate_delay: float = 0.0  # seconds between two deliveries; > 0: the window is 1
@@ -104,16 +105,17 @@ class Destination:
                     del self.later[job.queue_id]
         return job
 
-    def done(self, site_ok: bool, reason: str, now: float, dead_time: float) -> list[Job]:
-        """Feed back one finished delivery. Returns the queued jobs to defer if the site just died."""
-        jobs = self._feedback(site_ok, reason, now, dead_time)
+    def done(self, site_ok: bool, reason: str, now: float, dead_time: float, status: str = "") -> list[Job]:
+        """Feed back one finished delivery (a site failure's `reason` and `status`). Returns the queued jobs to
+        defer if the site just died."""
+        jobs = self._feedback(site_ok, reason, status, now, dead_time)
         if self.rate_delay:
             if self.dead_until:
                 self._revive()
             self.resume_at = now + self.rate_delay
         return jobs
 
-    def _feedback(self, site_ok: bool, reason: str, now: float, dead_time: float) -> list[Job]:
+    def _feedback(self, site_ok: bool, reason: str, status: str, now: float, dead_time: float) -> list[Job]:
         self.in_flight -= 1
         if self.dead_until:  # a late report from before it died changes nothing
             return []
@@ -121,10 +123,10 @@ class Destination:
             self._grow()
             self.failed_cohorts = 0.0
             self.failures = 0
-            self.reason = ""
+            self.reason = self.status = ""
             return []
         self.failures += 1
-        self.reason = reason
+        self.reason, self.status = reason, status
         self.failed_cohorts += 1.0 / self.window
         self.window = max(1, self.window - 1)
         self.credit = 0.0
@@ -146,7 +148,7 @@ class Destination:
         self._rate_limit()
         self._revive()
         self.failures = 0
-        self.reason = ""
+        self.reason = self.status = ""
 
     def withdraw(self, queue_id: str) -> list[Job]:
         """Take out the queued jobs of one message (an operator held or deleted it)."""

@@ -92,7 +92,7 @@ async def send_message(
     try:
         await _transaction(session, request, recipients, outcomes, timeouts, reused, lmtp, wire, probe)
     except SiteFailure as e:
-        outcomes.fail(outcomes.pending(recipients), e, session.peer.relay).site_failed(e.text)
+        outcomes.fail(outcomes.pending(recipients), e, session.peer.relay).site_failed(e)
     outcomes.stamp(todo, conn)  # not reached on StaleSession: `outcomes` stays untouched
 
 

@@ -234,8 +234,8 @@ class SmtpTransport:
             if self._handshake.sender_keys is not None:  # sender-dependent authentication: the sender's sessions
                 destination = dataclasses.replace(destination, sender=request.sender)
         except ValueError:
-            text = f"mail system configuration error: bad SMTP nexthop {site.written!r}"
-            outcomes.fail(recipients, TemporaryError("4.3.5", text)).site_failed(text)
+            error = TemporaryError("4.3.5", f"mail system configuration error: bad SMTP nexthop {site.written!r}")
+            outcomes.fail(recipients, error).site_failed(error)
             return []
         except LocalProblem as e:
             outcomes.fail(recipients, e)
@@ -261,13 +261,13 @@ class SmtpTransport:
             if kept is not None:
                 outcomes.restore(kept)
             elif isinstance(e, LookupRetry):
-                text = failure_text(e)
-                outcomes.fail(recipients, SiteFailure("4.4.3", text)).site_failed(text)
+                lookup = SiteFailure("4.4.3", failure_text(e))
+                outcomes.fail(recipients, lookup).site_failed(lookup)
             else:  # null MX (5.1.10), loops back to myself (5.4.6), unable to find primary relay (4.4.4)
                 failure = self._unless_misconfigured(site, request, e)
                 outcomes.fail(recipients, failure)
                 if not failure.permanent:  # deferred: the destination is throttled, as Postfix's smtp_sess_fail
-                    outcomes.site_failed(failure.text)
+                    outcomes.site_failed(failure)
             return []
         if myself:  # this server is an MX host of the site: no fallback relay (Postfix's i_am_mx: no mail loop)
             site = dataclasses.replace(site, final=True)

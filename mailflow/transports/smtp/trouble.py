@@ -36,7 +36,7 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
 
     Outcomes()                  results by recipient and the site verdict, filled as a delivery goes:
       .fail(recipients, error, relay)   BOUNCED for a permanent error, else DEFERRED, with its code and text
-      .update(results) .pending(recipients) .site_failed(reason) .report(request) -> DeliveryReport
+      .update(results) .pending(recipients) .site_failed(failure) .report(request) -> DeliveryReport
       .stamp(recipients, conn)  their results carry `conn`, the ConnStats of the transaction that gave them
       .take_back(recipients) -> Outcomes, .restore(taken)   a temporary failure at a peer that was not the last:
                                 the recipients go to the next peer; what they got stands if none takes a session
@@ -147,6 +147,7 @@ class Outcomes:
     results: dict[Recipient, RcptResult] = field(default_factory=dict)
     site_ok: bool = True
     site_reason: str = ""
+    site_status: str = ""
 
     def fail(self, recipients: Iterable[Recipient], error: DeliveryError, relay: str = "none") -> "Outcomes":
         outcome = Outcome.BOUNCED if error.permanent else Outcome.DEFERRED
@@ -165,27 +166,30 @@ class Outcomes:
             if r in self.results:
                 self.results[r] = replaced(self.results[r], conn=conn)
 
-    def site_failed(self, reason: str) -> "Outcomes":
-        self.site_ok, self.site_reason = False, reason
+    def site_failed(self, failure: DeliveryError) -> "Outcomes":
+        """The site failed (`failure`'s text and status code: what qmgr tells the recipients of a site it
+        suspends, as Postfix's qmgr keeps the delivery agent's status and reason)."""
+        self.site_ok, self.site_reason, self.site_status = False, failure.text, failure.dsn
         return self
 
     def take_back(self, recipients: Iterable[Recipient]) -> "Outcomes":
         """Forget the results of `recipients` and the site verdict (their peer was not the last: the next one
         tries them); returns what is forgotten, for `restore`."""
-        taken = Outcomes({r: self.results.pop(r) for r in recipients}, self.site_ok, self.site_reason)
-        self.site_ok, self.site_reason = True, ""
+        taken = Outcomes({r: self.results.pop(r) for r in recipients}, self.site_ok, self.site_reason,
+                         self.site_status)
+        self.site_ok, self.site_reason, self.site_status = True, "", ""
         return taken
 
     def restore(self, taken: "Outcomes") -> None:
         """The results `take_back` forgot stand after all (no later peer took a session)."""
         self.results.update(taken.results)
         if not taken.site_ok:
-            self.site_failed(taken.site_reason)
+            self.site_ok, self.site_reason, self.site_status = False, taken.site_reason, taken.site_status
 
     def report(self, request: DeliveryRequest) -> DeliveryReport:
         return DeliveryReport(
-            tuple(self.results[r] for r in request.recipients), site_ok=self.site_ok, site_reason=self.site_reason
-        )
+            tuple(self.results[r] for r in request.recipients), site_ok=self.site_ok, site_reason=self.site_reason,
+            site_status=self.site_status)
 
 
 def reply_outcome(code: int) -> Outcome:
@@ -235,7 +239,7 @@ def record_unreachable(
         final = peer_failure.final()
         outcomes.fail(recipients, final, peer_failure.relay)
         if not final.permanent:
-            outcomes.site_failed(final.text)
+            outcomes.site_failed(final)
         return
     if peer_failure is not None:
         failure = peer_failure
@@ -245,10 +249,10 @@ def record_unreachable(
             failure = hard(failure)
             outcomes.fail(recipients, failure)
             if not failure.permanent:
-                outcomes.site_failed(failure.text)
+                outcomes.site_failed(failure)
             return
         if failure.permanent:
             failure = TemporaryError("4" + failure.dsn[1:], failure.text)
     else:
         failure = TemporaryError("4.4.3", "no SMTP server to try")
-    outcomes.fail(recipients, failure).site_failed(failure.text)
+    outcomes.fail(recipients, failure).site_failed(failure)
