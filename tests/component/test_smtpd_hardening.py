@@ -771,40 +771,67 @@ async def test_a_client_silent_after_auth_is_told_timeout_exceeded(mailflow_serv
 # -------------------------------------------------------------------------------------------- a client that never reads
 
 
-async def _pipeline_unread(port: int, commands: bytes, repeated: bytes, within: float = 10.0) -> socket.socket:
-    """Connect with a small receive buffer, send `commands` then `repeated` again and again, never reading a
-    reply, until the server stops reading too (its replies fill both sockets' buffers: a send that does not go
-    through in 0.5 s)."""
-    loop = asyncio.get_running_loop()
+async def _connect_unread(port: int) -> socket.socket:
+    """A non-blocking client socket with a small receive buffer (set before connect: no window scaling past it)."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.setblocking(False)
-    await loop.sock_connect(s, ("127.0.0.1", port))
-    await loop.sock_sendall(s, commands)
+    await asyncio.get_running_loop().sock_connect(s, ("127.0.0.1", port))
+    return s
+
+
+async def _pipeline_until(s: socket.socket, repeated: bytes, done: asyncio.Event, within: float = 20.0) -> None:
+    """Send `repeated` again and again, never reading a reply, until `done` is set (the server's side says it
+    stopped reading); fail after `within` seconds. (Whether a send goes through says nothing of the server: on
+    loopback the kernel's buffers take megabytes of commands and replies, which a server short of CPU works
+    through for seconds after.)"""
+    loop = asyncio.get_running_loop()
     deadline = loop.time() + within
-    while loop.time() < deadline:
-        try:
-            await asyncio.wait_for(loop.sock_sendall(s, repeated), 0.5)
-        except asyncio.TimeoutError:
-            return s
-    s.close()
-    raise AssertionError(f"the server still read after {within} s")
+    waiting = asyncio.ensure_future(done.wait())
+    try:
+        while not done.is_set() and loop.time() < deadline:
+            sending = asyncio.ensure_future(loop.sock_sendall(s, repeated))
+            await asyncio.wait({sending, waiting}, timeout=deadline - loop.time(),
+                               return_when=asyncio.FIRST_COMPLETED)
+            sending.cancel()
+    finally:
+        waiting.cancel()
+    if not done.is_set():
+        raise AssertionError(f"the server still read after {within} s")
 
 
 async def test_a_client_that_never_reads_its_replies_loses_its_session_at_its_timeout(mailflow_server):
     # asyncio's close() waits for the replies to be flushed first: a session whose client did not read them stayed
     # open for good (its slot, its per-client count, its socket) after its timeout, however short the timeout.
     # (The error limits raised, as the floods of test_smtpd_hostile.py raise them: with the defaults a session
-    # is ended by its errors before its replies overflow the kernel's socket buffers.)
+    # is ended by its errors before its replies overflow the kernel's socket buffers.) The test waits on events:
+    # the server's transport pausing the session's writes (its command loop waits in drain, its deadline no longer
+    # moves), then connection_lost; the 20 s bounds only a failure (before the fix: never).
     mf = await mailflow_server(smtpd={"timeout": "1s", "forbid_unauth_pipelining": False,
                                       "recipient_overshoot_limit": 10**9, "hard_error_limit": 10**9})
-    s = await _pipeline_unread(mf.smtp_addresses[0][1], b"EHLO client.test\r\nMAIL FROM:<s@remote.test>\r\n",
-                               b"RCPT TO:<alice@local.test>\r\n" * 2000)
+    writes_paused, lost = asyncio.Event(), asyncio.Event()
+
+    def watch(session) -> None:
+        pause_writing, connection_lost = session.pause_writing, session.connection_lost
+        session.pause_writing = lambda: (writes_paused.set(), pause_writing())
+        session.connection_lost = lambda error: (lost.set(), connection_lost(error))
+        # fewer replies taken by the kernel (up to 4 MB on loopback): the session's writes wait sooner
+        session.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+    s = await _connect_unread(mf.smtp_addresses[0][1])
     try:
+        await asyncio.get_running_loop().sock_sendall(s, b"EHLO client.test\r\nMAIL FROM:<s@remote.test>\r\n")
+        await eventually(lambda: len(mf.smtpd.sessions) == 1, timeout=20)
+        watch(next(iter(mf.smtpd.sessions)))
+        await _pipeline_until(s, b"RCPT TO:<alice@local.test>\r\n" * 2000, writes_paused)
         listener = mf.smtpd.listeners[0]
-        assert mf.smtpd.sessions and listener.anvil.sessions("127.0.0.1") == 1
-        await eventually(lambda: not mf.smtpd.sessions and listener.anvil.sessions("127.0.0.1") == 0, timeout=5)
-        await eventually(lambda: _closed_by_server(s), timeout=2)
+        assert listener.anvil.sessions("127.0.0.1") == 1
+        try:
+            await asyncio.wait_for(lost.wait(), 20)  # at the timeout, 1 s after the writes paused
+        except TimeoutError:
+            raise AssertionError("the connection outlived its session's timeout (1 s) by 20 s") from None
+        await eventually(lambda: not mf.smtpd.sessions and listener.anvil.sessions("127.0.0.1") == 0, timeout=20)
+        await eventually(lambda: _closed_by_server(s), timeout=20)
     finally:
         s.close()
 
