@@ -113,11 +113,15 @@ DNSWL_CHECKS = {"permit_dnswl_client": "client", "permit_rhswl_client": "client_
 REVERSE_CLIENT_ACCESS = "check_reverse_client_hostname_access"  # check_client_access's keys, of the PTR name
 WITHOUT_ARGUMENT += ("reject_unknown_helo_hostname", "permit_mx_backup")
 WITHOUT_ARGUMENT += ("reject_maps_rbl",)  # (Postfix 3.7's old item: reject_rbl_client with each maps_rbl_domains)
+# permit_inet_interfaces: the connection's client (after PROXY, before XCLIENT: Postfix's state->sockaddr) is this
+# host; check_relay_domains: Postfix 3.7's old relay guard (permit a client named in relay_domains or an authorized
+# destination, else refuse as reject_unauth_destination), warned of as going away
+WITHOUT_ARGUMENT += ("permit_inet_interfaces", "check_relay_domains")
 # the permits smtpd.log_access_permit_actions may name (Postfix's smtpd_acl_permit calls), and the access values
 # that permit (OK, RELAY, DISCARD, an all-digit one: named by their word, any case)
 LOGGED_PERMITS = ("permit", "permit_mynetworks", "permit_sasl_authenticated", "permit_tls_clientcerts",
                   "permit_tls_all_clientcerts", *DNSWL_CHECKS, "permit_mx_backup", "permit_auth_destination",
-                  "permit_naked_ip_address")
+                  "permit_naked_ip_address", "permit_inet_interfaces", "check_relay_domains")
 PERMIT_VALUES = ("OK", "RELAY", "DISCARD")  # (and an all-digit value)
 PERMIT_VALUES_TEXT = ", ".join((*PERMIT_VALUES, "<digits>"))  # for the messages that name them
 ALL_PERMITS = "static:all"  # log_access_permit_actions: every permit (Postfix's documented example)
@@ -133,7 +137,8 @@ OLD_NAMES = {"reject_invalid_hostname": "reject_invalid_helo_hostname",
              "reject_unknown_hostname": "reject_unknown_helo_hostname",
              "reject_unknown_client": "reject_unknown_client_hostname",
              "reject_rbl": "reject_rbl_client", "check_recipient_maps": "reject_unlisted_recipient"}
-RELAY_GUARDS = ("reject_unauth_destination", "defer_unauth_destination", "reject", "defer", "defer_if_permit")
+RELAY_GUARDS = ("reject_unauth_destination", "defer_unauth_destination", "reject", "defer", "defer_if_permit",
+                "check_relay_domains")  # (Postfix's rcpt_required)
 ACCESS_ACTIONS = ("ok", "dunno", "reject", "defer", "defer_if_permit", "defer_if_reject", "discard", "hold",
                   "filter", "prepend", "redirect", "bcc", "warn", "info")
 _CLASS_NAME = re.compile(r"[a-z0-9_][a-z0-9_.-]*")  # a main.cf parameter name, as Postfix's class names are

@@ -64,6 +64,12 @@ def relay_denied(address: str, code: int = 554) -> Reply:
     return Reply(code, f"{code // 100}.7.1", f"<{address}>: Relay access denied")
 
 
+def relay_domains_denied(address: str, code: int = 554) -> Reply:
+    """Postfix 3.7's check_relay_domains: as relay_denied, the subject named as the other recipient refusals
+    name theirs (`<a@b>: Recipient address rejected: Relay access denied`)."""
+    return Reply(code, f"{code // 100}.7.1", f"<{address}>: Recipient address rejected: Relay access denied")
+
+
 def relay_deferred(address: str, relay_code: int = 554) -> Reply:
     """defer_unauth_destination (Postfix's default relay restriction): relay_domains_reject_code less 100, 454 by
     default; a relay code of 4xx leaves no refusal code, which Postfix's smtpd_check_reject answers with its

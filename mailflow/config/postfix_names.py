@@ -59,7 +59,7 @@ SETTINGS: dict[str, tuple[str, ...]] = {name: (key,) for name, key in {
                      "policy_service_request_limit forbid_unauth_pipelining min_data_rate soft_error_limit "
                      "hard_error_limit error_sleep_time junk_command_limit reject_footer discard_ehlo_keywords "
                      "discard_ehlo_keyword_address_maps helo_required upstream_proxy_protocol "
-                     "upstream_proxy_timeout authorized_xclient_hosts milters", prefix="smtpd_"),
+                     "upstream_proxy_timeout authorized_xclient_hosts milters null_access_lookup_key", prefix="smtpd_"),
     **_same("smtpd", "relay_clientcerts anvil_rate_time_unit plaintext_reject_code multi_recipient_bounce_reject_code "
                      "unknown_address_reject_code unknown_address_tempfail_action unknown_hostname_reject_code "
                      "unknown_helo_hostname_tempfail_action unknown_client_reject_code "

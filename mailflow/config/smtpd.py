@@ -397,6 +397,8 @@ class SmtpdConfig(SmtpdFilterSettings):
     reject_code: int = Field(554, ge=400, le=599)
     defer_code: int = Field(450, ge=400, le=599)
     relay_domains_reject_code: int = Field(554, ge=400, le=599)
+    # smtpd_null_access_lookup_key: the key check_sender_access asks for the null sender (`<>`), one word
+    null_access_lookup_key: str = Field("<>", pattern=r"^\S+$")
     invalid_hostname_reject_code: int = Field(501, ge=400, le=599)
     non_fqdn_reject_code: int = Field(504, ge=400, le=599)
     policy_service_timeout: Duration = Field(100.0, gt=0)

@@ -363,6 +363,12 @@ class Rewriter:
         resolved = self.resolved_address(addr)
         return not is_routed(resolved) and self.classify_resolved(resolved) is not AddressClass.DEFAULT
 
+    def client_in_relay_domains(self, name: str) -> bool:
+        """The client's host name is in relay_domains (or under one of its domains): what Postfix 3.7's
+        check_relay_domains permits (`unknown`, no name, is in none)."""
+        domain = address.normalise_domain(name) if name and name != "unknown" else ""
+        return bool(domain) and domain_in(domain, self._config.relay_domains, parent=True)
+
     def classify(self, addr: str) -> AddressClass:
         """The address class of `addr` once resolved (resolved_address). May raise LookupRetry."""
         return self.classify_resolved(self.resolved_address(addr))

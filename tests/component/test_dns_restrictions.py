@@ -85,7 +85,8 @@ def test_a_misconfigured_dns_item_fails_naming_the_list_and_the_item(items, reas
      "smtpd.log_access_permit_actions: 'hash:/etc/postfix/permits' is not a permit action name nor static:all "
      "(mailflow logs the permits of permit, permit_mynetworks, permit_sasl_authenticated, permit_tls_clientcerts, "
      "permit_tls_all_clientcerts, permit_dnswl_client, permit_rhswl_client, permit_mx_backup, "
-     "permit_auth_destination, permit_naked_ip_address and the access values OK, RELAY, DISCARD, <digits>)"),
+     "permit_auth_destination, permit_naked_ip_address, permit_inet_interfaces, check_relay_domains and the access "
+     "values OK, RELAY, DISCARD, <digits>)"),
     ({"permit_mx_backup_networks": ["10.0.0.1/8"]}, "smtpd.permit_mx_backup_networks"),
     ({"unknown_helo_hostname_tempfail_action": "reject"}, "smtpd.unknown_helo_hostname_tempfail_action"),
 ])
@@ -103,11 +104,12 @@ async def test_log_access_permit_actions_takes_postfixs_names_and_static_all(cap
         r = restrictions(resolver, client_restrictions=["permit_dnswl_client wl.test", "reject"],
                          log_access_permit_actions=["static:all"])
         assert await r.check_rcpt(facts()) is None
-        restrictions(resolver, log_access_permit_actions=["permit_inet_interfaces", "PERMIT_MYNETWORKS", "ok"])
-    assert ("log_access_permit_actions: the permits of permit_inet_interfaces are not logged (mailflow logs those "
+        restrictions(resolver, log_access_permit_actions=["permit_no_such", "PERMIT_MYNETWORKS", "ok"])
+    assert ("log_access_permit_actions: the permits of permit_no_such are not logged (mailflow logs those "
             "of permit, permit_mynetworks, permit_sasl_authenticated, permit_tls_clientcerts, "
             "permit_tls_all_clientcerts, permit_dnswl_client, permit_rhswl_client, permit_mx_backup, "
-            "permit_auth_destination, permit_naked_ip_address, and access actions: OK, RELAY, DISCARD, <digits>)"
+            "permit_auth_destination, permit_naked_ip_address, permit_inet_interfaces, check_relay_domains, and access "
+            "actions: OK, RELAY, DISCARD, <digits>)"
             ) in caplog.messages
     assert [m for m in caplog.messages if "action=permit_dnswl_client" in m]
 

@@ -742,3 +742,46 @@ def test_the_sender_list_is_skipped_outside_a_transaction():
     r = restrictions(sender_restrictions=["defer"])
     assert rcpt(r, sender=None) is None
     assert str(rcpt(r, sender="")) == "450 4.3.2 <>: Sender address rejected: Try again later"
+
+
+# ---------------------------------------------------------------------------------------------- Postfix 3.7's others
+
+
+def test_permit_inet_interfaces_and_check_relay_domains_against_the_relay_guard():
+    # permit_inet_interfaces permits a client this host is, not what the client chooses: walked past, as
+    # permit_mynetworks; check_relay_domains refuses relaying, and is a guard as in Postfix's rcpt_required
+    config_from_dict({"smtpd": {"relay_restrictions": ["permit_inet_interfaces", "reject_unauth_destination"],
+                                "recipient_restrictions": []}})
+    config_from_dict({"smtpd": {"relay_restrictions": ["check_relay_domains"], "recipient_restrictions": []}})
+    with pytest.raises(ConfigError, match="must reach one of"):
+        config_from_dict({"smtpd": {"relay_restrictions": ["permit_inet_interfaces"], "recipient_restrictions": []}})
+
+
+def test_permit_inet_interfaces_permits_the_connection_s_own_host_only():
+    r = restrictions(client_restrictions=["permit_inet_interfaces", "reject"])
+    assert rcpt(r, on_this_host=True) is None
+    # the client's address (XCLIENT's) does not count: the connection's, at connect (handler.py)
+    assert str(rcpt(r, client_addr="127.0.0.1")) == "554 5.7.1 <unknown[127.0.0.1]>: Client host rejected: Access denied"
+
+
+def test_check_relay_domains_permits_a_relay_domains_client_or_destination(caplog):
+    r = restrictions(relay_restrictions=["check_relay_domains"], recipient_restrictions=[])
+    with caplog.at_level("WARNING", logger="mailflow.smtpd"):
+        assert rcpt(r, "x@elsewhere.example") == \
+            status.Reply(554, "5.7.1", "<x@elsewhere.example>: Recipient address rejected: Relay access denied")
+        assert rcpt(r, "x@elsewhere.example", client_name="mx.relay.test") is None  # (a subdomain too)
+        assert rcpt(r, "x@elsewhere.example", client_name="relay.test.evil.example") is not None
+        assert rcpt(r, "r@relay.test") is None and rcpt(r, "alice@local.test") is None
+    assert [m for m in caplog.messages if 'restriction "check_relay_domains" will be removed' in m] and \
+        len([m for m in caplog.messages if "will be removed" in m]) == 1
+    assert rcpt(restrictions(relay_restrictions=["check_relay_domains"], recipient_restrictions=[],
+                             relay_domains_reject_code=450), "x@elsewhere.example").code == 450
+
+
+def test_the_null_sender_key_is_null_access_lookup_key():
+    table = "check_sender_access inline:{ {<>=REJECT angle}, {nullsender=REJECT named} }"
+    assert rcpt(restrictions(sender_restrictions=[table]), sender="").text == "<>: Sender address rejected: angle"
+    assert rcpt(restrictions(sender_restrictions=[table], null_access_lookup_key="nullsender"), sender="").text == \
+        "<>: Sender address rejected: named"
+    with pytest.raises(ConfigError, match="null_access_lookup_key"):
+        restrictions(null_access_lookup_key="two words")

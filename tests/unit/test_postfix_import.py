@@ -1527,3 +1527,20 @@ def test_postfix_3_7_s_old_restriction_names_import_and_load(tmp_path):
         ("reject_unknown_helo_hostname", ""),
         ("reject_unknown_client_hostname", ""), ("reject_rbl_client", "zen.example.test"), ("reject_maps_rbl", ""),
         ("reject_unlisted_recipient", "")]
+
+
+def test_permit_inet_interfaces_check_relay_domains_and_the_null_key_import_and_load(tmp_path):
+    """A main.cf naming permit_inet_interfaces or check_relay_domains in a list, or setting
+    smtpd_null_access_lookup_key, made a configuration mailflow refused to start with (unknown restriction, the
+    key not imported); check_relay_domains guards the relay by itself, as in Postfix's rcpt_required."""
+    main = write(tmp_path, "main.cf", """\
+        myhostname = mx.example.test
+        smtpd_null_access_lookup_key = <null>
+        smtpd_relay_restrictions = permit_inet_interfaces, check_relay_domains
+        smtpd_sender_restrictions = permit_inet_interfaces, check_sender_access inline:{<null>=REJECT}
+        """)
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert (code, err) == (0, "")
+    smtpd = checked(tmp_path / "mailflow.toml")["smtpd"]
+    assert smtpd["relay_restrictions"] == ["permit_inet_interfaces", "check_relay_domains"]
+    assert smtpd["null_access_lookup_key"] == "<null>"

@@ -570,7 +570,8 @@ class SmtpdHandler:
 
     async def handle_CONNECT(self, server, session: SessionState, envelope: Transaction) -> None:
         """A new client (after the PROXY header, if any): its name, as Postfix's smtpd looks it up at connect
-        (peername.py), unless peername_lookup is off."""
+        (peername.py), unless peername_lookup is off; whether it is this host (permit_inet_interfaces)."""
+        session.on_this_host = _on_this_host(session.peer_ip, server.transport)
         if self._peer_names is not None:
             session.client_name = await self._peer_names.name(session.peer_ip)
 
@@ -631,6 +632,7 @@ class SmtpdHandler:
             client_cert=session.client_cert,
             encrypted=session.ssl is not None,
             ill_pipelining=session.ill_pipelining,
+            on_this_host=session.on_this_host,
             marks=envelope.marks,
             memo=session.memo.trimmed(),
             command=command,
@@ -682,13 +684,12 @@ def _declared_size(options: list[str]) -> int:
 
 
 def _on_this_host(ip: str, transport) -> bool:
-    """Postfix's permit_inet_interfaces: the client is this host (a loopback address, or the address the
-    connection came in on)."""
+    """Postfix's permit_inet_interfaces (own_inet_addr): the client is this host, its address the one the connection
+    came in on. Not any loopback address: Postfix's own addresses are its inet_interfaces' (127.0.0.1, not
+    127.0.0.2, under inet_interfaces = all or loopback-only)."""
     client = address.client_ip(ip)
     if client is None:
         return False
-    if client.is_loopback:
-        return True
     local = transport.get_extra_info("sockname") if transport is not None else None
     return isinstance(local, tuple) and address.client_ip(str(local[0])) == client
 

@@ -129,7 +129,7 @@ if TYPE_CHECKING:  # (the filters' libraries load only when a filter is configur
 log = logging.getLogger("mailflow.smtpd")
 
 PERMIT = "PERMIT"  # an item's answer: stop this list, go on with the next
-NULL_SENDER_KEY = "<>"  # smtpd_null_access_lookup_key
+NULL_SENDER_KEY = "<>"  # smtpd_null_access_lookup_key's default (smtpd.null_access_lookup_key)
 SUBJECT = {  # a list's stage -> how its refusals name what they looked at
     "client": "Client host", "helo": "Helo command", "sender": "Sender address",
     "relay": "Recipient address", "recipient": "Recipient address",
@@ -215,6 +215,7 @@ class Facts:
     warned_deferrals: list[status.Reply] | None = None
     ill_pipelining: bool = False  # the session broke RFC 2920's pipelining rules (reject_unauth_pipelining)
     encrypted: bool = False  # the session is under TLS (reject_plaintext_session)
+    on_this_host: bool = False  # the connection's client (not XCLIENT's) is this host (permit_inet_interfaces)
     # "sender", "recipient": the unknown-user check made for it in this command, not under warn_if_reject (Postfix's
     # sender_rcptmap_checked, recipient_rcptmap_checked): not made again, by an item or the implied check
     listed_checked: set[str] | None = None
@@ -291,11 +292,13 @@ def address_access_keys(addr: str, delimiter: str) -> list[str]:
     return address_access_search(addr, delimiter)[0]
 
 
-def address_access_search(addr: str, delimiter: str) -> tuple[list[str], tuple[int, ...]]:
+def address_access_search(addr: str, delimiter: str, null_key: str = NULL_SENDER_KEY
+                          ) -> tuple[list[str], tuple[int, ...]]:
     """`address_access_keys` and the indices of those that pattern tables are asked (Postfix's FULL lookups):
-    the whole address, in both of its forms when they differ (mailflow.tables.search.address_search)."""
+    the whole address, in both of its forms when they differ (mailflow.tables.search.address_search); the null
+    sender's one key is `null_key` (smtpd.null_access_lookup_key)."""
     if not addr:
-        return [NULL_SENDER_KEY], (0,)
+        return [null_key], (0,)
     return address_search(addr, delimiter=delimiter, form=EXTERNAL_FIRST, at_domain=False, domains=domain_keys,
                           localpart_at=True)
 
@@ -342,6 +345,7 @@ class Restrictions:
         tables = tables or TableCache()
         self._table_cache = tables  # (its `run` asks a blocking table, sqlite, off the event loop)
         self._maps_rbl_warned = False
+        self._relay_domains_warned = False
         self._greylist = greylist
         self._verifier = verifier
         self._sender_auth = sender_auth
@@ -604,6 +608,8 @@ class Restrictions:
                 if self._mynetworks.holds(facts.client_addr, facts.client_name) else None
         if name == "permit_sasl_authenticated":
             return self._client_permitted(name, facts, stage) if facts.authenticated else None
+        if name == "permit_inet_interfaces":
+            return self._client_permitted(name, facts, stage) if facts.on_this_host else None
         if name in ("reject_unauth_destination", "defer_unauth_destination"):
             if not rcpt or self._rewriter.authorized_destination(rcpt):
                 return None
@@ -629,6 +635,21 @@ class Restrictions:
             if reply is not None:
                 return reply
         return None
+
+    def _relay_domains(self, facts: Facts, stage: str):
+        """Postfix 3.7's check_relay_domains: permit a client whose name is in relay_domains (or a subdomain of
+        one), or a recipient this host takes mail for (permit_auth_destination); else `<a@b>: Recipient address
+        rejected: Relay access denied` (relay_domains_reject_code). Its warning that the item is going away logged
+        once (per restriction set).
+        May raise LookupRetry."""
+        if not self._relay_domains_warned:
+            self._relay_domains_warned = True
+            log.warning('support for restriction "check_relay_domains" will be removed from Postfix; '
+                        'use "reject_unauth_destination" instead')
+        rcpt = facts.recipient
+        if self._rewriter.client_in_relay_domains(facts.client_name) or self._rewriter.authorized_destination(rcpt):
+            return self._permitted("check_relay_domains", SUBJECT["recipient"], rcpt, facts, stage)
+        return status.relay_domains_denied(rcpt, self._smtpd.relay_domains_reject_code)
 
     def _simple_names(self, name: str, facts: Facts, subject: tuple[str, str] | None):
         """More of `_simple`: the names that must be fully qualified or valid (non_fqdn_reject_code,
@@ -665,6 +686,8 @@ class Restrictions:
             rcpt = facts.recipient
             return self._permitted(name, SUBJECT["recipient"], rcpt, facts, stage) \
                 if rcpt and self._rewriter.authorized_destination(rcpt) else None
+        if name == "check_relay_domains":
+            return self._relay_domains(facts, stage) if facts.recipient else None
         if name == "permit_naked_ip_address":
             answer = naked_ip_address(facts.helo, self._smtpd.invalid_hostname_reject_code)
             return self._permitted(name, SUBJECT["helo"], facts.helo, facts, stage) if answer == PERMIT else answer
@@ -843,7 +866,7 @@ class Restrictions:
         qualified (`user` is `user@myorigin`), the percent hack applied while the domain is local; the null
         sender stays `<>`."""
         resolved = self._rewriter.resolved_address(addr) if addr else addr
-        return address_access_search(resolved, self._config.recipient_delimiter)
+        return address_access_search(resolved, self._config.recipient_delimiter, self._smtpd.null_access_lookup_key)
 
     async def action(self, value: str, name: str, what: str, facts: Facts, *, source: str, stage: str):
         """An access(5) action (a table's value or a policy server's answer): PERMIT, a Reply or None. A value
@@ -1193,7 +1216,7 @@ def _mark(word: str, text: str, marks: Marks, source: str) -> bool:
 
 def logged_permits(actions: tuple[str, ...]) -> frozenset[str] | None:
     """The permits log_access_permit_actions asks to log, in lower case (None: all of them, `static:all`); a permit
-    name mailflow does not know (Postfix's permit_inet_interfaces, check_relay_domains) is warned of."""
+    name mailflow does not know is warned of."""
     if ALL_PERMITS in actions:
         return None
     others = [name for name in actions if not is_logged_permit(name)]

@@ -107,6 +107,9 @@ class SessionState(_AiosmtpdSession):
     # a pipelining violation was met (logged once, refused or not: Postfix's SMTPD_FLAG_ILL_PIPELINING; kept
     # over STARTTLS), what reject_unauth_pipelining refuses
     ill_pipelining: bool
+    # the connection's client (as a PROXY header names it; XCLIENT does not change it: Postfix's state->sockaddr)
+    # is one of this server's own addresses (set at connect): what permit_inet_interfaces permits
+    on_this_host: bool
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         super().__init__(loop)
@@ -123,6 +126,7 @@ class SessionState(_AiosmtpdSession):
         self.memo = SessionMemo()
         self.access_denied = self.defer_if_permit_client = self.defer_if_permit_helo = None
         self.ill_pipelining = False
+        self.on_this_host = False
 
     def carry_identity(self, previous: SessionState) -> None:
         """After STARTTLS: the client stays who PROXY or XCLIENT said it is (HELO and login are not kept); its
@@ -131,6 +135,7 @@ class SessionState(_AiosmtpdSession):
         self.server_ip = previous.server_ip
         self.server_port = previous.server_port
         self.proxied_by = previous.proxied_by
+        self.on_this_host = previous.on_this_host
         self.client_name = previous.client_name
         self.xclient_name = previous.xclient_name
         self.xclient_reverse_name = previous.xclient_reverse_name
