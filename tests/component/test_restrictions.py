@@ -761,7 +761,8 @@ def test_permit_inet_interfaces_permits_the_connection_s_own_host_only():
     r = restrictions(client_restrictions=["permit_inet_interfaces", "reject"])
     assert rcpt(r, on_this_host=True) is None
     # the client's address (XCLIENT's) does not count: the connection's, at connect (handler.py)
-    assert str(rcpt(r, client_addr="127.0.0.1")) == "554 5.7.1 <unknown[127.0.0.1]>: Client host rejected: Access denied"
+    assert str(rcpt(r, client_addr="127.0.0.1")) == \
+        "554 5.7.1 <unknown[127.0.0.1]>: Client host rejected: Access denied"
 
 
 def test_check_relay_domains_permits_a_relay_domains_client_or_destination(caplog):
