@@ -8,6 +8,10 @@ through XCLIENT).
 The extended draws (restriction_lists.extended, from a stream of their own) add the etrn list and ETRN commands,
 access keys in address forms (user@, domain, `<>`), reject_sender_login_mismatch without AUTH, BDAT in place of
 DATA and commands pipelined in one write (a group's replies read in order; a BDAT's chunk sent with its line).
+The draws of more_items (a third stream) add Postfix 3.7's permit_inet_interfaces (every session connects from
+127.0.0.1, an address both servers listen on: it permits whatever client XCLIENT names, on both) and
+check_relay_domains in any list or class, and smtpd_null_access_lookup_key `nullsender` with a sender table keyed
+by it and `<>`.
 
 The combinations come from the seeded generator tests/support/restriction_lists.generated; each runs on one
 Postfix whose main.cf is rewritten for it (its daemons have max_use = 1: every session a fresh smtpd that reads the
@@ -20,9 +24,9 @@ a working main.cf before the next combination) must be one mailflow refuses to s
 guard; Postfix answering fewer sessions than were sent (a timeout) is a difference.
 
 SEEDS are the combinations kept from the exploration of the base draws (each differed before the fix it names),
-EXTENDED_SEEDS those of the extended ones. With MAILFLOW_RESTRICT_SEEDS=1-500 (or 1,5,9) those seeds run instead,
-extended, an exploration (add `--timeout 900`; 1-900 took 3 minutes);
-MAILFLOW_RESTRICT_REPORT=FILE writes the differences found so far after each seed.
+EXTENDED_SEEDS those of the extended ones, MORE_SEEDS those with more_items. With MAILFLOW_RESTRICT_SEEDS=1-500
+(or 1,5,9) those seeds run instead, extended and with more_items, an exploration (add `--timeout 900`; 1-900 took
+3 minutes); MAILFLOW_RESTRICT_REPORT=FILE writes the differences found so far after each seed.
 
 Differences on purpose (docs/security.md), masked or kept out of the generator's pool: mailflow's reply to an
 access value it cannot take (a class naming itself through a table: nested too deep) names what it refused,
@@ -75,19 +79,24 @@ SEEDS = [1, 2, 8, 22, 46, 68, 82, 159, 197, 85]  # (drawn without `extended`: th
 # Postfix does in them (asserted below): 53 and 108 (reject_unauth_pipelining refusing pipelined commands), 62
 # (the client list's defer_if_permit at ETRN), 33 (the null sender's `<>` key)
 EXTENDED_SEEDS = [31, 53, 108, 62, 33]
+# kept from the exploration of the draws with more_items (permit_inet_interfaces, check_relay_domains, another
+# smtpd_null_access_lookup_key)
+MORE_SEEDS: list[int] = []
 
 COMMON_POSTFIX = {**POSTFIX_BASE, "max_use": "1", "service_throttle_time": "1s", "smtpd_forbid_unauth_pipelining": "no",
                   "local_recipient_maps": "inline:{alice=ok, bob=ok}"}
 
 
-def seeds() -> list[tuple[int, bool]]:
-    """(seed, extended) each: MAILFLOW_RESTRICT_SEEDS's, extended, or the kept ones."""
+def seeds() -> list[tuple[int, bool, bool]]:
+    """(seed, extended, more) each: MAILFLOW_RESTRICT_SEEDS's, extended and with more_items, or the kept ones
+    (each as it was kept: the later streams would change it)."""
     spec = os.environ.get("MAILFLOW_RESTRICT_SEEDS", "")
     out: list[int] = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         low, _, high = part.partition("-")
         out += list(range(int(low), int(high or low) + 1))
-    return [(seed, True) for seed in out] or [(seed, False) for seed in SEEDS] + [(s, True) for s in EXTENDED_SEEDS]
+    return [(seed, True, True) for seed in out] or [(seed, False, False) for seed in SEEDS] + \
+        [(s, True, False) for s in EXTENDED_SEEDS] + [(s, True, True) for s in MORE_SEEDS]
 
 
 def mailflow_config(combination: Combination, folder: Path):
@@ -372,9 +381,9 @@ async def test_combined_lists_reply_and_log_as_postfix(postfix, tmp_path):
     found: list[str] = []
     report = os.environ.get("MAILFLOW_RESTRICT_REPORT")  # (the differences so far, rewritten after each seed)
     postfix_replies = {}
-    for seed, extend in seeds():
-        combination = generated(seed, extend)
-        theirs = postfix_replies[seed, extend] = await postfix_side(postfix, combination)
+    for seed, extend, more in seeds():
+        combination = generated(seed, extend, more)
+        theirs = postfix_replies[seed, extend, more] = await postfix_side(postfix, combination)
         ours = await mailflow_side(combination, tmp_path / str(seed))
         found += differences(combination, theirs, ours)
         if report:
@@ -382,15 +391,16 @@ async def test_combined_lists_reply_and_log_as_postfix(postfix, tmp_path):
     assert not found, "\n".join(found)
     if not os.environ.get("MAILFLOW_RESTRICT_SEEDS"):  # what Postfix did, so that the same mistake on both sides
         def every(seed: int) -> list[str]:                 # cannot pass unnoticed
-            return [reply for session in postfix_replies[seed, False][0] for reply in session]
+            return [reply for session in postfix_replies[seed, False, False][0] for reply in session]
         assert any(reply.endswith("rejected: defer_if_permit requested") for reply in every(1) + every(46))
         assert any(reply.endswith("rejected: defer_if_reject requested") for reply in every(8) + every(68))
-        assert postfix_replies[82, False][0][1][3] == "RCPT TO:<r2@relay.test> -> 250 2.1.5 Ok"  # the helo list's defer
-        assert postfix_replies[197, False][0][0][-2] == "VRFY nodomain -> 554 5.7.1 <nodomain>: Relay access denied"
-        assert "specify at least one working instance of" in postfix_replies[85, False][0][0][0]
+        base = {seed: replies for (seed, extend, _), (replies, _) in postfix_replies.items() if not extend}
+        assert base[82][1][3] == "RCPT TO:<r2@relay.test> -> 250 2.1.5 Ok"  # the helo list's defer
+        assert base[197][0][-2] == "VRFY nodomain -> 554 5.7.1 <nodomain>: Relay access denied"
+        assert "specify at least one working instance of" in base[85][0][0]
 
         def extended(seed: int) -> list[str]:
-            return [reply for session in postfix_replies[seed, True][0] for reply in session]
+            return [reply for session in postfix_replies[seed, True, False][0] for reply in session]
         assert "BDAT 26 LAST -> 503 5.5.1 Error: need RCPT command" in extended(31)
         assert any(reply.endswith("Improper use of SMTP command pipelining") for reply in extended(53))
         assert any(reply.endswith("Improper use of SMTP command pipelining") for reply in extended(108))

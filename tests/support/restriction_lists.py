@@ -9,10 +9,15 @@ Postfix (tests/interop/test_restriction_lists_vs_postfix.py).
 - `extended(combination)` (by `generated` unless `extend=False`): from a stream of its own, so the base draws of a
   seed stay as they were: an etrn list with ETRN commands, access keys in address forms, the items that ask the
   envelope or the session anywhere, BDAT in place of DATA, commands pipelined in one write (joined by PIPELINED).
+- `more_items(combination)` (by `generated` when `more`, as `extend` unless told): from a third stream, so the base and
+  extended draws stay as they were: Postfix 3.7's permit_inet_interfaces and check_relay_domains in any list or
+  class, and smtpd_null_access_lookup_key another than `<>` with a sender table keyed by it.
 - `Combination.main_cf()`: Postfix's settings for it; `Combination.mailflow()`: mailflow's, alike.
 
 The relay list always ends with `reject_unauth_destination` (both servers refuse to start an open relay). The
 clients are 127.0.0.1 (the connection), 127.0.0.2 (XCLIENT, in mynetworks) and 192.0.2.1-3 (XCLIENT, outside).
+Every session connects from 127.0.0.1, an address both servers listen on (Postfix's inet_interfaces): so
+permit_inet_interfaces permits every client XCLIENT names, as Postfix's asks the connection's address.
 """
 from __future__ import annotations
 
@@ -85,6 +90,7 @@ class Combination:
     unlisted_sender: bool = False  # smtpd_reject_unlisted_sender
     unlisted_recipient: bool = True  # smtpd_reject_unlisted_recipient
     unknown_local_code: int = 550  # unknown_local_recipient_reject_code
+    null_key: str = "<>"  # smtpd_null_access_lookup_key (another drawn by `more` only)
     sessions: list[list[str]] = field(default_factory=list)
 
     def main_cf(self) -> dict[str, str]:
@@ -97,6 +103,7 @@ class Combination:
             "smtpd_reject_unlisted_sender": yes(self.unlisted_sender),
             "smtpd_reject_unlisted_recipient": yes(self.unlisted_recipient),
             "unknown_local_recipient_reject_code": str(self.unknown_local_code),
+            "smtpd_null_access_lookup_key": self.null_key,
         }
 
     def mailflow(self) -> dict:
@@ -104,14 +111,15 @@ class Combination:
                 "restriction_classes": self.classes, "delay_reject": self.delay_reject,
                 "helo_required": self.helo_required, "strict_rfc821_envelopes": self.strict_rfc821,
                 "reject_unlisted_sender": self.unlisted_sender, "reject_unlisted_recipient": self.unlisted_recipient,
-                "unknown_local_recipient_reject_code": self.unknown_local_code}
+                "unknown_local_recipient_reject_code": self.unknown_local_code, "null_access_lookup_key": self.null_key}
 
     def describe(self) -> str:
         lines = [f"seed {self.seed}: delay_reject={yes(self.delay_reject)} helo_required={yes(self.helo_required)}"
                  f" strict_rfc821_envelopes={yes(self.strict_rfc821)}"
                  f" reject_unlisted_sender={yes(self.unlisted_sender)}"
                  f" reject_unlisted_recipient={yes(self.unlisted_recipient)}"
-                 f" unknown_local_recipient_reject_code={self.unknown_local_code}"]
+                 f" unknown_local_recipient_reject_code={self.unknown_local_code}"
+                 + (f" smtpd_null_access_lookup_key={self.null_key}" if self.null_key != "<>" else "")]
         lines += [f"  {name}: {', '.join(items)}" for name, items in {**self.lists, **self.classes}.items()]
         return "\n".join(lines)
 
@@ -158,8 +166,9 @@ def session(rng: random.Random) -> list[str]:
     return commands + ["QUIT"]
 
 
-def generated(seed: int, extend: bool = True) -> Combination:
-    """The base combination of `seed`, then (`extend`) what `extended` adds to it."""
+def generated(seed: int, extend: bool = True, more: bool | None = None) -> Combination:
+    """The base combination of `seed`, then (`extend`) what `extended` adds to it, then (`more`, by default as
+    `extend`) what `more` adds."""
     rng = random.Random(seed)
     combination = Combination(seed, delay_reject=rng.random() < 0.6, helo_required=rng.random() < 0.2,
                               strict_rfc821=rng.random() < 0.2, unlisted_sender=rng.random() < 0.2,
@@ -171,7 +180,9 @@ def generated(seed: int, extend: bool = True) -> Combination:
         combination.lists[name] = items(rng, ["c1", "c2"], name)
     combination.lists["relay"] = combination.lists.get("relay", []) + ["reject_unauth_destination"]
     combination.sessions = [session(rng) for _ in range(rng.randint(2, 4))]
-    return extended(combination) if extend else combination
+    if extend:
+        extended(combination)
+    return more_items(combination) if (extend if more is None else more) else combination
 
 
 def extended(combination: Combination) -> Combination:
@@ -191,6 +202,30 @@ def extended(combination: Combination) -> Combination:
         items.insert(position, extra_item(rng))
     eod = "end_of_data" in combination.lists
     combination.sessions = [extended_session(rng, commands, eod) for commands in combination.sessions]
+    return combination
+
+
+# drawn by `more_items` only (a third stream: the base and extended draws of a seed stay as they were)
+MORE_ITEMS = ["permit_inet_interfaces", "check_relay_domains"]
+OTHER_NULL_KEY = "nullsender"
+
+
+def more_items(combination: Combination) -> Combination:
+    """From a stream of its own (`random.Random("more SEED")`): permit_inet_interfaces or check_relay_domains put in
+    any list or class (in the relay list before its guard), and now and then smtpd_null_access_lookup_key
+    `nullsender` with a sender table keyed by it and by `<>` (which is then an ordinary key)."""
+    rng = random.Random(f"more {combination.seed}")
+    for _ in range(rng.choice([0, 1, 1, 2])):
+        where = rng.choice([*combination.lists, *combination.classes])
+        items = combination.lists.get(where) or combination.classes[where]
+        items.insert(rng.randint(0, len(items) - (1 if where == "relay" else 0)), rng.choice(MORE_ITEMS))
+    if rng.random() < 0.3:
+        combination.null_key = OTHER_NULL_KEY
+        where = rng.choice([*combination.lists, *combination.classes])
+        items = combination.lists.get(where) or combination.classes[where]
+        entries = {key: rng.choice(ACTIONS) for key in (OTHER_NULL_KEY, "<>")}
+        table = "check_sender_access inline:{ " + ", ".join(f"{{{k}={v}}}" for k, v in entries.items()) + " }"
+        items.insert(rng.randint(0, len(items) - (1 if where == "relay" else 0)), table)
     return combination
 
 
