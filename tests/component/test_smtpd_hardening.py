@@ -18,6 +18,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 import warnings
 
 import pytest
@@ -934,5 +935,51 @@ async def test_a_silent_tls_client_loses_its_session_at_its_timeout_after_its_42
             listener.anvil.sessions("127.0.0.1") for listener in mf.smtpd.listeners), timeout=3)
         assert await asyncio.to_thread(_read_reply, client) == \
             (str(status.session_timeout(mf.config.myhostname)) + "\r\n").encode()
+    finally:
+        client.close()
+
+
+def _read_slowly(s: socket.socket | ssl.SSLSocket, rate: int, within: float = 20.0) -> bytes:
+    """Everything until the server closes, about `rate` bytes a second (a tenth of it every 0.1 s)."""
+    data, deadline = b"", time.monotonic() + within
+    while time.monotonic() < deadline:
+        tick = len(data) + rate // 10
+        while len(data) < tick:  # (over TLS a recv returns one record: a reply)
+            chunk = s.recv(tick - len(data))
+            if not chunk:
+                return data
+            data += chunk
+        time.sleep(0.1)  # (pacing the reader, not waiting for an event)
+    raise AssertionError(f"still open after {within} s, {len(data)} bytes read")
+
+
+@pytest.mark.parametrize("how", ["plain", "starttls"])
+@pytest.mark.parametrize("when", ["in the session", "after its end"])
+async def test_a_client_reading_slowly_but_steadily_gets_every_reply_and_its_221(mailflow_server, pki, users, how,
+                                                                                 when):
+    # Postfix's smtpd_timeout bounds each write, not the time a client takes to read all its replies: the replies
+    # of 2800 pipelined NOOPs (about 40 KB), read at 20 KB/s, take twice the 1 s timeout (over TLS each reply is a
+    # record of 36 bytes: 2000 NOOPs, read at 8 KB/s). In the session, a wait in drain (write buffers of 30 KB)
+    # takes longer than the timeout; after its end (buffers raised: the session ends with everything still
+    # buffered), the whole backlog does. Before, the connection was dropped at the first timeout, no 221 sent.
+    _, cert, ctx = pki
+    mf = await mailflow_server(smtpd={"timeout": "1s", "forbid_unauth_pipelining": False, "tls_cert_file": cert,
+                                      "junk_command_limit": 10**9, "sasl_user_maps": [users]})
+    client = await asyncio.to_thread(_client_up_to_the_flood, mf.smtp_addresses[0][1], how, ctx)
+    try:
+        await eventually(lambda: len(mf.smtpd.sessions) == 1 and (
+            how == "plain" or next(iter(mf.smtpd.sessions)).session.ssl is not None), timeout=5)
+        session = next(iter(mf.smtpd.sessions))
+        for transport in {session.transport, session._original_transport} - {None}:
+            transport.set_write_buffer_limits(high=1 << 24 if when == "after its end" else 30000, low=0)
+        raw = session._original_transport or session.transport
+        raw.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        noops, rate = (2800, 20000) if how == "plain" else (2000, 8000)
+        await asyncio.to_thread(client.sendall, b"EHLO client.test\r\n" + b"NOOP\r\n" * noops + b"QUIT\r\n")
+        started = time.monotonic()
+        replies = await asyncio.to_thread(_read_slowly, client, rate)
+        assert replies.count(b"250 2.0.0 Ok\r\n") == noops and replies.endswith(b"221 2.0.0 Bye\r\n"), replies[-200:]
+        assert time.monotonic() - started > 1.5, "read faster than the timeout: nothing tested"
+        assert not mf.smtpd.sessions and not session.transport
     finally:
         client.close()

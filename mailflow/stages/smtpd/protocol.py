@@ -188,7 +188,8 @@ class ProtocolCore(SMTP):
     def __init__(self, handler, *, sessions: set, protocol: ProtocolLimits | None = None, hostname: str,
                  ident: str = "ESMTP", data_size_limit: int | None = None, enable_SMTPUTF8: bool = True,
                  decode_data: bool = False, timeout: float = 300, tls_context=None, require_starttls: bool = False,
-                 loop: asyncio.AbstractEventLoop | None = None, observer: SessionObserver | None = None):
+                 loop: asyncio.AbstractEventLoop | None = None, observer: SessionObserver | None = None,
+                 lingering: set[Lingering] | None = None):
         self.loop = loop or asyncio.get_running_loop()
         # StreamReaderProtocol wants a reader; data_received feeds the session's wire instead (one copy less, and
         # no reader's pause and resume of the socket).
@@ -242,7 +243,10 @@ class ProtocolCore(SMTP):
         self._deadline = 0.0  # loop time the session times out, unless moved again before
         self._timer_at: float | None = None  # when the pending timer fires; None when none is pending
         self._ended = False
-        self._linger_handle: asyncio.TimerHandle | None = None  # after the end: drops replies left unread too long
+        self._sent_mark: int | None = None  # while a reply waits in drain: what was unsent when last looked at
+        self._linger_handle: Lingering | None = None  # after the end: drops replies left unread too long
+        # the server's sockets still sending after their session's end (stop() drops them)
+        self._lingering = lingering if lingering is not None else set()
         self._quit = False  # QUIT answered: the command loop ends
         self._stopping = False  # the server stops: once no transaction is under way, 421 and the end
         self._observer = observer
@@ -376,12 +380,14 @@ class ProtocolCore(SMTP):
         """The transport on the client's socket: under TLS, the one beneath asyncio's SSL layer."""
         return cast(asyncio.WriteTransport | None, self._original_transport or self.transport)
 
+    def _tls_transport(self) -> asyncio.WriteTransport | None:
+        """asyncio's SSL transport, above the socket's, under TLS; None in plaintext."""
+        return cast(asyncio.WriteTransport | None, self.transport if self._original_transport is not None else None)
+
     def _unsent(self) -> int:
-        """Bytes written for the client that its socket has not taken yet, as the socket transport holds them
-        (under TLS the SSL layer hands its records down until that transport pauses it: with anything held above,
-        it holds more than its high-water mark)."""
+        """Bytes written for the client that its socket has not taken yet (`unsent`)."""
         transport = self._socket_transport()
-        return transport.get_write_buffer_size() if transport is not None else 0
+        return unsent(transport, self._tls_transport()) if transport is not None else 0
 
     def _drop_connection(self) -> None:
         """Close the client's socket now, whatever is still buffered for it (the SSL layer's close_notify too);
@@ -403,7 +409,8 @@ class ProtocolCore(SMTP):
         tls_shutdown = self._original_transport is not None and not transport.is_closing()
         if not self._unsent() and not tls_shutdown:
             return
-        self._linger_handle = self.loop.call_later(self._command_timeout, transport.abort)
+        self._linger_handle = Lingering(self.loop, self._command_timeout, transport, self._tls_transport(),
+                                        self._lingering)
 
     def _may_reply(self) -> bool:
         """Whether a reply the server volunteers (a timeout's 421, a stop's) may be written now: not while TLS
@@ -507,7 +514,20 @@ class ProtocolCore(SMTP):
         """aiosmtpd's push, without its per-line debug record; drained only when the socket did not take it all."""
         self._writer.write(data)
         if self._writer.transport.get_write_buffer_size():
+            await self._drain()
+
+    async def _drain(self) -> None:
+        """Wait for the client to take what is buffered for it, as Postfix's smtpd_timeout bounds a write: a
+        whole `timeout` from now, moved on by another each time the timer finds the client took some since
+        (`_timer_fired`); a client that reads slowly but steadily keeps its session. (Not while no deadline runs:
+        `_no_deadline`.)"""
+        if self._deadline != math.inf:
+            self._reset_timeout()
+        self._sent_mark = self._unsent()
+        try:
             await self._writer.drain()
+        finally:
+            self._sent_mark = None
 
     async def _refuse_and_close(self, reply: status.Reply) -> None:
         self.record.server_hung_up = True
@@ -573,6 +593,10 @@ class ProtocolCore(SMTP):
             if self._deadline != math.inf:  # (inf: `_no_deadline`; the next `_reset_timeout` sets it again)
                 self._timer_at = self._deadline
                 self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
+            return
+        if self._sent_mark is not None and (left := self._unsent()) < self._sent_mark:  # a reply in drain: read on
+            self._sent_mark = left
+            self._reset_timeout()
             return
         self._timeout_cb()
 
@@ -1104,6 +1128,51 @@ class UnknownEhloFeature(Exception):
     def __init__(self, feature: str):
         super().__init__(feature)
         self.feature = feature
+
+
+def unsent(socket_transport: asyncio.WriteTransport, tls_transport: asyncio.WriteTransport | None) -> int:
+    """Bytes written for a client that its socket has not taken yet: what the socket transport holds and, under TLS,
+    what asyncio's SSL layer holds above it (its records wait there while the socket transport is paused, and go
+    down to it in a batch when it resumes: the socket transport's own count grows again as the client reads)."""
+    size = socket_transport.get_write_buffer_size()
+    if tls_transport is not None:
+        with contextlib.suppress(AttributeError):  # (an SSL transport closed twice has let go of its layer)
+            size += tls_transport.get_write_buffer_size()
+    return size
+
+
+class Lingering:
+    """A client socket still sending after its session's end: asyncio's close() waits to write what is buffered
+    for it. As Postfix's smtpd_timeout bounds each write, it goes on while the client reads: every `timeout` the
+    timer looks, and the socket is aborted once a whole `timeout` passed with nothing taken. Until its end it is in
+    `within` (the server's set: `stop()` aborts what is left); `cancel()` when the connection is lost."""
+
+    __slots__ = ("_loop", "_timeout", "_socket", "_tls", "_within", "_mark", "_handle")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, socket_transport: asyncio.WriteTransport,
+                 tls_transport: asyncio.WriteTransport | None, within: set[Lingering]):
+        self._loop, self._timeout, self._socket, self._tls, self._within = \
+            loop, timeout, socket_transport, tls_transport, within
+        self._mark = unsent(socket_transport, tls_transport)
+        self._handle = loop.call_later(timeout, self._look)
+        within.add(self)
+
+    def _look(self) -> None:
+        left = unsent(self._socket, self._tls)
+        if left and left < self._mark:  # the client took some: another timeout
+            self._mark = left
+            self._handle = self._loop.call_later(self._timeout, self._look)
+            return
+        self.abort()
+
+    def abort(self) -> None:
+        """Drop the socket now, whatever is still unsent."""
+        self.cancel()
+        self._socket.abort()
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+        self._within.discard(self)
 
 
 def _ends_a_reply(text: str) -> bool:
