@@ -24,6 +24,7 @@ import warnings
 import pytest
 
 from mailflow import status
+from mailflow.testing import Sink
 from tests.support import (LOOPBACK_CLIENT, LOOPBACK_NAME, SmtpClient, eventually, maildir_messages, queue_becomes,
                            script_dir)
 
@@ -983,3 +984,46 @@ async def test_a_client_reading_slowly_but_steadily_gets_every_reply_and_its_221
         assert not mf.smtpd.sessions and not session.transport
     finally:
         client.close()
+
+
+async def test_a_socket_left_sending_after_its_session_is_dropped_at_the_stop(mailflow_server, pki, users):
+    # A session ended (QUIT) with its replies unread leaves its socket sending, for a timeout without progress: past
+    # stop() before, with the server gone (its timer firing later, or the socket left to the garbage collector).
+    # Now stop() drops it.
+    mf = await mailflow_server(smtpd={"timeout": "60s", "forbid_unauth_pipelining": False,
+                                      "junk_command_limit": 10**9})
+    client = await asyncio.to_thread(_client_up_to_the_flood, mf.smtp_addresses[0][1], "plain", None)
+    try:
+        await eventually(lambda: len(mf.smtpd.sessions) == 1, timeout=5)
+        session = next(iter(mf.smtpd.sessions))
+        session.transport.set_write_buffer_limits(high=1 << 24)
+        raw = session.transport
+        raw.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        await asyncio.to_thread(client.sendall, b"EHLO client.test\r\n" + b"NOOP\r\n" * 20000 + b"QUIT\r\n")
+        await eventually(lambda: not mf.smtpd.sessions, timeout=5)
+        assert raw.get_write_buffer_size() and mf.smtpd.lingering, "the replies were all sent: nothing tested"
+        await asyncio.wait_for(mf.smtpd.stop(grace=0.5), 3)
+        assert not mf.smtpd.lingering
+        await eventually(lambda: raw.get_extra_info("socket").fileno() == -1, timeout=1)  # (closed: its fd given back)
+    finally:
+        client.close()
+
+
+async def test_a_socket_left_sending_after_its_session_is_dropped_when_the_sink_stops():
+    # The testing Sink's stop is the server's: a socket still sending an ended session's replies is not left behind.
+    async with Sink(smtpd={"forbid_unauth_pipelining": False, "junk_command_limit": 10**9}) as sink:
+        smtpd = sink.server.smtpd
+        client = await asyncio.to_thread(_client_up_to_the_flood, sink.port, "plain", None)
+        try:
+            await eventually(lambda: len(smtpd.sessions) == 1, timeout=5)
+            raw = next(iter(smtpd.sessions)).transport
+            raw.set_write_buffer_limits(high=1 << 24)
+            raw.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            await asyncio.to_thread(client.sendall, b"EHLO client.test\r\n" + b"NOOP\r\n" * 20000 + b"QUIT\r\n")
+            await eventually(lambda: not smtpd.sessions, timeout=5)
+            assert smtpd.lingering, "the replies were all sent: nothing tested"
+            await asyncio.wait_for(sink.stop(), 5)
+            assert not smtpd.lingering
+            await eventually(lambda: raw.get_extra_info("socket").fileno() == -1, timeout=1)
+        finally:
+            client.close()

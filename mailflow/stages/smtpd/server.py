@@ -54,7 +54,8 @@ the listener it came in by. The replaced handlers' kept policy service connectio
 session that asks again uses a connection of its own for it).
 
 Stop (`stop(grace)`): the listeners close; sessions between transactions get 421 4.3.2 and are closed; a
-session in a transaction may finish it within the grace period; then the kept policy connections are closed.
+session in a transaction may finish it within the grace period; then the sockets still sending the replies of
+ended sessions are dropped and the kept policy connections are closed.
 """
 from __future__ import annotations
 
@@ -80,6 +81,7 @@ from mailflow.stages.smtpd.dovecot_auth import DovecotAuth
 from mailflow.stages.smtpd.frontends import FrontEnds
 from mailflow.stages.smtpd.handler import SmtpdHandler
 from mailflow.stages.smtpd.ehlo_discards import EhloDiscards
+from mailflow.stages.smtpd.protocol import Lingering
 from mailflow.stages.smtpd.postscreen import Client, EngineTraits, PassCache, Postscreen, Verdict
 from mailflow.stages.smtpd.secure import handshake_failure, log_tls_summary
 from mailflow.stages.smtpd.session import ProtocolLimits, SmtpSession
@@ -328,6 +330,7 @@ class Smtpd:
         self._dovecots: dict[str, DovecotAuth] = {}
         self.listeners: list[Listener] = []
         self.sessions: set[SmtpSession] = set()
+        self.lingering: set[Lingering] = set()  # sockets still sending after their session's end (protocol.py)
 
     # -------------------------------------------------------------------------------- building
 
@@ -407,6 +410,7 @@ class Smtpd:
             implicit_tls=tls.context if tls is not None and implicit else None,
             certificate=tls.context if tls is not None else None,
             sessions=self.sessions,
+            lingering=self.lingering,
             protocol=listener.limits,
             frontends=listener.frontends,
             hostname=c.myhostname,
@@ -549,6 +553,8 @@ class Smtpd:
             await asyncio.sleep(min(STOP_POLL, max(0.0, deadline - loop.time())))
         for session in list(self.sessions):
             session.hang_up()
+        for lingering in list(self.lingering):  # replies still unread after their session's end: no one is served
+            lingering.abort()
         for li in self.listeners:
             li.server = None
             li.handler.restrictions.close()
