@@ -52,8 +52,9 @@ aiosmtpd's private names, each used because aiosmtpd offers no other way:
   `AIOSMTPD_STATE` lists them and a test checks aiosmtpd still has them.
 - `_writer`: the connection's output stream, kept by aiosmtpd under this name only (its `_reader` is made, as
   StreamReaderProtocol needs one, and never fed).
-- `_original_transport`, `_timeout_handle` (read at the end): a session that ends inside a TLS handshake never
-  gets connection_lost, so its socket and timer are closed here.
+- `_original_transport` (the socket's transport under TLS: read at the end, where a session that ends inside a TLS
+  handshake never gets connection_lost, so its socket is closed there; and for what is still unsent to the
+  client, in drain, at a timeout and after the end), `_timeout_handle` (read at the end: the timer is cancelled).
 - `_reset_timeout` (overridden: one timer per session), `_call_handler_hook`: aiosmtpd's timer and hook call,
   shared with the inherited commands.
 aiosmtpd's own PROXY support (`proxy_protocol_timeout`) is not used: see frontends.py.
@@ -369,8 +370,9 @@ class ProtocolCore(SMTP):
             self._writer.write(self._reply_bytes(status.session_timeout(self.hostname), False))  # as Postfix says it
         super()._timeout_cb()
         # asyncio's close() keeps the connection until what is buffered for the client is written: a client that
-        # never reads its replies kept it, and its session, waiting to write, for good. Replies unread for a whole
-        # timeout are dropped with the connection (Postfix's smtpd_timeout bounds writes as well as reads). Under
+        # never reads its replies kept it, and its session, waiting to write, for good. The timer fires here only
+        # after a whole timeout without input, nor, in drain, any reply taken (`_timer_fired`): what is still
+        # unsent is dropped with the connection (Postfix's smtpd_timeout bounds writes as well as reads). Under
         # TLS, close() is asyncio's SSL shutdown, which waits for the client's close_notify (30 s): a silent client
         # would keep its session that long. The 421 and the server's close_notify were handed to the socket first.
         if self._unsent() or self._original_transport is not None:
@@ -400,14 +402,11 @@ class ProtocolCore(SMTP):
         """After the session's close: a client that leaves its last replies unread (a QUIT's, a 421's, a refusal's
         pipelined behind many others) would keep the socket open, asyncio's close() waiting to write them, after
         its session slot and per-client count were given back: one client could hold any number of sockets. What
-        is still buffered then (or, under TLS, the shutdown exchange still to come) gets one timeout; past it
-        the connection is dropped. connection_lost cancels the timer. (The timer holds the socket transport, not
-        the session: an ended session is freed by reference counting all the same.)"""
+        is still buffered then goes on being sent while the client reads; a whole timeout without progress drops
+        the connection (`Lingering`). connection_lost cancels it. (Under TLS the socket transport was closed with
+        the SSL one: nothing waits for the client's close_notify, as it leaves as soon as its buffer is empty.)"""
         transport = self._socket_transport()
-        if transport is None or self._linger_handle is not None:
-            return
-        tls_shutdown = self._original_transport is not None and not transport.is_closing()
-        if not self._unsent() and not tls_shutdown:
+        if transport is None or self._linger_handle is not None or not self._unsent():
             return
         self._linger_handle = Lingering(self.loop, self._command_timeout, transport, self._tls_transport(),
                                         self._lingering)
