@@ -849,14 +849,6 @@ def _closed_by_server(s: socket.socket) -> bool:
     return False
 
 
-def _connect_small(port: int) -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connect: no window scaling past it)
-    s.settimeout(10)
-    s.connect(("127.0.0.1", port))
-    return s
-
-
 def _read_reply(s: socket.socket | ssl.SSLSocket) -> bytes:
     """One whole reply (its last line `ddd `), read a byte at a time: nothing after it is taken."""
     data = b""
@@ -869,8 +861,12 @@ def _read_reply(s: socket.socket | ssl.SSLSocket) -> bytes:
 
 
 def _client_up_to_the_flood(port: int, how: str, ctx: ssl.SSLContext | None) -> socket.socket | ssl.SSLSocket:
-    """A blocking client (`how`: plain, starttls, implicit) greeted and, over TLS, past its handshake."""
-    s: socket.socket | ssl.SSLSocket = _connect_small(port)
+    """A blocking client (`how`: plain, starttls, implicit) with a small receive buffer, greeted and, over TLS, past
+    its handshake."""
+    s: socket.socket | ssl.SSLSocket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connect: no window scaling past it)
+    s.settimeout(10)
+    s.connect(("127.0.0.1", port))
     if how == "implicit":
         assert ctx is not None
         s = ctx.wrap_socket(s, server_hostname="localhost")
@@ -932,8 +928,10 @@ async def test_a_silent_tls_client_loses_its_session_at_its_timeout_after_its_42
     client = await asyncio.to_thread(_client_up_to_the_flood, port, how, ctx)
     try:
         await eventually(lambda: len(mf.smtpd.sessions) == 1, timeout=5)
+        raw = next(iter(mf.smtpd.sessions))._original_transport
         await eventually(lambda: not mf.smtpd.sessions and not any(
             listener.anvil.sessions("127.0.0.1") for listener in mf.smtpd.listeners), timeout=3)
+        await eventually(lambda: raw.get_extra_info("socket").fileno() == -1, timeout=1)  # the socket is gone too
         assert await asyncio.to_thread(_read_reply, client) == \
             (str(status.session_timeout(mf.config.myhostname)) + "\r\n").encode()
     finally:
