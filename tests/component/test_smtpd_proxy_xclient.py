@@ -364,8 +364,12 @@ async def delivered_head(mailflow_server, tmp_path, settings: dict, client: str,
 
 
 @pytest.mark.parametrize("settings, client, added", [
-    ({}, "192.0.2.1", False),  # a remote client's mail is passed on as it came (Postfix 2.6 and later)
+    # a remote client's mail is passed on as it came (Postfix 2.6 and later)
+    ({"local_header_rewrite_clients": ["permit_mynetworks"]}, "192.0.2.1", False),
     ({}, "127.0.0.1", True),  # a client on this host: permit_inet_interfaces, the default
+    # permit_inet_interfaces asks the connection (127.0.0.1 here, this host), not XCLIENT's ADDR: Postfix's
+    # smtpd_check_rewrite asks state->sockaddr, so a same-host front end's clients all count as local
+    ({}, "192.0.2.1", True),
     ({"always_add_missing_headers": True}, "192.0.2.1", True),
     ({"local_header_rewrite_clients": ["permit_mynetworks"], "mynetworks": ["192.0.2.0/24"]}, "192.0.2.1", True),
     ({"local_header_rewrite_clients": ["permit_sasl_authenticated"]}, "192.0.2.1 LOGIN=bob", True),
@@ -388,9 +392,10 @@ UNQUALIFIED = b"From: bob\r\nTo: Alice <alice>, carol@local.test\r\nSubject: bob
 
 @pytest.mark.parametrize("settings, client, from_, to", [
     ({}, "127.0.0.1", b"From: bob@mx.mailflow.test", b"To: Alice <alice@mx.mailflow.test>, carol@local.test"),
-    ({}, "192.0.2.1", b"From: bob", b"To: Alice <alice>, carol@local.test"),  # a remote client's stay as they came
-    ({"remote_header_rewrite_domain": "remote.example"}, "192.0.2.1", b"From: bob@remote.example",
-     b"To: Alice <alice@remote.example>, carol@local.test"),
+    # a remote client's stay as they came (permit_inet_interfaces would count the same-host front end)
+    ({"local_header_rewrite_clients": []}, "192.0.2.1", b"From: bob", b"To: Alice <alice>, carol@local.test"),
+    ({"local_header_rewrite_clients": [], "remote_header_rewrite_domain": "remote.example"}, "192.0.2.1",
+     b"From: bob@remote.example", b"To: Alice <alice@remote.example>, carol@local.test"),
     ({"local_header_rewrite_clients": [], "myorigin": "local.test"}, "127.0.0.1", b"From: bob", b"To: Alice <alice>"),
     ({"myorigin": "local.test", "canonical_maps": ["inline:{bob@local.test=robert@local.test}"]}, "127.0.0.1",
      b"From: robert@local.test", b"To: Alice <alice@local.test>, carol@local.test"),

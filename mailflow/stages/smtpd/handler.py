@@ -136,7 +136,7 @@ class SmtpdHandler:
 
     async def _header_rewriting(self, server, session: SessionState) -> dict:
         """What cleanup does to the headers of this client's message (Postfix 2.6+): for a client of
-        local_header_rewrite_clients (as PROXY or XCLIENT named it) it adds the Message-ID, Date and From the
+        local_header_rewrite_clients it adds the Message-ID, Date and From the
         message lacks and qualifies its header addresses with myorigin; for another client it adds nothing
         (unless always_add_missing_headers) and rewrites header addresses only when remote_header_rewrite_domain
         names a domain to qualify them with."""
@@ -146,9 +146,11 @@ class SmtpdHandler:
                 "header_rewrite_domain": "" if local else config.remote_header_rewrite_domain or None}
 
     async def _is_local_rewrite_client(self, server, session: SessionState) -> bool:
+        """permit_inet_interfaces asks the connection's client (after PROXY, not XCLIENT's ADDR), as Postfix's
+        smtpd_check_rewrite asks state->sockaddr; the other rules ask the client as PROXY or XCLIENT named it."""
         ip = session.peer_ip
         for rule in self._config.local_header_rewrite_clients:
-            if rule == "permit_inet_interfaces" and _on_this_host(ip, server.transport):
+            if rule == "permit_inet_interfaces" and session.on_this_host:
                 return True
             if rule == "permit_mynetworks" and self.restrictions.trusted(ip, session.client_name):
                 return True
