@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sqlite3
 import tracemalloc
 
@@ -20,7 +21,7 @@ from mailflow.stages.smtpd.policy import PolicyClient, PolicyError, encode_reque
 from mailflow.stages.smtpd.restrictions import (Facts, Restrictions, address_access_keys,
                                                 address_access_search,
                                                 client_full_keys, client_keys, domain_keys)
-from tests.support import free_port
+from tests.support import SmtpClient, free_port
 
 OUTSIDER = "203.0.113.9"
 BASE = {
@@ -763,6 +764,28 @@ def test_permit_inet_interfaces_permits_the_connection_s_own_host_only():
     # the client's address (XCLIENT's) does not count: the connection's, at connect (handler.py)
     assert str(rcpt(r, client_addr="127.0.0.1")) == \
         "554 5.7.1 <unknown[127.0.0.1]>: Client host rejected: Access denied"
+
+
+@pytest.mark.parametrize("client, reply", [
+    ("127.0.0.1", "250 2.1.5 Ok"),  # lo's own address: this host
+    # another loopback address is no interface's: not this host, though it reaches a wildcard listener on itself
+    # (Postfix 3.7.11, inet_interfaces = all: 554 5.7.1 <x@elsewhere.test>: Relay access denied)
+    ("127.0.0.2", "554 5.7.1 <x@elsewhere.test>: Relay access denied"),
+])
+async def test_permit_inet_interfaces_under_a_wildcard_listener_is_an_interface_address(mailflow_server, client,
+                                                                                         reply):
+    mf = await mailflow_server(smtpd={"listen": ["0.0.0.0:0"], "error_sleep_time": "0s", "recipient_restrictions": [],
+                                      "relay_restrictions": ["permit_inet_interfaces", "reject_unauth_destination"]})
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((client, 0))
+    sock.setblocking(False)
+    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (client, mf.smtpd.address_of("mta")[1])), 5)
+    c = await SmtpClient.connect(0, sock=sock)
+    for command in ("HELO c.test", "MAIL FROM:<s@remote.test>"):
+        assert (await c.cmd(command))[0] == 250
+    answer = await c.cmd("RCPT TO:<x@elsewhere.test>")
+    await c.close()
+    assert answer.text.startswith(reply), answer
 
 
 def test_check_relay_domains_permits_a_relay_domains_client_or_destination(caplog):

@@ -686,14 +686,20 @@ def _declared_size(options: list[str]) -> int:
 
 
 def _on_this_host(ip: str, transport) -> bool:
-    """Postfix's permit_inet_interfaces (own_inet_addr): the client is this host, its address the one the connection
-    came in on. Not any loopback address: Postfix's own addresses are its inet_interfaces' (127.0.0.1, not
-    127.0.0.2, under inet_interfaces = all or loopback-only)."""
+    """Postfix's permit_inet_interfaces (own_inet_addr under inet_interfaces = all): the client's address is one of
+    this host's interface addresses. Read from the connection: the client is the address it connected to (only a
+    process on this host connects from it) and that address is an interface's: any non-loopback address a
+    connection can reach is, and of the loopback range only 127.0.0.1 and ::1 are (lo's own addresses), so a
+    process bound to 127.0.0.2 that reaches a wildcard listener on 127.0.0.2 is not this host, as in Postfix. An
+    address added to lo by hand (127.0.0.2/8 as a second lo address) is refused where Postfix would permit it:
+    the safe side, without reading the interfaces."""
     client = address.client_ip(ip)
     if client is None:
         return False
     local = transport.get_extra_info("sockname") if transport is not None else None
-    return isinstance(local, tuple) and address.client_ip(str(local[0])) == client
+    if not isinstance(local, tuple) or address.client_ip(str(local[0])) != client:
+        return False
+    return not client.is_loopback or str(client) in ("127.0.0.1", "::1")
 
 
 def _closes(refusal: status.Reply | None) -> TypeGuard[status.Reply]:
