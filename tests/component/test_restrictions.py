@@ -788,6 +788,18 @@ async def test_permit_inet_interfaces_under_a_wildcard_listener_is_an_interface_
     assert answer.text.startswith(reply), answer
 
 
+def test_items_after_check_relay_domains_are_warned_of_once_per_list_at_load(caplog):
+    # Postfix 3.7's words (it logs them at each evaluation); not after warn_if_reject, whose list goes on
+    with caplog.at_level("WARNING", logger="mailflow.smtpd"):
+        restrictions(relay_restrictions=["check_relay_domains", "Reject"], recipient_restrictions=[
+            "warn_if_reject", "check_relay_domains", "permit_mynetworks", "reject_unauth_destination"],
+            restriction_classes={"c": ["CHECK_RELAY_DOMAINS", "check_sender_access inline:{a=OK}"]},
+            sender_restrictions=["c"])
+    assert sorted(m for m in caplog.messages if "is ignored" in m) == [
+        "restriction `Reject' after `check_relay_domains' is ignored",
+        "restriction `check_sender_access' after `check_relay_domains' is ignored"]
+
+
 def test_check_relay_domains_permits_a_relay_domains_client_or_destination(caplog):
     r = restrictions(relay_restrictions=["check_relay_domains"], recipient_restrictions=[])
     with caplog.at_level("WARNING", logger="mailflow.smtpd"):

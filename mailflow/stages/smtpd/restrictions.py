@@ -96,7 +96,7 @@ import re
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import TYPE_CHECKING, Collection
+from typing import TYPE_CHECKING, Collection, Sequence
 
 from mailflow import address, status
 from mailflow.address import client_ip
@@ -331,6 +331,17 @@ def helo_literal_refusal(helo: str, invalid_code: int):
     return None if address.is_valid_helo_literal(helo) else status.invalid_helo_address(helo, invalid_code)
 
 
+def warn_items_after_relay_check(items: Sequence[str]) -> None:
+    """Postfix 3.7's warning that nothing after check_relay_domains runs (it permits or refuses): `restriction
+    `NEXT' after `check_relay_domains' is ignored`, NEXT the next item's first word as written; not where
+    warn_if_reject comes just before (its refusal is only logged, so the list goes on). Postfix logs it each time
+    the item is evaluated; mailflow once per list, when the lists are loaded."""
+    names = [split_item(item)[0] for item in items]
+    for index, name in enumerate(names[:-1]):
+        if name == "check_relay_domains" and (index == 0 or names[index - 1] != WARN_IF_REJECT):
+            log.warning("restriction `%s' after `%s' is ignored", items[index + 1].split()[0], "check_relay_domains")
+
+
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
@@ -363,6 +374,9 @@ class Restrictions:
         self._etrn_steps = ETRN_STEPS if smtpd.delay_reject else ETRN_STEPS[-1:]
         self._classes = {name: tuple(split_item(i) for i in items) for name, items in smtpd.restriction_classes.items()}
         every = (*self._lists.values(), *self._classes.values())
+        for items in (*(getattr(smtpd, f"{stage}_restrictions") for stage in STAGES),
+                      *smtpd.restriction_classes.values()):
+            warn_items_after_relay_check(items)
         self._tables = {arg: tables.open([arg]) for items in every for name, arg in items
                         if name in ACCESS_CHECKS or name in SERVER_ACCESS_CHECKS or name == REVERSE_CLIENT_ACCESS}
         self._relay_clientcerts = tables.open(smtpd.relay_clientcerts)
