@@ -768,13 +768,14 @@ def test_permit_inet_interfaces_permits_the_connection_s_own_host_only():
 
 @pytest.mark.parametrize("client, reply", [
     ("127.0.0.1", "250 2.1.5 Ok"),  # lo's own address: this host
-    # another loopback address is no interface's: not this host, though it reaches a wildcard listener on itself
-    # (Postfix 3.7.11, inet_interfaces = all: 554 5.7.1 <x@elsewhere.test>: Relay access denied)
+    # another loopback address is no interface's: not this host, though it reaches a listener on itself (as a
+    # wildcard listener is reached; Postfix 3.7.11, inet_interfaces = all: 554 5.7.1 <x@elsewhere.test>: Relay
+    # access denied). The listener is the client's own address: the same connection, tests stay on loopback.
     ("127.0.0.2", "554 5.7.1 <x@elsewhere.test>: Relay access denied"),
 ])
 async def test_permit_inet_interfaces_under_a_wildcard_listener_is_an_interface_address(mailflow_server, client,
                                                                                          reply):
-    mf = await mailflow_server(smtpd={"listen": ["0.0.0.0:0"], "error_sleep_time": "0s", "recipient_restrictions": [],
+    mf = await mailflow_server(smtpd={"listen": [f"{client}:0"], "error_sleep_time": "0s", "recipient_restrictions": [],
                                       "relay_restrictions": ["permit_inet_interfaces", "reject_unauth_destination"]})
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind((client, 0))
