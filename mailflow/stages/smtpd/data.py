@@ -84,8 +84,7 @@ class DataCommands(TransactionCommands):
         if not self.envelope.rcpt_tos:
             await self.push(status.no_recipients(bool(self.envelope.mail_from)))
             return
-        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
-            return
+        # (no HELO or login check: a recipient needs an accepted MAIL, and MAIL checks both)
         if arg:
             await self.push(status.syntax("DATA"))
             return
@@ -167,14 +166,11 @@ class DataCommands(TransactionCommands):
             spool.discard()
 
     def _bdat_refusal(self) -> status.Reply | None:
-        """As smtp_DATA: recipients first (Postfix's bdat_cmd asks only for them; none exist without HELO and a
-        login where those are required, so a BDAT before HELO gets `503 5.5.1 Error: need RCPT command`)."""
+        """As smtp_DATA: recipients only (Postfix's bdat_cmd asks only for them; none exist without HELO and a
+        login where those are required, since MAIL checks both, so a BDAT before HELO gets
+        `503 5.5.1 Error: need RCPT command`)."""
         if not self.envelope.rcpt_tos:
             return status.no_recipients(bool(self.envelope.mail_from))
-        if not self.session.host_name and self._limits.helo_required:
-            return status.NEED_HELO
-        if self._login_required and not self.session.authenticated:
-            return status.AUTH_REQUIRED
         return None
 
     def _chunk_too_big(self, size: int) -> bool:
