@@ -166,9 +166,11 @@ def session(rng: random.Random) -> list[str]:
     return commands + ["QUIT"]
 
 
-def generated(seed: int, extend: bool = True, more: bool | None = None) -> Combination:
+def generated(seed: int, extend: bool = True, more: bool | None = None,
+              postfix_keeps_refused_transactions: bool = True) -> Combination:
     """The base combination of `seed`, then (`extend`) what `extended` adds to it, then (`more`, by default as
-    `extend`) what `more` adds."""
+    `extend`) what `more` adds. `postfix_keeps_refused_transactions`: the Postfix compared with is 3.7.11 or
+    earlier (fixed in 3.7.22), so `extended` puts no ETRN right after a message when there is an end_of_data list."""
     rng = random.Random(seed)
     combination = Combination(seed, delay_reject=rng.random() < 0.6, helo_required=rng.random() < 0.2,
                               strict_rfc821=rng.random() < 0.2, unlisted_sender=rng.random() < 0.2,
@@ -181,11 +183,11 @@ def generated(seed: int, extend: bool = True, more: bool | None = None) -> Combi
     combination.lists["relay"] = combination.lists.get("relay", []) + ["reject_unauth_destination"]
     combination.sessions = [session(rng) for _ in range(rng.randint(2, 4))]
     if extend:
-        extended(combination)
+        extended(combination, postfix_keeps_refused_transactions)
     return more_items(combination) if (extend if more is None else more) else combination
 
 
-def extended(combination: Combination) -> Combination:
+def extended(combination: Combination, postfix_keeps_refused_transactions: bool = True) -> Combination:
     """The stages and items the base draws leave out, from a stream of its own (`random.Random("extended SEED")`):
     an etrn list (check_etrn_access among its items) with ETRN commands in the sessions, in and out of a transaction;
     access tables keyed by address forms (user@, domain, <>) and the items that ask the envelope or the session,
@@ -200,7 +202,7 @@ def extended(combination: Combination) -> Combination:
         items = combination.lists.get(where) or combination.classes[where]
         position = rng.randint(0, len(items) - (1 if where == "relay" else 0))  # (before the relay guard)
         items.insert(position, extra_item(rng))
-    eod = "end_of_data" in combination.lists
+    eod = "end_of_data" in combination.lists and postfix_keeps_refused_transactions
     combination.sessions = [extended_session(rng, commands, eod) for commands in combination.sessions]
     return combination
 
@@ -250,8 +252,9 @@ def extra_item(rng: random.Random) -> str:
 
 
 def extended_session(rng: random.Random, commands: list[str], eod: bool) -> list[str]:
-    """`commands` with an ETRN, BDAT, a pipelined group or none. With an end_of_data list no ETRN right after a
-    message (Postfix 3.7 keeps the transaction after that list's refusal, mailflow ends it: docs/security.md)."""
+    """`commands` with an ETRN, BDAT, a pipelined group or none. With `eod` (an end_of_data list, and a Postfix
+    3.7.11 or earlier to compare with) no ETRN right after a message (such a Postfix keeps the transaction after
+    that list's refusal, fixed in 3.7.22; mailflow ends it: docs/security.md)."""
     commands = list(commands)
     if rng.random() < 0.35:  # an ETRN anywhere after the XCLIENT, before QUIT
         first = 1 if commands[0].startswith("XCLIENT") else 0

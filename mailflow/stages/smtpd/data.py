@@ -186,7 +186,7 @@ class DataCommands(TransactionCommands):
         """A refused chunk is read and dropped (it is on its way regardless and must not be read as commands).
         Refused with LAST, it ends the transaction; without, it leaves the transaction failed (its later chunks
         discarded with 551 5.0.0, MAIL, RCPT and DATA out of order) until BDAT LAST, RSET or HELO/EHLO: Postfix's
-        skip_bdat."""
+        skip_bdat (3.7.22's: 3.7.11 and earlier leave the recipients of a transaction a refused LAST ended)."""
         await self._skip_chunk(size)
         self.envelope.discard_bdat()
         if last:
