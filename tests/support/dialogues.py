@@ -150,7 +150,7 @@ def long_line(rng: random.Random) -> bytes:
     line_length_limit bytes and mailflow refuses the line (docs/security.md): the same reply only for a verb both
     refuse. A MAIL or RCPT near it is padded with blanks before its last parameter, not with a long value, and no
     EHLO is: Postfix counts its queue file in message_size_limit (the envelope, and the Received header that names
-    the HELO), mailflow the content as received (docs/config.md)."""
+    the HELO), mailflow the content as Postfix's smtpd counts it (docs/config.md)."""
     if rng.random() < 0.3:
         head, tail, length = "FOO ", "", rng.choice(OVER_LIMIT)
     else:
