@@ -54,8 +54,9 @@ from tests.support.dialogues import Step, generated
 pytestmark = pytest.mark.interop
 
 # the first 40 seeds (every kind of step, the error limits' 421, pipelining's 554, BDAT's 551 and 552, lines near
-# and over the limit), and 188 and 199: `AUTH= AUTH=`, an empty value that names a sender (503 5.5.4, as Postfix)
-SEEDS = [*range(1, 41), 188, 199]
+# and over the limit; 32: a DATA after a refused BDAT 0 and a new MAIL), 188 and 199: `AUTH= AUTH=`, an empty
+# value that names a sender (503 5.5.4, as Postfix), and 58: an AUTH= after an EHLO that ended an AUTH='s transaction
+SEEDS = [*range(1, 41), 188, 199, 58]
 
 POSTFIX = {
     "myhostname": "pf.test", "mydestination": "local.test", "mynetworks": "192.0.2.0/24",

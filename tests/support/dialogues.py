@@ -177,14 +177,23 @@ def is_data(unit_: bytes) -> bool:
 AUTH_WORD = re.compile(rb"[ \t]+auth=[^ \t\r]*", re.IGNORECASE)
 
 
+def resets(unit_: bytes) -> bool:
+    """Whether `unit_` ends any transaction state for sure: an RSET without argument, a HELO or EHLO with one name
+    (Postfix's rset_cmd and helo_cmd call mail_reset and rcpt_reset; a refused one, 501, does not)."""
+    words = unit_.split()
+    return (len(words) == 1 and words[0].upper() == b"RSET") or \
+        (len(words) == 2 and words[0].upper() in (b"HELO", b"EHLO"))
+
+
 def one_auth_mail(steps: list[Step]) -> list[Step]:
-    """`steps` with AUTH= taken out of every MAIL after the first that has one: Postfix 3.7 keeps a refused MAIL's
-    AUTH= value until the transaction ends, so its next AUTH= is `503 5.5.4 Error: multiple AUTH= options`;
-    mailflow judges each MAIL by what it declares (docs/security.md)."""
+    """`steps` with AUTH= taken out of every MAIL after one that has one, until an RSET, HELO or EHLO (`resets`):
+    Postfix 3.7 keeps a refused MAIL's AUTH= value until the transaction ends, so its next AUTH= is
+    `503 5.5.4 Error: multiple AUTH= options`; mailflow judges each MAIL by what it declares (docs/security.md)."""
     seen, out = False, []
     for step in steps:
         units = []
         for unit_ in step.units:
+            seen = seen and not resets(unit_)
             if unit_.lstrip()[:4].upper() == b"MAIL":
                 unit_, found = (AUTH_WORD.sub(b"", unit_), False) if seen else (unit_, bool(AUTH_WORD.search(unit_)))
                 seen = seen or found
@@ -202,12 +211,14 @@ def no_content_after_refused_last(steps: list[Step]) -> list[Step]:
     3.7.22): its skip_bdat ends such a transaction without resetting its recipient state, so a later BDAT or DATA
     without MAIL and RCPT is judged on what is left (552 for a chunk past the limit again, `501 5.5.4 Syntax: DATA` for a DATA with an argument; its
     smtpd dies of a SIGSEGV at a DATA or a small BDAT without LAST). mailflow answers 503 5.5.1 Error: need RCPT
-    command (docs/security.md)."""
+    command (docs/security.md). Kept until an RSET, HELO or EHLO (`resets`), or a new MAIL."""
     risky = done = False
     out = []
     for step in steps:
         units = []
         for unit_ in step.units:
+            if resets(unit_) or unit_.lstrip()[:4].upper() == b"MAIL":
+                risky = done = False
             if done and (is_data(unit_) or unit_.lstrip()[:4].upper() == b"BDAT"):
                 continue
             units.append(unit_)
