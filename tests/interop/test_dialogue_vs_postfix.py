@@ -49,7 +49,7 @@ import pytest
 from mailflow import status
 
 from tests.support import SmtpClient, eventually, postfix_instance
-from tests.support.dialogues import Step, generated
+from tests.support.dialogues import Step, generated, no_content_after_refused_last, one_auth_mail
 
 pytestmark = pytest.mark.interop
 
@@ -245,3 +245,13 @@ async def test_seeded_dialogues_match_a_real_postfix(mailflow_server):
 def test_both_servers_waiting_is_no_match():
     assert alike(["220", "250 (EHLO)", "closed"], ["220", "250 (EHLO)", "closed"])
     assert not alike(["220", "250 (EHLO)", "timeout"], ["220", "250 (EHLO)", "timeout"])
+
+
+def test_the_generator_masks_end_with_the_transaction():
+    auth = Step((b"MAIL FROM:<s@remote.test> AUTH=<>\r\n",))
+    assert one_auth_mail([auth, Step((b"EHLO a.test\r\n",)), auth])[2] == auth
+    assert one_auth_mail([auth, Step((b"RSET x\r\n",)), auth])[2] != auth  # (refused: 501, nothing reset)
+    data = Step((b"DATA\r\n",), b"x\r\n.\r\n")
+    after_refused_last = [Step((b"BDAT 5000 LAST\r\n",)), Step((b"MAIL FROM:<s@remote.test>\r\n",)), data]
+    assert no_content_after_refused_last(after_refused_last)[-1] == data
+    assert no_content_after_refused_last([after_refused_last[0], data]) == [after_refused_last[0]]
