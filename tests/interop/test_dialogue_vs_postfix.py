@@ -10,11 +10,11 @@ EHLO's keywords by its code only; an enhanced status code that Postfix's reply l
 every reply one: docs/security.md); and who closes the session (after the last step a QUIT, then whether the
 connection ends).
 
-SEEDS are the sessions kept, run as a regular test (2 to 5 s: measured 2.0 s on a quiet machine, 4.6 s on a busy one). With MAILFLOW_DIALOGUE_SEEDS=1-300 (or 1,5,9)
-those seeds run instead, an exploration (measured: 20000 seeds in 2 to 4 minutes; add
-`--timeout 900`, and `-p no:logging`: the captured log of a long run slows it down); the differences are printed,
-MAILFLOW_DIALOGUE_REPORT=FILE gets each as it is found, then they are asserted none. A seed during which
-Postfix's smtpd dies of a signal is listed apart and not compared (Postfix 3.7.11 and earlier, fixed in 3.7.22:
+SEEDS are the sessions kept, run as a regular test (2 to 5 s: measured 2.0 s on a quiet machine, 4.6 s on a busy
+one). With MAILFLOW_DIALOGUE_SEEDS=1-300 (or 1,5,9) those seeds run instead, an exploration (measured: 20000 seeds
+in 2 to 4 minutes; add `--timeout 900`, and `-p no:logging`: the captured log of a long run slows it down); the
+differences are printed, MAILFLOW_DIALOGUE_REPORT=FILE gets each as it is found, then they are asserted none. A
+seed during which Postfix's smtpd dies of a signal is listed apart and not compared (Postfix 3.7.11 and earlier, fixed in 3.7.22:
 its smtpd dies of a SIGSEGV on some BDATs that follow a chunk refused for its size; docs/security.md), and so is
 one whose replies were lost to a reset (`lost_to_a_reset`: rare, a pipelined group after which a server closes).
 The kept SEEDS must have neither. A reply that comes from neither server (`timeout` on both sides) is a difference,
@@ -24,16 +24,16 @@ Who closes is compared with a reset and a close taken alike where both come at o
 server that closes with pipelined input unread sends a reset, and which of the two the client sees is timing (the
 kept seeds 3, 5, 8 and 12 end in a close or a reset on Postfix's side from run to run). After a reset the replies
 the client had received are read from asyncio's StreamReader buffer (`buffered_replies`: a private attribute; the
-kept seeds 4, 6, 7, 10, 32 and 199 end so on both sides).
+kept seeds 4, 6, 7, 10 and 199 end so on both sides).
 
-Left out of the generator on purpose (the differences kept, test_smtpd_vs_postfix.py's docstring): VRFY, bare LF
-or CR, NUL, UTF-8 and SMTPUTF8 (the private Postfix runs with smtputf8_enable = no), STARTTLS. Kept out of it as
+Left out of the generator on purpose (the differences kept, test_smtpd_vs_postfix.py's docstring): VRFY, bare LF or
+CR, NUL, UTF-8 and SMTPUTF8 (the private Postfix runs with smtputf8_enable = no), STARTTLS. Kept out of it as
 documented differences (docs/security.md, docs/config.md; tests/support/dialogues.py says how): a SIZE= over
-message_size_limit and a second AUTH= after a refused MAIL (Postfix keeps both until the transaction ends); a
-BDAT or DATA after a refused BDAT LAST, only where the private Postfix is older than 3.7.22 (Postfix 3.7.11 and
-earlier keep its recipient state, fixed in 3.7.22: `pf.keeps_refused_transactions`); an RFC 822 phrase or an empty list member
-around a path (`MAIL FROM: AUTH=<>`, `RCPT TO: NOTIFY=,`); a MAIL, RCPT or EHLO line near the limit whose length
-goes into the queue file (Postfix counts its queue file in message_size_limit). A command line over
+message_size_limit and a second AUTH= after a refused MAIL (Postfix keeps both until the transaction ends); a BDAT
+or DATA after a refused BDAT LAST, only where the private Postfix is older than 3.7.22 (Postfix 3.7.11 and earlier
+keep its recipient state, fixed in 3.7.22: `pf.keeps_refused_transactions`); an RFC 822 phrase or an empty list
+member around a path (`MAIL FROM: AUTH=<>`, `RCPT TO: NOTIFY=,`); a MAIL, RCPT or EHLO line near the limit whose
+length goes into the queue file (Postfix counts its queue file in message_size_limit). A command line over
 line_length_limit is sent only as an unknown verb, and mailflow's `500 5.5.2 Error: line too long` is compared as
 Postfix's `500 5.5.2 Error: command not recognized` for it (Postfix runs the line's first 2048 bytes).
 """
