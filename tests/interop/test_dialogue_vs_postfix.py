@@ -13,12 +13,12 @@ connection ends).
 SEEDS are the sessions kept, run as a regular test (2 to 5 s: measured 2.0 s on a quiet machine, 4.6 s on a busy
 one). With MAILFLOW_DIALOGUE_SEEDS=1-300 (or 1,5,9) those seeds run instead, an exploration (measured: 20000 seeds
 in 2 to 4 minutes; add `--timeout 900`, and `-p no:logging`: the captured log of a long run slows it down); the
-differences are printed, MAILFLOW_DIALOGUE_REPORT=FILE gets each as it is found, then they are asserted none. A
-seed during which Postfix's smtpd dies of a signal is listed apart and not compared (Postfix 3.7.11 and earlier, fixed in 3.7.22:
-its smtpd dies of a SIGSEGV on some BDATs that follow a chunk refused for its size; docs/security.md), and so is
-one whose replies were lost to a reset (`lost_to_a_reset`: rare, a pipelined group after which a server closes).
-The kept SEEDS must have neither. A reply that comes from neither server (`timeout` on both sides) is a difference,
-never a match (`alike`).
+differences are printed, MAILFLOW_DIALOGUE_REPORT=FILE gets each as it is found, then they are asserted none. A seed
+during which Postfix's smtpd dies of a signal is listed apart and not compared (Postfix 3.7.11 and earlier, fixed in
+3.7.22: its smtpd dies of a SIGSEGV on some BDATs that follow a chunk refused for its size; docs/security.md), and
+so is one whose replies were lost to a reset (`lost_to_a_reset`: rare, a pipelined group after which a server
+closes). The kept SEEDS must have neither. A reply that comes from neither server (`timeout` on both sides) is a
+difference, never a match (`alike`).
 
 Who closes is compared with a reset and a close taken alike where both come at once (`compared`, a kept mask): a
 server that closes with pipelined input unread sends a reset, and which of the two the client sees is timing (the

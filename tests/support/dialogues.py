@@ -207,11 +207,12 @@ BDAT_WORDS = re.compile(rb"\s*bdat[ \t]+(\d+)([ \t]+last)?[ \t]*\r\n", re.IGNORE
 
 def no_content_after_refused_last(steps: list[Step]) -> list[Step]:
     """`steps` without the BDATs and DATAs after a BDAT LAST that may have been refused as a chunk past
-    message_size_limit or after a null chunk (`BDAT 0` without LAST): Postfix 3.7.11 and earlier (fixed in 3.7.22): its skip_bdat ends
-    such a transaction without resetting its recipient state, so a later BDAT or DATA without MAIL and RCPT is
-    judged on what is left (552 for a chunk past the limit again, `501 5.5.4 Syntax: DATA` for a DATA with an
-    argument; its smtpd dies of a SIGSEGV at a DATA or a small BDAT without LAST). mailflow answers 503 5.5.1 Error:
-    need RCPT command (docs/security.md). Kept until an RSET, HELO or EHLO (`resets`), or a new MAIL."""
+    message_size_limit or after a null chunk (`BDAT 0` without LAST): Postfix 3.7.11 and earlier (fixed in 3.7.22):
+    its skip_bdat ends such a transaction without resetting its recipient state, so a later BDAT or DATA without
+    MAIL and RCPT is judged on what is left (552 for a chunk past the limit again, `501 5.5.4 Syntax: DATA` for a
+    DATA with an argument; its smtpd dies of a SIGSEGV at a DATA or a small BDAT without LAST). mailflow answers 503
+    5.5.1 Error: need RCPT command (docs/security.md). Kept until an RSET, HELO or EHLO (`resets`), or a new
+    MAIL."""
     risky = done = False
     out = []
     for step in steps:
