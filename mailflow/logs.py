@@ -131,15 +131,15 @@ class MailLog:
                 logging.getLogger("mailflow").exception("%s: mail event observer failed", queue_id)
 
     def received(self, queue_id: str, client: str, *, sasl_method: str = "", sasl_username: str = "",
-                 sasl_sender: str = "") -> None:
+                 sasl_sender: str | None = None) -> None:
         """smtpd accepted a message from `client` (`host[ip]`), logged before cleanup's and qmgr's lines; with
-        the login after AUTH, and MAIL's AUTH= sender when given (Postfix's `sasl_sender=`)."""
+        the login after AUTH, and MAIL's AUTH= sender when given, an empty one too (Postfix's `sasl_sender=`)."""
         if not self.active:
             return
         sasl = f", sasl_method={sasl_method}, sasl_username={sasl_username}" if sasl_username else ""
-        sasl += f", sasl_sender={sasl_sender}" if sasl_sender else ""
+        sasl += f", sasl_sender={sasl_sender}" if sasl_sender is not None else ""
         self._emit(queue_id, "received", f"client={client}{sasl}", service="smtpd", client=client,
-                   sasl_method=sasl_method, sasl_username=sasl_username, sasl_sender=sasl_sender)
+                   sasl_method=sasl_method, sasl_username=sasl_username, sasl_sender=sasl_sender or "")
 
     def picked_up(self, queue_id: str, uid: int, sender: str, *, orig_id: str = "") -> None:
         """pickup took a message submitted by local user `uid` (`mailflow sendmail`), or (`orig_id`: its old queue

@@ -68,17 +68,17 @@ def _take_dsn(found: dict[str, str], key: str, value: str, discarded: frozenset[
 
 
 def mail_parameters(words: list[str], size_limit: int | None,
-                    discarded: frozenset[str] = frozenset()) -> tuple[list[str], str, str, str] | status.Reply:
+                    discarded: frozenset[str] = frozenset()) -> tuple[list[str], str, str, str | None] | status.Reply:
     """(options for the handler, RET, ENVID, AUTH) of MAIL's parameter words, or the refusal. The words are taken
     in the order given and the first bad one answers, as in Postfix's mail_cmd; the declared SIZE (the last one
     given) is compared with the limit after them all, as Postfix's smtpd_check_size. Options are upper case:
-    `BODY=8BITMIME`, `SIZE=n`, `SMTPUTF8`. AUTH is the AUTH= value as given (printable; "" for `<>` or none),
-    which Postfix keeps as the message's sasl_sender. `discarded`: the EHLO keywords discarded (smtpd's
-    discard_ehlo_keywords): without DSN its parameters are refused, without SMTPUTF8 that one is unknown."""
+    `BODY=8BITMIME`, `SIZE=n`, `SMTPUTF8`. AUTH is the AUTH= value as given (printable; None for `<>` or none,
+    "" for an empty one), which Postfix keeps as the message's sasl_sender. `discarded`: the EHLO keywords
+    discarded (smtpd's discard_ehlo_keywords): without DSN its parameters are refused, without SMTPUTF8 that one is
+    unknown."""
     options: dict[str, str] = {}  # by keyword: the option as the handler gets it
     found: dict[str, str] = {}  # RET and ENVID
-    auth = ""
-    named = False  # an AUTH= other than <> was given (its value may be empty: Postfix's sasl_sender is set)
+    auth: str | None = None  # (an AUTH= other than <>, its value may be empty: Postfix's sasl_sender is set)
     declared = 0  # the last SIZE= given
     for word in words:
         key, eq, value = word.partition("=")
@@ -93,9 +93,9 @@ def mail_parameters(words: list[str], size_limit: int | None,
                 return size
             declared, options[key] = size, f"SIZE={size}"
         elif key == "AUTH" and eq:  # RFC 4954 section 5: accepted from anyone, trusted from no one
-            if named:  # Postfix refuses a second AUTH= once one named a sender (one after AUTH=<> is taken)
+            if auth is not None:  # Postfix refuses a second AUTH= once one named a sender (one after AUTH=<> is taken)
                 return status.MULTIPLE_AUTH
-            named, auth = value != "<>", "" if value == "<>" else printable(value)
+            auth = None if value == "<>" else printable(value)
         elif key in ("RET", "ENVID") and eq:
             refusal = _take_dsn(found, key, value, discarded)
             if refusal is not None:

@@ -182,7 +182,7 @@ class Cleanup:
         self._checks = checks if checks is not None and checks.enabled else None
         self._content_filter = content_filter
 
-    def begin(self, client: ClientInfo, sasl_sender: str = "") -> QueueId:
+    def begin(self, client: ClientInfo, sasl_sender: str | None = None) -> QueueId:
         """The queue id of a message smtpd is receiving, taken at its first accepted recipient (Postfix's smtpd
         opens its queue file there), and smtpd's `QID: client=` line. Nothing is written: a transaction that ends
         without a message simply never uses its id. The message comes back with it (`Submission.queue_id`)."""
@@ -330,7 +330,7 @@ class Cleanup:
         if sub.queue_id:
             return sub.queue_id
         if _from_client(sub):
-            return self.begin(sub.client, sub.client_attributes.sasl_sender)
+            return self.begin(sub.client, sub.client_attributes.sasl_sender or None)
         return self._ids.next()
 
     def _prepare(self, sub: Submission, queue_id: QueueId, rewrite: bool, bcc: Bcc = NO_BCC) -> NewMessage:

@@ -649,6 +649,22 @@ async def test_the_client_line_names_the_auth_sender_as_postfix_does(mailflow_se
     assert any(line.endswith(f": client={LOOPBACK_CLIENT}, sasl_sender=x+2By@local.test") for line in lines), lines
 
 
+async def test_the_client_line_names_an_empty_auth_sender_as_postfix_does(mailflow_server, caplog):
+    # a private Postfix 3.7.11 logged "client=localhost[127.0.0.1], sasl_sender=" for `AUTH=` (its cleanup then
+    # warned of a spurious null attribute and ignored it), and no sasl_sender= for `AUTH=<>`
+    caplog.set_level(logging.INFO, logger="mailflow")
+    mf = await mailflow_server()
+    for params in (" AUTH=", " AUTH=<>"):
+        c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+        await c.envelope(mail_params=params)
+        assert (await c.cmd("DATA"))[0] == 354
+        assert (await c.cmd(MSG + b"."))[0] == 250
+        await c.close()
+    lines = [r.getMessage() for r in caplog.records if ": client=" in r.getMessage()]
+    assert [line.split(": ", 1)[1] for line in lines] == [f"client={LOOPBACK_CLIENT}, sasl_sender=",
+                                                         f"client={LOOPBACK_CLIENT}"], lines
+
+
 async def test_auth_pipelined_with_mail_is_taken_as_postfix_takes_it(mailflow_server, users):
     # Postfix's smtpd does not count AUTH among the commands that end a pipelined group (smtpd.c's command
     # table): a client sending `AUTH PLAIN <response>` and MAIL in one write gets 235 and 250, not 554

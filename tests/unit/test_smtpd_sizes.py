@@ -29,7 +29,7 @@ def test_bdat_takes_leading_zeros_and_refuses_an_overflow_as_malformed():
 
 
 def test_mail_size_past_off_t_max_is_postfixs_file_system_limit_not_a_syntax_error():
-    assert mail_parameters(["SIZE=0000000000000000000000100"], 10240) == (["SIZE=100"], "", "", "")
+    assert mail_parameters(["SIZE=0000000000000000000000100"], 10240) == (["SIZE=100"], "", "", None)
     assert mail_parameters(["SIZE=99999999999999999999999"], 0) == status.SIZE_OVERFLOW
     assert mail_parameters(["SIZE=99999999999999999999999"], 10240) == status.SIZE_OVERFLOW
     assert mail_parameters(["SIZE=10241"], 10240) == status.SIZE_EXCEEDS_LIMIT

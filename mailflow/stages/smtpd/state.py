@@ -208,7 +208,7 @@ class SessionState(_AiosmtpdSession):
                                 port=self.port_text,
                                 helo=self.host_name or "", protocol=self.protocol,
                                 sasl_method=self.auth_mechanism if login else "", sasl_username=login,
-                                sasl_sender=transaction.auth_sender)
+                                sasl_sender=transaction.auth_sender or "")  # (an empty one: ignored by cleanup)
 
 
 class Transaction(_AiosmtpdEnvelope):
@@ -223,7 +223,7 @@ class Transaction(_AiosmtpdEnvelope):
     original_content: Content | None  # type: ignore[assignment]  # the same Content
     dsn_ret: str  # RFC 3461 RET: FULL, HDRS or ""
     dsn_envid: str  # RFC 3461 ENVID, xtext-decoded ("" when not given)
-    auth_sender: str  # MAIL's AUTH= value as given, printable ("" for AUTH=<> or none): Postfix's sasl_sender
+    auth_sender: str | None  # MAIL's AUTH= value as given, printable (None for AUTH=<> or none): sasl_sender
     rcpt_dsn: list[tuple[str, str]]  # one (NOTIFY, ORCPT) per accepted recipient, in the order of rcpt_tos
     rcpt_written: list[str]  # one per accepted recipient: its address as the client wrote it (the original)
     overshoot: int  # recipients refused for recipient_limit (errors only past recipient_overshoot_limit)
@@ -243,7 +243,7 @@ class Transaction(_AiosmtpdEnvelope):
         super().__init__()
         self.dsn_ret = ""
         self.dsn_envid = ""
-        self.auth_sender = ""
+        self.auth_sender = None
         self.rcpt_dsn = []
         self.rcpt_written = []
         self.overshoot = 0
