@@ -3,7 +3,8 @@ the HTTP capture API. Like discard(8) it delivers nowhere else; unlike it, the m
 
     CaptureTransport(mailbox)    every recipient of a request is sent (2.0.0, relay "capture") once the message
                                  is in the mailbox: one captured message per delivery, with its envelope (the
-                                 recipients of this request, their DSN parameters) and its bytes as queued
+                                 recipients of this request in the order the client gave them, their DSN
+                                 parameters) and its bytes as queued
 
 Registered (`build_transports`) when the server has a mailbox: `mailflow serve --sink`, `[sink] enable`, the
 embedded Sink. The mailbox is bounded ([sink] max_messages, max_bytes): the oldest messages make room.
@@ -13,7 +14,7 @@ Failure behaviour: a content read error defers every recipient (4.3.0), as any t
 from __future__ import annotations
 
 from mailflow.capture.mailbox import CapturedEnvelope, Mailbox
-from mailflow.model import DeliveryReport, DeliveryRequest, Outcome
+from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, Recipient
 
 
 class CaptureTransport:
@@ -28,7 +29,7 @@ class CaptureTransport:
         except OSError as e:
             return DeliveryReport.uniform(request.recipients, Outcome.DEFERRED, "4.3.0",
                                           f"cannot read the queued message: {e}", relay="capture")
-        rcpts = request.recipients
+        rcpts = tuple(sorted(request.recipients, key=_envelope_position))  # (qmgr hands them over in its order)
         envelope = CapturedEnvelope(
             sender=request.sender, recipients=tuple(r.address for r in rcpts),
             originals=tuple(r.original for r in rcpts), notify=tuple(r.notify for r in rcpts),
@@ -39,3 +40,7 @@ class CaptureTransport:
 
     async def close(self) -> None:
         pass
+
+
+def _envelope_position(rcpt: Recipient) -> int:
+    return rcpt.index
