@@ -61,9 +61,10 @@ async def dialogue(port: int) -> list[bytes]:
 
 def postscreen_lines(lines: list[str]) -> list[str]:
     """The lines, each client port as PORT (`[ip]port` too: Postfix 3.7's EHLO discard line has no colon), and a
-    hangup's time as TIME (`HANGUP after 0.01`: how long the session took, 0 or 0.01 as the host is fast)."""
+    hangup's or a pregreet's time as TIME (`HANGUP after 0.01`, `PREGREET 18 after 0`: how long the session had
+    taken, 0 or 0.01 as the host is fast or busy)."""
     ported = (re.sub(r"\]:?\d+", lambda m: "]:PORT" if m[0][1] == ":" else "]PORT", line) for line in lines)
-    return [re.sub(r"^HANGUP after \d+(\.\d+)? ", "HANGUP after TIME ", line) for line in ported]
+    return [re.sub(r"^(HANGUP|PREGREET \d+) after \d+(\.\d+)? ", r"\1 after TIME ", line) for line in ported]
 
 
 # lines() -> the server's log lines so far (postscreen's, with tlsproxy's as `process: text` where both are read)
