@@ -79,25 +79,48 @@ class Balancer:
 def haproxy_instance(backends: list[int]) -> Iterator[Balancer]:
     binary = require_tool("haproxy")
     root = Path(tempfile.mkdtemp(prefix="mailflow-haproxy-", dir="/tmp"))
-    balancer = Balancer(root, free_port())
+    try:
+        for attempt in range(3):  # (a free port can be taken by another test before HAProxy binds it: it exits)
+            balancer = Balancer(root, free_port())
+            proc = _started(binary, balancer, backends)
+            if proc is not None:
+                break
+        else:
+            pytest.fail(f"haproxy did not start: {balancer.log[-2000:]}")
+        try:
+            yield balancer
+        finally:
+            _stopped(proc)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _started(binary: str, balancer: Balancer, backends: list[int]) -> subprocess.Popen | None:
+    """HAProxy for `balancer`, once it listens and its stats socket is there; None when it exited first."""
+    root = balancer.root
     servers = "\n".join(SERVER.format(n=n, port=port) for n, port in enumerate(backends, 1))
     (root / "haproxy.cfg").write_text(CONFIG.format(root=root, port=balancer.port, servers=servers))
     check = subprocess.run([binary, "-c", "-f", str(root / "haproxy.cfg")], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     with open(root / "haproxy.log", "wb") as log:
         proc = subprocess.Popen([binary, "-db", "-f", str(root / "haproxy.cfg")], stdout=log, stderr=log)
+    deadline = time.monotonic() + 10
+    while not ((root / "admin.sock").exists() and accepts(balancer.port)):  # (the port may be another's)
+        if proc.poll() is not None:
+            return None
+        if time.monotonic() > deadline:
+            _stopped(proc)
+            pytest.fail(f"haproxy did not listen on {balancer.port}: {balancer.log[-2000:]}")
+        time.sleep(0.02)
+    if proc.poll() is not None:
+        return None
+    return proc
+
+
+def _stopped(proc: subprocess.Popen) -> None:
+    proc.terminate()
     try:
-        deadline = time.monotonic() + 10
-        while not accepts(balancer.port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"haproxy did not listen on {balancer.port}: {balancer.log[-2000:]}")
-            time.sleep(0.02)
-        yield balancer
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        shutil.rmtree(root, ignore_errors=True)
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
