@@ -191,6 +191,17 @@ async def test_edits_past_the_message_size_limit_refuse_the_message_as_postfix_d
         "queue file size limit exceeded"]
 
 
+async def test_a_flood_of_tiny_edits_counts_what_each_costs_to_keep_against_the_size_limit(milter_server):
+    """40,000 recipient deletions of 3 bytes each are 120 KB of payload but held 2.5 MB or more in memory (each kept
+    edit is Python objects): counted with what keeping each costs, they exceed a 150 KB limit and the message is
+    refused as too big, where counted by payload alone a milter could make one session hold 20 times the limit."""
+    flood = reply(b"-", b"ab\0") * 40_000 + reply(b"a")
+    _, port = await milter_server({b"E": flood}, smtpd={"message_size_limit": 150_000})
+    client = await SmtpClient.connect(port)
+    assert await client.send_message(MESSAGE) == status.MESSAGE_TOO_BIG
+    await client.close()
+
+
 async def test_a_milter_s_own_too_big_reply_is_logged_as_its_reject_not_as_the_size_limit(milter_server, caplog):
     """A milter may answer the message with the very text of smtpd's size refusal (552 5.3.4 Error: message file
     too big): Postfix logs that as the milter's reject (milter-reject: END-OF-MESSAGE), not as its own limit. Only
