@@ -34,6 +34,7 @@ class FakeAuthServer:
         self.reasons: dict[str, str] = {}  # login -> the reason= of its FAIL
         self.requests: list[dict[str, str]] = []
         self.hold = 0
+        self.delays: dict[str, float] = {}  # login -> seconds its answer waits (each on its own: others go on)
         self._held: list[tuple[asyncio.StreamWriter, bytes]] = []
         self.connections = 0
         self.ended = 0  # connections the client closed
@@ -74,6 +75,9 @@ class FakeAuthServer:
             else:
                 reason = f"\treason={self.reasons[name]}" if name in self.reasons else ""
                 answer = f"FAIL\t{words[1]}\tuser={name}{reason}\n"
+            if name in self.delays:
+                asyncio.get_running_loop().call_later(self.delays[name], writer.write, answer.encode())
+                continue
             self._held.append((writer, self.noise + answer.encode()))
             if len(self._held) > self.hold:
                 for w, data in reversed(self._held):
@@ -147,6 +151,32 @@ async def test_requests_in_flight_together_get_their_own_answers(socket_dir):
         await dovecot.close()
         await server.stop()
     assert [a.login for a in answers] == ["alice@example.test", "carol@example.test"]
+
+
+async def test_one_request_timing_out_fails_no_other_request_in_flight(socket_dir):
+    """Dovecot delays some answers (auth_failure_delay, and up to 15 s for a client IP with failures: its auth
+    penalty), past a listener's sasl_timeout: that one session gets 454, and the connection, shared by every
+    session, is kept while other requests on it wait for their answers (as each Postfix smtpd has its own, a
+    timeout there closes one session's connection only). A connection silent while the one request waited is
+    retired: later requests go to a new one, and it is closed once the requests on it are answered."""
+    server = await FakeAuthServer(socket_dir / "auth").start()
+    server.users["slow@example.test"] = b"pw"
+    server.delays = {"slow@example.test": 30.0, "alice@example.test": 0.4}
+    dovecot = client(server.path)
+    try:
+        slow = asyncio.create_task(dovecot.ask(b"slow@example.test", b"pw", secured=True, timeout=0.3))
+        await eventually(lambda: server.requests)
+        other = asyncio.create_task(dovecot.ask(b"alice@example.test", b"s3cret", secured=True))
+        with pytest.raises(Unavailable, match="no answer within 0.3s"):
+            await slow
+        assert (await other).login == "alice@example.test"
+        await eventually(lambda: server.ended == 1, timeout=5)  # silent while the one waited: closed after the other
+        server.delays = {}
+        assert (await dovecot.ask(b"alice@example.test", b"s3cret", secured=True)).login == "alice@example.test"
+        assert server.connections == 2
+    finally:
+        await dovecot.close()
+        await server.stop()
 
 
 async def test_a_down_silent_or_foreign_server_is_unavailable_and_logged_once(socket_dir, caplog):

@@ -18,7 +18,11 @@ Failure behaviour: never raises to its caller and never accepts a login it was n
 down (connect refused, socket missing), that answers nothing within `timeout` (connect, handshake or request),
 that speaks another major version, offers no PLAIN, or closes the connection: the request is "unavailable"
 (smtpd answers 454 4.7.0, the attempt does not count as a failure), the connection is dropped and made again at
-the next request. Such faults are logged through a FailureLog: the first at once, then once a minute with a count,
+the next request. A request that times out fails alone: the connection stays while it answers other requests
+(Dovecot delays some answers: auth_failure_delay, a client IP's auth penalty up to 15 s); one silent since the
+request was sent is retired (later requests go to a new connection; it is closed once the requests waiting on it
+are answered or time out), so one session's slow answer never fails another's request. Such faults are logged
+through a FailureLog: the first at once, then once a minute with a count,
 then "works again". Lines longer than MAX_LINE end the connection (bounded memory); a reply to an id nobody waits
 for (its request timed out), or whose id is no number, is dropped (Postfix's xsasl_dovecot skips it too).
 """
@@ -136,6 +140,22 @@ class Unavailable(Exception):
     """Dovecot could not be asked (down, silent, closed, not speaking the protocol)."""
 
 
+@dataclass(eq=False)
+class _Connection:
+    """One connection to the auth server and the requests waiting on it (by id); `heard`: lines read from it."""
+
+    writer: asyncio.StreamWriter
+    pending: dict[int, asyncio.Future[Answer]] = field(default_factory=dict)
+    heard: int = 0
+    retired: bool = False  # no new request is sent on it; closed once its last request is answered or given up
+    reader_task: asyncio.Task | None = None
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.reader_task is not None and self.reader_task is not asyncio.current_task():
+            self.reader_task.cancel()
+
+
 class DovecotAuth:
     """The connection to one Dovecot auth socket, shared by the server's sessions (see the module doc)."""
 
@@ -144,21 +164,21 @@ class DovecotAuth:
         self._timeout = timeout
         self._faults = FailureLog(log, f"SASL: Dovecot auth server {endpoint}", clock)
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[Answer]] = {}
         self._connect_lock = asyncio.Lock()
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task | None = None
+        self._current: _Connection | None = None
+        self._retired: set[_Connection] = set()
 
     async def ask(self, login: bytes, password: bytes, *, secured: bool, client_ip: str = "",
                   local_ip: str = "", timeout: float | None = None) -> Answer:
         """Dovecot's answer to `login`/`password` within `timeout` (the connection's own when None: listeners
         with their own sasl_timeout share one connection). Raises Unavailable (already logged)."""
         limit = self._timeout if timeout is None else timeout
+        sent: list[tuple[_Connection, int]] = []  # where the request went, and what had been heard there then
         try:  # (asyncio.timeout, not wait_for: its frame holds the task it made, the task a failure that holds it)
             async with asyncio.timeout(limit):
-                answer = await self._ask(login, password, secured, client_ip, local_ip)
+                answer = await self._ask(login, password, secured, client_ip, local_ip, sent)
         except TimeoutError:  # (an OSError: first)
-            await self._drop()
+            self._retire_if_silent(sent)
             error = TimeoutError(f"no answer within {limit:g}s")
             self._faults.failed(error)
             raise Unavailable(str(error)) from None
@@ -170,23 +190,46 @@ class DovecotAuth:
         self._faults.succeeded()
         return answer
 
-    async def _ask(self, login: bytes, password: bytes, secured: bool, client_ip: str, local_ip: str) -> Answer:
-        writer = await self._connection()
+    async def _ask(self, login: bytes, password: bytes, secured: bool, client_ip: str, local_ip: str,
+                   sent: list[tuple[_Connection, int]]) -> Answer:
+        connection = await self._connection()
         request_id = next(self._ids)
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
+        connection.pending[request_id] = future
+        sent.append((connection, connection.heard))
         try:
-            writer.write(auth_request(request_id, login, password, secured=secured, client_ip=client_ip,
-                                      local_ip=local_ip))
-            await writer.drain()
+            connection.writer.write(auth_request(request_id, login, password, secured=secured, client_ip=client_ip,
+                                                 local_ip=local_ip))
+            await connection.writer.drain()
             return await future
         finally:
-            self._pending.pop(request_id, None)
+            connection.pending.pop(request_id, None)
+            if connection.retired and not connection.pending:
+                self._retired.discard(connection)
+                connection.close()
 
-    async def _connection(self) -> asyncio.StreamWriter:
+    def _retire_if_silent(self, sent: list[tuple[_Connection, int]]) -> None:
+        """One request timed out. A connection that answered others meanwhile stays: Dovecot delays some answers
+        (auth_failure_delay, a client IP's auth penalty) and one slow answer must not fail the other sessions'
+        requests. One silent since the request was sent is retired: new requests go to a new connection, and it
+        is closed once the requests waiting on it are answered or time out."""
+        if not sent:  # (it timed out connecting: nothing to retire)
+            return
+        connection, heard = sent[0]
+        if connection.heard != heard or connection.retired:
+            return
+        if self._current is connection:
+            self._current = None
+        connection.retired = True
+        if connection.pending:
+            self._retired.add(connection)
+        else:
+            connection.close()
+
+    async def _connection(self) -> _Connection:
         async with self._connect_lock:
-            if self._writer is not None and not self._writer.is_closing():
-                return self._writer
+            if self._current is not None and not self._current.writer.is_closing():
+                return self._current
             reader, writer = await self._open()
             try:
                 writer.write(handshake_request(os.getpid()))
@@ -201,9 +244,9 @@ class DovecotAuth:
             except BaseException:
                 writer.close()
                 raise
-            self._writer = writer
-            self._reader_task = asyncio.create_task(self._read_replies(reader, writer), name="dovecot-auth")
-            return writer
+            connection = self._current = _Connection(writer)
+            connection.reader_task = asyncio.create_task(self._read_replies(reader, connection), name="dovecot-auth")
+            return connection
 
     async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         kind, _, rest = self.endpoint.partition(":")
@@ -213,15 +256,16 @@ class DovecotAuth:
         path = rest if kind == "unix" else self.endpoint
         return await asyncio.open_unix_connection(path, limit=MAX_LINE)
 
-    async def _read_replies(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _read_replies(self, reader: asyncio.StreamReader, connection: _Connection) -> None:
         """Hand each OK/FAIL to its request; a CONT (PLAIN with a response needs none) fails it. At the end of
         the connection every request still waiting is failed: their callers answer 454."""
         error: BaseException = EOFError("the auth server closed the connection")
         try:
             while True:
                 line = await reader.readuntil(b"\n")
+                connection.heard += 1
                 reply = parse_line(line)
-                future = self._pending.get(reply.id) if reply.id is not None else None
+                future = connection.pending.get(reply.id) if reply.id is not None else None
                 if future is None or future.done():
                     continue
                 if reply.command == "OK":
@@ -236,21 +280,29 @@ class DovecotAuth:
             error = EOFError("connection closed")
             raise
         finally:
-            if self._writer is writer:
-                self._writer = None
-            writer.close()
-            for future in self._pending.values():
+            if self._current is connection:
+                self._current = None
+            self._retired.discard(connection)
+            connection.writer.close()
+            for future in connection.pending.values():
                 if not future.done():
                     future.set_exception(error)
 
     async def _drop(self) -> None:
-        writer, task = self._writer, self._reader_task
-        self._writer = self._reader_task = None
-        if writer is not None:
-            writer.close()
+        """The current connection closed (a fault on it: the requests waiting on it fail)."""
+        connection, self._current = self._current, None
+        if connection is not None:
+            await self._close(connection)
+
+    @staticmethod
+    async def _close(connection: _Connection) -> None:
+        connection.close()
+        task = connection.reader_task
         if task is not None and task is not asyncio.current_task():
-            task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
     async def close(self) -> None:
+        retired, self._retired = self._retired, set()
+        for connection in retired:
+            await self._close(connection)
         await self._drop()
