@@ -36,6 +36,7 @@ is the first of the body, and cleanup puts the missing empty line before it.
     MAILBOX_LINE                          `X-Mailbox-Line: `, the label of such a line
     mailbox_line_room(labelled, limit) -> int   the most bytes the next leading From line may have to be labelled
                                           within `limit` (header_size_limit): smtpd's DATA and sendmail -bs share it
+    unlabelled(data, count) -> bytes      `data` with the label taken off its first `count` lines
     mailbox_lines(data, count) -> (length, labelled)   the first `count` lines of `data` (line ends made CRLF),
                                           each labelled `X-Mailbox-Line: ` as Postfix's smtpd labels the mbox lines
                                           DATA content starts with (a header field, not a line that ends the header
@@ -183,8 +184,8 @@ def mailbox_line_room(labelled: int, limit: int) -> int:
     `X-Mailbox-Line: ` after `labelled` bytes of labelled lines (their label and CRLF counted) within `limit`
     (header_size_limit): the one rule of smtpd's DATA (Wire.mailbox_lines) and sendmail -bs, decided on the whole
     line, so that the labelled lines themselves never make a header section too big. The header fields after
-    them may still pass the limit: smtpd's DATA then keeps the content unlabelled (labelled_mailbox_lines);
-    sendmail -bs, which streams the lines, does not, and refuses it (docs/config.md)."""
+    them may still pass the limit: smtpd's DATA then keeps the content unlabelled (labelled_mailbox_lines), and
+    so does sendmail -bs (StdioSmtp: `unlabelled` on the header section it holds) (docs/config.md)."""
     return limit - labelled - len(MAILBOX_LINE)
 
 
@@ -197,6 +198,18 @@ def mailbox_lines(data: bytes, count: int) -> tuple[int, bytes]:
         labelled.append(MAILBOX_LINE + data[pos:end].rstrip(b"\r\n") + CRLF)
         pos = end
     return pos, b"".join(labelled)
+
+
+def unlabelled(data: bytes, count: int) -> bytes:
+    """`data` with the `X-Mailbox-Line: ` label taken off its first `count` lines (mailbox_lines' labels)."""
+    kept, pos = [], 0
+    for _ in range(count):
+        if not data.startswith(MAILBOX_LINE, pos):
+            break
+        end = data.find(b"\n", pos) + 1 or len(data)
+        kept.append(data[pos + len(MAILBOX_LINE):end])
+        pos = end
+    return b"".join(kept) + data[pos:]
 
 
 def header_lines(head: bytes) -> list[bytes]:

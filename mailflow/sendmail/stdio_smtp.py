@@ -60,10 +60,11 @@ from mailflow.ehlo_keywords import discards_for, keyword_name
 from mailflow.junk_commands import JunkCount
 from mailflow.logs import MailLog, SmtpdLog
 from mailflow.maildrop import MaildropError
-from mailflow.message import CRLF, MAILBOX_LINE, mailbox_line, mailbox_line_room
+from mailflow.message import CRLF, MAILBOX_LINE, mailbox_line, mailbox_line_room, unlabelled
 from mailflow.reply_footer import FooterClient, footer_lines, footer_values
 from mailflow.sendmail.options import Options, UsageError
-from mailflow.sendmail.reading import LINE_PIECE, clean_address, clean_recipient, line_pieces, lone_cr_as_space
+from mailflow.sendmail.reading import (LINE_PIECE, clean_address, clean_recipient, header_overflows, line_pieces,
+                                      lone_cr_as_space)
 from mailflow.sendmail.submitter import Submitter
 from mailflow.session_log import SessionLog
 from mailflow.smtp_parameters import mail_parameters, path_text, path_word, rcpt_parameters
@@ -105,6 +106,7 @@ class StdioSmtp:
         self._mail_log = MailLog(logger)
         self._record = SessionLog(lambda: CLIENT, SmtpdLog(logger))  # smtpd's session lines and command counts
         self._data_bytes = 0  # of the DATA content being read
+        self._labelled = 0  # how many leading From lines of it _data_lines labelled `X-Mailbox-Line: `
         self._reset()
 
     def _reset(self) -> None:
@@ -281,6 +283,7 @@ class StdioSmtp:
         lines = self._data_lines()
         try:
             head, rest = self._sub.split(lines)
+            head = self._unlabelled_if_too_big(head)
             name = self._sub.store(self._sender, self._recipients, itertools.chain((head,), rest),
                                    self._message_opts, self._rcpt_dsn)
         except _EndOfInput:
@@ -310,6 +313,7 @@ class StdioSmtp:
         with a blank right after them gets the empty line before it, which ends the header section, as Postfix's
         smtpd puts it."""
         at_start, leading, labelled = True, True, 0
+        self._labelled = 0
         limit = self._sub.config.header_size_limit
         held = b""  # (a leading line that may be a From line, until its end or until it cannot fit)
         for text, complete, _ in line_pieces(self._in):
@@ -328,6 +332,7 @@ class StdioSmtp:
                 text, held, at_start = held, b"", True  # (the line from its start)
                 if leading:
                     labelled += len(MAILBOX_LINE) + len(text) + 2
+                    self._labelled += 1
                 elif labelled and text.startswith((b" ", b"\t")):
                     yield CRLF  # (the end of the header section, as Postfix's smtpd writes it there)
             piece = lone_cr_as_space(text[1:] if at_start and text.startswith(b".") else text)
@@ -336,6 +341,15 @@ class StdioSmtp:
             yield piece + CRLF if complete else piece
             at_start = complete
         raise _EndOfInput()
+
+    def _unlabelled_if_too_big(self, head: bytes) -> bytes:
+        """`head` (the first header_size_limit bytes and more of DATA's content, as _data_lines made it) with the
+        leading From lines it labelled unlabelled when the header section, labelled, passes header_size_limit:
+        smtpd's DATA rule (labelled_mailbox_lines), the From lines then body, not a message cleanup refuses. The
+        labelled lines, within the limit, are all in `head`; nothing after them was labelled."""
+        if not self._labelled or not header_overflows(head, self._sub.config.header_size_limit):
+            return head
+        return unlabelled(head, self._labelled)
 
     @staticmethod
     def _skip(lines: Iterator[bytes]) -> bool:

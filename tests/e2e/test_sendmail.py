@@ -211,6 +211,25 @@ async def test_bs_leaves_from_lines_as_body_when_labelled_they_pass_header_size_
     assert body == b"From a@b\r\n" * (9000 - labelled) + b"Subject: s\r\n\r\nb\r\n"
 
 
+async def test_bs_leaves_from_lines_as_body_when_the_fields_after_them_pass_header_size_limit(mailflow_server,
+                                                                                          smtp_peer, cfg):
+    """As smtpd's DATA (labelled_mailbox_lines): a From line that fits, labelled, followed by header fields that then
+    pass header_size_limit, is left unlabelled (the whole content body, as cleanup takes a first line that is no
+    field) and the message queued; -bs kept the label and the message was refused. Postfix queues it too (it labels
+    the line and cuts the header section at the limit)."""
+    peer = await smtp_peer()
+    await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}")
+    fields = b"".join(b"X-Big-%d: %s\r\n" % (n, b"y" * 900) for n in range(120))  # (about 110 KB)
+    content = b"From a@x.test Fri Dec  4\r\n" + fields + b"Subject: s\r\n\r\nb\r\n"
+    rc, out, err = await run(cfg(), "-bs", stdin=b"HELO x\r\nMAIL FROM:<>\r\nRCPT TO:<b@relay.test>\r\nDATA\r\n"
+                                                + content + b".\r\nQUIT\r\n")
+    assert rc == 0 and b"250 2.0.0 Ok: queued" in out, (out, err)
+    await eventually(lambda: peer.messages, timeout=10)
+    head, _, body = peer.messages[0].content.partition(b"\r\n\r\n")
+    assert b"X-Mailbox-Line" not in head
+    assert body == content
+
+
 async def test_bs_tests_the_mbox_lines_as_sent_and_ends_the_header_section_at_a_blank_after_them(
         mailflow_server, smtp_peer, cfg):
     """As Postfix's smtpd under -bs: `.From` is tested before unstuffing (a body line), and a line starting with a
