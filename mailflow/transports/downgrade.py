@@ -10,13 +10,15 @@ default, `disable_mime_output_conversion = no`), as its mime_state module does i
 
 - An entity labelled `Content-Transfer-Encoding: 8bit` or `binary` (any case, blanks before the colon allowed,
   comments ignored: Postfix's
-  mime_state reads the label as a token and counts binary in the 8-bit domain) gets its body encoded as
-  quoted-printable and the label changed to `quoted-printable`, byte for byte as mime_state_downgrade writes it:
+  mime_state reads the label as a token and counts binary in the 8-bit domain; of several labels the last one it
+  knows decides, `labelled_domain`) gets its body encoded as quoted-printable: the labels read while the entity
+  is 8-bit are dropped and `Content-Transfer-Encoding: quoted-printable` ends its header section (`relabelled`),
+  as mime_state writes them; the body byte for byte as mime_state_downgrade writes it:
   `=XX` for '=', control characters but tab, and bytes past '~'; a space or tab ending a line as `=20`/`=09`;
   a soft line break (`=` and the body's line end) as soon as an output line holds more than QP_SOFT_LIMIT
   characters and more of the line follows (lines of 74 to 76 characters with the `=`).
 - multipart/* and message/rfc822 entities are descended into (parts split on their boundary); when they
-  claim 8bit or binary themselves, their label becomes 7bit.
+  claim 8bit or binary themselves, their label becomes 7bit (written as above).
 - Everything else passes byte for byte: headers (8-bit bytes in headers stay: MIME has no body encoding
   for them, and Postfix sends them as they are), bodies without an 8bit label (a non-MIME message with
   8-bit text is sent as it is, as Postfix does), boundaries, preambles and epilogues.
@@ -24,7 +26,8 @@ default, `disable_mime_output_conversion = no`), as its mime_state module does i
 
 `labelled_8bit` reads the label as the conversion does (its first word, comments ignored), where Postfix's cleanup
 compares the whole value: a label `8bit (comment)` marks the message here, so that every message the conversion
-would change is marked (docs/transports.md). It stops at the first such label. cleanup asks this of every
+would change is marked (docs/transports.md; `8bit` then `7bit` too: the conversion drops the 8bit field, and
+Postfix's cleanup marks any 8bit label). It stops at the first entity the conversion changes. cleanup asks this of every
 message, and gives the header fields: a message that is one entity (no multipart or message Content-Type) is
 judged by them alone, its body not read (a case-insensitive search of the whole content took 380 µs per 100 KB
 message, a quarter of what mailflow spends on it); a MIME message is parsed in one pass, in a worker thread when
@@ -57,7 +60,9 @@ MAX_DEPTH = 20
 MAX_HEADER = 102400
 MAX_LINE = 65536
 _CTE = b"content-transfer-encoding"
-_8BIT_DOMAIN = ("8bit", "binary")
+_FIELD_NAME = re.compile(rb"[!-9;-~]+[ \t]*:")  # (blanks before the colon: as parse_headers reads the name)
+# the labels Postfix's mime_state knows (mime_encoding_map): whether each puts its entity in the 8-bit domain
+_DOMAINS = {"7bit": False, "8bit": True, "binary": True, "quoted-printable": False, "base64": False}
 QP_SOFT_LIMIT = 72  # mime_state.c: a soft line break once the output line is longer than this and more follows
 _QP_ESCAPED = re.compile(rb"[\x00-\x08\x0a-\x1f=\x7f-\xff]")
 # what the field name Content-Transfer-Encoding holds however it is written (Title-Case, lower, upper, mixed by word)
@@ -271,8 +276,10 @@ class Downgrade:
         elif eight_bit:
             relabel, mode = b"quoted-printable", "qp"
         headers = self._headers
-        if relabel is not None:
-            headers, self.relabelled = relabelled(headers, relabel), True
+        if relabel is not None or _CONTENT_FIELD.search(b"".join(headers)):
+            downgraded = relabelled(headers, relabel)
+            if downgraded != headers:
+                headers, self.relabelled = downgraded, True
         out.extend(headers)
         self._eol = b""
         if content_type == "message/rfc822" and not boundary and body_follows:
@@ -357,7 +364,7 @@ def entity_facts(header_lines: list[bytes], default_type: str) -> tuple[str, boo
         return default_type, False, None
     info = parse_headers(header_lines, default_type)
     content_type = info.get_content_type()
-    eight_bit = transfer_encoding(str(info.get("content-transfer-encoding", ""))) in _8BIT_DOMAIN
+    eight_bit = labelled_domain(info.get_all("content-transfer-encoding") or [])
     boundary = info.get_boundary() if content_type.startswith("multipart/") else None
     return content_type, eight_bit, boundary
 
@@ -371,19 +378,41 @@ def parse_headers(header_lines: list[bytes], default_type: str) -> Message:
     return info
 
 
-def relabelled(header_lines: list[bytes], encoding: bytes) -> list[bytes]:
-    """The header lines with each Content-Transfer-Encoding field (and its folded lines) replaced."""
+def labelled_domain(labels: Iterable[str], eight_bit: bool = False) -> bool:
+    """Whether an entity with these Content-Transfer-Encoding values (in order) is in the 8-bit domain, as Postfix's
+    mime_state reads them: each label it knows (_DOMAINS) sets the domain, so the last such one decides; one it does
+    not know changes nothing. `eight_bit`: the domain before them."""
+    for label in labels:
+        eight_bit = _DOMAINS.get(transfer_encoding(str(label)), eight_bit)
+    return eight_bit
+
+
+def relabelled(header_lines: list[bytes], encoding: bytes | None) -> list[bytes]:
+    """The header lines as Postfix's mime_state writes them when it converts 8-bit content (MIME_OPT_DOWNGRADE):
+    a Content-Transfer-Encoding field (with its folded lines) is dropped when, once it is read, the entity is in the
+    8-bit domain (labelled_domain: `8bit` then `7bit` keeps the 7bit field only), kept otherwise; and the new label
+    `encoding` (None: none), when the entity ends in the 8-bit domain, is added at the end of the section."""
     out: list[bytes] = []
-    in_field = False
+    fields: list[list[bytes]] = []
     for line in header_lines:
-        if in_field and line[:1] in (b" ", b"\t"):
-            continue  # a folded line of the field being replaced
-        name, colon, _ = line.partition(b":")
-        in_field = bool(colon) and name.strip().lower() == _CTE
-        if in_field:
-            out.append(b"Content-Transfer-Encoding: " + encoding + line_ending(line))
+        if fields and line[:1] in (b" ", b"\t"):
+            fields[-1].append(line)
         else:
-            out.append(line)
+            fields.append([line])
+    eight_bit, ended = False, False
+    for field in fields:
+        name, colon, value = field[0].partition(b":")
+        ended = ended or not _FIELD_NAME.match(field[0])  # (a line that is no field: the parse reads no label after it)
+        if not ended and name.strip().lower() == _CTE:
+            eight_bit = labelled_domain([b"".join((value, *field[1:])).decode("latin-1")], eight_bit)
+            if eight_bit:
+                continue
+        out.extend(field)
+    if encoding is not None:
+        last = out[-1] if out else b""
+        eol = line_ending(last) if last.endswith(b"\n") else b"\r\n"
+        out.extend(([eol] if last and not last.endswith(b"\n") else [])
+                   + [b"Content-Transfer-Encoding: " + encoding + eol])
     return out
 
 

@@ -53,6 +53,17 @@ SMTP_PROBES: dict[str, tuple[str, bytes]] = {
     "BODY=7BIT, 8-bit body": (" BODY=7BIT", b"\r\nsaid 7BIT, " + UMLAUTS + b"\r\n"),
     "BODY=7BIT, labelled 8BIT": (" BODY=7BIT", LABELLED.replace(b"8bit", b"8BIT") + UMLAUTS + b"\r\n"),
     "BODY=8BITMIME, labelled in a nested part": (" BODY=8BITMIME", NESTED % UMLAUTS),
+    "labelled 8bit then 7bit": ("", MIME + TEXT + b"Content-Transfer-Encoding: 8bit\r\n"
+                                b"Content-Transfer-Encoding: 7bit\r\n\r\n" + UMLAUTS + b"\r\n"),
+    "labelled 7bit then 8bit": ("", MIME + TEXT + b"Content-Transfer-Encoding: 7bit\r\n"
+                                b"Content-Transfer-Encoding: 8bit\r\n\r\n" + UMLAUTS + b"\r\n"),
+    "labelled 8bit then unknown": ("", MIME + TEXT + b"Content-Transfer-Encoding: 8bit\r\n"
+                                   b"Content-Transfer-Encoding: x-unknown\r\n\r\n" + UMLAUTS + b"\r\n"),
+    "labelled 8bit before its type": ("", MIME + b"Content-Transfer-Encoding: 8bit\r\n" + TEXT + b"\r\n"
+                                      + UMLAUTS + b"\r\n"),
+    "a nested part labelled 7bit then 8bit": ("", (NESTED % UMLAUTS).replace(
+        b"Content-Transfer-Encoding: 8bit\r\n",
+        b"Content-Transfer-Encoding: 7bit\r\nContent-Transfer-Encoding: 8bit\r\n")),
 }
 # name: (sendmail options, what follows the first header fields), submitted with each one's own sendmail
 LOCAL_PROBES: dict[str, tuple[list[str], bytes]] = {

@@ -18,9 +18,8 @@ Differences on purpose, left out of CASES (the generator's output shows them):
   the peers here offer SMTPUTF8, so that what cleanup made is compared.
 Known and left (reported, not fixed): Postfix also writes `name SP :` as `name:` in the header sections of MIME
 parts and attached messages (mime_state), mailflow in the message's own only (it never rewrites the body; both
-read such a part label, test_a_part_label_written_with_blanks...); and
-Postfix marks a message 8BITMIME for any `Content-Transfer-Encoding: 8bit` field, mailflow reads the first
-Content-Transfer-Encoding field of a header section only (7bit then 8bit: no BODY=8BITMIME from mailflow).
+read such a part label, test_a_part_label_written_with_blanks...). Several Content-Transfer-Encoding fields are
+compared in tests/interop/test_8bitmime_vs_postfix.py.
 """
 from __future__ import annotations
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 import email
 import email.policy
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailflow.content import Content
-from mailflow.transports.downgrade import (Downgrade, _8BIT_DOMAIN, downgrade_8bit, entity_facts, labelled_8bit,
-                                           parse_headers, transfer_encoding)
+from mailflow.transports.downgrade import (Downgrade, downgrade_8bit, entity_facts, labelled_8bit,
+                                           labelled_domain, parse_headers)
 
 
 def test_a_single_part_labelled_8bit_becomes_quoted_printable():
@@ -63,10 +64,26 @@ async def test_a_part_s_label_with_blanks_before_its_colon_marks_the_message_and
                                                            b"\r\n=E9\r\n--b--\r\n")
 
 
-def test_a_folded_label_is_replaced_whole():
+def test_a_folded_label_is_dropped_whole_and_the_new_one_ends_the_section_as_postfix_writes_it():
     message = b"Content-Transfer-Encoding:\r\n 8bit\r\nX-After: kept\r\n\r\n\xe9\r\n"
-    assert downgrade_8bit(message) == (b"Content-Transfer-Encoding: quoted-printable\r\nX-After: kept\r\n\r\n"
+    assert downgrade_8bit(message) == (b"X-After: kept\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
                                        b"=E9\r\n")
+
+
+@pytest.mark.parametrize("labels, written, body", [
+    ([b"8bit", b"7bit"], [b"7bit"], b"\xe9"),  # (the last label Postfix's mime_state knows decides; a field read
+    ([b"7bit", b"8bit"], [b"7bit", b"quoted-printable"], b"=E9"),  # while the entity is 8-bit is dropped)
+    ([b"8bit", b"x-unknown"], [b"quoted-printable"], b"=E9"),
+    ([b"base64", b"binary"], [b"base64", b"quoted-printable"], b"=E9"),
+])
+async def test_several_labels_are_read_and_written_as_postfixs_mime_state_does(labels, written, body):
+    """Compared with a private Postfix 3.7.11 (tests/interop/test_8bitmime_vs_postfix.py, `labelled 7bit then
+    8bit` ...): mailflow read the first label and replaced each."""
+    head = b"Content-Type: text/plain\r\n" + b"".join(b"Content-Transfer-Encoding: %s\r\n" % label for label in labels)
+    message = head + b"\r\n\xe9\r\n"
+    assert downgrade_8bit(message) == (b"Content-Type: text/plain\r\n" + b"".join(
+        b"Content-Transfer-Encoding: %s\r\n" % label for label in written) + b"\r\n" + body + b"\r\n")
+    assert await labelled_8bit(Content((message,)), header=head)
 
 
 def test_a_binary_label_and_a_label_with_a_comment_are_8bit_too():
@@ -205,6 +222,6 @@ def test_entity_facts_are_the_parse_s(lines, default_type):
     header_lines = [text + end for text, end in lines]
     info = parse_headers(header_lines, default_type)
     content_type = info.get_content_type()
-    parsed = (content_type, transfer_encoding(str(info.get("content-transfer-encoding", ""))) in _8BIT_DOMAIN,
+    parsed = (content_type, labelled_domain(info.get_all("content-transfer-encoding") or []),
               info.get_boundary() if content_type.startswith("multipart/") else None)
     assert entity_facts(header_lines, default_type) == parsed
