@@ -181,6 +181,9 @@ class Submission:
     # the envelope before the milters changed it (None: they did not): cleanup makes the automatic BCC lookups on
     # it, as Postfix's cleanup makes them before its milters run
     received: Envelope | None = None
+    # header fields the milters added that message_drop_headers names (a milter's Bcc): cleanup keeps them, after
+    # the fields it adds, as Postfix's cleanup writes a milter's fields after it has removed those of the message
+    milter_fields: bytes = b""
 
 
 @record

@@ -30,10 +30,12 @@ What it does, in order (Postfix cleanup(8)):
    before its milters run: a milter-added recipient gets no recipient_bcc_maps copy, a deleted one keeps its copy,
    a CHGFROM adds the new sender's copy to the first's;
 4a. removes the header fields of `message_drop_headers` (Postfix's default: Bcc, Resent-Bcc, Return-Path,
-   Content-Length), so a blind copy's recipients are never shown to the others; rewrites the addresses of the
-   address fields (`Submission.header_rewrite_domain`; mailflow.header_addresses): an unqualified one gets
-   @myorigin (or the remote_header_rewrite_domain), then canonical maps and masquerading by the field's class,
-   as Postfix does for mail from this host (smtpd: local_header_rewrite_clients) and local submissions;
+   Content-Length), so a blind copy's recipients are never shown to the others (not those a milter added,
+   `Submission.milter_fields`: kept after the fields cleanup adds, as Postfix keeps a milter's Bcc; they make no
+   message a resent one); rewrites the addresses of the address fields (`Submission.header_rewrite_domain`;
+   mailflow.header_addresses): an unqualified one gets @myorigin (or the remote_header_rewrite_domain), then
+   canonical maps and masquerading by the field's class, as Postfix does for mail from this host (smtpd:
+   local_header_rewrite_clients) and local submissions;
 4b. prepends a Received header (naming the client's AUTH login when smtpd was told to, `ClientInfo.received_login`:
    `(Authenticated sender: LOGIN)` on its second line, as Postfix's smtpd_sasl_authenticated_header; for a local
    submission "by HOST (mailflow, from userid UID)", for a notice "by
@@ -370,7 +372,7 @@ class Cleanup:
             head = without_fields(head, self._drop_headers)
         if sub.header_rewrite_domain is not None and mapper is not None:
             head = _rewrite_header_addresses(mapper, head, sub.header_rewrite_domain, mapped=rewrite)
-        block = self._received(sub, queue_id, now) + _header_lines(sub.headers) + head + missing
+        block = self._received(sub, queue_id, now) + _header_lines(sub.headers) + head + missing + sub.milter_fields
         if rest.size and not rest.read_prefix(2).startswith((b"\r\n", b"\n")):
             block += b"\r\n"  # the header section ended at a line that is no header field: the body starts there
         return NewMessage(

@@ -77,13 +77,17 @@ async def end_of_message(session: MilterSession, submission: Submission) -> Filt
     if not edits:
         return Filtered("continue", submission)
     # (the fields dropped are put back after the edited ones: cleanup removes them, after it has seen a
-    # Resent-Bcc make the message a resent one)
-    new_head = edit_header(shown, edits.headers) + dropped if edits.headers else head
+    # Resent-Bcc make the message a resent one; those of these names a milter added are kept apart, for cleanup
+    # to keep: Submission.milter_fields)
+    new_head, added = head, b""
+    if edits.headers:
+        fields, added = milters_view(edit_header(shown, edits.headers), session.drop_headers)
+        new_head = fields + dropped
     if edits.body is not None:
         content = Content((new_head, b"\r\n", *edits.body))
     else:
         content = Content((new_head, *body.parts)) if new_head is not head else content
-    if edits.too_big or 0 < session.size_limit < content.size:
+    if edits.too_big or 0 < session.size_limit < content.size + len(added):
         log.warning("%s: queue file size limit exceeded", submission.queue_id)
         return Filtered("reject", submission, status.MESSAGE_TOO_BIG, "milter edits: message file too big")
     envelope = submission.envelope
@@ -94,7 +98,8 @@ async def end_of_message(session: MilterSession, submission: Submission) -> Filt
         envelope = dataclasses.replace(edited, sender=(edits.sender[0].strip("<>") if edits.sender
                                                        else envelope.sender))
     return Filtered("continue", dataclasses.replace(submission, content=content, envelope=envelope,
-                                                    received=received), hold=hold)
+                                                    received=received,
+                                                    milter_fields=submission.milter_fields + added), hold=hold)
 
 
 def milters_view(head: bytes, drop: frozenset[str]) -> tuple[bytes, bytes]:
