@@ -16,6 +16,7 @@ import sqlite3
 from dataclasses import field, replace
 from typing import Callable, Iterable
 
+from mailflow.address import internal_form
 from mailflow.errors import ContentRejected, DeliveryError, LookupRetry, MessageTooBig, Overloaded, PermanentError
 from mailflow.logs import printable
 from mailflow.records import record
@@ -57,6 +58,17 @@ def queued(queue_id: str, octets: int | None = None) -> Reply:
     if octets is not None:
         return Reply(250, "2.0.0", f"Ok: {octets} bytes queued as {queue_id}")
     return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+
+def naming_internal_form(reply: Reply, address: str) -> Reply:
+    """`reply` with the address it starts with (`<address>: ...`, as the refusals of an address name it, in
+    Postfix's quoting) named in Postfix's internal form (`<"a.b c"@x.test>` is `<a.b c@x.test>`), as Postfix's
+    smtpd names the address its extract_addr made in every MAIL, RCPT and VRFY refusal; the log's from=/to= keep
+    the quoting. Any other reply is left as it is."""
+    internal = internal_form(address) if '"' in address else address
+    if internal == address or not reply.text.startswith(f"<{address}>"):
+        return reply
+    return replace(reply, text=f"<{internal}>{reply.text[len(address) + 2:]}")
 
 
 def relay_denied(address: str, code: int = 554) -> Reply:

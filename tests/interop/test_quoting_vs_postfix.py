@@ -436,3 +436,43 @@ async def test_an_empty_user_of_the_percent_hack_goes_where_a_real_postfix_sends
         mailflow = await run(mf.smtp_addresses[0][1], mf_dump, EMPTY_USER_PROBES)
     assert differences_of(EMPTY_USER_PROBES, postfix, mailflow) == {}
     assert [postfix[i][1][1][0].split()[0] for i in range(2)] == ['<""@x.test>', "<MAILER-DAEMON@local.test>"]
+
+
+# The refusals of MAIL, RCPT and VRFY name the address in Postfix's internal form (its extract_addr's): quotes
+# opened, quoted pairs undone; the log's from=/to= keep the quoting (compared above)
+REFUSED = ['"a.b c"@local.test', 'a."b c"@local.test', '"a\\\\b"@local.test', '"joe."@local.test', "plain@local.test",
+           '"w 2"@x.test', '"s p"@deny.test']
+REFUSAL_SETTINGS = {"check_sender_access": "inline:{ {deny.test = REJECT} }"}
+
+
+async def refusal_texts(port: int) -> list[str]:
+    """The reply to MAIL (the sender list refusing deny.test), RCPT and VRFY of each REFUSED address."""
+    texts = []
+    for a in REFUSED:
+        client = await SmtpClient.connect(port)
+        try:
+            assert (await client.cmd("EHLO client.test")).code == 250
+            texts.append((await client.cmd(f"MAIL FROM:<{a}>")).text)
+            await client.cmd("RSET")
+            assert (await client.cmd("MAIL FROM:<s@x.test>")).code == 250
+            texts.append((await client.cmd(f"RCPT TO:<{a}>")).text)
+            texts.append((await client.cmd(f"VRFY <{a}>")).text)
+        finally:
+            await client.close()
+    return texts
+
+
+async def test_refusals_name_the_address_as_a_real_postfix_names_it(mailflow_server):
+    sender_list = f"check_sender_access {REFUSAL_SETTINGS['check_sender_access']}"
+    async with postfix_instance({**COMMON, "mydestination": "local.test", "smtpd_delay_reject": "no",
+                                 "disable_vrfy_command": "no", "smtpd_sender_restrictions": sender_list,
+                                 "smtpd_recipient_restrictions": f"check_recipient_access {ACCESS}"}) as pf:
+        postfix = await refusal_texts(pf.port)
+    mf = await mailflow_server(**COMMON, mydestination=["local.test"], mynetworks=["127.0.0.0/8"],
+                               smtpd={"delay_reject": False, "disable_vrfy_command": False,
+                                      "sender_restrictions": [sender_list],
+                                      "recipient_restrictions": [f"check_recipient_access {ACCESS}"]})
+    mailflow = await refusal_texts(mf.smtp_addresses[0][1])
+    assert mailflow == postfix
+    assert "550 5.1.1 <a.b c@local.test>: Recipient address rejected: User unknown in local recipient table" in postfix
+    assert "554 5.7.1 <s p@deny.test>: Sender address rejected: Access denied" in postfix

@@ -328,6 +328,7 @@ class SmtpdHandler:
             action = "milter-reject"
         if refusal is not None:
             envelope.marks = Marks()  # what the sender list marked goes with the refused MAIL (Postfix's mail_reset)
+            refusal = status.naming_internal_form(refusal, sender)
             server.log_reject("MAIL", refusal, sender=addr, action=action)
             return refusal
         envelope.mail_from = own or addr
@@ -368,6 +369,7 @@ class SmtpdHandler:
                     refusal = await self._filters.rcpt(session, envelope, own or addr, addr)
                 action = "milter-reject"
             if refusal is not None:
+                refusal = status.naming_internal_form(refusal, addr)
                 server.log_reject("RCPT", refusal, addr, action=action)
         if refusal is not None:
             return refusal
@@ -424,6 +426,7 @@ class SmtpdHandler:
             return None
         refusal = await self._recipient_lists(self._recipient_facts(session, envelope, addr, command="VRFY"))
         if refusal is not None:
+            refusal = status.naming_internal_form(refusal, addr)
             server.log_reject("VRFY", refusal, addr)
         return refusal
 
