@@ -35,6 +35,7 @@ class FakeAuthServer:
         self.requests: list[dict[str, str]] = []
         self.hold = 0
         self.delays: dict[str, float] = {}  # login -> seconds its answer waits (each on its own: others go on)
+        self.faults: dict[str, str] = {}  # login -> "CONT" (answered with a CONT) or "EOF" (the connection closed)
         self._held: list[tuple[asyncio.StreamWriter, bytes]] = []
         self.connections = 0
         self.ended = 0  # connections the client closed
@@ -75,8 +76,15 @@ class FakeAuthServer:
             else:
                 reason = f"\treason={self.reasons[name]}" if name in self.reasons else ""
                 answer = f"FAIL\t{words[1]}\tuser={name}{reason}\n"
+            fault = self.faults.get(name)
+            if fault == "CONT":
+                answer = f"CONT\t{words[1]}\t\n"
             if name in self.delays:
-                asyncio.get_running_loop().call_later(self.delays[name], writer.write, answer.encode())
+                loop = asyncio.get_running_loop()
+                if fault == "EOF":
+                    loop.call_later(self.delays[name], writer.close)
+                else:
+                    loop.call_later(self.delays[name], writer.write, answer.encode())
                 continue
             self._held.append((writer, self.noise + answer.encode()))
             if len(self._held) > self.hold:
@@ -174,6 +182,54 @@ async def test_one_request_timing_out_fails_no_other_request_in_flight(socket_di
         server.delays = {}
         assert (await dovecot.ask(b"alice@example.test", b"s3cret", secured=True)).login == "alice@example.test"
         assert server.connections == 2
+    finally:
+        await dovecot.close()
+        await server.stop()
+
+
+@pytest.mark.parametrize("fault", ["CONT", "EOF"])
+async def test_a_fault_on_a_retired_connection_fails_its_own_request_never_the_new_connections(socket_dir, fault):
+    """A request still waiting on a retired connection that then sends a CONT or closes: that request is 454,
+    and the connection now in use, with another session's request on it, is not touched (the fault closed the
+    current connection, whichever it was, and every request on it was 454)."""
+    server = await FakeAuthServer(socket_dir / "auth").start()
+    server.users.update({"slow@example.test": b"pw", "odd@example.test": b"pw"})
+    server.faults = {"odd@example.test": fault}
+    server.delays = {"slow@example.test": 30.0, "odd@example.test": 0.6, "alice@example.test": 0.5}
+    dovecot = client(server.path, timeout=3)
+    try:
+        slow = asyncio.create_task(dovecot.ask(b"slow@example.test", b"pw", secured=True, timeout=0.3))
+        await eventually(lambda: server.requests)
+        odd = asyncio.create_task(dovecot.ask(b"odd@example.test", b"pw", secured=True))
+        with pytest.raises(Unavailable, match="no answer within 0.3s"):
+            await slow  # the first connection heard nothing meanwhile: retired
+        alice = asyncio.create_task(dovecot.ask(b"alice@example.test", b"s3cret", secured=True))
+        with pytest.raises(Unavailable):
+            await odd  # at 0.6 s, while alice waits on the second connection
+        assert (await alice).login == "alice@example.test"
+        assert server.connections == 2
+        assert (await dovecot.ask(b"alice@example.test", b"s3cret", secured=True)).login == "alice@example.test"
+        assert server.connections == 2  # the second connection is still the one in use
+    finally:
+        await dovecot.close()
+        await server.stop()
+
+
+async def test_a_cont_fails_its_request_alone_and_the_connection_stays(socket_dir):
+    """PLAIN with an initial response needs no CONT: one is a fault of that request, not of the connection every
+    session shares (it was dropped, and every request in flight on it was 454)."""
+    server = await FakeAuthServer(socket_dir / "auth").start()
+    server.users["odd@example.test"] = b"pw"
+    server.faults = {"odd@example.test": "CONT"}
+    server.delays = {"odd@example.test": 0.1, "alice@example.test": 0.3}
+    dovecot = client(server.path)
+    try:
+        alice = asyncio.create_task(dovecot.ask(b"alice@example.test", b"s3cret", secured=True))
+        await eventually(lambda: server.requests)
+        with pytest.raises(Unavailable, match="unexpected CONT"):
+            await dovecot.ask(b"odd@example.test", b"pw", secured=True)
+        assert (await alice).login == "alice@example.test"
+        assert server.connections == 1
     finally:
         await dovecot.close()
         await server.stop()

@@ -21,7 +21,9 @@ that speaks another major version, offers no PLAIN, or closes the connection: th
 the next request. A request that times out fails alone: the connection stays while it answers other requests
 (Dovecot delays some answers: auth_failure_delay, a client IP's auth penalty up to 15 s); one silent since the
 request was sent is retired (later requests go to a new connection; it is closed once the requests waiting on it
-are answered or time out), so one session's slow answer never fails another's request. Such faults are logged
+are answered or time out), so one session's slow answer never fails another's request. A fault on a connection
+(it closes, a write fails, a line over MAX_LINE) fails the requests on that connection only, never those on
+another; a CONT (PLAIN with a response needs none) fails its request alone. Such faults are logged
 through a FailureLog: the first at once, then once a minute with a count,
 then "works again". Lines longer than MAX_LINE end the connection (bounded memory); a reply to an id nobody waits
 for (its request timed out), or whose id is no number, is dropped (Postfix's xsasl_dovecot skips it too).
@@ -140,6 +142,10 @@ class Unavailable(Exception):
     """Dovecot could not be asked (down, silent, closed, not speaking the protocol)."""
 
 
+class UnexpectedReply(Exception):
+    """An answer this client cannot use for its request (a CONT): that request fails, the connection stays."""
+
+
 @dataclass(eq=False)
 class _Connection:
     """One connection to the auth server and the requests waiting on it (by id); `heard`: lines read from it."""
@@ -182,9 +188,13 @@ class DovecotAuth:
             error = TimeoutError(f"no answer within {limit:g}s")
             self._faults.failed(error)
             raise Unavailable(str(error)) from None
+        except UnexpectedReply as e:  # (that request alone: the connection goes on answering the others)
+            self._faults.failed(ConnectionError(str(e)))
+            raise Unavailable(str(e)) from None
         except (OSError, EOFError, HandshakeError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                 ValueError) as e:
-            await self._drop()
+            if sent:  # the connection this request used, never another (a retired one's fault is not the current's)
+                await self._discard(sent[0][0])
             self._faults.failed(e if isinstance(e, OSError) else ConnectionError(str(e) or type(e).__name__))
             raise Unavailable(str(e) or type(e).__name__) from None
         self._faults.succeeded()
@@ -273,7 +283,7 @@ class DovecotAuth:
                 elif reply.command == "FAIL":
                     future.set_result(Answer(None, "temp" in reply.args, reply.args.get("reason", "")))
                 elif reply.command == "CONT":
-                    future.set_exception(ValueError("unexpected CONT to a PLAIN request with a response"))
+                    future.set_exception(UnexpectedReply("unexpected CONT to a PLAIN request with a response"))
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
             error = e if isinstance(e, OSError) else EOFError("the auth server closed the connection")
         except asyncio.CancelledError:
@@ -288,11 +298,13 @@ class DovecotAuth:
                 if not future.done():
                     future.set_exception(error)
 
-    async def _drop(self) -> None:
-        """The current connection closed (a fault on it: the requests waiting on it fail)."""
-        connection, self._current = self._current, None
-        if connection is not None:
-            await self._close(connection)
+    async def _discard(self, connection: _Connection) -> None:
+        """A fault on `connection` (a write failed; at its end the reader has already done this): it is closed and
+        the requests waiting on it fail; the next request makes a new one if it was the current."""
+        if self._current is connection:
+            self._current = None
+        self._retired.discard(connection)
+        await self._close(connection)
 
     @staticmethod
     async def _close(connection: _Connection) -> None:
@@ -305,4 +317,5 @@ class DovecotAuth:
         retired, self._retired = self._retired, set()
         for connection in retired:
             await self._close(connection)
-        await self._drop()
+        if self._current is not None:
+            await self._discard(self._current)
