@@ -14,7 +14,8 @@ import pytest
 from mailflow import status
 from mailflow.clock import VirtualClock
 from mailflow.stages.smtpd.auth import Authenticator, DovecotBackend, FailureCounter
-from mailflow.stages.smtpd.dovecot_auth import DovecotAuth, Handshake, HandshakeError, Unavailable, parse_line
+from mailflow.stages.smtpd.dovecot_auth import (MAX_RETIRED, DovecotAuth, Handshake, HandshakeError, Unavailable,
+                                                parse_line)
 from tests.support import SmtpClient, eventually
 
 HANDSHAKE = b"VERSION\t1\t2\nMECH\tPLAIN\tplaintext\nMECH\tLOGIN\tplaintext\nSPID\t7\nCUID\t1\nCOOKIE\tab\nDONE\n"
@@ -212,6 +213,33 @@ async def test_a_fault_on_a_retired_connection_fails_its_own_request_never_the_n
         assert server.connections == 2  # the second connection is still the one in use
     finally:
         await dovecot.close()
+        await server.stop()
+
+
+async def test_retired_connections_are_capped_the_oldest_closed_with_its_requests_454(socket_dir):
+    """Listeners with a short and a long sasl_timeout, a client IP Dovecot never answers (its auth penalty): each
+    short request timing out retired the connection, held open until the long request on it ended, one fd per
+    timeout (30 rounds: 29 open). At most MAX_RETIRED stay; the oldest is closed and its request is 454 at once."""
+    server = await FakeAuthServer(socket_dir / "auth").start()
+    server.users["slow@example.test"] = b"pw"
+    server.delays = {"slow@example.test": 30.0}
+    dovecot = client(server.path, timeout=3)
+    rounds = MAX_RETIRED + 4
+    long: list[asyncio.Task] = []
+    try:
+        for _ in range(rounds):
+            long.append(asyncio.create_task(dovecot.ask(b"slow@example.test", b"pw", secured=True, timeout=10)))
+            with pytest.raises(Unavailable, match="no answer within 0.1s"):
+                await dovecot.ask(b"slow@example.test", b"pw", secured=True, timeout=0.1)
+        assert server.connections == rounds
+        await eventually(lambda: server.connections - server.ended == MAX_RETIRED, timeout=5)
+        closed = long[:rounds - MAX_RETIRED]
+        await asyncio.wait(closed, timeout=5)
+        assert all(isinstance(t.exception(), Unavailable) and "retired" in str(t.exception()) for t in closed)
+        assert not any(t.done() for t in long[rounds - MAX_RETIRED:])
+    finally:
+        await dovecot.close()
+        await asyncio.gather(*long, return_exceptions=True)
         await server.stop()
 
 

@@ -21,7 +21,8 @@ that speaks another major version, offers no PLAIN, or closes the connection: th
 the next request. A request that times out fails alone: the connection stays while it answers other requests
 (Dovecot delays some answers: auth_failure_delay, a client IP's auth penalty up to 15 s); one silent since the
 request was sent is retired (later requests go to a new connection; it is closed once the requests waiting on it
-are answered or time out), so one session's slow answer never fails another's request. A fault on a connection
+are answered or time out; past MAX_RETIRED of them the oldest is closed, its requests unavailable), so one
+session's slow answer never fails another's request. A fault on a connection
 (it closes, a write fails, a line over MAX_LINE) fails the requests on that connection only, never those on
 another; a CONT (PLAIN with a response needs none) fails its request alone. Such faults are logged
 through a FailureLog: the first at once, then once a minute with a count,
@@ -47,6 +48,7 @@ log = logging.getLogger("mailflow.smtpd")
 PROTOCOL_MAJOR, PROTOCOL_MINOR = 1, 2
 MAX_LINE = 65536  # bytes of one line from the auth server
 MAX_HANDSHAKE_LINES = 1000
+MAX_RETIRED = 4  # retired connections kept open for their requests; past it the oldest is closed, its requests fail
 REQUEST_ID = re.compile(r"[0-9]{1,10}")  # an id this client can have sent (str.isdigit takes "²", int() does not)
 SERVICE = "smtp"
 
@@ -172,7 +174,7 @@ class DovecotAuth:
         self._ids = itertools.count(1)
         self._connect_lock = asyncio.Lock()
         self._current: _Connection | None = None
-        self._retired: set[_Connection] = set()
+        self._retired: dict[_Connection, None] = {}  # oldest first
 
     async def ask(self, login: bytes, password: bytes, *, secured: bool, client_ip: str = "",
                   local_ip: str = "", timeout: float | None = None) -> Answer:
@@ -215,14 +217,15 @@ class DovecotAuth:
         finally:
             connection.pending.pop(request_id, None)
             if connection.retired and not connection.pending:
-                self._retired.discard(connection)
+                self._retired.pop(connection, None)
                 connection.close()
 
     def _retire_if_silent(self, sent: list[tuple[_Connection, int]]) -> None:
         """One request timed out. A connection that answered others meanwhile stays: Dovecot delays some answers
         (auth_failure_delay, a client IP's auth penalty) and one slow answer must not fail the other sessions'
         requests. One silent since the request was sent is retired: new requests go to a new connection, and it
-        is closed once the requests waiting on it are answered or time out."""
+        is closed once the requests waiting on it are answered or time out. At most MAX_RETIRED stay open (each is
+one fd until its longest request ends): past it the oldest is closed and its requests are unavailable (454)."""
         if not sent:  # (it timed out connecting: nothing to retire)
             return
         connection, heard = sent[0]
@@ -231,10 +234,17 @@ class DovecotAuth:
         if self._current is connection:
             self._current = None
         connection.retired = True
-        if connection.pending:
-            self._retired.add(connection)
-        else:
+        if not connection.pending:
             connection.close()
+            return
+        self._retired[connection] = None
+        if len(self._retired) > MAX_RETIRED:  # (short and long sasl_timeouts mixed would retire one per timeout)
+            oldest = next(iter(self._retired))
+            del self._retired[oldest]
+            for future in oldest.pending.values():
+                if not future.done():
+                    future.set_exception(ConnectionError(f"closed: more than {MAX_RETIRED} retired connections"))
+            oldest.close()
 
     async def _connection(self) -> _Connection:
         async with self._connect_lock:
@@ -292,7 +302,7 @@ class DovecotAuth:
         finally:
             if self._current is connection:
                 self._current = None
-            self._retired.discard(connection)
+            self._retired.pop(connection, None)
             connection.writer.close()
             for future in connection.pending.values():
                 if not future.done():
@@ -303,7 +313,7 @@ class DovecotAuth:
         the requests waiting on it fail; the next request makes a new one if it was the current."""
         if self._current is connection:
             self._current = None
-        self._retired.discard(connection)
+        self._retired.pop(connection, None)
         await self._close(connection)
 
     @staticmethod
@@ -314,7 +324,7 @@ class DovecotAuth:
             await asyncio.gather(task, return_exceptions=True)
 
     async def close(self) -> None:
-        retired, self._retired = self._retired, set()
+        retired, self._retired = self._retired, {}
         for connection in retired:
             await self._close(connection)
         if self._current is not None:
