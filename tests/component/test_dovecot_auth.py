@@ -188,6 +188,26 @@ async def test_one_request_timing_out_fails_no_other_request_in_flight(socket_di
         await server.stop()
 
 
+async def test_a_connection_that_answered_others_meanwhile_is_kept_after_a_timeout(socket_dir):
+    """The timeout of one request whose answer Dovecot delays, while the connection answers another session: the
+    connection is not retired, the next request goes on it (only retirement was tested: always retiring passed)."""
+    server = await FakeAuthServer(socket_dir / "auth").start()
+    server.users["slow@example.test"] = b"pw"
+    server.delays = {"slow@example.test": 30.0, "alice@example.test": 0.05}
+    dovecot = client(server.path)
+    try:
+        slow = asyncio.create_task(dovecot.ask(b"slow@example.test", b"pw", secured=True, timeout=0.3))
+        await eventually(lambda: server.requests)
+        assert (await dovecot.ask(b"alice@example.test", b"s3cret", secured=True)).login == "alice@example.test"
+        with pytest.raises(Unavailable, match="no answer within 0.3s"):
+            await slow
+        assert (await dovecot.ask(b"alice@example.test", b"s3cret", secured=True)).login == "alice@example.test"
+        assert (server.connections, server.ended) == (1, 0)
+    finally:
+        await dovecot.close()
+        await server.stop()
+
+
 @pytest.mark.parametrize("fault", ["CONT", "EOF"])
 async def test_a_fault_on_a_retired_connection_fails_its_own_request_never_the_new_connections(socket_dir, fault):
     """A request still waiting on a retired connection that then sends a CONT or closes: that request is 454,
