@@ -202,6 +202,21 @@ async def test_a_flood_of_tiny_edits_counts_what_each_costs_to_keep_against_the_
     await client.close()
 
 
+async def test_a_body_replaced_in_small_chunks_is_counted_by_its_bytes_not_as_so_many_edits(milter_server, tmp_path):
+    """libmilter passes smfi_replacebody's chunks as the milter hands them: a milter rewriting the body line by line
+    sends one per line. A 4 MB body in 80-byte chunks (about 6 MB held) was counted as 80 + 128 bytes a chunk,
+    10.4 MB, and refused under a 10 MB limit, where Postfix, whose queue file is about 4 MB, accepts it."""
+    line = b"y" * 78 + b"\r\n"
+    lines = 50_000
+    _, port = await milter_server({b"E": reply(b"b", line) * lines + reply(b"a")}, content_timeout="20s",
+                                  smtpd={"message_size_limit": 10_240_000})
+    client = await SmtpClient.connect(port)
+    assert (await client.send_message(MESSAGE)).code == 250
+    await client.close()
+    [data] = await eventually(lambda: maildir_messages(tmp_path / "mail" / "alice" / "Maildir"), timeout=20)
+    assert data.count(b"y" * 78 + b"\n") == lines
+
+
 async def test_a_milter_s_own_too_big_reply_is_logged_as_its_reject_not_as_the_size_limit(milter_server, caplog):
     """A milter may answer the message with the very text of smtpd's size refusal (552 5.3.4 Error: message file
     too big): Postfix logs that as the milter's reject (milter-reject: END-OF-MESSAGE), not as its own limit. Only

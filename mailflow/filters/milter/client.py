@@ -59,9 +59,12 @@ from mailflow.syntax import parse_endpoint
 log = logging.getLogger("mailflow.smtpd")
 
 DEFAULT_ACTIONS = ("tempfail", "accept", "reject", "quarantine")
-# what one kept modification request costs in memory beyond its payload (its objects: strings, tuple, list slot;
+# what one kept header or recipient edit costs in memory beyond its payload (its objects: strings, tuple, list slot;
 # measured 63 to 125 bytes with CPython 3.11), counted against the size limit with it
 EDIT_COST = 128
+# what one kept body replacement chunk costs beyond its bytes (one bytes object, 33, and its list slot, 8): libmilter
+# sends the chunks as the milter gave them, so one that rewrites the body line by line sends many small ones
+BODY_CHUNK_COST = 48
 
 
 @dataclass(frozen=True)
@@ -106,8 +109,10 @@ class Edits:
         """Count a modification request; False (and `too_big` from then on) once they exceed `limit` (0: none), as
         Postfix's queue file stops at message_size_limit: nothing past it is kept. Each counts its payload and
         EDIT_COST, what keeping one costs beyond it, so that what is kept stays within about the limit in memory too
-        (counted by payload only, a flood of 3-byte DELRCPTs held 20 times the limit)."""
-        self.size += len(reply.payload) + EDIT_COST
+        (counted by payload only, a flood of 3-byte DELRCPTs held 20 times the limit). A body chunk (REPLBODY) is
+        one bytes object, its cost BODY_CHUNK_COST (at EDIT_COST a body replaced in 80-byte lines, about 1.6 times
+        its size in memory, was counted 2.6 times: a 4 MB one was too big for a 10 MB limit)."""
+        self.size += len(reply.payload) + (BODY_CHUNK_COST if reply.command == p.REPLBODY else EDIT_COST)
         self.too_big = self.too_big or 0 < limit < self.size
         return not self.too_big
 
