@@ -217,6 +217,22 @@ async def test_a_body_replaced_in_small_chunks_is_counted_by_its_bytes_not_as_so
     assert data.count(b"y" * 78 + b"\n") == lines
 
 
+async def test_the_size_limit_of_the_edits_is_the_message_s_across_its_milters(mailflow_server):
+    """Each milter's edits were held to the limit on its own, so N milters could make one message hold N times
+    message_size_limit in memory: the milters' edits of one message count together. Two milters that each delete
+    1,000 recipients (about 0.9 of a 150 KB limit each, as they are counted) make the message too big."""
+    flood = reply(b"-", b"ab\0") * 1_000 + reply(b"a")
+    second_answers = iter([reply(b"a"), flood])  # the first message: the first milter's edits alone
+    async with scripted_milter({b"E": flood}) as first, \
+            scripted_milter({b"E": lambda session, _: next(second_answers)}) as second:
+        mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "milters": [first.spec, second.spec],
+                                          "message_size_limit": 150_000})
+        client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+        assert (await client.send_message(MESSAGE)).code == 250
+        assert await client.send_message(MESSAGE, ehlo=False) == status.MESSAGE_TOO_BIG
+        await client.close()
+
+
 async def test_a_milter_s_own_too_big_reply_is_logged_as_its_reject_not_as_the_size_limit(milter_server, caplog):
     """A milter may answer the message with the very text of smtpd's size refusal (552 5.3.4 Error: message file
     too big): Postfix logs that as the milter's reject (milter-reject: END-OF-MESSAGE), not as its own limit. Only

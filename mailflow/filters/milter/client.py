@@ -186,12 +186,14 @@ class MilterConnection:
             raise MilterFailed(_why(e)) from None
 
     async def end_of_message(self, events: AsyncIterator[tuple[bytes, bytes]], macros: dict[bytes, bytes],
-                             queue_id: str = "") -> tuple[p.Reply, Edits]:
+                             queue_id: str = "", counted: int = 0) -> tuple[p.Reply, Edits]:
         """DATA, headers, EOH, body chunks (stopped by a SKIP reply), EOB, each after its `macros` packet (by
-        command; none when absent): the final reply and the edits (an edit ignored is logged under `queue_id`)."""
+        command; none when absent): the final reply and the edits (an edit ignored is logged under `queue_id`).
+        `counted`: the size of the edits the milters before this one made to the message (the limit is the
+        message's): the edits' `size` starts from it."""
         assert self._writer is not None and self.negotiated is not None
         n = self.negotiated
-        edits = Edits()
+        edits = Edits(size=counted)
         timeout = self._settings.content_timeout
         skipping = False  # the milter answered a body chunk with SKIP: it wants no more of the body
         try:
@@ -456,7 +458,8 @@ class MilterSession:
                 continue
             try:
                 reply, edits = await milter.end_of_message(_events(head, body, milter.negotiated),
-                                                           _message_macros(_i(queue_id), milter), queue_id)
+                                                           _message_macros(_i(queue_id), milter), queue_id,
+                                                           result.edits.size)
             except MilterFailed as e:
                 verdict = self._failed(milter, e)
             else:
@@ -629,7 +632,7 @@ def _merge(into: Edits, edits: Edits) -> None:
     into.delete_recipients += edits.delete_recipients
     into.body = edits.body if edits.body is not None else into.body
     into.quarantine = edits.quarantine or into.quarantine
-    into.size += edits.size
+    into.size = edits.size  # (it started from into.size: end_of_message's `counted`)
     into.too_big = into.too_big or edits.too_big
 
 
