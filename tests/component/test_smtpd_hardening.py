@@ -402,7 +402,7 @@ async def test_mail_path_syntax(mailflow_server, command, reply):
     ("RCPT TO:<alice@local.test.>", status.RCPT_OK),
     ("RCPT TO:<@hop.test,@other.test:alice@local.test>", status.RCPT_OK),
     ("RCPT TO:alice@local.test", status.RCPT_OK),
-    ('RCPT TO:<"a b"@local.test>', status.user_unknown('"a b"@local.test')),
+    ('RCPT TO:<"a b"@local.test>', status.user_unknown('a b@local.test')),  # named in Postfix's internal form
     (f"RCPT TO:<{LONG_LOCAL}@local.test>", status.user_unknown(f"{LONG_LOCAL}@local.test")),  # syntax passes
     ("RCPT TO:<" + "a" * 250 + "@local.test>", status.RECIPIENT_SYNTAX),
 ])
