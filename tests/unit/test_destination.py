@@ -1,7 +1,10 @@
 """The destination window: slow start on success, throttle on site failure, dead-site memory, revival."""
 from __future__ import annotations
 
-from mailflow.model import Recipient
+import pytest
+
+from mailflow.model import Outcome, Recipient
+from mailflow.stages.qmgr import _suspended
 from mailflow.stages.qmgr.destination import Destination, Job
 
 T0 = 1000.0
@@ -173,3 +176,23 @@ def test_a_message_s_jobs_waiting_their_turn_are_withdrawn_drained_and_counted()
     assert [j.recipients[0].index for j in d.withdraw("BIG")] == [0, 1, 2]
     assert [j.queue_id for j in d.drain()] == ["Q1", "Q1"]
     assert d.idle(T0)
+
+
+@pytest.mark.parametrize("status, reason, dsn, text, warned", [
+    ("4.4.2", "lost connection with mx.example.test", "4.4.2", "lost connection with mx.example.test", False),
+    ("5.7.1", "refused by mx.example.test", "4.0.0", "refused by mx.example.test", True),
+    ("", "", "4.0.0", "unknown error", False),
+])
+def test_a_dead_site_defers_with_a_4xx_status_as_postfix_does(status, reason, dsn, text, warned, caplog):
+    # Postfix's defer_append makes any status that is not 4.x.x 4.0.0, with a warning (defer.c); qmgr_deliver.c
+    # says "unknown error" for no reason. Before: a 5.7.1 passed through as the deferral's, no status gave 4.4.1.
+    d = dest(initial=1)
+    d.jobs.append(job(0))
+    d.take()
+    d.done(False, reason, T0, DEAD_TIME, status)
+    assert d.is_dead(T0)
+    report = _suspended(d, job(1).recipients)
+    (result,) = report.results
+    assert (result.outcome, result.dsn, result.text) == \
+        (Outcome.DEFERRED, dsn, f"delivery temporarily suspended: {text}")
+    assert (f'defer_append: ignoring dsn code "{status}"' in caplog.text) == warned

@@ -1244,9 +1244,15 @@ def _unique(transports) -> list:
 def _suspended(dest: Destination, recipients: tuple[Recipient, ...]) -> DeliveryReport:
     """What a dead destination answers for the recipients of a job (or a probe) it will not attempt: the status
     and reason of the failure that killed it, as Postfix's qmgr keeps them (queue->dsn: `4.7.1` after a refused
-    greeting, `4.4.2` after a lost connection); 4.4.1 when the agent gave no status."""
-    text = f"delivery temporarily suspended: {dest.reason or 'destination is not responding'}"
-    return DeliveryReport.uniform(recipients, Outcome.DEFERRED, dest.status or "4.4.1", text, site_ok=False)
+    greeting, `4.4.2` after a lost connection). A deferral is a 4.x.x: any other status becomes 4.0.0, with
+    Postfix's warning when there was one (defer.c); no reason is Postfix's "unknown error" (qmgr_deliver.c)."""
+    dsn = dest.status
+    if dsn[:1] != "4":
+        if dsn:
+            log.warning('defer_append: ignoring dsn code "%s"', dsn)
+        dsn = "4.0.0"
+    text = f"delivery temporarily suspended: {dest.reason or 'unknown error'}"
+    return DeliveryReport.uniform(recipients, Outcome.DEFERRED, dsn, text, site_ok=False)
 
 
 def _undefined_transport(transport: str, recipients: tuple[Recipient, ...]) -> DeliveryReport:
