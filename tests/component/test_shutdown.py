@@ -3,10 +3,12 @@ with its 250 within the grace period, what outlasts it is cut without losing any
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from mailflow import status
 from mailflow.app import Mailflow
 from mailflow.config import config_from_dict
+from tests.component.test_smtpd_hardening import _connect_unread, _pipeline_until
 from tests.support import SmtpClient, accepts, base_settings, eventually, half_client_hello, queue_counts
 
 HOST = "mx.mailflow.test"
@@ -95,3 +97,28 @@ async def test_the_stops_421_carries_the_reject_footer_as_every_other_refusal(ma
                          "421 4.3.2 more: 127.0.0.1"  # (Postfix's smtp_reply_footer: the reply's codes on each line)
     assert await idle.closed()
     await asyncio.wait_for(stopping, 1.5)
+
+
+async def test_a_session_waiting_for_its_client_to_read_is_gone_when_the_stop_returns(mailflow_server):
+    """A session in a transaction whose client reads none of its replies waits in drain: hung up at the end of the
+    grace, asyncio's close() kept its socket, and the session, until the client read them, or the session's own
+    timeout (here 60 s) after the stop. Now the stop drops what is unsent: the session and its fd are gone."""
+    mf = await mailflow_server(smtpd={"timeout": "60s", "forbid_unauth_pipelining": False,
+                                      "junk_command_limit": 10**9})
+    writes_paused = asyncio.Event()
+    client = await _connect_unread(mf.smtp_addresses[0][1])
+    try:
+        await asyncio.get_running_loop().sock_sendall(client, b"EHLO client.test\r\nMAIL FROM:<s@remote.test>\r\n")
+        await eventually(lambda: len(mf.smtpd.sessions) == 1, timeout=5)
+        session = next(iter(mf.smtpd.sessions))
+        pause_writing = session.pause_writing
+        session.pause_writing = lambda: (writes_paused.set(), pause_writing())
+        raw = session.transport
+        raw.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        await _pipeline_until(client, b"NOOP\r\n" * 2000, writes_paused)
+        assert session.in_transaction
+        await asyncio.wait_for(mf.smtpd.stop(grace=0.3), 3)
+        assert not mf.smtpd.sessions
+        assert raw.get_extra_info("socket").fileno() == -1  # (closed: its fd given back)
+    finally:
+        client.close()

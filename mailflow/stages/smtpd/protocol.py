@@ -435,6 +435,14 @@ class ProtocolCore(SMTP):
         self.record.server_hung_up = True
         self._close()
 
+    def cut(self) -> None:
+        """The end of a stop's grace: hang up, and drop the connection if replies are still unsent (asyncio's
+        close() would wait for its client to read them: a session waiting in drain outlived the stop, up to its
+        timeout, longer while its client reads a little). connection_lost follows."""
+        self.hang_up()
+        if self._unsent():
+            self._drop_connection()
+
     def shut_down(self) -> None:
         """The server is stopping: `421 4.3.2 <host> Service shutting down` and the session ends (RFC 5321 3.8).
         A session in a transaction may end it first (else its client would send the message again): the 421

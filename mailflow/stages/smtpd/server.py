@@ -95,6 +95,7 @@ log = logging.getLogger("mailflow.smtpd")
 
 AUTH_HASH_WORKERS = 2  # scrypt threads: an AUTH flood uses at most this many cores
 STOP_POLL = 0.05  # seconds between looks at the sessions of a stopping server
+CUT_TURNS = 5  # turns of the loop a stop gives the sessions it cut to be gone (an abort's connection_lost: 1, TLS: 2)
 # Implicit-TLS connections being refused that may be in their TLS handshake at once, per listener (the refusal goes
 # over TLS; beyond this, such a connection is closed without a word)
 REFUSAL_HANDSHAKES = 10
@@ -533,8 +534,8 @@ class Smtpd:
     async def stop(self, grace: float = 10.0) -> None:
         """Drain: close the listeners; a session between transactions gets `421 4.3.2 … shutting down` and is
         closed, one in a transaction may finish it (up to its 250) within `grace`, and is closed after it; at
-        the end of `grace` whatever is left is cut (a message being committed is waited for first, within
-        `grace` too).
+        the end of `grace` whatever is left is cut, replies its client has not read dropped (a message being
+        committed is waited for first, within `grace` too).
 
         A session cut mid-DATA loses nothing: its client got no 250 and will send the message again.
         """
@@ -552,9 +553,13 @@ class Smtpd:
                 break
             await asyncio.sleep(min(STOP_POLL, max(0.0, deadline - loop.time())))
         for session in list(self.sessions):
-            session.hang_up()
+            session.cut()
         for lingering in list(self.lingering):  # replies still unread after their session's end: no one is served
             lingering.abort()
+        for _ in range(CUT_TURNS):  # their connection_lost (the session gone, its fd closed) comes in a turn or two
+            if not self.sessions:
+                break
+            await asyncio.sleep(0)
         for li in self.listeners:
             li.server = None
             li.handler.restrictions.close()
