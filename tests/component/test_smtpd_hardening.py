@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
+import math
 import socket
 import ssl
 import threading
@@ -954,13 +956,14 @@ async def test_a_silent_tls_client_loses_its_session_at_its_timeout_after_its_42
         client.close()
 
 
-def _read_slowly(s: socket.socket | ssl.SSLSocket, rate: int, within: float = 20.0) -> bytes:
-    """Everything until the server closes, about `rate` bytes a second (a tenth of it every 0.1 s)."""
+def _read_slowly(s: socket.socket | ssl.SSLSocket, rate: int, within: float = 20.0, slowly: float = math.inf) -> bytes:
+    """Everything until the server closes, about `rate` bytes a second (a tenth of it every 0.1 s), the first
+    `slowly` seconds' worth of it (after that at once)."""
     data, deadline = b"", time.monotonic() + within
     while time.monotonic() < deadline:
-        tick = len(data) + rate // 10
+        tick = len(data) + rate // 10 if len(data) < rate * slowly else math.inf
         while len(data) < tick:  # (over TLS a recv returns one record: a reply)
-            chunk = s.recv(tick - len(data))
+            chunk = s.recv(min(tick - len(data), 65536))
             if not chunk:
                 return data
             data += chunk
@@ -969,14 +972,13 @@ def _read_slowly(s: socket.socket | ssl.SSLSocket, rate: int, within: float = 20
 
 
 @pytest.mark.parametrize("how", ["plain", "starttls"])
-@pytest.mark.parametrize("when", ["in the session", "after its end"])
-async def test_a_client_reading_slowly_but_steadily_gets_every_reply_and_its_221(mailflow_server, pki, users, how,
-                                                                                 when):
+async def test_a_client_reading_slowly_but_steadily_gets_every_reply_and_its_221(mailflow_server, pki, users, how):
     # Postfix's smtpd_timeout bounds each write, not the time a client takes to read all its replies: the replies
-    # of 2800 pipelined NOOPs (about 40 KB), read at 20 KB/s, take twice the 1 s timeout (over TLS each reply is a
-    # record of 36 bytes: 2000 NOOPs, read at 8 KB/s). In the session, a wait in drain (write buffers of 30 KB)
-    # takes longer than the timeout; after its end (buffers raised: the session ends with everything still
-    # buffered), the whole backlog does. Before, the connection was dropped at the first timeout, no 221 sent.
+    # of 6000 pipelined NOOPs (about 84 KB; over TLS each reply is a record of 36 bytes: 4000 NOOPs) fill the
+    # write buffers (30 KB) at once, and the client reads them at 20 KB/s (8 KB/s) for 1.3 s: the session's wait in
+    # drain takes longer than the 1 s timeout. Before, the connection was dropped at the first timeout, no 221
+    # sent. (The client reads the rest at once after 1.3 s, within that wait: the session's end, after it, leaves
+    # little unsent; what is left after the end gets one timeout in all, as the next test shows.)
     _, cert, ctx = pki
     mf = await mailflow_server(smtpd={"timeout": "1s", "forbid_unauth_pipelining": False, "tls_cert_file": cert,
                                       "junk_command_limit": 10**9, "sasl_user_maps": [users]})
@@ -986,18 +988,80 @@ async def test_a_client_reading_slowly_but_steadily_gets_every_reply_and_its_221
             how == "plain" or next(iter(mf.smtpd.sessions)).session.ssl is not None), timeout=5)
         session = next(iter(mf.smtpd.sessions))
         for transport in {session.transport, session._original_transport} - {None}:
-            transport.set_write_buffer_limits(high=1 << 24 if when == "after its end" else 30000, low=0)
+            transport.set_write_buffer_limits(high=30000, low=0)
         raw = session._original_transport or session.transport
         raw.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        noops, rate = (2800, 20000) if how == "plain" else (2000, 8000)
+        noops, rate = (6000, 20000) if how == "plain" else (4000, 8000)
         await asyncio.to_thread(client.sendall, b"EHLO client.test\r\n" + b"NOOP\r\n" * noops + b"QUIT\r\n")
         started = time.monotonic()
-        replies = await asyncio.to_thread(_read_slowly, client, rate)
+        replies = await asyncio.to_thread(_read_slowly, client, rate, slowly=1.3)
         assert replies.count(b"250 2.0.0 Ok\r\n") == noops and replies.endswith(b"221 2.0.0 Bye\r\n"), replies[-200:]
-        assert time.monotonic() - started > 1.5, "read faster than the timeout: nothing tested"
+        assert time.monotonic() - started > 1.2, "read faster than the timeout: nothing tested"
         assert not mf.smtpd.sessions and not session.transport
     finally:
         client.close()
+
+
+async def test_a_socket_left_sending_after_its_session_gets_one_timeout_however_steadily_its_client_reads(
+        mailflow_server):
+    # What an ended session left unsent (a QUIT's reply behind the replies of 20000 NOOPs, about 280 KB, the
+    # buffers raised: the session ends with it all buffered) was sent for as long as its client took some in each
+    # timeout: read at 20 KB/s, 14 s here, and a client taking a few bytes a timeout kept the socket for good.
+    # Now it gets one timeout in all (1 s): Postfix's close() hands what is left to the kernel and holds nothing.
+    mf = await mailflow_server(smtpd={"timeout": "1s", "forbid_unauth_pipelining": False,
+                                      "junk_command_limit": 10**9})
+    client = await asyncio.to_thread(_client_up_to_the_flood, mf.smtp_addresses[0][1], "plain", None)
+    try:
+        await eventually(lambda: len(mf.smtpd.sessions) == 1, timeout=5)
+        session = next(iter(mf.smtpd.sessions))
+        lost = asyncio.Event()
+        connection_lost = session.connection_lost
+        session.connection_lost = lambda error: (lost.set(), connection_lost(error))
+        raw = session.transport
+        raw.set_write_buffer_limits(high=1 << 24, low=0)
+        raw.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        await asyncio.to_thread(client.sendall, b"EHLO client.test\r\n" + b"NOOP\r\n" * 20000 + b"QUIT\r\n")
+        reading = asyncio.ensure_future(asyncio.to_thread(_read_slowly, client, 20000))
+        await eventually(lambda: not mf.smtpd.sessions, timeout=5)
+        assert mf.smtpd.lingering, "the replies were all sent: nothing tested"
+        try:
+            await asyncio.wait_for(lost.wait(), 4)  # one timeout (1 s) after the end; before: when all was read
+        except TimeoutError:
+            raise AssertionError("the socket was kept while its client read, past the timeout (1 s)") from None
+        assert not reading.done(), "the client read everything: nothing tested"
+        assert not mf.smtpd.lingering
+        client.shutdown(socket.SHUT_RDWR)  # (the reader's recv returns: the rest in the kernel's buffers unread)
+        with contextlib.suppress(OSError):
+            await reading
+    finally:
+        client.close()
+
+
+async def test_a_socket_left_sending_after_its_session_still_counts_as_one_of_its_clients_connections(
+        mailflow_server):
+    # A session ended (QUIT) with its replies unread gave back its per-client count while its socket went on
+    # sending them: one client held any number of sockets past client_connection_count_limit. Now the count is
+    # given back when the socket is gone.
+    mf = await mailflow_server(smtpd={"client_connection_count_limit": 1, "timeout": "60s",
+                                      "forbid_unauth_pipelining": False, "junk_command_limit": 10**9})
+    port = mf.smtp_addresses[0][1]
+    client = await asyncio.to_thread(_client_up_to_the_flood, port, "plain", None)
+    try:
+        await eventually(lambda: len(mf.smtpd.sessions) == 1, timeout=5)
+        raw = next(iter(mf.smtpd.sessions)).transport
+        raw.set_write_buffer_limits(high=1 << 24)
+        raw.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        await asyncio.to_thread(client.sendall, b"EHLO client.test\r\n" + b"NOOP\r\n" * 20000 + b"QUIT\r\n")
+        await eventually(lambda: not mf.smtpd.sessions, timeout=5)
+        assert mf.smtpd.lingering, "the replies were all sent: nothing tested"
+        second = await SmtpClient.connect(port, greet=False)
+        assert await second.reply() == status.too_many_connections(mf.config.myhostname, "127.0.0.1")
+        await second.close()
+    finally:
+        client.close()  # its replies unread: the kernel resets the connection, the server's socket is gone
+    await eventually(lambda: not mf.smtpd.lingering, timeout=5)
+    third = await SmtpClient.connect(port)  # greeted: 220
+    await third.close()
 
 
 async def test_a_socket_left_sending_after_its_session_is_dropped_at_the_stop(mailflow_server, pki, users):

@@ -402,14 +402,13 @@ class ProtocolCore(SMTP):
         """After the session's close: a client that leaves its last replies unread (a QUIT's, a 421's, a refusal's
         pipelined behind many others) would keep the socket open, asyncio's close() waiting to write them, after
         its session slot and per-client count were given back: one client could hold any number of sockets. What
-        is still buffered then goes on being sent while the client reads; a whole timeout without progress drops
-        the connection (`Lingering`). connection_lost cancels it. (Under TLS the socket transport was closed with
-        the SSL one: nothing waits for the client's close_notify, as it leaves as soon as its buffer is empty.)"""
+        is still buffered then goes on being sent for one timeout at most, and the connection is dropped
+        (`Lingering`). connection_lost cancels it. (Under TLS the socket transport was closed with the SSL one:
+        nothing waits for the client's close_notify, as it leaves as soon as its buffer is empty.)"""
         transport = self._socket_transport()
         if transport is None or self._linger_handle is not None or not self._unsent():
             return
-        self._linger_handle = Lingering(self.loop, self._command_timeout, transport, self._tls_transport(),
-                                        self._lingering)
+        self._linger_handle = Lingering(self.loop, self._command_timeout, transport, self._lingering)
 
     def _may_reply(self) -> bool:
         """Whether a reply the server volunteers (a timeout's 421, a stop's) may be written now: not while TLS
@@ -1150,27 +1149,19 @@ def unsent(socket_transport: asyncio.WriteTransport, tls_transport: asyncio.Writ
 
 class Lingering:
     """A client socket still sending after its session's end: asyncio's close() waits to write what is buffered
-    for it. As Postfix's smtpd_timeout bounds each write, it goes on while the client reads: every `timeout` the
-    timer looks, and the socket is aborted once a whole `timeout` passed with nothing taken. Until its end it is in
-    `within` (the server's set: `stop()` aborts what is left); `cancel()` when the connection is lost."""
+    for it. It gets one `timeout` in all, never extended (a client reading a little at a time cannot keep it for
+    longer: Postfix's close() hands what is left to the kernel and holds nothing), and is aborted then. Until its
+    end it is in `within` (the server's set: `stop()` aborts what is left); then `on_end` (what the session keeps
+    for its socket: its per-client count) is called, once. `cancel()` when the connection is lost."""
 
-    __slots__ = ("_loop", "_timeout", "_socket", "_tls", "_within", "_mark", "_handle")
+    __slots__ = ("_socket", "_within", "_handle", "on_end")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, socket_transport: asyncio.WriteTransport,
-                 tls_transport: asyncio.WriteTransport | None, within: set[Lingering]):
-        self._loop, self._timeout, self._socket, self._tls, self._within = \
-            loop, timeout, socket_transport, tls_transport, within
-        self._mark = unsent(socket_transport, tls_transport)
-        self._handle = loop.call_later(timeout, self._look)
+                 within: set[Lingering]):
+        self._socket, self._within = socket_transport, within
+        self.on_end: Callable[[], None] | None = None
+        self._handle = loop.call_later(timeout, self.abort)
         within.add(self)
-
-    def _look(self) -> None:
-        left = unsent(self._socket, self._tls)
-        if left and left < self._mark:  # the client took some: another timeout
-            self._mark = left
-            self._handle = self._loop.call_later(self._timeout, self._look)
-            return
-        self.abort()
 
     def abort(self) -> None:
         """Drop the socket now, whatever is still unsent."""
@@ -1180,6 +1171,9 @@ class Lingering:
     def cancel(self) -> None:
         self._handle.cancel()
         self._within.discard(self)
+        on_end, self.on_end = self.on_end, None
+        if on_end is not None:
+            on_end()
 
 
 def _ends_a_reply(text: str) -> bool:

@@ -298,12 +298,17 @@ class ListenerSession(SmtpSession):
             self._admitted_ip = None
 
     def _session_ended(self) -> None:
-        """Give back the per-client count and the session slot, whatever ended the session."""
-        self._release_count()
+        """Give back the session slot, whatever ended the session, and the per-client count: now, or when a socket
+        left sending its last replies is gone (`Lingering`): it is still one of the client's connections, an fd
+        that client_connection_count_limit bounds."""
         if self._has_slot:
             self._listener.slots.release()
             self._has_slot = False
         super()._session_ended()
+        if self._linger_handle is not None and self._admitted_ip is not None:
+            self._linger_handle.on_end = functools.partial(self._listener.anvil.release, self._admitted_ip)
+            self._admitted_ip = None
+        self._release_count()
 
 
 class Smtpd:
