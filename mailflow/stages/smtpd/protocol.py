@@ -405,10 +405,14 @@ class ProtocolCore(SMTP):
         is still buffered then goes on being sent for one timeout at most, and the connection is dropped
         (`Lingering`). connection_lost cancels it. (Under TLS the socket transport was closed with the SSL one:
         nothing waits for the client's close_notify, as it leaves as soon as its buffer is empty.)"""
-        transport = self._socket_transport()
-        if transport is None or self._linger_handle is not None or not self._unsent():
+        # (inlined: it runs at every session's end; `_socket_transport`, `_tls_transport` and `_unsent` spelled out)
+        sock: asyncio.WriteTransport | None = self._original_transport or self.transport  # type: ignore[assignment]
+        if sock is None or self._linger_handle is not None:
             return
-        self._linger_handle = Lingering(self.loop, self._command_timeout, transport, self._lingering)
+        tls: asyncio.WriteTransport | None = self.transport if self._original_transport else None  # type: ignore[assignment]
+        if not (sock.get_write_buffer_size() if tls is None else unsent(sock, tls)):
+            return
+        self._linger_handle = Lingering(self.loop, self._command_timeout, sock, self._lingering)
 
     def _may_reply(self) -> bool:
         """Whether a reply the server volunteers (a timeout's 421, a stop's) may be written now: not while TLS
