@@ -17,6 +17,9 @@ default, `disable_mime_output_conversion = no`), as its mime_state module does i
   `=XX` for '=', control characters but tab, and bytes past '~'; a space or tab ending a line as `=20`/`=09`;
   a soft line break (`=` and the body's line end) as soon as an output line holds more than QP_SOFT_LIMIT
   characters and more of the line follows (lines of 74 to 76 characters with the `=`).
+- A header section ends at its empty line, or before its first line that neither starts a field (Postfix's
+  is_header: a name of printable ASCII but the colon, blanks, then the colon) nor continues one (`_ends_headers`):
+  the label is written before that line, which is the body's first, as Postfix's mime_state writes them.
 - multipart/* and message/rfc822 entities are descended into (parts split on their boundary); when they
   claim 8bit or binary themselves, their label becomes 7bit (written as above).
 - Everything else passes byte for byte: headers (8-bit bytes in headers stay: MIME has no body encoding
@@ -168,8 +171,10 @@ class Downgrade:
         out: list[bytes] = []
         if self._partial:
             piece, self._partial = self._partial, b""
-            if self._mode == "headers":
+            if self._mode == "headers" and not self._ends_headers(piece):
                 self._headers.append(piece)
+            elif self._mode == "headers":
+                self._end_headers_early(piece, out)
             else:
                 self._body(piece, out)
         if self._qp_open:  # a long line whose pieces all came: its end
@@ -213,11 +218,29 @@ class Downgrade:
         elif line in (b"\r\n", b"\n"):
             self._end_headers(out, body_follows=True)
             out.append(line)
+        elif self._ends_headers(line):
+            self._end_headers_early(line, out)
         else:
             self._headers.append(line)
             self._header_size += len(line)
             if self._header_size > MAX_HEADER:
                 self._overflow(b"", out)
+
+    def _ends_headers(self, line: bytes) -> bool:
+        """Whether `line` (not empty) ends the header section being read: the one decision of where it ends, as
+        Postfix's mime_state makes it: a line that neither continues a field (a blank first, after a field) nor
+        starts one (is_header: a name of printable ASCII but the colon, blanks, then the colon)."""
+        if self._headers and line[:1] in (b" ", b"\t"):
+            return False
+        return not _FIELD_NAME.match(line)
+
+    def _end_headers_early(self, line: bytes, out: list[bytes]) -> None:
+        """A line that is no field ended the header section: as Postfix's mime_state writes it (a private Postfix
+        3.7.11 compared), the section ends before it, with the new label if any and no blank line, and the line is
+        the first of the body, encoded as the entity's labels decided (an attached message is not descended into)."""
+        if self._end_headers(out, body_follows=False):
+            self._mode = "qp"
+        self._line(line, out)
 
     def _boundary(self, line: bytes, out: list[bytes]) -> bool:
         """A delimiter of an open multipart (the outermost that matches): ends the current entity."""
@@ -261,8 +284,9 @@ class Downgrade:
         self._headers, self._header_size = [], 0
         self._mode = "pass"
 
-    def _end_headers(self, out: list[bytes], *, body_follows: bool) -> None:
-        """The header section is complete: relabel it if need be, and decide how its body goes."""
+    def _end_headers(self, out: list[bytes], *, body_follows: bool) -> bool:
+        """The header section is complete: relabel it if need be, and decide how its body goes. Returns whether its
+        labels put the entity in the 8-bit domain."""
         content_type, eight_bit, boundary = entity_facts(self._headers, self._default_type)
         relabel = None
         mode = "pass"
@@ -284,9 +308,10 @@ class Downgrade:
         self._eol = b""
         if content_type == "message/rfc822" and not boundary and body_follows:
             self._start_entity("text/plain", self._depth + 1)
-            return
+            return eight_bit
         self._headers, self._header_size = [], 0
         self._mode = mode
+        return eight_bit
 
     def _body(self, data: bytes, out: list[bytes], *, more: bool = False) -> None:
         """Body lines (`more`: the start of a line that goes on; else its end, or the body's unended last line)."""
@@ -391,7 +416,9 @@ def relabelled(header_lines: list[bytes], encoding: bytes | None) -> list[bytes]
     """The header lines as Postfix's mime_state writes them when it converts 8-bit content (MIME_OPT_DOWNGRADE):
     a Content-Transfer-Encoding field (with its folded lines) is dropped when, once it is read, the entity is in the
     8-bit domain (labelled_domain: `8bit` then `7bit` keeps the 7bit field only), kept otherwise; and the new label
-    `encoding` (None: none), when the entity ends in the 8-bit domain, is added at the end of the section."""
+    `encoding` (None: none), when the entity ends in the 8-bit domain, is added at the end of the section.
+    `header_lines` are fields and their folded lines only (Downgrade._ends_headers ends the section before any other
+    line), so the label is inside the section, where Postfix writes it."""
     out: list[bytes] = []
     fields: list[list[bytes]] = []
     for line in header_lines:
@@ -399,11 +426,10 @@ def relabelled(header_lines: list[bytes], encoding: bytes | None) -> list[bytes]
             fields[-1].append(line)
         else:
             fields.append([line])
-    eight_bit, ended = False, False
+    eight_bit = False
     for field in fields:
         name, colon, value = field[0].partition(b":")
-        ended = ended or not _FIELD_NAME.match(field[0])  # (a line that is no field: the parse reads no label after it)
-        if not ended and name.strip().lower() == _CTE:
+        if name.strip().lower() == _CTE:
             eight_bit = labelled_domain([b"".join((value, *field[1:])).decode("latin-1")], eight_bit)
             if eight_bit:
                 continue

@@ -40,6 +40,8 @@ NESTED = (MIME + b"Content-Type: multipart/mixed; boundary=\"b1\"\r\n\r\npreambl
           + b"\r\nfirst part\r\n--b1\r\nContent-Type: multipart/alternative; boundary=\"b2\"\r\n\r\n--b2\r\n" + TEXT
           + b"Content-Transfer-Encoding: 8bit\r\n\r\nnested, %s\r\n--b2--\r\n--b1--\r\n")
 UMLAUTS = b"Gr\xc3\xbc\xc3\x9fe"
+PART = (MIME + b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n%s"
+        b"Content-Transfer-Encoding: 8bit\r\n\r\n" + UMLAUTS + b"\r\n--b--\r\n")
 LABELLED = MIME + TEXT + b"Content-Transfer-Encoding: 8bit\r\n\r\n"
 # name: (MAIL FROM parameters, what follows the probe's first header fields), sent over SMTP to both peers
 SMTP_PROBES: dict[str, tuple[str, bytes]] = {
@@ -64,6 +66,12 @@ SMTP_PROBES: dict[str, tuple[str, bytes]] = {
     "a nested part labelled 7bit then 8bit": ("", (NESTED % UMLAUTS).replace(
         b"Content-Transfer-Encoding: 8bit\r\n",
         b"Content-Transfer-Encoding: 7bit\r\nContent-Transfer-Encoding: 8bit\r\n")),
+    # a part's header section ends at its first line that is no field (Postfix's is_header): the label goes there
+    "a part's section ended by a From line": ("", PART % b"Content-Type: message/rfc822\r\n\r\nFrom x@y Mon\r\n"),
+    "a part's section starting with a blank": ("", PART % b" x\r\n"),
+    "a part's section starting with a colon": ("", PART % b":x\r\n"),
+    "a part's label then a line that is no field": ("", PART.replace(b"%s", b"").replace(
+        b"8bit\r\n\r\n", b"8bit\r\ngarbage line\r\nSubject: s\r\n\r\n")),
 }
 # name: (sendmail options, what follows the first header fields), submitted with each one's own sendmail
 LOCAL_PROBES: dict[str, tuple[list[str], bytes]] = {

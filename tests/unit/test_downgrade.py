@@ -86,6 +86,29 @@ async def test_several_labels_are_read_and_written_as_postfixs_mime_state_does(l
     assert await labelled_8bit(Content((message,)), header=head)
 
 
+_PART_AFTER_A_NON_FIELD = b"Content-Transfer-Encoding: 8bit\r\n\r\n\xe9\r\n"
+
+
+@pytest.mark.parametrize("part, converted", [
+    # a line that is no field ends the section where it stands (the label goes before it), the rest is body
+    (b"Content-Type: message/rfc822\r\n\r\nFrom x@y Mon\r\n" + _PART_AFTER_A_NON_FIELD, None),
+    (b" x\r\n" + _PART_AFTER_A_NON_FIELD, None),
+    (b":x\r\n" + _PART_AFTER_A_NON_FIELD, None),
+    (b"Content-Transfer-Encoding: 8bit\r\ngarbage line\r\nSubject: s\r\n\r\n\xe9\r\n",
+     b"Content-Transfer-Encoding: quoted-printable\r\ngarbage line\r\nSubject: s\r\n\r\n=E9\r\n"),
+])
+def test_a_line_that_is_no_field_ends_the_header_section_for_the_label_as_for_the_parse(part, converted):
+    """Postfix's mime_state ends a header section at the first line is_header() rejects (one that does not continue
+    a field): its label, if any, goes before it, and labels after it are body (None: the part passes unchanged; as a
+    private Postfix 3.7.11 sends each, tests/interop/test_8bitmime_vs_postfix.py). mailflow parsed past it and added
+    its label after the last line: two labels, or one past the end of the section."""
+    multipart = b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+    out = downgrade_8bit(multipart + b"--b\r\n" + part + b"--b--\r\n")
+    assert out == multipart + b"--b\r\n" + (converted or part) + b"--b--\r\n"
+    sections = [entity.split(b"\r\n\r\n", 1)[0] for entity in out.split(b"--b\r\n")[1:]]
+    assert all(section.lower().count(b"content-transfer-encoding") <= 1 for section in sections)
+
+
 def test_a_binary_label_and_a_label_with_a_comment_are_8bit_too():
     """Postfix's mime_state reads the label as a token (comments skipped) and puts binary in the 8-bit domain:
     a private Postfix 3.7.11 relaying to a peer without 8BITMIME converts both."""
