@@ -63,8 +63,9 @@ def queued(queue_id: str, octets: int | None = None) -> Reply:
 def naming_internal_form(reply: Reply, address: str) -> Reply:
     """`reply` with the address it starts with (`<address>: ...`, as the refusals of an address name it, in
     Postfix's quoting) named in Postfix's internal form (`<"a.b c"@x.test>` is `<a.b c@x.test>`), as Postfix's
-    smtpd names the address its extract_addr made in every MAIL, RCPT and VRFY refusal; the log's from=/to= keep
-    the quoting. Any other reply is left as it is."""
+    smtpd names the address its extract_addr made in every MAIL, RCPT and VRFY refusal of its own (restrictions,
+    policy service; never a milter's reply, whose text Postfix passes on unchanged); the log's from=/to= keep the
+    quoting. Any other reply is left as it is."""
     internal = internal_form(address) if '"' in address else address
     if internal == address or not reply.text.startswith(f"<{address}>"):
         return reply

@@ -111,6 +111,23 @@ async def test_a_multi_line_reply_of_the_milter_is_sent_as_it_is(milter_server, 
                for r in caplog.records)
 
 
+@pytest.mark.parametrize("command", [b"M", b"R"])
+async def test_a_milter_s_reply_naming_a_quoted_address_is_sent_as_it_is(milter_server, command):
+    """Postfix passes a milter's reply text on unchanged: only its own refusals name the address in the internal
+    form (`<a.b c@x>`); mailflow rewrote a milter's text that began with the quoted address too."""
+    text = '550 5.7.1 <"a.b c"@remote.test> is blocked by milter policy'
+    _, port = await milter_server({command: replycode(text)}, smtpd={"relay_restrictions": [
+        "check_client_access inline:{127.0.0.1=OK}", "reject_unauth_destination"]})
+    client = await SmtpClient.connect(port)
+    assert (await client.cmd("EHLO client.test")).code == 250
+    mail = await client.cmd('MAIL FROM:<"a.b c"@remote.test>')
+    if command == b"R":
+        assert mail.code == 250, mail
+        mail = await client.cmd('RCPT TO:<"a.b c"@remote.test>')
+    assert mail == (550, text)
+    await client.close()
+
+
 @pytest.mark.parametrize("text", ["450 5.7.1 the other class", "550", "250 2.0.0 fine", "999 9.9.9 what",
                                   "550-5.7.1 no last line"])
 async def test_a_malformed_reply_of_the_milter_is_a_configuration_problem(milter_server, text):

@@ -328,7 +328,8 @@ class SmtpdHandler:
             action = "milter-reject"
         if refusal is not None:
             envelope.marks = Marks()  # what the sender list marked goes with the refused MAIL (Postfix's mail_reset)
-            refusal = status.naming_internal_form(refusal, sender)
+            if action == "reject":  # (a milter's reply text is its own: Postfix passes it on unchanged)
+                refusal = status.naming_internal_form(refusal, sender)
             server.log_reject("MAIL", refusal, sender=addr, action=action)
             return refusal
         envelope.mail_from = own or addr
@@ -369,7 +370,8 @@ class SmtpdHandler:
                     refusal = await self._filters.rcpt(session, envelope, own or addr, addr)
                 action = "milter-reject"
             if refusal is not None:
-                refusal = status.naming_internal_form(refusal, addr)
+                if action == "reject":  # (as at MAIL: a milter's text is not rewritten)
+                    refusal = status.naming_internal_form(refusal, addr)
                 server.log_reject("RCPT", refusal, addr, action=action)
         if refusal is not None:
             return refusal
