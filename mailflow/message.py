@@ -69,9 +69,11 @@ import email.header
 import email.utils
 import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
+from typing import TypeVar
 
+T = TypeVar("T")
 CRLF = b"\r\n"
 FIRST_READ = 8192  # read_header's first step; most header sections fit
 HEADER_READ_LIMIT = 1_000_000  # how much of a header section readers other than cleanup (which refuses more than
@@ -198,6 +200,17 @@ def mailbox_lines(data: bytes, count: int) -> tuple[int, bytes]:
         labelled.append(MAILBOX_LINE + data[pos:end].rstrip(b"\r\n") + CRLF)
         pos = end
     return pos, b"".join(labelled)
+
+
+def mailbox_labels_kept(labelled: T, unlabelled_form: Callable[[], T], fits: Callable[[T], bool]) -> T:
+    """The one rule of smtpd's DATA (labelled_mailbox_lines) and sendmail -bs for content whose leading mbox `From `
+    lines were labelled `X-Mailbox-Line: `: `labelled` when its header section `fits` (header_size_limit), or when
+    the unlabelled form's does not either; else the unlabelled form (its From lines body, a header section that
+    fits), rather than a message refused for a header section that labelling made too big."""
+    if fits(labelled):
+        return labelled
+    unlabelled_content = unlabelled_form()
+    return unlabelled_content if fits(unlabelled_content) else labelled
 
 
 def unlabelled(data: bytes, count: int) -> bytes:

@@ -60,7 +60,7 @@ from mailflow.ehlo_keywords import discards_for, keyword_name
 from mailflow.junk_commands import JunkCount
 from mailflow.logs import MailLog, SmtpdLog
 from mailflow.maildrop import MaildropError
-from mailflow.message import CRLF, MAILBOX_LINE, mailbox_line, mailbox_line_room, unlabelled
+from mailflow.message import CRLF, MAILBOX_LINE, mailbox_labels_kept, mailbox_line, mailbox_line_room, unlabelled
 from mailflow.reply_footer import FooterClient, footer_lines, footer_values
 from mailflow.sendmail.options import Options, UsageError
 from mailflow.sendmail.reading import (LINE_PIECE, clean_address, clean_recipient, header_overflows, line_pieces,
@@ -345,11 +345,14 @@ class StdioSmtp:
     def _unlabelled_if_too_big(self, head: bytes) -> bytes:
         """`head` (the first header_size_limit bytes and more of DATA's content, as _data_lines made it) with the
         leading From lines it labelled unlabelled when the header section, labelled, passes header_size_limit:
-        smtpd's DATA rule (labelled_mailbox_lines), the From lines then body, not a message cleanup refuses. The
-        labelled lines, within the limit, are all in `head`; nothing after them was labelled."""
-        if not self._labelled or not header_overflows(head, self._sub.config.header_size_limit):
+        smtpd's DATA rule, the one helper (mailflow.message.mailbox_labels_kept), the From lines then body, not a
+        message cleanup refuses. The labelled lines, within the limit, are all in `head`; nothing after them was
+        labelled."""
+        if not self._labelled:
             return head
-        return unlabelled(head, self._labelled)
+        limit = self._sub.config.header_size_limit
+        return mailbox_labels_kept(head, lambda: unlabelled(head, self._labelled),
+                                   lambda labels: not header_overflows(labels, limit))
 
     @staticmethod
     def _skip(lines: Iterator[bytes]) -> bool:

@@ -37,7 +37,7 @@ import logging
 
 from mailflow import status
 from mailflow.content import Content, Spool
-from mailflow.message import CRLF, mailbox_lines, read_header
+from mailflow.message import CRLF, mailbox_labels_kept, mailbox_lines, read_header
 from mailflow.stages.smtpd.transaction import TransactionCommands
 from mailflow.stages.smtpd.wire import ContentCheck, refusal
 from mailflow.syntax import ascii_upper, command_words, parse_octet_count
@@ -50,15 +50,14 @@ def labelled_mailbox_lines(content: Content, found: tuple[int, int, bool], limit
     Postfix's smtpd (receive_data_message) keeps them for DATA, not for BDAT: header fields, where cleanup would
     take such a line for the first line of the body. `found`: the wire's (mailbox_lines: how many lines, how many
     bytes as sent, whether the line after starts with a blank, where the empty line is put, ending the header
-    section as Postfix's smtpd ends it). When the labelled lines fit within `limit` (header_size_limit) but the
-    header fields after them then do not, the content stays unlabelled (its From lines body, a header section that
-    fits), rather than be refused for a header section that labelling made too big."""
+    section as Postfix's smtpd ends it). Whether the labels stay: mailflow.message.mailbox_labels_kept, the rule
+    sendmail -bs shares, with `limit` (header_size_limit)."""
     count, sent, blank_after = found
     if not count:
         return content
     length, labelled = mailbox_lines(content.read_prefix(sent + count), count)  # (a bare LF may have become CRLF)
     result = Content((labelled + (CRLF if blank_after else b""), *content.after(length).parts), crlf=content.crlf)
-    return result if read_header(result, limit)[1] or not read_header(content, limit)[1] else content
+    return mailbox_labels_kept(result, lambda: content, lambda labels: read_header(labels, limit)[1])
 
 
 def bdat_arguments(arg: str | None) -> tuple[int, bool] | None:
