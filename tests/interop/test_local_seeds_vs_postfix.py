@@ -1,0 +1,276 @@
+"""Seeded differential of local(8)'s expansion against a private Postfix 3.7: alias tables, :include: files and
+.forward files that combine what test_local_vs_postfix.py takes one at a time (its harness: the local domain
+origin.test, mbox mailboxes in a spool directory, commands run as `nobody`, notices to the client's sender
+discarded).
+
+A case (`generated(seed)`) holds aliases to aliases (chains, loops, an alias listing itself), owner- aliases of
+some (mailing lists) and -request names, :include: files (nested, missing, unreadable), nobody's .forward and
+.forward+x with several targets, /files and relative names, |commands exiting 0, 75, 67 or 1, user+ext, the same
+member reached twice, an unknown user. Postfix finds the .forward where mailflow keeps it
+(`<maildir_base>/<user>/.forward`) through forward_path with $extension. Each recipient is one message whose
+Subject is its name.
+
+Compared per case: the copies delivered (per mailbox, /file and command: the Subjects it got, counted, notices
+to list owners included); the local results (status and text; a resubmitted copy is a message of its
+own, so they are compared over the case, not per recipient). Not compared: to= and orig_to=
+of each line: mailflow logs one line per recipient (its parts joined by `; `, the others `(also: …)`), Postfix
+one per destination (docs/transports.md); so each side's lines give a set of (status, text) parts, compared.
+
+CURATED holds cases the generator found revealing; set MAILFLOW_LOCAL_SEEDS (`1-200` or `1,2,3`) to run
+`test_generated_local_cases_match_a_real_postfix` over those seeds.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import re
+import shutil
+import subprocess
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from mailflow.app import Mailflow
+from mailflow.config import config_from_dict
+from tests.interop.test_local_vs_postfix import COMMON, DISCARD_NOTICES, NOBODY
+from tests.support import SmtpClient, base_settings, eventually, merged, postfix_instance, script_dir
+from tests.support.maillog import mail_log_file
+
+pytestmark = pytest.mark.interop
+
+# argv: name, exit status; records the name and the message's Subject, one line per run
+RECORD = ('s=$(awk \'/^Subject: / && !x {{ x = substr($0, 10) }} END {{ print x }}\')\n'
+          'printf "%s %s\\n" "$1" "$s" >> {out}/runs\n'
+          'exit "$2"\n')
+_RESULT = re.compile(r"[ /]local(?:\[\d+\])?: \w+: (?P<line>to=<[^>]*>, (?:orig_to=<[^>]*>, )?relay=local), .*?"
+                     r"(?P<status>dsn=[^,]+, status=\w+ \(.*\))$")
+
+
+@dataclass
+class Case:
+    """One generated setup: alias lines, :include: files (None: missing; "SECRET": unreadable), .forward files."""
+
+    aliases: dict[str, str]
+    includes: dict[str, str | None]
+    forwards: dict[str, str]  # ".forward", ".forward+x": content
+    traffic: list[str]
+
+
+def member(rng: random.Random, names: list[str], includes: list[str], spool: str, script: str) -> str:
+    roll = rng.random()
+    if roll < 0.3:
+        return rng.choice(names)
+    if roll < 0.45:
+        return rng.choice(["nobody", "nobody+x", "nobody+y", "NoBody", "ghost", "files/rel"])
+    if roll < 0.65:
+        return f'"|{script} c{rng.randint(0, 3)} {rng.choice([0, 0, 75, 67, 1])}"'
+    if roll < 0.8:
+        return f"{spool}/files/f{rng.randint(0, 2)}"
+    return f":include:{spool}/inc/{rng.choice(includes)}"
+
+
+def generated(seed: int, spool: str = "SPOOL", script: str = "SCRIPT") -> Case:
+    rng = random.Random(seed)
+    names = [f"a{i}" for i in range(rng.randint(3, 6))]
+    includes = ["i0", "i1"]
+    pick = lambda: member(rng, names, includes, spool, script)  # noqa: E731
+    aliases = {n: ", ".join(pick() for _ in range(rng.choice([1, 1, 2, 3]))) for n in names}
+    for n in names:
+        if rng.random() < 0.3:
+            aliases[f"owner-{n}"] = rng.choice(["nobody", rng.choice(names), f"{spool}/files/owner"])
+        if rng.random() < 0.15:
+            aliases[f"{n}-request"] = rng.choice(["nobody", rng.choice(names)])
+    inc: dict[str, str | None] = {}
+    for i in ("i0", "i1"):
+        inc[i] = "".join(pick() + "\n" for _ in range(rng.randint(1, 3)))
+    forwards = {}
+    for name in (".forward", ".forward+x"):
+        if rng.random() < 0.5:
+            forwards[name] = ", ".join(rng.choice(["\\nobody", "nobody", pick()]) for _ in range(rng.randint(1, 3)))
+    traffic = [*aliases, "nobody", "nobody+x", "nobody+y"]
+    return Case(aliases, inc, forwards, traffic)
+
+
+@dataclass
+class Outcome:
+    copies: dict[str, Counter] = field(default_factory=dict)  # mailbox, file or command: Subjects it got
+    lines: set[str] = field(default_factory=set)
+
+
+def prepared(case: Case, spool: Path) -> Path:
+    spool.chmod(0o1777)
+    for folder in ("files", "inc"):
+        (spool / folder).mkdir()
+        (spool / folder).chmod(0o1777)
+    home = spool / "homes" / "nobody"
+    home.mkdir(parents=True)
+    for name, text in case.forwards.items():
+        (home / name).write_text(text + "\n")
+        shutil.chown(home / name, NOBODY, NOBODY)
+    for name, text in case.includes.items():
+        if text is not None:
+            (spool / "inc" / name).write_text(text)
+            (spool / "inc" / name).chmod(0o600 if name == "secret" else 0o644)
+    table = spool / "aliases"
+    table.write_text("".join(f"{name}: {value}\n" for name, value in case.aliases.items()))
+    return table
+
+
+async def send_traffic(port: int, traffic: list[str]) -> None:
+    for name in traffic:
+        c = await SmtpClient.connect(port)
+        assert (await c.cmd("EHLO client.test")).code == 250
+        assert (await c.cmd("MAIL FROM:<s@sender.test>")).code == 250
+        assert (await c.cmd(f"RCPT TO:<{name}@origin.test>")).code == 250, name
+        assert (await c.cmd("DATA")).code == 354
+        await c.send(f"Subject: {name}\r\nFrom: s@sender.test\r\n\r\nbody\r\n.\r\n".encode())
+        assert (await c.reply()).code == 250
+        await c.cmd("QUIT")
+        await c.close()
+
+
+def result_lines(log: str, spool: Path, script: Path) -> list[str]:
+    found = [m["line"] + ", " + m["status"] for m in map(_RESULT.search, log.splitlines()) if m]
+    return [normalized(line.replace(str(script), "SCRIPT").replace(str(spool), "SPOOL")) for line in found]
+
+
+def normalized(line: str) -> str:
+    """A result line without what differs on purpose: queue ids, mailflow's `forwarded as ID to ADDRESS` (Postfix
+    names no address) and its `(also: …)` about the other parts of the same recipient (docs/transports.md)."""
+    line = re.sub(r" \(also: .*\)\)$", ")", line)
+    return re.sub(r"forwarded as \w+(?: to \S+?)?\)", "forwarded as ID)", line)
+
+
+async def settled(read_log, spool: Path, script: Path, traffic: list[str], flushed=None) -> set[str]:
+    """The result lines once every recipient has one (bounded) and nothing more came for 1 s."""
+    def answered() -> bool:
+        text = "\n".join(result_lines(read_log(), spool, script))
+        return all(f"<{name}@origin.test>" in text for name in traffic if not name.startswith("owner-"))
+    try:
+        await eventually(answered, timeout=30, step=0.1)
+    except AssertionError:
+        pass  # compared as it is: the difference shows
+    count = -1
+    for _ in range(20):  # at most 10 s more
+        if flushed is not None:
+            await flushed()
+        now = len(result_lines(read_log(), spool, script))
+        if now == count:
+            break
+        count = now
+        await asyncio.sleep(0.5)
+    return set(result_lines(read_log(), spool, script))
+
+
+def subjects_of_mbox(text: str) -> Counter:
+    return Counter(re.findall(r"^Subject: (.*)$", text, re.MULTILINE))
+
+
+def collect(outcome: Outcome, spool: Path, out: Path) -> Outcome:
+    for path in sorted([spool / "nobody", *(spool / "files").glob("*")]):
+        if path.is_file():
+            outcome.copies[path.name] = subjects_of_mbox(path.read_text(errors="replace"))
+    runs = out / "runs"
+    if runs.exists():
+        for line in runs.read_text().splitlines():
+            name, _, subject = line.partition(" ")
+            outcome.copies.setdefault(f"|{name}", Counter())[subject] += 1
+        runs.unlink()
+    return outcome
+
+
+async def run_postfix(case_of, script: Path, out: Path) -> Outcome:
+    spool = Path(tempfile.mkdtemp(prefix="mailflow-spool-"))
+    case = case_of(str(spool), str(script))
+    table = prepared(case, spool)
+    subprocess.run(["postalias", f"hash:{table}"], check=True, capture_output=True)
+    home = f"{spool}/homes/$user"
+    try:
+        async with postfix_instance({**COMMON, "mydestination": "origin.test", "alias_maps": f"hash:{table}",
+                                     "alias_database": "", "home_mailbox": "", "mail_spool_directory": str(spool),
+                                     "forward_path": f"{home}/.forward${{recipient_delimiter}}${{extension}}, "
+                                                     f"{home}/.forward",
+                                     "transport_maps": DISCARD_NOTICES}) as pf:
+            await send_traffic(pf.port, case.traffic)
+            outcome = Outcome(lines=await settled(lambda: pf.maillog, spool, script, case.traffic, pf.flushed))
+        return collect(outcome, spool, out)
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
+
+
+async def run_mailflow(case_of, script: Path, out: Path, tmp: Path) -> Outcome:
+    spool = Path(tempfile.mkdtemp(prefix="mailflow-spool-"))
+    case = case_of(str(spool), str(script))
+    table = prepared(case, spool)
+    settings = merged(base_settings(tmp), {
+        **COMMON, "mydestination": ["origin.test"], "alias_maps": [f"texthash:{table}"],
+        "local_recipient_maps": ["inline:{nobody=x}"], "transport_maps": [DISCARD_NOTICES],
+        "local": {"home_mailbox": "", "mail_spool_directory": str(spool), "maildir_base": str(spool / "homes")}})
+    try:
+        with mail_log_file(tmp / "mail.log") as log:
+            mf = Mailflow(config_from_dict(settings), shutdown_grace=2.0)
+            await mf.start()
+            try:
+                await send_traffic(mf.smtp_addresses[0][1], case.traffic)
+                outcome = Outcome(lines=await settled(log.read_text, spool, script, case.traffic))
+            finally:
+                await mf.stop()
+        return collect(outcome, spool, out)
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
+
+
+def compare(case_of, tmp: Path) -> tuple[Outcome, Outcome]:
+    with script_dir() as d:
+        script = d.script("record.sh", RECORD.format(out=d.out))
+        postfix = asyncio.run(run_postfix(case_of, script, d.out))
+        mailflow = asyncio.run(run_mailflow(case_of, script, d.out, tmp))
+    return postfix, mailflow
+
+
+def differences(postfix: Outcome, mailflow: Outcome) -> dict:
+    found: dict = {}
+    for where in sorted(set(postfix.copies) | set(mailflow.copies)):
+        p, m = postfix.copies.get(where, Counter()), mailflow.copies.get(where, Counter())
+        if p != m:
+            found[f"copies {where}"] = {"postfix": dict(p), "mailflow": dict(m)}
+    p_parts, m_parts = results_of(postfix.lines), results_of(mailflow.lines)
+    if p_parts != m_parts:
+        found["results"] = {"postfix only": sorted(p_parts - m_parts), "mailflow only": sorted(m_parts - p_parts)}
+    return found
+
+
+def results_of(lines: set[str]) -> set[tuple[str, str]]:
+    """The (status, text) of each part of the result lines: mailflow logs one line per recipient, its parts joined
+    by `; `, where Postfix logs one per destination, each about its own to=/orig_to= (docs/transports.md)."""
+    out = set()
+    for line in lines:
+        m = re.search(r"status=(\w+) \((.*)\)$", line)
+        if m:
+            out.update((m[1], part) for part in m[2].split("; "))
+    return out
+
+
+def seeds(text: str) -> list[int]:
+    out: list[int] = []
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        out.extend(range(int(low), int(high or low) + 1))
+    return out
+
+
+@pytest.mark.skipif(not os.environ.get("MAILFLOW_LOCAL_SEEDS"), reason="set MAILFLOW_LOCAL_SEEDS=1-200 to run")
+def test_generated_local_cases_match_a_real_postfix(tmp_path_factory):
+    report = {}
+    for seed in seeds(os.environ["MAILFLOW_LOCAL_SEEDS"]):
+        postfix, mailflow = compare(lambda spool, script, s=seed: generated(s, spool, script),
+                                    tmp_path_factory.mktemp(f"seed{seed}"))
+        found = differences(postfix, mailflow)
+        if found:
+            report[seed] = {"case": generated(seed), "differences": found}
+            print(f"seed {seed}: {report[seed]}", flush=True)
+    assert not report
