@@ -18,8 +18,8 @@ under a failure in `(also: …)`, one text given once with `(N times)`, all unde
 destination (docs/transports.md); so each side's lines give a set of texts, compared.
 
 CURATED holds seeds that agree, run as regular tests; set MAILFLOW_LOCAL_SEEDS (`1-200` or `1,2,3`) to run
-`test_generated_local_cases_match_a_real_postfix` over those seeds (give pytest `--timeout 0`: ~6 s a seed); MAILFLOW_LOCAL_SEEDS_LOG=FILE keeps the last
-Postfix log there.
+`test_generated_local_cases_match_a_real_postfix` over those seeds (give pytest `--timeout 0`: ~6 s a seed);
+MAILFLOW_LOCAL_SEEDS_LOG=FILE keeps the last Postfix log there.
 """
 from __future__ import annotations
 
