@@ -292,9 +292,13 @@ def test_curated_local_cases_match_a_real_postfix(tmp_path, seed):
 def test_generated_local_cases_match_a_real_postfix(tmp_path_factory):
     report = {}
     for seed in seeds(os.environ["MAILFLOW_LOCAL_SEEDS"]):
-        postfix, mailflow = compare(lambda spool, script, s=seed: generated(s, spool, script),
-                                    tmp_path_factory.mktemp(f"seed{seed}"))
-        found = differences(postfix, mailflow)
+        try:
+            postfix, mailflow = compare(lambda spool, script, s=seed: generated(s, spool, script),
+                                        tmp_path_factory.mktemp(f"seed{seed}"))
+        except AssertionError as e:  # a refused RCPT (mailflow refuses a relative path in an alias value)
+            found = {"error": str(e).splitlines()[0]}
+        else:
+            found = differences(postfix, mailflow)
         if found:
             report[seed] = {"case": generated(seed), "differences": found}
             print(f"seed {seed}: {report[seed]}", flush=True)
