@@ -7,7 +7,8 @@ Targets (frozen dataclasses; `Target` is their union):
 - `AddressTarget(address)`: `user`, `user@domain` or `<user@domain>`; forwarded, and aliased again.
 - `MailboxTarget(user)`: `\\user`; the user's own mailbox, with no further aliasing and no .forward.
 - `CommandTarget(command)`: `|command` or `"|command with spaces, or commas"`; `command` has no `|`.
-- `FileTarget(path)`: `/absolute/path`; append to that file.
+- `FileTarget(path)`: `/absolute/path`; append to that file. Only a value starting with `/` is a file, as in
+  Postfix's local: `mail/inbox`, `~/mbox` are addresses (and `./mbox` a bad one).
 - `IncludeTarget(path)`: `:include:/absolute/path` (any case, optional space after the second colon).
 
 Functions:
@@ -37,7 +38,7 @@ Syntax (Postfix aliases(5), compatible with sendmail):
 
 Failures: `AliasSyntaxError(filename, line, reason)`, a `ConfigError` whose str reads `FILE: line N: reason`,
 for: a line without `:`, an empty name, an empty value list, an unterminated quote in a name (one in a value is
-closed at its end, as Postfix's local closes it), a relative file path,
+closed at its end, as Postfix's local closes it),
 `:include:` without an absolute path, an empty command, a bad address, a control character (CR before LF is
 allowed), a continuation line with no entry above it. The first error stops the parse: a bad file yields no map.
 
@@ -200,8 +201,6 @@ def _target(line: _Text, offset: int, item: str) -> Target:
         return IncludeTarget(path)
     if item.startswith("/"):
         return FileTarget(item)
-    if item.startswith(("./", "../", "~/")) or ("/" in item and "@" not in item):
-        raise line.error(offset, f"file path must be absolute: {item!r}")
     if item.startswith("\\"):
         user = item[1:]
         reason = _address_error(user)
