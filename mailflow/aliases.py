@@ -17,6 +17,7 @@ Functions:
 - `parse_forward(text, filename) -> (target, ...)`: a .forward file; may be empty.
 - `parse_include(text, filename) -> (target, ...)`: an :include: file (the same syntax as .forward).
 - `parse_value(text, source) -> (target, ...)`: one value list, as an alias table returns it.
+- `alias_values(text, filename) -> {name: value text}`: an aliases file's entries, values unread (a table's view).
 - `is_privileged(target) -> bool`: True for command, file and include targets.
 - `format_aliases(aliases) -> str` / `format_target(target) -> str`: write back text that parses to the same map.
 
@@ -38,9 +39,9 @@ Syntax (Postfix aliases(5), compatible with sendmail):
 
 Failures: `AliasSyntaxError(filename, line, reason)`, a `ConfigError` whose str reads `FILE: line N: reason`,
 for: a line without `:`, an empty name, an empty value list, an unterminated quote in a name (one in a value is
-closed at its end, as Postfix's local closes it),
-`:include:` without an absolute path, an empty command, a bad address, a control character (CR before LF is
-allowed), a continuation line with no entry above it. The first error stops the parse: a bad file yields no map.
+closed at its end, as Postfix's local closes it), `:include:` without an absolute path, an empty command, a bad
+address, a control character (CR before LF is allowed), a continuation line with no entry above it. The first error
+stops the parse: a bad file yields no map. (`alias_values` checks only what is no value's: names, `:`, lines.)
 
 Contract for callers: privileged targets (`is_privileged`) may come only from the aliases file, a .forward or an
 :include: file that the administrator allows (Postfix allow_mail_to_commands / allow_mail_to_files). Never build
@@ -291,23 +292,35 @@ def _logical_lines(text: str, filename: str):
         yield current
 
 
-def parse_aliases_with_warnings(text: str, filename: str) -> tuple[Aliases, list[str]]:
-    aliases: Aliases = {}
+def _entries(text: str, filename: str) -> tuple[list[tuple[_Text, str, int]], list[str]]:
+    """(logical line, name, offset of its values) per entry, first entry per name; plus the duplicate warnings."""
+    entries: list[tuple[_Text, str, int]] = []
     seen_at: dict[str, int] = {}
     warnings: list[str] = []
     for line in _logical_lines(text, filename):
         name, start = _name(line)
-        targets = _values(line, start)
-        if not targets:
+        if not _split_values(line, start):
             raise line.error(start, f"no values for {name!r}")
         first = line.line_at(0)
-        if name in aliases:
+        if name in seen_at:
             warnings.append(f"{filename}: line {first}: duplicate entry {name!r} (first at line {seen_at[name]}); "
                             "this one is ignored")
             continue
-        aliases[name] = targets
         seen_at[name] = first
-    return aliases, warnings
+        entries.append((line, name, start))
+    return entries, warnings
+
+
+def parse_aliases_with_warnings(text: str, filename: str) -> tuple[Aliases, list[str]]:
+    entries, warnings = _entries(text, filename)
+    return {name: _values(line, start) for line, name, start in entries}, warnings
+
+
+def alias_values(text: str, filename: str) -> dict[str, str]:
+    """{name: its value list as written} for an alias table: the file's structure is checked (names, colons,
+    continuations, control characters, an empty value list), its values are not. As Postfix's local, a value is
+    read when its alias is expanded (`parse_value`), so one value mailflow cannot take fails only that alias."""
+    return {name: line.text[start:].strip() for line, name, start in _entries(text, filename)[0]}
 
 
 def parse_aliases(text: str, filename: str) -> Aliases:

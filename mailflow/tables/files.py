@@ -169,15 +169,15 @@ def _parse_texthash(text: str) -> dict[str, str]:
 
 
 def _parse_alias_file(text: str) -> dict[str, str]:
-    """aliases(5) text -> {name: value list as text}; a syntax error names its line. (The parser, with the RFC 822
-    address lists it reads values with, loads here: only alias_maps files need it, not every program's tables.)"""
-    from mailflow.aliases import AliasSyntaxError, format_target, parse_aliases
+    """aliases(5) text -> {name: value list as written}; a syntax error names its line. Values are not read here
+    but when their alias is expanded (local's aliasing), so a value mailflow cannot take fails that alias alone,
+    never the table's other keys. (The parser loads here: only alias_maps files need it.)"""
+    from mailflow.aliases import AliasSyntaxError, alias_values
 
     try:
-        entries = parse_aliases(text, "")
+        return alias_values(text, "")
     except AliasSyntaxError as e:
         raise ValueError(f"line {e.line}: {e.reason}") from None
-    return {name: ", ".join(format_target(t) for t in targets) for name, targets in entries.items()}
 
 
 class TexthashTable:

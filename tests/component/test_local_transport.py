@@ -119,6 +119,20 @@ async def test_alias_to_two_users_and_a_remote_address(tmp_path):
     assert content.to_bytes() == b"Delivered-To: team@example.test\r\n" + CONTENT
 
 
+async def test_a_value_mailflow_cannot_take_defers_its_alias_only(tmp_path, caplog):
+    """Postfix reads a value when its alias is expanded: `./mbox` (no address mailflow can take) defers a3 with a
+    reason naming the table and the key; a0 in the same table is delivered, and `files/rel` is an address."""
+    fwd = FakeForward()
+    t = transport(tmp_path, "a0: alice\na3: bob, ./mbox\na4: files/rel@remote.test\n", forward=fwd)
+    [a0, a3, a4] = (await t.deliver(request("a0@example.test", "a3@example.test", "a4@example.test"))).results
+    assert a0.outcome is Outcome.SENT and len(delivered(tmp_path, "alice")) == 1
+    assert (a3.outcome, a3.dsn) == (Outcome.DEFERRED, "4.3.5")
+    assert "'a3'" in a3.text and str(tmp_path / "aliases") in a3.text and delivered(tmp_path, "bob") == []
+    assert a4.outcome is Outcome.SENT and [c[2] for c in fwd.calls] == [("files/rel@remote.test",)]
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f"Q1: texthash:{tmp_path / 'aliases'}: bad value for key 'a3': bad address './mbox'")
+
+
 async def test_several_remote_addresses_go_in_one_forward(tmp_path):
     fwd = FakeForward()
     t = transport(tmp_path, "team: x@remote.test, y@remote.test\n", forward=fwd)

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from mailflow.aliases import (
     AddressTarget,
     AliasSyntaxError,
+    alias_values,
     CommandTarget,
     FileTarget,
     IncludeTarget,
@@ -166,6 +167,13 @@ def test_only_a_value_starting_with_a_slash_is_a_file_as_in_postfixs_local():
         AddressTarget("nobody+x"), AddressTarget("files/rel"), AddressTarget("~/mbox"))
     assert parse_forward("mail/inbox\n", "f") == (AddressTarget("mail/inbox"),)
 
+
+def test_alias_values_checks_the_structure_and_leaves_the_values_unread():
+    """A table's view: a value mailflow cannot take is found when its alias is expanded, not at load."""
+    assert alias_values("a0: alice\na3: bob, ./mbox,\n  :include:rel\nA0: dup\n", F) == {
+        "a0": "alice", "a3": "bob, ./mbox,  :include:rel"}
+    with pytest.raises(AliasSyntaxError, match="no values"):
+        alias_values("a0: alice\nempty: , ,\n", F)
 
 
 def test_a_quote_never_closed_in_a_value_is_closed_at_its_end_as_postfixs_local_closes_it():

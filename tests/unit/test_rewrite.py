@@ -203,8 +203,16 @@ def test_alias_names_are_known_local_recipients(tmp_path):
     rw = Rewriter(Config(**BASE, local_recipient_maps=("inline:{alice=x}",), alias_maps=(f"texthash:{aliases}",)))
     assert rw.is_known_local("staff@example.test") and rw.is_known_local("Staff+x@localhost")
     assert not rw.is_local_user("staff@example.test")
-    assert rw.alias("staff@example.test")[1:] == ("staff", "<alice>, <bob>")
+    assert rw.alias("staff@example.test")[1:] == ("staff", "alice, bob")  # the value as written, read when expanded
     assert not rw.is_known_local("carol@example.test")
+
+
+def test_an_alias_value_mailflow_cannot_take_leaves_every_name_a_known_local_recipient(tmp_path):
+    """smtpd's RCPT check asks only for the name: a bad value (read when expanded) never makes it 451 4.3.0."""
+    aliases = tmp_path / "aliases"
+    aliases.write_text("a0: nobody\na3: nobody+x, ./mbox\n")
+    rw = Rewriter(Config(**BASE, local_recipient_maps=("inline:{nobody=x}",), alias_maps=(f"texthash:{aliases}",)))
+    assert rw.is_known_local("a0@example.test") and rw.is_known_local("a3@example.test")
 
 
 def test_is_known_local_with_an_empty_list_accepts_anyone():

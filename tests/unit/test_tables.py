@@ -49,6 +49,16 @@ def test_texthash_continuation_lines_and_first_duplicate_wins(tmp_path):
     assert open_table(f"texthash:{f}").lookup("team") == "alice,  bob,\tcarol"
 
 
+def test_an_alias_table_with_a_value_mailflow_cannot_take_still_answers_every_key(tmp_path):
+    """One bad value fails only its alias, when expanded (local's aliasing), never the table: smtpd's RCPT check
+    for the other keys must not become 451 4.3.0 (differential seeds 21, 24, 30, 33)."""
+    f = tmp_path / "aliases"
+    f.write_text("a0: nobody\na3: nobody+x, ./mbox, :include:rel\n")
+    t = open_table(f"texthash:{f}", aliases=True)
+    assert t.lookup("a0") == "nobody"
+    assert t.lookup("a3") == "nobody+x, ./mbox, :include:rel"
+
+
 def test_texthash_relative_path_uses_base_dir(tmp_path):
     write(tmp_path / "t", "a b\n")
     assert open_table("texthash:t", base_dir=tmp_path).lookup("a") == "b"

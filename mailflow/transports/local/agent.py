@@ -221,13 +221,14 @@ class LocalTransport:
         warnings: list[str] = []
         expand = partial(self._expander.expand_recipient, rcpt.address, delivered_to=seen, warn=warnings.append)
         try:
-            found = await self._expander.tables.run(partial(expand, leaf_budget=INLINE_LEAVES))
-        except ExpansionTooBig:
-            warnings.clear()
-            found = await self._expander.tables.run(expand, off_loop=True)  # (a sqlite table's deadline kept)
-        for text in warnings:
-            log.warning("%s: %s", queue_id, text)
-        return found
+            try:
+                return await self._expander.tables.run(partial(expand, leaf_budget=INLINE_LEAVES))
+            except ExpansionTooBig:
+                warnings.clear()
+                return await self._expander.tables.run(expand, off_loop=True)  # (a sqlite table's deadline kept)
+        finally:  # (also those told before an expansion failed: a bad alias value's)
+            for text in warnings:
+                log.warning("%s: %s", queue_id, text)
 
     async def _deliver_leaves(self, request: DeliveryRequest, rcpt: Recipient, leaves: list, filled: _Filled,
                               expansion: str) -> tuple[list[Part], list[ListOf]]:

@@ -64,7 +64,8 @@ work, not what is kept) raises ExpansionTooBig.
 
 Failures: `LookupRetry` (4.3.0) when a table cannot answer; `TemporaryError` 4.3.0 when a .forward or
 :include: file cannot be read, 4.3.5 when one (or an alias value) has bad syntax, 4.6.0 beyond the limits. The
-caller defers the recipient; the administrator or the user can fix the file.
+caller defers the recipient; the administrator or the user can fix the file. An alias value is read here, not when
+its table loads (as local(8)): a bad one defers its alias alone, with a warning naming the table and the key.
 """
 from __future__ import annotations
 
@@ -380,7 +381,8 @@ class LocalExpander:
             return
         try:
             targets = parse_value(value, f"{table} {key!r}")
-        except AliasSyntaxError as e:
+        except AliasSyntaxError as e:  # (Postfix's local reads a value only now, and so does this: see aliases.py)
+            state.warn(f"{table}: bad value for key {key!r}: {e.reason}")
             raise TemporaryError("4.3.5", f"bad alias value for {key!r} in {table}: {e.reason}") from None
         owner, resubmit = origin.owner, origin.resubmit
         listed = self._rewriter.alias(f"owner-{name}@{address.split(addr)[1]}") is not None
