@@ -13,11 +13,11 @@ loopback address it does not listen on, is not its own.
 from __future__ import annotations
 
 import logging
-import re
 import socket
 
 import pytest
 
+from tests.interop.test_restriction_items_vs_postfix import logged
 from tests.support import SmtpClient, postfix_instance
 
 pytestmark = pytest.mark.interop
@@ -59,7 +59,6 @@ MAILFLOW = {
               "relay_restrictions": [f"check_recipient_access {RELAY_TABLE}", "check_relay_domains"],
               "sender_restrictions": [f"check_sender_access {SENDER_TABLE}"]},
 }
-QUEUE_ID = re.compile(r"^[0-9A-F]{6,}: ")
 LOGGED = (": reject: ", ": permit: ")
 GOING_AWAY = ('support for restriction "check_relay_domains" will be removed from Postfix; '
               'use "reject_unauth_destination" instead')
@@ -80,16 +79,6 @@ async def replay(port: int) -> dict[str, list[str]]:
     return got
 
 
-def logged(lines) -> list[str]:
-    """The reject and permit lines, without syslog's prefix or `warning: `, a queue id as QID."""
-    out = []
-    for line in lines:
-        if any(mark in line for mark in LOGGED):
-            text = line.split("]: ", 1)[-1] if "/smtpd[" in line else line
-            out.append(QUEUE_ID.sub("QID: ", text.removeprefix("warning: ")))
-    return out
-
-
 async def test_old_items_and_the_null_key_as_postfix(mailflow_server, caplog):
     caplog.set_level(logging.INFO, logger="mailflow.smtpd")
     async with postfix_instance(MAIN_CF) as postfix:
@@ -100,7 +89,7 @@ async def test_old_items_and_the_null_key_as_postfix(mailflow_server, caplog):
     got = await replay(mf.smtp_addresses[0][1])
 
     assert {s: (expected[s], got[s]) for s in expected if expected[s] != got[s]} == {}
-    assert logged(r.getMessage() for r in caplog.records) == logged(postfix_log.splitlines())
+    assert logged((r.getMessage() for r in caplog.records), LOGGED) == logged(postfix_log.splitlines(), LOGGED)
     # what Postfix did, so that the same mistake on both sides cannot pass unnoticed
     assert expected["permit_inet_interfaces, this host"][-1] == "250 2.1.5 Ok"
     assert expected["permit_inet_interfaces, XCLIENT names another client"][-1] == "250 2.1.5 Ok"

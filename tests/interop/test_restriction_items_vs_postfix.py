@@ -166,12 +166,12 @@ QUEUE_ID = re.compile(r"^[0-9A-F]{6,}: ")
 LOGGED = (": reject: ", ": reject_warning: ", "permit_naked_ip_address is deprecated")
 
 
-def logged(lines) -> list[str]:
-    """The reject and reject_warning lines and the deprecation warnings, without syslog's prefix or `warning: `, a
-    queue id as QID."""
+def logged(lines, marks: tuple[str, ...] = LOGGED) -> list[str]:
+    """The lines holding one of `marks` (by default the reject and reject_warning lines and the deprecation
+    warnings), without syslog's prefix or `warning: `, a queue id as QID."""
     out = []
     for line in lines:
-        if any(mark in line for mark in LOGGED):
+        if any(mark in line for mark in marks):
             text = line.split("]: ", 1)[-1] if "/smtpd[" in line else line
             out.append(QUEUE_ID.sub("QID: ", text.removeprefix("warning: ")))
     return out

@@ -53,12 +53,16 @@ def accounts(recorder: AccountRecorder, server: str) -> dict[int, tuple[str, str
             if tag.startswith(f"{server}-")}
 
 
+async def relay_requiring_auth(recorder: AccountRecorder) -> asyncio.Server:
+    """A relay on 127.0.0.1 that takes mail only after AUTH, recording each login with its sender."""
+    return await asyncio.get_running_loop().create_server(
+        lambda: AiosmtpdSMTP(recorder, hostname="relay.test", authenticator=recorder, auth_required=True,
+                             auth_require_tls=False), "127.0.0.1", 0)
+
+
 async def test_sender_dependent_authentication_matches_a_real_postfix(mailflow_server):
     recorder = AccountRecorder()
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: AiosmtpdSMTP(recorder, hostname="relay.test", authenticator=recorder,
-                                                           auth_required=True, auth_require_tls=False),
-                                      "127.0.0.1", 0)
+    server = await relay_requiring_auth(recorder)
     try:
         relay = f"[127.0.0.1]:{server.sockets[0].getsockname()[1]}"
         passwords = (f"inline:{{ {{alice@acct.test = alice:pw-a}}, {{@acct.test = acct:pw-d}},"
@@ -94,10 +98,7 @@ async def test_a_regexp_password_table_is_asked_as_postfix_asks_it(mailflow_serv
     form), then the host name, then the next hop as written (`[127.0.0.1]:port`). mailflow asked such a table the
     quoted sender and the host name only: neither entry below was found, and the relay refused the mail."""
     recorder = AccountRecorder()
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: AiosmtpdSMTP(recorder, hostname="relay.test", authenticator=recorder,
-                                                           auth_required=True, auth_require_tls=False),
-                                      "127.0.0.1", 0)
+    server = await relay_requiring_auth(recorder)
     try:
         port = server.sockets[0].getsockname()[1]
         relay = f"[127.0.0.1]:{port}"
