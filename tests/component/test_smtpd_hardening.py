@@ -326,16 +326,21 @@ async def test_forbid_bare_newline_off_normalises_bare_lf_in_data(mailflow_serve
     assert content.count(b"\n") == content.count(b"\r\n")
 
 
+async def _client_at_data(mf) -> SmtpClient:
+    """A client past EHLO, MAIL (s@remote.test), RCPT (alice@local.test) and DATA's 354."""
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    for command, code in (("EHLO client.test", 250), ("MAIL FROM:<s@remote.test>", 250),
+                          ("RCPT TO:<alice@local.test>", 250), ("DATA", 354)):
+        assert (await c.cmd(command))[0] == code, command
+    return c
+
+
 async def test_forbid_bare_newline_off_labels_bare_lf_from_lines_within_the_header_limit(mailflow_server, tmp_path):
     # a bare-LF From line is stored with CRLF, a byte more than sent: counted as sent, 5000 of them made a labelled
     # header section past header_size_limit (refused 552 5.3.4, then kept unlabelled); counted as stored, as many
     # as fit are labelled (102 400 // 26: 3938, as with CRLF) and the rest is body
     mf = await mailflow_server(smtpd={"forbid_bare_newline": False})
-    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
-    assert (await c.cmd("EHLO client.test"))[0] == 250
-    assert (await c.cmd("MAIL FROM:<s@remote.test>"))[0] == 250
-    assert (await c.cmd("RCPT TO:<alice@local.test>"))[0] == 250
-    assert (await c.cmd("DATA"))[0] == 354
+    c = await _client_at_data(mf)
     await c.send(b"From a@b\n" * 5000 + b"Subject: s\n\nbody\r\n.\r\n")
     code, text = await c.reply()
     assert code == 250, text
@@ -346,11 +351,7 @@ async def test_forbid_bare_newline_off_labels_bare_lf_from_lines_within_the_head
 
 async def test_forbid_bare_newline_off_still_refuses_a_bare_cr(mailflow_server):
     mf = await mailflow_server(smtpd={"forbid_bare_newline": False})
-    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
-    assert (await c.cmd("EHLO client.test"))[0] == 250
-    assert (await c.cmd("MAIL FROM:<s@remote.test>"))[0] == 250
-    assert (await c.cmd("RCPT TO:<alice@local.test>"))[0] == 250
-    assert (await c.cmd("DATA"))[0] == 354
+    c = await _client_at_data(mf)
     await c.send(b"Subject: cr\r\n\r\nhi\r.\r\nRSET\r\n.\r\n")
     assert (await c.reply())[0] == 521
     assert await mf.store.counts() == {}

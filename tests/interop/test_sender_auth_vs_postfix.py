@@ -53,6 +53,14 @@ def accounts(recorder: AccountRecorder, server: str) -> dict[int, tuple[str, str
             if tag.startswith(f"{server}-")}
 
 
+async def both_at_the_relay(recorder: AccountRecorder, count: int) -> set[int]:
+    """Wait until both servers' `count` messages reached the relay; their numbers."""
+    every = set(range(count))
+    await eventually(lambda: set(accounts(recorder, "pf")) == every and set(accounts(recorder, "mf")) == every,
+                     what="every message at the relay")
+    return every
+
+
 async def relay_requiring_auth(recorder: AccountRecorder) -> asyncio.Server:
     """A relay on 127.0.0.1 that takes mail only after AUTH, recording each login with its sender."""
     return await asyncio.get_running_loop().create_server(
@@ -78,9 +86,7 @@ async def test_sender_dependent_authentication_matches_a_real_postfix(mailflow_s
                                          "sender_dependent_authentication": True})
         await send(mf.smtp_addresses[0][1], "mf")
         await queue_becomes(mf.store, {})
-        every = set(range(len(SENDERS)))
-        await eventually(lambda: set(accounts(recorder, "pf")) == every and set(accounts(recorder, "mf")) == every,
-                         what="every message at the relay")
+        every = await both_at_the_relay(recorder, len(SENDERS))
     finally:
         server.close()
         await server.wait_closed()
@@ -114,9 +120,7 @@ async def test_a_regexp_password_table_is_asked_as_postfix_asks_it(mailflow_serv
                                    smtp={"sasl_password_maps": [f"regexp:{table}"], "sasl_tls_required": False,
                                          "sender_dependent_authentication": True})
         await send_from(mf.smtp_addresses[0][1], "mf", PATTERN_SENDERS)
-        every = set(range(len(PATTERN_SENDERS)))
-        await eventually(lambda: set(accounts(recorder, "pf")) == every and set(accounts(recorder, "mf")) == every,
-                         what="every message at the relay")
+        every = await both_at_the_relay(recorder, len(PATTERN_SENDERS))
     finally:
         server.close()
         await server.wait_closed()
