@@ -284,9 +284,7 @@ class Rewriter:
         `user+ext@domain`, `user@domain`, `user+ext` and `user` only when the domain is one of this host's
         (`is_local_domain`), `@domain`; in `form` (mailflow.tables.search: EXTERNAL for canonical, virtual alias
         and generic maps, EXTERNAL_FIRST for the others). May raise LookupRetry."""
-        domain = address.split(addr)[1]
-        return find_address(tables, addr, delimiter=self._config.recipient_delimiter,
-                            local_domain=bool(domain) and self.is_local_domain(domain), form=form)
+        return find(tables, *self.address_search(addr, form))
 
     def address_keys(self, addr: str, form: str = EXTERNAL) -> list[str]:
         """mail_addr_find's keys for `addr` (see find_address), in order."""

@@ -265,7 +265,7 @@ class DnsChecks:
         if not helo or self._resolver is None:
             return None
         if helo.startswith("["):
-            return None if address.is_valid_helo_literal(helo) else status.invalid_helo_address(helo, invalid_code)
+            return helo_literal_refusal(helo, invalid_code)
         verdict = await self._host_records_known(helo, facts.memo)
         if verdict == FOUND:
             return None
@@ -445,3 +445,10 @@ def _rhs_name(name: str) -> bool:
     """A name an RHS list is asked about (Postfix's find_dnsxl_domain): a valid host name whose last label is not
     all digits (some lists refuse what looks like an address)."""
     return bool(name) and not name.rpartition(".")[2].isdigit() and address.is_valid_domain(name)
+
+
+def helo_literal_refusal(helo: str, invalid_code: int) -> status.Reply | None:
+    """Postfix's smtpd_check.c sends a HELO that starts with `[` to reject_invalid_hostaddr from
+    reject_invalid_helo_hostname, reject_non_fqdn_helo_hostname and reject_unknown_helo_hostname alike: None for
+    a valid address literal, else `invalid_code` (invalid_hostname_reject_code) 5.5.2 invalid ip address."""
+    return None if address.is_valid_helo_literal(helo) else status.invalid_helo_address(helo, invalid_code)

@@ -111,7 +111,7 @@ from mailflow.restriction_vocabulary import (ACCESS_CHECKS, ALL_PERMITS, CLIENT_
                                              is_logged_permit, split_item)
 from mailflow.stages.smtpd.auth import SenderLogins
 from mailflow.routing.rewrite import unknown_reject_codes
-from mailflow.stages.smtpd.dns_checks import TEMPUNAVAIL, UNAVAILABLE, DnsChecks
+from mailflow.stages.smtpd.dns_checks import TEMPUNAVAIL, UNAVAILABLE, DnsChecks, helo_literal_refusal
 from mailflow.stages.smtpd.server_checks import ServerChecks
 from mailflow.stages.smtpd.policy import PolicyError, policy_service
 from mailflow.stages.smtpd.rbl_replies import Listed, RblReplies
@@ -324,13 +324,6 @@ def is_valid_helo(name: str) -> bool:
     return address.is_valid_domain(name) or address.is_host_address(name)
 
 
-def helo_literal_refusal(helo: str, invalid_code: int):
-    """Postfix's smtpd_check.c sends a HELO that starts with `[` to reject_invalid_hostaddr from
-    reject_invalid_helo_hostname, reject_non_fqdn_helo_hostname and reject_unknown_helo_hostname alike: None for
-    a valid address literal, else `invalid_code` (invalid_hostname_reject_code) 5.5.2 invalid ip address."""
-    return None if address.is_valid_helo_literal(helo) else status.invalid_helo_address(helo, invalid_code)
-
-
 def warn_items_after_relay_check(items: Sequence[str]) -> None:
     """Postfix 3.7's warning that nothing after check_relay_domains runs (it permits or refuses): `restriction
     `NEXT' after `check_relay_domains' is ignored`, NEXT the next item's first word as written; not where
@@ -355,8 +348,7 @@ class Restrictions:
         _sender; without them those have no opinion."""
         tables = tables or TableCache()
         self._table_cache = tables  # (its `run` asks a blocking table, sqlite, off the event loop)
-        self._maps_rbl_warned = False
-        self._relay_domains_warned = False
+        self._warned_going_away: set[str] = set()  # old items whose going-away warning was logged
         self._greylist = greylist
         self._verifier = verifier
         self._sender_auth = sender_auth
@@ -637,13 +629,16 @@ class Restrictions:
         return self._simple_names(name, facts, subject) if name in _NAME_CHECKS \
             else self._simple_more(name, stage, facts, subject)
 
+    def _warn_going_away(self, item: str, instead: str) -> None:
+        """Postfix 3.7's warning that an old item is going away, logged once (per restriction set)."""
+        if item not in self._warned_going_away:
+            self._warned_going_away.add(item)
+            log.warning(f'support for restriction "{item}" will be removed from Postfix; use "{instead}" instead')
+
     async def _maps_rbl(self, facts: Facts):
         """Postfix 3.7's reject_maps_rbl: reject_rbl_client with each of maps_rbl_domains in turn, the first that
         lists the client refusing; its warning that the item is going away logged once (per restriction set)."""
-        if not self._maps_rbl_warned:
-            self._maps_rbl_warned = True
-            log.warning('support for restriction "reject_maps_rbl" will be removed from Postfix; '
-                        'use "reject_rbl_client domain-name" instead')
+        self._warn_going_away("reject_maps_rbl", "reject_rbl_client domain-name")
         for rbl_domain in self._smtpd.maps_rbl_domains:
             reply = await self._rbl_reply(await self._dns.rbl(rbl_domain, facts), facts)
             if reply is not None:
@@ -656,10 +651,7 @@ class Restrictions:
         rejected: Relay access denied` (relay_domains_reject_code). Its warning that the item is going away logged
         once (per restriction set).
         May raise LookupRetry."""
-        if not self._relay_domains_warned:
-            self._relay_domains_warned = True
-            log.warning('support for restriction "check_relay_domains" will be removed from Postfix; '
-                        'use "reject_unauth_destination" instead')
+        self._warn_going_away("check_relay_domains", "reject_unauth_destination")
         rcpt = facts.recipient
         if self._rewriter.client_in_relay_domains(facts.client_name) or self._rewriter.authorized_destination(rcpt):
             return self._permitted("check_relay_domains", SUBJECT["recipient"], rcpt, facts, stage)
