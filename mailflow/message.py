@@ -37,6 +37,8 @@ is the first of the body, and cleanup puts the missing empty line before it.
     mailbox_line_room(labelled, limit) -> int   the most bytes the next leading From line may have to be labelled
                                           within `limit` (header_size_limit): smtpd's DATA and sendmail -bs share it
     unlabelled(data, count) -> bytes      `data` with the label taken off its first `count` lines
+    mailbox_labels_kept(labelled, unlabelled_form, fits)   labelled content, or its unlabelled form where only that
+                                          fits header_size_limit: the one rule of smtpd's DATA and sendmail -bs
     mailbox_lines(data, count) -> (length, labelled)   the first `count` lines of `data` (line ends made CRLF),
                                           each labelled `X-Mailbox-Line: ` as Postfix's smtpd labels the mbox lines
                                           DATA content starts with (a header field, not a line that ends the header

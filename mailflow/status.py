@@ -419,13 +419,14 @@ def milter_reply(text: str, soft_bounce: bool = False) -> Reply | None:
         if soft_bounce:
             line = _soft_bounced_line(line)
             rest = line[4:].strip()
+        reply_code = int(line[:3])  # (the final line's is the reply's: softened too)
         first, _, after = rest.partition(" ")
         if first.count(".") == 2 and first.replace(".", "").isdigit():
             parts.append((first, printable(after.strip() or "Command rejected")))
         else:
             parts.append((f"{line[0]}.7.1", printable(rest or "Command rejected")))
     (enhanced, last) = parts.pop()
-    return Reply(int(line[:3]), enhanced, last, tuple(f"{e} {t}" for e, t in parts))
+    return Reply(reply_code, enhanced, last, tuple(f"{e} {t}" for e, t in parts))
 
 
 # Enhanced codes for replies whose text the SMTP library writes itself, keyed by the basic code.

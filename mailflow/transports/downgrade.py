@@ -287,7 +287,8 @@ class Downgrade:
     def _end_headers(self, out: list[bytes], *, body_follows: bool) -> bool:
         """The header section is complete: relabel it if need be, and decide how its body goes. Returns whether its
         labels put the entity in the 8-bit domain."""
-        content_type, eight_bit, boundary = entity_facts(self._headers, self._default_type)
+        names_content = bool(_CONTENT_FIELD.search(b"".join(self._headers)))  # (asked once: both below need it)
+        content_type, eight_bit, boundary = entity_facts(self._headers, self._default_type, names_content)
         relabel = None
         mode = "pass"
         if boundary:
@@ -300,7 +301,7 @@ class Downgrade:
         elif eight_bit:
             relabel, mode = b"quoted-printable", "qp"
         headers = self._headers
-        if relabel is not None or _CONTENT_FIELD.search(b"".join(headers)):
+        if relabel is not None or names_content:
             downgraded = relabelled(headers, relabel)
             if downgraded != headers:
                 headers, self.relabelled = downgraded, True
@@ -381,11 +382,15 @@ def transfer_encoding(value: str) -> str:
     return words[0].lower() if words else ""
 
 
-def entity_facts(header_lines: list[bytes], default_type: str) -> tuple[str, bool, str | None]:
+def entity_facts(header_lines: list[bytes], default_type: str,
+                 names_content: bool | None = None) -> tuple[str, bool, str | None]:
     """What an entity's header section decides here: its content type, whether it is labelled 8bit or binary, and
     its boundary (a multipart's). A section with no field named Content-* (most parts of a message of many small
-    ones) has its default type and no label: it is not parsed (Python's parser cost ~9 µs a part)."""
-    if not _CONTENT_FIELD.search(b"".join(header_lines)):
+    ones) has its default type and no label: it is not parsed (Python's parser cost ~9 µs a part). `names_content`:
+    whether it names one, when the caller has looked already."""
+    if names_content is None:
+        names_content = bool(_CONTENT_FIELD.search(b"".join(header_lines)))
+    if not names_content:
         return default_type, False, None
     info = parse_headers(header_lines, default_type)
     content_type = info.get_content_type()

@@ -1228,10 +1228,10 @@ def _postfix_order(rcpt: Recipient) -> tuple[int, bytes, bytes]:
     Postfix with smtputf8_enable, which mailflow always is), then by the whole address byte for byte (strcmp: the
     local part's case counts, `C@x` before `a@x`); addresses without an `@` last, byte for byte."""
     address = rcpt.address.encode("utf-8", "surrogateescape")
-    at = address.rfind(b"@")
+    at = rcpt.address.rfind("@")
     if at < 0:
         return 1, b"", address
-    domain = rcpt.address[rcpt.address.rfind("@"):]
+    domain = rcpt.address[at:]
     folded = domain.lower() if domain.isascii() else domain.casefold()
     return 0, folded.encode("utf-8", "surrogateescape"), address
 

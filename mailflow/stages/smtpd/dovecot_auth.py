@@ -181,12 +181,15 @@ class DovecotAuth:
         """Dovecot's answer to `login`/`password` within `timeout` (the connection's own when None: listeners
         with their own sasl_timeout share one connection). Raises Unavailable (already logged)."""
         limit = self._timeout if timeout is None else timeout
-        sent: list[tuple[_Connection, int]] = []  # where the request went, and what had been heard there then
+        connection: _Connection | None = None  # where the request went, and what had been heard there then
+        heard = 0
         try:  # (asyncio.timeout, not wait_for: its frame holds the task it made, the task a failure that holds it)
             async with asyncio.timeout(limit):
-                answer = await self._ask(login, password, secured, client_ip, local_ip, sent)
+                connection = await self._connection()
+                heard = connection.heard
+                answer = await self._request(connection, login, password, secured, client_ip, local_ip)
         except TimeoutError:  # (an OSError: first)
-            self._retire_if_silent(sent)
+            self._retire_if_silent(connection, heard)
             error = TimeoutError(f"no answer within {limit:g}s")
             self._faults.failed(error)
             raise Unavailable(str(error)) from None
@@ -195,20 +198,18 @@ class DovecotAuth:
             raise Unavailable(str(e)) from None
         except (OSError, EOFError, HandshakeError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                 ValueError) as e:
-            if sent:  # the connection this request used, never another (a retired one's fault is not the current's)
-                await self._discard(sent[0][0])
+            if connection is not None:  # the one this request used, never another (a retired one's is not current)
+                await self._discard(connection)
             self._faults.failed(e if isinstance(e, OSError) else ConnectionError(str(e) or type(e).__name__))
             raise Unavailable(str(e) or type(e).__name__) from None
         self._faults.succeeded()
         return answer
 
-    async def _ask(self, login: bytes, password: bytes, secured: bool, client_ip: str, local_ip: str,
-                   sent: list[tuple[_Connection, int]]) -> Answer:
-        connection = await self._connection()
+    async def _request(self, connection: _Connection, login: bytes, password: bytes, secured: bool,
+                       client_ip: str, local_ip: str) -> Answer:
         request_id = next(self._ids)
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         connection.pending[request_id] = future
-        sent.append((connection, connection.heard))
         try:
             connection.writer.write(auth_request(request_id, login, password, secured=secured, client_ip=client_ip,
                                                  local_ip=local_ip))
@@ -216,28 +217,28 @@ class DovecotAuth:
             return await future
         finally:
             connection.pending.pop(request_id, None)
-            if connection.retired and not connection.pending:
-                self._retired.pop(connection, None)
-                connection.close()
+            self._close_if_done(connection)
 
-    def _retire_if_silent(self, sent: list[tuple[_Connection, int]]) -> None:
+    def _close_if_done(self, connection: _Connection) -> None:
+        """A retired connection no request waits on any more is closed."""
+        if connection.retired and not connection.pending:
+            self._retired.pop(connection, None)
+            connection.close()
+
+    def _retire_if_silent(self, connection: _Connection | None, heard: int) -> None:
         """One request timed out. A connection that answered others meanwhile stays: Dovecot delays some answers
         (auth_failure_delay, a client IP's auth penalty) and one slow answer must not fail the other sessions'
         requests. One silent since the request was sent is retired: new requests go to a new connection, and it
         is closed once the requests waiting on it are answered or time out. At most MAX_RETIRED stay open (each is
-one fd until its longest request ends): past it the oldest is closed and its requests are unavailable (454)."""
-        if not sent:  # (it timed out connecting: nothing to retire)
-            return
-        connection, heard = sent[0]
-        if connection.heard != heard or connection.retired:
+        one fd until its longest request ends): past it the oldest is closed and its requests are unavailable (454).
+        `connection` None: it timed out connecting, nothing to retire."""
+        if connection is None or connection.heard != heard or connection.retired:
             return
         if self._current is connection:
             self._current = None
         connection.retired = True
-        if not connection.pending:
-            connection.close()
-            return
         self._retired[connection] = None
+        self._close_if_done(connection)
         if len(self._retired) > MAX_RETIRED:  # (short and long sasl_timeouts mixed would retire one per timeout)
             oldest = next(iter(self._retired))
             del self._retired[oldest]

@@ -11,19 +11,24 @@ What it owns
   already received is answered first), `_session_ended` (once however the session ends, also after a TLS
   handshake asyncio never reports to connection_lost: frees what it held, calls the handler's `handle_CLOSE`
   hook when it has one, logs the disconnect, then `_let_go` breaks the cycles through the session so that
-  reference counting frees it; a handshake completing after that is closed), `hang_up()`,
-  `shut_down()` (421 at a stop; after the transaction under way), `in_transaction`.
+  reference counting frees it; a handshake completing after that is closed), `hang_up()`, `cut()` (a stop's
+  end: hang up, and drop the connection if replies are unsent), `shut_down()` (421 at a stop; after the
+  transaction under way), `in_transaction`. Replies still unsent when a session ends keep its socket one
+  `timeout` at most (`Lingering`, in the server's set: a stop aborts what is left), the client's per-client count
+  held until it is gone.
 - Replies: `push()` gives a library-written line its enhanced status code (RFC 2034; not the greeting nor
   HELO/EHLO; a `status.Reply` goes as the catalogue wrote it), counts 4xx/5xx toward the error limits and
   records each command's outcome (session_log.SessionLog). A 421 or 521 after the greeting ends the session (RFC
   5321 3.8; Postfix disconnects after any reply starting with either, a reject_footer under it or not). A reply
   the server volunteers (the timeout's, the stop's) is not written while TLS is yet to come (`_may_reply`): the
   connection just closes.
-- Deadlines: a command within `timeout` of the previous one; DATA/BDAT content at `min_data_rate`; none during
-  a TLS handshake (`_no_deadline`: it has its own, secure.py), nor while the milters are waited for (`untimed`:
-  Postfix's smtpd_timeout bounds the client's I/O only). One loop timer per session: a new deadline is a float
-  stored; the timer, when it fires before the deadline, sets itself again for what is left (not a TimerHandle made
-  and cancelled per command).
+- Deadlines: a command within `timeout` of the previous one; a reply waiting for the client to read (drain) within
+  `timeout` of progress (a write without progress, as Postfix's smtpd_timeout; at a timeout with replies unsent, or
+  under TLS, the connection is dropped, not closed gracefully); DATA/BDAT content at `min_data_rate`; none during a
+  TLS handshake (`_no_deadline`: it has its own, secure.py), nor while the milters are waited for (`untimed`:
+  Postfix's smtpd_timeout bounds the client's I/O only). One loop timer per session: a new deadline is a float stored;
+  the timer, when it fires before the deadline, sets itself again for what is left (not a TimerHandle made and
+  cancelled per command).
 - The greeting (`greet`, at connect and after XCLIENT): the handler's CLIENT hook may put a refusal in its place
   (the client list of delay_reject false: then every command but QUIT gets 503 5.7.0, `session.access_denied`;
   a milter's refusal of the connect event), and a 421 or 521 refusal ends it. HELO and EHLO ask the handler's

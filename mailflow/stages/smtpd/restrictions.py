@@ -73,6 +73,15 @@ At ETRN (`check_etrn`, Postfix's smtpd_check_etrn) the client and helo lists run
 etrn list, whose check_etrn_access looks up the site (`facts.etrn_domain`); DEFER_IF_PERMIT and DEFER_IF_REJECT
 work as at RCPT (ETRN_STEPS); an action that marks a message is skipped there (logged), as Postfix skips it.
 
+Postfix 3.7's old items: the old names of current items are taken as those (restriction_vocabulary.OLD_NAMES);
+check_relay_domains (a client whose verified name is in relay_domains, or an authorized destination; refused with
+relay_domains_reject_code), permit_inet_interfaces (`facts.on_this_host`: the connection's own address, not
+XCLIENT's) and reject_maps_rbl (reject_rbl_client for each of maps_rbl_domains), the going-away warnings logged
+once. The refusals' codes are Postfix's settings: access_map_reject_code and access_map_defer_code (an access
+table's or policy server's REJECT and DEFER*), reject_code and defer_code (the items), relay_domains_reject_code,
+invalid_hostname_reject_code, non_fqdn_reject_code; check_sender_access asks the null sender as
+null_access_lookup_key.
+
 Failure behaviour: an access table that cannot answer gives `451 4.3.5 <name>: X rejected: Server configuration
 error` (logged; warned of under warn_if_reject, as Postfix's check_access); an action mailflow does not know (an
 access value naming an undefined class or a lookup table, or lists nested deeper than MAX_DEPTH: a loop through
