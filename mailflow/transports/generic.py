@@ -233,5 +233,7 @@ def _without_route(addr: str) -> str:
     (`"@r.test:a"@w.test`, from an `@domain` value) dropped (`a@w.test`)."""
     local, _, domain = addr.rpartition("@")
     inner = unquoted_local(local)
-    end = route_length(inner) if inner is not None else 0
-    return f"{quoted_local(inner[end:])}@{domain}" if inner is not None and end else addr
+    if inner is None:
+        return addr
+    end = route_length(inner)
+    return f"{quoted_local(inner[end:])}@{domain}" if end else addr
