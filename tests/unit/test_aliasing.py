@@ -375,6 +375,23 @@ def test_duplicate_leaves_differing_only_in_case_are_dropped(tmp_path):
     assert [x.user for x in e.expand("team@example.test") if isinstance(x, Mailbox)] == ["alice"]
 
 
+def test_a_command_runs_once_per_alias_that_names_it(tmp_path):
+    """local(8)'s duplicate filter keys a command by the user whose expansion names it (the alias name) and the
+    rights: named by two aliases it runs twice, named twice by one once."""
+    e = expander(tmp_path, "team: |/usr/bin/log, staff, |/usr/bin/log\nstaff: |/usr/bin/log\n")
+    assert e.expand("team@example.test") == [Command("/usr/bin/log", "team@example.test", "alias"),
+                                              Command("/usr/bin/log", "staff@example.test", "alias")]
+
+
+def test_a_file_is_written_once_where_it_is_met_first(tmp_path):
+    """local(8) keys a file by its path and rights before it judges the restriction (file.c): allowed first, the
+    same file restricted later in an :include: adds nothing; restricted first, it is not written later."""
+    inc = include_file(tmp_path, "/var/spool/archive\n")
+    e = expander(tmp_path, f"first: /var/spool/archive, :include:{inc}\nlater: :include:{inc}, /var/spool/archive\n")
+    assert e.expand("first@example.test") == [File("/var/spool/archive", "first@example.test", "alias")]
+    assert e.expand("later@example.test") == [Refused("later@example.test", "5.7.1", "mail to file is restricted")]
+
+
 # ------------------------------------------------------------------------------------------ homes and paths
 
 

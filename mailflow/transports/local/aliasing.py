@@ -56,8 +56,9 @@ a file its user may not read: its lines would come back in the defer text.
 Commands and files are allowed only from the sources in `allow_mail_to_commands` / `allow_mail_to_files`
 ("alias", "forward", "include"); otherwise the leaf is Refused with 5.7.1. Nothing a client sends can become
 a command or file: those come only from alias values and files on this host.
-Duplicate leaves are dropped (one mailbox per user; addresses compared without case); an :include: file met
-again in the same expansion (one that includes itself, two that include each other) adds nothing, as local(8)'s
+Duplicate leaves are dropped (one mailbox per user; addresses compared without case; a command once per user
+whose expansion names it and rights, a file once per rights, a restricted one too: `_privileged`); an :include: file
+met again in the same expansion (one that includes itself, two that include each other) adds nothing, as local(8)'s
 duplicate filter skips it. At most EXPANSION_LIMIT leaves, INCLUDE_DEPTH nested :include: files and SMALL_FILE_LIMIT
 bytes of each file. Given a `leaf_budget`, an expansion that meets more leaves than that (duplicates counted: the
 work, not what is kept) raises ExpansionTooBig.
@@ -288,11 +289,12 @@ class _Expansion:
         self.unknown_done: set[str] = set()  # local parts routed as unknown users already (local(8)'s been_here)
         self.kind = ""  # how the recipient itself was expanded: "alias" (an alias or .forward), "list", "" not
 
-    def add(self, leaf: Leaf) -> None:
+    def add(self, leaf: Leaf, key: tuple | None = None) -> None:
+        """`leaf` unless a leaf of the same `key` (default: its `identity`) came before."""
         self.offered += 1
         if self.leaf_budget is not None and self.offered > self.leaf_budget:  # (20 000 times one member: work too)
             raise ExpansionTooBig()
-        key = identity(leaf)
+        key = identity(leaf) if key is None else key
         if key not in self.keys:
             if len(self.leaves) >= EXPANSION_LIMIT:
                 raise TemporaryError("4.6.0", f"alias expansion larger than {EXPANSION_LIMIT} destinations")
@@ -307,8 +309,8 @@ def identity(leaf: Leaf) -> tuple:
         return "mailbox", leaf.user
     if isinstance(leaf, Forward):
         return "forward", leaf.address.lower(), leaf.sender
-    if isinstance(leaf, Command):  # mailbox_command runs once per address (it is given RECIPIENT, EXTENSION)
-        return "command", leaf.rights, leaf.command, leaf.address.lower() if leaf.source == "mailbox" else ""
+    if isinstance(leaf, Command):  # mailbox_command runs once per address (it is given RECIPIENT, EXTENSION); the
+        return "command", leaf.rights, leaf.command, leaf.address.lower()  # others' key: LocalExpander._privileged
     if isinstance(leaf, Pass):
         return "pass", leaf.address.lower()
     if isinstance(leaf, File):
@@ -508,11 +510,21 @@ class LocalExpander:
                 "recipient": internal}
 
     def _privileged(self, state: _Expansion, leaf: Command | File, allowed: tuple[str, ...], kind: str) -> None:
-        if leaf.source in allowed:
+        """A command or file its source may name; else its refusal, 5.7.1 restricted. As local(8)'s duplicate
+        filter: a command runs once per user whose expansion names it (the alias name or the .forward's owner:
+        `a1: "|cmd", a2` and `a2: "|cmd"` run it twice) and rights, and its restriction is judged first
+        (token.c); a file is written once per rights, judged after that (file.c), so a file met first where it
+        is restricted is not written where it is allowed, and one written is not refused where it is not."""
+        if isinstance(leaf, Command):
+            if leaf.source in allowed:
+                user = split_extension(address.split(leaf.address)[0].lower(), self._config.recipient_delimiter)[0]
+                state.add(leaf, ("command", leaf.rights, leaf.command, user))
+            else:  # (reported to the sender, even under a list: local(8)'s bounce_append)
+                state.add(Refused(leaf.address, "5.7.1", f"mail to {kind} is restricted"))
+        elif leaf.source in allowed:
             state.add(leaf)
-        else:  # local(8) reports a restricted file to a list's owner (bounce_workaround), a command to the sender
-            owner = leaf.sender if isinstance(leaf, File) else None
-            state.add(Refused(leaf.address, "5.7.1", f"mail to {kind} is restricted", owner))
+        else:  # local(8) reports a restricted file to a list's owner (bounce_workaround)
+            state.add(Refused(leaf.address, "5.7.1", f"mail to {kind} is restricted", leaf.sender), identity(leaf))
 
     def _include(self, state: _Expansion, owner: str, path: str, origin: "_Origin", depth: int) -> None:
         if path in state.includes_done:
