@@ -18,9 +18,9 @@ and orig_to= of each line, nor its status: mailflow logs one line per recipient 
 delivered under a failure in `(also: …)`, one text given once with `(N times)`, all under the worst status), Postfix
 one per destination (docs/transports.md); so each side's lines give a set of texts, compared.
 
-CURATED holds seeds that agree, run as regular tests; set MAILFLOW_LOCAL_SEEDS (`1-200` or `1,2,3`) to run
-`test_generated_local_cases_match_a_real_postfix` over those seeds (give pytest `--timeout 0`: ~6 s a seed);
-MAILFLOW_LOCAL_SEEDS_LOG=FILE keeps the last Postfix log there.
+CURATED holds seeds that agree, run as regular tests, and WRITTEN cases written out for one rule each; set
+MAILFLOW_LOCAL_SEEDS (`1-200` or `1,2,3`) to run `test_generated_local_cases_match_a_real_postfix` over those seeds
+(give pytest `--timeout 0`: ~6 s a seed); MAILFLOW_LOCAL_SEEDS_LOG=FILE keeps the last Postfix log there.
 """
 from __future__ import annotations
 
@@ -288,9 +288,29 @@ def seeds(text: str) -> list[int]:
 CURATED = [2, 33]
 
 
+# cases written out, each for a rule of local(8)'s duplicate filter that a seed found (seeds hold more than one)
+WRITTEN = {
+    # a command is run once per user whose expansion names it (command.c's key: user, uid, command): twice here
+    "command named by two aliases": lambda spool, script: Case(
+        {"a1": f'"|{script} c0 0", a2', "a2": f'"|{script} c0 0"'}, {}, {}, ["a1"]),
+    # a file is written once per uid, restricted or not (file.c's key comes before the restriction): f0 written
+    # for `first` and not refused in i0; f1 refused in i0 for `later` and so not written after it
+    "file met allowed, then restricted, and the other way": lambda spool, script: Case(
+        {"first": f"{spool}/files/f0, :include:{spool}/inc/i0", "later": f":include:{spool}/inc/i0, {spool}/files/f1"},
+        {"i0": f"{spool}/files/f1\n{spool}/files/f0\n"}, {}, ["first", "later"]),
+}
+
+
 @pytest.mark.parametrize("seed", CURATED)
 def test_curated_local_cases_match_a_real_postfix(tmp_path, seed):
     postfix, mailflow = compare(lambda spool, script: generated(seed, spool, script), tmp_path)
+    assert differences(postfix, mailflow) == {}
+    assert postfix.copies and postfix.lines  # (something was delivered and logged)
+
+
+@pytest.mark.parametrize("name", WRITTEN)
+def test_written_local_cases_match_a_real_postfix(tmp_path, name):
+    postfix, mailflow = compare(WRITTEN[name], tmp_path)
     assert differences(postfix, mailflow) == {}
     assert postfix.copies and postfix.lines  # (something was delivered and logged)
 
