@@ -77,7 +77,7 @@ class QueueConfig(Section):
     # one is set ({ smtp = 20 }: transport_destination_recipient_limit); 0 = no limit. With 1, each recipient is a
     # destination of its own (user@nexthop, without its extension): the concurrency and the rate delay are then
     # per recipient, as Postfix's qmgr makes them. `local` takes any number unless the table sets it: its agent
-    # writes one copy per user per delivery, which a split would break.
+    # writes one copy per local part per delivery, which a split would break.
     destination_recipient_limit: PostfixInt = Field(50, ge=0)
     transport_destination_recipient_limit: dict[str, Annotated[PostfixInt, Field(ge=0)]] = {}
     commit_batch_limit: int = Field(500, ge=1)
@@ -93,7 +93,7 @@ class QueueConfig(Section):
 
     def recipient_limit(self, transport: str) -> int:
         """The recipients per delivery for mail over `transport` (0: no limit): its own where the table sets one,
-        else none for `local` (its agent's one copy per user per delivery must see every recipient: see
+        else none for `local` (its agent's one copy per local part per delivery must see every recipient: see
         transports/local), else destination_recipient_limit."""
         own = self.transport_destination_recipient_limit.get(transport)
         if own is not None:

@@ -4,7 +4,7 @@ Covered: a mailbox copy (Return-Path, X-Original-To, Delivered-To, LF line ends,
 and a remote address (both Maildirs written, one forwarded copy with Delivered-To prepended, SENT); a Delivered-To
 loop (5.4.6, nothing written); an unknown user (5.1.1); a command target (deferred 4.3.5 before anything is
 written); a refused part next to a delivered one (BOUNCED, the delivered part written); a Maildir that
-cannot be written (4.2.0); a forward that fails (4.3.0); one copy per user per request; a local part that is a
+cannot be written (4.2.0); a forward that fails (4.3.0); one copy per local part per request; a local part that is a
 path never leaves maildir_base. The forwarder is a recording fake with the
 signature of mailflow.app's `forwarder`.
 """
@@ -356,11 +356,13 @@ async def test_local_part_with_a_path_is_not_written_outside_maildir_base(tmp_pa
     assert not outside.exists()
 
 
-async def test_one_copy_per_user_however_many_recipients_lead_there(tmp_path):
+async def test_one_copy_per_local_part_however_many_recipients_lead_there(tmp_path):
+    """One copy per local part and its extension (local(8)'s been_here "mailbox <local part>"): alice once for
+    alice and team, alice+x a copy of its own."""
     report = await transport(tmp_path, "team: alice, bob\n").deliver(
-        request("alice@example.test", "team@example.test", "Alice+x@example.test"))
-    assert [r.outcome for r in report.results] == [Outcome.SENT] * 3
-    assert len(delivered(tmp_path, "alice")) == 1 and len(delivered(tmp_path, "bob")) == 1
+        request("alice@example.test", "team@example.test", "Alice+x@example.test", "alice+X@example.test"))
+    assert [r.outcome for r in report.results] == [Outcome.SENT] * 4
+    assert len(delivered(tmp_path, "alice")) == 2 and len(delivered(tmp_path, "bob")) == 1
 
 
 async def test_a_recipient_beginning_with_a_dash_bounces_unless_allow_min_user(tmp_path):

@@ -221,7 +221,7 @@ def test_the_recipient_limit_of_a_transport():
 
 
 async def test_local_takes_every_recipient_of_a_message_in_one_delivery_unless_its_own_limit_says_otherwise(h):
-    """The local agent writes one copy per user per delivery (an alias and its member): a split at the default 50
+    """The local agent writes one copy per local part per delivery (an alias and its member): a split at the default 50
     would deliver twice; so `local` has no limit unless transport_destination_recipient_limit sets one."""
     await h.start()
     await h.queue(*(f"user{i}@example.test" for i in range(120)))

@@ -298,6 +298,9 @@ WRITTEN = {
     "file met allowed, then restricted, and the other way": lambda spool, script: Case(
         {"first": f"{spool}/files/f0, :include:{spool}/inc/i0", "later": f":include:{spool}/inc/i0, {spool}/files/f1"},
         {"i0": f"{spool}/files/f1\n{spool}/files/f0\n"}, {}, ["first", "later"]),
+    # a mailbox gets a copy per local part, its extension included (mailbox.c's key): nobody twice, not three times
+    "mailbox named with and without an extension": lambda spool, script: Case(
+        {"a2": "nobody, a1, nobody+y", "a1": "NoBody"}, {}, {}, ["a2"]),
 }
 
 

@@ -370,6 +370,13 @@ def test_duplicate_leaves_are_dropped(tmp_path):
     assert e.expand("team@example.test") == [mailbox("alice"), mailbox("bob"), Forward("x@remote.test")]
 
 
+def test_a_mailbox_gets_a_copy_per_local_part_with_its_extension(tmp_path):
+    """local(8)'s duplicate filter keys a mailbox by the local part, its extension included."""
+    e = expander(tmp_path, "team: alice, alice+x, Alice, ALICE+X, alice+y\n")
+    assert e.expand("team@example.test") == [mailbox("alice"), mailbox("alice", "alice+x@example.test"),
+                                              mailbox("alice", "alice+y@example.test")]
+
+
 def test_duplicate_leaves_differing_only_in_case_are_dropped(tmp_path):
     e = expander(tmp_path, "team: alice, Alice\n")
     assert [x.user for x in e.expand("team@example.test") if isinstance(x, Mailbox)] == ["alice"]

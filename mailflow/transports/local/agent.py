@@ -17,8 +17,9 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
    created as theirs, and one that another uid owns defers 4.2.0 (Postfix's strict_mailbox_ownership). Each
    copy starts with Return-Path, X-Original-To (the recipient as the client gave it) and Delivered-To (the
    recipient of the request, as local(8)'s: an alias's address in its members' copies, files and commands); one copy
-   per user per request, however many of its recipients lead there (Postfix's duplicate filter does it within one
-   recipient's expansion), and so one mailbox_command run and one pass per address (`_Filled`); a
+   per local part (its extension included: `alice` and `alice+x` get two) per request, however many of its
+   recipients lead there (Postfix's duplicate filter does it within one recipient's expansion, its key
+   "mailbox <local part>"), and so one mailbox_command run and one pass per address (`_Filled`); a
    recipient led to one already done gets its result. mbox files get a From_
    line, mboxrd quoting and the `mailbox_delivery_lock` locks (see mailflow.transports.local.mbox).
 3. Forwarded addresses (and the members of an :include: file or of a list with an owner- alias, which local(8)

@@ -56,12 +56,12 @@ a file its user may not read: its lines would come back in the defer text.
 Commands and files are allowed only from the sources in `allow_mail_to_commands` / `allow_mail_to_files`
 ("alias", "forward", "include"); otherwise the leaf is Refused with 5.7.1. Nothing a client sends can become
 a command or file: those come only from alias values and files on this host.
-Duplicate leaves are dropped (one mailbox per user; addresses compared without case; a command once per user
-whose expansion names it and rights, a file once per rights, a restricted one too: `_privileged`); an :include: file
-met again in the same expansion (one that includes itself, two that include each other) adds nothing, as local(8)'s
-duplicate filter skips it. At most EXPANSION_LIMIT leaves, INCLUDE_DEPTH nested :include: files and SMALL_FILE_LIMIT
-bytes of each file. Given a `leaf_budget`, an expansion that meets more leaves than that (duplicates counted: the
-work, not what is kept) raises ExpansionTooBig.
+Duplicate leaves are dropped (one mailbox copy per local part, its extension included; addresses compared without
+case; a command once per user whose expansion names it and rights, a file once per rights, a restricted one too:
+`_privileged`); an :include: file met again in the same expansion (one that includes itself, two that include
+each other) adds nothing, as local(8)'s duplicate filter skips it. At most EXPANSION_LIMIT leaves, INCLUDE_DEPTH
+nested :include: files and SMALL_FILE_LIMIT bytes of each file. Given a `leaf_budget`, an expansion that meets more
+leaves than that (duplicates counted: the work, not what is kept) raises ExpansionTooBig.
 
 Failures: `LookupRetry` (4.3.0) when a table cannot answer; `TemporaryError` 4.3.0 when a .forward or
 :include: file cannot be read, 4.3.5 when one (or an alias value) has bad syntax, 4.6.0 beyond the limits. The
@@ -303,10 +303,11 @@ class _Expansion:
 
 
 def identity(leaf: Leaf) -> tuple:
-    """What makes two leaves the same delivery: one mailbox per user, addresses compared without case (the local
-    agent also keeps a request's mailbox deliveries by it: one copy per user per request)."""
+    """What makes two leaves the same delivery: one mailbox copy per local part (with its extension, without case:
+    local(8)'s been_here "mailbox", so `alice` and `alice+x` are two copies), addresses compared without case (the
+    local agent also keeps a request's mailbox deliveries by it: one copy per local part per request)."""
     if isinstance(leaf, Mailbox):
-        return "mailbox", leaf.user
+        return "mailbox", address.split(leaf.address)[0].lower()
     if isinstance(leaf, Forward):
         return "forward", leaf.address.lower(), leaf.sender
     if isinstance(leaf, Command):  # mailbox_command runs once per address (it is given RECIPIENT, EXTENSION); the
