@@ -329,10 +329,13 @@ def parse_aliases(text: str, filename: str) -> Aliases:
 
 def parse_forward(text: str, filename: str) -> tuple[Target, ...]:
     """Each non-comment line is a comma-separated value list; lines do not continue one another."""
-    targets: list[Target] = []
-    for number, physical in _physical_lines(text, filename):
-        targets.extend(_values(_Text(filename, number, physical), 0))
-    return tuple(targets)
+    return tuple(target for line in parse_lines(text, filename) for target in line)
+
+
+def parse_lines(text: str, filename: str) -> tuple[tuple[Target, ...], ...]:
+    """`parse_forward`'s targets line by line (each non-comment line's own), for a reader that stops after a line
+    (local(8) reads no further line of a .forward or :include: file once one defers)."""
+    return tuple(_values(_Text(filename, number, physical), 0) for number, physical in _physical_lines(text, filename))
 
 
 def parse_include(text: str, filename: str) -> tuple[Target, ...]:

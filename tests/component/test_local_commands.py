@@ -169,6 +169,22 @@ async def test_a_command_exiting_75_defers_the_recipient_after_the_mailbox_is_wr
     assert len(maildir(tmp_path, "alice")) == 1
 
 
+async def test_a_files_lines_after_one_that_defers_are_left_for_the_retry(scripts, tmp_path):
+    """local(8)'s deliver_token_stream reads no further line of an :include: (or .forward) file once one deferred:
+    the rest of that line and the alias value around the file are delivered, the later lines are not (nor
+    logged); they are at the retry, which repeats the file."""
+    later = scripts.script("later.sh", "exit 75\n")
+    ok = scripts.script("ok.sh", f'echo "$1" >> {scripts.out}/runs\ncat > /dev/null\n')
+    inc = tmp_path / "team.inc"
+    inc.write_text(f'"|{later}", "|{ok} same-line"\n"|{ok} next-line"\nalice\n')
+    t = transport(tmp_path, f'team: :include:{inc}, "|{ok} after"\n',
+                  allow_mail_to_commands=("alias", "forward", "include"))
+    [result] = (await t.deliver(request("team@example.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.3.0")
+    assert scripts.read("runs").split() == ["same-line", "after"]
+    assert "next-line" not in result.text and "forwarded" not in result.text
+
+
 async def test_a_command_exiting_67_bounces_the_recipient_and_the_rest_is_delivered(scripts, tmp_path):
     s = scripts.script("nouser.sh", "exit 67\n")
     [result] = (await transport(tmp_path, f"team: alice, |{s}\n").deliver(request("team@example.test"))).results

@@ -301,6 +301,11 @@ WRITTEN = {
     # a mailbox gets a copy per local part, its extension included (mailbox.c's key): nobody twice, not three times
     "mailbox named with and without an extension": lambda spool, script: Case(
         {"a2": "nobody, a1, nobody+y", "a1": "NoBody"}, {}, {}, ["a2"]),
+    # no further line of a .forward (or :include:) file once one defers (token.c's deliver_token_stream): c1 75
+    # defers, c2 on its line runs, c3 and the mailbox on later lines wait; c0, after nobody in a1's value, runs
+    "file lines after a deferral": lambda spool, script: Case(
+        {"a1": f'nobody, "|{script} c0 0"'}, {},
+        {".forward": f'"|{script} c1 75", "|{script} c2 0"\n"|{script} c3 0"\n\\nobody'}, ["nobody", "a1"]),
 }
 
 

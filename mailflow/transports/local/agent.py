@@ -59,7 +59,9 @@ failure. Command output: local: fatal: execvp PROG: why`, or `execl /bin/sh: why
 shell metacharacters; other reasons not to run, `x-unix; <why>`), when one part failed): deferred if any part must
 be retried (a retry repeats the parts already done, as local(8) does); else bounced when a part was refused
 (unknown user, loop, restricted command, a command's permanent failure), the rest being delivered; else sent,
-naming every destination.
+naming every destination. Once a destination named in a .forward or :include: file defers, those of the file's
+later lines (`Leaf.lines`) are left for the retry, not tried, logged nor forwarded (local(8)'s deliver_token_stream
+reads no further line).
 
 Failures: never raises for a recipient (what is no delivery problem, a bug, defers that recipient 4.3.0
 "unknown mail transport error", logged with its traceback); an OS error writing a Maildir defers (4.2.0), but a quota or
@@ -207,7 +209,7 @@ class LocalTransport:
             passed = await self._pass_once(request, rcpt, leaves[0], filled, expansion)
             return replace(passed, recipient=rcpt, expanded=_other(leaves[0].address, rcpt), expansion=expansion,
                            next_hop_notifies=passed.next_hop_notifies and not expansion)  # else the expansion tells
-        parts, lists = await self._deliver_leaves(request, rcpt, leaves, filled, expansion)
+        parts, lists, leaves = await self._deliver_leaves(request, rcpt, leaves, filled, expansion)
         result = _naming_the_member(self._combine(rcpt, parts), rcpt, leaves, parts)
         owner = _failures_owner(result, parts, lists)
         owned = _owned_failures(result, parts, lists, _members(rcpt, leaves, parts))
@@ -232,13 +234,22 @@ class LocalTransport:
                 log.warning("%s: %s", queue_id, text)
 
     async def _deliver_leaves(self, request: DeliveryRequest, rcpt: Recipient, leaves: list, filled: _Filled,
-                              expansion: str) -> tuple[list[Part], list[ListOf]]:
+                              expansion: str) -> tuple[list[Part], list[ListOf], list]:
         """What each destination got, and with it the list it was delivered for (a command's or a file's under a
-        list with an owner- alias: its owner and address; None for the others). `expansion`: how the recipient was
-        expanded."""
+        list with an owner- alias: its owner and address; None for the others), and the leaves it tried. As
+        local(8)'s deliver_token_stream, once a destination named in a .forward or :include: file defers, the
+        destinations of that file's later lines are left for the retry (not tried, not logged, not forwarded).
+        `expansion`: how the recipient was expanded."""
         parts: list[Part] = []
         lists: list[ListOf] = []
+        tried: list = []
+        stopped: dict[int, int] = {}  # a file (its number in the expansion): the line that deferred
         for leaf in leaves:
+            if any(line > stopped.get(file, line) for file, line in leaf.lines):
+                continue
+            tried.append(leaf)
+            if isinstance(leaf, Forward):
+                continue
             if isinstance(leaf, Mailbox):
                 parts.append(await self._mailbox_once(request, rcpt, leaf, filled))
             elif isinstance(leaf, Command):
@@ -252,18 +263,19 @@ class LocalTransport:
             elif isinstance(leaf, Refused):
                 who = "" if leaf.address.lower() == rcpt.address.lower() else f"{leaf.address}: "
                 parts.append(Part(Outcome.BOUNCED, leaf.dsn, who + leaf.text))
-            else:
-                continue
+            if parts[-1].outcome is Outcome.DEFERRED:
+                for file, line in leaf.lines:
+                    stopped.setdefault(file, line)
             listed = isinstance(leaf, (Command, File, Refused)) and leaf.sender is not None
             lists.append((leaf.sender, leaf.address) if listed else None)
         by_sender: dict[str | None, list[str]] = {}
-        for leaf in leaves:
+        for leaf in tried:
             if isinstance(leaf, Forward):
                 by_sender.setdefault(leaf.sender, []).append(leaf.address)
         for sender, addresses in by_sender.items():
             parts.append(await self._forward_copy(request, rcpt, tuple(addresses), sender))
             lists.append(None)
-        return parts, lists
+        return parts, lists, tried
 
     async def _mailbox_once(self, request: DeliveryRequest, rcpt: Recipient, leaf: Mailbox | Command,
                             filled: _Filled) -> Part:

@@ -56,6 +56,8 @@ a file its user may not read: its lines would come back in the defer text.
 Commands and files are allowed only from the sources in `allow_mail_to_commands` / `allow_mail_to_files`
 ("alias", "forward", "include"); otherwise the leaf is Refused with 5.7.1. Nothing a client sends can become
 a command or file: those come only from alias values and files on this host.
+Each leaf knows where it was named (`lines`: the .forward and :include: files and their lines, for the agent to
+read no further line of a file once one defers, as local(8)).
 Duplicate leaves are dropped (one mailbox copy per local part, its extension included; addresses compared without
 case; a command once per user whose expansion names it and rights, a file once per rights, a restricted one too:
 `_privileged`); an :include: file met again in the same expansion (one that includes itself, two that include
@@ -75,14 +77,14 @@ import logging
 import os
 import pwd
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, Union
 
 from mailflow import address
 from mailflow.aliases import (AddressTarget, AliasSyntaxError, CommandTarget, FileTarget, IncludeTarget,
-                              MailboxTarget, Target, parse_forward, parse_include, parse_value)
+                              MailboxTarget, Target, parse_lines, parse_value)
 from mailflow.errors import TemporaryError
 from mailflow.files import FileTooLarge, read_bounded, read_regular_file
 from mailflow.local_macros import expand_local_macros
@@ -101,16 +103,28 @@ SMALL_FILE_LIMIT = 1_000_000  # bytes of a .forward or :include: file read at mo
 INCLUDE_DEPTH = 10
 
 
+Lines = tuple[tuple[int, int], ...]  # a leaf's place: (file, line) of each .forward or :include: file it came from
+
+
+def _place() -> Lines:
+    """The `lines` field of a leaf: where in the .forward and :include: files it was named (the expansion's file
+    number, the line's), outermost first; not compared (two leaves are the same delivery wherever named). The
+    local agent reads no further line of a file once one deferred, as local(8)'s deliver_token_stream."""
+    return field(default=(), compare=False)
+
+
 @dataclass(frozen=True)
 class Mailbox:
     user: str
     address: str
+    lines: Lines = _place()
 
 
 @dataclass(frozen=True)
 class Forward:
     address: str
     sender: str | None = None  # the new message's envelope sender; None: the message's own
+    lines: Lines = _place()
 
 
 @dataclass(frozen=True)
@@ -121,6 +135,7 @@ class Command:
     rights: str | None = None  # the system user it runs as (a .forward's owner); None: default_privs as root
     sender: str | None = None  # the envelope sender it is given (a mailing list's owner); None: the message's
     forward: bool = False  # named by a user's .forward (directly or through :include:): it gets the user's HOME
+    lines: Lines = _place()
 
 
 @dataclass(frozen=True)
@@ -130,6 +145,7 @@ class File:
     source: str
     rights: str | None = None  # the system user it is written as; None: default_privs as root
     sender: str | None = None  # the envelope sender its entry names (a mailing list's owner); None: the message's
+    lines: Lines = _place()
 
 
 @dataclass(frozen=True)
@@ -140,6 +156,7 @@ class Pass:
     transport: str
     nexthop: str
     address: str
+    lines: Lines = _place()
 
 
 @dataclass(frozen=True)
@@ -148,6 +165,7 @@ class Refused:
     dsn: str
     text: str
     sender: str | None = None  # a list's owner its failure is reported to (a restricted file of the list)
+    lines: Lines = _place()
 
 
 Leaf = Union[Mailbox, Forward, Command, File, Pass, Refused]
@@ -288,6 +306,8 @@ class _Expansion:
         self.relayed: set[str] = set()  # addresses luser_relay made: unknown too, they are refused
         self.unknown_done: set[str] = set()  # local parts routed as unknown users already (local(8)'s been_here)
         self.kind = ""  # how the recipient itself was expanded: "alias" (an alias or .forward), "list", "" not
+        self.files = 0  # .forward and :include: files read so far (a file's number in `Leaf.lines`)
+        self.lines: Lines = ()  # the file lines being expanded now, outermost first
 
     def add(self, leaf: Leaf, key: tuple | None = None) -> None:
         """`leaf` unless a leaf of the same `key` (default: its `identity`) came before."""
@@ -299,7 +319,7 @@ class _Expansion:
             if len(self.leaves) >= EXPANSION_LIMIT:
                 raise TemporaryError("4.6.0", f"alias expansion larger than {EXPANSION_LIMIT} destinations")
             self.keys.add(key)
-            self.leaves.append(leaf)
+            self.leaves.append(replace(leaf, lines=self.lines) if self.lines else leaf)
 
 
 def identity(leaf: Leaf) -> tuple:
@@ -374,7 +394,7 @@ class LocalExpander:
         state.forwards_done.add(user)
         if origin.address is None:  # the recipient's own .forward
             state.kind = "alias"
-        self._targets(state, addr, forward, _Origin(user, "forward", "forward", origin.path, addr, rights=rights))
+        self._lines(state, addr, forward, _Origin(user, "forward", "forward", origin.path, addr, rights=rights))
 
     def _alias(self, state: _Expansion, addr: str, found: tuple[str, str, str], origin: "_Origin") -> None:
         table, key, value = found
@@ -396,9 +416,10 @@ class LocalExpander:
         self._targets(state, addr, targets,
                       _Origin(name, "alias", "alias", origin.path + (name,), addr, owner, resubmit))
 
-    def _forward_file(self, state: _Expansion, user: str, ext: str) -> tuple[str | None, tuple[Target, ...] | None]:
-        """The rights the user's .forward carries and what it names; None for the mailbox (no .forward, an empty
-        one, or one local(8) ignores)."""
+    def _forward_file(self, state: _Expansion, user: str, ext: str
+                      ) -> tuple[str | None, tuple[tuple[Target, ...], ...] | None]:
+        """The rights the user's .forward carries and what it names, line by line; None for the mailbox (no
+        .forward, an empty one, or one local(8) ignores)."""
         rights, read = forward_reader(user)
         for name in ([f".forward{ext}"] if ext else []) + [".forward"]:
             path = self.home(user) / name
@@ -410,9 +431,22 @@ class LocalExpander:
                 state.warn(found[1:].decode("utf-8", "replace"))
                 return rights, None
             if found[:1] == b"F":
-                targets = self._parse(parse_forward, _small_text(path, found[1:]), path)
-                return rights, targets or None  # an empty .forward delivers to the mailbox
+                lines = self._parse(_small_text(path, found[1:]), path)
+                return rights, lines if any(lines) else None  # an empty .forward delivers to the mailbox
         return rights, None
+
+    def _lines(self, state: _Expansion, owner: str, lines: tuple[tuple[Target, ...], ...], origin: "_Origin",
+               depth: int = 0) -> None:
+        """A .forward's or :include: file's targets, each line's leaves marked with the file (numbered in this
+        expansion) and the line (`Leaf.lines`), for the agent to read no further line once one defers."""
+        state.files += 1
+        file, outer = state.files, state.lines
+        try:
+            for number, targets in enumerate(lines):
+                state.lines = outer + ((file, number),)
+                self._targets(state, owner, targets, origin, depth)
+        finally:
+            state.lines = outer
 
     def _targets(self, state: _Expansion, owner: str, targets, origin: "_Origin", depth: int = 0) -> None:
         domain = address.split(owner)[1]
@@ -542,12 +576,12 @@ class LocalExpander:
             raise TemporaryError("4.3.0", f"cannot read :include: file {path}: no such file")
         included = _Origin(origin.name, origin.kind, "include", origin.path, origin.address, origin.owner, True,
                            origin.rights)
-        self._targets(state, owner, self._parse(parse_include, text, Path(path)), included, depth + 1)
+        self._lines(state, owner, self._parse(text, Path(path)), included, depth + 1)
 
     @staticmethod
-    def _parse(parse, text: str, path: Path) -> tuple[Target, ...]:
+    def _parse(text: str, path: Path) -> tuple[tuple[Target, ...], ...]:
         try:
-            return parse(text, str(path))
+            return parse_lines(text, str(path))
         except AliasSyntaxError as e:
             raise TemporaryError("4.3.5", str(e)) from None
 
