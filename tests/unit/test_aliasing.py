@@ -336,6 +336,15 @@ def test_an_include_file_that_includes_itself_is_read_once(tmp_path):
     assert expander(tmp_path, f"list: :include:{inc}\n").expand("list@example.test") == [Forward("bob@remote.test")]
 
 
+def test_a_world_writable_include_file_is_4_3_0(tmp_path):
+    """Anyone could name its members (local(8) refuses it too, ":include: file … is world writable")."""
+    inc = include_file(tmp_path, "bob@remote.test\n")
+    inc.chmod(0o666)
+    with pytest.raises(TemporaryError) as excinfo:
+        expander(tmp_path, f"list: :include:{inc}\n").expand("list@example.test")
+    assert temporary(excinfo, "4.3.0") and "world writable" in excinfo.value.text
+
+
 def test_missing_include_file_is_4_3_0(tmp_path):
     e = expander(tmp_path, f"list: :include:{tmp_path / 'missing'}\n")
     with pytest.raises(TemporaryError) as excinfo:

@@ -86,7 +86,7 @@ from mailflow import address
 from mailflow.aliases import (AddressTarget, AliasSyntaxError, CommandTarget, FileTarget, IncludeTarget,
                               MailboxTarget, Target, parse_lines, parse_value)
 from mailflow.errors import TemporaryError
-from mailflow.files import FileTooLarge, read_bounded, read_regular_file
+from mailflow.files import FileTooLarge, read_bounded, read_regular_file_stat
 from mailflow.local_macros import expand_local_macros
 from mailflow.model import AddressClass
 from mailflow.tables import split_extension
@@ -173,16 +173,19 @@ Leaf = Union[Mailbox, Forward, Command, File, Pass, Refused]
 
 def read_small_file(path: Path) -> str | None:
     """The file's text, None when it does not exist. Raises TemporaryError when it cannot be read, is not a regular
-    file (a .forward naming :include: of a FIFO must not hold the delivery, nor :include:/dev/zero fill memory) or
-    is larger than SMALL_FILE_LIMIT."""
+    file (a .forward naming :include: of a FIFO must not hold the delivery, nor :include:/dev/zero fill memory), is
+    world-writable (anyone could name its members: local(8) refuses such an :include: file too) or is larger than
+    SMALL_FILE_LIMIT."""
     try:
-        data = read_regular_file(path, SMALL_FILE_LIMIT)
+        data, st = read_regular_file_stat(path, SMALL_FILE_LIMIT)
     except FileNotFoundError:
         return None
     except FileTooLarge:
         raise TemporaryError("4.3.0", f"cannot read {path}: larger than {SMALL_FILE_LIMIT} bytes") from None
     except OSError as e:  # RefusedFile: "is a FIFO, not a regular file"
         raise TemporaryError("4.3.0", f"cannot read {path}: {e.strerror}") from None
+    if st.st_mode & stat.S_IWOTH:
+        raise TemporaryError("4.3.0", f"cannot read {path}: world writable")
     return _small_text(path, data)
 
 
