@@ -336,7 +336,9 @@ class RcptResult:
     (an alias of failing commands or unknown members, of two lists, a list of two failing commands, a list beside
     an unknown member), a list's owner- alias among them or not, has no `owner`, but each failure here, told in a
     notice of its own, as local(8)'s bounce_workaround calls bounce_one for each: a list's to its owner about the
-    list, the others to the sender (owner "") about the member they name; () for the others. `diagnostic`: the
+    list, the others to the sender (owner "") about the member they name; a deferred recipient's parts that
+    bounced (one too) likewise, told and logged now while it waits for the retry (local(8) logs each bounce at
+    once, bounce(8) sends it at the end of the attempt); () for the others. `diagnostic`: the
     Diagnostic-Code of the result's notice when the agent gives one of its own, `type; text` (a failed command's
     `x-unix; <its output>`, as Postfix's pipe_command); '' for the others, whose notice makes it from `text`.
     `relayed`, `expanded`, `expansion`, `owner`, `owned` and `diagnostic` are stored with the result: a notice

@@ -169,6 +169,20 @@ async def test_a_command_exiting_75_defers_the_recipient_after_the_mailbox_is_wr
     assert len(maildir(tmp_path, "alice")) == 1
 
 
+async def test_a_deferred_recipients_parts_that_bounced_are_its_failures_now(scripts, tmp_path):
+    """A part bounced beside one deferred: the result is deferred and names its failures (`owned`, one too), for
+    qmgr to log and tell now, as local(8) logs each bounce at once; the deferral's text stands alone."""
+    later = scripts.script("later.sh", "exit 75\n")
+    nouser = scripts.script("nouser.sh", "exit 67\n")
+    t = transport(tmp_path, f"team: ghost, |{later}, |{nouser}, alice\n")
+    [result] = (await t.deliver(request("team@example.test"))).results
+    assert (result.outcome, result.dsn, result.owner) == (Outcome.DEFERRED, "4.3.0", "")
+    assert result.text.startswith("temporary failure") and "user unknown" not in result.text
+    assert [(f.owner, f.address, f.dsn, f.text) for f in result.owned] == [
+        ("", "ghost@example.test", "5.1.1", 'unknown user: "ghost"'),
+        ("", "team@example.test", "5.1.1", "user unknown")]
+
+
 async def test_a_files_lines_after_one_that_defers_are_left_for_the_retry(scripts, tmp_path):
     """local(8)'s deliver_token_stream reads no further line of an :include: (or .forward) file once one deferred:
     the rest of that line and the alias value around the file are delivered, the later lines are not (nor

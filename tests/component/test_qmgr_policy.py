@@ -20,7 +20,8 @@ from mailflow.clock import VirtualClock
 from mailflow.config import Config, config_from_dict
 from mailflow.logs import MailLog
 from mailflow.content import Content
-from mailflow.model import ClientInfo, Envelope, Outcome, OwnedFailure, RcptResult, Recipient, Submission
+from mailflow.model import (ClientInfo, DeliveryReport, Envelope, Outcome, OwnedFailure, RcptResult, Recipient,
+                            Submission)
 from mailflow.stages.cleanup import Cleanup
 from mailflow.stages.qmgr import QueueManager, _soft_bounced
 from mailflow.stages.qmgr import notices as notices_module
@@ -313,6 +314,37 @@ async def test_expiry_is_logged_once_as_postfix_qmgr_logs_it(sim, caplog):
         await s.run_until(T0 + 3 * HOUR)
     lines = [r.getMessage() for r in caplog.records if r.name == "mailflow.mail"]
     assert lines.count(f"{queue_id}: from=<a@remote.test>, status=expired, returned to sender") == 1, lines
+
+
+async def test_a_deferred_recipients_bounced_parts_are_logged_and_told_at_once(sim, caplog):
+    """local(8) logs a part that bounced when it bounces and bounce(8) sends its notice at the end of the attempt,
+    while another part keeps the recipient for the retry (Postfix's qmgr_active_done flushes the bounce log of a
+    message that stays queued): `status=bounced` about the member after the recipient's deferred line, a failure
+    notice about that member now, the recipient queued; the retry that delivers it tells nothing more."""
+    s = await sim()
+    ghost = OwnedFailure("", "ghost@local.test", "5.1.1", 'unknown user: "ghost"')
+
+    def respond(request):
+        s.local.record(request)
+        return DeliveryReport(tuple(RcptResult(r, Outcome.DEFERRED, "4.3.0", "temporary failure", relay="local",
+                                               owned=(ghost,)) for r in request.recipients))
+    s.local.respond = respond
+    with caplog.at_level(logging.INFO, logger="mailflow.mail"):
+        queue_id = await s.submit("alice@remote.test", "team@local.test")
+        await s.run_until(T0 + 60)
+    lines = [r.getMessage() for r in caplog.records if r.name == "mailflow.mail" and "relay=local" in r.getMessage()]
+    assert [line.partition(", relay")[0] for line in lines] == [
+        f"{queue_id}: to=<team@local.test>", f"{queue_id}: to=<ghost@local.test>, orig_to=<team@local.test>"]
+    assert lines[0].endswith("status=deferred (temporary failure)")
+    assert lines[1].endswith('dsn=5.1.1, status=bounced (unknown user: "ghost")')
+    [notice] = notices_in(s.smtp)
+    assert [(f["Final-Recipient"], f["Action"], f["Status"]) for f in report_fields(notice)] == [
+        ("rfc822; ghost@local.test", "failed", "5.1.1")]
+    assert await s.store.counts() == {"deferred": 1}
+    s.local.respond = lambda request: DeliveryReport(tuple(RcptResult(r, Outcome.SENT, "2.0.0", "delivered",
+                                                                      relay="local") for r in request.recipients))
+    await s.run_until(T0 + HOUR)
+    assert await s.store.counts() == {} and len(notices_in(s.smtp)) == 1
 
 
 # ------------------------------------------------------------------------------ soft_bounce

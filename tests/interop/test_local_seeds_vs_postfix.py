@@ -306,6 +306,9 @@ WRITTEN = {
     "file lines after a deferral": lambda spool, script: Case(
         {"a1": f'nobody, "|{script} c0 0"'}, {},
         {".forward": f'"|{script} c1 75", "|{script} c2 0"\n"|{script} c3 0"\n\\nobody'}, ["nobody", "a1"]),
+    # a part that bounces beside one deferred is logged bounced at once (local(8)'s bounce_append), not at the retry
+    "a bounced part beside a deferred one": lambda spool, script: Case(
+        {"a2": f'"|{script} c0 67", ghost, "|{script} c1 75"'}, {}, {}, ["a2"]),
 }
 
 

@@ -96,7 +96,8 @@ The loop
   (`RcptResult.stats`, one MsgStats per job an agent had: the message's arrival, its entry into the active queue
   for this attempt, the hand-off to the agent and the agent's end; None for one qmgr answered itself, timed by
   the attempt's), from which its line's `delay=` and `delays=` are made; a bounced result whose failures are
-  told apart (`RcptResult.owned`) has a line per failure, about its list or member, as local(8) logs them;
+  told apart (`RcptResult.owned`) has a line per failure, about its list or member, as local(8) logs them (a
+  deferred one's parts that bounced too, after its own line);
   `on_delivery(transport, seconds)`, when given, is told how long each delivery agent call took (the metrics).
 
 Failure behaviour
@@ -1102,8 +1103,9 @@ class QueueManager:
     async def _record(self, active: ActiveMessage, results: list[RcptResult]) -> None:
         msg = active.message
         rows = [(r, self._owes_notice(r)) for r in results]
+        stored = [(r, owed and r.outcome is not Outcome.DEFERRED) for r, owed in rows]  # (`_owes_notice`)
         try:
-            await self._writes.run(lambda: self._store.record_results(msg.queue_id, rows),
+            await self._writes.run(lambda: self._store.record_results(msg.queue_id, stored),
                                    f"{msg.queue_id}: recording delivery results")
         finally:
             active.recording = False
@@ -1155,8 +1157,8 @@ class QueueManager:
         if pending:
             retry_at = next_attempt(now, msg.lifetime_base, q.minimal_backoff_time, q.maximal_backoff_time,
                                     jitter=JITTER, rng=self._rng)
-        notices = await self._make_notices(active, owed + expired + (pending if warn else []), now, warn,
-                                           msg.lifetime_base + lifetime)
+        told = list({id(r): r for r in owed + expired + (pending if warn else [])}.values())  # (owed and pending)
+        notices = await self._make_notices(active, told, now, warn, msg.lifetime_base + lifetime)
         done = Delivered(msg.queue_id, retry_at, warned=msg.warned or warn, expired=tuple(expired),
                          noticed=tuple(r.recipient.index for r in active.owed))
         await self._writes.run(lambda: self._store.finish(done, [n for _, n in notices], results=last),
@@ -1271,12 +1273,14 @@ def _owned_lines(result: RcptResult) -> list[RcptResult]:
     """A bounced result's failures told to lists' owners (`RcptResult.owned`) as the results their log lines say:
     each about its list, with its own status and text and no orig_to (`to=<l1@…>, relay=local, …, dsn=5.3.0,
     status=bounced (Command died …)`), as local(8) logs each failure its bounce_workaround reports, and log
-    tools count them; the result itself for the others."""
-    if result.outcome is not Outcome.BOUNCED or not result.owned:
+    tools count them; the result itself for the others. A deferred result's failures (parts that bounced while
+    another waits for the retry) are logged after it, each `status=bounced`, as local(8) logs them at once."""
+    if result.outcome is Outcome.SENT or not result.owned:
         return [result]
-    return [dataclasses.replace(result, recipient=_about(result.recipient, f), dsn=f.dsn, text=f.text,
-                                diagnostic=f.diagnostic, expanded="", owned=())
-            for f in result.owned]
+    failures = [dataclasses.replace(result, outcome=Outcome.BOUNCED, recipient=_about(result.recipient, f), dsn=f.dsn,
+                                    text=f.text, diagnostic=f.diagnostic, expanded="", owned=())
+                for f in result.owned]
+    return failures if result.outcome is Outcome.BOUNCED else [dataclasses.replace(result, owned=()), *failures]
 
 
 def _about(rcpt: Recipient, failure: OwnedFailure) -> Recipient:
@@ -1290,8 +1294,9 @@ def _about(rcpt: Recipient, failure: OwnedFailure) -> Recipient:
 def _owes_notice(result: RcptResult, notify_classes: tuple[str, ...]) -> bool:
     """A recipient sent or bounced now whose NOTIFY asks for a notice of that, or bounced with the class bounce in
     notify_classes (the postmaster's copy names every failure, as Postfix's bounce log holds them all): its row
-    keeps a flag until the end of the attempt queues the notice."""
-    kind = _NOTICE_KIND.get(result.outcome)
+    keeps a flag until the end of the attempt queues the notice. A deferred recipient whose parts bounced (`owned`)
+    owes their failure notice at the end of this attempt (its row keeps no flag: the retry repeats them)."""
+    kind = "failure" if result.outcome is Outcome.DEFERRED and result.owned else _NOTICE_KIND.get(result.outcome)
     if kind == "failure" and "bounce" in notify_classes:
         return True
     return kind is not None and wants_notice(result.recipient, kind)
@@ -1302,7 +1307,7 @@ def _soft_bounced(result: RcptResult) -> RcptResult:
     (Postfix's bounce_append hands it to the defer service instead). Its list failures (`owned`) are dropped: no
     owner is told of a deferral, the next try works them out again, and they are not stored at every retry."""
     if result.outcome is not Outcome.BOUNCED:
-        return result
+        return dataclasses.replace(result, owned=()) if result.owned else result  # (a deferred one's bounced parts)
     return dataclasses.replace(result, outcome=Outcome.DEFERRED, dsn="4" + result.dsn[1:], soft_bounced=True,
                                owned=())
 

@@ -1,7 +1,8 @@
 """Which delivery notices one finished delivery attempt calls for, and the messages that carry them.
 
 Rules (Postfix bounce(8) and RFC 3461):
-- failure: recipients that bounced (or expired) this attempt and whose NOTIFY allows FAILURE;
+- failure: recipients that bounced (or expired) this attempt and whose NOTIFY allows FAILURE, and the parts that
+  bounced of a deferred one (`RcptResult.owned`: local(8)'s bounces are sent at the end of the attempt);
 - delay: pending recipients whose NOTIFY allows DELAY, once per message, when the caller says it is time;
 - success: recipients delivered this attempt whose NOTIFY explicitly asks for SUCCESS, unless a next hop that
   offered DSN took the recipient with its NOTIFY (`RcptResult.next_hop_notifies`): that hop reports success
@@ -89,8 +90,8 @@ def plan(message: QueuedMessage, results: list[RcptResult], *, warn_delay: bool,
         wanted.append(("delay", Outcome.DEFERRED))
     notices: list[Notice] = []
     for kind, outcome in wanted:
-        chosen = [r for r in results if r.outcome is outcome and wants_notice(r.recipient, kind)
-                  and not (kind == "success" and r.next_hop_notifies)]
+        chosen = [r for r in results if (r.outcome is outcome or kind == "failure" and r.owned)
+                  and wants_notice(r.recipient, kind) and not (kind == "success" and r.next_hop_notifies)]
         owned = [told for r in chosen if kind == "failure" for told in _owners_told(r, now)]
         notices.extend(Notice(kind, "", owner, (about,), list_owner=True) for owner, about in owned)
         told = tuple(told for r in chosen for told in (

@@ -46,20 +46,20 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
    by a forked child running as the leaf's `rights` or else `default_privs`; `/dev/null` accepts and discards.
    A file whose directory does not exist is not created (its directories neither: deferred 4.2.0 until someone
    makes it), and an executable file is not written (bounced 5.7.1 "file is executable", as local(8)).
-The recipient's result (about the member, `expanded`, when an alias led it to one mailbox only, as local(8) logs
-it; with `expansion` when an alias, a list or a .forward expanded it: its success notice says "alias expanded", as
+The recipient's result (about the member, `expanded`, when an alias led it to one mailbox only, as local(8) logs it;
+with `expansion` when an alias, a list or a .forward expanded it: its success notice says "alias expanded", as
 local(8)'s; with `owner` when the one part that bounced was a list's command or file, or a file it may not write:
 its failure notice goes to the list's owner, as local(8)'s bounce_workaround sends it; with `owned` instead when
-several parts bounced (of lists with an owner- alias or not): each failure, with its own status, text and
-Diagnostic-Code, is told on its own (a list's to its owner in a notice of its own, about its list; the others to
-the sender, each in its one notice, about its member) and logged on a line of its own, as bounce_workaround calls
-bounce_one once per failure, up to OWNED_NOTICE_LIMIT of each (past it counted); with `diagnostic`, a failed
-command's `x-unix; <output>` (a program that could not be executed is told as Postfix's child tells it, `temporary
-failure. Command output: local: fatal: execvp PROG: why`, or `execl /bin/sh: why` for the shell of a command with
-shell metacharacters; other reasons not to run, `x-unix; <why>`), when one part failed): deferred if any part must
-be retried (a retry repeats the parts already done, as local(8) does); else bounced when a part was refused
-(unknown user, loop, restricted command, a command's permanent failure), the rest being delivered; else sent,
-naming every destination. Once a destination named in a .forward or :include: file defers, those of the file's
+several parts bounced (of lists with an owner- alias or not), or one or more beside a part deferred: each failure,
+with its own status, text and Diagnostic-Code, is told on its own (a list's to its owner in a notice of its own,
+about its list; the others to the sender, each in its one notice, about its member) and logged on a line of its own,
+as bounce_workaround calls bounce_one once per failure, up to OWNED_NOTICE_LIMIT of each (past it counted); with
+`diagnostic`, a failed command's `x-unix; <output>` (a program that could not be executed is told as Postfix's child
+tells it, `temporary failure. Command output: local: fatal: execvp PROG: why`, or `execl /bin/sh: why` for the shell
+of a command with shell metacharacters; other reasons not to run, `x-unix; <why>`), when one part failed): deferred
+if any part must be retried (a retry repeats the parts already done, as local(8) does); else bounced when a part was
+refused (unknown user, loop, restricted command, a command's permanent failure), the rest being delivered; else
+sent, naming every destination. Once a destination named in a .forward or :include: file defers, those of the file's
 later lines (`Leaf.lines`) are left for the retry, not tried, logged nor forwarded (local(8)'s deliver_token_stream
 reads no further line).
 
@@ -475,9 +475,9 @@ def _failures_owner(result: RcptResult, parts: list[Part], lists: list[ListOf]) 
     """Who a bounced recipient's failure notice goes to instead of the sender: the list owner, when the one part
     that bounced was a command or file of a list with an owner- alias, or a file refused there (local(8)'s
     bounce_workaround sends it to the owner, and the sender hears nothing; a restricted command it reports to the
-    sender); "" otherwise, and when several parts bounced (`_owned_failures`)."""
+    sender); "" otherwise, and when several parts bounced or the recipient was deferred (`_owned_failures`)."""
     failed = _failures(result, parts, lists)
-    if len(failed) != 1 or failed[0][1] is None:
+    if result.outcome is not Outcome.BOUNCED or len(failed) != 1 or failed[0][1] is None:
         return ""
     return failed[0][1][0]
 
@@ -489,9 +489,12 @@ def _owned_failures(result: RcptResult, parts: list[Part], lists: list[ListOf],
     list; one of no list (an alias of failing commands, unknown members: the main case) for the sender, about the
     member it names (`members`: the address a part is about, "" for the recipient itself); each with its own text
     and Diagnostic-Code, as local(8)'s bounce_workaround calls bounce_one once per failed delivery and bounce(8)
-    lists the sender's. () for one failure (`_failures_owner`, or the result itself). Bounded by `_bounded`."""
+    lists the sender's. () for one failure (`_failures_owner`, or the result itself). A deferred recipient's parts
+    that bounced, one too: told and logged now, as local(8) logs each bounce_append at once and qmgr has bounce(8)
+    send them at the end of the attempt while the recipient waits for its retry (which repeats them). Bounded by
+    `_bounded`."""
     failed = [(part, where, member) for (part, where), member in zip(_failures(result, parts, lists), members)]
-    if len(failed) < 2:
+    if len(failed) < (2 if result.outcome is Outcome.BOUNCED else 1):
         return ()
     owned = [OwnedFailure(where[0], where[1], part.dsn, part.text, part.diagnostic) if where is not None else
              OwnedFailure("", member or result.recipient.address, part.dsn,
@@ -567,8 +570,8 @@ def _and_more(failure: OwnedFailure, more: int) -> OwnedFailure:
 
 
 def _failures(result: RcptResult, parts: list[Part], lists: list[ListOf]) -> list[tuple[Part, ListOf]]:
-    """The parts that bounced, each with the list it was delivered for; none unless the recipient bounced."""
-    if result.outcome is not Outcome.BOUNCED:
+    """The parts that bounced, each with the list it was delivered for; none when the recipient was sent."""
+    if result.outcome is Outcome.SENT:
         return []
     return [(part, where) for part, where in zip(parts, lists) if part.outcome is Outcome.BOUNCED]
 
