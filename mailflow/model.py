@@ -348,7 +348,9 @@ class RcptResult:
     attempt's own). `program`: the Postfix program the line is logged under when another agent than the job's
     made the result (local's mailbox_transport hands a mailbox to lmtp, whose result it is, as Postfix logs it
     under postfix/lmtp); "" the job's. `soft_bounced`: a bounce that soft_bounce turned into this deferral (its
-    status 4.X.X), logged `status=SOFTBOUNCE` as Postfix's bounce_append logs it. None of the four is stored.
+    status 4.X.X), logged `status=SOFTBOUNCE` as Postfix's bounce_append logs it. `delivered`: what the parts
+    delivered said, for a bounced result whose failures are logged apart (`owned`): its own `status=sent` line, as
+    local(8) logs each delivery. None of the five is stored.
     """
 
     recipient: Recipient
@@ -368,6 +370,7 @@ class RcptResult:
     stats: MsgStats | None = field(default=None, compare=False, repr=False)
     program: str = field(default="", compare=False)  # the agent that made it, when not the job's (not stored)
     soft_bounced: bool = field(default=False, compare=False)  # a bounce soft_bounce kept deferred (not stored)
+    delivered: str = field(default="", compare=False)  # the parts delivered of a result with `owned` (not stored)
 
     @property
     def named(self) -> Recipient:

@@ -178,6 +178,7 @@ async def test_a_deferred_recipients_parts_that_bounced_are_its_failures_now(scr
     [result] = (await t.deliver(request("team@example.test"))).results
     assert (result.outcome, result.dsn, result.owner) == (Outcome.DEFERRED, "4.3.0", "")
     assert result.text.startswith("temporary failure") and "user unknown" not in result.text
+    assert "delivered to maildir" in result.text and not result.delivered  # (its own line names them)
     assert [(f.owner, f.address, f.dsn, f.text) for f in result.owned] == [
         ("", "ghost@example.test", "5.1.1", 'unknown user: "ghost"'),
         ("", "team@example.test", "5.1.1", "user unknown")]
@@ -361,6 +362,15 @@ async def test_an_alias_of_several_failing_commands_tells_the_sender_each(tmp_pa
     [result] = (await t.deliver(request("mix@example.test"))).results
     assert (result.outcome, result.owner) == (Outcome.BOUNCED, ""), result
     assert [(f.owner, f.address, f.dsn) for f in result.owned] == [("", "mix@example.test", "5.1.1")] * 3
+    assert result.delivered == ""
+
+
+async def test_a_bounced_recipients_delivered_parts_are_named_for_their_own_line(tmp_path):
+    """Failures told apart (`owned`), the parts delivered are named in `delivered`: qmgr logs them on a line of
+    their own, as local(8) logs each delivery."""
+    t = transport(tmp_path, 'mix: "|exit 67 # a", alice, "|exit 67 # b"\n')
+    [result] = (await t.deliver(request("mix@example.test"))).results
+    assert (result.outcome, len(result.owned), result.delivered) == (Outcome.BOUNCED, 2, "delivered to maildir")
 
 
 async def test_a_lists_command_gets_its_owner_as_the_sender_and_no_original_recipient(scripts, tmp_path):

@@ -347,6 +347,28 @@ async def test_a_deferred_recipients_bounced_parts_are_logged_and_told_at_once(s
     assert await s.store.counts() == {} and len(notices_in(s.smtp)) == 1
 
 
+async def test_a_bounced_recipients_delivered_parts_have_a_line_beside_its_failures(sim, caplog):
+    """A recipient whose failures are logged apart (`owned`) also logs what was delivered (`status=sent`), as
+    local(8) logs each delivery: log tools count both."""
+    s = await sim()
+    failures = (OwnedFailure("", "ghost@local.test", "5.1.1", 'unknown user: "ghost"'),
+                OwnedFailure("", "team@local.test", "5.1.1", "user unknown"))
+
+    def respond(request):
+        s.local.record(request)
+        return DeliveryReport(tuple(RcptResult(r, Outcome.BOUNCED, "5.1.1", "…", relay="local", owned=failures,
+                                               delivered="delivered to maildir") for r in request.recipients))
+    s.local.respond = respond
+    with caplog.at_level(logging.INFO, logger="mailflow.mail"):
+        queue_id = await s.submit("alice@remote.test", "team@local.test")
+        await s.run_until(T0 + 60)
+    lines = [r.getMessage() for r in caplog.records if r.name == "mailflow.mail" and "relay=local" in r.getMessage()]
+    assert [(line.partition(",")[0], line.rpartition("status=")[2]) for line in lines] == [
+        (f"{queue_id}: to=<ghost@local.test>", 'bounced (unknown user: "ghost")'),
+        (f"{queue_id}: to=<team@local.test>", "bounced (user unknown)"),
+        (f"{queue_id}: to=<team@local.test>", "sent (delivered to maildir)")]
+
+
 # ------------------------------------------------------------------------------ soft_bounce
 
 

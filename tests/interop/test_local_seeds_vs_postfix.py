@@ -309,6 +309,9 @@ WRITTEN = {
     # a part that bounces beside one deferred is logged bounced at once (local(8)'s bounce_append), not at the retry
     "a bounced part beside a deferred one": lambda spool, script: Case(
         {"a2": f'"|{script} c0 67", ghost, "|{script} c1 75"'}, {}, {}, ["a2"]),
+    # failures logged apart, a part delivered beside them is logged too (status=sent), as local(8) logs each
+    "a delivered part beside two failures": lambda spool, script: Case(
+        {"a2": f'"|{script} c0 67", "|{script} c1 1", "|{script} c2 0"'}, {}, {}, ["a2"]),
 }
 
 

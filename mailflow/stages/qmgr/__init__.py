@@ -1273,14 +1273,21 @@ def _owned_lines(result: RcptResult) -> list[RcptResult]:
     """A bounced result's failures told to lists' owners (`RcptResult.owned`) as the results their log lines say:
     each about its list, with its own status and text and no orig_to (`to=<l1@…>, relay=local, …, dsn=5.3.0,
     status=bounced (Command died …)`), as local(8) logs each failure its bounce_workaround reports, and log
-    tools count them; the result itself for the others. A deferred result's failures (parts that bounced while
-    another waits for the retry) are logged after it, each `status=bounced`, as local(8) logs them at once."""
+    tools count them, then the parts delivered (`RcptResult.delivered`) on a `status=sent` line, as local(8) logs
+    each delivery; the result itself for the others. A deferred result's failures (parts that bounced while
+    another waits for the retry) are logged after it (which names the parts delivered), each `status=bounced`, as
+    local(8) logs them at once."""
     if result.outcome is Outcome.SENT or not result.owned:
         return [result]
     failures = [dataclasses.replace(result, outcome=Outcome.BOUNCED, recipient=_about(result.recipient, f), dsn=f.dsn,
-                                    text=f.text, diagnostic=f.diagnostic, expanded="", owned=())
+                                    text=f.text, diagnostic=f.diagnostic, expanded="", owned=(), delivered="")
                 for f in result.owned]
-    return failures if result.outcome is Outcome.BOUNCED else [dataclasses.replace(result, owned=()), *failures]
+    if result.outcome is Outcome.DEFERRED:
+        return [dataclasses.replace(result, owned=(), delivered=""), *failures]
+    if result.delivered:
+        failures.append(dataclasses.replace(result, outcome=Outcome.SENT, dsn="2.0.0", text=result.delivered,
+                                            diagnostic="", expanded="", owned=(), delivered=""))
+    return failures
 
 
 def _about(rcpt: Recipient, failure: OwnedFailure) -> Recipient:

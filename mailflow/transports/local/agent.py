@@ -213,7 +213,9 @@ class LocalTransport:
         result = _naming_the_member(self._combine(rcpt, parts), rcpt, leaves, parts)
         owner = _failures_owner(result, parts, lists)
         owned = _owned_failures(result, parts, lists, _members(rcpt, leaves, parts))
-        return replace(result, expansion=expansion, owner=owner, owned=owned,
+        delivered = (_summary([part.text for part in parts if part.outcome is Outcome.SENT])
+                     if owned and result.outcome is Outcome.BOUNCED else "")  # (a deferred line names them)
+        return replace(result, expansion=expansion, owner=owner, owned=owned, delivered=delivered,
                        expanded=result.expanded or _owners_list(rcpt, owner, parts, lists)
                        or _sole_mailbox(rcpt, leaves))
 
