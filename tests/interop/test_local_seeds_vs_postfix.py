@@ -312,6 +312,9 @@ WRITTEN = {
     # failures logged apart, a part delivered beside them is logged too (status=sent), as local(8) logs each
     "a delivered part beside two failures": lambda spool, script: Case(
         {"a2": f'"|{script} c0 67", "|{script} c1 1", "|{script} c2 0"'}, {}, {}, ["a2"]),
+    # an alias met again through an :include: file: expanded again, only duplicates, no loop bounce (include.c)
+    "an alias loop through an include file": lambda spool, script: Case(
+        {"a1": f'"|{script} c0 0", :include:{spool}/inc/i0, nobody', "a2": "a1"}, {"i0": "a2\n"}, {}, ["a1"]),
 }
 
 

@@ -99,6 +99,18 @@ def test_alias_loop_bounces_as_an_alias_database_loop(tmp_path):
     assert e.expand("bob@example.test") == [Refused("alice@example.test", "5.4.6", "alias database loop for alice")]
 
 
+def test_an_alias_met_again_through_an_include_file_is_expanded_again(tmp_path):
+    """local(8) expands an alias met again through an :include: file once more (include.c resets exp_from), under
+    that file: its local users resubmitted (bob a new message too, beside his mailbox), the file itself, read
+    already, adding nothing; no loop bounce."""
+    inc = tmp_path / "list.include"
+    inc.write_text("staff\n")
+    e = expander(tmp_path, f"team: |/usr/bin/log, :include:{inc}, bob\nstaff: alice, team\n")
+    assert e.expand("team@example.test") == [Command("/usr/bin/log", "team@example.test", "alias"),
+                                              Forward("alice@example.test"), Forward("bob@example.test"),
+                                              mailbox("bob")]
+
+
 def test_backslash_user_is_the_mailbox_without_further_expansion(tmp_path):
     forward_file(tmp_path, "alice", "elsewhere@remote.test\n")
     e = expander(tmp_path, "alice: \\alice, carol@remote.test\nteam: \\alice\n")

@@ -19,8 +19,11 @@ Rules, as local(8):
 2. `alias_maps` (key: the local part with its extension, then without): the value list replaces the address.
    An alias that lists itself (`alice: alice, bob`) sends that name on to step 3 (Postfix's exp_from); an alias
    met again on another branch is expanded again; a cycle through other aliases (`a: b`, `b: a`) is Refused
-   where it closes: 5.4.6 alias database loop. Addresses in the list are qualified with myorigin; one that
-   trivial-rewrite resolves to the local transport is expanded here again, any other becomes a Forward.
+   where it closes: 5.4.6 alias database loop (local(8) expands on until its nesting limit and says so); one met
+   again through an :include: file is expanded again, as local(8) (include.c resets exp_from), under that file:
+   its local users resubmitted, the file itself, read already, adding nothing (so the cycle ends). Addresses in
+   the list are qualified with myorigin; one that trivial-rewrite resolves to the local transport is expanded here
+   again, any other becomes a Forward.
    Mailing lists (local(8)): when an alias `name` has an `owner-name` alias, everything its expansion sends on
    goes out from `owner-name@myorigin` (so its bounces reach the owner), its commands and files get that sender
    too (and no original recipient: local(8) drops the DSN ORCPT of a list), and a local address in its expansion
@@ -101,6 +104,7 @@ log = logging.getLogger("mailflow.local")
 EXPANSION_LIMIT = 100_000
 SMALL_FILE_LIMIT = 1_000_000  # bytes of a .forward or :include: file read at most
 INCLUDE_DEPTH = 10
+INCLUDED = "\0include"  # in an _Origin's `path`: an :include: file between the aliases before and after (no key)
 
 
 Lines = tuple[tuple[int, int], ...]  # a leaf's place: (file, line) of each .forward or :include: file it came from
@@ -402,9 +406,9 @@ class LocalExpander:
     def _alias(self, state: _Expansion, addr: str, found: tuple[str, str, str], origin: "_Origin") -> None:
         table, key, value = found
         name = key.lower()
-        if name in origin.path:
+        if name in origin.path and INCLUDED not in origin.path[len(origin.path) - origin.path[::-1].index(name):]:
             state.add(Refused(origin.address or addr, "5.4.6", f"alias database loop for {origin.name or name}"))
-            return
+            return  # (met again through an :include: file, it is expanded again, as local(8): see rule 2)
         try:
             targets = parse_value(value, f"{table} {key!r}")
         except AliasSyntaxError as e:  # (Postfix's local reads a value only now, and so does this: see aliases.py)
@@ -577,8 +581,8 @@ class LocalExpander:
             text = read_small_file(Path(path))
         if text is None:
             raise TemporaryError("4.3.0", f"cannot read :include: file {path}: no such file")
-        included = _Origin(origin.name, origin.kind, "include", origin.path, origin.address, origin.owner, True,
-                           origin.rights)
+        included = _Origin(origin.name, origin.kind, "include", origin.path + (INCLUDED,), origin.address,
+                           origin.owner, True, origin.rights)
         self._lines(state, owner, self._parse(text, Path(path)), included, depth + 1)
 
     @staticmethod
