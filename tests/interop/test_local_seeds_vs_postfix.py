@@ -150,11 +150,12 @@ def normalized(line: str) -> str:
 
 
 async def settled(read_log, spool: Path, script: Path, traffic: list[str], flushed=None) -> set[str]:
-    """The result lines once every recipient has one (bounded) and nothing more came for 1 s (at most 10 s more:
-    a notice loop between list owners goes on)."""
+    """The result lines once every recipient has one of its own (bounded) and nothing more came for 1 s (at most
+    10 s more: a notice loop between list owners goes on). A line of its own: its orig_to, or its to= without one
+    (`to=<a1@…>, orig_to=<a0@…>` is a0's message, not a1's, which may still be on its way)."""
     def answered() -> bool:
-        text = "\n".join(result_lines(read_log(), spool, script))
-        return all(f"<{name}@origin.test>" in text for name in traffic)
+        owners = {_whose(line) for line in result_lines(read_log(), spool, script)}
+        return all(f"{name}@origin.test".lower() in owners for name in traffic)
     try:
         await eventually(answered, timeout=30, step=0.1)
     except AssertionError:
@@ -169,6 +170,12 @@ async def settled(read_log, spool: Path, script: Path, traffic: list[str], flush
         count = now
         await asyncio.sleep(1)
     return set(result_lines(read_log(), spool, script))
+
+
+def _whose(line: str) -> str:
+    """The recipient a result line is about: its orig_to, else its to= (lower case)."""
+    m = re.match(r"to=<([^>]*)>(?:, orig_to=<([^>]*)>)?", line)
+    return (m[2] or m[1]).lower() if m else ""
 
 
 def subjects_of_mbox(text: str) -> Counter:
