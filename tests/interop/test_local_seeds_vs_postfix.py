@@ -322,6 +322,10 @@ WRITTEN = {
     # an alias met again through an :include: file: expanded again, only duplicates, no loop bounce (include.c)
     "an alias loop through an include file": lambda spool, script: Case(
         {"a1": f'"|{script} c0 0", :include:{spool}/inc/i0, nobody', "a2": "a1"}, {"i0": "a2\n"}, {}, ["a1"]),
+    # an alias named in a .forward is expanded there (deliver_switch looks aliases up first): its command runs,
+    # nobody (the .forward's own user) gets the mailbox; forwarded, a1 came back to nobody's .forward as a loop
+    "an alias in a forward file": lambda spool, script: Case(
+        {"a1": f'"|{script} c0 0", nobody'}, {}, {".forward": "a1"}, ["nobody"]),
 }
 
 

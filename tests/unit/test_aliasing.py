@@ -176,6 +176,18 @@ def test_forward_naming_its_own_user_delivers_to_the_mailbox(tmp_path):
     assert expander(tmp_path).expand("bob@example.test") == [mailbox("bob"), Forward("carol@example.test")]
 
 
+def test_an_alias_named_in_a_forward_is_expanded_there(tmp_path):
+    """local(8) looks an address of a .forward up in the aliases first (deliver_switch): an alias is expanded in
+    place, with an alias's class and rights (its command no user's HOME), its local users other than the
+    .forward's own resubmitted (dotforward's owner attribute), the .forward's own user its mailbox (named in its
+    own .forward); the alias's own members forwarded nowhere else."""
+    forward_file(tmp_path, "bob", "staff, carol\n")
+    e = expander(tmp_path, "staff: |/usr/bin/log, alice, bob\n")
+    assert e.expand("bob@example.test") == [Command("/usr/bin/log", "staff@example.test", "alias"),
+                                             Forward("alice@example.test"), mailbox("bob"),
+                                             Forward("carol@example.test")]
+
+
 def test_forward_is_read_after_an_alias(tmp_path):
     forward_file(tmp_path, "bob", "bob@remote.test\n")
     assert expander(tmp_path, "team: alice, bob\n").expand("team@example.test") == \

@@ -34,9 +34,12 @@ Rules, as local(8):
    is Refused: 5.1.1 unknown user. Nothing is read for it. (`unknown_user(user, addr)`: that refusal or None; also
    what address verification answers for a local address.)
 4. The user's `.forward` (`<home>/.forward+ext`, then `<home>/.forward`; home = `<maildir_base>/<user>/`)
-   replaces the user; once expanded, a user met again gets nothing more. In it, the user's own name and
-   `\\user` mean the mailbox; every other address, local or not, becomes a Forward (a new message, so that
-   virtual aliases apply and a loop between users ends at Delivered-To).
+   replaces the user; once expanded, a user met again gets nothing more (met again while it is expanded, through
+   an alias it names, the mailbox: local(8)'s been_here "forward" before "forward-done"). In it, the user's own
+   name and `\\user` mean the mailbox; an alias is expanded in place (local(8)'s deliver_switch looks aliases up
+   first; `forwarder`: its local users other than the .forward's own are resubmitted, dotforward's owner
+   attribute); every other address, local or not, becomes a Forward (a new message, so that virtual aliases
+   apply and a loop between users ends at Delivered-To).
 5. Otherwise the user's mailbox (`Mailbox`), as local(8)'s mailbox.c and unknown.c route it: with
    local.mailbox_transport a `Pass(transport, nexthop, address)` for any user, known or not (the local agent
    hands the address to that transport); else for a user rule 3 refuses, local.fallback_transport (a Pass), or
@@ -282,7 +285,9 @@ class _Origin:
     "include"), the alias names above it (`path`), and the address that was expanded. `owner`: the sender of
     what this expansion sends on (an owner- alias's address); `resubmit`: local users it reaches get a new
     message instead of a delivery here (a mailing list with an owner, or an :include: file); `rights`: the system
-    user whose rights its commands, files and :include: files use (a .forward's owner), None: default_privs."""
+    user whose rights its commands, files and :include: files use (a .forward's owner), None: default_privs;
+    `forwarder`: the user whose .forward this expansion is in (local(8)'s owner attribute that dotforward sets):
+    a local user reached here other than it is resubmitted, it itself gets its mailbox."""
 
     name: str | None = None
     kind: str = "alias"
@@ -292,6 +297,7 @@ class _Origin:
     owner: str | None = None
     resubmit: bool = False
     rights: str | None = None
+    forwarder: str | None = None
 
 
 class ExpansionTooBig(Exception):
@@ -306,6 +312,8 @@ class _Expansion:
         self.warn = warn
         self.leaf_budget = leaf_budget
         self.forwards_done: set[str] = set()
+        self.forwards_open: set[str] = set()  # users whose .forward is being expanded (local(8)'s been_here
+        # "forward" without "forward-done": met again inside, the user gets the mailbox)
         self.includes_done: set[str] = set()
         self.leaves: list[Leaf] = []
         self.keys: set[tuple] = set()
@@ -384,13 +392,16 @@ class LocalExpander:
         if found is not None and found[1].lower() != origin.name:
             self._alias(state, addr, found, origin)
             return
-        if origin.resubmit:
-            state.add(Forward(addr, origin.owner))  # local(8): a list member is a new message, not a delivery
-            return
         local, domain = address.split(addr)
         user, ext = split_extension(local.lower(), self._config.recipient_delimiter)
+        if origin.resubmit or origin.forwarder not in (None, user):
+            state.add(Forward(addr, origin.owner))  # local(8): a list member is a new message, not a delivery
+            return
         if self.unknown_user(user, addr) is not None:
             self._mailbox(state, user, addr, origin)  # mailbox_transport, or local(8)'s unknown.c
+            return
+        if user in state.forwards_open:
+            self._mailbox(state, user, addr, origin)  # named in its own .forward (through an alias): the mailbox
             return
         if user in state.forwards_done:
             return  # its .forward was expanded already: nothing more for this user
@@ -398,10 +409,15 @@ class LocalExpander:
         if forward is None:
             self._mailbox(state, user, addr, origin)
             return
-        state.forwards_done.add(user)
         if origin.address is None:  # the recipient's own .forward
             state.kind = "alias"
-        self._lines(state, addr, forward, _Origin(user, "forward", "forward", origin.path, addr, rights=rights))
+        state.forwards_open.add(user)
+        try:
+            self._lines(state, addr, forward,
+                        _Origin(user, "forward", "forward", origin.path, addr, rights=rights, forwarder=user))
+        finally:
+            state.forwards_open.discard(user)
+        state.forwards_done.add(user)
 
     def _alias(self, state: _Expansion, addr: str, found: tuple[str, str, str], origin: "_Origin") -> None:
         table, key, value = found
@@ -420,8 +436,8 @@ class LocalExpander:
             owner, resubmit = self._rewriter.qualify(f"owner-{name}"), True
         if origin.address is None:  # the recipient itself is the alias
             state.kind = "list" if listed else "alias"
-        self._targets(state, addr, targets,
-                      _Origin(name, "alias", "alias", origin.path + (name,), addr, owner, resubmit))
+        self._targets(state, addr, targets, _Origin(name, "alias", "alias", origin.path + (name,), addr, owner,
+                                                    resubmit, forwarder=origin.forwarder))
 
     def _forward_file(self, state: _Expansion, user: str, ext: str
                       ) -> tuple[str | None, tuple[tuple[Target, ...], ...] | None]:
@@ -473,17 +489,11 @@ class LocalExpander:
                 self._include(state, owner, target.path, origin, depth)
 
     def _address(self, state: _Expansion, text: str, origin: "_Origin") -> None:
-        """An alias result that resolves to local delivery is expanded here; a .forward result is delivered
-        to the mailbox when it names the .forward's owner, and otherwise leaves as a new message (so that
-        virtual aliases apply to it and a loop between users' .forward files ends at Delivered-To)."""
+        """An alias or .forward result that resolves to local delivery is expanded here (`_visit`: under a .forward
+        an alias in place, the .forward's owner its mailbox, another local user a new message, so that virtual
+        aliases apply to it and a loop between users' .forward files ends at Delivered-To); any other leaves."""
         addr = self._rewriter.qualify(text)
-        if origin.kind == "forward":
-            user = split_extension(address.split(addr)[0].lower(), self._config.recipient_delimiter)[0]
-            if user == origin.name and self._is_local_delivery(addr):
-                self._mailbox(state, user, addr, origin)
-            else:
-                state.add(Forward(addr, origin.owner))
-        elif self._is_local_delivery(addr):
+        if self._is_local_delivery(addr):
             self._visit(state, addr, origin)
         else:
             state.add(Forward(addr, origin.owner))
@@ -582,7 +592,7 @@ class LocalExpander:
         if text is None:
             raise TemporaryError("4.3.0", f"cannot read :include: file {path}: no such file")
         included = _Origin(origin.name, origin.kind, "include", origin.path + (INCLUDED,), origin.address,
-                           origin.owner, True, origin.rights)
+                           origin.owner, True, origin.rights, origin.forwarder)
         self._lines(state, owner, self._parse(text, Path(path)), included, depth + 1)
 
     @staticmethod
