@@ -326,6 +326,10 @@ WRITTEN = {
     # nobody (the .forward's own user) gets the mailbox; forwarded, a1 came back to nobody's .forward as a loop
     "an alias in a forward file": lambda spool, script: Case(
         {"a1": f'"|{script} c0 0", nobody'}, {}, {".forward": "a1"}, ["nobody"]),
+    # a recipient with a part deferred forwards nothing (forward.c's forward_finish cancels the new messages):
+    # nobody+y, a member of i0, gets no copy until the retry
+    "a deferred recipient forwards nothing": lambda spool, script: Case(
+        {"a1": f':include:{spool}/inc/i0, "|{script} c0 75"'}, {"i0": "nobody+y\n"}, {}, ["a1"]),
 }
 
 

@@ -59,9 +59,10 @@ tells it, `temporary failure. Command output: local: fatal: execvp PROG: why`, o
 of a command with shell metacharacters; other reasons not to run, `x-unix; <why>`), when one part failed): deferred
 if any part must be retried (a retry repeats the parts already done, as local(8) does); else bounced when a part was
 refused (unknown user, loop, restricted command, a command's permanent failure), the rest being delivered; else
-sent, naming every destination. Once a destination named in a .forward or :include: file defers, those of the file's
-later lines (`Leaf.lines`) are left for the retry, not tried, logged nor forwarded (local(8)'s deliver_token_stream
-reads no further line).
+sent, naming every destination. A recipient deferred forwards nothing (local(8)'s forward_finish cancels the new
+messages: the retry sends them). Once a destination named in a .forward or :include: file defers, those of the
+file's later lines (`Leaf.lines`) are left for the retry, not tried, logged nor forwarded (local(8)'s
+deliver_token_stream reads no further line).
 
 Failures: never raises for a recipient (what is no delivery problem, a bug, defers that recipient 4.3.0
 "unknown mail transport error", logged with its traceback); an OS error writing a Maildir defers (4.2.0), but a quota or
@@ -240,8 +241,9 @@ class LocalTransport:
         """What each destination got, and with it the list it was delivered for (a command's or a file's under a
         list with an owner- alias: its owner and address; None for the others), and the leaves it tried. As
         local(8)'s deliver_token_stream, once a destination named in a .forward or :include: file defers, the
-        destinations of that file's later lines are left for the retry (not tried, not logged, not forwarded).
-        `expansion`: how the recipient was expanded."""
+        destinations of that file's later lines are left for the retry (not tried, not logged, not forwarded);
+        and once any destination defers, nothing is forwarded (forward_finish cancels the new messages of a
+        recipient that is deferred: the retry sends them). `expansion`: how the recipient was expanded."""
         parts: list[Part] = []
         lists: list[ListOf] = []
         tried: list = []
@@ -270,6 +272,8 @@ class LocalTransport:
                     stopped.setdefault(file, line)
             listed = isinstance(leaf, (Command, File, Refused)) and leaf.sender is not None
             lists.append((leaf.sender, leaf.address) if listed else None)
+        if any(part.outcome is Outcome.DEFERRED for part in parts):  # local(8)'s forward_finish cancels
+            return parts, lists, [leaf for leaf in tried if not isinstance(leaf, Forward)]  # them: the retry sends
         by_sender: dict[str | None, list[str]] = {}
         for leaf in tried:
             if isinstance(leaf, Forward):
