@@ -330,6 +330,10 @@ WRITTEN = {
     # nobody+y, a member of i0, gets no copy until the retry
     "a deferred recipient forwards nothing": lambda spool, script: Case(
         {"a1": f':include:{spool}/inc/i0, "|{script} c0 75"'}, {"i0": "nobody+y\n"}, {}, ["a1"]),
+    # a .forward in progress is keyed by its path (dotforward.c): in .forward+x, nobody reads .forward (c0 runs),
+    # nobody+x is the mailbox
+    "the user in its .forward+x": lambda spool, script: Case(
+        {}, {}, {".forward+x": "nobody, nobody+x", ".forward": f'"|{script} c0 0"'}, ["nobody+x"]),
 }
 
 

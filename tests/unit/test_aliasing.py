@@ -188,6 +188,15 @@ def test_an_alias_named_in_a_forward_is_expanded_there(tmp_path):
                                              Forward("carol@example.test")]
 
 
+def test_the_users_name_in_its_forward_with_an_extension_reads_the_plain_forward(tmp_path):
+    """local(8) keys a .forward in progress by its path: in `.forward+x`, `bob+x` (the same file) is the mailbox,
+    `bob` reads `.forward` (another file), whose own `bob` is then the mailbox."""
+    forward_file(tmp_path, "bob", "bob, bob+x\n", name=".forward+x")
+    forward_file(tmp_path, "bob", "carol@remote.test, bob\n")
+    assert expander(tmp_path).expand("bob+x@example.test") == [
+        Forward("carol@remote.test"), mailbox("bob"), mailbox("bob", "bob+x@example.test")]
+
+
 def test_forward_is_read_after_an_alias(tmp_path):
     forward_file(tmp_path, "bob", "bob@remote.test\n")
     assert expander(tmp_path, "team: alice, bob\n").expand("team@example.test") == \

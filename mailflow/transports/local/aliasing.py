@@ -34,9 +34,10 @@ Rules, as local(8):
    is Refused: 5.1.1 unknown user. Nothing is read for it. (`unknown_user(user, addr)`: that refusal or None; also
    what address verification answers for a local address.)
 4. The user's `.forward` (`<home>/.forward+ext`, then `<home>/.forward`; home = `<maildir_base>/<user>/`)
-   replaces the user; once expanded, a user met again gets nothing more (met again while it is expanded, through
-   an alias it names, the mailbox: local(8)'s been_here "forward" before "forward-done"). In it, the user's own
-   name and `\\user` mean the mailbox; an alias is expanded in place (local(8)'s deliver_switch looks aliases up
+   replaces the user; once that file is expanded, a user met again gets nothing more (met again while it is
+   expanded, the mailbox: local(8)'s been_here "forward <path>" before "forward-done"). So in it, the user's own
+   name (through the same file: `bob+x` in `.forward+x` but `bob` there reads `.forward`, as local(8)) and
+   `\\user` mean the mailbox; an alias is expanded in place (local(8)'s deliver_switch looks aliases up
    first; `forwarder`: its local users other than the .forward's own are resubmitted, dotforward's owner
    attribute); every other address, local or not, becomes a Forward (a new message, so that virtual aliases
    apply and a loop between users ends at Delivered-To).
@@ -311,9 +312,9 @@ class _Expansion:
         self.delivered_to = delivered_to
         self.warn = warn
         self.leaf_budget = leaf_budget
-        self.forwards_done: set[str] = set()
-        self.forwards_open: set[str] = set()  # users whose .forward is being expanded (local(8)'s been_here
-        # "forward" without "forward-done": met again inside, the user gets the mailbox)
+        self.forwards_done: set[str | None] = set()  # .forward files expanded (local(8)'s "forward-done")
+        self.forwards_open: set[str | None] = set()  # .forward files being expanded (local(8)'s been_here
+        # "forward <path>" without "forward-done": its user met again inside, through it, gets the mailbox)
         self.includes_done: set[str] = set()
         self.leaves: list[Leaf] = []
         self.keys: set[tuple] = set()
@@ -400,24 +401,21 @@ class LocalExpander:
         if self.unknown_user(user, addr) is not None:
             self._mailbox(state, user, addr, origin)  # mailbox_transport, or local(8)'s unknown.c
             return
-        if user in state.forwards_open:
-            self._mailbox(state, user, addr, origin)  # named in its own .forward (through an alias): the mailbox
-            return
-        if user in state.forwards_done:
-            return  # its .forward was expanded already: nothing more for this user
-        rights, forward = self._forward_file(state, user, ext)
-        if forward is None:
+        path, rights, forward = self._forward_file(state, user, ext)
+        if path in state.forwards_done:
+            return  # this .forward was expanded already: nothing more for this user
+        if forward is None or path in state.forwards_open:  # (named in itself: the mailbox)
             self._mailbox(state, user, addr, origin)
             return
         if origin.address is None:  # the recipient's own .forward
             state.kind = "alias"
-        state.forwards_open.add(user)
+        state.forwards_open.add(path)
         try:
             self._lines(state, addr, forward,
                         _Origin(user, "forward", "forward", origin.path, addr, rights=rights, forwarder=user))
         finally:
-            state.forwards_open.discard(user)
-        state.forwards_done.add(user)
+            state.forwards_open.discard(path)
+        state.forwards_done.add(path)
 
     def _alias(self, state: _Expansion, addr: str, found: tuple[str, str, str], origin: "_Origin") -> None:
         table, key, value = found
@@ -440,9 +438,9 @@ class LocalExpander:
                                                     resubmit, forwarder=origin.forwarder))
 
     def _forward_file(self, state: _Expansion, user: str, ext: str
-                      ) -> tuple[str | None, tuple[tuple[Target, ...], ...] | None]:
-        """The rights the user's .forward carries and what it names, line by line; None for the mailbox (no
-        .forward, an empty one, or one local(8) ignores)."""
+                      ) -> tuple[str | None, str | None, tuple[tuple[Target, ...], ...] | None]:
+        """The user's .forward (its path, None when there is none), the rights it carries and what it names, line
+        by line; None for the mailbox (no .forward, an empty one, or one local(8) ignores)."""
         rights, read = forward_reader(user)
         for name in ([f".forward{ext}"] if ext else []) + [".forward"]:
             path = self.home(user) / name
@@ -452,11 +450,11 @@ class LocalExpander:
                 raise TemporaryError("4.3.0", f"cannot read {path}: {e.strerror or e}") from None
             if found[:1] == b"I":
                 state.warn(found[1:].decode("utf-8", "replace"))
-                return rights, None
+                return str(path), rights, None
             if found[:1] == b"F":
                 lines = self._parse(_small_text(path, found[1:]), path)
-                return rights, lines if any(lines) else None  # an empty .forward delivers to the mailbox
-        return rights, None
+                return str(path), rights, lines if any(lines) else None  # an empty one: the mailbox
+        return None, rights, None
 
     def _lines(self, state: _Expansion, owner: str, lines: tuple[tuple[Target, ...], ...], origin: "_Origin",
                depth: int = 0) -> None:
