@@ -1067,6 +1067,32 @@ async def test_a_socket_left_sending_after_its_session_still_counts_as_one_of_it
     await third.close()
 
 
+async def test_a_socket_left_sending_after_its_session_keeps_its_session_slot(mailflow_server):
+    # The slot was given back at the session's end while its socket went on sending: clients from many addresses
+    # (each within client_connection_count_limit) could pile up sockets past max_sessions. Now the slot is held
+    # until the socket is gone, as a Postfix smtpd blocked writing to its client holds its process.
+    mf = await mailflow_server(smtpd={"max_sessions": 1, "timeout": "60s", "forbid_unauth_pipelining": False,
+                                      "junk_command_limit": 10**9})
+    port = mf.smtp_addresses[0][1]
+    slots = mf.smtpd.listeners[0].slots
+    client = await asyncio.to_thread(_client_up_to_the_flood, port, "plain", None)
+    second = None
+    try:
+        await eventually(lambda: len(mf.smtpd.sessions) == 1, timeout=5)
+        raw = next(iter(mf.smtpd.sessions)).transport
+        raw.set_write_buffer_limits(high=1 << 24)
+        raw.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        await asyncio.to_thread(client.sendall, b"EHLO client.test\r\n" + b"NOOP\r\n" * 20000 + b"QUIT\r\n")
+        await eventually(lambda: not mf.smtpd.sessions, timeout=5)
+        assert mf.smtpd.lingering, "the replies were all sent: nothing tested"
+        second = await SmtpClient.connect(port, greet=False)
+        await eventually(lambda: slots.waiting == 1, timeout=5)  # no greeting: it waits for the slot
+    finally:
+        client.close()  # its replies unread: the kernel resets the connection, the server's socket is gone
+    assert (await second.reply())[0] == 220  # greeted once the socket is gone
+    await second.close()
+
+
 async def test_a_socket_left_sending_after_its_session_is_dropped_at_the_stop(mailflow_server, pki, users):
     # A session ended (QUIT) with its replies unread leaves its socket sending, for a timeout without progress: past
     # stop() before, with the server gone (its timer firing later, or the socket left to the garbage collector).
