@@ -387,7 +387,7 @@ def _parent(hostname: str) -> str:
 
 # --- values -------------------------------------------------------------------------------------------------------
 
-_CONVERTED_TYPES = dict.fromkeys(("hash", "btree", "lmdb", "cdb", "dbm", "sdbm"), "texthash")
+_INDEXED_TYPES = ("hash", "btree", "lmdb", "cdb", "dbm", "sdbm")  # postmap(1)'s: mailflow reads their source
 _FOREIGN_TYPES = ("mysql", "pgsql", "ldap", "memcache", "socketmap", "tcp", "nis", "nisplus", "netinfo", "pipemap",
                   "unionmap", "randmap", "environ", "internal")
 SETTING_TYPES = {**flat_settings(DEFAULTS),
@@ -428,11 +428,10 @@ def table_spec(token: str, notes: list[str]) -> str:
         return token
     if kind == "proxy":
         return table_spec(rest, notes)
-    if kind in _CONVERTED_TYPES:
-        new = _CONVERTED_TYPES[kind]
+    if kind in _INDEXED_TYPES:
         _check_source(kind, rest, notes)
-        notes.append(f"{token} is {new}:{rest} (texthash: reads the source file itself, no postmap)")
-        return f"{new}:{rest}"
+        notes.append(f"{token} is texthash:{rest} (texthash: reads the source file itself, no postmap)")
+        return f"texthash:{rest}"
     if kind in _FOREIGN_TYPES:
         raise Refused(f"mailflow has no {kind}: lookup table")
     return token

@@ -101,10 +101,15 @@ def _compile(number: int, pattern: str, flags: str):
     try:
         return re2.compile((f"(?{inline})".encode() if inline else b"") + text, _options())
     except re2.error as e:
-        raise ValueError(f"line {number}: {_reason(e)}") from None
+        raise ValueError(f"line {number}: {_reason(pattern, e)}") from None
 
 
-def _reason(error: Exception) -> str:
+def _reason(pattern: str, error: Exception) -> str:
+    """Why RE2 refused `pattern`, in its words about the pattern as written (not the flags mailflow put in)."""
+    try:
+        re2.compile(pattern.encode("utf-8", "surrogateescape"), _options())
+    except re2.error as e:
+        error = e
     message = error.args[0] if error.args else error
     text = message.decode("utf-8", "replace") if isinstance(message, bytes) else str(message)
     for found, construct in _UNSUPPORTED:
