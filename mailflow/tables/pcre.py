@@ -20,7 +20,10 @@ here, RE2 has no such mode), A anchored (at the key's start), U ungreedy (RE2's 
 ignored by Postfix's PCRE2 build: accepted, no effect).
 
 The result: `$n`, `${n}`, `$(n)` (n >= 1, at most the pattern's groups) the text of group n, empty when the
-group did not take part; `$$` a dollar; any other `$` is a bad line (Postfix's mac_parse).
+group did not take part; `$$` a dollar; any other `$` is a bad line (Postfix's mac_parse). A result that is not
+UTF-8 (a group that cut a character in two, `/^(.)/ $1` against `é`) cannot be answered (`LookupRetry`), as Postfix
+refuses it ("non-UTF-8 value", a query error, with smtputf8_enable = yes, its default). A key that is not UTF-8 is
+matched as its bytes, where that Postfix does not look it up (not found, with a warning).
 
 Failure behaviour: a line Postfix's pcre warns about and skips (a pattern RE2 cannot take: back-references,
 look-around, atomic groups, possessive quantifiers, recursion, conditionals; a bad flag or `$n`; an `if` without
@@ -36,10 +39,12 @@ from typing import Any, Callable
 
 import re2
 
+from mailflow.errors import LookupRetry
 from mailflow.tables.files import Reloading
 from mailflow.tables.regexp import lookup_rules, parse_rules
 
 _FLAGS = "imsxAEUX"
+_SURROGATES = re.compile("[\ud800-\udfff]")
 # A part of the result: literal text, or the number of a group.
 Piece = str | int
 _MACRO = re.compile(r"\$(?:\$|\{([^}]*)\}|\(([^)]*)\)|([A-Za-z0-9_]*))")
@@ -220,4 +225,7 @@ class PcreTable:
         self._file.load()
 
     def lookup(self, key: str) -> str | None:
-        return lookup_rules(self._file.current(), _key_bytes(key), _expand)
+        value = lookup_rules(self._file.current(), _key_bytes(key), _expand)
+        if value is not None and not value.isascii() and _SURROGATES.search(value):
+            raise LookupRetry(f"table {self.name}: key {key!r}: non-UTF-8 value {value!r}")
+        return value

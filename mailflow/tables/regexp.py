@@ -59,12 +59,12 @@ def parse_rules(source: str, parse_pattern: Callable[[int, str], tuple[Any, bool
     `parse_result(line number, text, compiled pattern, negated) -> the result as lookups expand it` (each raises
     ValueError("line N: …")), and in the RE2 options of the prefilter set."""
     rules: list[_Rule | None] = []
-    open_ifs: list[_Rule] = []  # the `if` rules not yet ended
+    open_ifs: list[tuple[int, _Rule]] = []  # the `if` rules not yet ended, with their line numbers
     for number, line in logical_lines(source):
         if line.strip().lower() == "endif":
             if not open_ifs:
                 raise ValueError(f"line {number}: endif without if")
-            open_ifs.pop().end = len(rules)
+            open_ifs.pop()[1].end = len(rules)
             rules.append(None)  # the endif itself: nothing to do
             continue
         is_if = re.match(r"if(?![a-z0-9])", line, re.IGNORECASE) is not None  # `if/x/` too, as Postfix reads it
@@ -74,14 +74,14 @@ def parse_rules(source: str, parse_pattern: Callable[[int, str], tuple[Any, bool
             if rest:
                 raise ValueError(f"line {number}: text after the 'if' pattern")
             opened = _Rule(regex, negate, None)
-            open_ifs.append(opened)
+            open_ifs.append((number, opened))
             rules.append(opened)
             continue
         if not rest:
             raise ValueError(f"line {number}: no result after the pattern")
         rules.append(_Rule(regex, negate, parse_result(number, rest, regex, negate)))
     if open_ifs:
-        raise ValueError("if without endif at the end of the file")
+        raise ValueError(f"line {open_ifs[-1][0]}: if without endif at the end of the file")
     return _Rules(rules, _prefilter(rules, set_options))
 
 
