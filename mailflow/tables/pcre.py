@@ -28,8 +28,9 @@ matched as its bytes, where that Postfix does not look it up (not found, with a 
 Failure behaviour: a line Postfix's pcre warns about and skips (a pattern RE2 cannot take: back-references,
 look-around, atomic groups, possessive quantifiers, recursion, conditionals; a bad flag or `$n`; an `if` without
 `endif`) makes the whole table fail with `LookupRetry` naming file:line and the reason, as regexp: does:
-`mailflow check-config` and `mailflow table query` report it, the server does not start on it. A table missing
-a rule would answer wrongly (a skipped REJECT lets the mail in).
+`mailflow check-config` and `mailflow table query` report it, a reload refuses it, and a running server's lookups
+in it answer 4.3.0 (the mail waits) until it is fixed. A table missing a rule would answer wrongly (a skipped
+REJECT lets the mail in).
 """
 from __future__ import annotations
 
