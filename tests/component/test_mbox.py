@@ -14,9 +14,11 @@ the home_mailbox / mail_spool_directory combinations and the settings' validatio
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import mailbox
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -209,6 +211,49 @@ async def test_stale_dotlock_is_broken_and_a_fresh_one_is_not(tmp_path):
     await append_mbox(path, format_mbox_entry(b"x\n", sender="s@r.test", arrival=NOV_2), lock_timeout=5)
     assert time.monotonic() - started < 1
     assert read_bodies(path) == [b"x\n"] and not lock.exists()
+
+
+
+@pytest.fixture
+async def one_worker_thread():
+    """The running loop's default executor made a single thread, so that a delivery holding it shows."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    asyncio.get_running_loop().set_default_executor(pool)
+    yield
+    pool.shutdown(wait=True)
+
+
+@pytest.mark.parametrize("as_user", [None, "nobody"])
+async def test_a_delivery_waiting_for_a_lock_holds_no_worker_thread_nor_the_locks_it_took(as_user,
+                                                                                          one_worker_thread):
+    """A mailbox locked for ever by another program must not take a worker thread from the other deliveries (nor
+    from the queue's writes and smtpd, which share the default executor) for its lock_timeout; while it waits it
+    holds none of its own locks either (here the fcntl lock, taken before the dotlock that is busy)."""
+    if as_user and os.geteuid() != 0:
+        pytest.skip("only root writes as another user")
+    place = Path(tempfile.mkdtemp(dir="/tmp", prefix="mailflow-mbox-"))  # (nobody may write there)
+    try:
+        place.chmod(0o1777)
+        path = place / "alice"
+        path.touch()
+        path.chmod(0o666)
+        mbox.dotlock_path(path).touch()
+        delivery = asyncio.create_task(append_mbox(path, b"From x  y\n\n", locks=("fcntl", "dotlock"),
+                                                   lock_timeout=4, user=as_user, create_parents=False))
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        await asyncio.wait_for(asyncio.to_thread(lambda: None), 1)
+        assert time.monotonic() - started < 0.5 and not delivery.done()
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            assert mbox._try_kernel_lock(fd, "fcntl")
+        finally:
+            os.close(fd)
+        mbox.dotlock_path(path).unlink()
+        await asyncio.wait_for(delivery, 3)
+        assert path.read_bytes() == b"From x  y\n\n"
+    finally:
+        shutil.rmtree(place, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------- kernel locks

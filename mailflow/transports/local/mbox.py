@@ -10,21 +10,28 @@
 - `append_mbox(path, entry, locks=…, lock_timeout=…)`: append one entry (bytes, or an iterable of chunks such
   as mbox_entry's, consumed in the worker) durably under the configured locks.
 
-How an append works (all in one worker thread, `asyncio.to_thread`): create the parent directories (a
-mailbox's; not those of a /file destination); open the
-file O_WRONLY|O_APPEND|O_CREAT|O_NOFOLLOW (mode 0600); take the locks in the order given, sharing one deadline
-(`lock_timeout`, 20 s like Postfix's deliver_lock_attempts x deliver_lock_delay); check that the path still
-names the file we hold; note its size; write the entry; fsync. Any failure while writing truncates the file back
-to the size it had, before the locks are released, so readers never see a partial entry. The kernel locks go
-with the descriptor; the dotlock is removed last.
+How an append works: attempts, each in one worker thread (`asyncio.to_thread`; as root for a /file destination, in a
+child forked there with the user's rights), until one has the locks or `lock_timeout` (20 s like Postfix's
+deliver_lock_attempts x deliver_lock_delay) has passed. An attempt creates the parent directories (a mailbox's;
+not those of a /file destination); opens the file O_WRONLY|O_APPEND|O_CREAT|O_NOFOLLOW (mode 0600); tries each
+lock once, in the order given, without waiting; when one is held by someone else, lets go of those it took and
+ends; else checks that the path still names the file it holds, notes its size, writes the entry and fsyncs.
+Between attempts the delivery waits on the event loop (5 ms doubling up to 100 ms; 50 ms up to 1 s when each
+attempt forks), holding no thread and no lock: a mailbox locked for ever by another program costs its own
+delivery 20 s and a deferral, never a worker thread that the other deliveries, the queue's writes and smtpd
+need (measured: 8 mailboxes locked by another process made a delivery to a ninth wait 19.7 s while each held one
+of the 6 threads; now 0.0 s). Any failure while writing truncates the file back to the size it had, before the
+locks are released, so readers never see a partial entry. The kernel locks go with the descriptor; the dotlock
+is removed last.
 
 Lock styles (Postfix mailbox_delivery_lock), taken in the order given. Every program that writes the mailbox
 must use the same locks in the same order, or two of them can each hold one lock and wait for the other until
 one gives up. The default, fcntl then dotlock, is Debian's policy and works with Dovecot's defaults: Dovecot
-keeps its fcntl read lock while it takes the dotlock to write, so a deliverer taking the dotlock first waits
-for Dovecot while Dovecot waits for it (measured: with "dotlock, fcntl", most of 10 deliveries racing 10
-`doveadm save` runs timed out; with "fcntl, dotlock" none did). (Postfix's own mbox_open always takes the dotlock
-first, whatever the order of the setting.)
+keeps its fcntl read lock while it takes the dotlock to write, so a deliverer taking the dotlock first and
+waiting for the fcntl lock would wait for Dovecot while Dovecot waits for it (measured when mailflow held its
+locks while waiting: with "dotlock, fcntl", most of 10 deliveries racing 10 `doveadm save` runs timed out; with
+"fcntl, dotlock" none did). (Postfix's own mbox_open always takes the dotlock first, whatever the order of the
+setting.)
 - "fcntl": a POSIX write lock on the whole file. On Linux it is taken as an open-file-description lock
   (F_OFD_SETLK), which conflicts with every other process's fcntl()/lockf() lock exactly like a classic one but
   also excludes the other threads of this process (classic POSIX locks belong to the process, so two deliveries
@@ -33,7 +40,7 @@ first, whatever the order of the setting.)
 - "dotlock": `<path>.lock` created with O_EXCL; a lock file whose mtime is older than `stale_lock_time`
   (500 s, Postfix's default) is removed as stale. Postfix looks at the ctime; the mtime is what liblockfile
   looks at, and what a holder refreshes with touch.
-Every attempt is non-blocking; between attempts the thread sleeps 5 ms doubling up to 100 ms.
+Every try is non-blocking (see "How an append works" for the waits between attempts).
 
 Failures (exceptions from mailflow.errors, with Postfix's mbox_open/mbox_dsn as the reference):
 - a lock not obtained within `lock_timeout`: TemporaryError 4.2.0 "mailbox … is busy";
@@ -62,8 +69,9 @@ import re
 import stat
 import struct
 import time
+from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal
+from typing import Iterable, Iterator, Literal, cast
 
 from mailflow.config import DEFAULTS, LocalConfig
 from mailflow.content import Content
@@ -81,7 +89,8 @@ MAILER_DAEMON = "MAILER-DAEMON"  # the From_ line's sender for the null sender (
 DEFAULT_LOCK_TIMEOUT = 20.0  # Postfix: deliver_lock_attempts (20) x deliver_lock_delay (1s)
 STALE_LOCK_TIME = 500.0  # Postfix stale_lock_time
 NEWBORN_WAIT = 1.0  # how long a mailbox another delivery is creating for its owner may stay ours (_open_mailbox)
-_FIRST_POLL, _MAX_POLL = 0.005, 0.1
+_FIRST_POLL, _MAX_POLL = 0.005, 0.1  # seconds between two attempts at the locks: first, at most
+_FIRST_FORKED_POLL, _MAX_FORKED_POLL = 0.05, 1.0  # the same when each attempt forks a child (Postfix: 1 s apart)
 _LOCK_STYLES: tuple[LockStyle, ...] = ("fcntl", "flock", "dotlock")
 
 _QUOTED_FROM_LINE = re.compile(rb"^>(>*From )", re.MULTILINE)
@@ -168,7 +177,7 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes], *,
                       create_parents: bool = True, refuse_executable: bool = False) -> None:
     """Append `entry` (from format_mbox_entry) to the mbox file at `path`, durably, under `locks` (taken in
     that order), or raise a DeliveryError (TemporaryError / PermanentError, see the module docstring). The
-    mailbox never keeps part of an entry. With `user` (mailflow running as root) the whole append runs in a
+    mailbox never keeps part of an entry. With `user` (mailflow running as root) each attempt runs in a
     forked child with that user's uid, gid and groups, so the file system checks that user's rights.
     With `owner` (uid, gid: the recipient's, mailflow running as root) a mailbox created here is given to it,
     and an existing one that another uid owns is not written: TemporaryError 4.2.0 (Postfix's
@@ -179,43 +188,58 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes], *,
     existing file with an execute bit is not written, PermanentError 5.7.1 (local(8)'s "file is executable")."""
     if len(set(locks)) != len(locks) or not set(locks) <= set(_LOCK_STYLES):
         raise ValueError(f"lock styles {locks!r}: each of {', '.join(_LOCK_STYLES)} at most once")
-    args = (Path(path), entry, tuple(locks), lock_timeout, stale_lock_time, owner, size_limit, create_parents,
-            refuse_executable)
-    if user is None:
-        await asyncio.to_thread(_append, *args)
-    else:
-        await asyncio.to_thread(_append_as, user, *args)
+    args = (Path(path), entry, tuple(locks), stale_lock_time, owner, size_limit, create_parents, refuse_executable)
+    attempt = partial(_append_once, *args) if user is None else partial(_append_once_as, user, *args)
+    deadline = time.monotonic() + lock_timeout
+    delay, most = (_FIRST_POLL, _MAX_POLL) if user is None else (_FIRST_FORKED_POLL, _MAX_FORKED_POLL)
+    while (busy := await asyncio.to_thread(attempt)) is not None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _busy(Path(path), busy, lock_timeout)
+        await asyncio.sleep(min(delay, left))  # (no thread waits: see the module docstring)
+        delay = min(delay * 2, most)
 
 
-def _append_as(user: str, *args) -> None:
-    """`_append` with `user`'s rights, in a child process forked from this worker thread (asuser.call_as); its
-    DeliveryError comes back as itself."""
-    call_as(user, "write", _appended, *args)
+def _busy(path: Path, style: LockStyle, timeout: float) -> TemporaryError:
+    if style == "dotlock":
+        return TemporaryError("4.2.0", f"mailbox {path} is busy: {dotlock_path(path)} exists "
+                                       f"(no dotlock within {timeout:g}s)")
+    return TemporaryError("4.2.0", f"mailbox {path} is busy: no {style} lock within {timeout:g}s")
+
+
+def _append_once_as(user: str, *args) -> LockStyle | None:
+    """`_append_once` with `user`'s rights, in a child process forked from this worker thread (asuser.call_as);
+    its DeliveryError comes back as itself, the lock it found busy as its name."""
+    busy = call_as(user, "write", _appended, *args).decode("ascii")
+    return cast(LockStyle, busy) if busy else None
 
 
 def _appended(*args) -> bytes:
-    _append(*args)
-    return b""
+    return (_append_once(*args) or "").encode("ascii")
 
 
-def _append(path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockStyle, ...], lock_timeout: float,
-            stale_lock_time: float, owner: tuple[int, int] | None = None, size_limit: int = 0,
-            create_parents: bool = True, refuse_executable: bool = False) -> None:
+def _append_once(path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockStyle, ...], stale_lock_time: float,
+                 owner: tuple[int, int] | None = None, size_limit: int = 0, create_parents: bool = True,
+                 refuse_executable: bool = False) -> LockStyle | None:
+    """One attempt at the append: open the mailbox, try each lock once, write. None once written; the style of
+    the first lock another holder has (every lock taken is let go again, nothing written) for a later attempt."""
     try:
         if create_parents:
             path.parent.mkdir(parents=True, exist_ok=True)
         fd = _open_mailbox(path, owner, refuse_executable)
         dotlocked = False
         try:
-            deadline = time.monotonic() + lock_timeout
             for style in locks:
                 if style == "dotlock":
-                    _take_dotlock(path, deadline, lock_timeout, stale_lock_time)
-                    dotlocked = True
+                    dotlocked = _try_dotlock(path, stale_lock_time)
+                    taken = dotlocked
                 else:
-                    _take_kernel_lock(fd, style, path, deadline, lock_timeout)
+                    taken = _try_kernel_lock(fd, style)
+                if not taken:
+                    return style
             _check_still_the_mailbox(fd, path)
             _write_or_roll_back(fd, path, entry, size_limit)
+            return None
         finally:
             os.close(fd)  # releases the fcntl/flock locks
             if dotlocked:
@@ -286,11 +310,6 @@ def _open_or_create(path: Path) -> tuple[int, bool]:
         raise
 
 
-def _take_kernel_lock(fd: int, style: LockStyle, path: Path, deadline: float, timeout: float) -> None:
-    if not _poll(lambda: _try_kernel_lock(fd, style), deadline):
-        raise TemporaryError("4.2.0", f"mailbox {path} is busy: no {style} lock within {timeout:g}s")
-
-
 def _try_kernel_lock(fd: int, style: LockStyle) -> bool:
     try:
         if style == "flock":
@@ -311,23 +330,17 @@ def dotlock_path(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
-def _take_dotlock(path: Path, deadline: float, timeout: float, stale_lock_time: float) -> None:
+def _try_dotlock(path: Path, stale_lock_time: float) -> bool:
+    """Create `<path>.lock` (True), or find it there, removing it when stale for the next attempt (False)."""
     lock = dotlock_path(path)
-
-    def attempt() -> bool:
-        try:
-            os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
-        except FileExistsError:
-            _break_stale_dotlock(lock, stale_lock_time)
-            return False
-        return True
-
     try:
-        got = _poll(attempt, deadline)
+        os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        _break_stale_dotlock(lock, stale_lock_time)
+        return False
     except OSError as e:
         raise TemporaryError("4.2.0", f"cannot create lock file {lock}: {e.strerror}") from None
-    if not got:
-        raise TemporaryError("4.2.0", f"mailbox {path} is busy: {lock} exists (no dotlock within {timeout:g}s)")
+    return True
 
 
 def _break_stale_dotlock(lock: Path, stale_lock_time: float) -> None:
@@ -347,18 +360,6 @@ def _remove_dotlock(path: Path) -> None:
     except OSError as e:
         if e.errno != errno.ENOENT:
             log.error("cannot remove lock file %s: %s", dotlock_path(path), e.strerror)
-
-
-def _poll(attempt: Callable[[], bool], deadline: float) -> bool:
-    """Call `attempt` until it returns True or `deadline` (time.monotonic) has passed; one last try at the end."""
-    delay = _FIRST_POLL
-    while not attempt():
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        time.sleep(min(delay, left))
-        delay = min(delay * 2, _MAX_POLL)
-    return True
 
 
 def _check_still_the_mailbox(fd: int, path: Path) -> None:
