@@ -5,7 +5,8 @@ quoting, CRLF and a missing final newline, two entries back to back byte for byt
 written one after the other are read back exactly by Python's `mailbox.mbox` after mboxrd un-quoting;
 20 concurrent deliveries from asyncio tasks, and from this process and another one at once, leave every entry
 intact; a held dotlock makes a delivery wait then succeed, or time out with 4.2.0 leaving the lock alone; a stale
-dotlock is broken, a fresh one is not; an fcntl (lockf) or flock lock held by another process makes a delivery
+dotlock is broken, a fresh one is not; a delivery waiting for a lock holds no worker thread nor the locks it
+took; an fcntl (lockf) or flock lock held by another process makes a delivery
 wait or time out; an fcntl lock held by another thread of this process excludes too (OFD locks); a symlink
 (live or dangling), a directory and a hard-linked file are refused with 5.2.0; a write cut short by
 RLIMIT_FSIZE (another process) leaves the mailbox as it was (5.2.2); new files are 0600; mailbox_location for

@@ -2,7 +2,8 @@
 
 Covered: exit 0 (stdin is the message with LF line ends, SENT naming the service) / 75 (deferred 4.3.0 with the
 output) / 67 (bounced 5.1.1) / 1 (bounced 5.3.0) / output starting with an enhanced status code; the time
-limit (bounced, the whole process group killed, partial output kept); a huge output (kept up to
+limit (bounced, the whole process group killed, partial output kept), also for a command writing without end
+and one whose daemon keeps its pipes (the delivery ends at the limit, no descriptor kept); a huge output (kept up to
 output_limit, the rest drained, no deadlock); a command that reads only part of a large message; a signal; a
 missing command; argv macros, ${recipient} with 3 recipients in one run; flags D R F O (one run per
 recipient), > . B, the D loop check, X (without it a success is relayed); control characters in an address; the
@@ -11,8 +12,10 @@ refusal to switch); size_limit; config errors naming the key.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
+import signal
 import time
 
 import pytest
@@ -129,6 +132,40 @@ async def test_the_time_limit_kills_the_whole_process_group_and_bounces(scripts)
     # SIGKILL is sent; the kernel may take a moment to reap
     await eventually(lambda: not alive(child), timeout=2, what="the background child is gone")
 
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_a_command_writing_endlessly_is_ended_at_the_time_limit(scripts):
+    """Killed with a full output pipe (no longer read), a command's delivery must still end: asyncio's wait()
+    waits for every pipe to close as well, and a paused pipe never reads its end."""
+    started = time.monotonic()
+    [result] = (await asyncio.wait_for(pipe(["/usr/bin/yes"], time_limit=0.5).deliver(request("a@pipe.test")), 5)
+                ).results
+    assert time.monotonic() - started < 3
+    assert outcome(result) == (Outcome.BOUNCED, "5.3.0") and result.text.startswith("Command time limit exceeded")
+
+
+@pytest.mark.parametrize("then", ["exit 0", "sleep 30"])
+async def test_a_daemon_the_command_left_holding_its_pipes_neither_holds_the_delivery_nor_a_descriptor(scripts, then):
+    """A command that starts a program of its own session (out of reach of the group kill) which keeps stdin and
+    stdout open without reading: the delivery ends at the time limit, whether the command exited before it or is
+    killed there, and each such delivery costs no file descriptor of ours."""
+    s = scripts.script("daemon.sh", f"setsid sleep 30 &\necho $! >> {scripts.out}/daemons\n{then}\n")
+    big = big_message(300_000)  # more than the input pipe holds: some of it is never read
+    before = open_fds()
+    try:
+        for _ in range(3):
+            started = time.monotonic()
+            [result] = (await asyncio.wait_for(
+                pipe([str(s)], time_limit=0.3).deliver(request("a@pipe.test", content=big)), 5)).results
+            assert outcome(result) == (Outcome.BOUNCED, "5.3.0") and time.monotonic() - started < 3
+        await eventually(lambda: open_fds() <= before, timeout=2, what="the command's pipes are closed")
+    finally:
+        for daemon in scripts.read("daemons").split():
+            os.kill(int(daemon), signal.SIGKILL)
 
 async def test_a_huge_output_is_cut_at_output_limit_and_drained(scripts):
     s = scripts.script("loud.sh", "head -c 3000000 /dev/zero | tr '\\0' x\nexit 69\n")
