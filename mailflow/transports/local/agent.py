@@ -3,7 +3,8 @@
 Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_min_user, as in Postfix):
 1. `LocalExpander.expand` (aliases, .forward; see mailflow.transports.local.aliasing), given the addresses already in
    the message's `Delivered-To:` headers so that a forwarding loop bounces (5.4.6); one past INLINE_LEAVES
-   leaves is made (again) in a worker thread, not on the event loop.
+   leaves, or one that reads a .forward or :include: file with a user's rights (a forked child), is made (again)
+   in a worker thread, not on the event loop.
 2. A `Pass` leaf (local.mailbox_transport, local.fallback_transport) is handed to that transport of `peers` (the
    registry of mailflow.transports) for that address and nexthop (none: the request's), as Postfix's deliver_pass:
    when it is the recipient's only leaf, that agent's result is the recipient's (its relay and reply, about the
@@ -216,8 +217,9 @@ class LocalTransport:
 
     async def _expand(self, queue_id: str, rcpt: Recipient, seen: frozenset[str]) -> tuple[list, str]:
         """The recipient's expansion (`expand_recipient`): as the tables run it (inline when they answer from
-        memory) up to INLINE_LEAVES leaves; a bigger one is made again in a worker thread, so that a list of
-        thousands of local members (~67 us each) does not hold up the event loop. Its warnings are logged once."""
+        memory) up to INLINE_LEAVES leaves; a bigger one, or one that forks to read a file as a user, is made again in
+        a worker thread, so that a list of thousands of local members (~67 us each) or forks (milliseconds each)
+        do not hold up the event loop. Its warnings are logged once."""
         warnings: list[str] = []
         expand = partial(self._expander.expand_recipient, rcpt.address, delivered_to=seen, warn=warnings.append)
         try:
