@@ -203,7 +203,7 @@ def _write_maildir_file(maildir: Path, name: str, prefix: bytes, content: Conten
     """The message into tmp/, fsynced, renamed into new/, new/ fsynced; returns the error of that last fsync (the
     message is delivered by then), None when it worked. With `owner`, the directories created (from `owner.base`
     down, through fds that never follow a symbolic link) and the file get that uid and gid."""
-    dir_fd = _open_maildir(maildir, owner)
+    dir_fd = open_directory(maildir, owner)
     subs: dict[str, int] = {}
     try:
         for sub in ("tmp", "new", "cur"):
@@ -248,7 +248,7 @@ class Owner:
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY
 
 
-def _open_maildir(maildir: Path, owner: Owner | None) -> int:
+def open_directory(maildir: Path, owner: Owner | None) -> int:
     """An fd of the Maildir directory, created if missing. Without an owner: as mkdir -p would. With one: each
     component below `owner.base` is created 0700 and given to the owner, and opened without following a
     symbolic link, so a link planted in a user's directories cannot send the write elsewhere."""

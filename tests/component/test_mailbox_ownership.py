@@ -105,6 +105,29 @@ async def test_a_system_users_mbox_is_created_as_theirs_and_one_another_uid_owns
     assert result.outcome is Outcome.SENT and owner_and_mode(spool / "alice") == (0, 0, 0o600)
 
 
+
+async def test_a_symbolic_link_in_a_system_users_mbox_path_is_never_followed(tmp_path):
+    """A user owns its home, so it can make a directory of home_mailbox ("Mail/inbox") a symbolic link: root
+    followed it and created `inbox` (the user's, with the mail in it) in any directory (Postfix's local(8) writes a
+    home mailbox with the user's rights). The directories below maildir_base are opened as the Maildir's are."""
+    local = transports(tmp_path, local={"home_mailbox": "Mail/inbox"})["local"]
+    home = tmp_path / "mail" / "nobody"
+    home.mkdir(parents=True)
+    os.chown(home, NOBODY.pw_uid, NOBODY.pw_gid)
+    elsewhere = tmp_path / "root-only"
+    elsewhere.mkdir()
+    (home / "Mail").symlink_to(elsewhere)
+    [result] = (await local.deliver(request("nobody@local.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.2.0"), result
+    assert list(elsewhere.iterdir()) == []
+
+    (home / "Mail").unlink()
+    [result] = (await local.deliver(request("nobody@local.test"))).results
+    assert result.outcome is Outcome.SENT, result
+    assert owner_and_mode(home / "Mail") == (NOBODY.pw_uid, NOBODY.pw_gid, 0o700)  # as a Maildir's directories
+    assert owner_and_mode(home / "Mail" / "inbox") == (NOBODY.pw_uid, NOBODY.pw_gid, 0o600)
+
+
 async def test_a_system_users_mbox_being_created_by_another_delivery_is_not_refused(tmp_path, monkeypatch):
     """Two deliveries to a new mbox at once: the second opens the file between the first's create and its fchown
     (seen in a run against Postfix: `4.2.0 destination … is not owned by recipient` for a mailbox nobody else

@@ -311,7 +311,7 @@ class LocalTransport:
         try:
             await append_mbox(path, entry, locks=self._local.mailbox_delivery_lock,
                               owner=None if owner is None else (owner.uid, owner.gid),
-                              size_limit=self._local.mailbox_size_limit)
+                              below=None if owner is None else owner.base, size_limit=self._local.mailbox_size_limit)
         except DeliveryError as e:
             return _failed(e)
         return Part(Outcome.SENT, "2.0.0", "delivered to mailbox")

@@ -12,8 +12,11 @@
 
 How an append works: attempts, each in one worker thread (`asyncio.to_thread`; as root for a /file destination, in a
 child forked there with the user's rights), until one has the locks or `lock_timeout` (20 s like Postfix's
-deliver_lock_attempts x deliver_lock_delay) has passed. An attempt creates the parent directories (a mailbox's;
-not those of a /file destination); opens the file O_WRONLY|O_APPEND|O_CREAT|O_NOFOLLOW (mode 0600); tries each
+deliver_lock_attempts x deliver_lock_delay) has passed. An attempt opens the file's directory, creating it (a
+mailbox's; not that of a /file destination); for a system user's home mailbox (`below`) from maildir_base down
+without following a symbolic link, as a Maildir's (measured before: a user who made `Mail` in its home a link to a
+directory only root may write got `Mail/inbox` created there, its own, with the mail in it); then, through that
+directory, opens the file O_WRONLY|O_APPEND|O_CREAT|O_NOFOLLOW (mode 0600) and tries each
 lock once, in the order given, without waiting; when one is held by someone else, lets go of those it took and
 ends; else checks that the path still names the file it holds, notes its size, writes the entry and fsyncs.
 Between attempts the delivery waits on the event loop (5 ms doubling up to 100 ms; 50 ms up to 1 s when each
@@ -79,6 +82,7 @@ from mailflow.errors import DeliveryError, PermanentError, TemporaryError
 from mailflow.syntax import mask_control
 from mailflow.transports.encode import FinalNewline, ToLf, encode, mboxrd_quoting
 from mailflow.transports.local.asuser import call_as
+from mailflow.transports.maildir import Owner, open_directory
 
 log = logging.getLogger("mailflow.mbox")
 
@@ -174,21 +178,24 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes], *,
                       locks: tuple[LockStyle, ...] = DEFAULTS.local.mailbox_delivery_lock,
                       lock_timeout: float = DEFAULT_LOCK_TIMEOUT, stale_lock_time: float = STALE_LOCK_TIME,
                       user: str | None = None, owner: tuple[int, int] | None = None, size_limit: int = 0,
-                      create_parents: bool = True, refuse_executable: bool = False) -> None:
+                      create_parents: bool = True, refuse_executable: bool = False, below: Path | None = None) -> None:
     """Append `entry` (from format_mbox_entry) to the mbox file at `path`, durably, under `locks` (taken in
     that order), or raise a DeliveryError (TemporaryError / PermanentError, see the module docstring). The
     mailbox never keeps part of an entry. With `user` (mailflow running as root) each attempt runs in a
     forked child with that user's uid, gid and groups, so the file system checks that user's rights.
     With `owner` (uid, gid: the recipient's, mailflow running as root) a mailbox created here is given to it,
     and an existing one that another uid owns is not written: TemporaryError 4.2.0 (Postfix's
-    strict_mailbox_ownership). With `size_limit` (bytes, Postfix mailbox_size_limit) an entry that would make
+    strict_mailbox_ownership); with `below` too (a home mailbox, whose directories the user owns), the directories
+    from `below` down are opened without following a symbolic link and made for `owner` (0700) when missing, as a
+    Maildir's are. With `size_limit` (bytes, Postfix mailbox_size_limit) an entry that would make
     the file bigger is not kept: PermanentError 5.2.2, as the EFBIG Postfix's file size limit gives.
     `create_parents`: make the missing directories above the file (a mailbox), or not (a /file destination an
     alias or .forward names: a missing directory is an OS error, TemporaryError 4.2.0). `refuse_executable`: an
     existing file with an execute bit is not written, PermanentError 5.7.1 (local(8)'s "file is executable")."""
     if len(set(locks)) != len(locks) or not set(locks) <= set(_LOCK_STYLES):
         raise ValueError(f"lock styles {locks!r}: each of {', '.join(_LOCK_STYLES)} at most once")
-    args = (Path(path), entry, tuple(locks), stale_lock_time, owner, size_limit, create_parents, refuse_executable)
+    args = (Path(path), entry, tuple(locks), stale_lock_time, owner, size_limit, create_parents, refuse_executable,
+            below)
     attempt = partial(_append_once, *args) if user is None else partial(_append_once_as, user, *args)
     deadline = time.monotonic() + lock_timeout
     delay, most = (_FIRST_POLL, _MAX_POLL) if user is None else (_FIRST_FORKED_POLL, _MAX_FORKED_POLL)
@@ -220,45 +227,71 @@ def _appended(*args) -> bytes:
 
 def _append_once(path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockStyle, ...], stale_lock_time: float,
                  owner: tuple[int, int] | None = None, size_limit: int = 0, create_parents: bool = True,
-                 refuse_executable: bool = False) -> LockStyle | None:
+                 refuse_executable: bool = False, below: Path | None = None) -> LockStyle | None:
     """One attempt at the append: open the mailbox, try each lock once, write. None once written; the style of
-    the first lock another holder has (every lock taken is let go again, nothing written) for a later attempt."""
+    the first lock another holder has (every lock taken is let go again, nothing written) for a later attempt.
+    The mailbox, its dotlock and the check that it is still there are all reached through one descriptor of its
+    directory (`_open_folder`)."""
     try:
-        if create_parents:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        fd = _open_mailbox(path, owner, refuse_executable)
-        dotlocked = False
+        folder = _open_folder(path.parent, owner, below, create_parents)
         try:
-            for style in locks:
-                if style == "dotlock":
-                    dotlocked = _try_dotlock(path, stale_lock_time)
-                    taken = dotlocked
-                else:
-                    taken = _try_kernel_lock(fd, style)
-                if not taken:
-                    return style
-            _check_still_the_mailbox(fd, path)
-            _write_or_roll_back(fd, path, entry, size_limit)
-            return None
+            return _append_in(folder, path, entry, locks, stale_lock_time, owner, size_limit, refuse_executable)
         finally:
-            os.close(fd)  # releases the fcntl/flock locks
-            if dotlocked:
-                _remove_dotlock(path)
+            os.close(folder)
     except DeliveryError:
         raise
     except OSError as e:
         raise _os_error(path, e, "update") from None
 
 
-def _open_mailbox(path: Path, owner: tuple[int, int] | None = None, refuse_executable: bool = False) -> int:
+def _append_in(folder: int, path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockStyle, ...],
+               stale_lock_time: float, owner: tuple[int, int] | None, size_limit: int,
+               refuse_executable: bool) -> LockStyle | None:
+    """`_append_once` in the mailbox's directory, `folder`."""
+    fd = _open_mailbox(path, owner, refuse_executable, folder)
+    dotlocked = False
+    try:
+        for style in locks:
+            if style == "dotlock":
+                dotlocked = _try_dotlock(path, stale_lock_time, folder)
+                taken = dotlocked
+            else:
+                taken = _try_kernel_lock(fd, style)
+            if not taken:
+                return style
+        _check_still_the_mailbox(fd, path, folder)
+        _write_or_roll_back(fd, path, entry, size_limit)
+        return None
+    finally:
+        os.close(fd)  # releases the fcntl/flock locks
+        if dotlocked:
+            _remove_dotlock(path, folder)
+
+
+def _open_folder(folder: Path, owner: tuple[int, int] | None, below: Path | None, create: bool) -> int:
+    """A descriptor of the mailbox's directory. With `owner` and `below` (a system user's home mailbox, as root;
+    the user owns its home, so it could make a directory there a link to anywhere): from `below` down, each
+    directory opened without following a symbolic link, a missing one made 0700 for the owner
+    (maildir.open_directory), as Postfix's local(8) reaches a home mailbox with the user's rights. Otherwise
+    the directory the path names, made when missing and `create`."""
+    if owner is not None and below is not None and folder.is_relative_to(below):
+        return open_directory(folder, Owner(owner[0], owner[1], below))
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
+    return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _open_mailbox(path: Path, owner: tuple[int, int] | None = None, refuse_executable: bool = False,
+                  folder: int | None = None) -> int:
     """The mailbox opened for appending, created 0600 if missing (and given to `owner`); never through a
     symlink, never a directory, a special file, a file with other hard links, with `owner` a file another
     uid owns or, with `refuse_executable`, an executable file. O_NONBLOCK keeps a FIFO planted there from
     hanging us. A mailbox another delivery of this server is creating for `owner` at this moment (empty, still
-    ours until its fchown) is waited for, up to NEWBORN_WAIT, instead of being refused as another uid's."""
+    ours until its fchown) is waited for, up to NEWBORN_WAIT, instead of being refused as another uid's. `folder`:
+    a descriptor of its directory (None: the path is opened as it is)."""
     deadline = time.monotonic() + NEWBORN_WAIT
     while True:
-        fd, created = _open_or_create(path)
+        fd, created = _open_or_create(path, folder)
         try:
             if created and owner is not None:
                 os.fchown(fd, *owner)
@@ -292,14 +325,19 @@ def _check_mailbox(path: Path, st: os.stat_result, owner: tuple[int, int] | None
         raise TemporaryError("4.2.0", f"destination {path} is not owned by recipient")
 
 
-def _open_or_create(path: Path) -> tuple[int, bool]:
+def _at(path: Path, folder: int | None) -> str:
+    """What names `path` for a call given dir_fd=`folder`: its last component in that directory, else itself."""
+    return path.name if folder is not None else str(path)
+
+
+def _open_or_create(path: Path, folder: int | None = None) -> tuple[int, bool]:
     """(fd, whether this call created the file)."""
     flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         try:
-            return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600), True
+            return os.open(_at(path, folder), flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=folder), True
         except FileExistsError:
-            return os.open(path, flags), False
+            return os.open(_at(path, folder), flags, dir_fd=folder), False
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise PermanentError("5.2.0", f"mailbox {path} is a symbolic link: not followed") from None
@@ -330,44 +368,45 @@ def dotlock_path(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
-def _try_dotlock(path: Path, stale_lock_time: float) -> bool:
+def _try_dotlock(path: Path, stale_lock_time: float, folder: int | None = None) -> bool:
     """Create `<path>.lock` (True), or find it there, removing it when stale for the next attempt (False)."""
     lock = dotlock_path(path)
     try:
-        os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        os.close(os.open(_at(lock, folder), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600, dir_fd=folder))
     except FileExistsError:
-        _break_stale_dotlock(lock, stale_lock_time)
+        _break_stale_dotlock(lock, stale_lock_time, folder)
         return False
     except OSError as e:
         raise TemporaryError("4.2.0", f"cannot create lock file {lock}: {e.strerror}") from None
     return True
 
 
-def _break_stale_dotlock(lock: Path, stale_lock_time: float) -> None:
+def _break_stale_dotlock(lock: Path, stale_lock_time: float, folder: int | None = None) -> None:
     """Remove `lock` when nobody has touched it for stale_lock_time (its holder is presumed dead)."""
     try:
-        age = time.time() - os.stat(lock).st_mtime
+        age = time.time() - os.stat(_at(lock, folder), dir_fd=folder, follow_symlinks=False).st_mtime
         if age > stale_lock_time:
-            os.unlink(lock)
+            os.unlink(_at(lock, folder), dir_fd=folder)
             log.warning("removed stale lock file %s (%.0f s old)", lock, age)
     except FileNotFoundError:
         pass
 
 
-def _remove_dotlock(path: Path) -> None:
+def _remove_dotlock(path: Path, folder: int | None = None) -> None:
     try:
-        os.unlink(dotlock_path(path))
+        os.unlink(_at(dotlock_path(path), folder), dir_fd=folder)
     except OSError as e:
         if e.errno != errno.ENOENT:
             log.error("cannot remove lock file %s: %s", dotlock_path(path), e.strerror)
 
 
-def _check_still_the_mailbox(fd: int, path: Path) -> None:
+def _check_still_the_mailbox(fd: int, path: Path, folder: int | None = None) -> None:
     """The file we locked is still the one at `path` (nobody removed or replaced it while we waited: some
     POP servers write a new mailbox and rename it over the old one)."""
     held = os.fstat(fd)
     try:
-        now = os.lstat(path)
+        now = os.stat(_at(path, folder), dir_fd=folder, follow_symlinks=False)
     except FileNotFoundError:
         now = None
     if now is None or held.st_nlink != 1 or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
