@@ -357,6 +357,31 @@ async def test_as_root_an_include_file_named_in_a_forward_is_read_with_default_p
 
 
 
+async def test_a_big_forward_is_parsed_off_the_event_loop_and_a_small_one_on_it(tmp_path, monkeypatch):
+    """A user's .forward of up to 1 MB (SMALL_FILE_LIMIT) was parsed on the event loop before the leaf budget could
+    stop it: 0.4 s for 1 MB, every session and delivery waiting. Past INLINE_FILE_BYTES it is parsed in a thread."""
+    parsed: list[threading.Thread] = []
+    parse = aliasing.parse_forward
+
+    def watched(*args):
+        parsed.append(threading.current_thread())
+        return parse(*args)
+
+    monkeypatch.setattr(aliasing, "parse_forward", watched)
+    t = transport(tmp_path, anyone_is_local=True, forward=(fwd := FakeForward()))
+    for user, members in (("carol", 1000), ("dave", 2)):
+        home = tmp_path / "mail" / user
+        home.mkdir(parents=True)
+        (home / ".forward").write_text(", ".join(f"{user}{i}@remote.test" for i in range(members)) + "\n")
+    assert (tmp_path / "mail" / "carol" / ".forward").stat().st_size > 16_384  # (INLINE_FILE_BYTES)
+    [result] = (await t.deliver(request("carol@example.test"))).results
+    assert result.outcome is Outcome.SENT and len(fwd.calls[-1][2]) == 1000
+    assert parsed and threading.main_thread() not in parsed
+    parsed.clear()
+    [result] = (await t.deliver(request("dave@example.test"))).results
+    assert result.outcome is Outcome.SENT and parsed == [threading.main_thread()]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root reads a .forward with its user's rights")
 async def test_a_forward_read_with_its_users_rights_is_read_off_the_event_loop(tmp_path, public_dir, monkeypatch):
     """A system user's .forward and its :include: files are read as the user, by a forked child: on the event loop

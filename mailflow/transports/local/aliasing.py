@@ -60,8 +60,8 @@ Duplicate leaves are dropped (one mailbox per user; addresses compared without c
 again in the same expansion (one that includes itself, two that include each other) adds nothing, as local(8)'s
 duplicate filter skips it. At most EXPANSION_LIMIT leaves, INCLUDE_DEPTH nested :include: files and SMALL_FILE_LIMIT
 bytes of each file. Given a `leaf_budget` (the caller runs it on the event loop), an expansion that meets more
-leaves than that (duplicates counted: the work, not what is kept), or that would fork a child to read a file with a
-user's rights, raises ExpansionTooBig.
+leaves than that (duplicates counted: the work, not what is kept), that would fork a child to read a file with a
+user's rights, or parse a file of more than INLINE_FILE_BYTES, raises ExpansionTooBig.
 
 Failures: `LookupRetry` (4.3.0) when a table cannot answer; `TemporaryError` 4.3.0 when a .forward or
 :include: file cannot be read, 4.3.5 when one (or an alias value) has bad syntax, 4.6.0 beyond the limits. The
@@ -98,6 +98,7 @@ log = logging.getLogger("mailflow.local")
 # spends in a worker thread, not on the event loop (agent.INLINE_LEAVES).
 EXPANSION_LIMIT = 100_000
 SMALL_FILE_LIMIT = 1_000_000  # bytes of a .forward or :include: file read at most
+INLINE_FILE_BYTES = 16_384  # bytes of such a file parsed on the event loop at most (~5 ms); more: a worker thread
 INCLUDE_DEPTH = 10
 
 
@@ -291,6 +292,12 @@ class _Expansion:
         self.unknown_done: set[str] = set()  # local parts routed as unknown users already (local(8)'s been_here)
         self.kind = ""  # how the recipient itself was expanded: "alias" (an alias or .forward), "list", "" not
 
+    def parsing(self, size: int) -> None:
+        """A .forward or :include: file of `size` bytes is about to be parsed: past INLINE_FILE_BYTES too long for
+        the event loop, where a `leaf_budget` expansion runs (a user's 1 MB .forward held it 0.4 s)."""
+        if self.leaf_budget is not None and size > INLINE_FILE_BYTES:
+            raise ExpansionTooBig()
+
     def forking(self) -> None:
         """A child is about to be forked to read a file with a user's rights: a fork costs milliseconds (4 ms for
         a process of 86 MB, 64 ms for 1.1 GB), too long for the event loop, where a `leaf_budget` expansion runs."""
@@ -416,6 +423,7 @@ class LocalExpander:
                 state.warn(found[1:].decode("utf-8", "replace"))
                 return rights, None
             if found[:1] == b"F":
+                state.parsing(len(found) - 1)
                 targets = self._parse(parse_forward, _small_text(path, found[1:]), path)
                 return rights, targets or None  # an empty .forward delivers to the mailbox
         return rights, None
@@ -537,6 +545,7 @@ class LocalExpander:
             text = read_small_file(Path(path))
         if text is None:
             raise TemporaryError("4.3.0", f"cannot read :include: file {path}: no such file")
+        state.parsing(len(text))
         included = _Origin(origin.name, origin.kind, "include", origin.path, origin.address, origin.owner, True,
                            origin.rights)
         self._targets(state, owner, self._parse(parse_include, text, Path(path)), included, depth + 1)
