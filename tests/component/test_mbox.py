@@ -399,18 +399,29 @@ def test_write_cut_short_rolls_back_to_the_old_size(tmp_path):
 
 def test_mailbox_location_follows_home_mailbox_and_mail_spool_directory():
     base = {"maildir_base": "/h"}
-    assert mailbox_location(LocalConfig(**base), "alice") == (Path("/h/alice/Maildir"), "maildir")
-    assert mailbox_location(LocalConfig(**base, home_mailbox="Mailbox"), "alice") == (Path("/h/alice/Mailbox"), "mbox")
+    assert mailbox_location(LocalConfig(**base), "alice") == (Path("/h/alice/Maildir"), "maildir", Path("/h/alice"))
+    assert mailbox_location(LocalConfig(**base, home_mailbox="Mailbox"), "alice") == (Path("/h/alice/Mailbox"), "mbox",
+                                                                                      Path("/h/alice"))
     assert mailbox_location(LocalConfig(**base, home_mailbox="mail/inbox"), "bob") == (Path("/h/bob/mail/inbox"),
-                                                                                        "mbox")
+                                                                                        "mbox", Path("/h/bob"))
     spool = LocalConfig(**base, home_mailbox="", mail_spool_directory="/var/mail")
-    assert mailbox_location(spool, "alice") == (Path("/var/mail/alice"), "mbox")
+    assert mailbox_location(spool, "alice") == (Path("/var/mail/alice"), "mbox", None)
     spool_maildirs = LocalConfig(**base, home_mailbox="", mail_spool_directory="/var/mail/")
-    assert mailbox_location(spool_maildirs, "alice") == (Path("/var/mail/alice"), "maildir")
-    assert mailbox_location(Config().local, "carol") == (Path("var/mail/carol/Maildir"), "maildir")
+    assert mailbox_location(spool_maildirs, "alice") == (Path("/var/mail/alice"), "maildir", None)
+    assert mailbox_location(Config().local, "carol") == (Path.cwd() / "var/mail/carol/Maildir", "maildir",
+                                                         Path.cwd() / "var/mail/carol")
     for bad in ("", "..", "a/b"):
         with pytest.raises(ValueError):
             mailbox_location(spool, bad)
+
+
+def test_mailbox_location_is_normalised():
+    """A maildir_base with '..' (a relative one resolved against the config's directory keeps them) gives the path
+    that is opened, so that comparing it with the home is comparing what is written."""
+    dotted = LocalConfig(maildir_base="/etc/mailflow/../mail", home_mailbox="Mail/inbox")
+    assert mailbox_location(dotted, "bob") == (Path("/etc/mail/bob/Mail/inbox"), "mbox", Path("/etc/mail/bob"))
+    spool = LocalConfig(home_mailbox="", mail_spool_directory="/var/x/../mail")
+    assert mailbox_location(spool, "bob").path == Path("/var/mail/bob")
 
 
 @pytest.mark.parametrize("local, reason", [

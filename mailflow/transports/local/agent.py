@@ -297,36 +297,35 @@ class LocalTransport:
 
     async def _mailbox(self, request: DeliveryRequest, rcpt: Recipient, leaf: Mailbox) -> Part:
         """The user's Maildir or mbox file (`local.home_mailbox`, `local.mail_spool_directory`)."""
-        path, kind = mailbox_location(self._local, leaf.user)
+        path, kind, home = mailbox_location(self._local, leaf.user)
         prefix = mailbox_prefix(request.sender, rcpt.address, rcpt.original or rcpt.address)
         owner = await self._owner(leaf.user)
         if kind == "maildir":
             try:
-                await self._writer.write(path, prefix, request.content, owner, self._local.mailbox_size_limit,
-                                         queue_id=request.queue_id)
+                await self._writer.write(path, prefix, request.content, _maildir_owner(owner, path, home),
+                                         self._local.mailbox_size_limit, queue_id=request.queue_id)
             except OSError as e:
                 return Part(*write_failure(path, e))
             return Part(Outcome.SENT, "2.0.0", "delivered to maildir")  # local(8)'s words: the path is not named
         entry = mbox_entry(request.content, sender=request.sender, arrival=self._clock.time(), prepend=prefix)
         try:
-            await append_mbox(path, entry, locks=self._local.mailbox_delivery_lock,
-                              owner=None if owner is None else (owner.uid, owner.gid),
-                              below=None if owner is None else owner.base, size_limit=self._local.mailbox_size_limit)
+            await append_mbox(path, entry, locks=self._local.mailbox_delivery_lock, owner=owner,
+                              home=None if owner is None else home, size_limit=self._local.mailbox_size_limit)
         except DeliveryError as e:
             return _failed(e)
         return Part(Outcome.SENT, "2.0.0", "delivered to mailbox")
 
-    async def _owner(self, user: str) -> Owner | None:
-        """As root, a local user who is also a system user gets a Maildir of its own: what is created below
-        maildir_base belongs to its uid and primary gid (Postfix's local(8) writes with the recipient's rights).
-        Other local users' Maildirs, and everything when mailflow is not root, belong to mailflow's user."""
+    async def _owner(self, user: str) -> tuple[int, int] | None:
+        """As root, a local user who is also a system user gets a mailbox of its own: its uid and primary gid
+        (Postfix's local(8) writes with the recipient's rights). Other local users' mailboxes, and everything when
+        mailflow is not root, belong to mailflow's user."""
         if os.geteuid() != 0:
             return None
         try:
             account = await asyncio.to_thread(pwd.getpwnam, user)
         except KeyError:
             return None
-        return Owner(account.pw_uid, account.pw_gid, Path(os.path.abspath(self._local.maildir_base)))
+        return account.pw_uid, account.pw_gid
 
     async def _file(self, request: DeliveryRequest, rcpt: Recipient, leaf: File) -> Part:
         """A `/file` destination, appended in mbox format under the mailbox locks; `/dev/null` discards. As
@@ -578,6 +577,15 @@ def _client_environment(c: ClientAttributes) -> dict[str, str]:
              "CLIENT_PROTOCOL": c.protocol, "SASL_METHOD": c.sasl_method, "SASL_SENDER": c.sasl_sender,
              "SASL_USERNAME": c.sasl_username}
     return {name: value for name, value in named.items() if value}
+
+
+def _maildir_owner(owner: tuple[int, int] | None, maildir: Path, home: Path | None) -> Owner | None:
+    """Who owns what the Maildir write creates: in a home, the home (0700 when made) and all below it; in the
+    mail spool, the Maildir `<spool>/<user>/` and below, the spool staying the operator's. (Postfix's local(8) writes
+    every Maildir with the user's rights.)"""
+    if owner is None:
+        return None
+    return Owner(*owner, home, home=True) if home is not None else Owner(*owner, maildir.parent)
 
 
 def _failed(e: DeliveryError) -> Part:

@@ -1,7 +1,8 @@
 """mbox delivery: Postfix local(8)'s mailbox file delivery (mail_copy + mbox_open), as functions.
 
-- `mailbox_location(local_config, user) -> (path, kind)`: where a local user's mailbox is and whether it is a
-  "maildir" or an "mbox" file (Postfix home_mailbox / mail_spool_directory rules, see the function).
+- `mailbox_location(local_config, user) -> (path, kind, home)`: where a local user's mailbox is (normalised),
+  whether it is a "maildir" or an "mbox" file, and the user's home when it is a home mailbox (Postfix
+  home_mailbox / mail_spool_directory rules, see the function).
 - `mbox_entry(content, sender=…, arrival=…, prepend=…) -> Iterator[bytes]`: one mbox entry (From_ line, the
   prepended lines, the message with LF line ends and mboxrd quoting, a blank line), made chunk by chunk from a
   mailflow.content.Content (mailflow.transports.encode), so a big message is never held whole;
@@ -13,9 +14,12 @@
 How an append works: attempts, each in one worker thread (`asyncio.to_thread`; as root for a /file destination, in a
 child forked there with the user's rights), until one has the locks or `lock_timeout` (20 s like Postfix's
 deliver_lock_attempts x deliver_lock_delay) has passed. An attempt opens the file's directory, creating it (a
-mailbox's; not that of a /file destination); for a system user's home mailbox (`below`) from maildir_base down
-without following a symbolic link, as a Maildir's (measured before: a user who made `Mail` in its home a link to a
-directory only root may write got `Mail/inbox` created there, its own, with the mail in it); then, through that
+mailbox's; not that of a /file destination); for a system user's home mailbox (`home`) the home following links
+(it is the administrator's: `<maildir_base>/<user>`, made 0700 for the user when missing), then below it without
+following a symbolic link, as a Maildir's (measured before: a user who made `Mail` in its home a link to a
+directory only root may write got `Mail/inbox` created there, its own, with the mail in it); a mailbox in the
+shared mail_spool_directory is not walked so (the spool stays the operator's, as Postfix's local(8) writes
+spool mailboxes as root), only the file is the user's; then, through that
 directory, opens the file O_WRONLY|O_APPEND|O_CREAT|O_NOFOLLOW (mode 0600) and tries each
 lock once, in the order given, without waiting; when one is held by someone else, lets go of those it took and
 ends; else checks that the path still names the file it holds, notes its size, writes the entry and fsyncs.
@@ -74,7 +78,7 @@ import struct
 import time
 from functools import partial
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, cast
+from typing import Iterable, Iterator, Literal, NamedTuple, cast
 
 from mailflow.config import DEFAULTS, LocalConfig
 from mailflow.content import Content
@@ -105,7 +109,13 @@ _DOT_ATOM = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
 # ------------------------------------------------------------------------------------------- where
 
 
-def mailbox_location(local: LocalConfig, user: str) -> tuple[Path, MailboxKind]:
+class MailboxLocation(NamedTuple):
+    path: Path  # absolute, normalised (no '..': what is compared with `home` is what is opened)
+    kind: MailboxKind
+    home: Path | None  # a home mailbox's home (the user's part starts there); None in mail_spool_directory
+
+
+def mailbox_location(local: LocalConfig, user: str) -> MailboxLocation:
     """Where `user`'s mailbox is, as Postfix local(8) decides it (mailbox_command aside):
 
     - `home_mailbox` set: `<home>/<home_mailbox>`, a Maildir when it ends in "/", else an mbox file; the home
@@ -117,9 +127,14 @@ def mailbox_location(local: LocalConfig, user: str) -> tuple[Path, MailboxKind]:
         raise ValueError(f"{user!r} is not a local user name")
     if local.home_mailbox:
         kind: MailboxKind = "maildir" if local.home_mailbox.endswith("/") else "mbox"
-        return Path(local.maildir_base) / user / local.home_mailbox, kind
+        home = _normal(Path(local.maildir_base) / user)
+        return MailboxLocation(_normal(home / local.home_mailbox), kind, home)
     kind = "maildir" if local.mail_spool_directory.endswith("/") else "mbox"
-    return Path(local.mail_spool_directory) / user, kind
+    return MailboxLocation(_normal(Path(local.mail_spool_directory) / user), kind, None)
+
+
+def _normal(path: Path) -> Path:
+    return Path(os.path.normpath(os.path.abspath(path)))
 
 
 # ------------------------------------------------------------------------------------------- format
@@ -178,24 +193,26 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes], *,
                       locks: tuple[LockStyle, ...] = DEFAULTS.local.mailbox_delivery_lock,
                       lock_timeout: float = DEFAULT_LOCK_TIMEOUT, stale_lock_time: float = STALE_LOCK_TIME,
                       user: str | None = None, owner: tuple[int, int] | None = None, size_limit: int = 0,
-                      create_parents: bool = True, refuse_executable: bool = False, below: Path | None = None) -> None:
+                      create_parents: bool = True, refuse_executable: bool = False, home: Path | None = None) -> None:
     """Append `entry` (from format_mbox_entry) to the mbox file at `path`, durably, under `locks` (taken in
     that order), or raise a DeliveryError (TemporaryError / PermanentError, see the module docstring). The
     mailbox never keeps part of an entry. With `user` (mailflow running as root) each attempt runs in a
     forked child with that user's uid, gid and groups, so the file system checks that user's rights.
     With `owner` (uid, gid: the recipient's, mailflow running as root) a mailbox created here is given to it,
     and an existing one that another uid owns is not written: TemporaryError 4.2.0 (Postfix's
-    strict_mailbox_ownership); with `below` too (a home mailbox, whose directories the user owns), the directories
-    from `below` down are opened without following a symbolic link and made for `owner` (0700) when missing, as a
-    Maildir's are. With `size_limit` (bytes, Postfix mailbox_size_limit) an entry that would make
-    the file bigger is not kept: PermanentError 5.2.2, as the EFBIG Postfix's file size limit gives.
+    strict_mailbox_ownership); with `home` too (a home mailbox: the user's home, `<maildir_base>/<user>`), the home
+    is opened following links (made 0700 for `owner` when missing) and the directories below it without following
+    a symbolic link (4.2.0 "symbolic link … not followed"), made for `owner` (0700) when missing, as a Maildir's
+    are; a mailbox not below `home` is refused (4.2.0). With `size_limit` (bytes, Postfix mailbox_size_limit) an
+    entry that would make the file bigger is not kept: PermanentError 5.2.2, as the EFBIG of
+    Postfix's file size limit.
     `create_parents`: make the missing directories above the file (a mailbox), or not (a /file destination an
     alias or .forward names: a missing directory is an OS error, TemporaryError 4.2.0). `refuse_executable`: an
     existing file with an execute bit is not written, PermanentError 5.7.1 (local(8)'s "file is executable")."""
     if len(set(locks)) != len(locks) or not set(locks) <= set(_LOCK_STYLES):
         raise ValueError(f"lock styles {locks!r}: each of {', '.join(_LOCK_STYLES)} at most once")
     args = (Path(path), entry, tuple(locks), stale_lock_time, owner, size_limit, create_parents, refuse_executable,
-            below)
+            home)
     attempt = partial(_append_once, *args) if user is None else partial(_append_once_as, user, *args)
     deadline = time.monotonic() + lock_timeout
     delay, most = (_FIRST_POLL, _MAX_POLL) if user is None else (_FIRST_FORKED_POLL, _MAX_FORKED_POLL)
@@ -227,13 +244,13 @@ def _appended(*args) -> bytes:
 
 def _append_once(path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockStyle, ...], stale_lock_time: float,
                  owner: tuple[int, int] | None = None, size_limit: int = 0, create_parents: bool = True,
-                 refuse_executable: bool = False, below: Path | None = None) -> LockStyle | None:
+                 refuse_executable: bool = False, home: Path | None = None) -> LockStyle | None:
     """One attempt at the append: open the mailbox, try each lock once, write. None once written; the style of
     the first lock another holder has (every lock taken is let go again, nothing written) for a later attempt.
     The mailbox, its dotlock and the check that it is still there are all reached through one descriptor of its
     directory (`_open_folder`)."""
     try:
-        folder = _open_folder(path.parent, owner, below, create_parents)
+        folder = _open_folder(path.parent, owner, home, create_parents)
         try:
             return _append_in(folder, path, entry, locks, stale_lock_time, owner, size_limit, refuse_executable)
         finally:
@@ -268,14 +285,14 @@ def _append_in(folder: int, path: Path, entry: bytes | Iterable[bytes], locks: t
             _remove_dotlock(path, folder)
 
 
-def _open_folder(folder: Path, owner: tuple[int, int] | None, below: Path | None, create: bool) -> int:
-    """A descriptor of the mailbox's directory. With `owner` and `below` (a system user's home mailbox, as root;
-    the user owns its home, so it could make a directory there a link to anywhere): from `below` down, each
-    directory opened without following a symbolic link, a missing one made 0700 for the owner
-    (maildir.open_directory), as Postfix's local(8) reaches a home mailbox with the user's rights. Otherwise
-    the directory the path names, made when missing and `create`."""
-    if owner is not None and below is not None and folder.is_relative_to(below):
-        return open_directory(folder, Owner(owner[0], owner[1], below))
+def _open_folder(folder: Path, owner: tuple[int, int] | None, home: Path | None, create: bool) -> int:
+    """A descriptor of the mailbox's directory. With `owner` and `home` (a system user's home mailbox, as root;
+    the user owns its home, so it could make a directory there a link to anywhere): the home following links,
+    then each directory below it opened without following a symbolic link, a missing one made 0700 for the owner
+    (maildir.open_directory), as Postfix's local(8) reaches a home mailbox with the user's rights; one not below
+    the home is refused (OSError EPERM). Otherwise the directory the path names, made when missing and `create`."""
+    if owner is not None and home is not None:
+        return open_directory(folder, Owner(owner[0], owner[1], home, home=True))
     if create:
         folder.mkdir(parents=True, exist_ok=True)
     return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
