@@ -10,6 +10,8 @@ signature of mailflow.app's `forwarder`.
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import errno
 import re
 
@@ -30,6 +32,7 @@ from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports.local import aliasing
 from mailflow.transports.local.aliasing import LocalExpander
 from mailflow.routing.rewrite import Rewriter
+from mailflow.transports.local import agent
 from mailflow.transports.local.agent import LocalTransport
 from mailflow.transports.maildir import MaildirWriter
 from tests.support import big_message, spooled
@@ -517,3 +520,41 @@ async def test_an_alias_of_the_same_members_over_and_over_is_expanded_off_the_ev
     [result] = (await t.deliver(request("staff@example.test"))).results
     assert result.outcome is Outcome.SENT and threads and threads[-1] is not threading.main_thread()
     assert len(delivered(tmp_path, "alice")) == 1 and len(delivered(tmp_path, "bob")) == 1
+
+
+async def test_expansions_made_in_worker_threads_leave_the_shared_pool_free(tmp_path, monkeypatch):
+    """An expansion that forks per .forward (an alias of 200 users: 1-13 s) or is too big for the loop is made in a
+    worker thread of the default executor, which the queue's fsyncs, the mailbox writes and smtpd share: eight at
+    once held every thread. At most OFF_LOOP_EXPANSIONS run at once; an unrelated to_thread call is not held."""
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=4))
+    t = transport(tmp_path)
+    release, running, most = threading.Event(), [0], [0]
+    started = asyncio.Event()
+    lock = threading.Lock()
+    real = t._expander.expand_recipient
+
+    def slow(address, *, leaf_budget=None, **kw):  # the inline attempt gives up, as before a fork
+        if leaf_budget is not None:
+            raise aliasing.ExpansionTooBig()
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        loop.call_soon_threadsafe(started.set)
+        try:
+            assert release.wait(timeout=30)
+            return real(address, **kw)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(t._expander, "expand_recipient", slow)
+    deliveries = [asyncio.ensure_future(t.deliver(request("alice@example.test"))) for _ in range(8)]
+    try:
+        await asyncio.wait_for(started.wait(), 10)
+        await asyncio.wait_for(asyncio.to_thread(lambda: None), 10)  # (all four threads held: never done)
+    finally:
+        release.set()
+        reports = await asyncio.gather(*deliveries)
+    assert all(r.results[0].outcome is Outcome.SENT for r in reports)
+    assert most[0] == agent.OFF_LOOP_EXPANSIONS

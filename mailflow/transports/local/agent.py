@@ -151,6 +151,7 @@ class _Filled:
     passes: dict[tuple, RcptResult] = field(default_factory=dict)
 
 INLINE_LEAVES = 200  # leaves of an expansion made on the event loop at most (~14 ms of local members); more: a thread
+OFF_LOOP_EXPANSIONS = 2  # expansions made in worker threads at once at most: the default pool's threads are shared
 
 
 class LocalTransport:
@@ -168,6 +169,7 @@ class LocalTransport:
         self._clock = clock
         self._forward = forward
         self._relay = relay
+        self._off_loop = asyncio.Semaphore(OFF_LOOP_EXPANSIONS)  # (see `_expand`)
 
     delivers_each = True  # one recipient after another: qmgr records each result as it comes (`deliver_each`)
 
@@ -219,7 +221,10 @@ class LocalTransport:
         """The recipient's expansion (`expand_recipient`): as the tables run it (inline when they answer from
         memory) up to INLINE_LEAVES leaves; a bigger one, or one that forks to read a file as a user, is made again in
         a worker thread, so that a list of thousands of local members (~67 us each) or forks (milliseconds each)
-        do not hold up the event loop. Its warnings are logged once."""
+        do not hold up the event loop. At most OFF_LOOP_EXPANSIONS of those at once (the others wait on the loop): they
+        take the default executor's threads, which the queue's fsyncs, Maildir and mbox writes and smtpd share, and
+        an alias of 200 users with a .forward forks for 1-13 s (measured: 8 such deliveries made a to_thread call
+        wait 1.9 s). Its warnings are logged once."""
         warnings: list[str] = []
         expand = partial(self._expander.expand_recipient, rcpt.address, delivered_to=seen, warn=warnings.append)
         try:
@@ -227,7 +232,8 @@ class LocalTransport:
                 return await self._expander.tables.run(partial(expand, leaf_budget=INLINE_LEAVES))
             except ExpansionTooBig:
                 warnings.clear()
-                return await self._expander.tables.run(expand, off_loop=True)  # (a sqlite table's deadline kept)
+                async with self._off_loop:
+                    return await self._expander.tables.run(expand, off_loop=True)  # (a sqlite table's deadline kept)
         finally:  # (also those told before an expansion failed: a bad alias value's)
             for text in warnings:
                 log.warning("%s: %s", queue_id, text)
