@@ -228,8 +228,10 @@ async def run_command(argv: list[str], *, stdin: bytes | AsyncIterable[bytes], e
         os.close(write_end)
     assert proc.stdin is not None  # a pipe, as made above
     output = _Output(output_limit, loop.create_future())
-    reading, _ = await loop.connect_read_pipe(lambda: output, os.fdopen(read_end, "rb", buffering=0))
-    try:
+    read_file = os.fdopen(read_end, "rb", buffering=0)
+    reading: asyncio.ReadTransport | None = None
+    try:  # (from the spawn on: a cancel while the pipe is being connected must leave nothing running or open)
+        reading, _ = await loop.connect_read_pipe(lambda: output, read_file)
         async with asyncio.timeout(time_limit):
             await _exchange(proc.stdin, stdin, output)
             code = await proc.wait()
@@ -237,7 +239,10 @@ async def run_command(argv: list[str], *, stdin: bytes | AsyncIterable[bytes], e
         _kill_group(proc)
         return CommandResult(None, None, True, output.text())
     finally:
-        reading.close()  # (a program that left the group may hold the other end for ever)
+        if reading is not None:
+            reading.close()  # (a program that left the group may hold the other end for ever)
+        else:
+            read_file.close()
         if proc.returncode is None:  # the time limit, or cancelled: leave nothing running behind us
             _kill_group(proc)
             _drop_input(proc.stdin.transport)

@@ -24,6 +24,7 @@ from mailflow.config import PipeService, config_from_dict
 from mailflow.errors import ConfigError
 from mailflow.content import Content
 from mailflow.model import DeliveryRequest, Outcome, Recipient
+from mailflow.transports import pipe as pipe_module
 from mailflow.transports.pipe import CommandNotRun, PipeTransport, run_command
 from tests.support import big_message, eventually, script_dir, spooled
 
@@ -166,6 +167,43 @@ async def test_a_daemon_the_command_left_holding_its_pipes_neither_holds_the_del
     finally:
         for daemon in scripts.read("daemons").split():
             os.kill(int(daemon), signal.SIGKILL)
+
+async def test_a_cancel_while_the_output_pipe_is_connected_leaves_no_command_and_no_descriptor(monkeypatch):
+    """The window between the spawn and the output pipe's connection (one loop iteration, e.g. at shutdown): the
+    command was left running and the read end open. Here the connection is made to wait for the cancel."""
+    loop = asyncio.get_running_loop()
+    spawned: list = []
+    pipes: list[int] = []
+    connecting = asyncio.Event()
+    real_exec, real_pipe = asyncio.create_subprocess_exec, os.pipe
+
+    async def recorded_exec(*args, **kw):
+        spawned.append(await real_exec(*args, **kw))
+        return spawned[-1]
+
+    def recorded_pipe():
+        pipes.extend(real_pipe())
+        return pipes[-2], pipes[-1]
+
+    async def stalled_connect(factory, file):
+        connecting.set()
+        await asyncio.Future()  # (until cancelled)
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", recorded_exec)
+    monkeypatch.setattr(pipe_module.os, "pipe", recorded_pipe)
+    monkeypatch.setattr(loop, "connect_read_pipe", stalled_connect)
+    run = asyncio.ensure_future(run_command(["/bin/sleep", "30"], stdin=b"", env={}, time_limit=60,
+                                            output_limit=100))
+    await asyncio.wait_for(connecting.wait(), 10)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(run, 10)
+    [proc] = spawned
+    assert proc.returncode == -signal.SIGKILL  # killed and waited for
+    for fd in pipes:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
 
 async def test_a_huge_output_is_cut_at_output_limit_and_drained(scripts):
     s = scripts.script("loud.sh", "head -c 3000000 /dev/zero | tr '\\0' x\nexit 69\n")
