@@ -70,6 +70,7 @@ import re
 import signal
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, AsyncIterable, AsyncIterator, Callable
 
 from mailflow import address
@@ -233,7 +234,7 @@ async def run_command(argv: list[str], *, stdin: bytes | AsyncIterable[bytes], e
     try:  # (from the spawn on: a cancel while the pipe is being connected must leave nothing running or open)
         reading, _ = await loop.connect_read_pipe(lambda: output, read_file)
         async with asyncio.timeout(time_limit):
-            await _exchange(proc.stdin, stdin, output)
+            await _exchange(proc.stdin, stdin, output, partial(_kill_group, proc))
             code = await proc.wait()
     except TimeoutError:
         _kill_group(proc)
@@ -283,9 +284,10 @@ class _Output(asyncio.Protocol):
         return self._kept.decode("utf-8", errors="replace")
 
 
-async def _exchange(stdin: asyncio.StreamWriter, data: bytes | AsyncIterable[bytes], output: _Output) -> None:
+async def _exchange(stdin: asyncio.StreamWriter, data: bytes | AsyncIterable[bytes], output: _Output,
+                    kill: Callable[[], None]) -> None:
     """Write `data` to the command while its output is read, until the output's end and the input's."""
-    feeder = asyncio.create_task(_feed(stdin, data))
+    feeder = asyncio.create_task(_feed(stdin, data, kill))
     try:
         await output.ended
         await feeder
@@ -293,7 +295,11 @@ async def _exchange(stdin: asyncio.StreamWriter, data: bytes | AsyncIterable[byt
         feeder.cancel()
 
 
-async def _feed(stdin: asyncio.StreamWriter, data: bytes | AsyncIterable[bytes]) -> None:
+async def _feed(stdin: asyncio.StreamWriter, data: bytes | AsyncIterable[bytes], kill: Callable[[], None]) -> None:
+    """`data` into the command's input, then its end. When reading `data` fails (the queue file: EIO) the command is
+    `kill`ed before its input is closed: at the end of its input it would take the part it got for the whole message
+    and deliver it, and the retry a second copy. (Postfix's pipe_command closes the input, waits, and defers as a
+    corrupt file only after the command exited normally: the truncated copy is delivered.)"""
     try:
         if isinstance(data, bytes):
             stdin.write(data)
@@ -304,6 +310,9 @@ async def _feed(stdin: asyncio.StreamWriter, data: bytes | AsyncIterable[bytes])
                 await stdin.drain()
     except ConnectionError:
         pass  # the command exited or closed its input without reading everything: its exit status decides
+    except Exception:
+        kill()
+        raise
     finally:
         stdin.close()
 

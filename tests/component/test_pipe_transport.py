@@ -13,6 +13,7 @@ refusal to switch); size_limit; config errors naming the key.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import pwd
 import signal
@@ -203,6 +204,20 @@ async def test_a_cancel_while_the_output_pipe_is_connected_leaves_no_command_and
     for fd in pipes:
         with pytest.raises(OSError):
             os.fstat(fd)
+
+
+async def test_a_message_that_cannot_be_read_whole_never_reaches_the_commands_end_of_input(scripts):
+    """Reading the message fails half-way (EIO from the queue file): the command was given the end of its input and
+    delivered the first half as the whole message, then the retry delivered it again. It is killed first."""
+    s = scripts.script("whole.sh", f"cat > {scripts.out}/got && echo whole > {scripts.out}/ended\n")
+
+    async def failing():
+        yield b"From: a\n\npart one\n"
+        raise OSError(errno.EIO, "Input/output error")
+
+    with pytest.raises(OSError):
+        await run_command([str(s)], stdin=failing(), env={}, time_limit=30, output_limit=100)
+    assert not (scripts.out / "ended").exists()
 
 
 async def test_a_huge_output_is_cut_at_output_limit_and_drained(scripts):
