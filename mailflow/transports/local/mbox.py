@@ -31,14 +31,14 @@ of the 6 threads; now 0.0 s). Any failure while writing truncates the file back 
 locks are released, so readers never see a partial entry. The kernel locks go with the descriptor; the dotlock
 is removed last.
 
-Lock styles (Postfix mailbox_delivery_lock), taken in the order given. Every program that writes the mailbox
-must use the same locks in the same order, or two of them can each hold one lock and wait for the other until
-one gives up. The default, fcntl then dotlock, is Debian's policy and works with Dovecot's defaults: Dovecot
-keeps its fcntl read lock while it takes the dotlock to write, so a deliverer taking the dotlock first and
-waiting for the fcntl lock would wait for Dovecot while Dovecot waits for it (measured when mailflow held its
-locks while waiting: with "dotlock, fcntl", most of 10 deliveries racing 10 `doveadm save` runs timed out; with
-"fcntl, dotlock" none did). (Postfix's own mbox_open always takes the dotlock first, whatever the order of the
-setting.)
+Lock styles (Postfix mailbox_delivery_lock), tried in the order given. Every program that writes the mailbox must
+use the same styles. The order only decides which lock is tried first: mailflow never waits while holding one (a
+busy lock lets go of those taken, see "How an append works"), so it cannot wait for another writer that waits for
+it, whatever the order (the review of this design raced a writer holding an fcntl read lock while it waited for the
+dotlock, as Dovecot does, against 10 appends: with "dotlock, fcntl" and with "fcntl, dotlock" every entry was
+written once). It mattered when mailflow held its locks while waiting: then "dotlock, fcntl" made most of 10
+deliveries racing 10 `doveadm save` runs time out. The default, fcntl then dotlock, is Debian's policy. (Postfix's
+own mbox_open always takes the dotlock first, whatever the order of the setting.)
 - "fcntl": a POSIX write lock on the whole file. On Linux it is taken as an open-file-description lock
   (F_OFD_SETLK), which conflicts with every other process's fcntl()/lockf() lock exactly like a classic one but
   also excludes the other threads of this process (classic POSIX locks belong to the process, so two deliveries
