@@ -558,3 +558,23 @@ async def test_expansions_made_in_worker_threads_leave_the_shared_pool_free(tmp_
         reports = await asyncio.gather(*deliveries)
     assert all(r.results[0].outcome is Outcome.SENT for r in reports)
     assert most[0] == agent.OFF_LOOP_EXPANSIONS
+
+
+async def test_an_include_file_is_measured_in_bytes_for_the_event_loop(tmp_path, public_dir, monkeypatch):
+    """INLINE_FILE_BYTES is bytes, as for a .forward: an :include: file of 6 000 three-byte characters (18 KB) was
+    counted 6 000 and parsed on the event loop."""
+    team = public_dir / "team"
+    team.write_text("# " + "日本語" * 2000 + "\ncarol@remote.test\n")
+    assert len(team.read_text()) < 16_384 < team.stat().st_size  # (INLINE_FILE_BYTES)
+    parsed: list[threading.Thread] = []
+    parse = aliasing.parse_include
+
+    def watched(*args):
+        parsed.append(threading.current_thread())
+        return parse(*args)
+
+    monkeypatch.setattr(aliasing, "parse_include", watched)
+    t = transport(tmp_path, f"team: :include:{team}\n", forward=(fwd := FakeForward()))
+    [result] = (await t.deliver(request("team@example.test"))).results
+    assert result.outcome is Outcome.SENT and [c[2] for c in fwd.calls] == [("carol@remote.test",)], result
+    assert parsed and threading.main_thread() not in parsed
