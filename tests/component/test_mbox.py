@@ -225,8 +225,8 @@ async def one_worker_thread():
 
 
 @pytest.mark.parametrize("as_user", [None, "nobody"])
-async def test_a_delivery_waiting_for_a_lock_holds_no_worker_thread_nor_the_locks_it_took(as_user,
-                                                                                          one_worker_thread):
+async def test_a_delivery_waiting_for_a_lock_holds_no_worker_thread_nor_the_locks_it_took(as_user, one_worker_thread,
+                                                                                          monkeypatch):
     """A mailbox locked for ever by another program must not take a worker thread from the other deliveries (nor
     from the queue's writes and smtpd, which share the default executor) for its lock_timeout; while it waits it
     holds none of its own locks either (here the fcntl lock, taken before the dotlock that is busy)."""
@@ -239,12 +239,12 @@ async def test_a_delivery_waiting_for_a_lock_holds_no_worker_thread_nor_the_lock
         path.touch()
         path.chmod(0o666)
         mbox.dotlock_path(path).touch()
+        tried_twice = attempts_counted(monkeypatch, "_append_once" if as_user is None else "_append_once_as")
         delivery = asyncio.create_task(append_mbox(path, b"From x  y\n\n", locks=("fcntl", "dotlock"),
                                                    lock_timeout=4, user=as_user, create_parents=False))
-        await asyncio.sleep(0.3)
-        started = time.monotonic()
-        await asyncio.wait_for(asyncio.to_thread(lambda: None), 1)
-        assert time.monotonic() - started < 0.5 and not delivery.done()
+        await asyncio.wait_for(tried_twice.wait(), 3)  # (waiting between attempts now)
+        await asyncio.wait_for(asyncio.to_thread(lambda: None), 1)  # (never done while the one thread is held)
+        assert not delivery.done()
         fd = os.open(path, os.O_WRONLY)
         try:
             assert mbox._try_kernel_lock(fd, "fcntl")
@@ -255,6 +255,24 @@ async def test_a_delivery_waiting_for_a_lock_holds_no_worker_thread_nor_the_lock
         assert path.read_bytes() == b"From x  y\n\n"
     finally:
         shutil.rmtree(place, ignore_errors=True)
+
+
+def attempts_counted(monkeypatch, name: str) -> asyncio.Event:
+    """An event set once mbox's attempt function `name` has returned twice."""
+    loop = asyncio.get_running_loop()
+    twice, done = asyncio.Event(), [0]
+    real = getattr(mbox, name)
+
+    def counted(*args):
+        try:
+            return real(*args)
+        finally:
+            done[0] += 1
+            if done[0] == 2:
+                loop.call_soon_threadsafe(twice.set)
+
+    monkeypatch.setattr(mbox, name, counted)
+    return twice
 
 
 # ------------------------------------------------------------------------------------------- kernel locks
