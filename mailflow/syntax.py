@@ -72,8 +72,8 @@ _HOSTNAME = re.compile(rf"(?=.{{1,255}}$){_LABEL}(?:\.{_LABEL})*\.?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ASCII_UPPER = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
-TABLE_TYPES = ("texthash", "inline", "static", "regexp", "cidr", "sqlite", "accounts", "unix", "fail")
-FILE_TABLE_TYPES = ("texthash", "regexp", "cidr", "sqlite", "accounts")  # the name after the colon is a file
+TABLE_TYPES = ("texthash", "inline", "static", "regexp", "pcre", "cidr", "sqlite", "accounts", "unix", "fail")
+FILE_TABLE_TYPES = ("texthash", "regexp", "pcre", "cidr", "sqlite", "accounts")  # the name after the colon is a file
 BLOCKING_TABLE_TYPES = ("sqlite", "unix")  # a lookup may wait on I/O (mailflow.tables: `blocking`)
 
 
@@ -140,7 +140,6 @@ def table_type(spec: str) -> str:
 POSTFIX_TYPE_HINTS = {
     **dict.fromkeys(("hash", "btree", "lmdb", "cdb", "dbm", "sdbm"),
                     "name the source file as texthash:FILE (it is read as it is, no postmap needed)"),
-    "pcre": "write it as regexp:FILE (RE2 syntax: no back-references or look-around)",
     "proxy": "drop the proxy: prefix (mailflow reads the table itself)",
 }
 

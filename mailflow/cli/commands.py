@@ -39,7 +39,7 @@ def command_path(ctx: typer.Context, argv: list[str]) -> str:
 queue_app = typer.Typer(no_args_is_help=True, help="Inspect and change the mail queue (mailq, postsuper, "
                         "postcat, qshape); works with or without a running server.")
 table_app = typer.Typer(no_args_is_help=True, help="Query lookup tables (texthash, inline, static, regexp, "
-                        "cidr, sqlite, accounts, unix, fail) the way the server sees them, like postmap -q.")
+                        "pcre, cidr, sqlite, accounts, unix, fail) the way the server sees them, like postmap -q.")
 config_app = typer.Typer(no_args_is_help=True, help="Show the configuration (postconf), check it (postfix check; "
                          "the same as check-config) or import a Postfix main.cf and master.cf.")
 auth_app = typer.Typer(no_args_is_help=True, help="AUTH users for smtpd.sasl_user_maps.")

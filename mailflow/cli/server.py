@@ -257,8 +257,8 @@ def listener_summary(cfg: Config) -> list[tuple[str, int, str]]:
 
 
 def table_problems(cfg: Config, where: str) -> list[ConfigError]:
-    """One ConfigError(where, setting, reason) for each file-backed table (texthash, regexp, cidr, sqlite) that cannot
-    answer now."""
+    """One ConfigError(where, setting, reason) for each file-backed table (texthash, regexp, pcre, cidr, sqlite) that
+    cannot answer now."""
     return unreadable_tables(flat_settings(cfg), where)
 
 

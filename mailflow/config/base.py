@@ -100,7 +100,8 @@ def _inline_table_specs(specs: tuple[str, ...]) -> tuple[str, ...]:
     for spec in _table_specs(specs):
         if table_type(spec) in BLOCKING_TABLE_TYPES:
             raise ValueError(f"{spec!r}: a {table_type(spec)}: lookup may wait, and this setting is looked up on the "
-                             "event loop (for each line as mail streams, or each reply); use regexp:, texthash:, "
+                             "event loop (for each line as mail streams, or each reply); use regexp:, pcre:, "
+                             "texthash:, "
                              "cidr: or inline:")
     return specs
 

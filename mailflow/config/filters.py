@@ -1,7 +1,7 @@
 """The inbound filters' sections (docs/filtering.md), every one off by default.
 
     ChecksConfig      [checks]        cleanup's content inspection: header_checks, mime_header_checks,
-                                      nested_header_checks, body_checks (regexp tables), body_checks_size_limit
+                                      nested_header_checks, body_checks (regexp or pcre tables), body_checks_size_limit
     MilterConfig      [milter]        the Milter client: milter_default_action, milter_protocol, the timeouts,
                                       non_smtpd_milters (smtpd's milters are the per-listener `[smtpd] milters`)
     SpamdConfig       [spamd]         SpamAssassin's spamd: address, timeout, size limit, action, on_failure
@@ -79,7 +79,8 @@ class SmtpdFilterSettings(Section):
 
 
 class ChecksConfig(Section):
-    """cleanup's content inspection (Postfix header_checks(5)): regexp tables whose values are actions."""
+    """cleanup's content inspection (Postfix header_checks(5)): regexp or pcre tables whose values are
+    actions."""
 
     header_checks: TableSpecs = ()
     mime_header_checks: TableSpecs = ()  # MIME headers of the message and of its parts (else header_checks)

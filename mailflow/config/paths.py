@@ -3,8 +3,9 @@
 Which settings are paths is told by their names: `*_file`, `*_directory`, `*_base`, `directory` and `file` (the
 log's) name files or directories; the items of `*_maps`, `*_domains`, `*_checks`, `authorized_submit_users`,
 `relay_clientcerts`, `*_restrictions` and the network lists (mynetworks and the others) that are file-backed
-tables (`texthash:`, `regexp:`, `cidr:`, `sqlite:`, `accounts:`: mailflow.syntax.FILE_TABLE_TYPES) name files; a
-listener's overrides follow the same rule. `local.home_mailbox` is relative to each user's home, not to the file.
+tables (`texthash:`, `regexp:`, `pcre:`, `cidr:`, `sqlite:`, `accounts:`: mailflow.syntax.FILE_TABLE_TYPES) name
+files; a listener's overrides follow the same rule. `local.home_mailbox` is relative to each user's home, not to
+the file.
 
     resolve_paths(config, base) -> Config       every relative path setting taken from `base`; the result
                                                 remembers `base` (show_settings resolves the defaults likewise)

@@ -387,7 +387,7 @@ def _parent(hostname: str) -> str:
 
 # --- values -------------------------------------------------------------------------------------------------------
 
-_CONVERTED_TYPES = {**dict.fromkeys(("hash", "btree", "lmdb", "cdb", "dbm", "sdbm"), "texthash"), "pcre": "regexp"}
+_INDEXED_TYPES = ("hash", "btree", "lmdb", "cdb", "dbm", "sdbm")  # postmap(1)'s: mailflow reads their source
 _FOREIGN_TYPES = ("mysql", "pgsql", "ldap", "memcache", "socketmap", "tcp", "nis", "nisplus", "netinfo", "pipemap",
                   "unionmap", "randmap", "environ", "internal")
 SETTING_TYPES = {**flat_settings(DEFAULTS),
@@ -422,20 +422,16 @@ def split_list(value: str) -> list[str]:
 
 def table_spec(token: str, notes: list[str]) -> str:
     """A `type:name` token in mailflow's form: a proxy: prefix dropped, hash:-like types as texthash: of the same
-    file, pcre: as regexp:; Refused for a type mailflow has no counterpart of."""
+    file (pcre: is mailflow's too); Refused for a type mailflow has no counterpart of."""
     kind, colon, rest = token.partition(":")
     if not colon or not re.fullmatch(r"[a-z0-9]+", kind):
         return token
     if kind == "proxy":
         return table_spec(rest, notes)
-    if kind in _CONVERTED_TYPES:
-        new = _CONVERTED_TYPES[kind]
-        if new == "texthash":
-            _check_source(kind, rest, notes)
-        why = ("texthash: reads the source file itself, no postmap" if new == "texthash"
-               else "regexp: is RE2 syntax (no back-references or look-around): check the patterns")
-        notes.append(f"{token} is {new}:{rest} ({why})")
-        return f"{new}:{rest}"
+    if kind in _INDEXED_TYPES:
+        _check_source(kind, rest, notes)
+        notes.append(f"{token} is texthash:{rest} (texthash: reads the source file itself, no postmap)")
+        return f"texthash:{rest}"
     if kind in _FOREIGN_TYPES:
         raise Refused(f"mailflow has no {kind}: lookup table")
     return token

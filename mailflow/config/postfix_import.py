@@ -15,12 +15,13 @@ written as is) (myhostname: the system's name; mydomain; myorigin; mydestination
 localhost`; mail_name; queue_directory); a reference to anything else leaves the setting out. Each parameter goes
 through the one table (mailflow.config.postfix_names) and is converted by the mailflow setting's type; a table
 spec of a type mailflow lacks is converted where mailflow has the same thing (hash:, lmdb:… -> texthash: of the
-source file, left out when that file is missing, noted when the compiled file is older or newer; pcre: -> regexp:;
-proxy: dropped) and left out otherwise. Every value is then validated as mailflow
-loads it (mailflow.config.load.config_from_dict): one it refuses is left out with mailflow's reason, so what is
-written always loads. Nothing is dropped silently and no value is invented: a setting written without a main.cf line
-(myhostname, mydestination, alias_maps, local_recipient_maps, the listen addresses) is Postfix's default, said so
-in a comment (a table of it mailflow cannot take, nis:mail.aliases, is a note); no compatibility_level is a note.
+source file, left out when that file is missing, noted when the compiled file is older or newer; pcre: stays
+pcre: (mailflow's is on RE2: `mailflow check-config` names a pattern it cannot take); proxy: dropped) and left out
+otherwise. Every value is then validated as mailflow loads it (mailflow.config.load.config_from_dict): one it
+refuses is left out with mailflow's reason, so what is written always loads. Nothing is dropped silently and no
+value is invented: a setting written without a main.cf line (myhostname, mydestination, alias_maps,
+local_recipient_maps, the listen addresses) is Postfix's default, said so in a comment (a table of it mailflow
+cannot take, nis:mail.aliases, is a note); no compatibility_level is a note.
 
 master.cf: `smtpd` inet services become the listen addresses (the `smtp` service) and `[[smtpd.listeners]]` with a role
 (submission: `-o smtpd_tls_security_level=encrypt` and AUTH; submissions: `-o smtpd_tls_wrappermode=yes`) and overrides
@@ -32,8 +33,8 @@ naming a transport mailflow then does not have (master.cf's service left out, or
 relay_transport naming `relay` (its default) while master.cf's relay is not an smtp service, or is missing, is
 written as what does what Postfix does there (master.cf's relay as mailflow has it, or ABSENT_RELAY: a 4.3.0
 deferral); so is every other route to relay (default_transport, a content_filter, an inline:/static: transport
-table's entry; a texthash:, regexp: or cidr: file's entry, or a FILTER relay action of an access or check table, is
-reported with its line; a table it cannot read, sqlite: or unix:, is reported for the user to check). The
+table's entry; a texthash:, regexp:, pcre: or cidr: file's entry, or a FILTER relay action of an access or check
+table, is reported with its line; a table it cannot read, sqlite: or unix:, is reported for the user to check). The
 reading half (files, expansion, values, the result) is mailflow.config.postfix_cf.
 """
 from __future__ import annotations
@@ -533,7 +534,7 @@ class Importer:
                         what: str) -> tuple[tuple[str, str], ...] | None:
         """The (lookup, value) entries of an inline:, static: or fail: `spec`, the tables whose entries the import
         handles one by one; None for any other table, each of whose entries `names_relay` is reported here (a
-        texthash:, regexp: or cidr: file's with its line; a table the import cannot read, as one where `what`
+        texthash:, regexp:, pcre: or cidr: file's with its line; a table the import cannot read, as one where `what`
         may be), and for a malformed spec (the validation leaves it out with its reason)."""
         kind, _, name = spec.partition(":")
         if kind in SCANNED_TABLE_FILES:
@@ -549,8 +550,8 @@ class Importer:
 
     def _report_table_file(self, key: str, kind: str, path: str, relay: Service | None,
                            names_relay: Callable[[str], bool]) -> None:
-        """Each entry of a texthash:, regexp: or cidr: file whose value `names_relay` (a route, or a FILTER action,
-        to relay), reported with its line: the file is read as it is, so mailflow would send that mail over its
+        """Each entry of a texthash:, regexp:, pcre: or cidr: file whose value `names_relay` (a route, or a FILTER
+        action, to relay), reported with its line: the file is read as it is, so mailflow would send that mail over its
         SMTP relay."""
         try:
             with open(path, encoding="utf-8", errors="replace") as f:

@@ -9,7 +9,7 @@
 
 What is matched (Postfix's rules): each logical header of the message, its lines joined by their line breaks
 (`X-Folded: a\\n b`, as Postfix's cleanup keeps them, CR dropped; no line end after the last) against
-header_checks (in a regexp table `.` matches the break, as in POSIX regexec), its
+header_checks (in a regexp table `.` matches the break, as in POSIX regexec; in a pcre table too), its
 MIME headers (is_mime_header: Content-Type, MIME-Version, ...) and those of every MIME part against
 mime_header_checks, the headers of an attached message (message/rfc822) against nested_header_checks (each of
 these two defaults to header_checks); each body line (without its line end, boundaries included; a part's header
@@ -294,7 +294,8 @@ def _original(line: str) -> bytes:
 
 
 def lookup_action(tables: list[Table], key: str) -> str | None:
-    """The first table's answer (a folded header's key holds its line breaks: a regexp table's `.` matches them)."""
+    """The first table's answer (a folded header's key holds its line breaks: a regexp or pcre table's `.` matches
+    them)."""
     for table in tables:
         value = table.lookup(key)
         if value is not None:

@@ -61,7 +61,6 @@ Failures: ValueError for an unknown kind, action or RET value, or an empty recip
 from __future__ import annotations
 
 import re
-import unicodedata
 from dataclasses import dataclass
 
 from mailflow import address
@@ -423,16 +422,21 @@ def _action_words(action: str) -> str:
             "delivered": "delivered", "relayed": "relayed", "expanded": "expanded"}[action]
 
 
+# The characters of Unicode's categories Cc, Zl, Zp and Cs, exactly (a stable set: Unicode never adds to them).
+# One substitution, not a category lookup a character: a notice about 10 000 recipients with 2 KB replies took
+# 9.5 s of CPU (the GIL held all along, off the event loop but not out of its way), 1.5 s now.
+_NOT_IN_A_LINE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
 def _clean(value: str) -> str:
     """One line of text: control and line-separator characters become spaces, white space runs collapse."""
-    chars = (" " if unicodedata.category(c) in ("Cc", "Zl", "Zp", "Cs") else c for c in value)
-    return " ".join("".join(chars).split())
+    return " ".join(_NOT_IN_A_LINE.sub(" ", value).split())
 
 
 def _one_line(value: str) -> str:
     """A reason as one line: control and line-separator characters become spaces, runs of blanks are kept (a
     command's output reaches Postfix's notices so), the ends trimmed."""
-    return "".join(" " if unicodedata.category(c) in ("Cc", "Zl", "Zp", "Cs") else c for c in value).strip()
+    return _NOT_IN_A_LINE.sub(" ", value).strip()
 
 
 def _ascii(value: str) -> str:

@@ -13,7 +13,8 @@ The package, split by job like Postfix's util/dict_*.c (callers import from here
     check.py    table_problems: the file-backed tables of a configuration that cannot answer now
     memory.py   inline:, static:, fail:
     files.py    re-reading a changed file off the loop (Reloading), postmap(1) input lines, texthash:
-    regexp.py   regexp: on RE2
+    regexp.py   regexp: on RE2 (leftmost-longest, as POSIX regexec); its rule structure and lookup shared with
+    pcre.py     pcre: on RE2 (leftmost-first, byte-wise, as Postfix's PCRE)
     cidr.py     cidr: (networks; the rules between negated and `if` lines indexed by prefix length)
     sqlite.py   sqlite: (the one type whose lookup may wait)
     accounts.py accounts:PATH#MAP, a map of the account database (mailflow.accounts), answers kept per key
@@ -21,7 +22,7 @@ The table types' names are mailflow.syntax.TABLE_TYPES (config validates specs w
 
 What a lookup may cost the one event loop (every session and delivery shares it):
 - in-memory tables (inline, static, texthash, the aliases form of texthash) answer from a dict: O(1), inline;
-- regexp patterns run on RE2: linear in the key, no backtracking, so no pattern can freeze the loop;
+- regexp and pcre patterns run on RE2: linear in the key, no backtracking, so no pattern can freeze the loop;
 - cidr answers with a dict probe per prefix length (at most 33 for IPv4) however many networks it lists;
 - a changed file is re-read and parsed in a worker thread while lookups go on answering from the previous
   contents (Postfix daemons likewise keep a table until they restart); only the very first read of a file
@@ -32,8 +33,8 @@ What a lookup may cost the one event loop (every session and delivery shares it)
 - sqlite may wait on the disk or a lock (`blocking = True`): the query is aborted at its deadline wherever it
   runs, and callers on the loop run such lookups through `TableCache.run`, which moves them to a worker thread.
 
-Fixed-string tables fold keys to lower case (Postfix `DICT_FLAG_FOLD_FIX`); regexp and cidr tables see the key as
-is and have `fixed = False`, so `find` asks them the first (full) key only (Postfix mail_addr_find).
+Fixed-string tables fold keys to lower case (Postfix `DICT_FLAG_FOLD_FIX`); regexp, pcre and cidr tables see the
+key as is and have `fixed = False`, so `find` asks them the first (full) key only (Postfix mail_addr_find).
 """
 from mailflow.tables.base import Table
 from mailflow.tables.cache import TableCache

@@ -15,7 +15,7 @@ from typing import Protocol
 
 class Table(Protocol):
     name: str  # the spec, for messages
-    fixed: bool  # False for pattern tables (regexp): asked the full key only
+    fixed: bool  # False for pattern tables (regexp, pcre, cidr): asked the full key only
     blocking: bool  # a lookup may wait on I/O (a database): run it off the event loop (TableCache.run)
 
     def lookup(self, key: str) -> str | None: ...

@@ -3,8 +3,8 @@ and what a reload (`mailflow reload`, SIGHUP) refuses to put in force.
 
     table_problems(settings, where) -> [ConfigError]    `settings`: `key -> value`, as mailflow.config.flat_settings
                                                         gives them; one ConfigError(where, key, reason) for each
-                                                        texthash, regexp, cidr, sqlite or accounts table of a `*_maps`,
-                                                        `*_domains`, `*_checks`, `*_filter`,
+                                                        texthash, regexp, pcre, cidr, sqlite or accounts
+                                                        table of a `*_maps`, `*_domains`, `*_checks`, `*_filter`,
                                                         `authorized_submit_users` or
                                                         `relay_clientcerts` setting, of postscreen's access_list,
                                                         dnsbl_reply_map or allowlist_interfaces ([smtpd.postscreen]

@@ -4,9 +4,9 @@
   changes (checked at most once per RELOAD_INTERVAL of the injected clock); on a running event loop the re-read
   happens in a worker thread while lookups go on answering from the previous contents.
 - `logical_lines(text)`: postmap(1) input rules (blank and `#` lines skipped, a line starting with whitespace
-  continues the previous one); shared with the regexp and sqlite parsers.
-- `table_file_entries(kind, text)`: (line, key or pattern, value) of each entry of a texthash:, regexp: or cidr:
-  file (SCANNED_TABLE_FILES) as written, `$n` not substituted: what `config import` scans for routes to relay.
+  continues the previous one); shared with the regexp, pcre and sqlite parsers.
+- `table_file_entries(kind, text)`: (line, key or pattern, value) of each entry of a texthash:, regexp:, pcre: or
+  cidr: file (SCANNED_TABLE_FILES) as written, `$n` not substituted: what `config import` scans for routes to relay.
 - `texthash:/path`: `key value` lines; keys case-insensitive; first of duplicate keys wins. With `aliases`, the
   file is in aliases(5) format (`name: value, value`, mailflow.aliases), as alias_maps files are.
   `TexthashTable.load()` reads the file now (TableCache.preload calls it off the loop).
@@ -123,16 +123,16 @@ def logical_lines(text: str) -> list[tuple[int, str]]:
     return lines
 
 
-SCANNED_TABLE_FILES = ("texthash", "regexp", "cidr")
+SCANNED_TABLE_FILES = ("texthash", "regexp", "pcre", "cidr")
 
 
 def table_file_entries(kind: str, text: str) -> list[tuple[int, str, str]]:
     """(line number, key or pattern, value) of each entry of a `kind` file (SCANNED_TABLE_FILES); the `if` and
-    `endif` lines of a regexp or cidr file have no value and are skipped. Raises ValueError("line N: …") for a
+    `endif` lines of a regexp, pcre or cidr file have no value and are skipped. Raises ValueError("line N: …") for a
     continuation line first."""
     entries = []
     for number, line in logical_lines(text):
-        if kind == "regexp":
+        if kind in ("regexp", "pcre"):
             lookup, value = _split_regexp_rule(line)
         else:
             lookup, value = line.split(None, 1)[0], (line.split(None, 1) + [""])[1]

@@ -54,7 +54,7 @@ from mailflow.tables.files import logical_lines
 # the settings that are network lists (their key's last part), for mailflow.tables.check
 NETWORK_LIST_SETTINGS = ("mynetworks", "authorized_xclient_hosts", "upstream_proxy_clients", "whitelist_networks",
                          "permit_mx_backup_networks", "sasl_exceptions_networks")
-NETWORK_TABLE_TYPES = ("cidr", "texthash", "regexp", "inline", "static")
+NETWORK_TABLE_TYPES = ("cidr", "texthash", "regexp", "pcre", "inline", "static")
 PATTERN_FILE_LIMIT = 4 << 20  # a /file of patterns larger than this is refused
 MAX_FILE_DEPTH = 10  # /files naming /files: no deeper than this
 log = logging.getLogger("mailflow.tables")

@@ -49,46 +49,60 @@ _SUBST = re.compile(r"\$(?:(\d)|\{(\d+)\}|\((\d+)\)|(\$))")
 
 def _parse_regexp(source: str) -> _Rules:
     """The rules (None for an endif) and their prefilter set (or None)."""
+    return parse_rules(source, _parse_pattern, _checked_result, _options(ignore_case=False))
+
+
+def parse_rules(source: str, parse_pattern: Callable[[int, str], tuple[Any, bool, str]],
+                parse_result: Callable[[int, str, Any, bool], Any], set_options) -> _Rules:
+    """A file of regexp_table(5) or pcre_table(5) rules: the `if`/`endif` structure is the same for both; the
+    types differ in `parse_pattern(line number, text) -> (compiled pattern, negated, the rest of the text)` and
+    `parse_result(line number, text, compiled pattern, negated) -> the result as lookups expand it` (each raises
+    ValueError("line N: …")), and in the RE2 options of the prefilter set."""
     rules: list[_Rule | None] = []
-    open_ifs: list[_Rule] = []  # the `if` rules not yet ended
+    open_ifs: list[tuple[int, _Rule]] = []  # the `if` rules not yet ended, with their line numbers
     for number, line in logical_lines(source):
         if line.strip().lower() == "endif":
             if not open_ifs:
                 raise ValueError(f"line {number}: endif without if")
-            open_ifs.pop().end = len(rules)
+            open_ifs.pop()[1].end = len(rules)
             rules.append(None)  # the endif itself: nothing to do
             continue
         is_if = re.match(r"if(?![a-z0-9])", line, re.IGNORECASE) is not None  # `if/x/` too, as Postfix reads it
         text = line[2:].lstrip() if is_if else line
-        regex, negate, rest = _parse_pattern(number, text)
+        regex, negate, rest = parse_pattern(number, text)
         if is_if:
             if rest:
                 raise ValueError(f"line {number}: text after the 'if' pattern")
             opened = _Rule(regex, negate, None)
-            open_ifs.append(opened)
+            open_ifs.append((number, opened))
             rules.append(opened)
             continue
         if not rest:
             raise ValueError(f"line {number}: no result after the pattern")
-        for m in _SUBST.finditer(rest):
-            group = m.group(1) or m.group(2) or m.group(3)
-            if group is None:
-                continue
-            if negate:
-                raise ValueError(f"line {number}: ${group} in the result of a negated (!) pattern")
-            if int(group) > regex.groups:
-                raise ValueError(f"line {number}: ${group} but the pattern has {regex.groups} group(s)")
-        rules.append(_Rule(regex, negate, rest))
+        rules.append(_Rule(regex, negate, parse_result(number, rest, regex, negate)))
     if open_ifs:
-        raise ValueError("if without endif at the end of the file")
-    return _Rules(rules, _prefilter(rules))
+        raise ValueError(f"line {open_ifs[-1][0]}: if without endif at the end of the file")
+    return _Rules(rules, _prefilter(rules, set_options))
 
 
-def _prefilter(rules: list):
+def _checked_result(number: int, rest: str, regex, negate: bool) -> str:
+    """The result as written, its `$n` checked against the pattern (expanded at lookup by _expand)."""
+    for m in _SUBST.finditer(rest):
+        group = m.group(1) or m.group(2) or m.group(3)
+        if group is None:
+            continue
+        if negate:
+            raise ValueError(f"line {number}: ${group} in the result of a negated (!) pattern")
+        if int(group) > regex.groups:
+            raise ValueError(f"line {number}: ${group} but the pattern has {regex.groups} group(s)")
+    return rest
+
+
+def _prefilter(rules: list, options):
     """One RE2::Set of every pattern: a single pass over the key tells which rules match, so a lookup costs
     one call however many rules the file has (then one `search` for the groups of the rule that answers).
     None when the set cannot be built (RE2's memory budget): each rule is then searched in turn."""
-    patterns = re2.Set.SearchSet(_options(ignore_case=False))
+    patterns = re2.Set.SearchSet(options)
     try:
         for rule in rules:
             if rule is not None:
@@ -168,10 +182,12 @@ class RegexpTable:
         self._file.load()
 
     def lookup(self, key: str) -> str | None:
-        return _lookup(self._file.current(), key if key.isascii() else _SURROGATES.sub("\ufffd", key))
+        return lookup_rules(self._file.current(), key if key.isascii() else _SURROGATES.sub("\ufffd", key), _expand)
 
 
-def _lookup(parsed: _Rules, key: str) -> str | None:
+def lookup_rules(parsed: _Rules, key, expand: Callable[[Any, Any], str]) -> str | None:
+    """The first applying rule's result, `expand(result, match)` when the rule has groups to fill in (a key of
+    the type the patterns take: str for regexp, bytes for pcre)."""
     rules, prefilter = parsed.rules, parsed.prefilter
     matching = set(prefilter.Match(key) or ()) if prefilter is not None else None  # None: no match
     i = 0
@@ -191,5 +207,5 @@ def _lookup(parsed: _Rules, key: str) -> str | None:
                 i = rule.end + 1  # skip the if block
             continue
         if rule.result is not None:
-            return _expand(rule.result, m) if m is not None else rule.result
+            return expand(rule.result, m) if m is not None else rule.result
     return None

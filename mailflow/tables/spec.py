@@ -5,8 +5,8 @@
                                   (unix:), one that opens; ValueError naming the problem (configuration's check)
 
 `aliases`: a texthash file is in aliases(5) format, as alias_maps files are. File-backed tables (texthash,
-regexp, cidr, accounts) read their file at the first lookup (or TableCache.preload), not here; sqlite reads its .cf
-here. `accounts:PATH#MAP` names a map of the account database (mailflow.tables.accounts); `unix:passwd.byname`
+regexp, pcre, cidr, accounts) read their file at the first lookup (or TableCache.preload), not here; sqlite reads
+its .cf here. `accounts:PATH#MAP` names a map of the account database (mailflow.tables.accounts); `unix:passwd.byname`
 and `unix:group.byname` the system's users and groups (mailflow.tables.unix).
 Relative paths (the spec's, sqlite's dbpath) are taken from `base_dir` when given, else from the current
 directory.
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from mailflow.errors import ConfigError
-from mailflow.syntax import TABLE_TYPES, check_table_spec, table_type, table_type_hint
+from mailflow.syntax import FILE_TABLE_TYPES, TABLE_TYPES, check_table_spec, table_type, table_type_hint
 from mailflow.tables.base import Table, resolve_path
 from mailflow.tables.memory import FailTable, open_inline, open_static
 from mailflow.tables.unix import UnixTable
@@ -41,7 +41,7 @@ def open_table(spec: str, *, base_dir: Path | None = None, clock: Callable[[], f
         return FailTable(spec)
     if kind == "unix":
         return UnixTable(spec, name.strip())
-    if kind in ("texthash", "regexp", "cidr", "sqlite", "accounts"):
+    if kind in FILE_TABLE_TYPES:
         if not name.strip():
             raise ConfigError("", spec, f"{kind}: needs a file name ({kind}:/path)")
         return _open_file_table(kind, spec, name, resolve_path(name.strip(), base_dir), base_dir, clock, aliases)
@@ -52,8 +52,8 @@ def open_table(spec: str, *, base_dir: Path | None = None, clock: Callable[[], f
 def _open_file_table(kind: str, spec: str, name: str, path: Path, base_dir: Path | None,
                      clock: Callable[[], float], aliases: bool) -> Table:
     """A file-backed table: each type's module is imported when a spec names it (cidr and texthash bring the
-    aliases parser, regexp RE2, accounts and sqlite sqlite3): the configuration's check and sendmail, which open
-    none of them or few, do not load them all at each start."""
+    aliases parser, regexp and pcre RE2, accounts and sqlite sqlite3): the configuration's check and sendmail, which
+    open none of them or few, do not load them all at each start."""
     if kind == "texthash":
         from mailflow.tables.files import TexthashTable
 
@@ -62,6 +62,10 @@ def _open_file_table(kind: str, spec: str, name: str, path: Path, base_dir: Path
         from mailflow.tables.regexp import RegexpTable
 
         return RegexpTable(spec, path, clock)
+    if kind == "pcre":
+        from mailflow.tables.pcre import PcreTable
+
+        return PcreTable(spec, path, clock)
     if kind == "cidr":
         from mailflow.tables.cidr import CidrTable
 

@@ -32,6 +32,7 @@ import errno
 import logging
 import os
 import socket
+import stat
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
@@ -203,11 +204,11 @@ def _write_maildir_file(maildir: Path, name: str, prefix: bytes, content: Conten
     """The message into tmp/, fsynced, renamed into new/, new/ fsynced; returns the error of that last fsync (the
     message is delivered by then), None when it worked. With `owner`, the directories created (from `owner.base`
     down, through fds that never follow a symbolic link) and the file get that uid and gid."""
-    dir_fd = _open_maildir(maildir, owner)
+    dir_fd = open_directory(maildir, owner)
     subs: dict[str, int] = {}
     try:
         for sub in ("tmp", "new", "cur"):
-            subs[sub] = _subdirectory(dir_fd, sub, owner)
+            subs[sub] = _subdirectory(dir_fd, sub, owner, maildir / sub)
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=subs["tmp"])
         try:
             with os.fdopen(fd, "wb") as f:
@@ -238,28 +239,39 @@ def _write_maildir_file(maildir: Path, name: str, prefix: bytes, content: Conten
 
 @dataclass(frozen=True)
 class Owner:
-    """Who owns what a delivery creates below `base` (-1: leave that id as the process's)."""
+    """Who owns what a delivery creates below `base` (-1: leave that id as the process's). `base` is reached
+    following symbolic links (the operator's: a link there is the administrator's); what is below it is opened
+    without following one. With `home` (a local user's home, `<maildir_base>/<user>`, as Postfix's local(8)
+    writes a home mailbox with the user's rights) `base` is the owner's: made 0700 for it when missing. Without
+    (virtual_mailbox_base, a mail spool) it is made as mailflow when missing and stays mailflow's."""
 
     uid: int
     gid: int
     base: Path
+    home: bool = False
 
 
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY
 
 
-def _open_maildir(maildir: Path, owner: Owner | None) -> int:
-    """An fd of the Maildir directory, created if missing. Without an owner: as mkdir -p would. With one: each
-    component below `owner.base` is created 0700 and given to the owner, and opened without following a
-    symbolic link, so a link planted in a user's directories cannot send the write elsewhere."""
-    if owner is None or not maildir.is_relative_to(owner.base):
+def open_directory(maildir: Path, owner: Owner | None) -> int:
+    """An fd of the Maildir directory, created if missing. Without an owner: as mkdir -p would. With one: `owner.base`
+    opened following links (made when missing, see Owner), then each component below it created 0700 and given to
+    the owner, and opened without following a symbolic link, so a link planted in a user's directories cannot send
+    the write elsewhere: OSError ELOOP "symbolic link … not followed". Both paths are compared normalised (no '..');
+    a directory not below `owner.base` is never written for the owner: OSError EPERM naming both."""
+    if owner is None:
         maildir.mkdir(parents=True, exist_ok=True)
         return os.open(maildir, _DIRECTORY)
-    owner.base.mkdir(parents=True, exist_ok=True)
-    fd = os.open(owner.base, _DIRECTORY)
+    base, target = Path(os.path.normpath(os.path.abspath(owner.base))), Path(os.path.normpath(os.path.abspath(maildir)))
+    if not target.is_relative_to(base):
+        raise OSError(errno.EPERM, f"{target} is not below {base}: not written for its owner")
+    fd = _open_base(base, owner)
+    here = base
     try:
-        for part in maildir.relative_to(owner.base).parts:
-            child = _subdirectory(fd, part, owner)
+        for part in target.relative_to(base).parts:
+            here = here / part
+            child = _subdirectory(fd, part, owner, here)
             os.close(fd)
             fd = child
     except BaseException:
@@ -268,13 +280,39 @@ def _open_maildir(maildir: Path, owner: Owner | None) -> int:
     return fd
 
 
-def _subdirectory(parent: int, name: str, owner: Owner | None) -> int:
-    """An fd of `parent/name`, made (0700, given to `owner`) when missing; a symbolic link there is an error
-    (ELOOP / ENOTDIR) when there is an owner."""
+def _open_base(base: Path, owner: Owner) -> int:
+    """An fd of `owner.base`, following links; made when missing (for the owner, 0700, when it is a home)."""
+    if owner.home:
+        base.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(base, 0o700)
+            os.chown(base, owner.uid, owner.gid, follow_symlinks=False)
+        except FileExistsError:
+            pass
+    else:
+        base.mkdir(parents=True, exist_ok=True)
+    return os.open(base, _DIRECTORY)
+
+
+def _subdirectory(parent: int, name: str, owner: Owner | None, path: Path | None = None) -> int:
+    """An fd of `parent/name` (`path`, for the error), made (0700, given to `owner`) when missing; with an owner a
+    symbolic link there is not followed: OSError ELOOP "symbolic link … not followed"."""
     try:
         os.mkdir(name, 0o700, dir_fd=parent)
         if owner is not None:
             os.chown(name, owner.uid, owner.gid, dir_fd=parent, follow_symlinks=False)
     except FileExistsError:
         pass
-    return os.open(name, _DIRECTORY | (os.O_NOFOLLOW if owner is not None else 0), dir_fd=parent)
+    try:
+        return os.open(name, _DIRECTORY | (os.O_NOFOLLOW if owner is not None else 0), dir_fd=parent)
+    except OSError as e:  # (O_DIRECTORY | O_NOFOLLOW on a link: ENOTDIR on Linux, ELOOP elsewhere)
+        if owner is None or e.errno not in (errno.ELOOP, errno.ENOTDIR) or not _is_link(parent, name):
+            raise
+        raise OSError(errno.ELOOP, f"symbolic link {path or name} not followed") from None
+
+
+def _is_link(parent: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode)
+    except OSError:
+        return False

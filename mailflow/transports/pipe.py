@@ -6,7 +6,10 @@ Runner (used by pipe services and by local's `|command` destinations):
   PATH=/usr/bin:/bin, feeds it `stdin` (bytes, or an async iterable of chunks written one at a time as the
   command reads them: a big message is never held whole; a command may exit without reading: fine), keeps the first
   `output_limit` bytes of its merged stdout+stderr and drains the rest, and kills its whole process group at
-  the time limit (or when the delivery is cancelled). `user`: as root, run as that user (its groups too);
+  the time limit (or when the delivery is cancelled). The delivery ends then, whatever holds the command's
+  pipes: the output pipe is ours (`_Output`) and closed at the limit, unsent input is dropped, so neither a
+  command killed with its output unread nor a program it left running in a session of its own (holding stdin
+  or stdout) can hold the delivery or a descriptor of ours. `user`: as root, run as that user (its groups too);
   not as root, only our own user. `umask`: the command's (None: mailflow's own). Raises `CommandNotRun` when it
   cannot start the command (unknown user, no privilege to switch, root requested, exec or chdir failed): callers
   defer with 4.3.0 and its `diagnostic`, `x-unix; <why>` (Postfix's: the child's fatal message, x-unix).
@@ -67,6 +70,7 @@ import re
 import signal
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, AsyncIterable, AsyncIterator, Callable
 
 from mailflow import address
@@ -83,7 +87,6 @@ log = logging.getLogger("mailflow.pipe")
 
 DEFAULT_PATH = "/usr/bin:/bin"
 SHELL = "/bin/sh"  # what a local command with shell metacharacters is given to (Postfix's _PATH_BSHELL)
-READ_CHUNK = 65536
 
 # ------------------------------------------------------------------------------------------------ the runner
 
@@ -208,50 +211,95 @@ async def run_command(argv: list[str], *, stdin: bytes | AsyncIterable[bytes], e
                                                      "extra_groups": list(who.groups)}
     if umask is not None:
         switch["umask"] = umask
+    loop = asyncio.get_running_loop()
+    read_end, write_end = os.pipe()  # the command's stdout and stderr (see _Output)
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=write_end, stderr=write_end,
             env={"PATH": DEFAULT_PATH, **env}, cwd=cwd, start_new_session=True, **switch)
     except OSError as e:
+        os.close(read_end)
         as_whom = f" as {who.name}" if who else ""
         if cwd is not None and e.filename == str(cwd):
             raise CommandNotRun(f"cannot change directory to {cwd}{as_whom}: {e.strerror}") from None
         exec_errno = e.errno if e.filename == argv[0] else None
         raise CommandNotRun(f"cannot run {argv[0]}{as_whom}: {e.strerror}", exec_errno,
                             f"execvp {argv[0]}: {e.strerror}" if exec_errno is not None else "") from None
-    output = bytearray()
-    try:
+    finally:
+        os.close(write_end)
+    assert proc.stdin is not None  # a pipe, as made above
+    output = _Output(output_limit, loop.create_future())
+    read_file = os.fdopen(read_end, "rb", buffering=0)
+    reading: asyncio.ReadTransport | None = None
+    try:  # (from the spawn on: a cancel while the pipe is being connected must leave nothing running or open)
+        reading, _ = await loop.connect_read_pipe(lambda: output, read_file)
         async with asyncio.timeout(time_limit):
-            await _exchange(proc, stdin, output, output_limit)
+            await _exchange(proc.stdin, stdin, output, partial(_kill_group, proc))
             code = await proc.wait()
     except TimeoutError:
         _kill_group(proc)
-        await proc.wait()
-        return CommandResult(None, None, True, output.decode("utf-8", errors="replace"))
+        return CommandResult(None, None, True, output.text())
     finally:
-        if proc.returncode is None:  # cancelled: leave nothing running behind us
+        if reading is not None:
+            reading.close()  # (a program that left the group may hold the other end for ever)
+        else:
+            read_file.close()
+        if proc.returncode is None:  # the time limit, or cancelled: leave nothing running behind us
             _kill_group(proc)
-    text = output.decode("utf-8", errors="replace")
+            _drop_input(proc.stdin.transport)
+            await asyncio.shield(proc.wait())
     if code < 0:
-        return CommandResult(None, -code, False, text)
-    return CommandResult(code, None, False, text)
+        return CommandResult(None, -code, False, output.text())
+    return CommandResult(code, None, False, output.text())
 
 
-async def _exchange(proc: asyncio.subprocess.Process, data: bytes | AsyncIterable[bytes], output: bytearray,
-                    limit: int) -> None:
-    """Write `data` to the command while reading its output until EOF into `output`, keeping `limit` bytes."""
-    assert proc.stdin is not None and proc.stdout is not None  # both pipes, as run_command made them
-    feeder = asyncio.create_task(_feed(proc.stdin, data))
+def _drop_input(pipe: asyncio.WriteTransport) -> None:
+    """Close the command's input pipe now, dropping what was not sent: unsent input would keep it open, and so
+    wait(), while no one reads it (a program out of the group holding the other end). (A pipe closed already,
+    everything sent, is left alone: asyncio's abort fails on it.)"""
+    if not pipe.is_closing() or pipe.get_write_buffer_size():
+        pipe.abort()
+
+
+class _Output(asyncio.Protocol):
+    """The command's merged stdout and stderr, read from a pipe of our own until its end: the first `limit` bytes
+    kept, the rest read and dropped, `ended` done at the end. The pipe is ours rather than asyncio's subprocess
+    one, whose Process.wait() also waits for its pipes to close: a command killed with its output pipe full (no
+    longer read) or a program that left its group holding it would keep the delivery waiting for ever."""
+
+    def __init__(self, limit: int, ended: asyncio.Future):
+        self._limit = limit
+        self._kept = bytearray()
+        self.ended = ended
+
+    def data_received(self, data: bytes) -> None:
+        if len(self._kept) < self._limit:
+            self._kept += data[:self._limit - len(self._kept)]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+    def text(self) -> str:
+        return self._kept.decode("utf-8", errors="replace")
+
+
+async def _exchange(stdin: asyncio.StreamWriter, data: bytes | AsyncIterable[bytes], output: _Output,
+                    kill: Callable[[], None]) -> None:
+    """Write `data` to the command while its output is read, until the output's end and the input's."""
+    feeder = asyncio.create_task(_feed(stdin, data, kill))
     try:
-        while chunk := await proc.stdout.read(READ_CHUNK):
-            if len(output) < limit:
-                output += chunk[:limit - len(output)]
+        await output.ended
         await feeder
     finally:
         feeder.cancel()
 
 
-async def _feed(stdin: asyncio.StreamWriter, data: bytes | AsyncIterable[bytes]) -> None:
+async def _feed(stdin: asyncio.StreamWriter, data: bytes | AsyncIterable[bytes], kill: Callable[[], None]) -> None:
+    """`data` into the command's input, then its end. When reading `data` fails (the queue file: EIO) the command is
+    `kill`ed before its input is closed: at the end of its input it would take the part it got for the whole message
+    and deliver it, and the retry a second copy. (Postfix's pipe_command closes the input, waits, and defers as a
+    corrupt file only after the command exited normally: the truncated copy is delivered.)"""
     try:
         if isinstance(data, bytes):
             stdin.write(data)
@@ -262,6 +310,9 @@ async def _feed(stdin: asyncio.StreamWriter, data: bytes | AsyncIterable[bytes])
                 await stdin.drain()
     except ConnectionError:
         pass  # the command exited or closed its input without reading everything: its exit status decides
+    except Exception:
+        kill()
+        raise
     finally:
         stdin.close()
 

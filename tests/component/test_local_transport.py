@@ -10,6 +10,8 @@ signature of mailflow.app's `forwarder`.
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import errno
 import re
 
@@ -27,8 +29,10 @@ from mailflow.clock import VirtualClock
 from mailflow.config import Config
 from mailflow.content import MEMORY_LIMIT, Content
 from mailflow.model import DeliveryRequest, Outcome, Recipient
+from mailflow.transports.local import aliasing
 from mailflow.transports.local.aliasing import LocalExpander
 from mailflow.routing.rewrite import Rewriter
+from mailflow.transports.local import agent
 from mailflow.transports.local.agent import LocalTransport
 from mailflow.transports.maildir import MaildirWriter
 from tests.support import big_message, spooled
@@ -75,7 +79,12 @@ def request(*rcpts: str, content: bytes = CONTENT) -> DeliveryRequest:
 
 def delivered(tmp_path: Path, user: str) -> list[bytes]:
     """The messages in the user's Maildir/new."""
-    new = tmp_path / "mail" / user / "Maildir" / "new"
+    return delivered_in(tmp_path / "mail" / user)
+
+
+def delivered_in(home: Path) -> list[bytes]:
+    """The messages in Maildir/new of a home."""
+    new = home / "Maildir" / "new"
     return [p.read_bytes() for p in sorted(new.iterdir())] if new.is_dir() else []
 
 
@@ -351,6 +360,56 @@ async def test_as_root_an_include_file_named_in_a_forward_is_read_with_default_p
     assert result.outcome is Outcome.SENT and [c[2] for c in fwd.calls] == [("carol@remote.test",)], result
 
 
+
+async def test_a_big_forward_is_parsed_off_the_event_loop_and_a_small_one_on_it(tmp_path, monkeypatch):
+    """A user's .forward of up to 1 MB (SMALL_FILE_LIMIT) was parsed on the event loop before the leaf budget could
+    stop it: 0.4 s for 1 MB, every session and delivery waiting. Past INLINE_FILE_BYTES it is parsed in a thread."""
+    parsed: list[threading.Thread] = []
+    parse = aliasing.parse_lines
+
+    def watched(*args):
+        parsed.append(threading.current_thread())
+        return parse(*args)
+
+    monkeypatch.setattr(aliasing, "parse_lines", watched)
+    t = transport(tmp_path, anyone_is_local=True, forward=(fwd := FakeForward()))
+    for user, members in (("carol", 1000), ("dave", 2)):
+        home = tmp_path / "mail" / user
+        home.mkdir(parents=True)
+        (home / ".forward").write_text(", ".join(f"{user}{i}@remote.test" for i in range(members)) + "\n")
+    assert (tmp_path / "mail" / "carol" / ".forward").stat().st_size > 16_384  # (INLINE_FILE_BYTES)
+    [result] = (await t.deliver(request("carol@example.test"))).results
+    assert result.outcome is Outcome.SENT and len(fwd.calls[-1][2]) == 1000
+    assert parsed and threading.main_thread() not in parsed
+    parsed.clear()
+    [result] = (await t.deliver(request("dave@example.test"))).results
+    assert result.outcome is Outcome.SENT and parsed == [threading.main_thread()]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root reads a .forward with its user's rights")
+async def test_a_forward_read_with_its_users_rights_is_read_off_the_event_loop(tmp_path, public_dir, monkeypatch):
+    """A system user's .forward and its :include: files are read as the user, by a forked child: on the event loop
+    each fork held every session and delivery 4 ms (a process of 86 MB) to 64 ms (1.1 GB), and an alias of 200
+    such users was expanded there. An expansion that forks is made in a worker thread."""
+    (public_dir / "team").write_text("carol@remote.test\n")
+    home = public_dir / "mail" / "nobody"
+    home.mkdir(parents=True)
+    (home / ".forward").write_text(f"\\nobody, :include:{public_dir / 'team'}\n")
+    forks: list[threading.Thread] = []
+    call_as = aliasing.call_as
+
+    def watched(*args):
+        forks.append(threading.current_thread())
+        return call_as(*args)
+
+    monkeypatch.setattr(aliasing, "call_as", watched)
+    t = transport(tmp_path, anyone_is_local=True, forward=(fwd := FakeForward()), maildir_base=str(public_dir / "mail"))
+    [result] = (await t.deliver(request("nobody@example.test"))).results
+    assert result.outcome is Outcome.SENT, result
+    assert [c[2] for c in fwd.calls] == [("carol@remote.test",)] and len(delivered_in(home)) == 1
+    assert len(forks) == 2 and threading.main_thread() not in forks
+
+
 async def test_local_part_with_a_path_is_not_written_outside_maildir_base(tmp_path):
     outside = tmp_path / "outside"
     await transport(tmp_path, anyone_is_local=True).deliver(request(f"{outside}@example.test"))
@@ -464,3 +523,61 @@ async def test_an_alias_of_the_same_members_over_and_over_is_expanded_off_the_ev
     [result] = (await t.deliver(request("staff@example.test"))).results
     assert result.outcome is Outcome.SENT and threads and threads[-1] is not threading.main_thread()
     assert len(delivered(tmp_path, "alice")) == 1 and len(delivered(tmp_path, "bob")) == 1
+
+
+async def test_expansions_made_in_worker_threads_leave_the_shared_pool_free(tmp_path, monkeypatch):
+    """An expansion that forks per .forward (an alias of 200 users: 1-13 s) or is too big for the loop is made in a
+    worker thread of the default executor, which the queue's fsyncs, the mailbox writes and smtpd share: eight at
+    once held every thread. At most OFF_LOOP_EXPANSIONS run at once; an unrelated to_thread call is not held."""
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=4))
+    t = transport(tmp_path)
+    release, running, most = threading.Event(), [0], [0]
+    started = asyncio.Event()
+    lock = threading.Lock()
+    real = t._expander.expand_recipient
+
+    def slow(address, *, leaf_budget=None, **kw):  # the inline attempt gives up, as before a fork
+        if leaf_budget is not None:
+            raise aliasing.ExpansionTooBig()
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        loop.call_soon_threadsafe(started.set)
+        try:
+            assert release.wait(timeout=30)
+            return real(address, **kw)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(t._expander, "expand_recipient", slow)
+    deliveries = [asyncio.ensure_future(t.deliver(request("alice@example.test"))) for _ in range(8)]
+    try:
+        await asyncio.wait_for(started.wait(), 10)
+        await asyncio.wait_for(asyncio.to_thread(lambda: None), 10)  # (all four threads held: never done)
+    finally:
+        release.set()
+        reports = await asyncio.gather(*deliveries)
+    assert all(r.results[0].outcome is Outcome.SENT for r in reports)
+    assert most[0] == agent.OFF_LOOP_EXPANSIONS
+
+
+async def test_an_include_file_is_measured_in_bytes_for_the_event_loop(tmp_path, public_dir, monkeypatch):
+    """INLINE_FILE_BYTES is bytes, as for a .forward: an :include: file of 6 000 three-byte characters (18 KB) was
+    counted 6 000 and parsed on the event loop."""
+    team = public_dir / "team"
+    team.write_text("# " + "日本語" * 2000 + "\ncarol@remote.test\n")
+    assert len(team.read_text()) < 16_384 < team.stat().st_size  # (INLINE_FILE_BYTES)
+    parsed: list[threading.Thread] = []
+    parse = aliasing.parse_lines
+
+    def watched(*args):
+        parsed.append(threading.current_thread())
+        return parse(*args)
+
+    monkeypatch.setattr(aliasing, "parse_lines", watched)
+    t = transport(tmp_path, f"team: :include:{team}\n", forward=(fwd := FakeForward()))
+    [result] = (await t.deliver(request("team@example.test"))).results
+    assert result.outcome is Outcome.SENT and [c[2] for c in fwd.calls] == [("carol@remote.test",)], result
+    assert parsed and threading.main_thread() not in parsed

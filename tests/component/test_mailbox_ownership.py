@@ -105,6 +105,90 @@ async def test_a_system_users_mbox_is_created_as_theirs_and_one_another_uid_owns
     assert result.outcome is Outcome.SENT and owner_and_mode(spool / "alice") == (0, 0, 0o600)
 
 
+
+async def test_a_symbolic_link_in_a_system_users_mbox_path_is_never_followed(tmp_path):
+    """A user owns its home, so it can make a directory of home_mailbox ("Mail/inbox") a symbolic link: root
+    followed it and created `inbox` (the user's, with the mail in it) in any directory (Postfix's local(8) writes a
+    home mailbox with the user's rights). The directories below maildir_base are opened as the Maildir's are."""
+    local = transports(tmp_path, local={"home_mailbox": "Mail/inbox"})["local"]
+    home = tmp_path / "mail" / "nobody"
+    home.mkdir(parents=True)
+    os.chown(home, NOBODY.pw_uid, NOBODY.pw_gid)
+    elsewhere = tmp_path / "root-only"
+    elsewhere.mkdir()
+    (home / "Mail").symlink_to(elsewhere)
+    [result] = (await local.deliver(request("nobody@local.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.2.0"), result
+    assert result.text.endswith(f"symbolic link {home / 'Mail'} not followed"), result.text
+    assert list(elsewhere.iterdir()) == []
+
+    (home / "Mail").unlink()
+    [result] = (await local.deliver(request("nobody@local.test"))).results
+    assert result.outcome is Outcome.SENT, result
+    assert owner_and_mode(home / "Mail") == (NOBODY.pw_uid, NOBODY.pw_gid, 0o700)  # as a Maildir's directories
+    assert owner_and_mode(home / "Mail" / "inbox") == (NOBODY.pw_uid, NOBODY.pw_gid, 0o600)
+
+
+@pytest.mark.parametrize("home_mailbox", ["Mail/inbox", "Maildir/"])
+async def test_a_maildir_base_with_dot_dot_still_never_follows_a_link_below_the_home(tmp_path, home_mailbox):
+    """maildir_base as a relative one resolved against the config's directory keeps it (`<dir>/../mail`): the
+    check below the home compared the path as written with the normalised base, found it outside and created the
+    mailbox through the user's link, in a directory only root may write."""
+    local = transports(tmp_path, local={"home_mailbox": home_mailbox,
+                                        "maildir_base": str(tmp_path / "etc" / ".." / "mail")})["local"]
+    home = tmp_path / "mail" / "nobody"
+    home.mkdir(parents=True)
+    os.chown(home, NOBODY.pw_uid, NOBODY.pw_gid)
+    elsewhere = tmp_path / "root-only"
+    elsewhere.mkdir()
+    (home / home_mailbox.split("/")[0]).symlink_to(elsewhere)
+    [result] = (await local.deliver(request("nobody@local.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.2.0"), result
+    assert "not followed" in result.text
+    assert list(elsewhere.iterdir()) == []
+
+
+async def test_a_mailbox_not_below_the_home_is_refused_not_reached_by_following_links(tmp_path):
+    home, outside = tmp_path / "home", tmp_path / "outside"
+    with pytest.raises(DeliveryError) as refused:
+        await mbox.append_mbox(outside / "inbox", b"From s  Mon Nov  2 05:11:55 2026\n\nx\n\n",
+                               owner=(NOBODY.pw_uid, NOBODY.pw_gid), home=home)
+    assert refused.value.dsn == "4.2.0"
+    assert f"{outside} is not below {home}" in refused.value.text
+    assert not outside.exists()
+
+
+@pytest.mark.parametrize("home_mailbox", ["Mailbox", "Maildir/"])
+async def test_a_home_that_is_a_link_root_made_is_followed(tmp_path, home_mailbox):
+    """The home itself is the administrator's (`<maildir_base>/<user>` a link to /data/user): followed, as Postfix's
+    local(8) does, writing as the user; only links below it are refused."""
+    local = transports(tmp_path, local={"home_mailbox": home_mailbox})["local"]
+    data = tmp_path / "data" / "nobody"
+    data.mkdir(parents=True)
+    os.chown(data, NOBODY.pw_uid, NOBODY.pw_gid)
+    (tmp_path / "mail").mkdir()
+    (tmp_path / "mail" / "nobody").symlink_to(data)
+    [result] = (await local.deliver(request("nobody@local.test"))).results
+    assert result.outcome is Outcome.SENT, result
+    written = data / home_mailbox.rstrip("/")
+    assert owner_and_mode(written)[:2] == (NOBODY.pw_uid, NOBODY.pw_gid)
+
+
+@pytest.mark.parametrize("spool_name", ["spool", "spool/"])
+async def test_a_mail_spool_inside_maildir_base_stays_the_operators(tmp_path, spool_name):
+    """mail_spool_directory under maildir_base is no user's home: the spool was created 0700 for the first
+    recipient, who could then rename the others' mailboxes. Postfix's local(8) writes spool mailboxes as root;
+    only the user's mailbox (the mbox file, or the Maildir `<spool>/<user>/`) is the user's."""
+    spool = tmp_path / "mail" / "spool"
+    spooled = {"home_mailbox": "", "mail_spool_directory": str(tmp_path / "mail" / spool_name)}
+    local = transports(tmp_path, local=spooled)
+    [result] = (await local["local"].deliver(request("nobody@local.test"))).results
+    assert result.outcome is Outcome.SENT, result
+    st = spool.stat()
+    assert (st.st_uid, st.st_gid) == (0, 0) and st.st_mode & 0o777 != 0o700
+    assert owner_and_mode(spool / "nobody")[:2] == (NOBODY.pw_uid, NOBODY.pw_gid)
+
+
 async def test_a_system_users_mbox_being_created_by_another_delivery_is_not_refused(tmp_path, monkeypatch):
     """Two deliveries to a new mbox at once: the second opens the file between the first's create and its fchown
     (seen in a run against Postfix: `4.2.0 destination … is not owned by recipient` for a mailbox nobody else

@@ -5,7 +5,8 @@ quoting, CRLF and a missing final newline, two entries back to back byte for byt
 written one after the other are read back exactly by Python's `mailbox.mbox` after mboxrd un-quoting;
 20 concurrent deliveries from asyncio tasks, and from this process and another one at once, leave every entry
 intact; a held dotlock makes a delivery wait then succeed, or time out with 4.2.0 leaving the lock alone; a stale
-dotlock is broken, a fresh one is not; an fcntl (lockf) or flock lock held by another process makes a delivery
+dotlock is broken, a fresh one is not; a delivery waiting for a lock holds no worker thread nor the locks it
+took; an fcntl (lockf) or flock lock held by another process makes a delivery
 wait or time out; an fcntl lock held by another thread of this process excludes too (OFD locks); a symlink
 (live or dangling), a directory and a hard-linked file are refused with 5.2.0; a write cut short by
 RLIMIT_FSIZE (another process) leaves the mailbox as it was (5.2.2); new files are 0600; mailbox_location for
@@ -14,9 +15,11 @@ the home_mailbox / mail_spool_directory combinations and the settings' validatio
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import mailbox
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -211,6 +214,67 @@ async def test_stale_dotlock_is_broken_and_a_fresh_one_is_not(tmp_path):
     assert read_bodies(path) == [b"x\n"] and not lock.exists()
 
 
+
+@pytest.fixture
+async def one_worker_thread():
+    """The running loop's default executor made a single thread, so that a delivery holding it shows."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    asyncio.get_running_loop().set_default_executor(pool)
+    yield
+    pool.shutdown(wait=True)
+
+
+@pytest.mark.parametrize("as_user", [None, "nobody"])
+async def test_a_delivery_waiting_for_a_lock_holds_no_worker_thread_nor_the_locks_it_took(as_user, one_worker_thread,
+                                                                                          monkeypatch):
+    """A mailbox locked for ever by another program must not take a worker thread from the other deliveries (nor
+    from the queue's writes and smtpd, which share the default executor) for its lock_timeout; while it waits it
+    holds none of its own locks either (here the fcntl lock, taken before the dotlock that is busy)."""
+    if as_user and os.geteuid() != 0:
+        pytest.skip("only root writes as another user")
+    place = Path(tempfile.mkdtemp(dir="/tmp", prefix="mailflow-mbox-"))  # (nobody may write there)
+    try:
+        place.chmod(0o1777)
+        path = place / "alice"
+        path.touch()
+        path.chmod(0o666)
+        mbox.dotlock_path(path).touch()
+        tried_twice = attempts_counted(monkeypatch, "_append_once" if as_user is None else "_append_once_as")
+        delivery = asyncio.create_task(append_mbox(path, b"From x  y\n\n", locks=("fcntl", "dotlock"),
+                                                   lock_timeout=4, user=as_user, create_parents=False))
+        await asyncio.wait_for(tried_twice.wait(), 3)  # (waiting between attempts now)
+        await asyncio.wait_for(asyncio.to_thread(lambda: None), 1)  # (never done while the one thread is held)
+        assert not delivery.done()
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            assert mbox._try_kernel_lock(fd, "fcntl")
+        finally:
+            os.close(fd)
+        mbox.dotlock_path(path).unlink()
+        await asyncio.wait_for(delivery, 3)
+        assert path.read_bytes() == b"From x  y\n\n"
+    finally:
+        shutil.rmtree(place, ignore_errors=True)
+
+
+def attempts_counted(monkeypatch, name: str) -> asyncio.Event:
+    """An event set once mbox's attempt function `name` has returned twice."""
+    loop = asyncio.get_running_loop()
+    twice, done = asyncio.Event(), [0]
+    real = getattr(mbox, name)
+
+    def counted(*args):
+        try:
+            return real(*args)
+        finally:
+            done[0] += 1
+            if done[0] == 2:
+                loop.call_soon_threadsafe(twice.set)
+
+    monkeypatch.setattr(mbox, name, counted)
+    return twice
+
+
 # ------------------------------------------------------------------------------------------- kernel locks
 
 
@@ -353,18 +417,29 @@ def test_write_cut_short_rolls_back_to_the_old_size(tmp_path):
 
 def test_mailbox_location_follows_home_mailbox_and_mail_spool_directory():
     base = {"maildir_base": "/h"}
-    assert mailbox_location(LocalConfig(**base), "alice") == (Path("/h/alice/Maildir"), "maildir")
-    assert mailbox_location(LocalConfig(**base, home_mailbox="Mailbox"), "alice") == (Path("/h/alice/Mailbox"), "mbox")
+    assert mailbox_location(LocalConfig(**base), "alice") == (Path("/h/alice/Maildir"), "maildir", Path("/h/alice"))
+    assert mailbox_location(LocalConfig(**base, home_mailbox="Mailbox"), "alice") == (Path("/h/alice/Mailbox"), "mbox",
+                                                                                      Path("/h/alice"))
     assert mailbox_location(LocalConfig(**base, home_mailbox="mail/inbox"), "bob") == (Path("/h/bob/mail/inbox"),
-                                                                                        "mbox")
+                                                                                        "mbox", Path("/h/bob"))
     spool = LocalConfig(**base, home_mailbox="", mail_spool_directory="/var/mail")
-    assert mailbox_location(spool, "alice") == (Path("/var/mail/alice"), "mbox")
+    assert mailbox_location(spool, "alice") == (Path("/var/mail/alice"), "mbox", None)
     spool_maildirs = LocalConfig(**base, home_mailbox="", mail_spool_directory="/var/mail/")
-    assert mailbox_location(spool_maildirs, "alice") == (Path("/var/mail/alice"), "maildir")
-    assert mailbox_location(Config().local, "carol") == (Path("var/mail/carol/Maildir"), "maildir")
+    assert mailbox_location(spool_maildirs, "alice") == (Path("/var/mail/alice"), "maildir", None)
+    assert mailbox_location(Config().local, "carol") == (Path.cwd() / "var/mail/carol/Maildir", "maildir",
+                                                         Path.cwd() / "var/mail/carol")
     for bad in ("", "..", "a/b"):
         with pytest.raises(ValueError):
             mailbox_location(spool, bad)
+
+
+def test_mailbox_location_is_normalised():
+    """A maildir_base with '..' (a relative one resolved against the config's directory keeps them) gives the path
+    that is opened, so that comparing it with the home is comparing what is written."""
+    dotted = LocalConfig(maildir_base="/etc/mailflow/../mail", home_mailbox="Mail/inbox")
+    assert mailbox_location(dotted, "bob") == (Path("/etc/mail/bob/Mail/inbox"), "mbox", Path("/etc/mail/bob"))
+    spool = LocalConfig(home_mailbox="", mail_spool_directory="/var/x/../mail")
+    assert mailbox_location(spool, "bob").path == Path("/var/mail/bob")
 
 
 @pytest.mark.parametrize("local, reason", [

@@ -900,6 +900,19 @@ def _client_up_to_the_flood(port: int, how: str, ctx: ssl.SSLContext | None) -> 
     return s
 
 
+async def _end_leaving_replies_unread(smtpd, client) -> asyncio.WriteTransport:
+    """The one session on `smtpd` (plaintext) ends by QUIT with its replies unread by `client` and left in its
+    socket's buffers (raised: the client's flow control never pauses the session): its socket, returned, lingers."""
+    await eventually(lambda: len(smtpd.sessions) == 1, timeout=5)
+    raw = next(iter(smtpd.sessions)).transport
+    raw.set_write_buffer_limits(high=1 << 24)
+    raw.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    await asyncio.to_thread(client.sendall, b"EHLO client.test\r\n" + b"NOOP\r\n" * 20000 + b"QUIT\r\n")
+    await eventually(lambda: not smtpd.sessions, timeout=5)
+    assert raw.get_write_buffer_size() and smtpd.lingering, "the replies were all sent: nothing tested"
+    return raw
+
+
 @pytest.mark.parametrize("how", ["plain", "starttls", "implicit"])
 async def test_replies_left_unread_after_quit_do_not_keep_the_socket_past_the_timeout(mailflow_server, pki, users,
                                                                                       how):
@@ -1050,13 +1063,7 @@ async def test_a_socket_left_sending_after_its_session_still_counts_as_one_of_it
     port = mf.smtp_addresses[0][1]
     client = await asyncio.to_thread(_client_up_to_the_flood, port, "plain", None)
     try:
-        await eventually(lambda: len(mf.smtpd.sessions) == 1, timeout=5)
-        raw = next(iter(mf.smtpd.sessions)).transport
-        raw.set_write_buffer_limits(high=1 << 24)
-        raw.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        await asyncio.to_thread(client.sendall, b"EHLO client.test\r\n" + b"NOOP\r\n" * 20000 + b"QUIT\r\n")
-        await eventually(lambda: not mf.smtpd.sessions, timeout=5)
-        assert mf.smtpd.lingering, "the replies were all sent: nothing tested"
+        await _end_leaving_replies_unread(mf.smtpd, client)
         second = await SmtpClient.connect(port, greet=False)
         assert await second.reply() == status.too_many_connections(mf.config.myhostname, "127.0.0.1")
         await second.close()
@@ -1067,6 +1074,25 @@ async def test_a_socket_left_sending_after_its_session_still_counts_as_one_of_it
     await third.close()
 
 
+async def test_a_socket_left_sending_after_its_session_keeps_its_session_slot(mailflow_server):
+    # The slot was given back at the session's end while its socket went on sending: clients from many addresses
+    # (each within client_connection_count_limit) could pile up sockets past max_sessions. Now the slot is held
+    # until the socket is gone, as a Postfix smtpd blocked writing to its client holds its process.
+    mf = await mailflow_server(smtpd={"max_sessions": 1, "timeout": "60s", "forbid_unauth_pipelining": False,
+                                      "junk_command_limit": 10**9})
+    port = mf.smtp_addresses[0][1]
+    slots = mf.smtpd.listeners[0].slots
+    client = await asyncio.to_thread(_client_up_to_the_flood, port, "plain", None)
+    try:
+        await _end_leaving_replies_unread(mf.smtpd, client)
+        second = await SmtpClient.connect(port, greet=False)
+        await eventually(lambda: slots.waiting == 1, timeout=5)  # no greeting: it waits for the slot
+    finally:
+        client.close()  # its replies unread: the kernel resets the connection, the server's socket is gone
+    assert (await second.reply())[0] == 220  # greeted once the socket is gone
+    await second.close()
+
+
 async def test_a_socket_left_sending_after_its_session_is_dropped_at_the_stop(mailflow_server, pki, users):
     # A session ended (QUIT) with its replies unread leaves its socket sending, for a timeout without progress: past
     # stop() before, with the server gone (its timer firing later, or the socket left to the garbage collector).
@@ -1075,14 +1101,7 @@ async def test_a_socket_left_sending_after_its_session_is_dropped_at_the_stop(ma
                                       "junk_command_limit": 10**9})
     client = await asyncio.to_thread(_client_up_to_the_flood, mf.smtp_addresses[0][1], "plain", None)
     try:
-        await eventually(lambda: len(mf.smtpd.sessions) == 1, timeout=5)
-        session = next(iter(mf.smtpd.sessions))
-        session.transport.set_write_buffer_limits(high=1 << 24)
-        raw = session.transport
-        raw.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        await asyncio.to_thread(client.sendall, b"EHLO client.test\r\n" + b"NOOP\r\n" * 20000 + b"QUIT\r\n")
-        await eventually(lambda: not mf.smtpd.sessions, timeout=5)
-        assert raw.get_write_buffer_size() and mf.smtpd.lingering, "the replies were all sent: nothing tested"
+        raw = await _end_leaving_replies_unread(mf.smtpd, client)
         await asyncio.wait_for(mf.smtpd.stop(grace=0.5), 3)
         assert not mf.smtpd.lingering
         await eventually(lambda: raw.get_extra_info("socket").fileno() == -1, timeout=1)  # (closed: its fd given back)
@@ -1096,13 +1115,7 @@ async def test_a_socket_left_sending_after_its_session_is_dropped_when_the_sink_
         smtpd = sink.server.smtpd
         client = await asyncio.to_thread(_client_up_to_the_flood, sink.port, "plain", None)
         try:
-            await eventually(lambda: len(smtpd.sessions) == 1, timeout=5)
-            raw = next(iter(smtpd.sessions)).transport
-            raw.set_write_buffer_limits(high=1 << 24)
-            raw.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-            await asyncio.to_thread(client.sendall, b"EHLO client.test\r\n" + b"NOOP\r\n" * 20000 + b"QUIT\r\n")
-            await eventually(lambda: not smtpd.sessions, timeout=5)
-            assert smtpd.lingering, "the replies were all sent: nothing tested"
+            raw = await _end_leaving_replies_unread(smtpd, client)
             await asyncio.wait_for(sink.stop(), 5)
             assert not smtpd.lingering
             await eventually(lambda: raw.get_extra_info("socket").fileno() == -1, timeout=1)

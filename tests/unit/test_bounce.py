@@ -4,6 +4,7 @@ from __future__ import annotations
 import email
 import email.policy
 import re
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -530,3 +531,30 @@ def test_a_long_run_of_blanks_in_a_reason_keeps_every_line_under_998_octets():
     field = _fold("Diagnostic-Code: x-unix; start" + " " * 1500 + "end of the output")
     assert all(len(line) <= 998 for line in field.split("\r\n")), [len(line) for line in field.split("\r\n")]
     assert field.startswith("Diagnostic-Code: x-unix; start   ") and field.endswith("end of the output")
+
+
+# ---------------------------------------------------------------------------------------------- cost
+
+
+def test_a_notice_about_a_thousand_recipients_with_long_replies_costs_a_bounded_number_of_calls_per_recipient():
+    """A list message whose recipients a domain all refuses with a long multi-line reply: every reply is made one
+    line. A category lookup a character cost ~0.5 ms of CPU per 2 KB reply (10 000 recipients: 9.5 s, the GIL held
+    all along); now ~0.1 ms. Counted in calls (a timer would follow the machine's load): ~13 000 a
+    recipient before, ~320 now."""
+    reply = ("host mx.remote.test[192.0.2.1] said: 550-5.7.1 https://policy.remote.test/" + "why-" * 500
+             + " (in reply to RCPT TO command)")
+    many = [refused(Recipient(i, f"user{i}@remote.test", f"user{i}@remote.test"), reply) for i in range(1000)]
+    calls = 0
+
+    def count(frame, event, arg) -> None:
+        nonlocal calls
+        if event in ("call", "c_call"):
+            calls += 1
+
+    sys.setprofile(count)
+    try:
+        raw = notice(many)
+    finally:
+        sys.setprofile(None)
+    assert calls < 1000 * len(many), calls
+    assert raw.count(b"why-why-why-") > 1000 and b"user999@remote.test" in raw

@@ -196,6 +196,21 @@ def test_check_config_names_a_cidr_line_postfix_would_skip(tmp_path):
     (tmp_path / "client.cidr").write_text("192.0.2.0/24 REJECT\n10.0.0.0/8 OK\n")
     assert mailflow("check-config", "--config", str(cfg)).returncode == 0
 
+def test_check_config_names_a_pcre_pattern_re2_cannot_take(tmp_path):
+    """header_checks = pcre:, as Postfix guides write it: a back-reference (PCRE has them, RE2 not) is reported
+    with its line and what it is; the pattern rewritten, the file passes."""
+    (tmp_path / "header_checks").write_text("/^Subject: ok/ OK\n/^Subject: (\\w+) \\1/ REJECT doubled\n")
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('[checks]\nheader_checks = ["pcre:header_checks"]\n')
+    result = mailflow("check-config", "--config", str(cfg))
+    assert result.returncode == 2, result.stdout
+    assert (f"checks.header_checks: table pcre:{tmp_path}/header_checks: {tmp_path}/header_checks, line 2: "
+            "a back-reference is not supported (mailflow's pcre: runs on RE2: invalid escape sequence: \\1)") \
+        in result.stderr
+    (tmp_path / "header_checks").write_text("/^Subject: ok/ OK\n/^Subject: (\\w+) \\w+/ REJECT two words\n")
+    assert mailflow("check-config", "--config", str(cfg)).returncode == 0
+
+
 def test_check_config_reads_each_listeners_certificate_as_serve_does(tmp_path):
     cfg = tmp_path / "m.toml"
     cfg.write_text('[smtpd]\ntls_cert_file = "missing.pem"\n[[smtpd.listeners]]\naddress = "127.0.0.1:0"\n'

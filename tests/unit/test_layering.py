@@ -108,6 +108,7 @@ FUNCTION_IMPORTS = {
                                                        "sqlite3) loads when a spec names one: the configuration checks "
                                                        "specs at every start of sendmail and opens none of them",
     ("mailflow.tables.spec", "mailflow.tables.regexp"): "as above",
+    ("mailflow.tables.spec", "mailflow.tables.pcre"): "as above",
     ("mailflow.tables.spec", "mailflow.tables.cidr"): "as above",
     ("mailflow.tables.spec", "mailflow.tables.accounts"): "as above",
     ("mailflow.tables.spec", "mailflow.tables.sqlite"): "as above",

@@ -1544,3 +1544,17 @@ def test_permit_inet_interfaces_check_relay_domains_and_the_null_key_import_and_
     smtpd = checked(tmp_path / "mailflow.toml")["smtpd"]
     assert smtpd["relay_restrictions"] == ["permit_inet_interfaces", "check_relay_domains"]
     assert smtpd["null_access_lookup_key"] == "<null>"
+
+
+def test_a_pcre_table_stays_pcre(tmp_path):
+    """pcre: was written as regexp:, whose leftmost-longest matching answers `/^(a|ab)/ $1` with `ab` where
+    Postfix's pcre answers `a`: mailflow has pcre: itself now, so the spec is kept as it is, with no note."""
+    table = write(tmp_path, "header_checks", "/^Subject: (win|winner)/ REJECT $1\n")
+    main = write(tmp_path, "main.cf", f"myhostname = mx.example.com\nheader_checks = pcre:{table}\n"
+                                      f"smtpd_sender_restrictions = check_sender_access proxy:pcre:{table}\n")
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    doc = checked(tmp_path / "mailflow.toml")
+    assert (code, err) == (0, "")
+    assert doc["checks"]["header_checks"] == [f"pcre:{table}"]
+    assert doc["smtpd"]["sender_restrictions"] == [f"check_sender_access pcre:{table}"]
+    assert "regexp" not in (tmp_path / "mailflow.toml").read_text()

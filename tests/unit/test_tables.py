@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -144,7 +145,7 @@ def test_bad_specs(spec):
 def test_unknown_type_names_the_known_ones():
     with pytest.raises(ConfigError) as e:
         open_table("hash:/etc/postfix/virtual")
-    assert e.value.reason == ("unknown table type 'hash'; mailflow has texthash, inline, static, regexp, cidr, "
+    assert e.value.reason == ("unknown table type 'hash'; mailflow has texthash, inline, static, regexp, pcre, cidr, "
                               "sqlite, accounts, unix, fail; name the source file as texthash:FILE (it is read as it "
                               "is, no postmap needed)")
     assert e.value.key == "hash:/etc/postfix/virtual"
@@ -175,12 +176,12 @@ def regexp_table(tmp_path, text=REGEXP, clock=None):
 
 @pytest.fixture(params=["prefilter", "rule-by-rule"])
 def prefilter(request, monkeypatch):
-    """Both ways a regexp table is searched: one RE2 set pass over every rule, or (when RE2 cannot build the
+    """Both ways a regexp (or pcre) table is searched: one RE2 set pass over every rule, or (when RE2 cannot build the
     set within its memory budget) each rule in turn."""
     if request.param == "rule-by-rule":
         import mailflow.tables.regexp
 
-        monkeypatch.setattr(mailflow.tables.regexp, "_prefilter", lambda rules: None)
+        monkeypatch.setattr(mailflow.tables.regexp, "_prefilter", lambda rules, options: None)
     return request.param
 
 
@@ -269,6 +270,109 @@ def test_regexp_bad_pattern_at_reload_is_retry_until_fixed(tmp_path):
     write(f, "/^a/ fixed\n")
     clock.now += 1
     assert t.lookup("a") == "fixed"
+
+
+# ------------------------------------------------------------------------------------------------- pcre
+
+def pcre_table(tmp_path, text):
+    f = write(tmp_path / "pcre", text)
+    return open_table(f"pcre:{f}")
+
+
+def test_pcre_matches_leftmost_first_where_regexp_matches_leftmost_longest(tmp_path, prefilter):
+    """The reason pcre: is a type of its own: `config import` used to write pcre: as regexp:, which answers these
+    as Postfix's regexp: does (leftmost-longest), not as its pcre: does (postmap -q)."""
+    text = "/^(a|ab)/ $1\n/^<(.+?)>/ $1\n/^x(.*?)(y*)$/ lazy=$1 rest=$2\n"
+    t = pcre_table(tmp_path, text)
+    assert (t.lookup("abc"), t.lookup("<a>b>"), t.lookup("xyy")) == ("a", "a", "lazy= rest=yy")
+    regexp = open_table(f"regexp:{tmp_path / 'pcre'}")
+    assert (regexp.lookup("abc"), regexp.lookup("<a>b>")) == ("ab", "a>b")
+    assert t.fixed is False
+
+
+def test_pcre_flags_toggle_postfix_s_defaults(tmp_path, prefilter):
+    t = pcre_table(tmp_path, r"""
+/^exact$/i                  case-sensitive
+/^x-dot: a.b$/              dot-all
+/^x-nodot: a.b$/s           never
+/^x-nodot:/                 no-dot-all
+/^two$/m                    multi-line
+/^ spaced \ word  # comment
+   $/x                      extended
+/b/A                        never
+/[ ]q/x                     blank-in-class
+/^u(a+)/U                   ungreedy=$1
+/^e$/EX                     dollar-end-only
+""")
+    assert t.lookup("EXACT") is None and t.lookup("exact") == "case-sensitive"
+    assert t.lookup("X-Dot: a\nb") == "dot-all"  # `.` matches a break by default, as PCRE_DOTALL
+    assert t.lookup("X-NoDot: a\nb") == "no-dot-all"
+    assert t.lookup("one\ntwo") == "multi-line"
+    assert t.lookup("spaced word") == "extended"
+    assert t.lookup("ab") is None  # anchored at the key's start
+    assert t.lookup("p q") == "blank-in-class"
+    assert t.lookup("uaaa") == "ungreedy=a"
+    assert t.lookup("e") == "dollar-end-only"
+
+
+def test_pcre_negation_delimiters_and_if_blocks(tmp_path, prefilter):
+    t = pcre_table(tmp_path, """
+if !/@example\\.com$/
+|^(.*)@| other=$1
+endif
+! ! /^admin@/               double-negation
+,^root@,                    comma-delimiter
+/^a\\/b@/                   escaped-delimiter
+!/^zzz/                     not-zzz
+""")
+    assert t.lookup("joe@elsewhere.test") == "other=joe"
+    assert t.lookup("admin@example.com") == "double-negation"  # each ! toggles
+    assert t.lookup("root@example.com") == "comma-delimiter"
+    assert t.lookup("a/b@example.com") == "escaped-delimiter"
+    assert t.lookup("joe@example.com") == "not-zzz"
+
+
+def test_pcre_results_substitute_as_postfix_s_mac_parse(tmp_path, prefilter):
+    t = pcre_table(tmp_path, r"/^(a)(b)?(c)(d)(e)(f)(g)(h)(i)(j)(k)(l)x/ [$1][$2][${3}][$(4)][$12]$$1" + "\n")
+    assert t.lookup("acdefghijklx") == "[a][][c][d][l]$1"  # an unmatched group is empty; $12 is group 12
+
+
+def test_pcre_patterns_and_keys_are_bytes_as_in_postfix_3_7(tmp_path, prefilter):
+    """Postfix 3.7's dict_pcre never asks PCRE for UTF mode: `.` is a byte, caseless folds ASCII letters only; a
+    key's bytes that were not UTF-8 are matched as those bytes."""
+    t = pcre_table(tmp_path, "/^(.)x$/ first=$1\n/^.$/ one-byte\n/^..$/ two-bytes\n/^é!/ eacute\n")
+    assert t.lookup("é") == "two-bytes" and t.lookup("e") == "one-byte"
+    assert t.lookup("\udcff") == "one-byte"  # a byte that was not UTF-8 (surrogateescape)
+    assert t.lookup("éx") is None
+    with pytest.raises(LookupRetry, match="non-UTF-8 value 'first="):  # a result that is not UTF-8: as Postfix
+        t.lookup("\udcc3x")
+    assert t.lookup("é!") == "eacute" and t.lookup("É!") is None
+    assert t.lookup("\ud800") is None  # a surrogate surrogateescape never makes: no failure
+
+
+@pytest.mark.parametrize("text,complaint", [
+    ("/(a)\\1/ x\n", "line 1: a back-reference is not supported"),
+    ("/a(?=b)/ x\n", "a look-around assertion"),
+    ("/(?<!a)b/ x\n", "a look-around assertion"),
+    ("/a++/ x\n", "a possessive quantifier"),
+    ("/(?>a)/ x\n", "an atomic group"),
+    ("/a(?R)?/ x\n", "a recursion"),
+    ("/(a)(?(1)b|c)/ x\n", "a conditional group"),
+    ("/(unclosed/ x\n", "line 1: bad regular expression: missing ): (unclosed"),
+    ("/a/ ok\n/a/q x\n", "line 2: unknown regexp option 'q'"),
+    ("/(a)/ $0\n", "out of range replacement index '0'"),
+    ("/(a)/ $2\n", "out of range replacement index '2'"),
+    ("/(a)/ $1st\n", "non-numeric replacement index '1st'"),
+    ("/(a)/ 5$\n", "bad replacement syntax"),
+    ("!/(a)/ $1\n", "negated"),
+    ("/a x\n", "no closing /"),
+    ("if /a/\n/b/ c\n", "line 1: if without endif"),
+    ("/a/\n", "no result"),
+    ("word x\n", "expected /pattern/"),
+])
+def test_pcre_line_postfix_skips_fails_the_table_naming_line_and_reason(tmp_path, text, complaint):
+    with pytest.raises(LookupRetry, match=re.escape(complaint)):
+        pcre_table(tmp_path, text).lookup("a")
 
 
 # ----------------------------------------------------------------------------------------------- sqlite

@@ -14,8 +14,8 @@ What it owns
   reference counting frees it; a handshake completing after that is closed), `hang_up()`, `cut()` (a stop's
   end: hang up, and drop the connection if replies are unsent), `shut_down()` (421 at a stop; after the
   transaction under way), `in_transaction`. Replies still unsent when a session ends keep its socket one
-  `timeout` at most (`Lingering`, in the server's set: a stop aborts what is left), the client's per-client count
-  held until it is gone.
+  `timeout` at most (`Lingering`, in the server's set: a stop aborts what is left), the session slot and the
+  client's per-client count held until it is gone (server.py).
 - Replies: `push()` gives a library-written line its enhanced status code (RFC 2034; not the greeting nor
   HELO/EHLO; a `status.Reply` goes as the catalogue wrote it), counts 4xx/5xx toward the error limits and
   records each command's outcome (session_log.SessionLog). A 421 or 521 after the greeting ends the session (RFC

@@ -286,8 +286,8 @@ def naked_ip_address(helo: str, invalid_code: int = 501):
 
 
 def client_full_keys(hostname: str) -> tuple[int, int]:
-    """The indices of `client_keys` that pattern tables (regexp) are asked: the name and the address (Postfix's
-    check_client_access asks both as FULL lookups; their parent domains and networks as PARTIAL ones, which
+    """The indices of `client_keys` that pattern tables (regexp, pcre, cidr) are asked: the name and the address
+    (Postfix's check_client_access asks both as FULL lookups; their parent domains and networks as PARTIAL ones, which
     only fixed-string tables answer). So a pattern on the address matches a client that has a name too."""
     return 0, len(domain_keys(hostname)) if hostname else 0
 

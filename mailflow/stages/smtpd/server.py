@@ -298,16 +298,22 @@ class ListenerSession(SmtpSession):
             self._admitted_ip = None
 
     def _session_ended(self) -> None:
-        """Give back the session slot, whatever ended the session, and the per-client count: now, or when a socket
-        left sending its last replies is gone (`Lingering`): it is still one of the client's connections, an fd
-        that client_connection_count_limit bounds."""
+        """Give back the session slot and the per-client count, whatever ended the session: now, or when a socket
+        left sending its last replies is gone (`Lingering`). Until then it is still one of the client's
+        connections and one of the listener's, an fd that client_connection_count_limit and max_sessions bound
+        (a Postfix smtpd blocked writing to its client holds its process as long): clients from many addresses
+        leaving their replies unread cannot pile up sockets past max_sessions."""
+        super()._session_ended()
+        if self._linger_handle is not None:
+            self._linger_handle.on_end = self._release_admission
+        else:
+            self._release_admission()
+
+    def _release_admission(self) -> None:
+        """Give back the session slot and the per-client count (each once)."""
         if self._has_slot:
             self._listener.slots.release()
             self._has_slot = False
-        super()._session_ended()
-        if self._linger_handle is not None and self._admitted_ip is not None:
-            self._linger_handle.on_end = functools.partial(self._listener.anvil.release, self._admitted_ip)
-            self._admitted_ip = None
         self._release_count()
 
 

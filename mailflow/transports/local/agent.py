@@ -3,7 +3,8 @@
 Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_min_user, as in Postfix):
 1. `LocalExpander.expand` (aliases, .forward; see mailflow.transports.local.aliasing), given the addresses already in
    the message's `Delivered-To:` headers so that a forwarding loop bounces (5.4.6); one past INLINE_LEAVES
-   leaves is made (again) in a worker thread, not on the event loop.
+   leaves, or one that reads a .forward or :include: file with a user's rights (a forked child), is made (again)
+   in a worker thread, not on the event loop.
 2. A `Pass` leaf (local.mailbox_transport, local.fallback_transport) is handed to that transport of `peers` (the
    registry of mailflow.transports) for that address and nexthop (none: the request's), as Postfix's deliver_pass:
    when it is the recipient's only leaf, that agent's result is the recipient's (its relay and reply, about the
@@ -154,6 +155,7 @@ class _Filled:
     passes: dict[tuple, RcptResult] = field(default_factory=dict)
 
 INLINE_LEAVES = 200  # leaves of an expansion made on the event loop at most (~14 ms of local members); more: a thread
+OFF_LOOP_EXPANSIONS = 2  # expansions made in worker threads at once at most: the default pool's threads are shared
 
 
 class LocalTransport:
@@ -171,6 +173,7 @@ class LocalTransport:
         self._clock = clock
         self._forward = forward
         self._relay = relay
+        self._off_loop = asyncio.Semaphore(OFF_LOOP_EXPANSIONS)  # (see `_expand`)
 
     delivers_each = True  # one recipient after another: qmgr records each result as it comes (`deliver_each`)
 
@@ -222,8 +225,12 @@ class LocalTransport:
 
     async def _expand(self, queue_id: str, rcpt: Recipient, seen: frozenset[str]) -> tuple[list, str]:
         """The recipient's expansion (`expand_recipient`): as the tables run it (inline when they answer from
-        memory) up to INLINE_LEAVES leaves; a bigger one is made again in a worker thread, so that a list of
-        thousands of local members (~67 us each) does not hold up the event loop. Its warnings are logged once."""
+        memory) up to INLINE_LEAVES leaves; a bigger one, or one that forks to read a file as a user, is made again in
+        a worker thread, so that a list of thousands of local members (~67 us each) or forks (milliseconds each)
+        do not hold up the event loop. At most OFF_LOOP_EXPANSIONS of those at once (the others wait on the loop): they
+        take the default executor's threads, which the queue's fsyncs, Maildir and mbox writes and smtpd share, and
+        an alias of 200 users with a .forward forks for 1-13 s (measured: 8 such deliveries made a to_thread call
+        wait 1.9 s). Its warnings are logged once."""
         warnings: list[str] = []
         expand = partial(self._expander.expand_recipient, rcpt.address, delivered_to=seen, warn=warnings.append)
         try:
@@ -231,7 +238,8 @@ class LocalTransport:
                 return await self._expander.tables.run(partial(expand, leaf_budget=INLINE_LEAVES))
             except ExpansionTooBig:
                 warnings.clear()
-                return await self._expander.tables.run(expand, off_loop=True)  # (a sqlite table's deadline kept)
+                async with self._off_loop:
+                    return await self._expander.tables.run(expand, off_loop=True)  # (a sqlite table's deadline kept)
         finally:  # (also those told before an expansion failed: a bad alias value's)
             for text in warnings:
                 log.warning("%s: %s", queue_id, text)
@@ -314,36 +322,35 @@ class LocalTransport:
 
     async def _mailbox(self, request: DeliveryRequest, rcpt: Recipient, leaf: Mailbox) -> Part:
         """The user's Maildir or mbox file (`local.home_mailbox`, `local.mail_spool_directory`)."""
-        path, kind = mailbox_location(self._local, leaf.user)
+        path, kind, home = mailbox_location(self._local, leaf.user)
         prefix = mailbox_prefix(request.sender, rcpt.address, rcpt.original or rcpt.address)
         owner = await self._owner(leaf.user)
         if kind == "maildir":
             try:
-                await self._writer.write(path, prefix, request.content, owner, self._local.mailbox_size_limit,
-                                         queue_id=request.queue_id)
+                await self._writer.write(path, prefix, request.content, _maildir_owner(owner, path, home),
+                                         self._local.mailbox_size_limit, queue_id=request.queue_id)
             except OSError as e:
                 return Part(*write_failure(path, e))
             return Part(Outcome.SENT, "2.0.0", "delivered to maildir")  # local(8)'s words: the path is not named
         entry = mbox_entry(request.content, sender=request.sender, arrival=self._clock.time(), prepend=prefix)
         try:
-            await append_mbox(path, entry, locks=self._local.mailbox_delivery_lock,
-                              owner=None if owner is None else (owner.uid, owner.gid),
-                              size_limit=self._local.mailbox_size_limit)
+            await append_mbox(path, entry, locks=self._local.mailbox_delivery_lock, owner=owner,
+                              home=None if owner is None else home, size_limit=self._local.mailbox_size_limit)
         except DeliveryError as e:
             return _failed(e)
         return Part(Outcome.SENT, "2.0.0", "delivered to mailbox")
 
-    async def _owner(self, user: str) -> Owner | None:
-        """As root, a local user who is also a system user gets a Maildir of its own: what is created below
-        maildir_base belongs to its uid and primary gid (Postfix's local(8) writes with the recipient's rights).
-        Other local users' Maildirs, and everything when mailflow is not root, belong to mailflow's user."""
+    async def _owner(self, user: str) -> tuple[int, int] | None:
+        """As root, a local user who is also a system user gets a mailbox of its own: its uid and primary gid
+        (Postfix's local(8) writes with the recipient's rights). Other local users' mailboxes, and everything when
+        mailflow is not root, belong to mailflow's user."""
         if os.geteuid() != 0:
             return None
         try:
             account = await asyncio.to_thread(pwd.getpwnam, user)
         except KeyError:
             return None
-        return Owner(account.pw_uid, account.pw_gid, Path(os.path.abspath(self._local.maildir_base)))
+        return account.pw_uid, account.pw_gid
 
     async def _file(self, request: DeliveryRequest, rcpt: Recipient, leaf: File) -> Part:
         """A `/file` destination, appended in mbox format under the mailbox locks; `/dev/null` discards. As
@@ -598,6 +605,15 @@ def _client_environment(c: ClientAttributes) -> dict[str, str]:
              "CLIENT_PROTOCOL": c.protocol, "SASL_METHOD": c.sasl_method, "SASL_SENDER": c.sasl_sender,
              "SASL_USERNAME": c.sasl_username}
     return {name: value for name, value in named.items() if value}
+
+
+def _maildir_owner(owner: tuple[int, int] | None, maildir: Path, home: Path | None) -> Owner | None:
+    """Who owns what the Maildir write creates: in a home, the home (0700 when made) and all below it; in the
+    mail spool, the Maildir `<spool>/<user>/` and below, the spool staying the operator's. (Postfix's local(8) writes
+    every Maildir with the user's rights.)"""
+    if owner is None:
+        return None
+    return Owner(*owner, home, home=True) if home is not None else Owner(*owner, maildir.parent)
 
 
 def _failed(e: DeliveryError) -> Part:

@@ -69,8 +69,10 @@ Duplicate leaves are dropped (one mailbox copy per local part, its extension inc
 case; a command once per user whose expansion names it and rights, a file once per rights, a restricted one too:
 `_privileged`); an :include: file met again in the same expansion (one that includes itself, two that include
 each other) adds nothing, as local(8)'s duplicate filter skips it. At most EXPANSION_LIMIT leaves, INCLUDE_DEPTH
-nested :include: files and SMALL_FILE_LIMIT bytes of each file. Given a `leaf_budget`, an expansion that meets more
-leaves than that (duplicates counted: the work, not what is kept) raises ExpansionTooBig.
+nested :include: files and SMALL_FILE_LIMIT bytes of each file. Given a `leaf_budget` (the caller runs it on the
+event loop), an expansion that meets more leaves than that (duplicates counted: the work, not what is kept), that
+would fork a child to read a file with a user's rights, or parse a file of more than INLINE_FILE_BYTES, raises
+ExpansionTooBig.
 
 Failures: `LookupRetry` (4.3.0) when a table cannot answer; `TemporaryError` 4.3.0 when a .forward or
 :include: file cannot be read, 4.3.5 when one (or an alias value) has bad syntax, 4.6.0 beyond the limits. The
@@ -107,6 +109,7 @@ log = logging.getLogger("mailflow.local")
 # spends in a worker thread, not on the event loop (agent.INLINE_LEAVES).
 EXPANSION_LIMIT = 100_000
 SMALL_FILE_LIMIT = 1_000_000  # bytes of a .forward or :include: file read at most
+INLINE_FILE_BYTES = 16_384  # bytes of such a file parsed on the event loop at most (~5 ms); more: a worker thread
 INCLUDE_DEPTH = 10
 INCLUDED = "\0include"  # in an _Origin's `path`: an :include: file between the aliases before and after (no key)
 
@@ -203,6 +206,12 @@ def read_small_file_as(path: Path, user: str) -> str | None:
     return None if data[:1] == b"N" else _small_text(path, data[1:])
 
 
+def _utf8_size(text: str) -> int:
+    """The bytes of a file's text (decoded from UTF-8), without encoding one already too long for the loop in
+    characters: INLINE_FILE_BYTES counts bytes (a 16 KB file in a script of 3-byte characters is 5 461 of them)."""
+    return len(text) if len(text) > INLINE_FILE_BYTES else len(text.encode("utf-8"))
+
+
 def _small_text(path: Path, data: bytes) -> str:
     """A small file's bytes as text; TemporaryError 4.3.0 past SMALL_FILE_LIMIT or when they are not UTF-8."""
     if len(data) > SMALL_FILE_LIMIT:
@@ -259,10 +268,10 @@ def _forward_problem(st: os.stat_result, owners: tuple[int, ...], single_link: b
     return ""
 
 
-def forward_reader(user: str) -> tuple[str | None, Callable[[Path], bytes]]:
+def forward_reader(user: str, forking: Callable[[], None] = lambda: None) -> tuple[str | None, Callable[[Path], bytes]]:
     """Whose rights a user's .forward carries (see "Whose rights"), and how to read it: as root, a system user's
-    own rights in a child forked only when the file is there; root's for a user with no system account (only
-    root's own single-link files); mailflow's own user's when it is not root."""
+    own rights in a child forked only when the file is there (`forking()` called first); root's for a user with no
+    system account (only root's own single-link files); mailflow's own user's when it is not root."""
     if os.geteuid() != 0:
         return None, partial(read_forward, owners=(0, os.geteuid()))
     try:
@@ -275,6 +284,7 @@ def forward_reader(user: str) -> tuple[str | None, Callable[[Path], bytes]]:
     def as_user(path: Path) -> bytes:
         if not os.path.lexists(path):
             return b"N"
+        forking()
         return call_as(user, f"read {path}", read_forward, path, (0, uid))
     return user, as_user
 
@@ -302,7 +312,8 @@ class _Origin:
 
 
 class ExpansionTooBig(Exception):
-    """An expansion given a `leaf_budget` grew past it (the caller makes it again, off the event loop)."""
+    """An expansion given a `leaf_budget` grew past it, or was about to fork a child (a file read with a user's
+    rights): too big for the event loop, the caller makes it again off it."""
 
 
 class _Expansion:
@@ -324,6 +335,18 @@ class _Expansion:
         self.kind = ""  # how the recipient itself was expanded: "alias" (an alias or .forward), "list", "" not
         self.files = 0  # .forward and :include: files read so far (a file's number in `Leaf.lines`)
         self.lines: Lines = ()  # the file lines being expanded now, outermost first
+
+    def parsing(self, size: int) -> None:
+        """A .forward or :include: file of `size` bytes is about to be parsed: past INLINE_FILE_BYTES too long for
+        the event loop, where a `leaf_budget` expansion runs (a user's 1 MB .forward held it 0.4 s)."""
+        if self.leaf_budget is not None and size > INLINE_FILE_BYTES:
+            raise ExpansionTooBig()
+
+    def forking(self) -> None:
+        """A child is about to be forked to read a file with a user's rights: a fork costs milliseconds (4 ms for
+        a process of 86 MB, 64 ms for 1.1 GB), too long for the event loop, where a `leaf_budget` expansion runs."""
+        if self.leaf_budget is not None:
+            raise ExpansionTooBig()
 
     def add(self, leaf: Leaf, key: tuple | None = None) -> None:
         """`leaf` unless a leaf of the same `key` (default: its `identity`) came before."""
@@ -446,7 +469,7 @@ class LocalExpander:
                       ) -> tuple[str | None, str | None, tuple[tuple[Target, ...], ...] | None]:
         """The user's .forward (its path, None when there is none), the rights it carries and what it names, line
         by line; None for the mailbox (no .forward, an empty one, or one local(8) ignores)."""
-        rights, read = forward_reader(user)
+        rights, read = forward_reader(user, state.forking)
         for name in ([f".forward{ext}"] if ext else []) + [".forward"]:
             path = self.home(user) / name
             try:
@@ -457,6 +480,7 @@ class LocalExpander:
                 state.warn(found[1:].decode("utf-8", "replace"))
                 return str(path), rights, None
             if found[:1] == b"F":
+                state.parsing(len(found) - 1)
                 lines = self._parse(_small_text(path, found[1:]), path)
                 return str(path), rights, lines if any(lines) else None  # an empty one: the mailbox
         return None, rights, None
@@ -588,11 +612,13 @@ class LocalExpander:
             raise TemporaryError("4.6.0", f":include: files nested deeper than {INCLUDE_DEPTH} ({path})")
         as_user = rights_for(origin.rights, self._config.local.default_privs) if origin.kind == "forward" else None
         if as_user is not None:  # never root's rights for what a user names
+            state.forking()
             text = read_small_file_as(Path(path), as_user)
         else:
             text = read_small_file(Path(path))
         if text is None:
             raise TemporaryError("4.3.0", f"cannot read :include: file {path}: no such file")
+        state.parsing(_utf8_size(text))
         included = _Origin(origin.name, origin.kind, "include", origin.path + (INCLUDED,), origin.address,
                            origin.owner, True, origin.rights, origin.forwarder)
         self._lines(state, owner, self._parse(text, Path(path)), included, depth + 1)

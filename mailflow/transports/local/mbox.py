@@ -1,7 +1,8 @@
 """mbox delivery: Postfix local(8)'s mailbox file delivery (mail_copy + mbox_open), as functions.
 
-- `mailbox_location(local_config, user) -> (path, kind)`: where a local user's mailbox is and whether it is a
-  "maildir" or an "mbox" file (Postfix home_mailbox / mail_spool_directory rules, see the function).
+- `mailbox_location(local_config, user) -> (path, kind, home)`: where a local user's mailbox is (normalised),
+  whether it is a "maildir" or an "mbox" file, and the user's home when it is a home mailbox (Postfix
+  home_mailbox / mail_spool_directory rules, see the function).
 - `mbox_entry(content, sender=…, arrival=…, prepend=…) -> Iterator[bytes]`: one mbox entry (From_ line, the
   prepended lines, the message with LF line ends and mboxrd quoting, a blank line), made chunk by chunk from a
   mailflow.content.Content (mailflow.transports.encode), so a big message is never held whole;
@@ -10,21 +11,34 @@
 - `append_mbox(path, entry, locks=…, lock_timeout=…)`: append one entry (bytes, or an iterable of chunks such
   as mbox_entry's, consumed in the worker) durably under the configured locks.
 
-How an append works (all in one worker thread, `asyncio.to_thread`): create the parent directories (a
-mailbox's; not those of a /file destination); open the
-file O_WRONLY|O_APPEND|O_CREAT|O_NOFOLLOW (mode 0600); take the locks in the order given, sharing one deadline
-(`lock_timeout`, 20 s like Postfix's deliver_lock_attempts x deliver_lock_delay); check that the path still
-names the file we hold; note its size; write the entry; fsync. Any failure while writing truncates the file back
-to the size it had, before the locks are released, so readers never see a partial entry. The kernel locks go
-with the descriptor; the dotlock is removed last.
+How an append works: attempts, each in one worker thread (`asyncio.to_thread`; as root for a /file destination, in a
+child forked there with the user's rights), until one has the locks or `lock_timeout` (20 s like Postfix's
+deliver_lock_attempts x deliver_lock_delay) has passed. An attempt opens the file's directory, creating it (a
+mailbox's; not that of a /file destination); for a system user's home mailbox (`home`) the home following links
+(it is the administrator's: `<maildir_base>/<user>`, made 0700 for the user when missing), then below it without
+following a symbolic link, as a Maildir's (measured before: a user who made `Mail` in its home a link to a
+directory only root may write got `Mail/inbox` created there, its own, with the mail in it); a mailbox in the
+shared mail_spool_directory is not walked so (the spool stays the operator's, as Postfix's local(8) writes
+spool mailboxes as root), only the file is the user's; then, through that
+directory, opens the file O_WRONLY|O_APPEND|O_CREAT|O_NOFOLLOW (mode 0600) and tries each
+lock once, in the order given, without waiting; when one is held by someone else, lets go of those it took and
+ends; else checks that the path still names the file it holds, notes its size, writes the entry and fsyncs.
+Between attempts the delivery waits on the event loop (5 ms doubling up to 100 ms; 50 ms up to 1 s when each
+attempt forks), holding no thread and no lock: a mailbox locked for ever by another program costs its own
+delivery 20 s and a deferral, never a worker thread that the other deliveries, the queue's writes and smtpd
+need (measured: 8 mailboxes locked by another process made a delivery to a ninth wait 19.7 s while each held one
+of the 6 threads; now 0.0 s). Any failure while writing truncates the file back to the size it had, before the
+locks are released, so readers never see a partial entry. The kernel locks go with the descriptor; the dotlock
+is removed last.
 
-Lock styles (Postfix mailbox_delivery_lock), taken in the order given. Every program that writes the mailbox
-must use the same locks in the same order, or two of them can each hold one lock and wait for the other until
-one gives up. The default, fcntl then dotlock, is Debian's policy and works with Dovecot's defaults: Dovecot
-keeps its fcntl read lock while it takes the dotlock to write, so a deliverer taking the dotlock first waits
-for Dovecot while Dovecot waits for it (measured: with "dotlock, fcntl", most of 10 deliveries racing 10
-`doveadm save` runs timed out; with "fcntl, dotlock" none did). (Postfix's own mbox_open always takes the dotlock
-first, whatever the order of the setting.)
+Lock styles (Postfix mailbox_delivery_lock), tried in the order given. Every program that writes the mailbox must
+use the same styles. The order only decides which lock is tried first: mailflow never waits while holding one (a
+busy lock lets go of those taken, see "How an append works"), so it cannot wait for another writer that waits for
+it, whatever the order (the review of this design raced a writer holding an fcntl read lock while it waited for the
+dotlock, as Dovecot does, against 10 appends: with "dotlock, fcntl" and with "fcntl, dotlock" every entry was
+written once). It mattered when mailflow held its locks while waiting: then "dotlock, fcntl" made most of 10
+deliveries racing 10 `doveadm save` runs time out. The default, fcntl then dotlock, is Debian's policy. (Postfix's
+own mbox_open always takes the dotlock first, whatever the order of the setting.)
 - "fcntl": a POSIX write lock on the whole file. On Linux it is taken as an open-file-description lock
   (F_OFD_SETLK), which conflicts with every other process's fcntl()/lockf() lock exactly like a classic one but
   also excludes the other threads of this process (classic POSIX locks belong to the process, so two deliveries
@@ -33,7 +47,7 @@ first, whatever the order of the setting.)
 - "dotlock": `<path>.lock` created with O_EXCL; a lock file whose mtime is older than `stale_lock_time`
   (500 s, Postfix's default) is removed as stale. Postfix looks at the ctime; the mtime is what liblockfile
   looks at, and what a holder refreshes with touch.
-Every attempt is non-blocking; between attempts the thread sleeps 5 ms doubling up to 100 ms.
+Every try is non-blocking (see "How an append works" for the waits between attempts).
 
 Failures (exceptions from mailflow.errors, with Postfix's mbox_open/mbox_dsn as the reference):
 - a lock not obtained within `lock_timeout`: TemporaryError 4.2.0 "mailbox … is busy";
@@ -62,8 +76,9 @@ import re
 import stat
 import struct
 import time
+from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal
+from typing import Iterable, Iterator, Literal, NamedTuple, cast
 
 from mailflow.config import DEFAULTS, LocalConfig
 from mailflow.content import Content
@@ -71,6 +86,7 @@ from mailflow.errors import DeliveryError, PermanentError, TemporaryError
 from mailflow.syntax import mask_control
 from mailflow.transports.encode import FinalNewline, ToLf, encode, mboxrd_quoting
 from mailflow.transports.local.asuser import call_as
+from mailflow.transports.maildir import Owner, open_directory
 
 log = logging.getLogger("mailflow.mbox")
 
@@ -81,7 +97,8 @@ MAILER_DAEMON = "MAILER-DAEMON"  # the From_ line's sender for the null sender (
 DEFAULT_LOCK_TIMEOUT = 20.0  # Postfix: deliver_lock_attempts (20) x deliver_lock_delay (1s)
 STALE_LOCK_TIME = 500.0  # Postfix stale_lock_time
 NEWBORN_WAIT = 1.0  # how long a mailbox another delivery is creating for its owner may stay ours (_open_mailbox)
-_FIRST_POLL, _MAX_POLL = 0.005, 0.1
+_FIRST_POLL, _MAX_POLL = 0.005, 0.1  # seconds between two attempts at the locks: first, at most
+_FIRST_FORKED_POLL, _MAX_FORKED_POLL = 0.05, 1.0  # the same when each attempt forks a child (Postfix: 1 s apart)
 _LOCK_STYLES: tuple[LockStyle, ...] = ("fcntl", "flock", "dotlock")
 
 _QUOTED_FROM_LINE = re.compile(rb"^>(>*From )", re.MULTILINE)
@@ -92,7 +109,13 @@ _DOT_ATOM = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
 # ------------------------------------------------------------------------------------------- where
 
 
-def mailbox_location(local: LocalConfig, user: str) -> tuple[Path, MailboxKind]:
+class MailboxLocation(NamedTuple):
+    path: Path  # absolute, normalised (no '..': what is compared with `home` is what is opened)
+    kind: MailboxKind
+    home: Path | None  # a home mailbox's home (the user's part starts there); None in mail_spool_directory
+
+
+def mailbox_location(local: LocalConfig, user: str) -> MailboxLocation:
     """Where `user`'s mailbox is, as Postfix local(8) decides it (mailbox_command aside):
 
     - `home_mailbox` set: `<home>/<home_mailbox>`, a Maildir when it ends in "/", else an mbox file; the home
@@ -104,9 +127,14 @@ def mailbox_location(local: LocalConfig, user: str) -> tuple[Path, MailboxKind]:
         raise ValueError(f"{user!r} is not a local user name")
     if local.home_mailbox:
         kind: MailboxKind = "maildir" if local.home_mailbox.endswith("/") else "mbox"
-        return Path(local.maildir_base) / user / local.home_mailbox, kind
+        home = _normal(Path(local.maildir_base) / user)
+        return MailboxLocation(_normal(home / local.home_mailbox), kind, home)
     kind = "maildir" if local.mail_spool_directory.endswith("/") else "mbox"
-    return Path(local.mail_spool_directory) / user, kind
+    return MailboxLocation(_normal(Path(local.mail_spool_directory) / user), kind, None)
+
+
+def _normal(path: Path) -> Path:
+    return Path(os.path.normpath(os.path.abspath(path)))
 
 
 # ------------------------------------------------------------------------------------------- format
@@ -165,76 +193,122 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes], *,
                       locks: tuple[LockStyle, ...] = DEFAULTS.local.mailbox_delivery_lock,
                       lock_timeout: float = DEFAULT_LOCK_TIMEOUT, stale_lock_time: float = STALE_LOCK_TIME,
                       user: str | None = None, owner: tuple[int, int] | None = None, size_limit: int = 0,
-                      create_parents: bool = True, refuse_executable: bool = False) -> None:
+                      create_parents: bool = True, refuse_executable: bool = False, home: Path | None = None) -> None:
     """Append `entry` (from format_mbox_entry) to the mbox file at `path`, durably, under `locks` (taken in
     that order), or raise a DeliveryError (TemporaryError / PermanentError, see the module docstring). The
-    mailbox never keeps part of an entry. With `user` (mailflow running as root) the whole append runs in a
+    mailbox never keeps part of an entry. With `user` (mailflow running as root) each attempt runs in a
     forked child with that user's uid, gid and groups, so the file system checks that user's rights.
     With `owner` (uid, gid: the recipient's, mailflow running as root) a mailbox created here is given to it,
     and an existing one that another uid owns is not written: TemporaryError 4.2.0 (Postfix's
-    strict_mailbox_ownership). With `size_limit` (bytes, Postfix mailbox_size_limit) an entry that would make
-    the file bigger is not kept: PermanentError 5.2.2, as the EFBIG Postfix's file size limit gives.
+    strict_mailbox_ownership); with `home` too (a home mailbox: the user's home, `<maildir_base>/<user>`), the home
+    is opened following links (made 0700 for `owner` when missing) and the directories below it without following
+    a symbolic link (4.2.0 "symbolic link … not followed"), made for `owner` (0700) when missing, as a Maildir's
+    are; a mailbox not below `home` is refused (4.2.0). With `size_limit` (bytes, Postfix mailbox_size_limit) an
+    entry that would make the file bigger is not kept: PermanentError 5.2.2, as the EFBIG of
+    Postfix's file size limit.
     `create_parents`: make the missing directories above the file (a mailbox), or not (a /file destination an
     alias or .forward names: a missing directory is an OS error, TemporaryError 4.2.0). `refuse_executable`: an
     existing file with an execute bit is not written, PermanentError 5.7.1 (local(8)'s "file is executable")."""
     if len(set(locks)) != len(locks) or not set(locks) <= set(_LOCK_STYLES):
         raise ValueError(f"lock styles {locks!r}: each of {', '.join(_LOCK_STYLES)} at most once")
-    args = (Path(path), entry, tuple(locks), lock_timeout, stale_lock_time, owner, size_limit, create_parents,
-            refuse_executable)
-    if user is None:
-        await asyncio.to_thread(_append, *args)
-    else:
-        await asyncio.to_thread(_append_as, user, *args)
+    args = (Path(path), entry, tuple(locks), stale_lock_time, owner, size_limit, create_parents, refuse_executable,
+            home)
+    attempt = partial(_append_once, *args) if user is None else partial(_append_once_as, user, *args)
+    deadline = time.monotonic() + lock_timeout
+    delay, most = (_FIRST_POLL, _MAX_POLL) if user is None else (_FIRST_FORKED_POLL, _MAX_FORKED_POLL)
+    while (busy := await asyncio.to_thread(attempt)) is not None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _busy(Path(path), busy, lock_timeout)
+        await asyncio.sleep(min(delay, left))  # (no thread waits: see the module docstring)
+        delay = min(delay * 2, most)
 
 
-def _append_as(user: str, *args) -> None:
-    """`_append` with `user`'s rights, in a child process forked from this worker thread (asuser.call_as); its
-    DeliveryError comes back as itself."""
-    call_as(user, "write", _appended, *args)
+def _busy(path: Path, style: LockStyle, timeout: float) -> TemporaryError:
+    if style == "dotlock":
+        return TemporaryError("4.2.0", f"mailbox {path} is busy: {dotlock_path(path)} exists "
+                                       f"(no dotlock within {timeout:g}s)")
+    return TemporaryError("4.2.0", f"mailbox {path} is busy: no {style} lock within {timeout:g}s")
+
+
+def _append_once_as(user: str, *args) -> LockStyle | None:
+    """`_append_once` with `user`'s rights, in a child process forked from this worker thread (asuser.call_as);
+    its DeliveryError comes back as itself, the lock it found busy as its name."""
+    busy = call_as(user, "write", _appended, *args).decode("ascii")
+    return cast(LockStyle, busy) if busy else None
 
 
 def _appended(*args) -> bytes:
-    _append(*args)
-    return b""
+    return (_append_once(*args) or "").encode("ascii")
 
 
-def _append(path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockStyle, ...], lock_timeout: float,
-            stale_lock_time: float, owner: tuple[int, int] | None = None, size_limit: int = 0,
-            create_parents: bool = True, refuse_executable: bool = False) -> None:
+def _append_once(path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockStyle, ...], stale_lock_time: float,
+                 owner: tuple[int, int] | None = None, size_limit: int = 0, create_parents: bool = True,
+                 refuse_executable: bool = False, home: Path | None = None) -> LockStyle | None:
+    """One attempt at the append: open the mailbox, try each lock once, write. None once written; the style of
+    the first lock another holder has (every lock taken is let go again, nothing written) for a later attempt.
+    The mailbox, its dotlock and the check that it is still there are all reached through one descriptor of its
+    directory (`_open_folder`)."""
     try:
-        if create_parents:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        fd = _open_mailbox(path, owner, refuse_executable)
-        dotlocked = False
+        folder = _open_folder(path.parent, owner, home, create_parents)
         try:
-            deadline = time.monotonic() + lock_timeout
-            for style in locks:
-                if style == "dotlock":
-                    _take_dotlock(path, deadline, lock_timeout, stale_lock_time)
-                    dotlocked = True
-                else:
-                    _take_kernel_lock(fd, style, path, deadline, lock_timeout)
-            _check_still_the_mailbox(fd, path)
-            _write_or_roll_back(fd, path, entry, size_limit)
+            return _append_in(folder, path, entry, locks, stale_lock_time, owner, size_limit, refuse_executable)
         finally:
-            os.close(fd)  # releases the fcntl/flock locks
-            if dotlocked:
-                _remove_dotlock(path)
+            os.close(folder)
     except DeliveryError:
         raise
     except OSError as e:
         raise _os_error(path, e, "update") from None
 
 
-def _open_mailbox(path: Path, owner: tuple[int, int] | None = None, refuse_executable: bool = False) -> int:
+def _append_in(folder: int, path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockStyle, ...],
+               stale_lock_time: float, owner: tuple[int, int] | None, size_limit: int,
+               refuse_executable: bool) -> LockStyle | None:
+    """`_append_once` in the mailbox's directory, `folder`."""
+    fd = _open_mailbox(path, owner, refuse_executable, folder)
+    dotlocked = False
+    try:
+        for style in locks:
+            if style == "dotlock":
+                dotlocked = _try_dotlock(path, stale_lock_time, folder)
+                taken = dotlocked
+            else:
+                taken = _try_kernel_lock(fd, style)
+            if not taken:
+                return style
+        _check_still_the_mailbox(fd, path, folder)
+        _write_or_roll_back(fd, path, entry, size_limit)
+        return None
+    finally:
+        os.close(fd)  # releases the fcntl/flock locks
+        if dotlocked:
+            _remove_dotlock(path, folder)
+
+
+def _open_folder(folder: Path, owner: tuple[int, int] | None, home: Path | None, create: bool) -> int:
+    """A descriptor of the mailbox's directory. With `owner` and `home` (a system user's home mailbox, as root;
+    the user owns its home, so it could make a directory there a link to anywhere): the home following links,
+    then each directory below it opened without following a symbolic link, a missing one made 0700 for the owner
+    (maildir.open_directory), as Postfix's local(8) reaches a home mailbox with the user's rights; one not below
+    the home is refused (OSError EPERM). Otherwise the directory the path names, made when missing and `create`."""
+    if owner is not None and home is not None:
+        return open_directory(folder, Owner(owner[0], owner[1], home, home=True))
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
+    return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _open_mailbox(path: Path, owner: tuple[int, int] | None = None, refuse_executable: bool = False,
+                  folder: int | None = None) -> int:
     """The mailbox opened for appending, created 0600 if missing (and given to `owner`); never through a
     symlink, never a directory, a special file, a file with other hard links, with `owner` a file another
     uid owns or, with `refuse_executable`, an executable file. O_NONBLOCK keeps a FIFO planted there from
     hanging us. A mailbox another delivery of this server is creating for `owner` at this moment (empty, still
-    ours until its fchown) is waited for, up to NEWBORN_WAIT, instead of being refused as another uid's."""
+    ours until its fchown) is waited for, up to NEWBORN_WAIT, instead of being refused as another uid's. `folder`:
+    a descriptor of its directory (None: the path is opened as it is)."""
     deadline = time.monotonic() + NEWBORN_WAIT
     while True:
-        fd, created = _open_or_create(path)
+        fd, created = _open_or_create(path, folder)
         try:
             if created and owner is not None:
                 os.fchown(fd, *owner)
@@ -268,14 +342,19 @@ def _check_mailbox(path: Path, st: os.stat_result, owner: tuple[int, int] | None
         raise TemporaryError("4.2.0", f"destination {path} is not owned by recipient")
 
 
-def _open_or_create(path: Path) -> tuple[int, bool]:
+def _at(path: Path, folder: int | None) -> str:
+    """What names `path` for a call given dir_fd=`folder`: its last component in that directory, else itself."""
+    return path.name if folder is not None else str(path)
+
+
+def _open_or_create(path: Path, folder: int | None = None) -> tuple[int, bool]:
     """(fd, whether this call created the file)."""
     flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         try:
-            return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600), True
+            return os.open(_at(path, folder), flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=folder), True
         except FileExistsError:
-            return os.open(path, flags), False
+            return os.open(_at(path, folder), flags, dir_fd=folder), False
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise PermanentError("5.2.0", f"mailbox {path} is a symbolic link: not followed") from None
@@ -284,11 +363,6 @@ def _open_or_create(path: Path) -> tuple[int, bool]:
         if e.errno == errno.ENXIO:  # a FIFO without a reader
             raise PermanentError("5.2.0", f"mailbox {path} is not a regular file") from None
         raise
-
-
-def _take_kernel_lock(fd: int, style: LockStyle, path: Path, deadline: float, timeout: float) -> None:
-    if not _poll(lambda: _try_kernel_lock(fd, style), deadline):
-        raise TemporaryError("4.2.0", f"mailbox {path} is busy: no {style} lock within {timeout:g}s")
 
 
 def _try_kernel_lock(fd: int, style: LockStyle) -> bool:
@@ -311,62 +385,45 @@ def dotlock_path(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
-def _take_dotlock(path: Path, deadline: float, timeout: float, stale_lock_time: float) -> None:
+def _try_dotlock(path: Path, stale_lock_time: float, folder: int | None = None) -> bool:
+    """Create `<path>.lock` (True), or find it there, removing it when stale for the next attempt (False)."""
     lock = dotlock_path(path)
-
-    def attempt() -> bool:
-        try:
-            os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
-        except FileExistsError:
-            _break_stale_dotlock(lock, stale_lock_time)
-            return False
-        return True
-
     try:
-        got = _poll(attempt, deadline)
+        os.close(os.open(_at(lock, folder), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600, dir_fd=folder))
+    except FileExistsError:
+        _break_stale_dotlock(lock, stale_lock_time, folder)
+        return False
     except OSError as e:
         raise TemporaryError("4.2.0", f"cannot create lock file {lock}: {e.strerror}") from None
-    if not got:
-        raise TemporaryError("4.2.0", f"mailbox {path} is busy: {lock} exists (no dotlock within {timeout:g}s)")
+    return True
 
 
-def _break_stale_dotlock(lock: Path, stale_lock_time: float) -> None:
+def _break_stale_dotlock(lock: Path, stale_lock_time: float, folder: int | None = None) -> None:
     """Remove `lock` when nobody has touched it for stale_lock_time (its holder is presumed dead)."""
     try:
-        age = time.time() - os.stat(lock).st_mtime
+        age = time.time() - os.stat(_at(lock, folder), dir_fd=folder, follow_symlinks=False).st_mtime
         if age > stale_lock_time:
-            os.unlink(lock)
+            os.unlink(_at(lock, folder), dir_fd=folder)
             log.warning("removed stale lock file %s (%.0f s old)", lock, age)
     except FileNotFoundError:
         pass
 
 
-def _remove_dotlock(path: Path) -> None:
+def _remove_dotlock(path: Path, folder: int | None = None) -> None:
     try:
-        os.unlink(dotlock_path(path))
+        os.unlink(_at(dotlock_path(path), folder), dir_fd=folder)
     except OSError as e:
         if e.errno != errno.ENOENT:
             log.error("cannot remove lock file %s: %s", dotlock_path(path), e.strerror)
 
 
-def _poll(attempt: Callable[[], bool], deadline: float) -> bool:
-    """Call `attempt` until it returns True or `deadline` (time.monotonic) has passed; one last try at the end."""
-    delay = _FIRST_POLL
-    while not attempt():
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        time.sleep(min(delay, left))
-        delay = min(delay * 2, _MAX_POLL)
-    return True
-
-
-def _check_still_the_mailbox(fd: int, path: Path) -> None:
+def _check_still_the_mailbox(fd: int, path: Path, folder: int | None = None) -> None:
     """The file we locked is still the one at `path` (nobody removed or replaced it while we waited: some
     POP servers write a new mailbox and rename it over the old one)."""
     held = os.fstat(fd)
     try:
-        now = os.lstat(path)
+        now = os.stat(_at(path, folder), dir_fd=folder, follow_symlinks=False)
     except FileNotFoundError:
         now = None
     if now is None or held.st_nlink != 1 or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):

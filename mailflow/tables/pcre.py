@@ -1,0 +1,240 @@
+"""`pcre:/path` tables (pcre_table(5)) on RE2: Postfix's PCRE rules, leftmost-first, no backtracking.
+
+The file format is regexp:'s (mailflow.tables.regexp shares its `if`/`endif` structure, prefilter set and lookup):
+`/pattern/flags result`, `!/pattern/ result` (each `!` toggles; blanks may come between), `if /pattern/` …
+`endif` (nested), `#` comments, continuation lines. The delimiter is the first character after the `!`s (any
+character but a blank; a rule line itself starts with a non-alphanumeric one), a backslash escapes it, and the
+pattern keeps its backslashes, as Postfix's dict_pcre.c reads it.
+
+Matching is PCRE's leftmost-first (RE2 `longest_match = False`): `/^(a|ab)/ $1` against `abc` answers `a` (regexp:,
+leftmost-longest as POSIX, answers `ab`), non-greedy quantifiers are honoured (`/^<(.+?)>/ $1` against `<a>b>`
+answers `a`). As in Postfix 3.7 (which never asks PCRE for UTF mode), patterns and keys
+are bytes: `.` is one byte, caseless matching folds ASCII letters, a key that is not UTF-8 (surrogates, as
+Python's surrogateescape gives them) is matched as the bytes it came from. (RE2's Latin-1 mode also folds the
+case of bytes 0xC0-0xDE against 0xE0-0xFE, which PCRE does not: a pattern's UTF-8 lead byte can then match
+another lead byte in a caseless rule. No text of a real pattern is known to meet this.)
+
+Flags (each toggles; the defaults are Postfix's, caseless and dot-all): i caseless, m multi-line (`^`/`$` at line
+breaks), s dot-all (`.` matches a line break), x extended (blanks and `#` comments in the pattern are left out
+here, RE2 has no such mode), A anchored (at the key's start), U ungreedy (RE2's (?U)), E dollar-end-only (RE2's
+`$` is always so: a key never ends in a line break here, mailflow asks none that does), X (PCRE1's "extra",
+ignored by Postfix's PCRE2 build: accepted, no effect).
+
+The result: `$n`, `${n}`, `$(n)` (n >= 1, at most the pattern's groups) the text of group n, empty when the
+group did not take part; `$$` a dollar; any other `$` is a bad line (Postfix's mac_parse). A result that is not
+UTF-8 (a group that cut a character in two, `/^(.)/ $1` against `é`) cannot be answered (`LookupRetry`), as Postfix
+refuses it ("non-UTF-8 value", a query error, with smtputf8_enable = yes, its default). A key that is not UTF-8 is
+matched as its bytes, where Postfix with smtputf8_enable = yes does not look it up (not found, with a warning).
+
+One capture differs: a group repeated by `*`, `+` or `{n,m}` whose last repetition matches the empty string is
+that empty repetition in PCRE, the last non-empty one in RE2 (`/^((a?))*b$/ $1` against `ab`: `` in Postfix, `a`
+here). Patterns whose repeated groups always take a character answer as Postfix's (tests/interop's random ones).
+
+Cost: as regexp:'s (linear in the key, one RE2 set pass over all rules, then one search of the answering rule):
+about 4-5 us for a 20-rule file, a miss or a hit on the last rule, on the machine the tests run on.
+
+Failure behaviour: a line Postfix's pcre warns about and skips (a pattern RE2 cannot take: back-references,
+look-around, atomic groups, possessive quantifiers, recursion, conditionals; a bad flag or `$n`; an `if` without
+`endif`) makes the whole table fail with `LookupRetry` naming file:line and the reason, as regexp: does:
+`mailflow check-config` and `mailflow table query` report it, a reload refuses it, and a running server's lookups
+in it answer 4.3.0 (the mail waits) until it is fixed. A table missing a rule would answer wrongly (a skipped
+REJECT lets the mail in).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import re2
+
+from mailflow.errors import LookupRetry
+from mailflow.tables.files import Reloading
+from mailflow.tables.regexp import lookup_rules, parse_rules
+
+_FLAGS = "imsxAEUX"
+_SURROGATES = re.compile("[\ud800-\udfff]")
+# A part of the result: literal text, or the number of a group.
+Piece = str | int
+_MACRO = re.compile(r"\$(?:\$|\{([^}]*)\}|\(([^)]*)\)|([A-Za-z0-9_]*))")
+# RE2's errors for what PCRE has and RE2 has not: the construct, named as a PCRE user knows it
+_UNSUPPORTED = [(re.compile(r"invalid escape sequence: \\[1-9]"), "a back-reference"),
+                (re.compile(r"invalid escape sequence: \\g"), "a back-reference or subroutine call"),
+                (re.compile(r"invalid perl operator: \(\?<?[=!]"), "a look-around assertion"),
+                (re.compile(r"invalid perl operator: \(\?>"), "an atomic group"),
+                (re.compile(r"invalid perl operator: \(\?(?:R|[0-9+-]|&)"), "a recursion or subroutine call"),
+                (re.compile(r"invalid perl operator: \(\?\("), "a conditional group"),
+                (re.compile(r"bad repetition operator: [*+?}]\+"), "a possessive quantifier")]
+
+
+def _options() -> "re2.Options":
+    options = re2.Options()
+    options.encoding = re2.Options.Encoding.LATIN1  # bytes, as PCRE without UTF mode
+    options.longest_match = False  # leftmost-first, as PCRE
+    options.log_errors = False
+    return options
+
+
+def _parse_pcre(source: str) -> Any:
+    return parse_rules(source, _parse_pattern, _parse_result, _options())
+
+
+def _parse_pattern(number: int, text: str) -> tuple[Any, bool, str]:
+    """`!/pattern/flags rest` -> (compiled pattern, negated, rest), as dict_pcre_get_pattern reads it."""
+    negate, i = False, 0
+    while i < len(text) and (text[i] == "!" or text[i].isspace()):
+        negate ^= text[i] == "!"
+        i += 1
+    if i == len(text) or (i == 0 and text[0].isalnum()):
+        raise ValueError(f"line {number}: expected /pattern/ (optionally !/pattern/ or if /pattern/)")
+    delimiter, start = text[i], i + 1
+    i = start
+    while i < len(text) and text[i] != delimiter:
+        i += 2 if text[i] == "\\" else 1
+    if i >= len(text):
+        raise ValueError(f"line {number}: the pattern has no closing {delimiter}")
+    pattern, flags_end = text[start:i], i + 1
+    while flags_end < len(text) and not text[flags_end].isspace():
+        flags_end += 1
+    return _compile(number, pattern, text[i + 1:flags_end]), negate, text[flags_end:].strip()
+
+
+def _compile(number: int, pattern: str, flags: str):
+    """The RE2 pattern for a PCRE pattern and its flags (defaults caseless and dot-all, each flag toggles)."""
+    on = {"i": True, "s": True}
+    for flag in flags:
+        if flag not in _FLAGS:
+            raise ValueError(f"line {number}: unknown regexp option {flag!r} (pcre_table(5) has {', '.join(_FLAGS)})")
+        on[flag] = not on.get(flag, False)
+    if on.get("x"):
+        pattern = _without_extended_blanks(pattern)
+    inline = "".join(f for f in "imsU" if on.get(f))
+    text = pattern.encode("utf-8", "surrogateescape")
+    if on.get("A"):
+        text = rb"\A(?:" + text + b")"
+    try:
+        return re2.compile((f"(?{inline})".encode() if inline else b"") + text, _options())
+    except re2.error as e:
+        raise ValueError(f"line {number}: {_reason(pattern, e)}") from None
+
+
+def _reason(pattern: str, error: Exception) -> str:
+    """Why RE2 refused `pattern`, in its words about the pattern as written (not the flags mailflow put in)."""
+    try:
+        re2.compile(pattern.encode("utf-8", "surrogateescape"), _options())
+    except re2.error as e:
+        error = e
+    message = error.args[0] if error.args else error
+    text = message.decode("utf-8", "replace") if isinstance(message, bytes) else str(message)
+    for found, construct in _UNSUPPORTED:
+        if found.search(text):
+            return f"{construct} is not supported (mailflow's pcre: runs on RE2: {text})"
+    return f"bad regular expression: {text}"
+
+
+def _without_extended_blanks(pattern: str) -> str:
+    """PCRE's x flag, which RE2 lacks: blanks outside a character class and `#` to the end of the pattern left
+    out; an escaped character, a class and \\Q…\\E are kept as written."""
+    out, i, n = [], 0, len(pattern)
+    while i < n:
+        char = pattern[i]
+        if char == "\\" and pattern.startswith("\\Q", i):
+            end = pattern.find("\\E", i + 2)
+            end = n if end < 0 else end + 2
+            out.append(pattern[i:end])
+            i = end
+        elif char == "\\":
+            out.append(pattern[i:i + 2])
+            i += 2
+        elif char == "[":
+            end = _class_end(pattern, i)
+            out.append(pattern[i:end])
+            i = end
+        elif char == "#":
+            break
+        else:
+            if not char.isspace():
+                out.append(char)
+            i += 1
+    return "".join(out)
+
+
+def _class_end(pattern: str, start: int) -> int:
+    """The index after the character class opened at `start` (a `]` first in it is a member; `[:alpha:]` and
+    escapes inside it are skipped whole); the pattern's end when it is not closed (RE2 then says so)."""
+    i = start + 1
+    if pattern.startswith("^", i):
+        i += 1
+    if pattern.startswith("]", i):
+        i += 1
+    while i < len(pattern):
+        if pattern[i] == "\\":
+            i += 2
+        elif pattern.startswith("[:", i) and pattern.find(":]", i + 2) > 0:
+            i = pattern.find(":]", i + 2) + 2
+        elif pattern[i] == "]":
+            return i + 1
+        else:
+            i += 1
+    return len(pattern)
+
+
+def _parse_result(number: int, text: str, regex, negate: bool) -> str | tuple[Piece, ...]:
+    """The result as Postfix's mac_parse reads it: a plain string when it names no group (`$$` made `$`), else
+    its literal parts and group numbers."""
+    pieces: list[Piece] = []
+    position = 0
+    for m in _MACRO.finditer(text):
+        pieces.append(text[position:m.start()])
+        position = m.end()
+        if m.group(0) == "$$":
+            pieces.append("$")
+            continue
+        name = next((g for g in m.groups() if g is not None), "")
+        if not name:
+            raise ValueError(f"line {number}: bad replacement syntax: a $ without a group number ($$ for a $)")
+        if not name.isdigit() or not name.isascii():
+            raise ValueError(f"line {number}: non-numeric replacement index {name!r}")
+        if int(name) < 1 or int(name) > regex.groups:
+            raise ValueError(f"line {number}: out of range replacement index {name!r} "
+                             f"(the pattern has {regex.groups} group(s))")
+        if negate:
+            raise ValueError(f"line {number}: ${name} in the result of a negated (!) pattern")
+        pieces.append(int(name))
+    pieces.append(text[position:])
+    if all(isinstance(piece, str) for piece in pieces):
+        return "".join(str(piece) for piece in pieces)
+    return tuple(piece for piece in pieces if piece != "")
+
+
+def _expand(result: str | tuple[Piece, ...], m) -> str:
+    if isinstance(result, str):
+        return result
+    parts = [piece.encode("utf-8", "surrogateescape") if isinstance(piece, str) else (m.group(piece) or b"")
+             for piece in result]
+    return b"".join(parts).decode("utf-8", "surrogateescape")
+
+
+def _key_bytes(key: str) -> bytes:
+    try:
+        return key.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate surrogateescape never makes: as the UTF-8 of its code point
+        return key.encode("utf-8", "surrogatepass")
+
+
+class PcreTable:
+    fixed = False
+    blocking = False  # RE2: linear in the key, whatever the pattern
+
+    def __init__(self, name: str, path: Path, clock: Callable[[], float]):
+        self.name = name
+        self._file = Reloading(name, path, clock, _parse_pcre)
+
+    def load(self) -> None:
+        self._file.load()
+
+    def lookup(self, key: str) -> str | None:
+        value = lookup_rules(self._file.current(), _key_bytes(key), _expand)
+        if value is not None and not value.isascii() and _SURROGATES.search(value):
+            raise LookupRetry(f"table {self.name}: key {key!r}: non-UTF-8 value {value!r}")
+        return value
