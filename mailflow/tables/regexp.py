@@ -57,32 +57,50 @@ def parse_rules(source: str, parse_pattern: Callable[[int, str], tuple[Any, bool
     """A file of regexp_table(5) or pcre_table(5) rules: the `if`/`endif` structure is the same for both; the
     types differ in `parse_pattern(line number, text) -> (compiled pattern, negated, the rest of the text)` and
     `parse_result(line number, text, compiled pattern, negated) -> the result as lookups expand it` (each raises
-    ValueError("line N: …")), and in the RE2 options of the prefilter set."""
+    ValueError("line N: …")), and in the RE2 options of the prefilter set. Raises RuleErrors naming every refused
+    line, as Postfix warns about each line it skips (each `if` left without `endif` too)."""
     rules: list[_Rule | None] = []
     open_ifs: list[tuple[int, _Rule]] = []  # the `if` rules not yet ended, with their line numbers
+    errors: list[str] = []  # every refused line, not only the first: a migrated file is fixed in one pass
     for number, line in logical_lines(source):
         if line.strip().lower() == "endif":
             if not open_ifs:
-                raise ValueError(f"line {number}: endif without if")
+                errors.append(f"line {number}: endif without if")
+                continue
             open_ifs.pop()[1].end = len(rules)
             rules.append(None)  # the endif itself: nothing to do
             continue
         is_if = re.match(r"if(?![a-z0-9])", line, re.IGNORECASE) is not None  # `if/x/` too, as Postfix reads it
         text = line[2:].lstrip() if is_if else line
-        regex, negate, rest = parse_pattern(number, text)
-        if is_if:
-            if rest:
+        try:
+            regex, negate, rest = parse_pattern(number, text)
+            if is_if and rest:
                 raise ValueError(f"line {number}: text after the 'if' pattern")
-            opened = _Rule(regex, negate, None)
-            open_ifs.append((number, opened))
-            rules.append(opened)
-            continue
-        if not rest:
-            raise ValueError(f"line {number}: no result after the pattern")
-        rules.append(_Rule(regex, negate, parse_result(number, rest, regex, negate)))
-    if open_ifs:
-        raise ValueError(f"line {open_ifs[-1][0]}: if without endif at the end of the file")
+            if not is_if and not rest:
+                raise ValueError(f"line {number}: no result after the pattern")
+            result = None if is_if else parse_result(number, rest, regex, negate)
+        except ValueError as e:
+            errors.append(str(e))
+            if not is_if:
+                continue
+            regex, negate, result = None, False, None  # a bad `if` still opens a block: its endif is no error
+        rule = _Rule(regex, negate, result)
+        if is_if:
+            open_ifs.append((number, rule))
+        rules.append(rule)
+    errors += [f"line {number}: if without endif at the end of the file" for number, _ in open_ifs]
+    if errors:
+        raise RuleErrors(errors)
     return _Rules(rules, _prefilter(rules, set_options))
+
+
+class RuleErrors(ValueError):
+    """Every line of a regexp_table(5) or pcre_table(5) file its type refuses (`lines`: "line N: reason" each, in
+    file order); the message names them all."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("; ".join(lines))
+        self.lines = lines
 
 
 def _checked_result(number: int, rest: str, regex, negate: bool) -> str:

@@ -885,3 +885,14 @@ def test_local_part_keys_ask_quoted_then_internal():
                                                                                 "al 1"]
     assert local_part_keys('"al.1.+x"', delimiter="+", form=EXTERNAL_FIRST) == ["al.1.+x", '"al.1."', "al.1."]
     assert local_part_keys("joe+x", delimiter="+", form=EXTERNAL_FIRST) == ["joe+x", "joe"]
+
+
+@pytest.mark.parametrize("kind", ["regexp", "pcre"])
+def test_a_pattern_file_names_every_line_it_refuses_not_only_the_first(tmp_path, kind):
+    """A migrated file is fixed in one pass: each bad line named (Postfix warns about each line it skips), a bad
+    `if` still opening its block (its endif is no error), each `if` left open named as postmap names them."""
+    f = write(tmp_path / "t", "/(a)/ $2\n/ok/ fine\nif /(/\n/b/ c\nendif\n/x/q y\nif /a/\nif /b/\n")
+    with pytest.raises(LookupRetry) as e:
+        open_table(f"{kind}:{f}").lookup("a")
+    lines = re.findall(r"line (\d+): ", str(e.value))
+    assert lines == ["1", "3", "6", "7", "8"], str(e.value)
