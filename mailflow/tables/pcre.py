@@ -75,7 +75,7 @@ def _options() -> "re2.Options":
     return options
 
 
-def _parse_pcre(source: str) -> Any:
+def parse_pcre(source: str) -> Any:
     return parse_rules(source, _parse_pattern, _parse_result, _options())
 
 
@@ -228,7 +228,7 @@ class PcreTable:
 
     def __init__(self, name: str, path: Path, clock: Callable[[], float]):
         self.name = name
-        self._file = Reloading(name, path, clock, _parse_pcre)
+        self._file = Reloading(name, path, clock, parse_pcre)
 
     def load(self) -> None:
         self._file.load()

@@ -47,7 +47,7 @@ class _Rules:
 _SUBST = re.compile(r"\$(?:(\d)|\{(\d+)\}|\((\d+)\)|(\$))")
 
 
-def _parse_regexp(source: str) -> _Rules:
+def parse_regexp(source: str) -> _Rules:
     """The rules (None for an endif) and their prefilter set (or None)."""
     return parse_rules(source, _parse_pattern, _checked_result, _options(ignore_case=False))
 
@@ -194,7 +194,7 @@ class RegexpTable:
 
     def __init__(self, name: str, path: Path, clock: Callable[[], float]):
         self.name = name
-        self._file = Reloading(name, path, clock, _parse_regexp)
+        self._file = Reloading(name, path, clock, parse_regexp)
 
     def load(self) -> None:
         self._file.load()
