@@ -17,8 +17,8 @@ through the one table (mailflow.config.postfix_names) and is converted by the ma
 spec of a type mailflow lacks is converted where mailflow has the same thing (hash:, lmdb:… -> texthash: of the
 source file, left out when that file is missing, noted when the compiled file is older or newer; pcre: stays
 pcre: (mailflow's is on RE2: each line of a regexp: or pcre: file the result names that mailflow's table refuses is
-left out with its file and line, as Postfix skips it, where mailflow's table would fail whole); proxy: dropped) and left out
-otherwise. Every value is then validated as mailflow loads it (mailflow.config.load.config_from_dict): one it
+left out with its file and line, as Postfix skips it, where mailflow's table would fail whole); proxy: dropped) and
+left out otherwise. Every value is then validated as mailflow loads it (mailflow.config.load.config_from_dict): one it
 refuses is left out with mailflow's reason, so what is written always loads. Nothing is dropped silently and no
 value is invented: a setting written without a main.cf line (myhostname, mydestination, alias_maps,
 local_recipient_maps, the listen addresses) is Postfix's default, said so in a comment (a table of it mailflow
