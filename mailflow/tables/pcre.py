@@ -20,6 +20,10 @@ here, RE2 has no such mode), A anchored (at the key's start), U ungreedy (RE2's 
 `$` is always so: a key never ends in a line break here, mailflow asks none that does), X (PCRE1's "extra",
 ignored by Postfix's PCRE2 build: accepted, no effect).
 
+Syntax: PCRE constructs RE2 lacks but can say otherwise are rewritten to what matches the same bytes
+(_in_re2_syntax: `\\s` with VT, `\\v` `\\h` and their negations, `\\e`, `\\cX`, `\\N`, `\\Z`, `(?#…)`); what RE2
+has no equivalent of is a bad line naming it ("RE2 has no \\G …").
+
 The result: `$n`, `${n}`, `$(n)` (n >= 1, at most the pattern's groups) the text of group n, empty when the
 group did not take part; `$$` a dollar; any other `$` is a bad line (Postfix's mac_parse). A result that is not
 UTF-8 (a group that cut a character in two, `/^(.)/ $1` against `é`) cannot be answered (`LookupRetry`), as Postfix
@@ -106,8 +110,10 @@ def _compile(number: int, pattern: str, flags: str):
         if flag not in _FLAGS:
             raise ValueError(f"line {number}: unknown regexp option {flag!r} (pcre_table(5) has {', '.join(_FLAGS)})")
         on[flag] = not on.get(flag, False)
-    if on.get("x"):
-        pattern = _without_extended_blanks(pattern)
+    try:
+        pattern = _in_re2_syntax(_without_extended_blanks(pattern) if on.get("x") else pattern)
+    except ValueError as e:
+        raise ValueError(f"line {number}: {e}") from None
     inline = "".join(f for f in "imsU" if on.get(f))
     text = pattern.encode("utf-8", "surrogateescape")
     if on.get("A"):
@@ -116,6 +122,111 @@ def _compile(number: int, pattern: str, flags: str):
         return re2.compile((f"(?{inline})".encode() if inline else b"") + text, _options())
     except re2.error as e:
         raise ValueError(f"line {number}: {_reason(pattern, e)}") from None
+
+
+# PCRE escapes RE2 lacks or reads otherwise, as the bytes each matches (PCRE2 without UTF mode, its default "C"
+# locale tables): \s has VT (RE2's has not), \v is vertical space (RE2's is VT alone), \h horizontal space.
+_SPACE = frozenset(b"\t\n\x0b\f\r ")
+_VERTICAL = frozenset(b"\n\x0b\f\r\x85")
+_HORIZONTAL = frozenset(b"\t \xa0")
+_BYTE_SETS = {"s": _SPACE, "v": _VERTICAL, "h": _HORIZONTAL}
+_SIMPLE = {"e": "\\x1b", "E": ""}  # escape, and a \E with no \Q before it (PCRE ignores it)
+_NOT_IN_RE2 = {"G": "\\G (the end of the previous match)", "K": "\\K (reset the match start)",
+               "X": "\\X (an extended grapheme cluster)", "R": "\\R (any line break sequence)",
+               "o": "\\o{...} (octal)", "g": "\\g (a back-reference or subroutine call)",
+               "k": "\\k (a named back-reference)"}
+_MAX_REPEAT = 1000  # RE2's limit on a counted repetition
+
+
+def _in_re2_syntax(pattern: str) -> str:
+    """`pattern` with each PCRE construct RE2 lacks but can say otherwise rewritten to what matches the same bytes:
+    `\\s` `\\S` `\\v` `\\V` `\\h` `\\H` as their byte sets, `\\e` `\\cX` `\\xH` as `\\xNN`, `\\N` as `[^\\n]`,
+    `\\Z` as `\\z` (no key mailflow asks ends in a line break, as for `$`), `(?#...)` and a stray `\\E` left out.
+    Raises ValueError naming what RE2 has no equivalent of (\\G, \\K, \\R, a count over 1000, branch reset…)."""
+    out, i, n = [], 0, len(pattern)
+    while i < n:
+        char = pattern[i]
+        if pattern.startswith("\\Q", i):
+            end = pattern.find("\\E", i + 2)
+            end = n if end < 0 else end + 2
+            out.append(pattern[i:end])
+            i = end
+        elif char == "\\":
+            text, i = _escape(pattern, i, in_class=False)
+            out.append(text)
+        elif char == "[":
+            text, i = _class(pattern, i)
+            out.append(text)
+        elif pattern.startswith("(?#", i):
+            end = pattern.find(")", i)
+            if end < 0:
+                raise ValueError("a (?# comment without its closing )")
+            i = end + 1
+        elif pattern.startswith("(?|", i):
+            raise ValueError("RE2 has no branch reset group (?|...)")
+        elif pattern.startswith("(*", i):
+            raise ValueError("RE2 has no (*VERB) or start-of-pattern option")
+        elif char == "{" and (count := re.match(r"\{(\d+)(?:,(\d*))?\}", pattern[i:])):
+            if any(c and int(c) > _MAX_REPEAT for c in count.groups()):
+                raise ValueError(f"RE2 has no repetition count over {_MAX_REPEAT} ({count.group(0)})")
+            out.append(count.group(0))
+            i += count.end()
+        else:
+            out.append(char)
+            i += 1
+    return "".join(out)
+
+
+def _escape(pattern: str, i: int, *, in_class: bool) -> tuple[str, int]:
+    """The RE2 text of the escape at `pattern[i]` (a backslash) and the index after it."""
+    letter = pattern[i + 1:i + 2]
+    if letter.lower() in _BYTE_SETS:
+        members = _BYTE_SETS[letter.lower()]
+        members = members if letter.islower() else frozenset(range(256)) - members
+        return (_ranges(members) if in_class else f"[{_ranges(members)}]"), i + 2
+    if letter in _SIMPLE:
+        return _SIMPLE[letter], i + 2
+    if letter == "c" and i + 2 < len(pattern) and pattern[i + 2].isascii():
+        return f"\\x{ord(pattern[i + 2].upper()) ^ 0x40:02x}", i + 3
+    if letter == "x" and (digits := re.match(r"[0-9A-Fa-f]{1,2}", pattern[i + 2:i + 4])):
+        return f"\\x{int(digits.group(0), 16):02x}", i + 2 + digits.end()
+    if letter == "N" and not in_class and not pattern.startswith("{", i + 2):
+        return "[^\\n]", i + 2
+    if letter == "Z" and not in_class:
+        return "\\z", i + 2
+    if letter in _NOT_IN_RE2:
+        raise ValueError(f"RE2 has no {_NOT_IN_RE2[letter]}")
+    return pattern[i:i + 2], i + 2
+
+
+def _class(pattern: str, start: int) -> tuple[str, int]:
+    """The character class opened at `start` with its escapes rewritten, and the index after it."""
+    end = _class_end(pattern, start)
+    out, i = [], start
+    while i < end:
+        if pattern[i] == "\\" and i > start:
+            text, i = _escape(pattern, i, in_class=True)
+            out.append(text)
+        elif pattern.startswith("[:", i) and i > start:
+            close = pattern.find(":]", i + 2) + 2
+            out.append(pattern[i:close])
+            i = close
+        else:
+            out.append(pattern[i])
+            i += 1
+    return "".join(out), end
+
+
+def _ranges(members: frozenset[int]) -> str:
+    """A class's inside for these bytes: `\\xNN` and `\\xNN-\\xNN` runs."""
+    runs, values = [], sorted(members)
+    first = previous = values[0]
+    for value in values[1:] + [-1]:
+        if value != previous + 1:
+            runs.append(f"\\x{first:02x}" + (f"-\\x{previous:02x}" if previous != first else ""))
+            first = value
+        previous = value
+    return "".join(runs)
 
 
 def _reason(pattern: str, error: Exception) -> str:
@@ -148,6 +259,11 @@ def _without_extended_blanks(pattern: str) -> str:
             i += 2
         elif char == "[":
             end = _class_end(pattern, i)
+            out.append(pattern[i:end])
+            i = end
+        elif pattern.startswith("(?#", i):  # a comment group, left out later (_in_re2_syntax)
+            end = pattern.find(")", i)
+            end = n if end < 0 else end + 1
             out.append(pattern[i:end])
             i = end
         elif char == "#":

@@ -239,3 +239,60 @@ async def test_header_checks_in_pcre_reject_as_postfix_s_do(mailflow_server):
     assert postfix == {"pills": "550 5.7.1 no VIAGRA here", "lazy": "550 5.7.1 first word: lottery",
                        "folded-dot": "550 5.7.1 dot matched the break", "folded-no-dot-all": "250",
                        "folded-multi-line": "550 5.7.1 one line of a folded header", "plain": "250"}
+
+
+# PCRE syntax RE2 lacks or reads otherwise, rewritten by mailflow to what matches the same bytes (each rule answers
+# with its own name; `\s` has VT in PCRE2 and not in RE2, `\v` is any vertical space in PCRE, VT alone in RE2)
+REWRITTEN = r"""/^end\Z/                   Z-end
+/^h\hh/                    h-horizontal
+/^H\H/                     H-not-horizontal
+/^esc\e/                   e-escape
+/^ctl\cA\cz/               c-control
+/^com(?#a comment)ment$/   comment-group
+/^x com (?#a (?# c) ment/x comment-group-extended
+/^n\N+x$/                  N-not-newline
+/^sp(\s)$/                 s-space=[$1]
+/^ns\S$/                   S-not-space
+/^cl[\s]$/                 s-in-class
+/^nc[^\S]$/                S-negated-in-class
+/^vt\v$/                   v-vertical
+/^nv\V$/                   V-not-vertical
+/^hx\x1$/                  x-one-digit
+/^st\Eay$/                 stray-E
+"""
+REWRITTEN_KEYS = ["end", "endx", "h\th", "h\xa0h".encode("latin-1").decode("utf-8", "surrogateescape"), "h h",
+                  "hxh", "H\t", "Hx", "esc\x1b", "escx", "ctl\x01\x1a", "ctlAz", "comment", "xcomment", "nabcx",
+                  "na\nx", "sp\x0b", "sp ", "spx", "ns\x0b", "nsx", "cl\x0b", "clx", "nc\x0b", "ncx", "vt\x0b",
+                  "vt\r", "vt\x85".encode("latin-1").decode("utf-8", "surrogateescape"), "vt ", "nv\x0b",
+                  "nvx", "hx\x01", "hx1", "stay"]
+
+
+def test_pcre_syntax_re2_lacks_is_rewritten_to_answer_as_postmap_q_does(tmp_path):
+    """Each rewrite (mailflow/tables/pcre.py _in_re2_syntax) against Postfix's own PCRE, key by key (a key that is
+    not UTF-8, `h<A0>h`, is passed to postmap as its bytes with smtputf8_enable = no, which then looks it up)."""
+    (tmp_path / "table.pcre").write_text(REWRITTEN)
+    spec = f"pcre:{tmp_path}/table.pcre"
+    opened = open_table(spec)
+    differ, matched = {}, 0
+    for key in REWRITTEN_KEYS:
+        done = subprocess.run([require_tool("postmap"), "-c", str(latin1_config(tmp_path)), "-q",
+                               os.fsencode(key), spec], capture_output=True, timeout=30)
+        postfix = done.stdout.decode("utf-8", "surrogateescape").rstrip("\n") if done.returncode == 0 else None
+        mailflow = opened.lookup(key)
+        matched += postfix is not None
+        if postfix != mailflow:
+            differ[key] = (postfix, mailflow)
+    assert differ == {}
+    assert matched >= len(REWRITTEN.splitlines()), "each rule answers some key"
+
+
+def latin1_config(tmp_path):
+    """A config directory whose main.cf has smtputf8_enable = no: postmap then looks up a key that is not UTF-8."""
+    folder = tmp_path / "config"
+    if not folder.exists():
+        folder.mkdir()
+        main = subprocess.run([require_tool("postconf"), "-d", "-h", "config_directory"], capture_output=True,
+                              text=True, timeout=30).stdout.strip()
+        (folder / "main.cf").write_text((open(f"{main}/main.cf").read() if os.path.exists(f"{main}/main.cf")
+                                         else "") + "\nsmtputf8_enable = no\n")
+    return folder

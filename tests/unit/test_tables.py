@@ -896,3 +896,13 @@ def test_a_pattern_file_names_every_line_it_refuses_not_only_the_first(tmp_path,
         open_table(f"{kind}:{f}").lookup("a")
     lines = re.findall(r"line (\d+): ", str(e.value))
     assert lines == ["1", "3", "6", "7", "8"], str(e.value)
+
+
+@pytest.mark.parametrize("pattern, named", [
+    (r"/\Ga/", r"RE2 has no \G"), (r"/a\Kb/", r"RE2 has no \K"), (r"/a\R/", r"RE2 has no \R"),
+    (r"/^.{1001,}/", "RE2 has no repetition count over 1000 ({1001,})"), (r"/(?|(a)|(b))/", "RE2 has no branch reset"),
+    (r"/(*UTF)a/", "RE2 has no (*VERB)"), (r"/a(?#b/", "a (?# comment without its closing )"),
+])
+def test_pcre_syntax_re2_has_no_equivalent_of_is_named(tmp_path, pattern, named):
+    with pytest.raises(LookupRetry, match=re.escape(f"line 1: {named}")):
+        pcre_table(tmp_path, f"{pattern} x\n").lookup("a")
