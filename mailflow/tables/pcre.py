@@ -116,9 +116,10 @@ def _compile(number: int, pattern: str, flags: str):
         raise ValueError(f"line {number}: {e}") from None
     inline = "".join(f for f in "imsU" if on.get(f))
     text = pattern.encode("utf-8", "surrogateescape")
-    if on.get("A"):
-        text = rb"\A(?:" + text + b")"
     try:
+        if on.get("A"):  # the pattern must stand alone first: `a)|(b` wrapped would be `\A(?:a)|(b)`
+            re2.compile(text, _options())
+            text = rb"\A(?:" + text + b")"
         return re2.compile((f"(?{inline})".encode() if inline else b"") + text, _options())
     except re2.error as e:
         raise ValueError(f"line {number}: {_reason(pattern, e)}") from None

@@ -369,6 +369,7 @@ def test_pcre_patterns_and_keys_are_bytes_as_in_postfix_3_7(tmp_path, prefilter)
     ("if /a/\n/b/ c\n", "line 1: if without endif"),
     ("/a/\n", "no result"),
     ("word x\n", "expected /pattern/"),
+    ("/a)|(b/A x\n", "line 1: bad regular expression: unexpected ): a)|(b"),
 ])
 def test_pcre_line_postfix_skips_fails_the_table_naming_line_and_reason(tmp_path, text, complaint):
     with pytest.raises(LookupRetry, match=re.escape(complaint)):
