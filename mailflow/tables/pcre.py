@@ -57,6 +57,8 @@ from mailflow.tables.files import Reloading
 from mailflow.tables.regexp import lookup_rules, parse_rules
 
 _FLAGS = "imsxAEUX"
+_BLANKS = " \t\n\v\f\r"  # Postfix's ISSPACE: ASCII only (not U+00A0, U+2003, \x1c-\x1f as str.isspace)
+_EXTENDED_BLANKS = _BLANKS + "\x85"  # what PCRE2's x flag leaves out of a pattern's bytes (0x85 is NEL)
 _SURROGATES = re.compile("[\ud800-\udfff]")
 # A part of the result: literal text, or the number of a group.
 Piece = str | int
@@ -86,7 +88,7 @@ def parse_pcre(source: str) -> Any:
 def _parse_pattern(number: int, text: str) -> tuple[Any, bool, str]:
     """`!/pattern/flags rest` -> (compiled pattern, negated, rest), as dict_pcre_get_pattern reads it."""
     negate, i = False, 0
-    while i < len(text) and (text[i] == "!" or text[i].isspace()):
+    while i < len(text) and (text[i] == "!" or text[i] in _BLANKS):
         negate ^= text[i] == "!"
         i += 1
     if i == len(text) or (i == 0 and text[0].isalnum()):
@@ -98,9 +100,9 @@ def _parse_pattern(number: int, text: str) -> tuple[Any, bool, str]:
     if i >= len(text):
         raise ValueError(f"line {number}: the pattern has no closing {delimiter}")
     pattern, flags_end = text[start:i], i + 1
-    while flags_end < len(text) and not text[flags_end].isspace():
+    while flags_end < len(text) and text[flags_end] not in _BLANKS:
         flags_end += 1
-    return _compile(number, pattern, text[i + 1:flags_end]), negate, text[flags_end:].strip()
+    return _compile(number, pattern, text[i + 1:flags_end]), negate, text[flags_end:].strip(_BLANKS)
 
 
 def _compile(number: int, pattern: str, flags: str):
@@ -111,7 +113,7 @@ def _compile(number: int, pattern: str, flags: str):
             raise ValueError(f"line {number}: unknown regexp option {flag!r} (pcre_table(5) has {', '.join(_FLAGS)})")
         on[flag] = not on.get(flag, False)
     try:
-        pattern = _in_re2_syntax(_without_extended_blanks(pattern) if on.get("x") else pattern)
+        pattern = _in_re2_syntax(_bytewise(_without_extended_blanks, pattern) if on.get("x") else pattern)
     except ValueError as e:
         raise ValueError(f"line {number}: {e}") from None
     inline = "".join(f for f in "imsU" if on.get(f))
@@ -244,8 +246,16 @@ def _reason(pattern: str, error: Exception) -> str:
     return f"bad regular expression: {text}"
 
 
+def _bytewise(rewrite: Callable[[str], str], pattern: str) -> str:
+    """`rewrite` applied to the pattern's bytes (each a character of the string it is given), as PCRE without UTF
+    mode reads a pattern: a byte 0x85 inside a UTF-8 character is a blank to the x flag."""
+    text = rewrite(pattern.encode("utf-8", "surrogateescape").decode("latin-1"))
+    return text.encode("latin-1").decode("utf-8", "surrogateescape")
+
+
 def _without_extended_blanks(pattern: str) -> str:
-    """PCRE's x flag, which RE2 lacks: blanks outside a character class and `#` to the end of the pattern left
+    """PCRE's x flag, which RE2 lacks: blanks (_EXTENDED_BLANKS, bytes) outside a character class and `#` to the end
+    of the pattern left
     out; an escaped character, a class and \\Q…\\E are kept as written."""
     out, i, n = [], 0, len(pattern)
     while i < n:
@@ -270,7 +280,7 @@ def _without_extended_blanks(pattern: str) -> str:
         elif char == "#":
             break
         else:
-            if not char.isspace():
+            if char not in _EXTENDED_BLANKS:
                 out.append(char)
             i += 1
     return "".join(out)

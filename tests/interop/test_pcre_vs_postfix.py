@@ -68,11 +68,14 @@ endif
 /^é@fold/                   fold
 /^cont@/                    first
   second
+/^nb sp@/x              extended-keeps-nbsp
+/^ringÅ?@/x                 extended-drops-byte-0x85-of-Å
 """
 KEYS = ["abcd", "ab", "<a>b>", "joe@example.com", "JOE@SUB.EXAMPLE.COM", "CaseSensitive@x.test",
         "casesensitive@x.test", "CASESESELESS@x.test", "joe@if.test", "admin@if.test", "joe@other.test", "plain",
         "pipe@x.test", "double@x.test", "uaaa@x.test", "xyz@x.test", "b@anchored", "xb@anchored", "e@end",
-        "x@obsolete", "éx@x", "é@bytes.test", "e@bytes.test", "é@fold", "É@fold", "cont@x.test", "nothing@x.test"]
+        "x@obsolete", "éx@x", "é@bytes.test", "e@bytes.test", "é@fold", "É@fold", "cont@x.test", "nothing@x.test",
+        "nb\u00a0sp@x", "nbsp@x", "ring@x", "ringÅ@x"]
 
 
 def test_pcre_table_query_answers_as_postmap_q_does(tmp_path):
@@ -91,6 +94,9 @@ def test_pcre_table_query_answers_as_postmap_q_does(tmp_path):
     assert (postfix["é@bytes.test"][1], postfix["e@bytes.test"][1], postfix["É@fold"][0]) == \
         ("utf8=é,@\n", "one-byte\n", 1)
     assert postfix["joe@example.com"][1] == "user=joe sub= paren=joe dollar=$ end\n"
+    # the x flag leaves out ASCII blanks and byte 0x85 (NEL, the second byte of Å), not U+00A0
+    assert (postfix["nb\u00a0sp@x"][1], postfix["ring@x"][1]) == \
+        ("extended-keeps-nbsp\n", "extended-drops-byte-0x85-of-Å\n")
 
 
 def random_pattern(rng: random.Random, depth: int = 0) -> str:
