@@ -10,9 +10,8 @@ Matching is PCRE's leftmost-first (RE2 `longest_match = False`): `/^(a|ab)/ $1` 
 leftmost-longest as POSIX, answers `ab`), non-greedy quantifiers are honoured (`/^<(.+?)>/ $1` against `<a>b>`
 answers `a`). As in Postfix 3.7 (which never asks PCRE for UTF mode), patterns and keys
 are bytes: `.` is one byte, caseless matching folds ASCII letters, a key that is not UTF-8 (surrogates, as
-Python's surrogateescape gives them) is matched as the bytes it came from. (RE2's Latin-1 mode also folds the
-case of bytes 0xC0-0xDE against 0xE0-0xFE, which PCRE does not: a pattern's UTF-8 lead byte can then match
-another lead byte in a caseless rule. No text of a real pattern is known to meet this.)
+Python's surrogateescape gives them) is matched as the bytes it came from (RE2's Latin-1 mode folds
+no byte above 0x7F either: `(?i)\\xc0` does not match 0xE0, tests/unit/test_tables.py).
 
 Flags (each toggles; the defaults are Postfix's, caseless and dot-all): i caseless, m multi-line (`^`/`$` at line
 breaks), s dot-all (`.` matches a line break), x extended (blanks and `#` comments in the pattern are left out

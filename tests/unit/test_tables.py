@@ -907,3 +907,10 @@ def test_a_pattern_file_names_every_line_it_refuses_not_only_the_first(tmp_path,
 def test_pcre_syntax_re2_has_no_equivalent_of_is_named(tmp_path, pattern, named):
     with pytest.raises(LookupRetry, match=re.escape(f"line 1: {named}")):
         pcre_table(tmp_path, f"{pattern} x\n").lookup("a")
+
+
+def test_pcre_caseless_folds_no_byte_above_0x7f_as_postfix_s_pcre(tmp_path, prefilter):
+    """Postfix 3.7's PCRE (no UTF mode) folds ASCII letters only; so does RE2's Latin-1 mode here: a caseless
+    pattern's UTF-8 lead byte (П: D0 9F) never matches another lead byte (😀: F0 9F …), À never matches à."""
+    t = pcre_table(tmp_path, "/П/ cyrillic\n/^À$/ a-grave\n")
+    assert [t.lookup(key) for key in ("😀", "xПx", "à", "À")] == [None, "cyrillic", None, "a-grave"]
