@@ -53,15 +53,12 @@ import re2
 
 from mailflow.errors import LookupRetry
 from mailflow.tables.files import Reloading
-from mailflow.tables.regexp import lookup_rules, parse_rules
+from mailflow.tables.regexp import Piece, lookup_rules, parse_result, parse_rules
 
 _FLAGS = "imsxAEUX"
 _BLANKS = " \t\n\v\f\r"  # Postfix's ISSPACE: ASCII only (not U+00A0, U+2003, \x1c-\x1f as str.isspace)
 _EXTENDED_BLANKS = _BLANKS + "\x85"  # what PCRE2's x flag leaves out of a pattern's bytes (0x85 is NEL)
 _SURROGATES = re.compile("[\ud800-\udfff]")
-# A part of the result: literal text, or the number of a group.
-Piece = str | int
-_MACRO = re.compile(r"\$(?:\$|\{([^}]*)\}|\(([^)]*)\)|([A-Za-z0-9_]*))")
 # RE2's errors for what PCRE has and RE2 has not: the construct, named as a PCRE user knows it
 _UNSUPPORTED = [(re.compile(r"invalid escape sequence: \\[1-9]"), "a back-reference"),
                 (re.compile(r"invalid escape sequence: \\g"), "a back-reference or subroutine call"),
@@ -81,7 +78,7 @@ def _options() -> "re2.Options":
 
 
 def parse_pcre(source: str) -> Any:
-    return parse_rules(source, _parse_pattern, _parse_result, _options())
+    return parse_rules(source, _parse_pattern, parse_result, _options())
 
 
 def _parse_pattern(number: int, text: str) -> tuple[Any, bool, str]:
@@ -303,34 +300,6 @@ def _class_end(pattern: str, start: int) -> int:
         else:
             i += 1
     return len(pattern)
-
-
-def _parse_result(number: int, text: str, regex, negate: bool) -> str | tuple[Piece, ...]:
-    """The result as Postfix's mac_parse reads it: a plain string when it names no group (`$$` made `$`), else
-    its literal parts and group numbers."""
-    pieces: list[Piece] = []
-    position = 0
-    for m in _MACRO.finditer(text):
-        pieces.append(text[position:m.start()])
-        position = m.end()
-        if m.group(0) == "$$":
-            pieces.append("$")
-            continue
-        name = next((g for g in m.groups() if g is not None), "")
-        if not name:
-            raise ValueError(f"line {number}: bad replacement syntax: a $ without a group number ($$ for a $)")
-        if not name.isdigit() or not name.isascii():
-            raise ValueError(f"line {number}: non-numeric replacement index {name!r}")
-        if int(name) < 1 or int(name) > regex.groups:
-            raise ValueError(f"line {number}: out of range replacement index {name!r} "
-                             f"(the pattern has {regex.groups} group(s))")
-        if negate:
-            raise ValueError(f"line {number}: ${name} in the result of a negated (!) pattern")
-        pieces.append(int(name))
-    pieces.append(text[position:])
-    if all(isinstance(piece, str) for piece in pieces):
-        return "".join(str(piece) for piece in pieces)
-    return tuple(piece for piece in pieces if piece != "")
 
 
 def _expand(result: str | tuple[Piece, ...], m) -> str:

@@ -1,14 +1,16 @@
 """`regexp:/path` tables (regexp_table(5)) on RE2: no pattern can hold up the event loop.
 
-`/pattern/flags result`, `!/pattern/ result`, `if /pattern/` … `endif`; the first match wins; `$1`, `${1}`, `$$`
-in results; flags `i` (toggles case-insensitive, on by default) and `m` (multi-line). Patterns are RE2 syntax (a
-superset of POSIX ERE without back-references), matched leftmost-longest as POSIX regexec does. The key is
-matched as it is (`fixed = False`: `find` asks the full key only). Reloaded like texthash (files.Reloading).
-A key may hold line breaks (header_checks: a folded header with its breaks kept, as Postfix's cleanup gives it):
-`.` matches a break too, unless the rule has the `m` flag (REG_NEWLINE), as in Postfix's POSIX regexec; a key
-without a break is answered alike either way. A key holding surrogates (bytes that were not UTF-8, as Python's
-surrogateescape gives them: `mailflow table query` reading its keys, sendmail's header values) is matched with
-each one as U+FFFD, a character `.` matches as Postfix's byte-wise regexec matches the byte; RE2 cannot take them.
+`/pattern/flags result`, `!/pattern/ result`, `if /pattern/` … `endif`; the first match wins; results as Postfix's
+mac_parse reads them (parse_result, shared with pcre:): `$12`, `${12}`, `$(12)` group 12, `$$` a dollar, `$0`, `$1st`,
+a group the pattern lacks or a lone `$` a bad line; flags `i` (toggles case-insensitive, on by default) and `m`
+(multi-line). Patterns are RE2 syntax (a superset of POSIX ERE without back-references), matched leftmost-longest as
+POSIX regexec does. The key is matched as it is (`fixed = False`: `find` asks the full key only). Reloaded like
+texthash (files.Reloading). A key may hold line breaks (header_checks: a folded header with its breaks kept, as
+Postfix's cleanup gives it): `.` matches a break too, unless the rule has the `m` flag (REG_NEWLINE), as in Postfix's
+POSIX regexec; a key without a break is answered alike either way. A key holding surrogates (bytes that were not
+UTF-8, as Python's surrogateescape gives them: `mailflow table query` reading its keys, sendmail's header values) is
+matched with each one as U+FFFD, a character `.` matches as Postfix's byte-wise regexec matches the byte; RE2 cannot
+take them.
 
 Cost: linear in the key, no backtracking (`/^(a+)+$/` against `aaaa…b` answers at once); one RE2 set pass over
 all of a file's rules tells which match (about 5 us for a 20-rule miss), then only the answering rule is
@@ -44,12 +46,14 @@ class _Rules:
         self.rules, self.prefilter = rules, prefilter
 
 
-_SUBST = re.compile(r"\$(?:(\d)|\{(\d+)\}|\((\d+)\)|(\$))")
+# A part of the result: literal text, or the number of a group.
+Piece = str | int
+_MACRO = re.compile(r"\$(?:\$|\{([^}]*)\}|\(([^)]*)\)|([A-Za-z0-9_]*))")
 
 
 def parse_regexp(source: str) -> _Rules:
     """The rules (None for an endif) and their prefilter set (or None)."""
-    return parse_rules(source, _parse_pattern, _checked_result, _options(ignore_case=False))
+    return parse_rules(source, _parse_pattern, parse_result, _options(ignore_case=False))
 
 
 def parse_rules(source: str, parse_pattern: Callable[[int, str], tuple[Any, bool, str]],
@@ -103,17 +107,33 @@ class RuleErrors(ValueError):
         self.lines = lines
 
 
-def _checked_result(number: int, rest: str, regex, negate: bool) -> str:
-    """The result as written, its `$n` checked against the pattern (expanded at lookup by _expand)."""
-    for m in _SUBST.finditer(rest):
-        group = m.group(1) or m.group(2) or m.group(3)
-        if group is None:
+def parse_result(number: int, text: str, regex, negate: bool) -> str | tuple[Piece, ...]:
+    """The result as Postfix's mac_parse and dict_regexp_prescan / dict_pcre_prescan read it (both types): a plain
+    string when it names no group (`$$` made `$`), else its literal parts and group numbers. `$12` is group 12;
+    `$0`, a group the pattern lacks, `$1st` and a `$` with no name are bad lines."""
+    pieces: list[Piece] = []
+    position = 0
+    for m in _MACRO.finditer(text):
+        pieces.append(text[position:m.start()])
+        position = m.end()
+        if m.group(0) == "$$":
+            pieces.append("$")
             continue
+        name = next((g for g in m.groups() if g is not None), "")
+        if not name:
+            raise ValueError(f"line {number}: bad replacement syntax: a $ without a group number ($$ for a $)")
+        if not name.isdigit() or not name.isascii():
+            raise ValueError(f"line {number}: non-numeric replacement index {name!r}")
+        if int(name) < 1 or int(name) > regex.groups:
+            raise ValueError(f"line {number}: out of range replacement index {name!r} "
+                             f"(the pattern has {regex.groups} group(s))")
         if negate:
-            raise ValueError(f"line {number}: ${group} in the result of a negated (!) pattern")
-        if int(group) > regex.groups:
-            raise ValueError(f"line {number}: ${group} but the pattern has {regex.groups} group(s)")
-    return rest
+            raise ValueError(f"line {number}: ${name} in the result of a negated (!) pattern")
+        pieces.append(int(name))
+    pieces.append(text[position:])
+    if all(isinstance(piece, str) for piece in pieces):
+        return "".join(str(piece) for piece in pieces)
+    return tuple(piece for piece in pieces if piece != "")
 
 
 def _prefilter(rules: list, options):
@@ -180,12 +200,10 @@ def _compile(number: int, pattern: str, ignore_case: bool, multi_line: bool):
         raise ValueError(f"line {number}: bad regular expression: {reason}") from None
 
 
-def _expand(result: str, m) -> str:
-    def group(s: re.Match) -> str:
-        if s.group(4):
-            return "$"
-        return m.group(int(s.group(1) or s.group(2) or s.group(3))) or ""
-    return _SUBST.sub(group, result)
+def _expand(result: str | tuple[Piece, ...], m) -> str:
+    if isinstance(result, str):
+        return result
+    return "".join(piece if isinstance(piece, str) else (m.group(piece) or "") for piece in result)
 
 
 class RegexpTable:
