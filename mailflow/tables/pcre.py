@@ -52,12 +52,11 @@ from typing import Any, Callable
 import re2
 
 from mailflow.errors import LookupRetry
-from mailflow.tables.files import Reloading
+from mailflow.tables.files import BLANKS, Reloading, split_pattern_rule
 from mailflow.tables.regexp import Piece, lookup_rules, parse_result, parse_rules
 
 _FLAGS = "imsxAEUX"
-_BLANKS = " \t\n\v\f\r"  # Postfix's ISSPACE: ASCII only (not U+00A0, U+2003, \x1c-\x1f as str.isspace)
-_EXTENDED_BLANKS = _BLANKS + "\x85"  # what PCRE2's x flag leaves out of a pattern's bytes (0x85 is NEL)
+_EXTENDED_BLANKS = BLANKS + "\x85"  # what PCRE2's x flag leaves out of a pattern's bytes (0x85 is NEL)
 _SURROGATES = re.compile("[\ud800-\udfff]")
 # RE2's errors for what PCRE has and RE2 has not: the construct, named as a PCRE user knows it
 _UNSUPPORTED = [(re.compile(r"invalid escape sequence: \\[1-9]"), "a back-reference"),
@@ -83,22 +82,8 @@ def parse_pcre(source: str) -> Any:
 
 def _parse_pattern(number: int, text: str) -> tuple[Any, bool, str]:
     """`!/pattern/flags rest` -> (compiled pattern, negated, rest), as dict_pcre_get_pattern reads it."""
-    negate, i = False, 0
-    while i < len(text) and (text[i] == "!" or text[i] in _BLANKS):
-        negate ^= text[i] == "!"
-        i += 1
-    if i == len(text) or (i == 0 and text[0].isalnum()):
-        raise ValueError(f"line {number}: expected /pattern/ (optionally !/pattern/ or if /pattern/)")
-    delimiter, start = text[i], i + 1
-    i = start
-    while i < len(text) and text[i] != delimiter:
-        i += 2 if text[i] == "\\" else 1
-    if i >= len(text):
-        raise ValueError(f"line {number}: the pattern has no closing {delimiter}")
-    pattern, flags_end = text[start:i], i + 1
-    while flags_end < len(text) and text[flags_end] not in _BLANKS:
-        flags_end += 1
-    return _compile(number, pattern, text[i + 1:flags_end]), negate, text[flags_end:].strip(_BLANKS)
+    rule = split_pattern_rule(number, text)
+    return _compile(number, rule.pattern, rule.flags), rule.negated, rule.rest
 
 
 def _compile(number: int, pattern: str, flags: str):

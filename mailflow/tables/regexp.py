@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import re2
 
-from mailflow.tables.files import Reloading, logical_lines
+from mailflow.tables.files import Reloading, logical_lines, split_pattern_rule
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
@@ -152,32 +152,17 @@ def _prefilter(rules: list, options):
 
 
 def _parse_pattern(number: int, text: str) -> tuple[Any, bool, str]:
-    negate = text.startswith("!")
-    if negate:
-        text = text[1:].lstrip()
-    if not text or text[0].isspace() or text[0].isalnum() or text[0] == "\\":
-        raise ValueError(f"line {number}: expected /pattern/ (optionally !/pattern/ or if /pattern/)")
-    delim, i, pattern = text[0], 1, []
-    while i < len(text) and text[i] != delim:
-        if text[i] == "\\" and i + 1 < len(text):
-            pattern.append(text[i])
-            i += 1
-        pattern.append(text[i])
-        i += 1
-    if i >= len(text):
-        raise ValueError(f"line {number}: the pattern has no closing {delim}")
-    flags_end = i + 1
-    while flags_end < len(text) and not text[flags_end].isspace():
-        flags_end += 1
+    """`!/pattern/flags rest` -> (compiled pattern, negated, rest), as dict_regexp_get_pat reads it."""
+    rule = split_pattern_rule(number, text)
     ignore_case, multi_line = True, False
-    for flag in text[i + 1:flags_end]:
+    for flag in rule.flags:
         if flag == "i":
             ignore_case = not ignore_case
         elif flag == "m":
             multi_line = not multi_line
         else:
             raise ValueError(f"line {number}: unknown or unsupported flag {flag!r} (mailflow has i, m)")
-    return _compile(number, "".join(pattern), ignore_case, multi_line), negate, text[flags_end:].strip()
+    return _compile(number, rule.pattern, ignore_case, multi_line), rule.negated, rule.rest
 
 
 def _options(*, ignore_case: bool) -> "re2.Options":

@@ -108,7 +108,8 @@ TEXTHASH = ("# a comment\nAlice  first\nalice second\nbob\tvalue with  spaces  \
 REGEXP = ("/^(.*)@example\\.com$/ user=$1 braced=${1} dollar=$$\n/^UPPER/ insensitive\n/^lower/i sensitive\n"
           "!/@/ no-at\nif /@if\\.test$/\n/^a/ a-in-if\n!/^b/ not-b-in-if\nendif\n/^(a)|(b)c$/ g1=$1 g2=$2\n"
           "|^pipe| other delimiter\n/^cont$/ first\n  second\nIF/@nospace\\.test$/\n/./ after-if-without-space\n"
-          "ENDIF\n/^(t)(w)(e)(l)(v)(e)(g)(r)(o)(u)(p)(s)$/ twelve=$12,${11},$(10)\n")
+          "ENDIF\n/^(t)(w)(e)(l)(v)(e)(g)(r)(o)(u)(p)(s)$/ twelve=$12,${11},$(10)\n"
+          "!!/^dbl@/ double-negation\n! ! !/^single@/ triple-negation\n")
 CIDR = """# every rule form of cidr_table(5)
 192.0.2.1              bare-address
 192.0.2.0/24           net24
@@ -142,7 +143,7 @@ QUERIES = [
     ("regexp", REGEXP, "regexp:{file}", ["joe@example.com", "JOE@EXAMPLE.COM", "uppercase", "lower", "LOWER",
                                          "plain", "a@if.test", "b@if.test", "c@if.test", "a@x.test", "bc@x.test",
                                          "pipe@x.test", "cont", "x@nospace.test",
-                                         "twelvegroups"]),
+                                         "twelvegroups", "dbl@x.test", "single@x.test", "other@x.test"]),
     ("cidr", CIDR, "cidr:{file}", CIDR_KEYS),
     (None, "", "inline:{a=1, A=2, {b = x y}, {c = }, {d = p=q}}", ["a", "A", "b", "c", "d", "e"]),
     (None, "", "inline:{ {e=f,g} h=i }", ["e", "h"]),

@@ -15,6 +15,7 @@ import pytest
 from mailflow.errors import ConfigError, LookupRetry
 from mailflow.tables import cidr as cidr_module
 from mailflow.tables import TableCache, lookup_address, lookup_local, open_table, split_extension
+from mailflow.tables.files import table_file_entries
 from mailflow.tables.search import (EXTERNAL_FIRST, address_keys, address_search, local_part_keys,
                                      mapped_addresses)
 from tests.support import eventually, require_tool
@@ -916,3 +917,12 @@ def test_pcre_caseless_folds_no_byte_above_0x7f_as_postfix_s_pcre(tmp_path, pref
     pattern's UTF-8 lead byte (П: D0 9F) never matches another lead byte (😀: F0 9F …), À never matches à."""
     t = pcre_table(tmp_path, "/П/ cyrillic\n/^À$/ a-grave\n")
     assert [t.lookup(key) for key in ("😀", "xПx", "à", "À")] == [None, "cyrillic", None, "a-grave"]
+
+
+@pytest.mark.parametrize("kind", ["regexp", "pcre"])
+def test_the_import_s_scan_reads_a_rule_s_negations_as_the_table_does(kind):
+    """`config import` reports a pattern file's routes to relay from table_file_entries: it read one `!` only, so
+    `!!/b/ FILTER relay:x` and `! ! /^a@/ relay:[mx]` went unreported (one scanner now, the tables')."""
+    text = "!!/b/ FILTER relay:x\n! ! /^a@/  relay:[mx]\nif !!/c/\n/d/ e\nendif\n"
+    assert table_file_entries(kind, text) == [(1, "!!/b/", "FILTER relay:x"), (2, "! ! /^a@/", "relay:[mx]"),
+                                              (4, "/d/", "e")]
