@@ -33,8 +33,10 @@ One capture differs: a group repeated by `*`, `+` or `{n,m}` whose last repetiti
 that empty repetition in PCRE, the last non-empty one in RE2 (`/^((a?))*b$/ $1` against `ab`: `` in Postfix, `a`
 here). Patterns whose repeated groups always take a character answer as Postfix's (tests/interop's random ones).
 
-Cost: as regexp:'s (linear in the key, one RE2 set pass over all rules, then one search of the answering rule):
-about 4-5 us for a 20-rule file, a miss or a hit on the last rule, on the machine the tests run on.
+Cost: as regexp:'s (one RE2 set pass over all rules, then one search of the answering rule): about 4-5 us for a
+20-rule file and a short key, a miss or a hit on the last rule, on the machine the tests run on; linear in the key
+while RE2's DFA fits its memory, key length x rules past that (mailflow.tables.regexp's doc: milliseconds to
+seconds for long keys against big tables, which cleanup matches in a worker thread).
 
 Failure behaviour: a line Postfix's pcre warns about and skips (a pattern RE2 cannot take: back-references,
 look-around, atomic groups, possessive quantifiers, recursion, conditionals; a bad flag or `$n`; an `if` without
@@ -304,7 +306,7 @@ def _key_bytes(key: str) -> bytes:
 
 class PcreTable:
     fixed = False
-    blocking = False  # RE2: linear in the key, whatever the pattern
+    blocking = False  # RE2 answers from memory; a long key's cost is the caller's to move off the loop (LONG_KEY)
 
     def __init__(self, name: str, path: Path, clock: Callable[[], float]):
         self.name = name

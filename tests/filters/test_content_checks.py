@@ -99,3 +99,30 @@ async def test_only_postfixs_mime_headers_go_to_mime_header_checks(tmp_path):
                                    mime_header_checks=(f"regexp:{tmp_path / 'mime'}",)))
     result = await inspect(c, b"Content-Language: en\r\nContent-Type: text/plain\r\n")
     assert result.head == b"X-Was: header_checks\r\nX-Was: mime\r\n"
+
+
+async def test_a_long_key_is_matched_off_the_event_loop_in_the_message_s_order(tmp_path, monkeypatch):
+    """A lookup costs key length x rules once RE2's DFA runs out of memory (seconds for a 100 KB Subject against a
+    big table): a header field or a body longer than LONG_KEY is matched in a worker thread, short ones on the loop
+    as before; the order of the checks, and their answers, are unchanged."""
+    import threading
+
+    import mailflow.filters.content_checks as module
+
+    seen: list[tuple[str, bool]] = []
+    lookup = module.lookup_action
+
+    def recorded(tables, key):
+        seen.append((key[:5], threading.current_thread() is threading.main_thread()))
+        return lookup(tables, key)
+
+    monkeypatch.setattr(module, "lookup_action", recorded)
+    c = checks(tmp_path, header="/^X-Long: (y+)$/ WARN long\n/^X-Late:/ REPLACE X-Late: seen\n",
+               body="/^z/ WARN z\n")
+    long_field = b"X-Long: " + b"y" * module.LONG_KEY
+    result = await inspect(c, b"X-A: 1\r\nX-Late: 1\r\n")
+    assert (result.head, seen) == (b"X-A: 1\r\nX-Late: seen\r\n", [("X-A: ", True), ("X-Lat", True), ("body", True)])
+    seen.clear()
+    result = await inspect(c, b"X-A: 1\r\n" + long_field + b"\r\nX-Late: 1\r\n", b"\r\n" + b"z" * module.LONG_KEY)
+    assert result.head == b"X-A: 1\r\n" + long_field + b"\r\nX-Late: seen\r\n"
+    assert seen == [("X-A: ", False), ("X-Lon", False), ("X-Lat", False), ("zzzzz", False)]
