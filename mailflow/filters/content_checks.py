@@ -191,9 +191,9 @@ class ContentChecks:
                     continue
             delimiter = boundaries.delimiter(text)
             if self._body and part_bytes < self._limit:
-                action = lookup_action(self._body, text[:MAX_LINE].decode("utf-8", "replace"))
+                action = lookup_action(self._body, as_key(text[:MAX_LINE]))
                 if action is not None:
-                    lines = self._act(queue_id, action, "body", text.decode("utf-8", "replace"), result, describe)
+                    lines = self._act(queue_id, action, "body", as_key(text), result, describe)
                     if lines is not None:
                         edits.append((offset, length, lines))
             part_bytes += length
@@ -267,7 +267,7 @@ class ContentChecks:
         elif word in ("PREPEND", "REPLACE") and text:
             # ($N of a folded header may hold its line breaks, each followed by the folding blank: CR LF there,
             # never an empty line, which would end the header section)
-            new = text.rstrip("\n").replace("\n", "\r\n").encode("utf-8") + b"\r\n"
+            new = text.rstrip("\n").replace("\n", "\r\n").encode("utf-8", "surrogateescape") + b"\r\n"
             return [new] if word == "REPLACE" else [new, original if original is not None else _original(line)]
         else:
             log.warning("%s: unknown %s_checks action %r (ignored)", queue_id, what, value)
@@ -300,17 +300,28 @@ def _rejection(text: str, reason: str) -> DeliveryError:
 
 def _original(line: str) -> bytes:
     """A matched body line as it goes back after a PREPEND (a header goes back as it came, folded)."""
-    return line.encode("utf-8") + b"\r\n"
+    return line.encode("utf-8", "surrogateescape") + b"\r\n"
 
 
 def lookup_action(tables: list[Table], key: str) -> str | None:
     """The first table's answer (a folded header's key holds its line breaks: a regexp or pcre table's `.` matches
-    them)."""
+    them). A key's bytes that are not UTF-8 (surrogates: as_key) go to a pattern table as they are (pcre matches
+    them, regexp as U+FFFD), to a fixed one as U+FFFD (a database cannot take them)."""
+    replaced = None
     for table in tables:
-        value = table.lookup(key)
+        if table.fixed and not key.isascii():
+            replaced = replaced or key.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        value = table.lookup(replaced if table.fixed and replaced is not None else key)
         if value is not None:
             return value
     return None
+
+
+def as_key(raw: bytes) -> str:
+    """A header field's or body line's bytes as the key checks match: each byte that is not UTF-8 kept as a
+    surrogate (surrogateescape), so that a pcre table matches the bytes Postfix's cleanup hands its checks (it
+    does not skip such a key: tests/interop/test_pcre_vs_postfix.py), and an edit writes them back unchanged."""
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def split_action(value: str) -> tuple[str, str]:
@@ -323,12 +334,12 @@ def split_action(value: str) -> tuple[str, str]:
 
 def header_key(raw: bytes) -> str:
     """A header field as header_checks match it (Postfix's cleanup): its lines joined by LF, no final line end."""
-    return raw.replace(b"\r\n", b"\n").removesuffix(b"\n").decode("utf-8", "replace")
+    return as_key(raw.replace(b"\r\n", b"\n").removesuffix(b"\n"))
 
 
 def _logical(raw: bytes) -> str:
     """A header field as one line: continuation line ends removed (the folding whitespace stays)."""
-    return raw.replace(b"\r\n", b"").replace(b"\n", b"").decode("utf-8", "replace")
+    return as_key(raw.replace(b"\r\n", b"").replace(b"\n", b""))
 
 
 MIME_HEADERS = frozenset({"content-description", "content-disposition", "content-id", "content-transfer-encoding",

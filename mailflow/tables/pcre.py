@@ -26,8 +26,12 @@ has no equivalent of is a bad line naming it ("RE2 has no \\G …").
 The result: `$n`, `${n}`, `$(n)` (n >= 1, at most the pattern's groups) the text of group n, empty when the
 group did not take part; `$$` a dollar; any other `$` is a bad line (Postfix's mac_parse). A result that is not
 UTF-8 (a group that cut a character in two, `/^(.)/ $1` against `é`) cannot be answered (`LookupRetry`), as Postfix
-refuses it ("non-UTF-8 value", a query error, with smtputf8_enable = yes, its default). A key that is not UTF-8 is
-matched as its bytes, where Postfix with smtputf8_enable = yes does not look it up (not found, with a warning).
+refuses it in `postmap -q` ("non-UTF-8 value", a query error, with smtputf8_enable = yes, its default). A key that
+is not UTF-8 is matched as its bytes: cleanup's header and body checks hand such a line's bytes (as surrogates,
+mailflow.filters.content_checks.as_key), as Postfix's cleanup does (its checks' maps are not UTF-8 checked:
+tests/interop/test_pcre_vs_postfix.py); `postmap -q` with smtputf8_enable = yes does not look such a key up
+("non-UTF-8 key", not found), `mailflow table query` does. (Still different: a non-UTF-8 result on cleanup's path
+is a LookupRetry here, where Postfix's cleanup would take its bytes.)
 
 One capture differs: a group repeated by `*`, `+` or `{n,m}` whose last repetition matches the empty string is
 that empty repetition in PCRE, the last non-empty one in RE2 (`/^((a?))*b$/ $1` against `ab`: `` in Postfix, `a`

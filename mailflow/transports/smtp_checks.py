@@ -49,7 +49,7 @@ import logging
 from functools import partial
 
 from mailflow.errors import LookupRetry, TemporaryError
-from mailflow.filters.content_checks import (Boundaries, entity_type, header_key, is_mime_header, lookup_action,
+from mailflow.filters.content_checks import (Boundaries, as_key, entity_type, header_key, is_mime_header, lookup_action,
                                              split_action)
 from mailflow.message import HEADER_READ_LIMIT, header_fields, read_header, starts_header_field
 from mailflow.model import DeliveryRequest
@@ -115,7 +115,7 @@ class OutboundChecks:
 
     def body_line(self, queue_id: str, line: bytes, line_end: bytes) -> bytes:
         """One body line (or piece of one) without its line end, and the line end; what goes out instead."""
-        key = line.decode("utf-8", "replace")
+        key = as_key(line)
         value = lookup_action(self._tables["body"], key)
         if value is None:
             return line + line_end
@@ -137,7 +137,7 @@ class OutboundChecks:
                                  text, self._map(kind))
                 return original
             self._log(queue_id, command.lower(), where, key, text)
-            new = text.replace("\n", "\r\n").encode("utf-8")
+            new = text.replace("\n", "\r\n").encode("utf-8", "surrogateescape")
             return new + line_end if command == "REPLACE" else new + (line_end or b"\r\n") + original
         if command == "STRIP":  # (Postfix 3.2: IGNORE, logged)
             self._log(queue_id, "strip", where, key, text)

@@ -126,3 +126,15 @@ async def test_a_long_key_is_matched_off_the_event_loop_in_the_message_s_order(t
     result = await inspect(c, b"X-A: 1\r\n" + long_field + b"\r\nX-Late: 1\r\n", b"\r\n" + b"z" * module.LONG_KEY)
     assert result.head == b"X-A: 1\r\n" + long_field + b"\r\nX-Late: seen\r\n"
     assert seen == [("X-A: ", False), ("X-Lon", False), ("X-Lat", False), ("zzzzz", False)]
+
+
+async def test_bytes_that_are_not_utf8_are_matched_and_written_back_as_they_came(tmp_path):
+    """Postfix's cleanup hands header_checks and body_checks the line's bytes (a pcre `\\xe9` matches Latin-1 é,
+    tests/interop/test_pcre_vs_postfix.py); mailflow matched U+FFFD in their place and a PREPEND wrote the body line
+    back with EF BF BD instead of its byte."""
+    (tmp_path / "checks").write_text("/^X-Latin: caf\\xe9$/ WARN latin\n/^body caf\\xe9$/ PREPEND before\n")
+    c = ContentChecks(ChecksConfig(header_checks=(f"pcre:{tmp_path / 'checks'}",),
+                                   body_checks=(f"pcre:{tmp_path / 'checks'}",)))
+    result = await inspect(c, b"X-Latin: caf\xe9\r\n", b"\r\nbody caf\xe9\r\n")
+    assert result.warnings == ["header X-Latin: caf\udce9"]
+    assert result.body.to_bytes() == b"\r\nbefore\r\nbody caf\xe9\r\n"

@@ -302,3 +302,49 @@ def latin1_config(tmp_path):
         (folder / "main.cf").write_text((open(f"{main}/main.cf").read() if os.path.exists(f"{main}/main.cf")
                                          else "") + "\nsmtputf8_enable = no\n")
     return folder
+
+
+EIGHT_BIT_CHECKS = r"""/^X-Latin: caf\xe9$/        REJECT latin header byte E9 seen
+/^X-Latin2: caf.$/         REJECT latin header one byte
+/^X-Utf8: caf\xc3\xa9$/    REJECT utf8 header seen
+/^latin body caf\xe9$/     REJECT latin body line byte E9 seen
+"""
+EIGHT_BIT_MESSAGES = {  # name -> (header section, body)
+    "latin-header": (b"X-Latin: caf\xe9\r\n", b"plain\r\n"),
+    "latin-header-dot": (b"X-Latin2: caf\xe9\r\n", b"plain\r\n"),
+    "utf8-header": ("X-Utf8: café\r\n".encode(), b"plain\r\n"),
+    "latin-body": (b"X-Plain: x\r\n", b"latin body caf\xe9\r\n"),
+}
+
+
+async def eight_bit_replies(port: int) -> dict[str, str]:
+    got = {}
+    for name, (head, body) in EIGHT_BIT_MESSAGES.items():
+        async with await SmtpClient.connect(port) as client:
+            for command in ("EHLO client.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<plain@relay.test>", "DATA"):
+                await client.cmd(command)
+            reply = await client.cmd(head + b"\r\n" + body + b".")
+        got[name] = "250" if reply.code == 250 else reply.text
+    return got
+
+
+async def test_a_header_or_body_line_that_is_not_utf8_is_checked_as_postfix_checks_it(mailflow_server):
+    """Postfix's cleanup hands its checks the bytes of a header or body line that is not UTF-8 (postmap -q, with
+    smtputf8_enable = yes, would not look such a key up: cleanup's maps are not UTF-8 checked); mailflow matched
+    U+FFFD (EF BF BD) in their place, so `\xe9` and `.` found nothing."""
+    folder = readable_folder()
+    (folder / "checks").write_text(EIGHT_BIT_CHECKS)
+    async with postfix_instance({
+        "myhostname": "pf.test", "mydestination": "", "relay_domains": "relay.test", "relayhost": "[127.0.0.1]:9",
+        "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+        "header_checks": f"pcre:{folder}/checks", "body_checks": f"pcre:{folder}/checks",
+    }) as pf:
+        postfix = await eight_bit_replies(pf.port)
+    mf = await mailflow_server(mydestination=[], relay_domains=["relay.test"], relayhost="[127.0.0.1]:9",
+                               mynetworks=["127.0.0.0/8"], checks={"header_checks": [f"pcre:{folder}/checks"],
+                                                                  "body_checks": [f"pcre:{folder}/checks"]})
+    mailflow = await eight_bit_replies(mf.smtp_addresses[0][1])
+    shutil.rmtree(folder)
+    assert postfix == mailflow
+    assert set(postfix.values()) == {"550 5.7.1 latin header byte E9 seen", "550 5.7.1 latin header one byte",
+                                     "550 5.7.1 utf8 header seen", "550 5.7.1 latin body line byte E9 seen"}
