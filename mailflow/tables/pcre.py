@@ -178,6 +178,9 @@ def _escape(pattern: str, i: int, *, in_class: bool) -> tuple[str, int]:
         return _SIMPLE[letter], i + 2
     if letter == "c" and i + 2 < len(pattern) and pattern[i + 2].isascii():
         return f"\\x{ord(pattern[i + 2].upper()) ^ 0x40:02x}", i + 3
+    if letter == "x" and pattern.startswith("{", i + 2) and "}" in pattern[i + 3:]:
+        end = pattern.index("}", i + 3) + 1
+        return pattern[i:end], end  # \x{hh}: RE2's own (its braces are no repetition count)
     if letter == "x" and (digits := re.match(r"[0-9A-Fa-f]{1,2}", pattern[i + 2:i + 4])):
         return f"\\x{int(digits.group(0), 16):02x}", i + 2 + digits.end()
     if letter == "N" and not in_class and not pattern.startswith("{", i + 2):

@@ -926,3 +926,11 @@ def test_the_import_s_scan_reads_a_rule_s_negations_as_the_table_does(kind):
     text = "!!/b/ FILTER relay:x\n! ! /^a@/  relay:[mx]\nif !!/c/\n/d/ e\nendif\n"
     assert table_file_entries(kind, text) == [(1, "!!/b/", "FILTER relay:x"), (2, "! ! /^a@/", "relay:[mx]"),
                                               (4, "/d/", "e")]
+
+
+def test_pcre_hex_escape_in_braces_is_no_repetition_count(tmp_path):
+    """`\\x{1001}` is a code point (too big without UTF mode: RE2's Latin-1 refuses it as PCRE does), not a count."""
+    assert pcre_table(tmp_path, "/^\\x{41}\\x{3e}$/ hex\n").lookup("A>") == "hex"
+    with pytest.raises(LookupRetry) as e:
+        pcre_table(tmp_path, "/\\x{1001}/ x\n").lookup("a")
+    assert "repetition" not in str(e.value)
