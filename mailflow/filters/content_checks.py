@@ -387,7 +387,7 @@ class Boundaries:
 
     def push(self, boundary: str | None) -> None:
         if boundary and len(self._open) < MIME_NESTING_LIMIT:
-            self._open.append(b"--" + boundary.encode("utf-8", "replace")[:MIME_BOUNDARY_LIMIT])
+            self._open.append(b"--" + boundary.encode("utf-8", "surrogateescape")[:MIME_BOUNDARY_LIMIT])
 
     def delimiter(self, text: bytes) -> str | None:
         if not self._open or not text.startswith(b"--"):

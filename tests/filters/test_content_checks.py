@@ -138,3 +138,12 @@ async def test_bytes_that_are_not_utf8_are_matched_and_written_back_as_they_came
     result = await inspect(c, b"X-Latin: caf\xe9\r\n", b"\r\nbody caf\xe9\r\n")
     assert result.warnings == ["header X-Latin: caf\udce9"]
     assert result.body.to_bytes() == b"\r\nbefore\r\nbody caf\xe9\r\n"
+
+
+async def test_a_boundary_that_is_not_utf8_still_opens_its_parts(tmp_path):
+    """A MIME boundary with a Latin-1 byte is matched as its bytes: its parts' headers go to mime_header_checks
+    (the boundary was kept as `?` or EF BF BD, so the part's header was read as a body line)."""
+    c = checks(tmp_path, header="/^Content-Type: text\\/plain/ REJECT part header seen\n")
+    head = b'Content-Type: multipart/mixed; boundary="b\xe9"\r\n'
+    with pytest.raises(ContentRejected, match="part header seen"):
+        await inspect(c, head, b"\r\n--b\xe9\r\nContent-Type: text/plain\r\n\r\nhello\r\n--b\xe9--\r\n")
