@@ -61,7 +61,7 @@ from mailflow import status
 from mailflow.config import DEFAULTS
 from mailflow.errors import LookupRetry, detached, tls_failure
 from mailflow.logs import SmtpdLog
-from mailflow.stages.smtpd.auth import Authenticator, SenderLogins, login_of
+from mailflow.stages.smtpd.auth import Authenticator, SenderLogins, login_of, plausible_login
 from mailflow.stages.smtpd.frontends import FrontEndCommands
 from mailflow.stages.smtpd.protocol import UnknownEhloFeature
 from mailflow.stages.smtpd.tls import ClientCert, client_cert
@@ -314,10 +314,14 @@ class SecureCommands(FrontEndCommands):
         return parts[0], parts[1], parts[2]
 
     async def _login_exchange(self, initial: str | None):
-        """The LOGIN mechanism: the customary `334 VXNlcm5hbWU6` (Username:) and `334 UGFzc3dvcmQ6` (Password:)."""
+        """The LOGIN mechanism: the customary `334 VXNlcm5hbWU6` (Username:) and `334 UGFzc3dvcmQ6` (Password:). A
+        login that cannot be one (empty, a NUL, white space: `plausible_login`) fails at once, no password asked,
+        as Postfix with Dovecot SASL answers it."""
         login = await self._auth_response(initial, "Username:")
         if login is None:
             return None
+        if not plausible_login(login.decode("utf-8", "replace")):
+            return b"", login, b""
         password = await self._auth_response(None, "Password:")
         if password is None:
             return None

@@ -130,7 +130,9 @@ class SessionState(_AiosmtpdSession):
 
     def carry_identity(self, previous: SessionState) -> None:
         """After STARTTLS: the client stays who PROXY or XCLIENT said it is (HELO and login are not kept); its
-        milter connections stay open."""
+        milter connections stay open; a client that said EHLO stays an ESMTP one until it says HELO or EHLO
+        again (Postfix's helo_reset keeps its protocol name: pipelining before the new EHLO is no violation, the
+        Received header says ESMTPS)."""
         self.peer = previous.peer
         self.server_ip = previous.server_ip
         self.server_port = previous.server_port
@@ -145,6 +147,7 @@ class SessionState(_AiosmtpdSession):
         self.defer_if_permit_client = previous.defer_if_permit_client
         self.defer_if_permit_helo = previous.defer_if_permit_helo
         self.ill_pipelining = previous.ill_pipelining
+        self.extended_smtp = previous.extended_smtp
 
     @property
     def defer_if_permit_before_mail(self) -> status.Reply | None:
