@@ -265,9 +265,9 @@ class SecureCommands(FrontEndCommands):
             return
         assert arg is not None and self._sasl is not None
         words = command_words(arg)
-        mechanism, initial = ascii_upper(words[0]), (words[1] if len(words) == 2 else None)
+        mechanism, initial = words[0], (words[1] if len(words) == 2 else None)  # (logged as written: Postfix)
         self._auth_mechanism = mechanism  # for the log line of an abort
-        exchange = self._plain_exchange if mechanism == "PLAIN" else self._login_exchange
+        exchange = self._plain_exchange if ascii_upper(mechanism) == "PLAIN" else self._login_exchange
         credentials = await exchange(initial)
         if credentials is None:
             return  # answered already (aborted, bad base64, malformed)
@@ -320,8 +320,8 @@ class SecureCommands(FrontEndCommands):
         login = await self._auth_response(initial, "Username:")
         if login is None:
             return None
-        if not plausible_login(login.decode("utf-8", "replace")):
-            return b"", login, b""
+        if not plausible_login(login.decode("utf-8", "replace")):  # (logged `sasl_username=(unavailable)`, as
+            return b"", b"", b""                                     # Postfix logs Dovecot's refusal of it)
         password = await self._auth_response(None, "Password:")
         if password is None:
             return None

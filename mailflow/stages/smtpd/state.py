@@ -95,7 +95,8 @@ class SessionState(_AiosmtpdSession):
     # the front end's when no name was found at connect (else that name is kept as the given one: frontends.py)
     names_addr: str
     proxied_by: str  # the load balancer's address when a PROXY header named the client, else ""
-    auth_mechanism: str  # PLAIN, LOGIN or XCLIENT: the `sasl_method` of the log and of policy requests
+    auth_mechanism: str  # PLAIN or LOGIN as the client wrote it, or XCLIENT: the `sasl_method` of the log and of
+    # policy requests (Postfix's, as written)
     milters: Any  # the session's milter connections (filters.milter.MilterSession), made at its greeting
     memo: SessionMemo  # answers of the session's restriction lookups (client name, SPF), by question; kept small
     # delay_reject false (the client and helo lists run at connect or XCLIENT, and HELO/EHLO): the client list's

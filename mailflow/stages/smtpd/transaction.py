@@ -39,7 +39,7 @@ from mailflow import address, status
 from mailflow.smtp_parameters import mail_parameters, path_text, path_word, rcpt_parameters
 from mailflow.stages.smtpd.secure import SecureCommands
 from mailflow.stages.smtpd.state import NULL_SENDER
-from mailflow.syntax import COMMAND_BLANKS, ascii_upper, command_words
+from mailflow.syntax import COMMAND_BLANKS, ascii_upper, command_words, unterminated_command_word
 
 
 class TransactionCommands(SecureCommands):
@@ -165,7 +165,8 @@ class TransactionCommands(SecureCommands):
         try:
             addr, written, rest = address.parse_written_path(text)
         except address.PathError:
-            self.record.lines.illegal_address(self.session.client, command, path_word(text))  # (Postfix's word)
+            if not unterminated_command_word(text):  # (Postfix's tokenizer refuses that one unlogged)
+                self.record.lines.illegal_address(self.session.client, command, path_word(text))  # (Postfix's word)
             await self.push(bad)
             return None
         sent = text[:len(text) - len(rest)].strip(COMMAND_BLANKS)
