@@ -430,6 +430,8 @@ def _path(arg: str, command: str, bad_path: status.Reply, strict: bool) -> tuple
     text = path_text(arg, command)
     if isinstance(text, status.Reply):
         return text
+    if unterminated_command_word(text):  # (smtpd's tokenizer refuses it first)
+        return bad_path
     try:
         found, rest = address.parse_path(text)
     except address.PathError:

@@ -350,7 +350,8 @@ async def test_an_early_talker_gets_postfixs_refusal_in_place_of_the_greeting(ma
     assert await early_talk(mf.smtp_addresses[0][1]) == postfix == b"554 5.5.0 Error: SMTP protocol synchronization\r\n"
 
 
-MALFORMED = ["EHLO client.test", "MAIL FROM:<-s@remote.test>", "MAIL FROM:<s@bad..test>", "MAIL FROM:<s@remote.test>",
+MALFORMED = ["EHLO client.test", "MAIL FROM:<-s@remote.test>", "MAIL FROM:<s@bad..test>",
+             "MAIL FROM:<s@remote.test AUTH=<>", "MAIL FROM:<s@remote.test>",
              "RCPT TO:<-x@local.test>", "RCPT TO:<a@bad..test>", "RCPT TO: a@-b.test NOTIFY=NEVER",
              "RCPT TO:<a b> NOTIFY=NEVER", "RCPT TO:<a@local.test NOTIFY=NEVER", 'RCPT TO:"a b@local.test',
              "RCPT TO:<> NOTIFY=NEVER"]  # (unterminated, the two before the last: refused, never warned of)

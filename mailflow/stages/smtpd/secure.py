@@ -320,8 +320,8 @@ class SecureCommands(FrontEndCommands):
         login = await self._auth_response(initial, "Username:")
         if login is None:
             return None
-        if not plausible_login(login.decode("utf-8", "replace")):  # (logged `sasl_username=(unavailable)`, as
-            return b"", b"", b""                                     # Postfix logs Dovecot's refusal of it)
+        if not plausible_login(login.decode("utf-8", "replace")):  # (a name with a NUL is logged (unavailable),
+            return b"", b"" if b"\0" in login else login, b""        # as Postfix logs Dovecot's refusal of it)
         password = await self._auth_response(None, "Password:")
         if password is None:
             return None

@@ -162,11 +162,13 @@ class TransactionCommands(SecureCommands):
             return None
         if await self.refused_for_rate(command.lower()):  # "mail" or "rcpt", counted where Postfix counts them
             return None
+        if unterminated_command_word(text):  # (Postfix's tokenizer refuses it before its extract_addr, unlogged)
+            await self.push(bad)
+            return None
         try:
             addr, written, rest = address.parse_written_path(text)
         except address.PathError:
-            if not unterminated_command_word(text):  # (Postfix's tokenizer refuses that one unlogged)
-                self.record.lines.illegal_address(self.session.client, command, path_word(text))  # (Postfix's word)
+            self.record.lines.illegal_address(self.session.client, command, path_word(text))  # (Postfix's word)
             await self.push(bad)
             return None
         sent = text[:len(text) - len(rest)].strip(COMMAND_BLANKS)
