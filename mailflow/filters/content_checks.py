@@ -2,6 +2,7 @@
 
     ContentChecks(config.checks)                 the tables, opened once; `enabled` is False with none set
     await checks.inspect(queue_id, head, body, log)  -> Inspection (or raises ContentRejected)
+    LONG_KEY, long_field(head)                   past this a key is matched off the event loop (see Cost)
     header_key, is_mime_header, entity_type, Boundaries   how a header field is matched and
                                                  where MIME parts begin and end (the SMTP client's checks too:
                                                  mailflow.transports.smtp_checks)
@@ -119,7 +120,7 @@ class ContentChecks:
         `describe`: how the log names the message's origin (`from host[ip]; from=<s> to=<r>`)."""
         result = Inspection(head=head, body=body)
         check = (queue_id, head, self._header, "header", result, describe)
-        if any(len(b"".join(lines)) > LONG_KEY for _, lines in header_fields(head)):
+        if long_field(head):
             result.head = await self.tables.run(lambda: self._check_headers(*check, top=True), off_loop=True)
         else:
             result.head = self._check_headers(*check, top=True)
@@ -301,6 +302,12 @@ def _rejection(text: str, reason: str) -> DeliveryError:
 def _original(line: str) -> bytes:
     """A matched body line as it goes back after a PREPEND (a header goes back as it came, folded)."""
     return line.encode("utf-8", "surrogateescape") + b"\r\n"
+
+
+def long_field(head: bytes) -> bool:
+    """A header field of `head` is longer than LONG_KEY: its header pass is matched off the event loop (cleanup's,
+    and the SMTP and LMTP clients')."""
+    return any(len(b"".join(lines)) > LONG_KEY for _, lines in header_fields(head))
 
 
 def lookup_action(tables: list[Table], key: str) -> str | None:
