@@ -108,20 +108,22 @@ def _signature(st: os.stat_result) -> tuple:
 
 
 def logical_lines(text: str) -> list[tuple[int, str]]:
-    """postmap(1) input rules: blank and `#` lines are skipped; a line starting with whitespace continues
-    the previous logical line. Returns [(first line number, text)]."""
+    """postmap(1) input rules as Postfix's readllines reads them: a line ends at LF; blank and `#` lines are skipped;
+    a line starting with a blank continues the previous logical line. A blank is BLANKS (ASCII, Postfix's
+    ISSPACE): a line starting with U+00A0 or U+2003 starts an entry, and one is never cut or trimmed at U+2028 or
+    U+00A0 (str.splitlines and str.strip would). Returns [(first line number, text)]."""
     lines: list[tuple[int, str]] = []
-    for number, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
+    for number, line in enumerate(text.split("\n"), 1):
+        stripped = line.strip(BLANKS)
         if not stripped or stripped.startswith("#"):
             continue
-        if line[0].isspace():
+        if line[0] in BLANKS:
             if not lines:
                 raise ValueError(f"line {number}: a continuation line (starting with whitespace) comes first")
             first, previous = lines[-1]
-            lines[-1] = (first, previous + line.rstrip())
+            lines[-1] = (first, previous + line.rstrip(BLANKS))
         else:
-            lines.append((number, line.rstrip()))
+            lines.append((number, line.rstrip(BLANKS)))
     return lines
 
 
@@ -137,9 +139,9 @@ def table_file_entries(kind: str, text: str) -> list[tuple[int, str, str]]:
         if kind in ("regexp", "pcre"):
             lookup, value = _split_regexp_rule(line)
         else:
-            lookup, value = line.split(None, 1)[0], (line.split(None, 1) + [""])[1]
-        if value.strip() and not (kind != "texthash" and lookup.lower() in ("if", "endif")):
-            entries.append((number, lookup, value.strip()))
+            lookup, value = _split_key(line)
+        if value and not (kind != "texthash" and lookup.lower() in ("if", "endif")):
+            entries.append((number, lookup, value))
     return entries
 
 
@@ -194,11 +196,17 @@ def split_pattern_rule(number: int, text: str) -> PatternRule:
 def _parse_texthash(text: str) -> dict[str, str]:
     table: dict[str, str] = {}
     for number, line in logical_lines(text):
-        parts = line.split(None, 1)
-        if len(parts) < 2:
+        key, value = _split_key(line)
+        if not value:
             raise ValueError(f"line {number}: expected 'key whitespace value', got {line!r}")
-        table.setdefault(parts[0].lower(), parts[1].strip())
+        table.setdefault(key.lower(), value)
     return table
+
+
+def _split_key(line: str) -> tuple[str, str]:
+    """A logical line's key and value (blanks stripped), split at the first blank (BLANKS, as postmap)."""
+    end = next((i for i, c in enumerate(line) if c in BLANKS), len(line))
+    return line[:end], line[end:].strip(BLANKS)
 
 
 def _parse_alias_file(text: str) -> dict[str, str]:

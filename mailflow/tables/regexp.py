@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import re2
 
-from mailflow.tables.files import Reloading, logical_lines, split_pattern_rule
+from mailflow.tables.files import BLANKS, Reloading, logical_lines, split_pattern_rule
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
@@ -78,7 +78,7 @@ def parse_rules(source: str, parse_pattern: Callable[[int, str], tuple[Any, bool
             rules.append(None)  # the endif itself: nothing to do
             continue
         is_if = re.match(r"if(?![a-z0-9])", line, re.IGNORECASE) is not None  # `if/x/` too, as Postfix reads it
-        text = line[2:].lstrip() if is_if else line
+        text = line[2:].lstrip(BLANKS) if is_if else line
         try:
             regex, negate, rest = parse_pattern(number, text)
             if is_if and rest:

@@ -104,7 +104,8 @@ async def test_access_map_key_orders_match_a_real_postfix(mailflow_server):
 
 # (file name or None, file text, spec with {file} for the file's path, keys): what `postmap -q` answers for each
 TEXTHASH = ("# a comment\nAlice  first\nalice second\nbob\tvalue with  spaces  \n  # an indented comment\n"
-            "carol one\n  two\ndave\n continued\nUPPER@Example.COM up\nkey#1 v#1\n")
+            "carol one\n  two\ndave\n continued\nUPPER@Example.COM up\nkey#1 v#1\n"
+            "erin one\n\u00a0nbsp two\n\u2003em three\n")  # (Postfix's blanks are ASCII: U+00A0 starts a line)
 REGEXP = ("/^(.*)@example\\.com$/ user=$1 braced=${1} dollar=$$\n/^UPPER/ insensitive\n/^lower/i sensitive\n"
           "!/@/ no-at\nif /@if\\.test$/\n/^a/ a-in-if\n!/^b/ not-b-in-if\nendif\n/^(a)|(b)c$/ g1=$1 g2=$2\n"
           "|^pipe| other delimiter\n/^cont$/ first\n  second\nIF/@nospace\\.test$/\n/./ after-if-without-space\n"
@@ -139,7 +140,8 @@ CIDR_KEYS = ["192.0.2.1", "192.0.2.200", "2001:db8::1", "2001:DB8::1", "2001:db8
              "fe80::1%lo", "host.example", "::ffff:10.1.2.3", "0.0.0.0", "255.255.255.255"]
 QUERIES = [
     ("texthash", TEXTHASH, "texthash:{file}", ["alice", "ALICE", "bob", "carol", "dave", "upper@example.com",
-                                               "Upper@EXAMPLE.com", "key#1", "nothing", "alice "]),
+                                               "Upper@EXAMPLE.com", "key#1", "nothing", "alice ", "erin",
+                                               "\u00a0nbsp", "\u2003em"]),
     ("regexp", REGEXP, "regexp:{file}", ["joe@example.com", "JOE@EXAMPLE.COM", "uppercase", "lower", "LOWER",
                                          "plain", "a@if.test", "b@if.test", "c@if.test", "a@x.test", "bc@x.test",
                                          "pipe@x.test", "cont", "x@nospace.test",

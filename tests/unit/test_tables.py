@@ -51,6 +51,18 @@ def test_texthash_continuation_lines_and_first_duplicate_wins(tmp_path):
     assert open_table(f"texthash:{f}").lookup("team") == "alice,  bob,\tcarol"
 
 
+def test_a_line_starting_with_a_unicode_blank_is_an_entry_as_postfix_reads_it(tmp_path):
+    """Postfix's readllines continues a line only at an ASCII blank (ISSPACE): a line starting with U+00A0 or U+2003
+    is an entry of its own (checked with postmap -q: tests/interop/test_tables_vs_postfix.py), U+2028 ends no line,
+    and a value keeps a trailing U+00A0."""
+    f = write(tmp_path / "t", "erin one\n\u00a0nbsp two\n\u2003em three\u2028four\u00a0\n")
+    t = open_table(f"texthash:{f}")
+    assert [t.lookup(k) for k in ("erin", "\u00a0nbsp", "\u2003em")] == ["one", "two", "three\u2028four\u00a0"]
+    f = write(tmp_path / "r", "/^a$/ first\n\u00a0/^b$/ second\n")
+    with pytest.raises(LookupRetry, match="line 2"):  # (a rule whose delimiter is U+00A0, never closed)
+        open_table(f"regexp:{f}").lookup("a")
+
+
 def test_an_alias_table_with_a_value_mailflow_cannot_take_still_answers_every_key(tmp_path):
     """One bad value fails only its alias, when expanded (local's aliasing), never the table: smtpd's RCPT check
     for the other keys must not become 451 4.3.0 (differential seeds 21, 24, 30, 33)."""
