@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 
 from mailflow.content import Content
 from mailflow import address, status
-from mailflow.errors import ContentRejected, DeliveryError, TemporaryError
+from mailflow.errors import ContentRejected, DeliveryError, LookupRetry, TemporaryError
 from mailflow.message import header_fields, starts_header_field
 from mailflow.tables import Table, TableCache
 
@@ -223,6 +223,10 @@ class ContentChecks:
         host[ip]; from=<s> to=<r> proto=ESMTP helo=<h>: 5.7.1 text`."""
         word, text = split_action(value)
         shown = line[:200]
+        if word not in ("PREPEND", "REPLACE"):  # (their text goes into the message, its bytes as they are)
+            if word in ("REDIRECT", "BCC", "FILTER") and not text.isascii() and _SURROGATES.search(text):
+                raise LookupRetry(f"{what}_checks: non-UTF-8 {word} text {text!r}")  # (no address or transport)
+            text = reply_text(text)
         if word in ("DUNNO", "OK"):
             return None
         if word == "IGNORE":
@@ -275,6 +279,19 @@ class ContentChecks:
         return None
 
 
+def reply_text(text: str) -> str:
+    """An action's text as Postfix's cleanup passes it on (checked with a private Postfix 3.7, smtputf8_enable =
+    yes): each ASCII control (a line break of a folded header's `$1` too) and each byte that is not UTF-8 (a
+    surrogate) a space; UTF-8 kept. A REJECT's text is the reply's: one line, no bytes SMTP cannot carry."""
+    if text.isascii() and text.isprintable():
+        return text
+    return _UNPRINTABLE.sub(" ", text)
+
+
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
 def _log_action(queue_id: str, action: str, what: str, shown: str, describe: str, logged: str) -> None:
     log.info("%s: %s: %s %s%s%s", queue_id, action, what, shown, f" {describe}" if describe else "",
              f": {logged}" if logged else "")
@@ -313,12 +330,15 @@ def long_field(head: bytes) -> bool:
 def lookup_action(tables: list[Table], key: str) -> str | None:
     """The first table's answer (a folded header's key holds its line breaks: a regexp or pcre table's `.` matches
     them). A key's bytes that are not UTF-8 (surrogates: as_key) go to a pattern table as they are (pcre matches
-    them, regexp as U+FFFD), to a fixed one as U+FFFD (a database cannot take them)."""
+    them, regexp as U+FFFD), to a fixed one as U+FFFD (a database cannot take them). A pcre answer is taken as its
+    bytes (lookup_unchecked: a `$1` of such a key, or one that cuts a character), as Postfix's cleanup takes it:
+    an action's text may hold surrogates (see ContentChecks._act)."""
     replaced = None
     for table in tables:
         if table.fixed and not key.isascii():
             replaced = replaced or key.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        value = table.lookup(replaced if table.fixed and replaced is not None else key)
+        lookup = getattr(table, "lookup_unchecked", table.lookup)
+        value = lookup(replaced if table.fixed and replaced is not None else key)
         if value is not None:
             return value
     return None

@@ -26,12 +26,12 @@ has no equivalent of is a bad line naming it ("RE2 has no \\G …").
 The result: `$n`, `${n}`, `$(n)` (n >= 1, at most the pattern's groups) the text of group n, empty when the
 group did not take part; `$$` a dollar; any other `$` is a bad line (Postfix's mac_parse). A result that is not
 UTF-8 (a group that cut a character in two, `/^(.)/ $1` against `é`) cannot be answered (`LookupRetry`), as Postfix
-refuses it in `postmap -q` ("non-UTF-8 value", a query error, with smtputf8_enable = yes, its default). A key that
+refuses it in `postmap -q` ("non-UTF-8 value", a query error, with smtputf8_enable = yes, its default), except by
+cleanup's header and body checks (`lookup_unchecked`: the bytes, as Postfix's cleanup takes them). A key that
 is not UTF-8 is matched as its bytes: cleanup's header and body checks hand such a line's bytes (as surrogates,
 mailflow.filters.content_checks.as_key), as Postfix's cleanup does (its checks' maps are not UTF-8 checked:
 tests/interop/test_pcre_vs_postfix.py); `postmap -q` with smtputf8_enable = yes does not look such a key up
-("non-UTF-8 key", not found), `mailflow table query` does. (Still different: a non-UTF-8 result on cleanup's path
-is a LookupRetry here, where Postfix's cleanup would take its bytes.)
+("non-UTF-8 key", not found), `mailflow table query` does.
 
 One capture differs: a group repeated by `*`, `+` or `{n,m}` whose last repetition matches the empty string is
 that empty repetition in PCRE, the last non-empty one in RE2 (`/^((a?))*b$/ $1` against `ab`: `` in Postfix, `a`
@@ -323,7 +323,12 @@ class PcreTable:
         self._file.load()
 
     def lookup(self, key: str) -> str | None:
-        value = lookup_rules(self._file.current(), _key_bytes(key), _expand)
+        value = self.lookup_unchecked(key)
         if value is not None and not value.isascii() and _SURROGATES.search(value):
             raise LookupRetry(f"table {self.name}: key {key!r}: non-UTF-8 value {value!r}")
         return value
+
+    def lookup_unchecked(self, key: str) -> str | None:
+        """The answer as its bytes, each one that is not UTF-8 a surrogate: cleanup's checks take it (Postfix's
+        cleanup does not UTF-8 check its maps)."""
+        return lookup_rules(self._file.current(), _key_bytes(key), _expand)

@@ -438,3 +438,17 @@ async def test_a_long_key_is_matched_off_the_event_loop_in_the_message_s_order(s
                   outbound)
     assert peer.messages[-1].content == b"X-A: 1\r\n" + long_field + b"\r\nX-Late: seen\r\n\r\nedited\r\n"
     assert seen == [("X-A: ", False), ("X-Lon", False), ("X-Lat", False), ("z", False)]
+
+
+def test_a_pcre_result_that_is_not_utf8_goes_out_as_its_bytes(checks, tmp_path):
+    """As Postfix's smtp(8) (checked with a private Postfix 3.7.11 and smtp-sink): a `$1` of a Latin-1 header, or
+    one that cuts a character in two, is written as its bytes; it was a lookup error (the delivery deferred, or
+    the session ended in the body)."""
+    (tmp_path / "checks.pcre").write_bytes(b"/^X-Rep: (.*)$/ REPLACE X-Replaced: [$1]\n"
+                                           b"/^cut body (\xc3\xa9+)(.)/ REPLACE body [$1][$2]\n")
+    spec = f"pcre:{tmp_path / 'checks.pcre'}"
+    outbound = checks(header=spec, body=spec)
+    head = b"X-Rep: caf\xe9\r\nSubject: s\r\n"
+    assert outbound.head("Q1", head) == b"X-Replaced: [caf\xe9]\r\nSubject: s\r\n"
+    body = b"".join(encode([head + "\r\ncut body ééx\r\n".encode()], outbound.body("Q1", head)))
+    assert body == head + b"\r\nbody [\xc3\xa9][\xc3]\r\n"

@@ -147,3 +147,24 @@ async def test_a_boundary_that_is_not_utf8_still_opens_its_parts(tmp_path):
     head = b'Content-Type: multipart/mixed; boundary="b\xe9"\r\n'
     with pytest.raises(ContentRejected, match="part header seen"):
         await inspect(c, head, b"\r\n--b\xe9\r\nContent-Type: text/plain\r\n\r\nhello\r\n--b\xe9--\r\n")
+
+
+async def test_an_action_s_text_is_taken_as_postfix_s_cleanup_takes_it(tmp_path):
+    """A pcre `$1` that is not UTF-8 is no lookup error (it deferred the message, 4.3.0): REPLACE writes its bytes,
+    REJECT's text (a reply line) has a space for such a byte and for a control, a folded header's line break
+    among them; a REDIRECT to such bytes cannot be queued and stays a lookup error (compared with a private Postfix:
+    tests/interop/test_pcre_vs_postfix.py)."""
+    from mailflow.errors import LookupRetry
+
+    (tmp_path / "checks").write_text("/^X-Rej: (.*)$/ REJECT rejected [$1]\n/^X-Rep: (.*)$/ REPLACE X-Replaced: $1\n"
+                                     "/^X-To: (.*)$/ REDIRECT $1@x.test\n")
+    c = ContentChecks(ChecksConfig(header_checks=(f"pcre:{tmp_path / 'checks'}",)))
+    result = await inspect(c, b"X-Rep: caf\xe9\r\n")
+    assert result.head == b"X-Replaced: caf\xe9\r\n"
+    for field, text in ((b"X-Rej: caf\xe9\r\n", "rejected [caf ]"), ("X-Rej: café\r\n".encode(), "rejected [café]"),
+                        (b"X-Rej: a\r\n\tb\x7f\r\n", "rejected [a  b ]")):
+        with pytest.raises(ContentRejected) as refused:
+            await inspect(c, field)
+        assert refused.value.text == text
+    with pytest.raises(LookupRetry):
+        await inspect(c, b"X-To: caf\xe9\r\n")
