@@ -59,6 +59,7 @@ from typing import Union
 from mailflow.address import BAD_DOMAIN, BAD_LOCAL_PART, mailbox_syntax_error
 from mailflow.errors import ConfigError
 from mailflow.header_addresses import value_addresses
+from mailflow.syntax import COMMAND_BLANKS as BLANKS  # (Postfix's ISSPACE, as tables.files.BLANKS)
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def _physical_lines(text: str, filename: str):
         bad = _CONTROL.search(line)
         if bad:
             raise AliasSyntaxError(filename, number, f"control character {ord(bad.group()):#04x}")
-        stripped = line.strip()
+        stripped = line.strip(BLANKS)
         if stripped and not stripped.startswith("#"):
             yield number, line
 
@@ -269,8 +270,8 @@ def _name(line: _Text) -> tuple[str, int]:
         colon = text.find(":")
         if colon < 0:
             raise line.error(0, "missing ':' (expected 'name: value, ...')")
-        name = text[:colon].strip()
-        if any(c.isspace() for c in name) or "@" in name or '"' in name:
+        name = text[:colon].strip(BLANKS)
+        if any(c in BLANKS for c in name) or "@" in name or '"' in name:
             raise line.error(0, f"name {name!r} must be quoted (whitespace, '@' or '\"'), or is missing its ':'")
     if not name.strip():
         raise line.error(0, "empty name")
@@ -280,7 +281,7 @@ def _name(line: _Text) -> tuple[str, int]:
 def _logical_lines(text: str, filename: str):
     current: _Text | None = None
     for number, physical in _physical_lines(text, filename):
-        if physical[0].isspace():
+        if physical[0] in BLANKS:  # (ASCII, as Postfix's readllines: a line starting with U+00A0 is an entry)
             if current is None:
                 raise AliasSyntaxError(filename, number, "continuation line without an entry above it")
             current.add(number, physical)

@@ -401,7 +401,7 @@ class SmtpdLog:
                    after=after, client=client, pending=text)
 
     def non_smtp_command(self, client: str, line: bytes) -> None:
-        text = line[:100].decode("utf-8", "replace")
+        text = escaped(line)[:100]  # (Postfix's smtpd: escape(3), then `%.100s`)
         self._emit(logging.WARNING, "non-smtp", f"non-SMTP command from {client}: {text}", client=client, text=text)
 
     def illegal_address(self, client: str, command: str, text: str) -> None:

@@ -63,6 +63,12 @@ class SessionLog:
             self._content, self._message_ended = None, False
             self.where = verb if verb is not None and name != "unknown" else "UNKNOWN"  # (Postfix's words)
 
+    def failed_command(self, verb: str | None) -> None:
+        """One more command that fails whatever it is answered: a non-SMTP command (its 221 is Postfix's farewell,
+        not the command's success: `unknown=0/1`)."""
+        self.command(verb)
+        self._pending = None
+
     def content(self, verb: str, size: Callable[[], int]) -> None:
         """DATA or BDAT content is being read; `size()`: its bytes so far (BDAT: every chunk's)."""
         self._content = (verb, size)

@@ -33,6 +33,7 @@ may use it without an import cycle.
                                                 backslash; \x1c-\x1f, U+0085, U+00A0 and U+2000-U+200A, which
                                                 str.split() breaks at, stay in a word
     next_command_word(text, start) -> (word, end)   one such word: the first after `start`, and where it ends
+    unterminated_command_word(text) -> bool        whether the first one leaves a quote or angle bracket open
     verb_and_argument(line), verb_and_argument_bytes(line)   a command line's verb and the rest: split at space,
                                                 tab, VT and FF, as Postfix's smtpd (smtpd and sendmail -bs)
     ascii_upper(text)                           only the ASCII letters in upper case (Postfix's strcasecmp: a
@@ -259,6 +260,18 @@ def verb_and_argument_bytes(line: bytes) -> tuple[bytes, bytes]:
 def next_command_word(text: str, start: int = 0) -> tuple[str, int]:
     """The command word (see command_words) at or after `start` (blanks before it skipped), and the index just
     past it; ("", len(text)) when only blanks remain."""
+    word, end, _ = _command_word(text, start)
+    return word, end
+
+
+def unterminated_command_word(text: str) -> bool:
+    """Whether the first command word of `text` ends with a quote or angle bracket still open: it ran to the end
+    of the line (Postfix's smtpd_token marks it SMTPD_TOK_ERROR)."""
+    return _command_word(text, 0)[2]
+
+
+def _command_word(text: str, start: int) -> tuple[str, int, bool]:
+    """next_command_word's (word, end), and whether a quote or angle bracket was left open."""
     end = len(text)
     while start < end and text[start] in COMMAND_BLANKS:
         start += 1
@@ -277,7 +290,7 @@ def next_command_word(text: str, start: int = 0) -> tuple[str, int]:
             break
         i += 1
     i = min(i, end)
-    return text[start:i], i
+    return text[start:i], i, bool(closing)
 
 
 def ascii_upper(text: str) -> str:

@@ -16,8 +16,9 @@ localhost`; mail_name; queue_directory); a reference to anything else leaves the
 through the one table (mailflow.config.postfix_names) and is converted by the mailflow setting's type; a table
 spec of a type mailflow lacks is converted where mailflow has the same thing (hash:, lmdb:… -> texthash: of the
 source file, left out when that file is missing, noted when the compiled file is older or newer; pcre: stays
-pcre: (mailflow's is on RE2: `mailflow check-config` names a pattern it cannot take); proxy: dropped) and left out
-otherwise. Every value is then validated as mailflow loads it (mailflow.config.load.config_from_dict): one it
+pcre: (mailflow's is on RE2: each line of a regexp: or pcre: file the result names that mailflow's table refuses is
+left out with its file and line, as Postfix skips it, where mailflow's table would fail whole); proxy: dropped) and
+left out otherwise. Every value is then validated as mailflow loads it (mailflow.config.load.config_from_dict): one it
 refuses is left out with mailflow's reason, so what is written always loads. Nothing is dropped silently and no
 value is invented: a setting written without a main.cf line (myhostname, mydestination, alias_maps,
 local_recipient_maps, the listen addresses) is Postfix's default, said so in a comment (a table of it mailflow
@@ -57,7 +58,9 @@ from mailflow.config.show import format_setting
 from mailflow.config.smtpd import LISTENER_ROLES, SMTPD_BANNER
 from mailflow.errors import ConfigError
 from mailflow.restriction_vocabulary import ACCESS_CHECKS, REVERSE_CLIENT_ACCESS, SERVER_ACCESS_CHECKS, split_item
-from mailflow.tables.files import SCANNED_TABLE_FILES, table_file_entries
+from mailflow.tables.files import SCANNED_TABLE_FILES, logical_lines, table_file_entries
+from mailflow.tables.pcre import parse_pcre
+from mailflow.tables.regexp import RuleErrors, parse_regexp
 from mailflow.tables.memory import table_entries
 
 __all__ = ["import_postfix", "UnreadableFile", "Imported"]
@@ -78,6 +81,8 @@ RELAY_ROUTING_TABLES = ("transport_maps", "sender_dependent_default_transport_ma
 # relay_transport when master.cf has no relay: a transport no configuration defines, whose mail qmgr defers as
 # Postfix's defers mail for a service master.cf lacks
 ABSENT_RELAY = "relay-absent"
+# a regexp: or pcre: file named in the written settings (a TOML string's or a list's item)
+_PATTERN_FILE = re.compile(r"(?<![A-Za-z0-9_])(regexp|pcre):(/[^\s,'\"{}]+)")
 POSTFIX_NOTIFY_CLASSES = "resource, software"  # Postfix's default notify_classes (mailflow's adds 2bounce)
 
 
@@ -108,7 +113,33 @@ class Importer:
         self._check_certificate()
         self._validate()
         self._helpers()
+        self._check_pattern_files()
         return self.out
+
+    def _check_pattern_files(self) -> None:
+        """Each line of a regexp: or pcre: file the written configuration names that mailflow's table refuses (a
+        PCRE construct RE2 lacks, a bad `$n`), left out with its file, line and reason: Postfix skips such a line
+        with a warning, where mailflow's table fails whole (4.3.0 on every lookup) until the line is fixed."""
+        parsers = {"regexp": parse_regexp, "pcre": parse_pcre}
+        files = dict.fromkeys(m.groups() for m in _PATTERN_FILE.finditer(repr(self.out.document())))
+        for kind, path in files:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
+            except (OSError, UnicodeDecodeError):
+                continue  # (the import reported an unreadable table already, or `config check` will)
+            try:
+                parsers[kind](text)
+            except RuleErrors as e:
+                written = dict(logical_lines(text))
+                for error in e.lines:
+                    number, _, reason = error.partition(": ")
+                    line = int(number.split()[1])
+                    self.out.leave_out(f"{path}:{line}", f"{kind}: rule {written.get(line, '')}", "",
+                                       f"mailflow's {kind}: refuses it ({reason}) and fails the whole table (4.3.0 "
+                                       f"on every lookup) until it is fixed, where Postfix skips the line")
+            except ValueError:
+                continue  # a continuation line first: `config check` names it
 
     def _helpers(self) -> None:
         """A main.cf name Postfix does not know that another setting uses through $name (`mua_client_restrictions`

@@ -68,7 +68,7 @@ from mailflow.sendmail.reading import (LINE_PIECE, clean_address, clean_recipien
 from mailflow.sendmail.submitter import Submitter
 from mailflow.session_log import SessionLog
 from mailflow.smtp_parameters import mail_parameters, path_text, path_word, rcpt_parameters
-from mailflow.syntax import COMMAND_BLANKS, ascii_upper, command_words, verb_and_argument
+from mailflow.syntax import COMMAND_BLANKS, ascii_upper, command_words, unterminated_command_word, verb_and_argument
 from mailflow.tables import open_table
 
 # the client as Postfix's stand-alone smtpd names it (smtpd_peer_assume_local_client): its footer's $client...,
@@ -268,8 +268,8 @@ class StdioSmtp:
     def _refuse_path(self, command: str, arg: str, reply: status.Reply, bad_path: status.Reply) -> None:
         """Answer MAIL's or RCPT's path refusal; a malformed path (`bad_path`) is logged as Postfix's smtpd logs
         it (the path as given after `FROM:` / `TO:`, without the parameter words: path_word)."""
-        if reply is bad_path:
-            text = path_text(arg, command)
+        text = path_text(arg, command)
+        if reply is bad_path and not (isinstance(text, str) and unterminated_command_word(text)):  # (as smtpd)
             self._record.lines.illegal_address(CLIENT, command, path_word(text) if isinstance(text, str) else arg)
         self._reply(reply)
 
@@ -430,6 +430,8 @@ def _path(arg: str, command: str, bad_path: status.Reply, strict: bool) -> tuple
     text = path_text(arg, command)
     if isinstance(text, status.Reply):
         return text
+    if unterminated_command_word(text):  # (smtpd's tokenizer refuses it first)
+        return bad_path
     try:
         found, rest = address.parse_path(text)
     except address.PathError:

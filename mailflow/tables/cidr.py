@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Callable
 
 from mailflow.syntax import ascii_upper
-from mailflow.tables.files import Reloading, logical_lines
+from mailflow.tables.files import BLANKS, Reloading, logical_lines
 
-_SPACE = " \t\n\v\f\r"  # C's isspace() in the C locale, as Postfix splits a rule
 _FAMILIES = {32: socket.AF_INET, 128: socket.AF_INET6}
 
 
@@ -148,7 +147,7 @@ def _negations(text: str) -> tuple[bool, str]:
     for i, c in enumerate(text):
         if c == "!":
             negate = not negate
-        elif c not in _SPACE:
+        elif c not in BLANKS:
             return negate, text[i:]
     return negate, ""
 
@@ -165,17 +164,17 @@ def _parse_rule(line: str) -> _Rule | tuple[_Network, str] | None:
         negate, pattern = _negations(line[2:])
         if not pattern:
             raise ValueError("no address pattern")
-        return _Rule(parse_network(pattern.rstrip(_SPACE)), negate, None)
+        return _Rule(parse_network(pattern.rstrip(BLANKS)), negate, None)
     if _keyword(line, "ENDIF"):
-        if line[5:].strip(_SPACE):
+        if line[5:].strip(BLANKS):
             raise ValueError("garbage after ENDIF")
         return None
     negate, rest = _negations(line)
-    end = next((i for i, c in enumerate(rest) if c in _SPACE), len(rest))
+    end = next((i for i, c in enumerate(rest) if c in BLANKS), len(rest))
     pattern, result = rest[:end], rest[end:]
     if not pattern:
         raise ValueError("no address pattern")
-    network, result = parse_network(pattern), result.strip(_SPACE)
+    network, result = parse_network(pattern), result.strip(BLANKS)
     if not result:
         raise ValueError("no lookup result")
     return _Rule(network, negate, result) if negate else (network, result)

@@ -5,6 +5,8 @@
   happens in a worker thread while lookups go on answering from the previous contents.
 - `logical_lines(text)`: postmap(1) input rules (blank and `#` lines skipped, a line starting with whitespace
   continues the previous one); shared with the regexp, pcre and sqlite parsers.
+- `split_pattern_rule(number, text)`: a regexp: or pcre: rule's `!`s, pattern, flags and result, as Postfix reads
+  them (the one delimiter scanner of both types and of the import's scan).
 - `table_file_entries(kind, text)`: (line, key or pattern, value) of each entry of a texthash:, regexp:, pcre: or
   cidr: file (SCANNED_TABLE_FILES) as written, `$n` not substituted: what `config import` scans for routes to relay.
 - `texthash:/path`: `key value` lines; keys case-insensitive; first of duplicate keys wins. With `aliases`, the
@@ -20,7 +22,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, NamedTuple, TypeVar
 
 from mailflow.errors import LookupRetry
 from mailflow.files import TABLE_LIMIT, read_regular_file
@@ -106,20 +108,22 @@ def _signature(st: os.stat_result) -> tuple:
 
 
 def logical_lines(text: str) -> list[tuple[int, str]]:
-    """postmap(1) input rules: blank and `#` lines are skipped; a line starting with whitespace continues
-    the previous logical line. Returns [(first line number, text)]."""
+    """postmap(1) input rules as Postfix's readllines reads them: a line ends at LF; blank and `#` lines are skipped;
+    a line starting with a blank continues the previous logical line. A blank is BLANKS (ASCII, Postfix's
+    ISSPACE): a line starting with U+00A0 or U+2003 starts an entry, and one is never cut or trimmed at U+2028 or
+    U+00A0 (str.splitlines and str.strip would). Returns [(first line number, text)]."""
     lines: list[tuple[int, str]] = []
-    for number, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
+    for number, line in enumerate(text.split("\n"), 1):
+        stripped = line.strip(BLANKS)
         if not stripped or stripped.startswith("#"):
             continue
-        if line[0].isspace():
+        if line[0] in BLANKS:
             if not lines:
                 raise ValueError(f"line {number}: a continuation line (starting with whitespace) comes first")
             first, previous = lines[-1]
-            lines[-1] = (first, previous + line.rstrip())
+            lines[-1] = (first, previous + line.rstrip(BLANKS))
         else:
-            lines.append((number, line.rstrip()))
+            lines.append((number, line.rstrip(BLANKS)))
     return lines
 
 
@@ -135,37 +139,74 @@ def table_file_entries(kind: str, text: str) -> list[tuple[int, str, str]]:
         if kind in ("regexp", "pcre"):
             lookup, value = _split_regexp_rule(line)
         else:
-            lookup, value = line.split(None, 1)[0], (line.split(None, 1) + [""])[1]
-        if value.strip() and not (kind != "texthash" and lookup.lower() in ("if", "endif")):
-            entries.append((number, lookup, value.strip()))
+            lookup, value = _split_key(line)
+        if value and not (kind != "texthash" and lookup.lower() in ("if", "endif")):
+            entries.append((number, lookup, value))
     return entries
 
 
 def _split_regexp_rule(line: str) -> tuple[str, str]:
-    """`/pattern/flags value` (or `!/pattern/`) -> (pattern with its delimiters and flags, value); an `if` line's
-    pattern has no value."""
+    """`/pattern/flags value` (or `!/pattern/`) -> (pattern with its `!`s, delimiters and flags, value); an `if`
+    line's pattern has no value; a line split_pattern_rule refuses is all pattern."""
     text = line.strip()
     if text.lower() == "endif" or (text[:2].lower() == "if" and not text[2:3].isalnum()):
         return "if", ""
-    start = 1 if text.startswith("!") else 0
-    start += len(text[start:]) - len(text[start:].lstrip())
-    delimiter, i = text[start:start + 1], start + 1
+    try:
+        rule = split_pattern_rule(0, text)
+    except ValueError:
+        return text, ""
+    return rule.written, rule.rest
+
+
+BLANKS = " \t\n\v\f\r"  # Postfix's ISSPACE: ASCII only (not U+00A0, U+2003, \x1c-\x1f as str.isspace)
+
+
+class PatternRule(NamedTuple):
+    negated: bool
+    pattern: str  # as written between the delimiters, backslashes kept
+    flags: str
+    rest: str  # the result (or nothing, for an `if`), blanks stripped
+    written: str  # the text up to the flags' end: `!` `/pattern/flags`
+
+
+def split_pattern_rule(number: int, text: str) -> PatternRule:
+    """A regexp_table(5) or pcre_table(5) rule's text as dict_regexp_get_pat and dict_pcre_get_pattern read it:
+    `!`s (each toggles, blanks may come between), the delimiter (the first other character; a rule line begins with
+    a non-alphanumeric one), the pattern up to the next unescaped delimiter (a backslash escapes it and is kept),
+    flags up to a blank, then the rest. Raises ValueError("line N: …") naming what is missing."""
+    negated, i = False, 0
+    while i < len(text) and (text[i] == "!" or text[i] in BLANKS):
+        negated ^= text[i] == "!"
+        i += 1
+    if i == len(text) or (i == 0 and text[0].isalnum()):
+        raise ValueError(f"line {number}: expected /pattern/ (optionally !/pattern/ or if /pattern/)")
+    delimiter, start = text[i], i + 1
+    i = start
     while i < len(text) and text[i] != delimiter:
         i += 2 if text[i] == "\\" else 1
-    end = i + 1
-    while end < len(text) and not text[end].isspace():
-        end += 1
-    return text[:end], text[end:]
+    if i >= len(text):
+        raise ValueError(f"line {number}: the pattern has no closing {delimiter}")
+    flags_end = i + 1
+    while flags_end < len(text) and text[flags_end] not in BLANKS:
+        flags_end += 1
+    return PatternRule(negated, text[start:i], text[i + 1:flags_end], text[flags_end:].strip(BLANKS),
+                       text[:flags_end])
 
 
 def _parse_texthash(text: str) -> dict[str, str]:
     table: dict[str, str] = {}
     for number, line in logical_lines(text):
-        parts = line.split(None, 1)
-        if len(parts) < 2:
+        key, value = _split_key(line)
+        if not value:
             raise ValueError(f"line {number}: expected 'key whitespace value', got {line!r}")
-        table.setdefault(parts[0].lower(), parts[1].strip())
+        table.setdefault(key.lower(), value)
     return table
+
+
+def _split_key(line: str) -> tuple[str, str]:
+    """A logical line's key and value (blanks stripped), split at the first blank (BLANKS, as postmap)."""
+    end = next((i for i, c in enumerate(line) if c in BLANKS), len(line))
+    return line[:end], line[end:].strip(BLANKS)
 
 
 def _parse_alias_file(text: str) -> dict[str, str]:

@@ -10,9 +10,8 @@ Matching is PCRE's leftmost-first (RE2 `longest_match = False`): `/^(a|ab)/ $1` 
 leftmost-longest as POSIX, answers `ab`), non-greedy quantifiers are honoured (`/^<(.+?)>/ $1` against `<a>b>`
 answers `a`). As in Postfix 3.7 (which never asks PCRE for UTF mode), patterns and keys
 are bytes: `.` is one byte, caseless matching folds ASCII letters, a key that is not UTF-8 (surrogates, as
-Python's surrogateescape gives them) is matched as the bytes it came from. (RE2's Latin-1 mode also folds the
-case of bytes 0xC0-0xDE against 0xE0-0xFE, which PCRE does not: a pattern's UTF-8 lead byte can then match
-another lead byte in a caseless rule. No text of a real pattern is known to meet this.)
+Python's surrogateescape gives them) is matched as the bytes it came from (RE2's Latin-1 mode folds
+no byte above 0x7F either: `(?i)\\xc0` does not match 0xE0, tests/unit/test_tables.py).
 
 Flags (each toggles; the defaults are Postfix's, caseless and dot-all): i caseless, m multi-line (`^`/`$` at line
 breaks), s dot-all (`.` matches a line break), x extended (blanks and `#` comments in the pattern are left out
@@ -20,18 +19,28 @@ here, RE2 has no such mode), A anchored (at the key's start), U ungreedy (RE2's 
 `$` is always so: a key never ends in a line break here, mailflow asks none that does), X (PCRE1's "extra",
 ignored by Postfix's PCRE2 build: accepted, no effect).
 
+Syntax: PCRE constructs RE2 lacks but can say otherwise are rewritten to what matches the same bytes
+(_in_re2_syntax: `\\s` with VT, `\\v` `\\h` and their negations, `\\e`, `\\cX`, `\\N`, `\\Z`, `(?#…)`); what RE2
+has no equivalent of is a bad line naming it ("RE2 has no \\G …").
+
 The result: `$n`, `${n}`, `$(n)` (n >= 1, at most the pattern's groups) the text of group n, empty when the
 group did not take part; `$$` a dollar; any other `$` is a bad line (Postfix's mac_parse). A result that is not
 UTF-8 (a group that cut a character in two, `/^(.)/ $1` against `é`) cannot be answered (`LookupRetry`), as Postfix
-refuses it ("non-UTF-8 value", a query error, with smtputf8_enable = yes, its default). A key that is not UTF-8 is
-matched as its bytes, where Postfix with smtputf8_enable = yes does not look it up (not found, with a warning).
+refuses it in `postmap -q` ("non-UTF-8 value", a query error, with smtputf8_enable = yes, its default), except by
+cleanup's header and body checks (`lookup_unchecked`: the bytes, as Postfix's cleanup takes them). A key that
+is not UTF-8 is matched as its bytes: cleanup's header and body checks hand such a line's bytes (as surrogates,
+mailflow.filters.content_checks.as_key), as Postfix's cleanup does (its checks' maps are not UTF-8 checked:
+tests/interop/test_pcre_vs_postfix.py); `postmap -q` with smtputf8_enable = yes does not look such a key up
+("non-UTF-8 key", not found), `mailflow table query` does.
 
 One capture differs: a group repeated by `*`, `+` or `{n,m}` whose last repetition matches the empty string is
 that empty repetition in PCRE, the last non-empty one in RE2 (`/^((a?))*b$/ $1` against `ab`: `` in Postfix, `a`
 here). Patterns whose repeated groups always take a character answer as Postfix's (tests/interop's random ones).
 
-Cost: as regexp:'s (linear in the key, one RE2 set pass over all rules, then one search of the answering rule):
-about 4-5 us for a 20-rule file, a miss or a hit on the last rule, on the machine the tests run on.
+Cost: as regexp:'s (one RE2 set pass over all rules, then one search of the answering rule): about 4-5 us for a
+20-rule file and a short key, a miss or a hit on the last rule, on the machine the tests run on; linear in the key
+while RE2's DFA fits its memory, key length x rules past that (mailflow.tables.regexp's doc: milliseconds to
+seconds for long keys against big tables, which cleanup matches in a worker thread).
 
 Failure behaviour: a line Postfix's pcre warns about and skips (a pattern RE2 cannot take: back-references,
 look-around, atomic groups, possessive quantifiers, recursion, conditionals; a bad flag or `$n`; an `if` without
@@ -49,14 +58,12 @@ from typing import Any, Callable
 import re2
 
 from mailflow.errors import LookupRetry
-from mailflow.tables.files import Reloading
-from mailflow.tables.regexp import lookup_rules, parse_rules
+from mailflow.tables.files import BLANKS, Reloading, split_pattern_rule
+from mailflow.tables.regexp import Piece, lookup_rules, parse_result, parse_rules
 
 _FLAGS = "imsxAEUX"
+_EXTENDED_BLANKS = BLANKS + "\x85"  # what PCRE2's x flag leaves out of a pattern's bytes (0x85 is NEL)
 _SURROGATES = re.compile("[\ud800-\udfff]")
-# A part of the result: literal text, or the number of a group.
-Piece = str | int
-_MACRO = re.compile(r"\$(?:\$|\{([^}]*)\}|\(([^)]*)\)|([A-Za-z0-9_]*))")
 # RE2's errors for what PCRE has and RE2 has not: the construct, named as a PCRE user knows it
 _UNSUPPORTED = [(re.compile(r"invalid escape sequence: \\[1-9]"), "a back-reference"),
                 (re.compile(r"invalid escape sequence: \\g"), "a back-reference or subroutine call"),
@@ -75,28 +82,14 @@ def _options() -> "re2.Options":
     return options
 
 
-def _parse_pcre(source: str) -> Any:
-    return parse_rules(source, _parse_pattern, _parse_result, _options())
+def parse_pcre(source: str) -> Any:
+    return parse_rules(source, _parse_pattern, parse_result, _options())
 
 
 def _parse_pattern(number: int, text: str) -> tuple[Any, bool, str]:
     """`!/pattern/flags rest` -> (compiled pattern, negated, rest), as dict_pcre_get_pattern reads it."""
-    negate, i = False, 0
-    while i < len(text) and (text[i] == "!" or text[i].isspace()):
-        negate ^= text[i] == "!"
-        i += 1
-    if i == len(text) or (i == 0 and text[0].isalnum()):
-        raise ValueError(f"line {number}: expected /pattern/ (optionally !/pattern/ or if /pattern/)")
-    delimiter, start = text[i], i + 1
-    i = start
-    while i < len(text) and text[i] != delimiter:
-        i += 2 if text[i] == "\\" else 1
-    if i >= len(text):
-        raise ValueError(f"line {number}: the pattern has no closing {delimiter}")
-    pattern, flags_end = text[start:i], i + 1
-    while flags_end < len(text) and not text[flags_end].isspace():
-        flags_end += 1
-    return _compile(number, pattern, text[i + 1:flags_end]), negate, text[flags_end:].strip()
+    rule = split_pattern_rule(number, text)
+    return _compile(number, rule.pattern, rule.flags), rule.negated, rule.rest
 
 
 def _compile(number: int, pattern: str, flags: str):
@@ -106,16 +99,127 @@ def _compile(number: int, pattern: str, flags: str):
         if flag not in _FLAGS:
             raise ValueError(f"line {number}: unknown regexp option {flag!r} (pcre_table(5) has {', '.join(_FLAGS)})")
         on[flag] = not on.get(flag, False)
-    if on.get("x"):
-        pattern = _without_extended_blanks(pattern)
+    try:
+        pattern = _in_re2_syntax(_bytewise(_without_extended_blanks, pattern) if on.get("x") else pattern)
+    except ValueError as e:
+        raise ValueError(f"line {number}: {e}") from None
     inline = "".join(f for f in "imsU" if on.get(f))
     text = pattern.encode("utf-8", "surrogateescape")
-    if on.get("A"):
-        text = rb"\A(?:" + text + b")"
     try:
+        if on.get("A"):  # the pattern must stand alone first: `a)|(b` wrapped would be `\A(?:a)|(b)`
+            re2.compile(text, _options())
+            text = rb"\A(?:" + text + b")"
         return re2.compile((f"(?{inline})".encode() if inline else b"") + text, _options())
     except re2.error as e:
         raise ValueError(f"line {number}: {_reason(pattern, e)}") from None
+
+
+# PCRE escapes RE2 lacks or reads otherwise, as the bytes each matches (PCRE2 without UTF mode, its default "C"
+# locale tables): \s has VT (RE2's has not), \v is vertical space (RE2's is VT alone), \h horizontal space.
+_SPACE = frozenset(b"\t\n\x0b\f\r ")
+_VERTICAL = frozenset(b"\n\x0b\f\r\x85")
+_HORIZONTAL = frozenset(b"\t \xa0")
+_BYTE_SETS = {"s": _SPACE, "v": _VERTICAL, "h": _HORIZONTAL}
+_SIMPLE = {"e": "\\x1b", "E": ""}  # escape, and a \E with no \Q before it (PCRE ignores it)
+_NOT_IN_RE2 = {"G": "\\G (the end of the previous match)", "K": "\\K (reset the match start)",
+               "X": "\\X (an extended grapheme cluster)", "R": "\\R (any line break sequence)",
+               "o": "\\o{...} (octal)", "g": "\\g (a back-reference or subroutine call)",
+               "k": "\\k (a named back-reference)"}
+_MAX_REPEAT = 1000  # RE2's limit on a counted repetition
+
+
+def _in_re2_syntax(pattern: str) -> str:
+    """`pattern` with each PCRE construct RE2 lacks but can say otherwise rewritten to what matches the same bytes:
+    `\\s` `\\S` `\\v` `\\V` `\\h` `\\H` as their byte sets, `\\e` `\\cX` `\\xH` as `\\xNN`, `\\N` as `[^\\n]`,
+    `\\Z` as `\\z` (no key mailflow asks ends in a line break, as for `$`), `(?#...)` and a stray `\\E` left out.
+    Raises ValueError naming what RE2 has no equivalent of (\\G, \\K, \\R, a count over 1000, branch reset…)."""
+    out, i, n = [], 0, len(pattern)
+    while i < n:
+        char = pattern[i]
+        if pattern.startswith("\\Q", i):
+            end = pattern.find("\\E", i + 2)
+            end = n if end < 0 else end + 2
+            out.append(pattern[i:end])
+            i = end
+        elif char == "\\":
+            text, i = _escape(pattern, i, in_class=False)
+            out.append(text)
+        elif char == "[":
+            text, i = _class(pattern, i)
+            out.append(text)
+        elif pattern.startswith("(?#", i):
+            end = pattern.find(")", i)
+            if end < 0:
+                raise ValueError("a (?# comment without its closing )")
+            i = end + 1
+        elif pattern.startswith("(?|", i):
+            raise ValueError("RE2 has no branch reset group (?|...)")
+        elif pattern.startswith("(*", i):
+            raise ValueError("RE2 has no (*VERB) or start-of-pattern option")
+        elif char == "{" and (count := re.match(r"\{(\d+)(?:,(\d*))?\}", pattern[i:])):
+            if any(c and int(c) > _MAX_REPEAT for c in count.groups()):
+                raise ValueError(f"RE2 has no repetition count over {_MAX_REPEAT} ({count.group(0)})")
+            out.append(count.group(0))
+            i += count.end()
+        else:
+            out.append(char)
+            i += 1
+    return "".join(out)
+
+
+def _escape(pattern: str, i: int, *, in_class: bool) -> tuple[str, int]:
+    """The RE2 text of the escape at `pattern[i]` (a backslash) and the index after it."""
+    letter = pattern[i + 1:i + 2]
+    if letter.lower() in _BYTE_SETS:
+        members = _BYTE_SETS[letter.lower()]
+        members = members if letter.islower() else frozenset(range(256)) - members
+        return (_ranges(members) if in_class else f"[{_ranges(members)}]"), i + 2
+    if letter in _SIMPLE:
+        return _SIMPLE[letter], i + 2
+    if letter == "c" and i + 2 < len(pattern) and pattern[i + 2].isascii():
+        return f"\\x{ord(pattern[i + 2].upper()) ^ 0x40:02x}", i + 3
+    if letter == "x" and pattern.startswith("{", i + 2) and "}" in pattern[i + 3:]:
+        end = pattern.index("}", i + 3) + 1
+        return pattern[i:end], end  # \x{hh}: RE2's own (its braces are no repetition count)
+    if letter == "x" and (digits := re.match(r"[0-9A-Fa-f]{1,2}", pattern[i + 2:i + 4])):
+        return f"\\x{int(digits.group(0), 16):02x}", i + 2 + digits.end()
+    if letter == "N" and not in_class and not pattern.startswith("{", i + 2):
+        return "[^\\n]", i + 2
+    if letter == "Z" and not in_class:
+        return "\\z", i + 2
+    if letter in _NOT_IN_RE2:
+        raise ValueError(f"RE2 has no {_NOT_IN_RE2[letter]}")
+    return pattern[i:i + 2], i + 2
+
+
+def _class(pattern: str, start: int) -> tuple[str, int]:
+    """The character class opened at `start` with its escapes rewritten, and the index after it."""
+    end = _class_end(pattern, start)
+    out, i = [], start
+    while i < end:
+        if pattern[i] == "\\" and i > start:
+            text, i = _escape(pattern, i, in_class=True)
+            out.append(text)
+        elif pattern.startswith("[:", i) and i > start:
+            close = pattern.find(":]", i + 2) + 2
+            out.append(pattern[i:close])
+            i = close
+        else:
+            out.append(pattern[i])
+            i += 1
+    return "".join(out), end
+
+
+def _ranges(members: frozenset[int]) -> str:
+    """A class's inside for these bytes: `\\xNN` and `\\xNN-\\xNN` runs."""
+    runs, values = [], sorted(members)
+    first = previous = values[0]
+    for value in values[1:] + [-1]:
+        if value != previous + 1:
+            runs.append(f"\\x{first:02x}" + (f"-\\x{previous:02x}" if previous != first else ""))
+            first = value
+        previous = value
+    return "".join(runs)
 
 
 def _reason(pattern: str, error: Exception) -> str:
@@ -132,8 +236,16 @@ def _reason(pattern: str, error: Exception) -> str:
     return f"bad regular expression: {text}"
 
 
+def _bytewise(rewrite: Callable[[str], str], pattern: str) -> str:
+    """`rewrite` applied to the pattern's bytes (each a character of the string it is given), as PCRE without UTF
+    mode reads a pattern: a byte 0x85 inside a UTF-8 character is a blank to the x flag."""
+    text = rewrite(pattern.encode("utf-8", "surrogateescape").decode("latin-1"))
+    return text.encode("latin-1").decode("utf-8", "surrogateescape")
+
+
 def _without_extended_blanks(pattern: str) -> str:
-    """PCRE's x flag, which RE2 lacks: blanks outside a character class and `#` to the end of the pattern left
+    """PCRE's x flag, which RE2 lacks: blanks (_EXTENDED_BLANKS, bytes) outside a character class and `#` to the end
+    of the pattern left
     out; an escaped character, a class and \\Q…\\E are kept as written."""
     out, i, n = [], 0, len(pattern)
     while i < n:
@@ -150,10 +262,15 @@ def _without_extended_blanks(pattern: str) -> str:
             end = _class_end(pattern, i)
             out.append(pattern[i:end])
             i = end
+        elif pattern.startswith("(?#", i):  # a comment group, left out later (_in_re2_syntax)
+            end = pattern.find(")", i)
+            end = n if end < 0 else end + 1
+            out.append(pattern[i:end])
+            i = end
         elif char == "#":
             break
         else:
-            if not char.isspace():
+            if char not in _EXTENDED_BLANKS:
                 out.append(char)
             i += 1
     return "".join(out)
@@ -179,34 +296,6 @@ def _class_end(pattern: str, start: int) -> int:
     return len(pattern)
 
 
-def _parse_result(number: int, text: str, regex, negate: bool) -> str | tuple[Piece, ...]:
-    """The result as Postfix's mac_parse reads it: a plain string when it names no group (`$$` made `$`), else
-    its literal parts and group numbers."""
-    pieces: list[Piece] = []
-    position = 0
-    for m in _MACRO.finditer(text):
-        pieces.append(text[position:m.start()])
-        position = m.end()
-        if m.group(0) == "$$":
-            pieces.append("$")
-            continue
-        name = next((g for g in m.groups() if g is not None), "")
-        if not name:
-            raise ValueError(f"line {number}: bad replacement syntax: a $ without a group number ($$ for a $)")
-        if not name.isdigit() or not name.isascii():
-            raise ValueError(f"line {number}: non-numeric replacement index {name!r}")
-        if int(name) < 1 or int(name) > regex.groups:
-            raise ValueError(f"line {number}: out of range replacement index {name!r} "
-                             f"(the pattern has {regex.groups} group(s))")
-        if negate:
-            raise ValueError(f"line {number}: ${name} in the result of a negated (!) pattern")
-        pieces.append(int(name))
-    pieces.append(text[position:])
-    if all(isinstance(piece, str) for piece in pieces):
-        return "".join(str(piece) for piece in pieces)
-    return tuple(piece for piece in pieces if piece != "")
-
-
 def _expand(result: str | tuple[Piece, ...], m) -> str:
     if isinstance(result, str):
         return result
@@ -224,17 +313,22 @@ def _key_bytes(key: str) -> bytes:
 
 class PcreTable:
     fixed = False
-    blocking = False  # RE2: linear in the key, whatever the pattern
+    blocking = False  # RE2 answers from memory; a long key's cost is the caller's to move off the loop (LONG_KEY)
 
     def __init__(self, name: str, path: Path, clock: Callable[[], float]):
         self.name = name
-        self._file = Reloading(name, path, clock, _parse_pcre)
+        self._file = Reloading(name, path, clock, parse_pcre)
 
     def load(self) -> None:
         self._file.load()
 
     def lookup(self, key: str) -> str | None:
-        value = lookup_rules(self._file.current(), _key_bytes(key), _expand)
+        value = self.lookup_unchecked(key)
         if value is not None and not value.isascii() and _SURROGATES.search(value):
             raise LookupRetry(f"table {self.name}: key {key!r}: non-UTF-8 value {value!r}")
         return value
+
+    def lookup_unchecked(self, key: str) -> str | None:
+        """The answer as its bytes, each one that is not UTF-8 a surrogate: cleanup's checks take it (Postfix's
+        cleanup does not UTF-8 check its maps)."""
+        return lookup_rules(self._file.current(), _key_bytes(key), _expand)

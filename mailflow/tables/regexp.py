@@ -1,18 +1,23 @@
-"""`regexp:/path` tables (regexp_table(5)) on RE2: no pattern can hold up the event loop.
+"""`regexp:/path` tables (regexp_table(5)) on RE2: no pattern backtracks.
 
-`/pattern/flags result`, `!/pattern/ result`, `if /pattern/` … `endif`; the first match wins; `$1`, `${1}`, `$$`
-in results; flags `i` (toggles case-insensitive, on by default) and `m` (multi-line). Patterns are RE2 syntax (a
-superset of POSIX ERE without back-references), matched leftmost-longest as POSIX regexec does. The key is
-matched as it is (`fixed = False`: `find` asks the full key only). Reloaded like texthash (files.Reloading).
-A key may hold line breaks (header_checks: a folded header with its breaks kept, as Postfix's cleanup gives it):
-`.` matches a break too, unless the rule has the `m` flag (REG_NEWLINE), as in Postfix's POSIX regexec; a key
-without a break is answered alike either way. A key holding surrogates (bytes that were not UTF-8, as Python's
-surrogateescape gives them: `mailflow table query` reading its keys, sendmail's header values) is matched with
-each one as U+FFFD, a character `.` matches as Postfix's byte-wise regexec matches the byte; RE2 cannot take them.
+`/pattern/flags result`, `!/pattern/ result`, `if /pattern/` … `endif`; the first match wins; results as Postfix's
+mac_parse reads them (parse_result, shared with pcre:): `$12`, `${12}`, `$(12)` group 12, `$$` a dollar, `$0`, `$1st`,
+a group the pattern lacks or a lone `$` a bad line; flags `i` (toggles case-insensitive, on by default) and `m`
+(multi-line). Patterns are RE2 syntax (a superset of POSIX ERE without back-references), matched leftmost-longest as
+POSIX regexec does. The key is matched as it is (`fixed = False`: `find` asks the full key only). Reloaded like
+texthash (files.Reloading). A key may hold line breaks (header_checks: a folded header with its breaks kept, as
+Postfix's cleanup gives it): `.` matches a break too, unless the rule has the `m` flag (REG_NEWLINE), as in Postfix's
+POSIX regexec; a key without a break is answered alike either way. A key holding surrogates (bytes that were not
+UTF-8, as Python's surrogateescape gives them: `mailflow table query` reading its keys, sendmail's header values) is
+matched with each one as U+FFFD, a character `.` matches as Postfix's byte-wise regexec matches the byte; RE2 cannot
+take them.
 
-Cost: linear in the key, no backtracking (`/^(a+)+$/` against `aaaa…b` answers at once); one RE2 set pass over
-all of a file's rules tells which match (about 5 us for a 20-rule miss), then only the answering rule is
-searched for its groups.
+Cost: no backtracking (`/^(a+)+$/` against `aaaa…b` answers at once); one RE2 set pass over all of a file's rules
+tells which match, then only the answering rule is searched for its groups. The pass is linear in the key while
+RE2's DFA fits its memory budget (about 5 us for a 20-rule miss on a short key), and costs key length x rules once
+it does not (300 rules `/^Subject:.*wordN.{0,40}x/`: 0.2 ms on a 3.3 KB key, 39 ms on 4.4 KB; 2000 rules
+`/^Subject:.*\\bwordN\\b/`: about 1 s on a 100 KB one) or when the set cannot be built (each rule searched in turn).
+The search releases the GIL: cleanup matches a key longer than content_checks.LONG_KEY in a worker thread.
 
 Failure behaviour: a bad pattern, flag or `$n` makes the whole table fail with `LookupRetry` naming file:line.
 """
@@ -24,7 +29,7 @@ from typing import Any, Callable
 
 import re2
 
-from mailflow.tables.files import Reloading, logical_lines
+from mailflow.tables.files import BLANKS, Reloading, logical_lines, split_pattern_rule
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
@@ -44,12 +49,14 @@ class _Rules:
         self.rules, self.prefilter = rules, prefilter
 
 
-_SUBST = re.compile(r"\$(?:(\d)|\{(\d+)\}|\((\d+)\)|(\$))")
+# A part of the result: literal text, or the number of a group.
+Piece = str | int
+_MACRO = re.compile(r"\$(?:\$|\{([^}]*)\}|\(([^)]*)\)|([A-Za-z0-9_]*))")
 
 
-def _parse_regexp(source: str) -> _Rules:
+def parse_regexp(source: str) -> _Rules:
     """The rules (None for an endif) and their prefilter set (or None)."""
-    return parse_rules(source, _parse_pattern, _checked_result, _options(ignore_case=False))
+    return parse_rules(source, _parse_pattern, parse_result, _options(ignore_case=False))
 
 
 def parse_rules(source: str, parse_pattern: Callable[[int, str], tuple[Any, bool, str]],
@@ -57,50 +64,85 @@ def parse_rules(source: str, parse_pattern: Callable[[int, str], tuple[Any, bool
     """A file of regexp_table(5) or pcre_table(5) rules: the `if`/`endif` structure is the same for both; the
     types differ in `parse_pattern(line number, text) -> (compiled pattern, negated, the rest of the text)` and
     `parse_result(line number, text, compiled pattern, negated) -> the result as lookups expand it` (each raises
-    ValueError("line N: …")), and in the RE2 options of the prefilter set."""
+    ValueError("line N: …")), and in the RE2 options of the prefilter set. Raises RuleErrors naming every refused
+    line, as Postfix warns about each line it skips (each `if` left without `endif` too)."""
     rules: list[_Rule | None] = []
     open_ifs: list[tuple[int, _Rule]] = []  # the `if` rules not yet ended, with their line numbers
+    errors: list[str] = []  # every refused line, not only the first: a migrated file is fixed in one pass
     for number, line in logical_lines(source):
         if line.strip().lower() == "endif":
             if not open_ifs:
-                raise ValueError(f"line {number}: endif without if")
+                errors.append(f"line {number}: endif without if")
+                continue
             open_ifs.pop()[1].end = len(rules)
             rules.append(None)  # the endif itself: nothing to do
             continue
         is_if = re.match(r"if(?![a-z0-9])", line, re.IGNORECASE) is not None  # `if/x/` too, as Postfix reads it
-        text = line[2:].lstrip() if is_if else line
-        regex, negate, rest = parse_pattern(number, text)
-        if is_if:
-            if rest:
+        text = line[2:].lstrip(BLANKS) if is_if else line
+        try:
+            regex, negate, rest = parse_pattern(number, text)
+            if is_if and rest:
                 raise ValueError(f"line {number}: text after the 'if' pattern")
-            opened = _Rule(regex, negate, None)
-            open_ifs.append((number, opened))
-            rules.append(opened)
-            continue
-        if not rest:
-            raise ValueError(f"line {number}: no result after the pattern")
-        rules.append(_Rule(regex, negate, parse_result(number, rest, regex, negate)))
-    if open_ifs:
-        raise ValueError(f"line {open_ifs[-1][0]}: if without endif at the end of the file")
+            if not is_if and not rest:
+                raise ValueError(f"line {number}: no result after the pattern")
+            result = None if is_if else parse_result(number, rest, regex, negate)
+        except ValueError as e:
+            errors.append(str(e))
+            if not is_if:
+                continue
+            regex, negate, result = None, False, None  # a bad `if` still opens a block: its endif is no error
+        rule = _Rule(regex, negate, result)
+        if is_if:
+            open_ifs.append((number, rule))
+        rules.append(rule)
+    errors += [f"line {number}: if without endif at the end of the file" for number, _ in open_ifs]
+    if errors:
+        raise RuleErrors(errors)
     return _Rules(rules, _prefilter(rules, set_options))
 
 
-def _checked_result(number: int, rest: str, regex, negate: bool) -> str:
-    """The result as written, its `$n` checked against the pattern (expanded at lookup by _expand)."""
-    for m in _SUBST.finditer(rest):
-        group = m.group(1) or m.group(2) or m.group(3)
-        if group is None:
+class RuleErrors(ValueError):
+    """Every line of a regexp_table(5) or pcre_table(5) file its type refuses (`lines`: "line N: reason" each, in
+    file order); the message names them all."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("; ".join(lines))
+        self.lines = lines
+
+
+def parse_result(number: int, text: str, regex, negate: bool) -> str | tuple[Piece, ...]:
+    """The result as Postfix's mac_parse and dict_regexp_prescan / dict_pcre_prescan read it (both types): a plain
+    string when it names no group (`$$` made `$`), else its literal parts and group numbers. `$12` is group 12;
+    `$0`, a group the pattern lacks, `$1st` and a `$` with no name are bad lines."""
+    pieces: list[Piece] = []
+    position = 0
+    for m in _MACRO.finditer(text):
+        pieces.append(text[position:m.start()])
+        position = m.end()
+        if m.group(0) == "$$":
+            pieces.append("$")
             continue
+        name = next((g for g in m.groups() if g is not None), "")
+        if not name:
+            raise ValueError(f"line {number}: bad replacement syntax: a $ without a group number ($$ for a $)")
+        if not name.isdigit() or not name.isascii():
+            raise ValueError(f"line {number}: non-numeric replacement index {name!r}")
+        if int(name) < 1 or int(name) > regex.groups:
+            raise ValueError(f"line {number}: out of range replacement index {name!r} "
+                             f"(the pattern has {regex.groups} group(s))")
         if negate:
-            raise ValueError(f"line {number}: ${group} in the result of a negated (!) pattern")
-        if int(group) > regex.groups:
-            raise ValueError(f"line {number}: ${group} but the pattern has {regex.groups} group(s)")
-    return rest
+            raise ValueError(f"line {number}: ${name} in the result of a negated (!) pattern")
+        pieces.append(int(name))
+    pieces.append(text[position:])
+    if all(isinstance(piece, str) for piece in pieces):
+        return "".join(str(piece) for piece in pieces)
+    return tuple(piece for piece in pieces if piece != "")
 
 
 def _prefilter(rules: list, options):
-    """One RE2::Set of every pattern: a single pass over the key tells which rules match, so a lookup costs
-    one call however many rules the file has (then one `search` for the groups of the rule that answers).
+    """One RE2::Set of every pattern: a single pass over the key tells which rules match, so a lookup makes
+    one call however many rules the file has (then one `search` for the groups of the rule that answers; the
+    pass's cost still grows with the rules on a long key: the module doc).
     None when the set cannot be built (RE2's memory budget): each rule is then searched in turn."""
     patterns = re2.Set.SearchSet(options)
     try:
@@ -114,32 +156,17 @@ def _prefilter(rules: list, options):
 
 
 def _parse_pattern(number: int, text: str) -> tuple[Any, bool, str]:
-    negate = text.startswith("!")
-    if negate:
-        text = text[1:].lstrip()
-    if not text or text[0].isspace() or text[0].isalnum() or text[0] == "\\":
-        raise ValueError(f"line {number}: expected /pattern/ (optionally !/pattern/ or if /pattern/)")
-    delim, i, pattern = text[0], 1, []
-    while i < len(text) and text[i] != delim:
-        if text[i] == "\\" and i + 1 < len(text):
-            pattern.append(text[i])
-            i += 1
-        pattern.append(text[i])
-        i += 1
-    if i >= len(text):
-        raise ValueError(f"line {number}: the pattern has no closing {delim}")
-    flags_end = i + 1
-    while flags_end < len(text) and not text[flags_end].isspace():
-        flags_end += 1
+    """`!/pattern/flags rest` -> (compiled pattern, negated, rest), as dict_regexp_get_pat reads it."""
+    rule = split_pattern_rule(number, text)
     ignore_case, multi_line = True, False
-    for flag in text[i + 1:flags_end]:
+    for flag in rule.flags:
         if flag == "i":
             ignore_case = not ignore_case
         elif flag == "m":
             multi_line = not multi_line
         else:
             raise ValueError(f"line {number}: unknown or unsupported flag {flag!r} (mailflow has i, m)")
-    return _compile(number, "".join(pattern), ignore_case, multi_line), negate, text[flags_end:].strip()
+    return _compile(number, rule.pattern, ignore_case, multi_line), rule.negated, rule.rest
 
 
 def _options(*, ignore_case: bool) -> "re2.Options":
@@ -162,21 +189,19 @@ def _compile(number: int, pattern: str, ignore_case: bool, multi_line: bool):
         raise ValueError(f"line {number}: bad regular expression: {reason}") from None
 
 
-def _expand(result: str, m) -> str:
-    def group(s: re.Match) -> str:
-        if s.group(4):
-            return "$"
-        return m.group(int(s.group(1) or s.group(2) or s.group(3))) or ""
-    return _SUBST.sub(group, result)
+def _expand(result: str | tuple[Piece, ...], m) -> str:
+    if isinstance(result, str):
+        return result
+    return "".join(piece if isinstance(piece, str) else (m.group(piece) or "") for piece in result)
 
 
 class RegexpTable:
     fixed = False
-    blocking = False  # RE2: linear in the key, whatever the pattern
+    blocking = False  # RE2 answers from memory; a long key's cost is the caller's to move off the loop (LONG_KEY)
 
     def __init__(self, name: str, path: Path, clock: Callable[[], float]):
         self.name = name
-        self._file = Reloading(name, path, clock, _parse_regexp)
+        self._file = Reloading(name, path, clock, parse_regexp)
 
     def load(self) -> None:
         self._file.load()

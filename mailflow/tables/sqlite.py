@@ -23,7 +23,7 @@ from pathlib import Path
 from mailflow.errors import ConfigError, LookupRetry
 from mailflow.files import TEXT_LIMIT, check_regular_file, read_regular_file
 from mailflow.tables.base import resolve_path
-from mailflow.tables.files import logical_lines
+from mailflow.tables.files import BLANKS, logical_lines
 
 SQLITE_TIMEOUT = 5.0  # seconds a sqlite lookup may take, unless its .cf says `timeout = ...`
 
@@ -121,13 +121,13 @@ def _read_cf(name: str, cf: Path) -> dict[str, str]:
     settings: dict[str, str] = {}
     for number, line in lines:
         key, eq, value = line.partition("=")
-        key = key.strip()
+        key = key.strip(BLANKS)
         if not eq:
             raise ConfigError(str(cf), f"line {number}", "expected 'name = value'")
         if key not in _SQLITE_KEYS:
             raise ConfigError(str(cf), key, f"unknown parameter (mailflow's sqlite tables have "
                                             f"{', '.join(_SQLITE_KEYS)})")
-        settings[key] = value.strip()
+        settings[key] = value.strip(BLANKS)
     for key in _SQLITE_REQUIRED:
         if not settings.get(key):
             raise ConfigError(str(cf), key, "missing (sqlite tables need dbpath and query)")

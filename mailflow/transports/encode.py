@@ -15,7 +15,8 @@ end. None holds back more than a few bytes (a CR that a LF may follow, the start
     mboxrd_quoting()    `>*From ` lines get one more '>' (mbox files, see mailflow.transports.local.mbox)
     from_quoting()      `From ` lines get a '>' (pipe flag >)   dot_quoting()  '.' doubled (pipe flag .)
     FinalNewline()      a LF at the end when the content does not end in one
-    encode(chunks, *encoders) / aencode(async chunks, *encoders)   the chunks through the encoders in order
+    encode(chunks, *encoders) / aencode(async chunks, *encoders, off_loop=False)   the chunks through the encoders
+                        in order (`off_loop`: in a worker thread, chunk by chunk)
 """
 from __future__ import annotations
 
@@ -193,11 +194,14 @@ def encode(chunks: Iterable[bytes], *encoders: Encoder) -> Iterator[bytes]:
         yield tail
 
 
-async def aencode(chunks: AsyncIterable[bytes], *encoders: Encoder) -> AsyncIterator[bytes]:
-    """`encode` over an async stream (a spool file read chunk by chunk)."""
+async def aencode(chunks: AsyncIterable[bytes], *encoders: Encoder, off_loop: bool = False) -> AsyncIterator[bytes]:
+    """`encode` over an async stream (a spool file read chunk by chunk); `off_loop`: each chunk goes through the
+    encoders in a worker thread (one at a time, in order: an encoder's state is never shared by two threads)."""
+    import asyncio  # (here, not at the top, as mailflow.content does: asyncio costs a command ~20 ms to import)
+
     async for chunk in chunks:
-        if out := _through(chunk, encoders):
+        if out := (await asyncio.to_thread(_through, chunk, encoders) if off_loop else _through(chunk, encoders)):
             yield out
-    if tail := _flushed(encoders):
+    if tail := (await asyncio.to_thread(_flushed, encoders) if off_loop else _flushed(encoders)):
         yield tail
 

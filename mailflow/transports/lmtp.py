@@ -107,9 +107,11 @@ class LmtpTransport:
         wire = None
         if self._checks is not None or self._generic is not None:
             screened = dataclasses.replace(request, recipients=tuple(recipients))  # (a refused one is not mapped)
-            blocking = any(maps is not None and maps.blocking for maps in (self._checks, self._generic))
-            try:  # (the header section is read and checked: off the loop when the content is in a file or a table
-                # may wait on I/O; such a table has its own deadline, sqlite's query timeout)
+            blocking = any(maps is not None and maps.blocking for maps in (self._checks, self._generic)) or (
+                self._checks is not None and self._checks.long_head(request.content))
+            try:  # (the header section is read and checked: off the loop when the content is in a file, a table
+                # may wait on I/O, or a header field is long (long_head); such a table has its own deadline, sqlite's
+                # query timeout)
                 wire = (outbound_wire_form(screened, self._checks, self._generic)
                         if request.content.in_memory and not blocking else
                         await asyncio.to_thread(outbound_wire_form, screened, self._checks, self._generic))

@@ -14,6 +14,8 @@ a signed header field is changed or removed here, as in Postfix.
                                      in `header`
       .walks_body -> bool             body lines or part headers are looked up (an encoder is needed)
       .blocking -> bool               a table may wait on I/O: .head is called off the event loop
+      .long_head(content) -> bool     .head belongs off the event loop (as cleanup's checks: content_checks.LONG_KEY):
+                                     a header field is longer than LONG_KEY (content in a file: not read, True)
       .body(queue_id, head) -> Encoder   the content after `head` (the queued header section, passed on as it is),
                                      line by line as it streams: each MIME part's headers (`mime`; those of an
                                      attached message/rfc822 `nested`, their MIME headers `mime`) and each body line
@@ -22,7 +24,9 @@ a signed header field is changed or removed here, as in Postfix.
                                      A line is looked up in pieces of LINE_PIECE bytes (as Postfix's queue file
                                      records of line_length_limit; the tail of a line sent in pieces is never a
                                      boundary); a part's header line or field longer than FIELD_LIMIT goes out
-                                     unchecked as it streams. Memory: one field or one piece.
+                                     unchecked as it streams. Memory: one field or one piece. The SMTP client
+                                     feeds it off the event loop when the content is longer than LONG_KEY
+                                     (body_off_loop; the lines' order is the content's).
 
     outbound_wire_form(request, checks, generic) -> WireForm   what the SMTP client sends (see the function)
 
@@ -49,8 +53,9 @@ import logging
 from functools import partial
 
 from mailflow.errors import LookupRetry, TemporaryError
-from mailflow.filters.content_checks import (Boundaries, entity_type, header_key, is_mime_header, lookup_action,
-                                             split_action)
+from mailflow.content import Content
+from mailflow.filters.content_checks import (LONG_KEY, Boundaries, as_key, entity_type, header_key, is_mime_header,
+                                             long_field, lookup_action, split_action)
 from mailflow.message import HEADER_READ_LIMIT, header_fields, read_header, starts_header_field
 from mailflow.model import DeliveryRequest
 from mailflow.tables import Table
@@ -77,6 +82,11 @@ class OutboundChecks:
     def blocking(self) -> bool:
         """A table may wait on I/O (sqlite:, unix:; only header_checks may be one: config refuses them elsewhere)."""
         return any(table.blocking for tables in self._tables.values() for table in tables)
+
+    def long_head(self, content: Content) -> bool:
+        if not (self._tables["header"] or self._tables["mime"]) or content.size <= LONG_KEY:
+            return False
+        return not content.in_memory or long_field(read_header(content, HEADER_READ_LIMIT)[0])
 
     @property
     def walks_body(self) -> bool:
@@ -115,7 +125,7 @@ class OutboundChecks:
 
     def body_line(self, queue_id: str, line: bytes, line_end: bytes) -> bytes:
         """One body line (or piece of one) without its line end, and the line end; what goes out instead."""
-        key = line.decode("utf-8", "replace")
+        key = as_key(line)
         value = lookup_action(self._tables["body"], key)
         if value is None:
             return line + line_end
@@ -137,7 +147,7 @@ class OutboundChecks:
                                  text, self._map(kind))
                 return original
             self._log(queue_id, command.lower(), where, key, text)
-            new = text.replace("\n", "\r\n").encode("utf-8")
+            new = text.replace("\n", "\r\n").encode("utf-8", "surrogateescape")
             return new + line_end if command == "REPLACE" else new + (line_end or b"\r\n") + original
         if command == "STRIP":  # (Postfix 3.2: IGNORE, logged)
             self._log(queue_id, "strip", where, key, text)
@@ -294,6 +304,13 @@ class BodyChecks:
         if unchecked:
             return field
         return self._checks.header_field(self._queue_id, self._state, field)
+
+
+def body_off_loop(wire: WireForm | None, content: Content) -> bool:
+    """The content goes through body checks (`wire.body`) and is longer than LONG_KEY: it is fed to them in a
+    worker thread, as cleanup walks such a body (a part header's key may be FIELD_LIMIT long; RE2 releases the
+    GIL)."""
+    return wire is not None and wire.body is not None and content.size > LONG_KEY
 
 
 def _line_end(raw: bytes) -> bytes:

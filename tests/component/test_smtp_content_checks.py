@@ -402,3 +402,53 @@ def test_a_header_too_long_to_check_is_read_and_reported_once_with_generic_maps(
     warned = [r.getMessage() for r in caplog.records if "header section longer" in r.getMessage()]
     assert warned == [f"Q1: header section longer than {HEADER_READ_LIMIT} bytes: smtp header and body checks and "
                       "smtp_generic_maps leave the message as queued"]
+
+
+@pytest.mark.parametrize("in_file", [False, True])
+async def test_a_long_key_is_matched_off_the_event_loop_in_the_message_s_order(smtp_peer, tmp_path, checks,
+                                                                                 monkeypatch, in_file):
+    """As cleanup's checks (content_checks.LONG_KEY): a header field longer than LONG_KEY sends the header pass to a
+    worker thread, a content longer than LONG_KEY its body and part headers; a short message is matched on the loop
+    as before; the order of the lookups and what goes out are unchanged."""
+    import threading
+
+    import mailflow.transports.smtp_checks as module
+
+    seen: list[tuple[str, bool]] = []
+    lookup = module.lookup_action
+
+    def recorded(tables, key):
+        seen.append((key[:5], threading.current_thread() is threading.main_thread()))
+        return lookup(tables, key)
+
+    monkeypatch.setattr(module, "lookup_action", recorded)
+    outbound = checks(header=["/^X-Late:/ REPLACE X-Late: seen"], body=["/^z/ REPLACE edited"])
+    peer = await smtp_peer()
+
+    def content(data: bytes) -> Content:
+        return spooled(tmp_path, data) if in_file else Content.of(data)
+
+    await deliver(make_request(peer.port, content(b"X-A: 1\r\nX-Late: 1\r\n\r\nz\r\n")), outbound)
+    assert peer.messages[-1].content == b"X-A: 1\r\nX-Late: seen\r\n\r\nedited\r\n"
+    assert seen == [("X-A: ", not in_file), ("X-Lat", not in_file), ("z", True)]  # (a file's header: off the loop)
+    seen.clear()
+    long_field = b"X-Long: " + b"\r\n ".join([b"y" * 500] * 5)  # (folded: no line is cut at 998 octets)
+    assert len(long_field) > module.LONG_KEY
+    await deliver(make_request(peer.port, content(b"X-A: 1\r\n" + long_field + b"\r\nX-Late: 1\r\n\r\nz\r\n")),
+                  outbound)
+    assert peer.messages[-1].content == b"X-A: 1\r\n" + long_field + b"\r\nX-Late: seen\r\n\r\nedited\r\n"
+    assert seen == [("X-A: ", False), ("X-Lon", False), ("X-Lat", False), ("z", False)]
+
+
+def test_a_pcre_result_that_is_not_utf8_goes_out_as_its_bytes(checks, tmp_path):
+    """As Postfix's smtp(8) (checked with a private Postfix 3.7.11 and smtp-sink): a `$1` of a Latin-1 header, or
+    one that cuts a character in two, is written as its bytes; it was a lookup error (the delivery deferred, or
+    the session ended in the body)."""
+    (tmp_path / "checks.pcre").write_bytes(b"/^X-Rep: (.*)$/ REPLACE X-Replaced: [$1]\n"
+                                           b"/^cut body (\xc3\xa9+)(.)/ REPLACE body [$1][$2]\n")
+    spec = f"pcre:{tmp_path / 'checks.pcre'}"
+    outbound = checks(header=spec, body=spec)
+    head = b"X-Rep: caf\xe9\r\nSubject: s\r\n"
+    assert outbound.head("Q1", head) == b"X-Replaced: [caf\xe9]\r\nSubject: s\r\n"
+    body = b"".join(encode([head + "\r\ncut body ééx\r\n".encode()], outbound.body("Q1", head)))
+    assert body == head + b"\r\nbody [\xc3\xa9][\xc3]\r\n"

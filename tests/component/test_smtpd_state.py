@@ -104,6 +104,20 @@ async def test_starttls_keeps_who_the_client_is_and_forgets_its_helo_and_login(m
     await c.close()
 
 
+async def test_a_client_that_said_ehlo_may_pipeline_after_starttls_before_its_new_ehlo(mailflow_server, pki):
+    """As Postfix, whose STARTTLS keeps the session's protocol name (ESMTP): not a pipelining violation (554 and
+    a hang-up), found by tests/interop/test_tls_dialogue_vs_postfix.py."""
+    _, cert_file, client_ctx = pki
+    mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "tls_cert_file": cert_file})
+    async with await SmtpClient.connect(mf.smtp_addresses[0][1]) as c:
+        assert (await c.cmd("EHLO client.test"))[0] == 250
+        await c.starttls(client_ctx)
+        await c.send(b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@local.test>\r\n")
+        assert [(await c.reply()).code for _ in range(2)] == [250, 250]
+        assert (await c.cmd("HELO client.test"))[0] == 250
+        assert the_session(mf).session.protocol == "ESMTP"
+
+
 async def test_sessions_are_built_without_aiosmtpds_per_connection_introspection(mailflow_server, tmp_path,
                                                                                 monkeypatch):
     mf = await mailflow_server()

@@ -99,3 +99,72 @@ async def test_only_postfixs_mime_headers_go_to_mime_header_checks(tmp_path):
                                    mime_header_checks=(f"regexp:{tmp_path / 'mime'}",)))
     result = await inspect(c, b"Content-Language: en\r\nContent-Type: text/plain\r\n")
     assert result.head == b"X-Was: header_checks\r\nX-Was: mime\r\n"
+
+
+async def test_a_long_key_is_matched_off_the_event_loop_in_the_message_s_order(tmp_path, monkeypatch):
+    """A lookup costs key length x rules once RE2's DFA runs out of memory (seconds for a 100 KB Subject against a
+    big table): a header field or a body longer than LONG_KEY is matched in a worker thread, short ones on the loop
+    as before; the order of the checks, and their answers, are unchanged."""
+    import threading
+
+    import mailflow.filters.content_checks as module
+
+    seen: list[tuple[str, bool]] = []
+    lookup = module.lookup_action
+
+    def recorded(tables, key):
+        seen.append((key[:5], threading.current_thread() is threading.main_thread()))
+        return lookup(tables, key)
+
+    monkeypatch.setattr(module, "lookup_action", recorded)
+    c = checks(tmp_path, header="/^X-Long: (y+)$/ WARN long\n/^X-Late:/ REPLACE X-Late: seen\n",
+               body="/^z/ WARN z\n")
+    long_field = b"X-Long: " + b"y" * module.LONG_KEY
+    result = await inspect(c, b"X-A: 1\r\nX-Late: 1\r\n")
+    assert (result.head, seen) == (b"X-A: 1\r\nX-Late: seen\r\n", [("X-A: ", True), ("X-Lat", True), ("body", True)])
+    seen.clear()
+    result = await inspect(c, b"X-A: 1\r\n" + long_field + b"\r\nX-Late: 1\r\n", b"\r\n" + b"z" * module.LONG_KEY)
+    assert result.head == b"X-A: 1\r\n" + long_field + b"\r\nX-Late: seen\r\n"
+    assert seen == [("X-A: ", False), ("X-Lon", False), ("X-Lat", False), ("zzzzz", False)]
+
+
+async def test_bytes_that_are_not_utf8_are_matched_and_written_back_as_they_came(tmp_path):
+    """Postfix's cleanup hands header_checks and body_checks the line's bytes (a pcre `\\xe9` matches Latin-1 é,
+    tests/interop/test_pcre_vs_postfix.py); mailflow matched U+FFFD in their place and a PREPEND wrote the body line
+    back with EF BF BD instead of its byte."""
+    (tmp_path / "checks").write_text("/^X-Latin: caf\\xe9$/ WARN latin\n/^body caf\\xe9$/ PREPEND before\n")
+    c = ContentChecks(ChecksConfig(header_checks=(f"pcre:{tmp_path / 'checks'}",),
+                                   body_checks=(f"pcre:{tmp_path / 'checks'}",)))
+    result = await inspect(c, b"X-Latin: caf\xe9\r\n", b"\r\nbody caf\xe9\r\n")
+    assert result.warnings == ["header X-Latin: caf\udce9"]
+    assert result.body.to_bytes() == b"\r\nbefore\r\nbody caf\xe9\r\n"
+
+
+async def test_a_boundary_that_is_not_utf8_still_opens_its_parts(tmp_path):
+    """A MIME boundary with a Latin-1 byte is matched as its bytes: its parts' headers go to mime_header_checks
+    (the boundary was kept as `?` or EF BF BD, so the part's header was read as a body line)."""
+    c = checks(tmp_path, header="/^Content-Type: text\\/plain/ REJECT part header seen\n")
+    head = b'Content-Type: multipart/mixed; boundary="b\xe9"\r\n'
+    with pytest.raises(ContentRejected, match="part header seen"):
+        await inspect(c, head, b"\r\n--b\xe9\r\nContent-Type: text/plain\r\n\r\nhello\r\n--b\xe9--\r\n")
+
+
+async def test_an_action_s_text_is_taken_as_postfix_s_cleanup_takes_it(tmp_path):
+    """A pcre `$1` that is not UTF-8 is no lookup error (it deferred the message, 4.3.0): REPLACE writes its bytes,
+    REJECT's text (a reply line) has a space for such a byte and for a control, a folded header's line break
+    among them; a REDIRECT to such bytes cannot be queued and stays a lookup error (compared with a private Postfix:
+    tests/interop/test_pcre_vs_postfix.py)."""
+    from mailflow.errors import LookupRetry
+
+    (tmp_path / "checks").write_text("/^X-Rej: (.*)$/ REJECT rejected [$1]\n/^X-Rep: (.*)$/ REPLACE X-Replaced: $1\n"
+                                     "/^X-To: (.*)$/ REDIRECT $1@x.test\n")
+    c = ContentChecks(ChecksConfig(header_checks=(f"pcre:{tmp_path / 'checks'}",)))
+    result = await inspect(c, b"X-Rep: caf\xe9\r\n")
+    assert result.head == b"X-Replaced: caf\xe9\r\n"
+    for field, text in ((b"X-Rej: caf\xe9\r\n", "rejected [caf ]"), ("X-Rej: café\r\n".encode(), "rejected [café]"),
+                        (b"X-Rej: a\r\n\tb\x7f\r\n", "rejected [a  b ]")):
+        with pytest.raises(ContentRejected) as refused:
+            await inspect(c, field)
+        assert refused.value.text == text
+    with pytest.raises(LookupRetry):
+        await inspect(c, b"X-To: caf\xe9\r\n")

@@ -68,11 +68,14 @@ endif
 /^é@fold/                   fold
 /^cont@/                    first
   second
+/^nb sp@/x              extended-keeps-nbsp
+/^ringÅ?@/x                 extended-drops-byte-0x85-of-Å
 """
 KEYS = ["abcd", "ab", "<a>b>", "joe@example.com", "JOE@SUB.EXAMPLE.COM", "CaseSensitive@x.test",
         "casesensitive@x.test", "CASESESELESS@x.test", "joe@if.test", "admin@if.test", "joe@other.test", "plain",
         "pipe@x.test", "double@x.test", "uaaa@x.test", "xyz@x.test", "b@anchored", "xb@anchored", "e@end",
-        "x@obsolete", "éx@x", "é@bytes.test", "e@bytes.test", "é@fold", "É@fold", "cont@x.test", "nothing@x.test"]
+        "x@obsolete", "éx@x", "é@bytes.test", "e@bytes.test", "é@fold", "É@fold", "cont@x.test", "nothing@x.test",
+        "nb\u00a0sp@x", "nbsp@x", "ring@x", "ringÅ@x"]
 
 
 def test_pcre_table_query_answers_as_postmap_q_does(tmp_path):
@@ -91,6 +94,9 @@ def test_pcre_table_query_answers_as_postmap_q_does(tmp_path):
     assert (postfix["é@bytes.test"][1], postfix["e@bytes.test"][1], postfix["É@fold"][0]) == \
         ("utf8=é,@\n", "one-byte\n", 1)
     assert postfix["joe@example.com"][1] == "user=joe sub= paren=joe dollar=$ end\n"
+    # the x flag leaves out ASCII blanks and byte 0x85 (NEL, the second byte of Å), not U+00A0
+    assert (postfix["nb\u00a0sp@x"][1], postfix["ring@x"][1]) == \
+        ("extended-keeps-nbsp\n", "extended-drops-byte-0x85-of-Å\n")
 
 
 def random_pattern(rng: random.Random, depth: int = 0) -> str:
@@ -160,7 +166,7 @@ def test_a_result_that_is_not_utf8_cannot_be_answered_as_in_postfix(tmp_path):
 
 # each line Postfix's pcre skips with a warning (the table's third line)
 BAD_LINES = ["/a/q unknown-flag", "/(a)/ $0", "/(a)/ $2", "/(a)/ $1st", "/(a)/ five$", "!/(a)/ $1", "/a no-close",
-             "/(unclosed/ x", "if /a/\n/b/ c", "endif", "/a/"]
+             "/(unclosed/ x", "if /a/\n/b/ c", "endif", "/a/", "/a)|(b/A anchored-alone"]
 
 
 @pytest.mark.parametrize("text", BAD_LINES)
@@ -239,3 +245,185 @@ async def test_header_checks_in_pcre_reject_as_postfix_s_do(mailflow_server):
     assert postfix == {"pills": "550 5.7.1 no VIAGRA here", "lazy": "550 5.7.1 first word: lottery",
                        "folded-dot": "550 5.7.1 dot matched the break", "folded-no-dot-all": "250",
                        "folded-multi-line": "550 5.7.1 one line of a folded header", "plain": "250"}
+
+
+# PCRE syntax RE2 lacks or reads otherwise, rewritten by mailflow to what matches the same bytes (each rule answers
+# with its own name; `\s` has VT in PCRE2 and not in RE2, `\v` is any vertical space in PCRE, VT alone in RE2)
+REWRITTEN = r"""/^end\Z/                   Z-end
+/^h\hh/                    h-horizontal
+/^H\H/                     H-not-horizontal
+/^esc\e/                   e-escape
+/^ctl\cA\cz/               c-control
+/^com(?#a comment)ment$/   comment-group
+/^x com (?#a (?# c) ment/x comment-group-extended
+/^n\N+x$/                  N-not-newline
+/^sp(\s)$/                 s-space=[$1]
+/^ns\S$/                   S-not-space
+/^cl[\s]$/                 s-in-class
+/^nc[^\S]$/                S-negated-in-class
+/^vt\v$/                   v-vertical
+/^nv\V$/                   V-not-vertical
+/^hx\x1$/                  x-one-digit
+/^st\Eay$/                 stray-E
+"""
+REWRITTEN_KEYS = ["end", "endx", "h\th", "h\xa0h".encode("latin-1").decode("utf-8", "surrogateescape"), "h h",
+                  "hxh", "H\t", "Hx", "esc\x1b", "escx", "ctl\x01\x1a", "ctlAz", "comment", "xcomment", "nabcx",
+                  "na\nx", "sp\x0b", "sp ", "spx", "ns\x0b", "nsx", "cl\x0b", "clx", "nc\x0b", "ncx", "vt\x0b",
+                  "vt\r", "vt\x85".encode("latin-1").decode("utf-8", "surrogateescape"), "vt ", "nv\x0b",
+                  "nvx", "hx\x01", "hx1", "stay"]
+
+
+def test_pcre_syntax_re2_lacks_is_rewritten_to_answer_as_postmap_q_does(tmp_path):
+    """Each rewrite (mailflow/tables/pcre.py _in_re2_syntax) against Postfix's own PCRE, key by key (a key that is
+    not UTF-8, `h<A0>h`, is passed to postmap as its bytes with smtputf8_enable = no, which then looks it up)."""
+    (tmp_path / "table.pcre").write_text(REWRITTEN)
+    spec = f"pcre:{tmp_path}/table.pcre"
+    opened = open_table(spec)
+    differ, matched = {}, 0
+    for key in REWRITTEN_KEYS:
+        done = subprocess.run([require_tool("postmap"), "-c", str(latin1_config(tmp_path)), "-q",
+                               os.fsencode(key), spec], capture_output=True, timeout=30)
+        postfix = done.stdout.decode("utf-8", "surrogateescape").rstrip("\n") if done.returncode == 0 else None
+        mailflow = opened.lookup(key)
+        matched += postfix is not None
+        if postfix != mailflow:
+            differ[key] = (postfix, mailflow)
+    assert differ == {}
+    assert matched >= len(REWRITTEN.splitlines()), "each rule answers some key"
+
+
+def latin1_config(tmp_path):
+    """A config directory whose main.cf has smtputf8_enable = no: postmap then looks up a key that is not UTF-8."""
+    folder = tmp_path / "config"
+    if not folder.exists():
+        folder.mkdir()
+        main = subprocess.run([require_tool("postconf"), "-d", "-h", "config_directory"], capture_output=True,
+                              text=True, timeout=30).stdout.strip()
+        (folder / "main.cf").write_text((open(f"{main}/main.cf").read() if os.path.exists(f"{main}/main.cf")
+                                         else "") + "\nsmtputf8_enable = no\n")
+    return folder
+
+
+EIGHT_BIT_CHECKS = r"""/^X-Latin: caf\xe9$/        REJECT latin header byte E9 seen
+/^X-Latin2: caf.$/         REJECT latin header one byte
+/^X-Utf8: caf\xc3\xa9$/    REJECT utf8 header seen
+/^latin body caf\xe9$/     REJECT latin body line byte E9 seen
+"""
+EIGHT_BIT_MESSAGES = {  # name -> (header section, body)
+    "latin-header": (b"X-Latin: caf\xe9\r\n", b"plain\r\n"),
+    "latin-header-dot": (b"X-Latin2: caf\xe9\r\n", b"plain\r\n"),
+    "utf8-header": ("X-Utf8: café\r\n".encode(), b"plain\r\n"),
+    "latin-body": (b"X-Plain: x\r\n", b"latin body caf\xe9\r\n"),
+}
+
+
+async def eight_bit_replies(port: int) -> dict[str, str]:
+    got = {}
+    for name, (head, body) in EIGHT_BIT_MESSAGES.items():
+        async with await SmtpClient.connect(port) as client:
+            for command in ("EHLO client.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<plain@relay.test>", "DATA"):
+                await client.cmd(command)
+            reply = await client.cmd(head + b"\r\n" + body + b".")
+        got[name] = "250" if reply.code == 250 else reply.text
+    return got
+
+
+async def test_a_header_or_body_line_that_is_not_utf8_is_checked_as_postfix_checks_it(mailflow_server):
+    """Postfix's cleanup hands its checks the bytes of a header or body line that is not UTF-8 (postmap -q, with
+    smtputf8_enable = yes, would not look such a key up: cleanup's maps are not UTF-8 checked); mailflow matched
+    U+FFFD (EF BF BD) in their place, so `\xe9` and `.` found nothing."""
+    folder = readable_folder()
+    (folder / "checks").write_text(EIGHT_BIT_CHECKS)
+    async with postfix_instance({
+        "myhostname": "pf.test", "mydestination": "", "relay_domains": "relay.test", "relayhost": "[127.0.0.1]:9",
+        "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+        "header_checks": f"pcre:{folder}/checks", "body_checks": f"pcre:{folder}/checks",
+    }) as pf:
+        postfix = await eight_bit_replies(pf.port)
+    mf = await mailflow_server(mydestination=[], relay_domains=["relay.test"], relayhost="[127.0.0.1]:9",
+                               mynetworks=["127.0.0.0/8"], checks={"header_checks": [f"pcre:{folder}/checks"],
+                                                                  "body_checks": [f"pcre:{folder}/checks"]})
+    mailflow = await eight_bit_replies(mf.smtp_addresses[0][1])
+    shutil.rmtree(folder)
+    assert postfix == mailflow
+    assert set(postfix.values()) == {"550 5.7.1 latin header byte E9 seen", "550 5.7.1 latin header one byte",
+                                     "550 5.7.1 utf8 header seen", "550 5.7.1 latin body line byte E9 seen"}
+
+
+TAKEN_AS_BYTES_CHECKS = rb"""/^X-Rej: (.*)$/           REJECT rejected [$1]
+/^X-Rep: (.*)$/           REPLACE X-Replaced: [$1]
+/^X-Pre: (.*)$/           PREPEND X-Prepended: [$1]
+/^X-Cut: (\xc3\xa9+)(.)/  REJECT cut [$1][$2]
+"""
+TAKEN_AS_BYTES_MESSAGES = {  # name -> header field (a Subject naming the message follows)
+    "reject-latin": b"X-Rej: caf\xe9\r\n",
+    "reject-utf8": "X-Rej: café\r\n".encode(),
+    "reject-controls": b"X-Rej: a\x01b\x7fc\tc\r\n",
+    "reject-cut": "X-Cut: ééx\r\n".encode(),  # ($2 is the C3 of the second é: not UTF-8)
+    "replace-latin": b"X-Rep: caf\xe9\r\n",
+    "prepend-latin": b"X-Pre: caf\xe9\r\n",
+}
+
+
+async def taken_as_bytes(port: int, dump) -> tuple[dict[str, str], dict[str, bytes]]:
+    """Each message's reply at the end of DATA, and the header section of each one delivered to the sink."""
+    from tests.support import eventually
+    from tests.support.postfix import dumped_messages
+
+    replies = {}
+    for name, field in TAKEN_AS_BYTES_MESSAGES.items():
+        async with await SmtpClient.connect(port) as client:
+            for command in ("EHLO client.test", "MAIL FROM:<s@remote.test> BODY=8BITMIME", "RCPT TO:<plain@relay.test>",
+                            "DATA"):
+                await client.cmd(command)
+            reply = await client.cmd(field + b"Subject: " + name.encode() + b"\r\n\r\nbody\r\n.")
+        replies[name] = "250" if reply.code == 250 else reply.text
+    queued = sum(1 for text in replies.values() if text == "250")
+    await eventually(lambda: len(dumped_messages(dump)) == queued, timeout=20)
+    heads = {}
+    for message in (dump.read_bytes() if dump.exists() else b"").split(b"X-Client-Addr:")[1:]:
+        fields = [line for line in message.split(b"\r\n\r\n", 1)[0].split(b"\n") if line.startswith(b"X-")]
+        subject = message.split(b"Subject: ", 1)[1].split(b"\n", 1)[0].rstrip(b"\r").decode()
+        heads[subject] = b"\n".join(_words_decoded(line.rstrip(b"\r")) for line in fields
+                                     if not line.startswith((b"X-Client", b"X-Helo", b"X-Mail", b"X-Rcpt")))
+    return replies, heads
+
+
+def _words_decoded(line: bytes) -> bytes:
+    """A header line with its RFC 2047 words as their bytes: mailflow's SMTP client sends an 8-bit header so to a
+    peer without SMTPUTF8, where Postfix sends the bytes (mailflow.transports.header_downgrade; not compared)."""
+    import email.header
+
+    name, _, value = line.partition(b": ")
+    if b"=?" not in value:
+        return line
+    return name + b": " + b"".join(part if isinstance(part, bytes) else part.encode()
+                                   for part, _ in email.header.decode_header(value.decode("ascii")))
+
+
+async def test_a_pcre_result_that_is_not_utf8_is_taken_as_postfix_s_cleanup_takes_it(mailflow_server):
+    """A `$1` of a Latin-1 header (or one that cuts a character in two) is no lookup error on cleanup's path, as in
+    Postfix's cleanup (mailflow deferred the message, 4.3.0): REPLACE and PREPEND write its bytes into the message,
+    REJECT's reply text has a space for each byte that is not UTF-8 and for each control (a reply stays one line
+    of text), UTF-8 kept (smtputf8_enable = yes, mailflow's)."""
+    from tests.support.postfix import smtp_sink
+
+    folder = readable_folder()
+    (folder / "checks").write_bytes(TAKEN_AS_BYTES_CHECKS)
+    common = {"myhostname": "pf.test", "mydestination": "", "relay_domains": "relay.test",
+              "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination", "smtputf8_enable": "yes"}
+    async with smtp_sink() as (pf_sink, pf_dump), smtp_sink() as (mf_sink, mf_dump):
+        async with postfix_instance({**common, "relayhost": f"[127.0.0.1]:{pf_sink}",
+                                     "header_checks": f"pcre:{folder}/checks"}) as pf:
+            postfix = await taken_as_bytes(pf.port, pf_dump)
+        mf = await mailflow_server(mydestination=[], relay_domains=["relay.test"],
+                                   relayhost=f"[127.0.0.1]:{mf_sink}", mynetworks=["127.0.0.0/8"],
+                                   checks={"header_checks": [f"pcre:{folder}/checks"]})
+        mailflow = await taken_as_bytes(mf.smtp_addresses[0][1], mf_dump)
+    shutil.rmtree(folder)
+    assert mailflow == postfix
+    assert postfix == ({"reject-latin": "550 5.7.1 rejected [caf ]", "reject-utf8": "550 5.7.1 rejected [café]",
+                        "reject-controls": "550 5.7.1 rejected [a b c c]", "reject-cut": "550 5.7.1 cut [é][ ]",
+                        "replace-latin": "250", "prepend-latin": "250"},
+                       {"replace-latin": b"X-Replaced: [caf\xe9]",
+                        "prepend-latin": b"X-Prepended: [caf\xe9]\nX-Pre: caf\xe9"})

@@ -468,6 +468,7 @@ LOGGED_SESSIONS = [
     ["HELO client.test", "BOGUS", "NOOP", "BOGUS", "BOGUS", "BOGUS", "NOOP"],
     ["EHLO client.test", "MAIL FROM:<a@x.test>", "RCPT TO:<a b>", "RCPT TO:<c d> NOTIFY=NEVER", "RCPT TO:<e f>",
      "RCPT TO:<b@x.test>", "DATA", "Subject: big", "", *["x" * 100] * 30, ".", "NOOP"],
+    ["EHLO client.test", "MAIL FROM:<a@x.test>", "RCPT TO:<open@x.test NOTIFY=NEVER", "QUIT"],  # (no warning)
 ]
 LOG_LIMITS = {"hard_error_limit": 4, "error_sleep_time": 0}
 LOG_SIZE_LIMIT = 2000  # (Postfix's counts the queue file: its own headers too)
@@ -490,7 +491,7 @@ async def test_bs_sessions_are_logged_as_a_real_postfixs_stand_alone_smtpd_logs_
         before = len(pf.maillog)
         for dialogue in LOGGED_SESSIONS:
             await bs_transcript(["sendmail", "-C", str(pf.etc)], dialogue)
-        await eventually(lambda: pf.maillog[before:].count("disconnect from") == 3, timeout=10)
+        await eventually(lambda: pf.maillog[before:].count("disconnect from") == len(LOGGED_SESSIONS), timeout=10)
         postfix = smtpd_lines(pf.maillog[before:])
     for dialogue in LOGGED_SESSIONS:
         await bs_transcript([sys.executable, "-m", "mailflow", "sendmail", "-C", str(config)], dialogue)
@@ -515,7 +516,9 @@ async def test_bs_sessions_are_logged_as_a_real_postfixs_stand_alone_smtpd_logs_
                                                                                                           "e f")],
         "ID: client=localhost[127.0.0.1]", "warning: ID: queue file size limit exceeded",
         "too many errors after END-OF-MESSAGE from localhost[127.0.0.1]",
-        "disconnect from localhost[127.0.0.1] ehlo=1 mail=1 rcpt=1/4 data=0/1 commands=3/7"]
+        "disconnect from localhost[127.0.0.1] ehlo=1 mail=1 rcpt=1/4 data=0/1 commands=3/7",
+        "connect from localhost[127.0.0.1]",
+        "disconnect from localhost[127.0.0.1] ehlo=1 mail=1 rcpt=0/1 quit=1 commands=3/4"]
 
 
 # A -bs command line split as smtpd splits one: the verb at space, tab, VT and FF; the argument's edges stripped of

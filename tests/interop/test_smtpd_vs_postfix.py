@@ -350,9 +350,11 @@ async def test_an_early_talker_gets_postfixs_refusal_in_place_of_the_greeting(ma
     assert await early_talk(mf.smtp_addresses[0][1]) == postfix == b"554 5.5.0 Error: SMTP protocol synchronization\r\n"
 
 
-MALFORMED = ["EHLO client.test", "MAIL FROM:<-s@remote.test>", "MAIL FROM:<s@bad..test>", "MAIL FROM:<s@remote.test>",
+MALFORMED = ["EHLO client.test", "MAIL FROM:<-s@remote.test>", "MAIL FROM:<s@bad..test>",
+             "MAIL FROM:<s@remote.test AUTH=<>", "MAIL FROM:<s@remote.test>",
              "RCPT TO:<-x@local.test>", "RCPT TO:<a@bad..test>", "RCPT TO: a@-b.test NOTIFY=NEVER",
-             "RCPT TO:<a b> NOTIFY=NEVER", "RCPT TO:<> NOTIFY=NEVER"]
+             "RCPT TO:<a b> NOTIFY=NEVER", "RCPT TO:<a@local.test NOTIFY=NEVER", 'RCPT TO:"a b@local.test',
+             "RCPT TO:<> NOTIFY=NEVER"]  # (unterminated, the two before the last: refused, never warned of)
 
 
 async def malformed(port: int) -> list[str]:
@@ -372,7 +374,8 @@ def illegal(lines) -> list[str]:
 async def test_an_address_postfix_finds_malformed_gets_its_words_and_its_warning(mailflow_server, caplog):
     """A leading '-' (allow_min_user = no) or a domain that is no host name: Postfix's extract_addr answers 501
     without naming the address and warns `Illegal address syntax from host[ip] in MAIL command: <as sent>`, the
-    address's word alone (its smtpd_token's), not the parameters after it."""
+    address's word alone (its smtpd_token's), not the parameters after it; a word its smtpd_token finds
+    unterminated (`<a@b` to the end of the line, an open quote) is refused alike without a warning."""
     async with postfix_instance({"myhostname": "pf.test", "mydestination": "local.test"}) as pf:
         postfix = await malformed(pf.port)
         # (its log is written by postlogd, a moment after the replies)
@@ -381,6 +384,7 @@ async def test_an_address_postfix_finds_malformed_gets_its_words_and_its_warning
     mf = await mailflow_server(mydestination=["local.test"])
     assert await malformed(mf.smtp_addresses[0][1]) == postfix
     assert postfix[:2] == ["501 5.1.7 Bad sender address syntax"] * 2
+    assert postfix[-3:-1] == ["501 5.1.3 Bad recipient address syntax"] * 2
     assert illegal(r.getMessage() for r in caplog.records) == postfix_warned == [
         "MAIL command: <-s@remote.test>", "MAIL command: <s@bad..test>", "RCPT command: <-x@local.test>",
         "RCPT command: <a@bad..test>", "RCPT command: a@-b.test",

@@ -74,6 +74,11 @@ AUTH_SESSIONS: dict[str, list[str | bytes]] = {
     "an authorization identity": [*TLS, "AUTH PLAIN " + b64(f"bob@example.test\0{ALICE}\0alicepw"),
                                   "AUTH PLAIN " + b64(f"{ALICE}\0{ALICE}\0alicepw")],
     "* cancels": [*TLS, "AUTH PLAIN", "*", "AUTH LOGIN", "*", "AUTH LOGIN", b64(ALICE), "*", "NOOP"],
+    # (found by test_tls_dialogue_vs_postfix.py: Dovecot refuses such a name before it asks for the password)
+    "a LOGIN name that cannot be one: 535 at once": [
+        *TLS, "AUTH LOGIN", b64(f"\0{ALICE}\0alicepw"), "NOOP", "AUTH LOGIN " + b64("a b"), "NOOP", "AUTH LOGIN",
+        "", "NOOP", "AUTH LOGIN " + b64(ALICE + "\tx"), "NOOP", "AUTH LOGIN " + b64("nobody@example.test"),
+        b64("nope")],
     "the mechanism's name in lower case, no mechanism, too many words": [
         *TLS, "AUTH", "AUTH PLAIN a b", "AUTH plain " + b64(f"\0{ALICE}\0alicepw")],
     "AUTH inside a transaction": [*TLS, "MAIL FROM:<s@remote.test>", ALICE_PLAIN, "RSET", ALICE_PLAIN],

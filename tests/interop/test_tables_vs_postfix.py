@@ -104,11 +104,13 @@ async def test_access_map_key_orders_match_a_real_postfix(mailflow_server):
 
 # (file name or None, file text, spec with {file} for the file's path, keys): what `postmap -q` answers for each
 TEXTHASH = ("# a comment\nAlice  first\nalice second\nbob\tvalue with  spaces  \n  # an indented comment\n"
-            "carol one\n  two\ndave\n continued\nUPPER@Example.COM up\nkey#1 v#1\n")
+            "carol one\n  two\ndave\n continued\nUPPER@Example.COM up\nkey#1 v#1\n"
+            "erin one\n\u00a0nbsp two\n\u2003em three\n")  # (Postfix's blanks are ASCII: U+00A0 starts a line)
 REGEXP = ("/^(.*)@example\\.com$/ user=$1 braced=${1} dollar=$$\n/^UPPER/ insensitive\n/^lower/i sensitive\n"
           "!/@/ no-at\nif /@if\\.test$/\n/^a/ a-in-if\n!/^b/ not-b-in-if\nendif\n/^(a)|(b)c$/ g1=$1 g2=$2\n"
           "|^pipe| other delimiter\n/^cont$/ first\n  second\nIF/@nospace\\.test$/\n/./ after-if-without-space\n"
-          "ENDIF\n")
+          "ENDIF\n/^(t)(w)(e)(l)(v)(e)(g)(r)(o)(u)(p)(s)$/ twelve=$12,${11},$(10)\n"
+          "!!/^dbl@/ double-negation\n! ! !/^single@/ triple-negation\n")
 CIDR = """# every rule form of cidr_table(5)
 192.0.2.1              bare-address
 192.0.2.0/24           net24
@@ -138,10 +140,12 @@ CIDR_KEYS = ["192.0.2.1", "192.0.2.200", "2001:db8::1", "2001:DB8::1", "2001:db8
              "fe80::1%lo", "host.example", "::ffff:10.1.2.3", "0.0.0.0", "255.255.255.255"]
 QUERIES = [
     ("texthash", TEXTHASH, "texthash:{file}", ["alice", "ALICE", "bob", "carol", "dave", "upper@example.com",
-                                               "Upper@EXAMPLE.com", "key#1", "nothing", "alice "]),
+                                               "Upper@EXAMPLE.com", "key#1", "nothing", "alice ", "erin",
+                                               "\u00a0nbsp", "\u2003em"]),
     ("regexp", REGEXP, "regexp:{file}", ["joe@example.com", "JOE@EXAMPLE.COM", "uppercase", "lower", "LOWER",
                                          "plain", "a@if.test", "b@if.test", "c@if.test", "a@x.test", "bc@x.test",
-                                         "pipe@x.test", "cont", "x@nospace.test"]),
+                                         "pipe@x.test", "cont", "x@nospace.test",
+                                         "twelvegroups", "dbl@x.test", "single@x.test", "other@x.test"]),
     ("cidr", CIDR, "cidr:{file}", CIDR_KEYS),
     (None, "", "inline:{a=1, A=2, {b = x y}, {c = }, {d = p=q}}", ["a", "A", "b", "c", "d", "e"]),
     (None, "", "inline:{ {e=f,g} h=i }", ["e", "h"]),
@@ -233,6 +237,25 @@ def test_a_random_cidr_table_answers_as_postmap_q_does(tmp_path, seed):
     postfix = postmap_query("-", f"cidr:{table}", stdin=stdin)
     assert postfix[1].count("\n") > 100, "most keys are found: the table and keys overlap"
     assert mailflow_query(f"cidr:{table}", "-", stdin=stdin) == postfix
+
+
+# each result Postfix's regexp skips (mac_parse, dict_regexp_prescan), with the reason of its warning
+BAD_REGEXP_RESULTS = ["/(a)/ $0", "/(a)/ $2", "/(a)/ $1st", "/(a)/ $x", "/(a)/ five$", "/(a)/ ${1"]
+
+
+@pytest.mark.parametrize("text", BAD_REGEXP_RESULTS)
+def test_a_regexp_result_postfix_skips_fails_the_table_naming_that_line(tmp_path, text):
+    """`$0` and `$1st` were taken (as group 0, and group 1 then "st"), `$12` read as group 1 then "2"."""
+    table = tmp_path / "bad.regexp"
+    table.write_text(f"# a comment\n/^fine$/ fine\n{text}\n")
+    done = subprocess.run([require_tool("postmap"), "-q", "fine", f"regexp:{table}"], capture_output=True,
+                          text=True, timeout=30)
+    warning = re.search(r"regexp map \S+, (line \d+): ", done.stderr)
+    assert warning, done.stderr
+    failed = subprocess.run([sys.executable, "-m", "mailflow", "table", "query", f"regexp:{table}", "fine"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert failed.returncode == 75 and failed.stdout == "", failed
+    assert f"table regexp:{table}: {table}, {warning.group(1)}: " in failed.stderr, (done.stderr, failed.stderr)
 
 
 # each line Postfix skips, with the reason of its warning

@@ -252,3 +252,9 @@ def test_an_address_literal_never_closed_is_closed_at_the_end_as_postfixs_local_
     assert parse_forward("bob@[192.0.2.1\n", "f") == (AddressTarget("bob@[192.0.2.1]"),)
     assert parse_aliases("team: alice, bob@[192.0.2.1\n", "aliases")["team"] == (
         AddressTarget("alice"), AddressTarget("bob@[192.0.2.1]"))
+
+
+def test_a_line_starting_with_a_unicode_blank_is_an_entry_as_postalias_reads_it():
+    """Postfix's readllines continues an entry only at an ASCII blank: a line starting with U+00A0 is an entry whose
+    name (an atom to Postfix's tokenizer) holds it; it was read as a continuation of the entry above."""
+    assert alias_values("a: x\n\u00a0b: y\n", F) == {"a": "x", "\u00a0b": "y"}

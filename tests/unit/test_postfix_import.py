@@ -1558,3 +1558,18 @@ def test_a_pcre_table_stays_pcre(tmp_path):
     assert doc["checks"]["header_checks"] == [f"pcre:{table}"]
     assert doc["smtpd"]["sender_restrictions"] == [f"check_sender_access pcre:{table}"]
     assert "regexp" not in (tmp_path / "mailflow.toml").read_text()
+
+
+@pytest.mark.parametrize("kind", ["pcre", "regexp"])
+def test_each_pattern_line_mailflow_refuses_is_reported_with_file_line_and_reason(tmp_path, kind):
+    """A migrated header_checks with `\\1` (line 2) and `$2` (line 4) imported with exit 0 and no word, and then
+    every message got 451 4.3.0 (the table fails whole) where Postfix only skipped those lines: each line reported
+    with its file, line and reason (exit 1, as a relay route), the table kept as written."""
+    table = write(tmp_path, "header_checks", "# checks\n/^Subject: (a)\\1/ REJECT doubled\n/^X-Ok:/ WARN fine\n"
+                                             "/^X-(b)/ REJECT $2\n")
+    main = write(tmp_path, "main.cf", f"myhostname = mx.example.com\nheader_checks = {kind}:{table}\n")
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert code == 1, err
+    assert re.findall(rf"{re.escape(str(table))}:(\d+): {kind}: rule /", err) == ["2", "4"], err
+    assert "rule /^Subject: (a)\\1/ REJECT doubled: mailflow's" in err and "fails the whole table" in err
+    assert tomllib.loads((tmp_path / "mailflow.toml").read_text())["checks"]["header_checks"] == [f"{kind}:{table}"]

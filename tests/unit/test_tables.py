@@ -15,6 +15,7 @@ import pytest
 from mailflow.errors import ConfigError, LookupRetry
 from mailflow.tables import cidr as cidr_module
 from mailflow.tables import TableCache, lookup_address, lookup_local, open_table, split_extension
+from mailflow.tables.files import table_file_entries
 from mailflow.tables.search import (EXTERNAL_FIRST, address_keys, address_search, local_part_keys,
                                      mapped_addresses)
 from tests.support import eventually, require_tool
@@ -48,6 +49,18 @@ def test_texthash_found_not_found_comments_and_case(tmp_path):
 def test_texthash_continuation_lines_and_first_duplicate_wins(tmp_path):
     f = write(tmp_path / "aliases", "team alice,\n  bob,\n\tcarol\nteam dave\n")
     assert open_table(f"texthash:{f}").lookup("team") == "alice,  bob,\tcarol"
+
+
+def test_a_line_starting_with_a_unicode_blank_is_an_entry_as_postfix_reads_it(tmp_path):
+    """Postfix's readllines continues a line only at an ASCII blank (ISSPACE): a line starting with U+00A0 or U+2003
+    is an entry of its own (checked with postmap -q: tests/interop/test_tables_vs_postfix.py), U+2028 ends no line,
+    and a value keeps a trailing U+00A0."""
+    f = write(tmp_path / "t", "erin one\n\u00a0nbsp two\n\u2003em three\u2028four\u00a0\n")
+    t = open_table(f"texthash:{f}")
+    assert [t.lookup(k) for k in ("erin", "\u00a0nbsp", "\u2003em")] == ["one", "two", "three\u2028four\u00a0"]
+    f = write(tmp_path / "r", "/^a$/ first\n\u00a0/^b$/ second\n")
+    with pytest.raises(LookupRetry, match="line 2"):  # (a rule whose delimiter is U+00A0, never closed)
+        open_table(f"regexp:{f}").lookup("a")
 
 
 def test_an_alias_table_with_a_value_mailflow_cannot_take_still_answers_every_key(tmp_path):
@@ -248,7 +261,9 @@ def test_regexp_no_match_is_none(tmp_path):
     ("/a/ ok\n/b/\n", "line 2: no result"),
     ("/a/q x\n", "flag 'q'"),
     ("!/(a)/ $1\n", "negated"),
-    ("/(a)/ $2\n", r"\$2"),
+    ("/(a)/ $2\n", "out of range replacement index '2'"),
+    ("/(a)/ $0\n", "out of range replacement index '0'"),
+    ("/(a)/ $1st\n", "non-numeric replacement index '1st'"),
     ("/a x\n", "no closing"),
     ("if /a/\n/b/ c\n", "if without endif"),
     ("endif\n", "endif without if"),
@@ -369,6 +384,7 @@ def test_pcre_patterns_and_keys_are_bytes_as_in_postfix_3_7(tmp_path, prefilter)
     ("if /a/\n/b/ c\n", "line 1: if without endif"),
     ("/a/\n", "no result"),
     ("word x\n", "expected /pattern/"),
+    ("/a)|(b/A x\n", "line 1: bad regular expression: unexpected ): a)|(b"),
 ])
 def test_pcre_line_postfix_skips_fails_the_table_naming_line_and_reason(tmp_path, text, complaint):
     with pytest.raises(LookupRetry, match=re.escape(complaint)):
@@ -885,3 +901,48 @@ def test_local_part_keys_ask_quoted_then_internal():
                                                                                 "al 1"]
     assert local_part_keys('"al.1.+x"', delimiter="+", form=EXTERNAL_FIRST) == ["al.1.+x", '"al.1."', "al.1."]
     assert local_part_keys("joe+x", delimiter="+", form=EXTERNAL_FIRST) == ["joe+x", "joe"]
+
+
+@pytest.mark.parametrize("kind", ["regexp", "pcre"])
+def test_a_pattern_file_names_every_line_it_refuses_not_only_the_first(tmp_path, kind):
+    """A migrated file is fixed in one pass: each bad line named (Postfix warns about each line it skips), a bad
+    `if` still opening its block (its endif is no error), each `if` left open named as postmap names them."""
+    f = write(tmp_path / "t", "/(a)/ $2\n/ok/ fine\nif /(/\n/b/ c\nendif\n/x/q y\nif /a/\nif /b/\n")
+    with pytest.raises(LookupRetry) as e:
+        open_table(f"{kind}:{f}").lookup("a")
+    lines = re.findall(r"line (\d+): ", str(e.value))
+    assert lines == ["1", "3", "6", "7", "8"], str(e.value)
+
+
+@pytest.mark.parametrize("pattern, named", [
+    (r"/\Ga/", r"RE2 has no \G"), (r"/a\Kb/", r"RE2 has no \K"), (r"/a\R/", r"RE2 has no \R"),
+    (r"/^.{1001,}/", "RE2 has no repetition count over 1000 ({1001,})"), (r"/(?|(a)|(b))/", "RE2 has no branch reset"),
+    (r"/(*UTF)a/", "RE2 has no (*VERB)"), (r"/a(?#b/", "a (?# comment without its closing )"),
+])
+def test_pcre_syntax_re2_has_no_equivalent_of_is_named(tmp_path, pattern, named):
+    with pytest.raises(LookupRetry, match=re.escape(f"line 1: {named}")):
+        pcre_table(tmp_path, f"{pattern} x\n").lookup("a")
+
+
+def test_pcre_caseless_folds_no_byte_above_0x7f_as_postfix_s_pcre(tmp_path, prefilter):
+    """Postfix 3.7's PCRE (no UTF mode) folds ASCII letters only; so does RE2's Latin-1 mode here: a caseless
+    pattern's UTF-8 lead byte (П: D0 9F) never matches another lead byte (😀: F0 9F …), À never matches à."""
+    t = pcre_table(tmp_path, "/П/ cyrillic\n/^À$/ a-grave\n")
+    assert [t.lookup(key) for key in ("😀", "xПx", "à", "À")] == [None, "cyrillic", None, "a-grave"]
+
+
+@pytest.mark.parametrize("kind", ["regexp", "pcre"])
+def test_the_import_s_scan_reads_a_rule_s_negations_as_the_table_does(kind):
+    """`config import` reports a pattern file's routes to relay from table_file_entries: it read one `!` only, so
+    `!!/b/ FILTER relay:x` and `! ! /^a@/ relay:[mx]` went unreported (one scanner now, the tables')."""
+    text = "!!/b/ FILTER relay:x\n! ! /^a@/  relay:[mx]\nif !!/c/\n/d/ e\nendif\n"
+    assert table_file_entries(kind, text) == [(1, "!!/b/", "FILTER relay:x"), (2, "! ! /^a@/", "relay:[mx]"),
+                                              (4, "/d/", "e")]
+
+
+def test_pcre_hex_escape_in_braces_is_no_repetition_count(tmp_path):
+    """`\\x{1001}` is a code point (too big without UTF mode: RE2's Latin-1 refuses it as PCRE does), not a count."""
+    assert pcre_table(tmp_path, "/^\\x{41}\\x{3e}$/ hex\n").lookup("A>") == "hex"
+    with pytest.raises(LookupRetry) as e:
+        pcre_table(tmp_path, "/\\x{1001}/ x\n").lookup("a")
+    assert "repetition" not in str(e.value)

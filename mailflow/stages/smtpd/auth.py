@@ -190,7 +190,7 @@ class TableBackend:
     async def verify(self, login: str, password: bytes, *, secured: bool = True, client_ip: str = "",
                      local_ip: str = "") -> Verdict:
         try:
-            stored = await self._run(self.stored_hash, login) if _plausible_login(login) else None
+            stored = await self._run(self.stored_hash, login) if plausible_login(login) else None
         except LookupRetry as e:
             return Verdict(unavailable=f"user table: {e.reason}")
         return Verdict(login) if await self._hasher.verify(password, stored) else Verdict()
@@ -206,7 +206,7 @@ class DovecotBackend:
 
     async def verify(self, login: str, password: bytes, *, secured: bool, client_ip: str = "",
                      local_ip: str = "") -> Verdict:
-        if not _plausible_login(login):
+        if not plausible_login(login):
             return Verdict(reason=NO_DOVECOT_REASON)
         try:
             answer = await self._dovecot.ask(login.encode(), password, secured=secured, client_ip=client_ip,
@@ -264,7 +264,9 @@ class Authenticator:
         return AuthOutcome(None, status.AUTH_FAILED)
 
 
-def _plausible_login(name: str) -> bool:
+def plausible_login(name: str) -> bool:
+    """A login a back end could know: 1 to 256 printable characters, no white space (Dovecot refuses the others
+    before it asks for a password)."""
     return 0 < len(name) <= 256 and name.isprintable() and not any(c.isspace() for c in name)
 
 

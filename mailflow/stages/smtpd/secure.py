@@ -61,7 +61,7 @@ from mailflow import status
 from mailflow.config import DEFAULTS
 from mailflow.errors import LookupRetry, detached, tls_failure
 from mailflow.logs import SmtpdLog
-from mailflow.stages.smtpd.auth import Authenticator, SenderLogins, login_of
+from mailflow.stages.smtpd.auth import Authenticator, SenderLogins, login_of, plausible_login
 from mailflow.stages.smtpd.frontends import FrontEndCommands
 from mailflow.stages.smtpd.protocol import UnknownEhloFeature
 from mailflow.stages.smtpd.tls import ClientCert, client_cert
@@ -265,9 +265,9 @@ class SecureCommands(FrontEndCommands):
             return
         assert arg is not None and self._sasl is not None
         words = command_words(arg)
-        mechanism, initial = ascii_upper(words[0]), (words[1] if len(words) == 2 else None)
+        mechanism, initial = words[0], (words[1] if len(words) == 2 else None)  # (logged as written: Postfix)
         self._auth_mechanism = mechanism  # for the log line of an abort
-        exchange = self._plain_exchange if mechanism == "PLAIN" else self._login_exchange
+        exchange = self._plain_exchange if ascii_upper(mechanism) == "PLAIN" else self._login_exchange
         credentials = await exchange(initial)
         if credentials is None:
             return  # answered already (aborted, bad base64, malformed)
@@ -314,10 +314,14 @@ class SecureCommands(FrontEndCommands):
         return parts[0], parts[1], parts[2]
 
     async def _login_exchange(self, initial: str | None):
-        """The LOGIN mechanism: the customary `334 VXNlcm5hbWU6` (Username:) and `334 UGFzc3dvcmQ6` (Password:)."""
+        """The LOGIN mechanism: the customary `334 VXNlcm5hbWU6` (Username:) and `334 UGFzc3dvcmQ6` (Password:). A
+        login that cannot be one (empty, a NUL, white space: `plausible_login`) fails at once, no password asked,
+        as Postfix with Dovecot SASL answers it."""
         login = await self._auth_response(initial, "Username:")
         if login is None:
             return None
+        if not plausible_login(login.decode("utf-8", "replace")):  # (a name with a NUL is logged (unavailable),
+            return b"", b"" if b"\0" in login else login, b""        # as Postfix logs Dovecot's refusal of it)
         password = await self._auth_response(None, "Password:")
         if password is None:
             return None

@@ -95,7 +95,8 @@ class SessionState(_AiosmtpdSession):
     # the front end's when no name was found at connect (else that name is kept as the given one: frontends.py)
     names_addr: str
     proxied_by: str  # the load balancer's address when a PROXY header named the client, else ""
-    auth_mechanism: str  # PLAIN, LOGIN or XCLIENT: the `sasl_method` of the log and of policy requests
+    auth_mechanism: str  # PLAIN or LOGIN as the client wrote it, or XCLIENT: the `sasl_method` of the log and of
+    # policy requests (Postfix's, as written)
     milters: Any  # the session's milter connections (filters.milter.MilterSession), made at its greeting
     memo: SessionMemo  # answers of the session's restriction lookups (client name, SPF), by question; kept small
     # delay_reject false (the client and helo lists run at connect or XCLIENT, and HELO/EHLO): the client list's
@@ -130,7 +131,9 @@ class SessionState(_AiosmtpdSession):
 
     def carry_identity(self, previous: SessionState) -> None:
         """After STARTTLS: the client stays who PROXY or XCLIENT said it is (HELO and login are not kept); its
-        milter connections stay open."""
+        milter connections stay open; a client that said EHLO stays an ESMTP one until it says HELO or EHLO
+        again (Postfix's helo_reset keeps its protocol name: pipelining before the new EHLO is no violation, the
+        Received header says ESMTPS)."""
         self.peer = previous.peer
         self.server_ip = previous.server_ip
         self.server_port = previous.server_port
@@ -145,6 +148,7 @@ class SessionState(_AiosmtpdSession):
         self.defer_if_permit_client = previous.defer_if_permit_client
         self.defer_if_permit_helo = previous.defer_if_permit_helo
         self.ill_pipelining = previous.ill_pipelining
+        self.extended_smtp = previous.extended_smtp
 
     @property
     def defer_if_permit_before_mail(self) -> status.Reply | None:

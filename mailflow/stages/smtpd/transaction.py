@@ -39,7 +39,7 @@ from mailflow import address, status
 from mailflow.smtp_parameters import mail_parameters, path_text, path_word, rcpt_parameters
 from mailflow.stages.smtpd.secure import SecureCommands
 from mailflow.stages.smtpd.state import NULL_SENDER
-from mailflow.syntax import COMMAND_BLANKS, ascii_upper, command_words
+from mailflow.syntax import COMMAND_BLANKS, ascii_upper, command_words, unterminated_command_word
 
 
 class TransactionCommands(SecureCommands):
@@ -161,6 +161,9 @@ class TransactionCommands(SecureCommands):
             await self.push(text)
             return None
         if await self.refused_for_rate(command.lower()):  # "mail" or "rcpt", counted where Postfix counts them
+            return None
+        if unterminated_command_word(text):  # (Postfix's tokenizer refuses it before its extract_addr, unlogged)
+            await self.push(bad)
             return None
         try:
             addr, written, rest = address.parse_written_path(text)

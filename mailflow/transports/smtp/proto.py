@@ -13,8 +13,10 @@
     await reset(session, timeout) -> bool      RSET, True when answered 2xx: before a session whose transaction is
                                                still open (an address probe's, a refused RCPT or DATA) is cached
                                                (reuse.release); the end of data's replies close the transaction
-    smtp_data(content, encoders) / asmtp_data(content, encoders)   the content as DATA: through `encoders`,
-        dot-stuffed, then the terminator; from memory / a spool file read chunk by chunk
+    smtp_data(content, encoders) / asmtp_data(content, encoders, off_loop=False)   the content as DATA: through
+        `encoders`, dot-stuffed, then the terminator; from memory / a spool file read chunk by chunk (`off_loop`:
+        each chunk through the encoders in a worker thread). A content longer than LONG_KEY with body checks
+        (smtp_checks.body_off_loop) goes through them in a worker thread, as cleanup's body walk
 
 The transaction: a message the peer cannot take (commands.cannot_take) bounces before MAIL. With PIPELINING
 (RFC 2920) MAIL, every RCPT and DATA go out in one write and the replies are read in order (2 round trips per
@@ -38,6 +40,7 @@ Limits: MAIL, each RCPT and DATA `command`; the content and the reply (each repl
 """
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 
 from mailflow.content import CHUNK, Content
@@ -46,6 +49,7 @@ from mailflow.model import ConnStats, DeliveryRequest, Recipient
 from mailflow.transports.encode import Encoder, SmtpData, aencode, encode
 from mailflow.transports.generic import WireForm
 from mailflow.transports.smtp.chat import CRLF, Session, Timeouts
+from mailflow.transports.smtp_checks import body_off_loop
 from mailflow.transports.smtp.commands import cannot_take, content_encoding, mail_command, rcpt_command
 from mailflow.transports.smtp.trouble import (
     Outcomes,
@@ -166,7 +170,7 @@ async def _transaction(
     if reply.code // 100 != 3:  # any 3xx lets the content go, as with Postfix
         outcomes.update(reply_results(accepted, reply, peer, "DATA"))
         return
-    await _send_body(session, request.content, encoders, timeouts.data)
+    await _send_body(session, request.content, encoders, timeouts.data, off_loop=body_off_loop(wire, request.content))
     notifies = extensions.supports("dsn")
     for answered in ([r] for r in accepted) if lmtp else [accepted]:
         reply = await session.reply(timeouts.data, END_OF_DATA)
@@ -209,16 +213,19 @@ async def _abandon_pipelined(session: Session, rcpt_replies: int, timeout: float
         session.abort()
 
 
-async def _send_body(session: Session, content: Content, encoders: tuple[Encoder, ...], timeout: float) -> None:
-    """The content after DATA's 354. A table an encoder asks (smtp_body_checks) that cannot answer ends the session
-    as Postfix's SMTP_ERR_DATA: 4.3.0 "local data error while talking to h[ip]", a site failure."""
+async def _send_body(session: Session, content: Content, encoders: tuple[Encoder, ...], timeout: float, *,
+                     off_loop: bool = False) -> None:
+    """The content after DATA's 354; `off_loop`: the encoders are fed in a worker thread (body checks on a long
+    content: smtp_checks.body_off_loop). A table an encoder asks (smtp_body_checks) that cannot answer ends the
+    session as Postfix's SMTP_ERR_DATA: 4.3.0 "local data error while talking to h[ip]", a site failure."""
     try:
         if content.in_memory:
-            session.send_many(list(smtp_data(content, encoders)), BODY)
+            data = smtp_data(content, encoders)
+            session.send_many(await asyncio.to_thread(list, data) if off_loop else list(data), BODY)
             return
         pieces: list[bytes] = []
         size = 0
-        async for piece in asmtp_data(content, encoders):
+        async for piece in asmtp_data(content, encoders, off_loop=off_loop):
             pieces.append(piece)
             size += len(piece)
             if size >= CHUNK:
@@ -252,8 +259,10 @@ def smtp_data(content: Content, encoders: tuple[Encoder, ...] = ()) -> Iterator[
     yield b"." + CRLF
 
 
-async def asmtp_data(content: Content, encoders: tuple[Encoder, ...] = ()) -> AsyncIterator[bytes]:
+async def asmtp_data(content: Content, encoders: tuple[Encoder, ...] = (), *,
+                     off_loop: bool = False) -> AsyncIterator[bytes]:
     """See the module docstring."""
-    async for piece in aencode(content.stream(), *encoders, SmtpData(crlf=content.crlf and not encoders)):
+    async for piece in aencode(content.stream(), *encoders, SmtpData(crlf=content.crlf and not encoders),
+                               off_loop=off_loop):
         yield piece
     yield b"." + CRLF

@@ -189,7 +189,9 @@ class SmtpTransport:
             try:
                 screened = dataclasses.replace(request, recipients=tuple(sendable))  # (a refused one is not mapped)
                 wire = await self._tables.run(outbound_wire_form, screened, self._checks, self._generic,
-                                              off_loop=_header_may_be_big(request))
+                                              off_loop=_header_may_be_big(request) or (
+                                                  self._checks is not None and self._checks.long_head(
+                                                      request.content)))
             except LookupRetry as e:  # (smtp_generic_maps, or TableCache.run's deadline: a table that may wait)
                 outcomes.fail(sendable, TemporaryError("4.3.0", f"{self._waited_for()} lookup error: {e.text}"))
                 return outcomes.report(request)
