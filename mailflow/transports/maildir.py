@@ -242,8 +242,11 @@ class Owner:
     """Who owns what a delivery creates below `base` (-1: leave that id as the process's). `base` is reached
     following symbolic links (the operator's: a link there is the administrator's); what is below it is opened
     without following one. With `home` (a local user's home, `<maildir_base>/<user>`, as Postfix's local(8)
-    writes a home mailbox with the user's rights) `base` is the owner's: made 0700 for it when missing. Without
-    (virtual_mailbox_base, a mail spool) it is made as mailflow when missing and stays mailflow's."""
+    writes a home mailbox with the user's rights) `base` is the owner's: made
+    0700 for it when missing, followed when it is a symbolic link only if root owns the link (Postfix's safe_open
+    rule), and it and every directory below it must be the owner's or root's (else OSError EPERM naming the path
+    and its owner). Without (virtual_mailbox_base, a mail spool) it is made as mailflow when missing and stays
+    mailflow's."""
 
     uid: int
     gid: int
@@ -281,22 +284,43 @@ def open_directory(maildir: Path, owner: Owner | None) -> int:
 
 
 def _open_base(base: Path, owner: Owner) -> int:
-    """An fd of `owner.base`, following links; made when missing (for the owner, 0700, when it is a home)."""
-    if owner.home:
-        base.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.mkdir(base, 0o700)
-            os.chown(base, owner.uid, owner.gid, follow_symlinks=False)
-        except FileExistsError:
-            pass
-    else:
+    """An fd of `owner.base`, following links (a home's only when root owns it); made when missing (for the owner,
+    0700, when it is a home: see Owner)."""
+    if not owner.home:
         base.mkdir(parents=True, exist_ok=True)
-    return os.open(base, _DIRECTORY)
+        return os.open(base, _DIRECTORY)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(base, 0o700)
+        os.chown(base, owner.uid, owner.gid, follow_symlinks=False)
+    except FileExistsError:
+        pass
+    named = os.lstat(base)
+    if stat.S_ISLNK(named.st_mode) and named.st_uid != 0:
+        raise OSError(errno.EPERM, f"symbolic link {base} is owned by uid {named.st_uid}, not root: not followed")
+    fd = os.open(base, _DIRECTORY)
+    try:
+        opened = os.fstat(fd)
+        if not stat.S_ISLNK(named.st_mode) and (opened.st_dev, opened.st_ino) != (named.st_dev, named.st_ino):
+            raise OSError(errno.EPERM, f"{base} was replaced while it was opened")
+        _check_owned(opened, owner, base)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_owned(st: os.stat_result, owner: Owner, path: Path) -> None:
+    """A home's directory (`path`, status `st`) is the owner's or root's (an administrator's), or OSError EPERM:
+    another user's directory never receives the mail (Postfix, writing as the user, would fail on it)."""
+    if owner.home and owner.uid >= 0 and st.st_uid not in (owner.uid, 0):
+        raise OSError(errno.EPERM, f"{path} is owned by uid {st.st_uid}, neither uid {owner.uid} nor root")
 
 
 def _subdirectory(parent: int, name: str, owner: Owner | None, path: Path | None = None) -> int:
     """An fd of `parent/name` (`path`, for the error), made (0700, given to `owner`) when missing; with an owner a
-    symbolic link there is not followed: OSError ELOOP "symbolic link … not followed"."""
+    symbolic link there is not followed: OSError ELOOP "symbolic link … not followed", and in a home another
+    user's directory is refused (`_check_owned`)."""
     try:
         os.mkdir(name, 0o700, dir_fd=parent)
         if owner is not None:
@@ -304,11 +328,18 @@ def _subdirectory(parent: int, name: str, owner: Owner | None, path: Path | None
     except FileExistsError:
         pass
     try:
-        return os.open(name, _DIRECTORY | (os.O_NOFOLLOW if owner is not None else 0), dir_fd=parent)
+        fd = os.open(name, _DIRECTORY | (os.O_NOFOLLOW if owner is not None else 0), dir_fd=parent)
     except OSError as e:  # (O_DIRECTORY | O_NOFOLLOW on a link: ENOTDIR on Linux, ELOOP elsewhere)
         if owner is None or e.errno not in (errno.ELOOP, errno.ENOTDIR) or not _is_link(parent, name):
             raise
         raise OSError(errno.ELOOP, f"symbolic link {path or name} not followed") from None
+    if owner is not None:
+        try:
+            _check_owned(os.fstat(fd), owner, path or Path(name))
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
 
 
 def _is_link(parent: int, name: str) -> bool:

@@ -189,6 +189,55 @@ async def test_a_mail_spool_inside_maildir_base_stays_the_operators(tmp_path, sp
     assert owner_and_mode(spool / "nobody")[:2] == (NOBODY.pw_uid, NOBODY.pw_gid)
 
 
+OTHER_UID = 4321  # a user that is neither the recipient (nobody) nor root
+
+
+@pytest.mark.parametrize("home_mailbox", ["Mailbox", "Maildir/"])
+async def test_a_home_link_another_user_made_is_not_followed(tmp_path, home_mailbox):
+    """In a maildir_base others may write (Debian's /var/mail is 2775 root:mail), uid 4321 made `<base>/nobody`
+    a link to its own directory: nobody's mail went there (SENT), where uid 4321 could read or delete it. Postfix's
+    safe_open follows a link only when root owns it."""
+    local = transports(tmp_path, local={"home_mailbox": home_mailbox})["local"]
+    trap = tmp_path / "trap"
+    trap.mkdir()
+    os.chown(trap, OTHER_UID, OTHER_UID)
+    (tmp_path / "mail").mkdir(mode=0o1777)
+    (tmp_path / "mail" / "nobody").symlink_to(trap)
+    os.lchown(tmp_path / "mail" / "nobody", OTHER_UID, OTHER_UID)
+    [result] = (await local.deliver(request("nobody@local.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.2.0"), result
+    assert f"symbolic link {tmp_path / 'mail' / 'nobody'} is owned by uid {OTHER_UID}, not root" in result.text
+    assert list(trap.iterdir()) == []
+
+
+@pytest.mark.parametrize(("home_mailbox", "foreign"), [("Mailbox", ""), ("Maildir/", ""), ("Mail/inbox", ""),
+                                                     ("Mail/inbox", "Mail"), ("Maildir/", "Maildir"),
+                                                     ("Maildir/", "Maildir/new")])
+async def test_a_home_or_directory_in_it_another_user_owns_gets_no_mail(tmp_path, home_mailbox, foreign):
+    """An existing home (or a directory below it, `foreign`) owned by uid 4321, 0700: nobody's mail was written
+    there as root. Postfix, writing as nobody, fails (EACCES); mailflow defers naming the path and its owner."""
+    local = transports(tmp_path, local={"home_mailbox": home_mailbox})["local"]
+    home = tmp_path / "mail" / "nobody"
+    owned = home / foreign
+    owned.mkdir(parents=True, mode=0o700)
+    for path in (home, *(p for p in owned.parents if p.is_relative_to(home) and p != home)):
+        os.chown(path, NOBODY.pw_uid, NOBODY.pw_gid)
+    os.chown(owned, OTHER_UID, OTHER_UID)
+    [result] = (await local.deliver(request("nobody@local.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.2.0"), result
+    assert f"{owned} is owned by uid {OTHER_UID}, neither uid {NOBODY.pw_uid} nor root" in result.text
+    assert [p for p in home.rglob("*") if not p.is_dir()] == []
+
+
+async def test_a_home_root_made_and_owns_still_gets_the_mail(tmp_path):
+    """A home (or directory below it) that root owns is the administrator's: written, as before."""
+    local = transports(tmp_path, local={"home_mailbox": "Maildir/"})["local"]
+    home = tmp_path / "mail" / "nobody"
+    home.mkdir(parents=True)
+    [result] = (await local.deliver(request("nobody@local.test"))).results
+    assert result.outcome is Outcome.SENT, result
+
+
 async def test_a_system_users_mbox_being_created_by_another_delivery_is_not_refused(tmp_path, monkeypatch):
     """Two deliveries to a new mbox at once: the second opens the file between the first's create and its fchown
     (seen in a run against Postfix: `4.2.0 destination … is not owned by recipient` for a mailbox nobody else
