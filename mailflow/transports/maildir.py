@@ -242,10 +242,10 @@ class Owner:
     """Who owns what a delivery creates below `base` (-1: leave that id as the process's). `base` is reached
     following symbolic links (the operator's: a link there is the administrator's); what is below it is opened
     without following one. With `home` (a local user's home, `<maildir_base>/<user>`, as Postfix's local(8)
-    writes a home mailbox with the user's rights) `base` is the owner's: made
+    writes a home mailbox with the user's rights; or a spool Maildir `<spool>/<user>`) `base` is the owner's: made
     0700 for it when missing, followed when it is a symbolic link only if root owns the link (Postfix's safe_open
     rule), and it and every directory below it must be the owner's or root's (else OSError EPERM naming the path
-    and its owner). Without (virtual_mailbox_base, a mail spool) it is made as mailflow when missing and stays
+    and its owner). Without `home` (virtual_mailbox_base) `base` is made as mailflow when missing and stays
     mailflow's."""
 
     uid: int

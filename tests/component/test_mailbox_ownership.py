@@ -89,6 +89,7 @@ async def test_a_local_user_who_is_a_system_user_owns_its_maildir_and_others_sta
 
 async def test_a_system_users_mbox_is_created_as_theirs_and_one_another_uid_owns_is_not_written(tmp_path):
     spool = tmp_path / "spool"
+    spool.mkdir(mode=0o1777)
     local = transports(tmp_path, local={"home_mailbox": "", "mail_spool_directory": str(spool)})["local"]
     [result] = (await local.deliver(request("nobody@local.test"))).results
     assert result.outcome is Outcome.SENT, result
@@ -180,6 +181,7 @@ async def test_a_mail_spool_inside_maildir_base_stays_the_operators(tmp_path, sp
     recipient, who could then rename the others' mailboxes. Postfix's local(8) writes spool mailboxes as root;
     only the user's mailbox (the mbox file, or the Maildir `<spool>/<user>/`) is the user's."""
     spool = tmp_path / "mail" / "spool"
+    spool.mkdir(parents=True)
     spooled = {"home_mailbox": "", "mail_spool_directory": str(tmp_path / "mail" / spool_name)}
     local = transports(tmp_path, local=spooled)
     [result] = (await local["local"].deliver(request("nobody@local.test"))).results
@@ -236,6 +238,29 @@ async def test_a_home_root_made_and_owns_still_gets_the_mail(tmp_path):
     home.mkdir(parents=True)
     [result] = (await local.deliver(request("nobody@local.test"))).results
     assert result.outcome is Outcome.SENT, result
+
+
+@pytest.mark.parametrize("link_owner", [0, OTHER_UID])
+async def test_a_spool_maildir_that_is_a_link_is_followed_when_root_made_it(tmp_path, link_owner):
+    """postconf(5): the administrator makes the top-level spool Maildir in advance; a root-owned link
+    `<spool>/<user>` was deferred for ever ("symbolic link … not followed"). It is taken as a home: followed when
+    root owns the link, refused when another user does."""
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o1777)
+    data = tmp_path / "data" / "nobody"
+    data.mkdir(parents=True)
+    os.chown(data, NOBODY.pw_uid, NOBODY.pw_gid)
+    (spool / "nobody").symlink_to(data)
+    os.lchown(spool / "nobody", link_owner, link_owner)
+    local = transports(tmp_path, local={"home_mailbox": "", "mail_spool_directory": f"{spool}/"})["local"]
+    [result] = (await local.deliver(request("nobody@local.test"))).results
+    if link_owner == 0:
+        assert result.outcome is Outcome.SENT, result
+        [message] = list((data / "new").iterdir())
+        assert owner_and_mode(message)[:2] == (NOBODY.pw_uid, NOBODY.pw_gid)
+    else:
+        assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.2.0"), result
+        assert "not root: not followed" in result.text and list(data.iterdir()) == []
 
 
 async def test_a_system_users_mbox_being_created_by_another_delivery_is_not_refused(tmp_path, monkeypatch):

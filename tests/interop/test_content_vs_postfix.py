@@ -164,6 +164,7 @@ async def test_an_alias_members_mbox_entry_is_written_as_a_real_postfix_writes_i
             postfix = await eventually(lambda: entries(f"{spool}/nobody"), timeout=20)
     finally:
         shutil.rmtree(spool, ignore_errors=True)
+    (tmp_path / "spool").mkdir(mode=0o1777)  # (a missing spool is never made, as Postfix's local(8))
     mf = await mailflow_server(myhostname="mx.origin.test", myorigin="origin.test", mydestination=["origin.test"],
                                alias_maps=["inline:{team=nobody}"], local_recipient_maps=["inline:{nobody=x}"],
                                local={"home_mailbox": "", "mail_spool_directory": str(tmp_path / "spool")})

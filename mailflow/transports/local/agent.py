@@ -609,11 +609,11 @@ def _client_environment(c: ClientAttributes) -> dict[str, str]:
 
 def _maildir_owner(owner: tuple[int, int] | None, maildir: Path, home: Path | None) -> Owner | None:
     """Who owns what the Maildir write creates: in a home, the home (0700 when made) and all below it; in the
-    mail spool, the Maildir `<spool>/<user>/` and below, the spool staying the operator's. (Postfix's local(8) writes
-    every Maildir with the user's rights.)"""
+    mail spool, the Maildir `<spool>/<user>/` and below, taken as a home (a root-owned link there followed: the
+    administrator may make the top-level Maildir in advance, postconf(5)), the spool staying the operator's. (Postfix's local(8) writes every Maildir with the user's rights.)"""
     if owner is None:
         return None
-    return Owner(*owner, home, home=True) if home is not None else Owner(*owner, maildir.parent)
+    return Owner(*owner, home, home=True) if home is not None else Owner(*owner, maildir, home=True)
 
 
 def _failed(e: DeliveryError) -> Part:
