@@ -245,13 +245,16 @@ class Owner:
     writes a home mailbox with the user's rights; or a spool Maildir `<spool>/<user>`) `base` is the owner's: made
     0700 for it when missing, followed when it is a symbolic link only if root owns the link (Postfix's safe_open
     rule), and it and every directory below it must be the owner's or root's (else OSError EPERM naming the path
-    and its owner). Without `home` (virtual_mailbox_base) `base` is made as mailflow when missing and stays
+    and its owner). With `spool` (the `<spool>/<user>` of a spool Maildir) the spool above it must exist: mailflow
+    does not make it, as Postfix does not (the operator's, 1777 or 2775 root:mail); a home's `<maildir_base>` is
+    made when missing. Without `home` (virtual_mailbox_base) `base` is made as mailflow when missing and stays
     mailflow's."""
 
     uid: int
     gid: int
     base: Path
     home: bool = False
+    spool: bool = False
 
 
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY
@@ -289,7 +292,10 @@ def _open_base(base: Path, owner: Owner) -> int:
     if not owner.home:
         base.mkdir(parents=True, exist_ok=True)
         return os.open(base, _DIRECTORY)
-    base.parent.mkdir(parents=True, exist_ok=True)
+    if not owner.spool:
+        base.parent.mkdir(parents=True, exist_ok=True)
+    elif not base.parent.is_dir():
+        raise OSError(errno.ENOENT, f"mail spool directory {base.parent} does not exist (mailflow does not make it)")
     try:
         os.mkdir(base, 0o700)
         os.chown(base, owner.uid, owner.gid, follow_symlinks=False)

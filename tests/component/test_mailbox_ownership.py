@@ -263,6 +263,18 @@ async def test_a_spool_maildir_that_is_a_link_is_followed_when_root_made_it(tmp_
         assert "not root: not followed" in result.text and list(data.iterdir()) == []
 
 
+@pytest.mark.parametrize("spool_name", ["spool", "spool/"])
+async def test_a_missing_mail_spool_is_not_made(tmp_path, spool_name):
+    """Postfix's local(8) never makes mail_spool_directory (the distributions ship it 1777 or 2775 root:mail); a
+    spool mailflow made was 0755 root's, where MUAs cannot dotlock. The delivery defers until it exists."""
+    spooled = {"home_mailbox": "", "mail_spool_directory": str(tmp_path / spool_name)}
+    local = transports(tmp_path, local=spooled)["local"]
+    [result] = (await local.deliver(request("nobody@local.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.2.0"), result
+    assert "No such file or directory" in result.text or "does not exist" in result.text
+    assert not (tmp_path / "spool").exists()
+
+
 async def test_a_system_users_mbox_being_created_by_another_delivery_is_not_refused(tmp_path, monkeypatch):
     """Two deliveries to a new mbox at once: the second opens the file between the first's create and its fchown
     (seen in a run against Postfix: `4.2.0 destination … is not owned by recipient` for a mailbox nobody else

@@ -335,7 +335,8 @@ class LocalTransport:
         entry = mbox_entry(request.content, sender=request.sender, arrival=self._clock.time(), prepend=prefix)
         try:
             await append_mbox(path, entry, locks=self._local.mailbox_delivery_lock, owner=owner,
-                              home=None if owner is None else home, size_limit=self._local.mailbox_size_limit)
+                              home=None if owner is None else home, size_limit=self._local.mailbox_size_limit,
+                              create_parents=home is not None)  # (the mail spool is never made: Postfix's neither)
         except DeliveryError as e:
             return _failed(e)
         return Part(Outcome.SENT, "2.0.0", "delivered to mailbox")
@@ -610,10 +611,11 @@ def _client_environment(c: ClientAttributes) -> dict[str, str]:
 def _maildir_owner(owner: tuple[int, int] | None, maildir: Path, home: Path | None) -> Owner | None:
     """Who owns what the Maildir write creates: in a home, the home (0700 when made) and all below it; in the
     mail spool, the Maildir `<spool>/<user>/` and below, taken as a home (a root-owned link there followed: the
-    administrator may make the top-level Maildir in advance, postconf(5)), the spool staying the operator's. (Postfix's local(8) writes every Maildir with the user's rights.)"""
+    administrator may make the top-level Maildir in advance, postconf(5)), the spool staying the operator's and
+    never made. (Postfix's local(8) writes every Maildir with the user's rights.)"""
     if owner is None:
         return None
-    return Owner(*owner, home, home=True) if home is not None else Owner(*owner, maildir, home=True)
+    return Owner(*owner, home, home=True) if home is not None else Owner(*owner, maildir, home=True, spool=True)
 
 
 def _failed(e: DeliveryError) -> Part:
