@@ -1,28 +1,39 @@
 """Work done with another user's rights, without this process ever changing identity.
 
-    call_as(user, doing, fn, *args) -> bytes    fn(*args) in a child forked for it, running with `user`'s uid, gid
-                                                and groups; its bytes come back over a pipe
+    call_as(user, doing, fn, *args, timeout=CALL_AS_TIMEOUT) -> bytes
+                                                fn(*args) in a child forked for it, running with `user`'s uid, gid
+                                                and groups; its bytes come back over a pipe within `timeout` s
     rights_for(rights, default_privs) -> str | None   whose rights a command, file or :include: of local delivery
                                                 uses: as root `rights` (a .forward's system user) or else
                                                 `default_privs`, never root's; not as root, None (mailflow's own)
 
 The child switches identity, calls `fn`, writes what it returned (or the error it raised) to the pipe and
 exits; it touches nothing else, so no lock another thread of this process holds can matter to it. Call it from a
-worker thread (asyncio.to_thread): the parent blocks until the child is done.
+worker thread (asyncio.to_thread): the parent blocks until the child is done, or `timeout` seconds at most (None: no limit) (a
+.forward on a hung NFS home, or a FUSE file the user serves itself, never answers): then the child is killed
+(SIGKILL, reaped) and the call fails. The report is framed by its length, so the parent never waits for an end
+of file that a sibling child (forked by another thread while this pipe was open) could hold back.
 
 Failure behaviour: `TemporaryError` 4.3.0 when `user` does not exist or is root (`refusing to DOING as USER: uid
-0`), or when `fn` raised anything but a DeliveryError (`cannot DOING as USER: reason`); a DeliveryError raised by
+0`), when the child gave no answer within `timeout` (`cannot DOING as USER: no answer within Ns, the child was
+killed`), or when `fn` raised anything but a DeliveryError (`cannot DOING as USER: reason`); a DeliveryError raised by
 `fn` is raised again here with its permanence, status and text.
 """
 from __future__ import annotations
 
 import os
 import pwd
+import select
+import signal
+import struct
+import time
 from typing import Callable
 
 from mailflow.errors import DeliveryError, PermanentError, TemporaryError
 
 RESULT, DELIVERY_ERROR, OTHER_ERROR = b"R", b"D", b"E"
+CALL_AS_TIMEOUT = 60.0  # seconds a child may take (a .forward or :include: read: milliseconds when all is well)
+_LENGTH = struct.Struct("!Q")  # the report's length, before it
 
 
 def rights_for(rights: str | None, default_privs: str) -> str | None:
@@ -30,7 +41,8 @@ def rights_for(rights: str | None, default_privs: str) -> str | None:
     return (rights or default_privs) if os.geteuid() == 0 else None
 
 
-def call_as(user: str, doing: str, fn: Callable[..., bytes], *args) -> bytes:
+def call_as(user: str, doing: str, fn: Callable[..., bytes], *args,
+            timeout: float | None = CALL_AS_TIMEOUT) -> bytes:
     """See the module docstring."""
     try:
         pw = pwd.getpwnam(user)
@@ -45,8 +57,14 @@ def call_as(user: str, doing: str, fn: Callable[..., bytes], *args) -> bytes:
         os.close(read_end)
         _report_and_exit(write_end, lambda: _switched(groups, pw.pw_gid, pw.pw_uid, fn, args))
     os.close(write_end)
-    with os.fdopen(read_end, "rb") as f:
-        report = f.read()
+    try:
+        report = _framed_report(read_end, None if timeout is None else time.monotonic() + timeout)
+    finally:
+        os.close(read_end)
+    if report is None:  # past the deadline: the child is killed (a hung read ends with SIGKILL) and reaped
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise TemporaryError("4.3.0", f"cannot {doing} as {user}: no answer within {timeout:g}s, the child was killed")
     _, status = os.waitpid(pid, 0)
     kind, data = report[:1], report[1:]
     if os.waitstatus_to_exitcode(status) != 0:  # killed while it wrote: its report may be cut short
@@ -58,6 +76,23 @@ def call_as(user: str, doing: str, fn: Callable[..., bytes], *args) -> bytes:
         raise (PermanentError if permanence == "P" else TemporaryError)(dsn, text)
     reason = data.decode("utf-8", "replace") if kind == OTHER_ERROR else "the child process failed"
     raise TemporaryError("4.3.0", f"cannot {doing} as {user}: {reason}")
+
+
+def _framed_report(fd: int, deadline: float | None) -> bytes | None:
+    """The child's report (its length first), b"" when the pipe ends before it is whole (the child died), None
+    when `deadline` (time.monotonic; None: none) passes first."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    received = bytearray()
+    while len(received) < _LENGTH.size or len(received) < _LENGTH.size + _LENGTH.unpack_from(received)[0]:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and (left <= 0 or not poller.poll(left * 1000)):
+            return None
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return b""
+        received += chunk
+    return bytes(received[_LENGTH.size:])
 
 
 def _switched(groups: list[int], gid: int, uid: int, fn: Callable[..., bytes], args: tuple) -> bytes:
@@ -75,7 +110,7 @@ def _report_and_exit(fd: int, work: Callable[[], bytes]) -> None:
     except BaseException as e:  # noqa: BLE001 - the child must always exit here
         report = OTHER_ERROR + str(getattr(e, "strerror", None) or e).encode("utf-8", "replace")
     try:
-        view = memoryview(report)
+        view = memoryview(_LENGTH.pack(len(report)) + report)
         while view:
             view = view[os.write(fd, view):]
     finally:

@@ -234,7 +234,8 @@ def _busy(path: Path, style: LockStyle, timeout: float) -> TemporaryError:
 def _append_once_as(user: str, *args) -> LockStyle | None:
     """`_append_once` with `user`'s rights, in a child process forked from this worker thread (asuser.call_as);
     its DeliveryError comes back as itself, the lock it found busy as its name."""
-    busy = call_as(user, "write", _appended, *args).decode("ascii")
+    busy = call_as(user, "write", _appended, *args, timeout=None).decode("ascii")  # (no deadline: a child killed
+    # while it writes could not truncate its partial entry away)
     return cast(LockStyle, busy) if busy else None
 
 

@@ -1,0 +1,52 @@
+"""asuser.call_as: the child's answer comes back within a deadline; a child that never answers (a .forward on a
+hung NFS home, a FUSE file its user serves) is killed and reaped, and the call fails 4.3.0 instead of holding its
+worker thread for ever. Forking as another user needs root: skipped otherwise."""
+from __future__ import annotations
+
+import os
+import pwd
+import time
+
+import pytest
+
+from mailflow.errors import TemporaryError
+from mailflow.transports.local import asuser
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+
+
+def _hang() -> bytes:
+    time.sleep(3600)
+    return b""
+
+
+def _answer(text: str) -> bytes:
+    return f"{os.getuid()} {text}".encode()
+
+
+def test_a_child_that_never_answers_is_killed_and_the_call_fails_at_its_deadline(monkeypatch):
+    forked: list[int] = []
+    real_fork = asuser.os.fork
+
+    def fork() -> int:
+        pid = real_fork()
+        if pid:
+            forked.append(pid)
+        return pid
+
+    monkeypatch.setattr(asuser.os, "fork", fork)
+    started = time.monotonic()
+    with pytest.raises(TemporaryError) as failed:
+        asuser.call_as("nobody", "read /hung/.forward", _hang, timeout=0.3)
+    assert time.monotonic() - started < 10  # (the deadline, not the child's hour)
+    assert failed.value.dsn == "4.3.0"
+    assert failed.value.text == "cannot read /hung/.forward as nobody: no answer within 0.3s, the child was killed"
+    [pid] = forked
+    with pytest.raises(ChildProcessError):  # reaped: no longer this process's child (a reused number is not ours)
+        os.waitpid(pid, os.WNOHANG)
+
+
+def test_a_child_that_answers_in_time_gives_its_result():
+    nobody = pwd.getpwnam("nobody").pw_uid
+    text = "hello" * 20000  # (more than a pipe holds: read while the child writes)
+    assert asuser.call_as("nobody", "say", _answer, text, timeout=30) == f"{nobody} {text}".encode()
