@@ -9,10 +9,11 @@
 
 The child switches identity, calls `fn`, writes what it returned (or the error it raised) to the pipe and
 exits; it touches nothing else, so no lock another thread of this process holds can matter to it. Call it from a
-worker thread (asyncio.to_thread): the parent blocks until the child is done, or `timeout` seconds at most (None: no limit) (a
+worker thread (asyncio.to_thread): the parent blocks until the child is done, or `timeout` seconds at most (a
 .forward on a hung NFS home, or a FUSE file the user serves itself, never answers): then the child is killed
-(SIGKILL, reaped) and the call fails. The report is framed by its length, so the parent never waits for an end
-of file that a sibling child (forked by another thread while this pipe was open) could hold back.
+(SIGKILL, reaped) and the call fails; `timeout` None: no limit. The report is framed by its length, so the parent
+never waits for an end of file that a sibling child (forked by another thread while this pipe was open) could
+hold back.
 
 Failure behaviour: `TemporaryError` 4.3.0 when `user` does not exist or is root (`refusing to DOING as USER: uid
 0`), when the child gave no answer within `timeout` (`cannot DOING as USER: no answer within Ns, the child was
