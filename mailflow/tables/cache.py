@@ -3,10 +3,11 @@
     TableCache(clock).open(specs, aliases=False) -> list[Table]   the tables of one setting, in order; a spec
                                                                   named twice is opened once (one reader, one
                                                                   reload)
-    await TableCache.run(fn, *args, off_loop=False)
+    await TableCache.run(fn, *args, off_loop=False, workers=None)
                                        fn (which looks things up in this cache's tables): inline when every table
                                        opened here answers from memory (and not `off_loop`), else in a worker
-                                       thread, with a deadline when a table opened here may block
+                                       thread (the default executor's, or `workers(call)`'s), with a deadline when
+                                       a table opened here may block
     await TableCache.preload()         read every file-backed table once, in a worker thread (a server calls
                                        it before it listens)
 
@@ -16,7 +17,8 @@ table's deadline (plus RUN_GRACE); exceptions of `fn` propagate.
 from __future__ import annotations
 
 import time
-from typing import Callable, TypeVar
+from functools import partial
+from typing import Awaitable, Callable, TypeVar
 
 from mailflow.errors import LookupRetry
 from mailflow.tables.base import Table
@@ -53,24 +55,27 @@ class TableCache:
         """Some table opened here may wait on I/O when asked (sqlite)."""
         return bool(self._blocking)
 
-    async def run(self, fn: Callable[..., T], *args, off_loop: bool = False) -> T:
+    async def run(self, fn: Callable[..., T], *args, off_loop: bool = False,
+                  workers: Callable[[Callable[[], T]], Awaitable[T]] | None = None) -> T:
         """`fn(*args)` without holding up the event loop: called inline when every table opened here answers
         from memory (the common case costs nothing) unless `off_loop` (work too long for the loop whatever the
         tables: a list of thousands of members), else in a worker thread; with a blocking table opened here,
         waited for at most the slowest one's deadline (plus RUN_GRACE). Past that: LookupRetry. Exceptions of `fn`
-        propagate."""
+        propagate. `workers(call)`: runs `call` in a thread of its own pool instead of the default executor's (the
+        deadline covers its wait for a free thread too)."""
         blocking = self._blocking
         if not blocking and not off_loop:
             return fn(*args)
         import asyncio  # (here, not at the top: sendmail opens tables without a loop, and asyncio costs it ~20 ms)
 
         loop = asyncio.get_running_loop()
+        call = partial(fn, *args)
         if not blocking:
-            return await loop.run_in_executor(None, fn, *args)
+            return await (loop.run_in_executor(None, call) if workers is None else workers(call))
         deadline = max(getattr(t, "timeout", SQLITE_TIMEOUT) for t in blocking) + RUN_GRACE
         try:  # (asyncio.timeout, not wait_for: its frame holds the future, and the future a failure holding it)
             async with asyncio.timeout(deadline):
-                return await loop.run_in_executor(None, fn, *args)
+                return await (loop.run_in_executor(None, call) if workers is None else workers(call))
         except TimeoutError:
             raise LookupRetry(f"table lookup took longer than {deadline:g}s") from None
 

@@ -563,6 +563,47 @@ async def test_expansions_made_in_worker_threads_leave_the_shared_pool_free(tmp_
     assert most[0] == agent.OFF_LOOP_EXPANSIONS
 
 
+async def test_an_expansion_whose_delivery_stopped_waiting_still_holds_its_thread(tmp_path, monkeypatch):
+    """A cancelled delivery (shutdown) or a sqlite table's deadline stops the wait, not the thread: the semaphore
+    was released at once and each retry added a thread (the review counted 6 against the bound of 2). The threads
+    stay counted until their expansions end; another expansion waits OFF_LOOP_WAIT at most, then defers 4.3.0."""
+    monkeypatch.setattr(agent, "OFF_LOOP_WAIT", 0.3, raising=False)
+    t = transport(tmp_path)
+    release, running, most, lock = threading.Event(), [0], [0], threading.Lock()
+    loop = asyncio.get_running_loop()
+    both = asyncio.Event()
+
+    def stuck(address, *, leaf_budget=None, **kw):
+        if leaf_budget is not None:
+            raise aliasing.ExpansionTooBig()
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            if running[0] == agent.OFF_LOOP_EXPANSIONS:
+                loop.call_soon_threadsafe(both.set)
+        try:
+            assert release.wait(timeout=30)
+            return [], ""
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(t._expander, "expand_recipient", stuck)
+    stopped = [asyncio.ensure_future(t.deliver(request("alice@example.test"))) for _ in range(2)]
+    try:
+        await asyncio.wait_for(both.wait(), 10)
+        for delivery in stopped:
+            delivery.cancel()
+        await asyncio.gather(*stopped, return_exceptions=True)
+        [result] = (await asyncio.wait_for(t.deliver(request("bob@example.test")), 10)).results
+        assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.3.0"), result
+        assert result.text == "no worker free for local expansion within 0.3s: 2 busy"
+        assert most[0] == agent.OFF_LOOP_EXPANSIONS
+    finally:
+        release.set()
+        await t.close()
+
+
 async def test_an_include_file_is_measured_in_bytes_for_the_event_loop(tmp_path, public_dir, monkeypatch):
     """INLINE_FILE_BYTES is bytes, as for a .forward: an :include: file of 6 000 three-byte characters (18 KB) was
     counted 6 000 and parsed on the event loop."""

@@ -98,6 +98,7 @@ from mailflow.tables import split_extension
 from mailflow.transports.encode import ToLf, aencode
 from mailflow.transports.maildir import MaildirWriter, Owner, mailbox_prefix, write_failure
 from mailflow.transports.local.mbox import append_mbox, from_line, mailbox_location, mbox_entry
+from mailflow.transports.local.workers import BoundedWorkers
 from mailflow.transports.pipe import (SHELL_SAFE, CommandNotRun, command_diagnostic, command_status,
                                       run_shell_command)
 
@@ -155,7 +156,8 @@ class _Filled:
     passes: dict[tuple, RcptResult] = field(default_factory=dict)
 
 INLINE_LEAVES = 200  # leaves of an expansion made on the event loop at most (~14 ms of local members); more: a thread
-OFF_LOOP_EXPANSIONS = 2  # expansions made in worker threads at once at most: the default pool's threads are shared
+OFF_LOOP_EXPANSIONS = 2  # expansions made in worker threads at once at most (threads of the agent's own)
+OFF_LOOP_WAIT = 60.0  # seconds an expansion waits for one of those at most (then 4.3.0: two hung ones cannot stall all)
 
 
 class LocalTransport:
@@ -173,7 +175,7 @@ class LocalTransport:
         self._clock = clock
         self._forward = forward
         self._relay = relay
-        self._off_loop = asyncio.Semaphore(OFF_LOOP_EXPANSIONS)  # (see `_expand`)
+        self._workers = BoundedWorkers(OFF_LOOP_EXPANSIONS, OFF_LOOP_WAIT, "local expansion")  # (see `_expand`)
 
     delivers_each = True  # one recipient after another: qmgr records each result as it comes (`deliver_each`)
 
@@ -199,7 +201,7 @@ class LocalTransport:
             return self._result(rcpt, Outcome.DEFERRED, "4.3.0", "unknown mail transport error")
 
     async def close(self) -> None:
-        pass
+        self._workers.close()
 
     async def _deliver_recipient(self, request: DeliveryRequest, rcpt: Recipient, seen: frozenset[str],
                                  filled: _Filled) -> RcptResult:
@@ -227,10 +229,12 @@ class LocalTransport:
         """The recipient's expansion (`expand_recipient`): as the tables run it (inline when they answer from
         memory) up to INLINE_LEAVES leaves; a bigger one, or one that forks to read a file as a user, is made again in
         a worker thread, so that a list of thousands of local members (~67 us each) or forks (milliseconds each)
-        do not hold up the event loop. At most OFF_LOOP_EXPANSIONS of those at once (the others wait on the loop): they
-        take the default executor's threads, which the queue's fsyncs, Maildir and mbox writes and smtpd share, and
-        an alias of 200 users with a .forward forks for 1-13 s (measured: 8 such deliveries made a to_thread call
-        wait 1.9 s). Its warnings are logged once."""
+        do not hold up the event loop. They run in the agent's own OFF_LOOP_EXPANSIONS threads (workers.py; the
+        others wait on the loop, OFF_LOOP_WAIT s at most, then 4.3.0), never the default executor's, which the
+        queue's fsyncs, Maildir and mbox writes and smtpd share: an alias of 200 users with a .forward forks for
+        1-13 s (measured: 8 such deliveries made a to_thread call wait 1.9 s). A thread stays counted until its
+        expansion ends, also when the delivery was cancelled or a sqlite table's deadline fired. Its warnings are
+        logged once."""
         warnings: list[str] = []
         expand = partial(self._expander.expand_recipient, rcpt.address, delivered_to=seen, warn=warnings.append)
         try:
@@ -238,8 +242,8 @@ class LocalTransport:
                 return await self._expander.tables.run(partial(expand, leaf_budget=INLINE_LEAVES))
             except ExpansionTooBig:
                 warnings.clear()
-                async with self._off_loop:
-                    return await self._expander.tables.run(expand, off_loop=True)  # (a sqlite table's deadline kept)
+                return await self._expander.tables.run(expand, off_loop=True,  # (a sqlite table's deadline kept)
+                                                       workers=self._workers.run)
         finally:  # (also those told before an expansion failed: a bad alias value's)
             for text in warnings:
                 log.warning("%s: %s", queue_id, text)

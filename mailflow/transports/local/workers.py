@@ -1,0 +1,62 @@
+"""A few worker threads of local delivery's own, for expansions too long for the event loop.
+
+    BoundedWorkers(size, wait, doing)    at most `size` threads, made when first needed
+    await workers.run(call) -> T         call() in one of them, once one is free; waits `wait` s at most for it
+    workers.close()                      no new work; idle threads end (running ones end with their work)
+
+A thread counts as busy until its work ends, not until its caller stops waiting: a caller cancelled (a delivery
+stopped at shutdown) or timed out (a sqlite table's deadline) leaves the thread running its call, and no other call
+starts in its place until it returns. So there are never more than `size` threads, whatever the callers do, and
+the threads the queue's fsyncs, the mailbox writes and smtpd share (the default executor) are never taken.
+
+Failure behaviour: `TemporaryError` 4.3.0 when no thread is free within `wait` seconds (`no worker free for
+DOING within Ns: N busy`); what `call` raises propagates.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from typing import Callable, TypeVar
+
+from mailflow.errors import TemporaryError
+
+T = TypeVar("T")
+
+
+class BoundedWorkers:
+    """See the module docstring."""
+
+    def __init__(self, size: int, wait: float, doing: str):
+        self._size = size
+        self._wait = wait
+        self._doing = doing
+        self._pool = concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix=doing.replace(" ", "-"))
+        self._free = asyncio.Semaphore(size)
+
+    async def run(self, call: Callable[[], T]) -> T:
+        """See the module docstring."""
+        try:
+            async with asyncio.timeout(self._wait):
+                await self._free.acquire()
+        except TimeoutError:
+            raise TemporaryError("4.3.0", f"no worker free for {self._doing} within {self._wait:g}s: "
+                                          f"{self._size} busy") from None
+        loop = asyncio.get_running_loop()
+        try:
+            work = self._pool.submit(call)
+        except BaseException:
+            self._free.release()
+            raise
+        work.add_done_callback(lambda _: _call_soon(loop, self._free.release))  # (when the thread is done)
+        return await asyncio.wrap_future(work)
+
+    def close(self) -> None:
+        """See the module docstring."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], object]) -> None:
+    try:
+        loop.call_soon_threadsafe(fn)
+    except RuntimeError:  # the loop is closed: nobody is left to wait for a worker
+        pass
