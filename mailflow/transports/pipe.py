@@ -318,7 +318,10 @@ async def _feed(stdin: asyncio.StreamWriter, data: bytes | AsyncIterable[bytes],
 
 
 def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    """SIGKILL the command's process group (it leads its own session), offspring included."""
+    """SIGKILL the command's process group (it leads its own session), offspring included; not once the command
+    has been waited for (its returncode set): its number may be another process group's by then."""
+    if proc.returncode is not None:
+        return
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):

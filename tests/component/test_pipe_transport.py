@@ -237,6 +237,17 @@ async def test_a_message_that_cannot_be_read_whole_never_reaches_the_commands_en
     assert not (scripts.out / "ended").exists()
 
 
+async def test_a_command_already_waited_for_is_never_signalled(monkeypatch):
+    """Its process group number may be another's once it was reaped: `_kill_group` (the feed's kill, the time
+    limit's) sent SIGKILL to it whatever the state."""
+    proc = await asyncio.create_subprocess_exec("/bin/true")
+    await proc.wait()
+    sent: list = []
+    monkeypatch.setattr(pipe_module.os, "killpg", lambda *args: sent.append(args))
+    pipe_module._kill_group(proc)
+    assert sent == []
+
+
 async def test_a_huge_output_is_cut_at_output_limit_and_drained(scripts):
     s = scripts.script("loud.sh", "head -c 3000000 /dev/zero | tr '\\0' x\nexit 69\n")
     [result] = (await pipe([str(s)], output_limit=300, time_limit=20).deliver(request("a@pipe.test"))).results
