@@ -286,9 +286,14 @@ class _Output(asyncio.Protocol):
 
 async def _exchange(stdin: asyncio.StreamWriter, data: bytes | AsyncIterable[bytes], output: _Output,
                     kill: Callable[[], None]) -> None:
-    """Write `data` to the command while its output is read, until the output's end and the input's."""
+    """Write `data` to the command while its output is read, until the output's end and the input's. An error
+    reading `data` is raised as soon as the feeder ends with it (the command killed by then): a program of its own
+    session holding the output would otherwise turn it into the time limit, and a bounce."""
     feeder = asyncio.create_task(_feed(stdin, data, kill))
     try:
+        await asyncio.wait((feeder, output.ended), return_when=asyncio.FIRST_COMPLETED)
+        if feeder.done():
+            feeder.result()  # (raises the read error)
         await output.ended
         await feeder
     finally:

@@ -237,6 +237,27 @@ async def test_a_message_that_cannot_be_read_whole_never_reaches_the_commands_en
     assert not (scripts.out / "ended").exists()
 
 
+async def test_a_read_error_is_returned_at_once_even_when_a_daemon_holds_the_output(scripts):
+    """After the feed failed (EIO) the runner still waited for the output's end: a program of its own session
+    holding it turned the error, which defers, into the time limit and a 5.3.0 bounce."""
+    s = scripts.script("daemon.sh", f"setsid sleep 30 &\necho $! >> {scripts.out}/daemons\ncat > /dev/null\n")
+
+    async def failing():
+        yield b"From: a\n\npart one\n"
+        await asyncio.sleep(0.2)  # (the daemon started)
+        raise OSError(errno.EIO, "Input/output error")
+
+    try:
+        with pytest.raises(OSError) as failed:
+            await asyncio.wait_for(run_command([str(s)], stdin=failing(), env={}, time_limit=20, output_limit=100),
+                                   10)  # (before: the time limit, 20 s)
+        assert failed.value.errno == errno.EIO
+    finally:
+        await eventually(lambda: scripts.read("daemons").strip(), timeout=5, what="the daemon's pid")
+        for daemon in scripts.read("daemons").split():
+            os.kill(int(daemon), signal.SIGKILL)
+
+
 async def test_a_command_already_waited_for_is_never_signalled(monkeypatch):
     """Its process group number may be another's once it was reaped: `_kill_group` (the feed's kill, the time
     limit's) sent SIGKILL to it whatever the state."""
