@@ -187,6 +187,12 @@ def read_small_file(path: Path) -> str | None:
     file (a .forward naming :include: of a FIFO must not hold the delivery, nor :include:/dev/zero fill memory), is
     world-writable (anyone could name its members: local(8) refuses such an :include: file too) or is larger than
     SMALL_FILE_LIMIT."""
+    data = _small_file_bytes(path)
+    return None if data is None else _small_text(path, data)
+
+
+def _small_file_bytes(path: Path) -> bytes | None:
+    """`read_small_file`'s bytes, not decoded yet (their number is what the event loop's limit counts)."""
     try:
         data, st = read_regular_file_stat(path, SMALL_FILE_LIMIT)
     except FileNotFoundError:
@@ -197,19 +203,13 @@ def read_small_file(path: Path) -> str | None:
         raise TemporaryError("4.3.0", f"cannot read {path}: {e.strerror}") from None
     if st.st_mode & stat.S_IWOTH:
         raise TemporaryError("4.3.0", f"cannot read {path}: world writable")
-    return _small_text(path, data)
+    return data
 
 
-def read_small_file_as(path: Path, user: str) -> str | None:
-    """`read_small_file` with `user`'s rights (asuser.call_as: a child forked for it; this process stays root)."""
+def _small_file_bytes_as(path: Path, user: str) -> bytes | None:
+    """`_small_file_bytes` with `user`'s rights (asuser.call_as: a child forked for it; this process stays root)."""
     data = call_as(user, f"read {path}", _file_or_nothing, path)
-    return None if data[:1] == b"N" else _small_text(path, data[1:])
-
-
-def _utf8_size(text: str) -> int:
-    """The bytes of a file's text (decoded from UTF-8), without encoding one already too long for the loop in
-    characters: INLINE_FILE_BYTES counts bytes (a 16 KB file in a script of 3-byte characters is 5 461 of them)."""
-    return len(text) if len(text) > INLINE_FILE_BYTES else len(text.encode("utf-8"))
+    return None if data[:1] == b"N" else data[1:]
 
 
 def _small_text(path: Path, data: bytes) -> str:
@@ -223,10 +223,10 @@ def _small_text(path: Path, data: bytes) -> str:
 
 
 def _file_or_nothing(path: Path) -> bytes:
-    """"F" and the file's text (as `read_small_file` gives it, in UTF-8), "N" when there is no such file; raises
+    """"F" and the file's bytes (as `_small_file_bytes` gives them), "N" when there is no such file; raises
     TemporaryError as it does (asuser.call_as carries it to the parent)."""
-    text = read_small_file(path)
-    return b"N" if text is None else b"F" + text.encode("utf-8")
+    data = _small_file_bytes(path)
+    return b"N" if data is None else b"F" + data
 
 
 def read_forward(path: Path, owners: tuple[int, ...], single_link: bool = False) -> bytes:
@@ -613,12 +613,13 @@ class LocalExpander:
         as_user = rights_for(origin.rights, self._config.local.default_privs) if origin.kind == "forward" else None
         if as_user is not None:  # never root's rights for what a user names
             state.forking()
-            text = read_small_file_as(Path(path), as_user)
+            data = _small_file_bytes_as(Path(path), as_user)
         else:
-            text = read_small_file(Path(path))
-        if text is None:
+            data = _small_file_bytes(Path(path))
+        if data is None:
             raise TemporaryError("4.3.0", f"cannot read :include: file {path}: no such file")
-        state.parsing(_utf8_size(text))
+        state.parsing(len(data))  # (bytes, as a .forward's: decoded once, off the loop past INLINE_FILE_BYTES)
+        text = _small_text(Path(path), data)
         included = _Origin(origin.name, origin.kind, "include", origin.path + (INCLUDED,), origin.address,
                            origin.owner, True, origin.rights, origin.forwarder)
         self._lines(state, owner, self._parse(text, Path(path)), included, depth + 1)
