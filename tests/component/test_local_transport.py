@@ -604,6 +604,40 @@ async def test_an_expansion_whose_delivery_stopped_waiting_still_holds_its_threa
         await t.close()
 
 
+async def test_a_sqlite_deadline_firing_adds_no_expansion_thread(tmp_path, monkeypatch):
+    """A sqlite table's deadline (asyncio.timeout) ends the wait, the thread goes on: with the semaphore each
+    deferred retry added one (the review: 6 threads after 3 rounds of 2 deliveries against a bound of 2)."""
+    from mailflow.tables import cache
+    monkeypatch.setattr(cache, "RUN_GRACE", 0.0)
+    t = transport(tmp_path)
+    monkeypatch.setattr(t._expander.tables, "_blocking", [type("SlowTable", (), {"timeout": 0.1})()])
+    release, running, most, lock = threading.Event(), [0], [0], threading.Lock()
+
+    def stuck(address, *, leaf_budget=None, **kw):
+        if leaf_budget is not None:  # (the first attempt gives up, as before a fork)
+            raise aliasing.ExpansionTooBig()
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            assert release.wait(timeout=30)
+            return [], ""
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(t._expander, "expand_recipient", stuck)
+    try:
+        for _ in range(3):
+            reports = await asyncio.wait_for(
+                asyncio.gather(*(t.deliver(request("alice@example.test")) for _ in range(2))), 10)
+            assert all(r.results[0].outcome is Outcome.DEFERRED for r in reports)
+        assert most[0] <= agent.OFF_LOOP_EXPANSIONS
+    finally:
+        release.set()
+        await t.close()
+
+
 async def test_an_include_file_is_measured_in_bytes_for_the_event_loop(tmp_path, public_dir, monkeypatch):
     """INLINE_FILE_BYTES is bytes, as for a .forward: an :include: file of 6 000 three-byte characters (18 KB) was
     counted 6 000 and parsed on the event loop."""
