@@ -117,6 +117,25 @@ async def test_mta_listener_offers_starttls_but_no_auth_unless_enabled(mailflow_
     await c.close()
 
 
+async def test_auth_waits_for_an_ehlo_inside_tls_not_a_helo(mailflow_server, pki, users):
+    """docs/security.md: AUTH is an EHLO extension, so an EHLO said before STARTTLS, or a HELO since, does not open
+    it (503 send EHLO first; Postfix takes it); the session stays ESMTP for pipelining all the same."""
+    _, cert, ctx = pki
+    mf = await mailflow_server(**door(cert, users, sasl_auth_enable=True))
+    plain = "AUTH PLAIN " + b64(b"\0alice\0s3cret")
+    async with await SmtpClient.connect(mf.smtp_addresses[0][1]) as c:
+        await ehlo(c)
+        await c.starttls(ctx)
+        assert await c.cmd(plain) == status.NEED_EHLO
+        assert (await c.cmd("HELO client.test"))[0] == 250
+        assert await c.cmd(plain) == status.NEED_EHLO
+        await ehlo(c)
+        assert (await c.cmd("HELO client.test"))[0] == 250  # a HELO after the EHLO inside TLS too
+        assert await c.cmd(plain) == status.NEED_EHLO
+        await ehlo(c)
+        assert await c.cmd(plain) == status.AUTH_OK
+
+
 async def test_plaintext_auth_only_on_loopback_when_allowed(mailflow_server, pki, users):
     _, cert, _ = pki
     mf = await mailflow_server(**door(cert, users, sasl_auth_enable=True, allow_plaintext_auth_on_loopback=True))

@@ -327,6 +327,9 @@ DELIBERATE = {
     "AUTH after STARTTLS without a new EHLO": (["EHLO c.test", "STARTTLS", ALICE_PLAIN],
                                                "235 2.7.0 Authentication successful",
                                                "503 5.5.1 Error: send EHLO first"),
+    "AUTH after a HELO inside TLS that follows a plaintext EHLO": (
+        ["EHLO c.test", "STARTTLS", "HELO c.test", ALICE_PLAIN], "235 2.7.0 Authentication successful",
+        "503 5.5.1 Error: send EHLO first"),
 }
 
 

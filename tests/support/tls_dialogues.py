@@ -150,8 +150,9 @@ def opening(rng: random.Random) -> list[Step]:
 
 def no_auth_without_ehlo(steps: list[Step]) -> list[Step]:
     """`steps` without the AUTH commands sent without an EHLO since TLS began (none yet, or after a HELO, a
-    STARTTLS; an EHLO pipelined after a STARTTLS does not count, it may have been discarded): Postfix takes them,
-    mailflow answers `503 5.5.1 Error: send EHLO first` (docs/security.md). Whether a STARTTLS began TLS is not
+    STARTTLS; a HELO inside TLS after the plaintext EHLO too; an EHLO pipelined after a STARTTLS does not count, it
+    may have been discarded): Postfix takes them, mailflow answers `503 5.5.1 Error: send EHLO first`
+    (docs/security.md; checked by test_submission_vs_postfix.py's DELIBERATE). Whether a STARTTLS began TLS is not
     known here: any STARTTLS counts as one (an AUTH after a refused STARTTLS is left out too)."""
     ehlo, out = False, []
     for step_ in steps:

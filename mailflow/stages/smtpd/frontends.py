@@ -312,7 +312,7 @@ def apply_xclient(state: SessionState, attributes: list[tuple[str, str | None]])
     makes one unknown. What is not given stays: ADDR alone keeps the client's names, NAME=[UNAVAILABLE] or
     [TEMPUNAVAIL] the reverse name (`_keep_found_names`). The session starts again: HELO name, protocol and login
     are forgotten unless given (the client sends EHLO again)."""
-    state.host_name, state.extended_smtp = None, False
+    state.host_name, state.extended_smtp, state.ehlo_said = None, False, False
     state.authenticated, state.auth_data = False, None
     addr, port = (list(state.peer[:2]) + [0])[:2] if isinstance(state.peer, tuple) else ("unknown", 0)
     found = state.client_name if state.xclient_name is None and state.client_name != "unknown" else None
@@ -338,7 +338,7 @@ def apply_xclient(state: SessionState, attributes: list[tuple[str, str | None]])
         elif name == "HELO":
             state.host_name = helo_name(value) if value is not None else None
         elif name == "PROTO":
-            state.extended_smtp = value == "ESMTP"
+            state.extended_smtp = state.ehlo_said = value == "ESMTP"
         elif name == "LOGIN":
             state.authenticated = value is not None
             state.auth_data = value

@@ -865,13 +865,15 @@ class ProtocolCore(SMTP):
 
     async def smtp_HELO(self, hostname: str) -> None:
         """aiosmtpd's HELO, except that a session that said EHLO stays an ESMTP one, as Postfix keeps its protocol
-        name: its pipelining rules, the Received header's `with` and the log's proto= stay ESMTP's."""
+        name: its pipelining rules, the Received header's `with` and the log's proto= stay ESMTP's. AUTH is not:
+        it waits for the next EHLO (`ehlo_said`)."""
         self._in_hello = True
         extended = self.session.extended_smtp
         try:
             if hostname and await self._hello_refused("HELO", hostname):
                 return
             if hostname:
+                self.session.ehlo_said = False  # (AUTH needs an EHLO again: docs/security.md)
                 self._checkpoint()
             await super().smtp_HELO(hostname)
         finally:  # (aiosmtpd's HELO clears it before the handler's hook, which may fail)
@@ -917,7 +919,7 @@ class ProtocolCore(SMTP):
             if isinstance(edited, status.Reply):  # the milters' 421 (the session ends)
                 await self.push(edited)
                 return
-            self.session.extended_smtp = True
+            self.session.extended_smtp = self.session.ehlo_said = True
             if edited is MISSING:  # a handler without the hook: aiosmtpd's default
                 self.session.host_name = helo_name(hostname)
                 edited = lines

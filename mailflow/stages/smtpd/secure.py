@@ -285,7 +285,7 @@ class SecureCommands(FrontEndCommands):
     def _auth_refusal(self, arg: str | None) -> status.Reply | None:
         if self._sasl is None or (self._auth_needs_tls and self.session.ssl is None) or "auth" in self.discarded:
             return status.AUTH_NOT_ENABLED  # Postfix with smtpd_tls_auth_only has no SASL before TLS
-        if not self.session.host_name or not self.session.extended_smtp:
+        if not self.session.host_name or not self.session.ehlo_said:  # (an EHLO since TLS began, not a HELO)
             return status.NEED_EHLO
         if self.envelope.mail_from:  # before "already authenticated", as Postfix checks them
             return status.TRANSACTION_IN_PROGRESS

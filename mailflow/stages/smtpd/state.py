@@ -83,6 +83,9 @@ class SessionState(_AiosmtpdSession):
     client_cert: ClientCert | None  # what the client's TLS certificate says (tls.client_cert); None: none sent
     host_name: str | None  # the HELO/EHLO name (`helo_name`: printable, neutered); None before one
     extended_smtp: bool  # EHLO was said (a HELO after it keeps it, as Postfix keeps its protocol; XCLIENT resets it)
+    # the session's HELO name came from an EHLO said in its present state (since TLS began, since XCLIENT; a HELO
+    # after it clears it): what opens AUTH (docs/security.md), where extended_smtp is kept over HELO and STARTTLS
+    ehlo_said: bool
     authenticated: bool  # a login succeeded (AUTH, or XCLIENT LOGIN)
     auth_data: Any  # that login name (str) while authenticated, else None
     # (aiosmtpd's `loop`; its `proxy_data` stays None: frontends.py says why mailflow reads PROXY itself)
@@ -128,12 +131,13 @@ class SessionState(_AiosmtpdSession):
         self.access_denied = self.defer_if_permit_client = self.defer_if_permit_helo = None
         self.ill_pipelining = False
         self.on_this_host = False
+        self.ehlo_said = False
 
     def carry_identity(self, previous: SessionState) -> None:
         """After STARTTLS: the client stays who PROXY or XCLIENT said it is (HELO and login are not kept); its
         milter connections stay open; a client that said EHLO stays an ESMTP one until it says HELO or EHLO
         again (Postfix's helo_reset keeps its protocol name: pipelining before the new EHLO is no violation, the
-        Received header says ESMTPS)."""
+        Received header says ESMTPS); `ehlo_said` is not kept: AUTH waits for an EHLO inside TLS."""
         self.peer = previous.peer
         self.server_ip = previous.server_ip
         self.server_port = previous.server_port
