@@ -244,6 +244,25 @@ async def test_starttls_pipelined_with_plaintext_is_refused(mailflow_server):
     assert await c.closed()
 
 
+@pytest.mark.parametrize("segments", [[b"STARTTLS\r\nMAIL FROM:<inj@evil.test>\r\n"],
+                                      [b"STARTTLS\r\n", b"MAIL FROM:<inj@evil.test>\r\n"]],
+                         ids=["one packet", "own segment"])
+async def test_a_command_injected_behind_starttls_never_runs_inside_tls(mailflow_server, pki, segments):
+    """CVE-2011-0411 with TLS on: a MAIL pipelined behind STARTTLS, in its packet or in a segment of its own sent
+    before the 220 is read, is plaintext read ahead of the handshake and discarded; inside TLS a RCPT finds no
+    MAIL (503), as Postfix's purge of its read buffer at the 220."""
+    _, cert_file, client_ctx = pki
+    _, port = await _server(mailflow_server, smtpd={"listen": ["127.0.0.1:0"], "tls_cert_file": cert_file})
+    async with await SmtpClient.connect(port) as c:
+        assert (await c.cmd("EHLO client.test"))[0] == 250
+        c.writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for segment in segments:  # (no await between them: all are sent before the server reads any)
+            c.writer.write(segment)
+        assert (await c.reply())[0] == 220
+        await c.writer.start_tls(client_ctx, server_hostname="localhost")
+        assert await c.cmd("RCPT TO:<alice@local.test>") == status.NEED_MAIL
+
+
 # --- ESMTP: EHLO keywords, VRFY, DSN, BDAT ----------------------------------------------------------------
 
 async def test_ehlo_advertises_dsn_and_chunking_and_vrfy_is_disabled(mailflow_server):

@@ -53,7 +53,8 @@ SESSIONS: dict[str, list[str | bytes]] = {
                                                             "STARTTLS now"],
     "HELO, then STARTTLS": ["HELO c.test", "STARTTLS", "HELO c.test", "NOOP"],
     "XCLIENT from a client not authorized for it, before STARTTLS": ["EHLO c.test", "XCLIENT NAME=spoofed.test"],
-    "a command pipelined after STARTTLS (RFC 3207 command injection)": ["EHLO c.test", b"STARTTLS\r\nRSET", "NOOP"],
+    "a command pipelined after STARTTLS (RFC 3207 command injection)": [
+        "EHLO c.test", b"STARTTLS\r\nMAIL FROM:<inj@evil.test>", "RCPT TO:<alice@local.test>"],
     "commands that need TLS, pipelined where they must not be: 530 before the pipelining check": [
         "EHLO c.test", b"DATA\r\nNOOP", "NOOP"],
     "MAIL pipelined before EHLO: 530 before the pipelining check": [b"MAIL FROM:<s@remote.test>\r\nNOOP", "NOOP"],
@@ -250,7 +251,7 @@ async def test_starttls_on_a_submission_listener_matches_postfix(postfix, submis
     assert expected["XCLIENT from a client not authorized for it, before STARTTLS"][1] == \
         "550 5.7.0 Error: insufficient authorization"
     assert expected["a command pipelined after STARTTLS (RFC 3207 command injection)"][1:] == [
-        "220 2.0.0 Ready to start TLS", "250 2.0.0 Ok"]  # the RSET is never answered
+        "220 2.0.0 Ready to start TLS", "503 5.5.1 Error: need MAIL command"]  # the MAIL never ran
     before, after = expected["EHLO before and after STARTTLS, then STARTTLS again"][0:3:2]
     assert "STARTTLS" in before and "AUTH" not in before and "STARTTLS" not in after and "AUTH PLAIN LOGIN" in after
 
