@@ -377,10 +377,11 @@ class SmtpdLog:
             self._emit(logging.WARNING, "tls-problem", f"TLS library problem: {problem}", client=client,
                        reason=problem)
 
-    def auth_failed(self, client: str, mechanism: str, reason: str, username: str = "") -> None:
-        self._emit(logging.WARNING, "auth-failed",  # Postfix: "(unavailable)" when there is no user name
+    def auth_failed(self, client: str, mechanism: str, reason: str, username: str | None = None) -> None:
+        """`username` None: the client gave no name (Postfix: `(unavailable)`); an empty name is logged empty."""
+        self._emit(logging.WARNING, "auth-failed",
                    f"{client}: SASL {mechanism} authentication failed: {reason}, "
-                   f"sasl_username={username or '(unavailable)'}",
+                   f"sasl_username={'(unavailable)' if username is None else username}",
                    client=client, mechanism=mechanism, reason=reason, sasl_username=username)
 
     def auth_aborted(self, client: str, mechanism: str) -> None:

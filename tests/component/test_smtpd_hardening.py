@@ -763,6 +763,20 @@ async def test_a_malformed_plain_message_is_a_failed_login(mailflow_server, user
            "sasl_username=(unavailable)" in [r.getMessage() for r in caplog.records], caplog.text
 
 
+@pytest.mark.parametrize("name, logged", [(b"", "sasl_username="), (b"a\0b", "sasl_username=(unavailable)"),
+                                          (b"a b", "sasl_username=a b")])
+async def test_a_login_name_that_cannot_be_one_fails_at_once_logged_as_postfix_logs_it(mailflow_server, users, caplog,
+                                                                                       name, logged):
+    # Postfix with Dovecot SASL: 535 before the password is asked; an empty name logged empty, one with a NUL
+    # (which Dovecot does not name back) `(unavailable)`
+    mf = await mailflow_server(**auth_door(users, auth_failure_delay=0))
+    async with await SmtpClient.connect(mf.smtp_addresses[0][1]) as c:
+        assert (await c.cmd("EHLO client.test"))[0] == 250
+        assert await c.cmd("AUTH LOGIN " + (b64(name) or "=")) == status.AUTH_FAILED
+    assert f"{LOOPBACK_CLIENT}: SASL LOGIN authentication failed: authentication failure, {logged}" in [
+        r.getMessage() for r in caplog.records], caplog.text
+
+
 async def test_auth_inside_a_transaction_is_refused_as_such_even_when_logged_in(mailflow_server, users):
     # Postfix's smtpd_sasl_auth_cmd checks the transaction before the login: "503 5.5.1 Error: MAIL transaction
     # in progress" also for a client already logged in

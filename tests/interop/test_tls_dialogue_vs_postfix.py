@@ -237,10 +237,8 @@ NEED_TLS = "530 5.7.0 Must issue a STARTTLS command first"  # (a command refused
 
 def smtpd_lines(lines: list[str]) -> list[str]:
     """A session's smtpd log lines as compared: queue ids masked; the TLS library's words out (OpenSSL's error
-    string, Python's ssl module's reason); an empty SASL user name as mailflow logs it, `(unavailable)`, where
-    Postfix logs Dovecot's empty one (docs/security.md)."""
-    return [LIBRARY_PROBLEM + "..." if line.startswith(LIBRARY_PROBLEM) else
-            QUEUE_ID.sub("QID", line) + ("(unavailable)" if line.endswith(", sasl_username=") else "")
+    string, Python's ssl module's reason)."""
+    return [LIBRARY_PROBLEM + "..." if line.startswith(LIBRARY_PROBLEM) else QUEUE_ID.sub("QID", line)
             for line in lines]
 
 

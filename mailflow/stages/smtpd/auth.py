@@ -239,17 +239,20 @@ class Authenticator:
         self.failures = failures
         self._log = smtpd_log or SmtpdLog()
 
-    async def check(self, client_ip: str, mechanism: str, login: bytes, password: bytes, *,
+    async def check(self, client_ip: str, mechanism: str, login: bytes | None, password: bytes, *,
                     authzid: bytes = b"", client: str = "", secured: bool = True, local_ip: str = "") -> AuthOutcome:
-        """`client` is `host[ip]` for the log (default `unknown[client_ip]`); `secured`: the session is on TLS."""
+        """`client` is `host[ip]` for the log (default `unknown[client_ip]`); `secured`: the session is on TLS;
+        `login` None: the client gave no name it could be (a malformed PLAIN message, a LOGIN name with a NUL),
+        a failure logged `sasl_username=(unavailable)`; an empty LOGIN name is logged empty, as Postfix logs
+        them with Dovecot."""
         client = client or f"unknown[{client_ip}]"
-        name = login.decode("utf-8", "replace")
+        name = None if login is None else login.decode("utf-8", "replace")
         delay = failure_delay(self.failures.recent(client_ip), self._delay, self._delay_limit)
         if delay:
             await self._clock.sleep(delay)  # before the hash: a client that keeps failing costs no more CPU
         if authzid and authzid != login:
             return self._failed(client_ip, client, mechanism, name, "authorization identity differs from login")
-        verdict = await self._backend.verify(name, password, secured=secured, client_ip=client_ip,
+        verdict = await self._backend.verify(name or "", password, secured=secured, client_ip=client_ip,
                                              local_ip=local_ip)
         if verdict.unavailable:
             log.warning("%s: SASL %s: %s", client, mechanism, verdict.unavailable)
@@ -258,9 +261,9 @@ class Authenticator:
             return AuthOutcome(verdict.login, status.AUTH_OK)
         return self._failed(client_ip, client, mechanism, name, verdict.reason or "authentication failure")
 
-    def _failed(self, client_ip: str, client: str, mechanism: str, name: str, reason: str) -> AuthOutcome:
+    def _failed(self, client_ip: str, client: str, mechanism: str, name: str | None, reason: str) -> AuthOutcome:
         self.failures.record(client_ip)
-        self._log.auth_failed(client, mechanism, reason, printable(name[:64]))
+        self._log.auth_failed(client, mechanism, reason, None if name is None else printable(name[:64]))
         return AuthOutcome(None, status.AUTH_FAILED)
 
 

@@ -310,7 +310,7 @@ class SecureCommands(FrontEndCommands):
             return None
         parts = blob.split(b"\0")
         if len(parts) != 3 or not parts[1]:
-            return b"", b"", b""
+            return b"", None, b""
         return parts[0], parts[1], parts[2]
 
     async def _login_exchange(self, initial: str | None):
@@ -321,7 +321,7 @@ class SecureCommands(FrontEndCommands):
         if login is None:
             return None
         if not plausible_login(login.decode("utf-8", "replace")):  # (a name with a NUL is logged (unavailable),
-            return b"", b"" if b"\0" in login else login, b""        # as Postfix logs Dovecot's refusal of it)
+            return b"", None if b"\0" in login else login, b""      # as Postfix logs Dovecot's refusal of it)
         password = await self._auth_response(None, "Password:")
         if password is None:
             return None
