@@ -6,6 +6,9 @@ imports it without loading smtpd (a -bs run is one process per message: it must 
                                                        its parameter words, not yet parsed (address.parse_path)
     path_word(text) -> str                             its first word as Postfix's smtpd_token reads one: the
                                                        address its `Illegal address syntax` warning quotes
+    checked_path(text, command, bad, strict) -> (address, as written, rest) | PathRefusal
+                                                       the path read (address.parse_written_path), or `bad` and
+                                                       whether Postfix's smtpd warns of it
     mail_parameters(words, size_limit, discarded) -> (options, RET, ENVID, AUTH) | status.Reply
     rcpt_parameters(words, discarded) -> (NOTIFY, ORCPT) | status.Reply
 
@@ -23,11 +26,12 @@ DSN parameter is refused `501 5.7.1 DSN support is disabled`; where it discards 
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
-from mailflow import dsn_parameters as dsn, status
+from mailflow import address, dsn_parameters as dsn, status
 from mailflow.logs import printable
-from mailflow.syntax import COMMAND_BLANKS, ascii_upper, next_command_word, parse_octet_count
+from mailflow.syntax import (COMMAND_BLANKS, ascii_upper, next_command_word, parse_octet_count,
+                             unterminated_command_word)
 
 
 PATH_KEYWORDS = {"MAIL": "FROM:", "RCPT": "TO:"}  # what each command's argument begins with (RFC 5321 4.1.1)
@@ -50,6 +54,29 @@ def path_word(text: str) -> str:
     """The first word of `text` (path_text's) as Postfix's smtpd_token takes one (syntax.command_words): the
     address its `Illegal address syntax` warning quotes. `<a b> NOTIFY=NEVER` gives `<a b>`."""
     return next_command_word(text)[0]
+
+
+class PathRefusal(NamedTuple):
+    """MAIL's or RCPT's path refused: the reply, and the word Postfix's smtpd quotes in its `Illegal address
+    syntax` warning (None: no warning)."""
+    reply: status.Reply
+    logged: str | None = None
+
+
+def checked_path(text: str, command: str, bad: status.Reply, strict: bool) -> tuple[str, str, str] | PathRefusal:
+    """(address, the address as written, what follows it) of `text` (path_text's), or `bad` (501 5.1.7 / 5.1.3):
+    for a first word that leaves a quote or angle bracket open, unlogged (Postfix's tokenizer refuses the command
+    before its extract_addr); for a malformed path, RCPT's null one, or one without angle brackets when `strict`
+    (strict_rfc821_envelopes), logged with `path_word`. The one reading of smtpd and `sendmail -bs`."""
+    if unterminated_command_word(text):
+        return PathRefusal(bad)
+    try:
+        addr, written, rest = address.parse_written_path(text)
+    except address.PathError:
+        return PathRefusal(bad, path_word(text))
+    if (command == "RCPT" and not addr) or (strict and not text.lstrip(COMMAND_BLANKS).startswith("<")):
+        return PathRefusal(bad, path_word(text))
+    return addr, written, rest
 
 
 def _take_dsn(found: dict[str, str], key: str, value: str, discarded: frozenset[str]) -> status.Reply | None:

@@ -67,8 +67,8 @@ from mailflow.sendmail.reading import (LINE_PIECE, clean_address, clean_recipien
                                       lone_cr_as_space)
 from mailflow.sendmail.submitter import Submitter
 from mailflow.session_log import SessionLog
-from mailflow.smtp_parameters import mail_parameters, path_text, path_word, rcpt_parameters
-from mailflow.syntax import COMMAND_BLANKS, ascii_upper, command_words, unterminated_command_word, verb_and_argument
+from mailflow.smtp_parameters import PathRefusal, checked_path, mail_parameters, path_text, rcpt_parameters
+from mailflow.syntax import COMMAND_BLANKS, ascii_upper, command_words, verb_and_argument
 from mailflow.tables import open_table
 
 # the client as Postfix's stand-alone smtpd names it (smtpd_peer_assume_local_client): its footer's $client...,
@@ -223,8 +223,8 @@ class StdioSmtp:
         if self._sender is not None:
             return self._reply(status.NESTED_MAIL)
         parsed = _path(arg, "MAIL", status.SENDER_SYNTAX, self._limits.strict_rfc821_envelopes)
-        if isinstance(parsed, status.Reply):
-            return self._refuse_path("MAIL", arg, parsed, status.SENDER_SYNTAX)
+        if isinstance(parsed, PathRefusal):
+            return self._refuse_path("MAIL", parsed)
         given, words = parsed
         taken = mail_parameters(words, self._limits.message_size_limit, self._discarded)  # (smtpd's own reading)
         if isinstance(taken, status.Reply):
@@ -246,11 +246,9 @@ class StdioSmtp:
         if self._sender is None:
             return self._reply(status.NEED_MAIL)
         parsed = _path(arg, "RCPT", status.RECIPIENT_SYNTAX, self._limits.strict_rfc821_envelopes)
-        if isinstance(parsed, status.Reply):
-            return self._refuse_path("RCPT", arg, parsed, status.RECIPIENT_SYNTAX)
+        if isinstance(parsed, PathRefusal):
+            return self._refuse_path("RCPT", parsed)
         given, words = parsed
-        if not given:
-            return self._refuse_path("RCPT", arg, status.RECIPIENT_SYNTAX, status.RECIPIENT_SYNTAX)
         dsn = rcpt_parameters(words, self._discarded)
         if isinstance(dsn, status.Reply):
             return self._reply(dsn)
@@ -265,13 +263,11 @@ class StdioSmtp:
         self._rcpt_dsn.append(dsn)
         self._reply(status.RCPT_OK)
 
-    def _refuse_path(self, command: str, arg: str, reply: status.Reply, bad_path: status.Reply) -> None:
-        """Answer MAIL's or RCPT's path refusal; a malformed path (`bad_path`) is logged as Postfix's smtpd logs
-        it (the path as given after `FROM:` / `TO:`, without the parameter words: path_word)."""
-        text = path_text(arg, command)
-        if reply is bad_path and not (isinstance(text, str) and unterminated_command_word(text)):  # (as smtpd)
-            self._record.lines.illegal_address(CLIENT, command, path_word(text) if isinstance(text, str) else arg)
-        self._reply(reply)
+    def _refuse_path(self, command: str, refusal: PathRefusal) -> None:
+        """Answer MAIL's or RCPT's path refusal, logged where Postfix's smtpd warns of it (checked_path)."""
+        if refusal.logged is not None:
+            self._record.lines.illegal_address(CLIENT, command, refusal.logged)
+        self._reply(refusal.reply)
 
     def _do_DATA(self, arg: str) -> None:
         if not self._recipients:
@@ -423,21 +419,17 @@ def _discard_output(out: BinaryIO) -> None:
         pass
 
 
-def _path(arg: str, command: str, bad_path: status.Reply, strict: bool) -> tuple[str, list[str]] | status.Reply:
+def _path(arg: str, command: str, bad_path: status.Reply, strict: bool) -> tuple[str, list[str]] | PathRefusal:
     """(the address, the parameter words) of MAIL's `FROM:<a@b> PARAMS` / RCPT's `TO:…`, the path read as smtpd
-    reads it (path_text, address.parse_path); the usage reply without the keyword or a path, `bad_path` for a
-    malformed one, and when `strict` (strict_rfc821_envelopes) for one without its angle brackets."""
+    reads it (path_text, checked_path); else the refusal: the usage reply without the keyword or a path (not
+    logged), `bad_path` for a malformed one (logged where smtpd logs it)."""
     text = path_text(arg, command)
     if isinstance(text, status.Reply):
-        return text
-    if unterminated_command_word(text):  # (smtpd's tokenizer refuses it first)
-        return bad_path
-    try:
-        found, rest = address.parse_path(text)
-    except address.PathError:
-        return bad_path
-    if strict and not text.lstrip(COMMAND_BLANKS).startswith("<"):
-        return bad_path
+        return PathRefusal(text)
+    path = checked_path(text, command, bad_path, strict)
+    if isinstance(path, PathRefusal):
+        return path
+    found, _, rest = path
     return found, command_words(rest)
 
 

@@ -35,11 +35,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from mailflow import address, status
-from mailflow.smtp_parameters import mail_parameters, path_text, path_word, rcpt_parameters
+from mailflow import status
+from mailflow.smtp_parameters import PathRefusal, checked_path, mail_parameters, path_text, rcpt_parameters
 from mailflow.stages.smtpd.secure import SecureCommands
 from mailflow.stages.smtpd.state import NULL_SENDER
-from mailflow.syntax import COMMAND_BLANKS, ascii_upper, command_words, unterminated_command_word
+from mailflow.syntax import COMMAND_BLANKS, ascii_upper, command_words
 
 
 class TransactionCommands(SecureCommands):
@@ -162,19 +162,12 @@ class TransactionCommands(SecureCommands):
             return None
         if await self.refused_for_rate(command.lower()):  # "mail" or "rcpt", counted where Postfix counts them
             return None
-        if unterminated_command_word(text):  # (Postfix's tokenizer refuses it before its extract_addr, unlogged)
-            await self.push(bad)
+        path = checked_path(text, command, bad, self._limits.strict_rfc821_envelopes)
+        if isinstance(path, PathRefusal):
+            if path.logged is not None:
+                self.record.lines.illegal_address(self.session.client, command, path.logged)
+            await self.push(path.reply)
             return None
-        try:
-            addr, written, rest = address.parse_written_path(text)
-        except address.PathError:
-            self.record.lines.illegal_address(self.session.client, command, path_word(text))  # (Postfix's word)
-            await self.push(bad)
-            return None
-        sent = text[:len(text) - len(rest)].strip(COMMAND_BLANKS)
-        if (command == "RCPT" and not addr) or (self._limits.strict_rfc821_envelopes and not sent.startswith("<")):
-            self.record.lines.illegal_address(self.session.client, command, path_word(text))
-            await self.push(bad)
-            return None
-        self.path_as_sent = sent  # (what the handler's refusal logs)
+        addr, written, rest = path
+        self.path_as_sent = text[:len(text) - len(rest)].strip(COMMAND_BLANKS)  # (what the handler's refusal logs)
         return addr, written, command_words(rest)  # parameters after HELO too, as Postfix takes them
