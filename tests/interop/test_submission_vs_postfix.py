@@ -328,6 +328,11 @@ DELIBERATE = {
     "AUTH after STARTTLS without a new EHLO": (["EHLO c.test", "STARTTLS", ALICE_PLAIN],
                                                "235 2.7.0 Authentication successful",
                                                "503 5.5.1 Error: send EHLO first"),
+    "a LOGIN name Dovecot's auth_username_chars leaves out": (
+        [*TLS, "AUTH LOGIN " + b64("a+b@example.test")], "535 5.7.8 Error: authentication failed: (reason "
+        "unavailable)", "334 UGFzc3dvcmQ6"),  # (then 535: Dovecot is asked the name with the password)
+    "a LOGIN name longer than 256 characters": ([*TLS, "AUTH LOGIN " + b64("a" * 300)], "334 UGFzc3dvcmQ6",
+                                                "535 5.7.8 Error: authentication failed"),
     "AUTH after a HELO inside TLS that follows a plaintext EHLO": (
         ["EHLO c.test", "STARTTLS", "HELO c.test", ALICE_PLAIN], "235 2.7.0 Authentication successful",
         "503 5.5.1 Error: send EHLO first"),
