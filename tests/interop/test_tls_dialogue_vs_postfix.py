@@ -351,8 +351,13 @@ async def test_starttls_inside_a_transaction_differs_as_documented(postfix, pki,
 def test_the_generator_masks():
     ehlo, tls_, auth = (Step((b"EHLO c.test\r\n",)), Step((b"STARTTLS\r\n",)),
                         Step((b"AUTH PLAIN " + b64(f"\0{ALICE}\0alicepw").encode() + b"\r\n",)))
+    helo = Step((b"HELO c.test\r\n",))
     assert no_auth_without_ehlo([ehlo, tls_, ehlo, auth]) == [ehlo, tls_, ehlo, auth]
     assert no_auth_without_ehlo([ehlo, tls_, auth]) == [ehlo, tls_]
+    assert no_auth_without_ehlo([ehlo, tls_, helo, auth]) == [ehlo, tls_, helo]
+    assert no_auth_without_ehlo([ehlo, tls_, ehlo, helo, auth]) == [ehlo, tls_, ehlo, helo]
+    assert no_auth_without_ehlo([auth, helo, auth]) == [auth, helo, auth]  # before TLS: refused alike
+    assert no_auth_without_ehlo([auth, helo, auth, ehlo, auth], tls_at_start=True) == [helo, ehlo, auth]
     assert no_auth_without_ehlo([ehlo, Step(tls_.units + ehlo.units), auth]) == [ehlo, Step(tls_.units + ehlo.units)]
     mail = Step((b"MAIL FROM:<s@remote.test>\r\n",))
     assert no_starttls_in_a_transaction([mail, tls_]) == [mail]

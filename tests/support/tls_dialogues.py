@@ -148,24 +148,26 @@ def opening(rng: random.Random) -> list[Step]:
     return out
 
 
-def no_auth_without_ehlo(steps: list[Step]) -> list[Step]:
-    """`steps` without the AUTH commands sent without an EHLO since TLS began (none yet, or after a HELO, a
-    STARTTLS; a HELO inside TLS after the plaintext EHLO too; an EHLO pipelined after a STARTTLS does not count, it
-    may have been discarded): Postfix takes them, mailflow answers `503 5.5.1 Error: send EHLO first`
-    (docs/security.md; checked by test_submission_vs_postfix.py's DELIBERATE). Whether a STARTTLS began TLS is not
-    known here: any STARTTLS counts as one (an AUTH after a refused STARTTLS is left out too)."""
-    ehlo, out = False, []
+def no_auth_without_ehlo(steps: list[Step], tls_at_start: bool = False) -> list[Step]:
+    """`steps` without the AUTH commands sent inside TLS without an EHLO since TLS began (none yet, or after a
+    HELO, a STARTTLS; a HELO inside TLS after the plaintext EHLO too; an EHLO pipelined after a STARTTLS does not
+    count, it may have been discarded): Postfix takes them, mailflow answers `503 5.5.1 Error: send EHLO first`
+    (docs/security.md; checked by test_submission_vs_postfix.py's DELIBERATE). Those sent before TLS stay (both
+    refuse them alike: 503 authentication not enabled, 530 on an encrypt service); `tls_at_start`: wrapper mode.
+    Whether a STARTTLS began TLS is not known here: any STARTTLS counts as one (an AUTH after a refused STARTTLS
+    is left out too)."""
+    ehlo, tls, out = False, tls_at_start, []
     for step_ in steps:
         units, after_starttls = [], False
         for unit_ in step_.units:
             words = unit_.split()
             verb = words[0].upper() if words else b""
-            if verb == b"AUTH" and not ehlo:
+            if verb == b"AUTH" and tls and not ehlo:
                 continue
             if verb in (b"EHLO", b"HELO") and len(words) == 2:
                 ehlo = verb == b"EHLO" and not after_starttls  # (pipelined after a STARTTLS: maybe discarded)
             elif verb == b"STARTTLS":
-                ehlo, after_starttls = False, True
+                ehlo, tls, after_starttls = False, True, True
             units.append(unit_)
         if units or not step_.units:
             out.append(step_._replace(units=tuple(units)))
@@ -199,4 +201,4 @@ def generated(seed: int) -> tuple[str, list[Step]]:
         steps += step(rng)
     if rng.random() < 0.15:
         steps.append(ABRUPT)
-    return service, no_auth_without_ehlo(no_starttls_in_a_transaction(steps))
+    return service, no_auth_without_ehlo(no_starttls_in_a_transaction(steps), tls_at_start=service == "submissions")
