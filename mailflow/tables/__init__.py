@@ -24,7 +24,8 @@ What a lookup may cost the one event loop (every session and delivery shares it)
 - in-memory tables (inline, static, texthash, the aliases form of texthash) answer from a dict: O(1), inline;
 - regexp and pcre patterns run on RE2, no backtracking: linear in the key while RE2's DFA fits its memory, key
   length x rules past it (milliseconds to seconds for a header of tens of KB against hundreds of rules), so
-  cleanup's content checks match a key longer than content_checks.LONG_KEY (2 KB) in a worker thread;
+  content checks (cleanup's, the SMTP and LMTP clients') match a header section or body longer than
+  content_checks.LONG_KEY (2 KB) in a worker thread;
 - cidr answers with a dict probe per prefix length (at most 33 for IPv4) however many networks it lists;
 - a changed file is re-read and parsed in a worker thread while lookups go on answering from the previous
   contents (Postfix daemons likewise keep a table until they restart); only the very first read of a file

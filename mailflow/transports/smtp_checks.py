@@ -15,7 +15,7 @@ a signed header field is changed or removed here, as in Postfix.
       .walks_body -> bool             body lines or part headers are looked up (an encoder is needed)
       .blocking -> bool               a table may wait on I/O: .head is called off the event loop
       .long_head(content) -> bool     .head belongs off the event loop (as cleanup's checks: content_checks.LONG_KEY):
-                                     a header field is longer than LONG_KEY (content in a file: not read, True)
+                                     the header section is longer than LONG_KEY (content in a file: not read, True)
       .body(queue_id, head) -> Encoder   the content after `head` (the queued header section, passed on as it is),
                                      line by line as it streams: each MIME part's headers (`mime`; those of an
                                      attached message/rfc822 `nested`, their MIME headers `mime`) and each body line
@@ -55,7 +55,7 @@ from functools import partial
 from mailflow.errors import LookupRetry, TemporaryError
 from mailflow.content import Content
 from mailflow.filters.content_checks import (LONG_KEY, Boundaries, as_key, entity_type, header_key, is_mime_header,
-                                             long_field, lookup_action, split_action)
+                                             long_head, lookup_action, split_action)
 from mailflow.message import HEADER_READ_LIMIT, header_fields, read_header, starts_header_field
 from mailflow.model import DeliveryRequest
 from mailflow.tables import Table
@@ -86,7 +86,7 @@ class OutboundChecks:
     def long_head(self, content: Content) -> bool:
         if not (self._tables["header"] or self._tables["mime"]) or content.size <= LONG_KEY:
             return False
-        return not content.in_memory or long_field(read_header(content, HEADER_READ_LIMIT)[0])
+        return not content.in_memory or long_head(read_header(content, HEADER_READ_LIMIT)[0])
 
     @property
     def walks_body(self) -> bool:

@@ -438,6 +438,11 @@ async def test_a_long_key_is_matched_off_the_event_loop_in_the_message_s_order(s
                   outbound)
     assert peer.messages[-1].content == b"X-A: 1\r\n" + long_field + b"\r\nX-Late: seen\r\n\r\nedited\r\n"
     assert seen == [("X-A: ", False), ("X-Lon", False), ("X-Lat", False), ("z", False)]
+    seen.clear()  # many fields each under LONG_KEY: the header section's size decides
+    short_fields = b"".join(b"X-Many: " + b"y" * 900 + b"\r\n" for _ in range(4))
+    await deliver(make_request(peer.port, content(short_fields + b"X-Late: 1\r\n\r\nz\r\n")), outbound)
+    assert peer.messages[-1].content == short_fields + b"X-Late: seen\r\n\r\nedited\r\n"
+    assert seen == [("X-Man", False)] * 4 + [("X-Lat", False), ("z", False)]
 
 
 def test_a_pcre_result_that_is_not_utf8_goes_out_as_its_bytes(checks, tmp_path):

@@ -126,6 +126,11 @@ async def test_a_long_key_is_matched_off_the_event_loop_in_the_message_s_order(t
     result = await inspect(c, b"X-A: 1\r\n" + long_field + b"\r\nX-Late: 1\r\n", b"\r\n" + b"z" * module.LONG_KEY)
     assert result.head == b"X-A: 1\r\n" + long_field + b"\r\nX-Late: seen\r\n"
     assert seen == [("X-A: ", False), ("X-Lon", False), ("X-Lat", False), ("zzzzz", False)]
+    seen.clear()  # many fields each under LONG_KEY cost as much as one long one: the header section's size decides
+    short_fields = b"".join(b"X-Many: " + b"y" * 900 + b"\r\n" for _ in range(4))
+    result = await inspect(c, short_fields + b"X-Late: 1\r\n")
+    assert result.head == short_fields + b"X-Late: seen\r\n"
+    assert seen == [("X-Man", False)] * 4 + [("X-Lat", False), ("body", True)]
 
 
 async def test_bytes_that_are_not_utf8_are_matched_and_written_back_as_they_came(tmp_path):
