@@ -395,6 +395,13 @@ def config_import(main_cf: str = typer.Argument(..., metavar="MAIN_CF", help="Po
                    "(each is a comment at the top of the output):", err=True)
         for item in result.left_out:
             typer.echo(printable(f"  {item.where}: {item.name}: {item.why}"), err=True)
+    if result.refused_table_lines:
+        typer.echo(f"mailflow config import: {len(result.refused_table_lines)} table line(s) mailflow refuses: the "
+                   "tables are kept as written and each fails whole (4.3.0 on every lookup) until its lines are "
+                   "fixed (each is a comment at the top of the output):", err=True)
+        for item in result.refused_table_lines:
+            typer.echo(printable(f"  {item.where}: {item.name}: {item.why}"), err=True)
+    if result.left_out or result.refused_table_lines:
         raise typer.Exit(1)
 
 

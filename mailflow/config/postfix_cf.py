@@ -71,6 +71,8 @@ class Imported:
     origins: dict[str, str] = field(default_factory=dict)           # setting -> "main.cf:3: name = value"
     notes: list[str] = field(default_factory=list)
     left_out: list[LeftOut] = field(default_factory=list)
+    # a regexp:/pcre: file line (or a whole file) mailflow's table refuses: the setting is kept, the table fails
+    refused_table_lines: list[LeftOut] = field(default_factory=list)
     # a master.cf smtp/lmtp service -> its [smtp.services.NAME] (or lmtp) settings, and `client`: smtp or lmtp
     clients: dict[str, dict[str, object]] = field(default_factory=dict)
     # a per-transport table's entries' lines: "queue.transport_concurrency_limit" -> transport -> "where: name = value"
@@ -134,6 +136,11 @@ class Imported:
             out.append(f"# Left out ({len(self.left_out)}): Postfix lines with no translation here.")
             out += [printable(f"#   {item.where}: {item.name}{' = ' + item.value if item.value else ''}  -- {item.why}")
                     for item in self.left_out]
+        if self.refused_table_lines:
+            out.append("#")
+            out.append(f"# Table lines mailflow refuses ({len(self.refused_table_lines)}): each table is kept as "
+                       "written and fails whole (4.3.0 on every lookup) until they are fixed.")
+            out += [printable(f"#   {item.where}: {item.name}  -- {item.why}") for item in self.refused_table_lines]
         if self.notes:
             out.append("#")
             out += [printable(f"# Note: {note}") for note in dict.fromkeys(self.notes)]

@@ -3,6 +3,7 @@
     import_postfix(main_cf, master_cf=None, hostname=None) -> Imported
         Imported.toml()      the configuration, with a comment for every Postfix line left out (name, value, why)
         Imported.left_out    [LeftOut(where, name, value, why)]: empty when everything was translated
+        Imported.refused_table_lines   [LeftOut]: regexp:/pcre: file lines (or files) mailflow's tables refuse
     UnreadableFile(file, line, reason)   a file that cannot be read or is not main.cf/master.cf syntax
 
 main.cf as postconf(5) "SYNTAX" says: `name = value` logical lines, a line starting with whitespace continues the one
@@ -16,8 +17,9 @@ localhost`; mail_name; queue_directory); a reference to anything else leaves the
 through the one table (mailflow.config.postfix_names) and is converted by the mailflow setting's type; a table
 spec of a type mailflow lacks is converted where mailflow has the same thing (hash:, lmdb:… -> texthash: of the
 source file, left out when that file is missing, noted when the compiled file is older or newer; pcre: stays
-pcre: (mailflow's is on RE2: each line of a regexp: or pcre: file the result names that mailflow's table refuses is
-left out with its file and line, as Postfix skips it, where mailflow's table would fail whole); proxy: dropped) and
+pcre: (mailflow's is on RE2: each line of a regexp: or pcre: file the result names that mailflow's table refuses,
+and each such file that is not UTF-8, is reported with its file and line, the setting kept: Postfix skips the line
+and reads the bytes, where mailflow's table fails whole until it is fixed); proxy: dropped) and
 left out otherwise. Every value is then validated as mailflow loads it (mailflow.config.load.config_from_dict): one it
 refuses is left out with mailflow's reason, so what is written always loads. Nothing is dropped silently and no
 value is invented: a setting written without a main.cf line (myhostname, mydestination, alias_maps,
@@ -44,12 +46,12 @@ import os
 import re
 import socket
 import stat
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from mailflow.config import postfix_names as names
 from mailflow.config.base import BUILTIN_TRANSPORTS, RELAY, transport_name
 from mailflow.config.load import config_from_dict
-from mailflow.config.postfix_cf import (POSTFIX_TABLE_DEFAULTS, Expander, Imported, Line, Refused, Service,
+from mailflow.config.postfix_cf import (POSTFIX_TABLE_DEFAULTS, Expander, Imported, LeftOut, Line, Refused, Service,
                                         Unexpanded, UnreadableFile, convert, from_queue_directory, read_main_cf,
                                         read_master_cf, restriction_items, dovecot_sasl_path, split_list,
                                         merged_timeouts_agree, reject_tempfail_action, table_spec)
@@ -81,8 +83,6 @@ RELAY_ROUTING_TABLES = ("transport_maps", "sender_dependent_default_transport_ma
 # relay_transport when master.cf has no relay: a transport no configuration defines, whose mail qmgr defers as
 # Postfix's defers mail for a service master.cf lacks
 ABSENT_RELAY = "relay-absent"
-# a regexp: or pcre: file named in the written settings (a TOML string's or a list's item)
-_PATTERN_FILE = re.compile(r"(?<![A-Za-z0-9_])(regexp|pcre):(/[^\s,'\"{}]+)")
 POSTFIX_NOTIFY_CLASSES = "resource, software"  # Postfix's default notify_classes (mailflow's adds 2bounce)
 
 
@@ -117,17 +117,27 @@ class Importer:
         return self.out
 
     def _check_pattern_files(self) -> None:
-        """Each line of a regexp: or pcre: file the written configuration names that mailflow's table refuses (a
-        PCRE construct RE2 lacks, a bad `$n`), left out with its file, line and reason: Postfix skips such a line
-        with a warning, where mailflow's table fails whole (4.3.0 on every lookup) until the line is fixed."""
+        """Each line of a regexp: or pcre: file the written settings name that mailflow's table refuses (a PCRE
+        construct RE2 lacks, a bad `$n`), and each such file mailflow cannot read as UTF-8 text, reported with its
+        file, line and reason (refused_table_lines; the setting is kept): Postfix skips such a line with a warning
+        and reads a file's bytes, where mailflow's table fails whole (4.3.0 on every lookup) until it is fixed."""
         parsers = {"regexp": parse_regexp, "pcre": parse_pcre}
-        files = dict.fromkeys(m.groups() for m in _PATTERN_FILE.finditer(repr(self.out.document())))
-        for kind, path in files:
+        for kind, path in dict.fromkeys(_pattern_files(self.out.document())):
             try:
-                with open(path, encoding="utf-8") as f:
-                    text = f.read()
-            except (OSError, UnicodeDecodeError):
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError:
                 continue  # (the import reported an unreadable table already, or `config check` will)
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line = data.count(b"\n", 0, e.start) + 1
+                self._refuse_table_line(f"{path}:{line}", f"{kind}: file",
+                                        f"not UTF-8 (byte 0x{data[e.start]:02x}): mailflow's {kind}: cannot read it "
+                                        f"and fails the whole table (4.3.0 on every lookup), where Postfix reads its "
+                                        f"bytes; write such a byte in a pattern as \\x{data[e.start]:02x}, or "
+                                        f"convert the file to UTF-8 (iconv -f latin1 -t utf-8)")
+                continue
             try:
                 parsers[kind](text)
             except RuleErrors as e:
@@ -135,11 +145,14 @@ class Importer:
                 for error in e.lines:
                     number, _, reason = error.partition(": ")
                     line = int(number.split()[1])
-                    self.out.leave_out(f"{path}:{line}", f"{kind}: rule {written.get(line, '')}", "",
-                                       f"mailflow's {kind}: refuses it ({reason}) and fails the whole table (4.3.0 "
-                                       f"on every lookup) until it is fixed, where Postfix skips the line")
+                    self._refuse_table_line(f"{path}:{line}", f"{kind}: rule {written.get(line, '')}",
+                                            f"mailflow's {kind}: refuses it ({reason}) and fails the whole table "
+                                            f"(4.3.0 on every lookup) until it is fixed, where Postfix skips the line")
             except ValueError:
                 continue  # a continuation line first: `config check` names it
+
+    def _refuse_table_line(self, where: str, name: str, why: str) -> None:
+        self.out.refused_table_lines.append(LeftOut(where, name, "", why))
 
     def _helpers(self) -> None:
         """A main.cf name Postfix does not know that another setting uses through $name (`mua_client_restrictions`
@@ -985,3 +998,21 @@ def import_postfix(main_cf: str, master_cf: str | None = None, hostname: str | N
     (default: this system's name as Postfix takes it, gethostname() with .$mydomain or .localdomain when it has no
     dot). Raises UnreadableFile."""
     return Importer(main_cf, master_cf, hostname).run()
+
+
+def _pattern_files(value: object) -> Iterator[tuple[str, str]]:
+    """(kind, path) of each regexp: or pcre: file a written setting names: a table spec, or a restriction's
+    (`check_sender_access pcre:/etc/postfix/access`), in any string of `value`'s lists and tables (a listener's
+    overrides too); an inline `regexp:{ ... }` names no file (a relative path is not looked for: it is not taken
+    from the importer's directory)."""
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _pattern_files(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _pattern_files(item)
+    elif isinstance(value, str):
+        for word in value.split():
+            kind, colon, path = word.partition(":")
+            if colon and kind in ("regexp", "pcre") and path.startswith("/"):
+                yield kind, path

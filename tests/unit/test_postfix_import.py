@@ -1573,3 +1573,25 @@ def test_each_pattern_line_mailflow_refuses_is_reported_with_file_line_and_reaso
     assert re.findall(rf"{re.escape(str(table))}:(\d+): {kind}: rule /", err) == ["2", "4"], err
     assert "rule /^Subject: (a)\\1/ REJECT doubled: mailflow's" in err and "fails the whole table" in err
     assert tomllib.loads((tmp_path / "mailflow.toml").read_text())["checks"]["header_checks"] == [f"{kind}:{table}"]
+    # the table is kept, not left out: the output says so (it listed them under "Postfix setting(s) left out")
+    assert "left out" not in err and "2 table line(s) mailflow refuses: the tables are kept as written" in err
+    written = (tmp_path / "mailflow.toml").read_text()
+    assert "# Table lines mailflow refuses (2): each table is kept as written" in written
+    assert "# Left out" not in written
+
+
+@pytest.mark.parametrize("kind", ["pcre", "regexp"])
+def test_a_pattern_file_that_is_not_utf8_is_reported(tmp_path, kind):
+    """A Latin-1 header_checks imported with exit 0 and no word; `config check` then refused it and serve answered
+    4.3.0 to every message (Postfix reads the file's bytes): reported with its file, line and byte (exit 1), also
+    when it is named by a restriction in a path holding a quote (the import scanned repr() of the settings)."""
+    folder = tmp_path / "it's"
+    folder.mkdir()
+    table = folder / "header_checks"
+    table.write_bytes(b"# checks\n/^Subject: ok/ WARN fine\n/^Subject: Rabatt f\xfcr/ REJECT no\n")
+    main = write(tmp_path, "main.cf", f"myhostname = mx.example.com\n"
+                                      f"smtpd_sender_restrictions = check_sender_access {kind}:{table}\n")
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert code == 1, err
+    assert f"{table}:3: {kind}: file: not UTF-8 (byte 0xfc): mailflow's {kind}: cannot read it" in err, err
+    assert "\\xfc" in err
