@@ -110,6 +110,11 @@ class RuleErrors(ValueError):
         self.lines = lines
 
 
+# each `$` error's hint: lines earlier mailflow releases took as they were (`US$ 5`, `$x`, `$0`, `$1st`) fail the
+# table now, as Postfix skips them (docs/config.md, "Upgrading: `$` in a regexp: or pcre: result")
+LITERAL_DOLLAR = "; write $$ for a literal $"
+
+
 def parse_result(number: int, text: str, regex, negate: bool) -> str | tuple[Piece, ...]:
     """The result as Postfix's mac_parse and dict_regexp_prescan / dict_pcre_prescan read it (both types): a plain
     string when it names no group (`$$` made `$`), else its literal parts and group numbers. `$12` is group 12;
@@ -124,12 +129,12 @@ def parse_result(number: int, text: str, regex, negate: bool) -> str | tuple[Pie
             continue
         name = next((g for g in m.groups() if g is not None), "")
         if not name:
-            raise ValueError(f"line {number}: bad replacement syntax: a $ without a group number ($$ for a $)")
+            raise ValueError(f"line {number}: bad replacement syntax: a $ without a group number{LITERAL_DOLLAR}")
         if not name.isdigit() or not name.isascii():
-            raise ValueError(f"line {number}: non-numeric replacement index {name!r}")
+            raise ValueError(f"line {number}: non-numeric replacement index {name!r}{LITERAL_DOLLAR}")
         if int(name) < 1 or int(name) > regex.groups:
             raise ValueError(f"line {number}: out of range replacement index {name!r} "
-                             f"(the pattern has {regex.groups} group(s))")
+                             f"(the pattern has {regex.groups} group(s)){LITERAL_DOLLAR}")
         if negate:
             raise ValueError(f"line {number}: ${name} in the result of a negated (!) pattern")
         pieces.append(int(name))

@@ -946,3 +946,19 @@ def test_pcre_hex_escape_in_braces_is_no_repetition_count(tmp_path):
     with pytest.raises(LookupRetry) as e:
         pcre_table(tmp_path, "/\\x{1001}/ x\n").lookup("a")
     assert "repetition" not in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["regexp", "pcre"])
+def test_the_dollar_forms_an_earlier_release_took_are_each_named_with_how_to_write_a_dollar(tmp_path, kind):
+    """`US$ 5`, `x$`, `$x`, `$1st`, `$0` loaded before and fail the table now (Postfix skips each such line with a
+    warning; mailflow fails closed): an upgrade must see each line, and how to write a literal `$`, before the
+    restart: `check-config` and `table query` name every one."""
+    f = write(tmp_path / "t", "/^a/ REJECT price in US$ 5\n/^b/ REJECT x$\n/(c)/ REJECT $x\n/(d)/ REJECT $1st\n"
+                              "/(e)/ REJECT $0\n/^f/ REJECT costs $$5\n")
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(f'[checks]\nheader_checks = ["{kind}:{f}"]\n')
+    for result in (mailflow("check-config", "--config", str(cfg)), mailflow("table", "query", f"{kind}:{f}", "f")):
+        assert result.returncode != 0, result.stdout
+        named = re.findall(r"line (\d+): [^;]*; write \$\$ for a literal \$", result.stderr)
+        assert named == ["1", "2", "3", "4", "5"], result.stderr
+    assert pcre_table(tmp_path, "/^f/ REJECT costs $$5\n").lookup("f") == "REJECT costs $5"
