@@ -21,6 +21,10 @@ The body is read as a stream (mailflow.content: chunk by chunk, file parts in a 
 linear in the key, times the rules when RE2's DFA runs out of memory (LONG_KEY): the header pass runs in a worker
 thread when the header section is longer than LONG_KEY (many fields just under it cost as one long one: 48 x 2 KB
 against 3000 rules held the loop 1.1 s), the body walk when the body is (the checks' order is unchanged).
+Those threads are cleanup's checks' own, at most CHECK_WORKERS: nearly every message's walk goes to one, and a
+queue of slow walks must not hold up the jobs of asyncio's default pool (file reads, DNS, delivery; the SMTP
+client's checks still use that pool). A session cancelled meanwhile (the client gone, a shutdown) marks its walk
+abandoned: it stops at the next line and logs nothing more (no reject: or warning: for a message nobody queues).
 
 Actions (the table's value; the first word, any case, ended by a space or a TAB):
     REJECT [text]      the message is refused: ContentRejected, 550 5.7.1 text (default "message content rejected");
@@ -52,7 +56,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable, TypeVar
 
 from mailflow.content import Content
 from mailflow import address, status
@@ -61,6 +67,7 @@ from mailflow.message import header_fields, starts_header_field
 from mailflow.tables import Table, TableCache
 
 log = logging.getLogger("mailflow.cleanup")
+T = TypeVar("T")
 
 # The longest key matched on the event loop. A regexp/pcre lookup is linear in the key, but its RE2 set pass costs
 # key x rules once RE2's DFA runs out of memory: 300 rules `/^Subject:.*wordN.{0,40}x/` take 0.2 ms on a 3.3 KB
@@ -68,6 +75,7 @@ log = logging.getLogger("mailflow.cleanup")
 # search releases the GIL (the loop ticked every ms through a 0.9 s search in a thread), so a longer key is
 # matched in a worker thread (105 us a round trip here). A body up to this size is walked on the loop.
 LONG_KEY = 2048
+CHECK_WORKERS = 2  # the content checks' own threads (a walk is CPU: more threads than cores gain nothing)
 MAX_LINE = 1 << 20  # a "line" longer than this is matched as this much (a body without line ends)
 _BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]+)"|([^\s;]+))', re.IGNORECASE)
 
@@ -85,6 +93,7 @@ class Inspection:
     warnings: list[str] = field(default_factory=list)
     bcc: list[str] = field(default_factory=list)  # recipients BCC actions add, in order
     stopped: bool = False  # DISCARD, REDIRECT or PASS: nothing more is looked up
+    abandoned: bool = False  # the session awaiting it was cancelled: nothing more is looked up or logged
 
 
 @dataclass
@@ -107,6 +116,7 @@ class ContentChecks:
         self._body = tables.open(checks.body_checks) if checks.body_checks else []
         self._limit = checks.body_checks_size_limit
         self.tables = tables
+        self._workers: ThreadPoolExecutor | None = None  # made at the first long message (threads exit with it)
 
     @property
     def enabled(self) -> bool:
@@ -122,15 +132,33 @@ class ContentChecks:
         result = Inspection(head=head, body=body)
         check = (queue_id, head, self._header, "header", result, describe)
         if long_head(head):
-            result.head = await self.tables.run(lambda: self._check_headers(*check, top=True), off_loop=True)
+            result.head = await self._off_loop(result, lambda: self._check_headers(*check, top=True))
         else:
             result.head = self._check_headers(*check, top=True)
         if self._walks_body and not result.stopped:
             if body.in_memory and body.size <= LONG_KEY:
                 self._walk_body(queue_id, head, result, describe)
             else:
-                await asyncio.to_thread(self._walk_body, queue_id, head, result, describe)
+                await self._off_loop(result, lambda: self._walk_body(queue_id, head, result, describe))
         return result
+
+    async def _off_loop(self, result: Inspection, work: Callable[[], T]) -> T:
+        """`work` in one of the checks' own threads (a blocking table's deadline kept: TableCache.run); when the
+        caller is cancelled, `result` is marked abandoned and the thread's walk stops logging and looking up."""
+        if self._workers is None:
+            self._workers = ThreadPoolExecutor(CHECK_WORKERS, thread_name_prefix="content-checks")
+        try:
+            pool = self._workers
+            return await self.tables.run(work, off_loop=True,
+                                         workers=lambda call: asyncio.get_running_loop().run_in_executor(pool, call))
+        except asyncio.CancelledError:
+            result.abandoned = True
+            raise
+
+    def close(self) -> None:
+        """Wait for the walks under way to end and let the threads go (else they go with this object)."""
+        if self._workers is not None:
+            self._workers.shutdown(wait=True)
 
     # -------------------------------------------------------------------------------- headers
 
@@ -147,7 +175,7 @@ class ContentChecks:
                 continue
             use = self._mime if top and is_mime_header(name) else tables
             key = header_key(raw)
-            action = lookup_action(use, key) if use and not result.stopped else None
+            action = lookup_action(use, key) if use and not (result.stopped or result.abandoned) else None
             if action is None:
                 out.append(raw)
                 continue
@@ -173,7 +201,7 @@ class ContentChecks:
         edits: list[tuple[int, int, list[bytes]]] = []  # (offset, length, replacement lines) in the body
         offset = 0
         for line in _lines(result.body):
-            if result.stopped:  # nothing more is looked up: the rest of the body need not be read
+            if result.stopped or result.abandoned:  # nothing more is looked up: the rest need not be read
                 break
             length = len(line)
             text = line.rstrip(b"\r\n")
@@ -222,6 +250,8 @@ class ContentChecks:
         """Carry out one action. Returns replacement lines for an edit (IGNORE: []), else None. Each action but
         DUNNO, OK and IGNORE is logged as Postfix's cleanup logs it: `QID: reject: header Subject: x from
         host[ip]; from=<s> to=<r> proto=ESMTP helo=<h>: 5.7.1 text`."""
+        if result.abandoned:  # (the session is gone: its message is not queued, nothing of it is logged)
+            return None
         word, text = split_action(value)
         shown = line[:200]
         if word not in ("PREPEND", "REPLACE"):  # (their text goes into the message, its bytes as they are)

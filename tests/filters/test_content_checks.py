@@ -133,6 +133,43 @@ async def test_a_long_key_is_matched_off_the_event_loop_in_the_message_s_order(t
     assert seen == [("X-Man", False)] * 4 + [("X-Lat", False), ("body", True)]
 
 
+async def test_a_long_walk_runs_in_the_checks_own_threads_and_a_cancelled_one_logs_nothing(tmp_path, monkeypatch,
+                                                                                           caplog):
+    """The body walk ran on asyncio's default pool (shared with the file reads, DNS, deliveries) for nearly every
+    message with body checks, and a walk whose session was cancelled went on and logged reject:/warning: lines
+    for a message nobody queued: it runs in the checks' own bounded threads, and once cancelled it stops at the
+    line under way and logs nothing more."""
+    import asyncio
+    import threading
+
+    import mailflow.filters.content_checks as module
+
+    threads: list[str] = []
+    looking, go_on = threading.Event(), threading.Event()
+    lookup = module.lookup_action
+
+    def recorded(tables, key):
+        threads.append(threading.current_thread().name)
+        if key.startswith("hold"):
+            looking.set()
+            go_on.wait(10)
+        return lookup(tables, key)
+
+    monkeypatch.setattr(module, "lookup_action", recorded)
+    c = checks(tmp_path, body="/^hold/ WARN held\n/^bad/ REJECT bad\n")
+    body = b"\r\nhold\r\n" + b"bad\r\n" + b"z" * module.LONG_KEY + b"\r\n"
+    caplog.set_level(logging.INFO, logger="mailflow.cleanup")
+    task = asyncio.create_task(inspect(c, b"X-A: 1\r\n", body))
+    assert await asyncio.to_thread(looking.wait, 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    go_on.set()
+    await asyncio.to_thread(c.close)  # (the walk under way ends)
+    assert len(threads) == 1 and threads[0].startswith("content-checks"), threads  # (the "bad" line: not looked up)
+    assert [r.getMessage() for r in caplog.records if r.name == "mailflow.cleanup"] == []
+
+
 async def test_bytes_that_are_not_utf8_are_matched_and_written_back_as_they_came(tmp_path):
     """Postfix's cleanup hands header_checks and body_checks the line's bytes (a pcre `\\xe9` matches Latin-1 é,
     tests/interop/test_pcre_vs_postfix.py); mailflow matched U+FFFD in their place and a PREPEND wrote the body line
