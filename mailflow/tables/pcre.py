@@ -20,7 +20,8 @@ here, RE2 has no such mode), A anchored (at the key's start), U ungreedy (RE2's 
 ignored by Postfix's PCRE2 build: accepted, no effect).
 
 Syntax: PCRE constructs RE2 lacks but can say otherwise are rewritten to what matches the same bytes
-(_in_re2_syntax: `\\s` with VT, `\\v` `\\h` and their negations, `\\e`, `\\cX`, `\\N`, `\\Z`, `(?#…)`); what RE2
+(_in_re2_syntax: `\\s` with VT, `\\v` `\\h` and their negations, `\\e`, `\\cX`, `\\o{…}`, `\\N` (`\\N{2}` a count),
+`\\Z`, `(?#…)`; a `(?x)` outside any group, the first flag group: _inline_extended); what RE2
 has no equivalent of is a bad line naming it ("RE2 has no \\G …").
 
 The result: `$n`, `${n}`, `$(n)` (n >= 1, at most the pattern's groups) the text of group n, empty when the
@@ -71,7 +72,7 @@ _UNSUPPORTED = [(re.compile(r"invalid escape sequence: \\[1-9]"), "a back-refere
                 (re.compile(r"invalid perl operator: \(\?>"), "an atomic group"),
                 (re.compile(r"invalid perl operator: \(\?(?:R|[0-9+-]|&)"), "a recursion or subroutine call"),
                 (re.compile(r"invalid perl operator: \(\?\("), "a conditional group"),
-                (re.compile(r"bad repetition operator: [*+?}]\+"), "a possessive quantifier")]
+                (re.compile(r"bad repetition operator: (?:[*+?]|\{[\d,]*\})\+"), "a possessive quantifier")]
 
 
 def _options() -> "re2.Options":
@@ -100,7 +101,11 @@ def _compile(number: int, pattern: str, flags: str):
             raise ValueError(f"line {number}: unknown regexp option {flag!r} (pcre_table(5) has {', '.join(_FLAGS)})")
         on[flag] = not on.get(flag, False)
     try:
-        pattern = _in_re2_syntax(_bytewise(_without_extended_blanks, pattern) if on.get("x") else pattern)
+        if on.get("x"):
+            pattern = _bytewise(_without_extended_blanks, pattern)
+        elif (inline_x := _inline_extended(pattern)) is not None:
+            pattern = inline_x[0] + _bytewise(_without_extended_blanks, inline_x[1])
+        pattern = _in_re2_syntax(pattern)
     except ValueError as e:
         raise ValueError(f"line {number}: {e}") from None
     inline = "".join(f for f in "imsU" if on.get(f))
@@ -126,6 +131,42 @@ _NOT_IN_RE2 = {"G": "\\G (the end of the previous match)", "K": "\\K (reset the 
                "o": "\\o{...} (octal)", "g": "\\g (a back-reference or subroutine call)",
                "k": "\\k (a named back-reference)"}
 _MAX_REPEAT = 1000  # RE2's limit on a counted repetition
+_COUNT = re.compile(r"\{(\d+)(?:,(\d*))?\}")
+_FLAG_GROUP = re.compile(r"\(\?([A-Za-z]*)(?:-([A-Za-z]*))?[):]")  # `(?ix)`, `(?-x)`, `(?x:`
+
+
+def _inline_extended(pattern: str) -> tuple[str, str] | None:
+    """A `(?x)` (alone or with other letters, `(?ix)`) outside any group, the pattern's first flag group: PCRE
+    reads the rest of the pattern as the x flag does. (the pattern before it with the x left out, the rest) to
+    have its blanks left out; None when there is no such group (_in_re2_syntax names any other inline x)."""
+    depth, i, n = 0, 0, len(pattern)
+    while i < n:
+        char = pattern[i]
+        if pattern.startswith("\\Q", i):
+            end = pattern.find("\\E", i + 2)
+            i = n if end < 0 else end + 2
+        elif char == "\\":
+            i += 2
+        elif char == "[":
+            i = _class_end(pattern, i)
+        elif pattern.startswith("(?#", i):
+            end = pattern.find(")", i)
+            i = n if end < 0 else end + 1
+        elif (group := _FLAG_GROUP.match(pattern, i)) is not None:
+            on, off = group.group(1), group.group(2) or ""
+            if "x" not in group.group(0):
+                depth += group.group(0).endswith(":")
+                i = group.end()
+                continue
+            if depth or group.group(0).endswith(":") or "x" in off or on.count("x") != 1:
+                return None
+            letters = on.replace("x", "") + (f"-{off}" if off else "")
+            return pattern[:i] + (f"(?{letters})" if letters else ""), pattern[group.end():]
+        else:
+            depth += char == "("
+            depth -= char == ")" and depth > 0
+            i += 1
+    return None
 
 
 def _in_re2_syntax(pattern: str) -> str:
@@ -156,11 +197,14 @@ def _in_re2_syntax(pattern: str) -> str:
             raise ValueError("RE2 has no branch reset group (?|...)")
         elif pattern.startswith("(*", i):
             raise ValueError("RE2 has no (*VERB) or start-of-pattern option")
-        elif char == "{" and (count := re.match(r"\{(\d+)(?:,(\d*))?\}", pattern[i:])):
+        elif pattern.startswith("(?", i) and (group := _FLAG_GROUP.match(pattern, i)) and "x" in group.group(0):
+            raise ValueError("RE2 has no inline (?x) but one outside any group, before any other: write the x flag "
+                             "after the pattern's closing delimiter (/pattern/x)")
+        elif char == "{" and (count := _COUNT.match(pattern, i)):
             if any(c and int(c) > _MAX_REPEAT for c in count.groups()):
                 raise ValueError(f"RE2 has no repetition count over {_MAX_REPEAT} ({count.group(0)})")
             out.append(count.group(0))
-            i += count.end()
+            i = count.end()
         else:
             out.append(char)
             i += 1
@@ -183,8 +227,12 @@ def _escape(pattern: str, i: int, *, in_class: bool) -> tuple[str, int]:
         return pattern[i:end], end  # \x{hh}: RE2's own (its braces are no repetition count)
     if letter == "x" and (digits := re.match(r"[0-9A-Fa-f]{1,2}", pattern[i + 2:i + 4])):
         return f"\\x{int(digits.group(0), 16):02x}", i + 2 + digits.end()
-    if letter == "N" and not in_class and not pattern.startswith("{", i + 2):
-        return "[^\\n]", i + 2
+    if letter == "N" and not in_class and (not pattern.startswith("{", i + 2) or _COUNT.match(pattern, i + 2)):
+        return "[^\\n]", i + 2  # (`\\N{2}`: a count, PCRE2 without UTF mode; `\\N{U+e9}` RE2 refuses, as PCRE2)
+    if letter == "o" and (octal := re.match(r"\{([0-7]+)\}", pattern[i + 2:])):
+        if int(octal.group(1), 8) > 0xFF:
+            raise ValueError(f"a character code over 0xff in \\o{octal.group(0)} (no UTF mode: PCRE2 refuses it)")
+        return f"\\x{int(octal.group(1), 8):02x}", i + 2 + octal.end()
     if letter == "Z" and not in_class:
         return "\\z", i + 2
     if letter in _NOT_IN_RE2:

@@ -186,7 +186,8 @@ def test_a_pcre_line_postfix_skips_fails_the_table_naming_that_line(tmp_path, te
 # patterns PCRE takes and RE2 cannot: Postfix answers, mailflow names the line and the construct
 RE2_CANNOT = [("/^(a)\\1$/", "aa", "a back-reference"), ("/^a(?=b)/", "ab", "a look-around assertion"),
               ("/(?<!x)b$/", "ab", "a look-around assertion"), ("/^a++b/", "aab", "a possessive quantifier"),
-              ("/^(?>a+)b/", "aab", "an atomic group")]
+              ("/^(?>a+)b/", "aab", "an atomic group"),
+              ("/^a{2,}+b/", "aab", "a possessive quantifier")]  # (no equivalent: /^a{2,}+a/ never matches)
 
 
 @pytest.mark.parametrize("pattern, key, construct", RE2_CANNOT)
@@ -265,12 +266,21 @@ REWRITTEN = r"""/^end\Z/                   Z-end
 /^nv\V$/                   V-not-vertical
 /^hx\x1$/                  x-one-digit
 /^st\Eay$/                 stray-E
+/^a\N{2}b$/                N-count
+/^o\o{351}$/               o-octal
+/^oc[\o{351}]$/            o-octal-in-class
+/^(?x) s p a c e $/        inline-x
+/^(?-i)(?xi) c a s e $/    inline-x-with-others
+/^mid(?x) m i d # c $/     inline-x-after-text
 """
 REWRITTEN_KEYS = ["end", "endx", "h\th", "h\xa0h".encode("latin-1").decode("utf-8", "surrogateescape"), "h h",
                   "hxh", "H\t", "Hx", "esc\x1b", "escx", "ctl\x01\x1a", "ctlAz", "comment", "xcomment", "nabcx",
                   "na\nx", "sp\x0b", "sp ", "spx", "ns\x0b", "nsx", "cl\x0b", "clx", "nc\x0b", "ncx", "vt\x0b",
                   "vt\r", "vt\x85".encode("latin-1").decode("utf-8", "surrogateescape"), "vt ", "nv\x0b",
-                  "nvx", "hx\x01", "hx1", "stay"]
+                  "nvx", "hx\x01", "hx1", "stay", "axyb", "axb",
+                  "oc\xe9".encode("latin-1").decode("utf-8", "surrogateescape"),
+                  "o\xe9".encode("latin-1").decode("utf-8", "surrogateescape"), "space", "SPACE", "spa ce", "case",
+                  "CASE", "midmid", "MIDmid", "mid mid"]
 
 
 def test_pcre_syntax_re2_lacks_is_rewritten_to_answer_as_postmap_q_does(tmp_path):

@@ -918,6 +918,9 @@ def test_a_pattern_file_names_every_line_it_refuses_not_only_the_first(tmp_path,
     (r"/\Ga/", r"RE2 has no \G"), (r"/a\Kb/", r"RE2 has no \K"), (r"/a\R/", r"RE2 has no \R"),
     (r"/^.{1001,}/", "RE2 has no repetition count over 1000 ({1001,})"), (r"/(?|(a)|(b))/", "RE2 has no branch reset"),
     (r"/(*UTF)a/", "RE2 has no (*VERB)"), (r"/a(?#b/", "a (?# comment without its closing )"),
+    (r"/(a(?x) b)/", "RE2 has no inline (?x) but one outside any group"), (r"/(?x: a)/", "RE2 has no inline (?x)"),
+    (r"/(?i)(?-x)a/", "RE2 has no inline (?x)"), (r"/\o{400}/", r"a character code over 0xff in \o{400}"),
+    (r"/^a{2,}+b/", "a possessive quantifier is not supported"),
 ])
 def test_pcre_syntax_re2_has_no_equivalent_of_is_named(tmp_path, pattern, named):
     with pytest.raises(LookupRetry, match=re.escape(f"line 1: {named}")):
