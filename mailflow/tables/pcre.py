@@ -21,7 +21,7 @@ ignored by Postfix's PCRE2 build: accepted, no effect).
 
 Syntax: PCRE constructs RE2 lacks but can say otherwise are rewritten to what matches the same bytes
 (_in_re2_syntax: `\\s` with VT, `\\v` `\\h` and their negations, `\\e`, `\\cX`, `\\o{…}`, `\\N` (`\\N{2}` a count),
-`\\Z`, `(?#…)`; a `(?x)` outside any group, the first flag group: _inline_extended); what RE2
+`\\Z`, `(?#…)`; a `(?x)` outside any group: _inline_extended); what RE2
 has no equivalent of is a bad line naming it ("RE2 has no \\G …").
 
 The result: `$n`, `${n}`, `$(n)` (n >= 1, at most the pattern's groups) the text of group n, empty when the
@@ -136,7 +136,7 @@ _FLAG_GROUP = re.compile(r"\(\?([A-Za-z]*)(?:-([A-Za-z]*))?[):]")  # `(?ix)`, `(
 
 
 def _inline_extended(pattern: str) -> tuple[str, str] | None:
-    """A `(?x)` (alone or with other letters, `(?ix)`) outside any group, the pattern's first flag group: PCRE
+    """A `(?x)` (alone or with other letters, `(?ix)`) outside any group: PCRE
     reads the rest of the pattern as the x flag does. (the pattern before it with the x left out, the rest) to
     have its blanks left out; None when there is no such group (_in_re2_syntax names any other inline x)."""
     depth, i, n = 0, 0, len(pattern)
@@ -198,7 +198,7 @@ def _in_re2_syntax(pattern: str) -> str:
         elif pattern.startswith("(*", i):
             raise ValueError("RE2 has no (*VERB) or start-of-pattern option")
         elif pattern.startswith("(?", i) and (group := _FLAG_GROUP.match(pattern, i)) and "x" in group.group(0):
-            raise ValueError("RE2 has no inline (?x) but one outside any group, before any other: write the x flag "
+            raise ValueError("RE2 has no inline (?x) but one outside any group: write the x flag "
                              "after the pattern's closing delimiter (/pattern/x)")
         elif char == "{" and (count := _COUNT.match(pattern, i)):
             if any(c and int(c) > _MAX_REPEAT for c in count.groups()):
