@@ -8,9 +8,10 @@ POSIX regexec does. The key is matched as it is (`fixed = False`: `find` asks th
 texthash (files.Reloading). A key may hold line breaks (header_checks: a folded header with its breaks kept, as
 Postfix's cleanup gives it): `.` matches a break too, unless the rule has the `m` flag (REG_NEWLINE), as in Postfix's
 POSIX regexec; a key without a break is answered alike either way. A key holding surrogates (bytes that were not
-UTF-8, as Python's surrogateescape gives them: `mailflow table query` reading its keys, sendmail's header values) is
-matched with each one as U+FFFD, a character `.` matches as Postfix's byte-wise regexec matches the byte; RE2 cannot
-take them.
+UTF-8, as Python's surrogateescape gives them: cleanup's header and body checks, `mailflow table query` reading its
+keys, sendmail's header values) is matched with each one as U+FFFD, a character `.` matches as Postfix's byte-wise
+regexec matches the byte (RE2's UTF-8 mode matches no such byte but with \\C); a `$n` over it gives the byte back to
+cleanup's checks (`lookup_unchecked`, as Postfix's cleanup writes it) and U+FFFD to every other caller (`lookup`).
 
 Cost: no backtracking (`/^(a+)+$/` against `aaaa…b` answers at once); one RE2 set pass over all of a file's rules
 tells which match, then only the answering rule is searched for its groups. The pass is linear in the key while
@@ -200,6 +201,15 @@ def _expand(result: str | tuple[Piece, ...], m) -> str:
     return "".join(piece if isinstance(piece, str) else (m.group(piece) or "") for piece in result)
 
 
+def _expand_from(result: str | tuple[Piece, ...], m, key: str) -> str:
+    """`result` with each group's text taken from `key` at the group's span (`m` matched a copy of `key` of the
+    same length, its surrogates each U+FFFD)."""
+    if isinstance(result, str):
+        return result
+    return "".join(piece if isinstance(piece, str) else key[m.start(piece):m.end(piece)] if m.start(piece) >= 0
+                   else "" for piece in result)
+
+
 class RegexpTable:
     fixed = False
     blocking = False  # RE2 answers from memory; a long key's cost is the caller's to move off the loop (LONG_KEY)
@@ -212,7 +222,19 @@ class RegexpTable:
         self._file.load()
 
     def lookup(self, key: str) -> str | None:
-        return lookup_rules(self._file.current(), key if key.isascii() else _SURROGATES.sub("\ufffd", key), _expand)
+        value = self.lookup_unchecked(key)
+        if value is not None and not value.isascii():
+            return _SURROGATES.sub("\ufffd", value)  # (a `$n` of a key's byte that is not UTF-8: no reply carries it)
+        return value
+
+    def lookup_unchecked(self, key: str) -> str | None:
+        """The answer with each `$n` taken from `key` as it came: a byte that is not UTF-8 (a surrogate) goes back
+        as that surrogate, as Postfix's cleanup writes the byte back (it was matched as U+FFFD, one character each:
+        the spans are the same). Cleanup's header and body checks take it (content_checks.lookup_action)."""
+        if key.isascii() or not _SURROGATES.search(key):
+            return lookup_rules(self._file.current(), key, _expand)
+        return lookup_rules(self._file.current(), _SURROGATES.sub("\ufffd", key),
+                            lambda result, m: _expand_from(result, m, key))
 
 
 def lookup_rules(parsed: _Rules, key, expand: Callable[[Any, Any], str]) -> str | None:

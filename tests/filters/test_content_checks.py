@@ -170,6 +170,18 @@ async def test_a_long_walk_runs_in_the_checks_own_threads_and_a_cancelled_one_lo
     assert [r.getMessage() for r in caplog.records if r.name == "mailflow.cleanup"] == []
 
 
+async def test_a_regexp_group_over_a_byte_that_is_not_utf8_writes_the_byte_back(tmp_path):
+    """regexp: matches such a byte as U+FFFD; its `$1` wrote EF BF BD where Postfix's cleanup writes the byte (a
+    header REPLACE and a body PREPEND); any other caller of the table still gets U+FFFD (no reply carries the byte)."""
+    c = checks(tmp_path, header="/^X-Latin: (.*)$/ REPLACE X-Latin: [$1]\n", body="/^body (.*)$/ PREPEND was $1\n")
+    result = await inspect(c, b"X-Latin: caf\xe9 \xff\r\n", b"\r\nbody caf\xe9\r\n")
+    assert result.head == b"X-Latin: [caf\xe9 \xff]\r\n"
+    assert result.body.to_bytes() == b"\r\nwas caf\xe9\r\nbody caf\xe9\r\n"
+    from mailflow.tables.spec import open_table
+    table = open_table(f"regexp:{tmp_path / 'header_checks'}")
+    assert table.lookup("X-Latin: caf\udce9") == "REPLACE X-Latin: [caf\ufffd]"
+
+
 async def test_bytes_that_are_not_utf8_are_matched_and_written_back_as_they_came(tmp_path):
     """Postfix's cleanup hands header_checks and body_checks the line's bytes (a pcre `\\xe9` matches Latin-1 é,
     tests/interop/test_pcre_vs_postfix.py); mailflow matched U+FFFD in their place and a PREPEND wrote the body line

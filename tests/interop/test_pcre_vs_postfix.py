@@ -375,13 +375,14 @@ TAKEN_AS_BYTES_MESSAGES = {  # name -> header field (a Subject naming the messag
 }
 
 
-async def taken_as_bytes(port: int, dump) -> tuple[dict[str, str], dict[str, bytes]]:
+async def taken_as_bytes(port: int, dump, messages: dict[str, bytes] = TAKEN_AS_BYTES_MESSAGES
+                         ) -> tuple[dict[str, str], dict[str, bytes]]:
     """Each message's reply at the end of DATA, and the header section of each one delivered to the sink."""
     from tests.support import eventually
     from tests.support.postfix import dumped_messages
 
     replies = {}
-    for name, field in TAKEN_AS_BYTES_MESSAGES.items():
+    for name, field in messages.items():
         async with await SmtpClient.connect(port) as client:
             for command in ("EHLO client.test", "MAIL FROM:<s@remote.test> BODY=8BITMIME", "RCPT TO:<plain@relay.test>",
                             "DATA"):
@@ -437,3 +438,30 @@ async def test_a_pcre_result_that_is_not_utf8_is_taken_as_postfix_s_cleanup_take
                         "replace-latin": "250", "prepend-latin": "250"},
                        {"replace-latin": b"X-Replaced: [caf\xe9]",
                         "prepend-latin": b"X-Prepended: [caf\xe9]\nX-Pre: caf\xe9"})
+
+
+async def test_a_regexp_group_over_a_byte_that_is_not_utf8_is_written_back_as_postfix_s_cleanup_does(
+        mailflow_server):
+    """regexp: matches such a byte as U+FFFD (RE2's UTF-8 mode matches no invalid byte): its `$1` wrote EF BF BD into
+    the message where Postfix's cleanup writes the byte; it writes the byte now, and a REJECT's reply has a space
+    for it, as pcre:'s (the test above) and Postfix's."""
+    from tests.support.postfix import smtp_sink
+
+    folder = readable_folder()
+    (folder / "checks").write_bytes(b"".join(line + b"\n" for line in TAKEN_AS_BYTES_CHECKS.splitlines()
+                                             if not line.startswith(b"/^X-Cut")))
+    messages = {name: field for name, field in TAKEN_AS_BYTES_MESSAGES.items() if name != "reject-cut"}
+    common = {"myhostname": "pf.test", "mydestination": "", "relay_domains": "relay.test",
+              "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination", "smtputf8_enable": "yes"}
+    async with smtp_sink() as (pf_sink, pf_dump), smtp_sink() as (mf_sink, mf_dump):
+        async with postfix_instance({**common, "relayhost": f"[127.0.0.1]:{pf_sink}",
+                                     "header_checks": f"regexp:{folder}/checks"}) as pf:
+            postfix = await taken_as_bytes(pf.port, pf_dump, messages)
+        mf = await mailflow_server(mydestination=[], relay_domains=["relay.test"],
+                                   relayhost=f"[127.0.0.1]:{mf_sink}", mynetworks=["127.0.0.0/8"],
+                                   checks={"header_checks": [f"regexp:{folder}/checks"]})
+        mailflow = await taken_as_bytes(mf.smtp_addresses[0][1], mf_dump, messages)
+    shutil.rmtree(folder)
+    assert mailflow == postfix
+    assert postfix[1] == {"replace-latin": b"X-Replaced: [caf\xe9]",
+                          "prepend-latin": b"X-Prepended: [caf\xe9]\nX-Pre: caf\xe9"}
