@@ -326,6 +326,13 @@ WRITTEN = {
     # nobody (the .forward's own user) gets the mailbox; forwarded, a1 came back to nobody's .forward as a loop
     "an alias in a forward file": lambda spool, script: Case(
         {"a1": f'"|{script} c0 0", nobody'}, {}, {".forward": "a1"}, ["nobody"]),
+    # an alias met again through its user's .forward is expanded again (dotforward.c resets exp_from): nobody,
+    # whose .forward is open, gets the mailbox; no 5.4.6 alias database loop (alias.c names this very case)
+    "an alias in its own user's forward file": lambda spool, script: Case(
+        {"a1": "nobody"}, {}, {".forward": "a1"}, ["a1"]),
+    # a list met again through a member's .forward: the member its mailbox once, the list's command once
+    "a list in a member's forward file": lambda spool, script: Case(
+        {"a2": f'nobody, "|{script} c0 0"'}, {}, {".forward": "\\nobody, a2"}, ["a2"]),
     # a recipient with a part deferred forwards nothing (forward.c's forward_finish cancels the new messages):
     # nobody+y, a member of i0, gets no copy until the retry
     "a deferred recipient forwards nothing": lambda spool, script: Case(

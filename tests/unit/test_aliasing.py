@@ -188,6 +188,21 @@ def test_an_alias_named_in_a_forward_is_expanded_there(tmp_path):
                                              Forward("carol@example.test")]
 
 
+def test_an_alias_met_again_through_a_users_forward_delivers_to_the_mailbox(tmp_path):
+    """local(8) expands an alias met again through a user's .forward once more (dotforward.c resets exp_from; alias.c:
+    "an alias of a user that lists that same alias in her own .forward file"): the user met again inside it, its
+    .forward open, gets the mailbox; no 5.4.6 alias database loop."""
+    forward_file(tmp_path, "bob", "a\n")
+    forward_file(tmp_path, "alice", "alice.smith\n")
+    forward_file(tmp_path, "carol", "\\carol, staff\n")
+    e = expander(tmp_path, "a: bob\nalice.smith: alice\nstaff: carol, alice\n")
+    assert e.expand("a@example.test") == [mailbox("bob")]
+    assert e.expand("alice.smith@example.test") == [mailbox("alice")]
+    # staff again in carol's .forward: carol her mailbox (once), alice resubmitted (the .forward's owner attribute
+    # is carol) beside the mailbox copy the outer staff gives her; alice's .forward then names alice.smith
+    assert e.expand("staff@example.test") == [mailbox("carol"), Forward("alice@example.test"), mailbox("alice")]
+
+
 def test_the_users_name_in_its_forward_with_an_extension_reads_the_plain_forward(tmp_path):
     """local(8) keys a .forward in progress by its path: in `.forward+x`, `bob+x` (the same file) is the mailbox,
     `bob` reads `.forward` (another file), whose own `bob` is then the mailbox."""

@@ -21,7 +21,8 @@ Rules, as local(8):
    met again on another branch is expanded again; a cycle through other aliases (`a: b`, `b: a`) is Refused
    where it closes: 5.4.6 alias database loop (local(8) expands on until its nesting limit and says so); one met
    again through an :include: file is expanded again, as local(8) (include.c resets exp_from), under that file:
-   its local users resubmitted, the file itself, read already, adding nothing (so the cycle ends). Addresses in
+   its local users resubmitted, the file itself, read already, adding nothing (so the cycle ends); so is one met
+   again through a user's .forward (dotforward.c resets exp_from), the user met in it again its mailbox (rule 4). Addresses in
    the list are qualified with myorigin; one that trivial-rewrite resolves to the local transport is expanded here
    again, any other becomes a Forward.
    Mailing lists (local(8)): when an alias `name` has an `owner-name` alias, everything its expansion sends on
@@ -112,6 +113,7 @@ SMALL_FILE_LIMIT = 1_000_000  # bytes of a .forward or :include: file read at mo
 INLINE_FILE_BYTES = 16_384  # bytes of such a file parsed on the event loop at most (~5 ms); more: a worker thread
 INCLUDE_DEPTH = 10
 INCLUDED = "\0include"  # in an _Origin's `path`: an :include: file between the aliases before and after (no key)
+FORWARDED = "\0forward"  # in an _Origin's `path`: a user's .forward between the aliases before and after
 
 
 Lines = tuple[tuple[int, int], ...]  # a leaf's place: (file, line) of each .forward or :include: file it came from
@@ -440,7 +442,8 @@ class LocalExpander:
         state.forwards_open.add(path)
         try:
             self._lines(state, addr, forward,
-                        _Origin(user, "forward", "forward", origin.path, addr, rights=rights, forwarder=user))
+                        _Origin(user, "forward", "forward", origin.path + (FORWARDED,), addr, rights=rights,
+                                forwarder=user))
         finally:
             state.forwards_open.discard(path)
         state.forwards_done.add(path)
@@ -448,9 +451,9 @@ class LocalExpander:
     def _alias(self, state: _Expansion, addr: str, found: tuple[str, str, str], origin: "_Origin") -> None:
         table, key, value = found
         name = key.lower()
-        if name in origin.path and INCLUDED not in origin.path[len(origin.path) - origin.path[::-1].index(name):]:
+        if name in origin.path and not _file_between(origin.path, name):
             state.add(Refused(origin.address or addr, "5.4.6", f"alias database loop for {origin.name or name}"))
-            return  # (met again through an :include: file, it is expanded again, as local(8): see rule 2)
+            return  # (met again through an :include: or .forward file, it is expanded again, as local(8): rule 2)
         try:
             targets = parse_value(value, f"{table} {key!r}")
         except AliasSyntaxError as e:  # (Postfix's local reads a value only now, and so does this: see aliases.py)
@@ -630,6 +633,13 @@ class LocalExpander:
             return parse_lines(text, str(path))
         except AliasSyntaxError as e:
             raise TemporaryError("4.3.5", str(e)) from None
+
+
+def _file_between(path: tuple[str, ...], name: str) -> bool:
+    """Whether an :include: or .forward file comes after the last `name` in `path` (local(8)'s include.c and
+    dotforward.c reset exp_from: an alias met again through such a file is expanded again, not a loop)."""
+    after = path[len(path) - path[::-1].index(name):]
+    return INCLUDED in after or FORWARDED in after
 
 
 def _pass(setting: str, addr: str) -> Pass:
