@@ -17,6 +17,7 @@ import pytest
 
 from mailflow.config import Config
 from mailflow.errors import TemporaryError
+from mailflow.transports.local import aliasing
 from mailflow.transports.local.aliasing import (SMALL_FILE_LIMIT, Command, File, Forward, LocalExpander, Mailbox,
                                                Refused, read_small_file)
 from mailflow.routing.rewrite import Rewriter
@@ -495,3 +496,27 @@ def test_how_the_recipient_itself_was_expanded_is_told_for_its_success_notice(tm
     e = expander(tmp_path, "team: alice\nlist: alice\nowner-list: carol\nalice2: team\n")
     kinds = {a: e.expand_recipient(f"{a}@example.test")[1] for a in ("team", "list", "bob", "alice", "alice2")}
     assert kinds == {"team": "alias", "list": "list", "bob": "alias", "alice": "", "alice2": "alias"}
+
+
+def test_addresses_visited_again_under_each_members_forward_count_against_the_work_limit(tmp_path, monkeypatch):
+    """`all: u1..un` with each ui's .forward `\\ui, all2` (all2: u1..un) walks all2 again under every .forward: n*n
+    visits for 2n leaves kept (n=300: 90 601 visits, 1.8 s). Past EXPANSION_WORK_LIMIT visits the recipient
+    defers 4.6.0 (a runaway bounded by work, not by the leaves kept); a list of as many members without .forward
+    files stays within it."""
+    n = 20
+    users = [f"u{i}" for i in range(n)]
+    (tmp_path / "users").write_text("".join(f"{u} {u}\n" for u in users))
+    for u in users:
+        forward_file(tmp_path, u, f"\\{u}, all2\n")
+    members = ", ".join(users)
+    e = expander(tmp_path, f"all: {members}\nall2: {members}\nplain: {members}\n",
+                 local_recipient_maps=(f"texthash:{tmp_path / 'users'}",))
+    assert len(e.expand("all@example.test")) == 2 * n  # (each ui's mailbox, a Forward to each)
+    monkeypatch.setattr(aliasing, "EXPANSION_WORK_LIMIT", 10 * n, raising=False)
+    with pytest.raises(TemporaryError) as excinfo:
+        e.expand("all@example.test")
+    assert temporary(excinfo, "4.6.0")
+    assert "visited more than 200 addresses" in str(excinfo.value)
+    for u in users:
+        (tmp_path / "mail" / u / ".forward").unlink()
+    assert e.expand("plain@example.test") == [mailbox(u) for u in users]

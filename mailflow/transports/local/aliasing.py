@@ -22,9 +22,9 @@ Rules, as local(8):
    where it closes: 5.4.6 alias database loop (local(8) expands on until its nesting limit and says so); one met
    again through an :include: file is expanded again, as local(8) (include.c resets exp_from), under that file:
    its local users resubmitted, the file itself, read already, adding nothing (so the cycle ends); so is one met
-   again through a user's .forward (dotforward.c resets exp_from), the user met in it again its mailbox (rule 4). Addresses in
-   the list are qualified with myorigin; one that trivial-rewrite resolves to the local transport is expanded here
-   again, any other becomes a Forward.
+   again through a user's .forward (dotforward.c resets exp_from), the user met in it again its mailbox (rule 4).
+   Addresses in the list are qualified with myorigin; one that trivial-rewrite resolves to the local transport is
+   expanded here again, any other becomes a Forward.
    Mailing lists (local(8)): when an alias `name` has an `owner-name` alias, everything its expansion sends on
    goes out from `owner-name@myorigin` (so its bounces reach the owner), its commands and files get that sender
    too (and no original recipient: local(8) drops the DSN ORCPT of a list), and a local address in its expansion
@@ -69,7 +69,8 @@ read no further line of a file once one defers, as local(8)).
 Duplicate leaves are dropped (one mailbox copy per local part, its extension included; addresses compared without
 case; a command once per user whose expansion names it and rights, a file once per rights, a restricted one too:
 `_privileged`); an :include: file met again in the same expansion (one that includes itself, two that include
-each other) adds nothing, as local(8)'s duplicate filter skips it. At most EXPANSION_LIMIT leaves, INCLUDE_DEPTH
+each other) adds nothing, as local(8)'s duplicate filter skips it. At most EXPANSION_LIMIT leaves,
+EXPANSION_WORK_LIMIT addresses visited (a list met again under each member's .forward is walked again), INCLUDE_DEPTH
 nested :include: files and SMALL_FILE_LIMIT bytes of each file. Given a `leaf_budget` (the caller runs it on the
 event loop), an expansion that meets more leaves than that (duplicates counted: the work, not what is kept), that
 would fork a child to read a file with a user's rights, or parse a file of more than INLINE_FILE_BYTES, raises
@@ -109,6 +110,10 @@ log = logging.getLogger("mailflow.local")
 # members cost ~67 us each to expand (the user's .forward looked for): 100 000 take ~7 s, which the local agent
 # spends in a worker thread, not on the event loop (agent.INLINE_LEAVES).
 EXPANSION_LIMIT = 100_000
+# Addresses visited in one expansion at most (duplicates too: the work, ~19 us each, so ~20 s in a worker thread):
+# past it 4.6.0, as past EXPANSION_LIMIT. Bounds what dedup hides: `all: u1..un` with each ui's .forward naming
+# `all2: u1..un` re-expands all2 under every .forward (n*n visits, as local(8) does; n=800 took 12 s).
+EXPANSION_WORK_LIMIT = 10 * EXPANSION_LIMIT
 SMALL_FILE_LIMIT = 1_000_000  # bytes of a .forward or :include: file read at most
 INLINE_FILE_BYTES = 16_384  # bytes of such a file parsed on the event loop at most (~5 ms); more: a worker thread
 INCLUDE_DEPTH = 10
@@ -332,11 +337,19 @@ class _Expansion:
         self.leaves: list[Leaf] = []
         self.keys: set[tuple] = set()
         self.offered = 0  # leaves met, duplicates too: the work done, which the budget bounds
+        self.visits = 0  # addresses visited, the same one again too: the work EXPANSION_WORK_LIMIT bounds
         self.relayed: set[str] = set()  # addresses luser_relay made: unknown too, they are refused
         self.unknown_done: set[str] = set()  # local parts routed as unknown users already (local(8)'s been_here)
         self.kind = ""  # how the recipient itself was expanded: "alias" (an alias or .forward), "list", "" not
         self.files = 0  # .forward and :include: files read so far (a file's number in `Leaf.lines`)
         self.lines: Lines = ()  # the file lines being expanded now, outermost first
+
+    def visited(self) -> None:
+        """One more address visited; TemporaryError 4.6.0 past EXPANSION_WORK_LIMIT (the leaves kept may stay few
+        while the same lists are walked again under each member's .forward)."""
+        self.visits += 1
+        if self.visits > EXPANSION_WORK_LIMIT:
+            raise TemporaryError("4.6.0", f"alias expansion visited more than {EXPANSION_WORK_LIMIT} addresses")
 
     def parsing(self, size: int) -> None:
         """A .forward or :include: file of `size` bytes is about to be parsed: past INLINE_FILE_BYTES too long for
@@ -413,6 +426,7 @@ class LocalExpander:
         return state.leaves, state.kind
 
     def _visit(self, state: _Expansion, addr: str, origin: "_Origin") -> None:
+        state.visited()
         if addr.lower() in state.delivered_to:
             state.add(Refused(addr, "5.4.6", f"mail forwarding loop for {addr}"))
             return
