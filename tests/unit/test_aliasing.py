@@ -11,6 +11,7 @@ syntax in .forward or an alias value (4.3.5); duplicate leaves.
 from __future__ import annotations
 
 import os
+import pwd
 from pathlib import Path
 
 import pytest
@@ -355,6 +356,28 @@ def test_commands_and_files_from_include_when_allowed(tmp_path):
     assert e.expand("list@example.test") == [Command("/usr/bin/filter", "list@example.test", "include"),
                                                File("/var/spool/archive", "list@example.test", "include"),
                                                Forward("alice@example.test")]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file away needs root")
+def test_as_root_a_user_owned_include_file_in_an_alias_gives_its_owners_rights(tmp_path):
+    """local(8)'s include.c: a non-root :include: file listed in a root-owned alias gives what it names the rights of
+    the file's owner, not default_privs (its owner must not act as the default account); a root-owned one leaves
+    them to default_privs; an owner uid without a name defers 4.3.5, as include.c does."""
+    inc = include_file(tmp_path, "|/usr/bin/filter\n/var/spool/archive\n")
+    e = expander(tmp_path, f"list: :include:{inc}\n",
+                 allow_mail_to_commands=("alias", "forward", "include"), allow_mail_to_files=("include",))
+    nobody = pwd.getpwnam("nobody")
+    os.chown(inc, nobody.pw_uid, nobody.pw_gid)
+    assert e.expand("list@example.test") == [Command("/usr/bin/filter", "list@example.test", "include", "nobody"),
+                                               File("/var/spool/archive", "list@example.test", "include", "nobody")]
+    os.chown(inc, 0, 0)
+    assert e.expand("list@example.test") == [Command("/usr/bin/filter", "list@example.test", "include"),
+                                               File("/var/spool/archive", "list@example.test", "include")]
+    unnamed = next(uid for uid in range(54321, 54421) if uid not in {p.pw_uid for p in pwd.getpwall()})
+    os.chown(inc, unnamed, unnamed)
+    with pytest.raises(TemporaryError) as excinfo:
+        e.expand("list@example.test")
+    assert temporary(excinfo, "4.3.5")
 
 
 def test_a_list_with_an_owner_alias_resubmits_from_the_owner(tmp_path):

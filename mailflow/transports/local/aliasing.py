@@ -55,7 +55,9 @@ Rules, as local(8):
 Whose rights (local(8)'s "delivery rights"): when mailflow runs as root and the user is also a system user
 (not root), its .forward is opened as that user, by a forked child (asuser.call_as), and the commands, files and
 :include: files the .forward names (directly or through an :include:) carry that user in `rights`: they run and
-are read as the user. Otherwise `rights` is None: as root they use `local.default_privs`, never root. The first
+are read as the user. An :include: file an alias names and a system user other than root owns gives what it names
+that owner's rights in the same way (include.c: its owner must not act as default_privs; an owner uid without a
+name defers 4.3.5). Otherwise `rights` is None: as root they use `local.default_privs`, never root. The first
 .forward name that exists is the one used; as local(8), it is ignored with a warning, and the user gets the
 mailbox, when it is not a regular file (a symbolic link is not followed), has an owner other than root and the
 user (mailflow's own user when it is not root; and root only, not hard-linked, for a user with no system
@@ -200,6 +202,12 @@ def read_small_file(path: Path) -> str | None:
 
 def _small_file_bytes(path: Path) -> bytes | None:
     """`read_small_file`'s bytes, not decoded yet (their number is what the event loop's limit counts)."""
+    found = _small_file_bytes_stat(path)
+    return None if found is None else found[0]
+
+
+def _small_file_bytes_stat(path: Path) -> tuple[bytes, os.stat_result] | None:
+    """`_small_file_bytes`, and the fstat() of the file read (whose owner an :include: file's rights come from)."""
     try:
         data, st = read_regular_file_stat(path, SMALL_FILE_LIMIT)
     except FileNotFoundError:
@@ -210,7 +218,7 @@ def _small_file_bytes(path: Path) -> bytes | None:
         raise TemporaryError("4.3.0", f"cannot read {path}: {e.strerror}") from None
     if st.st_mode & stat.S_IWOTH:
         raise TemporaryError("4.3.0", f"cannot read {path}: world writable")
-    return data
+    return data, st
 
 
 def _small_file_bytes_as(path: Path, user: str) -> bytes | None:
@@ -627,18 +635,23 @@ class LocalExpander:
         state.includes_done.add(path)
         if depth >= INCLUDE_DEPTH:
             raise TemporaryError("4.6.0", f":include: files nested deeper than {INCLUDE_DEPTH} ({path})")
-        as_user = rights_for(origin.rights, self._config.local.default_privs) if origin.kind == "forward" else None
+        rights = origin.rights
+        user_named = origin.kind == "forward" or rights is not None
+        as_user = rights_for(rights, self._config.local.default_privs) if user_named else None
         if as_user is not None:  # never root's rights for what a user names
             state.forking()
             data = _small_file_bytes_as(Path(path), as_user)
         else:
-            data = _small_file_bytes(Path(path))
+            found = _small_file_bytes_stat(Path(path))
+            data = None if found is None else found[0]
+            if found is not None and rights is None and os.geteuid() == 0:
+                rights = _include_owner(state, path, found[1].st_uid)
         if data is None:
             raise TemporaryError("4.3.0", f"cannot read :include: file {path}: no such file")
         state.parsing(len(data))  # (bytes, as a .forward's: decoded once, off the loop past INLINE_FILE_BYTES)
         text = _small_text(Path(path), data)
         included = _Origin(origin.name, origin.kind, "include", origin.path + (INCLUDED,), origin.address,
-                           origin.owner, True, origin.rights, origin.forwarder)
+                           origin.owner, True, rights, origin.forwarder)
         self._lines(state, owner, self._parse(text, Path(path)), included, depth + 1)
 
     @staticmethod
@@ -647,6 +660,19 @@ class LocalExpander:
             return parse_lines(text, str(path))
         except AliasSyntaxError as e:
             raise TemporaryError("4.3.5", str(e)) from None
+
+
+def _include_owner(state: _Expansion, path: str, uid: int) -> str | None:
+    """The rights an :include: file named where there are none yet (a root-owned alias) gives what it names, as
+    local(8)'s include.c: its owner's when not root (so that the owner cannot act as default_privs), None
+    (default_privs) for root's. TemporaryError 4.3.5 when the owner's uid has no name, as include.c defers it."""
+    if uid == 0:
+        return None
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        state.warn(f"{path}: cannot find :include: file owner username (uid {uid})")
+        raise TemporaryError("4.3.5", "mail system configuration error") from None
 
 
 def _file_between(path: tuple[str, ...], name: str) -> bool:
