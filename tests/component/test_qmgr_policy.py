@@ -754,3 +754,27 @@ def test_notify_classes_decide_the_postmasters_copies():
     assert notices(bounce, failures[1:], ("resource", "software", "delay")) == []
     assert notices(bounce, delays[1:], ("delay",), warn=True) == [
         ("delay", "double-bounce@mx.test", "delays@example.net", "FULL", ["b@example.test"])]
+
+
+
+def test_a_deferred_recipients_bounced_parts_get_the_postmasters_copy_and_double_bounce():
+    """Postfix's bounce log holds a part that bounced while its recipient stays deferred (local(8)'s
+    bounce_append), so bounce(8)'s flush copies it to bounce_notice_recipient (class bounce) and, for a notice
+    that failed (null sender), to the double-bounce recipient, as a recipient that bounced whole."""
+    from mailflow.model import QueuedMessage
+    from mailflow.stages.qmgr.notices import Postmaster
+
+    team = Recipient(0, "team@example.test", "team@example.test")
+    ghost = OwnedFailure("", "ghost@example.test", "5.1.1", 'unknown user: "ghost"')
+    deferred = [RcptResult(team, Outcome.DEFERRED, "4.3.0", "busy", "local", owned=(ghost,))]
+    message = QueuedMessage("Q1", "s@example.org", 0.0, 10, False, "7BIT", 1, (team,))
+    bounce = QueuedMessage("Q2", "", 0.0, 10, False, "7BIT", 1, (team,))
+    pm = Postmaster(("bounce",), bounce_to="bounces", delay_to="")
+    kwargs = dict(warn_delay=False, myhostname="mx.test", double_bounce_recipient="pm", now=0.0, postmaster=pm)
+    assert [(n.sender, n.to, n.ret, [r.recipient.address for r in n.recipients])
+            for n in plan(message, deferred, **kwargs)] == [
+        ("", "s@example.org", None, ["ghost@example.test"]),
+        ("double-bounce@mx.test", "bounces@mx.test", "HDRS", ["ghost@example.test"])]
+    assert [(n.sender, n.to, n.ret, [r.recipient.address for r in n.recipients])
+            for n in plan(bounce, deferred, **kwargs)] == [
+        ("double-bounce@mx.test", "pm@mx.test", "FULL", ["ghost@example.test"])]

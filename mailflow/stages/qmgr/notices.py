@@ -112,12 +112,14 @@ def _postmaster_copies(message: QueuedMessage, results: list[RcptResult], kind: 
       2bounce or bounce; the delays of a notice: to delay_notice_recipient, whole too, with the class delay;
     - the failures of other mail: a copy to bounce_notice_recipient, the original's header section only, with the
       class bounce, whether or not a recipient's NOTIFY asked for the sender's notice (Postfix's bounce log holds
-      every failure; qmgr flags each for the copy); its delays: a copy to delay_notice_recipient with the class
-      delay, at the warning's time (whatever the NOTIFY of each)."""
+      every failure, a deferred recipient's parts that bounced too; qmgr flags each for the copy); its delays: a
+      copy to delay_notice_recipient with the class delay, at the warning's time (whatever the NOTIFY of each)."""
     if kind == "success":
         return []
     classes = postmaster.classes
     about = tuple(_notice_recipient(r, now) for r in results if r.outcome is outcome)
+    if kind == "failure":  # a deferred recipient's parts that bounced: in Postfix's bounce log too
+        about += tuple(told for r in results if r.outcome is not outcome for told in _failed_parts(r, now))
     if not about:
         return []
     if not message.sender:
@@ -166,10 +168,16 @@ def _senders_told(result: RcptResult, now: float) -> list[NoticeRecipient]:
     """What the sender is told of a failed recipient whose list failures go to the lists' owners: its failures of
     no list (`owned` with no owner), each about the member it names, "<member> (expanded from <recipient>)", or
     the recipient itself; nothing when every failure was a list's."""
+    return _failed_parts(result, now, of_lists=False)
+
+
+def _failed_parts(result: RcptResult, now: float, of_lists: bool = True) -> list[NoticeRecipient]:
+    """A recipient's failures told apart (`owned`; with `of_lists` False only those of no list), each about the
+    member it names, "<member> (expanded from <recipient>)"."""
     rcpt = result.recipient
     return [NoticeRecipient(replace(rcpt, address=f.address, original=rcpt.original or rcpt.address), "failed",
                             f.dsn, f.text, last_attempt=now, relay=result.relay, diagnostic_code=f.diagnostic)
-            for f in result.owned if not f.owner]
+            for f in result.owned if of_lists or not f.owner]
 
 
 def _owners_view(told: NoticeRecipient) -> NoticeRecipient:
