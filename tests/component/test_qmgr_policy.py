@@ -403,6 +403,30 @@ async def test_soft_bounce_keeps_a_bounce_deferred_and_logs_it_as_postfix_does(s
     assert await s.store.counts() == {}
 
 
+async def test_soft_bounce_logs_a_deferred_recipients_bounced_parts_as_softbounce(sim, caplog):
+    """Postfix's bounce_append under soft_bounce hands a part that would bounce to the defer service, logged
+    `dsn=4.X.X, status=SOFTBOUNCE`: a deferred recipient's bounced part gets that line after its deferred one, and
+    nobody a notice."""
+    s = await sim(soft_bounce=True)
+    ghost = OwnedFailure("", "ghost@local.test", "5.1.1", 'unknown user: "ghost"')
+
+    def respond(request):
+        s.local.record(request)
+        return DeliveryReport(tuple(RcptResult(r, Outcome.DEFERRED, "4.3.0", "temporary failure", relay="local",
+                                               owned=(ghost,)) for r in request.recipients))
+    s.local.respond = respond
+    with caplog.at_level(logging.INFO, logger="mailflow.mail"):
+        queue_id = await s.submit("alice@remote.test", "team@local.test")
+        await s.run_until(T0 + 60)
+    lines = [r.getMessage() for r in caplog.records if r.name == "mailflow.mail" and "relay=local" in r.getMessage()]
+    assert [line.partition(", relay")[0] for line in lines] == [
+        f"{queue_id}: to=<team@local.test>", f"{queue_id}: to=<ghost@local.test>, orig_to=<team@local.test>"]
+    assert lines[0].endswith("dsn=4.3.0, status=deferred (temporary failure)")
+    assert lines[1].endswith('dsn=4.1.1, status=SOFTBOUNCE (unknown user: "ghost")')
+    assert notices_in(s.smtp) == []
+    assert await s.store.counts() == {"deferred": 1}
+
+
 async def test_soft_bounced_mail_is_still_returned_at_the_end_of_its_lifetime(sim, caplog):
     """Postfix's qmgr returns a message past maximal_queue_lifetime whatever soft_bounce says (defer_flush)."""
     s = await sim(soft_bounce=True, maximal_queue_lifetime=HOUR)

@@ -73,7 +73,8 @@ The loop
   is scanned again after the start; its scan finishes it.
 - `soft_bounce` (Postfix's, for testing a configuration): a recipient an agent bounces is kept deferred
   instead, as every job's results come in (`_soft_bounced`): its status made 4.X.X, its text kept, logged
-  `status=SOFTBOUNCE`; so no failure notice goes out, and the row is recorded as any deferral. The message is
+  `status=SOFTBOUNCE` (a deferred recipient's parts that bounced too, a line each); so no failure notice goes
+  out, and the row is recorded as any deferral. The message is
   still returned when it outlives its lifetime, as Postfix's qmgr returns it then (its defer_flush ignores
   soft_bounce). Address verification probes are not touched (Postfix's bounce_append records them first).
 - A reload (`reconfigure`) hands qmgr a new resolver, transports, [queue] settings and soft_bounce: what is
@@ -151,6 +152,7 @@ from mailflow.model import (Delivered, DeliveryReport, DeliveryRequest, MsgStats
 from mailflow.stages.bounce import EXPIRED, wants_notice
 from mailflow.stages.qmgr.backoff import next_attempt
 from mailflow.stages.qmgr.destination import Destination, Job
+from mailflow.stages.qmgr.notices import bounced_parts
 from mailflow.store import SCAN_CONTENT_BUDGET, Store, store_fault
 from mailflow.tables.search import split_extension
 
@@ -1276,14 +1278,16 @@ def _owned_lines(result: RcptResult) -> list[RcptResult]:
     tools count them, then the parts delivered (`RcptResult.delivered`) on a `status=sent` line, as local(8) logs
     each delivery; the result itself for the others. A deferred result's failures (parts that bounced while
     another waits for the retry) are logged after it (which names the parts delivered), each `status=bounced`, as
-    local(8) logs them at once."""
+    local(8) logs them at once (under soft_bounce `dsn=4.X.X, status=SOFTBOUNCE`, as Postfix's bounce_append)."""
     if result.outcome is Outcome.SENT or not result.owned:
         return [result]
-    failures = [dataclasses.replace(result, outcome=Outcome.BOUNCED, recipient=_about(result.recipient, f), dsn=f.dsn,
-                                    text=f.text, diagnostic=f.diagnostic, expanded="", owned=(), delivered="")
+    soft = result.outcome is Outcome.DEFERRED and result.soft_bounced  # (its parts' bounces kept by soft_bounce)
+    failures = [dataclasses.replace(result, outcome=Outcome.DEFERRED if soft else Outcome.BOUNCED,
+                                    recipient=_about(result.recipient, f), dsn=f.dsn, text=f.text,
+                                    diagnostic=f.diagnostic, expanded="", owned=(), delivered="")
                 for f in result.owned]
     if result.outcome is Outcome.DEFERRED:
-        return [dataclasses.replace(result, owned=(), delivered=""), *failures]
+        return [dataclasses.replace(result, owned=(), delivered="", soft_bounced=False), *failures]
     if result.delivered:
         failures.append(dataclasses.replace(result, outcome=Outcome.SENT, dsn="2.0.0", text=result.delivered,
                                             diagnostic="", expanded="", owned=(), delivered=""))
@@ -1303,7 +1307,7 @@ def _owes_notice(result: RcptResult, notify_classes: tuple[str, ...]) -> bool:
     notify_classes (the postmaster's copy names every failure, as Postfix's bounce log holds them all): its row
     keeps a flag until the end of the attempt queues the notice. A deferred recipient whose parts bounced (`owned`)
     owes their failure notice at the end of this attempt (its row keeps no flag: the retry repeats them)."""
-    kind = "failure" if result.outcome is Outcome.DEFERRED and result.owned else _NOTICE_KIND.get(result.outcome)
+    kind = "failure" if bounced_parts(result) else _NOTICE_KIND.get(result.outcome)
     if kind == "failure" and "bounce" in notify_classes:
         return True
     return kind is not None and wants_notice(result.recipient, kind)
@@ -1312,9 +1316,14 @@ def _owes_notice(result: RcptResult, notify_classes: tuple[str, ...]) -> bool:
 def _soft_bounced(result: RcptResult) -> RcptResult:
     """Under soft_bounce a recipient that would bounce stays queued: deferred, its status 4.X.X, its text kept
     (Postfix's bounce_append hands it to the defer service instead). Its list failures (`owned`) are dropped: no
-    owner is told of a deferral, the next try works them out again, and they are not stored at every retry."""
+    owner is told of a deferral, the next try works them out again, and they are not stored at every retry. A
+    deferred recipient's parts that bounced keep their lines, 4.X.X, logged `status=SOFTBOUNCE` as Postfix's
+    bounce_append logs each (`soft_bounced` on the deferred result says its `owned` are soft: no notice)."""
     if result.outcome is not Outcome.BOUNCED:
-        return dataclasses.replace(result, owned=()) if result.owned else result  # (a deferred one's bounced parts)
+        if not result.owned:
+            return result
+        return dataclasses.replace(result, soft_bounced=True, owned=tuple(
+            f._replace(dsn="4" + f.dsn[1:]) for f in result.owned))
     return dataclasses.replace(result, outcome=Outcome.DEFERRED, dsn="4" + result.dsn[1:], soft_bounced=True,
                                owned=())
 

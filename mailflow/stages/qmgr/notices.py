@@ -90,7 +90,7 @@ def plan(message: QueuedMessage, results: list[RcptResult], *, warn_delay: bool,
         wanted.append(("delay", Outcome.DEFERRED))
     notices: list[Notice] = []
     for kind, outcome in wanted:
-        chosen = [r for r in results if (r.outcome is outcome or kind == "failure" and r.owned)
+        chosen = [r for r in results if (r.outcome is outcome or kind == "failure" and bounced_parts(r))
                   and wants_notice(r.recipient, kind) and not (kind == "success" and r.next_hop_notifies)]
         owned = [told for r in chosen if kind == "failure" for told in _owners_told(r, now)]
         notices.extend(Notice(kind, "", owner, (about,), list_owner=True) for owner, about in owned)
@@ -101,6 +101,12 @@ def plan(message: QueuedMessage, results: list[RcptResult], *, warn_delay: bool,
         notices += _postmaster_copies(message, results, kind, outcome, postmaster, double_bounce_recipient,
                                       myhostname, now)
     return notices
+
+
+def bounced_parts(result: RcptResult) -> bool:
+    """Whether a deferred recipient has parts that bounced (`owned`), to be told: not when soft_bounce kept them
+    deferred (`soft_bounced`)."""
+    return result.outcome is Outcome.DEFERRED and bool(result.owned) and not result.soft_bounced
 
 
 def _postmaster_copies(message: QueuedMessage, results: list[RcptResult], kind: str, outcome: Outcome,
@@ -119,7 +125,7 @@ def _postmaster_copies(message: QueuedMessage, results: list[RcptResult], kind: 
     classes = postmaster.classes
     about = tuple(_notice_recipient(r, now) for r in results if r.outcome is outcome)
     if kind == "failure":  # a deferred recipient's parts that bounced: in Postfix's bounce log too
-        about += tuple(told for r in results if r.outcome is not outcome for told in _failed_parts(r, now))
+        about += tuple(told for r in results if bounced_parts(r) for told in _failed_parts(r, now))
     if not about:
         return []
     if not message.sender:
