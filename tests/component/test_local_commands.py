@@ -200,6 +200,21 @@ async def test_a_files_lines_after_one_that_defers_are_left_for_the_retry(script
     assert "next-line" not in result.text and "forwarded" not in result.text
 
 
+async def test_a_destination_also_named_outside_a_stopped_line_is_delivered(scripts, tmp_path):
+    """A destination named on a file's line after one that deferred and also elsewhere (the alias value around
+    the file) is delivered there, as local(8) meets it there: only a destination every place of which is stopped
+    waits for the retry."""
+    later = scripts.script("later.sh", "exit 75\n")
+    ok = scripts.script("ok.sh", f'echo "$1" >> {scripts.out}/runs\ncat > /dev/null\n')
+    inc = tmp_path / "team.inc"
+    inc.write_text(f'"|{later}"\n"|{ok} both"\n"|{ok} file-only"\n')
+    t = transport(tmp_path, f'team: :include:{inc}, "|{ok} both"\n',
+                  allow_mail_to_commands=("alias", "forward", "include"))
+    [result] = (await t.deliver(request("team@example.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.3.0")
+    assert scripts.read("runs").split() == ["both"]
+
+
 async def test_a_command_exiting_67_bounces_the_recipient_and_the_rest_is_delivered(scripts, tmp_path):
     s = scripts.script("nouser.sh", "exit 67\n")
     [result] = (await transport(tmp_path, f"team: alice, |{s}\n").deliver(request("team@example.test"))).results

@@ -63,7 +63,7 @@ refused (unknown user, loop, restricted command, a command's permanent failure),
 sent, naming every destination. A recipient deferred forwards nothing (local(8)'s forward_finish cancels the new
 messages: the retry sends them). Once a destination named in a .forward or :include: file defers, those of the
 file's later lines (`Leaf.lines`) are left for the retry, not tried, logged nor forwarded (local(8)'s
-deliver_token_stream reads no further line).
+deliver_token_stream reads no further line), unless also named somewhere not stopped (local(8) meets it there).
 
 Failures: never raises for a recipient (what is no delivery problem, a bug, defers that recipient 4.3.0
 "unknown mail transport error", logged with its traceback); an OS error writing a Maildir defers (4.2.0), but a quota or
@@ -261,7 +261,8 @@ class LocalTransport:
         tried: list = []
         stopped: dict[int, int] = {}  # a file (its number in the expansion): the line that deferred
         for leaf in leaves:
-            if any(line > stopped.get(file, line) for file, line in leaf.lines):
+            place = next((p for p in leaf.lines if all(line <= stopped.get(file, line) for file, line in p)), None)
+            if place is None:  # every place naming it is past a line that deferred
                 continue
             tried.append(leaf)
             if isinstance(leaf, Forward):
@@ -280,7 +281,7 @@ class LocalTransport:
                 who = "" if leaf.address.lower() == rcpt.address.lower() else f"{leaf.address}: "
                 parts.append(Part(Outcome.BOUNCED, leaf.dsn, who + leaf.text))
             if parts[-1].outcome is Outcome.DEFERRED:
-                for file, line in leaf.lines:
+                for file, line in place:  # (the place it was read at: its files stop there)
                     stopped.setdefault(file, line)
             listed = isinstance(leaf, (Command, File, Refused)) and leaf.sender is not None
             lists.append((leaf.sender, leaf.address) if listed else None)

@@ -66,8 +66,9 @@ a file its user may not read: its lines would come back in the defer text.
 Commands and files are allowed only from the sources in `allow_mail_to_commands` / `allow_mail_to_files`
 ("alias", "forward", "include"); otherwise the leaf is Refused with 5.7.1. Nothing a client sends can become
 a command or file: those come only from alias values and files on this host.
-Each leaf knows where it was named (`lines`: the .forward and :include: files and their lines, for the agent to
-read no further line of a file once one defers, as local(8)).
+Each leaf knows every place it was named (`lines`: the .forward and :include: files and their lines, or outside
+any, for the agent to read no further line of a file once one defers, as local(8), and to skip a leaf only when
+every place naming it is such a line).
 Duplicate leaves are dropped (one mailbox copy per local part, its extension included; addresses compared without
 case; a command once per user whose expansion names it and rights, a file once per rights, a restricted one too:
 `_privileged`); an :include: file met again in the same expansion (one that includes itself, two that include
@@ -124,27 +125,31 @@ FORWARDED = "\0forward"  # in an _Origin's `path`: a user's .forward between the
 
 
 Lines = tuple[tuple[int, int], ...]  # a leaf's place: (file, line) of each .forward or :include: file it came from
+Places = tuple[Lines, ...]  # every place a leaf was named; () among them: named outside any file
+OUTSIDE: Places = ((),)
 
 
-def _place() -> Lines:
-    """The `lines` field of a leaf: where in the .forward and :include: files it was named (the expansion's file
-    number, the line's), outermost first; not compared (two leaves are the same delivery wherever named). The
-    local agent reads no further line of a file once one deferred, as local(8)'s deliver_token_stream."""
-    return field(default=(), compare=False)
+def _place() -> Places:
+    """The `lines` field of a leaf: each place it was named, in the .forward and :include: files (the expansion's
+    file number, the line's, outermost first; `()` outside any file); not compared (two leaves are the same delivery
+    wherever named). The local agent reads no further line of a file once one deferred, as local(8)'s
+    deliver_token_stream, and skips a leaf only when every place naming it is such a line (local(8) meets it
+    through the others)."""
+    return field(default=OUTSIDE, compare=False)
 
 
 @dataclass(frozen=True)
 class Mailbox:
     user: str
     address: str
-    lines: Lines = _place()
+    lines: Places = _place()
 
 
 @dataclass(frozen=True)
 class Forward:
     address: str
     sender: str | None = None  # the new message's envelope sender; None: the message's own
-    lines: Lines = _place()
+    lines: Places = _place()
 
 
 @dataclass(frozen=True)
@@ -155,7 +160,7 @@ class Command:
     rights: str | None = None  # the system user it runs as (a .forward's owner); None: default_privs as root
     sender: str | None = None  # the envelope sender it is given (a mailing list's owner); None: the message's
     forward: bool = False  # named by a user's .forward (directly or through :include:): it gets the user's HOME
-    lines: Lines = _place()
+    lines: Places = _place()
 
 
 @dataclass(frozen=True)
@@ -165,7 +170,7 @@ class File:
     source: str
     rights: str | None = None  # the system user it is written as; None: default_privs as root
     sender: str | None = None  # the envelope sender its entry names (a mailing list's owner); None: the message's
-    lines: Lines = _place()
+    lines: Places = _place()
 
 
 @dataclass(frozen=True)
@@ -176,7 +181,7 @@ class Pass:
     transport: str
     nexthop: str
     address: str
-    lines: Lines = _place()
+    lines: Places = _place()
 
 
 @dataclass(frozen=True)
@@ -185,7 +190,7 @@ class Refused:
     dsn: str
     text: str
     sender: str | None = None  # a list's owner its failure is reported to (a restricted file of the list)
-    lines: Lines = _place()
+    lines: Places = _place()
 
 
 Leaf = Union[Mailbox, Forward, Command, File, Pass, Refused]
@@ -343,7 +348,7 @@ class _Expansion:
         # "forward <path>" without "forward-done": its user met again inside, through it, gets the mailbox)
         self.includes_done: set[str] = set()
         self.leaves: list[Leaf] = []
-        self.keys: set[tuple] = set()
+        self.keys: dict[tuple, Leaf] = {}  # each leaf kept, by its key
         self.offered = 0  # leaves met, duplicates too: the work done, which the budget bounds
         self.visits = 0  # addresses visited, the same one again too: the work EXPANSION_WORK_LIMIT bounds
         self.relayed: set[str] = set()  # addresses luser_relay made: unknown too, they are refused
@@ -377,13 +382,16 @@ class _Expansion:
         if self.leaf_budget is not None and self.offered > self.leaf_budget:  # (20 000 times one member: work too)
             raise ExpansionTooBig()
         key = identity(leaf) if key is None else key
-        if key not in self.keys:
+        kept = self.keys.get(key)
+        if kept is None:
             if len(self.leaves) >= EXPANSION_LIMIT:
                 raise TemporaryError("4.6.0", f"alias expansion larger than {EXPANSION_LIMIT} destinations")
-            self.keys.add(key)
+            self.keys[key] = leaf
             if self.lines:  # (each leaf is made for this call: set in place, a replace() costs ~3 us a member)
-                object.__setattr__(leaf, "lines", self.lines)
+                object.__setattr__(leaf, "lines", (self.lines,))
             self.leaves.append(leaf)
+        elif () not in kept.lines and self.lines not in kept.lines:  # another place naming it (none past outside)
+            object.__setattr__(kept, "lines", kept.lines + (self.lines,))
 
 
 def identity(leaf: Leaf) -> tuple:
