@@ -98,7 +98,9 @@ The loop
   for this attempt, the hand-off to the agent and the agent's end; None for one qmgr answered itself, timed by
   the attempt's), from which its line's `delay=` and `delays=` are made; a bounced result whose failures are
   told apart (`RcptResult.owned`) has a line per failure, about its list or member, as local(8) logs them (a
-  deferred one's parts that bounced too, after its own line);
+  deferred one's parts that bounced too, after its own line, logged when recorded though their notice is queued
+  with the end of the attempt: a stop in between leaves the lines without a notice until a retry bounces them
+  again; accepted, not stored: the row of a pending recipient keeps no notice flag);
   `on_delivery(transport, seconds)`, when given, is told how long each delivery agent call took (the metrics).
 
 Failure behaviour
