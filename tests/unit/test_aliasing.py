@@ -543,3 +543,14 @@ def test_addresses_visited_again_under_each_members_forward_count_against_the_wo
     for u in users:
         (tmp_path / "mail" / u / ".forward").unlink()
     assert e.expand("plain@example.test") == [mailbox(u) for u in users]
+
+
+def test_a_leaf_keeps_every_place_naming_it_until_one_outside_any_file(tmp_path):
+    """A duplicate leaf adds its place (file, line) to the leaf kept, for the agent to skip it only when every place
+    is past a line that deferred; once named outside any file (never stopped) it adds none, nor the same place
+    twice in a row: what is kept stays linear in the names met."""
+    inc = include_file(tmp_path, "|/usr/bin/log, |/usr/bin/log\n|/usr/bin/log\n")
+    e = expander(tmp_path, f"list: :include:{inc}, |/usr/bin/log, :include:{inc}, |/usr/bin/log\n",
+                 allow_mail_to_commands=("alias", "include"))
+    [leaf] = e.expand("list@example.test")
+    assert leaf.lines == (((1, 0),), ((1, 1),), ())

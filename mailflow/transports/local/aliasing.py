@@ -349,6 +349,7 @@ class _Expansion:
         self.includes_done: set[str] = set()
         self.leaves: list[Leaf] = []
         self.keys: dict[tuple, Leaf] = {}  # each leaf kept, by its key
+        self.more_places: dict[tuple, list[Lines]] = {}  # by a leaf's key: the places naming it after its first
         self.offered = 0  # leaves met, duplicates too: the work done, which the budget bounds
         self.visits = 0  # addresses visited, the same one again too: the work EXPANSION_WORK_LIMIT bounds
         self.relayed: set[str] = set()  # addresses luser_relay made: unknown too, they are refused
@@ -390,8 +391,18 @@ class _Expansion:
             if self.lines:  # (each leaf is made for this call: set in place, a replace() costs ~3 us a member)
                 object.__setattr__(leaf, "lines", (self.lines,))
             self.leaves.append(leaf)
-        elif () not in kept.lines and self.lines not in kept.lines:  # another place naming it (none past outside)
-            object.__setattr__(kept, "lines", kept.lines + (self.lines,))
+        else:  # another place naming it (none past one outside any file, which is never stopped)
+            more = self.more_places.setdefault(key, [])
+            if (more[-1] if more else kept.lines[-1]) not in ((), self.lines):
+                more.append(self.lines)
+
+    def placed(self) -> list[Leaf]:
+        """The leaves, each with every place naming it (`Leaf.lines`)."""
+        for key, more in self.more_places.items():
+            kept = self.keys[key]
+            object.__setattr__(kept, "lines", kept.lines + tuple(more))
+        self.more_places.clear()
+        return self.leaves
 
 
 def identity(leaf: Leaf) -> tuple:
@@ -439,7 +450,7 @@ class LocalExpander:
         than go past that many leaves."""
         state = _Expansion(frozenset(a.lower() for a in delivered_to), warn, leaf_budget)
         self._visit(state, self._rewriter.qualify(addr), _Origin())
-        return state.leaves, state.kind
+        return state.placed(), state.kind
 
     def _visit(self, state: _Expansion, addr: str, origin: "_Origin") -> None:
         state.visited()
