@@ -323,10 +323,9 @@ async def _feed(stdin: asyncio.StreamWriter, data: bytes | AsyncIterable[bytes],
 
 
 def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    """SIGKILL the command's process group (it leads its own session), offspring included; not once the command
-    has been waited for (its returncode set): its number may be another process group's by then."""
-    if proc.returncode is not None:
-        return
+    """SIGKILL the command's process group (it leads its own session), offspring included, also once the command
+    itself was waited for: a job it left behind (`sh -c 'job & exit 0'`) keeps the group, and so its number, alive;
+    a group with no member left gets ESRCH (a number is reused only after its group emptied)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):

@@ -239,7 +239,7 @@ async def test_a_read_error_is_returned_at_once_even_when_a_daemon_holds_the_out
 
     async def failing():
         yield b"From: a\n\npart one\n"
-        await asyncio.sleep(0.2)  # (the daemon started)
+        await eventually(lambda: scripts.read("daemons").strip(), timeout=5, what="the daemon started")
         raise OSError(errno.EIO, "Input/output error")
 
     try:
@@ -253,15 +253,18 @@ async def test_a_read_error_is_returned_at_once_even_when_a_daemon_holds_the_out
             os.kill(int(daemon), signal.SIGKILL)
 
 
-async def test_a_command_already_waited_for_is_never_signalled(monkeypatch):
-    """Its process group number may be another's once it was reaped: `_kill_group` (the feed's kill, the time
-    limit's) sent SIGKILL to it whatever the state."""
-    proc = await asyncio.create_subprocess_exec("/bin/true")
-    await proc.wait()
-    sent: list = []
-    monkeypatch.setattr(pipe_module.os, "killpg", lambda *args: sent.append(args))
-    pipe_module._kill_group(proc)
-    assert sent == []
+async def test_the_time_limit_kills_a_job_the_command_left_behind_after_it_exited(scripts):
+    """`job & exit 0`: the command is reaped at once, its job keeps the output open until the time limit. A guard
+    that skipped the kill once the command was waited for left the job running after every such delivery."""
+    s = scripts.script("left.sh", f"sleep 30 &\necho $! > {scripts.out}/job\nexit 0\n")
+    [result] = (await asyncio.wait_for(pipe([str(s)], time_limit=0.5).deliver(request("a@pipe.test")), 10)).results
+    assert outcome(result) == (Outcome.BOUNCED, "5.3.0")
+    job = int(scripts.read("job"))
+    try:
+        await eventually(lambda: not alive(job), timeout=2, what="the job left behind is killed")
+    finally:
+        if alive(job):
+            os.kill(job, signal.SIGKILL)
 
 
 async def test_a_huge_output_is_cut_at_output_limit_and_drained(scripts):
