@@ -61,8 +61,8 @@ class TableCache:
         from memory (the common case costs nothing) unless `off_loop` (work too long for the loop whatever the
         tables: a list of thousands of members), else in a worker thread; with a blocking table opened here,
         waited for at most the slowest one's deadline (plus RUN_GRACE). Past that: LookupRetry. Exceptions of `fn`
-        propagate. `workers(call)`: runs `call` in a thread of its own pool instead of the default executor's (the
-        deadline covers its wait for a free thread too)."""
+        propagate. `workers(call)`: runs `call` in a thread of its own pool instead of the default executor's; the
+        deadline covers the call, so reserve that thread before (a wait for it is not the table's slowness)."""
         blocking = self._blocking
         if not blocking and not off_loop:
             return fn(*args)

@@ -242,8 +242,8 @@ class LocalTransport:
                 return await self._expander.tables.run(partial(expand, leaf_budget=INLINE_LEAVES))
             except ExpansionTooBig:
                 warnings.clear()
-                return await self._expander.tables.run(expand, off_loop=True,  # (a sqlite table's deadline kept)
-                                                       workers=self._workers.run)
+                async with self._workers.slot() as submit:  # (the wait for a thread is not the table's deadline)
+                    return await self._expander.tables.run(expand, off_loop=True, workers=submit)
         finally:  # (also those told before an expansion failed: a bad alias value's)
             for text in warnings:
                 log.warning("%s: %s", queue_id, text)

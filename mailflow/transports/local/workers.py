@@ -1,7 +1,9 @@
 """A few worker threads of local delivery's own, for expansions too long for the event loop.
 
     BoundedWorkers(size, wait, doing)    at most `size` threads, made when first needed
-    await workers.run(call) -> T         call() in one of them, once one is free; waits `wait` s at most for it
+    await workers.run(call) -> T         call() in one of them, once one is free (see below)
+    async with workers.slot() as submit  a free thread reserved first; `await submit(call)` then runs call() in it
+                                         without waiting again (a caller's own deadline can start after the wait)
     workers.close()                      no new work; idle threads end (running ones end with their work)
 
 A thread counts as busy until its work ends, not until its caller stops waiting: a caller cancelled (a delivery
@@ -9,14 +11,15 @@ stopped at shutdown) or timed out (a sqlite table's deadline) leaves the thread 
 starts in its place until it returns. So there are never more than `size` threads, whatever the callers do, and
 the threads the queue's fsyncs, the mailbox writes and smtpd share (the default executor) are never taken.
 
-Failure behaviour: `TemporaryError` 4.3.0 when no thread is free within `wait` seconds (`no worker free for
-DOING within Ns: N busy`); what `call` raises propagates.
+Failure behaviour: `TemporaryError` 4.3.0 when no thread is free within `wait` seconds
+(`no worker free for DOING within Ns: N busy`); what `call` raises propagates.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from typing import Callable, TypeVar
+import contextlib
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 from mailflow.errors import TemporaryError
 
@@ -35,20 +38,42 @@ class BoundedWorkers:
 
     async def run(self, call: Callable[[], T]) -> T:
         """See the module docstring."""
+        async with self.slot() as submit:
+            return await submit(call)
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[Callable[[Callable[[], T]], Awaitable[T]]]:
+        """See the module docstring. The reservation is given back at the block's end when nothing was submitted,
+        else when the submitted call ends in its thread."""
+        await self._acquire()
+        submitted = False
+
+        async def submit(call: Callable[[], T]) -> T:
+            nonlocal submitted
+            if submitted:
+                raise RuntimeError("one call per slot")
+            loop = asyncio.get_running_loop()
+            work = self._pool.submit(call)
+            submitted = True
+            work.add_done_callback(lambda _: _call_soon(loop, self._done))  # (when the thread is done)
+            return await asyncio.wrap_future(work)
+
+        try:
+            yield submit
+        finally:
+            if not submitted:
+                self._free.release()
+
+    async def _acquire(self) -> None:
         try:
             async with asyncio.timeout(self._wait):
                 await self._free.acquire()
         except TimeoutError:
             raise TemporaryError("4.3.0", f"no worker free for {self._doing} within {self._wait:g}s: "
                                           f"{self._size} busy") from None
-        loop = asyncio.get_running_loop()
-        try:
-            work = self._pool.submit(call)
-        except BaseException:
-            self._free.release()
-            raise
-        work.add_done_callback(lambda _: _call_soon(loop, self._free.release))  # (when the thread is done)
-        return await asyncio.wrap_future(work)
+
+    def _done(self) -> None:
+        self._free.release()
 
     def close(self) -> None:
         """See the module docstring."""
