@@ -605,6 +605,29 @@ async def test_an_expansion_whose_delivery_stopped_waiting_still_holds_its_threa
         await t.close()
 
 
+async def test_a_burst_of_slow_expansions_that_progress_is_queued_not_deferred(tmp_path, monkeypatch):
+    """OFF_LOOP_WAIT bounded each waiter's own wait: six expansions of 0.2 s on two threads with a wait of 0.3 s
+    deferred the last ones "no worker free" though every thread was working. A waiter gives up only when no
+    thread finished anything for the whole wait (hung threads: the test above)."""
+    monkeypatch.setattr(agent, "OFF_LOOP_WAIT", 0.3)
+    t = transport(tmp_path)
+    real = t._expander.expand_recipient
+
+    def slow(address, *, leaf_budget=None, **kw):
+        if leaf_budget is not None:  # (the first attempt gives up, as before a fork)
+            raise aliasing.ExpansionTooBig()
+        time.sleep(0.2)
+        return real(address, **kw)
+
+    monkeypatch.setattr(t._expander, "expand_recipient", slow)
+    try:
+        reports = await asyncio.wait_for(
+            asyncio.gather(*(t.deliver(request("alice@example.test")) for _ in range(6))), 10)
+        assert [r.results[0].outcome for r in reports] == [Outcome.SENT] * 6, [r.results[0].text for r in reports]
+    finally:
+        await t.close()
+
+
 async def test_a_sqlite_deadline_firing_adds_no_expansion_thread(tmp_path, monkeypatch):
     """A sqlite table's deadline (asyncio.timeout) ends the wait, the thread goes on: with the semaphore each
     deferred retry added one (the review: 6 threads after 3 rounds of 2 deliveries against a bound of 2)."""

@@ -11,7 +11,10 @@ stopped at shutdown) or timed out (a sqlite table's deadline) leaves the thread 
 starts in its place until it returns. So there are never more than `size` threads, whatever the callers do, and
 the threads the queue's fsyncs, the mailbox writes and smtpd share (the default executor) are never taken.
 
-Failure behaviour: `TemporaryError` 4.3.0 when no thread is free within `wait` seconds
+A caller waits for a free thread as long as the threads make progress: it gives up only when no thread finished
+any work for `wait` seconds (they look hung). A burst of slow but working calls is queued, never deferred.
+
+Failure behaviour: `TemporaryError` 4.3.0 when no thread is free and none finished a call for `wait` seconds
 (`no worker free for DOING within Ns: N busy`); what `call` raises propagates.
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import math
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 from mailflow.errors import TemporaryError
@@ -35,6 +39,7 @@ class BoundedWorkers:
         self._doing = doing
         self._pool = concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix=doing.replace(" ", "-"))
         self._free = asyncio.Semaphore(size)
+        self._last_done = -math.inf  # loop time a call last ended in a thread
 
     async def run(self, call: Callable[[], T]) -> T:
         """See the module docstring."""
@@ -65,14 +70,19 @@ class BoundedWorkers:
                 self._free.release()
 
     async def _acquire(self) -> None:
-        try:
-            async with asyncio.timeout(self._wait):
-                await self._free.acquire()
-        except TimeoutError:
-            raise TemporaryError("4.3.0", f"no worker free for {self._doing} within {self._wait:g}s: "
-                                          f"{self._size} busy") from None
+        loop = asyncio.get_running_loop()
+        while True:  # (each turn: a call ended within the last `wait` s, so the threads are not hung)
+            try:
+                async with asyncio.timeout(self._wait):
+                    await self._free.acquire()
+                return
+            except TimeoutError:
+                if loop.time() - self._last_done >= self._wait:
+                    raise TemporaryError("4.3.0", f"no worker free for {self._doing} within {self._wait:g}s: "
+                                                  f"{self._size} busy") from None
 
     def _done(self) -> None:
+        self._last_done = asyncio.get_running_loop().time()
         self._free.release()
 
     def close(self) -> None:
