@@ -28,6 +28,7 @@ except a file system quota or file size limit (EDQUOT, EFBIG): a full mailbox, 5
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -296,11 +297,7 @@ def _open_base(base: Path, owner: Owner) -> int:
         base.parent.mkdir(parents=True, exist_ok=True)
     elif not base.parent.is_dir():
         raise OSError(errno.ENOENT, f"mail spool directory {base.parent} does not exist (mailflow does not make it)")
-    try:
-        os.mkdir(base, 0o700)
-        os.chown(base, owner.uid, owner.gid, follow_symlinks=False)
-    except FileExistsError:
-        pass
+    _make_for(owner, base)
     named = os.lstat(base)
     if stat.S_ISLNK(named.st_mode) and named.st_uid != 0:
         raise OSError(errno.EPERM, f"symbolic link {base} is owned by uid {named.st_uid}, not root: not followed")
@@ -316,6 +313,29 @@ def _open_base(base: Path, owner: Owner) -> int:
     return fd
 
 
+def _make_for(owner: Owner, path: Path, name: str | Path | None = None, parent: int | None = None) -> None:
+    """Make directory `name` (in `parent`, an fd; else `path`) 0700 and give it to `owner`, unless it exists. Given
+    away through an fd of the name opened without following a link, and only when that fd is an empty directory
+    of ours (the one just made, or one as worthless: a directory root made for someone else has content or gets
+    it), on the parent's filesystem (no mount point): never chown by path, where whoever may write the parent could
+    swap the new directory for a link, or a hard link to a file, that root would give away (OSError EPERM)."""
+    name = path if name is None else name
+    try:
+        os.mkdir(name, 0o700, dir_fd=parent)
+    except FileExistsError:
+        return
+    fd = os.open(name, _DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+    try:
+        made = os.fstat(fd)
+        above = os.fstat(parent) if parent is not None else os.stat(Path(path).parent)
+        if (not stat.S_ISDIR(made.st_mode) or made.st_uid != os.geteuid() or made.st_dev != above.st_dev
+                or os.listdir(fd)):
+            raise OSError(errno.EPERM, f"{path} was replaced after it was made: not given to uid {owner.uid}")
+        os.fchown(fd, owner.uid, owner.gid)
+    finally:
+        os.close(fd)
+
+
 def _check_owned(st: os.stat_result, owner: Owner, path: Path) -> None:
     """A home's directory (`path`, status `st`) is the owner's or root's (an administrator's), or OSError EPERM:
     another user's directory never receives the mail (Postfix, writing as the user, would fail on it)."""
@@ -327,12 +347,11 @@ def _subdirectory(parent: int, name: str, owner: Owner | None, path: Path | None
     """An fd of `parent/name` (`path`, for the error), made (0700, given to `owner`) when missing; with an owner a
     symbolic link there is not followed: OSError ELOOP "symbolic link … not followed", and in a home another
     user's directory is refused (`_check_owned`)."""
-    try:
-        os.mkdir(name, 0o700, dir_fd=parent)
-        if owner is not None:
-            os.chown(name, owner.uid, owner.gid, dir_fd=parent, follow_symlinks=False)
-    except FileExistsError:
-        pass
+    if owner is not None:
+        _make_for(owner, path or Path(name), name, parent)
+    else:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o700, dir_fd=parent)
     try:
         fd = os.open(name, _DIRECTORY | (os.O_NOFOLLOW if owner is not None else 0), dir_fd=parent)
     except OSError as e:  # (O_DIRECTORY | O_NOFOLLOW on a link: ENOTDIR on Linux, ELOOP elsewhere)

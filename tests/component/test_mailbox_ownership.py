@@ -8,6 +8,7 @@ import os
 import pwd
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -306,3 +307,33 @@ def opened(path, owner) -> str:
     except DeliveryError as e:
         return f"{e.dsn} {e.text}"
     return "opened"
+
+
+@pytest.mark.parametrize("swapped", ["nobody", "nobody/Maildir"])
+async def test_a_directory_swapped_for_a_hard_link_after_it_was_made_is_never_given_away(tmp_path, monkeypatch,
+                                                                                        swapped):
+    """Root made a missing home (or a directory in it) then chowned it by path: in a base group members may write
+    (2775, no sticky bit), the recipient swapped the new directory for a hard link to a file (another user's mbox)
+    in between, and root gave that file to the recipient. The swap is forced right after mkdir."""
+    local = transports(tmp_path, local={"home_mailbox": "Maildir/"})["local"]
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"alice's mail\n")
+    os.chown(victim, OTHER_UID, OTHER_UID)
+    target = tmp_path / "mail" / swapped
+    if swapped != "nobody":
+        target.parent.mkdir(parents=True)
+        os.chown(target.parent, NOBODY.pw_uid, NOBODY.pw_gid)
+    real_mkdir = os.mkdir
+
+    def mkdir_then_swap(path, mode=0o777, *, dir_fd=None):
+        real_mkdir(path, mode, dir_fd=dir_fd)
+        made = target.parent / path if dir_fd is not None else Path(path)
+        if made == target:
+            os.rmdir(made)
+            os.link(victim, made)
+
+    monkeypatch.setattr(os, "mkdir", mkdir_then_swap)
+    [result] = (await local.deliver(request("nobody@local.test"))).results
+    monkeypatch.undo()
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.2.0"), result
+    assert victim.stat().st_uid == OTHER_UID and victim.read_bytes() == b"alice's mail\n"
