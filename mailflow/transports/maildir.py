@@ -298,19 +298,38 @@ def _open_base(base: Path, owner: Owner) -> int:
     elif not base.parent.is_dir():
         raise OSError(errno.ENOENT, f"mail spool directory {base.parent} does not exist (mailflow does not make it)")
     _make_for(owner, base)
-    named = os.lstat(base)
-    if stat.S_ISLNK(named.st_mode) and named.st_uid != 0:
-        raise OSError(errno.EPERM, f"symbolic link {base} is owned by uid {named.st_uid}, not root: not followed")
-    fd = os.open(base, _DIRECTORY)
+    fd = _open_home(base)
     try:
-        opened = os.fstat(fd)
-        if not stat.S_ISLNK(named.st_mode) and (opened.st_dev, opened.st_ino) != (named.st_dev, named.st_ino):
-            raise OSError(errno.EPERM, f"{base} was replaced while it was opened")
-        _check_owned(opened, owner, base)
+        _check_owned(os.fstat(fd), owner, base)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _open_home(base: Path) -> int:
+    """An fd of the directory `base` names, following it only when it is a symbolic link root owns (OSError EPERM
+    naming the link's owner otherwise). Race-free: the name is opened once (O_PATH|O_NOFOLLOW), and that fd is the
+    one whose owner is checked and whose text is read; a link's text never changes (replacing a link makes another
+    one), and the target is opened relative to the link's own directory, as the kernel would follow it. A link
+    swapped in after the check is never the one followed (an lstat then an open by name followed the new one)."""
+    parent = os.open(base.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        named = os.open(base.name, os.O_PATH | os.O_NOFOLLOW, dir_fd=parent)
+        try:
+            st = os.fstat(named)
+            if stat.S_ISLNK(st.st_mode) and st.st_uid != 0:
+                raise OSError(errno.EPERM, f"symbolic link {base} is owned by uid {st.st_uid}, not root: not followed")
+            try:
+                if stat.S_ISLNK(st.st_mode):
+                    return os.open(os.readlink("", dir_fd=named), _DIRECTORY, dir_fd=parent)
+                return os.open(".", _DIRECTORY, dir_fd=named)
+            except OSError as e:  # (named as the user wrote it, not '.' or the link's text)
+                raise OSError(e.errno, e.strerror, str(base)) from None
+        finally:
+            os.close(named)
+    finally:
+        os.close(parent)
 
 
 def _make_for(owner: Owner, path: Path, name: str | Path | None = None, parent: int | None = None) -> None:

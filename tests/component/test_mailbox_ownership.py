@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import stat
 import threading
 import time
 from pathlib import Path
@@ -337,3 +338,45 @@ async def test_a_directory_swapped_for_a_hard_link_after_it_was_made_is_never_gi
     monkeypatch.undo()
     assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.2.0"), result
     assert victim.stat().st_uid == OTHER_UID and victim.read_bytes() == b"alice's mail\n"
+
+
+async def test_a_home_link_swapped_after_its_owner_was_checked_is_not_followed(tmp_path, monkeypatch):
+    """The home link's owner was checked with lstat, then the name opened following links: in a base others may
+    write (2775 or 1777), uid 4321 replaced root's link with its own, to a directory of root's, in between, and
+    nobody's mail was made there. The swap is forced right after the check (lstat of the name, or fstat of the link)."""
+    local = transports(tmp_path, local={"home_mailbox": "Maildir/"})["local"]
+    data = tmp_path / "data" / "nobody"
+    data.mkdir(parents=True)
+    os.chown(data, NOBODY.pw_uid, NOBODY.pw_gid)
+    trap = tmp_path / "etc-like"  # a directory of root's (the home check passes it)
+    trap.mkdir()
+    (tmp_path / "mail").mkdir(mode=0o1777)
+    home = tmp_path / "mail" / "nobody"
+    home.symlink_to(data)
+    real_lstat, real_fstat, swapped = os.lstat, os.fstat, []
+
+    def swap() -> None:
+        if not swapped:
+            swapped.append(True)
+            home.unlink()
+            home.symlink_to(trap)
+            os.lchown(home, OTHER_UID, OTHER_UID)
+
+    def lstat_then_swap(path, *args, **kw):
+        st = real_lstat(path, *args, **kw)
+        if Path(path) == home:
+            swap()
+        return st
+
+    def fstat_then_swap(fd):
+        st = real_fstat(fd)
+        if stat.S_ISLNK(st.st_mode):  # (only an O_PATH descriptor of a link is one)
+            swap()
+        return st
+
+    monkeypatch.setattr(os, "lstat", lstat_then_swap)
+    monkeypatch.setattr(os, "fstat", fstat_then_swap)
+    [result] = (await local.deliver(request("nobody@local.test"))).results
+    monkeypatch.undo()
+    assert swapped and result.outcome is Outcome.SENT, result
+    assert list(trap.iterdir()) == [] and len(list((data / "Maildir" / "new").iterdir())) == 1
