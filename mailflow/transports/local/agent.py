@@ -338,11 +338,14 @@ class LocalTransport:
                 return Part(*write_failure(path, e))
             return Part(Outcome.SENT, "2.0.0", "delivered to maildir")  # local(8)'s words: the path is not named
         entry = mbox_entry(request.content, sender=request.sender, arrival=self._clock.time(), prepend=prefix)
+        spool_made = home is not None or os.geteuid() != 0  # (as root the spool is the operator's: Postfix's too)
         try:
             await append_mbox(path, entry, locks=self._local.mailbox_delivery_lock, owner=owner,
                               home=None if owner is None else home, size_limit=self._local.mailbox_size_limit,
-                              create_parents=home is not None)  # (the mail spool is never made: Postfix's neither)
+                              create_parents=spool_made)
         except DeliveryError as e:
+            if not spool_made and not path.parent.is_dir():
+                return _spool_missing(path.parent)
             return _failed(e)
         return Part(Outcome.SENT, "2.0.0", "delivered to mailbox")
 
@@ -621,6 +624,10 @@ def _maildir_owner(owner: tuple[int, int] | None, maildir: Path, home: Path | No
     if owner is None:
         return None
     return Owner(*owner, home, home=True) if home is not None else Owner(*owner, maildir, home=True, spool=True)
+
+
+def _spool_missing(spool: Path) -> Part:
+    return Part(Outcome.DEFERRED, "4.2.0", f"mail spool directory {spool} does not exist (mailflow does not make it)")
 
 
 def _failed(e: DeliveryError) -> Part:
