@@ -33,7 +33,7 @@ from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports.local import aliasing
 from mailflow.transports.local.aliasing import LocalExpander
 from mailflow.routing.rewrite import Rewriter
-from mailflow.transports.local import agent
+from mailflow.transports.local import agent, mbox
 from mailflow.transports.local.agent import LocalTransport
 from mailflow.transports.maildir import MaildirWriter
 from tests.support import big_message, spooled
@@ -626,6 +626,45 @@ async def test_a_burst_of_slow_expansions_that_progress_is_queued_not_deferred(t
         assert [r.results[0].outcome for r in reports] == [Outcome.SENT] * 6, [r.results[0].text for r in reports]
     finally:
         await t.close()
+
+
+async def test_file_appends_that_never_answer_hold_threads_of_their_own_not_the_shared_pool(tmp_path, public_dir,
+                                                                                             monkeypatch):
+    """A /file append (as the user, in a forked child) ran in the default executor's threads without limit: six to
+    a file that never answers (a FUSE file the user serves) held every thread the queue's fsyncs, the Maildir
+    writes and smtpd share. They run in FILE_WRITERS threads of the agent's own; an unrelated to_thread call runs."""
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=4))
+    monkeypatch.setattr(agent, "OFF_LOOP_WAIT", 30.0)
+    t = transport(tmp_path, f"keep: {public_dir / 'never.mbox'}\n")
+    release, running, most, lock = threading.Event(), [0], [0], threading.Lock()
+    both = asyncio.Event()
+
+    def hung(*args, **kw):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            if running[0] == agent.FILE_WRITERS:
+                loop.call_soon_threadsafe(both.set)
+        try:
+            assert release.wait(timeout=30)
+            return None
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(mbox, "_append_once", hung)
+    monkeypatch.setattr(mbox, "_append_once_as", hung)
+    deliveries = [asyncio.ensure_future(t.deliver(request("keep@example.test"))) for _ in range(6)]
+    try:
+        await asyncio.wait_for(both.wait(), 10)
+        await asyncio.wait_for(asyncio.to_thread(lambda: None), 5)  # (before: all four threads held, never done)
+    finally:
+        release.set()
+        reports = await asyncio.wait_for(asyncio.gather(*deliveries), 10)
+        await t.close()
+    assert all(r.results[0].outcome is Outcome.SENT for r in reports)
+    assert most[0] == agent.FILE_WRITERS
 
 
 async def test_a_sqlite_deadline_firing_adds_no_expansion_thread(tmp_path, monkeypatch):

@@ -157,6 +157,7 @@ class _Filled:
 
 INLINE_LEAVES = 200  # leaves of an expansion made on the event loop at most (~14 ms of local members); more: a thread
 OFF_LOOP_EXPANSIONS = 2  # expansions made in worker threads at once at most (threads of the agent's own)
+FILE_WRITERS = 2  # `/file` appends made at once at most (threads of the agent's own: see `_file`)
 OFF_LOOP_WAIT = 60.0  # seconds an expansion waits for one of those at most (then 4.3.0: two hung ones cannot stall all)
 
 
@@ -176,6 +177,7 @@ class LocalTransport:
         self._forward = forward
         self._relay = relay
         self._workers = BoundedWorkers(OFF_LOOP_EXPANSIONS, OFF_LOOP_WAIT, "local expansion")  # (see `_expand`)
+        self._file_writers = BoundedWorkers(FILE_WRITERS, OFF_LOOP_WAIT, "local file write")  # (see `_file`)
 
     delivers_each = True  # one recipient after another: qmgr records each result as it comes (`deliver_each`)
 
@@ -202,6 +204,7 @@ class LocalTransport:
 
     async def close(self) -> None:
         self._workers.close()
+        self._file_writers.close()
 
     async def _deliver_recipient(self, request: DeliveryRequest, rcpt: Recipient, seen: frozenset[str],
                                  filled: _Filled) -> RcptResult:
@@ -364,7 +367,10 @@ class LocalTransport:
     async def _file(self, request: DeliveryRequest, rcpt: Recipient, leaf: File) -> Part:
         """A `/file` destination, appended in mbox format under the mailbox locks; `/dev/null` discards. As
         root the append runs in a forked child as the .forward's user or `default_privs` (Postfix writes files
-        with the alias owner's or the user's rights, never root's: a .forward must not reach /etc/passwd)."""
+        with the alias owner's or the user's rights, never root's: a .forward must not reach /etc/passwd). The
+        append runs in one of the agent's own FILE_WRITERS threads: a file that never answers (a FUSE file the user
+        serves, a hung NFS mount) holds one of those, never a thread the queue's fsyncs and smtpd share; once
+        neither finished anything for OFF_LOOP_WAIT s, the next /file deliveries defer 4.3.0."""
         if leaf.path == os.devnull:
             return Part(Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}")
         sender, original = _envelope(request, rcpt, leaf.sender)
@@ -374,7 +380,7 @@ class LocalTransport:
         try:
             await append_mbox(Path(leaf.path), entry, locks=self._local.mailbox_delivery_lock, user=as_user,
                               size_limit=self._local.mailbox_size_limit, create_parents=False,
-                              refuse_executable=True)
+                              refuse_executable=True, workers=self._file_writers.run)
         except DeliveryError as e:
             return _failed(e)
         return Part(Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}")

@@ -78,7 +78,7 @@ import struct
 import time
 from functools import partial
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, NamedTuple, cast
+from typing import Awaitable, Callable, Iterable, Iterator, Literal, NamedTuple, cast
 
 from mailflow.config import DEFAULTS, LocalConfig
 from mailflow.content import Content
@@ -193,7 +193,9 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes], *,
                       locks: tuple[LockStyle, ...] = DEFAULTS.local.mailbox_delivery_lock,
                       lock_timeout: float = DEFAULT_LOCK_TIMEOUT, stale_lock_time: float = STALE_LOCK_TIME,
                       user: str | None = None, owner: tuple[int, int] | None = None, size_limit: int = 0,
-                      create_parents: bool = True, refuse_executable: bool = False, home: Path | None = None) -> None:
+                      create_parents: bool = True, refuse_executable: bool = False, home: Path | None = None,
+                      workers: Callable[[Callable[[], LockStyle | None]], Awaitable[LockStyle | None]] | None = None,
+                      ) -> None:
     """Append `entry` (from format_mbox_entry) to the mbox file at `path`, durably, under `locks` (taken in
     that order), or raise a DeliveryError (TemporaryError / PermanentError, see the module docstring). The
     mailbox never keeps part of an entry. With `user` (mailflow running as root) each attempt runs in a
@@ -208,7 +210,9 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes], *,
     Postfix's file size limit.
     `create_parents`: make the missing directories above the file (a mailbox), or not (a /file destination an
     alias or .forward names: a missing directory is an OS error, TemporaryError 4.2.0). `refuse_executable`: an
-    existing file with an execute bit is not written, PermanentError 5.7.1 (local(8)'s "file is executable")."""
+    existing file with an execute bit is not written, PermanentError 5.7.1 (local(8)'s "file is executable").
+    `workers(call)`: runs each attempt in a thread of the caller's own pool instead of the default executor's (a
+    file that never answers then holds one of those threads, never one that the queue and smtpd share)."""
     if len(set(locks)) != len(locks) or not set(locks) <= set(_LOCK_STYLES):
         raise ValueError(f"lock styles {locks!r}: each of {', '.join(_LOCK_STYLES)} at most once")
     args = (Path(path), entry, tuple(locks), stale_lock_time, owner, size_limit, create_parents, refuse_executable,
@@ -216,7 +220,7 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes], *,
     attempt = partial(_append_once, *args) if user is None else partial(_append_once_as, user, *args)
     deadline = time.monotonic() + lock_timeout
     delay, most = (_FIRST_POLL, _MAX_POLL) if user is None else (_FIRST_FORKED_POLL, _MAX_FORKED_POLL)
-    while (busy := await asyncio.to_thread(attempt)) is not None:
+    while (busy := await (asyncio.to_thread(attempt) if workers is None else workers(attempt))) is not None:
         left = deadline - time.monotonic()
         if left <= 0:
             raise _busy(Path(path), busy, lock_timeout)
