@@ -50,3 +50,24 @@ def test_a_child_that_answers_in_time_gives_its_result():
     nobody = pwd.getpwnam("nobody").pw_uid
     text = "hello" * 20000  # (more than a pipe holds: read while the child writes)
     assert asuser.call_as("nobody", "say", _answer, text, timeout=30) == f"{nobody} {text}".encode()
+
+
+def _marks_then_takes_long(*, writing) -> bytes:
+    writing()
+    time.sleep(1.0)
+    return b"written"
+
+
+def _hangs_before_marking(*, writing) -> bytes:
+    time.sleep(3600)
+    writing()
+    return b""
+
+
+def test_a_marked_child_is_not_killed_once_it_marked_its_start():
+    """`marked` (a /file append): past mark() the child writes, and killed there it would leave a partial entry;
+    its time limit ends there. Before, it runs as any child."""
+    assert asuser.call_as("nobody", "write", _marks_then_takes_long, timeout=0.3, marked=True) == b"written"
+    with pytest.raises(TemporaryError) as failed:
+        asuser.call_as("nobody", "write", _hangs_before_marking, timeout=0.3, marked=True)
+    assert failed.value.text == "cannot write as nobody: no answer within 0.3s, the child was killed"

@@ -744,3 +744,22 @@ async def test_an_include_file_is_measured_in_bytes_for_the_event_loop(tmp_path,
     [result] = (await t.deliver(request("team@example.test"))).results
     assert result.outcome is Outcome.SENT and [c[2] for c in fwd.calls] == [("carol@remote.test",)], result
     assert parsed and threading.main_thread() not in parsed
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a /file is written by a child as the user only as root")
+async def test_a_file_append_whose_open_never_answers_is_killed_and_defers(tmp_path, public_dir, monkeypatch):
+    """A /file append as the user had no time limit: a file whose open never answers (a FUSE file the user serves)
+    held its thread for ever. Its child is killed when it has not started writing within FILE_START_TIMEOUT."""
+    monkeypatch.setattr(mbox, "FILE_START_TIMEOUT", 0.5)
+
+    def never_answers(*args):  # (in the forked child)
+        time.sleep(3600)
+
+    monkeypatch.setattr(mbox, "_open_mailbox", never_answers)
+    t = transport(tmp_path, f"keep: {public_dir / 'hung.mbox'}\n")
+    try:
+        [result] = (await asyncio.wait_for(t.deliver(request("keep@example.test")), 10)).results
+    finally:
+        await t.close()
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.3.0"), result
+    assert "no answer within 0.5s, the child was killed" in result.text

@@ -1,8 +1,10 @@
 """Work done with another user's rights, without this process ever changing identity.
 
-    call_as(user, doing, fn, *args, timeout=CALL_AS_TIMEOUT) -> bytes
+    call_as(user, doing, fn, *args, timeout=CALL_AS_TIMEOUT, marked=False) -> bytes
                                                 fn(*args) in a child forked for it, running with `user`'s uid, gid
-                                                and groups; its bytes come back over a pipe within `timeout` s
+                                                and groups; its bytes come back over a pipe within `timeout` s;
+                                                `marked`: fn(*args, writing=mark), and the time limit ends when
+                                                the child calls mark() (work it must not be killed in follows)
     rights_for(rights, default_privs) -> str | None   whose rights a command, file or :include: of local delivery
                                                 uses: as root `rights` (a .forward's system user) or else
                                                 `default_privs`, never root's; not as root, None (mailflow's own)
@@ -28,11 +30,13 @@ import select
 import signal
 import struct
 import time
+from functools import partial
 from typing import Callable
 
 from mailflow.errors import DeliveryError, PermanentError, TemporaryError
 
 RESULT, DELIVERY_ERROR, OTHER_ERROR = b"R", b"D", b"E"
+MARK = b"M"  # a frame of its own, before the report: the child's time limit ends (`marked`)
 CALL_AS_TIMEOUT = 60.0  # seconds a child may take (a .forward or :include: read: milliseconds when all is well)
 _LENGTH = struct.Struct("!Q")  # the report's length, before it
 
@@ -43,7 +47,7 @@ def rights_for(rights: str | None, default_privs: str) -> str | None:
 
 
 def call_as(user: str, doing: str, fn: Callable[..., bytes], *args,
-            timeout: float | None = CALL_AS_TIMEOUT) -> bytes:
+            timeout: float | None = CALL_AS_TIMEOUT, marked: bool = False) -> bytes:
     """See the module docstring."""
     try:
         pw = pwd.getpwnam(user)
@@ -56,6 +60,8 @@ def call_as(user: str, doing: str, fn: Callable[..., bytes], *args,
     pid = os.fork()
     if pid == 0:  # the child: switch identity, call, report, exit
         os.close(read_end)
+        if marked:
+            fn = partial(fn, writing=partial(_send_frame, write_end, MARK))
         _report_and_exit(write_end, lambda: _switched(groups, pw.pw_gid, pw.pw_uid, fn, args))
     os.close(write_end)
     try:
@@ -80,12 +86,20 @@ def call_as(user: str, doing: str, fn: Callable[..., bytes], *args,
 
 
 def _framed_report(fd: int, deadline: float | None) -> bytes | None:
-    """The child's report (its length first), b"" when the pipe ends before it is whole (the child died), None
-    when `deadline` (time.monotonic; None: none) passes first."""
+    """The child's report (each frame its length first), b"" when the pipe ends before it is whole (the child
+    died), None when `deadline` (time.monotonic; None: none) passes first. A MARK frame before it ends the
+    deadline."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     received = bytearray()
-    while len(received) < _LENGTH.size or len(received) < _LENGTH.size + _LENGTH.unpack_from(received)[0]:
+    while True:
+        if len(received) >= _LENGTH.size and len(received) >= (end := _LENGTH.size + _LENGTH.unpack_from(received)[0]):
+            frame = bytes(received[_LENGTH.size:end])
+            if frame != MARK:
+                return frame
+            del received[:end]
+            deadline = None
+            continue
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and (left <= 0 or not poller.poll(left * 1000)):
             return None
@@ -93,7 +107,6 @@ def _framed_report(fd: int, deadline: float | None) -> bytes | None:
         if not chunk:
             return b""
         received += chunk
-    return bytes(received[_LENGTH.size:])
 
 
 def _switched(groups: list[int], gid: int, uid: int, fn: Callable[..., bytes], args: tuple) -> bytes:
@@ -111,8 +124,12 @@ def _report_and_exit(fd: int, work: Callable[[], bytes]) -> None:
     except BaseException as e:  # noqa: BLE001 - the child must always exit here
         report = OTHER_ERROR + str(getattr(e, "strerror", None) or e).encode("utf-8", "replace")
     try:
-        view = memoryview(_LENGTH.pack(len(report)) + report)
-        while view:
-            view = view[os.write(fd, view):]
+        _send_frame(fd, report)
     finally:
         os._exit(0)
+
+
+def _send_frame(fd: int, frame: bytes) -> None:
+    view = memoryview(_LENGTH.pack(len(frame)) + frame)
+    while view:
+        view = view[os.write(fd, view):]

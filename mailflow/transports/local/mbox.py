@@ -85,7 +85,7 @@ from mailflow.content import Content
 from mailflow.errors import DeliveryError, PermanentError, TemporaryError
 from mailflow.syntax import mask_control
 from mailflow.transports.encode import FinalNewline, ToLf, encode, mboxrd_quoting
-from mailflow.transports.local.asuser import call_as
+from mailflow.transports.local.asuser import CALL_AS_TIMEOUT, call_as
 from mailflow.transports.maildir import Owner, open_directory
 
 log = logging.getLogger("mailflow.mbox")
@@ -97,6 +97,7 @@ MAILER_DAEMON = "MAILER-DAEMON"  # the From_ line's sender for the null sender (
 DEFAULT_LOCK_TIMEOUT = 20.0  # Postfix: deliver_lock_attempts (20) x deliver_lock_delay (1s)
 STALE_LOCK_TIME = 500.0  # Postfix stale_lock_time
 NEWBORN_WAIT = 1.0  # how long a mailbox another delivery is creating for its owner may stay ours (_open_mailbox)
+FILE_START_TIMEOUT = CALL_AS_TIMEOUT  # seconds an append as the user may take to open and lock (then killed: 4.3.0)
 _FIRST_POLL, _MAX_POLL = 0.005, 0.1  # seconds between two attempts at the locks: first, at most
 _FIRST_FORKED_POLL, _MAX_FORKED_POLL = 0.05, 1.0  # the same when each attempt forks a child (Postfix: 1 s apart)
 _LOCK_STYLES: tuple[LockStyle, ...] = ("fcntl", "flock", "dotlock")
@@ -237,27 +238,30 @@ def _busy(path: Path, style: LockStyle, timeout: float) -> TemporaryError:
 
 def _append_once_as(user: str, *args) -> LockStyle | None:
     """`_append_once` with `user`'s rights, in a child process forked from this worker thread (asuser.call_as);
-    its DeliveryError comes back as itself, the lock it found busy as its name."""
-    busy = call_as(user, "write", _appended, *args, timeout=None).decode("ascii")  # (no deadline: a child killed
-    # while it writes could not truncate its partial entry away)
+    its DeliveryError comes back as itself, the lock it found busy as its name. The child is killed when it has not
+    started writing within FILE_START_TIMEOUT s (a file whose open or lock never answers: 4.3.0 "no answer"); once
+    it writes it has no limit, since one killed mid-write would leave a partial entry in the file."""
+    busy = call_as(user, "write", _appended, *args, timeout=FILE_START_TIMEOUT, marked=True).decode("ascii")
     return cast(LockStyle, busy) if busy else None
 
 
-def _appended(*args) -> bytes:
-    return (_append_once(*args) or "").encode("ascii")
+def _appended(*args, writing: Callable[[], None] | None = None) -> bytes:
+    return (_append_once(*args, writing=writing) or "").encode("ascii")
 
 
 def _append_once(path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockStyle, ...], stale_lock_time: float,
                  owner: tuple[int, int] | None = None, size_limit: int = 0, create_parents: bool = True,
-                 refuse_executable: bool = False, home: Path | None = None) -> LockStyle | None:
+                 refuse_executable: bool = False, home: Path | None = None, *,
+                 writing: Callable[[], None] | None = None) -> LockStyle | None:
     """One attempt at the append: open the mailbox, try each lock once, write. None once written; the style of
     the first lock another holder has (every lock taken is let go again, nothing written) for a later attempt.
     The mailbox, its dotlock and the check that it is still there are all reached through one descriptor of its
-    directory (`_open_folder`)."""
+    directory (`_open_folder`). `writing()` is called just before the entry is written."""
     try:
         folder = _open_folder(path.parent, owner, home, create_parents)
         try:
-            return _append_in(folder, path, entry, locks, stale_lock_time, owner, size_limit, refuse_executable)
+            return _append_in(folder, path, entry, locks, stale_lock_time, owner, size_limit, refuse_executable,
+                              writing)
         finally:
             os.close(folder)
     except DeliveryError:
@@ -268,7 +272,7 @@ def _append_once(path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockSt
 
 def _append_in(folder: int, path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockStyle, ...],
                stale_lock_time: float, owner: tuple[int, int] | None, size_limit: int,
-               refuse_executable: bool) -> LockStyle | None:
+               refuse_executable: bool, writing: Callable[[], None] | None = None) -> LockStyle | None:
     """`_append_once` in the mailbox's directory, `folder`."""
     fd = _open_mailbox(path, owner, refuse_executable, folder)
     dotlocked = False
@@ -282,6 +286,8 @@ def _append_in(folder: int, path: Path, entry: bytes | Iterable[bytes], locks: t
             if not taken:
                 return style
         _check_still_the_mailbox(fd, path, folder)
+        if writing is not None:
+            writing()
         _write_or_roll_back(fd, path, entry, size_limit)
         return None
     finally:
