@@ -25,7 +25,6 @@ from mailflow.config import PipeService, config_from_dict
 from mailflow.errors import ConfigError
 from mailflow.content import Content
 from mailflow.model import DeliveryRequest, Outcome, Recipient
-from mailflow.transports import pipe as pipe_module
 from mailflow.transports.pipe import CommandNotRun, PipeTransport, run_command
 from tests.support import big_message, eventually, script_dir, spooled
 
