@@ -545,6 +545,24 @@ def test_addresses_visited_again_under_each_members_forward_count_against_the_wo
     assert e.expand("plain@example.test") == [mailbox(u) for u in users]
 
 
+def test_visits_that_add_no_leaf_count_against_the_event_loops_budget(tmp_path, monkeypatch):
+    """`a: b x n`, `b: ghost x n` visits n*n addresses for one leaf (the unknown user, refused once): with a
+    `leaf_budget` (the on-loop pass) the expansion stops after INLINE_VISITS_PER_LEAF times it with ExpansionTooBig,
+    for the agent to make it again in a worker thread (n=1000 walked 1M visits, 24 s, on the event loop)."""
+    n, budget = 30, 10
+    e = expander(tmp_path, f"a: {', '.join(['b'] * n)}\nb: {', '.join(['ghost'] * n)}\n")
+    visits = []
+    counted = aliasing._Expansion.visited
+    monkeypatch.setattr(aliasing._Expansion, "visited", lambda state: (visits.append(1), counted(state))[1])
+    with pytest.raises(aliasing.ExpansionTooBig):
+        e.expand_recipient("a@example.test", leaf_budget=budget)
+    assert len(visits) == aliasing.INLINE_VISITS_PER_LEAF * budget + 1
+    visits.clear()
+    [refused] = e.expand("a@example.test")  # (off the loop: no budget, the whole walk)
+    assert isinstance(refused, Refused) and refused.address == "ghost@example.test"
+    assert len(visits) == 1 + n + n * n
+
+
 def test_a_leaf_keeps_every_place_naming_it_until_one_outside_any_file(tmp_path):
     """A duplicate leaf adds its place (file, line) to the leaf kept, for the agent to skip it only when every place
     is past a line that deferred; once named outside any file (never stopped) it adds none, nor the same place

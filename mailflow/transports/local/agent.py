@@ -3,8 +3,9 @@
 Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_min_user, as in Postfix):
 1. `LocalExpander.expand` (aliases, .forward; see mailflow.transports.local.aliasing), given the addresses already in
    the message's `Delivered-To:` headers so that a forwarding loop bounces (5.4.6); one past INLINE_LEAVES
-   leaves, or one that reads a .forward or :include: file with a user's rights (a forked child), is made (again)
-   in a worker thread, not on the event loop.
+   leaves (or past aliasing.INLINE_VISITS_PER_LEAF times as many addresses visited), or one that reads a .forward
+   or :include: file with a user's rights (a forked child), is made (again) in a worker thread, not on the event
+   loop.
 2. A `Pass` leaf (local.mailbox_transport, local.fallback_transport) is handed to that transport of `peers` (the
    registry of mailflow.transports) for that address and nexthop (none: the request's), as Postfix's deliver_pass:
    when it is the recipient's only leaf, that agent's result is the recipient's (its relay and reply, about the

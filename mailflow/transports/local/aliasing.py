@@ -117,6 +117,7 @@ EXPANSION_LIMIT = 100_000
 # past it 4.6.0, as past EXPANSION_LIMIT. Bounds what dedup hides: `all: u1..un` with each ui's .forward naming
 # `all2: u1..un` re-expands all2 under every .forward (n*n visits, as local(8) does; n=800 took 12 s).
 EXPANSION_WORK_LIMIT = 10 * EXPANSION_LIMIT
+INLINE_VISITS_PER_LEAF = 4  # addresses visited on the event loop per leaf of its budget at most; more: a thread
 SMALL_FILE_LIMIT = 1_000_000  # bytes of a .forward or :include: file read at most
 INLINE_FILE_BYTES = 16_384  # bytes of such a file parsed on the event loop at most (~5 ms); more: a worker thread
 INCLUDE_DEPTH = 10
@@ -360,8 +361,12 @@ class _Expansion:
 
     def visited(self) -> None:
         """One more address visited; TemporaryError 4.6.0 past EXPANSION_WORK_LIMIT (the leaves kept may stay few
-        while the same lists are walked again under each member's .forward)."""
+        while the same lists are walked again under each member's .forward). With a `leaf_budget`, ExpansionTooBig
+        past INLINE_VISITS_PER_LEAF times it: visits that add no leaf (an unknown user met again, a .forward
+        done) are work on the event loop too (`a: b x1000`, `b: ghost x1000` held it 24 s)."""
         self.visits += 1
+        if self.leaf_budget is not None and self.visits > INLINE_VISITS_PER_LEAF * self.leaf_budget:
+            raise ExpansionTooBig()
         if self.visits > EXPANSION_WORK_LIMIT:
             raise TemporaryError("4.6.0", f"alias expansion visited more than {EXPANSION_WORK_LIMIT} addresses")
 
