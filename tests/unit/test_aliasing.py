@@ -375,9 +375,11 @@ def test_as_root_a_user_owned_include_file_in_an_alias_gives_its_owners_rights(t
                                                File("/var/spool/archive", "list@example.test", "include")]
     unnamed = next(uid for uid in range(54321, 54421) if uid not in {p.pw_uid for p in pwd.getpwall()})
     os.chown(inc, unnamed, unnamed)
+    warnings: list[str] = []
     with pytest.raises(TemporaryError) as excinfo:
-        e.expand("list@example.test")
+        e.expand("list@example.test", warn=warnings.append)
     assert temporary(excinfo, "4.3.5")
+    assert warnings == [f"cannot find username for uid {unnamed}", f"{inc}: cannot find :include: file owner username"]
 
 
 def test_a_list_with_an_owner_alias_resubmits_from_the_owner(tmp_path):

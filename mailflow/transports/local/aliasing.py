@@ -695,7 +695,8 @@ def _include_owner(state: _Expansion, path: str, uid: int) -> str | None:
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
-        state.warn(f"{path}: cannot find :include: file owner username (uid {uid})")
+        state.warn(f"cannot find username for uid {uid}")  # (include.c's two warnings, worded as it words them)
+        state.warn(f"{path}: cannot find :include: file owner username")
         raise TemporaryError("4.3.5", "mail system configuration error") from None
 
 
