@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -408,6 +410,38 @@ def test_an_include_file_that_includes_itself_is_read_once(tmp_path):
     inc = tmp_path / "list.include"
     inc.write_text(f"bob@remote.test\n:include:{inc}\n")
     assert expander(tmp_path, f"list: :include:{inc}\n").expand("list@example.test") == [Forward("bob@remote.test")]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="reading with a user's rights needs root")
+def test_as_root_an_include_file_is_read_once_per_rights_it_is_named_with(tmp_path):
+    """local(8)'s include.c filters duplicates on "include UID PATH": a nobody-owned file named in a root alias (its
+    commands run as nobody) and again in daemon's .forward (there as daemon) is read twice, its command run as each
+    of them; keyed on the path alone, daemon's run was lost."""
+    top = Path(tempfile.mkdtemp(prefix="mailflow-include-"))  # (tmp_path's parents are root's 0700: not for daemon)
+    try:
+        top.chmod(0o755)
+        inc = top / "list.include"
+        inc.write_text("|/usr/bin/log\n")
+        nobody, daemon = pwd.getpwnam("nobody"), pwd.getpwnam("daemon")
+        os.chown(inc, nobody.pw_uid, nobody.pw_gid)
+        home = top / "mail" / "daemon"
+        home.mkdir(parents=True)
+        (top / "mail").chmod(0o755)
+        home.chmod(0o755)
+        (home / ".forward").write_text(f":include:{inc}\n")
+        os.chown(home / ".forward", daemon.pw_uid, daemon.pw_gid)
+        (top / "users").write_text("daemon daemon\n")
+        (top / "aliases").write_text(f"a: :include:{inc}, daemon\n")
+        config = Config(myhostname="mx.example.test", myorigin="example.test", mydestination=("example.test",),
+                        local_recipient_maps=(f"texthash:{top / 'users'}",),
+                        alias_maps=(f"texthash:{top / 'aliases'}",),
+                        local={"maildir_base": str(top / "mail"),
+                               "allow_mail_to_commands": ("alias", "forward", "include")})
+        leaves = LocalExpander(config, Rewriter(config)).expand("a@example.test")
+    finally:
+        shutil.rmtree(top)
+    assert sorted((leaf.command, leaf.rights) for leaf in leaves if isinstance(leaf, Command)) == [
+        ("/usr/bin/log", "daemon"), ("/usr/bin/log", "nobody")]
 
 
 def test_a_world_writable_include_file_is_4_3_0(tmp_path):

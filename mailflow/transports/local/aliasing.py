@@ -347,7 +347,7 @@ class _Expansion:
         self.forwards_done: set[str | None] = set()  # .forward files expanded (local(8)'s "forward-done")
         self.forwards_open: set[str | None] = set()  # .forward files being expanded (local(8)'s been_here
         # "forward <path>" without "forward-done": its user met again inside, through it, gets the mailbox)
-        self.includes_done: set[str] = set()
+        self.includes_done: set[tuple[str | None, str]] = set()  # (rights, path) of the :include: files read
         self.leaves: list[Leaf] = []
         self.keys: dict[tuple, Leaf] = {}  # each leaf kept, by its key
         self.more_places: dict[tuple, list[Lines]] = {}  # by a leaf's key: the places naming it after its first
@@ -654,9 +654,10 @@ class LocalExpander:
             state.add(Refused(leaf.address, "5.7.1", f"mail to {kind} is restricted", leaf.sender), identity(leaf))
 
     def _include(self, state: _Expansion, owner: str, path: str, origin: "_Origin", depth: int) -> None:
-        if path in state.includes_done:
+        done = (origin.rights, path)  # (local(8)'s "include UID PATH": named again with other rights, read again)
+        if done in state.includes_done:
             return  # read once per expansion, as local(8)'s duplicate filter does: a file including itself ends
-        state.includes_done.add(path)
+        state.includes_done.add(done)
         if depth >= INCLUDE_DEPTH:
             raise TemporaryError("4.6.0", f":include: files nested deeper than {INCLUDE_DEPTH} ({path})")
         rights = origin.rights
