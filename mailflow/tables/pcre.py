@@ -53,14 +53,13 @@ REJECT lets the mail in).
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any, Callable
 
 import re2
 
 from mailflow.errors import LookupRetry
-from mailflow.tables.files import BLANKS, Reloading, split_pattern_rule
-from mailflow.tables.regexp import Piece, lookup_rules, parse_result, parse_rules
+from mailflow.tables.files import BLANKS, split_pattern_rule
+from mailflow.tables.regexp import Piece, RulesTable, lookup_rules, parse_result, parse_rules
 
 _FLAGS = "imsxAEUX"
 _EXTENDED_BLANKS = BLANKS + "\x85"  # what PCRE2's x flag leaves out of a pattern's bytes (0x85 is NEL)
@@ -359,22 +358,11 @@ def _key_bytes(key: str) -> bytes:
         return key.encode("utf-8", "surrogatepass")
 
 
-class PcreTable:
-    fixed = False
-    blocking = False  # RE2 answers from memory; a long key's cost is the caller's to move off the loop (LONG_KEY)
+class PcreTable(RulesTable):
+    parse = staticmethod(parse_pcre)
 
-    def __init__(self, name: str, path: Path, clock: Callable[[], float]):
-        self.name = name
-        self._file = Reloading(name, path, clock, parse_pcre)
-
-    def load(self) -> None:
-        self._file.load()
-
-    def lookup(self, key: str) -> str | None:
-        value = self.lookup_unchecked(key)
-        if value is not None and not value.isascii() and _SURROGATES.search(value):
-            raise LookupRetry(f"table {self.name}: key {key!r}: non-UTF-8 value {value!r}")
-        return value
+    def _non_utf8_value(self, key: str, value: str) -> str:
+        raise LookupRetry(f"table {self.name}: key {key!r}: non-UTF-8 value {value!r}")
 
     def lookup_unchecked(self, key: str) -> str | None:
         """The answer as its bytes, each one that is not UTF-8 a surrogate: cleanup's checks take it (Postfix's

@@ -25,6 +25,7 @@ Failure behaviour: a bad pattern, flag or `$n` makes the whole table fail with `
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable
 
@@ -210,22 +211,41 @@ def _expand_from(result: str | tuple[Piece, ...], m, key: str) -> str:
                    else "" for piece in result)
 
 
-class RegexpTable:
+class RulesTable(ABC):
+    """What regexp: and pcre: tables share: the file's rules (`parse`, reloaded as files.Reloading), `lookup` on
+    top of the subclass's `lookup_unchecked`, and what an answer holding surrogates (bytes that are not UTF-8)
+    becomes for every caller but cleanup's checks (`_non_utf8_value`)."""
     fixed = False
     blocking = False  # RE2 answers from memory; a long key's cost is the caller's to move off the loop (LONG_KEY)
+    parse: Callable[[str], _Rules]  # the file's text to its rules
 
     def __init__(self, name: str, path: Path, clock: Callable[[], float]):
         self.name = name
-        self._file = Reloading(name, path, clock, parse_regexp)
+        self._file = Reloading(name, path, clock, self.parse)
 
     def load(self) -> None:
         self._file.load()
 
     def lookup(self, key: str) -> str | None:
         value = self.lookup_unchecked(key)
-        if value is not None and not value.isascii():
-            return _SURROGATES.sub("\ufffd", value)  # (a `$n` of a key's byte that is not UTF-8: no reply carries it)
+        if value is not None and not value.isascii() and _SURROGATES.search(value):
+            return self._non_utf8_value(key, value)
         return value
+
+    @abstractmethod
+    def lookup_unchecked(self, key: str) -> str | None:
+        """The answer as cleanup's header and body checks take it: surrogates (bytes that are not UTF-8) kept."""
+
+    @abstractmethod
+    def _non_utf8_value(self, key: str, value: str) -> str:
+        """What `lookup` answers for `value` (from `key`) when it holds surrogates."""
+
+
+class RegexpTable(RulesTable):
+    parse = staticmethod(parse_regexp)
+
+    def _non_utf8_value(self, key: str, value: str) -> str:
+        return _SURROGATES.sub("\ufffd", value)  # (a `$n` of a key's byte that is not UTF-8: no reply carries it)
 
     def lookup_unchecked(self, key: str) -> str | None:
         """The answer with each `$n` taken from `key` as it came: a byte that is not UTF-8 (a surrogate) goes back
