@@ -23,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -526,6 +527,53 @@ async def test_an_alias_of_the_same_members_over_and_over_is_expanded_off_the_ev
     assert len(delivered(tmp_path, "alice")) == 1 and len(delivered(tmp_path, "bob")) == 1
 
 
+def off_loop(work):
+    """An expand_recipient whose inline attempt gives up (as before a fork): the expansion is `work`, made in a
+    worker thread."""
+    def expand(address, *, leaf_budget=None, **kw):
+        if leaf_budget is not None:
+            raise aliasing.ExpansionTooBig()
+        return work(address, **kw)
+    return expand
+
+
+class HeldThreads:
+    """Calls that each hold their thread until `release` is set, counted: `most` the most at once; `reached` is set
+    (on the event loop) when `count` are held at once."""
+
+    def __init__(self, count: int):
+        self.release, self.reached = threading.Event(), asyncio.Event()
+        self.running = self.most = 0
+        self._count, self._lock, self._loop = count, threading.Lock(), asyncio.get_running_loop()
+
+    def hold(self, answer: Callable[[], object]):
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            if self.running == self._count:
+                self._loop.call_soon_threadsafe(self.reached.set)
+        try:
+            assert self.release.wait(timeout=30)
+            return answer()
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+async def six_slow_expansions_all_sent(t) -> None:
+    """Six deliveries, each expansion 0.2 s in a worker thread: all are delivered."""
+    real = t._expander.expand_recipient
+
+    def slow(address, **kw):
+        time.sleep(0.2)
+        return real(address, **kw)
+
+    t._expander.expand_recipient = off_loop(slow)
+    reports = await asyncio.wait_for(
+        asyncio.gather(*(t.deliver(request("alice@example.test")) for _ in range(6))), 10)
+    assert [r.results[0].outcome for r in reports] == [Outcome.SENT] * 6, [r.results[0].text for r in reports]
+
+
 async def test_expansions_made_in_worker_threads_leave_the_shared_pool_free(tmp_path, monkeypatch):
     """An expansion that forks per .forward (an alias of 200 users: 1-13 s) or is too big for the loop is made in a
     worker thread of the default executor, which the queue's fsyncs, the mailbox writes and smtpd share: eight at
@@ -533,35 +581,19 @@ async def test_expansions_made_in_worker_threads_leave_the_shared_pool_free(tmp_
     loop = asyncio.get_running_loop()
     loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=4))
     t = transport(tmp_path)
-    release, running, most = threading.Event(), [0], [0]
-    started = asyncio.Event()
-    lock = threading.Lock()
+    held = HeldThreads(1)
     real = t._expander.expand_recipient
-
-    def slow(address, *, leaf_budget=None, **kw):  # the inline attempt gives up, as before a fork
-        if leaf_budget is not None:
-            raise aliasing.ExpansionTooBig()
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        loop.call_soon_threadsafe(started.set)
-        try:
-            assert release.wait(timeout=30)
-            return real(address, **kw)
-        finally:
-            with lock:
-                running[0] -= 1
-
-    monkeypatch.setattr(t._expander, "expand_recipient", slow)
+    monkeypatch.setattr(t._expander, "expand_recipient",
+                        off_loop(lambda address, **kw: held.hold(lambda: real(address, **kw))))
     deliveries = [asyncio.ensure_future(t.deliver(request("alice@example.test"))) for _ in range(8)]
     try:
-        await asyncio.wait_for(started.wait(), 10)
+        await asyncio.wait_for(held.reached.wait(), 10)
         await asyncio.wait_for(asyncio.to_thread(lambda: None), 10)  # (all four threads held: never done)
     finally:
-        release.set()
+        held.release.set()
         reports = await asyncio.gather(*deliveries)
     assert all(r.results[0].outcome is Outcome.SENT for r in reports)
-    assert most[0] == agent.OFF_LOOP_EXPANSIONS
+    assert held.most == agent.OFF_LOOP_EXPANSIONS
 
 
 async def test_an_expansion_whose_delivery_stopped_waiting_still_holds_its_thread(tmp_path, monkeypatch):
@@ -570,38 +602,20 @@ async def test_an_expansion_whose_delivery_stopped_waiting_still_holds_its_threa
     stay counted until their expansions end; another expansion waits OFF_LOOP_WAIT at most, then defers 4.3.0."""
     monkeypatch.setattr(agent, "OFF_LOOP_WAIT", 0.3, raising=False)
     t = transport(tmp_path)
-    release, running, most, lock = threading.Event(), [0], [0], threading.Lock()
-    loop = asyncio.get_running_loop()
-    both = asyncio.Event()
-
-    def stuck(address, *, leaf_budget=None, **kw):
-        if leaf_budget is not None:
-            raise aliasing.ExpansionTooBig()
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-            if running[0] == agent.OFF_LOOP_EXPANSIONS:
-                loop.call_soon_threadsafe(both.set)
-        try:
-            assert release.wait(timeout=30)
-            return [], ""
-        finally:
-            with lock:
-                running[0] -= 1
-
-    monkeypatch.setattr(t._expander, "expand_recipient", stuck)
+    held = HeldThreads(agent.OFF_LOOP_EXPANSIONS)
+    monkeypatch.setattr(t._expander, "expand_recipient", off_loop(lambda address, **kw: held.hold(lambda: ([], ""))))
     stopped = [asyncio.ensure_future(t.deliver(request("alice@example.test"))) for _ in range(2)]
     try:
-        await asyncio.wait_for(both.wait(), 10)
+        await asyncio.wait_for(held.reached.wait(), 10)
         for delivery in stopped:
             delivery.cancel()
         await asyncio.gather(*stopped, return_exceptions=True)
         [result] = (await asyncio.wait_for(t.deliver(request("bob@example.test")), 10)).results
         assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.3.0"), result
         assert result.text == "no worker free for local expansion within 0.3s: 2 busy"
-        assert most[0] == agent.OFF_LOOP_EXPANSIONS
+        assert held.most == agent.OFF_LOOP_EXPANSIONS
     finally:
-        release.set()
+        held.release.set()
         await t.close()
 
 
@@ -611,19 +625,8 @@ async def test_a_burst_of_slow_expansions_that_progress_is_queued_not_deferred(t
     thread finished anything for the whole wait (hung threads: the test above)."""
     monkeypatch.setattr(agent, "OFF_LOOP_WAIT", 0.3)
     t = transport(tmp_path)
-    real = t._expander.expand_recipient
-
-    def slow(address, *, leaf_budget=None, **kw):
-        if leaf_budget is not None:  # (the first attempt gives up, as before a fork)
-            raise aliasing.ExpansionTooBig()
-        time.sleep(0.2)
-        return real(address, **kw)
-
-    monkeypatch.setattr(t._expander, "expand_recipient", slow)
     try:
-        reports = await asyncio.wait_for(
-            asyncio.gather(*(t.deliver(request("alice@example.test")) for _ in range(6))), 10)
-        assert [r.results[0].outcome for r in reports] == [Outcome.SENT] * 6, [r.results[0].text for r in reports]
+        await six_slow_expansions_all_sent(t)
     finally:
         await t.close()
 
@@ -637,34 +640,23 @@ async def test_file_appends_that_never_answer_hold_threads_of_their_own_not_the_
     loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=4))
     monkeypatch.setattr(agent, "OFF_LOOP_WAIT", 30.0)
     t = transport(tmp_path, f"keep: {public_dir / 'never.mbox'}\n")
-    release, running, most, lock = threading.Event(), [0], [0], threading.Lock()
-    both = asyncio.Event()
+    held = HeldThreads(agent.FILE_WRITERS)
 
     def hung(*args, **kw):
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-            if running[0] == agent.FILE_WRITERS:
-                loop.call_soon_threadsafe(both.set)
-        try:
-            assert release.wait(timeout=30)
-            return None
-        finally:
-            with lock:
-                running[0] -= 1
+        return held.hold(lambda: None)
 
     monkeypatch.setattr(mbox, "_append_once", hung)
     monkeypatch.setattr(mbox, "_append_once_as", hung)
     deliveries = [asyncio.ensure_future(t.deliver(request("keep@example.test"))) for _ in range(6)]
     try:
-        await asyncio.wait_for(both.wait(), 10)
+        await asyncio.wait_for(held.reached.wait(), 10)
         await asyncio.wait_for(asyncio.to_thread(lambda: None), 5)  # (before: all four threads held, never done)
     finally:
-        release.set()
+        held.release.set()
         reports = await asyncio.wait_for(asyncio.gather(*deliveries), 10)
         await t.close()
     assert all(r.results[0].outcome is Outcome.SENT for r in reports)
-    assert most[0] == agent.FILE_WRITERS
+    assert held.most == agent.FILE_WRITERS
 
 
 async def test_a_sqlite_deadline_firing_adds_no_expansion_thread(tmp_path, monkeypatch):
@@ -675,30 +667,16 @@ async def test_a_sqlite_deadline_firing_adds_no_expansion_thread(tmp_path, monke
     monkeypatch.setattr(agent, "OFF_LOOP_WAIT", 0.3)  # (rounds 2 and 3 wait for a thread, outside the deadline)
     t = transport(tmp_path)
     monkeypatch.setattr(t._expander.tables, "_blocking", [type("SlowTable", (), {"timeout": 0.1})()])
-    release, running, most, lock = threading.Event(), [0], [0], threading.Lock()
-
-    def stuck(address, *, leaf_budget=None, **kw):
-        if leaf_budget is not None:  # (the first attempt gives up, as before a fork)
-            raise aliasing.ExpansionTooBig()
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        try:
-            assert release.wait(timeout=30)
-            return [], ""
-        finally:
-            with lock:
-                running[0] -= 1
-
-    monkeypatch.setattr(t._expander, "expand_recipient", stuck)
+    held = HeldThreads(agent.OFF_LOOP_EXPANSIONS)
+    monkeypatch.setattr(t._expander, "expand_recipient", off_loop(lambda address, **kw: held.hold(lambda: ([], ""))))
     try:
         for _ in range(3):
             reports = await asyncio.wait_for(
                 asyncio.gather(*(t.deliver(request("alice@example.test")) for _ in range(2))), 10)
             assert all(r.results[0].outcome is Outcome.DEFERRED for r in reports)
-        assert most[0] == agent.OFF_LOOP_EXPANSIONS
+        assert held.most == agent.OFF_LOOP_EXPANSIONS
     finally:
-        release.set()
+        held.release.set()
         await t.close()
 
 
@@ -709,19 +687,8 @@ async def test_the_wait_for_an_expansion_thread_is_not_charged_to_a_sqlite_table
     monkeypatch.setattr(cache, "RUN_GRACE", 0.0)
     t = transport(tmp_path)
     monkeypatch.setattr(t._expander.tables, "_blocking", [type("SlowTable", (), {"timeout": 0.3})()])
-    real = t._expander.expand_recipient
-
-    def slow(address, *, leaf_budget=None, **kw):
-        if leaf_budget is not None:  # (the first attempt gives up, as before a fork)
-            raise aliasing.ExpansionTooBig()
-        time.sleep(0.2)
-        return real(address, **kw)
-
-    monkeypatch.setattr(t._expander, "expand_recipient", slow)
     try:
-        reports = await asyncio.wait_for(
-            asyncio.gather(*(t.deliver(request("alice@example.test")) for _ in range(6))), 10)
-        assert [r.results[0].outcome for r in reports] == [Outcome.SENT] * 6, [r.results[0].text for r in reports]
+        await six_slow_expansions_all_sent(t)
     finally:
         await t.close()
 
