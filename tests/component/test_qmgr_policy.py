@@ -316,6 +316,21 @@ async def test_expiry_is_logged_once_as_postfix_qmgr_logs_it(sim, caplog):
     assert lines.count(f"{queue_id}: from=<a@remote.test>, status=expired, returned to sender") == 1, lines
 
 
+async def team_delivered_locally(s, caplog, answer) -> tuple[str, list[str]]:
+    """alice@remote.test's mail to team@local.test, local(8) answering each recipient `answer(recipient)`: the queue
+    id and the `relay=local` lines the first attempt logs."""
+
+    def respond(request):
+        s.local.record(request)
+        return DeliveryReport(tuple(answer(r) for r in request.recipients))
+    s.local.respond = respond
+    with caplog.at_level(logging.INFO, logger="mailflow.mail"):
+        queue_id = await s.submit("alice@remote.test", "team@local.test")
+        await s.run_until(T0 + 60)
+    return queue_id, [r.getMessage() for r in caplog.records
+                      if r.name == "mailflow.mail" and "relay=local" in r.getMessage()]
+
+
 async def test_a_deferred_recipients_bounced_parts_are_logged_and_told_at_once(sim, caplog):
     """local(8) logs a part that bounced when it bounces and bounce(8) sends its notice at the end of the attempt,
     while another part keeps the recipient for the retry (Postfix's qmgr_active_done flushes the bounce log of a
@@ -323,16 +338,8 @@ async def test_a_deferred_recipients_bounced_parts_are_logged_and_told_at_once(s
     notice about that member now, the recipient queued; the retry that delivers it tells nothing more."""
     s = await sim()
     ghost = OwnedFailure("", "ghost@local.test", "5.1.1", 'unknown user: "ghost"')
-
-    def respond(request):
-        s.local.record(request)
-        return DeliveryReport(tuple(RcptResult(r, Outcome.DEFERRED, "4.3.0", "temporary failure", relay="local",
-                                               owned=(ghost,)) for r in request.recipients))
-    s.local.respond = respond
-    with caplog.at_level(logging.INFO, logger="mailflow.mail"):
-        queue_id = await s.submit("alice@remote.test", "team@local.test")
-        await s.run_until(T0 + 60)
-    lines = [r.getMessage() for r in caplog.records if r.name == "mailflow.mail" and "relay=local" in r.getMessage()]
+    queue_id, lines = await team_delivered_locally(s, caplog, lambda r: RcptResult(
+        r, Outcome.DEFERRED, "4.3.0", "temporary failure", relay="local", owned=(ghost,)))
     assert [line.partition(", relay")[0] for line in lines] == [
         f"{queue_id}: to=<team@local.test>", f"{queue_id}: to=<ghost@local.test>, orig_to=<team@local.test>"]
     assert lines[0].endswith("status=deferred (temporary failure)")
@@ -353,16 +360,8 @@ async def test_a_bounced_recipients_delivered_parts_have_a_line_beside_its_failu
     s = await sim()
     failures = (OwnedFailure("", "ghost@local.test", "5.1.1", 'unknown user: "ghost"'),
                 OwnedFailure("", "team@local.test", "5.1.1", "user unknown"))
-
-    def respond(request):
-        s.local.record(request)
-        return DeliveryReport(tuple(RcptResult(r, Outcome.BOUNCED, "5.1.1", "…", relay="local", owned=failures,
-                                               delivered="delivered to maildir") for r in request.recipients))
-    s.local.respond = respond
-    with caplog.at_level(logging.INFO, logger="mailflow.mail"):
-        queue_id = await s.submit("alice@remote.test", "team@local.test")
-        await s.run_until(T0 + 60)
-    lines = [r.getMessage() for r in caplog.records if r.name == "mailflow.mail" and "relay=local" in r.getMessage()]
+    queue_id, lines = await team_delivered_locally(s, caplog, lambda r: RcptResult(
+        r, Outcome.BOUNCED, "5.1.1", "…", relay="local", owned=failures, delivered="delivered to maildir"))
     assert [(line.partition(",")[0], line.rpartition("status=")[2]) for line in lines] == [
         (f"{queue_id}: to=<ghost@local.test>", 'bounced (unknown user: "ghost")'),
         (f"{queue_id}: to=<team@local.test>", "bounced (user unknown)"),
@@ -409,16 +408,8 @@ async def test_soft_bounce_logs_a_deferred_recipients_bounced_parts_as_softbounc
     nobody a notice."""
     s = await sim(soft_bounce=True)
     ghost = OwnedFailure("", "ghost@local.test", "5.1.1", 'unknown user: "ghost"')
-
-    def respond(request):
-        s.local.record(request)
-        return DeliveryReport(tuple(RcptResult(r, Outcome.DEFERRED, "4.3.0", "temporary failure", relay="local",
-                                               owned=(ghost,)) for r in request.recipients))
-    s.local.respond = respond
-    with caplog.at_level(logging.INFO, logger="mailflow.mail"):
-        queue_id = await s.submit("alice@remote.test", "team@local.test")
-        await s.run_until(T0 + 60)
-    lines = [r.getMessage() for r in caplog.records if r.name == "mailflow.mail" and "relay=local" in r.getMessage()]
+    queue_id, lines = await team_delivered_locally(s, caplog, lambda r: RcptResult(
+        r, Outcome.DEFERRED, "4.3.0", "temporary failure", relay="local", owned=(ghost,)))
     assert [line.partition(", relay")[0] for line in lines] == [
         f"{queue_id}: to=<team@local.test>", f"{queue_id}: to=<ghost@local.test>, orig_to=<team@local.test>"]
     assert lines[0].endswith("dsn=4.3.0, status=deferred (temporary failure)")
