@@ -49,6 +49,7 @@ import pytest
 from mailflow import status
 
 from tests.support import SmtpClient, eventually, postfix_instance
+from tests.support.seeds import seed_list
 from tests.support.dialogues import Step, generated, no_content_after_refused_last, one_auth_mail
 
 pytestmark = pytest.mark.interop
@@ -78,12 +79,7 @@ ENHANCED = re.compile(r"\d{3} [245]\.\d{1,3}\.\d{1,3} ")
 
 
 def seeds() -> list[int]:
-    spec = os.environ.get("MAILFLOW_DIALOGUE_SEEDS", "")
-    out: list[int] = []
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        low, _, high = part.partition("-")
-        out += list(range(int(low), int(high or low) + 1))
-    return out or SEEDS
+    return seed_list(os.environ.get("MAILFLOW_DIALOGUE_SEEDS", "")) or SEEDS
 
 
 def shown(text: str | None) -> str:

@@ -42,6 +42,7 @@ from mailflow.config import config_from_dict
 from tests.interop.test_local_vs_postfix import COMMON, DISCARD_NOTICES, NOBODY
 from tests.support import SmtpClient, base_settings, eventually, merged, postfix_instance, script_dir
 from tests.support.maillog import mail_log_file
+from tests.support.seeds import seed_list
 
 pytestmark = pytest.mark.interop
 
@@ -281,14 +282,6 @@ def results_of(lines: set[str]) -> set[str]:
     return out
 
 
-def seeds(text: str) -> list[int]:
-    out: list[int] = []
-    for part in text.split(","):
-        low, _, high = part.partition("-")
-        out.extend(range(int(low), int(high or low) + 1))
-    return out
-
-
 # seeds that agree with Postfix, kept as regular tests: seed 2 holds a self-referencing alias, an :include: of it,
 # commands exiting 67 and 1, an unknown user in .forward with `nobody` itself, and .forward+x naming an alias and a
 # file; seed 33 a relative name (`files/rel`, an address to both) in an alias value and in an :include: file
@@ -361,7 +354,7 @@ def test_written_local_cases_match_a_real_postfix(tmp_path, name):
 @pytest.mark.skipif(not os.environ.get("MAILFLOW_LOCAL_SEEDS"), reason="set MAILFLOW_LOCAL_SEEDS=1-200 to run")
 def test_generated_local_cases_match_a_real_postfix(tmp_path_factory):
     report = {}
-    for seed in seeds(os.environ["MAILFLOW_LOCAL_SEEDS"]):
+    for seed in seed_list(os.environ["MAILFLOW_LOCAL_SEEDS"]):
         try:
             postfix, mailflow = compare(lambda spool, script, s=seed: generated(s, spool, script),
                                         tmp_path_factory.mktemp(f"seed{seed}"))

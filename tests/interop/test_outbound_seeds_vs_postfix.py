@@ -39,6 +39,7 @@ import pytest
 
 from tests.interop.test_smtp_faults_vs_postfix import (CLOSE, END_OF_DATA, THEN_CLOSE, Scenario, ScriptedPeer,
                                                        run_both)
+from tests.support.seeds import seed_list
 
 pytestmark = pytest.mark.interop
 
@@ -215,14 +216,6 @@ async def differences(mailflow_server, smtp_peer, tmp_path, cases: dict[str, tup
     return found
 
 
-def seeds_from(text: str) -> list[int]:
-    out: list[int] = []
-    for part in text.split(","):
-        first, _, last = part.partition("-")
-        out.extend(range(int(first), int(last or first) + 1))
-    return out
-
-
 CURATED = {
     # recipient limit 2, a UTF-8 recipient among ASCII ones, no SMTPUTF8 offered: Postfix's qmgr sorts the
     # recipients before it cuts them into deliveries (jürgen@ goes with r1@, which bounces 5.6.7 beside it)
@@ -277,7 +270,7 @@ async def test_curated_scenarios_end_as_with_postfix(mailflow_server, smtp_peer,
 @pytest.mark.timeout(3600)
 @pytest.mark.skipif(not os.environ.get("MAILFLOW_OUTBOUND_SEEDS"), reason="set MAILFLOW_OUTBOUND_SEEDS=1-200 to run")
 async def test_generated_scenarios_end_as_with_postfix(mailflow_server, smtp_peer, tmp_path):
-    seeds = seeds_from(os.environ["MAILFLOW_OUTBOUND_SEEDS"])
+    seeds = seed_list(os.environ["MAILFLOW_OUTBOUND_SEEDS"])
     found: dict = {}
     for start in range(0, len(seeds), 15):  # (a Postfix and a mailflow per 15 seeds: a failure stays readable)
         batch = {f"seed{seed}": generated(seed) for seed in seeds[start:start + 15]}

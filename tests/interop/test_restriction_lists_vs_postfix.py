@@ -67,6 +67,7 @@ from tests.support.postfix import MAIN_CF_COOL_DOWN
 from tests.support.restriction_lists import MESSAGE, PIPELINED, Combination, generated
 from tests.support.dialogue import Reply, SmtpClient
 from tests.support.sessions import POSTFIX_BASE, every_session_ended
+from tests.support.seeds import seed_list
 
 pytestmark = pytest.mark.interop
 
@@ -93,11 +94,7 @@ COMMON_POSTFIX = {**POSTFIX_BASE, "max_use": "1", "service_throttle_time": "1s",
 def seeds() -> list[tuple[int, bool, bool]]:
     """(seed, extended, more) each: MAILFLOW_RESTRICT_SEEDS's, extended and with more_items, or the kept ones
     (each as it was kept: the later streams would change it)."""
-    spec = os.environ.get("MAILFLOW_RESTRICT_SEEDS", "")
-    out: list[int] = []
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        low, _, high = part.partition("-")
-        out += list(range(int(low), int(high or low) + 1))
+    out = seed_list(os.environ.get("MAILFLOW_RESTRICT_SEEDS", ""))
     return [(seed, True, True) for seed in out] or [(seed, False, False) for seed in SEEDS] + \
         [(s, True, False) for s in EXTENDED_SEEDS] + [(s, True, True) for s in MORE_SEEDS]
 

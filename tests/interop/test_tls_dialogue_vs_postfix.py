@@ -43,6 +43,7 @@ import pytest
 from tests.interop import test_dialogue_vs_postfix as plain
 from tests.interop import test_submission_vs_postfix as submission
 from tests.support import SmtpClient, eventually, free_port, postfix_instance
+from tests.support.seeds import seed_list
 from tests.support.tls_dialogues import (ALICE, Step, b64, generated, is_starttls, no_auth_without_ehlo,
                                          no_starttls_in_a_transaction)
 
@@ -62,12 +63,7 @@ SUBMISSION_RELAY = "permit_sasl_authenticated,reject"
 
 
 def seeds() -> list[int]:
-    spec = os.environ.get("MAILFLOW_TLS_DIALOGUE_SEEDS", "")
-    out: list[int] = []
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        low, _, high = part.partition("-")
-        out += list(range(int(low), int(high or low) + 1))
-    return out or SEEDS
+    return seed_list(os.environ.get("MAILFLOW_TLS_DIALOGUE_SEEDS", "")) or SEEDS
 
 
 def shown(text: str | None) -> str:

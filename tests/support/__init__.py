@@ -25,6 +25,7 @@ are in tests/conftest.py and build on these.
   certificates with their Postfix fingerprints, for tls_ask_ccert; import it from tests.support.client_certs); raw:
   `converse`, `read_until_closed`, `answers_noop` (SMTP over a blocking socket, for the fuzz and hostile tests),
   `rss_mb`, `peak_rss_mb`, `reset_peak_rss` (a process's memory from /proc; import them from tests.support.raw).
+- seeds: `seed_list` (an exploration's MAILFLOW_*_SEEDS, `1-300` or `1,5,9`; import it from tests.support.seeds).
 
 Every name above but those said otherwise is importable from `tests.support` itself.
 """
