@@ -184,17 +184,25 @@ async def test_a_deferred_recipients_parts_that_bounced_are_its_failures_now(scr
         ("", "team@example.test", "5.1.1", "user unknown")]
 
 
+async def team_with_a_deferring_include(scripts, tmp_path, include: str, after: str):
+    """team@example.test's one result, team an alias of `:include:team.inc, after`: `{later}` in the text a command
+    that exits 75, `{ok}` one that appends its argument to the `runs` file."""
+    later = scripts.script("later.sh", "exit 75\n")
+    ok = scripts.script("ok.sh", f'echo "$1" >> {scripts.out}/runs\ncat > /dev/null\n')
+    inc = tmp_path / "team.inc"
+    inc.write_text(include.format(later=later, ok=ok))
+    t = transport(tmp_path, f"team: :include:{inc}, {after.format(later=later, ok=ok)}\n",
+                  allow_mail_to_commands=("alias", "forward", "include"))
+    [result] = (await t.deliver(request("team@example.test"))).results
+    return result
+
+
 async def test_a_files_lines_after_one_that_defers_are_left_for_the_retry(scripts, tmp_path):
     """local(8)'s deliver_token_stream reads no further line of an :include: (or .forward) file once one deferred:
     the rest of that line and the alias value around the file are delivered, the later lines are not (nor
     logged); they are at the retry, which repeats the file."""
-    later = scripts.script("later.sh", "exit 75\n")
-    ok = scripts.script("ok.sh", f'echo "$1" >> {scripts.out}/runs\ncat > /dev/null\n')
-    inc = tmp_path / "team.inc"
-    inc.write_text(f'"|{later}", "|{ok} same-line"\n"|{ok} next-line"\nalice\n')
-    t = transport(tmp_path, f'team: :include:{inc}, "|{ok} after"\n',
-                  allow_mail_to_commands=("alias", "forward", "include"))
-    [result] = (await t.deliver(request("team@example.test"))).results
+    result = await team_with_a_deferring_include(
+        scripts, tmp_path, '"|{later}", "|{ok} same-line"\n"|{ok} next-line"\nalice\n', '"|{ok} after"')
     assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.3.0")
     assert scripts.read("runs").split() == ["same-line", "after"]
     assert "next-line" not in result.text and "forwarded" not in result.text
@@ -204,13 +212,8 @@ async def test_a_destination_also_named_outside_a_stopped_line_is_delivered(scri
     """A destination named on a file's line after one that deferred and also elsewhere (the alias value around
     the file) is delivered there, as local(8) meets it there: only a destination every place of which is stopped
     waits for the retry."""
-    later = scripts.script("later.sh", "exit 75\n")
-    ok = scripts.script("ok.sh", f'echo "$1" >> {scripts.out}/runs\ncat > /dev/null\n')
-    inc = tmp_path / "team.inc"
-    inc.write_text(f'"|{later}"\n"|{ok} both"\n"|{ok} file-only"\n')
-    t = transport(tmp_path, f'team: :include:{inc}, "|{ok} both"\n',
-                  allow_mail_to_commands=("alias", "forward", "include"))
-    [result] = (await t.deliver(request("team@example.test"))).results
+    result = await team_with_a_deferring_include(
+        scripts, tmp_path, '"|{later}"\n"|{ok} both"\n"|{ok} file-only"\n', '"|{ok} both"')
     assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.3.0")
     assert scripts.read("runs").split() == ["both"]
 
