@@ -19,6 +19,7 @@ from mailflow.transports.generic import GenericMaps
 from mailflow.transports.smtp import SmtpTransport
 from mailflow.transports.smtp_checks import LINE_PIECE, OutboundChecks
 from tests.support import big_message, spooled
+from tests.support.content import lookups_seen
 
 PRIVACY = ("/^Received:.*with ESMTPSA/ IGNORE", "/^X-Originating-IP:/ IGNORE", "/^User-Agent:/ IGNORE",
            "/^Subject: (.*)/ REPLACE Subject: [ext] $1", "/^X-Warn:/ WARN stripped soon", "/^X-Info:/ INFO",
@@ -410,18 +411,9 @@ async def test_a_long_key_is_matched_off_the_event_loop_in_the_message_s_order(s
     """As cleanup's checks (content_checks.LONG_KEY): a header field longer than LONG_KEY sends the header pass to a
     worker thread, a content longer than LONG_KEY its body and part headers; a short message is matched on the loop
     as before; the order of the lookups and what goes out are unchanged."""
-    import threading
-
     import mailflow.transports.smtp_checks as module
 
-    seen: list[tuple[str, bool]] = []
-    lookup = module.lookup_action
-
-    def recorded(tables, key):
-        seen.append((key[:5], threading.current_thread() is threading.main_thread()))
-        return lookup(tables, key)
-
-    monkeypatch.setattr(module, "lookup_action", recorded)
+    seen = lookups_seen(monkeypatch, module)
     outbound = checks(header=["/^X-Late:/ REPLACE X-Late: seen"], body=["/^z/ REPLACE edited"])
     peer = await smtp_peer()
 

@@ -11,6 +11,7 @@ from mailflow.config.filters import ChecksConfig
 from mailflow.content import Content
 from mailflow.errors import ContentRejected, TemporaryError
 from mailflow.filters.content_checks import ContentChecks
+from tests.support.content import lookups_seen
 
 
 def checks(tmp_path, header: str = "", body: str = "") -> ContentChecks:
@@ -105,18 +106,9 @@ async def test_a_long_key_is_matched_off_the_event_loop_in_the_message_s_order(t
     """A lookup costs key length x rules once RE2's DFA runs out of memory (seconds for a 100 KB Subject against a
     big table): a header field or a body longer than LONG_KEY is matched in a worker thread, short ones on the loop
     as before; the order of the checks, and their answers, are unchanged."""
-    import threading
-
     import mailflow.filters.content_checks as module
 
-    seen: list[tuple[str, bool]] = []
-    lookup = module.lookup_action
-
-    def recorded(tables, key):
-        seen.append((key[:5], threading.current_thread() is threading.main_thread()))
-        return lookup(tables, key)
-
-    monkeypatch.setattr(module, "lookup_action", recorded)
+    seen = lookups_seen(monkeypatch, module)
     c = checks(tmp_path, header="/^X-Long: (y+)$/ WARN long\n/^X-Late:/ REPLACE X-Late: seen\n",
                body="/^z/ WARN z\n")
     long_field = b"X-Long: " + b"y" * module.LONG_KEY

@@ -4,10 +4,13 @@
   (leading dots, From_ lines, '>' runs, a line longer than a read); `spooled(directory, data)` is such content as
   the store keeps it (header section in memory, the rest in a file).
 - `maildir_messages(maildir)`: the messages in a Maildir's new/, oldest name first.
+- `lookups_seen(monkeypatch, module)`: each `module.lookup_action` call's key (its first 5 characters) and whether
+  it ran on the main thread (the event loop's), in order: the content checks' long keys go to a worker thread.
 """
 from __future__ import annotations
 
 import random
+import threading
 from pathlib import Path
 
 from mailflow.content import Content, FilePart
@@ -42,3 +45,15 @@ def spooled(directory: Path, data: bytes) -> Content:
 def maildir_messages(maildir: Path) -> list[bytes]:
     new = maildir / "new"
     return [p.read_bytes() for p in sorted(new.iterdir())] if new.is_dir() else []
+
+
+def lookups_seen(monkeypatch, module) -> list[tuple[str, bool]]:
+    seen: list[tuple[str, bool]] = []
+    lookup = module.lookup_action
+
+    def recorded(tables, key):
+        seen.append((key[:5], threading.current_thread() is threading.main_thread()))
+        return lookup(tables, key)
+
+    monkeypatch.setattr(module, "lookup_action", recorded)
+    return seen
