@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.interop.test_tables_vs_postfix import (QUERIES_AT_ONCE, ROOT, mailflow_query, mailflow_query_in_process,
-                                                  postmap_query, readable_folder)
+from tests.interop.test_tables_vs_postfix import (QUERIES_AT_ONCE, answered_alike, mailflow_query_refused,
+                                                  postmap_query, postmap_warning, readable_folder)
 from mailflow.tables import open_table
 from tests.support import SmtpClient, postfix_instance, require_tool
 
@@ -80,13 +78,7 @@ KEYS = ["abcd", "ab", "<a>b>", "joe@example.com", "JOE@SUB.EXAMPLE.COM", "CaseSe
 
 def test_pcre_table_query_answers_as_postmap_q_does(tmp_path):
     (tmp_path / "table.pcre").write_text(PCRE)
-    spec = f"pcre:{tmp_path}/table.pcre"
-    with ThreadPoolExecutor(max_workers=QUERIES_AT_ONCE) as pool:  # one process per key: a few at a time
-        postfix = dict(zip(KEYS, pool.map(lambda key: postmap_query(key, spec), KEYS)))
-    mailflow = {key: mailflow_query_in_process(spec, key) for key in KEYS}
-    assert {k: (postfix[k], mailflow[k]) for k in KEYS if postfix[k] != mailflow[k]} == {}
-    stdin = "".join(f"{key}\n" for key in KEYS)
-    assert mailflow_query(spec, "-", stdin=stdin) == postmap_query("-", spec, stdin=stdin)
+    postfix = answered_alike(f"pcre:{tmp_path}/table.pcre", KEYS)
     # the edges themselves, so that a change on both sides cannot pass unnoticed
     assert [postfix[key][1] for key in ("abcd", "<a>b>", "uaaa@x.test")] == \
         ["alt=[a][bcd][]\n", "lazy=a\n", "ungreedy=a\n"]  # leftmost-first, as PCRE (regexp: gives [ab][c][d], a>b)
@@ -158,10 +150,8 @@ def test_a_result_that_is_not_utf8_cannot_be_answered_as_in_postfix(tmp_path):
     table.write_text("/^(é+)(.)/ utf8=$1,$2\n")
     done = subprocess.run([require_tool("postmap"), "-q", "ééx", f"pcre:{table}"], capture_output=True, timeout=30)
     assert done.returncode != 0 and done.stdout == b"" and b"non-UTF-8 value" in done.stderr, done.stderr
-    failed = subprocess.run([sys.executable, "-m", "mailflow", "table", "query", f"pcre:{table}", "ééx"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=30)
-    assert failed.returncode == 75 and failed.stdout == ""
-    assert "key 'ééx': non-UTF-8 value 'utf8=é,\\udcc3'" in failed.stderr, failed.stderr
+    failed = mailflow_query_refused(f"pcre:{table}", "ééx")
+    assert "key 'ééx': non-UTF-8 value 'utf8=é,\\udcc3'" in failed, failed
 
 
 # each line Postfix's pcre skips with a warning (the table's third line)
@@ -173,14 +163,9 @@ BAD_LINES = ["/a/q unknown-flag", "/(a)/ $0", "/(a)/ $2", "/(a)/ $1st", "/(a)/ f
 def test_a_pcre_line_postfix_skips_fails_the_table_naming_that_line(tmp_path, text):
     table = tmp_path / "bad.pcre"
     table.write_text(f"# a comment\n/^fine$/ fine\n{text}\n")
-    done = subprocess.run([require_tool("postmap"), "-q", "fine", f"pcre:{table}"], capture_output=True, text=True,
-                          timeout=30)
-    warning = re.search(r"pcre map \S+, (line \d+): ", done.stderr)
-    assert warning, done.stderr
-    failed = subprocess.run([sys.executable, "-m", "mailflow", "table", "query", f"pcre:{table}", "fine"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=30)
-    assert failed.returncode == 75 and failed.stdout == "", failed
-    assert f"table pcre:{table}: {table}, {warning.group(1)}: " in failed.stderr, (done.stderr, failed.stderr)
+    warning, postfix = postmap_warning(f"pcre:{table}", "fine", r"pcre map \S+, (line \d+): ")
+    failed = mailflow_query_refused(f"pcre:{table}", "fine")
+    assert f"table pcre:{table}: {table}, {warning}: " in failed, (postfix, failed)
 
 
 # patterns PCRE takes and RE2 cannot: Postfix answers, mailflow names the line and the construct
@@ -195,10 +180,8 @@ def test_a_pattern_re2_cannot_take_fails_the_table_where_postfix_answers(tmp_pat
     table = tmp_path / "pcre.pcre"
     table.write_text(f"# a comment\n{pattern} found\n")
     assert postmap_query(key, f"pcre:{table}") == (0, "found\n")
-    failed = subprocess.run([sys.executable, "-m", "mailflow", "table", "query", f"pcre:{table}", key],
-                            capture_output=True, text=True, cwd=ROOT, timeout=30)
-    assert failed.returncode == 75 and failed.stdout == ""
-    assert f"{table}, line 2: {construct} is not supported (mailflow's pcre: runs on RE2: " in failed.stderr
+    failed = mailflow_query_refused(f"pcre:{table}", key)
+    assert f"{table}, line 2: {construct} is not supported (mailflow's pcre: runs on RE2: " in failed
 
 
 HEADER_CHECKS = r"""/^Subject:.*\b(viagra|cialis)\b/    REJECT no $1 here

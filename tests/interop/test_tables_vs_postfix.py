@@ -176,19 +176,41 @@ def postmap_query(*args: str, stdin: str = "") -> tuple[int, str]:
     return done.returncode, done.stdout
 
 
+def answered_alike(spec: str, keys: list[str]) -> dict[str, tuple[int, str]]:
+    """Postfix's `postmap -q KEY SPEC` for each key, asserted the same as mailflow's `table query`, and so is the
+    whole list asked on standard input (`postmap -q - SPEC`: key TAB value for each found, in order)."""
+    with ThreadPoolExecutor(max_workers=QUERIES_AT_ONCE) as pool:  # one process per key: a few at a time
+        postfix = dict(zip(keys, pool.map(lambda key: postmap_query(key, spec), keys)))
+    mailflow = {key: mailflow_query_in_process(spec, key) for key in keys}
+    assert {k: (postfix[k], mailflow[k]) for k in keys if postfix[k] != mailflow[k]} == {}
+    stdin = "".join(f"{key}\n" for key in keys)
+    assert mailflow_query(spec, "-", stdin=stdin) == postmap_query("-", spec, stdin=stdin)
+    return postfix
+
+
+def postmap_warning(spec: str, key: str, pattern: str) -> tuple[str, str]:
+    """`pattern`'s first group in what `postmap -q KEY SPEC` warns (asserted there), and the whole warning text."""
+    done = subprocess.run([require_tool("postmap"), "-q", key, spec], capture_output=True, text=True, timeout=30)
+    warning = re.search(pattern, done.stderr, re.MULTILINE)
+    assert warning, done.stderr
+    return warning.group(1), done.stderr
+
+
+def mailflow_query_refused(spec: str, key: str) -> str:
+    """`mailflow table query SPEC KEY` run as the program, asserted to fail as a table that cannot answer does (exit
+    75, nothing on standard output): what it wrote on standard error."""
+    failed = subprocess.run([sys.executable, "-m", "mailflow", "table", "query", spec, key],
+                            capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert failed.returncode == 75 and failed.stdout == "", failed
+    return failed.stderr
+
+
 @pytest.mark.parametrize("name, text, spec, keys", QUERIES, ids=[q[2].partition(":")[0] + str(i)
                                                                    for i, q in enumerate(QUERIES)])
 def test_table_query_answers_as_postmap_q_does(tmp_path, name, text, spec, keys):
     if name:
         (tmp_path / name).write_text(text)
-    spec = spec.replace("{file}", str(tmp_path / name)) if name else spec
-    with ThreadPoolExecutor(max_workers=QUERIES_AT_ONCE) as pool:  # one process per key: a few at a time
-        postfix = dict(zip(keys, pool.map(lambda key: postmap_query(key, spec), keys)))
-    mailflow = {key: mailflow_query_in_process(spec, key) for key in keys}
-    assert {k: (postfix[k], mailflow[k]) for k in keys if postfix[k] != mailflow[k]} == {}
-    # several keys from standard input (`postmap -q - table`): key TAB value for each found, in order
-    stdin = "".join(f"{key}\n" for key in keys)
-    assert mailflow_query(spec, "-", stdin=stdin) == postmap_query("-", spec, stdin=stdin)
+    answered_alike(spec.replace("{file}", str(tmp_path / name)) if name else spec, keys)
 
 
 def random_cidr(rng: random.Random, rules: int) -> str:
@@ -248,14 +270,9 @@ def test_a_regexp_result_postfix_skips_fails_the_table_naming_that_line(tmp_path
     """`$0` and `$1st` were taken (as group 0, and group 1 then "st"), `$12` read as group 1 then "2"."""
     table = tmp_path / "bad.regexp"
     table.write_text(f"# a comment\n/^fine$/ fine\n{text}\n")
-    done = subprocess.run([require_tool("postmap"), "-q", "fine", f"regexp:{table}"], capture_output=True,
-                          text=True, timeout=30)
-    warning = re.search(r"regexp map \S+, (line \d+): ", done.stderr)
-    assert warning, done.stderr
-    failed = subprocess.run([sys.executable, "-m", "mailflow", "table", "query", f"regexp:{table}", "fine"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=30)
-    assert failed.returncode == 75 and failed.stdout == "", failed
-    assert f"table regexp:{table}: {table}, {warning.group(1)}: " in failed.stderr, (done.stderr, failed.stderr)
+    warning, postfix = postmap_warning(f"regexp:{table}", "fine", r"regexp map \S+, (line \d+): ")
+    failed = mailflow_query_refused(f"regexp:{table}", "fine")
+    assert f"table regexp:{table}: {table}, {warning}: " in failed, (postfix, failed)
 
 
 # each line Postfix skips, with the reason of its warning
@@ -270,14 +287,10 @@ BAD_CIDR_LINES = ["10.1.2.3/8 host-bits", "2001:db8::1/32 host-bits6", "10.0.0.0
 def test_a_cidr_line_postfix_skips_fails_the_table_with_postfix_s_line_and_reason(tmp_path, text):
     table = tmp_path / "bad.cidr"
     table.write_text(f"# a comment\n192.0.2.0/24 fine\n{text}\n")
-    done = subprocess.run([require_tool("postmap"), "-q", "192.0.2.1", f"cidr:{table}"], capture_output=True,
-                          text=True, timeout=30)
-    warning = re.search(r"cidr map \S+, (line \d+: .*?)(?:: skipping this rule)?$", done.stderr, re.MULTILINE)
-    assert warning, done.stderr
-    failed = subprocess.run([sys.executable, "-m", "mailflow", "table", "query", f"cidr:{table}", "192.0.2.1"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=30)
-    assert failed.returncode == 75 and failed.stdout == "", failed
-    assert failed.stderr.rstrip("\n").endswith(f"table cidr:{table}: {table}, {warning.group(1)}"), failed.stderr
+    warning, _ = postmap_warning(f"cidr:{table}", "192.0.2.1",
+                                 r"cidr map \S+, (line \d+: .*?)(?:: skipping this rule)?$")
+    failed = mailflow_query_refused(f"cidr:{table}", "192.0.2.1")
+    assert failed.rstrip("\n").endswith(f"table cidr:{table}: {table}, {warning}"), failed
 
 
 # check_client_access cidr: over SMTP, clients from loopback addresses other than 127.0.0.1
