@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from mailflow.logs import printable
-from tests.support import SmtpClient, eventually, free_port, postfix_instance
+from tests.support import SmtpClient, end_of_data_replies, eventually, free_port, postfix_instance
 
 pytestmark = pytest.mark.interop
 
@@ -314,14 +314,9 @@ CONTENT_NOT_DELIVERED = ("hc-hold", "hc-discard", "discard-stops", "two-holds")
 
 async def send_contents(port: int) -> dict[str, str]:
     """Each message's reply at the end of DATA (the queue id masked)."""
-    got = {}
-    for name, (head, body) in CONTENT.items():
-        async with await SmtpClient.connect(port) as client:
-            for command in ("EHLO client.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<plain@relay.test>", "DATA"):
-                await client.cmd(command)
-            reply = await client.cmd(f"{head}\r\n{body}.".encode())
-        got[name] = "250 queued" if reply.code == 250 else reply.text
-    return got
+    replies = await end_of_data_replies(port, {name: f"{head}\r\n{body}".encode()
+                                               for name, (head, body) in CONTENT.items()})
+    return {name: "250 queued" if reply.code == 250 else reply.text for name, reply in replies.items()}
 
 
 def copies(*peers) -> dict[str, tuple]:

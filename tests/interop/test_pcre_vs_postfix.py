@@ -22,7 +22,7 @@ import pytest
 from tests.interop.test_tables_vs_postfix import (QUERIES_AT_ONCE, answered_alike, mailflow_query_refused,
                                                   postmap_query, postmap_warning, readable_folder)
 from mailflow.tables import open_table
-from tests.support import SmtpClient, postfix_instance, require_tool
+from tests.support import end_of_data_replies, postfix_instance, require_tool
 
 pytestmark = pytest.mark.interop
 
@@ -202,14 +202,8 @@ MESSAGES = {  # name -> the header section
 
 async def data_replies(port: int) -> dict[str, str]:
     """Each message's reply at the end of DATA (a queued one as `250`)."""
-    got = {}
-    for name, head in MESSAGES.items():
-        async with await SmtpClient.connect(port) as client:
-            for command in ("EHLO client.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<plain@relay.test>", "DATA"):
-                await client.cmd(command)
-            reply = await client.cmd(f"{head}\r\nbody\r\n.".encode())
-        got[name] = "250" if reply.code == 250 else reply.text
-    return got
+    replies = await end_of_data_replies(port, {name: f"{head}\r\nbody\r\n".encode() for name, head in MESSAGES.items()})
+    return {name: "250" if reply.code == 250 else reply.text for name, reply in replies.items()}
 
 
 async def test_header_checks_in_pcre_reject_as_postfix_s_do(mailflow_server):
@@ -311,14 +305,9 @@ EIGHT_BIT_MESSAGES = {  # name -> (header section, body)
 
 
 async def eight_bit_replies(port: int) -> dict[str, str]:
-    got = {}
-    for name, (head, body) in EIGHT_BIT_MESSAGES.items():
-        async with await SmtpClient.connect(port) as client:
-            for command in ("EHLO client.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<plain@relay.test>", "DATA"):
-                await client.cmd(command)
-            reply = await client.cmd(head + b"\r\n" + body + b".")
-        got[name] = "250" if reply.code == 250 else reply.text
-    return got
+    replies = await end_of_data_replies(port, {name: head + b"\r\n" + body
+                                               for name, (head, body) in EIGHT_BIT_MESSAGES.items()})
+    return {name: "250" if reply.code == 250 else reply.text for name, reply in replies.items()}
 
 
 async def test_a_header_or_body_line_that_is_not_utf8_is_checked_as_postfix_checks_it(mailflow_server):
@@ -364,14 +353,9 @@ async def taken_as_bytes(port: int, dump, messages: dict[str, bytes] = TAKEN_AS_
     from tests.support import eventually
     from tests.support.postfix import dumped_messages
 
-    replies = {}
-    for name, field in messages.items():
-        async with await SmtpClient.connect(port) as client:
-            for command in ("EHLO client.test", "MAIL FROM:<s@remote.test> BODY=8BITMIME", "RCPT TO:<plain@relay.test>",
-                            "DATA"):
-                await client.cmd(command)
-            reply = await client.cmd(field + b"Subject: " + name.encode() + b"\r\n\r\nbody\r\n.")
-        replies[name] = "250" if reply.code == 250 else reply.text
+    answers = await end_of_data_replies(port, {name: field + b"Subject: " + name.encode() + b"\r\n\r\nbody\r\n"
+                                        for name, field in messages.items()}, "MAIL FROM:<s@remote.test> BODY=8BITMIME")
+    replies = {name: "250" if reply.code == 250 else reply.text for name, reply in answers.items()}
     queued = sum(1 for text in replies.values() if text == "250")
     await eventually(lambda: len(dumped_messages(dump)) == queued, timeout=20)
     heads = {}

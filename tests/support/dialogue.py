@@ -15,6 +15,8 @@ aiosmtplib (a real client library, for tests where the dialogue is not the point
 - `rcpt_reply(port, rcpt)`: the reply to RCPT TO:<rcpt> in a fresh session (EHLO, MAIL FROM:<s@remote.test>).
   `rcpt_until(port, rcpt, code)`: the same, again and again until the reply has `code` (a changed table file is
   re-read in a worker thread, at most once a second: this waits until the server has seen the change).
+- `end_of_data_replies(port, contents)`: each content's reply at the end of DATA, one fresh session each
+  (s@remote.test to plain@relay.test; the differential tests of header and body checks).
 - `send_probe(port, sender, rcpts, content)`: one message in a fresh raw session, every RCPT asserted 250; the reply
   code to its content (the differential tests' probes: the same bytes to both servers).
 - `send(port, sender, rcpts, content)`: one message with aiosmtplib; returns (refused recipients, final reply
@@ -172,6 +174,19 @@ async def rcpt_reply(port: int, rcpt: str, sender: str = "s@remote.test") -> Rep
         return await client.cmd(f"RCPT TO:<{rcpt}>")
     finally:
         await client.close()
+
+
+async def end_of_data_replies(port: int, contents: dict[str, bytes], mail: str = "MAIL FROM:<s@remote.test>"
+                       ) -> dict[str, Reply]:
+    """Each content (without its final `.` line, which this sends) in a fresh session of its own, `mail` then RCPT
+    TO:<plain@relay.test> (their replies not asserted): the reply at the end of DATA, by the content's name."""
+    got = {}
+    for name, content in contents.items():
+        async with await SmtpClient.connect(port) as client:
+            for command in ("EHLO client.test", mail, "RCPT TO:<plain@relay.test>", "DATA"):
+                await client.cmd(command)
+            got[name] = await client.cmd(content + b".")
+    return got
 
 
 async def rcpt_until(port: int, rcpt: str, code: int, timeout: float = 20.0) -> Reply:
