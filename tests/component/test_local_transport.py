@@ -363,17 +363,23 @@ async def test_as_root_an_include_file_named_in_a_forward_is_read_with_default_p
 
 
 
+def threads_calling(monkeypatch, owner, name: str) -> list[threading.Thread]:
+    """The thread of each call of `owner.name` (a module's function or a class's method), in order."""
+    threads: list[threading.Thread] = []
+    called = getattr(owner, name)
+
+    def watched(*args, **kw):
+        threads.append(threading.current_thread())
+        return called(*args, **kw)
+
+    monkeypatch.setattr(owner, name, watched)
+    return threads
+
+
 async def test_a_big_forward_is_parsed_off_the_event_loop_and_a_small_one_on_it(tmp_path, monkeypatch):
     """A user's .forward of up to 1 MB (SMALL_FILE_LIMIT) was parsed on the event loop before the leaf budget could
     stop it: 0.4 s for 1 MB, every session and delivery waiting. Past INLINE_FILE_BYTES it is parsed in a thread."""
-    parsed: list[threading.Thread] = []
-    parse = aliasing.parse_lines
-
-    def watched(*args):
-        parsed.append(threading.current_thread())
-        return parse(*args)
-
-    monkeypatch.setattr(aliasing, "parse_lines", watched)
+    parsed = threads_calling(monkeypatch, aliasing, "parse_lines")
     t = transport(tmp_path, anyone_is_local=True, forward=(fwd := FakeForward()))
     for user, members in (("carol", 1000), ("dave", 2)):
         home = tmp_path / "mail" / user
@@ -397,14 +403,7 @@ async def test_a_forward_read_with_its_users_rights_is_read_off_the_event_loop(t
     home = public_dir / "mail" / "nobody"
     home.mkdir(parents=True)
     (home / ".forward").write_text(f"\\nobody, :include:{public_dir / 'team'}\n")
-    forks: list[threading.Thread] = []
-    call_as = aliasing.call_as
-
-    def watched(*args):
-        forks.append(threading.current_thread())
-        return call_as(*args)
-
-    monkeypatch.setattr(aliasing, "call_as", watched)
+    forks = threads_calling(monkeypatch, aliasing, "call_as")
     t = transport(tmp_path, anyone_is_local=True, forward=(fwd := FakeForward()), maildir_base=str(public_dir / "mail"))
     [result] = (await t.deliver(request("nobody@example.test"))).results
     assert result.outcome is Outcome.SENT, result
@@ -487,26 +486,13 @@ async def test_an_alias_of_many_mailboxes_and_ghosts_gives_a_short_result_text(t
     assert result.text.startswith('g0@example.test: ') and "; and 20 more (also: delivered to maildir)" in result.text
 
 
-def expansion_threads(monkeypatch) -> list[threading.Thread]:
-    """The threads an expansion looks its members up in, one entry a member (LocalExpander.unknown_user watched)."""
-    threads: list[threading.Thread] = []
-    asked = LocalExpander.unknown_user
-
-    def unknown_user(self, user: str, addr: str):
-        threads.append(threading.current_thread())
-        return asked(self, user, addr)
-
-    monkeypatch.setattr(LocalExpander, "unknown_user", unknown_user)
-    return threads
-
-
 async def test_an_alias_of_thousands_of_local_members_is_expanded_off_the_event_loop(tmp_path, monkeypatch):
     """Each local member costs a lookup and a look for its .forward (~67 us): 10 000 held the event loop ~0.7 s,
     100 000 ~7 s, at every attempt. Past INLINE_LEAVES the expansion is made in a worker thread; a small one
     stays inline (the tables answer from memory: nothing to wait for)."""
     t = transport(tmp_path, f"many: {', '.join(f'u{i}' for i in range(300))}\nfew: alice, bob\n",
                   anyone_is_local=True)
-    threads = expansion_threads(monkeypatch)
+    threads = threads_calling(monkeypatch, LocalExpander, "unknown_user")  # one a member
     [result] = (await t.deliver(request("few@example.test"))).results
     assert result.outcome is Outcome.SENT and set(threads) == {threading.main_thread()}
     threads.clear()
@@ -521,7 +507,7 @@ async def test_an_alias_of_the_same_members_over_and_over_is_expanded_off_the_ev
     users are 600 members to look at for 2 mailboxes (3 000 such lists held the loop 0.6 s before)."""
     lists = "".join(f"team{i}: alice, bob\n" for i in range(300))
     t = transport(tmp_path, f"staff: {', '.join(f'team{i}' for i in range(300))}\n{lists}")
-    threads = expansion_threads(monkeypatch)
+    threads = threads_calling(monkeypatch, LocalExpander, "unknown_user")  # one a member
     [result] = (await t.deliver(request("staff@example.test"))).results
     assert result.outcome is Outcome.SENT and threads and threads[-1] is not threading.main_thread()
     assert len(delivered(tmp_path, "alice")) == 1 and len(delivered(tmp_path, "bob")) == 1
@@ -699,14 +685,7 @@ async def test_an_include_file_is_measured_in_bytes_for_the_event_loop(tmp_path,
     team = public_dir / "team"
     team.write_text("# " + "日本語" * 2000 + "\ncarol@remote.test\n")
     assert len(team.read_text()) < 16_384 < team.stat().st_size  # (INLINE_FILE_BYTES)
-    parsed: list[threading.Thread] = []
-    parse = aliasing.parse_lines
-
-    def watched(*args):
-        parsed.append(threading.current_thread())
-        return parse(*args)
-
-    monkeypatch.setattr(aliasing, "parse_lines", watched)
+    parsed = threads_calling(monkeypatch, aliasing, "parse_lines")
     t = transport(tmp_path, f"team: :include:{team}\n", forward=(fwd := FakeForward()))
     [result] = (await t.deliver(request("team@example.test"))).results
     assert result.outcome is Outcome.SENT and [c[2] for c in fwd.calls] == [("carol@remote.test",)], result
