@@ -331,17 +331,24 @@ async def team_delivered_locally(s, caplog, answer) -> tuple[str, list[str]]:
                       if r.name == "mailflow.mail" and "relay=local" in r.getMessage()]
 
 
+async def team_deferred_with_ghost_bounced(s, caplog) -> list[str]:
+    """team_delivered_locally with team deferred (4.3.0) and its member ghost bounced (5.1.1, `owned`): the two
+    `relay=local` lines, asserted team's then ghost's."""
+    ghost = OwnedFailure("", "ghost@local.test", "5.1.1", 'unknown user: "ghost"')
+    queue_id, lines = await team_delivered_locally(s, caplog, lambda r: RcptResult(
+        r, Outcome.DEFERRED, "4.3.0", "temporary failure", relay="local", owned=(ghost,)))
+    assert [line.partition(", relay")[0] for line in lines] == [
+        f"{queue_id}: to=<team@local.test>", f"{queue_id}: to=<ghost@local.test>, orig_to=<team@local.test>"]
+    return lines
+
+
 async def test_a_deferred_recipients_bounced_parts_are_logged_and_told_at_once(sim, caplog):
     """local(8) logs a part that bounced when it bounces and bounce(8) sends its notice at the end of the attempt,
     while another part keeps the recipient for the retry (Postfix's qmgr_active_done flushes the bounce log of a
     message that stays queued): `status=bounced` about the member after the recipient's deferred line, a failure
     notice about that member now, the recipient queued; the retry that delivers it tells nothing more."""
     s = await sim()
-    ghost = OwnedFailure("", "ghost@local.test", "5.1.1", 'unknown user: "ghost"')
-    queue_id, lines = await team_delivered_locally(s, caplog, lambda r: RcptResult(
-        r, Outcome.DEFERRED, "4.3.0", "temporary failure", relay="local", owned=(ghost,)))
-    assert [line.partition(", relay")[0] for line in lines] == [
-        f"{queue_id}: to=<team@local.test>", f"{queue_id}: to=<ghost@local.test>, orig_to=<team@local.test>"]
+    lines = await team_deferred_with_ghost_bounced(s, caplog)
     assert lines[0].endswith("status=deferred (temporary failure)")
     assert lines[1].endswith('dsn=5.1.1, status=bounced (unknown user: "ghost")')
     [notice] = notices_in(s.smtp)
@@ -407,11 +414,7 @@ async def test_soft_bounce_logs_a_deferred_recipients_bounced_parts_as_softbounc
     `dsn=4.X.X, status=SOFTBOUNCE`: a deferred recipient's bounced part gets that line after its deferred one, and
     nobody a notice."""
     s = await sim(soft_bounce=True)
-    ghost = OwnedFailure("", "ghost@local.test", "5.1.1", 'unknown user: "ghost"')
-    queue_id, lines = await team_delivered_locally(s, caplog, lambda r: RcptResult(
-        r, Outcome.DEFERRED, "4.3.0", "temporary failure", relay="local", owned=(ghost,)))
-    assert [line.partition(", relay")[0] for line in lines] == [
-        f"{queue_id}: to=<team@local.test>", f"{queue_id}: to=<ghost@local.test>, orig_to=<team@local.test>"]
+    lines = await team_deferred_with_ghost_bounced(s, caplog)
     assert lines[0].endswith("dsn=4.3.0, status=deferred (temporary failure)")
     assert lines[1].endswith('dsn=4.1.1, status=SOFTBOUNCE (unknown user: "ghost")')
     assert notices_in(s.smtp) == []
