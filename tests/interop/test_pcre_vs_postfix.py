@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.interop.test_tables_vs_postfix import (QUERIES_AT_ONCE, answered_alike, mailflow_query_refused,
-                                                  postmap_query, postmap_warning, readable_folder)
+from tests.interop.test_tables_vs_postfix import (QUERIES_AT_ONCE, answered_alike, fails_naming_postfix_s_line,
+                                                  mailflow_query_refused, postmap_query, readable_folder)
 from mailflow.tables import open_table
 from tests.support import end_of_data_replies, postfix_instance, require_tool
 
@@ -161,11 +161,7 @@ BAD_LINES = ["/a/q unknown-flag", "/(a)/ $0", "/(a)/ $2", "/(a)/ $1st", "/(a)/ f
 
 @pytest.mark.parametrize("text", BAD_LINES)
 def test_a_pcre_line_postfix_skips_fails_the_table_naming_that_line(tmp_path, text):
-    table = tmp_path / "bad.pcre"
-    table.write_text(f"# a comment\n/^fine$/ fine\n{text}\n")
-    warning, postfix = postmap_warning(f"pcre:{table}", "fine", r"pcre map \S+, (line \d+): ")
-    failed = mailflow_query_refused(f"pcre:{table}", "fine")
-    assert f"table pcre:{table}: {table}, {warning}: " in failed, (postfix, failed)
+    fails_naming_postfix_s_line(tmp_path, "pcre", text)
 
 
 # patterns PCRE takes and RE2 cannot: Postfix answers, mailflow names the line and the construct

@@ -268,11 +268,17 @@ BAD_REGEXP_RESULTS = ["/(a)/ $0", "/(a)/ $2", "/(a)/ $1st", "/(a)/ $x", "/(a)/ f
 @pytest.mark.parametrize("text", BAD_REGEXP_RESULTS)
 def test_a_regexp_result_postfix_skips_fails_the_table_naming_that_line(tmp_path, text):
     """`$0` and `$1st` were taken (as group 0, and group 1 then "st"), `$12` read as group 1 then "2"."""
-    table = tmp_path / "bad.regexp"
+    fails_naming_postfix_s_line(tmp_path, "regexp", text)
+
+
+def fails_naming_postfix_s_line(tmp_path, kind: str, text: str) -> None:
+    """A `kind` (regexp or pcre) table of a good rule and `text` (its third line): the line Postfix warns about is the
+    one mailflow's `table query` fails naming."""
+    table = tmp_path / f"bad.{kind}"
     table.write_text(f"# a comment\n/^fine$/ fine\n{text}\n")
-    warning, postfix = postmap_warning(f"regexp:{table}", "fine", r"regexp map \S+, (line \d+): ")
-    failed = mailflow_query_refused(f"regexp:{table}", "fine")
-    assert f"table regexp:{table}: {table}, {warning}: " in failed, (postfix, failed)
+    warning, postfix = postmap_warning(f"{kind}:{table}", "fine", kind + r" map \S+, (line \d+): ")
+    failed = mailflow_query_refused(f"{kind}:{table}", "fine")
+    assert f"table {kind}:{table}: {table}, {warning}: " in failed, (postfix, failed)
 
 
 # each line Postfix skips, with the reason of its warning
