@@ -108,12 +108,8 @@ async def replay(port: int, steps: list[Step]) -> list[str]:
                 out.append(shown(reply.text if reply.code else None))
                 if reply.code is None:
                     return out
-            if reply is not None and reply.code == 354 and step.content:
-                await client.send(step.content)
-                reply = await client.reply(REPLY_TIMEOUT)
-                out.append(shown(reply.text if reply.code else None))
-                if reply.code is None:
-                    return out
+            if await closed_after_content(client, step, reply, out, shown, REPLY_TIMEOUT):
+                return out
         out.append("closed" if (await client.reply(REPLY_TIMEOUT)).code is None else "still open")
     except ConnectionError:  # the server closed with input unread (a reset): the replies read before it count
         out += [shown(text) for text in buffered_replies(client)] + ["reset"]
@@ -122,6 +118,17 @@ async def replay(port: int, steps: list[Step]) -> list[str]:
     finally:
         await client.close()
     return out
+
+
+async def closed_after_content(client: SmtpClient, step, reply, out: list[str], shown, timeout: float) -> bool:
+    """After a 354 to the step's last unit (`reply`), its content sent and the reply appended to `out` as `shown`:
+    whether the connection closed instead (the replay ends). Nothing is sent after any other reply."""
+    if reply is None or reply.code != 354 or not step.content:
+        return False
+    await client.send(step.content)
+    reply = await client.reply(timeout)
+    out.append(shown(reply.text if reply.code else None))
+    return reply.code is None
 
 
 def buffered_replies(client: SmtpClient) -> list[str]:

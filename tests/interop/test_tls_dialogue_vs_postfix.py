@@ -119,12 +119,8 @@ async def replay(port: int, implicit: bool, tls: ssl.SSLContext, steps: list[Ste
                     out.append("handshake")
                     break
             else:
-                if reply is not None and reply.code == 354 and step.content:
-                    await client.send(step.content)
-                    reply = await client.reply(REPLY_TIMEOUT)
-                    out.append(shown(reply.text if reply.code else None))
-                    if reply.code is None:
-                        return out
+                if await plain.closed_after_content(client, step, reply, out, shown, REPLY_TIMEOUT):
+                    return out
         out.append("closed" if (await client.reply(REPLY_TIMEOUT)).code is None else "still open")
     except ConnectionError:
         out += [shown(text) for text in plain.buffered_replies(client)] + ["reset"]
