@@ -334,10 +334,13 @@ def _open_home(base: Path) -> int:
 
 def _make_for(owner: Owner, path: Path, name: str | Path | None = None, parent: int | None = None) -> None:
     """Make directory `name` (in `parent`, an fd; else `path`) 0700 and give it to `owner`, unless it exists. Given
-    away through an fd of the name opened without following a link, and only when that fd is an empty directory
-    of ours (the one just made, or one as worthless: a directory root made for someone else has content or gets
-    it), on the parent's filesystem (no mount point): never chown by path, where whoever may write the parent could
-    swap the new directory for a link, or a hard link to a file, that root would give away (OSError EPERM)."""
+    away through an fd of the name opened without following a link, and only when that fd is a directory of ours
+    on the parent's filesystem: never chown by path, where whoever may write the parent could swap the new
+    directory for a link, or a hard link to a file, that root would give away (OSError EPERM). That rules out a
+    link, a file and a mount point; a directory of ours there is the one just made (a user can move into its own
+    directory only the root-owned directories made for it, not yet given away). It may already have content: a
+    delivery running alongside found it made and went on making its Maildir in it (refusing then left the home
+    root's 0700 for good)."""
     name = path if name is None else name
     try:
         os.mkdir(name, 0o700, dir_fd=parent)
@@ -347,8 +350,7 @@ def _make_for(owner: Owner, path: Path, name: str | Path | None = None, parent: 
     try:
         made = os.fstat(fd)
         above = os.fstat(parent) if parent is not None else os.stat(Path(path).parent)
-        if (not stat.S_ISDIR(made.st_mode) or made.st_uid != os.geteuid() or made.st_dev != above.st_dev
-                or os.listdir(fd)):
+        if not stat.S_ISDIR(made.st_mode) or made.st_uid != os.geteuid() or made.st_dev != above.st_dev:
             raise OSError(errno.EPERM, f"{path} was replaced after it was made: not given to uid {owner.uid}")
         os.fchown(fd, owner.uid, owner.gid)
     finally:

@@ -4,8 +4,10 @@ directories 0700, files 0600, and a symbolic link planted in a mailbox's directo
 root is needed to give files away: skipped otherwise."""
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
+import shutil
 import stat
 import threading
 import time
@@ -393,3 +395,47 @@ async def test_a_home_link_swapped_after_its_owner_was_checked_is_not_followed(t
     monkeypatch.undo()
     assert swapped and result.outcome is Outcome.SENT, result
     assert list(trap.iterdir()) == [] and len(list((data / "Maildir" / "new").iterdir())) == 1
+
+
+@pytest.mark.parametrize("made_first", ["nobody", "nobody/Maildir"])
+async def test_deliveries_alongside_to_one_new_home_all_succeed_and_leave_it_the_users(tmp_path, monkeypatch,
+                                                                                      made_first):
+    """Delivery A made the home (or its Maildir); before A gave it away, B found it made and made its Maildir in
+    it; A then refused to give away a directory no longer empty (deferred), and the home stayed root's 0700 for
+    good: every later delivery took it as an existing root-owned home. Forced: A waits right after its mkdir
+    until B (and a third delivery) have finished."""
+    local = transports(tmp_path, local={"home_mailbox": "Maildir/"})["local"]
+    target = tmp_path / "mail" / made_first
+    real_mkdir = os.mkdir
+    made, others_done = threading.Event(), threading.Event()
+
+    def mkdir_then_wait(path, mode=0o777, *, dir_fd=None):
+        real_mkdir(path, mode, dir_fd=dir_fd)
+        if (target.parent / path if dir_fd is not None else Path(path)) == target and not made.is_set():
+            made.set()
+            assert others_done.wait(10)
+
+    monkeypatch.setattr(os, "mkdir", mkdir_then_wait)
+    first = asyncio.ensure_future(local.deliver(request("nobody@local.test")))
+    assert await asyncio.to_thread(made.wait, 10)
+    others = await asyncio.gather(*(local.deliver(request("nobody@local.test")) for _ in range(2)))
+    others_done.set()
+    reports = [await first, *others]
+    monkeypatch.undo()
+    assert [r.outcome for report in reports for r in report.results] == [Outcome.SENT] * 3, reports
+    home = tmp_path / "mail" / "nobody"
+    for directory in (home, home / "Maildir", home / "Maildir" / "new", home / "Maildir" / "tmp"):
+        assert owner_and_mode(directory) == (NOBODY.pw_uid, NOBODY.pw_gid, 0o700), directory
+    assert len(list((home / "Maildir" / "new").iterdir())) == 3
+
+
+async def test_many_first_deliveries_at_once_to_new_homes_leave_every_home_the_users(tmp_path):
+    """The same race left to the scheduler: rounds of four deliveries at once to a home none of them finds."""
+    local = transports(tmp_path, local={"home_mailbox": "Maildir/"})["local"]
+    home = tmp_path / "mail" / "nobody"
+    for _ in range(25):
+        reports = await asyncio.gather(*(local.deliver(request("nobody@local.test")) for _ in range(4)))
+        assert [r.outcome for report in reports for r in report.results] == [Outcome.SENT] * 4, reports
+        for directory in (home, home / "Maildir", home / "Maildir" / "new", home / "Maildir" / "cur"):
+            assert owner_and_mode(directory)[:2] == (NOBODY.pw_uid, NOBODY.pw_gid), directory
+        shutil.rmtree(home)
