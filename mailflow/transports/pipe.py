@@ -6,7 +6,8 @@ Runner (used by pipe services and by local's `|command` destinations):
   PATH=/usr/bin:/bin, feeds it `stdin` (bytes, or an async iterable of chunks written one at a time as the
   command reads them: a big message is never held whole; a command may exit without reading: fine), keeps the first
   `output_limit` bytes of its merged stdout+stderr and drains the rest, and kills its whole process group at
-  the time limit (or when the delivery is cancelled). The delivery ends then, whatever holds the command's
+  the time limit (or when the delivery is cancelled; never a group whose number may have been reused once the
+  command ended: see `_Group`). The delivery ends then, whatever holds the command's
   pipes: the output pipe is ours (`_Output`) and closed at the limit, unsent input is dropped, so neither a
   command killed with its output unread nor a program it left running in a session of its own (holding stdin
   or stdout) can hold the delivery or a descriptor of ours. `user`: as root, run as that user (its groups too);
@@ -70,7 +71,6 @@ import re
 import signal
 import time
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, AsyncIterable, AsyncIterator, Callable
 
 from mailflow import address
@@ -231,13 +231,16 @@ async def run_command(argv: list[str], *, stdin: bytes | AsyncIterable[bytes], e
     output = _Output(output_limit, loop.create_future())
     read_file = os.fdopen(read_end, "rb", buffering=0)
     reading: asyncio.ReadTransport | None = None
+    group = _Group(proc.pid)
+    reaped = asyncio.ensure_future(proc.wait())
+    reaped.add_done_callback(lambda _: group.leader_ended())
     try:  # (from the spawn on: a cancel while the pipe is being connected must leave nothing running or open)
         reading, _ = await loop.connect_read_pipe(lambda: output, read_file)
         async with asyncio.timeout(time_limit):
-            await _exchange(proc.stdin, stdin, output, partial(_kill_group, proc))
+            await _exchange(proc.stdin, stdin, output, group.kill)
             code = await proc.wait()
     except TimeoutError:
-        _kill_group(proc)
+        group.kill()
         return CommandResult(None, None, True, output.text())
     finally:
         if reading is not None:
@@ -245,7 +248,7 @@ async def run_command(argv: list[str], *, stdin: bytes | AsyncIterable[bytes], e
         else:
             read_file.close()
         if proc.returncode is None:  # the time limit, or cancelled: leave nothing running behind us
-            _kill_group(proc)
+            group.kill()
             _drop_input(proc.stdin.transport)
             await asyncio.shield(proc.wait())
     if code < 0:
@@ -322,14 +325,51 @@ async def _feed(stdin: asyncio.StreamWriter, data: bytes | AsyncIterable[bytes],
         stdin.close()
 
 
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    """SIGKILL the command's process group (it leads its own session), offspring included, also once the command
-    itself was waited for: a job it left behind (`sh -c 'job & exit 0'`) keeps the group, and so its number, alive;
-    a group with no member left gets ESRCH (a number is reused only after its group emptied)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+class _Group:
+    """The command's process group (it leads its own session; the group's number is its pid). `kill()` SIGKILLs
+    the group, offspring included, also once the command itself was reaped: a job it left behind
+    (`sh -c 'job & exit 0'`) keeps the group, and so its number, in use. But a job that left the group (`setsid`)
+    may keep our output pipe open while the group is empty: the number is free then, and another session may have
+    it by the time limit (root would kill it). So the group is signalled only while /proc shows a member that
+    started no later than the command's end was seen (`leader_ended`; now, when not seen yet): a member of a
+    group that reused the number started after our command was reaped. (Left: the microseconds between that look
+    and the signal, in which our last member would have to end and the number be handed out again, and a number
+    handed out again within the clock tick, 10 ms, in which the command's end was seen: /proc counts in ticks.)"""
+
+    def __init__(self, pgid: int, proc_dir: str = "/proc"):
+        self.pgid = pgid
+        self._proc_dir = proc_dir
+        self._ended: float | None = None  # CLOCK_BOOTTIME seconds, as /proc's start times count
+
+    def leader_ended(self) -> None:
+        self._ended = time.clock_gettime(time.CLOCK_BOOTTIME)
+
+    def kill(self) -> None:
+        ended = self._ended if self._ended is not None else time.clock_gettime(time.CLOCK_BOOTTIME)
+        if not self._has_member_started_by(ended):
+            return
+        try:
+            os.killpg(self.pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _has_member_started_by(self, seconds: float) -> bool:
+        ticks = seconds * os.sysconf("SC_CLK_TCK")
+        try:
+            names = os.listdir(self._proc_dir)
+        except OSError:
+            return False
+        for name in names:
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"{self._proc_dir}/{name}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()  # (the command name may hold ')' and blanks)
+            except (OSError, IndexError):
+                continue  # (ended meanwhile)
+            if len(fields) > 19 and int(fields[2]) == self.pgid and int(fields[19]) <= ticks:
+                return True  # (fields[2]: pgrp, fields[19]: starttime, in clock ticks since boot)
+        return False
 
 
 # ------------------------------------------------------------------------------------------- exit statuses

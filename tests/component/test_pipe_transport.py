@@ -25,6 +25,7 @@ from mailflow.config import PipeService, config_from_dict
 from mailflow.errors import ConfigError
 from mailflow.content import Content
 from mailflow.model import DeliveryRequest, Outcome, Recipient
+from mailflow.transports import pipe as pipe_module
 from mailflow.transports.pipe import CommandNotRun, PipeTransport, run_command
 from tests.support import big_message, eventually, script_dir, spooled
 
@@ -264,6 +265,34 @@ async def test_the_time_limit_kills_a_job_the_command_left_behind_after_it_exite
     finally:
         if alive(job):
             os.kill(job, signal.SIGKILL)
+
+
+async def test_a_group_number_reused_after_the_command_ended_is_never_signalled(monkeypatch):
+    """A job that left the group (`setsid job & exit 0`) holds the output until the time limit while the group is
+    empty: its number is free once the command was reaped, and another session may have it by then; root's
+    killpg killed that session. Simulated: the command's end is seen, later a process leads a session of its own
+    with the group's number (the reuse); the kill leaves it alone, and kills it as a group that was ours."""
+    signalled: list = []
+    real_killpg = os.killpg
+    monkeypatch.setattr(pipe_module.os, "killpg", lambda *args: (signalled.append(args), real_killpg(*args)))
+    ended = time.clock_gettime(time.CLOCK_BOOTTIME)
+    await eventually(lambda: time.clock_gettime(time.CLOCK_BOOTTIME) > ended + 0.03, timeout=2,
+                     what="a clock tick after the command's end")
+    later = await asyncio.create_subprocess_exec("sleep", "30", start_new_session=True)
+    try:
+        reused = pipe_module._Group(later.pid)
+        reused._ended = ended
+        reused.kill()
+        assert signalled == [] and later.returncode is None and alive(later.pid)
+        ours = pipe_module._Group(later.pid)  # (its member started before the end: the group is ours)
+        ours.leader_ended()
+        ours.kill()
+        assert signalled == [(later.pid, signal.SIGKILL)]
+        assert await asyncio.wait_for(later.wait(), 5) == -signal.SIGKILL
+    finally:
+        if later.returncode is None:
+            later.kill()
+            await later.wait()
 
 
 async def test_a_huge_output_is_cut_at_output_limit_and_drained(scripts):
