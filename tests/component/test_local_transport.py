@@ -546,18 +546,19 @@ class HeldThreads:
                 self.running -= 1
 
 
-async def six_slow_expansions_all_sent(t) -> None:
-    """Six deliveries, each expansion 0.2 s in a worker thread: all are delivered."""
+async def slow_expansions_all_sent(t) -> None:
+    """Thirty deliveries, each expansion 0.1 s in a worker thread (two threads: 1.5 s in all, a call ending every
+    0.1 s): all are delivered."""
     real = t._expander.expand_recipient
 
     def slow(address, **kw):
-        time.sleep(0.2)
+        time.sleep(0.1)
         return real(address, **kw)
 
     t._expander.expand_recipient = off_loop(slow)
     reports = await asyncio.wait_for(
-        asyncio.gather(*(t.deliver(request("alice@example.test")) for _ in range(6))), 10)
-    assert [r.results[0].outcome for r in reports] == [Outcome.SENT] * 6, [r.results[0].text for r in reports]
+        asyncio.gather(*(t.deliver(request("alice@example.test")) for _ in range(30))), 10)
+    assert [r.results[0].outcome for r in reports] == [Outcome.SENT] * 30, [r.results[0].text for r in reports]
 
 
 async def test_expansions_made_in_worker_threads_leave_the_shared_pool_free(tmp_path, monkeypatch):
@@ -606,13 +607,13 @@ async def test_an_expansion_whose_delivery_stopped_waiting_still_holds_its_threa
 
 
 async def test_a_burst_of_slow_expansions_that_progress_is_queued_not_deferred(tmp_path, monkeypatch):
-    """OFF_LOOP_WAIT bounded each waiter's own wait: six expansions of 0.2 s on two threads with a wait of 0.3 s
-    deferred the last ones "no worker free" though every thread was working. A waiter gives up only when no
+    """OFF_LOOP_WAIT bounded each waiter's own wait: thirty expansions of 0.1 s on two threads (1.5 s) with a wait
+    of 1 s deferred the last ones "no worker free" though every thread was working. A waiter gives up only when no
     thread finished anything for the whole wait (hung threads: the test above)."""
-    monkeypatch.setattr(agent, "OFF_LOOP_WAIT", 0.3)
+    monkeypatch.setattr(agent, "OFF_LOOP_WAIT", 1.0)
     t = transport(tmp_path)
     try:
-        await six_slow_expansions_all_sent(t)
+        await slow_expansions_all_sent(t)
     finally:
         await t.close()
 
@@ -667,14 +668,14 @@ async def test_a_sqlite_deadline_firing_adds_no_expansion_thread(tmp_path, monke
 
 
 async def test_the_wait_for_an_expansion_thread_is_not_charged_to_a_sqlite_tables_deadline(tmp_path, monkeypatch):
-    """Six expansions of 0.2 s, two threads, a table deadline of 0.3 s: the deadline covered the wait for a free
-    thread too, so the later ones deferred "table lookup took longer than 0.3s" with no slow table at all."""
+    """Thirty expansions of 0.1 s, two threads (1.5 s), a table deadline of 1 s: the deadline covered the wait for a
+    free thread too, so the later ones deferred "table lookup took longer than 1s" with no slow table at all."""
     from mailflow.tables import cache
     monkeypatch.setattr(cache, "RUN_GRACE", 0.0)
     t = transport(tmp_path)
-    monkeypatch.setattr(t._expander.tables, "_blocking", [type("SlowTable", (), {"timeout": 0.3})()])
+    monkeypatch.setattr(t._expander.tables, "_blocking", [type("SlowTable", (), {"timeout": 1.0})()])
     try:
-        await six_slow_expansions_all_sent(t)
+        await slow_expansions_all_sent(t)
     finally:
         await t.close()
 
