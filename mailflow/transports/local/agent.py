@@ -371,7 +371,9 @@ class LocalTransport:
         with the alias owner's or the user's rights, never root's: a .forward must not reach /etc/passwd). The
         append runs in one of the agent's own FILE_WRITERS threads: a file that never answers (a FUSE file the user
         serves, a hung NFS mount) holds one of those, never a thread the queue's fsyncs and smtpd share; once
-        neither finished anything for OFF_LOOP_WAIT s, the next /file deliveries defer 4.3.0."""
+        neither finished anything for OFF_LOOP_WAIT s, the next /file deliveries defer 4.3.0. Bound left: a child
+        hung after it started writing (no time limit then: see mbox._append_once_as) holds its thread until it
+        returns, is killed by an administrator, or mailflow restarts (docs/transports.md)."""
         if leaf.path == os.devnull:
             return Part(Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}")
         sender, original = _envelope(request, rcpt, leaf.sender)
