@@ -264,10 +264,15 @@ def next_command_word(text: str, start: int = 0) -> tuple[str, int]:
     return word, end
 
 
+# A first command word `<...>` without quotes, backslashes or a second `<`, then a blank or the end: closed (the
+# common MAIL/RCPT path, answered without _command_word's character loop: ~0.3 us instead of ~2.5 us).
+_CLOSED_PATH_WORD = re.compile(r'[ \t\n\v\f\r]*<[^<>"\\]*>[^<"\\ \t\n\v\f\r]*(?:[ \t\n\v\f\r]|\Z)')
+
+
 def unterminated_command_word(text: str) -> bool:
     """Whether the first command word of `text` ends with a quote or angle bracket still open: it ran to the end
     of the line (Postfix's smtpd_token marks it SMTPD_TOK_ERROR)."""
-    return _command_word(text, 0)[2]
+    return _CLOSED_PATH_WORD.match(text) is None and _command_word(text, 0)[2]
 
 
 def _command_word(text: str, start: int) -> tuple[str, int, bool]:
