@@ -330,11 +330,13 @@ class _Group:
     the group, offspring included, also once the command itself was reaped: a job it left behind
     (`sh -c 'job & exit 0'`) keeps the group, and so its number, in use. But a job that left the group (`setsid`)
     may keep our output pipe open while the group is empty: the number is free then, and another session may have
-    it by the time limit (root would kill it). So the group is signalled only while /proc shows a member that
-    started no later than the command's end was seen (`leader_ended`; now, when not seen yet): a member of a
-    group that reused the number started after our command was reaped. (Left: the microseconds between that look
-    and the signal, in which our last member would have to end and the number be handed out again, and a number
-    handed out again within the clock tick, 10 ms, in which the command's end was seen: /proc counts in ticks.)"""
+    it by the time limit (root would kill it). So once the command's end was seen (`leader_ended`) the group is
+    signalled only while /proc shows a member that started no later than that: a member of a group that reused
+    the number started after our command was reaped. Before, the command's own pid holds the number: signalled
+    without a look (a /proc of another pid namespace, or none, would hide it and the time limit would never end
+    the command). (Left: the loop turns between the reap, in asyncio's watcher, and `leader_ended`; the moment
+    between the look and the signal; a number handed out again within the clock tick, 10 ms, in which the end was
+    seen: /proc counts in ticks. Each needs the pid numbers to wrap in that moment.)"""
 
     def __init__(self, pgid: int, proc_dir: str = "/proc"):
         self.pgid = pgid
@@ -345,9 +347,9 @@ class _Group:
         self._ended = time.clock_gettime(time.CLOCK_BOOTTIME)
 
     def kill(self) -> None:
-        ended = self._ended if self._ended is not None else time.clock_gettime(time.CLOCK_BOOTTIME)
-        if not self._has_member_started_by(ended):
-            return
+        if self._ended is not None and not self._has_member_started_by(self._ended):
+            return  # (until its end is seen, the command's own pid holds the number: no look needed, nor a /proc
+            # that may not show it: another pid namespace's, or none)
         try:
             os.killpg(self.pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):

@@ -295,6 +295,20 @@ async def test_a_group_number_reused_after_the_command_ended_is_never_signalled(
             await later.wait()
 
 
+async def test_a_command_not_seen_ended_is_killed_without_asking_proc(tmp_path):
+    """Until the command's end is seen its own pid holds the group's number: the time limit kills the group without
+    looking in /proc, which may not show it (another pid namespace's /proc, or none: the delivery then hung for
+    good, the command never killed)."""
+    running = await asyncio.create_subprocess_exec("sleep", "30", start_new_session=True)
+    try:
+        pipe_module._Group(running.pid, proc_dir=str(tmp_path / "no-proc")).kill()
+        assert await asyncio.wait_for(running.wait(), 5) == -signal.SIGKILL
+    finally:
+        if running.returncode is None:
+            running.kill()
+            await running.wait()
+
+
 async def test_a_huge_output_is_cut_at_output_limit_and_drained(scripts):
     s = scripts.script("loud.sh", "head -c 3000000 /dev/zero | tr '\\0' x\nexit 69\n")
     [result] = (await pipe([str(s)], output_limit=300, time_limit=20).deliver(request("a@pipe.test"))).results
