@@ -34,6 +34,8 @@ import logging
 import os
 import socket
 import stat
+import threading
+import weakref
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
@@ -332,29 +334,55 @@ def _open_home(base: Path) -> int:
         os.close(parent)
 
 
+class _DirectoryLock:
+    """A lock of one directory being made and given away (weakly held: gone when no delivery holds it)."""
+
+    __slots__ = ("lock", "__weakref__")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+
+# The process's deliveries run in threads; a directory's make-and-give must not interleave with another delivery
+# finding it made (it would make its Maildir in a directory not yet given away, which then is not the one just
+# made). One lock per directory, so that a hung filesystem holds only its own directories' deliveries.
+_MAKING: weakref.WeakValueDictionary[str, _DirectoryLock] = weakref.WeakValueDictionary()
+_MAKING_GUARD = threading.Lock()
+
+
+def _making(path: Path) -> _DirectoryLock:
+    with _MAKING_GUARD:
+        held = _MAKING.get(str(path))
+        if held is None:
+            held = _MAKING[str(path)] = _DirectoryLock()
+        return held
+
+
 def _make_for(owner: Owner, path: Path, name: str | Path | None = None, parent: int | None = None) -> None:
     """Make directory `name` (in `parent`, an fd; else `path`) 0700 and give it to `owner`, unless it exists. Given
-    away through an fd of the name opened without following a link, and only when that fd is a directory of ours
-    on the parent's filesystem: never chown by path, where whoever may write the parent could swap the new
-    directory for a link, or a hard link to a file, that root would give away (OSError EPERM). That rules out a
-    link, a file and a mount point; a directory of ours there is the one just made (a user can move into its own
-    directory only the root-owned directories made for it, not yet given away). It may already have content: a
-    delivery running alongside found it made and went on making its Maildir in it (refusing then left the home
-    root's 0700 for good)."""
+    away through an fd of the name opened without following a link, and only when that fd is an empty directory of
+    ours on the parent's filesystem: never chown by path, where whoever may write the parent could swap the new
+    directory for a link, a hard link to a file, or another root-owned directory (one with content: another
+    user's home being made, a spool Maildir made in advance) that root would give away (OSError EPERM). Made under
+    a lock of the directory (`_making`): a delivery running alongside that finds it made waits until it was given
+    away, so it cannot have content of ours yet (refusing then left the home root's 0700 for good)."""
     name = path if name is None else name
-    try:
-        os.mkdir(name, 0o700, dir_fd=parent)
-    except FileExistsError:
-        return
-    fd = os.open(name, _DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
-    try:
-        made = os.fstat(fd)
-        above = os.fstat(parent) if parent is not None else os.stat(Path(path).parent)
-        if not stat.S_ISDIR(made.st_mode) or made.st_uid != os.geteuid() or made.st_dev != above.st_dev:
-            raise OSError(errno.EPERM, f"{path} was replaced after it was made: not given to uid {owner.uid}")
-        os.fchown(fd, owner.uid, owner.gid)
-    finally:
-        os.close(fd)
+    held = _making(path)
+    with held.lock:
+        try:
+            os.mkdir(name, 0o700, dir_fd=parent)
+        except FileExistsError:
+            return
+        fd = os.open(name, _DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+        try:
+            made = os.fstat(fd)
+            above = os.fstat(parent) if parent is not None else os.stat(Path(path).parent)
+            if (not stat.S_ISDIR(made.st_mode) or made.st_uid != os.geteuid() or made.st_dev != above.st_dev
+                    or os.listdir(fd)):
+                raise OSError(errno.EPERM, f"{path} was replaced after it was made: not given to uid {owner.uid}")
+            os.fchown(fd, owner.uid, owner.gid)
+        finally:
+            os.close(fd)
 
 
 def _check_owned(st: os.stat_result, owner: Owner, path: Path) -> None:

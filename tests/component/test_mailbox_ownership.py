@@ -403,7 +403,7 @@ async def test_deliveries_alongside_to_one_new_home_all_succeed_and_leave_it_the
     """Delivery A made the home (or its Maildir); before A gave it away, B found it made and made its Maildir in
     it; A then refused to give away a directory no longer empty (deferred), and the home stayed root's 0700 for
     good: every later delivery took it as an existing root-owned home. Forced: A waits right after its mkdir
-    until B (and a third delivery) have finished."""
+    until B and a third delivery have finished, or 1 s (they now wait for A's lock of the directory)."""
     local = transports(tmp_path, local={"home_mailbox": "Maildir/"})["local"]
     target = tmp_path / "mail" / made_first
     real_mkdir = os.mkdir
@@ -413,7 +413,7 @@ async def test_deliveries_alongside_to_one_new_home_all_succeed_and_leave_it_the
         real_mkdir(path, mode, dir_fd=dir_fd)
         if (target.parent / path if dir_fd is not None else Path(path)) == target and not made.is_set():
             made.set()
-            assert others_done.wait(10)
+            others_done.wait(1)
 
     monkeypatch.setattr(os, "mkdir", mkdir_then_wait)
     first = asyncio.ensure_future(local.deliver(request("nobody@local.test")))
@@ -427,6 +427,31 @@ async def test_deliveries_alongside_to_one_new_home_all_succeed_and_leave_it_the
     for directory in (home, home / "Maildir", home / "Maildir" / "new", home / "Maildir" / "tmp"):
         assert owner_and_mode(directory) == (NOBODY.pw_uid, NOBODY.pw_gid, 0o700), directory
     assert len(list((home / "Maildir" / "new").iterdir())) == 3
+
+
+async def test_a_root_directory_with_content_swapped_in_after_the_mkdir_is_never_given_away(tmp_path, monkeypatch):
+    """Whoever may write the base (a 2775 root:mail spool or base without the sticky bit) renames the new home away
+    and renames into its place a root-owned directory with content (another user's home being made, a Maildir
+    made in advance): root gave it to the recipient, contents included. Now a directory with content is not the
+    one just made: the delivery defers, and the directory stays root's."""
+    local = transports(tmp_path, local={"home_mailbox": "Maildir/"})["local"]
+    target = tmp_path / "mail" / "nobody"
+    other = tmp_path / "mail" / "someone-elses"
+    other.mkdir(parents=True, mode=0o700)
+    (other / "Maildir").mkdir()
+    real_mkdir = os.mkdir
+
+    def mkdir_then_swap(path, mode=0o777, *, dir_fd=None):
+        real_mkdir(path, mode, dir_fd=dir_fd)
+        if (target.parent / path if dir_fd is not None else Path(path)) == target:
+            os.rename(target, tmp_path / "mail" / "moved-away")
+            os.rename(other, target)
+
+    monkeypatch.setattr(os, "mkdir", mkdir_then_swap)
+    [result] = (await local.deliver(request("nobody@local.test"))).results
+    monkeypatch.undo()
+    assert result.outcome is Outcome.DEFERRED and "was replaced after it was made" in result.text, result.text
+    assert os.stat(target).st_uid == 0 and os.listdir(target) == ["Maildir"]
 
 
 async def test_many_first_deliveries_at_once_to_new_homes_leave_every_home_the_users(tmp_path):
