@@ -4,6 +4,7 @@ silent, wrong version, no PLAIN, dropped connection) is 454 4.7.0, never a crash
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import base64
 import logging
 import tempfile
@@ -162,19 +163,30 @@ async def test_requests_in_flight_together_get_their_own_answers(socket_dir):
     assert [a.login for a in answers] == ["alice@example.test", "carol@example.test"]
 
 
+@contextlib.asynccontextmanager
+async def slow_request_waiting(socket_dir, *, alice_delay: float):
+    """(server, client, the task of a request Dovecot answers only after 30 s, asked with a 0.3 s timeout and
+    waiting): alice's answers come after `alice_delay`; the client and server closed at the end."""
+    server = await FakeAuthServer(socket_dir / "auth").start()
+    server.users["slow@example.test"] = b"pw"
+    server.delays = {"slow@example.test": 30.0, "alice@example.test": alice_delay}
+    dovecot = client(server.path)
+    try:
+        slow = asyncio.create_task(dovecot.ask(b"slow@example.test", b"pw", secured=True, timeout=0.3))
+        await eventually(lambda: server.requests)
+        yield server, dovecot, slow
+    finally:
+        await dovecot.close()
+        await server.stop()
+
+
 async def test_one_request_timing_out_fails_no_other_request_in_flight(socket_dir):
     """Dovecot delays some answers (auth_failure_delay, and up to 15 s for a client IP with failures: its auth
     penalty), past a listener's sasl_timeout: that one session gets 454, and the connection, shared by every
     session, is kept while other requests on it wait for their answers (as each Postfix smtpd has its own, a
     timeout there closes one session's connection only). A connection silent while the one request waited is
     retired: later requests go to a new one, and it is closed once the requests on it are answered."""
-    server = await FakeAuthServer(socket_dir / "auth").start()
-    server.users["slow@example.test"] = b"pw"
-    server.delays = {"slow@example.test": 30.0, "alice@example.test": 0.4}
-    dovecot = client(server.path)
-    try:
-        slow = asyncio.create_task(dovecot.ask(b"slow@example.test", b"pw", secured=True, timeout=0.3))
-        await eventually(lambda: server.requests)
+    async with slow_request_waiting(socket_dir, alice_delay=0.4) as (server, dovecot, slow):
         other = asyncio.create_task(dovecot.ask(b"alice@example.test", b"s3cret", secured=True))
         with pytest.raises(Unavailable, match="no answer within 0.3s"):
             await slow
@@ -183,29 +195,17 @@ async def test_one_request_timing_out_fails_no_other_request_in_flight(socket_di
         server.delays = {}
         assert (await dovecot.ask(b"alice@example.test", b"s3cret", secured=True)).login == "alice@example.test"
         assert server.connections == 2
-    finally:
-        await dovecot.close()
-        await server.stop()
 
 
 async def test_a_connection_that_answered_others_meanwhile_is_kept_after_a_timeout(socket_dir):
     """The timeout of one request whose answer Dovecot delays, while the connection answers another session: the
     connection is not retired, the next request goes on it (only retirement was tested: always retiring passed)."""
-    server = await FakeAuthServer(socket_dir / "auth").start()
-    server.users["slow@example.test"] = b"pw"
-    server.delays = {"slow@example.test": 30.0, "alice@example.test": 0.05}
-    dovecot = client(server.path)
-    try:
-        slow = asyncio.create_task(dovecot.ask(b"slow@example.test", b"pw", secured=True, timeout=0.3))
-        await eventually(lambda: server.requests)
+    async with slow_request_waiting(socket_dir, alice_delay=0.05) as (server, dovecot, slow):
         assert (await dovecot.ask(b"alice@example.test", b"s3cret", secured=True)).login == "alice@example.test"
         with pytest.raises(Unavailable, match="no answer within 0.3s"):
             await slow
         assert (await dovecot.ask(b"alice@example.test", b"s3cret", secured=True)).login == "alice@example.test"
         assert (server.connections, server.ended) == (1, 0)
-    finally:
-        await dovecot.close()
-        await server.stop()
 
 
 @pytest.mark.parametrize("fault", ["CONT", "EOF"])
