@@ -63,10 +63,10 @@ class SessionLog:
             self._content, self._message_ended = None, False
             self.where = verb if verb is not None and name != "unknown" else "UNKNOWN"  # (Postfix's words)
 
-    def failed_command(self, verb: str | None) -> None:
-        """One more command that fails whatever it is answered: a non-SMTP command (its 221 is Postfix's farewell,
-        not the command's success: `unknown=0/1`)."""
-        self.command(verb)
+    def failed_command(self) -> None:
+        """One more unknown command that fails whatever it is answered: a non-SMTP command (its 221 is Postfix's
+        farewell, not the command's success: `unknown=0/1`)."""
+        self.command(None)
         self._pending = None
 
     def content(self, verb: str, size: Callable[[], int]) -> None:

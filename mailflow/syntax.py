@@ -16,7 +16,7 @@ may use it without an import cycle.
                                                 those whose name is a file
     table_type(spec) -> str                     the type of a "type:name" spec, in lower case ("" without a colon)
     check_table_spec(spec) -> spec              "type:name" with a type of TABLE_TYPES (any case)
-    table_type_hint(kind) -> str                for a Postfix type mailflow lacks (hash:, pcre:, proxy:),
+    table_type_hint(kind) -> str                for a Postfix type mailflow lacks (hash:, proxy:),
                                                 what to write instead
     is_hostname(name)                           RFC 1123 letters-digits-hyphen labels, at most 255 characters,
                                                 one trailing dot allowed

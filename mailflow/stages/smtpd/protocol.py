@@ -782,7 +782,7 @@ class ProtocolCore(SMTP):
             return
         command = command_bytes.upper().decode("utf-8")  # (bytes.upper: ASCII letters only, as strcasecmp)
         if command not in self._smtp_methods and self._not_smtp(command):
-            self.record.failed_command(None)  # (`unknown=0/1` in the disconnect line, as Postfix counts it)
+            self.record.failed_command()  # (`unknown=0/1` in the disconnect line, as Postfix counts it)
             self.record.lines.non_smtp_command(self.session.client, line)
             await self._refuse_and_close(status.NON_SMTP_COMMAND)
             return
