@@ -63,7 +63,6 @@ from mailflow.tables.regexp import Piece, RulesTable, lookup_rules, parse_result
 
 _FLAGS = "imsxAEUX"
 _EXTENDED_BLANKS = BLANKS + "\x85"  # what PCRE2's x flag leaves out of a pattern's bytes (0x85 is NEL)
-_SURROGATES = re.compile("[\ud800-\udfff]")
 # RE2's errors for what PCRE has and RE2 has not: the construct, named as a PCRE user knows it
 _UNSUPPORTED = [(re.compile(r"invalid escape sequence: \\[1-9]"), "a back-reference"),
                 (re.compile(r"invalid escape sequence: \\g"), "a back-reference or subroutine call"),

@@ -298,7 +298,7 @@ def _open_base(base: Path, owner: Owner) -> int:
     if not owner.spool:
         base.parent.mkdir(parents=True, exist_ok=True)
     elif not base.parent.is_dir():
-        raise OSError(errno.ENOENT, f"mail spool directory {base.parent} does not exist (mailflow does not make it)")
+        raise OSError(errno.ENOENT, spool_missing(base.parent))
     _make_for(owner, base)
     fd = _open_home(base)
     try:
@@ -307,6 +307,12 @@ def _open_base(base: Path, owner: Owner) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def spool_missing(spool: Path) -> str:
+    """Why a spool mailbox cannot be delivered to when its spool directory is missing (mailflow, as Postfix, does
+    not make it): the one text of the Maildir and mbox deferrals."""
+    return f"mail spool directory {spool} does not exist (mailflow does not make it)"
 
 
 def _open_home(base: Path) -> int:
@@ -392,12 +398,12 @@ def _check_owned(st: os.stat_result, owner: Owner, path: Path) -> None:
         raise OSError(errno.EPERM, f"{path} is owned by uid {st.st_uid}, neither uid {owner.uid} nor root")
 
 
-def _subdirectory(parent: int, name: str, owner: Owner | None, path: Path | None = None) -> int:
+def _subdirectory(parent: int, name: str, owner: Owner | None, path: Path) -> int:
     """An fd of `parent/name` (`path`, for the error), made (0700, given to `owner`) when missing; with an owner a
     symbolic link there is not followed: OSError ELOOP "symbolic link … not followed", and in a home another
     user's directory is refused (`_check_owned`)."""
     if owner is not None:
-        _make_for(owner, path or Path(name), name, parent)
+        _make_for(owner, path, name, parent)
     else:
         with contextlib.suppress(FileExistsError):
             os.mkdir(name, 0o700, dir_fd=parent)
@@ -406,10 +412,10 @@ def _subdirectory(parent: int, name: str, owner: Owner | None, path: Path | None
     except OSError as e:  # (O_DIRECTORY | O_NOFOLLOW on a link: ENOTDIR on Linux, ELOOP elsewhere)
         if owner is None or e.errno not in (errno.ELOOP, errno.ENOTDIR) or not _is_link(parent, name):
             raise
-        raise OSError(errno.ELOOP, f"symbolic link {path or name} not followed") from None
+        raise OSError(errno.ELOOP, f"symbolic link {path} not followed") from None
     if owner is not None:
         try:
-            _check_owned(os.fstat(fd), owner, path or Path(name))
+            _check_owned(os.fstat(fd), owner, path)
         except BaseException:
             os.close(fd)
             raise

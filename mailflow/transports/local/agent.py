@@ -97,7 +97,7 @@ from mailflow.transports.local.aliasing import (Command, ExpansionTooBig, File, 
 from mailflow.transports.local.asuser import rights_for
 from mailflow.tables import split_extension
 from mailflow.transports.encode import ToLf, aencode
-from mailflow.transports.maildir import MaildirWriter, Owner, mailbox_prefix, write_failure
+from mailflow.transports.maildir import MaildirWriter, Owner, mailbox_prefix, spool_missing, write_failure
 from mailflow.transports.local.mbox import append_mbox, from_line, mailbox_location, mbox_entry
 from mailflow.transports.local.workers import BoundedWorkers
 from mailflow.transports.pipe import (SHELL_SAFE, CommandNotRun, command_diagnostic, command_status,
@@ -636,7 +636,7 @@ def _maildir_owner(owner: tuple[int, int] | None, maildir: Path, home: Path | No
 
 
 def _spool_missing(spool: Path) -> Part:
-    return Part(Outcome.DEFERRED, "4.2.0", f"mail spool directory {spool} does not exist (mailflow does not make it)")
+    return Part(Outcome.DEFERRED, "4.2.0", spool_missing(spool))
 
 
 def _failed(e: DeliveryError) -> Part:

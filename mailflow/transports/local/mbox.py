@@ -396,7 +396,7 @@ def dotlock_path(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
-def _try_dotlock(path: Path, stale_lock_time: float, folder: int | None = None) -> bool:
+def _try_dotlock(path: Path, stale_lock_time: float, folder: int | None) -> bool:
     """Create `<path>.lock` (True), or find it there, removing it when stale for the next attempt (False)."""
     lock = dotlock_path(path)
     try:
@@ -410,7 +410,7 @@ def _try_dotlock(path: Path, stale_lock_time: float, folder: int | None = None) 
     return True
 
 
-def _break_stale_dotlock(lock: Path, stale_lock_time: float, folder: int | None = None) -> None:
+def _break_stale_dotlock(lock: Path, stale_lock_time: float, folder: int | None) -> None:
     """Remove `lock` when nobody has touched it for stale_lock_time (its holder is presumed dead)."""
     try:
         age = time.time() - os.stat(_at(lock, folder), dir_fd=folder, follow_symlinks=False).st_mtime
@@ -421,7 +421,7 @@ def _break_stale_dotlock(lock: Path, stale_lock_time: float, folder: int | None 
         pass
 
 
-def _remove_dotlock(path: Path, folder: int | None = None) -> None:
+def _remove_dotlock(path: Path, folder: int | None) -> None:
     try:
         os.unlink(_at(dotlock_path(path), folder), dir_fd=folder)
     except OSError as e:
@@ -429,7 +429,7 @@ def _remove_dotlock(path: Path, folder: int | None = None) -> None:
             log.error("cannot remove lock file %s: %s", dotlock_path(path), e.strerror)
 
 
-def _check_still_the_mailbox(fd: int, path: Path, folder: int | None = None) -> None:
+def _check_still_the_mailbox(fd: int, path: Path, folder: int | None) -> None:
     """The file we locked is still the one at `path` (nobody removed or replaced it while we waited: some
     POP servers write a new mailbox and rename it over the old one)."""
     held = os.fstat(fd)
