@@ -150,10 +150,12 @@ def normalized(line: str) -> str:
     return re.sub(r"forwarded as \w+(?: to [^;)]+)?", "forwarded as ID", line)
 
 
-async def settled(read_log, spool: Path, script: Path, traffic: list[str], flushed=None) -> set[str]:
-    """The result lines once every recipient has one of its own (bounded) and nothing more came for 1 s (at most
-    10 s more: a notice loop between list owners goes on). A line of its own: its orig_to, or its to= without one
-    (`to=<a1@…>, orig_to=<a0@…>` is a0's message, not a1's, which may still be on its way)."""
+async def settled(read_log, spool: Path, script: Path, traffic: list[str], delivering, flushed=None) -> set[str]:
+    """The result lines once every recipient has one of its own (bounded), the server has no delivery under way and
+    nothing more came for 1 s (at most 10 s more: a notice loop between list owners goes on). A line of its own: its
+    orig_to, or its to= without one (`to=<a1@…>, orig_to=<a0@…>` is a0's message, not a1's, which may still be on
+    its way). "No delivery under way" matters on a loaded machine: a delivery waiting for a mailbox lock (Postfix
+    sleeps a second between tries) logs nothing for longer than the second of quiet."""
     def answered() -> bool:
         owners = {_whose(line) for line in result_lines(read_log(), spool, script)}
         return all(f"{name}@origin.test".lower() in owners for name in traffic)
@@ -166,7 +168,7 @@ async def settled(read_log, spool: Path, script: Path, traffic: list[str], flush
         if flushed is not None:
             await flushed()
         now = len(result_lines(read_log(), spool, script))
-        if now == count:
+        if now == count and not delivering():
             break
         count = now
         await asyncio.sleep(1)
@@ -217,7 +219,8 @@ async def run_postfix(case_of, script: Path, out: Path) -> Outcome:
                                                      f"{home}/.forward",
                                      "transport_maps": DISCARD_NOTICES}) as pf:
             await send_traffic(pf.port, case.traffic)
-            outcome = Outcome(lines=await settled(lambda: pf.maillog, spool, script, case.traffic, pf.flushed))
+            outcome = Outcome(lines=await settled(lambda: pf.maillog, spool, script, case.traffic, pf.delivering,
+                                                        pf.flushed))
             if os.environ.get("MAILFLOW_LOCAL_SEEDS_LOG"):
                 Path(os.environ["MAILFLOW_LOCAL_SEEDS_LOG"]).write_text(pf.maillog)
         return collect(outcome, spool, out)
@@ -240,7 +243,8 @@ async def run_mailflow(case_of, script: Path, out: Path, tmp: Path) -> Outcome:
             await mf.start()
             try:
                 await send_traffic(mf.smtp_addresses[0][1], case.traffic)
-                outcome = Outcome(lines=await settled(log.read_text, spool, script, case.traffic))
+                outcome = Outcome(lines=await settled(log.read_text, spool, script, case.traffic,
+                                                        lambda: not mf.idle))
             finally:
                 await mf.stop()
         return collect(outcome, spool, out)

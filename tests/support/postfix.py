@@ -166,6 +166,12 @@ class PostfixInstance:
             raise AssertionError(f"the private Postfix's queue is not empty after {timeout}s:\n"
                                  f"{self.maillog[-3000:]}") from None
 
+    def delivering(self) -> bool:
+        """A message is on its way: a file in the incoming, active or maildrop queue (one left deferred is not)."""
+        queue = self.root / "queue"
+        return any(path.is_file() for name in ("maildrop", "incoming", "active")
+                   for path in (queue / name).rglob("*"))
+
     async def logged(self, text: str, count: int = 1, since: int = 0, timeout: float = 20) -> str:
         """The log from offset `since` once `text` occurs there `count` times or more; fails with the log's tail
         after `timeout` seconds (a bound for a failure: a loaded machine's postlogd may be seconds late)."""
