@@ -230,7 +230,7 @@ _TARGETS = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.dictionaries(_NAMES, st.lists(_TARGETS, min_size=1, max_size=4).map(tuple), max_size=6))
 def test_parse_of_format_is_identity(aliases):
     text = format_aliases(aliases)

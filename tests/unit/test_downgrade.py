@@ -193,7 +193,7 @@ HEAD = b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8
 QP_HEAD = HEAD.replace(b"8bit", b"quoted-printable")
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(st.lists(st.lists(st.sampled_from([b"a", b"a", b"a", b" ", b"\t", b"=", b"\xc3\xa9", b"\x00", b"\x7f", b"~"]),
                          min_size=60, max_size=200).map(b"".join), max_size=6))
 def test_lines_break_where_postfixs_mime_state_breaks_them(lines):
@@ -238,7 +238,7 @@ _HEADER_PIECES = [b"Content-Type: multipart/mixed; boundary=b", b"content-type :
                   b"X: a\rContent-Type: multipart/mixed; boundary=r", b"", b"X: a\x0bContent-Type: text/html"]
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(_HEADER_PIECES), st.sampled_from([b"\r\n", b"\n"])), max_size=6),
        st.sampled_from(["text/plain", "message/rfc822"]))
 def test_entity_facts_are_the_parse_s(lines, default_type):

@@ -52,7 +52,7 @@ contents = st.lists(pieces, max_size=60).map(b"".join)
 cut_lists = st.lists(st.integers(min_value=0, max_value=10_000), max_size=12)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(contents, cut_lists)
 def test_smtp_data_is_the_whole_rule_whatever_the_chunks(content, cuts):
     assert b"".join(encode(split(content, cuts), SmtpData())) == whole_smtp_data(content)
@@ -61,7 +61,7 @@ def test_smtp_data_is_the_whole_rule_whatever_the_chunks(content, cuts):
 long_pieces = st.sampled_from([b"\r\n", b"\n", b".", b"x", b"y" * 400, b"w" * 997, b"v" * 998, b"u" * 999])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.lists(long_pieces, max_size=30).map(b"".join), cut_lists)
 def test_smtp_data_breaks_lines_over_998_octets_whatever_the_chunks(content, cuts):
     out = b"".join(encode(split(content, cuts), SmtpData()))
@@ -79,14 +79,14 @@ def test_a_long_line_goes_out_as_postfix_sends_it(line, sent):
     assert out.replace(b"\r\n ", b"") == line + b"\r\n\r\nbody\r\n"
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(contents, cut_lists)
 def test_lf_and_mboxrd_quoting_are_the_whole_rules_whatever_the_chunks(content, cuts):
     out = b"".join(encode(split(content, cuts), ToLf(), mboxrd_quoting()))
     assert out == whole_mboxrd(content.replace(b"\r\n", b"\n"))
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(contents, cut_lists)
 def test_pipe_quoting_is_the_whole_rule_whatever_the_chunks(content, cuts):
     out = b"".join(encode(split(content, cuts), ToLf(), from_quoting(), dot_quoting()))
@@ -119,7 +119,7 @@ MIME = (b"Content-Type: multipart/mixed; boundary=\"b1\"\r\nContent-Transfer-Enc
         b"Content-Transfer-Encoding: 8bit\r\n\r\nna\xc3\xafve\r\n--b1--\r\nepilogue\r\n")
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(cut_lists)
 def test_the_7bit_conversion_streams_to_the_same_bytes(cuts):
     converter = Downgrade()
