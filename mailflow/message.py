@@ -58,16 +58,11 @@ is the first of the body, and cleanup puts the missing empty line before it.
     comment_sanitized(text) -> str        a text made safe inside a (comment) as Postfix's smtpd comment_sanitize:
                                           non-printable, non-ASCII and backslash as `?`, parentheses balanced
     RESENT_FIELDS                         the lower-case names of the Resent-* fields (cleanup)
-    encode_8bit_fields(head) -> bytes     each header field with 8-bit bytes made 7-bit (RFC 2047 encoded words: the
-                                          whole value of an unstructured field, the display names of an address
-                                          field; UTF-8, else taken as Latin-1); a field whose addresses themselves are
-                                          not ASCII stays as it is (only SMTPUTF8 can carry it)
 
 Nothing here raises for malformed input: a line that is not a header field is skipped by the readers.
 """
 from __future__ import annotations
 
-import email.header
 import email.utils
 import functools
 import re
@@ -324,33 +319,3 @@ def _date_of_second(second: int) -> str:
 # field. (sendmail -t switches to the Resent- recipients only on a Resent-To, -Cc or -Bcc: mailflow.sendmail.reading)
 RESENT_FIELDS = frozenset({"resent-bcc", "resent-cc", "resent-date", "resent-from", "resent-message-id",
                            "resent-reply-to", "resent-sender", "resent-to"})
-ADDRESS_FIELDS = frozenset({"from", "to", "cc", "bcc", "reply-to", "sender", "resent-from", "resent-to", "resent-cc",
-                            "resent-bcc", "resent-sender"})
-
-
-def encode_8bit_fields(head: bytes) -> bytes:
-    if head.isascii():
-        return head
-    out = []
-    for name, lines in header_fields(head):
-        field = b"".join(lines)
-        out.append(field if field.isascii() or not name else _encoded_field(name, field))
-    return b"".join(out)
-
-
-def _encoded_field(name: str, field: bytes) -> bytes:
-    raw_name, _, raw_value = field.partition(b":")
-    unfolded = re.sub(rb"\r?\n(?=[ \t])", b"", raw_value).strip()
-    try:
-        value, charset = unfolded.decode("utf-8"), "utf-8"
-    except UnicodeDecodeError:
-        value, charset = unfolded.decode("latin-1"), "iso-8859-1"
-    label = raw_name.decode("latin-1")
-    if name in ADDRESS_FIELDS:
-        pairs = email.utils.getaddresses([value])
-        if not all(address.isascii() for _, address in pairs):
-            return field
-        encoded = ", ".join(email.utils.formataddr((display, address), charset=charset) for display, address in pairs)
-        return f"{label}: {encoded}\r\n".encode("ascii")
-    header = email.header.Header(value, charset=charset, header_name=label)
-    return f"{label}: {header.encode(linesep=CRLF.decode())}\r\n".encode("ascii")

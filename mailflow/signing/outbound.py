@@ -16,11 +16,11 @@ here (a notice, a forwarded copy) passes through the same door as one received.
                                   whose sender is not of this host's domains) and with, on top of its header
                                   section, the DKIM-Signature and this host's Authentication-Results + ARC set
 
-A message to be signed or sealed whose header section has 8-bit bytes without SMTPUTF8 has those fields made RFC
-2047 words first: that is what the SMTP client sends a peer without SMTPUTF8, and a signature must cover what is
-sent. What is signed: own mail, with the key the signing table gives the From address; forwarded mail only with
-`sign_forwarded`, with the key for the (rewritten) envelope sender, else for the From address. ARC: forwarded mail
-held in memory (mailflow.signing.arc). The body of a big message is streamed for its DKIM body hash, never held.
+The header section is signed as it is queued, 8-bit bytes too: the SMTP client sends those bytes as they are to
+every peer (as Postfix's smtp(8)), so the signature covers what is sent. What is signed: own mail, with the key the
+signing table gives the From address; forwarded mail only with `sign_forwarded`, with the key for the (rewritten)
+envelope sender, else for the From address. ARC: forwarded mail held in memory (mailflow.signing.arc). The body of
+a big message is streamed for its DKIM body hash, never held.
 Failure behaviour: a signature or seal that cannot be made (dkimpy refuses the header section) is left off and
 logged (`not_signed`); the message is queued all the same. OSError from reading a spooled body propagates (the
 message is not queued: the client is told 451 and sends it again).
@@ -37,7 +37,7 @@ from mailflow.clock import Clock
 from mailflow.content import Content
 from mailflow.dns import Resolver
 from mailflow.logs import MailLog
-from mailflow.message import encode_8bit_fields, header_value
+from mailflow.message import header_value
 from mailflow.model import NewMessage, Recipient, Submission
 from mailflow.routing.srs import Srs
 from mailflow.signing import arc, dkim
@@ -85,14 +85,10 @@ class OutboundSigning:
         head, rest = _split(msg)
         key = self._signing_key(msg, sub, head, forwarded)
         arc_key = self._arc_key if forwarded else None
-        if (key is not None or arc_key is not None) and not msg.smtputf8 and not head.isascii():
-            # what a peer without SMTPUTF8 gets (mailflow.transports.header_downgrade): sign that, not the 8-bit form
-            head = encode_8bit_fields(head)
-            msg = dataclasses.replace(msg, content=Content((head, *rest.parts)))
         sealed = await self._seal(msg, arc_key) if arc_key is not None else b""
         signature = await self._sign(msg, sealed + head, rest, key) if key is not None else b""
         if not (signature or sealed):
-            return msg  # (with its 8-bit fields encoded, if a signature was to be made)
+            return msg
         return dataclasses.replace(msg, content=Content((signature + sealed + head, *rest.parts)))
 
     def sign_notice(self, msg: NewMessage) -> NewMessage:

@@ -54,8 +54,8 @@ What it does, in order (Postfix cleanup(8)):
    `Content-Transfer-Encoding: 8bit` or `binary`, whatever BODY the client gave (Postfix's auto_8bit_enc_hdr;
    mailflow.transports.downgrade.labelled_8bit: the content is read for it only when it has those words);
 5. when configured (`outbound`, mailflow.signing.outbound): rewrites a forwarded message's sender (SRS), seals
-   it (ARC) and signs this host's mail (DKIM, 8-bit header fields first made RFC 2047 words when the message has
-   no SMTPUTF8, as the SMTP client would send them), the body hash streamed; off, none of it costs anything;
+   it (ARC) and signs this host's mail (DKIM, over the header section as queued, 8-bit bytes too: the SMTP client
+   sends them as they are), the body hash streamed; off, none of it costs anything;
 6. commits message, recipients and content in one group-committed transaction, with the message's after-queue
    content filter (`Submission.content_filter`, else [smtpd] content_filter; a FILTER action wins) and the
    client attributes the delivery agents get (`Submission.client_attributes`, as given);

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from mailflow.cli import app as cli
 from mailflow.content import MEMORY_LIMIT
-from tests.support.deliverability import (dkim_settings, dnspython_txt, key_zone, make_key, opendkim_result,
-                                  opendkim_verdict, start_zone)
+from tests.support.deliverability import (dkim_settings, dkim_signed, dnspython_txt, key_zone, make_key,
+                                          opendkim_result, opendkim_verdict, start_zone)
 from tests.support import eventually, send
 
 
@@ -138,15 +138,39 @@ def test_keygen_and_the_dns_commands_refuse_what_is_no_domain_or_selector(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.toml"]  # no key file
 
 
-async def test_an_8bit_subject_is_signed_as_sent_to_a_peer_without_smtputf8(mailflow_server, smtp_peer, keys, zone,
-                                                                             tmp_path):
+async def test_an_8bit_subject_is_signed_and_sent_as_it_is_to_a_peer_without_smtputf8(mailflow_server, smtp_peer,
+                                                                                       keys, zone, tmp_path):
+    """The signature covers the header bytes as queued, and the SMTP client sends those bytes (as Postfix's smtp(8):
+    no RFC 2047 encoding for a peer without SMTPUTF8)."""
     mf, peer = await relayed(mailflow_server, smtp_peer, keys)  # aiosmtpd offers no SMTPUTF8 by default
     content = "From: Ålice <alice@rsa.test>\r\nSubject: Grüße\r\n\r\nbody\r\n".encode("utf-8")
     await send(mf.smtp_addresses[0][1], "alice@rsa.test", ["bob@relay.test"], content)
     await eventually(lambda: peer.messages)
     signed = peer.messages[0].content
-    assert signed.split(b"\r\n\r\n", 1)[0].isascii()
+    assert "From: Ålice <alice@rsa.test>\r\nSubject: Grüße\r\n".encode("utf-8") in signed
     assert dkim.verify(signed, dnsfunc=dnspython_txt(zone))
     key = keys[1][0]
     verdict = opendkim_verdict(signed, {key.record_name: key.public_record()}, tmp_path / "opendkim")
     assert opendkim_result(verdict, "rsa.test") == "pass", verdict
+
+
+async def test_a_signature_made_upstream_over_8bit_fields_survives_the_relay(mailflow_server, smtp_peer, keys,
+                                                                           tmp_path):
+    """mail signed elsewhere over header fields with 8-bit bytes (UTF-8, Latin-1), relayed by mailflow (a backup MX,
+    a smarthost) to a peer without SMTPUTF8: the fields go as they came, so the signature still verifies (mailflow
+    made them RFC 2047 words, which broke it)."""
+    upstream = make_key(keys[0], "upstream.test", "up", "rsa")
+    nameserver, stop = start_zone(key_zone([upstream]))
+    try:
+        mf, peer = await relayed(mailflow_server, smtp_peer, keys)
+        original = (b"From: Jos\xc3\xa9 M\xc3\xbcller <jose@upstream.test>\r\nTo: bob@relay.test\r\n"
+                    b"Subject: Gr\xc3\xbc\xc3\x9fe\r\n caf\xe9 cr\xe8me\r\nDate: Fri, 04 Dec 2026 12:00:00 +0000\r\n"
+                    b"Message-ID: <up@upstream.test>\r\n\r\nbody \xc3\xa9\r\n")
+        signed = dkim_signed(upstream, original, (b"from", b"to", b"subject", b"date", b"message-id"))
+        assert dkim.verify(signed, dnsfunc=dnspython_txt(nameserver))
+        await send(mf.smtp_addresses[0][1], "jose@upstream.test", ["bob@relay.test"], signed)
+        [relayed_message] = await eventually(lambda: peer.messages)
+        assert relayed_message.content.endswith(signed)  # below mailflow's Received, byte for byte
+        assert dkim.verify(relayed_message.content, dnsfunc=dnspython_txt(nameserver))
+    finally:
+        stop()

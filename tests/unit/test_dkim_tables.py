@@ -1,10 +1,8 @@
 """OpenDKIM's SigningTable and KeyTable as mailflow reads them (mailflow.signing.keytables), the relaxed body hash
-against dkimpy's, and the 8-bit header encoding cleanup applies before signing."""
+against dkimpy's."""
 from __future__ import annotations
 
 import base64
-import email
-import email.policy
 import hashlib
 import random
 
@@ -16,7 +14,6 @@ from dkim.canonicalization import Relaxed
 
 from mailflow.config import config_from_dict
 from mailflow.errors import ConfigError
-from mailflow.message import encode_8bit_fields
 from mailflow.signing import dkim as signing
 from mailflow.signing.keytables import KeyTable, SigningTable, keys_from_config, load_private_key, lookup_keys
 
@@ -102,35 +99,6 @@ def test_the_streamed_relaxed_body_hash_is_dkimpys():
         for i in range(0, len(body), 3):
             canonical.feed(body[i:i + 3])
         assert canonical.digest() == hashlib.sha256(Relaxed.canonicalize_body(parsed)).digest(), body
-
-
-def test_8bit_fields_become_encoded_words():
-    head = "From: José <jose@example.test>\r\nSubject: Grüße\r\n\tfolded\r\nTo: plain@example.test\r\n".encode()
-    encoded = encode_8bit_fields(head + b"X-Latin: caf\xe9\r\n")
-    assert encoded.isascii() and b"To: plain@example.test\r\n" in encoded
-    message = email.message_from_bytes(encoded + b"\r\n", policy=email.policy.default)
-    assert str(message["Subject"]) == "Grüße\tfolded" and message["From"].addresses[0].display_name == "José"
-    assert str(message["X-Latin"]) == "café"
-    address = "To: =?x?= <jösé@example.test>\r\n".encode()
-    assert encode_8bit_fields(address) == address  # only SMTPUTF8 can carry it
-
-
-def test_the_header_downgrade_streams_and_leaves_the_body():
-    from mailflow.transports.header_downgrade import HeaderDowngrade
-
-    message = "Subject: Grüße\r\nTo: a@b.test\r\n\r\nbody é\r\n".encode("utf-8")
-    for size in (1, 3, 7, len(message)):
-        encoder = HeaderDowngrade()
-        out = b"".join(encoder.feed(message[i:i + size]) for i in range(0, len(message), size)) + encoder.flush()
-        head, body = out.split(b"\r\n\r\n", 1)
-        assert head.isascii() and body == "body é\r\n".encode("utf-8") and b"=?utf-8?" in head
-    ascii_message = b"Subject: plain\r\n\r\nbody \xc3\xa9\r\n"
-    encoder = HeaderDowngrade()
-    assert encoder.feed(ascii_message) + encoder.flush() == ascii_message
-    long_header = b"X: " + b"\xc3\xa9" * 200 + b"\r\n\r\nbody\r\n"
-    encoder = HeaderDowngrade(limit=100)
-    out = b"".join(encoder.feed(long_header[i:i + 10]) for i in range(0, len(long_header), 10)) + encoder.flush()
-    assert out == long_header  # held past the limit: passed on unchanged
 
 
 def test_check_config_reads_the_dkim_tables_and_srs_secrets(tmp_path):

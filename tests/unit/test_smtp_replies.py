@@ -377,10 +377,12 @@ def test_8bitmime_content_goes_as_it_is_or_is_converted():
     assert body is None and [type(e) for e in encoders] == [Downgrade]
 
 
-def test_8bit_header_fields_are_encoded_only_for_a_peer_without_smtputf8():
-    from mailflow.transports.header_downgrade import HeaderDowngrade
-
-    eight_bit = request(content="Subject: Grüße\r\n\r\nx\r\n".encode())
-    encoders, _ = content_encoding(Extensions(), eight_bit)
-    assert [type(e) for e in encoders] == [HeaderDowngrade, Downgrade]
+def test_8bit_header_fields_go_as_they_are_whatever_the_peer_offers():
+    """Postfix's smtp(8) encodes no header field: 8-bit bytes go as they are to a peer without SMTPUTF8 (only the
+    body is converted, for a peer without 8BITMIME), so that a DKIM signature over them stays whole."""
+    eight_bit = request(content=b"Subject: Gr\xc3\xbc\xc3\x9fe\r\nFrom: Jos\xe9 <j@x.test>\r\n\r\nx\r\n")
+    no_smtputf8 = Extensions.from_reply(Reply(250, "mx.test\nPIPELINING\nSIZE 100\n8BITMIME\nDSN"))
+    assert content_encoding(no_smtputf8, eight_bit) == ((), None)
     assert content_encoding(EVERYTHING, eight_bit) == ((), None)
+    encoders, _ = content_encoding(Extensions(), eight_bit)
+    assert [type(e) for e in encoders] == [Downgrade]

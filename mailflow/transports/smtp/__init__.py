@@ -17,7 +17,8 @@ Split by job, as Postfix's src/smtp/ is:
     trouble   the failures (mailflow.errors delivery errors) and what each recipient gets  (smtp_trouble)
     reuse     the connection cache                                                         (smtp_reuse)
     transport SmtpTransport: routing, the first reachable peer, caching
-The content is streamed through mailflow.transports.encode (dot-stuffing) and downgrade (8BITMIME to 7 bit).
+The content is streamed through mailflow.transports.encode (dot-stuffing) and downgrade (8BITMIME to 7 bit); header
+fields go as they are, 8-bit bytes too, to a peer with or without SMTPUTF8 (as Postfix's smtp(8)).
 
 Nexthop forms (Postfix semantics):
 - `[host]` or `[host]:port`  no MX lookup; connect to host's addresses (port defaults to `config.port`).

@@ -11,13 +11,13 @@ of the SMTP and LMTP clients (the command side of Postfix smtp_proto).
     cannot_take(extensions, peer, request, wire=None) -> PermanentError | None   a reason to bounce before MAIL
                                   FROM: the message needs SMTPUTF8 and the peer does not offer it (5.6.7), or it is
                                   bigger than the peer's SIZE (5.3.4)
-    content_encoding(extensions, request, wire=None) -> (encoders, BODY parameter or None)   the content goes as
+    content_encoding(extensions, request) -> (encoders, BODY parameter or None)   the content goes as
                                   it is to a peer that offers 8BITMIME, with BODY=8BITMIME or BODY=7BIT as the
                                   message says (none when it says neither), as Postfix's smtp_proto; to a peer
                                   without 8BITMIME every message but one said 7BIT goes through `Downgrade` (entities
-                                  labelled 8bit to 7 bit: Postfix's default disable_mime_output_conversion = no); to
-                                  a peer without SMTPUTF8, a header section with 8-bit bytes through
-                                  `HeaderDowngrade` (RFC 2047 words; an ASCII one gets no encoder)
+                                  labelled 8bit to 7 bit: Postfix's default disable_mime_output_conversion = no).
+                                  Header fields go as they are, 8-bit bytes too, whatever the peer offers (Postfix's
+                                  smtp(8) encodes none: a DKIM signature over them stays whole)
     mail_command(request, extensions, body, converted=False, wire=None) -> bytes   `MAIL FROM:<sender>` with SIZE
                                   (offered, and the content goes unconverted: Postfix announces no SIZE when it
                                   converts), BODY, SMTPUTF8 (offered, and the message is flagged or needs it), RET
@@ -46,7 +46,6 @@ from mailflow.errors import PermanentError
 from mailflow.message import HEADER_READ_LIMIT, read_header
 from mailflow.model import DeliveryRequest, Recipient
 from mailflow.transports.downgrade import Downgrade
-from mailflow.transports.header_downgrade import HeaderDowngrade, needs_header_downgrade
 from mailflow.transports.encode import Encoder
 from mailflow.transports.generic import WireForm
 from mailflow.transports.smtp.addr import Peer
@@ -154,19 +153,14 @@ def _head_sent(request: DeliveryRequest, wire: WireForm | None) -> bytes:
     return read_header(request.content, HEADER_READ_LIMIT)[0]
 
 
-def content_encoding(extensions: Extensions, request: DeliveryRequest,
-                     wire: WireForm | None = None) -> tuple[tuple[Encoder, ...], str | None]:
+def content_encoding(extensions: Extensions, request: DeliveryRequest) -> tuple[tuple[Encoder, ...], str | None]:
     """See the module docstring."""
-    headers: tuple[Encoder, ...] = ()
-    if needs_header_downgrade(extensions.supports("smtputf8"), request.smtputf8) and \
-            not _head_sent(request, wire).isascii():
-        headers = (HeaderDowngrade(),)
     body = request.body_type.upper()
     if extensions.supports("8bitmime"):
-        return headers, f"BODY={body}" if body in ("8BITMIME", "7BIT") else None
+        return (), f"BODY={body}" if body in ("8BITMIME", "7BIT") else None
     if body == "7BIT":  # (cleanup marked any message with an entity labelled 8bit 8BITMIME)
-        return headers, None
-    return (*headers, Downgrade()), None
+        return (), None
+    return (Downgrade(),), None
 
 
 # ---------------------------------------------------------------------------------------------------- commands

@@ -112,10 +112,10 @@ async def _transaction(
     probe: float | None,
 ) -> None:
     peer, extensions = session.peer, session.extensions
-    encoders, body = content_encoding(extensions, request, wire)
+    encoders, body = content_encoding(extensions, request)
     converted = bool(encoders)
     if converted:
-        session.log.debug("%s: %s lacks 8BITMIME or SMTPUTF8: content converted to 7 bit", request.queue_id,
+        session.log.debug("%s: %s lacks 8BITMIME: content converted to 7 bit", request.queue_id,
                           peer.relay)
     if wire is None:
         rcpts = [rcpt_command(r, extensions, smtputf8=request.smtputf8) for r in recipients]
