@@ -1,10 +1,7 @@
 """What a receiver scores besides authentication: the HELO name (smtp.helo_name, default myhostname), a Message-ID
-and a Date on every message that leaves (bounces and forwarded copies too), and no 8-bit header bytes in a
-message that did not come with SMTPUTF8."""
+and a Date on every message that leaves (bounces and forwarded copies too), and the header bytes as they came (8-bit
+ones too, to a peer without SMTPUTF8, as Postfix's smtp(8): a signature made upstream over them stays whole)."""
 from __future__ import annotations
-
-import email
-import email.policy
 
 from tests.support import eventually, maildir_messages, send
 
@@ -49,14 +46,15 @@ async def test_a_forwarded_copy_carries_message_id_and_date(mailflow_server, smt
     assert head.count(b"\nMessage-ID: <") == 1 and head.count(b"\nDate: ") == 1, head
 
 
-async def test_8bit_header_fields_without_smtputf8_leave_as_encoded_words(mailflow_server, smtp_peer):
-    peer = await smtp_peer()
+async def test_8bit_header_fields_without_smtputf8_leave_as_they_came(mailflow_server, smtp_peer):
+    peer = await smtp_peer()  # (aiosmtpd: 8BITMIME, no SMTPUTF8)
     mf = await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}")
-    message = "From: José <jose@remote.test>\r\nSubject: Grüße aus Köln\r\n\r\nbody stays as it is: é\r\n"
-    await send(mf.smtp_addresses[0][1], "jose@remote.test", ["x@relay.test"], message.encode("utf-8"))
-    [relayed] = await eventually(lambda: peer.messages)
-    head, body = relayed.content.split(b"\r\n\r\n", 1)
-    assert head.isascii(), head
-    parsed = email.message_from_bytes(relayed.content, policy=email.policy.default)
-    assert (str(parsed["Subject"]), parsed["From"].addresses[0].display_name) == ("Grüße aus Köln", "José")
-    assert body == "body stays as it is: é\r\n".encode("utf-8")
+    message = "From: José <jose@remote.test>\r\nSubject: Grüße aus Köln\r\n\r\nbody stays as it is: é\r\n".encode()
+    latin1 = b"From: Jos\xe9 <jose@remote.test>\r\nSubject: caf\xe9\r\n\r\nbody\r\n"
+    for content in (message, latin1):
+        await send(mf.smtp_addresses[0][1], "jose@remote.test", ["x@relay.test"], content)
+    relayed = await eventually(lambda: len(peer.messages) == 2 and peer.messages)
+    heads = [m.content.split(b"\r\n\r\n", 1)[0].split(b"\r\n") for m in relayed]
+    for sent in (message, latin1):
+        from_line, subject_line = sent.split(b"\r\n")[:2]
+        assert any(from_line in head and subject_line in head for head in heads), (sent, heads)
