@@ -22,8 +22,8 @@ def world(tmp_path):
     stop()
 
 
-def signed_by_sender(sender_key) -> bytes:
-    message = (b"From: Sam <s@orig.test>\r\nTo: team@local.test\r\nSubject: forward me\r\n"
+def signed_by_sender(sender_key, subject: bytes = b"forward me") -> bytes:
+    message = (b"From: Sam <s@orig.test>\r\nTo: team@local.test\r\nSubject: " + subject + b"\r\n"
                b"Message-ID: <m1@orig.test>\r\nDate: Mon, 01 Jan 2024 00:00:00 +0000\r\n\r\nhello team\r\n")
     return dkim.sign(message, b"o", b"orig.test", sender_key.private, canonicalize=(b"relaxed", b"relaxed")) + message
 
@@ -43,12 +43,17 @@ async def forwarding_server(mailflow_server, smtp_peer, tmp_path, world, **extra
     return mf, peer
 
 
-async def test_a_forwarded_message_is_arc_sealed_and_its_chain_validates(mailflow_server, smtp_peer, tmp_path, world):
+@pytest.mark.parametrize("subject", [b"forward me", b"Gr\xc3\xbc\xc3\x9fe, caf\xe9"], ids=["ascii", "8-bit"])
+async def test_a_forwarded_message_is_arc_sealed_and_its_chain_validates(mailflow_server, smtp_peer, tmp_path, world,
+                                                                         subject):
+    """8-bit header bytes (UTF-8, Latin-1) are sealed and sent as they came, so the sender's signature over them
+    survives too (mailflow made them RFC 2047 words before sealing, which broke it)."""
     _, sender_key, _, nameserver = world
     mf, peer = await forwarding_server(mailflow_server, smtp_peer, tmp_path, world)
-    await send(mf.smtp_addresses[0][1], "s@orig.test", ["team@local.test"], signed_by_sender(sender_key))
+    await send(mf.smtp_addresses[0][1], "s@orig.test", ["team@local.test"], signed_by_sender(sender_key, subject))
     [forwarded] = await eventually(lambda: peer.messages)
     content = forwarded.content
+    assert b"\r\nSubject: " + subject + b"\r\n" in content
     assert forwarded.rcpt_tos == ["carol@remote.test"]
     for field in (b"ARC-Seal: i=1; ", b"ARC-Message-Signature: i=1; ", b"ARC-Authentication-Results: i=1; "):
         assert field in content
