@@ -58,3 +58,5 @@ async def test_8bit_header_fields_without_smtputf8_leave_as_they_came(mailflow_s
     for sent in (message, latin1):
         from_line, subject_line = sent.split(b"\r\n")[:2]
         assert any(from_line in head and subject_line in head for head in heads), (sent, heads)
+    # nothing converted, so SIZE is announced (Postfix leaves it out only when it converts the body to 7 bit)
+    assert all(any(o.startswith("SIZE=") for o in m.mail_options) for m in relayed), [m.mail_options for m in relayed]
