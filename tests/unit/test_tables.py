@@ -15,6 +15,7 @@ import pytest
 from mailflow.errors import ConfigError, LookupRetry
 from mailflow.tables import cidr as cidr_module
 from mailflow.tables import TableCache, lookup_address, lookup_local, open_table, split_extension
+from mailflow.tables.cache import RUN_GRACE
 from mailflow.tables.files import table_file_entries
 from mailflow.tables.search import (EXTERNAL_FIRST, address_keys, address_search, local_part_keys,
                                      mapped_addresses)
@@ -792,6 +793,32 @@ async def test_run_off_the_loop_takes_a_thread_for_memory_tables_and_keeps_a_blo
         assert time.monotonic() - started < 3
     finally:
         release.set()
+
+
+async def test_run_counts_a_blocking_tables_deadline_from_when_the_call_starts_not_from_a_wait_for_a_thread(
+        tmp_path):
+    """With `workers` (the content checks' own pool) busy, a lookup waited for a thread inside its deadline: a
+    sqlite table's 0.2 s went by in the wait and the lookup, quick once started, was a false LookupRetry."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache = TableCache()
+    _, db = sqlite_table(tmp_path, "SELECT 1")
+    cf = write(tmp_path / "quick.cf", f"dbpath = {db}\nquery = SELECT 1\ntimeout = 0.1\n")
+    cache.open([f"sqlite:{cf}"])
+    deadline = 0.1 + RUN_GRACE
+    loop = asyncio.get_running_loop()
+    with ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(time.sleep, deadline + 0.4)  # the one thread, taken for longer than the deadline
+        started = time.monotonic()
+        assert await cache.run(lambda: "answer", workers=lambda call: loop.run_in_executor(pool, call)) == "answer"
+        assert time.monotonic() - started >= deadline  # (it did wait for the thread)
+        busy.result()
+        release = threading.Event()  # a call that itself outlasts the deadline still gets LookupRetry
+        try:
+            with pytest.raises(LookupRetry):
+                await cache.run(release.wait, 5, workers=lambda call: loop.run_in_executor(pool, call))
+        finally:
+            release.set()
 
 
 async def test_a_changed_file_is_reread_off_the_loop_and_old_contents_answer_meanwhile(tmp_path):
