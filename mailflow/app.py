@@ -59,6 +59,7 @@ import random
 import shutil
 import signal
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable
 
 from mailflow.bounce_templates import Templates, load_templates
@@ -70,7 +71,7 @@ from mailflow.dns import AiodnsResolver
 from mailflow.dsn_parameters import without_success
 from mailflow.errors import ConfigError
 from mailflow.logs import MailLog
-from mailflow.filters.content_checks import ContentChecks
+from mailflow.filters.content_checks import CHECK_WORKERS, ContentChecks
 from mailflow.filters.milter import MilterSettings, NonSmtpdMilters
 from mailflow.stages.cleanup import Cleanup
 from mailflow.stages.pickup import Pickup
@@ -192,6 +193,7 @@ class Mailflow:
         self.smtpd: Smtpd | None = None
         self.pickup: Pickup | None = None
         self._cleanup: Cleanup | None = None
+        self._check_workers: ThreadPoolExecutor | None = None  # the content checks' threads, every reload's
         self._verifier: Verifier | None = None  # address verification: one cache for the server's life
         self._reloading = asyncio.Lock()
         self._site_flushes: dict[str, asyncio.Future] = {}  # ETRN: the flush under way for each site
@@ -323,7 +325,9 @@ class Mailflow:
         """What cleanup takes from a configuration (at the start and at a reload): rewriting, limits, the
         outbound signing, the content checks (their tables read) and the after-queue filter. Raises ConfigError."""
         assert self._maillog is not None
-        checks = ContentChecks(config.checks)
+        if self._check_workers is None:
+            self._check_workers = ThreadPoolExecutor(CHECK_WORKERS, thread_name_prefix="content-checks")
+        checks = ContentChecks(config.checks, workers=self._check_workers)
         await checks.tables.preload()
         return dict(myhostname=config.myhostname, mapper=router.mapper, hopcount_limit=config.hopcount_limit,
                     header_size_limit=config.header_size_limit, drop_headers=config.message_drop_headers,
@@ -422,7 +426,7 @@ class Mailflow:
 
     async def stop(self) -> None:
         """The listeners (admin, HTTP), then address verification's probes (cancelled, awaited), then smtpd,
-        pickup and qmgr drained together within the grace period,
+        pickup and qmgr drained together within the grace period, then the content checks' threads,
         then ETRN's flushes, then the store. Safe to call twice. A reload under way ends first (one that has
         bound new addresses must not put them in use, or leave them open, after the stop)."""
         async with self._reloading:
@@ -441,6 +445,9 @@ class Mailflow:
         stages = [stage for stage in (self.smtpd, self.pickup, self.qmgr) if stage is not None]
         await asyncio.gather(*(stage.stop(self._grace) for stage in stages))
         self.smtpd = self.pickup = self.qmgr = None
+        if self._check_workers is not None:  # no inspection is left: a cancelled one's walk ends at its next line
+            await asyncio.to_thread(self._check_workers.shutdown)
+            self._check_workers = None
         if self._postmaster is not None:  # the transcripts of the last sessions, queued before the store closes
             await self._postmaster.close()
             self._postmaster = None

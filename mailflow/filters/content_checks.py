@@ -1,6 +1,9 @@
 """cleanup's content inspection: Postfix header_checks(5) and body_checks on regexp (or any) tables.
 
-    ContentChecks(config.checks)                 the tables, opened once; `enabled` is False with none set
+    ContentChecks(config.checks, workers=pool)   the tables, opened once; `enabled` is False with none set;
+                                                 `pool`: the threads long walks run in (Cost; None: the loop's
+                                                 default executor), owned by the caller (the server: one for
+                                                 every reload's checks, ended at the stop)
     await checks.inspect(queue_id, head, body, log)  -> Inspection (or raises ContentRejected)
     LONG_KEY, long_head(head)                    past this a header section or body is matched off the event loop (Cost)
     header_key, is_mime_header, entity_type, Boundaries   how a header field is matched and
@@ -21,9 +24,10 @@ The body is read as a stream (mailflow.content: chunk by chunk, file parts in a 
 linear in the key, times the rules when RE2's DFA runs out of memory (LONG_KEY): the header pass runs in a worker
 thread when the header section is longer than LONG_KEY (many fields just under it cost as one long one: 48 x 2 KB
 against 3000 rules held the loop 1.1 s), the body walk when the body is (the checks' order is unchanged).
-Those threads are cleanup's checks' own, at most CHECK_WORKERS: nearly every message's walk goes to one, and a
-queue of slow walks must not hold up the jobs of asyncio's default pool (file reads, DNS, delivery; the SMTP
-client's checks still use that pool). A session cancelled meanwhile (the client gone, a shutdown) marks its walk
+Those threads are cleanup's checks' own (the server's pool of CHECK_WORKERS): nearly every message's walk goes to
+one, and a queue of slow walks must not hold up the jobs of asyncio's default pool (file reads, DNS, delivery; the
+SMTP client's checks still use that pool). A blocking table's deadline counts from when a walk starts in a thread,
+not while it waits for one (TableCache.run). A session cancelled meanwhile (the client gone, a shutdown) marks its walk
 abandoned: it stops at the next line and logs nothing more (no reject: or warning: for a message nobody queues).
 
 Actions (the table's value; the first word, any case, ended by a space or a TAB):
@@ -56,7 +60,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
@@ -108,7 +112,7 @@ class _Entity:
 class ContentChecks:
     """See the module doc."""
 
-    def __init__(self, checks, tables: TableCache | None = None):
+    def __init__(self, checks, tables: TableCache | None = None, workers: Executor | None = None):
         tables = tables or TableCache()
         self._header = tables.open(checks.header_checks) if checks.header_checks else []
         self._mime = tables.open(checks.mime_header_checks) if checks.mime_header_checks else self._header
@@ -116,7 +120,7 @@ class ContentChecks:
         self._body = tables.open(checks.body_checks) if checks.body_checks else []
         self._limit = checks.body_checks_size_limit
         self.tables = tables
-        self._workers: ThreadPoolExecutor | None = None  # made at the first long message (threads exit with it)
+        self._workers = workers  # the caller's: it ends them (after the last inspection that may use them)
 
     @property
     def enabled(self) -> bool:
@@ -145,8 +149,6 @@ class ContentChecks:
     async def _off_loop(self, result: Inspection, work: Callable[[], T]) -> T:
         """`work` in one of the checks' own threads (a blocking table's deadline kept: TableCache.run); when the
         caller is cancelled, `result` is marked abandoned and the thread's walk stops logging and looking up."""
-        if self._workers is None:
-            self._workers = ThreadPoolExecutor(CHECK_WORKERS, thread_name_prefix="content-checks")
         try:
             pool = self._workers
             return await self.tables.run(work, off_loop=True,
@@ -154,11 +156,6 @@ class ContentChecks:
         except asyncio.CancelledError:
             result.abandoned = True
             raise
-
-    def close(self) -> None:
-        """Wait for the walks under way to end and let the threads go (else they go with this object)."""
-        if self._workers is not None:
-            self._workers.shutdown(wait=True)
 
     # -------------------------------------------------------------------------------- headers
 

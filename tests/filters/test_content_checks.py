@@ -4,6 +4,7 @@ actions are compared with a real Postfix in tests/interop/test_access_vs_postfix
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -14,13 +15,13 @@ from mailflow.filters.content_checks import ContentChecks
 from tests.support.content import lookups_seen
 
 
-def checks(tmp_path, header: str = "", body: str = "") -> ContentChecks:
+def checks(tmp_path, header: str = "", body: str = "", workers=None) -> ContentChecks:
     settings = {}
     for name, rules in (("header_checks", header), ("body_checks", body)):
         if rules:
             (tmp_path / name).write_text(rules)
             settings[name] = (f"regexp:{tmp_path / name}",)
-    return ContentChecks(ChecksConfig(**settings))
+    return ContentChecks(ChecksConfig(**settings), workers=workers)
 
 
 async def inspect(c: ContentChecks, head: bytes, body: bytes = b"\r\nbody\r\n"):
@@ -148,7 +149,8 @@ async def test_a_long_walk_runs_in_the_checks_own_threads_and_a_cancelled_one_lo
         return lookup(tables, key)
 
     monkeypatch.setattr(module, "lookup_action", recorded)
-    c = checks(tmp_path, body="/^hold/ WARN held\n/^bad/ REJECT bad\n")
+    pool = ThreadPoolExecutor(module.CHECK_WORKERS, thread_name_prefix="content-checks")
+    c = checks(tmp_path, body="/^hold/ WARN held\n/^bad/ REJECT bad\n", workers=pool)
     body = b"\r\nhold\r\n" + b"bad\r\n" + b"z" * module.LONG_KEY + b"\r\n"
     caplog.set_level(logging.INFO, logger="mailflow.cleanup")
     task = asyncio.create_task(inspect(c, b"X-A: 1\r\n", body))
@@ -157,7 +159,7 @@ async def test_a_long_walk_runs_in_the_checks_own_threads_and_a_cancelled_one_lo
     with pytest.raises(asyncio.CancelledError):
         await task
     go_on.set()
-    await asyncio.to_thread(c.close)  # (the walk under way ends)
+    await asyncio.to_thread(pool.shutdown)  # (the walk under way ends)
     assert len(threads) == 1 and threads[0].startswith("content-checks"), threads  # (the "bad" line: not looked up)
     assert [r.getMessage() for r in caplog.records if r.name == "mailflow.cleanup"] == []
 
