@@ -59,6 +59,7 @@ from mailflow.config.postfix_master import translate_service
 from mailflow.config.show import format_setting
 from mailflow.config.smtpd import LISTENER_ROLES, SMTPD_BANNER
 from mailflow.errors import ConfigError
+from mailflow.files import TABLE_LIMIT, RefusedFile, read_regular_file
 from mailflow.restriction_vocabulary import ACCESS_CHECKS, REVERSE_CLIENT_ACCESS, SERVER_ACCESS_CHECKS, split_item
 from mailflow.tables.files import SCANNED_TABLE_FILES, logical_lines, table_file_entries
 from mailflow.tables.pcre import parse_pcre
@@ -123,11 +124,14 @@ class Importer:
         and reads a file's bytes, where mailflow's table fails whole (4.3.0 on every lookup) until it is fixed."""
         parsers = {"regexp": parse_regexp, "pcre": parse_pcre}
         for kind, path in dict.fromkeys(_pattern_files(self.out.document())):
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
+            try:  # (a FIFO or a device named there would hold the import at open(), or fill memory)
+                data = read_regular_file(path, TABLE_LIMIT, null_is_empty=True)
+            except RefusedFile as e:
+                self._refuse_table_line(path, f"{kind}: file", f"{e.strerror}: mailflow's {kind}: cannot read it and "
+                                                               "fails the whole table (4.3.0 on every lookup)")
+                continue
             except OSError:
-                continue  # (the import reported an unreadable table already, or `config check` will)
+                continue  # (a file missing here may be on the server, where `config check` looks)
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -598,8 +602,8 @@ class Importer:
         action, to relay), reported with its line: the file is read as it is, so mailflow would send that mail over its
         SMTP relay."""
         try:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                entries = table_file_entries(kind, f.read())
+            text = read_regular_file(path, TABLE_LIMIT, null_is_empty=True).decode("utf-8", errors="replace")
+            entries = table_file_entries(kind, text)
         except (OSError, ValueError):
             return  # (the import reported an unreadable table already, or `config check` will)
         for number, lookup, value in entries:

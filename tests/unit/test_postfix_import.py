@@ -3,8 +3,10 @@ every Postfix line either translated or named in a comment (exit 1), an unreadab
 (mailflow.config.postfix_names) covers every Postfix name docs/config.md's tables cite."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import sys
 import textwrap
 import tomllib
 from pathlib import Path
@@ -1595,3 +1597,20 @@ def test_a_pattern_file_that_is_not_utf8_is_reported(tmp_path, kind):
     assert code == 1, err
     assert f"{table}:3: {kind}: file: not UTF-8 (byte 0xfc): mailflow's {kind}: cannot read it" in err, err
     assert "\\xfc" in err
+
+
+@pytest.mark.parametrize("kind", ["pcre", "regexp"])
+def test_a_pattern_file_that_is_a_fifo_is_reported_not_waited_for(tmp_path, kind):
+    """A FIFO named as a regexp:/pcre: table held `config import` at open() for ever (its scans read the file with a
+    bare open()): it is refused as the tables refuse it, and reported naming it (exit 1); /dev/null is an empty
+    table, as for the tables. (A subprocess: a hang fails the test at its timeout.)"""
+    fifo = tmp_path / "checks.fifo"
+    os.mkfifo(fifo)
+    main = write(tmp_path, "main.cf", f"myhostname = mx.example.com\nheader_checks = {kind}:{fifo}\n"
+                                      f"body_checks = {kind}:/dev/null\ntransport_maps = {kind}:{fifo}\n")
+    done = subprocess.run([sys.executable, "-m", "mailflow", "config", "import", main, "-o",
+                           str(tmp_path / "mailflow.toml"), "--hostname", "mx.example.test"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert f"{fifo}: {kind}: file: is a FIFO, not a regular file: mailflow's {kind}: cannot read it" in done.stderr
+    assert "/dev/null" not in done.stderr
