@@ -71,3 +71,20 @@ def test_a_marked_child_is_not_killed_once_it_marked_its_start():
     with pytest.raises(TemporaryError) as failed:
         asuser.call_as("nobody", "write", _hangs_before_marking, timeout=0.3, marked=True)
     assert failed.value.text == "cannot write as nobody: no answer within 0.3s, the child was killed"
+
+
+def _marks_then_hangs(*, writing) -> bytes:
+    writing()
+    time.sleep(3600)
+    return b"written"
+
+
+def test_a_marked_child_is_killed_when_its_write_outlasts_then():
+    """`then`: a child hung after mark() (a write or fsync that never returns) held its thread until a restart."""
+    started = time.monotonic()
+    with pytest.raises(TemporaryError) as failed:
+        asuser.call_as("nobody", "write", _marks_then_hangs, timeout=30, marked=True, then=0.3)
+    assert time.monotonic() - started < 10
+    assert (failed.value.dsn, failed.value.text) == (
+        "4.3.0", "cannot write as nobody: not done within 0.3s of starting to write, the child was killed")
+    assert asuser.call_as("nobody", "write", _marks_then_takes_long, timeout=0.3, marked=True, then=30) == b"written"

@@ -710,3 +710,27 @@ async def test_a_file_append_whose_open_never_answers_is_killed_and_defers(tmp_p
         await t.close()
     assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.3.0"), result
     assert "no answer within 0.5s, the child was killed" in result.text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a /file is written by a child as the user only as root")
+async def test_a_file_append_whose_write_never_returns_is_killed_after_command_time_limit(tmp_path, public_dir,
+                                                                                          monkeypatch):
+    """A /file append's child hung after it started writing (a write or fsync that never returns) had no limit
+    and held one of the two file-writer threads until a restart: it is killed after command_time_limit, its
+    thread freed (each of three such deliveries, one after the other, defers at the limit, none waits 60 s for a
+    thread)."""
+    def never_returns(*args):  # (in the forked child, after it marked its start)
+        time.sleep(3600)
+
+    monkeypatch.setattr(mbox, "_write_or_roll_back", never_returns)
+    t = transport(tmp_path, f"keep: {public_dir / 'hung.mbox'}\n", command_time_limit=0.5,
+                  mailbox_delivery_lock=("fcntl",))  # (a killed child's dotlock would stay until stale)
+    try:
+        for _ in range(3):  # (more than the FILE_WRITERS threads)
+            started = time.monotonic()
+            [result] = (await asyncio.wait_for(t.deliver(request("keep@example.test")), 10)).results
+            assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.3.0"), result
+            assert "not done within 0.5s of starting to write, the child was killed" in result.text
+            assert time.monotonic() - started < 5
+    finally:
+        await t.close()

@@ -371,9 +371,9 @@ class LocalTransport:
         with the alias owner's or the user's rights, never root's: a .forward must not reach /etc/passwd). The
         append runs in one of the agent's own FILE_WRITERS threads: a file that never answers (a FUSE file the user
         serves, a hung NFS mount) holds one of those, never a thread the queue's fsyncs and smtpd share; once
-        neither finished anything for OFF_LOOP_WAIT s, the next /file deliveries defer 4.3.0. Bound left: a child
-        hung after it started writing (no time limit then: see mbox._append_once_as) holds its thread until it
-        returns, is killed by an administrator, or mailflow restarts (docs/transports.md)."""
+        neither finished anything for OFF_LOOP_WAIT s, the next /file deliveries defer 4.3.0. A child hung after it
+        started writing is killed after command_time_limit (Postfix's time limit class for local(8)'s work), its
+        thread freed: 4.3.0 (mbox._append_once_as)."""
         if leaf.path == os.devnull:
             return Part(Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}")
         sender, original = _envelope(request, rcpt, leaf.sender)
@@ -383,7 +383,8 @@ class LocalTransport:
         try:
             await append_mbox(Path(leaf.path), entry, locks=self._local.mailbox_delivery_lock, user=as_user,
                               size_limit=self._local.mailbox_size_limit, create_parents=False,
-                              refuse_executable=True, workers=self._file_writers.run)
+                              refuse_executable=True, workers=self._file_writers.run,
+                              write_limit=self._local.command_time_limit)
         except DeliveryError as e:
             return _failed(e)
         return Part(Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}")

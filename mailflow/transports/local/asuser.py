@@ -1,10 +1,11 @@
 """Work done with another user's rights, without this process ever changing identity.
 
-    call_as(user, doing, fn, *args, timeout=CALL_AS_TIMEOUT, marked=False) -> bytes
+    call_as(user, doing, fn, *args, timeout=CALL_AS_TIMEOUT, marked=False, then=None) -> bytes
                                                 fn(*args) in a child forked for it, running with `user`'s uid, gid
                                                 and groups; its bytes come back over a pipe within `timeout` s;
-                                                `marked`: fn(*args, writing=mark), and the time limit ends when
-                                                the child calls mark() (work it must not be killed in follows)
+                                                `marked`: fn(*args, writing=mark), and when the child calls mark()
+                                                (work follows that is killed only as a last resort) the time
+                                                limit becomes `then` s from there (None: no limit)
     rights_for(rights, default_privs) -> str | None   whose rights a command, file or :include: of local delivery
                                                 uses: as root `rights` (a .forward's system user) or else
                                                 `default_privs`, never root's; not as root, None (mailflow's own)
@@ -19,6 +20,7 @@ hold back.
 
 Failure behaviour: `TemporaryError` 4.3.0 when `user` does not exist or is root (`refusing to DOING as USER: uid
 0`), when the child gave no answer within `timeout` (`cannot DOING as USER: no answer within Ns, the child was
+killed`; past `then` after the mark: `cannot DOING as USER: not done within Ns of starting to write, the child was
 killed`), or when `fn` raised anything but a DeliveryError (`cannot DOING as USER: reason`); a DeliveryError raised by
 `fn` is raised again here with its permanence, status and text.
 """
@@ -47,7 +49,7 @@ def rights_for(rights: str | None, default_privs: str) -> str | None:
 
 
 def call_as(user: str, doing: str, fn: Callable[..., bytes], *args,
-            timeout: float | None = CALL_AS_TIMEOUT, marked: bool = False) -> bytes:
+            timeout: float | None = CALL_AS_TIMEOUT, marked: bool = False, then: float | None = None) -> bytes:
     """See the module docstring."""
     try:
         pw = pwd.getpwnam(user)
@@ -65,12 +67,15 @@ def call_as(user: str, doing: str, fn: Callable[..., bytes], *args,
         _report_and_exit(write_end, lambda: _switched(groups, pw.pw_gid, pw.pw_uid, fn, args))
     os.close(write_end)
     try:
-        report = _framed_report(read_end, None if timeout is None else time.monotonic() + timeout)
+        report = _framed_report(read_end, None if timeout is None else time.monotonic() + timeout, then)
     finally:
         os.close(read_end)
-    if report is None:  # past the deadline: the child is killed (a hung read ends with SIGKILL) and reaped
+    if report is None or report == MARK:  # past a deadline: the child is killed (a hung read ends with SIGKILL), reaped
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+        if report == MARK:
+            raise TemporaryError("4.3.0", f"cannot {doing} as {user}: not done within {then:g}s of starting to "
+                                          "write, the child was killed")
         raise TemporaryError("4.3.0", f"cannot {doing} as {user}: no answer within {timeout:g}s, the child was killed")
     _, status = os.waitpid(pid, 0)
     kind, data = report[:1], report[1:]
@@ -85,10 +90,11 @@ def call_as(user: str, doing: str, fn: Callable[..., bytes], *args,
     raise TemporaryError("4.3.0", f"cannot {doing} as {user}: {reason}")
 
 
-def _framed_report(fd: int, deadline: float | None) -> bytes | None:
+def _framed_report(fd: int, deadline: float | None, then: float | None = None) -> bytes | None:
     """The child's report (each frame its length first), b"" when the pipe ends before it is whole (the child
-    died), None when `deadline` (time.monotonic; None: none) passes first. A MARK frame before it ends the
-    deadline."""
+    died), None when `deadline` (time.monotonic; None: none) passes first. A MARK frame before it puts the
+    deadline `then` s on (None: none), and MARK is returned when that one passes first."""
+    late = None
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     received = bytearray()
@@ -98,11 +104,11 @@ def _framed_report(fd: int, deadline: float | None) -> bytes | None:
             if frame != MARK:
                 return frame
             del received[:end]
-            deadline = None
+            deadline, late = (None if then is None else time.monotonic() + then), MARK
             continue
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and (left <= 0 or not poller.poll(left * 1000)):
-            return None
+            return late
         chunk = os.read(fd, 65536)
         if not chunk:
             return b""

@@ -196,7 +196,7 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes], *,
                       user: str | None = None, owner: tuple[int, int] | None = None, size_limit: int = 0,
                       create_parents: bool = True, refuse_executable: bool = False, home: Path | None = None,
                       workers: Callable[[Callable[[], LockStyle | None]], Awaitable[LockStyle | None]] | None = None,
-                      ) -> None:
+                      write_limit: float | None = None) -> None:
     """Append `entry` (from format_mbox_entry) to the mbox file at `path`, durably, under `locks` (taken in
     that order), or raise a DeliveryError (TemporaryError / PermanentError, see the module docstring). The
     mailbox never keeps part of an entry. With `user` (mailflow running as root) each attempt runs in a
@@ -213,12 +213,14 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes], *,
     alias or .forward names: a missing directory is an OS error, TemporaryError 4.2.0). `refuse_executable`: an
     existing file with an execute bit is not written, PermanentError 5.7.1 (local(8)'s "file is executable").
     `workers(call)`: runs each attempt in a thread of the caller's own pool instead of the default executor's (a
-    file that never answers then holds one of those threads, never one that the queue and smtpd share)."""
+    file that never answers then holds one of those threads, never one that the queue and smtpd share).
+    `write_limit`: with `user`, the seconds the child may take once it has started writing (then it is killed:
+    4.3.0, and the file may keep part of the entry; None: no limit)."""
     if len(set(locks)) != len(locks) or not set(locks) <= set(_LOCK_STYLES):
         raise ValueError(f"lock styles {locks!r}: each of {', '.join(_LOCK_STYLES)} at most once")
     args = (Path(path), entry, tuple(locks), stale_lock_time, owner, size_limit, create_parents, refuse_executable,
             home)
-    attempt = partial(_append_once, *args) if user is None else partial(_append_once_as, user, *args)
+    attempt = partial(_append_once, *args) if user is None else partial(_append_once_as, user, write_limit, *args)
     deadline = time.monotonic() + lock_timeout
     delay, most = (_FIRST_POLL, _MAX_POLL) if user is None else (_FIRST_FORKED_POLL, _MAX_FORKED_POLL)
     while (busy := await (asyncio.to_thread(attempt) if workers is None else workers(attempt))) is not None:
@@ -236,12 +238,15 @@ def _busy(path: Path, style: LockStyle, timeout: float) -> TemporaryError:
     return TemporaryError("4.2.0", f"mailbox {path} is busy: no {style} lock within {timeout:g}s")
 
 
-def _append_once_as(user: str, *args) -> LockStyle | None:
+def _append_once_as(user: str, write_limit: float | None, *args) -> LockStyle | None:
     """`_append_once` with `user`'s rights, in a child process forked from this worker thread (asuser.call_as);
     its DeliveryError comes back as itself, the lock it found busy as its name. The child is killed when it has not
-    started writing within FILE_START_TIMEOUT s (a file whose open or lock never answers: 4.3.0 "no answer"); once
-    it writes it has no limit, since one killed mid-write would leave a partial entry in the file."""
-    busy = call_as(user, "write", _appended, *args, timeout=FILE_START_TIMEOUT, marked=True).decode("ascii")
+    started writing within FILE_START_TIMEOUT s (a file whose open or lock never answers: 4.3.0 "no answer"), and
+    when its write has not ended `write_limit` s later (a write or fsync that never returns: its thread is the
+    caller's, and a hung one held it until a restart; the file may keep part of the entry, as Postfix's local(8)
+    killed by its watchdog leaves it)."""
+    busy = call_as(user, "write", _appended, *args, timeout=FILE_START_TIMEOUT, marked=True,
+                   then=write_limit).decode("ascii")
     return cast(LockStyle, busy) if busy else None
 
 
