@@ -411,6 +411,22 @@ async def test_a_forward_read_with_its_users_rights_is_read_off_the_event_loop(t
     assert len(forks) == 2 and threading.main_thread() not in forks
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root reads a .forward with its user's rights")
+async def test_a_forward_is_read_once_an_expansion_however_often_its_user_is_met(tmp_path, public_dir, monkeypatch):
+    """A .forward was read (a fork as its user) at each visit of its user, before the look at whether it was
+    expanded already: the user named in it (its mailbox) and met again through an alias read it three times."""
+    home = public_dir / "mail" / "nobody"
+    home.mkdir(parents=True)
+    (home / ".forward").write_text("nobody, carol@remote.test\n")
+    forks = threads_calling(monkeypatch, aliasing, "call_as")
+    t = transport(tmp_path, "team: nobody, twice\ntwice: nobody\n", anyone_is_local=True,
+                  forward=(fwd := FakeForward()), maildir_base=str(public_dir / "mail"))
+    [result] = (await t.deliver(request("team@example.test"))).results
+    assert result.outcome is Outcome.SENT, result
+    assert [c[2] for c in fwd.calls] == [("carol@remote.test",)] and len(delivered_in(home)) == 1
+    assert len(forks) == 1
+
+
 async def test_local_part_with_a_path_is_not_written_outside_maildir_base(tmp_path):
     outside = tmp_path / "outside"
     await transport(tmp_path, anyone_is_local=True).deliver(request(f"{outside}@example.test"))

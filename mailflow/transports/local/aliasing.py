@@ -41,7 +41,8 @@ Rules, as local(8):
    `\\user` mean the mailbox; an alias is expanded in place (local(8)'s deliver_switch looks aliases up
    first; `forwarder`: its local users other than the .forward's own are resubmitted, dotforward's owner
    attribute); every other address, local or not, becomes a Forward (a new message, so that virtual aliases
-   apply and a loop between users ends at Delivered-To).
+   apply and a loop between users ends at Delivered-To). Each `.forward` is read once an expansion, however
+   often its user is met (as root a read is a fork as the user).
 5. Otherwise the user's mailbox (`Mailbox`), as local(8)'s mailbox.c and unknown.c route it: with
    local.mailbox_transport a `Pass(transport, nexthop, address)` for any user, known or not (the local agent
    hands the address to that transport); else for a user rule 3 refuses, local.fallback_transport (a Pass), or
@@ -126,6 +127,7 @@ FORWARDED = "\0forward"  # in an _Origin's `path`: a user's .forward between the
 
 
 Lines = tuple[tuple[int, int], ...]  # a leaf's place: (file, line) of each .forward or :include: file it came from
+FileLines = tuple[tuple[Target, ...], ...]  # what a .forward or :include: file names, line by line
 Places = tuple[Lines, ...]  # every place a leaf was named; () among them: named outside any file
 OUTSIDE: Places = ((),)
 
@@ -345,6 +347,8 @@ class _Expansion:
         self.warn = warn
         self.leaf_budget = leaf_budget
         self.forwards_done: set[str | None] = set()  # .forward files expanded (local(8)'s "forward-done")
+        self.forward_files: dict[Path, tuple[bool, FileLines | None]] = {}  # each .forward looked for: whether it is
+        # there and its lines (None: the mailbox); read once an expansion (as root, a fork as its user each time)
         self.forwards_open: set[str | None] = set()  # .forward files being expanded (local(8)'s been_here
         # "forward <path>" without "forward-done": its user met again inside, through it, gets the mailbox)
         self.includes_done: set[tuple[str | None, str]] = set()  # (rights, path) of the :include: files read
@@ -521,18 +525,28 @@ class LocalExpander:
         rights, read = forward_reader(user, state.forking)
         for name in ([f".forward{ext}"] if ext else []) + [".forward"]:
             path = self.home(user) / name
-            try:
-                found = read(path)
-            except OSError as e:
-                raise TemporaryError("4.3.0", f"cannot read {path}: {e.strerror or e}") from None
-            if found[:1] == b"I":
-                state.warn(found[1:].decode("utf-8", "replace"))
-                return str(path), rights, None
-            if found[:1] == b"F":
-                state.parsing(len(found) - 1)
-                lines = self._parse(_small_text(path, found[1:]), path)
-                return str(path), rights, lines if any(lines) else None  # an empty one: the mailbox
+            if path not in state.forward_files:  # (met again: a user in its own .forward, or in another's)
+                state.forward_files[path] = self._read_forward_file(state, path, read)
+            there, lines = state.forward_files[path]
+            if there:
+                return str(path), rights, lines
         return None, rights, None
+
+    def _read_forward_file(self, state: _Expansion, path: Path, read: Callable[[Path], bytes]
+                           ) -> tuple[bool, FileLines | None]:
+        """Whether the .forward `path` is there, and what it names, line by line (None: the mailbox)."""
+        try:
+            found = read(path)
+        except OSError as e:
+            raise TemporaryError("4.3.0", f"cannot read {path}: {e.strerror or e}") from None
+        if found[:1] == b"I":
+            state.warn(found[1:].decode("utf-8", "replace"))
+            return True, None
+        if found[:1] == b"F":
+            state.parsing(len(found) - 1)
+            lines = self._parse(_small_text(path, found[1:]), path)
+            return True, lines if any(lines) else None  # an empty one: the mailbox
+        return False, None
 
     def _lines(self, state: _Expansion, owner: str, lines: tuple[tuple[Target, ...], ...], origin: "_Origin",
                depth: int = 0) -> None:
