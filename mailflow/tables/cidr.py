@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from mailflow.syntax import ascii_upper
-from mailflow.tables.files import BLANKS, Reloading, logical_lines
+from mailflow.tables.files import BLANKS, Reloading, logical_lines, split_key
 
 _FAMILIES = {32: socket.AF_INET, 128: socket.AF_INET6}
 
@@ -170,11 +170,10 @@ def _parse_rule(line: str) -> _Rule | tuple[_Network, str] | None:
             raise ValueError("garbage after ENDIF")
         return None
     negate, rest = _negations(line)
-    end = next((i for i, c in enumerate(rest) if c in BLANKS), len(rest))
-    pattern, result = rest[:end], rest[end:]
+    pattern, result = split_key(rest)
     if not pattern:
         raise ValueError("no address pattern")
-    network, result = parse_network(pattern), result.strip(BLANKS)
+    network = parse_network(pattern)
     if not result:
         raise ValueError("no lookup result")
     return _Rule(network, negate, result) if negate else (network, result)

@@ -7,6 +7,9 @@
   continues the previous one); shared with the regexp, pcre and sqlite parsers.
 - `split_pattern_rule(number, text)`: a regexp: or pcre: rule's `!`s, pattern, flags and result, as Postfix reads
   them (the one delimiter scanner of both types and of the import's scan).
+- `pattern_keyword(line)`: whether a regexp: or pcre: line is an `if` or an `endif` (the one test of both types
+  and of the import's scan).
+- `split_key(line)`: a line's key (or cidr: pattern) and value, split at the first blank.
 - `table_file_entries(kind, text)`: (line, key or pattern, value) of each entry of a texthash:, regexp:, pcre: or
   cidr: file (SCANNED_TABLE_FILES) as written, `$n` not substituted: what `config import` scans for routes to relay.
 - `texthash:/path`: `key value` lines; keys case-insensitive; first of duplicate keys wins. With `aliases`, the
@@ -139,7 +142,7 @@ def table_file_entries(kind: str, text: str) -> list[tuple[int, str, str]]:
         if kind in ("regexp", "pcre"):
             lookup, value = _split_regexp_rule(line)
         else:
-            lookup, value = _split_key(line)
+            lookup, value = split_key(line)
         if value and not (kind != "texthash" and lookup.lower() in ("if", "endif")):
             entries.append((number, lookup, value))
     return entries
@@ -148,9 +151,9 @@ def table_file_entries(kind: str, text: str) -> list[tuple[int, str, str]]:
 def _split_regexp_rule(line: str) -> tuple[str, str]:
     """`/pattern/flags value` (or `!/pattern/`) -> (pattern with its `!`s, delimiters and flags, value); an `if`
     line's pattern has no value; a line split_pattern_rule refuses is all pattern."""
-    text = line.strip()
-    if text.lower() == "endif" or (text[:2].lower() == "if" and not text[2:3].isalnum()):
+    if pattern_keyword(line)[0]:
         return "if", ""
+    text = line.strip()
     try:
         rule = split_pattern_rule(0, text)
     except ValueError:
@@ -167,6 +170,17 @@ class PatternRule(NamedTuple):
     flags: str
     rest: str  # the result (or nothing, for an `if`), blanks stripped
     written: str  # the text up to the flags' end: `!` `/pattern/flags`
+
+
+def pattern_keyword(line: str) -> tuple[str, str]:
+    """A regexp_table(5) or pcre_table(5) logical line as Postfix reads its start: ("endif", any text after it)
+    or ("if", the text after it: the pattern) for the word in any case not followed by an ASCII letter or digit
+    (`if/x/` too: Postfix's strncasecmp and ISALNUM), else ("", line)."""
+    for word in ("endif", "if"):
+        after = line[len(word):len(word) + 1]
+        if line[:len(word)].lower() == word and not (after.isascii() and after.isalnum()):
+            return word, line[len(word):].strip(BLANKS)
+    return "", line
 
 
 def split_pattern_rule(number: int, text: str) -> PatternRule:
@@ -196,15 +210,16 @@ def split_pattern_rule(number: int, text: str) -> PatternRule:
 def _parse_texthash(text: str) -> dict[str, str]:
     table: dict[str, str] = {}
     for number, line in logical_lines(text):
-        key, value = _split_key(line)
+        key, value = split_key(line)
         if not value:
             raise ValueError(f"line {number}: expected 'key whitespace value', got {line!r}")
         table.setdefault(key.lower(), value)
     return table
 
 
-def _split_key(line: str) -> tuple[str, str]:
-    """A logical line's key and value (blanks stripped), split at the first blank (BLANKS, as postmap)."""
+def split_key(line: str) -> tuple[str, str]:
+    """A logical line's key and value (blanks stripped), split at the first blank (BLANKS, as postmap; a cidr:
+    pattern and its result the same way)."""
     end = next((i for i, c in enumerate(line) if c in BLANKS), len(line))
     return line[:end], line[end:].strip(BLANKS)
 

@@ -20,6 +20,9 @@ it does not (300 rules `/^Subject:.*wordN.{0,40}x/`: 0.2 ms on a 3.3 KB key, 39 
 `/^Subject:.*\\bwordN\\b/`: about 1 s on a 100 KB one) or when the set cannot be built (each rule searched in turn).
 The search releases the GIL: cleanup matches a key longer than content_checks.LONG_KEY in a worker thread.
 
+`if` and `endif` are the words in any case not followed by an ASCII letter or digit (files.pattern_keyword, which
+`config import`'s scan uses too); text after `endif` is a bad line (Postfix ignores it with a warning).
+
 Failure behaviour: a bad pattern, flag or `$n` makes the whole table fail with `LookupRetry` naming file:line.
 """
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any, Callable
 
 import re2
 
-from mailflow.tables.files import BLANKS, Reloading, logical_lines, split_pattern_rule
+from mailflow.tables.files import Reloading, logical_lines, pattern_keyword, split_pattern_rule
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
@@ -72,15 +75,17 @@ def parse_rules(source: str, parse_pattern: Callable[[int, str], tuple[Any, bool
     open_ifs: list[tuple[int, _Rule]] = []  # the `if` rules not yet ended, with their line numbers
     errors: list[str] = []  # every refused line, not only the first: a migrated file is fixed in one pass
     for number, line in logical_lines(source):
-        if line.strip().lower() == "endif":
+        keyword, text = pattern_keyword(line)
+        if keyword == "endif":
             if not open_ifs:
                 errors.append(f"line {number}: endif without if")
                 continue
+            if text:  # (Postfix: "ignoring extra text after ENDIF"; the block ends there all the same)
+                errors.append(f"line {number}: text after endif")
             open_ifs.pop()[1].end = len(rules)
             rules.append(None)  # the endif itself: nothing to do
             continue
-        is_if = re.match(r"if(?![a-z0-9])", line, re.IGNORECASE) is not None  # `if/x/` too, as Postfix reads it
-        text = line[2:].lstrip(BLANKS) if is_if else line
+        is_if = keyword == "if"
         try:
             regex, negate, rest = parse_pattern(number, text)
             if is_if and rest:

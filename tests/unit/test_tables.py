@@ -970,6 +970,24 @@ def test_the_import_s_scan_reads_a_rule_s_negations_as_the_table_does(kind):
                                               (4, "/d/", "e")]
 
 
+@pytest.mark.parametrize("kind", ["regexp", "pcre"])
+def test_if_and_endif_are_told_as_postfix_tells_them_by_the_tables_and_the_import_s_scan(kind):
+    """One test of both (files.pattern_keyword): the table read `ıf` as `if` (Python's case folding, where
+    Postfix's strncasecmp is ASCII) and `endif junk` as a bad rule (its block left open: two errors), where
+    Postfix takes an ENDIF there and warns about the rest."""
+    from mailflow.tables.pcre import parse_pcre
+    from mailflow.tables.regexp import RuleErrors, parse_regexp
+
+    parse = parse_regexp if kind == "regexp" else parse_pcre
+    with pytest.raises(RuleErrors) as e:
+        parse("if /a/\n/b/ x\nENDIF junk\n\u0131f /c/ y\n")
+    assert e.value.lines == ["line 3: text after endif",
+                             "line 4: expected /pattern/ (optionally !/pattern/ or if /pattern/)"]
+    parse("IF/a/\n/b/ x\nEndif\n")  # (the word in any case, a delimiter right after it)
+    text = "IF/a/\n/b/ x\nENDIF junk\n/c/ y\n"
+    assert table_file_entries(kind, text) == [(2, "/b/", "x"), (4, "/c/", "y")]
+
+
 def test_pcre_hex_escape_in_braces_is_no_repetition_count(tmp_path):
     """`\\x{1001}` is a code point (too big without UTF mode: RE2's Latin-1 refuses it as PCRE does), not a count."""
     assert pcre_table(tmp_path, "/^\\x{41}\\x{3e}$/ hex\n").lookup("A>") == "hex"
