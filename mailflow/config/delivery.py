@@ -38,7 +38,8 @@ class LocalConfig(Section):
     maildir_base: str = "var/mail"
     allow_mail_to_commands: tuple[Literal["alias", "forward", "include"], ...] = ("alias", "forward")
     # `|command` destinations run as default_privs when mailflow runs as root (else as mailflow's own user),
-    # and are killed after command_time_limit (Postfix default_privs, command_time_limit).
+    # and are killed after command_time_limit (Postfix default_privs, command_time_limit); a /file append's write
+    # (as root) is undone after command_time_limit without progress (mailflow's: Postfix's limit is for commands).
     default_privs: str = "nobody"
     command_time_limit: Duration = Field(1000.0, gt=0)
     allow_mail_to_files: tuple[Literal["alias", "forward", "include"], ...] = ("alias", "forward")

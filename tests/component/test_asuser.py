@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import signal
 import time
 
 import pytest
@@ -79,12 +80,109 @@ def _marks_then_hangs(*, writing) -> bytes:
     return b"written"
 
 
-def test_a_marked_child_is_killed_when_its_write_outlasts_then():
-    """`then`: a child hung after mark() (a write or fsync that never returns) held its thread until a restart."""
+def test_a_marked_child_stopped_by_its_own_limit_reports_it():
+    """`then`: a child hung after its first progress() (a write that never returns) held its thread until a restart;
+    then it was killed, its roll back never run. Its own timer raises out of the hang: its failure path runs, and
+    it reports the failure itself, long before the parent's last resort (`grace`)."""
     started = time.monotonic()
     with pytest.raises(TemporaryError) as failed:
-        asuser.call_as("nobody", "write", _marks_then_hangs, timeout=30, marked=True, then=0.3)
+        asuser.call_as("nobody", "write", _marks_then_hangs, timeout=30, marked=True, then=0.3, grace=30)
     assert time.monotonic() - started < 10
     assert (failed.value.dsn, failed.value.text) == (
-        "4.3.0", "cannot write as nobody: not done within 0.3s of starting to write, the child was killed")
+        "4.3.0", "cannot write as nobody: writing made no progress for 0.3s")
     assert asuser.call_as("nobody", "write", _marks_then_takes_long, timeout=0.3, marked=True, then=30) == b"written"
+
+
+def _moves_slowly(*, writing) -> bytes:
+    for _ in range(5):
+        writing()
+        time.sleep(0.15)
+    writing()
+    writing.ended()
+    return b"written"
+
+
+def test_the_limit_is_on_progress_not_on_the_whole_write():
+    """A big message to a slow but working file (0.75 s, a piece every 0.15 s) outlasts then + grace (0.5 s) and was
+    stopped at every attempt: the limit is the time between two progress() calls, in the child and in the parent."""
+    assert asuser.call_as("nobody", "write", _moves_slowly, timeout=30, marked=True, then=0.3, grace=0.2) == b"written"
+
+
+def _ends_then_lingers(*, writing) -> bytes:
+    writing()
+    writing.ended()
+    time.sleep(0.5)  # (closing the file, removing the dotlock: an interruption here would fail a write that is done)
+    return b"written"
+
+
+def test_no_limit_after_the_work_ended():
+    assert asuser.call_as("nobody", "write", _ends_then_lingers, timeout=30, marked=True, then=0.2) == b"written"
+
+
+def _hangs_where_no_handler_runs(*, writing) -> bytes:
+    signal.signal(signal.SIGALRM, signal.SIG_IGN)  # (as a write the kernel does not interrupt)
+    writing()
+    time.sleep(3600)
+    return b"written"
+
+
+def test_a_marked_child_that_does_not_stop_itself_is_killed_grace_seconds_later():
+    started = time.monotonic()
+    with pytest.raises(TemporaryError) as failed:
+        asuser.call_as("nobody", "write", _hangs_where_no_handler_runs, timeout=30, marked=True, then=0.3, grace=0.3)
+    assert 0.6 <= time.monotonic() - started < 10
+    assert (failed.value.dsn, failed.value.text) == (
+        "4.3.0",
+        "cannot write as nobody: writing made no progress for 0.3s, nor ended 0.3s later, the child was killed")
+
+
+def test_a_report_already_in_the_pipe_when_the_deadline_passes_is_read(monkeypatch):
+    """A child that ended right at its limit: its report was in the pipe, but the parent gave up without reading it,
+    killed it and reported a failure (the retry wrote a second copy)."""
+    read_end, write_end = os.pipe()
+    real_read = os.read
+
+    def read(fd: int, size: int) -> bytes:  # the child's report arrives just after its MARK was read
+        chunk = real_read(fd, size)
+        if chunk.endswith(asuser.MARK):
+            asuser._send_frame(write_end, asuser.RESULT + b"written")
+        return chunk
+
+    monkeypatch.setattr(asuser.os, "read", read)
+    try:
+        asuser._send_frame(write_end, asuser.MARK)
+        assert asuser._framed_report(read_end, time.monotonic() + 30, 0) == asuser.RESULT + b"written"
+        assert asuser._framed_report(read_end, time.monotonic() - 1) is None  # (nothing more: the deadline holds)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_a_killed_child_that_does_not_end_does_not_hold_the_callers_thread(monkeypatch, caplog):
+    """waitpid(pid, 0) after SIGKILL blocked for ever on a child in an uninterruptible wait (a D-state write): the
+    caller's thread with it. Here SIGKILL is held back to play that child; the reaper thread reaps it once it ends."""
+    real_kill, held = os.kill, []
+
+    def kill(pid: int, sig: int) -> None:
+        if sig == signal.SIGKILL:
+            held.append(pid)
+        else:
+            real_kill(pid, sig)
+
+    monkeypatch.setattr(asuser.os, "kill", kill)
+    monkeypatch.setattr(asuser, "REAP_WAIT", 0.2)
+    started = time.monotonic()
+    with pytest.raises(TemporaryError):
+        asuser.call_as("nobody", "read", _hang, timeout=0.2)
+    assert time.monotonic() - started < 5
+    [pid] = held
+    assert f"the child {pid} (read as nobody) has not ended 0.2s after SIGKILL" in caplog.text
+    real_kill(pid, signal.SIGKILL)
+    for _ in range(200):  # (the reaper thread's waitpid returns once the child is gone)
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            break
+        time.sleep(0.025)
+    else:
+        pytest.fail("the killed child was never reaped")

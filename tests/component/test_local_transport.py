@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import errno
+import mailbox
 import re
 
 import os
@@ -729,24 +730,39 @@ async def test_a_file_append_whose_open_never_answers_is_killed_and_defers(tmp_p
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a /file is written by a child as the user only as root")
-async def test_a_file_append_whose_write_never_returns_is_killed_after_command_time_limit(tmp_path, public_dir,
-                                                                                          monkeypatch):
-    """A /file append's child hung after it started writing (a write or fsync that never returns) had no limit
-    and held one of the two file-writer threads until a restart: it is killed after command_time_limit, its
-    thread freed (each of three such deliveries, one after the other, defers at the limit, none waits 60 s for a
-    thread)."""
-    def never_returns(*args):  # (in the forked child, after it marked its start)
-        time.sleep(3600)
+async def test_a_file_append_that_stops_mid_write_is_rolled_back_and_the_retry_writes_one_copy(tmp_path, public_dir,
+                                                                                              monkeypatch):
+    """A /file append's child hung after it started writing held one of the two file-writer threads until a
+    restart; then it was killed after command_time_limit, which left its partial entry (the retry's From_ line glued
+    onto it: that message lost inside another's body) and its dotlock (every retry 4.2.0 for 500 s). Its own timer
+    now stops it: the file is truncated back and the dotlock removed, as Postfix's mail_copy does on a failure;
+    each of three such deliveries (more than the threads) defers at the limit, and the retry writes one copy."""
+    archive = public_dir / "keep.mbox"
+    archive.write_bytes(b"From old@example.test  Sun Dec  6 10:00:00 2026\nSubject: old\n\nold\n\n")
+    archive.chmod(0o666)
+    before = archive.read_bytes()
+    real_entry = agent.mbox_entry
 
-    monkeypatch.setattr(mbox, "_write_or_roll_back", never_returns)
-    t = transport(tmp_path, f"keep: {public_dir / 'hung.mbox'}\n", command_time_limit=0.5,
-                  mailbox_delivery_lock=("fcntl",))  # (a killed child's dotlock would stay until stale)
+    def stops_mid_line(*args, **kwargs):  # (consumed in the forked child, as it writes)
+        yield next(iter(real_entry(*args, **kwargs)))  # the From_ line
+        yield b"Return-Path: <half"
+        time.sleep(3600)  # (a write that never returns)
+
+    monkeypatch.setattr(agent, "mbox_entry", stops_mid_line)
+    t = transport(tmp_path, f"keep: {archive}\n", command_time_limit=0.5)  # (default locks: fcntl, dotlock)
     try:
         for _ in range(3):  # (more than the FILE_WRITERS threads)
             started = time.monotonic()
             [result] = (await asyncio.wait_for(t.deliver(request("keep@example.test")), 10)).results
             assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.3.0"), result
-            assert "not done within 0.5s of starting to write, the child was killed" in result.text
+            assert result.text == "cannot write as nobody: writing made no progress for 0.5s", result
             assert time.monotonic() - started < 5
+            assert archive.read_bytes() == before
+            assert not mbox.dotlock_path(archive).exists()
+        monkeypatch.setattr(agent, "mbox_entry", real_entry)
+        [result] = (await asyncio.wait_for(t.deliver(request("keep@example.test")), 10)).results
+        assert result.outcome is Outcome.SENT, result
     finally:
         await t.close()
+    messages = [m["Subject"] for m in mailbox.mbox(archive)]
+    assert messages == ["old", "hello"]

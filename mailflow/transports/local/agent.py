@@ -371,9 +371,10 @@ class LocalTransport:
         with the alias owner's or the user's rights, never root's: a .forward must not reach /etc/passwd). The
         append runs in one of the agent's own FILE_WRITERS threads: a file that never answers (a FUSE file the user
         serves, a hung NFS mount) holds one of those, never a thread the queue's fsyncs and smtpd share; once
-        neither finished anything for OFF_LOOP_WAIT s, the next /file deliveries defer 4.3.0. A child hung after it
-        started writing is killed after command_time_limit (Postfix's time limit class for local(8)'s work), its
-        thread freed: 4.3.0 (mbox._append_once_as)."""
+        neither finished anything for OFF_LOOP_WAIT s, the next /file deliveries defer 4.3.0. A child whose write then
+        makes no progress for command_time_limit is stopped and its write undone, its thread
+        freed: 4.3.0 (mbox._append_once_as). Postfix's command_time_limit covers commands only (its local(8) has no
+        limit on a file write but the daemon watchdog); the threads here are shared, so a hung write gets one."""
         if leaf.path == os.devnull:
             return Part(Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}")
         sender, original = _envelope(request, rcpt, leaf.sender)

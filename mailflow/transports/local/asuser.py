@@ -1,11 +1,11 @@
 """Work done with another user's rights, without this process ever changing identity.
 
-    call_as(user, doing, fn, *args, timeout=CALL_AS_TIMEOUT, marked=False, then=None) -> bytes
+    call_as(user, doing, fn, *args, timeout=CALL_AS_TIMEOUT, marked=False, then=None, grace=KILL_GRACE) -> bytes
                                                 fn(*args) in a child forked for it, running with `user`'s uid, gid
                                                 and groups; its bytes come back over a pipe within `timeout` s;
-                                                `marked`: fn(*args, writing=mark), and when the child calls mark()
-                                                (work follows that is killed only as a last resort) the time
-                                                limit becomes `then` s from there (None: no limit)
+                                                `marked`: fn(*args, writing=progress) (a Progress): from the
+                                                child's first progress() on, `timeout` is over and the limit is
+                                                `then` s without a progress() (None: no limit), see below
     rights_for(rights, default_privs) -> str | None   whose rights a command, file or :include: of local delivery
                                                 uses: as root `rights` (a .forward's system user) or else
                                                 `default_privs`, never root's; not as root, None (mailflow's own)
@@ -14,9 +14,22 @@ The child switches identity, calls `fn`, writes what it returned (or the error i
 exits; it touches nothing else, so no lock another thread of this process holds can matter to it. Call it from a
 worker thread (asyncio.to_thread): the parent blocks until the child is done, or `timeout` seconds at most (a
 .forward on a hung NFS home, or a FUSE file the user serves itself, never answers): then the child is killed
-(SIGKILL, reaped) and the call fails; `timeout` None: no limit. The report is framed by its length, so the parent
+(SIGKILL) and the call fails; `timeout` None: no limit. The report is framed by its length, so the parent
 never waits for an end of file that a sibling child (forked by another thread while this pipe was open) could
-hold back.
+hold back; a report already in the pipe when a deadline passes is read, not lost (a child that ended right at
+the limit is not reported as failed).
+
+A marked child's limit is its own first: `fn` calls progress() when it starts writing and after each piece it
+wrote, and progress.ended() once its work is safe (its last fsync returned). `then` s without a progress(), a
+SIGALRM in the child raises TemporaryError 4.3.0 out of what `fn` was doing, so `fn`'s own failure path runs (the
+mbox append truncates the file back and removes its dotlock) and the child reports that error. The parent kills
+it (SIGKILL) only as a last resort: when no progress was heard for `then` + `grace` s (a write in an
+uninterruptible wait, where no handler runs; what it wrote then stays). The child tells the parent of its
+progress at most every `grace`/2 s (a frame in the pipe), so it always has `grace`/2 s to undo its work.
+
+A killed child is reaped within REAP_WAIT s (waitpid WNOHANG); one that still has not ended (a wait the kernel
+does not interrupt, even for SIGKILL) is logged and left to a daemon thread that reaps it when it ends: the
+caller's thread is freed either way.
 
 Failure behaviour: `TemporaryError` 4.3.0 when `user` does not exist or is root (`refusing to DOING as USER: uid
 0`), when the child gave no answer within `timeout` (`cannot DOING as USER: no answer within Ns, the child was
@@ -26,20 +39,27 @@ killed`), or when `fn` raised anything but a DeliveryError (`cannot DOING as USE
 """
 from __future__ import annotations
 
+import logging
+import math
 import os
 import pwd
 import select
 import signal
 import struct
+import threading
 import time
 from functools import partial
 from typing import Callable
 
 from mailflow.errors import DeliveryError, PermanentError, TemporaryError
 
+log = logging.getLogger("mailflow.local")
+
 RESULT, DELIVERY_ERROR, OTHER_ERROR = b"R", b"D", b"E"
-MARK = b"M"  # a frame of its own, before the report: the child's time limit ends (`marked`)
+MARK = b"M"  # a frame of its own, before the report: a marked child's progress (`marked`)
 CALL_AS_TIMEOUT = 60.0  # seconds a child may take (a .forward or :include: read: milliseconds when all is well)
+KILL_GRACE = 30.0  # seconds past a marked child's own limit before the parent kills it (it undoes its work meanwhile)
+REAP_WAIT = 2.0  # seconds a killed child is waited for before it is left to a reaper thread
 _LENGTH = struct.Struct("!Q")  # the report's length, before it
 
 
@@ -49,7 +69,8 @@ def rights_for(rights: str | None, default_privs: str) -> str | None:
 
 
 def call_as(user: str, doing: str, fn: Callable[..., bytes], *args,
-            timeout: float | None = CALL_AS_TIMEOUT, marked: bool = False, then: float | None = None) -> bytes:
+            timeout: float | None = CALL_AS_TIMEOUT, marked: bool = False, then: float | None = None,
+            grace: float = KILL_GRACE) -> bytes:
     """See the module docstring."""
     try:
         pw = pwd.getpwnam(user)
@@ -63,19 +84,21 @@ def call_as(user: str, doing: str, fn: Callable[..., bytes], *args,
     if pid == 0:  # the child: switch identity, call, report, exit
         os.close(read_end)
         if marked:
-            fn = partial(fn, writing=partial(_send_frame, write_end, MARK))
+            fn = partial(fn, writing=Progress(write_end, then, grace, f"cannot {doing} as {user}: writing made no "
+                                                                      f"progress for {then or 0:g}s"))
         _report_and_exit(write_end, lambda: _switched(groups, pw.pw_gid, pw.pw_uid, fn, args))
     os.close(write_end)
     try:
-        report = _framed_report(read_end, None if timeout is None else time.monotonic() + timeout, then)
+        report = _framed_report(read_end, None if timeout is None else time.monotonic() + timeout,
+                                None if then is None else then + grace)
     finally:
         os.close(read_end)
-    if report is None or report == MARK:  # past a deadline: the child is killed (a hung read ends with SIGKILL), reaped
+    if report is None or report == MARK:  # past a deadline: the child is killed (a hung read ends with SIGKILL)
         os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        _reap(pid, f"{doing} as {user}")
         if report == MARK:
-            raise TemporaryError("4.3.0", f"cannot {doing} as {user}: not done within {then:g}s of starting to "
-                                          "write, the child was killed")
+            raise TemporaryError("4.3.0", f"cannot {doing} as {user}: writing made no progress for {then:g}s, nor "
+                                          f"ended {grace:g}s later, the child was killed")
         raise TemporaryError("4.3.0", f"cannot {doing} as {user}: no answer within {timeout:g}s, the child was killed")
     _, status = os.waitpid(pid, 0)
     kind, data = report[:1], report[1:]
@@ -90,10 +113,54 @@ def call_as(user: str, doing: str, fn: Callable[..., bytes], *args,
     raise TemporaryError("4.3.0", f"cannot {doing} as {user}: {reason}")
 
 
-def _framed_report(fd: int, deadline: float | None, then: float | None = None) -> bytes | None:
+class Progress:
+    """A marked child's clock (see the module docstring): `progress()` each time the work moves (the first: it
+    starts), `progress.ended()` once it is safe. Made in the child, after the fork."""
+
+    def __init__(self, fd: int, then: float | None, grace: float, stalled: str):
+        self._fd, self._then, self._every, self._stalled = fd, then, grace / 2, stalled
+        self._told = -math.inf  # (time.monotonic) when the parent last heard of progress
+        self._armed = False
+        if then is not None:
+            signal.signal(signal.SIGALRM, self._alarm)
+
+    def __call__(self) -> None:
+        if self._then is not None:
+            self._armed = True
+            signal.setitimer(signal.ITIMER_REAL, self._then)
+        if (now := time.monotonic()) - self._told >= self._every:
+            self._told = now
+            _send_frame(self._fd, MARK)
+
+    def ended(self) -> None:
+        self._armed = False  # (first: an alarm handled after this raises nothing)
+        if self._then is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def _alarm(self, signum, frame) -> None:
+        if self._armed:
+            self._armed = False
+            raise TemporaryError("4.3.0", self._stalled)
+
+
+def _reap(pid: int, what: str) -> None:
+    """Reap the killed child `pid` within REAP_WAIT s, else leave it to a daemon thread (see the module docstring)."""
+    deadline, pause = time.monotonic() + REAP_WAIT, 0.001
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() >= deadline:
+            log.error("the child %d (%s) has not ended %gs after SIGKILL (an uninterruptible wait): it is reaped "
+                      "when it ends", pid, what, REAP_WAIT)
+            threading.Thread(target=os.waitpid, args=(pid, 0), name=f"reap-{pid}", daemon=True).start()
+            return
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
+def _framed_report(fd: int, deadline: float | None, after_mark: float | None = None) -> bytes | None:
     """The child's report (each frame its length first), b"" when the pipe ends before it is whole (the child
-    died), None when `deadline` (time.monotonic; None: none) passes first. A MARK frame before it puts the
-    deadline `then` s on (None: none), and MARK is returned when that one passes first."""
+    died), None when `deadline` (time.monotonic; None: none) passes first. Each MARK frame before it puts the
+    deadline `after_mark` s on (None: none), and MARK is returned when that one passes first. What is in the pipe
+    when a deadline passes is read first."""
     late = None
     poller = select.poll()
     poller.register(fd, select.POLLIN)
@@ -104,10 +171,10 @@ def _framed_report(fd: int, deadline: float | None, then: float | None = None) -
             if frame != MARK:
                 return frame
             del received[:end]
-            deadline, late = (None if then is None else time.monotonic() + then), MARK
+            deadline, late = (None if after_mark is None else time.monotonic() + after_mark), MARK
             continue
-        left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and (left <= 0 or not poller.poll(left * 1000)):
+        left = None if deadline is None else max(deadline - time.monotonic(), 0)
+        if left is not None and not poller.poll(left * 1000):
             return late
         chunk = os.read(fd, 65536)
         if not chunk:

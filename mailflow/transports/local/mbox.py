@@ -28,8 +28,11 @@ attempt forks), holding no thread and no lock: a mailbox locked for ever by anot
 delivery 20 s and a deferral, never a worker thread that the other deliveries, the queue's writes and smtpd
 need (measured: 8 mailboxes locked by another process made a delivery to a ninth wait 19.7 s while each held one
 of the 6 threads; now 0.0 s). Any failure while writing truncates the file back to the size it had, before the
-locks are released, so readers never see a partial entry. The kernel locks go with the descriptor; the dotlock
-is removed last.
+locks are released, as Postfix's mail_copy does, so a reader that takes the locks never sees a partial entry. An
+append as the user (a /file destination) that stops making progress (`write_limit`) fails the same way: its
+child's own timer interrupts it and the roll back runs; the child is killed only when even that did not end
+(asuser.call_as: a write the kernel does not interrupt), and only then may the file keep what was written. The
+kernel locks go with the descriptor; the dotlock is removed last.
 
 Lock styles (Postfix mailbox_delivery_lock), tried in the order given. Every program that writes the mailbox must
 use the same styles. The order only decides which lock is tried first: mailflow never waits while holding one (a
@@ -85,7 +88,7 @@ from mailflow.content import Content
 from mailflow.errors import DeliveryError, PermanentError, TemporaryError
 from mailflow.syntax import mask_control
 from mailflow.transports.encode import FinalNewline, ToLf, encode, mboxrd_quoting
-from mailflow.transports.local.asuser import CALL_AS_TIMEOUT, call_as
+from mailflow.transports.local.asuser import CALL_AS_TIMEOUT, Progress, call_as
 from mailflow.transports.maildir import Owner, open_directory
 
 log = logging.getLogger("mailflow.mbox")
@@ -198,8 +201,8 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes], *,
                       workers: Callable[[Callable[[], LockStyle | None]], Awaitable[LockStyle | None]] | None = None,
                       write_limit: float | None = None) -> None:
     """Append `entry` (from format_mbox_entry) to the mbox file at `path`, durably, under `locks` (taken in
-    that order), or raise a DeliveryError (TemporaryError / PermanentError, see the module docstring). The
-    mailbox never keeps part of an entry. With `user` (mailflow running as root) each attempt runs in a
+    that order), or raise a DeliveryError (TemporaryError / PermanentError, see the module docstring). A failed
+    append is truncated back (see the module docstring). With `user` (mailflow running as root) each attempt runs in a
     forked child with that user's uid, gid and groups, so the file system checks that user's rights.
     With `owner` (uid, gid: the recipient's, mailflow running as root) a mailbox created here is given to it,
     and an existing one that another uid owns is not written: TemporaryError 4.2.0 (Postfix's
@@ -214,8 +217,8 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes], *,
     existing file with an execute bit is not written, PermanentError 5.7.1 (local(8)'s "file is executable").
     `workers(call)`: runs each attempt in a thread of the caller's own pool instead of the default executor's (a
     file that never answers then holds one of those threads, never one that the queue and smtpd share).
-    `write_limit`: with `user`, the seconds the child may take once it has started writing (then it is killed:
-    4.3.0, and the file may keep part of the entry; None: no limit)."""
+    `write_limit`: with `user`, the seconds the child's write may go without progress (a piece of the entry
+    written, the fsync) before it is rolled back: 4.3.0 (None: no limit; asuser.call_as's `then`)."""
     if len(set(locks)) != len(locks) or not set(locks) <= set(_LOCK_STYLES):
         raise ValueError(f"lock styles {locks!r}: each of {', '.join(_LOCK_STYLES)} at most once")
     args = (Path(path), entry, tuple(locks), stale_lock_time, owner, size_limit, create_parents, refuse_executable,
@@ -241,27 +244,28 @@ def _busy(path: Path, style: LockStyle, timeout: float) -> TemporaryError:
 def _append_once_as(user: str, write_limit: float | None, *args) -> LockStyle | None:
     """`_append_once` with `user`'s rights, in a child process forked from this worker thread (asuser.call_as);
     its DeliveryError comes back as itself, the lock it found busy as its name. The child is killed when it has not
-    started writing within FILE_START_TIMEOUT s (a file whose open or lock never answers: 4.3.0 "no answer"), and
-    when its write has not ended `write_limit` s later (a write or fsync that never returns: its thread is the
-    caller's, and a hung one held it until a restart; the file may keep part of the entry, as Postfix's local(8)
-    killed by its watchdog leaves it)."""
+    started writing within FILE_START_TIMEOUT s (a file whose open or lock never answers: 4.3.0 "no answer"). Once
+    it writes, a write or fsync that makes no progress for `write_limit` s (its thread is the caller's, and a hung
+    one held it until a restart) is interrupted by the child's own timer and rolled back (truncated, the dotlock
+    removed: 4.3.0 "writing made no progress"); the child is killed only asuser.KILL_GRACE s after that, when
+    the roll back itself hangs (then the file may keep what was written)."""
     busy = call_as(user, "write", _appended, *args, timeout=FILE_START_TIMEOUT, marked=True,
                    then=write_limit).decode("ascii")
     return cast(LockStyle, busy) if busy else None
 
 
-def _appended(*args, writing: Callable[[], None] | None = None) -> bytes:
+def _appended(*args, writing: Progress | None = None) -> bytes:
     return (_append_once(*args, writing=writing) or "").encode("ascii")
 
 
 def _append_once(path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockStyle, ...], stale_lock_time: float,
                  owner: tuple[int, int] | None = None, size_limit: int = 0, create_parents: bool = True,
                  refuse_executable: bool = False, home: Path | None = None, *,
-                 writing: Callable[[], None] | None = None) -> LockStyle | None:
+                 writing: Progress | None = None) -> LockStyle | None:
     """One attempt at the append: open the mailbox, try each lock once, write. None once written; the style of
     the first lock another holder has (every lock taken is let go again, nothing written) for a later attempt.
     The mailbox, its dotlock and the check that it is still there are all reached through one descriptor of its
-    directory (`_open_folder`). `writing()` is called just before the entry is written."""
+    directory (`_open_folder`). `writing`: told of the write's progress (`_write_or_roll_back`)."""
     try:
         folder = _open_folder(path.parent, owner, home, create_parents)
         try:
@@ -277,7 +281,7 @@ def _append_once(path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockSt
 
 def _append_in(folder: int, path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockStyle, ...],
                stale_lock_time: float, owner: tuple[int, int] | None, size_limit: int,
-               refuse_executable: bool, writing: Callable[[], None] | None = None) -> LockStyle | None:
+               refuse_executable: bool, writing: Progress | None = None) -> LockStyle | None:
     """`_append_once` in the mailbox's directory, `folder`."""
     fd = _open_mailbox(path, owner, refuse_executable, folder)
     dotlocked = False
@@ -291,9 +295,7 @@ def _append_in(folder: int, path: Path, entry: bytes | Iterable[bytes], locks: t
             if not taken:
                 return style
         _check_still_the_mailbox(fd, path, folder)
-        if writing is not None:
-            writing()
-        _write_or_roll_back(fd, path, entry, size_limit)
+        _write_or_roll_back(fd, path, entry, size_limit, writing)
         return None
     finally:
         os.close(fd)  # releases the fcntl/flock locks
@@ -446,10 +448,16 @@ def _check_still_the_mailbox(fd: int, path: Path, folder: int | None) -> None:
         raise TemporaryError("4.2.0", f"mailbox {path} was removed or replaced while being locked")
 
 
-def _write_or_roll_back(fd: int, path: Path, entry: bytes | Iterable[bytes], size_limit: int = 0) -> None:
+def _write_or_roll_back(fd: int, path: Path, entry: bytes | Iterable[bytes], size_limit: int = 0,
+                        progress: Progress | None = None) -> None:
+    """Append `entry` and fsync, or truncate the file back to its size and raise. `progress`: called before the
+    first write and after each write(2) (its limit is on the time between two), ended after the fsync (an
+    interruption after that would undo a whole entry reported as failed: a second copy at the retry)."""
     size = os.fstat(fd).st_size
     try:
         end = size
+        if progress is not None:
+            progress()
         for chunk in (entry,) if isinstance(entry, bytes) else entry:
             end += len(chunk)
             if size_limit and end > size_limit:  # what RLIMIT_FSIZE does to Postfix's write
@@ -457,7 +465,11 @@ def _write_or_roll_back(fd: int, path: Path, entry: bytes | Iterable[bytes], siz
             rest = memoryview(chunk)
             while rest:
                 rest = rest[os.write(fd, rest):]
+                if progress is not None:
+                    progress()
         os.fsync(fd)
+        if progress is not None:
+            progress.ended()
     except OSError as e:  # the write, or reading the message's spool file
         _truncate(fd, path, size)
         raise _os_error(path, e, "write to") from None
