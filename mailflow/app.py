@@ -59,7 +59,6 @@ import random
 import shutil
 import signal
 import sqlite3
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable
 
 from mailflow.bounce_templates import Templates, load_templates
@@ -71,7 +70,7 @@ from mailflow.dns import AiodnsResolver
 from mailflow.dsn_parameters import without_success
 from mailflow.errors import ConfigError
 from mailflow.logs import MailLog
-from mailflow.filters.content_checks import CHECK_WORKERS, ContentChecks
+from mailflow.filters.content_checks import CHECK_WAIT, CHECK_WORKERS, ContentChecks
 from mailflow.filters.milter import MilterSettings, NonSmtpdMilters
 from mailflow.stages.cleanup import Cleanup
 from mailflow.stages.pickup import Pickup
@@ -92,6 +91,7 @@ from mailflow.tables import TableCache
 from mailflow.tables.check import table_problems
 from mailflow.tables.networks import NetworkList
 from mailflow.transports import build_transports
+from mailflow.workers import BoundedWorkers
 
 if TYPE_CHECKING:  # imported when a feature serves HTTP (start-up time)
     from mailflow.admin import Admin
@@ -193,7 +193,7 @@ class Mailflow:
         self.smtpd: Smtpd | None = None
         self.pickup: Pickup | None = None
         self._cleanup: Cleanup | None = None
-        self._check_workers: ThreadPoolExecutor | None = None  # the content checks' threads, every reload's
+        self._check_workers: BoundedWorkers | None = None  # the content checks' threads, every reload's
         self._verifier: Verifier | None = None  # address verification: one cache for the server's life
         self._reloading = asyncio.Lock()
         self._site_flushes: dict[str, asyncio.Future] = {}  # ETRN: the flush under way for each site
@@ -326,7 +326,7 @@ class Mailflow:
         outbound signing, the content checks (their tables read) and the after-queue filter. Raises ConfigError."""
         assert self._maillog is not None
         if self._check_workers is None:
-            self._check_workers = ThreadPoolExecutor(CHECK_WORKERS, thread_name_prefix="content-checks")
+            self._check_workers = BoundedWorkers(CHECK_WORKERS, CHECK_WAIT, "content checks")
         checks = ContentChecks(config.checks, workers=self._check_workers)
         await checks.tables.preload()
         return dict(myhostname=config.myhostname, mapper=router.mapper, hopcount_limit=config.hopcount_limit,
@@ -446,7 +446,8 @@ class Mailflow:
         await asyncio.gather(*(stage.stop(self._grace) for stage in stages))
         self.smtpd = self.pickup = self.qmgr = None
         if self._check_workers is not None:  # no inspection is left: a cancelled one's walk ends at its next line
-            await asyncio.to_thread(self._check_workers.shutdown)
+            if not await self._check_workers.close_within(self._grace):  # (a walk stuck in a hung sqlite read)
+                log.warning("content checks: a walk still runs %gs after the stop; its thread is left", self._grace)
             self._check_workers = None
         if self._postmaster is not None:  # the transcripts of the last sessions, queued before the store closes
             await self._postmaster.close()

@@ -1,9 +1,9 @@
 """cleanup's content inspection: Postfix header_checks(5) and body_checks on regexp (or any) tables.
 
     ContentChecks(config.checks, workers=pool)   the tables, opened once; `enabled` is False with none set;
-                                                 `pool`: the threads long walks run in (Cost; None: the loop's
-                                                 default executor), owned by the caller (the server: one for
-                                                 every reload's checks, ended at the stop)
+                                                 `pool`: the threads long walks run in (a BoundedWorkers, Cost;
+                                                 None: the loop's default executor), owned by the caller (the
+                                                 server: one for every reload's checks, ended at the stop)
     await checks.inspect(queue_id, head, body, log)  -> Inspection (or raises ContentRejected)
     LONG_KEY, long_head(head)                    past this a header section or body is matched off the event loop (Cost)
     header_key, is_mime_header, entity_type, Boundaries   how a header field is matched and
@@ -26,8 +26,10 @@ thread when the header section is longer than LONG_KEY (many fields just under i
 against 3000 rules held the loop 1.1 s), the body walk when the body is (the checks' order is unchanged).
 Those threads are cleanup's checks' own (the server's pool of CHECK_WORKERS): nearly every message's walk goes to
 one, and a queue of slow walks must not hold up the jobs of asyncio's default pool (file reads, DNS, delivery; the
-SMTP client's checks still use that pool). A blocking table's deadline counts from when a walk starts in a thread,
-not while it waits for one (TableCache.run). A session cancelled meanwhile (the client gone, a shutdown) marks its walk
+SMTP client's checks still use that pool). A walk waits for one of the checks' threads as long as they make
+progress: once none has finished a walk for CHECK_WAIT s (walks stuck in a hung table, a sqlite read on a hung
+NFS), it gives up with LookupRetry (451 4.3.0, mailflow.workers); a blocking table's deadline counts from when
+the walk has its thread (TableCache.run). A session cancelled meanwhile (the client gone, a shutdown) marks its walk
 abandoned: it stops at the next line and logs nothing more (no reject: or warning: for a message nobody queues).
 
 Actions (the table's value; the first word, any case, ended by a space or a TAB):
@@ -60,7 +62,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from concurrent.futures import Executor
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
@@ -69,6 +71,7 @@ from mailflow import address, status
 from mailflow.errors import ContentRejected, DeliveryError, LookupRetry, TemporaryError
 from mailflow.message import header_fields, starts_header_field
 from mailflow.tables import Table, TableCache
+from mailflow.workers import BoundedWorkers
 
 log = logging.getLogger("mailflow.cleanup")
 T = TypeVar("T")
@@ -80,6 +83,7 @@ T = TypeVar("T")
 # matched in a worker thread (105 us a round trip here). A body up to this size is walked on the loop.
 LONG_KEY = 2048
 CHECK_WORKERS = 2  # the content checks' own threads (a walk is CPU: more threads than cores gain nothing)
+CHECK_WAIT = 60.0  # seconds a walk waits for one of them while none finishes a walk (then LookupRetry: hung)
 MAX_LINE = 1 << 20  # a "line" longer than this is matched as this much (a body without line ends)
 _BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]+)"|([^\s;]+))', re.IGNORECASE)
 
@@ -112,7 +116,7 @@ class _Entity:
 class ContentChecks:
     """See the module doc."""
 
-    def __init__(self, checks, tables: TableCache | None = None, workers: Executor | None = None):
+    def __init__(self, checks, tables: TableCache | None = None, workers: BoundedWorkers | None = None):
         tables = tables or TableCache()
         self._header = tables.open(checks.header_checks) if checks.header_checks else []
         self._mime = tables.open(checks.mime_header_checks) if checks.mime_header_checks else self._header
@@ -150,9 +154,14 @@ class ContentChecks:
         """`work` in one of the checks' own threads (a blocking table's deadline kept: TableCache.run); when the
         caller is cancelled, `result` is marked abandoned and the thread's walk stops logging and looking up."""
         try:
-            pool = self._workers
-            return await self.tables.run(work, off_loop=True,
-                                         workers=lambda call: asyncio.get_running_loop().run_in_executor(pool, call))
+            if self._workers is None:
+                return await self.tables.run(work, off_loop=True)
+            async with contextlib.AsyncExitStack() as reserved:
+                try:
+                    submit = await reserved.enter_async_context(self._workers.slot())
+                except TemporaryError as e:  # every thread held by a hung walk: as a table that cannot answer
+                    raise LookupRetry(e.text) from None
+                return await self.tables.run(work, off_loop=True, workers=submit)
         except asyncio.CancelledError:
             result.abandoned = True
             raise

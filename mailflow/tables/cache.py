@@ -7,13 +7,15 @@
                                        fn (which looks things up in this cache's tables): inline when every table
                                        opened here answers from memory (and not `off_loop`), else in a worker
                                        thread (the default executor's, or `workers(call)`'s), with a deadline when
-                                       a table opened here may block, counted from when the call starts
+                                       a table opened here may block
     await TableCache.preload()         read every file-backed table once, in a worker thread (a server calls
                                        it before it listens)
 
 Failure behaviour: `open` raises ConfigError for a bad spec; `run` raises LookupRetry past the slowest blocking
-table's deadline (plus RUN_GRACE) from when `fn` starts in its thread (a wait for a free thread is not the
-table's slowness); exceptions of `fn` propagate.
+table's deadline (plus RUN_GRACE): in the default executor counted from the call to `run` (its wait for a thread
+included: that pool is shared, and nothing else bounds the wait), with `workers` (a thread already reserved in
+the caller's own pool, mailflow.workers.BoundedWorkers.slot, whose wait is bounded by its threads' progress) from
+when `fn` is handed to it; exceptions of `fn` propagate.
 """
 from __future__ import annotations
 
@@ -62,8 +64,9 @@ class TableCache:
         from memory (the common case costs nothing) unless `off_loop` (work too long for the loop whatever the
         tables: a list of thousands of members), else in a worker thread; with a blocking table opened here,
         waited for at most the slowest one's deadline (plus RUN_GRACE). Past that: LookupRetry. Exceptions of `fn`
-        propagate. `workers(call)`: runs `call` in a thread of its own pool instead of the default executor's. The
-        deadline counts from when the call starts in its thread: a wait for a free one is not the table's slowness."""
+        propagate. `workers(call)`: runs `call` in a thread of the caller's own pool, reserved before (a
+        BoundedWorkers.slot's submit): the deadline covers the call, not the wait for that thread. Without it the
+        deadline covers the wait for a thread of the default executor too (see the module docstring)."""
         blocking = self._blocking
         if not blocking and not off_loop:
             return fn(*args)
@@ -74,22 +77,9 @@ class TableCache:
         if not blocking:
             return await (loop.run_in_executor(None, call) if workers is None else workers(call))
         deadline = max(getattr(t, "timeout", SQLITE_TIMEOUT) for t in blocking) + RUN_GRACE
-        waiting = True  # (read and written on the loop only)
-
-        def start_clock() -> None:  # the deadline counts from when the call starts, not from a wait for a thread
-            if waiting:
-                limit.reschedule(loop.time() + deadline)
-
-        def timed() -> T:
-            loop.call_soon_threadsafe(start_clock)
-            return call()
-
         try:  # (asyncio.timeout, not wait_for: its frame holds the future, and the future a failure holding it)
-            async with asyncio.timeout(None) as limit:
-                try:
-                    return await (loop.run_in_executor(None, timed) if workers is None else workers(timed))
-                finally:
-                    waiting = False
+            async with asyncio.timeout(deadline):
+                return await (loop.run_in_executor(None, call) if workers is None else workers(call))
         except TimeoutError:
             raise LookupRetry(f"table lookup took longer than {deadline:g}s") from None
 

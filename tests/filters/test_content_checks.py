@@ -3,15 +3,19 @@ the edits a REPLACE or PREPEND makes, BCC, the actions that stop the checks, REJ
 actions are compared with a real Postfix in tests/interop/test_access_vs_postfix.py."""
 from __future__ import annotations
 
+import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
+from functools import partial
 
 import pytest
 
 from mailflow.config.filters import ChecksConfig
 from mailflow.content import Content
-from mailflow.errors import ContentRejected, TemporaryError
+from mailflow.errors import ContentRejected, LookupRetry, TemporaryError
 from mailflow.filters.content_checks import ContentChecks
+from mailflow.workers import BoundedWorkers
 from tests.support.content import lookups_seen
 
 
@@ -132,9 +136,6 @@ async def test_a_long_walk_runs_in_the_checks_own_threads_and_a_cancelled_one_lo
     message with body checks, and a walk whose session was cancelled went on and logged reject:/warning: lines
     for a message nobody queued: it runs in the checks' own bounded threads, and once cancelled it stops at the
     line under way and logs nothing more."""
-    import asyncio
-    import threading
-
     import mailflow.filters.content_checks as module
 
     threads: list[str] = []
@@ -149,7 +150,7 @@ async def test_a_long_walk_runs_in_the_checks_own_threads_and_a_cancelled_one_lo
         return lookup(tables, key)
 
     monkeypatch.setattr(module, "lookup_action", recorded)
-    pool = ThreadPoolExecutor(module.CHECK_WORKERS, thread_name_prefix="content-checks")
+    pool = BoundedWorkers(module.CHECK_WORKERS, 30, "content checks")
     c = checks(tmp_path, body="/^hold/ WARN held\n/^bad/ REJECT bad\n", workers=pool)
     body = b"\r\nhold\r\n" + b"bad\r\n" + b"z" * module.LONG_KEY + b"\r\n"
     caplog.set_level(logging.INFO, logger="mailflow.cleanup")
@@ -159,7 +160,7 @@ async def test_a_long_walk_runs_in_the_checks_own_threads_and_a_cancelled_one_lo
     with pytest.raises(asyncio.CancelledError):
         await task
     go_on.set()
-    await asyncio.to_thread(pool.shutdown)  # (the walk under way ends)
+    assert await pool.close_within(10)  # (the walk under way ends)
     assert len(threads) == 1 and threads[0].startswith("content-checks"), threads  # (the "bad" line: not looked up)
     assert [r.getMessage() for r in caplog.records if r.name == "mailflow.cleanup"] == []
 
@@ -216,3 +217,42 @@ async def test_an_action_s_text_is_taken_as_postfix_s_cleanup_takes_it(tmp_path)
         assert refused.value.text == text
     with pytest.raises(LookupRetry):
         await inspect(c, b"X-To: caf\xe9\r\n")
+
+
+LONG_BODY = b"\r\n" + b"z" * 3000 + b"\r\n"  # (past LONG_KEY: walked in one of the checks' threads)
+
+
+async def test_a_walk_gives_up_when_every_check_thread_is_held_by_a_hung_walk(tmp_path):
+    """Walks stuck in a hung table (a sqlite read on a hung NFS) held both threads, and the next walk waited for
+    one for ever: the SMTP client held at the end of DATA until its own timeout. It gives up as a table that cannot
+    answer once no thread finished anything for the pool's wait."""
+    pool = BoundedWorkers(1, 0.3, "content checks")
+    release = threading.Event()
+    hung = asyncio.create_task(pool.run(partial(release.wait, 30)))
+    try:
+        await asyncio.sleep(0)  # (it takes the one thread)
+        started = time.monotonic()
+        with pytest.raises(LookupRetry):
+            await asyncio.wait_for(inspect(checks(tmp_path, body="/^never/ REJECT no\n", workers=pool),
+                                           b"X-A: 1\r\n", LONG_BODY), 5)
+        assert time.monotonic() - started < 2
+    finally:
+        release.set()
+        await hung
+        assert await pool.close_within(10)
+
+
+async def test_a_walk_waits_for_a_thread_while_the_others_make_progress(tmp_path):
+    """A queue of slow but working walks (each 0.2 s, 0.8 s in all, the pool's wait 0.25 s) is waited for, longer
+    than the pool's wait, not deferred."""
+    pool = BoundedWorkers(1, 0.25, "content checks")
+    queued = [asyncio.create_task(pool.run(partial(time.sleep, 0.2))) for _ in range(4)]
+    try:
+        await asyncio.sleep(0)  # (they are ahead in the queue)
+        started = time.monotonic()
+        result = await asyncio.wait_for(inspect(checks(tmp_path, body="/^never/ REJECT no\n", workers=pool),
+                                                b"X-A: 1\r\n", LONG_BODY), 5)
+        assert not result.stopped and time.monotonic() - started >= 0.3
+    finally:
+        await asyncio.gather(*queued)
+        assert await pool.close_within(10)

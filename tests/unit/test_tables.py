@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 
 import pytest
 
@@ -795,30 +796,63 @@ async def test_run_off_the_loop_takes_a_thread_for_memory_tables_and_keeps_a_blo
         release.set()
 
 
-async def test_run_counts_a_blocking_tables_deadline_from_when_the_call_starts_not_from_a_wait_for_a_thread(
-        tmp_path):
-    """With `workers` (the content checks' own pool) busy, a lookup waited for a thread inside its deadline: a
-    sqlite table's 0.2 s went by in the wait and the lookup, quick once started, was a false LookupRetry."""
+def quick_sqlite(cache: TableCache, tmp_path, timeout: float = 0.1) -> float:
+    """A sqlite table (`timeout`) opened in `cache`: run's deadline."""
+    _, db = sqlite_table(tmp_path, "SELECT 1")
+    cf = write(tmp_path / "quick.cf", f"dbpath = {db}\nquery = SELECT 1\ntimeout = {timeout}\n")
+    cache.open([f"sqlite:{cf}"])
+    return timeout + RUN_GRACE
+
+
+async def test_run_in_the_default_executor_counts_the_wait_for_a_thread_in_the_deadline(tmp_path):
+    """The default executor is shared (Maildir writes, mbox appends, getpwnam, DKIM) and nothing else bounds a wait
+    for one of its threads: with every thread held by a hung job, a lookup waited for ever (an SMTP client held at
+    RCPT until its own timeout) where it deferred at the deadline."""
     from concurrent.futures import ThreadPoolExecutor
 
     cache = TableCache()
-    _, db = sqlite_table(tmp_path, "SELECT 1")
-    cf = write(tmp_path / "quick.cf", f"dbpath = {db}\nquery = SELECT 1\ntimeout = 0.1\n")
-    cache.open([f"sqlite:{cf}"])
-    deadline = 0.1 + RUN_GRACE
+    deadline = quick_sqlite(cache, tmp_path)
     loop = asyncio.get_running_loop()
-    with ThreadPoolExecutor(1) as pool:
-        busy = pool.submit(time.sleep, deadline + 0.4)  # the one thread, taken for longer than the deadline
+    release = threading.Event()
+    pool = ThreadPoolExecutor(1)
+    loop.set_default_executor(pool)  # (this test's loop only)
+    try:
+        hung = loop.run_in_executor(None, release.wait, 30)
         started = time.monotonic()
-        assert await cache.run(lambda: "answer", workers=lambda call: loop.run_in_executor(pool, call)) == "answer"
+        with pytest.raises(LookupRetry):
+            await asyncio.wait_for(cache.run(lambda: "answer"), 5)
+        assert deadline <= time.monotonic() - started < deadline + 1
+    finally:
+        release.set()
+        await hung
+
+
+async def test_run_in_a_reserved_thread_counts_the_deadline_from_the_call(tmp_path):
+    """With a thread of the caller's own pool reserved first (BoundedWorkers.slot, the content checks' and local
+    delivery's), the wait for it is that pool's (bounded by its threads' progress), not the table's deadline: a
+    lookup queued behind a call longer than the deadline answers; a call that itself outlasts it gets LookupRetry."""
+    from mailflow.workers import BoundedWorkers
+
+    cache = TableCache()
+    deadline = quick_sqlite(cache, tmp_path)
+    workers = BoundedWorkers(1, 30, "test lookups")
+    try:
+        busy = asyncio.create_task(workers.run(partial(time.sleep, deadline + 0.4)))  # longer than the deadline
+        await asyncio.sleep(0)  # (it takes the one thread first)
+        started = time.monotonic()
+        async with workers.slot() as submit:
+            assert await cache.run(lambda: "answer", workers=submit) == "answer"
         assert time.monotonic() - started >= deadline  # (it did wait for the thread)
-        busy.result()
-        release = threading.Event()  # a call that itself outlasts the deadline still gets LookupRetry
+        await busy
+        release = threading.Event()
         try:
             with pytest.raises(LookupRetry):
-                await cache.run(release.wait, 5, workers=lambda call: loop.run_in_executor(pool, call))
+                async with workers.slot() as submit:
+                    await cache.run(release.wait, 5, workers=submit)
         finally:
             release.set()
+    finally:
+        assert await workers.close_within(10)
 
 
 async def test_a_changed_file_is_reread_off_the_loop_and_old_contents_answer_meanwhile(tmp_path):

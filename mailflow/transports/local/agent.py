@@ -99,7 +99,7 @@ from mailflow.tables import split_extension
 from mailflow.transports.encode import ToLf, aencode
 from mailflow.transports.maildir import MaildirWriter, Owner, mailbox_prefix, spool_missing, write_failure
 from mailflow.transports.local.mbox import append_mbox, from_line, mailbox_location, mbox_entry
-from mailflow.transports.local.workers import BoundedWorkers
+from mailflow.workers import BoundedWorkers
 from mailflow.transports.pipe import (SHELL_SAFE, CommandNotRun, command_diagnostic, command_status,
                                       run_shell_command)
 
@@ -233,7 +233,7 @@ class LocalTransport:
         """The recipient's expansion (`expand_recipient`): as the tables run it (inline when they answer from
         memory) up to INLINE_LEAVES leaves; a bigger one, or one that forks to read a file as a user, is made again in
         a worker thread, so that a list of thousands of local members (~67 us each) or forks (milliseconds each)
-        do not hold up the event loop. They run in the agent's own OFF_LOOP_EXPANSIONS threads (workers.py; the
+        do not hold up the event loop. They run in the agent's own OFF_LOOP_EXPANSIONS threads (mailflow.workers; the
         others wait on the loop, OFF_LOOP_WAIT s at most, then 4.3.0), never the default executor's, which the
         queue's fsyncs, Maildir and mbox writes and smtpd share: an alias of 200 users with a .forward forks for
         1-13 s (measured: 8 such deliveries made a to_thread call wait 1.9 s). A thread stays counted until its

@@ -1,15 +1,20 @@
-"""A few worker threads of local delivery's own, for expansions too long for the event loop.
+"""A few worker threads of a stage's own (local delivery's expansions and /file writes, cleanup's content checks), for
+work too long for the event loop, with a bounded wait for a free one.
 
     BoundedWorkers(size, wait, doing)    at most `size` threads, made when first needed
     await workers.run(call) -> T         call() in one of them, once one is free (see below)
     async with workers.slot() as submit  a free thread reserved first; `await submit(call)` then runs call() in it
                                          without waiting again (a caller's own deadline can start after the wait)
     workers.close()                      no new work; idle threads end (running ones end with their work)
+    await workers.close_within(seconds)  close(), then wait at most `seconds` for the work under way to end
+                                         (True: every thread ended; False: one is still in its call, left)
 
 A thread counts as busy until its work ends, not until its caller stops waiting: a caller cancelled (a delivery
 stopped at shutdown) or timed out (a sqlite table's deadline) leaves the thread running its call, and no other call
 starts in its place until it returns. So there are never more than `size` threads, whatever the callers do, and
 the threads the queue's fsyncs, the mailbox writes and smtpd share (the default executor) are never taken.
+A table lookup in such a thread takes a slot first and then TableCache.run(…, workers=submit): its deadline covers
+the call, and the wait for the thread is bounded here.
 
 A caller waits for a free thread as long as the threads make progress: it gives up only when no thread finished
 any work for `wait` seconds (they look hung). A burst of slow but working calls is queued, never deferred.
@@ -23,6 +28,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import math
+import threading
+from functools import partial
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 from mailflow.errors import TemporaryError
@@ -88,6 +95,29 @@ class BoundedWorkers:
     def close(self) -> None:
         """See the module docstring."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def close_within(self, seconds: float) -> bool:
+        """See the module docstring. The join runs in a daemon thread of its own (not the default executor's, which
+        the loop's end waits for): a call that never returns holds that thread, never the caller."""
+        self.close()
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[None] = loop.create_future()
+
+        def join() -> None:
+            self._pool.shutdown(wait=True)
+            _call_soon(loop, partial(_settle, ended))
+
+        threading.Thread(target=join, name=f"{self._doing.replace(' ', '-')}-join", daemon=True).start()
+        try:
+            await asyncio.wait_for(ended, seconds)
+        except TimeoutError:
+            return False
+        return True
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():  # (not when the wait for it timed out)
+        future.set_result(None)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], object]) -> None:
