@@ -29,8 +29,7 @@ import socket
 from pathlib import Path
 from typing import Callable
 
-from mailflow.syntax import ascii_upper
-from mailflow.tables.files import BLANKS, Reloading, logical_lines, split_key
+from mailflow.tables.files import BLANKS, Reloading, logical_lines, pattern_keyword, split_key
 
 _FAMILIES = {32: socket.AF_INET, 128: socket.AF_INET6}
 
@@ -152,21 +151,16 @@ def _negations(text: str) -> tuple[bool, str]:
     return negate, ""
 
 
-def _keyword(line: str, word: str) -> bool:
-    """`line` starts with `word` in any case, not followed by a letter or digit (Postfix's strncasecmp test)."""
-    after = line[len(word):len(word) + 1]
-    return ascii_upper(line[:len(word)]) == word and not (after.isascii() and after.isalnum())
-
-
 def _parse_rule(line: str) -> _Rule | tuple[_Network, str] | None:
     """One logical line: an `if` or a negated rule (_Rule), a plain rule (network, result), or None (endif)."""
-    if _keyword(line, "IF"):
-        negate, pattern = _negations(line[2:])
+    keyword, text = pattern_keyword(line)  # (the regexp: and pcre: tables' test: Postfix's strncasecmp, !ISALNUM)
+    if keyword == "if":
+        negate, pattern = _negations(text)
         if not pattern:
             raise ValueError("no address pattern")
-        return _Rule(parse_network(pattern.rstrip(BLANKS)), negate, None)
-    if _keyword(line, "ENDIF"):
-        if line[5:].strip(BLANKS):
+        return _Rule(parse_network(pattern), negate, None)
+    if keyword == "endif":
+        if text:
             raise ValueError("garbage after ENDIF")
         return None
     negate, rest = _negations(line)
