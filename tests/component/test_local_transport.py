@@ -766,3 +766,34 @@ async def test_a_file_append_that_stops_mid_write_is_rolled_back_and_the_retry_w
         await t.close()
     messages = [m["Subject"] for m in mailbox.mbox(archive)]
     assert messages == ["old", "hello"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a /file is written by a child as the user only as root")
+async def test_a_failed_file_append_is_rolled_back_whole_even_past_the_write_limit(tmp_path, public_dir, monkeypatch):
+    """A write that failed near the limit: the child's timer, still armed, interrupted its roll back (the file kept
+    part of the entry) and the recipient got the limit's text instead of the write's error."""
+    archive = public_dir / "keep.mbox"
+    archive.write_bytes(b"")
+    archive.chmod(0o666)
+    real_entry, real_truncate = agent.mbox_entry, mbox._truncate
+
+    def fails_mid_line(*args, **kwargs):  # (consumed in the forked child, as it writes)
+        yield next(iter(real_entry(*args, **kwargs)))
+        yield b"Return-Path: <half"
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    def slow_truncate(*args):  # (a roll back that takes longer than the limit)
+        time.sleep(0.8)
+        real_truncate(*args)
+
+    monkeypatch.setattr(agent, "mbox_entry", fails_mid_line)
+    monkeypatch.setattr(mbox, "_truncate", slow_truncate)
+    t = transport(tmp_path, f"keep: {archive}\n", command_time_limit=0.5)
+    try:
+        [result] = (await asyncio.wait_for(t.deliver(request("keep@example.test")), 10)).results
+    finally:
+        await t.close()
+    assert (result.outcome, result.dsn, result.text) == (
+        Outcome.DEFERRED, "4.2.0", f"cannot write to mailbox {archive}: Input/output error"), result
+    assert archive.read_bytes() == b""
+    assert not mbox.dotlock_path(archive).exists()

@@ -468,13 +468,14 @@ def _write_or_roll_back(fd: int, path: Path, entry: bytes | Iterable[bytes], siz
                 if progress is not None:
                     progress()
         os.fsync(fd)
-        if progress is not None:
+        if progress is not None:  # (an alarm before this rolls the whole entry back: the failure it reports is true)
             progress.ended()
-    except OSError as e:  # the write, or reading the message's spool file
+    except BaseException as e:  # (OSError: the write, or reading the message's spool file)
+        if progress is not None:
+            progress.ended()  # (the roll back is not interrupted: only the parent's last resort stops it)
         _truncate(fd, path, size)
-        raise _os_error(path, e, "write to") from None
-    except BaseException:
-        _truncate(fd, path, size)
+        if isinstance(e, OSError):
+            raise _os_error(path, e, "write to") from None
         raise
 
 
