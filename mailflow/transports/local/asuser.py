@@ -83,10 +83,13 @@ def call_as(user: str, doing: str, fn: Callable[..., bytes], *args,
     pid = os.fork()
     if pid == 0:  # the child: switch identity, call, report, exit
         os.close(read_end)
-        if marked:
-            fn = partial(fn, writing=Progress(write_end, then, grace, f"cannot {doing} as {user}: writing made no "
-                                                                      f"progress for {then or 0:g}s"))
-        _report_and_exit(write_end, lambda: _switched(groups, pw.pw_gid, pw.pw_uid, fn, args))
+
+        def work() -> bytes:  # (a Progress made here: whatever it raises is reported, and the child exits)
+            stalled = f"cannot {doing} as {user}: writing made no progress for {then or 0:g}s"
+            call = partial(fn, writing=Progress(write_end, then, grace, stalled)) if marked else fn
+            return _switched(groups, pw.pw_gid, pw.pw_uid, call, args)
+
+        _report_and_exit(write_end, work)
     os.close(write_end)
     try:
         report = _framed_report(read_end, None if timeout is None else time.monotonic() + timeout,
