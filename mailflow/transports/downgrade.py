@@ -7,6 +7,10 @@ default, `disable_mime_output_conversion = no`), as its mime_state module does i
                                 part's, an attached message's) labels its entity 8bit or binary: what Postfix's
                                 cleanup marks 8BITMIME (auto_8bit_enc_hdr), read as this module reads the label
                                 (see below); `header`: the message's header fields when the caller has them apart
+    await utf8_header_section(content: Content, header=None) -> bool   whether a header section (the same ones)
+                                holds a byte that is not ASCII: what Postfix's cleanup records as
+                                SMTPUTF8_FLAG_HEADER (cleanup_out_header, for the message's and every MIME part's
+                                header fields); read as labelled_8bit reads (a message with no part: its header)
 
 - An entity labelled `Content-Transfer-Encoding: 8bit` or `binary` (any case, blanks before the colon allowed,
   comments ignored: Postfix's
@@ -97,25 +101,40 @@ async def labelled_8bit(content: Content, header: bytes | None = None) -> bool:
         return any(hint in header for hint in _LABEL_HINTS) and _relabels(header.rstrip(b"\r\n") + b"\r\n\r\n")
     if header is None and not await _names_a_label(content):  # (a MIME message almost always names one: no look)
         return False
+    return await _parsed_until(content, "relabelled")
+
+
+async def utf8_header_section(content: Content, header: bytes | None = None) -> bool:
+    """See the module docstring. `header`: as labelled_8bit's."""
+    if header is not None and not header.isascii():
+        return True
+    if header is not None and not _NESTING_TYPE.search(header):  # no part has a header section of its own
+        return False
+    return await _parsed_until(content, "utf8_header")
+
+
+async def _parsed_until(content: Content, fact: str) -> bool:
+    """Whether the conversion, fed `content`, finds `fact` (a Downgrade attribute: "relabelled", "utf8_header");
+    it stops there. A content over READ_INLINE is read in a worker thread."""
     if content.size > READ_INLINE:
-        return await asyncio.to_thread(_parts_relabelled, content.chunks())
+        return await asyncio.to_thread(_parts_found, content.chunks(), fact)
     converter = Downgrade()
     async for chunk in content.stream():
         converter.feed(chunk)
-        if converter.relabelled:
+        if getattr(converter, fact):
             return True
     converter.flush()
-    return converter.relabelled
+    return bool(getattr(converter, fact))
 
 
-def _parts_relabelled(chunks: Iterable[bytes]) -> bool:
+def _parts_found(chunks: Iterable[bytes], fact: str) -> bool:
     converter = Downgrade()
     for chunk in chunks:
         converter.feed(chunk)
-        if converter.relabelled:
+        if getattr(converter, fact):
             return True
     converter.flush()
-    return converter.relabelled
+    return bool(getattr(converter, fact))
 
 
 def _relabels(header: bytes) -> bool:
@@ -136,7 +155,8 @@ async def _names_a_label(content: Content) -> bool:
 
 
 class Downgrade:
-    """See the module docstring. `relabelled`: an entity's 8bit or binary label was changed."""
+    """See the module docstring. `relabelled`: an entity's 8bit or binary label was changed; `utf8_header`: a header
+    section read so far holds a byte that is not ASCII."""
 
     def __init__(self) -> None:
         self._partial = b""  # the start of a line whose end has not arrived
@@ -150,6 +170,7 @@ class Downgrade:
         self._eol = b"\r\n"  # the quoted-printable body's line end, from its first line
         self._qp_open = b""  # the encoded start of an output line whose input line goes on (a very long line)
         self.relabelled = False
+        self.utf8_header = False
 
     def feed(self, data: bytes) -> bytes:
         if self._partial:
@@ -278,6 +299,7 @@ class Downgrade:
 
     def _overflow(self, more: bytes, out: list[bytes]) -> None:
         """A header section too long to keep: it and its body pass through unchanged."""
+        self.utf8_header = self.utf8_header or not (more.isascii() and all(h.isascii() for h in self._headers))
         out.extend(self._headers)
         if more:
             out.append(more)
@@ -287,7 +309,9 @@ class Downgrade:
     def _end_headers(self, out: list[bytes], *, body_follows: bool) -> bool:
         """The header section is complete: relabel it if need be, and decide how its body goes. Returns whether its
         labels put the entity in the 8-bit domain."""
-        names_content = bool(_CONTENT_FIELD.search(b"".join(self._headers)))  # (asked once: both below need it)
+        joined = b"".join(self._headers)
+        names_content = bool(_CONTENT_FIELD.search(joined))  # (asked once: both below need it)
+        self.utf8_header = self.utf8_header or not joined.isascii()
         content_type, eight_bit, boundary = entity_facts(self._headers, self._default_type, names_content)
         relabel = None
         mode = "pass"

@@ -206,6 +206,24 @@ async def test_smtputf8_flag_with_ascii_message_is_downgraded(smtp_peer):
     assert "SMTPUTF8" not in peer.messages[0].mail_options
 
 
+async def test_smtputf8_mail_with_utf8_only_in_a_mime_part_header_bounces_where_smtputf8_is_not_offered(smtp_peer):
+    """Postfix's cleanup flags a non-ASCII header field of any header section (a MIME part's too: SMTPUTF8_FLAG_HEADER),
+    and its smtp(8) bounces SMTPUTF8 mail so flagged at a peer without SMTPUTF8 (5.6.7); 8-bit bytes in a body alone
+    do not, nor do they in a part's header of mail that did not ask for SMTPUTF8."""
+    part = (b"From: a@remote.test\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+            b"Content-Disposition: attachment; filename=\"%s.txt\"\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n--b--\r\n")
+    peer = await smtp_peer(enable_SMTPUTF8=False)
+    nexthop = f"[127.0.0.1]:{peer.port}"
+    report = await deliver(make_transport(), make_request(nexthop, content=part % b"K\xc3\xb6ln", smtputf8=True))
+    result = report.results[0]
+    assert (result.outcome, result.dsn) == (Outcome.BOUNCED, "5.6.7")
+    assert result.text == "SMTPUTF8 is required, but was not offered by host 127.0.0.1[127.0.0.1]"
+    for content, smtputf8 in ((part % b"Koeln", True), (part % b"K\xc3\xb6ln", False)):
+        report = await deliver(make_transport(), make_request(nexthop, content=content, smtputf8=smtputf8))
+        assert report.results[0].outcome is Outcome.SENT
+    assert len(peer.messages) == 2
+
+
 async def test_message_bigger_than_advertised_size_bounces(smtp_peer):
     peer = await smtp_peer(data_size_limit=64)
     report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{peer.port}"))

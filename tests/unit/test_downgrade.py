@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailflow.content import Content
-from mailflow.transports.downgrade import (Downgrade, downgrade_8bit, entity_facts, labelled_8bit,
-                                           labelled_domain, parse_headers)
+from mailflow.transports.downgrade import (MAX_HEADER, Downgrade, downgrade_8bit, entity_facts, labelled_8bit,
+                                           labelled_domain, parse_headers, utf8_header_section)
 
 
 def test_a_single_part_labelled_8bit_becomes_quoted_printable():
@@ -218,8 +218,8 @@ async def test_a_big_mime_message_is_read_once_in_a_worker_thread(monkeypatch):
     Content-Transfer-Encoding somewhere, so it is parsed whole, in one pass); the label in its last part counts."""
     import mailflow.transports.downgrade as downgrade
     threads = []
-    real = downgrade._parts_relabelled
-    monkeypatch.setattr(downgrade, "_parts_relabelled", lambda chunks: threads.append(1) or real(chunks))
+    real = downgrade._parts_found
+    monkeypatch.setattr(downgrade, "_parts_found", lambda chunks, fact: threads.append(1) or real(chunks, fact))
     header = b'Content-Type: multipart/mixed; boundary="b"\r\n'
     filler = b"--b\r\nContent-Transfer-Encoding: base64\r\n\r\n" + b"QUJD" * 19 + b"\r\n"
     body = b"\r\n" + filler * (downgrade.READ_INLINE // len(filler) + 1)
@@ -227,6 +227,25 @@ async def test_a_big_mime_message_is_read_once_in_a_worker_thread(monkeypatch):
     assert await labelled_8bit(Content((header, body, last)), header=header)
     assert not await labelled_8bit(Content((header, body, b"--b--\r\n")), header=header)
     assert threads == [1, 1]
+
+
+async def test_a_header_section_with_8bit_bytes_is_found_in_any_entity():
+    """utf8_header_section: the message's own header fields, a MIME part's, an attached message's, one past the
+    header section limit; not 8-bit bytes in a body (Postfix's cleanup flags SMTPUTF8_FLAG_HEADER per header)."""
+    top = b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n'
+    part = b"--b\r\nContent-Type: text/plain\r\nContent-Disposition: attachment; filename=\"%s\"\r\n\r\n%s\r\n--b--\r\n"
+    attached = (b"--b\r\nContent-Type: message/rfc822\r\n\r\nSubject: %s\r\n\r\n%s\r\n--b--\r\n")
+    for rest, expected in ((part % (b"caf\xc3\xa9", b"x"), True), (part % (b"cafe", b"caf\xe9"), False),
+                           (attached % (b"caf\xe9", b"x"), True), (attached % (b"cafe", b"caf\xe9"), False)):
+        content = Content((top, b"\r\n" + rest))
+        assert await utf8_header_section(content, header=top) is expected, rest
+        assert await utf8_header_section(content) is expected, rest
+    plain = b"Subject: caf\xc3\xa9\r\n"
+    assert await utf8_header_section(Content((plain, b"\r\nbody\r\n")), header=plain)
+    assert not await utf8_header_section(Content((b"Subject: x\r\n", b"\r\ncaf\xe9\r\n")), header=b"Subject: x\r\n")
+    long_field = b"X-Long: " + b"a" * (MAX_HEADER + 10) + b"\xe9\r\n"
+    assert await utf8_header_section(Content((top, b"\r\n--b\r\n" + long_field + b"\r\nx\r\n--b--\r\n")),
+                                     header=top)
 
 
 # entity_facts skips the parse of a header section without a Content-* field: its answers are the parse's, whatever

@@ -11,6 +11,9 @@ of the SMTP and LMTP clients (the command side of Postfix smtp_proto).
     cannot_take(extensions, peer, request, wire=None) -> PermanentError | None   a reason to bounce before MAIL
                                   FROM: the message needs SMTPUTF8 and the peer does not offer it (5.6.7), or it is
                                   bigger than the peer's SIZE (5.3.4)
+    part_headers_may_need_smtputf8(extensions, request, wire=None) -> bool   SMTPUTF8 mail to a peer without it,
+                                  its own header section ASCII: the caller reads its MIME parts' header sections
+                                  (a byte not ASCII there bounces it too, `smtputf8_refusal(peer)`, as Postfix's)
     content_encoding(extensions, request) -> (encoders, BODY parameter or None)   the content goes as
                                   it is to a peer that offers 8BITMIME, with BODY=8BITMIME or BODY=7BIT as the
                                   message says (none when it says neither), as Postfix's smtp_proto; to a peer
@@ -127,12 +130,27 @@ def cannot_take(extensions: Extensions, peer: Peer, request: DeliveryRequest,
                 wire: WireForm | None = None) -> PermanentError | None:
     """See the module docstring."""
     if needs_smtputf8(request, wire) and not extensions.supports("smtputf8"):
-        return PermanentError("5.6.7", f"SMTPUTF8 is required, but was not offered by host {peer.name}")
+        return smtputf8_refusal(peer)
     limit = extensions.size_limit
     size = request.content.size
     if limit and size > limit:
         return PermanentError("5.3.4", f"message size {size} exceeds size limit {limit} of server {peer.name}")
     return None
+
+
+def smtputf8_refusal(peer: Peer) -> PermanentError:
+    """The bounce of a message that needs SMTPUTF8 at a peer that does not offer it (Postfix's words)."""
+    return PermanentError("5.6.7", f"SMTPUTF8 is required, but was not offered by host {peer.name}")
+
+
+def part_headers_may_need_smtputf8(extensions: Extensions, request: DeliveryRequest,
+                                   wire: WireForm | None = None) -> bool:
+    """Whether a MIME part's header section is still to be read for a byte that is not ASCII before this message
+    goes to this peer (after cannot_take found nothing): SMTPUTF8 mail, a peer without SMTPUTF8, and the message's
+    own header section as sent all ASCII. Postfix's cleanup flags a non-ASCII header field of any section
+    (SMTPUTF8_FLAG_HEADER: cleanup_out_header gets the MIME parts' too) and its smtp(8) bounces such mail there."""
+    return request.smtputf8 and not request.verify and not extensions.supports("smtputf8") and (
+        _head_sent(request, wire).isascii())
 
 
 def needs_smtputf8(request: DeliveryRequest, wire: WireForm | None = None) -> bool:

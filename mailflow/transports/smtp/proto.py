@@ -18,13 +18,14 @@
         each chunk through the encoders in a worker thread). A content longer than LONG_KEY with body checks
         (smtp_checks.body_off_loop) goes through them in a worker thread, as cleanup's body walk
 
-The transaction: a message the peer cannot take (commands.cannot_take) bounces before MAIL. With PIPELINING
-(RFC 2920) MAIL, every RCPT and DATA go out in one write and the replies are read in order (2 round trips per
-message on a cached session), as Postfix does; without it each command waits for its reply. Replies still owed
-after a refusal are read (a DATA accepted anyway gets an empty message, "." alone, as RFC 2920 says). The content
-is streamed: a message in memory goes in one write, a spooled one CHUNK bytes at a time, each write waiting
-(within data_timeout) until the peer has taken the last. After the content SMTP reads one reply for every
-accepted recipient, LMTP (RFC 2033 4.2) one reply per accepted recipient, in RCPT order.
+The transaction: a message the peer cannot take (commands.cannot_take; SMTPUTF8 mail with a byte not ASCII in a MIME
+part's header section at a peer without SMTPUTF8: those sections are read only then) bounces before MAIL. With
+PIPELINING (RFC 2920) MAIL, every RCPT and DATA go out in one write and the replies are read in order (2 round trips
+per message on a cached session), as Postfix does; without it each command waits for its reply. Replies still owed
+after a refusal are read (a DATA accepted anyway gets an empty message, "." alone, as RFC 2920 says). The content is
+streamed: a message in memory goes in one write, a spooled one CHUNK bytes at a time, each write waiting (within
+data_timeout) until the peer has taken the last. After the content SMTP reads one reply for every accepted
+recipient, LMTP (RFC 2033 4.2) one reply per accepted recipient, in RCPT order.
 
 The RSET probe of a reused session: RSET before MAIL, its reply read first; anything but 2xx (a 4xx or 5xx, a 421,
 the connection lost or silent) raises StaleSession (nothing logged but a debug line, as Postfix's smtp_rset fails
@@ -45,12 +46,15 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 from mailflow.content import CHUNK, Content
 from mailflow.errors import LookupRetry
+from mailflow.message import HEADER_READ_LIMIT, read_header
 from mailflow.model import ConnStats, DeliveryRequest, Recipient
 from mailflow.transports.encode import Encoder, SmtpData, aencode, encode
 from mailflow.transports.generic import WireForm
 from mailflow.transports.smtp.chat import CRLF, Session, Timeouts
 from mailflow.transports.smtp_checks import body_off_loop
-from mailflow.transports.smtp.commands import cannot_take, content_encoding, mail_command, rcpt_command
+from mailflow.transports.downgrade import utf8_header_section
+from mailflow.transports.smtp.commands import (cannot_take, content_encoding, mail_command,
+                                               part_headers_may_need_smtputf8, rcpt_command, smtputf8_refusal)
 from mailflow.transports.smtp.trouble import (
     Outcomes,
     SiteFailure,
@@ -86,6 +90,9 @@ async def send_message(
 ) -> None:
     """See the module docstring."""
     refusal = cannot_take(session.extensions, session.peer, request, wire)
+    if refusal is None and part_headers_may_need_smtputf8(session.extensions, request, wire) and (
+            await utf8_header_section(request.content, read_header(request.content, HEADER_READ_LIMIT)[0])):
+        refusal = smtputf8_refusal(session.peer)
     if refusal is not None:
         outcomes.fail(recipients, refusal, session.peer.relay)
         return
