@@ -331,7 +331,7 @@ class Mailflow:
         await checks.tables.preload()
         return dict(myhostname=config.myhostname, mapper=router.mapper, hopcount_limit=config.hopcount_limit,
                     header_size_limit=config.header_size_limit, drop_headers=config.message_drop_headers,
-                    checks=checks,
+                    checks=checks, smtputf8_autodetect=config.smtputf8_autodetect_classes,
                     content_filter=config.smtpd.content_filter,
                     outbound=build_outbound_signing(config, router, self._dns_resolver(), self.clock, self._maillog))
 

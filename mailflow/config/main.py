@@ -52,6 +52,9 @@ def _not_a_domain(entry: str, tables: bool) -> str:
     return f"{entry!r} is not a domain name"
 
 
+# Postfix's smtputf8_autodetect_classes names (all taken, so that an imported main.cf loads; cleanup applies
+# sendmail, smtpd and forward: see Cleanup's module doc and docs/config.md)
+SMTPUTF8_AUTODETECT_CLASSES = ("sendmail", "smtpd", "qmqpd", "forward", "bounce", "notify", "verify", "all")
 HEADER_CLIENT_RULES = ("permit_inet_interfaces", "permit_mynetworks", "permit_sasl_authenticated",
                        "permit_tls_clientcerts", "permit_tls_all_clientcerts")
 
@@ -147,6 +150,11 @@ class Config(Section):
     # refused (552 5.3.4).
     hopcount_limit: PostfixInt = Field(50, ge=1)
     header_size_limit: PostfixInt = Field(102400, ge=1024)
+    # Postfix smtputf8_autodetect_classes: the mail whose header fields (the message's, a MIME part's, an
+    # attached message's) cleanup reads for a byte that is not ASCII, and marks SMTPUTF8 when one has it (then a
+    # peer without SMTPUTF8 gets no such message: 5.6.7). Postfix's names; the ones with no effect here are in
+    # docs/config.md.
+    smtputf8_autodetect_classes: tuple[str, ...] = ("sendmail", "verify")
     # Postfix message_drop_headers: header fields cleanup removes from every message it queues (names, any
     # case): a Bcc must never reach the recipients, and Return-Path and Content-Length are for the final hop.
     message_drop_headers: tuple[str, ...] = ("bcc", "content-length", "resent-bcc", "return-path")
@@ -303,6 +311,11 @@ class Config(Section):
         if problem:
             raise ValueError(f"{v!r} is not an address ({problem})")
         return v
+
+    @field_validator("smtputf8_autodetect_classes")
+    @classmethod
+    def _autodetect_classes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return each_one_of(v, SMTPUTF8_AUTODETECT_CLASSES)
 
     @field_validator("local_header_rewrite_clients")
     @classmethod

@@ -53,6 +53,12 @@ What it does, in order (Postfix cleanup(8)):
 4c. marks the message 8BITMIME when a header section in it (its own, a MIME part's, an attached message's) says
    `Content-Transfer-Encoding: 8bit` or `binary`, whatever BODY the client gave (Postfix's auto_8bit_enc_hdr;
    mailflow.transports.downgrade.labelled_8bit: the content is read for it only when it has those words);
+4d. marks the message SMTPUTF8 when smtputf8_autodetect_classes names its origin (`sendmail`: a local
+   submission, `smtpd`: a client's, `forward`: a forwarded copy; `all`; default sendmail, verify) and a header
+   section in it (its own as queued, a MIME part's, an attached message's) has a byte that is not ASCII, as
+   Postfix's cleanup (cleanup_out_header: SMTPUTF8_FLAG_HEADER, then SMTPUTF8 requested with CLEANUP_FLAG_AUTOUTF8);
+   so a peer without SMTPUTF8 gets no such message (5.6.7). Streamed as in 4c, the part headers read only when
+   the message has parts (mailflow.transports.downgrade.utf8_header_section);
 5. when configured (`outbound`, mailflow.signing.outbound): rewrites a forwarded message's sender (SRS), seals
    it (ARC) and signs this host's mail (DKIM, over the header section as queued, 8-bit bytes too: the SMTP client
    sends them as they are), the body hash streamed; off, none of it costs anything;
@@ -99,7 +105,7 @@ from mailflow.model import ClientInfo, QueueId, Recipient, Submission, replaced
 from mailflow.routing.addressmap import BCC_NOTIFY, NO_MILTER_EDITS, AddressMapper, MilterEdits
 from mailflow.signing.outbound import OutboundSigning
 from mailflow.store import NewMessage, RequeuedMessage, RequeueGone, Store
-from mailflow.transports.downgrade import labelled_8bit
+from mailflow.transports.downgrade import labelled_8bit, utf8_header_section
 
 logger = logging.getLogger("mailflow.cleanup")
 
@@ -149,9 +155,11 @@ class Cleanup:
                  hopcount_limit: int = DEFAULTS.hopcount_limit,
                  header_size_limit: int = DEFAULTS.header_size_limit,
                  drop_headers: Sequence[str] = DEFAULTS.message_drop_headers, outbound: OutboundSigning | None = None,
-                 checks: ContentChecks | None = None, content_filter: str = DEFAULTS.smtpd.content_filter):
+                 checks: ContentChecks | None = None, content_filter: str = DEFAULTS.smtpd.content_filter,
+                 smtputf8_autodetect: Sequence[str] = DEFAULTS.smtputf8_autodetect_classes):
         """`outbound`: SRS, ARC and DKIM signing (None: off); `checks`: the content inspection (None: off);
-        `content_filter`: the after-queue filter of mail whose submission names none ("" none)."""
+        `content_filter`: the after-queue filter of mail whose submission names none ("" none);
+        `smtputf8_autodetect`: smtputf8_autodetect_classes (step 4d)."""
         self._store = store
         self._mapper = mapper
         self._myhostname = myhostname
@@ -165,6 +173,7 @@ class Cleanup:
         self._outbound = outbound
         self._checks = checks if checks is not None and checks.enabled else None
         self._content_filter = content_filter
+        self._autodetect = frozenset(smtputf8_autodetect)
         self._direct: DirectQueue | None = None
         self._adoptions: set[asyncio.Task] = set()  # interrupted commits being followed (_adopt)
 
@@ -174,9 +183,11 @@ class Cleanup:
 
     def reconfigure(self, *, myhostname: str, mapper: AddressMapper, hopcount_limit: int, header_size_limit: int,
                     drop_headers: Sequence[str], outbound: OutboundSigning | None, checks: ContentChecks | None,
-                    content_filter: str) -> None:
+                    content_filter: str,
+                    smtputf8_autodetect: Sequence[str] = DEFAULTS.smtputf8_autodetect_classes) -> None:
         """A reload: messages prepared from now on are checked, rewritten and signed with these (the queue ids
         go on)."""
+        self._autodetect = frozenset(smtputf8_autodetect)
         self._myhostname, self._mapper = myhostname, mapper
         self._hopcount_limit, self._header_size_limit = hopcount_limit, header_size_limit
         self._drop_headers = drop_header_names(drop_headers)
@@ -252,11 +263,21 @@ class Cleanup:
             msg = self._prepare(sub, queue_id, False, bcc)
         if msg.body_type != "8BITMIME" and await labelled_8bit(msg.content, header=_header_block(msg)):
             msg = dataclasses.replace(msg, body_type="8BITMIME")
+        if not msg.smtputf8 and self._autodetects(sub) and await utf8_header_section(msg.content, _header_block(msg)):
+            msg = dataclasses.replace(msg, smtputf8=True)
         if outbound and self._outbound is not None:
             msg = await self._outbound.apply(msg, sub)
         if hold or content_filter:
             msg = dataclasses.replace(msg, queue="hold" if hold else msg.queue, content_filter=content_filter)
         return msg
+
+    def _autodetects(self, sub: Submission) -> bool:
+        """Whether smtputf8_autodetect_classes names `sub`'s origin (step 4d)."""
+        if not self._autodetect:
+            return False
+        origin = "forward" if sub.forwarded else "sendmail" if sub.submitter is not None else (
+            "smtpd" if _from_client(sub) else "")
+        return "all" in self._autodetect or origin in self._autodetect
 
     async def _commit(self, msg: NewMessage, sub: Submission) -> None:
         """Insert durably, log, then hand the message to qmgr (committed active) or wake it. The hand-over runs

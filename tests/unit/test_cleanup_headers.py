@@ -13,7 +13,7 @@ from mailflow import message
 from mailflow.errors import PermanentError
 from mailflow.logs import MailLog
 from mailflow.message import header_names, header_value, read_header, rfc5322_date, split_header
-from mailflow.model import ClientInfo, Envelope, Recipient, Submission
+from mailflow.model import ClientInfo, Envelope, LocalUser, Recipient, Submission
 from mailflow.stages.cleanup import Cleanup, QueueIdGenerator
 from mailflow.store import NewMessage
 
@@ -348,6 +348,26 @@ async def test_a_label_written_with_blanks_before_its_colon_marks_the_message_8b
     the field."""
     await env.cleanup.submit(submission(b"MIME-Version: 1.0\r\nContent-Transfer-Encoding :  8bit\r\n\r\nx\r\n"))
     assert env.store.inserted[0].body_type == "8BITMIME"
+
+
+@pytest.mark.parametrize("classes, smtpd_mail, local_mail", [
+    (("sendmail", "verify"), False, True), (("smtpd",), True, False), (("all",), True, True), ((), False, False),
+    (("bounce", "notify", "qmqpd", "verify"), False, False)])
+async def test_smtputf8_autodetect_classes_mark_mail_with_8bit_header_bytes_smtputf8(env, classes, smtpd_mail,
+                                                                                    local_mail):
+    """smtputf8_autodetect_classes (Postfix's, default sendmail, verify): the mail of a class it names is marked
+    SMTPUTF8 when a header section holds a byte that is not ASCII (a MIME part's too); never for a body's bytes."""
+    cleanup = Cleanup(env.store, myhostname=HOST, clock=env.clock, rng=random.Random(7), log=MailLog(),
+                      on_queued=env.wake, smtputf8_autodetect=classes)
+    part = (b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+            b"Content-Disposition: attachment; filename=\"K\xc3\xb6ln\"\r\n\r\nx\r\n--b--\r\n")
+    messages = [b"Subject: Gr\xc3\xbc\xc3\x9fe\r\n\r\nx\r\n", part, b"Subject: x\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n"]
+    local = LocalUser(uid=1000, login="alice")
+    for content in messages:
+        await cleanup.submit(submission(content))
+        await cleanup.submit(dataclasses.replace(submission(content), submitter=local))
+    flags = [m.smtputf8 for m in env.store.inserted]
+    assert flags == [smtpd_mail, local_mail] * 2 + [False, False]
 
 
 async def test_null_sender_gets_mailer_daemon_from(env):
