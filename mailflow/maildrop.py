@@ -138,7 +138,8 @@ class MaildropMessage:
 
 def envelope_line(message: MaildropMessage, width: int = 0) -> bytes:
     """The JSON envelope line, padded with spaces to `width` bytes before its newline."""
-    line = json.dumps(message.header(), ensure_ascii=False).encode("utf-8")
+    # a surrogate escape (a full name's byte that is not UTF-8) written as JSON's \\udcXX, read back as itself
+    line = json.dumps(message.header(), ensure_ascii=False).encode("utf-8", "backslashreplace")
     return line + b" " * (width - len(line)) + b"\n"
 
 
@@ -441,7 +442,7 @@ def _message(header: object, available: int, offset: int, owner: int) -> Maildro
     if header.get("version") != VERSION:
         raise CorruptMaildrop(f"unknown version {echoed(json.dumps(header.get('version')))}")
     for key, value in header.items():
-        if not _is_text(value):
+        if not (_is_bytes_text(value) if key == "fullname" else _is_text(value)):
             raise CorruptMaildrop(f"{echoed(key)}: not UTF-8 text (a lone surrogate escape)")
     _expect(header, "sender", str)
     _expect(header, "uid", int)
@@ -470,6 +471,17 @@ def _message(header: object, available: int, offset: int, owner: int) -> Maildro
     return MaildropMessage(sender=header["sender"], recipients=tuple(recipients), uid=header["uid"],
                            user=header["user"], flags=tuple(flags), size=header["size"], offset=offset,
                            owner_uid=owner, **optional)
+
+
+def _is_bytes_text(value: object) -> bool:
+    """True for a string whose lone surrogates, if any, are surrogate escapes (a full name's bytes that are not
+    UTF-8: sendmail passes them on as given, as Postfix's does), so that it encodes back to those bytes."""
+    try:
+        if isinstance(value, str):
+            value.encode("utf-8", "surrogateescape")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _is_text(value: object) -> bool:

@@ -24,7 +24,7 @@ from mailflow.maildrop import MaildropError
 from mailflow.sendmail.identity import Identity, current_identity, may_submit
 from mailflow.sendmail.options import Options, UsageError
 from mailflow.sendmail.reading import (argument_recipients, argument_sender, clean_recipient, header_overflows,
-                                       header_recipients, read_message, text_of_argument)
+                                       header_recipients, read_message)
 from mailflow.sendmail.settings import Settings
 from mailflow.sendmail.submitter import Submitter
 
@@ -86,8 +86,8 @@ def _run(opts: Options, config: Settings, stdin: BinaryIO, stdout: BinaryIO, std
         if not may_submit(me.login, config.sendmail.authorized_submit_users):
             say(f"user {me.login} (uid {me.uid}) is not allowed to submit mail (authorized_submit_users)")
             return os.EX_NOPERM
-        fullname = text_of_argument(opts.fullname if opts.fullname is not None
-                                    else os.environ.get("NAME") or me.gecos)
+        # as given, bytes that are not UTF-8 too (surrogate escapes): cleanup writes them as Postfix's does
+        fullname = opts.fullname if opts.fullname is not None else os.environ.get("NAME") or me.gecos
         submitter = Submitter(config, me, fullname, say)
         if opts.mode == "smtp":
             return _smtp(stdin, stdout, submitter, opts, say)

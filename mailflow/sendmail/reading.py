@@ -11,7 +11,6 @@ header section (for -t), streamed so that a big message is never held whole.
                                                    a command-line argument as an address list, as Postfix's
                                                    sendmail parses it: `a@x, b@y`, `Joe <joe@x>`, `"a,b"@x`,
                                                    `a@x (comment)`, and `a@x b@y` (two: Postfix adds the comma)
-    text_of_argument(value) -> text                -F, $NAME, GECOS: bytes that are not UTF-8 become U+FFFD
     read_message(stream, ignore_dots) -> lines     CRLF line ends; a lone "." (its line end or not) ends the input
                                                    unless ignore_dots; a CR inside a line becomes a space;
                                                    leading mbox "From " lines (each shorter than LINE_LENGTH)
@@ -65,12 +64,6 @@ def clean_address(value: str, origin: str) -> str:
     if not at:
         local, domain = address, origin
     return f"{external_local(local)}@{domain}" if address else address
-
-
-def text_of_argument(value: str) -> str:
-    """A command-line or environment value (-F, $NAME, GECOS) as storable text: bytes that are not UTF-8
-    (Python's surrogate escapes) become U+FFFD."""
-    return value if is_utf8_text(value) else value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def clean_recipient(value: str, origin: str) -> str:

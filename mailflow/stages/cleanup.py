@@ -86,8 +86,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import email.utils
 import logging
+import re
 import time
 from typing import Callable, Protocol, Sequence
 
@@ -108,6 +108,10 @@ from mailflow.store import NewMessage, RequeuedMessage, RequeueGone, Store
 from mailflow.transports.downgrade import labelled_8bit, utf8_header_section
 
 logger = logging.getLogger("mailflow.cleanup")
+# a full name holding one of these is quoted whole in the From added (Postfix: "%!" and LEX_822_SPECIALS)
+_QUOTED_NAME = frozenset('%!()<>@,;:\\".[]')
+_NAME_TOKEN = re.compile(r"\||[^ \t\r\n|]+")  # tok822_scan's tokens of such a name: `|` (an operator) and words
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -495,7 +499,7 @@ class Cleanup:
             added.append(f"{resent}Date: {rfc5322_date(now)}")
         if f"{resent}from".lower() not in names:
             added.append(resent + (_from_header(sender, fullname) if sender else "From: MAILER-DAEMON"))
-        return "".join(line + "\r\n" for line in added).encode("utf-8")
+        return "".join(line + "\r\n" for line in added).encode("utf-8", "surrogateescape")  # (a full name's bytes)
 
 
 def message_ids(head: bytes) -> list[tuple[str, str]]:
@@ -587,15 +591,24 @@ def _from_client(sub: Submission) -> bool:
 
 
 def _from_header(sender: str, fullname: str) -> str:
-    """`From: sender`, or `From: Full Name <sender>` for a local user (RFC 2047 encoded when not ASCII), as
-    Postfix's cleanup writes them (header_from_format = standard)."""
-    name = " ".join("".join(ch if ch.isprintable() else " " for ch in fullname).split())  # no control characters
+    """`From: sender`, or `From: Full Name <sender>` for a local user, as Postfix's cleanup writes them
+    (cleanup_message.c, header_from_format = standard): the name's bytes as given (8-bit too, UTF-8 or not: the
+    sendmail command carries them as surrogate escapes; nothing RFC 2047 encoded), CR and LF made spaces, cut at a
+    NUL (a C string's end); quoted whole, `"` and `\\` escaped, when it holds `%`, `!` or an RFC 822 special, else
+    its words joined by one space (tok822_scan: a word with a control character quoted, `|` written without
+    spaces); a name of blanks only gives `From: <sender>`."""
+    name = fullname.split("\0", 1)[0].replace("\r", " ").replace("\n", " ")
     if not name:
         return f"From: {sender}"
-    try:
-        return "From: " + email.utils.formataddr((name, sender), charset="utf-8")
-    except (UnicodeError, ValueError):  # an address formataddr will not take (SMTPUTF8): no name then
-        return f"From: {sender}"
+    if any(c in _QUOTED_NAME for c in name):
+        phrase = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    else:
+        phrase = ""
+        for token in _NAME_TOKEN.findall(name):
+            word = f'"{token}"' if _CONTROL.search(token) else token
+            phrase += (" " if phrase and token != "|" and not phrase.endswith("|") else "") + word
+    return f"From: {phrase} <{sender}>" if phrase else f"From: <{sender}>"
+
 
 
 def _header_lines(fields: tuple[str, ...]) -> bytes:

@@ -240,7 +240,7 @@ def test_names_sort_in_submission_order(tmp_path):
     (b'{"version": 1, "sender": "\\ud800@b", "recipients": ["c@d"], "uid": 1, "user": "a", "size": 0}\n',
      "'sender': not UTF-8"),
     (b'{"version": 1, "sender": "a@b", "recipients": ["c@d"], "uid": 1, "user": "a", "size": 0, '
-     b'"fullname": "\\ud800"}\n', "'fullname': not UTF-8"),
+     b'"fullname": "\\ud800"}\n', "'fullname': not UTF-8"),  # (a surrogate escape, `\\udce9`, is a byte: kept)
 ])
 def test_malformed_files_are_corrupt(tmp_path, raw, reason):
     path = tmp_path / "F1"

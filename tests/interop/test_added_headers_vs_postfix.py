@@ -31,9 +31,18 @@ SMTP_PROBES = [
     ("s@remote.test", "Subject: probe-2\r\nResent-To: t@x.test\r\nFrom: a@b.test\r\n"),
 ]
 # (sendmail arguments, message) submitted locally
-LOCAL_PROBES = [
+LOCAL_PROBES: list[tuple[list, bytes]] = [
     (["-f", "s@remote.test", "r@x.test"], b"Subject: probe-3\n\nx\n"),
     (["-f", "", "r@x.test"], b"Subject: probe-4\n\nx\n"),
+    # -F full names (the From added): UTF-8 with two blanks, Latin-1 bytes, `%`, specials and quotes, `|` and a
+    # control character, blanks only (a UTF-8 sender's is in tests/unit/test_cleanup_headers.py: smtp-sink offers no
+    # SMTPUTF8, which mailflow's smtp client asks for such a sender)
+    (["-F", "Jos\u00e9  M\u00fcller", "-f", "s@remote.test", "r@x.test"], b"Subject: probe-5\n\nx\n"),
+    ([b"-F", b"Jos\xe9 Caf\xe9", b"-f", b"s@remote.test", b"r@x.test"], b"Subject: probe-6\n\nx\n"),
+    (["-F", "50% off", "-f", "s@remote.test", "r@x.test"], b"Subject: probe-7\n\nx\n"),
+    (["-F", 'Ann "A." \\ (x)', "-f", "s@remote.test", "r@x.test"], b"Subject: probe-8\n\nx\n"),
+    (["-F", "a | b  c\x01d", "-f", "s@remote.test", "r@x.test"], b"Subject: probe-9\n\nx\n"),
+    (["-F", "  ", "-f", "s@remote.test", "r@x.test"], b"Subject: probe-10\n\nx\n"),
 ]
 ADDED = ("from", "resent-from")
 
@@ -76,24 +85,40 @@ def arrivals(dump: Path, hostname: str = COMMON["myhostname"]) -> dict[int, tupl
     return out
 
 
-async def run(port: int, dump: Path, sendmail: list[str]) -> dict[int, tuple]:
+def added_from_bytes(dump: Path) -> dict[int, bytes]:
+    """Per probe: the From line as the sink got it, byte for byte."""
+    data = dump.read_bytes() if dump.exists() else b""
+    out = {}
+    for message in data.split(b"X-Client-Addr:")[1:]:
+        subject, line = re.search(rb"^Subject: probe-(\d+)", message, re.M), re.search(rb"^From: .*$", message, re.M)
+        if subject and line:
+            out[int(subject.group(1))] = line.group(0)
+    return out
+
+
+async def run(port: int, dump: Path, sendmail: list) -> tuple[dict[int, tuple], dict[int, bytes]]:
     await send_probes(port)
     submit_locally(sendmail)
     count = len(SMTP_PROBES) + len(LOCAL_PROBES)
-    return await eventually(lambda: len(arrivals(dump)) == count
-                            and arrivals(dump), timeout=20)
+    arrived = await eventually(lambda: len(arrivals(dump)) == count and arrivals(dump), timeout=20)
+    return arrived, added_from_bytes(dump)
 
 
 async def test_missing_header_fields_are_added_as_a_real_postfix_adds_them(mailflow_server, write_config, tmp_path):
     async with smtp_sink() as (pf_sink, pf_dump), smtp_sink() as (mf_sink, mf_dump):
         async with postfix_instance({**COMMON, "relayhost": f"[127.0.0.1]:{pf_sink}"}) as pf:
             postfix = await run(pf.port, pf_dump, ["sendmail", "-C", str(pf.etc)])
-        settings = {**COMMON, "relayhost": f"[127.0.0.1]:{mf_sink}", "relay_domains": ["x.test"]}
+        # (no SMTPUTF8 autodetection, as the private Postfix's smtputf8_enable = no: a UTF-8 full name would make the
+        # message SMTPUTF8, which smtp-sink does not offer)
+        settings = {**COMMON, "relayhost": f"[127.0.0.1]:{mf_sink}", "relay_domains": ["x.test"],
+                    "smtputf8_autodetect_classes": []}
         mf = await mailflow_server(**settings)
         config = write_config(tmp_path / "mailflow.toml", **settings)
         mailflow = await run(mf.smtp_addresses[0][1], mf_dump, [sys.executable, "-m", "mailflow", "sendmail", "-C",
                                                                 str(config)])
+    (postfix, pf_from), (mailflow, mf_from) = postfix, mailflow
     assert mailflow == postfix
+    assert mf_from == pf_from
     # what both did, so that the same change on both sides cannot pass unnoticed
     assert postfix[0] == (["subject", "message-id", "date", "from"], {"from": "s@remote.test"},
                           ["<STAMP.QUEUEID@mx.origin.test>"], True)
@@ -102,3 +127,4 @@ async def test_missing_header_fields_are_added_as_a_real_postfix_adds_them(mailf
                               {"from": "a@b.test", "resent-from": "s@remote.test"})
     assert postfix[3][1] == {"from": "root <s@remote.test>"}
     assert not postfix[3][3] and not postfix[4][3]  # pickup's Received names no recipient (it may be a Bcc)
+    assert pf_from[6] == b"From: Jos\xe9 Caf\xe9 <s@remote.test>"  # raw bytes, as given (not RFC 2047)

@@ -370,6 +370,19 @@ async def test_smtputf8_autodetect_classes_mark_mail_with_8bit_header_bytes_smtp
     assert flags == [smtpd_mail, local_mail] * 2 + [False, False]
 
 
+@pytest.mark.parametrize("sender, fullname, added", [
+    # Postfix 3.7.11's (tests/interop/test_added_headers_vs_postfix.py compares the others with sendmail -F)
+    ("j\u00f6e@remote.test", "J\u00f6e", "From: J\u00f6e <j\u00f6e@remote.test>".encode()),
+    ("s@remote.test", "Jos\udce9", b"From: Jos\xe9 <s@remote.test>"),  # a Latin-1 byte, as sendmail carries it
+    ("s@remote.test", "a\r\nb\0c", b"From: a b <s@remote.test>"), ("s@remote.test", "\0x", b"From: s@remote.test"),
+])
+async def test_a_local_users_full_name_is_written_as_postfix_writes_it(env, sender, fullname, added):
+    sub = dataclasses.replace(submission(b"Subject: x\r\n\r\nbody\r\n", sender=sender),
+                              submitter=LocalUser(uid=1000, login="joe", fullname=fullname))
+    await env.cleanup.submit(sub)
+    assert added + b"\r\n" in env.store.inserted[0].content
+
+
 async def test_null_sender_gets_mailer_daemon_from(env):
     """As Postfix's cleanup writes it: MAILER-DAEMON, unqualified (checked against Postfix 3.7)."""
     await env.cleanup.submit(submission(b"Subject: bounce\r\n\r\nx\r\n", sender=""))
