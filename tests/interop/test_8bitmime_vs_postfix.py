@@ -222,6 +222,14 @@ HEADER_PROBES: dict[str, tuple[str, bytes]] = {
     "part-header-8bit": ("", b"From: s@remote.test\r\nSubject: " + UTF8 + b"\r\n" + ATTACHED % b"8bit"),
     "part-header-unlabelled": ("", b"From: s@remote.test\r\nSubject: plain\r\n"
                                + (ATTACHED % b"7bit").replace(b"Content-Transfer-Encoding: 7bit\r\n", b"")),
+    # an attached message labelled 8bit whose own header fields have 8-bit bytes (only its label is converted)
+    "attached-message-8bit": ("", b"From: s@remote.test\r\nSubject: plain\r\n" + MIME
+                              + b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+                              b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+                              b"From: Jos\xc3\xa9 <j@inner.test>\r\nSubject: " + LATIN1 + b"\r\n" + TEXT
+                              + b"Content-Transfer-Encoding: 8bit\r\n\r\n" + UMLAUTS + b" inside\r\n--b--\r\n"),
+    # a Subject line of 1521 bytes, 8-bit (past RFC 5322's 998: broken into a continuation line, not encoded)
+    "long-8bit-subject": ("", b"From: s@remote.test\r\nSubject: " + (UTF8 + b" ") * 84 + b"\r\n\r\nbody\r\n"),
 }
 
 
@@ -277,6 +285,10 @@ async def test_8bit_header_bytes_reach_peers_as_a_real_postfix_sends_them(mailfl
     assert postfix["seven"]["utf8-from"][1].startswith(b"To: r@eight.test\n")
     assert b"\nFrom: Jos\xc3\xa9 M\xc3\xbcller <s@remote.test>\n" in postfix["seven"]["utf8-from"][1]
     assert postfix["eight"]["utf8-from"][0] == "BODY=8BITMIME"
+    long_lines = postfix["seven"]["long-8bit-subject"][1].split(b"\n")  # broken at smtp_line_length_limit (998)
+    assert len(max(long_lines, key=len)) == 998 and long_lines[long_lines.index(max(long_lines, key=len)) + 1][:1] in (
+        b" ", b"\t")
+    assert b"\nSubject: " + LATIN1 + b"\n" in postfix["seven"]["attached-message-8bit"][1]
     converted = postfix["seven"]["part-header-8bit"][1]
     assert (b"filename=\"" + LATIN1 + b".txt\"\nX-Note: " + UTF8 + b"\nContent-Transfer-Encoding: quoted-printable"
             b"\n\nGr=C3=BC=C3=9Fe inside\n") in converted, converted
