@@ -157,6 +157,9 @@ def test_unknown_key_names_file_key_and_reason(tmp_path, text, key):
     # Postfix's error classes (mail_error.c)
     ("[queue]\nnotify_classes = ['resource', 'bounces']\n", "queue.notify_classes",
      "'bounces': not one of bounce, 2bounce, data, delay, policy, protocol, resource, software"),
+    # Postfix's smtputf8_autodetect_classes names
+    ("smtputf8_autodetect_classes = ['sendmial']\n", "smtputf8_autodetect_classes",
+     "'sendmial': not one of sendmail, smtpd, qmqpd, forward, bounce, notify, verify, all"),
 ])
 def test_bad_value_names_file_key_and_reason(tmp_path, text, key, words):
     path = write(tmp_path, text)
