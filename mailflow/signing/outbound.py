@@ -16,8 +16,10 @@ here (a notice, a forwarded copy) passes through the same door as one received.
                                   whose sender is not of this host's domains) and with, on top of its header
                                   section, the DKIM-Signature and this host's Authentication-Results + ARC set
 
-The header section is signed as it is queued, 8-bit bytes too: the SMTP client sends those bytes as they are to
-every peer (as Postfix's smtp(8)), so the signature covers what is sent. What is signed: own mail, with the key the
+The header section is signed as it is queued, 8-bit bytes too: the SMTP client sends header fields as they are to
+every peer (as Postfix's smtp(8)). Not so an entity labelled 8bit sent to a peer without 8BITMIME: its label and body
+are converted (mailflow.transports.downgrade), which breaks a signature over them there, as with Postfix and
+OpenDKIM (docs/deliverability.md). What is signed: own mail, with the key the
 signing table gives the From address; forwarded mail only with `sign_forwarded`, with the key for the (rewritten)
 envelope sender, else for the From address. ARC: forwarded mail held in memory (mailflow.signing.arc). The body of
 a big message is streamed for its DKIM body hash, never held.
