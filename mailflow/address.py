@@ -1,6 +1,7 @@
 """Pure address handling: split, normalise domains, check RFC 5321 syntax. No I/O, no config (a leaf).
 
-- `split(addr) -> (local, domain)`: at the last '@'; domain "" for an unqualified address.
+- `split(addr) -> (local, domain)`: at the last '@'; domain "" for an unqualified address; `split_words(addr)`
+  the same outside quoted strings (an address as written or in Postfix's quoting: `"x@y"` has no domain).
 - `tidy(addr)`: needless quotes and one trailing dot dropped (`"joe"@x.test.` is `joe@x.test`), as Postfix's
   trivial-rewrite does to every address; `is_tidy(addr)`: a cheap look that tidy has nothing to do.
 - `unquoted_local(local)`, `quoted_local(local)`: a quoted local part's content; a local part quoted if it must be;
@@ -124,13 +125,16 @@ def parse_written_path(text: str) -> tuple[str, str, str]:
     while path.startswith("@") and ":" in path:
         path = path[path.index(":") + 1:]
     if path:
-        local, at, domain = path.rpartition("@")
-        if not at:
-            local, domain = path, ""
-        elif domain.endswith(".") and not domain.endswith(".."):
-            domain = domain[:-1]
+        at_index = _unquoted_operator(path, "@", last=True)  # (an '@' in quotes is the local part's)
+        local, at, domain = (path[:at_index], "@", path[at_index + 1:]) if at_index >= 0 else (path, "", "")
         dot_atom = bool(local) and _DOT_ATOM_RE.fullmatch(local) is not None  # (the usual case: its own quoting)
         internal = None if dot_atom else internal_local(local)
+        if not at and internal is not None and "@" in internal:
+            # Postfix keeps the internal form (`"x@y"` is `x@y`) and its quote_822_local splits that at its last
+            # '@' whenever the address is rewritten or resolved: `a."x@y"` is `"a.x"@y`, taken as such
+            internal, at, domain = internal.rpartition("@")
+        if domain.endswith(".") and not domain.endswith(".."):
+            domain = domain[:-1]
         if (not dot_atom and internal is None) or (at and not domain):
             raise PathError("malformed local part" if domain or not at else "empty domain")
         if internal is not None:
@@ -145,9 +149,8 @@ def tidy(addr: str) -> str:
     domain that is only a dot), as Postfix's trivial-rewrite tidies every address it rewrites (quote_822_local,
     rewrite_tree). A local part that is no words (`external_local`) is left as it is."""
     addr = addr[route_length(addr):]
-    local, at, domain = addr.rpartition("@")
-    if not at:
-        local, domain = addr, ""
+    local, domain = split_words(addr)
+    at = len(local) < len(addr)
     if domain.endswith(".") and len(domain) > 1 and not domain.endswith(".."):
         domain = domain[:-1]
     local = external_local(local) if local else local
@@ -166,6 +169,11 @@ def unquoted_local(local: str) -> str | None:
     if len(local) > 1 and local.startswith('"') and local.endswith('"'):
         return _QUOTED_PAIR.sub(r"\1", local[1:-1])
     return None
+
+
+def unescaped(text: str) -> str:
+    """`text` with each backslash dropped and the character after it kept, as Postfix's tokenizer reads words."""
+    return _QUOTED_PAIR.sub(r"\1", text) if "\\" in text else text
 
 
 def internal_form(addr: str) -> str:
@@ -271,8 +279,14 @@ def shown_original(addr: str) -> str:
     the domain as it is (`"Team"@X.Test.` is `Team@X.Test.`, `joe.@x.test.` is `"joe."@x.test.`). ORCPT and
     Original-Recipient keep it as written."""
     addr = addr[route_length(addr):]
-    local, at, domain = addr.rpartition("@")
-    return f"{external_local(local)}@{domain}" if at else external_local(addr)
+    local, domain = split_words(addr)
+    if len(local) < len(addr):
+        return f"{external_local(local)}@{domain}"
+    internal = internal_local(addr)
+    if internal and "@" in internal:  # (`"x@y"`: Postfix's internal form split at its last '@', as parse_path does)
+        user, _, domain = internal.rpartition("@")
+        return f"{quoted_local(user)}@{domain}"
+    return external_local(addr)
 
 
 _ROUTE = re.compile(r"@(?:[^:\[]|\[[^\]]*\])*:")  # (each branch starts with its own character: linear)
@@ -323,6 +337,13 @@ def split(address: str) -> tuple[str, str]:
     if not at:
         return address, ""
     return local, domain
+
+
+def split_words(address: str) -> tuple[str, str]:
+    """`split` for an address as written or in Postfix's quoting, at its last '@' outside quoted strings: `"x@y"`
+    is unqualified (`split` would cut its quotes). Not for the internal form, whose quotes are no quotes."""
+    at = _unquoted_operator(address, "@", last=True) if '"' in address else address.rfind("@")
+    return (address, "") if at < 0 else (address[:at], address[at + 1:])
 
 
 def normalise_domain(domain: str) -> str:

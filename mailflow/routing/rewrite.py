@@ -96,6 +96,7 @@ VIRTUAL_ALIAS_TRANSPORT = "error:5.1.1 User unknown in virtual alias table"
 # Postfix's empty_address_recipient: what an empty local part of a local domain resolves to (resolve.c: "for
 # consistency with our own From: message headers")
 EMPTY_ADDRESS_RECIPIENT = "MAILER-DAEMON"
+EMPTY_USER = '""'  # the quoted empty local part Postfix's rewrite_tree gives the percent hack's empty user
 BAD_SYNTAX_TRANSPORT = "error:5.1.3 bad address syntax"  # a domain that is no host name (`bob@`), or a leading '-'
 status_log = logging.getLogger("mailflow.smtpd")
 log = logging.getLogger("mailflow.trivial_rewrite")
@@ -257,17 +258,18 @@ class Rewriter:
         if at and domain and dotted and address.is_tidy(addr):
             return addr  # tidy and qualified already: most addresses, asked ~10 times a message
         given, addr = addr, address.tidy(addr)
-        local, domain = address.split(addr)
-        if not addr or addr.endswith("@"):
-            return addr  # empty, or no domain after the '@': a syntax error for the caller to report
+        local, domain = address.split_words(addr)
+        if not addr or addr.endswith("@") or given == EMPTY_USER:
+            return addr  # empty (a lone `""` too, as Postfix's rewrite_tree leaves it; after a source route it is
+            # qualified), or no domain after the '@': a syntax error for the caller to report
         # swap_bangpath, else the percent hack, finds its operator among the words as given, outside quotes (see
         # address.bang_split, percent_split)
         routed = address.bang_split(given) if not domain and self._config.swap_bangpath else None
         if routed is None and not domain and self._config.allow_percent_hack:
             routed = address.percent_split(given)
         if routed is not None:
-            user, via = routed
-            return self.qualify(f"{user}@{via}", origin)  # (`user%` is `user@`: returned as it is, above)
+            user, via = routed  # an empty user is `""` (`%x.test` is `""@x.test`), as Postfix's rewrite_tree makes it
+            return self.qualify(f"{user or EMPTY_USER}@{via}", origin)  # (`user%` is `user@`: returned as it is, above)
         if not domain:
             return f"{addr}@{origin or self._config.origin}"
         if self._config.append_dot_mydomain and "." not in domain and not domain.startswith("["):
@@ -348,7 +350,9 @@ class Rewriter:
         elif percent and "%" in text:
             user, _, via = text.rpartition("%")
         elif inner is not None and swap and "!" in inner:
-            via, _, user = inner.partition("!")
+            # rescanned as words, where a backslash quotes the next character and goes (tok822_scan):
+            # `"a\\b.u!h"@here` is `h@ab.u`
+            via, _, user = address.unescaped(inner).partition("!")
         else:
             return None
         if not user:  # `%x.test` is `""@x.test`, as Postfix's resolve makes it (`""@here` is then MAILER-DAEMON)

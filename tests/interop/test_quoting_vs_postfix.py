@@ -63,6 +63,10 @@ CURATED = [
     # swap_bangpath: among the words as given, the first '!', before the percent hack; resolve's for a local domain
     '"a\\b".u!h', "u!h", 'u!"b c"', "a!b!c", "a!b%c", "a%b!c", '"a!b"', "x.u!h@local.test", '"a!b"@local.test',
     "a!b%c@local.test", '"a b!c%d.test"@local.test', '"a b.test!c"@local.test',
+    # seeds 70000-70084: an '@' in quotes only (the envelope's internal form split at it, a header's address
+    # unqualified), the percent hack's empty user, a lone `""` in a header (left), a backslash in a dequoted bang path
+    '"x@y"', 'Z."x@y"', '"a.".x-y."x@y"', 'u!h."x@y"', '"%p"', '"%p".Z', '""', '@r1.test,@r2.test:""',
+    '"a\\\\b".u!h@local.test',
 ]
 
 COMMON = {"myhostname": "mx.origin.test", "myorigin": "origin.test"}

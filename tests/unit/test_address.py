@@ -288,6 +288,12 @@ def test_client_ip_unmaps_ipv4_and_a_network_list_matches_it():
     ("<.a@b.test>", ('".a"@b.test', "")),
     ("<joe.@b.test.>", ('"joe."@b.test', "")),
     ('<"".u."a(b)"@b.test>', ('".u.a(b)"@b.test', "")),
+    # no '@' outside quotes, one inside: Postfix keeps the internal form and splits it at its last '@' (its
+    # quote_822_local), relaying `"x@y"` to y (against Postfix 3.7.11: test_quoting_vs_postfix.py, seed 70000)
+    ('<"x@y">', ("x@y", "")),
+    ('<"a.".x-y."x@y">', ('"a..x-y.x"@y', "")),
+    ('<"x@y"."x@y".x-y>', ('"x@y.x"@y.x-y', "")),
+    ('<"a;b"."x@y"@b.test>', ('"a;b.x@y"@b.test', "")),  # an '@' outside quotes: the domain's
 ])
 def test_parse_path_accepts_what_postfix_accepts(text, expected):
     assert address.parse_path(text) == expected
@@ -307,6 +313,7 @@ def test_an_original_recipient_is_shown_as_postfix_shows_it():
     assert address.shown_original('"Team"@VDomain.Test.') == "Team@VDomain.Test."  # Postfix's X-Original-To
     assert address.shown_original('"a b"@x.test') == '"a b"@x.test' and address.shown_original('"joe"') == "joe"
     assert address.shown_original("@relay.test:route@x.test") == "route@x.test"  # (Postfix logs no orig_to)
+    assert address.shown_original('"a.".x-y."x@y"') == '"a..x-y.x"@y'  # (its internal form split: seed 70000)
     assert address.shown_original('"joe@x.test') == '"joe@x.test'  # a quote never closed: it lost its last letter
     assert address.shown_original("joe.@x.test.") == '"joe."@x.test.'  # in Postfix's quoting, the domain as it is
     assert address.shown_original('@r.test:a."b c"@x.test') == '"a.b c"@x.test'

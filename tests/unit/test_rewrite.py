@@ -115,6 +115,14 @@ def test_an_empty_local_part_of_a_local_domain_resolves_to_mailer_daemon():
     # test_quoting_vs_postfix.py)
     ('"<x>".user%remote.test', '"<x>.user"@remote.test'),
     ('"user%remote.test"', "user%remote.test@mx.example.test"),
+    ("%remote.test", '""@remote.test'),  # an empty user is "" (Postfix's rewrite_tree; 3.7.11: seed 70005)
+    ("%p.Z", '""@p.Z'),
+    # an '@' in quotes is the local part's: unqualified (a header's words; 3.7.11: seed 70000); `""` is left alone
+    ('"x@y"', '"x@y"@mx.example.test'),
+    ('"a.".x-y."x@y"', '"a..x-y.x@y"@mx.example.test'),
+    ('u!h."x@y"', '"h.x@y"@u'),
+    ('""', '""'),
+    ('@r1.test:""', '""@mx.example.test'),  # (Postfix's rewrite_tree drops the route after its `""` check)
     # swap_bangpath: the first '!' among the words as given, before the percent hack (Postfix's rewrite_tree)
     ("remote.test!user", "user@remote.test"),
     ("a.test!b!c", "b!c@a.test"),
@@ -143,6 +151,7 @@ def test_swap_bangpath_off_leaves_a_bang_path_a_local_part():
     ("a.test!b%c.test@example.test", "b%c.test@a.test"),  # '!' before '%' among the words
     ('"a.test!b"@example.test', "b@a.test"),  # (needless quotes: words to Postfix's tokenizer too)
     ('"a b!c%d.test"@example.test', '"a b!c"@d.test'),  # opened (resolve_dequoted_address): '%' before '!'
+    ('"a\\\\b.u!h"@example.test', "h@ab.u"),  # opened, then words: a backslash goes (3.7.11: seed 70005)
     ("relay.test!u@remote.test", "relay.test!u@remote.test"),  # not a local domain: left to the next hop
 ])
 def test_resolve_swaps_a_bang_path_of_a_local_domain_as_postfix(addr, resolved):
