@@ -248,7 +248,12 @@ async def test_quoted_addresses_come_through_as_through_a_real_postfix(mailflow_
 async def test_generated_addresses_match_a_real_postfix(mailflow_server, caplog):
     """The seeded generator: differences are printed, then asserted none. Left out: an empty local part at an
     IPv6 literal (`""@[IPv6:2001:db8::1]`), which Postfix refuses (501) as its quote_822_local takes the internal
-    form's `@[IPv6:` for a source route: a quirk, not followed."""
+    form's `@[IPv6:` for a source route: a quirk, not followed. Known and left (seeds 70000-70084), Postfix's
+    tokenizer quirks, rare and differing only in nonsense: a comma, `<` or `(` that Postfix's rescan of an internal
+    form gets a space before when it writes the tokens out again (`"<x>".a.u!h` in a header is its `h@ <x>.a.u`;
+    `u!h."a(b)"@<local domain>` resolves to its `"h.a (b)"@u`, and a quoted `\"` there loses its backslash);
+    a header's `user%y.test."a."` (its `user@y.test.a.`: mailflow drops that trailing dot); a header's source route
+    before words with an '@' and a '%' in quotes (`<@r1,@r2:user%y.test."x@y">`: its `<"user@y.test.x"@y>`)."""
     addresses = [a for seed in os.environ["MAILFLOW_QUOTE_SEEDS"].split(",") for a in generated(int(seed), 40)
                  if not a.startswith('""@[IPv6:')]
     postfix, mailflow, pf_log, mf_log = await compare(mailflow_server, caplog, addresses)
