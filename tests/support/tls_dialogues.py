@@ -164,8 +164,9 @@ def no_auth_without_ehlo(steps: list[Step], tls_at_start: bool = False) -> list[
             verb = words[0].upper() if words else b""
             if verb == b"AUTH" and tls and not ehlo:
                 continue
-            if verb in (b"EHLO", b"HELO") and len(words) == 2:
-                ehlo = verb == b"EHLO" and not after_starttls  # (pipelined after a STARTTLS: maybe discarded)
+            if (verb == b"EHLO" and len(words) == 2) or (verb == b"HELO" and len(words) >= 2):
+                # (pipelined after a STARTTLS: maybe discarded; `HELO a b` is taken by both, seed 72359)
+                ehlo = verb == b"EHLO" and not after_starttls
             elif verb == b"STARTTLS":
                 ehlo, tls, after_starttls = False, True, True
             units.append(unit_)
@@ -201,4 +202,5 @@ def generated(seed: int) -> tuple[str, list[Step]]:
         steps += step(rng)
     if rng.random() < 0.15:
         steps.append(ABRUPT)
-    return service, no_auth_without_ehlo(no_starttls_in_a_transaction(steps), tls_at_start=service == "submissions")
+    steps = dialogues.one_auth_mail(no_starttls_in_a_transaction(steps))  # (seed 72116: AUTH= after a refused MAIL's)
+    return service, no_auth_without_ehlo(steps, tls_at_start=service == "submissions")
