@@ -49,7 +49,7 @@ def inbox(tmp_path: Path, user: str) -> list[bytes]:
     return maildir_messages(tmp_path / "mail" / user / "Maildir")
 
 
-async def delivered(tmp_path: Path, user: str, count: int = 1, timeout: float = 5.0) -> list[bytes]:
+async def delivered(tmp_path: Path, user: str, count: int = 1, timeout: float = 20.0) -> list[bytes]:
     await eventually(lambda: len(inbox(tmp_path, user)) >= count, timeout=timeout)
     return inbox(tmp_path, user)
 
@@ -127,7 +127,7 @@ async def test_t_takes_a_quoted_local_part_with_a_space(mailflow_server, smtp_pe
     mf = await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}")
     rc, _, err = await run(cfg(), "-t", stdin=b'To: "john smith"@relay.test, b@relay.test\nSubject: q\n\nx\n')
     assert rc == 0, err
-    await eventually(lambda: len(peer.messages) == 1, timeout=3)
+    await eventually(lambda: len(peer.messages) == 1)
     assert sorted(peer.messages[0].rcpt_tos) == ['"john smith"@relay.test', "b@relay.test"]
     await queue_becomes(mf.store, {})
 
@@ -142,7 +142,7 @@ async def test_a_command_line_recipient_is_an_address_list(mailflow_server, smtp
                            stdin=b"Subject: list\n\nx\n")
     assert rc == 0, err
     # (two deliveries: the relay.test recipients go by relay_transport, d@mx.mailflow.test by default_transport)
-    await eventually(lambda: sum(len(m.rcpt_tos) for m in peer.messages) == 4, timeout=3)
+    await eventually(lambda: sum(len(m.rcpt_tos) for m in peer.messages) == 4)
     assert sorted(r for m in peer.messages for r in m.rcpt_tos) == ['"a,b"@relay.test', "c@relay.test",
                                                                     "d@mx.mailflow.test", "joe@relay.test"]
     await queue_becomes(mf.store, {})
@@ -161,7 +161,7 @@ async def test_a_cr_inside_a_line_becomes_a_space_and_never_a_line_end(mailflow_
     rc, out, err = await run(cfg(), "-bs", stdin=b"HELO x\r\nMAIL FROM:<>\r\nRCPT TO:<b@relay.test>\r\nDATA\r\n"
                                                 b"Subject: bs\r\rX: y\r\n\r\nx\r\n.\r\nQUIT\r\n")
     assert rc == 0 and b"250 2.0.0 Ok: queued" in out, (out, err)
-    await eventually(lambda: len(peer.messages) == 2, timeout=3)
+    await eventually(lambda: len(peer.messages) == 2)
     by_rcpt = {tuple(m.rcpt_tos): m.content for m in peer.messages}
     head, _, body = by_rcpt[("a@relay.test",)].partition(b"\r\n\r\n")
     assert b"\r\nSubject: hi Bcc: c@relay.test\r\n" in head and b"\r\nFrom: " in head
@@ -675,7 +675,7 @@ async def test_a_recipient_with_nothing_after_the_at_bounces_at_once_as_bad_synt
     mf = await mailflow_server()
     rc, _, err = await run(cfg(), "-f", "alice@local.test", "bob@", stdin=b"Subject: lost\n\nx\n")
     assert rc == 0, err
-    [notice] = await delivered(tmp_path, "alice", timeout=3)
+    [notice] = await delivered(tmp_path, "alice")
     assert b"Status: 5.1.3" in notice and b"bad address syntax" in notice
     await queue_becomes(mf.store, {})
 
@@ -734,7 +734,7 @@ async def test_a_recipient_beginning_with_a_dash_bounces_whatever_its_transport(
     mf = await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}")
     rc, _, err = await run(cfg(), "-f", "alice@local.test", "--", "-oQ@relay.test", stdin=b"Subject: dash\n\nx\n")
     assert rc == 0, err
-    [notice] = await delivered(tmp_path, "alice", timeout=3)
+    [notice] = await delivered(tmp_path, "alice")
     assert b"Status: 5.1.3" in notice and b"bad address syntax" in notice and b"<-oQ@relay.test>" in notice
     await queue_becomes(mf.store, {})
     assert peer.messages == []
