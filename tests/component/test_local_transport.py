@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 import errno
 import mailbox
 import re
@@ -31,6 +32,7 @@ import pytest
 from mailflow.clock import VirtualClock
 from mailflow.config import Config
 from mailflow.content import MEMORY_LIMIT, Content
+from mailflow.errors import TemporaryError
 from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports.local import aliasing
 from mailflow.transports.local.aliasing import LocalExpander
@@ -796,4 +798,30 @@ async def test_a_failed_file_append_is_rolled_back_whole_even_past_the_write_lim
     assert (result.outcome, result.dsn, result.text) == (
         Outcome.DEFERRED, "4.2.0", f"cannot write to mailbox {archive}: Input/output error"), result
     assert archive.read_bytes() == b""
+    assert not mbox.dotlock_path(archive).exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a /file is written by a child as the user only as root")
+async def test_a_write_failing_after_the_limit_passed_is_rolled_back(public_dir):
+    """A write blocked past the limit in a wait SIGALRM does not interrupt (NFS), then failing (EIO): the pending
+    alarm's handler raised inside the roll back's progress.ended(), so the truncation never ran and the partial
+    entry stayed (the next From_ line glued onto it). Here a C call stands for that write: libc sleep(500), ended
+    early by the alarm, its result handed to os.close (EBADF) with no Python bytecode between them."""
+    archive = public_dir / "keep.mbox"
+    before = b"From old@x  Sun Dec  6 10:00:00 2026\nSubject: old\n\nold\n\n"
+    archive.write_bytes(before)
+    archive.chmod(0o666)
+
+    def entry():  # (consumed in the forked child, as it writes)
+        yield b"From a@x  Sun Dec  6 10:00:00 2026\n"
+        yield b"Return-Path: <half"
+        blocked = ctypes.CDLL(None).sleep
+        blocked.argtypes, blocked.restype = [ctypes.c_uint], os.close
+        blocked(500)
+
+    with pytest.raises(TemporaryError) as failed:
+        await asyncio.wait_for(mbox.append_mbox(archive, entry(), user="nobody", write_limit=0.3,
+                                                create_parents=False), 20)
+    assert failed.value.dsn == "4.3.0"
+    assert archive.read_bytes() == before
     assert not mbox.dotlock_path(archive).exists()

@@ -471,9 +471,11 @@ def _write_or_roll_back(fd: int, path: Path, entry: bytes | Iterable[bytes], siz
         if progress is not None:  # (an alarm before this rolls the whole entry back: the failure it reports is true)
             progress.ended()
     except BaseException as e:  # (OSError: the write, or reading the message's spool file)
-        if progress is not None:
-            progress.ended()  # (the roll back is not interrupted: only the parent's last resort stops it)
-        _truncate(fd, path, size)
+        try:  # (an alarm pending since a write blocked past the limit is handled here, in ended(): it raises)
+            if progress is not None:
+                progress.ended()  # (the roll back is not interrupted: only the parent's last resort stops it)
+        finally:  # (the timer is one-shot and its handler disarms itself first: nothing interrupts this)
+            _truncate(fd, path, size)
         if isinstance(e, OSError):
             raise _os_error(path, e, "write to") from None
         raise
