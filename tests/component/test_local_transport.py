@@ -825,3 +825,27 @@ async def test_a_write_failing_after_the_limit_passed_is_rolled_back(public_dir)
     assert failed.value.dsn == "4.3.0"
     assert archive.read_bytes() == before
     assert not mbox.dotlock_path(archive).exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a /file is written by a child as the user only as root")
+async def test_a_file_append_hung_after_its_dotlock_before_writing_removes_the_dotlock(public_dir, monkeypatch):
+    """The child's timer was armed only at its first write: one hung between the dotlock and the write (the stat
+    of _check_still_the_mailbox on a hung NFS) was SIGKILLed and left the dotlock for stale_lock_time (500 s),
+    holding off every other writer. Now its own timer runs from the fork and its failure path removes it."""
+    archive = public_dir / "keep.mbox"
+    archive.write_bytes(b"")
+    archive.chmod(0o666)
+
+    def hangs(*args):  # (in the forked child, after the dotlock was made)
+        time.sleep(3600)
+
+    monkeypatch.setattr(mbox, "_check_still_the_mailbox", hangs)
+    monkeypatch.setattr(mbox, "FILE_START_TIMEOUT", 0.3)
+    started = time.monotonic()
+    with pytest.raises(TemporaryError) as failed:
+        await asyncio.wait_for(mbox.append_mbox(archive, b"From a@x  Sun Dec  6 10:00:00 2026\n\n", user="nobody",
+                                                write_limit=30, locks=("dotlock",), create_parents=False), 20)
+    assert time.monotonic() - started < 10  # (not the parent's SIGKILL, 30 s later)
+    assert (failed.value.dsn, failed.value.text) == ("4.3.0", "cannot write as nobody: not started writing within 0.3s")
+    assert not mbox.dotlock_path(archive).exists()
+    assert archive.read_bytes() == b""

@@ -25,7 +25,10 @@ SIGALRM in the child raises TemporaryError 4.3.0 out of what `fn` was doing, so 
 mbox append truncates the file back and removes its dotlock) and the child reports that error. The parent kills
 it (SIGKILL) only as a last resort: when no progress was heard for `then` + `grace` s (a write in an
 uninterruptible wait, where no handler runs; what it wrote then stays). The child tells the parent of its
-progress at most every `grace`/2 s (a frame in the pipe), so it always has `grace`/2 s to undo its work.
+progress at most every `grace`/2 s (a frame in the pipe), so it always has `grace`/2 s to undo its work. With
+`then`, the child's timer runs from the fork too: `timeout` s without a first progress() raise TemporaryError 4.3.0
+(`cannot DOING as USER: not started writing within Ns`) out of what it was doing (a stat hung after the dotlock was
+made: its failure path removes the dotlock), and the parent kills it only `grace` s after `timeout`.
 
 A killed child is reaped within REAP_WAIT s (waitpid WNOHANG); one that still has not ended (a wait the kernel
 does not interrupt, even for SIGKILL) is logged and left to a daemon thread that reaps it when it ends: the
@@ -33,8 +36,10 @@ caller's thread is freed either way.
 
 Failure behaviour: `TemporaryError` 4.3.0 when `user` does not exist or is root (`refusing to DOING as USER: uid
 0`), when the child gave no answer within `timeout` (`cannot DOING as USER: no answer within Ns, the child was
-killed`; past `then` after the mark: `cannot DOING as USER: not done within Ns of starting to write, the child was
-killed`), or when `fn` raised anything but a DeliveryError (`cannot DOING as USER: reason`); a DeliveryError raised by
+killed`, N: `timeout` + `grace` for a marked child with `then`; past `then` + `grace` after a progress(): `cannot
+DOING as USER: writing made no progress for Ns, nor ended Gs later, the child was killed`), when the child stopped
+itself (`… not started writing within Ns`, `… writing made no progress for Ns`), or when `fn` raised anything but
+a DeliveryError (`cannot DOING as USER: reason`); a DeliveryError raised by
 `fn` is raised again here with its permanence, status and text.
 """
 from __future__ import annotations
@@ -86,13 +91,15 @@ def call_as(user: str, doing: str, fn: Callable[..., bytes], *args,
 
         def work() -> bytes:  # (a Progress made here: whatever it raises is reported, and the child exits)
             stalled = f"cannot {doing} as {user}: writing made no progress for {then or 0:g}s"
-            call = partial(fn, writing=Progress(write_end, then, grace, stalled)) if marked else fn
+            late = f"cannot {doing} as {user}: not started writing within {timeout or 0:g}s"
+            call = partial(fn, writing=Progress(write_end, then, grace, stalled, timeout, late)) if marked else fn
             return _switched(groups, pw.pw_gid, pw.pw_uid, call, args)
 
         _report_and_exit(write_end, work)
     os.close(write_end)
     try:
-        report = _framed_report(read_end, None if timeout is None else time.monotonic() + timeout,
+        first = None if timeout is None else timeout + (grace if marked and then is not None else 0)
+        report = _framed_report(read_end, None if first is None else time.monotonic() + first,
                                 None if then is None else then + grace)
     finally:
         os.close(read_end)
@@ -102,7 +109,7 @@ def call_as(user: str, doing: str, fn: Callable[..., bytes], *args,
         if report == MARK:
             raise TemporaryError("4.3.0", f"cannot {doing} as {user}: writing made no progress for {then:g}s, nor "
                                           f"ended {grace:g}s later, the child was killed")
-        raise TemporaryError("4.3.0", f"cannot {doing} as {user}: no answer within {timeout:g}s, the child was killed")
+        raise TemporaryError("4.3.0", f"cannot {doing} as {user}: no answer within {first:g}s, the child was killed")
     _, status = os.waitpid(pid, 0)
     kind, data = report[:1], report[1:]
     if os.waitstatus_to_exitcode(status) != 0:  # killed while it wrote: its report may be cut short
@@ -118,19 +125,26 @@ def call_as(user: str, doing: str, fn: Callable[..., bytes], *args,
 
 class Progress:
     """A marked child's clock (see the module docstring): `progress()` each time the work moves (the first: it
-    starts), `progress.ended()` once it is safe. Made in the child, after the fork."""
+    starts), `progress.ended()` once it is safe. Made in the child, after the fork: with a limit (`then`), its
+    timer runs from here, `start` s until the first progress() (`late` raised past them), `then` s after each."""
 
-    def __init__(self, fd: int, then: float | None, grace: float, stalled: str):
-        self._fd, self._then, self._every, self._stalled = fd, then, grace / 2, stalled
+    def __init__(self, fd: int, then: float | None, grace: float, stalled: str, start: float | None = None,
+                 late: str = ""):
+        self._fd, self._then, self._every, self._stalled = fd, then, grace / 2, late
+        self._moving = stalled  # (the text once the first progress() is made)
         self._told = -math.inf  # (time.monotonic) when the parent last heard of progress
         self._armed = False
         if then is not None:
             signal.signal(signal.SIGALRM, self._alarm)
+            if start is not None:
+                self._armed = True
+                signal.setitimer(signal.ITIMER_REAL, start)
 
     def __call__(self) -> None:
         if self._then is not None:
             self._armed = True
             signal.setitimer(signal.ITIMER_REAL, self._then)
+            self._stalled = self._moving
         if (now := time.monotonic()) - self._told >= self._every:
             self._told = now
             _send_frame(self._fd, MARK)

@@ -243,8 +243,9 @@ def _busy(path: Path, style: LockStyle, timeout: float) -> TemporaryError:
 
 def _append_once_as(user: str, write_limit: float | None, *args) -> LockStyle | None:
     """`_append_once` with `user`'s rights, in a child process forked from this worker thread (asuser.call_as);
-    its DeliveryError comes back as itself, the lock it found busy as its name. The child is killed when it has not
-    started writing within FILE_START_TIMEOUT s (a file whose open or lock never answers: 4.3.0 "no answer"). Once
+    its DeliveryError comes back as itself, the lock it found busy as its name. A child that has not started writing
+    within FILE_START_TIMEOUT s (a file whose open, lock or stat never answers) is stopped by its own timer (the
+    dotlock it made removed: 4.3.0 "not started writing"), with `write_limit` set; killed KILL_GRACE s later. Once
     it writes, a write or fsync that makes no progress for `write_limit` s (its thread is the caller's, and a hung
     one held it until a restart) is interrupted by the child's own timer and rolled back (truncated, the dotlock
     removed: 4.3.0 "writing made no progress"); the child is killed only asuser.KILL_GRACE s after that, when
