@@ -186,3 +186,48 @@ def test_a_killed_child_that_does_not_end_does_not_hold_the_callers_thread(monke
         time.sleep(0.025)
     else:
         pytest.fail("the killed child was never reaped")
+
+
+def test_no_child_is_forked_while_too_many_killed_children_have_not_ended(monkeypatch, caplog):
+    """Each attempt whose killed child does not end (a file on a hung mount, retried) left one more process and
+    reaper thread, without bound, until fork or thread creation failed for every local delivery. At STUCK_LIMIT
+    unreaped children call_as fails at once without forking, logged once an interval, until they end."""
+    real_kill, real_fork, held, forked = os.kill, asuser.os.fork, [], []
+
+    def kill(pid: int, sig: int) -> None:  # (SIGKILL held back: the child plays one in an uninterruptible wait)
+        if sig == signal.SIGKILL:
+            held.append(pid)
+        else:
+            real_kill(pid, sig)
+
+    def fork() -> int:
+        pid = real_fork()
+        if pid:
+            forked.append(pid)
+        return pid
+
+    monkeypatch.setattr(asuser.os, "kill", kill)
+    monkeypatch.setattr(asuser.os, "fork", fork)
+    monkeypatch.setattr(asuser, "REAP_WAIT", 0.05)
+    monkeypatch.setattr(asuser, "STUCK_LIMIT", 3)
+    try:
+        for _ in range(3):
+            with pytest.raises(TemporaryError):
+                asuser.call_as("nobody", "read", _hang, timeout=0.1)
+        assert len(forked) == 3
+        for _ in range(2):
+            with pytest.raises(TemporaryError) as failed:
+                asuser.call_as("nobody", "read", _hang, timeout=0.1)
+            assert (failed.value.dsn, failed.value.text) == (
+                "4.3.0", "cannot read as nobody: 3 children stuck in uninterruptible waits")
+        assert len(forked) == 3  # (none forked for the refused calls)
+        assert caplog.text.count("read as nobody refused: 3 killed children have not ended") == 1
+    finally:
+        for pid in held:
+            real_kill(pid, signal.SIGKILL)
+        for _ in range(400):  # (the reaper threads count them out once they end)
+            if asuser._STUCK.count == 0:
+                break
+            time.sleep(0.025)
+    assert asuser._STUCK.count == 0
+    assert asuser.call_as("nobody", "say", _answer, "again", timeout=30).endswith(b" again")

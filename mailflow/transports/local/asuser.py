@@ -32,14 +32,18 @@ made: its failure path removes the dotlock), and the parent kills it only `grace
 
 A killed child is reaped within REAP_WAIT s (waitpid WNOHANG); one that still has not ended (a wait the kernel
 does not interrupt, even for SIGKILL) is logged and left to a daemon thread that reaps it when it ends: the
-caller's thread is freed either way.
+caller's thread is freed either way. Such children are counted (process-wide: they are this process's children,
+whoever forked them): while STUCK_LIMIT of them are unreaped (each a process holding copies of this one's
+descriptors, and a thread), call_as forks no more and fails at once, logged once every STUCK_LOG_EVERY s (every
+retry of every message to a file on a hung mount would add one, until fork or thread creation failed for all).
 
 Failure behaviour: `TemporaryError` 4.3.0 when `user` does not exist or is root (`refusing to DOING as USER: uid
 0`), when the child gave no answer within `timeout` (`cannot DOING as USER: no answer within Ns, the child was
 killed`, N: `timeout` + `grace` for a marked child with `then`; past `then` + `grace` after a progress(): `cannot
 DOING as USER: writing made no progress for Ns, nor ended Gs later, the child was killed`), when the child stopped
-itself (`… not started writing within Ns`, `… writing made no progress for Ns`), or when `fn` raised anything but
-a DeliveryError (`cannot DOING as USER: reason`); a DeliveryError raised by
+itself (`… not started writing within Ns`, `… writing made no progress for Ns`), when `fn` raised anything but a
+DeliveryError (`cannot DOING as USER: reason`), or when STUCK_LIMIT killed children have not ended (`cannot DOING as
+USER: N children stuck in uninterruptible waits`, no child forked); a DeliveryError raised by
 `fn` is raised again here with its permanence, status and text.
 """
 from __future__ import annotations
@@ -65,6 +69,8 @@ MARK = b"M"  # a frame of its own, before the report: a marked child's progress 
 CALL_AS_TIMEOUT = 60.0  # seconds a child may take (a .forward or :include: read: milliseconds when all is well)
 KILL_GRACE = 30.0  # seconds past a marked child's own limit before the parent kills it (it undoes its work meanwhile)
 REAP_WAIT = 2.0  # seconds a killed child is waited for before it is left to a reaper thread
+STUCK_LIMIT = 8  # killed children not yet ended (left to reaper threads) past which no child is forked
+STUCK_LOG_EVERY = 60.0  # seconds between two logs of a call refused for them
 _LENGTH = struct.Struct("!Q")  # the report's length, before it
 
 
@@ -83,6 +89,7 @@ def call_as(user: str, doing: str, fn: Callable[..., bytes], *args,
         raise TemporaryError("4.3.0", f"cannot {doing} as {user}: no such user") from None
     if pw.pw_uid == 0:
         raise TemporaryError("4.3.0", f"refusing to {doing} as {user}: uid 0")
+    _STUCK.refuse_when_full(f"{doing} as {user}")
     groups = os.getgrouplist(user, pw.pw_gid)
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -167,10 +174,51 @@ def _reap(pid: int, what: str) -> None:
         if time.monotonic() >= deadline:
             log.error("the child %d (%s) has not ended %gs after SIGKILL (an uninterruptible wait): it is reaped "
                       "when it ends", pid, what, REAP_WAIT)
-            threading.Thread(target=os.waitpid, args=(pid, 0), name=f"reap-{pid}", daemon=True).start()
+            _STUCK.leave(pid)
             return
         time.sleep(pause)
         pause = min(pause * 2, 0.05)
+
+
+class _StuckChildren:
+    """The killed children left to reaper threads (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pids: set[int] = set()
+        self._logged = -math.inf  # (time.monotonic) when a refusal was last logged
+
+    def refuse_when_full(self, what: str) -> None:
+        with self._lock:
+            stuck = len(self._pids)
+            if stuck < STUCK_LIMIT:
+                return
+            now, log_it = time.monotonic(), False
+            if now - self._logged >= STUCK_LOG_EVERY:
+                self._logged, log_it = now, True
+        if log_it:
+            log.error("%s refused: %d killed children have not ended (uninterruptible waits: a hung file system?); "
+                      "no child is forked until they do (logged once every %gs)", what, stuck, STUCK_LOG_EVERY)
+        raise TemporaryError("4.3.0", f"cannot {what}: {stuck} children stuck in uninterruptible waits")
+
+    def leave(self, pid: int) -> None:
+        with self._lock:
+            self._pids.add(pid)
+        threading.Thread(target=self._reap, args=(pid,), name=f"reap-{pid}", daemon=True).start()
+
+    def _reap(self, pid: int) -> None:
+        try:
+            os.waitpid(pid, 0)
+        finally:
+            with self._lock:
+                self._pids.discard(pid)
+
+    @property
+    def count(self) -> int:
+        return len(self._pids)
+
+
+_STUCK = _StuckChildren()  # (process-wide, as the children are)
 
 
 def _framed_report(fd: int, deadline: float | None, after_mark: float | None = None) -> bytes | None:
