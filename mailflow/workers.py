@@ -9,6 +9,9 @@ work too long for the event loop, with a bounded wait for a free one.
     await workers.close_within(seconds)  close(), then wait at most `seconds` for the work under way to end
                                          (True: every thread ended; False: one is still in its call, left)
 
+The threads are daemon threads: one left in a call that never returns (a walk in a hung sqlite read) does not
+keep the process from exiting after the stop (a ThreadPoolExecutor's are joined at the interpreter's exit).
+
 A thread counts as busy until its work ends, not until its caller stops waiting: a caller cancelled (a delivery
 stopped at shutdown) or timed out (a sqlite table's deadline) leaves the thread running its call, and no other call
 starts in its place until it returns. So there are never more than `size` threads, whatever the callers do, and
@@ -28,6 +31,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import math
+import queue
 import threading
 from functools import partial
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
@@ -44,7 +48,7 @@ class BoundedWorkers:
         self._size = size
         self._wait = wait
         self._doing = doing
-        self._pool = concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix=doing.replace(" ", "-"))
+        self._pool = _DaemonThreads(size, doing.replace(" ", "-"))
         self._free = asyncio.Semaphore(size)
         self._last_done = -math.inf  # loop time a call last ended in a thread
 
@@ -113,6 +117,64 @@ class BoundedWorkers:
         except TimeoutError:
             return False
         return True
+
+
+class _DaemonThreads:
+    """At most `size` daemon threads running submitted calls, made as calls come (BoundedWorkers never has more
+    than `size` calls submitted and not ended)."""
+
+    def __init__(self, size: int, name: str):
+        self._size, self._name = size, name
+        self._jobs: queue.SimpleQueue[tuple[concurrent.futures.Future, Callable[[], object]] | None] = \
+            queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, call: Callable[[], T]) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._jobs.put((future, call))
+            if len(self._threads) < self._size:
+                thread = threading.Thread(target=self._work, name=f"{self._name}_{len(self._threads)}", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+        return future
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            _run(*job)
+            del job  # (nothing of the last call held while idle)
+
+    def shutdown(self, wait: bool, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._closed = True
+            threads = list(self._threads)
+            if cancel_futures:
+                while True:
+                    try:
+                        job = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is not None:
+                        job[0].cancel()
+            for _ in threads:
+                self._jobs.put(None)
+        if wait:
+            for thread in threads:
+                thread.join()
+
+
+def _run(future: concurrent.futures.Future, call: Callable[[], object]) -> None:
+    if future.set_running_or_notify_cancel():
+        try:
+            result = call()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller, as ThreadPoolExecutor does
+            future.set_exception(e)
+        else:
+            future.set_result(result)
 
 
 def _settle(future: asyncio.Future[None]) -> None:

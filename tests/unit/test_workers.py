@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from functools import partial
@@ -32,3 +36,25 @@ async def test_close_within_waits_for_the_work_under_way_at_most_its_bound():
     assert await quick.run(lambda: "done") == "done"
     assert await quick.close_within(5) is True
     assert named("quick-pool_") == []
+
+
+def test_a_thread_left_in_its_call_at_the_stop_does_not_keep_the_process_alive():
+    """close_within gave up on a stuck call ("its thread is left"), but the pool's threads were a ThreadPoolExecutor's,
+    which the interpreter's exit joins: a walk stuck in a hung sqlite read kept the stopped server alive until
+    systemd's SIGKILL (in the foreground, for ever)."""
+    script = textwrap.dedent("""
+        import asyncio, threading
+        from mailflow.workers import BoundedWorkers
+
+        async def main():
+            workers = BoundedWorkers(2, 60, "content checks")
+            started = threading.Event()
+            asyncio.ensure_future(workers.run(lambda: (started.set(), threading.Event().wait())))
+            await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+            print("left" if await workers.close_within(0.2) is False else "joined", flush=True)
+
+        asyncio.run(main())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert (done.returncode, done.stdout) == (0, "left\n"), done.stderr
