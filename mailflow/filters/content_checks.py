@@ -29,8 +29,9 @@ one, and a queue of slow walks must not hold up the jobs of asyncio's default po
 SMTP client's checks still use that pool). A walk waits for one of the checks' threads as long as they make
 progress: once none has finished a walk for CHECK_WAIT s (walks stuck in a hung table, a sqlite read on a hung
 NFS), it gives up with LookupRetry (451 4.3.0, mailflow.workers); a blocking table's deadline counts from when
-the walk has its thread (TableCache.run). A session cancelled meanwhile (the client gone, a shutdown) marks its walk
-abandoned: it stops at the next line and logs nothing more (no reject: or warning: for a message nobody queues).
+the walk has its thread (TableCache.run). A session cancelled meanwhile (the client gone, a shutdown), or a walk past a
+table's deadline (answered 451), marks its walk abandoned: it stops at the next line and logs nothing more (no
+reject: or warning: for a message nobody queues).
 
 Actions (the table's value; the first word, any case, ended by a space or a TAB):
     REJECT [text]      the message is refused: ContentRejected, 550 5.7.1 text (default "message content rejected");
@@ -59,7 +60,6 @@ raises OSError (451 as well).
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import contextlib
@@ -152,7 +152,8 @@ class ContentChecks:
 
     async def _off_loop(self, result: Inspection, work: Callable[[], T]) -> T:
         """`work` in one of the checks' own threads (a blocking table's deadline kept: TableCache.run); when the
-        caller is cancelled, `result` is marked abandoned and the thread's walk stops logging and looking up."""
+        caller stops waiting for it (cancelled, or a table's deadline passed: LookupRetry, answered 451), `result`
+        is marked abandoned and the thread's walk stops logging and looking up."""
         try:
             if self._workers is None:
                 return await self.tables.run(work, off_loop=True)
@@ -162,7 +163,7 @@ class ContentChecks:
                 except TemporaryError as e:  # every thread held by a hung walk: as a table that cannot answer
                     raise LookupRetry(e.text) from None
                 return await self.tables.run(work, off_loop=True, workers=submit)
-        except asyncio.CancelledError:
+        except BaseException:  # (the walk's own failure too: it has ended, nothing of it runs after this)
             result.abandoned = True
             raise
 

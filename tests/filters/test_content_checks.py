@@ -165,6 +165,47 @@ async def test_a_long_walk_runs_in_the_checks_own_threads_and_a_cancelled_one_lo
     assert [r.getMessage() for r in caplog.records if r.name == "mailflow.cleanup"] == []
 
 
+async def test_a_walk_past_its_tables_deadline_logs_nothing_more(tmp_path, monkeypatch, caplog):
+    """A walk past a sqlite table's deadline was answered 451 (LookupRetry), but only a cancelled one was marked
+    abandoned: this one went on in its thread and logged reject:/warning: lines (which fail2ban reads) for a message
+    nobody queued. Any end of the wait marks it abandoned."""
+    import sqlite3
+
+    import mailflow.filters.content_checks as module
+
+    db = tmp_path / "t.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("create table t(k, v)")
+    conn.close()
+    (tmp_path / "t.cf").write_text(f"dbpath = {db}\nquery = SELECT v FROM t WHERE k='%s'\ntimeout = 0.1\n")
+    (tmp_path / "body_checks").write_text("/^hold/ WARN held\n/^bad/ REJECT bad\n")
+    looked_up: list[str] = []
+    looking, go_on = threading.Event(), threading.Event()
+    lookup = module.lookup_action
+
+    def held_back(tables, key):  # (the "hold" line takes longer than the table's deadline, 0.1 + 0.5 s)
+        looked_up.append(key)
+        if key.startswith("hold"):
+            looking.set()
+            go_on.wait(10)
+        return lookup(tables, key)
+
+    monkeypatch.setattr(module, "lookup_action", held_back)
+    pool = BoundedWorkers(module.CHECK_WORKERS, 30, "content checks")
+    c = ContentChecks(ChecksConfig(body_checks=(f"regexp:{tmp_path / 'body_checks'}", f"sqlite:{tmp_path / 't.cf'}")),
+                      workers=pool)
+    caplog.set_level(logging.INFO, logger="mailflow.cleanup")
+    try:
+        with pytest.raises(LookupRetry):
+            await asyncio.wait_for(inspect(c, b"X-A: 1\r\n", b"\r\nhold\r\nbad\r\n" + LONG_BODY), 10)
+        assert looking.is_set()
+    finally:
+        go_on.set()
+        assert await pool.close_within(10)  # (the walk under way ends)
+    assert looked_up == ["hold"]  # (the "bad" line: not looked up)
+    assert [r.getMessage() for r in caplog.records if r.name == "mailflow.cleanup"] == []
+
+
 async def test_a_regexp_group_over_a_byte_that_is_not_utf8_writes_the_byte_back(tmp_path):
     """regexp: matches such a byte as U+FFFD; its `$1` wrote EF BF BD where Postfix's cleanup writes the byte (a
     header REPLACE and a body PREPEND); any other caller of the table still gets U+FFFD (no reply carries the byte)."""
