@@ -5,6 +5,8 @@ work too long for the event loop, with a bounded wait for a free one.
     await workers.run(call) -> T         call() in one of them, once one is free (see below)
     async with workers.slot() as submit  a free thread reserved first; `await submit(call)` then runs call() in it
                                          without waiting again (a caller's own deadline can start after the wait)
+    workers.moved()                      from a call in one of the threads: it is slow but working (a long walk
+                                         calls it per line), which counts as progress, as a call that ends
     workers.close()                      no new work; idle threads end (running ones end with their work)
     await workers.close_within(seconds)  close(), then wait at most `seconds` for the work under way to end
                                          (True: every thread ended; False: one is still in its call, left)
@@ -20,7 +22,8 @@ A table lookup in such a thread takes a slot first and then TableCache.run(…, 
 the call, and the wait for the thread is bounded here.
 
 A caller waits for a free thread as long as the threads make progress: it gives up only when no thread finished
-any work for `wait` seconds (they look hung). A burst of slow but working calls is queued, never deferred.
+any work, nor said it moved (moved()), for `wait` seconds (they look hung). A burst of slow but working calls is
+queued, never deferred; calls longer than `wait` are too, when they call moved() more often than every `wait` s.
 
 Failure behaviour: `TemporaryError` 4.3.0 when no thread is free and none finished a call for `wait` seconds
 (`no worker free for DOING within Ns: N busy`); what `call` raises propagates.
@@ -33,6 +36,7 @@ import contextlib
 import math
 import queue
 import threading
+import time
 from functools import partial
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
@@ -50,7 +54,7 @@ class BoundedWorkers:
         self._doing = doing
         self._pool = _DaemonThreads(size, doing.replace(" ", "-"))
         self._free = asyncio.Semaphore(size)
-        self._last_done = -math.inf  # loop time a call last ended in a thread
+        self._last_done = -math.inf  # (time.monotonic) when a call last ended in a thread, or said it moved
 
     async def run(self, call: Callable[[], T]) -> T:
         """See the module docstring."""
@@ -81,20 +85,23 @@ class BoundedWorkers:
                 self._free.release()
 
     async def _acquire(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:  # (each turn: a call ended within the last `wait` s, so the threads are not hung)
             try:
                 async with asyncio.timeout(self._wait):
                     await self._free.acquire()
                 return
             except TimeoutError:
-                if loop.time() - self._last_done >= self._wait:
+                if time.monotonic() - self._last_done >= self._wait:
                     raise TemporaryError("4.3.0", f"no worker free for {self._doing} within {self._wait:g}s: "
                                                   f"{self._size} busy") from None
 
     def _done(self) -> None:
-        self._last_done = asyncio.get_running_loop().time()
+        self._last_done = time.monotonic()
         self._free.release()
+
+    def moved(self) -> None:
+        """See the module docstring (one assignment: safe from any thread)."""
+        self._last_done = time.monotonic()
 
     def close(self) -> None:
         """See the module docstring."""

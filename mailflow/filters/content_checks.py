@@ -27,7 +27,8 @@ against 3000 rules held the loop 1.1 s), the body walk when the body is (the che
 Those threads are cleanup's checks' own (the server's pool of CHECK_WORKERS): nearly every message's walk goes to
 one, and a queue of slow walks must not hold up the jobs of asyncio's default pool (file reads, DNS, delivery; the
 SMTP client's checks still use that pool). A walk waits for one of the checks' threads as long as they make
-progress: once none has finished a walk for CHECK_WAIT s (walks stuck in a hung table, a sqlite read on a hung
+progress (a walk tells them at each line it reads: a long but working walk is progress too): once none has
+finished or moved on in a walk for CHECK_WAIT s (walks stuck in a hung table, a sqlite read on a hung
 NFS), it gives up with LookupRetry (451 4.3.0, mailflow.workers); a blocking table's deadline counts from when
 the walk has its thread (TableCache.run). A session cancelled meanwhile (the client gone, a shutdown), or a walk past a
 table's deadline (answered 451), marks its walk abandoned: it stops at the next line and logs nothing more (no
@@ -83,7 +84,7 @@ T = TypeVar("T")
 # matched in a worker thread (105 us a round trip here). A body up to this size is walked on the loop.
 LONG_KEY = 2048
 CHECK_WORKERS = 2  # the content checks' own threads (a walk is CPU: more threads than cores gain nothing)
-CHECK_WAIT = 60.0  # seconds a walk waits for one of them while none finishes a walk (then LookupRetry: hung)
+CHECK_WAIT = 60.0  # seconds a walk waits for one of them while no walk moves on a line (then LookupRetry: hung)
 MAX_LINE = 1 << 20  # a "line" longer than this is matched as this much (a body without line ends)
 _BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]+)"|([^\s;]+))', re.IGNORECASE)
 
@@ -125,6 +126,7 @@ class ContentChecks:
         self._limit = checks.body_checks_size_limit
         self.tables = tables
         self._workers = workers  # the caller's: it ends them (after the last inspection that may use them)
+        self._moved = workers.moved if workers is not None else _unwatched  # (a walk's progress, each line)
 
     @property
     def enabled(self) -> bool:
@@ -176,6 +178,7 @@ class ContentChecks:
         out: list[bytes] = []
         changed = False
         for name, lines in header_fields(head):
+            self._moved()
             raw = b"".join(lines)
             if not name:
                 out.append(raw)
@@ -210,6 +213,7 @@ class ContentChecks:
         for line in _lines(result.body):
             if result.stopped or result.abandoned:  # nothing more is looked up: the rest need not be read
                 break
+            self._moved()
             length = len(line)
             text = line.rstrip(b"\r\n")
             if offset == 0 and not text:  # the empty line that ends the primary headers: no entity's, no body line
@@ -508,3 +512,7 @@ def _spliced(body: Content, edits: list[tuple[int, int, list[bytes]]]) -> Conten
         position = offset + length
     parts.extend(body.after(position).parts)
     return Content(parts)
+
+
+def _unwatched() -> None:
+    """A walk's progress where nobody waits on it (no BoundedWorkers)."""

@@ -297,3 +297,31 @@ async def test_a_walk_waits_for_a_thread_while_the_others_make_progress(tmp_path
     finally:
         await asyncio.gather(*queued)
         assert await pool.close_within(10)
+
+
+async def test_walks_longer_than_the_wait_that_move_on_do_not_defer_the_others(tmp_path, monkeypatch):
+    """Progress was a walk finished: two slow but working walks longer than the pool's wait (a 10 MB message against
+    3000 rules is about 100 s, CHECK_WAIT 60 s) made every other walk 451 though both ended soon after. A walk
+    moving on a line is progress (here each line 0.05 s, each walk 1.2 s, the wait 0.5 s)."""
+    import mailflow.filters.content_checks as module
+
+    lookup = module.lookup_action
+
+    def slow(tables, key):
+        if key.startswith("slow"):
+            time.sleep(0.05)
+        return lookup(tables, key)
+
+    monkeypatch.setattr(module, "lookup_action", slow)
+    pool = BoundedWorkers(2, 0.5, "content checks")
+    c = checks(tmp_path, body="/^never/ REJECT no\n", workers=pool)
+    slow_body = b"\r\n" + b"slow\r\n" * 24 + b"z" * module.LONG_KEY + b"\r\n"
+    walks = [asyncio.create_task(inspect(c, b"X-A: 1\r\n", slow_body)) for _ in range(2)]
+    try:
+        await asyncio.sleep(0)  # (they take both threads)
+        result = await asyncio.wait_for(inspect(c, b"X-A: 1\r\n", LONG_BODY), 30)
+        assert not result.stopped
+        assert all(walk.done() for walk in walks)  # (it waited for them past the pool's wait: not deferred)
+    finally:
+        await asyncio.gather(*walks)
+        assert await pool.close_within(10)
