@@ -232,3 +232,20 @@ def test_no_child_is_forked_while_too_many_killed_children_have_not_ended(monkey
             time.sleep(0.025)
     assert asuser._STUCK.count == 0
     assert asuser.call_as("nobody", "say", _answer, "again", timeout=30).endswith(b" again")
+
+
+def _writes_nothing(*, writing) -> bytes:
+    return b"busy"  # (an attempt that found the lock busy: no progress() made)
+
+
+def test_the_start_timer_is_stopped_before_the_report(monkeypatch):
+    """The child's timer runs from the fork; an attempt that ended without writing (a lock found busy) near the
+    limit had it still armed while reporting: the alarm cut the report and the parent saw a failed child."""
+    real_send = asuser._send_frame
+
+    def slow_send(fd: int, frame: bytes) -> None:  # (a report written past the child's start limit)
+        time.sleep(0.6)
+        real_send(fd, frame)
+
+    monkeypatch.setattr(asuser, "_send_frame", slow_send)
+    assert asuser.call_as("nobody", "write", _writes_nothing, timeout=0.3, marked=True, then=30, grace=30) == b"busy"

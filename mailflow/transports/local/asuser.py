@@ -97,10 +97,15 @@ def call_as(user: str, doing: str, fn: Callable[..., bytes], *args,
         os.close(read_end)
 
         def work() -> bytes:  # (a Progress made here: whatever it raises is reported, and the child exits)
+            if not marked:
+                return _switched(groups, pw.pw_gid, pw.pw_uid, fn, args)
             stalled = f"cannot {doing} as {user}: writing made no progress for {then or 0:g}s"
             late = f"cannot {doing} as {user}: not started writing within {timeout or 0:g}s"
-            call = partial(fn, writing=Progress(write_end, then, grace, stalled, timeout, late)) if marked else fn
-            return _switched(groups, pw.pw_gid, pw.pw_uid, call, args)
+            progress = Progress(write_end, then, grace, stalled, timeout, late)
+            try:
+                return _switched(groups, pw.pw_gid, pw.pw_uid, partial(fn, writing=progress), args)
+            finally:  # (the timer stopped before the report: an attempt that wrote nothing may end near the limit)
+                progress.ended()
 
         _report_and_exit(write_end, work)
     os.close(write_end)
