@@ -6,15 +6,20 @@ A maildrop file is one message with its envelope, written by the submitting user
     <the message, CRLF line ends, exactly `size` bytes>
 
 The first line is one JSON object (UTF-8) with `version` (1), `sender` ("" is the null sender), `recipients`
-(at least one), `uid` and `user` (who submitted it), `fullname` (for the From header cleanup may add), `time`,
-`notify` (RFC 3461 NOTIFY for every recipient, "" when not given), `ret`, `envid`, `body_type`, `size` (the
-byte count of what follows, so a truncated file is caught) and `flags` (a list of words; none are defined yet).
-`sendmail -bs` adds what its RCPT commands gave, one item per recipient, in their order: `rcpt_notify` (NOTIFY,
-"" for none: it overrides `notify`) and `rcpt_orcpt` (ORCPT as `type;address`, "" for none); each key only when
-some recipient has a value, so other files are as before.
+(at least one), `uid` and `user` (who submitted it), `fullname` (for the From header cleanup may add; valid
+text, U+FFFD for a byte that is not UTF-8), `fullname_bytes` (only when a byte of the full name is not UTF-8: the
+name's bytes as given, base64, which a reader takes over `fullname`, so that the From keeps a Latin-1 GECOS
+name's bytes as Postfix's does), `time`, `notify` (RFC 3461 NOTIFY for every recipient, "" when not given),
+`ret`, `envid`, `body_type`, `size` (the byte count of what follows, so a truncated file is caught) and `flags`
+(a list of words; none are defined yet). `sendmail -bs` adds what its RCPT commands gave, one item per
+recipient, in their order: `rcpt_notify` (NOTIFY, "" for none: it overrides `notify`) and `rcpt_orcpt` (ORCPT
+as `type;address`, "" for none); each key only when some recipient has a value, so other files are as before.
 
 Compatibility: the version stays 1 while keys are only added and optional: a reader takes the keys it knows and
-ignores the others (an older pickup delivers a -bs file without its per-recipient DSN, as if none was given).
+ignores the others, and every string stays valid UTF-8 text, which every pickup requires (an older pickup
+delivers a -bs file without its per-recipient DSN, as if none was given, and a full name that is not UTF-8 with
+U+FFFD for its bytes, as it wrote it). A file of the short-lived writer that put such a name's bytes in
+`fullname` itself (JSON's `\\udcXX`, which older pickups take for corrupt and set aside) is still read.
 Two exceptions, which last only until the server's restart (sendmail and the server come in one package): a -bs
 ENVID may be longer than -V's 100 characters, which a pickup older than -bs's DSN takes for a corrupt file; and
 a -bs ORCPT keeps its type as the client gave it (`RFC822;…`, `UTF-8;…`, as Postfix's smtpd), which a pickup
@@ -61,6 +66,7 @@ Nothing here needs a running server.
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import errno
 import json
@@ -123,6 +129,10 @@ class MaildropMessage:
                   "user": self.user, "fullname": self.fullname, "time": self.time, "notify": self.notify,
                   "ret": self.ret, "envid": self.envid, "body_type": self.body_type, "size": self.size,
                   "flags": list(self.flags)}
+        if not is_utf8_text(self.fullname):  # bytes that are not UTF-8 (surrogate escapes): kept apart, see above
+            raw = self.fullname.encode("utf-8", "surrogateescape")
+            header["fullname"] = raw.decode("utf-8", "replace")
+            header["fullname_bytes"] = base64.b64encode(raw).decode("ascii")
         for key in ("rcpt_notify", "rcpt_orcpt"):
             values = getattr(self, key)
             if any(values):
@@ -138,8 +148,7 @@ class MaildropMessage:
 
 def envelope_line(message: MaildropMessage, width: int = 0) -> bytes:
     """The JSON envelope line, padded with spaces to `width` bytes before its newline."""
-    # a surrogate escape (a full name's byte that is not UTF-8) written as JSON's \\udcXX, read back as itself
-    line = json.dumps(message.header(), ensure_ascii=False).encode("utf-8", "backslashreplace")
+    line = json.dumps(message.header(), ensure_ascii=False).encode("utf-8")
     return line + b" " * (width - len(line)) + b"\n"
 
 
@@ -465,12 +474,24 @@ def _message(header: object, available: int, offset: int, owner: int) -> Maildro
     for key, check in (("rcpt_notify", is_notify_value), ("rcpt_orcpt", is_orcpt_value)):
         if key in header:
             optional[key] = _per_recipient(header, key, check, len(recipients))
+    if "fullname_bytes" in header:
+        optional["fullname"] = _fullname_of_bytes(header["fullname_bytes"])
     flags = header.get("flags", [])
     if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
         raise CorruptMaildrop("flags: must be a list of words")
     return MaildropMessage(sender=header["sender"], recipients=tuple(recipients), uid=header["uid"],
                            user=header["user"], flags=tuple(flags), size=header["size"], offset=offset,
                            owner_uid=owner, **optional)
+
+
+def _fullname_of_bytes(value: object) -> str:
+    """`fullname_bytes` (base64) as the name's bytes, those that are not UTF-8 as surrogate escapes."""
+    if not isinstance(value, str):
+        raise CorruptMaildrop("fullname_bytes: must be a string")
+    try:
+        return base64.b64decode(value, validate=True).decode("utf-8", "surrogateescape")
+    except ValueError:  # (binascii.Error is one)
+        raise CorruptMaildrop("fullname_bytes: not base64") from None
 
 
 def _is_bytes_text(value: object) -> bool:

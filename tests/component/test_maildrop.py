@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import email
 import io
+import json
 import os
 import pwd
 import socket
@@ -23,6 +24,7 @@ from mailflow.sendmail import (LINE_PIECE, UsageError, header_recipients, may_su
                                read_message, split_input)
 from mailflow.sendmail import identity
 from mailflow.stages import pickup
+from mailflow.syntax import is_utf8_text
 from tests.support import big_message, eventually, maildir_messages, queue_becomes
 
 MESSAGE = MaildropMessage(sender="alice@local.test", recipients=("bob@local.test",), uid=1000, user="alice",
@@ -179,6 +181,27 @@ def test_per_recipient_dsn_reads_back_and_is_written_only_when_given(tmp_path):
     assert b"rcpt_notify" not in plain and b"rcpt_orcpt" not in plain
 
 
+def test_a_full_name_not_utf8_is_text_for_an_older_pickup_and_its_bytes_for_this_one(tmp_path):
+    """A Latin-1 GECOS name (`-F`, $NAME): every string of the envelope line stays UTF-8 text, the rule of every
+    older pickup's reader (it set aside, and for another user's file removed, a file with a surrogate escape in
+    `fullname`) and the one that reads it gets U+FFFD for the byte; this reader gets the byte back from
+    `fullname_bytes`, which the older one ignores. A UTF-8 name has no such key, as before."""
+    message = dataclasses.replace(MESSAGE, fullname="Jos\udce9 M\u00fcller")
+    name = drop(tmp_path, message)
+    line = (tmp_path / name).read_bytes().split(b"\n", 1)[0]
+    header = json.loads(line)  # the older reader's rules: JSON, each string (alone or in a list) UTF-8 text
+    strings = [s for v in header.values() for s in (v if isinstance(v, list) else [v]) if isinstance(s, str)]
+    assert all(is_utf8_text(s) for s in strings)
+    line.decode("utf-8")  # (strict)
+    assert header["fullname"] == "Jos\ufffd M\u00fcller"
+    assert read_maildrop(tmp_path / name).fullname == "Jos\udce9 M\u00fcller"
+    assert b"fullname_bytes" not in (tmp_path / drop(tmp_path)).read_bytes().split(b"\n", 1)[0]
+    # the short-lived writer's form (the byte in `fullname`, as JSON's escape) is still read
+    (tmp_path / "F1").write_bytes(b'{"version": 1, "sender": "a@b", "recipients": ["c@d"], "uid": 1, "user": "a", '
+                                  b'"size": 0, "fullname": "Jos\\udce9"}\n')
+    assert read_maildrop(tmp_path / "F1").fullname == "Jos\udce9"
+
+
 def test_content_is_streamed_in_and_its_body_type_found_at_the_end(tmp_path):
     chunks = [b"Subject: x\r\n\r\n", b"a" * 100_000, b"caf\xc3\xa9\r\n"]
     name = write_maildrop(tmp_path, dataclasses.replace(MESSAGE, body_type=""), iter(chunks))
@@ -241,6 +264,10 @@ def test_names_sort_in_submission_order(tmp_path):
      "'sender': not UTF-8"),
     (b'{"version": 1, "sender": "a@b", "recipients": ["c@d"], "uid": 1, "user": "a", "size": 0, '
      b'"fullname": "\\ud800"}\n', "'fullname': not UTF-8"),  # (a surrogate escape, `\\udce9`, is a byte: kept)
+    (b'{"version": 1, "sender": "a@b", "recipients": ["c@d"], "uid": 1, "user": "a", "size": 0, '
+     b'"fullname_bytes": "Jos\xc3\xa9"}\n', "fullname_bytes: not base64"),
+    (b'{"version": 1, "sender": "a@b", "recipients": ["c@d"], "uid": 1, "user": "a", "size": 0, '
+     b'"fullname_bytes": 1}\n', "fullname_bytes: must be"),
 ])
 def test_malformed_files_are_corrupt(tmp_path, raw, reason):
     path = tmp_path / "F1"

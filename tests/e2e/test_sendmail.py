@@ -484,8 +484,8 @@ async def test_an_empty_recipient_is_refused_not_stored_for_pickup_to_set_aside(
 
 async def test_bytes_that_are_not_utf8_on_the_command_line_are_a_usage_error_or_kept(cfg, tmp_path):
     """A recipient or -f with a byte that is not UTF-8 is bad address syntax (64), not a traceback (exit 1);
-    such a byte in -F or $NAME is kept in the stored full name (JSON's \\udcXX escape: the byte itself, which
-    cleanup writes in the From it adds, as Postfix's; U+FFFD before damaged a Latin-1 name)."""
+    such a byte in -F or $NAME is kept in the stored full name (`fullname_bytes`, base64: the byte itself, which
+    cleanup writes in the From it adds, as Postfix's; `fullname` has U+FFFD for it, for an older pickup)."""
     config = cfg()
     bad = os.fsdecode(b"b\xffob@local.test")
     for args in ((bad,), ("-f", bad, "bob@local.test")):
@@ -495,7 +495,7 @@ async def test_bytes_that_are_not_utf8_on_the_command_line_are_a_usage_error_or_
     rc, _, err = await run(config, "-F", os.fsdecode(b"N\xffame"), "bob@local.test", stdin=b"\nbody\n")
     assert rc == 0, err
     [name] = maildrop_names(tmp_path / "queue" / "maildrop")
-    assert '"fullname": "N\\udcffame"' in (tmp_path / "queue" / "maildrop" / name).read_text("utf-8")
+    assert '"fullname": "N\ufffdame"' in (tmp_path / "queue" / "maildrop" / name).read_text("utf-8")
     assert read_maildrop(tmp_path / "queue" / "maildrop" / name).fullname.encode(
         "utf-8", "surrogateescape") == b"N\xffame"
 
