@@ -59,14 +59,16 @@ What it does, in order (Postfix cleanup(8)):
    Postfix's cleanup (cleanup_out_header: SMTPUTF8_FLAG_HEADER, then SMTPUTF8 requested with CLEANUP_FLAG_AUTOUTF8);
    so a peer without SMTPUTF8 gets no such message (5.6.7). Streamed as in 4c, the part headers read only when
    the message has parts (mailflow.transports.downgrade.utf8_header_section);
-5. when configured (`outbound`, mailflow.signing.outbound): rewrites a forwarded message's sender (SRS), seals
+5. when configured (mailflow.signing.outbound): rewrites a forwarded message's sender (SRS), seals
    it (ARC) and signs this host's mail (DKIM, over the header section as queued, 8-bit bytes too: the SMTP client
    sends them as they are), the body hash streamed; off, none of it costs anything;
 6. commits message, recipients and content in one group-committed transaction, with the message's after-queue
    content filter (`Submission.content_filter`, else [smtpd] content_filter; a FILTER action wins) and the
    client attributes the delivery agents get (`Submission.client_attributes`, as given);
-6a. a requeued message (`resubmit`, for pickup) goes through steps 2 to 4 again under a new queue id and replaces
-   the old message in one transaction (Store.replace_requeued);
+6a. a requeued message (`resubmit`, for pickup) goes through steps 2 to 4c again under a new queue id and replaces
+   the old message in one transaction (Store.replace_requeued); not 4d: it keeps the SMTPUTF8 it was stored with
+   (Postfix's pickup skips the autodetect for requeued mail, MAIL_IS_REQUEUED; else pickup's requeue, a local
+   submission, would mark a client's message with an 8-bit Subject SMTPUTF8);
 7. logs pickup's `uid=`, `message-id=` and `queued` (qmgr's `from=` line: not for a message put on hold, which
    gets it from qmgr when released, as in Postfix), and wakes qmgr; or, when a queue manager is attached
    (`attach_queue_manager`) and has room, commits the message straight into the active queue and hands it over
@@ -216,7 +218,7 @@ class Cleanup:
         """`hold`: commit it in the hold queue (an smtpd HOLD restriction), where qmgr leaves it alone. Raises
         ContentRejected when a content check refuses it; a discarded message gets its queue id, uncommitted."""
         queue_id = self._queue_id(sub)
-        msg = await self._built(sub, queue_id, hold=hold, outbound=True)
+        msg = await self._built(sub, queue_id, hold=hold, arriving=True)
         if msg is None:
             return queue_id
         await self._commit(msg, sub)
@@ -232,7 +234,7 @@ class Cleanup:
         The copy replaces the old message in one transaction (Store.replace_requeued). Returns the new id; None
         when a content check discarded it (the old message is removed). Raises as `submit` (RequeueGone: deleted
         meanwhile; nothing committed)."""
-        msg = await self._built(sub, self._ids.next(), hold=False, outbound=False)
+        msg = await self._built(sub, self._ids.next(), hold=False, arriving=False)
         if msg is None:
             await self._store.delete_messages([requeued.queue_id])
             return None
@@ -246,9 +248,9 @@ class Cleanup:
         self._on_queued()
         return msg.queue_id
 
-    async def _built(self, sub: Submission, queue_id: QueueId, *, hold: bool, outbound: bool) -> NewMessage | None:
-        """The message cleanup commits for `sub` (steps 2 to 5 of the module doc; `outbound`: with step 5), or None
-        when a content check discarded it."""
+    async def _built(self, sub: Submission, queue_id: QueueId, *, hold: bool, arriving: bool) -> NewMessage | None:
+        """The message cleanup commits for `sub` (steps 2 to 5 of the module doc; not `arriving`, a requeued copy:
+        without steps 4d and 5), or None when a content check discarded it."""
         content_filter = self._content_filter if sub.content_filter is None else sub.content_filter
         bcc = REDIRECTED if sub.redirected else NO_BCC
         if self._checks is not None and "no_header_body_checks" not in sub.overrides and _from_outside(sub):
@@ -267,9 +269,10 @@ class Cleanup:
             msg = self._prepare(sub, queue_id, False, bcc)
         if msg.body_type != "8BITMIME" and await labelled_8bit(msg.content, header=_header_block(msg)):
             msg = dataclasses.replace(msg, body_type="8BITMIME")
-        if not msg.smtputf8 and self._autodetects(sub) and await utf8_header_section(msg.content, _header_block(msg)):
+        if (arriving and not msg.smtputf8 and self._autodetects(sub)
+                and await utf8_header_section(msg.content, _header_block(msg))):
             msg = dataclasses.replace(msg, smtputf8=True)
-        if outbound and self._outbound is not None:
+        if arriving and self._outbound is not None:
             msg = await self._outbound.apply(msg, sub)
         if hold or content_filter:
             msg = dataclasses.replace(msg, queue="hold" if hold else msg.queue, content_filter=content_filter)

@@ -304,6 +304,24 @@ async def test_requeue_copies_deferred_and_held_mail_under_new_queue_ids(busy_pe
     assert not {first, second} & set(ids) and await mf.store.counts() == {}
 
 
+async def test_requeued_smtp_mail_with_an_8bit_subject_is_not_made_smtputf8(busy_peer):
+    """A client's message with a raw UTF-8 Subject, not SMTPUTF8 (the autodetect is for sendmail's mail by
+    default), deferred and requeued, goes to the peer without SMTPUTF8 as it would have first: the copy keeps
+    the SMTPUTF8 it was stored with, as Postfix's pickup runs no autodetect on requeued mail (MAIL_IS_REQUEUED).
+    It was taken for a local submission and returned 5.6.7."""
+    mf, config, peer = busy_peer
+    peer.handler.rcpt_replies["bob@relay.test"] = BUSY
+    refused, reply = await send(mf.smtp_addresses[0][1], "someone@remote.test", ["bob@relay.test"],
+                                "Subject: caf\u00e9\r\n\r\nhi\r\n".encode())
+    assert refused == {}, reply
+    await deferred_reason(mf, reply.rsplit(" ", 1)[1])
+    peer.handler.rcpt_replies.clear()
+    assert await queue(config, "requeue", "ALL") == (0, "requeue: 1 message\n", "")
+    [got] = await eventually(lambda: peer.messages, timeout=20, what="the requeued message (or its bounce)")
+    assert got.rcpt_tos == ["bob@relay.test"] and not got.smtputf8
+    assert b"Subject: caf\xc3\xa9\r\n" in got.content
+
+
 async def test_old_mail_requeued_is_tried_again_for_a_whole_lifetime_not_returned(busy_peer, tmp_path):
     """postsuper -r resets the expiration schedule (Postfix HISTORY 20060313): cleanup keeps the first arrival
     (delay=, the listings) but writes a new create_time, which qmgr's queue lifetime and backoff count from. A
