@@ -55,8 +55,10 @@ What it does, in order (Postfix cleanup(8)):
    mailflow.transports.downgrade.labelled_8bit: the content is read for it only when it has those words);
 4d. marks the message SMTPUTF8 when smtputf8_autodetect_classes names its origin (`sendmail`: a local
    submission, `smtpd`: a client's, `forward`: a forwarded copy; `all`; default sendmail, verify) and a header
-   section in it (its own as queued, a MIME part's, an attached message's) has a byte that is not ASCII, as
-   Postfix's cleanup (cleanup_out_header: SMTPUTF8_FLAG_HEADER, then SMTPUTF8 requested with CLEANUP_FLAG_AUTOUTF8);
+   section in it (its own as queued but for the fields 4b added: the From made from a full name does not count,
+   as Postfix's writes them past cleanup_out_header; a MIME part's, an attached message's) has a byte that is not
+   ASCII, as Postfix's cleanup (cleanup_out_header: SMTPUTF8_FLAG_HEADER, then SMTPUTF8 requested with
+   CLEANUP_FLAG_AUTOUTF8);
    so a peer without SMTPUTF8 gets no such message (5.6.7). Streamed as in 4c, the part headers read only when
    the message has parts (mailflow.transports.downgrade.utf8_header_section);
 5. when configured (mailflow.signing.outbound): rewrites a forwarded message's sender (SRS), seals
@@ -264,13 +266,13 @@ class Cleanup:
             if found.bcc or found.redirect is not None:
                 bcc = Bcc(redirected=sub.redirected or found.redirect is not None, checks=tuple(found.bcc))
         if self._mapper is not None and "no_address_mappings" not in sub.overrides:
-            msg = await self._mapper.tables.run(self._prepare, sub, queue_id, True, bcc)
+            msg, counted = await self._mapper.tables.run(self._prepare, sub, queue_id, True, bcc)
         else:
-            msg = self._prepare(sub, queue_id, False, bcc)
+            msg, counted = self._prepare(sub, queue_id, False, bcc)
         if msg.body_type != "8BITMIME" and await labelled_8bit(msg.content, header=_header_block(msg)):
             msg = dataclasses.replace(msg, body_type="8BITMIME")
-        if (arriving and not msg.smtputf8 and self._autodetects(sub)
-                and await utf8_header_section(msg.content, _header_block(msg))):
+        if arriving and not msg.smtputf8 and self._autodetects(sub) and await utf8_header_section(
+                msg.content if counted is None else Content((counted, *msg.content.parts[1:])), counted):
             msg = dataclasses.replace(msg, smtputf8=True)
         if arriving and self._outbound is not None:
             msg = await self._outbound.apply(msg, sub)
@@ -350,7 +352,7 @@ class Cleanup:
     def prepare(self, sub: Submission, *, rewrite: bool = True) -> NewMessage:
         """Everything but the commit: the queue id, the checks, the envelope rewriting and the headers.
         Raises PermanentError (MessageTooBig) or TemporaryError (LookupRetry)."""
-        return self._prepare(sub, self._queue_id(sub), rewrite)
+        return self._prepare(sub, self._queue_id(sub), rewrite)[0]
 
     def _queue_id(self, sub: Submission) -> QueueId:
         """The id smtpd took for the message (`begin`), else a new one, with smtpd's `QID: client=` for a client's
@@ -363,7 +365,12 @@ class Cleanup:
             return self.begin(sub.client, sub.client_attributes.sasl_sender or None)
         return self._ids.next()
 
-    def _prepare(self, sub: Submission, queue_id: QueueId, rewrite: bool, bcc: Bcc = NO_BCC) -> NewMessage:
+    def _prepare(self, sub: Submission, queue_id: QueueId, rewrite: bool,
+                 bcc: Bcc = NO_BCC) -> tuple[NewMessage, bytes | None]:
+        """The message and its header section as the SMTPUTF8 autodetect (step 4d) reads it: without the fields
+        cleanup added (Message-ID, Date, the From made from a full name), which Postfix's cleanup writes past
+        cleanup_out_header (CLEANUP_OUT_BUF, no SMTPUTF8_FLAG_HEADER); None when that is the message's own (the
+        added fields are ASCII)."""
         now = self._clock.time()
         head, complete = read_header(sub.content, self._header_size_limit)
         names = header_names(head)
@@ -400,9 +407,11 @@ class Cleanup:
             head = without_fields(head, self._drop_headers)
         if sub.header_rewrite_domain is not None and mapper is not None:
             head = _rewrite_header_addresses(mapper, head, sub.header_rewrite_domain, mapped=rewrite)
-        block = self._received(sub, queue_id, now) + _header_lines(sub.headers) + head + missing + sub.milter_fields
+        own = self._received(sub, queue_id, now) + _header_lines(sub.headers) + head
+        after = sub.milter_fields
         if rest.size and not rest.read_prefix(2).startswith((b"\r\n", b"\n")):
-            block += b"\r\n"  # the header section ended at a line that is no header field: the body starts there
+            after += b"\r\n"  # the header section ended at a line that is no header field: the body starts there
+        block = own + missing + after
         return NewMessage(
             queue_id=queue_id,
             sender=sender,
@@ -415,7 +424,7 @@ class Cleanup:
             envid=env.envid,
             ret=env.ret,
             client_attributes=sub.client_attributes,
-        )
+        ), None if missing.isascii() else own + after
 
     def prepare_notice(self, sub: Submission) -> NewMessage:
         """`prepare` for a notice this host writes: if its recipient cannot be rewritten now, it is queued

@@ -108,10 +108,7 @@ async def test_missing_header_fields_are_added_as_a_real_postfix_adds_them(mailf
     async with smtp_sink() as (pf_sink, pf_dump), smtp_sink() as (mf_sink, mf_dump):
         async with postfix_instance({**COMMON, "relayhost": f"[127.0.0.1]:{pf_sink}"}) as pf:
             postfix = await run(pf.port, pf_dump, ["sendmail", "-C", str(pf.etc)])
-        # (no SMTPUTF8 autodetection, as the private Postfix's smtputf8_enable = no: a UTF-8 full name would make the
-        # message SMTPUTF8, which smtp-sink does not offer)
-        settings = {**COMMON, "relayhost": f"[127.0.0.1]:{mf_sink}", "relay_domains": ["x.test"],
-                    "smtputf8_autodetect_classes": []}
+        settings = {**COMMON, "relayhost": f"[127.0.0.1]:{mf_sink}", "relay_domains": ["x.test"]}
         mf = await mailflow_server(**settings)
         config = write_config(tmp_path / "mailflow.toml", **settings)
         mailflow = await run(mf.smtp_addresses[0][1], mf_dump, [sys.executable, "-m", "mailflow", "sendmail", "-C",

@@ -3,7 +3,8 @@ each one's sendmail to a private Postfix 3.7 (its defaults: smtputf8_enable = ye
 sendmail, verify) and to mailflow (the same default), each relaying to a peer that offers SMTPUTF8 and to smtp-sink,
 which does not. A byte that is not ASCII in a header field (the message's, a MIME part's) makes the message SMTPUTF8:
 MAIL FROM says SMTPUTF8 to the first peer, and the second gets nothing, the sender a 5.6.7 notice (Postfix's
-cleanup_out_header, then smtp(8)). 8-bit bytes in a body alone make nothing SMTPUTF8.
+cleanup_out_header, then smtp(8)). 8-bit bytes in a body alone make nothing SMTPUTF8, nor does the From cleanup
+adds from a full name that is not ASCII (`-F`, UTF-8 or Latin-1: Postfix writes it past cleanup_out_header).
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from tests.support.postfix import smtp_sink
 pytestmark = pytest.mark.interop
 
 UTF8 = b"Gr\xc3\xbc\xc3\x9fe aus K\xc3\xb6ln"
-HEAD = b"From: %s@notices.test\nTo: r@utf.test, r@plain.test\nMessage-ID: <%s@client.test>\n"
+FROM = b"From: %s@notices.test\n"
+HEAD = b"To: r@utf.test, r@plain.test\nMessage-ID: <%s@client.test>\n"
 PART = (b"MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=b\n\n--b\nContent-Type: text/plain\n"
         b"Content-Disposition: attachment; filename=\"" + UTF8 + b".txt\"\n\nfirst\n--b--\n")
 # name (the sender's local part): what follows its first header fields
@@ -30,7 +32,11 @@ PROBES: dict[str, bytes] = {
     "latin1": b"Subject: caf\xe9\n\nbody\n",
     "part": b"Subject: plain\n" + PART,
     "body": b"Subject: plain\n\nbody " + UTF8 + b"\n",
+    "fullname": b"Subject: plain\n\nbody\n",
+    "latin1name": b"Subject: plain\n\nbody\n",
 }
+# the probes without a From, sent with -F: the From cleanup adds (its bytes as given) counts for nothing
+FULL_NAMES = {"fullname": "Jos\u00e9 M\u00fcller".encode(), "latin1name": b"Jos\xe9"}
 ROUTES = "inline:{{utf.test=smtp:[127.0.0.1]:{}, plain.test=smtp:[127.0.0.1]:{}, notices.test=smtp:[127.0.0.1]:{}}}"
 # Postfix's smtp(8) makes the 5.6.7 decision in smtp_helo (smtp_proto.c), so a message sent over a cached session
 # never gets it: such a message reaches a peer without SMTPUTF8 (seen with a private 3.7.11). Its sessions are not
@@ -41,9 +47,10 @@ COMMON = {"myhostname": "mx.origin.test", "myorigin": "origin.test"}
 
 def submit(sendmail: list[str]) -> None:
     for name, rest in PROBES.items():
-        message = HEAD % (name.encode(), name.encode()) + rest
-        done = subprocess.run([*sendmail, "-f", f"{name}@notices.test", "r@utf.test", "r@plain.test"],
-                              input=message, capture_output=True, timeout=20)
+        full_name = FULL_NAMES.get(name)
+        message = (b"" if full_name else FROM % name.encode()) + HEAD % name.encode() + rest
+        done = subprocess.run([*sendmail, *([b"-F", full_name] if full_name else []), "-f", f"{name}@notices.test",
+                               "r@utf.test", "r@plain.test"], input=message, capture_output=True, timeout=20)
         assert done.returncode == 0, done.stderr
 
 
@@ -103,5 +110,7 @@ async def test_sendmail_mail_with_8bit_header_bytes_is_smtputf8_as_a_real_postfi
                              mf_notice_lines, mf_dump)
     assert mailflow == postfix
     # what Postfix did, so that the same mistake on both sides cannot pass unnoticed
-    assert postfix["utf peer"] == {"subject": True, "latin1": True, "part": True, "body": False}
-    assert postfix["plain peer"] == {"body"} and postfix["notified"] == {"subject", "latin1", "part"}
+    assert postfix["utf peer"] == {"subject": True, "latin1": True, "part": True, "body": False, "fullname": False,
+                                   "latin1name": False}
+    assert postfix["plain peer"] == {"body", "fullname", "latin1name"}
+    assert postfix["notified"] == {"subject", "latin1", "part"}

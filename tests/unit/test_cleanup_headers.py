@@ -383,6 +383,23 @@ async def test_a_local_users_full_name_is_written_as_postfix_writes_it(env, send
     assert added + b"\r\n" in env.store.inserted[0].content
 
 
+async def test_the_from_made_from_a_full_name_does_not_make_the_message_smtputf8(env):
+    """Postfix's cleanup writes the From it adds past cleanup_out_header (CLEANUP_OUT_BUF: no SMTPUTF8 header
+    flag), so `sendmail -F "Jos\u00e9 M\u00fcller"` with ASCII header fields goes to a peer without SMTPUTF8
+    (compared with 3.7.11: tests/interop/test_smtputf8_autodetect_vs_postfix.py); its own 8-bit fields and a
+    part's still count with such a From."""
+    part = (b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+            b"Content-Disposition: attachment; filename=\"K\xc3\xb6ln\"\r\n\r\nx\r\n--b--\r\n")
+    contents = [b"Subject: x\r\n\r\nbody\r\n", b"Subject: x\r\n\r\nbody\r\n", b"Subject: K\xc3\xb6ln\r\n\r\nx\r\n",
+                part]
+    for content, fullname in zip(contents, ["Jos\u00e9 M\u00fcller", "Jos\udce9", "Jos\udce9", "Jos\u00e9"]):
+        await env.cleanup.submit(dataclasses.replace(submission(content),
+                                                     submitter=LocalUser(uid=1000, login="jose", fullname=fullname)))
+    assert [m.smtputf8 for m in env.store.inserted] == [False, False, True, True]
+    assert b"From: Jos\xc3\xa9 M\xc3\xbcller <alice@remote.test>\r\n" in env.store.inserted[0].content
+    assert b"From: Jos\xe9 <alice@remote.test>\r\n" in env.store.inserted[1].content
+
+
 async def test_null_sender_gets_mailer_daemon_from(env):
     """As Postfix's cleanup writes it: MAILER-DAEMON, unqualified (checked against Postfix 3.7)."""
     await env.cleanup.submit(submission(b"Subject: bounce\r\n\r\nx\r\n", sender=""))
