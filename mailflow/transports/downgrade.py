@@ -25,7 +25,12 @@ default, `disable_mime_output_conversion = no`), as its mime_state module does i
   is_header: a name of printable ASCII but the colon, blanks, then the colon) nor continues one (`_ends_headers`):
   the label is written before that line, which is the body's first, as Postfix's mime_state writes them.
 - multipart/* and message/rfc822 entities are descended into (parts split on their boundary); when they
-  claim 8bit or binary themselves, their label becomes 7bit (written as above).
+  claim 8bit or binary themselves, their label becomes 7bit (written as above). A message/global entity is
+  descended into too, but when converting (Downgrade's `converting`) one labelled 8bit or binary: that one's
+  body is encoded as quoted-printable, as mime_state does with MIME_OPT_DOWNGRADE (cleanup's questions,
+  labelled_8bit and utf8_header_section, are asked without it, so there every message/global is read within).
+  Other message/* types are bodies, as there. The content type is read without RFC 822 comments
+  (`Content-Type: (c) multipart/mixed` is multipart/mixed, as Postfix's header_token reads it).
 - Everything else passes byte for byte: headers (8-bit bytes in headers stay: MIME has no body encoding
   for them, and Postfix sends them as they are), bodies without an 8bit label (a non-MIME message with
   8-bit text is sent as it is, as Postfix does), boundaries, preambles and epilogues.
@@ -78,7 +83,8 @@ READ_INLINE = 1 << 20  # bytes of a MIME message labelled_8bit reads on the even
 # a Content-Type whose entity holds others (parts with header sections of their own), its value maybe folded
 # a line that starts a field named Content-something: without one, a header section decides nothing here
 _CONTENT_FIELD = re.compile(rb"(?:\A|[\r\n])content-", re.IGNORECASE)  # (a bare CR ends a line for Python)
-_NESTING_TYPE = re.compile(rb"^content-type:[ \t\r\n]*(?:multipart|message)/", re.IGNORECASE | re.MULTILINE)
+# (or a comment first: parsed, to be sure)
+_NESTING_TYPE = re.compile(rb"^content-type:[ \t\r\n]*(?:\(|multipart|message)", re.IGNORECASE | re.MULTILINE)
 
 
 @dataclass
@@ -118,7 +124,7 @@ async def _parsed_until(content: Content, fact: str) -> bool:
     it stops there. A content over READ_INLINE is read in a worker thread."""
     if content.size > READ_INLINE:
         return await asyncio.to_thread(_parts_found, content.chunks(), fact)
-    converter = Downgrade()
+    converter = Downgrade(converting=False)
     async for chunk in content.stream():
         converter.feed(chunk)
         if getattr(converter, fact):
@@ -128,7 +134,7 @@ async def _parsed_until(content: Content, fact: str) -> bool:
 
 
 def _parts_found(chunks: Iterable[bytes], fact: str) -> bool:
-    converter = Downgrade()
+    converter = Downgrade(converting=False)
     for chunk in chunks:
         converter.feed(chunk)
         if getattr(converter, fact):
@@ -138,7 +144,7 @@ def _parts_found(chunks: Iterable[bytes], fact: str) -> bool:
 
 
 def _relabels(header: bytes) -> bool:
-    converter = Downgrade()
+    converter = Downgrade(converting=False)
     converter.feed(header)
     return converter.relabelled
 
@@ -156,9 +162,11 @@ async def _names_a_label(content: Content) -> bool:
 
 class Downgrade:
     """See the module docstring. `relabelled`: an entity's 8bit or binary label was changed; `utf8_header`: a header
-    section read so far holds a byte that is not ASCII."""
+    section read so far holds a byte that is not ASCII. `converting`: as mime_state with MIME_OPT_DOWNGRADE (the
+    SMTP client's conversion); False: as cleanup's mime_state reads (only the facts are wanted)."""
 
-    def __init__(self) -> None:
+    def __init__(self, converting: bool = True) -> None:
+        self._converting = converting
         self._partial = b""  # the start of a line whose end has not arrived
         self._mid_line = False  # the current line was already passed on in pieces (a very long line)
         self._multiparts: list[_Multipart] = []  # open multiparts, outermost first
@@ -315,12 +323,14 @@ class Downgrade:
         content_type, eight_bit, boundary = entity_facts(self._headers, self._default_type, names_content)
         relabel = None
         mode = "pass"
+        nested = content_type == "message/rfc822" or (
+            content_type == "message/global" and not (eight_bit and self._converting))
         if boundary:
             delimiter = b"--" + boundary.encode("ascii", "replace")
             child = "message/rfc822" if content_type == "multipart/digest" else "text/plain"
             self._multiparts.append(_Multipart(delimiter, delimiter + b"--", child, self._depth))
             relabel = b"7bit" if eight_bit else None
-        elif content_type == "message/rfc822":
+        elif nested:
             relabel = b"7bit" if eight_bit else None
         elif eight_bit:
             relabel, mode = b"quoted-printable", "qp"
@@ -331,7 +341,7 @@ class Downgrade:
                 headers, self.relabelled = downgraded, True
         out.extend(headers)
         self._eol = b""
-        if content_type == "message/rfc822" and not boundary and body_follows:
+        if nested and not boundary and body_follows:
             self._start_entity("text/plain", self._depth + 1)
             return eight_bit
         self._headers, self._header_size = [], 0
@@ -394,6 +404,12 @@ def _qp_escape_byte(byte: int) -> bytes:
 
 def transfer_encoding(value: str) -> str:
     """A Content-Transfer-Encoding field's mechanism, lower case, without its RFC 822 comments."""
+    words = _uncommented(value).split()
+    return words[0].lower() if words else ""
+
+
+def _uncommented(value: str) -> str:
+    """`value` without its RFC 822 comments (nested ones too)."""
     depth, kept = 0, []
     for c in value:
         if c == "(":
@@ -402,8 +418,17 @@ def transfer_encoding(value: str) -> str:
             depth -= 1
         elif not depth:
             kept.append(c)
-    words = "".join(kept).split()
-    return words[0].lower() if words else ""
+    return "".join(kept)
+
+
+def content_type_of(info: Message) -> str:
+    """The entity's content type, lower case, as Python's parser reads it but without RFC 822 comments and blanks
+    (`(c) multipart/mixed`, `multipart / mixed`: multipart/mixed, as Postfix's header_token reads them)."""
+    value = info.get("content-type")
+    if value is None:
+        return info.get_content_type()
+    found = "".join(_uncommented(str(value)).split(";", 1)[0].split()).lower()
+    return found if found.count("/") == 1 else "text/plain"
 
 
 def entity_facts(header_lines: list[bytes], default_type: str,
@@ -417,7 +442,7 @@ def entity_facts(header_lines: list[bytes], default_type: str,
     if not names_content:
         return default_type, False, None
     info = parse_headers(header_lines, default_type)
-    content_type = info.get_content_type()
+    content_type = content_type_of(info)
     eight_bit = labelled_domain(info.get_all("content-transfer-encoding") or [])
     boundary = info.get_boundary() if content_type.startswith("multipart/") else None
     return content_type, eight_bit, boundary

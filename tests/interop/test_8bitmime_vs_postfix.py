@@ -74,6 +74,13 @@ SMTP_PROBES: dict[str, tuple[str, bytes]] = {
     "a part's section starting with a colon": ("", PART % b":x\r\n"),
     "a part's label then a line that is no field": ("", PART.replace(b"%s", b"").replace(
         b"8bit\r\n\r\n", b"8bit\r\ngarbage line\r\nSubject: s\r\n\r\n")),
+    # mime_state descends into message/global (converting: only one in the 7-bit domain), reads a type after a comment
+    "a message/global part labelled 8bit": ("", PART % b"Content-Type: message/global\r\n"),
+    "a message/global part, 8bit within": ("", PART.replace(b"%sContent-Transfer-Encoding: 8bit\r\n\r\n", (
+        b"Content-Type: message/global\r\n\r\nSubject: inner\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"))),
+    "a message/partial part, 8bit within": ("", PART.replace(b"%sContent-Transfer-Encoding: 8bit\r\n\r\n", (
+        b"Content-Type: message/partial; id=1\r\n\r\nSubject: inner\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"))),
+    "a type after a comment": ("", PART.replace(b"multipart/mixed", b"(c) multipart/mixed") % b""),
 }
 # name: (sendmail options, what follows the first header fields), submitted with each one's own sendmail
 LOCAL_PROBES: dict[str, tuple[list[str], bytes]] = {

@@ -3,7 +3,8 @@ each one's sendmail to a private Postfix 3.7 (its defaults: smtputf8_enable = ye
 sendmail, verify) and to mailflow (the same default), each relaying to a peer that offers SMTPUTF8 and to smtp-sink,
 which does not. A byte that is not ASCII in a header field (the message's, a MIME part's) makes the message SMTPUTF8:
 MAIL FROM says SMTPUTF8 to the first peer, and the second gets nothing, the sender a 5.6.7 notice (Postfix's
-cleanup_out_header, then smtp(8)). 8-bit bytes in a body alone make nothing SMTPUTF8, nor does the From cleanup
+cleanup_out_header, then smtp(8); a message/global part's header fields and a type after a comment, as
+mime_state reads them, too). 8-bit bytes in a body alone make nothing SMTPUTF8, nor does the From cleanup
 adds from a full name that is not ASCII (`-F`, UTF-8 or Latin-1: Postfix writes it past cleanup_out_header).
 """
 from __future__ import annotations
@@ -32,6 +33,10 @@ PROBES: dict[str, bytes] = {
     "latin1": b"Subject: caf\xe9\n\nbody\n",
     "part": b"Subject: plain\n" + PART,
     "body": b"Subject: plain\n\nbody " + UTF8 + b"\n",
+    "global": b"Subject: plain\nMIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=b\n\n--b\n"
+              b"Content-Type: message/global\nContent-Transfer-Encoding: 8bit\n\nSubject: " + UTF8
+              + b"\n\ninner\n--b--\n",
+    "comment": b"Subject: plain\n" + PART.replace(b"multipart/mixed", b"(c) multipart/mixed"),
     "fullname": b"Subject: plain\n\nbody\n",
     "latin1name": b"Subject: plain\n\nbody\n",
 }
@@ -110,7 +115,7 @@ async def test_sendmail_mail_with_8bit_header_bytes_is_smtputf8_as_a_real_postfi
                              mf_notice_lines, mf_dump)
     assert mailflow == postfix
     # what Postfix did, so that the same mistake on both sides cannot pass unnoticed
-    assert postfix["utf peer"] == {"subject": True, "latin1": True, "part": True, "body": False, "fullname": False,
-                                   "latin1name": False}
+    assert postfix["utf peer"] == {"subject": True, "latin1": True, "part": True, "body": False, "global": True,
+                                   "comment": True, "fullname": False, "latin1name": False}
     assert postfix["plain peer"] == {"body", "fullname", "latin1name"}
-    assert postfix["notified"] == {"subject", "latin1", "part"}
+    assert postfix["notified"] == {"subject", "latin1", "part", "global", "comment"}

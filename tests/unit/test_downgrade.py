@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailflow.content import Content
-from mailflow.transports.downgrade import (MAX_HEADER, Downgrade, downgrade_8bit, entity_facts, labelled_8bit,
-                                           labelled_domain, parse_headers, utf8_header_section)
+from mailflow.transports.downgrade import (MAX_HEADER, Downgrade, content_type_of, downgrade_8bit, entity_facts,
+                                           labelled_8bit, labelled_domain, parse_headers, utf8_header_section)
 
 
 def test_a_single_part_labelled_8bit_becomes_quoted_printable():
@@ -248,9 +248,46 @@ async def test_a_header_section_with_8bit_bytes_is_found_in_any_entity():
                                      header=top)
 
 
+async def test_a_message_global_part_and_a_type_after_a_comment_are_read_within_as_postfix_reads_them():
+    """Postfix's mime_state descends into message/global as into message/rfc822 (cleanup's flags), not into other
+    message/* types, and reads `Content-Type: (c) multipart/mixed` as multipart/mixed (header_token): both were
+    bodies here, so an 8-bit header field or label inside was missed."""
+    top = b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n'
+    attached = b"--b\r\nContent-Type: message/%s\r\n%s\r\nSubject: %s\r\n%s\r\nx\r\n--b--\r\n"
+    label = b"Content-Transfer-Encoding: 8bit\r\n"
+    for kind, outer_label, subject, expected in ((b"global", b"", b"caf\xc3\xa9", True),
+                                                 (b"global", label, b"caf\xc3\xa9", True),
+                                                 (b"global", b"", b"cafe", False),
+                                                 (b"partial; id=1", b"", b"caf\xc3\xa9", False),
+                                                 (b"external-body", b"", b"caf\xc3\xa9", False)):
+        content = Content((top, b"\r\n" + attached % (kind, outer_label, subject, b"")))
+        assert await utf8_header_section(content, header=top) is expected, (kind, outer_label)
+    inner_label = Content((top, b"\r\n" + attached % (b"global", b"", b"x", label)))
+    assert await labelled_8bit(inner_label, header=top)
+    commented = b"MIME-Version: 1.0\r\nContent-Type: (c) multipart/mixed; boundary=b\r\n"
+    part = b"\r\n--b\r\nContent-Type: text/plain; name=\"K\xc3\xb6ln\"\r\n%s\r\n\xe9\r\n--b--\r\n"
+    assert await utf8_header_section(Content((commented, part % b"")), header=commented)
+    assert await labelled_8bit(Content((commented, part % label)), header=commented)
+    assert b"Content-Transfer-Encoding: quoted-printable\r\n\r\n=E9\r\n" in downgrade_8bit(commented + part % label)
+
+
+def test_the_conversion_reads_within_message_global_only_when_it_is_7bit_as_postfix_does():
+    """With MIME_OPT_DOWNGRADE, Postfix's mime_state descends into a message/global entity in the 7-bit domain
+    (its inner 8bit part converted); one labelled 8bit is a body: quoted-printable, as a leaf."""
+    inner = b"Subject: inner\r\nContent-Transfer-Encoding: 8bit\r\n\r\n\xc3\xa9\r\n"
+    message = (b"Content-Type: multipart/mixed; boundary=o\r\n\r\n--o\r\nContent-Type: message/global\r\n%s\r\n"
+               b"%s--o--\r\n")
+    within = downgrade_8bit(message % (b"", inner))
+    assert b"Subject: inner\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n=C3=A9\r\n--o--" in within
+    leaf = downgrade_8bit(message % (b"Content-Transfer-Encoding: 8bit\r\n", inner))
+    assert (b"Content-Type: message/global\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+            b"Subject: inner\r\nContent-Transfer-Encoding: 8bit\r\n\r\n=C3=A9\r\n--o--") in leaf
+
+
 # entity_facts skips the parse of a header section without a Content-* field: its answers are the parse's, whatever
 # the section (fields in any case, blanks before the colon, folding, bare CR or LF line ends, garbage lines).
 _HEADER_PIECES = [b"Content-Type: multipart/mixed; boundary=b", b"content-type : message/rfc822",
+                  b"Content-Type: (c) multipart/mixed; boundary=c", b"Content-Type: message/global",
                   b"CONTENT-TRANSFER-ENCODING: 8bit", b"Content-Transfer-Encoding: (c) binary", b"Content-ID: <x>",
                   b"X-Content-Type: multipart/mixed; boundary=q", b"Subject: Content-Type: text/html", b" folded",
                   b"\tContent-Type: multipart/alternative; boundary=z", b"not a field", b"From x", b"X: \xe9t\xe9",
@@ -263,7 +300,7 @@ _HEADER_PIECES = [b"Content-Type: multipart/mixed; boundary=b", b"content-type :
 def test_entity_facts_are_the_parse_s(lines, default_type):
     header_lines = [text + end for text, end in lines]
     info = parse_headers(header_lines, default_type)
-    content_type = info.get_content_type()
+    content_type = content_type_of(info)
     parsed = (content_type, labelled_domain(info.get_all("content-transfer-encoding") or []),
               info.get_boundary() if content_type.startswith("multipart/") else None)
     assert entity_facts(header_lines, default_type) == parsed
