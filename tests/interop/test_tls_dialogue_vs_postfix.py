@@ -56,10 +56,10 @@ sasl_dovecot = submission.sasl_dovecot
 # 1212: a LOGIN name Dovecot refuses, `sasl_username=(unavailable)`; 1921: a non-SMTP command with a backslash)
 # 2359: an unterminated path (no warning); 7453: an empty LOGIN name; 8894: `after` on Postfix 3.7.11 once an
 # empty line was refused before commands refused for want of STARTTLS; 36: the first of seeds 1-300 to catch a
-# command injected behind STARTTLS run inside TLS (CVE-2011-0411: protocol.py's `_wire.discard()` removed);
-# 72116 and 72359 differed before the generator's masks covered them (an AUTH= after a refused MAIL's; an AUTH
-# after `HELO a b`: documented differences)
-SEEDS = [*range(1, 31), 36, 835, 1212, 1921, 2359, 7453, 8894, 72116, 72359]
+# command injected behind STARTTLS run inside TLS (CVE-2011-0411: protocol.py's `_wire.discard()` removed).
+# (72116 and 72359 of 70000-75999 differed only by documented differences, now masked by the generator: an AUTH=
+# after a refused MAIL's, an AUTH after `HELO a b`; masked, they could not fail, so they are not kept here)
+SEEDS = [*range(1, 31), 36, 835, 1212, 1921, 2359, 7453, 8894]
 REPLY_TIMEOUT = 10.0
 SUBMISSION_RELAY = "permit_sasl_authenticated,reject"
 

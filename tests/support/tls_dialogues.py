@@ -19,7 +19,10 @@ RCPT (a local and a relayed recipient), DATA, RSET, NOOP, HELP, QUIT, unknown ve
 (dialogues.unit) now and then. Left out on purpose: what dialogues.py leaves out, and the documented differences
 of test_submission_vs_postfix.py's DELIBERATE (a mechanism other than PLAIN and LOGIN, base64 that is not, the
 reason after a 535, AUTH without an EHLO since TLS began: `no_auth_without_ehlo`), STARTTLS inside a mail
-transaction (`no_starttls_in_a_transaction`), VRFY (off in mailflow).
+transaction (`no_starttls_in_a_transaction`), VRFY (off in mailflow), and an AUTH= in a MAIL after one that had
+one, until an RSET, HELO or EHLO (`dialogues.one_auth_mail`: Postfix keeps a refused MAIL's AUTH= for the next
+MAIL). That mask rewrites every session with a second AUTH= (its MAIL goes without it), not only those where the
+first MAIL was refused, so sessions drawn before it was added test fewer AUTH= parameters than they did.
 """
 from __future__ import annotations
 
