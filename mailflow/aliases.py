@@ -4,8 +4,9 @@ This module owns only the syntax. It reads no files, follows no :include:, looks
 nothing; the table layer reads and reloads the files, and the local router expands.
 
 Targets (frozen dataclasses; `Target` is their union):
-- `AddressTarget(address)`: `user`, `user@domain` or `<user@domain>`; forwarded, and aliased again.
-- `MailboxTarget(user)`: `\\user`; the user's own mailbox, with no further aliasing and no .forward.
+- `AddressTarget(address)`: `user`, `user@domain` or `<user@domain>`; forwarded, and aliased again. `\\user` is
+  the address `user`: Postfix's local drops the backslash when it reads the value (tok822_parse) and gives the name
+  no meaning of its own (a user named in its own .forward gets its mailbox through local(8)'s .forward rules).
 - `CommandTarget(command)`: `|command` or `"|command with spaces, or commas"`; `command` has no `|`.
 - `FileTarget(path)`: `/absolute/path`; append to that file. Only a value starting with `/` is a file, as in
   Postfix's local: `mail/inbox`, `~/mbox` are addresses (and `./mbox` a bad one).
@@ -29,8 +30,8 @@ Syntax (Postfix aliases(5), compatible with sendmail):
   duplicate is ignored with a warning.
 - Values are split at commas outside double quotes; empty items (`a, , b`, a trailing comma) are skipped. A value
   that is one whole quoted string is unquoted; inside quotes only `\\"` and `\\\\` are escapes, any other backslash
-  is literal (so `"\\user"` is the mailbox form). A value with quotes in part (`"john doe"@example.com`) is kept
-  verbatim as an address.
+  is literal (so `"\\user"` is `\\user`, the address `user`). A value with quotes in part
+  (`"john doe"@example.com`) is kept verbatim as an address.
 - Addresses must be RFC 5321 mailboxes (a bare `user` is checked as a local part); case is kept as written. An
   item that is not one as written is read as Postfix's local reads every value, with its RFC 822 parser
   (mailflow.header_addresses): `Joe <joe@x>` and `joe@x (Joe)` are joe@x, `a@x b@y` is two addresses, a group's
@@ -68,11 +69,6 @@ class AddressTarget:
 
 
 @dataclass(frozen=True)
-class MailboxTarget:
-    user: str
-
-
-@dataclass(frozen=True)
 class CommandTarget:
     command: str
 
@@ -87,7 +83,7 @@ class IncludeTarget:
     path: str
 
 
-Target = Union[AddressTarget, MailboxTarget, CommandTarget, FileTarget, IncludeTarget]
+Target = Union[AddressTarget, CommandTarget, FileTarget, IncludeTarget]
 Aliases = dict[str, tuple[Target, ...]]
 
 
@@ -110,7 +106,7 @@ def is_privileged(target: Target) -> bool:
 
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")  # tab is whitespace; "\n" never reaches it
 _INCLUDE = ":include:"
-_SPECIAL_STARTS = ("|", "/", "\\", ".", "~")  # a command, a file, a mailbox, a relative path
+_SPECIAL_STARTS = ("|", "/", "\\", ".", "~")  # a command, a file, a backslashed name, a relative path
 
 
 class _Text:
@@ -204,11 +200,7 @@ def _target(line: _Text, offset: int, item: str) -> Target:
     if item.startswith("/"):
         return FileTarget(item)
     if item.startswith("\\"):
-        user = item[1:]
-        reason = _address_error(user)
-        if reason or _has_domain(user):
-            raise line.error(offset, f"bad user name after \\: {user!r}")
-        return MailboxTarget(user)
+        return _address(line, offset, item[1:])  # (local(8): `\user` is `user`, tok822_parse drops the backslash)
     return _address(line, offset, item)
 
 
@@ -365,8 +357,6 @@ def format_target(target: Target) -> str:
         return target.path if _PLAIN.fullmatch(target.path) else _quote(target.path)
     if isinstance(target, IncludeTarget):
         return _quote(_INCLUDE + target.path)
-    if isinstance(target, MailboxTarget):
-        return "\\" + target.user
     return f"<{target.address}>"
 
 

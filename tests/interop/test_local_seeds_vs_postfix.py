@@ -338,6 +338,13 @@ WRITTEN = {
     # nobody+x is the mailbox
     "the user in its .forward+x": lambda spool, script: Case(
         {}, {}, {".forward+x": "nobody, nobody+x", ".forward": f'"|{script} c0 0"'}, ["nobody+x"]),
+    # `\user` is `user`: local(8) drops the backslash as it reads the line (tok822_parse), so in .forward+x `\nobody`
+    # reads .forward (c0 runs) and nobody gets no mailbox copy (seeds 70006, 70009)
+    "a backslashed user in its .forward+x": lambda spool, script: Case(
+        {}, {}, {".forward+x": "\\nobody", ".forward": f'"|{script} c0 0"'}, ["nobody+x"]),
+    # ... and in an alias value `\nobody` is nobody, whose .forward is read (c0), no mailbox copy
+    "a backslashed user in an alias": lambda spool, script: Case(
+        {"a1": f'\\nobody, "|{script} c1 0"'}, {}, {".forward": f'"|{script} c0 0"'}, ["a1"]),
 }
 
 

@@ -37,12 +37,14 @@ Rules, as local(8):
 4. The user's `.forward` (`<home>/.forward+ext`, then `<home>/.forward`; home = `<maildir_base>/<user>/`)
    replaces the user; once that file is expanded, a user met again gets nothing more (met again while it is
    expanded, the mailbox: local(8)'s been_here "forward <path>" before "forward-done"). So in it, the user's own
-   name (through the same file: `bob+x` in `.forward+x` but `bob` there reads `.forward`, as local(8)) and
-   `\\user` mean the mailbox; an alias is expanded in place (local(8)'s deliver_switch looks aliases up
-   first; `forwarder`: its local users other than the .forward's own are resubmitted, dotforward's owner
-   attribute); every other address, local or not, becomes a Forward (a new message, so that virtual aliases
-   apply and a loop between users ends at Delivered-To). Each `.forward` is read once an expansion, however
-   often its user is met (as root a read is a fork as the user).
+   name (through the same file: `bob+x` in `.forward+x` but `bob` there reads `.forward`, as local(8)) means
+   the mailbox, and so does `\\bob`, which is `bob` (local(8) drops the backslash as it reads the line: in
+   `.forward+x` it reads `.forward` too, and gets the mailbox only when that file is open already or absent); an
+   alias is expanded in place (local(8)'s deliver_switch looks aliases up first; `forwarder`: its local users
+   other than the .forward's own are resubmitted, dotforward's owner attribute); every other address, local or
+   not, becomes a Forward (a new message, so that virtual aliases apply and a loop between users ends at
+   Delivered-To). Each `.forward` is read once an expansion, however often its user is met (as root a read is a
+   fork as the user).
 5. Otherwise the user's mailbox (`Mailbox`), as local(8)'s mailbox.c and unknown.c route it: with
    local.mailbox_transport a `Pass(transport, nexthop, address)` for any user, known or not (the local agent
    hands the address to that transport); else for a user rule 3 refuses, local.fallback_transport (a Pass), or
@@ -99,7 +101,7 @@ from typing import Callable, Union
 
 from mailflow import address
 from mailflow.aliases import (AddressTarget, AliasSyntaxError, CommandTarget, FileTarget, IncludeTarget,
-                              MailboxTarget, Target, parse_lines, parse_value)
+                              Target, parse_lines, parse_value)
 from mailflow.errors import TemporaryError
 from mailflow.files import FileTooLarge, read_bounded, read_regular_file_stat
 from mailflow.local_macros import expand_local_macros
@@ -565,8 +567,6 @@ class LocalExpander:
         for target in targets:
             if isinstance(target, AddressTarget):
                 self._address(state, target.address, origin)
-            elif isinstance(target, MailboxTarget):
-                self._mailbox(state, target.user.lower(), f"{target.user}@{address.split(owner)[1]}", origin)
             elif isinstance(target, CommandTarget):
                 command = Command(target.command, owner, origin.source, origin.rights, origin.owner,
                                   origin.kind == "forward")
