@@ -76,7 +76,8 @@ async def test_dot_forward_keeps_a_copy_and_forwards_one(mailflow_server, smtp_p
     home = tmp_path / "mail" / "bob"
     home.mkdir(parents=True)
     (home / ".forward").write_text("\\bob, bob@elsewhere.test\n")
-    mf = await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}")
+    # (`\bob` is bob@myorigin, as Postfix's local reads it: myorigin must be local for the copy to stay here)
+    mf = await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}", myorigin="local.test")
     await send(mf.smtp_addresses[0][1], "s@remote.test", ["bob@local.test"], b"Subject: fwd\r\n\r\nbody\r\n")
     [kept] = await eventually(lambda: maildir_messages(home / "Maildir"))
     assert kept.endswith(b"\n\nbody\n")
