@@ -345,6 +345,12 @@ WRITTEN = {
     # ... and in an alias value `\nobody` is nobody, whose .forward is read (c0), no mailbox copy
     "a backslashed user in an alias": lambda spool, script: Case(
         {"a1": f'\\nobody, "|{script} c1 0"'}, {}, {".forward": f'"|{script} c0 0"'}, ["a1"]),
+    # an alias in an :include: file that nobody's .forward names is looked up before the file's addresses are
+    # forwarded (deliver_switch): its member nobody, the .forward's own user, gets the mailbox, not a new message
+    # (which came back to the .forward as a loop); without a .forward above, a1's nobody is forwarded (seed 70006)
+    "an alias in an include file of a forward file": lambda spool, script: Case(
+        {"a1": f'nobody, "|{script} c0 0"', "a2": f":include:{spool}/inc/i0"}, {"i0": "a1\n"},
+        {".forward": f":include:{spool}/inc/i0"}, ["nobody", "a2"]),
 }
 
 

@@ -364,6 +364,28 @@ def test_commands_and_files_from_include_are_refused_by_default(tmp_path):
                       Forward("alice@example.test")]  # an :include: member is resubmitted (local(8))
 
 
+def test_an_alias_in_an_include_file_a_forward_names_is_judged_as_in_the_forward(tmp_path):
+    """local(8) looks an :include: file's address up in the aliases before it forwards it (deliver_switch): the
+    alias's members then meet the owner attribute the .forward set (its user), so that user is delivered here (its
+    .forward open: the mailbox) and other users are resubmitted; with no .forward above, the :include: file's
+    owner attribute is an address, and every local member is resubmitted (Postfix 3.7.11, local seed 70006)."""
+    top = Path(tempfile.mkdtemp(prefix="mailflow-include-"))  # (as root bob's .forward names it with nobody's rights)
+    try:
+        top.chmod(0o755)
+        inc = top / "list.include"
+        inc.write_text("team\nalice\n")
+        forward_file(tmp_path, "bob", f":include:{inc}\n")
+        e = expander(tmp_path, f"team: bob, carol, |/usr/bin/log\nlist: :include:{inc}\n")
+        assert e.expand("bob@example.test") == [mailbox("bob"), Forward("carol@example.test"),
+                                                 Command("/usr/bin/log", "team@example.test", "alias"),
+                                                 Forward("alice@example.test")]
+        assert e.expand("list@example.test") == [Forward("bob@example.test"), Forward("carol@example.test"),
+                                                  Command("/usr/bin/log", "team@example.test", "alias"),
+                                                  Forward("alice@example.test")]
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
 def test_commands_and_files_from_include_when_allowed(tmp_path):
     inc = include_file(tmp_path, "|/usr/bin/filter\n/var/spool/archive\nalice\n")
     e = expander(tmp_path, f"list: :include:{inc}\n",

@@ -320,7 +320,10 @@ class _Origin:
     kind of that expansion ("alias" or "forward"), the source for allow_mail_to_* ("alias", "forward",
     "include"), the alias names above it (`path`), and the address that was expanded. `owner`: the sender of
     what this expansion sends on (an owner- alias's address); `resubmit`: local users it reaches get a new
-    message instead of a delivery here (a mailing list with an owner, or an :include: file); `rights`: the system
+    message instead of a delivery here (a mailing list with an owner, or an :include: file; an alias named in an
+    :include: file that a user's .forward led to, with no list between, is judged as in the .forward itself:
+    local(8)'s deliver_switch looks aliases up before it forwards an :include: file's addresses, and the owner
+    attribute the alias's members meet is then the .forward's user, not an address); `rights`: the system
     user whose rights its commands, files and :include: files use (a .forward's owner), None: default_privs;
     `forwarder`: the user whose .forward this expansion is in (local(8)'s owner attribute that dotforward sets):
     a local user reached here other than it is resubmitted, it itself gets its mailbox."""
@@ -512,6 +515,8 @@ class LocalExpander:
             state.warn(f"{table}: bad value for key {key!r}: {e.reason}")
             raise TemporaryError("4.3.5", f"bad alias value for {key!r} in {table}: {e.reason}") from None
         owner, resubmit = origin.owner, origin.resubmit
+        if origin.source == "include" and origin.forwarder is not None and origin.owner is None:
+            resubmit = False  # (an alias in an :include: file a user's .forward led to: see _Origin.resubmit)
         listed = self._rewriter.alias(f"owner-{name}@{address.split(addr)[1]}") is not None
         if listed:
             owner, resubmit = self._rewriter.qualify(f"owner-{name}"), True
