@@ -78,7 +78,16 @@ def test_a_value_is_parsed_as_an_address_list(value, sent):
     assert generic(f"inline:{{ {{x@box.local = {value}}} }}").address("x@box.local") == sent
 
 
-@pytest.mark.parametrize("value", ["joe@", "@", "<>", "a@b>SMTPUTF8", '"<a@b>SIZE=1"'])
+def test_a_quoted_local_part_alone_is_qualified_and_goes_out_quoted():
+    """`"<a@b>SIZE=1"` has no '@' outside its quotes: a value without a domain, qualified @myorigin as `joe` is
+    (address.split_words), and its brackets stay inside the quotes on the wire (no ESMTP parameter injected)."""
+    mapped = generic('inline:{ {x@box.local = "<a@b>SIZE=1"} }').address("x@box.local")
+    assert mapped == '"<a@b>SIZE=1"@example.org'
+    from mailflow.transports.generic import wire_problem
+    assert wire_problem(mapped) is None
+
+
+@pytest.mark.parametrize("value", ["joe@", "@", "<>", "a@b>SMTPUTF8"])
 def test_a_value_that_is_not_local_at_domain_is_a_lookup_failure(value, caplog):
     from mailflow.errors import LookupRetry
     with pytest.raises(LookupRetry, match="inline:"):
