@@ -326,7 +326,7 @@ class Mailflow:
         outbound signing, the content checks (their tables read) and the after-queue filter. Raises ConfigError."""
         assert self._maillog is not None
         if self._check_workers is None:
-            self._check_workers = BoundedWorkers(CHECK_WORKERS, CHECK_WAIT, "content checks")
+            self._check_workers = BoundedWorkers(CHECK_WORKERS, CHECK_WAIT, "content checks", daemon=True)
         checks = ContentChecks(config.checks, workers=self._check_workers)
         await checks.tables.preload()
         return dict(myhostname=config.myhostname, mapper=router.mapper, hopcount_limit=config.hopcount_limit,
@@ -416,7 +416,7 @@ class Mailflow:
         assert self._cleanup is not None
         return build_transports(config, self._dns_resolver(), self.clock, router,
                                 forwarder(self._cleanup, config.myhostname),
-                                mailbox=self.capture.mailbox if self.capture else None)
+                                mailbox=self.capture.mailbox if self.capture else None, grace=self._grace)
 
     def _dns_resolver(self):
         """The injected resolver, else one built here (once) from [dns]: transports and smtpd share it."""

@@ -1,7 +1,8 @@
 """A few worker threads of a stage's own (local delivery's expansions and /file writes, cleanup's content checks), for
 work too long for the event loop, with a bounded wait for a free one.
 
-    BoundedWorkers(size, wait, doing)    at most `size` threads, made when first needed
+    BoundedWorkers(size, wait, doing, daemon=False)
+                                         at most `size` threads, made when first needed
     await workers.run(call) -> T         call() in one of them, once one is free (see below)
     async with workers.slot() as submit  a free thread reserved first; `await submit(call)` then runs call() in it
                                          without waiting again (a caller's own deadline can start after the wait)
@@ -11,8 +12,10 @@ work too long for the event loop, with a bounded wait for a free one.
     await workers.close_within(seconds)  close(), then wait at most `seconds` for the work under way to end
                                          (True: every thread ended; False: one is still in its call, left)
 
-The threads are daemon threads: one left in a call that never returns (a walk in a hung sqlite read) does not
-keep the process from exiting after the stop (a ThreadPoolExecutor's are joined at the interpreter's exit).
+The threads are joined at the interpreter's exit, as a ThreadPoolExecutor's: a call that writes (local's /file
+append) ends whole, or is rolled back by its own code, never cut between two writes by the exit. A pool whose
+calls only read (the content checks' walks) asks for daemon threads (`daemon=True`): one left in a call that never
+returns (a walk in a hung sqlite read) then does not keep the process from exiting after the stop.
 
 A thread counts as busy until its work ends, not until its caller stops waiting: a caller cancelled (a delivery
 stopped at shutdown) or timed out (a sqlite table's deadline) leaves the thread running its call, and no other call
@@ -48,11 +51,11 @@ T = TypeVar("T")
 class BoundedWorkers:
     """See the module docstring."""
 
-    def __init__(self, size: int, wait: float, doing: str):
+    def __init__(self, size: int, wait: float, doing: str, *, daemon: bool = False):
         self._size = size
         self._wait = wait
         self._doing = doing
-        self._pool = _DaemonThreads(size, doing.replace(" ", "-"))
+        self._pool = _Threads(size, doing.replace(" ", "-"), daemon)
         self._free = asyncio.Semaphore(size)
         self._last_done = -math.inf  # (time.monotonic) when a call last ended in a thread, or said it moved
 
@@ -126,12 +129,12 @@ class BoundedWorkers:
         return True
 
 
-class _DaemonThreads:
-    """At most `size` daemon threads running submitted calls, made as calls come (BoundedWorkers never has more
-    than `size` calls submitted and not ended)."""
+class _Threads:
+    """At most `size` threads (daemon ones or not) running submitted calls, made as calls come (BoundedWorkers
+    never has more than `size` calls submitted and not ended)."""
 
-    def __init__(self, size: int, name: str):
-        self._size, self._name = size, name
+    def __init__(self, size: int, name: str, daemon: bool):
+        self._size, self._name, self._daemon = size, name, daemon
         self._jobs: queue.SimpleQueue[tuple[concurrent.futures.Future, Callable[[], object]] | None] = \
             queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
@@ -145,7 +148,8 @@ class _DaemonThreads:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._jobs.put((future, call))
             if len(self._threads) < self._size:
-                thread = threading.Thread(target=self._work, name=f"{self._name}_{len(self._threads)}", daemon=True)
+                thread = threading.Thread(target=self._work, name=f"{self._name}_{len(self._threads)}",
+                                          daemon=self._daemon)
                 self._threads.append(thread)
                 thread.start()
         return future

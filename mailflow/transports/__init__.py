@@ -166,10 +166,12 @@ def client_services(config, resolver, clock, router, tables: TableCache, mta_sts
     return {**smtp, **lmtp}
 
 
-def build_transports(config, resolver, clock, router, forward=None, mailbox=None) -> dict[str, Transport]:
+def build_transports(config, resolver, clock, router, forward=None, mailbox=None,
+                     grace: float | None = None) -> dict[str, Transport]:
     """The transports named in `transport:nexthop` values, by name. `router` gives the local and virtual
     agents their tables; `forward` lets local delivery queue forwarded copies (see transports.local); with a
-    capture `mailbox` (mailflow.capture), the `capture` transport keeps messages in it."""
+    capture `mailbox` (mailflow.capture), the `capture` transport keeps messages in it. `grace` (default
+    shutdown_grace): how long local's close waits for a /file append under way."""
     tables = TableCache()
     mta_sts = build_mta_sts(config, resolver)
     registry: dict[str, Transport] = {}  # local hands mailboxes to the others (mailbox_transport, fallback_transport)
@@ -177,7 +179,8 @@ def build_transports(config, resolver, clock, router, forward=None, mailbox=None
         **({"capture": CaptureTransport(mailbox)} if mailbox is not None else {}),
         "local": LocalTransport(router.local, local=config.local, writer=MaildirWriter(clock), clock=clock,
                                 forward=forward, commands=CommandSettings.from_config(config),
-                                allow_min_user=config.allow_min_user, peers=registry),
+                                allow_min_user=config.allow_min_user, peers=registry,
+                                close_wait=config.shutdown_grace if grace is None else grace),
         "virtual": MaildirTransport(virtual_maildirs(config.virtual_mailbox_base, router.rewriter), clock=clock,
                                     relay="virtual", quota=router.rewriter.virtual_mailbox_limit,
                                     overquota_bounce=config.virtual_overquota_bounce,

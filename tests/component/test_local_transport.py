@@ -64,7 +64,7 @@ class FakeForward:
 
 
 def transport(tmp_path: Path, aliases: str = "", forward: FakeForward | None = None,
-              anyone_is_local: bool = False, **local_settings) -> LocalTransport:
+              anyone_is_local: bool = False, close_wait: float = 8.0, **local_settings) -> LocalTransport:
     """Local users alice, bob, carol in example.test (or anyone); `aliases` is an aliases(5) file."""
     (tmp_path / "users").write_text("alice x\nbob x\ncarol x\n")
     (tmp_path / "aliases").write_text(aliases)
@@ -74,7 +74,8 @@ def transport(tmp_path: Path, aliases: str = "", forward: FakeForward | None = N
                     alias_maps=(f"texthash:{tmp_path / 'aliases'}",),
                     local={"maildir_base": str(base), **local_settings})
     return LocalTransport(LocalExpander(config, Rewriter(config)), local=config.local,
-                          writer=MaildirWriter(VirtualClock()), clock=VirtualClock(), forward=forward or FakeForward())
+                          writer=MaildirWriter(VirtualClock()), clock=VirtualClock(), forward=forward or FakeForward(),
+                          close_wait=close_wait)
 
 
 def request(*rcpts: str, content: bytes = CONTENT) -> DeliveryRequest:
@@ -733,6 +734,41 @@ async def test_a_file_append_whose_open_never_answers_is_stopped_and_defers(tmp_
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a /file is written by a child as the user only as root")
+async def test_close_waits_within_its_bound_for_a_file_append_whose_delivery_was_cancelled(tmp_path, public_dir,
+                                                                                            monkeypatch):
+    """At the stop a /file append's delivery is cancelled after the grace, but its thread goes on writing; local's
+    close did not wait, so the store closed and the process exited under it (an entry cut between two writes). close
+    waits for it, `close_wait` s at most: one that ends is waited for, one that never does is left at the bound."""
+    t = transport(tmp_path, f"keep: {public_dir / 'keep.mbox'}\n", close_wait=0.5)
+    started, release, ended = threading.Event(), threading.Event(), threading.Event()
+
+    def writing(*args, **kw):
+        started.set()
+        release.wait(10)
+        ended.set()
+
+    monkeypatch.setattr(mbox, "_append_once", writing)
+    monkeypatch.setattr(mbox, "_append_once_as", writing)
+    delivery = asyncio.ensure_future(t.deliver(request("keep@example.test")))
+    assert await asyncio.to_thread(started.wait, 10)
+    delivery.cancel()
+    threading.Timer(0.1, release.set).start()  # (the write ends soon after the cancel)
+    await t.close()
+    assert ended.is_set()
+
+    stuck = transport(tmp_path, f"keep: {public_dir / 'keep.mbox'}\n", close_wait=0.2)
+    started.clear(), release.clear()
+    delivery = asyncio.ensure_future(stuck.deliver(request("keep@example.test")))
+    assert await asyncio.to_thread(started.wait, 10)
+    delivery.cancel()
+    began = time.monotonic()
+    try:
+        await stuck.close()
+        assert 0.2 <= time.monotonic() - began < 3
+    finally:
+        release.set()
+
+
 async def test_a_file_append_that_stops_mid_write_is_rolled_back_and_the_retry_writes_one_copy(tmp_path, public_dir,
                                                                                               monkeypatch):
     """A /file append's child hung after it started writing held one of the two file-writer threads until a

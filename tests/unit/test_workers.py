@@ -47,7 +47,7 @@ def test_a_thread_left_in_its_call_at_the_stop_does_not_keep_the_process_alive()
         from mailflow.workers import BoundedWorkers
 
         async def main():
-            workers = BoundedWorkers(2, 60, "content checks")
+            workers = BoundedWorkers(2, 60, "content checks", daemon=True)
             started = threading.Event()
             asyncio.ensure_future(workers.run(lambda: (started.set(), threading.Event().wait())))
             await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
@@ -58,3 +58,36 @@ def test_a_thread_left_in_its_call_at_the_stop_does_not_keep_the_process_alive()
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert (done.returncode, done.stdout) == (0, "left\n"), done.stderr
+
+
+def test_a_file_append_under_way_at_the_exit_ends_whole(tmp_path):
+    """Every pool's threads were daemon ones: the server's exit after the stop (the delivery cancelled after the
+    grace, local's pool closed) killed local's /file writer between two writes, the entry cut (no roll back) and the
+    next one glued to it. A pool that writes keeps threads the interpreter's exit joins: the entry is whole."""
+    mbox = tmp_path / "keep.mbox"
+    script = textwrap.dedent("""
+        import asyncio, sys, threading, time
+        from pathlib import Path
+        from mailflow.workers import BoundedWorkers
+        from mailflow.transports.local.mbox import append_mbox
+
+        written = threading.Event()
+        def entry():
+            yield b"From a@x Thu Jan  1 00:00:00 1970\\nSubject: first half\\n"
+            written.set()
+            time.sleep(0.5)  # (a slow spool read, a slow NFS write)
+            yield b"\\nsecond half\\n\\n"
+
+        async def main():
+            pool = BoundedWorkers(2, 60, "local file write")
+            task = asyncio.create_task(append_mbox(Path(sys.argv[1]), entry(), locks=("fcntl",), workers=pool.run))
+            await asyncio.get_running_loop().run_in_executor(None, written.wait, 10)
+            task.cancel()  # (the stop's grace passed: the delivery is cancelled; its thread goes on)
+            pool.close()
+
+        asyncio.run(main())
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(mbox)], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr
+    assert mbox.read_bytes() == b"From a@x Thu Jan  1 00:00:00 1970\nSubject: first half\n\nsecond half\n\n"

@@ -167,7 +167,8 @@ class LocalTransport:
 
     def __init__(self, expander: LocalExpander, *, local: LocalConfig, writer: MaildirWriter, clock: Clock,
                  forward: ForwardFn | None = None, relay: str = "local", commands: CommandSettings | None = None,
-                 allow_min_user: bool = False, peers: Mapping[str, Peer] | None = None):
+                 allow_min_user: bool = False, peers: Mapping[str, Peer] | None = None, close_wait: float = 8.0):
+        self._close_wait = close_wait  # (the stop's grace: how long close() waits for a /file append under way)
         self._peers = {} if peers is None else peers  # the transports by name (filled after): Pass leaves
         self._allow_min_user = allow_min_user
         self._expander = expander
@@ -204,8 +205,11 @@ class LocalTransport:
             return self._result(rcpt, Outcome.DEFERRED, "4.3.0", "unknown mail transport error")
 
     async def close(self) -> None:
+        """The expansions' threads are let go; a /file append under way (its delivery cancelled at the stop) is
+        waited for, `close_wait` s at most, so it ends whole (or rolled back) before the store closes."""
         self._workers.close()
-        self._file_writers.close()
+        if not await self._file_writers.close_within(self._close_wait):
+            log.warning("local: a /file append still runs %gs after the stop; the exit waits for it", self._close_wait)
 
     async def _deliver_recipient(self, request: DeliveryRequest, rcpt: Recipient, seen: frozenset[str],
                                  filled: _Filled) -> RcptResult:
