@@ -7,7 +7,9 @@ work too long for the event loop, with a bounded wait for a free one.
     async with workers.slot() as submit  a free thread reserved first; `await submit(call)` then runs call() in it
                                          without waiting again (a caller's own deadline can start after the wait)
     workers.moved()                      from a call in one of the threads: it is slow but working (a long walk
-                                         calls it per line), which counts as progress, as a call that ends
+                                         calls it per line), which counts as progress, as a call that ends;
+                                         ignored from any other thread (a short walk run on the event loop says
+                                         nothing about the pool's threads, hung or not)
     workers.close()                      no new work; idle threads end (running ones end with their work)
     await workers.close_within(seconds)  close(), then wait at most `seconds` for the work under way to end
                                          (True: every thread ended; False: one is still in its call, left)
@@ -104,7 +106,8 @@ class BoundedWorkers:
 
     def moved(self) -> None:
         """See the module docstring (one assignment: safe from any thread)."""
-        self._last_done = time.monotonic()
+        if self._pool.runs_here():
+            self._last_done = time.monotonic()
 
     def close(self) -> None:
         """See the module docstring."""
@@ -138,6 +141,7 @@ class _Threads:
         self._jobs: queue.SimpleQueue[tuple[concurrent.futures.Future, Callable[[], object]] | None] = \
             queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
+        self._running: set[int] = set()  # the idents of those threads while they run (`runs_here`)
         self._lock = threading.Lock()
         self._closed = False
 
@@ -154,10 +158,19 @@ class _Threads:
                 thread.start()
         return future
 
+    def runs_here(self) -> bool:
+        """The caller is one of these threads (a set lookup: cheap enough per line of a walk)."""
+        return threading.get_ident() in self._running
+
     def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            _run(*job)
-            del job  # (nothing of the last call held while idle)
+        me = threading.get_ident()
+        self._running.add(me)
+        try:
+            while (job := self._jobs.get()) is not None:
+                _run(*job)
+                del job  # (nothing of the last call held while idle)
+        finally:
+            self._running.discard(me)
 
     def shutdown(self, wait: bool, cancel_futures: bool = False) -> None:
         with self._lock:

@@ -283,6 +283,36 @@ async def test_a_walk_gives_up_when_every_check_thread_is_held_by_a_hung_walk(tm
         assert await pool.close_within(10)
 
 
+async def test_small_walks_on_the_event_loop_are_no_progress_of_hung_check_threads(tmp_path):
+    """Every walk said it moved, the short ones run on the event loop too: with both check threads hung, one small
+    message every 0.1 s kept the pool's progress fresh and a long walk waited for a thread for ever (no 451). Only
+    the pool's own threads' moves count: it gives up after the pool's wait."""
+    pool = BoundedWorkers(2, 0.4, "content checks")
+    c = checks(tmp_path, body="/^never/ REJECT no\n", workers=pool)
+    release = threading.Event()
+    hung = [asyncio.create_task(pool.run(partial(release.wait, 30))) for _ in range(2)]
+    stop = asyncio.Event()
+
+    async def small_traffic():
+        while not stop.is_set():
+            await inspect(c, b"X-A: 1\r\n", b"\r\nsmall\r\n")  # (walked on the loop)
+            await asyncio.sleep(0.1)
+
+    traffic = asyncio.create_task(small_traffic())
+    try:
+        await asyncio.sleep(0)  # (the hung calls take both threads)
+        started = time.monotonic()
+        with pytest.raises(LookupRetry):
+            await asyncio.wait_for(inspect(c, b"X-A: 1\r\n", LONG_BODY), 5)
+        assert time.monotonic() - started < 3
+    finally:
+        stop.set()
+        await traffic
+        release.set()
+        await asyncio.gather(*hung)
+        assert await pool.close_within(10)
+
+
 async def test_a_walk_waits_for_a_thread_while_the_others_make_progress(tmp_path):
     """A queue of slow but working walks (each 0.1 s, 1 s in all, the pool's wait 0.6 s: a margin a loaded machine
     keeps) is waited for, longer than the pool's wait, not deferred."""
