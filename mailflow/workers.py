@@ -31,7 +31,8 @@ any work, nor said it moved (moved()), for `wait` seconds (they look hung). A bu
 queued, never deferred; calls longer than `wait` are too, when they call moved() more often than every `wait` s.
 
 Failure behaviour: `TemporaryError` 4.3.0 when no thread is free and none finished a call for `wait` seconds
-(`no worker free for DOING within Ns: N busy`); what `call` raises propagates.
+(`no worker free for DOING within Ns: N busy`); what `call` raises propagates; RuntimeError when no thread could
+be started (the process's thread limit) and the pool has none yet (with some, the call waits for one of them).
 """
 from __future__ import annotations
 
@@ -154,8 +155,14 @@ class _Threads:
             if len(self._threads) < self._size:
                 thread = threading.Thread(target=self._work, name=f"{self._name}_{len(self._threads)}",
                                           daemon=self._daemon)
-                self._threads.append(thread)
-                thread.start()
+                try:
+                    thread.start()
+                except RuntimeError as e:  # (can't start new thread: the process's limit)
+                    if not self._threads:  # nobody would ever run the call (the only one queued): it fails now
+                        self._jobs.get_nowait()
+                        future.set_exception(e)
+                else:  # (counted only once it runs: a thread that never started would never take a job)
+                    self._threads.append(thread)
         return future
 
     def runs_here(self) -> bool:

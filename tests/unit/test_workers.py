@@ -10,6 +10,8 @@ import threading
 import time
 from functools import partial
 
+import pytest
+
 from mailflow.workers import BoundedWorkers
 
 
@@ -36,6 +38,29 @@ async def test_close_within_waits_for_the_work_under_way_at_most_its_bound():
     assert await quick.run(lambda: "done") == "done"
     assert await quick.close_within(5) is True
     assert named("quick-pool_") == []
+
+
+async def test_a_thread_that_cannot_start_fails_the_call_and_is_not_counted(monkeypatch):
+    """The thread was recorded before its start(): when it could not start (the process's thread limit), the call
+    stayed queued (run later by the next thread, though its caller was told it failed), and the pool counted a thread
+    that never ran (its join at the stop failed). The call fails at once and is not run; once threads start again,
+    the pool makes one and runs calls."""
+    import mailflow.workers as module
+
+    class NoThread(threading.Thread):
+        def start(self):
+            raise RuntimeError("can't start new thread")
+
+    workers = BoundedWorkers(2, 30, "limited pool")
+    monkeypatch.setattr(module.threading, "Thread", NoThread)
+    ran: list[str] = []
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        await asyncio.wait_for(workers.run(partial(ran.append, "refused call")), 5)
+    monkeypatch.undo()
+    assert await asyncio.wait_for(workers.run(lambda: "done"), 5) == "done"
+    assert ran == []  # (its caller was told it failed: it is not run later, behind its back)
+    assert len(named("limited-pool_")) == 1
+    assert await workers.close_within(5) is True
 
 
 def test_a_thread_left_in_its_call_at_the_stop_does_not_keep_the_process_alive():
