@@ -11,6 +11,7 @@ signature of mailflow.app's `forwarder`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import concurrent.futures
 import ctypes
 import errno
@@ -883,6 +884,34 @@ async def test_a_file_append_hung_after_its_dotlock_before_writing_removes_the_d
         await asyncio.wait_for(mbox.append_mbox(archive, b"From a@x  Sun Dec  6 10:00:00 2026\n\n", user="nobody",
                                                 write_limit=30, locks=("dotlock",), create_parents=False), 20)
     assert time.monotonic() - started < 10  # (not the parent's SIGKILL, 30 s later)
+    assert (failed.value.dsn, failed.value.text) == ("4.3.0", "cannot write as nobody: not started writing within 0.3s")
+    assert not mbox.dotlock_path(archive).exists()
+    assert archive.read_bytes() == b""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a /file is written by a child as the user only as root")
+async def test_a_file_append_hung_closing_its_new_dotlock_removes_the_dotlock(public_dir, monkeypatch):
+    """The dotlock was noted as made only once its new file was closed: a close that hung (NFS flushes at close)
+    until the start timer stopped the child left the dotlock for stale_lock_time (500 s). It is noted as soon as it
+    is created: the child's failure path removes it."""
+    archive = public_dir / "keep.mbox"
+    archive.write_bytes(b"")
+    archive.chmod(0o666)
+    real_close = os.close
+
+    def close(fd):  # (in the forked child: the close of the new lock file never returns)
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}").endswith(".lock"):
+                time.sleep(3600)
+        real_close(fd)
+
+    monkeypatch.setattr(mbox.os, "close", close)
+    monkeypatch.setattr(mbox, "FILE_START_TIMEOUT", 0.3)
+    started = time.monotonic()
+    with pytest.raises(TemporaryError) as failed:
+        await asyncio.wait_for(mbox.append_mbox(archive, b"From a@x  Sun Dec  6 10:00:00 2026\n\n", user="nobody",
+                                                write_limit=30, locks=("dotlock",), create_parents=False), 20)
+    assert time.monotonic() - started < 10
     assert (failed.value.dsn, failed.value.text) == ("4.3.0", "cannot write as nobody: not started writing within 0.3s")
     assert not mbox.dotlock_path(archive).exists()
     assert archive.read_bytes() == b""

@@ -289,8 +289,11 @@ def _append_in(folder: int, path: Path, entry: bytes | Iterable[bytes], locks: t
     try:
         for style in locks:
             if style == "dotlock":
-                dotlocked = _try_dotlock(path, stale_lock_time, folder)
-                taken = dotlocked
+                made = _try_dotlock(path, stale_lock_time, folder)
+                taken = made is not None
+                if made is not None:
+                    dotlocked = True  # (before its close: a close hung on NFS, stopped by the timer, removes it too)
+                    os.close(made)
             else:
                 taken = _try_kernel_lock(fd, style)
             if not taken:
@@ -404,18 +407,18 @@ def dotlock_path(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
-def _try_dotlock(path: Path, stale_lock_time: float, folder: int | None) -> bool:
-    """Create `<path>.lock` (True), or find it there, removing it when stale for the next attempt (False)."""
+def _try_dotlock(path: Path, stale_lock_time: float, folder: int | None) -> int | None:
+    """Create `<path>.lock`: its descriptor, for the caller to close once it has noted the lock as its own (the
+    close of a new file can hang on NFS); or None: it is there, removed when stale for the next attempt."""
     lock = dotlock_path(path)
     try:
-        os.close(os.open(_at(lock, folder), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600, dir_fd=folder))
+        return os.open(_at(lock, folder), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       0o600, dir_fd=folder)
     except FileExistsError:
         _break_stale_dotlock(lock, stale_lock_time, folder)
-        return False
+        return None
     except OSError as e:
         raise TemporaryError("4.2.0", f"cannot create lock file {lock}: {e.strerror}") from None
-    return True
 
 
 def _break_stale_dotlock(lock: Path, stale_lock_time: float, folder: int | None) -> None:
