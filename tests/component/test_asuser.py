@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import threading
 import signal
 import time
 
@@ -249,3 +250,32 @@ def test_the_start_timer_is_stopped_before_the_report(monkeypatch):
 
     monkeypatch.setattr(asuser, "_send_frame", slow_send)
     assert asuser.call_as("nobody", "write", _writes_nothing, timeout=0.3, marked=True, then=30, grace=30) == b"busy"
+
+
+def test_a_killed_child_whose_reaper_thread_cannot_start_is_reaped_by_the_caller_and_not_counted(monkeypatch):
+    """The killed child was counted before its reaper thread started: when no thread could start (the process's
+    thread limit) the count was never taken back (STUCK_LIMIT such failures refused every child until a restart),
+    and call_as raised RuntimeError ("unknown mail transport error"). The caller reaps it (it ends 0.3 s after
+    SIGKILL here), it is not counted, and the call fails as a child that never answered."""
+    real_kill = os.kill
+
+    def kill(pid: int, sig: int) -> None:  # (SIGKILL late: the child plays one in an uninterruptible wait, a while)
+        if sig == signal.SIGKILL:
+            threading.Timer(0.3, real_kill, (pid, sig)).start()
+        else:
+            real_kill(pid, sig)
+
+    class NoThread(threading.Thread):
+        def start(self):
+            raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(asuser.os, "kill", kill)
+    monkeypatch.setattr(asuser, "REAP_WAIT", 0.05)
+    before = asuser._STUCK.count
+    monkeypatch.setattr(asuser.threading, "Thread", NoThread)
+    with pytest.raises(TemporaryError) as failed:
+        asuser.call_as("nobody", "read", _hang, timeout=0.1)
+    monkeypatch.undo()
+    assert (failed.value.dsn, failed.value.text) == (
+        "4.3.0", "cannot read as nobody: no answer within 0.1s, the child was killed")
+    assert asuser._STUCK.count == before

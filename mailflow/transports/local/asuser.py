@@ -207,9 +207,19 @@ class _StuckChildren:
         raise TemporaryError("4.3.0", f"cannot {what}: {stuck} children stuck in uninterruptible waits")
 
     def leave(self, pid: int) -> None:
+        """`pid` to a reaper thread of its own, counted once that thread runs (under the lock its end takes, so it
+        cannot be counted out before it is counted in). When no thread can start (the process's thread limit),
+        the caller reaps it, blocking: a count never counted out would refuse every child until a restart."""
         with self._lock:
-            self._pids.add(pid)
-        threading.Thread(target=self._reap, args=(pid,), name=f"reap-{pid}", daemon=True).start()
+            try:
+                threading.Thread(target=self._reap, args=(pid,), name=f"reap-{pid}", daemon=True).start()
+            except RuntimeError as e:
+                started = e
+            else:
+                self._pids.add(pid)
+                return
+        log.error("the child %d: no reaper thread (%s): waiting for it to end here", pid, started)
+        os.waitpid(pid, 0)
 
     def _reap(self, pid: int) -> None:
         try:
