@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from mailflow.errors import TemporaryError
+from mailflow.errors import PermanentError, TemporaryError
 from mailflow.transports.local import asuser
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
@@ -281,3 +281,28 @@ def test_a_killed_child_whose_reaper_thread_cannot_start_is_reaped_by_the_caller
     assert (failed.value.dsn, failed.value.text) == (
         "4.3.0", "cannot read as nobody: no answer within 0.1s, the child was killed")
     assert asuser._STUCK.count == before
+
+
+def _fails_too_big(writing) -> bytes:
+    raise PermanentError("5.2.2", "file too big")
+
+
+def _has_nothing_to_write(writing) -> bytes:
+    return b"nothing to write"
+
+
+def test_an_alarm_after_the_work_ended_keeps_its_result(monkeypatch):
+    """The start alarm handled just after the work ended, before ended() disarmed it, replaced the work's own
+    result with "not started writing" (an EFBIG, 5.2.2, became 4.3.0). The work's result stands."""
+    real_ended = asuser.Progress.ended
+
+    def alarm_first(self) -> None:  # (in the forked child: the alarm handled at ended()'s first step)
+        self._alarm(signal.SIGALRM, None)
+        real_ended(self)
+
+    monkeypatch.setattr(asuser.Progress, "ended", alarm_first)
+    with pytest.raises(PermanentError) as failed:
+        asuser.call_as("nobody", "write", _fails_too_big, timeout=30, marked=True, then=30)
+    assert (failed.value.dsn, failed.value.text) == ("5.2.2", "file too big")
+    assert asuser.call_as("nobody", "write", _has_nothing_to_write, timeout=30, marked=True,
+                          then=30) == b"nothing to write"

@@ -105,7 +105,10 @@ def call_as(user: str, doing: str, fn: Callable[..., bytes], *args,
             try:
                 return _switched(groups, pw.pw_gid, pw.pw_uid, partial(fn, writing=progress), args)
             finally:  # (the timer stopped before the report: an attempt that wrote nothing may end near the limit)
-                progress.ended()
+                try:
+                    progress.ended()
+                except TemporaryError:  # its alarm came after the work ended, before ended() disarmed it: the
+                    progress.ended()    # work's own result stands (an EFBIG stays 5.2.2), the timer is stopped
 
         _report_and_exit(write_end, work)
     os.close(write_end)
