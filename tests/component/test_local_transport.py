@@ -915,3 +915,41 @@ async def test_a_file_append_hung_closing_its_new_dotlock_removes_the_dotlock(pu
     assert (failed.value.dsn, failed.value.text) == ("4.3.0", "cannot write as nobody: not started writing within 0.3s")
     assert not mbox.dotlock_path(archive).exists()
     assert archive.read_bytes() == b""
+
+
+async def test_an_expansion_stuck_in_a_read_does_not_keep_the_stopped_server_alive(tmp_path):
+    """Expansions only read: their threads are daemon ones, so one stuck in a hung sqlite or NFS read does not keep
+    the process from exiting after the stop (the /file writers' are joined: test_workers)."""
+    t = transport(tmp_path, "a: b\n")
+    try:
+        assert await t._workers.run(lambda: threading.current_thread().daemon) is True
+        assert await t._file_writers.run(lambda: threading.current_thread().daemon) is False
+    finally:
+        await t.close()
+
+
+def test_a_mailbox_close_that_fails_still_removes_the_dotlock(tmp_path, monkeypatch):
+    """The mailbox's close raising (EIO at NFS write-back) left the dotlock for stale_lock_time (500 s): every
+    delivery to the file deferred "busy" meanwhile. Postfix's mbox_release removes it whatever the close did."""
+    target = tmp_path / "file"
+    target.write_bytes(b"")
+    opened: set[int] = set()
+    real_open, real_close = mbox._open_mailbox, os.close
+
+    def recorded_open(*args, **kw):
+        fd = real_open(*args, **kw)
+        opened.add(fd)
+        return fd
+
+    def failing_close(fd):
+        real_close(fd)
+        if fd in opened:
+            raise OSError(errno.EIO, "EIO at close")
+
+    monkeypatch.setattr(mbox, "_open_mailbox", recorded_open)
+    monkeypatch.setattr(mbox.os, "close", failing_close)
+    with pytest.raises(Exception):
+        asyncio.run(mbox.append_mbox(target, b"From x\n\nhi\n\n", locks=("dotlock", "fcntl")))
+    monkeypatch.undo()
+    assert not (tmp_path / "file.lock").exists()
+

@@ -178,7 +178,9 @@ class LocalTransport:
         self._clock = clock
         self._forward = forward
         self._relay = relay
-        self._workers = BoundedWorkers(OFF_LOOP_EXPANSIONS, OFF_LOOP_WAIT, "local expansion")  # (see `_expand`)
+        # expansions only read (tables, :include: and .forward files): one stuck in a hung read must not keep the
+        # stopped server from exiting; the /file writers' threads are joined at the exit (an entry is never cut)
+        self._workers = BoundedWorkers(OFF_LOOP_EXPANSIONS, OFF_LOOP_WAIT, "local expansion", daemon=True)
         self._file_writers = BoundedWorkers(FILE_WRITERS, OFF_LOOP_WAIT, "local file write")  # (see `_file`)
 
     delivers_each = True  # one recipient after another: qmgr records each result as it comes (`deliver_each`)

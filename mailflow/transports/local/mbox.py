@@ -302,9 +302,11 @@ def _append_in(folder: int, path: Path, entry: bytes | Iterable[bytes], locks: t
         _write_or_roll_back(fd, path, entry, size_limit, writing)
         return None
     finally:
-        os.close(fd)  # releases the fcntl/flock locks
-        if dotlocked:
-            _remove_dotlock(path, folder)
+        try:
+            os.close(fd)  # releases the fcntl/flock locks
+        finally:  # (a close that fails, EIO at NFS write-back, or stopped by the timer, removes it too: mbox_release)
+            if dotlocked:
+                _remove_dotlock(path, folder)
 
 
 def _open_folder(folder: Path, owner: tuple[int, int] | None, home: Path | None, create: bool) -> int:
