@@ -7,6 +7,8 @@ Targets (frozen dataclasses; `Target` is their union):
 - `AddressTarget(address)`: `user`, `user@domain` or `<user@domain>`; forwarded, and aliased again. `\\user` is
   the address `user`: Postfix's local drops the backslash when it reads the value (tok822_parse) and gives the name
   no meaning of its own (a user named in its own .forward gets its mailbox through local(8)'s .forward rules).
+- `MailboxTarget(address)`: `\\\\user` (two backslashes; the tokenizer keeps one, and recipient.c's `\\user` branch
+  takes it): that user's mailbox, with no alias lookup and no .forward (`address` without the backslashes).
 - `CommandTarget(command)`: `|command` or `"|command with spaces, or commas"`; `command` has no `|`.
 - `FileTarget(path)`: `/absolute/path`; append to that file. Only a value starting with `/` is a file, as in
   Postfix's local: `mail/inbox`, `~/mbox` are addresses (and `./mbox` a bad one).
@@ -69,6 +71,11 @@ class AddressTarget:
 
 
 @dataclass(frozen=True)
+class MailboxTarget:
+    address: str
+
+
+@dataclass(frozen=True)
 class CommandTarget:
     command: str
 
@@ -83,7 +90,7 @@ class IncludeTarget:
     path: str
 
 
-Target = Union[AddressTarget, CommandTarget, FileTarget, IncludeTarget]
+Target = Union[AddressTarget, MailboxTarget, CommandTarget, FileTarget, IncludeTarget]
 Aliases = dict[str, tuple[Target, ...]]
 
 
@@ -199,6 +206,8 @@ def _target(line: _Text, offset: int, item: str) -> Target:
         return IncludeTarget(path)
     if item.startswith("/"):
         return FileTarget(item)
+    if item.startswith("\\\\"):  # (the tokenizer keeps one backslash of two: recipient.c's mailbox branch)
+        return MailboxTarget(_address(line, offset, item[2:]).address)
     if item.startswith("\\"):
         return _address(line, offset, item[1:])  # (local(8): `\user` is `user`, tok822_parse drops the backslash)
     return _address(line, offset, item)
@@ -357,6 +366,8 @@ def format_target(target: Target) -> str:
         return target.path if _PLAIN.fullmatch(target.path) else _quote(target.path)
     if isinstance(target, IncludeTarget):
         return _quote(_INCLUDE + target.path)
+    if isinstance(target, MailboxTarget):
+        return "\\\\" + target.address
     return f"<{target.address}>"
 
 

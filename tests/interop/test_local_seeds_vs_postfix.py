@@ -345,6 +345,10 @@ WRITTEN = {
     # ... and in an alias value `\nobody` is nobody, whose .forward is read (c0), no mailbox copy
     "a backslashed user in an alias": lambda spool, script: Case(
         {"a1": f'\\nobody, "|{script} c1 0"'}, {}, {".forward": f'"|{script} c0 0"'}, ["a1"]),
+    # two backslashes: the tokenizer keeps one, and recipient.c's `\user` branch gives nobody's mailbox with no
+    # alias and no .forward (c0 does not run), c1 runs
+    "two backslashes before a user in an alias": lambda spool, script: Case(
+        {"a1": f'\\\\nobody, "|{script} c1 0"'}, {}, {".forward": f'"|{script} c0 0"'}, ["a1"]),
     # an alias in an :include: file that nobody's .forward names is looked up before the file's addresses are
     # forwarded (deliver_switch): its member nobody, the .forward's own user, gets the mailbox, not a new message
     # (which came back to the .forward as a loop); without a .forward above, a1's nobody is forwarded (seed 70006)

@@ -12,6 +12,7 @@ from mailflow.aliases import (
     CommandTarget,
     FileTarget,
     IncludeTarget,
+    MailboxTarget,
     format_aliases,
     is_privileged,
     parse_aliases,
@@ -146,6 +147,13 @@ def test_a_backslash_before_a_name_is_dropped_as_local8_reads_it():
     domain too."""
     assert parse_forward('"\\js"\n\\js\n\\me@example.com\n', "f") == (
         AddressTarget("js"), AddressTarget("js"), AddressTarget("me@example.com"))
+
+
+def test_two_backslashes_before_a_name_are_the_mailbox_form():
+    """Postfix's tokenizer keeps one backslash of two, and recipient.c's `\\user` branch then gives the mailbox:
+    `\\\\js` (or quoted, `"\\\\\\\\js"`) is MailboxTarget; it writes back as itself."""
+    assert parse_forward('\\\\js\n"\\\\\\\\js+x"\n', "f") == (MailboxTarget("js"), MailboxTarget("js+x"))
+    assert parse_aliases(format_aliases({"a": (MailboxTarget("js"),)}), "f") == {"a": (MailboxTarget("js"),)}
 
 
 def test_forward_lines_do_not_continue_each_other():

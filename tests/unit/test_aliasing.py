@@ -125,6 +125,18 @@ def test_backslash_user_is_the_user_itself_as_local8_reads_it(tmp_path):
     assert e.expand("team@example.test") == [Forward("elsewhere@remote.test"), Forward("carol@remote.test")]
 
 
+def test_two_backslashes_give_the_mailbox_with_no_alias_and_no_forward(tmp_path):
+    """`\\\\alice` (two backslashes: local(8)'s tokenizer keeps one) takes recipient.c's branch: alice's mailbox,
+    no alias lookup, no .forward, not resubmitted under a list with an owner; an unknown user is refused as by
+    mailbox delivery (Postfix 3.7.11: WRITTEN case "two backslashes before a user in an alias")."""
+    forward_file(tmp_path, "alice", "elsewhere@remote.test\n")
+    e = expander(tmp_path, "alice: carol\nteam: \\\\alice, |/bin/log\nlist: \\\\alice+x\nowner-list: bob\n"
+                           "ghosts: \\\\ghost\n")
+    assert e.expand("team@example.test") == [mailbox("alice"), Command("/bin/log", "team@example.test", "alias")]
+    assert e.expand("list@example.test") == [mailbox("alice", "alice+x@example.test")]
+    assert e.expand("ghosts@example.test") == [Refused("ghost@example.test", "5.1.1", 'unknown user: "ghost"')]
+
+
 def test_unknown_user_is_refused(tmp_path):
     [leaf] = expander(tmp_path, "team: alice\n").expand("nobody@example.test")
     assert isinstance(leaf, Refused)

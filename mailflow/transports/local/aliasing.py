@@ -101,7 +101,7 @@ from typing import Callable, Union
 
 from mailflow import address
 from mailflow.aliases import (AddressTarget, AliasSyntaxError, CommandTarget, FileTarget, IncludeTarget,
-                              Target, parse_lines, parse_value)
+                              MailboxTarget, Target, parse_lines, parse_value)
 from mailflow.errors import TemporaryError
 from mailflow.files import FileTooLarge, read_bounded, read_regular_file_stat
 from mailflow.local_macros import expand_local_macros
@@ -572,6 +572,8 @@ class LocalExpander:
         for target in targets:
             if isinstance(target, AddressTarget):
                 self._address(state, target.address, origin)
+            elif isinstance(target, MailboxTarget):
+                self._backslashed(state, target.address, origin)
             elif isinstance(target, CommandTarget):
                 command = Command(target.command, owner, origin.source, origin.rights, origin.owner,
                                   origin.kind == "forward")
@@ -591,6 +593,19 @@ class LocalExpander:
             self._visit(state, addr, origin)
         else:
             state.add(Forward(addr, origin.owner))
+
+    def _backslashed(self, state: _Expansion, text: str, origin: "_Origin") -> None:
+        """`\\\\user` (aliases.MailboxTarget), as local(8)'s recipient.c takes an address that still starts with a
+        backslash: qualified with myorigin, and when that is local the user's mailbox (`_mailbox`: mailbox_transport,
+        an unknown user's routes), with no alias lookup, no .forward and no resubmission, even under a list or in an
+        :include: file; when it is not local, a Forward (of `user@myorigin`: Postfix sends `\\user@myorigin`)."""
+        state.visited()
+        addr = self._rewriter.qualify(text)
+        if not self._is_local_delivery(addr):
+            state.add(Forward(addr, origin.owner))
+            return
+        user = split_extension(address.split(addr)[0].lower(), self._config.recipient_delimiter)[0]
+        self._mailbox(state, user, addr, origin)
 
     def _is_local_delivery(self, addr: str) -> bool:
         res = self._rewriter.resolve(addr)
