@@ -224,6 +224,8 @@ def _targets(line: _Text, offset: int, item: str) -> tuple[Target, ...]:
         if error.address_problem not in (BAD_LOCAL_PART, BAD_DOMAIN):
             raise  # (not an address, or a relative path, an empty command, ...)
         whole_quoted = item[0] == '"' and _closing_quote(item, 0) == len(item) - 1
+        if item.startswith("\\") and not item.startswith("\\\\"):
+            item = item[1:]  # (`\nobody (copy)` is `nobody (copy)`: local(8)'s tokenizer drops the backslash)
         if whole_quoted or item.startswith(_SPECIAL_STARTS) or item[:len(_INCLUDE)].lower() == _INCLUDE:
             raise
         found = value_addresses(item)

@@ -349,6 +349,9 @@ WRITTEN = {
     # alias and no .forward (c0 does not run), c1 runs
     "two backslashes before a user in an alias": lambda spool, script: Case(
         {"a1": f'\\\\nobody, "|{script} c1 0"'}, {}, {".forward": f'"|{script} c0 0"'}, ["a1"]),
+    # `\nobody (copy)`: the backslash and the comment dropped, nobody's .forward read (c0)
+    "a backslashed user with a comment": lambda spool, script: Case(
+        {"a1": "\\nobody (copy)"}, {}, {".forward": f'"|{script} c0 0", \\nobody'}, ["a1"]),
     # an alias in an :include: file that nobody's .forward names is looked up before the file's addresses are
     # forwarded (deliver_switch): its member nobody, the .forward's own user, gets the mailbox, not a new message
     # (which came back to the .forward as a loop); without a .forward above, a1's nobody is forwarded (seed 70006)

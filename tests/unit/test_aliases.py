@@ -156,6 +156,12 @@ def test_two_backslashes_before_a_name_are_the_mailbox_form():
     assert parse_aliases(format_aliases({"a": (MailboxTarget("js"),)}), "f") == {"a": (MailboxTarget("js"),)}
 
 
+def test_a_backslashed_name_with_a_comment_is_the_name():
+    """`\\nobody (copy)`: the backslash dropped, the comment too, as local(8) reads it (Postfix 3.7.11 delivers
+    to nobody)."""
+    assert parse_forward("\\nobody (copy)\n", "f") == (AddressTarget("nobody"),)
+
+
 def test_forward_lines_do_not_continue_each_other():
     assert parse_forward("a\n  b\n", "f") == (AddressTarget("a"), AddressTarget("b"))
 
