@@ -241,6 +241,9 @@ def check_config(config: Optional[str] = ConfigOption) -> None:
         typer.echo(config_error_text(problem, where), err=True)
     if problems:
         raise typer.Exit(2)
+    warning = cfg.origin_warning()
+    if warning:
+        typer.echo(f"{where}: warning: {warning}", err=True)
     typer.echo(f"{where}: ok (queue {cfg.queue_directory})")
     for host, port, role in listener_summary(cfg):
         typer.echo(f"  listener {host}:{port} ({role})")

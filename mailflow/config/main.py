@@ -370,6 +370,20 @@ class Config(Section):
         """myorigin, defaulting to myhostname."""
         return self.myorigin or self.myhostname
 
+    def origin_warning(self) -> str | None:
+        """The warning for a myorigin (or myhostname) that is not in mydestination while local(8)'s expansion is in
+        use (the local transport delivers for mydestination, so users' .forward files are read, or alias_maps are
+        set): unqualified names there (`bob`, `\\bob`) are qualified with it and leave this host, as Postfix's local
+        sends them (docs/config.md, "Upgrading: `\\user`"). None when all is well."""
+        expanding = self.local_transport.partition(":")[0] == "local" and bool(self.mydestination or self.alias_maps)
+        origin = normalise_domain(self.origin)
+        if not expanding or origin in self.mydestination:
+            return None
+        which = "myorigin" if self.myorigin else "myorigin (myhostname)"
+        return (f"{which} {origin!r} is not in mydestination: unqualified names in aliases and .forward files "
+                f"(`bob`, `\\bob`) go to NAME@{origin}, which is not delivered here; add {origin} to mydestination "
+                "or set myorigin to a local domain (docs/config.md, \"Upgrading: \\user\")")
+
     @property
     def domain(self) -> str:
         """mydomain, defaulting to myhostname without its first label (myhostname itself if it has one)."""

@@ -135,6 +135,20 @@ def test_queue_shape_help_names_every_queue_it_counts():
     assert all(name in result.stdout for name in ("maildrop", "incoming", "active", "deferred", "hold", "corrupt"))
 
 
+def test_check_config_warns_when_myorigin_is_not_local(tmp_path):
+    """Unqualified names in aliases and .forward files (`\\bob` too) go to NAME@myorigin, as Postfix's local sends
+    them: a myorigin outside mydestination sends them away, so check-config says so (and still accepts it)."""
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('myhostname = "mx.example.test"\nmydestination = ["example.test"]\n')
+    result = mailflow("check-config", "--config", str(cfg))
+    assert result.returncode == 0, result.stderr
+    assert (f"{cfg}: warning: myorigin (myhostname) 'mx.example.test' is not in mydestination: unqualified names "
+            "in aliases and .forward files") in result.stderr
+    cfg.write_text('myhostname = "mx.example.test"\nmyorigin = "example.test"\nmydestination = ["example.test"]\n')
+    result = mailflow("check-config", "--config", str(cfg))
+    assert result.returncode == 0 and "warning" not in result.stderr, result.stderr
+
+
 def test_check_config_names_file_key_and_reason_without_traceback(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[queue]\nminimal_backoff_time = "soon"\n')
