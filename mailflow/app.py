@@ -237,9 +237,6 @@ class Mailflow:
         except BaseException:
             await self.stop()
             raise
-        warning = c.origin_warning()
-        if warning:
-            log.warning("%s", warning)
         log.info("mailflow started: listening on %s, queue %s",
                  ", ".join(f"{h}:{p}" for h, p in self.smtp_addresses + (self.http.addresses if self.http else [])),
                  c.queue_path)

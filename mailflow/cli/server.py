@@ -98,6 +98,7 @@ def _serve(run, cfg: Config, where: str, reread, started=None) -> None:
     except OSError as e:
         fail_config("mailflow", ConfigError(where, "log.file", f"cannot open {cfg.log.file}: {e.strerror}"))
     watch = ensure_descriptors(cfg)
+    warn_of_origin(cfg)
     try:
         asyncio.run(run(cfg, reread=reread, where=where, started=started, reloaded=watch.check))
     except QueueBusy as e:  # another server owns this queue: it was left untouched
@@ -108,6 +109,13 @@ def _serve(run, cfg: Config, where: str, reread, started=None) -> None:
         fail("mailflow", f"cannot start: {e}", 1)
     except sqlite3.Error as e:  # the queue database cannot be opened: damaged, locked too long, unreadable
         fail("mailflow", f"cannot start: the queue database {cfg.queue_path / 'queue.db'}: {e}", 1)
+
+
+def warn_of_origin(cfg: Config) -> None:
+    """Logs Config.origin_warning once, as serve starts (a reload does not repeat it; check-config prints it)."""
+    warning = cfg.origin_warning()
+    if warning:
+        logging.getLogger("mailflow").warning("%s", warning)
 
 
 # the queue database, the log, tables, DNS (two c-ares channels, a few each), the admin server, a reload's new listeners

@@ -2,7 +2,8 @@
 forwarded copies relayed with Delivered-To, loops stopped, an unreadable alias file deferring, not bouncing."""
 from __future__ import annotations
 
-import logging
+import subprocess
+import sys
 
 import aiosmtplib
 import pytest
@@ -87,17 +88,21 @@ async def test_dot_forward_keeps_a_copy_and_forwards_one(mailflow_server, smtp_p
     assert relayed.rcpt_tos == ["bob@elsewhere.test"]
 
 
-async def test_a_kept_copy_leaves_when_myorigin_is_not_local(mailflow_server, smtp_peer, tmp_path, caplog):
+async def test_a_kept_copy_leaves_when_myorigin_is_not_local(mailflow_server, smtp_peer, tmp_path, write_config):
     """docs/config.md, "Upgrading: `\\user`": `\\bob` is bob@myorigin, as Postfix's local reads it; with myorigin
-    (here myhostname, mx.mailflow.test) outside mydestination that copy is relayed, not kept, and the start warns."""
-    caplog.set_level(logging.WARNING, logger="mailflow")
+    (here myhostname, mx.mailflow.test) outside mydestination that copy is relayed, not kept, and check-config
+    (serve too, as it starts) warns of it."""
     peer = await smtp_peer()
     home = tmp_path / "mail" / "bob"
     home.mkdir(parents=True)
     (home / ".forward").write_text("\\bob, bob@elsewhere.test\n")
-    mf = await mailflow_server(relayhost=f"[127.0.0.1]:{peer.port}")
-    assert any("myorigin (myhostname) 'mx.mailflow.test' is not in mydestination" in r.getMessage()
-               for r in caplog.records)
+    settings = {"relayhost": f"[127.0.0.1]:{peer.port}"}
+    checked = subprocess.run([sys.executable, "-m", "mailflow", "check-config", "--config",
+                              str(write_config(tmp_path / "m.toml", **settings))],
+                             capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr
+    assert "warning: myorigin (myhostname) 'mx.mailflow.test' is not in mydestination" in checked.stderr
+    mf = await mailflow_server(**settings)
     await send(mf.smtp_addresses[0][1], "s@remote.test", ["bob@local.test"], b"Subject: fwd\r\n\r\nbody\r\n")
     relayed = await eventually(lambda: [r for m in peer.messages for r in m.rcpt_tos][1:] and
                                sorted(r for m in peer.messages for r in m.rcpt_tos))

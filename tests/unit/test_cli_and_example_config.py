@@ -149,6 +149,14 @@ def test_check_config_warns_when_myorigin_is_not_local(tmp_path):
     assert result.returncode == 0 and "warning" not in result.stderr, result.stderr
 
 
+def test_serve_warns_at_start_when_myorigin_is_not_local(caplog):
+    caplog.set_level(logging.WARNING, logger="mailflow")
+    cli_server.warn_of_origin(Config(myhostname="mx.example.test", mydestination=("example.test",)))
+    cli_server.warn_of_origin(Config(myhostname="mx.example.test", mydestination=("mx.example.test",)))
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith("myorigin (myhostname) 'mx.example.test' is not in mydestination")
+
+
 def test_check_config_names_file_key_and_reason_without_traceback(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[queue]\nminimal_backoff_time = "soon"\n')
