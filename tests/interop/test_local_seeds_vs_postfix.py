@@ -290,6 +290,10 @@ def results_of(lines: set[str]) -> set[str]:
 # commands exiting 67 and 1, an unknown user in .forward with `nobody` itself, and .forward+x naming an alias and a
 # file; seed 33 a relative name (`files/rel`, an address to both) in an alias value and in an :include: file
 CURATED = [2, 33]
+# Not here on purpose: seed 70006. Its :include: file resubmits nobody+x and NoBody in one new message, both ending in
+# nobody's mailbox: Postfix's local(8) takes one recipient per request (local_destination_recipient_limit = 1), so
+# its duplicate filter lets each write a copy (two); mailflow writes one mailbox copy per local part per delivery
+# (one). The rest of that seed agrees (docs/transports.md, "## local").
 
 
 # cases written out, each for a rule of local(8)'s duplicate filter that a seed found (seeds hold more than one)
