@@ -32,7 +32,9 @@ Syntax (Postfix aliases(5), compatible with sendmail):
   duplicate is ignored with a warning.
 - Values are split at commas outside double quotes; empty items (`a, , b`, a trailing comma) are skipped. A value
   that is one whole quoted string is unquoted; inside quotes only `\\"` and `\\\\` are escapes, any other backslash
-  is literal (so `"\\user"` is `\\user`, the address `user`). A value with quotes in part
+  is literal (in a command or a file name). A quoted name is read as Postfix's local reads it, every backslash
+  escaping the next character: `"\\user"` is the address `user`, `"\\\\user"` (a backslash left) is the mailbox
+  form, as `\\\\user` unquoted. A value with quotes in part
   (`"john doe"@example.com`) is kept verbatim as an address.
 - Addresses must be RFC 5321 mailboxes (a bare `user` is checked as a local part); case is kept as written. An
   item that is not one as written is read as Postfix's local reads every value, with its RFC 822 parser
@@ -189,6 +191,9 @@ def _split_values(line: _Text, start: int) -> list[tuple[int, str]]:
 def _target(line: _Text, offset: int, item: str) -> Target:
     """Classify one value (already split and stripped)."""
     if item[0] == '"' and _closing_quote(item, 0) == len(item) - 1:
+        read = re.sub(r"\\(.)", r"\1", item[1:-1]).strip()  # (as local(8)'s tokenizer reads a quoted string)
+        if read.startswith("\\"):  # (`"\\user"`: a backslash left, recipient.c's mailbox branch)
+            return MailboxTarget(_address(line, offset, read[1:]).address)
         item = _unquote(item[1:-1]).strip()
         if not item:
             raise line.error(offset, "empty value")

@@ -353,6 +353,9 @@ WRITTEN = {
     # alias and no .forward (c0 does not run), c1 runs
     "two backslashes before a user in an alias": lambda spool, script: Case(
         {"a1": f'\\\\nobody, "|{script} c1 0"'}, {}, {".forward": f'"|{script} c0 0"'}, ["a1"]),
+    # in quotes each backslash escapes the next: `"\\nobody"` leaves `\nobody`, the mailbox branch (c0 does not run)
+    "a quoted backslashed user": lambda spool, script: Case(
+        {"a1": '"\\\\nobody", ' + f'"|{script} c1 0"'}, {}, {".forward": f'"|{script} c0 0"'}, ["a1"]),
     # `\nobody (copy)`: the backslash and the comment dropped, nobody's .forward read (c0)
     "a backslashed user with a comment": lambda spool, script: Case(
         {"a1": "\\nobody (copy)"}, {}, {".forward": f'"|{script} c0 0", \\nobody'}, ["a1"]),
