@@ -271,9 +271,10 @@ class Cleanup:
             msg, counted = self._prepare(sub, queue_id, False, bcc)
         if msg.body_type != "8BITMIME" and await labelled_8bit(msg.content, header=_header_block(msg)):
             msg = dataclasses.replace(msg, body_type="8BITMIME")
-        if arriving and not msg.smtputf8 and self._autodetects(sub) and await utf8_header_section(
-                msg.content if counted is None else Content((counted, *msg.content.parts[1:])), counted):
-            msg = dataclasses.replace(msg, smtputf8=True)
+        if arriving and not msg.smtputf8 and self._autodetects(sub):
+            head = _header_block(msg) if counted is None else counted
+            if await utf8_header_section(Content((head, *msg.content.parts[1:])), head):
+                msg = dataclasses.replace(msg, smtputf8=True)
         if arriving and self._outbound is not None:
             msg = await self._outbound.apply(msg, sub)
         if hold or content_filter:

@@ -15,6 +15,7 @@ from mailflow.logs import MailLog
 from mailflow.message import header_names, header_value, read_header, rfc5322_date, split_header
 from mailflow.model import ClientInfo, Envelope, LocalUser, Recipient, Submission
 from mailflow.stages.cleanup import Cleanup, QueueIdGenerator
+from mailflow.transports import downgrade
 from mailflow.store import NewMessage
 
 NOW = 1_700_000_000.25  # 2023-11-14T22:13:20.25Z
@@ -368,6 +369,42 @@ async def test_smtputf8_autodetect_classes_mark_mail_with_8bit_header_bytes_smtp
         await cleanup.submit(dataclasses.replace(submission(content), submitter=local))
     flags = [m.smtputf8 for m in env.store.inserted]
     assert flags == [smtpd_mail, local_mail] * 2 + [False, False]
+
+
+_PART = b"--b\r\nContent-Disposition: attachment; filename=\"K\xc3\xb6ln\"\r\n\r\nx\r\n--b--\r\n"
+
+
+@pytest.mark.parametrize("content, smtputf8", [
+    (b"Subject: x\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n", False),
+    (b"Subject: Gr\xc3\xbc\xc3\x9fe\r\n\r\nx\r\n", True),
+    (b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n" + _PART, True),
+    (b"MIME-Version: 1.0\r\nContent-Type: (c) multipart/mixed; boundary=b\r\n\r\n" + _PART, True),
+    (b"MIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\n" + _PART, False),  # (no part: body text)
+    (b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\n"
+     + b"y" * 76 + b"\r\n" * (1 << 14) + _PART, True),  # (over READ_INLINE: read in a thread)
+])
+async def test_the_autodetect_reads_the_parts_of_a_message_whose_added_fields_are_ascii(env, content, smtputf8):
+    """A local submission whose added fields are ASCII (no full name) is judged on its header section and
+    parts' as the whole content would be."""
+    cleanup = Cleanup(env.store, myhostname=HOST, clock=env.clock, rng=random.Random(7), log=MailLog(),
+                      on_queued=env.wake)
+    await cleanup.submit(dataclasses.replace(submission(content), submitter=LocalUser(uid=1000, login="alice")))
+    assert env.store.inserted[0].smtputf8 is smtputf8
+
+
+async def test_the_autodetect_does_not_read_the_body_of_a_big_message_with_no_parts(env, monkeypatch):
+    """A message that is one entity is judged by its header section alone: a local submission over 1 MiB with
+    ASCII added fields is not read through the MIME parser again (it was, in a thread, from the spool)."""
+    fed: list[int] = []
+    feed = downgrade.Downgrade.feed
+    monkeypatch.setattr(downgrade.Downgrade, "feed", lambda self, chunk: fed.append(len(chunk)) or feed(self, chunk))
+    cleanup = Cleanup(env.store, myhostname=HOST, clock=env.clock, rng=random.Random(7), log=MailLog(),
+                      on_queued=env.wake)
+    big = b"Subject: x\r\n\r\n" + (b"Gr\xc3\xbc\xc3\x9fe " * 9 + b"\r\n") * (1 << 14)
+    assert len(big) > downgrade.READ_INLINE
+    await cleanup.submit(dataclasses.replace(submission(big), submitter=LocalUser(uid=1000, login="alice")))
+    assert env.store.inserted[0].smtputf8 is False
+    assert sum(fed) < 4096
 
 
 @pytest.mark.parametrize("sender, fullname, added", [
