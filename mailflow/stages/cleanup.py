@@ -191,8 +191,7 @@ class Cleanup:
 
     def reconfigure(self, *, myhostname: str, mapper: AddressMapper, hopcount_limit: int, header_size_limit: int,
                     drop_headers: Sequence[str], outbound: OutboundSigning | None, checks: ContentChecks | None,
-                    content_filter: str,
-                    smtputf8_autodetect: Sequence[str] = DEFAULTS.smtputf8_autodetect_classes) -> None:
+                    content_filter: str, smtputf8_autodetect: Sequence[str]) -> None:
         """A reload: messages prepared from now on are checked, rewritten and signed with these (the queue ids
         go on)."""
         self._autodetect = frozenset(smtputf8_autodetect)
@@ -621,7 +620,6 @@ def _from_header(sender: str, fullname: str) -> str:
             word = f'"{token}"' if _CONTROL.search(token) else token
             phrase += (" " if phrase and token != "|" and not phrase.endswith("|") else "") + word
     return f"From: {phrase} <{sender}>" if phrase else f"From: <{sender}>"
-
 
 
 def _header_lines(fields: tuple[str, ...]) -> bytes:
