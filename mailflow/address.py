@@ -125,8 +125,8 @@ def parse_written_path(text: str) -> tuple[str, str, str]:
     while path.startswith("@") and ":" in path:
         path = path[path.index(":") + 1:]
     if path:
-        at_index = _unquoted_operator(path, "@", last=True)  # (an '@' in quotes is the local part's)
-        local, at, domain = (path[:at_index], "@", path[at_index + 1:]) if at_index >= 0 else (path, "", "")
+        local, domain = split_words(path)  # (an '@' in quotes is the local part's)
+        at = "@" if len(local) < len(path) else ""
         dot_atom = bool(local) and _DOT_ATOM_RE.fullmatch(local) is not None  # (the usual case: its own quoting)
         internal = None if dot_atom else internal_local(local)
         if not at and internal is not None and "@" in internal:
@@ -344,7 +344,7 @@ def split(address: str) -> tuple[str, str]:
 def split_words(address: str) -> tuple[str, str]:
     """`split` for an address as written or in Postfix's quoting, at its last '@' outside quoted strings: `"x@y"`
     is unqualified (`split` would cut its quotes). Not for the internal form, whose quotes are no quotes."""
-    at = _unquoted_operator(address, "@", last=True) if '"' in address else address.rfind("@")
+    at = _unquoted_operator(address, "@", last=True)
     return (address, "") if at < 0 else (address[:at], address[at + 1:])
 
 

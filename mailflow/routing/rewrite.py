@@ -356,7 +356,7 @@ class Rewriter:
         else:
             return None
         if not user:  # `%x.test` is `""@x.test`, as Postfix's resolve makes it (`""@here` is then MAILER-DAEMON)
-            return f'""@{via}'
+            return f"{EMPTY_USER}@{via}"
         return f"{address.quoted_local(user) if inner is not None else user}@{via}"
 
     def authorized_destination(self, addr: str) -> bool:
