@@ -28,10 +28,11 @@ Contract of a transport (postfix's delivery agents; chasquid's Courier; maddy's 
 
 The registry:
 
-    build_transports(config, resolver, clock, router, forward=None, mailbox=None) -> {name: Transport}
+    build_transports(config, resolver, clock, router, forward=None, mailbox=None, grace=None) -> {name: Transport}
                              the built-in transports, each [pipe.NAME] and each client service, by transport name;
                              `relay` (RELAY) is [smtp]'s settings in a client of its own, logged as RELAY_PROGRAM,
-                             unless an [smtp.services.relay] takes its place
+                             unless an [smtp.services.relay] takes its place; `grace`: local's close wait (default
+                             shutdown_grace)
     agent_of(program) -> str the delivery agent of a Transport.program (`relay/smtp` -> `smtp`)
     client_services(config, resolver, clock, router, tables, mta_sts) -> {name: Transport}
                              every SMTP client (Config.smtp_clients: smtp, relay, each [smtp.services.NAME]) and

@@ -167,7 +167,8 @@ class LocalTransport:
 
     def __init__(self, expander: LocalExpander, *, local: LocalConfig, writer: MaildirWriter, clock: Clock,
                  forward: ForwardFn | None = None, relay: str = "local", commands: CommandSettings | None = None,
-                 allow_min_user: bool = False, peers: Mapping[str, Peer] | None = None, close_wait: float = 8.0):
+                 allow_min_user: bool = False, peers: Mapping[str, Peer] | None = None,
+                 close_wait: float = DEFAULTS.shutdown_grace):
         self._close_wait = close_wait  # (the stop's grace: how long close() waits for a /file append under way)
         self._peers = {} if peers is None else peers  # the transports by name (filled after): Pass leaves
         self._allow_min_user = allow_min_user
