@@ -143,10 +143,10 @@ class Progress:
     starts), `progress.ended()` once it is safe. Made in the child, after the fork: with a limit (`then`), its
     timer runs from here, `start` s until the first progress() (`late` raised past them), `then` s after each."""
 
-    def __init__(self, fd: int, then: float | None, grace: float, stalled: str, start: float | None = None,
-                 late: str = ""):
-        self._fd, self._then, self._every, self._stalled = fd, then, grace / 2, late
-        self._moving = stalled  # (the text once the first progress() is made)
+    def __init__(self, fd: int, then: float | None, grace: float, stalled: str, start: float | None, late: str):
+        self._fd, self._then, self._every = fd, then, grace / 2
+        self._late, self._stalled = late, stalled  # (raised before the first progress(), and after it)
+        self._started = False
         self._told = -math.inf  # (time.monotonic) when the parent last heard of progress
         self._armed = False
         if then is not None:
@@ -159,7 +159,7 @@ class Progress:
         if self._then is not None:
             self._armed = True
             signal.setitimer(signal.ITIMER_REAL, self._then)
-            self._stalled = self._moving
+            self._started = True
         if (now := time.monotonic()) - self._told >= self._every:
             self._told = now
             _send_frame(self._fd, MARK)
@@ -172,7 +172,7 @@ class Progress:
     def _alarm(self, signum, frame) -> None:
         if self._armed:
             self._armed = False
-            raise TemporaryError("4.3.0", self._stalled)
+            raise TemporaryError("4.3.0", self._stalled if self._started else self._late)
 
 
 def _reap(pid: int, what: str) -> None:
