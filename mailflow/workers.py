@@ -122,7 +122,7 @@ class BoundedWorkers:
         ended: asyncio.Future[None] = loop.create_future()
 
         def join() -> None:
-            self._pool.shutdown(wait=True)
+            self._pool.join()
             _call_soon(loop, partial(_settle, ended))
 
         threading.Thread(target=join, name=f"{self._doing.replace(' ', '-')}-join", daemon=True).start()
@@ -194,8 +194,14 @@ class _Threads:
             for _ in threads:
                 self._jobs.put(None)
         if wait:
-            for thread in threads:
-                thread.join()
+            self.join()
+
+    def join(self) -> None:
+        """Wait for every thread started, once `shutdown` has told them to end (it queues no second end)."""
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join()
 
 
 def _run(future: concurrent.futures.Future, call: Callable[[], object]) -> None:
