@@ -70,7 +70,7 @@ from mailflow.dns import AiodnsResolver
 from mailflow.dsn_parameters import without_success
 from mailflow.errors import ConfigError
 from mailflow.logs import MailLog
-from mailflow.filters.content_checks import CHECK_WAIT, CHECK_WORKERS, ContentChecks
+from mailflow.filters.content_checks import ContentChecks, check_pool
 from mailflow.filters.milter import MilterSettings, NonSmtpdMilters
 from mailflow.stages.cleanup import Cleanup
 from mailflow.stages.pickup import Pickup
@@ -326,7 +326,7 @@ class Mailflow:
         outbound signing, the content checks (their tables read) and the after-queue filter. Raises ConfigError."""
         assert self._maillog is not None
         if self._check_workers is None:
-            self._check_workers = BoundedWorkers(CHECK_WORKERS, CHECK_WAIT, "content checks", daemon=True)
+            self._check_workers = check_pool()
         checks = ContentChecks(config.checks, workers=self._check_workers)
         await checks.tables.preload()
         return dict(myhostname=config.myhostname, mapper=router.mapper, hopcount_limit=config.hopcount_limit,

@@ -4,6 +4,9 @@
                                                  `pool`: the threads long walks run in (a BoundedWorkers, Cost;
                                                  None: the loop's default executor), owned by the caller (the
                                                  server: one for every reload's checks, ended at the stop)
+    check_pool() -> BoundedWorkers               that pool: daemon threads (a walk only reads: the process's exit
+                                                 need not wait for one)
+    CHECK_WORKERS, CHECK_WAIT                    its threads, and how long a walk waits for one (see below)
     await checks.inspect(queue_id, head, body, log)  -> Inspection (or raises ContentRejected)
     LONG_KEY, long_head(head)                    past this a header section or body is matched off the event loop (Cost)
     header_key, is_mime_header, entity_type, Boundaries   how a header field is matched and
@@ -89,6 +92,11 @@ MAX_LINE = 1 << 20  # a "line" longer than this is matched as this much (a body 
 _BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]+)"|([^\s;]+))', re.IGNORECASE)
 
 
+def check_pool() -> BoundedWorkers:
+    """The threads the checks' long walks run in (see the module docstring): daemon ones, as a walk only reads."""
+    return BoundedWorkers(CHECK_WORKERS, CHECK_WAIT, "content checks", daemon=True)
+
+
 @dataclass
 class Inspection:
     """What the checks decided: the header section and body to queue (edited or as they were), and marks."""
@@ -153,9 +161,10 @@ class ContentChecks:
         return result
 
     async def _off_loop(self, result: Inspection, work: Callable[[], T]) -> T:
-        """`work` in one of the checks' own threads (a blocking table's deadline kept: TableCache.run); when the
-        caller stops waiting for it (cancelled, or a table's deadline passed: LookupRetry, answered 451), `result`
-        is marked abandoned and the thread's walk stops logging and looking up."""
+        """`work` in one of the checks' own threads (else the loop's default executor; a blocking table's deadline
+        kept: TableCache.run); when the caller stops waiting for it (cancelled, or a table's deadline passed:
+        LookupRetry, answered 451), `result` is marked abandoned and the thread's walk stops logging and looking
+        up."""
         try:
             if self._workers is None:
                 return await self.tables.run(work, off_loop=True)
