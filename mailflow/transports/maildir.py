@@ -300,13 +300,7 @@ def _open_base(base: Path, owner: Owner) -> int:
     elif not base.parent.is_dir():
         raise OSError(errno.ENOENT, spool_missing(base.parent))
     _make_for(owner, base)
-    fd = _open_home(base)
-    try:
-        _check_owned(os.fstat(fd), owner, base)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return _owned(_open_home(base), owner, base)
 
 
 def spool_missing(spool: Path) -> str:
@@ -391,17 +385,24 @@ def _make_for(owner: Owner, path: Path, name: str | Path | None = None, parent: 
             os.close(fd)
 
 
-def _check_owned(st: os.stat_result, owner: Owner, path: Path) -> None:
-    """A home's directory (`path`, status `st`) is the owner's or root's (an administrator's), or OSError EPERM:
-    another user's directory never receives the mail (Postfix, writing as the user, would fail on it)."""
-    if owner.home and owner.uid >= 0 and st.st_uid not in (owner.uid, 0):
-        raise OSError(errno.EPERM, f"{path} is owned by uid {st.st_uid}, neither uid {owner.uid} nor root")
+def _owned(fd: int, owner: Owner, path: Path) -> int:
+    """`fd`, a home's directory (`path`), when it is the owner's or root's (an administrator's); else it is closed
+    and OSError EPERM raised: another user's directory never receives the mail (Postfix, writing as the user, would
+    fail on it)."""
+    try:
+        uid = os.fstat(fd).st_uid
+        if owner.home and owner.uid >= 0 and uid not in (owner.uid, 0):
+            raise OSError(errno.EPERM, f"{path} is owned by uid {uid}, neither uid {owner.uid} nor root")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _subdirectory(parent: int, name: str, owner: Owner | None, path: Path) -> int:
     """An fd of `parent/name` (`path`, for the error), made (0700, given to `owner`) when missing; with an owner a
     symbolic link there is not followed: OSError ELOOP "symbolic link … not followed", and in a home another
-    user's directory is refused (`_check_owned`)."""
+    user's directory is refused (`_owned`)."""
     if owner is not None:
         _make_for(owner, path, name, parent)
     else:
@@ -413,13 +414,7 @@ def _subdirectory(parent: int, name: str, owner: Owner | None, path: Path) -> in
         if owner is None or e.errno not in (errno.ELOOP, errno.ENOTDIR) or not _is_link(parent, name):
             raise
         raise OSError(errno.ELOOP, f"symbolic link {path} not followed") from None
-    if owner is not None:
-        try:
-            _check_owned(os.fstat(fd), owner, path)
-        except BaseException:
-            os.close(fd)
-            raise
-    return fd
+    return fd if owner is None else _owned(fd, owner, path)
 
 
 def _is_link(parent: int, name: str) -> bool:
