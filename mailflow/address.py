@@ -143,6 +143,66 @@ def parse_written_path(text: str) -> tuple[str, str, str]:
     return path, written, rest.strip(COMMAND_BLANKS)
 
 
+_PHRASE_RE = re.compile(rf"(?:{_ATOM}|{_QUOTED}|[.{COMMAND_BLANKS}])*")  # RFC 5322 phrase words (obs: dots too)
+
+
+def undressed_path(word: str) -> str | None:
+    """An RFC 822 path word (the first command word of MAIL's or RCPT's argument, syntax.next_command_word) as a
+    plain path, as Postfix's extract_addr (tok822, strict_rfc821_envelopes = no) finds its one address: comments
+    dropped (`<a@b>(c)`, `a(c)@b`, `<a@b (c)>`: nested, with quoted pairs; never inside a quoted string or an
+    address literal), a phrase before the angle brackets dropped (`"Joe"<a@b>`, `<Joe <a@b>>`), and the blanks at
+    either end inside the brackets (`< >` is `<>`, `< a@b>` is `<a@b>`). The result is `<address>`, for
+    parse_written_path to judge: that address is the one the relay check and delivery see, as in Postfix.
+    None when the word is no such form: a comment never closed or a `)` without its `(`, a phrase that is not
+    words, text after the brackets (`<a@b>;`, `<a@b>>`). What is left must still be one address to
+    parse_written_path: more than one (`a@b,c@d`) or a group (`g: a@b;`) it refuses. Call this only for a word
+    parse_written_path refuses as it is (the forms it takes are left to it)."""
+    text = _without_comments(word)
+    if text is None:
+        return None
+    bracketed = text.startswith("<") and text.endswith(">") and len(text) > 1
+    inner = text[1:-1] if bracketed else text  # (one pair, as extract_addr strips one)
+    at = _find_unquoted(inner, "<", 0)
+    if at > 0 or (at == 0 and not bracketed):  # `phrase <address>`: the phrase goes
+        if not _PHRASE_RE.fullmatch(inner[:at]) or not inner.endswith(">"):
+            return None
+        inner, bracketed = inner[at + 1:-1], True
+    if "<" in inner or ">" in inner:
+        return None
+    return f"<{inner.strip(COMMAND_BLANKS)}>" if bracketed else inner  # (`a@b(c)` is `a@b`)
+
+
+def _without_comments(word: str) -> str | None:
+    """`word` without its RFC 822 comments (outside quoted strings and address literals); None when a comment is
+    never closed or a `)` has no `(`."""
+    if "(" not in word and ")" not in word:
+        return word
+    out: list[str] = []
+    depth, quoted, literal, i = 0, False, False, 0
+    while i < len(word):
+        c = word[i]
+        if c == "\\":
+            if not depth:
+                out.append(word[i:i + 2])
+            i += 2
+            continue
+        if depth:
+            depth += 1 if c == "(" else -1 if c == ")" else 0
+        elif quoted or literal:
+            out.append(c)
+            quoted = quoted and c != '"'
+            literal = literal and c != "]"
+        elif c == "(":
+            depth = 1
+        elif c == ")":
+            return None
+        else:
+            out.append(c)
+            quoted, literal = c == '"', c == "["
+        i += 1
+    return None if depth or quoted else "".join(out)
+
+
 def tidy(addr: str) -> str:
     """`"joe"@x.test.` -> `joe@x.test`: a source route dropped, the local part in Postfix's own quoting
     (`external_local`: `a."b c"` is `"a.b c"`), and one trailing dot dropped from the domain (not from `x..` or a

@@ -67,16 +67,41 @@ def checked_path(text: str, command: str, bad: status.Reply, strict: bool) -> tu
     """(address, the address as written, what follows it) of `text` (path_text's), or `bad` (501 5.1.7 / 5.1.3):
     for a first word that leaves a quote or angle bracket open, unlogged (Postfix's tokenizer refuses the command
     before its extract_addr); for a malformed path, RCPT's null one, or one without angle brackets when `strict`
-    (strict_rfc821_envelopes), logged with `path_word`. The one reading of smtpd and `sendmail -bs`."""
+    (strict_rfc821_envelopes), logged with `path_word`. Unless `strict`, a first word in an RFC 822 form Postfix's
+    extract_addr takes (`<a@b>(c)`, `"Joe"<a@b>`, `< >`: address.undressed_path) is read as its one address, which
+    is the one judged and delivered to; its written form is that address, not the comment or phrase. The one
+    reading of smtpd and `sendmail -bs`."""
     if unterminated_command_word(text):
         return PathRefusal(bad)
-    try:
-        addr, written, rest = address.parse_written_path(text)
-    except address.PathError:
+    path = _read_path(text, strict)
+    if path is None:
         return PathRefusal(bad, path_word(text))
+    addr, written, rest = path
     if (command == "RCPT" and not addr) or (strict and not text.lstrip(COMMAND_BLANKS).startswith("<")):
         return PathRefusal(bad, path_word(text))
     return addr, written, rest
+
+
+def _read_path(text: str, strict: bool) -> tuple[str, str, str] | None:
+    """parse_written_path's reading of `text`; unless `strict`, of its first word undressed as Postfix's
+    extract_addr takes an RFC 822 form (address.undressed_path) where that word has a parenthesis (a comment: the
+    address is never judged with one) or is refused as it is (a phrase before the brackets, blanks inside them).
+    None when there is no address."""
+    word, end = next_command_word(text) if "(" in text or ")" in text else ("", 0)  # (the usual path: no comment)
+    if strict or ("(" not in word and ")" not in word):
+        try:
+            return address.parse_written_path(text)
+        except address.PathError:
+            if strict:
+                return None
+        word, end = next_command_word(text)
+    plain = address.undressed_path(word)
+    if plain is None:
+        return None
+    try:
+        return address.parse_written_path(plain + text[end:])
+    except address.PathError:
+        return None
 
 
 def _take_dsn(found: dict[str, str], key: str, value: str, discarded: frozenset[str]) -> status.Reply | None:

@@ -31,8 +31,9 @@ CR, NUL, UTF-8 and SMTPUTF8 (the private Postfix runs with smtputf8_enable = no)
 documented differences (docs/security.md, docs/config.md; tests/support/dialogues.py says how): a SIZE= over
 message_size_limit and a second AUTH= after a refused MAIL (Postfix keeps both until the transaction ends); a BDAT
 or DATA after a refused BDAT LAST, only where the private Postfix is older than 3.7.22 (Postfix 3.7.11 and earlier
-keep its recipient state, fixed in 3.7.22: `pf.keeps_refused_transactions`); an RFC 822 phrase or an empty list
-member around a path (`MAIL FROM: AUTH=<>`, `RCPT TO: NOTIFY=,`); a MAIL, RCPT or EHLO line near the limit whose
+keep its recipient state, fixed in 3.7.22: `pf.keeps_refused_transactions`); an empty list member around a path
+(`RCPT TO: NOTIFY=,`; an RFC 822 phrase before `<>`, `MAIL FROM: AUTH=<>`, is the null sender to both: the RFC 822
+forms are test_envelope_forms_vs_postfix.py's); a MAIL, RCPT or EHLO line near the limit whose
 length goes into the queue file (Postfix counts its queue file in message_size_limit). A command line over
 line_length_limit is sent only as an unknown verb, and mailflow's `500 5.5.2 Error: line too long` is compared as
 Postfix's `500 5.5.2 Error: command not recognized` for it (Postfix runs the line's first 2048 bytes).
