@@ -21,6 +21,28 @@ BAD = status.RECIPIENT_SYNTAX
     ("<a b> NOTIFY=NEVER", "RCPT", False, PathRefusal(BAD, "<a b>")),
     ("<>", "RCPT", False, PathRefusal(BAD, "<>")),
     ("a@b.test", "MAIL", True, PathRefusal(BAD, "a@b.test")),
+    # RFC 822 forms Postfix's extract_addr takes (strict_rfc821_envelopes = no): the one address, as written too
+    ("<a@b.test>(c) NOTIFY=NEVER", "RCPT", False, ("a@b.test", "a@b.test", "NOTIFY=NEVER")),
+    ('"Joe"<a@b.test>', "RCPT", False, ("a@b.test", "a@b.test", "")),
+    ("<Joe <a@b.test>> NOTIFY=NEVER", "RCPT", False, ("a@b.test", "a@b.test", "NOTIFY=NEVER")),
+    ("<a(x)@b(y).test (z)>", "RCPT", False, ("a@b.test", "a@b.test", "")),
+    ("< >", "MAIL", False, ("", "", "")),
+    ("<(c)>", "MAIL", False, ("", "", "")),
+    ("AUTH=<>", "MAIL", False, ("", "", "")),  # (the phrase `AUTH=`)
+    ('<"a(b)"@c.test>(d)', "RCPT", False, ('"a(b)"@c.test', '"a(b)"@c.test', "")),  # (no comment in quotes)
+    # the address judged is the address, never the comment or the phrase beside it
+    ("<alice@local.test (x@evil.test)>", "RCPT", False, ("alice@local.test", "alice@local.test", "")),
+    ('<"alice@local.test" <x@evil.test>>', "RCPT", False, ("x@evil.test", "x@evil.test", "")),
+    ("<x@evil.test>(<alice@local.test>)", "RCPT", False, ("x@evil.test", "x@evil.test", "")),
+    # refused as before: a group, several addresses, text after the brackets, a comment never closed, strictness
+    ("<g: a@b.test;>", "RCPT", False, PathRefusal(BAD, "<g: a@b.test;>")),
+    ("<a@b.test, c@d.test>", "RCPT", False, PathRefusal(BAD, "<a@b.test, c@d.test>")),
+    ("<a@b.test>;", "RCPT", False, PathRefusal(BAD, "<a@b.test>;")),
+    ("<a@b.test>>", "RCPT", False, PathRefusal(BAD, "<a@b.test>>")),
+    ("<a@b.test>(c", "RCPT", False, PathRefusal(BAD, "<a@b.test>(c")),
+    ("<@r.test:Joe <a@b.test>>", "RCPT", False, PathRefusal(BAD, "<@r.test:Joe <a@b.test>>")),
+    ("<a@b.test>(c)", "RCPT", True, PathRefusal(BAD, "<a@b.test>(c)")),
+    ('"Joe"<a@b.test>', "RCPT", True, PathRefusal(BAD, '"Joe"<a@b.test>')),
 ])
 def test_a_path_is_read_or_refused_and_warned_of_as_postfix(text, command, strict, expected):
     assert checked_path(text, command, BAD, strict) == expected
