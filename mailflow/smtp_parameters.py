@@ -26,6 +26,7 @@ DSN parameter is refused `501 5.7.1 DSN support is disabled`; where it discards 
 """
 from __future__ import annotations
 
+import re
 from typing import Callable, NamedTuple
 
 from mailflow import address, dsn_parameters as dsn, status
@@ -84,11 +85,11 @@ def checked_path(text: str, command: str, bad: status.Reply, strict: bool) -> tu
 
 def _read_path(text: str, strict: bool) -> tuple[str, str, str] | None:
     """parse_written_path's reading of `text`; unless `strict`, of its first word undressed as Postfix's
-    extract_addr takes an RFC 822 form (address.undressed_path) where that word has a parenthesis (a comment: the
-    address is never judged with one) or is refused as it is (a phrase before the brackets, blanks inside them).
-    None when there is no address."""
-    word, end = next_command_word(text) if "(" in text or ")" in text else ("", 0)  # (the usual path: no comment)
-    if strict or ("(" not in word and ")" not in word):
+    extract_addr takes an RFC 822 form (address.undressed_path) where that word is `_dressed` (the address is
+    never judged with a comment or a blank in it) or is refused as it is (a phrase before the brackets, a blank
+    after the `<`). None when there is no address."""
+    word, end = next_command_word(text) if _MAY_BE_DRESSED.search(text) else ("", 0)  # (the usual path: neither)
+    if strict or not _dressed(word):
         try:
             return address.parse_written_path(text)
         except address.PathError:
@@ -102,6 +103,15 @@ def _read_path(text: str, strict: bool) -> tuple[str, str, str] | None:
         return address.parse_written_path(plain + text[end:])
     except address.PathError:
         return None
+
+
+_MAY_BE_DRESSED = re.compile(f"[()]|[{COMMAND_BLANKS}]>")
+
+
+def _dressed(word: str) -> bool:
+    """A path word with a parenthesis (a comment, `<a@b>(c)`) or a blank before its closing `>` (`<a@b >`), which
+    parse_written_path would take into the address."""
+    return "(" in word or ")" in word or (word.endswith(">") and word[-2:-1] in COMMAND_BLANKS and len(word) > 2)
 
 
 def _take_dsn(found: dict[str, str], key: str, value: str, discarded: frozenset[str]) -> status.Reply | None:

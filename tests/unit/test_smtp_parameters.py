@@ -28,6 +28,9 @@ BAD = status.RECIPIENT_SYNTAX
     ("<a(x)@b(y).test (z)>", "RCPT", False, ("a@b.test", "a@b.test", "")),
     ("< >", "MAIL", False, ("", "", "")),
     ("<(c)>", "MAIL", False, ("", "", "")),
+    ("< a@b.test> SIZE=1", "MAIL", False, ("a@b.test", "a@b.test", "SIZE=1")),
+    ("<a@b.test\t> SIZE=1", "MAIL", False, ("a@b.test", "a@b.test", "SIZE=1")),  # (not `a@b.test\t`)
+    ("<a @b.test>", "MAIL", False, PathRefusal(BAD, "<a @b.test>")),  # (a blank inside the address: refused)
     ("AUTH=<>", "MAIL", False, ("", "", "")),  # (the phrase `AUTH=`)
     ('<"a(b)"@c.test>(d)', "RCPT", False, ('"a(b)"@c.test', '"a(b)"@c.test', "")),  # (no comment in quotes)
     # the address judged is the address, never the comment or the phrase beside it
