@@ -86,8 +86,8 @@ def sent(kind: str, size: int, declared: str = "") -> list[Step]:
 CASES: dict[str, list[Step]] = {
     **{f"mail {form}": mail(form) for form in [
         "<a@b.test>(comment)", "a@b.test(comment)", "(comment)a@b.test", "()<a@b.test>", "<(c)a@b.test>",
-        "<a(c)@b.test>", "<a@b.test (c)>", "<a@b.test>(c) SIZE=10", "<>(null)", "<(null)>", "< >", "<\t>", "< a@b.test>", "<a@b.test >",
-        "<a@b.test\t>",
+        "<a(c)@b.test>", "<a@b.test (c)>", "<a@b.test>(c) SIZE=10", "<>(null)", "<(null)>", "< >", "<\t>",
+        "< a@b.test>", "<a@b.test >", "<a@b.test\t>",
         '"Joe"<a@b.test>', "Joe<a@b.test>", "<Joe <a@b.test>>", '<"Joe" <a@b.test>>', "<Joe<a@b.test>>",
         "AUTH=<>", '<"a(b)"@b.test>(c)',
         # two words: an address and an unknown parameter to both
