@@ -22,7 +22,9 @@
   warning; `is_valid_hostname(name)`: it takes it (ETRN's site, myhostname, XCLIENT's NAME).
 - `parse_path(text) -> (address, rest)`: the address of a MAIL FROM / RCPT TO argument and the parameters
   after it; raises `PathError` (see its doc for what is accepted, as Postfix accepts it); `parse_written_path`
-  also gives the address as the client wrote it (Postfix's original recipient: quotes, trailing dot kept).
+  also gives the address as the client wrote it (Postfix's original recipient: quotes, trailing dot kept);
+  `undressed_path(word)`: a path word in an RFC 822 form Postfix's extract_addr takes (a comment, a phrase before
+  the brackets, blanks at their ends) as a plain path for it, or None.
 - `has_unsafe_characters(addr)`, `printable(addr)`: CR, LF, NUL or another C0 control or DEL, which would end or
   forge an SMTP command line (an address with one never reaches the wire); the address with each shown as `?`.
 - `is_min_user(addr)`: the address begins with '-' (Postfix allow_min_user: such an address could reach a

@@ -7,8 +7,9 @@ imports it without loading smtpd (a -bs run is one process per message: it must 
     path_word(text) -> str                             its first word as Postfix's smtpd_token reads one: the
                                                        address its `Illegal address syntax` warning quotes
     checked_path(text, command, bad, strict) -> (address, as written, rest) | PathRefusal
-                                                       the path read (address.parse_written_path), or `bad` and
-                                                       whether Postfix's smtpd warns of it
+                                                       the path read (address.parse_written_path; an RFC 822
+                                                       form undressed first, address.undressed_path), or `bad`
+                                                       and whether Postfix's smtpd warns of it
     mail_parameters(words, size_limit, discarded) -> (options, RET, ENVID, AUTH) | status.Reply
     rcpt_parameters(words, discarded) -> (NOTIFY, ORCPT) | status.Reply
 
