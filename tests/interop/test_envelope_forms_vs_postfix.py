@@ -20,6 +20,11 @@ Postfix's reading there is a quirk of its RFC 822 parser that a user would not w
   `g:` as the null sender and `a@b;` as an unknown parameter (555); mailflow 501.
 - text after the brackets (`<a@b>;`, `<a@b>,`, `<a@b>>`): Postfix drops the special; mailflow 501, as it answers
   `<a@b>x` (which Postfix refuses too).
+- a comment never closed (`<a@b>(`; `<a@b>(x y)`, which Postfix's command tokenizer splits at the blank: 555
+  for its `y)`): Postfix's tokenizer closes it at the end of the word; mailflow 501.
+- a phrase that is not words (`J@e<a@b>`, an address before the address: Postfix takes the second), brackets
+  around a route-addr and its comment (`<<a@b>(c)>`), text after an empty route-addr (`<(c)>x`: Postfix reads
+  `x` as the address): mailflow 501.
 - a blank inside the address (`<a @b>`): Postfix's tokenizer drops it; mailflow 501 (docs/config.md,
   strict_rfc821_envelopes), as it refuses `<a b@c>`, which Postfix refuses too. Blanks at either end inside the
   brackets (`< a@b>`, `<a@b >`) are taken alike.
@@ -89,14 +94,17 @@ CASES: dict[str, list[Step]] = {
         "<a(c)@b.test>", "<a@b.test (c)>", "<a@b.test>(c) SIZE=10", "<>(null)", "<(null)>", "< >", "<\t>",
         "< a@b.test>", "<a@b.test >", "<a@b.test\t>",
         '"Joe"<a@b.test>', "Joe<a@b.test>", "<Joe <a@b.test>>", '<"Joe" <a@b.test>>', "<Joe<a@b.test>>",
-        "AUTH=<>", '<"a(b)"@b.test>(c)',
+        "AUTH=<>", '<"a(b)"@b.test>(c)', '"Joe"<@r.test:a@b.test>', "<Joe <@r.test:a@b.test>>", "<a@b.test>(a(b)c)",
+        r"<a@b.test>(a\)b)", '<a@b.test>("x y")', '"J\\"oe"<a@b.test>', "<a@b.test(c)>(d)", "<a@(c)b.test>",
+        "<postmaster(c)>", "<a@b.test>(c)<c@d.test>",
         # two words: an address and an unknown parameter to both
         "Joe <a@b.test>", '"Joe" <a@b.test>', "<a@b.test> (comment)", "a@b.test (comment)", "<a@b.test> <c@d.test>",
         # refused alike
         "<a@b.test, c@d.test>", "<a@b.test,c@d.test>", "a@b.test,c@d.test", "<a@b.test>x", "<<a@b.test>",
         # kept differences
         "<group: a@b.test;>", "<group:;>", "group: a@b.test;", "<Joe: a@b.test>", "<:a@b.test>", "<a@b.test>;",
-        "<a@b.test>,", "<a@b.test>>", "<@r.test:Joe <a@b.test>>", "<a @b.test>",
+        "<a@b.test>,", "<a@b.test>>", "<@r.test:Joe <a@b.test>>", "<a @b.test>", "<a@b.test>(", "<a@b.test>(x y)",
+        "<<a@b.test>(c)>", "<(c)>x", "J@e<a@b.test>",
     ]},
     **{f"rcpt {form}": rcpt(form) for form in [
         '"Joe"<alice@local.test>', "<alice@local.test>(c) NOTIFY=NEVER", "alice@local.test(c)",
@@ -122,7 +130,9 @@ TOO_BIG = ("552 5.3.4 Error: message file too big", "250 2.0.0 Ok: queued as QID
 KEPT: dict[str, tuple[str, str]] = {
     **{f"mail {form}": GROUP for form in ["<group: a@b.test;>", "<group:;>", "<Joe: a@b.test>", "<:a@b.test>",
                                           "<a@b.test>;", "<a@b.test>,", "<a@b.test>>", "<@r.test:Joe <a@b.test>>",
-                                          "<a @b.test>"]},
+                                          "<a @b.test>", "<a@b.test>(", "<<a@b.test>(c)>", "<(c)>x",
+                                          "J@e<a@b.test>"]},
+    "mail <a@b.test>(x y)": ("555 5.5.4 Unsupported option: y)", GROUP[1]),
     "mail group: a@b.test;": ("555 5.5.4 Unsupported option: a@b.test;", GROUP[1]),
     "rcpt <alice@local.test>;": RCPT_GROUP, "rcpt <group: alice@local.test;>": RCPT_GROUP,
     "relay: rcpt <@local.test:Joe <x@evil.test>>": ("554 5.7.1 <x@evil.test>: Relay access denied", RCPT_GROUP[1]),
