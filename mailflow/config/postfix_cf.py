@@ -564,11 +564,26 @@ def reject_tempfail_action(value: str) -> str:
 _POSTSCREEN_ENCRYPT_LEVELS = ("secure", "verify", "fingerprint")
 
 
+def _forbid_bare_newline(name: str, value: str, notes: list[str]) -> bool:
+    """Postfix 3.7.11's smtpd_forbid_bare_newline words (any case, postconf(5)) as smtpd.forbid_bare_newline: reject
+    is true; normalize, its alias yes, and no are false (a bare LF ends a line). Postfix's `no` also ends DATA at a
+    bare <LF>.<LF>, which mailflow never does: noted."""
+    word = value.lower()
+    if word not in ("normalize", "yes", "reject", "no"):
+        raise Refused("not normalize, yes, reject or no")
+    if word == "no":
+        notes.append(f"{name} = {value}: Postfix's no also ends DATA at a bare <LF>.<LF>; mailflow's false is "
+                     "Postfix's normalize (DATA ends only at <CR><LF>.<CR><LF>)")
+    return word == "reject"
+
+
 def convert(name: str, key: str, value: str, notes: list[str]) -> object:
     """`value` (expanded) as mailflow's `key` takes it; Refused with the reason."""
     if key == "smtpd.postscreen.tls_security_level" and value.lower() in _POSTSCREEN_ENCRYPT_LEVELS:
         notes.append(f"{name} = {value} is encrypt, as Postfix's postscreen takes it (unsupported TLS level)")
         return "encrypt"
+    if key == "smtpd.forbid_bare_newline":
+        return _forbid_bare_newline(name, value, notes)
     default = SETTING_TYPES[key]
     if isinstance(default, bool):
         if value.lower() not in ("yes", "no", "true", "false"):

@@ -99,6 +99,7 @@ SETTINGS: dict[str, tuple[str, ...]] = {name: (key,) for name, key in {
     **_same("smtp", "header_checks mime_header_checks nested_header_checks body_checks reply_filter", prefix="smtp_"),
     **_same("lmtp", "header_checks mime_header_checks nested_header_checks body_checks generic_maps", prefix="lmtp_"),
     "smtpd_command_filter": "smtpd.command_filter",
+    "smtpd_forbid_bare_newline": "smtpd.forbid_bare_newline",  # its words: postfix_cf.convert
     **{f"lmtp_{n}_timeout": "lmtp.command_timeout" for n in ("lhlo", "mail", "rcpt", "data_init")},
     **{f"lmtp_{n}_timeout": "lmtp.data_timeout" for n in ("data_xfer", "data_done")},
     **_same("queue", "queue_run_delay minimal_backoff_time maximal_backoff_time maximal_queue_lifetime "
@@ -143,7 +144,6 @@ BUILT_IN: dict[str, tuple[str, str]] = {
                                    "is the one exception)"),
     "tls_append_default_CA": ("no", "smtp.tls_ca_file is used alone, as with tls_append_default_CA = no"),
     "biff": ("no", "mailflow never notifies comsat"),
-    "smtpd_forbid_bare_newline": ("no", "smtpd.forbid_bare_newline = false"),
     "smtputf8_enable": ("yes", "mailflow speaks SMTPUTF8"),
     "disable_dns_lookups": ("no", "mailflow always uses the DNS (a [host] next hop, as a content filter's "
                                   "[127.0.0.1]:10024, is never looked up as MX)"),

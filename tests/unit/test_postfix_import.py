@@ -1614,3 +1614,28 @@ def test_a_pattern_file_that_is_a_fifo_is_reported_not_waited_for(tmp_path, kind
     assert done.returncode == 1, done.stderr
     assert f"{fifo}: {kind}: file: is a FIFO, not a regular file: mailflow's {kind}: cannot read it" in done.stderr
     assert "/dev/null" not in done.stderr
+
+
+@pytest.mark.parametrize("value, forbid", [("no", False), ("yes", False), ("Normalize", False), ("reject", True)])
+def test_forbid_bare_newline_is_translated_by_its_value(tmp_path, value, forbid):
+    """smtpd_forbid_bare_newline (Postfix 3.7.11: no, normalize, yes, reject; any case) sets smtpd.forbid_bare_newline:
+    reject is true, the others false (Postfix's `no` is noted: mailflow's DATA still ends only at CRLF.CRLF); in
+    main.cf and as a listener's -o. It was taken for a built-in `no`: every other value left out, `no` written as
+    nothing (mailflow's default, reject)."""
+    main = write(tmp_path, "main.cf", f"smtpd_forbid_bare_newline = {value}\n")
+    master = write(tmp_path, "master.cf", STANDARD_SERVICES + "smtp inet n - y - - smtpd\n"
+                   f"submission inet n - y - - smtpd\n  -o smtpd_forbid_bare_newline={value}\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    assert code == 0, err
+    doc = checked(tmp_path / "mailflow.toml")
+    assert doc["smtpd"]["forbid_bare_newline"] is forbid
+    assert {listener["overrides"]["forbid_bare_newline"] for listener in doc["smtpd"]["listeners"]} == {forbid}
+    noted = "ends DATA at a bare <LF>.<LF>" in (tmp_path / "mailflow.toml").read_text()
+    assert noted is (value == "no")
+
+
+def test_forbid_bare_newline_of_another_value_is_left_out(tmp_path):
+    main = write(tmp_path, "main.cf", "smtpd_forbid_bare_newline = maybe\n")
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert code == 1 and "smtpd_forbid_bare_newline: not normalize, yes, reject or no" in err, err
+    assert "forbid_bare_newline" not in checked(tmp_path / "mailflow.toml").get("smtpd", {})
