@@ -194,6 +194,8 @@ NOT_IMPORTABLE: dict[str, str] = {
     "smtpd_tls_CApath": "mailflow reads one CA file (smtpd.tls_ca_file), not a directory",
     "smtpd_tls_wrappermode": "a listener property: give it in master.cf (-o smtpd_tls_wrappermode=yes)",
     "mailbox_command_maps": "mailflow has local.mailbox_command only",
+    "smtpd_forbid_bare_newline_exclusions": "mailflow's smtpd.forbid_bare_newline holds for every client (Postfix "
+                                            "excludes $mynetworks by default)",
     "smtpd_tls_ccert_verifydepth": "mailflow's chain depth is fixed (10 intermediate CAs, docs/config.md)",
 }
 
