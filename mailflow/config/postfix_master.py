@@ -349,9 +349,15 @@ def _overrides(importer: ImportState, service: Service, options: list[tuple[str,
             _reject_tempfail_overrides(importer, service, options, raw, value, overrides)
             continue
         keys = names.SETTINGS.get(name, ())
+        try:
+            if not keys and _noted_option(importer, service, name, raw, value):  # built in, or not needed
+                continue
+        except Refused as e:
+            importer.out.leave_out(service.line.where, f"master.cf {service.name} -o {name}", raw, str(e))
+            continue
         if not keys or not all(k.startswith("smtpd.") for k in keys):
             importer.out.leave_out(service.line.where, f"master.cf {service.name} -o {name}", raw,
-                                   names.why_not(name) if not keys else "not a per-listener setting in mailflow")
+                                   _not_per_listener(name, keys))
             continue
         try:
             if name == "smtpd_sasl_path":
@@ -383,6 +389,13 @@ def _reject_tempfail_overrides(importer: ImportState, service: Service, options:
     for setting in names.REJECT_TEMPFAIL_ACTIONS:
         if setting not in given:
             overrides[setting] = action
+
+
+def _not_per_listener(name: str, keys: tuple[str, ...]) -> str:
+    """Why an smtpd service's -o of `name` (mailflow settings `keys`) is not a listener override."""
+    if keys:
+        return "not a per-listener setting in mailflow"
+    return "translated from main.cf only, not as a listener's -o" if name in names.CONVERTED else names.why_not(name)
 
 
 def _inherited_sasl_path(importer: ImportState, expander, service: Service, options: list[tuple[str, str]]) -> str:

@@ -1639,3 +1639,30 @@ def test_forbid_bare_newline_of_another_value_is_left_out(tmp_path):
     code, err = run_import(main, None, tmp_path / "mailflow.toml")
     assert code == 1 and "smtpd_forbid_bare_newline: not normalize, yes, reject or no" in err, err
     assert "forbid_bare_newline" not in checked(tmp_path / "mailflow.toml").get("smtpd", {})
+
+
+def test_a_listeners_built_in_or_unneeded_option_is_noted_not_left_out(tmp_path):
+    """Debian's stock submission service: `-o smtpd_tls_auth_only=yes` is mailflow's behaviour and
+    `-o smtpd_sasl_security_options=noanonymous` is not needed, as in main.cf (they were left out as having "no
+    mailflow counterpart", exit 1); `-o smtpd_tls_auth_only=no` asks another behaviour (left out, with why); a
+    parameter translated from main.cf only says so."""
+    pki = ClientPki(tmp_path)
+    main = write(tmp_path, "main.cf", f"smtpd_tls_cert_file = {pki.server_cert}\nsmtpd_sasl_auth_enable = no\n"
+                                      "smtpd_sasl_type = dovecot\nsmtpd_sasl_path = /run/dovecot/auth\n")
+    submission = ("submission inet n - y - - smtpd\n  -o smtpd_tls_security_level=encrypt\n"
+                  "  -o smtpd_sasl_auth_enable=yes\n  -o smtpd_tls_auth_only=yes\n"
+                  "  -o smtpd_sasl_security_options=noanonymous\n")
+    master = write(tmp_path, "master.cf", STANDARD_SERVICES + "smtp inet n - y - - smtpd\n" + submission)
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    assert code == 0, err
+    text = (tmp_path / "mailflow.toml").read_text()
+    assert "submission -o smtpd_tls_auth_only=yes is built in: mailflow offers AUTH only after TLS" in text
+    assert "submission -o smtpd_sasl_security_options=noanonymous not needed: mailflow offers PLAIN and LOGIN" in text
+    assert {listener["role"] for listener in checked(tmp_path / "mailflow.toml")["smtpd"]["listeners"]} == {
+        "submission"}
+    master = write(tmp_path, "master.cf", STANDARD_SERVICES + "smtp inet n - y - - smtpd\n" + submission
+                   + "  -o smtpd_tls_auth_only=no\n  -o smtpd_use_tls=yes\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    assert code == 1
+    assert "submission -o smtpd_tls_auth_only: only smtpd_tls_auth_only = yes is mailflow's behaviour" in err, err
+    assert "submission -o smtpd_use_tls: translated from main.cf only, not as a listener's -o" in err, err
