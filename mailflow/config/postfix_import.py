@@ -373,11 +373,13 @@ class Importer:
             self._set(name, line, raw, "smtpd.banner", self.expander.expand(raw[m.end():]))
         elif name == "smtp_sasl_security_options":
             self._set(name, line, raw, "smtp.sasl_tls_required", "noplaintext" in split_list(value.lower()))
-        elif name in ("smtpd_use_tls", "smtp_use_tls"):
+        elif name in ("smtpd_use_tls", "smtp_use_tls"):  # Postfix 3.7: the level when none is set
             section = name.split("_")[0]
-            if convert(name, "allow_percent_hack", value, []):
-                if f"{section}_tls_security_level" not in self.params:
+            if f"{section}_tls_security_level" not in self.params:
+                if convert(name, "allow_percent_hack", value, []):
                     self._set(name, line, raw, f"{section}.tls_security_level", "may")
+                elif f"{section}_enforce_tls" not in self.params:  # (that one is left out, with its reason)
+                    self._set(name, line, raw, f"{section}.tls_security_level", "none")
         elif name in ("postscreen_use_tls", "postscreen_enforce_tls"):
             if not (self._main_value("postscreen_tls_security_level") or self._main_value("smtpd_tls_security_level")):
                 self._set(name, line, raw, "smtpd.postscreen.tls_security_level", self._postscreen_tls_level())

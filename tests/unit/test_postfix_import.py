@@ -1666,3 +1666,21 @@ def test_a_listeners_built_in_or_unneeded_option_is_noted_not_left_out(tmp_path)
     assert code == 1
     assert "submission -o smtpd_tls_auth_only: only smtpd_tls_auth_only = yes is mailflow's behaviour" in err, err
     assert "submission -o smtpd_use_tls: translated from main.cf only, not as a listener's -o" in err, err
+
+
+@pytest.mark.parametrize("lines, smtpd, smtp", [
+    ("smtpd_use_tls = no\nsmtp_use_tls = no\n", "none", "none"),
+    ("smtpd_use_tls = yes\nsmtp_use_tls = yes\n", "may", "may"),
+    ("smtpd_use_tls = no\nsmtpd_tls_security_level = may\nsmtp_use_tls = no\nsmtp_tls_security_level = encrypt\n",
+     "may", "encrypt"),  # (a level wins, as Postfix's)
+])
+def test_use_tls_sets_the_level_either_way(tmp_path, lines, smtpd, smtp):
+    """smtpd_use_tls and smtp_use_tls (Postfix 3.7: the level when *_tls_security_level is not set) are `may` for
+    yes and `none` for no; no was dropped without a word, so mailflow's default (may) offered and used STARTTLS
+    where Postfix did not."""
+    pki = ClientPki(tmp_path)
+    main = write(tmp_path, "main.cf", f"smtpd_tls_cert_file = {pki.server_cert}\n" + lines)
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert code == 0, err
+    doc = checked(tmp_path / "mailflow.toml")
+    assert (doc["smtpd"]["tls_security_level"], doc["smtp"]["tls_security_level"]) == (smtpd, smtp)
