@@ -42,7 +42,7 @@ removed stops listening, its open sessions going on. What only a restart applies
 log (`warning: reload: queue.incoming_backlog_limit changed; restart to apply`).
 
 Stop (`stop()`, SIGTERM in `serve`): the HTTP listener closes, then smtpd, pickup and qmgr drain together within
-one `shutdown_grace` (the setting, or the constructor's): no new connection nor delivery starts, sessions between
+one `shutdown_grace` (the setting in force, a reload's too, or the constructor's): no new connection nor delivery starts, sessions between
 transactions get 421 4.3.2, transactions and deliveries under way may finish; what is left at the end of the
 grace is cut (nothing acknowledged is lost: a transaction cut before its 250 is resent by its client, a delivery
 cut stays pending). Then the store flushes and closes; `serve` returns (exit status 0).
@@ -186,7 +186,8 @@ class Mailflow:
         self._resolver = resolver
         self._own_resolver: AiodnsResolver | None = None  # built here, so closed here
         self._transports = transports
-        self._grace = config.shutdown_grace if shutdown_grace is None else shutdown_grace
+        self._grace_given = shutdown_grace  # the constructor's (tests'), in place of the setting's, reloads too
+        self._grace = self._grace_of(config)
         self.store: Store | None = None
         self._lock: QueueLock | None = None
         self.qmgr: QueueManager | None = None
@@ -266,7 +267,7 @@ class Mailflow:
         self._maillog = maillog
         self._cleanup = Cleanup(self.store, clock=self.clock, rng=self.rng, log=maillog, on_queued=self._wake_qmgr,
                                 **await self._cleanup_settings(c, router))
-        transports = self._build_transports(c, router)
+        transports = self._build_transports(c, router, self._grace)
         notices = self._notices(c, self._templates(c))  # qmgr's, and pickup's for the maildrop files it refuses
         self.qmgr = QueueManager(self.store, resolve=router.rewriter.resolve,
                                  transports=transports, config=c.queue, clock=self.clock,
@@ -410,13 +411,17 @@ class Mailflow:
         if self.qmgr:
             self.qmgr.wake()
 
-    def _build_transports(self, config: Config, router: Router) -> dict:
+    def _grace_of(self, config: Config) -> float:
+        """The stop's grace period under `config`: the constructor's shutdown_grace, else the setting."""
+        return config.shutdown_grace if self._grace_given is None else self._grace_given
+
+    def _build_transports(self, config: Config, router: Router, grace: float) -> dict:
         if self._transports is not None:
             return self._transports
         assert self._cleanup is not None
         return build_transports(config, self._dns_resolver(), self.clock, router,
                                 forwarder(self._cleanup, config.myhostname),
-                                mailbox=self.capture.mailbox if self.capture else None, grace=self._grace)
+                                mailbox=self.capture.mailbox if self.capture else None, grace=grace)
 
     def _dns_resolver(self):
         """The injected resolver, else one built here (once) from [dns]: transports and smtpd share it."""
@@ -485,7 +490,7 @@ class Mailflow:
             router = await self._router(config)
             templates = self._templates(config)
             cleanup_settings = await self._cleanup_settings(config, router)
-            transports = self._build_transports(config, router)
+            transports = self._build_transports(config, router, self._grace_of(config))
             filters = FilterServices(config, self._dns_resolver(), self.clock)
             sender = probe_sender(config, router, self.clock)
             prober = await self._prober(config, router, transports, sender)
@@ -493,6 +498,7 @@ class Mailflow:
             use_smtpd = await self.smtpd.reconfigure(config, handler_for)  # binds new addresses
             # everything is built: from here on nothing can fail
             self._cleanup.reconfigure(**cleanup_settings)
+            self._grace = self._grace_of(config)
             if self._filters is not None:
                 self._retired_filters.append(self._filters)
             self._filters = filters

@@ -69,6 +69,24 @@ async def test_stop_cuts_a_transaction_that_outlasts_the_grace_period(tmp_path):
     assert queue_counts(tmp_path / "queue" / "queue.db") == {}
 
 
+async def test_a_reload_puts_a_new_shutdown_grace_in_force(tmp_path):
+    """shutdown_grace is not one of the settings a reload keeps for a restart: the stop after a reload waits the
+    new one (it waited the one the server started with, without a word)."""
+    mf = Mailflow(config_from_dict({**base_settings(tmp_path), "shutdown_grace": 30}))
+    await mf.start()
+    try:
+        assert await mf.reload(config_from_dict({**base_settings(tmp_path), "shutdown_grace": 0.3})) == []
+        slow = await SmtpClient.connect(mf.smtp_addresses[0][1])
+        await slow.envelope()  # and nothing more
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(mf.stop(), 3)
+        assert 0.3 <= loop.time() - started < 2
+        assert await slow.closed()
+    finally:
+        await mf.stop()
+
+
 async def test_a_stop_writes_nothing_into_a_tls_handshake(mailflow_server, pki, users):
     """A session in its TLS handshake (after STARTTLS, or first on a submissions listener) is closed at a stop
     without the 421: it would reach the client in plaintext, in the middle of its handshake."""
