@@ -42,10 +42,10 @@ removed stops listening, its open sessions going on. What only a restart applies
 log (`warning: reload: queue.incoming_backlog_limit changed; restart to apply`).
 
 Stop (`stop()`, SIGTERM in `serve`): the HTTP listener closes, then smtpd, pickup and qmgr drain together within
-one `shutdown_grace` (the setting in force, a reload's too, or the constructor's): no new connection nor delivery starts, sessions between
-transactions get 421 4.3.2, transactions and deliveries under way may finish; what is left at the end of the
-grace is cut (nothing acknowledged is lost: a transaction cut before its 250 is resent by its client, a delivery
-cut stays pending). Then the store flushes and closes; `serve` returns (exit status 0).
+one `shutdown_grace` (the setting in force, a reload's too, or the constructor's): no new connection nor
+delivery starts, sessions between transactions get 421 4.3.2, transactions and deliveries under way may finish;
+what is left at the end of the grace is cut (nothing acknowledged is lost: a transaction cut before its 250 is
+resent by its client, a delivery cut stays pending). Then the store flushes and closes; `serve` returns (exit status 0).
 """
 from __future__ import annotations
 
