@@ -1275,3 +1275,14 @@ async def test_a_discarded_starttls_is_refused_only_after_ehlo(mailflow_server, 
     assert "STARTTLS" not in (await c.cmd("EHLO client.test")).text
     assert (await c.cmd("STARTTLS")).text == "502 5.5.1 Error: command not implemented"
     await c.close()
+
+
+async def test_a_reload_puts_a_new_cache_limit_in_force(mailflow_server):
+    """The cache of passed clients is the server's, kept across reloads: a reload's cache_limit bounds it from
+    then on (it kept the limit the server started with, without a word)."""
+    mf = await mailflow_server(smtpd=screen(cache_limit=100))
+    assert mf.smtpd.screened.limit == 100
+    await mf.reload(config_from_dict(mf.config.model_dump() | {
+        "smtpd": mf.config.smtpd.model_dump() | {"postscreen": mf.config.smtpd.postscreen.model_dump() | {
+            "cache_limit": 7}}}))
+    assert mf.smtpd.screened.limit == 7

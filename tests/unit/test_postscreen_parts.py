@@ -72,3 +72,13 @@ def test_a_client_is_complete_once_every_test_has_a_pass_expired_or_not():
 def test_the_dummy_engine_takes_addresses_as_psc_extract_addr(argument, address, logged):
     assert _address(argument) == address
     assert _logged(address) == logged
+
+
+def test_a_smaller_limit_drops_clients_at_once_the_expired_first():
+    cache = PassCache(limit=3)
+    cache.record("192.0.2.1", {"pregreet": 100.0}, 0.0)
+    cache.record("192.0.2.2", {"pregreet": 10.0}, 0.0)
+    cache.record("192.0.2.3", {"pregreet": 100.0}, 0.0)
+    cache.resize(1, 50.0)
+    assert cache.limit == 1
+    assert [ip for ip in ("192.0.2.1", "192.0.2.2", "192.0.2.3") if cache.entry(ip)] == ["192.0.2.3"]

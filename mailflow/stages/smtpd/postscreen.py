@@ -11,7 +11,7 @@
                                     a listener's (postscreen's own settings, else smtpd's)
     PassCache(limit)                the clients that passed, per test with its expiry (postscreen_cache_map; one
                                     per server, in memory; beyond `limit` the expired dropped first, then the
-                                    least recently used)
+                                    least recently used); .resize(limit, now): a reload's cache_limit
         .due(ip, tests, now) -> tests | None   those without an unexpired pass (None: not in the cache); .passed
         .record(ip, {test: expiry}, now)   passes added; .expiry(ip, test), .complete(ip, tests): each passed once;
         .entry(ip): a copy of its passes
@@ -218,6 +218,18 @@ class PassCache:
         entry.update(expiries)
         self._entries[ip] = entry
         heapq.heappush(self._expiries, (max(entry.values(), default=0.0), ip))
+        self._trim(now)
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    def resize(self, limit: int, now: float) -> None:
+        """A reload's cache_limit: beyond it, clients are dropped now as `record` drops them."""
+        self._limit = limit
+        self._trim(now)
+
+    def _trim(self, now: float) -> None:
         while len(self._entries) > self._limit:
             self._entries.pop(self._expired(now) or next(iter(self._entries)))
         if len(self._expiries) > 2 * len(self._entries) + 16:  # (the stale heap items: rebuilt, bounded)
