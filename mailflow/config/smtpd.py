@@ -485,6 +485,11 @@ class SmtpdConfig(SmtpdFilterSettings):
             for key in listener.overrides:
                 if key not in cls.model_fields or key in ("listen", "listeners"):
                     raise ValueError(f"listener {index} ({listener.address}): overrides.{key}: unknown setting")
+            screen = listener.overrides.get("postscreen")
+            if isinstance(screen, dict) and "cache_limit" in screen:
+                raise ValueError(f"listener {index} ({listener.address}): overrides.postscreen.cache_limit: the "
+                                 "server has one cache of passed clients for every listener: set [smtpd.postscreen] "
+                                 "cache_limit")
         return v
 
     @model_validator(mode="after")
