@@ -26,6 +26,7 @@ import warnings
 import pytest
 
 from mailflow import status
+from mailflow.config import config_from_dict
 from mailflow.testing import Sink
 from tests.support import (LOOPBACK_CLIENT, LOOPBACK_NAME, SmtpClient, eventually, maildir_messages, queue_becomes,
                            script_dir)
@@ -247,6 +248,20 @@ async def test_auth_failures_are_one_table_shared_by_the_listeners(mailflow_serv
     assert mf.smtpd.auth_failures.recent("127.0.0.1") == 1
     await a.close()
     await b.close()
+
+
+async def test_a_reload_puts_a_new_anvil_rate_time_unit_in_force_for_auth_failures(mailflow_server, users):
+    """The AUTH failures are the server's, kept across reloads: a reload's anvil_rate_time_unit is their window from
+    then on, as it is the listeners' anvil's (the failures kept the window the server started with)."""
+    mf = await mailflow_server(**auth_door(users, auth_failure_delay=0.01, anvil_rate_time_unit=3600))
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    assert (await c.cmd("AUTH PLAIN " + b64(b"\0alice\0wrong")))[0] == 535
+    await c.close()
+    assert mf.smtpd.auth_failures.recent("127.0.0.1") == 1
+    smtpd = mf.config.smtpd.model_dump() | {"anvil_rate_time_unit": 0.3}
+    await mf.reload(config_from_dict(mf.config.model_dump() | {"smtpd": smtpd}))
+    await eventually(lambda: mf.smtpd.auth_failures.recent("127.0.0.1") == 0, timeout=3)
 
 
 async def test_auth_hashing_does_not_wait_for_the_default_executor(mailflow_server, users):

@@ -5,8 +5,9 @@ What it owns
   `hash_password`, `parse_hash` and `verify_password` are re-exported here for the callers that know them here.
 - `PasswordHasher(workers)`: its own small thread pool for the checks (never the loop's default executor, which
   mailbox writes use), so an AUTH flood uses at most `workers` cores and delays nothing else. `close()`.
-- `FailureCounter`: failed AUTH attempts per client IP within a sliding window; one per server, shared by all
-  listeners; bounded (at most `max_clients` addresses, `per_client` times each; stale ones swept first).
+- `FailureCounter`: failed AUTH attempts per client IP within a sliding window (anvil_rate_time_unit; a reload's
+  through `retime`); one per server, shared by all listeners; bounded (at most `max_clients` addresses,
+  `per_client` times each; stale ones swept first).
 - Two back ends behind one `Backend.verify(login, password, secured=, client_ip=, local_ip=) -> Verdict`
   (login / failed / unavailable): `TableBackend` (smtpd.sasl_type "mailflow": the hash `sasl_user_maps` hold,
   `user HASH` lines or the account database, asked through `run`, TableCache.run, so a sqlite table waits in a
@@ -77,6 +78,10 @@ class FailureCounter:
 
     def __len__(self) -> int:
         return len(self._failures)
+
+    def retime(self, window: float) -> None:
+        """A reload's anvil_rate_time_unit: the window of the failures counted from now on, those so far too."""
+        self._window = window
 
     def recent(self, ip: str) -> int:
         times = self._failures.get(ip)

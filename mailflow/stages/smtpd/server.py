@@ -483,6 +483,7 @@ class Smtpd:
         async def commit() -> None:
             self._config, self._handler_for, self._tables, self._tls = config, handler_for, fresh._tables, fresh._tls
             self.screened.resize(config.smtpd.postscreen.cache_limit, self._clock.time())  # (the server's cache)
+            self.auth_failures.retime(config.smtpd.anvil_rate_time_unit)  # (the server's, as the cache)
             self._hasher, self._dovecots = fresh._hasher, fresh._dovecots
             for listener in gone:
                 self._close_listener(listener)
