@@ -642,3 +642,28 @@ def test_the_reply_checker_finds_what_it_looks_for(output, problem):
     fine = (b"220 mx ESMTP\r\n250-mx.mailflow.test\r\n250 SIZE 100\r\n354 Go\r\n334 \r\n501 Syntax: HELO hostname\r\n"
             b"250 2.0.0 Ok\r\n220 2.0.0 Ready to start TLS\r\n\x15\x03")
     assert reply_problems(fine) == []
+
+
+def test_a_hostile_path_word_leaves_other_sessions_answered(tmp_path):
+    """One MAIL line whose path word makes a backtracking check try every split of its atoms (27 of them froze the
+    server about 3 s, 40 for hours: smtpd is one event loop) is refused, and a second client is answered at once
+    meanwhile. The server runs in a process of its own, so that a frozen one cannot freeze the test's client."""
+    port = free_port()
+    config = tmp_path / "mailflow.toml"
+    config.write_text(to_toml(merged(hostile_settings(tmp_path, listen=[f"127.0.0.1:{port}"]),
+                                     {"log": {"level": "warning"}})))
+    server = ServerProcess(config, tmp_path / "server.log", port)
+    asyncio.run(server.start())
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5.0) as hostile:
+            reader = hostile.makefile("rb")
+            assert reader.readline().startswith(b"220 ")
+            hostile.sendall(b"EHLO client.test\r\n")
+            while not reader.readline().startswith(b"250 "):
+                pass
+            for word in (b"a" * 40 + b"@<x@y.test>", b'"J"' + b"a" * 40 + b";<x@y.test>"):
+                hostile.sendall(b"MAIL FROM:" + word + b"\r\n")
+                answers_noop(port, within=2.0)
+                assert reader.readline() == b"501 5.1.7 Bad sender address syntax\r\n"
+    finally:
+        server.kill()

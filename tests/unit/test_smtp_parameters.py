@@ -3,6 +3,7 @@ refusals Postfix's smtpd warns of (`Illegal address syntax`, quoting the path's 
 from __future__ import annotations
 
 import itertools
+import time
 
 import pytest
 
@@ -60,3 +61,25 @@ def test_the_closed_path_shortcut_answers_as_the_character_scan_on_every_short_w
         for chars in itertools.product('<>"\\ \ta\n', repeat=length):
             text = "".join(chars)
             assert unterminated_command_word(text) == _command_word(text, 0)[2], repr(text)
+
+
+HOSTILE_WORDS = [  # each about 10 000 octets, none a path: every one must be refused in linear time
+    "a" * 10_000 + "@<x@y.test>",  # a long atom before `<`, not a phrase (the `@`)
+    '"J"' * 3_000 + "a" * 1_000 + ";<x@y.test>",  # many quoted strings, then atoms, then no phrase
+    "<" + "a." * 5_000 + "@<x@y.test>>",  # a phrase of dotted atoms in the brackets, spoiled at its end
+    "(" * 5_000 + ")" * 5_000 + "a" * 100 + "@<x@y.test>",  # nested parentheses, then no phrase
+    "\\" * 10_000 + "<x@y.test>",  # backslashes
+    '"' + "\\a" * 5_000 + '"' + "a" * 100 + "@<x@y.test>",  # quoted pairs in a quoted string
+    "(" + "a" * 10_000 + ")" + "b" * 100 + "@<x@y.test>",  # a long comment
+]
+
+
+@pytest.mark.timeout(10)  # (the broken check took hours: a failure, not a hang)
+def test_hostile_path_words_are_refused_in_linear_time():
+    """A phrase check that backtracks (`(atom+)*`) took seconds for 27 octets and hours for 40: one MAIL line froze
+    every session of the server (one event loop). 70 000 octets of hostile words are read in well under a second
+    (a few milliseconds each where the check is linear)."""
+    started = time.perf_counter()
+    for word in HOSTILE_WORDS:
+        assert isinstance(checked_path(word, "MAIL", BAD, False), PathRefusal)
+    assert time.perf_counter() - started < 1.0
