@@ -156,9 +156,10 @@ def undressed_path(word: str) -> str | None:
     """An RFC 822 path word (the first command word of MAIL's or RCPT's argument, syntax.next_command_word) as a
     plain path, as Postfix's extract_addr (tok822, strict_rfc821_envelopes = no) finds its one address: comments
     dropped (`<a@b>(c)`, `a(c)@b`, `<a@b (c)>`: nested, with quoted pairs; never inside a quoted string or an
-    address literal), a phrase before the angle brackets dropped (`"Joe"<a@b>`, `<Joe <a@b>>`), and the blanks at
-    either end inside the brackets (`< >` is `<>`, `< a@b>` is `<a@b>`). The result is `<address>`, for
-    parse_written_path to judge: that address is the one the relay check and delivery see, as in Postfix.
+    address literal; a comment separates words, so one between two, `ali(c)ce@b`, is refused), a phrase before
+    the angle brackets dropped (`"Joe"<a@b>`, `<Joe <a@b>>`), and the blanks at either end inside the brackets
+    (`< >` is `<>`, `< a@b>` is `<a@b>`). The result is `<address>`, for parse_written_path to judge: that
+    address is the one the relay check and delivery see, as in Postfix.
     None when the word is no such form: a comment never closed or a `)` without its `(`, a phrase that is not
     words, text after the brackets (`<a@b>;`, `<a@b>>`). What is left must still be one address to
     parse_written_path: more than one (`a@b,c@d`) or a group (`g: a@b;`) it refuses. Call this only for a word
@@ -180,20 +181,26 @@ def undressed_path(word: str) -> str | None:
 
 def _without_comments(word: str) -> str | None:
     """`word` without its RFC 822 comments (outside quoted strings and address literals); None when a comment is
-    never closed or a `)` has no `(`."""
+    never closed or a `)` has no `(`, or when a comment stands between two word characters (`ali(c)ce@x`,
+    `a@b(c)test`): to Postfix's tokenizer a comment separates, and those are two words (two addresses: 501),
+    where dropping it would join them into an address the client never wrote."""
     if "(" not in word and ")" not in word:
         return word
     out: list[str] = []
     depth, quoted, literal, i = 0, False, False, 0
+    after_word = False  # the comments just dropped follow a word character
     while i < len(word):
         c = word[i]
         if c == "\\":
             if not depth:
+                if after_word:
+                    return None
                 out.append(word[i:i + 2])
             i += 2
             continue
         if depth:
             depth += 1 if c == "(" else -1 if c == ")" else 0
+            after_word = not depth and bool(out) and _in_word(out[-1])
         elif quoted or literal:
             out.append(c)
             quoted = quoted and c != '"'
@@ -203,10 +210,21 @@ def _without_comments(word: str) -> str | None:
         elif c == ")":
             return None
         else:
+            if after_word and _in_word(c):
+                return None
             out.append(c)
-            quoted, literal = c == '"', c == "["
+            quoted, literal, after_word = c == '"', c == "[", False
         i += 1
     return None if depth or quoted else "".join(out)
+
+
+_SEPARATING = frozenset(" \t\r\n|%!()<>@,;:.")  # what Postfix's tokenizer (tok822_scan) ends an atom at: its operators
+
+
+def _in_word(piece: str) -> bool:
+    """`piece` (a character, or a quoted pair) is part of a word to Postfix's tokenizer: atext (and any other
+    character that is no operator), a quote, a literal's bracket, a backslash and what it escapes."""
+    return len(piece) > 1 or piece not in _SEPARATING
 
 
 def tidy(addr: str) -> str:

@@ -11,7 +11,8 @@ them (`< >`) are taken, the one address kept. mailflow reads them alike (address
 by the relay check and the restrictions is the one queued, never the comment or phrase beside it (the `relay:`
 cases: a remote address dressed in a local one's comment or phrase is `554 5.7.1 Relay access denied` on both, a
 local one dressed in a remote one's is taken on both). A phrase and its path as two words (`Joe <a@b>`,
-`<a@b> (c)`) are an address and an unknown parameter to both (555). Several addresses are 501 on both.
+`<a@b> (c)`) are an address and an unknown parameter to both (555). Several addresses are 501 on both, and so are
+two words a comment separates (`<ali(c)ce@b>`, `<a@b(c)test>`: never joined into `alice@b`, `a@btest`).
 
 Differences kept (KEPT: each case's first differing reply, Postfix's then mailflow's, asserted as such), because
 Postfix's reading there is a quirk of its RFC 822 parser that a user would not want taken in an envelope:
@@ -96,7 +97,9 @@ CASES: dict[str, list[Step]] = {
         '"Joe"<a@b.test>', "Joe<a@b.test>", "<Joe <a@b.test>>", '<"Joe" <a@b.test>>', "<Joe<a@b.test>>",
         "AUTH=<>", '<"a(b)"@b.test>(c)', '"Joe"<@r.test:a@b.test>', "<Joe <@r.test:a@b.test>>", "<a@b.test>(a(b)c)",
         r"<a@b.test>(a\)b)", '<a@b.test>("x y")', '"J\\"oe"<a@b.test>', "<a@b.test(c)>(d)", "<a@(c)b.test>",
-        "<postmaster(c)>", "<a@b.test>(c)<c@d.test>",
+        "<postmaster(c)>", "<a@b.test>(c)<c@d.test>", "<a(c).b(d)@(e)b.test(f)>",
+        # a comment separates words: two words side by side are two addresses (501), never joined into one
+        "<a@b(c)test>", "<a(c)b@b.test>", "a(b)(c)d@b.test", '<"a"(c)b@b.test>', "<a@[127.0.0.1](c)x>",
         # two words: an address and an unknown parameter to both
         "Joe <a@b.test>", '"Joe" <a@b.test>', "<a@b.test> (comment)", "a@b.test (comment)", "<a@b.test> <c@d.test>",
         # refused alike
@@ -109,6 +112,7 @@ CASES: dict[str, list[Step]] = {
     **{f"rcpt {form}": rcpt(form) for form in [
         '"Joe"<alice@local.test>', "<alice@local.test>(c) NOTIFY=NEVER", "alice@local.test(c)",
         "<Joe <alice@local.test>>", "<alice@local.test, alice@local.test>", "< >", "<>(c)",
+        "<ali(c)ce@local.test>", "<x@evil.te(c)st>", "<alice@local(c).test>",
         '"Joe" <alice@local.test>', "<alice@local.test>;", "<group: alice@local.test;>",
     ]},
     **{f"relay: rcpt {form}": rcpt(form) for form in [

@@ -38,6 +38,15 @@ BAD = status.RECIPIENT_SYNTAX
     ("<alice@local.test (x@evil.test)>", "RCPT", False, ("alice@local.test", "alice@local.test", "")),
     ('<"alice@local.test" <x@evil.test>>', "RCPT", False, ("x@evil.test", "x@evil.test", "")),
     ("<x@evil.test>(<alice@local.test>)", "RCPT", False, ("x@evil.test", "x@evil.test", "")),
+    # a comment separates words (Postfix: two addresses, 501): never dropped so as to join two into one
+    ("<ali(c)ce@local.test>", "RCPT", False, PathRefusal(BAD, "<ali(c)ce@local.test>")),
+    ("<a@b(c)test>", "MAIL", False, PathRefusal(BAD, "<a@b(c)test>")),
+    ("<x@evil.te(c)st>", "RCPT", False, PathRefusal(BAD, "<x@evil.te(c)st>")),
+    ("a(b)(c)d@x.test", "RCPT", False, PathRefusal(BAD, "a(b)(c)d@x.test")),
+    ('<"a"(c)b@x.test>', "RCPT", False, PathRefusal(BAD, '<"a"(c)b@x.test>')),
+    (r"<a(c)\b@x.test>", "RCPT", False, PathRefusal(BAD, r"<a(c)\b@x.test>")),
+    ("<x@[1.2.3.4](c)y>", "RCPT", False, PathRefusal(BAD, "<x@[1.2.3.4](c)y>")),
+    ("<a(c).b(d)@(e)x.test(f)>", "RCPT", False, ("a.b@x.test", "a.b@x.test", "")),  # (beside an operator: taken)
     # refused as before: a group, several addresses, text after the brackets, a comment never closed, strictness
     ("<g: a@b.test;>", "RCPT", False, PathRefusal(BAD, "<g: a@b.test;>")),
     ("<a@b.test, c@d.test>", "RCPT", False, PathRefusal(BAD, "<a@b.test, c@d.test>")),
