@@ -149,6 +149,7 @@ def parse_written_path(text: str) -> tuple[str, str, str]:
 # RFC 5322 phrase words (obs: dots too), one character or quoted string a repetition: each branch starts with its own
 # character, so no text matches two ways and a failed match backtracks in linear time (`(?:{_ATOM}|…)*` is
 # `(a+)*`: 2^n ways to split n octets of atext, seconds for 27 of them in a MAIL line, hours for 40)
+TOKENIZER_BLANKS = " \t"  # what Postfix's tokenizer (tok822_scan) skips, less CR and LF (never in a command word)
 _PHRASE_RE = re.compile(rf"(?:{_ATEXT}|{_QUOTED}|[.{COMMAND_BLANKS}])*")
 
 
@@ -176,7 +177,7 @@ def undressed_path(word: str) -> str | None:
         inner, bracketed = inner[at + 1:-1], True
     if "<" in inner or ">" in inner:
         return None
-    return f"<{inner.strip(COMMAND_BLANKS)}>" if bracketed else inner  # (`a@b(c)` is `a@b`)
+    return f"<{inner.strip(TOKENIZER_BLANKS)}>" if bracketed else inner  # (`a@b(c)` is `a@b`)
 
 
 def _without_comments(word: str) -> str | None:

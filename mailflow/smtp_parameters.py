@@ -106,13 +106,14 @@ def _read_path(text: str, strict: bool) -> tuple[str, str, str] | None:
         return None
 
 
-_MAY_BE_DRESSED = re.compile(f"[()]|[{COMMAND_BLANKS}]>")
+_MAY_BE_DRESSED = re.compile(f"[()]|[{address.TOKENIZER_BLANKS}]>")
 
 
 def _dressed(word: str) -> bool:
     """A path word with a parenthesis (a comment, `<a@b>(c)`) or a blank before its closing `>` (`<a@b >`), which
     parse_written_path would take into the address."""
-    return "(" in word or ")" in word or (word.endswith(">") and word[-2:-1] in COMMAND_BLANKS and len(word) > 2)
+    return "(" in word or ")" in word or (word.endswith(">") and len(word) > 2
+                                          and word[-2] in address.TOKENIZER_BLANKS)
 
 
 def _take_dsn(found: dict[str, str], key: str, value: str, discarded: frozenset[str]) -> status.Reply | None:

@@ -29,6 +29,9 @@ Postfix's reading there is a quirk of its RFC 822 parser that a user would not w
 - a blank inside the address (`<a @b>`): Postfix's tokenizer drops it; mailflow 501 (docs/config.md,
   strict_rfc821_envelopes), as it refuses `<a b@c>`, which Postfix refuses too. Blanks at either end inside the
   brackets (`< a@b>`, `<a@b >`) are taken alike.
+- a vertical tab or form feed in the address (`<\\va@b>`): an atom's character to Postfix's tokenizer, which skips
+  only space, tab, CR and LF (so `<a@b\\v>` is 501 on both, its domain not a domain), and so part of a local part
+  it then looks up (550 User unknown); mailflow 501, as for any control character in an address.
 - a source route before a phrase (`<@r:Joe <a@b>>`): Postfix cuts the route and takes the address; mailflow 501.
   Neither is a relay hole: `<@local.test:Joe <x@evil.test>>` is 554 from Postfix, 501 from mailflow.
 - message_size_limit (docs/config.md): Postfix bounds its queue file, which holds the envelope and the Received
@@ -112,7 +115,8 @@ CASES: dict[str, list[Step]] = {
     **{f"rcpt {form}": rcpt(form) for form in [
         '"Joe"<alice@local.test>', "<alice@local.test>(c) NOTIFY=NEVER", "alice@local.test(c)",
         "<Joe <alice@local.test>>", "<alice@local.test, alice@local.test>", "< >", "<>(c)",
-        "<ali(c)ce@local.test>", "<x@evil.te(c)st>", "<alice@local(c).test>",
+        "<ali(c)ce@local.test>", "<x@evil.te(c)st>", "<alice@local(c).test>", "<alice@local.test\v>",
+        "<alice@local.test\f>", "<alice@local.test\v (c)>", "<\valice@local.test>",
         '"Joe" <alice@local.test>', "<alice@local.test>;", "<group: alice@local.test;>",
     ]},
     **{f"relay: rcpt {form}": rcpt(form) for form in [
@@ -138,6 +142,8 @@ KEPT: dict[str, tuple[str, str]] = {
                                           "J@e<a@b.test>"]},
     "mail <a@b.test>(x y)": ("555 5.5.4 Unsupported option: y)", GROUP[1]),
     "mail group: a@b.test;": ("555 5.5.4 Unsupported option: a@b.test;", GROUP[1]),
+    "rcpt <\valice@local.test>": ("550 5.1.1 < alice@local.test>: Recipient address rejected: User unknown in local "
+                                  "recipient table", RCPT_GROUP[1]),
     "rcpt <alice@local.test>;": RCPT_GROUP, "rcpt <group: alice@local.test;>": RCPT_GROUP,
     "relay: rcpt <@local.test:Joe <x@evil.test>>": ("554 5.7.1 <x@evil.test>: Relay access denied", RCPT_GROUP[1]),
     **{f"DATA {size}": TOO_BIG for size in (3300, 4096)},

@@ -32,6 +32,10 @@ BAD = status.RECIPIENT_SYNTAX
     ("< a@b.test> SIZE=1", "MAIL", False, ("a@b.test", "a@b.test", "SIZE=1")),
     ("<a@b.test\t> SIZE=1", "MAIL", False, ("a@b.test", "a@b.test", "SIZE=1")),  # (not `a@b.test\t`)
     ("<a @b.test>", "MAIL", False, PathRefusal(BAD, "<a @b.test>")),  # (a blank inside the address: refused)
+    # a vertical tab or form feed is an atom's to Postfix's tokenizer, not a blank it skips: part of the address
+    ("<\va@b.test>", "MAIL", False, PathRefusal(BAD, "<\va@b.test>")),
+    ("<\f>", "MAIL", False, PathRefusal(BAD, "<\f>")),
+    ("<a@b.test\v>", "RCPT", False, ("a@b.test\v", "a@b.test\v", "")),  # (its domain is the handler's to refuse)
     ("AUTH=<>", "MAIL", False, ("", "", "")),  # (the phrase `AUTH=`)
     ('<"a(b)"@c.test>(d)', "RCPT", False, ('"a(b)"@c.test', '"a(b)"@c.test', "")),  # (no comment in quotes)
     # the address judged is the address, never the comment or the phrase beside it
