@@ -72,6 +72,7 @@ _A_LABELS = re.compile(rb"[A-Za-z0-9_\-.]+")  # (the codec maps U+3002 and its k
 # among them, are longer. The whole address is bounded by the 256-octet path, less its angle brackets.
 MAX_ADDRESS = 254
 MAX_LABEL, MAX_HOSTNAME = 63, 255  # Postfix's VALID_LABEL_LEN, VALID_HOSTNAME_LEN
+TOKENIZER_BLANKS = " \t"  # what Postfix's tokenizer (tok822_scan) skips, less CR and LF (never in a command word)
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 controls
 _UNSAFE_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f]")  # what ends or forges a command line
 
@@ -98,7 +99,9 @@ def parse_written_path(text: str) -> tuple[str, str, str]:
     leaves `2001:db8::1]:u@x`, refused here, one odd address to Postfix), and one trailing dot on the domain
     (dropped).
     `<>` gives "", and so does `<"">`. A tab, vertical tab or form feed separates like a space (COMMAND_BLANKS:
-    Postfix's smtpd_token splits command words at each).
+    Postfix's smtpd_token splits command words at each). Spaces and tabs at either end inside the brackets are
+    dropped (`< >` is `<>`, `< a@b\t>` is `<a@b>`), strict_rfc821_envelopes or not, as Postfix's tokenizer skips
+    them; a vertical tab or form feed there stays, part of the address.
     The local part may be atoms and quoted strings joined by dots, a dot also first, last or doubled, as Postfix's
     tokenizer takes it (`a."b c"`, `"a"."b"`, `a..b`, `joe.`; not `"a""b"`: two addresses to it); the address
     comes back with it in Postfix's own quoting (`external_local`): `a."b c"@x` is `"a.b c"@x`, `"alice"@b` is
@@ -113,7 +116,7 @@ def parse_written_path(text: str) -> tuple[str, str, str]:
         end = _find_unquoted(text, ">", depth)  # the first '>' closing them
         if end < 0 or text[end:end + depth] != ">" * depth:
             raise PathError("no closing '>'")
-        path, rest = text[depth:end], text[end + depth:]
+        path, rest = text[depth:end].strip(TOKENIZER_BLANKS), text[end + depth:]
         if rest and rest[0] not in COMMAND_BLANKS:
             raise PathError("junk after '>'")
     else:
@@ -149,7 +152,6 @@ def parse_written_path(text: str) -> tuple[str, str, str]:
 # RFC 5322 phrase words (obs: dots too), one character or quoted string a repetition: each branch starts with its own
 # character, so no text matches two ways and a failed match backtracks in linear time (`(?:{_ATOM}|…)*` is
 # `(a+)*`: 2^n ways to split n octets of atext, seconds for 27 of them in a MAIL line, hours for 40)
-TOKENIZER_BLANKS = " \t"  # what Postfix's tokenizer (tok822_scan) skips, less CR and LF (never in a command word)
 _PHRASE_RE = re.compile(rf"(?:{_ATEXT}|{_QUOTED}|[.{COMMAND_BLANKS}])*")
 
 
@@ -158,9 +160,9 @@ def undressed_path(word: str) -> str | None:
     plain path, as Postfix's extract_addr (tok822, strict_rfc821_envelopes = no) finds its one address: comments
     dropped (`<a@b>(c)`, `a(c)@b`, `<a@b (c)>`: nested, with quoted pairs; never inside a quoted string or an
     address literal; a comment separates words, so one between two, `ali(c)ce@b`, is refused), a phrase before
-    the angle brackets dropped (`"Joe"<a@b>`, `<Joe <a@b>>`), and the blanks at either end inside the brackets
-    (`< >` is `<>`, `< a@b>` is `<a@b>`). The result is `<address>`, for parse_written_path to judge: that
-    address is the one the relay check and delivery see, as in Postfix.
+    the angle brackets dropped (`"Joe"<a@b>`, `<Joe <a@b>>`). The result is `<address>`, for
+    parse_written_path to judge (which drops the blanks at either end inside the brackets): that address is the
+    one the relay check and delivery see, as in Postfix.
     None when the word is no such form: a comment never closed or a `)` without its `(`, a phrase that is not
     words, text after the brackets (`<a@b>;`, `<a@b>>`). What is left must still be one address to
     parse_written_path: more than one (`a@b,c@d`) or a group (`g: a@b;`) it refuses. Call this only for a word
@@ -177,7 +179,7 @@ def undressed_path(word: str) -> str | None:
         inner, bracketed = inner[at + 1:-1], True
     if "<" in inner or ">" in inner:
         return None
-    return f"<{inner.strip(TOKENIZER_BLANKS)}>" if bracketed else inner  # (`a@b(c)` is `a@b`)
+    return f"<{inner}>" if bracketed else inner  # (`a@b(c)` is `a@b`; parse_written_path drops the end blanks)
 
 
 def _without_comments(word: str) -> str | None:

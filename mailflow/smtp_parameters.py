@@ -85,12 +85,17 @@ def checked_path(text: str, command: str, bad: status.Reply, strict: bool) -> tu
 
 
 def _read_path(text: str, strict: bool) -> tuple[str, str, str] | None:
-    """parse_written_path's reading of `text`; unless `strict`, of its first word undressed as Postfix's
-    extract_addr takes an RFC 822 form (address.undressed_path) where that word is `_dressed` (the address is
-    never judged with a comment or a blank in it) or is refused as it is (a phrase before the brackets, a blank
-    after the `<`). None when there is no address."""
+    """parse_written_path's reading of `text` (which drops the blanks at either end inside the brackets, as
+    Postfix's tokenizer does, strict or not); unless `strict`, of its first word undressed as Postfix's
+    extract_addr takes an RFC 822 form (address.undressed_path) where that word has a comment (`<a@b>(c)`, `<a@b
+    (c)>`: the address is never judged with one in it) or is refused as it is (a phrase before the brackets).
+    `strict` (strict_rfc821_envelopes): a comment or phrase is refused, as Postfix refuses them then. None when
+    there is no address."""
     word, end = next_command_word(text) if _MAY_BE_DRESSED.search(text) else ("", 0)  # (the usual path: neither)
-    if strict or not _dressed(word):
+    if _dressed(word):
+        if strict:
+            return None
+    else:
         try:
             return address.parse_written_path(text)
         except address.PathError:
@@ -106,14 +111,13 @@ def _read_path(text: str, strict: bool) -> tuple[str, str, str] | None:
         return None
 
 
-_MAY_BE_DRESSED = re.compile(f"[()]|[{address.TOKENIZER_BLANKS}]>")
+_MAY_BE_DRESSED = re.compile("[()]")
 
 
 def _dressed(word: str) -> bool:
-    """A path word with a parenthesis (a comment, `<a@b>(c)`) or a blank before its closing `>` (`<a@b >`), which
-    parse_written_path would take into the address."""
-    return "(" in word or ")" in word or (word.endswith(">") and len(word) > 2
-                                          and word[-2] in address.TOKENIZER_BLANKS)
+    """A path word with a parenthesis (a comment, `<a@b>(c)`), which parse_written_path would take into the
+    address."""
+    return "(" in word or ")" in word
 
 
 def _take_dsn(found: dict[str, str], key: str, value: str, discarded: frozenset[str]) -> status.Reply | None:

@@ -388,7 +388,8 @@ BS_SETTINGS_PF = {"smtpd_reject_footer": BS_SETTINGS["reject_footer"], "strict_r
                   "smtpd_discard_ehlo_keyword_address_maps": "inline:{ {127.0.0.1 = dsn, smtputf8} }"}
 SETTINGS_DIALOGUE = ["EHLO client.test", "MAIL FROM:a@x.test", "MAIL FROM:<a@x.test> RET=FULL",
                      "MAIL FROM:<a@x.test> SMTPUTF8", "MAIL FROM:<a@x.test>", "RCPT TO:b@x.test",
-                     "RCPT TO:<b@x.test> NOTIFY=NEVER", "RCPT TO:<b@x.test>", "BOGUS", "DATA", "Subject: s", "", "x",
+                     "RCPT TO:<b@x.test> NOTIFY=NEVER", "RCPT TO:<b@x.test>", "RCPT TO:< b@x.test >",
+                     "RCPT TO:<b@x.test (c)>", 'RCPT TO:"Joe"<b@x.test>', "BOGUS", "DATA", "Subject: s", "", "x",
                      ".", "QUIT"]
 
 

@@ -330,6 +330,10 @@ STRICT_SESSIONS: dict[str, list[str | bytes]] = {
         "RCPT TO:postmaster", "RCPT TO:<postmaster>", "RCPT TO:<@hop.test:alice@local.test>",
         "RCPT TO:<<alice@local.test>>", 'RCPT TO:<"alice"@local.test>', "RCPT TO:<alice@local.test> NOTIFY=NEVER",
         "RCPT TO:<alice@local.test>x"],
+    "blanks, comments and phrases inside the brackets": [  # (strict: blanks at the ends taken, the others refused)
+        "EHLO c.test", "MAIL FROM:< >", "RSET", "MAIL FROM:<s@remote.test >", "RCPT TO:<alice@local.test\t>",
+        "RCPT TO:< alice@local.test>", "RCPT TO:<alice@local.test (c)>", "RCPT TO:<alice@local.test>(c)",
+        'RCPT TO:"Joe"<alice@local.test>', "RCPT TO:<Joe <alice@local.test>>"],
 }
 
 
@@ -350,6 +354,9 @@ async def test_strict_rfc821_envelopes_refuses_paths_without_brackets_as_postfix
     if strict:
         assert replies[1:3] == ["501 5.1.7 Bad sender address syntax", "250 2.1.0 Ok"]
         assert replies[7:11] == ["501 5.1.3 Bad recipient address syntax"] * 3 + ["250 2.1.5 Ok"]
+        dressed = postfix["blanks, comments and phrases inside the brackets"]
+        assert dressed[1:] == ["250 2.1.0 Ok", "250 2.0.0 Ok", "250 2.1.0 Ok", "250 2.1.5 Ok", "250 2.1.5 Ok"] + [
+            "501 5.1.3 Bad recipient address syntax"] * 4
         assert [line.split(" in ")[1] for line in postfix_warned[:2]] == ["MAIL command: s@remote.test",
                                                                           "RCPT command: alice@local.test"]
     else:  # Postfix's default: taken without them

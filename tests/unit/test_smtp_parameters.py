@@ -59,6 +59,13 @@ BAD = status.RECIPIENT_SYNTAX
     ("<a@b.test>(c", "RCPT", False, PathRefusal(BAD, "<a@b.test>(c")),
     ("<@r.test:Joe <a@b.test>>", "RCPT", False, PathRefusal(BAD, "<@r.test:Joe <a@b.test>>")),
     ("<a@b.test>(c)", "RCPT", True, PathRefusal(BAD, "<a@b.test>(c)")),
+    ("<a@b.test (c)>", "RCPT", True, PathRefusal(BAD, "<a@b.test (c)>")),
+    ("<a(c)@b.test>", "RCPT", True, PathRefusal(BAD, "<a(c)@b.test>")),
+    ("<Joe <a@b.test>>", "RCPT", True, PathRefusal(BAD, "<Joe <a@b.test>>")),
+    # strict, Postfix still takes blanks at either end inside the brackets (its tokenizer skips them)
+    ("< >", "MAIL", True, ("", "", "")),
+    ("<a@b.test > SIZE=1", "MAIL", True, ("a@b.test", "a@b.test", "SIZE=1")),
+    ("<\ta@b.test\t>", "RCPT", True, ("a@b.test", "a@b.test", "")),
     ('"Joe"<a@b.test>', "RCPT", True, PathRefusal(BAD, '"Joe"<a@b.test>')),
 ])
 def test_a_path_is_read_or_refused_and_warned_of_as_postfix(text, command, strict, expected):
