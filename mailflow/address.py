@@ -24,7 +24,8 @@
   after it; raises `PathError` (see its doc for what is accepted, as Postfix accepts it); `parse_written_path`
   also gives the address as the client wrote it (Postfix's original recipient: quotes, trailing dot kept);
   `undressed_path(word)`: a path word in an RFC 822 form Postfix's extract_addr takes (a comment, a phrase before
-  the brackets, blanks at their ends) as a plain path for it, or None.
+  the brackets, blanks at their ends) as a plain path for it, or None; `is_dressed(word)`: it has a comment, to be
+  undressed before it is parsed.
 - `has_unsafe_characters(addr)`, `printable(addr)`: CR, LF, NUL or another C0 control or DEL, which would end or
   forge an SMTP command line (an address with one never reaches the wire); the address with each shown as `?`.
 - `is_min_user(addr)`: the address begins with '-' (Postfix allow_min_user: such an address could reach a
@@ -153,6 +154,12 @@ def parse_written_path(text: str) -> tuple[str, str, str]:
 # character, so no text matches two ways and a failed match backtracks in linear time (`(?:{_ATOM}|…)*` is
 # `(a+)*`: 2^n ways to split n octets of atext, seconds for 27 of them in a MAIL line, hours for 40)
 _PHRASE_RE = re.compile(rf"(?:{_ATEXT}|{_QUOTED}|[.{COMMAND_BLANKS}])*")
+
+
+def is_dressed(word: str) -> bool:
+    """A path word with a parenthesis (a comment: `<a@b>(c)`, `<a@b (c)>`), which parse_written_path would take
+    into the address: undressed_path reads it first. A look at the word alone, cheap (the usual path's)."""
+    return "(" in word or ")" in word
 
 
 def undressed_path(word: str) -> str | None:
@@ -670,13 +677,23 @@ def vrfy_argument(arg: str, smtputf8_offered: bool = True) -> tuple[str, bool]:
 
 
 def vrfy_address(text: str) -> str:
-    """The address of VRFY's argument, as Postfix's extract_addr finds it: a path (`<a@b>`, `a@b`, a source route
-    dropped) or a phrase before a path in angle brackets (`Joe <a@b>`); "" when there is none, or more words."""
-    if not text.startswith("<") and text.endswith(">") and "<" in text:
-        text = text[text.rindex("<"):]  # `Joe <a@b>`: the phrase goes
+    """The address of VRFY's argument (vrfy_argument's: the words joined by one space), as Postfix's extract_addr
+    finds it there (never strictly): the argument read as MAIL's and RCPT's path word is, a path (`<a@b>`, `a@b`,
+    a source route dropped) or an RFC 822 form of one (undressed_path: a comment, `<a@b>(c)`, a phrase before the
+    brackets, `Joe <a@b>`, `<Joe <a@b>>`, blanks at the ends inside them, `<a@b >`); "" when there is none, or
+    more words."""
+    if not is_dressed(text):
+        found = _path_alone(text)
+        if found is not None:
+            return found
+    plain = undressed_path(text)
+    return "" if plain is None else _path_alone(plain) or ""
+
+
+def _path_alone(text: str) -> str | None:
+    """The address of `text` when it is a path and nothing more (parse_written_path's), else None."""
     try:
         addr, _, rest = parse_written_path(text)
     except PathError:
-        return ""
-    return "" if rest else addr
-
+        return None
+    return None if rest else addr

@@ -23,7 +23,8 @@ Postfix's reading there is a quirk of its RFC 822 parser that a user would not w
   `<a@b>x` (which Postfix refuses too).
 - a comment never closed (`<a@b>(`; `<a@b>(x y)`, which Postfix's command tokenizer splits at the blank: 555
   for its `y)`): Postfix's tokenizer closes it at the end of the word; mailflow 501.
-- a phrase that is not words (`J@e<a@b>`, an address before the address: Postfix takes the second), brackets
+- a phrase that is not words (`J@e<a@b>`, an address before the address: Postfix takes the second; `VRFY J@e <a@b>`
+  alike, 252 from Postfix), brackets
   around a route-addr and its comment (`<<a@b>(c)>`), text after an empty route-addr (`<(c)>x`: Postfix reads
   `x` as the address): mailflow 501.
 - a blank inside the address (`<a @b>`): Postfix's tokenizer drops it; mailflow 501 (docs/config.md,

@@ -456,6 +456,20 @@ def test_vrfy_argument_splits_words_at_ascii_white_space_only():
     assert address.vrfy_argument("a@b.test\x1cSMTPUTF8") == ("a@b.test\x1cSMTPUTF8", False)
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("<a@b.test>", "a@b.test"), ("a@b.test", "a@b.test"), ("<@r.test:a@b.test>", "a@b.test"),
+    ("Joe <a@b.test>", "a@b.test"), ('"Joe X" <a@b.test>', "a@b.test"),
+    # the RFC 822 forms MAIL and RCPT read (Postfix's extract_addr reads VRFY's argument as theirs)
+    ("<a@b.test>(c)", "a@b.test"), ("<Joe <a@b.test>>", "a@b.test"), ("<a@b.test >", "a@b.test"),
+    ("a@b.test (c)", "a@b.test"), ("<a(c)@b.test>", "a@b.test"), ('<"a(b)"@b.test>', '"a(b)"@b.test'),
+    # none, or more than one
+    ("<>", ""), ("a@b.test c@d.test", ""), ("<ali(c)ce@b.test>", ""), ("<a@b.test>(", ""), ("<a@b.test>;", ""),
+    ("J@e <a@b.test>", ""),
+])
+def test_vrfy_address_is_read_as_a_mail_or_rcpt_path_word(text, expected):
+    assert address.vrfy_address(text) == expected
+
+
 @pytest.mark.parametrize("local, internal", [("a.b", "a.b"), ('a."b c"', "a.b c"), ('"a\\\\b"', "a\\b"),
                                              ('"a""b"', 'a""b'), ("a b", "a b"), ("", "")])
 def test_any_local_part_has_an_internal_form(local, internal):
