@@ -27,7 +27,6 @@ DSN parameter is refused `501 5.7.1 DSN support is disabled`; where it discards 
 """
 from __future__ import annotations
 
-import re
 from typing import Callable, NamedTuple
 
 from mailflow import address, dsn_parameters as dsn, status
@@ -87,12 +86,13 @@ def checked_path(text: str, command: str, bad: status.Reply, strict: bool) -> tu
 def _read_path(text: str, strict: bool) -> tuple[str, str, str] | None:
     """parse_written_path's reading of `text` (which drops the blanks at either end inside the brackets, as
     Postfix's tokenizer does, strict or not); unless `strict`, of its first word undressed as Postfix's
-    extract_addr takes an RFC 822 form (address.undressed_path) where that word has a comment (`<a@b>(c)`, `<a@b
-    (c)>`: the address is never judged with one in it) or is refused as it is (a phrase before the brackets).
-    `strict` (strict_rfc821_envelopes): a comment or phrase is refused, as Postfix refuses them then. None when
-    there is no address."""
-    word, end = next_command_word(text) if _MAY_BE_DRESSED.search(text) else ("", 0)  # (the usual path: neither)
-    if _dressed(word):
+    extract_addr takes an RFC 822 form (address.undressed_path) where that word has a comment (address.is_dressed:
+    `<a@b>(c)`, `<a@b (c)>`; the address is never judged with one in it) or is refused as it is (a phrase before
+    the brackets). `strict` (strict_rfc821_envelopes): a comment or phrase is refused, as Postfix refuses them
+    then. None when there is no address. The first word is read once at most, and not at all on the usual path
+    (no parenthesis in `text`)."""
+    word = next_command_word(text) if address.is_dressed(text) else None  # (the usual path: no parenthesis)
+    if word is not None and address.is_dressed(word[0]):
         if strict:
             return None
     else:
@@ -101,23 +101,14 @@ def _read_path(text: str, strict: bool) -> tuple[str, str, str] | None:
         except address.PathError:
             if strict:
                 return None
-        word, end = next_command_word(text)
-    plain = address.undressed_path(word)
+        word = word or next_command_word(text)  # (a phrase before the brackets, say)
+    plain = address.undressed_path(word[0])
     if plain is None:
         return None
     try:
-        return address.parse_written_path(plain + text[end:])
+        return address.parse_written_path(plain + text[word[1]:])
     except address.PathError:
         return None
-
-
-_MAY_BE_DRESSED = re.compile("[()]")
-
-
-def _dressed(word: str) -> bool:
-    """A path word with a parenthesis (a comment, `<a@b>(c)`), which parse_written_path would take into the
-    address."""
-    return "(" in word or ")" in word
 
 
 def _take_dsn(found: dict[str, str], key: str, value: str, discarded: frozenset[str]) -> status.Reply | None:

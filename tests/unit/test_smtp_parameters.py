@@ -103,3 +103,16 @@ def test_hostile_path_words_are_refused_in_linear_time():
     for word in HOSTILE_WORDS:
         assert isinstance(checked_path(word, "MAIL", BAD, False), PathRefusal)
     assert time.perf_counter() - started < 1.0
+
+
+@pytest.mark.parametrize("text, reads", [
+    ("<a@b.test> NOTIFY=NEVER", 0), ('"Joe"<a@b.test>', 1), ("<a@b.test>(c) SIZE=1", 1),
+    ('"Joe"<a@b.test> ENVID=(x)', 1),  # (a parenthesis after the word: parsed, refused, then undressed)
+])
+def test_the_path_word_is_read_once_at_most(monkeypatch, text, reads):
+    """The usual path (no parenthesis) costs one look for one, no word reading; any other, one reading."""
+    from mailflow import smtp_parameters, syntax
+    calls: list[str] = []
+    monkeypatch.setattr(smtp_parameters, "next_command_word", lambda t: calls.append(t) or syntax.next_command_word(t))
+    assert not isinstance(checked_path(text, "RCPT", BAD, False), PathRefusal)
+    assert len(calls) == reads
