@@ -35,6 +35,10 @@ Postfix's reading there is a quirk of its RFC 822 parser that a user would not w
   it then looks up (550 User unknown); mailflow 501, as for any control character in an address.
 - a source route before a phrase (`<@r:Joe <a@b>>`): Postfix cuts the route and takes the address; mailflow 501.
   Neither is a relay hole: `<@local.test:Joe <x@evil.test>>` is 554 from Postfix, 501 from mailflow.
+- a source route after a comment (`<(c)@local.test:x@evil.test>`): Postfix cuts a route only where the path starts
+  with `@`, before its tokenizer drops the comment, so it judges and names the whole `@local.test:x@evil.test`;
+  mailflow drops the comment, then the route, and names `x@evil.test`. Both refuse it (554 Relay access denied),
+  only the address named in the reply differs.
 - message_size_limit (docs/config.md): Postfix bounds its queue file, which holds the envelope and the Received
   header cleanup adds, so a message within the limit by its own count is `552 5.3.4 Error: message file too big`
   in a band below the limit (measured here: 3100 octets taken, 3300 refused, at a limit of 4096, by DATA, one
@@ -124,7 +128,7 @@ CASES: dict[str, list[Step]] = {
         '"Joe"<x@evil.test>', "<x@evil.test (alice@local.test)>", '<"alice@local.test" <x@evil.test>>',
         "x@evil.test(alice@local.test)", "<(alice@local.test)x@evil.test>", "<x@evil.test>(<alice@local.test>)",
         "<alice@local.test (x@evil.test)>", "<alice@local.test>(x@evil.test)", "<alice@local.test> <x@evil.test>",
-        "<@local.test:Joe <x@evil.test>>",
+        "<@local.test:Joe <x@evil.test>>", "<(c)@local.test:x@evil.test>",
     ]},
     **{f"size {value}": [EHLO, line(f"{SENDER} SIZE={value}")] for value in ("4095", "4096", "4097", "0")},
     **{f"{kind} {size}": sent(kind, size) for kind in ("DATA", "BDAT", "BDAT2")
@@ -147,6 +151,8 @@ KEPT: dict[str, tuple[str, str]] = {
                                   "recipient table", RCPT_GROUP[1]),
     "rcpt <alice@local.test>;": RCPT_GROUP, "rcpt <group: alice@local.test;>": RCPT_GROUP,
     "relay: rcpt <@local.test:Joe <x@evil.test>>": ("554 5.7.1 <x@evil.test>: Relay access denied", RCPT_GROUP[1]),
+    "relay: rcpt <(c)@local.test:x@evil.test>": ("554 5.7.1 <@local.test:x@evil.test>: Relay access denied",
+                                                 "554 5.7.1 <x@evil.test>: Relay access denied"),
     **{f"DATA {size}": TOO_BIG for size in (3300, 4096)},
     **{f"BDAT {size}": (TOO_BIG[0], f"250 2.0.0 Ok: {size} bytes queued as QID") for size in (3300, 4096)},
     **{f"BDAT2 {size}": (TOO_BIG[0], f"250 2.0.0 Ok: {size} bytes queued as QID") for size in (3300, 4096)},
@@ -182,7 +188,8 @@ async def test_envelope_forms_and_sizes_match_a_real_postfix(mailflow_server):
     assert {name for name, (_, ours) in relays.items() if ours == denied} == {
         f"relay: rcpt {form}" for form in ['"Joe"<x@evil.test>', "<x@evil.test (alice@local.test)>",
                                            '<"alice@local.test" <x@evil.test>>', "x@evil.test(alice@local.test)",
-                                           "<(alice@local.test)x@evil.test>", "<x@evil.test>(<alice@local.test>)"]}
+                                           "<(alice@local.test)x@evil.test>", "<x@evil.test>(<alice@local.test>)",
+                                           "<(c)@local.test:x@evil.test>"]}
     assert {name for name, (_, ours) in relays.items() if ours == "250 2.1.5 Ok"} == {
         "relay: rcpt <alice@local.test (x@evil.test)>", "relay: rcpt <alice@local.test>(x@evil.test)"}
 
