@@ -69,9 +69,10 @@ def checked_path(text: str, command: str, bad: status.Reply, strict: bool) -> tu
     for a first word that leaves a quote or angle bracket open, unlogged (Postfix's tokenizer refuses the command
     before its extract_addr); for a malformed path, RCPT's null one, or one without angle brackets when `strict`
     (strict_rfc821_envelopes), logged with `path_word`. Unless `strict`, a first word in an RFC 822 form Postfix's
-    extract_addr takes (`<a@b>(c)`, `"Joe"<a@b>`, `< >`: address.undressed_path) is read as its one address, which
-    is the one judged and delivered to; its written form is that address, not the comment or phrase. The one
-    reading of smtpd and `sendmail -bs`."""
+    extract_addr takes (`<a@b>(c)`, `"Joe"<a@b>`: address.undressed_path) is read as its one address, which is the
+    one judged and delivered to; its written form is that address, not the comment or phrase. Spaces and tabs at
+    either end inside the brackets (`< >`, `<a@b >`) are dropped, strict or not. The one reading of smtpd and
+    `sendmail -bs`."""
     if unterminated_command_word(text):
         return PathRefusal(bad)
     path = _read_path(text, strict)
