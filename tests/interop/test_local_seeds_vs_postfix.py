@@ -52,6 +52,7 @@ RECORD = ('s=$(awk \'/^Subject: / && !x {{ x = substr($0, 10) }} END {{ print x 
           'exit "$2"\n')
 NOTICE_SUBJECTS = ("Undelivered Mail Returned to Sender", "Delayed Mail (still being retried)",
                    "Successful Mail Delivery Report", "Mail Delivery Status Report")  # bounce(8)'s, and mailflow's
+QUIET, POLL = 0.3, 0.05  # seconds: see settled()
 _RESULT = re.compile(r"[ /]local(?:\[\d+\])?: \w+: (?P<line>to=<[^>]*>, (?:orig_to=<[^>]*>, )?relay=local), .*?"
                      r"(?P<status>dsn=[^,]+, status=\w+ \(.*\))$")
 
@@ -151,11 +152,14 @@ def normalized(line: str) -> str:
 
 
 async def settled(read_log, spool: Path, script: Path, traffic: list[str], delivering, flushed=None) -> set[str]:
-    """The result lines once every recipient has one of its own (bounded), the server has no delivery under way and
-    nothing more came for 1 s (at most 10 s more: a notice loop between list owners goes on). A line of its own: its
-    orig_to, or its to= without one (`to=<a1@…>, orig_to=<a0@…>` is a0's message, not a1's, which may still be on
-    its way). "No delivery under way" matters on a loaded machine: a delivery waiting for a mailbox lock (Postfix
-    sleeps a second between tries) logs nothing for longer than the second of quiet."""
+    """The result lines once every recipient has one of its own (bounded), then once the server has had no delivery
+    under way and no new line for QUIET seconds, looked at every POLL (at most 10 s in all: a notice loop between list
+    owners goes on). A line of its own: its orig_to, or its to= without one (`to=<a1@…>, orig_to=<a0@…>` is a0's
+    message, not a1's, which may still be on its way). "No delivery under way" is what says nothing more comes, not
+    the quiet: a message forwarded or a notice is queued (Postfix: a file in incoming; mailflow: a delivery task)
+    before the delivery that makes it ends, and a delivery waiting for a mailbox lock (Postfix sleeps a second
+    between tries) logs nothing for longer than the quiet. The quiet covers the moment between a message queued and
+    its delivery begun; `flushed` makes each look read every line Postfix's postlogd was sent before it."""
     def answered() -> bool:
         owners = {_whose(line) for line in result_lines(read_log(), spool, script)}
         return all(f"{name}@origin.test".lower() in owners for name in traffic)
@@ -163,15 +167,17 @@ async def settled(read_log, spool: Path, script: Path, traffic: list[str], deliv
         await eventually(answered, timeout=30, step=0.1)
     except AssertionError:
         pass  # compared as it is: the difference shows
-    count = -1
-    for _ in range(10):
+    loop = asyncio.get_running_loop()
+    count, quiet_since, deadline = -1, loop.time(), loop.time() + 10
+    while loop.time() < deadline:
         if flushed is not None:
             await flushed()
         now = len(result_lines(read_log(), spool, script))
-        if now == count and not delivering():
+        if now != count or delivering():
+            count, quiet_since = now, loop.time()
+        elif loop.time() - quiet_since >= QUIET:
             break
-        count = now
-        await asyncio.sleep(1)
+        await asyncio.sleep(POLL)
     return set(result_lines(read_log(), spool, script))
 
 
