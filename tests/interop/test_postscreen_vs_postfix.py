@@ -27,7 +27,10 @@ from tests.support.client_certs import ClientPki
 pytestmark = pytest.mark.interop
 
 HOST = "mx.mailflow.test"
-GREET_WAIT = 1
+GREET_WAIT = 1  # Postfix's least (postscreen_greet_wait is whole seconds, 1 at least)
+# mailflow's where the clients read the greeting before they talk (the deep tests, TLS): the greeting comes as late
+# as the wait says, nothing compared tells its length; the pregreet and the concurrency dialogues keep GREET_WAIT
+OUR_GREET_WAIT = 0.2
 
 
 async def dialogue(port: int) -> list[bytes]:
@@ -228,7 +231,7 @@ async def test_deep_protocol_tests_as_postfix(mailflow_server, caplog):
     log lines (COMMAND PIPELINING, NON-SMTP COMMAND, BARE NEWLINE, PASS NEW, DATA without valid RCPT)."""
     caplog.set_level(logging.INFO, logger="mailflow.postscreen")
     mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
-        "enable": True, "access_list": [], "greet_wait": GREET_WAIT, "pipelining_enable": True,
+        "enable": True, "access_list": [], "greet_wait": OUR_GREET_WAIT, "pipelining_enable": True,
         "non_smtp_command_enable": True, "bare_newline_enable": True}})
     ours = await deep_dialogue(mf.smtp_addresses[0][1], our_lines(caplog))
     our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
@@ -276,7 +279,7 @@ async def test_allowlist_veto_as_postfix(mailflow_server, caplog):
                ("127.0.0.2", [b"HELO c.test\r\nQUIT\r\n"])]
     caplog.set_level(logging.INFO, logger="mailflow.postscreen")
     mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
-        "enable": True, "access_list": [], "greet_wait": GREET_WAIT, "allowlist_interfaces": ["!127.0.0.1",
+        "enable": True, "access_list": [], "greet_wait": OUR_GREET_WAIT, "allowlist_interfaces": ["!127.0.0.1",
                                                                                               "static:all"]}})
     ours = await deep_dialogue(mf.smtp_addresses[0][1], our_lines(caplog), clients)
     our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
@@ -297,7 +300,7 @@ async def test_the_other_actions_of_the_deep_tests_as_postfix(mailflow_server, c
     actions = {"pipelining_action": "drop", "non_smtp_command_action": "enforce", "bare_newline_action": "drop"}
     caplog.set_level(logging.INFO, logger="mailflow.postscreen")
     mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
-        "enable": True, "access_list": [], "greet_wait": GREET_WAIT, "pipelining_enable": True,
+        "enable": True, "access_list": [], "greet_wait": OUR_GREET_WAIT, "pipelining_enable": True,
         "non_smtp_command_enable": True, "bare_newline_enable": True, **actions}})
     ours = await deep_dialogue(mf.smtp_addresses[0][1], our_lines(caplog), clients)
     our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
@@ -330,7 +333,7 @@ async def test_the_dummy_engines_ehlo_discards_command_filter_and_footer_as_post
     caplog.set_level(logging.INFO, logger="mailflow.postscreen")
     mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "tls_cert_file": cert,
                                       "postscreen": {
-        "enable": True, "access_list": [], "greet_wait": GREET_WAIT, "pipelining_enable": True,
+        "enable": True, "access_list": [], "greet_wait": OUR_GREET_WAIT, "pipelining_enable": True,
         "discard_ehlo_keywords": ["starttls", "size", "chunking"],
         "discard_ehlo_keyword_address_maps": [f"texthash:{maps}"], "command_filter": [f"regexp:{commands}"],
         "reject_footer": footer}})
@@ -361,7 +364,7 @@ async def test_footers_by_reply_and_the_expansion_filter_as_postfix(mailflow_ser
     clients = [("127.0.0.2", [b"EHLO c.test\r\n", b"XCLIENT\r\n", b"RCPT TO:<r@y.test>\r\n", b"QUIT\r\n"])]
     caplog.set_level(logging.INFO, logger="mailflow.postscreen")
     mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
-        "enable": True, "access_list": [], "greet_wait": GREET_WAIT, "pipelining_enable": True,
+        "enable": True, "access_list": [], "greet_wait": OUR_GREET_WAIT, "pipelining_enable": True,
         "reject_footer": "default $client_address", "reject_footer_maps": [f"regexp:{maps}"],
         "expansion_filter": allowed}})
     ours = await deep_dialogue(mf.smtp_addresses[0][1], our_lines(caplog), clients)
@@ -389,7 +392,7 @@ async def test_the_footer_warns_of_the_unknown_macros_it_looks_up_as_postfix(mai
     clients = [("127.0.0.2", [b"GET / HTTP/1.0\r\n"])]
     caplog.set_level(logging.INFO, logger="mailflow.postscreen")
     mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "reject_footer": footer,
-                                      "postscreen": {"enable": True, "access_list": [], "greet_wait": GREET_WAIT,
+                                      "postscreen": {"enable": True, "access_list": [], "greet_wait": OUR_GREET_WAIT,
                                                      "non_smtp_command_enable": True}})
     ours = await deep_dialogue(mf.smtp_addresses[0][1], our_lines(caplog), clients)
     our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
@@ -430,7 +433,7 @@ async def test_starttls_in_the_dummy_engine_as_postfix(mailflow_server, caplog, 
     caplog.set_level(logging.INFO, logger="mailflow.postscreen")
     caplog.set_level(logging.INFO, logger="mailflow.tlsproxy")
     mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "tls_cert_file": cert,
-                                      "postscreen": {"enable": True, "access_list": [], "greet_wait": GREET_WAIT,
+                                      "postscreen": {"enable": True, "access_list": [], "greet_wait": OUR_GREET_WAIT,
                                                      "pipelining_enable": True}})
     ours = await tls_dialogue(mf.smtp_addresses[0][1], ctx, our_lines(caplog, "postscreen", "tlsproxy"))
     our_log = postscreen_lines(our_lines(caplog, "postscreen", "tlsproxy")())
@@ -464,7 +467,7 @@ async def test_tlsproxys_summary_tells_a_trusted_client_certificate_as_postfix(m
     caplog.set_level(logging.INFO, logger="mailflow.tlsproxy")
     mf = await mailflow_server(smtpd={
         "tls_cert_file": pki.server_cert, "tls_ask_ccert": True, "tls_ca_file": pki.ca_file, "tls_loglevel": 1,
-        "postscreen": {"enable": True, "access_list": [], "greet_wait": GREET_WAIT, "pipelining_enable": True}})
+        "postscreen": {"enable": True, "access_list": [], "greet_wait": OUR_GREET_WAIT, "pipelining_enable": True}})
     await tls_dialogue(mf.smtp_addresses[0][1], ctx, our_lines(caplog, "postscreen", "tlsproxy"))
     ours = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.tlsproxy"])
     port = free_port()
@@ -658,7 +661,7 @@ async def test_soft_bounce_softens_postscreens_refusals_as_postfix(mailflow_serv
     caplog.set_level(logging.INFO, logger="mailflow.postscreen")
     mf = await mailflow_server(soft_bounce=True, smtpd={
         "banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
-            "enable": True, "access_list": [], "greet_wait": GREET_WAIT, "pipelining_enable": True,
+            "enable": True, "access_list": [], "greet_wait": OUR_GREET_WAIT, "pipelining_enable": True,
             "non_smtp_command_enable": True}})
     ours = await deep_dialogue(mf.smtp_addresses[0][1], our_lines(caplog), clients)
     our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
