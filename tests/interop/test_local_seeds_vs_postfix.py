@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import tempfile
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -259,11 +260,18 @@ async def run_mailflow(case_of, script: Path, out: Path, tmp: Path) -> Outcome:
 
 
 def compare(case_of, tmp: Path) -> tuple[Outcome, Outcome]:
-    with script_dir() as d:
-        script = d.script("record.sh", RECORD.format(out=d.out))
-        postfix = asyncio.run(run_postfix(case_of, script, d.out))
-        mailflow = asyncio.run(run_mailflow(case_of, script, d.out, tmp))
+    """Both servers at once, each with its spool and its recording script (their paths read SPOOL and SCRIPT in
+    what is compared): Postfix's side on a thread and a loop of its own, as its tools block their caller while
+    they run, which on mailflow's loop would pass for a quiet time in which mailflow could not work."""
+    with script_dir() as theirs, script_dir() as ours, ThreadPoolExecutor(1) as thread:
+        postfix_side = thread.submit(asyncio.run, run_postfix(case_of, recorder(theirs), theirs.out))
+        mailflow = asyncio.run(run_mailflow(case_of, recorder(ours), ours.out, tmp))
+        postfix = postfix_side.result()
     return postfix, mailflow
+
+
+def recorder(scripts) -> Path:
+    return scripts.script("record.sh", RECORD.format(out=scripts.out))
 
 
 def differences(postfix: Outcome, mailflow: Outcome) -> dict:
