@@ -233,11 +233,12 @@ async def test_deep_protocol_tests_as_postfix(mailflow_server, caplog):
     mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
         "enable": True, "access_list": [], "greet_wait": OUR_GREET_WAIT, "pipelining_enable": True,
         "non_smtp_command_enable": True, "bare_newline_enable": True}})
-    ours = await deep_dialogue(mf.smtp_addresses[0][1], our_lines(caplog))
+    ours, (theirs, their_log) = await side_by_side(
+        deep_dialogue(mf.smtp_addresses[0][1], our_lines(caplog)),
+        postfix_deep_dialogue({"postscreen_pipelining_enable": "yes",
+                              "postscreen_non_smtp_command_enable": "yes",
+                              "postscreen_bare_newline_enable": "yes"}))
     our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
-    theirs, their_log = await postfix_deep_dialogue({"postscreen_pipelining_enable": "yes",
-                                                     "postscreen_non_smtp_command_enable": "yes",
-                                                     "postscreen_bare_newline_enable": "yes"})
 
     assert ours == theirs
     assert ours[0][-2:] == [b"450 4.3.2 Service currently unavailable\r\n", b"221 2.0.0 Bye\r\n"]
@@ -271,6 +272,18 @@ async def postfix_deep_dialogue(main_cf: dict[str, str], clients: list[tuple[str
     return theirs, [line for line in their_log if not line.startswith("cache ")]
 
 
+async def side_by_side(ours, theirs):
+    """`ours` (a dialogue with mailflow) on this loop and `theirs` (one with a private Postfix) at once, theirs on a
+    thread with a loop of its own (Postfix's tools block their caller while they run: here they would hold up
+    mailflow's timers); both awaited whatever happens: (ours' result, theirs')."""
+    their_side = asyncio.ensure_future(asyncio.to_thread(asyncio.run, theirs))
+    try:
+        ours = await ours
+    finally:
+        await asyncio.wait([their_side])
+    return ours, their_side.result()
+
+
 async def test_allowlist_veto_as_postfix(mailflow_server, caplog):
     """postscreen_allowlist_interfaces without the listener's address: `ALLOWLIST VETO`, the dummy engine with every
     deep test on (none enabled), the 450, no PASS and nothing cached: the same again next time."""
@@ -281,10 +294,11 @@ async def test_allowlist_veto_as_postfix(mailflow_server, caplog):
     mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
         "enable": True, "access_list": [], "greet_wait": OUR_GREET_WAIT, "allowlist_interfaces": ["!127.0.0.1",
                                                                                               "static:all"]}})
-    ours = await deep_dialogue(mf.smtp_addresses[0][1], our_lines(caplog), clients)
+    ours, (theirs, their_log) = await side_by_side(
+        deep_dialogue(mf.smtp_addresses[0][1], our_lines(caplog), clients),
+        postfix_deep_dialogue({"postscreen_allowlist_interfaces": "!127.0.0.1 static:all"},
+                              clients))
     our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
-    theirs, their_log = await postfix_deep_dialogue({"postscreen_allowlist_interfaces": "!127.0.0.1 static:all"},
-                                                    clients)
     assert ours == theirs
     assert our_log == their_log, (our_log, their_log)
     assert our_log.count("ALLOWLIST VETO [127.0.0.2]:PORT") == 2, our_log
@@ -302,11 +316,12 @@ async def test_the_other_actions_of_the_deep_tests_as_postfix(mailflow_server, c
     mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
         "enable": True, "access_list": [], "greet_wait": OUR_GREET_WAIT, "pipelining_enable": True,
         "non_smtp_command_enable": True, "bare_newline_enable": True, **actions}})
-    ours = await deep_dialogue(mf.smtp_addresses[0][1], our_lines(caplog), clients)
+    ours, (theirs, their_log) = await side_by_side(
+        deep_dialogue(mf.smtp_addresses[0][1], our_lines(caplog), clients),
+        postfix_deep_dialogue({
+            "postscreen_pipelining_enable": "yes", "postscreen_non_smtp_command_enable": "yes",
+            "postscreen_bare_newline_enable": "yes", **{f"postscreen_{k}": v for k, v in actions.items()}}, clients))
     our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
-    theirs, their_log = await postfix_deep_dialogue({
-        "postscreen_pipelining_enable": "yes", "postscreen_non_smtp_command_enable": "yes",
-        "postscreen_bare_newline_enable": "yes", **{f"postscreen_{k}": v for k, v in actions.items()}}, clients)
     assert ours == theirs
     assert our_log == their_log, (our_log, their_log)
     assert ours[0][1] == ours[2][-1] == b"521 5.5.1 Protocol error\r\n"  # (the pipelined MAIL: no reply)
@@ -337,13 +352,14 @@ async def test_the_dummy_engines_ehlo_discards_command_filter_and_footer_as_post
         "discard_ehlo_keywords": ["starttls", "size", "chunking"],
         "discard_ehlo_keyword_address_maps": [f"texthash:{maps}"], "command_filter": [f"regexp:{commands}"],
         "reject_footer": footer}})
-    ours = await deep_dialogue(mf.smtp_addresses[0][1], our_lines(caplog), clients)
+    ours, (theirs, their_log) = await side_by_side(
+        deep_dialogue(mf.smtp_addresses[0][1], our_lines(caplog), clients),
+        postfix_deep_dialogue({
+            "smtpd_tls_cert_file": cert, "smtpd_tls_key_file": cert, "smtpd_tls_security_level": "may",
+            "postscreen_pipelining_enable": "yes", "postscreen_discard_ehlo_keywords": "starttls, size, chunking",
+            "postscreen_discard_ehlo_keyword_address_maps": f"texthash:{maps}",
+            "postscreen_command_filter": f"regexp:{commands}", "postscreen_reject_footer": footer}, clients))
     our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
-    theirs, their_log = await postfix_deep_dialogue({
-        "smtpd_tls_cert_file": cert, "smtpd_tls_key_file": cert, "smtpd_tls_security_level": "may",
-        "postscreen_pipelining_enable": "yes", "postscreen_discard_ehlo_keywords": "starttls, size, chunking",
-        "postscreen_discard_ehlo_keyword_address_maps": f"texthash:{maps}",
-        "postscreen_command_filter": f"regexp:{commands}", "postscreen_reject_footer": footer}, clients)
     assert ours == theirs
     assert our_log == their_log, (our_log, their_log)
     assert ours[0][2] == (b"502-5.5.1 Error: command not implemented See mx.mailflow.test about 127.0.0.2.\r\n"
@@ -367,11 +383,12 @@ async def test_footers_by_reply_and_the_expansion_filter_as_postfix(mailflow_ser
         "enable": True, "access_list": [], "greet_wait": OUR_GREET_WAIT, "pipelining_enable": True,
         "reject_footer": "default $client_address", "reject_footer_maps": [f"regexp:{maps}"],
         "expansion_filter": allowed}})
-    ours = await deep_dialogue(mf.smtp_addresses[0][1], our_lines(caplog), clients)
+    ours, (theirs, their_log) = await side_by_side(
+        deep_dialogue(mf.smtp_addresses[0][1], our_lines(caplog), clients),
+        postfix_deep_dialogue({
+            "postscreen_pipelining_enable": "yes", "postscreen_reject_footer": "default $client_address",
+            "postscreen_reject_footer_maps": f"regexp:{maps}", "postscreen_expansion_filter": allowed}, clients))
     our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
-    theirs, their_log = await postfix_deep_dialogue({
-        "postscreen_pipelining_enable": "yes", "postscreen_reject_footer": "default $client_address",
-        "postscreen_reject_footer_maps": f"regexp:{maps}", "postscreen_expansion_filter": allowed}, clients)
     assert ours == theirs
     assert our_log == their_log, (our_log, their_log)
     assert ours[0][2] == (b"502-5.5.2 Error: command not recognized mapped mx_mailflow_test [127_0_0_2]\r\n"
@@ -394,10 +411,11 @@ async def test_the_footer_warns_of_the_unknown_macros_it_looks_up_as_postfix(mai
     mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "reject_footer": footer,
                                       "postscreen": {"enable": True, "access_list": [], "greet_wait": OUR_GREET_WAIT,
                                                      "non_smtp_command_enable": True}})
-    ours = await deep_dialogue(mf.smtp_addresses[0][1], our_lines(caplog), clients)
+    ours, (theirs, their_log) = await side_by_side(
+        deep_dialogue(mf.smtp_addresses[0][1], our_lines(caplog), clients),
+        postfix_deep_dialogue({"postscreen_non_smtp_command_enable": "yes",
+                              "smtpd_reject_footer": footer}, clients))
     our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
-    theirs, their_log = await postfix_deep_dialogue({"postscreen_non_smtp_command_enable": "yes",
-                                                     "smtpd_reject_footer": footer}, clients)
     assert ours == theirs
     assert our_log == [line.removeprefix("warning: ") for line in their_log], (our_log, their_log)
     assert [line for line in our_log if line.startswith("unknown macro")] == [
@@ -545,15 +563,19 @@ async def dialogue_on_both(mailflow_server, caplog, dialogue, ours: dict, theirs
     caplog.set_level(logging.INFO, logger="mailflow.postscreen")
     mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
         "enable": True, "greet_wait": GREET_WAIT, **ours}})
-    our_answers = await dialogue(mf.smtp_addresses[0][1], our_lines(caplog))
+
+    async def with_postfix() -> tuple[list, list[str]]:
+        port = free_port()
+        async with postfix_instance(main_cf={"myhostname": HOST, "postscreen_greet_wait": f"{GREET_WAIT}s",
+                                             "smtputf8_enable": "yes",
+                                             "postscreen_cache_map": "btree:$data_directory/postscreen_cache",
+                                             **theirs}, master_cf=postscreen_master_cf(port)) as pf:
+            return await dialogue(port, their_lines(pf)), postscreen_lines(
+                re.findall(r"/postscreen\[\d+\]: (.*)$", pf.maillog, re.M))
+
+    our_answers, (their_answers, their_log) = await side_by_side(
+        dialogue(mf.smtp_addresses[0][1], our_lines(caplog)), with_postfix())
     our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
-    port = free_port()
-    async with postfix_instance(main_cf={"myhostname": HOST, "postscreen_greet_wait": f"{GREET_WAIT}s",
-                                         "smtputf8_enable": "yes",
-                                         "postscreen_cache_map": "btree:$data_directory/postscreen_cache", **theirs},
-                                master_cf=postscreen_master_cf(port)) as pf:
-        their_answers = await dialogue(port, their_lines(pf))
-        their_log = postscreen_lines(re.findall(r"/postscreen\[\d+\]: (.*)$", pf.maillog, re.M))
     return our_answers, their_answers, our_log, [line for line in their_log if not line.startswith("cache ")]
 
 
@@ -663,10 +685,11 @@ async def test_soft_bounce_softens_postscreens_refusals_as_postfix(mailflow_serv
         "banner": "ESMTP Postfix", "disable_vrfy_command": False, "postscreen": {
             "enable": True, "access_list": [], "greet_wait": OUR_GREET_WAIT, "pipelining_enable": True,
             "non_smtp_command_enable": True}})
-    ours = await deep_dialogue(mf.smtp_addresses[0][1], our_lines(caplog), clients)
+    ours, (theirs, their_log) = await side_by_side(
+        deep_dialogue(mf.smtp_addresses[0][1], our_lines(caplog), clients),
+        postfix_deep_dialogue({"soft_bounce": "yes", "postscreen_pipelining_enable": "yes",
+                              "postscreen_non_smtp_command_enable": "yes"}, clients))
     our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
-    theirs, their_log = await postfix_deep_dialogue({"soft_bounce": "yes", "postscreen_pipelining_enable": "yes",
-                                                     "postscreen_non_smtp_command_enable": "yes"}, clients)
     assert ours == theirs
     assert our_log == their_log, (our_log, their_log)
     assert ours[0][1] == b"402 4.5.2 Error: command not recognized\r\n"
