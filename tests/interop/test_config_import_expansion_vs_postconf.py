@@ -11,10 +11,11 @@ import pytest
 from mailflow.config.postfix_cf import Expander, Unsupported
 from mailflow.config.postfix_import import import_postfix
 from tests.support.tools import require_tool
+from tests.support.postfix import write_cooled
 
 
 def postconf(folder: Path, main_cf: str, *args: str) -> subprocess.CompletedProcess:
-    (folder / "main.cf").write_text(main_cf)
+    write_cooled(folder / "main.cf", main_cf)
     (folder / "master.cf").write_text("")
     return subprocess.run([require_tool("postconf"), "-c", str(folder), *args], capture_output=True, text=True)
 

@@ -17,6 +17,7 @@ from mailflow.config import postfix_names as names
 from mailflow.config.show import format_setting
 from tests.support.client_certs import ClientPki
 from tests.support.tools import require_tool
+from tests.support.postfix import write_cooled
 from tests.unit.test_postfix_import import POSTSCREEN_MAIN, POSTSCREEN_MASTER, RELAY_SATELLITE, ispmail, write
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -77,7 +78,7 @@ def compare(folder: Path, main_cf: str, master_cf: str | None) -> list[str]:
     """The mapped settings of main.cf whose meaning differs between postconf and mailflow (empty: none)."""
     etc = folder / "etc"
     etc.mkdir()
-    (etc / "main.cf").write_text(Path(main_cf).read_text())
+    write_cooled(etc / "main.cf", Path(main_cf).read_text())
     if master_cf:
         (etc / "master.cf").write_text(Path(master_cf).read_text())
     out = folder / "mailflow.toml"

@@ -23,6 +23,7 @@ from tests.interop.test_tables_vs_postfix import (QUERIES_AT_ONCE, answered_alik
                                                   mailflow_query_refused, postmap_query, readable_folder)
 from mailflow.tables import open_table
 from tests.support import end_of_data_replies, postfix_instance, require_tool
+from tests.support.postfix import write_cooled
 
 pytestmark = pytest.mark.interop
 
@@ -282,8 +283,8 @@ def latin1_config(tmp_path):
         folder.mkdir()
         main = subprocess.run([require_tool("postconf"), "-d", "-h", "config_directory"], capture_output=True,
                               text=True, timeout=30).stdout.strip()
-        (folder / "main.cf").write_text((open(f"{main}/main.cf").read() if os.path.exists(f"{main}/main.cf")
-                                         else "") + "\nsmtputf8_enable = no\n")
+        write_cooled(folder / "main.cf", (open(f"{main}/main.cf").read() if os.path.exists(f"{main}/main.cf")
+                                          else "") + "\nsmtputf8_enable = no\n")
     return folder
 
 

@@ -53,7 +53,6 @@ import asyncio
 import logging
 import os
 import re
-import time
 import types
 from pathlib import Path
 
@@ -63,7 +62,7 @@ from mailflow.app import Mailflow
 from mailflow.config import config_from_dict
 from mailflow.restriction_vocabulary import RELAY_GUARDS, WARN_IF_REJECT, expand, split_item
 from tests.support import base_settings, eventually, merged, postfix_instance
-from tests.support.postfix import MAIN_CF_COOL_DOWN
+from tests.support.postfix import write_cooled
 from tests.support.restriction_lists import MESSAGE, PIPELINED, Combination, generated
 from tests.support.dialogue import Reply, SmtpClient
 from tests.support.sessions import POSTFIX_BASE, every_session_ended
@@ -213,9 +212,7 @@ def rewrite_main_cf(pf, settings: dict[str, str]) -> None:
     reader does not wait for it to cool: tests/support/postfix.py)."""
     main_cf = pf.etc / "main.cf"
     current = dict(line.split(" = ", 1) for line in main_cf.read_text().splitlines() if " = " in line)
-    main_cf.write_text("".join(f"{k} = {v}\n" for k, v in {**current, **settings}.items()))
-    cooled = time.time() - MAIN_CF_COOL_DOWN
-    os.utime(main_cf, (cooled, cooled))
+    write_cooled(main_cf, "".join(f"{k} = {v}\n" for k, v in {**current, **settings}.items()))
 
 
 async def postfix_side(pf, combination: Combination,

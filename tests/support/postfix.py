@@ -84,6 +84,15 @@ MAIN_CF_COOL_DOWN = 10
 FIXED_TRANSACTION_RESETS = (3, 7, 22)
 
 
+def write_cooled(path: Path, text: str) -> Path:
+    """A Postfix configuration file (main.cf) written whole and dated MAIN_CF_COOL_DOWN seconds back, so that a
+    Postfix tool run on it at once (postconf -c, postmap -c) reads it at once, not a second or two later."""
+    path.write_text(text)
+    cooled = time.time() - MAIN_CF_COOL_DOWN
+    os.utime(path, (cooled, cooled))
+    return path
+
+
 def require_postfix() -> None:
     require_tool("postfix")
     if os.geteuid() != 0:
@@ -248,10 +257,7 @@ class PostfixInstance:
         settings = {**BASE_MAIN_CF, "queue_directory": str(self.root / "queue"),
                     "data_directory": str(self.root / "data"), "maillog_file": str(self.root / "maillog"),
                     "multi_instance_name": f"mailflow-test-{self.port}", **main_cf}
-        main_cf = self.etc / "main.cf"
-        main_cf.write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
-        cooled = time.time() - MAIN_CF_COOL_DOWN
-        os.utime(main_cf, (cooled, cooled))
+        write_cooled(self.etc / "main.cf", "".join(f"{k} = {v}\n" for k, v in settings.items()))
         self.run("postconf", "-F", "*/*/chroot = n").check_returncode()
         started = self._start_master()
         assert started.returncode == 0, started.stderr.decode(errors="replace")
