@@ -28,7 +28,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mailflow.cli import app as cli
-from tests.support.postfix import smtp_sink
+from tests.support.postfix import smtp_sink, write_cooled
 from tests.support import SmtpClient, eventually, postfix_instance, require_tool
 from tests.support.sessions import replay_sessions
 
@@ -209,7 +209,7 @@ def mailflow_query_refused(spec: str, key: str) -> str:
                                                                    for i, q in enumerate(QUERIES)])
 def test_table_query_answers_as_postmap_q_does(tmp_path, name, text, spec, keys):
     if name:
-        (tmp_path / name).write_text(text)
+        write_cooled(tmp_path / name, text)  # (a texthash: file Postfix would wait for)
     answered_alike(spec.replace("{file}", str(tmp_path / name)) if name else spec, keys)
 
 

@@ -17,6 +17,10 @@
                                                          # its log from `offset` once it holds the text that
                                                          # often (postlogd writes a moment after the replies:
                                                          # wait for a line, never sleep and read once)
+    write_cooled(path, text)                             # a main.cf or texthash: table a Postfix tool reads at
+                                                         # once (a fresh one it waits 1-2 s to cool; the
+                                                         # texthash: tables an instance's main.cf and master.cf
+                                                         # name are dated back as it starts)
     postfix_instance(main_cf, nameserver="127.53.x.y")  # its resolver asks that address, port 53 (a dns_zone
                                                          # started there), nothing else: the instance runs in
                                                          # its own mount namespace (unshare -m) where a
@@ -85,12 +89,24 @@ FIXED_TRANSACTION_RESETS = (3, 7, 22)
 
 
 def write_cooled(path: Path, text: str) -> Path:
-    """A Postfix configuration file (main.cf) written whole and dated MAIN_CF_COOL_DOWN seconds back, so that a
-    Postfix tool run on it at once (postconf -c, postmap -c) reads it at once, not a second or two later."""
+    """A file Postfix waits for to cool (main.cf, a texthash: table) written whole and dated MAIN_CF_COOL_DOWN
+    seconds back, so that a Postfix program run on it at once (postconf -c, postmap -q) reads it at once, not a
+    second or two later."""
     path.write_text(text)
     cooled = time.time() - MAIN_CF_COOL_DOWN
     os.utime(path, (cooled, cooled))
     return path
+
+
+def cooled_texthash_tables(text: str) -> None:
+    """Every existing `texthash:PATH` file `text` names (a main.cf value, master.cf lines) dated back as
+    write_cooled dates main.cf: Postfix reads a texthash file again, 0.3 s apart, until its mtime is more than a
+    second old (util/dict_thash.c), so each daemon that opened a table a test had just written waited 1-2 s."""
+    for path in re.findall(r"texthash:([^\s,{}]+)", text):
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_mtime > time.time() - MAIN_CF_COOL_DOWN:
+                cooled = time.time() - MAIN_CF_COOL_DOWN
+                os.utime(path, (cooled, cooled))
 
 
 def require_postfix() -> None:
@@ -258,6 +274,7 @@ class PostfixInstance:
                     "data_directory": str(self.root / "data"), "maillog_file": str(self.root / "maillog"),
                     "multi_instance_name": f"mailflow-test-{self.port}", **main_cf}
         write_cooled(self.etc / "main.cf", "".join(f"{k} = {v}\n" for k, v in settings.items()))
+        cooled_texthash_tables("\n".join(settings.values()) + "\n" + master_cf)
         self.run("postconf", "-F", "*/*/chroot = n").check_returncode()
         started = self._start_master()
         assert started.returncode == 0, started.stderr.decode(errors="replace")
