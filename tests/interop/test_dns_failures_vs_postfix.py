@@ -21,7 +21,7 @@ from dnslib import EDNS0, MX, QTYPE, RCODE, RR, DNSRecord
 from tests.e2e.test_smtpd_dns_restrictions import MALFORMED_RECORDS, combination_zone
 from tests.interop.test_smtp_faults_vs_postfix import MailLogLines, outcomes
 from tests.support import SmtpClient, eventually, postfix_instance
-from tests.support.postfix import private_nameserver_address
+from tests.support.postfix import private_nameserver_address, side_by_side
 
 pytestmark = pytest.mark.interop
 
@@ -83,15 +83,18 @@ async def test_odd_dns_answers_make_the_same_replies_as_a_real_postfix(mailflow_
              address=address, port=53)
     settings = {"unknown_address_reject_code": "550", "unknown_hostname_reject_code": "550",
                 "smtpd_error_sleep_time": "0", "smtpd_soft_error_limit": "10000", "smtpd_hard_error_limit": "10000"}
-    async with postfix_instance({**settings, **{f"smtpd_{k}": ", ".join(v) for k, v in CHECKS.items()}},
-                                nameserver=address) as pf:
-        postfix = await replies(pf.port)
+
+    async def with_postfix() -> dict:
+        async with postfix_instance({**settings, **{f"smtpd_{k}": ", ".join(v) for k, v in CHECKS.items()}},
+                                    nameserver=address) as pf:
+            return await replies(pf.port)
+
     mf = await mailflow_server(mynetworks=["127.0.0.0/8"],
                                dns={"nameservers": [f"{address}:53"], "timeout": "2s", "tries": 1},
                                smtpd={"unknown_address_reject_code": 550, "unknown_hostname_reject_code": 550,
                                       "error_sleep_time": 0, "soft_error_limit": 10000, "hard_error_limit": 10000,
                                       "relay_restrictions": ["permit_mynetworks", "reject"], **CHECKS})
-    mailflow = await replies(mf.smtp_addresses[0][1])
+    mailflow, postfix = await side_by_side(replies(mf.smtp_addresses[0][1]), with_postfix())
     assert {probe: (postfix[probe], mailflow[probe]) for probe in postfix if postfix[probe] != mailflow[probe]} == {}
     # what Postfix said, so that the same mistake on both sides cannot pass unnoticed
     assert postfix["known.test", "s@nxdomain-servfail-nodata.combo.test", "r@known.test"] == \

@@ -22,6 +22,7 @@ from typing import Callable
 import pytest
 
 from tests.support import SmtpClient, eventually, free_port, postfix_instance
+from tests.support.postfix import side_by_side
 from tests.support.client_certs import ClientPki
 
 pytestmark = pytest.mark.interop
@@ -270,18 +271,6 @@ async def postfix_deep_dialogue(main_cf: dict[str, str], clients: list[tuple[str
         theirs = await deep_dialogue(port, their_lines(pf), clients)
         their_log = postscreen_lines(their_lines(pf)())
     return theirs, [line for line in their_log if not line.startswith("cache ")]
-
-
-async def side_by_side(ours, theirs):
-    """`ours` (a dialogue with mailflow) on this loop and `theirs` (one with a private Postfix) at once, theirs on a
-    thread with a loop of its own (Postfix's tools block their caller while they run: here they would hold up
-    mailflow's timers); both awaited whatever happens: (ours' result, theirs')."""
-    their_side = asyncio.ensure_future(asyncio.to_thread(asyncio.run, theirs))
-    try:
-        ours = await ours
-    finally:
-        await asyncio.wait([their_side])
-    return ours, their_side.result()
 
 
 async def test_allowlist_veto_as_postfix(mailflow_server, caplog):

@@ -21,6 +21,9 @@
                                                          # once (a fresh one it waits 1-2 s to cool; the
                                                          # texthash: tables an instance's main.cf and master.cf
                                                          # name are dated back as it starts)
+    ours, theirs = await side_by_side(with_mailflow(), with_postfix())
+                                                         # a differential's two sides at once, Postfix's on a
+                                                         # thread (its tools block): as long as the longer one
     postfix_instance(main_cf, nameserver="127.53.x.y")  # its resolver asks that address, port 53 (a dns_zone
                                                          # started there), nothing else: the instance runs in
                                                          # its own mount namespace (unshare -m) where a
@@ -317,6 +320,19 @@ async def postfix_instance(main_cf: dict[str, str] | None = None, master_cf: str
         yield pf
     finally:
         await pf.stop()
+
+
+async def side_by_side(ours, theirs):
+    """Two coroutines at once: `ours` (with mailflow, on this loop) and `theirs` (with a private Postfix) on a
+    thread with a loop of its own, as Postfix's tools block their caller while they run (on mailflow's loop they
+    would hold up its timers); both awaited whatever happens: (ours' result, theirs'). A differential test's two
+    sides, each waiting on its own server, then take as long as the longer one, not the sum."""
+    their_side = asyncio.ensure_future(asyncio.to_thread(asyncio.run, theirs))
+    try:
+        ours = await ours
+    finally:
+        await asyncio.wait([their_side])
+    return ours, their_side.result()
 
 
 @contextlib.asynccontextmanager
