@@ -85,6 +85,9 @@ RELAY_ROUTING_TABLES = ("transport_maps", "sender_dependent_default_transport_ma
 # Postfix's defers mail for a service master.cf lacks
 ABSENT_RELAY = "relay-absent"
 POSTFIX_NOTIFY_CLASSES = "resource, software"  # Postfix's default notify_classes (mailflow's adds 2bounce)
+# the levels (an empty one is unset) and the parameters Postfix 3.7 reads without one (_tls_levels)
+TLS_LEVELS = ("smtpd_tls_security_level", "smtp_tls_security_level", "postscreen_tls_security_level")
+LEGACY_TLS = ("smtpd_use_tls", "smtpd_enforce_tls", "smtp_use_tls", "smtp_enforce_tls", "smtp_tls_enforce_peername")
 
 
 class Importer:
@@ -105,6 +108,7 @@ class Importer:
             if name not in self.used and name not in classes:
                 self._parameter(name, line, raw)
         self._caches_off()
+        self._tls_levels()
         self._listen()
         if self.services is not None:
             for service in self.services:
@@ -262,6 +266,9 @@ class Importer:
         value = raw if name in names.RAW else self._expand(name, line, raw)  # RAW: as written, $$ kept
         if value is None:
             return
+        if name in TLS_LEVELS and not value.strip():  # (Postfix: an empty level is no level: *var_..._tls_level)
+            self.out.notes.append(f"{line.where}: {name} = {raw} is empty: unset, as Postfix takes it")
+            return
         try:
             if name in names.CONVERTED:
                 self._special(name, line, raw, value)
@@ -373,13 +380,11 @@ class Importer:
             self._set(name, line, raw, "smtpd.banner", self.expander.expand(raw[m.end():]))
         elif name == "smtp_sasl_security_options":
             self._set(name, line, raw, "smtp.sasl_tls_required", "noplaintext" in split_list(value.lower()))
-        elif name in ("smtpd_use_tls", "smtp_use_tls"):  # Postfix 3.7: the level when none is set
+        elif name in LEGACY_TLS:  # Postfix 3.7: the level when none is set (_tls_levels, after every line)
             section = name.split("_")[0]
-            if f"{section}_tls_security_level" not in self.params:
-                if convert(name, "allow_percent_hack", value, []):
-                    self._set(name, line, raw, f"{section}.tls_security_level", "may")
-                elif f"{section}_enforce_tls" not in self.params:  # (that one is left out, with its reason)
-                    self._set(name, line, raw, f"{section}.tls_security_level", "none")
+            if section != "postscreen" and self._main_value(f"{section}_tls_security_level"):
+                self.out.notes.append(f"{line.where}: {name} = {raw} applies to nothing: "
+                                      f"{section}_tls_security_level is set")
         elif name in ("postscreen_use_tls", "postscreen_enforce_tls"):
             if not (self._main_value("postscreen_tls_security_level") or self._main_value("smtpd_tls_security_level")):
                 self._set(name, line, raw, "smtpd.postscreen.tls_security_level", self._postscreen_tls_level())
@@ -411,9 +416,28 @@ class Importer:
         """Postfix 3.7's postscreen_enforce_tls and postscreen_use_tls (defaults: smtpd's) as a security level."""
         def yes(name: str) -> bool:
             value = self._main_value(f"postscreen_{name}")
-            value = self._main_value(f"smtpd_{name}") if value is None else value
-            return (value or "no").lower() == "yes"
-        return "encrypt" if yes("enforce_tls") else "may" if yes("use_tls") else "none"
+            return self._yes(f"smtpd_{name}") if value is None else value.lower() == "yes"
+        return legacy_tls_level(yes("enforce_tls"), yes("use_tls"))
+
+    def _yes(self, name: str, default: str = "no") -> bool:
+        """A yes/no parameter of main.cf (Postfix's `default` when main.cf does not set it)."""
+        return (self._main_value(name) or default).lower() == "yes"
+
+    def _tls_levels(self) -> None:
+        """smtpd's and smtp's level when main.cf sets no (non-empty) *_tls_security_level: Postfix 3.7's from
+        *_enforce_tls, *_use_tls (and smtp_tls_enforce_peername), `none` when none of them is set, as Postfix 3.7's
+        defaults (mailflow's own default, may, would offer or use STARTTLS where Postfix did not)."""
+        for section in ("smtpd", "smtp"):
+            if self._main_value(f"{section}_tls_security_level"):
+                continue
+            peername = self._yes("smtp_tls_enforce_peername", "yes") if section == "smtp" else False
+            level = legacy_tls_level(self._yes(f"{section}_enforce_tls"), self._yes(f"{section}_use_tls"), peername)
+            given = [n for n in (f"{section}_enforce_tls", f"{section}_use_tls") if n in self.params]
+            origin = (", ".join(f"{self.params[n][0].where}: {n} = {self.params[n][1]}" for n in given) if given
+                      else f"(no {section}_use_tls, {section}_enforce_tls or {section}_tls_security_level in main.cf) "
+                           "Postfix 3.7's default")
+            self.out.settings[f"{section}.tls_security_level"] = level
+            self.out.origins[f"{section}.tls_security_level"] = origin
 
     def _forbidden_words(self, line: Line, name: str, value: str) -> list[str]:
         """smtpd_/postscreen_forbidden_commands: the words; Postfix's default rule `regexp:{{/^[^A-Z]/ Bogus}}` is
@@ -910,6 +934,12 @@ class Importer:
 
 
 _ENTRY_REFUSAL = re.compile(r"(queue\.transport_[a-z_]+): '([^']+)' is not a transport")  # an orphaned entry
+def legacy_tls_level(enforce: bool, use: bool, peername: bool = False) -> str:
+    """Postfix 3.7's level without a *_tls_security_level (smtpd.c, smtp_tls_policy.c, postscreen): enforce is
+    encrypt (verify with smtp_tls_enforce_peername), else use_tls is may, else none."""
+    return ("verify" if peername else "encrypt") if enforce else "may" if use else "none"
+
+
 def _names(raw: str, parameter: str) -> bool:
     """`raw` is nothing but a reference to `parameter` ($name, ${name}, $(name))."""
     return raw.strip() in (f"${parameter}", f"${{{parameter}}}", f"$({parameter})")

@@ -203,11 +203,15 @@ CONVERTED: dict[str, str] = {
     "smtpd_banner": "smtpd.banner: what follows $myhostname",
     "inet_interfaces": "smtpd.listen: each address with master.cf's smtp port (inet_protocols decides all's)",
     "smtp_sasl_security_options": "smtp.sasl_tls_required: true when it holds noplaintext",
-    "smtpd_use_tls": "smtpd.tls_security_level = may (yes) or none (no), unless smtpd_tls_security_level says",
+    **dict.fromkeys(("smtpd_use_tls", "smtpd_enforce_tls"),
+                    "smtpd.tls_security_level (encrypt, may or none, as Postfix 3.7 maps smtpd_enforce_tls and "
+                    "smtpd_use_tls), unless smtpd_tls_security_level says"),
     **dict.fromkeys(("postscreen_use_tls", "postscreen_enforce_tls"),
                     "smtpd.postscreen.tls_security_level (encrypt, may or none, as Postfix 3.7 maps them), unless a "
                     "postscreen_ or smtpd_tls_security_level says"),
-    "smtp_use_tls": "smtp.tls_security_level = may (yes) or none (no), unless smtp_tls_security_level says",
+    **dict.fromkeys(("smtp_use_tls", "smtp_enforce_tls", "smtp_tls_enforce_peername"),
+                    "smtp.tls_security_level (verify, encrypt, may or none, as Postfix 3.7 maps smtp_enforce_tls, "
+                    "smtp_tls_enforce_peername and smtp_use_tls), unless smtp_tls_security_level says"),
     "smtpd_restriction_classes": "smtpd.restriction_classes: each class with its parameter's restrictions",
     "smtpd_sasl_path": "smtpd.sasl_path under smtpd_sasl_type = dovecot (a relative path from queue_directory, as "
                        "Postfix takes it); under cyrus, Postfix's default type, left out",

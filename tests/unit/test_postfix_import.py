@@ -1031,7 +1031,7 @@ def test_a_timeout_mailflow_merges_with_others_is_written_only_when_they_all_agr
                                       "lmtp_lhlo_timeout = 60\nlmtp_data_init_timeout = 60s\n")
     code, err = run_import(main, None, tmp_path / "mailflow.toml")
     doc = checked(tmp_path / "mailflow.toml")
-    assert "smtp" not in doc  # 20s would be MAIL's and RCPT's timeout too (Postfix: 300s)
+    assert set(doc["smtp"]) == {"tls_security_level"}  # 20s would be MAIL's and RCPT's timeout too (Postfix: 300s)
     assert doc["lmtp"]["command_timeout"] in ("60s", 60, 60.0)
     assert code == 1 and [line.split(": ")[1] for line in err.splitlines()[1:]] == ["smtp_rset_timeout"]
     assert "smtp_mail_timeout = 300s (default)" in err
@@ -1673,6 +1673,16 @@ def test_a_listeners_built_in_or_unneeded_option_is_noted_not_left_out(tmp_path)
     ("smtpd_use_tls = yes\nsmtp_use_tls = yes\n", "may", "may"),
     ("smtpd_use_tls = no\nsmtpd_tls_security_level = may\nsmtp_use_tls = no\nsmtp_tls_security_level = encrypt\n",
      "may", "encrypt"),  # (a level wins, as Postfix's)
+    # enforce wins over use_tls (smtpd.c; smtp_tls_policy.c: verify with smtp_tls_enforce_peername, its default yes)
+    ("smtpd_use_tls = yes\nsmtpd_enforce_tls = yes\nsmtp_use_tls = yes\nsmtp_enforce_tls = yes\n", "encrypt",
+     "verify"),
+    ("smtpd_use_tls = no\nsmtpd_enforce_tls = yes\nsmtp_enforce_tls = yes\nsmtp_tls_enforce_peername = no\n",
+     "encrypt", "encrypt"),
+    ("smtpd_use_tls = no\nsmtpd_enforce_tls = no\nsmtp_use_tls = no\nsmtp_enforce_tls = no\n", "none", "none"),
+    # an empty level is unset, as Postfix takes it
+    ("smtpd_use_tls = no\nsmtpd_tls_security_level =\nsmtp_use_tls = yes\nsmtp_tls_security_level =\n", "none",
+     "may"),
+    ("", "none", "none"),  # Postfix 3.7's defaults: no use_tls, no level (mailflow's own default, may, is not it)
 ])
 def test_use_tls_sets_the_level_either_way(tmp_path, lines, smtpd, smtp):
     """smtpd_use_tls and smtp_use_tls (Postfix 3.7: the level when *_tls_security_level is not set) are `may` for
