@@ -401,7 +401,8 @@ SETTING_TYPES = {**flat_settings(DEFAULTS),
                  **{f"smtpd.postscreen.{k}": v for k, v in DEFAULTS.smtpd.postscreen.model_dump().items()},
                  "smtpd.postscreen.command_time_limit": 300.0,  # (unset by default: smtpd's timeout; a duration)
                  # (unset by default: smtpd's; lists)
-                 "smtpd.postscreen.discard_ehlo_keywords": (), "smtpd.postscreen.discard_ehlo_keyword_address_maps": ()}
+                 "smtpd.postscreen.discard_ehlo_keywords": (), "smtpd.postscreen.discard_ehlo_keyword_address_maps": (),
+                 "smtpd.forbid_bare_newline_exclusions": ()}  # (unset by default: mynetworks)
 
 
 class Refused(Exception):
@@ -566,15 +567,23 @@ _POSTSCREEN_ENCRYPT_LEVELS = ("secure", "verify", "fingerprint")
 
 def _forbid_bare_newline(name: str, value: str, notes: list[str]) -> bool:
     """Postfix 3.7.11's smtpd_forbid_bare_newline words (any case, postconf(5)) as smtpd.forbid_bare_newline: reject
-    is true; normalize, its alias yes, and no are false (a bare LF ends a line). Postfix's `no` also ends DATA at a
-    bare <LF>.<LF>, which mailflow never does: noted."""
+    is true; normalize, its alias yes, and no are false (a bare LF ends a line). Each difference from Postfix's
+    behaviour is noted: reject's reply and disconnect, a bare CR refused by false, `no`'s end of DATA."""
     word = value.lower()
     if word not in ("normalize", "yes", "reject", "no"):
         raise Refused("not normalize, yes, reject or no")
-    if word == "no":
-        notes.append(f"{name} = {value}: Postfix's no also ends DATA at a bare <LF>.<LF>; mailflow's false is "
-                     "Postfix's normalize (DATA ends only at <CR><LF>.<CR><LF>)")
-    return word == "reject"
+    if word == "reject":
+        notes.append(f"{name} = {value}: mailflow replies 521 5.5.2 and disconnects, after a command as in DATA; "
+                     "Postfix 3.7.11 replies smtpd_forbid_bare_newline_reject_code (550) and disconnects after a "
+                     "command, but after DATA only refuses the message. smtpd_forbid_bare_newline_exclusions "
+                     "(smtpd.forbid_bare_newline_exclusions) spares mynetworks by default in both")
+        return True
+    notes.append(f"{name} = {value}: mailflow's false still refuses a bare <CR> (521 5.5.2 and a disconnect), "
+                 "which Postfix 3.7.11 does not refuse there" + (
+                     "; Postfix's no also ends DATA at a bare <LF>.<LF>; mailflow's false is Postfix's normalize "
+                     "(DATA ends only at <CR><LF>.<CR><LF>)" if word == "no" else
+                     "; before Postfix 3.7.10, yes meant reject (and disconnect)" if word == "yes" else ""))
+    return False
 
 
 def convert(name: str, key: str, value: str, notes: list[str]) -> object:

@@ -260,6 +260,10 @@ class Importer:
             self.out.notes.append(f"{line.where}: {name} = {raw} is " + (
                 f"{parent}'s value" if parent in self.params else "mailflow's default"))
             return
+        if name == "smtpd_forbid_bare_newline_exclusions" and _names(raw, "mynetworks"):  # (Postfix's default)
+            self.out.notes.append(f"{line.where}: {name} = {raw} is mailflow's default "
+                                  "(smtpd.forbid_bare_newline_exclusions unset: mynetworks)")
+            return
         if name == "postscreen_forbidden_commands" and _SMTPD_FORBIDDEN_REFERENCE.fullmatch(raw.strip()):
             self.out.notes.append(f"{line.where}: {name} = {raw} is mailflow's default (smtpd.forbid_cmds)")
             return

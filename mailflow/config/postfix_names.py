@@ -100,6 +100,7 @@ SETTINGS: dict[str, tuple[str, ...]] = {name: (key,) for name, key in {
     **_same("lmtp", "header_checks mime_header_checks nested_header_checks body_checks generic_maps", prefix="lmtp_"),
     "smtpd_command_filter": "smtpd.command_filter",
     "smtpd_forbid_bare_newline": "smtpd.forbid_bare_newline",  # its words: postfix_cf.convert
+    "smtpd_forbid_bare_newline_exclusions": "smtpd.forbid_bare_newline_exclusions",
     **{f"lmtp_{n}_timeout": "lmtp.command_timeout" for n in ("lhlo", "mail", "rcpt", "data_init")},
     **{f"lmtp_{n}_timeout": "lmtp.data_timeout" for n in ("data_xfer", "data_done")},
     **_same("queue", "queue_run_delay minimal_backoff_time maximal_backoff_time maximal_queue_lifetime "
@@ -148,6 +149,8 @@ BUILT_IN: dict[str, tuple[str, str]] = {
     "disable_dns_lookups": ("no", "mailflow always uses the DNS (a [host] next hop, as a content filter's "
                                   "[127.0.0.1]:10024, is never looked up as MX)"),
     "smtp_tls_note_starttls_offer": ("no", "mailflow does not log it"),
+    "smtpd_forbid_bare_newline_reject_code": ("521", "mailflow refuses a bare <LF> with 521 5.5.2 and disconnects, "
+                                                     "after a command as in DATA"),
     **dict.fromkeys(("smtp_connection_cache_on_demand", "lmtp_connection_cache_on_demand"), (
         "yes", "mailflow's SMTP and LMTP clients cache every session (Postfix's: on demand, for a destination with "
                "a backlog) for connection_cache_time_limit (0s turns a client's cache off)")),
@@ -194,8 +197,6 @@ NOT_IMPORTABLE: dict[str, str] = {
     "smtpd_tls_CApath": "mailflow reads one CA file (smtpd.tls_ca_file), not a directory",
     "smtpd_tls_wrappermode": "a listener property: give it in master.cf (-o smtpd_tls_wrappermode=yes)",
     "mailbox_command_maps": "mailflow has local.mailbox_command only",
-    "smtpd_forbid_bare_newline_exclusions": "mailflow's smtpd.forbid_bare_newline holds for every client (Postfix "
-                                            "excludes $mynetworks by default)",
     "smtpd_tls_ccert_verifydepth": "mailflow's chain depth is fixed (10 intermediate CAs, docs/config.md)",
 }
 

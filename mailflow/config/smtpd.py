@@ -270,6 +270,9 @@ class SmtpdConfig(SmtpdFilterSettings):
     # refused with 554 and a disconnect (smtpd_forbid_unauth_pipelining); DATA must keep min_data_rate bytes/s
     # beyond `timeout` (smtpd_min_data_rate); error tarpit and limit; junk commands; VRFY.
     forbid_bare_newline: bool = True
+    # The clients forbid_bare_newline spares: their bare LF ends a line, as with forbid_bare_newline = false
+    # (smtpd_forbid_bare_newline_exclusions; unset: mynetworks, as Postfix's default $mynetworks; [] spares none).
+    forbid_bare_newline_exclusions: Networks | None = None
     forbid_unauth_pipelining: bool = True
     min_data_rate: PostfixInt = Field(500, ge=1)
     soft_error_limit: PostfixInt = Field(10, ge=1)

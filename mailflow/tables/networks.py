@@ -53,7 +53,7 @@ from mailflow.tables.files import logical_lines
 
 # the settings that are network lists (their key's last part), for mailflow.tables.check
 NETWORK_LIST_SETTINGS = ("mynetworks", "authorized_xclient_hosts", "upstream_proxy_clients", "whitelist_networks",
-                         "permit_mx_backup_networks", "sasl_exceptions_networks")
+                         "permit_mx_backup_networks", "sasl_exceptions_networks", "forbid_bare_newline_exclusions")
 NETWORK_TABLE_TYPES = ("cidr", "texthash", "regexp", "pcre", "inline", "static")
 PATTERN_FILE_LIMIT = 4 << 20  # a /file of patterns larger than this is refused
 MAX_FILE_DEPTH = 10  # /files naming /files: no deeper than this

@@ -90,6 +90,35 @@ async def test_bare_newline_in_a_command_is_refused(mailflow_server, line):
     assert await c.closed()
 
 
+@pytest.mark.parametrize("mynetworks, exclusions, spared", [
+    (["127.0.0.0/8"], None, True),  # unset: mynetworks, as Postfix's smtpd_forbid_bare_newline_exclusions
+    (["127.0.0.0/8"], [], False),
+    (["127.0.0.0/8"], ["192.0.2.0/24"], False),  # a list of its own replaces mynetworks
+    ([], ["127.0.0.1"], True),
+])
+async def test_a_client_in_forbid_bare_newline_exclusions_may_end_lines_with_a_bare_lf(
+        mailflow_server, tmp_path, mynetworks, exclusions, spared):
+    """Postfix 3.7.11 spares $mynetworks from smtpd_forbid_bare_newline by default: a local application's bare LF
+    ends its line there (commands and DATA, stored as CRLF). mailflow refused every client with 521."""
+    smtpd = {} if exclusions is None else {"forbid_bare_newline_exclusions": exclusions}
+    mf, port = await _server(mailflow_server, mynetworks=mynetworks, smtpd=smtpd)
+    c = await SmtpClient.connect(port)
+    await c.send(b"EHLO client.test\n")
+    code, _ = await c.reply()
+    if not spared:
+        assert code == 521 and await c.closed()
+        return
+    assert code == 250
+    await c.envelope()
+    assert (await c.cmd("DATA"))[0] == 354
+    await c.send(b"Subject: bare\n\nline\nmore\r\n.\r\n")
+    assert (await c.reply())[0] == 250
+    await c.cmd("QUIT")
+    await sessions_over(mf)
+    [message] = await eventually(lambda: _alice_mail(tmp_path), timeout=10)
+    assert message.endswith(b"line\nmore\n")
+
+
 async def test_dot_stuffing_is_undone_and_content_arrives_byte_exact(mailflow_server, tmp_path):
     mf, port = await _server(mailflow_server)
     body = b".leading\r\n..two\r\n.\r\nnot the end? it is stuffed below\r\nlast\r\n"

@@ -1634,6 +1634,32 @@ def test_forbid_bare_newline_is_translated_by_its_value(tmp_path, value, forbid)
     assert noted is (value == "no")
 
 
+def test_forbid_bare_newline_reject_is_imported_with_its_exclusions_and_its_differences_noted(tmp_path):
+    """reject: Postfix 3.7.11's reply (550, a disconnect only after a command) noted; its exclusions translated
+    (`$mynetworks`, its default, is mailflow's); reject_code = 521 is mailflow's behaviour (built in), another
+    code is left out. normalize and yes: the bare <CR> mailflow's false still refuses is noted. The exclusions
+    were always left out and no difference was noted."""
+    main = write(tmp_path, "main.cf", "smtpd_forbid_bare_newline = reject\n"
+                                      "smtpd_forbid_bare_newline_exclusions = 192.0.2.0/24, [2001:db8::]/32\n"
+                                      "smtpd_forbid_bare_newline_reject_code = 521\n")
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert code == 0, err
+    doc, text = checked(tmp_path / "mailflow.toml"), (tmp_path / "mailflow.toml").read_text()
+    assert doc["smtpd"]["forbid_bare_newline_exclusions"] == ["192.0.2.0/24", "[2001:db8::]/32"]
+    assert "mailflow replies 521 5.5.2 and disconnects, after a command as in DATA" in text
+    assert "smtpd_forbid_bare_newline_reject_code = 521 is built in" in text
+    main = write(tmp_path, "main.cf", "smtpd_forbid_bare_newline = normalize\n"
+                                      "smtpd_forbid_bare_newline_exclusions = $mynetworks\n"
+                                      "smtpd_forbid_bare_newline_reject_code = 550\n")
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert code == 1
+    assert "smtpd_forbid_bare_newline_reject_code: only smtpd_forbid_bare_newline_reject_code = 521" in err, err
+    doc, text = checked(tmp_path / "mailflow.toml"), (tmp_path / "mailflow.toml").read_text()
+    assert "forbid_bare_newline_exclusions" not in doc["smtpd"]
+    assert "smtpd_forbid_bare_newline_exclusions = $mynetworks is mailflow's default" in text
+    assert "mailflow's false still refuses a bare <CR>" in text
+
+
 def test_forbid_bare_newline_of_another_value_is_left_out(tmp_path):
     main = write(tmp_path, "main.cf", "smtpd_forbid_bare_newline = maybe\n")
     code, err = run_import(main, None, tmp_path / "mailflow.toml")

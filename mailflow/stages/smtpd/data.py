@@ -155,12 +155,12 @@ class DataCommands(TransactionCommands):
         try:
             why_not = refusal(spool, check.nul)
             bare = check.finish()
-            if why_not is None and self._limits.forbid_bare_newline and bare:
+            if why_not is None and self._forbid_bare_newline and bare:
                 self._reset_transaction()
                 await self._refuse_and_close(status.bare_newline(self.hostname, bare))
                 return
             self.envelope.bdat_octets = check.octets
-            await self._finish_message(spool, why_not, crlf=self._limits.forbid_bare_newline)
+            await self._finish_message(spool, why_not, crlf=self._forbid_bare_newline)
         finally:
             spool.discard()
 

@@ -225,7 +225,8 @@ class ProtocolCore(SMTP):
         self._eight_bit = not decode_data
         self._command_timeout = timeout
         self.record = SessionLog(self._client_name)
-        self._wire = Wire(hostname, self._on_input, bare_lf=not self._limits.forbid_bare_newline,
+        self._forbid_bare_newline = self._limits.forbid_bare_newline  # (off for an excluded client: server.py)
+        self._wire = Wire(hostname, self._on_input, bare_lf=not self._forbid_bare_newline,
                           reading=self._reading, loop=self.loop)
         self._replies_sent = 0
         self._footer = self._limits.reject_footer  # (read at each reply line: one look-up, not two)
@@ -260,6 +261,12 @@ class ProtocolCore(SMTP):
 
     # --- typed state --------------------------------------------------------------------------------------
 
+
+    def exempt_from_bare_newline_rule(self) -> None:
+        """This client may end a line with a bare LF (smtpd.forbid_bare_newline_exclusions, Postfix's
+        smtpd_forbid_bare_newline_exclusions): its lines are taken as forbid_bare_newline = false takes them."""
+        self._forbid_bare_newline = False
+        self._wire.allow_bare_lf()
     def _create_session(self) -> SessionState:
         return SessionState(self.loop)
 

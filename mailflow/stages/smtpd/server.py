@@ -102,7 +102,8 @@ REFUSAL_HANDSHAKES = 10
 REFUSAL_HANDSHAKE_TIMEOUT = 10.0  # seconds, at most, for each of those handshakes (else starttls_timeout's 300)
 # What a reload replaces in a running listener (its address, socket, session slots and counts stay).
 RELOADED = ("role", "config", "handler", "authenticator", "sender_logins", "frontends", "limits",
-            "auth_hidden_from", "ehlo_discards", "postscreen", "command_filter", "command_filter_run")
+            "auth_hidden_from", "ehlo_discards", "bare_newline_exempt", "postscreen", "command_filter",
+            "command_filter_run")
 
 
 @dataclass
@@ -122,6 +123,8 @@ class Listener:
     limits: ProtocolLimits  # of every session of this listener: made once, not at each connection
     auth_hidden_from: NetworkList  # sasl_exceptions_networks: the clients AUTH is not offered to
     ehlo_discards: EhloDiscards  # the EHLO keywords each session discards (by its client's address)
+    # forbid_bare_newline_exclusions (unset: mynetworks): the clients whose bare LF ends a line (None: no one)
+    bare_newline_exempt: NetworkList | None = None
     postscreen: Postscreen | None = None  # [smtpd.postscreen] enabled: the screen before smtpd (postscreen.py)
     setting: str = ""  # the configuration key that names it ("smtpd.listen[0]", "smtpd.listeners[1].address")
     command_filter: list[Table] = field(default_factory=list)  # smtpd_command_filter (empty: unset)
@@ -227,6 +230,9 @@ class ListenerSession(SmtpSession):
         if self._smtpd.allow_plaintext_auth_on_loopback and is_loopback(ip):
             self._auth_needs_tls = False
         self.discarded, self.discards_unknown = await self._listener.ehlo_discards.for_client(ip)
+        exempt = self._listener.bare_newline_exempt
+        if exempt is not None and exempt.contains(ip):
+            self.exempt_from_bare_newline_rule()
         return True
 
     async def _refuse(self, reply: status.Reply, log_refusal: Callable[[], None]) -> None:
@@ -377,9 +383,19 @@ class Smtpd:
                                                setting="smtpd.sasl_exceptions_networks"),
                         EhloDiscards(frozenset(smtpd.discard_ehlo_keywords),
                                      self._tables.open(smtpd.discard_ehlo_keyword_address_maps), self._tables.run),
+                        self._bare_newline_exempt(smtpd, networks),
                         self._postscreen(smtpd, networks, config.myhostname), setting,
                         command_filter=self._tables.open(smtpd.command_filter) if smtpd.command_filter else [],
                         command_filter_run=self._tables.run)
+
+    def _bare_newline_exempt(self, smtpd: SmtpdConfig, mynetworks: NetworkList) -> NetworkList | None:
+        """The clients forbid_bare_newline spares (its exclusions; unset: mynetworks, as Postfix's default)."""
+        if not smtpd.forbid_bare_newline:
+            return None
+        if smtpd.forbid_bare_newline_exclusions is None:
+            return mynetworks
+        return NetworkList.from_items(smtpd.forbid_bare_newline_exclusions, self._tables.open,
+                                      setting="smtpd.forbid_bare_newline_exclusions")
 
     def _postscreen(self, smtpd: SmtpdConfig, mynetworks: NetworkList, hostname: str) -> Postscreen | None:
         """A listener's screen when [smtpd.postscreen] (or its overrides) enables it; else none, at no cost."""

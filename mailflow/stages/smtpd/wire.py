@@ -191,6 +191,10 @@ class Wire:
         self._error: BaseException | None = None  # the connection's failure
         self._waiter: asyncio.Future | None = None
 
+    def allow_bare_lf(self) -> None:
+        """From now on, a bare LF ends a line (a client excluded from forbid_bare_newline)."""
+        self._bare_lf = True
+
     # -- what the protocol feeds
 
     def feed(self, data: bytes) -> None:
