@@ -586,6 +586,15 @@ def _forbid_bare_newline(name: str, value: str, notes: list[str]) -> bool:
     return False
 
 
+def sasl_security_options(value: str) -> None:
+    """smtpd_sasl_security_options: Refused when it holds noplaintext or mutual_auth (Postfix then offers neither
+    PLAIN nor LOGIN, the mechanisms mailflow offers); its other words leave them offered (not needed)."""
+    excluding = [w for w in split_list(value.lower()) if w in ("noplaintext", "mutual_auth")]
+    if excluding:
+        raise Refused(f"with {', '.join(excluding)}, Postfix offers neither PLAIN nor LOGIN; mailflow offers both "
+                      "(over TLS)")
+
+
 def convert(name: str, key: str, value: str, notes: list[str]) -> object:
     """`value` (expanded) as mailflow's `key` takes it; Refused with the reason."""
     if key == "smtpd.postscreen.tls_security_level" and value.lower() in _POSTSCREEN_ENCRYPT_LEVELS:

@@ -54,7 +54,8 @@ from mailflow.config.load import config_from_dict
 from mailflow.config.postfix_cf import (POSTFIX_TABLE_DEFAULTS, Expander, Imported, LeftOut, Line, Refused, Service,
                                         Unexpanded, UnreadableFile, convert, from_queue_directory, read_main_cf,
                                         read_master_cf, restriction_items, dovecot_sasl_path, split_list,
-                                        merged_timeouts_agree, reject_tempfail_action, table_spec)
+                                        merged_timeouts_agree, reject_tempfail_action, sasl_security_options,
+                                        table_spec)
 from mailflow.config.postfix_master import translate_service
 from mailflow.config.show import format_setting
 from mailflow.config.smtpd import LISTENER_ROLES, SMTPD_BANNER
@@ -291,6 +292,8 @@ class Importer:
                     raise Refused(f"only {name} = {fixed} is mailflow's behaviour: {why}")
                 self.out.notes.append(f"{line.where}: {name} = {raw} is built in: {why}")
             elif name in names.NOT_NEEDED:
+                if name == "smtpd_sasl_security_options":
+                    sasl_security_options(value)
                 self.out.notes.append(f"{line.where}: {name} = {raw} not needed: {names.NOT_NEEDED[name]}")
             elif self._transport_limit(name, line, raw, value):
                 pass

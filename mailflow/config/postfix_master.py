@@ -33,8 +33,9 @@ import re
 from mailflow.config import postfix_names as names
 from mailflow.config.base import BUILTIN_TRANSPORTS, RELAY, TRANSPORT_NAME
 from mailflow.config.delivery import REPLACEABLE
-from mailflow.config.postfix_cf import (ImportState, Refused, Service, Unexpanded, convert, from_queue_directory,
-                                        dovecot_sasl_path, merged_timeouts_agree, reject_tempfail_action)
+from mailflow.config.postfix_cf import (Expander, ImportState, Refused, Service, Unexpanded, convert,
+                                        dovecot_sasl_path, from_queue_directory, merged_timeouts_agree,
+                                        reject_tempfail_action, sasl_security_options)
 from mailflow.config.smtpd import LISTENER_ROLES
 
 # Postfix's own daemons: mailflow has each of them built in.
@@ -208,9 +209,12 @@ def _client_option(importer: ImportState, service: Service, name: str, raw: str,
         if not keys or not all(k.startswith(f"{client}.") for k in keys):
             raise Refused(names.why_not(name) if not keys else f"not a setting of mailflow's {client} services")
         merged_timeouts_agree(name, lambda n: _service_value(importer, n, dict(options)))
-        return {key.removeprefix(f"{client}."): from_queue_directory(convert(name, key, value, importer.out.notes),
-                                                                      importer.queue_directory(), importer.out.notes)
-                for key in keys}
+        notes: list[str] = []
+        converted = {key.removeprefix(f"{client}."): from_queue_directory(convert(name, key, value, notes),
+                                                                           importer.queue_directory(), notes)
+                     for key in keys}
+        importer.out.notes.extend(f"{where}: {service.name} -o {note}" for note in notes)
+        return converted
     except Refused as e:
         importer.out.leave_out(where, f"master.cf {service.name} -o {name}", raw, str(e))
     except Unexpanded as e:
@@ -225,10 +229,19 @@ def _service_value(importer: ImportState, name: str, options: dict[str, str]) ->
                                  else None)
 
 
-def _noted_option(importer: ImportState, service: Service, name: str, raw: str, value: str) -> bool:
-    """True, with a note, when a client service's -o is one mailflow does not need (syslog_name, max_use…) or its
-    built-in behaviour (disable_dns_lookups = no); Refused when it asks another behaviour than the built-in one."""
+def _noted_option(importer: ImportState, service: Service, name: str, raw: str, value: str,
+                  tls_required: bool = False) -> bool:
+    """True, with a note, when a service's -o is one mailflow does not need (syslog_name, max_use…) or its
+    built-in behaviour (disable_dns_lookups = no; smtpd_tls_auth_only = no where Postfix forces it: on a service
+    that requires TLS, `tls_required`); Refused when it asks another behaviour than the built-in one."""
     where = service.line.where
+    if name == "smtpd_tls_auth_only" and value.lower() == "no" and tls_required:
+        importer.out.notes.append(f"{where}: {service.name} -o {name}={raw} applies to nothing: Postfix forces "
+                                  "smtpd_tls_auth_only = yes where TLS is required (wrapper mode or encrypt), as "
+                                  "mailflow offers AUTH only after TLS")
+        return True
+    if name == "smtpd_sasl_security_options":
+        sasl_security_options(value)
     if _not_needed(name):
         importer.out.notes.append(_not_needed_note(service, name, raw))
         return True
@@ -329,9 +342,28 @@ def _pass_options(importer: ImportState) -> list[tuple[str, str]]:
     return []
 
 
+def _tls_required(importer: ImportState, expander: Expander, options: list[tuple[str, str]]) -> bool:
+    """Whether Postfix 3.7's smtpd requires TLS on this service (smtpd.c: wrapper mode, a level other than none
+    and may, or, without a level, smtpd_enforce_tls), its -o over main.cf's; False when a value cannot be
+    expanded."""
+    given = dict(options)
+
+    def value(name: str) -> str:
+        raw = given.get(name, importer.params[name][1] if name in importer.params else "")
+        return expander.expand(raw).strip().lower()
+    try:
+        if value("smtpd_tls_wrappermode") == "yes":
+            return True
+        level = value("smtpd_tls_security_level")
+        return level not in ("none", "may") if level else value("smtpd_enforce_tls") == "yes"
+    except Unexpanded:
+        return False
+
+
 def _overrides(importer: ImportState, service: Service, options: list[tuple[str, str]]) -> dict[str, object]:
     overrides: dict[str, object] = {}
     expander = importer.expander.with_names({"service_name": service.name, "service_type": service.kind})
+    tls_required = _tls_required(importer, expander, options)
     for name, raw in options:
         if name in _NOT_NEEDED_OVERRIDES:  # whatever it refers to
             importer.out.notes.append(_not_needed_note(service, name, raw))
@@ -350,7 +382,7 @@ def _overrides(importer: ImportState, service: Service, options: list[tuple[str,
             continue
         keys = names.SETTINGS.get(name, ())
         try:
-            if not keys and _noted_option(importer, service, name, raw, value):  # built in, or not needed
+            if not keys and _noted_option(importer, service, name, raw, value, tls_required):  # built in, not needed
                 continue
         except Refused as e:
             importer.out.leave_out(service.line.where, f"master.cf {service.name} -o {name}", raw, str(e))
@@ -363,10 +395,12 @@ def _overrides(importer: ImportState, service: Service, options: list[tuple[str,
             if name == "smtpd_sasl_path":
                 value = dovecot_sasl_path(value, _sasl_type(importer, expander, options), importer.queue_directory(),
                                           importer.out.notes, service.line.where)
-            converted = {key: convert(name, key, value, importer.out.notes) for key in keys}
+            notes: list[str] = []
+            converted = {key: convert(name, key, value, notes) for key in keys}
         except Refused as e:  # this -o only, not the service
             importer.out.leave_out(service.line.where, f"master.cf {service.name} -o {name}", raw, str(e))
             continue
+        importer.out.notes.extend(f"{service.line.where}: {service.name} -o {note}" for note in notes)
         for key, setting in converted.items():
             overrides[key.removeprefix("smtpd.")] = from_queue_directory(setting, importer.queue_directory(),
                                                                          importer.out.notes)

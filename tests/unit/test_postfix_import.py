@@ -1686,12 +1686,53 @@ def test_a_listeners_built_in_or_unneeded_option_is_noted_not_left_out(tmp_path)
     assert "submission -o smtpd_sasl_security_options=noanonymous not needed: mailflow offers PLAIN and LOGIN" in text
     assert {listener["role"] for listener in checked(tmp_path / "mailflow.toml")["smtpd"]["listeners"]} == {
         "submission"}
-    master = write(tmp_path, "master.cf", STANDARD_SERVICES + "smtp inet n - y - - smtpd\n" + submission
-                   + "  -o smtpd_tls_auth_only=no\n  -o smtpd_use_tls=yes\n")
+    master = write(tmp_path, "master.cf", STANDARD_SERVICES + "smtp inet n - y - - smtpd\n"
+                   + submission.replace("=encrypt", "=may") + "  -o smtpd_tls_auth_only=no\n  -o smtpd_use_tls=yes\n")
     code, err = run_import(main, master, tmp_path / "mailflow.toml")
     assert code == 1
     assert "submission -o smtpd_tls_auth_only: only smtpd_tls_auth_only = yes is mailflow's behaviour" in err, err
     assert "submission -o smtpd_use_tls: translated from main.cf only, not as a listener's -o" in err, err
+
+
+@pytest.mark.parametrize("tls", ["  -o smtpd_tls_security_level=encrypt\n", "  -o smtpd_tls_wrappermode=yes\n",
+                                 "  -o smtpd_enforce_tls=yes\n"])
+def test_auth_only_no_where_tls_is_required_is_noted_as_postfix_forces_it(tmp_path, tls):
+    """Postfix forces smtpd_tls_auth_only where TLS is required (smtpd.c: wrapper mode, encrypt, enforce), so
+    `-o smtpd_tls_auth_only=no` there is mailflow's behaviour: noted. It was left out, exit 1."""
+    pki = ClientPki(tmp_path)
+    main = write(tmp_path, "main.cf", f"smtpd_tls_cert_file = {pki.server_cert}\n")
+    master = write(tmp_path, "master.cf", STANDARD_SERVICES + "smtp inet n - y - - smtpd\n"
+                   "submission inet n - y - - smtpd\n" + tls + "  -o smtpd_tls_auth_only=no\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    assert "-o smtpd_tls_auth_only" not in err, err
+    assert "submission -o smtpd_tls_auth_only=no applies to nothing: Postfix forces" in (
+        tmp_path / "mailflow.toml").read_text()
+
+
+def test_sasl_security_options_that_drop_plain_and_login_are_left_out(tmp_path):
+    """noplaintext (or mutual_auth) makes Postfix offer neither PLAIN nor LOGIN, mailflow's mechanisms: left out
+    with why, in main.cf and as an -o (both were noted "not needed" whatever the value)."""
+    pki = ClientPki(tmp_path)
+    main = write(tmp_path, "main.cf", f"smtpd_tls_cert_file = {pki.server_cert}\n"
+                                      "smtpd_sasl_security_options = noanonymous, noplaintext\n")
+    master = write(tmp_path, "master.cf", STANDARD_SERVICES + "smtp inet n - y - - smtpd\n"
+                   "submission inet n - y - - smtpd\n  -o smtpd_sasl_security_options=mutual_auth\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    assert code == 1
+    assert "smtpd_sasl_security_options: with noplaintext, Postfix offers neither PLAIN nor LOGIN" in err, err
+    assert "submission -o smtpd_sasl_security_options: with mutual_auth, Postfix offers neither" in err, err
+
+
+def test_a_listeners_option_note_names_its_service(tmp_path):
+    """A note convert() makes for an -o (smtpd_forbid_bare_newline's) names the service; it named only the
+    parameter, as if main.cf's."""
+    main = write(tmp_path, "main.cf", "smtpd_forbid_bare_newline = reject\n")
+    master = write(tmp_path, "master.cf", STANDARD_SERVICES + "smtp inet n - y - - smtpd\n"
+                   "2525 inet n - y - - smtpd\n  -o smtpd_forbid_bare_newline=normalize\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    assert code == 0, err
+    assert re.search(r"master\.cf:\d+: 2525 -o smtpd_forbid_bare_newline = normalize: mailflow's false still",
+                     (tmp_path / "mailflow.toml").read_text())
 
 
 @pytest.mark.parametrize("lines, smtpd, smtp", [
