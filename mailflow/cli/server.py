@@ -98,7 +98,7 @@ def _serve(run, cfg: Config, where: str, reread, started=None) -> None:
     except OSError as e:
         fail_config("mailflow", ConfigError(where, "log.file", f"cannot open {cfg.log.file}: {e.strerror}"))
     watch = ensure_descriptors(cfg)
-    warn_of_origin(cfg)
+    warn_at_start(cfg, where)
     try:
         asyncio.run(run(cfg, reread=reread, where=where, started=started, reloaded=watch.check))
     except QueueBusy as e:  # another server owns this queue: it was left untouched
@@ -111,11 +111,11 @@ def _serve(run, cfg: Config, where: str, reread, started=None) -> None:
         fail("mailflow", f"cannot start: the queue database {cfg.queue_path / 'queue.db'}: {e}", 1)
 
 
-def warn_of_origin(cfg: Config) -> None:
-    """Logs Config.origin_warning once, as serve starts (a reload does not repeat it; check-config prints it)."""
-    warning = cfg.origin_warning()
-    if warning:
-        logging.getLogger("mailflow").warning("%s", warning)
+def warn_at_start(cfg: Config, where: str) -> None:
+    """Logs Config.warnings once, as serve starts, each after the file's name (a reload does not repeat them;
+    check-config prints them)."""
+    for warning in cfg.warnings():
+        logging.getLogger("mailflow").warning("%s: %s", where, warning)
 
 
 # the queue database, the log, tables, DNS (two c-ares channels, a few each), the admin server, a reload's new listeners
@@ -249,8 +249,7 @@ def check_config(config: Optional[str] = ConfigOption) -> None:
         typer.echo(config_error_text(problem, where), err=True)
     if problems:
         raise typer.Exit(2)
-    warning = cfg.origin_warning()
-    if warning:
+    for warning in cfg.warnings():
         typer.echo(f"{where}: warning: {warning}", err=True)
     typer.echo(f"{where}: ok (queue {cfg.queue_directory})")
     for host, port, role in listener_summary(cfg):

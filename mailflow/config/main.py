@@ -370,6 +370,11 @@ class Config(Section):
         """myorigin, defaulting to myhostname."""
         return self.myorigin or self.myhostname
 
+    def warnings(self) -> list[str]:
+        """What is taken but likely not meant: origin_warning, settings that have no effect (each `key: reason`)."""
+        origin = self.origin_warning()
+        return ([origin] if origin else []) + self.smtpd.listener_warnings()
+
     def origin_warning(self) -> str | None:
         """The warning for a myorigin (or myhostname) that is not in mydestination while local(8)'s expansion is in
         use (the local transport delivers for mydestination, so users' .forward files are read, or alias_maps are

@@ -488,12 +488,20 @@ class SmtpdConfig(SmtpdFilterSettings):
             for key in listener.overrides:
                 if key not in cls.model_fields or key in ("listen", "listeners"):
                     raise ValueError(f"listener {index} ({listener.address}): overrides.{key}: unknown setting")
+        return v
+
+    def listener_warnings(self) -> list[str]:
+        """`key: reason` for each listener override that is taken but has no effect: postscreen.cache_limit (the
+        server has one cache of passed clients; refusing it would stop a configuration accepted before)."""
+        warnings = []
+        for index, listener in enumerate(self.listeners):
             screen = listener.overrides.get("postscreen")
             if isinstance(screen, dict) and "cache_limit" in screen:
-                raise ValueError(f"listener {index} ({listener.address}): overrides.postscreen.cache_limit: the "
-                                 "server has one cache of passed clients for every listener: set [smtpd.postscreen] "
-                                 "cache_limit")
-        return v
+                warnings.append(f"smtpd.listeners: listener {index} ({listener.address}, {listener.role}): "
+                                "overrides.postscreen.cache_limit: ignored: the server has one cache of passed clients "
+                                f"for every listener, bounded by [smtpd.postscreen] cache_limit "
+                                f"({self.postscreen.cache_limit})")
+        return warnings
 
     @model_validator(mode="after")
     def _frontdoor_consistent(self) -> "SmtpdConfig":

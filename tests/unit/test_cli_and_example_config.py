@@ -156,10 +156,29 @@ def test_check_config_warns_when_myorigin_is_not_local(tmp_path):
 
 def test_serve_warns_at_start_when_myorigin_is_not_local(caplog):
     caplog.set_level(logging.WARNING, logger="mailflow")
-    cli_server.warn_of_origin(Config(myhostname="mx.example.test", mydestination=("example.test",)))
-    cli_server.warn_of_origin(Config(myhostname="mx.example.test", mydestination=("mx.example.test",)))
+    cli_server.warn_at_start(Config(myhostname="mx.example.test", mydestination=("example.test",)), "m.toml")
+    cli_server.warn_at_start(Config(myhostname="mx.example.test", mydestination=("mx.example.test",)), "m.toml")
     [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warning.startswith("myorigin (myhostname) 'mx.example.test' is not in mydestination")
+    assert warning.startswith("m.toml: myorigin (myhostname) 'mx.example.test' is not in mydestination")
+
+
+def test_a_listeners_postscreen_cache_limit_is_a_warning_not_an_error(tmp_path, caplog):
+    """A listener's overrides.postscreen.cache_limit has no effect (the server has one cache of passed clients):
+    check-config and serve warn, naming file, key and why; it stopped a configuration accepted before from
+    starting."""
+    cfg = tmp_path / "mailflow.toml"
+    cfg.write_text('myhostname = "mx.example.test"\n[smtpd]\n[[smtpd.listeners]]\naddress = "127.0.0.1:2526"\n'
+                   "overrides = { postscreen = { cache_limit = 5 } }\n")
+    result = mailflow("check-config", "--config", str(cfg))
+    assert result.returncode == 0, result.stderr
+    words = (": warning: smtpd.listeners: listener 0 (127.0.0.1:2526, mta): overrides.postscreen.cache_limit: ignored: "
+             "the server has one cache of passed clients for every listener, bounded by [smtpd.postscreen] cache_limit")
+    assert f"{cfg}{words}" in result.stderr, result.stderr
+    caplog.set_level(logging.WARNING, logger="mailflow")
+    cli_server.warn_at_start(load_config(cfg), str(cfg))
+    [warning] = [m for m in (r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+                 if "cache_limit" in m]
+    assert warning.startswith(f"{cfg}: smtpd.listeners: listener 0 (127.0.0.1:2526, mta): overrides.postscreen.")
 
 
 def test_check_config_names_file_key_and_reason_without_traceback(tmp_path):

@@ -154,11 +154,6 @@ def test_unknown_key_names_file_key_and_reason(tmp_path, text, key):
     ("[smtpd]\n[[smtpd.listeners]]\naddress = '127.0.0.1:2526'\noverrides = { tls_loglevel = -1 }\n", "smtpd",
      "listener 0 (127.0.0.1:2526, mta): overrides.tls_loglevel: Input should be greater than or equal to 0"),
     ("[smtp]\ntls_loglevel = 5\n", "smtp.tls_loglevel", "less than or equal to 4"),
-    # postscreen's cache of passed clients is the server's: a listener's cache_limit was taken and read nowhere
-    ("[smtpd]\n[[smtpd.listeners]]\naddress = '127.0.0.1:2526'\n"
-     "overrides = { postscreen = { cache_limit = 5 } }\n", "smtpd.listeners",
-     "listener 0 (127.0.0.1:2526): overrides.postscreen.cache_limit: the server has one cache of passed clients for "
-     "every listener"),
     # Postfix's error classes (mail_error.c)
     ("[queue]\nnotify_classes = ['resource', 'bounces']\n", "queue.notify_classes",
      "'bounces': not one of bounce, 2bounce, data, delay, policy, protocol, resource, software"),
