@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import pytest
+
 from mailflow import status
 from mailflow.app import Mailflow
 from mailflow.config import config_from_dict
+from mailflow.errors import ConfigError
 from tests.component.test_smtpd_hardening import _connect_unread, _pipeline_until
 from tests.support import SmtpClient, accepts, base_settings, eventually, half_client_hello, queue_counts
 
@@ -80,9 +83,43 @@ async def test_a_reload_puts_a_new_shutdown_grace_in_force(tmp_path):
         await slow.envelope()  # and nothing more
         loop = asyncio.get_running_loop()
         started = loop.time()
-        await asyncio.wait_for(mf.stop(), 3)
-        assert 0.3 <= loop.time() - started < 2
+        await asyncio.wait_for(mf.stop(), 20)
+        assert 0.3 <= loop.time() - started < 10  # the new 0.3 s, far from the 30 s it started with
         assert await slow.closed()
+    finally:
+        await mf.stop()
+
+
+async def test_a_refused_reload_leaves_grace_cache_limit_and_auth_window_as_they_were(tmp_path, users):
+    """A reload refused at its last fallible step (a listen address taken) changes none of the three settings a
+    reload applies to what the server keeps across reloads: shutdown_grace, postscreen's cache_limit and the AUTH
+    failures' window (anvil_rate_time_unit)."""
+    def settings(grace: float, cache_limit: int, window: float, *listen: str) -> dict:
+        base = base_settings(tmp_path)
+        return {**base, "shutdown_grace": grace, "smtpd": {
+            **base["smtpd"], "listen": ["127.0.0.1:0", *listen], "anvil_rate_time_unit": window,
+            "sasl_auth_enable": True, "sasl_user_maps": [users], "allow_plaintext_auth_on_loopback": True,
+            "auth_failure_delay": 0.01,
+            "postscreen": {"enable": True, "access_list": [], "greet_wait": 0.01, "cache_limit": cache_limit}}}
+    mf = Mailflow(config_from_dict(settings(0.3, 100, 0.5)))
+    await mf.start()
+    try:
+        for n in range(3):
+            mf.smtpd.screened.record(f"192.0.2.{n}", {"pregreet": 1e12}, 0.0)
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            with pytest.raises(ConfigError, match="Address already in use"):
+                await mf.reload(config_from_dict(settings(30, 1, 3600, f"127.0.0.1:{taken.getsockname()[1]}")))
+        assert mf.smtpd.screened.limit == 100
+        assert all(mf.smtpd.screened.passed(f"192.0.2.{n}", ("pregreet",), 1.0) for n in range(3))
+        mf.smtpd.auth_failures.record("127.0.0.1")
+        assert mf.smtpd.auth_failures.recent("127.0.0.1") == 1
+        await eventually(lambda: mf.smtpd.auth_failures.recent("127.0.0.1") == 0, timeout=5)  # (0.5 s, not 3600)
+        slow = await SmtpClient.connect(mf.smtp_addresses[0][1])
+        await slow.envelope()  # and nothing more
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(mf.stop(), 20)
+        assert 0.3 <= loop.time() - started < 10  # the 0.3 s in force, not the refused 30 s
     finally:
         await mf.stop()
 

@@ -1282,7 +1282,12 @@ async def test_a_reload_puts_a_new_cache_limit_in_force(mailflow_server):
     then on (it kept the limit the server started with, without a word)."""
     mf = await mailflow_server(smtpd=screen(cache_limit=100))
     assert mf.smtpd.screened.limit == 100
+    now = time.time()
+    for n in range(10):  # (oldest first)
+        mf.smtpd.screened.record(f"192.0.2.{n}", {"pregreet": now + 86400}, now)
     await mf.reload(config_from_dict(mf.config.model_dump() | {
         "smtpd": mf.config.smtpd.model_dump() | {"postscreen": mf.config.smtpd.postscreen.model_dump() | {
             "cache_limit": 7}}}))
     assert mf.smtpd.screened.limit == 7
+    kept = [n for n in range(10) if mf.smtpd.screened.passed(f"192.0.2.{n}", ("pregreet",), now)]
+    assert kept == list(range(3, 10))  # dropped at the reload, the least recently used first
