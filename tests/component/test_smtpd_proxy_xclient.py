@@ -233,6 +233,35 @@ async def test_xclient_from_an_authorized_host_replaces_the_client(mailflow_serv
     await c.close()
 
 
+async def bare_lf(c: SmtpClient, line: bytes) -> int:
+    """The reply code to `line` ended by a bare LF."""
+    await c.send(line + b"\n")
+    return (await c.reply())[0]
+
+
+async def test_forbid_bare_newline_exclusions_judge_the_client_xclient_names(mailflow_server):
+    """As Postfix's xclient_cmd, the bare newline exclusions are judged again on the client XCLIENT names: a
+    front end in mynetworks (spared) that names an outside client no longer spares it, and the other way round."""
+    mf = await mailflow_server(mynetworks=["127.0.0.0/8"],
+                               smtpd={"listen": ["127.0.0.1:0"], "authorized_xclient_hosts": ["127.0.0.0/8"]})
+    c = await SmtpClient.connect(mf.smtpd.address_of("mta")[1])
+    assert await bare_lf(c, b"EHLO filter.test") == 250  # (the front end is in mynetworks)
+    assert (await c.cmd("XCLIENT ADDR=127.0.0.9"))[0] == 220
+    assert await bare_lf(c, b"EHLO filter.test") == 250  # (so is 127.0.0.9)
+    assert (await c.cmd("XCLIENT ADDR=192.0.2.1"))[0] == 220
+    assert await bare_lf(c, b"EHLO client.test") == 521
+    assert await c.closed()
+
+
+async def test_forbid_bare_newline_exclusions_spare_a_client_xclient_names(mailflow_server):
+    mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "authorized_xclient_hosts": ["127.0.0.0/8"],
+                                      "forbid_bare_newline_exclusions": ["192.0.2.0/24"]})
+    c = await SmtpClient.connect(mf.smtpd.address_of("mta")[1])
+    assert (await c.cmd("XCLIENT ADDR=192.0.2.1"))[0] == 220
+    assert await bare_lf(c, b"EHLO client.test") == 250
+    await c.close()
+
+
 async def test_xclient_is_judged_again_on_the_client_it_names(mailflow_server):
     """smtpd.c xclient_cmd evaluates xclient_allowed again for the client it names: a front end that named a client
     outside authorized_xclient_hosts has handed the session over, and that client can no longer rename itself.

@@ -466,6 +466,9 @@ class FrontEndCommands(ProtocolCore):
             return status.XCLIENT_IN_TRANSACTION
         return None if (arg or "").strip() else status.syntax(f"{command} attribute=value...")
 
+    def _client_changed(self) -> None:
+        """What depends on the client's address and name, judged again (the listener's session: server.py)."""
+
     async def smtp_XCLIENT(self, arg: str | None) -> None:
         """Postfix XCLIENT: an authorized front end names the real client; the session starts again."""
         refusal = self._before_authorization("XCLIENT", arg)
@@ -484,6 +487,7 @@ class FrontEndCommands(ProtocolCore):
         # judged again on the client it names, as xclient_cmd does: a front end that named an outside client has
         # handed the session over (a second XCLIENT then gets 550, and EHLO no longer offers it)
         self._xclient_allowed = self._frontends.xclient_hosts.contains(self.session.peer_ip, self.session.client_name)
+        self._client_changed()
         log.info("%s: XCLIENT: client is now %s:%s helo=<%s> login=%s", before, self.session.client,
                  self.session.port_text, printable(self.session.host_name or ""),
                  printable(self.session.auth_data) if self.session.authenticated else "-")

@@ -259,14 +259,14 @@ class ProtocolCore(SMTP):
         self._observer = observer
         self.transcript: Transcript | None = None  # only with an observer (transcript.py)
 
+    def exempt_from_bare_newline_rule(self, exempt: bool) -> None:
+        """Whether this client may end a line with a bare LF (smtpd.forbid_bare_newline_exclusions, Postfix's
+        smtpd_forbid_bare_newline_exclusions): its lines are then taken as forbid_bare_newline = false takes them."""
+        self._forbid_bare_newline = self._limits.forbid_bare_newline and not exempt
+        self._wire.allow_bare_lf(not self._forbid_bare_newline)
+
     # --- typed state --------------------------------------------------------------------------------------
 
-
-    def exempt_from_bare_newline_rule(self) -> None:
-        """This client may end a line with a bare LF (smtpd.forbid_bare_newline_exclusions, Postfix's
-        smtpd_forbid_bare_newline_exclusions): its lines are taken as forbid_bare_newline = false takes them."""
-        self._forbid_bare_newline = False
-        self._wire.allow_bare_lf()
     def _create_session(self) -> SessionState:
         return SessionState(self.loop)
 

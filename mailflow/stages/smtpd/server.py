@@ -230,10 +230,15 @@ class ListenerSession(SmtpSession):
         if self._smtpd.allow_plaintext_auth_on_loopback and is_loopback(ip):
             self._auth_needs_tls = False
         self.discarded, self.discards_unknown = await self._listener.ehlo_discards.for_client(ip)
-        exempt = self._listener.bare_newline_exempt
-        if exempt is not None and exempt.contains(ip):
-            self.exempt_from_bare_newline_rule()
+        self._client_changed()
         return True
+
+    def _client_changed(self) -> None:
+        """The client, at connect or as XCLIENT names it, judged against forbid_bare_newline_exclusions (its address
+        and name, as Postfix's namadr_list, again after XCLIENT as xclient_cmd does)."""
+        exempt = self._listener.bare_newline_exempt
+        self.exempt_from_bare_newline_rule(exempt is not None
+                                           and exempt.contains(self.session.peer_ip, self.session.client_name))
 
     async def _refuse(self, reply: status.Reply, log_refusal: Callable[[], None]) -> None:
         """The admission's refusal: `log_refusal()`, `reply` and the end of the connection. On a submissions

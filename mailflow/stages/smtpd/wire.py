@@ -191,9 +191,9 @@ class Wire:
         self._error: BaseException | None = None  # the connection's failure
         self._waiter: asyncio.Future | None = None
 
-    def allow_bare_lf(self) -> None:
-        """From now on, a bare LF ends a line (a client excluded from forbid_bare_newline)."""
-        self._bare_lf = True
+    def allow_bare_lf(self, allowed: bool) -> None:
+        """From now on, whether a bare LF ends a line (a client excluded from forbid_bare_newline, or XCLIENT's)."""
+        self._bare_lf = allowed
 
     # -- what the protocol feeds
 
