@@ -31,8 +31,9 @@ any work, nor said it moved (moved()), for `wait` seconds (they look hung). A bu
 queued, never deferred; calls longer than `wait` are too, when they call moved() more often than every `wait` s.
 
 Failure behaviour: `TemporaryError` 4.3.0 when no thread is free and none finished a call for `wait` seconds
-(`no worker free for DOING within Ns: N busy`); what `call` raises propagates; RuntimeError when no thread could
-be started (the process's thread limit) and the pool has none yet (with some, the call waits for one of them).
+(`no worker free for DOING within Ns: N busy`); the same at once when no thread could be started (the process's
+thread limit) and none of the pool's threads is idle (`no worker free for DOING: no thread could be started (…)`):
+the call is not queued behind calls that may never end; what `call` raises propagates.
 """
 from __future__ import annotations
 
@@ -79,7 +80,11 @@ class BoundedWorkers:
             if submitted:
                 raise RuntimeError("one call per slot")
             loop = asyncio.get_running_loop()
-            work = self._pool.submit(call)
+            try:
+                work = self._pool.submit(call)
+            except NoThread as e:  # (the slot is given back at the block's end: nothing submitted)
+                raise TemporaryError("4.3.0", f"no worker free for {self._doing}: no thread could be started "
+                                              f"({e})") from None
             submitted = True
             work.add_done_callback(lambda _: _call_soon(loop, self._done))  # (when the thread is done)
             return await asyncio.wrap_future(work)
@@ -143,27 +148,36 @@ class _Threads:
             queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._running: set[int] = set()  # the idents of those threads while they run (`runs_here`)
+        self._calls = 0  # calls submitted and not ended (queued or in a thread)
         self._lock = threading.Lock()
         self._closed = False
 
     def submit(self, call: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Raises NoThread when no thread could be started and every thread there is has a call: the call would
+        wait behind calls that may never end (threads hung in them). The call is withdrawn then (its future
+        cancelled: the thread that meets it in the queue drops it), unless a thread has taken it already."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._lock:
             if self._closed:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            self._jobs.put((future, call))
+            self._jobs.put((future, call))  # (first: a thread started now finds it at once)
+            self._calls += 1
             if len(self._threads) < self._size:
                 thread = threading.Thread(target=self._work, name=f"{self._name}_{len(self._threads)}",
                                           daemon=self._daemon)
                 try:
                     thread.start()
                 except RuntimeError as e:  # (can't start new thread: the process's limit)
-                    if not self._threads:  # nobody would ever run the call (the only one queued): it fails now
-                        self._jobs.get_nowait()
-                        future.set_exception(e)
+                    busy = self._calls - 1
+                    if busy >= len(self._threads) and future.cancel():  # (none idle)
+                        raise NoThread(f"{e}, {busy} busy") from e
                 else:  # (counted only once it runs: a thread that never started would never take a job)
                     self._threads.append(thread)
         return future
+
+    def _ended(self) -> None:
+        with self._lock:
+            self._calls -= 1
 
     def runs_here(self) -> bool:
         """The caller is one of these threads (a set lookup: cheap enough per line of a walk)."""
@@ -174,7 +188,7 @@ class _Threads:
         self._running.add(me)
         try:
             while (job := self._jobs.get()) is not None:
-                _run(*job)
+                _run(*job, self._ended)
                 del job  # (nothing of the last call held while idle)
         finally:
             self._running.discard(me)
@@ -191,6 +205,7 @@ class _Threads:
                         break
                     if job is not None:
                         job[0].cancel()
+                        self._calls -= 1  # (never to meet a thread)
             for _ in threads:
                 self._jobs.put(None)
         if wait:
@@ -204,14 +219,24 @@ class _Threads:
             thread.join()
 
 
-def _run(future: concurrent.futures.Future, call: Callable[[], object]) -> None:
-    if future.set_running_or_notify_cancel():
-        try:
-            result = call()
-        except BaseException as e:  # noqa: BLE001 - handed to the caller, as ThreadPoolExecutor does
-            future.set_exception(e)
-        else:
-            future.set_result(result)
+class NoThread(RuntimeError):
+    """_Threads.submit: no thread could be started and none is idle."""
+
+
+def _run(future: concurrent.futures.Future, call: Callable[[], object], ended: Callable[[], None]) -> None:
+    """The thread counts as idle (`ended`) before the caller hears of the end: a call submitted once its slot is
+    given back finds this thread idle."""
+    if not future.set_running_or_notify_cancel():
+        ended()
+        return
+    try:
+        result = call()
+    except BaseException as e:  # noqa: BLE001 - handed to the caller, as ThreadPoolExecutor does
+        ended()
+        future.set_exception(e)
+    else:
+        ended()
+        future.set_result(result)
 
 
 def _settle(future: asyncio.Future[None]) -> None:

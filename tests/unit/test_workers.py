@@ -12,6 +12,7 @@ from functools import partial
 
 import pytest
 
+from mailflow.errors import TemporaryError
 from mailflow.workers import BoundedWorkers
 
 
@@ -54,12 +55,43 @@ async def test_a_thread_that_cannot_start_fails_the_call_and_is_not_counted(monk
     workers = BoundedWorkers(2, 30, "limited pool")
     monkeypatch.setattr(module.threading, "Thread", NoThread)
     ran: list[str] = []
-    with pytest.raises(RuntimeError, match="can't start new thread"):
+    with pytest.raises(TemporaryError, match=r"no worker free for limited pool: no thread could be started "
+                                             r"\(can't start new thread, 0 busy\)"):
         await asyncio.wait_for(workers.run(partial(ran.append, "refused call")), 5)
     monkeypatch.undo()
     assert await asyncio.wait_for(workers.run(lambda: "done"), 5) == "done"
     assert ran == []  # (its caller was told it failed: it is not run later, behind its back)
     assert len(named("limited-pool_")) == 1
+    assert await workers.close_within(5) is True
+
+
+async def test_a_call_no_new_thread_can_run_does_not_wait_behind_a_hung_one(monkeypatch):
+    """At the thread limit, a call the pool had threads for was queued behind their calls: with the one thread hung
+    in its call, the next call waited for it for ever (the pool's `wait` bounds only the wait for a slot, and a
+    slot was free). It fails at once with the pool's 4.3.0; a call that finds a thread idle still runs in it."""
+    import mailflow.workers as module
+
+    class NoThread(threading.Thread):
+        def start(self):
+            raise RuntimeError("can't start new thread")
+
+    workers = BoundedWorkers(3, 30, "hung pool")
+    assert await workers.run(lambda: "first") == "first"  # (one thread, idle now)
+    monkeypatch.setattr(module.threading, "Thread", NoThread)
+    assert await asyncio.wait_for(workers.run(lambda: "in the idle thread"), 5) == "in the idle thread"
+    loop, release, started = asyncio.get_running_loop(), threading.Event(), asyncio.Event()
+    hung = asyncio.ensure_future(workers.run(lambda: (loop.call_soon_threadsafe(started.set), release.wait(30))[1]))
+    await asyncio.wait_for(started.wait(), 10)
+    ran: list[str] = []
+    with pytest.raises(TemporaryError, match=r"no worker free for hung pool: no thread could be started "
+                                             r"\(can't start new thread, 1 busy\)") as refused:
+        await asyncio.wait_for(workers.run(partial(ran.append, "behind the hung call")), 5)
+    assert refused.value.dsn == "4.3.0"
+    release.set()
+    assert await hung is True
+    assert await asyncio.wait_for(workers.run(lambda: "again"), 5) == "again"
+    assert ran == []
+    monkeypatch.undo()
     assert await workers.close_within(5) is True
 
 
