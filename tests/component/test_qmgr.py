@@ -732,6 +732,46 @@ async def test_the_per_transport_in_flight_count_holds_only_transports_with_a_de
     assert h.qmgr._in_flight_by_transport == {}
 
 
+class SlowToClose(RecordingTransport):
+    """A transport whose close waits (as local's for a /file append under way) until every transport of `closing`
+    is closing, at most `bound` s: `together` says whether they all were."""
+
+    def __init__(self, name: str, closing: dict[str, asyncio.Event], bound: float = 2.0):
+        super().__init__(name)
+        self.closing, self.bound, self.together = closing, bound, None
+        closing[name] = asyncio.Event()
+
+    async def close(self) -> None:
+        self.closing[self.name].set()
+        try:
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in self.closing.values())), self.bound)
+        except TimeoutError:
+            self.together = False
+        else:
+            self.together = True
+        self.closed = True
+
+
+async def test_the_stop_and_a_reload_close_their_transports_together_each_grace_at_once(h):
+    """The stop closed the transports one after another, each close waiting its own grace (local's for a /file
+    append under way): N transports made the stop N graces. A reload's retired transports were closed so too.
+    They close together: one grace in all."""
+    closing: dict[str, asyncio.Event] = {}
+    old = [SlowToClose("local", closing), SlowToClose("smtp", closing)]
+    await h.start(transports={"local": old[0], "smtp": old[1]})
+    current: dict[str, asyncio.Event] = {}
+    new = [SlowToClose("local", current), SlowToClose("smtp", current)]
+    config = Config(myhostname=HOST, mydestination=("example.test",))
+    h.qmgr.reconfigure(resolve=Rewriter(config).resolve, transports={"local": new[0], "smtp": new[1]},
+                       config=config.queue, notices=None, soft_bounce=False)
+    await eventually(lambda: all(t.together is not None for t in old), what="the retired transports closed",
+                     timeout=10)
+    assert [t.together for t in old] == [True, True]
+    await h.qmgr.stop(grace=0.5)
+    h.qmgr = None  # (stopped)
+    assert [t.together for t in new] == [True, True]
+
+
 def relaying(relayhost: str, **queue) -> tuple:
     """The routing and the [queue] settings of a configuration that relays everything else to `relayhost`."""
     config = Config(myhostname=HOST, mydestination=("example.test",), relayhost=relayhost,

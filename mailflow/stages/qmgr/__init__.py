@@ -285,8 +285,7 @@ class QueueManager:
         for task in list(self._tasks) + list(self._retirements):
             task.cancel()
         await asyncio.gather(*self._tasks, *self._retirements, return_exceptions=True)
-        for transport in _unique([*self._transports.values(), *self._retired]):
-            await transport.close()
+        await _close_together(_unique([*self._transports.values(), *self._retired]))
 
     async def _drain(self, seconds: float) -> None:
         """Wait up to `seconds` for every task, including those the finishing ones start (records, finishes)."""
@@ -319,9 +318,9 @@ class QueueManager:
     async def _retire(self, transports: list, deliveries: set[asyncio.Task]) -> None:
         if deliveries:
             await asyncio.wait(deliveries)
-        for transport in transports:
+        await _close_together(transports)
+        for transport in transports:  # (after: a stop during the closes closes them again, waiting its grace)
             self._retired.remove(transport)
-            await transport.close()
 
     def wake(self) -> None:
         """New mail is queued: scan soon. Carries no state, but says the store took a commit, so a chore backing
@@ -1240,6 +1239,16 @@ def _postfix_order(rcpt: Recipient) -> tuple[int, bytes, bytes]:
     domain = rcpt.address[at:]
     folded = domain.lower() if domain.isascii() else domain.casefold()
     return 0, folded.encode("utf-8", "surrogateescape"), address
+
+
+async def _close_together(transports: list) -> None:
+    """Every transport's close at once: each bounds its own wait (local's for a /file append under way: the stop's
+    grace), so N of them take one grace, not N. One that fails does not keep the others from closing: the first
+    failure is raised once every close ended."""
+    ended = await asyncio.gather(*(transport.close() for transport in transports), return_exceptions=True)
+    for failure in ended:
+        if isinstance(failure, BaseException):
+            raise failure
 
 
 def _unique(transports) -> list:
