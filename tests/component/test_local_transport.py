@@ -734,7 +734,6 @@ async def test_a_file_append_whose_open_never_answers_is_stopped_and_defers(tmp_
     assert result.text == "cannot write as nobody: not started writing within 0.5s", result
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="a /file is written by a child as the user only as root")
 async def test_close_waits_within_its_bound_for_a_file_append_whose_delivery_was_cancelled(tmp_path, public_dir,
                                                                                             monkeypatch):
     """At the stop a /file append's delivery is cancelled after the grace, but its thread goes on writing; local's
