@@ -8,7 +8,8 @@ Targets (frozen dataclasses; `Target` is their union):
   the address `user`: Postfix's local drops the backslash when it reads the value (tok822_parse) and gives the name
   no meaning of its own (a user named in its own .forward gets its mailbox through local(8)'s .forward rules).
 - `MailboxTarget(address)`: `\\\\user` (two backslashes; the tokenizer keeps one, and recipient.c's `\\user` branch
-  takes it): that user's mailbox, with no alias lookup and no .forward (`address` without the backslashes).
+  takes it): that user's mailbox, with no alias lookup and no .forward (`address` without the backslashes). A
+  name that still starts with a backslash (`\\\\\\\\user`, read as `\\\\user`) is kept unchecked: no user has it.
 - `CommandTarget(command)`: `|command` or `"|command with spaces, or commas"`; `command` has no `|`.
 - `FileTarget(path)`: `/absolute/path`; append to that file. Only a value starting with `/` is a file, as in
   Postfix's local: `mail/inbox`, `~/mbox` are addresses (and `./mbox` a bad one).
@@ -193,7 +194,7 @@ def _target(line: _Text, offset: int, item: str) -> Target:
     if item[0] == '"' and _closing_quote(item, 0) == len(item) - 1:
         read = re.sub(r"\\(.)", r"\1", item[1:-1]).strip()  # (as local(8)'s tokenizer reads a quoted string)
         if read.startswith("\\"):  # (`"\\user"`: a backslash left, recipient.c's mailbox branch)
-            return MailboxTarget(_address(line, offset, read[1:]).address)
+            return _mailbox(line, offset, read[1:])
         item = _unquote(item[1:-1]).strip()
         if not item:
             raise line.error(offset, "empty value")
@@ -212,7 +213,7 @@ def _target(line: _Text, offset: int, item: str) -> Target:
     if item.startswith("/"):
         return FileTarget(item)
     if item.startswith("\\\\"):  # (the tokenizer keeps one backslash of two: recipient.c's mailbox branch)
-        return MailboxTarget(_address(line, offset, item[2:]).address)
+        return _mailbox(line, offset, re.sub(r"\\(.)", r"\1", item)[1:])
     if item.startswith("\\"):
         return _address(line, offset, item[1:])  # (local(8): `\user` is `user`, tok822_parse drops the backslash)
     return _address(line, offset, item)
@@ -237,6 +238,15 @@ def _targets(line: _Text, offset: int, item: str) -> tuple[Target, ...]:
         if not found or None in found or any(_address_error(a) for a in found if a is not None):
             raise
         return tuple(AddressTarget(a) for a in found if a is not None)
+
+
+def _mailbox(line: _Text, offset: int, name: str) -> MailboxTarget:
+    """The mailbox form's name, its one backslash taken off by recipient.c. A name that still starts with one
+    (`\\\\\\\\user` read as `\\\\user`) is no address, but local(8) takes it: no user has it, so it bounces `5.1.1
+    unknown user: "\\user"` (not a bad alias value that defers the whole alias)."""
+    if name.startswith("\\") and name.isprintable():
+        return MailboxTarget(name)
+    return MailboxTarget(_address(line, offset, name).address)
 
 
 def _address(line: _Text, offset: int, address: str) -> AddressTarget:
@@ -374,7 +384,7 @@ def format_target(target: Target) -> str:
     if isinstance(target, IncludeTarget):
         return _quote(_INCLUDE + target.path)
     if isinstance(target, MailboxTarget):
-        return "\\\\" + target.address
+        return "\\\\" + target.address.replace("\\", "\\\\")  # (read back, each backslash escapes the next)
     return f"<{target.address}>"
 
 

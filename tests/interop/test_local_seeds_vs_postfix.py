@@ -370,6 +370,13 @@ WRITTEN = {
     # in quotes each backslash escapes the next: `"\\nobody"` leaves `\nobody`, the mailbox branch (c0 does not run)
     "a quoted backslashed user": lambda spool, script: Case(
         {"a1": '"\\\\nobody", ' + f'"|{script} c1 0"'}, {}, {".forward": f'"|{script} c0 0"'}, ["a1"]),
+    # two backslashes left once read (`"\\\\nobody"` in quotes, `\\\\nobody` bare: each backslash escapes the next):
+    # recipient.c's mailbox branch takes one, and no user is `\nobody`: 5.1.1 unknown user, c1 runs (it deferred
+    # the whole alias as a bad value)
+    "two backslashes left in quotes": lambda spool, script: Case(
+        {"a1": '"\\\\\\\\nobody", ' + f'"|{script} c1 0"'}, {}, {".forward": f'"|{script} c0 0"'}, ["a1"]),
+    "two backslashes left bare": lambda spool, script: Case(
+        {"a1": '\\\\\\\\nobody, ' + f'"|{script} c1 0"'}, {}, {".forward": f'"|{script} c0 0"'}, ["a1"]),
     # `\nobody (copy)`: the backslash and the comment dropped, nobody's .forward read (c0)
     "a backslashed user with a comment": lambda spool, script: Case(
         {"a1": "\\nobody (copy)"}, {}, {".forward": f'"|{script} c0 0", \\nobody'}, ["a1"]),

@@ -158,6 +158,16 @@ def test_two_backslashes_before_a_name_are_the_mailbox_form():
     assert parse_aliases(format_aliases({"a": (MailboxTarget("js"),)}), "f") == {"a": (MailboxTarget("js"),)}
 
 
+def test_two_backslashes_left_once_read_are_the_mailbox_of_a_backslashed_name():
+    """`"\\\\\\\\js"` in quotes and `\\\\\\\\js` bare read as `\\\\js` (each backslash escapes the next); recipient.c's
+    mailbox branch takes one, leaving the name `\\js`, no address: it was a bad value (the whole alias deferred
+    4.3.5), where Postfix 3.7.11 bounces that member `unknown user: "\\js"` (WRITTEN cases "two backslashes left")
+    and delivers the rest. A bare `\\\\\\js` (three) reads as `\\js`, js's mailbox; it writes back as itself."""
+    assert parse_forward('"\\\\\\\\js"\n\\\\\\\\js\n\\\\\\js\n', "f") == (
+        MailboxTarget("\\js"), MailboxTarget("\\js"), MailboxTarget("js"))
+    assert parse_aliases(format_aliases({"a": (MailboxTarget("\\js"),)}), "f") == {"a": (MailboxTarget("\\js"),)}
+
+
 def test_a_backslashed_name_with_a_comment_is_the_name():
     """`\\nobody (copy)`: the backslash dropped, the comment too, as local(8) reads it (Postfix 3.7.11 delivers
     to nobody)."""
