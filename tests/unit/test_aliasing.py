@@ -137,6 +137,22 @@ def test_two_backslashes_give_the_mailbox_with_no_alias_and_no_forward(tmp_path)
     assert e.expand("ghosts@example.test") == [Refused("ghost@example.test", "5.1.1", 'unknown user: "ghost"')]
 
 
+def test_the_mailbox_form_forwarded_keeps_its_backslash_and_a_backslashed_name_is_nobody(tmp_path):
+    """With myorigin not local, `\\\\alice` was forwarded as `alice@myorigin`: the next hop aliased it and read
+    .forward. Postfix 3.7.11 forwards `"\\\\alice"@myorigin` (resolve.c rewrites the address as it is; its smtp
+    logged to=<"\\\\nobody"@elsewhere.test>), which a next hop's local(8) takes as the mailbox form. A name still
+    starting with a backslash (`\\\\\\\\ghost`) is forwarded so too, quoted; with myorigin local it is no user
+    (`unknown user: "\\ghost"`, Postfix's WRITTEN cases "two backslashes left")."""
+    (tmp_path / "aliases").write_text("team: \\\\alice, \\\\\\\\ghost\n")
+    config = Config(myhostname="mx.example.test", myorigin="elsewhere.test", mydestination=("example.test",),
+                    alias_maps=(f"texthash:{tmp_path / 'aliases'}",), local={"maildir_base": str(tmp_path / "mail")})
+    assert LocalExpander(config, Rewriter(config)).expand("team@example.test") == [
+        Forward('"\\\\alice"@elsewhere.test'), Forward('"\\\\\\\\ghost"@elsewhere.test')]
+    e = expander(tmp_path, "team: \\\\alice, \\\\\\\\ghost\n")
+    assert e.expand("team@example.test") == [
+        mailbox("alice"), Refused('"\\\\ghost"@example.test', "5.1.1", 'unknown user: "\\ghost"')]
+
+
 def test_unknown_user_is_refused(tmp_path):
     [leaf] = expander(tmp_path, "team: alice\n").expand("nobody@example.test")
     assert isinstance(leaf, Refused)

@@ -598,13 +598,18 @@ class LocalExpander:
         """`\\\\user` (aliases.MailboxTarget), as local(8)'s recipient.c takes an address that still starts with a
         backslash: qualified with myorigin, and when that is local the user's mailbox (`_mailbox`: mailbox_transport,
         an unknown user's routes), with no alias lookup, no .forward and no resubmission, even under a list or in an
-        :include: file; when it is not local, a Forward (of `user@myorigin`: Postfix sends `\\user@myorigin`)."""
+        :include: file; when it is not local, a Forward of `"\\\\user"@myorigin`, the backslash kept, as Postfix 3.7.11
+        forwards it (its resolve.c rewrites and resolves the address as it is)."""
         state.visited()
+        if text.startswith("\\"):  # (a name left with a backslash: `"\\\\user"`, `\\\\user`)
+            text = address.quoted_local(text)
         addr = self._rewriter.qualify(text)
-        if not self._is_local_delivery(addr):
-            state.add(Forward(addr, origin.owner))
+        local, domain = address.split_words(addr)
+        name = address.as_internal_local(local)
+        if not self._is_local_delivery(addr):  # (the backslash kept: the next hop's local(8) reads the mailbox form)
+            state.add(Forward(f"{address.quoted_local(chr(92) + name)}@{domain}", origin.owner))
             return
-        user = split_extension(address.split(addr)[0].lower(), self._config.recipient_delimiter)[0]
+        user = split_extension(name.lower(), self._config.recipient_delimiter)[0]
         self._mailbox(state, user, addr, origin)
 
     def _is_local_delivery(self, addr: str) -> bool:
