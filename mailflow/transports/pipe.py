@@ -10,7 +10,10 @@ Runner (used by pipe services and by local's `|command` destinations):
   command ended: see `_Group`). The delivery ends then, whatever holds the command's
   pipes: the output pipe is ours (`_Output`) and closed at the limit, unsent input is dropped, so neither a
   command killed with its output unread nor a program it left running in a session of its own (holding stdin
-  or stdout) can hold the delivery or a descriptor of ours. `user`: as root, run as that user (its groups too);
+  or stdout) can hold the delivery or a descriptor of ours. On Linux the command dies with mailflow
+  (PR_SET_PDEATHSIG, SIGKILL): a server killed while it writes the message would otherwise leave the command to
+  read EOF and take the cut message as the whole one (exit 0, a truncated message delivered; the delivery is run
+  again after the restart, as any delivery under way at a crash). `user`: as root, run as that user (its groups too);
   not as root, only our own user. `umask`: the command's (None: mailflow's own). Raises `CommandNotRun` when it
   cannot start the command (unknown user, no privilege to switch, root requested, exec or chdir failed): callers
   defer with 4.3.0 and its `diagnostic`, `x-unix; <why>` (Postfix's: the child's fatal message, x-unix).
@@ -63,12 +66,15 @@ Never raises for a delivery problem; results carry relay=NAME.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
+import functools
 import logging
 import os
 import pwd
 import re
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterable, AsyncIterator, Callable
@@ -184,6 +190,35 @@ async def run_shell_command(command: str, **how: Any) -> CommandResult:
         raise e.of_the_shell() from None
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl(2) on Linux, else None; looked up in the server, never in a child after fork."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _dying_with_us() -> Callable[[], None] | None:
+    """A command's preexec: SIGKILL when this process dies (set after the identity switch, which clears it); a
+    child whose parent died before the prctl exits at once. None where prctl is not available."""
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def die_with_parent() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+    return die_with_parent
+
+
 def _identity(user: str | None) -> _Identity | None:
     """Whom to run as: None = as we are. Raises CommandNotRun for an unknown user, root, or a switch we lack
     the privilege for."""
@@ -216,7 +251,8 @@ async def run_command(argv: list[str], *, stdin: bytes | AsyncIterable[bytes], e
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.PIPE, stdout=write_end, stderr=write_end,
-            env={"PATH": DEFAULT_PATH, **env}, cwd=cwd, start_new_session=True, **switch)
+            env={"PATH": DEFAULT_PATH, **env}, cwd=cwd, start_new_session=True, preexec_fn=_dying_with_us(),
+            **switch)
     except OSError as e:
         os.close(read_end)
         as_whom = f" as {who.name}" if who else ""

@@ -257,3 +257,42 @@ async def test_sigkill_during_a_message_split_across_five_transports_repeats_onl
             for pid in scripts.read("pids").split():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------------------------------ a command's input
+
+
+async def test_sigkill_while_a_message_is_piped_to_a_command_never_hands_it_a_cut_message(server, tmp_path):
+    """The server is SIGKILLed while it writes a 1 MB message to a pipe service's command, which reads slowly: the
+    command must not go on to take the cut input as the whole message (it ended at EOF and exited 0, a truncated
+    message delivered; found by bench/killhunt.py). It dies with the server, and the run after the restart reads
+    the whole message."""
+    with script_dir() as scripts:
+        go_on = scripts.out / "go-on"
+        script = scripts.script("deliver.sh", f'echo $$ >> {scripts.out / "pids"}\n'
+                                              f'head -c 1000 > /dev/null\n'  # the server is now writing the rest
+                                              f'echo started >> {scripts.out / "starts"}\n'
+                                              f'i=0; while [ ! -e {go_on} ] && [ $i -lt 300 ]; do sleep 0.05; '
+                                              f'i=$((i+1)); done\n'
+                                              f'if cat | grep -q "^END-OF-MESSAGE$"; then r=whole; else r=cut; fi\n'
+                                              f'echo $r >> {scripts.out / "reads"}\n')
+        srv = server(relay_domains=["relay.test", "pipe.test"], transport_maps=["inline:{pipe.test=deliver:}"],
+                     pipe={"deliver": {"argv": [str(script)], "flags": "D"}})
+        await srv.start()
+        data = b"Subject: big\r\n\r\n" + b"y" * 76 * 14_000 + b"\r\nEND-OF-MESSAGE\r\n"
+        try:
+            _, reply = await send(srv.port, "s@remote.test", ["p@pipe.test"], data)
+            assert reply.startswith("2.0.0 Ok: queued as")
+            await eventually(lambda: scripts.read("starts"), timeout=10, what="the command reading")
+            srv.kill()
+            go_on.touch()  # the command reads on: the rest of what the server had written, then EOF
+            await srv.start()
+            db = tmp_path / "queue" / "queue.db"
+            await eventually(lambda: queue_counts(db) == {} and scripts.read("reads"), timeout=20,
+                             what="the message delivered")
+            await eventually(lambda: len(scripts.read("starts").split()) == 2, timeout=5)
+            assert scripts.read("reads").split() == ["whole"], "a command took a message cut off by the crash"
+        finally:
+            for pid in scripts.read("pids").split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
