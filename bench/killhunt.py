@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,7 +124,8 @@ class World:
             "queue": {"queue_run_delay": "1s", "minimal_backoff_time": "1s", "maximal_backoff_time": "2s"},
         })
         if self.mailbox == "mbox":  # alice's and bob's mailboxes are mbox files in their homes (written in-process)
-            settings["local"] = {**settings["local"], "home_mailbox": "mbox"}
+            # fcntl only: a dotlock left by the SIGKILL holds the mailbox for stale_lock_time (500 s, as Postfix's)
+            settings["local"] = {**settings["local"], "home_mailbox": "mbox", "mailbox_delivery_lock": ["fcntl"]}
         self.config = r / "mailflow.toml"
         self.config.write_text(to_toml(settings))
 
