@@ -8,10 +8,12 @@ recipient until the final drain (deferred mail for `queue flush` and a bigger qu
 the same queue, sends mail (several SMTP sessions, some with 10 recipients, some 100 KB; `mailflow sendmail` too),
 and SIGKILLs it at a moment the round's kind chooses: uniform over the traffic, right after the k-th 250, while
 `mailflow queue flush` or `mailflow reload` runs, while a bounce is under way, while a burst of small messages is
-being committed (the store checkpointing). After the restart `mailflow queue list` must work. At the end the
-server drains and every accepted message (250, or sendmail exit 0) must be at every recipient, complete; duplicates
-are counted by kind, and a duplicate whose first delivery had been logged as sent (the log follows the commit) before
-the kill is a failure.
+being committed (the store checkpointing), and once more while the deferred mail drains at the end. After each
+restart `mailflow queue list` must work. At the end every accepted message (250, or sendmail exit 0) must be at
+every recipient, complete (a pipe run, the relay and mbox entries check the message's END line); the queue empty,
+its database passing integrity_check; duplicates are counted by kind, and a delivery repeated after its result was
+logged as sent (the log follows the commit: a later run logging it again, or a Maildir copy newer than that line)
+is a failure. The pipe script records what it read (a cut input is kept in out/partial.PID).
 
     PYTHONPATH=. .venv/bin/python bench/killhunt.py --rounds 40 --seed 1 [--keep DIR]
 
@@ -27,12 +29,14 @@ import random
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import aiosmtplib
@@ -109,7 +113,9 @@ class World:
         script.write_text("#!/bin/sh\nf=$(mktemp)\ncat > \"$f\"\n"
                           "tok=$(sed -n 's/^X-Token: //p' \"$f\" | head -1)\n"
                           "if grep -q \"^END-$tok\" \"$f\"; then c=ok; else c=partial; fi\n"
-                          f"echo \"$1 $tok $c\" >> {self.pipe_log} || exit 75\nrm -f \"$f\"\n")
+                          "echo \"$1 ${tok:-?} $c $PPID $(date +%s.%N) $(wc -c < \"$f\")\" >> "
+                          f"{self.pipe_log} || exit 75\n"
+                          "if [ $c = ok ]; then rm -f \"$f\"; else mv \"$f\" " + str(r / "out") + "/partial.$$; fi\n")
         script.chmod(0o755)
         aliases = r / "aliases"
         aliases.write_text(f"mb: {self.mbox}\n")
@@ -298,9 +304,10 @@ def mbox_tokens(path: Path) -> tuple[Counter, list[str]]:
     return counts, bad
 
 
-def sent_before(world: World, last_run: int) -> dict[tuple[str, str], int]:
-    """(token, recipient) -> the run whose log said status=sent first; from the logs' message-id and to= lines."""
-    first: dict[tuple[str, str], int] = {}
+def sent_before(world: World, last_run: int) -> dict[tuple[str, str], tuple[int, float]]:
+    """(token, recipient) -> (the run whose log said status=sent first, the line's time); from the logs'
+    message-id and to= lines."""
+    first: dict[tuple[str, str], tuple[int, float]] = {}
     for run in range(1, last_run + 1):
         qid_token: dict[str, str] = {}
         path = world.log(run)
@@ -312,7 +319,8 @@ def sent_before(world: World, last_run: int) -> dict[tuple[str, str], int]:
                 qid_token[m.group(1)] = m.group(2)
             m = re.search(r": ([0-9A-Za-z]+): to=<([^>]*)>.*status=sent", line)
             if m and m.group(1) in qid_token:
-                first.setdefault((qid_token[m.group(1)], m.group(2)), run)
+                when = datetime.fromisoformat(line.split()[0]).timestamp()
+                first.setdefault((qid_token[m.group(1)], m.group(2)), (run, when))
     return first
 
 
@@ -330,7 +338,7 @@ def check(world: World, accepted: list[Accepted], stats: Counter) -> list[str]:
         stats["maildir_tmp_leftovers"] += len(list(tmp.iterdir())) if tmp.exists() else 0
     pipe: Counter = Counter()
     for line in (world.pipe_log.read_text().splitlines() if world.pipe_log.exists() else []):
-        rcpt, token, state = line.split() if len(line.split()) == 3 else (line.split()[0], "?", "partial")
+        rcpt, token, state = line.split()[:3]
         pipe[(rcpt, token)] += 1
         if state != "ok":
             problems.append(f"pipe {rcpt} read a partial message {token}")
@@ -361,15 +369,30 @@ def check(world: World, accepted: list[Accepted], stats: Counter) -> list[str]:
                 stats[f"dup_{kind}"] += n - 1
                 first = sent.get((acc.token, rcpt))
                 later = first is not None and any(
-                    run > first for run in runs_delivering(world, acc.token, rcpt))
+                    run > first[0] for run in runs_delivering(world, acc.token, rcpt))
+                if kind == "maildir" and first is not None:  # a copy written after the record was logged
+                    later = later or any(when > first[1] + 0.05 for when in maildir_times(world, rcpt, acc.token))
                 if later and kind != "bounce":
-                    problems.append(f"DUP after recorded {kind} {acc.token} to {rcpt} (sent in run {first})")
+                    problems.append(f"DUP after recorded {kind} {acc.token} to {rcpt} (sent in run {first[0]})")
+    con = sqlite3.connect(f"file:{world.root / 'queue' / 'queue.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        verdict = con.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        con.close()
+    if verdict != "ok":
+        problems.append(f"queue.db integrity_check: {verdict}")
     counts = world.counts()
     if counts:
         problems.append(f"queue not empty: {counts}")
     stats["accepted"] = len(accepted)
     stats["accepted_sendmail"] = sum(a.via == "sendmail" for a in accepted)
     return problems
+
+
+def maildir_times(world: World, rcpt: str, token: str) -> list[float]:
+    """The mtimes of the copies of `token` in `rcpt`'s Maildir."""
+    new = world.root / "mail" / rcpt.split("@")[0] / "Maildir" / "new"
+    return [f.stat().st_mtime for f in new.iterdir() if identify(f.read_bytes())[0] == token]
 
 
 def runs_delivering(world: World, token: str, rcpt: str) -> list[int]:
@@ -412,7 +435,12 @@ async def main() -> int:
             kind = KINDS[n % len(KINDS)]
             await round_(world, rng, accepted, kind, stats)
             stats["rounds"] += 1
-        recorder.open_defer = True
+        recorder.open_defer = True  # the deferred mail drains: one more kill while it is removed (vacuum, checkpoint)
+        await world.start()
+        await asyncio.sleep(rng.uniform(0.3, 1.5))
+        world.kill()
+        stats["kills"] += 1
+        stats["kind_drain"] += 1
         await world.start()
         deadline = time.monotonic() + 60
         while world.counts() and time.monotonic() < deadline:
