@@ -412,6 +412,40 @@ def test_write_cut_short_rolls_back_to_the_old_size(tmp_path):
     assert read_bodies(path) == [b"Subject: 1\n\nkept\n", b"Subject: 2\n\nnext\n"]
 
 
+CHILD_KILLED_AT_SECOND_WRITE = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from pathlib import Path
+from mailflow.content import Content
+from mailflow.transports.local import mbox
+writes, real_write = [], os.write
+def write(fd, data):
+    writes.append(len(data))
+    if len(writes) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # the server killed between two writes: no roll back runs
+    return real_write(fd, data)
+os.write = write
+entry = mbox.mbox_entry(Content.of({body!r}), sender="s@r.test", arrival=0)
+fd = os.open({path!r}, os.O_WRONLY | os.O_APPEND)
+mbox._write_or_roll_back(fd, Path({path!r}), entry)
+"""
+
+
+def test_an_entry_is_one_write_so_a_process_killed_while_it_appends_leaves_no_from_line_alone(tmp_path):
+    """A delivery SIGKILLed between two write(2)s of one entry leaves what was written (no roll back runs): the
+    From_ line was a write of its own, so a kill there left an empty message in the mailbox (found by
+    bench/killhunt.py). An entry up to WRITE_BATCH is gathered into one write: there is no second write to be
+    killed before."""
+    path = tmp_path / "alice"
+    first = format_mbox_entry(b"Subject: 1\n\nkept\n", sender="s@r.test", arrival=NOV_2)
+    path.write_bytes(first)
+    body = b"Subject: 2\n\n" + b"line of a body\n" * 3000  # 45 KB: several chunks of the content
+    result = subprocess.run([sys.executable, "-c", CHILD_KILLED_AT_SECOND_WRITE.format(
+        root=str(ROOT), path=str(path), body=body)], capture_output=True, timeout=30, cwd=ROOT)
+    assert result.returncode in (0, -9), result.stderr
+    assert read_bodies(path) == [b"Subject: 1\n\nkept\n", body], "a killed append left a part of its entry"
+
+
 # ------------------------------------------------------------------------------------------- where
 
 

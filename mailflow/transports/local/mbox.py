@@ -32,7 +32,11 @@ locks are released, as Postfix's mail_copy does, so a reader that takes the lock
 append as the user (a /file destination) that stops making progress (`write_limit`) fails the same way: its
 child's own timer interrupts it and the roll back runs; the child is killed only when even that did not end
 (asuser.call_as: a write the kernel does not interrupt), and only then may the file keep what was written. The
-kernel locks go with the descriptor; the dotlock is removed last.
+kernel locks go with the descriptor; the dotlock is removed last. A process killed outright (SIGKILL) runs no roll
+back: the entry is gathered into writes of WRITE_BATCH (256 KB), so an entry up to that size is one write(2), whole
+or cut only inside that call (before, the From_ line was a write of its own and a kill after it left an empty
+message: bench/killhunt.py); a bigger entry can still be left cut, and a dotlock left by the kill holds the mailbox
+for STALE_LOCK_TIME, as with Postfix's local(8) killed while it writes.
 
 Lock styles (Postfix mailbox_delivery_lock), tried in the order given. Every program that writes the mailbox must
 use the same styles. The order only decides which lock is tried first: mailflow never waits while holding one (a
@@ -99,6 +103,9 @@ MailboxKind = Literal["maildir", "mbox"]
 MAILER_DAEMON = "MAILER-DAEMON"  # the From_ line's sender for the null sender (Postfix MAIL_ADDR_MAIL_DAEMON)
 DEFAULT_LOCK_TIMEOUT = 20.0  # Postfix: deliver_lock_attempts (20) x deliver_lock_delay (1s)
 STALE_LOCK_TIME = 500.0  # Postfix stale_lock_time
+# bytes of an entry gathered before a write(2): an entry up to this size is one write, so a process killed outright
+# (SIGKILL: no roll back runs) leaves it whole, or cut only inside that one call, never a From_ line alone
+WRITE_BATCH = 256 * 1024
 NEWBORN_WAIT = 1.0  # how long a mailbox another delivery is creating for its owner may stay ours (_open_mailbox)
 FILE_START_TIMEOUT = CALL_AS_TIMEOUT  # seconds an append as the user may take to open and lock (then killed: 4.3.0)
 _FIRST_POLL, _MAX_POLL = 0.005, 0.1  # seconds between two attempts at the locks: first, at most
@@ -464,15 +471,16 @@ def _write_or_roll_back(fd: int, path: Path, entry: bytes | Iterable[bytes], siz
         end = size
         if progress is not None:
             progress()
+        gathered = bytearray()
         for chunk in (entry,) if isinstance(entry, bytes) else entry:
             end += len(chunk)
             if size_limit and end > size_limit:  # what RLIMIT_FSIZE does to Postfix's write
                 raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
-            rest = memoryview(chunk)
-            while rest:
-                rest = rest[os.write(fd, rest):]
-                if progress is not None:
-                    progress()
+            gathered += chunk
+            if len(gathered) >= WRITE_BATCH:
+                _write_all(fd, bytes(gathered), progress)
+                gathered = bytearray()
+        _write_all(fd, bytes(gathered), progress)
         os.fsync(fd)
         if progress is not None:  # (an alarm before this rolls the whole entry back: the failure it reports is true)
             progress.ended()
@@ -485,6 +493,15 @@ def _write_or_roll_back(fd: int, path: Path, entry: bytes | Iterable[bytes], siz
         if isinstance(e, OSError):
             raise _os_error(path, e, "write to") from None
         raise
+
+
+def _write_all(fd: int, data: bytes, progress: Progress | None) -> None:
+    """`data` written whole (write(2) may take part of it), `progress` told after each write."""
+    rest = memoryview(data)
+    while rest:
+        rest = rest[os.write(fd, rest):]
+        if progress is not None:
+            progress()
 
 
 def _truncate(fd: int, path: Path, size: int) -> None:
