@@ -158,8 +158,11 @@ _PHRASE_RE = re.compile(rf"(?:{_ATEXT}|{_QUOTED}|[.{COMMAND_BLANKS}])*")
 
 def is_dressed(word: str) -> bool:
     """A path word with a parenthesis (a comment: `<a@b>(c)`, `<a@b (c)>`), which parse_written_path would take
-    into the address: undressed_path reads it first. A look at the word alone, cheap (the usual path's)."""
-    return "(" in word or ")" in word
+    into the address: undressed_path reads it first; not one inside a quoted string (`<"a(b)"@c>`, a valid path,
+    strict_rfc821_envelopes or not). A look at the word alone, cheap on the usual path (no parenthesis)."""
+    if "(" not in word and ")" not in word:
+        return False
+    return '"' not in word or _find_unquoted(word, "(", 0) >= 0 or _find_unquoted(word, ")", 0) >= 0
 
 
 def undressed_path(word: str) -> str | None:

@@ -67,6 +67,11 @@ BAD = status.RECIPIENT_SYNTAX
     ("<a@b.test > SIZE=1", "MAIL", True, ("a@b.test", "a@b.test", "SIZE=1")),
     ("<\ta@b.test\t>", "RCPT", True, ("a@b.test", "a@b.test", "")),
     ('"Joe"<a@b.test>', "RCPT", True, PathRefusal(BAD, '"Joe"<a@b.test>')),
+    # strict, a parenthesis inside a quoted string is no comment: a valid path
+    ('<"a(b)"@b.test>', "MAIL", True, ('"a(b)"@b.test', '"a(b)"@b.test', "")),
+    ('<"(x)"@b.test> SIZE=10', "MAIL", True, ('"(x)"@b.test', '"(x)"@b.test', "SIZE=10")),
+    ('<"a)"@b.test>', "RCPT", True, ('"a)"@b.test', '"a)"@b.test', "")),
+    ('<"a"(c)@b.test>', "RCPT", True, PathRefusal(BAD, '<"a"(c)@b.test>')),
 ])
 def test_a_path_is_read_or_refused_and_warned_of_as_postfix(text, command, strict, expected):
     assert checked_path(text, command, BAD, strict) == expected
