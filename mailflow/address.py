@@ -187,16 +187,17 @@ def undressed_path(word: str) -> str | None:
         if not _PHRASE_RE.fullmatch(inner[:at]) or not inner.endswith(">"):
             return None
         inner, bracketed = inner[at + 1:-1], True
-    if "<" in inner or ">" in inner:
-        return None
+    if "<" in inner or ">" in inner or _find_unquoted(inner.strip(TOKENIZER_BLANKS), COMMAND_BLANKS, 0) >= 0:
+        return None  # (a blank inside the address: two words, `ali(c)ce@b`)
     return f"<{inner}>" if bracketed else inner  # (`a@b(c)` is `a@b`; parse_written_path drops the end blanks)
 
 
 def _without_comments(word: str) -> str | None:
     """`word` without its RFC 822 comments (outside quoted strings and address literals); None when a comment is
-    never closed or a `)` has no `(`, or when a comment stands between two word characters (`ali(c)ce@x`,
-    `a@b(c)test`): to Postfix's tokenizer a comment separates, and those are two words (two addresses: 501),
-    where dropping it would join them into an address the client never wrote."""
+    never closed or a `)` has no `(`. A comment between two word characters becomes a space: to Postfix's
+    tokenizer it separates two words, which a phrase may be (`Jo(c)e <a@b>`, `"J"(c)"S"<a@b>`: taken) and an
+    address may not (`ali(c)ce@x`, `a@b(c)test`: two addresses to Postfix, 501; undressed_path refuses an
+    address with a blank inside), where dropping it would join them into an address the client never wrote."""
     if "(" not in word and ")" not in word:
         return word
     out: list[str] = []
@@ -207,7 +208,8 @@ def _without_comments(word: str) -> str | None:
         if c == "\\":
             if not depth:
                 if after_word:
-                    return None
+                    out.append(" ")
+                    after_word = False
                 out.append(word[i:i + 2])
             i += 2
             continue
@@ -224,7 +226,7 @@ def _without_comments(word: str) -> str | None:
             return None
         else:
             if after_word and _in_word(c):
-                return None
+                out.append(" ")  # two words (a phrase's: `Jo(c)e <a@b>`; an address's is refused)
             out.append(c)
             quoted, literal, after_word = c == '"', c == "[", False
         i += 1

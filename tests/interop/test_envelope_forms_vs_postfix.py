@@ -12,7 +12,8 @@ by the relay check and the restrictions is the one queued, never the comment or 
 cases: a remote address dressed in a local one's comment or phrase is `554 5.7.1 Relay access denied` on both, a
 local one dressed in a remote one's is taken on both). A phrase and its path as two words (`Joe <a@b>`,
 `<a@b> (c)`) are an address and an unknown parameter to both (555). Several addresses are 501 on both, and so are
-two words a comment separates (`<ali(c)ce@b>`, `<a@b(c)test>`: never joined into `alice@b`, `a@btest`).
+two words a comment separates (`<ali(c)ce@b>`, `<a@b(c)test>`: never joined into `alice@b`, `a@btest`); two words
+of a phrase a comment separates are a phrase (`Jo(c)e<a@b>`, `"Joe"(c)"Smith"<a@b>`): taken by both.
 
 Differences kept (KEPT: each case's first differing reply, Postfix's then mailflow's, asserted as such), because
 Postfix's reading there is a quirk of its RFC 822 parser that a user would not want taken in an envelope:
@@ -24,12 +25,13 @@ Postfix's reading there is a quirk of its RFC 822 parser that a user would not w
 - a comment never closed (`<a@b>(`; `<a@b>(x y)`, which Postfix's command tokenizer splits at the blank: 555
   for its `y)`): Postfix's tokenizer closes it at the end of the word; mailflow 501.
 - a phrase that is not words (`J@e<a@b>`, an address before the address: Postfix takes the second; `VRFY J@e <a@b>`
-  alike, 252 from Postfix), brackets
+  alike, 252 from Postfix; a backslash outside quotes, `Jo(c)\\e<a@b>`), brackets
   around a route-addr and its comment (`<<a@b>(c)>`), text after an empty route-addr (`<(c)>x`: Postfix reads
   `x` as the address): mailflow 501.
 - a blank inside the address (`<a @b>`): Postfix's tokenizer drops it; mailflow 501 (docs/config.md,
-  strict_rfc821_envelopes), as it refuses `<a b@c>`, which Postfix refuses too. Blanks at either end inside the
-  brackets (`< a@b>`, `<a@b >`) are taken alike.
+  strict_rfc821_envelopes), as it refuses `<a b@c>`, which Postfix refuses too; and so a comment between two words
+  of the address after a phrase (`Jo(c)e<ali(c)ce@local.test>`: Postfix joins them, 250 for alice, where it refuses
+  `<ali(c)ce@local.test>`). Blanks at either end inside the brackets (`< a@b>`, `<a@b >`) are taken alike.
 - a vertical tab or form feed in the address (`<\\va@b>`): an atom's character to Postfix's tokenizer, which skips
   only space, tab, CR and LF (so `<a@b\\v>` is 501 on both, its domain not a domain), and so part of a local part
   it then looks up (550 User unknown); mailflow 501, as for any control character in an address.
@@ -108,6 +110,9 @@ CASES: dict[str, list[Step]] = {
         "<postmaster(c)>", "<a@b.test>(c)<c@d.test>", "<a(c).b(d)@(e)b.test(f)>",
         # a comment separates words: two words side by side are two addresses (501), never joined into one
         "<a@b(c)test>", "<a(c)b@b.test>", "a(b)(c)d@b.test", '<"a"(c)b@b.test>', "<a@[127.0.0.1](c)x>",
+        # ... and the words of a phrase, as a blank does: taken
+        "Jo(c)e<a@b.test>", '"Joe"(c)"Smith"<a@b.test>', "<Jo(c)e <a@b.test>>", "Joe(c)Smith<a@b.test>",
+        '"J"(c)oe<a@b.test>', r"Jo(c)\e<a@b.test>", "Jo(c)e<a(c)b@b.test>",
         # two words: an address and an unknown parameter to both
         "Joe <a@b.test>", '"Joe" <a@b.test>', "<a@b.test> (comment)", "a@b.test (comment)", "<a@b.test> <c@d.test>",
         # refused alike
@@ -121,14 +126,15 @@ CASES: dict[str, list[Step]] = {
         '"Joe"<alice@local.test>', "<alice@local.test>(c) NOTIFY=NEVER", "alice@local.test(c)",
         "<Joe <alice@local.test>>", "<alice@local.test, alice@local.test>", "< >", "<>(c)",
         "<ali(c)ce@local.test>", "<x@evil.te(c)st>", "<alice@local(c).test>", "<alice@local.test\v>",
-        "<alice@local.test\f>", "<alice@local.test\v (c)>", "<\valice@local.test>",
+        "<alice@local.test\f>", "<alice@local.test\v (c)>", "<\valice@local.test>", "Jo(c)e<ali(c)ce@local.test>",
         '"Joe" <alice@local.test>', "<alice@local.test>;", "<group: alice@local.test;>",
     ]},
     **{f"relay: rcpt {form}": rcpt(form) for form in [
         '"Joe"<x@evil.test>', "<x@evil.test (alice@local.test)>", '<"alice@local.test" <x@evil.test>>',
         "x@evil.test(alice@local.test)", "<(alice@local.test)x@evil.test>", "<x@evil.test>(<alice@local.test>)",
         "<alice@local.test (x@evil.test)>", "<alice@local.test>(x@evil.test)", "<alice@local.test> <x@evil.test>",
-        "<@local.test:Joe <x@evil.test>>", "<(c)@local.test:x@evil.test>",
+        "<@local.test:Joe <x@evil.test>>", "<(c)@local.test:x@evil.test>", "Al(c)ice<x@evil.test>",
+        "<Al(c)ice <x@evil.test>>", "x(c)evil<alice@local.test>",
     ]},
     **{f"size {value}": [EHLO, line(f"{SENDER} SIZE={value}")] for value in ("4095", "4096", "4097", "0")},
     **{f"{kind} {size}": sent(kind, size) for kind in ("DATA", "BDAT", "BDAT2")
@@ -144,12 +150,12 @@ KEPT: dict[str, tuple[str, str]] = {
     **{f"mail {form}": GROUP for form in ["<group: a@b.test;>", "<group:;>", "<Joe: a@b.test>", "<:a@b.test>",
                                           "<a@b.test>;", "<a@b.test>,", "<a@b.test>>", "<@r.test:Joe <a@b.test>>",
                                           "<a @b.test>", "<a@b.test>(", "<<a@b.test>(c)>", "<(c)>x",
-                                          "J@e<a@b.test>"]},
+                                          "J@e<a@b.test>", r"Jo(c)\e<a@b.test>", "Jo(c)e<a(c)b@b.test>"]},
     "mail <a@b.test>(x y)": ("555 5.5.4 Unsupported option: y)", GROUP[1]),
     "mail group: a@b.test;": ("555 5.5.4 Unsupported option: a@b.test;", GROUP[1]),
     "rcpt <\valice@local.test>": ("550 5.1.1 < alice@local.test>: Recipient address rejected: User unknown in local "
                                   "recipient table", RCPT_GROUP[1]),
-    "rcpt <alice@local.test>;": RCPT_GROUP, "rcpt <group: alice@local.test;>": RCPT_GROUP,
+    "rcpt <alice@local.test>;": RCPT_GROUP, "rcpt Jo(c)e<ali(c)ce@local.test>": RCPT_GROUP, "rcpt <group: alice@local.test;>": RCPT_GROUP,
     "relay: rcpt <@local.test:Joe <x@evil.test>>": ("554 5.7.1 <x@evil.test>: Relay access denied", RCPT_GROUP[1]),
     "relay: rcpt <(c)@local.test:x@evil.test>": ("554 5.7.1 <@local.test:x@evil.test>: Relay access denied",
                                                  "554 5.7.1 <x@evil.test>: Relay access denied"),
@@ -189,9 +195,11 @@ async def test_envelope_forms_and_sizes_match_a_real_postfix(mailflow_server):
         f"relay: rcpt {form}" for form in ['"Joe"<x@evil.test>', "<x@evil.test (alice@local.test)>",
                                            '<"alice@local.test" <x@evil.test>>', "x@evil.test(alice@local.test)",
                                            "<(alice@local.test)x@evil.test>", "<x@evil.test>(<alice@local.test>)",
-                                           "<(c)@local.test:x@evil.test>"]}
+                                           "<(c)@local.test:x@evil.test>", "Al(c)ice<x@evil.test>",
+                                           "<Al(c)ice <x@evil.test>>"]}
     assert {name for name, (_, ours) in relays.items() if ours == "250 2.1.5 Ok"} == {
-        "relay: rcpt <alice@local.test (x@evil.test)>", "relay: rcpt <alice@local.test>(x@evil.test)"}
+        "relay: rcpt <alice@local.test (x@evil.test)>", "relay: rcpt <alice@local.test>(x@evil.test)",
+        "relay: rcpt x(c)evil<alice@local.test>"}
 
 
 def test_content_is_the_size_named():

@@ -51,6 +51,14 @@ BAD = status.RECIPIENT_SYNTAX
     (r"<a(c)\b@x.test>", "RCPT", False, PathRefusal(BAD, r"<a(c)\b@x.test>")),
     ("<x@[1.2.3.4](c)y>", "RCPT", False, PathRefusal(BAD, "<x@[1.2.3.4](c)y>")),
     ("<a(c).b(d)@(e)x.test(f)>", "RCPT", False, ("a.b@x.test", "a.b@x.test", "")),  # (beside an operator: taken)
+    # a comment between two words of a phrase separates them, as a blank does: taken (the address is the one judged)
+    ("Jo(c)e<a@b.test>", "MAIL", False, ("a@b.test", "a@b.test", "")),
+    ('"Joe"(c)"Smith"<a@b.test>', "MAIL", False, ("a@b.test", "a@b.test", "")),
+    ("<Jo(c)e <a@b.test>> SIZE=1", "MAIL", False, ("a@b.test", "a@b.test", "SIZE=1")),
+    ('"J"(c)oe<a@b.test>', "MAIL", False, ("a@b.test", "a@b.test", "")),
+    ("Al(c)ice<x@evil.test>", "RCPT", False, ("x@evil.test", "x@evil.test", "")),
+    ("Jo(c)e<a(c)b@b.test>", "RCPT", False, PathRefusal(BAD, "Jo(c)e<a(c)b@b.test>")),
+    ("Jo(c)e<a@b.test>", "MAIL", True, PathRefusal(BAD, "Jo(c)e<a@b.test>")),
     # refused as before: a group, several addresses, text after the brackets, a comment never closed, strictness
     ("<g: a@b.test;>", "RCPT", False, PathRefusal(BAD, "<g: a@b.test;>")),
     ("<a@b.test, c@d.test>", "RCPT", False, PathRefusal(BAD, "<a@b.test, c@d.test>")),
