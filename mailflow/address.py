@@ -180,6 +180,7 @@ def undressed_path(word: str) -> str | None:
     text = _without_comments(word)
     if text is None:
         return None
+    text = text.strip(TOKENIZER_BLANKS)  # (a comment as a word of its own: VRFY's `<a@b> (c)`)
     bracketed = text.startswith("<") and text.endswith(">") and len(text) > 1
     inner = text[1:-1] if bracketed else text  # (one pair, as extract_addr strips one)
     at = _find_unquoted(inner, "<", 0)
