@@ -75,6 +75,10 @@ BAD = status.RECIPIENT_SYNTAX
     ("<a@b.test > SIZE=1", "MAIL", True, ("a@b.test", "a@b.test", "SIZE=1")),
     ("<\ta@b.test\t>", "RCPT", True, ("a@b.test", "a@b.test", "")),
     ('"Joe"<a@b.test>', "RCPT", True, PathRefusal(BAD, '"Joe"<a@b.test>')),
+    # strict, a source route after a blank is refused, as strict Postfix refuses it (it cuts a route only first)
+    ("< @r.test:a@b.test>", "MAIL", True, PathRefusal(BAD, "< @r.test:a@b.test>")),
+    ("<\t@local.test:x@evil.test>", "RCPT", True, PathRefusal(BAD, "<\t@local.test:x@evil.test>")),
+    ("<@r.test:a@b.test >", "MAIL", True, ("a@b.test", "@r.test:a@b.test", "")),
     # strict, a parenthesis inside a quoted string is no comment: a valid path
     ('<"a(b)"@b.test>', "MAIL", True, ('"a(b)"@b.test', '"a(b)"@b.test', "")),
     ('<"(x)"@b.test> SIZE=10', "MAIL", True, ('"(x)"@b.test', '"(x)"@b.test', "SIZE=10")),
