@@ -95,7 +95,7 @@ def parse_written_path(text: str) -> tuple[str, str, str]:
 
     RFC 5321 4.1.2 `Reverse-path / Forward-path`, with what Postfix (smtpd_strict_rfc821_envelope = no) also
     takes: spaces before the path, a path without angle brackets (it ends at the first space outside a quoted
-    string), a path in more than one pair of them (`<<a@b>>`), a source route `@a,@b:` (dropped, RFC 5321 C;
+    string), a path in more than one pair of them (`<<a@b>>`, `< <a@b> >`), a source route `@a,@b:` (dropped, RFC 5321 C;
     up to its first ':' even inside an address literal, as Postfix's smtpd cuts it: `@[IPv6:2001:db8::1]:u@x`
     leaves `2001:db8::1]:u@x`, refused here, one odd address to Postfix), and one trailing dot on the domain
     (dropped).
@@ -113,11 +113,12 @@ def parse_written_path(text: str) -> tuple[str, str, str]:
     domain is required, and UTF-8, are for the caller."""
     text = text.lstrip(COMMAND_BLANKS)
     if text.startswith("<"):
-        depth = len(text) - len(text.lstrip("<"))  # `<<a@b>>`: brackets in brackets, taken as Postfix takes them
-        end = _find_unquoted(text, ">", depth)  # the first '>' closing them
-        if end < 0 or text[end:end + depth] != ">" * depth:
+        depth, start = _opening(text)  # `<<a@b>>`: brackets in brackets, taken as Postfix takes them
+        end = _find_unquoted(text, ">", start)  # the first '>' closing them
+        after = _closing(text, end, depth)
+        if after < 0:
             raise PathError("no closing '>'")
-        path, rest = text[depth:end].strip(TOKENIZER_BLANKS), text[end + depth:]
+        path, rest = text[start:end].strip(TOKENIZER_BLANKS), text[after:]
         if rest and rest[0] not in COMMAND_BLANKS:
             raise PathError("junk after '>'")
     else:
@@ -150,6 +151,35 @@ def parse_written_path(text: str) -> tuple[str, str, str]:
     return path, written, rest.strip(COMMAND_BLANKS)
 
 
+def _opening(text: str) -> tuple[int, int]:
+    """(how many, where the path starts) of the `<` that open `text` (which starts with one): `<<a@b>>`, and with
+    spaces or tabs between them, `< <a@b> >`, which Postfix's tokenizer skips, strict_rfc821_envelopes or not."""
+    depth, at = 1, 1
+    while text[at:at + 1] in ("<", " ", "\t"):  # (the usual path, one pair: no turn)
+        blank = at
+        while text[blank:blank + 1] in (" ", "\t"):
+            blank += 1
+        if text[blank:blank + 1] != "<":
+            break
+        depth, at = depth + 1, blank + 1
+    return depth, at
+
+
+def _closing(text: str, end: int, depth: int) -> int:
+    """Where the `depth` `>` that close a path end, the first at `end` (-1: none there) and the others after it,
+    spaces or tabs between them skipped (`<<a@b> >`); -1 when they are not all there."""
+    if end < 0:
+        return -1
+    at = end + 1
+    for _ in range(depth - 1):
+        while text[at:at + 1] in (" ", "\t"):
+            at += 1
+        if text[at:at + 1] != ">":
+            return -1
+        at += 1
+    return at
+
+
 # RFC 5322 phrase words (obs: dots too), one character or quoted string a repetition: each branch starts with its own
 # character, so no text matches two ways and a failed match backtracks in linear time (`(?:{_ATOM}|…)*` is
 # `(a+)*`: 2^n ways to split n octets of atext, seconds for 27 of them in a MAIL line, hours for 40)
@@ -169,8 +199,9 @@ def undressed_path(word: str) -> str | None:
     """An RFC 822 path word (the first command word of MAIL's or RCPT's argument, syntax.next_command_word) as a
     plain path, as Postfix's extract_addr (tok822, strict_rfc821_envelopes = no) finds its one address: comments
     dropped (`<a@b>(c)`, `a(c)@b`, `<a@b (c)>`: nested, with quoted pairs; never inside a quoted string or an
-    address literal; a comment separates words, so one between two, `ali(c)ce@b`, is refused), a phrase before
-    the angle brackets dropped (`"Joe"<a@b>`, `<Joe <a@b>>`). The result is `<address>`, for
+    address literal; a comment separates words as a blank does: between two of a phrase, taken, `Jo(c)e<a@b>`;
+    between two of the address, refused, `ali(c)ce@b`), a phrase before the angle brackets dropped (`"Joe"<a@b>`,
+    `<Joe <a@b>>`, `<Joe <a@b> >`; or none, `<<a@b>(c)>`). The result is `<address>`, for
     parse_written_path to judge (which drops the blanks at either end inside the brackets): that address is the
     one the relay check and delivery see, as in Postfix.
     None when the word is no such form: a comment never closed or a `)` without its `(`, a phrase that is not
@@ -182,9 +213,9 @@ def undressed_path(word: str) -> str | None:
         return None
     text = text.strip(TOKENIZER_BLANKS)  # (a comment as a word of its own: VRFY's `<a@b> (c)`)
     bracketed = text.startswith("<") and text.endswith(">") and len(text) > 1
-    inner = text[1:-1] if bracketed else text  # (one pair, as extract_addr strips one)
+    inner = text[1:-1].strip(TOKENIZER_BLANKS) if bracketed else text  # (one pair, as extract_addr strips one)
     at = _find_unquoted(inner, "<", 0)
-    if at > 0 or (at == 0 and not bracketed):  # `phrase <address>`: the phrase goes
+    if at >= 0:  # `phrase <address>`: the phrase goes (`<<a@b>(c)>`, `< <a@b> >`: none)
         if not _PHRASE_RE.fullmatch(inner[:at]) or not inner.endswith(">"):
             return None
         inner, bracketed = inner[at + 1:-1], True

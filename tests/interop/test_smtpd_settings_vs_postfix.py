@@ -335,6 +335,11 @@ STRICT_SESSIONS: dict[str, list[str | bytes]] = {
         "EHLO c.test", "MAIL FROM:< @r.test:s@remote.test>", "RSET", "MAIL FROM:<@r.test:s@remote.test >",
         "RCPT TO:< @local.test:x@evil.test>", "RCPT TO:<\t@evil.test:alice@local.test>",
         "RCPT TO:< @evil.test:alice@local.test>"],
+    "blanks at the ends around a nested path": [
+        "EHLO c.test", "MAIL FROM:<Joe <s@remote.test> >", "RSET", 'MAIL FROM:<"Joe" <s@remote.test> >', "RSET",
+        "MAIL FROM:< <s@remote.test> >", "RCPT TO:<< alice@local.test> >", "RCPT TO:<<alice@local.test>(c)>",
+        "RCPT TO:< <alice@local.test>>", "RCPT TO:<\t<alice@local.test>\t>", "VRFY <Joe <alice@local.test> >",
+        "VRFY < <alice@local.test> >"],
     "blanks, comments and phrases inside the brackets": [  # (strict: blanks at the ends taken, the others refused)
         "EHLO c.test", "MAIL FROM:< >", "RSET", "MAIL FROM:<s@remote.test >", "RCPT TO:<alice@local.test\t>",
         "RCPT TO:< alice@local.test>", "RCPT TO:<alice@local.test (c)>", "RCPT TO:<alice@local.test>(c)",
@@ -374,6 +379,9 @@ async def test_strict_rfc821_envelopes_refuses_paths_without_brackets_as_postfix
         assert dressed[1:-2] == ["250 2.1.0 Ok", "250 2.0.0 Ok", "250 2.1.0 Ok", "250 2.1.5 Ok", "250 2.1.5 Ok"] + [
             "501 5.1.3 Bad recipient address syntax"] * 4
         assert [reply[:10] for reply in dressed[-2:]] == ["550 5.1.1 "] * 2  # (a quoted `(`: no comment, judged)
+        nested = postfix["blanks at the ends around a nested path"]  # (taken, but not with a phrase or comment)
+        assert [reply[:3] for reply in nested[1:]] == ["501", "250", "501", "250", "250", "250", "501", "250", "250",
+                                                        "252", "252"]
         routed = postfix["a source route after a blank inside the brackets"]
         assert [reply[:3] for reply in routed[1:]] == ["501", "250", "250", "501", "501", "501"]
         assert [line.split(" in ")[1] for line in postfix_warned[:2]] == ["MAIL command: s@remote.test",
