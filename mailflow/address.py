@@ -95,10 +95,10 @@ def parse_written_path(text: str) -> tuple[str, str, str]:
 
     RFC 5321 4.1.2 `Reverse-path / Forward-path`, with what Postfix (smtpd_strict_rfc821_envelope = no) also
     takes: spaces before the path, a path without angle brackets (it ends at the first space outside a quoted
-    string), a path in more than one pair of them (`<<a@b>>`, `< <a@b> >`), a source route `@a,@b:` (dropped, RFC 5321 C;
-    up to its first ':' even inside an address literal, as Postfix's smtpd cuts it: `@[IPv6:2001:db8::1]:u@x`
-    leaves `2001:db8::1]:u@x`, refused here, one odd address to Postfix), and one trailing dot on the domain
-    (dropped).
+    string), a path in more than one pair of them (`<<a@b>>`, `< <a@b> >`), a source route `@a,@b:` (dropped,
+    RFC 5321 C; up to its first ':' even inside an address literal, as Postfix's smtpd cuts it:
+    `@[IPv6:2001:db8::1]:u@x` leaves `2001:db8::1]:u@x`, refused here, one odd address to Postfix), and one
+    trailing dot on the domain (dropped).
     `<>` gives "", and so does `<"">`. A tab, vertical tab or form feed separates like a space (COMMAND_BLANKS:
     Postfix's smtpd_token splits command words at each). Spaces and tabs at either end inside the brackets are
     dropped (`< >` is `<>`, `< a@b\t>` is `<a@b>`), strict_rfc821_envelopes or not, as Postfix's tokenizer skips

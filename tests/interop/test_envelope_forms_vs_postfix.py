@@ -157,7 +157,8 @@ KEPT: dict[str, tuple[str, str]] = {
     "mail group: a@b.test;": ("555 5.5.4 Unsupported option: a@b.test;", GROUP[1]),
     "rcpt <\valice@local.test>": ("550 5.1.1 < alice@local.test>: Recipient address rejected: User unknown in local "
                                   "recipient table", RCPT_GROUP[1]),
-    "rcpt <alice@local.test>;": RCPT_GROUP, "rcpt Jo(c)e<ali(c)ce@local.test>": RCPT_GROUP, "rcpt <group: alice@local.test;>": RCPT_GROUP,
+    "rcpt <alice@local.test>;": RCPT_GROUP, "rcpt Jo(c)e<ali(c)ce@local.test>": RCPT_GROUP,
+    "rcpt <group: alice@local.test;>": RCPT_GROUP,
     "relay: rcpt <@local.test:Joe <x@evil.test>>": ("554 5.7.1 <x@evil.test>: Relay access denied", RCPT_GROUP[1]),
     "relay: rcpt <(c)@local.test:x@evil.test>": ("554 5.7.1 <@local.test:x@evil.test>: Relay access denied",
                                                  "554 5.7.1 <x@evil.test>: Relay access denied"),

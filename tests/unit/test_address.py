@@ -462,7 +462,9 @@ def test_vrfy_argument_splits_words_at_ascii_white_space_only():
     # the RFC 822 forms MAIL and RCPT read (Postfix's extract_addr reads VRFY's argument as theirs)
     ("<a@b.test>(c)", "a@b.test"), ("<Joe <a@b.test>>", "a@b.test"), ("<a@b.test >", "a@b.test"),
     ("a@b.test (c)", "a@b.test"), ("<a(c)@b.test>", "a@b.test"), ('<"a(b)"@b.test>', '"a(b)"@b.test'),
-    ("<Joe <a@b.test> >", "a@b.test"), ("< <a@b.test> >", "a@b.test"), ("<a@b.test> (c)", "a@b.test"), ("(c) <a@b.test>", "a@b.test"), ("Jo(c)e <a@b.test>", "a@b.test"), ("<Al(c)ice <x@evil.test>>", "x@evil.test"),  # (a comment between words)
+    ("<Joe <a@b.test> >", "a@b.test"), ("< <a@b.test> >", "a@b.test"), ("<a@b.test> (c)", "a@b.test"),
+    ("(c) <a@b.test>", "a@b.test"), ("Jo(c)e <a@b.test>", "a@b.test"),  # (a comment between phrase words)
+    ("<Al(c)ice <x@evil.test>>", "x@evil.test"),
     # none, or more than one
     ("<>", ""), ("a@b.test c@d.test", ""), ("<ali(c)ce@b.test>", ""), ("<a@b.test>(", ""), ("<a@b.test>;", ""),
     ("J@e <a@b.test>", ""),
