@@ -36,8 +36,9 @@ Postfix's reading there is a quirk of its RFC 822 parser that a user would not w
   it then looks up (550 User unknown); mailflow 501, as for any control character in an address.
 - a source route before a phrase (`<@r:Joe <a@b>>`): Postfix cuts the route and takes the address; mailflow 501.
   Neither is a relay hole: `<@local.test:Joe <x@evil.test>>` is 554 from Postfix, 501 from mailflow.
-- a source route after a comment (`<(c)@local.test:x@evil.test>`): Postfix cuts a route only where the path starts
-  with `@`, before its tokenizer drops the comment, so it judges and names the whole `@local.test:x@evil.test`;
+- a source route after a comment or a blank (`<(c)@local.test:x@evil.test>`, `< @local.test:x@evil.test>`):
+  Postfix cuts a route only where the path starts with `@`, before its tokenizer drops the comment or blank, so it
+  judges and names the whole `@local.test:x@evil.test`;
   mailflow drops the comment, then the route, and names `x@evil.test`. Both refuse it (554 Relay access denied),
   only the address named in the reply differs.
 - message_size_limit (docs/config.md): Postfix bounds its queue file, which holds the envelope and the Received
@@ -115,6 +116,8 @@ CASES: dict[str, list[Step]] = {
         # blanks at the ends around a nested path: skipped
         "<Joe <a@b.test> >", '<"Joe" <a@b.test> >', "< <a@b.test> >", "<< a@b.test> >", "<\t<a@b.test>\t>",
         "<a@b.test> > SIZE=10",
+        # a parenthesis in a quoted string is no comment; a source route after a blank
+        '<"a(b)"@b.test>', '<"a)"@b.test>', '<"(x)"@b.test> SIZE=10', "< @r.test:a@b.test>", "<\t@r.test:a@b.test >",
         # two words: an address and an unknown parameter to both
         "Joe <a@b.test>", '"Joe" <a@b.test>', "<a@b.test> (comment)", "a@b.test (comment)", "<a@b.test> <c@d.test>",
         # refused alike
@@ -136,7 +139,8 @@ CASES: dict[str, list[Step]] = {
         "x@evil.test(alice@local.test)", "<(alice@local.test)x@evil.test>", "<x@evil.test>(<alice@local.test>)",
         "<alice@local.test (x@evil.test)>", "<alice@local.test>(x@evil.test)", "<alice@local.test> <x@evil.test>",
         "<@local.test:Joe <x@evil.test>>", "<(c)@local.test:x@evil.test>", "Al(c)ice<x@evil.test>",
-        "<Al(c)ice <x@evil.test>>", "x(c)evil<alice@local.test>",
+        "<Al(c)ice <x@evil.test>>", "x(c)evil<alice@local.test>", "< @local.test:x@evil.test>",
+        "< @evil.test:alice@local.test>",
     ]},
     **{f"size {value}": [EHLO, line(f"{SENDER} SIZE={value}")] for value in ("4095", "4096", "4097", "0")},
     **{f"{kind} {size}": sent(kind, size) for kind in ("DATA", "BDAT", "BDAT2")
@@ -160,8 +164,9 @@ KEPT: dict[str, tuple[str, str]] = {
     "rcpt <alice@local.test>;": RCPT_GROUP, "rcpt Jo(c)e<ali(c)ce@local.test>": RCPT_GROUP,
     "rcpt <group: alice@local.test;>": RCPT_GROUP,
     "relay: rcpt <@local.test:Joe <x@evil.test>>": ("554 5.7.1 <x@evil.test>: Relay access denied", RCPT_GROUP[1]),
-    "relay: rcpt <(c)@local.test:x@evil.test>": ("554 5.7.1 <@local.test:x@evil.test>: Relay access denied",
-                                                 "554 5.7.1 <x@evil.test>: Relay access denied"),
+    **{f"relay: rcpt {form}": ("554 5.7.1 <@local.test:x@evil.test>: Relay access denied",
+                               "554 5.7.1 <x@evil.test>: Relay access denied")
+       for form in ("<(c)@local.test:x@evil.test>", "< @local.test:x@evil.test>")},
     **{f"DATA {size}": TOO_BIG for size in (3300, 4096)},
     **{f"BDAT {size}": (TOO_BIG[0], f"250 2.0.0 Ok: {size} bytes queued as QID") for size in (3300, 4096)},
     **{f"BDAT2 {size}": (TOO_BIG[0], f"250 2.0.0 Ok: {size} bytes queued as QID") for size in (3300, 4096)},
@@ -199,10 +204,10 @@ async def test_envelope_forms_and_sizes_match_a_real_postfix(mailflow_server):
                                            '<"alice@local.test" <x@evil.test>>', "x@evil.test(alice@local.test)",
                                            "<(alice@local.test)x@evil.test>", "<x@evil.test>(<alice@local.test>)",
                                            "<(c)@local.test:x@evil.test>", "Al(c)ice<x@evil.test>",
-                                           "<Al(c)ice <x@evil.test>>"]}
+                                           "<Al(c)ice <x@evil.test>>", "< @local.test:x@evil.test>"]}
     assert {name for name, (_, ours) in relays.items() if ours == "250 2.1.5 Ok"} == {
         "relay: rcpt <alice@local.test (x@evil.test)>", "relay: rcpt <alice@local.test>(x@evil.test)",
-        "relay: rcpt x(c)evil<alice@local.test>"}
+        "relay: rcpt x(c)evil<alice@local.test>", "relay: rcpt < @evil.test:alice@local.test>"}
 
 
 def test_content_is_the_size_named():
