@@ -113,9 +113,10 @@ def parse_written_path(text: str) -> tuple[str, str, str]:
     domain is required, and UTF-8, are for the caller."""
     text = text.lstrip(COMMAND_BLANKS)
     if text.startswith("<"):
-        depth, start = _opening(text)  # `<<a@b>>`: brackets in brackets, taken as Postfix takes them
+        # `<<a@b>>`: brackets in brackets, taken as Postfix takes them (the usual path, one pair: no call)
+        depth, start = _opening(text) if text[1:2] in _OPENING_NEXT else (1, 1)
         end = _find_unquoted(text, ">", start)  # the first '>' closing them
-        after = _closing(text, end, depth)
+        after = end + 1 if depth == 1 and end >= 0 else _closing(text, end, depth)
         if after < 0:
             raise PathError("no closing '>'")
         path, rest = text[start:end].strip(TOKENIZER_BLANKS), text[after:]
@@ -151,11 +152,14 @@ def parse_written_path(text: str) -> tuple[str, str, str]:
     return path, written, rest.strip(COMMAND_BLANKS)
 
 
+_OPENING_NEXT = frozenset("< \t")  # what may follow the first '<' where more open
+
+
 def _opening(text: str) -> tuple[int, int]:
     """(how many, where the path starts) of the `<` that open `text` (which starts with one): `<<a@b>>`, and with
     spaces or tabs between them, `< <a@b> >`, which Postfix's tokenizer skips, strict_rfc821_envelopes or not."""
     depth, at = 1, 1
-    while text[at:at + 1] in ("<", " ", "\t"):  # (the usual path, one pair: no turn)
+    while text[at:at + 1] in _OPENING_NEXT:
         blank = at
         while text[blank:blank + 1] in (" ", "\t"):
             blank += 1
