@@ -31,9 +31,10 @@ any work, nor said it moved (moved()), for `wait` seconds (they look hung). A bu
 queued, never deferred; calls longer than `wait` are too, when they call moved() more often than every `wait` s.
 
 Failure behaviour: `TemporaryError` 4.3.0 when no thread is free and none finished a call for `wait` seconds
-(`no worker free for DOING within Ns: N busy`); the same at once when no thread could be started (the process's
-thread limit) and none of the pool's threads is idle (`no worker free for DOING: no thread could be started (…)`):
-the call is not queued behind calls that may never end; what `call` raises propagates.
+(`no worker free for DOING within Ns: N busy`); the same when no thread could be started (the process's thread
+limit), none of the pool's threads is idle, and none ended a call for `wait` seconds (`no worker free for DOING: no
+thread could be started (…)`). Such a call is never queued behind calls that may never end: it waits, holding
+nothing but its caller, for a thread to end a call, and runs then; what `call` raises propagates.
 """
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ class BoundedWorkers:
         self._pool = _Threads(size, doing.replace(" ", "-"), daemon)
         self._free = asyncio.Semaphore(size)
         self._last_done = -math.inf  # (time.monotonic) when a call last ended in a thread, or said it moved
+        self._ended: asyncio.Event | None = None  # set when a call ends: what a call no thread could take waits for
 
     async def run(self, call: Callable[[], T]) -> T:
         """See the module docstring."""
@@ -80,11 +82,7 @@ class BoundedWorkers:
             if submitted:
                 raise RuntimeError("one call per slot")
             loop = asyncio.get_running_loop()
-            try:
-                work = self._pool.submit(call)
-            except NoThread as e:  # (the slot is given back at the block's end: nothing submitted)
-                raise TemporaryError("4.3.0", f"no worker free for {self._doing}: no thread could be started "
-                                              f"({e})") from None
+            work = await self._submitted(call)
             submitted = True
             work.add_done_callback(lambda _: _call_soon(loop, self._done))  # (when the thread is done)
             return await asyncio.wrap_future(work)
@@ -106,9 +104,30 @@ class BoundedWorkers:
                     raise TemporaryError("4.3.0", f"no worker free for {self._doing} within {self._wait:g}s: "
                                                   f"{self._size} busy") from None
 
+    async def _submitted(self, call: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """`call` handed to a thread; at the thread limit with none idle, once a thread ends its call (nothing is
+        queued meanwhile), or TemporaryError when none did for `wait` seconds."""
+        while True:
+            try:
+                return self._pool.submit(call)
+            except NoThread as e:  # (the slot is given back at the block's end: nothing submitted)
+                if not e.busy:  # (no call under way: none will end to free a thread)
+                    raise TemporaryError("4.3.0", f"no worker free for {self._doing}: no thread could be "
+                                                  f"started ({e})") from None
+                self._ended = self._ended or asyncio.Event()
+                try:
+                    async with asyncio.timeout(self._wait):
+                        await self._ended.wait()
+                except TimeoutError:
+                    raise TemporaryError("4.3.0", f"no worker free for {self._doing}: no thread could be started "
+                                                  f"({e})") from None
+
     def _done(self) -> None:
         self._last_done = time.monotonic()
         self._free.release()
+        if self._ended is not None:  # (wakes the calls no thread could take; a new event for the next waiters)
+            self._ended.set()
+            self._ended = None
 
     def moved(self) -> None:
         """See the module docstring (one assignment: safe from any thread)."""
@@ -153,27 +172,27 @@ class _Threads:
         self._closed = False
 
     def submit(self, call: Callable[[], T]) -> concurrent.futures.Future[T]:
-        """Raises NoThread when no thread could be started and every thread there is has a call: the call would
-        wait behind calls that may never end (threads hung in them). The call is withdrawn then (its future
-        cancelled: the thread that meets it in the queue drops it), unless a thread has taken it already."""
+        """Raises NoThread, queueing nothing, when every thread there is has a call and no new one could be
+        started: the call would wait behind calls that may never end (threads hung in them)."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._lock:
             if self._closed:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            self._jobs.put((future, call))  # (first: a thread started now finds it at once)
+            if self._calls >= len(self._threads):  # (none idle: a thread of its own, if one can start)
+                self._start_thread()
+            self._jobs.put((future, call))
             self._calls += 1
-            if len(self._threads) < self._size:
-                thread = threading.Thread(target=self._work, name=f"{self._name}_{len(self._threads)}",
-                                          daemon=self._daemon)
-                try:
-                    thread.start()
-                except RuntimeError as e:  # (can't start new thread: the process's limit)
-                    busy = self._calls - 1
-                    if busy >= len(self._threads) and future.cancel():  # (none idle)
-                        raise NoThread(f"{e}, {busy} busy") from e
-                else:  # (counted only once it runs: a thread that never started would never take a job)
-                    self._threads.append(thread)
         return future
+
+    def _start_thread(self) -> None:
+        """Under the lock. A thread started waits for a job; counted only once it runs (one that never started
+        would never take a job)."""
+        thread = threading.Thread(target=self._work, name=f"{self._name}_{len(self._threads)}", daemon=self._daemon)
+        try:
+            thread.start()
+        except RuntimeError as e:  # (can't start new thread: the process's limit)
+            raise NoThread(f"{e}, {self._calls} busy", self._calls) from e
+        self._threads.append(thread)
 
     def _ended(self) -> None:
         with self._lock:
@@ -220,7 +239,11 @@ class _Threads:
 
 
 class NoThread(RuntimeError):
-    """_Threads.submit: no thread could be started and none is idle."""
+    """_Threads.submit: no thread could be started and none is idle (`busy`: the calls under way)."""
+
+    def __init__(self, text: str, busy: int):
+        super().__init__(text)
+        self.busy = busy
 
 
 def _run(future: concurrent.futures.Future, call: Callable[[], object], ended: Callable[[], None]) -> None:
