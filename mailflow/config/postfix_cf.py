@@ -567,8 +567,9 @@ _POSTSCREEN_ENCRYPT_LEVELS = ("secure", "verify", "fingerprint")
 
 def _forbid_bare_newline(name: str, value: str, notes: list[str]) -> bool:
     """Postfix 3.7.11's smtpd_forbid_bare_newline words (any case, postconf(5)) as smtpd.forbid_bare_newline: reject
-    is true; normalize, its alias yes, and no are false (a bare LF ends a line). Each difference from Postfix's
-    behaviour is noted: reject's reply and disconnect, a bare CR refused by false, `no`'s end of DATA."""
+    is true; normalize, its alias yes, and no are false (Postfix's no: a bare LF ends a line, a "." line ends DATA
+    whatever its line ends). Each difference from Postfix's behaviour is noted: reject's reply and disconnect, a bare
+    CR refused by false, normalize's end of DATA."""
     word = value.lower()
     if word not in ("normalize", "yes", "reject", "no"):
         raise Refused("not normalize, yes, reject or no")
@@ -580,8 +581,9 @@ def _forbid_bare_newline(name: str, value: str, notes: list[str]) -> bool:
         return True
     notes.append(f"{name} = {value}: mailflow's false still refuses a bare <CR> (521 5.5.2 and a disconnect), "
                  "which Postfix 3.7.11 does not refuse there" + (
-                     "; Postfix's no also ends DATA at a bare <LF>.<LF>; mailflow's false is Postfix's normalize "
-                     "(DATA ends only at <CR><LF>.<CR><LF>)" if word == "no" else
+                     "; mailflow's false is Postfix's no: a \".\" line ends DATA whatever its line ends, for every "
+                     "client; Postfix's normalize ends DATA only at <CR><LF>.<CR><LF> for the clients outside "
+                     "smtpd_forbid_bare_newline_exclusions" if word != "no" else "") + (
                      "; before Postfix 3.7.10, yes meant reject (and disconnect)" if word == "yes" else ""))
     return False
 

@@ -16,6 +16,7 @@ log lines where the setting logs one.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import logging
@@ -929,3 +930,51 @@ async def test_a_bare_lf_refused_with_postfix_s_default_code_is_where_mailflow_d
         assert await bare_lf_dialogue(pf.port) == ["550 5.5.2 HOST Error: bare <LF> received", "closed"]
     port = await start_mailflow(mailflow_server, forbid_bare_newline_exclusions=[])
     assert await bare_lf_dialogue(port) == ["521 5.5.2 HOST Error: bare <LF> received", "closed"]
+
+
+# an excluded client's DATA: a "." line ends it whatever its line ends (Postfix 3.7.11: no bare LF detection for it)
+EXCLUDED_SESSIONS = {
+    "lf.lf": [b"EHLO c.test\n", b"MAIL FROM:<s@remote.test>\n", b"RCPT TO:<alice@local.test>\n", b"DATA\n",
+              b"Subject: a\n\nline\n.\n", b"QUIT\n"],
+    "crlf.lf": [b"EHLO c.test\r\n", b"MAIL FROM:<s@remote.test>\r\n", b"RCPT TO:<alice@local.test>\r\n", b"DATA\r\n",
+                b"Subject: a\r\n\r\nline\r\n.\n", b"QUIT\r\n"],
+    "lf.crlf": [b"EHLO c.test\r\n", b"MAIL FROM:<s@remote.test>\r\n", b"RCPT TO:<alice@local.test>\r\n", b"DATA\r\n",
+                b"Subject: a\r\n\r\nline\n.\r\n", b"QUIT\r\n"],
+    "smuggle": [b"EHLO c.test\r\n", b"MAIL FROM:<s@remote.test>\r\n", b"RCPT TO:<alice@local.test>\r\n", b"DATA\r\n",
+                b"Subject: a\r\n\r\nline\n.\nMAIL FROM:<evil@remote.test>\r\n", b"RCPT TO:<alice@local.test>\r\n",
+                b"DATA\r\n", b"Subject: smuggled\r\n\r\nx\r\n.\r\n", b"QUIT\r\n"],
+}
+
+
+async def excluded_dialogue(port: int, lines: list[bytes]) -> list[str]:
+    """Each line sent as it is, one reply read after each ("no reply" after 3 s), then the rest until the server
+    hangs up: every reply as compared (each "queued as" is one message queued)."""
+    client = await SmtpClient.connect(port)
+    got = []
+    try:
+        for line in lines:
+            await client.send(line)
+            try:
+                got.append(compared((await client.reply(timeout=3)).text))
+            except asyncio.TimeoutError:
+                got.append("no reply")
+        for _ in range(10):
+            reply = await client.reply(timeout=3)
+            if reply.code is None:
+                break
+            got.append(compared(reply.text))
+    finally:
+        await client.close()
+    return got
+
+
+@pytest.mark.parametrize("case", list(EXCLUDED_SESSIONS))
+async def test_an_excluded_client_ends_data_at_a_dot_line_whatever_its_line_ends_as_postfix_3_7_11(mailflow_server,
+                                                                                                   case):
+    """127.0.0.1, in mynetworks (the exclusions' default): its `\\n.\\n`, `\\r\\n.\\n`, `\\n.\\r\\n` end DATA, and a
+    smuggle-shaped input is two messages, on both servers (it used to hang mailflow to the timeout)."""
+    async with postfix_instance({**POSTFIX_BASE, "mynetworks": "127.0.0.0/8",
+                                 "smtpd_forbid_bare_newline": "reject"}) as pf:
+        expected = await excluded_dialogue(pf.port, EXCLUDED_SESSIONS[case])
+    assert await excluded_dialogue(await start_mailflow(mailflow_server), EXCLUDED_SESSIONS[case]) == expected
+    assert sum("queued as" in reply for reply in expected) == (2 if case == "smuggle" else 1)

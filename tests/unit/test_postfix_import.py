@@ -1619,7 +1619,8 @@ def test_a_pattern_file_that_is_a_fifo_is_reported_not_waited_for(tmp_path, kind
 @pytest.mark.parametrize("value, forbid", [("no", False), ("yes", False), ("Normalize", False), ("reject", True)])
 def test_forbid_bare_newline_is_translated_by_its_value(tmp_path, value, forbid):
     """smtpd_forbid_bare_newline (Postfix 3.7.11: no, normalize, yes, reject; any case) sets smtpd.forbid_bare_newline:
-    reject is true, the others false (Postfix's `no` is noted: mailflow's DATA still ends only at CRLF.CRLF); in
+    reject is true, the others false (Postfix's `no`; normalize and yes note that Postfix's DATA ends only at
+    CRLF.CRLF for the clients outside its exclusions); in
     main.cf and as a listener's -o. It was taken for a built-in `no`: every other value left out, `no` written as
     nothing (mailflow's default, reject)."""
     main = write(tmp_path, "main.cf", f"smtpd_forbid_bare_newline = {value}\n")
@@ -1630,8 +1631,8 @@ def test_forbid_bare_newline_is_translated_by_its_value(tmp_path, value, forbid)
     doc = checked(tmp_path / "mailflow.toml")
     assert doc["smtpd"]["forbid_bare_newline"] is forbid
     assert {listener["overrides"]["forbid_bare_newline"] for listener in doc["smtpd"]["listeners"]} == {forbid}
-    noted = "ends DATA at a bare <LF>.<LF>" in (tmp_path / "mailflow.toml").read_text()
-    assert noted is (value == "no")
+    noted = "Postfix's normalize ends DATA only at <CR><LF>.<CR><LF>" in (tmp_path / "mailflow.toml").read_text()
+    assert noted is (value in ("yes", "Normalize"))
 
 
 def test_forbid_bare_newline_reject_is_imported_with_its_exclusions_and_its_differences_noted(tmp_path):

@@ -113,6 +113,58 @@ async def test_dot_unstuffing_is_exact_wherever_the_reads_fall(lines, cuts, many
     assert await wire.read_line(100) == b"NOOP"
 
 
+def postfix_no_data(sent: bytes) -> tuple[bytes, bytes]:
+    """A reference: Postfix 3.7.11's receive_data_message with bare LF detection off (smtpd_forbid_bare_newline = no,
+    or a client in its exclusions): smtp_get cuts a line at each LF and strips the CR before it; a line holding only
+    "." ends DATA, whatever its line end; a leading dot is removed. Returns (content stored with CRLF, what is left)."""
+    stored, pos = bytearray(), 0
+    while True:
+        end = sent.index(b"\n", pos)
+        line = sent[pos:end].removesuffix(b"\r")
+        pos = end + 1
+        if line == b".":
+            return bytes(stored), sent[pos:]
+        stored += line.removeprefix(b".") + b"\r\n"
+
+
+ENDS = [b"\r\n", b"\n"]
+
+
+@given(st.lists(st.tuples(st.sampled_from(LINES), st.sampled_from(ENDS)), max_size=60),
+       st.sampled_from(ENDS), st.sampled_from(ENDS), st.lists(st.integers(1, 300), max_size=8), st.booleans())
+async def test_a_client_allowed_bare_lf_ends_data_at_a_dot_line_whatever_its_line_ends_as_postfix_no(
+        lines, dot_end, next_end, cuts, many_dots):
+    """bare_lf mode (an excluded client, or forbid_bare_newline = false) is Postfix's `no`: `\\n.\\n`, `\\r\\n.\\n`,
+    `\\n.\\r\\n` end DATA as CRLF.CRLF does (a smuggle-shaped input is two messages, as in Postfix), whatever the
+    reads; what follows stays for the next command."""
+    lines = [(b"..y", b"\r\n")] * (40 if many_dots else 0) + lines
+    sent = b"".join(line + end for line, end in lines) + b"." + dot_end + b"NOOP" + next_end + b"tail\r\n"
+    expected, rest = postfix_no_data(sent)
+    wire = Wire("mx.test", bare_lf=True)
+    spool = Spool("/nonexistent", memory_limit=1 << 30)
+    reader = asyncio.ensure_future(wire.read_data(spool))
+    at = 0
+    for cut in cuts:
+        wire.feed(sent[at:at + cut])
+        at += cut
+        await asyncio.sleep(0)
+    wire.feed(sent[at:])
+    assert await asyncio.wait_for(reader, 5) is None
+    assert (await spool.finish()).to_bytes() == expected
+    assert await wire.read_line(100) == rest.split(b"\n")[0].removesuffix(b"\r")
+
+
+@pytest.mark.parametrize("sent", [b"a\n.\nNOOP\r\n", b"a\r\n.\nNOOP\r\n", b"a\n.\r\nNOOP\r\n", b".\nNOOP\r\n"],
+                         ids=["lf.lf", "crlf.lf", "lf.crlf", "dot-lf-first"])
+async def test_lf_dot_lf_and_crlf_dot_lf_end_data_for_a_client_allowed_bare_lf(sent):
+    wire = Wire("mx.test", bare_lf=True)
+    spool = Spool("/nonexistent", memory_limit=1 << 20)
+    wire.feed(sent)
+    assert await asyncio.wait_for(wire.read_data(spool), 5) is None
+    assert (await spool.finish()).to_bytes() == (b"a\r\n" if sent.startswith(b"a") else b"")
+    assert await wire.read_line(100) == b"NOOP"
+
+
 class PostfixBdat:
     """A reference: the record loop of Postfix's bdat_cmd (smtpd.c) and smtp_get_noexcept (smtp_stream.c, with
     bare-LF detection), counting act_size. Each chunk is read in fragments of `fragment` bytes (VSTREAM_BUFSIZE);

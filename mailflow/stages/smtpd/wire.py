@@ -9,11 +9,12 @@ transport's reading, and resumes it when a reader needs more: what a client can 
 Rules (Postfix smtpd_forbid_bare_newline = reject):
 - A command line ends only at CRLF. A line ended by a bare LF, or holding a bare CR, raises `WireError` with
   `521 5.5.2 ... bare <LF>/<CR> received`, fatal: the session ends.
-- With `bare_lf=True` (forbid_bare_newline = false; Postfix's "normalize"), a bare LF ends a command line or a
-  DATA line as CRLF would and is stored as CRLF, but DATA still ends only at CRLF "." CRLF (so no `\\n.\\n`
-  form can end it or smuggle a second message). A bare CR is refused either way.
+- With `bare_lf=True` (forbid_bare_newline = false, or a client in its exclusions; Postfix's "no"), a bare LF
+  ends a command line or a DATA line as CRLF would and is stored as CRLF, and a "." line ends DATA whatever its
+  line ends (`\\n.\\n` too, as in Postfix: such a client is outside the smuggling guard). A bare CR is refused
+  either way.
 - A command line longer than `limit` is read to its end and discarded: `500 5.5.2 Error: line too long`.
-- DATA ends only at CRLF "." CRLF. A bare LF or bare CR anywhere in the content is fatal at once (no
+- Otherwise DATA ends only at CRLF "." CRLF. A bare LF or bare CR anywhere in the content is fatal at once (no
   `\\n.\\n`-style sequence can end the message or split it into two: nothing is queued and the session ends).
   Dot-stuffing is undone as the content is copied, once, from the input buffer into a `Spool`
   (mailflow.content): small messages stay in memory, big ones go to a spool file as they arrive. A NUL makes
@@ -392,9 +393,11 @@ class Wire:
             at_line_start = True
 
     async def _read_data_normalised(self, spool: Spool) -> status.Reply | None:
-        """`read_data` in bare_lf mode: complete lines normalised to CRLF before unstuffing, while the
-        terminator is still looked for in the bytes as sent (`lead`: how the previous line ended, CRLF, a bare
-        LF, or b"" inside a long line). A slower path, for the sites that ask for it."""
+        """`read_data` in bare_lf mode (Postfix's smtpd_forbid_bare_newline = no, which its exclusions also give):
+        complete lines normalised to CRLF, then unstuffed; a line holding only "." ends DATA whatever its line end
+        and the previous line's (CRLF or a bare LF: `\\n.\\n` and `\\r\\n.\\n` end it, as Postfix 3.7.11's smtp_get
+        with bare LF detection off takes them). A bare CR is still refused. `lead`: CRLF at a line start, b""
+        inside a long line (passed on in pieces). No smuggling guard for such a client (docs/security.md)."""
         nul = False
         lead = b"\r\n"
         while True:
@@ -408,27 +411,22 @@ class Wire:
                 await spool.drain()
                 continue  # (as in read_data)
             region = bytes(self._buf[:last_lf + 1])
-            scan = lead + region
-            end = scan.find(TERMINATOR)  # in the bytes as sent: only CRLF "." CRLF ends DATA
+            scan = lead + region.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            if scan.count(b"\r") != scan.count(b"\r\n"):
+                raise self._bare("CR")
+            end = scan.find(TERMINATOR)  # in the lines as normalised: a "." line ends DATA
             if end >= 0:
+                lines = scan.count(b"\n", len(lead), end + len(TERMINATOR))  # the lines sent through the "." line
+                del self._buf[:len(region) - len(region.split(b"\n", lines)[-1])]
                 scan = scan[:end + 2]
-                del self._buf[:end + len(TERMINATOR) - len(lead)]
             else:
                 del self._buf[:last_lf + 1]
             nul = nul or b"\0" in scan
-            spool.append(self._normalised(scan, lead))
+            spool.append(scan.replace(b"\r\n.", b"\r\n")[len(lead):])
             await spool.drain()
             if end >= 0:
                 return refusal(spool, nul)
-            lead = b"\r\n" if region.endswith(b"\r\n") else b"\n"
-
-    def _normalised(self, scan: bytes, lead: bytes) -> bytes:
-        """Complete lines (after `lead`) with every line end made CRLF, checked for a bare CR, unstuffed."""
-        scan = scan.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        lead = b"\r\n" if lead else b""
-        if scan.count(b"\r") != scan.count(b"\r\n"):
-            raise self._bare("CR")
-        return scan.replace(b"\r\n.", b"\r\n")[len(lead):]
+            lead = b"\r\n"
 
     def _unstuff_into(self, spool: Spool, end: int, at_line_start: bool) -> tuple[int, int]:
         """The complete lines in the first `end` bytes of the buffer into `spool`, each line's leading dot removed,
