@@ -165,6 +165,27 @@ async def test_lf_dot_lf_and_crlf_dot_lf_end_data_for_a_client_allowed_bare_lf(s
     assert await wire.read_line(100) == b"NOOP"
 
 
+class StrictOnlyWire(Wire):
+    """A Wire whose normalised DATA path (twice the strict one's cost per byte) must not be taken."""
+
+    async def _read_data_normalised(self, spool, at_line_start, nul):
+        raise AssertionError("normalised path taken")
+
+
+async def test_clean_crlf_data_from_a_client_allowed_bare_lf_is_read_on_the_strict_path():
+    """mynetworks clients (the exclusions' default: content filters re-injecting, local applications) mostly send
+    clean CRLF: measured on 8 MB in 16 KB reads, 36-50 ms normalised against 14-18 ms strict; read strictly until
+    the first bare LF, 20 ms."""
+    wire = StrictOnlyWire("mx.test", bare_lf=True)
+    spool = Spool("/nonexistent", memory_limit=1 << 20)
+    wire.feed(b"Subject: s\r\n\r\n" + b"..x\r\n" * 50 + b".\r\nNOOP\r\n")
+    assert await wire.read_data(spool) is None
+    assert (await spool.finish()).to_bytes() == b"Subject: s\r\n\r\n" + b".x\r\n" * 50
+    assert await wire.read_line(100) == b"NOOP"
+    wire.feed(b"Subject: s\r\n\r\nbare\n.\n")
+    with pytest.raises(AssertionError, match="normalised path taken"):
+        await wire.read_data(Spool("/nonexistent", memory_limit=1 << 20))
+
 class PostfixBdat:
     """A reference: the record loop of Postfix's bdat_cmd (smtpd.c) and smtp_get_noexcept (smtp_stream.c, with
     bare-LF detection), counting act_size. Each chunk is read in fragments of `fragment` bytes (VSTREAM_BUFSIZE);

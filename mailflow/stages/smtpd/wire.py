@@ -366,9 +366,9 @@ class Wire:
 
     async def read_data(self, spool: Spool) -> status.Reply | None:
         """DATA content through CRLF.CRLF into `spool`, unstuffed (the terminator is consumed; what follows stays
-        for the next command). Returns why it must not be queued (too big, NUL, not stored), or None."""
-        if self._bare_lf:
-            return await self._read_data_normalised(spool)
+        for the next command). Returns why it must not be queued (too big, NUL, not stored), or None. A client
+        allowed bare LF is read strictly too until its first bare LF, then by `_read_data_normalised` (clean CRLF
+        input, the usual case, at the strict path's cost: the normalised one costs twice as much per byte)."""
         nul = False
         at_line_start = True
         while True:
@@ -383,8 +383,11 @@ class Wire:
                 await spool.drain()
                 continue  # (input that arrived during the drain is looked at before waiting for more)
             end = last_lf + 1  # complete lines only
+            if self._bare_lf and buf.count(b"\n", 0, end) != buf.count(b"\r\n", 0, end):
+                return await self._read_data_normalised(spool, at_line_start, nul)
             stop, consumed = self._unstuff_into(spool, end, at_line_start)
-            self._check_line_ends(stop)  # (a failure ends the session: what went into the spool is dropped)
+            # (a failure ends the session: what went into the spool is dropped; bare_lf: no bare LF, seen above)
+            self._check_line_ends(stop, lf_checked=self._bare_lf)
             nul = nul or buf.find(b"\0", 0, stop) >= 0
             del buf[:consumed]
             await spool.drain()
@@ -392,14 +395,14 @@ class Wire:
                 return refusal(spool, nul)
             at_line_start = True
 
-    async def _read_data_normalised(self, spool: Spool) -> status.Reply | None:
+    async def _read_data_normalised(self, spool: Spool, at_line_start: bool, nul: bool) -> status.Reply | None:
         """`read_data` in bare_lf mode (Postfix's smtpd_forbid_bare_newline = no, which its exclusions also give):
         complete lines normalised to CRLF, then unstuffed; a line holding only "." ends DATA whatever its line end
         and the previous line's (CRLF or a bare LF: `\\n.\\n` and `\\r\\n.\\n` end it, as Postfix 3.7.11's smtp_get
         with bare LF detection off takes them). A bare CR is still refused. `lead`: CRLF at a line start, b""
-        inside a long line (passed on in pieces). No smuggling guard for such a client (docs/security.md)."""
-        nul = False
-        lead = b"\r\n"
+        inside a long line (passed on in pieces). No smuggling guard for such a client (docs/security.md).
+        `at_line_start`, `nul`: where read_data left off, and whether it saw a NUL."""
+        lead = b"\r\n" if at_line_start else b""
         while True:
             last_lf = self._buf.rfind(b"\n")
             if last_lf < 0:
@@ -472,11 +475,12 @@ class Wire:
         del self._buf[:end]
         return nul
 
-    def _check_line_ends(self, stop: int) -> None:
-        """Complete lines in the first `stop` bytes of the buffer must all end in CRLF."""
+    def _check_line_ends(self, stop: int, lf_checked: bool = False) -> None:
+        """Complete lines in the first `stop` bytes of the buffer must all end in CRLF (`lf_checked`: their LFs are
+        known to, only a bare CR is looked for)."""
         buf = self._buf
         crlf = buf.count(b"\r\n", 0, stop)
-        if buf.count(b"\n", 0, stop) != crlf:
+        if not lf_checked and buf.count(b"\n", 0, stop) != crlf:
             raise self._bare("LF")
         if buf.count(b"\r", 0, stop) != crlf:
             raise self._bare("CR")
