@@ -262,6 +262,24 @@ async def test_forbid_bare_newline_exclusions_spare_a_client_xclient_names(mailf
     await c.close()
 
 
+
+async def test_a_session_keeps_the_exclusions_it_began_with_for_the_clients_xclient_names(mailflow_server):
+    """A reload to `[]` spares no new session; one opened before it keeps its list (as its other settings), also for
+    a client XCLIENT names after the reload (it read the listener's list live: 521)."""
+    mf = await mailflow_server(mynetworks=["127.0.0.0/8"],
+                               smtpd={"listen": ["127.0.0.1:0"], "authorized_xclient_hosts": ["127.0.0.0/8"]})
+    port = mf.smtpd.address_of("mta")[1]
+    old = await SmtpClient.connect(port)
+    assert await bare_lf(old, b"EHLO filter.test") == 250
+    settings = mf.config.model_dump()
+    smtpd = {**settings["smtpd"], "forbid_bare_newline_exclusions": []}
+    await mf.reload(config_from_dict({**settings, "smtpd": smtpd}))
+    new = await SmtpClient.connect(port)
+    assert await bare_lf(new, b"EHLO filter.test") == 521
+    assert (await old.cmd("XCLIENT ADDR=127.0.0.9"))[0] == 220
+    assert await bare_lf(old, b"EHLO filter.test") == 250
+    await old.close()
+
 async def test_xclient_is_judged_again_on_the_client_it_names(mailflow_server):
     """smtpd.c xclient_cmd evaluates xclient_allowed again for the client it names: a front end that named a client
     outside authorized_xclient_hosts has handed the session over, and that client can no longer rename itself.

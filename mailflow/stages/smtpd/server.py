@@ -150,6 +150,7 @@ class ListenerSession(SmtpSession):
         self._role, self._smtpd = listener.role, listener.smtpd
         self.command_filter, self.command_filter_run = listener.command_filter, listener.command_filter_run
         self._postscreen = listener.postscreen
+        self._bare_newline_exempt = listener.bare_newline_exempt  # (XCLIENT judges its client on it too)
         self._implicit_tls = implicit_tls  # a submissions listener's certificate: TLS from the first byte
         self._admitted_ip: str | None = None
         self._has_slot = False
@@ -236,7 +237,7 @@ class ListenerSession(SmtpSession):
     def _client_changed(self) -> None:
         """The client, at connect or as XCLIENT names it, judged against forbid_bare_newline_exclusions (its address
         and name, as Postfix's namadr_list, again after XCLIENT as xclient_cmd does)."""
-        exempt = self._listener.bare_newline_exempt
+        exempt = self._bare_newline_exempt
         self.exempt_from_bare_newline_rule(exempt is not None
                                            and exempt.contains(self.session.peer_ip, self.session.client_name))
 
