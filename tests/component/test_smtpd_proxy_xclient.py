@@ -280,6 +280,18 @@ async def test_a_session_keeps_the_exclusions_it_began_with_for_the_clients_xcli
     assert await bare_lf(old, b"EHLO filter.test") == 250
     await old.close()
 
+
+async def test_a_name_in_the_exclusions_matches_its_subdomains_as_mynetworks_does(mailflow_server):
+    """Postfix builds the list with match_parent_style(mynetworks) (smtpd.c 3.7.11): a table's `example.com` spares
+    mail.example.com, as in mynetworks (it was asked `.example.com` only)."""
+    mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "authorized_xclient_hosts": ["127.0.0.0/8"],
+                                      "forbid_bare_newline_exclusions": ["127.0.0.1", "inline:{example.com=ok}"]})
+    c = await SmtpClient.connect(mf.smtpd.address_of("mta")[1])
+    assert (await c.cmd("XCLIENT ADDR=192.0.2.1 NAME=mail.example.com"))[0] == 220
+    assert await bare_lf(c, b"EHLO client.test") == 250
+    await c.close()
+
+
 async def test_xclient_is_judged_again_on_the_client_it_names(mailflow_server):
     """smtpd.c xclient_cmd evaluates xclient_allowed again for the client it names: a front end that named a client
     outside authorized_xclient_hosts has handed the session over, and that client can no longer rename itself.

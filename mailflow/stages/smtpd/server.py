@@ -400,8 +400,8 @@ class Smtpd:
             return None
         if smtpd.forbid_bare_newline_exclusions is None:
             return mynetworks
-        return NetworkList.from_items(smtpd.forbid_bare_newline_exclusions, self._tables.open,
-                                      setting="smtpd.forbid_bare_newline_exclusions")
+        return NetworkList.from_items(smtpd.forbid_bare_newline_exclusions, self._tables.open, parent_style=True,
+                                      setting="smtpd.forbid_bare_newline_exclusions")  # (as mynetworks: smtpd.c)
 
     def _postscreen(self, smtpd: SmtpdConfig, mynetworks: NetworkList, hostname: str) -> Postscreen | None:
         """A listener's screen when [smtpd.postscreen] (or its overrides) enables it; else none, at no cost."""
