@@ -292,6 +292,40 @@ async def test_a_name_in_the_exclusions_matches_its_subdomains_as_mynetworks_doe
     await c.close()
 
 
+
+@pytest.mark.parametrize("mynetworks, client, code", [(["127.0.0.0/8"], "198.51.100.7", 521),
+                                                      (["192.0.2.0/24"], "192.0.2.10", 250)],
+                         ids=["balancer-spared-client-not", "client-spared-balancer-not"])
+async def test_the_exclusions_judge_the_client_a_proxy_header_names_not_the_balancer(mailflow_server, mynetworks,
+                                                                                    client, code):
+    settings = proxy_settings()
+    settings["mynetworks"] = mynetworks
+    settings["smtpd"]["upstream_proxy_clients"] = ["127.0.0.0/8"]
+    mf = await mailflow_server(**settings)
+    c = await SmtpClient.connect(proxy_port(mf), greet=False)
+    await c.send(v1(client))
+    assert (await c.reply())[0] == 220
+    assert await bare_lf(c, b"EHLO client.test") == code
+    await c.close()
+
+
+async def test_a_reload_of_mynetworks_moves_the_exclusions_left_unset(mailflow_server):
+    mf = await mailflow_server(mynetworks=["127.0.0.0/8"])
+    port = mf.smtp_addresses[0][1]
+    settings = mf.config.model_dump()
+    await mf.reload(config_from_dict({**settings, "mynetworks": ["192.0.2.0/24"]}))
+    c = await SmtpClient.connect(port)
+    assert await bare_lf(c, b"EHLO client.test") == 521
+
+
+async def test_a_listeners_override_of_the_exclusions_leaves_the_others_alone(mailflow_server):
+    mf = await mailflow_server(mynetworks=["127.0.0.0/8"], smtpd={"listen": ["127.0.0.1:0"], "listeners": [
+        {"address": "127.0.0.1:0", "role": "mta", "overrides": {"forbid_bare_newline_exclusions": []}}]})
+    for listener, code in zip(mf.smtpd.listeners, (250, 521)):
+        c = await SmtpClient.connect(listener.server.sockets[0].getsockname()[1])
+        assert await bare_lf(c, b"EHLO client.test") == code
+        await c.close()
+
 async def test_xclient_is_judged_again_on_the_client_it_names(mailflow_server):
     """smtpd.c xclient_cmd evaluates xclient_allowed again for the client it names: a front end that named a client
     outside authorized_xclient_hosts has handed the session over, and that client can no longer rename itself.
