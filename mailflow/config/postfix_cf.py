@@ -588,13 +588,20 @@ def _forbid_bare_newline(name: str, value: str, notes: list[str]) -> bool:
     return False
 
 
-def sasl_security_options(value: str) -> None:
-    """smtpd_sasl_security_options: Refused when it holds noplaintext or mutual_auth (Postfix then offers neither
-    PLAIN nor LOGIN, the mechanisms mailflow offers); its other words leave them offered (not needed)."""
-    excluding = [w for w in split_list(value.lower()) if w in ("noplaintext", "mutual_auth")]
-    if excluding:
-        raise Refused(f"with {', '.join(excluding)}, Postfix offers neither PLAIN nor LOGIN; mailflow offers both "
-                      "(over TLS)")
+def sasl_security_options(name: str, value: str, tls_options: str | None) -> str:
+    """smtpd_sasl_security_options or smtpd_sasl_tls_security_options as Postfix 3.7.11's smtpd takes them: a TLS
+    session (the only one where mailflow offers AUTH) is judged on the tls options, whose default is the others
+    (smtpd.c). `tls_options`: the tls options' value where set, else None. Refused when a TLS session's options hold
+    noplaintext or mutual_auth (Postfix then offers neither PLAIN nor LOGIN, mailflow's mechanisms); the reason of
+    the note otherwise: PLAIN and LOGIN refused only outside TLS, as mailflow, or not needed."""
+    excluding = ", ".join(w for w in split_list(value.lower()) if w in ("noplaintext", "mutual_auth"))
+    if not excluding:
+        return f"not needed: {names.NOT_NEEDED[name]}"
+    if name == "smtpd_sasl_security_options" and tls_options is not None:
+        return (f"{excluding} outside TLS only (smtpd_sasl_tls_security_options = {tls_options}): Postfix offers "
+                "PLAIN and LOGIN only after STARTTLS, as mailflow does")
+    raise Refused(f"with {excluding}, Postfix offers neither PLAIN nor LOGIN" + (
+        "" if name == "smtpd_sasl_security_options" else " in TLS sessions") + "; mailflow offers both (over TLS)")
 
 
 def convert(name: str, key: str, value: str, notes: list[str]) -> object:

@@ -291,9 +291,10 @@ class Importer:
                 if value.lower() != fixed:
                     raise Refused(f"only {name} = {fixed} is mailflow's behaviour: {why}")
                 self.out.notes.append(f"{line.where}: {name} = {raw} is built in: {why}")
+            elif name in _SASL_OPTIONS:
+                why = sasl_security_options(name, value, self._main_value("smtpd_sasl_tls_security_options"))
+                self.out.notes.append(f"{line.where}: {name} = {raw} {why}")
             elif name in names.NOT_NEEDED:
-                if name == "smtpd_sasl_security_options":
-                    sasl_security_options(value)
                 self.out.notes.append(f"{line.where}: {name} = {raw} not needed: {names.NOT_NEEDED[name]}")
             elif self._transport_limit(name, line, raw, value):
                 pass
@@ -945,6 +946,9 @@ def legacy_tls_level(enforce: bool, use: bool, peername: bool = False) -> str:
     """Postfix 3.7's level without a *_tls_security_level (smtpd.c, smtp_tls_policy.c, postscreen): enforce is
     encrypt (verify with smtp_tls_enforce_peername), else use_tls is may, else none."""
     return ("verify" if peername else "encrypt") if enforce else "may" if use else "none"
+
+
+_SASL_OPTIONS = ("smtpd_sasl_security_options", "smtpd_sasl_tls_security_options")  # judged together
 
 
 def _names(raw: str, parameter: str) -> bool:

@@ -230,7 +230,7 @@ def _service_value(importer: ImportState, name: str, options: dict[str, str]) ->
 
 
 def _noted_option(importer: ImportState, service: Service, name: str, raw: str, value: str,
-                  tls_required: bool = False) -> bool:
+                  tls_required: bool = False, options: list[tuple[str, str]] | None = None) -> bool:
     """True, with a note, when a service's -o is one mailflow does not need (syslog_name, max_use…) or its
     built-in behaviour (disable_dns_lookups = no; smtpd_tls_auth_only = no where Postfix forces it: on a service
     that requires TLS, `tls_required`); Refused when it asks another behaviour than the built-in one."""
@@ -240,8 +240,16 @@ def _noted_option(importer: ImportState, service: Service, name: str, raw: str, 
                                   "smtpd_tls_auth_only = yes where TLS is required (wrapper mode or encrypt), as "
                                   "mailflow offers AUTH only after TLS")
         return True
-    if name == "smtpd_sasl_security_options":
-        sasl_security_options(value)
+    if name in ("smtpd_sasl_security_options", "smtpd_sasl_tls_security_options"):
+        tls_options = (dict(options or ()).get("smtpd_sasl_tls_security_options")
+                       or importer.params.get("smtpd_sasl_tls_security_options", (None, None))[1])
+        try:
+            tls_options = None if tls_options is None else importer.expander.expand(tls_options)
+        except Unexpanded:
+            tls_options = None  # (judged as the value it defaults to)
+        why = sasl_security_options(name, value, tls_options)
+        importer.out.notes.append(f"{where}: {service.name} -o {name}={raw} {why}")
+        return True
     if _not_needed(name):
         importer.out.notes.append(_not_needed_note(service, name, raw))
         return True
@@ -382,7 +390,7 @@ def _overrides(importer: ImportState, service: Service, options: list[tuple[str,
             continue
         keys = names.SETTINGS.get(name, ())
         try:
-            if not keys and _noted_option(importer, service, name, raw, value, tls_required):  # built in, not needed
+            if not keys and _noted_option(importer, service, name, raw, value, tls_required, options):  # (built in…)
                 continue
         except Refused as e:
             importer.out.leave_out(service.line.where, f"master.cf {service.name} -o {name}", raw, str(e))

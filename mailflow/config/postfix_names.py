@@ -174,6 +174,7 @@ NOT_NEEDED: dict[str, str] = {
     "max_use": "mailflow's delivery agents and listeners are no processes: none is restarted after so many uses",
     "smtpd_sasl_local_domain": "mailflow's SASL names are the logins as given",
     "smtpd_sasl_security_options": "mailflow offers PLAIN and LOGIN over TLS, never anonymously",
+    "smtpd_sasl_tls_security_options": "mailflow offers PLAIN and LOGIN over TLS, never anonymously",
     "qmgr_message_recipient_limit": "mailflow's qmgr takes all of a message's recipients at once, not in "
                                     "chunks (docs/config.md, destination_recipient_limit)",
 }

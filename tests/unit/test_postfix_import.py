@@ -1724,6 +1724,32 @@ def test_sasl_security_options_that_drop_plain_and_login_are_left_out(tmp_path):
     assert "submission -o smtpd_sasl_security_options: with mutual_auth, Postfix offers neither" in err, err
 
 
+
+def test_sasl_security_options_are_judged_with_the_tls_ones_as_postfix_judges_a_tls_session(tmp_path):
+    """SASL_README's recommended pair (noanonymous, noplaintext; tls: noanonymous) offers PLAIN and LOGIN only after
+    STARTTLS, as mailflow: noted, not left out (it was, as if PLAIN and LOGIN were never offered, and the tls
+    options had "no counterpart"); noplaintext in the tls options is left out, in main.cf and as an -o."""
+    pki = ClientPki(tmp_path)
+    main = write(tmp_path, "main.cf", f"smtpd_tls_cert_file = {pki.server_cert}\n"
+                                      "smtpd_sasl_security_options = noanonymous, noplaintext\n"
+                                      "smtpd_sasl_tls_security_options = noanonymous\n")
+    master = write(tmp_path, "master.cf", STANDARD_SERVICES + "smtp inet n - y - - smtpd\n"
+                   "submission inet n - y - - smtpd\n  -o smtpd_sasl_security_options=noplaintext\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    assert code == 0, err
+    text = (tmp_path / "mailflow.toml").read_text()
+    assert "smtpd_sasl_security_options = noanonymous, noplaintext noplaintext outside TLS only" in text
+    assert "submission -o smtpd_sasl_security_options=noplaintext noplaintext outside TLS only" in text
+    assert "smtpd_sasl_tls_security_options = noanonymous not needed" in text
+    main = write(tmp_path, "main.cf", f"smtpd_tls_cert_file = {pki.server_cert}\n"
+                                      "smtpd_sasl_tls_security_options = noplaintext\n")
+    master = write(tmp_path, "master.cf", STANDARD_SERVICES + "smtp inet n - y - - smtpd\n"
+                   "submission inet n - y - - smtpd\n  -o smtpd_sasl_tls_security_options=mutual_auth\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    assert code == 1
+    assert "smtpd_sasl_tls_security_options: with noplaintext, Postfix offers neither PLAIN nor LOGIN in TLS" in err
+    assert "submission -o smtpd_sasl_tls_security_options: with mutual_auth, Postfix offers neither" in err, err
+
 def test_a_listeners_option_note_names_its_service(tmp_path):
     """A note convert() makes for an -o (smtpd_forbid_bare_newline's) names the service; it named only the
     parameter, as if main.cf's."""
