@@ -588,6 +588,12 @@ def _forbid_bare_newline(name: str, value: str, notes: list[str]) -> bool:
     return False
 
 
+def legacy_tls_level(enforce: bool, use: bool, peername: bool = False) -> str:
+    """Postfix 3.7's level without a *_tls_security_level (smtpd.c, smtp_tls_policy.c, postscreen): enforce is
+    encrypt (verify with smtp_tls_enforce_peername), else use_tls is may, else none."""
+    return ("verify" if peername else "encrypt") if enforce else "may" if use else "none"
+
+
 def sasl_security_options(name: str, value: str, tls_options: str | None) -> str:
     """smtpd_sasl_security_options or smtpd_sasl_tls_security_options as Postfix 3.7.11's smtpd takes them: a TLS
     session (the only one where mailflow offers AUTH) is judged on the tls options, whose default is the others

@@ -55,7 +55,7 @@ from mailflow.config.postfix_cf import (POSTFIX_TABLE_DEFAULTS, Expander, Import
                                         Unexpanded, UnreadableFile, convert, from_queue_directory, read_main_cf,
                                         read_master_cf, restriction_items, dovecot_sasl_path, split_list,
                                         merged_timeouts_agree, reject_tempfail_action, sasl_security_options,
-                                        table_spec)
+                                        table_spec, legacy_tls_level)
 from mailflow.config.postfix_master import translate_service
 from mailflow.config.show import format_setting
 from mailflow.config.smtpd import LISTENER_ROLES, SMTPD_BANNER
@@ -942,12 +942,6 @@ class Importer:
 
 
 _ENTRY_REFUSAL = re.compile(r"(queue\.transport_[a-z_]+): '([^']+)' is not a transport")  # an orphaned entry
-def legacy_tls_level(enforce: bool, use: bool, peername: bool = False) -> str:
-    """Postfix 3.7's level without a *_tls_security_level (smtpd.c, smtp_tls_policy.c, postscreen): enforce is
-    encrypt (verify with smtp_tls_enforce_peername), else use_tls is may, else none."""
-    return ("verify" if peername else "encrypt") if enforce else "may" if use else "none"
-
-
 _SASL_OPTIONS = ("smtpd_sasl_security_options", "smtpd_sasl_tls_security_options")  # judged together
 
 

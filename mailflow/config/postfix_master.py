@@ -33,7 +33,7 @@ import re
 from mailflow.config import postfix_names as names
 from mailflow.config.base import BUILTIN_TRANSPORTS, RELAY, TRANSPORT_NAME
 from mailflow.config.delivery import REPLACEABLE
-from mailflow.config.postfix_cf import (Expander, ImportState, Refused, Service, Unexpanded, convert,
+from mailflow.config.postfix_cf import (Expander, ImportState, Refused, Service, Unexpanded, convert, legacy_tls_level,
                                         dovecot_sasl_path, from_queue_directory, merged_timeouts_agree,
                                         reject_tempfail_action, sasl_security_options)
 from mailflow.config.smtpd import LISTENER_ROLES
@@ -350,22 +350,40 @@ def _pass_options(importer: ImportState) -> list[tuple[str, str]]:
     return []
 
 
-def _tls_required(importer: ImportState, expander: Expander, options: list[tuple[str, str]]) -> bool:
-    """Whether Postfix 3.7's smtpd requires TLS on this service (smtpd.c: wrapper mode, a level other than none
-    and may, or, without a level, smtpd_enforce_tls), its -o over main.cf's; False when a value cannot be
-    expanded."""
-    given = dict(options)
+def _tls_level(importer: ImportState, expander: Expander, options: list[tuple[str, str]]) -> str:
+    """Postfix 3.7 smtpd's TLS level on this service: its smtpd_tls_security_level (an empty one is unset), else
+    legacy_tls_level of its smtpd_enforce_tls and smtpd_use_tls (smtpd.c), each its -o over main.cf's."""
+    level = _smtpd_value(importer, expander, options, "smtpd_tls_security_level")
+    return level or legacy_tls_level(_smtpd_value(importer, expander, options, "smtpd_enforce_tls") == "yes",
+                                     _smtpd_value(importer, expander, options, "smtpd_use_tls") == "yes")
 
-    def value(name: str) -> str:
-        raw = given.get(name, importer.params[name][1] if name in importer.params else "")
-        return expander.expand(raw).strip().lower()
+
+def _smtpd_value(importer: ImportState, expander: Expander, options: list[tuple[str, str]], name: str) -> str:
+    """A service's value of `name`, its -o over main.cf's, expanded, stripped and lower case ("": unset)."""
+    raw = dict(options).get(name, importer.params[name][1] if name in importer.params else "")
+    return expander.expand(raw).strip().lower()
+
+
+def _tls_required(importer: ImportState, expander: Expander, options: list[tuple[str, str]]) -> bool:
+    """Whether Postfix 3.7's smtpd requires TLS on this service (smtpd.c: wrapper mode, or a level other than none
+    and may: `_tls_level`); False when a value cannot be expanded."""
     try:
-        if value("smtpd_tls_wrappermode") == "yes":
-            return True
-        level = value("smtpd_tls_security_level")
-        return level not in ("none", "may") if level else value("smtpd_enforce_tls") == "yes"
+        return (_smtpd_value(importer, expander, options, "smtpd_tls_wrappermode") == "yes"
+                or _tls_level(importer, expander, options) not in ("none", "may"))
     except Unexpanded:
         return False
+
+
+def _legacy_tls_option(importer: ImportState, service: Service, expander: Expander, options: list[tuple[str, str]],
+                       name: str, raw: str, overrides: dict[str, object]) -> None:
+    """An -o smtpd_use_tls / smtpd_enforce_tls: the listener's tls_security_level as Postfix 3.7 maps them
+    (`_tls_level`), unless the service has a smtpd_tls_security_level (which Postfix takes instead: noted)."""
+    where = f"{service.line.where}: {service.name} -o {name}={raw}"
+    if _smtpd_value(importer, expander, options, "smtpd_tls_security_level"):
+        importer.out.notes.append(f"{where} applies to nothing: smtpd_tls_security_level is set, Postfix takes it")
+        return
+    overrides["tls_security_level"] = level = _tls_level(importer, expander, options)
+    importer.out.notes.append(f"{where} is tls_security_level = {level}, as Postfix 3.7 maps it")
 
 
 def _overrides(importer: ImportState, service: Service, options: list[tuple[str, str]]) -> dict[str, object]:
@@ -384,6 +402,12 @@ def _overrides(importer: ImportState, service: Service, options: list[tuple[str,
             continue
         if name == "smtpd_tls_wrappermode":
             overrides["_wrapper"] = value.lower() == "yes"
+            continue
+        if name in ("smtpd_use_tls", "smtpd_enforce_tls"):
+            try:
+                _legacy_tls_option(importer, service, expander, options, name, raw, overrides)
+            except Unexpanded as e:
+                importer.out.leave_out(service.line.where, f"master.cf {service.name} -o {name}", raw, e.reason())
             continue
         if name == "reject_tempfail_action":
             _reject_tempfail_overrides(importer, service, options, raw, value, overrides)

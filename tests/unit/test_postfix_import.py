@@ -1671,8 +1671,8 @@ def test_forbid_bare_newline_of_another_value_is_left_out(tmp_path):
 def test_a_listeners_built_in_or_unneeded_option_is_noted_not_left_out(tmp_path):
     """Debian's stock submission service: `-o smtpd_tls_auth_only=yes` is mailflow's behaviour and
     `-o smtpd_sasl_security_options=noanonymous` is not needed, as in main.cf (they were left out as having "no
-    mailflow counterpart", exit 1); `-o smtpd_tls_auth_only=no` asks another behaviour (left out, with why); a
-    parameter translated from main.cf only says so."""
+    mailflow counterpart", exit 1); `-o smtpd_tls_auth_only=no` asks another behaviour (left out, with why);
+    `-o smtpd_use_tls` beside a level applies to nothing (noted)."""
     pki = ClientPki(tmp_path)
     main = write(tmp_path, "main.cf", f"smtpd_tls_cert_file = {pki.server_cert}\nsmtpd_sasl_auth_enable = no\n"
                                       "smtpd_sasl_type = dovecot\nsmtpd_sasl_path = /run/dovecot/auth\n")
@@ -1692,7 +1692,8 @@ def test_a_listeners_built_in_or_unneeded_option_is_noted_not_left_out(tmp_path)
     code, err = run_import(main, master, tmp_path / "mailflow.toml")
     assert code == 1
     assert "submission -o smtpd_tls_auth_only: only smtpd_tls_auth_only = yes is mailflow's behaviour" in err, err
-    assert "submission -o smtpd_use_tls: translated from main.cf only, not as a listener's -o" in err, err
+    assert "submission -o smtpd_use_tls=yes applies to nothing: smtpd_tls_security_level is set" in (
+        tmp_path / "mailflow.toml").read_text()
 
 
 @pytest.mark.parametrize("tls", ["  -o smtpd_tls_security_level=encrypt\n", "  -o smtpd_tls_wrappermode=yes\n",
@@ -1749,6 +1750,32 @@ def test_sasl_security_options_are_judged_with_the_tls_ones_as_postfix_judges_a_
     assert code == 1
     assert "smtpd_sasl_tls_security_options: with noplaintext, Postfix offers neither PLAIN nor LOGIN in TLS" in err
     assert "submission -o smtpd_sasl_tls_security_options: with mutual_auth, Postfix offers neither" in err, err
+
+
+def test_a_services_legacy_tls_options_set_its_listeners_level_as_postfix_3_7_maps_them(tmp_path):
+    """-o smtpd_enforce_tls=yes is encrypt (a submission listener with AUTH: it was left out as "main.cf only",
+    leaving main.cf's none, no STARTTLS and so no AUTH), -o smtpd_use_tls=yes may; with a
+    smtpd_tls_security_level Postfix takes that instead (noted)."""
+    pki = ClientPki(tmp_path)
+    main = write(tmp_path, "main.cf", f"smtpd_tls_cert_file = {pki.server_cert}\n"
+                                      "smtpd_sasl_type = dovecot\nsmtpd_sasl_path = /run/dovecot/auth\n")
+    master = write(tmp_path, "master.cf", STANDARD_SERVICES + "smtp inet n - y - - smtpd\n"
+                   "submission inet n - y - - smtpd\n  -o smtpd_enforce_tls=yes\n  -o smtpd_sasl_auth_enable=yes\n"
+                   "  -o smtpd_tls_auth_only=no\n"
+                   "2525 inet n - y - - smtpd\n  -o smtpd_use_tls=yes\n"
+                   "2526 inet n - y - - smtpd\n  -o smtpd_use_tls=yes\n  -o smtpd_tls_security_level=none\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    assert code == 0, err
+    doc, text = checked(tmp_path / "mailflow.toml"), (tmp_path / "mailflow.toml").read_text()
+    assert doc["smtpd"]["tls_security_level"] == "none"
+    listeners = {listener["address"].rpartition(":")[2]: listener for listener in doc["smtpd"]["listeners"]}
+    assert listeners["587"]["role"] == "submission"
+    assert listeners["587"]["overrides"]["tls_security_level"] == "encrypt"
+    assert listeners["2525"]["overrides"]["tls_security_level"] == "may"
+    assert listeners["2526"]["overrides"]["tls_security_level"] == "none"
+    assert "submission -o smtpd_enforce_tls=yes is tls_security_level = encrypt" in text
+    assert "2526 -o smtpd_use_tls=yes applies to nothing: smtpd_tls_security_level is set" in text
+    assert "submission -o smtpd_tls_auth_only=no applies to nothing: Postfix forces" in text
 
 def test_a_listeners_option_note_names_its_service(tmp_path):
     """A note convert() makes for an -o (smtpd_forbid_bare_newline's) names the service; it named only the
