@@ -110,6 +110,7 @@ class Importer:
                 self._parameter(name, line, raw)
         self._caches_off()
         self._tls_levels()
+        self._bare_newline_default()
         self._listen()
         if self.services is not None:
             for service in self.services:
@@ -430,6 +431,17 @@ class Importer:
     def _yes(self, name: str, default: str = "no") -> bool:
         """A yes/no parameter of main.cf (Postfix's `default` when main.cf does not set it)."""
         return (self._main_value(name) or default).lower() == "yes"
+
+    def _bare_newline_default(self) -> None:
+        """A note when main.cf leaves smtpd_forbid_bare_newline at Postfix 3.7.11's default, `no`: mailflow's default
+        (true, as `reject`) stays, for security, and refuses the bare LF Postfix took from clients outside the
+        exclusions."""
+        if "smtpd_forbid_bare_newline" not in self.params:
+            self.out.notes.append("(no smtpd_forbid_bare_newline in main.cf) Postfix 3.7.11's default is no (a bare "
+                                  "<LF> taken from every client); mailflow's smtpd.forbid_bare_newline stays true "
+                                  "(Postfix's reject, 521 5.5.2 and a disconnect) for the clients outside "
+                                  "smtpd.forbid_bare_newline_exclusions (unset: mynetworks): set it to false for "
+                                  "Postfix 3.7's behaviour")
 
     def _tls_levels(self) -> None:
         """smtpd's and smtp's level when main.cf sets no (non-empty) *_tls_security_level: Postfix 3.7's from

@@ -1635,6 +1635,19 @@ def test_forbid_bare_newline_is_translated_by_its_value(tmp_path, value, forbid)
     assert noted is (value in ("yes", "Normalize"))
 
 
+
+def test_a_main_cf_without_forbid_bare_newline_notes_that_postfix_3_7_took_bare_lf_from_everyone(tmp_path):
+    """Postfix 3.7.11's default is no; mailflow's stays true (a security default), so outside clients whose bare LF
+    Postfix took now get 521: a note says so (nothing did)."""
+    code, err = run_import(write(tmp_path, "main.cf", "myhostname = mx.test\n"), None, tmp_path / "mailflow.toml")
+    assert code == 0, err
+    assert "(no smtpd_forbid_bare_newline in main.cf) Postfix 3.7.11's default is no" in (
+        tmp_path / "mailflow.toml").read_text()
+    code, err = run_import(write(tmp_path, "main.cf", "smtpd_forbid_bare_newline = reject\n"), None,
+                           tmp_path / "mailflow.toml")
+    assert code == 0, err
+    assert "(no smtpd_forbid_bare_newline in main.cf)" not in (tmp_path / "mailflow.toml").read_text()
+
 def test_forbid_bare_newline_reject_is_imported_with_its_exclusions_and_its_differences_noted(tmp_path):
     """reject: Postfix 3.7.11's reply (550, a disconnect only after a command) noted; its exclusions translated
     (`$mynetworks`, its default, is mailflow's); reject_code = 521 is mailflow's behaviour (built in), another
