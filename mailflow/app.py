@@ -650,10 +650,12 @@ def freeze_the_heap() -> None:
 
 
 async def reload_logged(mf: Mailflow, reread: Callable[[], Config], where: str = "") -> bool:
-    """One reload as SIGHUP asks it: re-read, put in force, log the outcome (the log level at once). False when
+    """One reload as SIGHUP asks it: re-read, put in force, log the outcome (the log level at once) and the
+    configuration's warnings it did not have before (Config.warnings, as serve logs them at its start). False when
     refused (logged as `error: reload refused … FILE: KEY: REASON`, FILE being `where` when the problem does not
     name the configuration's file itself, as check-config and serve say it)."""
     log.info("reload: re-reading the configuration")
+    before = set(mf.config.warnings())
     try:
         await mf.reload(await asyncio.to_thread(reread))
     except ConfigError as e:
@@ -664,4 +666,7 @@ async def reload_logged(mf: Mailflow, reread: Callable[[], Config], where: str =
         log.exception("reload failed, the configuration in force stays")
         return False
     logging.getLogger().setLevel(mf.config.log.level.upper())
+    for warning in mf.config.warnings():  # the new ones, as serve's start logs them (cli/server.py warn_at_start)
+        if warning not in before:
+            log.warning("%s: %s", where, warning)
     return True

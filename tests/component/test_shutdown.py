@@ -3,12 +3,13 @@ with its 250 within the grace period, what outlasts it is cut without losing any
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 
 import pytest
 
 from mailflow import status
-from mailflow.app import Mailflow
+from mailflow.app import Mailflow, reload_logged
 from mailflow.config import config_from_dict
 from mailflow.errors import ConfigError
 from tests.component.test_smtpd_hardening import _connect_unread, _pipeline_until
@@ -123,6 +124,21 @@ async def test_a_refused_reload_leaves_grace_cache_limit_and_auth_window_as_they
     finally:
         await mf.stop()
 
+
+
+async def test_a_reload_logs_the_warnings_the_new_configuration_brings_as_the_start_does(mailflow_server, caplog):
+    """A listener's overrides.postscreen.cache_limit (ignored: one cache for the server) brought by a reload is
+    logged as serve's start logs it (it was taken silently); a warning already in force is not repeated."""
+    mf = await mailflow_server()
+    settings = mf.config.model_dump()
+    listener = {"address": "127.0.0.1:0", "role": "mta", "overrides": {"postscreen": {"cache_limit": 5}}}
+    changed = config_from_dict({**settings, "smtpd": {**settings["smtpd"], "listeners": [listener]}})
+    caplog.set_level(logging.WARNING, logger="mailflow")
+    for _ in range(2):
+        assert await reload_logged(mf, lambda: changed, "m.toml")
+    warnings = [m for m in (r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+                if "cache_limit" in m]
+    assert len(warnings) == 1 and warnings[0].startswith("m.toml: smtpd.listeners: listener 0 (127.0.0.1:0, mta): ")
 
 async def test_a_stop_writes_nothing_into_a_tls_handshake(mailflow_server, pki, users):
     """A session in its TLS handshake (after STARTTLS, or first on a submissions listener) is closed at a stop
