@@ -115,22 +115,25 @@ def postscreen_master_cf(port: int) -> str:
             "tlsproxy unix - - n - 0 tlsproxy\n")
 
 
+async def pregreet_at_postfix(access_list: str) -> tuple[list[bytes], list[str]]:
+    """`dialogue` against a private Postfix's postscreen (greet_action drop, the given postscreen_access_list): its
+    replies and its postscreen lines once it logged the PASS OLD."""
+    port = free_port()
+    async with postfix_instance(main_cf={"myhostname": HOST, "postscreen_greet_wait": f"{GREET_WAIT}s",
+                                         "postscreen_greet_action": "drop", "postscreen_access_list": access_list,
+                                         "postscreen_cache_map": "btree:$data_directory/postscreen_cache"},
+                                master_cf=postscreen_master_cf(port)) as pf:
+        theirs = await dialogue(port)
+        await logged(their_lines(pf), "PASS OLD", 1)
+        return theirs, postscreen_lines(their_lines(pf)())
+
+
 async def test_pregreet_and_pass_as_postfix(mailflow_server, caplog):
     caplog.set_level(logging.INFO, logger="mailflow.postscreen")
     mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "postscreen": {
         "enable": True, "access_list": [], "greet_wait": GREET_WAIT, "greet_action": "drop"}})
 
-    async def with_postfix() -> tuple[list[bytes], list[str]]:
-        port = free_port()
-        async with postfix_instance(main_cf={"myhostname": HOST, "postscreen_greet_wait": f"{GREET_WAIT}s",
-                                             "postscreen_greet_action": "drop", "postscreen_access_list": "",
-                                             "postscreen_cache_map": "btree:$data_directory/postscreen_cache"},
-                                    master_cf=postscreen_master_cf(port)) as pf:
-            theirs = await dialogue(port)
-            await logged(their_lines(pf), "PASS OLD", 1)
-            return theirs, postscreen_lines(their_lines(pf)())
-
-    ours, (theirs, their_log) = await side_by_side(dialogue(mf.smtp_addresses[0][1]), with_postfix())
+    ours, (theirs, their_log) = await side_by_side(dialogue(mf.smtp_addresses[0][1]), pregreet_at_postfix(""))
     our_log = postscreen_lines([r.getMessage() for r in caplog.records if r.name == "mailflow.postscreen"])
     their_log = [line for line in their_log if not line.startswith("cache ")]  # (its cache file's upkeep)
 
@@ -152,17 +155,8 @@ async def test_an_access_list_table_that_cannot_answer_as_postfix(mailflow_serve
     mf = await mailflow_server(smtpd={"banner": "ESMTP Postfix", "postscreen": {
         "enable": True, "access_list": ["fail:acl"], "greet_wait": GREET_WAIT, "greet_action": "drop"}})
 
-    async def with_postfix() -> tuple[list[bytes], list[str]]:
-        port = free_port()
-        async with postfix_instance(main_cf={"myhostname": HOST, "postscreen_greet_wait": f"{GREET_WAIT}s",
-                                             "postscreen_greet_action": "drop", "postscreen_access_list": "fail:acl",
-                                             "postscreen_cache_map": "btree:$data_directory/postscreen_cache"},
-                                    master_cf=postscreen_master_cf(port)) as pf:
-            theirs = await dialogue(port)
-            await logged(their_lines(pf), "PASS OLD", 1)
-            return theirs, postscreen_lines(their_lines(pf)())
-
-    ours, (theirs, their_log) = await side_by_side(dialogue(mf.smtp_addresses[0][1]), with_postfix())
+    ours, (theirs, their_log) = await side_by_side(dialogue(mf.smtp_addresses[0][1]),
+                                                   pregreet_at_postfix("fail:acl"))
     our_log = postscreen_lines([f"{'warning: ' * (r.levelno == logging.WARNING)}{r.getMessage()}"
                                 for r in caplog.records if r.name == "mailflow.postscreen"])
     their_log = [line for line in their_log if not line.startswith("cache ")]
