@@ -90,7 +90,7 @@ def _read_path(text: str, strict: bool) -> tuple[str, str, str] | None:
     extract_addr takes an RFC 822 form (address.undressed_path) where that word has a comment (address.is_dressed:
     `<a@b>(c)`, `<a@b (c)>`; the address is never judged with one in it) or is refused as it is (a phrase before
     the brackets). `strict` (strict_rfc821_envelopes): a comment or phrase is refused, as Postfix refuses them
-    then, and so is a source route after a blank (`< @r:a@b>`). None when there is no address. The first word is
+    then, and so is a source route not right after the first `<` (`< @r:a@b>`, `<<@r:a@b>>`). None when there is no address. The first word is
     read once at most, and not at all on the usual path (no parenthesis in `text`)."""
     word = next_command_word(text) if address.is_dressed(text) else None  # (the usual path: no parenthesis)
     if word is not None and address.is_dressed(word[0]):
@@ -103,7 +103,7 @@ def _read_path(text: str, strict: bool) -> tuple[str, str, str] | None:
             if strict:
                 return None
         else:
-            return None if strict and _route_after_blank(text) else path
+            return None if strict and _route_not_first(text, path[1]) else path
         word = word or next_command_word(text)  # (a phrase before the brackets, say)
     plain = address.undressed_path(word[0])
     if plain is None:
@@ -114,12 +114,12 @@ def _read_path(text: str, strict: bool) -> tuple[str, str, str] | None:
         return None
 
 
-def _route_after_blank(text: str) -> bool:
-    """`< @r:a@b>`: a source route after a blank inside the brackets, which strict Postfix refuses (its smtpd cuts a
-    route only where the path starts with `@`, and its RFC 822 parser reads what is left as a group, no address)."""
-    inner = text.lstrip(COMMAND_BLANKS).lstrip("<")
-    path = inner.lstrip(address.TOKENIZER_BLANKS)
-    return len(path) < len(inner) and path.startswith("@")
+def _route_not_first(text: str, written: str) -> bool:
+    """A source route (the written path starts with `@`) anywhere but right after the first `<`: `< @r:a@b>`,
+    `<<@r:a@b>>`, `< <@r:a@b>>`, which strict Postfix refuses (its smtpd cuts a route only where `@` follows the
+    first `<`, and its RFC 822 parser reads what is left as a group, no address). Decided from parse_written_path's
+    own reading (`written` keeps the route), not a second one."""
+    return written.startswith("@") and text.lstrip(COMMAND_BLANKS)[1:2] != "@"
 
 
 def _take_dsn(found: dict[str, str], key: str, value: str, discarded: frozenset[str]) -> status.Reply | None:

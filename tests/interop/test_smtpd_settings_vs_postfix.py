@@ -336,6 +336,11 @@ STRICT_SESSIONS: dict[str, list[str | bytes]] = {
         "EHLO c.test", "MAIL FROM:< @r.test:s@remote.test>", "RSET", "MAIL FROM:<@r.test:s@remote.test >",
         "RCPT TO:< @local.test:x@evil.test>", "RCPT TO:<\t@evil.test:alice@local.test>",
         "RCPT TO:< @evil.test:alice@local.test>"],
+    "a source route inside a nested pair": [  # (strict Postfix: not right after the first `<`, refused)
+        "EHLO c.test", "MAIL FROM:< <@r.test:s@remote.test>>", "RSET", "MAIL FROM:<\t<@r.test:s@remote.test> >",
+        "RSET", "MAIL FROM:<<@r.test:s@remote.test>>", "RSET", "MAIL FROM:<s@remote.test>",
+        "RCPT TO:< <@evil.test:alice@local.test>>",
+        "RCPT TO:< <@local.test:x@evil.test>>", "RCPT TO:<<@local.test:x@evil.test>>"],
     "blanks at the ends around a nested path": [
         "EHLO c.test", "MAIL FROM:<Joe <s@remote.test> >", "RSET", 'MAIL FROM:<"Joe" <s@remote.test> >', "RSET",
         "MAIL FROM:< <s@remote.test> >", "RCPT TO:<< alice@local.test> >", "RCPT TO:<<alice@local.test>(c)>",

@@ -89,6 +89,11 @@ BAD = status.RECIPIENT_SYNTAX
     ("< @r.test:a@b.test>", "MAIL", True, PathRefusal(BAD, "< @r.test:a@b.test>")),
     ("<\t@local.test:x@evil.test>", "RCPT", True, PathRefusal(BAD, "<\t@local.test:x@evil.test>")),
     ("<@r.test:a@b.test >", "MAIL", True, ("a@b.test", "@r.test:a@b.test", "")),
+    # ... and so is one inside a nested pair, blanks or not (the route is not right after the first `<`)
+    ("< <@r.test:a@b.test>>", "MAIL", True, PathRefusal(BAD, "< <@r.test:a@b.test>>")),
+    ("<\t<@r.test:a@b.test> >", "MAIL", True, PathRefusal(BAD, "<\t<@r.test:a@b.test> >")),
+    ("<<@local.test:x@evil.test>>", "RCPT", True, PathRefusal(BAD, "<<@local.test:x@evil.test>>")),
+    ("< <@r.test:a@b.test>>", "MAIL", False, ("a@b.test", "@r.test:a@b.test", "")),
     # strict, a parenthesis inside a quoted string is no comment: a valid path
     ('<"a(b)"@b.test>', "MAIL", True, ('"a(b)"@b.test', '"a(b)"@b.test', "")),
     ('<"(x)"@b.test> SIZE=10', "MAIL", True, ('"(x)"@b.test', '"(x)"@b.test', "SIZE=10")),
