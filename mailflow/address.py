@@ -95,7 +95,7 @@ def parse_written_path(text: str) -> tuple[str, str, str]:
 
     RFC 5321 4.1.2 `Reverse-path / Forward-path`, with what Postfix (smtpd_strict_rfc821_envelope = no) also
     takes: spaces before the path, a path without angle brackets (it ends at the first space outside a quoted
-    string), a path in more than one pair of them (`<<a@b>>`, `< <a@b> >`), a source route `@a,@b:` (dropped,
+    string), a path in two pairs of them (`<<a@b>>`, `< <a@b> >`; not three), a source route `@a,@b:` (dropped,
     RFC 5321 C; up to its first ':' even inside an address literal, as Postfix's smtpd cuts it:
     `@[IPv6:2001:db8::1]:u@x` leaves `2001:db8::1]:u@x`, refused here, one odd address to Postfix), and one
     trailing dot on the domain (dropped).
@@ -157,9 +157,11 @@ _OPENING_NEXT = frozenset("< \t")  # what may follow the first '<' where more op
 
 def _opening(text: str) -> tuple[int, int]:
     """(how many, where the path starts) of the `<` that open `text` (which starts with one): `<<a@b>>`, and with
-    spaces or tabs between them, `< <a@b> >`, which Postfix's tokenizer skips, strict_rfc821_envelopes or not."""
+    spaces or tabs between them, `< <a@b> >`, which Postfix's tokenizer skips, strict_rfc821_envelopes or not.
+    Two at most: Postfix's extract_addr strips one pair and its tokenizer reads one route-addr inside
+    (`<<<a@b>>>`: 501)."""
     depth, at = 1, 1
-    while text[at:at + 1] in _OPENING_NEXT:
+    while depth < 2 and text[at:at + 1] in _OPENING_NEXT:  # (Postfix: one pair its smtpd strips, one route-addr)
         blank = at
         while text[blank:blank + 1] in (" ", "\t"):
             blank += 1
@@ -219,6 +221,8 @@ def undressed_path(word: str) -> str | None:
     bracketed = text.startswith("<") and text.endswith(">") and len(text) > 1
     inner = text[1:-1].strip(TOKENIZER_BLANKS) if bracketed else text  # (one pair, as extract_addr strips one)
     at = _find_unquoted(inner, "<", 0)
+    if at == 0 and bracketed and not (word.startswith("<") and word.endswith(">")):
+        return None  # `<<a@b>>(c)`: Postfix strips a pair only where the word ends in it: two route-addrs to it
     if at >= 0:  # `phrase <address>`: the phrase goes (`<<a@b>(c)>`, `< <a@b> >`: none)
         if not _PHRASE_RE.fullmatch(inner[:at]) or not inner.endswith(">"):
             return None

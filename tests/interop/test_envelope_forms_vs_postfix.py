@@ -41,6 +41,9 @@ Postfix's reading there is a quirk of its RFC 822 parser that a user would not w
   judges and names the whole `@local.test:x@evil.test`;
   mailflow drops the comment, then the route, and names `x@evil.test`. Both refuse it (554 Relay access denied),
   only the address named in the reply differs.
+- the null sender three pairs deep or with a comment after two (`<<<> > >`, `<<>>(c)`): Postfix's tokenizer reads
+  an empty route-addr, the null sender; mailflow 501, as both refuse `<<<a@b>>>` and `<<a@b>>(c)` (two pairs at
+  most, the outer one stripped only where the word ends in `>`).
 - message_size_limit (docs/config.md): Postfix bounds its queue file, which holds the envelope and the Received
   header cleanup adds, so a message within the limit by its own count is `552 5.3.4 Error: message file too big`
   in a band below the limit (measured here: 3100 octets taken, 3300 refused, at a limit of 4096, by DATA, one
@@ -116,6 +119,9 @@ CASES: dict[str, list[Step]] = {
         # blanks at the ends around a nested path: skipped
         "<Joe <a@b.test> >", '<"Joe" <a@b.test> >', "< <a@b.test> >", "<< a@b.test> >", "<\t<a@b.test>\t>",
         "<a@b.test> > SIZE=10",
+        # two pairs at most, the outer one stripped only where the word ends in it: refused alike
+        "<<<a@b.test> > >", "<< <a@b.test>> >", "<<<a@b.test>> >", "<< <a@b.test> >>", "<<<a@b.test>>>",
+        "<<a@b.test>>(c)", "< <a@b.test> >(c)", "<<a@b.test> >(c)", "<<<> > >", "<<>>(c)",
         # a parenthesis in a quoted string is no comment; a source route after a blank
         '<"a(b)"@b.test>', '<"a)"@b.test>', '<"(x)"@b.test> SIZE=10', "< @r.test:a@b.test>", "<\t@r.test:a@b.test >",
         # two words: an address and an unknown parameter to both
@@ -140,7 +146,7 @@ CASES: dict[str, list[Step]] = {
         "<alice@local.test (x@evil.test)>", "<alice@local.test>(x@evil.test)", "<alice@local.test> <x@evil.test>",
         "<@local.test:Joe <x@evil.test>>", "<(c)@local.test:x@evil.test>", "Al(c)ice<x@evil.test>",
         "<Al(c)ice <x@evil.test>>", "x(c)evil<alice@local.test>", "< @local.test:x@evil.test>",
-        "< @evil.test:alice@local.test>",
+        "< @evil.test:alice@local.test>", "<<<x@evil.test> > >",
     ]},
     **{f"size {value}": [EHLO, line(f"{SENDER} SIZE={value}")] for value in ("4095", "4096", "4097", "0")},
     **{f"{kind} {size}": sent(kind, size) for kind in ("DATA", "BDAT", "BDAT2")
@@ -156,7 +162,8 @@ KEPT: dict[str, tuple[str, str]] = {
     **{f"mail {form}": GROUP for form in ["<group: a@b.test;>", "<group:;>", "<Joe: a@b.test>", "<:a@b.test>",
                                           "<a@b.test>;", "<a@b.test>,", "<a@b.test>>", "<@r.test:Joe <a@b.test>>",
                                           "<a @b.test>", "<a@b.test>(", "<(c)>x",
-                                          "J@e<a@b.test>", r"Jo(c)\e<a@b.test>", "Jo(c)e<a(c)b@b.test>"]},
+                                          "J@e<a@b.test>", r"Jo(c)\e<a@b.test>", "Jo(c)e<a(c)b@b.test>",
+                                          "<<<> > >", "<<>>(c)"]},
     "mail <a@b.test>(x y)": ("555 5.5.4 Unsupported option: y)", GROUP[1]),
     "mail group: a@b.test;": ("555 5.5.4 Unsupported option: a@b.test;", GROUP[1]),
     "rcpt <\valice@local.test>": ("550 5.1.1 < alice@local.test>: Recipient address rejected: User unknown in local "

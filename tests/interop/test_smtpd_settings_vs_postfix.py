@@ -341,6 +341,11 @@ STRICT_SESSIONS: dict[str, list[str | bytes]] = {
         "RSET", "MAIL FROM:<<@r.test:s@remote.test>>", "RSET", "MAIL FROM:<s@remote.test>",
         "RCPT TO:< <@evil.test:alice@local.test>>",
         "RCPT TO:< <@local.test:x@evil.test>>", "RCPT TO:<<@local.test:x@evil.test>>"],
+    "two pairs at most, the outer one only where the word ends in it": [  # (501 from Postfix, strict or not)
+        "EHLO c.test", "MAIL FROM:<<<s@remote.test> > >", "MAIL FROM:<< <s@remote.test>> >",
+        "MAIL FROM:<<<s@remote.test>>>", "MAIL FROM:<<s@remote.test>>(c)", "MAIL FROM:< <s@remote.test> >(c)",
+        "MAIL FROM:<s@remote.test>", "RCPT TO:<<<x@evil.test> > >", "RCPT TO:<<<alice@local.test>> >",
+        "RCPT TO:<<alice@local.test> >(c)", "VRFY <<alice@local.test>>(c)", "VRFY <<<alice@local.test> > >"],
     "blanks at the ends around a nested path": [
         "EHLO c.test", "MAIL FROM:<Joe <s@remote.test> >", "RSET", 'MAIL FROM:<"Joe" <s@remote.test> >', "RSET",
         "MAIL FROM:< <s@remote.test> >", "RCPT TO:<< alice@local.test> >", "RCPT TO:<<alice@local.test>(c)>",
@@ -372,6 +377,8 @@ async def test_strict_rfc821_envelopes_refuses_paths_without_brackets_as_postfix
     mailflow = await replay(await start_mailflow(mailflow_server, strict_rfc821_envelopes=strict), STRICT_SESSIONS)
     assert mailflow == postfix
     assert illegal(r.getMessage() for r in caplog.records) == postfix_warned
+    deep = postfix["two pairs at most, the outer one only where the word ends in it"]
+    assert [reply[:3] for reply in deep[1:]] == ["501"] * 5 + ["250"] + ["501"] * 5
     taken = ["<alice@local.test>(c)", "<Joe <alice@local.test>>", "<alice@local.test >", "Joe <alice@local.test>",
              "alice@local.test (c)"]
     assert postfix["VRFY, never strict"][1:] == [f"252 2.0.0 {form}" for form in taken] + [
@@ -390,6 +397,8 @@ async def test_strict_rfc821_envelopes_refuses_paths_without_brackets_as_postfix
                                                         "252", "252"]
         routed = postfix["a source route after a blank inside the brackets"]
         assert [reply[:3] for reply in routed[1:]] == ["501", "250", "250", "501", "501", "501"]
+        nested_routes = postfix["a source route inside a nested pair"]
+        assert [reply[:3] for reply in nested_routes[1:]] == ["501", "250"] * 3 + ["250"] + ["501"] * 3
         assert [line.split(" in ")[1] for line in postfix_warned[:2]] == ["MAIL command: s@remote.test",
                                                                           "RCPT command: alice@local.test"]
     else:  # Postfix's default: taken without them

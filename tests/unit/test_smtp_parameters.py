@@ -85,6 +85,10 @@ BAD = status.RECIPIENT_SYNTAX
     ("<<a@b.test>(c)>", "RCPT", True, PathRefusal(BAD, "<<a@b.test>(c)>")),
     ("<<a@b.test> x>", "RCPT", False, PathRefusal(BAD, "<<a@b.test> x>")),
     ("<a@b.test> > SIZE=1", "MAIL", False, ("a@b.test", "a@b.test", "> SIZE=1")),  # (one pair, then a word `>`)
+    # two pairs at most (depth 3 refused), the outer one stripped only where the word ends in it (not before a comment)
+    *[(form, "MAIL", strict, PathRefusal(BAD, form)) for strict in (False, True) for form in [
+        "<<<a@b.test> > >", "<< <a@b.test>> >", "<<<a@b.test>>>", "<<a@b.test>>(c)", "< <a@b.test> >(c)",
+        "<<<> > >", "<<>>(c)"]],
     # strict, a source route after a blank is refused, as strict Postfix refuses it (it cuts a route only first)
     ("< @r.test:a@b.test>", "MAIL", True, PathRefusal(BAD, "< @r.test:a@b.test>")),
     ("<\t@local.test:x@evil.test>", "RCPT", True, PathRefusal(BAD, "<\t@local.test:x@evil.test>")),
