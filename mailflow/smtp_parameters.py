@@ -90,8 +90,9 @@ def _read_path(text: str, strict: bool) -> tuple[str, str, str] | None:
     extract_addr takes an RFC 822 form (address.undressed_path) where that word has a comment (address.is_dressed:
     `<a@b>(c)`, `<a@b (c)>`; the address is never judged with one in it) or is refused as it is (a phrase before
     the brackets). `strict` (strict_rfc821_envelopes): a comment or phrase is refused, as Postfix refuses them
-    then, and so is a source route not right after the first `<` (`< @r:a@b>`, `<<@r:a@b>>`). None when there is no address. The first word is
-    read once at most, and not at all on the usual path (no parenthesis in `text`)."""
+    then, and so is a source route not right after the first `<` (`< @r:a@b>`, `<<@r:a@b>>`). None when there
+    is no address. The first word is read once at most, and not at all on the usual path (no parenthesis in
+    `text`)."""
     word = next_command_word(text) if address.is_dressed(text) else None  # (the usual path: no parenthesis)
     if word is not None and address.is_dressed(word[0]):
         if strict:
