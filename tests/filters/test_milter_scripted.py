@@ -515,6 +515,23 @@ async def test_a_sender_or_recipient_that_is_not_an_address_is_ignored_and_logge
     assert len(warnings) == 5 and all(w.startswith(f"{queue_id}: milter ") for w in warnings), warnings
 
 
+async def test_a_nested_pair_from_a_milter_is_no_address_and_never_the_null_sender(milter_server, tmp_path, caplog):
+    """CHGFROM and ADDRCPT read one pair of angle brackets: a nested pair (`< <>>`, `<<bob@b>>`, `< <bob@b> >`),
+    which MAIL FROM and RCPT TO take as Postfix's smtpd does, is ignored with a warning; Postfix's cleanup strips no
+    pair (`< <>>` becomes the sender `">"@$myorigin`), and a null sender so reached would drop the bounces."""
+    edits = [reply(b"e", b"< <>>\0"), reply(b"+", b"<<bob@local.test>>\0"), reply(b"+", b"< <bob@local.test>>\0"),
+             reply(b"2", b"<\t<bob@local.test> >\0NOTIFY=NEVER\0")]
+    _, port = await milter_server({b"E": b"".join(edits) + reply(b"c")})
+    client = await SmtpClient.connect(port)
+    sent = await client.send_message(MESSAGE)
+    assert sent.code == 250
+    await client.close()
+    [data] = await eventually(lambda: maildir_messages(tmp_path / "mail" / "alice" / "Maildir"))
+    assert data.startswith(b"Return-Path: <s@remote.test>\n"), data[:200]
+    warnings = [r.getMessage() for r in caplog.records if "milter" in r.getMessage() and r.levelname == "WARNING"]
+    assert sum("is not an address: edit ignored" in w for w in warnings) == 4, warnings
+
+
 async def test_a_quarantine_is_followed_by_the_events_own_reply(mailflow_server):
     """A milter's quarantine is no final reply (Postfix's milter8 reads on): the event's answer follows it. Here a
     quarantine at the first RCPT, then continue; a reject at the second: the first recipient is taken, the second

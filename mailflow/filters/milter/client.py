@@ -50,11 +50,11 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from mailflow import dsn_parameters, status
-from mailflow.address import PathError, mailbox_syntax_error, parse_path, split
+from mailflow.address import TOKENIZER_BLANKS, PathError, mailbox_syntax_error, parse_path, split
 from mailflow.filters.edits import is_field_name
 from mailflow.filters.milter import protocol as p
 from mailflow.message import drop_header_names, header_fields
-from mailflow.syntax import parse_endpoint
+from mailflow.syntax import COMMAND_BLANKS, parse_endpoint
 
 log = logging.getLogger("mailflow.smtpd")
 
@@ -329,7 +329,12 @@ def _envelope_address(text: str) -> str | None:
     """The address a milter's CHGFROM or ADDRCPT names ("" for `<>`), or None when it is not one: a path as
     MAIL FROM and RCPT TO take it, nothing after it, no control character, a valid domain when it has one.
     (Postfix makes something of anything, `not an address` becoming `not@$myorigin`; a milter's typo should not
-    become a recipient.)"""
+    become a recipient.) One pair of angle brackets: a nested pair (`<<a@b>>`, `< <a@b> >`, `< <>>`), which MAIL FROM
+    and RCPT TO take as Postfix's smtpd strips one, is none (Postfix's cleanup strips no pair: `< <>>` is the sender
+    `">"@$myorigin` to it, never the null sender it would be here)."""
+    path = text.lstrip(COMMAND_BLANKS)
+    if path[:1] == "<" and path[1:].lstrip(TOKENIZER_BLANKS)[:1] == "<":
+        return None
     try:
         address, rest = parse_path(text)
     except PathError:
