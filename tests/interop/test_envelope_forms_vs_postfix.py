@@ -44,6 +44,10 @@ Postfix's reading there is a quirk of its RFC 822 parser that a user would not w
 - the null sender three pairs deep or with a comment after two (`<<<> > >`, `<<>>(c)`): Postfix's tokenizer reads
   an empty route-addr, the null sender; mailflow 501, as both refuse `<<<a@b>>>` and `<<a@b>>(c)` (two pairs at
   most, the outer one stripped only where the word ends in `>`).
+- a garbage source route and nothing after it (`<@](c) Joe @r,@s:>`, `<@;Joe ,(c)@r,@s:(c)>`,
+  `<@.\\vlocal.test(c): >`): Postfix cuts the route at its first `:` and takes what is left, nothing, as the null
+  sender; mailflow reads the comment as a blank and refuses the blank inside the address (501) before it would
+  cut the route. Only stricter: no address is judged or queued that Postfix would not.
 - message_size_limit (docs/config.md): Postfix bounds its queue file, which holds the envelope and the Received
   header cleanup adds, so a message within the limit by its own count is `552 5.3.4 Error: message file too big`
   in a band below the limit (measured here: 3100 octets taken, 3300 refused, at a limit of 4096, by DATA, one
@@ -131,7 +135,8 @@ CASES: dict[str, list[Step]] = {
         # kept differences
         "<group: a@b.test;>", "<group:;>", "group: a@b.test;", "<Joe: a@b.test>", "<:a@b.test>", "<a@b.test>;",
         "<a@b.test>,", "<a@b.test>>", "<@r.test:Joe <a@b.test>>", "<a @b.test>", "<a@b.test>(", "<a@b.test>(x y)",
-        "<<a@b.test>(c)>", "<(c)>x", "J@e<a@b.test>",
+        "<<a@b.test>(c)>", "<(c)>x", "J@e<a@b.test>", "<@](c) Joe @r,@s:>", "<@;Joe ,(c)@r,@s:(c)>",
+        "<@.\vlocal.test(c): >",
     ]},
     **{f"rcpt {form}": rcpt(form) for form in [
         '"Joe"<alice@local.test>', "<alice@local.test>(c) NOTIFY=NEVER", "alice@local.test(c)",
@@ -163,7 +168,8 @@ KEPT: dict[str, tuple[str, str]] = {
                                           "<a@b.test>;", "<a@b.test>,", "<a@b.test>>", "<@r.test:Joe <a@b.test>>",
                                           "<a @b.test>", "<a@b.test>(", "<(c)>x",
                                           "J@e<a@b.test>", r"Jo(c)\e<a@b.test>", "Jo(c)e<a(c)b@b.test>",
-                                          "<<<> > >", "<<>>(c)"]},
+                                          "<<<> > >", "<<>>(c)", "<@](c) Joe @r,@s:>",
+                                          "<@;Joe ,(c)@r,@s:(c)>", "<@.\vlocal.test(c): >"]},
     "mail <a@b.test>(x y)": ("555 5.5.4 Unsupported option: y)", GROUP[1]),
     "mail group: a@b.test;": ("555 5.5.4 Unsupported option: a@b.test;", GROUP[1]),
     "rcpt <\valice@local.test>": ("550 5.1.1 < alice@local.test>: Recipient address rejected: User unknown in local "
