@@ -152,7 +152,8 @@ def parse_written_path(text: str) -> tuple[str, str, str]:
     return path, written, rest.strip(COMMAND_BLANKS)
 
 
-_OPENING_NEXT = frozenset("< \t")  # what may follow the first '<' where more open
+_BLANK = frozenset(TOKENIZER_BLANKS)  # one of them (a set: the empty string past the end is none)
+_OPENING_NEXT = _BLANK | {"<"}  # what may follow the first '<' where more open
 
 
 def _opening(text: str) -> tuple[int, int]:
@@ -163,7 +164,7 @@ def _opening(text: str) -> tuple[int, int]:
     depth, at = 1, 1
     while depth < 2 and text[at:at + 1] in _OPENING_NEXT:  # (Postfix: one pair its smtpd strips, one route-addr)
         blank = at
-        while text[blank:blank + 1] in (" ", "\t"):
+        while text[blank:blank + 1] in _BLANK:
             blank += 1
         if text[blank:blank + 1] != "<":
             break
@@ -178,7 +179,7 @@ def _closing(text: str, end: int, depth: int) -> int:
         return -1
     at = end + 1
     for _ in range(depth - 1):
-        while text[at:at + 1] in (" ", "\t"):
+        while text[at:at + 1] in _BLANK:
             at += 1
         if text[at:at + 1] != ">":
             return -1

@@ -380,7 +380,9 @@ def test_a_source_route_ends_at_its_first_colon_outside_an_address_literal():
 
 @pytest.mark.parametrize("text", ["<a@b.test", "<a@b.test>x", "<a b@b.test>", "<a\\b@b.test>", "<a,b@b.test>",
                                   "<a@>", '<"a""b"@b.test>', "a@b<x>", '<"a@b.test>', "<(c)a@b.test>", '<"a"b@b.test>',
-                                  "<<a@b.test>", "<a@b.test>>", "<a@b.test>\x1cSIZE=1", "<a@b.test>\u00a0SIZE=1"])
+                                  "<<a@b.test>", "<a@b.test>>", "<a@b.test>\x1cSIZE=1", "<a@b.test>\u00a0SIZE=1",
+                                  # three pairs: Postfix's smtpd strips one, its tokenizer reads one route-addr
+                                  "<<<a@b.test>>>", "<<<a@b.test> > >", "< < <a@b.test> > >"])
 def test_parse_path_refuses_malformed_paths(text):
     with pytest.raises(address.PathError):
         address.parse_path(text)
@@ -468,6 +470,8 @@ def test_vrfy_argument_splits_words_at_ascii_white_space_only():
     # none, or more than one
     ("<>", ""), ("a@b.test c@d.test", ""), ("<ali(c)ce@b.test>", ""), ("<a@b.test>(", ""), ("<a@b.test>;", ""),
     ("J@e <a@b.test>", ""),
+    # two pairs at most, the outer one only where the word ends in it
+    ("<<<alice@local.test> > >", ""), ("<<alice@local.test>>(c)", ""), ("< <a@b.test> >(c)", ""),
 ])
 def test_vrfy_address_is_read_as_a_mail_or_rcpt_path_word(text, expected):
     assert address.vrfy_address(text) == expected
