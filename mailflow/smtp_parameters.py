@@ -93,7 +93,8 @@ def _read_path(text: str, strict: bool) -> tuple[str, str, str] | None:
     then, and so is a source route not right after the first `<` (`< @r:a@b>`, `<<@r:a@b>>`). None when there
     is no address. The first word is read once at most, and not at all on the usual path (no parenthesis in
     `text`)."""
-    word = next_command_word(text) if address.is_dressed(text) else None  # (the usual path: no parenthesis)
+    dressed = ("(" in text or ")" in text) and address.is_dressed(text)  # (the usual path: no parenthesis, no call)
+    word = next_command_word(text) if dressed else None
     if word is not None and address.is_dressed(word[0]):
         if strict:
             return None
