@@ -772,6 +772,41 @@ async def test_the_stop_and_a_reload_close_their_transports_together_each_grace_
     assert [t.together for t in new] == [True, True]
 
 
+
+class CountingClose(RecordingTransport):
+    """Counts its closes; raises `failure` from each when one is given."""
+
+    def __init__(self, name: str, failure: BaseException | None = None):
+        super().__init__(name)
+        self.failure, self.closes = failure, 0
+
+    async def close(self) -> None:
+        self.closes += 1
+        if self.failure is not None:
+            raise self.failure
+
+
+async def test_a_close_that_fails_at_a_reload_or_the_stop_is_logged_once_and_the_stop_goes_on(h, caplog):
+    """A retired close that raised kept every retired transport in `_retired` (closed again at the stop), left
+    "Task exception was never retrieved", and the stop raised it, skipping the transcripts and the store close.
+    Each failure is logged once with the transport's name; each transport closes once; the stop ends."""
+    old = [CountingClose("local", OSError("disk gone")), CountingClose("smtp"),
+           CountingClose("lmtp", asyncio.CancelledError())]
+    await h.start(transports={"local": old[0], "smtp": old[1], "lmtp": old[2]})
+    new = [CountingClose("local", OSError("still gone")), CountingClose("smtp")]
+    config = Config(myhostname=HOST, mydestination=("example.test",))
+    with caplog.at_level(logging.WARNING, logger="mailflow.qmgr"):
+        h.qmgr.reconfigure(resolve=Rewriter(config).resolve, transports={"local": new[0], "smtp": new[1]},
+                           config=config.queue, notices=None, soft_bounce=False)
+        await eventually(lambda: not h.qmgr._retirements, what="the retirement ended")
+        assert h.qmgr._retired == []
+        await h.qmgr.stop(grace=0.5)  # raises nothing
+        h.qmgr = None  # (stopped)
+    assert [t.closes for t in old + new] == [1, 1, 1, 1, 1]
+    lines = [r.getMessage() for r in caplog.records if "close" in r.getMessage()]
+    assert sorted(lines) == ["transport lmtp: close cancelled", "transport local: close failed: disk gone",
+                             "transport local: close failed: still gone"]
+
 def relaying(relayhost: str, **queue) -> tuple:
     """The routing and the [queue] settings of a configuration that relays everything else to `relayhost`."""
     config = Config(myhostname=HOST, mydestination=("example.test",), relayhost=relayhost,

@@ -142,7 +142,7 @@ import heapq
 import logging
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import AsyncIterator, Callable, Collection, Iterator
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Collection, Iterator
 
 from mailflow.clock import Clock
 from mailflow.content import Content
@@ -157,6 +157,9 @@ from mailflow.stages.qmgr.destination import Destination, Job
 from mailflow.stages.qmgr.notices import bounced_parts
 from mailflow.store import SCAN_CONTENT_BUDGET, Store, store_fault
 from mailflow.tables.search import split_extension
+
+if TYPE_CHECKING:
+    from mailflow.transports import Transport
 
 log = logging.getLogger("mailflow.qmgr")
 
@@ -223,7 +226,8 @@ class QueueManager:
         self._tasks: set[asyncio.Task] = set()
         self._setting_aside: set[str] = set()  # damaged messages a scan took (active in the store), being set aside
         self._deliveries: set[asyncio.Task] = set()
-        self._retired: list = []  # transports a reload replaced, closed once their deliveries end
+        self._retired: list[tuple[str, Transport]] = []  # (name, transport) a reload replaced, closed once its
+        # deliveries end
         self._retirements: set[asyncio.Task] = set()
         self._wakeup = asyncio.Event()
         self._scan_wanted = True  # the next turn scans; not after a wake-up that only a destination's timer rang
@@ -285,7 +289,7 @@ class QueueManager:
         for task in list(self._tasks) + list(self._retirements):
             task.cancel()
         await asyncio.gather(*self._tasks, *self._retirements, return_exceptions=True)
-        await _close_together(_unique([*self._transports.values(), *self._retired]))
+        await _close_together(_unique_named([*_named(self._transports), *self._retired]))
 
     async def _drain(self, seconds: float) -> None:
         """Wait up to `seconds` for every task, including those the finishing ones start (records, finishes)."""
@@ -300,7 +304,8 @@ class QueueManager:
         resolved by `resolve` (`_reroute`); jobs started from now on go to `transports`; every destination starts
         over under `config` (dead ones are alive again), and attempts ending from now on follow it. Transports no
         longer in use are closed once the deliveries already under way end (they may hold cached connections)."""
-        retired = [t for t in _unique(self._transports.values()) if t not in _unique(transports.values())]
+        kept = {id(t) for t in transports.values()}
+        retired = [(name, t) for name, t in _named(self._transports) if id(t) not in kept]
         self._resolve, self._transports, self._config, self._notices = resolve, transports, config, notices
         self._soft_bounce, self._recipient_delimiter = soft_bounce, recipient_delimiter
         for dest in self._destinations.values():
@@ -315,12 +320,17 @@ class QueueManager:
             self._retirements.add(retiring)
             retiring.add_done_callback(self._retirements.discard)
 
-    async def _retire(self, transports: list, deliveries: set[asyncio.Task]) -> None:
+    async def _retire(self, transports: list[tuple[str, Transport]], deliveries: set[asyncio.Task]) -> None:
+        """Close `transports` once `deliveries` ended. Each whose close ended (a failed one too, logged) leaves
+        `_retired`; one whose close a stop cancelled stays there, and the stop closes it again within its grace."""
         if deliveries:
             await asyncio.wait(deliveries)
-        await _close_together(transports)
-        for transport in transports:  # (after: a stop during the closes closes them again, waiting its grace)
-            self._retired.remove(transport)
+        ended: list[Transport] = []
+        try:
+            await _close_together(transports, ended)
+        finally:
+            gone = {id(t) for t in ended}
+            self._retired = [(name, t) for name, t in self._retired if id(t) not in gone]
 
     def wake(self) -> None:
         """New mail is queued: scan soon. Carries no state, but says the store took a commit, so a chore backing
@@ -1241,19 +1251,48 @@ def _postfix_order(rcpt: Recipient) -> tuple[int, bytes, bytes]:
     return 0, folded.encode("utf-8", "surrogateescape"), address
 
 
-async def _close_together(transports: list) -> None:
-    """Every transport's close at once: each bounds its own wait (local's for a /file append under way: the stop's
-    grace), so N of them take one grace, not N. One that fails does not keep the others from closing: the first
-    failure is raised once every close ended."""
-    ended = await asyncio.gather(*(transport.close() for transport in transports), return_exceptions=True)
-    for failure in ended:
-        if isinstance(failure, BaseException):
-            raise failure
+async def _close_together(transports: list[tuple[str, Transport]], ended: list | None = None) -> None:
+    """Every (name, transport)'s close at once: each bounds its own wait (local's for a /file append under way: the
+    stop's grace), so N of them take one grace, not N. A close that fails (or is cancelled on its own) is logged
+    once with the transport's name and raises nothing: the others close, and a stop goes on to the postmaster
+    transcripts and the store. Each transport whose close ended, failed or not, is added to `ended`. When the
+    caller is cancelled, the closes under way are cancelled too, are not in `ended`, and the CancelledError goes
+    on to the caller."""
+    closes = [asyncio.ensure_future(transport.close()) for _, transport in transports]
+    cancelled = True  # (until the closes all ended with the caller still running)
+    try:
+        await asyncio.gather(*closes, return_exceptions=True)
+        cancelled = False
+    finally:
+        for (name, transport), close in zip(transports, closes):
+            if not close.done():
+                close.cancel()
+            elif not close.cancelled() or not cancelled:
+                _log_close_failure(name, close)
+                if ended is not None:
+                    ended.append(transport)
 
 
-def _unique(transports) -> list:
-    """Each transport once (smtp and relay are one object)."""
-    return list({id(t): t for t in transports}.values())
+def _log_close_failure(name: str, close: asyncio.Future) -> None:
+    if close.cancelled():
+        log.warning("transport %s: close cancelled", name)
+    elif (failure := close.exception()) is not None:
+        log.warning("transport %s: close failed: %s", name, describe(failure))
+
+
+def _named(transports: dict) -> list[tuple[str, Transport]]:
+    """Each transport once, named by every service it runs (`smtp/relay`: smtp and relay are one object)."""
+    names: dict[int, list[str]] = {}
+    objects: dict[int, Transport] = {}
+    for name, transport in transports.items():
+        names.setdefault(id(transport), []).append(name)
+        objects[id(transport)] = transport
+    return [("/".join(names[key]), transport) for key, transport in objects.items()]
+
+
+def _unique_named(transports: list[tuple[str, Transport]]) -> list[tuple[str, Transport]]:
+    """Each transport once, under the first name it has in `transports`."""
+    return list({id(t): (name, t) for name, t in reversed(transports)}.values())[::-1]
 
 
 def _suspended(dest: Destination, recipients: tuple[Recipient, ...]) -> DeliveryReport:
