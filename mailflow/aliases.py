@@ -383,8 +383,10 @@ def format_target(target: Target) -> str:
         return target.path if _PLAIN.fullmatch(target.path) else _quote(target.path)
     if isinstance(target, IncludeTarget):
         return _quote(_INCLUDE + target.path)
-    if isinstance(target, MailboxTarget):
-        return "\\\\" + target.address.replace("\\", "\\\\")  # (read back, each backslash escapes the next)
+    if isinstance(target, MailboxTarget):  # (read back, each backslash escapes the next; a name that is not a
+        if _PLAIN.fullmatch(target.address):  # plain atom is quoted, or `\\\\x y, z@evil.test` reads as two)
+            return "\\\\" + target.address
+        return _quote("\\" + target.address)
     return f"<{target.address}>"
 
 

@@ -168,6 +168,14 @@ def test_two_backslashes_left_once_read_are_the_mailbox_of_a_backslashed_name():
     assert parse_aliases(format_aliases({"a": (MailboxTarget("\\js"),)}), "f") == {"a": (MailboxTarget("\\js"),)}
 
 
+@pytest.mark.parametrize("name", ["\\x y, z@evil.test", '\\x"y', "\\a (c)", "a#b", "js+x", "\\js"])
+def test_a_mailbox_form_name_that_is_not_a_plain_atom_writes_back_quoted_as_itself(name):
+    """`MailboxTarget('\\x y, z@evil.test')` (read from `"\\\\\\\\x y, z@evil.test"`, one quoted token as local(8)
+    reads it) was written bare and read back as two members, `\\x y`'s mailbox and the address z@evil.test."""
+    aliases = {"a": (MailboxTarget(name),)}
+    assert parse_aliases(format_aliases(aliases), "f") == aliases
+
+
 def test_a_backslashed_name_with_a_comment_is_the_name():
     """`\\nobody (copy)`: the backslash dropped, the comment too, as local(8) reads it (Postfix 3.7.11 delivers
     to nobody)."""
