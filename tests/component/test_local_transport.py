@@ -157,6 +157,17 @@ async def test_several_remote_addresses_go_in_one_forward(tmp_path):
     assert [call[2] for call in fwd.calls] == [("x@remote.test", "y@remote.test")]
 
 
+async def test_a_forwarded_mailbox_form_name_holding_an_at_is_logged_with_the_address_the_copy_goes_to(tmp_path):
+    """`"\\\\\\\\x@remote.test"` with myorigin local is queued as `"\\\\x@remote.test"@example.test`, which qmgr's
+    resolve (as Postfix's) takes apart: the copy goes to `"\\\\x"@remote.test`. The result line named the queued
+    form; it names where the copy goes (Postfix's line is only `forwarded as ID`)."""
+    fwd = FakeForward()
+    t = transport(tmp_path, 'team: "\\\\\\\\x@remote.test", y@remote.test\n', forward=fwd)
+    [result] = (await t.deliver(request("team@example.test"))).results
+    assert [call[2] for call in fwd.calls] == [('"\\\\\\\\x@remote.test"@example.test', "y@remote.test")]
+    assert result.text == 'forwarded as FWD1 to "\\\\\\\\x"@remote.test, y@remote.test'
+
+
 async def test_a_list_with_an_owner_is_resubmitted_from_the_owner(tmp_path):
     """local(8): members of a list that has an owner- alias get a new message from owner-list@myorigin (local
     ones too, so that cleanup's maps apply to them); the owner's address gets the bounces."""

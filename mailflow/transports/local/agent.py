@@ -298,12 +298,13 @@ class LocalTransport:
             lists.append((leaf.sender, leaf.address) if listed else None)
         if any(part.outcome is Outcome.DEFERRED for part in parts):  # local(8)'s forward_finish cancels
             return parts, lists, [leaf for leaf in tried if not isinstance(leaf, Forward)]  # them: the retry sends
-        by_sender: dict[str | None, list[str]] = {}
+        by_sender: dict[str | None, list[Forward]] = {}
         for leaf in tried:
             if isinstance(leaf, Forward):
-                by_sender.setdefault(leaf.sender, []).append(leaf.address)
-        for sender, addresses in by_sender.items():
-            parts.append(await self._forward_copy(request, rcpt, tuple(addresses), sender))
+                by_sender.setdefault(leaf.sender, []).append(leaf)
+        for sender, forwards in by_sender.items():
+            parts.append(await self._forward_copy(request, rcpt, tuple(f.address for f in forwards), sender,
+                                                  shown=tuple(f.goes_to or f.address for f in forwards)))
             lists.append(None)
         return parts, lists, tried
 
@@ -419,7 +420,9 @@ class LocalTransport:
         return replace(report.results[0], program=peer.program)
 
     async def _forward_copy(self, request: DeliveryRequest, rcpt: Recipient, addresses: tuple[str, ...],
-                            sender: str | None = None) -> Part:
+                            sender: str | None = None, shown: tuple[str, ...] = ()) -> Part:
+        """Queue one copy to `addresses`; its result names `shown` (default `addresses`): where each goes."""
+        shown = shown or addresses
         if self._forward is None:
             return Part(Outcome.DEFERRED, "4.3.5", "forwarding is not possible here (no cleanup to queue it)")
         content = request.content.prepend(f"Delivered-To: {rcpt.address}\r\n".encode("utf-8"))
@@ -430,7 +433,7 @@ class LocalTransport:
         except Exception as e:
             log.exception("%s: forwarding to %s failed", request.queue_id, _some(addresses))
             return Part(Outcome.DEFERRED, "4.3.0", f"cannot forward to {_some(addresses)}: {e}")
-        return Part(Outcome.SENT, "2.0.0", f"forwarded as {queue_id} to {_some(addresses)}")
+        return Part(Outcome.SENT, "2.0.0", f"forwarded as {queue_id} to {_some(shown)}")
 
     async def _command(self, request: DeliveryRequest, rcpt: Recipient, leaf: Command) -> Part:
         """Run one `|command` destination (see the module docstring)."""

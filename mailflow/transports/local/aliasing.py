@@ -155,6 +155,8 @@ class Forward:
     address: str
     sender: str | None = None  # the new message's envelope sender; None: the message's own
     lines: Places = _place()
+    goes_to: str = ""  # the address qmgr delivers the copy to, when its resolve takes `address` apart (a mailbox-
+    # form name holding an @, `"\\\\x@elsewhere.test"@myorigin`, goes to `"\\\\x"@elsewhere.test`): local's log names it
 
 
 @dataclass(frozen=True)
@@ -607,7 +609,9 @@ class LocalExpander:
         local, domain = address.split_words(addr)
         name = address.as_internal_local(local)
         if not self._is_local_delivery(addr):  # (the backslash kept: the next hop's local(8) reads the mailbox form)
-            state.add(Forward(f"{address.quoted_local(chr(92) + name)}@{domain}", origin.owner))
+            forward = f"{address.quoted_local(chr(92) + name)}@{domain}"
+            goes_to = self._rewriter.resolve(forward).address if "@" in name else ""
+            state.add(Forward(forward, origin.owner, goes_to=goes_to if goes_to != forward else ""))
             return
         user = split_extension(name.lower(), self._config.recipient_delimiter)[0]
         self._mailbox(state, user, addr, origin)
