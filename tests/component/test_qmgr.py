@@ -807,6 +807,35 @@ async def test_a_close_that_fails_at_a_reload_or_the_stop_is_logged_once_and_the
     assert sorted(lines) == ["transport lmtp: close cancelled", "transport local: close failed: disk gone",
                              "transport local: close failed: still gone"]
 
+
+class HangsOnFirstClose(CountingClose):
+    """Its first close waits until cancelled (`closing` set once it began); later ones return at once."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.closing = asyncio.Event()
+
+    async def close(self) -> None:
+        self.closes += 1
+        if self.closes == 1:
+            self.closing.set()
+            await asyncio.Event().wait()
+
+
+async def test_a_stop_during_a_reload_s_closes_closes_again_only_the_transports_whose_close_did_not_end(h):
+    """The stop cancels a retirement still closing: a transport whose close ended is not closed again; one whose
+    close was cancelled is, within the stop, and the stop raises nothing."""
+    hangs, quick = HangsOnFirstClose("local"), CountingClose("smtp")
+    await h.start(transports={"local": hangs, "smtp": quick})
+    config = Config(myhostname=HOST, mydestination=("example.test",))
+    h.qmgr.reconfigure(resolve=Rewriter(config).resolve, transports={"local": CountingClose("local"),
+                       "smtp": CountingClose("smtp")}, config=config.queue, notices=None, soft_bounce=False)
+    await asyncio.wait_for(hangs.closing.wait(), 5)
+    await eventually(lambda: quick.closes == 1, what="the quick retired close ended")
+    await h.qmgr.stop(grace=0.5)
+    h.qmgr = None  # (stopped)
+    assert (hangs.closes, quick.closes) == (2, 1)
+
 def relaying(relayhost: str, **queue) -> tuple:
     """The routing and the [queue] settings of a configuration that relays everything else to `relayhost`."""
     config = Config(myhostname=HOST, mydestination=("example.test",), relayhost=relayhost,
