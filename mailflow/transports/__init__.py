@@ -63,7 +63,7 @@ from mailflow.transports.generic import GenericMaps
 from mailflow.transports.lmtp import LmtpTransport
 from mailflow.transports.local.agent import CommandSettings, LocalTransport
 from mailflow.transports.maildir import MaildirTransport, MaildirWriter, virtual_maildirs
-from mailflow.transports.pipe import PipeTransport
+from mailflow.transports.pipe import PipeTransport, command_spool
 from mailflow.transports.smtp import SmtpTransport
 from mailflow.transports.smtp_checks import OutboundChecks
 from mailflow.transports.smtp.chat import client_log
@@ -191,7 +191,7 @@ def build_transports(config, resolver, clock, router, forward=None, mailbox=None
         "error": ErrorTransport(),
         # [pipe.NAME] services; config validation keeps their names off the built-in ones above.
         **{name: PipeTransport(service, name=name, recipient_delimiter=config.recipient_delimiter, now=clock.time,
-                               allow_min_user=config.allow_min_user)
+                               allow_min_user=config.allow_min_user, spool_dir=command_spool(config))
            for name, service in config.pipe.items()},
         **client_services(config, resolver, clock, router, tables, mta_sts),
     })

@@ -1,22 +1,26 @@
 """pipe: delivery to external commands (Postfix pipe(8)), and the command runner that local(8) shares.
 
 Runner (used by pipe services and by local's `|command` destinations):
-- `run_command(argv, *, stdin, env, time_limit, output_limit, user=None, cwd=None, umask=None) -> CommandResult`:
-  runs argv directly (a shell only when argv is ["/bin/sh", "-c", cmd]) in a new session, with exactly `env` plus
-  PATH=/usr/bin:/bin, feeds it `stdin` (bytes, or an async iterable of chunks written one at a time as the
-  command reads them: a big message is never held whole; a command may exit without reading: fine), keeps the first
-  `output_limit` bytes of its merged stdout+stderr and drains the rest, and kills its whole process group at
-  the time limit (or when the delivery is cancelled; never a group whose number may have been reused once the
-  command ended: see `_Group`). The delivery ends then, whatever holds the command's
-  pipes: the output pipe is ours (`_Output`) and closed at the limit, unsent input is dropped, so neither a
-  command killed with its output unread nor a program it left running in a session of its own (holding stdin
-  or stdout) can hold the delivery or a descriptor of ours. On Linux the command dies with mailflow
-  (PR_SET_PDEATHSIG, SIGKILL): a server killed while it writes the message would otherwise leave the command to
-  read EOF and take the cut message as the whole one (exit 0, a truncated message delivered; the delivery is run
-  again after the restart, as any delivery under way at a crash). `user`: as root, run as that user (its groups too);
-  not as root, only our own user. `umask`: the command's (None: mailflow's own). Raises `CommandNotRun` when it
-  cannot start the command (unknown user, no privilege to switch, root requested, exec or chdir failed): callers
-  defer with 4.3.0 and its `diagnostic`, `x-unix; <why>` (Postfix's: the child's fatal message, x-unix).
+- `run_command(argv, *, stdin, env, time_limit, output_limit, user=None, cwd=None, umask=None, spool_dir=None)
+  -> CommandResult`: runs argv directly (a shell only when argv is ["/bin/sh", "-c", cmd]) in a new session, with
+  exactly `env` plus PATH=/usr/bin:/bin. Its stdin is `stdin` (bytes, or an async iterable of chunks) written
+  whole first to an unlinked temporary file in `spool_dir` (the queue's content directory, where smtpd spools:
+  its free space is what queue_minfree watches; None: the system's temporary directory), rewound: the command
+  starts only once its input is complete, so nothing it starts (a script that runs its deliverer without `exec`,
+  a pipeline) can ever read a message cut off by a crash of mailflow. A command that outlives a killed server
+  finishes its whole message; the delivery is run again after the restart (a duplicate, as the at-least-once
+  rule allows, never a cut copy). The file has no name (nothing to sweep after a crash) and is closed when the
+  command has started. A chunk that cannot be read raises before anything runs; a file that cannot be written
+  (a full disk) is `CommandNotRun`. It keeps the first `output_limit` bytes of the command's merged
+  stdout+stderr and drains the rest, and kills its whole process group at the time limit (or when the delivery
+  is cancelled; never a group whose number may have been reused once the command ended: see `_Group`). The
+  delivery ends then, whatever holds the command's output pipe: it is ours (`_Output`) and closed at the limit,
+  so neither a command killed with its output unread nor a program it left running in a session of its own can
+  hold the delivery or a descriptor of ours. `user`: as root, run as that user (its groups too); not as root,
+  only our own user. `umask`: the command's (None: mailflow's own). Raises `CommandNotRun` when it
+  cannot start the command (unknown user, no privilege to switch, root requested, exec or chdir failed, its input
+  not spooled): callers defer with 4.3.0 and its `diagnostic`, `x-unix; <why>` (Postfix's: the child's fatal
+  message, x-unix).
 - `run_shell_command(command, **same) -> CommandResult`: a local `|command`, run as Postfix's exec_command runs
   it: a command without shell metacharacters is split on blanks and run directly (its program searched on
   PATH); `/bin/sh -c command` when it has some, or when that exec fails as execvp would hand it to the shell
@@ -66,15 +70,13 @@ Never raises for a delivery problem; results carry relay=NAME.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
-import functools
 import logging
 import os
 import pwd
 import re
 import signal
-import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterable, AsyncIterator, Callable
@@ -84,6 +86,7 @@ from mailflow.config import DEFAULTS, PipeService
 from mailflow.content import Content
 from mailflow.message import HEADER_READ_LIMIT, delivered_to, read_header
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
+from mailflow.store.engine import CONTENT_DIRECTORY
 from mailflow.pipe_argv import expand_argv, parse_argv
 from mailflow.syntax import has_control
 from mailflow.tables import split_extension
@@ -95,6 +98,12 @@ DEFAULT_PATH = "/usr/bin:/bin"
 SHELL = "/bin/sh"  # what a local command with shell metacharacters is given to (Postfix's _PATH_BSHELL)
 
 # ------------------------------------------------------------------------------------------------ the runner
+
+
+def command_spool(config) -> str:
+    """Where commands' input is written before they run: the queue's content directory, beside smtpd's spool files
+    (on the queue's file system, whose free space smtpd's queue_minfree check watches)."""
+    return str(config.queue_path / CONTENT_DIRECTORY)
 
 
 @dataclass(frozen=True)
@@ -178,45 +187,21 @@ async def run_shell_command(command: str, **how: Any) -> CommandResult:
     searched on PATH by the child, as the user it runs as. Raises CommandNotRun (a shell that cannot be run:
     `execl /bin/sh: why`, as exec_command's)."""
     words = direct_argv(command)
-    if words is not None:
+    message = await _spooled(how.pop("stdin"), how.pop("spool_dir", None))
+    try:
+        if words is not None:
+            try:
+                return await _run(words, message, **how)
+            except CommandNotRun as e:
+                if not _shell_may_run(e, words[0]):
+                    raise
+            os.lseek(message, 0, os.SEEK_SET)  # (not read: the exec failed)
         try:
-            return await run_command(words, **how)
+            return await _run([SHELL, "-c", command], message, **how)
         except CommandNotRun as e:
-            if not _shell_may_run(e, words[0]):
-                raise
-    try:
-        return await run_command([SHELL, "-c", command], **how)
-    except CommandNotRun as e:
-        raise e.of_the_shell() from None
-
-
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-@functools.cache
-def _prctl() -> Callable[..., int] | None:
-    """libc's prctl(2) on Linux, else None; looked up in the server, never in a child after fork."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-def _dying_with_us() -> Callable[[], None] | None:
-    """A command's preexec: SIGKILL when this process dies (set after the identity switch, which clears it); a
-    child whose parent died before the prctl exits at once. None where prctl is not available."""
-    prctl = _prctl()
-    if prctl is None:
-        return None
-    parent = os.getpid()
-
-    def die_with_parent() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:
-            os._exit(1)
-    return die_with_parent
+            raise e.of_the_shell() from None
+    finally:
+        os.close(message)
 
 
 def _identity(user: str | None) -> _Identity | None:
@@ -237,10 +222,20 @@ def _identity(user: str | None) -> _Identity | None:
     return _Identity(user, entry.pw_uid, entry.pw_gid, tuple(os.getgrouplist(user, entry.pw_gid)))
 
 
-async def run_command(argv: list[str], *, stdin: bytes | AsyncIterable[bytes], env: dict[str, str],
-                      time_limit: float, output_limit: int, user: str | None = None, cwd=None,
-                      umask: int | None = None) -> CommandResult:
-    """Run argv to completion or to the time limit; see the module docstring. Raises CommandNotRun."""
+async def run_command(argv: list[str], *, stdin: bytes | AsyncIterable[bytes],
+                      spool_dir: str | os.PathLike[str] | None = None, **how: Any) -> CommandResult:
+    """Run argv to completion or to the time limit; see the module docstring (`how`: env, time_limit,
+    output_limit, user, cwd, umask). Raises CommandNotRun, or what reading `stdin` raised (nothing run then)."""
+    message = await _spooled(stdin, spool_dir)
+    try:
+        return await _run(argv, message, **how)
+    finally:
+        os.close(message)  # (the file goes with its last descriptor)
+
+
+async def _run(argv: list[str], message: int, *, env: dict[str, str], time_limit: float, output_limit: int,
+               user: str | None = None, cwd=None, umask: int | None = None) -> CommandResult:
+    """argv run with the spooled input `message` (a descriptor at offset 0, left open) as its stdin."""
     who = _identity(user)
     switch: dict[str, Any] = {} if who is None else {"user": who.uid, "group": who.gid,
                                                      "extra_groups": list(who.groups)}
@@ -250,9 +245,8 @@ async def run_command(argv: list[str], *, stdin: bytes | AsyncIterable[bytes], e
     read_end, write_end = os.pipe()  # the command's stdout and stderr (see _Output)
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.PIPE, stdout=write_end, stderr=write_end,
-            env={"PATH": DEFAULT_PATH, **env}, cwd=cwd, start_new_session=True, preexec_fn=_dying_with_us(),
-            **switch)
+            *argv, stdin=message, stdout=write_end, stderr=write_end,
+            env={"PATH": DEFAULT_PATH, **env}, cwd=cwd, start_new_session=True, **switch)
     except OSError as e:
         os.close(read_end)
         as_whom = f" as {who.name}" if who else ""
@@ -263,7 +257,6 @@ async def run_command(argv: list[str], *, stdin: bytes | AsyncIterable[bytes], e
                             f"execvp {argv[0]}: {e.strerror}" if exec_errno is not None else "") from None
     finally:
         os.close(write_end)
-    assert proc.stdin is not None  # a pipe, as made above
     output = _Output(output_limit, loop.create_future())
     read_file = os.fdopen(read_end, "rb", buffering=0)
     reading: asyncio.ReadTransport | None = None
@@ -273,7 +266,7 @@ async def run_command(argv: list[str], *, stdin: bytes | AsyncIterable[bytes], e
     try:  # (from the spawn on: a cancel while the pipe is being connected must leave nothing running or open)
         reading, _ = await loop.connect_read_pipe(lambda: output, read_file)
         async with asyncio.timeout(time_limit):
-            await _exchange(proc.stdin, stdin, output, group.kill)
+            await output.ended
             code = await proc.wait()
     except TimeoutError:
         group.kill()
@@ -285,19 +278,75 @@ async def run_command(argv: list[str], *, stdin: bytes | AsyncIterable[bytes], e
             read_file.close()
         if proc.returncode is None:  # the time limit, or cancelled: leave nothing running behind us
             group.kill()
-            _drop_input(proc.stdin.transport)
             await asyncio.shield(proc.wait())
     if code < 0:
         return CommandResult(None, -code, False, output.text())
     return CommandResult(code, None, False, output.text())
 
 
-def _drop_input(pipe: asyncio.WriteTransport) -> None:
-    """Close the command's input pipe now, dropping what was not sent: unsent input would keep it open, and so
-    wait(), while no one reads it (a program out of the group holding the other end). (A pipe closed already,
-    everything sent, is left alone: asyncio's abort fails on it.)"""
-    if not pipe.is_closing() or pipe.get_write_buffer_size():
-        pipe.abort()
+SPOOL_WRITE = 256 * 1024  # a command's input is written to its file in pieces of about this size
+
+
+async def _spooled(data: bytes | AsyncIterable[bytes], directory: str | os.PathLike[str] | None) -> int:
+    """A descriptor of an unlinked file in `directory` holding all of `data`, at its offset 0 (the caller closes
+    it). Small chunks are gathered into SPOOL_WRITE pieces, each written by a worker thread. Raises what reading
+    `data` raises, and CommandNotRun when the file cannot be made or written (its errno's text)."""
+    where = directory if directory is not None else tempfile.gettempdir()
+    try:
+        fd = await asyncio.to_thread(_unnamed_file, where)
+    except OSError as e:
+        raise CommandNotRun(f"cannot spool the command's input in {where}: {e.strerror}") from None
+    try:
+        pending: list[bytes] = []
+        size = 0
+        async for chunk in _chunks(data):
+            pending.append(chunk)
+            size += len(chunk)
+            if size >= SPOOL_WRITE:
+                await _write_spool(fd, pending, where)
+                pending, size = [], 0
+        await _write_spool(fd, pending, where)
+        os.lseek(fd, 0, os.SEEK_SET)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _unnamed_file(directory: str | os.PathLike[str]) -> int:
+    """A new file in `directory` with no name (O_TMPFILE where the file system has it, else made and unlinked)."""
+    with tempfile.TemporaryFile(dir=os.fspath(directory), buffering=0) as file:
+        return os.dup(file.fileno())
+
+
+async def _chunks(data: bytes | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    if isinstance(data, bytes):
+        yield data
+    else:
+        async for chunk in data:
+            yield chunk
+
+
+async def _write_spool(fd: int, chunks: list[bytes], where: str | os.PathLike[str]) -> None:
+    if not chunks:
+        return
+    try:
+        await asyncio.to_thread(_write_all, fd, chunks)
+    except OSError as e:
+        raise CommandNotRun(f"cannot spool the command's input in {where}: {e.strerror}") from None
+
+
+def _write_all(fd: int, chunks: list[bytes]) -> None:
+    """Write every chunk whole (os.writev may write part of them: the rest is written on)."""
+    views = [memoryview(c) for c in chunks if c]
+    while views:
+        done = os.writev(fd, views[:1024])  # (IOV_MAX)
+        while done and views:
+            if done >= len(views[0]):
+                done -= len(views.pop(0))
+            else:
+                views[0] = views[0][done:]
+                done = 0
 
 
 class _Output(asyncio.Protocol):
@@ -321,44 +370,6 @@ class _Output(asyncio.Protocol):
 
     def text(self) -> str:
         return self._kept.decode("utf-8", errors="replace")
-
-
-async def _exchange(stdin: asyncio.StreamWriter, data: bytes | AsyncIterable[bytes], output: _Output,
-                    kill: Callable[[], None]) -> None:
-    """Write `data` to the command while its output is read, until the output's end and the input's. An error
-    reading `data` is raised as soon as the feeder ends with it (the command killed by then): a program of its own
-    session holding the output would otherwise turn it into the time limit, and a bounce."""
-    feeder = asyncio.create_task(_feed(stdin, data, kill))
-    try:
-        await asyncio.wait((feeder, output.ended), return_when=asyncio.FIRST_COMPLETED)
-        if feeder.done():
-            feeder.result()  # (raises the read error)
-        await output.ended
-        await feeder
-    finally:
-        feeder.cancel()
-
-
-async def _feed(stdin: asyncio.StreamWriter, data: bytes | AsyncIterable[bytes], kill: Callable[[], None]) -> None:
-    """`data` into the command's input, then its end. When reading `data` fails (the queue file: EIO) the command is
-    `kill`ed before its input is closed: at the end of its input it would take the part it got for the whole message
-    and deliver it, and the retry a second copy. (Postfix's pipe_command closes the input, waits, and defers as a
-    corrupt file only after the command exited normally: the truncated copy is delivered.)"""
-    try:
-        if isinstance(data, bytes):
-            stdin.write(data)
-            await stdin.drain()
-        else:
-            async for chunk in data:
-                stdin.write(chunk)
-                await stdin.drain()
-    except ConnectionError:
-        pass  # the command exited or closed its input without reading everything: its exit status decides
-    except Exception:
-        kill()
-        raise
-    finally:
-        stdin.close()
 
 
 class _Group:
@@ -557,13 +568,14 @@ class PipeTransport:
     program = "pipe"  # the Postfix delivery agent whose name its result lines are logged under
 
     def __init__(self, service: PipeService, *, name: str, recipient_delimiter: str = DEFAULTS.recipient_delimiter,
-                 now: Callable[[], float] = time.time, allow_min_user: bool = False):
+                 now: Callable[[], float] = time.time, allow_min_user: bool = False, spool_dir: str | None = None):
         self._service = service
         self._name = name
         self._delimiter = recipient_delimiter
         self._allow_min_user = allow_min_user
         self._templates = parse_argv(service.argv)
         self._now = now
+        self._spool_dir = spool_dir
 
     @property
     def delivers_each(self) -> bool:
@@ -625,7 +637,8 @@ class PipeTransport:
         log.debug("%s: %s: running %s", request.queue_id, self._name, argv)
         try:
             result = await run_command(argv, stdin=stdin, env={}, time_limit=s.time_limit,
-                                       output_limit=s.output_limit, user=self._user(), cwd=s.directory or "/")
+                                       output_limit=s.output_limit, user=self._user(), cwd=s.directory or "/",
+                                       spool_dir=self._spool_dir)
         except CommandNotRun as e:
             log.warning("%s: %s: %s", request.queue_id, self._name, e.text)
             text, diagnostic = e.as_postfix_says("pipe: fatal: pipe_command: ")

@@ -220,7 +220,7 @@ async def test_a_cancel_while_the_output_pipe_is_connected_leaves_no_command_and
 
 async def test_a_message_that_cannot_be_read_whole_never_reaches_the_commands_end_of_input(scripts):
     """Reading the message fails half-way (EIO from the queue file): the command was given the end of its input and
-    delivered the first half as the whole message, then the retry delivered it again. It is killed first."""
+    delivered the first half as the whole message, then the retry delivered it again. It never starts now."""
     s = scripts.script("whole.sh", f"cat > {scripts.out}/got && echo whole > {scripts.out}/ended\n")
 
     async def failing():
@@ -232,25 +232,47 @@ async def test_a_message_that_cannot_be_read_whole_never_reaches_the_commands_en
     assert not (scripts.out / "ended").exists()
 
 
-async def test_a_read_error_is_returned_at_once_even_when_a_daemon_holds_the_output(scripts):
-    """After the feed failed (EIO) the runner still waited for the output's end: a program of its own session
-    holding it turned the error, which defers, into the time limit and a 5.3.0 bounce."""
-    s = scripts.script("daemon.sh", f"setsid sleep 30 &\necho $! >> {scripts.out}/daemons\ncat > /dev/null\n")
+async def test_a_command_starts_only_once_its_whole_input_is_in_a_file_that_has_no_name(scripts, tmp_path):
+    """The command's stdin was a pipe fed while it ran: a server killed half-way left it (or any program it started
+    without exec, which PR_SET_PDEATHSIG never reached) to read EOF and deliver the cut message. Now it is an
+    unlinked file in the spool directory, complete (its size is the message's) before the command starts; read
+    errors raise before anything runs, and no file is left behind."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    s = scripts.script("look.sh", f"stat -L -c '%F %s' /dev/stdin > {scripts.out}/stdin\n"
+                                  f"ls -A {spool} > {scripts.out}/spool\ncat > {scripts.out}/got\n")
+    data = b"Subject: x\n\n" + b"line\n" * 100_000
+
+    async def slowly():
+        for i in range(0, len(data), 65536):
+            yield data[i:i + 65536]
+            await asyncio.sleep(0)
+            assert not (scripts.out / "stdin").exists(), "the command started before its input was whole"
+
+    result = await run_command([str(s)], stdin=slowly(), env={}, time_limit=30, output_limit=100, spool_dir=spool)
+    assert result.exit_code == 0
+    assert scripts.read("stdin") == f"regular file {len(data)}\n"
+    assert scripts.read("spool") == "" and list(spool.iterdir()) == []
+    assert (scripts.out / "got").read_bytes() == data
 
     async def failing():
         yield b"From: a\n\npart one\n"
-        await eventually(lambda: scripts.read("daemons").strip(), timeout=5, what="the daemon started")
         raise OSError(errno.EIO, "Input/output error")
 
-    try:
-        with pytest.raises(OSError) as failed:
-            await asyncio.wait_for(run_command([str(s)], stdin=failing(), env={}, time_limit=20, output_limit=100),
-                                   10)  # (before: the time limit, 20 s)
-        assert failed.value.errno == errno.EIO
-    finally:
-        await eventually(lambda: scripts.read("daemons").strip(), timeout=5, what="the daemon's pid")
-        for daemon in scripts.read("daemons").split():
-            os.kill(int(daemon), signal.SIGKILL)
+    (scripts.out / "stdin").unlink()
+    with pytest.raises(OSError) as failed:
+        await run_command([str(s)], stdin=failing(), env={}, time_limit=20, output_limit=100, spool_dir=spool)
+    assert failed.value.errno == errno.EIO
+    assert not (scripts.out / "stdin").exists() and list(spool.iterdir()) == []
+
+
+async def test_a_spool_directory_that_cannot_be_written_defers_without_running(scripts, tmp_path):
+    s = scripts.script("ran.sh", f"touch {scripts.out}/ran\n")
+    with pytest.raises(CommandNotRun) as failed:
+        await run_command([str(s)], stdin=b"x\n", env={}, time_limit=5, output_limit=100,
+                          spool_dir=tmp_path / "not-there")
+    assert "cannot spool the command's input" in failed.value.text and "No such file" in failed.value.text
+    assert not (scripts.out / "ran").exists()
 
 
 async def test_the_time_limit_kills_a_job_the_command_left_behind_after_it_exited(scripts):

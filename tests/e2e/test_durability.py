@@ -263,19 +263,21 @@ async def test_sigkill_during_a_message_split_across_five_transports_repeats_onl
 
 
 async def test_sigkill_while_a_message_is_piped_to_a_command_never_hands_it_a_cut_message(server, tmp_path):
-    """The server is SIGKILLed while it writes a 1 MB message to a pipe service's command, which reads slowly: the
-    command must not go on to take the cut input as the whole message (it ended at EOF and exited 0, a truncated
-    message delivered; found by bench/killhunt.py). It dies with the server, and the run after the restart reads
-    the whole message."""
+    """The server is SIGKILLed while a pipe service's command reads a 1 MB message slowly, in a grandchild: the
+    script runs its reader without `exec`, as `sh -c 'cat > out'` or a wrapper of dovecot-lda would. With stdin
+    a pipe fed as the command read, the reader outlived the server (PR_SET_PDEATHSIG reaches the direct child
+    only), read EOF and took the cut input as the whole message. The command now starts only once its whole input
+    is in a file: the run the crash interrupted finishes with the whole message, and so does the one after the
+    restart (a duplicate, never a cut copy)."""
     with script_dir() as scripts:
         go_on = scripts.out / "go-on"
-        script = scripts.script("deliver.sh", f'echo $$ >> {scripts.out / "pids"}\n'
-                                              f'head -c 1000 > /dev/null\n'  # the server is now writing the rest
-                                              f'echo started >> {scripts.out / "starts"}\n'
-                                              f'i=0; while [ ! -e {go_on} ] && [ $i -lt 300 ]; do sleep 0.05; '
-                                              f'i=$((i+1)); done\n'
-                                              f'if cat | grep -q "^END-OF-MESSAGE$"; then r=whole; else r=cut; fi\n'
-                                              f'echo $r >> {scripts.out / "reads"}\n')
+        reader = (f'echo $$ >> {scripts.out / "pids"}; '
+                  f'head -c 1000 > /dev/null; '
+                  f'echo started >> {scripts.out / "starts"}; '
+                  f'i=0; while [ ! -e {go_on} ] && [ $i -lt 300 ]; do sleep 0.05; i=$((i+1)); done; '
+                  f'if cat | grep -q "^END-OF-MESSAGE$"; then r=whole; else r=cut; fi; '
+                  f'echo $r >> {scripts.out / "reads"}')
+        script = scripts.script("deliver.sh", f"echo $$ >> {scripts.out / 'pids'}\nsh -c '{reader}'\n")
         srv = server(relay_domains=["relay.test", "pipe.test"], transport_maps=["inline:{pipe.test=deliver:}"],
                      pipe={"deliver": {"argv": [str(script)], "flags": "D"}})
         await srv.start()
@@ -285,13 +287,14 @@ async def test_sigkill_while_a_message_is_piped_to_a_command_never_hands_it_a_cu
             assert reply.startswith("2.0.0 Ok: queued as")
             await eventually(lambda: scripts.read("starts"), timeout=10, what="the command reading")
             srv.kill()
-            go_on.touch()  # the command reads on: the rest of what the server had written, then EOF
+            go_on.touch()  # the reader reads on: the rest of what the server had written, then EOF
             await srv.start()
             db = tmp_path / "queue" / "queue.db"
-            await eventually(lambda: queue_counts(db) == {} and scripts.read("reads"), timeout=20,
-                             what="the message delivered")
-            await eventually(lambda: len(scripts.read("starts").split()) == 2, timeout=5)
-            assert scripts.read("reads").split() == ["whole"], "a command took a message cut off by the crash"
+            await eventually(lambda: queue_counts(db) == {} and len(scripts.read("reads").split()) == 2, timeout=20,
+                             what="the message delivered, and the interrupted run ended")
+            assert len(scripts.read("starts").split()) == 2
+            assert scripts.read("reads").split() == ["whole", "whole"], "a command took a message cut off by the crash"
+            assert list((tmp_path / "queue" / "content").glob(".*")) == []
         finally:
             for pid in scripts.read("pids").split():
                 with contextlib.suppress(ProcessLookupError):
