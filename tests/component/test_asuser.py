@@ -306,3 +306,29 @@ def test_an_alarm_after_the_work_ended_keeps_its_result(monkeypatch):
     assert (failed.value.dsn, failed.value.text) == ("5.2.2", "file too big")
     assert asuser.call_as("nobody", "write", _has_nothing_to_write, timeout=30, marked=True,
                           then=30) == b"nothing to write"
+
+
+def _descriptors() -> bytes:
+    """The child's descriptors past stdin, stdout and stderr, as what they point to."""
+    names = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            names.append(os.readlink(f"/proc/self/fd/{fd}") if int(fd) > 2 else "")
+        except OSError:
+            pass  # (listdir's own descriptor, closed by now)
+    return "\n".join(n for n in names if n).encode()
+
+
+def test_the_child_holds_none_of_the_servers_descriptors(tmp_path):
+    """The forked child kept every descriptor of the server: the queue's lock, the listening sockets, clients'
+    connections. A child stuck on a hung mount then kept a restarted server from locking the queue and binding
+    its port for as long. It keeps only its report pipe now."""
+    import fcntl
+    import socket
+    lock_path = tmp_path / "queue.lock"
+    with open(lock_path, "w") as lock, socket.socket() as listener:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        held = asuser.call_as("nobody", "look", _descriptors, timeout=30).decode().split("\n")
+    assert len(held) == 1 and held[0].startswith("pipe:"), held  # (the report pipe only)

@@ -10,9 +10,11 @@
                                                 uses: as root `rights` (a .forward's system user) or else
                                                 `default_privs`, never root's; not as root, None (mailflow's own)
 
-The child switches identity, calls `fn`, writes what it returned (or the error it raised) to the pipe and
-exits; it touches nothing else, so no lock another thread of this process holds can matter to it. Call it from a
-worker thread (asyncio.to_thread): the parent blocks until the child is done, or `timeout` seconds at most (a
+The child closes every descriptor it inherited but stdin, stdout, stderr and its report pipe (the queue's lock,
+listening sockets, clients' connections: a child stuck on a hung mount must not keep a restarted server from
+the queue or its ports), switches identity, calls `fn`, writes what it returned (or the error it raised) to the
+pipe and exits; it touches nothing else, so no lock another thread of this process holds can matter to it. Call
+it from a worker thread (asyncio.to_thread): the parent blocks until the child is done, or `timeout` seconds at most (a
 .forward on a hung NFS home, or a FUSE file the user serves itself, never answers): then the child is killed
 (SIGKILL) and the call fails; `timeout` None: no limit. The report is framed by its length, so the parent
 never waits for an end of file that a sibling child (forked by another thread while this pipe was open) could
@@ -33,8 +35,8 @@ made: its failure path removes the dotlock), and the parent kills it only `grace
 A killed child is reaped within REAP_WAIT s (waitpid WNOHANG); one that still has not ended (a wait the kernel
 does not interrupt, even for SIGKILL) is logged and left to a daemon thread that reaps it when it ends: the
 caller's thread is freed either way. Such children are counted (process-wide: they are this process's children,
-whoever forked them): while STUCK_LIMIT of them are unreaped (each a process holding copies of this one's
-descriptors, and a thread), call_as forks no more and fails at once, logged once every STUCK_LOG_EVERY s (every
+whoever forked them): while STUCK_LIMIT of them are unreaped (each a process, and a thread), call_as forks no
+more and fails at once, logged once every STUCK_LOG_EVERY s (every
 retry of every message to a file on a hung mount would add one, until fork or thread creation failed for all).
 
 Failure behaviour: `TemporaryError` 4.3.0 when `user` does not exist or is root (`refusing to DOING as USER: uid
@@ -94,7 +96,7 @@ def call_as(user: str, doing: str, fn: Callable[..., bytes], *args,
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: switch identity, call, report, exit
-        os.close(read_end)
+        _keep_only(write_end)
 
         def work() -> bytes:  # (a Progress made here: whatever it raises is reported, and the child exits)
             if not marked:
@@ -263,6 +265,20 @@ def _framed_report(fd: int, deadline: float | None, after_mark: float | None = N
         if not chunk:
             return b""
         received += chunk
+
+
+def _keep_only(report: int) -> None:
+    """In the child, right after the fork: close every descriptor of the server but stdin, stdout, stderr and
+    `report` (the queue's lock, listening sockets, clients' connections, other commands' pipes), which a child stuck
+    on a hung mount would otherwise hold for as long (a restart refused: the queue busy, the address in use). The
+    signal wakeup descriptor goes first: the number of the loop's closed one could be a mailbox's by the time an
+    alarm writes to it."""
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:  # (not the main thread: cannot be, after a fork; nothing was set then)
+        pass
+    os.closerange(3, report)
+    os.closerange(report + 1, os.sysconf("SC_OPEN_MAX"))
 
 
 def _switched(groups: list[int], gid: int, uid: int, fn: Callable[..., bytes], args: tuple) -> bytes:
