@@ -446,6 +446,22 @@ def test_an_entry_is_one_write_so_a_process_killed_while_it_appends_leaves_no_fr
     assert read_bodies(path) == [b"Subject: 1\n\nkept\n", body], "a killed append left a part of its entry"
 
 
+async def test_an_append_after_a_cut_entry_starts_a_new_line_so_the_retry_is_a_message_of_its_own(tmp_path):
+    """A delivery killed between two writes of a big entry (or cut inside its one write: SIGKILL, the power) leaves
+    it without its final newline: the retry's From_ line was glued to the cut line, and a reader saw one corrupt
+    message with the retried copy hidden in its body. The append starts a line first."""
+    path = tmp_path / "alice"
+    whole = format_mbox_entry(b"Subject: 1\n\nkept\n", sender="s@r.test", arrival=NOV_2)
+    retry = format_mbox_entry(b"Subject: 2\n\nwhole\n", sender="s@r.test", arrival=NOV_2)
+    path.write_bytes(whole + retry[:30])  # the cut entry: its From_ line and part of a header line
+    await append_mbox(path, retry)
+    assert path.read_bytes() == whole + retry[:30] + b"\n" + retry
+    assert read_bodies(path)[-1] == b"Subject: 2\n\nwhole\n", "the retried copy is not a message of its own"
+    before = path.read_bytes()
+    await append_mbox(path, whole)  # (a file that ends a line gets nothing more)
+    assert path.read_bytes() == before + whole
+
+
 # ------------------------------------------------------------------------------------------- where
 
 

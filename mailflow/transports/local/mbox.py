@@ -19,8 +19,8 @@ mailbox's; not that of a /file destination); for a system user's home mailbox (`
 following a symbolic link, as a Maildir's (measured before: a user who made `Mail` in its home a link to a
 directory only root may write got `Mail/inbox` created there, its own, with the mail in it); a mailbox in the
 shared mail_spool_directory is not walked so (the spool stays the operator's, as Postfix's local(8) writes
-spool mailboxes as root), only the file is the user's; then, through that
-directory, opens the file O_WRONLY|O_APPEND|O_CREAT|O_NOFOLLOW (mode 0600) and tries each
+spool mailboxes as root), only the file is the user's; then, through that directory, opens the file
+O_RDWR|O_APPEND|O_CREAT|O_NOFOLLOW (mode 0600; O_WRONLY when it may not be read) and tries each
 lock once, in the order given, without waiting; when one is held by someone else, lets go of those it took and
 ends; else checks that the path still names the file it holds, notes its size, writes the entry and fsyncs.
 Between attempts the delivery waits on the event loop (5 ms doubling up to 100 ms; 50 ms up to 1 s when each
@@ -36,7 +36,9 @@ kernel locks go with the descriptor; the dotlock is removed last. A process kill
 back: the entry is gathered into writes of WRITE_BATCH (256 KB), so an entry up to that size is one write(2), whole
 or cut only inside that call (before, the From_ line was a write of its own and a kill after it left an empty
 message: bench/killhunt.py); a bigger entry can still be left cut, and a dotlock left by the kill holds the mailbox
-for STALE_LOCK_TIME, as with Postfix's local(8) killed while it writes.
+for STALE_LOCK_TIME, as with Postfix's local(8) killed while it writes. An append to a file that does not end in a
+newline (such a cut entry) writes one first, so the retry's From_ line starts a line and a reader sees it (it was
+glued to the cut line: the retried copy read as the cut one's body; Postfix's mail_copy does not look).
 
 Lock styles (Postfix mailbox_delivery_lock), tried in the order given. Every program that writes the mailbox must
 use the same styles. The order only decides which lock is tried first: mailflow never waits while holding one (a
@@ -380,12 +382,16 @@ def _at(path: Path, folder: int | None) -> str:
 
 def _open_or_create(path: Path, folder: int | None = None) -> tuple[int, bool]:
     """(fd, whether this call created the file)."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    flags = os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # (read: its last byte)
     try:
         try:
             return os.open(_at(path, folder), flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=folder), True
         except FileExistsError:
+            pass
+        try:
             return os.open(_at(path, folder), flags, dir_fd=folder), False
+        except PermissionError:  # a file we may write but not read: appended to without the look at its end
+            return os.open(_at(path, folder), flags & ~os.O_RDWR | os.O_WRONLY, dir_fd=folder), False
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise PermanentError("5.2.0", f"mailbox {path} is a symbolic link: not followed") from None
@@ -468,10 +474,10 @@ def _write_or_roll_back(fd: int, path: Path, entry: bytes | Iterable[bytes], siz
     interruption after that would undo a whole entry reported as failed: a second copy at the retry)."""
     size = os.fstat(fd).st_size
     try:
-        end = size
+        gathered = bytearray(b"" if _ends_a_line(fd, size) else b"\n")  # (a cut entry's retry starts a line)
+        end = size + len(gathered)
         if progress is not None:
             progress()
-        gathered = bytearray()
         for chunk in (entry,) if isinstance(entry, bytes) else entry:
             end += len(chunk)
             if size_limit and end > size_limit:  # what RLIMIT_FSIZE does to Postfix's write
@@ -492,6 +498,20 @@ def _write_or_roll_back(fd: int, path: Path, entry: bytes | Iterable[bytes], siz
             _truncate(fd, path, size)
         if isinstance(e, OSError):
             raise _os_error(path, e, "write to") from None
+        raise
+
+
+def _ends_a_line(fd: int, size: int) -> bool:
+    """Whether the file is empty or ends in a newline (or cannot be read: opened write-only). An entry a crash cut
+    off (a kill between two writes of a big one, the power) ends inside a line: the next From_ line would be glued
+    to it, and a reader would take the retried copy for part of the cut one's body."""
+    if size == 0:
+        return True
+    try:
+        return os.pread(fd, 1, size - 1) == b"\n"
+    except OSError as e:
+        if e.errno == errno.EBADF:
+            return True
         raise
 
 
