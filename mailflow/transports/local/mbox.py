@@ -482,11 +482,16 @@ def _write_or_roll_back(fd: int, path: Path, entry: bytes | Iterable[bytes], siz
             end += len(chunk)
             if size_limit and end > size_limit:  # what RLIMIT_FSIZE does to Postfix's write
                 raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+            if len(chunk) >= WRITE_BATCH:  # (big: written as it is, never copied; the entry is over a batch anyway)
+                _write_all(fd, gathered, progress)
+                _write_all(fd, chunk, progress)
+                gathered = bytearray()
+                continue
             gathered += chunk
             if len(gathered) >= WRITE_BATCH:
-                _write_all(fd, bytes(gathered), progress)
+                _write_all(fd, gathered, progress)
                 gathered = bytearray()
-        _write_all(fd, bytes(gathered), progress)
+        _write_all(fd, gathered, progress)
         os.fsync(fd)
         if progress is not None:  # (an alarm before this rolls the whole entry back: the failure it reports is true)
             progress.ended()
@@ -515,8 +520,9 @@ def _ends_a_line(fd: int, size: int) -> bool:
         raise
 
 
-def _write_all(fd: int, data: bytes, progress: Progress | None) -> None:
-    """`data` written whole (write(2) may take part of it), `progress` told after each write."""
+def _write_all(fd: int, data: bytes | bytearray, progress: Progress | None) -> None:
+    """`data` written whole (write(2) may take part of it; through a view: never copied), `progress` told after
+    each write; nothing for no data."""
     rest = memoryview(data)
     while rest:
         rest = rest[os.write(fd, rest):]
