@@ -5,7 +5,8 @@ temporary directory, SMTP on a free 127.0.0.1 port) delivers to Maildirs (alice,
 (an alias to a /file), a pipe service (a script per recipient that records what it read), and a relay recorder on
 127.0.0.1 (aiosmtpd) that refuses bounce@relay.test (550: a bounce is generated) and defers every defer.test
 recipient until the final drain (deferred mail for `queue flush` and a bigger queue). Each round starts the server on
-the same queue, sends mail (several SMTP sessions, some with 10 recipients, some 100 KB; `mailflow sendmail` too),
+the same queue, sends mail (several SMTP sessions, some with 10 recipients, some 120 KB or 400 KB: over mbox's
+256 KB write batch; `mailflow sendmail` too),
 and SIGKILLs it at a moment the round's kind chooses: uniform over the traffic, right after the k-th 250, while
 `mailflow queue flush` or `mailflow reload` runs, while a bounce is under way, while a burst of small messages is
 being committed (the store checkpointing), and once more while the deferred mail drains at the end. After each
@@ -13,7 +14,10 @@ restart `mailflow queue list` must work. At the end every accepted message (250,
 every recipient, complete (a pipe run, the relay and mbox entries check the message's END line); the queue empty,
 its database passing integrity_check; duplicates are counted by kind, and a delivery repeated after its result was
 logged as sent (the log follows the commit: a later run logging it again, or a Maildir copy newer than that line)
-is a failure. The pipe script records what it read (a cut input is kept in out/partial.PID).
+is a failure. The pipe script reads and records in a subshell, a grandchild of the server as a wrapper that runs
+its deliverer without exec (a cut input is kept in out/partial.PID; its temporary files live in out/tmp). An mbox
+entry a kill cut is counted (`mbox_cut_entries`); one glued to the next (a From_ line inside a line) is a failure.
+`--budget` bounds the whole hunt, drain included.
 
     PYTHONPATH=. .venv/bin/python bench/killhunt.py --rounds 40 --seed 1 [--keep DIR]
 
@@ -54,6 +58,8 @@ PIPE_RCPTS = ("p1@pipe.test", "p2@pipe.test")
 RELAY_RCPTS = tuple(f"r{n}@relay.test" for n in range(1, 9))
 KINDS = ("uniform", "after250", "bounce", "flush", "reload", "burst")
 SENDER = "sender@local.test"  # a local user: bounces land in its Maildir
+ROUND_RESERVE = 30.0  # seconds a round may take (its waits end by the budget's; the kill's reap and a start after)
+DRAIN_RESERVE = 60.0  # seconds kept for the final start, kill, start, drain, list and checks
 
 
 # ------------------------------------------------------------------------------------------------ the relay recorder
@@ -110,12 +116,17 @@ class World:
         self.pipe_log = r / "out" / "pipe.log"
         self.mbox = r / "out" / "mb.mbox"
         script = r / "deliver.sh"
-        script.write_text("#!/bin/sh\nf=$(mktemp)\ncat > \"$f\"\n"
+        (r / "out" / "tmp").mkdir()
+        (r / "out" / "tmp").chmod(0o777)
+        # The reading and the delivery run in a subshell, a grandchild of the server (as a wrapper that runs its
+        # deliverer without exec): what outlives the server there is what a real deliverer would do.
+        script.write_text("#!/bin/sh\n(\nf=$(mktemp -p " + str(r / "out" / "tmp") + ")\ncat > \"$f\"\n"
                           "tok=$(sed -n 's/^X-Token: //p' \"$f\" | head -1)\n"
                           "if grep -q \"^END-$tok\" \"$f\"; then c=ok; else c=partial; fi\n"
                           "echo \"$1 ${tok:-?} $c $PPID $(date +%s.%N) $(wc -c < \"$f\")\" >> "
                           f"{self.pipe_log} || exit 75\n"
-                          "if [ $c = ok ]; then rm -f \"$f\"; else mv \"$f\" " + str(r / "out") + "/partial.$$; fi\n")
+                          "if [ $c = ok ]; then rm -f \"$f\"; else mv \"$f\" " + str(r / "out") + "/partial.$$; fi\n"
+                          ")\n")
         script.chmod(0o755)
         aliases = r / "aliases"
         aliases.write_text(f"mb: {self.mbox}\n")
@@ -177,8 +188,9 @@ class Accepted:
     via: str
 
 
-def make_message(token: str, big: bool) -> bytes:
-    body = ("".join(f"line {n} {token} " + "x" * 60 + "\r\n" for n in range(1500)) if big else f"body {token}\r\n")
+def make_message(token: str, lines: int) -> bytes:
+    """`lines` body lines of about 80 bytes (0: one short line)."""
+    body = ("".join(f"line {n} {token} " + "x" * 60 + "\r\n" for n in range(lines)) if lines else f"body {token}\r\n")
     return (f"From: {SENDER}\r\nSubject: kill {token}\r\nMessage-ID: <{token}@killhunt>\r\nX-Token: {token}\r\n\r\n"
             f"{body}END-{token}\r\n").encode()
 
@@ -215,7 +227,9 @@ class Traffic:
                 token = self.token()
                 rcpts = ([f"d{self.rng.randint(1, 3)}@defer.test", "r1@relay.test"] if small
                          else pick_rcpts(self.rng, self.kind))
-                data = make_message(token, big=not small and self.rng.random() < 0.2)
+                size = self.rng.random()
+                # 20% big: about 120 KB, or 400 KB (over mbox's WRITE_BATCH, 256 KB: an entry of several writes)
+                data = make_message(token, 0 if small or size >= 0.2 else 1500 if size < 0.1 else 5000)
                 refused, _ = await client.sendmail(SENDER, rcpts, data)  # returns only after a 250 at the end
                 self.accepted.append(Accepted(token, [r for r in rcpts if r not in refused], self.world.run, "smtp"))
                 self.n_acked += 1
@@ -227,7 +241,7 @@ class Traffic:
     async def sendmail(self) -> None:
         token = self.token()
         rcpts = pick_rcpts(self.rng, self.kind)
-        done = await self.world.atool("sendmail", "-f", SENDER, "-i", *rcpts, stdin=make_message(token, False))
+        done = await self.world.atool("sendmail", "-f", SENDER, "-i", *rcpts, stdin=make_message(token, 0))
         if done.returncode == 0:
             self.accepted.append(Accepted(token, rcpts, self.world.run, "sendmail"))
 
@@ -235,7 +249,9 @@ class Traffic:
 # ------------------------------------------------------------------------------------------------ a round
 
 
-async def round_(world: World, rng: random.Random, accepted: list[Accepted], kind: str, stats: Counter) -> None:
+async def round_(world: World, rng: random.Random, accepted: list[Accepted], kind: str, stats: Counter,
+                 deadline: float) -> None:
+    """One round; its waits end by `deadline` (monotonic)."""
     await world.start()
     listing = await world.atool("queue", "list")
     if listing.returncode != 0:
@@ -249,7 +265,7 @@ async def round_(world: World, rng: random.Random, accepted: list[Accepted], kin
     if kind == "after250":
         k = rng.randint(1, 12)
         t0 = time.monotonic()
-        while traffic.n_acked < k and time.monotonic() - t0 < 6:
+        while traffic.n_acked < k and time.monotonic() - t0 < 6 and time.monotonic() < deadline:
             traffic.acked.clear()
             try:
                 await asyncio.wait_for(traffic.acked.wait(), 6)
@@ -268,7 +284,7 @@ async def round_(world: World, rng: random.Random, accepted: list[Accepted], kin
     world.kill()
     stats["kills"] += 1
     stats[f"kind_{kind}"] += 1
-    await asyncio.wait(tasks, timeout=15)
+    await asyncio.wait(tasks, timeout=max(1.0, min(15.0, deadline - time.monotonic())))
 
 
 # ------------------------------------------------------------------------------------------------ the checks
@@ -286,7 +302,11 @@ def maildir_tokens(box: Path) -> tuple[Counter, list[str]]:
     return counts, partial
 
 
-def mbox_tokens(path: Path) -> tuple[Counter, list[str]]:
+def mbox_tokens(path: Path, stats: Counter | None = None) -> tuple[Counter, list[str]]:
+    """(whole entries by token, problems). An entry a kill cut (between two writes of one over WRITE_BATCH, as
+    with Postfix's local(8)) is counted in stats["mbox_cut_entries"], not as a copy. A problem: a From_ line that
+    does not start a line (glued to a cut entry: two X-Token lines in one entry). A whole entry without its
+    blank line is counted (stats["mbox_entries_without_blank_line"]) and kept: the message is whole."""
     counts: Counter = Counter()
     bad = []
     if not path.exists():
@@ -294,13 +314,20 @@ def mbox_tokens(path: Path) -> tuple[Counter, list[str]]:
     data = path.read_bytes()
     if data and not data.startswith(b"From "):
         bad.append("does not start with From_")
-    for entry in re.split(rb"\n(?=From )", data):
+    entries = re.split(rb"\n(?=From )", data)  # (each but the last loses the newline before the next From_)
+    for n, entry in enumerate(entries):
         if not entry.strip():
             continue
         token, complete = identify(entry)
-        counts[token] += 1
-        if not complete or not entry.endswith(b"\n"):
-            bad.append(f"partial entry {token}")
+        if len(re.findall(rb"^X-Token: ", entry, re.M | re.I)) > 1:
+            bad.append(f"entries glued together {token}: a From_ line inside a line")
+        elif not complete:
+            if stats is not None:
+                stats["mbox_cut_entries"] += 1
+        else:
+            counts[token] += 1
+            if not entry.endswith(b"\n\n" if n == len(entries) - 1 else b"\n") and stats is not None:
+                stats["mbox_entries_without_blank_line"] += 1
     return counts, bad
 
 
@@ -327,10 +354,10 @@ def sent_before(world: World, last_run: int) -> dict[tuple[str, str], tuple[int,
 def check(world: World, accepted: list[Accepted], stats: Counter) -> list[str]:
     problems: list[str] = []
     if world.mailbox == "mbox":
-        boxes = {f"{u}@local.test": mbox_tokens(world.root / "mail" / u / "mbox") for u in LOCAL_BOXES}
+        boxes = {f"{u}@local.test": mbox_tokens(world.root / "mail" / u / "mbox", stats) for u in LOCAL_BOXES}
     else:
         boxes = {f"{u}@local.test": maildir_tokens(world.root / "mail" / u / "Maildir") for u in LOCAL_BOXES}
-    boxes["mb@local.test"] = mbox_tokens(world.mbox)
+    boxes["mb@local.test"] = mbox_tokens(world.mbox, stats)
     for rcpt, (_, bad) in boxes.items():
         problems += [f"{rcpt}: {b}" for b in bad]
     for user in (*LOCAL_BOXES, "sender"):
@@ -415,7 +442,7 @@ async def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--keep", type=Path, help="work under this directory and keep it")
     ap.add_argument("--mailbox", choices=("maildir", "mbox"), default="maildir", help="alice's and bob's")
-    ap.add_argument("--budget", type=float, default=540, help="seconds for the rounds (the drain comes after)")
+    ap.add_argument("--budget", type=float, default=540, help="seconds for the whole hunt, drain included")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     root = args.keep or Path(tempfile.mkdtemp(prefix="killhunt-"))
@@ -428,12 +455,13 @@ async def main() -> int:
     accepted: list[Accepted] = []
     stats: Counter = Counter()
     started = time.monotonic()
+    end = started + args.budget
     try:
         for n in range(args.rounds):
-            if time.monotonic() - started > args.budget:
+            if time.monotonic() + ROUND_RESERVE + DRAIN_RESERVE > end:
                 break
             kind = KINDS[n % len(KINDS)]
-            await round_(world, rng, accepted, kind, stats)
+            await round_(world, rng, accepted, kind, stats, end - DRAIN_RESERVE)
             stats["rounds"] += 1
         recorder.open_defer = True  # the deferred mail drains: one more kill while it is removed (vacuum, checkpoint)
         await world.start()
@@ -442,13 +470,14 @@ async def main() -> int:
         stats["kills"] += 1
         stats["kind_drain"] += 1
         await world.start()
-        deadline = time.monotonic() + 60
+        deadline = max(time.monotonic() + 10, end - 15)
         while world.counts() and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
         await asyncio.sleep(2)  # pipe children of the killed runs finish their writes
         listing = world.tool("queue", "list")
         stats["final_queue_list_rc"] = listing.returncode
         problems = check(world, accepted, stats)
+        stats["pipe_tmp_leftovers"] = len(list((root / "out" / "tmp").iterdir()))
         world.kill()
     finally:
         world.kill()
