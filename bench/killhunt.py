@@ -302,11 +302,12 @@ def maildir_tokens(box: Path) -> tuple[Counter, list[str]]:
     return counts, partial
 
 
-def mbox_tokens(path: Path, stats: Counter | None = None) -> tuple[Counter, list[str]]:
+def mbox_tokens(path: Path, stats: Counter | None = None, notices: bool = False) -> tuple[Counter, list[str]]:
     """(whole entries by token, problems). An entry a kill cut (between two writes of one over WRITE_BATCH, as
     with Postfix's local(8)) is counted in stats["mbox_cut_entries"], not as a copy. A problem: a From_ line that
     does not start a line (glued to a cut entry: two X-Token lines in one entry). A whole entry without its
-    blank line is counted (stats["mbox_entries_without_blank_line"]) and kept: the message is whole."""
+    blank line is counted (stats["mbox_entries_without_blank_line"]) and kept: the message is whole. `notices`: a
+    bounce box, whose entries carry the returned message's X-Token without its END line (RET=HDRS): all count."""
     counts: Counter = Counter()
     bad = []
     if not path.exists():
@@ -321,7 +322,7 @@ def mbox_tokens(path: Path, stats: Counter | None = None) -> tuple[Counter, list
         token, complete = identify(entry)
         if len(re.findall(rb"^X-Token: ", entry, re.M | re.I)) > 1:
             bad.append(f"entries glued together {token}: a From_ line inside a line")
-        elif not complete:
+        elif not complete and not notices:
             if stats is not None:
                 stats["mbox_cut_entries"] += 1
         else:
@@ -375,7 +376,7 @@ def check(world: World, accepted: list[Accepted], stats: Counter) -> list[str]:
         if not complete:
             problems.append(f"relay {rcpt} got a partial message {token}")
     # a notice carries the returned message's X-Token header (its END line only with RET=FULL)
-    bounces = (mbox_tokens(world.root / "mail" / "sender" / "mbox") if world.mailbox == "mbox"
+    bounces = (mbox_tokens(world.root / "mail" / "sender" / "mbox", notices=True) if world.mailbox == "mbox"
                else maildir_tokens(world.root / "mail" / "sender" / "Maildir"))[0]
     sent = sent_before(world, world.run)
     for acc in accepted:

@@ -38,3 +38,11 @@ def test_a_cut_entry_glued_to_its_retry_is_a_problem_and_one_on_a_line_of_its_ow
     stats = Counter()
     counts, bad = hunt.mbox_tokens(box, stats)
     assert (counts["a"], counts["b"], bad, stats["mbox_cut_entries"]) == (1, 1, [], 1)
+
+
+def test_a_notice_without_the_returned_messages_end_counts_in_a_bounce_box(tmp_path):
+    """A notice returns the headers only (its X-Token, no END line): counted as cut, every bounce read as lost."""
+    hunt = killhunt()
+    box = tmp_path / "mbox"
+    box.write_bytes(format_mbox_entry(b"Subject: Undelivered\n\nX-Token: c\n", sender="", arrival=0))
+    assert hunt.mbox_tokens(box, notices=True)[0]["c"] == 1
