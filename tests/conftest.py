@@ -53,6 +53,23 @@ from tests.support import postfix as postfix_support
 from tests.support import CaptureHandler, CapturePeer, ZoneAuthority, base_settings, dovecot_instance, merged, to_toml
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A report's captured sections (logs, output) made UTF-8 encodable: a test of non-UTF-8 mail logs text with
+    surrogate escapes (`caf\\udce9`), which pytest-xdist cannot send from its worker (an INTERNALERROR that ends the
+    whole run, when another test of the worker left the level at which such a line is captured)."""
+    report = (yield).get_result()
+    report.sections = [(title, _encodable(text)) for title, text in report.sections]
+
+
+def _encodable(text: str) -> str:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
+
+
 UDP_PLAIN = 512  # RFC 1035 4.2.1: the most a UDP answer to a query without EDNS may hold
 TCP_QUERIES = 64  # queries answered on one TCP connection, at most (a client sends several: c-ares, glibc)
 TCP_IDLE = 5.0  # seconds a TCP connection may wait for its next query (or a client for its answer) before closing
