@@ -186,6 +186,27 @@ async def test_clean_crlf_data_from_a_client_allowed_bare_lf_is_read_on_the_stri
     with pytest.raises(AssertionError, match="normalised path taken"):
         await wire.read_data(Spool("/nonexistent", memory_limit=1 << 20))
 
+
+@pytest.mark.parametrize("sent, content, rest", [
+    (b"body\r\n.\r\nNOOP x\ry\n", b"body\r\n", b"NOOP x\ry\n"),
+    (b"body\n.\nNOOP x\ry\n", b"body\r\n", b"NOOP x\ry\n"),
+    (b"body\r\n.\r\nBDAT 5 LAST\r\nx\ry\n\r", b"body\r\n", b"BDAT 5 LAST\r\nx\ry\n\r"),
+    (b"body\n.\r\nBDAT 5 LAST\r\nx\ry\n\r", b"body\r\n", b"BDAT 5 LAST\r\nx\ry\n\r"),
+    (b".\r\nNOOP x\ry\n", b"", b"NOOP x\ry\n"),
+], ids=["crlf-then-cr-in-command", "lf-then-cr-in-command", "crlf-then-bdat-binary", "lf-then-bdat-binary",
+        "empty-then-cr-in-command"])
+async def test_bytes_after_the_dot_line_do_not_refuse_the_message_of_a_client_allowed_bare_lf(sent, content, rest):
+    """A bare CR or bare LF after the "." line is the next command's (a pipelined NOOP, a BDAT's binary chunk):
+    the message is queued, as Postfix 3.7.11 queues it, and those bytes stay for the next command; a message in
+    clean CRLF stays on the strict path."""
+    wire = (StrictOnlyWire if b"\r\n.\r\n" in b"\r\n" + sent else Wire)("mx.test", bare_lf=True)
+    spool = Spool("/nonexistent", memory_limit=1 << 20)
+    wire.feed(sent)
+    assert await asyncio.wait_for(wire.read_data(spool), 5) is None
+    assert (await spool.finish()).to_bytes() == content
+    assert bytes(wire._buf) == rest
+
+
 class PostfixBdat:
     """A reference: the record loop of Postfix's bdat_cmd (smtpd.c) and smtp_get_noexcept (smtp_stream.c, with
     bare-LF detection), counting act_size. Each chunk is read in fragments of `fragment` bytes (VSTREAM_BUFSIZE);

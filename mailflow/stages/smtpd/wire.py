@@ -383,7 +383,7 @@ class Wire:
                 await spool.drain()
                 continue  # (input that arrived during the drain is looked at before waiting for more)
             end = last_lf + 1  # complete lines only
-            if self._bare_lf and buf.count(b"\n", 0, end) != buf.count(b"\r\n", 0, end):
+            if self._bare_lf and self._bare_lf_before_end(end, at_line_start):
                 return await self._read_data_normalised(spool, at_line_start, nul)
             stop, consumed = self._unstuff_into(spool, end, at_line_start)
             # (a failure ends the session: what went into the spool is dropped; bare_lf: no bare LF, seen above)
@@ -395,11 +395,26 @@ class Wire:
                 return refusal(spool, nul)
             at_line_start = True
 
+    def _bare_lf_before_end(self, end: int, at_line_start: bool) -> bool:
+        """Whether a bare LF is among the complete lines in the first `end` bytes of the buffer before the end of
+        DATA (the first CRLF.CRLF, a "." CRLF line first): one after it belongs to the next command or a BDAT
+        chunk, and must not take a finished message off the strict path. Searched only when a bare LF is there."""
+        buf = self._buf
+        if buf.count(b"\n", 0, end) == buf.count(b"\r\n", 0, end):
+            return False
+        if at_line_start and buf.startswith(b".\r\n"):
+            return False
+        term = buf.find(TERMINATOR, 0, end)
+        if term < 0:
+            return True
+        return buf.count(b"\n", 0, term + len(TERMINATOR)) != buf.count(b"\r\n", 0, term + len(TERMINATOR))
+
     async def _read_data_normalised(self, spool: Spool, at_line_start: bool, nul: bool) -> status.Reply | None:
         """`read_data` in bare_lf mode (Postfix's smtpd_forbid_bare_newline = no, which its exclusions also give):
         complete lines normalised to CRLF, then unstuffed; a line holding only "." ends DATA whatever its line end
         and the previous line's (CRLF or a bare LF: `\\n.\\n` and `\\r\\n.\\n` end it, as Postfix 3.7.11's smtp_get
-        with bare LF detection off takes them). A bare CR is still refused. `lead`: CRLF at a line start, b""
+        with bare LF detection off takes them). A bare CR is still refused through the "." line (after it: the next
+        command's bytes, a BDAT chunk's, not the message's). `lead`: CRLF at a line start, b""
         inside a long line (passed on in pieces). No smuggling guard for such a client (docs/security.md).
         `at_line_start`, `nul`: where read_data left off, and whether it saw a NUL."""
         lead = b"\r\n" if at_line_start else b""
@@ -415,9 +430,10 @@ class Wire:
                 continue  # (as in read_data)
             region = bytes(self._buf[:last_lf + 1])
             scan = lead + region.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-            if scan.count(b"\r") != scan.count(b"\r\n"):
-                raise self._bare("CR")
             end = scan.find(TERMINATOR)  # in the lines as normalised: a "." line ends DATA
+            message = scan[:end + len(TERMINATOR)] if end >= 0 else scan  # (what follows is the next command's)
+            if message.count(b"\r") != message.count(b"\r\n"):
+                raise self._bare("CR")
             if end >= 0:
                 lines = scan.count(b"\n", len(lead), end + len(TERMINATOR))  # the lines sent through the "." line
                 del self._buf[:len(region) - len(region.split(b"\n", lines)[-1])]
