@@ -187,6 +187,30 @@ async def test_clean_crlf_data_from_a_client_allowed_bare_lf_is_read_on_the_stri
         await wire.read_data(Spool("/nonexistent", memory_limit=1 << 20))
 
 
+class CountingBuffer(bytearray):
+    """An input buffer that counts the passes `count` makes over it."""
+    passes = 0
+
+    def count(self, *args):
+        self.passes += 1
+        return super().count(*args)
+
+
+@pytest.mark.parametrize("bare_lf, passes", [(False, 3), (True, 3)], ids=["strict-client", "client-allowed-bare-lf"])
+async def test_clean_crlf_data_costs_three_counting_passes_per_read_for_any_client(bare_lf, passes):
+    """CRLF, LF and CR counted once each per read before the end (review LOW 5: an allowed client's CRLF was counted
+    twice)."""
+    wire = Wire("mx.test", bare_lf=bare_lf)
+    wire._buf = CountingBuffer()
+    wire.feed(b"Subject: s\r\n\r\n" + b"line\r\n" * 100)
+    spool = Spool("/nonexistent", memory_limit=1 << 20)
+    reader = asyncio.ensure_future(wire.read_data(spool))
+    await asyncio.sleep(0)
+    assert wire._buf.passes == passes
+    wire.feed(b".\r\nNOOP\r\n")
+    assert await asyncio.wait_for(reader, 5) is None
+
+
 @pytest.mark.parametrize("sent, content, rest", [
     (b"body\r\n.\r\nNOOP x\ry\n", b"body\r\n", b"NOOP x\ry\n"),
     (b"body\n.\nNOOP x\ry\n", b"body\r\n", b"NOOP x\ry\n"),

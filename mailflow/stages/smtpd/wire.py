@@ -383,11 +383,12 @@ class Wire:
                 await spool.drain()
                 continue  # (input that arrived during the drain is looked at before waiting for more)
             end = last_lf + 1  # complete lines only
-            if self._bare_lf and self._bare_lf_before_end(end, at_line_start):
+            crlf = buf.count(b"\r\n", 0, end) if self._bare_lf else -1  # (-1: not counted, strict reads count later)
+            if crlf >= 0 and buf.count(b"\n", 0, end) != crlf and self._bare_lf_before_end(end, at_line_start):
                 return await self._read_data_normalised(spool, at_line_start, nul)
             stop, consumed = self._unstuff_into(spool, end, at_line_start)
             # (a failure ends the session: what went into the spool is dropped; bare_lf: no bare LF, seen above)
-            self._check_line_ends(stop, lf_checked=self._bare_lf)
+            self._check_line_ends(stop, crlf if stop == end else -1)
             nul = nul or buf.find(b"\0", 0, stop) >= 0
             del buf[:consumed]
             await spool.drain()
@@ -397,11 +398,9 @@ class Wire:
 
     def _bare_lf_before_end(self, end: int, at_line_start: bool) -> bool:
         """Whether a bare LF is among the complete lines in the first `end` bytes of the buffer before the end of
-        DATA (the first CRLF.CRLF, a "." CRLF line first): one after it belongs to the next command or a BDAT
-        chunk, and must not take a finished message off the strict path. Searched only when a bare LF is there."""
+        DATA (the first CRLF.CRLF, a "." CRLF line first), knowing one is among them: one after that end belongs to the
+        next command or a BDAT chunk, and must not take a finished message off the strict path."""
         buf = self._buf
-        if buf.count(b"\n", 0, end) == buf.count(b"\r\n", 0, end):
-            return False
         if at_line_start and buf.startswith(b".\r\n"):
             return False
         term = buf.find(TERMINATOR, 0, end)
@@ -491,13 +490,14 @@ class Wire:
         del self._buf[:end]
         return nul
 
-    def _check_line_ends(self, stop: int, lf_checked: bool = False) -> None:
-        """Complete lines in the first `stop` bytes of the buffer must all end in CRLF (`lf_checked`: their LFs are
-        known to, only a bare CR is looked for)."""
+    def _check_line_ends(self, stop: int, crlf: int = -1) -> None:
+        """Complete lines in the first `stop` bytes of the buffer must all end in CRLF (`crlf` >= 0: how many CRLF
+        they hold, their LFs known to end CRLF: only a bare CR is looked for)."""
         buf = self._buf
-        crlf = buf.count(b"\r\n", 0, stop)
-        if not lf_checked and buf.count(b"\n", 0, stop) != crlf:
-            raise self._bare("LF")
+        if crlf < 0:
+            crlf = buf.count(b"\r\n", 0, stop)
+            if buf.count(b"\n", 0, stop) != crlf:
+                raise self._bare("LF")
         if buf.count(b"\r", 0, stop) != crlf:
             raise self._bare("CR")
 
