@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
+from mailflow import status
 from mailflow.content import Content, Spool
 from mailflow.stages.smtpd.data import labelled_mailbox_lines
-from mailflow.stages.smtpd.wire import DOT_HOPS, HIGH_WATER, ContentCheck, Wire, _line_dot
+from mailflow.stages.smtpd.wire import DOT_HOPS, HIGH_WATER, ContentCheck, Wire, WireError, _line_dot
 
 PIECES = [b"\r\n", b".", b"\r\n.", b"\r", b"\n", b"x", b"ab.cd", b"\r\n.\r\n", b"."]
 
@@ -113,15 +114,18 @@ async def test_dot_unstuffing_is_exact_wherever_the_reads_fall(lines, cuts, many
     assert await wire.read_line(100) == b"NOOP"
 
 
-def postfix_no_data(sent: bytes) -> tuple[bytes, bytes]:
+def postfix_no_data(sent: bytes) -> tuple[bytes, bytes] | None:
     """A reference: Postfix 3.7.11's receive_data_message with bare LF detection off (smtpd_forbid_bare_newline = no,
     or a client in its exclusions): smtp_get cuts a line at each LF and strips the CR before it; a line holding only
-    "." ends DATA, whatever its line end; a leading dot is removed. Returns (content stored with CRLF, what is left)."""
+    "." ends DATA, whatever its line end; a leading dot is removed. Returns (content stored with CRLF, what is left),
+    or None for a bare CR in a line before the end."""
     stored, pos = bytearray(), 0
     while True:
         end = sent.index(b"\n", pos)
         line = sent[pos:end].removesuffix(b"\r")
         pos = end + 1
+        if b"\r" in line:
+            return None  # (a bare CR: Postfix takes it, mailflow refuses it, 521 5.5.2; docs/security.md)
         if line == b".":
             return bytes(stored), sent[pos:]
         stored += line.removeprefix(b".") + b"\r\n"
@@ -139,7 +143,7 @@ async def test_a_client_allowed_bare_lf_ends_data_at_a_dot_line_whatever_its_lin
     reads; what follows stays for the next command."""
     lines = [(b"..y", b"\r\n")] * (40 if many_dots else 0) + lines
     sent = b"".join(line + end for line, end in lines) + b"." + dot_end + b"NOOP" + next_end + b"tail\r\n"
-    expected, rest = postfix_no_data(sent)
+    expected, rest = postfix_no_data(sent)  # type: ignore[misc]  (no CR in these lines)
     wire = Wire("mx.test", bare_lf=True)
     spool = Spool("/nonexistent", memory_limit=1 << 30)
     reader = asyncio.ensure_future(wire.read_data(spool))
@@ -152,6 +156,45 @@ async def test_a_client_allowed_bare_lf_ends_data_at_a_dot_line_whatever_its_lin
     assert await asyncio.wait_for(reader, 5) is None
     assert (await spool.finish()).to_bytes() == expected
     assert await wire.read_line(100) == rest.split(b"\n")[0].removesuffix(b"\r")
+
+
+LONG_LINES = [b"y" * size for size in (65535, 65536, 65537, 131073)]  # (around PARTIAL_LINE_KEEP: taken in pieces)
+AFTER_THE_END = [b"NOOP\r\n", b"NOOP\n", b"NOOP x\ry\n", b"BDAT 5 LAST\r\nx\ry\n\r"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(LINES) | st.sampled_from(LONG_LINES) | st.just(b"a\rb") | st.just(b"\0"),
+                          st.sampled_from(ENDS)), max_size=12),
+       st.sampled_from(ENDS), st.sampled_from(AFTER_THE_END), st.lists(st.integers(1, 70000), max_size=6),
+       st.sampled_from([None, 50, 70000]))
+async def test_long_lines_size_limit_nul_bare_cr_and_bytes_after_the_end_are_taken_as_postfix_no(
+        lines, dot_end, after, cuts, max_size):
+    """The cases a client allowed bare LF can send beyond plain lines (review rand_bare.py): lines longer than what
+    is kept whole (passed on in pieces), a size limit (552 with the size counted as stored), a NUL (554), a bare
+    CR before the end (521) and anything after the "." line (left for the next command, never judged here)."""
+    sent = b"".join(line + end for line, end in lines) + b"." + dot_end + after
+    expected = postfix_no_data(sent)
+    wire = Wire("mx.test", bare_lf=True)
+    spool = Spool("/nonexistent", memory_limit=1 << 30, max_size=max_size)
+    reader = asyncio.ensure_future(wire.read_data(spool))
+    at = 0
+    for cut in cuts:
+        wire.feed(sent[at:at + cut])
+        at += cut
+        await asyncio.sleep(0)
+    wire.feed(sent[at:])
+    if expected is None:
+        with pytest.raises(WireError, match="bare <CR>"):
+            await asyncio.wait_for(reader, 5)
+        return
+    stored, rest = expected
+    too_big = max_size is not None and len(stored) > max_size
+    assert await asyncio.wait_for(reader, 5) == (
+        status.MESSAGE_TOO_BIG if too_big else status.NUL_IN_DATA if b"\0" in stored else None)
+    content = (await spool.finish()).to_bytes()
+    assert spool.size == len(stored)
+    assert too_big or content == stored
+    assert bytes(wire._buf) == rest
 
 
 @pytest.mark.parametrize("sent", [b"a\n.\nNOOP\r\n", b"a\r\n.\nNOOP\r\n", b"a\n.\r\nNOOP\r\n", b".\nNOOP\r\n"],
