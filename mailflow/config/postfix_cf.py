@@ -599,11 +599,15 @@ def sasl_security_options(name: str, value: str, tls_options: str | None) -> str
     session (the only one where mailflow offers AUTH) is judged on the tls options, whose default is the others
     (smtpd.c). `tls_options`: the tls options' value where set, else None. Refused when a TLS session's options hold
     noplaintext or mutual_auth (Postfix then offers neither PLAIN nor LOGIN, mailflow's mechanisms); the reason of
-    the note otherwise: PLAIN and LOGIN refused only outside TLS, as mailflow, or not needed."""
+    the note otherwise: PLAIN and LOGIN refused only outside TLS, as mailflow (when the tls options refuse neither),
+    or not needed."""
     excluding = ", ".join(w for w in split_list(value.lower()) if w in ("noplaintext", "mutual_auth"))
     if not excluding:
         return f"not needed: {names.NOT_NEEDED[name]}"
     if name == "smtpd_sasl_security_options" and tls_options is not None:
+        if any(w in ("noplaintext", "mutual_auth") for w in split_list(tls_options.lower())):
+            return (f"not needed: {excluding} judges sessions outside TLS, where mailflow offers no AUTH (TLS "
+                    f"sessions: smtpd_sasl_tls_security_options = {tls_options}, judged on its own)")
         return (f"{excluding} outside TLS only (smtpd_sasl_tls_security_options = {tls_options}): Postfix offers "
                 "PLAIN and LOGIN only after STARTTLS, as mailflow does")
     raise Refused(f"with {excluding}, Postfix offers neither PLAIN nor LOGIN" + (

@@ -1765,6 +1765,28 @@ def test_sasl_security_options_are_judged_with_the_tls_ones_as_postfix_judges_a_
     assert "submission -o smtpd_sasl_tls_security_options: with mutual_auth, Postfix offers neither" in err, err
 
 
+def test_the_plain_sasl_options_note_says_outside_tls_only_only_when_the_tls_ones_refuse_neither(tmp_path):
+    """tls options of $smtpd_sasl_security_options (noplaintext too): TLS sessions refuse PLAIN and LOGIN as well, so
+    the plain options' note must not say Postfix offers them after STARTTLS (it did, review LOW 4); the tls line is
+    left out (exit 1), in main.cf and as an -o."""
+    pki = ClientPki(tmp_path)
+    main = write(tmp_path, "main.cf", f"smtpd_tls_cert_file = {pki.server_cert}\n"
+                                      "smtpd_sasl_security_options = noanonymous, noplaintext\n"
+                                      "smtpd_sasl_tls_security_options = $smtpd_sasl_security_options\n")
+    master = write(tmp_path, "master.cf", STANDARD_SERVICES + "smtp inet n - y - - smtpd\n"
+                   "submission inet n - y - - smtpd\n  -o smtpd_sasl_security_options=noplaintext\n"
+                   "  -o smtpd_sasl_tls_security_options=mutual_auth\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    assert code == 1
+    assert "smtpd_sasl_tls_security_options: with noplaintext, Postfix offers neither PLAIN nor LOGIN in TLS" in err
+    assert "submission -o smtpd_sasl_tls_security_options: with mutual_auth, Postfix offers neither" in err, err
+    text = (tmp_path / "mailflow.toml").read_text()
+    assert "outside TLS only" not in text
+    assert "smtpd_sasl_security_options = noanonymous, noplaintext not needed: noplaintext judges sessions " \
+           "outside TLS, where mailflow offers no AUTH" in text
+    assert "submission -o smtpd_sasl_security_options=noplaintext not needed: noplaintext judges sessions" in text
+
+
 def test_a_services_legacy_tls_options_set_its_listeners_level_as_postfix_3_7_maps_them(tmp_path):
     """-o smtpd_enforce_tls=yes is encrypt (a submission listener with AUTH: it was left out as "main.cf only",
     leaving main.cf's none, no STARTTLS and so no AUTH), -o smtpd_use_tls=yes may; with a
