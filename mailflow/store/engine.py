@@ -222,11 +222,11 @@ class Writer(Connection):
         it only to change something."""
         con = self._connect(busy_timeout)
         try:
-            if owner:
-                con.execute("BEGIN IMMEDIATE")
+            if con.execute("PRAGMA page_count").fetchone()[0] == 0:  # a new file: the setting takes effect now,
+                con.execute("PRAGMA auto_vacuum = INCREMENTAL")  # before anything writes its first page (the lock
+            if owner:  # taken below did: every new queue was then rebuilt by a VACUUM at its first start, logged as
+                con.execute("BEGIN IMMEDIATE")  # a conversion)
                 con.execute("COMMIT")
-            if con.execute("PRAGMA page_count").fetchone()[0] == 0:  # a new file: the setting takes effect now
-                con.execute("PRAGMA auto_vacuum = INCREMENTAL")  # (on a file in use it waits for the write lock)
             con.execute("PRAGMA journal_mode = WAL")
             con.execute("PRAGMA synchronous = FULL")  # a commit is on disk when it returns
             con.execute(f"PRAGMA journal_size_limit = {WAL_KEEP}")

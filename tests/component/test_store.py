@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 import threading
@@ -784,6 +785,18 @@ INSERT INTO recipient (message_id, idx, address, original, status)
 INSERT INTO recipient (message_id, idx, address, original) VALUES ('OLD1', 1, 'y@example.test', 'y@example.test');
 INSERT INTO content VALUES ('OLD1', x'0d0a78790d0a');
 """
+
+
+async def test_a_new_queue_is_made_for_incremental_vacuum_not_rebuilt_at_its_first_start(tmp_path, caplog):
+    """The server's write lock (BEGIN IMMEDIATE) wrote a new file's first page before auto_vacuum was set, so every
+    new queue was rebuilt by a VACUUM at its first start and logged as a conversion of an old queue."""
+    caplog.set_level(logging.INFO, logger="mailflow.store")
+    path = tmp_path / "queue.db"
+    store = await Store.open(path, owner=True)
+    await store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA auto_vacuum").fetchone() == (2,)
+    assert not [r for r in caplog.records if "incremental vacuum" in r.getMessage()], caplog.messages
 
 
 async def test_a_queue_made_by_the_previous_version_is_migrated_and_converted(tmp_path):
