@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import socket
 import ssl
 import struct
@@ -60,6 +61,17 @@ def pytest_runtest_makereport(item, call):
     whole run, when another test of the worker left the level at which such a line is captured)."""
     report = (yield).get_result()
     report.sections = [(title, _encodable(text)) for title, text in report.sections]
+
+
+@pytest.fixture(autouse=True)
+def _root_log_level_kept():
+    """The root logger's level as it was before the test: a reload (app.reload_logged) sets it from the
+    configuration, and a test that reloads left INFO on for the worker's later tests, whose logs then held lines
+    they did not expect."""
+    root = logging.getLogger()
+    level = root.level
+    yield
+    root.setLevel(level)
 
 
 def _encodable(text: str) -> str:

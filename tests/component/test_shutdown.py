@@ -125,7 +125,6 @@ async def test_a_refused_reload_leaves_grace_cache_limit_and_auth_window_as_they
         await mf.stop()
 
 
-
 async def test_a_reload_logs_the_warnings_the_new_configuration_brings_as_the_start_does(mailflow_server, caplog):
     """A listener's overrides.postscreen.cache_limit (ignored: one cache for the server) brought by a reload is
     logged as serve's start logs it (it was taken silently); a warning already in force is not repeated."""
@@ -139,6 +138,7 @@ async def test_a_reload_logs_the_warnings_the_new_configuration_brings_as_the_st
     warnings = [m for m in (r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
                 if "cache_limit" in m]
     assert len(warnings) == 1 and warnings[0].startswith("m.toml: smtpd.listeners: listener 0 (127.0.0.1:0, mta): ")
+
 
 async def test_a_stop_writes_nothing_into_a_tls_handshake(mailflow_server, pki, users):
     """A session in its TLS handshake (after STARTTLS, or first on a submissions listener) is closed at a stop
