@@ -34,7 +34,7 @@ async def test_a_reload_runs_unfrozen_and_freezes_again():
         frozen_during.append(gc.get_freeze_count())
 
     level = logging.getLevelName(logging.getLogger().level)  # what a reload puts in force: as it is
-    mf = SimpleNamespace(reload=reload, config=SimpleNamespace(log=SimpleNamespace(level=level)))
+    mf = SimpleNamespace(reload=reload, config=SimpleNamespace(log=SimpleNamespace(level=level), warnings=list))
     wanted = asyncio.Event()
     gc.freeze()
     reloads = asyncio.create_task(_reloads(mf, wanted, lambda: None, ""))
