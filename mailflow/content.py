@@ -9,6 +9,10 @@ What it owns
       stream(size) -> AsyncIterator[bytes]    async; each file read runs in a worker thread
       read_prefix(n) -> bytes                 the first n bytes (header processing: sync, bounded by n)
       to_bytes() -> bytes                     all of it: for tests, tools and content known to be small
+      held() -> context manager of Held       its files opened once, here: `held.content` reads them through
+                                              those descriptors (`held.descriptors`, closed on exit), not by
+                                              path; for a child forked to run as another user (asuser.call_as
+                                              `keep`), which could not open the queue's root-only files itself
   In-memory parts are yielded as they are, without a copy (a view is turned into bytes first).
   `crlf`: its maker checked that every CR and LF in it is part of a CRLF pair (smtpd's DATA; cleanup keeps it
   for what it adds); the SMTP client then does not look for line ends to mend. Derived contents (`prepend`,
@@ -32,11 +36,12 @@ shorter than the part).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator, TypeVar, Union
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, NamedTuple, TypeVar, Union
 
 from mailflow.errors import detached
 
@@ -49,11 +54,13 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class FilePart:
-    """`length` bytes of the file at `path`, from `offset`."""
+    """`length` bytes of the file at `path`, from `offset`; read through `fd` when set (Content.held: a descriptor
+    of that file, owned by whoever opened it), else by opening `path` for each read."""
 
     path: str
     offset: int
     length: int
+    fd: int | None = field(default=None, compare=False)
 
 
 Part = Union[bytes, memoryview, FilePart]
@@ -109,8 +116,8 @@ class Content:
                 skip -= n
                 continue
             if skip:
-                part = (FilePart(part.path, part.offset + skip, part.length - skip) if isinstance(part, FilePart)
-                        else memoryview(part)[skip:])
+                part = (replace(part, offset=part.offset + skip, length=part.length - skip)
+                        if isinstance(part, FilePart) else memoryview(part)[skip:])
                 skip = 0
             parts.append(part)
         return Content(parts)
@@ -124,7 +131,7 @@ class Content:
                 break
             n = _length(part)
             if n > left:
-                part = FilePart(part.path, part.offset, left) if isinstance(part, FilePart) \
+                part = replace(part, length=left) if isinstance(part, FilePart) \
                     else memoryview(part)[:left]
                 n = left
             parts.append(part)
@@ -137,7 +144,7 @@ class Content:
         for part in self.parts:
             if left <= 0:
                 break
-            data = _pread(part.path, min(left, part.length), part.offset) if isinstance(part, FilePart) \
+            data = _read_part(part, min(left, part.length), part.offset) if isinstance(part, FilePart) \
                 else part[:left]
             out.append(data)
             left -= len(data)
@@ -147,6 +154,13 @@ class Content:
         for part in self.parts:
             if not isinstance(part, FilePart):
                 yield part if type(part) is bytes else bytes(part)
+                continue
+            if part.fd is not None:
+                offset, end = part.offset, part.offset + part.length
+                while offset < end:
+                    data = _read_part(part, min(size, end - offset), offset)
+                    offset += len(data)
+                    yield data
                 continue
             with open(part.path, "rb") as f:
                 f.seek(part.offset)
@@ -165,12 +179,44 @@ class Content:
                 continue
             offset, end = part.offset, part.offset + part.length
             while offset < end:
-                data = await _in_thread(_pread, part.path, min(size, end - offset), offset)
+                data = await _in_thread(_read_part, part, min(size, end - offset), offset)
                 offset += len(data)
                 yield data
 
     def to_bytes(self) -> bytes:
         return b"".join(self.chunks())
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator["Held"]:
+        """See the module docstring. Raises OSError when a file cannot be opened (nothing is left open then)."""
+        opened: dict[str, int] = {}
+        try:
+            for part in self.parts:
+                if isinstance(part, FilePart) and part.fd is None and part.path not in opened:
+                    opened[part.path] = os.open(part.path, os.O_RDONLY | os.O_CLOEXEC)
+            parts = [replace(p, fd=opened[p.path]) if isinstance(p, FilePart) and p.fd is None else p
+                     for p in self.parts]
+            yield Held(Content(parts, crlf=self.crlf), tuple(opened.values()))
+        finally:
+            for fd in opened.values():
+                os.close(fd)
+
+
+class Held(NamedTuple):
+    """Content.held's: the content reading through `descriptors` (open until the `with` ends)."""
+
+    content: Content
+    descriptors: tuple[int, ...]
+
+
+def _read_part(part: FilePart, size: int, offset: int) -> bytes:
+    """`size` bytes of `part`'s file at `offset`: through its descriptor when it has one, else `_pread`."""
+    if part.fd is None:
+        return _pread(part.path, size, offset)
+    data = os.pread(part.fd, size, offset)
+    if len(data) != size:
+        raise Truncated(f"{part.path}: shorter than expected")
+    return data
 
 
 def _pread(path: str, size: int, offset: int) -> bytes:

@@ -332,3 +332,22 @@ def test_the_child_holds_none_of_the_servers_descriptors(tmp_path):
         listener.listen()
         held = asuser.call_as("nobody", "look", _descriptors, timeout=30).decode().split("\n")
     assert len(held) == 1 and held[0].startswith("pipe:"), held  # (the report pipe only)
+
+
+def test_the_child_keeps_the_descriptors_it_is_given_and_reads_through_them(tmp_path):
+    """`keep`: a root-only file (the queue's content, 0700 directory) opened by the parent is read by the child
+    as `nobody` through the kept descriptor, which it could not open itself; every other descriptor is closed."""
+    secret = tmp_path / "content"
+    secret.write_bytes(b"queued bytes")
+    secret.chmod(0o600)
+    with open(tmp_path / "other", "w") as other:
+        fd = os.open(secret, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            read = asuser.call_as("nobody", "read", os.pread, fd, 100, 0, timeout=30, keep=(fd,))
+            held = asuser.call_as("nobody", "look", _descriptors, timeout=30, keep=(fd,)).decode().split("\n")
+            with pytest.raises(TemporaryError, match="Permission denied"):
+                asuser.call_as("nobody", "open", secret.read_bytes, timeout=30)
+        finally:
+            os.close(fd)
+    assert read == b"queued bytes"
+    assert len(held) == 2 and str(secret) in held and str(tmp_path / "other") not in held, held

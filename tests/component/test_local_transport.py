@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -963,3 +963,27 @@ def test_a_mailbox_close_that_fails_still_removes_the_dotlock(tmp_path, monkeypa
     monkeypatch.undo()
     assert not (tmp_path / "file.lock").exists()
 
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root switches to default_privs")
+@pytest.mark.parametrize("size", [300_000, 2_000_000])
+async def test_as_root_a_big_message_in_a_root_only_spool_file_is_written_to_a_file_as_default_privs(tmp_path,
+                                                                                                   public_dir, size):
+    """A message over MEMORY_LIMIT lives in the queue's content file (root's, 0700: here in root's tmp_path), which
+    `nobody` cannot open: the child writing the /file as `nobody` reads it through a descriptor its root parent
+    opened. The entry is the same, byte for byte, as that of the same message held in memory."""
+    data = big_message(size, seed=size)
+    assert len(data) > MEMORY_LIMIT
+    content = spooled(tmp_path, data)
+    assert not content.in_memory
+    t = transport(tmp_path, f"big: {public_dir / 'big.mbox'}\nsmall: {public_dir / 'small.mbox'}\n")
+    for rcpt, message in (("big@example.test", content), ("small@example.test", Content.of(data))):
+        sent = replace(request(rcpt), content=message)
+        [result] = (await t.deliver(sent)).results
+        assert result.outcome is Outcome.SENT, result.text
+    written = (public_dir / "big.mbox").read_bytes()
+    assert written.replace(b"Delivered-To: big@", b"Delivered-To: small@").replace(b"X-Original-To: BIG@",
+                                                                                 b"X-Original-To: SMALL@") \
+        == (public_dir / "small.mbox").read_bytes()
+    assert mbox.mboxrd_unquote(written).endswith(data.replace(b"\r\n", b"\n") + b"\n")
+    assert (public_dir / "big.mbox").stat().st_uid == pwd.getpwnam("nobody").pw_uid

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 
 import pytest
 
@@ -93,3 +94,34 @@ def test_a_file_shorter_than_its_part_is_truncated(tmp_path):
         content.to_bytes()
     with pytest.raises(Truncated):
         content.read_prefix(10)
+
+
+def test_held_content_reads_its_files_through_descriptors_opened_once_and_closes_them(tmp_path):
+    """Content.held: the file parts read through descriptors opened on entry (the file may then go: a child that
+    switched to a user who cannot open it reads the same bytes), each file once, all closed on exit."""
+    path = tmp_path / "spool"
+    path.write_bytes(b"0123456789" * 20_000)
+    content = Content((b"head\n", FilePart(str(path), 10, 150_000), FilePart(str(path), 0, 5)))
+    with content.held() as held:
+        assert len(held.descriptors) == 1
+        path.unlink()  # (opening by path would fail now)
+        assert b"".join(held.content.chunks(1000)) == b"head\n" + (b"0123456789" * 20_000)[10:150_010] + b"01234"
+        assert held.content.after(20).read_prefix(3) == b"567"
+        assert asyncio.run(_collect(held.content.before(8))) == b"head\n012"
+    for fd in held.descriptors:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+def test_held_content_of_a_missing_file_raises_and_leaves_nothing_open(tmp_path):
+    (tmp_path / "there").write_bytes(b"x" * 10)
+    content = Content((FilePart(str(tmp_path / "there"), 0, 10), FilePart(str(tmp_path / "gone"), 0, 10)))
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(FileNotFoundError):
+        with content.held():
+            pass
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+async def _collect(content: Content) -> bytes:
+    return b"".join([chunk async for chunk in content.stream(3)])

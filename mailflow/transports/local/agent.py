@@ -388,14 +388,15 @@ class LocalTransport:
         if leaf.path == os.devnull:
             return Part(Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}")
         sender, original = _envelope(request, rcpt, leaf.sender)
-        entry = mbox_entry(request.content, sender=sender, arrival=self._clock.time(),
-                           prepend=mailbox_prefix(sender, rcpt.address, original))
         as_user = rights_for(leaf.rights, self._local.default_privs)
         try:
-            await append_mbox(Path(leaf.path), entry, locks=self._local.mailbox_delivery_lock, user=as_user,
-                              size_limit=self._local.mailbox_size_limit, create_parents=False,
-                              refuse_executable=True, workers=self._file_writers.run,
-                              write_limit=self._local.command_time_limit)
+            with request.content.held() as held:  # (the child as `as_user` cannot open the queue's files)
+                entry = mbox_entry(held.content, sender=sender, arrival=self._clock.time(),
+                                   prepend=mailbox_prefix(sender, rcpt.address, original))
+                await append_mbox(Path(leaf.path), entry, locks=self._local.mailbox_delivery_lock, user=as_user,
+                                  size_limit=self._local.mailbox_size_limit, create_parents=False,
+                                  refuse_executable=True, workers=self._file_writers.run,
+                                  write_limit=self._local.command_time_limit, keep=held.descriptors)
         except DeliveryError as e:
             return _failed(e)
         return Part(Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}")

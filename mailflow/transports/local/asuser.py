@@ -1,17 +1,20 @@
 """Work done with another user's rights, without this process ever changing identity.
 
-    call_as(user, doing, fn, *args, timeout=CALL_AS_TIMEOUT, marked=False, then=None, grace=KILL_GRACE) -> bytes
+    call_as(user, doing, fn, *args, timeout=CALL_AS_TIMEOUT, marked=False, then=None, grace=KILL_GRACE,
+            keep=()) -> bytes
                                                 fn(*args) in a child forked for it, running with `user`'s uid, gid
                                                 and groups; its bytes come back over a pipe within `timeout` s;
                                                 `marked`: fn(*args, writing=progress) (a Progress): from the
                                                 child's first progress() on, `timeout` is over and the limit is
-                                                `then` s without a progress() (None: no limit), see below
+                                                `then` s without a progress() (None: no limit), see below;
+                                                `keep`: descriptors of this process the child keeps open (a
+                                                message's content files, Content.held: the user may not open them)
     rights_for(rights, default_privs) -> str | None   whose rights a command, file or :include: of local delivery
                                                 uses: as root `rights` (a .forward's system user) or else
                                                 `default_privs`, never root's; not as root, None (mailflow's own)
 
-The child closes every descriptor it inherited but stdin, stdout, stderr and its report pipe (the queue's lock,
-listening sockets, clients' connections: a child stuck on a hung mount must not keep a restarted server from
+The child closes every descriptor it inherited but stdin, stdout, stderr, its report pipe and `keep` (the queue's
+lock, listening sockets, clients' connections: a child stuck on a hung mount must not keep a restarted server from
 the queue or its ports), switches identity, calls `fn`, writes what it returned (or the error it raised) to the
 pipe and exits; it touches nothing else, so no lock another thread of this process holds can matter to it. Call
 it from a worker thread (asyncio.to_thread): the parent blocks until the child is done, or `timeout` seconds at most (a
@@ -83,7 +86,7 @@ def rights_for(rights: str | None, default_privs: str) -> str | None:
 
 def call_as(user: str, doing: str, fn: Callable[..., bytes], *args,
             timeout: float | None = CALL_AS_TIMEOUT, marked: bool = False, then: float | None = None,
-            grace: float = KILL_GRACE) -> bytes:
+            grace: float = KILL_GRACE, keep: tuple[int, ...] = ()) -> bytes:
     """See the module docstring."""
     try:
         pw = pwd.getpwnam(user)
@@ -96,7 +99,7 @@ def call_as(user: str, doing: str, fn: Callable[..., bytes], *args,
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: switch identity, call, report, exit
-        _keep_only(write_end)
+        _keep_only(write_end, *keep)
 
         def work() -> bytes:  # (a Progress made here: whatever it raises is reported, and the child exits)
             if not marked:
@@ -267,18 +270,21 @@ def _framed_report(fd: int, deadline: float | None, after_mark: float | None = N
         received += chunk
 
 
-def _keep_only(report: int) -> None:
+def _keep_only(*kept: int) -> None:
     """In the child, right after the fork: close every descriptor of the server but stdin, stdout, stderr and
-    `report` (the queue's lock, listening sockets, clients' connections, other commands' pipes), which a child stuck
-    on a hung mount would otherwise hold for as long (a restart refused: the queue busy, the address in use). The
-    signal wakeup descriptor goes first: the number of the loop's closed one could be a mailbox's by the time an
-    alarm writes to it."""
+    `kept` (its report pipe, call_as's `keep`): the queue's lock, listening sockets, clients' connections, other
+    commands' pipes, which a child stuck on a hung mount would otherwise hold for as long (a restart refused: the
+    queue busy, the address in use). The signal wakeup descriptor goes first: the number of the loop's closed one
+    could be a mailbox's by the time an alarm writes to it."""
     try:
         signal.set_wakeup_fd(-1)
     except ValueError:  # (not the main thread: cannot be, after a fork; nothing was set then)
         pass
-    os.closerange(3, report)
-    os.closerange(report + 1, os.sysconf("SC_OPEN_MAX"))
+    low = 3
+    for fd in sorted(set(kept)):
+        os.closerange(low, fd)
+        low = max(low, fd + 1)
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
 
 
 def _switched(groups: list[int], gid: int, uid: int, fn: Callable[..., bytes], args: tuple) -> bytes:

@@ -208,7 +208,7 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes], *,
                       user: str | None = None, owner: tuple[int, int] | None = None, size_limit: int = 0,
                       create_parents: bool = True, refuse_executable: bool = False, home: Path | None = None,
                       workers: Callable[[Callable[[], LockStyle | None]], Awaitable[LockStyle | None]] | None = None,
-                      write_limit: float | None = None) -> None:
+                      write_limit: float | None = None, keep: tuple[int, ...] = ()) -> None:
     """Append `entry` (from format_mbox_entry) to the mbox file at `path`, durably, under `locks` (taken in
     that order), or raise a DeliveryError (TemporaryError / PermanentError, see the module docstring). A failed
     append is truncated back (see the module docstring). With `user` (mailflow running as root) each attempt runs in a
@@ -227,12 +227,14 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes], *,
     `workers(call)`: runs each attempt in a thread of the caller's own pool instead of the default executor's (a
     file that never answers then holds one of those threads, never one that the queue and smtpd share).
     `write_limit`: with `user`, the seconds the child's write may go without progress (a piece of the entry
-    written, the fsync) before it is rolled back: 4.3.0 (None: no limit; asuser.call_as's `then`)."""
+    written, the fsync) before it is rolled back: 4.3.0 (None: no limit; asuser.call_as's `then`). `keep`: with
+    `user`, the descriptors `entry` reads through (Content.held: the queue's content files, which `user` may not
+    open), kept open in the child (asuser.call_as's `keep`)."""
     if len(set(locks)) != len(locks) or not set(locks) <= set(_LOCK_STYLES):
         raise ValueError(f"lock styles {locks!r}: each of {', '.join(_LOCK_STYLES)} at most once")
     args = (Path(path), entry, tuple(locks), stale_lock_time, owner, size_limit, create_parents, refuse_executable,
             home)
-    attempt = partial(_append_once, *args) if user is None else partial(_append_once_as, user, write_limit, *args)
+    attempt = partial(_append_once, *args) if user is None else partial(_append_once_as, user, write_limit, keep, *args)
     deadline = time.monotonic() + lock_timeout
     delay, most = (_FIRST_POLL, _MAX_POLL) if user is None else (_FIRST_FORKED_POLL, _MAX_FORKED_POLL)
     while (busy := await (asyncio.to_thread(attempt) if workers is None else workers(attempt))) is not None:
@@ -250,7 +252,7 @@ def _busy(path: Path, style: LockStyle, timeout: float) -> TemporaryError:
     return TemporaryError("4.2.0", f"mailbox {path} is busy: no {style} lock within {timeout:g}s")
 
 
-def _append_once_as(user: str, write_limit: float | None, *args) -> LockStyle | None:
+def _append_once_as(user: str, write_limit: float | None, keep: tuple[int, ...], *args) -> LockStyle | None:
     """`_append_once` with `user`'s rights, in a child process forked from this worker thread (asuser.call_as);
     its DeliveryError comes back as itself, the lock it found busy as its name. A child that has not started writing
     within FILE_START_TIMEOUT s (a file whose open, lock or stat never answers) is stopped by its own timer (the
@@ -260,7 +262,7 @@ def _append_once_as(user: str, write_limit: float | None, *args) -> LockStyle | 
     removed: 4.3.0 "writing made no progress"); the child is killed only asuser.KILL_GRACE s after that, when
     the roll back itself hangs (then the file may keep what was written)."""
     busy = call_as(user, "write", _appended, *args, timeout=FILE_START_TIMEOUT, marked=True,
-                   then=write_limit).decode("ascii")
+                   then=write_limit, keep=keep).decode("ascii")
     return cast(LockStyle, busy) if busy else None
 
 
