@@ -340,7 +340,7 @@ def test_the_child_keeps_the_descriptors_it_is_given_and_reads_through_them(tmp_
     secret = tmp_path / "content"
     secret.write_bytes(b"queued bytes")
     secret.chmod(0o600)
-    with open(tmp_path / "other", "w") as other:
+    with open(tmp_path / "other", "w"):  # (open in the parent: the child must not hold it)
         fd = os.open(secret, os.O_RDONLY | os.O_CLOEXEC)
         try:
             read = asuser.call_as("nobody", "read", os.pread, fd, 100, 0, timeout=30, keep=(fd,))
