@@ -24,6 +24,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -527,3 +528,47 @@ def test_mailbox_location_is_normalised():
 def test_bad_mailbox_settings_are_refused(local, reason):
     with pytest.raises(ConfigError, match=re.escape(reason)):
         config_from_dict({"local": local})
+
+
+async def test_a_cancelled_append_of_held_content_never_reads_another_file_through_a_reused_descriptor(tmp_path):
+    """The /file append read the queue's content through descriptors its caller opened (Content.held) and closed
+    when a cancelled delivery stopped waiting, while the writing thread went on: the next file the process opened
+    took that number, and its bytes went into the mailbox as the message (the review's probe: another message's
+    300 KB). The writing thread now opens and closes them itself: what it writes is the message, whole."""
+    from mailflow.content import Content, FilePart
+    from mailflow.transports.local.mbox import HeldEntry, mbox_entry
+
+    queued = tmp_path / "queued"
+    queued.write_bytes(b"Subject: mine\n\n" + b"A" * 300_000 + b"\n")
+    other = tmp_path / "other"
+    other.write_bytes(b"Subject: SECRET OTHER\n\n" + b"S" * 400_000 + b"\n")
+    box = tmp_path / "mbox"
+    content = Content((FilePart(str(queued), 0, queued.stat().st_size),))
+    entry = HeldEntry(content, lambda c: mbox_entry(c, sender="a@b.test", arrival=0))
+    started = threading.Event()
+    ended = threading.Event()
+
+    async def late_workers(call):
+        def later():  # (a busy pool: the call starts after its caller gave up)
+            started.wait(10)
+            try:
+                return call()
+            finally:
+                ended.set()
+        return await asyncio.to_thread(later)
+
+    delivery = asyncio.ensure_future(append_mbox(box, entry, locks=("fcntl",), workers=late_workers))
+    await asyncio.sleep(0.05)
+    delivery.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await delivery
+    fds = [os.open(other, os.O_RDONLY) for _ in range(4)]  # (another delivery's files, at the freed numbers)
+    try:
+        started.set()
+        assert await asyncio.to_thread(ended.wait, 10)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    written = box.read_bytes()
+    assert b"SECRET" not in written
+    assert written.count(b"A" * 300_000) == 1 and b"Subject: mine" in written

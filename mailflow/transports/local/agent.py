@@ -98,7 +98,7 @@ from mailflow.transports.local.asuser import rights_for
 from mailflow.tables import split_extension
 from mailflow.transports.encode import ToLf, aencode
 from mailflow.transports.maildir import MaildirWriter, Owner, mailbox_prefix, spool_missing, write_failure
-from mailflow.transports.local.mbox import append_mbox, from_line, mailbox_location, mbox_entry
+from mailflow.transports.local.mbox import HeldEntry, append_mbox, from_line, mailbox_location, mbox_entry
 from mailflow.workers import BoundedWorkers
 from mailflow.transports.pipe import (SHELL_SAFE, CommandNotRun, command_spool, command_diagnostic, command_status,
                                       run_shell_command)
@@ -389,14 +389,13 @@ class LocalTransport:
             return Part(Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}")
         sender, original = _envelope(request, rcpt, leaf.sender)
         as_user = rights_for(leaf.rights, self._local.default_privs)
-        try:
-            with request.content.held() as held:  # (the child as `as_user` cannot open the queue's files)
-                entry = mbox_entry(held.content, sender=sender, arrival=self._clock.time(),
-                                   prepend=mailbox_prefix(sender, rcpt.address, original))
-                await append_mbox(Path(leaf.path), entry, locks=self._local.mailbox_delivery_lock, user=as_user,
-                                  size_limit=self._local.mailbox_size_limit, create_parents=False,
-                                  refuse_executable=True, workers=self._file_writers.run,
-                                  write_limit=self._local.command_time_limit, keep=held.descriptors)
+        entry = HeldEntry(request.content, partial(mbox_entry, sender=sender, arrival=self._clock.time(),
+                                                   prepend=mailbox_prefix(sender, rcpt.address, original)))
+        try:  # (held: the child as `as_user` cannot open the queue's files; the writing thread opens them)
+            await append_mbox(Path(leaf.path), entry, locks=self._local.mailbox_delivery_lock, user=as_user,
+                              size_limit=self._local.mailbox_size_limit, create_parents=False,
+                              refuse_executable=True, workers=self._file_writers.run,
+                              write_limit=self._local.command_time_limit)
         except DeliveryError as e:
             return _failed(e)
         return Part(Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}")

@@ -77,6 +77,7 @@ Failures (exceptions from mailflow.errors, with Postfix's mbox_open/mbox_dsn as 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import logging
@@ -85,7 +86,6 @@ import re
 import stat
 import struct
 import time
-from functools import partial
 from pathlib import Path
 from typing import Awaitable, Callable, Iterable, Iterator, Literal, NamedTuple, cast
 
@@ -202,13 +202,24 @@ def _quote_local_part(address: str) -> str:
 # ------------------------------------------------------------------------------------------- append
 
 
-async def append_mbox(path: Path, entry: bytes | Iterable[bytes], *,
+class HeldEntry(NamedTuple):
+    """An entry the writing thread builds (`build(content)`) from `content` read through descriptors that thread
+    opens (Content.held: the queue's files, which a child running as another user may not open) and closes when its
+    attempt ends. Opened by the caller instead, they were closed when a cancelled delivery stopped waiting while
+    the thread went on writing: the next file opened took a descriptor's number, and its bytes went into the
+    mailbox as the message's."""
+
+    content: Content
+    build: Callable[[Content], Iterable[bytes]]
+
+
+async def append_mbox(path: Path, entry: bytes | Iterable[bytes] | HeldEntry, *,
                       locks: tuple[LockStyle, ...] = DEFAULTS.local.mailbox_delivery_lock,
                       lock_timeout: float = DEFAULT_LOCK_TIMEOUT, stale_lock_time: float = STALE_LOCK_TIME,
                       user: str | None = None, owner: tuple[int, int] | None = None, size_limit: int = 0,
                       create_parents: bool = True, refuse_executable: bool = False, home: Path | None = None,
                       workers: Callable[[Callable[[], LockStyle | None]], Awaitable[LockStyle | None]] | None = None,
-                      write_limit: float | None = None, keep: tuple[int, ...] = ()) -> None:
+                      write_limit: float | None = None) -> None:
     """Append `entry` (from format_mbox_entry) to the mbox file at `path`, durably, under `locks` (taken in
     that order), or raise a DeliveryError (TemporaryError / PermanentError, see the module docstring). A failed
     append is truncated back (see the module docstring). With `user` (mailflow running as root) each attempt runs in a
@@ -227,14 +238,19 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes], *,
     `workers(call)`: runs each attempt in a thread of the caller's own pool instead of the default executor's (a
     file that never answers then holds one of those threads, never one that the queue and smtpd share).
     `write_limit`: with `user`, the seconds the child's write may go without progress (a piece of the entry
-    written, the fsync) before it is rolled back: 4.3.0 (None: no limit; asuser.call_as's `then`). `keep`: with
-    `user`, the descriptors `entry` reads through (Content.held: the queue's content files, which `user` may not
-    open), kept open in the child (asuser.call_as's `keep`)."""
+    written, the fsync) before it is rolled back: 4.3.0 (None: no limit; asuser.call_as's `then`). A HeldEntry is
+    built in the writing thread, each attempt, from descriptors that attempt opens, keeps open in the child
+    (asuser.call_as's `keep`) and closes at its end; a queue file that cannot be opened is 4.3.0."""
     if len(set(locks)) != len(locks) or not set(locks) <= set(_LOCK_STYLES):
         raise ValueError(f"lock styles {locks!r}: each of {', '.join(_LOCK_STYLES)} at most once")
-    args = (Path(path), entry, tuple(locks), stale_lock_time, owner, size_limit, create_parents, refuse_executable,
-            home)
-    attempt = partial(_append_once, *args) if user is None else partial(_append_once_as, user, write_limit, keep, *args)
+    rest = (tuple(locks), stale_lock_time, owner, size_limit, create_parents, refuse_executable, home)
+
+    def attempt() -> LockStyle | None:  # (in a worker thread)
+        with _built(entry) as (body, keep):
+            if user is None:
+                return _append_once(Path(path), body, *rest)
+            return _append_once_as(user, write_limit, keep, Path(path), body, *rest)
+
     deadline = time.monotonic() + lock_timeout
     delay, most = (_FIRST_POLL, _MAX_POLL) if user is None else (_FIRST_FORKED_POLL, _MAX_FORKED_POLL)
     while (busy := await (asyncio.to_thread(attempt) if workers is None else workers(attempt))) is not None:
@@ -243,6 +259,23 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes], *,
             raise _busy(Path(path), busy, lock_timeout)
         await asyncio.sleep(min(delay, left))  # (no thread waits: see the module docstring)
         delay = min(delay * 2, most)
+
+
+@contextlib.contextmanager
+def _built(entry: bytes | Iterable[bytes] | HeldEntry) -> Iterator[tuple[bytes | Iterable[bytes], tuple[int, ...]]]:
+    """(the entry, the descriptors it reads through) for one attempt, in the attempt's own thread."""
+    if not isinstance(entry, HeldEntry):
+        yield entry, ()
+        return
+    try:
+        held_content = entry.content.held()
+        held = held_content.__enter__()
+    except OSError as e:
+        raise TemporaryError("4.3.0", f"cannot read the queued message: {e.strerror or e}") from None
+    try:
+        yield entry.build(held.content), held.descriptors
+    finally:
+        held_content.__exit__(None, None, None)
 
 
 def _busy(path: Path, style: LockStyle, timeout: float) -> TemporaryError:
