@@ -4,6 +4,7 @@ worker thread for ever. Forking as another user needs root: skipped otherwise.""
 from __future__ import annotations
 
 import math
+import logging
 import os
 import pwd
 import threading
@@ -309,11 +310,13 @@ def test_an_alarm_after_the_work_ended_keeps_its_result(monkeypatch):
 
 
 def _descriptors() -> bytes:
-    """The child's descriptors past stdin, stdout and stderr, as what they point to."""
+    """The child's descriptors past stdin, stdout, stderr and the log handlers' (kept: see the log test below), as
+    what they point to."""
     names = []
+    logs = set(asuser._log_descriptors())
     for fd in os.listdir("/proc/self/fd"):
         try:
-            names.append(os.readlink(f"/proc/self/fd/{fd}") if int(fd) > 2 else "")
+            names.append(os.readlink(f"/proc/self/fd/{fd}") if int(fd) > 2 and int(fd) not in logs else "")
         except OSError:
             pass  # (listdir's own descriptor, closed by now)
     return "\n".join(n for n in names if n).encode()
@@ -351,3 +354,32 @@ def test_the_child_keeps_the_descriptors_it_is_given_and_reads_through_them(tmp_
             os.close(fd)
     assert read == b"queued bytes"
     assert len(held) == 2 and str(secret) in held and str(tmp_path / "other") not in held, held
+
+
+def _log_after_opening() -> bytes:
+    """In the child: a pipe takes the lowest free numbers (a closed handler's, once), a line is logged, and what
+    reached the pipe comes back."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    logging.getLogger("tests.asuser.child").warning("a line from the child")
+    try:
+        return b"pipe:" + os.read(read_end, 4096)
+    except BlockingIOError:
+        return b"pipe:"
+
+
+def test_the_childs_log_lines_go_to_the_servers_log_never_into_a_file_it_opened(tmp_path):
+    """The child closed every descriptor but its report pipe, its log handlers' too: a line it logged (a stale
+    dotlock removed) was lost, or written into the file it had opened at the handler's old number (a mailbox).
+    The handlers' descriptors are kept: the line reaches the log, never the child's own file."""
+    log_file = tmp_path / "server.log"
+    handler = logging.FileHandler(log_file)
+    logger = logging.getLogger("tests.asuser.child")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        assert asuser.call_as("nobody", "log", _log_after_opening, timeout=30) == b"pipe:"
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    assert "a line from the child" in log_file.read_text()

@@ -96,10 +96,11 @@ def call_as(user: str, doing: str, fn: Callable[..., bytes], *args,
         raise TemporaryError("4.3.0", f"refusing to {doing} as {user}: uid 0")
     _STUCK.refuse_when_full(f"{doing} as {user}")
     groups = os.getgrouplist(user, pw.pw_gid)
+    logs = _log_descriptors()
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: switch identity, call, report, exit
-        _keep_only(write_end, *keep)
+        _keep_only(write_end, *keep, *logs)
 
         def work() -> bytes:  # (a Progress made here: whatever it raises is reported, and the child exits)
             if not marked:
@@ -270,12 +271,28 @@ def _framed_report(fd: int, deadline: float | None, after_mark: float | None = N
         received += chunk
 
 
+def _log_descriptors() -> tuple[int, ...]:
+    """The descriptors the process's log handlers write to (a stream's, a syslog socket's), kept in the child: its
+    lines (a stale dotlock removed) go where the server's go. Closed, their numbers could be a mailbox's by the time
+    a line is written, and the line would go into the mailbox."""
+    loggers = [logging.getLogger(), *(one for one in list(logging.Logger.manager.loggerDict.values())
+                                      if isinstance(one, logging.Logger))]
+    found = []
+    for handler in (handler for logger in loggers for handler in logger.handlers):
+        for holder in (getattr(handler, "stream", None), getattr(handler, "socket", None)):
+            try:
+                found.append(holder.fileno())  # type: ignore[union-attr]
+            except (AttributeError, OSError, ValueError):
+                pass
+    return tuple(found)
+
+
 def _keep_only(*kept: int) -> None:
     """In the child, right after the fork: close every descriptor of the server but stdin, stdout, stderr and
-    `kept` (its report pipe, call_as's `keep`): the queue's lock, listening sockets, clients' connections, other
-    commands' pipes, which a child stuck on a hung mount would otherwise hold for as long (a restart refused: the
-    queue busy, the address in use). The signal wakeup descriptor goes first: the number of the loop's closed one
-    could be a mailbox's by the time an alarm writes to it."""
+    `kept` (its report pipe, call_as's `keep`, the log handlers'): the queue's lock, listening sockets, clients'
+    connections, other commands' pipes, which a child stuck on a hung mount would otherwise hold for as long (a
+    restart refused: the queue busy, the address in use). The signal wakeup descriptor goes first: the number of
+    the loop's closed one could be a mailbox's by the time an alarm writes to it."""
     try:
         signal.set_wakeup_fd(-1)
     except ValueError:  # (not the main thread: cannot be, after a fork; nothing was set then)
