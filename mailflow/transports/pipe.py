@@ -187,7 +187,7 @@ async def run_shell_command(command: str, **how: Any) -> CommandResult:
     searched on PATH by the child, as the user it runs as. Raises CommandNotRun (a shell that cannot be run:
     `execl /bin/sh: why`, as exec_command's)."""
     words = direct_argv(command)
-    message = await _spooled(how.pop("stdin"), how.pop("spool_dir", None))
+    message = await _spooled_within(how["time_limit"], how.pop("stdin"), how.pop("spool_dir", None))
     try:
         if words is not None:
             try:
@@ -226,7 +226,7 @@ async def run_command(argv: list[str], *, stdin: bytes | AsyncIterable[bytes],
                       spool_dir: str | os.PathLike[str] | None = None, **how: Any) -> CommandResult:
     """Run argv to completion or to the time limit; see the module docstring (`how`: env, time_limit,
     output_limit, user, cwd, umask). Raises CommandNotRun, or what reading `stdin` raised (nothing run then)."""
-    message = await _spooled(stdin, spool_dir)
+    message = await _spooled_within(how["time_limit"], stdin, spool_dir)
     try:
         return await _run(argv, message, **how)
     finally:
@@ -285,6 +285,18 @@ async def _run(argv: list[str], message: int, *, env: dict[str, str], time_limit
 
 
 SPOOL_WRITE = 256 * 1024  # a command's input is written to its file in pieces of about this size
+
+
+async def _spooled_within(limit: float, data: bytes | AsyncIterable[bytes],
+                          directory: str | os.PathLike[str] | None) -> int:
+    """_spooled within the command's time limit: a queue file or spool disk that stops answering holds the
+    delivery no longer than the command itself could (CommandNotRun: deferred 4.3.0), as feeding the command did
+    when the input was a pipe."""
+    try:
+        async with asyncio.timeout(limit):
+            return await _spooled(data, directory)
+    except TimeoutError:
+        raise CommandNotRun(f"cannot spool the command's input within {limit:g}s") from None
 
 
 async def _spooled(data: bytes | AsyncIterable[bytes], directory: str | os.PathLike[str] | None) -> int:

@@ -487,3 +487,19 @@ async def test_a_spooled_message_is_streamed_to_the_command_with_its_lines_quote
     lines = [b"." + line if line.startswith(b".") else line for line in lines]
     expected = f"Return-Path: <{SENDER}>\n".encode() + b"\n".join(lines)
     assert (scripts.out / "stdin").read_bytes() == expected
+
+
+async def test_spooling_a_command_s_input_is_bounded_by_its_time_limit(tmp_path):
+    """The command's input is spooled before it starts, and that took as long as the queue file took to read (a
+    hung disk: for ever; 1 byte a second: 3 s past a 0.5 s limit) where feeding a pipe had been inside the
+    command's time limit. Past the limit the delivery is not run: CommandNotRun (deferred 4.3.0)."""
+    async def slowly():
+        for _ in range(20):
+            await asyncio.sleep(0.5)
+            yield b"y"
+
+    started = time.monotonic()
+    with pytest.raises(CommandNotRun, match=r"cannot spool the command's input within 0.5s"):
+        await run_command(["/bin/cat"], stdin=slowly(), env={}, time_limit=0.5, output_limit=100, spool_dir=tmp_path)
+    assert time.monotonic() - started < 5
+    assert list(tmp_path.iterdir()) == []
