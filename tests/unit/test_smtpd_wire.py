@@ -147,15 +147,20 @@ async def test_a_client_allowed_bare_lf_ends_data_at_a_dot_line_whatever_its_lin
     wire = Wire("mx.test", bare_lf=True)
     spool = Spool("/nonexistent", memory_limit=1 << 30)
     reader = asyncio.ensure_future(wire.read_data(spool))
+    await fed_in_cuts(wire, sent, cuts)
+    assert await asyncio.wait_for(reader, 5) is None
+    assert (await spool.finish()).to_bytes() == expected
+    assert await wire.read_line(100) == rest.split(b"\n")[0].removesuffix(b"\r")
+
+
+async def fed_in_cuts(wire: Wire, sent: bytes, cuts: list[int]) -> None:
+    """`sent` fed to `wire` in reads of the sizes `cuts` (then the rest), a loop turn between two."""
     at = 0
     for cut in cuts:
         wire.feed(sent[at:at + cut])
         at += cut
         await asyncio.sleep(0)
     wire.feed(sent[at:])
-    assert await asyncio.wait_for(reader, 5) is None
-    assert (await spool.finish()).to_bytes() == expected
-    assert await wire.read_line(100) == rest.split(b"\n")[0].removesuffix(b"\r")
 
 
 LONG_LINES = [b"y" * size for size in (65535, 65536, 65537, 131073)]  # (around PARTIAL_LINE_KEEP: taken in pieces)
@@ -177,12 +182,7 @@ async def test_long_lines_size_limit_nul_bare_cr_and_bytes_after_the_end_are_tak
     wire = Wire("mx.test", bare_lf=True)
     spool = Spool("/nonexistent", memory_limit=1 << 30, max_size=max_size)
     reader = asyncio.ensure_future(wire.read_data(spool))
-    at = 0
-    for cut in cuts:
-        wire.feed(sent[at:at + cut])
-        at += cut
-        await asyncio.sleep(0)
-    wire.feed(sent[at:])
+    await fed_in_cuts(wire, sent, cuts)
     if expected is None:
         with pytest.raises(WireError, match="bare <CR>"):
             await asyncio.wait_for(reader, 5)
