@@ -267,15 +267,12 @@ def _built(entry: bytes | Iterable[bytes] | HeldEntry) -> Iterator[tuple[bytes |
     if not isinstance(entry, HeldEntry):
         yield entry, ()
         return
-    try:
-        held_content = entry.content.held()
-        held = held_content.__enter__()
-    except OSError as e:
-        raise TemporaryError("4.3.0", f"cannot read the queued message: {e.strerror or e}") from None
-    try:
+    with contextlib.ExitStack() as opened:
+        try:
+            held = opened.enter_context(entry.content.held())
+        except OSError as e:
+            raise TemporaryError("4.3.0", f"cannot read the queued message: {e.strerror or e}") from None
         yield entry.build(held.content), held.descriptors
-    finally:
-        held_content.__exit__(None, None, None)
 
 
 def _busy(path: Path, style: LockStyle, timeout: float) -> TemporaryError:
