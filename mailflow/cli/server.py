@@ -112,8 +112,8 @@ def _serve(run, cfg: Config, where: str, reread, started=None) -> None:
 
 
 def warn_at_start(cfg: Config, where: str) -> None:
-    """Logs Config.warnings once, as serve starts, each after the file's name (a reload does not repeat them;
-    check-config prints them)."""
+    """Logs Config.warnings once, as serve starts, each after the file's name (a reload logs those it brings anew:
+    app.reload_logged; check-config prints them)."""
     for warning in cfg.warnings():
         logging.getLogger("mailflow").warning("%s: %s", where, warning)
 

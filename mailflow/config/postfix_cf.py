@@ -594,6 +594,9 @@ def legacy_tls_level(enforce: bool, use: bool, peername: bool = False) -> str:
     return ("verify" if peername else "encrypt") if enforce else "may" if use else "none"
 
 
+SASL_OPTIONS = ("smtpd_sasl_security_options", "smtpd_sasl_tls_security_options")  # judged together
+
+
 def sasl_security_options(name: str, value: str, tls_options: str | None) -> str:
     """smtpd_sasl_security_options or smtpd_sasl_tls_security_options as Postfix 3.7.11's smtpd takes them: a TLS
     session (the only one where mailflow offers AUTH) is judged on the tls options, whose default is the others

@@ -51,9 +51,9 @@ from typing import Callable, Iterable, Iterator
 from mailflow.config import postfix_names as names
 from mailflow.config.base import BUILTIN_TRANSPORTS, RELAY, transport_name
 from mailflow.config.load import config_from_dict
-from mailflow.config.postfix_cf import (POSTFIX_TABLE_DEFAULTS, Expander, Imported, LeftOut, Line, Refused, Service,
-                                        Unexpanded, UnreadableFile, convert, from_queue_directory, read_main_cf,
-                                        read_master_cf, restriction_items, dovecot_sasl_path, split_list,
+from mailflow.config.postfix_cf import (POSTFIX_TABLE_DEFAULTS, SASL_OPTIONS, Expander, Imported, LeftOut, Line,
+                                        Refused, Service, Unexpanded, UnreadableFile, convert, from_queue_directory,
+                                        read_main_cf, read_master_cf, restriction_items, dovecot_sasl_path, split_list,
                                         merged_timeouts_agree, reject_tempfail_action, sasl_security_options,
                                         table_spec, legacy_tls_level)
 from mailflow.config.postfix_master import translate_service
@@ -292,7 +292,7 @@ class Importer:
                 if value.lower() != fixed:
                     raise Refused(f"only {name} = {fixed} is mailflow's behaviour: {why}")
                 self.out.notes.append(f"{line.where}: {name} = {raw} is built in: {why}")
-            elif name in _SASL_OPTIONS:
+            elif name in SASL_OPTIONS:
                 why = sasl_security_options(name, value, self._main_value("smtpd_sasl_tls_security_options"))
                 self.out.notes.append(f"{line.where}: {name} = {raw} {why}")
             elif name in names.NOT_NEEDED:
@@ -954,7 +954,6 @@ class Importer:
 
 
 _ENTRY_REFUSAL = re.compile(r"(queue\.transport_[a-z_]+): '([^']+)' is not a transport")  # an orphaned entry
-_SASL_OPTIONS = ("smtpd_sasl_security_options", "smtpd_sasl_tls_security_options")  # judged together
 
 
 def _names(raw: str, parameter: str) -> bool:

@@ -33,9 +33,9 @@ import re
 from mailflow.config import postfix_names as names
 from mailflow.config.base import BUILTIN_TRANSPORTS, RELAY, TRANSPORT_NAME
 from mailflow.config.delivery import REPLACEABLE
-from mailflow.config.postfix_cf import (Expander, ImportState, Refused, Service, Unexpanded, convert, legacy_tls_level,
-                                        dovecot_sasl_path, from_queue_directory, merged_timeouts_agree,
-                                        reject_tempfail_action, sasl_security_options)
+from mailflow.config.postfix_cf import (SASL_OPTIONS, Expander, ImportState, Refused, Service, Unexpanded, convert,
+                                        legacy_tls_level, dovecot_sasl_path, from_queue_directory,
+                                        merged_timeouts_agree, reject_tempfail_action, sasl_security_options)
 from mailflow.config.smtpd import LISTENER_ROLES
 
 # Postfix's own daemons: mailflow has each of them built in.
@@ -240,7 +240,7 @@ def _noted_option(importer: ImportState, service: Service, name: str, raw: str, 
                                   "smtpd_tls_auth_only = yes where TLS is required (wrapper mode or encrypt), as "
                                   "mailflow offers AUTH only after TLS")
         return True
-    if name in ("smtpd_sasl_security_options", "smtpd_sasl_tls_security_options"):
+    if name in SASL_OPTIONS:
         tls_options = (dict(options or ()).get("smtpd_sasl_tls_security_options")
                        or importer.params.get("smtpd_sasl_tls_security_options", (None, None))[1])
         try:
