@@ -340,25 +340,26 @@ async def _chunks(data: bytes | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
 
 
 async def _write_spool(fd: int, chunks: list[bytes], where: str | os.PathLike[str]) -> None:
+    """`chunks` written whole by a worker thread, through a descriptor of its own (closed by that thread): a
+    cancelled spool (the time limit, a stop) closes `fd` while the thread may still write, and the number, reused
+    by the next open, would take the message's bytes."""
     if not chunks:
         return
-    try:
-        await asyncio.to_thread(_write_all, fd, chunks)
+    own = os.dup(fd)
+    writing = asyncio.get_running_loop().run_in_executor(None, _write_and_close, own, b"".join(chunks))
+    try:  # (shielded: a cancel must not stop the thread before it starts, which would leave `own` open)
+        await asyncio.shield(writing)
     except OSError as e:
         raise CommandNotRun(f"cannot spool the command's input in {where}: {e.strerror}") from None
 
 
-def _write_all(fd: int, chunks: list[bytes]) -> None:
-    """Write every chunk whole (os.writev may write part of them: the rest is written on)."""
-    views = [memoryview(c) for c in chunks if c]
-    while views:
-        done = os.writev(fd, views[:1024])  # (IOV_MAX)
-        while done and views:
-            if done >= len(views[0]):
-                done -= len(views.pop(0))
-            else:
-                views[0] = views[0][done:]
-                done = 0
+def _write_and_close(fd: int, data: bytes) -> None:
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 class _Output(asyncio.Protocol):
