@@ -222,10 +222,13 @@ class Writer(Connection):
         it only to change something."""
         con = self._connect(busy_timeout)
         try:
-            if con.execute("PRAGMA page_count").fetchone()[0] == 0:  # a new file: the setting takes effect now,
-                con.execute("PRAGMA auto_vacuum = INCREMENTAL")  # before anything writes its first page (the lock
-            if owner:  # taken below did: every new queue was then rebuilt by a VACUUM at its first start, logged as
-                con.execute("BEGIN IMMEDIATE")  # a conversion)
+            # A new file takes auto_vacuum only before anything writes its first page; the owner's write lock below
+            # writes it (taken first, every new queue was rebuilt by a VACUUM at its first start, logged as a
+            # conversion).
+            if con.execute("PRAGMA page_count").fetchone()[0] == 0:
+                con.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            if owner:
+                con.execute("BEGIN IMMEDIATE")
                 con.execute("COMMIT")
             con.execute("PRAGMA journal_mode = WAL")
             con.execute("PRAGMA synchronous = FULL")  # a commit is on disk when it returns
