@@ -111,16 +111,19 @@ class BoundedWorkers:
             try:
                 return self._pool.submit(call)
             except NoThread as e:  # (the slot is given back at the block's end: nothing submitted)
-                if not e.busy:  # (no call under way: none will end to free a thread)
+                if not (e.busy and await self._a_call_ended()):  # (no call under way: none will free a thread)
                     raise TemporaryError("4.3.0", f"no worker free for {self._doing}: no thread could be "
                                                   f"started ({e})") from None
-                self._ended = self._ended or asyncio.Event()
-                try:
-                    async with asyncio.timeout(self._wait):
-                        await self._ended.wait()
-                except TimeoutError:
-                    raise TemporaryError("4.3.0", f"no worker free for {self._doing}: no thread could be started "
-                                                  f"({e})") from None
+
+    async def _a_call_ended(self) -> bool:
+        """Whether a thread ended a call within `wait` seconds."""
+        self._ended = self._ended or asyncio.Event()
+        try:
+            async with asyncio.timeout(self._wait):
+                await self._ended.wait()
+        except TimeoutError:
+            return False
+        return True
 
     def _done(self) -> None:
         self._last_done = time.monotonic()

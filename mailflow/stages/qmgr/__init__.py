@@ -1292,7 +1292,10 @@ def _named(transports: dict) -> list[tuple[str, Transport]]:
 
 def _unique_named(transports: list[tuple[str, Transport]]) -> list[tuple[str, Transport]]:
     """Each transport once, under the first name it has in `transports`."""
-    return list({id(t): (name, t) for name, t in reversed(transports)}.values())[::-1]
+    first: dict[int, tuple[str, Transport]] = {}
+    for name, t in transports:
+        first.setdefault(id(t), (name, t))
+    return list(first.values())
 
 
 def _suspended(dest: Destination, recipients: tuple[Recipient, ...]) -> DeliveryReport:
