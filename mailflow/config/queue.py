@@ -1,6 +1,6 @@
 """`[queue]` (the queue manager and the store) and `[sendmail]` (local submission into the queue).
 
-    QueueConfig, SendmailConfig
+    QueueConfig, SendmailConfig, queue_floor(queue_minfree, message_size_limit) (the free space both keep)
 
 Failure behaviour: a bad value raises ValueError (a ConfigError once loaded), e.g. a maximal_backoff_time
 below minimal_backoff_time, or a table spec of an unknown type.
@@ -26,6 +26,13 @@ def _lowercase_words(value: object) -> object:
 
 
 LIFETIME_LIMIT = 100 * 86400.0  # Postfix's maximal_queue_lifetime and bounce_queue_lifetime limit (qmgr.c)
+
+
+def queue_floor(queue_minfree: int, message_size_limit: int) -> int:
+    """The bytes the queue's file system keeps free: max(queue_minfree, 1.5 x message_size_limit) (Postfix's
+    smtpd_check_queue). smtpd refuses mail below it (452 4.3.1); a command's spooled input may not take the
+    file system below it either (pipe.command_spool: that delivery is deferred 4.3.1)."""
+    return max(queue_minfree, message_size_limit * 3 // 2)
 
 
 class QueueConfig(Section):

@@ -191,7 +191,7 @@ def build_transports(config, resolver, clock, router, forward=None, mailbox=None
         "error": ErrorTransport(),
         # [pipe.NAME] services; config validation keeps their names off the built-in ones above.
         **{name: PipeTransport(service, name=name, recipient_delimiter=config.recipient_delimiter, now=clock.time,
-                               allow_min_user=config.allow_min_user, spool_dir=command_spool(config))
+                               allow_min_user=config.allow_min_user, spool=command_spool(config))
            for name, service in config.pipe.items()},
         **client_services(config, resolver, clock, router, tables, mta_sts),
     })

@@ -1,17 +1,26 @@
 """pipe: delivery to external commands (Postfix pipe(8)), and the command runner that local(8) shares.
 
 Runner (used by pipe services and by local's `|command` destinations):
-- `run_command(argv, *, stdin, env, time_limit, output_limit, user=None, cwd=None, umask=None, spool_dir=None)
+- `run_command(argv, *, stdin, env, time_limit, output_limit, user=None, cwd=None, umask=None, spool=None)
   -> CommandResult`: runs argv directly (a shell only when argv is ["/bin/sh", "-c", cmd]) in a new session, with
   exactly `env` plus PATH=/usr/bin:/bin. Its stdin is `stdin` (bytes, or an async iterable of chunks) written
-  whole first to an unlinked temporary file in `spool_dir` (the queue's content directory, where smtpd spools:
-  its free space is what queue_minfree watches; None: the system's temporary directory), rewound: the command
-  starts only once its input is complete, so nothing it starts (a script that runs its deliverer without `exec`,
-  a pipeline) can ever read a message cut off by a crash of mailflow. A command that outlives a killed server
-  finishes its whole message; the delivery is run again after the restart (a duplicate, as the at-least-once
-  rule allows, never a cut copy). The file has no name (nothing to sweep after a crash) and is closed when the
-  command has started. A chunk that cannot be read raises before anything runs; a file that cannot be written
-  (a full disk) is `CommandNotRun`. It keeps the first `output_limit` bytes of the command's merged
+  whole first to an unlinked temporary file in `spool`'s directory (the queue's content directory, where smtpd
+  spools: its free space is what queue_minfree watches; None: the system's temporary directory), rewound: the
+  command starts only once its input is complete, so nothing it starts (a script that runs its deliverer without
+  `exec`, a pipeline) can ever read a message cut off by a crash of mailflow. A command that outlives a killed
+  server finishes its whole message; the delivery is run again after the restart (a duplicate, as the
+  at-least-once rule allows, never a cut copy). The file has no name (nothing to sweep after a crash) and is
+  closed when the command has started; the command gets a read-only descriptor of it (it cannot change its own
+  input). A chunk that cannot be read raises before anything runs; a file that cannot be written is
+  `CommandNotRun` (dsn 4.3.1 for a full disk). Each run holds a copy of its message (20 parallel deliveries of a
+  50 MB message: 1 GB), so `spool` (a `CommandSpool`: the directory, the bytes its file system keeps free, how to
+  read its free space; `command_spool(config)` keeps smtpd's floor, max(queue_minfree, 1.5 x message_size_limit))
+  bounds them: a piece (SPOOL_WRITE bytes at most) that would take the file system below the floor is not written
+  but `CommandNotRun` with dsn 4.3.1 ("insufficient system storage"), deferred with nothing lost, as smtpd
+  refuses mail below the same floor. (A copy it must be: the command never reads the stored bytes, since its
+  lines end in LF, not the stored CRLF, and pipe's flags add headers and quoting; Postfix streams from its queue
+  file.) A spool file the worker thread opens for a delivery cancelled meanwhile is closed by that thread. It
+  keeps the first `output_limit` bytes of the command's merged
   stdout+stderr and drains the rest, and kills its whole process group at the time limit (or when the delivery
   is cancelled; never a group whose number may have been reused once the command ended: see `_Group`). The
   delivery ends then, whatever holds the command's output pipe: it is ours (`_Output`) and closed at the limit,
@@ -19,8 +28,8 @@ Runner (used by pipe services and by local's `|command` destinations):
   hold the delivery or a descriptor of ours. `user`: as root, run as that user (its groups too); not as root,
   only our own user. `umask`: the command's (None: mailflow's own). Raises `CommandNotRun` when it
   cannot start the command (unknown user, no privilege to switch, root requested, exec or chdir failed, its input
-  not spooled): callers defer with 4.3.0 and its `diagnostic`, `x-unix; <why>` (Postfix's: the child's fatal
-  message, x-unix).
+  not spooled): callers defer with its `dsn` (4.3.0; 4.3.1 for the spool's disk) and its `diagnostic`,
+  `x-unix; <why>` (Postfix's: the child's fatal message, x-unix).
 - `run_shell_command(command, **same) -> CommandResult`: a local `|command`, run as Postfix's exec_command runs
   it: a command without shell metacharacters is split on blanks and run directly (its program searched on
   PATH); `/bin/sh -c command` when it has some, or when that exec fails as execvp would hand it to the shell
@@ -75,14 +84,17 @@ import logging
 import os
 import pwd
 import re
+import shutil
 import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterable, AsyncIterator, Callable
 
 from mailflow import address
 from mailflow.config import DEFAULTS, PipeService
+from mailflow.config.queue import queue_floor
 from mailflow.content import Content
 from mailflow.message import HEADER_READ_LIMIT, delivered_to, read_header
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
@@ -100,10 +112,24 @@ SHELL = "/bin/sh"  # what a local command with shell metacharacters is given to 
 # ------------------------------------------------------------------------------------------------ the runner
 
 
-def command_spool(config) -> str:
-    """Where commands' input is written before they run: the queue's content directory, beside smtpd's spool files
-    (on the queue's file system, whose free space smtpd's queue_minfree check watches)."""
-    return str(config.queue_path / CONTENT_DIRECTORY)
+@dataclass(frozen=True)
+class CommandSpool:
+    """Where commands' input is written before they run (`directory`), and the bytes of its file system a copy must
+    leave free (`keep_free`; `free_space()`: the bytes free there, None: not checked)."""
+
+    directory: str | os.PathLike[str]
+    keep_free: int = 0
+    free_space: Callable[[], int] | None = None
+
+
+def command_spool(config) -> CommandSpool:
+    """The queue's content directory, beside smtpd's spool files, keeping free what smtpd keeps free before it
+    takes mail (max(queue_minfree, 1.5 x message_size_limit)): every delivery to a command holds a copy of its
+    message for the command's run (20 parallel copies of a 50 MB message are 1 GB), and those copies must not
+    fill the disk that the queue and smtpd need."""
+    directory = str(config.queue_path / CONTENT_DIRECTORY)
+    return CommandSpool(directory, queue_floor(config.queue.queue_minfree, config.smtpd.message_size_limit),
+                        lambda: shutil.disk_usage(directory).free)
 
 
 @dataclass(frozen=True)
@@ -121,9 +147,10 @@ class CommandNotRun(Exception):
     """The command could not be started; nothing ran. `text` says why (for the log and a 4.3.0 deferral);
     `exec_failure`, when the exec itself failed, says it in the words of Postfix's child (`execvp PROG: why`)."""
 
-    def __init__(self, text: str, exec_errno: int | None = None, exec_failure: str = ""):
+    def __init__(self, text: str, exec_errno: int | None = None, exec_failure: str = "", dsn: str = "4.3.0"):
         super().__init__(text)
         self.text = text
+        self.dsn = dsn  # the deferral's status: 4.3.1 when the spool's file system is short of space
         self.exec_errno = exec_errno  # the errno of the exec itself, when that is what failed
         self.exec_failure = exec_failure
 
@@ -187,7 +214,7 @@ async def run_shell_command(command: str, **how: Any) -> CommandResult:
     searched on PATH by the child, as the user it runs as. Raises CommandNotRun (a shell that cannot be run:
     `execl /bin/sh: why`, as exec_command's)."""
     words = direct_argv(command)
-    message = await _spooled_within(how["time_limit"], how.pop("stdin"), how.pop("spool_dir", None))
+    message = await _spooled_within(how["time_limit"], how.pop("stdin"), how.pop("spool", None))
     try:
         if words is not None:
             try:
@@ -223,10 +250,10 @@ def _identity(user: str | None) -> _Identity | None:
 
 
 async def run_command(argv: list[str], *, stdin: bytes | AsyncIterable[bytes],
-                      spool_dir: str | os.PathLike[str] | None = None, **how: Any) -> CommandResult:
+                      spool: CommandSpool | None = None, **how: Any) -> CommandResult:
     """Run argv to completion or to the time limit; see the module docstring (`how`: env, time_limit,
     output_limit, user, cwd, umask). Raises CommandNotRun, or what reading `stdin` raised (nothing run then)."""
-    message = await _spooled_within(how["time_limit"], stdin, spool_dir)
+    message = await _spooled_within(how["time_limit"], stdin, spool)
     try:
         return await _run(argv, message, **how)
     finally:
@@ -287,27 +314,24 @@ async def _run(argv: list[str], message: int, *, env: dict[str, str], time_limit
 SPOOL_WRITE = 256 * 1024  # a command's input is written to its file in pieces of about this size
 
 
-async def _spooled_within(limit: float, data: bytes | AsyncIterable[bytes],
-                          directory: str | os.PathLike[str] | None) -> int:
+async def _spooled_within(limit: float, data: bytes | AsyncIterable[bytes], spool: CommandSpool | None) -> int:
     """_spooled within the command's time limit: a queue file or spool disk that stops answering holds the
     delivery no longer than the command itself could (CommandNotRun: deferred 4.3.0), as feeding the command did
     when the input was a pipe."""
     try:
         async with asyncio.timeout(limit):
-            return await _spooled(data, directory)
+            return await _spooled(data, spool or CommandSpool(tempfile.gettempdir()))
     except TimeoutError:
         raise CommandNotRun(f"cannot spool the command's input within {limit:g}s") from None
 
 
-async def _spooled(data: bytes | AsyncIterable[bytes], directory: str | os.PathLike[str] | None) -> int:
-    """A descriptor of an unlinked file in `directory` holding all of `data`, at its offset 0 (the caller closes
-    it). Small chunks are gathered into SPOOL_WRITE pieces, each written by a worker thread. Raises what reading
-    `data` raises, and CommandNotRun when the file cannot be made or written (its errno's text)."""
-    where = directory if directory is not None else tempfile.gettempdir()
-    try:
-        fd = await asyncio.to_thread(_unnamed_file, where)
-    except OSError as e:
-        raise CommandNotRun(f"cannot spool the command's input in {where}: {e.strerror}") from None
+async def _spooled(data: bytes | AsyncIterable[bytes], spool: CommandSpool) -> int:
+    """A read-only descriptor of an unlinked file in the spool's directory holding all of `data`, at its offset 0
+    (the caller closes it). Small chunks are gathered into SPOOL_WRITE pieces, each written by a worker thread
+    once the file system has room for it above `spool.keep_free`. Raises what reading `data` raises, and
+    CommandNotRun when the file cannot be made or written (its errno's text), or when a piece would take the file
+    system below `keep_free` (dsn 4.3.1: nothing lost, the delivery is tried again later)."""
+    fd = await _made_in_thread(_unnamed_file, spool.directory)
     try:
         pending: list[bytes] = []
         size = 0
@@ -315,20 +339,66 @@ async def _spooled(data: bytes | AsyncIterable[bytes], directory: str | os.PathL
             pending.append(chunk)
             size += len(chunk)
             if size >= SPOOL_WRITE:
-                await _write_spool(fd, pending, where)
+                await _write_spool(fd, pending, spool)
                 pending, size = [], 0
-        await _write_spool(fd, pending, where)
-        os.lseek(fd, 0, os.SEEK_SET)
-        return fd
-    except BaseException:
+        await _write_spool(fd, pending, spool)
+        return _read_only(fd)
+    finally:
         os.close(fd)
-        raise
 
 
 def _unnamed_file(directory: str | os.PathLike[str]) -> int:
     """A new file in `directory` with no name (O_TMPFILE where the file system has it, else made and unlinked)."""
     with tempfile.TemporaryFile(dir=os.fspath(directory), buffering=0) as file:
         return os.dup(file.fileno())
+
+
+async def _made_in_thread(make: Callable[[str | os.PathLike[str]], int], directory: str | os.PathLike[str]) -> int:
+    """The descriptor `make(directory)` opens, made by a worker thread. A caller cancelled while the thread runs
+    never sees it: then the side that comes second (the thread, or the cancel once the thread is done) closes
+    it. Raises CommandNotRun for an OSError."""
+    handoff = _Handoff()
+    making = asyncio.get_running_loop().run_in_executor(None, handoff.made_by, make, directory)
+    try:
+        return await asyncio.shield(making)
+    except OSError as e:
+        raise CommandNotRun(f"cannot spool the command's input in {directory}: {e.strerror}") from None
+    except asyncio.CancelledError:
+        handoff.abandon()
+        raise
+
+
+class _Handoff:
+    """A descriptor passed from a worker thread to a caller that may stop waiting for it (see _made_in_thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._abandoned = False
+
+    def made_by(self, make: Callable[[str | os.PathLike[str]], int], directory: str | os.PathLike[str]) -> int:
+        fd = make(directory)
+        with self._lock:
+            if self._abandoned:
+                os.close(fd)
+            else:
+                self._fd = fd
+        return fd
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+            if self._fd is not None:
+                os.close(self._fd)
+
+
+def _read_only(fd: int) -> int:
+    """A new descriptor of `fd`'s file, read-only, at offset 0: the command must not change its own input. Opened
+    through /proc/self/fd, the file's own link (it has no name: no other process can put another file there)."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise CommandNotRun(f"cannot reopen the command's input read-only: {e.strerror}") from None
 
 
 async def _chunks(data: bytes | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
@@ -339,18 +409,37 @@ async def _chunks(data: bytes | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
             yield chunk
 
 
-async def _write_spool(fd: int, chunks: list[bytes], where: str | os.PathLike[str]) -> None:
+async def _write_spool(fd: int, chunks: list[bytes], spool: CommandSpool) -> None:
     """`chunks` written whole by a worker thread, through a descriptor of its own (closed by that thread): a
     cancelled spool (the time limit, a stop) closes `fd` while the thread may still write, and the number, reused
-    by the next open, would take the message's bytes."""
+    by the next open, would take the message's bytes. Refused (CommandNotRun, 4.3.1) when it would leave less than
+    `spool.keep_free` bytes free."""
     if not chunks:
         return
+    data = b"".join(chunks)
+    _check_room(spool, len(data))
     own = os.dup(fd)
-    writing = asyncio.get_running_loop().run_in_executor(None, _write_and_close, own, b"".join(chunks))
+    writing = asyncio.get_running_loop().run_in_executor(None, _write_and_close, own, data)
     try:  # (shielded: a cancel must not stop the thread before it starts, which would leave `own` open)
         await asyncio.shield(writing)
     except OSError as e:
-        raise CommandNotRun(f"cannot spool the command's input in {where}: {e.strerror}") from None
+        raise CommandNotRun(f"cannot spool the command's input in {spool.directory}: {e.strerror}",
+                            dsn="4.3.1" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "4.3.0") from None
+
+
+def _check_room(spool: CommandSpool, size: int) -> None:
+    """Raises CommandNotRun (4.3.1) when writing `size` more bytes would leave less than `spool.keep_free` free. A
+    free space that cannot be read is no refusal: the write will say whether the disk works."""
+    if spool.free_space is None:
+        return
+    try:
+        free = spool.free_space()
+    except OSError as e:
+        log.warning("cannot read the free space of %s: %s", spool.directory, e)
+        return
+    if free - size < spool.keep_free:
+        raise CommandNotRun(f"insufficient system storage to spool the command's input in {spool.directory}: "
+                            f"{free} bytes free, {spool.keep_free} kept free", dsn="4.3.1")
 
 
 def _write_and_close(fd: int, data: bytes) -> None:
@@ -581,14 +670,14 @@ class PipeTransport:
     program = "pipe"  # the Postfix delivery agent whose name its result lines are logged under
 
     def __init__(self, service: PipeService, *, name: str, recipient_delimiter: str = DEFAULTS.recipient_delimiter,
-                 now: Callable[[], float] = time.time, allow_min_user: bool = False, spool_dir: str | None = None):
+                 now: Callable[[], float] = time.time, allow_min_user: bool = False, spool: CommandSpool | None = None):
         self._service = service
         self._name = name
         self._delimiter = recipient_delimiter
         self._allow_min_user = allow_min_user
         self._templates = parse_argv(service.argv)
         self._now = now
-        self._spool_dir = spool_dir
+        self._spool = spool
 
     @property
     def delivers_each(self) -> bool:
@@ -651,11 +740,11 @@ class PipeTransport:
         try:
             result = await run_command(argv, stdin=stdin, env={}, time_limit=s.time_limit,
                                        output_limit=s.output_limit, user=self._user(), cwd=s.directory or "/",
-                                       spool_dir=self._spool_dir)
+                                       spool=self._spool)
         except CommandNotRun as e:
             log.warning("%s: %s: %s", request.queue_id, self._name, e.text)
             text, diagnostic = e.as_postfix_says("pipe: fatal: pipe_command: ")
-            return [self._result(r, Outcome.DEFERRED, "4.3.0", text, diagnostic=diagnostic) for r in batch]
+            return [self._result(r, Outcome.DEFERRED, e.dsn, text, diagnostic=diagnostic) for r in batch]
         outcome, dsn, text = command_status(result, argv[0])
         if outcome is Outcome.SENT:
             text = f"delivered via {self._name} service" + (f" ({text[:100]})" if text else "")

@@ -25,6 +25,7 @@ from mailflow.routing.rewrite import Rewriter
 from mailflow.transports.local.agent import (OWNED_NOTICE_LIMIT, CommandSettings, LocalTransport, Part,
                                              _owned_failures)
 from mailflow.transports.maildir import MaildirWriter
+from mailflow.transports.pipe import CommandSpool
 from tests.support import script_dir
 
 CONTENT = b"From: sender@remote.test\r\nSubject: hello\r\n\r\nline one\r\n"
@@ -38,7 +39,7 @@ def scripts():
 
 
 def transport(base: Path, aliases: str, time_limit: float = 10.0, default_privs: str = "nobody",
-              **local) -> LocalTransport:
+              spool: CommandSpool | None = None, **local) -> LocalTransport:
     """Local users alice, bob and nobody (a system user) in example.test; homes under `base`/mail; `aliases` an
     aliases(5) file; `local`: more [local] settings."""
     (base / "users").write_text("alice x\nbob x\nnobody x\n")
@@ -48,7 +49,8 @@ def transport(base: Path, aliases: str, time_limit: float = 10.0, default_privs:
                     local={"maildir_base": str(base / "mail"), "default_privs": default_privs, **local})
     return LocalTransport(LocalExpander(config, Rewriter(config)), local=config.local,
                           writer=MaildirWriter(VirtualClock()), clock=VirtualClock(),
-                          commands=CommandSettings(default_privs, time_limit=time_limit, recipient_delimiter="+"))
+                          commands=CommandSettings(default_privs, time_limit=time_limit, recipient_delimiter="+",
+                                                   spool=spool))
 
 
 def request(rcpt: str, sender: str = "sender@remote.test", original: str = "") -> DeliveryRequest:
@@ -167,6 +169,18 @@ async def test_a_command_exiting_75_defers_the_recipient_after_the_mailbox_is_wr
     assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.3.0")
     assert result.text.startswith("temporary failure. Command output: busy (also: delivered to maildir")
     assert len(maildir(tmp_path, "alice")) == 1
+
+
+async def test_a_command_whose_input_would_take_the_queue_below_its_floor_defers_4_3_1(scripts, tmp_path):
+    """As a pipe service's (test_pipe_transport): the copy of the message a `|command` reads is not made below the
+    queue's free-space floor; the recipient is deferred 4.3.1 (was: no check, the disk filled), the command not
+    run."""
+    s = scripts.script("ran.sh", f"touch {scripts.out}/ran\n")
+    spool = CommandSpool(tmp_path, keep_free=5_000_000, free_space=lambda: 5_000_000)
+    [result] = (await transport(tmp_path, f"team: |{s}\n", spool=spool).deliver(request("team@example.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.3.1")
+    assert result.text.startswith("insufficient system storage to spool the command's input")
+    assert not (scripts.out / "ran").exists()
 
 
 async def test_a_deferred_recipients_parts_that_bounced_are_its_failures_now(scripts, tmp_path):

@@ -16,7 +16,9 @@ import asyncio
 import errno
 import os
 import pwd
+import shutil
 import signal
+import threading
 import time
 
 import pytest
@@ -26,7 +28,7 @@ from mailflow.errors import ConfigError
 from mailflow.content import Content
 from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports import pipe as pipe_module
-from mailflow.transports.pipe import CommandNotRun, PipeTransport, run_command
+from mailflow.transports.pipe import CommandNotRun, CommandSpool, PipeTransport, command_spool, run_command
 from tests.support import big_message, eventually, script_dir, spooled
 
 SENDER = "sender@remote.test"
@@ -249,7 +251,8 @@ async def test_a_command_starts_only_once_its_whole_input_is_in_a_file_that_has_
             await asyncio.sleep(0)
             assert not (scripts.out / "stdin").exists(), "the command started before its input was whole"
 
-    result = await run_command([str(s)], stdin=slowly(), env={}, time_limit=30, output_limit=100, spool_dir=spool)
+    result = await run_command([str(s)], stdin=slowly(), env={}, time_limit=30, output_limit=100,
+                               spool=CommandSpool(spool))
     assert result.exit_code == 0
     assert scripts.read("stdin") == f"regular file {len(data)}\n"
     assert scripts.read("spool") == "" and list(spool.iterdir()) == []
@@ -261,7 +264,8 @@ async def test_a_command_starts_only_once_its_whole_input_is_in_a_file_that_has_
 
     (scripts.out / "stdin").unlink()
     with pytest.raises(OSError) as failed:
-        await run_command([str(s)], stdin=failing(), env={}, time_limit=20, output_limit=100, spool_dir=spool)
+        await run_command([str(s)], stdin=failing(), env={}, time_limit=20, output_limit=100,
+                          spool=CommandSpool(spool))
     assert failed.value.errno == errno.EIO
     assert not (scripts.out / "stdin").exists() and list(spool.iterdir()) == []
 
@@ -270,7 +274,7 @@ async def test_a_spool_directory_that_cannot_be_written_defers_without_running(s
     s = scripts.script("ran.sh", f"touch {scripts.out}/ran\n")
     with pytest.raises(CommandNotRun) as failed:
         await run_command([str(s)], stdin=b"x\n", env={}, time_limit=5, output_limit=100,
-                          spool_dir=tmp_path / "not-there")
+                          spool=CommandSpool(tmp_path / "not-there"))
     assert "cannot spool the command's input" in failed.value.text and "No such file" in failed.value.text
     assert not (scripts.out / "ran").exists()
 
@@ -500,6 +504,106 @@ async def test_spooling_a_command_s_input_is_bounded_by_its_time_limit(tmp_path)
 
     started = time.monotonic()
     with pytest.raises(CommandNotRun, match=r"cannot spool the command's input within 0.5s"):
-        await run_command(["/bin/cat"], stdin=slowly(), env={}, time_limit=0.5, output_limit=100, spool_dir=tmp_path)
+        await run_command(["/bin/cat"], stdin=slowly(), env={}, time_limit=0.5, output_limit=100,
+                          spool=CommandSpool(tmp_path))
     assert time.monotonic() - started < 5
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------- the spooled input's file
+
+
+def spooling(scripts, spool, keep_free: int, free: int) -> PipeTransport:
+    """A service whose command records that it ran, spooling in `spool`, where `free` bytes are free."""
+    s = scripts.script("ran.sh", f"touch {scripts.out}/ran\ncat > {scripts.out}/got\n")
+    return PipeTransport(PipeService(argv=(str(s),)), name="filt", now=lambda: 1_700_000_000.0,
+                         spool=CommandSpool(spool, keep_free, lambda: free))
+
+
+@pytest.mark.parametrize("room, delivered", [(len(LF_CONTENT) - 1, False), (len(LF_CONTENT), True)])
+async def test_a_copy_that_would_take_the_queue_below_its_floor_defers_4_3_1_without_running(scripts, tmp_path,
+                                                                                             room, delivered):
+    """Every delivery to a command held its own copy of the message on the queue's file system, with no check of
+    free space: 20 parallel deliveries of a 50 MB message took 1 GB, and could fill the disk the queue needs. A copy
+    that would leave less than the floor smtpd keeps (queue_minfree, 1.5 x message_size_limit) is not made: the
+    delivery is deferred 4.3.1 (insufficient system storage), the command not run, nothing left in the spool."""
+    floor = 10_000_000
+    [result] = (await spooling(scripts, tmp_path, floor, floor + room).deliver(request("a@pipe.test"))).results
+    if delivered:
+        assert outcome(result) == (Outcome.SENT, "2.0.0")
+        assert (scripts.out / "got").read_bytes() == LF_CONTENT
+    else:
+        assert outcome(result) == (Outcome.DEFERRED, "4.3.1")
+        assert result.text.startswith("insufficient system storage to spool the command's input in ")
+        assert f"{floor + room} bytes free, {floor} kept free" in result.text
+        assert not (scripts.out / "ran").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_a_full_disk_while_spooling_defers_4_3_1(scripts, tmp_path, monkeypatch):
+    """A write that fails for want of space (the floor cannot see other writers, or quotas) is the storage
+    deferral too, 4.3.1 (was 4.3.0), with the system's words; the command does not run."""
+    def full(fd: int, data: bytes) -> None:
+        os.close(fd)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pipe_module, "_write_and_close", full)
+    [result] = (await spooling(scripts, tmp_path, 0, 10**12).deliver(request("a@pipe.test"))).results
+    assert outcome(result) == (Outcome.DEFERRED, "4.3.1")
+    assert result.text == f"cannot spool the command's input in {tmp_path}: No space left on device"
+    assert not (scripts.out / "ran").exists()
+
+
+def test_the_spool_of_commands_keeps_free_what_smtpd_keeps_free(tmp_path):
+    """The floor is smtpd's: max(queue_minfree, 1.5 x message_size_limit); the free space is the queue's."""
+    def spool_of(queue_minfree: int, message_size_limit: int):
+        return command_spool(config_from_dict({"queue": {"queue_minfree": queue_minfree},
+                                               "smtpd": {"message_size_limit": message_size_limit}},
+                                              base=tmp_path))
+
+    assert spool_of(0, 10_000_000).keep_free == 15_000_000
+    assert spool_of(40_000_000, 10_000_000).keep_free == 40_000_000
+    spool = spool_of(0, 1000)
+    assert os.path.commonpath([spool.directory, tmp_path]) == str(tmp_path)
+    os.makedirs(spool.directory)
+    assert spool.free_space is not None and 0 < spool.free_space() <= shutil.disk_usage(tmp_path).total
+
+
+async def test_a_command_cannot_write_to_its_own_input(scripts, tmp_path):
+    """The command's stdin was the descriptor the spool wrote through, read-write: a command could overwrite the
+    message it was given (and, through its offset, what a retried exec of the shell would read). It is a read-only
+    descriptor of the same unnamed file now."""
+    s = scripts.script("write.sh", f"if {{ printf EVIL >&0; }} 2>/dev/null; then echo writable; else echo read-only;"
+                                   f" fi > {scripts.out}/mode\ncat > {scripts.out}/got\n")
+    result = await run_command([str(s)], stdin=LF_CONTENT, env={}, time_limit=10, output_limit=100,
+                               spool=CommandSpool(tmp_path))
+    assert result.exit_code == 0
+    assert scripts.read("mode") == "read-only\n"
+    assert (scripts.out / "got").read_bytes() == LF_CONTENT
+
+
+async def test_a_spool_file_made_for_a_delivery_cancelled_meanwhile_is_closed(tmp_path, monkeypatch):
+    """The spool file is opened by a worker thread: a delivery cancelled (a stop, the time limit) while the thread
+    ran never saw its descriptor, and nothing closed it: one descriptor and one unnamed file lost each time. Here
+    the thread is held until the cancel is done."""
+    entered, release = threading.Event(), threading.Event()
+    made: list[tuple[int, int]] = []
+    real_unnamed_file = pipe_module._unnamed_file
+
+    def held_unnamed_file(directory):
+        entered.set()
+        assert release.wait(5)
+        fd = real_unnamed_file(directory)
+        made.append((fd, os.fstat(fd).st_ino))
+        return fd
+
+    monkeypatch.setattr(pipe_module, "_unnamed_file", held_unnamed_file)
+    delivery = asyncio.ensure_future(run_command(["/bin/cat"], stdin=b"x\n", env={}, time_limit=10,
+                                                 output_limit=100, spool=CommandSpool(tmp_path)))
+    assert await asyncio.to_thread(entered.wait, 5)
+    delivery.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await delivery
+    release.set()
+    await eventually(lambda: made, timeout=5, what="the thread made the file")
+    await eventually(lambda: closed(made[0]), timeout=2, what="the abandoned spool file is closed")

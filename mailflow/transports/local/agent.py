@@ -100,8 +100,8 @@ from mailflow.transports.encode import ToLf, aencode
 from mailflow.transports.maildir import MaildirWriter, Owner, mailbox_prefix, spool_missing, write_failure
 from mailflow.transports.local.mbox import HeldEntry, append_mbox, from_line, mailbox_location, mbox_entry
 from mailflow.workers import BoundedWorkers
-from mailflow.transports.pipe import (SHELL_SAFE, CommandNotRun, command_spool, command_diagnostic, command_status,
-                                      run_shell_command)
+from mailflow.transports.pipe import (SHELL_SAFE, CommandNotRun, CommandSpool, command_spool, command_diagnostic,
+                                      command_status, run_shell_command)
 
 log = logging.getLogger("mailflow.local")
 
@@ -128,12 +128,12 @@ class CommandSettings:
     time_limit: float = DEFAULTS.local.command_time_limit
     recipient_delimiter: str = DEFAULTS.recipient_delimiter
     output_limit: int = 2048
-    spool_dir: str | None = None  # where a command's input is written first (pipe.run_command); None: the system's
+    spool: CommandSpool | None = None  # where a command's input is written first (pipe.run_command); None: the system's
 
     @classmethod
     def from_config(cls, config) -> "CommandSettings":
         return cls(config.local.default_privs, config.local.command_time_limit, config.recipient_delimiter,
-                   spool_dir=command_spool(config))
+                   spool=command_spool(config))
 
 
 ListOf = tuple[str, str] | None  # the list a destination was delivered for: its owner and address (None: none)
@@ -459,10 +459,10 @@ class LocalTransport:
                                              output_limit=settings.output_limit,
                                              user=rights_for(leaf.rights, settings.default_privs),
                                              cwd=home if leaf.forward and home.is_dir() else "/", umask=0o077,
-                                             spool_dir=settings.spool_dir)
+                                             spool=settings.spool)
         except CommandNotRun as e:
             log.warning("%s: command %r for %s not run: %s", request.queue_id, leaf.command, leaf.address, e.text)
-            return Part(Outcome.DEFERRED, "4.3.0", *e.as_postfix_says("local: fatal: "))
+            return Part(Outcome.DEFERRED, e.dsn, *e.as_postfix_says("local: fatal: "))
         outcome, dsn, text = command_status(result, leaf.command)
         if outcome is Outcome.SENT:
             return Part(outcome, dsn, f"delivered to command: {leaf.command}")
