@@ -144,7 +144,7 @@ class CommandResult:
 
 
 class CommandNotRun(Exception):
-    """The command could not be started; nothing ran. `text` says why (for the log and a 4.3.0 deferral);
+    """The command could not be started; nothing ran. `text` says why (for the log and a deferral with `dsn`);
     `exec_failure`, when the exec itself failed, says it in the words of Postfix's child (`execvp PROG: why`)."""
 
     def __init__(self, text: str, exec_errno: int | None = None, exec_failure: str = "", dsn: str = "4.3.0"):
@@ -365,6 +365,7 @@ async def _made_in_thread(make: Callable[[str | os.PathLike[str]], int], directo
         raise CommandNotRun(f"cannot spool the command's input in {directory}: {e.strerror}") from None
     except asyncio.CancelledError:
         handoff.abandon()
+        making.add_done_callback(lambda done: done.cancelled() or done.exception())  # (its error: nobody's now)
         raise
 
 
@@ -413,13 +414,11 @@ async def _write_spool(fd: int, chunks: list[bytes], spool: CommandSpool) -> Non
     """`chunks` written whole by a worker thread, through a descriptor of its own (closed by that thread): a
     cancelled spool (the time limit, a stop) closes `fd` while the thread may still write, and the number, reused
     by the next open, would take the message's bytes. Refused (CommandNotRun, 4.3.1) when it would leave less than
-    `spool.keep_free` bytes free."""
+    `spool.keep_free` bytes free (the thread reads the free space: a statvfs may block as a write may)."""
     if not chunks:
         return
-    data = b"".join(chunks)
-    _check_room(spool, len(data))
     own = os.dup(fd)
-    writing = asyncio.get_running_loop().run_in_executor(None, _write_and_close, own, data)
+    writing = asyncio.get_running_loop().run_in_executor(None, _write_and_close, own, b"".join(chunks), spool)
     try:  # (shielded: a cancel must not stop the thread before it starts, which would leave `own` open)
         await asyncio.shield(writing)
     except OSError as e:
@@ -442,8 +441,9 @@ def _check_room(spool: CommandSpool, size: int) -> None:
                             f"{free} bytes free, {spool.keep_free} kept free", dsn="4.3.1")
 
 
-def _write_and_close(fd: int, data: bytes) -> None:
+def _write_and_close(fd: int, data: bytes, spool: CommandSpool) -> None:
     try:
+        _check_room(spool, len(data))
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]

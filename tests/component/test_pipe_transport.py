@@ -543,7 +543,7 @@ async def test_a_copy_that_would_take_the_queue_below_its_floor_defers_4_3_1_wit
 async def test_a_full_disk_while_spooling_defers_4_3_1(scripts, tmp_path, monkeypatch):
     """A write that fails for want of space (the floor cannot see other writers, or quotas) is the storage
     deferral too, 4.3.1 (was 4.3.0), with the system's words; the command does not run."""
-    def full(fd: int, data: bytes) -> None:
+    def full(fd: int, data: bytes, spool: CommandSpool) -> None:
         os.close(fd)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
