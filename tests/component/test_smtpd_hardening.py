@@ -374,6 +374,22 @@ async def test_forbid_bare_newline_off_still_refuses_a_bare_cr(mailflow_server):
     assert await mf.store.counts() == {}
 
 
+@pytest.mark.parametrize("chunks", [[b"a\nb\rc\r\n"], [b"a\r", b"\rb\r\n"], [b"Subject: cr\r\rbody\r"]])
+async def test_forbid_bare_newline_off_still_refuses_a_bare_cr_in_bdat_content(mailflow_server, chunks):
+    """As in DATA (a bare CR was queued, and the SMTP client made a line end of it: a blank line, or the header
+    section ended, where Postfix keeps the CR inside its line); a bare LF first does not hide it."""
+    mf = await mailflow_server(smtpd={"forbid_bare_newline": False})
+    c = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    await c.envelope()
+    for n, chunk in enumerate(chunks, 1):
+        await c.send(f"BDAT {len(chunk)}{' LAST' if n == len(chunks) else ''}\r\n".encode() + chunk)
+        reply = await c.reply()
+        assert n == len(chunks) or reply.code == 250, reply
+    assert reply.code == 521 and "bare <CR>" in reply.text, reply
+    assert await c.closed()
+    assert await mf.store.counts() == {}
+
+
 # ---------------------------------------------------------------------------------------------- MAIL/RCPT syntax
 
 

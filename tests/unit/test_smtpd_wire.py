@@ -397,6 +397,22 @@ def test_a_chunk_ending_between_the_cr_and_lf_of_a_line_of_limit_bytes_has_store
     assert check.stored == check.octets == 9
 
 
+@pytest.mark.parametrize("chunks, bare, bare_cr", [
+    ([b"a\r\nb\r\n"], "", False),
+    ([b"a\r", b"\nb\r\n"], "", False),  # a CRLF split between two chunks
+    ([b"a\nb\r\n"], "LF", False),
+    ([b"a\nb\rc\r\n"], "LF", True),  # a bare CR after a bare LF: still seen (refused where a bare LF is taken)
+    ([b"a\n", b"b\r", b"c\r\n"], "LF", True),
+    ([b"a\r\r\n"], "CR", True),
+    ([b"a\r\n", b"b\r"], "CR", True),  # a CR the content ends with
+])
+def test_a_bare_cr_is_seen_in_bdat_content_whatever_came_before_it(chunks, bare, bare_cr):
+    check = ContentCheck()
+    for chunk in chunks:
+        check.feed(bytearray(chunk), len(chunk))
+    assert (check.finish(), check.bare_cr) == (bare, bare_cr)
+
+
 @pytest.mark.parametrize("sent, found", [
     (b"Subj", (0, 0, False)),  # (decided by its first bytes: no wait for the rest of the line)
     (b"From a\r\n>>From b\r\nSubject: s\r\n", (2, 18, False)),

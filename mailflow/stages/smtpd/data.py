@@ -29,7 +29,9 @@ take the message past message_size_limit 552 5.3.4 before it is read, after the 
 (Postfix's "Chunk exceeds message size limit"); too big 552 5.3.4 (logged as Postfix's smtpd logs it, `warning:
 QID: queue file size limit exceeded`, NOQUEUE without a queue id), a NUL 554 5.6.0, a spool that cannot be
 written 451 4.3.1 / 4.3.0 (`status.error_reply`; logged once), all after the end of the content; a bare LF or
-CR in the content 521 5.5.2 and the session closes; the message is not queued in any of these cases.
+CR in the content 521 5.5.2 and the session closes, a bare CR also where a bare LF is taken (forbid_bare_newline
+false, or a client in its exclusions), as DATA refuses it (Postfix keeps it inside the line; the SMTP client
+would have mended it into a line end, another message); the message is not queued in any of these cases.
 """
 from __future__ import annotations
 
@@ -155,9 +157,10 @@ class DataCommands(TransactionCommands):
         try:
             why_not = refusal(spool, check.nul)
             bare = check.finish()
-            if why_not is None and self._forbid_bare_newline and bare:
-                self._reset_transaction()
-                await self._refuse_and_close(status.bare_newline(self.hostname, bare))
+            if why_not is None and bare and (self._forbid_bare_newline or check.bare_cr):
+                self._reset_transaction()  # (a bare CR even where a bare LF is taken: as DATA, not Postfix)
+                await self._refuse_and_close(status.bare_newline(self.hostname,
+                                                                 bare if self._forbid_bare_newline else "CR"))
                 return
             self.envelope.bdat_octets = check.octets
             await self._finish_message(spool, why_not, crlf=self._forbid_bare_newline)

@@ -83,14 +83,16 @@ class WireError(Exception):
 
 
 class ContentCheck:
-    """What BDAT content must be checked for across its chunks: NUL, and the first line end other than CRLF
-    (a CR ending one piece may pair with a LF starting the next); and its size as Postfix's smtpd reports it
-    (`octets`, for the `250 2.0.0 Ok: N bytes queued as ID` of BDAT LAST)."""
+    """What BDAT content must be checked for across its chunks: NUL, the first line end other than CRLF
+    (`bare`; a CR ending one piece may pair with a LF starting the next) and whether a bare CR came at all
+    (`bare_cr`: refused even where a bare LF is taken, as DATA refuses it); and its size as Postfix's smtpd reports
+    it (`octets`, for the `250 2.0.0 Ok: N bytes queued as ID` of BDAT LAST)."""
 
     def __init__(self, line_limit: int = 2048) -> None:
         """`line_limit`: Postfix's line_length_limit, the longest piece of a line it stores as one record."""
         self.nul = False
         self.bare = ""
+        self.bare_cr = False
         self._cr_pending = False
         self._line_limit = line_limit
         self._counted = 0  # the bytes fed, and 2 for each piece of a long complete line
@@ -123,14 +125,16 @@ class ContentCheck:
         if self._cr_pending:
             if buf[0] == 0x0A:
                 crlf, cr = crlf + 1, cr + 1
-            elif not self.bare:
-                self.bare = "CR"
+            else:
+                self._bare_cr()
         self._cr_pending = buf[end - 1] == 0x0D
         if self._cr_pending:
             cr -= 1
         self._counted += lf - crlf  # a line ended by a bare LF: Postfix counts 2 for its end, as for CRLF
-        if not self.bare:
-            self.bare = "LF" if lf != crlf else "CR" if cr != crlf else ""
+        if not self.bare and lf != crlf:
+            self.bare = "LF"
+        if cr != crlf:
+            self._bare_cr()
         if not self.nul and buf.find(b"\0", 0, end) >= 0:
             self.nul = True
 
@@ -156,10 +160,15 @@ class ContentCheck:
             start = lf + 1
         self._line = end - last_lf - 1
 
-    def finish(self) -> str:
-        """The bare line end found, if any, once the content is complete."""
-        if self._cr_pending and not self.bare:
+    def _bare_cr(self) -> None:
+        self.bare_cr = True
+        if not self.bare:
             self.bare = "CR"
+
+    def finish(self) -> str:
+        """The bare line end found first, if any, once the content is complete."""
+        if self._cr_pending:
+            self._bare_cr()
         return self.bare
 
 
