@@ -167,12 +167,13 @@ class Importer:
     def _helpers(self) -> None:
         """A main.cf name Postfix does not know that another setting uses through $name (`mua_client_restrictions`
         in master.cf's `-o smtpd_client_restrictions=$mua_client_restrictions`) is translated with its user: a note,
-        not a line left out."""
+        not a line left out (one naming $service_name too: its services know it)."""
+        per_service = [Unexpanded(f"${n}").reason() for n in ("service_name", "service_type")]
         for item in list(self.out.left_out):
             name = item.name
             if name in self.expander.resolved and name in self.params and \
                     item.where == self.params[name][0].where and name not in names.NOT_IMPORTABLE and \
-                    item.why == names.why_not(name):
+                    item.why in (names.why_not(name), *per_service):
                 self.out.left_out.remove(item)
                 self.out.notes.append(f"{item.where}: {name} is a helper parameter, used by "
                                       f"{', '.join(self._users(name)) or 'another setting'} through ${name}")

@@ -36,7 +36,7 @@ from mailflow.config.delivery import REPLACEABLE
 from mailflow.config.postfix_cf import (SASL_OPTIONS, Expander, ImportState, Refused, Service, Unexpanded, convert,
                                         legacy_tls_level, dovecot_sasl_path, from_queue_directory,
                                         merged_timeouts_agree, reject_tempfail_action, sasl_security_options)
-from mailflow.config.smtpd import LISTENER_ROLES
+from mailflow.config.smtpd import LISTENER_ROLES, SECTION_ONLY
 
 # Postfix's own daemons: mailflow has each of them built in.
 BUILT_IN_SERVICES = ("pickup", "cleanup", "qmgr", "oqmgr", "tlsmgr", "trivial-rewrite", "bounce", "verify", "flush",
@@ -47,7 +47,12 @@ PORTS = {"smtp": 25, "submission": 587, "smtps": 465, "submissions": 465}
 # -o names mailflow does not carry over whatever they say, and why (syslog_name's note is _not_needed_note's own: it
 # says which program a service's lines are logged as, which differs for relay)
 _NOT_NEEDED_OVERRIDES = {"syslog_name": "mailflow names each line's program itself, under log.syslog_name",
-                         "milter_macro_daemon_name": "mailflow sends the milter macros it has itself"}
+                         "milter_macro_daemon_name": "mailflow sends the milter macros it has itself",
+                         **dict.fromkeys(("inet_interfaces", "inet_protocols"),
+                                         "Postfix's master(8) binds the service to main.cf's inet_interfaces (or "
+                                         "its host:port) whatever its -o says, as mailflow's listener does; the "
+                                         "-o only tells its smtpd which addresses are its own "
+                                         "(permit_inet_interfaces), which mailflow takes from the connection")}
 # Daemons a master.cf `relay` may run (instead of smtp) that mailflow has as a built-in transport of the same name,
 # reading the same main.cf settings: relay_transport names that one when the service has no -o that matters
 _RELAY_AS_BUILT_IN = ("lmtp", "discard", "error", "local", "virtual")
@@ -200,15 +205,15 @@ def _client_option(importer: ImportState, service: Service, name: str, raw: str,
                    options: list[tuple[str, str]]) -> dict[str, object]:
     """One -o of a client service as its settings ({} when it is noted or left out, with the reason)."""
     where, client = service.line.where, service.command
-    expander = importer.expander.with_names({"service_name": service.name, "service_type": service.kind})
+    expander = _service_expander(importer, service, options)
     try:
         value = expander.expand(raw)
-        if _noted_option(importer, service, name, raw, value):
+        if _noted_option(importer, service, expander, name, raw, value):
             return {}
         keys = names.SETTINGS.get(name, ())
         if not keys or not all(k.startswith(f"{client}.") for k in keys):
             raise Refused(names.why_not(name) if not keys else f"not a setting of mailflow's {client} services")
-        merged_timeouts_agree(name, lambda n: _service_value(importer, n, dict(options)))
+        merged_timeouts_agree(name, lambda n: _service_value(importer, expander, n, dict(options)))
         notes: list[str] = []
         converted = {key.removeprefix(f"{client}."): from_queue_directory(convert(name, key, value, notes),
                                                                            importer.queue_directory(), notes)
@@ -222,18 +227,26 @@ def _client_option(importer: ImportState, service: Service, name: str, raw: str,
     return {}
 
 
-def _service_value(importer: ImportState, name: str, options: dict[str, str]) -> str | None:
-    """A client service's value of a Postfix parameter: its -o as written, else main.cf's expanded (None: neither
-    sets it)."""
-    return options.get(name) or (importer.expander.expand(importer.params[name][1]) if name in importer.params
-                                 else None)
+def _service_value(importer: ImportState, expander: Expander, name: str, options: dict[str, str]) -> str | None:
+    """A client service's value of a Postfix parameter, its -o over main.cf's, expanded as the service's daemon
+    does (`expander`: `_service_expander`; None: neither sets it)."""
+    raw = options[name] if name in options else importer.params[name][1] if name in importer.params else None
+    return None if raw is None else expander.expand(raw)
 
 
-def _noted_option(importer: ImportState, service: Service, name: str, raw: str, value: str,
+def _service_expander(importer: ImportState, service: Service, options: list[tuple[str, str]]) -> Expander:
+    """The $name expansion the service's daemon makes (as `postconf -P -x` shows it): main.cf's values under the
+    service's -o values, with $service_name and $service_type the service's, main.cf's values included (master
+    passes them to each daemon it runs)."""
+    return importer.expander.with_names({**dict(options), "service_name": service.name, "service_type": service.kind})
+
+
+def _noted_option(importer: ImportState, service: Service, expander: Expander, name: str, raw: str, value: str,
                   tls_required: bool = False, options: list[tuple[str, str]] | None = None) -> bool:
     """True, with a note, when a service's -o is one mailflow does not need (syslog_name, max_use…) or its
     built-in behaviour (disable_dns_lookups = no; smtpd_tls_auth_only = no where Postfix forces it: on a service
-    that requires TLS, `tls_required`); Refused when it asks another behaviour than the built-in one."""
+    that requires TLS, `tls_required`); Refused when it asks another behaviour than the built-in one. `expander`:
+    the service's (`_service_expander`)."""
     where = service.line.where
     if name == "smtpd_tls_auth_only" and value.lower() == "no" and tls_required:
         importer.out.notes.append(f"{where}: {service.name} -o {name}={raw} applies to nothing: Postfix forces "
@@ -244,7 +257,7 @@ def _noted_option(importer: ImportState, service: Service, name: str, raw: str, 
         tls_options = (dict(options or ()).get("smtpd_sasl_tls_security_options")
                        or importer.params.get("smtpd_sasl_tls_security_options", (None, None))[1])
         try:
-            tls_options = None if tls_options is None else importer.expander.expand(tls_options)
+            tls_options = None if tls_options is None else expander.expand(tls_options)
         except Unexpanded:
             tls_options = None  # (judged as the value it defaults to)
         why = sasl_security_options(name, value, tls_options)
@@ -388,7 +401,7 @@ def _legacy_tls_option(importer: ImportState, service: Service, expander: Expand
 
 def _overrides(importer: ImportState, service: Service, options: list[tuple[str, str]]) -> dict[str, object]:
     overrides: dict[str, object] = {}
-    expander = importer.expander.with_names({"service_name": service.name, "service_type": service.kind})
+    expander = _service_expander(importer, service, options)
     tls_required = _tls_required(importer, expander, options)
     for name, raw in options:
         if name in _NOT_NEEDED_OVERRIDES:  # whatever it refers to
@@ -414,12 +427,14 @@ def _overrides(importer: ImportState, service: Service, options: list[tuple[str,
             continue
         keys = names.SETTINGS.get(name, ())
         try:
-            if not keys and _noted_option(importer, service, name, raw, value, tls_required, options):  # (built in…)
+            if not keys and _noted_option(importer, service, expander, name, raw, value, tls_required,
+                                          options):  # (built in…)
                 continue
         except Refused as e:
             importer.out.leave_out(service.line.where, f"master.cf {service.name} -o {name}", raw, str(e))
             continue
-        if not keys or not all(k.startswith("smtpd.") for k in keys):
+        if not keys or not all(k.startswith("smtpd.") and k.removeprefix("smtpd.") not in SECTION_ONLY
+                               for k in keys):
             importer.out.leave_out(service.line.where, f"master.cf {service.name} -o {name}", raw,
                                    _not_per_listener(name, keys))
             continue

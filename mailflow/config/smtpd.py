@@ -42,6 +42,7 @@ LISTENER_ROLES: dict[str, dict[str, object]] = {
     "submissions": {"sasl_auth_enable": True, "sasl_auth_required": True, "postscreen": {"enable": False}},
 }
 MERGED_TABLES = ("postscreen",)  # settings a preset or an override changes key by key, not as a whole
+SECTION_ONLY = ("listen", "listeners")  # [smtpd] settings that are the listeners themselves: no listener overrides them
 
 
 SMTPD_BANNER = "$smtpd_banner"  # postscreen_greet_banner's default, as Postfix writes it: smtpd's own text
@@ -486,7 +487,7 @@ class SmtpdConfig(SmtpdFilterSettings):
     def _listener_override_keys(cls, v: tuple[ListenerConfig, ...]) -> tuple[ListenerConfig, ...]:
         for index, listener in enumerate(v):
             for key in listener.overrides:
-                if key not in cls.model_fields or key in ("listen", "listeners"):
+                if key not in cls.model_fields or key in SECTION_ONLY:
                     raise ValueError(f"listener {index} ({listener.address}): overrides.{key}: unknown setting")
         return v
 

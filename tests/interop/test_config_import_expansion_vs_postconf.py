@@ -49,3 +49,22 @@ def test_raw_parameters_and_table_defaults_are_postfix_s(tmp_path):
     expected = ["texthash:/etc/aliases"] if Path("/etc/aliases").is_file() else []
     assert result.settings["alias_maps"] == expected  # nis: is a note
     assert result.settings["local_recipient_maps"] == ["unix:passwd.byname", *expected]
+
+
+def test_a_service_s_sasl_options_are_judged_on_the_value_postconf_P_x_gives_it(tmp_path):
+    """A service's -o naming a main.cf helper that names $service_name and another of the service's -o: the
+    importer judges smtpd_sasl_tls_security_options on the value Postfix's `postconf -P -x` shows for the service."""
+    main_cf = ("myhostname = mx.example.com\ntls_sasl = ${service_name?{$smtpd_sasl_security_options}:{none}}\n")
+    master_cf = ("submission inet n - y - - smtpd\n  -o smtpd_sasl_security_options=noanonymous,noplaintext\n"
+                 "  -o smtpd_sasl_tls_security_options=$tls_sasl,forward_secrecy\n")
+    write_cooled(tmp_path / "main.cf", main_cf)
+    (tmp_path / "master.cf").write_text(master_cf)
+    postfix = subprocess.run([require_tool("postconf"), "-c", str(tmp_path), "-P", "-x",
+                              "submission/inet/smtpd_sasl_tls_security_options"], capture_output=True, text=True)
+    value = postfix.stdout.strip().split(" = ", 1)[1]
+    assert value == "noanonymous,noplaintext,forward_secrecy"
+    result = import_postfix(str(tmp_path / "main.cf"), str(tmp_path / "master.cf"))
+    assert any(f"(TLS sessions: smtpd_sasl_tls_security_options = {value}, judged on its own)" in note
+               for note in result.notes)
+    assert [item.why for item in result.left_out] == [
+        "with noplaintext, Postfix offers neither PLAIN nor LOGIN in TLS sessions; mailflow offers both (over TLS)"]

@@ -1850,3 +1850,46 @@ def test_use_tls_sets_the_level_either_way(tmp_path, lines, smtpd, smtp):
     assert code == 0, err
     doc = checked(tmp_path / "mailflow.toml")
     assert (doc["smtpd"]["tls_security_level"], doc["smtp"]["tls_security_level"]) == (smtpd, smtp)
+
+
+def test_an_smtpd_service_s_inet_interfaces_is_a_note_and_does_not_break_the_listeners(tmp_path):
+    """master.cf's `-o inet_interfaces=` (content filter return services carry it): Postfix's master binds the
+    service where main.cf's inet_interfaces or its host:port say, the -o reaching only its smtpd; it was a
+    listener override of `listen` that mailflow refused, taking every listener with it."""
+    main = write(tmp_path, "main.cf", "myhostname = mx.example.com\ninet_interfaces = loopback-only\n"
+                                      "inet_protocols = ipv4\n")
+    master = write(tmp_path, "master.cf", "smtp inet n - y - - smtpd\n127.0.0.1:10025 inet n - n - - smtpd\n"
+                   "  -o inet_interfaces=127.0.0.1\n  -o inet_protocols=ipv4\n"
+                   "  -o smtpd_client_restrictions=permit_mynetworks,reject\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    assert (code, err) == (0, "")
+    smtpd = checked(tmp_path / "mailflow.toml")["smtpd"]
+    assert smtpd["listen"] == ["127.0.0.1:25"]
+    [filter_return] = smtpd["listeners"]
+    assert (filter_return["address"], filter_return["overrides"]["client_restrictions"]) == (
+        "127.0.0.1:10025", ["permit_mynetworks", "reject"])
+    assert "# Note: master.cf:2: 127.0.0.1:10025 -o inet_interfaces=127.0.0.1 not needed: Postfix's master(8) " \
+           "binds" in (tmp_path / "mailflow.toml").read_text()
+
+
+def test_the_sasl_options_of_a_service_are_judged_with_its_service_name(tmp_path):
+    """smtpd_sasl_tls_security_options reached from a service's -o through a main.cf helper naming $service_name
+    (Postfix's smtpd expands it with its service's name): noanonymous in TLS sessions, so the service's noplaintext
+    is for sessions outside TLS only, a note; the helper is a note too, not a line left out."""
+    pki = ClientPki(tmp_path)
+    main = write(tmp_path, "main.cf", f"myhostname = mx.example.com\nsmtpd_tls_cert_file = {pki.server_cert}\n"
+                                      "inet_interfaces = loopback-only\ninet_protocols = ipv4\n"
+                                      "tls_sasl = ${service_name?{noanonymous}:{noplaintext}}\n")
+    master = write(tmp_path, "master.cf", "smtp inet n - y - - smtpd\nsubmission inet n - y - - smtpd\n"
+                   "  -o smtpd_tls_security_level=encrypt\n  -o smtpd_sasl_auth_enable=yes\n"
+                   "  -o smtpd_sasl_type=dovecot\n  -o smtpd_sasl_path=/run/dovecot/auth\n"
+                   "  -o smtpd_sasl_security_options=noanonymous,noplaintext\n"
+                   "  -o smtpd_sasl_tls_security_options=$tls_sasl\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    assert (code, err) == (0, "")
+    [submission] = checked(tmp_path / "mailflow.toml")["smtpd"]["listeners"]
+    assert (submission["address"], submission["role"]) == ("127.0.0.1:587", "submission")
+    written = (tmp_path / "mailflow.toml").read_text()
+    assert "noplaintext outside TLS only (smtpd_sasl_tls_security_options = noanonymous)" in written
+    assert "# Note: main.cf:5: tls_sasl is a helper parameter, used by master.cf submission through $tls_sasl" \
+        in written
