@@ -1893,3 +1893,21 @@ def test_the_sasl_options_of_a_service_are_judged_with_its_service_name(tmp_path
     assert "noplaintext outside TLS only (smtpd_sasl_tls_security_options = noanonymous)" in written
     assert "# Note: main.cf:5: tls_sasl is a helper parameter, used by master.cf submission through $tls_sasl" \
         in written
+
+
+def test_a_domain_list_s_file_of_patterns_is_written_as_its_domains_and_a_missing_one_left_out(tmp_path):
+    """Postfix's domain lists take `/file/name`, replaced by its patterns (postconf(5), match_list(3));
+    docker-mailserver's `virtual_mailbox_domains = /etc/postfix/vhost`. mailflow's domain lists take names and
+    tables: the importer writes the file's patterns (comments, continuation lines, a nested file) in the list."""
+    more = write(tmp_path, "more", "example.com\n")
+    vhost = write(tmp_path, "vhost", f"# hosted\nexample.org, Example.NET\n  {more}\n")
+    main = write(tmp_path, "main.cf", f"myhostname = mx.example.com\nvirtual_mailbox_domains = {vhost}\n"
+                                      f"virtual_transport = lmtp:inet:127.0.0.1:24\n"
+                                      f"relay_domains = {tmp_path / 'absent'}\n")
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    doc = checked(tmp_path / "mailflow.toml")
+    assert doc["virtual_mailbox_domains"] == ["example.org", "Example.NET", "example.com"]
+    assert "relay_domains" not in doc
+    assert code == 1 and err.splitlines()[1:] == [
+        f"  main.cf:4: relay_domains: {tmp_path / 'absent'}: Postfix reads this file of patterns when its daemons "
+        "start, and it cannot be read here (No such file or directory): import where it is in place"]
