@@ -652,6 +652,43 @@ def domain_list_patterns(name: str, tokens: list[str], notes: list[str], reading
     return out
 
 
+_PEM_BEGIN = re.compile(r"^-----BEGIN ([A-Z0-9 ]+)-----", re.MULTILINE)
+_PEM_FILE_BYTES = 1 << 20
+
+
+def chain_files_pair(files: list[str]) -> tuple[str, str]:
+    """smtpd_tls_chain_files (PEM files that, concatenated, are key1, cert1, [chain1], key2, …) as mailflow's one
+    (certificate file, key file): one key, first, its certificate and chain in one file (the key's or the next).
+    A file this user cannot read (a key readable by root only) is told by its place: the only file holds both, a
+    file before one of certificates is the key, a file after a key alone holds the certificates. Refused: several
+    keys (mailflow's smtpd serves one certificate), or files whose roles cannot be told."""
+    kinds: list[list[str] | None] = []
+    for path in files:
+        try:
+            text = read_regular_file(path, _PEM_FILE_BYTES).decode("ascii", errors="replace")
+        except (OSError, RefusedFile):
+            kinds.append(None)  # (a missing one is named by the certificate check, as smtpd_tls_cert_file's)
+            continue
+        kinds.append(["key" if label.endswith("PRIVATE KEY") else "cert" for label in _PEM_BEGIN.findall(text)
+                      if label.endswith(("PRIVATE KEY", "CERTIFICATE"))])
+    if len(files) == 1:
+        known = kinds[0]
+        if known is None or (known[:1] == ["key"] and known.count("key") == 1):
+            return files[0], files[0]
+    elif len(files) == 2:
+        first, second = kinds
+        if (first is None or first == ["key"]) and (second is None or (second and "key" not in second)) and \
+                (first, second) != (None, None):
+            return files[1], files[0]
+    keys = sum(known.count("key") for known in kinds if known is not None)
+    if keys > 1:
+        raise Refused(f"{keys} keys with their certificates: mailflow's smtpd serves one certificate (set "
+                      "smtpd.tls_cert_file and smtpd.tls_key_file to one of the pairs)")
+    raise Refused("mailflow's smtpd takes one key and its certificate chain: "
+                  + ("a file here cannot be read to tell which holds what; " if None in kinds else "")
+                  + "set smtpd.tls_cert_file and smtpd.tls_key_file")
+
+
 def convert(name: str, key: str, value: str, notes: list[str]) -> object:
     """`value` (expanded) as mailflow's `key` takes it; Refused with the reason."""
     if key == "smtpd.postscreen.tls_security_level" and value.lower() in _POSTSCREEN_ENCRYPT_LEVELS:

@@ -55,7 +55,7 @@ from mailflow.config.postfix_cf import (POSTFIX_TABLE_DEFAULTS, SASL_OPTIONS, Ex
                                         Refused, Service, Unexpanded, UnreadableFile, convert, from_queue_directory,
                                         read_main_cf, read_master_cf, restriction_items, dovecot_sasl_path, split_list,
                                         merged_timeouts_agree, reject_tempfail_action, sasl_security_options,
-                                        table_spec, legacy_tls_level)
+                                        table_spec, legacy_tls_level, chain_files_pair)
 from mailflow.config.postfix_master import translate_service
 from mailflow.config.show import format_setting
 from mailflow.config.smtpd import LISTENER_ROLES, SMTPD_BANNER
@@ -250,6 +250,10 @@ class Importer:
             return None
 
     def _parameter(self, name: str, line: Line, raw: str) -> None:
+        if name in _LEGACY_CERTIFICATES and self._chain_files_set():
+            self.out.notes.append(f"{line.where}: {name} = {raw} applies to nothing: smtpd_tls_chain_files is set, "
+                                  "and Postfix then ignores the legacy certificate and key files")
+            return
         if self._inherited_by_postscreen(name, line, raw):
             return
         if name in names.NOT_IMPORTABLE:  # its reason, whatever its value refers to
@@ -365,6 +369,13 @@ class Importer:
     def _in_queue_directory(self, value: object) -> object:
         return from_queue_directory(value, self.queue_directory(), self.out.notes)
 
+    def _chain_files_set(self) -> bool:
+        """Whether main.cf sets smtpd_tls_chain_files (one it cannot expand too: Postfix would take it)."""
+        try:
+            return bool((self._main_value("smtpd_tls_chain_files") or "").strip())
+        except Unexpanded:
+            return True
+
     def _main_value(self, name: str) -> str | None:
         """main.cf's value of `name`, expanded (None: main.cf does not set it)."""
         return self.expander.expand(self.params[name][1]) if name in self.params else None
@@ -383,7 +394,16 @@ class Importer:
         return True
 
     def _special(self, name: str, line: Line, raw: str, value: str) -> None:
-        if name == "smtpd_banner":
+        if name == "smtpd_tls_chain_files":
+            files = split_list(value)
+            if not files:
+                self.out.notes.append(f"{line.where}: {name} = {raw} is empty: smtpd_tls_cert_file and "
+                                      "smtpd_tls_key_file apply, as Postfix takes it")
+                return
+            cert, key = chain_files_pair(files)
+            self._set(name, line, raw, "smtpd.tls_cert_file", cert)
+            self._set(name, line, raw, "smtpd.tls_key_file", key)
+        elif name == "smtpd_banner":
             m = re.match(r"\$(?:myhostname|\{myhostname\}|\(myhostname\))(?:\s+|$)", raw)
             if not m:
                 raise Refused("mailflow's greeting always starts with myhostname (smtpd.banner is what follows)")
@@ -970,6 +990,8 @@ def _client_refusal(parts: list[str], clients: dict[str, dict[str, object]]) -> 
     return None
 
 
+_LEGACY_CERTIFICATES = ("smtpd_tls_cert_file", "smtpd_tls_key_file", "smtpd_tls_dcert_file", "smtpd_tls_dkey_file",
+                        "smtpd_tls_eccert_file", "smtpd_tls_eckey_file")  # ignored under smtpd_tls_chain_files
 TLS_PAIR = ("smtpd.tls_cert_file", "smtpd.tls_key_file")  # smtpd's certificate and its key, read at start
 TLS_FILES = ("tls_cert_file", "tls_key_file", "tls_ca_file")  # smtpd's and smtp's, a listener's: files read at start
 

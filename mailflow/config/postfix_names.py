@@ -193,7 +193,6 @@ NOT_IMPORTABLE: dict[str, str] = {
                      "smtp_tls_exclude_ciphers", "smtpd_tls_dh1024_param_file", "smtpd_tls_eecdh_grade",
                      "tls_preempt_cipherlist", "tls_ssl_options"),
                     "mailflow takes the protocol versions and ciphers of Python's ssl defaults (TLS 1.2 and up)"),
-    "smtpd_tls_chain_files": "give smtpd.tls_cert_file and smtpd.tls_key_file (one certificate)",
     "smtp_tls_CApath": "mailflow reads one CA file (smtp.tls_ca_file), not a directory",
     "smtpd_tls_CApath": "mailflow reads one CA file (smtpd.tls_ca_file), not a directory",
     "smtpd_tls_wrappermode": "a listener property: give it in master.cf (-o smtpd_tls_wrappermode=yes)",
@@ -202,6 +201,8 @@ NOT_IMPORTABLE: dict[str, str] = {
 }
 
 CONVERTED: dict[str, str] = {
+    "smtpd_tls_chain_files": "smtpd.tls_cert_file and smtpd.tls_key_file: one key and its certificate chain (Postfix "
+                             "then ignores smtpd_tls_cert_file and smtpd_tls_key_file)",
     "smtpd_banner": "smtpd.banner: what follows $myhostname",
     "inet_interfaces": "smtpd.listen: each address with master.cf's smtp port (inet_protocols decides all's)",
     "smtp_sasl_security_options": "smtp.sasl_tls_required: true when it holds noplaintext",

@@ -1911,3 +1911,46 @@ def test_a_domain_list_s_file_of_patterns_is_written_as_its_domains_and_a_missin
     assert code == 1 and err.splitlines()[1:] == [
         f"  main.cf:4: relay_domains: {tmp_path / 'absent'}: Postfix reads this file of patterns when its daemons "
         "start, and it cannot be read here (No such file or directory): import where it is in place"]
+
+
+def split_pem(path: str, folder: Path) -> tuple[str, str]:
+    """A key-and-chain PEM file as a key file and a certificates file."""
+    text = Path(path).read_text()
+    cut = text.index("-----BEGIN CERTIFICATE-----")
+    return write(folder, "key.pem", text[:cut]), write(folder, "certs.pem", text[cut:])
+
+
+@pytest.mark.parametrize("layout", ["one file", "key then certificates"])
+def test_smtpd_tls_chain_files_of_one_key_is_the_certificate_pair_and_the_legacy_files_apply_to_nothing(
+        tmp_path, layout):
+    """docker-mailserver's `smtpd_tls_chain_files = KEY CERT` (postconf(5): the files concatenated are key1, cert1,
+    [chain1], …; the legacy smtpd_tls_cert_file/key_file are then ignored): mailflow's one pair, so that the
+    submission listeners that require TLS load (they were refused for want of a certificate)."""
+    pki = ClientPki(tmp_path)
+    key, certs = (pki.server_cert, pki.server_cert) if layout == "one file" else split_pem(pki.server_cert, tmp_path)
+    files = pki.server_cert if layout == "one file" else f"{key} {certs}"
+    main = write(tmp_path, "main.cf", f"myhostname = mx.example.com\ninet_interfaces = loopback-only\n"
+                                      f"inet_protocols = ipv4\nsmtpd_tls_cert_file = /nowhere/cert.pem\n"
+                                      f"smtpd_tls_chain_files = {files}\nsmtpd_tls_security_level = may\n")
+    master = write(tmp_path, "master.cf", "smtp inet n - y - - smtpd\nsubmissions inet n - y - - smtpd\n"
+                   "  -o smtpd_tls_wrappermode=yes\n  -o smtpd_sasl_auth_enable=yes\n  -o smtpd_sasl_type=dovecot\n"
+                   "  -o smtpd_sasl_path=/run/dovecot/auth\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    assert (code, err) == (0, "")
+    smtpd = checked(tmp_path / "mailflow.toml")["smtpd"]
+    assert (smtpd["tls_cert_file"], smtpd["tls_key_file"]) == (certs, key)
+    assert [x["role"] for x in smtpd["listeners"]] == ["submissions"]
+    assert "main.cf:4: smtpd_tls_cert_file = /nowhere/cert.pem applies to nothing: smtpd_tls_chain_files is set" \
+        in (tmp_path / "mailflow.toml").read_text()
+
+
+def test_smtpd_tls_chain_files_of_two_keys_is_left_out_saying_mailflow_serves_one_certificate(tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    pki, other = ClientPki(tmp_path / "a"), ClientPki(tmp_path / "b")
+    main = write(tmp_path, "main.cf", f"myhostname = mx.example.com\n"
+                                      f"smtpd_tls_chain_files = {pki.server_cert}, {other.server_cert}\n")
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert "tls_cert_file" not in checked(tmp_path / "mailflow.toml").get("smtpd", {})
+    assert code == 1 and err.splitlines()[1:] == [
+        "  main.cf:2: smtpd_tls_chain_files: 2 keys with their certificates: mailflow's smtpd serves one certificate "
+        "(set smtpd.tls_cert_file and smtpd.tls_key_file to one of the pairs)"]
