@@ -2,6 +2,8 @@
 
     parse_dnsbl_site("zen.spamhaus.org=127.0.0.[2..11]*3") -> DnsblSite(domain, filter, weight)
     DnsblSite.matches(reply_address)   whether an A record of the list counts (no filter: any)
+    reply_filter("127.0.0.[2..11]") -> octet sets    a filter alone (smtpd's reject_rbl_client D=filter too)
+    filter_matches(octets, reply_address) -> bool    whether an A record passes it
 
 An entry is `domain[=filter][*weight]`: the weight (default 1; negative weights allowlist) is added to the
 client's score once when the filter accepts any of the list's replies (Postfix's psc_dnsbl_receive). A filter is
@@ -30,13 +32,15 @@ class DnsblSite:
     weight: int
 
     def matches(self, reply: str) -> bool:
-        if self.octets is None:
-            return True
-        try:
-            parts = ipaddress.IPv4Address(reply).packed
-        except ValueError:
-            return False
-        return all(part in allowed for part, allowed in zip(parts, self.octets))
+        return self.octets is None or filter_matches(self.octets, reply)
+
+
+def filter_matches(octets: tuple[frozenset[int], ...], reply: str) -> bool:
+    try:
+        parts = ipaddress.IPv4Address(reply).packed
+    except ValueError:
+        return False
+    return all(part in allowed for part, allowed in zip(parts, octets))
 
 
 def parse_dnsbl_site(entry: str) -> DnsblSite:
@@ -45,10 +49,10 @@ def parse_dnsbl_site(entry: str) -> DnsblSite:
         raise ValueError(f"{entry!r} is not domain[=filter][*weight]")
     pattern = found.group("filter")
     weight = int(found.group("weight") or 1)
-    return DnsblSite(found.group("domain").lower().rstrip("."), _octets(pattern) if pattern else None, weight)
+    return DnsblSite(found.group("domain").lower().rstrip("."), reply_filter(pattern) if pattern else None, weight)
 
 
-def _octets(pattern: str) -> tuple[frozenset[int], ...]:
+def reply_filter(pattern: str) -> tuple[frozenset[int], ...]:
     parts = _OCTET_PATTERNS.findall(pattern)
     if len(parts) != 4 or ".".join(parts) != pattern:
         raise ValueError(f"filter {pattern!r} has not four octets")

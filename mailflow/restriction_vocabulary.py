@@ -53,7 +53,8 @@ import re
 from typing import Iterable, Mapping, NamedTuple, Sequence
 
 from mailflow.address import normalise_domain
-from mailflow.syntax import is_ipv4, parse_policy_service
+from mailflow.dnsbl_sites import reply_filter
+from mailflow.syntax import parse_policy_service
 from mailflow.tables import check_spec
 from mailflow.tables.memory import table_entries
 
@@ -183,9 +184,14 @@ def check_item(text: object, classes: Iterable[str] = ()) -> str:
         parse_policy_service(arg)
     if name == "reject_rbl_client" or name in RHSBL_CHECKS or name in DNSWL_CHECKS:
         rbl_domain, _, wanted = arg.partition("=")
-        if not normalise_domain(rbl_domain) or (wanted and not is_ipv4(wanted)):
+        try:
+            filtered = not wanted or bool(reply_filter(wanted))
+        except ValueError:
+            filtered = False
+        if not normalise_domain(rbl_domain) or not filtered:
             kind = "DNS allowlist" if name in DNSWL_CHECKS else "DNSBL"
-            raise ValueError(f"{name}: {arg!r} is not a {kind} (domain or domain=127.0.0.x)")
+            raise ValueError(f"{name}: {arg!r} is not a {kind} (domain, or domain=d.d.d.d where each d is a number "
+                             "or [a..b] / [a;b;c], as 127.0.0.[2..11])")
     return text.strip()
 
 

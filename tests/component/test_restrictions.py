@@ -439,6 +439,9 @@ def test_rbl_listed_client_is_refused_and_a_filter_narrows_the_answers():
     assert str(rcpt(restrictions(client_restrictions=["reject_rbl_client bl.test"]))) == \
         f"554 5.7.1 Service unavailable; Client host [{OUTSIDER}] blocked using bl.test"
     assert rcpt(restrictions(client_restrictions=["reject_rbl_client bl.test=127.0.0.3"])) is None
+    # Postfix's ip_match forms (Mail-in-a-Box's zen.spamhaus.org=127.0.0.[2..11])
+    assert rcpt(restrictions(client_restrictions=["reject_rbl_client bl.test=127.0.0.[2..11]"])) is not None
+    assert rcpt(restrictions(client_restrictions=["reject_rbl_client bl.test=127.0.[0;1].[1;3..9]"])) is None
     assert rcpt(restrictions(client_restrictions=["reject_rbl_client bl.test"]), client_addr="198.51.100.4") is None
 
 

@@ -73,6 +73,8 @@ CLASSES = {  # a restriction class per case; the session's sender names it
     "long": "reject_rbl_client long.test",
     "mapped": "reject_rbl_client mapped.test=127.0.0.3",
     "mappeddomain": "reject_rbl_client mapped.test",
+    "ranged": "reject_rbl_client mapped.test=127.0.0.[2..4]",  # ip_match's forms (Mail-in-a-Box's [2..11])
+    "listed": "reject_rbl_client mapped.test=127.0.[0;9].[1;3;5]",
     "keyed": "reject_rbl_client keyed.test=127.0.0.2",
     "unkeyed": "reject_rbl_client keyed.test",
     "nodsn": "reject_rbl_client nodsn.test",
@@ -160,5 +162,7 @@ async def test_dnsbl_replies_match_a_real_postfix_word_for_word(mailflow_server,
     assert postfix["unkeyed"] == "550 5.7.1 for the list named without a filter"
     assert postfix["forms"] == "554 5.7.1 has forms  eq this [] r"  # ($rbl_txt is not empty)
     assert postfix["noreason"] == "554 5.7.1 none true"
+    assert postfix["ranged"] == postfix["listed"] == ("554 5.7.1 Service unavailable; Client host [127.0.0.1] "
+                                                      "blocked using mapped.test; mapped reason")
     assert postfix["mapped"] == ("554 5.7.9 [Client host] [127.0.0.1] [mapped.test] [mapped reason] [mapped reason] "
                                  "127.0.0.1 localhost spam.test mapped@spam.test local.test pf.test yes")

@@ -49,6 +49,7 @@ from mailflow import address, status
 from mailflow.address import client_ip
 from mailflow.dns import (DNS_INVAL, DNS_NULLMX, DNS_FAIL, DNS_RETRY, MX, NotFound, confirmed_name, failure_rank,
                           failure_text, is_ip_literal, ptr_name_gripe, ptr_names, record_strings, worst_failure)
+from mailflow.dnsbl_sites import filter_matches, reply_filter
 from mailflow.errors import LookupRetry
 from mailflow.model import AddressClass
 from mailflow.rbl_reply import txt_reason
@@ -94,8 +95,8 @@ class DnsChecks:
     # -------------------------------------------------------------------------------- block lists
 
     async def rbl(self, arg: str, facts: Facts) -> Listed | None:
-        """reject_rbl_client: the client's address (reversed) under the list has an address (127.x, or the one
-        asked for) -> what the list said (its TXT reason too); None when not listed or it cannot be asked."""
+        """reject_rbl_client: the client's address (reversed) under the list has an address (127.x, or one the filter
+        takes) -> what the list said (its TXT reason too); None when not listed or it cannot be asked."""
         rbl_domain, _, wanted = arg.partition("=")
         query = rbl_query_name(facts.client_addr, rbl_domain)
         if query is None or not await self._listed(query, wanted, facts.memo):
@@ -103,7 +104,7 @@ class DnsChecks:
         return Listed(arg, facts.client_addr, "Client host", await self._reason(query, facts.memo))
 
     async def rhsbl(self, kind: str, arg: str, facts: Facts) -> Listed | None:
-        """reject_rhsbl_<kind>: `<domain>.<rbl>` has an address (127.x, or the one asked for) -> what the list said;
+        """reject_rhsbl_<kind>: `<domain>.<rbl>` has an address (127.x, or one the filter takes) -> what the list said;
         what was looked up is named as Postfix names it: the whole sender or recipient address, else the name."""
         rbl_domain, _, wanted = arg.partition("=")
         subject, what = await self._rhsbl_subject(kind, facts)
@@ -126,8 +127,9 @@ class DnsChecks:
         return addr, ("Sender address" if kind == "sender" else "Recipient address")
 
     async def _listed(self, query: str, wanted: str, memo: dict) -> bool | None:
-        """`query` has an address (127.x, or the one `wanted`); None when the DNS cannot tell (logged once: the
-        answer, a failure too, is kept in the session's `memo`, as Postfix's smtpd keeps it in its RBL cache)."""
+        """`query` has an address (127.x, or one the filter `wanted` takes: `127.0.0.2`, `127.0.0.[2..11]`, as
+        Postfix's ip_match); None when the DNS cannot tell (logged once: the answer, a failure too, is kept in the
+        session's `memo`, as Postfix's smtpd keeps it in its RBL cache)."""
         if self._resolver is None:
             return False
         key = ("dnsxl", query)
@@ -136,7 +138,9 @@ class DnsChecks:
         answers = memo[key]
         if answers is None:
             return None
-        return any(is_ipv4(a) and a.startswith("127.") and (not wanted or a == wanted) for a in answers)
+        octets = reply_filter(wanted) if wanted else None
+        return any(is_ipv4(a) and a.startswith("127.") and (octets is None or filter_matches(octets, a))
+                   for a in answers)
 
     async def _list_answers(self, query: str) -> tuple[str, ...] | None:
         """The A records of a list's `query` (Postfix asks no AAAA of a list); None when the lookup failed."""
