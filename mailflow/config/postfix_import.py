@@ -246,8 +246,25 @@ class Importer:
         try:
             return self.expander.expand(raw)
         except Unexpanded as e:
+            if str(e) == "$stress":
+                return self._unstressed(name, line, raw)
             self.out.leave_out(line.where, name, raw, e.reason())
             return None
+
+    def _unstressed(self, name: str, line: Line, raw: str) -> str | None:
+        """A value naming $stress (`${stress?{1}:{5}}`, as Postfix's own defaults do): what Postfix takes while its
+        master is not under stress ($stress empty; `yes` while a service has all its processes busy), noted with
+        the other, as mailflow has no such mode for it."""
+        try:
+            value = self.expander.with_names({"stress": ""}).expand(raw)
+            stressed = self.expander.with_names({"stress": "yes"}).expand(raw)
+        except Unexpanded as e:
+            self.out.leave_out(line.where, name, raw, e.reason())
+            return None
+        self.out.notes.append(f"{line.where}: {name} = {raw} is {value!r}, Postfix's value when not under stress "
+                              + (f"(under stress, every process of a service busy: {stressed!r}; mailflow has no "
+                                 "such mode)" if stressed != value else "(the same under stress)"))
+        return value
 
     def _parameter(self, name: str, line: Line, raw: str) -> None:
         if name in _LEGACY_CERTIFICATES and self._chain_files_set():
@@ -258,6 +275,9 @@ class Importer:
             return
         if name in names.NOT_IMPORTABLE:  # its reason, whatever its value refers to
             self.out.leave_out(line.where, name, raw, names.why_not(name))
+            return
+        if name in names.NOT_NEEDED and name not in (*SASL_OPTIONS, *_VALUE_READ):  # whatever it refers to, too
+            self.out.notes.append(f"{line.where}: {name} = {raw} not needed: {names.NOT_NEEDED[name]}")
             return
         if name == "postscreen_greet_banner" and _SMTPD_BANNER_REFERENCE.fullmatch(raw.strip()):
             self._set(name, line, raw, "smtpd.postscreen.greet_banner", SMTPD_BANNER)  # smtpd's own greeting
@@ -990,6 +1010,7 @@ def _client_refusal(parts: list[str], clients: dict[str, dict[str, object]]) -> 
     return None
 
 
+_VALUE_READ = ("queue_directory", "inet_protocols", "mail_name")  # not needed as settings, their values read
 _LEGACY_CERTIFICATES = ("smtpd_tls_cert_file", "smtpd_tls_key_file", "smtpd_tls_dcert_file", "smtpd_tls_dkey_file",
                         "smtpd_tls_eccert_file", "smtpd_tls_eckey_file")  # ignored under smtpd_tls_chain_files
 TLS_PAIR = ("smtpd.tls_cert_file", "smtpd.tls_key_file")  # smtpd's certificate and its key, read at start

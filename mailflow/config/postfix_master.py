@@ -103,6 +103,9 @@ def _options(service: Service) -> list[tuple[str, str]]:
     arguments."""
     args, pairs, i = list(service.args), [], 0
     while i < len(args):
+        if args[i].lower().startswith("flags=") and service.command in ("smtp", "lmtp"):
+            raise Refused(f"{args[i]}: Postfix 3.5's {service.command}(8) flags (D: Delivered-To, O: X-Original-To, "
+                          f"R: Return-Path headers; X: final delivery): mailflow's {service.command} client has none")
         if args[i] != "-o" or i + 1 >= len(args):
             raise Refused(f"argument {args[i]!r}: only -o name=value is translated")
         text, i = args[i + 1], i + 2
@@ -425,6 +428,14 @@ def _overrides(importer: ImportState, service: Service, options: list[tuple[str,
         if name == "reject_tempfail_action":
             _reject_tempfail_overrides(importer, service, options, raw, value, overrides)
             continue
+        if name == "smtpd_restriction_classes":  # (main.cf's: a list of the names whose values are the classes)
+            if value.strip():
+                importer.out.leave_out(service.line.where, f"master.cf {service.name} -o {name}", raw,
+                                       "a listener's own restriction classes are not translated: write them in its "
+                                       "overrides.restriction_classes")
+            else:
+                overrides["restriction_classes"] = {}  # none, as Postfix's smtpd then knows none
+            continue
         keys = names.SETTINGS.get(name, ())
         try:
             if not keys and _noted_option(importer, service, expander, name, raw, value, tls_required,
@@ -432,6 +443,10 @@ def _overrides(importer: ImportState, service: Service, options: list[tuple[str,
                 continue
         except Refused as e:
             importer.out.leave_out(service.line.where, f"master.cf {service.name} -o {name}", raw, str(e))
+            continue
+        if keys and all(k.startswith(("smtp.", "lmtp.")) for k in keys):
+            importer.out.notes.append(f"{service.line.where}: {service.name} -o {name}={raw} applies to nothing: "
+                                      "Postfix's smtpd does not read its delivery clients' parameters")
             continue
         if not keys or not all(k.startswith("smtpd.") and k.removeprefix("smtpd.") not in SECTION_ONLY
                                for k in keys):
