@@ -53,6 +53,9 @@ _NOT_NEEDED_OVERRIDES = {"syslog_name": "mailflow names each line's program itse
                                          "its host:port) whatever its -o says, as mailflow's listener does; the "
                                          "-o only tells its smtpd which addresses are its own "
                                          "(permit_inet_interfaces), which mailflow takes from the connection")}
+# parameters an smtpd service's -o may set that its smtpd does not read (a note: applies to nothing)
+_NOT_SMTPD_S = {"non_smtpd_milters": "Postfix's smtpd runs its smtpd_milters; non_smtpd_milters are cleanup's, for "
+                                     "mail that did not come through smtpd"}
 # Daemons a master.cf `relay` may run (instead of smtp) that mailflow has as a built-in transport of the same name,
 # reading the same main.cf settings: relay_transport names that one when the service has no -o that matters
 _RELAY_AS_BUILT_IN = ("lmtp", "discard", "error", "local", "virtual")
@@ -444,9 +447,10 @@ def _overrides(importer: ImportState, service: Service, options: list[tuple[str,
         except Refused as e:
             importer.out.leave_out(service.line.where, f"master.cf {service.name} -o {name}", raw, str(e))
             continue
-        if keys and all(k.startswith(("smtp.", "lmtp.")) for k in keys):
+        if name in _NOT_SMTPD_S or keys and all(k.startswith(("smtp.", "lmtp.")) for k in keys):
             importer.out.notes.append(f"{service.line.where}: {service.name} -o {name}={raw} applies to nothing: "
-                                      "Postfix's smtpd does not read its delivery clients' parameters")
+                                      + _NOT_SMTPD_S.get(name, "Postfix's smtpd does not read its delivery clients' "
+                                                               "parameters"))
             continue
         if not keys or not all(k.startswith("smtpd.") and k.removeprefix("smtpd.") not in SECTION_ONLY
                                for k in keys):

@@ -195,6 +195,7 @@ def mailcow(folder: Path, doc: dict, text: str, lines: list[str], compared: int)
     assert "main.cf:49: proxy_read_maps = " in text and "proxy_read_maps: " not in "".join(lines)
     assert any(line.startswith("  master.cf:87: master.cf lmtp: flags=O: Postfix 3.5's lmtp(8) flags")
                for line in lines)
+    assert "master.cf:45: 590 -o non_smtpd_milters= applies to nothing" in text
     assert compared >= 20
 
 
