@@ -300,7 +300,8 @@ def _smtpd_service(importer: ImportState, service: Service) -> None:
     role = _role(overrides)
     for preset, value in LISTENER_ROLES[role].items():
         if preset != "postscreen":  # (the role's own: Postfix runs smtpd, not postscreen, on such a port)
-            overrides.setdefault(preset, _postfix_value(importer, preset, overrides))
+            overrides.setdefault(preset, _postfix_value(importer, _service_expander(importer, service, options),
+                                                        preset, overrides))
     for host_name in ([host] if host else importer.interfaces()):
         importer.out.listeners.append({"address": f"{host_name}:{port}", "role": role, "overrides": dict(overrides),
                                        "origin": service.line.where, "sources": _sources(options)})
@@ -510,7 +511,7 @@ def _inherited_sasl_path(importer: ImportState, expander, service: Service, opti
         return ""
     line, raw = importer.params["smtpd_sasl_path"]
     try:
-        path = dovecot_sasl_path(importer.expander.expand(raw), "dovecot", importer.queue_directory(),
+        path = dovecot_sasl_path(expander.expand(raw), "dovecot", importer.queue_directory(),
                                  importer.out.notes, line.where)
     except Unexpanded:
         return ""
@@ -526,7 +527,7 @@ def _sasl_type(importer: ImportState, expander, options: list[tuple[str, str]]) 
     neither sets it, Postfix's default applies)."""
     given = [(expander, raw) for name, raw in options if name == "smtpd_sasl_type"]
     if not given and "smtpd_sasl_type" in importer.params:
-        given = [(importer.expander, importer.params["smtpd_sasl_type"][1])]
+        given = [(expander, importer.params["smtpd_sasl_type"][1])]
     if not given:
         return None
     with_names, raw = given[-1]
@@ -544,15 +545,16 @@ def _role(overrides: dict[str, object]) -> str:
     return "mta"
 
 
-def _postfix_value(importer: ImportState, preset: str, overrides: dict[str, object]) -> object:
-    """What Postfix's line gives the setting a role presets: its main.cf value (or Postfix's default), and for
-    sasl_auth_required whether the line's client restrictions are permit_sasl_authenticated then reject."""
+def _postfix_value(importer: ImportState, expander: Expander, preset: str, overrides: dict[str, object]) -> object:
+    """What Postfix's line gives the setting a role presets: its main.cf value as the service expands it
+    (`_service_expander`), or Postfix's default, and for sasl_auth_required whether the line's client restrictions
+    are permit_sasl_authenticated then reject."""
     if preset == "sasl_auth_required":
         items = overrides.get("client_restrictions", [])
         return isinstance(items, list) and [i.lower() for i in items] == ["permit_sasl_authenticated", "reject"]
     postfix = {"tls_security_level": "smtpd_tls_security_level", "sasl_auth_enable": "smtpd_sasl_auth_enable"}[preset]
     if postfix in importer.params:
-        return convert(postfix, f"smtpd.{preset}", importer.expander.expand(importer.params[postfix][1]), [])
+        return convert(postfix, f"smtpd.{preset}", expander.expand(importer.params[postfix][1]), [])
     return {"tls_security_level": "none", "sasl_auth_enable": False}[preset]
 
 

@@ -1954,3 +1954,19 @@ def test_smtpd_tls_chain_files_of_two_keys_is_left_out_saying_mailflow_serves_on
     assert code == 1 and err.splitlines()[1:] == [
         "  main.cf:2: smtpd_tls_chain_files: 2 keys with their certificates: mailflow's smtpd serves one certificate "
         "(set smtpd.tls_cert_file and smtpd.tls_key_file to one of the pairs)"]
+
+
+def test_main_cf_s_sasl_path_a_service_inherits_is_expanded_with_its_service_name(tmp_path):
+    """main.cf's smtpd_sasl_path read by a service whose own -o smtpd_sasl_type=dovecot makes it Dovecot's socket:
+    its $service_name is the service's, as Postfix's smtpd expands main.cf's values."""
+    pki = ClientPki(tmp_path)
+    main = write(tmp_path, "main.cf", f"myhostname = mx.example.com\nsmtpd_tls_cert_file = {pki.server_cert}\n"
+                                      "inet_interfaces = loopback-only\ninet_protocols = ipv4\n"
+                                      "smtpd_sasl_path = private/auth-$service_name\n")
+    master = write(tmp_path, "master.cf", "smtp inet n - y - - smtpd\nsubmission inet n - y - - smtpd\n"
+                   "  -o smtpd_tls_security_level=encrypt\n  -o smtpd_sasl_auth_enable=yes\n"
+                   "  -o smtpd_sasl_type=dovecot\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    [submission] = checked(tmp_path / "mailflow.toml")["smtpd"]["listeners"]
+    assert submission["overrides"]["sasl_path"] == "/var/spool/postfix/private/auth-submission"
+    assert (code, err) == (0, "")  # ([smtpd]'s, under Postfix's cyrus, a note)
