@@ -70,7 +70,10 @@ async def resolver(dns_zone):
     (["permit_dnswl_client"], "[0]: 'permit_dnswl_client' needs an argument"),
     (["check_reverse_client_hostname_access"], "[0]: 'check_reverse_client_hostname_access' needs an argument"),
     (["permit_rhswl_client list.test=high"],
-     "[0]: permit_rhswl_client: 'list.test=high' is not a DNS allowlist (domain or domain=127.0.0.x)"),
+     "[0]: permit_rhswl_client: 'list.test=high' is not a DNS allowlist (domain, or domain=d.d.d.d where each d is "
+     "a number or [a..b] / [a;b;c], as 127.0.0.[2..11])"),
+    (["reject_rbl_client bl.test=127.0.0.[2..300]"],
+     "[0]: reject_rbl_client: 'bl.test=127.0.0.[2..300]' is not a DNSBL (domain, or domain=d.d.d.d"),
     (["permit_mx_backup example.com"], "[0]: 'permit_mx_backup' takes no argument"),
     (["reject_unknown_helo_hostname yes"], "[0]: 'reject_unknown_helo_hostname' takes no argument"),
 ])
