@@ -5,7 +5,7 @@ reject_unknown_recipient_domain (Postfix's postconf(5) meanings; the ones that a
 server_checks.py's). restrictions.py decides when each runs; this module asks the resolver and words the answer.
 
     DnsChecks(resolver, rewriter, unknown_address_reject_code, unknown_address_tempfail_action)
-        .rbl(arg, facts), .rhsbl(kind, arg, facts)      listed (127.x, or the answer asked for): a Listed, with
+        .rbl(arg, facts), .rhsbl(kind, arg, facts)      listed (127.x, or an answer the filter takes): a Listed, with
                                                          the list's TXT reason (rbl_replies.py words the reply)
         .allowlisted(kind, arg, facts) -> bool           permit_dnswl_client (kind "client": the address) and
                                                          permit_rhswl_client ("client_name": the verified name)
