@@ -12,7 +12,9 @@ How it stays fresh and cheap:
 - A key not kept yet costs one indexed query on the calling thread (microseconds). It waits for a lock only while
   `mailflow account` commits a change (milliseconds), at most TIMEOUT seconds; so the table answers from the event
   loop (`blocking = False`, TableCache.run keeps calling inline) like the in-memory types.
-- At most MAX_KEPT answers are kept; past that they are all dropped and kept again as asked.
+- At most KEPT_LIMIT bytes of answers are kept (keys and values, each ENTRY_COST more): past that they are all
+  dropped and kept again as asked. A limit in bytes, not in answers: the keys are what clients send (an address
+  of up to smtpd's 2048-byte line), and 100 000 of those held ~200 MiB per table.
 
 Failure behaviour: a missing or unreadable database, a file that is not an account database (or a newer schema),
 a lock held past TIMEOUT, or any SQLite error raise `LookupRetry` naming the table (callers defer: 451 4.3.0,
@@ -33,7 +35,8 @@ from mailflow.errors import ConfigError, LookupRetry
 
 CHECK_INTERVAL = 0.5  # seconds between two looks at whether the database changed
 TIMEOUT = 1.0  # seconds a lookup waits for a writer's lock
-MAX_KEPT = 100_000  # answers kept in memory per table
+KEPT_LIMIT = 16 * 2**20  # bytes of answers kept in memory per table (about 90 000 answers of short addresses)
+ENTRY_COST = 160  # what one kept answer costs beyond its characters (two str headers, a dict slot)
 
 
 def parse_spec(spec: str, name: str) -> tuple[str, str]:
@@ -62,6 +65,7 @@ class AccountsTable:
         self._checked: float | None = None
         self._error = ""  # why the last look failed (until the next look, CHECK_INTERVAL later)
         self._kept: dict[str, str | None] = {}
+        self._kept_bytes = 0  # of _kept's answers, as KEPT_LIMIT counts them
 
     def load(self) -> None:
         """Open the database and check it now (TableCache.preload calls it off the event loop). A database that
@@ -82,10 +86,19 @@ class AccountsTable:
                 value = schema.lookup(self._connection(), self._map, key)
             except sqlite3.Error as e:
                 self._fail(e)
-            if len(self._kept) >= MAX_KEPT:
-                self._kept.clear()
-            self._kept[key] = value
+            self._keep(key, value)
             return value
+
+    def _keep(self, key: str, value: str | None) -> None:
+        size = len(key) + len(value or "") + ENTRY_COST
+        if self._kept_bytes + size > KEPT_LIMIT:
+            self._forget()
+        self._kept[key] = value
+        self._kept_bytes += size
+
+    def _forget(self) -> None:
+        self._kept.clear()
+        self._kept_bytes = 0
 
     def _fresh(self) -> None:
         """Drop the kept answers when the database changed (looked at once per CHECK_INTERVAL)."""
@@ -104,7 +117,7 @@ class AccountsTable:
         except (OSError, sqlite3.Error) as e:
             self._fail(e)
         if (version, inode) != self._seen:
-            self._kept.clear()
+            self._forget()
             self._seen = (version, inode)
 
     def _connection(self) -> sqlite3.Connection:
@@ -133,4 +146,4 @@ class AccountsTable:
             self._conn.close()
         self._conn = None
         self._seen = None
-        self._kept.clear()
+        self._forget()
