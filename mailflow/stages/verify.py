@@ -37,8 +37,10 @@ probed again after positive_refresh_time; a failure (bounced or deferred; only w
 negative_expire_time and probed again after negative_refresh_time; a failed probe never replaces an OK result
 that has not expired (the address is probed again at the next query). It lives in memory, not in the queue
 database: one process needs no daemon to share it, and a restart costs one "in progress" 450 per address in use
-(Postfix with an empty address_verify_map does the same). Bounded: at most `cache_size` addresses (the least
-recently used are dropped), at most `probe_limit` probes at once (an address beyond that is answered "in
+(Postfix with an empty address_verify_map does the same). Bounded: at most `cache_size` addresses and CACHE_BYTES
+of them (addresses and texts, each ENTRY_COST more: a client chooses the addresses, each up to smtpd's 2048-byte
+line, and the probe's text often repeats it; 100 000 of those held ~420 MiB) (the least recently used are
+dropped), at most `probe_limit` probes at once (an address beyond that is answered "in
 progress" and probed at a later query: a flood of random recipients starts no more probes and holds no more
 memory; logged once, then again only after a probe has ended), one probe per address at a time (queries for it
 while it runs share it). A probe ends within its transport's own timeouts; Postfix's 1000 s probe time-to-live is
@@ -90,10 +92,15 @@ class Verdict:
     agent: str = "verify"  # the delivery agent that answered: the log line's service
 
 
+CACHE_BYTES = 64 * 2**20  # the cache's bytes at most, as _Entry.size counts them (cache_size short ones fit)
+ENTRY_COST = 400  # one entry's bytes beyond its address and text (measured: ~480 with a 40-byte address)
+
+
 @dataclass
 class _Entry:
     verdict: Verdict
     updated: float  # when the probe's result came
+    size: int  # its address's and text's lengths, plus ENTRY_COST
 
 
 _OUTCOMES = {Outcome.SENT: Status.OK, Outcome.DEFERRED: Status.DEFER, Outcome.BOUNCED: Status.BOUNCE}
@@ -112,6 +119,7 @@ class Verifier:
         self._log = log or MailLog()
         self._ids = itertools.count(1)
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
+        self._cache_bytes = 0  # the entries' sizes
         self._probes: dict[str, asyncio.Task] = {}
         self._closed = False
         self._limit_logged = False  # probe_limit's line is written once, then again only after a probe has ended
@@ -121,7 +129,7 @@ class Verifier:
         now = self._clock.time()
         entry = self._cache.get(addr)
         if entry is not None and self._expired(entry, now):  # unknown again, whether a probe runs or not
-            del self._cache[addr]
+            self._drop(addr)
             entry = None
         if entry is not None:
             self._cache.move_to_end(addr)
@@ -140,8 +148,7 @@ class Verifier:
         """A reload: new settings and routes for the next probes; the cache is kept (probes under way finish)."""
         self.settings = settings
         self._probe = probe
-        while len(self._cache) > settings.cache_size:
-            self._cache.popitem(last=False)
+        self._trim()
 
     async def close(self) -> None:
         self._closed = True
@@ -210,10 +217,19 @@ class Verifier:
             kept = self._cache.get(addr)
             if kept is not None and kept.verdict.status is Status.OK and not self._expired(kept, self._clock.time()):
                 return
-        self._cache[addr] = _Entry(verdict, self._clock.time())
-        self._cache.move_to_end(addr)
-        while len(self._cache) > self.settings.cache_size:
-            self._cache.popitem(last=False)
+        if addr in self._cache:
+            self._drop(addr)
+        entry = self._cache[addr] = _Entry(verdict, self._clock.time(), len(addr) + len(verdict.text) + ENTRY_COST)
+        self._cache_bytes += entry.size
+        self._trim()
+
+    def _drop(self, addr: str) -> None:
+        self._cache_bytes -= self._cache.pop(addr).size
+
+    def _trim(self) -> None:
+        """The least recently used go until the cache is within cache_size and CACHE_BYTES."""
+        while len(self._cache) > self.settings.cache_size or self._cache_bytes > CACHE_BYTES:
+            self._drop(next(iter(self._cache)))
 
 
 STAMP_DIGITS = "0123456789BCDFGHJKLMNPQRSTVWXYZ"  # Postfix's safe_ultostr, base 31: no vowels, no lower case

@@ -15,7 +15,7 @@ from mailflow.clock import SystemClock, VirtualClock
 from mailflow.config import DEFAULTS
 from mailflow.errors import LookupRetry, TemporaryError
 from mailflow.logs import MAIL_LOGGER, MailLog
-from mailflow.stages.verify import IN_PROGRESS, ProbeSender, Status, Verdict, Verifier
+from mailflow.stages.verify import CACHE_BYTES, IN_PROGRESS, ProbeSender, Status, Verdict, Verifier
 from mailflow.testing.destinations import Destinations
 from tests.support import SmtpClient
 from tests.support.dialogue import send
@@ -391,3 +391,18 @@ async def test_the_cache_keeps_at_most_cache_size_addresses_the_least_recently_u
         await settled(verifier, f"a{n}@x.test")
     assert [verifier.query(f"a{n}@x.test", probe=False).status for n in range(10)] == [Status.TODO] * 7 + \
         [Status.OK] * 3
+
+
+async def test_the_cache_keeps_at_most_cache_bytes_of_long_addresses_the_least_recently_used_go():
+    """A client chooses the addresses, each up to smtpd's 2048-byte line, and the probe's text repeats it: 100 000
+    of those once held ~420 MiB. Past CACHE_BYTES the least recently used go, however few cache_size counts."""
+    async def unknown(addr: str, probe_id: str) -> Verdict:
+        return Verdict(Status.BOUNCE, f"<{addr}>: Recipient address rejected: User unknown")
+
+    verifier = Verifier(DEFAULTS.address_verify, unknown, VirtualClock())
+    addresses = [f"{n:06d}{'x' * 1980}@x.test" for n in range(20_000)]
+    for addr in addresses:
+        await settled(verifier, addr)
+    known = [verifier.query(addr, probe=False).status is Status.BOUNCE for addr in addresses]
+    assert sum(known) * 2 * 2000 <= CACHE_BYTES
+    assert known[-1000:] == [True] * 1000 and not known[0]
