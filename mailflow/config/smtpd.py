@@ -561,6 +561,4 @@ class SmtpdConfig(SmtpdFilterSettings):
             return "sasl_type \"dovecot\" needs sasl_path (Dovecot's auth socket, or inet:host:port)"
         if self.sasl_auth_required and not self.sasl_auth_enable:
             return "sasl_auth_required needs sasl_auth_enable"
-        if self.upstream_proxy_protocol and role == "submissions":
-            return "upstream_proxy_protocol cannot work with implicit TLS (the header comes before the handshake)"
         return ""

@@ -8,8 +8,11 @@ client the header names from there may relay; the load balancer itself (127.0.0.
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import logging
 import socket
+import ssl
 import struct
 
 import pytest
@@ -27,8 +30,8 @@ def v1(src: str, sport: int = 40000, family: str = "TCP4", dst: str = "203.0.113
     return f"PROXY {family} {src} {dst} {sport} 25\r\n".encode()
 
 
-def v2_tcp4(src: str, sport: int, dst: str = "203.0.113.1", dport: int = 25) -> bytes:
-    body = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!HH", sport, dport)
+def v2_tcp4(src: str, sport: int, dst: str = "203.0.113.1", dport: int = 25, tlvs: bytes = b"") -> bytes:
+    body = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!HH", sport, dport) + tlvs
     return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x11]) + struct.pack("!H", len(body)) + body
 
 
@@ -430,12 +433,179 @@ async def test_8bit_header_without_smtputf8_is_accepted_and_kept_byte_for_byte(m
     assert subject.replace(b"\r\n", b"\n") in messages[0]  # Maildir files end lines with LF
 
 
-def test_proxy_protocol_on_an_implicit_tls_listener_is_refused_at_start(tmp_path):
+# -------------------------------------------------------------------------------- PROXY before implicit TLS (465)
+
+def tls_proxy_settings(cert: str, users: str, **overrides) -> dict:
+    """A submissions listener behind a balancer (mailcow's 10465: -o smtpd_upstream_proxy_protocol=haproxy
+    -o smtpd_tls_wrappermode=yes)."""
+    listener = {"address": "127.0.0.1:0", "role": "submissions",
+                "overrides": {"upstream_proxy_protocol": "haproxy", "upstream_proxy_timeout": PROXY_TIMEOUT,
+                              "starttls_timeout": 5, **overrides}}
+    return {"mynetworks": ["192.0.2.0/24"],
+            "smtpd": {"tls_cert_file": cert, "sasl_user_maps": [users], "auth_failure_delay": 0,
+                      "listeners": [listener]}}
+
+
+def client_hello() -> bytes:
+    """A TLS client's first flight (its ClientHello), as a client that knows nothing of the balancer sends it."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    hello = ssl.MemoryBIO()
+    tls = ctx.wrap_bio(ssl.MemoryBIO(), hello)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return hello.read()
+
+
+async def tls_after(port: int, header: bytes, ctx: ssl.SSLContext, *, greet: bool = True) -> SmtpClient:
+    """The header in clear, then the TLS handshake on the same connection (what HAProxy's send-proxy-v2 passes on
+    from a 465 client), then the greeting over TLS."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(header)
+    await asyncio.wait_for(writer.start_tls(ctx, server_hostname="localhost"), 5)
+    client = SmtpClient(reader, writer)
+    if greet:
+        client.greeting = await client.reply()
+        assert client.greeting.code == 220, client.greeting
+    return client
+
+
+@contextlib.asynccontextmanager
+async def front_end(port: int, pieces: list[bytes]):
+    """A one-connection balancer on 127.0.0.1: it writes the header's `pieces` one by one to `port`, the last in
+    the same write as its client's first bytes (its ClientHello: one segment, as HAProxy sends them), then relays
+    both ways. Yields its own port."""
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+        for piece in pieces[:-1]:
+            up_writer.write(piece)
+            await up_writer.drain()
+        up_writer.write(pieces[-1] + await reader.read(65536))
+        await asyncio.gather(relay(reader, up_writer), relay(up_reader, writer))
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    async with server:
+        yield server.sockets[0].getsockname()[1]
+
+
+async def authenticated_delivery(client: SmtpClient, subject: str) -> None:
+    assert (await client.cmd("EHLO client.test"))[0] == 250
+    assert (await client.cmd("AUTH PLAIN " + base64.b64encode(b"\0alice\0s3cret").decode()))[0] == 235
+    assert (await client.cmd("MAIL FROM:<alice@local.test>"))[0] == 250
+    assert (await client.cmd("RCPT TO:<alice@local.test>"))[0] == 250
+    assert (await client.cmd("DATA"))[0] == 354
+    assert (await client.cmd(f"Subject: {subject}\r\n\r\nhello\r\n.".encode()))[0] == 250
+
+
+def connects(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("connect from")]
+
+
+async def test_a_v1_header_then_tls_on_a_submissions_listener(mailflow_server, pki, users, caplog, tmp_path):
+    """Postfix's smtpd with smtpd_tls_wrappermode=yes and smtpd_upstream_proxy_protocol=haproxy reads the header
+    in clear, then the handshake: the client it names is the session's (log, Received header)."""
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    _, cert, ctx = pki
+    mf = await mailflow_server(**tls_proxy_settings(cert, users))
+    c = await tls_after(mf.smtpd.address_of("submissions")[1], v1("192.0.2.10", dst="203.0.113.1"), ctx)
+    assert c.writer.get_extra_info("ssl_object") is not None
+    await authenticated_delivery(c, "behind the balancer")
+    await c.close()
+    assert connects(caplog) == ["connect from unknown[192.0.2.10]"]
+    messages = await eventually(lambda: maildir_messages(tmp_path / "mail" / "alice" / "Maildir"))
+    assert b"from client.test (unknown [192.0.2.10])" in messages[0]
+    assert b"with ESMTPSA" in messages[0]  # (TLS and AUTH)
+
+
+@pytest.mark.parametrize("pieces", [
+    [v2_tcp4("192.0.2.20", 51515, dport=465)],  # the header and the ClientHello in one segment
+    [v2_tcp4("192.0.2.20", 51515, dport=465)[:7], v2_tcp4("192.0.2.20", 51515, dport=465)[7:]],  # in two writes
+    # HAProxy's send-proxy-v2-ssl: TLVs (PP2_TYPE_SSL with a PP2_SUBTYPE_SSL_VERSION) read and ignored, as Postfix
+    [v2_tcp4("192.0.2.20", 51515, dport=465, tlvs=b"\x20\x00\x0c\x01\x00\x00\x00\x00" + b"\x21\x00\x03TLS")],
+])
+async def test_a_v2_header_and_the_clienthello_together(mailflow_server, pki, users, caplog, pieces):
+    """What came after the header (the ClientHello, in the same read) is the handshake's, not lost."""
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    _, cert, ctx = pki
+    mf = await mailflow_server(**tls_proxy_settings(cert, users))
+    async with front_end(mf.smtpd.address_of("submissions")[1], pieces) as port:
+        c = await SmtpClient.connect(port, tls=ctx)
+        assert (await c.cmd("EHLO client.test"))[0] == 250
+        assert await c.cmd("QUIT") == status.BYE
+        await c.close()
+    assert connects(caplog) == ["connect from unknown[192.0.2.20]"]
+
+
+async def test_a_clienthello_without_a_header_gets_postfixs_421_at_once(mailflow_server, pki, users, caplog):
+    """A client that talks TLS straight to the proxied port is no header: warned, and Postfix's 421 (in clear, as
+    Postfix's smtpd sends it before its wrapper-mode handshake), then the connection closes; no wait for the
+    header's time limit (5 s here)."""
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    _, cert, _ = pki
+    mf = await mailflow_server(**tls_proxy_settings(cert, users, upstream_proxy_timeout=5))
+    hello = client_hello()
+    started = asyncio.get_running_loop().time()
+    c = await SmtpClient.connect(mf.smtpd.address_of("submissions")[1], first=hello, greet=False)
+    assert await c.reply() == status.proxy_failed("mx.mailflow.test")
+    assert await c.rest() == b""
+    assert asyncio.get_running_loop().time() - started < 2
+    await c.close()
+    assert f"unknown[127.0.0.1]: no PROXY header: the connection starts with {hello[:5]!r}, dropped" in [
+        r.getMessage() for r in caplog.records]
+
+
+async def test_no_handshake_after_the_header_is_cut_at_starttls_timeout(mailflow_server, pki, users, caplog):
+    """The header, then silence: the handshake's own limit (starttls_timeout) ends it, without a word (Postfix),
+    and the failed handshake is logged with the proxied client."""
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    _, cert, _ = pki
+    mf = await mailflow_server(**tls_proxy_settings(cert, users, starttls_timeout=0.3))
+    reader, writer = await asyncio.open_connection("127.0.0.1", mf.smtpd.address_of("submissions")[1])
+    writer.write(v1("192.0.2.30"))
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    await eventually(lambda: any("SSL_accept error from unknown[192.0.2.30]" in r.getMessage()
+                                 for r in caplog.records))
+
+
+async def test_the_connection_limits_count_the_proxied_client_and_refuse_it_over_tls(mailflow_server, pki, users,
+                                                                                     caplog):
+    """The admission judges the client the header names: a second session of 192.0.2.40 gets its 421 over TLS
+    after the handshake (_refuse, Postfix's wrapper mode), logged with that client; 192.0.2.41 is served."""
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    _, cert, ctx = pki
+    mf = await mailflow_server(**{**tls_proxy_settings(cert, users, client_connection_count_limit=1),
+                                  "mynetworks": ["198.51.100.0/24"]})
+    port = mf.smtpd.address_of("submissions")[1]
+    first = await tls_after(port, v1("192.0.2.40"), ctx)
+    refused = await tls_after(port, v1("192.0.2.40", sport=40001), ctx, greet=False)
+    assert await refused.reply() == status.too_many_connections("mx.mailflow.test", "192.0.2.40")
+    assert await refused.closed()
+    await refused.close()
+    other = await tls_after(port, v1("192.0.2.41"), ctx)
+    assert (await other.cmd("EHLO client.test"))[0] == 250
+    for c in (first, other):
+        await c.close()
+    assert ("Connection concurrency limit exceeded: 2 from unknown[192.0.2.40] for service submissions"
+            in [r.getMessage() for r in caplog.records])
+
+
+def test_proxy_protocol_on_an_implicit_tls_listener_is_taken(tmp_path):
     listener = {"address": "127.0.0.1:0", "role": "submissions", "overrides": {"upstream_proxy_protocol": "haproxy"}}
     settings = merged(base_settings(tmp_path), {"smtpd": {"listen": ["127.0.0.1:0"], "tls_cert_file": "cert.pem",
                                                           "sasl_user_maps": ["inline:{}"], "listeners": [listener]}})
-    with pytest.raises(ConfigError, match="upstream_proxy_protocol cannot work with implicit TLS"):
-        config_from_dict(settings)
+    config = config_from_dict(settings)
+    assert config.smtpd.for_listener(config.smtpd.listeners[0]).upstream_proxy_protocol == "haproxy"
 
 
 # -------------------------------------------------------------------------------- headers by client

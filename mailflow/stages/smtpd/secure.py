@@ -228,6 +228,7 @@ class SecureCommands(FrontEndCommands):
         socket_transport.set_protocol(self._tls_protocol)
         self.transport = self._tls_protocol._app_transport
         self._tls_protocol.connection_made(socket_transport)
+        _feed(self._tls_protocol, self._handshake_input())
         socket_transport.resume_reading()  # (paused by a submissions listener until its admission)
         try:
             await waiter
@@ -235,6 +236,12 @@ class SecureCommands(FrontEndCommands):
             raise TLSSetupException() from detached(error)  # through the session; asyncio's frames held it too)
         if self.transport is None or self.transport.is_closing():  # asyncio resolves the handshake as done
             raise ConnectionResetError("the client left during the TLS handshake")
+
+    def _handshake_input(self) -> bytes:
+        """What was received before the handshake and belongs to it: nothing after STARTTLS (plaintext pipelined
+        after it is dropped once TLS is up, RFC 3207); server.ListenerSession hands over a submissions client's
+        first TLS bytes that came with its PROXY header."""
+        return b""
 
     def log_tls(self) -> None:
         """The TLS session, logged from tls_loglevel 1 on (tls_misc.c's summary, as smtpd_tls_loglevel 1 writes
@@ -372,3 +379,14 @@ class SecureCommands(FrontEndCommands):
         except LookupRetry as e:
             log.warning("sender_login_maps: %s", e.reason)
             return status.error_reply(e, sender)
+
+
+def _feed(protocol: sslproto.SSLProtocol, data: bytes) -> None:
+    """`data` given to asyncio's SSL layer as if its socket had just delivered it (a BufferedProtocol's way)."""
+    view = memoryview(data)
+    while view:
+        buffer = protocol.get_buffer(len(view))
+        size = min(len(buffer), len(view))
+        buffer[:size] = view[:size]
+        protocol.buffer_updated(size)
+        view = view[size:]

@@ -195,8 +195,24 @@ class ListenerSession(SmtpSession):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         connecting = self.transport is None
         super().connection_made(transport)
-        if connecting and self._implicit_tls is not None:
+        if connecting and self._implicit_tls is not None and self._frontends.proxy_timeout is None:
             transport.pause_reading()  # type: ignore[attr-defined]  # the handshake waits for the admission
+
+    async def _upstream_proxy(self) -> bool:
+        """On a submissions listener the PROXY header comes in clear before the handshake (Postfix's wrapper mode
+        reads it so): read, then reading stops again until the admission; the client's first TLS bytes that came
+        with the header wait in the wire for the handshake (`_handshake_input`)."""
+        if not await super()._upstream_proxy():
+            return False
+        if self._implicit_tls is not None:
+            self._reading(False)
+        return True
+
+    def _handshake_input(self) -> bytes:
+        """A submissions listener's first handshake: what arrived after the PROXY header is the ClientHello's."""
+        if self._implicit_tls is not None and self.session.ssl is None:
+            return self.wire.take()
+        return super()._handshake_input()
 
     async def _before_greeting(self) -> bool:
         """After the PROXY header (if any: the limits apply to the real client it names), the admission. On a

@@ -239,6 +239,13 @@ class Wire:
         """Drop everything received and not yet consumed (plaintext pipelined after STARTTLS, RFC 3207)."""
         self._buf.clear()
 
+    def take(self) -> bytes:
+        """Everything received and not yet consumed, handed over (a submissions listener's first TLS bytes, which
+        came in with its PROXY header: the TLS layer reads them)."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
     def pending(self) -> bool:
         """True when input beyond what was consumed has already arrived (pipelining checks)."""
         return bool(self._buf)
