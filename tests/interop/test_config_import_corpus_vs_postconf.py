@@ -196,6 +196,10 @@ def mailcow(folder: Path, doc: dict, text: str, lines: list[str], compared: int)
     assert any(line.startswith("  master.cf:87: master.cf lmtp: flags=O: Postfix 3.5's lmtp(8) flags")
                for line in lines)
     assert "master.cf:45: 590 -o non_smtpd_milters= applies to nothing" in text
+    # 10465: implicit TLS behind HAProxy (the PROXY header in clear, then the handshake), as Postfix serves it
+    proxied = [x for x in doc["smtpd"]["listeners"] if x["address"].endswith(":10465")]
+    assert [(x["role"], x["overrides"]["upstream_proxy_protocol"]) for x in proxied] == [("submissions", "haproxy")] * 2
+    assert "10465 -o smtpd_upstream_proxy_protocol" not in text
     assert compared >= 20
 
 
