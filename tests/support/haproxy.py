@@ -2,7 +2,7 @@
 (../shared/docs/RECIPES.md, 8f): what sits in front of several mailflow nodes.
 
     with haproxy_instance([port1, port2]) as balancer:   # round robin, send-proxy-v2, health checks every 100 ms
-        balancer.port                                    # the front end, on 127.0.0.1
+        balancer.port                                    # the front end, on 127.0.0.1 (bind="::1": on ::1)
         balancer.states()                                # {"n1": "UP", "n2": "DOWN"} from its stats socket
         balancer.log                                     # its log so far (one tcplog line per connection)
 
@@ -43,7 +43,7 @@ defaults
     timeout client 30s
     timeout server 30s
 frontend smtp_in
-    bind 127.0.0.1:{port}
+    bind {bind}:{port}
     default_backend mailflow
 backend mailflow
     balance roundrobin
@@ -57,6 +57,7 @@ UP = "2"  # srv_op_state in `show servers state`
 class Balancer:
     root: Path
     port: int
+    host: str = "127.0.0.1"  # where its front end listens: a client from ::1 is told apart from the balancer
 
     @property
     def log(self) -> str:
@@ -76,12 +77,12 @@ class Balancer:
 
 
 @contextlib.contextmanager
-def haproxy_instance(backends: list[int]) -> Iterator[Balancer]:
+def haproxy_instance(backends: list[int], bind: str = "127.0.0.1") -> Iterator[Balancer]:
     binary = require_tool("haproxy")
     root = Path(tempfile.mkdtemp(prefix="mailflow-haproxy-", dir="/tmp"))
     try:
         for attempt in range(3):  # (a free port can be taken by another test before HAProxy binds it: it exits)
-            balancer = Balancer(root, free_port())
+            balancer = Balancer(root, free_port(), bind)
             proc = _started(binary, balancer, backends)
             if proc is not None:
                 break
@@ -99,13 +100,14 @@ def _started(binary: str, balancer: Balancer, backends: list[int]) -> subprocess
     """HAProxy for `balancer`, once it listens and its stats socket is there; None when it exited first."""
     root = balancer.root
     servers = "\n".join(SERVER.format(n=n, port=port) for n, port in enumerate(backends, 1))
-    (root / "haproxy.cfg").write_text(CONFIG.format(root=root, port=balancer.port, servers=servers))
+    (root / "haproxy.cfg").write_text(CONFIG.format(root=root, bind=balancer.host, port=balancer.port,
+                                                    servers=servers))
     check = subprocess.run([binary, "-c", "-f", str(root / "haproxy.cfg")], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     with open(root / "haproxy.log", "wb") as log:
         proc = subprocess.Popen([binary, "-db", "-f", str(root / "haproxy.cfg")], stdout=log, stderr=log)
     deadline = time.monotonic() + 10
-    while not ((root / "admin.sock").exists() and accepts(balancer.port)):  # (the port may be another's)
+    while not ((root / "admin.sock").exists() and accepts(balancer.port, balancer.host)):  # (the port may be another's)
         if proc.poll() is not None:
             return None
         if time.monotonic() > deadline:
