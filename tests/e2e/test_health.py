@@ -50,3 +50,18 @@ async def test_a_timeout_that_is_no_number_of_seconds_is_a_usage_error(write_con
     for timeout in ("inf", "1e400", "nan", "-1", "0"):
         code, out = await health(config, timeout)
         assert code == 2 and "is not a number of seconds above 0" in out and "Traceback" not in out, (timeout, out)
+
+
+async def test_healthy_on_implicit_tls_behind_a_balancer(mailflow_server, tmp_path, pki, users):
+    """A submissions listener with upstream_proxy_protocol (465 behind HAProxy): the probe's v2 LOCAL header, then
+    its handshake, then the greeting over TLS."""
+    _, cert, _ = pki
+    port = free_port()
+    await mailflow_server(smtpd={"listen": [], "tls_cert_file": cert, "sasl_user_maps": [users], "listeners": [
+        {"address": f"127.0.0.1:{port}", "role": "submissions", "overrides": {"upstream_proxy_protocol": "haproxy"}}]})
+    config = tmp_path / "implicit.toml"
+    config.write_text(f'[smtpd]\nlisten = []\ntls_cert_file = "{cert}"\nsasl_user_maps = ["{users}"]\n'
+                      f'[[smtpd.listeners]]\naddress = "127.0.0.1:{port}"\nrole = "submissions"\n'
+                      f'overrides = {{ upstream_proxy_protocol = "haproxy" }}\n')
+    code, out = await health(config)
+    assert code == 0 and f"127.0.0.1:{port}: 220 " in out, out
