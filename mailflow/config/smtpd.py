@@ -308,7 +308,8 @@ class SmtpdConfig(SmtpdFilterSettings):
     # most `timeout` later); 0: no limit.
     session_time_limit: Duration = Field(3600.0, ge=0)
     # Trusted front ends (docs/security.md): the PROXY protocol of a load balancer (smtpd_upstream_proxy_protocol,
-    # "haproxy": v1 or v2 header first, else 421 4.3.0 in place of the greeting, then closed), accepted only from
+    # "haproxy": v1 or v2 header first, else 421 4.3.0 in place of the greeting, then closed; on a submissions
+    # listener in clear before the TLS handshake, as Postfix's wrapper mode), accepted only from
     # upstream_proxy_clients; XCLIENT from authorized_xclient_hosts (smtpd_authorized_xclient_hosts; none by default).
     upstream_proxy_protocol: Literal["", "haproxy"] = ""
     upstream_proxy_timeout: Duration = Field(5.0, gt=0)

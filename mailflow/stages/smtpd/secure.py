@@ -4,7 +4,8 @@ What it owns
 - STARTTLS (RFC 3207): offered when the listener has a certificate and TLS is not up yet; refused inside TLS (554
   5.5.1, as Postfix) and inside a mail transaction (503 5.5.1: the handshake would reset it). The handshake
   (`start_tls(context)`, aiosmtpd's way: asyncio's SSL layer put between the socket and the session, which the layer
-  then tells of the connection again) also serves a submissions listener, where it comes first; a handshake that
+  then tells of the connection again) also serves a submissions listener, where it comes first (after a PROXY
+  header, whose following bytes the layer is given: `_handshake_input`); a handshake that
   fails or that the client abandons ends the session. A STARTTLS read once the client has closed its side gets its
   220 all the same and then ends the session as a handshake the client abandoned (no handshake can follow; Postfix
   answers, then its SSL_accept meets the end of input). The handshake must end within `starttls_timeout` (Postfix's

@@ -31,7 +31,10 @@ its listener's anvil, with the limits it started with.
 
 Trusted front ends (frontends.py): with upstream_proxy_protocol "haproxy" the PROXY header is read
 before the admission, so that connection limits, mynetworks and logs see the real client; XCLIENT from
-authorized_xclient_hosts.
+authorized_xclient_hosts. On a submissions listener the header comes in clear before the handshake (465 behind
+a balancer that does not terminate TLS, as Postfix's wrapper mode reads it): the connection is read for it,
+then not again until the admission; what came after it in the same reads (the ClientHello) is handed to the
+TLS layer (`_handshake_input`), and a bad header gets the plain listeners' 421, in clear, before any handshake.
 
 Transcripts (transcript.py): with a session `observer`, every session records its dialogue for it.
 
