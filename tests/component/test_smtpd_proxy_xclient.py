@@ -186,6 +186,21 @@ async def test_a_tcp_health_check_is_no_warning_but_a_cut_header_is(mailflow_ser
                       "unknown[127.0.0.1]: connection closed inside the PROXY header, dropped": "WARNING"}
 
 
+async def test_a_connection_reset_before_it_is_accepted_is_no_warning(mailflow_server, caplog):
+    """HAProxy's check (check-send-proxy) sends its header and closes with a reset at once: accepted after that,
+    the connection has no peer address left. An info line, not a warning that its (unknown) address is not an
+    upstream_proxy_clients one, at every check."""
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    mf = await mailflow_server(**proxy_settings())
+    with socket.create_connection(("127.0.0.1", proxy_port(mf))) as s:  # (blocking: the server accepts it later)
+        s.sendall(b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await eventually(lambda: any("PROXY header" in r.getMessage() or "dropped" in r.getMessage()
+                                 for r in caplog.records))
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", "unknown[unknown]: connection reset before the PROXY header")]
+
+
 async def test_proxy_header_timeout_gets_421_instead_of_the_greeting(mailflow_server):
     mf = await mailflow_server(**proxy_settings())
     loop = asyncio.get_running_loop()

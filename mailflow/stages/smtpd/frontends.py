@@ -30,7 +30,8 @@ restrictions and the logs look.
 Failure behaviour: a malformed header raises `ProxyError`; the session logs a warning, answers `421 4.3.0
 <host> Server local error` instead of a greeting and closes, as Postfix's smtpd does; so does a connection
 that ends inside the header, a peer outside upstream_proxy_clients, or no header within upstream_proxy_timeout.
-A connection that closes before its first byte (a TCP health check) is logged at info level only.
+A connection that closes before its first byte (a TCP health check), or that was reset before it was accepted
+(HAProxy closes its checks with a reset: the connection has no peer address left), is logged at info level only.
 A bad XCLIENT attribute raises `XclientError` with the reply to send (501 5.5.4); XCLIENT inside a transaction
 gets 503 5.5.1, one without attributes 501 5.5.4, then one from a host not authorized 550 5.7.0 (Postfix's
 order). XFORWARD is not supported: every client gets the 550 5.7.0 Postfix gives a client it does not authorize
@@ -410,6 +411,10 @@ class FrontEndCommands(ProtocolCore):
         if timeout is None:
             return True
         balancer = self.session.peer_ip
+        if not isinstance(self.session.peer, tuple):  # reset before it was accepted: no address, nothing to read
+            log.info("unknown[unknown]: connection reset before the PROXY header")  # (HAProxy's checks close so)
+            self._close()
+            return False
         if not self._frontends.proxy_clients.contains(balancer):
             log.warning("connect from unknown[%s] dropped: not an upstream_proxy_clients address", balancer)
             await self._proxy_failed()
