@@ -593,6 +593,22 @@ async def test_no_handshake_after_the_header_is_cut_at_starttls_timeout(mailflow
                                  for r in caplog.records))
 
 
+async def test_a_header_then_the_end_of_input_ends_the_session_at_once(mailflow_server, pki, users, caplog):
+    """A check that sends its header and closes its side (no handshake can follow): the session ends at once, as a
+    handshake the client left, not at starttls_timeout (30 s here) with a session slot held meanwhile."""
+    caplog.set_level(logging.INFO, logger="mailflow.smtpd")
+    _, cert, _ = pki
+    mf = await mailflow_server(**tls_proxy_settings(cert, users, starttls_timeout=30))
+    reader, writer = await asyncio.open_connection("127.0.0.1", mf.smtpd.address_of("submissions")[1])
+    writer.write(v2_tcp4("192.0.2.50", 40000))
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    await eventually(lambda: "SSL_accept error from unknown[192.0.2.50]: lost connection" in [
+        r.getMessage() for r in caplog.records])
+    await eventually(lambda: not mf.smtpd.sessions)
+
+
 async def test_the_connection_limits_count_the_proxied_client_and_refuse_it_over_tls(mailflow_server, pki, users,
                                                                                      caplog):
     """The admission judges the client the header names: a second session of 192.0.2.40 gets its 421 over TLS
