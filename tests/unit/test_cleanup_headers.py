@@ -263,6 +263,20 @@ async def test_submit_prepends_received_with_queue_id_and_for_clause(env):
     assert env.woken == 1
 
 
+@pytest.mark.parametrize("addr, helo, hostname, received", [
+    ("2001:db8::7", "client.remote.test", "unknown", b"Received: from client.remote.test (unknown [IPv6:2001:db8::7])"),
+    ("192.0.2.7", "", "localhost", b"Received: from localhost (localhost [192.0.2.7])"),
+    ("::1", "", "unknown", b"Received: from unknown (unknown [IPv6:::1])"),
+])
+async def test_received_names_the_client_as_postfixs_smtpd_does(env, addr, helo, hostname, received):
+    """An IPv6 address behind RFC 5321's `IPv6:` tag (Postfix's rfc_addr); no HELO: the client's name in its place
+    (smtpd.c: `helo_name ? helo_name : name`)."""
+    sub = submission(FULL + BODY)
+    sub = dataclasses.replace(sub, client=ClientInfo(addr=addr, port=40000, helo=helo, hostname=hostname))
+    await env.cleanup.submit(sub)
+    assert env.store.inserted[0].content.split(b"\r\n", 1)[0] == received
+
+
 async def test_submit_with_several_recipients_has_no_for_clause(env):
     await env.cleanup.submit(submission(FULL + BODY, "a@example.test", "b@example.test"))
     head = split_header(env.store.inserted[0].content)[0]
