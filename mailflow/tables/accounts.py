@@ -12,9 +12,12 @@ How it stays fresh and cheap:
 - A key not kept yet costs one indexed query on the calling thread (microseconds). It waits for a lock only while
   `mailflow account` commits a change (milliseconds), at most TIMEOUT seconds; so the table answers from the event
   loop (`blocking = False`, TableCache.run keeps calling inline) like the in-memory types.
-- At most KEPT_LIMIT bytes of answers are kept (keys and values, each ENTRY_COST more): past that they are all
-  dropped and kept again as asked. A limit in bytes, not in answers: the keys are what clients send (an address
-  of up to smtpd's 2048-byte line), and 100 000 of those held ~200 MiB per table.
+- At most KEPT_LIMIT bytes of answers are kept, as memory counts them (sys.getsizeof of key and value, which
+  includes the 4 bytes a character of a string with an emoji takes and the UTF-8 copy SQLite's binding leaves in
+  the key, plus ENTRY_COST for the dict's slot): past that they are all dropped and kept again as asked. A limit
+  in bytes, not in answers: the keys are what clients send (an SMTPUTF8 address of up to 254 UTF-8 bytes, an
+  AUTH login of up to 256 characters): 100 000 such addresses held 32 MiB (ASCII) to 130 MiB (an emoji in each)
+  per table, and counted in characters a limit of 16 MiB held 53 MiB of them (logins: 82 MiB).
 
 Failure behaviour: a missing or unreadable database, a file that is not an account database (or a newer schema),
 a lock held past TIMEOUT, or any SQLite error raise `LookupRetry` naming the table (callers defer: 451 4.3.0,
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import sys
 import threading
 from pathlib import Path
 from typing import Callable, NoReturn
@@ -35,8 +39,8 @@ from mailflow.errors import ConfigError, LookupRetry
 
 CHECK_INTERVAL = 0.5  # seconds between two looks at whether the database changed
 TIMEOUT = 1.0  # seconds a lookup waits for a writer's lock
-KEPT_LIMIT = 16 * 2**20  # bytes of answers kept in memory per table (about 90 000 answers of short addresses)
-ENTRY_COST = 160  # what one kept answer costs beyond its characters (two str headers, a dict slot)
+KEPT_LIMIT = 16 * 2**20  # bytes of answers kept in memory per table (about 100 000 answers of short addresses)
+ENTRY_COST = 40  # what one kept answer costs beyond sys.getsizeof of its key and value (the dict's slot)
 
 
 def parse_spec(spec: str, name: str) -> tuple[str, str]:
@@ -90,7 +94,7 @@ class AccountsTable:
             return value
 
     def _keep(self, key: str, value: str | None) -> None:
-        size = len(key) + len(value or "") + ENTRY_COST
+        size = sys.getsizeof(key) + (0 if value is None else sys.getsizeof(value)) + ENTRY_COST
         if self._kept_bytes + size > KEPT_LIMIT:
             self._forget()
         self._kept[key] = value
