@@ -38,13 +38,17 @@ negative_expire_time and probed again after negative_refresh_time; a failed prob
 that has not expired (the address is probed again at the next query). It lives in memory, not in the queue
 database: one process needs no daemon to share it, and a restart costs one "in progress" 450 per address in use
 (Postfix with an empty address_verify_map does the same). Bounded: at most `cache_size` addresses and CACHE_BYTES
-of them (addresses and texts, each ENTRY_COST more: a client chooses the addresses, each up to smtpd's 2048-byte
-line, and the probe's text often repeats it; 100 000 of those held ~420 MiB) (the least recently used are
-dropped), at most `probe_limit` probes at once (an address beyond that is answered "in
-progress" and probed at a later query: a flood of random recipients starts no more probes and holds no more
-memory; logged once, then again only after a probe has ended), one probe per address at a time (queries for it
-while it runs share it). A probe ends within its transport's own timeouts; Postfix's 1000 s probe time-to-live is
-not needed.
+of them, as memory counts them (sys.getsizeof of the address, the text and the relay, which includes the 4 bytes
+a character of a string with an emoji takes, plus ENTRY_COST; the least recently used are dropped). A client
+chooses the addresses (up to 254 UTF-8 bytes, SMTPUTF8 too) and, with reject_unverified_sender, its own MX chooses
+the text (a remote reply is up to ~4 KB); so the text kept is cut to TEXT_BYTES of memory, and a stranger needs
+~33 000 probes, not ~4 000, to push the other addresses out. (Postfix's verify keeps the whole text, in its btree
+file: the same 4xx reply, which shows 250 characters of it; a 5xx `undeliverable address` reply shows what is kept
+here, there the whole text; the log line has it whole in both.) At most `probe_limit` probes at once (an address
+beyond that is answered "in progress" and probed at a later query: a flood of random recipients starts no more
+probes and holds no more memory; logged once, then again only after a probe has ended), one probe per address at a
+time (queries for it while it runs share it). A probe ends within its transport's own timeouts; Postfix's 1000 s
+probe time-to-live is not needed.
 
 Failure behaviour: a probe that raises (a table that cannot answer: LookupRetry, an unexpected error) is a
 deferred result with the error's text (a DeliveryError's reason, which names the table or the loop, logged as a
@@ -56,8 +60,9 @@ import asyncio
 import enum
 import itertools
 import logging
+import sys
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Awaitable, Callable, Mapping
 
@@ -83,7 +88,7 @@ class Status(enum.Enum):
     TODO = "in progress"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Verdict:
     status: Status
     text: str
@@ -93,14 +98,15 @@ class Verdict:
 
 
 CACHE_BYTES = 64 * 2**20  # the cache's bytes at most, as _Entry.size counts them (cache_size short ones fit)
-ENTRY_COST = 400  # one entry's bytes beyond its address and text (measured: ~480 with a 40-byte address)
+ENTRY_COST = 300  # an entry's bytes beyond sys.getsizeof of its address, text and relay (measured: 264-296)
+TEXT_BYTES = 1024  # of memory, the most of a probe's text the cache keeps (a cut text says so at its end)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
     verdict: Verdict
     updated: float  # when the probe's result came
-    size: int  # its address's and text's lengths, plus ENTRY_COST
+    size: int  # sys.getsizeof of its address, text and relay, plus ENTRY_COST
 
 
 _OUTCOMES = {Outcome.SENT: Status.OK, Outcome.DEFERRED: Status.DEFER, Outcome.BOUNCED: Status.BOUNCE}
@@ -219,7 +225,9 @@ class Verifier:
                 return
         if addr in self._cache:
             self._drop(addr)
-        entry = self._cache[addr] = _Entry(verdict, self._clock.time(), len(addr) + len(verdict.text) + ENTRY_COST)
+        verdict = replace(verdict, text=kept_text(verdict.text))
+        size = sys.getsizeof(addr) + sys.getsizeof(verdict.text) + sys.getsizeof(verdict.relay) + ENTRY_COST
+        entry = self._cache[addr] = _Entry(verdict, self._clock.time(), size)
         self._cache_bytes += entry.size
         self._trim()
 
@@ -230,6 +238,17 @@ class Verifier:
         """The least recently used go until the cache is within cache_size and CACHE_BYTES."""
         while len(self._cache) > self.settings.cache_size or self._cache_bytes > CACHE_BYTES:
             self._drop(next(iter(self._cache)))
+
+
+def kept_text(text: str) -> str:
+    """`text` as the cache keeps it: at most TEXT_BYTES of memory (1024 characters, 512 with one past U+00FF,
+    256 with one past U+FFFF, as Python stores them), a cut one ending in "..."."""
+    if len(text) <= TEXT_BYTES // 4:
+        return text
+    widest = max(text)
+    width = 1 if widest <= "\u00ff" else 2 if widest <= "\uffff" else 4
+    keep = TEXT_BYTES // width
+    return text if len(text) <= keep else text[:keep - 3] + "..."
 
 
 STAMP_DIGITS = "0123456789BCDFGHJKLMNPQRSTVWXYZ"  # Postfix's safe_ultostr, base 31: no vowels, no lower case

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
+import tracemalloc
 
 import pytest
 
@@ -15,7 +17,8 @@ from mailflow.clock import SystemClock, VirtualClock
 from mailflow.config import DEFAULTS
 from mailflow.errors import LookupRetry, TemporaryError
 from mailflow.logs import MAIL_LOGGER, MailLog
-from mailflow.stages.verify import CACHE_BYTES, IN_PROGRESS, ProbeSender, Status, Verdict, Verifier
+from mailflow.stages import verify
+from mailflow.stages.verify import IN_PROGRESS, TEXT_BYTES, ProbeSender, Status, Verdict, Verifier
 from mailflow.testing.destinations import Destinations
 from tests.support import SmtpClient
 from tests.support.dialogue import send
@@ -393,16 +396,52 @@ async def test_the_cache_keeps_at_most_cache_size_addresses_the_least_recently_u
         [Status.OK] * 3
 
 
-async def test_the_cache_keeps_at_most_cache_bytes_of_long_addresses_the_least_recently_used_go():
-    """A client chooses the addresses, each up to smtpd's 2048-byte line, and the probe's text repeats it: 100 000
-    of those once held ~420 MiB. Past CACHE_BYTES the least recently used go, however few cache_size counts."""
-    async def unknown(addr: str, probe_id: str) -> Verdict:
-        return Verdict(Status.BOUNCE, f"<{addr}>: Recipient address rejected: User unknown")
+def long_address(n: int) -> str:
+    """254 UTF-8 bytes, the longest address smtpd lets through, with an emoji in it (SMTPUTF8)."""
+    return f"{n:08d}{'x' * 235}\U0001F600@x.test"
 
-    verifier = Verifier(DEFAULTS.address_verify, unknown, VirtualClock())
-    addresses = [f"{n:06d}{'x' * 1980}@x.test" for n in range(20_000)]
-    for addr in addresses:
-        await settled(verifier, addr)
-    known = [verifier.query(addr, probe=False).status is Status.BOUNCE for addr in addresses]
-    assert sum(known) * 2 * 2000 <= CACHE_BYTES
-    assert known[-1000:] == [True] * 1000 and not known[0]
+
+async def strangers_mx(addr: str, probe_id: str) -> Verdict:
+    """What a stranger's MX answers a probe (reject_unverified_sender probes the sender's own MX): a ~4 KB reply
+    (the most the SMTP client keeps), with an emoji, from a 255-character MX name."""
+    mx = f"{addr[:8]}.{'m' * 60}.{'m' * 60}.{'m' * 60}.{'m' * 60}.test"[:255]
+    return Verdict(Status.BOUNCE, f"host {mx}[192.0.2.1] said: 550 5.1.1 <{addr}>: {'y' * 3600}\U0001F600 "
+                   "(in reply to RCPT TO command)", "5.1.1", f"{mx}[192.0.2.1]:25", "smtp")
+
+
+async def test_the_cache_holds_at_most_cache_bytes_of_memory_at_its_peak(monkeypatch):
+    """Python stores a string with an emoji at 4 bytes a character: counted in characters, such addresses and
+    replies (strangers_mx) held 3.7 times CACHE_BYTES (241 MiB for 64). Past CACHE_BYTES, as memory counts it,
+    the least recently used go (here with a smaller CACHE_BYTES, to stay fast)."""
+    monkeypatch.setattr(verify, "CACHE_BYTES", 4 * 2**20)
+    verifier = Verifier(DEFAULTS.address_verify, strangers_mx, VirtualClock())
+    await settled(verifier, long_address(0))
+    tracemalloc.start()
+    try:
+        for n in range(1, 4000):
+            await settled(verifier, long_address(n))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert verifier.query(long_address(3999), probe=False).status is Status.BOUNCE
+    assert verifier.query(long_address(0), probe=False).status is Status.TODO
+    assert peak < 4 * 2**20 * 1.1
+
+
+async def test_a_strangers_long_replies_are_kept_cut_so_it_takes_many_probes_to_push_an_address_out(monkeypatch,
+                                                                                                     caplog):
+    """A probe's text is kept cut to TEXT_BYTES of memory, the log line has it whole. So a stranger's MX answering
+    ~4 KB replies (strangers_mx) needs a probe per ~2 KB of CACHE_BYTES (over 30 000 for 64 MiB) to push the
+    addresses in use out of the cache, not one per 17 KB (~4 000)."""
+    monkeypatch.setattr(verify, "CACHE_BYTES", 2**20)
+    verifier = Verifier(DEFAULTS.address_verify, Probes(), VirtualClock())
+    await settled(verifier, "in-use@x.test")
+    verifier.reconfigure(verifier.settings, strangers_mx)
+    with caplog.at_level(logging.INFO, logger=MAIL_LOGGER):
+        for n in range(2**20 // 2200):
+            await settled(verifier, long_address(n))
+    assert verifier.query("in-use@x.test", probe=False).status is Status.OK
+    said = (await strangers_mx(long_address(0), "")).text
+    kept = verifier.query(long_address(0), probe=False).text
+    assert sys.getsizeof(kept) <= TEXT_BYTES + sys.getsizeof("\U0001F600") and kept == said[:len(kept) - 3] + "..."
+    assert [r for r in caplog.records if said in r.getMessage()]
