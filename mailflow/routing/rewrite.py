@@ -74,7 +74,8 @@ Failures: a table that cannot answer raises `LookupRetry` (smtpd says 451 4.3.0,
 "not found".
 A message's recipient is resolved three times (smtpd's RCPT checks, qmgr): the class's answer and the resolved
 address (`resolved_address`), functions of the (frozen) configuration only, are remembered per address
-(CLASS_CACHE_SIZE each at most, then forgotten whole; Postfix's smtpd keeps a resolve cache too); transport_maps
+(CLASS_CACHE_SIZE each at most, then forgotten whole; only addresses of at most MAX_ADDRESS UTF-8 bytes, so the
+two hold ~5 MiB at most; Postfix's smtpd keeps a resolve cache too); transport_maps
 and recipient tables, which a reload may change, are asked every time.
 """
 from __future__ import annotations
@@ -105,6 +106,13 @@ log = logging.getLogger("mailflow.trivial_rewrite")
 # postmaster, and the senders of bounces, whose replies must not be refused.
 ALWAYS_ACCEPTED = ("postmaster", "mailer-daemon", "double-bounce")
 CLASS_CACHE_SIZE = 4096
+
+
+def keepable(addr: str) -> bool:
+    """An address the resolve caches keep: at most MAX_ADDRESS UTF-8 bytes, the longest smtpd takes. A longer one
+    (a local submission's, a header's) is resolved each time: kept, 4096 of 2 KB with an emoji held 32 MiB."""
+    return len(addr) <= address.MAX_ADDRESS and (
+        addr.isascii() or len(addr.encode("utf-8", "surrogatepass")) <= address.MAX_ADDRESS)
 OFF_HOST = (AddressClass.RELAY, AddressClass.DEFAULT)  # the classes a sender may route (Postfix's resolve)
 SenderMemo = dict[tuple[int, str], str]  # (a sender-dependent table list's id, the sender) -> its choice
 ERROR_TRANSPORT = "error"
@@ -315,9 +323,11 @@ class Rewriter:
         only."""
         resolved = self._resolved.get(addr)
         if resolved is None:
-            if len(self._resolved) >= CLASS_CACHE_SIZE:
-                self._resolved.clear()
-            resolved = self._resolved[addr] = self._resolve_address(addr)
+            resolved = self._resolve_address(addr)
+            if keepable(addr):
+                if len(self._resolved) >= CLASS_CACHE_SIZE:
+                    self._resolved.clear()
+                self._resolved[addr] = resolved
         return resolved
 
     def _resolve_address(self, addr: str) -> str:
@@ -439,9 +449,11 @@ class Rewriter:
     def _class_default(self, qualified: str) -> Resolution:
         answer = self._class_answers.get(qualified)
         if answer is None:
-            if len(self._class_answers) >= CLASS_CACHE_SIZE:
-                self._class_answers.clear()
-            answer = self._class_answers[qualified] = self._class_of(qualified)
+            answer = self._class_of(qualified)
+            if keepable(qualified):
+                if len(self._class_answers) >= CLASS_CACHE_SIZE:
+                    self._class_answers.clear()
+                self._class_answers[qualified] = answer
         return answer
 
     def _class_of(self, qualified: str) -> Resolution:
