@@ -53,7 +53,7 @@ RESIDENCE_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400, 5 * 86400)
 DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
-_DSN = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+_DSN = re.compile(r"[245]\.[0-7]\.[0-9]{1,3}")  # RFC 3463: classes 2, 4, 5; subjects 0 (other) to 7 (security)
 
 
 class Delivery(NamedTuple):
@@ -71,9 +71,9 @@ class Delivery(NamedTuple):
 
 
 def dsn_class(dsn: str) -> str:
-    """The class and subject of an enhanced status code ("5.1.1" -> "5.1"; RFC 3463); "other" for anything
-    else, so that what a remote server says cannot make new series without bound."""
-    return dsn.rsplit(".", 1)[0] if _DSN.fullmatch(dsn) else "other"
+    """The class and subject of an enhanced status code ("5.1.1" -> "5.1"; RFC 3463's, 24 values); "other" for
+    anything else ("5.9.1", "5.12.1"): a remote server chooses the code, and must not make new series."""
+    return dsn[:3] if _DSN.fullmatch(dsn) else "other"
 
 
 class Counts:

@@ -26,8 +26,12 @@ def samples(metrics: Metrics) -> dict:
 
 def test_dsn_class_is_class_and_subject_and_bounded():
     assert dsn_class("5.1.1") == "5.1" and dsn_class("4.4.1") == "4.4" and dsn_class("2.0.0") == "2.0"
-    for odd in ("", "9.9.9", "5.1", "5.1.1 text", "x.y.z", "5.1234.1"):
+    assert dsn_class("5.7.27") == "5.7" and dsn_class("5.1.10") == "5.1" and dsn_class("4.0.000") == "4.0"
+    for odd in ("", "9.9.9", "5.1", "5.1.1 text", "x.y.z", "5.1234.1", "5.8.1", "5.999.1", "5.01.1", "5.12.1",
+                "5.\u0661.1", "5.1.\u0661", "3.1.1"):
         assert dsn_class(odd) == "other"
+    # a remote server chooses the code: whatever it says, RFC 3463's 24 classes.subjects and "other"
+    assert len({dsn_class(f"{c}.{s}.{d}") for c in range(10) for s in range(1000) for d in (0, 1, 99)}) == 25
 
 
 def test_buckets_are_cumulative_and_upper_inclusive():
