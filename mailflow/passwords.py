@@ -38,7 +38,7 @@ from argon2.low_level import verify_secret
 DEFAULT_N, DEFAULT_R, DEFAULT_P = 16384, 8, 1
 MAX_N, MAX_R, MAX_P = 1 << 20, 32, 16
 SALT_BYTES, HASH_BYTES = 16, 32
-_SCRYPT = re.compile(r"\$scrypt\$n=(\d+),r=(\d+),p=(\d+)\$([A-Za-z0-9+/]+)\$([A-Za-z0-9+/]+)")
+_SCRYPT = re.compile(r"\$scrypt\$n=([0-9]+),r=([0-9]+),p=([0-9]+)\$([A-Za-z0-9+/]+)\$([A-Za-z0-9+/]+)")
 
 # Argon2id as OWASP's password storage guide sets it (19 MiB, 2 passes, 1 lane): about 25 ms per check here.
 ARGON2_MEMORY, ARGON2_TIME = 19456, 2

@@ -39,7 +39,7 @@ RBL_MACROS = ("rbl_code", "rbl_domain", "rbl_reason", "rbl_txt", "rbl_what", "rb
 TXT_LIMIT = 500  # Postfix's RBL_TXT_LIMIT: the reason's length at most
 TXT_SEPARATOR = " / "
 DEFAULT_DSN = "4.7.1"
-_REPLY = re.compile(r"([45]\d\d) (.*)", re.DOTALL)
+_REPLY = re.compile(r"([45][0-9][0-9]) (.*)", re.DOTALL)
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # (as reply_footer.check_footer refuses them)
 
 

@@ -423,7 +423,7 @@ def postfix_time(value: str, default_unit: str = "s") -> int | None:
     return int(number[1]) * factor
 
 
-_LEADING_DSN = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?:\s+|$)")
+_LEADING_DSN = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}(?:\s+|$)")
 
 
 def split_leading_dsn(text: str) -> tuple[str | None, str]:

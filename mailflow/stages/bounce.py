@@ -94,7 +94,7 @@ _TEMPLATES = {  # Postfix's built-in failure, delay and success templates, betwe
 }
 _RETURNED = {"failure": "Undelivered ", "delay": "Undelivered ", "success": ""}  # bounce_original's descriptions
 _DEFAULT_STATUS = {"failed": "5.0.0", "delayed": "4.0.0"}  # others: 2.0.0
-_STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+_STATUS = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
 EXPIRED = "message expired: "  # what qmgr puts before the last reason of a recipient returned for its age
 _REMOTE_REPLY = re.compile(
     r"(?:Protocol error: )?"  # (a reply where another was due, as Postfix's smtp client words it)
@@ -102,7 +102,7 @@ _REMOTE_REPLY = re.compile(
     r"|SASL authentication failed; server \S+ said): "
     r"(?P<reply>.+?)(?: \(in reply to [^()]* command\))?"  # (any code, garbage lines before it: as the peer said it)
 )
-_BARE_REPLY = re.compile(r"\d{3}(?:[ -].*)?")
+_BARE_REPLY = re.compile(r"[0-9]{3}(?:[ -].*)?")
 _BOUNDARY_UNSAFE = re.compile(r"[^0-9A-Za-z'()+_,\-./:=?]")
 _ID_UNSAFE = re.compile(r"[^0-9A-Za-z!#$%&'*+\-/=?^_`{|}~.]")
 FOLD_WIDTH = 78

@@ -32,7 +32,7 @@ from mailflow.stages.smtpd.restrictions import Facts
 from mailflow.stages.smtpd.transcript import Transcript
 
 STAGES = ("mail", "rcpt", "data")
-_DSN = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(\s|$)")
+_DSN = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}(\s|$)")
 
 
 def _matches(pattern: str | None, address: str) -> bool:

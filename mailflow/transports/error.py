@@ -10,7 +10,7 @@ import re
 
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome
 
-_STATUS = re.compile(r"([245])\.\d{1,3}\.\d{1,3}(?:\s+|$)")
+_STATUS = re.compile(r"([245])\.[0-9]{1,3}\.[0-9]{1,3}(?:\s+|$)")
 
 
 def parse_error_nexthop(nexthop: str) -> tuple[Outcome, str, str]:

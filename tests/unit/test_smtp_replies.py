@@ -386,3 +386,11 @@ def test_8bit_header_fields_go_as_they_are_whatever_the_peer_offers():
     assert content_encoding(EVERYTHING, eight_bit) == ((), None)
     encoders, _ = content_encoding(Extensions(), eight_bit)
     assert [type(e) for e in encoders] == [Downgrade]
+
+
+@pytest.mark.parametrize("text, dsn", [("5.1.1 no such user", "5.1.1"), ("5.\u0661.1 no", "5.0.0"),
+                                       ("5.1.\u0661\u0661 no", "5.0.0")])
+def test_an_enhanced_code_is_ascii_digits_only_as_postfixs_dsn_valid_reads_it(text, dsn):
+    """A peer's `5.١.1` (Arabic-Indic digits, which a Unicode `\\d` takes) is no enhanced code: the reply's class
+    and x.0.0, never a Status: field of non-ASCII in a DSN."""
+    assert Reply(550, text).dsn() == dsn

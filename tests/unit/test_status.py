@@ -185,3 +185,14 @@ def test_a_configuration_error_cannot_be_split_into_lines_by_the_name_it_quotes(
     reply = status.restriction_config_error("evil\r\n250 ok\u0085\u2028x", "Client certificate")
     assert str(reply) == "451 4.3.5 <evil  250 ok  x>: Client certificate rejected: Server configuration error"
     assert reply.server_fault
+
+
+@pytest.mark.parametrize("text", ["4\u00b2\u00b2 4.7.1 go away", "\u0665\u0665\u0660 5.7.1 go away"])
+def test_a_milters_reply_code_of_other_digits_than_ascii_is_malformed_not_a_crash(text):
+    """`4²²` passes str.isdigit and int() refuses it; `٥٥٠` int() reads as 550: both are no reply code to Postfix's
+    milter8 (ISDIGIT is ASCII's), so the reply is malformed (None), as a code that is not 4xx/5xx is."""
+    assert status.milter_reply(text) is None
+
+
+def test_a_reply_line_with_other_digits_than_ascii_gets_no_enhanced_code_of_them():
+    assert status.with_enhanced_code("550 5.\u0661.1 no") == "550 5.0.0 5.\u0661.1 no"

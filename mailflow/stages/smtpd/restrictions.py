@@ -156,7 +156,7 @@ MAX_DEPTH = 100  # lists within lists (classes, access values) beyond which a ta
 VALUE_LIST_CACHE = 1000  # access values kept read as lists (the table is emptied when full)
 PROTOCOL_STATE = {"data": "DATA", "end_of_data": "END-OF-MESSAGE"}
 _HEADER_FIELD = re.compile(r"[!-9;-~]+:[ \t]*[^\r\n]*")  # PREPEND's argument: one header field, unfolded
-_NUMERIC_ACTION = re.compile(r"([45]\d\d)(?:\s+([45]\.\d{1,3}\.\d{1,3}))?(?:\s+(.*))?", re.S)
+_NUMERIC_ACTION = re.compile(r"([45][0-9][0-9])(?:\s+([45]\.[0-9]{1,3}\.[0-9]{1,3}))?(?:\s+(.*))?", re.S)
 
 
 # ---------------------------------------------------------------------------------------------- facts

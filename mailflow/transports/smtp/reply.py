@@ -58,7 +58,7 @@ MAX_REPLY_LINES = 1000  # lines in one reply
 MAX_REPLY_LENGTH = 64 * 1024  # bytes in one reply, every line included
 GARBAGE_KEPT = 3  # garbage lines of one reply kept (each is warned of; the rest are counted)
 
-_ENHANCED_CODE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
+_ENHANCED_CODE = re.compile(r"^([245])\.([0-9]{1,3})\.([0-9]{1,3})(?=\s|$)")
 
 
 class MalformedReply(Exception):
