@@ -74,7 +74,7 @@ def parse_size(text: str) -> int:
     value = text.strip().upper().removesuffix("B").removesuffix("I")
     unit = value[-1:] if value[-1:] in _SIZE_UNITS and not value[-1:].isdigit() else ""
     number = value[:-1] if unit else value
-    if not number.isdigit():
+    if not (number.isascii() and number.isdigit()):
         raise AccountError(f"{text!r} is not a size (bytes, or a number with K, M, G or T: 500M, 1G)", EX_INPUT)
     size = int(number) * _SIZE_UNITS[unit]
     if size > MAX_SIZE:  # (SQLite's INTEGER: a bigger one was an OverflowError, a traceback or an HTTP 500)

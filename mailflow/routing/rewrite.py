@@ -632,7 +632,7 @@ class Rewriter:
         if found is None:
             return self._config.virtual_mailbox_limit
         table, key, value = found
-        if not value.strip().isdigit():
+        if not (value.strip().isascii() and value.strip().isdigit()):
             raise LookupRetry(f"table {table}: {key}: {value.strip()!r} is not a number of bytes")
         return int(value)
 
@@ -648,7 +648,7 @@ class Rewriter:
         if found is None:
             return None
         table, key, value = found
-        if not value.strip().isdigit():
+        if not (value.strip().isascii() and value.strip().isdigit()):
             raise LookupRetry(f"table {table}: {key}: {value.strip()!r} is not a numeric user or group id")
         return int(value)
 

@@ -54,9 +54,10 @@ def test_weak_passwords_and_sizes():
     assert check_password("a long passphrase", "alice@example.test", 8) is None
     assert [parse_size(s) for s in ("0", "2048", "2K", "500M", "1G", "1GiB")] == [0, 2048, 2048, 500 << 20, 1 << 30,
                                                                                   1 << 30]
-    with pytest.raises(AccountError) as e:
-        parse_size("lots")
-    assert e.value.code == 2
+    for not_a_size in ("lots", "\u00b2M", "\u0661\u0660"):  # (`²` passes str.isdigit and int() refuses it)
+        with pytest.raises(AccountError) as e:
+            parse_size(not_a_size)
+        assert e.value.code == 2
     assert parse_size(str((1 << 63) - 1)) == (1 << 63) - 1
     for too_big in (str(1 << 63), "99999999999T"):  # past SQLite's INTEGER: an OverflowError when stored
         with pytest.raises(AccountError, match="too big") as e:

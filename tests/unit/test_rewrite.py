@@ -343,3 +343,15 @@ def test_addresses_longer_than_smtpd_takes_are_resolved_but_not_kept():
     finally:
         tracemalloc.stop()
     assert peak < 2**20
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "\u0661\u0660"])
+def test_a_virtual_owner_or_limit_of_other_digits_than_ascii_is_a_table_failure(value):
+    """`²` passes str.isdigit and made int() raise (not the LookupRetry a bad value is); `١٠` int() read as 10."""
+    from mailflow.errors import LookupRetry
+    rw = rewriter(virtual_uid_maps=(f"inline:{{v@x.test={value}}}",),
+                  virtual_mailbox_limit_maps=(f"inline:{{v@x.test={value}}}",))
+    with pytest.raises(LookupRetry, match="not a numeric user or group id"):
+        rw.virtual_owner("v@x.test")
+    with pytest.raises(LookupRetry, match="not a number of bytes"):
+        rw.virtual_mailbox_limit("v@x.test")
