@@ -15,7 +15,9 @@ work too long for the event loop, with a bounded wait for a free one.
                                          (True: every thread ended; False: one is still in its call, left)
 
 The threads are joined at the interpreter's exit, as a ThreadPoolExecutor's: a call that writes (local's /file
-append) ends whole, or is rolled back by its own code, never cut between two writes by the exit. A pool whose
+append) ends whole, or is rolled back by its own code, never cut between two writes by the exit; and, as a
+ThreadPoolExecutor's, a pool never closed is told to end at the exit (its calls under way and queued run first):
+its idle threads, waiting for work that cannot come, would otherwise keep the process from ever exiting. A pool whose
 calls only read (the content checks' walks) asks for daemon threads (`daemon=True`): one left in a call that never
 returns (a walk in a hung sqlite read) then does not keep the process from exiting after the stop.
 
@@ -45,6 +47,7 @@ import math
 import queue
 import threading
 import time
+import weakref
 from functools import partial
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
@@ -173,6 +176,7 @@ class _Threads:
         self._calls = 0  # calls submitted and not ended (queued or in a thread)
         self._lock = threading.Lock()
         self._closed = False
+        self._ended_at_exit = False  # (told to end just before the interpreter joins its threads: `_end_at_exit`)
 
     def submit(self, call: Callable[[], T]) -> concurrent.futures.Future[T]:
         """Raises NoThread, queueing nothing, when every thread there is has a call and no new one could be
@@ -196,6 +200,10 @@ class _Threads:
         except RuntimeError as e:  # (can't start new thread: the process's limit)
             raise NoThread(f"{e}, {self._calls} busy", self._calls) from e
         self._threads.append(thread)
+        if not self._daemon and not self._ended_at_exit:
+            self._ended_at_exit = True
+            _end_at_exit(self)
+
 
     def _ended(self) -> None:
         with self._lock:
@@ -239,6 +247,19 @@ class _Threads:
             threads = list(self._threads)
         for thread in threads:
             thread.join()
+
+
+def _end_at_exit(pool: _Threads) -> None:
+    """`pool` told to end (shutdown, not waiting) just before the interpreter joins its threads, as
+    ThreadPoolExecutor's are (threading's own hook for that: atexit's run after the join); held weakly."""
+    def end(ref: weakref.ref[_Threads] = weakref.ref(pool)) -> None:
+        if (alive := ref()) is not None:
+            alive.shutdown(wait=False)
+
+    try:
+        threading._register_atexit(end)  # type: ignore[attr-defined]
+    except RuntimeError:  # (the interpreter is exiting already: its join is under way)
+        pass
 
 
 class NoThread(RuntimeError):

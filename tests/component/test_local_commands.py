@@ -13,6 +13,7 @@ import os
 import pwd
 import re
 from pathlib import Path
+from typing import AsyncIterator, Callable
 
 import pytest
 
@@ -38,8 +39,23 @@ def scripts():
         yield d
 
 
-def transport(base: Path, aliases: str, time_limit: float = 10.0, default_privs: str = "nobody",
-              spool: CommandSpool | None = None, **local) -> LocalTransport:
+@pytest.fixture
+async def transport() -> AsyncIterator[Callable[..., LocalTransport]]:
+    """make_transport, each transport made closed at the test's end: its /file writers are threads that are not
+    daemons, and one left idle by a transport never closed kept the interpreter from exiting after the tests."""
+    made: list[LocalTransport] = []
+
+    def make(*args, **kwargs) -> LocalTransport:
+        made.append(make_transport(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for t in made:
+        await t.close()
+
+
+def make_transport(base: Path, aliases: str, time_limit: float = 10.0, default_privs: str = "nobody",
+                   spool: CommandSpool | None = None, **local) -> LocalTransport:
     """Local users alice, bob and nobody (a system user) in example.test; homes under `base`/mail; `aliases` an
     aliases(5) file; `local`: more [local] settings."""
     (base / "users").write_text("alice x\nbob x\nnobody x\n")
@@ -70,7 +86,7 @@ def maildir(base: Path, user: str) -> list[bytes]:
     return [p.read_bytes() for p in sorted(new.iterdir())] if new.is_dir() else []
 
 
-async def test_an_alias_command_gets_local_environment_and_the_message(scripts, tmp_path):
+async def test_an_alias_command_gets_local_environment_and_the_message(scripts, tmp_path, transport):
     s = scripts.script("record.sh", RECORD.format(out=scripts.out))
     t = transport(tmp_path, f'run: "|{s} --flag"\n')
     [result] = (await t.deliver(request("Run+Tag@Example.test", sender="o'brien&co@remote.test",
@@ -92,7 +108,7 @@ async def test_an_alias_command_gets_local_environment_and_the_message(scripts, 
     assert scripts.read("umask") == "0077\n"  # what it creates is its own alone, as under Postfix's local(8)
 
 
-async def test_a_command_gets_sender_even_when_it_is_the_null_sender(scripts, tmp_path):
+async def test_a_command_gets_sender_even_when_it_is_the_null_sender(scripts, tmp_path, transport):
     """local(8)'s command.c sets LOGNAME, USER, SENDER, RECIPIENT and LOCAL whatever their value: a notice's
     command sees SENDER empty, not missing; only DOMAIN, EXTENSION and ORIGINAL_RECIPIENT depend on a value."""
     s = scripts.script("record.sh", RECORD.format(out=scripts.out))
@@ -103,7 +119,7 @@ async def test_a_command_gets_sender_even_when_it_is_the_null_sender(scripts, tm
     assert "EXTENSION" not in env
 
 
-async def test_a_forward_command_runs_in_the_users_home(scripts):
+async def test_a_forward_command_runs_in_the_users_home(scripts, transport):
     s = scripts.script("record.sh", RECORD.format(out=scripts.out))
     home = scripts.path / "mail" / "bob"
     home.mkdir(parents=True)
@@ -118,7 +134,7 @@ async def test_a_forward_command_runs_in_the_users_home(scripts):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root switches users")
-async def test_as_root_a_system_users_forward_runs_its_commands_and_files_with_that_users_rights(scripts):
+async def test_as_root_a_system_users_forward_runs_its_commands_and_files_with_that_users_rights(scripts, transport):
     """local(8)'s delivery rights: what a system user's .forward names (directly or through an :include: file)
     runs and is written as that user, and the :include: file is read as that user; an alias command runs as
     default_privs (daemon here, so that the two differ)."""
@@ -147,7 +163,7 @@ async def test_as_root_a_system_users_forward_runs_its_commands_and_files_with_t
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root switches users")
-async def test_as_root_a_system_users_forward_is_opened_with_that_users_rights(scripts):
+async def test_as_root_a_system_users_forward_is_opened_with_that_users_rights(scripts, transport):
     """A hard link to a file only root may read passes Postfix's owner check (root owns it), but opened as the
     user it cannot be read: the mailbox gets the mail, and no line of the file comes back anywhere."""
     secret = scripts.path / "secret"
@@ -163,7 +179,7 @@ async def test_as_root_a_system_users_forward_is_opened_with_that_users_rights(s
     assert len(maildir(scripts.path, "nobody")) == 1
 
 
-async def test_a_command_exiting_75_defers_the_recipient_after_the_mailbox_is_written(scripts, tmp_path):
+async def test_a_command_exiting_75_defers_the_recipient_after_the_mailbox_is_written(scripts, tmp_path, transport):
     s = scripts.script("later.sh", "echo busy\nexit 75\n")
     [result] = (await transport(tmp_path, f"team: alice, |{s}\n").deliver(request("team@example.test"))).results
     assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.3.0")
@@ -171,7 +187,7 @@ async def test_a_command_exiting_75_defers_the_recipient_after_the_mailbox_is_wr
     assert len(maildir(tmp_path, "alice")) == 1
 
 
-async def test_a_command_whose_input_would_take_the_queue_below_its_floor_defers_4_3_1(scripts, tmp_path):
+async def test_a_command_whose_input_would_take_the_queue_below_its_floor_defers_4_3_1(scripts, tmp_path, transport):
     """As a pipe service's (test_pipe_transport): the copy of the message a `|command` reads is not made below the
     queue's free-space floor; the recipient is deferred 4.3.1 (was: no check, the disk filled), the command not
     run."""
@@ -179,11 +195,11 @@ async def test_a_command_whose_input_would_take_the_queue_below_its_floor_defers
     spool = CommandSpool(tmp_path, keep_free=5_000_000, free_space=lambda: 5_000_000)
     [result] = (await transport(tmp_path, f"team: |{s}\n", spool=spool).deliver(request("team@example.test"))).results
     assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.3.1")
-    assert result.text.startswith("insufficient system storage to spool the command's input")
+    assert result.text == "insufficient system storage"
     assert not (scripts.out / "ran").exists()
 
 
-async def test_a_deferred_recipients_parts_that_bounced_are_its_failures_now(scripts, tmp_path):
+async def test_a_deferred_recipients_parts_that_bounced_are_its_failures_now(scripts, tmp_path, transport):
     """A part bounced beside one deferred: the result is deferred and names its failures (`owned`, one too), for
     qmgr to log and tell now, as local(8) logs each bounce at once; the deferral's text stands alone."""
     later = scripts.script("later.sh", "exit 75\n")
@@ -198,7 +214,7 @@ async def test_a_deferred_recipients_parts_that_bounced_are_its_failures_now(scr
         ("", "team@example.test", "5.1.1", "user unknown")]
 
 
-async def team_with_a_deferring_include(scripts, tmp_path, include: str, after: str):
+async def team_with_a_deferring_include(transport, scripts, tmp_path, include: str, after: str):
     """team@example.test's one result, team an alias of `:include:team.inc, after`: `{later}` in the text a command
     that exits 75, `{ok}` one that appends its argument to the `runs` file."""
     later = scripts.script("later.sh", "exit 75\n")
@@ -211,28 +227,28 @@ async def team_with_a_deferring_include(scripts, tmp_path, include: str, after: 
     return result
 
 
-async def test_a_files_lines_after_one_that_defers_are_left_for_the_retry(scripts, tmp_path):
+async def test_a_files_lines_after_one_that_defers_are_left_for_the_retry(scripts, tmp_path, transport):
     """local(8)'s deliver_token_stream reads no further line of an :include: (or .forward) file once one deferred:
     the rest of that line and the alias value around the file are delivered, the later lines are not (nor
     logged); they are at the retry, which repeats the file."""
     result = await team_with_a_deferring_include(
-        scripts, tmp_path, '"|{later}", "|{ok} same-line"\n"|{ok} next-line"\nalice\n', '"|{ok} after"')
+        transport, scripts, tmp_path, '"|{later}", "|{ok} same-line"\n"|{ok} next-line"\nalice\n', '"|{ok} after"')
     assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.3.0")
     assert scripts.read("runs").split() == ["same-line", "after"]
     assert "next-line" not in result.text and "forwarded" not in result.text
 
 
-async def test_a_destination_also_named_outside_a_stopped_line_is_delivered(scripts, tmp_path):
+async def test_a_destination_also_named_outside_a_stopped_line_is_delivered(scripts, tmp_path, transport):
     """A destination named on a file's line after one that deferred and also elsewhere (the alias value around
     the file) is delivered there, as local(8) meets it there: only a destination every place of which is stopped
     waits for the retry."""
     result = await team_with_a_deferring_include(
-        scripts, tmp_path, '"|{later}"\n"|{ok} both"\n"|{ok} file-only"\n', '"|{ok} both"')
+        transport, scripts, tmp_path, '"|{later}"\n"|{ok} both"\n"|{ok} file-only"\n', '"|{ok} both"')
     assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.3.0")
     assert scripts.read("runs").split() == ["both"]
 
 
-async def test_a_command_exiting_67_bounces_the_recipient_and_the_rest_is_delivered(scripts, tmp_path):
+async def test_a_command_exiting_67_bounces_the_recipient_and_the_rest_is_delivered(scripts, tmp_path, transport):
     s = scripts.script("nouser.sh", "exit 67\n")
     [result] = (await transport(tmp_path, f"team: alice, |{s}\n").deliver(request("team@example.test"))).results
     assert (result.outcome, result.dsn) == (Outcome.BOUNCED, "5.1.1")
@@ -240,14 +256,14 @@ async def test_a_command_exiting_67_bounces_the_recipient_and_the_rest_is_delive
     assert len(maildir(tmp_path, "alice")) == 1
 
 
-async def test_a_mailbox_and_a_command_both_delivered_are_named(scripts, tmp_path):
+async def test_a_mailbox_and_a_command_both_delivered_are_named(scripts, tmp_path, transport):
     s = scripts.script("ok.sh", "cat > /dev/null\n")
     [result] = (await transport(tmp_path, f"team: alice, |{s}\n").deliver(request("team@example.test"))).results
     assert (result.outcome, result.dsn) == (Outcome.SENT, "2.0.0")
     assert "delivered to maildir" in result.text and f"delivered to command: {s}" in result.text
 
 
-async def test_command_time_limit_bounces(scripts, tmp_path):
+async def test_command_time_limit_bounces(scripts, tmp_path, transport):
     s = scripts.script("slow.sh", "sleep 30\n")
     t = transport(tmp_path, f"slow: |{s}\n", time_limit=0.3)
     [result] = (await t.deliver(request("slow@example.test"))).results
@@ -255,7 +271,7 @@ async def test_command_time_limit_bounces(scripts, tmp_path):
     assert result.text == f'Command time limit exceeded: "{s}"'
 
 
-async def test_a_command_killed_by_a_signal_defers_as_postfix_runs_it_without_a_shell(scripts, tmp_path):
+async def test_a_command_killed_by_a_signal_defers_as_postfix_runs_it_without_a_shell(scripts, tmp_path, transport):
     """Postfix's exec_command runs a command without shell metacharacters directly: its death by a signal is
     seen as one and defers 4.3.0 (through /bin/sh it was exit status 137, a bounce). A shell built-in still
     goes to the shell, as does a command with metacharacters."""
@@ -270,7 +286,8 @@ async def test_a_command_killed_by_a_signal_defers_as_postfix_runs_it_without_a_
     assert (result.outcome, result.dsn) == (Outcome.BOUNCED, "5.3.0"), "the shell reports its child's death"
 
 
-async def test_a_script_without_an_interpreter_line_runs_through_the_shell_as_execvp_runs_it(scripts, tmp_path):
+async def test_a_script_without_an_interpreter_line_runs_through_the_shell_as_execvp_runs_it(scripts, tmp_path,
+                                                                                              transport):
     """exec_command's execvp hands a file the kernel cannot run (ENOEXEC: no `#!` line) to /bin/sh: such a filter
     is delivered to, with its arguments, as under Postfix, not deferred for ever. A path that is not there is
     not given to the shell: deferred 4.3.0, as Postfix's failed execvp."""
@@ -286,7 +303,7 @@ async def test_a_script_without_an_interpreter_line_runs_through_the_shell_as_ex
     assert "No such file or directory" in result.text
 
 
-async def test_a_lists_failure_goes_to_its_owner_and_two_lists_failures_to_the_sender(tmp_path):
+async def test_a_lists_failure_goes_to_its_owner_and_two_lists_failures_to_the_sender(tmp_path, transport):
     """bounce_workaround: a list's failing command is its owner's to hear of (`owner`); when two lists' commands
     fail, each owner is told of its own list's (`owned`), not one notice to one of them."""
     t = transport(tmp_path, 'l1: "|exit 67"\nowner-l1: alice\nl2: "|exit 67 # l2"\nowner-l2: bob\nall: l1, l2\n')
@@ -361,7 +378,8 @@ def test_five_thousand_failures_keep_what_is_told_small():
 
 
 @pytest.mark.parametrize("owned_list", [False, True])
-async def test_an_alias_of_five_thousand_failing_members_makes_a_small_notice_and_few_log_lines(tmp_path, owned_list):
+async def test_an_alias_of_five_thousand_failing_members_makes_a_small_notice_and_few_log_lines(tmp_path, owned_list,
+                                                                                                transport):
     """Delivered and told: an alias of 5 000 unknown members (and, in the mixed case, a list with an owner whose
     command fails) gives the sender one notice listing OWNED_NOTICE_LIMIT of them and a count, of a size and a
     number of log lines that do not grow with the expansion (it was 5 000 lines and a notice of megabytes)."""
@@ -388,7 +406,7 @@ async def test_an_alias_of_five_thousand_failing_members_makes_a_small_notice_an
     assert b"(and 4900 more failures)" in raw
 
 
-async def test_an_alias_of_several_failing_commands_tells_the_sender_each(tmp_path):
+async def test_an_alias_of_several_failing_commands_tells_the_sender_each(tmp_path, transport):
     """Delivered: an alias of three failing commands and no owner gives three failures told to the sender."""
     t = transport(tmp_path, 'mix: "|exit 67 # a", "|exit 67 # b", "|exit 67 # c"\n')
     [result] = (await t.deliver(request("mix@example.test"))).results
@@ -397,7 +415,7 @@ async def test_an_alias_of_several_failing_commands_tells_the_sender_each(tmp_pa
     assert result.delivered == ""
 
 
-async def test_a_bounced_recipients_delivered_parts_are_named_for_their_own_line(tmp_path):
+async def test_a_bounced_recipients_delivered_parts_are_named_for_their_own_line(tmp_path, transport):
     """Failures told apart (`owned`), the parts delivered are named in `delivered`: qmgr logs them on a line of
     their own, as local(8) logs each delivery."""
     t = transport(tmp_path, 'mix: "|exit 67 # a", alice, "|exit 67 # b"\n')
@@ -405,7 +423,7 @@ async def test_a_bounced_recipients_delivered_parts_are_named_for_their_own_line
     assert (result.outcome, len(result.owned), result.delivered) == (Outcome.BOUNCED, 2, "delivered to maildir")
 
 
-async def test_a_lists_command_gets_its_owner_as_the_sender_and_no_original_recipient(scripts, tmp_path):
+async def test_a_lists_command_gets_its_owner_as_the_sender_and_no_original_recipient(scripts, tmp_path, transport):
     """local(8) replaces the sender of a list with an owner- alias for its commands too, and drops the original
     recipient: SENDER, the From_ line and Return-Path name the owner; no ORIGINAL_RECIPIENT, no X-Original-To."""
     s = scripts.script("record.sh", RECORD.format(out=scripts.out))

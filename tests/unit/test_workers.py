@@ -174,3 +174,38 @@ def test_a_file_append_under_way_at_the_exit_ends_whole(tmp_path):
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert done.returncode == 0, done.stderr
     assert mbox.read_bytes() == b"From a@x Thu Jan  1 00:00:00 1970\nSubject: first half\n\nsecond half\n\n"
+
+
+@pytest.mark.parametrize("under_way", [False, True])
+def test_a_pool_never_closed_does_not_keep_the_process_from_exiting(tmp_path, under_way):
+    """A pool whose threads the exit joins (daemon=False) and that nobody closed (a LocalTransport a test, or a
+    start that failed half-way, never closed) kept its idle threads waiting for work for ever: the interpreter's
+    exit never ended (test_local_commands.py run alone hung once its tests had passed). As a ThreadPoolExecutor's,
+    such a pool is told to end at the exit: idle threads end, a call under way ends whole first."""
+    ended = tmp_path / "ended"
+    script = textwrap.dedent("""
+        import asyncio, sys, threading, time
+        from mailflow.workers import BoundedWorkers
+
+        def call(under_way):
+            if under_way:
+                started.set()
+                time.sleep(0.3)  # (still running when the exit comes)
+            open(sys.argv[1], "w").close()
+
+        started = threading.Event()
+        async def main():
+            pool = BoundedWorkers(2, 60, "local file write")
+            under_way = sys.argv[2] == "True"
+            if under_way:
+                asyncio.ensure_future(pool.run(lambda: call(True)))
+                await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+            else:
+                await pool.run(lambda: call(False))
+
+        asyncio.run(main())
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(ended), str(under_way)], capture_output=True, text=True,
+                          timeout=30, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr
+    assert ended.exists()
