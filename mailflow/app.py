@@ -56,7 +56,7 @@ import dataclasses
 import gc
 import logging
 import random
-import shutil
+from functools import partial
 import signal
 import sqlite3
 from typing import TYPE_CHECKING, Callable
@@ -65,6 +65,7 @@ from mailflow.bounce_templates import Templates, load_templates
 from mailflow.capture.recorders import Capture
 from mailflow.clock import Clock, SystemClock
 from mailflow.config import Config, DnsConfig, flat_settings, in_force, restart_needed
+from mailflow.config.queue import free_space as queue_free_space
 from mailflow.content import Content
 from mailflow.dns import AiodnsResolver
 from mailflow.dsn_parameters import without_success
@@ -341,7 +342,7 @@ class Mailflow:
         `sender`: address verification's, which smtpd takes unrefused."""
         assert self._cleanup is not None
         resolver, cleanup, queue, verifier = self._dns_resolver(), self._cleanup, self.config.queue_path, self._verifier
-        free_space = lambda: shutil.disk_usage(queue).free  # noqa: E731 (asked at every MAIL)
+        free_space = partial(queue_free_space, queue)  # (asked at every MAIL)
         return lambda listener_config: SmtpdHandler(listener_config, router.rewriter, router.mapper, cleanup,
                                                     resolver=resolver, free_space=free_space,
                                                     policy=self._smtpd_policy, filters=filters,

@@ -1,12 +1,16 @@
 """`[queue]` (the queue manager and the store) and `[sendmail]` (local submission into the queue).
 
-    QueueConfig, SendmailConfig, queue_floor(queue_minfree, message_size_limit) (the free space both keep)
+    QueueConfig, SendmailConfig, queue_floor(queue_minfree, message_size_limit) (the free space both keep),
+    free_space(path) (the bytes free there), leaves_too_little(free, floor, taking) (the comparison smtpd and the
+    spool of commands' input both make)
 
 Failure behaviour: a bad value raises ValueError (a ConfigError once loaded), e.g. a maximal_backoff_time
 below minimal_backoff_time, or a table spec of an unknown type.
 """
 from __future__ import annotations
 
+import os
+import shutil
 from typing import Annotated
 
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, field_validator
@@ -33,6 +37,19 @@ def queue_floor(queue_minfree: int, message_size_limit: int) -> int:
     smtpd_check_queue). smtpd refuses mail below it (452 4.3.1); a command's spooled input may not take the
     file system below it either (pipe.command_spool: that delivery is deferred 4.3.1)."""
     return max(queue_minfree, message_size_limit * 3 // 2)
+
+
+def free_space(path: str | os.PathLike[str]) -> int:
+    """The bytes free for the queue at `path`: statvfs f_bavail x f_frsize, what a user that is not root may use
+    (Postfix's fsspace reads f_bavail). Raises OSError."""
+    return shutil.disk_usage(path).free
+
+
+def leaves_too_little(free: int, floor: int, taking: int = 0) -> bool:
+    """Whether `free` bytes, less the `taking` bytes about to be written, are no more than `floor`: Postfix's
+    smtpd_check_queue refuses mail while free <= floor; smtpd refuses a declared SIZE, and the spool of a
+    command's input defers its copy, by the same rule."""
+    return free - taking <= floor
 
 
 class QueueConfig(Section):

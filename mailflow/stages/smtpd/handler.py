@@ -68,7 +68,7 @@ from typing import Awaitable, Callable, Protocol, TypeGuard
 
 from mailflow import address, status
 from mailflow.config import Config
-from mailflow.config.queue import queue_floor
+from mailflow.config.queue import leaves_too_little, queue_floor
 from mailflow.content import Spool
 from mailflow.errors import ContentRejected, DeliveryError, LookupRetry, Overloaded
 from mailflow.faults import EXPECTED, describe
@@ -679,8 +679,7 @@ def short_of_space(free: int, minfree: int, size_limit: int, declared: int) -> b
     """At least max(queue_minfree, 1.5 x message_size_limit) must stay free (Postfix's smtpd_check_queue), after
     a declared SIZE too, and a declared SIZE may take at most half of what is free (mailflow's addition, as
     older Postfix did: Postfix 3.7 compares SIZE only with message_size_limit; RFC 1870 allows the 452)."""
-    required = queue_floor(minfree, size_limit)
-    return free <= required or declared >= free - required or declared >= free / 2
+    return leaves_too_little(free, queue_floor(minfree, size_limit), declared) or declared >= free / 2
 
 
 def _declared_size(options: list[str]) -> int:
