@@ -9,20 +9,23 @@ Runner (used by pipe services and by local's `|command` destinations):
   command starts only once its input is complete, so nothing it starts (a script that runs its deliverer without
   `exec`, a pipeline) can ever read a message cut off by a crash of mailflow. A command that outlives a killed
   server finishes its whole message; the delivery is run again after the restart (a duplicate, as the
-  at-least-once rule allows, never a cut copy). The file has no name (nothing to sweep after a crash) and is
-  closed when the command has started; the command gets a read-only descriptor of it (it cannot change its own
-  input). A chunk that cannot be read raises before anything runs; a file that cannot be written is
-  `CommandNotRun` (dsn 4.3.1 for a full disk). Each run holds a copy of its message (20 parallel deliveries of a
-  50 MB message: 1 GB), so `spool` (a `CommandSpool`: the directory, the bytes its file system keeps free, how to
-  read its free space; `command_spool(config)` keeps smtpd's floor, max(queue_minfree, 1.5 x message_size_limit))
-  bounds them: a piece (SPOOL_WRITE bytes at most) that would take the file system below the floor is not written
-  but `CommandNotRun` with dsn 4.3.1 ("insufficient system storage"), deferred with nothing lost, as smtpd
-  refuses mail below the same floor. (A copy it must be: the command never reads the stored bytes, since its
-  lines end in LF, not the stored CRLF, and pipe's flags add headers and quoting; Postfix streams from its queue
-  file.) A spool file the worker thread opens for a delivery cancelled meanwhile is closed by that thread. It
-  keeps the first `output_limit` bytes of the command's merged
-  stdout+stderr and drains the rest, and kills its whole process group at the time limit (or when the delivery
-  is cancelled; never a group whose number may have been reused once the command ended: see `_Group`). The
+  at-least-once rule allows, never a cut copy). The file has no name (nothing to sweep after a crash) and is closed
+  when the command has started; the command gets a read-only descriptor of it (opened through /proc/self/fd; without
+  /proc, from a name of its own, unlinked before anything is written: see `_spool_file`), so that a command running as
+  another user cannot change its own input (one running as mailflow's own user can open it again read-write through
+  /proc/self/fd/0). A chunk that cannot be read raises before anything runs; a file that cannot be written is
+  `CommandNotRun` (dsn 4.3.1 for a full disk). Each run holds a copy of its message (20 parallel deliveries of a 50 MB
+  message: 1 GB), so `spool` (a `CommandSpool`: the directory, the bytes its file system keeps free, how to read its
+  free space; `command_spool(config)` keeps smtpd's floor, max(queue_minfree, 1.5 x message_size_limit), with the
+  largest message_size_limit of [smtpd] and its listeners) bounds them: a copy whose whole size (checked before the
+  first write: `CommandSpool.for_copy`) or next piece (about SPOOL_WRITE bytes) would leave no more than the floor
+  free is not written but `CommandNotRun` with dsn 4.3.1, "insufficient system storage" (the numbers in a warning line
+  keyed by the queue id), deferred with nothing lost, as smtpd refuses mail at the same floor. (A copy it must be: the
+  command never reads the stored bytes, since its lines end in LF, not the stored CRLF, and pipe's flags add headers
+  and quoting; Postfix streams from its queue file.) A spool file the worker thread opens for a delivery cancelled
+  meanwhile is closed by that thread. It keeps the first `output_limit` bytes of the command's merged stdout+stderr
+  and drains the rest, and kills its whole process group at the time limit (or when the delivery is cancelled; never a
+  group whose number may have been reused once the command ended: see `_Group`). The
   delivery ends then, whatever holds the command's output pipe: it is ours (`_Output`) and closed at the limit,
   so neither a command killed with its output unread nor a program it left running in a session of its own can
   hold the delivery or a descriptor of ours. `user`: as root, run as that user (its groups too); not as root,
@@ -79,12 +82,13 @@ Never raises for a delivery problem; results carry relay=NAME.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
+import functools
 import logging
 import os
 import pwd
 import re
-import shutil
 import signal
 import tempfile
 import threading
@@ -94,7 +98,7 @@ from typing import Any, AsyncIterable, AsyncIterator, Callable
 
 from mailflow import address
 from mailflow.config import DEFAULTS, PipeService
-from mailflow.config.queue import queue_floor
+from mailflow.config.queue import free_space, leaves_too_little, queue_floor
 from mailflow.content import Content
 from mailflow.message import HEADER_READ_LIMIT, delivered_to, read_header
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
@@ -115,21 +119,32 @@ SHELL = "/bin/sh"  # what a local command with shell metacharacters is given to 
 @dataclass(frozen=True)
 class CommandSpool:
     """Where commands' input is written before they run (`directory`), and the bytes of its file system a copy must
-    leave free (`keep_free`; `free_space()`: the bytes free there, None: not checked)."""
+    leave free (`keep_free`; `free_space()`: the bytes free there, None: not checked). `for_copy` names one copy:
+    its message (`queue_id`, which its log lines name) and about how many bytes it takes (`expected`: checked once
+    before anything is written)."""
 
     directory: str | os.PathLike[str]
     keep_free: int = 0
     free_space: Callable[[], int] | None = None
+    queue_id: str = ""
+    expected: int = 0
+
+    def for_copy(self, queue_id: str, expected: int) -> "CommandSpool":
+        return dataclasses.replace(self, queue_id=queue_id, expected=expected)
 
 
 def command_spool(config) -> CommandSpool:
     """The queue's content directory, beside smtpd's spool files, keeping free what smtpd keeps free before it
-    takes mail (max(queue_minfree, 1.5 x message_size_limit)): every delivery to a command holds a copy of its
-    message for the command's run (20 parallel copies of a 50 MB message are 1 GB), and those copies must not
-    fill the disk that the queue and smtpd need."""
+    takes mail (max(queue_minfree, 1.5 x message_size_limit)), with the largest message_size_limit of [smtpd] and
+    of any listener's own: every delivery to a command holds a copy of its message for the command's run (20
+    parallel deliveries of a 50 MB message are 1 GB), and those copies must not take the disk below what any
+    listener needs to take mail."""
     directory = str(config.queue_path / CONTENT_DIRECTORY)
-    return CommandSpool(directory, queue_floor(config.queue.queue_minfree, config.smtpd.message_size_limit),
-                        lambda: shutil.disk_usage(directory).free)
+    smtpd = config.smtpd
+    size_limit = max([smtpd.message_size_limit,
+                      *(smtpd.for_listener(listener).message_size_limit for listener in smtpd.listeners)])
+    return CommandSpool(directory, queue_floor(config.queue.queue_minfree, size_limit),
+                        functools.partial(free_space, directory))
 
 
 @dataclass(frozen=True)
@@ -328,10 +343,12 @@ async def _spooled_within(limit: float, data: bytes | AsyncIterable[bytes], spoo
 async def _spooled(data: bytes | AsyncIterable[bytes], spool: CommandSpool) -> int:
     """A read-only descriptor of an unlinked file in the spool's directory holding all of `data`, at its offset 0
     (the caller closes it). Small chunks are gathered into SPOOL_WRITE pieces, each written by a worker thread
-    once the file system has room for it above `spool.keep_free`. Raises what reading `data` raises, and
-    CommandNotRun when the file cannot be made or written (its errno's text), or when a piece would take the file
-    system below `keep_free` (dsn 4.3.1: nothing lost, the delivery is tried again later)."""
-    fd = await _made_in_thread(_unnamed_file, spool.directory)
+    once the file system has room for it above `spool.keep_free` (the first piece: room for the whole copy,
+    `spool.expected`, see _Room). Raises what reading `data` raises, and CommandNotRun when the file cannot be
+    made or written (its errno's text), or when the copy would take the file system below `keep_free` (dsn 4.3.1,
+    "insufficient system storage": nothing lost, the delivery is tried again later)."""
+    fd, read_only = await _made_in_thread(_spool_file, spool.directory)
+    room = _Room(spool)
     try:
         pending: list[bytes] = []
         size = 0
@@ -339,12 +356,39 @@ async def _spooled(data: bytes | AsyncIterable[bytes], spool: CommandSpool) -> i
             pending.append(chunk)
             size += len(chunk)
             if size >= SPOOL_WRITE:
-                await _write_spool(fd, pending, spool)
+                await _write_spool(fd, pending, room)
                 pending, size = [], 0
-        await _write_spool(fd, pending, spool)
-        return _read_only(fd)
+        await _write_spool(fd, pending, room)
+    except BaseException:
+        os.close(read_only)
+        raise
     finally:
         os.close(fd)
+    return read_only
+
+
+PROC_FD = "/proc/self/fd"  # where a descriptor's file is opened again by its number
+
+
+def _spool_file(directory: str | os.PathLike[str]) -> tuple[int, int]:
+    """(a read-write, a read-only descriptor) of one new file in `directory` that has no name, each at its own
+    offset 0: the command gets the read-only one, so that it cannot change its own input. The file is made
+    without a name and opened again through /proc/self/fd (its own link: no other process can put another file
+    there); without /proc (a chroot, a sandbox) it is made with a name of its own (O_EXCL, mode 0600, in the
+    queue's 0700 content directory: no other user can open it), opened read-only by that name, then unlinked."""
+    fd = _unnamed_file(directory)
+    try:
+        return fd, os.open(f"{PROC_FD}/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        os.close(fd)
+    fd, path = tempfile.mkstemp(dir=os.fspath(directory))
+    try:
+        return fd, os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except BaseException:
+        os.close(fd)
+        raise
+    finally:
+        os.unlink(path)
 
 
 def _unnamed_file(directory: str | os.PathLike[str]) -> int:
@@ -353,10 +397,11 @@ def _unnamed_file(directory: str | os.PathLike[str]) -> int:
         return os.dup(file.fileno())
 
 
-async def _made_in_thread(make: Callable[[str | os.PathLike[str]], int], directory: str | os.PathLike[str]) -> int:
-    """The descriptor `make(directory)` opens, made by a worker thread. A caller cancelled while the thread runs
-    never sees it: then the side that comes second (the thread, or the cancel once the thread is done) closes
-    it. Raises CommandNotRun for an OSError."""
+async def _made_in_thread(make: Callable[[str | os.PathLike[str]], tuple[int, int]],
+                          directory: str | os.PathLike[str]) -> tuple[int, int]:
+    """The descriptors `make(directory)` opens, made by a worker thread. A caller cancelled while the thread runs
+    never sees them: then the side that comes second (the thread, or the cancel once the thread is done) closes
+    them. Raises CommandNotRun for an OSError."""
     handoff = _Handoff()
     making = asyncio.get_running_loop().run_in_executor(None, handoff.made_by, make, directory)
     try:
@@ -374,32 +419,28 @@ class _Handoff:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._fd: int | None = None
+        self._fds: tuple[int, ...] = ()
         self._abandoned = False
 
-    def made_by(self, make: Callable[[str | os.PathLike[str]], int], directory: str | os.PathLike[str]) -> int:
-        fd = make(directory)
+    def made_by(self, make: Callable[[str | os.PathLike[str]], tuple[int, int]],
+                directory: str | os.PathLike[str]) -> tuple[int, int]:
+        fds = make(directory)
         with self._lock:
             if self._abandoned:
-                os.close(fd)
+                _close_all(fds)
             else:
-                self._fd = fd
-        return fd
+                self._fds = fds
+        return fds
 
     def abandon(self) -> None:
         with self._lock:
             self._abandoned = True
-            if self._fd is not None:
-                os.close(self._fd)
+            _close_all(self._fds)
 
 
-def _read_only(fd: int) -> int:
-    """A new descriptor of `fd`'s file, read-only, at offset 0: the command must not change its own input. Opened
-    through /proc/self/fd, the file's own link (it has no name: no other process can put another file there)."""
-    try:
-        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise CommandNotRun(f"cannot reopen the command's input read-only: {e.strerror}") from None
+def _close_all(fds: tuple[int, ...]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 async def _chunks(data: bytes | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
@@ -410,40 +451,61 @@ async def _chunks(data: bytes | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
             yield chunk
 
 
-async def _write_spool(fd: int, chunks: list[bytes], spool: CommandSpool) -> None:
+async def _write_spool(fd: int, chunks: list[bytes], room: "_Room") -> None:
     """`chunks` written whole by a worker thread, through a descriptor of its own (closed by that thread): a
     cancelled spool (the time limit, a stop) closes `fd` while the thread may still write, and the number, reused
-    by the next open, would take the message's bytes. Refused (CommandNotRun, 4.3.1) when it would leave less than
-    `spool.keep_free` bytes free (the thread reads the free space: a statvfs may block as a write may)."""
+    by the next open, would take the message's bytes. Refused (CommandNotRun, 4.3.1) when the file system has no
+    room for it (`room.check`, in the thread: a statvfs may block as a write may)."""
     if not chunks:
         return
     own = os.dup(fd)
-    writing = asyncio.get_running_loop().run_in_executor(None, _write_and_close, own, b"".join(chunks), spool)
+    writing = asyncio.get_running_loop().run_in_executor(None, _write_and_close, own, b"".join(chunks), room)
     try:  # (shielded: a cancel must not stop the thread before it starts, which would leave `own` open)
         await asyncio.shield(writing)
     except OSError as e:
-        raise CommandNotRun(f"cannot spool the command's input in {spool.directory}: {e.strerror}",
+        raise CommandNotRun(f"cannot spool the command's input in {room.spool.directory}: {e.strerror}",
                             dsn="4.3.1" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "4.3.0") from None
+    except asyncio.CancelledError:
+        writing.add_done_callback(lambda done: done.cancelled() or done.exception())  # (its error: nobody's now)
+        raise
 
 
-def _check_room(spool: CommandSpool, size: int) -> None:
-    """Raises CommandNotRun (4.3.1) when writing `size` more bytes would leave less than `spool.keep_free` free. A
-    free space that cannot be read is no refusal: the write will say whether the disk works."""
-    if spool.free_space is None:
-        return
+class _Room:
+    """The free-space checks of one copy, made by the threads that write its pieces, one after another. The first
+    piece is written only if the whole copy (`spool.expected`, when more than the piece) leaves more than
+    `spool.keep_free` free (leaves_too_little: smtpd's comparison), each later one if it does: a copy that cannot
+    fit is deferred before anything is written, and parallel copies that each fitted when they began go below the
+    floor by at most one piece each. A free space that cannot be read is no refusal (the write will say whether
+    the disk works): one warning, and no more checks for this copy."""
+
+    def __init__(self, spool: CommandSpool):
+        self.spool = spool
+        self._unchecked = spool.free_space is None
+        self._first = True
+
+    def check(self, size: int) -> None:
+        """Raises CommandNotRun (4.3.1, "insufficient system storage"; the numbers are in the warning line)."""
+        spool, taking = self.spool, max(size, self.spool.expected) if self._first else size
+        self._first = False
+        if self._unchecked or spool.free_space is None:
+            return
+        try:
+            free = spool.free_space()
+        except OSError as e:
+            self._unchecked = True
+            log.warning("%s: cannot read the free space of %s: %s (the command's input is spooled unchecked)",
+                        spool.queue_id or "NOQUEUE", spool.directory, e)
+            return
+        if leaves_too_little(free, spool.keep_free, taking):
+            log.warning("%s: insufficient system storage to spool a command's input in %s: %d bytes free, %d to "
+                        "write, %d kept free", spool.queue_id or "NOQUEUE", spool.directory, free, taking,
+                        spool.keep_free)
+            raise CommandNotRun("insufficient system storage", dsn="4.3.1")
+
+
+def _write_and_close(fd: int, data: bytes, room: _Room) -> None:
     try:
-        free = spool.free_space()
-    except OSError as e:
-        log.warning("cannot read the free space of %s: %s", spool.directory, e)
-        return
-    if free - size < spool.keep_free:
-        raise CommandNotRun(f"insufficient system storage to spool the command's input in {spool.directory}: "
-                            f"{free} bytes free, {spool.keep_free} kept free", dsn="4.3.1")
-
-
-def _write_and_close(fd: int, data: bytes, spool: CommandSpool) -> None:
-    try:
-        _check_room(spool, len(data))
+        room.check(len(data))
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
@@ -636,10 +698,8 @@ def recipient_values(rcpt: Recipient, flags: str, delimiter: str) -> dict[str, s
 # ------------------------------------------------------------------------------------------ the message
 
 
-def command_input(content: Content, *, sender: str, flags: str, recipient: str = "", original: str = "",
-                  now: float = 0.0) -> AsyncIterator[bytes]:
-    """The message as the command reads it: the headers the flags ask for, then the content with LF line ends
-    and quoted lines, chunk by chunk."""
+def command_head(*, sender: str, flags: str, recipient: str = "", original: str = "", now: float = 0.0) -> bytes:
+    """The lines the flags put before the message (F, R, O, D)."""
     null_from = sender or "MAILER-DAEMON"
     head = []
     if "F" in flags:
@@ -650,11 +710,17 @@ def command_input(content: Content, *, sender: str, flags: str, recipient: str =
         head.append(f"X-Original-To: {original}")
     if "D" in flags:
         head.append(f"Delivered-To: {recipient}")
+    return "".join(h + "\n" for h in head).encode("utf-8")
+
+
+def command_input(content: Content, head: bytes, flags: str) -> AsyncIterator[bytes]:
+    """The message as the command reads it: `head` (command_head), then the content with LF line ends and quoted
+    lines, chunk by chunk."""
     encoders: list[Encoder] = [ToLf(), *([from_quoting()] if ">" in flags else []),
                                *([dot_quoting()] if "." in flags else []), FinalNewline()]
 
     async def chunks() -> AsyncIterator[bytes]:
-        yield "".join(h + "\n" for h in head).encode("utf-8")
+        yield head
         async for chunk in aencode(content.stream(), *encoders):
             yield chunk
         if "B" in flags:
@@ -733,14 +799,15 @@ class PipeTransport:
         s = self._service
         argv = expand_argv(self._templates, self._request_values(request), [values[r.index] for r in batch])
         first = batch[0]
-        stdin = command_input(request.content, sender=request.sender or s.null_sender, flags=s.flags,
-                              recipient=first.address,
-                              original=address.shown_original(first.original or first.address), now=self._now())
+        head = command_head(sender=request.sender or s.null_sender, flags=s.flags, recipient=first.address,
+                            original=address.shown_original(first.original or first.address), now=self._now())
+        stdin = command_input(request.content, head, s.flags)
+        spool = self._spool and self._spool.for_copy(request.queue_id, len(head) + request.content.size)
         log.debug("%s: %s: running %s", request.queue_id, self._name, argv)
         try:
             result = await run_command(argv, stdin=stdin, env={}, time_limit=s.time_limit,
                                        output_limit=s.output_limit, user=self._user(), cwd=s.directory or "/",
-                                       spool=self._spool)
+                                       spool=spool)
         except CommandNotRun as e:
             log.warning("%s: %s: %s", request.queue_id, self._name, e.text)
             text, diagnostic = e.as_postfix_says("pipe: fatal: pipe_command: ")

@@ -454,12 +454,13 @@ class LocalTransport:
                **{k: "".join(c if c in SHELL_SAFE else "_" for c in v) for k, v in context.items()}}
         try:
             prefix = from_line(sender, self._clock.time()) + mailbox_prefix(sender, rcpt.address, original)
+            spool = settings.spool and settings.spool.for_copy(request.queue_id, len(prefix) + request.content.size)
             stdin = aencode(request.content.prepend(prefix).stream(), ToLf())
             result = await run_shell_command(leaf.command, stdin=stdin, env=env, time_limit=settings.time_limit,
                                              output_limit=settings.output_limit,
                                              user=rights_for(leaf.rights, settings.default_privs),
                                              cwd=home if leaf.forward and home.is_dir() else "/", umask=0o077,
-                                             spool=settings.spool)
+                                             spool=spool)
         except CommandNotRun as e:
             log.warning("%s: command %r for %s not run: %s", request.queue_id, leaf.command, leaf.address, e.text)
             return Part(Outcome.DEFERRED, e.dsn, *e.as_postfix_says("local: fatal: "))
