@@ -607,7 +607,7 @@ SYSEXITS: dict[int, tuple[str, str]] = {
 }
 EX_TEMPFAIL = 75
 EX_SOFTWARE = 70  # what Postfix's pipe_command() says of a command killed (a signal, the time limit) in silence
-_STATUS_IN_OUTPUT = re.compile(r"([45])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+_STATUS_IN_OUTPUT = re.compile(r"([45])\.([0-9]{1,3})\.([0-9]{1,3})(?:\s+|$)")
 
 
 def printable_output(output: str) -> str:
