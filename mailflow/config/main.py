@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic import (FieldSerializationInfo, Field, ModelWrapValidatorHandler, PrivateAttr, ValidationInfo,
+                      field_serializer, field_validator, model_validator)
 
 from mailflow.address import is_valid_domain, is_valid_hostname, mailbox_syntax_error, normalise_domain
 from mailflow.config.accounts import AccountsConfig
@@ -33,23 +34,27 @@ from mailflow.config.smtpd import SmtpdConfig
 from mailflow.config_source import QUEUE_DIRECTORY
 from mailflow.syntax import is_ip_address
 from mailflow.tables import check_spec
+from mailflow.tables.match_list import DOMAIN_LIST_SETTINGS, domain_list_words
 
 
 _DOTTED_DOMAIN = {
-    False: "{entry!r}: this is an exact list (as Postfix's): a leading '.' would match no domain; "
+    False: "{entry}: this is an exact list (as Postfix's): a leading '.' would match no domain; "
            "list each domain, subdomains included",
-    True: "{entry!r}: a relay_domains entry already matches its subdomains (Postfix "
+    True: "{entry}: a relay_domains entry already matches its subdomains (Postfix "
           "parent_domain_matches_subdomains); write it without the leading '.'",
 }
 
-def _not_a_domain(entry: str, tables: bool) -> str:
-    """Why a domain list's entry is none, with what a Postfix main.cf habit meant (a table, $name) where it shows."""
+def _not_a_domain(entry: str, shown: str, tables: bool) -> str:
+    """Why a domain list's entry (`shown` as the reason names it) is none, with what a Postfix main.cf habit meant
+    (a table, $name, `!`) where it shows."""
     if entry.startswith("$"):
-        return f"{entry!r} is not a domain name (there is no $name expansion: write the name itself)"
+        return f"{shown} is not a domain name (there is no $name expansion: write the name itself)"
+    if entry.startswith("!"):
+        return f"{shown} is an exclusion ('!'): mailflow's domain lists have none"
     if ":" in entry or "/" in entry:
-        return (f"{entry!r} is not a domain name" + ("" if tables else " (this list takes domain names; lookup tables "
+        return (f"{shown} is not a domain name" + ("" if tables else " (this list takes domain names; lookup tables "
                 "are taken by virtual_alias_domains and virtual_mailbox_domains)"))
-    return f"{entry!r} is not a domain name"
+    return f"{shown} is not a domain name"
 
 
 # Postfix's smtputf8_autodetect_classes names (all taken, so that an imported main.cf loads; cleanup applies
@@ -209,6 +214,25 @@ class Config(Section):
     pipe: dict[str, PipeService] = {}
     # The directory relative paths were taken from (None: as written); set by resolve_paths.
     _base: Path | None = PrivateAttr(None)
+    # The domain lists naming a /file/name, as configured (their fields hold the file's words, read at validation):
+    # what model_dump and `config show` give, so that a configuration re-validated (a reload) reads the file again.
+    _as_configured: dict[str, tuple[str, ...]] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_domain_files(cls, data: object, handler: ModelWrapValidatorHandler["Config"]) -> "Config":
+        config = handler(data)
+        if isinstance(data, dict):
+            config._as_configured = {name: tuple(data[name]) for name in DOMAIN_LIST_SETTINGS
+                                     if isinstance(data.get(name), (list, tuple))
+                                     and any(str(item).lstrip().startswith("/") for item in data[name])}
+        elif isinstance(data, Config):
+            config._as_configured = dict(data._as_configured)
+        return config
+
+    @field_serializer(*DOMAIN_LIST_SETTINGS)
+    def _domain_list_as_configured(self, value: tuple[str, ...], info: FieldSerializationInfo) -> tuple[str, ...]:
+        return self._as_configured.get(info.field_name, value)
 
     @model_validator(mode="after")
     def _local_passes_to_a_transport(self) -> "Config":
@@ -282,20 +306,30 @@ class Config(Section):
         "!host.example.com" (an exception). A ".example.com" entry is refused where Postfix would match it
         against nothing: mydestination and the virtual domain lists are exact lists, and a relay_domains
         entry already covers its subdomains. The virtual domain lists also take lookup tables (`type:name`,
-        e.g. the account database's `accounts:PATH#domains`), as Postfix's do."""
+        e.g. the account database's `accounts:PATH#domains`), as Postfix's do. An entry `/file/name` of the four
+        lists that are Postfix match lists (DOMAIN_LIST_SETTINGS) is the words of the file, read here: at start,
+        at each reload, at `config check` (mailflow.tables.match_list)."""
         marks = ".!" if info.field_name == "masquerade_domains" else ""
         tables = info.field_name in ("virtual_mailbox_domains", "virtual_alias_domains")
+        entries = [d.strip() for d in v if d.strip()]
+        words = (domain_list_words(info.field_name, entries) if info.field_name in DOMAIN_LIST_SETTINGS
+                 else [(entry, "") for entry in entries])
         out = []
-        for entry in (d.strip() for d in v if d.strip()):
+        for entry, where in words:
+            shown = f"{where}: a word" if where else repr(entry)  # (a file's words are not echoed)
             if tables and ":" in entry:
-                out.append(check_spec(entry))
+                try:
+                    out.append(check_spec(entry))
+                except ValueError as e:
+                    raise ValueError(f"{where}: a word that is neither a domain name nor a lookup table mailflow "
+                                     "takes" if where else str(e)) from None
                 continue
             if entry.startswith(".") and info.field_name != "masquerade_domains":
-                raise ValueError(_DOTTED_DOMAIN[info.field_name == "relay_domains"].format(entry=entry))
+                raise ValueError(_DOTTED_DOMAIN[info.field_name == "relay_domains"].format(entry=shown))
             mark = entry[0] if entry[0] in marks else ""
             normal = normalise_domain(entry[len(mark):])
             if not normal or not is_valid_domain(normal):
-                raise ValueError(_not_a_domain(entry, tables))
+                raise ValueError(_not_a_domain(entry, shown, tables))
             out.append(mark + normal)
         return tuple(out)
 

@@ -33,7 +33,6 @@ from mailflow.config.main import DEFAULTS
 from mailflow.config.show import flat_settings, format_setting
 from mailflow.config_source import MAX_FILE_BYTES  # as a mailflow configuration file: a main.cf is a few kilobytes
 from mailflow.restriction_vocabulary import WITH_ARGUMENT, current_name
-from mailflow.tables.files import logical_lines as table_lines
 
 
 class UnreadableFile(Exception):
@@ -618,40 +617,6 @@ def sasl_security_options(name: str, value: str, tls_options: str | None) -> str
         "" if name == "smtpd_sasl_security_options" else " in TLS sessions") + "; mailflow offers both (over TLS)")
 
 
-DOMAIN_LISTS = ("mydestination", "relay_domains", "virtual_mailbox_domains", "virtual_alias_domains")  # match_list's
-_PATTERN_FILE_BYTES = 4 << 20  # a domain list's /file/name larger than this is refused
-_MAX_FILE_DEPTH = 10  # /files naming /files: no deeper than this
-
-
-def domain_list_patterns(name: str, tokens: list[str], notes: list[str], reading: tuple[str, ...] = ()) -> list[str]:
-    """A domain list's entries with each `/file/name` replaced by the patterns in that file, as Postfix's
-    match_list(3) reads it when a daemon starts (blank- or comma-separated, `#` comment lines, a line starting with
-    whitespace continuing the one before; a file may name another), read now (a note says so); Refused naming the
-    file (and line) when it cannot be read, a loop, too deep, too large."""
-    out: list[str] = []
-    for token in tokens:
-        if not token.startswith("/"):
-            out.append(token)
-            continue
-        if token in reading or len(reading) >= _MAX_FILE_DEPTH:
-            raise Refused(f"{token}: files of patterns that include themselves or nest deeper than {_MAX_FILE_DEPTH}")
-        try:
-            text = read_regular_file(token, _PATTERN_FILE_BYTES).decode("utf-8", errors="replace")
-            lines = table_lines(text)
-        except (OSError, RefusedFile, ValueError) as e:
-            raise Refused(f"{token}: Postfix reads this file of patterns when its daemons start, and it cannot be "
-                          f"read here ({getattr(e, 'strerror', None) or e}): import where it is in place") from None
-        found: list[str] = []
-        for _, line in lines:
-            words = split_list(line)
-            found += words[:next((i for i, w in enumerate(words) if w.startswith("#")), len(words))]
-        found = domain_list_patterns(name, found, notes, (*reading, token))
-        notes.append(f"{name}: {token} is its {len(found)} pattern(s) as the file holds them now, written in the "
-                     f"list (Postfix reads the file when its daemons start: edit the list after a change)")
-        out += found
-    return out
-
-
 _PEM_BEGIN = re.compile(r"^-----BEGIN ([A-Z0-9 ]+)-----", re.MULTILINE)
 _PEM_FILE_BYTES = 1 << 20
 
@@ -711,8 +676,7 @@ def convert(name: str, key: str, value: str, notes: list[str]) -> object:
             raise Refused("not a Postfix time value (a number with an optional s, m, h, d or w)")
         return f"{m.group(1)}{m.group(2) or names.DURATION_UNITS.get(name, 's')}"
     if isinstance(default, tuple):
-        listed = domain_list_patterns(name, split_list(value), notes) if key in DOMAIN_LISTS else split_list(value)
-        tokens = [table_spec(t, notes) for t in listed]
+        tokens = [table_spec(t, notes) for t in split_list(value)]  # (a domain list's /file/name as it is)
         return restriction_items(tokens) if key.endswith("_restrictions") else tokens
     return table_spec(value, notes) if key.endswith("_transport") or "maps" in key else value
 

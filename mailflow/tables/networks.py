@@ -19,9 +19,10 @@ The patterns of an item (one TOML string may hold several, separated by commas o
                       lookup that reaches the pattern (`451 4.3.0 Temporary lookup failure` to every RCPT from a
                       client of its family)
     !PATTERN          an exclusion: a client it matches is not in the list, whatever follows (`!` may repeat)
-    /file/name        the patterns of the file (one or more per line, `#` comment lines, a line starting with
-                      whitespace continues the one before; a `#` after patterns ends the line, as Postfix 3.7
-                      drops it with a warning), with the same syntax; `!/file/name` excludes each of them
+    /file/name        the patterns of the file (one or more per line, `#` comment lines, each line on its own as
+                      Postfix's match_list reads it: mailflow.tables.match_list; a `#` after patterns ends the
+                      line, as Postfix 3.7 drops it with a warning), with the same syntax; `!/file/name` excludes
+                      each of them
     type:table        a client found in the table (whatever the value): its address is looked up, and, as
                       Postfix's namadr_list does, first its name when the caller knows it (permit_mynetworks:
                       the client's name, `unknown` without one; with `parent_style`, as mynetworks is in Postfix's
@@ -46,17 +47,16 @@ from typing import Callable, Iterable, Sequence
 from mailflow.address import client_ip
 from mailflow.errors import ConfigError, LookupRetry
 from mailflow.files import RefusedFile, read_regular_file
-from mailflow.syntax import check_table_spec, split_outside_braces, table_type
+from mailflow.syntax import check_table_spec, table_type
 from mailflow.tables.base import Table
 from mailflow.tables.cache import TableCache
-from mailflow.tables.files import logical_lines
+from mailflow.tables.match_list import MAX_FILE_DEPTH, file_lines, line_words
 
 # the settings that are network lists (their key's last part), for mailflow.tables.check
 NETWORK_LIST_SETTINGS = ("mynetworks", "authorized_xclient_hosts", "upstream_proxy_clients", "whitelist_networks",
                          "permit_mx_backup_networks", "sasl_exceptions_networks", "forbid_bare_newline_exclusions")
 NETWORK_TABLE_TYPES = ("cidr", "texthash", "regexp", "pcre", "inline", "static")
 PATTERN_FILE_LIMIT = 4 << 20  # a /file of patterns larger than this is refused
-MAX_FILE_DEPTH = 10  # /files naming /files: no deeper than this
 log = logging.getLogger("mailflow.tables")
 
 OpenTables = Callable[[Sequence[str]], list[Table]]
@@ -79,7 +79,7 @@ def check_network_list(items: Iterable[str]) -> tuple[str, ...]:
     """The list as configured (networks in their plain form, one pattern per item); its files read to check them."""
     checked: list[str] = []
     for item in items:
-        for token in _tokens(item):
+        for token in line_words(item):
             negate, pattern = _negations(token)
             if pattern.startswith("/"):
                 _parse_file(pattern, negate, [], ())
@@ -100,7 +100,7 @@ def parse_network_list(items: Iterable[str]) -> list[Pattern]:
 
 def _parse_text(text: str, negate: bool, out: list[Pattern], reading: tuple[str, ...]) -> None:
     """`reading`: the files being read, outermost first (a file among them would be a loop)."""
-    for token in _tokens(text):
+    for token in line_words(text):
         negated, pattern = _negations(token)
         negated = negated != negate
         if pattern.startswith("/"):
@@ -120,10 +120,7 @@ def _parse_file(path: str, negate: bool, out: list[Pattern], reading: tuple[str,
         text = read_regular_file(path, PATTERN_FILE_LIMIT).decode("utf-8", errors="replace")
     except (OSError, RefusedFile) as e:
         raise ValueError(f"open file {path}: {getattr(e, 'strerror', None) or e}") from None
-    try:
-        lines = logical_lines(text)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+    lines = file_lines(text)
     for number, line in lines:
         try:
             _parse_text(line, negate, out, (*reading, path))
@@ -131,14 +128,6 @@ def _parse_file(path: str, negate: bool, out: list[Pattern], reading: tuple[str,
             raise  # named once, with its chain, not again at every level of it
         except ValueError as e:
             raise ValueError(f"{path}, line {number}: {e}") from None
-
-
-def _tokens(text: str) -> list[str]:
-    """The patterns of `text`, split on commas and whitespace outside braces (`inline:{ a=b, c=d }` is one); a `#`
-    word and what follows it is a comment."""
-    words = split_outside_braces(text)
-    end = next((i for i, word in enumerate(words) if word.startswith("#")), len(words))
-    return words[:end]
 
 
 def _negations(token: str) -> tuple[bool, str]:

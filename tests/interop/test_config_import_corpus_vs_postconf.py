@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mailflow.cli import app as cli
+from mailflow.config import load_config
 from mailflow.config import postfix_names as names
 from mailflow.config.postfix_import import import_postfix
 from tests.interop.test_config_import_vs_postconf import (UNITS, as_postfix_list, entry, from_queue_directory,
@@ -26,7 +27,6 @@ from tests.support.postfix import write_cooled
 CORPUS = Path(__file__).parent / "postfix_corpus"
 # taken as docs/config.md says, their own tests comparing them (normalize: false, noted)
 MAPPED_OWN_WAY = ("smtpd_forbid_bare_newline",)
-DOMAIN_LISTS = ("mydestination", "relay_domains", "virtual_mailbox_domains", "virtual_alias_domains")  # match_list's
 SETS = ("smtpd_discard_ehlo_keywords", "postscreen_discard_ehlo_keywords")  # their order means nothing
 PORTS = {"smtp": 25, "submission": 587, "smtps": 465, "submissions": 465}
 # files the configurations name that matter to what is compared (the others are missing here, and reported)
@@ -84,18 +84,6 @@ def same(mine: object, theirs: str, name: str, default: str) -> bool:
     return mine == theirs
 
 
-def match_list_files(items: list[str]) -> list[str]:
-    """A domain list's entries with each /file/name replaced by the patterns it holds, as Postfix's match_list."""
-    out = []
-    for item in items:
-        if not item.startswith("/"):
-            out.append(item)
-            continue
-        for line in Path(item).read_text().splitlines():
-            out += [] if line.lstrip().startswith("#") else re.split(r"[\s,]+", line.strip())
-    return [item for item in out if item]
-
-
 def main_cf_differences(etc: Path, out: Path, imported) -> tuple[int, list[str]]:
     """main.cf's settings the import wrote whose meaning differs from postconf -n -x's (and how many compared)."""
     explicit, defaults, ours = postconf("-c", str(etc), "-n", "-x"), postconf("-d"), mailflow_settings(out)
@@ -109,8 +97,6 @@ def main_cf_differences(etc: Path, out: Path, imported) -> tuple[int, list[str]]
             mine = mailflow_meaning(ours[key])
             theirs: object = (as_postfix_list(value) if isinstance(mine, list)
                               else postfix_meaning(value, defaults.get(name, ""), ours[key]))
-            if isinstance(mine, list) and name in DOMAIN_LISTS:
-                theirs = match_list_files(theirs)  # type: ignore[arg-type]
             if isinstance(mine, str) and mine.isdigit() and re.fullmatch(r"\d+[smhdw]", value):
                 theirs = str(int(value[:-1]) * UNITS[value[-1]])  # (a name postconf -d no longer knows)
             if name.endswith("_restrictions") and isinstance(mine, list):
@@ -181,7 +167,8 @@ def debian(folder: Path, doc: dict, text: str, lines: list[str], compared: int) 
 
 
 def docker_mailserver(folder: Path, doc: dict, text: str, lines: list[str], compared: int) -> None:
-    assert doc["virtual_mailbox_domains"] == ["example.org", "example.net"]  # /etc/postfix/vhost's
+    assert doc["virtual_mailbox_domains"] == [str(folder / "vhost")]  # /etc/postfix/vhost, read by mailflow
+    assert load_config(folder / "mailflow.toml").virtual_mailbox_domains == ("example.org", "example.net")
     assert (doc["smtpd"]["tls_cert_file"], doc["smtpd"]["tls_key_file"]) == (
         str(folder / "ssl-cert-snakeoil.pem"), str(folder / "ssl-cert-snakeoil.key"))  # smtpd_tls_chain_files
     assert sorted(x["role"] for x in doc["smtpd"]["listeners"]) == ["submission"] * 2 + ["submissions"] * 2

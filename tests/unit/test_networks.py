@@ -171,3 +171,11 @@ def test_a_file_gone_since_the_check_is_a_configuration_error_naming_the_setting
         NetworkList.from_items([f"{tmp_path}/gone"], setting="mynetworks")
     assert caught.value.key == "mynetworks"
     assert caught.value.reason == f"open file {tmp_path}/gone: No such file or directory"
+
+
+def test_a_file_s_lines_are_each_its_own_as_postfix_s_match_list_reads_them(tmp_path):
+    """match_list.c reads a /file line by line (no continuation lines): a first line starting with a blank is a line
+    of patterns (it was refused as "a continuation line comes first"), and a `#` word ends its own line only."""
+    (tmp_path / "nets").write_text("  192.0.2.0/24 # ours\n  198.51.100.0/24\n")
+    networks = NetworkList.from_items([f"{tmp_path}/nets"])
+    assert networks.holds("192.0.2.7") and networks.holds("198.51.100.7")

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mailflow.cli import app as cli
-from mailflow.config import DEFAULTS, config_from_dict, flat_settings
+from mailflow.config import DEFAULTS, config_from_dict, flat_settings, load_config
 from mailflow.config import postfix_names as names
 from mailflow.config.postfix_import import import_postfix
 from mailflow.config.smtpd import PostscreenConfig
@@ -1895,22 +1895,44 @@ def test_the_sasl_options_of_a_service_are_judged_with_its_service_name(tmp_path
         in written
 
 
-def test_a_domain_list_s_file_of_patterns_is_written_as_its_domains_and_a_missing_one_left_out(tmp_path):
-    """Postfix's domain lists take `/file/name`, replaced by its patterns (postconf(5), match_list(3));
-    docker-mailserver's `virtual_mailbox_domains = /etc/postfix/vhost`. mailflow's domain lists take names and
-    tables: the importer writes the file's patterns (comments, continuation lines, a nested file) in the list."""
-    more = write(tmp_path, "more", "example.com\n")
-    vhost = write(tmp_path, "vhost", f"# hosted\nexample.org, Example.NET\n  {more}\n")
+def test_a_domain_list_s_file_is_written_as_its_path_read_by_mailflow_and_a_missing_one_left_out(tmp_path):
+    """Postfix's domain lists take `/file/name` (postconf(5), match_list(3)); docker-mailserver's
+    `virtual_mailbox_domains = /etc/postfix/vhost`, rewritten when accounts change. The import writes the path as
+    it is (mailflow reads the file at start and reload, as Postfix at its daemons' start): the output loads, and a
+    domain added to the file after the import is in the list; a file larger than the limit of a configuration
+    file's lines leaves the output loadable; a file that cannot be read is left out naming it, its words unprinted."""
+    vhost = write(tmp_path, "vhost", "# hosted\n  example.org, Example.NET #x.example\n")
+    secret = write(tmp_path, "secret", "root:$y$SECRETHASH:19000\n")
     main = write(tmp_path, "main.cf", f"myhostname = mx.example.com\nvirtual_mailbox_domains = {vhost}\n"
                                       f"virtual_transport = lmtp:inet:127.0.0.1:24\n"
-                                      f"relay_domains = {tmp_path / 'absent'}\n")
+                                      f"relay_domains = {tmp_path / 'absent'}\nmydestination = {secret}\n")
     code, err = run_import(main, None, tmp_path / "mailflow.toml")
     doc = checked(tmp_path / "mailflow.toml")
-    assert doc["virtual_mailbox_domains"] == ["example.org", "Example.NET", "example.com"]
-    assert "relay_domains" not in doc
-    assert code == 1 and err.splitlines()[1:] == [
-        f"  main.cf:4: relay_domains: {tmp_path / 'absent'}: Postfix reads this file of patterns when its daemons "
-        "start, and it cannot be read here (No such file or directory): import where it is in place"]
+    assert doc["virtual_mailbox_domains"] == [vhost]
+    assert "relay_domains" not in doc and "mydestination" not in doc
+    lines = sorted(err.splitlines()[1:])
+    assert code == 1 and len(lines) == 2
+    assert lines[0].startswith(f"  main.cf:4: relay_domains: mailflow refuses it: open file {tmp_path / 'absent'}: "
+                               "No such file or directory")
+    assert lines[1].startswith(f"  main.cf:5: mydestination: mailflow refuses it: {secret}, line 1: a word is not a "
+                               "domain name")
+    assert "SECRETHASH" not in err
+    assert "SECRETHASH" not in (tmp_path / "mailflow.toml").read_text()
+    Path(vhost).write_text("example.org\nexample.net\nadded.example\n")
+    assert load_config(tmp_path / "mailflow.toml").virtual_mailbox_domains == (
+        "example.org", "example.net", "added.example")
+
+
+def test_a_domain_list_file_of_nearly_the_limit_imports_to_a_configuration_that_loads(tmp_path):
+    """A pattern file just under the limit was written inline, and the output outgrew a configuration file's 4 MB
+    (import rc 0, then `config check`: "larger than 4 MB")."""
+    domains = "".join(f"d{n:07d}.example.org\n" for n in range((4 << 20) // 21 - 10))
+    vhost = write(tmp_path, "vhost", domains)
+    main = write(tmp_path, "main.cf", f"myhostname = mx.example.com\nvirtual_mailbox_domains = {vhost}\n"
+                                      f"virtual_transport = lmtp:inet:127.0.0.1:24\n")
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert code == 0, err
+    assert checked(tmp_path / "mailflow.toml")["virtual_mailbox_domains"] == [vhost]
 
 
 def split_pem(path: str, folder: Path) -> tuple[str, str]:

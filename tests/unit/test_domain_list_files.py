@@ -1,0 +1,84 @@
+"""A domain list's `/file/name` (mydestination, relay_domains, virtual_alias_domains, virtual_mailbox_domains), read
+as Postfix's match_list(3) reads it (match_list.c, match_list_parse: each line on its own, `#` lines skipped, a `#`
+word ending a line): at load and again at a reload; what the configuration refuses names the setting, the file and
+why, never a word of the file (the networks' /files share the reader: tests/unit/test_networks.py)."""
+from __future__ import annotations
+
+import pytest
+
+from mailflow.config import config_from_dict
+from mailflow.errors import ConfigError
+from mailflow.tables.match_list import DOMAIN_LIST_SETTINGS, PATTERN_FILE_LIMIT
+from tests.support import SmtpClient
+
+
+def refusal(data: dict) -> ConfigError:
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict(data)
+    return caught.value
+
+
+@pytest.mark.parametrize("setting", DOMAIN_LIST_SETTINGS)
+def test_a_domain_list_takes_a_file_read_line_by_line_as_postfix_s_match_list(tmp_path, setting):
+    (tmp_path / "more").write_text("more.example\n")
+    (tmp_path / "list").write_text(f"  first.example\n# a comment line\nA.example, b.example #c.example d.example\n"
+                                   f"\n\t{tmp_path}/more\r\n")
+    config = config_from_dict({setting: [f"{tmp_path}/list", "last.example"]})
+    assert getattr(config, setting) == ("first.example", "a.example", "b.example", "more.example", "last.example")
+    assert config.model_dump()[setting] == (f"{tmp_path}/list", "last.example")  # (as configured: `config show`)
+
+
+@pytest.mark.parametrize("content, reason", [
+    (None, "open file {f}: No such file or directory"),
+    ("{f}\n", "{f} includes itself: {f} -> {f}"),
+    ("example.org !example.com\n", "{f}, line 1: an exclusion ('!'): mailflow's domain lists have none"),
+    ("example.org {{\n", "{f}, line 1: unbalanced '{{'"),
+    ("root:$y$SECRETHASH:19000:0:99999:7:::\n", "{f}, line 1: a word is not a domain name"),
+    (".SECRET.example\n", "{f}, line 1: a word: this is an exact list"),
+    ("x" * (PATTERN_FILE_LIMIT + 1), "{f}: the files of one list may hold 4 MB in all"),
+])
+def test_a_file_the_list_cannot_take_is_refused_naming_the_setting_and_the_file_not_its_words(tmp_path, content,
+                                                                                              reason):
+    path = tmp_path / "list"
+    if content is not None:
+        path.write_text(content.format(f=path) if content.endswith("\n") else content)
+    err = refusal({"mydestination": [str(path)]})
+    assert err.key == "mydestination" and err.reason.startswith(reason.format(f=path))
+    assert "SECRET" not in err.reason
+
+
+def test_a_virtual_list_s_file_word_that_is_no_table_is_refused_unprinted(tmp_path):
+    (tmp_path / "shadow").write_text("root:$y$SECRETHASH:19000\n")
+    err = refusal({"virtual_mailbox_domains": [f"{tmp_path}/shadow"]})
+    assert err.reason == f"{tmp_path}/shadow, line 1: a word that is neither a domain name nor a lookup table " \
+                         "mailflow takes"
+
+
+def test_an_exclusion_of_a_file_or_a_domain_says_the_lists_have_none(tmp_path):
+    (tmp_path / "list").write_text("example.org\n")
+    assert refusal({"relay_domains": [f"!{tmp_path}/list"]}).reason.startswith(
+        f"!{tmp_path}/list: an exclusion ('!'): mailflow's domain lists have none")
+    assert refusal({"mydestination": ["!example.org"]}).reason == \
+        "'!example.org' is an exclusion ('!'): mailflow's domain lists have none"
+
+
+async def rcpt_reply(port: int, recipient: str) -> str:
+    client = await SmtpClient.connect(port)
+    for command in ("EHLO client.test", "MAIL FROM:<s@example.org>"):
+        assert (await client.cmd(command)).code == 250
+    reply = (await client.cmd(f"RCPT TO:<{recipient}>")).text
+    await client.close()
+    return reply
+
+
+async def test_a_domain_list_s_file_is_read_again_at_a_reload(mailflow_server, tmp_path):
+    """docker-mailserver rewrites its vhost file when an account is added, then reloads Postfix."""
+    (tmp_path / "relayed").write_text("a.example\n")
+    mf = await mailflow_server(relay_domains=[f"{tmp_path}/relayed"], mynetworks=[],
+                               smtpd={"relay_restrictions": ["reject_unauth_destination"]})
+    port = mf.smtp_addresses[0][1]
+    assert (await rcpt_reply(port, "r@a.example")).startswith("250 ")
+    assert await rcpt_reply(port, "r@b.example") == "554 5.7.1 <r@b.example>: Relay access denied"
+    (tmp_path / "relayed").write_text("a.example\nb.example\n")
+    await mf.reload(config_from_dict(mf.config.model_dump()))
+    assert (await rcpt_reply(port, "r@b.example")).startswith("250 ")
