@@ -10,7 +10,8 @@ listener, `127.0.0.1:10025`), its `-o name=value` through the one table as overr
 changes nothing the line did not say. A `postscreen` inet service turns [smtpd.postscreen] on (smtpd.postscreen.enable)
 for its port, which takes the `smtpd pass` service's -o; every smtpd service's listener then gets
 `postscreen = {enable = false}` (Postfix screens the postscreen port only). `pipe` services become `[pipe.NAME]` (flags,
-user, argv, size, null_sender, directory). Postfix's own services under their own names with no `-o` are built in;
+user, argv, size, null_sender, directory; a bare argv[0] is the path execvp finds on Postfix's PATH, PIPE_PATH).
+Postfix's own services under their own names with no `-o` are built in;
 a maxproc on a transport becomes queue.transport_concurrency_limit, on an smtpd service smtpd.max_sessions (the
 `smtp` service's in [smtpd], another's as its listener's override where it differs; 0 is left out). Another smtp
 or lmtp service (`smtp-amavis`, `slow`) is an `[smtp.services.NAME]` (or lmtp) of its name: each -o that is one of
@@ -28,6 +29,7 @@ transport mailflow then does not have).
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 
 from mailflow.config import postfix_names as names
@@ -591,10 +593,28 @@ def _pipe_service(importer: ImportState, service: Service) -> None:
         pipe["user"] = user.split(":")[0]
         importer.out.notes.append(f"{service.line.where}: pipe {service.name} runs as {pipe['user']} with that "
                                   f"user's group (Postfix's user={user} names the group)")
+    if "/" not in argv[0] and "$" not in argv[0]:
+        command = _on_default_path(argv[0])
+        importer.out.notes.append(f"{service.line.where}: pipe {service.name}: argv={argv[0]} is {command} (Postfix's "
+                                  f"pipe runs a command through execvp with PATH={PIPE_PATH}, _PATH_DEFPATH: the first "
+                                  f"of those that holds {argv[0]}" + ("" if os.path.exists(command) else
+                                                                      ", none here") + ")")
+        argv[0] = command
     pipe["argv"] = [re.sub(r"\$(?!\{)([a-z_]+)", r"${\1}", a) for a in argv]  # pipe(8) takes $name too
     pipe["origin"] = service.line.where
     importer.out.pipes[service.name] = pipe
     _concurrency_limit(importer, service)
+
+
+PIPE_PATH = "/usr/bin:/bin"  # Postfix's _PATH_DEFPATH on Linux (paths.h), the PATH pipe_command sets
+
+
+def _on_default_path(name: str) -> str:
+    """A bare command name as execvp finds it on PIPE_PATH: the first directory holding an executable `name`, else
+    the first directory's (mailflow's pipe needs an absolute path)."""
+    directories = PIPE_PATH.split(":")
+    return next((f"{d}/{name}" for d in directories if os.access(f"{d}/{name}", os.X_OK)),
+                f"{directories[0]}/{name}")
 
 
 def _concurrency_limit(importer: ImportState, service: Service) -> None:

@@ -858,6 +858,25 @@ def test_a_per_transport_entry_for_a_master_cf_pipe_is_kept_and_a_non_numeric_ma
     assert code == 1 and err.splitlines()[1:] == ["  master.cf:2: master.cf relay maxproc: not a number"]
 
 
+def test_a_pipe_s_bare_command_name_is_where_postfix_s_pipe_finds_it_on_its_path(tmp_path):
+    """Postfix's pipe runs argv through execvp with PATH=_PATH_DEFPATH (/usr/bin:/bin on Linux: pipe_command.c):
+    Debian 12's stock `uucp … argv=uux …` was left out (mailflow's argv[0] is an absolute path), its import exit 1."""
+    main = write(tmp_path, "main.cf", "myhostname = mx.example.com\n")
+    master = write(tmp_path, "master.cf", "smtp inet n - y - - smtpd\n"
+                   "shell unix - n n - - pipe\n  user=nobody argv=sh -c true\n"
+                   "gone unix - n n - - pipe\n  user=nobody argv=no-such-command-here -x\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    pipes = checked(tmp_path / "mailflow.toml")["pipe"]
+    sh = next(f"{d}/sh" for d in ("/usr/bin", "/bin") if os.access(f"{d}/sh", os.X_OK))
+    assert code == 0, err
+    assert pipes["shell"]["argv"] == [sh, "-c", "true"]
+    assert pipes["gone"]["argv"] == ["/usr/bin/no-such-command-here", "-x"]
+    text = (tmp_path / "mailflow.toml").read_text()
+    assert (f"master.cf:2: pipe shell: argv=sh is {sh} (Postfix's pipe runs a command through execvp with "
+            "PATH=/usr/bin:/bin, _PATH_DEFPATH: the first of those that holds sh)") in text
+    assert "argv=no-such-command-here is /usr/bin/no-such-command-here (" in text and ", none here)" in text
+
+
 @pytest.mark.parametrize("main_cf, left_out", [
     ("mydomain = $nope\n", ["mydestination (Postfix's default)", "mydomain"]),
     ("myhostname = $nope\n", ["mydestination (Postfix's default)", "myhostname"]),
