@@ -22,6 +22,7 @@ See postfix_import's docstring for the rules.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -621,12 +622,19 @@ _PEM_BEGIN = re.compile(r"^-----BEGIN ([A-Z0-9 ]+)-----", re.MULTILINE)
 _PEM_FILE_BYTES = 1 << 20
 
 
-def chain_files_pair(files: list[str]) -> tuple[str, str]:
+LEGACY_CERTIFICATES = ("smtpd_tls_cert_file", "smtpd_tls_key_file", "smtpd_tls_dcert_file", "smtpd_tls_dkey_file",
+                       "smtpd_tls_eccert_file", "smtpd_tls_eckey_file")  # ignored under smtpd_tls_chain_files
+
+
+def chain_files_pair(files: list[str], queue: str, notes: list[str]) -> tuple[str, str]:
     """smtpd_tls_chain_files (PEM files that, concatenated, are key1, cert1, [chain1], key2, …) as mailflow's one
     (certificate file, key file): one key, first, its certificate and chain in one file (the key's or the next).
+    A relative file is taken from `queue` (queue_directory: Postfix's smtpd opens its TLS files from there; noted).
     A file this user cannot read (a key readable by root only) is told by its place: the only file holds both, a
     file before one of certificates is the key, a file after a key alone holds the certificates. Refused: several
-    keys (mailflow's smtpd serves one certificate), or files whose roles cannot be told."""
+    keys (mailflow's smtpd serves one certificate), or other layouts of one key (its certificate and chain in two
+    files, the key's and another's: the reason says to concatenate them), or files whose roles cannot be told."""
+    files = [_tls_file_from_queue_directory(path, queue, notes) for path in files]
     kinds: list[list[str] | None] = []
     for path in files:
         try:
@@ -649,9 +657,19 @@ def chain_files_pair(files: list[str]) -> tuple[str, str]:
     if keys > 1:
         raise Refused(f"{keys} keys with their certificates: mailflow's smtpd serves one certificate (set "
                       "smtpd.tls_cert_file and smtpd.tls_key_file to one of the pairs)")
-    raise Refused("mailflow's smtpd takes one key and its certificate chain: "
+    raise Refused("mailflow's smtpd takes one key and its certificate chain, the certificates in one file (the "
+                  "key's or the next): "
                   + ("a file here cannot be read to tell which holds what; " if None in kinds else "")
-                  + "set smtpd.tls_cert_file and smtpd.tls_key_file")
+                  + "concatenate the certificate files into one (cat cert.pem chain.pem > fullchain.pem) and set "
+                    "smtpd.tls_cert_file and smtpd.tls_key_file")
+
+
+def _tls_file_from_queue_directory(path: str, queue: str, notes: list[str]) -> str:
+    if not path or os.path.isabs(path):
+        return path
+    absolute = os.path.join(queue, path)
+    notes.append(f"{path} is {absolute} (Postfix opens a relative TLS file from queue_directory)")
+    return absolute
 
 
 def convert(name: str, key: str, value: str, notes: list[str]) -> object:

@@ -55,7 +55,8 @@ from mailflow.config.postfix_cf import (POSTFIX_TABLE_DEFAULTS, SASL_OPTIONS, Ex
                                         Refused, Service, Unexpanded, UnreadableFile, convert, from_queue_directory,
                                         read_main_cf, read_master_cf, restriction_items, dovecot_sasl_path, split_list,
                                         merged_timeouts_agree, reject_tempfail_action, sasl_security_options,
-                                        table_spec, legacy_tls_level, chain_files_pair)
+                                        table_spec, legacy_tls_level, chain_files_pair,
+                                        LEGACY_CERTIFICATES)
 from mailflow.config.postfix_master import translate_service
 from mailflow.config.show import format_setting
 from mailflow.config.smtpd import LISTENER_ROLES, SMTPD_BANNER
@@ -267,7 +268,7 @@ class Importer:
         return value
 
     def _parameter(self, name: str, line: Line, raw: str) -> None:
-        if name in _LEGACY_CERTIFICATES and self._chain_files_set():
+        if name in LEGACY_CERTIFICATES and self._chain_files_set():
             self.out.notes.append(f"{line.where}: {name} = {raw} applies to nothing: smtpd_tls_chain_files is set, "
                                   "and Postfix then ignores the legacy certificate and key files")
             return
@@ -420,7 +421,7 @@ class Importer:
                 self.out.notes.append(f"{line.where}: {name} = {raw} is empty: smtpd_tls_cert_file and "
                                       "smtpd_tls_key_file apply, as Postfix takes it")
                 return
-            cert, key = chain_files_pair(files)
+            cert, key = chain_files_pair(files, self.queue_directory(), self.out.notes)
             self._set(name, line, raw, "smtpd.tls_cert_file", cert)
             self._set(name, line, raw, "smtpd.tls_key_file", key)
         elif name == "smtpd_banner":
@@ -1011,8 +1012,6 @@ def _client_refusal(parts: list[str], clients: dict[str, dict[str, object]]) -> 
 
 
 _VALUE_READ = ("queue_directory", "inet_protocols", "mail_name")  # not needed as settings, their values read
-_LEGACY_CERTIFICATES = ("smtpd_tls_cert_file", "smtpd_tls_key_file", "smtpd_tls_dcert_file", "smtpd_tls_dkey_file",
-                        "smtpd_tls_eccert_file", "smtpd_tls_eckey_file")  # ignored under smtpd_tls_chain_files
 TLS_PAIR = ("smtpd.tls_cert_file", "smtpd.tls_key_file")  # smtpd's certificate and its key, read at start
 TLS_FILES = ("tls_cert_file", "tls_key_file", "tls_ca_file")  # smtpd's and smtp's, a listener's: files read at start
 

@@ -35,7 +35,8 @@ import re
 from mailflow.config import postfix_names as names
 from mailflow.config.base import BUILTIN_TRANSPORTS, RELAY, TRANSPORT_NAME
 from mailflow.config.delivery import REPLACEABLE
-from mailflow.config.postfix_cf import (SASL_OPTIONS, Expander, ImportState, Refused, Service, Unexpanded, convert,
+from mailflow.config.postfix_cf import (LEGACY_CERTIFICATES, SASL_OPTIONS, Expander, ImportState, Refused, Service,
+                                        Unexpanded, chain_files_pair, convert,
                                         legacy_tls_level, dovecot_sasl_path, from_queue_directory,
                                         merged_timeouts_agree, reject_tempfail_action, sasl_security_options)
 from mailflow.config.smtpd import LISTENER_ROLES, SECTION_ONLY
@@ -442,6 +443,14 @@ def _overrides(importer: ImportState, service: Service, options: list[tuple[str,
             else:
                 overrides["restriction_classes"] = {}  # none, as Postfix's smtpd then knows none
             continue
+        if name in LEGACY_CERTIFICATES and _chain_files(importer, expander, options):
+            importer.out.notes.append(f"{service.line.where}: {service.name} -o {name}={raw} applies to nothing: "
+                                      "smtpd_tls_chain_files is set for the service, and Postfix then ignores the "
+                                      "legacy certificate and key files")
+            continue
+        if name == "smtpd_tls_chain_files":
+            _chain_files_override(importer, service, expander, options, raw, value, overrides)
+            continue
         keys = names.SETTINGS.get(name, ())
         try:
             if not keys and _noted_option(importer, service, expander, name, raw, value, tls_required,
@@ -477,6 +486,50 @@ def _overrides(importer: ImportState, service: Service, options: list[tuple[str,
     if inherited:
         overrides["sasl_path"] = inherited
     return overrides
+
+
+def _chain_files(importer: ImportState, expander: Expander, options: list[tuple[str, str]]) -> bool:
+    """Whether the service's smtpd_tls_chain_files (its -o, else main.cf's) is set: Postfix's smtpd then takes it and
+    ignores the legacy certificate and key files (tls_certkey.c); one that cannot be expanded counts as set."""
+    raw = dict(options).get("smtpd_tls_chain_files",
+                            importer.params["smtpd_tls_chain_files"][1] if "smtpd_tls_chain_files" in importer.params
+                            else "")
+    try:
+        return bool(expander.expand(raw).strip())
+    except Unexpanded:
+        return True
+
+
+def _chain_files_override(importer: ImportState, service: Service, expander: Expander,
+                          options: list[tuple[str, str]], raw: str, value: str, overrides: dict[str, object]) -> None:
+    """-o smtpd_tls_chain_files: the listener's certificate pair (chain_files_pair), left out when mailflow cannot
+    take it; empty, the legacy files apply: the service's own -o (translated with the others), else main.cf's."""
+    where = f"{service.line.where}: {service.name} -o smtpd_tls_chain_files={raw}"
+    files = value.replace(",", " ").split()
+    if files:
+        try:
+            overrides["tls_cert_file"], overrides["tls_key_file"] = chain_files_pair(
+                files, importer.queue_directory(), importer.out.notes)
+        except Refused as e:
+            importer.out.leave_out(service.line.where, f"master.cf {service.name} -o smtpd_tls_chain_files", raw,
+                                   str(e))
+        return
+    importer.out.notes.append(f"{where} is empty: the legacy certificate and key files apply, as Postfix takes it")
+    if any(name in ("smtpd_tls_cert_file", "smtpd_tls_key_file") for name, _ in options) or \
+            not _chain_files(importer, expander, []):
+        return  # (its own legacy -o are translated; without main.cf's chain files [smtpd]'s pair is the legacy one)
+    try:
+        cert = _main_cf_path(importer, expander, "smtpd_tls_cert_file")
+        key = _main_cf_path(importer, expander, "smtpd_tls_key_file") or cert  # (Postfix's default: the cert's)
+    except Unexpanded as e:
+        importer.out.leave_out(service.line.where, f"master.cf {service.name} -o smtpd_tls_chain_files", raw,
+                               e.reason())
+        return
+    overrides["tls_cert_file"], overrides["tls_key_file"] = cert, key
+
+
+def _main_cf_path(importer: ImportState, expander: Expander, name: str) -> str:
+    return expander.expand(importer.params[name][1]).strip() if name in importer.params else ""
 
 
 def _reject_tempfail_overrides(importer: ImportState, service: Service, options: list[tuple[str, str]], raw: str,
