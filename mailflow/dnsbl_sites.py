@@ -8,7 +8,8 @@
 An entry is `domain[=filter][*weight]`: the weight (default 1; negative weights allowlist) is added to the
 client's score once when the filter accepts any of the list's replies (Postfix's psc_dnsbl_receive). A filter is
 four dot-separated octet patterns, each a number or `[a..b]` / `[a;b;c]` lists of numbers and ranges, as Postfix's
-ip_match.
+ip_match (ASCII digits, leading zeros taken; `;` only inside brackets; one pair of brackets around the whole pattern
+dropped; an empty pattern refused).
 
 Failure behaviour: a malformed entry raises ValueError saying what is wrong (the configuration names the key).
 """
@@ -18,9 +19,15 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-_ENTRY = re.compile(r"(?P<domain>[^=*\s]+)(?:=(?P<filter>[^*\s]+))?(?:\*(?P<weight>-?\d+))?")
-_OCTET_PATTERNS = re.compile(r"\[[^\]]*\]|[^.\[]+")
-_RANGE = re.compile(r"(\d{1,3})(?:\.\.(\d{1,3}))?")
+_ENTRY = re.compile(r"(?P<domain>[^=*\s]+)(?:=(?P<filter>[^*\s]+))?(?:\*(?P<weight>-?[0-9]+))?")
+# ip_match's grammar (ip_match.c): four fields separated by ".", each a decimal number 0..255 (ASCII digits, leading
+# zeros taken) or "[" items separated by ";" "]", an item a number or a range "a..b" (a <= b)
+_NUMBER = r"[0-9]+"
+_ITEM = rf"{_NUMBER}(?:\.\.{_NUMBER})?"
+_FIELD = rf"(?:{_NUMBER}|\[{_ITEM}(?:;{_ITEM})*\])"
+_PATTERN = re.compile(rf"{_FIELD}(?:\.{_FIELD}){{3}}")
+_FIELDS = re.compile(rf"{_NUMBER}|\[[^\]]*\]")
+_RANGE = re.compile(rf"({_NUMBER})(?:\.\.({_NUMBER}))?")
 
 
 @dataclass(frozen=True)
@@ -53,21 +60,38 @@ def parse_dnsbl_site(entry: str) -> DnsblSite:
 
 
 def reply_filter(pattern: str) -> tuple[frozenset[int], ...]:
-    parts = _OCTET_PATTERNS.findall(pattern)
-    if len(parts) != 4 or ".".join(parts) != pattern:
-        raise ValueError(f"filter {pattern!r} has not four octets")
-    return tuple(_octet(part, pattern) for part in parts)
+    """The octet sets of a filter as Postfix's ip_match_parse takes it: one pair of brackets around the whole
+    pattern dropped (`[127.0.0.[2..11]]`), then four fields; ValueError saying why, an empty pattern too."""
+    text = _without_outer_brackets(pattern)
+    if not text:
+        raise ValueError(f"filter {pattern!r}: empty address pattern")
+    if not _PATTERN.fullmatch(text):
+        raise ValueError(f"filter {pattern!r} is not four octets, each a number or [a..b] / [a;b]")
+    return tuple(_octet(part, pattern) for part in _FIELDS.findall(text))
+
+
+def _without_outer_brackets(pattern: str) -> str:
+    """`pattern` without brackets around all of it (ip_match.c: "Strip [] around the entire pattern")."""
+    if not pattern.startswith("["):
+        return pattern
+    level = 0
+    for index, char in enumerate(pattern):
+        level += (char == "[") - (char == "]")
+        if char == "]" and level == 0:
+            return pattern[1:-1] if index == len(pattern) - 1 else pattern
+    raise ValueError(f"filter {pattern!r}: missing \"]\" character")
 
 
 def _octet(part: str, pattern: str) -> frozenset[int]:
-    inner = part[1:-1] if part.startswith("[") and part.endswith("]") else part
+    inner = part[1:-1] if part.startswith("[") else part
     values: set[int] = set()
     for item in inner.split(";"):
         found = _RANGE.fullmatch(item)
-        if found is None:
-            raise ValueError(f"filter {pattern!r}: {part!r} is not a number, [a..b] or [a;b]")
+        assert found is not None  # (the pattern matched)
         low, high = int(found.group(1)), int(found.group(2) or found.group(1))
-        if high > 255 or low > high:
+        if high > 255:
             raise ValueError(f"filter {pattern!r}: {part!r} is not within 0..255")
+        if low > high:
+            raise ValueError(f"filter {pattern!r}: {part!r} is a numeric range error (a..b needs a <= b)")
         values.update(range(low, high + 1))
     return frozenset(values)

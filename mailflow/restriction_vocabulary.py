@@ -183,9 +183,9 @@ def check_item(text: object, classes: Iterable[str] = ()) -> str:
     if name == "check_policy_service":
         parse_policy_service(arg)
     if name == "reject_rbl_client" or name in RHSBL_CHECKS or name in DNSWL_CHECKS:
-        rbl_domain, _, wanted = arg.partition("=")
+        rbl_domain, equals, wanted = arg.partition("=")
         try:
-            filtered = not wanted or bool(reply_filter(wanted))
+            filtered = not equals or bool(reply_filter(wanted))  # (D= is Postfix's "empty address pattern")
         except ValueError:
             filtered = False
         if not normalise_domain(rbl_domain) or not filtered:

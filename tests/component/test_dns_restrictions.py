@@ -74,6 +74,10 @@ async def resolver(dns_zone):
      "a number or [a..b] / [a;b;c], as 127.0.0.[2..11])"),
     (["reject_rbl_client bl.test=127.0.0.[2..300]"],
      "[0]: reject_rbl_client: 'bl.test=127.0.0.[2..300]' is not a DNSBL (domain, or domain=d.d.d.d"),
+    (["reject_rbl_client bl.test="], "[0]: reject_rbl_client: 'bl.test=' is not a DNSBL"),  # Postfix: empty pattern
+    (["reject_rbl_client bl.test=127.0.0.2;3"], "[0]: reject_rbl_client: 'bl.test=127.0.0.2;3' is not a DNSBL"),
+    (["reject_rbl_client bl.test=127.0.0.\u0661\u0661"], "[0]: reject_rbl_client: 'bl.test=127.0.0.\u0661\u0661' is "
+                                                        "not a DNSBL"),  # (no digit to Postfix's ISDIGIT)
     (["permit_mx_backup example.com"], "[0]: 'permit_mx_backup' takes no argument"),
     (["reject_unknown_helo_hostname yes"], "[0]: 'reject_unknown_helo_hostname' takes no argument"),
 ])

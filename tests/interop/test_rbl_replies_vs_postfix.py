@@ -41,6 +41,8 @@ localhost.                60 IN A   127.0.0.1
 1.0.0.127.long.test.      60 IN TXT "{X200}"
 1.0.0.127.mapped.test.    60 IN A   127.0.0.3
 1.0.0.127.mapped.test.    60 IN TXT "mapped reason"
+1.0.0.127.ten.test.       60 IN A   10.0.0.2
+1.0.0.127.ten.test.       60 IN TXT "outside 127"
 spam.test.rhs.test.       60 IN A   127.0.0.2
 spam.test.rhs.test.       60 IN TXT "domain listed"
 local.test.rhs.test.      60 IN A   127.0.0.2
@@ -75,6 +77,9 @@ CLASSES = {  # a restriction class per case; the session's sender names it
     "mappeddomain": "reject_rbl_client mapped.test",
     "ranged": "reject_rbl_client mapped.test=127.0.0.[2..4]",  # ip_match's forms (Mail-in-a-Box's [2..11])
     "listed": "reject_rbl_client mapped.test=127.0.[0;9].[1;3;5]",
+    "bracketed": "reject_rbl_client mapped.test=[127.0.0.[3..4]]",  # ip_match drops brackets around it all
+    "zeros": "reject_rbl_client mapped.test=127.0.0.003",  # and reads leading zeros
+    "tenfiltered": "reject_rbl_client ten.test=10.0.0.[1..2]",  # a filter alone decides (rbl_match_addr)
     "keyed": "reject_rbl_client keyed.test=127.0.0.2",
     "unkeyed": "reject_rbl_client keyed.test",
     "nodsn": "reject_rbl_client nodsn.test",

@@ -5,8 +5,8 @@ reject_unknown_recipient_domain (Postfix's postconf(5) meanings; the ones that a
 server_checks.py's). restrictions.py decides when each runs; this module asks the resolver and words the answer.
 
     DnsChecks(resolver, rewriter, unknown_address_reject_code, unknown_address_tempfail_action)
-        .rbl(arg, facts), .rhsbl(kind, arg, facts)      listed (127.x, or an answer the filter takes): a Listed, with
-                                                         the list's TXT reason (rbl_replies.py words the reply)
+        .rbl(arg, facts), .rhsbl(kind, arg, facts)      listed (127.x; with a filter, an answer it takes): a Listed,
+                                                         with the list's TXT reason (rbl_replies.py words the reply)
         .allowlisted(kind, arg, facts) -> bool           permit_dnswl_client (kind "client": the address) and
                                                          permit_rhswl_client ("client_name": the verified name)
                                                          listed as reject_rbl_client's lists are; a lookup that
@@ -95,8 +95,8 @@ class DnsChecks:
     # -------------------------------------------------------------------------------- block lists
 
     async def rbl(self, arg: str, facts: Facts) -> Listed | None:
-        """reject_rbl_client: the client's address (reversed) under the list has an address (127.x, or one the filter
-        takes) -> what the list said (its TXT reason too); None when not listed or it cannot be asked."""
+        """reject_rbl_client: the client's address (reversed) under the list has an address (127.x; with a filter,
+        one it takes) -> what the list said (its TXT reason too); None when not listed or it cannot be asked."""
         rbl_domain, _, wanted = arg.partition("=")
         query = rbl_query_name(facts.client_addr, rbl_domain)
         if query is None or not await self._listed(query, wanted, facts.memo):
@@ -104,8 +104,8 @@ class DnsChecks:
         return Listed(arg, facts.client_addr, "Client host", await self._reason(query, facts.memo))
 
     async def rhsbl(self, kind: str, arg: str, facts: Facts) -> Listed | None:
-        """reject_rhsbl_<kind>: `<domain>.<rbl>` has an address (127.x, or one the filter takes) -> what the list said;
-        what was looked up is named as Postfix names it: the whole sender or recipient address, else the name."""
+        """reject_rhsbl_<kind>: `<domain>.<rbl>` has an address (127.x; with a filter, one it takes) -> what the list
+        said; what was looked up is named as Postfix names it: the whole sender or recipient address, else the name."""
         rbl_domain, _, wanted = arg.partition("=")
         subject, what = await self._rhsbl_subject(kind, facts)
         subject = subject or ""
@@ -127,9 +127,9 @@ class DnsChecks:
         return addr, ("Sender address" if kind == "sender" else "Recipient address")
 
     async def _listed(self, query: str, wanted: str, memo: dict) -> bool | None:
-        """`query` has an address (127.x, or one the filter `wanted` takes: `127.0.0.2`, `127.0.0.[2..11]`, as
-        Postfix's ip_match); None when the DNS cannot tell (logged once: the answer, a failure too, is kept in the
-        session's `memo`, as Postfix's smtpd keeps it in its RBL cache)."""
+        """`query` has an address (127.x without a filter; with one, any the filter `wanted` takes: `127.0.0.2`,
+        `127.0.0.[2..11]`, as Postfix's ip_match and rbl_match_addr); None when the DNS cannot tell (logged once: the
+        answer, a failure too, is kept in the session's `memo`, as Postfix's smtpd keeps it in its RBL cache)."""
         if self._resolver is None:
             return False
         key = ("dnsxl", query)
@@ -139,8 +139,8 @@ class DnsChecks:
         if answers is None:
             return None
         octets = reply_filter(wanted) if wanted else None
-        return any(is_ipv4(a) and a.startswith("127.") and (octets is None or filter_matches(octets, a))
-                   for a in answers)
+        return any(is_ipv4(a) and (a.startswith("127.") if octets is None else filter_matches(octets, a))
+                   for a in answers)  # (a filter alone decides, as Postfix's rbl_match_addr, postscreen's too)
 
     async def _list_answers(self, query: str) -> tuple[str, ...] | None:
         """The A records of a list's `query` (Postfix asks no AAAA of a list); None when the lookup failed."""
