@@ -451,6 +451,11 @@ def _overrides(importer: ImportState, service: Service, options: list[tuple[str,
         if name == "smtpd_tls_chain_files":
             _chain_files_override(importer, service, expander, options, raw, value, overrides)
             continue
+        if name in _NOT_SMTPD_S or name.startswith(("smtp_", "lmtp_")):  # (by its prefix, whether mailflow has it)
+            importer.out.notes.append(f"{service.line.where}: {service.name} -o {name}={raw} applies to nothing: "
+                                      + _NOT_SMTPD_S.get(name, "Postfix's smtpd does not read its delivery clients' "
+                                                               "parameters"))
+            continue
         keys = names.SETTINGS.get(name, ())
         try:
             if not keys and _noted_option(importer, service, expander, name, raw, value, tls_required,
@@ -458,11 +463,6 @@ def _overrides(importer: ImportState, service: Service, options: list[tuple[str,
                 continue
         except Refused as e:
             importer.out.leave_out(service.line.where, f"master.cf {service.name} -o {name}", raw, str(e))
-            continue
-        if name in _NOT_SMTPD_S or keys and all(k.startswith(("smtp.", "lmtp.")) for k in keys):
-            importer.out.notes.append(f"{service.line.where}: {service.name} -o {name}={raw} applies to nothing: "
-                                      + _NOT_SMTPD_S.get(name, "Postfix's smtpd does not read its delivery clients' "
-                                                               "parameters"))
             continue
         if not keys or not all(k.startswith("smtpd.") and k.removeprefix("smtpd.") not in SECTION_ONLY
                                for k in keys):

@@ -858,6 +858,23 @@ def test_a_per_transport_entry_for_a_master_cf_pipe_is_kept_and_a_non_numeric_ma
     assert code == 1 and err.splitlines()[1:] == ["  master.cf:2: master.cf relay maxproc: not a number"]
 
 
+def test_a_delivery_client_s_o_on_an_smtpd_service_applies_to_nothing_by_its_prefix(tmp_path):
+    """An -o smtp_*/lmtp_* on an smtpd service is read by no smtpd: a note whether or not mailflow has a key for the
+    name (smtp_tls_security_level was a note, smtp_send_xforward_command, smtp_dns_support_level and
+    lmtp_tls_protocols were left out, exit 1)."""
+    main = write(tmp_path, "main.cf", "myhostname = mx.example.com\n")
+    master = write(tmp_path, "master.cf", "smtp inet n - y - - smtpd\n127.0.0.1:10025 inet n - n - - smtpd\n"
+                   "  -o smtp_tls_security_level=none\n  -o smtp_send_xforward_command=yes\n"
+                   "  -o smtp_dns_support_level=disabled\n  -o lmtp_tls_protocols=!SSLv2\n")
+    code, err = run_import(main, master, tmp_path / "mailflow.toml")
+    [listener] = checked(tmp_path / "mailflow.toml")["smtpd"]["listeners"]
+    assert (code, err) == (0, "")
+    text = (tmp_path / "mailflow.toml").read_text()
+    for option in ("smtp_tls_security_level=none", "smtp_send_xforward_command=yes",
+                   "smtp_dns_support_level=disabled", "lmtp_tls_protocols=!SSLv2"):
+        assert f"master.cf:2: 127.0.0.1:10025 -o {option} applies to nothing: Postfix's smtpd does not read" in text
+
+
 def test_a_pipe_s_bare_command_name_is_where_postfix_s_pipe_finds_it_on_its_path(tmp_path):
     """Postfix's pipe runs argv through execvp with PATH=_PATH_DEFPATH (/usr/bin:/bin on Linux: pipe_command.c):
     Debian 12's stock `uucp … argv=uux …` was left out (mailflow's argv[0] is an absolute path), its import exit 1."""
