@@ -1,9 +1,12 @@
 """`mailflow config import` on the configurations people run: tests/interop/postfix_corpus holds Debian 12's stock
 files, docker-mailserver's, mailcow-dockerized's, iRedMail's samples and the main.cf Mail-in-a-Box's setup scripts
 make (each file says where it came from). For each: no traceback; every line left out is named by its file:line,
-parameter and reason; the output loads; and each setting it writes means what Postfix 3.7 means, main.cf's as
-`postconf -n -x` shows them, each master.cf service's -o (a listener's overrides, the role's presets included) as
-`postconf -P -x` shows them, $service_name and the service's own -o values expanded."""
+parameter and reason; the output loads (with the configuration loader, its files read: a domain list's /file/name
+too); and each setting it writes means what Postfix 3.7 means, main.cf's as `postconf -n -x` shows them (the
+converted ones too: smtpd_banner, smtpd_tls_chain_files, inet_interfaces), each master.cf service's -o (a listener's
+overrides, the role's presets included; a client service's settings) as `postconf -P -x` shows them, $service_name
+and the service's own -o values expanded; and every -o `postconf -P` lists is accounted for: carried, noted, or
+named as left out."""
 from __future__ import annotations
 
 import re
@@ -18,6 +21,7 @@ from mailflow.cli import app as cli
 from mailflow.config import load_config
 from mailflow.config import postfix_names as names
 from mailflow.config.postfix_import import import_postfix
+from mailflow.config.postfix_master import PORTS
 from tests.interop.test_config_import_vs_postconf import (UNITS, as_postfix_list, entry, from_queue_directory,
                                                           mailflow_meaning, mailflow_settings, postconf,
                                                           postfix_meaning)
@@ -28,11 +32,11 @@ CORPUS = Path(__file__).parent / "postfix_corpus"
 # taken as docs/config.md says, their own tests comparing them (normalize: false, noted)
 MAPPED_OWN_WAY = ("smtpd_forbid_bare_newline",)
 SETS = ("smtpd_discard_ehlo_keywords", "postscreen_discard_ehlo_keywords")  # their order means nothing
-PORTS = {"smtp": 25, "submission": 587, "smtps": 465, "submissions": 465}
 # files the configurations name that matter to what is compared (the others are missing here, and reported)
 FILES = {"docker-mailserver": {"/etc/ssl/private/ssl-cert-snakeoil.key": "key",
                                "/etc/ssl/certs/ssl-cert-snakeoil.pem": "certificates",
-                               "/etc/postfix/vhost": "# written by the container's start\nexample.org\nexample.net\n"}}
+                               "/etc/postfix/vhost": "# written by the container's start\n  example.org\n"
+                                                     "example.net #example.com, as a comment\n"}}
 
 
 def corpus(folder: Path, name: str) -> tuple[Path, Path]:
@@ -109,36 +113,116 @@ def main_cf_differences(etc: Path, out: Path, imported) -> tuple[int, list[str]]
     return compared, differ
 
 
-def service_differences(etc: Path, out: Path) -> tuple[int, list[str]]:
-    """Each smtpd service's -o, as postconf -P -x expands it, against the overrides of its listeners."""
-    listing = subprocess.run(["postconf", "-c", str(etc), "-P", "-x"], capture_output=True, text=True).stdout
-    defaults = postconf("-d")
-    listeners = tomllib.loads(out.read_text()).get("smtpd", {}).get("listeners", [])
-    screened = re.search(r"^(\S+)\s+inet\s.*\spostscreen\s*$", (etc / "master.cf").read_text(), re.MULTILINE)
+def converted_differences(etc: Path, doc: dict) -> tuple[int, list[str]]:
+    """main.cf's settings the import converts (names.CONVERTED, which main_cf_differences skips), those the corpus
+    sets: smtpd_banner (myhostname and smtpd.banner), smtpd_tls_chain_files (the certificate pair),
+    inet_interfaces with inet_protocols (smtpd.listen's addresses), against postconf -x."""
+    explicit, expanded = postconf("-c", str(etc), "-n"), postconf("-c", str(etc), "-x")
+    smtpd = doc.get("smtpd", {})
     differ, compared = [], 0
-    for line in listing.splitlines():
-        where, _, value = line.partition(" = ")
-        service, kind, name = where.split("/")
-        if kind == "pass" and screened:
-            service, kind = screened.group(1), "inet"
-        keys = () if name in MAPPED_OWN_WAY else names.SETTINGS.get(name, ())
-        if kind != "inet" or not keys or not all(k.startswith("smtpd.") for k in keys):
-            continue
-        host, _, port = service.rpartition(":")
-        port_number = PORTS.get(port) or (int(port) if port.isdigit() else None)
-        for listener in listeners:
-            address_host, _, address_port = listener["address"].rpartition(":")
-            if int(address_port) != port_number or (host and address_host.strip("[]") != host):
-                continue
-            for key in keys:
-                leaf = key.removeprefix("smtpd.")
-                if leaf not in listener["overrides"]:
-                    continue  # (left out, and reported, or noted)
-                compared += 1
-                if not same(listener["overrides"][leaf], value, name, defaults.get(name, "")):
-                    differ.append(f"{where} = {value!r} (postconf -P) vs {listener['address']} "
-                                  f"{leaf} = {listener['overrides'][leaf]!r} (mailflow)")
+    if "smtpd_banner" in explicit:
+        compared += 1
+        mine = f"{expanded['myhostname']} {smtpd.get('banner', '')}".strip()
+        if mine.split() != expanded["smtpd_banner"].split():
+            differ.append(f"smtpd_banner = {expanded['smtpd_banner']!r} (postconf) vs {mine!r} (mailflow)")
+    if explicit.get("smtpd_tls_chain_files"):
+        compared += 1
+        files = set(expanded["smtpd_tls_chain_files"].replace(",", " ").split())
+        pair = {smtpd.get("tls_cert_file"), smtpd.get("tls_key_file")}
+        if pair != files:
+            differ.append(f"smtpd_tls_chain_files = {files} (postconf) vs {pair} (mailflow)")
+    if "inet_interfaces" in explicit and smtpd.get("listen"):
+        compared += 1
+        wildcards = {"ipv4": {"0.0.0.0"}, "ipv6": {"[::]"}, "all": {"0.0.0.0", "[::]"}}
+        wanted = (wildcards[expanded["inet_protocols"]] if expanded["inet_interfaces"] == "all"
+                  else set(expanded["inet_interfaces"].replace(",", " ").split()))
+        mine = {address.rpartition(":")[0] for address in smtpd["listen"]}
+        if mine != wanted:
+            differ.append(f"inet_interfaces = {expanded['inet_interfaces']!r} (postconf) vs smtpd.listen {mine}")
     return compared, differ
+
+
+def postconf_p(etc: Path, *flags: str) -> list[tuple[str, str, str, str]]:
+    """(service, type, name, value) of each -o of master.cf, as `postconf -P` lists them (with `-x` expanded)."""
+    listing = subprocess.run(["postconf", "-c", str(etc), "-P", *flags], capture_output=True, text=True).stdout
+    return [(m[1], m[2], m[3], m[4] or "") for m in P_LINE.finditer(listing)]
+
+
+P_LINE = re.compile(r"^(\S+)/(\S+)/(\S+) =(?: (.*))?$", re.MULTILINE)  # service/type/name = value ("": `name =`)
+
+
+def listeners_of(etc: Path, doc: dict, service: str, kind: str) -> list[dict]:
+    """The listeners an smtpd inet service became (`smtpd pass`: the postscreen service's)."""
+    screened = re.search(r"^(\S+)\s+inet\s.*\spostscreen\s*$", (etc / "master.cf").read_text(), re.MULTILINE)
+    if kind == "pass" and screened:
+        service, kind = screened.group(1), "inet"
+    if kind != "inet":
+        return []
+    host, _, port = service.rpartition(":")
+    port_number = PORTS.get(port) or (int(port) if port.isdigit() else None)
+    return [listener for listener in doc.get("smtpd", {}).get("listeners", [])
+            if int(listener["address"].rpartition(":")[2]) == port_number
+            and (not host or listener["address"].rpartition(":")[0].strip("[]") == host)]
+
+
+def client_service(doc: dict, service: str) -> tuple[str, dict] | None:
+    """("smtp" or "lmtp", its table) of the [smtp.services.NAME] or [lmtp.services.NAME] a master.cf service became."""
+    for section in ("smtp", "lmtp"):
+        table = doc.get(section, {}).get("services", {}).get(service)
+        if table is not None:
+            return section, table
+    return None
+
+
+def service_differences(etc: Path, doc: dict) -> tuple[int, list[str]]:
+    """Each -o of an smtpd service, or of an smtp/lmtp client service, as postconf -P -x expands it, against the
+    overrides of its listeners or the settings of its [smtp.services.NAME]."""
+    defaults = postconf("-d")
+    differ, compared = [], 0
+    for service, kind, name, value in postconf_p(etc, "-x"):
+        keys = () if name in MAPPED_OWN_WAY else names.SETTINGS.get(name, ())
+        if not keys:
+            continue
+        targets: list[tuple[str, dict, str]] = []  # (what, its table, the prefix of its keys)
+        if all(k.startswith("smtpd.") for k in keys):
+            targets = [(listener["address"], listener["overrides"], "smtpd.")
+                       for listener in listeners_of(etc, doc, service, kind)]
+        elif (client := client_service(doc, service)) is not None and all(k.startswith(client[0] + ".") for k in keys):
+            targets = [(f"[{client[0]}.services.{service}]", client[1], client[0] + ".")]
+        for what, table, prefix in targets:
+            for key in keys:
+                leaf = key.removeprefix(prefix)
+                if leaf not in table:
+                    continue  # (every -o is accounted for: unaccounted_options)
+                compared += 1
+                if not same(table[leaf], value, name, defaults.get(name, "")):
+                    differ.append(f"{service}/{kind}/{name} = {value!r} (postconf -P) vs {what} {leaf} = "
+                                  f"{table[leaf]!r} (mailflow)")
+    return compared, differ
+
+
+# -o's that leave no override of their name: what the listener became instead (its role, its TLS)
+CONSUMED = {"smtpd_tls_wrappermode": lambda listener: listener["role"] == "submissions"}
+
+
+def unaccounted_options(etc: Path, doc: dict, text: str) -> list[str]:
+    """Each -o of `postconf -P` that the output neither carries (a listener's override, a client service's setting,
+    what the listener became: CONSUMED), notes, nor names as left out (the -o or its whole service)."""
+    missing = []
+    for service, kind, name, value in postconf_p(etc):
+        if f"{service} -o {name}" in text or f"master.cf {service} = " in text:
+            continue
+        keys = names.SETTINGS.get(name, ())
+        listeners = listeners_of(etc, doc, service, kind)
+        client = client_service(doc, service)
+        leaves = {key.partition(".")[2] for key in keys}
+        if listeners and (all(leaves & set(listener["overrides"]) for listener in listeners) and leaves
+                          or name in CONSUMED and all(CONSUMED[name](listener) for listener in listeners)):
+            continue
+        if client is not None and leaves & set(client[1]):
+            continue
+        missing.append(f"{service}/{kind}/{name} = {value}")
+    return missing
 
 
 LEFT_OUT_LINE = re.compile(r"  (?:(?:main|master)\.cf:\d+|\(no [a-z_, ]+ in main\.cf\)[^:]*): .+: \S.*")
@@ -156,9 +240,13 @@ def test_a_corpus_configuration_imports_with_every_left_out_line_named_and_its_m
     assert len(lines) == len(imported.left_out) and (code == 1) == bool(lines)
     compared, differ = main_cf_differences(main_cf.parent, out, imported)
     assert differ == [] and compared >= 3
-    compared, differ = service_differences(main_cf.parent, out)
+    assert converted_differences(main_cf.parent, tomllib.loads(out.read_text()))[1] == []
+    doc, text = tomllib.loads(out.read_text()), out.read_text()
+    compared, differ = service_differences(main_cf.parent, doc)
     assert differ == []
-    EXPECTED[name](tmp_path, tomllib.loads(out.read_text()), out.read_text(), lines, compared)
+    assert unaccounted_options(main_cf.parent, doc, text) == []
+    load_config(out)  # (a `config check`: the output loads, its files read)
+    EXPECTED[name](tmp_path, doc, text, lines, compared)
 
 
 def debian(folder: Path, doc: dict, text: str, lines: list[str], compared: int) -> None:
