@@ -82,7 +82,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from mailflow import address, status
 from mailflow.errors import LookupRetry
@@ -140,13 +140,23 @@ def split_transport(value: str) -> tuple[str, str]:
     return name, nexthop
 
 
-def domain_in(domain: str, domains: tuple[str, ...], *, parent: bool = False) -> bool:
-    """`domain` is listed; with `parent` (Postfix's parent_domain_matches_subdomains style, relay_domains)
-    an entry also matches every subdomain of itself. Both sides are normalised already."""
-    for entry in domains:
-        if domain == entry or (parent and domain.endswith("." + entry)):
+class DomainNames:
+    """A list of domain names (normalised, as the configuration holds them) looked up as a set, whatever its length
+    (a /file of 200 000 domains: one hash lookup a label, not a scan); with `parent` (Postfix's
+    parent_domain_matches_subdomains style, relay_domains) an entry also matches every subdomain of itself."""
+
+    def __init__(self, names: Iterable[str], *, parent: bool = False):
+        self._names = frozenset(names)
+        self._parent = parent
+
+    def __contains__(self, domain: str) -> bool:
+        if domain in self._names:
             return True
-    return False
+        while self._parent and "." in domain:
+            domain = domain.partition(".")[2]
+            if domain in self._names:
+                return True
+        return False
 
 
 class DomainList:
@@ -154,11 +164,11 @@ class DomainList:
     domain is in it when it is written in it or a table has it as a key. May raise LookupRetry."""
 
     def __init__(self, entries: tuple[str, ...], tables: TableCache):
-        self._names = tuple(e for e in entries if ":" not in e)
+        self._names = DomainNames(e for e in entries if ":" not in e)
         self._tables = tables.open([e for e in entries if ":" in e])
 
     def __contains__(self, domain: str) -> bool:
-        return domain_in(domain, self._names) or any(t.lookup(domain) is not None for t in self._tables)
+        return domain in self._names or any(t.lookup(domain) is not None for t in self._tables)
 
 
 def own_addresses(config) -> frozenset:
@@ -238,6 +248,8 @@ class Rewriter:
         self._virtual_limit_maps = tables.open(config.virtual_mailbox_limit_maps)
         self._local_recipient_maps = tables.open(config.local_recipient_maps)
         self._alias_maps = tables.open(config.alias_maps, aliases=True)
+        self._mydestination = DomainNames(config.mydestination)
+        self.relay_domains = DomainNames(config.relay_domains, parent=True)
         self._virtual_alias_domains = DomainList(config.virtual_alias_domains, tables)
         self._virtual_mailbox_domains = DomainList(config.virtual_mailbox_domains, tables)
         self._virtual_uid_maps = tables.open(config.virtual_uid_maps)
@@ -312,7 +324,7 @@ class Rewriter:
     def resolve_local(self, domain: str) -> bool:
         """Postfix resolve_local: the (normalised) domain is in mydestination or names one of this server's
         own addresses as `[ip]`."""
-        if domain_in(domain, self._config.mydestination):
+        if domain in self._mydestination:
             return True
         ip = ip_literal(domain)
         return ip is not None and ip in self._own_addresses
@@ -379,7 +391,7 @@ class Rewriter:
         """The client's host name is in relay_domains (or under one of its domains): what Postfix 3.7's
         check_relay_domains permits (`unknown`, no name, is in none)."""
         domain = address.normalise_domain(name) if name and name != "unknown" else ""
-        return bool(domain) and domain_in(domain, self._config.relay_domains, parent=True)
+        return bool(domain) and domain in self.relay_domains
 
     def classify(self, addr: str) -> AddressClass:
         """The address class of `addr` once resolved (resolved_address). May raise LookupRetry."""
@@ -389,14 +401,13 @@ class Rewriter:
         """The address class of an address resolved_address made already (its domain as it is: not resolved
         again). May raise LookupRetry."""
         domain = address.normalise_domain(address.split(resolved)[1])
-        c = self._config
         if self.resolve_local(domain):
             return AddressClass.LOCAL
         if domain in self._virtual_alias_domains:
             return AddressClass.VIRTUAL_ALIAS
         if domain in self._virtual_mailbox_domains:
             return AddressClass.VIRTUAL_MAILBOX
-        if domain_in(domain, c.relay_domains, parent=True):
+        if domain in self.relay_domains:
             return AddressClass.RELAY
         return AddressClass.DEFAULT
 

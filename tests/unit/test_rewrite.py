@@ -7,7 +7,7 @@ import pytest
 
 from mailflow.config import Config
 from mailflow.model import AddressClass, Resolution
-from mailflow.routing.rewrite import Rewriter, domain_in, split_transport
+from mailflow.routing.rewrite import DomainNames, Rewriter, split_transport
 
 LOCAL, RELAY, DEFAULT = AddressClass.LOCAL, AddressClass.RELAY, AddressClass.DEFAULT
 
@@ -182,8 +182,8 @@ def test_split_transport(value, expected):
     ("x.test", (), True, False),
     ("x.test", ("y.test", "x.test"), False, True),
 ])
-def test_domain_in(domain, domains, parent, expected):
-    assert domain_in(domain, domains, parent=parent) is expected
+def test_domain_names(domain, domains, parent, expected):
+    assert (domain in DomainNames(domains, parent=parent)) is expected
 
 
 @pytest.mark.parametrize("key", ["mydestination", "virtual_alias_domains", "virtual_mailbox_domains", "relay_domains"])

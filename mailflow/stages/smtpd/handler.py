@@ -76,7 +76,7 @@ from mailflow.filters.milter import Verdict
 from mailflow.logs import printable
 from mailflow.model import Submission
 from mailflow.routing.addressmap import AddressMapper
-from mailflow.routing.rewrite import Rewriter, domain_in
+from mailflow.routing.rewrite import Rewriter
 from mailflow.stages.smtpd.dns_checks import UNAVAILABLE
 from mailflow.stages.smtpd.filtering import MILTER_TRIGGERS, FilterServices, ListenerFilters
 from mailflow.stages.smtpd.peername import PeerNames
@@ -292,7 +292,7 @@ class SmtpdHandler:
         # Postfix's flush matches fast_flush_domains with midna_domain_to_ascii's name, which refuses one past 253
         # octets: a 254-255 octet site, though valid_hostname takes it, is never a flush domain
         if (self._flush_site is None or len(domain) > _FLUSH_NAME_MAX
-                or not domain_in(domain, self._config.relay_domains, parent=True)):
+                or domain not in self._rewriter.relay_domains):
             log.warning("reject: ETRN %s... from %s", printable(site[:100]), session.client)
             return status.etrn_refused(site)
         try:
