@@ -46,11 +46,9 @@ _DOTTED_DOMAIN = {
 
 def _not_a_domain(entry: str, shown: str, tables: bool) -> str:
     """Why a domain list's entry (`shown` as the reason names it) is none, with what a Postfix main.cf habit meant
-    (a table, $name, `!`) where it shows."""
+    (a table, $name) where it shows."""
     if entry.startswith("$"):
         return f"{shown} is not a domain name (there is no $name expansion: write the name itself)"
-    if entry.startswith("!"):
-        return f"{shown} is an exclusion ('!'): mailflow's domain lists have none"
     if ":" in entry or "/" in entry:
         return (f"{shown} is not a domain name" + ("" if tables else " (this list takes domain names; lookup tables "
                 "are taken by virtual_alias_domains and virtual_mailbox_domains)"))
@@ -324,6 +322,8 @@ class Config(Section):
                     raise ValueError(f"{where}: a word that is neither a domain name nor a lookup table mailflow "
                                      "takes" if where else str(e)) from None
                 continue
+            if entry.startswith("!") and not marks:
+                raise ValueError(f"{shown} is an exclusion ('!'): mailflow's domain lists have none")
             if entry.startswith(".") and info.field_name != "masquerade_domains":
                 raise ValueError(_DOTTED_DOMAIN[info.field_name == "relay_domains"].format(entry=shown))
             mark = entry[0] if entry[0] in marks else ""
