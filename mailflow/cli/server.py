@@ -41,6 +41,7 @@ from mailflow.bounce_templates import load_templates
 from mailflow.cli.deliverability import tls_steps
 from mailflow.cli.common import (ConfigOption, config_error_text, config_name, config_path, fail, fail_config,
                                      load)
+from mailflow.config_source import MAX_FILE_BYTES
 from mailflow.config import (BUILTIN_TRANSPORTS, Config, LmtpConfig, SmtpConfig, flat_settings, load_config,
                              show_settings)
 from mailflow.config.base import transport_name
@@ -383,8 +384,9 @@ def config_import(main_cf: str = typer.Argument(..., metavar="MAIN_CF", help="Po
                                                          "main.cf does not set it (default: this system's name)")
                   ) -> None:
     """Translate a Postfix main.cf (and master.cf) into mailflow's TOML, with a comment for every line left out.
-    Exit 0 when everything was translated, 1 when something was left out, 2 for a file that cannot be read, 70
-    for a fault of the importer (one line)."""
+    Exit 0 when everything was translated, 1 when something was left out, 2 for a file that cannot be read or a
+    translation larger than a configuration file may be (nothing written), 70 for a fault of the importer (one
+    line)."""
     try:
         result = import_postfix(main_cf, master, hostname)
     except UnreadableFile as e:
@@ -393,6 +395,11 @@ def config_import(main_cf: str = typer.Argument(..., metavar="MAIN_CF", help="Po
         fail("mailflow config import", f"internal error ({type(e).__name__}: {e}); please report it with the "
                                        "Postfix files", 70)
     text = result.toml()
+    size = len(text.encode("utf-8"))
+    if size > MAX_FILE_BYTES:  # (the loader would refuse it: no output, rather than one that cannot load)
+        fail("mailflow config import", f"the translation is {size} bytes, more than the {MAX_FILE_BYTES >> 20} MB "
+                                       "mailflow reads as a configuration file: put long lists in files (a domain "
+                                       "list's /file/name, a table)", 2)
     if output:
         try:
             Path(output).write_text(text, encoding="utf-8")

@@ -1959,6 +1959,16 @@ def test_a_domain_list_s_file_is_written_as_its_path_read_by_mailflow_and_a_miss
         "example.org", "example.net", "added.example")
 
 
+def test_a_translation_larger_than_a_configuration_file_is_refused_not_written(tmp_path):
+    """A long inline list (written as a value and as its main.cf line's comment) made an output past the 4 MB the
+    loader reads: exit 0, then `config check`: "larger than 4 MB: not a configuration file"."""
+    domains = ", ".join(f"d{n:06d}.example.org" for n in range(110_000))
+    main = write(tmp_path, "main.cf", f"myhostname = mx.example.com\nmydestination = {domains}\n")
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert code == 2 and not (tmp_path / "mailflow.toml").exists()
+    assert "more than the 4 MB mailflow reads as a configuration file: put long lists in files" in err
+
+
 def test_a_domain_list_file_s_size_is_not_the_output_s(tmp_path):
     """A pattern file was written inline: one just under the 4 MB limit made an output past a configuration file's
     4 MB (import rc 0, then `config check`: "larger than 4 MB"). The output names the file, whatever it holds."""
