@@ -484,7 +484,8 @@ class Mailflow:
             if not (self.smtpd and self.qmgr and self.pickup and self._cleanup):
                 raise RuntimeError("reload: the server is not running")
             waiting = restart_needed(self.config, config)
-            config = in_force(self.config, config, "")
+            # (validated again, a domain list's /file read again: off the loop, as the file was read by reread)
+            config = await asyncio.to_thread(in_force, self.config, config, "")
             problems = await asyncio.to_thread(table_problems, flat_settings(config), "")
             if problems:
                 raise _all_of(problems)
