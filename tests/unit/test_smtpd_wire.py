@@ -29,6 +29,22 @@ def test_many_dots_before_the_line_dot_still_find_it():
     assert _line_dot(buf, 0, len(buf)) == len(buf) - 4
 
 
+@pytest.mark.parametrize("hand_over", [Wire.discard, Wire.take])
+def test_what_comes_over_tls_pauses_the_reading_again_past_the_high_water_mark(hand_over):
+    """Plaintext past the mark pipelined after STARTTLS (or the PROXY header's first TLS bytes) paused the reading;
+    the TLS layer takes the connection over and reads afresh: what then comes is paused past the mark again."""
+    switches: list[bool] = []
+    wire = Wire("mx.test", reading=switches.append)
+    junk = b"x" * 998 + b"\r\n"
+    while not switches:
+        wire.feed(junk)
+    hand_over(wire)
+    assert not wire.pending()
+    while len(switches) < 2 and wire._buf.__len__() <= 2 * HIGH_WATER:
+        wire.feed(junk)
+    assert switches == [False, False]
+
+
 async def test_the_transport_is_paused_past_the_high_water_mark_and_resumed_when_a_reader_needs_more(tmp_path):
     switches: list[bool] = []
     received: list[int] = []

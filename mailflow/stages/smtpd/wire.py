@@ -237,14 +237,21 @@ class Wire:
 
     def discard(self) -> None:
         """Drop everything received and not yet consumed (plaintext pipelined after STARTTLS, RFC 3207)."""
-        self._buf.clear()
+        self._tls_takes_over()
 
     def take(self) -> bytes:
         """Everything received and not yet consumed, handed over (a submissions listener's first TLS bytes, which
         came in with its PROXY header: the TLS layer reads them)."""
         data = bytes(self._buf)
-        self._buf.clear()
+        self._tls_takes_over()
         return data
+
+    def _tls_takes_over(self) -> None:
+        """The buffer emptied as the TLS layer takes the connection over (it reads afresh whatever paused the
+        plaintext reading): the high-water mark counts again from nothing, so what comes over TLS pauses the reading
+        again past it. (A pause left set let a client that filled the buffer before STARTTLS send without bound.)"""
+        self._buf.clear()
+        self._paused = False
 
     def pending(self) -> bool:
         """True when input beyond what was consumed has already arrived (pipelining checks)."""
