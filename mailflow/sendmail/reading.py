@@ -39,6 +39,7 @@ from mailflow.address import external_local
 from mailflow.header_addresses import closed_address, mailbox_spans
 from mailflow.message import CRLF, LINE_LENGTH, header_fields, header_fits, mailbox_line, split_header
 from mailflow.sendmail.options import UsageError
+from mailflow.stray_cr import lone_cr_as_space
 from mailflow.syntax import is_utf8_text
 
 LINE_PIECE = 65536  # standard input is read a line at a time, a longer line in pieces of this size
@@ -104,7 +105,7 @@ def read_message(stream: BinaryIO, ignore_dots: bool) -> Iterator[bytes]:
     the last ending in CRLF); a lone "." ends it unless `ignore_dots` (also as the last line without a line end,
     as Postfix's sendmail takes it); the mbox "From " lines it starts with (`>From ` too) are dropped, as Postfix's
     sendmail drops them: each shorter than LINE_LENGTH (a longer one, and what follows it, is kept). A CR that is
-    not part of the line end becomes a space (lone_cr_as_space), as with Postfix."""
+    not part of the line end becomes a space (mailflow.stray_cr.lone_cr_as_space, smtpd's too), as with Postfix."""
     leading, at_start, skipping = True, True, False
     for text, complete, last in line_pieces(stream):
         if at_start:
@@ -138,13 +139,6 @@ def line_pieces(stream: BinaryIO) -> Iterator[tuple[bytes, bool, bool]]:
             text = data.rstrip(b"\r")
             carry = data[len(text):]
             yield text, False, len(raw) < LINE_PIECE
-
-
-def lone_cr_as_space(line: bytes) -> bytes:
-    """A line (its line end removed) with each CR made a space, as Postfix's local submission stores it: a lone CR
-    is no line end here, yet header parsing and the next hop would take it for one (`Subject: x\rBcc: y` under
-    -t would add a recipient, `\r\r` would end the header section early)."""
-    return line.replace(b"\r", b" ")
 
 
 def split_input(lines: Iterable[bytes], limit: int) -> tuple[bytes, Iterator[bytes]]:

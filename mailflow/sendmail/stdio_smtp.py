@@ -63,10 +63,10 @@ from mailflow.maildrop import MaildropError
 from mailflow.message import CRLF, MAILBOX_LINE, mailbox_labels_kept, mailbox_line, mailbox_line_room, unlabelled
 from mailflow.reply_footer import FooterClient, footer_lines, footer_values
 from mailflow.sendmail.options import Options, UsageError
-from mailflow.sendmail.reading import (LINE_PIECE, clean_address, clean_recipient, header_overflows, line_pieces,
-                                      lone_cr_as_space)
+from mailflow.sendmail.reading import LINE_PIECE, clean_address, clean_recipient, header_overflows, line_pieces
 from mailflow.sendmail.submitter import Submitter
 from mailflow.session_log import SessionLog
+from mailflow.stray_cr import lone_cr_as_space
 from mailflow.smtp_parameters import PathRefusal, checked_path, mail_parameters, path_text, rcpt_parameters
 from mailflow.syntax import COMMAND_BLANKS, ascii_upper, command_words, verb_and_argument
 from mailflow.tables import open_table

@@ -366,28 +366,35 @@ async def test_forbid_bare_newline_off_labels_bare_lf_from_lines_within_the_head
     assert messages[0].count(b"X-Mailbox-Line: From a@b\n") == 102_400 // 26
 
 
-async def test_forbid_bare_newline_off_still_refuses_a_bare_cr(mailflow_server):
-    mf = await mailflow_server(smtpd={"forbid_bare_newline": False})
-    c = await _client_at_data(mf)
-    await c.send(b"Subject: cr\r\n\r\nhi\r.\r\nRSET\r\n.\r\n")
-    assert (await c.reply())[0] == 521
-    assert await mf.store.counts() == {}
+TAKES_BARE_LF = {"forbid_bare_newline false": {"smtpd": {"forbid_bare_newline": False}},
+                 "excluded through mynetworks": {"mynetworks": ["127.0.0.0/8"]}}  # (the exclusions' default)
+STRAY_CR = b"Subject: x\rBcc: y\r\n\r\nhi\r.\r\na\r\r\nb\r \r\n"  # (a header field, a `\r.` line, CRs before a LF)
 
 
-@pytest.mark.parametrize("chunks", [[b"a\nb\rc\r\n"], [b"a\r", b"\rb\r\n"], [b"Subject: cr\r\rbody\r"]])
-async def test_forbid_bare_newline_off_still_refuses_a_bare_cr_in_bdat_content(mailflow_server, chunks):
-    """As in DATA (a bare CR was queued, and the SMTP client made a line end of it: a blank line, or the header
-    section ended, where Postfix keeps the CR inside its line); a bare LF first does not hide it."""
-    mf = await mailflow_server(smtpd={"forbid_bare_newline": False})
+@pytest.mark.parametrize("settings", TAKES_BARE_LF.values(), ids=TAKES_BARE_LF)
+@pytest.mark.parametrize("chunks", [None, [STRAY_CR], [STRAY_CR[:3], STRAY_CR[3:-3], STRAY_CR[-3:]]],
+                         ids=["DATA", "BDAT", "BDAT in three"])
+async def test_a_stray_cr_is_stored_as_postfix_stores_it_where_a_bare_lf_is_taken(mailflow_server, tmp_path,
+                                                                                   settings, chunks):
+    """Postfix 3.7.11 (cleanup_replace_stray_cr_lf): a space, the CRs before a LF dropped; before header parsing
+    (one Subject field, no Bcc recipient), in DATA and BDAT alike; it was refused (521 and the session closed)."""
+    mf = await mailflow_server(**settings)
     c = await SmtpClient.connect(mf.smtp_addresses[0][1])
-    await c.envelope()
-    for n, chunk in enumerate(chunks, 1):
-        await c.send(f"BDAT {len(chunk)}{' LAST' if n == len(chunks) else ''}\r\n".encode() + chunk)
-        reply = await c.reply()
-        assert n == len(chunks) or reply.code == 250, reply
-    assert reply.code == 521 and "bare <CR>" in reply.text, reply
-    assert await c.closed()
-    assert await mf.store.counts() == {}
+    for command in ("EHLO client.test", "MAIL FROM:<s@remote.test>", "RCPT TO:<alice@local.test>"):
+        assert (await c.cmd(command)).code == 250, command
+    if chunks is None:
+        assert (await c.cmd("DATA")).code == 354
+        await c.send(STRAY_CR + b".\r\n")
+    else:
+        for n, chunk in enumerate(chunks, 1):
+            await c.send(f"BDAT {len(chunk)}{' LAST' if n == len(chunks) else ''}\r\n".encode() + chunk)
+            assert n == len(chunks) or (await c.reply()).code == 250
+    reply = await c.reply()
+    assert reply.code == 250, reply
+    assert (await c.cmd("NOOP")).code == 250
+    await c.close()
+    messages = await eventually(lambda: alice_mail(tmp_path))
+    assert b"Subject: x Bcc: y\n" in messages[0] and messages[0].endswith(b"\n\nhi .\na\nb  \n"), messages[0]
 
 
 # ---------------------------------------------------------------------------------------------- MAIL/RCPT syntax

@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from mailflow import status
 from mailflow.content import Content, Spool
 from mailflow.stages.smtpd.data import labelled_mailbox_lines
-from mailflow.stages.smtpd.wire import DOT_HOPS, HIGH_WATER, ContentCheck, Wire, WireError, _line_dot
+from mailflow.stages.smtpd.wire import DOT_HOPS, HIGH_WATER, ContentCheck, Wire, _line_dot
 
 PIECES = [b"\r\n", b".", b"\r\n.", b"\r", b"\n", b"x", b"ab.cd", b"\r\n.\r\n", b"."]
 
@@ -130,21 +130,25 @@ async def test_dot_unstuffing_is_exact_wherever_the_reads_fall(lines, cuts, many
     assert await wire.read_line(100) == b"NOOP"
 
 
-def postfix_no_data(sent: bytes) -> tuple[bytes, bytes] | None:
+def postfix_no_data(sent: bytes, limit: int = 2048) -> tuple[bytes, bytes]:
     """A reference: Postfix 3.7.11's receive_data_message with bare LF detection off (smtpd_forbid_bare_newline = no,
-    or a client in its exclusions): smtp_get cuts a line at each LF and strips the CR before it; a line holding only
-    "." ends DATA, whatever its line end; a leading dot is removed. Returns (content stored with CRLF, what is left),
-    or None for a bare CR in a line before the end."""
-    stored, pos = bytearray(), 0
+    or a client in its exclusions), then its cleanup (cleanup_replace_stray_cr_lf = yes): smtp_get reads a line as
+    records of at most `limit` octets, the LF counted (a CR ending a full record and the LF after it end the line
+    together), and strips every CR that ends the line's last record; a line whose one record is "." ends DATA,
+    whatever its line end; a leading dot is removed from a line's first record; cleanup makes each CR left a space.
+    Returns (content stored with CRLF, what is left)."""
+    stored, pos, first = bytearray(), 0, True
     while True:
-        end = sent.index(b"\n", pos)
-        line = sent[pos:end].removesuffix(b"\r")
-        pos = end + 1
-        if b"\r" in line:
-            return None  # (a bare CR: Postfix takes it, mailflow refuses it, 521 5.5.2; docs/security.md)
-        if line == b".":
+        lf = sent.find(b"\n", pos, pos + limit)
+        if lf < 0 and sent[pos + limit - 1] == 0x0D and sent[pos + limit] == 0x0A:
+            lf = pos + limit  # (the full record's CR and the LF after it)
+        record, pos, ended = (sent[pos:lf].rstrip(b"\r"), lf + 1, True) if lf >= 0 else (
+            sent[pos:pos + limit], pos + limit, False)
+        if first and ended and record == b".":
             return bytes(stored), sent[pos:]
-        stored += line.removeprefix(b".") + b"\r\n"
+        stored += (record[1:] if first and record.startswith(b".") else record).replace(b"\r", b" ")
+        stored += b"\r\n" if ended else b""
+        first = ended
 
 
 ENDS = [b"\r\n", b"\n"]
@@ -159,7 +163,7 @@ async def test_a_client_allowed_bare_lf_ends_data_at_a_dot_line_whatever_its_lin
     reads; what follows stays for the next command."""
     lines = [(b"..y", b"\r\n")] * (40 if many_dots else 0) + lines
     sent = b"".join(line + end for line, end in lines) + b"." + dot_end + b"NOOP" + next_end + b"tail\r\n"
-    expected, rest = postfix_no_data(sent)  # type: ignore[misc]  (no CR in these lines)
+    expected, rest = postfix_no_data(sent)
     wire = Wire("mx.test", bare_lf=True)
     spool = Spool("/nonexistent", memory_limit=1 << 30)
     reader = asyncio.ensure_future(wire.read_data(spool))
@@ -181,29 +185,28 @@ async def fed_in_cuts(wire: Wire, sent: bytes, cuts: list[int]) -> None:
 
 LONG_LINES = [b"y" * size for size in (65535, 65536, 65537, 131073)]  # (around PARTIAL_LINE_KEEP: taken in pieces)
 AFTER_THE_END = [b"NOOP\r\n", b"NOOP\n", b"NOOP x\ry\n", b"BDAT 5 LAST\r\nx\ry\n\r"]
+# (CRs at a record's end, 2048 and 4096 octets, too)
+STRAY_CR = [b"a\rb", b"a\r\r", b"a\r \r", b"\r", b".\r", b"..\r\r", b"\r.", b"y" * 2047 + b"\r\r",
+            b"y" * 2046 + b"\r\r\r", b"y" * 65535 + b"\r", b"y" * 4095 + b"\rz\r\r"]
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(LINES) | st.sampled_from(LONG_LINES) | st.just(b"a\rb") | st.just(b"\0"),
-                          st.sampled_from(ENDS)), max_size=12),
+@given(st.lists(st.tuples(st.sampled_from(LINES) | st.sampled_from(LONG_LINES) | st.sampled_from(STRAY_CR)
+                          | st.just(b"\0"), st.sampled_from(ENDS)), max_size=12),
        st.sampled_from(ENDS), st.sampled_from(AFTER_THE_END), st.lists(st.integers(1, 70000), max_size=6),
        st.sampled_from([None, 50, 70000]))
 async def test_long_lines_size_limit_nul_bare_cr_and_bytes_after_the_end_are_taken_as_postfix_no(
         lines, dot_end, after, cuts, max_size):
     """The cases a client allowed bare LF can send beyond plain lines (review rand_bare.py): lines longer than what
-    is kept whole (passed on in pieces), a size limit (552 with the size counted as stored), a NUL (554), a bare
-    CR before the end (521) and anything after the "." line (left for the next command, never judged here)."""
+    is kept whole (passed on in pieces), a size limit (552 with the size counted as stored), a NUL (554), stray CRs
+    (stored as spaces or dropped before the LF, as Postfix 3.7.11 stores them, a record's end included) and anything
+    after the "." line (left for the next command, never judged here)."""
     sent = b"".join(line + end for line, end in lines) + b"." + dot_end + after
-    expected = postfix_no_data(sent)
+    stored, rest = postfix_no_data(sent)
     wire = Wire("mx.test", bare_lf=True)
     spool = Spool("/nonexistent", memory_limit=1 << 30, max_size=max_size)
     reader = asyncio.ensure_future(wire.read_data(spool))
     await fed_in_cuts(wire, sent, cuts)
-    if expected is None:
-        with pytest.raises(WireError, match="bare <CR>"):
-            await asyncio.wait_for(reader, 5)
-        return
-    stored, rest = expected
     too_big = max_size is not None and len(stored) > max_size
     assert await asyncio.wait_for(reader, 5) == (
         status.MESSAGE_TOO_BIG if too_big else status.NUL_IN_DATA if b"\0" in stored else None)
@@ -227,7 +230,7 @@ async def test_lf_dot_lf_and_crlf_dot_lf_end_data_for_a_client_allowed_bare_lf(s
 class StrictOnlyWire(Wire):
     """A Wire whose normalised DATA path (twice the strict one's cost per byte) must not be taken."""
 
-    async def _read_data_normalised(self, spool, at_line_start, nul):
+    async def _read_data_mended(self, spool, at_line_start, nul, line):
         raise AssertionError("normalised path taken")
 
 
@@ -421,8 +424,10 @@ def test_a_chunk_ending_between_the_cr_and_lf_of_a_line_of_limit_bytes_has_store
     ([b"a\n", b"b\r", b"c\r\n"], "LF", True),
     ([b"a\r\r\n"], "CR", True),
     ([b"a\r\n", b"b\r"], "CR", True),  # a CR the content ends with
+    ([b"a\rb\nc\r\n"], "LF", True),
+    ([b"a\r", b"b\nc\r\n"], "LF", True),  # the same bytes in two chunks: the same reply (Postfix names only LF)
 ])
-def test_a_bare_cr_is_seen_in_bdat_content_whatever_came_before_it(chunks, bare, bare_cr):
+def test_a_bare_line_end_is_named_in_bdat_content_whatever_its_chunks(chunks, bare, bare_cr):
     check = ContentCheck()
     for chunk in chunks:
         check.feed(bytearray(chunk), len(chunk))
@@ -481,3 +486,21 @@ async def _mbox_lines_found(wire, sent, found):
         await asyncio.sleep(0)
     assert await reader == found
     assert wire.peek(len(sent)) == sent  # nothing consumed
+
+
+@pytest.mark.parametrize("chunks, octets, stored", [
+    ([b"Subject: s\r\n\r\na\r\r\nz\r\n"], 20, b"Subject: s\r\n\r\na\r\nz\r\n"),
+    ([b"Subject: s\r\n\r\na\r", b"b\r\n"], 19, b"Subject: s\r\n\r\na b\r\n"),
+    ([b"Subject: s\r\n\r\nabc\r\r"], 21, b"Subject: s\r\n\r\nabc  "),
+    ([b"Subject: s\r\n\r\n" + b"a" * 2047 + b"\r\r\nz\r\n"], 2069, None),
+])
+def test_bdat_content_whose_bare_lf_is_taken_is_mended_and_counted_as_postfix_stores_it(chunks, octets, stored):
+    """A client whose bare LF is taken: its stray CRs mended (mailflow.stray_cr) and the 250's size counted on the
+    content so mended, as Postfix 3.7.11's (its replies, tests/interop/test_bdat_vs_postfix.py); nothing refused."""
+    check, out = ContentCheck(mend=True), []
+    for chunk in chunks:
+        got = check.feed(bytearray(chunk), len(chunk))
+        out.append(chunk if got is None else got)
+    out.append(check.end())
+    assert (check.finish() != "CR", check.octets) == (True, octets)
+    assert stored is None or b"".join(out) == stored

@@ -29,9 +29,11 @@ take the message past message_size_limit 552 5.3.4 before it is read, after the 
 (Postfix's "Chunk exceeds message size limit"); too big 552 5.3.4 (logged as Postfix's smtpd logs it, `warning:
 QID: queue file size limit exceeded`, NOQUEUE without a queue id), a NUL 554 5.6.0, a spool that cannot be
 written 451 4.3.1 / 4.3.0 (`status.error_reply`; logged once), all after the end of the content; a bare LF or
-CR in the content 521 5.5.2 and the session closes, a bare CR also where a bare LF is taken (forbid_bare_newline
-false, or a client in its exclusions), as DATA refuses it (Postfix keeps it inside the line; the SMTP client
-would have mended it into a line end, another message); the message is not queued in any of these cases.
+CR in the content 521 5.5.2 and the session closes (logged as Postfix logs it, `QID: reject: END-OF-MESSAGE from
+host[ip]: bare <LF> received; from=<s> to=<r> ...`); the message is not queued in any of these cases. Where a
+bare LF is taken (forbid_bare_newline false, or a client in its exclusions) nothing is refused for its line ends:
+a stray CR is stored as a space, or dropped before a LF (mailflow.stray_cr, `ContentCheck(mend=True)`), as in
+DATA and as Postfix 3.7.11 stores it (cleanup_replace_stray_cr_lf).
 """
 from __future__ import annotations
 
@@ -140,8 +142,9 @@ class DataCommands(TransactionCommands):
         if refused is not None:
             await self._refused_chunk(size, last, refused)
             return
-        if self.envelope.bdat is None:
-            self.envelope.bdat = (self._new_spool(), ContentCheck(self._limits.max_line_length))
+        if self.envelope.bdat is None:  # (a client whose bare LF is taken: its stray CRs mended, as in DATA)
+            self.envelope.bdat = (self._new_spool(), ContentCheck(self._limits.max_line_length,
+                                                                  mend=not self._forbid_bare_newline))
         spool, check = self.envelope.bdat
         self._content_begins()
         self.record.content("BDAT", lambda: spool.size)
@@ -155,12 +158,16 @@ class DataCommands(TransactionCommands):
         self.record.message_ended()
         self.envelope.bdat = None  # the spool is this method's now
         try:
+            tail = check.end()
+            if tail:
+                spool.append(tail)
+                await spool.drain()
             why_not = refusal(spool, check.nul)
             bare = check.finish()
-            if why_not is None and bare and (self._forbid_bare_newline or check.bare_cr):
-                self._reset_transaction()  # (a bare CR even where a bare LF is taken: as DATA, not Postfix)
-                await self._refuse_and_close(status.bare_newline(self.hostname,
-                                                                 bare if self._forbid_bare_newline else "CR"))
+            if why_not is None and bare and self._forbid_bare_newline:
+                self.log_reject("END-OF-MESSAGE", f"bare <{bare}> received", self.envelope.single_recipient)
+                self._reset_transaction()
+                await self._refuse_and_close(status.bare_newline(self.hostname, bare))
                 return
             self.envelope.bdat_octets = check.octets
             await self._finish_message(spool, why_not, crlf=self._forbid_bare_newline)

@@ -227,7 +227,7 @@ class ProtocolCore(SMTP):
         self.record = SessionLog(self._client_name)
         self._forbid_bare_newline = self._limits.forbid_bare_newline  # (off for an excluded client: server.py)
         self._wire = Wire(hostname, self._on_input, bare_lf=not self._forbid_bare_newline,
-                          reading=self._reading, loop=self.loop)
+                          reading=self._reading, loop=self.loop, line_limit=self._limits.max_line_length)
         self._replies_sent = 0
         self._footer = self._limits.reject_footer  # (read at each reply line: one look-up, not two)
         self._in_hello = False  # HELO/EHLO replies carry no enhanced codes (RFC 2034)

@@ -43,6 +43,7 @@ from typing import Callable
 from mailflow import status
 from mailflow.content import Spool
 from mailflow.message import MAILBOX_LINE, mailbox_line, mailbox_line_room
+from mailflow.stray_cr import StrayCr
 
 CHUNK = 65536
 PARTIAL_LINE_KEEP = 65536  # a DATA line longer than this is passed on in pieces, never held whole
@@ -83,16 +84,18 @@ class WireError(Exception):
 
 
 class ContentCheck:
-    """What BDAT content must be checked for across its chunks: NUL, the first line end other than CRLF
-    (`bare`; a CR ending one piece may pair with a LF starting the next) and whether a bare CR came at all
-    (`bare_cr`: refused even where a bare LF is taken, as DATA refuses it); and its size as Postfix's smtpd reports
-    it (`octets`, for the `250 2.0.0 Ok: N bytes queued as ID` of BDAT LAST)."""
+    """What BDAT content must be checked for across its chunks: NUL, line ends other than CRLF (`bare_lf`,
+    `bare_cr`; a CR ending one piece may pair with a LF starting the next); and its size as Postfix's smtpd reports
+    it (`octets`, for the `250 2.0.0 Ok: N bytes queued as ID` of BDAT LAST). With `mend` (a client whose bare
+    LF is taken) its stray CRs are mended first (mailflow.stray_cr: a space, or dropped before a LF, as Postfix
+    3.7.11 stores them), and what it checks and counts is the content so mended: `feed` returns it."""
 
-    def __init__(self, line_limit: int = 2048) -> None:
+    def __init__(self, line_limit: int = 2048, *, mend: bool = False) -> None:
         """`line_limit`: Postfix's line_length_limit, the longest piece of a line it stores as one record."""
         self.nul = False
-        self.bare = ""
+        self.bare_lf = False
         self.bare_cr = False
+        self._mender = StrayCr(line_limit) if mend else None
         self._cr_pending = False
         self._line_limit = line_limit
         self._counted = 0  # the bytes fed, and 2 for each piece of a long complete line
@@ -116,8 +119,22 @@ class ContentCheck:
             pieces -= 1
         return self._counted - self._line + pieces * (self._line_limit + 2)
 
-    def feed(self, buf: bytearray, end: int) -> None:
-        """The first `end` bytes of `buf`."""
+    def feed(self, buf: bytearray, end: int) -> bytes | None:
+        """The first `end` bytes of `buf`; returns them mended (None: unchanged, or not mending)."""
+        mended = self._mender.feed(buf, end) if self._mender is not None else None
+        if mended is not None:
+            self._check(mended, len(mended))
+        else:
+            self._check(buf, end)
+        return mended
+
+    def end(self) -> bytes:
+        """The content's last octets once it is complete: the CRs the mender held back, as spaces (b"" mostly)."""
+        tail = self._mender.end() if self._mender is not None else b""
+        self._check(tail, len(tail))
+        return tail
+
+    def _check(self, buf: bytes | bytearray, end: int) -> None:
         if not end:
             return
         self._count(buf, end)
@@ -126,19 +143,17 @@ class ContentCheck:
             if buf[0] == 0x0A:
                 crlf, cr = crlf + 1, cr + 1
             else:
-                self._bare_cr()
+                self.bare_cr = True
         self._cr_pending = buf[end - 1] == 0x0D
         if self._cr_pending:
             cr -= 1
         self._counted += lf - crlf  # a line ended by a bare LF: Postfix counts 2 for its end, as for CRLF
-        if not self.bare and lf != crlf:
-            self.bare = "LF"
-        if cr != crlf:
-            self._bare_cr()
+        self.bare_lf = self.bare_lf or lf != crlf
+        self.bare_cr = self.bare_cr or cr != crlf
         if not self.nul and buf.find(b"\0", 0, end) >= 0:
             self.nul = True
 
-    def _count(self, buf: bytearray, end: int) -> None:
+    def _count(self, buf: bytes | bytearray, end: int) -> None:
         """`octets` for the first `end` bytes of `buf`. Only a line of line_limit bytes or more counts more than
         its bytes: it hops from window to window of line_limit bytes to the last LF in each (memchr, at C speed),
         and looks at a line by itself only where a window holds no LF."""
@@ -160,16 +175,11 @@ class ContentCheck:
             start = lf + 1
         self._line = end - last_lf - 1
 
-    def _bare_cr(self) -> None:
-        self.bare_cr = True
-        if not self.bare:
-            self.bare = "CR"
-
     def finish(self) -> str:
-        """The bare line end found first, if any, once the content is complete."""
-        if self._cr_pending:
-            self._bare_cr()
-        return self.bare
+        """The bare line end the content holds, once it is complete: `LF` when it holds a bare LF (Postfix names
+        only that one), else `CR`, else "": whatever its chunks."""
+        self.bare_cr = self.bare_cr or self._cr_pending
+        return "LF" if self.bare_lf else "CR" if self.bare_cr else ""
 
 
 def refusal(spool: Spool, nul: bool) -> status.Reply | None:
@@ -187,10 +197,13 @@ class Wire:
     """The client's input not yet consumed. One per session; `discard()` after STARTTLS."""
 
     def __init__(self, host: str, progress: Callable[[int], None] | None = None, *, bare_lf: bool = False,
-                 reading: Callable[[bool], None] | None = None, loop: asyncio.AbstractEventLoop | None = None):
+                 reading: Callable[[bool], None] | None = None, loop: asyncio.AbstractEventLoop | None = None,
+                 line_limit: int = 2048):
         """`reading(False)` pauses the transport's reading, `reading(True)` resumes it; `loop`: the session's
-        (asked for at the first wait when not given)."""
+        (asked for at the first wait when not given); `line_limit`: Postfix's line_length_limit, the records a
+        stray CR is mended in (mailflow.stray_cr)."""
         self._host = host
+        self._line_limit = line_limit
         self._loop = loop
         self._progress = progress or _ignore
         self._bare_lf = bare_lf
@@ -390,10 +403,12 @@ class Wire:
     async def read_data(self, spool: Spool) -> status.Reply | None:
         """DATA content through CRLF.CRLF into `spool`, unstuffed (the terminator is consumed; what follows stays
         for the next command). Returns why it must not be queued (too big, NUL, not stored), or None. A client
-        allowed bare LF is read strictly too until its first bare LF, then by `_read_data_normalised` (clean CRLF
-        input, the usual case, at the strict path's cost: the normalised one costs twice as much per byte)."""
+        allowed bare LF is read strictly too until its first bare LF or stray CR, then by `_read_data_mended`
+        (clean CRLF input, the usual case, at the strict path's cost: the mended one costs twice as much per
+        byte)."""
         nul = False
         at_line_start = True
+        line = 0  # the octets of the line under way already passed on (a long line's pieces)
         while True:
             buf = self._buf
             last_lf = buf.rfind(b"\n")
@@ -401,61 +416,72 @@ class Wire:
                 if len(buf) <= PARTIAL_LINE_KEEP:
                     await self._fill()
                     continue
-                nul = self._take_partial_line(spool, at_line_start) or nul
-                at_line_start = False
+                if self._bare_lf and buf.find(b"\r", 0, len(buf) - 1) >= 0:
+                    return await self._read_data_mended(spool, at_line_start, nul, line)
+                taken, nul_here = self._take_partial_line(spool, at_line_start)
+                nul, line, at_line_start = nul or nul_here, line + taken, False
                 await spool.drain()
                 continue  # (input that arrived during the drain is looked at before waiting for more)
             end = last_lf + 1  # complete lines only
-            crlf = buf.count(b"\r\n", 0, end) if self._bare_lf else -1  # (-1: not counted, strict reads count later)
-            if crlf >= 0 and buf.count(b"\n", 0, end) != crlf and self._bare_lf_before_end(end, at_line_start):
-                return await self._read_data_normalised(spool, at_line_start, nul)
-            stop, consumed = self._unstuff_into(spool, end, at_line_start)
-            # (a failure ends the session: what went into the spool is dropped; bare_lf: no bare LF, seen above)
-            self._check_line_ends(stop, crlf if stop == end else -1)
+            if self._bare_lf:
+                crlf = buf.count(b"\r\n", 0, end)
+                if ((buf.count(b"\n", 0, end) != crlf or buf.count(b"\r", 0, end) != crlf)
+                        and self._mending_before_end(end, at_line_start)):
+                    return await self._read_data_mended(spool, at_line_start, nul, line)
+                # (every CR and LF through the end of DATA in CRLF pairs: nothing to check)
+                stop, consumed = self._unstuff_into(spool, end, at_line_start)
+            else:
+                stop, consumed = self._unstuff_into(spool, end, at_line_start)
+                # (a failure ends the session: what went into the spool is dropped)
+                self._check_line_ends(stop)
             nul = nul or buf.find(b"\0", 0, stop) >= 0
             del buf[:consumed]
             await spool.drain()
             if consumed != end or stop != end:
                 return refusal(spool, nul)
-            at_line_start = True
+            at_line_start, line = True, 0
 
-    def _bare_lf_before_end(self, end: int, at_line_start: bool) -> bool:
-        """Whether a bare LF is among the complete lines in the first `end` bytes of the buffer before the end of
-        DATA (the first CRLF.CRLF, a "." CRLF line first), knowing one is among them: one after that end belongs to the
-        next command or a BDAT chunk, and must not take a finished message off the strict path."""
+    def _mending_before_end(self, end: int, at_line_start: bool) -> bool:
+        """Whether a bare LF or a stray CR is among the complete lines in the first `end` bytes of the buffer
+        before the end of DATA (the first CRLF.CRLF, a "." CRLF line first), knowing one is among them: one after
+        that end belongs to the next command or a BDAT chunk, and must not take a finished message off the strict
+        path."""
         buf = self._buf
         if at_line_start and buf.startswith(b".\r\n"):
             return False
         term = buf.find(TERMINATOR, 0, end)
         if term < 0:
             return True
-        return buf.count(b"\n", 0, term + len(TERMINATOR)) != buf.count(b"\r\n", 0, term + len(TERMINATOR))
+        stop = term + len(TERMINATOR)
+        crlf = buf.count(b"\r\n", 0, stop)
+        return buf.count(b"\n", 0, stop) != crlf or buf.count(b"\r", 0, stop) != crlf
 
-    async def _read_data_normalised(self, spool: Spool, at_line_start: bool, nul: bool) -> status.Reply | None:
+    async def _read_data_mended(self, spool: Spool, at_line_start: bool, nul: bool, line: int) -> status.Reply | None:
         """`read_data` in bare_lf mode (Postfix's smtpd_forbid_bare_newline = no, which its exclusions also give):
-        complete lines normalised to CRLF, then unstuffed; a line holding only "." ends DATA whatever its line end
-        and the previous line's (CRLF or a bare LF: `\\n.\\n` and `\\r\\n.\\n` end it, as Postfix 3.7.11's smtp_get
-        with bare LF detection off takes them). A bare CR is still refused through the "." line (after it: the next
-        command's bytes, a BDAT chunk's, not the message's). `lead`: CRLF at a line start, b""
+        complete lines as sent, their stray CRs mended (mailflow.stray_cr: dropped before a LF, else a space, as
+        Postfix 3.7.11's smtp_get and cleanup store them), normalised to CRLF, then unstuffed; a line holding only
+        "." ends DATA whatever its line end and the previous line's (CRLF or a bare LF: `\\n.\\n` and `\\r\\n.\\n`
+        end it, as do `.\\r\\r\\n`; Postfix 3.7.11's smtp_get with bare LF detection off takes them). What follows
+        that line is the next command's, a BDAT chunk's, not the message's. `lead`: CRLF at a line start, b""
         inside a long line (passed on in pieces). No smuggling guard for such a client (docs/security.md).
-        `at_line_start`, `nul`: where read_data left off, and whether it saw a NUL."""
+        `at_line_start`, `nul`, `line`: where read_data left off, whether it saw a NUL, the octets of the line
+        under way it passed on."""
         lead = b"\r\n" if at_line_start else b""
+        mender = StrayCr(self._line_limit, line)
         while True:
             last_lf = self._buf.rfind(b"\n")
             if last_lf < 0:
                 if len(self._buf) <= PARTIAL_LINE_KEEP:
                     await self._fill()
                     continue
-                nul = self._take_partial_line(spool, bool(lead)) or nul
+                nul = self._take_mended_piece(spool, mender, bool(lead)) or nul
                 lead = b""
                 await spool.drain()
                 continue  # (as in read_data)
             region = bytes(self._buf[:last_lf + 1])
-            scan = lead + region.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-            end = scan.find(TERMINATOR)  # in the lines as normalised: a "." line ends DATA
-            message = scan[:end + len(TERMINATOR)] if end >= 0 else scan  # (what follows is the next command's)
-            if message.count(b"\r") != message.count(b"\r\n"):
-                raise self._bare("CR")
+            mended = mender.feed(region, len(region))  # (line ends CRLF; None: no CR but in CRLF pairs)
+            scan = lead + (region.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") if mended is None else mended)
+            end = scan.find(TERMINATOR)  # in the lines as mended: a "." line ends DATA
             if end >= 0:
                 lines = scan.count(b"\n", len(lead), end + len(TERMINATOR))  # the lines sent through the "." line
                 del self._buf[:len(region) - len(region.split(b"\n", lines)[-1])]
@@ -499,9 +525,9 @@ class Wire:
         spool.append(buf[pos:stop].replace(b"\r\n.", b"\r\n"))
         return stop, consumed
 
-    def _take_partial_line(self, spool: Spool, at_line_start: bool) -> bool:
+    def _take_partial_line(self, spool: Spool, at_line_start: bool) -> tuple[int, bool]:
         """Pass on the buffered part of a very long line (keeping a trailing CR, which a LF may yet follow).
-        Returns whether it held a NUL."""
+        Returns how many octets it passed on, and whether they held a NUL."""
         keep = 1 if self._buf.endswith(b"\r") else 0
         end = len(self._buf) - keep
         if self._buf.find(b"\r", 0, end) >= 0:
@@ -511,16 +537,25 @@ class Wire:
             spool.append(view[start:end])
         nul = self._buf.find(b"\0", 0, end) >= 0
         del self._buf[:end]
+        return end, nul
+
+    def _take_mended_piece(self, spool: Spool, mender: StrayCr, at_line_start: bool) -> bool:
+        """`_take_partial_line` for `_read_data_mended`: all the buffer holds, through `mender` (which holds back
+        a trailing CR itself), a leading dot unstuffed. Returns whether it held a NUL."""
+        buf = self._buf
+        mended = mender.feed(buf, len(buf))
+        piece = bytes(buf) if mended is None else mended  # (the same first octet: at a line start, no CR is held)
+        nul = piece.find(b"\0") >= 0
+        spool.append(piece[1:] if at_line_start and piece.startswith(b".") else piece)
+        buf.clear()
         return nul
 
-    def _check_line_ends(self, stop: int, crlf: int = -1) -> None:
-        """Complete lines in the first `stop` bytes of the buffer must all end in CRLF (`crlf` >= 0: how many CRLF
-        they hold, their LFs known to end CRLF: only a bare CR is looked for)."""
+    def _check_line_ends(self, stop: int) -> None:
+        """Complete lines in the first `stop` bytes of the buffer must all end in CRLF."""
         buf = self._buf
-        if crlf < 0:
-            crlf = buf.count(b"\r\n", 0, stop)
-            if buf.count(b"\n", 0, stop) != crlf:
-                raise self._bare("LF")
+        crlf = buf.count(b"\r\n", 0, stop)
+        if buf.count(b"\n", 0, stop) != crlf:
+            raise self._bare("LF")
         if buf.count(b"\r", 0, stop) != crlf:
             raise self._bare("CR")
 
@@ -532,11 +567,13 @@ class Wire:
             if not self._buf:
                 await self._fill()
             n = min(left, len(self._buf))
+            mended = check.feed(self._buf, n) if check is not None else None
             if spool is not None:
-                with memoryview(self._buf) as view:
-                    spool.append(view[:n])
-            if check is not None:
-                check.feed(self._buf, n)
+                if mended is not None:
+                    spool.append(mended)
+                else:
+                    with memoryview(self._buf) as view:
+                        spool.append(view[:n])
             del self._buf[:n]
             left -= n
             if spool is not None:
