@@ -569,23 +569,26 @@ _POSTSCREEN_ENCRYPT_LEVELS = ("secure", "verify", "fingerprint")
 def _forbid_bare_newline(name: str, value: str, notes: list[str]) -> bool:
     """Postfix 3.7.11's smtpd_forbid_bare_newline words (any case, postconf(5)) as smtpd.forbid_bare_newline: reject
     is true; normalize, its alias yes, and no are false (Postfix's no: a bare LF ends a line, a "." line ends DATA
-    whatever its line ends). Each difference from Postfix's behaviour is noted: reject's reply and disconnect, a bare
-    CR refused by false, normalize's end of DATA."""
+    whatever its line ends, a stray CR is stored as a space as cleanup_replace_stray_cr_lf stores it). Each
+    difference from Postfix's behaviour is noted: reject's reply and disconnect, and its bare CR; normalize's end of
+    DATA."""
     word = value.lower()
     if word not in ("normalize", "yes", "reject", "no"):
         raise Refused("not normalize, yes, reject or no")
     if word == "reject":
         notes.append(f"{name} = {value}: mailflow replies 521 5.5.2 and disconnects, after a command as in DATA; "
                      "Postfix 3.7.11 replies smtpd_forbid_bare_newline_reject_code (550) and disconnects after a "
-                     "command, but after DATA only refuses the message. smtpd_forbid_bare_newline_exclusions "
-                     "(smtpd.forbid_bare_newline_exclusions) spares mynetworks by default in both")
+                     "command, but after DATA only refuses the message. mailflow also refuses a bare <CR> so, which "
+                     "Postfix takes (its cleanup_replace_stray_cr_lf stores a space). smtpd_forbid_bare_newline_"
+                     "exclusions (smtpd.forbid_bare_newline_exclusions) spares mynetworks by default in both: their "
+                     "bare <LF> ends a line and a stray <CR> is stored as a space")
         return True
-    notes.append(f"{name} = {value}: mailflow's false still refuses a bare <CR> (521 5.5.2 and a disconnect), "
-                 "which Postfix 3.7.11 does not refuse there" + (
-                     "; mailflow's false is Postfix's no: a \".\" line ends DATA whatever its line ends, for every "
-                     "client; Postfix's normalize ends DATA only at <CR><LF>.<CR><LF> for the clients outside "
-                     "smtpd_forbid_bare_newline_exclusions" if word != "no" else "") + (
-                     "; before Postfix 3.7.10, yes meant reject (and disconnect)" if word == "yes" else ""))
+    if word != "no":
+        notes.append(f"{name} = {value}: mailflow's false is Postfix's no: a \".\" line ends DATA whatever its line "
+                     "ends, for every client; Postfix's normalize ends DATA only at <CR><LF>.<CR><LF> for the "
+                     "clients outside smtpd_forbid_bare_newline_exclusions (and drops one <CR> before their <LF>, "
+                     "where no drops them all)" + (
+                         "; before Postfix 3.7.10, yes meant reject (and disconnect)" if word == "yes" else ""))
     return False
 
 

@@ -480,10 +480,11 @@ class Importer:
         exclusions."""
         if "smtpd_forbid_bare_newline" not in self.params:
             self.out.notes.append("(no smtpd_forbid_bare_newline in main.cf) Postfix 3.7.11's default is no (a bare "
-                                  "<LF> taken from every client); mailflow's smtpd.forbid_bare_newline stays true "
-                                  "(Postfix's reject, 521 5.5.2 and a disconnect) for the clients outside "
-                                  "smtpd.forbid_bare_newline_exclusions (unset: mynetworks): set it to false for "
-                                  "Postfix 3.7's behaviour")
+                                  "<LF> taken from every client, a stray <CR> stored as a space: "
+                                  "cleanup_replace_stray_cr_lf); mailflow's smtpd.forbid_bare_newline stays true "
+                                  "(Postfix's reject, 521 5.5.2 and a disconnect, for a bare <CR> too) for the "
+                                  "clients outside smtpd.forbid_bare_newline_exclusions (unset: mynetworks): set it "
+                                  "to false for Postfix 3.7's behaviour")
 
     def _tls_levels(self) -> None:
         """smtpd's and smtp's level when main.cf sets no (non-empty) *_tls_security_level: Postfix 3.7's from

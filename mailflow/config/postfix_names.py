@@ -149,6 +149,9 @@ BUILT_IN: dict[str, tuple[str, str]] = {
     "disable_dns_lookups": ("no", "mailflow always uses the DNS (a [host] next hop, as a content filter's "
                                   "[127.0.0.1]:10024, is never looked up as MX)"),
     "smtp_tls_note_starttls_offer": ("no", "mailflow does not log it"),
+    "cleanup_replace_stray_cr_lf": ("yes", "mailflow stores a stray <CR> in message content as a space (those "
+                                           "before a <LF> dropped), as Postfix 3.7.10+ by default: smtpd's from "
+                                           "the clients whose bare <LF> is taken, and sendmail's"),
     "smtpd_forbid_bare_newline_reject_code": ("521", "mailflow refuses a bare <LF> with 521 5.5.2 and disconnects, "
                                                      "after a command as in DATA"),
     **dict.fromkeys(("smtp_connection_cache_on_demand", "lmtp_connection_cache_on_demand"), (

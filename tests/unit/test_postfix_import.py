@@ -1677,8 +1677,9 @@ def test_a_main_cf_without_forbid_bare_newline_notes_that_postfix_3_7_took_bare_
     Postfix took now get 521: a note says so (nothing did)."""
     code, err = run_import(write(tmp_path, "main.cf", "myhostname = mx.test\n"), None, tmp_path / "mailflow.toml")
     assert code == 0, err
-    assert "(no smtpd_forbid_bare_newline in main.cf) Postfix 3.7.11's default is no" in (
-        tmp_path / "mailflow.toml").read_text()
+    text = (tmp_path / "mailflow.toml").read_text()
+    assert "(no smtpd_forbid_bare_newline in main.cf) Postfix 3.7.11's default is no" in text
+    assert "a stray <CR> stored as a space: cleanup_replace_stray_cr_lf" in text and "for a bare <CR> too" in text
     code, err = run_import(write(tmp_path, "main.cf", "smtpd_forbid_bare_newline = reject\n"), None,
                            tmp_path / "mailflow.toml")
     assert code == 0, err
@@ -1687,8 +1688,10 @@ def test_a_main_cf_without_forbid_bare_newline_notes_that_postfix_3_7_took_bare_
 def test_forbid_bare_newline_reject_is_imported_with_its_exclusions_and_its_differences_noted(tmp_path):
     """reject: Postfix 3.7.11's reply (550, a disconnect only after a command) noted; its exclusions translated
     (`$mynetworks`, its default, is mailflow's); reject_code = 521 is mailflow's behaviour (built in), another
-    code is left out. normalize and yes: the bare <CR> mailflow's false still refuses is noted. The exclusions
-    were always left out and no difference was noted."""
+    code is left out, and the bare <CR> it refuses too (Postfix stores a space: cleanup_replace_stray_cr_lf) is
+    noted. normalize and yes: the end of DATA they keep for the clients outside the exclusions, which false does
+    not, is noted (the bare <CR> false refused, noted too, is now a space as in Postfix). The exclusions were always
+    left out and no difference was noted."""
     main = write(tmp_path, "main.cf", "smtpd_forbid_bare_newline = reject\n"
                                       "smtpd_forbid_bare_newline_exclusions = 192.0.2.0/24, [2001:db8::]/32\n"
                                       "smtpd_forbid_bare_newline_reject_code = 521\n")
@@ -1697,6 +1700,7 @@ def test_forbid_bare_newline_reject_is_imported_with_its_exclusions_and_its_diff
     doc, text = checked(tmp_path / "mailflow.toml"), (tmp_path / "mailflow.toml").read_text()
     assert doc["smtpd"]["forbid_bare_newline_exclusions"] == ["192.0.2.0/24", "[2001:db8::]/32"]
     assert "mailflow replies 521 5.5.2 and disconnects, after a command as in DATA" in text
+    assert "mailflow also refuses a bare <CR> so, which Postfix takes" in text
     assert "smtpd_forbid_bare_newline_reject_code = 521 is built in" in text
     main = write(tmp_path, "main.cf", "smtpd_forbid_bare_newline = normalize\n"
                                       "smtpd_forbid_bare_newline_exclusions = $mynetworks\n"
@@ -1707,7 +1711,7 @@ def test_forbid_bare_newline_reject_is_imported_with_its_exclusions_and_its_diff
     doc, text = checked(tmp_path / "mailflow.toml"), (tmp_path / "mailflow.toml").read_text()
     assert "forbid_bare_newline_exclusions" not in doc["smtpd"]
     assert "smtpd_forbid_bare_newline_exclusions = $mynetworks is mailflow's default" in text
-    assert "mailflow's false still refuses a bare <CR>" in text
+    assert "mailflow's false is Postfix's no" in text and "refuses a bare <CR>" not in text
 
 
 def test_forbid_bare_newline_of_another_value_is_left_out(tmp_path):
@@ -1856,7 +1860,7 @@ def test_a_listeners_option_note_names_its_service(tmp_path):
                    "2525 inet n - y - - smtpd\n  -o smtpd_forbid_bare_newline=normalize\n")
     code, err = run_import(main, master, tmp_path / "mailflow.toml")
     assert code == 0, err
-    assert re.search(r"master\.cf:\d+: 2525 -o smtpd_forbid_bare_newline = normalize: mailflow's false still",
+    assert re.search(r"master\.cf:\d+: 2525 -o smtpd_forbid_bare_newline = normalize: mailflow's false is",
                      (tmp_path / "mailflow.toml").read_text())
 
 
@@ -2114,3 +2118,16 @@ def test_main_cf_s_sasl_path_a_service_inherits_is_expanded_with_its_service_nam
     [submission] = checked(tmp_path / "mailflow.toml")["smtpd"]["listeners"]
     assert submission["overrides"]["sasl_path"] == "/var/spool/postfix/private/auth-submission"
     assert (code, err) == (0, "")  # ([smtpd]'s, under Postfix's cyrus, a note)
+
+
+def test_cleanup_replace_stray_cr_lf_is_built_in_and_its_no_left_out(tmp_path):
+    """yes (Postfix 3.7.10+'s default) is what mailflow does with a stray <CR>; no (kept as sent) it cannot do. The
+    name had no counterpart."""
+    main = write(tmp_path, "main.cf", "cleanup_replace_stray_cr_lf = yes\n")
+    code, err = run_import(main, None, tmp_path / "mailflow.toml")
+    assert code == 0, err
+    assert "cleanup_replace_stray_cr_lf = yes is built in: mailflow stores a stray <CR>" in (
+        tmp_path / "mailflow.toml").read_text()
+    code, err = run_import(write(tmp_path, "main.cf", "cleanup_replace_stray_cr_lf = no\n"), None,
+                           tmp_path / "mailflow.toml")
+    assert code == 1 and "cleanup_replace_stray_cr_lf: only cleanup_replace_stray_cr_lf = yes" in err, err
