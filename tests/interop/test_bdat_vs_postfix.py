@@ -4,9 +4,10 @@ reply (a queue id masked) and what was delivered (the MAIL parameters but SIZE, 
 each server adds, its generated Message-ID and Date masked).
 
 From 127.0.0.1, a client in mynetworks and so in both servers' smtpd_forbid_bare_newline_exclusions: Postfix 3.7.11
-as it ships (smtpd_forbid_bare_newline = no), mailflow as configured by default (a bare LF taken, a bare CR
-refused). Covered: bare CR, bare LF, CR CR LF, a CR ending a chunk and the LF starting the next, NUL, a last line
-without CRLF, lines of 999, 1000, 2047-2049, 4096 and 5000 octets (a CR at the 2048-octet cut), a "." line (no
+as it ships (smtpd_forbid_bare_newline = no, cleanup_replace_stray_cr_lf = yes), mailflow as configured by default
+(a bare LF taken, a stray CR mended as Postfix mends it: mailflow.stray_cr). Covered: bare LF, a CR ending a chunk
+and the LF starting the next, NUL, a last line without CRLF, lines of 997 and 998 octets (999 and 1000 with their
+CRLF), 2047-2049 and 5000, one of 4096 without its line end, a CR at the 2048-octet cut, a "." line (no
 dot-stuffing), 8-bit bytes with and without BODY=8BITMIME, BODY=BINARYMIME (not offered by either: MAIL refused),
 BDAT 0 LAST alone and after a chunk, BDAT 0, BDAT without MAIL or without an accepted RCPT, after a refused
 DATA, DATA between chunks, sizes non-numeric, negative, `+5`, with leading zeros, 2^64, 2^63 (malformed: 521 and
@@ -14,25 +15,27 @@ the end), no size, three words, `last` in lower case, tab-separated words, a chu
 declared and accumulated, SIZE= smaller than the chunks, several chunks in one write, a command after a chunk in
 the same write, RSET and QUIT between chunks, a client half-closing in a chunk, after one and after LAST, a chunk
 split in a header name, the header/body boundary across chunks (its CR in one chunk and LF in the next), an mbox
-`From ` first line (not labelled, as Postfix: BDAT is not DATA).
+`From ` first line (not labelled, as Postfix: BDAT is not DATA); stray CRs (STRAY_CR: a space, the CRs before a
+LF dropped, `a<CR><CR><LF>` stored `a`), in a header field, in the header/body blank line, at a chunk's end, at the
+content's end, at the 2048-octet cut (the first of `<CR><CR><LF>` ending a full record: a space).
 
-Differences kept (KEPT, each mailflow's reply asserted, and Postfix's to see that it still differs):
-- a bare CR in the content (`a<CR>b`, `a<CR><CR><LF>`, CR-only line ends) is refused, `521 5.5.2 ... bare <CR>
-  received` after the LAST chunk and the session closes, as mailflow refuses it in DATA (docs/security.md).
-  Postfix keeps it inside its line (relayed, it came out as a space; smtp_get strips every CR before a LF:
-  `a<CR><CR><LF>` is stored `a`). mailflow took it before, and its SMTP client mended it into a line end:
-  another message than Postfix's (a blank line where Postfix has none, a header section ended early);
+Differences kept (KEPT, each mailflow's reply asserted, and Postfix's and what it delivered, to see that it still
+differs):
 - a NUL: `554 5.6.0` (docs/security.md: message_reject_characters = \\0), Postfix takes it;
-- a header section larger than header_size_limit: `552 5.3.4` (docs/config.md), Postfix takes it.
-Run by hand (not kept as a test) with smtpd_forbid_bare_newline = reject / yes (normalize) in Postfix and
-forbid_bare_newline = true with no exclusions in mailflow: the differences docs/security.md lists (mailflow's
-521 and the end for a bare LF or CR; Postfix's reject 550 for a bare LF, its session going on, a bare CR taken;
-its yes takes both), and nothing else.
+- a header section larger than header_size_limit: `552 5.3.4` (docs/config.md), Postfix takes it;
+- KEPT_CONTENT: a CR at the 2048-octet cut that ends a chunk, the next chunk starting with CR LF: Postfix drops
+  it (its BDAT reader peeks one octet past the chunk's end, finds a CR, then the LF: `<CR><CR><LF>`, all
+  stripped; the same at its 4096-octet read boundaries inside a chunk), where its DATA, and mailflow in both,
+  store the space of a full record's CR (the 250's size is then Postfix's plus 3).
+A client in no exclusion (test_a_client_outside_the_exclusions_...; Postfix's reject, mailflow's true): a bare
+LF is mailflow's 521 and the end where Postfix's reject replies 550 and goes on; a bare CR mailflow's 521 where
+Postfix takes it (a space): docs/security.md.
 Not here: a chunk announced larger than what arrives, then the client silent (tests/interop/test_limits_vs_postfix.py,
 `timeout after BDAT`).
 """
 from __future__ import annotations
 
+import asyncio
 import re
 
 import pytest
@@ -106,16 +109,39 @@ CASES: dict[str, list[Step]] = {
     "mbox From line": [*envelope(), (bdat(b"From x@y Fri\r\nSubject: x\r\n\r\nbody\r\n"), 1)],
     "header section of 1024+": [*envelope(), (bdat(b"X-Big: " + b"a" * 600, False), 1),
                                 (bdat(b"a" * 600 + b"\r\nX-After: 1\r\n\r\nbody\r\n"), 1)],
-    "bare CR": one_chunk(b"a\rb\r\n"),
-    "CR CR LF": one_chunk(b"a\r\r\nb\r\n"),
-    "CR line ends": [*envelope(), (bdat(b"Subject: cr\r\rbody\r"), 1)],
     "NUL": one_chunk(b"a\0b\r\n"),
 }
-BARE_CR = "521 5.5.2 mx.origin.test Error: bare <CR> received"
+A2047 = b"a" * 2047
+# label: (the steps, bytes of the content Postfix delivered): a stray CR, as Postfix 3.7.11 stores it
+STRAY_CR: dict[str, tuple[list[Step], bytes]] = {
+    "bare CR": (one_chunk(b"a\rb\r\n"), b"\r\n\r\na b\r\n"),
+    "CR CR LF": (one_chunk(b"a\r\r\nb\r\n"), b"\r\n\r\na\r\nb\r\n"),
+    "CR SP CR LF": (one_chunk(b"a\r \r\nb\r\n"), b"\r\n\r\na  \r\nb\r\n"),
+    "CR line ends": ([*envelope(), (bdat(b"Subject: cr\r\rbody\r"), 1)], b"Subject: cr  body \r\n"),
+    "CR | CR LF": ([*envelope(), (bdat(HEADER + b"a\r", False), 1), (bdat(b"\r\nb\r\n"), 1)],
+                   b"\r\n\r\na\r\nb\r\n"),
+    "CR | b": ([*envelope(), (bdat(HEADER + b"a\r", False), 1), (bdat(b"b\r\n"), 1)], b"\r\n\r\na b\r\n"),
+    "ends in CR": (one_chunk(b"abc\r"), b"\r\n\r\nabc \r\n"),
+    "ends in CR CR": (one_chunk(b"abc\r\r"), b"\r\n\r\nabc  \r\n"),
+    "CR | BDAT 0 LAST": ([*envelope(), (bdat(HEADER + b"abc\r", False), 1), (bdat(b""), 1)], b"\r\n\r\nabc \r\n"),
+    "CR in a header field": ([*envelope(), (bdat(b"Subject: x\rBcc: y\r\n\r\nb\r\n"), 1)], b"Subject: x Bcc: y\r\n"),
+    "CR CR LF blank line": ([*envelope(), (bdat(b"Subject: s\r\n\r\r\nbody\r\n"), 1)], b"\r\n\r\nbody\r\n"),
+    "CR blank line": ([*envelope(), (bdat(b"Subject: s\r\n\rbody\r\n"), 1)], b"Subject: s\r\n body\r\n"),
+    "LF and CRs": (one_chunk(b"a\nb\r\r\nc\rd\n"), b"\r\n\r\na\r\nb\r\nc d\r\n"),
+    "2047 CR CR LF": (one_chunk(A2047 + b"\r\r\nz\r\n"), b"a \r\nz\r\n"),
+    "2046 CR CR CR LF": (one_chunk(b"a" * 2046 + b"\r\r\r\nz\r\n"), b"a  \r\nz\r\n"),
+    "2047 CR | CR x": ([*envelope(), (bdat(HEADER + A2047 + b"\r", False), 1), (bdat(b"\rx\r\n"), 1)],
+                       b"a  x\r\n"),
+    "2047 ends in CR": (one_chunk(A2047 + b"\r"), b"a \r\n"),
+    "2047 CR | CR LF": ([*envelope(), (bdat(HEADER + A2047 + b"\r", False), 1), (bdat(b"\r\nz\r\n"), 1)],
+                        b"a\r\nz\r\n"),
+}
+CASES.update({label: steps for label, (steps, _) in STRAY_CR.items()})
 # label: mailflow's last reply, where Postfix's is a 250 (see the module doc)
-KEPT = {"bare CR": BARE_CR, "CR CR LF": BARE_CR, "CR line ends": BARE_CR,
-        "NUL": "554 5.6.0 Error: NUL character in message content",
+KEPT = {"NUL": "554 5.6.0 Error: NUL character in message content",
         "header section of 1024+": "552 5.3.4 Error: message header size exceeds limit"}
+# label: (mailflow's last reply, the end of the content it delivered), where Postfix's differ (see the module doc)
+KEPT_CONTENT = {"2047 CR | CR LF": ("250 2.0.0 Ok: 2069 bytes queued as ID", b"a \r\nz\r\n")}
 SETTINGS = {"myhostname": HOST, "myorigin": "origin.test", "header_size_limit": 1024}
 
 
@@ -148,17 +174,23 @@ def masked(content: bytes) -> bytes:
     return re.sub(rb"(?m)^Date: [^\r\n]*", b"Date: DATE", content)
 
 
+EXTRA_DELIVERY_WINDOW = 1.0  # seconds a late extra (duplicate, bounce) delivery is given once the count is reached
+
+
 async def run(port: int, peer) -> tuple[dict[str, list[str]], dict[str, list]]:
-    """(the replies, what `peer` got: MAIL parameters but SIZE, masked content), by label."""
+    """(the replies, what `peer` got: MAIL parameters but SIZE, masked content), by label (`<>`: a bounce)."""
     labels = list(CASES)
     replies = {label: await dialogue(port, f"c{n}@client.test", CASES[label]) for n, label in enumerate(labels)}
     queued = sum(reply.startswith("250 2.0.0 Ok: ") and "queued" in reply for r in replies.values() for reply in r)
     await eventually(lambda: len(peer.messages) >= queued, timeout=30)
+    await asyncio.sleep(EXTRA_DELIVERY_WINDOW)  # (not a synchronisation: the time a delivery not due has to show)
     delivered: dict[str, list] = {}
     for m in peer.messages:
-        label = labels[int(m.mail_from.split("@")[0][1:])]
+        sender = re.fullmatch(r"c(\d+)@client\.test", m.mail_from)
+        label = labels[int(sender.group(1))] if sender else f"<{m.mail_from}>"
         delivered.setdefault(label, []).append(([o for o in m.mail_options if not o.startswith("SIZE=")],
                                                 masked(m.content)))
+    assert len(peer.messages) == queued, delivered.keys()
     return replies, delivered
 
 
@@ -177,6 +209,12 @@ async def test_bdat_dialogues_and_the_content_delivered_match_a_real_postfix(mai
             assert postfix[0][label][-1].startswith("250 2.0.0 Ok: "), (label, postfix[0][label])
             assert mailflow[0][label] == [*postfix[0][label][:-1], KEPT[label]], (label, mailflow[0][label])
             assert label not in mailflow[1], label
+            continue
+        if label in KEPT_CONTENT:
+            reply, content = KEPT_CONTENT[label]
+            assert (mailflow[0][label][-1], postfix[0][label][:-1]) == (reply, mailflow[0][label][:-1]), label
+            assert postfix[0][label][-1] != reply and postfix[1][label][0][1] != mailflow[1][label][0][1], label
+            assert mailflow[1][label][0][1].endswith(content), (label, mailflow[1][label])
             continue
         if postfix[0][label] != mailflow[0][label]:
             found.append(f"{label}: replies postfix {postfix[0][label]} mailflow {mailflow[0][label]}")
@@ -198,3 +236,45 @@ async def test_bdat_dialogues_and_the_content_delivered_match_a_real_postfix(mai
     assert "half-close in a chunk" not in postfix[1]
     assert postfix[0]["half-close after LAST"][-1] == "closed"
     assert len(postfix[1]["RSET between chunks"]) == 1
+    for label, (_, content) in STRAY_CR.items():
+        assert content in postfix[1][label][0][1], (label, postfix[1][label])
+    assert postfix[1]["NUL"][0][1].endswith(b"\r\n\r\na\0b\r\n")
+    big_header = postfix[1]["header section of 1024+"][0][1]  # (X-After still a header field)
+    assert b"\r\nX-After: 1\r\nMessage-ID: <ID>\r\n" in big_header and big_header.endswith(b"\r\n\r\nbody\r\n")
+
+
+CLEAN = b"Subject: s\r\n\r\nline\r\n"
+OUTSIDE: dict[str, list[Step]] = {  # label: a client spared by no exclusion
+    "clean": [*envelope(), (bdat(CLEAN), 1)],
+    "bare LF": [*envelope(), (bdat(CLEAN + b"a\nb\r\n"), 1), (b"NOOP\r\n", 1)],
+    "bare CR": [*envelope(), (bdat(CLEAN + b"a\rb\r\n"), 1), (b"NOOP\r\n", 1)],
+}
+
+
+async def test_a_client_outside_the_exclusions_gets_mailflow_s_stricter_replies(mailflow_server, smtp_peer):
+    """Postfix's reject and mailflow's true with no exclusions: the same clean message; a bare LF 550 and the
+    session on in Postfix, 521 and the end here; a bare CR taken by Postfix (a space), 521 and the end here (the
+    differences docs/security.md lists)."""
+    pf_peer, mf_peer = await smtp_peer(), await smtp_peer()
+    async with postfix_instance({**SETTINGS, "header_size_limit": "102400", "mydestination": "",
+                                 "smtpd_forbid_bare_newline": "reject", "smtpd_forbid_bare_newline_exclusions": "",
+                                 "relayhost": f"[127.0.0.1]:{pf_peer.port}"}) as pf:
+        postfix = {label: await dialogue(pf.port, f"c{n}@client.test", steps)
+                   for n, (label, steps) in enumerate(OUTSIDE.items())}
+        await eventually(lambda: len(pf_peer.messages) >= 2, timeout=30)
+    mf = await mailflow_server(**SETTINGS, mydestination=[], mynetworks=["127.0.0.0/8"],
+                               relayhost=f"[127.0.0.1]:{mf_peer.port}", smtpd={"forbid_bare_newline_exclusions": []})
+    mailflow = {label: await dialogue(mf.smtp_addresses[0][1], f"c{n}@client.test", steps)
+                for n, (label, steps) in enumerate(OUTSIDE.items())}
+    await eventually(lambda: mf_peer.messages, timeout=30)
+    await asyncio.sleep(EXTRA_DELIVERY_WINDOW)
+    refused = "521 5.5.2 mx.origin.test Error: bare <{}> received"
+    assert (postfix["clean"], postfix["bare LF"][-2:], postfix["bare CR"][-2:]) == (
+        mailflow["clean"], ["550 5.5.2 mx.origin.test Error: bare <LF> received", "250 2.0.0 Ok"],
+        ["250 2.0.0 Ok: 25 bytes queued as ID", "250 2.0.0 Ok"])
+    assert (mailflow["bare LF"][-2:], mailflow["bare CR"][-2:]) == (
+        [refused.format("LF"), "closed"], [refused.format("CR"), "closed"])
+    theirs = {m.mail_from: masked(m.content) for m in pf_peer.messages}
+    assert len(pf_peer.messages) == 2 and theirs["c2@client.test"].endswith(b"\r\n\r\nline\r\na b\r\n")
+    assert [(m.mail_from, masked(m.content)) for m in mf_peer.messages] == [("c0@client.test",
+                                                                           theirs["c0@client.test"])]
