@@ -11,8 +11,9 @@ Rules (Postfix smtpd_forbid_bare_newline = reject):
   `521 5.5.2 ... bare <LF>/<CR> received`, fatal: the session ends.
 - With `bare_lf=True` (forbid_bare_newline = false, or a client in its exclusions; Postfix's "no"), a bare LF
   ends a command line or a DATA line as CRLF would and is stored as CRLF, and a "." line ends DATA whatever its
-  line ends (`\\n.\\n` too, as in Postfix: such a client is outside the smuggling guard). A bare CR is refused
-  either way.
+  line ends (`\\n.\\n` too, as in Postfix: such a client is outside the smuggling guard). A stray CR in DATA or
+  BDAT content is stored as Postfix 3.7.11 stores it (mailflow.stray_cr: dropped before a LF, else a space), before
+  anything reads the content; in a command line it is refused either way.
 - A command line longer than `limit` is read to its end and discarded: `500 5.5.2 Error: line too long`.
 - Otherwise DATA ends only at CRLF "." CRLF. A bare LF or bare CR anywhere in the content is fatal at once (no
   `\\n.\\n`-style sequence can end the message or split it into two: nothing is queued and the session ends).
@@ -29,7 +30,7 @@ Rules (Postfix smtpd_forbid_bare_newline = reject):
   with `From ` or `>From ` is decided by its first bytes, no scan nor copy.
 - BDAT chunks are read as exactly n bytes (RFC 3030: no dot-stuffing, no terminator) into the transaction's
   spool; the same bare-newline and NUL rules apply to their content (`ContentCheck`, as Postfix applies
-  smtpd_forbid_bare_newline to BDAT).
+  smtpd_forbid_bare_newline to BDAT), and the same mending of stray CRs where a bare LF is taken.
 
 Every byte received goes through `progress`, which the session uses to enforce its deadlines. End of input
 raises `ConnectionResetError` (`readexactly`, for a PROXY header: `asyncio.IncompleteReadError`).
