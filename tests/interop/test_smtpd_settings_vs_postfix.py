@@ -947,6 +947,7 @@ async def test_a_bare_lf_refused_with_postfix_s_default_code_is_where_mailflow_d
 
 
 BDAT_BARE_LF: list[str | bytes] = ["EHLO c.test", M, R, b"BDAT 7 LAST\r\na\rb\nc", "QUIT"]  # (`cmd` adds CRLF)
+DATA_BARE_LF: list[str | bytes] = ["EHLO c.test", M, R, "DATA", b"Subject: x\r\n\r\na\nb\r\n.", "QUIT"]
 
 
 def reject_lines(lines) -> list[str]:
@@ -956,18 +957,20 @@ def reject_lines(lines) -> list[str]:
             for line in lines if ": reject: " in line]
 
 
-async def test_a_bdat_message_refused_for_its_bare_lf_is_logged_as_postfix_logs_it(mailflow_server, caplog):
-    """A client spared by no exclusion, its BDAT content holding a bare CR then a bare LF: `521 ... bare <LF>`
-    (Postfix names only LF, whatever comes first or the chunks) and the END-OF-MESSAGE reject line, which
-    fail2ban and pflogsumm read; mailflow logged none."""
+@pytest.mark.parametrize("session", [BDAT_BARE_LF, DATA_BARE_LF], ids=["bdat", "data"])
+async def test_a_message_refused_for_its_bare_lf_is_logged_as_postfix_logs_it(mailflow_server, caplog, session):
+    """A client spared by no exclusion, its BDAT content holding a bare CR then a bare LF (or its DATA content a
+    bare LF): `521 ... bare <LF>` (Postfix names only LF, whatever comes first or the chunks) and the
+    END-OF-MESSAGE reject line, which fail2ban and pflogsumm read; mailflow logged none for BDAT, and for DATA
+    its reply at the DATA stage."""
     caplog.set_level(logging.INFO, logger="mailflow")
     async with postfix_instance({**POSTFIX_BASE, "mynetworks": "127.0.0.0/8", "smtpd_forbid_bare_newline": "reject",
                                  "smtpd_forbid_bare_newline_exclusions": "",
                                  "smtpd_forbid_bare_newline_reject_code": "521"}) as pf:
-        expected = await dialogue(pf.port, BDAT_BARE_LF)
+        expected = await dialogue(pf.port, session)
         await eventually(lambda: ": reject: " in pf.maillog, timeout=10)
         postfix_logged = reject_lines(pf.maillog.splitlines())
-    got = await dialogue(await start_mailflow(mailflow_server, forbid_bare_newline_exclusions=[]), BDAT_BARE_LF)
+    got = await dialogue(await start_mailflow(mailflow_server, forbid_bare_newline_exclusions=[]), session)
     assert got == expected and got[-1] == "521 5.5.2 HOST Error: bare <LF> received", (got, expected)  # (then closed)
     assert postfix_logged == ["QID: reject: END-OF-MESSAGE from CLIENT[127.0.0.1]: bare <LF> received; "
                               "from=<s@remote.test> to=<alice@local.test> proto=ESMTP helo=<c.test>"]

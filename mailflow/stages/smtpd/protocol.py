@@ -683,7 +683,8 @@ class ProtocolCore(SMTP):
             except WireError as e:
                 self._content_ends()
                 if e.fatal:
-                    self.log_reject(self.record.where, e.reply)
+                    self.log_reject(e.where or self.record.where, e.logged,
+                                    self.envelope.single_recipient if e.where else "")
                     self._reset_transaction()
                     await self._refuse_and_close(e.reply)
                     return

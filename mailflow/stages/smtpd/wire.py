@@ -50,6 +50,7 @@ CHUNK = 65536
 PARTIAL_LINE_KEEP = 65536  # a DATA line longer than this is passed on in pieces, never held whole
 HIGH_WATER = 4 * CHUNK  # bytes waiting to be consumed past which the transport stops reading
 TERMINATOR = b"\r\n.\r\n"
+END_OF_MESSAGE = "END-OF-MESSAGE"  # the stage a refusal of content is logged at, as Postfix logs it
 
 
 DOT_HOPS = 8  # dots looked at one by one before one search for CRLF "." takes over
@@ -76,12 +77,16 @@ def _line_dot(buf: bytearray, pos: int, end: int) -> int:
 
 
 class WireError(Exception):
-    """Input that breaks the protocol. `reply` is what the client is told; `fatal`: then close the session."""
+    """Input that breaks the protocol. `reply` is what the client is told; `fatal`: then close the session. A
+    fatal one's reject line says `logged` at `where` when given (else the reply, at the session's stage), as
+    Postfix's log_whatsup words it: `reject: END-OF-MESSAGE from host[ip]: bare <LF> received; …`."""
 
-    def __init__(self, reply: status.Reply, fatal: bool):
+    def __init__(self, reply: status.Reply, fatal: bool, *, logged: str = "", where: str = ""):
         super().__init__(str(reply))
         self.reply = reply
         self.fatal = fatal
+        self.logged = logged or str(reply)
+        self.where = where
 
 
 class ContentCheck:
@@ -317,8 +322,10 @@ class Wire:
         del self._buf[:n]
         return data
 
-    def _bare(self, char: str) -> WireError:
-        return WireError(status.bare_newline(self._host, char), fatal=True)
+    def _bare(self, char: str, where: str = "") -> WireError:
+        """A bare line end refused (in content: `where` END-OF-MESSAGE, the stage Postfix logs, having read on)."""
+        return WireError(status.bare_newline(self._host, char), fatal=True, logged=f"bare <{char}> received",
+                         where=where)
 
     async def read_line(self, limit: int) -> bytes:
         """One command line without its CRLF (limit counts the CRLF)."""
@@ -532,7 +539,7 @@ class Wire:
         keep = 1 if self._buf.endswith(b"\r") else 0
         end = len(self._buf) - keep
         if self._buf.find(b"\r", 0, end) >= 0:
-            raise self._bare("CR")
+            raise self._bare("CR", END_OF_MESSAGE)
         start = 1 if at_line_start and self._buf.startswith(b".") else 0
         with memoryview(self._buf) as view:
             spool.append(view[start:end])
@@ -556,9 +563,9 @@ class Wire:
         buf = self._buf
         crlf = buf.count(b"\r\n", 0, stop)
         if buf.count(b"\n", 0, stop) != crlf:
-            raise self._bare("LF")
+            raise self._bare("LF", END_OF_MESSAGE)
         if buf.count(b"\r", 0, stop) != crlf:
-            raise self._bare("CR")
+            raise self._bare("CR", END_OF_MESSAGE)
 
     async def read_chunk(self, count: int, spool: Spool | None, check: ContentCheck | None = None) -> None:
         """Exactly `count` bytes of BDAT content into `spool` (None: read and drop them), checked by `check`;
