@@ -26,12 +26,21 @@ Memory: what it returns, nothing kept but two counts. Never raises.
 """
 from __future__ import annotations
 
+import re
+
 CRLF = b"\r\n"
 
 
 def lone_cr_as_space(text: bytes) -> bytes:
     """`text` (without its line end) with each CR a space, as Postfix's cleanup stores it."""
     return text.replace(b"\r", b" ")
+
+
+def _short_lines(lines: bytes) -> bytes:
+    """Whole lines, each shorter than a record and none begun before, their last LF left off: CRLF-ended, each
+    without the CRs before its LF, its other CRs spaces. (Split at the CRLFs only: a run of LF-ended lines costs
+    nothing per line.)"""
+    return b"\n".join([text.rstrip(b"\r") for text in lines.split(CRLF)]).replace(b"\r", b" ").replace(b"\n", CRLF) + CRLF
 
 
 class StrayCr:
@@ -73,14 +82,15 @@ class StrayCr:
         if first < 0:
             return self._partial(data)
         out = [self._line(data[:first])]
-        last = data.rfind(b"\n")
-        if last > first:
-            lines = data[first + 1:last].split(b"\n")
-            if max(map(len, lines)) < self._limit:  # no line spans records: each loses the CRs before its LF at once
-                out.append(b"\n".join([line.rstrip(b"\r") for line in lines]).replace(b"\r", b" ").replace(b"\n", CRLF)
-                           + CRLF)
-            else:
-                out += [self._line(line) for line in lines]
+        last, at = data.rfind(b"\n"), first + 1
+        # the lines that span records (found at C speed) one by one; the runs of lines between them at once
+        for long in re.compile(rb"(?m)^[^\n]{%d,}\n" % self._limit).finditer(data, at, last + 1):
+            if long.start() > at:
+                out.append(_short_lines(data[at:long.start() - 1]))
+            out.append(self._line(data[long.start():long.end() - 1]))
+            at = long.end()
+        if at <= last:
+            out.append(_short_lines(data[at:last]))
         out.append(self._partial(data[last + 1:]))
         return b"".join(out)
 
