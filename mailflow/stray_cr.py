@@ -20,8 +20,10 @@ The rule, in Postfix's records: a line is stored as records of at most `limit` r
 2048; a CR ending a full record and the LF after it end the line together). The CRs that end a line's last record
 are dropped; every other CR is a space (`a\\r\\r\\n` is `a`, `a\\r \\r\\n` `a  `, a line of 2047 octets then
 `\\r\\r\\n` ends in one space: its first CR ended a full record). Cost: a clean piece costs two counts and a
-search (C speed); a piece with stray CRs a split into lines and a strip of each (50 MB of 80-octet lines, each
-with stray CRs, read by smtpd in 0.3 s, clean ones in 0.2 s), one by one where a line is `limit` octets or longer.
+search (C speed); a piece with stray CRs a search for the lines of `limit` octets or longer (C speed), a Python
+call for each of those, and between them a split at the CRLFs and a strip of each part (50 MB of 80-octet lines,
+each with stray CRs, read by smtpd in 0.3 s, clean ones in 0.2 s; 10 MB of LF-ended empty lines among lines of 2048
+octets with stray CRs, 0.3 s).
 Memory: what it returns, nothing kept but two counts. Never raises.
 """
 from __future__ import annotations
@@ -40,7 +42,8 @@ def _short_lines(lines: bytes) -> bytes:
     """Whole lines, each shorter than a record and none begun before, their last LF left off: CRLF-ended, each
     without the CRs before its LF, its other CRs spaces. (Split at the CRLFs only: a run of LF-ended lines costs
     nothing per line.)"""
-    return b"\n".join([text.rstrip(b"\r") for text in lines.split(CRLF)]).replace(b"\r", b" ").replace(b"\n", CRLF) + CRLF
+    joined = b"\n".join([text.rstrip(b"\r") for text in lines.split(CRLF)])
+    return joined.replace(b"\r", b" ").replace(b"\n", CRLF) + CRLF
 
 
 class StrayCr:
