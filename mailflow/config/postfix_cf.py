@@ -566,12 +566,18 @@ def reject_tempfail_action(value: str) -> str:
 _POSTSCREEN_ENCRYPT_LEVELS = ("secure", "verify", "fingerprint")
 
 
+# what mailflow refuses under every smtpd_forbid_bare_newline word and for the excluded clients, where Postfix 3.7.11
+# takes it (its smtpd ends a command at a LF only): the one difference left under no
+COMMAND_LINE_CR = ("a bare <CR> in a command line gets 521 5.5.2 and a disconnect from mailflow, from every client "
+                   "(Postfix takes it)")
+
+
 def _forbid_bare_newline(name: str, value: str, notes: list[str]) -> bool:
     """Postfix 3.7.11's smtpd_forbid_bare_newline words (any case, postconf(5)) as smtpd.forbid_bare_newline: reject
     is true; normalize, its alias yes, and no are false (Postfix's no: a bare LF ends a line, a "." line ends DATA
     whatever its line ends, a stray CR is stored as a space as cleanup_replace_stray_cr_lf stores it). Each
     difference from Postfix's behaviour is noted: reject's reply and disconnect, and its bare CR; normalize's end of
-    DATA."""
+    DATA; for every word, the bare CR in a command line (COMMAND_LINE_CR)."""
     word = value.lower()
     if word not in ("normalize", "yes", "reject", "no"):
         raise Refused("not normalize, yes, reject or no")
@@ -581,13 +587,15 @@ def _forbid_bare_newline(name: str, value: str, notes: list[str]) -> bool:
                      "command, but after DATA only refuses the message. mailflow also refuses a bare <CR> so, which "
                      "Postfix takes (its cleanup_replace_stray_cr_lf stores a space). smtpd_forbid_bare_newline_"
                      "exclusions (smtpd.forbid_bare_newline_exclusions) spares mynetworks by default in both: their "
-                     "bare <LF> ends a line and a stray <CR> is stored as a space")
+                     f"bare <LF> ends a line and a stray <CR> is stored as a space; but {COMMAND_LINE_CR}")
         return True
-    if word != "no":
+    if word == "no":
+        notes.append(f"{name} = {value}: mailflow's false is Postfix's no; but {COMMAND_LINE_CR}")
+    else:
         notes.append(f"{name} = {value}: mailflow's false is Postfix's no: a \".\" line ends DATA whatever its line "
                      "ends, for every client; Postfix's normalize ends DATA only at <CR><LF>.<CR><LF> for the "
                      "clients outside smtpd_forbid_bare_newline_exclusions (and drops one <CR> before their <LF>, "
-                     "where no drops them all)" + (
+                     f"where no drops them all); and {COMMAND_LINE_CR}" + (
                          "; before Postfix 3.7.10, yes meant reject (and disconnect)" if word == "yes" else ""))
     return False
 

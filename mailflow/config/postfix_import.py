@@ -51,7 +51,8 @@ from typing import Callable, Iterable, Iterator
 from mailflow.config import postfix_names as names
 from mailflow.config.base import BUILTIN_TRANSPORTS, RELAY, transport_name
 from mailflow.config.load import config_from_dict
-from mailflow.config.postfix_cf import (POSTFIX_TABLE_DEFAULTS, SASL_OPTIONS, Expander, Imported, LeftOut, Line,
+from mailflow.config.postfix_cf import (COMMAND_LINE_CR, POSTFIX_TABLE_DEFAULTS, SASL_OPTIONS, Expander, Imported,
+                                        LeftOut, Line,
                                         Refused, Service, Unexpanded, UnreadableFile, convert, from_queue_directory,
                                         read_main_cf, read_master_cf, restriction_items, dovecot_sasl_path, split_list,
                                         merged_timeouts_agree, reject_tempfail_action, sasl_security_options,
@@ -484,7 +485,7 @@ class Importer:
                                   "cleanup_replace_stray_cr_lf); mailflow's smtpd.forbid_bare_newline stays true "
                                   "(Postfix's reject, 521 5.5.2 and a disconnect, for a bare <CR> too) for the "
                                   "clients outside smtpd.forbid_bare_newline_exclusions (unset: mynetworks): set it "
-                                  "to false for Postfix 3.7's behaviour")
+                                  f"to false for Postfix 3.7's behaviour; but under false too, {COMMAND_LINE_CR}")
 
     def _tls_levels(self) -> None:
         """smtpd's and smtp's level when main.cf sets no (non-empty) *_tls_security_level: Postfix 3.7's from

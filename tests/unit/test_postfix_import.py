@@ -1657,7 +1657,8 @@ def test_forbid_bare_newline_is_translated_by_its_value(tmp_path, value, forbid)
     """smtpd_forbid_bare_newline (Postfix 3.7.11: no, normalize, yes, reject; any case) sets smtpd.forbid_bare_newline:
     reject is true, the others false (Postfix's `no`; normalize and yes note that Postfix's DATA ends only at
     CRLF.CRLF for the clients outside its exclusions); in
-    main.cf and as a listener's -o. It was taken for a built-in `no`: every other value left out, `no` written as
+    main.cf and as a listener's -o. Each notes the bare CR in a command line mailflow refuses and Postfix takes
+    (`no` noted nothing). It was taken for a built-in `no`: every other value left out, `no` written as
     nothing (mailflow's default, reject)."""
     main = write(tmp_path, "main.cf", f"smtpd_forbid_bare_newline = {value}\n")
     master = write(tmp_path, "master.cf", STANDARD_SERVICES + "smtp inet n - y - - smtpd\n"
@@ -1667,8 +1668,9 @@ def test_forbid_bare_newline_is_translated_by_its_value(tmp_path, value, forbid)
     doc = checked(tmp_path / "mailflow.toml")
     assert doc["smtpd"]["forbid_bare_newline"] is forbid
     assert {listener["overrides"]["forbid_bare_newline"] for listener in doc["smtpd"]["listeners"]} == {forbid}
-    noted = "Postfix's normalize ends DATA only at <CR><LF>.<CR><LF>" in (tmp_path / "mailflow.toml").read_text()
-    assert noted is (value in ("yes", "Normalize"))
+    text = (tmp_path / "mailflow.toml").read_text()
+    assert ("Postfix's normalize ends DATA only at <CR><LF>.<CR><LF>" in text) is (value in ("yes", "Normalize"))
+    assert "a bare <CR> in a command line gets 521 5.5.2 and a disconnect from mailflow" in text  # (all four)
 
 
 
@@ -1680,6 +1682,7 @@ def test_a_main_cf_without_forbid_bare_newline_notes_that_postfix_3_7_took_bare_
     text = (tmp_path / "mailflow.toml").read_text()
     assert "(no smtpd_forbid_bare_newline in main.cf) Postfix 3.7.11's default is no" in text
     assert "a stray <CR> stored as a space: cleanup_replace_stray_cr_lf" in text and "for a bare <CR> too" in text
+    assert "but under false too, a bare <CR> in a command line gets 521 5.5.2 and a disconnect" in text
     code, err = run_import(write(tmp_path, "main.cf", "smtpd_forbid_bare_newline = reject\n"), None,
                            tmp_path / "mailflow.toml")
     assert code == 0, err
@@ -1701,6 +1704,7 @@ def test_forbid_bare_newline_reject_is_imported_with_its_exclusions_and_its_diff
     assert doc["smtpd"]["forbid_bare_newline_exclusions"] == ["192.0.2.0/24", "[2001:db8::]/32"]
     assert "mailflow replies 521 5.5.2 and disconnects, after a command as in DATA" in text
     assert "mailflow also refuses a bare <CR> so, which Postfix takes" in text
+    assert "stored as a space; but a bare <CR> in a command line gets 521 5.5.2 and a disconnect" in text  # (excluded)
     assert "smtpd_forbid_bare_newline_reject_code = 521 is built in" in text
     main = write(tmp_path, "main.cf", "smtpd_forbid_bare_newline = normalize\n"
                                       "smtpd_forbid_bare_newline_exclusions = $mynetworks\n"
