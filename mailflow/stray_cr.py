@@ -5,7 +5,9 @@ would add a recipient, `\\r\\r` would end the header section early, `\\r.\\r` en
 3.7.10+'s cleanup (cleanup_replace_stray_cr_lf = yes, its default) makes each CR left inside a record a space,
 before header checks, milters and signing see it; its smtpd's line reader (smtp_get, bare LF detection off: a
 client whose bare LF is taken) has already dropped every CR before a LF. mailflow takes the same content the same
-way, for smtpd's clients whose bare LF is taken (DATA and BDAT: wire.py) and for sendmail's standard input.
+way for smtpd's clients whose bare LF is taken (DATA and BDAT: wire.py: StrayCr). sendmail's standard input
+shares only lone_cr_as_space: its lines end as its own reader (mailflow.sendmail.reading) ends them, with no
+record model.
 
     lone_cr_as_space(text) -> bytes   `text` (no line end in it) with each CR a space: sendmail's lines, and
                                       what the mender keeps of a line

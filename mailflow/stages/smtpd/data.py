@@ -30,7 +30,8 @@ take the message past message_size_limit 552 5.3.4 before it is read, after the 
 QID: queue file size limit exceeded`, NOQUEUE without a queue id), a NUL 554 5.6.0, a spool that cannot be
 written 451 4.3.1 / 4.3.0 (`status.error_reply`; logged once), all after the end of the content; a bare LF or
 CR in the content 521 5.5.2 and the session closes (logged as Postfix logs it, `QID: reject: END-OF-MESSAGE from
-host[ip]: bare <LF> received; from=<s> to=<r> ...`); the message is not queued in any of these cases. Where a
+host[ip]: bare <LF> received; from=<s> to=<r> ...`; `bare <CR> received` is mailflow's own line in that shape:
+Postfix takes a bare CR, and logs nothing of it); the message is not queued in any of these cases. Where a
 bare LF is taken (forbid_bare_newline false, or a client in its exclusions) nothing is refused for its line ends:
 a stray CR is stored as a space, or dropped before a LF (mailflow.stray_cr, `ContentCheck(mend=True)`), as in
 DATA and as Postfix 3.7.11 stores it (cleanup_replace_stray_cr_lf).

@@ -79,7 +79,8 @@ def _line_dot(buf: bytearray, pos: int, end: int) -> int:
 class WireError(Exception):
     """Input that breaks the protocol. `reply` is what the client is told; `fatal`: then close the session. A
     fatal one's reject line says `logged` at `where` when given (else the reply, at the session's stage), as
-    Postfix's log_whatsup words it: `reject: END-OF-MESSAGE from host[ip]: bare <LF> received; …`."""
+    Postfix's log_whatsup words it: `reject: END-OF-MESSAGE from host[ip]: bare <LF> received; …` (`bare <CR>
+    received` is mailflow's own line in that shape: Postfix takes a bare CR)."""
 
     def __init__(self, reply: status.Reply, fatal: bool, *, logged: str = "", where: str = ""):
         super().__init__(str(reply))
