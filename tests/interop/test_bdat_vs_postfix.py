@@ -25,8 +25,10 @@ differs):
 - a header section larger than header_size_limit: `552 5.3.4` (docs/config.md), Postfix takes it;
 - KEPT_CONTENT: a CR at the 2048-octet cut that ends a chunk, the next chunk starting with CR LF: Postfix drops
   it (its BDAT reader peeks one octet past the chunk's end, finds a CR, then the LF: `<CR><CR><LF>`, all
-  stripped; the same at its 4096-octet read boundaries inside a chunk), where its DATA, and mailflow in both,
-  store the space of a full record's CR (the 250's size is then Postfix's plus 3).
+  stripped), where its DATA, and mailflow in both, store the space of a full record's CR (the 250's size is then
+  Postfix's plus 3); the same inside one chunk where that CR is the chunk's 4096th octet, the end of one of its
+  reader's 4096-octet reads (`2047 CR at 4096 CR LF`; the same line elsewhere in a chunk, `2047 CR CR LF`, is
+  stored with its space by both).
 A client in no exclusion (test_a_client_outside_the_exclusions_...; Postfix's reject, mailflow's true): a bare
 LF is mailflow's 521 and the end where Postfix's reject replies 550 and goes on; a bare CR mailflow's 521 where
 Postfix takes it (a space): docs/security.md.
@@ -135,13 +137,17 @@ STRAY_CR: dict[str, tuple[list[Step], bytes]] = {
     "2047 ends in CR": (one_chunk(A2047 + b"\r"), b"a \r\n"),
     "2047 CR | CR LF": ([*envelope(), (bdat(HEADER + A2047 + b"\r", False), 1), (bdat(b"\r\nz\r\n"), 1)],
                         b"a\r\nz\r\n"),
+    # one chunk, the full record's CR its 4096th octet (2047 CR CR LF elsewhere in a chunk: a space at Postfix too)
+    "2047 CR at 4096 CR LF": (one_chunk(b"b" * (4095 - 2047 - len(HEADER) - 2) + b"\r\n" + A2047 + b"\r\r\nz\r\n"),
+                              b"a\r\nz\r\n"),
 }
 CASES.update({label: steps for label, (steps, _) in STRAY_CR.items()})
 # label: mailflow's last reply, where Postfix's is a 250 (see the module doc)
 KEPT = {"NUL": "554 5.6.0 Error: NUL character in message content",
         "header section of 1024+": "552 5.3.4 Error: message header size exceeds limit"}
 # label: (mailflow's last reply, the end of the content it delivered), where Postfix's differ (see the module doc)
-KEPT_CONTENT = {"2047 CR | CR LF": ("250 2.0.0 Ok: 2069 bytes queued as ID", b"a \r\nz\r\n")}
+KEPT_CONTENT = {"2047 CR | CR LF": ("250 2.0.0 Ok: 2069 bytes queued as ID", b"a \r\nz\r\n"),
+                "2047 CR at 4096 CR LF": ("250 2.0.0 Ok: 4103 bytes queued as ID", b"a \r\nz\r\n")}
 SETTINGS = {"myhostname": HOST, "myorigin": "origin.test", "header_size_limit": 1024}
 
 
@@ -239,6 +245,7 @@ async def test_bdat_dialogues_and_the_content_delivered_match_a_real_postfix(mai
     for label, (_, content) in STRAY_CR.items():
         assert content in postfix[1][label][0][1], (label, postfix[1][label])
     assert postfix[1]["NUL"][0][1].endswith(b"\r\n\r\na\0b\r\n")
+    assert postfix[0]["2047 CR at 4096 CR LF"][-1] == "250 2.0.0 Ok: 4100 bytes queued as ID"  # (its CR dropped)
     big_header = postfix[1]["header section of 1024+"][0][1]  # (X-After still a header field)
     assert b"\r\nX-After: 1\r\nMessage-ID: <ID>\r\n" in big_header and big_header.endswith(b"\r\n\r\nbody\r\n")
 
