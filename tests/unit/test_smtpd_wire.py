@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 from mailflow import status
 from mailflow.content import Content, Spool
@@ -415,20 +415,24 @@ def test_bdat_octets_are_postfix_act_size_however_the_chunks_and_reads_fall(case
     assert check.octets == postfix.act_size
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.sampled_from([3, 4, 8]), st.lists(st.sampled_from([b"a", b"aa", b"\r\n", b"\n", b"\ra", b" \r\n", b"a\r\n"]),
-                                           max_size=30), st.booleans(), st.lists(st.integers(0, 200), max_size=5),
-       st.lists(st.integers(1, 40), max_size=8), st.sampled_from([5, 4096]))
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from([3, 4, 8]), st.lists(st.sampled_from([b"a", b"aa", b"\r\n", b"\n", b"\ra", b" \r\n", b"a\r\n",
+                                                            b"\r\r", b"\r\r\n", b"a\r\r\n"]), max_size=30),
+       st.booleans(), st.lists(st.integers(0, 200), max_size=5), st.lists(st.integers(1, 40), max_size=8),
+       st.sampled_from([5, 4096]))
 def test_mended_bdat_content_and_its_octets_are_postfix_s_however_the_chunks_and_reads_fall(
         limit, tokens, cr_last, cuts, reads, fragment):
     """A client whose bare LF is taken (Postfix's detection off): the content as Postfix's cleanup stores it (stray
-    CRs a space, those before a LF dropped, in records of `limit`) and its act_size. No `\\r\\r` in it: Postfix's
-    reader drops a full record's CR when it ends a fragment and the next starts with CR LF (a kept difference:
-    tests/interop/test_bdat_vs_postfix.py)."""
+    CRs a space, those before a LF dropped, in records of `limit`) and its act_size, runs of CRs included. But for
+    a CR ending a chunk or one of its fragments with CR LF next: Postfix's reader drops a full record's CR there (a
+    kept difference: tests/interop/test_bdat_vs_postfix.py); those cases are left out."""
     content = b"".join(tokens) + (b"\r" if cr_last else b"")
     postfix, check, out = PostfixBdat(limit, fragment, detect=False), ContentCheck(limit, mend=True), []
     bounds = sorted(min(cut, len(content)) for cut in cuts)
     chunks = [content[a:b] for a, b in zip([0] + bounds, bounds + [len(content)])]
+    reads_end = {start + at for start, end in zip([0] + bounds, bounds + [len(content)])
+                 for at in range(fragment, end - start + fragment, fragment)} | set(bounds)
+    assume(not any(at and content[at - 1:at + 2] == b"\r\r\n" for at in reads_end))
     reads = iter(reads)
     for i, chunk in enumerate(chunks):
         at = 0
