@@ -21,7 +21,7 @@ from mailflow.model import DeliveryReport, DeliveryRequest, Outcome
 from mailflow.stages.qmgr.notices import _notice_recipient as notice_recipient
 from mailflow.transports.discard import DiscardTransport
 from mailflow.transports.error import ErrorTransport
-from tests.component.test_local_commands import RECORD, environment, maildir, request, transport
+from tests.component.test_local_commands import RECORD, environment, maildir, make_transport, request
 from tests.component.test_local_commands import scripts  # noqa: F401 (fixture)
 
 
@@ -40,7 +40,7 @@ class Recording:
 
 
 def routed(base, aliases: str = "", peers=None, **local):
-    t = transport(base, aliases, **local)
+    t = make_transport(base, aliases, **local)
     t._peers = peers or {}
     return t
 
