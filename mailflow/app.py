@@ -486,7 +486,7 @@ class Mailflow:
             waiting = restart_needed(self.config, config)
             # (validated again, a domain list's /file read again: off the loop, as the file was read by reread)
             config = await asyncio.to_thread(in_force, self.config, config, "")
-            problems = await asyncio.to_thread(table_problems, flat_settings(config), "")
+            problems = await asyncio.to_thread(table_problems, flat_settings(config, effective=True), "")
             if problems:
                 raise _all_of(problems)
             router = await self._router(config)

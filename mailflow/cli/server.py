@@ -270,7 +270,7 @@ def listener_summary(cfg: Config) -> list[tuple[str, int, str]]:
 def table_problems(cfg: Config, where: str) -> list[ConfigError]:
     """One ConfigError(where, setting, reason) for each file-backed table (texthash, regexp, pcre, cidr, sqlite) that
     cannot answer now."""
-    return unreadable_tables(flat_settings(cfg), where)
+    return unreadable_tables(flat_settings(cfg, effective=True), where)  # (a /file's tables too)
 
 
 def template_problems(cfg: Config, where: str) -> list[ConfigError]:

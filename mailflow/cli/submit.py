@@ -60,7 +60,7 @@ def _loaded_settings(config: Optional[str]) -> Optional[SubmitSettings]:
     from mailflow.config import load_config
 
     try:
-        return settings_of(load_config(config))
+        return settings_of(load_config(config, read_domain_files=False))  # (as Postfix's sendmail: not read)
     except ConfigError as e:
         _say(f"mailflow: {config_error_text(e, config_name(config))}")  # common.load's line
         return None

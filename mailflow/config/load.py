@@ -1,11 +1,15 @@
 """Reading a configuration: TOML file -> validated `Config`, or the first problem as a `ConfigError`.
 
-    load_config(path=None) -> Config             None: the embedded defaults; relative paths made absolute
+    load_config(path=None, read_domain_files=True) -> Config
+                                                 None: the embedded defaults; relative paths made absolute
                                                  from the file's directory (from the current directory for the
-                                                 defaults)
+                                                 defaults); read_domain_files=False (sendmail's, which uses no
+                                                 domain list): a domain list's /file/name is kept as it is, not
+                                                 read (Postfix's sendmail reads no match_list file)
     load_source(path=None) -> (Config, bytes | None)   the same and the bytes it validated (None: the defaults),
                                                  for the settings sendmail keeps (mailflow.sendmail.settings)
-    config_from_dict(data, name, base=None)      validate a parsed document; with `base`, resolve its paths
+    config_from_dict(data, name, base=None, read_domain_files=True)
+                                                 validate a parsed document; with `base`, resolve its paths
 
 Failure behaviour: a missing or unreadable file, bad TOML or a bad value raise `ConfigError(file, key, reason)`
 with the dotted key of the first problem ("smtpd.listen", "pipe.x.argv[0]") and a count of the others. A file
@@ -32,10 +36,14 @@ from mailflow.errors import ConfigError
 from mailflow.files import FileTooLarge, read_regular_file
 
 
-def load_config(path: str | Path | None = None) -> Config:
+def load_config(path: str | Path | None = None, *, read_domain_files: bool = True) -> Config:
     """Read and validate `path` (TOML); None gives the embedded defaults. Relative paths are made absolute from
     the file's directory (from the current directory for the defaults). Raises ConfigError."""
-    return load_source(path)[0]
+    if path is None:
+        return load_source(path)[0]
+    name = str(path)
+    return config_from_dict(_parse(_read(path, name), name), name, base=Path(path).absolute().parent,
+                            read_domain_files=read_domain_files)
 
 
 def load_source(path: str | Path | None = None) -> tuple[Config, bytes | None]:
@@ -78,13 +86,15 @@ def _parse(raw: bytes, name: str) -> dict:
         raise ConfigError(name, "", "tables or arrays nested too deeply to read (no setting is)") from None
 
 
-def config_from_dict(data: dict, name: str = "<config>", base: Path | None = None) -> Config:
-    """Validate `data`; with `base`, relative paths are taken from that directory (else kept as written)."""
+def config_from_dict(data: dict, name: str = "<config>", base: Path | None = None, *,
+                     read_domain_files: bool = True) -> Config:
+    """Validate `data`; with `base`, relative paths are taken from that directory (else kept as written);
+    without `read_domain_files`, a domain list's /file/name stays a path (its list is not usable then)."""
     refusal = _too_deep(data) or _control_character(data)
     if refusal is not None:
         raise ConfigError(name, *refusal)
     try:
-        config = Config.model_validate(data)
+        config = Config.model_validate(data, context={"read_domain_files": read_domain_files})
     except ValidationError as e:
         err = e.errors()[0]
         key = validation_key(err) or "(top level)"

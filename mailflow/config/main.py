@@ -13,6 +13,7 @@ Failure behaviour: a bad value raises ValueError (a ConfigError once loaded by m
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 from pydantic import (FieldSerializationInfo, Field, ModelWrapValidatorHandler, PrivateAttr, ValidationInfo,
                       field_serializer, field_validator, model_validator)
@@ -43,6 +44,41 @@ _DOTTED_DOMAIN = {
     True: "{entry}: a relay_domains entry already matches its subdomains (Postfix "
           "parent_domain_matches_subdomains); write it without the leading '.'",
 }
+
+def _is_file(item: object) -> bool:
+    """A domain list's `/file/name` entry (as Postfix's match_list tells it: a leading '/')."""
+    return str(item).strip().startswith("/")
+
+
+def _as_configured(name: str, items: Iterable[object]) -> tuple[str, ...]:
+    """A domain list as configured, each entry but a /file/name normalised (as a list without files is held)."""
+    entries = [str(item).strip() for item in items if str(item).strip()]
+    return tuple(entry if _is_file(entry) else _domain_entry(name, entry, "") for entry in entries)
+
+
+def _domain_entry(name: str, entry: str, where: str) -> str:
+    """One entry of the domain setting `name` (a word of a /file: `where` is its `FILE, line N`), normalised (lower
+    case, IDNA A-labels), or a lookup table's spec where the list takes tables; ValueError saying why it is neither
+    (a file's word is never quoted)."""
+    marks = ".!" if name == "masquerade_domains" else ""
+    tables = name in ("virtual_mailbox_domains", "virtual_alias_domains")
+    shown = f"{where}: a word" if where else repr(entry)  # (a file's words are not echoed)
+    if tables and ":" in entry:
+        try:
+            return check_spec(entry)
+        except ValueError as e:
+            raise ValueError(f"{where}: a word that is neither a domain name nor a lookup table mailflow takes"
+                             if where else str(e)) from None
+    if entry.startswith("!") and not marks:
+        raise ValueError(f"{shown} is an exclusion ('!'): mailflow's domain lists have none")
+    if entry.startswith(".") and name != "masquerade_domains":
+        raise ValueError(_DOTTED_DOMAIN[name == "relay_domains"].format(entry=shown))
+    mark = entry[0] if entry[0] in marks else ""
+    normal = normalise_domain(entry[len(mark):])
+    if not normal or not is_valid_domain(normal):
+        raise ValueError(_not_a_domain(entry, shown, tables))
+    return mark + normal
+
 
 def _not_a_domain(entry: str, shown: str, tables: bool) -> str:
     """Why a domain list's entry (`shown` as the reason names it) is none, with what a Postfix main.cf habit meant
@@ -212,25 +248,32 @@ class Config(Section):
     pipe: dict[str, PipeService] = {}
     # The directory relative paths were taken from (None: as written); set by resolve_paths.
     _base: Path | None = PrivateAttr(None)
-    # The domain lists naming a /file/name, as configured (their fields hold the file's words, read at validation):
-    # what model_dump and `config show` give, so that a configuration re-validated (a reload) reads the file again.
-    _as_configured: dict[str, tuple[str, ...]] = PrivateAttr(default_factory=dict)
+    # The domain lists naming a /file/name: setting -> (the field's value, the list as configured: its /file paths,
+    # its other entries normalised). The field holds the file's words (read at validation); model_dump and `config
+    # show` give the list as configured, so that a configuration re-validated (a reload) reads the file again, while
+    # the field still holds those words (a model_copy that changes it drops the pair's use: the field is dumped).
+    _as_configured: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="wrap")
     @classmethod
     def _keep_domain_files(cls, data: object, handler: ModelWrapValidatorHandler["Config"]) -> "Config":
         config = handler(data)
         if isinstance(data, dict):
-            config._as_configured = {name: tuple(data[name]) for name in DOMAIN_LIST_SETTINGS
-                                     if isinstance(data.get(name), (list, tuple))
-                                     and any(str(item).lstrip().startswith("/") for item in data[name])}
+            config._as_configured = {
+                name: (getattr(config, name), _as_configured(name, data[name])) for name in DOMAIN_LIST_SETTINGS
+                if isinstance(data.get(name), (list, tuple)) and any(_is_file(item) for item in data[name])}
         elif isinstance(data, Config):
             config._as_configured = dict(data._as_configured)
         return config
 
     @field_serializer(*DOMAIN_LIST_SETTINGS)
     def _domain_list_as_configured(self, value: tuple[str, ...], info: FieldSerializationInfo) -> tuple[str, ...]:
-        return self._as_configured.get(info.field_name, value)
+        """The list as configured (its /file paths), unless the field changed since, or the caller asks for the
+        effective values (context {"effective": True}: the file's words, as the tables check needs them)."""
+        field_value, configured = self._as_configured.get(info.field_name, (None, value))
+        if field_value is None or (info.context or {}).get("effective"):
+            return value
+        return configured if field_value is value or field_value == value else value
 
     @model_validator(mode="after")
     def _local_passes_to_a_transport(self) -> "Config":
@@ -306,32 +349,15 @@ class Config(Section):
         entry already covers its subdomains. The virtual domain lists also take lookup tables (`type:name`,
         e.g. the account database's `accounts:PATH#domains`), as Postfix's do. An entry `/file/name` of the four
         lists that are Postfix match lists (DOMAIN_LIST_SETTINGS) is the words of the file, read here: at start,
-        at each reload, at `config check` (mailflow.tables.match_list)."""
-        marks = ".!" if info.field_name == "masquerade_domains" else ""
-        tables = info.field_name in ("virtual_mailbox_domains", "virtual_alias_domains")
+        at each reload, at `config check` (mailflow.tables.match_list); not at sendmail's load (context
+        read_domain_files false: the path is kept, the list unused)."""
+        name = info.field_name or ""
         entries = [d.strip() for d in v if d.strip()]
-        words = (domain_list_words(info.field_name, entries) if info.field_name in DOMAIN_LIST_SETTINGS
-                 else [(entry, "") for entry in entries])
-        out = []
-        for entry, where in words:
-            shown = f"{where}: a word" if where else repr(entry)  # (a file's words are not echoed)
-            if tables and ":" in entry:
-                try:
-                    out.append(check_spec(entry))
-                except ValueError as e:
-                    raise ValueError(f"{where}: a word that is neither a domain name nor a lookup table mailflow "
-                                     "takes" if where else str(e)) from None
-                continue
-            if entry.startswith("!") and not marks:
-                raise ValueError(f"{shown} is an exclusion ('!'): mailflow's domain lists have none")
-            if entry.startswith(".") and info.field_name != "masquerade_domains":
-                raise ValueError(_DOTTED_DOMAIN[info.field_name == "relay_domains"].format(entry=shown))
-            mark = entry[0] if entry[0] in marks else ""
-            normal = normalise_domain(entry[len(mark):])
-            if not normal or not is_valid_domain(normal):
-                raise ValueError(_not_a_domain(entry, shown, tables))
-            out.append(mark + normal)
-        return tuple(out)
+        if name not in DOMAIN_LIST_SETTINGS:
+            return tuple(_domain_entry(name, entry, "") for entry in entries)
+        if not (info.context or {}).get("read_domain_files", True):
+            return _as_configured(name, entries)
+        return tuple(_domain_entry(name, entry, where) for entry, where in domain_list_words(name, entries))
 
     @field_validator("always_bcc")
     @classmethod

@@ -33,6 +33,9 @@ def resolve_paths(config: Config, base: Path) -> Config:
     if resolved is config:
         resolved = config.model_copy()
     resolved._base = Path(base)
+    resolved._as_configured = {  # (a /file's list as configured: its tables beside the path resolved alike)
+        name: (getattr(resolved, name), tuple(_resolve_table(item, Path(base)) for item in configured))
+        for name, (_, configured) in config._as_configured.items()}
     return resolved
 
 

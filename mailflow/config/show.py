@@ -1,6 +1,9 @@
 """postconf's views of a configuration: every setting as one `key = value` line in TOML syntax.
 
-    flat_settings(config) -> {"section.key" or "key": value}     in declaration order
+    flat_settings(config, effective=False) -> {"section.key" or "key": value}
+                                                                 in declaration order; `effective`: a domain
+                                                                 list naming a /file gives the file's words (as
+                                                                 the server uses it), not the path
     format_setting(key, value) -> "key = value"                  durations in seconds
     show_settings(config, defaults=False, changed_only=False)    postconf, postconf -d, postconf -n (a setting
                                                                  that is None, unset, is left out: TOML has no null)
@@ -17,10 +20,10 @@ from mailflow.config.main import Config
 from mailflow.config.paths import resolve_paths
 
 
-def flat_settings(config: Config) -> dict[str, object]:
+def flat_settings(config: Config, *, effective: bool = False) -> dict[str, object]:
     """Every setting as `section.key -> value` (top-level keys have no section), in declaration order."""
     out: dict[str, object] = {}
-    for name, value in config.model_dump().items():
+    for name, value in config.model_dump(context={"effective": effective}).items():
         if isinstance(value, dict) and name in Config.model_fields and isinstance(getattr(config, name), Section):
             for key, inner in value.items():
                 out[f"{name}.{key}"] = inner

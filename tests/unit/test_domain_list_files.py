@@ -10,7 +10,8 @@ import time
 import pytest
 
 from mailflow import app
-from mailflow.config import config_from_dict
+from mailflow.cli.server import table_problems
+from mailflow.config import config_from_dict, load_config
 from mailflow.errors import ConfigError
 from mailflow.routing.rewrite import Rewriter
 from mailflow.tables.match_list import DOMAIN_LIST_SETTINGS, PATTERN_FILE_LIMIT
@@ -125,3 +126,57 @@ async def test_a_reload_reads_a_long_domain_list_file_off_the_event_loop(mailflo
     await mf.reload(new)
     assert validated_on_loop == [False]
     assert "d001999.example.org" in mf.config.relay_domains
+
+
+def test_a_table_named_in_a_file_is_checked_as_the_same_table_written_inline(tmp_path):
+    """`config check` (and serve) open each file-backed table the lists name, a /file's too: a missing one was taken
+    and then failed every RCPT to a non-local domain with 451 4.3.0."""
+    (tmp_path / "vdoms").write_text(f"v.example texthash:{tmp_path}/missing\n")
+    for listed in ([f"{tmp_path}/vdoms"], ["v.example", f"texthash:{tmp_path}/missing"]):
+        problems = table_problems(config_from_dict({"virtual_alias_domains": listed}), "m.toml")
+        assert [(p.key, f"{tmp_path}/missing: No such file" in p.reason) for p in problems] == \
+            [("virtual_alias_domains", True)], problems
+
+
+def test_a_relative_table_beside_a_file_is_taken_from_the_configuration_s_directory(tmp_path, monkeypatch):
+    """As the server opens it: `config check -c /dir/m.toml` run from / said it could not read vdom.txt."""
+    (tmp_path / "vdom.txt").write_text("t.example x\n")
+    (tmp_path / "vdoms").write_text("f.example\n")
+    (tmp_path / "m.toml").write_text(f'virtual_alias_domains = ["texthash:vdom.txt", "{tmp_path}/vdoms"]\n')
+    monkeypatch.chdir("/")
+    config = load_config(tmp_path / "m.toml")
+    assert table_problems(config, "m.toml") == []
+    assert config.model_dump()["virtual_alias_domains"] == (f"texthash:{tmp_path}/vdom.txt", f"{tmp_path}/vdoms")
+
+
+def test_a_list_with_a_file_shows_its_other_entries_normalised_and_a_changed_list_as_it_is(tmp_path):
+    """`config show` gives the path and the other entries as a list without a file gives them; a copy of the
+    configuration whose list was changed gives the new list (a reload of it would otherwise read the old file)."""
+    (tmp_path / "list").write_text("a.example\n")
+    config = config_from_dict({"relay_domains": ["Example.COM.", f"{tmp_path}/list"]})
+    assert config.model_dump()["relay_domains"] == ("example.com", f"{tmp_path}/list")
+    changed = config.model_copy(update={"relay_domains": ("y.example",)})
+    assert changed.model_dump()["relay_domains"] == ("y.example",)
+    assert config_from_dict(changed.model_dump()).relay_domains == ("y.example",)
+
+
+@pytest.mark.parametrize("breaks", ["the file", "a table it names"])
+async def test_a_reload_is_refused_when_a_domain_file_or_its_table_cannot_be_read(mailflow_server, tmp_path, breaks):
+    """The reload says why and the configuration in force stays, the file's domains still taken."""
+    (tmp_path / "vmap").write_text("t.example x\n")
+    (tmp_path / "vdoms").write_text(f"v.example texthash:{tmp_path}/vmap\n")
+    mf = await mailflow_server(virtual_alias_domains=[f"{tmp_path}/vdoms"], mynetworks=[],
+                               virtual_alias_maps=["inline:{r@t.example=r@v.example}"],
+                               smtpd={"relay_restrictions": ["reject_unauth_destination"]})
+    running = mf.config
+    new = config_from_dict(mf.config.model_dump())
+    if breaks == "the file":
+        (tmp_path / "vdoms").unlink()
+        (tmp_path / "vdoms").mkdir()
+    else:
+        (tmp_path / "vmap").unlink()
+    with pytest.raises(ConfigError) as refused:
+        await mf.reload(new)
+    assert refused.value.key == "virtual_alias_domains"
+    assert mf.config is running
+    assert (await rcpt_reply(mf.smtp_addresses[0][1], "r@t.example")).startswith("250 ")

@@ -538,3 +538,17 @@ def test_check_config_records_the_settings(config):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert cached_settings(str(config)) == settings_of(load_config(config))
+
+
+def test_sendmail_reads_no_domain_list_file_without_a_cache(config, tmp_path, monkeypatch):
+    """Postfix's sendmail and postdrop read no match_list file: a domain list's /file the user cannot read (here a
+    directory where the file was, being replaced) does not stop a submission when no record is there to use (the
+    server never started, an upgrade, `-C`); the message is taken."""
+    (tmp_path / "relays").mkdir()
+    config.write_text(f'relay_domains = ["{tmp_path}/relays", "x.example"]\n' + GOOD)
+    message = tmp_path / "message"
+    message.write_bytes(b"To: a@example.test\n\nhi\n")
+    monkeypatch.setattr(sys, "stdin", open(message))
+    assert cached_settings(str(config)) is None
+    assert run_sendmail(["-C", str(config), "-t"]) == 0
+    assert len(list((tmp_path / "queue" / "maildrop").iterdir())) == 1
