@@ -53,6 +53,7 @@ from mailflow.restriction_vocabulary import check_classes, check_item
 from mailflow.address import is_valid_domain
 from mailflow.syntax import BLOCKING_TABLE_TYPES, parse_duration, parse_hostport, parse_ip, table_type
 from mailflow.tables import check_spec
+from mailflow.tables.match_list import PatternFiles
 from mailflow.tables.networks import check_network_list
 
 
@@ -106,8 +107,22 @@ def _inline_table_specs(specs: tuple[str, ...]) -> tuple[str, ...]:
     return specs
 
 
-def _networks(items: tuple[str, ...]) -> tuple[str, ...]:
-    return check_network_list(items)
+def _networks(items: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+    files = PatternFiles()
+    checked = check_network_list(items, files)
+    keep_file_comments(info, files)
+    return checked
+
+
+FILE_COMMENTS = "pattern_file_comments"  # the validation context's list of them (mailflow.config.load fills it)
+
+
+def keep_file_comments(info: ValidationInfo, files: PatternFiles) -> None:
+    """The comments that ended lines of a setting's /files, each `KEY: FILE, line N: …`, added to the validation
+    context's FILE_COMMENTS list when the caller gave one (Config.warnings() gives them)."""
+    found = (info.context or {}).get(FILE_COMMENTS)
+    if found is not None:
+        found.extend(f"{info.field_name}: {comment}" for comment in files.comments)
 
 
 class FrozenMap(dict):

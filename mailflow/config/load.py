@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from mailflow.config.base import validation_key, validation_reason
+from mailflow.config.base import FILE_COMMENTS, validation_key, validation_reason
 from mailflow.config.main import Config
 from mailflow.config.paths import resolve_paths
 from mailflow.config_source import CONTROL, MAX_FILE_BYTES
@@ -94,7 +94,7 @@ def config_from_dict(data: dict, name: str = "<config>", base: Path | None = Non
     if refusal is not None:
         raise ConfigError(name, *refusal)
     try:
-        config = Config.model_validate(data, context={"read_domain_files": read_domain_files})
+        config = Config.model_validate(data, context={"read_domain_files": read_domain_files, FILE_COMMENTS: []})
     except ValidationError as e:
         err = e.errors()[0]
         key = validation_key(err) or "(top level)"

@@ -35,7 +35,8 @@ from mailflow.config.smtpd import SmtpdConfig
 from mailflow.config_source import QUEUE_DIRECTORY
 from mailflow.syntax import is_ip_address
 from mailflow.tables import check_spec
-from mailflow.tables.match_list import DOMAIN_LIST_SETTINGS, domain_list_words
+from mailflow.config.base import FILE_COMMENTS, keep_file_comments
+from mailflow.tables.match_list import DOMAIN_LIST_SETTINGS, PatternFiles, domain_list_words
 
 
 _DOTTED_DOMAIN = {
@@ -253,17 +254,22 @@ class Config(Section):
     # show` give the list as configured, so that a configuration re-validated (a reload) reads the file again, while
     # the field still holds those words (a model_copy that changes it drops the pair's use: the field is dumped).
     _as_configured: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = PrivateAttr(default_factory=dict)
+    # The comments that ended a line of a list's /file (`KEY: FILE, line N: …`): warnings(), as Postfix 3.7 warns.
+    _file_comments: tuple[str, ...] = PrivateAttr(())
 
     @model_validator(mode="wrap")
     @classmethod
-    def _keep_domain_files(cls, data: object, handler: ModelWrapValidatorHandler["Config"]) -> "Config":
+    def _keep_domain_files(cls, data: object, handler: ModelWrapValidatorHandler["Config"],
+                           info: ValidationInfo) -> "Config":
         config = handler(data)
+        config._file_comments = tuple((info.context or {}).get(FILE_COMMENTS, ()))
         if isinstance(data, dict):
             config._as_configured = {
                 name: (getattr(config, name), _as_configured(name, data[name])) for name in DOMAIN_LIST_SETTINGS
                 if isinstance(data.get(name), (list, tuple)) and any(_is_file(item) for item in data[name])}
         elif isinstance(data, Config):
             config._as_configured = dict(data._as_configured)
+            config._file_comments = data._file_comments
         return config
 
     @field_serializer(*DOMAIN_LIST_SETTINGS)
@@ -357,7 +363,10 @@ class Config(Section):
             return tuple(_domain_entry(name, entry, "") for entry in entries)
         if not (info.context or {}).get("read_domain_files", True):
             return _as_configured(name, entries)
-        return tuple(_domain_entry(name, entry, where) for entry, where in domain_list_words(name, entries))
+        files = PatternFiles()
+        words = domain_list_words(name, entries, files)
+        keep_file_comments(info, files)
+        return tuple(_domain_entry(name, entry, where) for entry, where in words)
 
     @field_validator("always_bcc")
     @classmethod
@@ -433,7 +442,7 @@ class Config(Section):
     def warnings(self) -> list[str]:
         """What is taken but likely not meant: origin_warning, settings that have no effect (each `key: reason`)."""
         origin = self.origin_warning()
-        return ([origin] if origin else []) + self.smtpd.listener_warnings()
+        return ([origin] if origin else []) + self.smtpd.listener_warnings() + list(self._file_comments)
 
     def origin_warning(self) -> str | None:
         """The warning for a myorigin (or myhostname) that is not in mydestination while local(8)'s expansion is in

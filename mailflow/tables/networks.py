@@ -46,25 +46,19 @@ from typing import Callable, Iterable, Sequence
 
 from mailflow.address import client_ip
 from mailflow.errors import ConfigError, LookupRetry
-from mailflow.files import RefusedFile, read_regular_file
 from mailflow.syntax import check_table_spec, table_type
 from mailflow.tables.base import Table
 from mailflow.tables.cache import TableCache
-from mailflow.tables.match_list import MAX_FILE_DEPTH, file_lines, line_words
+from mailflow.tables.match_list import FileLoop, PatternFiles, line_words
 
 # the settings that are network lists (their key's last part), for mailflow.tables.check
 NETWORK_LIST_SETTINGS = ("mynetworks", "authorized_xclient_hosts", "upstream_proxy_clients", "whitelist_networks",
                          "permit_mx_backup_networks", "sasl_exceptions_networks", "forbid_bare_newline_exclusions")
 NETWORK_TABLE_TYPES = ("cidr", "texthash", "regexp", "pcre", "inline", "static")
-PATTERN_FILE_LIMIT = 4 << 20  # a /file of patterns larger than this is refused
 log = logging.getLogger("mailflow.tables")
 
 OpenTables = Callable[[Sequence[str]], list[Table]]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-class _FileLoop(ValueError):
-    """A /file that names itself, directly or through others."""
 
 
 @dataclass(frozen=True)
@@ -75,14 +69,16 @@ class Pattern:
     table: str = ""
 
 
-def check_network_list(items: Iterable[str]) -> tuple[str, ...]:
-    """The list as configured (networks in their plain form, one pattern per item); its files read to check them."""
+def check_network_list(items: Iterable[str], files: PatternFiles | None = None) -> tuple[str, ...]:
+    """The list as configured (networks in their plain form, one pattern per item); its files read to check them
+    (by `files`, whose comments the caller wants, else a reader of its own)."""
+    files = files or PatternFiles()
     checked: list[str] = []
     for item in items:
         for token in line_words(item):
             negate, pattern = _negations(token)
             if pattern.startswith("/"):
-                _parse_file(pattern, negate, [], ())
+                _parse_file(pattern, negate, [], (), files)
                 checked.append(token)
             elif _is_table(pattern):
                 checked.append("!" * negate + _table_spec(pattern))
@@ -93,41 +89,35 @@ def check_network_list(items: Iterable[str]) -> tuple[str, ...]:
 
 def parse_network_list(items: Iterable[str]) -> list[Pattern]:
     patterns: list[Pattern] = []
+    files = PatternFiles()
     for item in items:
-        _parse_text(item, False, patterns, ())
+        _parse_words(line_words(item), False, patterns, (), files)
     return patterns
 
 
-def _parse_text(text: str, negate: bool, out: list[Pattern], reading: tuple[str, ...]) -> None:
+def _parse_words(words: list[str], negate: bool, out: list[Pattern], reading: tuple[str, ...],
+                 files: PatternFiles) -> None:
     """`reading`: the files being read, outermost first (a file among them would be a loop)."""
-    for token in line_words(text):
+    for token in words:
         negated, pattern = _negations(token)
         negated = negated != negate
         if pattern.startswith("/"):
-            _parse_file(pattern, negated, out, reading)
+            _parse_file(pattern, negated, out, reading, files)
         elif _is_table(pattern):
             out.append(Pattern(negated, table=_table_spec(pattern)))
         else:
             out.append(Pattern(negated, network=ipaddress.ip_network(normalize_network(pattern))))
 
 
-def _parse_file(path: str, negate: bool, out: list[Pattern], reading: tuple[str, ...]) -> None:
-    if path in reading:
-        raise _FileLoop(f"{path} includes itself: {' -> '.join((*reading[reading.index(path):], path))}")
-    if len(reading) >= MAX_FILE_DEPTH:
-        raise ValueError(f"{path}: files of patterns nested deeper than {MAX_FILE_DEPTH}")
-    try:
-        text = read_regular_file(path, PATTERN_FILE_LIMIT).decode("utf-8", errors="replace")
-    except (OSError, RefusedFile) as e:
-        raise ValueError(f"open file {path}: {getattr(e, 'strerror', None) or e}") from None
-    lines = file_lines(text)
-    for number, line in lines:
+def _parse_file(path: str, negate: bool, out: list[Pattern], reading: tuple[str, ...], files: PatternFiles) -> None:
+    for number, line in files.lines(path, reading):
+        where = f"{path}, line {number}"
         try:
-            _parse_text(line, negate, out, (*reading, path))
-        except _FileLoop:
+            _parse_words(files.words(line, where), negate, out, (*reading, path), files)
+        except FileLoop:
             raise  # named once, with its chain, not again at every level of it
         except ValueError as e:
-            raise ValueError(f"{path}, line {number}: {e}") from None
+            raise ValueError(f"{where}: {e}") from None
 
 
 def _negations(token: str) -> tuple[bool, str]:
