@@ -80,6 +80,7 @@ CLASSES = {  # a restriction class per case; the session's sender names it
     "bracketed": "reject_rbl_client mapped.test=[127.0.0.[3..4]]",  # ip_match drops brackets around it all
     "zeros": "reject_rbl_client mapped.test=127.0.0.003",  # and reads leading zeros
     "tenfiltered": "reject_rbl_client ten.test=10.0.0.[1..2]",  # a filter alone decides (rbl_match_addr)
+    "ten": "reject_rbl_client ten.test",  # and without one any A record lists (not only 127.x)
     "keyed": "reject_rbl_client keyed.test=127.0.0.2",
     "unkeyed": "reject_rbl_client keyed.test",
     "nodsn": "reject_rbl_client nodsn.test",

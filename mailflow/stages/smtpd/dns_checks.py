@@ -127,9 +127,10 @@ class DnsChecks:
         return addr, ("Sender address" if kind == "sender" else "Recipient address")
 
     async def _listed(self, query: str, wanted: str, memo: dict) -> bool | None:
-        """`query` has an address (127.x without a filter; with one, any the filter `wanted` takes: `127.0.0.2`,
-        `127.0.0.[2..11]`, as Postfix's ip_match and rbl_match_addr); None when the DNS cannot tell (logged once: the
-        answer, a failure too, is kept in the session's `memo`, as Postfix's smtpd keeps it in its RBL cache)."""
+        """`query` has an IPv4 address (any without a filter, as Postfix's smtpd and postscreen take it; with one,
+        any the filter `wanted` takes: `127.0.0.2`, `127.0.0.[2..11]`, as Postfix's ip_match and rbl_match_addr);
+        None when the DNS cannot tell (logged once: the answer, a failure too, is kept in the session's `memo`, as
+        Postfix's smtpd keeps it in its RBL cache)."""
         if self._resolver is None:
             return False
         key = ("dnsxl", query)
@@ -139,7 +140,7 @@ class DnsChecks:
         if answers is None:
             return None
         octets = reply_filter(wanted) if wanted else None
-        return any(is_ipv4(a) and (a.startswith("127.") if octets is None else filter_matches(octets, a))
+        return any(is_ipv4(a) and (octets is None or filter_matches(octets, a))
                    for a in answers)  # (a filter alone decides, as Postfix's rbl_match_addr, postscreen's too)
 
     async def _list_answers(self, query: str) -> tuple[str, ...] | None:
