@@ -405,8 +405,12 @@ class Rewriter:
 
     def classify_resolved(self, resolved: str) -> AddressClass:
         """The address class of an address resolved_address made already (its domain as it is: not resolved
-        again). May raise LookupRetry."""
-        domain = address.normalise_domain(address.split(resolved)[1])
+        again); a domain that is no domain name nor address literal (empty, over 255 octets, `x..y`) is of the
+        default class, no list asked, as Postfix's resolve short-cuts it. May raise LookupRetry."""
+        raw = address.split(resolved)[1]
+        if not raw or not address.is_valid_domain(raw):
+            return AddressClass.DEFAULT
+        domain = address.normalise_domain(raw)
         if self.resolve_local(domain):
             return AddressClass.LOCAL
         if domain in self._virtual_alias_domains:

@@ -386,3 +386,12 @@ def test_a_virtual_owner_or_limit_of_other_digits_than_ascii_is_a_table_failure(
         rw.virtual_owner("v@x.test")
     with pytest.raises(LookupRetry, match="not a number of bytes"):
         rw.virtual_mailbox_limit("v@x.test")
+
+
+def test_a_domain_that_is_no_domain_name_is_of_the_default_class_whatever_the_lists():
+    """Postfix's resolve short-cuts a domain valid_hostname refuses (over 255 octets, an empty label) to the default
+    class, no list asked: a subdomain of a relay_domains entry that long was relayed, after a lookup of each label."""
+    rw = rewriter(relay_domains=("x.example",))
+    assert rw.classify("u@" + "a." * 130 + "x.example") is AddressClass.DEFAULT
+    assert rw.classify("u@a..x.example") is AddressClass.DEFAULT
+    assert rw.classify("u@" + "a." * 100 + "x.example") is AddressClass.RELAY
