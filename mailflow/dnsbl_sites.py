@@ -15,6 +15,7 @@ Failure behaviour: a malformed entry raises ValueError saying what is wrong (the
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -59,9 +60,11 @@ def parse_dnsbl_site(entry: str) -> DnsblSite:
     return DnsblSite(found.group("domain").lower().rstrip("."), reply_filter(pattern) if pattern else None, weight)
 
 
+@functools.lru_cache(maxsize=256)
 def reply_filter(pattern: str) -> tuple[frozenset[int], ...]:
     """The octet sets of a filter as Postfix's ip_match_parse takes it: one pair of brackets around the whole
-    pattern dropped (`[127.0.0.[2..11]]`), then four fields; ValueError saying why, an empty pattern too."""
+    pattern dropped (`[127.0.0.[2..11]]`), then four fields; ValueError saying why, an empty pattern too. Kept
+    per pattern: smtpd asks at each DNS list check."""
     text = _without_outer_brackets(pattern)
     if not text:
         raise ValueError(f"filter {pattern!r}: empty address pattern")

@@ -39,21 +39,18 @@ from mailflow.files import FileTooLarge, read_regular_file
 def load_config(path: str | Path | None = None, *, read_domain_files: bool = True) -> Config:
     """Read and validate `path` (TOML); None gives the embedded defaults. Relative paths are made absolute from
     the file's directory (from the current directory for the defaults). Raises ConfigError."""
-    if path is None:
-        return load_source(path)[0]
-    name = str(path)
-    return config_from_dict(_parse(_read(path, name), name), name, base=Path(path).absolute().parent,
-                            read_domain_files=read_domain_files)
+    return load_source(path, read_domain_files=read_domain_files)[0]
 
 
-def load_source(path: str | Path | None = None) -> tuple[Config, bytes | None]:
+def load_source(path: str | Path | None = None, *, read_domain_files: bool = True) -> tuple[Config, bytes | None]:
     """load_config's result and the bytes it validated (None for the embedded defaults). Reads no environment
     variable: what it returns depends on the bytes, the file's directory and the code only."""
     if path is None:
         return resolve_paths(Config(), Path.cwd()), None
     name = str(path)
     raw = _read(path, name)
-    return config_from_dict(_parse(raw, name), name, base=Path(path).absolute().parent), raw
+    return config_from_dict(_parse(raw, name), name, base=Path(path).absolute().parent,
+                            read_domain_files=read_domain_files), raw
 
 
 MAX_DEPTH = 32  # tables and arrays within each other; the deepest setting (a listener's override list) is 4

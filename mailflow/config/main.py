@@ -51,7 +51,7 @@ def _is_file(item: object) -> bool:
     return str(item).strip().startswith("/")
 
 
-def _as_configured(name: str, items: Iterable[object]) -> tuple[str, ...]:
+def _configured_entries(name: str, items: Iterable[object]) -> tuple[str, ...]:
     """A domain list as configured, each entry but a /file/name normalised (as a list without files is held)."""
     entries = [str(item).strip() for item in items if str(item).strip()]
     return tuple(entry if _is_file(entry) else _domain_entry(name, entry, "") for entry in entries)
@@ -265,7 +265,7 @@ class Config(Section):
         config._file_comments = tuple((info.context or {}).get(FILE_COMMENTS, ()))
         if isinstance(data, dict):
             config._as_configured = {
-                name: (getattr(config, name), _as_configured(name, data[name])) for name in DOMAIN_LIST_SETTINGS
+                name: (getattr(config, name), _configured_entries(name, data[name])) for name in DOMAIN_LIST_SETTINGS
                 if isinstance(data.get(name), (list, tuple)) and any(_is_file(item) for item in data[name])}
         elif isinstance(data, Config):
             config._as_configured = dict(data._as_configured)
@@ -362,7 +362,7 @@ class Config(Section):
         if name not in DOMAIN_LIST_SETTINGS:
             return tuple(_domain_entry(name, entry, "") for entry in entries)
         if not (info.context or {}).get("read_domain_files", True):
-            return _as_configured(name, entries)
+            return _configured_entries(name, entries)
         files = PatternFiles()
         words = domain_list_words(name, entries, files)
         keep_file_comments(info, files)

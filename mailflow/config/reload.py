@@ -35,6 +35,8 @@ def restart_needed(running: Config, new: Config) -> list[str]:
 
 
 def in_force(running: Config, new: Config, where: str) -> Config:
+    if not restart_needed(running, new):  # (the usual reload: `new` was validated as it is)
+        return new
     data = new.model_dump()
     old = running.model_dump()
     for key in RESTART_SETTINGS:

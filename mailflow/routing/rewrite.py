@@ -106,13 +106,6 @@ log = logging.getLogger("mailflow.trivial_rewrite")
 # postmaster, and the senders of bounces, whose replies must not be refused.
 ALWAYS_ACCEPTED = ("postmaster", "mailer-daemon", "double-bounce")
 CLASS_CACHE_SIZE = 4096
-
-
-def keepable(addr: str) -> bool:
-    """An address the resolve caches keep: at most MAX_ADDRESS UTF-8 bytes, the longest smtpd takes. A longer one
-    (a local submission's, a header's) is resolved each time: kept, 4096 of 2 KB with an emoji held 32 MiB."""
-    return len(addr) <= address.MAX_ADDRESS and (
-        addr.isascii() or len(addr.encode("utf-8", "surrogatepass")) <= address.MAX_ADDRESS)
 OFF_HOST = (AddressClass.RELAY, AddressClass.DEFAULT)  # the classes a sender may route (Postfix's resolve)
 SenderMemo = dict[tuple[int, str], str]  # (a sender-dependent table list's id, the sender) -> its choice
 ERROR_TRANSPORT = "error"
@@ -123,6 +116,21 @@ UNKNOWN_IN = {
     AddressClass.VIRTUAL_MAILBOX: "virtual mailbox table",
     AddressClass.RELAY: "relay recipient table",
 }
+
+
+def keepable(addr: str) -> bool:
+    """An address the resolve caches keep: at most MAX_ADDRESS UTF-8 bytes, the longest smtpd takes. A longer one
+    (a local submission's, a header's) is resolved each time: kept, 4096 of 2 KB with an emoji held 32 MiB."""
+    return len(addr) <= address.MAX_ADDRESS and (
+        addr.isascii() or len(addr.encode("utf-8", "surrogatepass")) <= address.MAX_ADDRESS)
+
+
+def _remember(cache: dict, key: str, value: object) -> None:
+    """`value` kept under `key` when the key is keepable; a full cache (CLASS_CACHE_SIZE) is emptied first."""
+    if keepable(key):
+        if len(cache) >= CLASS_CACHE_SIZE:
+            cache.clear()
+        cache[key] = value
 
 
 def unknown_reject_codes(smtpd) -> dict[AddressClass, int]:
@@ -342,10 +350,7 @@ class Rewriter:
         resolved = self._resolved.get(addr)
         if resolved is None:
             resolved = self._resolve_address(addr)
-            if keepable(addr):
-                if len(self._resolved) >= CLASS_CACHE_SIZE:
-                    self._resolved.clear()
-                self._resolved[addr] = resolved
+            _remember(self._resolved, addr, resolved)
         return resolved
 
     def _resolve_address(self, addr: str) -> str:
@@ -471,10 +476,7 @@ class Rewriter:
         answer = self._class_answers.get(qualified)
         if answer is None:
             answer = self._class_of(qualified)
-            if keepable(qualified):
-                if len(self._class_answers) >= CLASS_CACHE_SIZE:
-                    self._class_answers.clear()
-                self._class_answers[qualified] = answer
+            _remember(self._class_answers, qualified, answer)
         return answer
 
     def _class_of(self, qualified: str) -> Resolution:

@@ -5,7 +5,7 @@ reject_unknown_recipient_domain (Postfix's postconf(5) meanings; the ones that a
 server_checks.py's). restrictions.py decides when each runs; this module asks the resolver and words the answer.
 
     DnsChecks(resolver, rewriter, unknown_address_reject_code, unknown_address_tempfail_action)
-        .rbl(arg, facts), .rhsbl(kind, arg, facts)      listed (127.x; with a filter, an answer it takes): a Listed,
+        .rbl(arg, facts), .rhsbl(kind, arg, facts)      listed (any address; with a filter, one it takes): a Listed,
                                                          with the list's TXT reason (rbl_replies.py words the reply)
         .allowlisted(kind, arg, facts) -> bool           permit_dnswl_client (kind "client": the address) and
                                                          permit_rhswl_client ("client_name": the verified name)
@@ -95,7 +95,7 @@ class DnsChecks:
     # -------------------------------------------------------------------------------- block lists
 
     async def rbl(self, arg: str, facts: Facts) -> Listed | None:
-        """reject_rbl_client: the client's address (reversed) under the list has an address (127.x; with a filter,
+        """reject_rbl_client: the client's address (reversed) under the list has an address (any; with a filter,
         one it takes) -> what the list said (its TXT reason too); None when not listed or it cannot be asked."""
         rbl_domain, _, wanted = arg.partition("=")
         query = rbl_query_name(facts.client_addr, rbl_domain)
@@ -104,7 +104,7 @@ class DnsChecks:
         return Listed(arg, facts.client_addr, "Client host", await self._reason(query, facts.memo))
 
     async def rhsbl(self, kind: str, arg: str, facts: Facts) -> Listed | None:
-        """reject_rhsbl_<kind>: `<domain>.<rbl>` has an address (127.x; with a filter, one it takes) -> what the list
+        """reject_rhsbl_<kind>: `<domain>.<rbl>` has an address (any; with a filter, one it takes) -> what the list
         said; what was looked up is named as Postfix names it: the whole sender or recipient address, else the name."""
         rbl_domain, _, wanted = arg.partition("=")
         subject, what = await self._rhsbl_subject(kind, facts)
