@@ -484,9 +484,9 @@ class Mailflow:
             if not (self.smtpd and self.qmgr and self.pickup and self._cleanup):
                 raise RuntimeError("reload: the server is not running")
             waiting = restart_needed(self.config, config)
-            # (validated again, a domain list's /file read again: off the loop, as the file was read by reread)
+            # (validated again, a domain list's /file read again, when settings kept as running differ: off the loop)
             config = await asyncio.to_thread(in_force, self.config, config, "")
-            problems = await asyncio.to_thread(table_problems, flat_settings(config, effective=True), "")
+            problems = await asyncio.to_thread(lambda: table_problems(flat_settings(config, effective=True), ""))
             if problems:
                 raise _all_of(problems)
             router = await self._router(config)
