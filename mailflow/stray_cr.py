@@ -51,12 +51,13 @@ def _short_lines(lines: bytes) -> bytes:
 class StrayCr:
     """See the module doc."""
 
-    __slots__ = ("_limit", "_col", "_held")
+    __slots__ = ("_limit", "_long", "_col", "_held")
 
     def __init__(self, limit: int = 2048, line: int = 0) -> None:
         """`line`: the octets of the line under way that were passed on before the mender took over (no CR among
         them)."""
         self._limit = limit
+        self._long = re.compile(rb"(?m)^[^\n]{%d,}\n" % limit)  # a line that spans records
         self._col = 0  # raw octets in the line's current record, the held CRs included (`limit`: it is full)
         self._held = 0  # CRs at the end of what was fed, not yet passed on
         self._advance(line, -1)
@@ -89,7 +90,7 @@ class StrayCr:
         out = [self._line(data[:first])]
         last, at = data.rfind(b"\n"), first + 1
         # the lines that span records (found at C speed) one by one; the runs of lines between them at once
-        for long in re.compile(rb"(?m)^[^\n]{%d,}\n" % self._limit).finditer(data, at, last + 1):
+        for long in self._long.finditer(data, at, last + 1):
             if long.start() > at:
                 out.append(_short_lines(data[at:long.start() - 1]))
             out.append(self._line(data[long.start():long.end() - 1]))
