@@ -583,7 +583,12 @@ def hello_syntax(verb: str) -> Reply:
 def bare_newline(host: str, char: str = "LF") -> Reply:
     """A line ended by a bare LF, or holding a bare CR (Postfix smtpd_forbid_bare_newline = reject); the
     session is closed after it."""
-    return Reply(521, "5.5.2", f"{host} Error: bare <{char}> received", error_class="protocol")
+    return Reply(521, "5.5.2", f"{host} Error: {bare_received(char)}", error_class="protocol")
+
+
+def bare_received(char: str) -> str:
+    """What a refusal of a bare line end says, in the reply and in its reject line (Postfix's words)."""
+    return f"bare <{char}> received"
 
 
 def shutting_down(host: str) -> Reply:

@@ -44,7 +44,7 @@ from mailflow import status
 from mailflow.content import Content, Spool
 from mailflow.message import CRLF, mailbox_labels_kept, mailbox_lines, read_header
 from mailflow.stages.smtpd.transaction import TransactionCommands
-from mailflow.stages.smtpd.wire import ContentCheck, refusal
+from mailflow.stages.smtpd.wire import END_OF_MESSAGE, ContentCheck, bare_refusal, refusal
 from mailflow.syntax import ascii_upper, command_words, parse_octet_count
 
 log = logging.getLogger("mailflow.smtpd")
@@ -166,10 +166,7 @@ class DataCommands(TransactionCommands):
             why_not = refusal(spool, check.nul)
             bare = check.finish()
             if why_not is None and bare and self._forbid_bare_newline:
-                self.log_reject("END-OF-MESSAGE", f"bare <{bare}> received", self.envelope.single_recipient)
-                self._reset_transaction()
-                await self._refuse_and_close(status.bare_newline(self.hostname, bare))
-                return
+                raise bare_refusal(self.hostname, bare, END_OF_MESSAGE)  # (logged and closed as DATA's)
             self.envelope.bdat_octets = check.octets
             await self._finish_message(spool, why_not, crlf=self._forbid_bare_newline)
         finally:

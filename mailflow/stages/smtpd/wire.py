@@ -90,6 +90,11 @@ class WireError(Exception):
         self.where = where
 
 
+def bare_refusal(host: str, char: str, where: str = "") -> WireError:
+    """A bare line end refused (in content: `where` END_OF_MESSAGE, the stage Postfix logs, having read on)."""
+    return WireError(status.bare_newline(host, char), fatal=True, logged=status.bare_received(char), where=where)
+
+
 class ContentCheck:
     """What BDAT content must be checked for across its chunks: NUL, line ends other than CRLF (`bare_lf`,
     `bare_cr`; a CR ending one piece may pair with a LF starting the next); and its size as Postfix's smtpd reports
@@ -324,9 +329,7 @@ class Wire:
         return data
 
     def _bare(self, char: str, where: str = "") -> WireError:
-        """A bare line end refused (in content: `where` END-OF-MESSAGE, the stage Postfix logs, having read on)."""
-        return WireError(status.bare_newline(self._host, char), fatal=True, logged=f"bare <{char}> received",
-                         where=where)
+        return bare_refusal(self._host, char, where)
 
     async def read_line(self, limit: int) -> bytes:
         """One command line without its CRLF (limit counts the CRLF)."""
