@@ -17,7 +17,7 @@ Runner (used by pipe services and by local's `|command` destinations):
   `CommandNotRun` (dsn 4.3.1 for a full disk). Each run holds a copy of its message (20 parallel deliveries of a 50 MB
   message: 1 GB), so `spool` (a `CommandSpool`: the directory, the bytes its file system keeps free, how to read its
   free space; `command_spool(config)` keeps smtpd's floor, max(queue_minfree, 1.5 x message_size_limit), with the
-  largest message_size_limit of [smtpd] and its listeners) bounds them: a copy whose whole size (checked before the
+  smallest message_size_limit of the listeners) bounds them: a copy whose whole size (checked before the
   first write: `CommandSpool.for_copy`) or next piece (about SPOOL_WRITE bytes) would leave no more than the floor
   free is not written but `CommandNotRun` with dsn 4.3.1, "insufficient system storage" (the numbers in a warning line
   keyed by the queue id), deferred with nothing lost, as smtpd refuses mail at the same floor. (A copy it must be: the
@@ -135,14 +135,15 @@ class CommandSpool:
 
 def command_spool(config) -> CommandSpool:
     """The queue's content directory, beside smtpd's spool files, keeping free what smtpd keeps free before it
-    takes mail (max(queue_minfree, 1.5 x message_size_limit)), with the largest message_size_limit of [smtpd] and
-    of any listener's own: every delivery to a command holds a copy of its message for the command's run (20
-    parallel deliveries of a 50 MB message are 1 GB), and those copies must not take the disk below what any
-    listener needs to take mail."""
+    takes mail (max(queue_minfree, 1.5 x message_size_limit)) on the listener that keeps the least free (the
+    smallest message_size_limit of the listeners', [smtpd]'s when there is none): every delivery to a command
+    holds a copy of its message for the command's run (20 parallel deliveries of a 50 MB message are 1 GB), and
+    those copies must not take the disk below what the last listener still taking mail needs; while any listener
+    takes mail, commands are delivered (a listener with a larger limit refuses 452 4.3.1 first, which its client
+    retries, while a deferred copy would wait for a queue run)."""
     directory = str(config.queue_path / CONTENT_DIRECTORY)
-    smtpd = config.smtpd
-    size_limit = max([smtpd.message_size_limit,
-                      *(smtpd.for_listener(listener).message_size_limit for listener in smtpd.listeners)])
+    limits = [settings.message_size_limit for _, _, settings, _ in config.smtpd.listener_settings()]
+    size_limit = min(limits, default=config.smtpd.message_size_limit)
     return CommandSpool(directory, queue_floor(config.queue.queue_minfree, size_limit),
                         functools.partial(free_space, directory))
 

@@ -27,8 +27,10 @@ import pytest
 
 from mailflow.config import PipeService, config_from_dict
 from mailflow.errors import ConfigError
+from mailflow.config.queue import leaves_too_little
 from mailflow.content import Content
 from mailflow.model import DeliveryRequest, Outcome, Recipient
+from mailflow.stages.smtpd.handler import short_of_space
 from mailflow.transports import pipe as pipe_module
 from mailflow.transports.pipe import CommandNotRun, CommandSpool, PipeTransport, command_spool, run_command
 from tests.support import big_message, eventually, script_dir, spooled
@@ -590,21 +592,28 @@ async def test_a_full_disk_while_spooling_defers_4_3_1(scripts, tmp_path, monkey
 
 
 def test_the_spool_of_commands_keeps_free_what_smtpd_keeps_free(tmp_path):
-    """The floor is smtpd's: max(queue_minfree, 1.5 x message_size_limit), with the largest message_size_limit a
-    listener takes (its own, or [smtpd]'s: a copy must not take the disk below any listener's floor); the free
-    space is the queue's."""
-    def spool_of(queue_minfree: int, message_size_limit: int, *listeners: int):
+    """The floor is smtpd's: max(queue_minfree, 1.5 x message_size_limit), with the smallest message_size_limit a
+    listener takes (its own, or [smtpd]'s): command deliveries go on while any listener takes mail. It was the
+    largest: a 200 MB submission listener beside port 25's 10 MB made every copy wait for 300 MB free, and with
+    100 MB free port 25 took mail that no command could be given until the disk freed or the mail bounced."""
+    def spool_of(queue_minfree: int, message_size_limit: int, *listeners: int, listen=("127.0.0.1:2525",)):
         return command_spool(config_from_dict({"queue": {"queue_minfree": queue_minfree},
-                                               "smtpd": {"message_size_limit": message_size_limit, "listeners": [
-                                                   {"address": f"127.0.0.1:{2525 + i}",
+                                               "smtpd": {"message_size_limit": message_size_limit,
+                                                         "listen": list(listen), "listeners": [
+                                                   {"address": f"127.0.0.1:{2526 + i}",
                                                     "overrides": {"message_size_limit": limit}}
                                                    for i, limit in enumerate(listeners)]}},
                                               base=tmp_path))
 
     assert spool_of(0, 10_000_000).keep_free == 15_000_000
     assert spool_of(40_000_000, 10_000_000).keep_free == 40_000_000
-    assert spool_of(0, 10_000_000, 30_000_000, 1_000).keep_free == 45_000_000
-    assert spool_of(0, 10_000_000, 1_000).keep_free == 15_000_000
+    assert spool_of(0, 10_000_000, 30_000_000, 1_000).keep_free == 1_500
+    assert spool_of(0, 10_000_000, 30_000_000, listen=()).keep_free == 45_000_000
+    assert spool_of(0, 10_000_000, 200_000_000, 0, listen=()).keep_free == 0  # 0: no limit, queue_minfree's floor
+    port25_and_587 = spool_of(0, 10_000_000, 200_000_000)
+    free = 100_000_000
+    assert not short_of_space(free, 0, 10_000_000, 0)  # port 25 takes mail ...
+    assert not leaves_too_little(free, port25_and_587.keep_free, 50_000)  # ... and a command gets its copy
     spool = spool_of(0, 1000)
     assert os.path.commonpath([spool.directory, tmp_path]) == str(tmp_path)
     os.makedirs(spool.directory)
