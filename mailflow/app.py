@@ -85,6 +85,7 @@ from mailflow.signing.outbound import OutboundSigning
 from mailflow.stages.smtpd import Smtpd, SmtpdHandler
 from mailflow.stages.smtpd.filtering import FilterServices
 from mailflow.stages.smtpd.postmaster import SessionNotices
+from mailflow.stages.smtpd.queuespace import QueueSpace
 from mailflow.stages.smtpd.transcript import SessionObservers
 from mailflow.stages.verify import ProbeSender, Prober, Verifier
 from mailflow.store import Store
@@ -342,9 +343,9 @@ class Mailflow:
         `sender`: address verification's, which smtpd takes unrefused."""
         assert self._cleanup is not None
         resolver, cleanup, queue, verifier = self._dns_resolver(), self._cleanup, self.config.queue_path, self._verifier
-        free_space = partial(queue_free_space, queue)  # (asked at every MAIL)
+        space = QueueSpace(partial(queue_free_space, queue), self.clock)  # (asked at every MAIL, kept 1 s)
         return lambda listener_config: SmtpdHandler(listener_config, router.rewriter, router.mapper, cleanup,
-                                                    resolver=resolver, free_space=free_space,
+                                                    resolver=resolver, queue_space=space,
                                                     policy=self._smtpd_policy, filters=filters,
                                                     flush_site=self._flush_site, verifier=verifier,
                                                     probe_sender=sender)

@@ -6,16 +6,21 @@ The free space is the server's `shutil.disk_usage(queue_directory)`, replaced he
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import sqlite3
+import threading
 
 import pytest
 
-from mailflow.clock import SystemClock
+from mailflow.clock import SystemClock, VirtualClock
 from mailflow.content import Spool
 from mailflow.maildrop import MaildropMessage, write_maildrop
+from mailflow.faults import REPORT_INTERVAL
 from mailflow.stages.pickup import Pickup
+from mailflow.stages.smtpd import queuespace
+from mailflow.stages.smtpd.queuespace import QueueSpace
 from mailflow.stages.smtpd.handler import short_of_space
 from mailflow.status import INSUFFICIENT_STORAGE
 from tests.support import Reply, SmtpClient, eventually
@@ -37,8 +42,10 @@ def test_postfix_rule_for_free_space():
 
 @pytest.fixture
 def free_space(monkeypatch):
-    """The queue's free bytes as the server sees them; the test changes `free_space.bytes`."""
+    """The queue's free bytes as the server sees them; the test changes `free_space.bytes` (read at every MAIL:
+    smtpd keeps none of its answers here)."""
     real = shutil.disk_usage
+    monkeypatch.setattr(queuespace, "MAX_AGE", 0.0)
 
     class Space:
         bytes = 20 * MB
@@ -75,6 +82,60 @@ async def test_mail_is_refused_while_the_queue_is_short_of_space_and_accepted_wh
     assert await mail(port) == refused
     free_space.bytes = 50 * MB  # space returns: no restart needed
     assert (await mail(port))[0] == 250
+
+
+async def test_a_refusal_for_lack_of_space_is_logged_as_postfix_logs_it(mailflow_server, free_space, caplog):
+    """Postfix's smtpd_check_queue logs each refusal (`NOQUEUE: reject: MAIL from …`) and warns how much is free;
+    pflogsumm and disk alerts look for both. The warning comes once a minute at most, not at every MAIL; it was
+    not logged at all, nor the refusal."""
+    mf = await mailflow_server(smtpd={"message_size_limit": 4 * MB}, queue={"queue_minfree": 0})
+    free_space.bytes = 5 * MB
+    with caplog.at_level(logging.INFO, logger="mailflow"):
+        for _ in range(3):
+            assert await mail(mf.smtp_addresses[0][1]) == INSUFFICIENT_STORAGE
+    rejects = [r.getMessage() for r in caplog.records if "reject: MAIL" in r.getMessage()]
+    assert rejects == ["NOQUEUE: reject: MAIL from localhost[127.0.0.1]: 452 4.3.1 Insufficient system storage; "
+                       "from=<s@remote.test> proto=ESMTP helo=<client.test>"] * 3
+    warnings = [r for r in caplog.records if "free space" in r.getMessage()]
+    assert [(w.levelname, w.getMessage()) for w in warnings] == [
+        ("WARNING", "not enough free space in mail queue: 5000000 bytes < 1.5*message size limit")]
+
+
+async def test_the_free_space_is_read_off_the_event_loop_once_for_all_waiting_sessions():
+    """statvfs may block (a queue file system that stopped answering): it runs in a thread, one read at a time
+    for every caller, so the loop and the sessions that need no answer go on. It ran on the loop at every MAIL."""
+    release, reads = threading.Event(), []
+
+    def read() -> int:
+        reads.append(threading.get_ident())
+        assert release.wait(5)
+        return 7 * MB
+
+    clock = VirtualClock()
+    space = QueueSpace(read, clock)
+    waiting = [asyncio.ensure_future(space.free()) for _ in range(3)]
+    await eventually(lambda: len(reads) == 1, timeout=5)  # the loop runs while the read blocks
+    assert not any(w.done() for w in waiting)
+    release.set()
+    assert await asyncio.gather(*waiting) == [7 * MB] * 3
+    assert reads[0] != threading.get_ident() and len(reads) == 1
+    assert await space.free() == 7 * MB and len(reads) == 1  # kept about a second
+    clock.advance(queuespace.MAX_AGE)
+    assert await space.free() == 7 * MB and len(reads) == 2
+
+
+async def test_a_free_space_that_cannot_be_read_takes_the_mail_and_warns_once_a_minute(caplog):
+    def read() -> int:
+        raise OSError(5, "Input/output error")
+
+    clock = VirtualClock()
+    space = QueueSpace(read, clock)
+    with caplog.at_level(logging.WARNING, logger="mailflow"):
+        assert [await space.free() for _ in range(3)] == [None] * 3
+        clock.advance(REPORT_INTERVAL)
+        assert await space.free() is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "cannot read the queue's free space: [Errno 5] Input/output error"] * 2
 
 
 async def test_queue_minfree_raises_the_minimum(mailflow_server, free_space):

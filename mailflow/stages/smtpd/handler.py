@@ -81,6 +81,7 @@ from mailflow.stages.smtpd.dns_checks import UNAVAILABLE
 from mailflow.stages.smtpd.filtering import MILTER_TRIGGERS, FilterServices, ListenerFilters
 from mailflow.stages.smtpd.peername import PeerNames
 from mailflow.stages.smtpd.protocol import OnlyKeywords
+from mailflow.stages.smtpd.queuespace import QueueSpace
 from mailflow.stages.smtpd.restrictions import Facts, Marks, Restrictions
 from mailflow.stages.smtpd.state import NULL_SENDER, SessionState, Transaction, helo_name
 from mailflow.stages.verify import ProbeSender, Verifier
@@ -101,19 +102,20 @@ class SmtpdHandler:
     reject_unknown_recipient_domain and reject_rbl_client; without one those restrictions have no opinion."""
 
     def __init__(self, config: Config, rewriter: Rewriter, mapper: AddressMapper, cleanup, *,
-                 resolver=None, tables: TableCache | None = None, free_space: Callable[[], int] | None = None,
+                 resolver=None, tables: TableCache | None = None, queue_space: QueueSpace | None = None,
                  policy: SmtpdPolicy | None = None, filters: FilterServices | None = None,
                  flush_site: Callable[[str], Awaitable[None]] | None = None, verifier: Verifier | None = None,
                  probe_sender: ProbeSender | None = None):
-        """`free_space()`: bytes free for the queue (None: no space check); `policy`: the in-process hook;
-        `filters`: the inbound filters (filtering.py), None when none is configured; `flush_site(domain)`:
-        retry now the deferred mail for a domain (ETRN; None: ETRN is refused for every site); `verifier`: the
+        """`queue_space`: the queue's free space, shared by the listeners (None: no space check); `policy`: the
+        in-process hook; `filters`: the inbound filters (filtering.py), None when none is configured;
+        `flush_site(domain)`: retry now the deferred mail for a domain (ETRN; None: ETRN is refused for every site);
+        `verifier`: the
         address verification service (mailflow.stages.verify; None: reject_unverified_* have no opinion);
         `probe_sender`: the sender of its probes, taken unrefused (None: none is)."""
         self._config = config
         self._probe_sender = probe_sender
         self._policy = policy
-        self._free_space = free_space
+        self._queue_space = queue_space
         self._flush_site = flush_site
         self._rewriter = rewriter
         self._mapper = mapper
@@ -316,7 +318,8 @@ class SmtpdHandler:
         sender = "" if addr == NULL_SENDER else addr
         if address.is_utf8(sender) and "SMTPUTF8" not in options:  # (its syntax: address_refusal)
             return status.SMTPUTF8_REQUIRED
-        if self._short_of_space(_declared_size(options)):
+        if await self._short_of_space(_declared_size(options)):
+            server.log_reject("MAIL", status.INSUFFICIENT_STORAGE, sender=addr)
             return status.INSUFFICIENT_STORAGE
         own = self._own_probe_sender(sender)  # a stamped probe sender of this server is checked and kept unstamped
         written, sender = sender, own or sender
@@ -342,15 +345,19 @@ class SmtpdHandler:
         sender_ttl of now): that address without the stamp; else None."""
         return self._probe_sender.own(addr) if self._probe_sender is not None and addr else None
 
-    def _short_of_space(self, declared: int) -> bool:
-        if self._free_space is None:
+    async def _short_of_space(self, declared: int) -> bool:
+        """Postfix's smtpd_check_queue (its warning, at most once a minute, says how much is free) and the declared
+        SIZE's check."""
+        if self._queue_space is None:
             return False
-        try:
-            free = self._free_space()
-        except OSError as e:  # cannot tell: the commit will say whether the disk works
-            log.warning("cannot read the queue's free space: %s", e)
+        free = await self._queue_space.free()
+        if free is None:  # cannot tell: the commit will say whether the disk works
             return False
-        return short_of_space(free, self._config.queue.queue_minfree, self._config.smtpd.message_size_limit, declared)
+        short = short_of_space(free, self._config.queue.queue_minfree, self._config.smtpd.message_size_limit,
+                               declared)
+        if short and short_of_space(free, self._config.queue.queue_minfree, self._config.smtpd.message_size_limit, 0):
+            self._queue_space.warn_short(free)  # (not when only the declared SIZE does not fit)
+        return short
 
     async def handle_RCPT(self, server, session: SessionState, envelope: Transaction, addr: str,
                           options: list[str]) -> str | status.Reply:
