@@ -120,6 +120,7 @@ class Importer:
             self._relay_transport()
         self._check_transports()
         self._check_certificate()
+        self._note_proxy_clients()
         self._validate()
         self._helpers()
         self._check_pattern_files()
@@ -765,6 +766,32 @@ class Importer:
         for listener in self.out.listeners:
             if _own_pair(listener):
                 self._check_listener_pair(listener)
+
+    def _note_proxy_clients(self) -> None:
+        """A listener that takes the PROXY protocol (main.cf's smtpd_upstream_proxy_protocol, or its `-o`): Postfix
+        takes the header from any peer, mailflow only from smtpd.upstream_proxy_clients (loopback by default), so a
+        balancer elsewhere (mailcow's HAProxy, in another container) would get every connection dropped. Noted,
+        naming the key: which addresses are the balancer's, main.cf does not say."""
+        main = self.out.settings.get("smtpd.upstream_proxy_protocol")
+        listen = self.out.settings.get("smtpd.listen")
+        proxied = [(self.out.origins.get("smtpd.listen", "main.cf"), ", ".join(map(str, listen)))] \
+            if main and isinstance(listen, list) and listen else []
+        services: dict[str, list[str]] = {}  # a master.cf line -> its addresses
+        for listener in self.out.listeners:
+            overrides = listener.get("overrides")
+            own = overrides.get("upstream_proxy_protocol", main) if isinstance(overrides, dict) else main
+            if own:
+                services.setdefault(str(listener.get("origin", "")), []).append(str(listener.get("address")))
+        proxied += [(where, ", ".join(addresses)) for where, addresses in services.items()]
+        clients = self.out.settings.get("smtpd.upstream_proxy_clients", ("127.0.0.0/8", "::1/128"))
+        clients = clients if isinstance(clients, (list, tuple)) else (clients,)
+        for where, address in proxied:
+            self.out.notes.append(
+                f"{where}: listener {address} takes the PROXY protocol (smtpd_upstream_proxy_protocol): Postfix takes "
+                f"its header from any peer, mailflow only from smtpd.upstream_proxy_clients "
+                f"({', '.join(map(str, clients))}): "
+                "write the load balancer's addresses there (or in the listener's overrides), else each connection "
+                "from it is dropped (`not an upstream_proxy_clients address`)")
 
     def _tls_files_from_queue_directory(self) -> None:
         """A relative TLS certificate, key or CA file (main.cf's, a listener's `-o`) as Postfix opens it: its daemons

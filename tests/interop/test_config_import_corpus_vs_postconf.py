@@ -277,6 +277,15 @@ def mailcow(folder: Path, doc: dict, text: str, lines: list[str], compared: int)
     proxied = [x for x in doc["smtpd"]["listeners"] if x["address"].endswith(":10465")]
     assert [(x["role"], x["overrides"]["upstream_proxy_protocol"]) for x in proxied] == [("submissions", "haproxy")] * 2
     assert "10465 -o smtpd_upstream_proxy_protocol" not in text
+    # Postfix takes the header from any peer, mailflow from upstream_proxy_clients (loopback): HAProxy in its own
+    # container would have every connection dropped, so the import says which key to write
+    notes = [line for line in text.splitlines() if "takes the PROXY protocol" in line]
+    assert [line.split(" takes ")[0] for line in notes] == [
+        "# Note: master.cf:16: listener 0.0.0.0:10465, [::]:10465",
+        "# Note: master.cf:31: listener 0.0.0.0:10587, [::]:10587"]
+    assert all("mailflow only from smtpd.upstream_proxy_clients (127.0.0.0/8, ::1/128): write the load balancer's "
+               "addresses there" in line for line in notes), notes
+    assert all("upstream_proxy_clients" not in x["overrides"] for x in proxied)
     assert compared >= 20
 
 
