@@ -20,19 +20,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import os
 import re
-import shutil
 import ssl
-import tempfile
 from pathlib import Path
 
 import pytest
-import trustme
 
 from mailflow.passwords import hash_password
 from tests.support import Reply, SmtpClient, dovecot_instance, eventually, postfix_instance
 from tests.support.dovecot import USERS
+from tests.support.postfix import readable_pki
 
 pytestmark = pytest.mark.interop
 
@@ -170,16 +167,8 @@ def differences(sessions: dict[str, list[str | bytes]], postfix: dict[str, list[
 @pytest.fixture(scope="module")
 def pki():
     """A certificate for localhost in a folder Postfix can read, and a client context that trusts it."""
-    root = Path(tempfile.mkdtemp(prefix="mailflow-pki-", dir="/tmp"))
-    os.chmod(root, 0o755)
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    cert.private_key_pem.write_to_path(str(root / "key.pem"))
-    cert.cert_chain_pems[0].write_to_path(str(root / "cert.pem"))
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    yield root, context
-    shutil.rmtree(root, ignore_errors=True)
+    with readable_pki() as pair:
+        yield pair
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ lives in `mailflow.testing`. The fixtures that start things (mailflow_server, sm
 are in tests/conftest.py and build on these.
 
 - dialogue: `SmtpClient` (the raw SMTP dialogue client) and its `Reply`; `rcpt_reply`, `rcpt_until`,
-  `end_of_data_replies`, `send`, `half_client_hello`.
+  `end_of_data_replies`, `send`, `client_hello`, `half_client_hello`, `implicit_tls_talking_first`.
 - waiting: `eventually` (bounded polling that fails with a message), `queue_becomes`, `lines_logged`, `sessions_over`,
   `timed` and `as_prompt_as` (a wait for a server timer bounded by Postfix's in the same run), `ScanWatch` (qmgr's
   scans, to say "passed over" without a fixed sleep), `LoopLag` (what work cost the loop).
@@ -32,8 +32,8 @@ Every name above but those said otherwise is importable from `tests.support` its
 from tests.support.browser import Chromium, keep_artifact
 from tests.support.clocks import RecordingClock, qmgr_turn
 from tests.support.content import big_message, maildir_messages, spooled
-from tests.support.dialogue import (Reply, SmtpClient, end_of_data_replies, half_client_hello, rcpt_reply, rcpt_until,
-                                    send, send_probe)
+from tests.support.dialogue import (Reply, SmtpClient, client_hello, end_of_data_replies, half_client_hello,
+                                    implicit_tls_talking_first, rcpt_reply, rcpt_until, send, send_probe)
 from tests.support.dovecot import Dovecot, dovecot_instance, lmtp_route
 from tests.support.peers import CaptureHandler, Captured, CapturePeer, ZoneAuthority, stall_mail
 from tests.support.ports import LOOPBACK_CLIENT, LOOPBACK_NAME, accepts, free_port
@@ -51,8 +51,8 @@ __all__ = [
     "RecordingTransport", "Reply", "ScanWatch", "ScriptDir", "ScriptedTransport", "ServerProcess", "ServerThread",
     "SmtpClient",
     "ZoneAuthority", "accepts", "always", "base_settings", "big_message", "dovecot_instance", "eventually", "free_port",
-    "end_of_data_replies",
-    "half_client_hello", "keep_artifact", "lines_logged", "lmtp_route", "maildir_messages", "merged",
+    "client_hello", "end_of_data_replies", "half_client_hello", "implicit_tls_talking_first",
+    "keep_artifact", "lines_logged", "lmtp_route", "maildir_messages", "merged",
     "postfix_instance", "qmgr_turn", "queue_becomes", "queue_counts", "rcpt_reply", "rcpt_until", "require_tool",
     "send_probe",
     "run_tool", "script_dir", "send", "sessions_over", "spooled", "stall_mail", "to_toml",

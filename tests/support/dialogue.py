@@ -21,7 +21,12 @@ aiosmtplib (a real client library, for tests where the dialogue is not the point
   code to its content (the differential tests' probes: the same bytes to both servers).
 - `send(port, sender, rcpts, content)`: one message with aiosmtplib; returns (refused recipients, final reply
   text without its code), as aiosmtplib's sendmail does.
-- `half_client_hello()`: the first half of a real TLS ClientHello (a handshake begun, then stalled).
+- `client_hello()`: a real TLS client's first flight (its ClientHello); `half_client_hello()`: its first half (a
+  handshake begun, then stalled).
+- `implicit_tls_talking_first(port, first, ctx, command)`: a 465 client that sends `first` in clear (a PROXY header,
+  or nothing), does the handshake and sends `command` in the same write as its last handshake message (before it
+  has seen the greeting); what the server sent over TLS until its second reply line's end or the close. Blocking:
+  run it with asyncio.to_thread.
 
 Every read is bounded (`TIMEOUT`, or the `timeout` argument); nothing waits for ever. TIMEOUT only bounds a
 failure: a pass never waits it out, so it is generous. A reply may come only after the server's own wait (a policy
@@ -218,7 +223,7 @@ async def send(port: int, sender: str, rcpts: list[str], content: bytes, **kwarg
         return await client.sendmail(sender, rcpts, content, **kwargs)
 
 
-def half_client_hello() -> bytes:
+def client_hello() -> bytes:
     """See the module doc."""
     ctx = ssl.create_default_context()
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
@@ -226,5 +231,44 @@ def half_client_hello() -> bytes:
     tls = ctx.wrap_bio(ssl.MemoryBIO(), hello)
     with contextlib.suppress(ssl.SSLWantReadError):
         tls.do_handshake()
-    data = hello.read()
+    return hello.read()
+
+
+def half_client_hello() -> bytes:
+    """See the module doc."""
+    data = client_hello()
     return data[:len(data) // 2]
+
+
+def implicit_tls_talking_first(port: int, first: bytes, ctx: ssl.SSLContext, command: bytes) -> bytes:
+    """See the module doc. With TLS 1.3 (what a default context and OpenSSL 3 agree on) the client's last handshake
+    message (its Finished) and `command` go in one write after the server's flight, as a client that pipelines at
+    once sends them."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    got = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(first)
+        for _ in range(100):  # a handshake is a few round trips
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                data = sock.recv(65536)
+                if not data:
+                    return got
+                incoming.write(data)
+        tls.write(command)
+        sock.sendall(outgoing.read())
+        while got.count(b"\r\n") < 2:
+            try:
+                got += tls.read(65536)
+            except ssl.SSLWantReadError:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                incoming.write(data)
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                break
+    return got

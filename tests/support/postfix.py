@@ -21,6 +21,9 @@
                                                          # once (a fresh one it waits 1-2 s to cool; the
                                                          # texthash: tables an instance's main.cf and master.cf
                                                          # name are dated back as it starts)
+    with readable_pki() as (root, context):              # root/cert.pem and root/key.pem for localhost in a
+                                                         # folder the postfix user can read; a client context
+                                                         # that trusts them
     ours, theirs = await side_by_side(with_mailflow(), with_postfix())
                                                          # a differential's two sides at once, Postfix's on a
                                                          # thread (its tools block): as long as the longer one
@@ -60,10 +63,13 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import ssl
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
+import trustme
 
 from tests.support.ports import accepts, free_port
 from tests.support.tools import require_tool
@@ -372,3 +378,20 @@ def probe_envelopes(dump: Path) -> dict[int, tuple[list[str], list[str]]]:
             out[int(subject.group(1))] = (re.findall(r"^X-Mail-Args: <(.*?)>", message, re.MULTILINE),
                                           sorted(re.findall(r"^X-Rcpt-Args: (.*)$", message, re.MULTILINE)))
     return out
+
+
+@contextlib.contextmanager
+def readable_pki() -> Iterator[tuple[Path, ssl.SSLContext]]:
+    """See the module doc (pytest's tmp_path is not traversable by the postfix user)."""
+    root = Path(tempfile.mkdtemp(prefix="mailflow-pki-", dir="/tmp"))
+    try:
+        os.chmod(root, 0o755)
+        ca = trustme.CA()
+        cert = ca.issue_cert("localhost", "127.0.0.1")
+        cert.private_key_pem.write_to_path(str(root / "key.pem"))
+        cert.cert_chain_pems[0].write_to_path(str(root / "cert.pem"))
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        yield root, context
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -642,6 +642,11 @@ class ProtocolCore(SMTP):
         self._data_started = None
         self._reset_timeout()
 
+    def _talk_before_greeting_counts(self) -> bool:
+        """Whether input sent before the greeting is refused (554 5.5.0 synchronization; a listener whose client
+        speaks first, implicit TLS, says otherwise)."""
+        return True
+
     # --- the command loop ---------------------------------------------------------------------------------
 
     async def _handle_client(self) -> None:
@@ -659,7 +664,8 @@ class ProtocolCore(SMTP):
             self.transcript.started()
         if not await self._before_greeting():
             return
-        early = self._wire.pending() or _input_waiting(self.transport)  # sent before the greeting (Postfix's peek)
+        early = self._talk_before_greeting_counts() and \
+            (self._wire.pending() or _input_waiting(self.transport))  # sent before the greeting (Postfix's peek)
         if early:
             await asyncio.sleep(0)  # the transport reads it first: a close with input unread would reset the client
         if early and self._flag_ill_pipelining("CONNECT", self._wire.peek()):

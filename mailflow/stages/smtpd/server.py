@@ -285,6 +285,12 @@ class ListenerSession(SmtpSession):
         finally:
             self._listener.refusing.give_back()
 
+    def _talk_before_greeting_counts(self) -> bool:
+        """Not on a submissions listener: its client speaks first (the handshake), and may send EHLO with its last
+        handshake message, before the greeting it has not yet seen; Postfix's smtpd.c: the check "MUST NOT apply
+        to TLS wrappermode connections" (a private Postfix 3.7 answers 220, then the EHLO)."""
+        return self._implicit_tls is None
+
     def _may_reply(self) -> bool:
         """Not on a submissions listener before its handshake is done (its client's first bytes are TLS's)."""
         return super()._may_reply() and (self._implicit_tls is None or self.session.ssl is not None)
