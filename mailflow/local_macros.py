@@ -26,6 +26,7 @@ from __future__ import annotations
 import re
 from typing import Callable, NamedTuple
 
+from mailflow.syntax import ascii_digits
 LOCAL_MACROS = ("user", "local", "mailbox", "extension", "recipient_delimiter", "domain", "recipient", "home", "shell")
 _NAME = re.compile(r"[A-Za-z0-9_]+")
 _CLOSE = {"{": "}", "(": ")"}
@@ -116,15 +117,11 @@ def _related(relation: tuple[str, str, str] | None, values: dict[str, str],
     assert relation is not None
     left, operator, right = (expand_macros(relation[0], values, missing, level), relation[1],
                              expand_macros(relation[2], values, missing, level))
-    if _all_digits(left) and _all_digits(right):
+    if ascii_digits(left) and ascii_digits(right):
         delta = int(left) - int(right)
     else:
         delta = (left > right) - (left < right)
     return TRUE if _COMPARE[operator](delta) else ""
-
-
-def _all_digits(text: str) -> bool:
-    return text.isascii() and text.isdigit()
 
 
 def _walk(template: str, on_macro: OnMacro) -> str:

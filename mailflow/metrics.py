@@ -43,6 +43,7 @@ from prometheus_client.registry import Collector
 
 from mailflow.clock import Clock
 from mailflow.stages.smtpd.transcript import SessionObserver, Transcript
+from mailflow.syntax import ascii_digits
 
 log = logging.getLogger("mailflow.admin")
 
@@ -139,7 +140,7 @@ class SessionCounter(SessionObserver):
 
     def replied(self, transcript: Transcript, line: str) -> None:
         code = line[:3]
-        if line[3:4] != "-" and code.isdigit():  # not a continuation line
+        if line[3:4] != "-" and ascii_digits(code):  # not a continuation line
             self.replies.inc(code)
 
 

@@ -69,6 +69,12 @@ class ClientInfo:
         return f"{self.hostname}[{self.addr}]"
 
 
+def rfc_addr(ip: str) -> str:
+    """An address as RFC 5321 writes it between brackets: an IPv6 one behind the `IPv6:` tag (Postfix's rfc_addr,
+    `[IPv6:2001:db8::1]`), others as they are."""
+    return f"IPv6:{ip}" if ":" in ip else ip
+
+
 @record
 class ClientAttributes:
     """The client attributes Postfix keeps with a queued message (its queue file's client_name, client_address,

@@ -54,7 +54,7 @@ from typing import Iterable, Mapping, NamedTuple, Sequence
 
 from mailflow.address import normalise_domain
 from mailflow.dnsbl_sites import reply_filter
-from mailflow.syntax import parse_policy_service
+from mailflow.syntax import ascii_digits, parse_policy_service
 from mailflow.tables import check_spec
 from mailflow.tables.memory import table_entries
 
@@ -297,7 +297,7 @@ def is_client_chosen_permit(item: str) -> bool:
         return False
     entries = table_entries(arg) or ()
     values = [value.strip() for _, value in entries if value.split()]
-    return bool(values) and all(v.split()[0].lower() in _PERMIT_ACCESS_VALUES or v.isdigit() for v in values)
+    return bool(values) and all(v.split()[0].lower() in _PERMIT_ACCESS_VALUES or ascii_digits(v) for v in values)
 
 
 class _Walk:

@@ -20,6 +20,7 @@ from mailflow.address import internal_form
 from mailflow.errors import ContentRejected, DeliveryError, LookupRetry, MessageTooBig, Overloaded, PermanentError
 from mailflow.logs import printable
 from mailflow.records import record
+from mailflow.syntax import ascii_digits
 from mailflow.syntax import split_leading_dsn as split_leading_dsn  # (its callers' name for mailflow.syntax's)
 
 
@@ -406,7 +407,7 @@ def milter_reply(text: str, soft_bounce: bool = False) -> Reply | None:
     `soft_bounce`: each line, once found well-formed, softened as milter8 does (`soft_bounced`)."""
     lines = re.sub(r"%(.?)", r"\1", text, flags=re.DOTALL).split("\r\n")
     code = lines[-1][:3]
-    if len(code) != 3 or not _digits(code) or code[0] not in "45":
+    if len(code) != 3 or not ascii_digits(code) or code[0] not in "45":
         return None
     parts = []
     for n, line in enumerate(lines):
@@ -414,14 +415,14 @@ def milter_reply(text: str, soft_bounce: bool = False) -> Reply | None:
         if line[:3] != code or line[3:4] != (" " if final else "-"):
             return None
         rest = line[4:].strip()
-        if _digits(rest[:1]) and rest[0] != code[0]:
+        if ascii_digits(rest[:1]) and rest[0] != code[0]:
             return None
         if soft_bounce:
             line = _soft_bounced_line(line)
             rest = line[4:].strip()
         reply_code = int(line[:3])  # (the final line's is the reply's: softened too)
         first, _, after = rest.partition(" ")
-        if first.count(".") == 2 and _digits(first.replace(".", "")):
+        if first.count(".") == 2 and ascii_digits(first.replace(".", "")):
             parts.append((first, printable(after.strip() or "Command rejected")))
         else:
             parts.append((f"{line[0]}.7.1", printable(rest or "Command rejected")))
@@ -452,11 +453,11 @@ def with_enhanced_code(line: str) -> str:
         return str(OK)
     if _HAS_ENHANCED_CODE.match(line) is not None:  # (most lines: the catalogue's replies, as handlers return them)
         return line
-    if len(line) < 4 or not _digits(line[:3]) or line[3] not in " -":
+    if len(line) < 4 or not ascii_digits(line[:3]) or line[3] not in " -":
         return line
     code, sep, rest = line[:3], line[3], line[4:]
     first = rest.split(" ", 1)[0]
-    if first.count(".") == 2 and first[0] in "245" and _digits(first.replace(".", "")):
+    if first.count(".") == 2 and first[0] in "245" and ascii_digits(first.replace(".", "")):
         return line
     enhanced = DEFAULT_ENHANCED.get(int(code))
     if enhanced is None:
@@ -505,7 +506,7 @@ def _soft_bounced_line(line: str) -> str:
 
 def dsn_class(dsn: str) -> int:
     """2, 4 or 5: the class digit of an enhanced status code."""
-    return int(dsn[0]) if _digits(dsn[:1]) else 4
+    return int(dsn[0]) if ascii_digits(dsn[:1]) else 4
 
 
 # --- the SMTP protocol layer (smtpd session, wire reader, DSN and BDAT parameters) ---------------------------
@@ -780,9 +781,3 @@ def xclient_bad_name(name: str) -> Reply:
 def xclient_bad_syntax(attribute: str, value: str) -> Reply:
     """A value the syntax of `attribute` (NAME, ADDR, PORT, PROTO, HELO) refuses, in Postfix's words."""
     return Reply(501, "5.5.4", f"Bad {attribute} syntax: {value}", error_class="protocol")
-
-
-def _digits(text: str) -> bool:
-    """Whether `text` is ASCII digits only, as Postfix's reply and DSN checks read them (str.isdigit takes `²` and
-    `١`, which int() refuses or reads as another number)."""
-    return text.isascii() and text.isdigit()

@@ -330,10 +330,16 @@ def is_printable_ascii(text: str) -> bool:
     return all(" " <= c <= "~" for c in text)
 
 
+def ascii_digits(text: str | bytes) -> bool:
+    """Whether `text` is ASCII digits only, as SMTP, DSN and DNS record fields write numbers (str.isdigit takes
+    `²` and `١`, which int() refuses or reads as another number; int() itself takes `+1`, `-1` and `1_0`)."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_octet_count(text: str) -> int | None:
     """An SMTP size (RFC 1870 `SIZE=`, RFC 3030 `BDAT`): `1*DIGIT`, leading zeros allowed; None when it
     exceeds OFF_T_MAX (what Postfix calls a file system imposed limit). ValueError when it is not digits."""
-    if not (text.isascii() and text.isdigit()):
+    if not ascii_digits(text):
         raise ValueError(f"not a number: {text!r}")
     digits = text.lstrip("0") or "0"
     if len(digits) > len(str(OFF_T_MAX)):  # (also keeps int() away from a huge string)

@@ -204,7 +204,6 @@ class _Threads:
             self._ended_at_exit = True
             _end_at_exit(self)
 
-
     def _ended(self) -> None:
         with self._lock:
             self._calls -= 1

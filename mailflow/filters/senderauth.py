@@ -44,6 +44,7 @@ from mailflow.errors import LookupRetry
 from mailflow.filters.spf_query import check_host
 from mailflow.signing.dkim import DkimResult, verify as verify_dkim
 from mailflow.message import header_values, read_header
+from mailflow.syntax import ascii_digits
 
 SPF_THREADS = 4  # SPF evaluations at once; more wait their turn
 HEADER_LIMIT = 1_000_000
@@ -171,11 +172,10 @@ class SenderAuth:
     def _sampled(self, policy: str, pct: str) -> str:
         """The policy for this message: a message outside the pct= sample gets the next one down (RFC 7489
         6.6.4); a pct= that is not 0 to 100 is ignored (100)."""
-        try:
-            percent = int(pct)
-        except ValueError:
+        if not ascii_digits(pct):  # (RFC 7489: 1*3DIGIT; int() takes +1 and 1_0)
             return policy
-        if not 0 <= percent < 100 or self._rng.randrange(100) < percent:
+        percent = int(pct)
+        if not percent < 100 or self._rng.randrange(100) < percent:
             return policy
         return {"reject": "quarantine", "quarantine": "none"}.get(policy, policy)
 

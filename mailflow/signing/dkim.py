@@ -77,6 +77,7 @@ from mailflow.dns import NotFound, Resolver
 from mailflow.errors import LookupRetry
 from mailflow.message import header_fields
 from mailflow.signing.keytables import SigningKey
+from mailflow.syntax import ascii_digits
 
 log = logging.getLogger("mailflow.dkim")
 
@@ -460,10 +461,9 @@ def _body_key(sig: dict[bytes, bytes]) -> tuple[bytes, bytes, int | None] | None
     canon = sig.get(b"c", b"simple/simple").split(b"/")
     body = canon[1] if len(canon) > 1 else b"simple"
     algorithm = sig.get(b"a", b"")
-    try:
-        length = int(sig[b"l"]) if b"l" in sig else None
-    except ValueError:
+    if b"l" in sig and not ascii_digits(sig[b"l"]):  # (RFC 6376: 1*76DIGIT; int() takes -1 and 1_0)
         return None
+    length = int(sig[b"l"]) if b"l" in sig else None
     if body not in (b"simple", b"relaxed") or algorithm not in _HASHES:
         return None
     return body, algorithm, length

@@ -105,7 +105,7 @@ from mailflow.address import shown_original
 from mailflow.logs import MailLog
 from mailflow.message import (RESENT_FIELDS, comment_sanitized, drop_header_names, header_fields, header_names,
                               normalized_field_names, read_header, rfc5322_date, without_fields)
-from mailflow.model import ClientInfo, QueueId, Recipient, Submission, replaced
+from mailflow.model import ClientInfo, QueueId, Recipient, Submission, replaced, rfc_addr
 from mailflow.routing.addressmap import BCC_NOTIFY, NO_MILTER_EDITS, AddressMapper, MilterEdits
 from mailflow.signing.outbound import OutboundSigning
 from mailflow.store import NewMessage, RequeuedMessage, RequeueGone, Store
@@ -490,7 +490,7 @@ class Cleanup:
                     f"\t{rfc5322_date(now)}\r\n").encode("utf-8")
         login = f"\t(Authenticated sender: {comment_sanitized(c.received_login)})\r\n" if c.received_login else ""
         text = (
-            f"Received: from {c.helo or c.hostname} ({c.hostname} [{_rfc_addr(c.addr)}])\r\n{login}"
+            f"Received: from {c.helo or c.hostname} ({c.hostname} [{rfc_addr(c.addr)}])\r\n{login}"
             f"\tby {self._myhostname} (mailflow) with {c.protocol} id {queue_id}{for_clause};\r\n"
             f"\t{rfc5322_date(now)}\r\n"
         )
@@ -556,12 +556,6 @@ def _field_rest_length(rest: Content, at_line_start: bool) -> int:
             at, at_line_start = (len(chunk), False) if end < 0 else (end + 1, True)
         pos += at
     return pos
-
-
-def _rfc_addr(addr: str) -> str:
-    """The client's address as the Received header's brackets hold it: an IPv6 one behind RFC 5321's `IPv6:` tag,
-    as Postfix's smtpd writes its rfc_addr (`[IPv6:2001:db8::1]`)."""
-    return f"IPv6:{addr}" if ":" in addr else addr
 
 
 def _milter_bcc(mapper: AddressMapper, sub: Submission, sender: str) -> tuple[str, MilterEdits]:

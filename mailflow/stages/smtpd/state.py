@@ -28,7 +28,7 @@ from aiosmtpd.smtp import Session as _AiosmtpdSession
 from mailflow import status
 from mailflow.content import Content, Spool
 from mailflow.logs import client_name, printable
-from mailflow.model import ClientAttributes, ClientInfo, Envelope
+from mailflow.model import ClientAttributes, ClientInfo, Envelope, rfc_addr
 from mailflow.stages.smtpd.auth import login_of
 from mailflow.stages.smtpd.restrictions import Marks
 from mailflow.stages.smtpd.tls import ClientCert
@@ -212,7 +212,7 @@ class SessionState(_AiosmtpdSession):
         its RFC 5321 form ("IPv6:" before an IPv6 one), the protocol SMTP or ESMTP, the login and AUTH= sender."""
         ip = self.peer_ip
         login = self.login
-        return ClientAttributes(name=self.client_name, address=f"IPv6:{ip}" if ":" in ip else ip,
+        return ClientAttributes(name=self.client_name, address=rfc_addr(ip),
                                 port=self.port_text,
                                 helo=self.host_name or "", protocol=self.protocol,
                                 sasl_method=self.auth_mechanism if login else "", sasl_username=login,

@@ -40,6 +40,7 @@ import h11
 from mailflow.dns import NotFound, Resolver
 from mailflow.errors import DeliveryError, LookupRetry
 from mailflow.files import TEXT_LIMIT, check_regular_file
+from mailflow.syntax import ascii_digits
 
 SMTP_LOG = logging.getLogger("mailflow.smtp")  # the lines of a caller that names no client's logger: smtp's
 
@@ -82,12 +83,10 @@ def parse_policy(text: str) -> StsPolicy:
     mode = (fields.get("mode") or [""])[0].lower()
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not enforce, testing or none")
-    try:
-        max_age = int((fields.get("max_age") or [""])[0])
-    except ValueError:
-        raise ValueError("max_age is not a number of seconds") from None
-    if max_age < 0:
-        raise ValueError("max_age is negative")
+    max_age_text = (fields.get("max_age") or [""])[0]
+    if not ascii_digits(max_age_text):  # (RFC 8461: 1*10DIGIT; int() takes +1, -1 and 1_0)
+        raise ValueError("max_age is not a number of seconds")
+    max_age = int(max_age_text)
     mx = tuple(m.lower().rstrip(".") for m in fields.get("mx", []) if m)
     if mode != "none" and not mx:
         raise ValueError("no mx line")
