@@ -21,7 +21,7 @@ from mailflow import status
 from mailflow.config import config_from_dict
 from mailflow.errors import ConfigError
 from mailflow.stages.smtpd.frontends import ProxyError, XclientError, parse_xclient, read_proxy_header
-from tests.support import Reply, SmtpClient, base_settings, eventually, maildir_messages, merged
+from tests.support import Reply, SmtpClient, base_settings, client_hello, eventually, maildir_messages, merged
 
 PROXY_TIMEOUT = 0.5
 
@@ -459,17 +459,6 @@ def tls_proxy_settings(cert: str, users: str, **overrides) -> dict:
     return {"mynetworks": ["192.0.2.0/24"],
             "smtpd": {"tls_cert_file": cert, "sasl_user_maps": [users], "auth_failure_delay": 0,
                       "listeners": [listener]}}
-
-
-def client_hello() -> bytes:
-    """A TLS client's first flight (its ClientHello), as a client that knows nothing of the balancer sends it."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-    hello = ssl.MemoryBIO()
-    tls = ctx.wrap_bio(ssl.MemoryBIO(), hello)
-    with contextlib.suppress(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return hello.read()
 
 
 async def tls_after(port: int, header: bytes, ctx: ssl.SSLContext, *, greet: bool = True) -> SmtpClient:
