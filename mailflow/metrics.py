@@ -43,7 +43,6 @@ from prometheus_client.registry import Collector
 
 from mailflow.clock import Clock
 from mailflow.stages.smtpd.transcript import SessionObserver, Transcript
-from mailflow.syntax import ascii_digits
 
 log = logging.getLogger("mailflow.admin")
 
@@ -140,7 +139,7 @@ class SessionCounter(SessionObserver):
 
     def replied(self, transcript: Transcript, line: str) -> None:
         code = line[:3]
-        if line[3:4] != "-" and ascii_digits(code):  # not a continuation line
+        if line[3:4] != "-" and code.isascii() and code.isdigit():  # not a continuation line (ascii_digits, inline)
             self.replies.inc(code)
 
 
