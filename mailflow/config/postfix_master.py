@@ -301,10 +301,10 @@ def _smtpd_service(importer: ImportState, service: Service) -> None:
     if service.name == "smtp" and not overrides:
         return  # the listen addresses (postfix_import)
     role = _role(overrides)
+    expander = _service_expander(importer, service, options)
     for preset, value in LISTENER_ROLES[role].items():
         if preset != "postscreen":  # (the role's own: Postfix runs smtpd, not postscreen, on such a port)
-            overrides.setdefault(preset, _postfix_value(importer, _service_expander(importer, service, options),
-                                                        preset, overrides))
+            overrides.setdefault(preset, _postfix_value(importer, expander, preset, overrides))
     for host_name in ([host] if host else importer.interfaces()):
         importer.out.listeners.append({"address": f"{host_name}:{port}", "role": role, "overrides": dict(overrides),
                                        "origin": service.line.where, "sources": _sources(options)})

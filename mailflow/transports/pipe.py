@@ -411,8 +411,14 @@ async def _made_in_thread(make: Callable[[str | os.PathLike[str]], tuple[int, in
         raise CommandNotRun(f"cannot spool the command's input in {directory}: {e.strerror}") from None
     except asyncio.CancelledError:
         handoff.abandon()
-        making.add_done_callback(lambda done: done.cancelled() or done.exception())  # (its error: nobody's now)
+        _orphaned(making)
         raise
+
+
+def _orphaned(work: asyncio.Future) -> None:
+    """A thread's call whose caller was cancelled: its error, if any, is nobody's now (retrieved when it ends, so
+    asyncio logs no "exception never retrieved")."""
+    work.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 class _Handoff:
@@ -467,7 +473,7 @@ async def _write_spool(fd: int, chunks: list[bytes], room: "_Room") -> None:
         raise CommandNotRun(f"cannot spool the command's input in {room.spool.directory}: {e.strerror}",
                             dsn="4.3.1" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "4.3.0") from None
     except asyncio.CancelledError:
-        writing.add_done_callback(lambda done: done.cancelled() or done.exception())  # (its error: nobody's now)
+        _orphaned(writing)
         raise
 
 
@@ -481,19 +487,19 @@ class _Room:
 
     def __init__(self, spool: CommandSpool):
         self.spool = spool
-        self._unchecked = spool.free_space is None
+        self._read_free = spool.free_space  # (None: not checked, none given or one that failed)
         self._first = True
 
     def check(self, size: int) -> None:
         """Raises CommandNotRun (4.3.1, "insufficient system storage"; the numbers are in the warning line)."""
         spool, taking = self.spool, max(size, self.spool.expected) if self._first else size
         self._first = False
-        if self._unchecked or spool.free_space is None:
+        if self._read_free is None:
             return
         try:
-            free = spool.free_space()
+            free = self._read_free()
         except OSError as e:
-            self._unchecked = True
+            self._read_free = None
             log.warning("%s: cannot read the free space of %s: %s (the command's input is spooled unchecked)",
                         spool.queue_id or "NOQUEUE", spool.directory, e)
             return
