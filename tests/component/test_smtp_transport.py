@@ -30,7 +30,7 @@ from mailflow.routing.router import Router
 from mailflow.transports import build_transports
 from mailflow.transports.smtp import SmtpTransport
 from mailflow.tables.search import EXTERNAL_FIRST, address_search
-from mailflow.transports.smtp.addr import order_exchangers
+from mailflow.transports.smtp.addr import MX_HOST_LIMIT, exchangers, order_exchangers, parse_nexthop
 from tests.support import CaptureHandler, big_message, eventually, free_port, spooled
 from tests.support.peers import recording_peer
 
@@ -455,6 +455,20 @@ def test_equal_preferences_are_shuffled_by_the_injected_rng():
     assert order_exchangers(records, random.Random(7)) == order_exchangers(records, random.Random(7))
 
 
+async def test_the_hosts_kept_of_a_huge_mx_set_do_not_depend_on_the_shuffle():
+    """Past MX_HOST_LIMIT hosts the most preferred are kept, and at the limit's preference those first in the
+    answer (Postfix's dns_rr_append keeps the first records): the 101st host of a tie is never tried, whatever the
+    RNG, and a better host late in the answer always is; a host listed twice counts once, at its best."""
+    records = [MX(10, f"h{i}.test") for i in range(MX_HOST_LIMIT)] + [MX(10, "late.test"), MX(5, "best.test"),
+                                                                      MX(1, "h7.test")]
+    resolver = StaticResolver(mx={"example.test": records})
+    for seed in range(5):
+        hosts = await exchangers(resolver, parse_nexthop("example.test", 25), random.Random(seed))
+        names = [mx.host for mx in hosts]
+        assert len(names) == MX_HOST_LIMIT and names[:2] == ["h7.test", "best.test"]
+        assert set(names) == {"h7.test", "best.test"} | {f"h{i}.test" for i in range(MX_HOST_LIMIT - 1) if i != 7}
+
+
 async def test_the_addresses_of_one_host_are_tried_in_random_order(smtp_peer):
     """Postfix's smtp_randomize_addresses (default yes): a host with several addresses does not load the first."""
     first = await smtp_peer("127.0.0.2")
@@ -700,11 +714,13 @@ async def test_looking_for_this_server_among_the_mx_hosts_goes_by_preference_and
                                  addresses=addresses)
     await deliver(make_transport(enough, port=me.port, **own), make_request("example.test"))
     assert enough.asked == crowd[:5]
-    hostile = ConcurrencyResolver(mx={"example.test": [MX(10, h) for h in crowd] + [MX(10, "me.test")]},
-                                  addresses=addresses)
-    [r] = (await deliver(make_transport(hostile, port=me.port, **own), make_request("example.test"))).results
-    assert (r.dsn, r.text) == ("5.4.6", "mail for example.test loops back to myself")
-    assert hostile.most <= 5
+    for seed in range(3):  # this server is among the MX_HOST_LIMIT hosts kept, wherever the shuffle puts it
+        hostile = ConcurrencyResolver(mx={"example.test": [MX(10, h) for h in crowd[1:]] + [MX(10, "me.test")]},
+                                      addresses=addresses)
+        transport = make_transport(hostile, port=me.port, rng=random.Random(seed), **own)
+        [r] = (await deliver(transport, make_request("example.test"))).results
+        assert (r.dsn, r.text) == ("5.4.6", "mail for example.test loops back to myself")
+        assert hostile.most <= 5
 
 
 async def test_a_relayhost_that_does_not_resolve_or_loops_defers_4_3_5_as_postfix():

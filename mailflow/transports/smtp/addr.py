@@ -18,9 +18,10 @@ One next-hop parser and one peer type for the SMTP and LMTP clients. The resolve
                                   (null MX, RFC 7505: a "." among the records, even beside others, as Postfix
                                   takes the RRset), 5.4.4 (an MX reply naming no host name, Postfix's
                                   DNS_INVAL) or 5.4.3 (FORMERR: DNS_FAIL), LookupRetry; at most MX_HOST_LIMIT
-                                  (100) hosts, each once;
+                                  (100) hosts, each once, chosen before ties are shuffled (kept_exchangers);
                                   a [host] next hop or an implicit MX is the one host at preference 0
     order_exchangers(records, rng) -> [MX]
+    kept_exchangers(records) -> [MX]   the hosts an MX set may be tried at (MX_HOST_LIMIT), before the shuffle
     host_lookup_failure(error) / no_address_failure(host) -> DeliveryError   an MX host without usable addresses:
                                   5.4.4 when DNS says no, 4.4.3 when DNS failed
     unique(items) -> list         the items in order, each once
@@ -113,10 +114,18 @@ async def exchangers(resolver: Resolver, nexthop: Nexthop, rng: random.Random) -
         return [MX(0, nexthop.host)]  # implicit MX (RFC 5321 5.1)
     if any(r.is_null for r in records):  # with other records too, as Postfix's dns_lookup takes the RRset
         raise PermanentError("5.1.10", f"Domain {nexthop.host} does not accept mail (nullMX)")
-    hosts: dict[str, MX] = {}
-    for record in order_exchangers(records, rng):
-        hosts.setdefault(record.host, record)  # a host listed twice keeps its best preference
-    return list(hosts.values())[:MX_HOST_LIMIT]
+    return order_exchangers(kept_exchangers(records), rng)
+
+
+def kept_exchangers(records: list[MX]) -> list[MX]:
+    """Each host once at its best preference, the most preferred MX_HOST_LIMIT of them; at the limit's preference
+    those first in the answer, as Postfix's dns_rr_append keeps the first records. Chosen before ties are
+    shuffled, so which hosts a delivery may try (and whether this server is among them) never depends on the RNG."""
+    best: dict[str, MX] = {}
+    for record in records:
+        if record.host not in best or record.preference < best[record.host].preference:
+            best[record.host] = record
+    return sorted(best.values(), key=lambda mx: mx.preference)[:MX_HOST_LIMIT]
 
 
 def order_exchangers(records: list[MX], rng: random.Random) -> list[MX]:
