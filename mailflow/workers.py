@@ -17,7 +17,8 @@ work too long for the event loop, with a bounded wait for a free one.
 The threads are joined at the interpreter's exit, as a ThreadPoolExecutor's: a call that writes (local's /file
 append) ends whole, or is rolled back by its own code, never cut between two writes by the exit; and, as a
 ThreadPoolExecutor's, a pool never closed is told to end at the exit (its calls under way and queued run first):
-its idle threads, waiting for work that cannot come, would otherwise keep the process from ever exiting. A pool whose
+its idle threads, waiting for work that cannot come, would otherwise keep the process from ever exiting (one hook for
+every such pool, registered with the first, the pools held weakly). A pool whose
 calls only read (the content checks' walks) asks for daemon threads (`daemon=True`): one left in a call that never
 returns (a walk in a hung sqlite read) then does not keep the process from exiting after the stop.
 
@@ -35,8 +36,11 @@ queued, never deferred; calls longer than `wait` are too, when they call moved()
 Failure behaviour: `TemporaryError` 4.3.0 when no thread is free and none finished a call for `wait` seconds
 (`no worker free for DOING within Ns: N busy`); the same when no thread could be started (the process's thread
 limit), none of the pool's threads is idle, and none ended a call for `wait` seconds (`no worker free for DOING: no
-thread could be started (…)`). Such a call is never queued behind calls that may never end: it waits, holding
-nothing but its caller, for a thread to end a call, and runs then; what `call` raises propagates.
+thread could be started (…)`); the same at once when the pool is closed (close(), or told to end at the
+interpreter's exit: `no worker free for DOING: the pool is closed…`; a pool whose first thread would start after that
+hook ran is closed then, the thread never started: the exit's join would wait on it for ever). A call no thread could
+take is never queued behind calls that may never end: it waits, holding nothing but its caller, for a thread to end
+a call, and runs then; what `call` raises propagates.
 """
 from __future__ import annotations
 
@@ -117,6 +121,8 @@ class BoundedWorkers:
                 if not (e.busy and await self._a_call_ended()):  # (no call under way: none will free a thread)
                     raise TemporaryError("4.3.0", f"no worker free for {self._doing}: no thread could be "
                                                   f"started ({e})") from None
+            except PoolClosed as e:
+                raise TemporaryError("4.3.0", f"no worker free for {self._doing}: {e}") from None
 
     async def _a_call_ended(self) -> bool:
         """Whether a thread ended a call within `wait` seconds."""
@@ -176,7 +182,6 @@ class _Threads:
         self._calls = 0  # calls submitted and not ended (queued or in a thread)
         self._lock = threading.Lock()
         self._closed = False
-        self._ended_at_exit = False  # (told to end just before the interpreter joins its threads: `_end_at_exit`)
 
     def submit(self, call: Callable[[], T]) -> concurrent.futures.Future[T]:
         """Raises NoThread, queueing nothing, when every thread there is has a call and no new one could be
@@ -184,7 +189,7 @@ class _Threads:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._lock:
             if self._closed:
-                raise RuntimeError("cannot schedule new futures after shutdown")
+                raise PoolClosed("the pool is closed")
             if self._calls >= len(self._threads):  # (none idle: a thread of its own, if one can start)
                 self._start_thread()
             self._jobs.put((future, call))
@@ -194,15 +199,15 @@ class _Threads:
     def _start_thread(self) -> None:
         """Under the lock. A thread started waits for a job; counted only once it runs (one that never started
         would never take a job)."""
+        if not (self._daemon or _UNCLOSED_AT_EXIT.adopt(self)):
+            self._closed = True  # (a thread the exit's join would wait on for ever: nobody is left to end it)
+            raise PoolClosed("the pool is closed: the interpreter is exiting")
         thread = threading.Thread(target=self._work, name=f"{self._name}_{len(self._threads)}", daemon=self._daemon)
         try:
             thread.start()
         except RuntimeError as e:  # (can't start new thread: the process's limit)
             raise NoThread(f"{e}, {self._calls} busy", self._calls) from e
         self._threads.append(thread)
-        if not self._daemon and not self._ended_at_exit:
-            self._ended_at_exit = True
-            _end_at_exit(self)
 
     def _ended(self) -> None:
         with self._lock:
@@ -248,17 +253,44 @@ class _Threads:
             thread.join()
 
 
-def _end_at_exit(pool: _Threads) -> None:
-    """`pool` told to end (shutdown, not waiting) just before the interpreter joins its threads, as
-    ThreadPoolExecutor's are (threading's own hook for that: atexit's run after the join); held weakly."""
-    def end(ref: weakref.ref[_Threads] = weakref.ref(pool)) -> None:
-        if (alive := ref()) is not None:
-            alive.shutdown(wait=False)
+class _PoolsAtExit:
+    """The pools with threads the interpreter's exit joins, told to end (shutdown, not waiting) just before that join,
+    as ThreadPoolExecutor's are: one hook for them all (threading's own for that: atexit's run after the join),
+    registered with the first such pool, the pools held weakly (a WeakSet, as concurrent.futures keeps its threads).
+    Once it has run (or the exit had begun before any pool), no pool is adopted: its thread would never be ended."""
 
-    try:
-        threading._register_atexit(end)  # type: ignore[attr-defined]
-    except RuntimeError:  # (the interpreter is exiting already: its join is under way)
-        pass
+    def __init__(self) -> None:
+        self._pools: weakref.WeakSet[_Threads] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._registered = False
+        self._exiting = False
+
+    def adopt(self, pool: _Threads) -> bool:
+        """`pool` ended at the exit; False when the exit's hook has run already (the interpreter is exiting)."""
+        with self._lock:
+            if not (self._exiting or self._registered):
+                try:
+                    threading._register_atexit(self._end_all)  # type: ignore[attr-defined]
+                    self._registered = True
+                except RuntimeError:  # (the interpreter is exiting already: its join is under way)
+                    self._exiting = True
+            if not self._exiting:
+                self._pools.add(pool)
+            return not self._exiting
+
+    def _end_all(self) -> None:
+        with self._lock:
+            self._exiting = True
+            pools = list(self._pools)
+        for pool in pools:
+            pool.shutdown(wait=False)
+
+
+_UNCLOSED_AT_EXIT = _PoolsAtExit()  # (the process's one: the interpreter's exit is the process's)
+
+
+class PoolClosed(RuntimeError):
+    """_Threads.submit: the pool was closed (close(), or the interpreter's exit)."""
 
 
 class NoThread(RuntimeError):

@@ -209,3 +209,30 @@ def test_a_pool_never_closed_does_not_keep_the_process_from_exiting(tmp_path, un
                           timeout=30, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert done.returncode == 0, done.stderr
     assert ended.exists()
+
+
+async def test_one_exit_hook_for_every_pool_and_a_closed_pool_defers(monkeypatch):
+    """Each pool whose threads the exit joins registered its own exit hook (a few per reload, for the process's
+    life). One hook, registered with the first pool, ends them all; after it ran, a pool's run() is a 4.3.0 at
+    once (it was a RuntimeError, which no caller maps to a reply), and a pool that had no thread yet starts none
+    (nobody would end it: the exit's join would wait for ever)."""
+    import mailflow.workers as module
+
+    hooks: list = []
+    monkeypatch.setattr(module, "_UNCLOSED_AT_EXIT", module._PoolsAtExit())
+    monkeypatch.setattr(module.threading, "_register_atexit", hooks.append)
+    pools = [BoundedWorkers(1, 30, f"exit pool {n}") for n in range(3)]
+    for pool in pools:
+        assert await asyncio.wait_for(pool.run(lambda: "done"), 5) == "done"
+    assert len(hooks) == 1
+    hooks[0]()
+    for n, pool in enumerate(pools):
+        with pytest.raises(TemporaryError, match=rf"no worker free for exit pool {n}: the pool is closed") as closed:
+            await asyncio.wait_for(pool.run(lambda: "late"), 5)
+        assert closed.value.dsn == "4.3.0"
+        assert await pool.close_within(5) is True
+    late = BoundedWorkers(1, 30, "late pool")
+    with pytest.raises(TemporaryError, match=r"no worker free for late pool: the pool is closed: the interpreter is "
+                                             r"exiting"):
+        await asyncio.wait_for(late.run(lambda: "late"), 5)
+    assert named("late-pool_") == [] and len(hooks) == 1
