@@ -11,22 +11,22 @@ Runner (used by pipe services and by local's `|command` destinations):
   server finishes its whole message; the delivery is run again after the restart (a duplicate, as the
   at-least-once rule allows, never a cut copy). The file has no name (nothing to sweep after a crash) and is closed
   when the command has started; the command gets a read-only descriptor of it (opened through /proc/self/fd; without
-  /proc, from a name of its own, unlinked before anything is written: see `_spool_file`), so that a command running as
+  /proc, from a name of its own, unlinked before anything is written: see `SpoolFiles`), so that a command running as
   another user cannot change its own input (one running as mailflow's own user can open it again read-write through
-  /proc/self/fd/0). A chunk that cannot be read raises before anything runs; a file that cannot be written is
-  `CommandNotRun` (dsn 4.3.1 for a full disk). Each run holds a copy of its message (20 parallel deliveries of a 50 MB
-  message: 1 GB), so `spool` (a `CommandSpool`: the directory, the bytes its file system keeps free, how to read its
-  free space; `command_spool(config)` keeps smtpd's floor, max(queue_minfree, 1.5 x message_size_limit), with the
-  smallest message_size_limit of the listeners) bounds them: a copy whose whole size (checked before the
-  first write: `CommandSpool.for_copy`) or next piece (about SPOOL_WRITE bytes) would leave no more than the floor
-  free is not written but `CommandNotRun` with dsn 4.3.1, "insufficient system storage" (the numbers in a warning line
-  keyed by the queue id), deferred with nothing lost, as smtpd refuses mail at the same floor. (A copy it must be: the
-  command never reads the stored bytes, since its lines end in LF, not the stored CRLF, and pipe's flags add headers
-  and quoting; Postfix streams from its queue file.) A spool file the worker thread opens for a delivery cancelled
-  meanwhile is closed by that thread. It keeps the first `output_limit` bytes of the command's merged stdout+stderr
-  and drains the rest, and kills its whole process group at the time limit (or when the delivery is cancelled; never a
-  group whose number may have been reused once the command ended: see `_Group`). The
-  delivery ends then, whatever holds the command's output pipe: it is ours (`_Output`) and closed at the limit,
+  /proc/self/fd/0). A chunk that cannot be read raises before anything runs; a file that cannot be made or written
+  is `CommandNotRun` (dsn 4.3.1 for a full disk or quota, else 4.3.0: `_not_spooled`). Each run holds a copy of its
+  message (20 parallel deliveries of a 50 MB message: 1 GB), so `spool` (a `CommandSpool`: the directory, the bytes its
+  file system keeps free, how to read its free space; `command_spool(config)` keeps smtpd's floor, max(queue_minfree,
+  1.5 x message_size_limit), with the smallest message_size_limit of the listeners) bounds them: a copy whose whole size
+  (checked before the first write: `CommandSpool.for_copy`) or next piece (about SPOOL_WRITE bytes) would leave no more
+  than the floor free is not written but `CommandNotRun` with dsn 4.3.1, "insufficient system storage" (the numbers in a
+  warning line keyed by the queue id), deferred with nothing lost, as smtpd refuses mail at the same floor. (A copy it
+  must be: the command never reads the stored bytes, since its lines end in LF, not the stored CRLF, and pipe's flags
+  add headers and quoting; Postfix streams from its queue file.) A spool file the worker thread opens for a delivery
+  cancelled meanwhile is closed by that thread. It keeps the first `output_limit` bytes of the command's merged
+  stdout+stderr and drains the rest, and kills its whole process group at the time limit (or when the delivery is
+  cancelled; never a group whose number may have been reused once the command ended: see `_Group`). The delivery
+  ends then, whatever holds the command's output pipe: it is ours (`_Output`) and closed at the limit,
   so neither a command killed with its output unread nor a program it left running in a session of its own can
   hold the delivery or a descriptor of ours. `user`: as root, run as that user (its groups too); not as root,
   only our own user. `umask`: the command's (None: mailflow's own). Raises `CommandNotRun` when it
@@ -128,6 +128,7 @@ class CommandSpool:
     free_space: Callable[[], int] | None = None
     queue_id: str = ""
     expected: int = 0
+    files: "SpoolFiles" = dataclasses.field(default_factory=lambda: SpoolFiles(), compare=False, repr=False)
 
     def for_copy(self, queue_id: str, expected: int) -> "CommandSpool":
         return dataclasses.replace(self, queue_id=queue_id, expected=expected)
@@ -348,7 +349,7 @@ async def _spooled(data: bytes | AsyncIterable[bytes], spool: CommandSpool) -> i
     `spool.expected`, see _Room). Raises what reading `data` raises, and CommandNotRun when the file cannot be
     made or written (its errno's text), or when the copy would take the file system below `keep_free` (dsn 4.3.1,
     "insufficient system storage": nothing lost, the delivery is tried again later)."""
-    fd, read_only = await _made_in_thread(_spool_file, spool.directory)
+    fd, read_only = await _made_in_thread(spool.files.make, spool.directory)
     room = _Room(spool)
     try:
         pending: list[bytes] = []
@@ -369,27 +370,50 @@ async def _spooled(data: bytes | AsyncIterable[bytes], spool: CommandSpool) -> i
 
 
 PROC_FD = "/proc/self/fd"  # where a descriptor's file is opened again by its number
+NO_PROC = (errno.ENOENT, errno.ENOTDIR)  # what opening through PROC_FD fails with when no /proc is mounted there
 
 
-def _spool_file(directory: str | os.PathLike[str]) -> tuple[int, int]:
-    """(a read-write, a read-only descriptor) of one new file in `directory` that has no name, each at its own
-    offset 0: the command gets the read-only one, so that it cannot change its own input. The file is made
-    without a name and opened again through /proc/self/fd (its own link: no other process can put another file
-    there); without /proc (a chroot, a sandbox) it is made with a name of its own (O_EXCL, mode 0600, in the
-    queue's 0700 content directory: no other user can open it), opened read-only by that name, then unlinked."""
-    fd = _unnamed_file(directory)
-    try:
-        return fd, os.open(f"{PROC_FD}/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        os.close(fd)
+class SpoolFiles:
+    """Makes a command's spool file: (a read-write, a read-only descriptor) of one new file in `directory` that has
+    no name, each at its own offset 0: the command gets the read-only one, so that it cannot change its own input.
+    The file is made without a name and opened again through /proc/self/fd (its own link: no other process can put
+    another file there); without /proc (a chroot, a sandbox) it is made with a name of its own (O_EXCL, mode 0600,
+    in the queue's 0700 content directory: no other user can open it), opened read-only by that name, unlinked, and
+    checked to be the file written (st_dev, st_ino); every descriptor is closed when any step fails. A /proc found
+    missing (NO_PROC) is remembered: later files are made by name at once. One per CommandSpool (its copies share
+    it); `proc_fd`: where to look (a test's missing directory)."""
+
+    def __init__(self, proc_fd: str = PROC_FD):
+        self._proc_fd = proc_fd
+        self._proc_missing = False  # (one assignment, from any worker thread: it only ever turns True)
+
+    def make(self, directory: str | os.PathLike[str]) -> tuple[int, int]:
+        if not self._proc_missing:
+            fd = _unnamed_file(directory)
+            try:
+                return fd, os.open(f"{self._proc_fd}/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                os.close(fd)
+                self._proc_missing = e.errno in NO_PROC
+        return _named_spool_file(directory)
+
+
+def _named_spool_file(directory: str | os.PathLike[str]) -> tuple[int, int]:
+    """SpoolFiles.make without /proc."""
     fd, path = tempfile.mkstemp(dir=os.fspath(directory))
+    opened = [fd]
     try:
-        return fd, os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            opened.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW))
+        finally:
+            os.unlink(path)
+        written, read_only = os.fstat(fd), os.fstat(opened[1])
+        if (written.st_dev, written.st_ino) != (read_only.st_dev, read_only.st_ino):
+            raise OSError(errno.ESTALE, f"{path} was not the file made when it was opened again")
+        return fd, opened[1]
     except BaseException:
-        os.close(fd)
+        _close_all(tuple(opened))
         raise
-    finally:
-        os.unlink(path)
 
 
 def _unnamed_file(directory: str | os.PathLike[str]) -> int:
@@ -408,11 +432,22 @@ async def _made_in_thread(make: Callable[[str | os.PathLike[str]], tuple[int, in
     try:
         return await asyncio.shield(making)
     except OSError as e:
-        raise CommandNotRun(f"cannot spool the command's input in {directory}: {e.strerror}") from None
+        raise _not_spooled(e, directory) from None
     except asyncio.CancelledError:
         handoff.abandon()
         _orphaned(making)
         raise
+
+
+STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT)  # the spool's file system (or the queue user's quota there) is full
+
+
+def _not_spooled(error: OSError, directory: str | os.PathLike[str]) -> CommandNotRun:
+    """The one wording of a spool file that could not be made or written: its errno's text; dsn 4.3.1 when the file
+    system is full (STORAGE_ERRORS: the mail system's own disk, X.3.1 "mail system full", as the floor's refusal and
+    smtpd's queue file write error say it), else 4.3.0."""
+    return CommandNotRun(f"cannot spool the command's input in {directory}: {error.strerror}",
+                         dsn="4.3.1" if error.errno in STORAGE_ERRORS else "4.3.0")
 
 
 def _orphaned(work: asyncio.Future) -> None:
@@ -470,8 +505,7 @@ async def _write_spool(fd: int, chunks: list[bytes], room: "_Room") -> None:
     try:  # (shielded: a cancel must not stop the thread before it starts, which would leave `own` open)
         await asyncio.shield(writing)
     except OSError as e:
-        raise CommandNotRun(f"cannot spool the command's input in {room.spool.directory}: {e.strerror}",
-                            dsn="4.3.1" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "4.3.0") from None
+        raise _not_spooled(e, room.spool.directory) from None
     except asyncio.CancelledError:
         _orphaned(writing)
         raise

@@ -769,3 +769,99 @@ async def test_without_proc_a_command_still_gets_its_input_read_only(scripts, tm
     assert scripts.read("mode") == "read-only\n"
     assert (scripts.out / "got").read_bytes() == LF_CONTENT
     assert list(tmp_path.iterdir()) == []
+
+
+def spool_descriptors(spool) -> list[str]:
+    """What this process holds open in `spool` (its files, named or unlinked)."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(f"{spool}/"):
+            held.append(target)
+    return held
+
+
+def without_proc(monkeypatch, then=None) -> list[str]:
+    """os.open as with no /proc mounted; `then(path)` before each other open that creates nothing; the /proc paths
+    tried, returned."""
+    real_open, tried = os.open, []
+
+    def no_proc(path, *args, **kwargs):
+        if os.fspath(path).startswith("/proc/"):
+            tried.append(os.fspath(path))
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+        if then is not None and not args[0] & os.O_CREAT:
+            then(os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(pipe_module.os, "open", no_proc)
+    return tried
+
+
+async def test_without_proc_a_spool_file_whose_unlink_fails_leaves_no_descriptor(scripts, tmp_path, monkeypatch):
+    """Without /proc the spool file is opened again by its name, then unlinked: an unlink that failed left both
+    descriptors open (the function's result was lost with the exception), two a delivery for as long as the
+    process ran. Every descriptor is closed; the delivery is deferred and the command does not run."""
+    without_proc(monkeypatch)
+
+    def refused(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+    monkeypatch.setattr(pipe_module.os, "unlink", refused)
+    s = scripts.script("ran.sh", f"touch {scripts.out}/ran\n")
+    with pytest.raises(CommandNotRun) as failed:
+        await run_command([str(s)], stdin=b"x\n", env={}, time_limit=10, output_limit=100,
+                          spool=CommandSpool(tmp_path))
+    assert (failed.value.dsn, failed.value.text) == ("4.3.0", f"cannot spool the command's input in {tmp_path}: "
+                                                              f"Permission denied")
+    assert spool_descriptors(tmp_path) == []
+    assert not (scripts.out / "ran").exists()
+
+
+async def test_without_proc_a_spool_file_replaced_before_it_is_opened_again_is_refused(scripts, tmp_path,
+                                                                                       monkeypatch):
+    """The read-only descriptor opened by name was taken on trust: a file put in place of the one written (between
+    the two opens) would have been the command's input, the message's bytes going nowhere. The two are compared
+    (st_dev, st_ino): another file is refused, the delivery deferred, nothing left open or run."""
+    def replaced(path: str) -> None:
+        if os.path.dirname(path) == str(tmp_path):
+            (tmp_path / "other").write_bytes(b"not the message\n")
+            os.replace(tmp_path / "other", path)
+
+    without_proc(monkeypatch, then=replaced)
+    s = scripts.script("ran.sh", f"cat > {scripts.out}/got\n")
+    with pytest.raises(CommandNotRun, match=r"was not the file made when it was opened again") as failed:
+        await run_command([str(s)], stdin=b"the message\n", env={}, time_limit=10, output_limit=100,
+                          spool=CommandSpool(tmp_path))
+    assert failed.value.dsn == "4.3.0"
+    assert spool_descriptors(tmp_path) == [] and list(tmp_path.iterdir()) == []
+    assert not (scripts.out / "got").exists()
+
+
+async def test_a_missing_proc_is_tried_once_per_spool(scripts, tmp_path, monkeypatch):
+    """Each spool file tried /proc/self/fd first, failed, and fell back: an unnamed file made and thrown away per
+    delivery. A /proc found missing is remembered by the spool (the copies of one CommandSpool share it)."""
+    tried = without_proc(monkeypatch)
+    spool = CommandSpool(tmp_path)
+    for n in range(3):
+        result = await run_command(["/bin/sh", "-c", f"cat > {scripts.out}/got{n}"], stdin=b"x\n", env={},
+                                   time_limit=10, output_limit=100, spool=spool.for_copy(f"Q{n}", 2))
+        assert result.exit_code == 0 and (scripts.out / f"got{n}").read_bytes() == b"x\n"
+    assert len(tried) == 1
+
+
+async def test_a_spool_file_that_cannot_be_made_for_a_full_disk_defers_4_3_1(scripts, tmp_path, monkeypatch):
+    """A spool file that could not be made for a full disk was deferred 4.3.0 while one that could not be written
+    was 4.3.1: one mapping for both (`_not_spooled`), with the same words."""
+    def full(directory):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pipe_module, "_unnamed_file", full)
+    with pytest.raises(CommandNotRun) as failed:
+        await run_command(["/bin/cat"], stdin=b"x\n", env={}, time_limit=10, output_limit=100,
+                          spool=CommandSpool(tmp_path))
+    assert (failed.value.dsn, failed.value.text) == (
+        "4.3.1", f"cannot spool the command's input in {tmp_path}: No space left on device")
