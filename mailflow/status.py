@@ -20,7 +20,7 @@ from mailflow.address import internal_form
 from mailflow.errors import ContentRejected, DeliveryError, LookupRetry, MessageTooBig, Overloaded, PermanentError
 from mailflow.logs import printable
 from mailflow.records import record
-from mailflow.syntax import ascii_digits
+from mailflow.syntax import ENHANCED_STATUS, ascii_digits
 from mailflow.syntax import split_leading_dsn as split_leading_dsn  # (its callers' name for mailflow.syntax's)
 
 
@@ -465,7 +465,7 @@ def with_enhanced_code(line: str) -> str:
     return f"{code}{sep}{enhanced} {rest}"
 
 
-_DSN_AT_START = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}(?= |$)")
+_DSN_AT_START = re.compile(rf"{ENHANCED_STATUS}(?= |$)")  # (a blank, not any space: as the line is written)
 
 
 def with_footer(reply: str, continues: bool, lines: list[str]) -> str:

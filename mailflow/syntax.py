@@ -49,6 +49,9 @@ may use it without an import cycle.
                                                 mystrtokq with CHARS_BRACE: `inline:{ a=b, c=d }` stays one word)
     postfix_int(value), postfix_time(value)     a number / a time in seconds as Postfix reads one (strtol into a C
                                                 int; conv_time), None when Postfix refuses it
+    ENHANCED_STATUS, is_enhanced_status(text)   an enhanced status code (RFC 3463) as Postfix's dsn_valid takes
+                                                it: class 2, 4 or 5, subject and detail of 1 to 3 ASCII digits
+                                                (the one definition: every parser of a code uses these)
     split_leading_dsn(text) -> (dsn | None, rest)   the enhanced status code a reply text starts with (Postfix's
                                                 dsn_split: `4.7.1 text`), the text after it and its blanks
 
@@ -429,7 +432,14 @@ def postfix_time(value: str, default_unit: str = "s") -> int | None:
     return int(number[1]) * factor
 
 
-_LEADING_DSN = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}(?:\s+|$)")
+ENHANCED_STATUS = r"[245]\.[0-9]{1,3}\.[0-9]{1,3}"  # (a pattern: class.subject.detail, ASCII digits only)
+_ENHANCED_STATUS = re.compile(ENHANCED_STATUS)
+_LEADING_DSN = re.compile(rf"{ENHANCED_STATUS}(?:\s+|$)")
+
+
+def is_enhanced_status(text: str) -> bool:
+    """`text` is an enhanced status code, whole (see ENHANCED_STATUS)."""
+    return _ENHANCED_STATUS.fullmatch(text) is not None
 
 
 def split_leading_dsn(text: str) -> tuple[str | None, str]:

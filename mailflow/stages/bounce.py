@@ -68,6 +68,7 @@ from mailflow.bounce_templates import Template
 from mailflow.config import DEFAULTS
 from mailflow.message import rfc5322_date, split_header
 from mailflow.model import Recipient
+from mailflow.syntax import is_enhanced_status
 
 CRLF = "\r\n"
 KINDS = ("failure", "delay", "success")
@@ -94,7 +95,6 @@ _TEMPLATES = {  # Postfix's built-in failure, delay and success templates, betwe
 }
 _RETURNED = {"failure": "Undelivered ", "delay": "Undelivered ", "success": ""}  # bounce_original's descriptions
 _DEFAULT_STATUS = {"failed": "5.0.0", "delayed": "4.0.0"}  # others: 2.0.0
-_STATUS = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
 EXPIRED = "message expired: "  # what qmgr puts before the last reason of a recipient returned for its age
 _REMOTE_REPLY = re.compile(
     r"(?:Protocol error: )?"  # (a reply where another was due, as Postfix's smtp client words it)
@@ -397,7 +397,7 @@ def _via(nr: NoticeRecipient, said: str) -> str:
 def _status(nr: NoticeRecipient) -> str:
     """The enhanced status code, or the generic one for the action when the given one is malformed."""
     status = nr.status.strip()
-    if _STATUS.fullmatch(status):
+    if is_enhanced_status(status):
         return status
     return _DEFAULT_STATUS.get(nr.action, "2.0.0")
 

@@ -23,16 +23,15 @@ ValueError when it is made.
 from __future__ import annotations
 
 import asyncio
-import re
 from dataclasses import dataclass
 
 from mailflow.capture.mailbox import address_matches
 from mailflow.capture.recorders import TranscriptBook
 from mailflow.stages.smtpd.restrictions import Facts
 from mailflow.stages.smtpd.transcript import Transcript
+from mailflow.syntax import split_leading_dsn
 
 STAGES = ("mail", "rcpt", "data")
-_DSN = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}(\s|$)")
 
 
 def _matches(pattern: str | None, address: str) -> bool:
@@ -66,7 +65,7 @@ class Rule:
 
     def action(self) -> str:
         """`NNN X.Y.Z text`, an access(5) action (the enhanced code made from the reply code when not given)."""
-        text = self.text if _DSN.match(self.text) else f"{str(self.code)[0]}.7.1 {self.text}"
+        text = self.text if split_leading_dsn(self.text)[0] else f"{str(self.code)[0]}.7.1 {self.text}"
         return f"{self.code} {text}".strip()
 
 

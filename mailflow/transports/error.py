@@ -6,19 +6,14 @@ the virtual alias class for addresses without an alias.
 """
 from __future__ import annotations
 
-import re
-
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome
-
-_STATUS = re.compile(r"([245])\.[0-9]{1,3}\.[0-9]{1,3}(?:\s+|$)")
+from mailflow.syntax import split_leading_dsn
 
 
 def parse_error_nexthop(nexthop: str) -> tuple[Outcome, str, str]:
     """'5.1.1 User unknown' -> (BOUNCED, '5.1.1', 'User unknown'); '4.3.2 later' -> DEFERRED."""
-    text = nexthop.strip()
-    m = _STATUS.match(text)
-    dsn = m.group(0).strip() if m else "5.0.0"
-    rest = text[m.end():].strip() if m else text
+    found, rest = split_leading_dsn(nexthop.strip())
+    dsn, rest = found or "5.0.0", rest.strip()
     outcome = Outcome.DEFERRED if dsn.startswith("4") else Outcome.BOUNCED
     if dsn.startswith("2"):  # an error transport never reports success
         dsn = "5.0.0"

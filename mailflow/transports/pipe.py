@@ -104,7 +104,7 @@ from mailflow.message import HEADER_READ_LIMIT, delivered_to, read_header
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
 from mailflow.store.engine import CONTENT_DIRECTORY
 from mailflow.pipe_argv import expand_argv, parse_argv
-from mailflow.syntax import has_control
+from mailflow.syntax import has_control, split_leading_dsn
 from mailflow.tables import split_extension
 from mailflow.transports.encode import Encoder, FinalNewline, ToLf, aencode, dot_quoting, from_quoting
 
@@ -648,7 +648,6 @@ SYSEXITS: dict[int, tuple[str, str]] = {
 }
 EX_TEMPFAIL = 75
 EX_SOFTWARE = 70  # what Postfix's pipe_command() says of a command killed (a signal, the time limit) in silence
-_STATUS_IN_OUTPUT = re.compile(r"([45])\.([0-9]{1,3})\.([0-9]{1,3})(?:\s+|$)")
 
 
 def printable_output(output: str) -> str:
@@ -669,11 +668,9 @@ def command_status(result: CommandResult, command: str) -> tuple[Outcome, str, s
     code = result.exit_code
     if code == 0:
         return Outcome.SENT, "2.0.0", said.rstrip()
-    status = _STATUS_IN_OUTPUT.match(said)
-    if status:
-        dsn = ".".join(status.groups())
-        text = said[status.end():] or f'command failed with status {code}: "{command}"'
-        return _failure(dsn), dsn, text
+    dsn, after = _failure_status(said)
+    if dsn:
+        return _failure(dsn), dsn, after or f'command failed with status {code}: "{command}"'
     if code in SYSEXITS:
         dsn, meaning = SYSEXITS[code]
         return _failure(dsn), dsn, meaning + output
@@ -689,11 +686,18 @@ def command_diagnostic(result: CommandResult) -> str:
     code = result.exit_code
     if code == 0:
         return ""
-    status = _STATUS_IN_OUTPUT.match(said)
-    if status:
-        return f"x-unix; {said[status.end():]}"
+    dsn, after = _failure_status(said)
+    if dsn:
+        return f"x-unix; {after}"
     known = SYSEXITS.get(code) if code is not None else None
     return f"x-unix; {said or (known[1] if known else f'unknown mail system error {code}')}"
+
+
+def _failure_status(said: str) -> tuple[str | None, str]:
+    """The 4.X.X or 5.X.X status a failed command's output starts with and the output after it and its blanks, as
+    Postfix's pipe_command takes one (a 2.X.X is no failure's status: the output is the text); (None, said)."""
+    dsn, after = split_leading_dsn(said)
+    return (dsn, after) if dsn and dsn[0] in "45" else (None, said)
 
 
 def _failure(dsn: str) -> Outcome:

@@ -339,6 +339,20 @@ def test_a_numeric_action_keeps_its_detail_in_the_codes_class():
     assert rcpt(r) == status.restriction_rejected(450, "4.7.0", "alice@local.test", "Recipient address", "odd")
 
 
+def test_a_numeric_action_takes_any_status_dsn_split_takes():
+    """The numeric action's status was parsed by a pattern of its own that took only classes 4 and 5: `550 2.1.1
+    gone` kept "2.1.1 gone" as its text under 5.7.1, where Postfix's dsn_split takes any valid status (2, 4, 5) and
+    the code's class wins (5.1.1 "gone"), as mailflow's REJECT text already did. One pattern now (syntax.
+    ENHANCED_STATUS); a status that is not one (non-ASCII digits, four-digit detail) stays part of the text."""
+    r = access("inline:{ {alice@local.test=550 2.1.1 gone}, {bob@local.test=550 5.1.\u0661 odd}, "
+               "{carol@local.test=450 4.1.1000 odd} }")
+    assert rcpt(r) == status.restriction_rejected(550, "5.1.1", "alice@local.test", "Recipient address", "gone")
+    assert rcpt(r, "bob@local.test") == \
+        status.restriction_rejected(550, "5.7.1", "bob@local.test", "Recipient address", "5.1.\u0661 odd")
+    assert rcpt(r, "carol@local.test") == \
+        status.restriction_rejected(450, "4.7.1", "carol@local.test", "Recipient address", "4.1.1000 odd")
+
+
 def test_an_address_status_is_fitted_to_what_is_refused():
     """Postfix's smtpd_dsn_fix (checked against Postfix 3.7.11): one entry refusing a sender, a recipient or a
     client says X.1.8 for the sender, X.1.2 for the recipient and X.0.0 for the client; other statuses stay."""

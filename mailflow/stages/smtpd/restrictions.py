@@ -127,7 +127,7 @@ from mailflow.stages.smtpd.rbl_replies import Listed, RblReplies
 from mailflow.stages.smtpd.tls import ClientCert
 from mailflow.stages.verify import Status as VerifyStatus
 from mailflow.stages.verify import Verifier
-from mailflow.syntax import is_postfix_ipv4
+from mailflow.syntax import is_postfix_ipv4, split_leading_dsn
 from mailflow.tables import TableCache, find
 from mailflow.tables.search import EXTERNAL_FIRST, address_search
 from mailflow.tables.networks import NetworkList
@@ -156,7 +156,7 @@ MAX_DEPTH = 100  # lists within lists (classes, access values) beyond which a ta
 VALUE_LIST_CACHE = 1000  # access values kept read as lists (the table is emptied when full)
 PROTOCOL_STATE = {"data": "DATA", "end_of_data": "END-OF-MESSAGE"}
 _HEADER_FIELD = re.compile(r"[!-9;-~]+:[ \t]*[^\r\n]*")  # PREPEND's argument: one header field, unfolded
-_NUMERIC_ACTION = re.compile(r"([45][0-9][0-9])(?:\s+([45]\.[0-9]{1,3}\.[0-9]{1,3}))?(?:\s+(.*))?", re.S)
+_NUMERIC_ACTION = re.compile(r"([45][0-9][0-9])(?:\s+(.*))?", re.S)  # the code; the rest: split_leading_dsn
 
 
 # ---------------------------------------------------------------------------------------------- facts
@@ -936,7 +936,8 @@ class Restrictions:
             return PERMIT
         numeric = _NUMERIC_ACTION.fullmatch(value.strip())
         if numeric:
-            code, dsn, reason = numeric.groups()
+            code, rest = numeric.groups()
+            dsn, reason = split_leading_dsn(rest or "")
             dsn = dsn_fix(code[0] + dsn[1:] if dsn else f"{code[0]}.7.1", what)  # the code's class wins (Postfix)
             return status.restriction_rejected(int(code), dsn, name, what, (reason or "Access denied").strip())
         items = self._value_list(value, source, facts)

@@ -47,18 +47,17 @@ garbage lines of a reply the first GARBAGE_KEPT are kept (to be warned of), the 
 """
 from __future__ import annotations
 
-import re
 from dataclasses import field
 from typing import Callable
 
 from mailflow.records import record
+from mailflow.syntax import split_leading_dsn
 
 MAX_LINE_LENGTH = 2048  # bytes of a reply line that are kept (Postfix line_length_limit; RFC 5321 allows 512)
 MAX_REPLY_LINES = 1000  # lines in one reply
 MAX_REPLY_LENGTH = 64 * 1024  # bytes in one reply, every line included
 GARBAGE_KEPT = 3  # garbage lines of one reply kept (each is warned of; the rest are counted)
 
-_ENHANCED_CODE = re.compile(r"^([245])\.([0-9]{1,3})\.([0-9]{1,3})(?=\s|$)")
 
 
 class MalformedReply(Exception):
@@ -109,10 +108,8 @@ class Reply:
         if self.protocol_error:
             return f"{reply_class or '5'}.5.0"
         wanted = reply_class or str(self.code)[0]
-        match = _ENHANCED_CODE.match(self.lines[-1].strip())
-        if match:
-            return f"{wanted}.{match.group(2)}.{match.group(3)}"
-        return f"{wanted}.0.0"
+        found, _ = split_leading_dsn(self.lines[-1].strip())
+        return f"{wanted}{found[1:]}" if found else f"{wanted}.0.0"
 
 
 class ReplyParser:
