@@ -6,7 +6,7 @@ lists (mydestination, relay_domains, virtual_alias_domains, virtual_mailbox_doma
     PATTERN_FILE_LIMIT                      the bytes of /files one list may read, in all (a file named twice
                                             counted once)
     PatternFiles()                          the /files of one list: .lines(path, reading) -> [(number, line)],
-                                            .words(line, where) -> [word], .comments (the warnings met)
+                                            .words(line, path, number) -> [word], .comments (the warnings met)
     file_lines(text) -> [(number, line)]    each physical line on its own (no continuation lines: a line
                                             starting with a blank is a line like any), `#` lines skipped
     line_words(line) -> [word]              the words of a line: split at blanks and commas outside braces, a
@@ -19,7 +19,8 @@ lists (mydestination, relay_domains, virtual_alias_domains, virtual_mailbox_doma
 A `#` word after words of a line is dropped with the rest of the line, as Postfix 3.7 drops it; Postfix also logs
 `LIST: comment at end of line is not supported: …`: mailflow keeps a warning of it in PatternFiles.comments (the
 configuration's warnings(): `config check` says it, serve and reload log it), naming the file and line, not the
-words.
+words. Postfix warns for every such line, but in a process of its own; mailflow's log is the whole server's, so a
+file says it for its first COMMENT_WARNINGS lines only, then once how many more lines did (per list, per load).
 
 Failure behaviour: domain_list_words and PatternFiles.lines raise ValueError naming the file (and line) and why: it
 cannot be read (its error), it names itself (through others too: FileLoop) or nests deeper than MAX_FILE_DEPTH, the
@@ -39,6 +40,7 @@ DOMAIN_LIST_SETTINGS = ("mydestination", "relay_domains", "virtual_mailbox_domai
 PATTERN_FILE_LIMIT = 4 << 20  # the files of one list, in all (a 200 000-domain file is about 4 MB)
 MAX_FILE_DEPTH = 10  # /files naming /files: no deeper than this
 COMMENT_AT_END = "comment at end of line is not supported (the rest of the line is not read, as Postfix 3.7 drops it)"
+COMMENT_WARNINGS = 5  # the lines of one file that say COMMENT_AT_END; the others are counted in one more warning
 
 
 class FileLoop(ValueError):
@@ -71,12 +73,12 @@ def _words_and_cut(line: str) -> tuple[list[str], bool]:
 class PatternFiles:
     """The /files one list reads: each a regular file, read once however often it is named (the budget
     PATTERN_FILE_LIMIT counts it once), no loop, no deeper than MAX_FILE_DEPTH; `comments`: a warning for each line
-    whose end was a comment."""
+    whose end was a comment, the first COMMENT_WARNINGS of a file, then one counting that file's others."""
 
     def __init__(self) -> None:
         self.left = PATTERN_FILE_LIMIT
-        self.comments: list[str] = []
         self._read: dict[tuple[int, int], list[tuple[int, str]]] = {}
+        self._cut: dict[str, _CutLines] = {}  # by file: its lines a comment ended
 
     def lines(self, path: str, reading: tuple[str, ...]) -> list[tuple[int, str]]:
         """The lines of `path` (file_lines); `reading`: the files being read, outermost first."""
@@ -99,12 +101,41 @@ class PatternFiles:
         lines = self._read[(st.st_dev, st.st_ino)] = file_lines(data.decode("utf-8", errors="replace"))
         return lines
 
-    def words(self, line: str, where: str) -> list[str]:
-        """line_words(line), a warning kept when a comment ended it; `where`: `FILE, line N`."""
+    def words(self, line: str, path: str, number: int) -> list[str]:
+        """line_words(line), kept for a warning when a comment ended it; line `number` of `path`."""
         words, cut = _words_and_cut(line)
         if cut:
-            self.comments.append(f"{where}: {COMMENT_AT_END}")
+            self._cut.setdefault(path, _CutLines()).add(number)
         return words
+
+    @property
+    def comments(self) -> list[str]:
+        warnings: list[str] = []
+        for path, cut in self._cut.items():
+            warnings.extend(f"{path}, line {number}: {COMMENT_AT_END}" for number in cut.first)
+            if cut.others:
+                warnings.append(f"{path}: {cut.others} more lines end in a comment, not read after it (not logged "
+                                f"one by one: the first {COMMENT_WARNINGS} are)")
+        return warnings
+
+
+class _CutLines:
+    """The lines of one file a comment ended: the first COMMENT_WARNINGS numbers, and how many others. A file named
+    again is read again from its first line: a number not past the last one counted was counted then."""
+
+    def __init__(self) -> None:
+        self.first: list[int] = []
+        self.others = 0
+        self._last = 0
+
+    def add(self, number: int) -> None:
+        if number <= self._last:
+            return
+        self._last = number
+        if len(self.first) < COMMENT_WARNINGS:
+            self.first.append(number)
+        else:
+            self.others += 1
 
 
 def domain_list_words(setting: str, items: Iterable[str],
@@ -128,7 +159,7 @@ def _read_file(path: str, out: list[tuple[str, str]], reading: tuple[str, ...], 
     for number, line in files.lines(path, reading):
         where = f"{path}, line {number}"
         try:
-            words = files.words(line, where)
+            words = files.words(line, path, number)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         for word in words:

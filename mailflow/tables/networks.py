@@ -113,7 +113,7 @@ def _parse_file(path: str, negate: bool, out: list[Pattern], reading: tuple[str,
     for number, line in files.lines(path, reading):
         where = f"{path}, line {number}"
         try:
-            _parse_words(files.words(line, where), negate, out, (*reading, path), files)
+            _parse_words(files.words(line, path, number), negate, out, (*reading, path), files)
         except FileLoop:
             raise  # named once, with its chain, not again at every level of it
         except ValueError as e:

@@ -19,7 +19,8 @@ from mailflow.errors import ConfigError
 from mailflow.routing.rewrite import Rewriter
 from mailflow.syntax import split_outside_braces
 from mailflow.tables import match_list
-from mailflow.tables.match_list import COMMENT_AT_END, DOMAIN_LIST_SETTINGS, PATTERN_FILE_LIMIT, line_words
+from mailflow.tables.match_list import (COMMENT_AT_END, COMMENT_WARNINGS, DOMAIN_LIST_SETTINGS, PATTERN_FILE_LIMIT,
+                                        line_words)
 from tests.support import SmtpClient
 
 
@@ -236,3 +237,19 @@ def test_a_line_without_braces_splits_as_the_brace_aware_split(line):
     same words."""
     words = split_outside_braces(line)
     assert line_words(line) == words[:next((i for i, w in enumerate(words) if w.startswith("#")), len(words))]
+
+
+def test_comments_ending_many_lines_of_a_file_are_counted_past_the_first_few(tmp_path):
+    """Each line a comment ended was one warning, logged at every start and reload: a 200 000-line file of
+    `domain # note` lines wrote 200 000 lines into the server's one log each time (Postfix warns per line too, but
+    in its own process). A file says it for its first COMMENT_WARNINGS lines, in Postfix's words, then once how
+    many more; a file named twice is counted once."""
+    (tmp_path / "list").write_text("".join(f"d{n}.example # note\n" for n in range(1, 1001)) + "plain.example\n")
+    (tmp_path / "few").write_text("a.example # x\nb.example\n")
+    config = config_from_dict({"relay_domains": [f"{tmp_path}/list", f"{tmp_path}/few", f"{tmp_path}/list"]})
+    assert len(config.relay_domains) == 2004  # (every word before a comment is read, the list's twice)
+    assert config.warnings() == [
+        *(f"relay_domains: {tmp_path}/list, line {n}: {COMMENT_AT_END}" for n in range(1, COMMENT_WARNINGS + 1)),
+        f"relay_domains: {tmp_path}/list: {1000 - COMMENT_WARNINGS} more lines end in a comment, not read after it "
+        f"(not logged one by one: the first {COMMENT_WARNINGS} are)",
+        f"relay_domains: {tmp_path}/few, line 1: {COMMENT_AT_END}"]
