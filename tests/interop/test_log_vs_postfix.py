@@ -26,6 +26,9 @@ field, each time's value masked but its form kept (Postfix's format_tv).
 A sixth test has a scripted milter discard or quarantine at MAIL, RCPT and the end of the message: smtpd's and
 cleanup's `milter-discard` / `milter-hold` lines word for word, and pflogsumm's held and discarded counts.
 
+Another refuses MAIL's SIZE past message_size_limit (a sender, then the null sender): the replies and smtpd's
+`NOQUEUE: reject: MAIL` lines word for word.
+
 Two more requeue mail (postsuper -r, `mailflow queue requeue`): the old id's and the copy's lines, and a message
 older than its queue lifetime is tried again and deferred, not returned (the copy's lifetime starts anew).
 
@@ -1080,3 +1083,38 @@ async def test_relay_domain_mail_without_a_relay_service_is_deferred_as_postfix_
         return [re.sub(r", delay=.*?, dsn=", ", dsn=", line) for line in lines]
     assert compared(ours) == compared(theirs) == [
         f"error: to=<{rcpt}>, relay=none, dsn=4.3.0, status=deferred (mail transport unavailable)"]
+
+
+async def size_at_mail(port: int) -> list[str]:
+    """MAIL with a SIZE past message_size_limit (ESMTP, then a null sender), then one within it; the replies."""
+    c = await SmtpClient.connect(port)
+    replies = [(await c.cmd("EHLO client.test")).text.splitlines()[0]]
+    for command in (f"MAIL FROM:<s@sender.test> SIZE={SIZE_LIMIT * 10}", f"MAIL FROM:<> SIZE={SIZE_LIMIT + 1}",
+                    f"MAIL FROM:<s@sender.test> SIZE={SIZE_LIMIT}"):
+        replies.append((await c.cmd(command)).text)
+    await c.cmd("QUIT")
+    await c.close()
+    return replies
+
+
+def size_refusals(log: str) -> list[str]:
+    return re.findall(rf"{SYSLOG_NAME}/smtpd\[\d+\]: (NOQUEUE: reject: MAIL .*)$", log, re.M)
+
+
+async def test_a_size_past_the_limit_at_mail_is_logged_as_postfix_logs_it(mailflow_server, mail_log):
+    """`MAIL FROM:<…> SIZE=N` past message_size_limit: Postfix's smtpd_check_size logs its refusal (pflogsumm counts
+    it, fail2ban's filter reads it) with the sender it refused (`from=<>` for the null one), as mailflow does: a
+    guard, checked against Postfix 3.7.11, for the line a reviewer doubted."""
+    async with postfix_instance({"myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "mydestination": "",
+                                 "message_size_limit": str(SIZE_LIMIT)}) as pf:
+        started = await pf.sessions_ended()
+        pf_replies = await size_at_mail(pf.port)
+        ended = await pf.sessions_ended()
+        pf_lines = size_refusals(pf.maillog[started:ended])
+    mf = await mailflow_server(myhostname=MF_HOST, mydestination=[], smtpd={"message_size_limit": SIZE_LIMIT})
+    mf_replies = await size_at_mail(mf.smtp_addresses[0][1])
+    await eventually(lambda: "disconnect from" in mail_log.read_text(), timeout=10)
+    assert [r.replace(MF_HOST, "HOST") for r in mf_replies] == [r.replace(PF_HOST, "HOST") for r in pf_replies]
+    assert size_refusals(mail_log.read_text()) == pf_lines == [
+        f"NOQUEUE: reject: MAIL from localhost[127.0.0.1]: 552 5.3.4 Message size exceeds fixed limit; {sender} "
+        "proto=ESMTP helo=<client.test>" for sender in ("from=<s@sender.test>", "from=<>")]
