@@ -27,6 +27,8 @@ from mailflow.errors import LookupRetry
 
 log = logging.getLogger("mailflow.smtpd")
 
+DOMAIN_LIMIT = 253  # RFC 7208 7.3: an expanded domain name is cut to this many characters
+
 
 @dataclass(frozen=True)
 class SpfResult:
@@ -112,11 +114,21 @@ def _address_of_reverse(name: str) -> str:
 
 class _SpfQuery(spf.query):
     """pyspf with its DNS through `lookup` (mailflow's resolver) instead of its module's dnspython default.
-    The resolver follows CNAMEs; the RFC 7208 void lookup limit is kept."""
+    The resolver follows CNAMEs; the RFC 7208 void lookup limit is kept; an expanded domain-spec is cut to
+    DOMAIN_LIMIT as RFC 7208 7.3 says."""
 
     def __init__(self, i: str, s: str, h: str, *, lookup: _Bridge):
         super().__init__(i=i, s=s, h=h)
         self._lookup = lookup
+
+    def expand_domain(self, arg):
+        """RFC 7208 7.3: a name longer than DOMAIN_LIMIT loses labels from the left until it fits (pyspf drops
+        one label, whatever the length: a local part of 300 characters in `%{l}` made a name no DNS server
+        is asked for, a void lookup instead of the name the record's owner publishes)."""
+        name = super().expand_domain(arg)
+        while len(name) > DOMAIN_LIMIT and "." in name:
+            name = name.partition(".")[2]
+        return name
 
     def dns(self, name, qtype, cnames=None, ignore_void=False):
         name = str(name).rstrip(".").lower()

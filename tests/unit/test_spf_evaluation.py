@@ -123,3 +123,22 @@ async def test_a_check_whose_session_is_gone_gives_its_thread_back_at_once(dns_z
         await resolver.close()
         await asyncio.sleep(0.5)
     assert good.result == "pass", good
+
+
+async def test_a_domain_spec_longer_than_253_characters_loses_labels_from_the_left_until_it_fits(dns_zone):
+    """RFC 7208 7.3: a sender whose local part makes `%{l}.%{l}.bl.test` 617 characters long has the name
+    truncated, label by label from the left, to the 251 that fit; the name asked is the one the record's owner
+    publishes. pyspf dropped one label only: the 556-character name was asked of no DNS server, a void lookup,
+    and the mechanism never matched (fail)."""
+    local = ".".join(letter * 60 for letter in "abcde")
+    kept = ".".join(letter * 60 for letter in "bcde") + ".bl.test"
+    asked: list[tuple[str, str]] = []
+    server = dns_zone(f'long.test. 60 IN TXT "v=spf1 exists:%{{l}}.%{{l}}.bl.test -all"\n{kept}. 60 IN A 127.0.0.2\n',
+                      asked=asked)
+    resolver = AiodnsResolver(nameservers=(server,), timeout=1.0, tries=1)
+    try:
+        result = await check_host(resolver, "192.0.2.1", f"{local}@long.test", timeout=3)
+    finally:
+        await resolver.close()
+    assert len(kept) == 251 and (f"{kept}.", "A") in asked
+    assert result.result == "pass", result
