@@ -18,6 +18,8 @@ written here (they are a few lines), with the organizational domain from the Pub
 authheaders ships. A record's pct= is kept as RFC 7489 6.6.4 says: a message outside the sample (drawn with `rng`)
 gets the next policy down (reject -> quarantine -> none); a record without a valid p= is p=none when it asks for
 reports (rua=), else no policy (RFC 7489 6.6.3), and the organizational domain's record is not asked then.
+A From field with several addresses, or several From fields, is checked for each domain (at most
+AUTHOR_DOMAIN_LIMIT, at once), the strictest verdict standing (RFC 7489 6.6.1).
 
 Failure behaviour: nothing raises for a message or a DNS answer. A lookup that fails is `temperror`; a broken
 record or signature `permerror`/`fail` (RFC 7208/6376 words); all of one message's lookups are bounded by
@@ -147,10 +149,18 @@ class SenderAuth:
     # -------------------------------------------------------------------------------- DMARC
 
     async def _dmarc(self, head: bytes, mail_from: str, spf_result: str, dkim_results) -> dict:
+        """RFC 7489 6.6.1: each author domain is checked (a From field may name several, a message may carry
+        several From fields) and the strictest verdict stands: a failure with the strictest policy first.
+        From fields without an address, or with more than AUTHOR_DOMAIN_LIMIT domains: permerror."""
         froms = header_values(head, "from")
-        domain = _from_domain(froms[0]) if len(froms) == 1 else ""
-        if not domain:
+        domains = _author_domains(froms)
+        if not domains or len(domains) > AUTHOR_DOMAIN_LIMIT:
             return {"dmarc": "permerror" if froms else "none"}
+        found = await asyncio.gather(*(self._dmarc_of(domain, mail_from, spf_result, dkim_results)
+                                       for domain in domains))
+        return max(found, key=_strictness)
+
+    async def _dmarc_of(self, domain: str, mail_from: str, spf_result: str, dkim_results) -> dict:
         org = self._org_domain(domain)
         try:
             record = await self._dmarc_record(domain)
@@ -212,6 +222,8 @@ class SenderAuth:
 
 
 POLICIES = ("none", "quarantine", "reject")
+AUTHOR_DOMAIN_LIMIT = 10  # the From domains one message's DMARC check looks up (two TXT questions each at most)
+_VERDICT_STRICTNESS = ("pass", "none", "temperror", "fail")
 # RFC 7489 6.4: the record's first tag; "v" in any case, blanks around "=", the value "DMARC1" exactly
 _DMARC_VERSION = re.compile(r"[vV][ \t]*=[ \t]*DMARC1[ \t]*(?:;|$)")
 
@@ -227,9 +239,15 @@ def _policy(record: dict, subdomain: bool) -> str | None:
     return sp if subdomain else p
 
 
-def _from_domain(value: str) -> str:
-    """The domain of a From header's (single) address, lower case; "" when it has none."""
-    addresses = email.utils.getaddresses([value])
-    if len(addresses) != 1 or "@" not in addresses[0][1]:
-        return ""
-    return addresses[0][1].rpartition("@")[2].strip().lower().rstrip(".")
+def _author_domains(froms: list[str]) -> tuple[str, ...]:
+    """The domains of the From fields' addresses, lower case, each once in the order found; () when one of the
+    addresses has no domain (or there is none: group syntax, no From)."""
+    addresses = [address for _, address in email.utils.getaddresses(froms)]
+    domains = [address.rpartition("@")[2].strip().lower().rstrip(".") for address in addresses]
+    if not domains or not all("@" in address for address in addresses) or not all(domains):
+        return ()
+    return tuple(dict.fromkeys(domains))
+
+
+def _strictness(verdict: dict) -> tuple[int, int]:
+    return (_VERDICT_STRICTNESS.index(verdict["dmarc"]), POLICIES.index(verdict.get("dmarc_policy") or "none"))

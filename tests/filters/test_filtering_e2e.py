@@ -294,6 +294,10 @@ async def test_reject_spf_fail_and_dmarc_policies(mailflow_server, auth_zone, ca
     # SPF passes for pass.test, but the From domain is fail.test: no alignment, p=reject
     assert await refusal(port, "x@pass.test", ["alice@local.test"], b"From: <a@fail.test>\r\n\r\nhi\r\n") == \
         (550, "5.7.1 Message rejected per DMARC policy of fail.test")
+    # a second author whose check passes does not lift the first one's p=reject (RFC 7489 6.6.1: each domain)
+    for authors in (b"From: <a@fail.test>, <b@pass.test>\r\n", b"From: <b@pass.test>\r\nFrom: <a@fail.test>\r\n"):
+        assert await refusal(port, "x@pass.test", ["alice@local.test"], authors + b"\r\nhi\r\n") == \
+            (550, "5.7.1 Message rejected per DMARC policy of fail.test")
     await send(port, "x@pass.test", ["alice@local.test"], b"From: <a@quarantine.test>\r\n\r\nhi\r\n")
     assert await queue_becomes(mf.store, {"hold": 1}) == {"hold": 1}
     # (no access action: the hold is logged where it is decided, at the end of the message, once)

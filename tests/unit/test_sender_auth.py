@@ -98,3 +98,44 @@ async def test_a_subdomains_own_record_is_its_policy_even_without_a_valid_p(reco
     finally:
         auth.close()
     assert (verdicts.dmarc, verdicts.dmarc_domain, verdicts.dmarc_policy) == (verdict, "sub.org.test", policy)
+
+
+BANK = {"bank.test": ["v=spf1 -all"], "_dmarc.bank.test": ["v=DMARC1; p=reject"],
+        "elsewhere.test": ["v=spf1 -all"], "_dmarc.elsewhere.test": ["v=DMARC1; p=none"],
+        "attacker.test": ["v=spf1 +all"]}
+
+
+@pytest.mark.parametrize("from_fields", [
+    b"From: friend@elsewhere.test, ceo@bank.test\r\n",
+    b"From: ceo@bank.test, friend@elsewhere.test\r\n",
+    b"From: ceo@bank.test\r\nFrom: friend@elsewhere.test\r\n",
+    b"From: friend@elsewhere.test\r\nFrom: \"Bank\" <ceo@bank.test>\r\n",
+])
+async def test_each_author_domain_is_checked_and_the_strictest_failing_policy_applies(from_fields):
+    """RFC 7489 6.6.1: a From field with several addresses (or, forbidden by RFC 5322, several From fields) is
+    checked for each domain, the strictest policy of those that fail applies. It was a permerror, which no
+    policy acts on: a forger added a second author to pass a p=reject domain's mail through reject_dmarc_policy."""
+    auth = SenderAuth(SenderAuthConfig(verify=("dmarc",)), StaticResolver(txt=BANK), authserv_id="mx.test")
+    try:
+        verdicts = await auth.verdicts("192.0.2.1", "client.test", "x@attacker.test",
+                                       Content.of(from_fields + b"Subject: pay\r\n\r\nbody\r\n"))
+    finally:
+        auth.close()
+    assert (verdicts.dmarc, verdicts.dmarc_domain, verdicts.dmarc_policy) == ("fail", "bank.test", "reject")
+
+
+@pytest.mark.parametrize(("from_fields", "verdict", "domain"), [
+    (b"From: a@attacker.test, b@attacker.test\r\n", "none", "attacker.test"),  # one domain, no record
+    (b"From: undisclosed-recipients:;\r\n", "permerror", ""),  # no domain at all
+    (b"From: ceo@bank.test, nobody@\r\n", "permerror", ""),
+    (b"From: " + b", ".join(b"a@d%d.test" % n for n in range(11)) + b"\r\n", "permerror", ""),  # past the limit
+    (b"Subject: no author\r\n", "none", ""),
+])
+async def test_from_fields_without_a_domain_to_check(from_fields, verdict, domain):
+    auth = SenderAuth(SenderAuthConfig(verify=("dmarc",)), StaticResolver(txt=BANK), authserv_id="mx.test")
+    try:
+        verdicts = await auth.verdicts("192.0.2.1", "client.test", "x@attacker.test",
+                                       Content.of(from_fields + b"\r\nbody\r\n"))
+    finally:
+        auth.close()
+    assert (verdicts.dmarc, verdicts.dmarc_domain) == (verdict, domain)
