@@ -311,10 +311,17 @@ async def test_records_without_dnssec_are_not_used(zones, smtp_peer, ca):
     assert result.outcome is Outcome.SENT
 
 
-async def test_unusable_records_still_require_tls(zones, smtp_peer, ca):
-    """Only PKIX-EE records (usage 1, unusable for SMTP): TLS is required, unverified (RFC 7672 2.2)."""
+@pytest.mark.parametrize("tlsa", [
+    "1 1 1 {digest}",  # PKIX-EE: unusable for SMTP
+    "3 1 0 {digest}",  # a "full" public key that is no SubjectPublicKeyInfo
+    "3 0 0 {digest}",  # a "full" certificate that is no certificate
+])
+async def test_unusable_records_still_require_tls(zones, smtp_peer, ca, tlsa):
+    """Records SMTP cannot use: TLS is required, unverified (RFC 7672 2.2), as Postfix, whose OpenSSL drops a
+    malformed record (full data that does not parse) as unusable. A malformed DANE-EE record was taken as usable,
+    matched nothing and deferred the mail 4.7.5."""
     peer, digest = await dane_peer(smtp_peer, ca)
-    resolver = zones(dane_zone(peer.port, f"1 1 1 {digest}"))
+    resolver = zones(dane_zone(peer.port, tlsa.format(digest=digest)))
     result = await deliver(transport(resolver, peer.port, tls="dane"), "dane.test")
     assert result.outcome is Outcome.SENT and peer.messages[0].tls
 

@@ -4,7 +4,11 @@ validated them, say which certificate it must present.
     tlsa_name(host, port) -> str                 `_25._tcp.mx.example.com`
     usable(records) -> tuple[Tlsa, ...]          the records SMTP may use: DANE-EE(3) and DANE-TA(2), selector 0
                                                  (certificate) or 1 (public key), matching 0 (exact), 1 (SHA-256) or 2
-                                                 (SHA-512); PKIX-TA(0)/PKIX-EE(1) are unusable for SMTP (RFC 7672 3.1.3)
+                                                 (SHA-512); PKIX-TA(0)/PKIX-EE(1) are unusable for SMTP (RFC 7672
+                                                 3.1.3); so is full data (matching 0) that is no certificate
+                                                 (selector 0) or SubjectPublicKeyInfo (1), as OpenSSL's
+                                                 SSL_dane_tlsa_add, which Postfix uses, says (a digest of the wrong
+                                                 length never gets here: dnspython refuses the whole answer)
     await peer_policy(resolver, policy, host, port, mx_secure) -> TlsPolicy   for a `dane` or `dane-only` policy
                                                  and one peer: a policy carrying the usable records (TLS required,
                                                  the certificate checked against them), or what is left without
@@ -29,6 +33,7 @@ from __future__ import annotations
 import hashlib
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from mailflow.dns import NotFound, Resolver, Tlsa
@@ -47,7 +52,21 @@ def tlsa_name(host: str, port: int) -> str:
 
 def usable(records: tuple[Tlsa, ...]) -> tuple[Tlsa, ...]:
     return tuple(r for r in records
-                 if r.usage in (DANE_TA, DANE_EE) and r.selector in SELECTORS and r.mtype in MATCHING)
+                 if r.usage in (DANE_TA, DANE_EE) and r.selector in SELECTORS and r.mtype in MATCHING
+                 and _well_formed(r))
+
+
+def _well_formed(record: Tlsa) -> bool:
+    if record.mtype != 0:
+        return True
+    try:
+        if record.selector == 0:
+            x509.load_der_x509_certificate(record.data)
+        else:
+            serialization.load_der_public_key(record.data)
+    except (ValueError, UnsupportedAlgorithm):
+        return False
+    return True
 
 
 async def peer_policy(resolver: Resolver, policy: TlsPolicy, host: str, port: int, mx_secure: bool,
