@@ -17,7 +17,8 @@
                                                  [smtp.services.NAME]
 
 Caching (RFC 8461 3.3, 5.1): a fetched policy is kept until `max_age` (at most MAX_AGE_LIMIT) runs out, in a
-least-recently-used cache of `cache_size` domains. The TXT record is asked at each delivery: the same id means the
+least-recently-used cache of `cache_size` domains and CACHE_BYTES (a 64 KB policy of short mx lines is some
+550 KB of strings once parsed). The TXT record is asked at each delivery: the same id means the
 cached policy stands; a new id fetches the policy again; a fetch or TXT lookup that fails keeps the cached one (and
 without one, the destination has no policy: delivery is as without MTA-STS). Concurrent deliveries to one domain
 share one fetch.
@@ -30,6 +31,7 @@ import asyncio
 import logging
 import re
 import ssl
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -46,6 +48,8 @@ SMTP_LOG = logging.getLogger("mailflow.smtp")  # the lines of a caller that name
 
 MAX_POLICY_SIZE = 64 * 1024  # RFC 8461 3.3: a policy larger than this is not valid
 MAX_AGE_LIMIT = 31557600  # RFC 8461 3.2: a year
+CACHE_BYTES = 8 * 2**20  # the cache's bytes at most, as _size counts them (cache_size ordinary policies fit)
+ENTRY_COST = 500  # a cached policy's bytes besides its mx patterns (entry, dataclasses, id, key), near enough
 POLICY_PATH = "/.well-known/mta-sts.txt"
 MODES = ("enforce", "testing", "none")
 _ID = re.compile(r"[A-Za-z0-9]{1,32}")
@@ -190,6 +194,11 @@ def _check_response(response: h11.Response, host: str) -> None:
 class _Cached:
     policy: StsPolicy
     expires: float
+    size: int  # _size(policy)
+
+
+def _size(policy: StsPolicy) -> int:
+    return sys.getsizeof(policy.mx) + sum(sys.getsizeof(pattern) for pattern in policy.mx) + ENTRY_COST
 
 
 class MtaSts:
@@ -202,6 +211,7 @@ class MtaSts:
         self._now = now
         self._cache_size = cache_size
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        self._cache_bytes = 0  # the entries' sizes
         self._fetching: dict[str, asyncio.Future] = {}
 
     async def policy(self, domain: str, log: logging.Logger = SMTP_LOG) -> StsPolicy | None:
@@ -223,7 +233,7 @@ class MtaSts:
         if entry is None:
             return None
         if entry.expires <= self._now():
-            del self._cache[domain]
+            self._drop(domain)
             return None
         self._cache.move_to_end(domain)
         return entry.policy
@@ -246,8 +256,18 @@ class MtaSts:
                         "; keeping the cached one" if cached else "")
             return cached
         policy = StsPolicy(fetched.mode, fetched.mx, fetched.max_age, record_id)
-        self._cache[domain] = _Cached(policy, self._now() + policy.max_age)
-        self._cache.move_to_end(domain)
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        self._keep(domain, _Cached(policy, self._now() + policy.max_age, _size(policy)))
         return policy
+
+    def _keep(self, domain: str, entry: _Cached) -> None:
+        """The least recently used go until the cache is within cache_size and CACHE_BYTES."""
+        self._drop(domain)
+        self._cache[domain] = entry
+        self._cache_bytes += entry.size
+        while self._cache and (len(self._cache) > self._cache_size or self._cache_bytes > CACHE_BYTES):
+            self._drop(next(iter(self._cache)))
+
+    def _drop(self, domain: str) -> None:
+        entry = self._cache.pop(domain, None)
+        if entry is not None:
+            self._cache_bytes -= entry.size
