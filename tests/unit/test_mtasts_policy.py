@@ -23,6 +23,8 @@ def test_record():
     assert parse_record(["v=spf1 -all", "v=STSv1;id=abc;"]) == "abc"
     assert parse_record(["v=STSv1; id=a", "v=STSv1; id=b"]) is None  # two records: none
     assert parse_record(["v=STSv1; id=not-alnum!"]) is None and parse_record([]) is None
+    # RFC 8461 3.1: records not beginning with "v=STSv1;" (blanks allowed before the ";") are discarded first
+    assert parse_record(["v=STSv10; id=b", "v=STSv1 ; id=a", "v=STSv1x; id=c"]) == "a"
 
 
 def test_policy():

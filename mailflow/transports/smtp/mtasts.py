@@ -1,7 +1,7 @@
 """MTA-STS (RFC 8461): a receiving domain's published TLS policy, found and kept for the SMTP client.
 
     parse_record(txt_values) -> str | None       the policy id of the `_mta-sts` TXT record ("v=STSv1; id=…");
-                                                 None without exactly one such record
+                                                 None without exactly one record beginning "v=STSv1;"
     parse_policy(text) -> StsPolicy              the policy file (`version: STSv1`, `mode:`, `mx:`…, `max_age:`);
                                                  raises ValueError naming what is wrong
     mx_allowed(host, patterns) -> bool           `mx.example.com`, or `*.example.com` for exactly one more label
@@ -53,6 +53,7 @@ ENTRY_COST = 500  # a cached policy's bytes besides its mx patterns (entry, data
 POLICY_PATH = "/.well-known/mta-sts.txt"
 MODES = ("enforce", "testing", "none")
 _ID = re.compile(r"[A-Za-z0-9]{1,32}")
+_VERSION = re.compile(r"\s*v=STSv1[ \t]*;")  # RFC 8461 3.1: how a record begins ("v=STSv10" is another)
 
 
 class FetchError(Exception):
@@ -68,7 +69,7 @@ class StsPolicy:
 
 
 def parse_record(values: list[str]) -> str | None:
-    records = [v for v in values if v.strip().startswith("v=STSv1")]
+    records = [v for v in values if _VERSION.match(v)]
     if len(records) != 1:
         return None
     fields = dict(part.strip().partition("=")[::2] for part in records[0].split(";") if "=" in part)
