@@ -39,7 +39,7 @@ import authres
 import authres.dmarc
 from publicsuffix2 import PublicSuffixList
 
-from mailflow.address import split as split_address
+from mailflow.address import normalise_domain, split as split_address
 from mailflow.content import Content
 from mailflow.dns import NotFound
 from mailflow.errors import LookupRetry
@@ -190,7 +190,7 @@ class SenderAuth:
         return {"reject": "quarantine", "quarantine": "none"}.get(policy, policy)
 
     def _aligned(self, other: str, domain: str, mode: str) -> bool:
-        other = other.lower().rstrip(".")
+        other = normalise_domain(other)
         if mode == "s":
             return other == domain
         return bool(other) and self._org_domain(other) == self._org_domain(domain)
@@ -240,10 +240,11 @@ def _policy(record: dict, subdomain: bool) -> str | None:
 
 
 def _author_domains(froms: list[str]) -> tuple[str, ...]:
-    """The domains of the From fields' addresses, lower case, each once in the order found; () when one of the
-    addresses has no domain (or there is none: group syntax, no From)."""
+    """The domains of the From fields' addresses, lower case, A-labels (RFC 7489 6.6.1), each once in the order
+    found; () when one of the addresses has no domain or an invalid U-label (or there is none: group syntax, no
+    From)."""
     addresses = [address for _, address in email.utils.getaddresses(froms)]
-    domains = [address.rpartition("@")[2].strip().lower().rstrip(".") for address in addresses]
+    domains = [normalise_domain(address.rpartition("@")[2]) for address in addresses]
     if not domains or not all("@" in address for address in addresses) or not all(domains):
         return ()
     return tuple(dict.fromkeys(domains))

@@ -8,7 +8,7 @@ import pytest
 
 from mailflow.config import SenderAuthConfig
 from mailflow.content import Content
-from mailflow.dns import StaticResolver
+from mailflow.dns import AiodnsResolver, StaticResolver
 from mailflow.filters.senderauth import SenderAuth
 
 MESSAGE = b"From: a@slow.test\r\nSubject: hi\r\n\r\nbody\r\n"
@@ -139,3 +139,20 @@ async def test_from_fields_without_a_domain_to_check(from_fields, verdict, domai
     finally:
         auth.close()
     assert (verdicts.dmarc, verdicts.dmarc_domain) == (verdict, domain)
+
+
+async def test_a_u_label_author_domain_is_checked_as_its_a_label(dns_zone):
+    """RFC 7489 6.6.1: a From domain written in Unicode (an SMTPUTF8 message) is converted to its A-label before
+    anything else. It was kept as written: SPF's `xn--9ca.test` did not align with `é.test`, the same domain, and
+    the mail of a domain with p=reject failed DMARC and was refused."""
+    server = dns_zone('xn--9ca.test. 60 IN TXT "v=spf1 ip4:192.0.2.0/24 -all"\n'
+                      '_dmarc.xn--9ca.test. 60 IN TXT "v=DMARC1; p=reject"\n')
+    resolver = AiodnsResolver(nameservers=(server,), timeout=1.0, tries=1)
+    auth = SenderAuth(SenderAuthConfig(verify=("dmarc",)), resolver, authserv_id="mx.test")
+    try:
+        verdicts = await auth.verdicts("192.0.2.1", "client.test", "x@xn--9ca.test",
+                                       Content.of("From: Zoé <zoe@É.test>\r\n\r\nbody\r\n".encode()))
+    finally:
+        auth.close()
+        await resolver.close()
+    assert (verdicts.spf, verdicts.dmarc, verdicts.dmarc_domain) == ("pass", "pass", "xn--9ca.test")
