@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from mailflow.config import SmtpConfig
 from mailflow.content import Content
 from mailflow.dns import AiodnsResolver
+from mailflow.errors import LookupRetry
 from mailflow.logs import service_of
 from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports import RELAY_PROGRAM
@@ -309,6 +310,23 @@ async def test_records_without_dnssec_are_not_used(zones, smtp_peer, ca):
     resolver = zones(dane_zone(peer.port, f"3 1 1 {'00' * 32}"), ad=False)
     result = await deliver(transport(resolver, peer.port, tls="dane"), "dane.test")
     assert result.outcome is Outcome.SENT
+
+
+async def test_an_mx_dnssec_status_that_cannot_be_asked_defers_instead_of_leaving_dane(zones, smtp_peer, ca):
+    """The MX records came (c-ares), but the question for their DNSSEC status (dnspython, the AD bit) failed: the
+    destination is deferred as for a failed MX lookup, as Postfix, whose one MX lookup carries the status (RFC
+    7672 2.1.1: a lookup error is no "insecure"). It counted as insecure: `dane` went on with opportunistic TLS,
+    and a wrong TLSA record no longer kept the mail from a peer that does not match it."""
+    peer, _ = await dane_peer(smtp_peer, ca)
+    resolver = zones(dane_zone(peer.port, f"3 1 1 {'00' * 32}"))
+
+    async def failing(name: str, qtype: str) -> bool:
+        raise LookupRetry(f"Name service error for name={name} type={qtype}: timed out")
+
+    resolver.validated = failing  # type: ignore[method-assign]
+    result = await deliver(transport(resolver, peer.port, tls="dane"), "dane.test")
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.4.3"), result.text
+    assert "type=MX" in result.text and not peer.messages, result.text
 
 
 @pytest.mark.parametrize("tlsa", [
