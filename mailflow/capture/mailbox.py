@@ -105,9 +105,10 @@ class CapturedMessage:
         """The parsed message (`email.message.EmailMessage`, `email.policy.default`)."""
         return mime.parse(self.raw)
 
-    @property
+    @cached_property
     def subject(self) -> str:
-        return str(self.message.get("Subject", ""))
+        """Decoded, its lines unfolded as Mailpit unfolds them (mime.decoded_header)."""
+        return mime.decoded_header(self.message, "Subject")
 
     def header(self, name: str) -> str | None:
         value = self.message.get(name)

@@ -13,8 +13,9 @@ Mailpit's endpoints (its JSON field names and shapes; IDs are mailflow's queue i
     DELETE /api/v1/messages                   {"IDs": [...]}; without IDs every message
     GET    /api/v1/message/{ID}               the message ("latest": the newest, `?query=` the newest that a search
                                               finds, for every /message/latest/... endpoint); marks it read
-    GET    /api/v1/message/{ID}/raw           its bytes as queued
-    GET    /api/v1/message/{ID}/headers       {"Name": ["value", ...]}
+    GET    /api/v1/message/{ID}/raw           its bytes as queued (`?dl=1`: as the attachment `{ID}.eml`)
+    GET    /api/v1/message/{ID}/headers       {"Name": ["value", ...]}: each value as sent (encoded words kept),
+                                              unfolded, as Go's net/textproto gives Mailpit
     GET    /api/v1/message/{ID}/part/{PartID} an attachment or inline part, decoded (Content-Disposition: inline,
                                               its file name percent-encoded, as Mailpit's)
     GET    /api/v1/search?query=&start=&limit=   summaries of the messages matching (capture.search)
@@ -144,6 +145,13 @@ def history(message: CapturedMessage) -> dict:
 def _canonical(name: str) -> str:
     """Go's canonical header key, as Mailpit returns them: `message-id` -> `Message-Id`."""
     return "-".join(word[:1].upper() + word[1:].lower() for word in name.split("-"))
+
+
+def _header_value(raw: str) -> str:
+    """A header's value as Go's net/textproto reads it (Mailpit's /headers): as sent, encoded words and all (not
+    decoded as `message.header()` does), unfolded: each line trimmed of spaces and tabs, the lines joined by one
+    space; bytes that are not UTF-8 replaced, as Go's JSON encoder does."""
+    return mime.unfold(raw.encode("ascii", "surrogateescape").decode("utf-8", "replace"))
 
 
 def _disposition(item: mime.Attachment) -> str:
@@ -316,13 +324,16 @@ def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> w
 
     @table.get("/api/v1/message/{id}/raw")
     async def raw(request: web.Request) -> web.Response:
-        return web.Response(body=(await find(request)).raw, content_type="text/plain", charset="utf-8")
+        found = await find(request)
+        saved = request.query.get("dl") == "1"  # Mailpit's download link
+        headers = {"Content-Disposition": f'attachment; filename="{found.id}.eml"'} if saved else None
+        return web.Response(body=found.raw, content_type="text/plain", charset="utf-8", headers=headers)
 
     @table.get("/api/v1/message/{id}/headers")
     async def headers(request: web.Request) -> web.Response:
         out: dict[str, list[str]] = {}
-        for name, value in (await find(request)).message.items():
-            out.setdefault(_canonical(name), []).append(str(value))
+        for name, value in (await find(request)).message.raw_items():
+            out.setdefault(_canonical(name), []).append(_header_value(value))
         return web.json_response(out)
 
     @table.get("/api/v1/message/{id}/part/{part}")

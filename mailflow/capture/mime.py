@@ -10,6 +10,11 @@
     links(msg) -> [url]                             http(s) and mailto links of the text and the HTML, in order,
                                                     each once (href and src attributes, and bare URLs)
     addresses(msg, header) -> [(name, address)]     the addresses of a header (To, Cc, From, Reply-To)
+    unfold(value) -> str                            a header's lines joined as Go's net/textproto (Mailpit's
+                                                    reader) joins them: each trimmed of spaces and tabs, one
+                                                    space between
+    decoded_header(msg, name) -> str                the first such header unfolded so, then its encoded words
+                                                    decoded; "" when there is none
     snippet(msg, limit=250) -> str                  the start of the text (else of the HTML without tags), one line
 
 Failure behaviour: a malformed message never raises here: the email package's defects are ignored, an
@@ -152,6 +157,23 @@ def addresses(msg: EmailMessage, header: str) -> list[tuple[str, str]]:
     except (TypeError, ValueError):
         return []
     return [(name, addr) for name, addr in pairs if addr]
+
+
+_LINE_BREAK = re.compile(r"\r?\n")
+
+
+def unfold(value: str) -> str:
+    return " ".join(line.strip(" \t") for line in _LINE_BREAK.split(value))
+
+
+def decoded_header(msg: EmailMessage, name: str) -> str:
+    """Mailpit's reading (a tab-folded Subject is one line, trailing blanks gone), where the email package's
+    keeps the folding's tab and the blanks."""
+    wanted = name.lower()
+    for key, value in msg.raw_items():
+        if key.lower() == wanted:
+            return str(email.policy.default.header_factory(key, unfold(value)))
+    return ""
 
 
 def snippet(msg: EmailMessage, limit: int = 250) -> str:

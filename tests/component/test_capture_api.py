@@ -405,3 +405,30 @@ async def test_wait_for_asks_a_match_callable_again_about_every_message_when_one
         sink.server.capture.mailbox.add(CapturedEnvelope("a@shop.test", ("b@example.com",)), raw, "LATER")
         [found] = await asyncio.wait_for(waiting, 2)
     assert found.id == "Q0"
+
+
+async def test_headers_are_given_as_mailpit_gives_them_encoded_words_kept_lines_unfolded(api):
+    """Mailpit returns Go's net/textproto header values: as sent, not RFC 2047-decoded, each folded line trimmed
+    and joined by one space; a client comparing a header with what it sent expects those."""
+    sink, http = api
+    raw = (b"From: =?utf-8?q?J=C3=BCrgen?= <j@shop.test>\r\nTo: bob@example.com\r\n"
+           b"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?= and\r\n\tmore  \r\nX-Trace: a   b,\r\n    c\r\n\r\nhello\r\n")
+    async with aiosmtplib.SMTP(hostname=sink.host, port=sink.port) as client:
+        await client.sendmail("j@shop.test", ["bob@example.com"], raw)
+    await sink.wait_for(count=3, match=lambda m: True)
+    headers = await get_json(http, "/api/v1/message/latest/headers")
+    assert headers["From"] == ["=?utf-8?q?J=C3=BCrgen?= <j@shop.test>"]
+    assert headers["Subject"] == ["=?utf-8?q?Gr=C3=BC=C3=9Fe?= and more"]
+    assert headers["X-Trace"] == ["a   b, c"]
+    assert "\t" not in headers["Received"][0] and "\n" not in headers["Received"][0]
+    assert (await get_json(http, "/api/v1/message/latest"))["Subject"] == "Grüße and more"  # decoded, as Mailpit's
+
+
+async def test_raw_with_dl_is_offered_as_a_file_named_after_the_id(api):
+    sink, http = api
+    latest = sink.messages[-1]
+    async with http.get("/api/v1/message/latest/raw?dl=1") as response:
+        assert response.headers["Content-Disposition"] == f'attachment; filename="{latest.id}.eml"'
+        assert await response.read() == latest.raw
+    async with http.get("/api/v1/message/latest/raw") as response:
+        assert "Content-Disposition" not in response.headers
