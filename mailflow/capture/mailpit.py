@@ -34,7 +34,8 @@ whose body is not a JSON object (or whose IDs are not a list of strings) is 400,
 A listing (messages, search, wait) makes its summaries, and a search (search, delete by search, mark by search,
 latest?query=, wait) looks at the messages, mailbox.SLICE at a time (`mailbox.sliced`), handing the server's loop
 back in between: a summary or a text term parses its message, and a whole mailbox of them would hold every
-session and delivery.
+session and delivery. Each message a request looks at is parsed first in a worker thread
+(CapturedMessage.parse_off_loop), one at a time: one message of thousands of MIME parts takes seconds to parse.
 
 Failure behaviour: an unknown ID is 404 ("Message not found"); a bad parameter or body is 400 with the reason
 (text/plain, as Mailpit's), and so is a search of more than search.MAX_TERMS terms (Mailpit takes any number);
@@ -103,7 +104,7 @@ def summary(message: CapturedMessage) -> dict:
         "To": _contacts(message, "To"), "Cc": _contacts(message, "Cc"),
         "Bcc": [_contact(("", r)) for r in search.bcc(message)], "ReplyTo": _contacts(message, "Reply-To"),
         "Subject": message.subject, "Created": iso(message.received), "Username": _login(message), "Tags": [],
-        "Size": message.size, "Attachments": len(message.attachments), "Snippet": mime.snippet(message.message),
+        "Size": message.size, "Attachments": len(message.attachments), "Snippet": message.snippet,
     }
 
 
@@ -165,10 +166,16 @@ async def listing(messages: list[CapturedMessage], everything: list[CapturedMess
     held the server's loop 3.7 s."""
     newest_first = list(reversed(messages))
     page = newest_first[start:start + limit] if limit else newest_first[start:]  # 0: all (Mailpit's)
+    await parsed_off_loop(page)
     total, unread, unread_here = len(everything), sum(not m.read for m in everything), sum(not m.read for m in messages)
     summaries = await sliced(page, summary)
     return {"total": total, "unread": unread, "count": len(page), "messages_count": len(messages),
             "messages_unread": unread_here, "start": start, "tags": [], "messages": summaries}
+
+
+async def parsed_off_loop(messages: list[CapturedMessage]) -> None:
+    for message in messages:
+        await message.parse_off_loop()
 
 
 def _int(request: web.Request, name: str, default: int, low: int = 0) -> int:
@@ -259,12 +266,14 @@ def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> w
             message = mailbox.latest()
         if message is None:
             raise web.HTTPNotFound(text="Message not found")
+        await message.parse_off_loop()
         return message
 
     async def matching(query: str, messages: list[CapturedMessage] | None = None) -> list[CapturedMessage]:
         """The messages (the mailbox's by default) the search finds, searched `sliced`."""
         terms = _terms(query)
         messages = mailbox.messages if messages is None else messages
+        await parsed_off_loop(messages)
         return [m for m, hit in zip(messages, await sliced(messages, lambda m: search.matches(terms, m))) if hit]
 
     @table.get("/livez")

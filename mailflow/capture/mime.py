@@ -15,7 +15,7 @@
                                                     space between
     decoded_header(msg, name) -> str                the first such header unfolded so, then its encoded words
                                                     decoded; "" when there is none
-    snippet(msg, limit=250) -> str                  the start of the text (else of the HTML without tags), one line
+    snippet(text, html, limit=250) -> str           the start of the text (else of the HTML without tags), one line
 
 Failure behaviour: a malformed message never raises here: the email package's defects are ignored, an
 undecodable part gives "" (or its raw payload for an attachment).
@@ -176,9 +176,7 @@ def decoded_header(msg: EmailMessage, name: str) -> str:
     return ""
 
 
-def snippet(msg: EmailMessage, limit: int = 250) -> str:
-    text = text_body(msg)
+def snippet(text: str, html: str, limit: int = 250) -> str:
     if not text.strip():
-        html = html_body(msg)
         text = " ".join(_html(html).text) if html else ""
     return " ".join(text.split())[:limit]

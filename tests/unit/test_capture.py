@@ -137,13 +137,15 @@ def test_bodies_attachments_inline_parts_and_links():
     assert [(a.part_id, a.content_id, a.content_type) for a in inline] == [("1.2.2", "pic", "image/gif")]
     assert attached[0].checksums()["SHA256"] == hashlib.sha256(b"\x00\x01").hexdigest()
     assert mime.links(parsed) == ["https://a.test/1", "mailto:help@a.test", "https://a.test/2"]
-    assert mime.snippet(parsed) == "see https://a.test/1, and mailto:help@a.test."
+    snippet = mime.snippet(mime.text_body(parsed), mime.html_body(parsed))
+    assert snippet == "see https://a.test/1, and mailto:help@a.test."
 
 
 def test_a_message_without_text_gets_its_snippet_from_the_html():
     msg = EmailMessage()
     msg.set_content("<p>Hello <b>there</b></p>", subtype="html")
-    assert mime.snippet(mime.parse(bytes(msg))) == "Hello there"
+    parsed = mime.parse(bytes(msg))
+    assert mime.snippet(mime.text_body(parsed), mime.html_body(parsed)) == "Hello there"
 
 
 def test_a_broken_message_does_not_raise():
