@@ -47,6 +47,7 @@ from __future__ import annotations
 import email.utils
 import json
 import os
+import re
 import time
 from datetime import datetime, timezone
 from urllib.parse import parse_qsl, quote
@@ -59,6 +60,9 @@ from mailflow.capture.mailbox import REPORT_LIMIT, CapturedMessage, Criteria, Wa
 from mailflow.capture.recorders import Capture
 
 DEFAULT_LIMIT = 50
+# a number parameter as Go's strconv.Atoi reads one (Mailpit's): ASCII digits after an optional sign; Python's int()
+# also takes "1_0", " 1 " and other scripts' digits ("٣")
+_DECIMAL = re.compile(r"[+-]?[0-9]+")
 
 
 def iso(timestamp: float) -> str:
@@ -183,9 +187,11 @@ def _int(request: web.Request, name: str, default: int, low: int = 0) -> int:
     if not value:
         return default
     try:
-        number = int(value)
-    except ValueError:
-        raise web.HTTPBadRequest(text=f"{name}: not a number: {value[:40]!r}") from None
+        number = int(value) if _DECIMAL.fullmatch(value) else None
+    except ValueError:  # past Python's 4300 digits
+        number = None
+    if number is None:
+        raise web.HTTPBadRequest(text=f"{name}: not a number: {value[:40]!r}")
     if number < low:
         raise web.HTTPBadRequest(text=f"{name}: must be at least {low}")
     return number

@@ -473,3 +473,11 @@ async def test_a_message_asked_for_by_many_at_once_is_parsed_once(monkeypatch):
         paths = ["/api/v1/message/Q1", "/api/v1/messages", "/api/v1/search?query=text", "/api/v1/wait?query=text"]
         assert await asyncio.gather(*(ask(p) for p in paths * 4)) == [200] * 16
     assert len(made) == 1
+
+
+async def test_a_number_parameter_is_ascii_digits_as_mailpit_reads_it(api):
+    sink, http = api
+    for value in ("1_0", "%D9%A3", "%201", "1.0", "9" * 5000):  # Python's int() takes the first three
+        async with http.get(f"/api/v1/messages?limit={value}") as response:
+            assert (response.status, (await response.text())[:20]) == (400, "limit: not a number:"), value
+    assert len((await get_json(http, "/api/v1/messages?limit=%2B1&start=0"))["messages"]) == 1  # "+1", as Atoi
