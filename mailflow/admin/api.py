@@ -54,7 +54,7 @@ from mailflow.config import flat_settings
 from mailflow.errors import detached
 from mailflow.logs import MailLog
 from mailflow.metrics import Metrics
-from mailflow.syntax import FILE_TABLE_TYPES, echoed, is_utf8_text, table_type
+from mailflow.syntax import FILE_TABLE_TYPES, ascii_digits, echoed, is_utf8_text, table_type
 
 log = logging.getLogger("mailflow.admin")
 
@@ -172,10 +172,9 @@ def _int(args: dict[str, str], name: str, default: int, low: int, high: int) -> 
     value = args.get(name)
     if value is None:
         return default
-    try:
-        number = int(value)
-    except ValueError:
-        raise _error(web.HTTPBadRequest, f"{name}: not a number") from None
+    if not ascii_digits(value.removeprefix("-")) or len(value) > 20:  # (int() also takes "1_0", " 1", "١")
+        raise _error(web.HTTPBadRequest, f"{name}: not a number")
+    number = int(value)
     if not low <= number <= high:
         raise _error(web.HTTPBadRequest, f"{name}: from {low} to {high}")
     return number

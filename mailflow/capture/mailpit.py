@@ -47,7 +47,6 @@ from __future__ import annotations
 import email.utils
 import json
 import os
-import re
 import time
 from datetime import datetime, timezone
 from urllib.parse import parse_qsl, quote
@@ -58,11 +57,10 @@ from mailflow import __version__
 from mailflow.capture import mime, search
 from mailflow.capture.mailbox import REPORT_LIMIT, CapturedMessage, Criteria, WaitTimeout, sliced, timeout_report
 from mailflow.capture.recorders import Capture
+from mailflow.syntax import ascii_digits
 
 DEFAULT_LIMIT = 50
-# a number parameter as Go's strconv.Atoi reads one (Mailpit's): ASCII digits after an optional sign; Python's int()
-# also takes "1_0", " 1 " and other scripts' digits ("٣")
-_DECIMAL = re.compile(r"[+-]?[0-9]+")
+MAX_DIGITS = 4000  # in a number parameter: int() refuses more than 4300
 
 
 def iso(timestamp: float) -> str:
@@ -186,12 +184,10 @@ def _int(request: web.Request, name: str, default: int, low: int = 0) -> int:
     value = request.query.get(name, "")
     if not value:
         return default
-    try:
-        number = int(value) if _DECIMAL.fullmatch(value) else None
-    except ValueError:  # past Python's 4300 digits
-        number = None
-    if number is None:
+    digits = value[1:] if value[0] in "+-" else value  # as Go's strconv.Atoi reads a number (Mailpit's)
+    if not ascii_digits(digits) or len(digits) > MAX_DIGITS:
         raise web.HTTPBadRequest(text=f"{name}: not a number: {value[:40]!r}")
+    number = int(value)
     if number < low:
         raise web.HTTPBadRequest(text=f"{name}: must be at least {low}")
     return number

@@ -268,6 +268,9 @@ async def test_queue_list_show_shape_and_refusals(mailflow_server):
         assert status == 400 and json.loads(text)["error"], query
     assert (await get(mf, "/api/queue/shape?tops=5"))[0] == 400
     assert (await get(mf, "/api/deliveries?limit=1&limit=2"))[0] == 400
+    for value in ("1_0", "%D9%A3", "%201"):  # what int() reads as 10, 3 and 1 is not a number here
+        status, text = await get(mf, "/api/queue?limit=" + value)
+        assert (status, json.loads(text)["error"]) == (400, "limit: not a number"), value
     assert (await mf.store.message_detail(qid)).queue == "deferred"
     assert (await post(mf, "/api/queue/explode", {"ids": [qid]}))[0] == 404
 
