@@ -210,12 +210,16 @@ async def _send_content(request: web.Request, qid: str, content) -> web.StreamRe
     return response
 
 
+def some(ids: Sequence[str], shown: int = 20) -> str:
+    """`ids` for a log line: the first `shown`, then how many in all (`A,B,…(5000)`): a body of 1 MiB names 90 000."""
+    return ",".join(ids[:shown]) + (f",…({len(ids)})" if len(ids) > shown else "")
+
+
 def describe(selection: qt.Selection) -> str:
     """A selection in the log's words: `ids=A,B from=<s> to_domain=d older_than=3600s` or `ALL`."""
     parts = []
     if selection.ids is not None:
-        shown = ",".join(selection.ids[:20]) + (f",…({len(selection.ids)})" if len(selection.ids) > 20 else "")
-        parts.append(f"ids={shown}")
+        parts.append(f"ids={some(selection.ids)}")
     if selection.sender is not None:
         parts.append(f"from=<{selection.sender}>")
     if selection.rcpt_domain is not None:
@@ -349,7 +353,7 @@ def routes(server, metrics: Metrics) -> web.RouteTableDef:
         if done and action.wakes_pickup and server.pickup is not None:  # (None before the stages: its start scans)
             server.pickup.wake(requeued=True)  # (in this process: no datagram to its own socket)
         log.info("admin: %s: %s %s: %s%s", who(request), name, describe(selection), qt.plural(done, "message"),
-                 f" (not in the {qt.either(action.sources)} queue: {', '.join(missed)})" if missed else "")
+                 f" (not in the {qt.either(action.sources)} queue: {some(missed)})" if missed else "")
         return web.json_response({"action": name, "messages": done, "missed": missed})
 
     @table.get("/api/destinations")

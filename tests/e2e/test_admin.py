@@ -207,6 +207,11 @@ async def test_actions_change_the_queue_and_are_logged(mailflow_server, caplog):
 
     status, answer = await post(mf, "/api/queue/release", {"ids": [second, first]})
     assert answer == {"action": "release", "messages": 1, "missed": [first]}
+    assert any(r.getMessage().endswith(f"(not in the hold queue: {first})") for r in caplog.records)
+    unknown = [f"{i:08X}" for i in range(500)]  # the log names 20 and counts them (the answer, every one)
+    assert (await post(mf, "/api/queue/release", {"ids": unknown}))[1]["missed"] == unknown
+    [line] = [r.getMessage() for r in caplog.records if "0000000A" in r.getMessage()]
+    assert line.endswith("00000013,…(500))") and line.count("00000013") == 2  # the selection's ids, the missed
     assert await state(second) == "deferred"
 
     before = (await mf.store.message_detail(first)).next_attempt
