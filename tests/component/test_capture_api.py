@@ -272,7 +272,8 @@ async def test_bodies_of_the_wrong_shape_are_refused_and_change_nothing(api):
     sink, http = api
     json_type = {"Content-Type": "application/json"}
     for method, body, headers, status in [
-            ("PUT", b"", {}, 400), ("PUT", b"[]", json_type, 400), ("PUT", b'{"IDs": "abc", "Read": true}', {}, 400),
+            ("PUT", b"", {}, 400), ("PUT", b" \r\n", {}, 400), ("PUT", b"[]", json_type, 400),
+            ("PUT", b'{"IDs": "abc", "Read": true}', {}, 400),
             ("PUT", b'{"IDs": [1, 2], "Read": true}', {}, 400), ("PUT", b'{"Read": "yes please"}', {}, 400),
             ("PUT", b'{"Search": 5, "Read": true}', {}, 400), ("PUT", b'{"Read": tru', {}, 400),
             ("PUT", b'\xff{"Read": true}', {"Content-Type": "application/json; charset=bogus"}, 400),
