@@ -38,7 +38,9 @@ Runner (used by pipe services and by local's `|command` destinations):
   PATH); `/bin/sh -c command` when it has some, or when that exec fails as execvp would hand it to the shell
   (ENOEXEC: a script without `#!`; ENOENT for a bare name: not a program, perhaps a shell built-in).
 - `command_status(result, command) -> (Outcome, dsn, text)`: Postfix's rules. Exit 0: SENT 2.0.0. Output that
-  begins with a 4.X.X/5.X.X enhanced status code: that code and text. A <sysexits.h> code: its table entry
+  begins with an enhanced status code (class 2, 4 or 5, as Postfix's dsn_valid() takes one): the text after it,
+  DEFERRED with a 4.X.X, else BOUNCED with a 5.X.X, and a 2.X.X bounces as 5.0.0 with Postfix's warning
+  `bounce_append: ignoring dsn code "2.X.X"` (a bounce is a 5.X.X). A <sysexits.h> code: its table entry
   (EX_TEMPFAIL 75 and EX_OSERR 71 defer 4.3.0; the others bounce, e.g. EX_NOUSER 67 5.1.1, EX_CONFIG 78
   5.3.5). Any other status: BOUNCED 5.3.0. A signal: DEFERRED 4.3.0. The time limit: BOUNCED 5.3.0, as
   Postfix's pipe_command() bounces it. The text carries the command's output as Postfix quotes it (one line:
@@ -668,12 +670,12 @@ def command_status(result: CommandResult, command: str) -> tuple[Outcome, str, s
     code = result.exit_code
     if code == 0:
         return Outcome.SENT, "2.0.0", said.rstrip()
-    dsn, after = _failure_status(said)
+    dsn, after = split_leading_dsn(said)
     if dsn:
-        return _failure(dsn), dsn, after or f'command failed with status {code}: "{command}"'
+        return (*_failure(dsn), after or f'command failed with status {code}: "{command}"')
     if code in SYSEXITS:
         dsn, meaning = SYSEXITS[code]
-        return _failure(dsn), dsn, meaning + output
+        return (*_failure(dsn), meaning + output)
     return Outcome.BOUNCED, "5.3.0", f'Command died with status {code}: "{command}"{output}'
 
 
@@ -686,22 +688,22 @@ def command_diagnostic(result: CommandResult) -> str:
     code = result.exit_code
     if code == 0:
         return ""
-    dsn, after = _failure_status(said)
+    dsn, after = split_leading_dsn(said)
     if dsn:
         return f"x-unix; {after}"
     known = SYSEXITS.get(code) if code is not None else None
     return f"x-unix; {said or (known[1] if known else f'unknown mail system error {code}')}"
 
 
-def _failure_status(said: str) -> tuple[str | None, str]:
-    """The 4.X.X or 5.X.X status a failed command's output starts with and the output after it and its blanks, as
-    Postfix's pipe_command takes one (a 2.X.X is no failure's status: the output is the text); (None, said)."""
-    dsn, after = split_leading_dsn(said)
-    return (dsn, after) if dsn and dsn[0] in "45" else (None, said)
-
-
-def _failure(dsn: str) -> Outcome:
-    return Outcome.DEFERRED if dsn.startswith("4") else Outcome.BOUNCED
+def _failure(dsn: str) -> tuple[Outcome, str]:
+    """What a failed command's status code makes of its delivery, as Postfix's pipe(8) sends it on: a 4.X.X defers;
+    any other bounces, and bounce_append() takes only a 5.X.X (a 2.X.X from the command's output is 5.0.0)."""
+    if dsn.startswith("4"):
+        return Outcome.DEFERRED, dsn
+    if not dsn.startswith("5"):
+        log.warning('bounce_append: ignoring dsn code "%s"', dsn)
+        return Outcome.BOUNCED, "5.0.0"
+    return Outcome.BOUNCED, dsn
 
 
 # ------------------------------------------------------------------------------------------ argv values

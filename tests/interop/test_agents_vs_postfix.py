@@ -53,6 +53,8 @@ STATUS = ('case "$2" in\n'
           ' x78) echo "bad conf"; exit 78;;\n'
           ' xdsn) echo "5.7.1 go away now"; exit 1;;\n'
           ' xdsn4) echo "4.2.2 over quota"; exit 1;;\n'
+          ' xdsn2) echo "2.0.0 handed on elsewhere"; exit 75;;\n'
+          ' xdsn2x1) echo "2.1.5 ok"; exit 1;;\n'
           ' xsig) kill -9 $$;;\n'
           ' xslow) sleep 30;;\n'
           'esac\n'
@@ -72,7 +74,7 @@ ROUTES = {"pipe.test": "phead", "multi.test": "pmulti", "quote.test": "pquote", 
           "slow.test": "pslow", "noread.test": "pnoread", "small.test": "psmall"}
 TRANSPORT_MAPS = "inline:{ " + ", ".join(f"{{{d}={s}:}}" for d, s in ROUTES.items()) + ", {sender.test=discard:} }"
 VIRTUAL_MAPS = "inline:{ {a@virt.test=a/}, {b@virt.test=b/} }"
-STATUS_CASES = ("x0", "x1", "x2", "x67", "x75", "x78", "xdsn", "xdsn4", "xsig")
+STATUS_CASES = ("x0", "x1", "x2", "x67", "x75", "x78", "xdsn", "xdsn4", "xdsn2", "xdsn2x1", "xsig")
 
 BODY = (b"Subject: agents\r\nMessage-ID: <agents-1@client.test>\r\n\r\nFrom the start\r\n..dot line\r\n"
         b">From quoted\r\nlast\r\n")
@@ -316,6 +318,9 @@ def test_pipe_delivery_results_match_postfix(runs):
                                                   "user unknown. Command output: no such mailbox ")
     assert postfix.results["x1@status.test"][3].endswith(". Command output: line one  line two_ _end   ")
     assert postfix.results["xdsn@status.test"] == ("pstatus", "5.7.1", "bounced", "go away now ")
+    # a failed command's 2.X.X is taken before its exit status, and a bounce's status is a 5.X.X
+    assert postfix.results["xdsn2@status.test"] == ("pstatus", "5.0.0", "bounced", "handed on elsewhere ")
+    assert postfix.results["xdsn2x1@status.test"] == ("pstatus", "5.0.0", "bounced", "ok ")
     assert postfix.results["x2@status.test"][1:] == (
         "5.3.0", "bounced", 'Command died with status 2: "SCRIPTS/status.sh". Command output: oops')
     assert postfix.results["xslow@slow.test"] == (
