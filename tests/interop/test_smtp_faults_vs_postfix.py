@@ -449,6 +449,10 @@ GARBLED = {
                               "STARTTLS": b"250 2.0.0 Go\r\n" + THEN_CLOSE}, tls="may"),
     "starttls-required-600": Scenario({"EHLO": b"250-peer.test\r\n250 STARTTLS\r\n",
                                        "STARTTLS": b"600 what\r\n"}, tls="encrypt"),
+    # an enhanced code of another class than its reply's is not taken: x.0.0
+    "rcpt-550-class-4": Scenario({"RCPT": b"550 4.2.2 mailbox full\r\n"}),
+    "dot-250-class-5": Scenario({"DOT": b"250 5.1.1 odd\r\n"}),
+    "greeting-421-class-5": Scenario({"greeting": b"421 5.3.2 odd\r\n"}),
 }
 
 
@@ -461,6 +465,10 @@ async def test_garbled_replies_and_odd_codes_end_as_with_postfix(mailflow_server
     assert {r: got for r, got in mf_notices.items() if got != pf_notices.get(r)} == {}, pf_notices
     assert set(mf_notices) == set(pf_notices)
     # Postfix's own, so that a change on both sides cannot pass unnoticed
+    assert {r: pf_ended[r][1:3] for r in ("a@rcpt-550-class-4.test", "a@dot-250-class-5.test",
+                                          "a@greeting-421-class-5.test")} == {
+        "a@rcpt-550-class-4.test": ("5.0.0", "bounced"), "a@dot-250-class-5.test": ("2.0.0", "sent"),
+        "a@greeting-421-class-5.test": ("4.0.0", "deferred")}
     assert {r: pf_ended[r][1:] for r in ("a@rcpt-garbage-550.test", "a@greeting-354.test", "a@helo-lost.test")} == {
         "a@rcpt-garbage-550.test": ("5.1.1", "bounced", "host 127.0.0.1[127.0.0.1] said: oops 550 5.1.1 no such user "
                                                         "(in reply to RCPT TO command)"),

@@ -159,7 +159,11 @@ def test_text_that_is_not_utf8_is_replaced_not_passed_on():
 def test_reply_codes_and_one_line():
     assert Reply(550, "no such user").dsn() == "5.0.0"
     assert Reply(250, "2.1.5 Ok").dsn() == "2.1.5"
-    assert Reply(550, "4.2.2 odd class").dsn() == "5.2.2"  # the reply's class wins
+    # a code of another class than the reply's is not the reply's: x.0.0, as Postfix's smtp_chat_resp makes it
+    assert Reply(550, "4.2.2 mailbox full").dsn() == "5.0.0"
+    assert Reply(250, "5.1.1 odd").dsn() == "2.0.0"
+    assert Reply(421, "5.3.2 odd").dsn("4") == "4.0.0"
+    assert Reply(550, "5.7.1 no").dsn("4") == "4.7.1"
     assert Reply(354, "go ahead").dsn() == "5.5.0"  # where 2xx, 4xx or 5xx was due: Postfix's protocol error
     assert Reply(354, "go ahead").dsn("4") == "4.5.0"
     assert Reply(421, "4.3.2 bye").dsn("4") == "4.3.2"

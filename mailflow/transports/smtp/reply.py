@@ -102,14 +102,16 @@ class Reply:
                          f"{self.code} {lines[-1]}".strip()])
 
     def dsn(self, reply_class: str | None = None) -> str:
-        """The enhanced code of the reply's last line with the class of the reply (or `reply_class`), else x.0.0;
-        a code that is neither 2xx, 4xx nor 5xx is a protocol error: 5.5.0 (x.5.0), as Postfix's smtp_chat_resp
-        makes it."""
+        """The enhanced code of the reply's last line when its class is the reply's, else x.0.0 (`550 4.2.2 full`
+        is 5.0.0), as Postfix's smtp_chat_resp keeps a server's code; then given `reply_class`'s class, as
+        Postfix's callers change a status's first digit. A code that is neither 2xx, 4xx nor 5xx is a protocol
+        error: 5.5.0 (x.5.0)."""
         if self.protocol_error:
             return f"{reply_class or '5'}.5.0"
-        wanted = reply_class or str(self.code)[0]
+        own_class = str(self.code)[0]
         found, _ = split_leading_dsn(self.lines[-1].strip())
-        return f"{wanted}{found[1:]}" if found else f"{wanted}.0.0"
+        kept = found if found and found[0] == own_class else f"{own_class}.0.0"
+        return (reply_class or own_class) + kept[1:]
 
 
 class ReplyParser:
