@@ -43,7 +43,7 @@ ACTIONS = {  # a probe's name -> the action its table entry answers with
     "defer-if-permit": "DEFER_IF_PERMIT 4.1.2 maybe", "lower-reject": "reject lower", "hold": "HOLD held text",
     "discard": "DISCARD dropped text", "warn": "WARN careful", "filter": "FILTER smtp:[127.0.0.1]:{filter}",
     "redirect": "REDIRECT other@relay.test", "bcc": "BCC copy@relay.test", "prepend": "PREPEND X-Access: yes",
-    "mynetworks": "permit_mynetworks", "info": "INFO for the log",
+    "mynetworks": "permit_mynetworks", "info": "INFO for the log", "r5nn-2dsn": "550 2.1.1 gone",
 }
 NOT_DELIVERED = ("hold", "discard")
 KINDS = ("client", "helo", "sender", "recipient")
@@ -228,6 +228,12 @@ def postfix():
 LOGGED = ("warn", "info", "hold", "discard", "redirect", "bcc", "filter")  # the actions smtpd logs
 
 
+def dsn_mappings(lines) -> list[str]:
+    """smtpd_dsn_fix's lines (`mapping DSN status 2.1.1 into Sender address status 2.1.7`), without syslog's
+    prefix."""
+    return sorted(line.split("]: ", 1)[-1] for line in lines if "mapping DSN status" in line)
+
+
 def logged(lines, *actions: str, filter_port: int = 0) -> list[str]:
     """The log lines of these access actions (`NOQUEUE: warn: RCPT from ...`), without syslog's prefix, the FILTER
     actions' port as `{filter}`."""
@@ -260,6 +266,8 @@ async def test_access_actions_reply_and_act_as_postfix_does(postfix, mailflow_se
     assert mailflow_held(tmp_path / "queue" / "queue.db") == pf_held
     pf_logged = logged(pf_log.splitlines(), *LOGGED, filter_port=ports["filter"])
     assert logged((r.getMessage() for r in caplog.records), *LOGGED, filter_port=mf_filter.port) == pf_logged
+    pf_mappings = dsn_mappings(pf_log.splitlines())
+    assert dsn_mappings(r.getMessage() for r in caplog.records) == pf_mappings
     # what Postfix did, so that the same mistake on both sides cannot pass unnoticed
     assert pf_replies["sender reject-dsn"][1] == \
         "554 5.1.8 <reject-dsn@sender.test>: Sender address rejected: bad system"  # smtpd_dsn_fix
@@ -277,6 +285,9 @@ async def test_access_actions_reply_and_act_as_postfix_does(postfix, mailflow_se
         "FILTER smtp:[127.0.0.1]:{filter}; from=<s@remote.test> to=<filter@relay.test> proto=ESMTP " \
         "helo=<client.test>" in pf_logged
     assert pf_replies["recipient info"][1] == "250 2.1.5 Ok" and len(pf_logged) == 8 + 4 * 5
+    # a numeric action's status is fitted with its own class, then takes the reply code's
+    assert "mapping DSN status 2.1.1 into Sender address status 2.1.7" in pf_mappings
+    assert pf_replies["sender r5nn-2dsn"][1] == "550 5.1.7 <r5nn-2dsn@sender.test>: Sender address rejected: gone"
 
 
 CONTENT = {  # a message's name -> its header fields and body

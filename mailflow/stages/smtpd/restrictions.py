@@ -938,7 +938,8 @@ class Restrictions:
         if numeric:
             code, rest = numeric.groups()
             dsn, reason = split_leading_dsn(rest or "")
-            dsn = dsn_fix(code[0] + dsn[1:] if dsn else f"{code[0]}.7.1", what)  # the code's class wins (Postfix)
+            # fitted (and logged) in its own class, as Postfix's smtpd_dsn_fix does; then the code's class wins
+            dsn = code[0] + dsn_fix(dsn or f"{code[0]}.7.1", what)[1:]
             return status.restriction_rejected(int(code), dsn, name, what, (reason or "Access denied").strip())
         items = self._value_list(value, source, facts)
         if items is None:
@@ -1335,11 +1336,11 @@ def _certificate_attributes(cert: ClientCert | None) -> dict[str, str]:
 
 
 def split_dsn(text: str, default: str, what: str) -> tuple[str, str]:
-    """(text, enhanced code) of an action's text: an enhanced code at its start is the reply's, in the class of
-    `default` (Postfix's dsn_split and its class fix: `REJECT 4.1.2 text` is 5.1.2), else `default`; then
-    fitted to what is refused (`dsn_fix`)."""
+    """(text, enhanced code) of an action's text: an enhanced code at its start is the reply's, fitted to what is
+    refused (`dsn_fix`, which logs it in its own class, as Postfix's smtpd_dsn_fix does), then in the class of
+    `default` (Postfix's dsn_split and its class fix: `REJECT 4.1.2 text` is 5.1.2), else `default`."""
     dsn, rest = status.split_leading_dsn(text)
-    return (text, default) if dsn is None else (rest, dsn_fix(default[0] + dsn[1:], what))
+    return (text, default) if dsn is None else (rest, default[0] + dsn_fix(dsn, what)[1:])
 
 
 # Postfix's smtpd_dsn_fix map: an address status's last digit -> what it becomes for a sender, for a recipient
