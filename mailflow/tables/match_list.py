@@ -114,7 +114,8 @@ class PatternFiles:
         for path, cut in self._cut.items():
             warnings.extend(f"{path}, line {number}: {COMMENT_AT_END}" for number in cut.first)
             if cut.others:
-                warnings.append(f"{path}: {cut.others} more lines end in a comment, not read after it (not logged "
+                lines_end = "line ends" if cut.others == 1 else "lines end"
+                warnings.append(f"{path}: {cut.others} more {lines_end} in a comment, not read after it (not logged "
                                 f"one by one: the first {COMMENT_WARNINGS} are)")
         return warnings
 

@@ -253,3 +253,10 @@ def test_comments_ending_many_lines_of_a_file_are_counted_past_the_first_few(tmp
         f"relay_domains: {tmp_path}/list: {1000 - COMMENT_WARNINGS} more lines end in a comment, not read after it "
         f"(not logged one by one: the first {COMMENT_WARNINGS} are)",
         f"relay_domains: {tmp_path}/few, line 1: {COMMENT_AT_END}"]
+
+
+def test_one_comment_ended_line_past_the_first_few_is_counted_in_the_singular(tmp_path):
+    (tmp_path / "list").write_text("".join(f"d{n}.example # note\n" for n in range(COMMENT_WARNINGS + 1)))
+    config = config_from_dict({"relay_domains": [f"{tmp_path}/list"]})
+    assert config.warnings()[-1] == (f"relay_domains: {tmp_path}/list: 1 more line ends in a comment, not read "
+                                     f"after it (not logged one by one: the first {COMMENT_WARNINGS} are)")
