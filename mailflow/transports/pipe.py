@@ -383,17 +383,16 @@ class SpoolFiles:
     in the queue's 0700 content directory: no other user can open it), opened read-only by that name, unlinked, and
     checked to be the file written (st_dev, st_ino); every descriptor is closed when any step fails. A /proc found
     missing (NO_PROC) is remembered: later files are made by name at once. One per CommandSpool (its copies share
-    it); `proc_fd`: where to look (a test's missing directory)."""
+    it)."""
 
-    def __init__(self, proc_fd: str = PROC_FD):
-        self._proc_fd = proc_fd
+    def __init__(self) -> None:
         self._proc_missing = False  # (one assignment, from any worker thread: it only ever turns True)
 
     def make(self, directory: str | os.PathLike[str]) -> tuple[int, int]:
         if not self._proc_missing:
             fd = _unnamed_file(directory)
             try:
-                return fd, os.open(f"{self._proc_fd}/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+                return fd, os.open(f"{PROC_FD}/{fd}", os.O_RDONLY | os.O_CLOEXEC)
             except OSError as e:
                 os.close(fd)
                 self._proc_missing = e.errno in NO_PROC
