@@ -386,7 +386,7 @@ class SpoolFiles:
     it)."""
 
     def __init__(self) -> None:
-        self._proc_missing = False  # (one assignment, from any worker thread: it only ever turns True)
+        self._proc_missing = False  # (set from any worker thread, only ever to True: no thread can undo another's)
 
     def make(self, directory: str | os.PathLike[str]) -> tuple[int, int]:
         if not self._proc_missing:
@@ -395,7 +395,8 @@ class SpoolFiles:
                 return fd, os.open(f"{PROC_FD}/{fd}", os.O_RDONLY | os.O_CLOEXEC)
             except OSError as e:
                 os.close(fd)
-                self._proc_missing = e.errno in NO_PROC
+                if e.errno in NO_PROC:
+                    self._proc_missing = True
         return _named_spool_file(directory)
 
 

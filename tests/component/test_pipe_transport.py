@@ -853,6 +853,46 @@ async def test_a_missing_proc_is_tried_once_per_spool(scripts, tmp_path, monkeyp
     assert len(tried) == 1
 
 
+def test_a_missing_proc_found_by_one_thread_is_not_forgotten_for_another_threads_other_error(tmp_path, monkeypatch):
+    """Each failed open through /proc wrote whether /proc was missing: a thread that failed for another reason
+    (out of descriptors) just after one that found no /proc wrote False over its True, and every later file tried
+    /proc again. One SpoolFiles, two threads: the first finds no /proc, the second then fails otherwise."""
+    real_open, tries = os.open, []
+    first_done = threading.Event()
+
+    def failing(path, *args, **kwargs):
+        if not os.fspath(path).startswith("/proc/"):
+            return real_open(path, *args, **kwargs)
+        tries.append(threading.current_thread().name)
+        if threading.current_thread().name == "first":
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+        assert first_done.wait(10)
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), path)
+
+    monkeypatch.setattr(pipe_module.os, "open", failing)
+    files = pipe_module.SpoolFiles()
+    made: list[int] = []
+
+    def make():
+        made.extend(files.make(tmp_path))
+        if threading.current_thread().name == "first":
+            first_done.set()
+
+    second = threading.Thread(target=make, name="second")
+    second.start()
+    deadline = time.monotonic() + 10
+    while not tries and time.monotonic() < deadline:  # the second thread waits inside its /proc open
+        time.sleep(0.001)
+    first = threading.Thread(target=make, name="first")
+    first.start()
+    first.join(10)
+    second.join(10)
+    made.extend(files.make(tmp_path))  # (this thread: after a missing /proc, by name at once)
+    for fd in made:
+        os.close(fd)
+    assert sorted(tries) == ["first", "second"]
+
+
 async def test_a_spool_file_that_cannot_be_made_for_a_full_disk_defers_4_3_1(scripts, tmp_path, monkeypatch):
     """A spool file that could not be made for a full disk was deferred 4.3.0 while one that could not be written
     was 4.3.1: one mapping for both (`_not_spooled`), with the same words."""
