@@ -51,7 +51,12 @@ may use it without an import cycle.
                                                 int; conv_time), None when Postfix refuses it
     ENHANCED_STATUS, is_enhanced_status(text)   an enhanced status code (RFC 3463) as Postfix's dsn_valid takes
                                                 it: class 2, 4 or 5, subject and detail of 1 to 3 ASCII digits
-                                                (the one definition: every parser of a code uses these)
+                                                (what every reader of a code as Postfix reads one uses; two keep
+                                                checks of their own on purpose: metrics' _DSN takes only RFC
+                                                3463's subjects 0-7, to bound its series' labels, and status'
+                                                with_enhanced_code leaves alone a reply whose text starts 2., 4.
+                                                or 5. with two dots and digits of any length, so that a
+                                                line that has a code of some kind is not given a second one)
     split_leading_dsn(text) -> (dsn | None, rest)   the enhanced status code a reply text starts with (Postfix's
                                                 dsn_split: `4.7.1 text`), the text after it and its blanks
 
