@@ -112,6 +112,15 @@ async def test_an_enhanced_status_code_in_the_output_takes_precedence(scripts):
     assert (outcome(result), result.text) == ((Outcome.DEFERRED, "4.2.2"), "mailbox full ")
 
 
+async def test_a_2xx_status_in_a_failed_commands_output_bounces_5_0_0_with_postfixs_warning(scripts, caplog):
+    """Postfix's pipe_command takes any valid code first, 2.X.X too, and bounce_append makes a non-5 status
+    5.0.0 with a warning: exit 75 with "2.0.0 …" was deferred 4.3.0 "temporary failure. Command output: …"."""
+    s = scripts.script("odd.sh", "echo '2.0.0 handed on elsewhere'\nexit 75\n")
+    [result] = (await pipe([str(s)]).deliver(request("a@pipe.test"))).results
+    assert (outcome(result), result.text) == ((Outcome.BOUNCED, "5.0.0"), "handed on elsewhere ")
+    assert 'bounce_append: ignoring dsn code "2.0.0"' in caplog.messages
+
+
 async def test_a_signal_defers(scripts):
     s = scripts.script("killed.sh", "kill -9 $$\n")
     [result] = (await pipe([str(s)]).deliver(request("a@pipe.test"))).results
