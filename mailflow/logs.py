@@ -48,7 +48,11 @@ What it owns
   and `client=`, as Postfix's stand-alone smtpd writes them).
 
 Failure behaviour: logging never raises into the caller (the logging module's rule); a line is never split by
-client input (line ends and other controls are replaced).
+client input (line ends and other controls are replaced). No line is longer than LOG_TEXT_LIMIT bytes of text
+after its prefix (time, host, program, level): the formatters cut what is longer, as Postfix's msg_logger and
+msg_syslog write at most 2000 bytes of a record's text, so a peer's reply, a milter's or policy server's text or
+a header quoted whole cannot make one line that syslog and journald would split or drop (a JSON record's message
+and each of its string fields alike).
 """
 from __future__ import annotations
 
@@ -81,6 +85,16 @@ _SMTPD_LOGGER = logging.getLogger(SMTPD_LOGGER)  # every session's SmtpdLog writ
 POSTSUPER = {"delete": ("removed", "Deleted"), "hold": ("placed on hold", "Placed on hold"),
              "release": ("released from hold", "Released from hold"), "requeue": ("requeued", "Requeued")}
 _POSTSUPER_EVENT = {"delete": "removed", "hold": "held", "release": "released", "requeue": "requeued"}
+
+
+LOG_TEXT_LIMIT = 2000  # bytes of a record's text written (Postfix's MSG_LOGGER_RECLEN and MSG_SYSLOG_RECLEN)
+
+
+def cut_for_log(text: str) -> str:
+    """`text` cut to its first LOG_TEXT_LIMIT bytes as UTF-8 (a character never split), as Postfix's `%.2000s`."""
+    if len(text) * 4 <= LOG_TEXT_LIMIT:  # (no character is more than 4 bytes: the common case, not encoded)
+        return text
+    return text.encode("utf-8", "surrogatepass")[:LOG_TEXT_LIMIT].decode("utf-8", "ignore")
 
 
 def printable(text: object, replacement: str = "?") -> str:
@@ -532,9 +546,10 @@ class SyslogFormatter(logging.Formatter):
 
 def _printable_lines(head: str, record: logging.LogRecord, formatter: logging.Formatter) -> str:
     """A record's message and its traceback's lines, each after `head` and printable (one line per line)."""
-    lines = [head + printable(record.getMessage())]
+    lines = [head + cut_for_log(printable(record.getMessage()))]
     if record.exc_info:
-        lines += [head + printable(line) for line in formatter.formatException(record.exc_info).splitlines()]
+        lines += [head + cut_for_log(printable(line))
+                  for line in formatter.formatException(record.exc_info).splitlines()]
     return "\n".join(lines)
 
 
@@ -549,9 +564,11 @@ class JsonFormatter(logging.Formatter):
         if hasattr(record, "queue_id"):
             out["queue_id"] = record.queue_id
         if hasattr(record, "event"):
-            out.update(event=record.event, **getattr(record, "fields", {}))
+            fields = getattr(record, "fields", {})
+            out.update(event=record.event, **{k: cut_for_log(v) if isinstance(v, str) else v
+                                              for k, v in fields.items()})
         else:
-            out["message"] = printable(record.getMessage())
+            out["message"] = cut_for_log(printable(record.getMessage()))
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False)

@@ -212,3 +212,16 @@ def test_a_log_file_that_cannot_be_reopened_after_rotation_costs_lines_not_the_c
     assert capsys.readouterr().err.splitlines() == [
         f"mailflow: warning: cannot write the log file {path}: Too many open files (1 failed writes)",
         f"mailflow: warning: the log file {path} is written again after 3 failed writes"]
+
+
+def test_a_records_text_is_cut_at_postfixs_2000_bytes_never_inside_a_character():
+    logger, captured = records("test.logs.smtp")
+    MailLog(logger).not_signed("ABC123", "seal", "é" * 1500)  # 23 bytes, then 2 a character: 2000 splits one
+    logger.warning("peer said: %s", "x" * 1_000_000)
+    syslog = SyslogFormatter("mx.example.test", "postfix-mailflow", pid=42)
+    texts = [syslog.format(r).split("[42]: ", 1)[1] for r in captured]
+    assert [len(t.encode()) for t in texts] == [1999, len("warning: ") + 2000]
+    assert texts[0].endswith("é") and texts[1].endswith("x")
+    event = json.loads(JsonFormatter().format(captured[0]))
+    assert len(event["reason"].encode()) <= 2000 and event["reason"].startswith("ééé")
+    assert len(json.loads(JsonFormatter().format(captured[1]))["message"]) == 2000
