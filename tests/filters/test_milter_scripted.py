@@ -188,6 +188,29 @@ async def test_header_edits_cannot_break_the_header_section(milter_server, tmp_p
     assert sum("is not one: edit ignored" in r.getMessage() for r in caplog.records) == 2
 
 
+async def test_a_flood_of_ignored_edits_is_warned_of_ten_times_then_counted_in_one_line(milter_server, tmp_path,
+                                                                                          caplog):
+    """A milter's edits that are ignored with a warning (a name that is no header name, a recipient that is no
+    address, an argument of an added recipient) are told one by one for the first ten of a message, then counted:
+    one line at the message's end gives how many more there were. A milter that sends thousands (within the size
+    limit) makes twelve lines, not thousands; the good edits among them are still made."""
+    edits = [header_edit(b"h", f"X Bad{i}", b"v") for i in range(3000)] + [header_edit(b"h", "X-Good", b"kept")]
+    edits += [reply(b"+", b"not an address\0")] * 2000 + [reply(b"2", b"<bob@local.test>\0NOTIFY=BOGUS\0")]
+    _, port = await milter_server({b"E": b"".join(edits) + reply(b"c")})
+    client = await SmtpClient.connect(port)
+    sent = await client.send_message(MESSAGE)
+    assert sent.code == 250, sent
+    await client.close()
+    [data] = await eventually(lambda: maildir_messages(tmp_path / "mail" / "alice" / "Maildir"))
+    assert b"\nX-Good: kept\n" in data
+    await eventually(lambda: maildir_messages(tmp_path / "mail" / "bob" / "Maildir"), what="the added recipient")
+    queue_id = sent.text.split()[-1]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "milter" in r.getMessage()]
+    assert len(warnings) == 11 and all(w.startswith(f"{queue_id}: milter ") for w in warnings), warnings[:20]
+    assert sum("is not one: edit ignored" in w for w in warnings) == 10
+    assert warnings[-1].endswith(": 4991 more edits ignored"), warnings[-1]
+
+
 async def test_edits_past_the_message_size_limit_refuse_the_message_as_postfix_does(milter_server, tmp_path, caplog):
     """Postfix writes a milter's edits into the queue file, which stops at message_size_limit: 552 5.3.4 Error:
     message file too big, with cleanup's warning "queue file size limit exceeded" (observed with a private

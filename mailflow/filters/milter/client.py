@@ -13,7 +13,9 @@ asks every milter of a listener in turn (Postfix smtpd_milters).
         standing_refusal() -> Reply | None   what holds for the session (Postfix's milter_other_event)
     Verdict(action, reply, edits, reason)     action: continue, reject, tempfail, discard, quarantine
     Edits: header changes, sender and recipient changes, a replaced body, as the milters asked at end of message;
-           `too_big`: they came to more than the size limit (only what fits was kept; see message)
+           `too_big`: they came to more than the size limit (only what fits was kept; see message); an edit that
+           cannot be made (no header name, no address, a bad argument) is ignored with a warning, the first
+           IGNORED_EDITS_LOGGED of a message each, the rest in one line with their count (`ignored`)
 
 What a milter says (per Postfix): accept -> it is not asked again for this message; continue -> the next
 milter is asked; reject / tempfail / replycode -> the command (or the message) is refused with that reply
@@ -65,6 +67,9 @@ EDIT_COST = 128
 # what one kept body replacement chunk costs beyond its bytes (one bytes object, 33, and its list slot, 8): libmilter
 # sends the chunks as the milter gave them, so one that rewrites the body line by line sends many small ones
 BODY_CHUNK_COST = 48
+# edits of one message (and milter) ignored with a warning of their own; past them they are counted, and the count is
+# told in one line when the milter's final reply comes: a milter's flood of bad edits costs a few lines, not one each
+IGNORED_EDITS_LOGGED = 10
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,7 @@ class Edits:
     quarantine: str | None = None
     size: int = 0  # bytes of the modification requests read
     too_big: bool = False  # more than the size limit: what came after it was dropped
+    ignored: int = 0  # edits (or arguments of one) ignored, each with a warning up to IGNORED_EDITS_LOGGED
 
     def __bool__(self) -> bool:
         return bool(self.headers or self.sender or self.add_recipients or self.delete_recipients
@@ -213,12 +219,14 @@ class MilterConnection:
                     async with asyncio.timeout(timeout):
                         await self._writer.drain()
             self._writer.write(macros.get(p.BODYEOB, b"") + p.encode(p.BODYEOB))
+            who = f"{queue_id or 'NOQUEUE'}: milter {self.spec}"
             while True:  # read on to the final reply past edits too big to keep (the dialogue stays in step)
                 reply = await self._read(timeout)
                 if reply.command in p.FINAL:
+                    _tell_unlogged(edits, who)
                     return reply, edits
                 if edits.fits(reply, self._settings.size_limit):
-                    _collect(reply, edits, f"{queue_id or 'NOQUEUE'}: milter {self.spec}")
+                    _collect(reply, edits, who)
         except (OSError, TimeoutError, p.ProtocolError, asyncio.IncompleteReadError) as e:
             raise MilterFailed(_why(e)) from None
 
@@ -276,7 +284,7 @@ def _collect(reply: p.Reply, edits: Edits, who: str) -> None:
         index, strings = reply.index_and_strings() if c != p.ADDHEADER else (0, reply.strings())
         name, value = (strings + ["", ""])[:2]
         if not is_field_name(name):  # (Postfix writes it, and a name with a space ends the header section)
-            log.warning("%s: header name %r is not one: edit ignored", who, name[:100])
+            _ignored(edits, "%s: header name %r is not one: edit ignored", who, name[:100])
             return
         kind = {p.ADDHEADER: "add", p.INSHEADER: "insert", p.CHGHEADER: "change"}[c]
         edits.headers.append((kind, index, name, value))
@@ -284,16 +292,16 @@ def _collect(reply: p.Reply, edits: Edits, who: str) -> None:
         strings = reply.strings()
         sender = _envelope_address(reply.text())
         if sender is None:
-            log.warning("%s: new sender %r is not an address: edit ignored", who, reply.text()[:100])
+            _ignored(edits, "%s: new sender %r is not an address: edit ignored", who, reply.text()[:100])
             return
         edits.sender = (f"<{sender}>", " ".join(strings[1:]))
     elif c in (p.ADDRCPT, p.ADDRCPT_PAR):
         recipient = _envelope_address(reply.text())
         if not recipient:
-            log.warning("%s: added recipient %r is not an address: edit ignored", who, reply.text()[:100])
+            _ignored(edits, "%s: added recipient %r is not an address: edit ignored", who, reply.text()[:100])
             return
         edits.add_recipients.append(f"<{recipient}>")
-        edits.add_recipient_dsn.append(_added_dsn(who, reply.strings()[1] if c == p.ADDRCPT_PAR
+        edits.add_recipient_dsn.append(_added_dsn(edits, who, reply.strings()[1] if c == p.ADDRCPT_PAR
                                                   and len(reply.strings()) > 1 else ""))
     elif c == p.DELRCPT:
         edits.delete_recipients.append(reply.text())
@@ -306,7 +314,21 @@ def _collect(reply: p.Reply, edits: Edits, who: str) -> None:
         raise p.ProtocolError(f"unexpected reply {c!r} at end of message")
 
 
-def _added_dsn(who: str, arguments: str) -> tuple[str, str]:
+def _ignored(edits: Edits, text: str, who: str, *args: object) -> None:
+    """An edit (or an argument of one) ignored: warned of if it is among the message's first IGNORED_EDITS_LOGGED,
+    else only counted (`_tell_unlogged`)."""
+    edits.ignored += 1
+    if edits.ignored <= IGNORED_EDITS_LOGGED:
+        log.warning(text, who, *args)
+
+
+def _tell_unlogged(edits: Edits, who: str) -> None:
+    """The one line for the ignored edits of a message that had no warning of their own."""
+    if edits.ignored > IGNORED_EDITS_LOGGED:
+        log.warning("%s: %d more edits ignored", who, edits.ignored - IGNORED_EDITS_LOGGED)
+
+
+def _added_dsn(edits: Edits, who: str, arguments: str) -> tuple[str, str]:
     """The (NOTIFY, ORCPT) of an ADDRCPT_PAR's ESMTP arguments, as Postfix's cleanup takes them: values checked as
     smtpd checks them (mailflow.dsn_parameters); a bad one, one given twice or any other argument is logged and
     ignored (the recipient keeps the default)."""
@@ -319,9 +341,9 @@ def _added_dsn(who: str, arguments: str) -> tuple[str, str]:
             elif name.upper() == "ORCPT" and not orcpt:
                 orcpt = dsn_parameters.orcpt(value) or orcpt
             else:
-                log.warning("%s: ignoring ESMTP argument %r of an added recipient", who, argument[:100])
+                _ignored(edits, "%s: ignoring ESMTP argument %r of an added recipient", who, argument[:100])
         except dsn_parameters.DsnError:
-            log.warning("%s: bad %s parameter of an added recipient: %r", who, name.upper(), argument[:100])
+            _ignored(edits, "%s: bad %s parameter of an added recipient: %r", who, name.upper(), argument[:100])
     return notify, orcpt
 
 
