@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import sqlite3
 
 import pytest
@@ -547,3 +548,35 @@ async def _empty(tmp_path) -> bool:
         return await store.counts() == {}
     finally:
         await store.close()
+
+
+async def test_an_agent_that_fails_for_every_message_is_logged_once_then_counted_once_a_minute(s, caplog):
+    """An agent that raises for every message it is given (a bug that some content, or every one, sets off): each
+    recipient is deferred 4.3.0 with the error, and the error is logged with its traceback at the first failure
+    only; the next ones are counted, told once a minute, and its first success after them says so. It logged a
+    traceback per message (30 messages: 30 tracebacks), as Postfix's master throttles a service whose processes
+    keep dying, not logging each."""
+    s.smtp.error = RuntimeError("the agent died")
+    await s.start()
+    with caplog.at_level(logging.INFO, logger="mailflow.qmgr"):
+        for i in range(30):
+            await s.queue(f"Q{i}", f"r{i}@remote.test")
+        await eventually(lambda: len(s.logged("status=deferred", "delivery agent smtp failed: the agent died")) == 30)
+        told = [r for r in caplog.records if r.name == "mailflow.qmgr" and r.levelno >= logging.WARNING]
+        assert len(told) == 1 and told[0].exc_info, [r.getMessage() for r in told]
+        first = re.fullmatch(r"(qmgr: delivery agent smtp \(first for Q\d+\)) failed: the agent died",
+                             told[0].getMessage())
+        assert first, told[0].getMessage()
+        what = first.group(1)
+
+        s.clock.advance(61)
+        await s.queue("Q30", "r30@remote.test")
+        await eventually(lambda: s.logged("Q30: to=<r30@remote.test>", "status=deferred"))
+        told = [r.getMessage() for r in caplog.records if r.name == "mailflow.qmgr" and r.levelno >= logging.WARNING]
+        assert told[1:] == [f"{what} failed 30 more times in the last 61s (31 in a row): the agent died"], told
+
+        s.smtp.error = None
+        await s.queue("Q31", "r31@remote.test")
+        await eventually(lambda: s.logged("Q31: to=<r31@remote.test>", "status=sent"))
+        told = [r.getMessage() for r in caplog.records if r.name == "mailflow.qmgr" and r.levelno >= logging.WARNING]
+        assert told[2:] == [f"{what} works again after 31 failures"], told

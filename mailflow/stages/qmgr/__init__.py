@@ -104,13 +104,14 @@ The loop
   `on_delivery(transport, seconds)`, when given, is told how long each delivery agent call took (the metrics).
 
 Failure behaviour
-- A resolver or transport that raises, a content read error, a recipient the agent does not report on:
-  that recipient is deferred (4.3.0), never lost. Unknown transport: deferred 4.3.0 "mail transport
-  unavailable" with a warning naming it, as Postfix. Missing content: the message goes to the corrupt queue; so does
-  a message whose queue rows hold values of the wrong kind (edited by hand: `QueuedMessage.damage`, and, found at
-  each timed scan, a deferred one whose next_attempt is no time or one in no known queue: `Store.never_due`; a
-  recipient whose status is none the store writes, however its notice flag is set), with a warning naming it and
-  what is wrong, as Postfix's qmgr saves a queue file it cannot read; the others go on.
+- A resolver or transport that raises, a content read error, a recipient the agent does not report on: that recipient
+  is deferred (4.3.0), never lost. An agent that raises is logged with its traceback at the first failure of a run,
+  then once a minute with a count while it fails for every message, and once it works again. Unknown transport:
+  deferred 4.3.0 "mail transport unavailable" with a warning naming it, as Postfix. Missing content: the message goes
+  to the corrupt queue; so does a message whose queue rows hold values of the wrong kind (edited by hand:
+  `QueuedMessage.damage`, and, found at each timed scan, a deferred one whose next_attempt is no time or one in no
+  known queue: `Store.never_due`; a recipient whose status is none the store writes, however its notice flag is set),
+  with a warning naming it and what is wrong, as Postfix's qmgr saves a queue file it cannot read; the others go on.
 - A message an operator holds or deletes while it is active: its jobs not yet started are dropped at the
   next tick (held: its recipients stay pending; deleted: nothing is recorded or logged, as the queue tool
   logged postsuper's `removed`); one in flight finishes, and no notice is sent for a deleted one (its state is
@@ -257,6 +258,7 @@ class QueueManager:
         self._scanning = Guard("qmgr: queue scan", clock, logger, first=first, cap=cap)
         self._recovered = False  # the start-up recovery is done (`_recover`): scans and hand-overs wait for it
         self._maintenance = Guard("qmgr: store maintenance", clock, logger, first=first, cap=cap)
+        self._agent_faults: dict[str, FailureLog] = {}  # by transport: an agent that raises (`_agent_failed`)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -1060,15 +1062,30 @@ class QueueManager:
                                   client_attributes=msg.client_attributes)
         try:
             if not getattr(transport, "delivers_each", False) or len(job.recipients) == 1:
-                return await transport.deliver(request)
-            async with contextlib.aclosing(transport.deliver_each(request)) as results:
-                return await self._each_result(active, job, results, handoff, recorded)
+                report = await transport.deliver(request)
+            else:
+                async with contextlib.aclosing(transport.deliver_each(request)) as results:
+                    report = await self._each_result(active, job, results, handoff, recorded)
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            log.exception("%s: transport %s failed", msg.queue_id, job.transport)
+            self._agent_failed(job.transport, msg.queue_id, e)
             return DeliveryReport.uniform(job.recipients, Outcome.DEFERRED, "4.3.0",
                                           f"delivery agent {job.transport} failed: {e}")
+        if job.transport in self._agent_faults:
+            self._agent_faults.pop(job.transport).succeeded()
+        return report
+
+    def _agent_failed(self, transport: str, queue_id: str, error: Exception) -> None:
+        """A delivery agent that raised: its first failure in a row is logged, naming the message, with the
+        traceback (a probable bug); the next ones (every message it is given while it keeps failing) once a minute
+        with a count (faults.FailureLog), as Postfix's master throttles a service whose processes keep dying, not
+        a traceback per message; each recipient's deferred line names the error."""
+        faults = self._agent_faults.get(transport)
+        if faults is None:
+            faults = self._agent_faults[transport] = FailureLog(
+                log, f"qmgr: delivery agent {transport} (first for {queue_id})", self._clock)
+        faults.failed(error)
 
     async def _each_result(self, active: ActiveMessage, job: Job, results: AsyncIterator[RcptResult],
                            handoff: float, recorded: set[int]) -> DeliveryReport:
