@@ -34,6 +34,7 @@ import importlib.resources
 import random
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import authres
 import authres.dmarc
@@ -127,12 +128,8 @@ class SenderAuth:
                                          self._dkim_verdict(head, content)):
             found.update(part)
         if "dmarc" in self._verify:
-            try:
-                found.update(await asyncio.wait_for(self._dmarc(head, sender or f"postmaster@{helo}",
-                                                                found.get("spf", ""), found.get("dkim") or ()),
-                                                    max(deadline - loop.time(), 0)))
-            except TimeoutError:
-                found["dmarc"] = "temperror"
+            found.update(await self._dmarc(head, sender or f"postmaster@{helo}", found.get("spf", ""),
+                                           found.get("dkim") or (), deadline))
         return Verdicts(**found)
 
     async def _spf_verdict(self, client_ip: str, helo: str, sender: str, known: tuple[str, str] | None) -> dict:
@@ -148,17 +145,43 @@ class SenderAuth:
 
     # -------------------------------------------------------------------------------- DMARC
 
-    async def _dmarc(self, head: bytes, mail_from: str, spf_result: str, dkim_results) -> dict:
+    async def _dmarc(self, head: bytes, mail_from: str, spf_result: str, dkim_results, deadline: float) -> dict:
         """RFC 7489 6.6.1: each author domain is checked (a From field may name several, a message may carry
-        several From fields) and the strictest verdict stands: a failure with the strictest policy first.
-        From fields without an address, or with more than AUTHOR_DOMAIN_LIMIT domains: permerror."""
+        several From fields) and the strictest verdict stands: a failure with the strictest policy first. A From
+        that cannot be wholly checked (an address without a domain, more than AUTHOR_DOMAIN_LIMIT domains) is a
+        failure under the strictest policy of the domains that were (no policy: permerror)."""
         froms = header_values(head, "from")
-        domains = _author_domains(froms)
-        if not domains or len(domains) > AUTHOR_DOMAIN_LIMIT:
+        authors = _author_domains(froms)
+        if not authors.domains:
             return {"dmarc": "permerror" if froms else "none"}
-        found = await asyncio.gather(*(self._dmarc_of(domain, mail_from, spf_result, dkim_results)
-                                       for domain in domains))
-        return max(found, key=_strictness)
+        found = await self._each_author(authors, deadline, mail_from, spf_result, dkim_results)
+        if authors.complete:
+            return max(found, key=_strictness)
+        asking = [verdict for verdict in found if verdict.get("dmarc_policy")]
+        if not asking:
+            return {"dmarc": "permerror"}
+        strictest = max(asking, key=lambda verdict: POLICIES.index(verdict["dmarc_policy"]))
+        return {**strictest, "dmarc": "fail"}
+
+    async def _each_author(self, authors: Authors, deadline: float, *check) -> list[dict]:
+        """The verdicts of the author domains, looked up at once until `deadline` (then the rest are temperror)
+        or until one decides the message: a failure, or a From not wholly checked, under p=reject. The lookups
+        still running then are cancelled, and so are the others when one raises."""
+        loop = asyncio.get_running_loop()
+        tasks = {loop.create_task(self._dmarc_of(domain, *check)): domain for domain in authors.domains}
+        found: list[dict] = []
+        pending = set(tasks)
+        try:
+            while pending and not any(_decides(verdict, authors.complete) for verdict in found):
+                done, pending = await asyncio.wait(pending, timeout=max(deadline - loop.time(), 0),
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    break
+                found += [task.result() for task in done]
+        finally:
+            for task in pending:
+                task.cancel()
+        return found + [{"dmarc": "temperror", "dmarc_domain": tasks[task]} for task in pending]
 
     async def _dmarc_of(self, domain: str, mail_from: str, spf_result: str, dkim_results) -> dict:
         org = self._org_domain(domain)
@@ -239,15 +262,40 @@ def _policy(record: dict, subdomain: bool) -> str | None:
     return sp if subdomain else p
 
 
-def _author_domains(froms: list[str]) -> tuple[str, ...]:
-    """The domains of the From fields' addresses, lower case, A-labels (RFC 7489 6.6.1), each once in the order
-    found; () when one of the addresses has no domain or an invalid U-label (or there is none: group syntax, no
-    From)."""
-    addresses = [address for _, address in email.utils.getaddresses(froms)]
-    domains = [normalise_domain(address.rpartition("@")[2]) for address in addresses]
-    if not domains or not all("@" in address for address in addresses) or not all(domains):
-        return ()
-    return tuple(dict.fromkeys(domains))
+class Authors(NamedTuple):
+    domains: tuple[str, ...]  # each once, in the order found, at most AUTHOR_DOMAIN_LIMIT
+    complete: bool  # whether these are all: no address without a domain, no domain past the limit
+
+
+def _author_domains(froms: list[str]) -> Authors:
+    """The domains of the From fields' addresses, lower case, A-labels (RFC 7489 6.6.1). Not complete when a field
+    names no address (empty, a group) or one without a domain, with an invalid U-label or an address literal, when
+    a field cannot be parsed (Python's parser recurses into comments: 500 '(' exhaust its stack), or when there are
+    more than AUTHOR_DOMAIN_LIMIT domains; the fields are parsed one by one, and no further than that."""
+    domains: dict[str, None] = {}
+    complete = True
+    for field in froms:
+        try:
+            addresses = [address for _, address in email.utils.getaddresses([field])]
+        except RecursionError:
+            addresses = []
+        for address in addresses:
+            _, at, domain = address.rpartition("@")
+            domain = normalise_domain(domain) if at else ""
+            if domain and not domain.startswith("["):
+                domains[domain] = None
+            else:
+                complete = False
+        if not addresses or len(domains) > AUTHOR_DOMAIN_LIMIT:
+            complete = False
+        if len(domains) > AUTHOR_DOMAIN_LIMIT:
+            break
+    return Authors(tuple(domains)[:AUTHOR_DOMAIN_LIMIT], complete)
+
+
+def _decides(verdict: dict, complete: bool) -> bool:
+    """Whether this domain's verdict is the message's, whatever the other domains' are: nothing is stricter."""
+    return verdict.get("dmarc_policy") == "reject" and (verdict["dmarc"] == "fail" or not complete)
 
 
 def _strictness(verdict: dict) -> tuple[int, int]:

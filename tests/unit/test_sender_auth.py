@@ -127,8 +127,8 @@ async def test_each_author_domain_is_checked_and_the_strictest_failing_policy_ap
 @pytest.mark.parametrize(("from_fields", "verdict", "domain"), [
     (b"From: a@attacker.test, b@attacker.test\r\n", "none", "attacker.test"),  # one domain, no record
     (b"From: undisclosed-recipients:;\r\n", "permerror", ""),  # no domain at all
-    (b"From: ceo@bank.test, nobody@\r\n", "permerror", ""),
-    (b"From: " + b", ".join(b"a@d%d.test" % n for n in range(11)) + b"\r\n", "permerror", ""),  # past the limit
+    (b"From: " + b", ".join(b"a@d%d.test" % n for n in range(11)) + b"\r\n", "permerror", ""),  # none asks a policy
+    (b"From: " + b"(" * 500 + b"a@d.test\r\n", "permerror", ""),  # Python's parser runs out of stack
     (b"Subject: no author\r\n", "none", ""),
 ])
 async def test_from_fields_without_a_domain_to_check(from_fields, verdict, domain):
@@ -139,6 +139,91 @@ async def test_from_fields_without_a_domain_to_check(from_fields, verdict, domai
     finally:
         auth.close()
     assert (verdicts.dmarc, verdicts.dmarc_domain) == (verdict, domain)
+
+
+@pytest.mark.parametrize("from_fields", [
+    b"From: ceo@bank.test, nobody@\r\n",
+    b"From: ceo@bank.test, nobody\r\n",
+    b"From: ceo@bank.test, team:;\r\n",
+    "From: ceo@bank.test, x@a\u200d\u00e9.test\r\n".encode(),  # an invalid U-label
+    b"From: ceo@bank.test, x@[127.0.0.1]\r\n",  # an address literal: no _dmarc name to ask
+    b"From: ceo@bank.test, \"x\r\n",
+    b"From: ceo@bank.test\r\nFrom: \r\n",
+    b"From: ceo@bank.test\r\nFrom: " + b"(" * 500 + b"a@d.test\r\n",
+    b"From: ceo@bank.test, " + b", ".join(b"a@d%d.test" % n for n in range(10)) + b"\r\n",  # past the limit
+])
+async def test_a_from_that_cannot_be_wholly_checked_fails_under_the_strictest_policy_found(from_fields):
+    """RFC 7489 6.6.1 leaves a From that cannot be evaluated to the receiver. It was a permerror, which no policy
+    acts on: a forger who added an address without a domain (or ten more domains) beside a p=reject author passed
+    reject_dmarc_policy. Now it fails under the strictest policy of the domains checked (the first ten)."""
+    resolver = StaticResolver(txt={**BANK, "_dmarc.bank.test": ["v=DMARC1; p=reject"]})
+    auth = SenderAuth(SenderAuthConfig(verify=("dmarc",)), resolver, authserv_id="mx.test")
+    try:
+        verdicts = await auth.verdicts("192.0.2.1", "client.test", "x@attacker.test",
+                                       Content.of(from_fields + b"Subject: pay\r\n\r\nbody\r\n"))
+    finally:
+        auth.close()
+    assert (verdicts.dmarc, verdicts.dmarc_domain, verdicts.dmarc_policy) == ("fail", "bank.test", "reject")
+
+
+class SilentCoAuthor(StaticResolver):
+    """The DMARC record of a name under silent.test never comes (its name servers drop the questions); one under
+    broken.test raises (a resolver bug). `waiting` counts the lookups still running."""
+
+    waiting = 0
+
+    async def txt(self, name: str) -> list[str]:
+        if name.endswith(("silent.test", "broken.test")):
+            SilentCoAuthor.waiting += 1
+            try:
+                await asyncio.sleep(0.05 if name.endswith("broken.test") else 3600)
+                raise RuntimeError("resolver bug")
+            finally:
+                SilentCoAuthor.waiting -= 1
+        return await super().txt(name)
+
+
+async def test_a_co_author_whose_dns_never_answers_does_not_hide_a_p_reject_failure():
+    """The p=reject failure of bank.test is known at once and nothing is stricter: it is the verdict, and the
+    co-author's lookup is cancelled. The whole check was cancelled at the timeout, a temperror no policy acts on."""
+    auth = SenderAuth(SenderAuthConfig(verify=("dmarc",), timeout=0.5), SilentCoAuthor(txt=BANK),
+                      authserv_id="mx.test")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        verdicts = await auth.verdicts("192.0.2.1", "client.test", "x@attacker.test",
+                                       Content.of(b"From: ceo@bank.test, x@silent.test\r\n\r\nbody\r\n"))
+        await asyncio.sleep(0)
+    finally:
+        auth.close()
+    assert (verdicts.dmarc, verdicts.dmarc_domain, verdicts.dmarc_policy) == ("fail", "bank.test", "reject")
+    assert loop.time() - started < 0.25 and SilentCoAuthor.waiting == 0
+
+
+async def test_at_the_timeout_the_silent_authors_are_temperror_and_the_strictest_verdict_in_stands():
+    auth = SenderAuth(SenderAuthConfig(verify=("dmarc",), timeout=0.3), SilentCoAuthor(txt=BANK),
+                      authserv_id="mx.test")
+    try:
+        verdicts = await auth.verdicts("192.0.2.1", "client.test", "x@attacker.test",
+                                       Content.of(b"From: f@elsewhere.test, x@silent.test\r\n\r\nbody\r\n"))
+        await asyncio.sleep(0)
+    finally:
+        auth.close()
+    assert (verdicts.dmarc, verdicts.dmarc_domain, verdicts.dmarc_policy) == ("fail", "elsewhere.test", "none")
+    assert SilentCoAuthor.waiting == 0
+
+
+async def test_a_lookup_that_raises_cancels_the_other_authors_lookups():
+    auth = SenderAuth(SenderAuthConfig(verify=("dmarc",), timeout=5), SilentCoAuthor(txt=BANK),
+                      authserv_id="mx.test")
+    try:
+        with pytest.raises(RuntimeError):
+            await auth.verdicts("192.0.2.1", "client.test", "x@attacker.test",
+                                Content.of(b"From: x@broken.test, y@silent.test\r\n\r\nbody\r\n"))
+        await asyncio.sleep(0)
+    finally:
+        auth.close()
+    assert SilentCoAuthor.waiting == 0
 
 
 async def test_a_u_label_author_domain_is_checked_as_its_a_label(dns_zone):
