@@ -375,3 +375,44 @@ def test_mailflow_address_shows_the_tls_policy_of_each_smtp_next_hop(tmp_path):
     shown = [line.split(":", 1)[1].strip() for line in result.output.splitlines() if line.strip().startswith("tls:")]
     assert shown == ["dane (smtp.tls_security_level); per MX host: its TLSA records, else may (dane: no TLSA records)",
                      "encrypt (tls_policy_maps: [192.0.2.1])"], result.output
+
+
+# a 3072-bit prime (openssl prime -generate), no well-known group's: loading a DH key of it tests it for a second
+STRANGE_PRIME = int(
+    "dabedce521df340ac588c98a9c6cc8cc051a024f8ff6f35145163caf0ffbdced8dc6cbcf9e581542ccead9bc1a450b41"
+    "6df8b3040bf79c509db3da8efd9ebc731ab24bcde6e18804d066d55ba82897a476783ff80ac8f286979cf7231bf8c4d8"
+    "ad4666a835ee9478a121bd6c9a760b3c9828434ea684dca92496d74d3cab8924e1fbed4bf55d9d5b0e122afc7b456839"
+    "c715caf85e0fbf441808d9f8b8240aa425b5113295c3d9f5c01c7b9de859671753ef4521d404d3bca97636bfb98c322a"
+    "b27ad5e45581ac1628c282c0cec722befc11e19ecc2971bded4b44df316101a7ef3d9f9c42b3ece230d1d91ca1a191b4"
+    "7033a7552a37e82d47c5cb12c7618c079db24e708bb5c1b8974505f8fb1000c60b941dd5b2b8527213d4cd8f950c1775"
+    "14c08ab4bee7c896e4e59c4ecca4801b42479f14f208988fcfda1abd5ed08a9449a56d054653d6784b4259e1fad70383"
+    "11bda8c775b1342cba314f3593b342db049c121e12a2231af32318286a8985be7aafc324bb2cb8a1361d1f74b2e64a4b", 16)
+
+
+def der(tag: int, contents: bytes) -> bytes:
+    size = len(contents).to_bytes((len(contents).bit_length() + 7) // 8, "big")
+    return bytes([tag]) + (size if len(contents) < 0x80 else bytes([0x80 | len(size)]) + size) + contents
+
+
+def der_integer(value: int) -> bytes:
+    return der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+
+def dh_spki(prime: int) -> bytes:
+    """An X9.42 Diffie-Hellman SubjectPublicKeyInfo (dhpublicnumber: p, g, q) over `prime`."""
+    parameters = der(0x30, der_integer(prime) + der_integer(2) + der_integer(2 ** 255 + 1))
+    algorithm = der(0x30, der(0x06, bytes.fromhex("2a8648ce3e0201")) + parameters)
+    return der(0x30, algorithm + der(0x03, b"\0" + der_integer(3 ** 1900)))
+
+
+async def test_a_diffie_hellman_tlsa_key_is_parsed_not_tested(zones, smtp_peer, ca):
+    """A full-data DANE-EE record of a DH key is usable as OpenSSL's d2i_PUBKEY (Postfix's) counts it, parsed only:
+    the peer's key does not match it, 4.7.5. cryptography's loader tested the stranger's prime, a second of the
+    event loop per record (seconds for 4096 bits; an answer holds dozens), and then took the record for unusable."""
+    peer, _ = await dane_peer(smtp_peer, ca)
+    resolver = zones(dane_zone(peer.port, f"3 1 0 {dh_spki(STRANGE_PRIME).hex()}"))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    result = await deliver(transport(resolver, peer.port, tls="dane"), "dane.test")
+    assert (result.outcome, result.dsn, result.text) == (Outcome.DEFERRED, "4.7.5", "Server certificate not verified")
+    assert loop.time() - started < 0.5 and not peer.messages

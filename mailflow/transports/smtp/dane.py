@@ -7,8 +7,10 @@ validated them, say which certificate it must present.
                                                  (SHA-512); PKIX-TA(0)/PKIX-EE(1) are unusable for SMTP (RFC 7672
                                                  3.1.3); so is full data (matching 0) that is no certificate
                                                  (selector 0) or SubjectPublicKeyInfo (1), as OpenSSL's
-                                                 SSL_dane_tlsa_add, which Postfix uses, says (a digest of the wrong
-                                                 length never gets here: dnspython refuses the whole answer)
+                                                 SSL_dane_tlsa_add, which Postfix uses, says: parsed, never tested
+                                                 (a key's numbers are not checked: a DH prime is no primality test
+                                                 on the event loop); a digest of the wrong length never gets here:
+                                                 dnspython refuses the whole answer
     await peer_policy(resolver, policy, host, port, mx_secure) -> TlsPolicy   for a `dane` or `dane-only` policy
                                                  and one peer: a policy carrying the usable records (TLS required,
                                                  the certificate checked against them), or what is left without
@@ -31,9 +33,11 @@ levels (RFC 7672 2.1.1: a failed lookup is not "no records"); NXDOMAIN / NODATA 
 from __future__ import annotations
 
 import hashlib
+import warnings
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.hazmat.primitives import serialization
 
 from mailflow.dns import NotFound, Resolver, Tlsa
@@ -61,12 +65,57 @@ def _well_formed(record: Tlsa) -> bool:
         return True
     try:
         if record.selector == 0:
-            x509.load_der_x509_certificate(record.data)
+            _certificate(record.data)
         else:
-            serialization.load_der_public_key(record.data)
+            _check_public_key(record.data)
     except (ValueError, UnsupportedAlgorithm):
         return False
     return True
+
+
+# the DER of the algorithm OIDs whose keys cryptography loads in microseconds (an RSA modulus or an EC point is
+# read, never tested): rsaEncryption, id-ecPublicKey, Ed25519, Ed448
+_CHEAP_TO_LOAD = frozenset(bytes.fromhex(oid) for oid in ("2a864886f70d010101", "2a8648ce3d0201", "2b6570", "2b6571"))
+
+
+def _check_public_key(spki: bytes) -> None:
+    """Raises ValueError unless `spki` is a SubjectPublicKeyInfo, as OpenSSL's d2i_PUBKEY (Postfix's) takes it:
+    parsed, never tested. A key of another algorithm is its structure only, SEQUENCE {SEQUENCE {OID, …}, BIT
+    STRING} covering the data exactly: loading a DH key runs a primality test of its prime, seconds of the event
+    loop for a 4096-bit one a stranger's TLSA record carries (and cryptography warns about DSA keys)."""
+    tag, start, end = _der_item(spki, 0)
+    if tag != 0x30 or end != len(spki):
+        raise ValueError("not a SEQUENCE covering the data")
+    tag, algorithm, key = _der_item(spki, start)
+    oid_tag, oid, _ = _der_item(spki, algorithm) if tag == 0x30 else (0, 0, 0)
+    bits_tag, _, bits_end = _der_item(spki, key)
+    if oid_tag != 0x06 or bits_tag != 0x03 or bits_end != end:
+        raise ValueError("not SEQUENCE {SEQUENCE {OID, ...}, BIT STRING}")
+    if spki[oid:_der_item(spki, algorithm)[2]] in _CHEAP_TO_LOAD:
+        serialization.load_der_public_key(spki)
+
+
+def _der_item(data: bytes, at: int) -> tuple[int, int, int]:
+    """(tag, where its contents start, where they end) of the DER item at `at`; ValueError past the data."""
+    if at + 2 > len(data):
+        raise ValueError("truncated")
+    tag, length, at = data[at], data[at + 1], at + 2
+    if length & 0x80:
+        size = length & 0x7F
+        if not 0 < size <= 4 or at + size > len(data):
+            raise ValueError("bad length")
+        length, at = int.from_bytes(data[at:at + size], "big"), at + size
+    if at + length > len(data):
+        raise ValueError("truncated")
+    return tag, at, at + length
+
+
+def _certificate(der: bytes) -> x509.Certificate:
+    """The certificate (ValueError if it is none), without cryptography's deprecation warning for a serial number
+    that is not positive: a stranger's certificate or TLSA record is not this program's deprecated use."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        return x509.load_der_x509_certificate(der)
 
 
 async def peer_policy(resolver: Resolver, policy: TlsPolicy, host: str, port: int, mx_secure: bool,
@@ -109,7 +158,7 @@ def matches(certificate_der: bytes, records: tuple[Tlsa, ...]) -> bool:
     if not certificate_der:
         return False
     try:
-        certificate = x509.load_der_x509_certificate(certificate_der)
+        certificate = _certificate(certificate_der)
     except ValueError:
         return False
     for record in records:
