@@ -158,7 +158,7 @@ def widest_policy() -> str:
 
 
 async def test_the_cache_is_bounded_in_bytes_too():
-    """A policy of 64 KB of short mx lines is about 550 KB once parsed: cache_size (1000 by default) such
+    """A policy of 64 KB of short mx lines is about 528 KB once parsed: cache_size (1000 by default) such
     policies, from as many domains that a hostile sender makes this server write to, held half a gigabyte.
     The cache keeps CACHE_BYTES at most, the least recently used policies going first."""
     domains = [f"d{i}.test" for i in range(40)]
@@ -179,3 +179,22 @@ async def test_the_cache_is_bounded_in_bytes_too():
         tracemalloc.stop()
     assert held < CACHE_BYTES + 1_000_000, held  # (21 MB for these 40 before: 7.9 MB, 15 kept)
     assert await cache.policy(domains[-1]) is not None and len(cache._cache) < len(domains)
+
+
+async def test_huge_policies_leave_the_cache_before_ordinary_ones():
+    """Past CACHE_BYTES the largest policies go first: the least recently used went, and 16 policies of 64 KB from
+    domains a hostile sender makes this server write to pushed out all the ordinary ones."""
+    ordinary = [f"o{i}.test" for i in range(980)]  # with the hostile ones: cache_size (1000) domains
+    hostile = [f"h{i}.test" for i in range(20)]
+    wide = widest_policy()
+
+    class Fetcher:
+        async def fetch(self, domain):
+            return wide if domain.startswith("h") else POLICY
+
+    resolver = StaticResolver(txt={f"_mta-sts.{domain}": ["v=STSv1; id=x"] for domain in ordinary + hostile})
+    cache = MtaSts(resolver, Fetcher(), now=Clock())
+    for domain in ordinary + hostile:
+        assert await cache.policy(domain) is not None
+    assert all(domain in cache._cache for domain in ordinary)
+    assert cache._cache_bytes <= CACHE_BYTES

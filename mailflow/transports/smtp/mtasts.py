@@ -18,9 +18,10 @@
 
 Caching (RFC 8461 3.3, 5.1): a fetched policy is kept until `max_age` (at most MAX_AGE_LIMIT) runs out, in a
 least-recently-used cache of `cache_size` domains and CACHE_BYTES (a 64 KB policy of short mx lines is some
-550 KB of strings once parsed). The TXT record is asked at each delivery: the same id means the
-cached policy stands; a new id fetches the policy again; a fetch or TXT lookup that fails keeps the cached one (and
-without one, the destination has no policy: delivery is as without MTA-STS). Concurrent deliveries to one domain
+528 KB of strings once parsed), which, past its bytes, drops its largest policies first. The TXT record is asked
+at each delivery: the same id means the cached policy stands; a new id fetches the policy again; a fetch or TXT
+lookup that fails keeps the cached one (and without one, the destination has no policy: delivery is as without
+MTA-STS). Concurrent deliveries to one domain
 share one fetch.
 Failure behaviour: nothing raises out of `policy()`; failures are logged once per fetch, with the domain, by the
 logger of the client whose delivery asked (a fetch shared by several: the first's).
@@ -261,12 +262,15 @@ class MtaSts:
         return policy
 
     def _keep(self, domain: str, entry: _Cached) -> None:
-        """The least recently used go until the cache is within cache_size and CACHE_BYTES."""
+        """Past cache_size the least recently used policy goes; past CACHE_BYTES the largest (the least recently
+        used of equals), so that a few huge policies of hostile domains cannot push out the ordinary ones."""
         self._drop(domain)
         self._cache[domain] = entry
         self._cache_bytes += entry.size
-        while self._cache and (len(self._cache) > self._cache_size or self._cache_bytes > CACHE_BYTES):
+        while len(self._cache) > self._cache_size:
             self._drop(next(iter(self._cache)))
+        while self._cache_bytes > CACHE_BYTES:
+            self._drop(max(self._cache, key=lambda cached: self._cache[cached].size))
 
     def _drop(self, domain: str) -> None:
         entry = self._cache.pop(domain, None)
