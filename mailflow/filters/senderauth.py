@@ -1,7 +1,7 @@
 """Sender authentication verdicts: SPF (pyspf), DKIM verification (mailflow.signing.dkim.verify), DMARC (RFC 7489),
 and the Authentication-Results header (authres) that cleanup writes.
 
-    SenderAuth(config.sender_auth, resolver, authserv_id=…, also=(), rng=None)
+    SenderAuth(config.sender_auth, resolver, authserv_id=…, also=(), rng=None, header_limit=102400)
     await auth.spf(client_ip, helo, sender) -> (result, domain)          one SPF evaluation
     await auth.verdicts(client_ip, helo, sender, content, spf=None) -> Verdicts
     Verdicts.header() -> "Authentication-Results: …"    Verdicts.dmarc_policy: what a failing From domain asks
@@ -50,7 +50,7 @@ from mailflow.message import header_values, read_header
 from mailflow.syntax import ascii_digits
 
 SPF_THREADS = 4  # SPF evaluations at once; more wait their turn
-HEADER_LIMIT = 1_000_000
+HEADER_LIMIT = 102400  # Postfix's header_size_limit: the header section's bytes read (the rest is body)
 
 
 @dataclass(frozen=True)
@@ -86,9 +86,11 @@ class SenderAuth:
     """See the module doc."""
 
     def __init__(self, config, resolver, *, authserv_id: str, also: tuple[str, ...] = (),
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, header_limit: int = HEADER_LIMIT):
         """`also`: verdicts needed besides config.verify (reject_dmarc_policy needs "dmarc"); `rng` draws
-        the messages a DMARC pct= samples."""
+        the messages a DMARC pct= samples; `header_limit`: the header section's bytes read (header_size_limit: DKIM
+        and DMARC see no field that cleanup would take for body)."""
+        self._header_limit = header_limit
         self._rng = rng if rng is not None else random.Random()
         self._verify = set(config.verify) | set(also)
         if "dmarc" in self._verify:
@@ -122,7 +124,7 @@ class SenderAuth:
         """SPF and DKIM at once (each within `timeout`), then DMARC within what is left of it."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
-        head, _ = read_header(content, HEADER_LIMIT)
+        head, _ = read_header(content, self._header_limit)
         found: dict = {"authserv_id": self.authserv_id}
         for part in await asyncio.gather(self._spf_verdict(client_ip, helo, sender, spf_result),
                                          self._dkim_verdict(head, content)):
@@ -279,18 +281,17 @@ def _author_domains(froms: list[str]) -> Authors:
             addresses = [address for _, address in email.utils.getaddresses([field])]
         except RecursionError:
             addresses = []
+        complete = complete and bool(addresses)
         for address in addresses:
             _, at, domain = address.rpartition("@")
             domain = normalise_domain(domain) if at else ""
-            if domain and not domain.startswith("["):
-                domains[domain] = None
-            else:
+            if not domain or domain.startswith("["):
                 complete = False
-        if not addresses or len(domains) > AUTHOR_DOMAIN_LIMIT:
-            complete = False
-        if len(domains) > AUTHOR_DOMAIN_LIMIT:
-            break
-    return Authors(tuple(domains)[:AUTHOR_DOMAIN_LIMIT], complete)
+            elif len(domains) == AUTHOR_DOMAIN_LIMIT and domain not in domains:
+                return Authors(tuple(domains), False)
+            else:
+                domains[domain] = None
+    return Authors(tuple(domains), complete)
 
 
 def _decides(verdict: dict, complete: bool) -> bool:

@@ -241,3 +241,33 @@ async def test_a_u_label_author_domain_is_checked_as_its_a_label(dns_zone):
         auth.close()
         await resolver.close()
     assert (verdicts.spf, verdicts.dmarc, verdicts.dmarc_domain) == ("pass", "pass", "xn--9ca.test")
+
+
+async def test_a_from_field_of_many_addresses_costs_what_header_size_limit_holds():
+    """A header section is read up to header_size_limit (102400 by default), as cleanup keeps it, and its From
+    addresses no further than the 11th domain, which decides that the From cannot be wholly checked. A 1 MB From
+    field was read whole, each address parsed and normalised, a second of the event loop per message."""
+    head = b"From: ceo@bank.test, " + b",\r\n ".join(b"a@d%d.test" % n for n in range(60_000)) + b"\r\n"
+    auth = SenderAuth(SenderAuthConfig(verify=("dmarc",)), StaticResolver(txt=BANK), authserv_id="mx.test")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        verdicts = await auth.verdicts("192.0.2.1", "client.test", "x@attacker.test",
+                                       Content.of(head + b"\r\nbody\r\n"))
+    finally:
+        auth.close()
+    assert (verdicts.dmarc, verdicts.dmarc_domain, verdicts.dmarc_policy) == ("fail", "bank.test", "reject")
+    assert loop.time() - started < 0.6  # (1.1 s before, 0.1 s now)
+
+
+async def test_a_from_field_past_header_size_limit_is_not_an_author():
+    """Fields past header_size_limit are body to cleanup, as Postfix's: DMARC does not read them (it read 1 MB)."""
+    head = b"X-Padding: " + b"x" * 2000 + b"\r\nFrom: ceo@bank.test\r\n"
+    auth = SenderAuth(SenderAuthConfig(verify=("dmarc",)), StaticResolver(txt=BANK), authserv_id="mx.test",
+                      header_limit=1024)
+    try:
+        verdicts = await auth.verdicts("192.0.2.1", "client.test", "x@attacker.test",
+                                       Content.of(head + b"\r\nbody\r\n"))
+    finally:
+        auth.close()
+    assert verdicts.dmarc == "none"

@@ -95,7 +95,8 @@ class FilterServices:
         self.dmarc_policy = _uses(config, "reject_dmarc_policy")  # the verdicts are needed without the header
         if config.sender_auth.verify or _uses(config, "reject_spf_fail") or self.dmarc_policy:
             self.sender_auth = SenderAuth(config.sender_auth, resolver, authserv_id=config.myhostname,
-                                          also=("dmarc",) if self.dmarc_policy else ())
+                                          also=("dmarc",) if self.dmarc_policy else (),
+                                          header_limit=config.header_size_limit)
         self.spamd = Spamd(config.spamd) if config.spamd.address else None
         self.clamd = Clamd(config.clamd) if config.clamd.address else None
         self.milter = MilterSettings.from_config(config)  # (the size limit is each listener's)
