@@ -126,9 +126,10 @@ class _SpfQuery(spf.query):
         one label, whatever the length: a local part of 300 characters in `%{l}` made a name no DNS server
         is asked for, a void lookup instead of the name the record's owner publishes)."""
         name = super().expand_domain(arg)
-        while len(name) > DOMAIN_LIMIT and "." in name:
-            name = name.partition(".")[2]
-        return name
+        if len(name) <= DOMAIN_LIMIT:
+            return name
+        cut = name.find(".", len(name) - DOMAIN_LIMIT - 1)  # the first dot that leaves at most DOMAIN_LIMIT after it
+        return name[cut + 1:] if cut >= 0 else name.rpartition(".")[2]
 
     def dns(self, name, qtype, cnames=None, ignore_void=False):
         name = str(name).rstrip(".").lower()
