@@ -352,9 +352,9 @@ class SmtpTransport:
         return dataclasses.replace(self._default_policy, mx_patterns=sts.mx, testing=True, source=source)
 
     async def _mx_secure(self, destination: Destination) -> bool:
-        """Were the next hop's MX records DNSSEC-validated? NXDOMAIN counts as no (DANE does not apply); a lookup
-        that fails raises LookupRetry, the destination deferred as for its MX lookup (RFC 7672 2.1.1: an error is
-        not "insecure"; Postfix's one MX lookup carries the status)."""
+        """Were the next hop's MX records DNSSEC-validated? NXDOMAIN and NODATA count as no (DANE does not apply);
+        a lookup that fails raises LookupRetry, the destination deferred as for its MX lookup (RFC 7672 2.1.1: an
+        error is not "insecure"; Postfix's one MX lookup carries the status)."""
         try:
             return await self._resolver.validated(destination.nexthop.host, "MX")
         except NotFound:
