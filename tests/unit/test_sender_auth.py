@@ -271,3 +271,29 @@ async def test_a_from_field_past_header_size_limit_is_not_an_author():
     finally:
         auth.close()
     assert verdicts.dmarc == "none"
+
+
+class Asked(StaticResolver):
+    """Keeps the TXT names asked."""
+
+    def __init__(self, **zones):
+        super().__init__(**zones)
+        self.asked: list[str] = []
+
+    async def txt(self, name: str) -> list[str]:
+        self.asked.append(name)
+        return await super().txt(name)
+
+
+async def test_an_address_literal_author_is_not_looked_up_as_a_dmarc_name():
+    """x@[127.0.0.1] has no domain to ask for a policy: it was asked as `_dmarc.[127.0.0.1]` (and so no policy,
+    `none`); now the From cannot be checked, permerror (no domain of it has a policy)."""
+    resolver = Asked(txt=BANK)
+    auth = SenderAuth(SenderAuthConfig(verify=("dmarc",)), resolver, authserv_id="mx.test")
+    try:
+        verdicts = await auth.verdicts("192.0.2.1", "client.test", "x@attacker.test",
+                                       Content.of(b"From: x@[127.0.0.1]\r\n\r\nbody\r\n"))
+    finally:
+        auth.close()
+    assert verdicts.dmarc == "permerror"
+    assert not [name for name in resolver.asked if name.startswith("_dmarc.")]
