@@ -19,7 +19,10 @@ authheaders ships. A record's pct= is kept as RFC 7489 6.6.4 says: a message out
 gets the next policy down (reject -> quarantine -> none); a record without a valid p= is p=none when it asks for
 reports (rua=), else no policy (RFC 7489 6.6.3), and the organizational domain's record is not asked then.
 A From field with several addresses, or several From fields, is checked for each domain (at most
-AUTHOR_DOMAIN_LIMIT, at once), the strictest verdict standing (RFC 7489 6.6.1).
+AUTHOR_DOMAIN_LIMIT, at once), the strictest verdict standing (RFC 7489 6.6.1): a failure under p=reject as soon
+as it is in, the others cancelled; at the deadline the domains not answered are temperror. A From that cannot be
+wholly checked (an address without a domain, an address literal, a group, more than AUTHOR_DOMAIN_LIMIT domains)
+fails under the strictest policy of the domains that were checked (none has one: permerror).
 
 Failure behaviour: nothing raises for a message or a DNS answer. A lookup that fails is `temperror`; a broken
 record or signature `permerror`/`fail` (RFC 7208/6376 words); all of one message's lookups are bounded by
