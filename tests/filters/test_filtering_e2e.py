@@ -295,9 +295,15 @@ async def test_reject_spf_fail_and_dmarc_policies(mailflow_server, auth_zone, ca
     assert await refusal(port, "x@pass.test", ["alice@local.test"], b"From: <a@fail.test>\r\n\r\nhi\r\n") == \
         (550, "5.7.1 Message rejected per DMARC policy of fail.test")
     # a second author whose check passes does not lift the first one's p=reject (RFC 7489 6.6.1: each domain)
-    for authors in (b"From: <a@fail.test>, <b@pass.test>\r\n", b"From: <b@pass.test>\r\nFrom: <a@fail.test>\r\n"):
+    # nor does an author that cannot be checked (it was a permerror, which no policy acts on)
+    for authors in (b"From: <a@fail.test>, <b@pass.test>\r\n", b"From: <b@pass.test>\r\nFrom: <a@fail.test>\r\n",
+                    b"From: <a@fail.test>, nobody@\r\n", b"From: <a@fail.test>, team:;\r\n"):
         assert await refusal(port, "x@pass.test", ["alice@local.test"], authors + b"\r\nhi\r\n") == \
             (550, "5.7.1 Message rejected per DMARC policy of fail.test")
+    # a From Python's parser cannot read (500 '(' exhaust its stack) is one that cannot be checked: no policy found
+    # here, so accepted; it raised out of the DMARC check: 451 4.3.0 and a traceback for each message
+    assert await refusal(port, "x@pass.test", ["alice@local.test"], b"From: " + b"(" * 500 + b"a@pass.test\r\n\r\n"
+                                                                        b"hi\r\n") == (250, "")
     await send(port, "x@pass.test", ["alice@local.test"], b"From: <a@quarantine.test>\r\n\r\nhi\r\n")
     assert await queue_becomes(mf.store, {"hold": 1}) == {"hold": 1}
     # (no access action: the hold is logged where it is decided, at the end of the message, once)
