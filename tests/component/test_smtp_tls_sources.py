@@ -8,6 +8,7 @@ import hashlib
 import logging
 import ssl
 import tracemalloc
+import warnings
 
 import pytest
 import trustme
@@ -16,12 +17,12 @@ from cryptography.hazmat.primitives import serialization
 
 from mailflow.config import SmtpConfig
 from mailflow.content import Content
-from mailflow.dns import AiodnsResolver
+from mailflow.dns import AiodnsResolver, Tlsa
 from mailflow.errors import LookupRetry
 from mailflow.logs import service_of
 from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports import RELAY_PROGRAM
-from mailflow.transports.smtp import SmtpTransport
+from mailflow.transports.smtp import SmtpTransport, dane
 from mailflow.transports.smtp.mtasts import FetchError, HttpsPolicyFetcher, MtaSts
 from tests.support.deliverability import PolicyServer, start_zone
 
@@ -416,3 +417,24 @@ async def test_a_diffie_hellman_tlsa_key_is_parsed_not_tested(zones, smtp_peer, 
     result = await deliver(transport(resolver, peer.port, tls="dane"), "dane.test")
     assert (result.outcome, result.dsn, result.text) == (Outcome.DEFERRED, "4.7.5", "Server certificate not verified")
     assert loop.time() - started < 0.5 and not peer.messages
+
+
+def test_a_strangers_negative_serial_number_or_dsa_key_warns_nothing(ca):
+    """A peer's certificate with a negative serial number (RFC 5280 forbids it, some are about) and a DSA key in a
+    TLSA record are a stranger's data, not this program's use of a deprecated feature: cryptography warned of
+    each, once per delivery, into the log. The certificate still counts; the DSA key is parsed, as OpenSSL does."""
+    certificate = ca.issue_cert("mx.dane.test").cert_chain_pems[0].bytes()
+    original = x509.load_pem_x509_certificate(certificate).public_bytes(serialization.Encoding.DER)
+    serial = x509.load_der_x509_certificate(original).serial_number.to_bytes(20, "big").lstrip(b"\0")
+    field = der_integer(int.from_bytes(serial, "big"))
+    assert len(field) == len(serial) + 2 and original.count(field) == 1  # (a positive serial without a leading 0)
+    negative = original.replace(field, bytes([0x02, len(serial)]) + bytes([serial[0] | 0x80]) + serial[1:])
+    dsa = der(0x30, der(0x30, der(0x06, bytes.fromhex("2a8648ce380401")) + der(0x30, der_integer(STRANGE_PRIME)
+                                                                                + der_integer(2 ** 255 + 1)
+                                                                                + der_integer(3 ** 1900)))
+              + der(0x03, b"\0" + der_integer(5 ** 1300)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dane.usable((Tlsa(3, 0, 0, negative), Tlsa(3, 1, 0, dsa))) == (Tlsa(3, 0, 0, negative),
+                                                                               Tlsa(3, 1, 0, dsa))
+        assert dane.matches(negative, (Tlsa(3, 0, 0, negative),))
