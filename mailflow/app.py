@@ -423,7 +423,7 @@ class Mailflow:
         assert self._cleanup is not None
         return build_transports(config, self._dns_resolver(), self.clock, router,
                                 forwarder(self._cleanup, config.myhostname),
-                                mailbox=self.capture.mailbox if self.capture else None, grace=grace)
+                                mailbox=self.capture.mailbox if self.capture else None, grace=grace, rng=self.rng)
 
     def _dns_resolver(self):
         """The injected resolver, else one built here (once) from [dns]: transports and smtpd share it."""

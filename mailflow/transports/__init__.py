@@ -28,17 +28,19 @@ Contract of a transport (postfix's delivery agents; chasquid's Courier; maddy's 
 
 The registry:
 
-    build_transports(config, resolver, clock, router, forward=None, mailbox=None, grace=None) -> {name: Transport}
+    build_transports(config, resolver, clock, router, forward=None, mailbox=None, grace=None, rng=None)
+                             -> {name: Transport}
                              the built-in transports, each [pipe.NAME] and each client service, by transport name;
                              `relay` (RELAY) is [smtp]'s settings in a client of its own, logged as RELAY_PROGRAM,
                              unless an [smtp.services.relay] takes its place; `grace`: local's close wait (default
-                             shutdown_grace)
+                             shutdown_grace); `rng`: the server's random.Random, which orders the SMTP clients'
+                             equal MX preferences and a host's addresses (None: each client its own, unseeded)
     agent_of(program) -> str the delivery agent of a Transport.program (`relay/smtp` -> `smtp`)
-    client_services(config, resolver, clock, router, tables, mta_sts) -> {name: Transport}
+    client_services(config, resolver, clock, router, tables, mta_sts, rng=None) -> {name: Transport}
                              every SMTP client (Config.smtp_clients: smtp, relay, each [smtp.services.NAME]) and
                              each [lmtp.services.NAME] client, each with its merged settings
-    build_smtp_client(config, client, *, resolver, clock, router, tables, mta_sts, level_source=…, program=…)
-                             -> SmtpTransport
+    build_smtp_client(config, client, *, resolver, clock, router, tables, mta_sts, level_source=…, program=…,
+                      rng=None) -> SmtpTransport
     build_lmtp_client(config, client, *, clock, router, tables) -> LmtpTransport
                              one client from a section's settings ([smtp], [lmtp] or a service's merged ones): its
                              own connection cache, TLS contexts and tables
@@ -49,6 +51,7 @@ The registry:
 from __future__ import annotations
 
 import logging
+import random
 from functools import partial
 from typing import Callable, Protocol
 
@@ -130,13 +133,14 @@ def sasl_sender_keys(client, router) -> Callable[[str], tuple[list[str], tuple[i
 
 
 def build_smtp_client(config, client, *, resolver, clock, router, tables: TableCache, mta_sts,
-                      level_source: str = "smtp.tls_security_level", program: str = "smtp") -> SmtpTransport:
+                      level_source: str = "smtp.tls_security_level", program: str = "smtp",
+                      rng: random.Random | None = None) -> SmtpTransport:
     """One SMTP client ([smtp], or the merged settings of an [smtp.services.NAME], `level_source` naming the key its
     TLS level is set by; `program` what every line of it is logged under, its generic maps' and content checks'
     too): its own connection cache, TLS contexts and tables, so that services never share a session."""
     log = client_log(program)
     return SmtpTransport(client, resolver=resolver, helo_name=client.helo_name or config.myhostname, mta_sts=mta_sts,
-                         level_source=level_source, program=program,
+                         level_source=level_source, program=program, rng=rng,
                          plaintext_after=config.queue.minimal_backoff_time,
                          own_addresses=router.rewriter.own_addresses, own_ports=config.smtpd.ports,
                          relayhost=config.relayhost, now=clock.time, tables=tables,
@@ -152,14 +156,15 @@ def build_lmtp_client(config, client, *, clock, router, tables: TableCache) -> L
                          generic=build_generic_maps(config, client, router, tables, "lmtp"))
 
 
-def client_services(config, resolver, clock, router, tables: TableCache, mta_sts) -> dict[str, Transport]:
+def client_services(config, resolver, clock, router, tables: TableCache, mta_sts,
+                    rng: random.Random | None = None) -> dict[str, Transport]:
     """Every SMTP client (Config.smtp_clients: smtp, relay, each [smtp.services.NAME]) and each
     [lmtp.services.NAME] client by name (config validation keeps their names off the built-in transports' but
     `relay`'s, which an [smtp.services.relay] replaces, and off each other's)."""
     smtp: dict[str, Transport] = {
         name: build_smtp_client(config, settings, resolver=resolver, clock=clock, router=router, tables=tables,
                                 mta_sts=mta_sts, level_source=config.smtp.key_source(name, "tls_security_level"),
-                                program=RELAY_PROGRAM if name == RELAY else "smtp")
+                                program=RELAY_PROGRAM if name == RELAY else "smtp", rng=rng)
         for name, _, settings in config.smtp_clients()}
     lmtp: dict[str, Transport] = {
         name: build_lmtp_client(config, config.lmtp.for_service(name), clock=clock, router=router, tables=tables)
@@ -168,11 +173,12 @@ def client_services(config, resolver, clock, router, tables: TableCache, mta_sts
 
 
 def build_transports(config, resolver, clock, router, forward=None, mailbox=None,
-                     grace: float | None = None) -> dict[str, Transport]:
+                     grace: float | None = None, rng: random.Random | None = None) -> dict[str, Transport]:
     """The transports named in `transport:nexthop` values, by name. `router` gives the local and virtual
     agents their tables; `forward` lets local delivery queue forwarded copies (see transports.local); with a
     capture `mailbox` (mailflow.capture), the `capture` transport keeps messages in it. `grace` (default
-    shutdown_grace): how long local's close waits for a /file append under way."""
+    shutdown_grace): how long local's close waits for a /file append under way; `rng` orders the SMTP clients' equal
+    MX preferences and a host's addresses (the server's, so that a seeded server delivers the same way each run)."""
     tables = TableCache()
     mta_sts = build_mta_sts(config, resolver)
     registry: dict[str, Transport] = {}  # local hands mailboxes to the others (mailbox_transport, fallback_transport)
@@ -193,6 +199,6 @@ def build_transports(config, resolver, clock, router, forward=None, mailbox=None
         **{name: PipeTransport(service, name=name, recipient_delimiter=config.recipient_delimiter, now=clock.time,
                                allow_min_user=config.allow_min_user, spool=command_spool(config))
            for name, service in config.pipe.items()},
-        **client_services(config, resolver, clock, router, tables, mta_sts),
+        **client_services(config, resolver, clock, router, tables, mta_sts, rng),
     })
     return registry

@@ -21,8 +21,9 @@ import trustme
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 from aiosmtpd.smtp import AuthResult
 
+from mailflow.app import Mailflow
 from mailflow.clock import VirtualClock
-from mailflow.config import Config, SmtpConfig
+from mailflow.config import Config, SmtpConfig, config_from_dict
 from mailflow.dns import MX, AiodnsResolver, StaticResolver
 from mailflow.content import Content
 from mailflow.model import ConnStats, DeliveryRequest, Outcome, Recipient
@@ -31,7 +32,7 @@ from mailflow.transports import build_transports
 from mailflow.transports.smtp import SmtpTransport
 from mailflow.tables.search import EXTERNAL_FIRST, address_search
 from mailflow.transports.smtp.addr import MX_HOST_LIMIT, exchangers, order_exchangers, parse_nexthop
-from tests.support import CaptureHandler, big_message, eventually, free_port, spooled
+from tests.support import CaptureHandler, SmtpClient, base_settings, big_message, eventually, free_port, merged, spooled
 from tests.support.peers import recording_peer
 
 HELO = "client.mailflow.test"
@@ -484,6 +485,40 @@ async def test_the_addresses_of_one_host_are_tried_in_random_order(smtp_peer):
     again = await deliver(make_transport(resolver, port=first.port, rng=random.Random(0)),
                           make_request("[mx.example.test]"))
     assert again.results[0].relay == relays[0]
+
+
+class LastFirst(random.Random):
+    """An RNG whose shuffle puts the last first (reverses), and keeps what it was given to order."""
+
+    def __init__(self):
+        super().__init__(0)
+        self.ordered: list[list] = []
+
+    def shuffle(self, x) -> None:  # type: ignore[override]
+        self.ordered.append(list(x))
+        x.reverse()
+
+
+async def test_a_servers_rng_orders_its_smtp_clients_equal_mx_hosts(smtp_peer, tmp_path):
+    """Mailflow(rng=...) (a Sink's seed) is the RNG its SMTP clients order equal MX preferences with, so that a
+    seeded server delivers the same way each run: the clients drew from unseeded RNGs of their own."""
+    hosts = [f"mx{n}.relay.test" for n in range(4)]
+    peers = [await smtp_peer("127.0.0.2")]
+    peers += [await smtp_peer(f"127.0.0.{n + 2}", peers[0].port) for n in range(1, len(hosts))]
+    resolver = StaticResolver(mx={"relay.test": [MX(10, host) for host in hosts]},
+                              addresses={host: [f"127.0.0.{n + 2}"] for n, host in enumerate(hosts)})
+    rng = LastFirst()
+    mf = Mailflow(config_from_dict(merged(base_settings(tmp_path), {"smtp": {"port": peers[0].port}})),
+                  rng=rng, resolver=resolver, shutdown_grace=2.0)
+    await mf.start()
+    try:
+        client = await SmtpClient.connect(mf.smtp_addresses[0][1])
+        assert (await client.send_message(rcpt="b@relay.test")).code == 250
+        await eventually(lambda: peers[-1].messages, what="the last MX host (first after the shuffle) has it")
+    finally:
+        await mf.stop()
+    assert [mx.host for mx in rng.ordered[0]] == hosts
+    assert [len(peer.messages) for peer in peers] == [0, 0, 0, 1]
 
 
 async def test_null_mx_bounces_every_recipient_with_5_1_10(zone_resolver):
