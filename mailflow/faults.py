@@ -9,6 +9,12 @@ What it owns: how long a failing piece of work waits before its next try, and ho
   says so. A fault costs a few lines a minute, never one per turn of a loop. `since` (the clock time of the run's
   first failure, None when not failing) and `describe_run()` (what fails, how long, how often, the last error)
   tell the run to a driver that waits on the job (the Sink's settle and wait_for).
+- `ErrorKindLog(logger, what, clock, interval)`: the voice of a job that fails for some of its inputs and works for
+  others in between (a delivery agent that raises for one message's content, interleaved with good mail). Each
+  kind of error (its type and the place it was raised: the last frame's file:line) is logged with its traceback
+  (for a probable bug, as above) when it was not seen for an `interval`; the failures of kinds seen lately are
+  counted and told once per `interval` with the count. A success does not start this over (the next bad input
+  would log its traceback again); it says the job works again only after a run of more than one failure.
 - `Guard(what, clock, logger)`: one periodic chore of a loop (a scan, a poll, a snapshot). `await run(fn)`
   calls `fn()` unless the chore is backing off after a failure (then it does nothing and returns False);
   a failure is caught, logged through a FailureLog and backs the chore off. `resume_at` is when it is tried
@@ -115,6 +121,56 @@ class FailureLog:
             self._logger.warning("%s works again after %d failure%s", self._what, self._failures,
                                  "" if self._failures == 1 else "s")
         self._failures = self._untold = 0
+
+
+class ErrorKindLog:
+    def __init__(self, logger: logging.Logger, what: str, clock: Clock, interval: float = REPORT_INTERVAL):
+        self._logger = logger
+        self._what = what
+        self._clock = clock
+        self._interval = interval
+        self._seen: dict[tuple[str, str], float] = {}  # a kind of error -> when it last happened
+        self._untold = 0  # failures counted since the last line
+        self._told_at = 0.0  # the last line's time
+        self._last = ""  # the last failure counted, described
+        self._in_row = 0  # failures since the last success
+
+    def failed(self, error: BaseException) -> None:
+        now = self._clock.time()
+        self._in_row += 1
+        self._forget_before(now - self._interval)
+        kind = error_kind(error)
+        known = kind in self._seen
+        self._seen[kind] = now
+        if known:
+            self._untold += 1
+            self._last = describe(error)
+        if self._untold and now - self._told_at >= self._interval:
+            self._logger.error("%s failed %d more time%s in the last %.0fs: %s", self._what, self._untold,
+                               "" if self._untold == 1 else "s", now - self._told_at, self._last)
+            self._untold, self._told_at = 0, now
+        if not known:
+            bug = not isinstance(error, EXPECTED)
+            self._logger.error("%s failed: %s", self._what, describe(error), exc_info=error if bug else None)
+            self._told_at = now
+
+    def succeeded(self) -> None:
+        if self._in_row > 1:
+            self._logger.warning("%s works again after %d failures in a row", self._what, self._in_row)
+        self._in_row = 0
+
+    def _forget_before(self, time: float) -> None:
+        for kind in [k for k, seen in self._seen.items() if seen < time]:
+            del self._seen[kind]
+
+
+def error_kind(error: BaseException) -> tuple[str, str]:
+    """An error's type and the place it was raised (`file:line` of its traceback's last frame; "" without one)."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    place = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else ""
+    return type(error).__qualname__, place
 
 
 class Guard:

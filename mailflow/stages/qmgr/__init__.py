@@ -105,8 +105,10 @@ The loop
 
 Failure behaviour
 - A resolver or transport that raises, a content read error, a recipient the agent does not report on: that recipient
-  is deferred (4.3.0), never lost. An agent that raises is logged with its traceback at the first failure of a run,
-  then once a minute with a count while it fails for every message, and once it works again. Unknown transport:
+  is deferred (4.3.0), never lost. An agent that raises is logged per kind of error (its type and where it was
+  raised: faults.ErrorKindLog, one per transport): a kind not seen for a minute at once, with its traceback (none
+  for an I/O or timeout error: faults.EXPECTED), the other failures once a minute with a count, bad messages
+  interleaved with good ones too, and it is said to work again after more than one failure in a row. Unknown transport:
   deferred 4.3.0 "mail transport unavailable" with a warning naming it, as Postfix. Missing content: the message goes
   to the corrupt queue; so does a message whose queue rows hold values of the wrong kind (edited by hand:
   `QueuedMessage.damage`, and, found at each timed scan, a deferred one whose next_attempt is no time or one in no
@@ -147,7 +149,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable, Collection, Iterator
 
 from mailflow.clock import Clock
 from mailflow.content import Content
-from mailflow.faults import FIRST_DELAY, MAX_DELAY, FailureLog, Guard, Retrier, describe
+from mailflow.faults import FIRST_DELAY, MAX_DELAY, ErrorKindLog, FailureLog, Guard, Retrier, describe
 from mailflow.logs import MailLog
 from mailflow.message import header_value
 from mailflow.model import (Delivered, DeliveryReport, DeliveryRequest, MsgStats, NewMessage, Outcome,
@@ -258,7 +260,7 @@ class QueueManager:
         self._scanning = Guard("qmgr: queue scan", clock, logger, first=first, cap=cap)
         self._recovered = False  # the start-up recovery is done (`_recover`): scans and hand-overs wait for it
         self._maintenance = Guard("qmgr: store maintenance", clock, logger, first=first, cap=cap)
-        self._agent_faults: dict[str, FailureLog] = {}  # by transport: an agent that raises (`_agent_failed`)
+        self._agent_faults: dict[str, ErrorKindLog] = {}  # by transport: an agent that raises (`_agent_failed`)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -1073,17 +1075,18 @@ class QueueManager:
             return DeliveryReport.uniform(job.recipients, Outcome.DEFERRED, "4.3.0",
                                           f"delivery agent {job.transport} failed: {e}")
         if job.transport in self._agent_faults:
-            self._agent_faults.pop(job.transport).succeeded()
+            self._agent_faults[job.transport].succeeded()
         return report
 
     def _agent_failed(self, transport: str, queue_id: str, error: Exception) -> None:
-        """A delivery agent that raised: its first failure in a row is logged, naming the message, with the
-        traceback (a probable bug); the next ones (every message it is given while it keeps failing) once a minute
-        with a count (faults.FailureLog), as Postfix's master throttles a service whose processes keep dying, not
-        a traceback per message; each recipient's deferred line names the error."""
+        """A delivery agent that raised: each kind of error is logged with its traceback (a probable bug) when it was
+        not seen for a minute, the other failures (every message it is given while it keeps failing, or each bad
+        message among good ones) counted and told once a minute (faults.ErrorKindLog), as Postfix's master
+        throttles a service whose processes keep dying, not a traceback per message; each recipient's deferred line
+        names the error."""
         faults = self._agent_faults.get(transport)
-        if faults is None:
-            faults = self._agent_faults[transport] = FailureLog(
+        if faults is None:  # (kept while the server runs: one per transport that ever raised)
+            faults = self._agent_faults[transport] = ErrorKindLog(
                 log, f"qmgr: delivery agent {transport} (first for {queue_id})", self._clock)
         faults.failed(error)
 
