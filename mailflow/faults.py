@@ -12,7 +12,8 @@ What it owns: how long a failing piece of work waits before its next try, and ho
 - `ErrorKindLog(logger, what, clock, interval)`: the voice of a job that fails for some of its inputs and works for
   others in between (a delivery agent that raises for one message's content, interleaved with good mail). Each
   kind of error (its type and the place it was raised: the last frame's file:line) is logged with its traceback
-  (for a probable bug, as above) when it was not seen for an `interval`; the failures of kinds seen lately are
+  (for a probable bug, as above) and what it failed for (`failed(error, subject)`: a queue id) when it was not seen
+  for an `interval`; the failures of kinds seen lately are
   counted and told once per `interval` with the count. A success does not start this over (the next bad input
   would log its traceback again); it says the job works again only after a run of more than one failure.
 - `Guard(what, clock, logger)`: one periodic chore of a loop (a scan, a poll, a snapshot). `await run(fn)`
@@ -135,7 +136,8 @@ class ErrorKindLog:
         self._last = ""  # the last failure counted, described
         self._in_row = 0  # failures since the last success
 
-    def failed(self, error: BaseException) -> None:
+    def failed(self, error: BaseException, subject: str) -> None:
+        """`subject`: what failed this time (a queue id), named in the line of a kind told whole."""
         now = self._clock.time()
         self._in_row += 1
         self._forget_before(now - self._interval)
@@ -151,7 +153,8 @@ class ErrorKindLog:
             self._untold, self._told_at = 0, now
         if not known:
             bug = not isinstance(error, EXPECTED)
-            self._logger.error("%s failed: %s", self._what, describe(error), exc_info=error if bug else None)
+            self._logger.error("%s failed for %s: %s", self._what, subject, describe(error),
+                               exc_info=error if bug else None)
             self._told_at = now
 
     def succeeded(self) -> None:

@@ -564,16 +564,15 @@ async def test_an_agent_that_fails_for_every_message_is_logged_once_then_counted
         await eventually(lambda: len(s.logged("status=deferred", "delivery agent smtp failed: the agent died")) == 30)
         told = [r for r in caplog.records if r.name == "mailflow.qmgr" and r.levelno >= logging.WARNING]
         assert len(told) == 1 and told[0].exc_info, [r.getMessage() for r in told]
-        first = re.fullmatch(r"(qmgr: delivery agent smtp \(first for Q\d+\)) failed: the agent died",
-                             told[0].getMessage())
-        assert first, told[0].getMessage()
-        what = first.group(1)
+        assert re.fullmatch(r"qmgr: delivery agent smtp failed for Q\d+: the agent died", told[0].getMessage())
+        what = "qmgr: delivery agent smtp"
 
         s.clock.advance(61)
         await s.queue("Q30", "r30@remote.test")
         await eventually(lambda: s.logged("Q30: to=<r30@remote.test>", "status=deferred"))
         told = [r.getMessage() for r in caplog.records if r.name == "mailflow.qmgr" and r.levelno >= logging.WARNING]
-        assert told[1:] == [f"{what} failed 29 more times in the last 61s: the agent died", told[0]], told
+        assert told[1:] == [f"{what} failed 29 more times in the last 61s: the agent died",
+                            f"{what} failed for Q30: the agent died"], told
         assert caplog.records[-1].exc_info  # (not seen for a minute: told again whole)
 
         s.smtp.error = None
@@ -620,6 +619,29 @@ async def test_bad_messages_among_good_ones_log_one_traceback_then_a_count(s, ca
         await s.queue("B20", "bad20@remote.test")
         await eventually(lambda: s.logged("B20: to=", "status=deferred"))
         told = [r.getMessage() for r in agent_lines(caplog)]
-        assert len(told) == 3 and told[1].endswith("failed 19 more times in the last 61s: poisoned by bad19@remote.test"
-                                                   ), told
-        assert told[2].endswith("failed: poisoned by bad20@remote.test") and agent_lines(caplog)[2].exc_info, told
+        what = "qmgr: delivery agent smtp"
+        assert told[1:] == [f"{what} failed 19 more times in the last 61s: poisoned by bad19@remote.test",
+                            f"{what} failed for B20: poisoned by bad20@remote.test"], told
+        assert agent_lines(caplog)[2].exc_info
+
+
+async def test_a_second_bug_is_logged_for_its_own_message_not_counted_with_the_first(s, caplog):
+    """Two different errors of one agent in a run: each is logged with its traceback, naming the message it failed
+    for; the count lines name none (they count several). The second bug was counted as the first one's, under the
+    first message's queue id ("(first for B0) failed 2 more times ...: 'another bug'"), its traceback never shown."""
+    s.smtp = Poisoned("smtp")
+    await s.start()
+    with caplog.at_level(logging.INFO, logger="mailflow.qmgr"):
+        for qid, rcpt in (("B0", "bad0"), ("K0", "key0"), ("B1", "bad1")):
+            await s.queue(qid, f"{rcpt}@remote.test")
+            await eventually(lambda: s.logged(f"{qid}: to=", "status=deferred"))
+        s.clock.advance(61)
+        await s.queue("K1", "key1@remote.test")
+        await eventually(lambda: s.logged("K1: to=", "status=deferred"))
+    told = agent_lines(caplog)
+    assert [r.getMessage() for r in told] == [
+        "qmgr: delivery agent smtp failed for B0: poisoned by bad0@remote.test",
+        "qmgr: delivery agent smtp failed for K0: 'another bug'",
+        "qmgr: delivery agent smtp failed 1 more time in the last 61s: poisoned by bad1@remote.test",
+        "qmgr: delivery agent smtp failed for K1: 'another bug'"], [r.getMessage() for r in told]
+    assert [bool(r.exc_info) for r in told] == [True, True, False, True]

@@ -1087,8 +1087,8 @@ class QueueManager:
         faults = self._agent_faults.get(transport)
         if faults is None:  # (kept while the server runs: one per transport that ever raised)
             faults = self._agent_faults[transport] = ErrorKindLog(
-                log, f"qmgr: delivery agent {transport} (first for {queue_id})", self._clock)
-        faults.failed(error)
+                log, f"qmgr: delivery agent {transport}", self._clock)
+        faults.failed(error, queue_id)
 
     async def _each_result(self, active: ActiveMessage, job: Job, results: AsyncIterator[RcptResult],
                            handoff: float, recorded: set[int]) -> DeliveryReport:
