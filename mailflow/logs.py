@@ -52,7 +52,8 @@ client input (line ends and other controls are replaced). No line is longer than
 after its prefix (time, host, program, level): the formatters cut what is longer, as Postfix's msg_logger and
 msg_syslog write at most 2000 bytes of a record's text, so a peer's reply, a milter's or policy server's text or
 a header quoted whole cannot make one line that syslog and journald would split or drop (a JSON record's message
-and each of its string fields alike).
+and each of its string fields alike). A record's traceback shows its last TRACEBACK_LINES lines and the exception on
+one line: an error whose text holds line ends, or a deep recursion, makes a few lines, not thousands.
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ import logging.handlers
 import os
 import sys
 import time
+import traceback
 from datetime import datetime
 from typing import TYPE_CHECKING, Iterator, Union
 
@@ -88,6 +90,7 @@ _POSTSUPER_EVENT = {"delete": "removed", "hold": "held", "release": "released", 
 
 
 LOG_TEXT_LIMIT = 2000  # bytes of a record's text written (Postfix's MSG_LOGGER_RECLEN and MSG_SYSLOG_RECLEN)
+TRACEBACK_LINES = 20  # the last lines of a traceback a record shows (its innermost frames)
 
 
 def cut_for_log(text: str) -> str:
@@ -545,12 +548,25 @@ class SyslogFormatter(logging.Formatter):
 
 
 def _printable_lines(head: str, record: logging.LogRecord, formatter: logging.Formatter) -> str:
-    """A record's message and its traceback's lines, each after `head` and printable (one line per line)."""
+    """A record's message and its traceback's lines (`exception_lines`), each after `head` and printable."""
     lines = [head + cut_for_log(printable(record.getMessage()))]
     if record.exc_info:
-        lines += [head + cut_for_log(printable(line))
-                  for line in formatter.formatException(record.exc_info).splitlines()]
+        lines += [head + cut_for_log(printable(line)) for line in exception_lines(record.exc_info, formatter)]
     return "\n".join(lines)
+
+
+def exception_lines(exc_info, formatter: logging.Formatter) -> list[str]:
+    """A traceback as a log shows it: its last TRACEBACK_LINES lines (a line before them says how many were left
+    out), then the exception (`Type: message`) on one line, whatever line ends its message holds."""
+    text = formatter.formatException(exc_info)
+    error = exc_info[1]
+    last = "".join(traceback.format_exception_only(type(error), error)).rstrip("\n") if error is not None else ""
+    if last and text.endswith(last):
+        text = text[:-len(last)]
+    lines = text.splitlines()
+    if len(lines) > TRACEBACK_LINES:
+        lines = [f"({len(lines) - TRACEBACK_LINES} lines of the traceback left out)"] + lines[-TRACEBACK_LINES:]
+    return lines + ([last.replace("\n", " ")] if last else [])
 
 
 class JsonFormatter(logging.Formatter):

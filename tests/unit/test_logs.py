@@ -225,3 +225,29 @@ def test_a_records_text_is_cut_at_postfixs_2000_bytes_never_inside_a_character()
     event = json.loads(JsonFormatter().format(captured[0]))
     assert len(event["reason"].encode()) <= 2000 and event["reason"].startswith("ééé")
     assert len(json.loads(JsonFormatter().format(captured[1]))["message"]) == 2000
+
+
+def test_a_traceback_shows_its_last_lines_and_the_exception_on_one_line():
+    """An error whose text has 5000 line ends, raised 50 calls deep: its record is the message, a line saying how
+    much of the traceback was left out, the traceback's last 20 lines and `Type: text` on one line. Each line of
+    the formatted traceback was a log line: 5004 lines for that text alone."""
+    logger, captured = records("test.logs.traceback")
+
+    def deep(n):
+        if n:
+            deeper(n - 1)  # (two functions in turn: Python shows repeated frames as one line)
+        raise ValueError("start" + "\nline" * 5000)
+
+    def deeper(n):
+        deep(n)
+
+    try:
+        deep(50)
+    except ValueError:
+        logger.exception("it failed")
+    syslog = SyslogFormatter("mx.example.test", "postfix-mailflow", pid=42)
+    lines = [line.split("[42]: error: ", 1)[1] for line in syslog.format(captured[0]).splitlines()]
+    assert len(lines) == 1 + 1 + 20 + 1, lines[:5]
+    assert lines[0] == "it failed" and re.fullmatch(r"\(\d+ lines of the traceback left out\)", lines[1]), lines[1]
+    assert lines[-1].startswith("ValueError: start line line") and len(lines[-1].encode()) == 2000
+    assert "raise ValueError" in lines[-2]
