@@ -100,6 +100,12 @@ def cut_for_log(text: str) -> str:
     return text.encode("utf-8", "surrogatepass")[:LOG_TEXT_LIMIT].decode("utf-8", "ignore")
 
 
+def log_text(text: str) -> str:
+    """`cut_for_log(printable(text))`, cut first: a character's replacement is one character, so the text past the
+    first LOG_TEXT_LIMIT characters, which the cut drops anyway, is never walked (a megabyte took printable 85 ms)."""
+    return cut_for_log(printable(text[:LOG_TEXT_LIMIT]))
+
+
 def printable(text: object, replacement: str = "?") -> str:
     """`text` with every non-printable character (controls, line and paragraph separators, format characters,
     unpaired surrogates, non-ASCII spaces) replaced by `replacement`; printable Unicode is kept."""
@@ -549,9 +555,9 @@ class SyslogFormatter(logging.Formatter):
 
 def _printable_lines(head: str, record: logging.LogRecord, formatter: logging.Formatter) -> str:
     """A record's message and its traceback's lines (`exception_lines`), each after `head` and printable."""
-    lines = [head + cut_for_log(printable(record.getMessage()))]
+    lines = [head + log_text(record.getMessage())]
     if record.exc_info:
-        lines += [head + cut_for_log(printable(line)) for line in exception_lines(record.exc_info, formatter)]
+        lines += [head + log_text(line) for line in exception_lines(record.exc_info, formatter)]
     return "\n".join(lines)
 
 
@@ -584,7 +590,7 @@ class JsonFormatter(logging.Formatter):
             out.update(event=record.event, **{k: cut_for_log(v) if isinstance(v, str) else v
                                               for k, v in fields.items()})
         else:
-            out["message"] = cut_for_log(printable(record.getMessage()))
+            out["message"] = log_text(record.getMessage())
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False)
