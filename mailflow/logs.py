@@ -51,9 +51,11 @@ Failure behaviour: logging never raises into the caller (the logging module's ru
 client input (line ends and other controls are replaced). No line is longer than LOG_TEXT_LIMIT bytes of text
 after its prefix (time, host, program, level): the formatters cut what is longer, as Postfix's msg_logger and
 msg_syslog write at most 2000 bytes of a record's text, so a peer's reply, a milter's or policy server's text or
-a header quoted whole cannot make one line that syslog and journald would split or drop (a JSON record's message
-and each of its string fields alike). A record's traceback shows its last TRACEBACK_LINES lines and the exception on
-one line: an error whose text holds line ends, or a deep recursion, makes a few lines, not thousands.
+a header quoted whole cannot make one line that syslog and journald would split or drop. A JSON record's line is
+at most JSON_RECORD_LIMIT bytes whole (its message and string fields, the traceback too, cut to their shares of it
+as JSON writes them: quotes and backslashes doubled). A record's traceback shows its last TRACEBACK_LINES lines
+and the exception on one line: an error whose text holds line ends, or a deep recursion, makes a few lines, not
+thousands.
 """
 from __future__ import annotations
 
@@ -90,6 +92,7 @@ _POSTSUPER_EVENT = {"delete": "removed", "hold": "held", "release": "released", 
 
 
 LOG_TEXT_LIMIT = 2000  # bytes of a record's text written (Postfix's MSG_LOGGER_RECLEN and MSG_SYSLOG_RECLEN)
+JSON_RECORD_LIMIT = 4000  # bytes of a JSON record's line, its fields and their quoting all together
 TRACEBACK_LINES = 20  # the last lines of a traceback a record shows (its innermost frames)
 
 
@@ -576,6 +579,8 @@ def exception_lines(exc_info, formatter: logging.Formatter) -> list[str]:
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record, its line at most JSON_RECORD_LIMIT bytes (`_json_line`)."""
+
     def format(self, record: logging.LogRecord) -> str:
         out = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
@@ -592,8 +597,44 @@ class JsonFormatter(logging.Formatter):
         else:
             out["message"] = log_text(record.getMessage())
         if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False)
+            out["exception"] = "\n".join(log_text(line) for line in exception_lines(record.exc_info, self))
+        return _json_line(out)
+
+
+def _json_line(record: dict) -> str:
+    """`record` as one JSON line of at most JSON_RECORD_LIMIT bytes: when it is longer, its string values share
+    what the rest leaves, each cut to its share (a short one keeps its whole text, the long ones split the rest;
+    shares count the text as JSON writes it, quotes and backslashes doubled). Values other than strings are kept."""
+    line = json.dumps(record, ensure_ascii=False)
+    if len(line) * 4 <= JSON_RECORD_LIMIT or len(line.encode()) <= JSON_RECORD_LIMIT:
+        return line
+    texts = {key: value for key, value in record.items() if isinstance(value, str)}
+    rest = _json_size({key: "" if key in texts else value for key, value in record.items()})
+    left = JSON_RECORD_LIMIT - rest
+    out = dict(record)
+    for n, key in enumerate(sorted(texts, key=lambda k: _json_size(texts[k]))):
+        out[key] = _json_cut(texts[key], max(0, left) // (len(texts) - n))
+        left -= _json_size(out[key]) - 2
+    return json.dumps(out, ensure_ascii=False)
+
+
+def _json_size(value: object) -> int:
+    """Bytes of `value` written as JSON (a string's quotes too)."""
+    return len(json.dumps(value, ensure_ascii=False).encode())
+
+
+def _json_cut(text: str, budget: int) -> str:
+    """The longest start of `text` that JSON writes in `budget` bytes, its quotes left out."""
+    if _json_size(text) - 2 <= budget:
+        return text
+    low, high = 0, min(len(text), budget)  # (a character is at least one byte written)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if _json_size(text[:mid]) - 2 <= budget:
+            low = mid
+        else:
+            high = mid - 1
+    return text[:low]
 
 
 WRITE_FAILURE_REPORT_INTERVAL = 60.0  # seconds between the lines that say the log file still cannot be written

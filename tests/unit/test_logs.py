@@ -267,3 +267,26 @@ def test_a_formatter_makes_printable_only_the_text_it_keeps(monkeypatch):
     message = json.loads(JsonFormatter().format(captured[0]))["message"]
     assert line.split("[42]: warning: ", 1)[1] == message == cut_for_log(real(captured[0].getMessage()))
     assert walked and max(walked) <= LOG_TEXT_LIMIT, walked
+
+
+def test_a_json_record_is_one_line_of_at_most_its_limit_whatever_json_escapes():
+    """Text that JSON writes longer (quotes and backslashes doubled) and a traceback whose error holds a megabyte:
+    each record's line stays within JSON_RECORD_LIMIT bytes, the short fields whole, the long ones cut to the start
+    of their text. Each field was cut to 2000 bytes before escaping (a 16 KB line) and the traceback not at all (a
+    megabyte)."""
+    logger, captured = records("test.logs.json")
+    MailLog(logger).not_signed("ABC123", "seal", '"\\' * 4000)
+    try:
+        raise ValueError('"' * 1_000_000)
+    except ValueError:
+        logger.exception("it failed: %s", "\\" * 3000)
+    for record in captured:
+        line = JsonFormatter().format(record)
+        assert "\n" not in line and len(line.encode()) <= 4000, len(line.encode())  # (JSON_RECORD_LIMIT)
+        event = json.loads(line)
+        assert event["level"] in ("info", "error") and event["logger"] == "test.logs.json"
+    signed = json.loads(JsonFormatter().format(captured[0]))
+    assert signed["queue_id"] == "ABC123" and signed["reason"].startswith('"\\"\\') and len(signed["reason"]) > 1000
+    failed = json.loads(JsonFormatter().format(captured[1]))
+    assert failed["message"].startswith("it failed: \\\\") and failed["exception"].startswith("Traceback")
+    assert failed["exception"].splitlines()[-1].startswith('ValueError: ""')
