@@ -211,6 +211,21 @@ async def test_a_flood_of_ignored_edits_is_warned_of_ten_times_then_counted_in_o
     assert warnings[-1].endswith(": 4991 more edits ignored"), warnings[-1]
 
 
+async def test_the_count_of_ignored_edits_is_logged_when_the_milter_then_fails(milter_server, caplog):
+    """A milter that sends a flood of ignored edits and then no final reply (it times out): the ten warnings, the
+    count of the others and the failure are logged. The count line was written with the final reply only, so a
+    milter that failed after its flood left no trace of most of it."""
+    edits = [header_edit(b"h", f"X Bad{i}", b"v") for i in range(3000)]
+    _, port = await milter_server({b"E": b"".join(edits)}, content_timeout="1s")
+    client = await SmtpClient.connect(port)
+    sent = await client.send_message(MESSAGE)
+    await client.close()
+    assert sent.code == 451, sent  # (the milter's default_action: tempfail)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "milter" in r.getMessage()]
+    assert sum("is not one: edit ignored" in w for w in warnings) == 10, warnings[:20]
+    assert any(w.endswith(": 2990 more edits ignored") for w in warnings), warnings[10:]
+
+
 async def test_edits_past_the_message_size_limit_refuse_the_message_as_postfix_does(milter_server, tmp_path, caplog):
     """Postfix writes a milter's edits into the queue file, which stops at message_size_limit: 552 5.3.4 Error:
     message file too big, with cleanup's warning "queue file size limit exceeded" (observed with a private

@@ -202,6 +202,7 @@ class MilterConnection:
         edits = Edits(size=counted)
         timeout = self._settings.content_timeout
         skipping = False  # the milter answered a body chunk with SKIP: it wants no more of the body
+        who = f"{queue_id or 'NOQUEUE'}: milter {self.spec}"
         try:
             async for command, packet in events:
                 if n.skips(command) or (skipping and command == p.BODY):
@@ -219,16 +220,16 @@ class MilterConnection:
                     async with asyncio.timeout(timeout):
                         await self._writer.drain()
             self._writer.write(macros.get(p.BODYEOB, b"") + p.encode(p.BODYEOB))
-            who = f"{queue_id or 'NOQUEUE'}: milter {self.spec}"
             while True:  # read on to the final reply past edits too big to keep (the dialogue stays in step)
                 reply = await self._read(timeout)
                 if reply.command in p.FINAL:
-                    _tell_unlogged(edits, who)
                     return reply, edits
                 if edits.fits(reply, self._settings.size_limit):
                     _collect(reply, edits, who)
         except (OSError, TimeoutError, p.ProtocolError, asyncio.IncompleteReadError) as e:
             raise MilterFailed(_why(e)) from None
+        finally:  # (the milter failing after its edits too: a timeout, a reply out of place)
+            _tell_unlogged(edits, who)
 
     def write(self, packet: bytes) -> None:
         """A command without reply (ABORT, QUIT); a failure to send shows at the next command."""
