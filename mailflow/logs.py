@@ -50,7 +50,8 @@ What it owns
 Failure behaviour: logging never raises into the caller (the logging module's rule); a line is never split by
 client input (line ends and other controls are replaced). No line is longer than LOG_TEXT_LIMIT bytes of text
 after its prefix (time, host, program, level): the formatters cut what is longer, as Postfix's msg_logger and
-msg_syslog write at most 2000 bytes of a record's text, so a peer's reply, a milter's or policy server's text or
+msg_syslog write at most 2000 bytes of a record's text (a command's stderr, ToolFormatter, is cut alike, where
+Postfix's msg_vstream writes the whole text), so a peer's reply, a milter's or policy server's text or
 a header quoted whole cannot make one line that syslog and journald would split or drop. A JSON record's line is
 at most JSON_RECORD_LIMIT bytes whole (its message and string fields, the traceback too, cut to their shares of it
 as JSON writes them: quotes and backslashes doubled). A record's traceback shows its last TRACEBACK_LINES lines
@@ -728,7 +729,8 @@ def tool_logger(log_config: Union[LogConfig, LogSettings], hostname: str) -> Ite
 
 
 class ToolFormatter(logging.Formatter):
-    """`PREFIX: warning: text`, as Postfix's commands write to stderr (msg_vstream), every line printable."""
+    """`PREFIX: warning: text`, as Postfix's commands write to stderr (msg_vstream), every line printable and cut
+    as the log's are (`_printable_lines`): there mailflow differs, msg_vstream writes a line whole."""
 
     def __init__(self, prefix: str):
         super().__init__()

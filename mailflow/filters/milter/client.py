@@ -15,7 +15,8 @@ asks every milter of a listener in turn (Postfix smtpd_milters).
     Edits: header changes, sender and recipient changes, a replaced body, as the milters asked at end of message;
            `too_big`: they came to more than the size limit (only what fits was kept; see message); an edit that
            cannot be made (no header name, no address, a bad argument) is ignored with a warning, the first
-           IGNORED_EDITS_LOGGED of a message each, the rest in one line with their count (`ignored`)
+           IGNORED_EDITS_LOGGED of each milter and message each, the rest in one line with their count
+           (`ignored`), written when the milter's final reply comes or it fails
 
 What a milter says (per Postfix): accept -> it is not asked again for this message; continue -> the next
 milter is asked; reject / tempfail / replycode -> the command (or the message) is refused with that reply
@@ -68,7 +69,7 @@ EDIT_COST = 128
 # sends the chunks as the milter gave them, so one that rewrites the body line by line sends many small ones
 BODY_CHUNK_COST = 48
 # edits of one message (and milter) ignored with a warning of their own; past them they are counted, and the count is
-# told in one line when the milter's final reply comes: a milter's flood of bad edits costs a few lines, not one each
+# told in one line when the milter's final reply comes or it fails: a flood of bad edits costs a few lines, not one each
 IGNORED_EDITS_LOGGED = 10
 
 
@@ -324,9 +325,10 @@ def _ignored(edits: Edits, text: str, who: str, *args: object) -> None:
 
 
 def _tell_unlogged(edits: Edits, who: str) -> None:
-    """The one line for the ignored edits of a message that had no warning of their own."""
+    """The one line for the ignored edits of a message that had no warning of their own (an ignored argument of an
+    added recipient counts too: the recipient is added, its argument is not)."""
     if edits.ignored > IGNORED_EDITS_LOGGED:
-        log.warning("%s: %d more edits ignored", who, edits.ignored - IGNORED_EDITS_LOGGED)
+        log.warning("%s: %d more edits or edit arguments ignored", who, edits.ignored - IGNORED_EDITS_LOGGED)
 
 
 def _added_dsn(edits: Edits, who: str, arguments: str) -> tuple[str, str]:
