@@ -117,8 +117,7 @@ class CapturedMessage:
         return mime.decoded_header(self.message, "Subject")
 
     def header(self, name: str) -> str | None:
-        value = self.message.get(name)
-        return None if value is None else str(value)
+        return mime.header(self.message, name)
 
     @cached_property
     def text(self) -> str:
@@ -153,16 +152,21 @@ class CapturedMessage:
         return len(self.raw)
 
     async def parse_off_loop(self) -> None:
-        """Makes `message`, `subject`, `text`, `html`, `snippet` and the attachments in a worker thread, unless
-        `message` is made already (`_made`); once, however many requests and waits ask at the same time."""
-        if "message" in self.__dict__:
+        """Makes the properties `_made` makes in a worker thread, unless they are all made already; once, however
+        many requests and waits ask at the same time. Never raises but for what the thread itself may (a
+        MemoryError): that ask fails, and the next one parses again."""
+        if _MADE.issubset(self.__dict__):
             return
         if self._parsing is None:
             self._parsing = asyncio.ensure_future(asyncio.to_thread(_made, self.raw))
+            self._parsing.add_done_callback(self._parsed)
         made = await asyncio.shield(self._parsing)  # (an asker cancelled leaves it to the others)
+        for name, value in made.items():
+            self.__dict__.setdefault(name, value)  # (one made on the loop meanwhile stays: it is the same)
+
+    def _parsed(self, parsing: asyncio.Future) -> None:
+        """The parse ended (done callback): the next ask, if any property is still missing, parses again."""
         self._parsing = None
-        if "message" not in self.__dict__:  # (not made on the loop meanwhile: what is there stays)
-            self.__dict__.update(made)
 
     def describe(self) -> str:
         """One line: `<sender> -> <rcpt>, <rcpt>: 'Subject' (queue id ID)`."""
@@ -170,10 +174,14 @@ class CapturedMessage:
         return f"<{self.sender}> -> {to}: {self.subject!r} (queue id {self.queue_id})"
 
 
+_MADE = frozenset({"message", "subject", "text", "html", "snippet", "_parts"})
+
+
 def _made(raw: bytes) -> dict:
-    """CapturedMessage's parsed properties by name, made from `raw` off the loop: the email package takes about
-    2 ms a MIME part (policy.default's header objects), and the first summary of a 1 MB message of 3000 parts held
-    the server's loop 6 s. The worker thread hands the GIL to the loop every switch interval (5 ms)."""
+    """CapturedMessage's parsed properties by name (_MADE), made from `raw` off the loop: the email package takes
+    about 2 ms a MIME part (policy.default's header objects), and the first summary of a 1 MB message of 3000 parts
+    held the server's loop 6 s. The worker thread hands the GIL to the loop every switch interval (5 ms). Never
+    raises for a malformed message: mime's helpers do not."""
     message = mime.parse(raw)
     text, html = mime.text_body(message), mime.html_body(message)
     return {"message": message, "subject": mime.decoded_header(message, "Subject"), "text": text, "html": html,

@@ -258,7 +258,9 @@ def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> w
     started = time.monotonic()
     waiting = {"now": 0}
 
-    async def find(request: web.Request) -> CapturedMessage:
+    async def find(request: web.Request, *, parse: bool = True) -> CapturedMessage:
+        """The message the request names, parsed off the loop first unless `parse` is False (what reads only its
+        bytes, envelope or header fields has no need to wait for a parse of thousands of parts)."""
         ident, query = request.match_info["id"], request.query.get("query", "").strip()
         if ident != "latest":
             message = mailbox.get(ident)
@@ -268,7 +270,8 @@ def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> w
             message = mailbox.latest()
         if message is None:
             raise web.HTTPNotFound(text="Message not found")
-        await message.parse_off_loop()
+        if parse:
+            await message.parse_off_loop()
         return message
 
     async def matching(query: str, messages: list[CapturedMessage] | None = None) -> list[CapturedMessage]:
@@ -335,7 +338,7 @@ def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> w
 
     @table.get("/api/v1/message/{id}/raw")
     async def raw(request: web.Request) -> web.Response:
-        found = await find(request)
+        found = await find(request, parse=False)
         saved = request.query.get("dl") == "1"  # Mailpit's download link
         headers = {"Content-Disposition": f'attachment; filename="{found.id}.eml"'} if saved else None
         return web.Response(body=found.raw, content_type="text/plain", charset="utf-8", headers=headers)
@@ -343,7 +346,7 @@ def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> w
     @table.get("/api/v1/message/{id}/headers")
     async def headers(request: web.Request) -> web.Response:
         out: dict[str, list[str]] = {}
-        for name, value in (await find(request)).message.raw_items():
+        for name, value in mime.header_only((await find(request, parse=False)).raw).raw_items():
             out.setdefault(_canonical(name), []).append(_header_value(value))
         return web.json_response(out)
 
@@ -358,7 +361,7 @@ def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> w
 
     @table.get("/api/v1/message/{id}/history")
     async def message_history(request: web.Request) -> web.Response:
-        return web.json_response(history(await find(request)))
+        return web.json_response(history(await find(request, parse=False)))
 
     @table.get("/api/v1/search")
     async def search_messages(request: web.Request) -> web.Response:

@@ -1,6 +1,8 @@
 """What a captured message holds, read from its parsed form (`email.message.EmailMessage`, `policy.default`).
 
-    parse(raw) -> EmailMessage
+    parse(raw) -> EmailMessage                      the whole message; its header only (the body kept as text)
+                                                    when it nests deeper than the parser recurses
+    header_only(raw) -> EmailMessage                its header fields (raw_items(), get()), the body not parsed
     text_body(msg) / html_body(msg) -> str          the first text/plain (text/html) body that is not an
                                                     attachment; "" when there is none
     parts(msg) -> [(part_id, part)]                 every leaf part with Mailpit's part id ("1", "2.1", …)
@@ -9,6 +11,7 @@
                                                     the bodies is an attachment
     links(msg) -> [url]                             http(s) and mailto links of the text and the HTML, in order,
                                                     each once (href and src attributes, and bare URLs)
+    header(msg, name) -> str | None                 the first such header, decoded (None when there is none)
     addresses(msg, header) -> [(name, address)]     the addresses of a header (To, Cc, From, Reply-To)
     unfold(value) -> str                            a header's lines joined as Go's net/textproto (Mailpit's
                                                     reader) joins them: each trimmed of spaces and tabs, one
@@ -18,7 +21,9 @@
     snippet(text, html, limit=250) -> str           the start of the text (else of the HTML without tags), one line
 
 Failure behaviour: a malformed message never raises here: the email package's defects are ignored, an
-undecodable part gives "" (or its raw payload for an attachment).
+undecodable part gives "" (or its raw payload for an attachment), and a helper the email package fails in
+anyway (Python 3.11's get_content_disposition raises IndexError on `attachment; filename*`) gives what it gives
+for a message without such a part or header ("", [], ([], [])).
 """
 from __future__ import annotations
 
@@ -26,11 +31,15 @@ import email
 import email.policy
 import email.utils
 import hashlib
+import functools
 import re
 from dataclasses import dataclass
 from email.message import EmailMessage, MIMEPart
+from email.parser import BytesHeaderParser
 from html.parser import HTMLParser
+from typing import Callable, TypeVar
 
+_Value = TypeVar("_Value")
 URL = re.compile(r"""(?:https?://|mailto:)[^\s<>"'()\[\]]+""", re.IGNORECASE)
 
 
@@ -54,7 +63,28 @@ class Attachment:
 
 
 def parse(raw: bytes) -> EmailMessage:
-    return email.message_from_bytes(raw, policy=email.policy.default)
+    try:
+        return email.message_from_bytes(raw, policy=email.policy.default)
+    except RecursionError:  # multiparts nested a thousand deep
+        return header_only(raw)
+
+
+def header_only(raw: bytes) -> EmailMessage:
+    return BytesHeaderParser(policy=email.policy.default).parsebytes(raw)
+
+
+def _never_raises(fallback: Callable[[], _Value]) -> Callable[[Callable[..., _Value]], Callable[..., _Value]]:
+    """A helper the email package fails in on some malformed message gives `fallback()` instead (the module's
+    failure behaviour): one such message must not break a listing, a search or a wait for the others."""
+    def wrap(helper: Callable[..., _Value]) -> Callable[..., _Value]:
+        @functools.wraps(helper)
+        def guarded(*args, **kwargs) -> _Value:
+            try:
+                return helper(*args, **kwargs)
+            except Exception:  # IndexError, RecursionError, …: whatever the email package raises on it
+                return fallback()
+        return guarded
+    return wrap
 
 
 def _content(part) -> str:
@@ -74,11 +104,13 @@ def _body_part(msg: EmailMessage, subtype: str):
         return None
 
 
+@_never_raises(str)
 def text_body(msg: EmailMessage) -> str:
     part = _body_part(msg, "plain")
     return _content(part) if part is not None else ""
 
 
+@_never_raises(str)
 def html_body(msg: EmailMessage) -> str:
     part = _body_part(msg, "html")
     return _content(part) if part is not None else ""
@@ -101,6 +133,7 @@ def _decoded(part) -> bytes:
     return _content(part).encode("utf-8")
 
 
+@_never_raises(lambda: ([], []))
 def attachments(msg: EmailMessage) -> tuple[list[Attachment], list[Attachment]]:
     bodies = {id(p) for p in (_body_part(msg, "plain"), _body_part(msg, "html")) if p is not None}
     attached, inline = [], []
@@ -142,6 +175,7 @@ def _html(html: str) -> _Links:
     return parser
 
 
+@_never_raises(list)
 def links(msg: EmailMessage) -> list[str]:
     found = URL.findall(text_body(msg))
     html = html_body(msg)
@@ -150,6 +184,13 @@ def links(msg: EmailMessage) -> list[str]:
     return list(dict.fromkeys(url.rstrip(".,;:!?") for url in found))
 
 
+@_never_raises(lambda: None)
+def header(msg: EmailMessage, name: str) -> str | None:
+    value = msg.get(name)
+    return None if value is None else str(value)
+
+
+@_never_raises(list)
 def addresses(msg: EmailMessage, header: str) -> list[tuple[str, str]]:
     values = [str(v) for v in msg.get_all(header, [])]
     try:
@@ -166,6 +207,7 @@ def unfold(value: str) -> str:
     return " ".join(line.strip(" \t") for line in _LINE_BREAK.split(value))
 
 
+@_never_raises(str)
 def decoded_header(msg: EmailMessage, name: str) -> str:
     """Mailpit's reading (a tab-folded Subject is one line, trailing blanks gone), where the email package's
     keeps the folding's tab and the blanks."""

@@ -14,6 +14,7 @@ from aiohttp import web
 from mailflow.capture import mailbox as capture_mailbox
 from mailflow.capture import mailpit, search
 from mailflow.capture.mailbox import SLICE, CapturedEnvelope
+from mailflow.clock import VirtualClock
 from mailflow.config import DEFAULTS
 from mailflow.http import HttpServer
 from mailflow.testing import Sink
@@ -482,3 +483,52 @@ async def test_a_number_parameter_is_ascii_digits_as_mailpit_reads_it(api):
         async with http.get(f"/api/v1/messages?limit={value}") as response:
             assert (response.status, (await response.text())[:20]) == (400, "limit: not a number:"), value
     assert len((await get_json(http, "/api/v1/messages?limit=%2B1&start=0"))["messages"]) == 1  # "+1", as Atoi
+
+
+def nested(depth: int) -> bytes:
+    """A message of `depth` multiparts each inside the last: deeper than the email package's parser recurses."""
+    opened = b"".join(b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (i, i) for i in range(depth))
+    closed = b"".join(b"--b%d--\r\n" % i for i in reversed(range(depth)))
+    return b"From: a@shop.test\r\nSubject: nested\r\n" + opened + b"Content-Type: text/plain\r\n\r\nhi\r\n" + closed
+
+
+@pytest.mark.parametrize("broken", [
+    b"From: x@shop.test\r\nSubject: bad\r\nContent-Disposition: attachment; filename*\r\n\r\nbody\r\n",
+    nested(1000)], ids=["get_content_disposition-raises", "nested-1000-deep"])
+async def test_a_message_the_email_package_fails_on_breaks_no_request_nor_wait(broken):
+    # Python 3.11's email package raises IndexError on the first and RecursionError on the second: raised in the
+    # shared parse, it made every listing, search, /raw and /wait of the mailbox 500, and a Sink wait for another
+    # message's subject raise
+    async with Sink(http_api=True) as sink, aiohttp.ClientSession(sink.http_url) as http:
+        mailbox = sink.server.capture.mailbox
+        mailbox.add(CapturedEnvelope("a@shop.test", ("b@example.com",)), broken, "BAD")
+        mailbox.add(CapturedEnvelope("a@shop.test", ("b@example.com",)), b"Subject: ok\r\n\r\nfine\r\n", "OK")
+        [found] = await sink.wait_for(subject="ok", timeout=2)
+        assert found.id == "OK"
+        paths = ["/api/v1/messages", "/api/v1/search?query=fine", "/api/v1/wait?query=fine&timeout=1",
+                 "/api/v1/message/BAD", "/api/v1/message/BAD/headers", "/api/v1/message/BAD/history"]
+        for path in paths:
+            async with http.get(path) as response:
+                assert response.status == 200, (path, await response.text())
+        async with http.get("/api/v1/message/BAD/raw") as response:
+            assert await response.read() == broken
+        async with http.put("/api/v1/messages", json={"Search": "is:unread", "Read": True}) as response:
+            assert response.status == 200
+        summary = (await get_json(http, "/api/v1/messages"))["messages"][1]
+        assert summary["Subject"] == broken.split(b"Subject: ")[1].split(b"\r")[0].decode()
+
+
+async def test_a_parse_that_failed_is_tried_again_by_the_next_ask(monkeypatch):
+    # a MemoryError in the worker thread failed that ask; kept, it failed every later ask of the message
+    parse, failures = capture_mailbox._made, [MemoryError()]
+    monkeypatch.setattr(capture_mailbox, "_made", lambda raw: parse(raw) if not failures else _raise(failures.pop()))
+    box = capture_mailbox.Mailbox(max_messages=10, max_bytes=10**6, clock=VirtualClock())
+    message = box.add(CapturedEnvelope("a@shop.test", ("b@example.com",)), b"Subject: again\r\n\r\nx\r\n", "Q1")
+    with pytest.raises(MemoryError):
+        await message.parse_off_loop()
+    await message.parse_off_loop()
+    assert message.subject == "again"
+
+
+def _raise(error: BaseException):
+    raise error
