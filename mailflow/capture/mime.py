@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from email.message import EmailMessage, MIMEPart
 from email.parser import BytesHeaderParser
 from html.parser import HTMLParser
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar, cast
 
-_Value = TypeVar("_Value")
+_Helper = TypeVar("_Helper", bound=Callable[..., Any])
 URL = re.compile(r"""(?:https?://|mailto:)[^\s<>"'()\[\]]+""", re.IGNORECASE)
 
 
@@ -73,17 +73,17 @@ def header_only(raw: bytes) -> EmailMessage:
     return BytesHeaderParser(policy=email.policy.default).parsebytes(raw)
 
 
-def _never_raises(fallback: Callable[[], _Value]) -> Callable[[Callable[..., _Value]], Callable[..., _Value]]:
+def _never_raises(fallback: Callable[[], object]) -> Callable[[_Helper], _Helper]:
     """A helper the email package fails in on some malformed message gives `fallback()` instead (the module's
     failure behaviour): one such message must not break a listing, a search or a wait for the others."""
-    def wrap(helper: Callable[..., _Value]) -> Callable[..., _Value]:
+    def wrap(helper: _Helper) -> _Helper:
         @functools.wraps(helper)
-        def guarded(*args, **kwargs) -> _Value:
+        def guarded(*args, **kwargs):
             try:
                 return helper(*args, **kwargs)
             except Exception:  # IndexError, RecursionError, …: whatever the email package raises on it
                 return fallback()
-        return guarded
+        return cast(_Helper, guarded)
     return wrap
 
 
