@@ -13,7 +13,7 @@
                          (the SMTP session that submitted it: model.SessionTranscript, None when it did not come
                          over SMTP or no transcripts are kept), `history` (the queue's events for its queue id,
                          as they are now), and helpers: subject, text, html, snippet, attachments, inline, links,
-                         header();
+                         header(), contacts (each address header's (name, address) pairs);
                          `await parse_off_loop()` parses it in a worker thread (what the HTTP API does first)
     Criteria(to, sender, subject, match, settled=False)   which messages a wait or a test wants (see `matches`)
     WaitTimeout          (an AssertionError) raised by `wait`: its text counts what did arrive and lists the
@@ -144,6 +144,12 @@ class CapturedMessage:
         return mime.snippet(self.text, self.html)
 
     @cached_property
+    def contacts(self) -> dict[str, list[tuple[str, str]]]:
+        """The (name, address) pairs of each of CONTACT_HEADERS (mime.addresses): made once, a To of 10 000
+        addresses took 0.08 s to read (2.4 s as policy.default's header objects), and every listing summarises."""
+        return _contacts(self.message)
+
+    @cached_property
     def links(self) -> list[str]:
         return mime.links(self.message)
 
@@ -174,7 +180,8 @@ class CapturedMessage:
         return f"<{self.sender}> -> {to}: {self.subject!r} (queue id {self.queue_id})"
 
 
-_MADE = frozenset({"message", "subject", "text", "html", "snippet", "_parts"})
+_MADE = frozenset({"message", "subject", "text", "html", "snippet", "_parts", "contacts"})
+CONTACT_HEADERS = ("From", "To", "Cc", "Reply-To")
 
 
 def _made(raw: bytes) -> dict:
@@ -185,7 +192,11 @@ def _made(raw: bytes) -> dict:
     message = mime.parse(raw)
     text, html = mime.text_body(message), mime.html_body(message)
     return {"message": message, "subject": mime.decoded_header(message, "Subject"), "text": text, "html": html,
-            "snippet": mime.snippet(text, html), "_parts": mime.attachments(message)}
+            "snippet": mime.snippet(text, html), "_parts": mime.attachments(message), "contacts": _contacts(message)}
+
+
+def _contacts(message) -> dict[str, list[tuple[str, str]]]:
+    return {name: mime.addresses(message, name) for name in CONTACT_HEADERS}
 
 
 def address_matches(pattern: str, address: str) -> bool:

@@ -74,11 +74,11 @@ def _contact(pair: tuple[str, str]) -> dict:
 
 
 def _contacts(message: CapturedMessage, header: str) -> list[dict]:
-    return [_contact(p) for p in mime.addresses(message.message, header)]
+    return [_contact(p) for p in message.contacts[header]]
 
 
 def _sender(message: CapturedMessage) -> dict | None:
-    found = mime.addresses(message.message, "From")
+    found = message.contacts["From"]
     return _contact(found[0]) if found else None
 
 
@@ -148,13 +148,6 @@ def history(message: CapturedMessage) -> dict:
 def _canonical(name: str) -> str:
     """Go's canonical header key, as Mailpit returns them: `message-id` -> `Message-Id`."""
     return "-".join(word[:1].upper() + word[1:].lower() for word in name.split("-"))
-
-
-def _header_value(raw: str) -> str:
-    """A header's value as Go's net/textproto reads it (Mailpit's /headers): as sent, encoded words and all (not
-    decoded as `message.header()` does), unfolded: each line trimmed of spaces and tabs, the lines joined by one
-    space; bytes that are not UTF-8 replaced, as Go's JSON encoder does."""
-    return mime.unfold(raw.encode("ascii", "surrogateescape").decode("utf-8", "replace"))
 
 
 def _disposition(item: mime.Attachment) -> str:
@@ -347,7 +340,7 @@ def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> w
     async def headers(request: web.Request) -> web.Response:
         out: dict[str, list[str]] = {}
         for name, value in mime.header_only((await find(request, parse=False)).raw).raw_items():
-            out.setdefault(_canonical(name), []).append(_header_value(value))
+            out.setdefault(_canonical(name), []).append(mime.raw_value(value))  # (as sent: encoded words kept)
         return web.json_response(out)
 
     @table.get("/api/v1/message/{id}/part/{part}")

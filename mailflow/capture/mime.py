@@ -12,7 +12,10 @@
     links(msg) -> [url]                             http(s) and mailto links of the text and the HTML, in order,
                                                     each once (href and src attributes, and bare URLs)
     header(msg, name) -> str | None                 the first such header, decoded (None when there is none)
-    addresses(msg, header) -> [(name, address)]     the addresses of a header (To, Cc, From, Reply-To)
+    addresses(msg, header) -> [(name, address)]     the addresses of a header (To, Cc, From, Reply-To), the
+                                                    names' encoded words decoded
+    raw_values(msg, name) -> [str]                  each such header as sent (encoded words kept), unfolded
+                                                    (raw_value(value): one value read so)
     unfold(value) -> str                            a header's lines joined as Go's net/textproto (Mailpit's
                                                     reader) joins them: each trimmed of spaces and tabs, one
                                                     space between
@@ -28,6 +31,8 @@ for a message without such a part or header ("", [], ([], [])).
 from __future__ import annotations
 
 import email
+import email.errors
+import email.header
 import email.policy
 import email.utils
 import hashlib
@@ -192,12 +197,31 @@ def header(msg: EmailMessage, name: str) -> str | None:
 
 @_never_raises(list)
 def addresses(msg: EmailMessage, header: str) -> list[tuple[str, str]]:
-    values = [str(v) for v in msg.get_all(header, [])]
+    """Read from the raw values: policy.default's address header objects took 2.4 s for a To of 10 000
+    addresses, getaddresses 0.08 s."""
+    pairs = email.utils.getaddresses(raw_values(msg, header))
+    return [(_words_decoded(name), addr) for name, addr in pairs if addr]
+
+
+def _words_decoded(text: str) -> str:
+    if "=?" not in text:
+        return text
     try:
-        pairs = email.utils.getaddresses(values)
-    except (TypeError, ValueError):
-        return []
-    return [(name, addr) for name, addr in pairs if addr]
+        return str(email.header.make_header(email.header.decode_header(text)))
+    except (LookupError, ValueError, email.errors.HeaderParseError):  # an unknown charset, a broken word
+        return text
+
+
+def raw_values(msg: EmailMessage, name: str) -> list[str]:
+    """As Go's net/textproto reads them (Mailpit's): encoded words kept, unfolded; bytes that are not UTF-8
+    replaced, as Go's JSON encoder does."""
+    wanted = name.lower()
+    return [raw_value(value) for key, value in msg.raw_items() if key.lower() == wanted]
+
+
+def raw_value(value: str) -> str:
+    """Its 8-bit bytes (kept by the parser as surrogate escapes) read as UTF-8, replaced if not; unfolded."""
+    return unfold(value.encode("ascii", "surrogateescape").decode("utf-8", "replace"))
 
 
 _LINE_BREAK = re.compile(r"\r?\n")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from mailflow.capture import mime
 from mailflow.capture.mailbox import CapturedMessage
 
 _WORD = re.compile(r'([-!]?)(?:([A-Za-z][A-Za-z-]*):)?("([^"]*)"?|\S+)')
@@ -57,22 +56,22 @@ def _joined(pairs: list[tuple[str, str]]) -> str:
 
 def bcc(message: CapturedMessage) -> list[str]:
     """Envelope recipients the To and Cc headers do not name (Mailpit's Bcc)."""
-    named = {addr.lower() for _, addr in mime.addresses(message.message, "To") + mime.addresses(message.message, "Cc")}
+    named = {addr.lower() for _, addr in message.contacts["To"] + message.contacts["Cc"]}
     return [r for r in message.recipients if r.lower() not in named]
 
 
 def _place_text(place: str, message: CapturedMessage) -> str:
-    msg = message.message
+    contacts = message.contacts
     if place == "from":
-        return _joined(mime.addresses(msg, "From")) + f" <{message.sender}>".lower()
+        return _joined(contacts["From"]) + f" <{message.sender}>".lower()
     if place == "to":
-        return _joined(mime.addresses(msg, "To")) + " " + " ".join(f"<{r}>" for r in message.recipients).lower()
+        return _joined(contacts["To"]) + " " + " ".join(f"<{r}>" for r in message.recipients).lower()
     if place == "cc":
-        return _joined(mime.addresses(msg, "Cc"))
+        return _joined(contacts["Cc"])
     if place == "bcc":
         return " ".join(f"<{r}>" for r in bcc(message)).lower()
     if place == "reply-to":
-        return _joined(mime.addresses(msg, "Reply-To"))
+        return _joined(contacts["Reply-To"])
     if place == "subject":
         return message.subject.lower()
     if place == "message-id":

@@ -532,3 +532,20 @@ async def test_a_parse_that_failed_is_tried_again_by_the_next_ask(monkeypatch):
 
 def _raise(error: BaseException):
     raise error
+
+
+async def test_a_to_of_ten_thousand_addresses_is_read_once_off_the_loop_not_at_each_listing():
+    # the summary and a to: term read To with policy.default's header objects at each call: 308 KB of To held
+    # the server's loop 5-10 s on every listing of the mailbox
+    to = ", ".join(f"User {i} <u{i}@example.com>" for i in range(10_000))
+    raw = f"From: =?utf-8?q?J=C3=BCrgen?= <j@shop.test>\r\nTo: {to}\r\nSubject: wide\r\n\r\nhi\r\n".encode()
+    async with Sink(http_api=True) as sink, aiohttp.ClientSession(sink.http_url) as http:
+        sink.server.capture.mailbox.add(CapturedEnvelope("j@shop.test", ("u1@example.com",)), raw, "WIDE")
+        async with LoopLag() as lag:
+            for path in ("/api/v1/messages", "/api/v1/messages", "/api/v1/search?query=to:u9999@",
+                         "/api/v1/message/WIDE"):
+                found = await get_json(http, path)
+            await asyncio.sleep(3 * LoopLag.TICK)
+    assert lag.longest < 0.3, lag.longest
+    assert (len(found["To"]), found["To"][-1]) == (10_000, {"Name": "User 9999", "Address": "u9999@example.com"})
+    assert found["From"] == {"Name": "Jürgen", "Address": "j@shop.test"}
