@@ -60,7 +60,7 @@ from mailflow.capture.recorders import Capture
 from mailflow.syntax import ascii_digits
 
 DEFAULT_LIMIT = 50
-MAX_DIGITS = 4000  # in a number parameter: int() refuses more than 4300
+MAX_DIGITS = 18  # in a number parameter: Go's Atoi (Mailpit's) refuses past 19; float(timeout) overflows past 308
 
 
 def iso(timestamp: float) -> str:
