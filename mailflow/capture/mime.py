@@ -18,7 +18,7 @@
                                                     (raw_value(value): one value read so)
     unfold(value) -> str                            a header's lines joined as Go's net/textproto (Mailpit's
                                                     reader) joins them: each trimmed of spaces and tabs, one
-                                                    space between
+                                                    space between, none before the first word
     decoded_header(msg, name) -> str                the first such header unfolded so, then its encoded words
                                                     decoded; "" when there is none
     snippet(text, html, limit=250) -> str           the start of the text (else of the HTML without tags), one line
@@ -228,7 +228,9 @@ _LINE_BREAK = re.compile(r"\r?\n")
 
 
 def unfold(value: str) -> str:
-    return " ".join(line.strip(" \t") for line in _LINE_BREAK.split(value))
+    """A value that starts on a continuation line (`Subject:` then ` hello`) starts with its first word, as Go
+    trims the blanks after the colon of the header's joined line."""
+    return " ".join(line.strip(" \t") for line in _LINE_BREAK.split(value)).lstrip(" \t")
 
 
 @_never_raises(str)

@@ -415,7 +415,8 @@ async def test_headers_are_given_as_mailpit_gives_them_encoded_words_kept_lines_
     and joined by one space; a client comparing a header with what it sent expects those."""
     sink, http = api
     raw = (b"From: =?utf-8?q?J=C3=BCrgen?= <j@shop.test>\r\nTo: bob@example.com\r\n"
-           b"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?= and\r\n\tmore  \r\nX-Trace: a   b,\r\n    c\r\n\r\nhello\r\n")
+           b"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?= and\r\n\tmore  \r\nX-Trace: a   b,\r\n    c\r\n"
+           b"X-Late:\r\n  hello world\r\n\r\nhello\r\n")
     async with aiosmtplib.SMTP(hostname=sink.host, port=sink.port) as client:
         await client.sendmail("j@shop.test", ["bob@example.com"], raw)
     await sink.wait_for(count=3, match=lambda m: True)
@@ -423,6 +424,7 @@ async def test_headers_are_given_as_mailpit_gives_them_encoded_words_kept_lines_
     assert headers["From"] == ["=?utf-8?q?J=C3=BCrgen?= <j@shop.test>"]
     assert headers["Subject"] == ["=?utf-8?q?Gr=C3=BC=C3=9Fe?= and more"]
     assert headers["X-Trace"] == ["a   b, c"]
+    assert headers["X-Late"] == ["hello world"]  # a value begun on a continuation line: no leading blank
     assert "\t" not in headers["Received"][0] and "\n" not in headers["Received"][0]
     assert (await get_json(http, "/api/v1/message/latest"))["Subject"] == "Grüße and more"  # decoded, as Mailpit's
 
