@@ -17,7 +17,8 @@ Mailpit's endpoints (its JSON field names and shapes; IDs are mailflow's queue i
     GET    /api/v1/message/{ID}/headers       {"Name": ["value", ...]}: each value as sent (encoded words kept),
                                               unfolded, as Go's net/textproto gives Mailpit
     GET    /api/v1/message/{ID}/part/{PartID} an attachment or inline part, decoded (Content-Disposition: inline,
-                                              its file name percent-encoded, as Mailpit's)
+                                              its file name percent-encoded; an HTML, SVG or XML part as an
+                                              application/octet-stream attachment: as Mailpit's)
     GET    /api/v1/search?query=&start=&limit=   summaries of the messages matching (capture.search)
     DELETE /api/v1/search?query=              deletes them
 mailflow's:
@@ -150,10 +151,19 @@ def _canonical(name: str) -> str:
     return "-".join(word[:1].upper() + word[1:].lower() for word in name.split("-"))
 
 
-def _disposition(item: mime.Attachment) -> str:
-    """Mailpit's: inline, the file name (else the Content-ID) percent-encoded as Go's url.PathEscape does, so
-    that a name with quotes, line breaks or non-ASCII letters stays one well-formed ASCII header."""
-    return f'inline; filename="{quote(item.filename or item.content_id, safe="$&+:=@")}"'
+SCRIPTED = ("html", "svg", "xml")  # in a part's type: a browser would run the part's scripts
+
+
+def _served_as(item: mime.Attachment) -> tuple[str, dict[str, str]]:
+    """The part's Content-Type and Content-Disposition, as Mailpit's DownloadAttachment gives them: its own type,
+    inline, the file name (else the Content-ID) percent-encoded as Go's url.PathEscape does (a name with quotes,
+    line breaks or non-ASCII letters stays one well-formed ASCII header); but a part a browser would run scripts
+    in (HTML, SVG, XML) is application/octet-stream and an attachment: shown, a mailed script would run on the
+    API's origin, free to mark and delete every message."""
+    name = quote(item.filename or item.content_id, safe="$&+:=@")
+    if any(word in item.content_type for word in SCRIPTED):
+        return "application/octet-stream", {"Content-Disposition": f'attachment; filename="{name}"'}
+    return item.content_type, {"Content-Disposition": f'inline; filename="{name}"'}
 
 
 async def listing(messages: list[CapturedMessage], everything: list[CapturedMessage], start: int, limit: int) -> dict:
@@ -348,8 +358,8 @@ def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> w
         found = await find(request)
         for item in found.attachments + found.inline:
             if item.part_id == request.match_info["part"]:
-                return web.Response(body=item.data, content_type=item.content_type,
-                                    headers={"Content-Disposition": _disposition(item)})
+                content_type, headers = _served_as(item)
+                return web.Response(body=item.data, content_type=content_type, headers=headers)
         raise web.HTTPNotFound(text="Attachment not found")
 
     @table.get("/api/v1/message/{id}/history")

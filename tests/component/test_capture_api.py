@@ -554,3 +554,23 @@ async def test_a_to_of_ten_thousand_addresses_is_read_once_off_the_loop_not_at_e
     assert lag.longest < 0.3, lag.longest
     assert (len(found["To"]), found["To"][-1]) == (10_000, {"Name": "User 9999", "Address": "u9999@example.com"})
     assert found["From"] == {"Name": "Jürgen", "Address": "j@shop.test"}
+
+
+async def test_a_part_a_browser_would_run_scripts_in_is_served_as_a_download():
+    # served inline as text/html (or image/svg+xml), a mailed script ran on the API's origin, where it may PUT
+    # and DELETE; Mailpit serves such parts as application/octet-stream attachments
+    msg = mail("scripted")
+    msg.add_attachment(b"<script>fetch('/api/v1/messages', {method: 'DELETE'})</script>", maintype="text",
+                       subtype="html", filename="invoice.html")
+    msg.add_attachment(b"<svg xmlns='http://www.w3.org/2000/svg' onload='alert(1)'/>", maintype="image",
+                       subtype="svg+xml", filename="logo.svg")
+    msg.add_attachment(b"%PDF", maintype="application", subtype="pdf", filename="a.pdf")
+    async with Sink(http_api=True) as sink, aiohttp.ClientSession(sink.http_url) as http:
+        sink.server.capture.mailbox.add(CapturedEnvelope("a@shop.test", ("b@example.com",)), msg.as_bytes(), "Q1")
+        served = []
+        for part in ("2", "3", "4"):
+            async with http.get(f"/api/v1/message/Q1/part/{part}") as response:
+                served.append((response.content_type, response.headers["Content-Disposition"]))
+    assert served == [("application/octet-stream", 'attachment; filename="invoice.html"'),
+                      ("application/octet-stream", 'attachment; filename="logo.svg"'),
+                      ("application/pdf", 'inline; filename="a.pdf"')]
