@@ -9,7 +9,8 @@
         close()                         no more messages will come (the embedded Sink stopped): waits end
     CapturedEnvelope     what the server was told: sender, recipients, and per recipient the address first given
                          and the DSN parameters (NOTIFY, ORCPT); ENVID, RET; SMTPUTF8, BODY
-    CapturedMessage      envelope, raw bytes, `message` (parsed, email.policy.default), queue id, `transcript`
+    CapturedMessage      envelope, raw bytes, `message` (parsed, email.policy.default), `fields` (the header
+                         fields alone), queue id, `transcript`
                          (the SMTP session that submitted it: model.SessionTranscript, None when it did not come
                          over SMTP or no transcripts are kept), `history` (the queue's events for its queue id,
                          as they are now), and helpers: subject, text, html, snippet, attachments, inline, links,
@@ -29,8 +30,8 @@ message again for each new one, 64 waits on 1000 messages of 90 KB cost 9 s of t
 captured. Any other (`is:read`, a `match` callable, which may read `history` or the read flag) looks at every
 message again each time it is woken.
 
-A wait whose criteria read the messages (`subject`, `match`) has each new one parsed off the loop first
-(CapturedMessage.parse_off_loop).
+A wait whose criteria read the messages (`match`) has each new one parsed off the loop first
+(CapturedMessage.parse_off_loop), within its timeout; `subject` reads the header alone (`fields`).
 
 Failure behaviour: `wait` raises WaitTimeout after `timeout` seconds (loop time, not the injected clock), and
 RuntimeError at once when the mailbox is closed, or closes, before enough messages match (the same report).
@@ -112,12 +113,18 @@ class CapturedMessage:
         return mime.parse(self.raw)
 
     @cached_property
+    def fields(self):
+        """The header fields alone (mime.header_only): what `subject` and `header()` read, at a small cost
+        however many MIME parts the body has."""
+        return mime.header_only(self.raw)
+
+    @cached_property
     def subject(self) -> str:
         """Decoded, its lines unfolded as Mailpit unfolds them (mime.decoded_header)."""
-        return mime.decoded_header(self.message, "Subject")
+        return mime.decoded_header(self.fields, "Subject")
 
     def header(self, name: str) -> str | None:
-        return mime.header(self.message, name)
+        return mime.header(self.fields, name)
 
     @cached_property
     def text(self) -> str:
@@ -147,11 +154,11 @@ class CapturedMessage:
     def contacts(self) -> dict[str, list[tuple[str, str]]]:
         """The (name, address) pairs of each of CONTACT_HEADERS (mime.addresses): made once, a To of 10 000
         addresses took 0.08 s to read (2.4 s as policy.default's header objects), and every listing summarises."""
-        return _contacts(self.message)
+        return _contacts(self.fields)
 
     @cached_property
     def links(self) -> list[str]:
-        return mime.links(self.message)
+        return mime.links(self.text, self.html)
 
     @property
     def size(self) -> int:
@@ -180,19 +187,18 @@ class CapturedMessage:
         return f"<{self.sender}> -> {to}: {self.subject!r} (queue id {self.queue_id})"
 
 
-_MADE = frozenset({"message", "subject", "text", "html", "snippet", "_parts", "contacts"})
+_MADE = frozenset({"message", "fields", "subject", "text", "html", "snippet", "_parts", "contacts"})
 CONTACT_HEADERS = ("From", "To", "Cc", "Reply-To")
 
 
 def _made(raw: bytes) -> dict:
-    """CapturedMessage's parsed properties by name (_MADE), made from `raw` off the loop: the email package takes
-    about 2 ms a MIME part (policy.default's header objects), and the first summary of a 1 MB message of 3000 parts
-    held the server's loop 6 s. The worker thread hands the GIL to the loop every switch interval (5 ms). Never
-    raises for a malformed message: mime's helpers do not."""
-    message = mime.parse(raw)
-    text, html = mime.text_body(message), mime.html_body(message)
-    return {"message": message, "subject": mime.decoded_header(message, "Subject"), "text": text, "html": html,
-            "snippet": mime.snippet(text, html), "_parts": mime.attachments(message), "contacts": _contacts(message)}
+    """CapturedMessage's properties named in _MADE, made from `raw` off the loop (by CapturedMessage's own
+    definitions, on a message of its own): the email package takes about 2 ms a MIME part (policy.default's header
+    objects), and the first summary of a 1 MB message of 3000 parts held the server's loop 6 s. The worker thread
+    hands the GIL to the loop every switch interval (5 ms). Never raises for a malformed message: mime's helpers
+    do not."""
+    made = CapturedMessage("", "", CapturedEnvelope("", ()), raw, 0.0)
+    return {name: getattr(made, name) for name in _MADE}
 
 
 def _contacts(message) -> dict[str, list[tuple[str, str]]]:
@@ -224,8 +230,8 @@ class Criteria:
 
     @property
     def reads_content(self) -> bool:
-        """Does a verdict parse the message? (to and sender are the envelope's.)"""
-        return self.subject is not None or self.match is not None
+        """Does a verdict parse the message? (to and sender are the envelope's; subject its header's alone.)"""
+        return self.match is not None
 
     @property
     def judged_once(self) -> bool:
@@ -376,8 +382,12 @@ class Mailbox:
                 verdicts = {}
             new = [m for m in self.messages if m not in verdicts]
             if criteria.reads_content:
-                for message in new:
-                    await message.parse_off_loop()
+                try:  # (the deadline holds while messages are parsed: a parse of thousands of parts takes seconds)
+                    async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                        for message in new:
+                            await message.parse_off_loop()
+                except TimeoutError:
+                    new = []
             verdicts.update(zip(new, await sliced(new, criteria.matches)))
             verdicts = {m: verdicts[m] for m in self.messages if m in verdicts}  # (none deleted kept alive)
             found = [m for m, hit in verdicts.items() if hit]

@@ -2,14 +2,14 @@
 
     parse(raw) -> EmailMessage                      the whole message; its header only (the body kept as text)
                                                     when it nests deeper than the parser recurses
-    header_only(raw) -> EmailMessage                its header fields (raw_items(), get()), the body not parsed
+    header_only(raw) -> EmailMessage                its header fields (raw_items(), get()), the body not read
     text_body(msg) / html_body(msg) -> str          the first text/plain (text/html) body that is not an
                                                     attachment; "" when there is none
     parts(msg) -> [(part_id, part)]                 every leaf part with Mailpit's part id ("1", "2.1", …)
     attachments(msg) -> ([Attachment], [Attachment])  (attachments, inline parts): a part with a Content-ID shown
                                                     inline is an inline part; any other part that is not one of
                                                     the bodies is an attachment
-    links(msg) -> [url]                             http(s) and mailto links of the text and the HTML, in order,
+    links(text, html) -> [url]                      http(s) and mailto links of the text and the HTML, in order,
                                                     each once (href and src attributes, and bare URLs)
     header(msg, name) -> str | None                 the first such header, decoded (None when there is none)
     addresses(msg, header) -> [(name, address)]     the addresses of a header (To, Cc, From, Reply-To), the
@@ -74,8 +74,13 @@ def parse(raw: bytes) -> EmailMessage:
         return header_only(raw)
 
 
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+
+
 def header_only(raw: bytes) -> EmailMessage:
-    return BytesHeaderParser(policy=email.policy.default).parsebytes(raw)
+    """Parsed from the header's bytes alone: what keeps it holds no copy of the body."""
+    end = _HEADER_END.search(raw)
+    return BytesHeaderParser(policy=email.policy.default).parsebytes(raw[:end.end()] if end else raw)
 
 
 def _never_raises(fallback: Callable[[], object]) -> Callable[[_Helper], _Helper]:
@@ -181,9 +186,8 @@ def _html(html: str) -> _Links:
 
 
 @_never_raises(list)
-def links(msg: EmailMessage) -> list[str]:
-    found = URL.findall(text_body(msg))
-    html = html_body(msg)
+def links(text: str, html: str) -> list[str]:
+    found = URL.findall(text)
     if html:
         found += _html(html).found
     return list(dict.fromkeys(url.rstrip(".,;:!?") for url in found))

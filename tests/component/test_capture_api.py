@@ -3,6 +3,7 @@ aiohttp's client on the test's loop; and the HTTP layer itself (loopback by defa
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from email.message import EmailMessage
 
@@ -117,7 +118,8 @@ async def test_listing_every_message_hands_the_loop_back_between_summaries(monke
     ("GET", "/api/v1/message/latest?query=body", None, 1),
     ("PUT", "/api/v1/messages", {"Search": "body", "Read": True}, 1),
     ("DELETE", "/api/v1/search?query=body", None, 1),
-    ("GET", f"/api/v1/wait?query=body&count={3 * SLICE + 1}&timeout=0", None, 2),  # the wait, then its report
+    ("GET", f"/api/v1/wait?query=body&count={3 * SLICE + 1}&timeout=0", None, 1),  # the report (timeout=0: the
+    # wait itself judges only messages parsed already)
 ])
 async def test_a_search_hands_the_loop_back_between_messages(monkeypatch, method, path, body, searched):
     # a text term parses each message: a first search of 10 000 held the server's loop 3.7 s
@@ -574,3 +576,32 @@ async def test_a_part_a_browser_would_run_scripts_in_is_served_as_a_download():
     assert served == [("application/octet-stream", 'attachment; filename="invoice.html"'),
                       ("application/octet-stream", 'attachment; filename="logo.svg"'),
                       ("application/pdf", 'inline; filename="a.pdf"')]
+
+
+async def test_a_wait_keeps_its_timeout_while_messages_are_parsed_and_a_subject_needs_no_parse(monkeypatch):
+    # a wait parsed each new message before looking at its timeout: timeout=0.5 answered after the whole parse of
+    # a message of 6000 parts (2.7 s); and a subject wait parsed every part where the header is enough
+    parse = capture_mailbox._made
+    monkeypatch.setattr(capture_mailbox, "_made", lambda raw: time.sleep(2) or parse(raw))  # (a parse that long)
+    box = capture_mailbox.Mailbox(max_messages=10, max_bytes=10**8, clock=VirtualClock())
+    big = box.add(CapturedEnvelope("a@shop.test", ("b@example.com",)), many_parts(10), "BIG")
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    with pytest.raises(capture_mailbox.WaitTimeout):
+        await box.wait(capture_mailbox.Criteria(match=lambda m: m.text == "never"), 1, 0.3)
+    assert loop.time() - began < 1.0
+    other = box.add(CapturedEnvelope("a@shop.test", ("b@example.com",)), many_parts(10), "OTHER")
+    found = await box.wait(capture_mailbox.Criteria(subject="parts"), 2, 0.3)
+    assert loop.time() - began < 1.0
+    assert [m.id for m in found] == ["BIG", "OTHER"] and "text" not in other.__dict__  # (its header was enough)
+    await big.parse_off_loop()  # (the parse the first wait began, ended before the next test)
+
+
+async def test_an_asker_cancelled_leaves_the_parse_to_the_others():
+    box = capture_mailbox.Mailbox(max_messages=10, max_bytes=10**8, clock=VirtualClock())
+    message = box.add(CapturedEnvelope("a@shop.test", ("b@example.com",)), many_parts(200), "Q1")
+    first, second = (asyncio.ensure_future(message.parse_off_loop()) for _ in range(2))
+    await asyncio.sleep(0.01)
+    first.cancel()
+    await asyncio.wait_for(second, 10)  # (without the shield the cancellation reached the shared parse: it raised)
+    assert first.cancelled() and len(message.attachments) == 200 and "text" in message.__dict__

@@ -136,7 +136,7 @@ def test_bodies_attachments_inline_parts_and_links():
     assert [(a.part_id, a.filename, a.data) for a in attached] == [("2", "blob.bin", b"\x00\x01")]
     assert [(a.part_id, a.content_id, a.content_type) for a in inline] == [("1.2.2", "pic", "image/gif")]
     assert attached[0].checksums()["SHA256"] == hashlib.sha256(b"\x00\x01").hexdigest()
-    assert mime.links(parsed) == ["https://a.test/1", "mailto:help@a.test", "https://a.test/2"]
+    assert mime.links(mime.text_body(parsed), mime.html_body(parsed)) == ["https://a.test/1", "mailto:help@a.test", "https://a.test/2"]
     snippet = mime.snippet(mime.text_body(parsed), mime.html_body(parsed))
     assert snippet == "see https://a.test/1, and mailto:help@a.test."
 
