@@ -19,6 +19,7 @@
     Criteria(to, sender, subject, match, settled=False)   which messages a wait or a test wants (see `matches`)
     WaitTimeout          (an AssertionError) raised by `wait`: its text counts what did arrive and lists the
                          newest REPORT_LIMIT of those messages
+    await parsed_off_loop(messages)     each parsed in turn (CapturedMessage.parse_off_loop)
     await sliced(items, fn) -> [fn(item)]   SLICE at a time, handing the loop back before each (a search term
                          or a summary parses its message: a whole mailbox at once held every session 3.7 s)
 
@@ -270,6 +271,12 @@ class Criteria:
         return " ".join(s for s in said if s) or "any message"
 
 
+async def parsed_off_loop(messages: Iterable[CapturedMessage]) -> None:
+    """Each message parsed off the loop (CapturedMessage.parse_off_loop), one after the other."""
+    for message in messages:
+        await message.parse_off_loop()
+
+
 async def sliced(items: list[_Item], fn: Callable[[_Item], _Result]) -> list[_Result]:
     """`fn` of each item, in order, SLICE at a time with the loop handed back before each slice (so that two
     calls in a row do not make two slices in one turn)."""
@@ -384,8 +391,7 @@ class Mailbox:
             if criteria.reads_content:
                 try:  # (the deadline holds while messages are parsed: a parse of thousands of parts takes seconds)
                     async with asyncio.timeout(max(0.0, deadline - loop.time())):
-                        for message in new:
-                            await message.parse_off_loop()
+                        await parsed_off_loop(new)
                 except TimeoutError:
                     new = []
             verdicts.update(zip(new, await sliced(new, criteria.matches)))

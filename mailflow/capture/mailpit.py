@@ -56,7 +56,8 @@ from aiohttp import web
 
 from mailflow import __version__
 from mailflow.capture import mime, search
-from mailflow.capture.mailbox import REPORT_LIMIT, CapturedMessage, Criteria, WaitTimeout, sliced, timeout_report
+from mailflow.capture.mailbox import (REPORT_LIMIT, CapturedMessage, Criteria, WaitTimeout, parsed_off_loop, sliced,
+                                      timeout_report)
 from mailflow.capture.recorders import Capture
 from mailflow.syntax import ascii_digits
 
@@ -176,11 +177,6 @@ async def listing(messages: list[CapturedMessage], everything: list[CapturedMess
     summaries = await sliced(page, summary)
     return {"total": total, "unread": unread, "count": len(page), "messages_count": len(messages),
             "messages_unread": unread_here, "start": start, "tags": [], "messages": summaries}
-
-
-async def parsed_off_loop(messages: list[CapturedMessage]) -> None:
-    for message in messages:
-        await message.parse_off_loop()
 
 
 def _int(request: web.Request, name: str, default: int, low: int = 0) -> int:
