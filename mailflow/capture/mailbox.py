@@ -31,6 +31,11 @@ message again for each new one, 64 waits on 1000 messages of 90 KB cost 9 s of t
 captured. Any other (`is:read`, a `match` callable, which may read `history` or the read flag) looks at every
 message again each time it is woken.
 
+Messages are parsed off the loop in the mailbox's own thread, one message at a time: in asyncio's default pool,
+shared with the queue's fsyncs, DKIM signing, pickup and table loads, 8 requests for messages of thousands of parts
+kept those waiting 5-11 s for a thread. (Not a workers.BoundedWorkers: its caller gives up when no call ends for
+its `wait`, and one parse may rightly take longer.) The thread ends when the mailbox is gone, or at the exit.
+
 A wait whose criteria read the messages (`match`) has each new one parsed off the loop first
 (CapturedMessage.parse_off_loop), within its timeout; `subject` reads the header alone (`fields`).
 
@@ -43,6 +48,7 @@ import asyncio
 import fnmatch
 import re
 from collections import OrderedDict
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable, Iterable, TypeVar
@@ -93,6 +99,7 @@ class CapturedMessage:
     read: bool = False
     _history: Callable[[str], list[QueueEvent]] = field(default=lambda queue_id: [], repr=False)
     _parsing: asyncio.Future | None = field(default=None, repr=False)  # parse_off_loop's thread, while it runs
+    _parser: Executor | None = field(default=None, repr=False)  # its mailbox's parse thread (None: asyncio's default)
 
     @property
     def sender(self) -> str:
@@ -172,7 +179,7 @@ class CapturedMessage:
         if _MADE.issubset(self.__dict__):
             return
         if self._parsing is None:
-            self._parsing = asyncio.ensure_future(asyncio.to_thread(_made, self.raw))
+            self._parsing = asyncio.get_running_loop().run_in_executor(self._parser, _made, self.raw)
             self._parsing.add_done_callback(self._parsed)
         made = await asyncio.shield(self._parsing)  # (an asker cancelled leaves it to the others)
         for name, value in made.items():
@@ -322,6 +329,7 @@ class Mailbox:
         self._sequence = 0
         self._arrived = asyncio.Event()
         self._closed = False
+        self._parser = ThreadPoolExecutor(1, thread_name_prefix="capture-parse")  # (see the module docstring)
         self.accepted = 0
         self.accepted_bytes = 0
         self.deleted = 0
@@ -331,7 +339,8 @@ class Mailbox:
         ident = queue_id if queue_id not in self._messages else f"{queue_id}.{self._sequence}"
         transcript = self._transcripts.get(queue_id) if self._transcripts is not None else None
         history = self._history.events if self._history is not None else (lambda queue_id: [])
-        message = CapturedMessage(ident, queue_id, envelope, raw, self._clock.time(), transcript, _history=history)
+        message = CapturedMessage(ident, queue_id, envelope, raw, self._clock.time(), transcript, _history=history,
+                                  _parser=self._parser)
         self._messages[ident] = message
         self._bytes += len(raw)
         self.accepted += 1
