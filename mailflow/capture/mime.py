@@ -1,8 +1,11 @@
 """What a captured message holds, read from its parsed form (`email.message.EmailMessage`, `policy.default`).
 
-    parse(raw) -> EmailMessage                      the whole message; its header only (the body kept as text)
-                                                    when it nests deeper than the parser recurses
-    header_only(raw) -> EmailMessage                its header fields (raw_items(), get()), the body not read
+    parse(raw) -> EmailMessage                      the whole message; its header only (header_only) when the
+                                                    email package fails on it (nested deeper than the parser
+                                                    recurses, a Content-Type it cannot read)
+    header_only(raw) -> EmailMessage                its header fields (raw_items(), get()), the body not read;
+                                                    as compat32 reads them (values unparsed) when policy.default
+                                                    fails on one
     text_body(msg) / html_body(msg) -> str          the first text/plain (text/html) body that is not an
                                                     attachment; "" when there is none
     parts(msg) -> [(part_id, part)]                 every leaf part with Mailpit's part id ("1", "2.1", …)
@@ -70,7 +73,7 @@ class Attachment:
 def parse(raw: bytes) -> EmailMessage:
     try:
         return email.message_from_bytes(raw, policy=email.policy.default)
-    except RecursionError:  # multiparts nested a thousand deep
+    except Exception:  # RecursionError: multiparts nested a thousand deep; IndexError: `Content-Type: ;filename*`
         return header_only(raw)
 
 
@@ -80,7 +83,11 @@ _HEADER_END = re.compile(rb"\r?\n\r?\n")
 def header_only(raw: bytes) -> EmailMessage:
     """Parsed from the header's bytes alone: what keeps it holds no copy of the body."""
     end = _HEADER_END.search(raw)
-    return BytesHeaderParser(policy=email.policy.default).parsebytes(raw[:end.end()] if end else raw)
+    header = raw[:end.end()] if end else raw
+    try:
+        return BytesHeaderParser(policy=email.policy.default).parsebytes(header)
+    except Exception:  # a Content-Type policy.default's parser fails on: the values kept as text, unparsed
+        return BytesHeaderParser(policy=email.policy.compat32).parsebytes(header)  # type: ignore[return-value]
 
 
 def _never_raises(fallback: Callable[[], object]) -> Callable[[_Helper], _Helper]:

@@ -503,7 +503,8 @@ def nested(depth: int) -> bytes:
 
 @pytest.mark.parametrize("broken", [
     b"From: x@shop.test\r\nSubject: bad\r\nContent-Disposition: attachment; filename*\r\n\r\nbody\r\n",
-    nested(1000)], ids=["get_content_disposition-raises", "nested-1000-deep"])
+    b"From: x@shop.test\r\nSubject: bad\r\nContent-Type: ;filename*\r\n\r\nbody\r\n",
+    nested(1000)], ids=["get_content_disposition-raises", "parse-raises", "nested-1000-deep"])
 async def test_a_message_the_email_package_fails_on_breaks_no_request_nor_wait(broken):
     # Python 3.11's email package raises IndexError on the first and RecursionError on the second: raised in the
     # shared parse, it made every listing, search, /raw and /wait of the mailbox 500, and a Sink wait for another
