@@ -15,7 +15,8 @@
                          over SMTP or no transcripts are kept), `history` (the queue's events for its queue id,
                          as they are now), and helpers: subject, text, html, snippet, attachments, inline, links,
                          header(), contacts (each address header's (name, address) pairs);
-                         `await parse_off_loop()` parses it in a worker thread (what the HTTP API does first)
+                         `await parse_off_loop()` parses it in the mailbox's thread (what the HTTP API does
+                         first)
     Criteria(to, sender, subject, match, settled=False)   which messages a wait or a test wants (see `matches`)
     WaitTimeout          (an AssertionError) raised by `wait`: its text counts what did arrive and lists the
                          newest REPORT_LIMIT of those messages
@@ -176,7 +177,7 @@ class CapturedMessage:
         return len(self.raw)
 
     async def parse_off_loop(self) -> None:
-        """Makes the properties `_made` makes in a worker thread, unless they are all made already; once, however
+        """Makes the properties `_made` makes in the mailbox's thread, unless they are all made already; once, however
         many requests and waits ask at the same time. Never raises but for what the thread itself may (a
         MemoryError): that ask fails, and the next one parses again."""
         if _MADE.issubset(self.__dict__):

@@ -35,8 +35,9 @@ whose body is not a JSON object (or whose IDs are not a list of strings) is 400,
 A listing (messages, search, wait) makes its summaries, and a search (search, delete by search, mark by search,
 latest?query=, wait) looks at the messages, mailbox.SLICE at a time (`mailbox.sliced`), handing the server's loop
 back in between: a summary or a text term parses its message, and a whole mailbox of them would hold every
-session and delivery. Each message a request looks at is parsed first in a worker thread
-(CapturedMessage.parse_off_loop), one at a time: one message of thousands of MIME parts takes seconds to parse.
+session and delivery. Each message a request reads the body of is parsed first in the mailbox's thread
+(CapturedMessage.parse_off_loop), one at a time: one message of thousands of MIME parts takes seconds to parse;
+/raw, /headers and /history read its bytes, its header or its envelope and wait for no parse.
 
 Failure behaviour: an unknown ID is 404 ("Message not found"); a bad parameter or body is 400 with the reason
 (text/plain, as Mailpit's), and so is a search of more than search.MAX_TERMS terms (Mailpit takes any number);
