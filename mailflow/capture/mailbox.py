@@ -185,13 +185,15 @@ class CapturedMessage:
         if self._parsing is None:
             self._parsing = asyncio.get_running_loop().run_in_executor(self._parser, _made, self.raw)
             self._parsing.add_done_callback(self._parsed)
-        made = await asyncio.shield(self._parsing)  # (an asker cancelled leaves it to the others)
-        for name, value in made.items():
-            self.__dict__.setdefault(name, value)  # (one made on the loop meanwhile stays: it is the same)
+        await asyncio.shield(self._parsing)  # (an asker cancelled leaves it to the others)
 
     def _parsed(self, parsing: asyncio.Future) -> None:
-        """The parse ended (done callback): the next ask, if any property is still missing, parses again."""
+        """The parse ended (done callback, before any asker resumes): what it made is kept, even when every asker
+        was cancelled meanwhile; if it failed, the next ask parses again."""
         self._parsing = None
+        if not parsing.cancelled() and parsing.exception() is None:
+            for name, value in parsing.result().items():
+                self.__dict__.setdefault(name, value)  # (one made on the loop meanwhile stays: it is the same)
 
     def describe(self) -> str:
         """One line: `<sender> -> <rcpt>, <rcpt>: 'Subject' (queue id ID)`."""

@@ -608,6 +608,11 @@ async def test_an_asker_cancelled_leaves_the_parse_to_the_others():
     first.cancel()
     await asyncio.wait_for(second, 10)  # (without the shield the cancellation reached the shared parse: it raised)
     assert first.cancelled() and len(message.attachments) == 200 and "text" in message.__dict__
+    alone = box.add(CapturedEnvelope("a@shop.test", ("b@example.com",)), many_parts(200), "Q2")
+    only = asyncio.ensure_future(alone.parse_off_loop())
+    await asyncio.sleep(0.01)
+    only.cancel()  # its only asker gone, the parse still ends, and what it made is kept: no second parse
+    await eventually(lambda: "text" in alone.__dict__, timeout=5)
 
 
 async def test_parses_take_the_mailboxs_own_thread_not_the_servers_shared_pool(monkeypatch):
