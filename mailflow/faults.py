@@ -131,8 +131,8 @@ class ErrorKindLog:
         self._clock = clock
         self._interval = interval
         self._seen: dict[tuple[str, str], float] = {}  # a kind of error -> when it last happened
-        self._untold = 0  # failures counted since the last line
-        self._told_at = 0.0  # the last line's time
+        self._untold = 0  # failures counted and not told yet
+        self._untold_since = 0.0  # the first of them's time: the count is told an interval after it
         self._last = ""  # the last failure counted, described
         self._in_row = 0  # failures since the last success
 
@@ -145,17 +145,18 @@ class ErrorKindLog:
         known = kind in self._seen
         self._seen[kind] = now
         if known:
+            if not self._untold:
+                self._untold_since = now
             self._untold += 1
             self._last = describe(error)
-        if self._untold and now - self._told_at >= self._interval:
+        if self._untold and now - self._untold_since >= self._interval:
             self._logger.error("%s failed %d more time%s in the last %.0fs: %s", self._what, self._untold,
-                               "" if self._untold == 1 else "s", now - self._told_at, self._last)
-            self._untold, self._told_at = 0, now
+                               "" if self._untold == 1 else "s", now - self._untold_since, self._last)
+            self._untold = 0
         if not known:
             bug = not isinstance(error, EXPECTED)
             self._logger.error("%s failed for %s: %s", self._what, subject, describe(error),
                                exc_info=error if bug else None)
-            self._told_at = now
 
     def succeeded(self) -> None:
         if self._in_row > 1:

@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 
 from mailflow.clock import VirtualClock
-from mailflow.faults import Backoff, FailureLog, Guard, Retrier, describe
+from mailflow.faults import Backoff, ErrorKindLog, FailureLog, Guard, Retrier, describe
 from mailflow.store import store_fault
 
 LOG = logging.getLogger("mailflow.test.faults")
@@ -58,6 +58,34 @@ def test_a_probable_bug_gets_its_traceback_once(caplog):
         for _ in range(3):
             log.failed(KeyError("oops"))
     assert len(caplog.records) == 1 and caplog.records[0].exc_info is not None
+
+
+def raised(kind: type[Exception], text: str) -> Exception:
+    """An error of `kind` with its traceback: raised at one place per kind (what ErrorKindLog tells apart)."""
+    try:
+        raise kind(text)
+    except Exception as e:
+        return e
+
+
+def told(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records]
+
+
+def test_a_steady_bugs_count_is_told_each_interval_while_other_kinds_come_and_go(caplog):
+    """One bug every second for ten minutes, two others each every 80 s, 40 s apart: the steady bug's failures are
+    told once a minute with their count (a count's first failure and the 60 after it). Each other kind's line
+    restarted the count's timer: no count was written in the ten minutes (599 failures untold)."""
+    clock = VirtualClock()
+    log = ErrorKindLog(LOG, "agent", clock, interval=60)
+    with caplog.at_level(logging.WARNING, LOG.name):
+        for second in range(600):
+            log.failed(raised(RuntimeError, "steady"), f"A{second}")
+            if second % 40 == 0:
+                log.failed(raised(KeyError if second % 80 else ValueError, "other"), f"B{second}")
+            clock.advance(1)
+    counts = [line for line in told(caplog) if "more time" in line]
+    assert counts == ["agent failed 61 more times in the last 60s: steady"] * 9, told(caplog)[:6]
 
 
 async def test_a_guarded_chore_is_skipped_while_it_backs_off():
