@@ -15,7 +15,8 @@ What it owns: how long a failing piece of work waits before its next try, and ho
   (for a probable bug, as above) and what it failed for (`failed(error, subject)`: a queue id) when it was not seen
   for an `interval`; the failures of kinds seen lately are
   counted and told once per `interval` with the count. A success does not start this over (the next bad input
-  would log its traceback again); it says the job works again only after a run of more than one failure.
+  would log its traceback again); it says the job works again only after a run of failures a count line was
+  written during.
 - `Guard(what, clock, logger)`: one periodic chore of a loop (a scan, a poll, a snapshot). `await run(fn)`
   calls `fn()` unless the chore is backing off after a failure (then it does nothing and returns False);
   a failure is caught, logged through a FailureLog and backs the chore off. `resume_at` is when it is tried
@@ -135,6 +136,7 @@ class ErrorKindLog:
         self._untold_since = 0.0  # the first of them's time: the count is told an interval after it
         self._last = ""  # the last failure counted, described
         self._in_row = 0  # failures since the last success
+        self._counted_in_run = False  # a count line was written since the last success
 
     def failed(self, error: BaseException, subject: str) -> None:
         """`subject`: what failed this time (a queue id), named in the line of a kind told whole."""
@@ -153,15 +155,18 @@ class ErrorKindLog:
             self._logger.error("%s failed %d more time%s in the last %.0fs: %s", self._what, self._untold,
                                "" if self._untold == 1 else "s", now - self._untold_since, self._last)
             self._untold = 0
+            self._counted_in_run = True
         if not known:
             bug = not isinstance(error, EXPECTED)
             self._logger.error("%s failed for %s: %s", self._what, subject, describe(error),
                                exc_info=error if bug else None)
 
     def succeeded(self) -> None:
-        if self._in_row > 1:
+        """Says the job works again after a run of failures long enough to be counted (not after the two jobs of
+        one bad message, each a domain's, failing back to back)."""
+        if self._counted_in_run and self._in_row > 1:
             self._logger.warning("%s works again after %d failures in a row", self._what, self._in_row)
-        self._in_row = 0
+        self._in_row, self._counted_in_run = 0, False
 
     def _forget_before(self, time: float) -> None:
         for kind in [k for k, seen in self._seen.items() if seen < time]:

@@ -625,6 +625,23 @@ async def test_bad_messages_among_good_ones_log_one_traceback_then_a_count(s, ca
         assert agent_lines(caplog)[2].exc_info
 
 
+async def test_a_bad_message_to_two_domains_among_good_ones_never_says_the_agent_works_again(s, caplog):
+    """A bad message with recipients in two domains makes two jobs that raise back to back: among good mail, one
+    traceback for the first and no "works again" line after the good message that follows (two failures in a row
+    said it, five times for five such messages)."""
+    s.smtp = Poisoned("smtp")
+    await s.start()
+    with caplog.at_level(logging.INFO, logger="mailflow.qmgr"):
+        for i in range(5):
+            await s.queue(f"B{i}", f"bad{i}@one.test", f"bad{i}@two.test")
+            await eventually(lambda: len(s.logged(f"B{i}: to=", "status=deferred")) == 2)
+            await s.queue(f"G{i}", f"good{i}@remote.test")
+            await eventually(lambda: s.logged(f"G{i}: to=", "status=sent"))
+    told = [r.getMessage() for r in agent_lines(caplog)]
+    assert len(told) == 1 and re.fullmatch(r"qmgr: delivery agent smtp failed for B0: poisoned by bad0@(one|two)\.test",
+                                           told[0]), told
+
+
 async def test_a_second_bug_is_logged_for_its_own_message_not_counted_with_the_first(s, caplog):
     """Two different errors of one agent in a run: each is logged with its traceback, naming the message it failed
     for; the count lines name none (they count several). The second bug was counted as the first one's, under the

@@ -88,6 +88,27 @@ def test_a_steady_bugs_count_is_told_each_interval_while_other_kinds_come_and_go
     assert counts == ["agent failed 61 more times in the last 60s: steady"] * 9, told(caplog)[:6]
 
 
+def test_works_again_is_said_after_a_counted_run_only(caplog):
+    """Two failures back to back (the jobs of one bad message, one per domain of its recipients) then a success: no
+    "works again" line among good mail; a run that went on long enough to be counted has one, with its total. Two
+    failures in a row were enough for it."""
+    clock = VirtualClock()
+    log = ErrorKindLog(LOG, "agent", clock, interval=60)
+    with caplog.at_level(logging.WARNING, LOG.name):
+        for message in range(3):
+            log.failed(raised(RuntimeError, "bad"), f"B{message}")
+            log.failed(raised(RuntimeError, "bad"), f"B{message}")
+            log.succeeded()
+            clock.advance(10)
+        assert told(caplog) == ["agent failed for B0: bad"]
+        for second in range(61):
+            log.failed(raised(RuntimeError, "bad"), f"Q{second}")
+            clock.advance(1)
+        log.succeeded()
+    assert told(caplog)[1:] == ["agent failed 36 more times in the last 60s: bad",
+                                "agent works again after 61 failures in a row"]
+
+
 async def test_a_guarded_chore_is_skipped_while_it_backs_off():
     clock = VirtualClock()
     guard = Guard("chore", clock, LOG, first=1, cap=4)

@@ -108,7 +108,8 @@ Failure behaviour
   is deferred (4.3.0), never lost. An agent that raises is logged per kind of error (its type and where it was
   raised: faults.ErrorKindLog, one per transport): a kind not seen for a minute at once, with its traceback (none
   for an I/O or timeout error: faults.EXPECTED), the other failures once a minute with a count, bad messages
-  interleaved with good ones too, and it is said to work again after more than one failure in a row. Unknown transport:
+  interleaved with good ones too, and it is said to work again after a run of failures long enough to be counted
+  (not after the two jobs of one bad message). Unknown transport:
   deferred 4.3.0 "mail transport unavailable" with a warning naming it, as Postfix. Missing content: the message goes
   to the corrupt queue; so does a message whose queue rows hold values of the wrong kind (edited by hand:
   `QueuedMessage.damage`, and, found at each timed scan, a deferred one whose next_attempt is no time or one in no
