@@ -13,10 +13,11 @@ What it owns: how long a failing piece of work waits before its next try, and ho
   others in between (a delivery agent that raises for one message's content, interleaved with good mail). Each
   kind of error (its type and the place it was raised: the last frame's file:line) is logged with its traceback
   (for a probable bug, as above) and what it failed for (`failed(error, subject)`: a queue id) when it was not seen
-  for an `interval`; the failures of kinds seen lately are
-  counted and told once per `interval` with the count. A success does not start this over (the next bad input
-  would log its traceback again); it says the job works again only after a run of failures a count line was
-  written during.
+  for an `interval`; the failures of kinds seen lately are counted, and the count told an `interval` after the
+  first of them ("in the last …": the time since it) by the next failure, success or `tick()` (the owner's periodic
+  call), or whatever its time by `flush()` (at stop). A success does not start this over (the next bad input would
+  log its traceback again); it says the job works again only after a run of failures a count line was written
+  during, that line's total taking in the count not told yet.
 - `Guard(what, clock, logger)`: one periodic chore of a loop (a scan, a poll, a snapshot). `await run(fn)`
   calls `fn()` unless the chore is backing off after a failure (then it does nothing and returns False);
   a failure is caught, logged through a FailureLog and backs the chore off. `resume_at` is when it is tried
@@ -151,11 +152,7 @@ class ErrorKindLog:
                 self._untold_since = now
             self._untold += 1
             self._last = describe(error)
-        if self._untold and now - self._untold_since >= self._interval:
-            self._logger.error("%s failed %d more time%s in the last %.0fs: %s", self._what, self._untold,
-                               "" if self._untold == 1 else "s", now - self._untold_since, self._last)
-            self._untold = 0
-            self._counted_in_run = True
+        self.tick()
         if not known:
             bug = not isinstance(error, EXPECTED)
             self._logger.error("%s failed for %s: %s", self._what, subject, describe(error),
@@ -163,10 +160,28 @@ class ErrorKindLog:
 
     def succeeded(self) -> None:
         """Says the job works again after a run of failures long enough to be counted (not after the two jobs of
-        one bad message, each a domain's, failing back to back)."""
+        one bad message, each a domain's, failing back to back); that line's total takes in the count not told
+        yet. Else a count whose interval has passed is told."""
+        self.tick()
         if self._counted_in_run and self._in_row > 1:
             self._logger.warning("%s works again after %d failures in a row", self._what, self._in_row)
+            self._untold = 0
         self._in_row, self._counted_in_run = 0, False
+
+    def tick(self) -> None:
+        """Tells the count once its interval has passed since its first failure (called by the job's owner
+        periodically too: a count is told when failures stop, not at the next one, days later)."""
+        if self._untold and self._clock.time() - self._untold_since >= self._interval:
+            self.flush()
+
+    def flush(self) -> None:
+        """Tells the count not told yet, if any, whatever its time (the server stops)."""
+        if not self._untold:
+            return
+        self._logger.error("%s failed %d more time%s in the last %.0fs: %s", self._what, self._untold,
+                           "" if self._untold == 1 else "s", self._clock.time() - self._untold_since, self._last)
+        self._untold = 0
+        self._counted_in_run = True
 
     def _forget_before(self, time: float) -> None:
         for kind in [k for k, seen in self._seen.items() if seen < time]:

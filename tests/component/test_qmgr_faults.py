@@ -642,6 +642,30 @@ async def test_a_bad_message_to_two_domains_among_good_ones_never_says_the_agent
                                            told[0]), told
 
 
+async def test_a_count_is_told_at_the_tick_after_its_minute_and_at_stop_when_no_failure_follows(s, caplog):
+    """Bad messages, then none: the count is told by qmgr's tick once its minute is over, and what is counted when
+    the server stops is told then. Both waited for the next failure, and a stop lost them."""
+    s.smtp = Poisoned("smtp")
+    await s.start()
+    what = "qmgr: delivery agent smtp"
+    with caplog.at_level(logging.INFO, logger="mailflow.qmgr"):
+        for qid in ("B0", "B1", "B2"):
+            await s.queue(qid, f"bad{qid}@remote.test")
+            await eventually(lambda: s.logged(f"{qid}: to=", "status=deferred"))
+        s.clock.advance(61)
+        await eventually(lambda: len(agent_lines(caplog)) == 2)
+        assert agent_lines(caplog)[1].getMessage() == (
+            f"{what} failed 2 more times in the last 61s: poisoned by badB2@remote.test")
+        s.clock.advance(61)
+        for qid in ("B3", "B4"):
+            await s.queue(qid, f"bad{qid}@remote.test")
+            await eventually(lambda: s.logged(f"{qid}: to=", "status=deferred"))
+        await s.stop()
+    assert [r.getMessage() for r in agent_lines(caplog)[2:]] == [
+        f"{what} failed for B3: poisoned by badB3@remote.test",
+        f"{what} failed 1 more time in the last 0s: poisoned by badB4@remote.test"]
+
+
 async def test_a_second_bug_is_logged_for_its_own_message_not_counted_with_the_first(s, caplog):
     """Two different errors of one agent in a run: each is logged with its traceback, naming the message it failed
     for; the count lines name none (they count several). The second bug was counted as the first one's, under the

@@ -109,6 +109,53 @@ def test_works_again_is_said_after_a_counted_run_only(caplog):
                                 "agent works again after 61 failures in a row"]
 
 
+def test_a_pending_count_is_told_when_its_interval_is_over_though_no_failure_follows(caplog):
+    """Bad inputs among good ones for half a minute, then none: the count is told a minute after its first failure
+    by the next success or tick, its span that minute, and at a stop whatever its time. It waited for the next
+    failure ("4 more times in the last 604830s" a week later), or was never told."""
+    clock = VirtualClock()
+    log = ErrorKindLog(LOG, "agent", clock, interval=60)
+    with caplog.at_level(logging.WARNING, LOG.name):
+        for message in range(5):  # at 0 (told whole), 6, 12, 18, 24
+            log.failed(raised(RuntimeError, "bad"), f"B{message}")
+            log.succeeded()
+            clock.advance(6)
+        clock.advance(36)  # 66: a minute after the first one counted (at 6)
+        log.succeeded()
+        assert told(caplog)[1:] == ["agent failed 4 more times in the last 60s: bad"]
+        for message in range(5, 7):
+            log.failed(raised(RuntimeError, "bad"), f"B{message}")
+        log.tick()
+        clock.advance(61)
+        log.tick()
+        assert told(caplog)[2:] == ["agent failed 2 more times in the last 61s: bad"]
+        log.failed(raised(RuntimeError, "bad"), "B7")  # (told whole: not seen for a minute)
+        clock.advance(5)
+        log.failed(raised(RuntimeError, "bad"), "B8")
+        clock.advance(5)
+        log.flush()
+        log.flush()
+    assert told(caplog)[3:] == ["agent failed for B7: bad", "agent failed 1 more time in the last 5s: bad"]
+
+
+def test_works_again_takes_in_the_count_not_told_yet(caplog):
+    """A run of failures, counted, then one more and a success: the "works again" line's total has it; a minute on,
+    the next failure is told whole and not counted again ("1 more time", after "works again after 63 failures")."""
+    clock = VirtualClock()
+    log = ErrorKindLog(LOG, "agent", clock, interval=60)
+    with caplog.at_level(logging.WARNING, LOG.name):
+        for second in range(63):  # the count told at 61 (Q1 to Q61), Q62 not yet
+            log.failed(raised(RuntimeError, "bad"), f"Q{second}")
+            clock.advance(1)
+        log.succeeded()
+        clock.advance(61)
+        log.failed(raised(RuntimeError, "bad"), "Q63")
+        log.tick()
+        log.flush()
+    assert told(caplog) == ["agent failed for Q0: bad", "agent failed 61 more times in the last 60s: bad",
+                            "agent works again after 63 failures in a row", "agent failed for Q63: bad"]
+
+
 async def test_a_guarded_chore_is_skipped_while_it_backs_off():
     clock = VirtualClock()
     guard = Guard("chore", clock, LOG, first=1, cap=4)

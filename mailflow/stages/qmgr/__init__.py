@@ -108,10 +108,10 @@ Failure behaviour
   is deferred (4.3.0), never lost. An agent that raises is logged per kind of error (its type and where it was
   raised: faults.ErrorKindLog, one per transport): a kind not seen for a minute at once, with its traceback (none
   for an I/O or timeout error: faults.EXPECTED), the other failures once a minute with a count, bad messages
-  interleaved with good ones too, and it is said to work again after a run of failures long enough to be counted
-  (not after the two jobs of one bad message). Unknown transport:
-  deferred 4.3.0 "mail transport unavailable" with a warning naming it, as Postfix. Missing content: the message goes
-  to the corrupt queue; so does a message whose queue rows hold values of the wrong kind (edited by hand:
+  interleaved with good ones too (told at the first tick after their minute, and at stop), and it is said to work
+  again after a run of failures long enough to be counted (not after the two jobs of one bad message). Unknown
+  transport: deferred 4.3.0 "mail transport unavailable" with a warning naming it, as Postfix. Missing content: the
+  message goes to the corrupt queue; so does a message whose queue rows hold values of the wrong kind (edited by hand:
   `QueuedMessage.damage`, and, found at each timed scan, a deferred one whose next_attempt is no time or one in no
   known queue: `Store.never_due`; a recipient whose status is none the store writes, however its notice flag is set),
   with a warning naming it and what is wrong, as Postfix's qmgr saves a queue file it cannot read; the others go on.
@@ -290,6 +290,8 @@ class QueueManager:
         for task in list(self._deliveries):
             task.cancel()
         await asyncio.gather(*self._deliveries, return_exceptions=True)
+        for faults in self._agent_faults.values():
+            faults.flush()  # (the failures counted and not told yet)
         await self._drain(min(grace, RECORD_GRACE))
         for task in list(self._tasks) + list(self._retirements):
             task.cancel()
@@ -492,6 +494,8 @@ class QueueManager:
             self._pump()  # also revives destinations whose dead timer ran out, resumes paused ones
             if ticked:
                 await self._publish.run(self._publish_destinations)
+                for faults in self._agent_faults.values():
+                    faults.tick()  # (a count is told when its minute is over, though no failure follows)
             if self._scan_wanted or ticked:
                 self._scan_wanted = False
                 await self._scan_guarded()
