@@ -568,7 +568,7 @@ def _printable_lines(head: str, record: logging.LogRecord, formatter: logging.Fo
 def exception_lines(exc_info, formatter: logging.Formatter) -> list[str]:
     """A traceback as a log shows it: its last TRACEBACK_LINES lines (a line before them says how many were left
     out), then the exception (`Type: message`) on one line, whatever line ends its message holds."""
-    text = formatter.formatException(exc_info)
+    text = formatter.formatException(exc_info).rstrip("\n")  # (its message's own line ends too)
     error = exc_info[1]
     last = "".join(traceback.format_exception_only(type(error), error)).rstrip("\n") if error is not None else ""
     if last and text.endswith(last):

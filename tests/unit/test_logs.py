@@ -254,6 +254,20 @@ def test_a_traceback_shows_its_last_lines_and_the_exception_on_one_line():
     assert "raise ValueError" in lines[-2]
 
 
+def test_an_error_whose_text_ends_in_a_line_end_is_written_once():
+    """The exception line of an error whose text ends in "\\n" (a peer's reply quoted whole): written once, after
+    the traceback. It was written twice, once as the traceback's last line and once as the exception line."""
+    logger, captured = records("test.logs.line_end")
+    try:
+        raise ValueError("the peer said no\n")
+    except ValueError:
+        logger.exception("it failed")
+    syslog = SyslogFormatter("mx.example.test", "postfix-mailflow", pid=42)
+    lines = [line.split("[42]: error: ", 1)[1] for line in syslog.format(captured[0]).splitlines()]
+    assert lines[0] == "it failed" and lines[1].startswith("Traceback"), lines
+    assert [line for line in lines if line.startswith("ValueError")] == ["ValueError: the peer said no"], lines
+
+
 def test_a_formatter_makes_printable_only_the_text_it_keeps(monkeypatch):
     """A megabyte of text with a control character (a peer's reply quoted whole): the formatters walk only the
     LOG_TEXT_LIMIT characters they can keep, and write the same line as before. printable() walked the whole
