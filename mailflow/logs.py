@@ -54,9 +54,9 @@ msg_syslog write at most 2000 bytes of a record's text (a command's stderr, Tool
 Postfix's msg_vstream writes the whole text), so a peer's reply, a milter's or policy server's text or
 a header quoted whole cannot make one line that syslog and journald would split or drop. A JSON record's line is
 at most JSON_RECORD_LIMIT bytes whole (its message and string fields, the traceback too, cut to their shares of it
-as JSON writes them: quotes and backslashes doubled). A record's traceback shows its last TRACEBACK_LINES lines
-and the exception on one line: an error whose text holds line ends, or a deep recursion, makes a few lines, not
-thousands.
+as JSON writes them: quotes and backslashes doubled; a text keeps its start, a traceback its last lines). A
+record's traceback shows its last TRACEBACK_LINES lines and the exception on one line: an error whose text holds
+line ends, or a deep recursion, makes a few lines, not thousands.
 """
 from __future__ import annotations
 
@@ -605,7 +605,8 @@ class JsonFormatter(logging.Formatter):
 def _json_line(record: dict) -> str:
     """`record` as one JSON line of at most JSON_RECORD_LIMIT bytes: when it is longer, its string values share
     what the rest leaves, each cut to its share (a short one keeps its whole text, the long ones split the rest;
-    shares count the text as JSON writes it, quotes and backslashes doubled). Values other than strings are kept."""
+    shares count the text as JSON writes it, quotes and backslashes doubled): a text keeps its start, a traceback
+    (`exception`) its last lines (`_json_cut_lines`). Values other than strings are kept."""
     line = json.dumps(record, ensure_ascii=False)
     if len(line) * 4 <= JSON_RECORD_LIMIT or len(line.encode()) <= JSON_RECORD_LIMIT:
         return line
@@ -614,7 +615,8 @@ def _json_line(record: dict) -> str:
     left = JSON_RECORD_LIMIT - rest
     out = dict(record)
     for n, key in enumerate(sorted(texts, key=lambda k: _json_size(texts[k]))):
-        out[key] = _json_cut(texts[key], max(0, left) // (len(texts) - n))
+        cut = _json_cut_lines if key == "exception" else _json_cut
+        out[key] = cut(texts[key], max(0, left) // (len(texts) - n))
         left -= _json_size(out[key]) - 2
     return json.dumps(out, ensure_ascii=False)
 
@@ -636,6 +638,31 @@ def _json_cut(text: str, budget: int) -> str:
         else:
             high = mid - 1
     return text[:low]
+
+
+def _json_cut_lines(text: str, budget: int) -> str:
+    """`text` written by JSON in `budget` bytes, its quotes left out, its first lines dropped (a line saying how
+    many in their place): a traceback keeps its innermost frames and the exception, its last line. A last line
+    longer than the budget alone keeps its start."""
+    if _json_size(text) - 2 <= budget:
+        return text
+    lines = text.split("\n")
+    kept, size = 0, 0  # the last `kept` lines, each with the line end before it, take `size` bytes
+    for line in reversed(lines[1:]):  # (at least the first line goes)
+        grown = size + _json_size(line)  # (its quotes' two bytes: the line end before it, written "\n")
+        if len(_left_out(len(lines) - kept - 1)) + grown > budget:
+            break
+        kept, size = kept + 1, grown
+    head = _left_out(len(lines) - max(kept, 1))
+    if kept:
+        return "\n".join([head, *lines[-kept:]])
+    if budget < len(head) + 2:  # (no room for the line saying so)
+        return _json_cut(lines[-1], budget)
+    return f"{head}\n{_json_cut(lines[-1], budget - len(head) - 2)}"
+
+
+def _left_out(lines: int) -> str:
+    return f"({lines} line{'' if lines == 1 else 's'} left out)"
 
 
 WRITE_FAILURE_REPORT_INTERVAL = 60.0  # seconds between the lines that say the log file still cannot be written

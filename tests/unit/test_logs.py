@@ -302,5 +302,30 @@ def test_a_json_record_is_one_line_of_at_most_its_limit_whatever_json_escapes():
     signed = json.loads(JsonFormatter().format(captured[0]))
     assert signed["queue_id"] == "ABC123" and signed["reason"].startswith('"\\"\\') and len(signed["reason"]) > 1000
     failed = json.loads(JsonFormatter().format(captured[1]))
-    assert failed["message"].startswith("it failed: \\\\") and failed["exception"].startswith("Traceback")
+    assert failed["message"].startswith("it failed: \\\\") and failed["exception"].startswith("(3 lines left out)")
     assert failed["exception"].splitlines()[-1].startswith('ValueError: ""')
+
+
+def test_a_json_records_traceback_cut_to_its_share_keeps_its_last_lines():
+    """A traceback that does not fit in what the message leaves of the JSON record: its first lines are dropped (a
+    line says how many), its innermost frame and the exception line stay. The cut kept its start and dropped them:
+    the line that says what went wrong was the first to go."""
+    logger, captured = records("test.logs.json_traceback")
+
+    def deep(n):
+        if n:
+            deeper(n - 1)
+        raise KeyError("missing header " + "v" * 1500)
+
+    def deeper(n):
+        deep(n)
+
+    try:
+        deep(30)
+    except KeyError:
+        logger.exception("%s: delivery failed, reply was %s", "Q1", "550 " + "r" * 1800)
+    line = JsonFormatter().format(captured[0])
+    assert len(line.encode()) <= 4000, len(line.encode())  # (JSON_RECORD_LIMIT)
+    lines = json.loads(line)["exception"].splitlines()
+    assert re.fullmatch(r"\(\d+ lines left out\)", lines[0]) and 3 < len(lines) < 20, lines
+    assert lines[-1].startswith("KeyError: 'missing header vvv") and 'raise KeyError("missing header' in lines[-2]
