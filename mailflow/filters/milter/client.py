@@ -317,16 +317,16 @@ def _collect(reply: p.Reply, edits: Edits, who: str) -> None:
 
 
 def _ignored(edits: Edits, text: str, who: str, *args: object) -> None:
-    """An edit (or an argument of one) ignored: warned of if it is among the message's first IGNORED_EDITS_LOGGED,
-    else only counted (`_tell_unlogged`)."""
+    """An edit (or an argument of one) ignored: warned of if it is among the first IGNORED_EDITS_LOGGED of this
+    milter for this message (`edits` are one milter's for one message), else only counted (`_tell_unlogged`)."""
     edits.ignored += 1
     if edits.ignored <= IGNORED_EDITS_LOGGED:
         log.warning(text, who, *args)
 
 
 def _tell_unlogged(edits: Edits, who: str) -> None:
-    """The one line for the ignored edits of a message that had no warning of their own (an ignored argument of an
-    added recipient counts too: the recipient is added, its argument is not)."""
+    """The one line for the ignored edits of a milter for a message that had no warning of their own (an ignored
+    argument of an added recipient counts too: the recipient is added, its argument is not)."""
     if edits.ignored > IGNORED_EDITS_LOGGED:
         log.warning("%s: %d more edits or edit arguments ignored", who, edits.ignored - IGNORED_EDITS_LOGGED)
 
