@@ -17,7 +17,7 @@ What it owns: how long a failing piece of work waits before its next try, and ho
   first of them ("in the last …": the time since it) by the next failure, success or `tick()` (the owner's periodic
   call), or whatever its time by `flush()` (at stop). A success does not start this over (the next bad input would
   log its traceback again); it says the job works again only after a run of failures a count line was written
-  during, that line's total taking in the count not told yet.
+  during once it was more than one failure long, that line's total taking in the count not told yet.
 - `Guard(what, clock, logger)`: one periodic chore of a loop (a scan, a poll, a snapshot). `await run(fn)`
   calls `fn()` unless the chore is backing off after a failure (then it does nothing and returns False);
   a failure is caught, logged through a FailureLog and backs the chore off. `resume_at` is when it is tried
@@ -137,7 +137,7 @@ class ErrorKindLog:
         self._untold_since = 0.0  # the first of them's time: the count is told an interval after it
         self._last = ""  # the last failure counted, described
         self._in_row = 0  # failures since the last success
-        self._counted_in_run = False  # a count line was written since the last success
+        self._counted_in_run = False  # a count line was written in this run of failures, once it was one
 
     def failed(self, error: BaseException, subject: str) -> None:
         """`subject`: what failed this time (a queue id), named in the line of a kind told whole."""
@@ -181,7 +181,7 @@ class ErrorKindLog:
         self._logger.error("%s failed %d more time%s in the last %.0fs: %s", self._what, self._untold,
                            "" if self._untold == 1 else "s", self._clock.time() - self._untold_since, self._last)
         self._untold = 0
-        self._counted_in_run = True
+        self._counted_in_run = self._in_row > 1  # (told at a run's first failure, it counts earlier ones)
 
     def _forget_before(self, time: float) -> None:
         for kind in [k for k, seen in self._seen.items() if seen < time]:

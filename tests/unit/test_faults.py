@@ -90,8 +90,8 @@ def test_a_steady_bugs_count_is_told_each_interval_while_other_kinds_come_and_go
 
 def test_works_again_is_said_after_a_counted_run_only(caplog):
     """Two failures back to back (the jobs of one bad message, one per domain of its recipients) then a success: no
-    "works again" line among good mail; a run that went on long enough to be counted has one, with its total. Two
-    failures in a row were enough for it."""
+    "works again" line among good mail, even when a count of earlier failures comes due at the first of them; a
+    run that went on long enough to be counted has one, with its total. Two failures in a row were enough for it."""
     clock = VirtualClock()
     log = ErrorKindLog(LOG, "agent", clock, interval=60)
     with caplog.at_level(logging.WARNING, LOG.name):
@@ -101,11 +101,16 @@ def test_works_again_is_said_after_a_counted_run_only(caplog):
             log.succeeded()
             clock.advance(10)
         assert told(caplog) == ["agent failed for B0: bad"]
+        clock.advance(30)  # 60: the count of B0 to B2's other failures comes due as the next bad message fails
+        log.failed(raised(RuntimeError, "bad"), "B3")
+        log.failed(raised(RuntimeError, "bad"), "B3")
+        log.succeeded()
+        assert told(caplog)[1:] == ["agent failed 6 more times in the last 60s: bad"]
         for second in range(61):
             log.failed(raised(RuntimeError, "bad"), f"Q{second}")
             clock.advance(1)
         log.succeeded()
-    assert told(caplog)[1:] == ["agent failed 36 more times in the last 60s: bad",
+    assert told(caplog)[2:] == ["agent failed 62 more times in the last 60s: bad",  # (B3's second failure too)
                                 "agent works again after 61 failures in a row"]
 
 
