@@ -366,6 +366,13 @@ def dmarc_rejected(domain: str) -> Reply:
     return Reply(550, "5.7.1", f"Message rejected per DMARC policy of {domain}")
 
 
+def dmarc_deferred(domain: str) -> Reply:
+    """reject_dmarc_policy: the From domain asks for rejection or quarantine, no aligned SPF or DKIM check passed
+    and one could not be completed (DMARC temperror: RFC 7489 6.6.2 lets the receiver defer)."""
+    return Reply(450, "4.7.1", f"Message deferred per DMARC policy of {domain}: authentication could not be "
+                               f"completed, try again later")
+
+
 # ---- content filters (header/body checks, milters, spamd, clamd; docs/filtering.md)
 CONTENT_REJECTED = Reply(550, "5.7.1", "message content rejected")  # header/body checks REJECT (Postfix's cleanup)
 FILTER_UNAVAILABLE = Reply(451, "4.7.1", "Service unavailable - try again later")

@@ -26,7 +26,10 @@ fails under the strictest policy of the domains that were checked (none has one:
 
 Failure behaviour: nothing raises for a message or a DNS answer. A lookup that fails is `temperror`; a broken
 record or signature `permerror`/`fail` (RFC 7208/6376 words); all of one message's lookups are bounded by
-`timeout` (then temperror): SPF and the DKIM keys are looked up at once, DMARC gets what is left.
+`timeout` (then temperror): SPF, the DKIM keys and the authors' DMARC records are looked up at once (a stranger
+whose SPF or DKIM domain never answers cannot spend the time the author's record needed). A domain whose policy is
+in, without an aligned SPF or DKIM pass but with an aligned SPF or DKIM temperror, is DMARC temperror carrying the
+policy (the check might have passed: reject_dmarc_policy defers it); an aligned pass passes whatever else failed.
 """
 from __future__ import annotations
 
@@ -124,17 +127,22 @@ class SenderAuth:
 
     async def verdicts(self, client_ip: str, helo: str, sender: str, content: Content,
                        spf_result: tuple[str, str] | None = None) -> Verdicts:
-        """SPF and DKIM at once (each within `timeout`), then DMARC within what is left of it."""
+        """SPF, DKIM and the authors' DMARC records at once, all within `timeout`; then DMARC's alignment."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
         head, _ = read_header(content, self._header_limit)
         found: dict = {"authserv_id": self.authserv_id}
-        for part in await asyncio.gather(self._spf_verdict(client_ip, helo, sender, spf_result),
-                                         self._dkim_verdict(head, content)):
-            found.update(part)
-        if "dmarc" in self._verify:
-            found.update(await self._dmarc(head, sender or f"postmaster@{helo}", found.get("spf", ""),
-                                           found.get("dkim") or (), deadline))
+        lookups = self._policy_lookups(head) if "dmarc" in self._verify else None
+        try:
+            for part in await asyncio.gather(self._spf_verdict(client_ip, helo, sender, spf_result),
+                                             self._dkim_verdict(head, content)):
+                found.update(part)
+            if lookups is not None:
+                found.update(await self._dmarc(lookups, sender or f"postmaster@{helo}", found.get("spf", ""),
+                                               found.get("dkim") or (), deadline))
+        finally:
+            if lookups is not None:
+                lookups.end()
         return Verdicts(**found)
 
     async def _spf_verdict(self, client_ip: str, helo: str, sender: str, known: tuple[str, str] | None) -> dict:
@@ -150,45 +158,51 @@ class SenderAuth:
 
     # -------------------------------------------------------------------------------- DMARC
 
-    async def _dmarc(self, head: bytes, mail_from: str, spf_result: str, dkim_results, deadline: float) -> dict:
+    def _policy_lookups(self, head: bytes) -> PolicyLookups:
+        """The From fields' author domains, each one's DMARC record looked up from now on (finding it needs no SPF
+        or DKIM result: a name server that stalls SPF or a DKIM key cannot spend the time the record needed)."""
+        froms = header_values(head, "from")
+        authors = _author_domains(froms)
+        loop = asyncio.get_running_loop()
+        tasks = {loop.create_task(self._discovered(domain)): domain for domain in authors.domains}
+        return PolicyLookups(bool(froms), authors, tasks)
+
+    async def _dmarc(self, lookups: PolicyLookups, mail_from: str, spf_result: str, dkim_results,
+                     deadline: float) -> dict:
         """RFC 7489 6.6.1: each author domain is checked (a From field may name several, a message may carry
         several From fields) and the strictest verdict stands: a failure with the strictest policy first. A From
         that cannot be wholly checked (an address without a domain, more than AUTHOR_DOMAIN_LIMIT domains) is a
-        failure under the strictest policy of the domains that were (no policy: permerror)."""
-        froms = header_values(head, "from")
-        authors = _author_domains(froms)
+        failure under the strictest policy of the domains that were (no policy: temperror when a lookup failed,
+        else permerror)."""
+        authors = lookups.authors
         if not authors.domains:
-            return {"dmarc": "permerror" if froms else "none"}
-        found = await self._each_author(authors, deadline, mail_from, spf_result, dkim_results)
+            return {"dmarc": "permerror" if lookups.any_from else "none"}
+        found = await self._each_author(lookups, deadline, mail_from, spf_result, dkim_results)
         if authors.complete:
             return max(found, key=_strictness)
         asking = [verdict for verdict in found if verdict.get("dmarc_policy")]
         if not asking:
-            return {"dmarc": "permerror"}
+            return {"dmarc": "temperror" if any(v["dmarc"] == "temperror" for v in found) else "permerror"}
         strictest = max(asking, key=lambda verdict: POLICIES.index(verdict["dmarc_policy"]))
         return {**strictest, "dmarc": "fail"}
 
-    async def _each_author(self, authors: Authors, deadline: float, *check) -> list[dict]:
-        """The verdicts of the author domains, looked up at once until `deadline` (then the rest are temperror)
-        or until one decides the message: a failure, or a From not wholly checked, under p=reject. The lookups
-        still running then are cancelled, and so are the others when one raises."""
+    async def _each_author(self, lookups: PolicyLookups, deadline: float, *check) -> list[dict]:
+        """The verdicts of the author domains, as their records come in until `deadline` (then the rest are
+        temperror) or until one decides the message: a failure, or a From not wholly checked, under p=reject."""
         loop = asyncio.get_running_loop()
-        tasks = {loop.create_task(self._dmarc_of(domain, *check)): domain for domain in authors.domains}
         found: list[dict] = []
-        pending = set(tasks)
-        try:
-            while pending and not any(_decides(verdict, authors.complete) for verdict in found):
-                done, pending = await asyncio.wait(pending, timeout=max(deadline - loop.time(), 0),
-                                                   return_when=asyncio.FIRST_COMPLETED)
-                if not done:
-                    break
-                found += [task.result() for task in done]
-        finally:
-            for task in pending:
-                task.cancel()
-        return found + [{"dmarc": "temperror", "dmarc_domain": tasks[task]} for task in pending]
+        pending = set(lookups.tasks)
+        while pending and not any(_decides(verdict, lookups.authors.complete) for verdict in found):
+            done, pending = await asyncio.wait(pending, timeout=max(deadline - loop.time(), 0),
+                                               return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                break
+            found += [self._evaluated(lookups.tasks[task], task.result(), *check) for task in done]
+        return found + [{"dmarc": "temperror", "dmarc_domain": lookups.tasks[task]} for task in pending]
 
-    async def _dmarc_of(self, domain: str, mail_from: str, spf_result: str, dkim_results) -> dict:
+    async def _discovered(self, domain: str) -> Policy | str:
+        """The domain's DMARC policy (RFC 7489 6.6.3; pct= drawn), or the verdict when there is none: "none", or
+        "temperror" when a lookup failed."""
         org = self._org_domain(domain)
         try:
             record = await self._dmarc_record(domain)
@@ -196,16 +210,29 @@ class SenderAuth:
             if record is None and org != domain:
                 record, subdomain = await self._dmarc_record(org), True
         except LookupRetry:
-            return {"dmarc": "temperror", "dmarc_domain": domain}
+            return "temperror"
         policy = _policy(record, subdomain) if record is not None else None
         if record is None or policy is None:
-            return {"dmarc": "none", "dmarc_domain": domain}
-        policy = self._sampled(policy, record.get("pct", "100"))
-        aligned = self._aligned
-        spf_ok = spf_result == "pass" and aligned(split_address(mail_from)[1], domain, record.get("aspf", "r"))
-        dkim_ok = any(r.result == "pass" and aligned(r.domain, domain, record.get("adkim", "r")) for r in dkim_results)
-        verdict = "pass" if spf_ok or dkim_ok else "fail"
-        return {"dmarc": verdict, "dmarc_domain": domain, "dmarc_policy": policy}
+            return "none"
+        return Policy(self._sampled(policy, record.get("pct", "100")), record)
+
+    def _evaluated(self, domain: str, discovered: Policy | str, mail_from: str, spf_result: str,
+                   dkim_results) -> dict:
+        """A domain's verdict: pass with an aligned SPF or DKIM pass; temperror when there is none but an aligned
+        SPF or DKIM check failed for a while (it might have passed: RFC 7489 6.6.2 lets the receiver defer); else
+        fail. The policy is carried either way, for reject_dmarc_policy."""
+        if isinstance(discovered, str):
+            return {"dmarc": discovered, "dmarc_domain": domain}
+        record = discovered.record
+        spf_aligned = self._aligned(split_address(mail_from)[1], domain, record.get("aspf", "r"))
+        dkim_aligned = {r.result for r in dkim_results if self._aligned(r.domain, domain, record.get("adkim", "r"))}
+        if (spf_aligned and spf_result == "pass") or "pass" in dkim_aligned:
+            verdict = "pass"
+        elif (spf_aligned and spf_result == "temperror") or "temperror" in dkim_aligned:
+            verdict = "temperror"
+        else:
+            verdict = "fail"
+        return {"dmarc": verdict, "dmarc_domain": domain, "dmarc_policy": discovered.policy}
 
     def _sampled(self, policy: str, pct: str) -> str:
         """The policy for this message: a message outside the pct= sample gets the next one down (RFC 7489
@@ -270,6 +297,25 @@ def _policy(record: dict, subdomain: bool) -> str | None:
 class Authors(NamedTuple):
     domains: tuple[str, ...]  # each once, in the order found, at most AUTHOR_DOMAIN_LIMIT
     complete: bool  # whether these are all: no address without a domain, no domain past the limit
+
+
+class Policy(NamedTuple):
+    policy: str  # what the record asks for this message (after pct=): none, quarantine, reject
+    record: dict  # its tags (aspf=, adkim=)
+
+
+@dataclass(frozen=True)
+class PolicyLookups:
+    """The DMARC records of one message's authors, being looked up."""
+
+    any_from: bool  # whether the message has a From field
+    authors: Authors
+    tasks: dict[asyncio.Task, str]  # each lookup and its domain
+
+    def end(self) -> None:
+        """Cancels the lookups still running."""
+        for task in self.tasks:
+            task.cancel()
 
 
 def _author_domains(froms: list[str]) -> Authors:

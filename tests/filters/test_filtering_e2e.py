@@ -313,6 +313,20 @@ async def test_reject_spf_fail_and_dmarc_policies(mailflow_server, auth_zone, ca
         "from=<x@pass.test> to=<alice@local.test> proto=ESMTP helo=<localhost>"]
 
 
+async def test_a_dmarc_temperror_under_p_reject_is_deferred(mailflow_server, dns_zone):
+    """The From domain asks p=reject and its own SPF record cannot be had (SERVFAIL): an aligned SPF pass was
+    possible, so DMARC is temperror carrying the policy and reject_dmarc_policy defers (RFC 7489 6.6.2); it
+    rejected, as if the check had failed."""
+    nameserver = dns_zone('_dmarc.unsure.test. 300 IN TXT "v=DMARC1; p=reject"\n'
+                          'unsure.test. 300 IN TXT "v=spf1 ip4:127.0.0.0/8 -all"\n', servfail=["unsure.test/TXT"])
+    mf = await mailflow_server(dns={"nameservers": [nameserver], "timeout": "2s", "tries": 1},
+                               smtpd={"listen": ["127.0.0.1:0"], "end_of_data_restrictions": ["reject_dmarc_policy"]})
+    assert await refusal(mf.smtp_addresses[0][1], "x@unsure.test", ["alice@local.test"],
+                         b"From: <a@unsure.test>\r\n\r\nhi\r\n") == \
+        (450, "4.7.1 Message deferred per DMARC policy of unsure.test: authentication could not be completed, "
+              "try again later")
+
+
 # ---------------------------------------------------------------------------------------------- DNS restrictions
 
 

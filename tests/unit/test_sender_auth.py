@@ -226,6 +226,52 @@ async def test_a_lookup_that_raises_cancels_the_other_authors_lookups():
     assert SilentCoAuthor.waiting == 0
 
 
+class StallingSender(StaticResolver):
+    """Every TXT question of a name under slow.test but its DMARC record is dropped (the answer never comes); the
+    others are answered after a round trip (a real resolver never answers in the step it is asked)."""
+
+    async def txt(self, name: str) -> list[str]:
+        if name.rstrip(".").endswith("slow.test") and not name.startswith("_dmarc."):
+            await asyncio.sleep(3600)
+        await asyncio.sleep(0.01)
+        return await super().txt(name)
+
+
+STALLING_DKIM = (b"DKIM-Signature: v=1; a=rsa-sha256; d=slow.test; s=s; h=from; bh=AAAA; b=AAAA\r\n"
+                 b"From: ceo@bank.test\r\n\r\nbody\r\n")
+
+
+@pytest.mark.parametrize(("verify", "sender", "content"), [
+    (("spf", "dmarc"), "x@slow.test", b"From: ceo@bank.test\r\n\r\nbody\r\n"),
+    (("dkim", "dmarc"), "x@attacker.test", STALLING_DKIM),
+])
+async def test_a_stranger_whose_spf_or_dkim_domain_stalls_cannot_hide_a_p_reject_author(verify, sender, content):
+    """SPF and DKIM each had the whole timeout and DMARC began with what was left: a MAIL FROM (or d=) domain whose
+    name servers drop the questions spent it, bank.test's record was never asked, DMARC was temperror (no policy)
+    and reject_dmarc_policy accepted. The record is asked with SPF and DKIM now; their temperror is of a domain
+    that does not align with bank.test, so it could not have passed: fail under p=reject."""
+    auth = SenderAuth(SenderAuthConfig(verify=verify, timeout=0.3), StallingSender(txt=BANK), authserv_id="mx.test")
+    try:
+        verdicts = await auth.verdicts("192.0.2.1", "client.test", sender, Content.of(content))
+    finally:
+        auth.close()
+    assert (verdicts.dmarc, verdicts.dmarc_domain, verdicts.dmarc_policy) == ("fail", "bank.test", "reject")
+
+
+async def test_an_aligned_spf_check_that_stalls_is_a_dmarc_temperror_carrying_the_policy():
+    """bank.test's own SPF record never comes: its check might have passed, so DMARC is temperror, and it carries
+    p=reject so that reject_dmarc_policy defers the message (it was temperror without a policy: accepted)."""
+    resolver = StallingSender(txt={**BANK, "_dmarc.slow.test": ["v=DMARC1; p=reject"]})
+    auth = SenderAuth(SenderAuthConfig(verify=("spf", "dmarc"), timeout=0.3), resolver, authserv_id="mx.test")
+    try:
+        verdicts = await auth.verdicts("192.0.2.1", "client.test", "x@slow.test",
+                                       Content.of(b"From: ceo@slow.test\r\n\r\nbody\r\n"))
+    finally:
+        auth.close()
+    assert (verdicts.spf, verdicts.dmarc, verdicts.dmarc_domain, verdicts.dmarc_policy) == \
+        ("temperror", "temperror", "slow.test", "reject")
+
+
 async def test_a_u_label_author_domain_is_checked_as_its_a_label(dns_zone):
     """RFC 7489 6.6.1: a From domain written in Unicode (an SMTPUTF8 message) is converted to its A-label before
     anything else. It was kept as written: SPF's `xn--9ca.test` did not align with `é.test`, the same domain, and

@@ -21,7 +21,8 @@ What it owns
   the inbound filters' (docs/filtering.md):
   check_greylist (450 4.2.0 as a DEFER_IF_PERMIT, postgrey's answer; mailflow.filters.greylist),
   reject_spf_fail (550 5.7.23) and, at end of data, reject_dmarc_policy (p=reject: 550 5.7.1; p=quarantine:
-  HOLD). Access FILTER transport:nexthop marks the message for that after-queue filter.
+  HOLD; a DMARC temperror under either: 450 4.7.1). Access FILTER transport:nexthop marks the message for that
+  after-queue filter.
 - reject_unverified_recipient and reject_unverified_sender ask the verifier (mailflow.stages.verify), as
   Postfix's reject_unverified_address: `450 4.1.1 <a>: Recipient address rejected: unverified address: <why>` as a
   DEFER_IF_PERMIT (the probe is under way, deferred, or bounced with the default reject code 450), `550 5.1.1
@@ -1151,9 +1152,14 @@ class Restrictions:
 
     def _dmarc_policy(self, facts: Facts):
         """reject_dmarc_policy (end of data): DMARC failed and the From domain says p=reject (550 5.7.1) or
-        p=quarantine (the message is held)."""
+        p=quarantine (the message is held); a temperror under either (an aligned SPF or DKIM check could not be
+        completed) is deferred (450 4.7.1)."""
         verdicts = facts.auth
-        if verdicts is None or verdicts.dmarc != "fail":
+        if verdicts is None:
+            return None
+        if verdicts.dmarc == "temperror" and verdicts.dmarc_policy in ("reject", "quarantine"):
+            return status.dmarc_deferred(verdicts.dmarc_domain)
+        if verdicts.dmarc != "fail":
             return None
         if verdicts.dmarc_policy == "reject":
             return status.dmarc_rejected(verdicts.dmarc_domain)
