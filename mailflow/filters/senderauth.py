@@ -313,9 +313,13 @@ class PolicyLookups:
     tasks: dict[asyncio.Task, str]  # each lookup and its domain
 
     def end(self) -> None:
-        """Cancels the lookups still running."""
+        """Cancels the lookups still running and retrieves the exception of each that ended (asyncio logs one
+        never retrieved: two lookups that raise at once, and the second was)."""
         for task in self.tasks:
-            task.cancel()
+            if not task.done():
+                task.cancel()
+            elif not task.cancelled():
+                task.exception()
 
 
 def _author_domains(froms: list[str]) -> Authors:

@@ -3,6 +3,7 @@ verdict is for hostile or unusual records, and the one `timeout` that bounds a m
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 
@@ -270,6 +271,44 @@ async def test_an_aligned_spf_check_that_stalls_is_a_dmarc_temperror_carrying_th
         auth.close()
     assert (verdicts.spf, verdicts.dmarc, verdicts.dmarc_domain, verdicts.dmarc_policy) == \
         ("temperror", "temperror", "slow.test", "reject")
+
+
+class RaisingTogether(StaticResolver):
+    """The DMARC lookups of names with "broken" in them raise together, once `gate` is set (a resolver bug)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def txt(self, name: str) -> list[str]:
+        if "broken" in name:
+            await self.gate.wait()
+            raise RuntimeError(f"resolver bug: {name}")
+        return await super().txt(name)
+
+
+async def test_two_lookups_that_raise_at_once_leave_no_exception_unretrieved():
+    """Two author lookups raised in one round: the first was re-raised, the second's exception was never retrieved
+    and asyncio logged it ("Task exception was never retrieved") when the task was collected."""
+    loop = asyncio.get_running_loop()
+    logged: list[str] = []
+    loop.set_exception_handler(lambda _, context: logged.append(context["message"]))
+    resolver = RaisingTogether()
+    loop.call_later(0.05, resolver.gate.set)
+    auth = SenderAuth(SenderAuthConfig(verify=("dmarc",), timeout=5), resolver, authserv_id="mx.test")
+    raised = ""
+    try:
+        await auth.verdicts("192.0.2.1", "client.test", "x@attacker.test",
+                            Content.of(b"From: a@broken.test, b@broken2.test\r\n\r\nbody\r\n"))
+    except RuntimeError as error:  # (not pytest.raises: it keeps the exception, and so the tasks, alive)
+        raised = str(error)
+    finally:
+        auth.close()
+    assert raised.startswith("resolver bug")
+    for _ in range(3):
+        gc.collect()
+        await asyncio.sleep(0.01)
+    assert logged == []
 
 
 async def test_a_u_label_author_domain_is_checked_as_its_a_label(dns_zone):
