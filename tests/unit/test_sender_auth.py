@@ -345,6 +345,33 @@ async def test_a_from_field_of_many_addresses_costs_what_header_size_limit_holds
     assert loop.time() - started < 0.6  # (1.1 s before, 0.1 s now)
 
 
+async def test_a_from_field_the_parser_is_slow_on_is_parsed_no_further_than_8_kb():
+    """100 KB of '@' held the event loop 0.2 s in Python's address parser (0.02 s now): the From fields are parsed
+    up to 8 KB in all, and a From longer than that cannot be wholly checked (fail under the policy found)."""
+    head = b"From: ceo@bank.test, " + b"@" * 100_000 + b"\r\n"
+    auth = SenderAuth(SenderAuthConfig(verify=("dmarc",)), StaticResolver(txt=BANK), authserv_id="mx.test")
+    lag: list[float] = []
+    ticking = asyncio.create_task(_ticks(lag))
+    await asyncio.sleep(0)  # (the ticks begin)
+    try:
+        verdicts = await auth.verdicts("192.0.2.1", "client.test", "x@attacker.test",
+                                       Content.of(head + b"\r\nbody\r\n"))
+    finally:
+        ticking.cancel()
+        auth.close()
+    assert (verdicts.dmarc, verdicts.dmarc_domain, verdicts.dmarc_policy) == ("fail", "bank.test", "reject")
+    assert max(lag, default=0) < 0.1, lag  # (0.2 s before)
+
+
+async def _ticks(lag: list[float]) -> None:
+    """Appends how late each 5 ms tick of the event loop came."""
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        await asyncio.sleep(0.005)
+        lag.append(loop.time() - started - 0.005)
+
+
 async def test_a_from_field_past_header_size_limit_is_not_an_author():
     """Fields past header_size_limit are body to cleanup, as Postfix's: DMARC does not read them (it read 1 MB)."""
     head = b"X-Padding: " + b"x" * 2000 + b"\r\nFrom: ceo@bank.test\r\n"
