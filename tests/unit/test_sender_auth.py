@@ -214,6 +214,21 @@ async def test_at_the_timeout_the_silent_authors_are_temperror_and_the_strictest
     assert SilentCoAuthor.waiting == 0
 
 
+async def test_a_from_not_wholly_checked_whose_author_lookup_timed_out_is_temperror():
+    """The one domain of the From never answers: whether it has a policy is unknown, a temperror (it was permerror,
+    as if the domain had answered without one)."""
+    auth = SenderAuth(SenderAuthConfig(verify=("dmarc",), timeout=0.3), SilentCoAuthor(txt=BANK),
+                      authserv_id="mx.test")
+    try:
+        verdicts = await auth.verdicts("192.0.2.1", "client.test", "x@attacker.test",
+                                       Content.of(b"From: x@silent.test, nobody@\r\n\r\nbody\r\n"))
+        await asyncio.sleep(0)
+    finally:
+        auth.close()
+    assert verdicts.dmarc == "temperror"
+    assert SilentCoAuthor.waiting == 0
+
+
 async def test_a_lookup_that_raises_cancels_the_other_authors_lookups():
     auth = SenderAuth(SenderAuthConfig(verify=("dmarc",), timeout=5), SilentCoAuthor(txt=BANK),
                       authserv_id="mx.test")
