@@ -57,7 +57,7 @@ from mailflow.message import header_values, read_header
 from mailflow.syntax import ascii_digits
 
 SPF_THREADS = 4  # SPF evaluations at once; more wait their turn
-HEADER_LIMIT = 102400  # Postfix's header_size_limit: the header section's bytes read (the rest is body)
+HEADER_LIMIT = 102400  # header_size_limit: the header section's bytes read (cleanup refuses a larger one, 552 5.3.4)
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,8 @@ class SenderAuth:
     def __init__(self, config, resolver, *, authserv_id: str, also: tuple[str, ...] = (),
                  rng: random.Random | None = None, header_limit: int = HEADER_LIMIT):
         """`also`: verdicts needed besides config.verify (reject_dmarc_policy needs "dmarc"); `rng` draws
-        the messages a DMARC pct= samples; `header_limit`: the header section's bytes read (header_size_limit: DKIM
-        and DMARC see no field that cleanup would take for body)."""
+        the messages a DMARC pct= samples; `header_limit`: the header section's bytes read (header_size_limit:
+        cleanup refuses a message whose header section is larger, 552 5.3.4, so no more is worth reading)."""
         self._header_limit = header_limit
         self._rng = rng if rng is not None else random.Random()
         self._verify = set(config.verify) | set(also)

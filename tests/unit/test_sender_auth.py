@@ -388,7 +388,8 @@ async def _ticks(lag: list[float]) -> None:
 
 
 async def test_a_from_field_past_header_size_limit_is_not_an_author():
-    """Fields past header_size_limit are body to cleanup, as Postfix's: DMARC does not read them (it read 1 MB)."""
+    """DMARC reads the header section up to header_size_limit (it read 1 MB): a field past it is not an author (cleanup
+    refuses such a message, 552 5.3.4, whatever the verdict)."""
     head = b"X-Padding: " + b"x" * 2000 + b"\r\nFrom: ceo@bank.test\r\n"
     auth = SenderAuth(SenderAuthConfig(verify=("dmarc",)), StaticResolver(txt=BANK), authserv_id="mx.test",
                       header_limit=1024)
