@@ -160,7 +160,7 @@ def widest_policy() -> str:
 async def test_the_cache_is_bounded_in_bytes_too():
     """A policy of 64 KB of short mx lines is about 528 KB once parsed: cache_size (1000 by default) such
     policies, from as many domains that a hostile sender makes this server write to, held half a gigabyte.
-    The cache keeps CACHE_BYTES at most, the least recently used policies going first."""
+    The cache keeps CACHE_BYTES at most, the largest policies going first (the least recently used of equals)."""
     domains = [f"d{i}.test" for i in range(40)]
     policy = widest_policy()
 
