@@ -87,11 +87,11 @@ def _check_public_key(spki: bytes) -> None:
     if tag != 0x30 or end != len(spki):
         raise ValueError("not a SEQUENCE covering the data")
     tag, algorithm, key = _der_item(spki, start)
-    oid_tag, oid, _ = _der_item(spki, algorithm) if tag == 0x30 else (0, 0, 0)
+    oid_tag, oid, oid_end = _der_item(spki, algorithm) if tag == 0x30 else (0, 0, 0)
     bits_tag, _, bits_end = _der_item(spki, key)
     if oid_tag != 0x06 or bits_tag != 0x03 or bits_end != end:
         raise ValueError("not SEQUENCE {SEQUENCE {OID, ...}, BIT STRING}")
-    if spki[oid:_der_item(spki, algorithm)[2]] in _CHEAP_TO_LOAD:
+    if spki[oid:oid_end] in _CHEAP_TO_LOAD:
         serialization.load_der_public_key(spki)
 
 
