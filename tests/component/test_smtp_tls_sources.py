@@ -419,6 +419,39 @@ async def test_a_diffie_hellman_tlsa_key_is_parsed_not_tested(zones, smtp_peer, 
     assert loop.time() - started < 0.5 and not peer.messages
 
 
+def spki(oid: str, parameters: bytes, key: bytes) -> bytes:
+    return der(0x30, der(0x30, der(0x06, bytes.fromhex(oid)) + parameters) + der(0x03, key))
+
+
+DSA, DH_X942, DH_PKCS3, X25519, X448 = "2a8648ce380401", "2a8648ce3e0201", "2a864886f70d010301", "2b656e", "2b656f"
+PQG = der(0x30, der_integer(2 ** 127 - 1) + der_integer(5) + der_integer(3))
+KEY = b"\0" + der_integer(7)
+
+
+@pytest.mark.parametrize(("data", "usable"), [
+    pytest.param(spki(X25519, b"", b"\0" + b"\1" * 32), True, id="x25519"),
+    pytest.param(spki(X448, b"", b"\0" + b"\1" * 56), True, id="x448"),
+    pytest.param(spki(DSA, PQG, KEY), True, id="dsa"),
+    pytest.param(spki(DH_X942, PQG, KEY), True, id="dh-x9.42"),
+    pytest.param(spki(DH_PKCS3, der(0x30, der_integer(2 ** 127 - 1) + der_integer(5)), KEY), True, id="dh-pkcs3"),
+    pytest.param(spki("2a0304", b"", b"\0" + b"\1" * 32), False, id="unknown-oid-1.2.3.4"),
+    pytest.param(spki(DSA, der(0x05, b""), KEY), False, id="dsa-null-parameters"),
+    pytest.param(spki(DSA, der(0x30, der_integer(2 ** 127 - 1) + der_integer(5)), KEY), False, id="dsa-two-integers"),
+    pytest.param(spki(DH_X942, b"", KEY), False, id="dh-without-parameters"),
+    pytest.param(spki(DH_PKCS3, PQG + der(0x05, b""), KEY), False, id="junk-in-the-algorithm-sequence"),
+    pytest.param(spki(DH_PKCS3, PQG, b"\0" + der(0x04, b"\7")), False, id="dh-key-not-an-integer"),
+    pytest.param(spki(X25519, b"", b"\0abc"), False, id="x25519-3-byte-key"),
+    pytest.param(spki(X25519, b"", b""), False, id="x25519-empty-bit-string"),
+    pytest.param(spki(DSA, PQG, b""), False, id="dsa-empty-bit-string"),
+    pytest.param(bytes.fromhex("3007" "3002" "0603" "030100"), False, id="oid-runs-into-the-bit-string"),
+])
+def test_a_full_data_spki_record_is_usable_as_openssl_counts_it(data, usable):
+    """What OpenSSL 3.0's d2i_PUBKEY (Postfix's) takes, measured with the review's probe (p_der.py). The DER walk
+    took any OID, DSA with NULL parameters, DH without any, a 3-byte X25519 key, junk in the algorithm SEQUENCE
+    and an empty BIT STRING: records OpenSSL refuses were counted usable, so a peer needed to match them."""
+    assert (dane.usable((Tlsa(3, 1, 0, data),)) != ()) is usable
+
+
 def test_a_strangers_negative_serial_number_or_dsa_key_warns_nothing(ca):
     """A peer's certificate with a negative serial number (RFC 5280 forbids it, some are about) and a DSA key in a
     TLSA record are a stranger's data, not this program's use of a deprecated feature: cryptography warned of

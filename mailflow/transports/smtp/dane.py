@@ -74,25 +74,58 @@ def _well_formed(record: Tlsa) -> bool:
 
 
 # the DER of the algorithm OIDs whose keys cryptography loads in microseconds (an RSA modulus or an EC point is
-# read, never tested): rsaEncryption, id-ecPublicKey, Ed25519, Ed448
-_CHEAP_TO_LOAD = frozenset(bytes.fromhex(oid) for oid in ("2a864886f70d010101", "2a8648ce3d0201", "2b6570", "2b6571"))
+# read, never tested): rsaEncryption, RSASSA-PSS, id-ecPublicKey, Ed25519, Ed448, X25519, X448
+_CHEAP_TO_LOAD = frozenset(bytes.fromhex(oid) for oid in (
+    "2a864886f70d010101", "2a864886f70d01010a", "2a8648ce3d0201", "2b6570", "2b6571", "2b656e", "2b656f"))
+# the algorithms whose keys are walked, never loaded (a DH prime would be tested): their parameters, a SEQUENCE of
+# so many INTEGERs (fewest, most), as OpenSSL 3.0 takes them: DSA (p, q, g), X9.42 DH (p, g, q, j), PKCS #3 DH
+# (p, g, privateValueLength)
+_WALKED = {bytes.fromhex("2a8648ce380401"): (3, 3), bytes.fromhex("2a8648ce3e0201"): (3, 4),
+           bytes.fromhex("2a864886f70d010301"): (2, 3)}
+_SEQUENCE, _INTEGER, _BIT_STRING, _OID = 0x30, 0x02, 0x03, 0x06
 
 
 def _check_public_key(spki: bytes) -> None:
     """Raises ValueError unless `spki` is a SubjectPublicKeyInfo, as OpenSSL's d2i_PUBKEY (Postfix's) takes it:
-    parsed, never tested. A key of another algorithm is its structure only, SEQUENCE {SEQUENCE {OID, …}, BIT
-    STRING} covering the data exactly: loading a DH key runs a primality test of its prime, seconds of the event
-    loop for a 4096-bit one a stranger's TLSA record carries (and cryptography warns about DSA keys)."""
+    SEQUENCE {SEQUENCE {OID, parameters}, BIT STRING} covering the data exactly, of an algorithm OpenSSL knows,
+    parsed, never tested. An RSA, EC, EdDSA or X25519/X448 key is loaded (cheap); a DSA or DH key is walked: its
+    parameters a SEQUENCE of INTEGERs, its key an INTEGER in a BIT STRING of whole bytes. Loading a DH key runs a
+    primality test of its prime, seconds of the event loop for a 4096-bit one a stranger's TLSA record carries."""
     tag, start, end = _der_item(spki, 0)
-    if tag != 0x30 or end != len(spki):
+    if tag != _SEQUENCE or end != len(spki):
         raise ValueError("not a SEQUENCE covering the data")
     tag, algorithm, key = _der_item(spki, start)
-    oid_tag, oid, oid_end = _der_item(spki, algorithm) if tag == 0x30 else (0, 0, 0)
-    bits_tag, _, bits_end = _der_item(spki, key)
-    if oid_tag != 0x06 or bits_tag != 0x03 or bits_end != end:
+    oid_tag, oid, oid_end = _der_item(spki, algorithm) if tag == _SEQUENCE else (0, 0, 0)
+    bits_tag, bits, bits_end = _der_item(spki, key)
+    if oid_tag != _OID or oid_end > key or bits_tag != _BIT_STRING or bits_end != end:
         raise ValueError("not SEQUENCE {SEQUENCE {OID, ...}, BIT STRING}")
-    if spki[oid:oid_end] in _CHEAP_TO_LOAD:
+    name = spki[oid:oid_end]
+    if name in _CHEAP_TO_LOAD:
         serialization.load_der_public_key(spki)
+        return
+    if name not in _WALKED:
+        raise ValueError("an algorithm OpenSSL does not know")
+    _integers(spki, oid_end, key, *_WALKED[name])
+    if bits == bits_end or spki[bits] != 0:
+        raise ValueError("a key that is not whole bytes")
+    _integers(spki, bits + 1, bits_end, 1, 1, wrapped=False)
+
+
+def _integers(data: bytes, at: int, end: int, fewest: int, most: int, wrapped: bool = True) -> None:
+    """Raises ValueError unless data[at:end] is a SEQUENCE of `fewest` to `most` INTEGERs (`wrapped`), or the
+    INTEGERs themselves."""
+    if wrapped:
+        tag, at, inner_end = _der_item(data, at)
+        if tag != _SEQUENCE or inner_end != end:
+            raise ValueError("not a SEQUENCE covering its place")
+    count = 0
+    while at < end:
+        tag, _, at = _der_item(data, at)
+        count += 1
+        if tag != _INTEGER or at > end or count > most:
+            raise ValueError("not INTEGERs covering their place")
+    if count < fewest:
+        raise ValueError("too few INTEGERs")
 
 
 def _der_item(data: bytes, at: int) -> tuple[int, int, int]:
