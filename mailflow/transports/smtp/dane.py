@@ -33,6 +33,7 @@ levels (RFC 7672 2.1.1: a failed lookup is not "no records"); NXDOMAIN / NODATA 
 from __future__ import annotations
 
 import hashlib
+import re
 import warnings
 
 from cryptography import x509
@@ -144,11 +145,14 @@ def _der_item(data: bytes, at: int) -> tuple[int, int, int]:
 
 
 def _certificate(der: bytes) -> x509.Certificate:
-    """The certificate (ValueError if it is none), without cryptography's deprecation warning for a serial number
-    that is not positive: a stranger's certificate or TLSA record is not this program's deprecated use."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-        return x509.load_der_x509_certificate(der)
+    """The certificate (ValueError if it is none). cryptography's deprecation warning for a serial number that is
+    not positive is filtered out for this module, once (a stranger's certificate or TLSA record is not this
+    program's deprecated use): a catch_warnings() per certificate reset every module's record of the warnings it
+    had shown, and is not thread-safe."""
+    return x509.load_der_x509_certificate(der)
+
+
+warnings.filterwarnings("ignore", category=CryptographyDeprecationWarning, module=re.escape(__name__) + "$")
 
 
 async def peer_policy(resolver: Resolver, policy: TlsPolicy, host: str, port: int, mx_secure: bool,
