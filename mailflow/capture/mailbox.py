@@ -21,6 +21,7 @@
     WaitTimeout          (an AssertionError) raised by `wait`: its text counts what did arrive and lists the
                          newest REPORT_LIMIT of those messages
     await parsed_off_loop(messages)     each parsed in turn (CapturedMessage.parse_off_loop)
+    await parsed_by(messages, deadline) -> those parsed by then
     await sliced(items, fn) -> [fn(item)]   SLICE at a time, handing the loop back before each (a search term
                          or a summary parses its message: a whole mailbox at once held every session 3.7 s)
 
@@ -40,7 +41,9 @@ kept those waiting 5-11 s for a thread. (Not a workers.BoundedWorkers: its calle
 its `wait`, and one parse may rightly take longer.) The thread ends when the mailbox is gone, or at the exit.
 
 A wait whose criteria read the messages (`match`) has each new one parsed off the loop first
-(CapturedMessage.parse_off_loop), within its timeout; `subject` reads the header alone (`fields`).
+(CapturedMessage.parse_off_loop, `parsed_by`), within its timeout: when it runs out, the messages parsed by then
+are judged, the others not; but a wait with timeout 0 ("is it there now?") parses every message there first.
+`subject` reads the header alone (`fields`).
 
 Failure behaviour: `wait` raises WaitTimeout after `timeout` seconds (loop time, not the injected clock), and
 RuntimeError at once when the mailbox is closed, or closes, before enough messages match (the same report).
@@ -176,11 +179,16 @@ class CapturedMessage:
     def size(self) -> int:
         return len(self.raw)
 
+    @property
+    def parsed(self) -> bool:
+        """Has parse_off_loop made what it makes (what a search or a summary reads costs no parse now)?"""
+        return _MADE.issubset(self.__dict__)
+
     async def parse_off_loop(self) -> None:
         """Makes the properties `_made` makes in the mailbox's thread, unless they are all made already; once, however
         many requests and waits ask at the same time. Never raises but for what the thread itself may (a
         MemoryError): that ask fails, and the next one parses again."""
-        if _MADE.issubset(self.__dict__):
+        if self.parsed:
             return
         if self._parsing is None:
             self._parsing = asyncio.get_running_loop().run_in_executor(self._parser, _made, self.raw)
@@ -288,6 +296,17 @@ async def parsed_off_loop(messages: Iterable[CapturedMessage]) -> None:
     """Each message parsed off the loop (CapturedMessage.parse_off_loop), one after the other."""
     for message in messages:
         await message.parse_off_loop()
+
+
+async def parsed_by(messages: list[CapturedMessage], deadline: float | None) -> list[CapturedMessage]:
+    """Those of `messages` parsed off the loop by `deadline` (loop time; None: all of them), in order: a parse
+    of thousands of parts takes seconds, and a wait keeps its timeout."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            await parsed_off_loop(messages)
+    except TimeoutError:
+        pass
+    return [m for m in messages if m.parsed]
 
 
 async def sliced(items: list[_Item], fn: Callable[[_Item], _Result]) -> list[_Result]:
@@ -403,12 +422,8 @@ class Mailbox:
             if not criteria.judged_once:
                 verdicts = {}
             new = [m for m in self.messages if m not in verdicts]
-            if criteria.reads_content:
-                try:  # (the deadline holds while messages are parsed: a parse of thousands of parts takes seconds)
-                    async with asyncio.timeout(max(0.0, deadline - loop.time())):
-                        await parsed_off_loop(new)
-                except TimeoutError:
-                    new = []
+            if criteria.reads_content:  # (timeout=0 asks "is it there now?": the messages here are all parsed)
+                new = await parsed_by(new, deadline if timeout > 0 else None)
             verdicts.update(zip(new, await sliced(new, criteria.matches)))
             verdicts = {m: verdicts[m] for m in self.messages if m in verdicts}  # (none deleted kept alive)
             found = [m for m, hit in verdicts.items() if hit]

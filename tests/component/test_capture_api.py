@@ -120,8 +120,8 @@ async def test_listing_every_message_hands_the_loop_back_between_summaries(monke
     ("GET", "/api/v1/message/latest?query=body", None, 1),
     ("PUT", "/api/v1/messages", {"Search": "body", "Read": True}, 1),
     ("DELETE", "/api/v1/search?query=body", None, 1),
-    ("GET", f"/api/v1/wait?query=body&count={3 * SLICE + 1}&timeout=0", None, 1),  # the report (timeout=0: the
-    # wait itself judges only messages parsed already)
+    ("GET", f"/api/v1/wait?query=body&count={3 * SLICE + 1}&timeout=0", None, 2),  # the wait, then its report
+    # (timeout=0: the wait parses and judges every message there first)
 ])
 async def test_a_search_hands_the_loop_back_between_messages(monkeypatch, method, path, body, searched):
     # a text term parses each message: a first search of 10 000 held the server's loop 3.7 s
@@ -648,3 +648,20 @@ async def test_a_parsed_message_keeps_what_a_request_reads_not_the_parsed_tree()
     finally:
         tracemalloc.stop()
     assert len(message.attachments) == 300 and kept < 2.5 * message.size, (kept, message.size)
+
+
+async def test_a_wait_of_timeout_0_judges_the_messages_there_and_a_timed_out_wait_those_parsed(monkeypatch):
+    # asyncio.timeout(0) cancelled the first parse and the wait dropped every verdict: Sink.wait_for(match=…,
+    # timeout=0), "is it there now?", failed on a message that was there; a wait whose time ran out during a slow
+    # parse dropped the verdicts on the messages parsed already
+    box = capture_mailbox.Mailbox(max_messages=10, max_bytes=10**8, clock=VirtualClock())
+    here = box.add(CapturedEnvelope("a@shop.test", ("b@example.com",)), b"Subject: s\r\n\r\nhello\r\n", "HERE")
+    assert await box.wait(capture_mailbox.Criteria(match=lambda m: "hello" in m.text), 1, 0) == [here]
+    parse = capture_mailbox._made
+    monkeypatch.setattr(capture_mailbox, "_made", lambda raw: time.sleep(2) or parse(raw))  # (a parse that long)
+    slow = box.add(CapturedEnvelope("a@shop.test", ("b@example.com",)), many_parts(10), "SLOW")
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    found = await box.wait(capture_mailbox.Criteria(match=lambda m: m.text != "never"), 1, 0.3)
+    assert found == [here] and loop.time() - began < 1.0
+    await slow.parse_off_loop()  # (the parse the wait began, ended before the next test)
