@@ -391,9 +391,9 @@ def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> w
         waiting["now"] += 1
         try:
             found = await mailbox.wait(criteria, count, timeout)
-        except WaitTimeout:  # (the time may have run out while messages were parsed: the report's search decides)
+        except WaitTimeout:  # (the report searches the messages parsed by now: it keeps the timeout too)
             everything = mailbox.messages
-            found = await matching(query, everything)
+            found = await matching(query, [m for m in everything if m.parsed])
             if len(found) < count:
                 report = timeout_report(Criteria(), count, timeout, found, everything, limit=REPORT_LIMIT)
                 body = {"error": f"query {query!r}: " + report, **await listing(found, everything, 0, len(found) or 1)}

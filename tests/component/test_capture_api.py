@@ -665,3 +665,31 @@ async def test_a_wait_of_timeout_0_judges_the_messages_there_and_a_timed_out_wai
     found = await box.wait(capture_mailbox.Criteria(match=lambda m: m.text != "never"), 1, 0.3)
     assert found == [here] and loop.time() - began < 1.0
     await slow.parse_off_loop()  # (the parse the wait began, ended before the next test)
+
+
+async def test_a_timed_out_http_wait_answers_on_time_and_raw_headers_history_wait_for_no_parse(monkeypatch):
+    # after its wait timed out, /wait searched every message for its report, parsing those not parsed yet with
+    # no deadline: timeout=1 answered after 1.96 s with a message of 3000 parts
+    parse = capture_mailbox._made
+    monkeypatch.setattr(capture_mailbox, "_made", lambda raw: time.sleep(2) or parse(raw))  # (a parse that long)
+    async with Sink(http_api=True) as sink, aiohttp.ClientSession(sink.http_url) as http:
+        slow = sink.server.capture.mailbox.add(CapturedEnvelope("a@shop.test", ("b@example.com",)), many_parts(10),
+                                               "SLOW")
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        timed_out = await get_json(http, "/api/v1/wait?query=never&timeout=1", status=408)
+        assert loop.time() - began < 1.6 and "0 matched; 1 arrived" in timed_out["error"]
+        for path in ("raw", "headers", "history"):  # (its bytes, its header, its envelope: no parse)
+            began = loop.time()
+            async with http.get(f"/api/v1/message/SLOW/{path}") as response:
+                assert response.status == 200
+            assert loop.time() - began < 0.5, path
+        await slow.parse_off_loop()  # (the parse the wait began, ended before the next test)
+
+
+async def test_an_http_wait_of_timeout_0_finds_a_message_there_not_parsed_yet():
+    async with Sink(http_api=True) as sink, aiohttp.ClientSession(sink.http_url) as http:
+        sink.server.capture.mailbox.add(CapturedEnvelope("a@shop.test", ("b@example.com",)),
+                                        b"Subject: s\r\n\r\nhello there\r\n", "HERE")
+        found = await get_json(http, "/api/v1/wait?query=hello&timeout=0")
+    assert [m["ID"] for m in found["messages"]] == ["HERE"]
