@@ -38,7 +38,8 @@ message again each time it is woken.
 Messages are parsed off the loop in the mailbox's own thread, one message at a time: in asyncio's default pool,
 shared with the queue's fsyncs, DKIM signing, pickup and table loads, 8 requests for messages of thousands of parts
 kept those waiting 5-11 s for a thread. (Not a workers.BoundedWorkers: its caller gives up when no call ends for
-its `wait`, and one parse may rightly take longer.) The thread ends when the mailbox is gone, or at the exit.
+its `wait`, and one parse may rightly take longer.) The thread ends at `close` (a parse under way finishes; one
+asked for later runs in asyncio's default pool), else when the mailbox is gone, or at the exit.
 
 A wait whose criteria read the messages (`match`) has each new one parsed off the loop first
 (CapturedMessage.parse_off_loop, `parsed_by`), within its timeout: when it runs out, the messages parsed by then
@@ -105,7 +106,7 @@ class CapturedMessage:
     read: bool = False
     _history: Callable[[str], list[QueueEvent]] = field(default=lambda queue_id: [], repr=False)
     _parsing: asyncio.Future | None = field(default=None, repr=False)  # parse_off_loop's thread, while it runs
-    _parser: Executor | None = field(default=None, repr=False)  # its mailbox's parse thread (None: asyncio's default)
+    _box: Mailbox | None = field(default=None, repr=False)  # its mailbox (whose thread parses it), if any
 
     @property
     def sender(self) -> str:
@@ -191,7 +192,8 @@ class CapturedMessage:
         if self.parsed:
             return
         if self._parsing is None:
-            self._parsing = asyncio.get_running_loop().run_in_executor(self._parser, _made, self.raw)
+            thread = self._box.parse_thread if self._box is not None else None
+            self._parsing = asyncio.get_running_loop().run_in_executor(thread, _made, self.raw)
             self._parsing.add_done_callback(self._parsed)
         await asyncio.shield(self._parsing)  # (an asker cancelled leaves it to the others)
 
@@ -365,7 +367,7 @@ class Mailbox:
         transcript = self._transcripts.get(queue_id) if self._transcripts is not None else None
         history = self._history.events if self._history is not None else (lambda queue_id: [])
         message = CapturedMessage(ident, queue_id, envelope, raw, self._clock.time(), transcript, _history=history,
-                                  _parser=self._parser)
+                                  _box=self)
         self._messages[ident] = message
         self._bytes += len(raw)
         self.accepted += 1
@@ -405,6 +407,12 @@ class Mailbox:
     def close(self) -> None:
         self._closed = True
         self._arrived.set()
+        self._parser.shutdown(wait=False)  # (a parse under way finishes)
+
+    @property
+    def parse_thread(self) -> Executor | None:
+        """Where its messages are parsed: its own thread; asyncio's default pool (None) once it is closed."""
+        return None if self._closed else self._parser
 
     def _remove(self, ident: str) -> None:
         message = self._messages.pop(ident)

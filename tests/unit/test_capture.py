@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import threading
 from email.message import EmailMessage
 
 import pytest
@@ -261,3 +262,20 @@ def test_a_destination_script_is_used_step_by_step_at_its_moment():
     step = script.take("transaction")
     assert (step.kind, step.code) == ("reply", 451)
     assert script.take("transaction").code == 250 and script.take("transaction").code == 250  # always, at the end
+
+
+async def test_close_ends_the_parse_thread_and_a_later_parse_uses_the_default_pool():
+    # the mailbox's parse thread lived on until the cyclic GC ran: ten Sinks a test suite kept, ten threads
+    before = set(threading.enumerate())
+    box = mailbox()
+    first, second = add(box, queue_id="Q1"), add(box, queue_id="Q2")
+    await first.parse_off_loop()
+    (thread,) = [t for t in set(threading.enumerate()) - before if t.name.startswith("capture-parse")]
+    box.close()
+    for _ in range(100):
+        if not thread.is_alive():
+            break
+        await asyncio.sleep(0.02)
+    assert not thread.is_alive()
+    await second.parse_off_loop()
+    assert second.text.strip() == "hello"
