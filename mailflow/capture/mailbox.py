@@ -25,9 +25,12 @@
     await sliced(items, fn) -> [fn(item)]   SLICE at a time, handing the loop back before each (a search term
                          or a summary parses its message: a whole mailbox at once held every session 3.7 s)
 
-Bounded: past `max_messages` or `max_bytes` the oldest messages are dropped (counted as deleted). What a parse
-keeps with a message (`_made`: its text, HTML, attachments' bytes and header fields, not the parsed tree, which
-held up to 6 times the raw size) is about as large again as the raw bytes (1.5 times for thousands of small parts).
+Bounded: past `max_messages` or `max_bytes` the oldest messages are dropped (counted as deleted). The bytes
+counted are each message's raw bytes and, once parse_off_loop has parsed it, what the parse keeps with it (`_made`:
+its text, HTML, attachments' bytes, header fields and addresses; not the parsed tree, which held up to 6 times the
+raw size), estimated with sys.getsizeof (`footprint`): from about the raw size again up to 13 times it (a To of
+12 000 short addresses, each a tuple of two strings; a text and an HTML body with one emoji, kept as 4-byte
+characters).
 Waiting costs nothing while nothing arrives: each `add` (and each `changed`) wakes the waiters once. A wait whose
 criteria cannot change their verdict on a message once captured (no `match`, or one said `settled`: a search
 without `is:` terms) looks only at the messages it has not looked at yet, `sliced`: each waiter looking at every
@@ -54,9 +57,11 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import re
+import sys
 from collections import OrderedDict
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from email.message import Message
 from functools import cached_property
 from typing import Callable, Iterable, TypeVar
 
@@ -198,12 +203,15 @@ class CapturedMessage:
         await asyncio.shield(self._parsing)  # (an asker cancelled leaves it to the others)
 
     def _parsed(self, parsing: asyncio.Future) -> None:
-        """The parse ended (done callback, before any asker resumes): what it made is kept, even when every asker
-        was cancelled meanwhile; if it failed, the next ask parses again."""
+        """The parse ended (done callback, before any asker resumes): what it made is kept, and counted by its
+        mailbox, even when every asker was cancelled meanwhile; if it failed, the next ask parses again."""
         self._parsing = None
         if not parsing.cancelled() and parsing.exception() is None:
-            for name, value in parsing.result().items():
+            made, size = parsing.result()
+            for name, value in made.items():
                 self.__dict__.setdefault(name, value)  # (one made on the loop meanwhile stays: it is the same)
+            if self._box is not None:
+                self._box.kept(self, size)
 
     def describe(self) -> str:
         """One line: `<sender> -> <rcpt>, <rcpt>: 'Subject' (queue id ID)`."""
@@ -215,14 +223,29 @@ _MADE = frozenset({"fields", "subject", "text", "html", "snippet", "_parts", "co
 CONTACT_HEADERS = ("From", "To", "Cc", "Reply-To")
 
 
-def _made(raw: bytes) -> dict:
+def _made(raw: bytes) -> tuple[dict, int]:
     """CapturedMessage's properties named in _MADE, made from `raw` off the loop (by CapturedMessage's own
     definitions, on a message of its own): the email package takes about 2 ms a MIME part (policy.default's header
     objects), and the first summary of a 1 MB message of 3000 parts held the server's loop 6 s. The worker thread
     hands the GIL to the loop every switch interval (5 ms). Never raises for a malformed message: mime's helpers
-    do not."""
-    made = CapturedMessage("", "", CapturedEnvelope("", ()), raw, 0.0)
-    return {name: getattr(made, name) for name in _MADE}
+    do not. With it, its `footprint`."""
+    message = CapturedMessage("", "", CapturedEnvelope("", ()), raw, 0.0)
+    made = {name: getattr(message, name) for name in _MADE}
+    return made, footprint(made)
+
+
+def footprint(value) -> int:
+    """The bytes `value` holds, estimated by sys.getsizeof: of itself and of what it holds (lists, tuples, dicts,
+    Attachments, a header's fields as their (name, value) items); a string or bytes counts once per place."""
+    if isinstance(value, (list, tuple)):
+        return sys.getsizeof(value) + sum(map(footprint, value))
+    if isinstance(value, dict):
+        return sys.getsizeof(value) + sum(footprint(key) + footprint(item) for key, item in value.items())
+    if isinstance(value, mime.Attachment):
+        return sys.getsizeof(value) + footprint(vars(value))
+    if isinstance(value, Message):
+        return sys.getsizeof(value) + footprint(value.raw_items())
+    return sys.getsizeof(value)
 
 
 def _contacts(message) -> dict[str, list[tuple[str, str]]]:
@@ -352,7 +375,8 @@ class Mailbox:
         self._transcripts = transcripts
         self._history = history
         self._messages: OrderedDict[str, CapturedMessage] = OrderedDict()
-        self._bytes = 0
+        self._bytes = 0  # the raw bytes of the messages kept, and what their parses keep (_parsed_bytes)
+        self._parsed_bytes: dict[str, int] = {}
         self._sequence = 0
         self._arrived = asyncio.Event()
         self._closed = False
@@ -372,8 +396,7 @@ class Mailbox:
         self._bytes += len(raw)
         self.accepted += 1
         self.accepted_bytes += len(raw)
-        while len(self._messages) > 1 and (len(self._messages) > self._max_messages or self._bytes > self._max_bytes):
-            self._remove(next(iter(self._messages)))
+        self._make_room()
         self._arrived.set()
         self._arrived = asyncio.Event()
         return message
@@ -414,9 +437,20 @@ class Mailbox:
         """Where its messages are parsed: its own thread; asyncio's default pool (None) once it is closed."""
         return None if self._closed else self._parser
 
+    def kept(self, message: CapturedMessage, size: int) -> None:
+        """A parse of `message` keeps `size` bytes more with it: counted toward max_bytes, the oldest dropped."""
+        if self._messages.get(message.id) is message and message.id not in self._parsed_bytes:
+            self._parsed_bytes[message.id] = size
+            self._bytes += size
+            self._make_room()
+
+    def _make_room(self) -> None:
+        while len(self._messages) > 1 and (len(self._messages) > self._max_messages or self._bytes > self._max_bytes):
+            self._remove(next(iter(self._messages)))
+
     def _remove(self, ident: str) -> None:
         message = self._messages.pop(ident)
-        self._bytes -= len(message.raw)
+        self._bytes -= len(message.raw) + self._parsed_bytes.pop(ident, 0)
         self.deleted += 1
 
     async def wait(self, criteria: Criteria, count: int = 1, timeout: float = 5.0) -> list[CapturedMessage]:

@@ -279,3 +279,18 @@ async def test_close_ends_the_parse_thread_and_a_later_parse_uses_the_default_po
     assert not thread.is_alive()
     await second.parse_off_loop()
     assert second.text.strip() == "hello"
+
+
+async def test_what_a_parse_keeps_counts_toward_max_bytes():
+    # a parse kept up to 13 times the raw size (a To of 12 000 short addresses as (name, address) tuples), and
+    # max_bytes counted the raw bytes alone: it bounded nothing
+    to = ",\r\n ".join(f"a{i}@b.c" for i in range(12_000))
+    box = mailbox(max_bytes=1_000_000)
+    older = add(box, queue_id="OLDER")
+    many = box.add(CapturedEnvelope("ann@shop.test", ("bob@example.com",)),
+                   f"To: {to}\r\nSubject: s\r\n\r\nhi\r\n".encode(), "MANY")
+    assert box.messages == [older, many]  # (the raw bytes fit)
+    await many.parse_off_loop()
+    assert len(many.contacts["To"]) == 12_000 and box.messages == [many] and box.deleted == 1
+    box.delete(["MANY"])
+    assert box._bytes == 0
