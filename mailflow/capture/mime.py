@@ -29,7 +29,7 @@
 Failure behaviour: a malformed message never raises here: the email package's defects are ignored, an
 undecodable part gives "" (or its raw payload for an attachment), and a helper the email package fails in
 anyway (Python 3.11's get_content_disposition raises IndexError on `attachment; filename*`) gives what it gives
-for a message without such a part or header ("", [], ([], [])).
+for a message without such a part or header ("", [], ([], [])); `attachments` leaves out that part alone.
 """
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ from html.parser import HTMLParser
 from typing import Any, Callable, TypeVar, cast
 
 _Helper = TypeVar("_Helper", bound=Callable[..., Any])
+MALFORMED = (IndexError, RecursionError, ValueError, LookupError, email.errors.MessageError)  # (the email package's)
 URL = re.compile(r"""(?:https?://|mailto:)[^\s<>"'()\[\]]+""", re.IGNORECASE)
 
 
@@ -115,9 +116,10 @@ def _content(part) -> str:
 
 
 def _body_part(msg: EmailMessage, subtype: str):
+    """None when there is none, or when the email package fails on one of the parts it looks at."""
     try:
         return msg.get_body(preferencelist=(subtype,))
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, *MALFORMED):
         return None
 
 
@@ -152,19 +154,30 @@ def _decoded(part) -> bytes:
 
 @_never_raises(lambda: ([], []))
 def attachments(msg: EmailMessage) -> tuple[list[Attachment], list[Attachment]]:
+    """A part the email package fails on is left out, the others not."""
     bodies = {id(p) for p in (_body_part(msg, "plain"), _body_part(msg, "html")) if p is not None}
-    attached, inline = [], []
+    found: dict[bool, list[Attachment]] = {False: [], True: []}
     for part_id, part in parts(msg):
-        if id(part) in bodies or part.get_content_maintype() == "multipart":
-            continue
-        disposition = part.get_content_disposition()
-        content_id = (part.get("Content-ID") or "").strip().strip("<>")
-        item = Attachment(part_id, part.get_filename() or "", part.get_content_type(), content_id, _decoded(part))
-        if content_id and disposition != "attachment":
-            inline.append(item)
-        elif disposition == "attachment" or item.filename or part.get_content_maintype() != "text":
-            attached.append(item)
-    return attached, inline
+        sorted_part = _attachment(part_id, part) if id(part) not in bodies else None
+        if sorted_part is not None:
+            found[sorted_part[0]].append(sorted_part[1])
+    return found[False], found[True]
+
+
+@_never_raises(lambda: None)
+def _attachment(part_id: str, part: MIMEPart) -> tuple[bool, Attachment] | None:
+    """(inline?, the part); None for a multipart, a text part shown as a body, or a part the email package
+    fails on."""
+    if part.get_content_maintype() == "multipart":
+        return None
+    disposition = part.get_content_disposition()
+    content_id = (part.get("Content-ID") or "").strip().strip("<>")
+    item = Attachment(part_id, part.get_filename() or "", part.get_content_type(), content_id, _decoded(part))
+    if content_id and disposition != "attachment":
+        return True, item
+    if disposition == "attachment" or item.filename or part.get_content_maintype() != "text":
+        return False, item
+    return None
 
 
 class _Links(HTMLParser):

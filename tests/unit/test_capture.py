@@ -294,3 +294,19 @@ async def test_what_a_parse_keeps_counts_toward_max_bytes():
     assert len(many.contacts["To"]) == 12_000 and box.messages == [many] and box.deleted == 1
     box.delete(["MANY"])
     assert box._bytes == 0
+
+
+def test_one_part_the_email_package_fails_on_hides_only_itself():
+    # Python 3.11's get_content_disposition raises IndexError on `attachment; filename*`: the never-raise
+    # wrapper around the whole of attachments() gave no attachment at all
+    msg = EmailMessage()
+    msg["Subject"] = "s"
+    msg.set_content("the body text")
+    for i in range(2):
+        msg.add_attachment(b"%PDF" + bytes([i]), maintype="application", subtype="pdf", filename=f"good{i}.pdf")
+    sent = bytes(msg)  # (its boundary made)
+    boundary = f"--{msg.get_boundary()}".encode()
+    bad = boundary + b"\nContent-Type: application/octet-stream\nContent-Disposition: attachment; filename*\n\nxx\n"
+    parsed = mime.parse(sent.replace(boundary + b"--", bad + boundary + b"--"))
+    assert len(mime.parts(parsed)) == 4 and mime.text_body(parsed) == "the body text\n"
+    assert [a.filename for a in mime.attachments(parsed)[0]] == ["good0.pdf", "good1.pdf"]
