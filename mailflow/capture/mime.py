@@ -38,8 +38,9 @@ import email.errors
 import email.header
 import email.policy
 import email.utils
-import hashlib
 import functools
+import hashlib
+import logging
 import re
 from dataclasses import dataclass
 from email.message import EmailMessage, MIMEPart
@@ -48,6 +49,7 @@ from html.parser import HTMLParser
 from typing import Any, Callable, TypeVar, cast
 
 _Helper = TypeVar("_Helper", bound=Callable[..., Any])
+log = logging.getLogger("mailflow.capture")
 MALFORMED = (IndexError, RecursionError, ValueError, LookupError, email.errors.MessageError)  # (the email package's)
 URL = re.compile(r"""(?:https?://|mailto:)[^\s<>"'()\[\]]+""", re.IGNORECASE)
 
@@ -92,14 +94,17 @@ def header_only(raw: bytes) -> EmailMessage:
 
 
 def _never_raises(fallback: Callable[[], object]) -> Callable[[_Helper], _Helper]:
-    """A helper the email package fails in on some malformed message gives `fallback()` instead (the module's
-    failure behaviour): one such message must not break a listing, a search or a wait for the others."""
+    """A helper the email package fails in on some malformed message (one of MALFORMED) gives `fallback()`
+    instead (the module's failure behaviour), logged at debug: one such message must not break a listing, a
+    search or a wait for the others. Any other exception is a bug, and raises."""
     def wrap(helper: _Helper) -> _Helper:
         @functools.wraps(helper)
         def guarded(*args, **kwargs):
             try:
                 return helper(*args, **kwargs)
-            except Exception:  # IndexError, RecursionError, …: whatever the email package raises on it
+            except MALFORMED as e:
+                log.debug("capture: %s failed on a malformed message (%s: %.200s): read as without it",
+                          helper.__name__, type(e).__name__, e)
                 return fallback()
         return cast(_Helper, guarded)
     return wrap
@@ -117,6 +122,8 @@ def _content(part) -> str:
 
 def _body_part(msg: EmailMessage, subtype: str):
     """None when there is none, or when the email package fails on one of the parts it looks at."""
+    if not isinstance(msg, MIMEPart):  # (compat32's Message: header_only's last resort, its body not read)
+        return None
     try:
         return msg.get_body(preferencelist=(subtype,))
     except (KeyError, TypeError, *MALFORMED):

@@ -310,3 +310,17 @@ def test_one_part_the_email_package_fails_on_hides_only_itself():
     parsed = mime.parse(sent.replace(boundary + b"--", bad + boundary + b"--"))
     assert len(mime.parts(parsed)) == 4 and mime.text_body(parsed) == "the body text\n"
     assert [a.filename for a in mime.attachments(parsed)[0]] == ["good0.pdf", "good1.pdf"]
+
+
+def test_a_malformed_message_is_logged_and_a_bug_is_not_hidden(monkeypatch, caplog):
+    # the never-raise wrappers caught every exception and logged nothing: a TypeError of the code's own gave ""
+    msg = EmailMessage()
+    msg["Subject"] = "s"
+    msg.add_attachment(b"x", maintype="application", subtype="pdf", filename="a.pdf")
+    sent = bytes(msg).replace(b'attachment; filename="a.pdf"', b"attachment; filename*")
+    with caplog.at_level("DEBUG", logger="mailflow.capture"):
+        assert mime.attachments(mime.parse(sent)) == ([], [])
+    assert "_attachment failed on a malformed message (IndexError" in caplog.text
+    monkeypatch.setattr(mime, "_body_part", lambda msg, subtype: 1 + "")
+    with pytest.raises(TypeError):
+        mime.text_body(mime.parse(raw()))
