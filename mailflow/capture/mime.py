@@ -230,17 +230,36 @@ def header(msg: EmailMessage, name: str) -> str | None:
 def addresses(msg: EmailMessage, header: str) -> list[tuple[str, str]]:
     """Read from the raw values: policy.default's address header objects took 2.4 s for a To of 10 000
     addresses, getaddresses 0.08 s."""
-    pairs = email.utils.getaddresses(raw_values(msg, header))
+    pairs = email.utils.getaddresses([_shielded(value) for value in raw_values(msg, header)])
     return [(_words_decoded(name), addr) for name, addr in pairs if addr]
 
 
+_ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=")
+_SPECIAL = re.compile(r'[(),:;<>@\[\]"\\]')
+_BETWEEN_WORDS = re.compile(r"(?<=\?=)[ \t]+(?==\?)")
+
+
+def _shielded(value: str) -> str:
+    """Its encoded words' specials (`=?utf-8?q?Doe,_John?=`, a comma Q-encoding leaves as it is) written as
+    their Q-encoding (`=2C`), which decodes to the same: read raw, the comma split the name into two addresses."""
+    return _ENCODED_WORD.sub(lambda word: _SPECIAL.sub(lambda c: f"={ord(c.group()):02X}", word.group()), value)
+
+
 def _words_decoded(text: str) -> str:
+    """Each encoded word decoded where it stands (the text around it, 8-bit or not, kept as it is), the blanks
+    between two encoded words dropped (RFC 2047 section 6.2); a word that cannot be decoded (an unknown
+    charset) kept as sent."""
     if "=?" not in text:
         return text
+    return _ENCODED_WORD.sub(_word_decoded, _BETWEEN_WORDS.sub("", text))
+
+
+def _word_decoded(word: re.Match) -> str:
     try:
-        return str(email.header.make_header(email.header.decode_header(text)))
+        return "".join(data.decode(charset or "ascii", "replace") if isinstance(data, bytes) else data
+                       for data, charset in email.header.decode_header(word.group()))
     except (LookupError, ValueError, email.errors.HeaderParseError):  # an unknown charset, a broken word
-        return text
+        return word.group()
 
 
 def raw_values(msg: EmailMessage, name: str) -> list[str]:

@@ -324,3 +324,15 @@ def test_a_malformed_message_is_logged_and_a_bug_is_not_hidden(monkeypatch, capl
     monkeypatch.setattr(mime, "_body_part", lambda msg, subtype: 1 + "")
     with pytest.raises(TypeError):
         mime.text_body(mime.parse(raw()))
+
+
+@pytest.mark.parametrize("to, read", [
+    # read raw, the comma of a Q-encoded word split it into a bogus address `=?utf-8?q?Doe`
+    (b"=?utf-8?q?Doe,_John?= <j@x.example>, b@x.example", [("Doe, John", "j@x.example"), ("", "b@x.example")]),
+    # 8-bit text before an encoded word left the word undecoded
+    ("J\u00f6rg =?utf-8?q?M=C3=BCller?= <a@b.example>".encode(), [("J\u00f6rg M\u00fcller", "a@b.example")]),
+    (b"=?utf-8?q?J=C3=B6rg?=  =?iso-8859-1?q?=E9?= <a@b.example>", [("J\u00f6rg\u00e9", "a@b.example")]),
+    (b"=?unknown?q?x?= <j@x.example>", [("=?unknown?q?x?=", "j@x.example")]),
+])
+def test_addresses_decode_each_encoded_word_of_a_name(to, read):
+    assert mime.addresses(mime.header_only(b"To: " + to + b"\r\n\r\nx\r\n"), "To") == read
