@@ -63,7 +63,7 @@ from mailflow.capture.recorders import Capture
 from mailflow.syntax import ascii_digits
 
 DEFAULT_LIMIT = 50
-MAX_DIGITS = 18  # in a number parameter: Go's Atoi (Mailpit's) refuses past 19; float(timeout) overflows past 308
+GO_INT_RANGE = range(-2**63, 2**63)  # a number parameter's: Go's Atoi (Mailpit's) refuses any other
 
 
 def iso(timestamp: float) -> str:
@@ -185,7 +185,8 @@ def _int(request: web.Request, name: str, default: int, low: int = 0) -> int:
     if not value:
         return default
     digits = value[1:] if value[0] in "+-" else value  # as Go's strconv.Atoi reads a number (Mailpit's)
-    if not ascii_digits(digits) or len(digits) > MAX_DIGITS:
+    # (the length first: Python's int() refuses 5000 digits, and a long one takes long)
+    if not ascii_digits(digits) or len(digits) > 19 or int(value) not in GO_INT_RANGE:
         raise web.HTTPBadRequest(text=f"{name}: not a number: {value[:40]!r}")
     number = int(value)
     if number < low:
