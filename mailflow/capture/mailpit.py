@@ -347,7 +347,7 @@ def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> w
     @table.get("/api/v1/message/{id}/headers")
     async def headers(request: web.Request) -> web.Response:
         out: dict[str, list[str]] = {}
-        for name, value in mime.header_only((await find(request, parse=False)).raw).raw_items():
+        for name, value in (await find(request, parse=False)).fields.raw_items():
             out.setdefault(_canonical(name), []).append(mime.raw_value(value))  # (as sent: encoded words kept)
         return web.json_response(out)
 

@@ -694,3 +694,16 @@ async def test_an_http_wait_of_timeout_0_finds_a_message_there_not_parsed_yet():
                                         b"Subject: s\r\n\r\nhello there\r\n", "HERE")
         found = await get_json(http, "/api/v1/wait?query=hello&timeout=0")
     assert [m["ID"] for m in found["messages"]] == ["HERE"]
+
+
+async def test_headers_reads_the_fields_the_message_keeps(monkeypatch):
+    # /headers parsed the header again on the loop at each request, though the message keeps it (`fields`)
+    read: list[bytes] = []
+    header_only = capture_mailbox.mime.header_only
+    monkeypatch.setattr(capture_mailbox.mime, "header_only", lambda raw: read.append(raw) or header_only(raw))
+    async with Sink(http_api=True) as sink, aiohttp.ClientSession(sink.http_url) as http:
+        sink.server.capture.mailbox.add(CapturedEnvelope("a@shop.test", ("b@example.com",)),
+                                        b"Subject: =?utf-8?q?caf=C3=A9?=\r\n\r\nx\r\n", "Q1")
+        for _ in range(3):
+            assert (await get_json(http, "/api/v1/message/Q1/headers")) == {"Subject": ["=?utf-8?q?caf=C3=A9?="]}
+    assert len(read) == 1
