@@ -16,9 +16,9 @@ Mailpit's endpoints (its JSON field names and shapes; IDs are mailflow's queue i
     GET    /api/v1/message/{ID}/raw           its bytes as queued (`?dl=1`: as the attachment `{ID}.eml`)
     GET    /api/v1/message/{ID}/headers       {"Name": ["value", ...]}: each value as sent (encoded words kept),
                                               unfolded, as Go's net/textproto gives Mailpit
-    GET    /api/v1/message/{ID}/part/{PartID} an attachment or inline part, decoded (Content-Disposition: inline,
-                                              its file name percent-encoded; an HTML, SVG or XML part as an
-                                              application/octet-stream attachment: as Mailpit's)
+    GET    /api/v1/message/{ID}/part/{PartID} an attachment or inline part, decoded: an image (not SVG), PDF or
+                                              plain text inline (its file name percent-encoded), any other as an
+                                              application/octet-stream attachment; nosniff, sandboxed
     GET    /api/v1/search?query=&start=&limit=   summaries of the messages matching (capture.search)
     DELETE /api/v1/search?query=              deletes them
 mailflow's:
@@ -153,19 +153,22 @@ def _canonical(name: str) -> str:
     return "-".join(word[:1].upper() + word[1:].lower() for word in name.split("-"))
 
 
-SCRIPTED = ("html", "svg", "xml")  # in a part's type: a browser would run the part's scripts
+SHOWN_INLINE = ("application/pdf", "text/plain")  # and images but SVG: the parts a browser shows running no script
+PART_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"}
 
 
 def _served_as(item: mime.Attachment) -> tuple[str, dict[str, str]]:
-    """The part's Content-Type and Content-Disposition, as Mailpit's DownloadAttachment gives them: its own type,
-    inline, the file name (else the Content-ID) percent-encoded as Go's url.PathEscape does (a name with quotes,
-    line breaks or non-ASCII letters stays one well-formed ASCII header); but a part a browser would run scripts
-    in (HTML, SVG, XML) is application/octet-stream and an attachment: shown, a mailed script would run on the
-    API's origin, free to mark and delete every message."""
+    """The part's Content-Type and headers: an image (not SVG), a PDF or plain text as Mailpit's
+    DownloadAttachment gives it (its own type, inline, the file name, else the Content-ID, percent-encoded as Go's
+    url.PathEscape does: a name with quotes, line breaks or non-ASCII letters stays one well-formed ASCII header);
+    any other an application/octet-stream attachment, as Mailpit serves HTML: shown, a mailed script (HTML, SVG,
+    XML, and whatever else a browser may run) would run on the API's origin, free to mark and delete every
+    message. Never sniffed, and sandboxed."""
     name = quote(item.filename or item.content_id, safe="$&+:=@")
-    if any(word in item.content_type for word in SCRIPTED):
-        return "application/octet-stream", {"Content-Disposition": f'attachment; filename="{name}"'}
-    return item.content_type, {"Content-Disposition": f'inline; filename="{name}"'}
+    kind = item.content_type
+    if kind in SHOWN_INLINE or (kind.startswith("image/") and "svg" not in kind):
+        return kind, {"Content-Disposition": f'inline; filename="{name}"', **PART_HEADERS}
+    return "application/octet-stream", {"Content-Disposition": f'attachment; filename="{name}"', **PART_HEADERS}
 
 
 async def listing(messages: list[CapturedMessage], everything: list[CapturedMessage], start: int, limit: int) -> dict:

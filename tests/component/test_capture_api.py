@@ -309,7 +309,7 @@ async def test_a_part_is_served_with_mailpits_disposition_whatever_its_file_name
     for part in ("2", "3", "4"):
         async with http.get(f"/api/v1/message/{message.id}/part/{part}") as response:
             shown.append((response.status, response.headers["Content-Disposition"], await response.read()))
-    assert shown == [(200, 'inline; filename="a%0D%0AX-Evil:%201%22.txt"', b"AAA"),
+    assert shown == [(200, 'attachment; filename="a%0D%0AX-Evil:%201%22.txt"', b"AAA"),  # (not an image, PDF, text)
                      (200, 'inline; filename="%C3%A9t%C3%A9.pdf"', b"BBB"),
                      (200, 'inline; filename="logo@shop.test"', b"CCC")]
 
@@ -571,15 +571,25 @@ async def test_a_part_a_browser_would_run_scripts_in_is_served_as_a_download():
     msg.add_attachment(b"<svg xmlns='http://www.w3.org/2000/svg' onload='alert(1)'/>", maintype="image",
                        subtype="svg+xml", filename="logo.svg")
     msg.add_attachment(b"%PDF", maintype="application", subtype="pdf", filename="a.pdf")
+    # (a denylist of HTML, SVG and XML served any other type inline, unsniffed: an allowlist now, and nosniff)
+    msg.add_attachment(b"<x:script xmlns:x='http://www.w3.org/1999/xhtml'>alert(1)</x:script>",
+                       maintype="application", subtype="xhtml+xml", filename="page.xht")
+    msg.add_attachment(b"<script>alert(1)</script>", maintype="application", subtype="x-unknown", filename="a.bin")
+    msg.add_attachment(b"\x89PNG", maintype="image", subtype="png", filename="a.png")
     async with Sink(http_api=True) as sink, aiohttp.ClientSession(sink.http_url) as http:
         sink.server.capture.mailbox.add(CapturedEnvelope("a@shop.test", ("b@example.com",)), msg.as_bytes(), "Q1")
         served = []
-        for part in ("2", "3", "4"):
+        for part in ("2", "3", "4", "5", "6", "7"):
             async with http.get(f"/api/v1/message/Q1/part/{part}") as response:
                 served.append((response.content_type, response.headers["Content-Disposition"]))
+                assert response.headers["X-Content-Type-Options"] == "nosniff"
+                assert response.headers["Content-Security-Policy"] == "sandbox"
     assert served == [("application/octet-stream", 'attachment; filename="invoice.html"'),
                       ("application/octet-stream", 'attachment; filename="logo.svg"'),
-                      ("application/pdf", 'inline; filename="a.pdf"')]
+                      ("application/pdf", 'inline; filename="a.pdf"'),
+                      ("application/octet-stream", 'attachment; filename="page.xht"'),
+                      ("application/octet-stream", 'attachment; filename="a.bin"'),
+                      ("image/png", 'inline; filename="a.png"')]
 
 
 async def test_a_wait_keeps_its_timeout_while_messages_are_parsed_and_a_subject_needs_no_parse(monkeypatch):
