@@ -244,7 +244,7 @@ def footprint(value) -> int:
     if isinstance(value, mime.Attachment):
         return sys.getsizeof(value) + footprint(vars(value))
     if isinstance(value, Message):
-        return sys.getsizeof(value) + footprint(value.raw_items())
+        return sys.getsizeof(value) + footprint(list(value.raw_items()))
     return sys.getsizeof(value)
 
 

@@ -11,7 +11,7 @@ from email.message import EmailMessage
 import pytest
 
 from mailflow.capture import mime, search
-from mailflow.capture.mailbox import CapturedEnvelope, Criteria, Mailbox, WaitTimeout
+from mailflow.capture.mailbox import CapturedEnvelope, Criteria, Mailbox, WaitTimeout, footprint
 from mailflow.clock import VirtualClock
 from mailflow.stages.smtpd.restrictions import Facts
 from mailflow.stages.smtpd.transcript import SessionObserver, Transcript, tls_description
@@ -336,3 +336,9 @@ def test_a_malformed_message_is_logged_and_a_bug_is_not_hidden(monkeypatch, capl
 ])
 def test_addresses_decode_each_encoded_word_of_a_name(to, read):
     assert mime.addresses(mime.header_only(b"To: " + to + b"\r\n\r\nx\r\n"), "To") == read
+
+
+def test_the_footprint_of_header_fields_counts_each_field():
+    # raw_items() is an iterator: its size alone was counted, some 50 bytes for any header
+    header = b"".join(b"X-Field-%d: %s\r\n" % (i, b"v" * 100) for i in range(1000))
+    assert footprint(mime.header_only(header + b"\r\nbody\r\n")) > len(header)
