@@ -281,6 +281,9 @@ POLICIES = ("none", "quarantine", "reject")
 FROM_PARSE_LIMIT = 8192  # the From fields' characters parsed, in all (what lies past them is not checked)
 AUTHOR_DOMAIN_LIMIT = 10  # the From domains one message's DMARC check looks up (two TXT questions each at most)
 _VERDICT_STRICTNESS = ("pass", "none", "temperror", "fail")
+# what reject_dmarc_policy does with a verdict under a policy: refuse (3), defer (2), hold (1); nothing else (0)
+_ACTION_STRICTNESS = {("fail", "reject"): 3, ("temperror", "reject"): 2, ("temperror", "quarantine"): 2,
+                      ("fail", "quarantine"): 1}
 # RFC 7489 6.4: the record's first tag; "v" in any case, blanks around "=", the value "DMARC1" exactly
 _DMARC_VERSION = re.compile(r"[vV][ \t]*=[ \t]*DMARC1[ \t]*(?:;|$)")
 
@@ -362,5 +365,9 @@ def _decides(verdict: dict, complete: bool) -> bool:
     return verdict.get("dmarc_policy") == "reject" and (verdict["dmarc"] == "fail" or not complete)
 
 
-def _strictness(verdict: dict) -> tuple[int, int]:
-    return (_VERDICT_STRICTNESS.index(verdict["dmarc"]), POLICIES.index(verdict.get("dmarc_policy") or "none"))
+def _strictness(verdict: dict) -> tuple[int, int, int]:
+    """How strict a domain's verdict is: first by what reject_dmarc_policy does with it (refuse, defer, hold: a
+    temperror under p=reject outranks a failure under p=none), then by the verdict, then by the policy."""
+    policy = verdict.get("dmarc_policy") or "none"
+    return (_ACTION_STRICTNESS.get((verdict["dmarc"], policy), 0), _VERDICT_STRICTNESS.index(verdict["dmarc"]),
+            POLICIES.index(policy))

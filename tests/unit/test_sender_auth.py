@@ -287,6 +287,20 @@ async def test_an_aligned_spf_check_that_stalls_is_a_dmarc_temperror_carrying_th
         ("temperror", "temperror", "slow.test", "reject")
 
 
+async def test_a_temperror_under_p_reject_outranks_a_co_authors_failure_under_p_none():
+    """Two authors: slow.test's aligned SPF check stalls (temperror under p=reject: deferred), open.test fails under
+    p=none (nothing done). The verdict was the failure (ranked by verdict first), and the message was accepted."""
+    resolver = StallingSender(txt={**BANK, "_dmarc.slow.test": ["v=DMARC1; p=reject"],
+                                   "_dmarc.open.test": ["v=DMARC1; p=none"]})
+    auth = SenderAuth(SenderAuthConfig(verify=("spf", "dmarc"), timeout=0.3), resolver, authserv_id="mx.test")
+    try:
+        verdicts = await auth.verdicts("192.0.2.1", "client.test", "x@slow.test",
+                                       Content.of(b"From: ceo@slow.test, x@open.test\r\n\r\nbody\r\n"))
+    finally:
+        auth.close()
+    assert (verdicts.dmarc, verdicts.dmarc_domain, verdicts.dmarc_policy) == ("temperror", "slow.test", "reject")
+
+
 class RaisingTogether(StaticResolver):
     """The DMARC lookups of names with "broken" in them raise together, once `gate` is set (a resolver bug)."""
 
