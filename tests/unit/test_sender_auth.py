@@ -92,13 +92,22 @@ async def test_the_dmarc_policy_applies_to_its_pct_sample(record, draw, policy):
 async def test_a_subdomains_own_record_is_its_policy_even_without_a_valid_p(records, verdict, policy):
     resolver = StaticResolver(txt={"sub.org.test": ["v=spf1 -all"], "_dmarc.org.test": ["v=DMARC1; p=reject"],
                                    **records})
-    auth = SenderAuth(SenderAuthConfig(verify=("dmarc",)), resolver, authserv_id="mx.test")
+    verdicts = await verdicts_of(resolver, "a@sub.org.test", b"From: a@sub.org.test\r\n\r\nbody\r\n", verify=("dmarc",))
+    assert (verdicts.dmarc, verdicts.dmarc_domain, verdicts.dmarc_policy) == (verdict, "sub.org.test", policy)
+
+
+async def verdicts_of(resolver, sender: str, content: bytes, *, verify: tuple[str, ...],
+                      timeout: float | None = None):
+    """The verdicts of one message from 192.0.2.1 (HELO client.test), the checker closed after (its lookups given a
+    turn of the loop to end first)."""
+    config = SenderAuthConfig(verify=verify) if timeout is None else SenderAuthConfig(verify=verify, timeout=timeout)
+    auth = SenderAuth(config, resolver, authserv_id="mx.test")
     try:
-        verdicts = await auth.verdicts("192.0.2.1", "client.test", "a@sub.org.test",
-                                       Content.of(b"From: a@sub.org.test\r\n\r\nbody\r\n"))
+        verdicts = await auth.verdicts("192.0.2.1", "client.test", sender, Content.of(content))
+        await asyncio.sleep(0)
     finally:
         auth.close()
-    assert (verdicts.dmarc, verdicts.dmarc_domain, verdicts.dmarc_policy) == (verdict, "sub.org.test", policy)
+    return verdicts
 
 
 BANK = {"bank.test": ["v=spf1 -all"], "_dmarc.bank.test": ["v=DMARC1; p=reject"],
@@ -116,12 +125,8 @@ async def test_each_author_domain_is_checked_and_the_strictest_failing_policy_ap
     """RFC 7489 6.6.1: a From field with several addresses (or, forbidden by RFC 5322, several From fields) is
     checked for each domain, the strictest policy of those that fail applies. It was a permerror, which no
     policy acts on: a forger added a second author to pass a p=reject domain's mail through reject_dmarc_policy."""
-    auth = SenderAuth(SenderAuthConfig(verify=("dmarc",)), StaticResolver(txt=BANK), authserv_id="mx.test")
-    try:
-        verdicts = await auth.verdicts("192.0.2.1", "client.test", "x@attacker.test",
-                                       Content.of(from_fields + b"Subject: pay\r\n\r\nbody\r\n"))
-    finally:
-        auth.close()
+    verdicts = await verdicts_of(StaticResolver(txt=BANK), "x@attacker.test",
+                                 from_fields + b"Subject: pay\r\n\r\nbody\r\n", verify=("dmarc",))
     assert (verdicts.dmarc, verdicts.dmarc_domain, verdicts.dmarc_policy) == ("fail", "bank.test", "reject")
 
 
@@ -133,12 +138,8 @@ async def test_each_author_domain_is_checked_and_the_strictest_failing_policy_ap
     (b"Subject: no author\r\n", "none", ""),
 ])
 async def test_from_fields_without_a_domain_to_check(from_fields, verdict, domain):
-    auth = SenderAuth(SenderAuthConfig(verify=("dmarc",)), StaticResolver(txt=BANK), authserv_id="mx.test")
-    try:
-        verdicts = await auth.verdicts("192.0.2.1", "client.test", "x@attacker.test",
-                                       Content.of(from_fields + b"\r\nbody\r\n"))
-    finally:
-        auth.close()
+    verdicts = await verdicts_of(StaticResolver(txt=BANK), "x@attacker.test", from_fields + b"\r\nbody\r\n",
+                                 verify=("dmarc",))
     assert (verdicts.dmarc, verdicts.dmarc_domain) == (verdict, domain)
 
 
@@ -157,12 +158,8 @@ async def test_a_from_that_cannot_be_wholly_checked_fails_under_the_strictest_po
     acts on: a forger who added an address without a domain (or ten more domains) beside a p=reject author passed
     reject_dmarc_policy. Now it fails under the strictest policy of the domains checked (the first ten)."""
     resolver = StaticResolver(txt={**BANK, "_dmarc.bank.test": ["v=DMARC1; p=reject"]})
-    auth = SenderAuth(SenderAuthConfig(verify=("dmarc",)), resolver, authserv_id="mx.test")
-    try:
-        verdicts = await auth.verdicts("192.0.2.1", "client.test", "x@attacker.test",
-                                       Content.of(from_fields + b"Subject: pay\r\n\r\nbody\r\n"))
-    finally:
-        auth.close()
+    verdicts = await verdicts_of(resolver, "x@attacker.test", from_fields + b"Subject: pay\r\n\r\nbody\r\n",
+                                 verify=("dmarc",))
     assert (verdicts.dmarc, verdicts.dmarc_domain, verdicts.dmarc_policy) == ("fail", "bank.test", "reject")
 
 
@@ -201,14 +198,9 @@ async def test_a_co_author_whose_dns_never_answers_does_not_hide_a_p_reject_fail
 
 
 async def test_at_the_timeout_the_silent_authors_are_temperror_and_the_strictest_verdict_in_stands():
-    auth = SenderAuth(SenderAuthConfig(verify=("dmarc",), timeout=0.3), SilentCoAuthor(txt=BANK),
-                      authserv_id="mx.test")
-    try:
-        verdicts = await auth.verdicts("192.0.2.1", "client.test", "x@attacker.test",
-                                       Content.of(b"From: f@elsewhere.test, x@silent.test\r\n\r\nbody\r\n"))
-        await asyncio.sleep(0)
-    finally:
-        auth.close()
+    verdicts = await verdicts_of(SilentCoAuthor(txt=BANK), "x@attacker.test",
+                                 b"From: f@elsewhere.test, x@silent.test\r\n\r\nbody\r\n", verify=("dmarc",),
+                                 timeout=0.3)
     assert (verdicts.dmarc, verdicts.dmarc_domain, verdicts.dmarc_policy) == ("fail", "elsewhere.test", "none")
     assert SilentCoAuthor.waiting == 0
 
@@ -216,14 +208,8 @@ async def test_at_the_timeout_the_silent_authors_are_temperror_and_the_strictest
 async def test_a_from_not_wholly_checked_whose_author_lookup_timed_out_is_temperror():
     """The one domain of the From never answers: whether it has a policy is unknown, a temperror (it was permerror,
     as if the domain had answered without one)."""
-    auth = SenderAuth(SenderAuthConfig(verify=("dmarc",), timeout=0.3), SilentCoAuthor(txt=BANK),
-                      authserv_id="mx.test")
-    try:
-        verdicts = await auth.verdicts("192.0.2.1", "client.test", "x@attacker.test",
-                                       Content.of(b"From: x@silent.test, nobody@\r\n\r\nbody\r\n"))
-        await asyncio.sleep(0)
-    finally:
-        auth.close()
+    verdicts = await verdicts_of(SilentCoAuthor(txt=BANK), "x@attacker.test",
+                                 b"From: x@silent.test, nobody@\r\n\r\nbody\r\n", verify=("dmarc",), timeout=0.3)
     assert verdicts.dmarc == "temperror"
     assert SilentCoAuthor.waiting == 0
 
@@ -277,12 +263,8 @@ async def test_an_aligned_spf_check_that_stalls_is_a_dmarc_temperror_carrying_th
     """bank.test's own SPF record never comes: its check might have passed, so DMARC is temperror, and it carries
     p=reject so that reject_dmarc_policy defers the message (it was temperror without a policy: accepted)."""
     resolver = StallingSender(txt={**BANK, "_dmarc.slow.test": ["v=DMARC1; p=reject"]})
-    auth = SenderAuth(SenderAuthConfig(verify=("spf", "dmarc"), timeout=0.3), resolver, authserv_id="mx.test")
-    try:
-        verdicts = await auth.verdicts("192.0.2.1", "client.test", "x@slow.test",
-                                       Content.of(b"From: ceo@slow.test\r\n\r\nbody\r\n"))
-    finally:
-        auth.close()
+    verdicts = await verdicts_of(resolver, "x@slow.test", b"From: ceo@slow.test\r\n\r\nbody\r\n",
+                                 verify=("spf", "dmarc"), timeout=0.3)
     assert (verdicts.spf, verdicts.dmarc, verdicts.dmarc_domain, verdicts.dmarc_policy) == \
         ("temperror", "temperror", "slow.test", "reject")
 
@@ -292,12 +274,8 @@ async def test_a_temperror_under_p_reject_outranks_a_co_authors_failure_under_p_
     p=none (nothing done). The verdict was the failure (ranked by verdict first), and the message was accepted."""
     resolver = StallingSender(txt={**BANK, "_dmarc.slow.test": ["v=DMARC1; p=reject"],
                                    "_dmarc.open.test": ["v=DMARC1; p=none"]})
-    auth = SenderAuth(SenderAuthConfig(verify=("spf", "dmarc"), timeout=0.3), resolver, authserv_id="mx.test")
-    try:
-        verdicts = await auth.verdicts("192.0.2.1", "client.test", "x@slow.test",
-                                       Content.of(b"From: ceo@slow.test, x@open.test\r\n\r\nbody\r\n"))
-    finally:
-        auth.close()
+    verdicts = await verdicts_of(resolver, "x@slow.test", b"From: ceo@slow.test, x@open.test\r\n\r\nbody\r\n",
+                                 verify=("spf", "dmarc"), timeout=0.3)
     assert (verdicts.dmarc, verdicts.dmarc_domain, verdicts.dmarc_policy) == ("temperror", "slow.test", "reject")
 
 
@@ -346,12 +324,10 @@ async def test_a_u_label_author_domain_is_checked_as_its_a_label(dns_zone):
     server = dns_zone('xn--9ca.test. 60 IN TXT "v=spf1 ip4:192.0.2.0/24 -all"\n'
                       '_dmarc.xn--9ca.test. 60 IN TXT "v=DMARC1; p=reject"\n')
     resolver = AiodnsResolver(nameservers=(server,), timeout=1.0, tries=1)
-    auth = SenderAuth(SenderAuthConfig(verify=("dmarc",)), resolver, authserv_id="mx.test")
     try:
-        verdicts = await auth.verdicts("192.0.2.1", "client.test", "x@xn--9ca.test",
-                                       Content.of("From: Zoé <zoe@É.test>\r\n\r\nbody\r\n".encode()))
+        verdicts = await verdicts_of(resolver, "x@xn--9ca.test", "From: Zoé <zoe@É.test>\r\n\r\nbody\r\n".encode(),
+                                     verify=("dmarc",))
     finally:
-        auth.close()
         await resolver.close()
     assert (verdicts.spf, verdicts.dmarc, verdicts.dmarc_domain) == ("pass", "pass", "xn--9ca.test")
 
@@ -430,11 +406,6 @@ async def test_an_address_literal_author_is_not_looked_up_as_a_dmarc_name():
     """x@[127.0.0.1] has no domain to ask for a policy: it was asked as `_dmarc.[127.0.0.1]` (and so no policy,
     `none`); now the From cannot be checked, permerror (no domain of it has a policy)."""
     resolver = Asked(txt=BANK)
-    auth = SenderAuth(SenderAuthConfig(verify=("dmarc",)), resolver, authserv_id="mx.test")
-    try:
-        verdicts = await auth.verdicts("192.0.2.1", "client.test", "x@attacker.test",
-                                       Content.of(b"From: x@[127.0.0.1]\r\n\r\nbody\r\n"))
-    finally:
-        auth.close()
+    verdicts = await verdicts_of(resolver, "x@attacker.test", b"From: x@[127.0.0.1]\r\n\r\nbody\r\n", verify=("dmarc",))
     assert verdicts.dmarc == "permerror"
     assert not [name for name in resolver.asked if name.startswith("_dmarc.")]
