@@ -4,6 +4,7 @@ and DANE (TLSA records with the AD bit; `dane` and `dane-only`; a matching recor
 from __future__ import annotations
 
 import asyncio
+import datetime
 import hashlib
 import logging
 import ssl
@@ -14,7 +15,8 @@ import warnings
 import pytest
 import trustme
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from mailflow.config import SmtpConfig
 from mailflow.content import Content
@@ -501,3 +503,29 @@ def test_loading_a_certificate_leaves_the_warnings_already_shown_alone(ca):
             warnings.warn("shown once", UserWarning)
             dane.matches(certificate, (Tlsa(3, 0, 0, certificate),))
     assert [str(warning.message) for warning in shown if warning.category is UserWarning] == ["shown once"]
+
+
+def _self_signed_der(key) -> bytes:
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "mx.dest.test")])
+    now = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(7).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=900))
+                   .sign(key, hashes.SHA256()))
+    return certificate.public_bytes(serialization.Encoding.DER)
+
+
+def test_a_peer_certificate_is_matched_on_its_own_bytes_even_with_a_key_cryptography_cannot_load():
+    """A 3 1 x record matches the SubjectPublicKeyInfo as the peer's certificate carries it (OpenSSL hashes those
+    bytes). The key was loaded and re-encoded: a peer whose key algorithm cryptography does not know made the match
+    raise UnsupportedAlgorithm out of the delivery, where OpenSSL (Postfix) matches the record."""
+    der = _self_signed_der(ec.generate_private_key(ec.SECP256R1()))
+    spki = x509.load_der_x509_certificate(der).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert dane.matches(der, (Tlsa(3, 1, 1, hashlib.sha256(spki).digest()),))
+    assert dane.matches(der, (Tlsa(3, 0, 1, hashlib.sha256(der).digest()),))
+    assert not dane.matches(der, (Tlsa(3, 1, 1, hashlib.sha256(spki + b"x").digest()),))
+    odd = der.replace(bytes.fromhex("2a8648ce3d0201"), bytes.fromhex("2a8648ce3d027f"), 1)  # an unknown algorithm
+    odd_spki = spki.replace(bytes.fromhex("2a8648ce3d0201"), bytes.fromhex("2a8648ce3d027f"), 1)
+    assert odd != der and odd_spki != spki
+    assert dane.matches(odd, (Tlsa(3, 1, 1, hashlib.sha256(odd_spki).digest()),))
+    assert not dane.matches(odd, (Tlsa(3, 1, 1, hashlib.sha256(spki).digest()),))

@@ -15,7 +15,8 @@ validated them, say which certificate it must present.
                                                  and one peer: a policy carrying the usable records (TLS required,
                                                  the certificate checked against them), or what is left without
     matches(certificate_der, records) -> bool    the certificate matches a DANE-EE record (names and dates are not
-                                                 checked, RFC 7672 3.1.1)
+                                                 checked, RFC 7672 3.1.1), on its own bytes (its DER, or the
+                                                 SubjectPublicKeyInfo cut from it: the key is never loaded)
     NO_MATCH                                     (65, "No matching DANE TLSA records"): OpenSSL's error for a
                                                  certificate that matches none, as Postfix logs it
 
@@ -83,7 +84,7 @@ _CHEAP_TO_LOAD = frozenset(bytes.fromhex(oid) for oid in (
 # (p, g, privateValueLength)
 _WALKED = {bytes.fromhex("2a8648ce380401"): (3, 3), bytes.fromhex("2a8648ce3e0201"): (3, 4),
            bytes.fromhex("2a864886f70d010301"): (2, 3)}
-_SEQUENCE, _INTEGER, _BIT_STRING, _OID = 0x30, 0x02, 0x03, 0x06
+_SEQUENCE, _INTEGER, _BIT_STRING, _OID, _VERSION = 0x30, 0x02, 0x03, 0x06, 0xA0  # (_VERSION: [0] EXPLICIT)
 
 
 def _check_public_key(spki: bytes) -> None:
@@ -181,11 +182,22 @@ async def peer_policy(resolver: Resolver, policy: TlsPolicy, host: str, port: in
     return TlsPolicy(policy.level, tlsa=found, source=f"dane: {name}")
 
 
-def _selected(certificate: x509.Certificate, selector: int) -> bytes:
+def _selected(certificate_der: bytes, selector: int) -> bytes:
+    """What a record's selector names, as the peer sent it: the whole certificate (0) or its SubjectPublicKeyInfo
+    (1), cut from the certificate's DER as OpenSSL hashes it, never re-encoded, and the key never loaded (a key
+    cryptography cannot load raised UnsupportedAlgorithm out of the match)."""
     if selector == 0:
-        return certificate.public_bytes(serialization.Encoding.DER)
-    return certificate.public_key().public_bytes(serialization.Encoding.DER,
-                                                 serialization.PublicFormat.SubjectPublicKeyInfo)
+        return certificate_der
+    _, at, _ = _der_item(certificate_der, 0)  # Certificate: SEQUENCE {TBSCertificate, ...}
+    _, at, _ = _der_item(certificate_der, at)  # TBSCertificate's contents
+    if certificate_der[at] == _VERSION:
+        at = _der_item(certificate_der, at)[2]
+    for _ in range(5):  # serialNumber, signature, issuer, validity, subject
+        at = _der_item(certificate_der, at)[2]
+    tag, _, end = _der_item(certificate_der, at)
+    if tag != _SEQUENCE:
+        raise ValueError("no SubjectPublicKeyInfo where X.509 puts it")
+    return certificate_der[at:end]
 
 
 NO_MATCH = (65, "No matching DANE TLSA records")  # X509_V_ERR_DANE_NO_MATCH and its text
@@ -195,13 +207,13 @@ def matches(certificate_der: bytes, records: tuple[Tlsa, ...]) -> bool:
     if not certificate_der:
         return False
     try:
-        certificate = _certificate(certificate_der)
+        _certificate(certificate_der)  # (a certificate: what is not one matches nothing)
     except ValueError:
         return False
     for record in records:
         if record.usage != DANE_EE:
             continue
-        data = _selected(certificate, record.selector)
+        data = _selected(certificate_der, record.selector)
         digest = MATCHING[record.mtype]
         if (data if digest is None else digest(data).digest()) == record.data:
             return True
