@@ -55,7 +55,8 @@ Postfix's msg_vstream writes the whole text), so a peer's reply, a milter's or p
 a header quoted whole cannot make one line that syslog and journald would split or drop. A JSON record's line is
 at most JSON_RECORD_LIMIT bytes whole (its message and string fields, the traceback too, cut to their shares of it
 as JSON writes them: quotes and backslashes doubled; a text keeps its start, a traceback its last lines), unless
-its values other than strings (numbers, the four delays: written whole) alone take more, as none does. A
+its keys and its values other than strings (numbers, the four delays: written whole) alone take more, as no
+record's fields do (they are the code's, never a stranger's). A
 record's traceback shows its last TRACEBACK_LINES lines and the exception on one line: an error whose text holds
 line ends, or a deep recursion, makes a few lines, not thousands.
 """
@@ -607,8 +608,8 @@ def _json_line(record: dict) -> str:
     """`record` as one JSON line of at most JSON_RECORD_LIMIT bytes: when it is longer, its string values share
     what the rest leaves, each cut to its share (a short one keeps its whole text, the long ones split the rest;
     shares count the text as JSON writes it, quotes and backslashes doubled): a text keeps its start, a traceback
-    (`exception`) its last lines (`_json_cut_lines`). Values other than strings are kept whole: when they alone
-    take more than the limit, the line is longer (the strings cut to nothing)."""
+    (`exception`) its last lines (`_json_cut_lines`). Keys and values other than strings are kept whole: when
+    they alone take more than the limit, the line is longer (the strings cut to nothing)."""
     line = json.dumps(record, ensure_ascii=False)
     if len(line) * 4 <= JSON_RECORD_LIMIT or len(line.encode()) <= JSON_RECORD_LIMIT:
         return line
