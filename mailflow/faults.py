@@ -77,12 +77,25 @@ class Backoff:
         self._next = self._first
 
 
-class FailureLog:
+class _ReportedFailures:
+    """What FailureLog and ErrorKindLog share: whose failures they tell, on which clock and how often, and the line
+    that tells one whole (with its traceback, unless the error is an EXPECTED one)."""
+
     def __init__(self, logger: logging.Logger, what: str, clock: Clock, interval: float = REPORT_INTERVAL):
         self._logger = logger
         self._what = what
         self._clock = clock
         self._interval = interval
+
+    def _tell_whole(self, failed: str, error: BaseException) -> None:
+        """`WHAT failed…: error`, `failed` the words after WHAT."""
+        bug = not isinstance(error, EXPECTED)
+        self._logger.error("%s %s: %s", self._what, failed, describe(error), exc_info=error if bug else None)
+
+
+class FailureLog(_ReportedFailures):
+    def __init__(self, logger: logging.Logger, what: str, clock: Clock, interval: float = REPORT_INTERVAL):
+        super().__init__(logger, what, clock, interval)
         self._failures = 0  # in this run of failures
         self._untold = 0  # since the last line
         self._told_at = 0.0
@@ -108,8 +121,7 @@ class FailureLog:
         self._last = describe(error)
         if self._failures == 1:
             self._since = now
-            bug = not isinstance(error, EXPECTED)
-            self._logger.error("%s failed: %s", self._what, describe(error), exc_info=error if bug else None)
+            self._tell_whole("failed", error)
             self._told_at, self._untold = now, 0
             return
         self._untold += 1
@@ -126,12 +138,9 @@ class FailureLog:
         self._failures = self._untold = 0
 
 
-class ErrorKindLog:
+class ErrorKindLog(_ReportedFailures):
     def __init__(self, logger: logging.Logger, what: str, clock: Clock, interval: float = REPORT_INTERVAL):
-        self._logger = logger
-        self._what = what
-        self._clock = clock
-        self._interval = interval
+        super().__init__(logger, what, clock, interval)
         self._seen: dict[tuple[str, str], float] = {}  # a kind of error -> when it last happened
         self._untold = 0  # failures counted and not told yet
         self._untold_since = 0.0  # the first of them's time: the count is told an interval after it
@@ -154,9 +163,7 @@ class ErrorKindLog:
             self._last = describe(error)
         self.tick()
         if not known:
-            bug = not isinstance(error, EXPECTED)
-            self._logger.error("%s failed for %s: %s", self._what, subject, describe(error),
-                               exc_info=error if bug else None)
+            self._tell_whole(f"failed for {subject}", error)
 
     def succeeded(self) -> None:
         """Says the job works again after a run of failures long enough to be counted (not after the two jobs of
