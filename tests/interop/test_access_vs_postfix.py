@@ -18,7 +18,6 @@ a HELO name with a trailing dot (checked below as the difference it is).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import re
@@ -102,10 +101,10 @@ def expected_deliveries(replies: dict[str, list]) -> int:
 
 def postfix_held(pf) -> list[tuple[str, list[str]]]:
     """(sender, recipients) of each message in the hold queue, which is emptied for the next test."""
-    lines = pf.run("postqueue", "-j").stdout.decode().splitlines()
+    listed = pf.listed()
     pf.run("postsuper", "-d", "ALL", "hold")
     return sorted((m["sender"], sorted(r["address"] for r in m["recipients"]))
-                  for m in map(json.loads, lines) if m["queue_name"] == "hold")
+                  for m in listed if m["queue_name"] == "hold")
 
 
 def mailflow_held(db: Path) -> list[tuple[str, list[str]]]:

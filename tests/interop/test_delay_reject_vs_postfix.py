@@ -115,7 +115,7 @@ def differences(postfix: dict[str, list[str]], mailflow: dict[str, list[str]]) -
 
 
 def postfix_held(pf) -> int:
-    return sum('"queue_name": "hold"' in line for line in pf.run("postqueue", "-j").stdout.decode().splitlines())
+    return sum(message["queue_name"] == "hold" for message in pf.listed())
 
 
 def mailflow_held(db: Path) -> int:

@@ -62,6 +62,7 @@ from tests.interop.test_smtp_faults_vs_postfix import ScriptedPeer
 from tests.support import (SmtpClient, dovecot_instance, eventually, free_port, postfix_instance, require_tool,
                            run_tool, script_dir)
 from tests.support.maillog import SYSLOG_NAME
+from tests.support.postfix import postqueue_listed
 from tests.support.milters import optneg, reply, scripted_milter
 
 pytestmark = pytest.mark.interop
@@ -414,7 +415,7 @@ async def test_requeued_mail_is_logged_under_a_new_queue_id_as_postfix_logs_it(m
             pf_replies = await message(pf.port, rcpts, "requeued")
             # the attempt over (in the deferred queue): Postfix's postsuper -r would move the file of an active
             # message at once, and a recipient delivered after that is delivered again from the copy
-            await eventually(lambda: b'"queue_name": "deferred"' in pf.run("postqueue", "-j").stdout, timeout=10)
+            await eventually(lambda: any(m["queue_name"] == "deferred" for m in pf.listed()), timeout=10)
             [old] = re.findall(r": ([0-9A-F]+): client=", await pf.logged(": client=", since=started))
             assert pf.run("postsuper", "-r", old).returncode == 0
             await kick_pickup(pf)
@@ -467,7 +468,8 @@ async def test_old_mail_requeued_is_deferred_again_not_returned_as_postfix_reset
             await message(pf.port, ["def@relay.test"], "old")
 
             async def deferred_listed() -> bool:
-                return b'"queue_name": "deferred"' in (await tool("postqueue", "-j")).stdout
+                listed = postqueue_listed((await tool("postqueue", "-j")).stdout)
+                return any(message["queue_name"] == "deferred" for message in listed)
             await eventually(deferred_listed, timeout=10, step=0.1)
             [old] = re.findall(r": ([0-9A-F]+): client=", await pf.logged(": client=", since=started))
             await asyncio.sleep(4)  # older than its lifetime now (Postfix counts whole seconds: 4 > 3 whatever)

@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from tests.support import eventually, free_port, postfix_instance, send
+from tests.support.postfix import postqueue_listed
 
 pytestmark = pytest.mark.interop
 
@@ -81,7 +82,7 @@ async def twins(mailflow_server, write_config, tmp_path):
         await submit(mf.smtp_addresses[0][1])
 
         def postfix_tried():
-            return tried([json.loads(line) for line in pf.run("postqueue", "-j").stdout.decode().splitlines()])
+            return tried(pf.listed())
 
         async def mailflow_tried():
             rc, out, _ = await mailflow_cli(config, "queue", "list", "--json")
@@ -120,7 +121,7 @@ async def test_mailq_reads_like_postqueue_p(twins):
 def postqueue_json(text: str) -> dict[str, tuple]:
     """postqueue -j's lines -> {sender: (its keys in order, each value's type, the values that must agree)}."""
     assert text.endswith("}\n") and "\n\n" not in text
-    objects = [json.loads(line) for line in text.splitlines()]
+    objects = postqueue_listed(text)
     return {m["sender"]: (list(m), [type(v).__name__ for v in m.values()],
                           {k: v for k, v in m.items() if k not in ("queue_id", "arrival_time", "message_size")})
             for m in objects}

@@ -17,7 +17,6 @@ queued (Postfix's stand-alone smtpd checks them and queues neither; docs/sendmai
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import subprocess
 import sys
@@ -60,21 +59,14 @@ def fatal_lines(stderr: bytes) -> list[str]:
     return [line.removeprefix("sendmail: ").removeprefix("fatal: ") for line in lines if line.startswith("sendmail: ")]
 
 
-def postfix_listed(pf) -> list[dict]:
-    """Postfix's queue as `postqueue -j` lists it, each message once: showq reads the queues one after the other,
-    so a message moved from incoming to active between two reads is listed twice (the project's CI met it)."""
-    listed = [json.loads(line) for line in pf.run("postqueue", "-j").stdout.decode().splitlines() if line.strip()]
-    return list({message["queue_id"]: message for message in listed}.values())
-
-
 def picked_up(pf) -> bool:
     """Something is queued, and nothing is still in the maildrop (where the sender is not yet qualified)."""
-    listed = postfix_listed(pf)
+    listed = pf.listed()
     return bool(listed) and all(message["queue_name"] != "maildrop" for message in listed)
 
 
 def postfix_queued(pf) -> list[list[str]]:
-    return [[r["address"] for r in message["recipients"]] for message in postfix_listed(pf)]
+    return [[r["address"] for r in message["recipients"]] for message in pf.listed()]
 
 
 def mailflow_stored(maildrop: Path) -> list[list[str]]:
@@ -167,7 +159,7 @@ async def test_recipient_lists_are_read_as_a_real_postfix_reads_them(write_confi
             assert postfix.returncode == mailflow.returncode == 0, (args, postfix.stderr, mailflow.stderr)
             assert fatal_lines(mailflow.stderr)[:-1] == fatal_lines(postfix.stderr), args  # (the last: no server)
             await eventually(lambda: picked_up(pf), timeout=10, step=0.2, what=f"{args} queued by Postfix")
-            [postfix_sender] = [message["sender"] for message in postfix_listed(pf)]
+            [postfix_sender] = [message["sender"] for message in pf.listed()]
             [stored] = [read_maildrop(maildrop / name) for name in maildrop_names(maildrop)]
             assert (stored.sender, sorted(stored.recipients)) == (postfix_sender, sorted(postfix_queued(pf)[0])), args
             pf.run("postsuper", "-d", "ALL")
@@ -294,7 +286,7 @@ def whole_queue_file(pf) -> str:
     """postcat's text of the one message Postfix queued, "" while pickup has yet to take it from the maildrop
     (where it has another queue id: under load postqueue lists it there first) or postcat could not read it whole
     (the file moving between queues)."""
-    listed = postfix_listed(pf)
+    listed = pf.listed()
     if len(listed) != 1 or listed[0]["queue_name"] == "maildrop":
         return ""
     text = pf.run("postcat", "-q", listed[0]["queue_id"]).stdout.decode()

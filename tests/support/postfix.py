@@ -3,6 +3,7 @@
     async with postfix_instance(main_cf={...}) as pf:   # smtpd on 127.0.0.1:pf.port
                                                          # master_cf="...": service lines added to master.cf
         pf.run("postqueue", "-p")                        # a tool pointed at this instance with -c
+        pf.listed()                                      # its queue as `postqueue -j` lists it, each message once
         await pf.queue_empty()                           # bounded wait until its queue is empty
         pf.maillog                                       # its log so far
         pf.mail_version                                  # `postconf -h mail_version` as numbers: (3, 7, 11)
@@ -50,6 +51,11 @@ Postfix's smtp-sink as the next hop the differential tests compare at:
     dumped_messages(dump)                     # the messages so far, one string each
     probe_envelopes(dump)                     # {N: (MAIL args, sorted RCPT args)} of the messages whose
                                               # Subject is `probe-N`
+
+    postqueue_listed(stdout)                  # `postqueue -j` output as messages, each queue id once (showq
+                                              # reads the queues one after the other: a message moving from
+                                              # incoming to active between two reads is listed twice). Every
+                                              # test reading `postqueue -j` goes through it (or pf.listed()).
 """
 from __future__ import annotations
 
@@ -62,6 +68,7 @@ import re
 import shutil
 import signal
 import subprocess
+import json
 import tempfile
 import ssl
 import time
@@ -157,6 +164,15 @@ def private_nameserver_address() -> str:
     return f"127.53.{random.randrange(1, 255)}.{random.randrange(1, 255)}"
 
 
+def postqueue_listed(stdout: bytes | str) -> list[dict]:
+    """`postqueue -j` output as its messages, each queue id once, in the order first listed, with what it was
+    listed as last: showq reads the queues one after the other, so a message moved from incoming to active between
+    two reads is listed in both (the project's CI met it)."""
+    text = stdout.decode() if isinstance(stdout, bytes) else stdout
+    messages = (json.loads(line) for line in text.splitlines() if line.strip())
+    return list({message["queue_id"]: message for message in messages}.values())
+
+
 class PostfixInstance:
     def __init__(self, root: Path, port: int, nameserver: str | None = None):
         self.root = root
@@ -190,6 +206,10 @@ class PostfixInstance:
         """A Postfix tool with `-c <this instance>` inserted after its name."""
         return subprocess.run([argv[0], "-c", str(self.etc), *argv[1:]], input=stdin, capture_output=True,
                               timeout=timeout)
+
+    def listed(self) -> list[dict]:
+        """Its queue as `postqueue -j` lists it, each message once (postqueue_listed)."""
+        return postqueue_listed(self.run("postqueue", "-j").stdout)
 
     async def queue_empty(self, timeout: float = 20) -> None:
         """Wait until the instance's queue is empty; fails with its log after `timeout` seconds."""
