@@ -2,7 +2,10 @@
 
 - `free_port()`: a port where nothing listens (bound, then released a moment ago), for a server a test starts
   later or for "nothing listens there". It is taken below the kernel's ephemeral range, so no outgoing connection
-  (of this test, or of another pytest-xdist worker) takes it before the server binds it.
+  (of this test, or of another pytest-xdist worker) takes it before the server binds it; from this worker's own
+  share of that span (PYTEST_XDIST_WORKER `gwN` of PYTEST_XDIST_WORKER_COUNT; all of it outside xdist), so no
+  other worker of the run is ever handed it; and not again by this process until it has handed out every port of
+  its share. (Another pytest run on the machine at the same time shares the span: only bind-free is promised.)
 - `accepts(port, host)`: True when something accepts a connection on host:port now (127.0.0.1 unless told): a
   listener that has started.
 - `LOOPBACK_NAME`: the name smtpd gives a client on 127.0.0.1 (its name in /etc/hosts, usually "localhost";
@@ -10,9 +13,12 @@
 """
 from __future__ import annotations
 
+import itertools
+import os
 import random
 import socket
 from pathlib import Path
+from typing import Iterator, Mapping
 
 from mailflow.stages.smtpd.peername import UNKNOWN, PeerNames
 
@@ -21,23 +27,38 @@ LOOPBACK_CLIENT = f"{LOOPBACK_NAME}[127.0.0.1]"
 
 
 def free_port() -> int:
-    """A port on 127.0.0.1 that was free a moment ago (bound, then released), below the ephemeral range (where the
-    kernel picks the source ports of connections and the ports of `bind(0)`), at random so that two workers rarely
-    try the same one; the kernel's own pick when that range is taken."""
-    low = _ephemeral_range()[0]
-    for port in _RANDOM.sample(range(max(1024, low - 12_000), low), 50):
+    """The next port of this worker's share (`worker_ports`, walked in a shuffled order and again from its start
+    once all handed out) that binds on 127.0.0.1 now; released at once. Raises when no port of the share binds."""
+    share = worker_ports()
+    for _ in range(len(share)):
+        port = next(_handed_out)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    raise RuntimeError(f"no free port on 127.0.0.1 in {share}")
 
 
-_RANDOM = random.Random()  # seeded from the OS: each worker its own sequence
+def worker_ports(environ: Mapping[str, str] = os.environ) -> range:
+    """This pytest-xdist worker's slice of the 12,000 ports below the ephemeral range: worker `gwN` of
+    PYTEST_XDIST_WORKER_COUNT workers takes the Nth of that many equal slices (the whole span outside xdist)."""
+    low = _ephemeral_range()[0]
+    span = range(max(1024, low - 12_000), low)
+    worker = environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return span
+    count = int(environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    size = len(span) // count
+    first = span.start + int(worker.removeprefix("gw")) * size
+    return range(first, first + size)
+
+
+def _shuffled_forever(ports: range) -> Iterator[int]:
+    order = list(ports)
+    random.Random().shuffle(order)  # seeded from the OS: each worker its own order
+    return itertools.cycle(order)
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -46,6 +67,9 @@ def _ephemeral_range() -> tuple[int, int]:
         return int(low), int(high)
     except (OSError, ValueError):
         return 32768, 60999
+
+
+_handed_out = _shuffled_forever(worker_ports())
 
 
 def accepts(port: int, host: str = "127.0.0.1") -> bool:

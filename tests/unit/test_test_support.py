@@ -1,10 +1,17 @@
 """The test support's own promises that a flaky run would otherwise be the first to tell: `postqueue_listed` takes
-each queued message once."""
+each queued message once, and `free_port` never hands two pytest-xdist workers of a run the same port."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+from tests.support.ports import worker_ports
 from tests.support.postfix import postqueue_listed
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def queued(queue_name: str, queue_id: str) -> str:
@@ -19,3 +26,27 @@ def test_postqueue_listed_takes_a_message_showq_listed_twice_once():
     assert [(m["queue_id"], m["queue_name"]) for m in listed] == [("4F2A1", "active"), ("4F2A2", "incoming")]
     assert postqueue_listed(b"") == []
 
+
+def handed_out(worker: str, count: int, calls: int) -> list[int]:
+    """The ports `free_port` hands out in a fresh process that is xdist worker `worker` of `count`."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTEST_XDIST_WORKER": worker,
+           "PYTEST_XDIST_WORKER_COUNT": str(count)}
+    script = f"from tests.support.ports import free_port\nprint([free_port() for _ in range({calls})])"
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr.decode()
+    return json.loads(done.stdout)
+
+
+def test_free_port_hands_two_workers_of_a_run_no_common_port():
+    # 500 draws each from the same 12,000 ports would share about 20 numbers, and repeat some within a worker
+    first, second = handed_out("gw0", 2, 500), handed_out("gw1", 2, 500)
+    assert len(set(first)) == len(first) and len(set(second)) == len(second)
+    assert not set(first) & set(second)
+
+
+def test_worker_ports_are_equal_disjoint_slices_below_the_ephemeral_range():
+    shares = [worker_ports({"PYTEST_XDIST_WORKER": f"gw{n}", "PYTEST_XDIST_WORKER_COUNT": "3"}) for n in range(3)]
+    whole = worker_ports({})
+    assert [len(share) for share in shares] == [len(whole) // 3] * 3
+    assert shares[0].start == whole.start and shares[2].stop <= whole.stop
+    assert all(a.stop == b.start for a, b in zip(shares, shares[1:]))
