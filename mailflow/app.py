@@ -287,7 +287,7 @@ class Mailflow:
                              in_hand=self.qmgr.in_hand, soft_bounce=c.soft_bounce,
                              receive_override_options=c.smtpd.receive_override_options, policy=c)
         await self.pickup.start()
-        self._filters = FilterServices(c, self._dns_resolver(), self.clock)
+        self._filters = FilterServices(c, self._dns_resolver(), self.clock, self.rng)
         self._postmaster = SessionNotices(c, self._cleanup.submit, self.clock)  # notify_classes' session transcripts
         observer = self._postmaster if self._session_observer is None else SessionObservers(
             self._session_observer, self._postmaster)
@@ -494,7 +494,7 @@ class Mailflow:
             templates = self._templates(config)
             cleanup_settings = await self._cleanup_settings(config, router)
             transports = self._build_transports(config, router, self._grace_of(config))
-            filters = FilterServices(config, self._dns_resolver(), self.clock)
+            filters = FilterServices(config, self._dns_resolver(), self.clock, self.rng)
             sender = probe_sender(config, router, self.clock)
             prober = await self._prober(config, router, transports, sender)
             handler_for = self._handler_for(router, filters, sender)

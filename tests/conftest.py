@@ -331,12 +331,13 @@ async def smtp_peer():
 async def mailflow_server(tmp_path):
     running: list[Mailflow] = []
 
-    async def start(*, resolver=None, session_observer=None, smtpd_policy=None, **overrides) -> Mailflow:
+    async def start(*, resolver=None, session_observer=None, smtpd_policy=None, rng=None, **overrides) -> Mailflow:
         """`overrides` of base_settings; `resolver`: the DNS resolver (a Destinations' fake DNS, say);
-        `session_observer`, `smtpd_policy`: smtpd's observer and in-process policy hook (none by default)."""
+        `session_observer`, `smtpd_policy`: smtpd's observer and in-process policy hook (none by default); `rng`:
+        the server's random.Random (a Sink's `seed` makes one)."""
         config = config_from_dict(merged(base_settings(tmp_path), overrides))
         mf = Mailflow(config, shutdown_grace=2.0, resolver=resolver, session_observer=session_observer,
-                      smtpd_policy=smtpd_policy)
+                      smtpd_policy=smtpd_policy, rng=rng)
         await mf.start()
         running.append(mf)
         return mf

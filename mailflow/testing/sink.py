@@ -24,7 +24,7 @@ the Sink sets: `queue_directory` (its temporary directory), the listeners' addre
 (127.0.0.1 port 0) and `[sink] enable` (with `http_api`). Its own options:
     virtual_time   the server's clock is a mailflow.clock.VirtualClock that moves only in `advance()` (the queue's
                    waits; a client's waits stay real time: slow(), error_sleep_time, auth_failure_delay)
-    seed           the server's RNG seed (queue ids, retry jitter, MX order)
+    seed           the server's RNG seed (queue ids, retry jitter, MX order, DMARC pct= samples)
     tls            "may": STARTTLS offered, "encrypt": required before MAIL, with a certificate of a trustme CA
                    made for the Sink (`ca_pem`, `ca_file`); None: no TLS
     users          {login: password}: AUTH required (PLAIN, LOGIN; over plaintext on loopback unless `tls`)

@@ -3,6 +3,7 @@ filter and its return listener, greylisting, SPF/DKIM/DMARC with the in-process 
 from __future__ import annotations
 
 import asyncio
+import random
 import sys
 
 import aiosmtplib
@@ -325,6 +326,27 @@ async def test_a_dmarc_temperror_under_p_reject_is_deferred(mailflow_server, dns
                          b"From: <a@unsure.test>\r\n\r\nhi\r\n") == \
         (450, "4.7.1 Message deferred per DMARC policy of unsure.test: authentication could not be completed, "
               "try again later")
+
+
+async def test_the_servers_seed_draws_the_same_dmarc_pct_samples(mailflow_server, dns_zone, tmp_path):
+    """A DMARC record's pct= samples messages with the server's RNG (what a Sink's `seed` makes): two servers of one
+    seed, sent the same messages one after the other, refuse the same ones (inside the sample: p=reject)."""
+    nameserver = dns_zone('half.test. 300 IN TXT "v=spf1 -all"\n'
+                          '_dmarc.half.test. 300 IN TXT "v=DMARC1; p=reject; pct=50"\n')
+
+    async def sampled(seed: int, queue: str) -> list[int]:
+        mf = await mailflow_server(rng=random.Random(seed), queue_directory=str(tmp_path / queue),
+                                   dns={"nameservers": [nameserver], "timeout": "2s", "tries": 1},
+                                   smtpd={"listen": ["127.0.0.1:0"],
+                                          "end_of_data_restrictions": ["reject_dmarc_policy"]})
+        port = mf.smtp_addresses[0][1]
+        return [(await refusal(port, "a@half.test", ["alice@local.test"],
+                               f"From: <a@half.test>\r\nSubject: {n}\r\n\r\nhi\r\n".encode()))[0]
+                for n in range(24)]
+
+    first = await sampled(7, "one")
+    assert set(first) == {250, 550}  # a sample (outside it: quarantine, held), not all or nothing
+    assert await sampled(7, "two") == first
 
 
 # ---------------------------------------------------------------------------------------------- DNS restrictions

@@ -1,8 +1,10 @@
 """smtpd's inbound filters: the policy steps the handler awaits when filters are configured (docs/filtering.md).
 
-    FilterServices(config, resolver, clock)     what all listeners share, each built only when configured:
-                                                the greylist, sender authentication, spamd, clamd, milter settings
-                                                (each listener's with its own message_size_limit)
+    FilterServices(config, resolver, clock, rng=None)
+                                                what all listeners share, each built only when configured:
+                                                the greylist, sender authentication (`rng`: the server's
+                                                random.Random, which draws DMARC's pct= samples), spamd, clamd,
+                                                milter settings (each listener's with its own message_size_limit)
         .for_listener(config) -> ListenerFilters | None     None: no filter applies to that listener
         .close()
     ListenerFilters: one listener's steps
@@ -40,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import random
 from dataclasses import dataclass
 
 from mailflow import status
@@ -85,7 +88,7 @@ def _uses(config: Config, name: str) -> bool:
 class FilterServices:
     """See the module doc."""
 
-    def __init__(self, config: Config, resolver, clock):
+    def __init__(self, config: Config, resolver, clock, rng: random.Random | None = None):
         self._config = config
         self.greylist: Greylist | None = None
         if _uses(config, "check_greylist"):
@@ -95,7 +98,7 @@ class FilterServices:
         self.dmarc_policy = _uses(config, "reject_dmarc_policy")  # the verdicts are needed without the header
         if config.sender_auth.verify or _uses(config, "reject_spf_fail") or self.dmarc_policy:
             self.sender_auth = SenderAuth(config.sender_auth, resolver, authserv_id=config.myhostname,
-                                          also=("dmarc",) if self.dmarc_policy else (),
+                                          also=("dmarc",) if self.dmarc_policy else (), rng=rng,
                                           header_limit=config.header_size_limit)
         self.spamd = Spamd(config.spamd) if config.spamd.address else None
         self.clamd = Clamd(config.clamd) if config.clamd.address else None
