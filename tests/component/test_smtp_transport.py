@@ -464,10 +464,28 @@ async def test_the_hosts_kept_of_a_huge_mx_set_do_not_depend_on_the_shuffle():
                                                                       MX(1, "h7.test")]
     resolver = StaticResolver(mx={"example.test": records})
     for seed in range(5):
-        hosts = await exchangers(resolver, parse_nexthop("example.test", 25), random.Random(seed))
+        hosts = await exchangers(resolver, parse_nexthop("example.test", 25), random.Random(seed),
+                                 logging.getLogger("mailflow.smtp"))
         names = [mx.host for mx in hosts]
         assert len(names) == MX_HOST_LIMIT and names[:2] == ["h7.test", "best.test"]
         assert set(names) == {"h7.test", "best.test"} | {f"h{i}.test" for i in range(MX_HOST_LIMIT - 1) if i != 7}
+
+
+async def test_an_mx_answer_past_the_record_limit_is_logged_once_in_postfix_words(smtp_peer, zone_resolver,
+                                                                                       caplog):
+    """Postfix's dns_rr_append_discard warns when an answer has more records than dns_rr_list_limit (100) and drops
+    the rest; mailflow keeps MX_HOST_LIMIT hosts, and says so as Postfix does, once per lookup (none at the limit)."""
+    peer = await smtp_peer()
+    resolver = zone_resolver("mx0.many.test. 300 IN A 127.0.0.1",
+                             *(f"many.test. 300 IN MX {i} mx{i}.many.test." for i in range(MX_HOST_LIMIT + 1)),
+                             *(f"enough.test. 300 IN MX {i} mx{i}.many.test." for i in range(MX_HOST_LIMIT)))
+    with caplog.at_level(logging.WARNING, "mailflow.smtp"):
+        many = await deliver(make_transport(resolver, port=peer.port), make_request("many.test"))
+        enough = await deliver(make_transport(resolver, port=peer.port), make_request("enough.test"))
+    assert [r.outcome for r in many.results + enough.results] == [Outcome.SENT, Outcome.SENT]
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records if "limit" in r.getMessage()] == [
+        ("mailflow.smtp", "WARNING", "DNS record count limit (100) exceeded -- dropping excess record(s) after "
+                                     "qname=many.test qtype=MX")]
 
 
 async def test_the_addresses_of_one_host_are_tried_in_random_order(smtp_peer):

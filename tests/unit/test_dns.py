@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import os
 import random
 import socket
@@ -355,7 +356,8 @@ async def test_answers_too_big_for_udp_come_over_tcp_and_are_used_within_bounds(
     started = loop.time()
     try:
         records = await resolver.mx("many.test")
-        hosts = await exchangers(resolver, parse_nexthop("many.test", 25), random.Random(1))
+        hosts = await exchangers(resolver, parse_nexthop("many.test", 25), random.Random(1),
+                                 logging.getLogger("mailflow.smtp"))
         [text] = await resolver.txt("big.test")
     finally:
         await resolver.close()

@@ -11,14 +11,17 @@ One next-hop parser and one peer type for the SMTP and LMTP clients. The resolve
     Peer(host, address, port)     one address of one host: `name` "host[address]" as diagnostics say it, `relay`
                                   "host[address]:port" as the log says it; port 0: `address` is a UNIX-domain
                                   socket's path and `relay` is the name alone
-    await exchangers(resolver, nexthop, rng) -> [MX]     the hosts to try, in order: MX hosts by preference, ties
+    await exchangers(resolver, nexthop, rng, log) -> [MX]     the hosts to try, in order: MX hosts by preference, ties
                                   shuffled with `rng` (RFC 5321 5.1); no MX record, or no such name: the domain
                                   itself (implicit MX; its address lookup says "not found", 5.4.4, as Postfix's
                                   smtp_host_addr after an MX lookup's NXDOMAIN); raises PermanentError 5.1.10
                                   (null MX, RFC 7505: a "." among the records, even beside others, as Postfix
                                   takes the RRset), 5.4.4 (an MX reply naming no host name, Postfix's
                                   DNS_INVAL) or 5.4.3 (FORMERR: DNS_FAIL), LookupRetry; at most MX_HOST_LIMIT
-                                  (100) hosts, each once, chosen before ties are shuffled (kept_exchangers);
+                                  (100) hosts, each once, chosen before ties are shuffled (kept_exchangers); an
+                                  answer of more records than that is logged on `log` once, in Postfix's words:
+                                  `warning: DNS record count limit (100) exceeded -- dropping excess record(s)
+                                  after qname=example.com qtype=MX`
                                   a [host] next hop or an implicit MX is the one host at preference 0
     order_exchangers(records, rng) -> [MX]
     kept_exchangers(records) -> [MX]   the hosts an MX set may be tried at (MX_HOST_LIMIT), before the shuffle
@@ -28,6 +31,7 @@ One next-hop parser and one peer type for the SMTP and LMTP clients. The resolve
 """
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -98,7 +102,7 @@ def parse_nexthop(written: str, default_port: int, *, lmtp: bool = False) -> Nex
     return Nexthop(host, port, mx_lookup=not lmtp and not bracketed)
 
 
-async def exchangers(resolver: Resolver, nexthop: Nexthop, rng: random.Random) -> list[MX]:
+async def exchangers(resolver: Resolver, nexthop: Nexthop, rng: random.Random, log: logging.Logger) -> list[MX]:
     """See the module docstring."""
     if not nexthop.mx_lookup:
         return [MX(0, nexthop.host)]
@@ -114,6 +118,9 @@ async def exchangers(resolver: Resolver, nexthop: Nexthop, rng: random.Random) -
         return [MX(0, nexthop.host)]  # implicit MX (RFC 5321 5.1)
     if any(r.is_null for r in records):  # with other records too, as Postfix's dns_lookup takes the RRset
         raise PermanentError("5.1.10", f"Domain {nexthop.host} does not accept mail (nullMX)")
+    if len(records) > MX_HOST_LIMIT:  # (Postfix's dns_rr_append_discard: the records of the answer, not the hosts)
+        log.warning("DNS record count limit (%d) exceeded -- dropping excess record(s) after qname=%s qtype=MX",
+                    MX_HOST_LIMIT, nexthop.host)
     return order_exchangers(kept_exchangers(records), rng)
 
 

@@ -251,7 +251,7 @@ class SmtpTransport:
             kept = outcomes.take_back(recipients)
         dns_failures: list[DeliveryError] = []
         try:
-            hosts = await exchangers(self._resolver, destination.nexthop, self._rng)
+            hosts = await exchangers(self._resolver, destination.nexthop, self._rng, self._log)
             if destination.policy.dane and destination.nexthop.mx_lookup:
                 destination = dataclasses.replace(destination, mx_secure=await self._mx_secure(destination))
             candidates, myself = await self._without_myself(hosts, destination.nexthop, dns_failures)
