@@ -49,6 +49,9 @@ may use it without an import cycle.
                                                 mystrtokq with CHARS_BRACE: `inline:{ a=b, c=d }` stays one word)
     postfix_int(value), postfix_time(value)     a number / a time in seconds as Postfix reads one (strtol into a C
                                                 int; conv_time), None when Postfix refuses it
+    query_integer(text) -> int | None           an HTTP API's number parameter as Go's strconv.Atoi reads it (an
+                                                optional sign, ASCII digits, a 64-bit int): the capture API's
+                                                (Mailpit's reader) and the admin API's alike
     ENHANCED_STATUS, is_enhanced_status(text)   an enhanced status code (RFC 3463) as Postfix's dsn_valid takes
                                                 it: class 2, 4 or 5, subject and detail of 1 to 3 ASCII digits
                                                 (what every reader of a code as Postfix reads one uses; two keep
@@ -342,6 +345,20 @@ def ascii_digits(text: str | bytes) -> bool:
     """Whether `text` is ASCII digits only, as SMTP, DSN and DNS record fields write numbers (str.isdigit takes
     `²` and `١`, which int() refuses or reads as another number; int() itself takes `+1`, `-1` and `1_0`)."""
     return text.isascii() and text.isdigit()
+
+
+INT64 = range(-2**63, 2**63)
+
+
+def query_integer(text: str) -> int | None:
+    """A whole number in an HTTP API's query parameter, as Go's strconv.Atoi reads one (Mailpit's, so the capture
+    API's; the admin API reads its own the same way): an optional sign, then ASCII digits, within a 64-bit int;
+    None for anything else (int() also takes `1_0`, ` 1` and `١`, and is slow on thousands of digits)."""
+    digits = text[1:] if text[:1] in ("+", "-") else text
+    if not ascii_digits(digits) or len(digits) > 19:
+        return None
+    number = int(text)
+    return number if number in INT64 else None
 
 
 def parse_octet_count(text: str) -> int | None:

@@ -54,7 +54,7 @@ from mailflow.config import flat_settings
 from mailflow.errors import detached
 from mailflow.logs import MailLog
 from mailflow.metrics import Metrics
-from mailflow.syntax import FILE_TABLE_TYPES, ascii_digits, echoed, is_utf8_text, table_type
+from mailflow.syntax import FILE_TABLE_TYPES, echoed, is_utf8_text, query_integer, table_type
 
 log = logging.getLogger("mailflow.admin")
 
@@ -172,11 +172,9 @@ def _int(args: dict[str, str], name: str, default: int, low: int, high: int) -> 
     value = args.get(name)
     if value is None:
         return default
-    # (int() also takes "1_0", " 1", "١"; and "+5", refused here: the capture API takes it only because Mailpit's
-    # Go reader does, and mailflow's own API has no such client to follow)
-    if not ascii_digits(value.removeprefix("-")) or len(value) > 20:
+    number = query_integer(value)  # (as the capture API reads its numbers)
+    if number is None:
         raise _error(web.HTTPBadRequest, f"{name}: not a number")
-    number = int(value)
     if not low <= number <= high:
         raise _error(web.HTTPBadRequest, f"{name}: from {low} to {high}")
     return number

@@ -60,10 +60,9 @@ from mailflow.capture import mime, search
 from mailflow.capture.mailbox import (REPORT_LIMIT, CapturedMessage, Criteria, WaitTimeout, parsed_off_loop, sliced,
                                       timeout_report)
 from mailflow.capture.recorders import Capture
-from mailflow.syntax import ascii_digits
+from mailflow.syntax import query_integer
 
 DEFAULT_LIMIT = 50
-GO_INT_RANGE = range(-2**63, 2**63)  # a number parameter's: Go's Atoi (Mailpit's) refuses any other
 
 
 def iso(timestamp: float) -> str:
@@ -187,11 +186,9 @@ def _int(request: web.Request, name: str, default: int, low: int = 0) -> int:
     value = request.query.get(name, "")
     if not value:
         return default
-    digits = value[1:] if value[0] in "+-" else value  # as Go's strconv.Atoi reads a number (Mailpit's)
-    # (the length first: Python's int() refuses 5000 digits, and a long one takes long)
-    if not ascii_digits(digits) or len(digits) > 19 or int(value) not in GO_INT_RANGE:
+    number = query_integer(value)  # as Go's strconv.Atoi reads a number (Mailpit's)
+    if number is None:
         raise web.HTTPBadRequest(text=f"{name}: not a number: {value[:40]!r}")
-    number = int(value)
     if number < low:
         raise web.HTTPBadRequest(text=f"{name}: must be at least {low}")
     return number

@@ -273,9 +273,14 @@ async def test_queue_list_show_shape_and_refusals(mailflow_server):
         assert status == 400 and json.loads(text)["error"], query
     assert (await get(mf, "/api/queue/shape?tops=5"))[0] == 400
     assert (await get(mf, "/api/deliveries?limit=1&limit=2"))[0] == 400
-    for value in ("1_0", "%D9%A3", "%201"):  # what int() reads as 10, 3 and 1 is not a number here
+    for value in ("1_0", "%D9%A3", "%201", "9223372036854775808"):  # what int() reads as 10, 3 and 1 is not a
+        # number here, nor what is past a 64-bit int
         status, text = await get(mf, "/api/queue?limit=" + value)
         assert (status, json.loads(text)["error"]) == (400, "limit: not a number"), value
+    # a sign is read as the capture API reads one (Go's Atoi, Mailpit's): "+5" is 5, "-5" a number out of range
+    assert (await get(mf, "/api/queue?limit=%2B5"))[0] == 200
+    status, text = await get(mf, "/api/queue?limit=-5")
+    assert (status, json.loads(text)["error"]) == (400, "limit: from 1 to 1000"), text
     assert (await mf.store.message_detail(qid)).queue == "deferred"
     assert (await post(mf, "/api/queue/explode", {"ids": [qid]}))[0] == 404
 
