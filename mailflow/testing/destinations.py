@@ -5,7 +5,9 @@ real smtp transport, its TLS and timeouts, qmgr's backoff and slow start, bounce
                                   (127.0.0.3, .4, …) on the one `port` the Sink's smtp transport connects to
                                   ([smtp] port); 127.0.0.2 on that port is bound but never listens (refused)
         .resolver                 a mailflow.dns Resolver: `domain` MX 10 `mx.domain`; both have the destination's
-                                  address; any other name does not exist (NXDOMAIN)
+                                  address and no other record (TXT, TLSA: none; no answer DNSSEC-validated); any
+                                  other name, and every address's PTR name, does not exist (NXDOMAIN): smtpd's
+                                  sender checks (SPF, DKIM, DMARC) find no record
         add(domain) -> FakeDestination    (its peer starts at once)     await stop()
     FakeDestination               accepts everything and records it (`messages`) unless scripted otherwise:
         answers(code, text="", at="rcpt")   reply `code` at "connect" (the greeting), "helo", "mail", "rcpt" or
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 
 from aiosmtpd.smtp import SMTP
 
-from mailflow.dns import MX, NotFound, is_ip_literal, normalize_name
+from mailflow.dns import MX, NotFound, TlsaAnswer, is_ip_literal, normalize_name
 from mailflow.listening import LISTEN_BACKLOG, Listening, serve_socket
 
 log = logging.getLogger("mailflow.testing")
@@ -306,8 +308,26 @@ class FakeDns:
 
     async def ns(self, domain: str) -> list[str]:
         """No name servers (smtpd's check_*_ns_access): a destination's domain has none, others do not exist."""
-        if self._find(domain) is None:
-            raise NotFound(domain, "NS")
+        return self._none_of(domain, "NS")
+
+    async def txt(self, name: str) -> list[str]:
+        """No TXT records (SPF, DKIM keys, DMARC policies): a destination's names have none, others do not exist."""
+        return self._none_of(name, "TXT")
+
+    async def ptr(self, address: str) -> list[str]:
+        raise NotFound(address, "PTR")
+
+    async def tlsa(self, name: str) -> TlsaAnswer:
+        self._none_of(name, "TLSA")
+        return TlsaAnswer()
+
+    async def validated(self, name: str, qtype: str) -> bool:
+        return False
+
+    def _none_of(self, name: str, qtype: str) -> list:
+        """[] for a name of a destination (it has no such record), NotFound for any other."""
+        if self._find(name) is None:
+            raise NotFound(name, qtype)
         return []
 
 

@@ -319,3 +319,16 @@ def test_a_sink_never_stopped_does_not_hang_the_interpreter_at_exit():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "exiting\n"
+
+
+async def test_sender_checks_in_a_sink_find_nothing_in_its_name_service_and_accept():
+    """The Sink's name service knows its fake destinations and nothing else: SPF, DKIM and DMARC find no record
+    (every one of these checks asked it for TXT records it could not answer: each message was 451 4.3.0) and a
+    client's address has no name (PTR), so the message goes through with `none` verdicts."""
+    checks = {"verify": ["spf", "dkim", "dmarc"]}
+    async with Sink(sender_auth=checks, smtpd={"end_of_data_restrictions": ["reject_dmarc_policy"]}) as sink:
+        await aiosmtplib.send("From: <a@shop.test>\r\nSubject: checked\r\n\r\nhi\r\n", hostname=sink.host,
+                              port=sink.port, sender="a@shop.test", recipients=["r@dest.test"])
+        [message] = await sink.wait_for(subject="checked")
+    results = message.message["Authentication-Results"]
+    assert "spf=none" in results and "dmarc=none" in results, results
