@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import random
@@ -31,7 +32,7 @@ def free_port() -> int:
     once all handed out) that binds on 127.0.0.1 now; released at once. Raises when no port of the share binds."""
     share = worker_ports()
     for _ in range(len(share)):
-        port = next(_handed_out)
+        port = next(_handed_out())
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind(("127.0.0.1", port))
@@ -55,8 +56,10 @@ def worker_ports(environ: Mapping[str, str] = os.environ) -> range:
     return range(first, first + size)
 
 
-def _shuffled_forever(ports: range) -> Iterator[int]:
-    order = list(ports)
+@functools.cache
+def _handed_out() -> Iterator[int]:
+    """This process's walk through its share, made at the first call (once xdist has named the worker)."""
+    order = list(worker_ports())
     random.Random().shuffle(order)  # seeded from the OS: each worker its own order
     return itertools.cycle(order)
 
@@ -67,9 +70,6 @@ def _ephemeral_range() -> tuple[int, int]:
         return int(low), int(high)
     except (OSError, ValueError):
         return 32768, 60999
-
-
-_handed_out = _shuffled_forever(worker_ports())
 
 
 def accepts(port: int, host: str = "127.0.0.1") -> bool:
