@@ -23,7 +23,8 @@ Mailpit's endpoints (its JSON field names and shapes; IDs are mailflow's queue i
     DELETE /api/v1/search?query=              deletes them
 mailflow's:
     GET    /api/v1/wait?query=&count=1&timeout=5   long poll: the summaries once `count` messages match; 408
-                                              after `timeout` seconds with the summaries of what did arrive
+                                              after `timeout` seconds (`0.5` too) with the summaries of what did
+                                              arrive
     GET    /api/v1/message/{ID}/history       the envelope (DSN parameters included), the SMTP session that
                                               submitted it (client, HELO, TLS, login, every command and reply)
                                               and its queue history (each attempt and result)
@@ -60,7 +61,7 @@ from mailflow.capture import mime, search
 from mailflow.capture.mailbox import (REPORT_LIMIT, CapturedMessage, Criteria, WaitTimeout, parsed_off_loop, sliced,
                                       timeout_report)
 from mailflow.capture.recorders import Capture
-from mailflow.syntax import query_integer
+from mailflow.syntax import ascii_digits, query_integer
 
 DEFAULT_LIMIT = 50
 
@@ -192,6 +193,18 @@ def _int(request: web.Request, name: str, default: int, low: int = 0) -> int:
     if number < low:
         raise web.HTTPBadRequest(text=f"{name}: must be at least {low}")
     return number
+
+
+def _seconds(request: web.Request, name: str, default: float) -> float:
+    """A span in seconds, whole or with a fraction (`0.5`: as `Sink.wait_for(timeout=0.5)` takes it), ASCII digits
+    only and at most 19 of them before the point."""
+    value = request.query.get(name, "")
+    if not value:
+        return default
+    whole, point, fraction = value.partition(".")
+    if not ascii_digits(whole) or len(whole) > 19 or (point and not ascii_digits(fraction)):
+        raise web.HTTPBadRequest(text=f"{name}: not a number of seconds: {value[:40]!r}")
+    return float(value[:40])
 
 
 async def _body(request: web.Request) -> dict:
@@ -384,7 +397,7 @@ def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> w
     async def wait(request: web.Request) -> web.Response:
         query = request.query.get("query", "")
         count = _int(request, "count", 1, 1)
-        timeout = min(float(_int(request, "timeout", 5, 0)), wait_time_limit)
+        timeout = min(_seconds(request, "timeout", 5.0), wait_time_limit)
         if waiting["now"] >= waiters_limit:
             raise web.HTTPServiceUnavailable(text=f"more than {waiters_limit} waits at once")
         terms = _terms(query)

@@ -489,8 +489,9 @@ async def test_a_number_parameter_is_ascii_digits_as_mailpit_reads_it(api):
         # three; the last is past Go's int64)
         async with http.get(f"/api/v1/messages?limit={value}") as response:
             assert (response.status, (await response.text())[:20]) == (400, "limit: not a number:"), value
-    async with http.get(f"/api/v1/wait?timeout={'9' * 400}") as response:  # float() of it overflowed: a 500
-        assert (response.status, (await response.text())[:22]) == (400, "timeout: not a number:")
+    for value in (f"{'9' * 400}", "1e3", "-1", ".5", "5.", "0x10", "nan"):  # (float() of the first overflowed: a 500)
+        async with http.get(f"/api/v1/wait?timeout={value}") as response:
+            assert (response.status, (await response.text())[:33]) == (400, "timeout: not a number of seconds:")
     assert (await get_json(http, "/api/v1/messages?start=9223372036854775807"))["messages"] == []  # Go's largest
     assert len((await get_json(http, "/api/v1/messages?limit=%2B1&start=0"))["messages"]) == 1  # "+1", as Atoi
 
@@ -717,3 +718,12 @@ async def test_headers_reads_the_fields_the_message_keeps(monkeypatch):
         for _ in range(3):
             assert (await get_json(http, "/api/v1/message/Q1/headers")) == {"Subject": ["=?utf-8?q?caf=C3=A9?="]}
     assert len(read) == 1
+
+
+async def test_an_http_wait_takes_a_fraction_of_a_second(api):
+    # `timeout=0.5` was a 400, "timeout: not a number: '0.5'", where Sink.wait_for(timeout=0.5) waits half a second
+    sink, http = api
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    timed_out = await get_json(http, "/api/v1/wait?query=never&timeout=0.3", status=408)
+    assert 0.25 < loop.time() - began < 1.5 and "waited 0.3s for 1 message" in timed_out["error"]
