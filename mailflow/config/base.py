@@ -32,7 +32,8 @@
     check_relayhost(value)   a relayhost: host, host:port, [host] or [address], with :port or not
     validation_key(err)      one pydantic error's place as the dotted KEY ("smtpd.listen", "pipe.x.argv[0]"; ""
                              for the top level)
-    validation_reason(err)   one pydantic error as the REASON of `FILE: KEY: REASON`
+    validation_reason(err)   one pydantic error as the REASON of `FILE: KEY: REASON` (one string where a list is
+                             wanted: the TOML array it means, `["a", "b"]` for main.cf's "a, b")
     NestedRefusal(key, reason)   a model validator's refusal of a key below its model (a service's merged
                              settings: `services.NAME.KEY`), which validation_key and validation_reason name
     overlay(section, layers, exclude=, merged_tables=)   the section with each layer's keys in place of its own,
@@ -43,6 +44,7 @@ Failure behaviour: the validators raise ValueError; `mailflow.config.load` turns
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Iterable, Mapping, TypeVar
 
@@ -247,8 +249,22 @@ def validation_reason(err: ErrorDetails) -> str:
     nested = _nested(err)
     if nested:
         return nested.reason
+    if err["type"] in LIST_TYPES:
+        return _not_a_list(err["input"])
     msg = err["msg"]
     return msg.removeprefix("Value error, ")
+
+
+LIST_TYPES = frozenset(("tuple_type", "list_type", "set_type", "frozen_set_type"))
+
+
+def _not_a_list(value: object) -> str:
+    """The reason for a single value where a setting takes a list (a TOML array), which a Postfix user writes as
+    main.cf's one string ("a, b"): the array that string means, its items split at the commas."""
+    if isinstance(value, str) and value.strip():
+        items = ", ".join(json.dumps(item.strip()) for item in value.split(",") if item.strip())
+        return f"takes a list (a TOML array): [{items}], not one string"
+    return f"takes a list (a TOML array): [...], not {type(value).__name__} {str(value)[:40]!r}"
 
 
 S = TypeVar("S", bound=Section)

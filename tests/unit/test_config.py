@@ -82,6 +82,19 @@ def test_unknown_key_names_file_key_and_reason(tmp_path, text, key):
     assert str(err) == f"{path}: {key}: unknown setting"
 
 
+@pytest.mark.parametrize("text, key, reason", [
+    ("mynetworks = '127.0.0.0/8, 192.0.2.0/24'\n", "mynetworks",
+     'takes a list (a TOML array): ["127.0.0.0/8", "192.0.2.0/24"], not one string'),
+    ("[smtpd]\nrecipient_restrictions = 'permit_mynetworks,reject'\n", "smtpd.recipient_restrictions",
+     'takes a list (a TOML array): ["permit_mynetworks", "reject"], not one string'),
+    ("[smtpd]\nlisten = 25\n", "smtpd.listen", "takes a list (a TOML array): [...], not int '25'"),
+])
+def test_one_value_for_a_list_says_the_array_to_write(tmp_path, text, key, reason):
+    # main.cf's "a, b" written as is was refused with pydantic's words: "Input should be a valid tuple"
+    err = config_error(write(tmp_path, text))
+    assert (err.key, err.reason) == (key, reason)
+
+
 @pytest.mark.parametrize("text, key, words", [
     ("[queue]\nminimal_backoff_time = '5 fortnights'\n", "queue.minimal_backoff_time", "not a duration"),
     ("[queue]\nmaximal_backoff_time = '-5s'\n", "queue.maximal_backoff_time", "not a duration"),
