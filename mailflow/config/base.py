@@ -250,21 +250,30 @@ def validation_reason(err: ErrorDetails) -> str:
     if nested:
         return nested.reason
     if err["type"] in LIST_TYPES:
-        return _not_a_list(err["input"])
+        return _not_a_list(err["input"], validation_key(err))
+    if err["type"] in TABLE_TYPES:
+        return f"takes a table (TOML {{ key = value }}, or a [section]), not {_kind(err['input'])}"
     msg = err["msg"]
     return msg.removeprefix("Value error, ")
 
 
 LIST_TYPES = frozenset(("tuple_type", "list_type", "set_type", "frozen_set_type"))
+TABLE_TYPES = frozenset(("dict_type", "model_type"))
 
 
-def _not_a_list(value: object) -> str:
+def _not_a_list(value: object, key: str) -> str:
     """The reason for a single value where a setting takes a list (a TOML array), which a Postfix user writes as
     main.cf's one string ("a, b"): the array that string means, its items split at the commas."""
     if isinstance(value, str) and value.strip():
         items = ", ".join(json.dumps(item.strip()) for item in value.split(",") if item.strip())
         return f"takes a list (a TOML array): [{items}], not one string"
-    return f"takes a list (a TOML array): [...], not {type(value).__name__} {str(value)[:40]!r}"
+    if isinstance(value, dict):
+        return f"takes a list (a TOML array; of tables: [[{key}]] before each one), not one table"
+    return f"takes a list (a TOML array): [...], not {_kind(value)}"
+
+
+def _kind(value: object) -> str:
+    return f"{type(value).__name__} {str(value)[:40]!r}"
 
 
 S = TypeVar("S", bound=Section)

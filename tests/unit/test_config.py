@@ -88,9 +88,14 @@ def test_unknown_key_names_file_key_and_reason(tmp_path, text, key):
     ("[smtpd]\nrecipient_restrictions = 'permit_mynetworks,reject'\n", "smtpd.recipient_restrictions",
      'takes a list (a TOML array): ["permit_mynetworks", "reject"], not one string'),
     ("[smtpd]\nlisten = 25\n", "smtpd.listen", "takes a list (a TOML array): [...], not int '25'"),
+    ("[smtpd.listeners]\naddress = '127.0.0.1:587'\n", "smtpd.listeners",
+     "takes a list (a TOML array; of tables: [[smtpd.listeners]] before each one), not one table"),
+    ("[queue]\ntransport_concurrency_limit = 'smtp=2'\n", "queue.transport_concurrency_limit",
+     "takes a table (TOML { key = value }, or a [section]), not str 'smtp=2'"),
 ])
-def test_one_value_for_a_list_says_the_array_to_write(tmp_path, text, key, reason):
-    # main.cf's "a, b" written as is was refused with pydantic's words: "Input should be a valid tuple"
+def test_a_value_of_the_wrong_shape_says_what_to_write(tmp_path, text, key, reason):
+    # main.cf's "a, b" written as is was refused with pydantic's words: "Input should be a valid tuple"; a
+    # [smtpd.listeners] for [[smtpd.listeners]], "Input should be a valid list"
     err = config_error(write(tmp_path, text))
     assert (err.key, err.reason) == (key, reason)
 
