@@ -3,7 +3,8 @@
     Mailbox(max_messages, max_bytes, clock, transcripts=None, history=None)
         add(envelope, raw, queue_id) -> CapturedMessage     (the capture transport calls it)
         messages -> [CapturedMessage]   get(id) -> CapturedMessage | None   latest()
-        delete(ids) / clear()           accepted, accepted_bytes, deleted (counts since the start)
+        delete(ids) / clear()           accepted, accepted_bytes, deleted (counts since the start); dropped
+                                        (by the bounds, since the last clear), dropped_note() (for a report)
         await wait(criteria, count, timeout) -> [CapturedMessage]    at least `count` matching messages
         changed()                       a message's read flag changed: waits look again
         close()                         no more messages will come (the embedded Sink stopped): waits end
@@ -19,7 +20,7 @@
                          first)
     Criteria(to, sender, subject, match, settled=False)   which messages a wait or a test wants (see `matches`)
     WaitTimeout          (an AssertionError) raised by `wait`: its text counts what did arrive and lists the
-                         newest REPORT_LIMIT of those messages
+                         newest REPORT_LIMIT of those messages, and says how many older ones the bounds dropped
     await parsed_off_loop(messages)     each parsed in turn (CapturedMessage.parse_off_loop)
     await parsed_by(messages, deadline) -> those parsed by then
     await sliced(items, fn) -> [fn(item)]   SLICE at a time, handing the loop back before each (a search term
@@ -352,11 +353,15 @@ class WaitTimeout(AssertionError):
 
 
 def timeout_report(criteria: Criteria, count: int, timeout: float, found: list[CapturedMessage],
-                   arrived: list[CapturedMessage], *, waited: str = "", limit: int | None = None) -> str:
-    """What a wait that failed saw: the counts, and each message that arrived (the newest `limit` of them)."""
+                   arrived: list[CapturedMessage], *, waited: str = "", limit: int | None = None,
+                   dropped: str = "") -> str:
+    """What a wait that failed saw: the counts, and each message that arrived (the newest `limit` of them); the
+    mailbox's `dropped_note()`, when its bounds dropped messages it did not judge."""
     waited = waited or f"waited {timeout:g}s"
     lines = [f"{waited} for {count} message{'s' if count != 1 else ''} ({criteria.describe()}): "
              f"{len(found)} matched; {len(arrived)} arrived:"]
+    if dropped:
+        lines.append(f"  ({dropped})")
     skipped = max(0, len(arrived) - limit) if limit is not None else 0
     if skipped:
         lines.append(f"  ({skipped} older not listed)")
@@ -384,6 +389,7 @@ class Mailbox:
         self.accepted = 0
         self.accepted_bytes = 0
         self.deleted = 0
+        self.dropped = 0  # of those deleted, by the bounds, since the mailbox was last emptied
 
     def add(self, envelope: CapturedEnvelope, raw: bytes, queue_id: str) -> CapturedMessage:
         self._sequence += 1
@@ -421,6 +427,15 @@ class Mailbox:
 
     def clear(self) -> None:
         self.delete(list(self._messages))
+        self.dropped = 0
+
+    def dropped_note(self) -> str:
+        """What a failed wait's report says of the messages the bounds dropped before it could judge them ("" for
+        none): how many, and the setting that keeps more."""
+        if not self.dropped:
+            return ""
+        return (f"and {self.dropped} older dropped: the capture keeps [sink] max_messages = {self._max_messages} and "
+                f"max_bytes = {self._max_bytes}; raise them to keep more")
 
     def changed(self) -> None:
         """A message's read flag changed: each wait looks again (one for `is:read` may now be answered)."""
@@ -447,6 +462,7 @@ class Mailbox:
     def _make_room(self) -> None:
         while len(self._messages) > 1 and (len(self._messages) > self._max_messages or self._bytes > self._max_bytes):
             self._remove(next(iter(self._messages)))
+            self.dropped += 1
 
     def _remove(self, ident: str) -> None:
         message = self._messages.pop(ident)
@@ -473,10 +489,12 @@ class Mailbox:
                 return found
             if self._closed:
                 raise RuntimeError(timeout_report(criteria, count, timeout, found, self.messages, limit=REPORT_LIMIT,
-                                                  waited="the server stopped: no more messages will come; waited"))
+                                                  waited="the server stopped: no more messages will come; waited",
+                                                  dropped=self.dropped_note()))
             left = deadline - loop.time()
             if left <= 0:
-                raise WaitTimeout(timeout_report(criteria, count, timeout, found, self.messages, limit=REPORT_LIMIT))
+                raise WaitTimeout(timeout_report(criteria, count, timeout, found, self.messages, limit=REPORT_LIMIT,
+                                                 dropped=self.dropped_note()))
             try:  # (not wait_for: in 3.11 it swallows a cancellation that comes as a message arrives)
                 async with asyncio.timeout(left):
                     await arrived.wait()

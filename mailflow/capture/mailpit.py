@@ -409,7 +409,8 @@ def routes(capture: Capture, *, waiters_limit: int, wait_time_limit: float) -> w
             everything = mailbox.messages
             found = await matching(query, [m for m in everything if m.parsed])
             if len(found) < count:
-                report = timeout_report(Criteria(), count, timeout, found, everything, limit=REPORT_LIMIT)
+                report = timeout_report(Criteria(), count, timeout, found, everything, limit=REPORT_LIMIT,
+                                        dropped=mailbox.dropped_note())
                 body = {"error": f"query {query!r}: " + report, **await listing(found, everything, 0, len(found) or 1)}
                 return web.json_response(body, status=408)
         finally:

@@ -73,6 +73,24 @@ async def test_wait_returns_when_enough_arrive_and_reports_what_did():
     assert isinstance(failure.value, AssertionError)
 
 
+async def test_a_failed_wait_says_how_many_the_bounds_dropped_and_what_keeps_them():
+    # "0 matched; 2 arrived" for a wait on the first of three messages, which had arrived and been dropped at
+    # max_messages: the test's author looked for a bug in the application
+    box = mailbox(max_messages=2)
+    for n in range(3):
+        add(box, f"m{n}", queue_id=f"Q{n}")
+    with pytest.raises(WaitTimeout) as failure:
+        await box.wait(Criteria(subject="m0"), timeout=0)
+    assert str(failure.value).splitlines()[:2] == [
+        "waited 0s for 1 message (subject='m0'): 0 matched; 2 arrived:",
+        "  (and 1 older dropped: the capture keeps [sink] max_messages = 2 and max_bytes = 1000000; raise them to "
+        "keep more)"]
+    box.clear()  # (a shared Sink's next test: what was dropped before is none of its business)
+    with pytest.raises(WaitTimeout) as failure:
+        await box.wait(Criteria(subject="m0"), timeout=0)
+    assert "dropped" not in str(failure.value)
+
+
 async def test_a_failed_wait_lists_the_newest_messages_and_counts_them_all():
     """A wait that failed on a Sink shared by a whole suite used to list every message it held (1000 lines)."""
     box = mailbox(max_messages=200)
