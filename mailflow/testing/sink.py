@@ -34,7 +34,9 @@ the Sink sets: `queue_directory` (its temporary directory), the listeners' addre
                    there is one (tmpfs: a test's queue needs no durability and its fsyncs cost nothing there),
                    else the system's temporary directory
 
-After `stop` what was captured stays readable (`messages`, `search`, `transcript`, `history`).
+After `stop` what was captured stays readable (`messages`, `search`, `transcript`, `history`). A Sink never stopped
+(a threaded one left to the end of the process, a fixture without teardown) has its directory removed at the
+process's exit: in /dev/shm, what a suite leaves behind is memory until the machine restarts.
 
 Failure behaviour: a bad setting raises mailflow.config.ConfigError at start; `wait_for` raises
 mailflow.capture.mailbox.WaitTimeout (an AssertionError that lists what did arrive), and RuntimeError at once
@@ -50,6 +52,7 @@ faults).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import math
 import os
 import random
@@ -57,6 +60,7 @@ import re
 import shutil
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -108,6 +112,7 @@ class Sink:
         self.server: Mailflow | None = None
         self._told: dict[int, float] = {}  # (virtual time) the runs of failures settle raised for: since, by log
         self.directory: Path | None = None
+        self._removal: Callable[[], None] | None = None  # the directory's removal: at stop(), else at the exit
         self.config: Config | None = None
         self.ca_pem: bytes | None = None
         self.ca_file: str | None = None
@@ -122,6 +127,8 @@ class Sink:
             raise RuntimeError("the Sink is running already: stop() it before starting it again")
         root = self._temporary_root or _fast_temporary_directory()
         self.directory = Path(tempfile.mkdtemp(prefix="mailflow-sink-", dir=root))
+        self._removal = partial(shutil.rmtree, str(self.directory), ignore_errors=True)
+        atexit.register(self._removal)
         try:
             try:
                 self._destinations = Destinations()
@@ -150,9 +157,10 @@ class Sink:
         if self._destinations is not None:
             await self._destinations.stop()
             self._destinations = None
-        if self.directory is not None:
-            shutil.rmtree(self.directory, ignore_errors=True)
-            self.directory = None
+        if self._removal is not None:
+            atexit.unregister(self._removal)
+            self._removal()
+            self._removal = self.directory = None
 
     async def __aenter__(self) -> "Sink":
         return await self.start()
