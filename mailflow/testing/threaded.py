@@ -11,7 +11,9 @@ timeout plus a margin. A FakeDestination or a Rule it returns may be scripted fr
 After `stop` what the Sink captured stays readable (`messages`, `search`, ...); the waiting calls (`wait_for`,
 `settle`, `advance`) raise RuntimeError, as they do before `start`.
 
-Failure behaviour: what the Sink raises is raised in the caller (a failed start, WaitTimeout, ...); `stop`
+Failure behaviour: what the Sink raises is raised in the caller (a failed start, WaitTimeout, ...; a WaitTimeout
+of `wait_for` called on a thread whose event loop is running says that loop was blocked, and what to call instead:
+an async test's application could send nothing while it waited); `stop`
 (and leaving the `with`) stops the server, then the loop, and joins the thread; `start` on a running one
 raises RuntimeError.
 """
@@ -22,11 +24,23 @@ import threading
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable
 
+from mailflow.capture.mailbox import WaitTimeout
+
 if TYPE_CHECKING:  # (sink.py imports this module)
     from mailflow.testing.sink import Sink
 
 START_TIMEOUT = 60.0
 MARGIN = 30.0  # seconds a blocking call may take beyond its own timeout (the server's loop is busy)
+BLOCKED_LOOP = ("this thread's event loop was blocked while wait_for waited, so nothing it was to send could go: "
+                "in an async test, `await sink.wait_for_async(...)`")
+
+
+def _loop_running_here() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 class ThreadedSink:
@@ -167,7 +181,12 @@ class ThreadedSink:
         return self._call(self._sink.history, queue_id)
 
     def wait_for(self, *, timeout: float = 5.0, **criteria) -> list:
-        return self._wait(lambda: self._sink.wait_for(timeout=timeout, **criteria), timeout)
+        try:
+            return self._wait(lambda: self._sink.wait_for(timeout=timeout, **criteria), timeout)
+        except WaitTimeout as e:
+            if _loop_running_here():  # what the caller's loop was to send could not go while this blocked it
+                raise WaitTimeout(f"{e}\n{BLOCKED_LOOP}") from None
+            raise
 
     async def wait_for_async(self, *, timeout: float = 5.0, **criteria) -> list:
         return await asyncio.wrap_future(self._submit(lambda: self._sink.wait_for(timeout=timeout, **criteria)))

@@ -281,6 +281,22 @@ def test_threaded_sink_for_synchronous_code():
         assert sink.messages == []
 
 
+async def test_a_blocking_wait_on_a_running_loop_says_that_loop_was_blocked():
+    # an async test's application sends from a task on the test's loop; the threaded Sink's blocking wait_for held
+    # that loop, so nothing was sent: "0 matched; 0 arrived", and the author looked for a bug in the application
+    with Sink.threaded() as sink:
+        sending = asyncio.ensure_future(aiosmtplib.send(order_mail(subject="from a task"), hostname=sink.host,
+                                                        port=sink.port))
+        with pytest.raises(WaitTimeout, match=r"0 arrived:\n  \(none\)\nthis thread's event loop was blocked .*"
+                                              r"`await sink.wait_for_async\(\.\.\.\)`"):
+            sink.wait_for(subject="from a task", timeout=0.2)
+        await sending
+        assert len(await sink.wait_for_async(subject="from a task")) == 1
+        with pytest.raises(WaitTimeout) as failure:
+            await sink.wait_for_async(subject="never", timeout=0.1)
+        assert "blocked" not in str(failure.value)  # (awaited: no loop was blocked)
+
+
 async def test_a_config_file_brings_the_applications_own_routing(tmp_path):
     """The application's config.toml: its local domain, users and aliases; the Sink only moves the queue and the
     listener (the file's own queue_directory and listen address are not used)."""
