@@ -262,12 +262,21 @@ def address_matches(pattern: str, address: str) -> bool:
     return pattern == address
 
 
+def bare_address(value: str) -> str:
+    """The address in `value` written as a report or a header writes it (`<bob@example.com>`, `Bob
+    <bob@example.com>`, spaces around), else `value` itself."""
+    written = re.fullmatch(r"\s*(?:[^<>]*\s)?<([^<>]*)>\s*", value)
+    return written.group(1) if written else value.strip()
+
+
 @dataclass(frozen=True)
 class Criteria:
     """`to`: an envelope recipient equals it (case-insensitive) or matches it as a glob (`*@example.com`; `*` and
     `?` only, so that `*@[192.0.2.1]` is an address literal);
     `sender`: the envelope sender, alike; `subject`: a string the Subject contains, or a compiled regex it
-    matches; `match`: any callable on a CapturedMessage. Unset criteria match everything. `settled`: `match`'s
+    matches; `match`: any callable on a CapturedMessage. Unset criteria match everything. An address written
+    as a report or a header writes it (`<bob@example.com>`, `Bob <bob@example.com>`), which matches no envelope
+    address, is a ValueError naming the address to write. `settled`: `match`'s
     verdict on a message does not change once it is captured, so a wait asks it once per message."""
 
     to: str | None = None
@@ -293,6 +302,10 @@ class Criteria:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise TypeError(f"{name}= takes one address or glob (a str), not {type(value).__name__}")
+            bare = value and bare_address(value)
+            if bare is not None and bare != value:  # (it would match nothing: a wait would time out)
+                raise ValueError(f"{name}= takes the envelope address alone, as between the < > of a report: "
+                                 f"{name}={bare!r}, not {value!r}")
         if self.subject is not None and not isinstance(self.subject, (str, re.Pattern)):
             raise TypeError(f"subject= takes a str or a compiled regex, not {type(self.subject).__name__}")
         if self.match is not None and not callable(self.match):

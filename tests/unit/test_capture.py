@@ -133,6 +133,20 @@ async def test_a_criterion_of_the_wrong_type_is_refused_at_once():
             await box.wait(Criteria(**wrong), 1, timeout=0.5)
 
 
+def test_an_address_written_as_a_report_writes_it_is_refused_naming_the_one_to_write():
+    # to="<bob@example.com>", copied from a WaitTimeout's list, or "Bob <bob@example.com>" from the To header,
+    # matched nothing: the wait timed out listing the very message it was after
+    for name, written, bare in [("to", "<bob@example.com>", "bob@example.com"),
+                                ("to", "Bob <bob@example.com>", "bob@example.com"),
+                                ("to", '"Smith, Bob" <*@example.com>', "*@example.com"),
+                                ("sender", "<>", ""), ("sender", " a@shop.test", "a@shop.test")]:
+        with pytest.raises(ValueError) as refused:
+            Criteria(**{name: written})
+        assert str(refused.value) == (f"{name}= takes the envelope address alone, as between the < > of a report: "
+                                      f"{name}={bare!r}, not {written!r}")
+    assert Criteria(to="*@[192.0.2.1]").to == "*@[192.0.2.1]" and Criteria(sender="").sender == ""
+
+
 def test_a_wait_for_the_null_sender_says_so():
     """sender="" (a bounce's <>) used to be reported as "any message" when the wait timed out."""
     assert Criteria(sender="").describe() == "sender=''"
