@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from mailflow.capture.mailbox import address_matches
+from mailflow.capture.mailbox import address_matches, bare_address
 from mailflow.capture.recorders import TranscriptBook
 from mailflow.stages.smtpd.restrictions import Facts
 from mailflow.stages.smtpd.transcript import Transcript
@@ -96,6 +96,10 @@ class InboundFaults:
             raise ValueError("at='mail' knows no recipient yet: give rcpt= at 'rcpt' or 'data'")
         if rule.times is not None and rule.times < 1:
             raise ValueError("times must be at least 1 (None: every time)")
+        for name, pattern in (("rcpt", rule.rcpt), ("sender", rule.sender)):
+            if pattern and bare_address(pattern) != pattern:  # (it would refuse nothing)
+                raise ValueError(f"{name}= takes the address alone, as the client gives it between < >: "
+                                 f"{name}={bare_address(pattern)!r}, not {pattern!r}")
         self.rules.append(rule)
         return rule
 

@@ -284,6 +284,12 @@ def test_bad_rules_are_refused():
         faults.reject(rcpt="a@b", at="mail")
     with pytest.raises(ValueError, match="at="):
         faults.reject(at="quit")
+    # a pattern as a report writes it refused nothing: the test's own client got its 250
+    with pytest.raises(ValueError, match=r"rcpt= takes the address alone, .*: rcpt='bad@x.test', not '<bad@x.test>'"):
+        faults.reject(rcpt="<bad@x.test>")
+    with pytest.raises(ValueError, match=r"sender='\*@spam.test', not 'Spam <\*@spam.test>'"):
+        faults.defer(sender="Spam <*@spam.test>")
+    assert faults.rules == []
 
 
 def test_a_destination_script_is_used_step_by_step_at_its_moment():
