@@ -464,7 +464,7 @@ async def test_a_message_of_many_parts_is_parsed_off_the_servers_loop(path):
             async with http.get(path) as response:
                 assert response.status == 200, await response.text()
             await asyncio.sleep(3 * LoopLag.TICK)  # the lag's last tick, late by a stall that ended the request
-    assert lag.longest < 0.5, lag.longest  # (parsed on the loop: 0.74-1.44 s; off it, up to 0.2-0.3 s on a loaded machine)
+    assert lag.longest < 0.5, lag.longest  # (on the loop: 0.74-1.44 s; off it, up to 0.2-0.3 s on a loaded machine)
 
 
 async def test_a_message_asked_for_by_many_at_once_is_parsed_once(monkeypatch):
