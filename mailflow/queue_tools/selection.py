@@ -1,11 +1,11 @@
 """Which messages an operator means: queue names, queue ids and selectors, and the walk over what they select.
 
 - `parse_selection(args, sender=, to_domain=, older_than=, stdin=, required=)`: queue ids, `ALL` (`ALL deferred`:
-  only those queues, as postsuper takes it), `-` (ids on stdin, as `postsuper -d -` reads them) and the
-  selectors `--from`, `--to-domain`, `--older-than`, combined with AND, into a `Selection`. A bare selection
-  is refused unless `required=False` (a bare `mailflow queue delete` must not mean everything). With
-  `invalid=`, a token that is no queue id is reported to it and skipped (postsuper's "warning: invalid mail
-  queue id"), else it is an error.
+  only those queues, as postsuper takes it; a word after ALL that names no queue is an error naming it), `-` (ids
+  on stdin, as `postsuper -d -` reads them) and the selectors `--from`, `--to-domain`, `--older-than`, combined
+  with AND, into a `Selection`. A bare selection is refused unless `required=False` (a bare `mailflow queue
+  delete` must not mean everything). With `invalid=`, a token that is no queue id is reported to it and skipped
+  (postsuper's "warning: invalid mail queue id"), else it is an error.
 - `parse_queues('incoming,deferred' | 'all')`, `clean_id(token)` (a trailing `*` or `!` from mailq dropped).
 - `pages(store, queues, selection, now, ids_only=)`: the selected messages in id order, a page (CHUNK) at a
   time: `MessageRow`s, or ids.
@@ -109,8 +109,8 @@ def parse_selection(args: Sequence[str], *, sender: str | None = None, to_domain
     everything = "ALL" in args
     tokens = [a for a in args if a not in ("ALL", "-")]
     queues = None
-    if everything and tokens and all(t.lower() in QUEUES for t in tokens):  # `ALL deferred`, as postsuper takes it
-        queues, tokens = parse_queues(",".join(tokens)), []
+    if everything and tokens:  # `ALL deferred`: what follows ALL is queue names, as postsuper takes it
+        queues, tokens = _queues_after_all(tokens), []
     if "-" in args:
         if stdin is None:
             raise SelectionError("'-' reads queue ids from standard input, but there is none")
@@ -129,6 +129,17 @@ def parse_selection(args: Sequence[str], *, sender: str | None = None, to_domain
         raise SelectionError("say which messages: queue ids, ALL, '-' (ids on stdin), "
                              "or a selector (--from, --to-domain, --older-than)")
     return selection
+
+
+def _queues_after_all(tokens: Sequence[str]) -> tuple[str, ...]:
+    """The queue names after `ALL`; a word that is none (a typo such as `deferd`, a queue id) is refused by name,
+    as postsuper refuses it ("invalid directory name"), rather than taken for an id that cannot go with ALL."""
+    strangers = [t for t in tokens if t.lower() not in QUEUES]
+    if strangers:
+        shown = ", ".join(repr(t[:SHOWN]) for t in strangers[:3]) + (", ..." if len(strangers) > 3 else "")
+        raise SelectionError(f"after ALL come queue names only ({', '.join(QUEUES)}), not {shown}; "
+                             "give queue ids without ALL")
+    return parse_queues(",".join(tokens))
 
 
 def _valid_ids(tokens: Sequence[str], invalid: Callable[[str], None] | None) -> Iterator[str]:

@@ -118,6 +118,19 @@ async def test_mailq_reads_like_postqueue_p(twins):
     assert await mailflow_cli(config, "mailq", "-j") == (0, "", "")
 
 
+async def test_a_word_after_all_that_names_no_queue_is_refused_by_name(twins):
+    """`postsuper -d ALL deferd` (a typo for deferred) refuses the word by name and deletes nothing; so does
+    `mailflow queue delete ALL deferd` (exit 2, a bad command line), rather than blaming ids mixed with ALL."""
+    pf, config = twins
+    expected = pf.run("postsuper", "-d", "ALL", "deferd")
+    assert expected.returncode == 1 and b"invalid directory name: deferd" in expected.stderr
+    rc, out, err = await mailflow_cli(config, "queue", "delete", "ALL", "deferd")
+    assert (rc, out) == (2, "") and "after ALL come queue names only" in err and "not 'deferd'" in err
+    assert len(pf.run("postqueue", "-j").stdout.splitlines()) == len(MAIL)
+    rc, out, _ = await mailflow_cli(config, "mailq", "-j")
+    assert rc == 0 and len(out.splitlines()) == len(MAIL)
+
+
 def postqueue_json(text: str) -> dict[str, tuple]:
     """postqueue -j's lines -> {sender: (its keys in order, each value's type, the values that must agree)}."""
     assert text.endswith("}\n") and "\n\n" not in text

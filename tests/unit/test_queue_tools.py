@@ -48,10 +48,20 @@ def test_ids_are_cleaned_deduplicated_and_checked():
 
 def test_all_means_any_id_and_cannot_mix_with_ids():
     assert qt.parse_selection(["ALL"]) == qt.Selection()
-    with pytest.raises(qt.SelectionError, match="not both"):
+    with pytest.raises(qt.SelectionError, match="not 'ABC'; give queue ids without ALL"):
         qt.parse_selection(["ALL", "ABC"])
-    with pytest.raises(qt.SelectionError, match="not both"):
+    with pytest.raises(qt.SelectionError, match="not 'ABC'; give queue ids without ALL"):
         qt.parse_selection(["ALL", "deferred", "ABC"])
+    with pytest.raises(qt.SelectionError, match="not both"):
+        qt.parse_selection(["ALL", "-"], stdin=io.StringIO("ABC\n"))
+
+
+def test_a_word_after_all_that_names_no_queue_is_refused_by_name():
+    """`ALL deferd` (a typo) names the word, as postsuper's "invalid directory name: deferd" does."""
+    with pytest.raises(qt.SelectionError, match=r"after ALL come queue names only \(incoming, .*\), not 'deferd'"):
+        qt.parse_selection(["ALL", "hold", "deferd"])
+    with pytest.raises(qt.SelectionError, match=r"not 'a', 'b', 'c', \.\.\.; give"):
+        qt.parse_selection(["ALL", "a", "b", "c", "d"])
 
 
 def test_all_followed_by_queue_names_is_all_of_those_queues_as_postsuper_takes_it():
