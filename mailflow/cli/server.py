@@ -12,7 +12,7 @@ table query, auth hash-password. Each is a plain function; `mailflow.cli` regist
                              listing each one that cannot be used (`FILE: KEY: REASON`), else print the listeners
     listener_summary(cfg)    (address, port, role) of every listener
     table_problems(cfg)      a ConfigError (file, setting, reason) per file-backed table that cannot answer now
-    config_show(...)         postconf's views (mailflow.config.show_settings)
+    config_show(...)         postconf's views (mailflow.config.show.settings_view; `-h` the values alone)
     address_test(addresses, config)   how each address is routed, with the TLS policy of each SMTP next hop (exit
                              75 when a table cannot answer now)
     table_query(spec, keys)  postmap -q (`-`: the keys from standard input): exit 1 nothing found, 2 bad
@@ -42,11 +42,11 @@ from mailflow.cli.deliverability import tls_steps
 from mailflow.cli.common import (ConfigOption, config_error_text, config_name, config_path, fail, fail_config,
                                      load)
 from mailflow.config_source import MAX_FILE_BYTES
-from mailflow.config import (BUILTIN_TRANSPORTS, Config, LmtpConfig, SmtpConfig, flat_settings, load_config,
-                             show_settings)
+from mailflow.config import BUILTIN_TRANSPORTS, Config, LmtpConfig, SmtpConfig, flat_settings, load_config
 from mailflow.config.base import transport_name
 from mailflow.config.postfix_cf import printable
 from mailflow.config.postfix_import import UnreadableFile, import_postfix
+from mailflow.config.show import bare_value, format_setting, settings_view
 from mailflow.config.smtpd import SmtpdConfig
 from mailflow.errors import ConfigError, DeliveryError, LookupRetry
 from mailflow.logs import printable as masked
@@ -360,19 +360,22 @@ def config_show(config: Optional[str] = ConfigOption,
                 changed: bool = typer.Option(False, "-n", "--changed",
                                              help="only settings that differ from the defaults (postconf -n)"),
                 defaults: bool = typer.Option(False, "-d", "--defaults", help="the built-in defaults (postconf -d)"),
+                values_only: bool = typer.Option(False, "-h", "--values",
+                                                 help="the values only, without `key = `, a string unquoted "
+                                                      "(postconf -h)"),
                 names: Optional[List[str]] = typer.Argument(
                     None, metavar="[SETTING]...", help="only these settings (e.g. relayhost queue.active_limit)")
                 ) -> None:
-    """Every setting as `key = value` (valid TOML), like postconf; `-n` what the file changes, `-d` the defaults."""
-    lines = show_settings(load(config), defaults=defaults, changed_only=changed)
+    """Every setting as `key = value` (valid TOML), like postconf; `-n` what the file changes, `-d` the defaults,
+    `-h` the values alone."""
+    view = settings_view(load(config), defaults=defaults, changed_only=changed)
     if names:
-        wanted = {n: [line for line in lines if line.split(" = ", 1)[0] == n] for n in names}
-        unknown = [n for n, found in wanted.items() if not found]
+        unknown = [n for n in names if n not in view]
         if unknown and not changed:
             fail("mailflow config show", f"unknown setting: {', '.join(unknown)}", 2)
-        lines = [line for found in wanted.values() for line in found]
-    for line in lines:
-        typer.echo(line)
+        view = {n: view[n] for n in names if n in view}
+    for key, value in view.items():
+        typer.echo(bare_value(value) if values_only else format_setting(key, value))
 
 
 def config_import(main_cf: str = typer.Argument(..., metavar="MAIN_CF", help="Postfix's main.cf"),

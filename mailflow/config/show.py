@@ -5,8 +5,11 @@
                                                                  list naming a /file gives the file's words (as
                                                                  the server uses it), not the path
     format_setting(key, value) -> "key = value"                  durations in seconds
-    show_settings(config, defaults=False, changed_only=False)    postconf, postconf -d, postconf -n (a setting
-                                                                 that is None, unset, is left out: TOML has no null)
+    bare_value(value) -> "value"                                 postconf -h: a string unquoted, else TOML
+    settings_view(config, defaults=False, changed_only=False)    postconf, postconf -d, postconf -n as {key:
+                                                                 value} (a setting that is None, unset, is left
+                                                                 out: TOML has no null)
+    show_settings(...)                                           the same as `key = value` lines
 
 Never raises.
 """
@@ -59,12 +62,23 @@ def _toml_value(value: object) -> str:
     return json.dumps(str(value))
 
 
-def show_settings(config: Config, *, defaults: bool = False, changed_only: bool = False) -> list[str]:
-    """postconf's views: every effective setting; `defaults`: the built-in defaults (postconf -d);
-    `changed_only`: only what differs from them (postconf -n)."""
+def bare_value(value: object) -> str:
+    """A setting's value as `postconf -h` prints it, without `key = `: a string as it is (no quotes, nothing
+    escaped: what `$(…)` in a script wants), anything else in TOML syntax."""
+    return value if isinstance(value, str) else _toml_value(value)
+
+
+def settings_view(config: Config, *, defaults: bool = False, changed_only: bool = False) -> dict[str, object]:
+    """postconf's views as {key: value}: every effective setting; `defaults`: the built-in defaults (postconf
+    -d); `changed_only`: only what differs from them (postconf -n). Unset settings are left out."""
     default = flat_settings(Config() if config._base is None else resolve_paths(Config(), config._base))
     if defaults:
-        return [format_setting(k, v) for k, v in default.items() if v is not None]
-    current = flat_settings(config)
-    return [format_setting(k, v) for k, v in current.items()
-            if v is not None and (not changed_only or default.get(k) != v)]
+        return {k: v for k, v in default.items() if v is not None}
+    return {k: v for k, v in flat_settings(config).items()
+            if v is not None and (not changed_only or default.get(k) != v)}
+
+
+def show_settings(config: Config, *, defaults: bool = False, changed_only: bool = False) -> list[str]:
+    """settings_view's settings as `key = value` lines."""
+    return [format_setting(k, v)
+            for k, v in settings_view(config, defaults=defaults, changed_only=changed_only).items()]
