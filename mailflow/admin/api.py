@@ -319,7 +319,7 @@ def routes(server, metrics: Metrics) -> web.RouteTableDef:
         recipients = (await s.recipients_of([qid])).get(qid, [])
         out = io.StringIO()
         try:
-            qt.write_show_json(out, detail, recipients, await s.content(qid), headers_only=True)
+            qt.write_show_json(out, detail, recipients, await s.content(qid), qt.HEADERS_ONLY)
         except OSError:  # its file went after the lookup: delivered or deleted meanwhile
             raise _gone(qid) from None
         shown = json.loads(out.getvalue())

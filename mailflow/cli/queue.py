@@ -3,7 +3,7 @@ whether or not `serve` runs (the work is in mailflow/queue_tools.py). Each comma
 `mailflow.cli` registers them.
 
     queue_list / mailq                   Postfix mailq layout (or postqueue -j, or JSON)
-    queue_show                           one message like postcat -q
+    queue_show                           one message like postcat -q (-e, -h, -b: its parts)
     action_command(name, help, required) flush, hold, release, requeue, delete (postqueue -f, postsuper -h/-H/-r/-d)
     queue_shape                          qshape
     queue_destinations                   qmgr's last word on each destination
@@ -172,15 +172,22 @@ def mailq(ids: Optional[List[str]] = IdsArgument, config: Optional[str] = Config
 
 
 def queue_show(queue_id: str = typer.Argument(..., metavar="QUEUE_ID"), config: Optional[str] = ConfigOption,
-               headers_only: bool = typer.Option(False, "--headers-only", help="the envelope and headers only"),
+               envelope: bool = typer.Option(False, "-e", "--envelope", help="the envelope (postcat -e)"),
+               header: bool = typer.Option(False, "-h", "--header", help="the header section (postcat -h)"),
+               body: bool = typer.Option(False, "-b", "--body",
+                                         help="the body, from the empty line after the headers (postcat -b)"),
+               headers_only: bool = typer.Option(False, "--headers-only", help="the envelope and headers (-eh)"),
                as_json: bool = JsonOption) -> None:
-    """One message like postcat -q: envelope, every recipient's status, then headers and body."""
+    """One message like postcat -q: envelope, every recipient's status, then headers and body; -e, -h and -b
+    choose among them as postcat's do (-h or -b without -e: the message text alone, no `***` lines)."""
     from mailflow import queue_tools as qt
 
     try:
         qid = qt.clean_id(queue_id)
     except qt.SelectionError as e:
         _fail("show", str(e), 2)
+    chosen = {name for name, on in (("envelope", envelope), ("header", header), ("body", body)) if on}
+    parts = chosen | qt.HEADERS_ONLY if headers_only else chosen or qt.SHOW_PARTS
 
     damaged = _DamageWarnings("show")
 
@@ -194,9 +201,9 @@ def queue_show(queue_id: str = typer.Argument(..., metavar="QUEUE_ID"), config: 
             damaged.warn(qid, damage)
         content = await store.content(qid)
         if as_json:
-            qt.write_show_json(sys.stdout, detail, recipients, content, headers_only)
+            qt.write_show_json(sys.stdout, detail, recipients, content, parts)
         else:
-            qt.write_show(sys.stdout, detail, recipients, content, headers_only, time.time())
+            qt.write_show(sys.stdout, detail, recipients, content, parts, time.time())
 
     _tools("show", load(config), work)
 

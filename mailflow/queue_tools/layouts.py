@@ -3,8 +3,9 @@
 - mailq: `write_mailq` (Postfix's layout, a page of CHUNK messages in memory at a time; `mailq_entry`,
   `mailq_footer`), `write_postqueue_json` (postqueue -j: a JSON object a line, Postfix's names) and
   `write_list_json` (one JSON array, streamed, every recipient with its status).
-- postcat: `write_show` (envelope, recipients, headers and body in `*** … ***` sections, like postcat -q) and
-  `write_show_json`; the body is streamed from the queue (`message_text`), never held whole.
+- postcat: `write_show` (envelope, recipients, headers and body in `*** … ***` sections, like postcat -q; the
+  parts asked for, SHOW_PARTS by default, as postcat's -e, -h and -b choose them) and `write_show_json`; the body
+  is streamed from the queue (`message_text`), never held whole.
 - qshape: `shape_rows` (the store's counts -> TOTAL and the top domains), `format_shape`, `shape_json`.
 - destinations: `format_destinations` (an aligned table), `destinations_json`.
 
@@ -21,7 +22,7 @@ import codecs
 import dataclasses
 import json
 import time
-from typing import IO, AsyncIterator, Callable, Iterable, Iterator, Sequence
+from typing import IO, AsyncIterator, Callable, Collection, Iterable, Iterator, Sequence
 
 from mailflow.content import Content
 from mailflow.logs import printable
@@ -227,14 +228,21 @@ def _envelope(detail: MessageDetail, recipients: Sequence[RecipientRow]) -> dict
 _BODY_PLACE = "\x00body\x00"  # where write_show_json streams the body into its JSON
 
 
+SHOW_PARTS = frozenset({"envelope", "header", "body"})  # postcat's -e, -h, -b; all three by default (-beh)
+HEADERS_ONLY = frozenset({"envelope", "header"})  # `show --headers-only` (postcat -eh)
+
+
 def write_show_json(out: IO[str], detail: MessageDetail, recipients: Sequence[RecipientRow], content: Content | None,
-                    headers_only: bool) -> None:
-    """The message as one JSON object (`mailflow queue show --json`), the body streamed into it."""
+                    parts: Collection[str] = SHOW_PARTS) -> None:
+    """The message as one JSON object (`mailflow queue show --json`), the body streamed into it; `headers` is null
+    without the "header" part, `body` without the "body" part (the envelope is the object itself)."""
     shown = _envelope(detail, recipients)
     body: Iterator[str] = iter(())
     if content is not None:
-        shown["headers"], body = message_text(content)
-        if not headers_only:
+        headers, body = message_text(content)
+        if "header" in parts:
+            shown["headers"] = headers
+        if "body" in parts:
             shown["body"] = _BODY_PLACE
     before, place, after = json.dumps(shown, indent=2).partition(json.dumps(_BODY_PLACE))
     out.write(before)
@@ -247,10 +255,39 @@ def write_show_json(out: IO[str], detail: MessageDetail, recipients: Sequence[Re
 
 
 def write_show(out: IO[str], detail: MessageDetail, recipients: Sequence[RecipientRow], content: Content | None,
-               headers_only: bool, now: float) -> None:
-    """Envelope, recipients, headers and body, in postcat's `*** … ***` sections; the body streamed."""
-    d = detail
-    where = f"{d.queue}/{d.queue_id}"
+               parts: Collection[str], now: float) -> None:
+    """The `parts` of the message as postcat prints them: with the envelope, in its `*** … ***` sections
+    (envelope and recipients, then the headers and the body asked for); without it, the header section and the
+    body (from the empty line that ends the header section, as postcat -b starts there) bare, so that `show -b` is
+    the body alone and `show -bh` the message as queued. The body is streamed."""
+    where = f"{detail.queue}/{detail.queue_id}"
+    envelope = "envelope" in parts
+    if envelope:
+        out.write("\n".join(_envelope_lines(detail, recipients, now)) + "\n")
+    if content is None:
+        if envelope:
+            out.write(f"*** MESSAGE CONTENTS {where}: missing (a corrupt entry) ***\n")
+        return
+    head, pieces = message_text(content)
+    if envelope:
+        out.write(f"*** MESSAGE CONTENTS {where} ***\n")
+    if "header" in parts:
+        out.write(_printable_lines(head))
+    if "body" in parts:
+        out.write("\n")
+        ends_in_newline = True
+        for text in (_printable_lines(piece) for piece in pieces):
+            out.write(text)
+            ends_in_newline = text.endswith("\n")
+        if not ends_in_newline:
+            out.write("\n")
+    if envelope:
+        out.write(f"*** MESSAGE FILE END {where} ***\n")
+
+
+def _envelope_lines(d: MessageDetail, recipients: Sequence[RecipientRow], now: float) -> list[str]:
+    """show's envelope section, from its `*** ENVELOPE RECORDS … ***` line: the message's fields, then each
+    recipient with its status and last reason."""
     if d.queue == "hold":
         due = "- (on hold: `mailflow queue release` makes it due)"
     elif d.queue == "corrupt":
@@ -262,7 +299,7 @@ def write_show(out: IO[str], detail: MessageDetail, recipients: Sequence[Recipie
     else:
         due = when(d.next_attempt, now) if d.next_attempt > now else "now"
     damage = damage_of(d, recipients)
-    lines = [f"*** ENVELOPE RECORDS {where} ***",
+    lines = [f"*** ENVELOPE RECORDS {d.queue}/{d.queue_id} ***",
              f"queue_id:       {d.queue_id}",
              f"queue:          {d.queue}",
              *([f"damaged:        {printable(damage)}"] if damage else []),
@@ -285,23 +322,7 @@ def write_show(out: IO[str], detail: MessageDetail, recipients: Sequence[Recipie
         lines.append(f"  status:       {r.status}{' ' + r.dsn if r.dsn else ''}")
         if r.reason:
             lines.append(f"  reason:       {printable(r.reason)}")
-    if content is None:
-        lines.append(f"*** MESSAGE CONTENTS {where}: missing (a corrupt entry) ***")
-        out.write("\n".join(lines) + "\n")
-        return
-    head, pieces = message_text(content)
-    head, body = _printable_lines(head), (_printable_lines(piece) for piece in pieces)
-    lines.append(f"*** MESSAGE CONTENTS {where} ***")
-    out.write("\n".join(lines) + "\n" + head)
-    if not headers_only:
-        out.write("\n")
-        ends_in_newline = True
-        for text in body:
-            out.write(text)
-            ends_in_newline = text.endswith("\n")
-        if not ends_in_newline:
-            out.write("\n")
-    out.write(f"*** MESSAGE FILE END {where} ***\n")
+    return lines
 
 
 def _printable_lines(text: str) -> str:

@@ -131,6 +131,52 @@ async def test_a_word_after_all_that_names_no_queue_is_refused_by_name(twins):
     assert rc == 0 and len(out.splitlines()) == len(MAIL)
 
 
+async def test_show_parts_read_like_postcat(twins):
+    """postcat -q's -b, -h and -e choose the parts of a message, and scripts use them: `postcat -bq ID` is the body
+    alone (from the empty line after the headers), `-hq` the header fields alone, `-bhq` the message as queued,
+    all without postcat's `*** ... ***` lines, which come with the envelope (-e). `mailflow queue show` with the
+    same letters prints the same parts of the same message (the header fields each server added are its own: their
+    names and order are compared), and exits as postcat does, also for an id that is not queued."""
+    pf, config = twins
+    postfix_id = sent_by("alice@src.test", pf.run("postqueue", "-j").stdout.decode())
+    mailflow_id = sent_by("alice@src.test", (await mailflow_cli(config, "mailq", "-j"))[1])
+
+    def postcat(*flags: str, queue_id: str = postfix_id) -> tuple[int, str, str]:
+        done = pf.run("postcat", *flags, "-q", queue_id)
+        return done.returncode, done.stdout.decode(), ""
+
+    assert await mailflow_cli(config, "queue", "show", "-b", mailflow_id) == postcat("-b") == (0, "\nhello\n", "")
+    for flags in ("-h", "-bh"):
+        rc, out, err = await mailflow_cli(config, "queue", "show", flags, mailflow_id)
+        expected = postcat(flags)
+        assert (rc, err) == (expected[0], "") and message_form(out) == message_form(expected[1]), flags
+    assert message_form(postcat("-bh")[1]) == (["received", "subject", "message-id", "date", "from"], "hello\n")
+    for flags in ("-e", "-eb"):
+        rc, out, _ = await mailflow_cli(config, "queue", "show", flags, mailflow_id)
+        expected = postcat(flags)[1]
+        for text in (out, expected):
+            assert text.startswith("*** ENVELOPE RECORDS ")
+            assert re.search(r"\n\*\*\* MESSAGE FILE END \S+ \*\*\*\n$", text)
+            assert ("\nhello\n" in text) == (flags == "-eb") and "Subject:" not in text
+    rc, _, err = await mailflow_cli(config, "queue", "show", "-b", "0000000000000000")
+    assert rc == postcat("-b", queue_id="0000000000000000")[0] == 1 and "no such message" in err
+
+
+def sent_by(sender: str, postqueue_j: str) -> str:
+    """The queue id of the message from `sender` in postqueue -j's lines."""
+    [queue_id] = [m["queue_id"] for m in map(json.loads, postqueue_j.splitlines()) if m["sender"] == sender]
+    return queue_id
+
+
+def message_form(text: str) -> tuple[list[str], str | None]:
+    """A message's text as two servers' copies agree on it: the names of its header fields in order (lower case;
+    folded lines left out), and its body after the empty line (None when the text has no body part)."""
+    head, blank, body = text.partition("\n\n")
+    names = [line.split(":", 1)[0].lower() for line in head.splitlines() if line and not line[0].isspace()]
+    assert "***" not in text
+    return names, body if blank else None
+
+
 def postqueue_json(text: str) -> dict[str, tuple]:
     """postqueue -j's lines -> {sender: (its keys in order, each value's type, the values that must agree)}."""
     assert text.endswith("}\n") and "\n\n" not in text

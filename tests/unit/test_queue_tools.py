@@ -210,7 +210,7 @@ def show_text(detail, recipients, content: bytes | Content | None, headers_only:
     out = io.StringIO()
     if isinstance(content, bytes):
         content = Content.of(content)
-    qt.write_show(out, detail, recipients, content, headers_only, now)
+    qt.write_show(out, detail, recipients, content, qt.HEADERS_ONLY if headers_only else qt.SHOW_PARTS, now)
     return out.getvalue()
 
 
@@ -274,18 +274,18 @@ def test_show_names_a_recipients_dsn_parameters_as_postcat_does(utc):
             "recipient:      carol@x\n"
             "  status:       pending\n") in text
     out = io.StringIO()
-    qt.write_show_json(out, detail(), [given], Content.of(b"A: 1\r\n\r\n"), True)
+    qt.write_show_json(out, detail(), [given], Content.of(b"A: 1\r\n\r\n"), qt.HEADERS_ONLY)
     [shown] = json.loads(out.getvalue())["recipients"]
     assert (shown["notify"], shown["orcpt"]) == ("SUCCESS,DELAY", "utf-8;\u00e9\x1b@x")
 
 
 def test_show_json_streams_the_body_into_valid_json():
     out = io.StringIO()
-    qt.write_show_json(out, detail(), [], Content.of(b"A: 1\r\n\r\nq\"uote \\ caf\xc3\xa9\r\n"), False)
+    qt.write_show_json(out, detail(), [], Content.of(b"A: 1\r\n\r\nq\"uote \\ caf\xc3\xa9\r\n"), qt.SHOW_PARTS)
     shown = json.loads(out.getvalue())
     assert shown["headers"] == "A: 1\n" and shown["body"] == "q\"uote \\ caf\u00e9\n"
     out = io.StringIO()
-    qt.write_show_json(out, detail(), [], Content.of(b"A: 1\r\n\r\nbody\r\n"), True)
+    qt.write_show_json(out, detail(), [], Content.of(b"A: 1\r\n\r\nbody\r\n"), qt.HEADERS_ONLY)
     assert json.loads(out.getvalue())["body"] is None
 
 
