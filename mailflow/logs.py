@@ -308,7 +308,8 @@ def log_delays(stats: MsgStats, conn: ConnStats | None, now: float) -> tuple[flo
     """`delay` and `delays` (a, b, c, d) as Postfix's log_adhoc computes them: from arrival to the end (the
     agent's `done`, else `now`); a: before the active queue (arrival to this attempt's entry into it), b: in it
     (to the hand-off to a delivery agent; to the end when there was none), c: connection set-up (to the session
-    ready for MAIL FROM; 0 without a session), d: transmission (from the set-up, else the hand-off, to the end).
+    ready for MAIL FROM; 0 without ConnStats, a non-network agent's: the SMTP and LMTP clients date a set-up that
+    failed at the failure, smtp_bulk_fail's), d: transmission (from the set-up, else the hand-off, to the end).
     A difference below zero (a clock stepped back) counts as zero."""
     end = stats.done or now
     delay = max(0.0, end - stats.arrival)

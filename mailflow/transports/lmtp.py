@@ -97,7 +97,7 @@ class LmtpTransport:
         outcomes, sendable = screen_envelope(request)
         if sendable:
             await self._deliver(request, sendable, outcomes)
-        return outcomes.report(request)
+        return outcomes.report(request, self._now)
 
     async def close(self) -> None:
         """QUIT every cached session; afterwards no session is cached again."""

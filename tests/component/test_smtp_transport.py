@@ -1730,8 +1730,9 @@ async def test_reuse_count_limit_bounds_the_uses_of_one_connection(counted_peer)
 
 async def test_a_transaction_s_results_carry_its_session_set_up_time_and_use(counted_peer):
     """Postfix's conn_setup_done and reuse_count, for the log's `delays=` (c, d) and `conn_use=`: the time on the
-    clock given (qmgr's) as MAIL FROM goes out, and which use of its connection the transaction was; nothing
-    without a session."""
+    clock given (qmgr's) as MAIL FROM goes out, and which use of its connection the transaction was; without a
+    session, the time of the failure, as Postfix's smtp_bulk_fail dates a set-up that never ended (its time is c,
+    not d)."""
     peer = await counted_peer()
     nexthop = f"[127.0.0.1]:{peer.port}"
     ticks = iter(range(100, 110))
@@ -1741,8 +1742,8 @@ async def test_a_transaction_s_results_carry_its_session_set_up_time_and_use(cou
     assert [[(r.outcome, r.conn) for r in report.results] for report in reports] == [
         [(Outcome.SENT, ConnStats(100.0, 1))] * 2, [(Outcome.SENT, ConnStats(101.0, 2))] * 2,
         [(Outcome.SENT, ConnStats(102.0, 1))] * 2]  # (the limit: a new connection for the third)
-    refused = await deliver(make_transport(), make_request(f"[127.0.0.1]:{free_port()}"))
-    assert [(r.outcome, r.conn) for r in refused.results] == [(Outcome.DEFERRED, None)]
+    refused = await deliver(make_transport(now=lambda: 200.0), make_request(f"[127.0.0.1]:{free_port()}"))
+    assert [(r.outcome, r.conn) for r in refused.results] == [(Outcome.DEFERRED, ConnStats(200.0, 1))]
 
 
 async def test_idle_session_is_closed_after_the_cache_time_limit(counted_peer):

@@ -1120,3 +1120,36 @@ async def test_a_size_past_the_limit_at_mail_is_logged_as_postfix_logs_it(mailfl
     assert size_refusals(mail_log.read_text()) == pf_lines == [
         f"NOQUEUE: reject: MAIL from localhost[127.0.0.1]: 552 5.3.4 Message size exceeds fixed limit; {sender} "
         "proto=ESMTP helo=<client.test>" for sender in ("from=<s@sender.test>", "from=<>")]
+
+
+async def test_time_lost_before_the_greeting_is_counted_as_connection_set_up(mailflow_server, mail_log):
+    """A next hop that takes the connection and closes it 0.6 s later without a greeting: the delivery fails while
+    its session is being set up. Postfix's smtp_bulk_fail then dates the end of the set-up (conn_setup_done) at
+    the failure, so its `delays=` counts the wait as c, connection set-up, and d as 0; mailflow's line counts it
+    the same way (it was counted as d, transmission, where log analysers would have read a slow transfer)."""
+    async def mute(_, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.6)
+        writer.close()
+
+    peer = await asyncio.start_server(mute, "127.0.0.1", 0)
+    transports = f"inline:{{mute.test=smtp:[127.0.0.1]:{peer.sockets[0].getsockname()[1]}}}"
+
+    def first_line(log: str) -> str | None:
+        return delivery_lines(log).get("r@mute.test", [None])[0]
+
+    try:
+        async with postfix_instance({"myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "relay_domains": "mute.test",
+                                     "transport_maps": transports}) as pf:
+            started = await pf.sessions_ended()
+            await message(pf.port, ["r@mute.test"], "mute")
+            pf_line = await eventually(lambda: first_line(pf.maillog[started:]), timeout=20)
+        mf = await mailflow_server(myhostname=MF_HOST, relay_domains=["mute.test"], transport_maps=[transports],
+                                   smtp={"tls_security_level": "none"})
+        await message(mf.smtp_addresses[0][1], ["r@mute.test"], "mute")
+        mf_line = await eventually(lambda: first_line(mail_log.read_text()), timeout=20)
+    finally:
+        peer.close()
+    assert timed(mf_line) == timed(pf_line)
+    for line in (pf_line, mf_line):
+        set_up, transmission = re.search(r", delays=[\d.]+/[\d.]+/([\d.]+)/([\d.]+),", line).groups()
+        assert float(set_up) >= 0.5 and transmission == "0", line

@@ -183,7 +183,7 @@ class SmtpTransport:
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
         outcomes, sendable = screen_envelope(request)
         if not sendable:
-            return outcomes.report(request)
+            return outcomes.report(request, self._now)
         wire = None
         if self._generic is not None or self._checks is not None:
             try:
@@ -194,12 +194,12 @@ class SmtpTransport:
                                                       request.content)))
             except LookupRetry as e:  # (smtp_generic_maps, or TableCache.run's deadline: a table that may wait)
                 outcomes.fail(sendable, TemporaryError("4.3.0", f"{self._waited_for()} lookup error: {e.text}"))
-                return outcomes.report(request)
+                return outcomes.report(request, self._now)
             except TemporaryError as e:  # (smtp_header_checks)
                 outcomes.fail(sendable, e)
-                return outcomes.report(request)
+                return outcomes.report(request, self._now)
         await self._deliver_to_nexthop(request, sendable, outcomes, wire)
-        return outcomes.report(request)
+        return outcomes.report(request, self._now)
 
     def _waited_for(self) -> str:
         """What a lookup error before the session names: smtp_generic_maps unless only the header checks have a

@@ -36,7 +36,8 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
 
     Outcomes()                  results by recipient and the site verdict, filled as a delivery goes:
       .fail(recipients, error, relay)   BOUNCED for a permanent error, else DEFERRED, with its code and text
-      .update(results) .pending(recipients) .site_failed(failure) .report(request) -> DeliveryReport
+      .update(results) .pending(recipients) .site_failed(failure) .report(request, now) -> DeliveryReport
+                                (a result no transaction stamped: its set-up ended `now`, smtp_bulk_fail's)
       .stamp(recipients, conn)  their results carry `conn`, the ConnStats of the transaction that gave them
       .take_back(recipients) -> Outcomes, .restore(taken)   a temporary failure at a peer that was not the last:
                                 the recipients go to the next peer; what they got stands if none takes a session
@@ -186,10 +187,18 @@ class Outcomes:
         if not taken.site_ok:
             self.site_ok, self.site_reason, self.site_status = False, taken.site_reason, taken.site_status
 
-    def report(self, request: DeliveryRequest) -> DeliveryReport:
-        return DeliveryReport(
-            tuple(self.results[r] for r in request.recipients), site_ok=self.site_ok, site_reason=self.site_reason,
-            site_status=self.site_status)
+    def report(self, request: DeliveryRequest, now: Callable[[], float]) -> DeliveryReport:
+        """The results; those no transaction stamped (they failed before a session was ready for MAIL FROM: no
+        connection, a greeting or EHLO that failed or never came, a lookup before the session) carry a set-up that
+        ended now (`now()`, qmgr's clock), as Postfix's smtp_bulk_fail dates conn_setup_done at the failure when
+        it is still unset: the log's `delays=` then count that time as connection set-up (c), not transmission
+        (d)."""
+        results = [self.results[r] for r in request.recipients]
+        if any(result.conn is None for result in results):
+            failed = ConnStats(now())
+            results = [result if result.conn is not None else replaced(result, conn=failed) for result in results]
+        return DeliveryReport(tuple(results), site_ok=self.site_ok, site_reason=self.site_reason,
+                              site_status=self.site_status)
 
 
 def reply_outcome(code: int) -> Outcome:
