@@ -1,6 +1,6 @@
-"""The command line: `mailflow serve | reload | health | check-config | version | queue … | mailq | table | config
-show|check|import | address | auth | account … | dovecot-config | dkim keygen | dns-records | check-deliverability |
-sendmail`.
+"""The command line: `mailflow serve | reload | status | health | check-config | version | queue … | mailq | table |
+config show|check|import | address | auth | account … | dovecot-config | dkim keygen | dns-records |
+check-deliverability | sendmail`.
 No logic of its own: each command calls the module that does the work.
 
 Configuration comes from `--config FILE`, else `$MAILFLOW_CONFIG`, else the embedded defaults. A bad
@@ -23,14 +23,14 @@ input, as `postmap -q -` does): exit 1 when nothing is found,
 2 for a bad table spec, 75 (EX_TEMPFAIL) when a lookup fails.
 
 The package: config_file.py (where the configuration comes from, the one error formatter; no typer), common.py
-(configuration loading and errors for typer's commands, shared options), server.py (serve, check-config,
-version, config show, address, table query, auth), ops.py (reload, health: against a running server), queue.py (the
+(configuration loading and errors for typer's commands, shared options), server.py (serve, check-config, version,
+config show, address, table query, auth), ops.py (reload, status, health: against a running server), queue.py (the
 queue tools), submit.py (sendmail), accounts.py (`account …`, the account database, and `dovecot-config`),
 deliverability.py (dkim keygen, dns-records, check-deliverability; docs/deliverability.md); commands.py is the
 command table (typer). This file is the entry point only: `main()` hands `sendmail` (and the sendmail, mailq and
-newaliases names) to submit.py before typer and the command table are imported, and `app` (the table) loads on
-first use. Modules only some commands need (the server, the store, the router, smtpd's password hashing, the
-queue tools) are imported inside those commands, so that `sendmail`, run once per message by scripts, starts fast
+newaliases names) to submit.py before typer and the command table are imported, and `app` (the table) loads on first
+use. Modules only some commands need (the server, the store, the router, smtpd's password hashing, the queue tools)
+are imported inside those commands, so that `sendmail`, run once per message by scripts, starts fast
 (docs/performance.md, "Start-up of the command-line tools").
 """
 from __future__ import annotations

@@ -49,6 +49,7 @@ dkim_app = typer.Typer(no_args_is_help=True, help="DKIM keys for dkim.key_table 
 
 app.command()(server.serve)
 app.command()(ops.reload)
+app.command()(ops.status)
 app.command()(ops.health)
 app.command("check-config")(server.check_config)
 app.command()(server.version)

@@ -1,10 +1,12 @@
-"""The commands an operator (or a container runtime) runs against a running server: reload, health.
+"""The commands an operator (or a container runtime) runs against a running server: reload, status, health.
 
     reload(config)           like `postfix reload`: check the configuration as `check-config` does (exit 2
                              naming FILE: KEY: REASON), then send SIGHUP to the server that holds the queue's
                              lock (its pid file, `<queue_directory>/mailflow.pid`); exit 1 when none runs. The
                              server re-reads and applies what it can (its log says what, and what waits for a
                              restart; a configuration it refuses leaves the one in force).
+    status(config)           like `postfix status`: exit 0 when a server holds the queue's lock (saying its pid),
+                             1 when none does (or the pid file cannot be read), as scripts and monitors test it.
     health(config, timeout)  a container HEALTHCHECK: connect to the server's first SMTP listener and read its
                              greeting; exit 0 on 220, 1 otherwise, saying why. A listener behind a balancer
                              (upstream_proxy_protocol) is sent a PROXY v2 LOCAL header first, as HAProxy's own
@@ -56,6 +58,19 @@ def reload(config: Optional[str] = ConfigOption) -> None:
     except OSError as e:
         fail("mailflow reload", f"cannot signal the server (pid {pid}): {e.strerror}", 1)
     typer.echo(f"mailflow reload: the server (pid {pid}) is reloading; its log says what changed")
+
+
+def status(config: Optional[str] = ConfigOption) -> None:
+    """Exit 0 when a server runs on the configured queue, saying its pid, else 1 (like postfix status)."""
+    cfg = load(config)
+    try:
+        pid = queue_owner(cfg.queue_path)
+    except OSError as e:  # the pid file a symbolic link or a FIFO (never followed nor waited on), unreadable
+        fail("mailflow status", f"cannot read the pid file {e.filename or cfg.queue_path}: {e.strerror}", 1)
+    if pid is None:
+        fail("mailflow status", f"no server is running on the queue {cfg.queue_path}", 1)
+    typer.echo(f"mailflow status: a server is running on the queue {cfg.queue_path}: "
+               + (f"PID: {pid}" if pid else "its pid cannot be read (yet)"))
 
 
 def _probe_timeout(seconds: float) -> float:
