@@ -928,3 +928,49 @@ async def test_destinations_shows_a_destination_paused_by_its_rate_delay(mailflo
     async with aiohttp.ClientSession() as session:
         async with session.get(f"http://{host}:{port}/api/destinations") as response:
             assert response.status == 200 and await response.json() == [dest]
+
+
+async def test_a_message_held_and_released_during_its_delivery_is_delivered_once(mailflow_server, write_config,
+                                                                                 smtp_peer, tmp_path):
+    """An operator holds a message while it is being delivered (its peer has not greeted yet), then releases it:
+    the release makes it due, but the attempt under way still has it. The scan after the release must not start
+    a second delivery of it beside the first (which, once the peer answers both, delivers it twice): the attempt
+    under way concludes it, as for a hold alone."""
+    peer = await smtp_peer()
+    gate, sessions = asyncio.Event(), []
+
+    async def gated(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A next hop that greets only once the gate opens: then it relays both ways to the capture peer."""
+        sessions.append(writer)
+        await gate.wait()
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", peer.port)
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+
+    front = await asyncio.start_server(gated, "127.0.0.1", 0)
+    try:
+        settings = {"relayhost": f"[127.0.0.1]:{front.sockets[0].getsockname()[1]}", "mynetworks": ["127.0.0.0/8"],
+                    "queue": HOUR}
+        mf = await mailflow_server(**settings)
+        config = write_config(tmp_path / "mailflow.toml", **settings)
+        qid = await submit(mf, "someone@remote.test", ["bob@relay.test"])
+        await eventually(lambda: len(sessions) == 1, timeout=10, what="the delivery waiting for its greeting")
+
+        assert (await queue(config, "hold", qid))[1] == "hold: 1 message\n"
+        assert (await queue(config, "release", qid))[1] == "release: 1 message\n"
+        scans = ScanWatch(mf.store)
+        await scans.scan_after(time.time())  # qmgr saw the release and scanned the queue (due: the message)
+        assert len(sessions) == 1  # no second delivery of it while the first is under way
+
+        gate.set()
+        await eventually(lambda: peer.messages, timeout=10, what="the message delivered")
+        assert await _gone(mf, qid)
+        assert [m.rcpt_tos for m in peer.messages] == [["bob@relay.test"]] and len(sessions) == 1
+    finally:
+        front.close()

@@ -120,7 +120,8 @@ Failure behaviour
   logged postsuper's `removed`); one in flight finishes, and no notice is sent for a deleted one (its state is
   asked before any notice is queued, the tick or not). A held message is never expired nor warned about at
   the end of that attempt (when it would be, the store's state is checked first): it stays on hold until
-  released.
+  released. Released before that attempt ends (due now), it is not admitted again beside it, which would deliver
+  it twice: the scan's claim is left to the attempt under way, whose end concludes it as if it had not been held.
   `mailflow queue flush` also revives dead destinations, like `postqueue -f`.
 - A record that fails is retried while the server runs (`faults.Retrier`): the results wait in memory and the
   message stays in qmgr's hands, so nothing is forgotten and nothing is delivered again because a write failed.
@@ -733,6 +734,8 @@ class QueueManager:
                 for message in taken[start:start + ADMIT_SLICE]:
                     if message.damage:
                         self._set_aside_taken(message)
+                    elif message.queue_id in self._active:
+                        self._released_in_hand(message.queue_id)
                     else:
                         self._log_opened(message)
                         self._admit(message, now)
@@ -740,6 +743,13 @@ class QueueManager:
                 self._pump()
         finally:
             self._admitting = 0
+
+    def _released_in_hand(self, queue_id: str) -> None:
+        """A scan took a message this run still has in hand: held during its attempt, then released (due now)
+        before the attempt ended. It is not admitted a second time, which would deliver it again beside the
+        delivery under way; that attempt concludes it (the scan's claim keeps the store's row active, so its end
+        defers or removes it), no longer held: it expires and warns as any other."""
+        self._active[queue_id].withdrawn = ""
 
     def _set_aside_taken(self, message: QueuedMessage) -> None:
         """A damaged message the scan took (the store holds it active) is set aside by a task of its own, counted in
