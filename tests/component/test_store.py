@@ -925,8 +925,8 @@ async def test_take_is_one_write_that_claims_what_is_due_and_hands_out_its_conte
     assert [m.queue_id for m in await store.take(T0 + 300, 1)] == ["LATER"]
 
 
-async def test_a_big_scan_is_decoded_off_the_event_loop(store, monkeypatch):
-    """Turning 10 000 taken rows into messages held the loop 0.1 s: past DECODE_INLINE rows it is a worker's."""
+def decoded_on_threads(monkeypatch) -> list[int]:
+    """The threads in which each DUE row is turned into a message, from now on."""
     decoded_on: list[int] = []
     decode = daemon._due_message
 
@@ -935,12 +935,33 @@ async def test_a_big_scan_is_decoded_off_the_event_loop(store, monkeypatch):
         return decode(row)
 
     monkeypatch.setattr(daemon, "_due_message", spy)
+    return decoded_on
+
+
+async def test_a_big_scan_is_decoded_off_the_event_loop(store, monkeypatch):
+    """Turning 10 000 taken rows into messages held the loop 0.1 s: past DECODE_INLINE rows it is a worker's."""
+    decoded_on = decoded_on_threads(monkeypatch)
     n = 2 * daemon.DECODE_INLINE
     await store.insert_many([new(f"N{i:04d}", arrival=T0 + i) for i in range(n)])
     taken = await store.take(T0 + n, n)
     assert [m.queue_id for m in taken] == [f"N{i:04d}" for i in range(n)]
     assert len(decoded_on) == n and threading.get_ident() not in decoded_on
     assert await content_of(store, "N0007") == b"Subject: N0007\r\n\r\nbody\r\n"
+
+
+async def test_one_message_of_many_recipients_is_decoded_off_the_event_loop(store, monkeypatch):
+    """One row can be as long as 10 000 (virtual aliases may expand each of 1 000 recipients to 1 000): a
+    message of 100 000 recipients held the loop 2 s. Past DECODE_INLINE_TEXT of recipients it is a worker's,
+    however few the rows; a message of a few recipients stays on the loop."""
+    decoded_on = decoded_on_threads(monkeypatch)
+    await store.insert_many([new("FEW", "a@example.test", "b@example.test"),
+                             new("MANY", *(f"user{i:05d}@example.test" for i in range(2000)), arrival=T0 + 1)])
+    [few] = await store.take(T0 + 1, 1)
+    assert few.queue_id == "FEW" and decoded_on == [threading.get_ident()]
+    [many] = await store.take(T0 + 1, 1)
+    assert many.queue_id == "MANY" and len(many.recipients) == 2000
+    assert many.recipients[1999].address == "user01999@example.test"
+    assert decoded_on[1:] != [threading.get_ident()]
 
 
 async def test_every_commit_is_on_disk_and_concurrent_writes_share_one(store):
