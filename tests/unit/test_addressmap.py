@@ -13,6 +13,7 @@ Tables are texthash files in tmp_path or inline: tables.
 from __future__ import annotations
 
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from mailflow.logs import MailLog
 from mailflow.model import ClientInfo, Envelope, Recipient, Submission
 from mailflow.routing.addressmap import AddressMapper, MilterEdits
 from mailflow.routing.rewrite import Rewriter
-from mailflow.stages.cleanup import Cleanup
+from mailflow.stages.cleanup import MAP_INLINE, Cleanup
 from tests.unit.test_cleanup_headers import FixedClock, RecordingStore
 
 BASE = dict(myhostname="mx.example.test", mydestination=("example.test", "localhost"))
@@ -614,6 +615,28 @@ async def test_cleanup_asks_no_bcc_table_when_none_is_configured(monkeypatch):
                      Content.of(b"Subject: x\r\n\r\n"), ClientInfo(addr="192.0.2.7", helo="client.test"))
     await cleanup.submit(sub)
     assert len(store.contents) == 1
+
+
+async def test_cleanup_maps_an_envelope_of_many_recipients_in_a_worker_thread(tmp_path, monkeypatch):
+    """Each recipient may expand to virtual_alias_expansion_limit addresses (some 20 ms for 1 000): 100 of them
+    held the loop 1.9 s. Past MAP_INLINE recipients the envelope is mapped in a worker thread; a message of a
+    few stays on the loop (no thread hop for the common case)."""
+    members = ", ".join(f"m{j}@x.test" for j in range(1000))
+    m = virtual(tmp_path, "".join(f"list{i}@example.test {members}\n" for i in range(MAP_INLINE + 1)))
+    expanded_on: list[int] = []
+    expand = m.expand
+    monkeypatch.setattr(m, "expand", lambda addr: expanded_on.append(threading.get_ident()) or expand(addr))
+    store = RecordingStore()
+    cleanup = Cleanup(store, myhostname="mx.example.test", clock=FixedClock(), rng=random.Random(7), log=MailLog(),
+                      on_queued=lambda: None, mapper=m)
+    client = ClientInfo(addr="192.0.2.7", helo="client.test")
+    for count in (MAP_INLINE, MAP_INLINE + 1):
+        expanded_on.clear()
+        lists = tuple(f"list{i}@example.test" for i in range(count))
+        await cleanup.submit(Submission(Envelope("s@remote.test", lists), Content.of(b"Subject: x\r\n\r\n"), client))
+        assert len(store.inserted[-1].recipients) == 1000 * count  # (each list's members keep its original)
+        on_loop = {threading.get_ident()} == set(expanded_on)
+        assert len(expanded_on) == count and on_loop is (count <= MAP_INLINE), (count, expanded_on)
 
 
 async def test_cleanup_warns_of_a_table_value_under_the_queue_id(caplog):
