@@ -71,7 +71,7 @@ class LoopWatch:
                 self._sampled = summary(sys._current_frames(), self._loop_thread)
 
 
-def summary(frames: dict, loop_thread: int, depth: int = 6) -> str:
+def summary(frames: dict, loop_thread: int, depth: int = 10) -> str:
     """The loop thread's innermost frame and mailflow frames, and those of each other thread running mailflow's
     code (not waiting in threading, queue or selectors)."""
     parts = []
