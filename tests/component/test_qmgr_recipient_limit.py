@@ -8,7 +8,7 @@ import pytest
 
 from mailflow.config import QueueConfig
 from mailflow.model import Recipient
-from mailflow.stages.qmgr import OVERLOOK_SLICE, _postfix_order
+from mailflow.stages.qmgr import OVERLOOK_SLICE, ROUTE_SLICE, _postfix_order
 from mailflow.stages.qmgr.destination import Destination
 from tests.component.test_qmgr import Harness, queue_is_empty, relaying
 from tests.support import BlockingTransport, RecordingTransport, eventually, qmgr_turn
@@ -227,3 +227,20 @@ async def test_local_takes_every_recipient_of_a_message_in_one_delivery_unless_i
     await h.queue(*(f"user{i}@example.test" for i in range(120)))
     await eventually(lambda: queue_is_empty(h))
     assert sizes(h.local) == [120]
+
+
+async def test_a_scan_resolves_a_message_of_many_recipients_a_slice_at_a_time(h):
+    """As a hand-over (test_qmgr_handoff): a scan resolves a message's recipients ROUTE_SLICE at a time, the loop
+    handed back in between, and the jobs are the same."""
+    from tests.component.test_qmgr_handoff import LoopTurns
+
+    await h.start()
+    n = 3 * ROUTE_SLICE + 1
+    async with LoopTurns() as turns:
+        h.qmgr._resolve = turns.at_each(h.qmgr._resolve)
+        await h.queue(*(f"u{i:05d}@remote.test" for i in range(n)))
+        await eventually(lambda: queue_is_empty(h))
+    assert len(turns.seen) == n and len(set(turns.seen)) >= 4, "the loop had no turn between the slices"
+    assert sizes(h.smtp) == [1] + [50] * (n // 50)
+    delivered = [r.address for request in h.smtp.requests for r in request.recipients]
+    assert delivered == sorted(delivered) and len(delivered) == n  # (in Postfix's order, the jobs as before)
