@@ -72,15 +72,26 @@ def checks(tmp: Path, kind: str) -> dict:
     return {"checks": {"header_checks": [spec], "mime_header_checks": [spec], "body_checks": [spec]}}
 
 
-def fanout(tmp: Path, lists: int, members: int = 1000) -> dict:
+def fanout(tmp: Path, lists: int, members: int = 1000, domain: str = "relay.test") -> dict:
     table = tmp / "virtual"
-    table.write_text("".join(f"list{i}@local.test " + ",".join(f"u{i}x{j}@relay.test" for j in range(members)) + "\n"
+    table.write_text("".join(f"list{i}@local.test " + ",".join(f"u{i}x{j}@{domain}" for j in range(members)) + "\n"
                              for i in range(lists)))
     return {"virtual_alias_maps": [f"texthash:{table}"]}
 
 
+BOUNCING = {"virtual_alias_maps": ["inline:{ @relay.test=nosuch@local.test }"]}  # local: unknown user, 5.1.1
+
+
+def counts(server: ServerThread) -> dict:
+    """The queue's counts, or {"?": 0} when the server's loop did not answer within 5 s."""
+    try:
+        return server.counts()
+    except TimeoutError:
+        return {"?": 0}
+
+
 def run(name: str, message: str, overrides: dict, tmp: Path, rcpts: list[str] | None = None,
-        settle: float = 120) -> None:
+        settle: float = 120, mail_options: tuple[str, ...] = ()) -> None:
     settings = merged(base_settings(tmp), {"smtpd": {"listen": ["127.0.0.1:0"], "message_size_limit": LIMIT},
                                            "local": {"maildir_base": str(tmp / "mail"),
                                                      "mailbox_size_limit": 0}})
@@ -90,12 +101,13 @@ def run(name: str, message: str, overrides: dict, tmp: Path, rcpts: list[str] | 
     started = time.monotonic()
     try:
         with smtplib.SMTP("127.0.0.1", server.port, timeout=120) as client:
-            reply = client.sendmail("a@remote.example", rcpts or ["alice@local.test"], message.encode())
+            reply = client.sendmail("a@remote.example", rcpts or ["alice@local.test"], message.encode(),
+                                    mail_options=list(mail_options))
         deadline = time.monotonic() + settle
-        while time.monotonic() < deadline and server.counts():
+        while time.monotonic() < deadline and set(counts(server)) - {"deferred"}:
             time.sleep(0.1)
         delivered = sum(1 for f in (tmp / "mail").rglob("*") if f.is_file() and f.parent.name == "new")
-        outcome = f"delivered {delivered}, queue {server.counts()}" if not reply else reply
+        outcome = f"delivered {delivered}, queue {counts(server)}" if not reply else reply
     except smtplib.SMTPException as e:
         outcome = f"{type(e).__name__}: {e}"[:120]
     finally:
@@ -122,12 +134,20 @@ def main(names: list[str]) -> None:
             continue
         with tempfile.TemporaryDirectory() as tmp:
             run(name, make(), overrides(Path(tmp)), Path(tmp))
-    for lists in (10, 100):
-        name = f"virtual/{lists}x1000"
+    bounces = {"bounce/1000-rcpts": (header() + "\r\nbody\r\n", [f"u{i}@relay.test" for i in range(1000)], ()),
+               "bounce/ret-full-10MB": (one_long_line(), ["u@relay.test"], ("RET=FULL",)),
+               "bounce/ret-full-short-lines": (short_lines(), ["u@relay.test"], ("RET=FULL",))}
+    for name, (message, rcpts, options) in bounces.items():
         if names and not any(name.startswith(n) for n in names):
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            run(name, header() + "\r\nbody\r\n", fanout(Path(tmp), lists), Path(tmp),
+            run(name, message, BOUNCING, Path(tmp), rcpts, settle=30, mail_options=options)
+    for lists, domain in ((10, "relay.test"), (100, "relay.test"), (100, "local.test")):
+        name = f"virtual/{lists}x1000" + ("-bouncing" if domain == "local.test" else "")
+        if names and not any(name.startswith(n) for n in names):
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            run(name, header() + "\r\nbody\r\n", fanout(Path(tmp), lists, domain=domain), Path(tmp),
                 [f"list{i}@local.test" for i in range(lists)], settle=20)
 
 

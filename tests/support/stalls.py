@@ -3,19 +3,20 @@
     watch = LoopWatch(loop, threshold=0.05)   a heartbeat on `loop` (call_later every `tick` s) and a sampling
                                               thread; the loop may run in another thread (ServerThread's)
     watch.stalls                              [(seconds, where)]: each gap between two beats longer than `threshold`;
-                                              where = what the threads ran `threshold` into the gap
+                                              where = the two places the threads were seen at most often in the
+                                              gap (sampled every threshold/5 once it is late), with their counts
     watch.longest                             the longest gap seen (seconds, 0.0 when none was over `threshold`)
     watch.close()                             stops the beat and the thread
 
 A gap counts the time the loop spent away from its timers: one callback that ran that long, several with no timer
 between them, or another thread holding the GIL (a worker's pure-Python walk with the loop waiting its turn).
-The sample is sys._current_frames(), taken once per gap by a thread that needs the GIL: a gap spent in one C call
-that holds it (a regular expression over megabytes, json.loads) shows "(not sampled)" and the sample, when taken,
-may be of what ran after that call.
+The samples are sys._current_frames(), taken by a thread that needs the GIL: a gap spent in one C call
+that holds it (a regular expression over megabytes, json.loads) shows "(not sampled)", or only what ran after it.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import sys
 import threading
 import time
@@ -29,7 +30,7 @@ class LoopWatch:
         self._loop, self._threshold, self._tick = loop, threshold, tick
         self._last = time.monotonic()
         self._loop_thread = 0
-        self._sampled: str | None = None
+        self._samples: collections.Counter[str] = collections.Counter()
         self._closed = threading.Event()
         self._handle: asyncio.TimerHandle | None = None
         self.stalls: list[tuple[float, str]] = []
@@ -59,16 +60,18 @@ class LoopWatch:
         now = time.monotonic()
         gap = now - self._last - self._tick
         if gap > self._threshold:
-            self.stalls.append((gap, self._sampled or "(not sampled)"))
-        self._last, self._sampled = now, None
+            self.stalls.append((gap, "; ".join(f"{n}x {where}" for where, n in self._samples.most_common(2))
+                                or "(not sampled)"))
+        self._last = now
+        self._samples = collections.Counter()
         if not self._closed.is_set():
             self._handle = self._loop.call_later(self._tick, self._beat)
 
     def _sample(self) -> None:
         while not self._closed.wait(self._threshold / 5):
             late = time.monotonic() - self._last - self._tick
-            if late > self._threshold and self._sampled is None:
-                self._sampled = summary(sys._current_frames(), self._loop_thread)
+            if late > self._threshold:
+                self._samples[summary(sys._current_frames(), self._loop_thread)] += 1
 
 
 def summary(frames: dict, loop_thread: int, depth: int = 10) -> str:
