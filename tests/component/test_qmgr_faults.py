@@ -17,7 +17,7 @@ from mailflow.clock import SystemClock
 from mailflow.config import Config, PipeService
 from mailflow.logs import MailLog
 from mailflow.model import Outcome, RcptResult, Recipient
-from mailflow.stages.qmgr import QueueManager
+from mailflow.stages.qmgr import RESULT_SLICE, QueueManager
 from mailflow.transports.pipe import PipeTransport
 from mailflow.routing.rewrite import Rewriter
 from mailflow.store import NewMessage, Store
@@ -159,6 +159,42 @@ class OneByOne:
 
     async def close(self) -> None:
         pass
+
+
+class AllAtOnce:
+    """An agent that delivers its recipients one after another, each answered at once (an unknown local user needs
+    no wait): `deliver_each` yields each result without a pause of its own; `turns` (a LoopTurns) is told of each."""
+
+    program = "local"
+    delivers_each = True
+
+    def __init__(self, turns):
+        self.turns = turns
+
+    async def deliver_each(self, request):
+        for rcpt in request.recipients:
+            self.turns.seen.append(self.turns.count)
+            yield RcptResult(rcpt, Outcome.BOUNCED, "5.1.1", "unknown user", relay="local")
+
+    async def deliver(self, request):
+        raise AssertionError("qmgr asks deliver_each of an agent that has it")
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_an_agent_answering_each_recipient_at_once_has_the_loop_handed_back_every_slice(s):
+    """A local job has no recipient limit: 100 000 unknown users (one message through virtual aliases), each
+    answered at once, held the loop 6.6 s while qmgr took their results. It is handed back every RESULT_SLICE."""
+    from tests.component.test_qmgr_handoff import LoopTurns
+
+    async with LoopTurns() as turns:
+        s.local = AllAtOnce(turns)
+        await s.start()
+        n = 3 * RESULT_SLICE + 1
+        await s.queue("Q1", *(f"u{i:04d}@example.test" for i in range(n)))
+        await eventually(lambda: _counts_are(s, {}))
+    assert len(turns.seen) == n and len(set(turns.seen)) >= 4, "the loop had no turn between the slices"
 
 
 async def test_an_agent_delivering_one_recipient_after_another_has_each_result_recorded_as_it_comes(s):
