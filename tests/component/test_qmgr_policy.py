@@ -20,8 +20,8 @@ from mailflow.clock import VirtualClock
 from mailflow.config import Config, config_from_dict
 from mailflow.logs import MailLog
 from mailflow.content import Content
-from mailflow.model import (ClientInfo, DeliveryReport, Envelope, Outcome, OwnedFailure, RcptResult, Recipient,
-                            Submission)
+from mailflow.model import (ClientInfo, DeliveryReport, Envelope, Outcome, OwnedFailure, QueuedMessage, RcptResult,
+                            Recipient, Submission)
 from mailflow.stages.cleanup import Cleanup
 from mailflow.stages.qmgr import QueueManager, _soft_bounced
 from mailflow.stages.qmgr import notices as notices_module
@@ -796,3 +796,21 @@ def test_a_deferred_recipients_bounced_parts_get_the_postmasters_copy_and_double
     assert [(n.sender, n.to, n.ret, [r.recipient.address for r in n.recipients])
             for n in plan(bounce, deferred, **kwargs)] == [
         ("double-bounce@mx.test", "pm@mx.test", "FULL", ["ghost@example.test"])]
+
+
+@pytest.mark.parametrize("count", [notices_module.PLAN_INLINE, notices_module.PLAN_INLINE + 1])
+async def test_the_notices_of_an_attempt_of_many_results_are_planned_in_a_worker_thread(monkeypatch, count):
+    """100 000 bounced recipients (one message through virtual aliases) held the loop 0.9 s in `plan`: an attempt
+    of more than PLAN_INLINE results is planned in a worker thread, one of fewer on the loop; the notice the same."""
+    planned_on: list[int] = []
+    monkeypatch.setattr(notices_module, "plan", lambda *args, **kw: planned_on.append(threading.get_ident())
+                        or plan(*args, **kw))
+    writer = notices_module.NoticeWriter(myhostname="mx.local.test", config=config_from_dict({}).queue)
+    recipients = tuple(Recipient(i, f"u{i}@local.test", f"u{i}@local.test") for i in range(count))
+    message = QueuedMessage("Q1", "s@remote.test", T0, 100, False, "", 1, recipients)
+    results = [RcptResult(r, Outcome.BOUNCED, "5.1.1", "unknown user") for r in recipients]
+    [(notice, submission)] = await writer.submissions(message, results, original=Content.of(b"Subject: x\r\n\r\n"),
+                                                      now=T0 + 1)
+    assert notice.kind == "failure" and len(notice.recipients) == count and submission.envelope.recipients == (
+        "s@remote.test",)
+    assert (planned_on == [threading.get_ident()]) is (count <= notices_module.PLAN_INLINE), planned_on
