@@ -1094,7 +1094,7 @@ class QueueManager:
         active = self._active[job.queue_id]
         active.jobs_left -= 1
         stats = active.stats._replace(handoff=handoff, done=done) if handoff else None
-        results = [r for r in _complete(job, report, stats) if r.recipient.index not in recorded]
+        results = _complete(job, report, stats, recorded)
         self._results_in(active, results)
 
     async def _deliver(self, active: ActiveMessage, job: Job, handoff: float, recorded: set[int]) -> DeliveryReport:
@@ -1467,14 +1467,18 @@ def _expire(pending: list[RcptResult], age: float, lifetime: float) -> list[Rcpt
                        transport=r.transport, diagnostic=r.diagnostic) for r in pending]
 
 
-def _complete(job: Job, report: DeliveryReport, stats: MsgStats | None) -> list[RcptResult]:
-    """The report's results for this job's recipients, each marked with the job's transport and `stats` (None: no
-    agent had the job, they keep theirs); one the agent did not mention stays queued (4.3.0)."""
+def _complete(job: Job, report: DeliveryReport, stats: MsgStats | None,
+              recorded: Collection[int] = ()) -> list[RcptResult]:
+    """The report's results for this job's recipients but the `recorded` ones (indexes), each marked with the job's
+    transport and `stats` (None: no agent had the job, they keep theirs); one the agent did not mention stays queued
+    (4.3.0). (A job whose results were recorded as they came has one here: none is made for the others, which for
+    100 000 recipients held the loop 0.5 s.)"""
     mine = {r.index: r for r in job.recipients}
-    results = [_stamp(job.transport, r, stats) for r in report.results if _is_for(mine, r)]
-    told = {r.recipient.index for r in results}
+    reported = [r for r in report.results if _is_for(mine, r)]
+    told = {r.recipient.index for r in reported}
+    results = [_stamp(job.transport, r, stats) for r in reported if r.recipient.index not in recorded]
     results += [RcptResult(r, Outcome.DEFERRED, "4.3.0", "delivery agent reported no result", transport=job.transport,
-                           stats=stats) for r in job.recipients if r.index not in told]
+                           stats=stats) for r in job.recipients if r.index not in told and r.index not in recorded]
     return results
 
 
