@@ -18,6 +18,7 @@ from mailflow.errors import LookupRetry
 from mailflow.logs import MailLog
 from mailflow.content import Content
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, Recipient
+import mailflow.stages.qmgr as qmgr_module
 from mailflow.stages.qmgr import ADMIT_SLICE, TICK, QueueManager
 from mailflow.routing.rewrite import Rewriter
 from mailflow.store import NewMessage, Store
@@ -1006,3 +1007,28 @@ async def test_resolve_gets_the_envelope_sender_and_its_tables_are_asked_once_a_
     assert asked == ["sender@remote.test"]  # once for the message, not once per recipient
     assert [(r.nexthop, addresses(r)) for r in h.smtp.requests] == [
         ("[relay.test]", ["b@other.test", "a@remote.test", "c@third.test"])]  # (Postfix's order: by domain)
+
+
+async def test_a_destination_that_dies_with_many_jobs_queued_defers_them_a_slice_at_a_time(h, monkeypatch):
+    """A destination that died with 2 000 jobs queued (one message of 100 000 recipients) held the loop 0.5 s
+    deferring them: more than SUSPEND_SLICE are deferred by a task, the loop handed back between the slices, each
+    with the failure that killed it."""
+    from tests.component.test_qmgr_handoff import LoopTurns
+
+    failing = ScriptedTransport(h.clock, always(Outcome.DEFERRED, "4.7.1", "host mx refused to talk to me", False))
+    await h.start(transports={"local": h.local, "smtp": failing}, initial_destination_concurrency=1,
+                  transport_destination_recipient_limit={"smtp": 2})
+    jobs = 3 * qmgr_module.SUSPEND_SLICE + 2  # the first one tried, the others deferred unattempted
+    async with LoopTurns() as turns:
+        suspended = qmgr_module._suspended
+        monkeypatch.setattr(qmgr_module, "_suspended", lambda *args: turns.seen.append(turns.count)
+                            or suspended(*args))
+        queue_id = await h.queue(*(f"u{i:04d}@remote.test" for i in range(2 * jobs)))
+        await eventually(lambda: _is(h, {"deferred": 1}), what="the message deferred")
+    assert len(failing.requests) == 1 and len(turns.seen) == jobs - 1
+    assert len(set(turns.seen)) >= 4, "the loop had no turn between the slices"
+    refused = "host mx refused to talk to me"
+    reasons = [(status, dsn, reason) for _, status, dsn, reason in await h.store.recipients(queue_id)]
+    assert sorted(set(reasons)) == [("pending", "4.7.1", f"delivery temporarily suspended: {refused}"),
+                                    ("pending", "4.7.1", refused)]
+    assert reasons.count(("pending", "4.7.1", refused)) == 2  # the job tried

@@ -191,7 +191,7 @@ def test_a_dead_site_defers_with_a_4xx_status_as_postfix_does(status, reason, ds
     d.take()
     d.done(False, reason, T0, DEAD_TIME, status)
     assert d.is_dead(T0)
-    report = _suspended(d, job(1).recipients)
+    report = _suspended(d.status, d.reason, job(1).recipients)
     (result,) = report.results
     assert (result.outcome, result.dsn, result.text) == \
         (Outcome.DEFERRED, dsn, f"delivery temporarily suspended: {text}")

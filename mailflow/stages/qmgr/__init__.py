@@ -180,6 +180,7 @@ UNDEFINED_TRANSPORT_PROGRAM = "error"  # what a result for a transport that is n
 Routes = tuple[dict[tuple[str, str], list[Recipient]], list[RcptResult]]
 ADMIT_SLICE = 100  # messages a scan admits (routes, schedules) before it hands the loop back
 ROUTE_SLICE = 500  # recipients of one message a scan resolves before it hands the loop back
+SUSPEND_SLICE = 100  # jobs of a dead destination deferred before the loop is handed back
 RESULT_SLICE = 100  # results of one job taken from an agent that delivers each before the loop is handed back
 OVERLOOK_SLICE = 1000  # destinations the tick's safety net (`_mark_the_overlooked`) looks at, round robin
 
@@ -501,7 +502,7 @@ class QueueManager:
             queue = self._recipient_queue(request.recipients[0].address, request.nexthop)
         dest = self._destinations.get((transport, queue))
         if dest is not None and dest.is_dead(self._clock.time()):
-            return _suspended(dest, request.recipients), "qmgr"
+            return _suspended(dest.status, dest.reason, request.recipients), "qmgr"
         return await agent.deliver(request), agent.program
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -1029,8 +1030,23 @@ class QueueManager:
         return self._in_flight < self._config.delivery_concurrency_limit
 
     def _suspend(self, dest: Destination, jobs: list[Job]) -> None:
-        for job in jobs:
-            self._job_done(job, _suspended(dest, job.recipients))
+        """The jobs a dead destination will not attempt are deferred with the failure that killed it; more than
+        SUSPEND_SLICE by a task of their own, a slice at a time, the loop handed back in between (a destination that
+        died with 2 000 jobs queued held it 0.5 s). Their messages are not finished until then, as with jobs in
+        flight."""
+        status, reason = dest.status, dest.reason  # (a task's slices tell the failure that killed it)
+        if len(jobs) <= SUSPEND_SLICE:
+            for job in jobs:
+                self._job_done(job, _suspended(status, reason, job.recipients))
+        else:
+            self._spawn(self._suspend_in_slices(status, reason, jobs))
+
+    async def _suspend_in_slices(self, status: str, reason: str, jobs: list[Job]) -> None:
+        for start in range(0, len(jobs), SUSPEND_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            for job in jobs[start:start + SUSPEND_SLICE]:
+                self._job_done(job, _suspended(status, reason, job.recipients))
 
     def _spawn(self, coro) -> asyncio.Task:
         task = (self._event_loop or asyncio.get_running_loop()).create_task(coro)  # (one task or more a message)
@@ -1376,17 +1392,17 @@ def _unique_named(transports: list[tuple[str, Transport]]) -> list[tuple[str, Tr
     return list(first.values())
 
 
-def _suspended(dest: Destination, recipients: tuple[Recipient, ...]) -> DeliveryReport:
+def _suspended(status: str, reason: str, recipients: tuple[Recipient, ...]) -> DeliveryReport:
     """What a dead destination answers for the recipients of a job (or a probe) it will not attempt: the status
     and reason of the failure that killed it, as Postfix's qmgr keeps them (queue->dsn: `4.7.1` after a refused
     greeting, `4.4.2` after a lost connection). A deferral is a 4.x.x: any other status becomes 4.0.0, with
     Postfix's warning when there was one (defer.c); no reason is Postfix's "unknown error" (qmgr_deliver.c)."""
-    dsn = dest.status
+    dsn = status
     if dsn[:1] != "4":
         if dsn:
             log.warning('defer_append: ignoring dsn code "%s"', dsn)
         dsn = "4.0.0"
-    text = f"delivery temporarily suspended: {dest.reason or 'unknown error'}"
+    text = f"delivery temporarily suspended: {reason or 'unknown error'}"
     return DeliveryReport.uniform(recipients, Outcome.DEFERRED, dsn, text, site_ok=False)
 
 
