@@ -50,3 +50,13 @@ def test_worker_ports_are_equal_disjoint_slices_below_the_ephemeral_range():
     assert [len(share) for share in shares] == [len(whole) // 3] * 3
     assert shares[0].start == whole.start and shares[2].stop <= whole.stop
     assert all(a.stop == b.start for a, b in zip(shares, shares[1:]))
+
+
+def test_a_worker_started_in_place_of_a_crashed_one_shares_a_slice_inside_the_span():
+    # xdist names the replacements gw3, gw4, ... while the count stays 3: their slices were past the span, in the
+    # ephemeral range or past 65535 (where bind raises OverflowError)
+    shares = [worker_ports({"PYTEST_XDIST_WORKER": f"gw{n}", "PYTEST_XDIST_WORKER_COUNT": "3"}) for n in range(8)]
+    assert shares[3:] == [shares[0], shares[1], shares[2], shares[0], shares[1]]
+    whole = worker_ports({})
+    for worker, count in (("gwx", "3"), ("master", "3"), ("gw1", "0"), ("gw1", "x"), ("gw1", "")):
+        assert worker_ports({"PYTEST_XDIST_WORKER": worker, "PYTEST_XDIST_WORKER_COUNT": count}) == whole
