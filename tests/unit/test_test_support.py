@@ -1,5 +1,6 @@
 """The test support's own promises that a flaky run would otherwise be the first to tell: `postqueue_listed` takes
-each queued message once, and `free_port` never hands two pytest-xdist workers of a run the same port."""
+each queued message once, `queue_empty` trusts no single empty listing, and `free_port` never hands two
+pytest-xdist workers of a run the same port."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ import sys
 from pathlib import Path
 
 from tests.support.ports import worker_ports
-from tests.support.postfix import postqueue_listed
+from tests.support.postfix import PostfixInstance, postqueue_listed
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,11 +21,21 @@ def queued(queue_name: str, queue_id: str) -> str:
 
 
 def test_postqueue_listed_takes_a_message_showq_listed_twice_once():
-    # showq read incoming, then active: 4F2A1 moved between the two reads and was listed in both
-    stdout = "\n".join([queued("incoming", "4F2A1"), queued("incoming", "4F2A2"), queued("active", "4F2A1")]) + "\n"
+    # showq read active, then deferred: 4F2A1's delivery failed between the two reads, and it was listed in both
+    stdout = "\n".join([queued("active", "4F2A1"), queued("active", "4F2A2"), queued("deferred", "4F2A1")]) + "\n"
     listed = postqueue_listed(stdout.encode())
-    assert [(m["queue_id"], m["queue_name"]) for m in listed] == [("4F2A1", "active"), ("4F2A2", "incoming")]
+    assert [(m["queue_id"], m["queue_name"]) for m in listed] == [("4F2A1", "deferred"), ("4F2A2", "active")]
     assert postqueue_listed(b"") == []
+
+
+async def test_a_private_postfix_queue_is_empty_once_read_empty_twice_in_a_row(monkeypatch):
+    # the first "empty" read missed a message moving from incoming to active (showq reads active first)
+    listings = [b"Mail queue is empty\n", b"-Queue ID-  --Size-- ...\n", b"Mail queue is empty\n",
+                b"Mail queue is empty\n", b"never read\n"]
+    pf = PostfixInstance(Path("/nonexistent"), 0)
+    monkeypatch.setattr(pf, "run", lambda *argv: subprocess.CompletedProcess(argv, 0, listings.pop(0), b""))
+    await pf.queue_empty(timeout=5)
+    assert listings == [b"never read\n"]
 
 
 def handed_out(worker: str, count: int, calls: int) -> list[int]:
