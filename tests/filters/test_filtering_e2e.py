@@ -329,24 +329,31 @@ async def test_a_dmarc_temperror_under_p_reject_is_deferred(mailflow_server, dns
 
 
 async def test_the_servers_seed_draws_the_same_dmarc_pct_samples(mailflow_server, dns_zone, tmp_path):
-    """A DMARC record's pct= samples messages with the server's RNG (what a Sink's `seed` makes): two servers of one
-    seed, sent the same messages one after the other, refuse the same ones (inside the sample: p=reject)."""
+    """A DMARC record's pct= samples messages with a generator seeded from the server's RNG (what a Sink's `seed`
+    makes): two servers of one seed, sent the same messages one after the other, refuse the same ones (inside the
+    sample: p=reject), though the second also queues other mail meanwhile (a queue id each, drawn from the
+    server's RNG: drawn from that RNG too, the samples shifted)."""
     nameserver = dns_zone('half.test. 300 IN TXT "v=spf1 -all"\n'
                           '_dmarc.half.test. 300 IN TXT "v=DMARC1; p=reject; pct=50"\n')
 
-    async def sampled(seed: int, queue: str) -> list[int]:
+    async def sampled(seed: int, queue: str, other_mail: bool) -> list[int]:
         mf = await mailflow_server(rng=random.Random(seed), queue_directory=str(tmp_path / queue),
                                    dns={"nameservers": [nameserver], "timeout": "2s", "tries": 1},
                                    smtpd={"listen": ["127.0.0.1:0"],
                                           "end_of_data_restrictions": ["reject_dmarc_policy"]})
         port = mf.smtp_addresses[0][1]
-        return [(await refusal(port, "a@half.test", ["alice@local.test"],
-                               f"From: <a@half.test>\r\nSubject: {n}\r\n\r\nhi\r\n".encode()))[0]
-                for n in range(24)]
+        codes = []
+        for n in range(24):
+            if other_mail:
+                other = f"From: <b@local.test>\r\nSubject: other {n}\r\n\r\nhi\r\n".encode()
+                assert await refusal(port, "b@local.test", ["alice@local.test"], other) == (250, "")
+            sampled_message = f"From: <a@half.test>\r\nSubject: {n}\r\n\r\nhi\r\n".encode()
+            codes.append((await refusal(port, "a@half.test", ["alice@local.test"], sampled_message))[0])
+        return codes
 
-    first = await sampled(7, "one")
+    first = await sampled(7, "one", other_mail=False)
     assert set(first) == {250, 550}  # a sample (outside it: quarantine, held), not all or nothing
-    assert await sampled(7, "two") == first
+    assert await sampled(7, "two", other_mail=True) == first
 
 
 # ---------------------------------------------------------------------------------------------- DNS restrictions

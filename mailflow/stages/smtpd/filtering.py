@@ -3,8 +3,10 @@
     FilterServices(config, resolver, clock, rng=None)
                                                 what all listeners share, each built only when configured:
                                                 the greylist, sender authentication (`rng`: the server's
-                                                random.Random, which draws DMARC's pct= samples), spamd, clamd,
-                                                milter settings (each listener's with its own message_size_limit)
+                                                random.Random, which seeds the generator of its own that draws
+                                                DMARC's pct= samples, so that other draws of the server, at times
+                                                a run does not fix, do not change them), spamd, clamd, milter
+                                                settings (each listener's with its own message_size_limit)
         .for_listener(config) -> ListenerFilters | None     None: no filter applies to that listener
         .close()
     ListenerFilters: one listener's steps
@@ -98,7 +100,8 @@ class FilterServices:
         self.dmarc_policy = _uses(config, "reject_dmarc_policy")  # the verdicts are needed without the header
         if config.sender_auth.verify or _uses(config, "reject_spf_fail") or self.dmarc_policy:
             self.sender_auth = SenderAuth(config.sender_auth, resolver, authserv_id=config.myhostname,
-                                          also=("dmarc",) if self.dmarc_policy else (), rng=rng,
+                                          also=("dmarc",) if self.dmarc_policy else (),
+                                          rng=random.Random(rng.getrandbits(64)) if rng is not None else None,
                                           header_limit=config.header_size_limit)
         self.spamd = Spamd(config.spamd) if config.spamd.address else None
         self.clamd = Clamd(config.clamd) if config.clamd.address else None
