@@ -352,12 +352,15 @@ INT64 = range(-2**63, 2**63)
 
 def query_integer(text: str) -> int | None:
     """A whole number in an HTTP API's query parameter, as Go's strconv.Atoi reads one (Mailpit's, so the capture
-    API's; the admin API reads its own the same way): an optional sign, then ASCII digits, within a 64-bit int;
-    None for anything else (int() also takes `1_0`, ` 1` and `١`, and is slow on thousands of digits)."""
-    digits = text[1:] if text[:1] in ("+", "-") else text
-    if not ascii_digits(digits) or len(digits) > 19:
+    API's; the admin API reads its own the same way): an optional sign, then ASCII digits (leading zeros, as many
+    as given), within a 64-bit int; None for anything else (int() also takes `1_0`, ` 1` and `١`, and is slow on
+    thousands of digits)."""
+    sign = text[:1] if text[:1] in ("+", "-") else ""
+    digits = text.removeprefix(sign)
+    significant = digits.lstrip("0") or "0"
+    if not ascii_digits(digits) or len(significant) > 19:
         return None
-    number = int(text)
+    number = int(sign + significant)
     return number if number in INT64 else None
 
 

@@ -1,12 +1,13 @@
 """Numbers that SMTP replies, DSN codes and DNS-published records write as 1*DIGIT are read as ASCII digits only:
-str.isdigit takes `²` (int() then raises) and `١` (int() reads it), int() takes `+1`, `-1` and `1_0`."""
+str.isdigit takes `²` (int() then raises) and `١` (int() reads it), int() takes `+1`, `-1` and `1_0`. An HTTP API's
+number parameter is read as Go's strconv.Atoi reads it (a sign, ASCII digits, a 64-bit int)."""
 from __future__ import annotations
 
 import pytest
 
 from mailflow.signing.dkim import _body_key
 from mailflow.stages.smtpd.protocol import _final_code
-from mailflow.syntax import ascii_digits
+from mailflow.syntax import ascii_digits, query_integer
 from mailflow.transports.smtp.mtasts import parse_policy
 
 
@@ -15,6 +16,17 @@ from mailflow.transports.smtp.mtasts import parse_policy
                                           (b"42", True), (b"-1", False)])
 def test_ascii_digits(text, digits):
     assert ascii_digits(text) is digits
+
+
+@pytest.mark.parametrize("text, number", [
+    ("5", 5), ("+5", 5), ("-5", -5), ("007", 7), ("0", 0), ("-0", 0),
+    ("9223372036854775807", 2**63 - 1), ("-9223372036854775808", -2**63),
+    ("00000000000000000005", 5), ("-09223372036854775808", -2**63), ("+" + "0" * 5000 + "1", 1),  # (Go's Atoi)
+    ("9223372036854775808", None), ("-9223372036854775809", None), ("0" * 30 + "9" * 20, None), ("9" * 5000, None),
+    ("", None), ("+", None), ("-", None), ("+-1", None), ("1_0", None), (" 1", None), ("1 ", None),
+    ("\u0661", None), ("0x10", None), ("1.0", None)])
+def test_a_query_integer_is_read_as_gos_atoi_reads_it(text, number):
+    assert query_integer(text) == number
 
 
 def test_a_final_reply_code_of_other_digits_is_no_code_not_a_crash():
