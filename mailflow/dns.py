@@ -41,6 +41,8 @@ component may use it.
     await client_name(resolver, address, names) -> ClientName   the same, with Postfix's warning of it
     failure_text(error) -> str                a LookupRetry's text as Postfix's SMTP client says it (below)
     valid_rr_name(name) -> bool               a name Postfix's dns_lookup takes in a reply (valid_rr_name)
+    dns_name(name) -> str                     the name a lookup asks: an IDN as its A-labels (one that has
+                                              none as given)
 
 Failure behaviour (a failed lookup is never "not found"):
 - the name does not exist (NXDOMAIN), or is malformed    -> raise `NotFound` (permanent, 5.1.2); malformed: what

@@ -473,19 +473,25 @@ async def test_the_hosts_kept_of_a_huge_mx_set_do_not_depend_on_the_shuffle():
 
 async def test_an_mx_answer_past_the_record_limit_is_logged_once_in_postfix_words(smtp_peer, zone_resolver,
                                                                                        caplog):
-    """Postfix's dns_rr_append_discard warns when an answer has more records than dns_rr_list_limit (100) and drops
-    the rest; mailflow keeps MX_HOST_LIMIT hosts, and says so as Postfix does, once per lookup (none at the limit)."""
+    """Postfix's dns_rr_append_with_limit (src/dns/dns_rr.c) warns when an answer has more records than
+    dns_rr_list_limit (100) and drops the rest; mailflow keeps MX_HOST_LIMIT hosts, and says so as Postfix does,
+    once per lookup (none at the limit), naming the name it asked (an IDN's A-labels), before a null MX among the
+    records bounces the mail (Postfix's dns_lookup collects the answer before smtp_addr looks at it)."""
     peer = await smtp_peer()
     resolver = zone_resolver("mx0.many.test. 300 IN A 127.0.0.1",
                              *(f"many.test. 300 IN MX {i} mx{i}.many.test." for i in range(MX_HOST_LIMIT + 1)),
-                             *(f"enough.test. 300 IN MX {i} mx{i}.many.test." for i in range(MX_HOST_LIMIT)))
+                             *(f"enough.test. 300 IN MX {i} mx{i}.many.test." for i in range(MX_HOST_LIMIT)),
+                             *(f"xn--bcher-kva.test. 300 IN MX {i} mx{i}.many.test." for i in range(MX_HOST_LIMIT + 1)),
+                             "null.test. 300 IN MX 0 .",
+                             *(f"null.test. 300 IN MX {i} mx{i}.many.test." for i in range(1, MX_HOST_LIMIT + 1)))
     with caplog.at_level(logging.WARNING, "mailflow.smtp"):
-        many = await deliver(make_transport(resolver, port=peer.port), make_request("many.test"))
-        enough = await deliver(make_transport(resolver, port=peer.port), make_request("enough.test"))
-    assert [r.outcome for r in many.results + enough.results] == [Outcome.SENT, Outcome.SENT]
+        reports = [await deliver(make_transport(resolver, port=peer.port), make_request(nexthop))
+                   for nexthop in ("many.test", "enough.test", "bücher.test", "null.test")]
+    assert [r.outcome for report in reports for r in report.results] == [Outcome.SENT] * 3 + [Outcome.BOUNCED]
     assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records if "limit" in r.getMessage()] == [
         ("mailflow.smtp", "WARNING", "DNS record count limit (100) exceeded -- dropping excess record(s) after "
-                                     "qname=many.test qtype=MX")]
+                                     f"qname={name} qtype=MX") for name in ("many.test", "xn--bcher-kva.test",
+                                                                             "null.test")]
 
 
 async def test_the_addresses_of_one_host_are_tried_in_random_order(smtp_peer):

@@ -19,7 +19,8 @@ One next-hop parser and one peer type for the SMTP and LMTP clients. The resolve
                                   takes the RRset), 5.4.4 (an MX reply naming no host name, Postfix's
                                   DNS_INVAL) or 5.4.3 (FORMERR: DNS_FAIL), LookupRetry; at most MX_HOST_LIMIT
                                   (100) hosts, each once, chosen before ties are shuffled (kept_exchangers); an
-                                  answer of more records than that is logged on `log` once, in Postfix's words:
+                                  answer of more records than that is logged on `log` once, in Postfix's words,
+                                  the name as asked (an IDN's A-label), before a null MX among them bounces:
                                   `warning: DNS record count limit (100) exceeded -- dropping excess record(s)
                                   after qname=example.com qtype=MX`
                                   a [host] next hop or an implicit MX is the one host at preference 0
@@ -39,7 +40,8 @@ from itertools import groupby
 
 from mailflow.address import literal_ip
 from mailflow.syntax import is_ipv4, parse_hostport
-from mailflow.dns import MX, InvalidReply, NonRecoverable, NotFound, Resolver, failure_text, is_ip_literal
+from mailflow.dns import (MX, InvalidReply, NonRecoverable, NotFound, Resolver, dns_name, failure_text,
+                          is_ip_literal)
 from mailflow.errors import DeliveryError, LookupRetry, PermanentError, TemporaryError
 
 
@@ -116,11 +118,13 @@ async def exchangers(resolver: Resolver, nexthop: Nexthop, rng: random.Random, l
         raise PermanentError("5.4.3", failure_text(e)) from None
     if not records:
         return [MX(0, nexthop.host)]  # implicit MX (RFC 5321 5.1)
+    if len(records) > MX_HOST_LIMIT:
+        # Postfix's dns_rr_append_with_limit (src/dns/dns_rr.c), as dns_lookup collects the answer: its records,
+        # not the hosts, named by the query's name
+        log.warning("DNS record count limit (%d) exceeded -- dropping excess record(s) after qname=%s qtype=MX",
+                    MX_HOST_LIMIT, dns_name(nexthop.host))
     if any(r.is_null for r in records):  # with other records too, as Postfix's dns_lookup takes the RRset
         raise PermanentError("5.1.10", f"Domain {nexthop.host} does not accept mail (nullMX)")
-    if len(records) > MX_HOST_LIMIT:  # (Postfix's dns_rr_append_discard: the records of the answer, not the hosts)
-        log.warning("DNS record count limit (%d) exceeded -- dropping excess record(s) after qname=%s qtype=MX",
-                    MX_HOST_LIMIT, nexthop.host)
     return order_exchangers(kept_exchangers(records), rng)
 
 
