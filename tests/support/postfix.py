@@ -62,15 +62,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import os
 import random
 import re
 import shutil
 import signal
-import subprocess
-import json
-import tempfile
 import ssl
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator

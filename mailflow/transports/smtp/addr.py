@@ -22,7 +22,7 @@ One next-hop parser and one peer type for the SMTP and LMTP clients. The resolve
                                   answer of more records than that is logged on `log` once, in Postfix's words,
                                   the name as asked (an IDN's A-label), before a null MX among them bounces:
                                   `warning: DNS record count limit (100) exceeded -- dropping excess record(s)
-                                  after qname=example.com qtype=MX`
+                                  after qname=example.com qtype=MX`;
                                   a [host] next hop or an implicit MX is the one host at preference 0
     order_exchangers(records, rng) -> [MX]
     kept_exchangers(records) -> [MX]   the hosts an MX set may be tried at (MX_HOST_LIMIT), before the shuffle
