@@ -108,7 +108,11 @@ async def test_mailq_reads_like_postqueue_p(twins):
     expected = pf.run("postqueue", "-j")
     rc, out, err = await mailflow_cli(config, "mailq", "-j")
     assert (rc, err) == (expected.returncode, "")
-    assert postqueue_json(out) == postqueue_json(expected.stdout.decode())
+    for text in (out, expected.stdout.decode()):
+        assert text.endswith("}\n") and "\n\n" not in text  # a JSON object a line, each line ended
+    ours = [json.loads(line) for line in out.splitlines()]
+    assert len({m["queue_id"] for m in ours}) == len(ours) == len(MAIL)  # (one read: a message twice is a fault)
+    assert postqueue_json(ours) == postqueue_json(postqueue_listed(expected.stdout))  # (showq's reads: each once)
 
     pf.run("postsuper", "-d", "ALL").check_returncode()
     assert pf.run("postqueue", "-p").stdout.decode() == "Mail queue is empty\n"
@@ -126,7 +130,7 @@ async def test_a_word_after_all_that_names_no_queue_is_refused_by_name(twins):
     assert expected.returncode == 1 and b"invalid directory name: deferd" in expected.stderr
     rc, out, err = await mailflow_cli(config, "queue", "delete", "ALL", "deferd")
     assert (rc, out) == (2, "") and "after ALL come queue names only" in err and "not 'deferd'" in err
-    assert len(pf.run("postqueue", "-j").stdout.splitlines()) == len(MAIL)
+    assert len(pf.listed()) == len(MAIL)
     rc, out, _ = await mailflow_cli(config, "mailq", "-j")
     assert rc == 0 and len(out.splitlines()) == len(MAIL)
 
@@ -138,8 +142,9 @@ async def test_show_parts_read_like_postcat(twins):
     same letters prints the same parts of the same message (the header fields each server added are its own: their
     names and order are compared), and exits as postcat does, also for an id that is not queued."""
     pf, config = twins
-    postfix_id = sent_by("alice@src.test", pf.run("postqueue", "-j").stdout.decode())
-    mailflow_id = sent_by("alice@src.test", (await mailflow_cli(config, "mailq", "-j"))[1])
+    postfix_id = sent_by("alice@src.test", pf.listed())
+    ours = (await mailflow_cli(config, "mailq", "-j"))[1]
+    mailflow_id = sent_by("alice@src.test", [json.loads(line) for line in ours.splitlines()])
 
     def postcat(*flags: str, queue_id: str = postfix_id) -> tuple[int, str, str]:
         done = pf.run("postcat", *flags, "-q", queue_id)
@@ -162,9 +167,9 @@ async def test_show_parts_read_like_postcat(twins):
     assert rc == postcat("-b", queue_id="0000000000000000")[0] == 1 and "no such message" in err
 
 
-def sent_by(sender: str, postqueue_j: str) -> str:
-    """The queue id of the message from `sender` in postqueue -j's lines."""
-    [queue_id] = [m["queue_id"] for m in map(json.loads, postqueue_j.splitlines()) if m["sender"] == sender]
+def sent_by(sender: str, listed: list[dict]) -> str:
+    """The queue id of the message from `sender` among postqueue -j's messages."""
+    [queue_id] = [m["queue_id"] for m in listed if m["sender"] == sender]
     return queue_id
 
 
@@ -177,13 +182,11 @@ def message_form(text: str) -> tuple[list[str], str | None]:
     return names, body if blank else None
 
 
-def postqueue_json(text: str) -> dict[str, tuple]:
-    """postqueue -j's lines -> {sender: (its keys in order, each value's type, the values that must agree)}."""
-    assert text.endswith("}\n") and "\n\n" not in text
-    objects = postqueue_listed(text)
+def postqueue_json(messages: list[dict]) -> dict[str, tuple]:
+    """postqueue -j's messages -> {sender: (its keys in order, each value's type, the values that must agree)}."""
     return {m["sender"]: (list(m), [type(v).__name__ for v in m.values()],
                           {k: v for k, v in m.items() if k not in ("queue_id", "arrival_time", "message_size")})
-            for m in objects}
+            for m in messages}
 
 
 async def test_shape_reads_like_qshape(twins):
