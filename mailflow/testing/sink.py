@@ -36,7 +36,8 @@ the Sink sets: `queue_directory` (its temporary directory), the listeners' addre
 
 After `stop` what was captured stays readable (`messages`, `search`, `transcript`, `history`). A Sink never stopped
 (a threaded one left to the end of the process, a fixture without teardown) has its directory removed at the
-process's exit: in /dev/shm, what a suite leaves behind is memory until the machine restarts.
+process's exit (a threaded one is stopped first), by the process that started it only, not by a child forked from
+it (mailflow.testing.process_exit): in /dev/shm, what a suite leaves behind is memory until the machine restarts.
 
 Failure behaviour: a bad setting raises mailflow.config.ConfigError at start; `wait_for` raises
 mailflow.capture.mailbox.WaitTimeout (an AssertionError that lists what did arrive), and RuntimeError at once
@@ -78,6 +79,7 @@ from mailflow.store import Store
 from mailflow.passwords import hash_password
 from mailflow.testing.destinations import Destinations, FakeDestination
 from mailflow.testing.faults import InboundFaults, Rule, SinkObserver
+from mailflow.testing.process_exit import at_exit_here
 from mailflow.testing.threaded import ThreadedSink
 
 # What a Sink adds to the capture-everything settings: no delay after a failed AUTH (tests want the answer).
@@ -127,8 +129,7 @@ class Sink:
             raise RuntimeError("the Sink is running already: stop() it before starting it again")
         root = self._temporary_root or _fast_temporary_directory()
         self.directory = Path(tempfile.mkdtemp(prefix="mailflow-sink-", dir=root))
-        self._removal = partial(shutil.rmtree, str(self.directory), ignore_errors=True)
-        atexit.register(self._removal)
+        self._removal = at_exit_here(partial(shutil.rmtree, str(self.directory), ignore_errors=True))
         try:
             try:
                 self._destinations = Destinations()

@@ -9,7 +9,8 @@ Every call runs on the Sink's loop (so it never races the server); the blocking 
 timeout plus a margin. A FakeDestination or a Rule it returns may be scripted from the calling thread.
 
 After `stop` what the Sink captured stays readable (`messages`, `search`, ...); the waiting calls (`wait_for`,
-`settle`, `advance`) raise RuntimeError, as they do before `start`.
+`settle`, `advance`) raise RuntimeError, as they do before `start`. One left running is stopped at the process's
+exit, before the interpreter shuts down the executor threads its server uses and before its directory is removed.
 
 Failure behaviour: what the Sink raises is raised in the caller (a failed start, WaitTimeout, ...; a WaitTimeout
 of `wait_for` called on a thread whose event loop is running says that loop was blocked, and what to call instead:
@@ -25,6 +26,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable
 
 from mailflow.capture.mailbox import WaitTimeout
+from mailflow.testing.process_exit import stop_before_executors_end
 
 if TYPE_CHECKING:  # (sink.py imports this module)
     from mailflow.testing.sink import Sink
@@ -66,6 +68,7 @@ class ThreadedSink:
             self._thread.join(START_TIMEOUT)
             self._thread = None
             raise
+        stop_before_executors_end(self)  # left running: stopped at exit, before its directory is removed
         return self
 
     def _run(self, started: Future) -> None:

@@ -359,3 +359,34 @@ def test_a_sink_never_stopped_leaves_no_directory_behind(start, tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout) == (0, "1\n"), done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_forked_child_exiting_leaves_the_parents_running_sink_its_directory(tmp_path):
+    """A child forked from a process with a running Sink (a pre-fork server under test) runs the parent's atexit
+    list when it ends with sys.exit: the Sink's directory removal there took the parent's queue away."""
+    script = ("import os, sys, smtplib\nfrom mailflow.testing import Sink\n"
+              f"sink = Sink.threaded(temporary_root={str(tmp_path)!r}).start()\n"
+              "pid = os.fork()\nif pid == 0:\n    sys.exit(0)\nos.waitpid(pid, 0)\n"
+              "print(sink.sink.directory.exists(), flush=True)\n"
+              "smtplib.SMTP(sink.host, sink.port).sendmail('a@x.test', ['b@x.test'], 'Subject: s\\r\\n\\r\\nx')\n"
+              "print(len(sink.wait_for(to='b@x.test', timeout=5)), flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, "True\n1\n"), done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_threaded_sink_left_running_is_stopped_before_its_directory_goes(tmp_path):
+    """At exit the removal ran while the Sink still served (its queue gone under it: "cannot read the queue's free
+    space"), and its stop came after the interpreter had shut the executors its server uses down ("cannot
+    schedule new futures after shutdown" tracebacks); it is stopped first, then its directory goes."""
+    script = ("import shutil, socket\nfrom mailflow.testing import Sink\nremove = shutil.rmtree\n"
+              "def observed(path, **kw):\n"
+              "    try:\n        socket.create_connection((sink.host, sink.port), timeout=5).close()\n"
+              "        print('accepting at the removal', flush=True)\n"
+              "    except ConnectionRefusedError:\n        print('stopped at the removal', flush=True)\n"
+              "    remove(path, **kw)\n"
+              f"shutil.rmtree = observed\nsink = Sink.threaded(temporary_root={str(tmp_path)!r}).start()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, "stopped at the removal\n"), done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert list(tmp_path.iterdir()) == []
