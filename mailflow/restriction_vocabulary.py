@@ -22,6 +22,9 @@ which names can refuse relaying. `mailflow.config` validates every `smtpd.*_rest
     RELAY_GUARDS                         the names that can refuse relaying (config requires one of them)
     ACCESS_ACTIONS                       the words an access table's value starts with that are actions, not
                                          restriction names (a restriction class may not be called so)
+    restriction_items(words)             a Postfix restriction list's words as its items: `name argument`
+                                         pairs kept together; list_setting_items(words, key): those of any list
+                                         setting (a restriction list's so)
     split_item(text) -> (name, argument) the name in lower case (an old name, OLD_NAMES, as its new one: Postfix
                                          3.7's reject_invalid_hostname...), the argument stripped
     check_item(text, classes) -> text stripped   ValueError naming the problem; a name in `classes` (the
@@ -149,6 +152,28 @@ def is_logged_permit(name: str) -> bool:
     """`name` (any case) is a permit mailflow logs when log_access_permit_actions names it."""
     lower = name.lower()
     return lower in LOGGED_PERMITS or name.upper() in PERMIT_VALUES or (name.isascii() and name.isdigit())
+
+
+def restriction_items(words: list[str]) -> list[str]:
+    """The words of a Postfix restriction list (main.cf's `a, b c`, split at commas and blanks) as its items: a
+    name that takes an argument and its argument are one (`check_client_access texthash:/etc/postfix/access`)."""
+    items: list[str] = []
+    pending = False
+    for word in words:
+        if pending:
+            items[-1] += " " + word
+            pending = False
+        else:
+            items.append(word)
+            pending = current_name(word) in WITH_ARGUMENT
+    return items
+
+
+def list_setting_items(words: list[str], key: str) -> list[str]:
+    """The words of a Postfix list as the items of mailflow's list setting `key` (restriction_items for a
+    `*_restrictions` list): what `config import` writes, and what a config error suggests for such a list written
+    as one string."""
+    return restriction_items(words) if key.endswith("_restrictions") else words
 
 
 def split_item(text: str) -> tuple[str, str]:

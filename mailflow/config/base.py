@@ -33,7 +33,8 @@
     validation_key(err)      one pydantic error's place as the dotted KEY ("smtpd.listen", "pipe.x.argv[0]"; ""
                              for the top level)
     validation_reason(err)   one pydantic error as the REASON of `FILE: KEY: REASON` (one string where a list is
-                             wanted: the TOML array it means, `["a", "b"]` for main.cf's "a, b")
+                             wanted: the TOML array it means, `["a", "b"]` for main.cf's "a, b", as `config
+                             import` splits it)
     NestedRefusal(key, reason)   a model validator's refusal of a key below its model (a service's merged
                              settings: `services.NAME.KEY`), which validation_key and validation_reason name
     overlay(section, layers, exclude=, merged_tables=)   the section with each layer's keys in place of its own,
@@ -51,9 +52,10 @@ from typing import Annotated, Iterable, Mapping, TypeVar
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import ErrorDetails
 
-from mailflow.restriction_vocabulary import check_classes, check_item
+from mailflow.restriction_vocabulary import check_classes, check_item, list_setting_items
 from mailflow.address import is_valid_domain
-from mailflow.syntax import BLOCKING_TABLE_TYPES, parse_duration, parse_hostport, parse_ip, table_type
+from mailflow.syntax import (BLOCKING_TABLE_TYPES, parse_duration, parse_hostport, parse_ip, split_outside_braces,
+                             table_type)
 from mailflow.tables import check_spec
 from mailflow.tables.match_list import PatternFiles
 from mailflow.tables.networks import check_network_list
@@ -263,12 +265,18 @@ TABLE_TYPES = frozenset(("dict_type", "model_type"))
 
 def _not_a_list(value: object, key: str) -> str:
     """The reason for a single value where a setting takes a list (a TOML array), which a Postfix user writes as
-    main.cf's one string ("a, b"): the array that string means, its items split at the commas."""
+    main.cf's one string ("a, b c"): the array that string means, its items as `config import` makes them (split
+    at commas and blanks outside `{...}`; a restriction list's `name argument` pairs kept together), written as
+    TOML writes strings (non-ASCII as it is)."""
     if isinstance(value, str) and value.strip():
-        items = ", ".join(json.dumps(item.strip()) for item in value.split(",") if item.strip())
+        try:
+            words = split_outside_braces(value)
+        except ValueError:  # (an unbalanced brace: no array to suggest)
+            return "takes a list (a TOML array): [...], not one string"
+        items = ", ".join(json.dumps(item, ensure_ascii=False) for item in list_setting_items(words, key))
         return f"takes a list (a TOML array): [{items}], not one string"
     if isinstance(value, dict):
-        return f"takes a list (a TOML array; of tables: [[{key}]] before each one), not one table"
+        return "takes a list (a TOML array): [...], not a table"
     return f"takes a list (a TOML array): [...], not {_kind(value)}"
 
 

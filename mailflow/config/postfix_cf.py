@@ -33,7 +33,7 @@ from mailflow.files import RefusedFile, read_regular_file
 from mailflow.config.main import DEFAULTS
 from mailflow.config.show import flat_settings, format_setting
 from mailflow.config_source import MAX_FILE_BYTES  # as a mailflow configuration file: a main.cf is a few kilobytes
-from mailflow.restriction_vocabulary import WITH_ARGUMENT, current_name
+from mailflow.restriction_vocabulary import list_setting_items
 
 
 class UnreadableFile(Exception):
@@ -516,19 +516,6 @@ def dovecot_sasl_path(value: str, sasl_type: str | None, queue: str, notes: list
     return sasl_path_from_queue_directory(value, queue, notes, where)
 
 
-def restriction_items(tokens: list[str]) -> list[str]:
-    items: list[str] = []
-    pending = False
-    for token in tokens:
-        if pending:
-            items[-1] += " " + token
-            pending = False
-        else:
-            items.append(token)
-            pending = current_name(token) in WITH_ARGUMENT
-    return items
-
-
 def time_in_seconds(value: str) -> float | None:
     """A Postfix time value (`300s`, `5m`, a bare number of seconds) in seconds; None when it is not one."""
     m = re.fullmatch(r"\s*(\d+)\s*([smhdw]?)\s*", value)
@@ -706,7 +693,7 @@ def convert(name: str, key: str, value: str, notes: list[str]) -> object:
         return f"{m.group(1)}{m.group(2) or names.DURATION_UNITS.get(name, 's')}"
     if isinstance(default, tuple):
         tokens = [table_spec(t, notes) for t in split_list(value)]  # (a domain list's /file/name as it is)
-        return restriction_items(tokens) if key.endswith("_restrictions") else tokens
+        return list_setting_items(tokens, key)
     return table_spec(value, notes) if key.endswith("_transport") or "maps" in key else value
 
 

@@ -54,7 +54,7 @@ from mailflow.config.load import config_from_dict
 from mailflow.config.postfix_cf import (COMMAND_LINE_CR, POSTFIX_TABLE_DEFAULTS, SASL_OPTIONS, Expander, Imported,
                                         LeftOut, Line,
                                         Refused, Service, Unexpanded, UnreadableFile, convert, from_queue_directory,
-                                        read_main_cf, read_master_cf, restriction_items, dovecot_sasl_path, split_list,
+                                        read_main_cf, read_master_cf, dovecot_sasl_path, split_list,
                                         merged_timeouts_agree, reject_tempfail_action, sasl_security_options,
                                         table_spec, legacy_tls_level, chain_files_pair,
                                         LEGACY_CERTIFICATES)
@@ -63,7 +63,8 @@ from mailflow.config.show import format_setting
 from mailflow.config.smtpd import LISTENER_ROLES, SMTPD_BANNER
 from mailflow.errors import ConfigError
 from mailflow.files import TABLE_LIMIT, RefusedFile, read_regular_file
-from mailflow.restriction_vocabulary import ACCESS_CHECKS, REVERSE_CLIENT_ACCESS, SERVER_ACCESS_CHECKS, split_item
+from mailflow.restriction_vocabulary import (ACCESS_CHECKS, REVERSE_CLIENT_ACCESS, SERVER_ACCESS_CHECKS,
+                                             restriction_items, split_item)
 from mailflow.tables.files import SCANNED_TABLE_FILES, logical_lines, table_file_entries
 from mailflow.tables.pcre import parse_pcre
 from mailflow.tables.regexp import RuleErrors, parse_regexp

@@ -413,6 +413,13 @@ class SmtpdConfig(SmtpdFilterSettings):
     policy_service_max_ttl: Duration = Field(1000.0, gt=0)  # any connection is closed this long after its opening
     policy_service_request_limit: PostfixInt = Field(0, ge=0)  # queries per connection (0: no limit)
 
+    @field_validator("listeners", mode="before")
+    @classmethod
+    def _listeners_are_tables(cls, v: object) -> object:
+        if isinstance(v, dict):  # ([smtpd.listeners] for [[smtpd.listeners]]: the one list of tables)
+            raise ValueError("takes a list of tables ([[smtpd.listeners]] before each one), not one table")
+        return v
+
     @model_validator(mode="after")
     def _relay_guarded(self) -> "SmtpdConfig":
         """Refuse to start when neither list can refuse relaying (Postfix's smtpd_check_init; stricter on purpose:

@@ -89,7 +89,19 @@ def test_unknown_key_names_file_key_and_reason(tmp_path, text, key):
      'takes a list (a TOML array): ["permit_mynetworks", "reject"], not one string'),
     ("[smtpd]\nlisten = 25\n", "smtpd.listen", "takes a list (a TOML array): [...], not int '25'"),
     ("[smtpd.listeners]\naddress = '127.0.0.1:587'\n", "smtpd.listeners",
-     "takes a list (a TOML array; of tables: [[smtpd.listeners]] before each one), not one table"),
+     "takes a list of tables ([[smtpd.listeners]] before each one), not one table"),
+    # split as `config import` splits main.cf's lists: at commas and blanks, a restriction's argument kept with it
+    ("mynetworks = '127.0.0.0/8 [::1]/128, 10.0.0.0/8'\n", "mynetworks",
+     'takes a list (a TOML array): ["127.0.0.0/8", "[::1]/128", "10.0.0.0/8"], not one string'),
+    ("[smtpd]\nrecipient_restrictions = 'permit_mynetworks check_client_access texthash:/etc/postfix/access, "
+     "reject_unauth_destination'\n", "smtpd.recipient_restrictions",
+     'takes a list (a TOML array): ["permit_mynetworks", "check_client_access texthash:/etc/postfix/access", '
+     '"reject_unauth_destination"], not one string'),
+    # non-ASCII as TOML writes it (not JSON's \u00e4 and \ud83d\ude00 surrogates, which TOML refuses)
+    ("relay_domains = 'exämple.test 😀.test'\n", "relay_domains",
+     'takes a list (a TOML array): ["exämple.test", "😀.test"], not one string'),
+    # a list of strings given a table is told nothing of [[...]] (smtpd.listeners is the one list of tables)
+    ("mynetworks = { a = 'b' }\n", "mynetworks", "takes a list (a TOML array): [...], not a table"),
     ("[queue]\ntransport_concurrency_limit = 'smtp=2'\n", "queue.transport_concurrency_limit",
      "takes a table (TOML { key = value }, or a [section]), not str 'smtp=2'"),
 ])
