@@ -19,6 +19,8 @@
                          `await parse_off_loop()` parses it in the mailbox's thread (what the HTTP API does
                          first)
     Criteria(to, sender, subject, match, settled=False)   which messages a wait or a test wants (see `matches`)
+    refuse_written_address(name, value)   ValueError for an address written as a report or a header writes it
+                         (`Bob <bob@example.com>`), naming the address alone: Criteria's and the Sink's faults'
     WaitTimeout          (an AssertionError) raised by `wait`: its text counts what did arrive and lists the
                          newest REPORT_LIMIT of those messages, and says how many older ones the bounds dropped
     await parsed_off_loop(messages)     each parsed in turn (CapturedMessage.parse_off_loop)
@@ -262,11 +264,43 @@ def address_matches(pattern: str, address: str) -> bool:
     return pattern == address
 
 
-def bare_address(value: str) -> str:
-    """The address in `value` written as a report or a header writes it (`<bob@example.com>`, `Bob
-    <bob@example.com>`, spaces around), else `value` itself."""
-    written = re.fullmatch(r"\s*(?:[^<>]*\s)?<([^<>]*)>\s*", value)
-    return written.group(1) if written else value.strip()
+def written_address(value: str) -> str | None:
+    """The envelope address in `value` when `value` writes it as a report or a header does (`<bob@example.com>`,
+    `Bob <bob@example.com>`, `Bob<bob@example.com>`, `bob@example.com (Bob)`, spaces around it or inside the
+    brackets), else None: `value` is an address (or a glob) alone. An address itself never ends with `>` or `)`
+    (a quoted local part ends with its `"`, or comes before an `@`). Linear in the length of `value`."""
+    text = value.strip()
+    if text.endswith(">") and "<" in text:
+        return text[text.rindex("<") + 1:-1].strip()
+    comment = _trailing_comment(text)
+    if comment > 0 and text[:comment].strip():
+        return text[:comment].strip()
+    return text if text != value else None
+
+
+def _trailing_comment(text: str) -> int:
+    """Where the parenthesised comment that ends `text` starts (nested ones counted), else -1."""
+    depth = 0
+    for at in range(len(text) - 1, -1, -1):
+        if text[at] == ")":
+            depth += 1
+        elif text[at] == "(" and depth:
+            depth -= 1
+            if depth == 0:
+                return at
+        elif depth == 0:
+            return -1
+    return -1
+
+
+def refuse_written_address(name: str, value: str | None) -> None:
+    """ValueError naming the address to write when `value` (the `name=` of a wait or an inbound fault) is one
+    written as a report or a header writes it: it would match no envelope address (a wait would time out listing
+    the very message, a fault refuse nothing)."""
+    bare = None if value is None else written_address(value)
+    if bare is not None:
+        raise ValueError(f"{name}= takes the envelope address alone, as between the < > of MAIL FROM, RCPT TO or "
+                         f"a report: {name}={bare!r}, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -275,9 +309,10 @@ class Criteria:
     `?` only, so that `*@[192.0.2.1]` is an address literal);
     `sender`: the envelope sender, alike; `subject`: a string the Subject contains, or a compiled regex it
     matches; `match`: any callable on a CapturedMessage. Unset criteria match everything. An address written
-    as a report or a header writes it (`<bob@example.com>`, `Bob <bob@example.com>`), which matches no envelope
-    address, is a ValueError naming the address to write. `settled`: `match`'s
-    verdict on a message does not change once it is captured, so a wait asks it once per message."""
+    as a report or a header writes it (`<bob@example.com>`, `Bob <bob@example.com>`, `bob@example.com (Bob)`),
+    which matches no envelope address, is a ValueError naming the address to write (refuse_written_address).
+    `settled`: `match`'s verdict on a message does not change once it is captured, so a wait asks it once per
+    message."""
 
     to: str | None = None
     sender: str | None = None
@@ -302,10 +337,7 @@ class Criteria:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise TypeError(f"{name}= takes one address or glob (a str), not {type(value).__name__}")
-            bare = value and bare_address(value)
-            if bare is not None and bare != value:  # (it would match nothing: a wait would time out)
-                raise ValueError(f"{name}= takes the envelope address alone, as between the < > of a report: "
-                                 f"{name}={bare!r}, not {value!r}")
+            refuse_written_address(name, value)
         if self.subject is not None and not isinstance(self.subject, (str, re.Pattern)):
             raise TypeError(f"subject= takes a str or a compiled regex, not {type(self.subject).__name__}")
         if self.match is not None and not callable(self.match):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from mailflow.capture.mailbox import address_matches, bare_address
+from mailflow.capture.mailbox import address_matches, refuse_written_address
 from mailflow.capture.recorders import TranscriptBook
 from mailflow.stages.smtpd.restrictions import Facts
 from mailflow.stages.smtpd.transcript import Transcript
@@ -96,10 +96,8 @@ class InboundFaults:
             raise ValueError("at='mail' knows no recipient yet: give rcpt= at 'rcpt' or 'data'")
         if rule.times is not None and rule.times < 1:
             raise ValueError("times must be at least 1 (None: every time)")
-        for name, pattern in (("rcpt", rule.rcpt), ("sender", rule.sender)):
-            if pattern and bare_address(pattern) != pattern:  # (it would refuse nothing)
-                raise ValueError(f"{name}= takes the address alone, as the client gives it between < >: "
-                                 f"{name}={bare_address(pattern)!r}, not {pattern!r}")
+        refuse_written_address("rcpt", rule.rcpt)
+        refuse_written_address("sender", rule.sender)
         self.rules.append(rule)
         return rule
 
