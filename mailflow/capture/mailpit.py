@@ -196,15 +196,18 @@ def _int(request: web.Request, name: str, default: int, low: int = 0) -> int:
 
 
 def _seconds(request: web.Request, name: str, default: float) -> float:
-    """A span in seconds, whole or with a fraction (`0.5`: as `Sink.wait_for(timeout=0.5)` takes it), ASCII digits
-    only and at most 19 of them before the point."""
+    """A span in seconds, whole or with a fraction (`0.5`, `.5`, `5.`: as `Sink.wait_for(timeout=0.5)` takes it),
+    with an optional `+` and leading zeros as the whole-number parameters take them (Go's Atoi); ASCII digits only,
+    at most 19 significant ones before the point."""
     value = request.query.get(name, "")
     if not value:
         return default
-    whole, point, fraction = value.partition(".")
-    if not ascii_digits(whole) or len(whole) > 19 or (point and not ascii_digits(fraction)):
+    whole, _, fraction = value.removeprefix("+").partition(".")
+    significant = whole.lstrip("0")
+    if not (whole or fraction) or not all(ascii_digits(part) for part in (whole, fraction) if part) \
+            or len(significant) > 19:
         raise web.HTTPBadRequest(text=f"{name}: not a number of seconds: {value[:40]!r}")
-    return float(value[:40])
+    return float(f"{significant or 0}.{fraction[:20] or 0}")
 
 
 async def _body(request: web.Request) -> dict:

@@ -489,9 +489,14 @@ async def test_a_number_parameter_is_ascii_digits_as_mailpit_reads_it(api):
         # three; the last is past Go's int64)
         async with http.get(f"/api/v1/messages?limit={value}") as response:
             assert (response.status, (await response.text())[:20]) == (400, "limit: not a number:"), value
-    for value in (f"{'9' * 400}", "1e3", "-1", ".5", "5.", "0x10", "nan"):  # (float() of the first overflowed: a 500)
+    for value in (f"{'9' * 400}", "1e3", "-1", "0x10", "nan", ".", "%2B", "%2B-1", "1.2.3", "1.%2B2", "9" * 20):
+        # (float() of the first overflowed: a 500)
         async with http.get(f"/api/v1/wait?timeout={value}") as response:
             assert (response.status, (await response.text())[:33]) == (400, "timeout: not a number of seconds:")
+    # "+5" (taken before fractions were, and as Atoi takes start and limit), ".5", "5.", any number of leading zeros
+    for value in ("%2B0", "%2B.05", ".05", "0.", "0" * 25 + ".05"):
+        async with http.get(f"/api/v1/wait?query=nothing&timeout={value}") as response:
+            assert response.status == 408, (value, response.status, await response.text())
     assert (await get_json(http, "/api/v1/messages?start=9223372036854775807"))["messages"] == []  # Go's largest
     assert len((await get_json(http, "/api/v1/messages?limit=%2B1&start=0"))["messages"]) == 1  # "+1", as Atoi
 
