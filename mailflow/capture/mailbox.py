@@ -400,8 +400,9 @@ class WaitTimeout(AssertionError):
 def timeout_report(criteria: Criteria, count: int, timeout: float, found: list[CapturedMessage],
                    arrived: list[CapturedMessage], *, waited: str = "", limit: int | None = None,
                    dropped: str = "") -> str:
-    """What a wait that failed saw: the counts, and each message that arrived (the newest `limit` of them); the
-    mailbox's `dropped_note()`, when its bounds dropped messages it did not judge."""
+    """What a wait that failed saw: the counts, and each message that arrived (the newest `limit` of them); then
+    `dropped`, the mailbox's `dropped_note()`: every message its bounds dropped since the last clear, whether this
+    wait judged it before it went or not."""
     waited = waited or f"waited {timeout:g}s"
     lines = [f"{waited} for {count} message{'s' if count != 1 else ''} ({criteria.describe()}): "
              f"{len(found)} matched; {len(arrived)} arrived:"]
@@ -475,12 +476,13 @@ class Mailbox:
         self.dropped = 0
 
     def dropped_note(self) -> str:
-        """What a failed wait's report says of the messages the bounds dropped before it could judge them ("" for
-        none): how many, and the setting that keeps more."""
+        """What a failed wait's report says of the messages the bounds dropped since the last clear ("" for none):
+        how many, and the settings that keep more, as a configuration file and as an embedded Sink write them."""
         if not self.dropped:
             return ""
         return (f"and {self.dropped} older dropped: the capture keeps [sink] max_messages = {self._max_messages} and "
-                f"max_bytes = {self._max_bytes}; raise them to keep more")
+                f"max_bytes = {self._max_bytes} (a Sink's sink={{\"max_messages\": …, \"max_bytes\": …}}); raise them "
+                "to keep more")
 
     def changed(self) -> None:
         """A message's read flag changed: each wait looks again (one for `is:read` may now be answered)."""

@@ -41,7 +41,9 @@ it (mailflow.testing.process_exit): in /dev/shm, what a suite leaves behind is m
 
 Failure behaviour: a bad setting raises mailflow.config.ConfigError at start; `wait_for` raises
 mailflow.capture.mailbox.WaitTimeout (an AssertionError that lists what did arrive), and RuntimeError at once
-when the Sink stops (or has stopped) before enough messages match; `advance` without
+when the Sink stops (or has stopped) before enough messages match; `wait_for`, `reject` and `defer` raise
+ValueError at once for an address written as a report or a header writes it (`<bob@x.test>`, `Bob <bob@x.test>`:
+it would match nothing), naming the address to write; `advance` without
 virtual_time raises RuntimeError, by a negative or infinite span ValueError (the clock never goes back);
 `settle` raises TimeoutError after `timeout` real seconds (under virtual time also once mail has waited
 `scan_failure_timeout` seconds of its clock for a queue scan that keeps failing, or delivery results for a store

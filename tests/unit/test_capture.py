@@ -84,8 +84,8 @@ async def test_a_failed_wait_says_how_many_the_bounds_dropped_and_what_keeps_the
         await box.wait(Criteria(subject="m0"), timeout=0)
     assert str(failure.value).splitlines()[:2] == [
         "waited 0s for 1 message (subject='m0'): 0 matched; 2 arrived:",
-        "  (and 1 older dropped: the capture keeps [sink] max_messages = 2 and max_bytes = 1000000; raise them to "
-        "keep more)"]
+        "  (and 1 older dropped: the capture keeps [sink] max_messages = 2 and max_bytes = 1000000 (a Sink's "
+        'sink={"max_messages": …, "max_bytes": …}); raise them to keep more)']
     box.clear()  # (a shared Sink's next test: what was dropped before is none of its business)
     with pytest.raises(WaitTimeout) as failure:
         await box.wait(Criteria(subject="m0"), timeout=0)
