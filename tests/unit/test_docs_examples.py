@@ -3,19 +3,22 @@ a page that lies:
 
 - a ```toml block is a configuration file `mailflow config check` accepts; the files it names (certificates,
   tables, the account database) are the site's own, so a problem that is only "this named file is not here" passes;
-- an ```sh block's `mailflow` command lines name a command that exists and give it options and arguments it takes,
-  as the command line's own parser (typer's click tree, sendmail's parser) reads them, in this process;
-- a ```python block is run by tests/e2e/test_docs_testing.py: it starts with `# script` or `# test_NAME.py`.
+- each `mailflow` command line names a command that exists and gives it options and arguments it takes, as the
+  command line's own parser (typer's click tree, sendmail's parser) reads them: every line of an ```sh block, and
+  each line with a `$ ` prompt in a block of any other kind (a session with its output, docs/queue.md's), the
+  command after `sudo`, `docker compose exec SERVICE`, `docker exec CONTAINER`, an image name (`mx`) or a `|`;
+- a ```python block is run by tests/e2e/test_docs_testing.py: it starts with `# script` or `# test_NAME.py`;
+- a block that is not fenced as ```toml but reads as TOML is refused: fence it so, or mark it.
 
 A block that is a fragment says so in an HTML comment on the line before it:
 `<!-- example: goes into a configuration with ... -->` followed by the TOML it goes into (checked together), or
-`<!-- example: not run: REASON -->` (a TOML block must still parse, a Python block compile)."""
+`<!-- example: not run: REASON -->` (a TOML block must still parse, a Python block compile).
+
+All of it runs in this process (config check through typer's test runner): no command is spawned."""
 from __future__ import annotations
 
 import re
 import shlex
-import subprocess
-import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,17 +26,20 @@ from pathlib import Path
 import pytest
 import typer
 from typer.main import get_command
+from typer.testing import CliRunner
 
 from mailflow.cli.commands import app
 from mailflow.sendmail.options import UsageError as SendmailUsageError, parse_args as sendmail_args
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-FENCE = re.compile(r"(?:<!-- example: (?P<note>.*?)-->\n)?(?P<indent>[ ]*)```(?P<lang>\w*)\n"
+FENCE = re.compile(r"(?:<!-- example: (?P<note>(?:(?!-->).)*)-->\n)?(?P<indent>[ ]*)```(?P<lang>\w*)\n"
                    r"(?P<body>.*?)^(?P=indent)```", re.S | re.M)
 CONTEXT = "goes into a configuration with"
 NOT_RUN = "not run:"
 MISSING_FILE = re.compile(r"(?:No such file or directory|no such certificate or key file)")
+CHECKED_LANGUAGES = ("toml", "sh", "python")
+PROMPT = "$ "
 CLI = get_command(app)
 
 
@@ -57,70 +63,87 @@ class Block:
         return self.note.startswith(NOT_RUN)
 
 
-def blocks(lang: str) -> list[Block]:
+def page_blocks(page: str, text: str) -> list[Block]:
     found = []
-    for page in PAGES:
-        text = page.read_text()
-        for m in FENCE.finditer(text):
-            if m["lang"] == lang:
-                body = "".join(line.removeprefix(m["indent"]) for line in m["body"].splitlines(keepends=True))
-                found.append(Block(page.relative_to(ROOT).as_posix(), text.count("\n", 0, m.start("lang")) + 1,
-                                   lang, body, (m["note"] or "").strip()))
+    for m in FENCE.finditer(text):
+        body = "".join(line.removeprefix(m["indent"]) for line in m["body"].splitlines(keepends=True))
+        found.append(Block(page, text.count("\n", 0, m.start("lang")) + 1, m["lang"], body, (m["note"] or "").strip()))
     return found
 
 
-TOML = blocks("toml")
-SHELL = blocks("sh")
-PYTHON = blocks("python")
-
-
-def mailflow(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mailflow", *args], capture_output=True, text=True, timeout=60,
-                          cwd=cwd)
+BLOCKS = [block for page in PAGES for block in page_blocks(page.relative_to(ROOT).as_posix(), page.read_text())]
+TOML = [block for block in BLOCKS if block.lang == "toml"]
+PYTHON = [block for block in BLOCKS if block.lang == "python"]
+UNCHECKED = [block for block in BLOCKS if block.lang not in CHECKED_LANGUAGES]
 
 
 def test_the_pages_have_examples():
-    assert len(TOML) >= 8 and len(SHELL) >= 5 and len(PYTHON) >= 5
+    assert len(TOML) >= 8 and len(PYTHON) >= 5 and len(COMMANDS) >= 35
 
 
 def test_every_note_is_one_the_checks_know():
-    for block in TOML + SHELL + PYTHON:
+    for block in BLOCKS:
         assert not block.note or block.context or block.not_run, f"{block}: unknown note {block.note!r}"
 
 
+def test_a_note_ends_at_its_own_comment_marker():
+    text = "<!-- example: not run: a -->\ntext <!-- x -->\n```toml\na = 1\n```\n"
+    assert [block.note for block in page_blocks("p.md", text)] == [""]
+
+
+@pytest.mark.parametrize("block", UNCHECKED, ids=str)
+def test_a_block_not_fenced_as_toml_does_not_read_as_toml(block):
+    """Such a block would be checked by nothing: a renamed setting in it would go unnoticed."""
+    try:
+        table = tomllib.loads(block.body)
+    except tomllib.TOMLDecodeError:
+        return
+    assert block.note or not table, f"{block}: reads as TOML: fence it ```toml, or mark it (module docstring)"
+
+
 @pytest.mark.parametrize("block", TOML, ids=str)
-def test_toml_block_is_a_configuration_config_check_accepts(block, tmp_path):
+def test_toml_block_is_a_configuration_config_check_accepts(block, tmp_path, monkeypatch):
     source = f"{block.context}\n{block.body}" if block.context else block.body
     tomllib.loads(source)
     if block.not_run:
         return
     path = tmp_path / "config.toml"
     path.write_text(source)
-    done = mailflow("config", "check", "--config", str(path), cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    done = CliRunner().invoke(app, ["config", "check", "--config", str(path)], prog_name="mailflow")
     problems = done.stderr.splitlines()
     site_files = [line for line in problems if MISSING_FILE.search(line) and any(
         name in source for name in re.findall(r"/(?:etc|var|run)/[\w./-]+", line))]
-    assert done.returncode == 0 or (done.returncode == 2 and problems == site_files), f"{block}:\n{done.stderr}"
+    assert done.exit_code == 0 or (done.exit_code == 2 and problems == site_files), \
+        f"{block}:\n{done.stderr}{done.exception or ''}"
 
 
 def command_lines(block: Block) -> list[list[str]]:
-    """Each `mailflow ...` command of a shell block as words, up to a redirection, pipe or comment."""
+    """Each `mailflow ...` command of a block as words, up to a redirection, pipe or comment: in a shell block
+    every line, in another only a line with a `$ ` prompt (the rest is output)."""
     commands = []
     for line in block.body.replace("\\\n", " ").splitlines():  # continued lines joined
+        if block.lang != "sh":
+            if not line.startswith(PROMPT):
+                continue
+            line = line.removeprefix(PROMPT)
         words = shlex.split(line, comments=True)
         for start, word in enumerate(words):
-            if word == "mailflow" and (start == 0 or words[start - 1] in ("|", "mx")):
+            if word == "mailflow" and launched(words[:start]):
                 rest = words[start + 1:]
                 stop = next((i for i, w in enumerate(rest) if w in ("|", ">", "<", "&&", ";")), len(rest))
                 commands.append(rest[:stop])
     return commands
 
 
-SHELL_COMMANDS = [(block, words) for block in SHELL for words in command_lines(block)]
+def launched(before: list[str]) -> bool:
+    """Whether a `mailflow` after the words `before` is the command run: first, after a pipe or sudo, or the
+    command of `docker compose exec SERVICE`, `docker exec CONTAINER`, or of an image named `mx`."""
+    return (not before or before[-1] in ("|", "sudo", "mx") or before[-3:-1] == ["compose", "exec"]
+            or before[-3:-1] == ["docker", "exec"])
 
 
-def test_the_shell_blocks_have_mailflow_commands():
-    assert len(SHELL_COMMANDS) >= 8
+COMMANDS = [(block, words) for block in BLOCKS for words in command_lines(block)]
 
 
 def command_problem(words: list[str]) -> str | None:
@@ -158,13 +181,13 @@ def test_an_unknown_command_or_option_is_found():
     assert command_problem(["account", "usr", "add", "a@example.com"]) == "mailflow account has no command 'usr'"
     assert "No such option: --frm" in command_problem(["queue", "list", "--frm", "a@example.org"])
     assert command_problem(["sendmail", "-t", "-Q"]) is not None
-    mutated = "mailflow queue lisst --json -c mailflow.toml\n"  # a docs line, misspelt
-    [words] = command_lines(Block("p.md", 1, "sh", mutated, ""))
+    mutated = "$ mailflow queue lisst --json -c mailflow.toml\n"  # a line of docs/queue.md, misspelt
+    [(block, words)] = [(b, w) for b in page_blocks("queue.md", f"```\n{mutated}```\n") for w in command_lines(b)]
     assert command_problem(words) == "mailflow queue has no command 'lisst'"
 
 
-@pytest.mark.parametrize("block,words", SHELL_COMMANDS, ids=lambda v: " ".join(v) if isinstance(v, list) else str(v))
-def test_shell_command_exists_with_its_options(block, words):
+@pytest.mark.parametrize("block,words", COMMANDS, ids=lambda v: " ".join(v) if isinstance(v, list) else str(v))
+def test_command_exists_with_its_options(block, words):
     problem = command_problem(words)
     assert problem is None, f"{block}: mailflow {' '.join(words)}: {problem}"
 
