@@ -197,6 +197,15 @@ class Store(OperatorQueries, RequeueQueries):
         self._scanned.pop(qid, None)
         await self._committer.write(ops, linger=True)
 
+    async def give_back(self, queue_id: QueueId, next_attempt: float) -> None:
+        """A message qmgr let go of after a scan claimed its row again while its attempt was under way (an operator
+        released it meanwhile): the claim may have come after the end of the attempt was written (in the same
+        commit, whose statements run before its calls), leaving the row active with nobody holding it. Still
+        active, it is deferred until `next_attempt` (`maildrop` when requeued meanwhile) and the attempt counted,
+        as `finish` would have done; anywhere else (deferred by that `finish` already, held, gone) it stays."""
+        self._scanned.pop(queue_id, None)
+        await self._committer.write([(_DEFER_ACTIVE, [(next_attempt, queue_id)])])
+
     async def mark_corrupt(self, ids: Sequence[QueueId]) -> None:
         await self._committer.write([("UPDATE message SET queue = 'corrupt' WHERE id = ?", [(i,) for i in ids])])
 
@@ -472,11 +481,14 @@ def _deferral_ops(done: Delivered, results: Sequence[RcptResult]) -> list[Op]:
                     [(qid, i) for i in done.noticed]))
     if done.warned:  # wherever the message is now: the notice is queued with this transaction, and goes once
         ops.append(("UPDATE message SET warned = 1 WHERE id = ?", [(qid,)]))
-    # (one an operator requeued while it was active goes to the maildrop queue now, for pickup to copy)
-    ops.append(("UPDATE message SET queue = CASE WHEN requeue THEN 'maildrop' ELSE 'deferred' END, requeue = 0,"
-                " next_attempt = ?, attempts = attempts + 1, from_logged = 0 WHERE id = ? AND queue = 'active'",
-                [(done.next_attempt, qid)]))
+    ops.append((_DEFER_ACTIVE, [(done.next_attempt, qid)]))
     return ops
+
+
+# The end of an attempt of an active message: deferred (to maildrop when an operator requeued it while it was active:
+# for pickup to copy), the attempt counted; one an operator moved meanwhile (hold, deleted) stays where it is.
+_DEFER_ACTIVE = ("UPDATE message SET queue = CASE WHEN requeue THEN 'maildrop' ELSE 'deferred' END, requeue = 0,"
+                 " next_attempt = ?, attempts = attempts + 1, from_logged = 0 WHERE id = ? AND queue = 'active'")
 
 
 def _claim(con: sqlite3.Connection, ids: list[QueueId], now: float) -> list[QueueId]:

@@ -665,6 +665,39 @@ async def test_a_message_deleted_in_delivery_before_qmgr_polled_gets_no_failure_
     assert await s.store.counts() == {}
 
 
+
+async def test_a_message_released_during_its_attempt_whose_end_shares_the_scans_commit_is_not_stuck_active(sim):
+    """Held and released while its delivery is under way, the message is due: the scan claims it (active) while
+    qmgr still has it in hand, so it is left to the attempt. When that attempt's end lingered in the committer and
+    went in the same commit as the scan's claim, the end's "defer if active" ran first (the row was not active
+    yet: left alone) and the claim after it: the row stayed active once the attempt let go of it, and nothing took
+    it again before a restart. Let go of, it is deferred as the end meant, and delivered at its next try."""
+    s = await sim()
+    later = (Outcome.DEFERRED, "4.4.1", "try later", True)
+    queue_id = await one_in_delivery(s, later)
+    tries = iter([later])
+    s.smtp.script = lambda req, now: next(tries, (Outcome.SENT, "2.0.0", "250 ok", True))
+    await s.store.hold_messages([queue_id])
+    await s.store.release_messages([queue_id], s.clock.now)
+    take, ended = s.store.take, []
+
+    async def take_with_the_end_waiting(now: float, limit: int):
+        if not ended:  # the attempt ends now: its lingering write waits for company, and the claim comes with it
+            ended.append(s.smtp.release.set())
+            for _ in range(200):  # (loop turns, not sleeps: it lingers for 2 ms only)
+                if s.store._committer._waiting:
+                    break
+                await asyncio.sleep(0)
+            assert s.store._committer._waiting, "the end's write waits in the committer"
+        return await take(now, limit)
+
+    s.store.take = take_with_the_end_waiting
+    s.qmgr.wake()
+    await s.run_until(s.clock.now + 2 * HOUR, stop=lambda: len(s.smtp.calls) == 2 and not s.qmgr.busy)
+    assert [req.queue_id for _, req in s.smtp.calls] == [queue_id, queue_id], "tried again, once at a time"
+    assert await s.store.counts() == {}, "delivered at its second try, not left active"
+
+
 def test_success_notices_say_relayed_only_for_a_remote_mta():
     rcpt = Recipient(0, "a@example.test", "a@example.test", notify="SUCCESS")
     remote = _notice_recipient(RcptResult(rcpt, Outcome.SENT, "2.0.0", "250 ok", "mx.example.test[192.0.2.1]:25"), 0)

@@ -122,7 +122,11 @@ Failure behaviour
   asked before any notice is queued, the tick or not). A held message is never expired nor warned about at
   the end of that attempt (when it would be, the store's state is checked first): it stays on hold until
   released. Released before that attempt ends (due now), it is not admitted again beside it, which would deliver
-  it twice: the scan's claim is left to the attempt under way, whose end concludes it as if it had not been held.
+  it twice: the scan's claim is left to the attempt under way, whose end concludes it as if it had not been held;
+  as that claim may land after the end's write, the message is then given back once let go of (`_give_back`:
+  still active, it is deferred as the end meant). So every row the store holds active is in qmgr's hands, being
+  set aside or given back (`taken_count`), reserved by cleanup (`reserve`), or a previous run's until the start-up
+  recovery.
   `mailflow queue flush` also revives dead destinations, like `postqueue -f`.
 - A record that fails is retried while the server runs (`faults.Retrier`): the results wait in memory and the
   message stays in qmgr's hands, so nothing is forgotten and nothing is delivered again because a write failed.
@@ -197,6 +201,7 @@ class ActiveMessage:
     finishing: bool = False
     content: asyncio.Future | None = None  # read once however many destinations (a Content: big ones stay in files)
     withdrawn: str = ""  # "hold" or "deleted" when an operator took it back while it was active
+    reclaimed: bool = False  # a scan claimed its row again during the attempt (released meanwhile): `_give_back`
     handed_bytes: int = 0  # its content, handed over by cleanup, counted in qmgr's HANDOFF_CONTENT_BUDGET
 
 
@@ -236,6 +241,7 @@ class QueueManager:
         self._in_flight_by_transport: dict[str, int] = {}  # transports with deliveries under way: how many
         self._tasks: set[asyncio.Task] = set()
         self._setting_aside: set[str] = set()  # damaged messages a scan took (active in the store), being set aside
+        self._giving_back: set[str] = set()  # messages let go of whose row a scan claimed again (`_give_back`)
         self._deliveries: set[asyncio.Task] = set()
         self._retired: list[tuple[str, Transport]] = []  # (name, transport) a reload replaced, closed once its
         # deliveries end
@@ -418,9 +424,11 @@ class QueueManager:
 
     @property
     def taken_count(self) -> int:
-        """The messages the store holds active on qmgr's behalf: those in hand, and the damaged ones a scan took that
-        are being set aside (their move to the corrupt queue may wait for a retry after a store fault)."""
-        return len(self._active) + len(self._setting_aside)
+        """The messages the store holds active on qmgr's behalf: those in hand, the damaged ones a scan took that
+        are being set aside (their move to the corrupt queue may wait for a retry after a store fault), and those
+        being given back (`_give_back`). Every row the store holds active is one of these (or was handed over by
+        cleanup and not yet counted, or is a previous run's before the start-up recovery)."""
+        return len(self._active) + len(self._setting_aside) + len(self._giving_back)
 
     def in_hand(self, queue_id: str) -> bool:
         """Whether the message is in qmgr's hands (its attempt not concluded), whatever its queue in the store
@@ -771,9 +779,12 @@ class QueueManager:
     def _released_in_hand(self, queue_id: str) -> None:
         """A scan took a message this run still has in hand: held during its attempt, then released (due now)
         before the attempt ended. It is not admitted a second time, which would deliver it again beside the
-        delivery under way; that attempt concludes it (the scan's claim keeps the store's row active, so its end
-        defers or removes it), no longer held: it expires and warns as any other."""
-        self._active[queue_id].withdrawn = ""
+        delivery under way; that attempt concludes it, no longer held: it expires and warns as any other. The
+        claim may land after the end's write (in the same commit, or before `_finish` lets go of the message),
+        leaving the row active: marked `reclaimed`, the message is given back once let go of (`_give_back`)."""
+        active = self._active[queue_id]
+        active.withdrawn = ""
+        active.reclaimed = True
 
     def _set_aside_taken(self, message: QueuedMessage) -> None:
         """A damaged message the scan took (the store holds it active) is set aside by a task of its own, counted in
@@ -1225,6 +1236,7 @@ class QueueManager:
     async def _finish(self, active: ActiveMessage, last: list[RcptResult]) -> None:
         """The end of the attempt; `last`: its results not recorded yet (the last job's, and those that waited)."""
         msg = active.message
+        retry_at = None
         try:
             missing = _content_missing(active)  # (a settled future: the answer stays)
             if active.withdrawn == "deleted" or (missing and await self._queue_state(msg) is None):
@@ -1233,15 +1245,36 @@ class QueueManager:
                 await self._writes.run(lambda: self._store.mark_corrupt([msg.queue_id]))
                 self._log.corrupt(msg.queue_id, "content missing")
             else:
-                await self._conclude(active, last)
+                retry_at = await self._conclude(active, last)
         finally:
-            self._active.pop(msg.queue_id, None)
-            self._handed_bytes -= active.handed_bytes
-            if self._room_was_short:  # the last scan left due mail behind for want of room: there is some now
-                self._rouse()
+            self._let_go(active, retry_at)
 
-    async def _conclude(self, active: ActiveMessage, last: list[RcptResult]) -> None:
-        """Defer or remove the message, and queue the notices its results owe, in one transaction."""
+    def _let_go(self, active: ActiveMessage, retry_at: float | None) -> None:
+        """The message leaves qmgr's hands (the end of its attempt recorded, or a stop); one whose row a scan
+        claimed again meanwhile and that stays queued is given back."""
+        queue_id = active.message.queue_id
+        self._active.pop(queue_id, None)
+        self._handed_bytes -= active.handed_bytes
+        if active.reclaimed and retry_at is not None:
+            self._giving_back.add(queue_id)  # (counted in `taken_count` until its write is done)
+            task = self._spawn(self._give_back(queue_id, retry_at))
+            task.add_done_callback(lambda _: self._giving_back.discard(queue_id))
+        if self._room_was_short:  # the last scan left due mail behind for want of room: there is some now
+            self._rouse()
+
+    async def _give_back(self, queue_id: str, retry_at: float) -> None:
+        """A message a scan claimed again during its attempt (`_released_in_hand`), let go of: if that claim came
+        after the end's write, the row is still active and nothing holds it (nothing would take it before a
+        restart); it is deferred until `retry_at` as the end meant to (a write that changes nothing otherwise),
+        after `_finish` let go, so that no scan can take it while it is still in hand."""
+        await self._writes.run(lambda: self._store.give_back(queue_id, retry_at),
+                               f"{queue_id}: deferring a message released during its attempt")
+        self._next_scan = min(self._next_scan, retry_at)
+        self._rouse()
+
+    async def _conclude(self, active: ActiveMessage, last: list[RcptResult]) -> float | None:
+        """Defer or remove the message, and queue the notices its results owe, in one transaction. Returns the time
+        it is deferred to (None: removed, or deleted meanwhile)."""
         msg = active.message
         now = self._clock.time()
         q = self._config
@@ -1255,7 +1288,7 @@ class QueueManager:
         if expired or warn or owed:  # a notice to queue: the operator may have held or deleted it, unpolled yet
             state = await self._queue_state(msg)
             if state is None:
-                return  # deleted: nothing recorded, nobody told (as for a delete the poll saw: `_finish`)
+                return None  # deleted: nothing recorded, nobody told (as for a delete the poll saw: `_finish`)
             if state != "active":
                 held, expired, warn = True, [], False
         if expired:
@@ -1276,6 +1309,7 @@ class QueueManager:
         if retry_at is not None and retry_at < self._next_scan:
             self._next_scan = retry_at
             self._rouse()  # the loop sleeps until the scan it knew of: it must look again
+        return retry_at
 
     def _owes_notice(self, result: RcptResult) -> bool:
         return _owes_notice(result, self._config.notify_classes)
