@@ -698,6 +698,62 @@ async def test_a_message_released_during_its_attempt_whose_end_shares_the_scans_
     assert await s.store.counts() == {}, "delivered at its second try, not left active"
 
 
+
+async def near_in_flight_far_waiting(s: Sim) -> str:
+    """Window 1, deliveries waiting on `s.smtp.release` (then sent): another message's delivery to far.test under
+    way, then one to y@near.test (its delivery under way) and z@far.test (its job waiting for far.test's window).
+    Returns the latter's queue id."""
+    s.smtp.release.clear()
+    s.smtp.script = SENT
+    await s.submit("a@remote.test", "x@far.test")
+    await eventually(lambda: waiting(s, "far.test") == (1, 0))
+    queue_id = await s.submit("a@remote.test", "y@near.test", "z@far.test")
+    await eventually(lambda: waiting(s, "far.test") == (1, 1) and waiting(s, "near.test") == (1, 0))
+    return queue_id
+
+
+def delivered_to(s: Sim) -> list[list[str]]:
+    return [[r.address for r in req.recipients] for _, req in s.smtp.calls]
+
+
+async def in_queue(s: Sim, queue_id: str, queue: str) -> bool:
+    return await s.store.queue_states([queue_id]) == {queue_id: queue}
+
+
+async def test_a_message_released_during_its_attempt_after_its_hold_withdrew_a_job_is_due_at_once(sim):
+    """The hold (seen at the tick) withdrew the job of z@far.test, not started yet; the release makes the message
+    due now. The scan leaves it to the attempt under way, whose end deferred it with the normal backoff (328 s):
+    z, never tried, waited for that as if its delivery had failed. Released, it is due at once."""
+    s = await sim(tick=1.0, initial_destination_concurrency=1, default_destination_concurrency_limit=1)
+    queue_id = await near_in_flight_far_waiting(s)
+    await s.store.hold_messages([queue_id])
+    s.clock.advance(1.0)
+    await eventually(lambda: waiting(s, "far.test") == (1, 0), what="z's job withdrawn at the hold")
+    await s.store.release_messages([queue_id], s.clock.now)
+    s.clock.advance(1.0)
+    await eventually(lambda: in_queue(s, queue_id, "active"), what="the scan's claim")
+    s.smtp.release.set()
+    await s.run_until(s.clock.now + 60, stop=lambda: len(s.smtp.calls) == 3 and not s.qmgr.busy)
+    assert delivered_to(s) == [["x@far.test"], ["y@near.test"], ["z@far.test"]]
+    assert await s.store.counts() == {}
+
+
+async def test_a_hold_released_before_qmgr_polled_it_withdraws_no_job(sim):
+    """Held and released within one tick, the message's row is deferred (due) when qmgr polls: its jobs are not
+    withdrawn (they were, as for a hold, with "delivery suspended"), and the attempt goes on as if never held."""
+    s = await sim(tick=1.0, initial_destination_concurrency=1, default_destination_concurrency_limit=1)
+    queue_id = await near_in_flight_far_waiting(s)
+    await s.store.hold_messages([queue_id])
+    await s.store.release_messages([queue_id], s.clock.now)
+    s.clock.advance(1.0)
+    await eventually(lambda: in_queue(s, queue_id, "active"), what="polled, then claimed by the scan")
+    assert waiting(s, "far.test") == (1, 1), "z's job still waits for far.test's window"
+    s.smtp.release.set()
+    await s.run_until(s.clock.now + 60, stop=lambda: len(s.smtp.calls) == 3 and not s.qmgr.busy)
+    assert delivered_to(s) == [["x@far.test"], ["y@near.test"], ["z@far.test"]]
+    assert await s.store.counts() == {}
+
+
 def test_success_notices_say_relayed_only_for_a_remote_mta():
     rcpt = Recipient(0, "a@example.test", "a@example.test", notify="SUCCESS")
     remote = _notice_recipient(RcptResult(rcpt, Outcome.SENT, "2.0.0", "250 ok", "mx.example.test[192.0.2.1]:25"), 0)

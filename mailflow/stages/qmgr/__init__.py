@@ -116,17 +116,17 @@ Failure behaviour
   `QueuedMessage.damage`, and, found at each timed scan, a deferred one whose next_attempt is no time or one in no
   known queue: `Store.never_due`; a recipient whose status is none the store writes, however its notice flag is set),
   with a warning naming it and what is wrong, as Postfix's qmgr saves a queue file it cannot read; the others go on.
-- A message an operator holds or deletes while it is active: its jobs not yet started are dropped at the
-  next tick (held: its recipients stay pending; deleted: nothing is recorded or logged, as the queue tool
-  logged postsuper's `removed`); one in flight finishes, and no notice is sent for a deleted one (its state is
-  asked before any notice is queued, the tick or not). A held message is never expired nor warned about at
-  the end of that attempt (when it would be, the store's state is checked first): it stays on hold until
-  released. Released before that attempt ends (due now), it is not admitted again beside it, which would deliver
-  it twice: the scan's claim is left to the attempt under way, whose end concludes it as if it had not been held;
-  as that claim may land after the end's write, the message is then given back once let go of (`_give_back`:
-  still active, it is deferred as the end meant). So every row the store holds active is in qmgr's hands, being
-  set aside or given back (`taken_count`), reserved by cleanup (`reserve`), or a previous run's until the start-up
-  recovery.
+- A message an operator holds or deletes while it is active: its jobs not yet started are dropped at the next tick,
+  unless released by then (held: its recipients stay pending; deleted: nothing is recorded or logged, as the queue
+  tool logged postsuper's `removed`); one in flight finishes, and no notice is sent for a deleted one (its state is
+  asked before any notice is queued, the tick or not). A held message is never expired nor warned about at the end
+  of that attempt (when it would be, the store's state is checked first): it stays on hold until released. Released
+  before that attempt ends (due now), it is not admitted again beside it, which would deliver it twice: the scan's
+  claim is left to the attempt under way, whose end concludes it as if it had not been held (but due at once, as the
+  release made it, when the hold had kept recipients from that attempt); as that claim may land after the end's
+  write, the message is then given back once let go of (`_give_back`: still active, it is deferred as the end
+  meant). So every row the store holds active is in qmgr's hands, being set aside or given back (`taken_count`),
+  reserved by cleanup (`reserve`), or a previous run's until the start-up recovery.
   `mailflow queue flush` also revives dead destinations, like `postqueue -f`.
 - A record that fails is retried while the server runs (`faults.Retrier`): the results wait in memory and the
   message stays in qmgr's hands, so nothing is forgotten and nothing is delivered again because a write failed.
@@ -186,6 +186,7 @@ ADMIT_SLICE = 100  # messages a scan admits (routes, schedules) before it hands 
 ROUTE_SLICE = 500  # recipients of one message a scan resolves before it hands the loop back
 SUSPEND_SLICE = 100  # jobs of a dead destination deferred before the loop is handed back
 RESULT_SLICE = 100  # results of one job taken from an agent that delivers each before the loop is handed back
+STILL_QUEUED = ("active", "incoming", "deferred")  # an active message's queues that leave its jobs to run
 OVERLOOK_SLICE = 1000  # destinations the tick's safety net (`_mark_the_overlooked`) looks at, round robin
 
 
@@ -202,6 +203,7 @@ class ActiveMessage:
     content: asyncio.Future | None = None  # read once however many destinations (a Content: big ones stay in files)
     withdrawn: str = ""  # "hold" or "deleted" when an operator took it back while it was active
     reclaimed: bool = False  # a scan claimed its row again during the attempt (released meanwhile): `_give_back`
+    suspended: bool = False  # jobs of it were withdrawn for a hold: recipients this attempt did not try
     handed_bytes: int = 0  # its content, handed over by cleanup, counted in qmgr's HANDOFF_CONTENT_BUDGET
 
 
@@ -672,16 +674,19 @@ class QueueManager:
         return turns is not None and dest.key in turns.get(head, ())
 
     async def _withdraw_taken_back(self) -> None:
-        """Messages an operator held or deleted while active: their jobs not yet started are dropped. (Only those
-        asked about: one handed over while the states were read is not taken for deleted.) One pass over the
-        destinations for all of them: with a destination per message, one each would cost messages x destinations."""
+        """Messages an operator held, requeued after a hold (maildrop: pickup copies it once its attempt is over) or
+        deleted while active: their jobs not yet started are dropped. Not those queued for delivery again (held and
+        released, deferred and due, or requeued owing notices, incoming, before the poll saw the hold): the scan
+        claims them back, and their attempt goes on as if they had not been held. (Only those asked about: one
+        handed over while the states were read is not taken for deleted.) One pass over the destinations for all of
+        them: with a destination per message, one each would cost messages x destinations."""
         asked = list(self._active)
         states = await self._store.queue_states(asked)
         taken_back: dict[str, str] = {}
         for queue_id in asked:
             active = self._active.get(queue_id)
             state = states.get(queue_id, "deleted")
-            if active is None or state == "active" or active.withdrawn:
+            if active is None or state in STILL_QUEUED or active.withdrawn:
                 continue
             active.withdrawn = taken_back[queue_id] = state
         if not taken_back:
@@ -701,6 +706,7 @@ class QueueManager:
             self._results_in(active, [])
             return
         text = "delivery suspended: the message was put on hold"
+        self._active[job.queue_id].suspended = True
         self._job_done(job, DeliveryReport.uniform(job.recipients, Outcome.DEFERRED, "4.0.0", text))
 
     async def _recover(self) -> None:
@@ -1294,7 +1300,9 @@ class QueueManager:
         if expired:
             pending = []
         retry_at = None
-        if pending:
+        if pending and active.reclaimed and active.suspended:
+            retry_at = now  # released (due now) after the hold kept recipients from this attempt: not tried yet
+        elif pending:
             retry_at = next_attempt(now, msg.lifetime_base, q.minimal_backoff_time, q.maximal_backoff_time,
                                     jitter=JITTER, rng=self._rng)
         told = list({id(r): r for r in owed + expired + (pending if warn else [])}.values())  # (owed and pending)
