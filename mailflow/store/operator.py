@@ -191,7 +191,9 @@ class OperatorQueries:
         that postsuper -r moved into maildrop/. An active message is marked instead: the end of its attempt (or a
         restart's recovery) moves it to maildrop, so no copy is made while a delivery of it may be under way. One
         that still owes notices goes to incoming, marked: the end of its next attempt queues them, then moves it to
-        maildrop (requeue.py)."""
+        maildrop (requeue.py). A held one goes at once, even if held during an attempt still under way: pickup
+        copies no message qmgr still has in hand (`QueueManager.in_hand`), so no copy is made beside that delivery
+        either (its end records its results first, and the copy takes only the recipients still pending)."""
         await self._tool_write(f"UPDATE message SET queue = CASE WHEN {OWES_NOTICES} THEN 'incoming' ELSE 'maildrop'"
                                f" END, requeue = {OWES_NOTICES}, next_attempt = ?"
                                " WHERE id = ? AND queue IN ('incoming', 'deferred', 'hold')", [(now, i) for i in ids],
