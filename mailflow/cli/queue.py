@@ -179,7 +179,9 @@ def queue_show(queue_id: str = typer.Argument(..., metavar="QUEUE_ID"), config: 
                headers_only: bool = typer.Option(False, "--headers-only", help="the envelope and headers (-eh)"),
                as_json: bool = JsonOption) -> None:
     """One message like postcat -q: envelope, every recipient's status, then headers and body; -e, -h and -b
-    choose among them as postcat's do (-h or -b without -e: the message text alone, no `***` lines)."""
+    choose among them as postcat's do (-h or -b without -e: the message text alone, no `***` lines). A corrupt
+    entry's missing content, asked for, is an error (exit 1, after what could be shown), as postcat's fatal
+    "record read error" on a damaged queue file: `show -b ID > body` does not leave an empty body silently."""
     from mailflow import queue_tools as qt
 
     try:
@@ -200,10 +202,13 @@ def queue_show(queue_id: str = typer.Argument(..., metavar="QUEUE_ID"), config: 
         if damage:
             damaged.warn(qid, damage)
         content = await store.content(qid)
-        if as_json:
+        if as_json:  # (its null headers and body say the content is missing)
             qt.write_show_json(sys.stdout, detail, recipients, content, parts)
-        else:
-            qt.write_show(sys.stdout, detail, recipients, content, parts, time.time())
+            return
+        qt.write_show(sys.stdout, detail, recipients, content, parts, time.time())
+        if content is None and parts & {"header", "body"}:  # as postcat's "record read error": not an empty text
+            sys.stdout.flush()
+            _fail("show", f"{qid}: the message content is missing (a corrupt entry)", 1)
 
     _tools("show", load(config), work)
 

@@ -163,6 +163,26 @@ async def test_show_prints_envelope_recipients_headers_and_body(dead_relay):
     assert rc == 1 and "0123456789ABCDEF: no such message in the queue" in err
 
 
+async def test_show_of_a_corrupt_entry_without_content_says_so_and_fails_when_its_text_is_asked_for(busy_peer):
+    """postcat exits 1 on a damaged queue file ("fatal: record read error") after what it could print: `show -b ID
+    > body` printed nothing and exited 0, an empty body file without a word. The envelope alone still shows (0),
+    and the JSON says it with its null headers and body."""
+    mf, config, _ = busy_peer
+    await mf.store.insert(NewMessage("LOST1", "someone@remote.test", time.time(), Content((message("lost"),)),
+                                     (Recipient(0, "bob@relay.test", "bob@relay.test"),), queue="corrupt"))
+    await mf.store._committer.write([("DELETE FROM content WHERE message_id = ?", [("LOST1",)])])
+    missing = "mailflow queue show: LOST1: the message content is missing (a corrupt entry)\n"
+    for parts in (["-b"], ["-h"], ["-bh"]):
+        assert await queue(config, "show", "LOST1", *parts) == (1, "", missing), parts
+    rc, out, err = await queue(config, "show", "LOST1")
+    assert (rc, err) == (1, missing) and out.startswith("*** ENVELOPE RECORDS corrupt/LOST1 ***\n")
+    assert out.endswith("*** MESSAGE CONTENTS corrupt/LOST1: missing (a corrupt entry) ***\n")
+    rc, out, err = await queue(config, "show", "LOST1", "-e")
+    assert (rc, err) == (0, "") and "recipient:      bob@relay.test" in out
+    rc, out, err = await queue(config, "show", "LOST1", "--json")
+    assert (rc, err) == (0, "") and (json.loads(out)["headers"], json.loads(out)["body"]) == (None, None)
+
+
 # ---------------------------------------------------------------------------------------------- changes
 
 
