@@ -9,11 +9,12 @@
   queue_owner opens it: a link to another file would be truncated; Postfix's safe_open refuses it too).
   `release()` gives it back (the file stays; the next server overwrites it). The lock belongs to the open
   file, so two servers in one process also exclude each other, and a crashed server's lock goes with it.
-- `queue_owner(directory) -> int | None`: the pid of the server running on this queue (0 when its pid cannot be
-  read), or None when none is (a shared lock that can be had means nobody holds the exclusive one). For `mailflow
-  sendmail`, which runs as any user: the file is world-readable. The file is opened without following a symbolic
-  link nor waiting on a FIFO (the queue's owner could put either there for root's sendmail) and must be a regular
-  file, else RefusedFile.
+- `queue_owner(directory) -> int | None`: the pid of the server running on this queue (0 when its pid cannot be read:
+  its pid file removed under it, or not written yet), or None when none is (a shared lock that can be had, on the pid
+  file and then on the directory, means nobody holds the exclusive one; a directory this user cannot open tells
+  nothing). For `mailflow sendmail`, which runs as any user: the file is world-readable. The file is opened without
+  following a symbolic link nor waiting on a FIFO (the queue's owner could put either there for root's sendmail) and
+  must be a regular file, else RefusedFile.
 
 The server takes the lock before it opens the store and before recovery, so a second `mailflow serve` on the
 same queue changes nothing and exits.
@@ -87,11 +88,24 @@ def queue_owner(directory: Path) -> int | None:
     try:
         fd = _open_pid_file(Path(directory) / LOCK_NAME, os.O_RDONLY)
     except FileNotFoundError:
-        return None
+        return _directory_held(directory)
     try:
         if not _try_flock(fd, fcntl.LOCK_SH):
             return _pid_in(fd) or 0  # held, though its pid cannot be read (yet)
+    finally:
+        os.close(fd)
+    return _directory_held(directory)
+
+
+def _directory_held(directory: Path) -> int | None:
+    """0 when a server holds the queue directory's lock though its pid file says nothing (removed under it, or
+    not locked yet at its start), else None (the directory missing or not this user's to open: nothing known)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
         return None
+    try:
+        return None if _try_flock(fd, fcntl.LOCK_SH) else 0
     finally:
         os.close(fd)
 

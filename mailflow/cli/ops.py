@@ -70,7 +70,7 @@ def status(config: Optional[str] = ConfigOption) -> None:
     if pid is None:
         fail("mailflow status", f"no server is running on the queue {cfg.queue_path}", 1)
     typer.echo(f"mailflow status: a server is running on the queue {cfg.queue_path}: "
-               + (f"PID: {pid}" if pid else "its pid cannot be read (yet)"))
+               + (f"PID: {pid}" if pid else "its pid cannot be read (its pid file missing, or not written yet)"))
 
 
 def _probe_timeout(seconds: float) -> float:

@@ -48,6 +48,18 @@ def test_a_removed_pid_file_does_not_let_a_second_server_in(tmp_path):
     QueueLock.acquire(queue).release()
 
 
+def test_a_removed_pid_file_still_shows_the_queue_owned(tmp_path):
+    """`mailflow status` (and reload) ask queue_owner: with the pid file removed under a running server it said
+    no server runs (exit 1) while the directory's lock was held; the lock says one does, its pid unknown (0)."""
+    queue = tmp_path / "queue"
+    lock = QueueLock.acquire(queue)
+    (queue / LOCK_NAME).unlink()
+    assert queue_owner(queue) == 0
+    lock.release()
+    assert queue_owner(queue) is None
+    assert queue_owner(tmp_path / "nowhere") is None
+
+
 @pytest.mark.parametrize("plant", ["fifo", "symlink"])
 def test_a_fifo_or_a_symbolic_link_as_the_pid_file_is_refused_at_once(tmp_path, plant):
     """The queue's owner may put a FIFO (root's sendmail would wait on it for ever after storing each message) or a
