@@ -34,7 +34,7 @@ The package, split by job like Postfix's global/mail_params + postconf (callers 
     load.py       load_config, config_from_dict -> ConfigError(file, key, reason)
     paths.py      resolve_paths
     reload.py     restart_needed, in_force: what a reload of a running server applies, what waits for a restart
-    show.py       flat_settings, format_setting, show_settings (postconf's views)
+    show.py       flat_settings, format_setting, settings_view (postconf's views)
 
 Layering: this package imports only leaves (mailflow.syntax, restriction_vocabulary, pipe_argv, address,
 errors and what they import), never a stage, a transport or the routing libraries
@@ -57,7 +57,7 @@ from mailflow.config.paths import resolve_paths
 from mailflow.config.queue import QueueConfig, SendmailConfig
 from mailflow.config.reload import in_force, restart_needed
 from mailflow.config.sink import SinkConfig
-from mailflow.config.show import flat_settings, format_setting, show_settings
+from mailflow.config.show import flat_settings, format_setting, settings_view
 from mailflow.config.smtpd import LISTENER_ROLES, ListenerConfig, SmtpdConfig
 from mailflow.errors import ConfigError
 
@@ -70,5 +70,5 @@ __all__ = [
     "PipeService", "QueueConfig", "RELAY", "Section", "SenderAuthConfig", "SendmailConfig", "SinkConfig", "SmtpConfig",
     "SmtpService", "SmtpdConfig", "SpamdConfig", "SrsConfig", "beyond_loopback", "config_from_dict", "flat_settings",
     "format_setting", "in_force", "load_config", "opendkim_dataset", "resolve_paths", "restart_needed",
-    "show_settings",
+    "settings_view",
 ]

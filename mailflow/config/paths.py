@@ -8,7 +8,7 @@ files; a listener's overrides follow the same rule. `local.home_mailbox` is rela
 the file.
 
     resolve_paths(config, base) -> Config       every relative path setting taken from `base`; the result
-                                                remembers `base` (show_settings resolves the defaults likewise)
+                                                remembers `base` (settings_view resolves the defaults likewise)
 
 Never raises: a value that is not a path setting is returned as it is.
 """

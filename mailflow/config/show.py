@@ -9,7 +9,6 @@
     settings_view(config, defaults=False, changed_only=False)    postconf, postconf -d, postconf -n as {key:
                                                                  value} (a setting that is None, unset, is left
                                                                  out: TOML has no null)
-    show_settings(...)                                           the same as `key = value` lines
 
 Never raises.
 """
@@ -76,9 +75,3 @@ def settings_view(config: Config, *, defaults: bool = False, changed_only: bool 
         return {k: v for k, v in default.items() if v is not None}
     return {k: v for k, v in flat_settings(config).items()
             if v is not None and (not changed_only or default.get(k) != v)}
-
-
-def show_settings(config: Config, *, defaults: bool = False, changed_only: bool = False) -> list[str]:
-    """settings_view's settings as `key = value` lines."""
-    return [format_setting(k, v)
-            for k, v in settings_view(config, defaults=defaults, changed_only=changed_only).items()]

@@ -405,10 +405,10 @@ authorized_submit_users = ["texthash:submitters", "root", "!guest"]
 
 
 def test_show_changed_does_not_list_defaults_made_absolute(tmp_path):
-    from mailflow.config import show_settings
+    from mailflow.config import settings_view
 
     c = load_config(write(tmp_path, 'relayhost = "[10.0.0.1]:25"\nqueue_directory = "q"\n'))
-    assert show_settings(c, changed_only=True) == ['relayhost = "[10.0.0.1]:25"', f'queue_directory = "{tmp_path}/q"']
+    assert settings_view(c, changed_only=True) == {"relayhost": "[10.0.0.1]:25", "queue_directory": f"{tmp_path}/q"}
 
 
 def test_queue_minfree_is_a_byte_count(tmp_path):

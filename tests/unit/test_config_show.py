@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import tomllib
 
-from mailflow.config import Config, config_from_dict, show_settings
+from mailflow.config import Config, config_from_dict, format_setting, settings_view
+
+
+def show_settings(config: Config, **view) -> list[str]:
+    """The lines `mailflow config show` prints for the view (`defaults`, `changed_only`)."""
+    return [format_setting(key, value) for key, value in settings_view(config, **view).items()]
 
 
 def as_toml(lines: list[str]) -> dict:
