@@ -1,7 +1,7 @@
 """Which messages an operator means: queue names, queue ids and selectors, and the walk over what they select.
 
 - `parse_selection(args, sender=, to_domain=, older_than=, stdin=, required=)`: queue ids, `ALL` (`ALL deferred`:
-  only those queues, as postsuper takes it; a word after ALL that names no queue is an error naming it), `-` (ids
+  only those queues, as postsuper takes it; a word with ALL that names no queue is an error naming it), `-` (ids
   on stdin, as `postsuper -d -` reads them) and the selectors `--from`, `--to-domain`, `--older-than`, combined
   with AND, into a `Selection`. A bare selection is refused unless `required=False` (a bare `mailflow queue
   delete` must not mean everything). With `invalid=`, a token that is no queue id is reported to it and skipped
@@ -109,8 +109,8 @@ def parse_selection(args: Sequence[str], *, sender: str | None = None, to_domain
     everything = "ALL" in args
     tokens = [a for a in args if a not in ("ALL", "-")]
     queues = None
-    if everything and tokens:  # `ALL deferred`: what follows ALL is queue names, as postsuper takes it
-        queues, tokens = _queues_after_all(tokens), []
+    if everything and tokens:  # `ALL deferred`: what goes with ALL is queue names, as postsuper takes it
+        queues, tokens = _queues_with_all(tokens), []
     if "-" in args:
         if stdin is None:
             raise SelectionError("'-' reads queue ids from standard input, but there is none")
@@ -131,13 +131,14 @@ def parse_selection(args: Sequence[str], *, sender: str | None = None, to_domain
     return selection
 
 
-def _queues_after_all(tokens: Sequence[str]) -> tuple[str, ...]:
-    """The queue names after `ALL`; a word that is none (a typo such as `deferd`, a queue id) is refused by name,
-    as postsuper refuses it ("invalid directory name"), rather than taken for an id that cannot go with ALL."""
+def _queues_with_all(tokens: Sequence[str]) -> tuple[str, ...]:
+    """The queue names given with `ALL` (after it, or before); a word that is none (a typo such as `deferd`, a
+    queue id) is refused by name, as postsuper refuses it ("invalid directory name"), rather than taken for an id
+    that cannot go with ALL."""
     strangers = [t for t in tokens if t.lower() not in QUEUES]
     if strangers:
         shown = ", ".join(repr(t[:SHOWN]) for t in strangers[:3]) + (", ..." if len(strangers) > 3 else "")
-        raise SelectionError(f"after ALL come queue names only ({', '.join(QUEUES)}), not {shown}; "
+        raise SelectionError(f"with ALL come queue names only ({', '.join(QUEUES)}), not {shown}; "
                              "give queue ids without ALL")
     return parse_queues(",".join(tokens))
 

@@ -129,7 +129,7 @@ async def test_a_word_after_all_that_names_no_queue_is_refused_by_name(twins):
     expected = pf.run("postsuper", "-d", "ALL", "deferd")
     assert expected.returncode == 1 and b"invalid directory name: deferd" in expected.stderr
     rc, out, err = await mailflow_cli(config, "queue", "delete", "ALL", "deferd")
-    assert (rc, out) == (2, "") and "after ALL come queue names only" in err and "not 'deferd'" in err
+    assert (rc, out) == (2, "") and "with ALL come queue names only" in err and "not 'deferd'" in err
     assert len(pf.listed()) == len(MAIL)
     rc, out, _ = await mailflow_cli(config, "mailq", "-j")
     assert rc == 0 and len(out.splitlines()) == len(MAIL)

@@ -58,8 +58,10 @@ def test_all_means_any_id_and_cannot_mix_with_ids():
 
 def test_a_word_after_all_that_names_no_queue_is_refused_by_name():
     """`ALL deferd` (a typo) names the word, as postsuper's "invalid directory name: deferd" does."""
-    with pytest.raises(qt.SelectionError, match=r"after ALL come queue names only \(incoming, .*\), not 'deferd'"):
+    with pytest.raises(qt.SelectionError, match=r"with ALL come queue names only \(incoming, .*\), not 'deferd'"):
         qt.parse_selection(["ALL", "hold", "deferd"])
+    with pytest.raises(qt.SelectionError, match=r"^with ALL come .*, not '0123456789ABCDEF'; give queue ids"):
+        qt.parse_selection(["0123456789ABCDEF", "ALL"])  # (before ALL: not said to come after it)
     with pytest.raises(qt.SelectionError, match=r"not 'a', 'b', 'c', \.\.\.; give"):
         qt.parse_selection(["ALL", "a", "b", "c", "d"])
 
