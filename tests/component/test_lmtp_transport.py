@@ -19,7 +19,7 @@ from mailflow.config import LmtpConfig, config_from_dict
 from mailflow.content import Content
 from mailflow.errors import ConfigError
 from mailflow.logs import SyslogFormatter
-from mailflow.model import DeliveryRequest, Outcome, Recipient
+from mailflow.model import ConnStats, DeliveryRequest, Outcome, Recipient
 from mailflow.transports.lmtp import LmtpTransport
 from mailflow.transports.smtp.addr import Nexthop, Peer, parse_nexthop
 
@@ -391,6 +391,27 @@ async def test_connection_refused_defers_and_fails_the_site(caplog):
     assert report.results[0].relay == "none"
     assert not report.site_ok
     assert report.site_reason == report.results[0].text
+
+
+async def test_a_peer_that_never_greets_is_dated_as_connection_set_up():
+    """As smtp's, lmtp's failure before MAIL FROM (Postfix's smtp_bulk_fail, shared by lmtp) dates the set-up that
+    never ended at the failure, on qmgr's clock (`now`): the log's `delays=` count that wait as connection set-up
+    (c), not transmission (d)."""
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.3)  # no greeting, then the connection closed
+        writer.close()
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = LmtpConfig(port=port, connect_timeout=2, command_timeout=2, data_timeout=2)
+    try:
+        report = await deliver(LmtpTransport(config, helo_name=HELO, now=lambda: 500.0),
+                               make_request(f"[127.0.0.1]:{port}"))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert [(r.outcome, r.conn) for r in report.results] == [(Outcome.DEFERRED, ConnStats(setup_done=500.0))]
+    assert "while receiving the initial server greeting" in report.results[0].text
 
 
 async def test_missing_unix_socket_defers(caplog):
