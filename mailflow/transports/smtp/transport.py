@@ -36,7 +36,8 @@ smtp_fallback_relay configuration problem`.
                   now=time.time, generic=None, checks=None, sender_keys=None, soft_bounce=False,
                   level_source="smtp.tls_security_level", program="smtp")
     await deliver(request) -> DeliveryReport      one result per recipient, never raises for a delivery problem
-`now`: qmgr's clock, for the time each transaction's session was set up (proto's ConnStats; the log's delays).
+`now`: qmgr's clock, for the time each transaction's session was set up (proto's ConnStats; the log's delays),
+and for a delivery that fails before MAIL FROM the time it failed (its set-up dated then, as smtp_bulk_fail).
 `plaintext_after` (qmgr's minimal_backoff_time, as Postfix's var_min_backoff_time): at TLS level may, a failed
 handshake goes on in plaintext only for a message queued at least this long (`request.queued_for`); new mail is
 deferred 4.7.5 instead (see connect). `generic` (mailflow.transports.generic.GenericMaps, None: smtp.generic_maps
