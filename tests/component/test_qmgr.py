@@ -24,6 +24,7 @@ from mailflow.routing.rewrite import Rewriter
 from mailflow.store import NewMessage, Store
 from tests.support import (BlockingTransport, RecordingClock, RecordingTransport, ScriptedTransport, always,
                            eventually, qmgr_turn)
+from tests.support.stalls import LoopTurns
 
 T0 = 1_700_000_000.0
 HOST = "mx.example.test"
@@ -1013,8 +1014,6 @@ async def test_a_destination_that_dies_with_many_jobs_queued_defers_them_a_slice
     """A destination that died with 2 000 jobs queued (one message of 100 000 recipients) held the loop 0.5 s
     deferring them: more than SUSPEND_SLICE are deferred by a task, the loop handed back between the slices, each
     with the failure that killed it."""
-    from tests.component.test_qmgr_handoff import LoopTurns
-
     failing = ScriptedTransport(h.clock, always(Outcome.DEFERRED, "4.7.1", "host mx refused to talk to me", False))
     await h.start(transports={"local": h.local, "smtp": failing}, initial_destination_concurrency=1,
                   transport_destination_recipient_limit={"smtp": 2})

@@ -25,6 +25,7 @@ from mailflow.routing.rewrite import Rewriter
 from mailflow.store import NewMessage, Store
 from tests.component.test_qmgr_policy import T0, Sim, notices_in, report_fields
 from tests.support import BlockingTransport, RecordingClock, RecordingTransport, eventually, qmgr_turn
+from tests.support.stalls import LoopTurns
 
 HOST = "mx.example.test"
 
@@ -188,8 +189,6 @@ class AllAtOnce:
 async def test_an_agent_answering_each_recipient_at_once_has_the_loop_handed_back_every_slice(s):
     """A local job has no recipient limit: 100 000 unknown users (one message through virtual aliases), each
     answered at once, held the loop 6.6 s while qmgr took their results. It is handed back every RESULT_SLICE."""
-    from tests.component.test_qmgr_handoff import LoopTurns
-
     async with LoopTurns() as turns:
         s.local = AllAtOnce(turns)
         await s.start()

@@ -22,6 +22,7 @@ from mailflow.stages.qmgr import QueueManager
 from mailflow.store import Store
 from mailflow.store.engine import Writer
 from tests.support import BlockingTransport, RecordingClock, always, eventually, qmgr_turn
+from tests.support.stalls import LoopTurns
 
 T0 = 1_700_000_000.0
 
@@ -270,32 +271,6 @@ async def test_a_submission_cancelled_before_its_commit_gives_its_place_back(hos
         await submitting
     monkeypatch.undo()
     await eventually(lambda: h.qmgr.reserve() and (h.qmgr.release() or True))  # the one place is free again
-
-
-class LoopTurns:
-    """Counts the event loop's turns (a task that yields at each); `at_each(resolve)` records the count at each
-    call of `resolve`: how many turns the loop had while a message's recipients were resolved."""
-
-    def __init__(self):
-        self.count, self.seen = 0, []
-
-    async def __aenter__(self) -> "LoopTurns":
-        self._task = asyncio.create_task(self._turn())
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self._task.cancel()
-
-    async def _turn(self) -> None:
-        while True:
-            self.count += 1
-            await asyncio.sleep(0)
-
-    def at_each(self, resolve):
-        def recording(*args):
-            self.seen.append(self.count)
-            return resolve(*args)
-        return recording
 
 
 async def test_a_message_of_many_recipients_is_handed_over_resolved_a_slice_at_a_time(host):

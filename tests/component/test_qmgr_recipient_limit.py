@@ -12,6 +12,7 @@ from mailflow.stages.qmgr import OVERLOOK_SLICE, ROUTE_SLICE, _postfix_order
 from mailflow.stages.qmgr.destination import Destination
 from tests.component.test_qmgr import Harness, queue_is_empty, relaying
 from tests.support import BlockingTransport, RecordingTransport, eventually, qmgr_turn
+from tests.support.stalls import LoopTurns
 
 
 @pytest.fixture
@@ -232,8 +233,6 @@ async def test_local_takes_every_recipient_of_a_message_in_one_delivery_unless_i
 async def test_a_scan_resolves_a_message_of_many_recipients_a_slice_at_a_time(h):
     """As a hand-over (test_qmgr_handoff): a scan resolves a message's recipients ROUTE_SLICE at a time, the loop
     handed back in between, and the jobs are the same."""
-    from tests.component.test_qmgr_handoff import LoopTurns
-
     await h.start()
     n = 3 * ROUTE_SLICE + 1
     async with LoopTurns() as turns:

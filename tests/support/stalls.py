@@ -8,6 +8,9 @@
     watch.longest                             the longest gap seen (seconds, 0.0 when none was over `threshold`)
     watch.close()                             stops the beat and the thread
 
+    async with LoopTurns() as turns:          counts the turns of the running loop (a task yielding at each);
+        ... turns.at_each(resolve) ...        wraps `resolve` to record the count at each call in `turns.seen`
+
 A gap counts the time the loop spent away from its timers: one callback that ran that long, several with no timer
 between them, or another thread holding the GIL (a worker's pure-Python walk with the loop waiting its turn).
 The samples are sys._current_frames(), taken by a thread that needs the GIL: a gap spent in one C call
@@ -87,3 +90,29 @@ def summary(frames: dict, loop_thread: int, depth: int = 10) -> str:
         elif ours and not any(w in stack[0].filename for w in ("threading", "queue", "selectors", "stalls")):
             parts.append("thread: " + " <- ".join(named[:1] + ours[:3]))
     return " | ".join(parts)
+
+
+class LoopTurns:
+    """Counts the event loop's turns (a task that yields at each); `at_each(resolve)` records the count at each
+    call of `resolve`: how many turns the loop had while a message's recipients were resolved."""
+
+    def __init__(self):
+        self.count, self.seen = 0, []
+
+    async def __aenter__(self) -> "LoopTurns":
+        self._task = asyncio.create_task(self._turn())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._task.cancel()
+
+    async def _turn(self) -> None:
+        while True:
+            self.count += 1
+            await asyncio.sleep(0)
+
+    def at_each(self, resolve):
+        def recording(*args):
+            self.seen.append(self.count)
+            return resolve(*args)
+        return recording
