@@ -142,7 +142,7 @@ MAP_INLINE = 4
 class DirectQueue(Protocol):
     """The queue manager as cleanup hands new mail to it (mailflow.stages.qmgr)."""
 
-    def reserve(self) -> bool: ...
+    def reserve(self, recipients: int) -> bool: ...
     def release(self) -> None: ...
     def hand_over(self, msg: NewMessage) -> None: ...
 
@@ -321,7 +321,7 @@ class Cleanup:
     def _reserve_place(self, msg: NewMessage) -> DirectQueue | None:
         """The attached queue manager, holding a place for `msg`, when it can take new mail straight; else None."""
         direct = self._direct
-        if msg.queue != "incoming" or direct is None or not direct.reserve():
+        if msg.queue != "incoming" or direct is None or not direct.reserve(len(msg.recipients)):
             return None
         return direct
 

@@ -397,7 +397,7 @@ async def test_a_start_up_recovery_the_store_refused_is_done_by_a_later_scan_and
     s.store.recover = recover
     try:
         await s.start(backoff=(0.05, 0.1))
-        assert not s.qmgr.reserve(), "a hand-over before recovery"
+        assert not s.qmgr.reserve(1), "a hand-over before recovery"
         await s.queue("NEW", "new@remote.test")
         await eventually(lambda: _counts_are(s, {}), timeout=10)
         assert len(tries) == 3 and sorted(sent_to(s.smtp)) == ["left@remote.test", "new@remote.test"]

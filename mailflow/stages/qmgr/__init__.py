@@ -21,7 +21,8 @@ The loop
 - New mail can skip the scan: cleanup `reserve()`s a place in the active queue, commits the message straight
   into it (queue 'active'), and `hand_over()`s it with its content still in memory (`release()` when the commit
   failed). A place is given only while there is room and the last scan left nothing due behind for want of it
-  (a backlog goes through the scan, which alternates new and deferred mail), never while stopping. At one
+  (a backlog goes through the scan, which alternates new and deferred mail), never while stopping, and never
+  to a message of more than ROUTE_SLICE recipients (resolved by the scan, a slice at a time). At one
   session this saves a writer transaction, a content read and a loop turn per message; a crash before the hand
   over leaves the message active, and start-up recovery makes it due again. The contents kept this way are
   bounded (HANDOFF_CONTENT_BUDGET bytes in all, until their messages finish): past that, a message is handed over
@@ -370,10 +371,14 @@ class QueueManager:
             self._rouse()
 
     # -- new mail handed over by cleanup ------------------------------------------------------------
-    def reserve(self) -> bool:
-        """A place in the active queue for a message cleanup is about to commit straight into it (see the module
-        doc); True holds it until `hand_over` or `release`."""
+    def reserve(self, recipients: int) -> bool:
+        """A place in the active queue for a message of `recipients` cleanup is about to commit straight into it
+        (see the module doc); True holds it until `hand_over` or `release`. Never for more than ROUTE_SLICE
+        recipients: that message goes through the incoming queue, and the scan resolves it a slice at a time in
+        qmgr's own loop task, whose operator poll comes before or after the scan, never in between."""
         if self._stopping or self._loop_task is None or self._room_was_short or not self._recovered:
+            return False
+        if recipients > ROUTE_SLICE:
             return False
         if self.taken_count + self._reserved + self._admitting >= self._config.active_limit:
             return False
@@ -386,9 +391,7 @@ class QueueManager:
 
     def hand_over(self, msg: NewMessage) -> None:
         """A message committed in the active queue on a place `reserve` gave: it is scheduled now, its content
-        (when all in memory) used as it is. After a stop began it stays active for the next start. One of more
-        than ROUTE_SLICE recipients is resolved by a task of its own, a slice at a time, keeping its place
-        reserved meanwhile (and its content is read by its first job)."""
+        (when all in memory) used as it is. After a stop began it stays active for the next start."""
         if self._stopping:
             self._reserved -= 1
             return
@@ -396,9 +399,6 @@ class QueueManager:
         queued = QueuedMessage(msg.queue_id, msg.sender, msg.arrival, msg.content.size, msg.smtputf8, msg.body_type,
                                0, msg.recipients, envid=msg.envid, ret=msg.ret, content_filter=msg.content_filter,
                                client_attributes=msg.client_attributes, created=msg.created)
-        if len(msg.recipients) > ROUTE_SLICE:
-            self._spawn(self._hand_over_in_slices(queued))
-            return
         self._reserved -= 1
         content, kept = None, 0
         if msg.content.in_memory and self._handed_bytes + msg.content.size <= HANDOFF_CONTENT_BUDGET:
@@ -408,17 +408,6 @@ class QueueManager:
             self._handed_bytes += kept
         self._admit(queued, self._clock.time(), content, kept)
         self._pump()
-
-    async def _hand_over_in_slices(self, message: QueuedMessage) -> None:
-        """`hand_over` of a message of many recipients: resolved a slice at a time, then admitted (unless a stop
-        began meanwhile: it stays active for the next start)."""
-        try:
-            routes = await self._routes_in_slices(message)
-        finally:
-            self._reserved -= 1
-        if not self._stopping:
-            self._admit(message, self._clock.time(), routes=routes)
-            self._pump()
 
     @property
     def active_count(self) -> int:
@@ -776,7 +765,10 @@ class QueueManager:
                         self._log_opened(message)
                         routes = await self._routes_in_slices(message) if len(message.recipients) > ROUTE_SLICE \
                             else None
-                        self._admit(message, now, routes=routes)
+                        if message.queue_id in self._active:  # (admitted while its slices were resolved)
+                            self._released_in_hand(message.queue_id)
+                        else:
+                            self._admit(message, now, routes=routes)
                     self._admitting -= 1
                 self._pump()
         finally:
