@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import random
 import sqlite3
 import threading
@@ -365,3 +366,33 @@ async def test_an_operator_change_while_a_scan_resolves_many_recipients_is_seen(
                                          f"r{i:05d}@remote.test" not in per_recipient)
     elif change == "delete":
         assert counts == {}
+
+
+async def test_a_reload_while_a_scan_resolves_many_recipients_sends_them_all_the_new_way(host):
+    """A reload between two slices of a message's resolution: the slices resolved before it went by the old routing
+    (500 recipients through the old relay, 4 500 through the new, none of them in flight at the reload). Its
+    resolution starts over: every recipient goes where the new routing sends it."""
+    h = await host()
+    h.smtp.release.set()
+    resolve = h.qmgr._resolve
+
+    def relayed(relay: str):
+        return lambda *args: dataclasses.replace(resolve(*args), nexthop=relay)
+
+    reloads = []
+
+    def old_routing(*args):
+        if not reloads:  # the reload comes while the loop is handed back after this slice
+            reloads.append(asyncio.get_running_loop().call_soon(lambda: h.qmgr.reconfigure(
+                resolve=relayed("[new-relay.test]"), transports=h.qmgr._transports, config=h.qmgr._config,
+                notices=None, soft_bounce=False)))
+        return relayed("[old-relay.test]")(*args)
+
+    h.qmgr._resolve = old_routing
+    n = 3 * qmgr_module.ROUTE_SLICE + 1
+    await h.cleanup.submit(many(n))
+    await eventually(lambda: h.qmgr.active_count == 0 and h.smtp.calls, what="the message delivered")
+    by_relay = collections.Counter()
+    for _, request in h.smtp.calls:
+        by_relay[request.nexthop] += len(request.recipients)
+    assert by_relay == {"[new-relay.test]": n}

@@ -221,6 +221,7 @@ class QueueManager:
         self._recipient_delimiter = recipient_delimiter
         self._soft_bounce = soft_bounce
         self._resolve = resolve
+        self._routing = 0  # bumped by each reload (`reconfigure`): a message resolved across it starts over
         self._transports = transports
         self._config = config
         self._clock = clock
@@ -330,6 +331,7 @@ class QueueManager:
         kept = {id(t) for t in transports.values()}
         retired = [(name, t) for name, t in _named(self._transports) if id(t) not in kept]
         self._resolve, self._transports, self._config, self._notices = resolve, transports, config, notices
+        self._routing += 1
         self._soft_bounce, self._recipient_delimiter = soft_bounce, recipient_delimiter
         for dest in self._destinations.values():
             dest.restart(config.initial_destination_concurrency, config.default_destination_concurrency_limit,
@@ -831,18 +833,24 @@ class QueueManager:
     async def _routes_in_slices(self, message: QueuedMessage) -> Routes:
         """`_routes` of all of `message`'s recipients, ROUTE_SLICE at a time, the loop handed back in between (one
         message of 100 000 recipients, which virtual aliases may make, held it 2.3 s); the same groups, in the
-        same order."""
-        groups: dict[tuple[str, str], list[Recipient]] = {}
-        unresolved: list[RcptResult] = []
-        recipients = message.recipients
-        for start in range(0, len(recipients), ROUTE_SLICE):
-            if start:
-                await asyncio.sleep(0)
-            part, failed = self._routes(message, recipients[start:start + ROUTE_SLICE])
-            for key, members in part.items():
-                groups.setdefault(key, []).extend(members)
-            unresolved += failed
-        return groups, unresolved
+        same order. A reload in between (`reconfigure`) starts it over: every recipient goes where the new routing
+        sends it, as `_reroute` sends the jobs already queued."""
+        while True:
+            routing = self._routing
+            groups: dict[tuple[str, str], list[Recipient]] = {}
+            unresolved: list[RcptResult] = []
+            recipients = message.recipients
+            for start in range(0, len(recipients), ROUTE_SLICE):
+                if start:
+                    await asyncio.sleep(0)
+                    if routing != self._routing:
+                        break
+                part, failed = self._routes(message, recipients[start:start + ROUTE_SLICE])
+                for key, members in part.items():
+                    groups.setdefault(key, []).extend(members)
+                unresolved += failed
+            else:
+                return groups, unresolved
 
     def _routes(self, message: QueuedMessage, recipients) -> Routes:
         """The recipients by `(transport, nexthop)` through trivial-rewrite, each in the form it resolved to; those
