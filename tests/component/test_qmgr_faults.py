@@ -198,6 +198,44 @@ async def test_an_agent_answering_each_recipient_at_once_has_the_loop_handed_bac
     assert len(turns.seen) == n and len(set(turns.seen)) >= 4, "the loop had no turn between the slices"
 
 
+class CutOffAtASlice:
+    """An agent that delivers its recipients one after another, waiting on I/O between them; the delivery is
+    cancelled (as a stop cancels it) in the loop turn after its RESULT_SLICE-th result is given."""
+
+    program = "local"
+    delivers_each = True
+
+    def __init__(self):
+        self.delivered: list[str] = []
+
+    async def deliver_each(self, request):
+        for rcpt in request.recipients:
+            self.delivered.append(rcpt.address)
+            if len(self.delivered) == RESULT_SLICE:
+                asyncio.get_running_loop().call_soon(asyncio.current_task().cancel)
+            yield RcptResult(rcpt, Outcome.SENT, "2.0.0", "delivered", relay="local")
+            await asyncio.sleep(0.001)
+
+    async def deliver(self, request):
+        raise AssertionError("qmgr asks deliver_each of an agent that has it")
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_delivery_cancelled_as_the_loop_is_handed_back_keeps_the_result_given_before(s):
+    """The loop was handed back between an agent's result and its recording: a stop's cancel there dropped a
+    result the agent had delivered (100 delivered, 99 recorded), to be delivered again after the start. Each
+    result given is recorded before the loop is handed back."""
+    s.local = agent = CutOffAtASlice()
+    await s.start()
+    await s.queue("Q1", *(f"u{i:04d}@example.test" for i in range(RESULT_SLICE + 50)))
+    await eventually(lambda: len(agent.delivered) >= RESULT_SLICE, what="the agent cut off")
+    await eventually(lambda: not s.qmgr.busy, what="its records written")
+    sent = [address for address, status, *_ in await s.store.recipients("Q1") if status == "sent"]
+    assert agent.delivered == sent and len(sent) == RESULT_SLICE
+
+
 def test_a_job_whose_results_were_recorded_as_they_came_makes_none_for_them_at_its_end(monkeypatch):
     """At the end of a job of 100 000 recipients recorded one by one, a "reported no result" deferral was made for
     each of them, then dropped as recorded: 0.5 s on the loop. Only those neither reported nor recorded get one."""

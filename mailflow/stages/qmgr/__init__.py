@@ -1189,17 +1189,16 @@ class QueueManager:
         last: list[RcptResult] = []
         taken = 0
         async for given in results:
+            if _is_for(mine, given) and given.recipient.index not in recorded:
+                if len(recorded) + 1 == expected:
+                    last.append(given)
+                else:
+                    recorded.add(given.recipient.index)
+                    stats = active.stats._replace(handoff=handoff, done=self._clock.time())
+                    self._results_in(active, [_stamp(job.transport, given, stats)])
             taken += 1
             if taken % RESULT_SLICE == 0:  # (an agent whose results need no wait would hold the loop for all)
-                await asyncio.sleep(0)
-            if not _is_for(mine, given) or given.recipient.index in recorded:
-                continue
-            if len(recorded) + 1 == expected:
-                last.append(given)
-                continue
-            recorded.add(given.recipient.index)
-            stats = active.stats._replace(handoff=handoff, done=self._clock.time())
-            self._results_in(active, [_stamp(job.transport, given, stats)])
+                await asyncio.sleep(0)  # after the result is in: a stop's cancel here loses none
         return DeliveryReport(tuple(last))
 
     async def _content(self, active: ActiveMessage) -> Content | None:
