@@ -1010,6 +1010,29 @@ async def test_resolve_gets_the_envelope_sender_and_its_tables_are_asked_once_a_
         ("[relay.test]", ["b@other.test", "a@remote.test", "c@third.test"])]  # (Postfix's order: by domain)
 
 
+async def test_the_sender_dependent_choice_is_asked_once_for_a_message_resolved_in_slices(h):
+    """A message of more than ROUTE_SLICE recipients is resolved a slice at a time: its sender's tables were asked
+    once a slice (10 times for 5 000 recipients), not once a message as the module doc says."""
+    config = Config(myhostname=HOST, mydestination=("example.test",),
+                    sender_dependent_relayhost_maps=["inline:{ {sender@remote.test = [relay.test]} }"])
+    rewriter = Rewriter(config)
+    asked: list[str] = []
+    override = rewriter.sender_override
+
+    def counting_override(tables, sender, null_key):
+        asked.extend([sender] if tables else [])
+        return override(tables, sender, null_key)
+
+    rewriter.sender_override = counting_override  # type: ignore[method-assign]
+    await h.start(resolve=rewriter.resolve)
+    n = 2 * qmgr_module.ROUTE_SLICE + 1
+    await h.queue(*(f"u{i:05d}@remote.test" for i in range(n)))
+    await eventually(lambda: queue_is_empty(h))
+    assert asked == ["sender@remote.test"]
+    assert {r.nexthop for r in h.smtp.requests} == {"[relay.test]"}
+    assert sum(len(r.recipients) for r in h.smtp.requests) == n
+
+
 async def test_a_destination_that_dies_with_many_jobs_queued_defers_them_a_slice_at_a_time(h, monkeypatch):
     """A destination that died with 2 000 jobs queued (one message of 100 000 recipients) held the loop 0.5 s
     deferring them: more than SUSPEND_SLICE are deferred by a task, the loop handed back between the slices, each

@@ -822,7 +822,7 @@ class QueueManager:
     def _admit(self, message: QueuedMessage, now: float, content: asyncio.Future | None = None,
                handed_bytes: int = 0, routes: Routes | None = None) -> None:
         """`message` enters the active queue at `now`, its recipients resolved now unless `routes` has them."""
-        groups, unresolved = routes if routes is not None else self._routes(message, message.recipients)
+        groups, unresolved = routes if routes is not None else self._routes(message, message.recipients, {})
         active = ActiveMessage(message, jobs_left=0, stats=MsgStats(message.arrival, now),
                                owed=list(message.owed), content=content, handed_bytes=handed_bytes)
         self._active[message.queue_id] = active
@@ -837,6 +837,7 @@ class QueueManager:
         sends it, as `_reroute` sends the jobs already queued."""
         while True:
             routing = self._routing
+            memo: dict = {}  # the sender's choices, for all the slices
             groups: dict[tuple[str, str], list[Recipient]] = {}
             unresolved: list[RcptResult] = []
             recipients = message.recipients
@@ -845,19 +846,19 @@ class QueueManager:
                     await asyncio.sleep(0)
                     if routing != self._routing:
                         break
-                part, failed = self._routes(message, recipients[start:start + ROUTE_SLICE])
+                part, failed = self._routes(message, recipients[start:start + ROUTE_SLICE], memo)
                 for key, members in part.items():
                     groups.setdefault(key, []).extend(members)
                 unresolved += failed
             else:
                 return groups, unresolved
 
-    def _routes(self, message: QueuedMessage, recipients) -> Routes:
+    def _routes(self, message: QueuedMessage, recipients, memo: dict) -> Routes:
         """The recipients by `(transport, nexthop)` through trivial-rewrite, each in the form it resolved to; those
-        whose lookup failed, deferred."""
+        whose lookup failed, deferred. `memo` keeps the sender's choices (sender-dependent routing) for all of the
+        message's recipients: one per message and routing, however many calls its slices take."""
         groups: dict[tuple[str, str], list[Recipient]] = {}
         unresolved: list[RcptResult] = []
-        memo: dict = {}  # the sender's choices (sender-dependent routing), asked once for all its recipients
         for rcpt in recipients:
             try:
                 res = self._resolve(rcpt.address, message.sender, memo)
@@ -915,7 +916,8 @@ class QueueManager:
         for queue_id in [queue_id for queue_id in self._active if queue_id in waiting]:
             active, jobs = self._active[queue_id], waiting[queue_id]
             queued = {rcpt.index: rcpt for rcpt in active.message.recipients}
-            groups, unresolved = self._routes(active.message, [queued[r.index] for job in jobs for r in job.recipients])
+            waiting_rcpts = [queued[r.index] for job in jobs for r in job.recipients]
+            groups, unresolved = self._routes(active.message, waiting_rcpts, {})
             active.jobs_left += self._queue_jobs(queue_id, groups) - len(jobs)
             if unresolved:
                 self._results_in(active, unresolved)
