@@ -126,6 +126,8 @@ class AddressMapper:
         self._sender_passes = [t for t in (tables.open(config.sender_canonical_maps), canonical) if t]
         self._recipient_passes = [t for t in (tables.open(config.recipient_canonical_maps), canonical) if t]
         self._virtual = tables.open(config.virtual_alias_maps)
+        # whether a recipient may become many (virtual alias expansion): cleanup maps a long envelope off the loop
+        self.expands = bool(self._virtual)
         self._sender_bcc = tables.open(config.sender_bcc_maps)
         self._recipient_bcc = tables.open(config.recipient_bcc_maps)
         # whether any automatic BCC is configured: when not, cleanup asks for none (nothing per recipient)

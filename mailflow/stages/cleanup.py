@@ -28,8 +28,9 @@ What it does, in order (Postfix cleanup(8)):
    always_bcc; NOTIFY=NEVER), never for forwarded copies and notices (so a BCC copy cannot loop); looked up on
    the envelope as received when milters edited it (`Submission.received`), as Postfix's cleanup looks them up
    before its milters run: a milter-added recipient gets no recipient_bcc_maps copy, a deleted one keeps its copy,
-   a CHGFROM adds the new sender's copy to the first's; an envelope of more than MAP_INLINE recipients is
-   rewritten in a worker thread (as one whose tables may block), the others on the event loop;
+   a CHGFROM adds the new sender's copy to the first's; an envelope of more than MAP_INLINE recipients
+   (MAP_INLINE_PLAIN when no virtual alias map may expand one into many) is rewritten in a worker thread (as one
+   whose tables may block), the others on the event loop;
 4a. removes the header fields of `message_drop_headers` (Postfix's default: Bcc, Resent-Bcc, Return-Path,
    Content-Length), so a blind copy's recipients are never shown to the others (not those a milter added,
    `Submission.milter_fields`: kept after the fields cleanup adds, as Postfix keeps a milter's Bcc; they make no
@@ -134,9 +135,12 @@ class Bcc:
 
 NO_BCC = Bcc()  # a message that asks for no BCC copy of the content checks (the common case: nothing allocated)
 REDIRECTED = Bcc(redirected=True)
-# recipients whose mapping (step 4) runs on the event loop; more are mapped in a worker thread: each may expand to
-# virtual_alias_expansion_limit (1 000) addresses, some 20 ms (100 such recipients held the loop 1.9 s)
+# recipients whose mapping (step 4) runs on the event loop; more are mapped in a worker thread. Through virtual
+# alias maps each may expand to virtual_alias_expansion_limit (1 000) addresses, some 20 ms (100 such recipients
+# held the loop 1.9 s): MAP_INLINE. Without them each costs some 10 us, and the thread's hop 100-250 us a message:
+# MAP_INLINE_PLAIN keeps a message of a few recipients off the hop, and the loop held 1-2 ms at most
 MAP_INLINE = 4
+MAP_INLINE_PLAIN = 100
 
 
 class DirectQueue(Protocol):
@@ -270,7 +274,7 @@ class Cleanup:
                 bcc = Bcc(redirected=sub.redirected or found.redirect is not None, checks=tuple(found.bcc))
         if self._mapper is not None and "no_address_mappings" not in sub.overrides:
             msg, counted = await self._mapper.tables.run(self._prepare, sub, queue_id, True, bcc,
-                                                         off_loop=len(sub.envelope.recipients) > MAP_INLINE)
+                                                         off_loop=_maps_off_loop(self._mapper, sub))
         else:
             msg, counted = self._prepare(sub, queue_id, False, bcc)
         if msg.body_type != "8BITMIME" and await labelled_8bit(msg.content, header=_header_block(msg)):
@@ -637,3 +641,8 @@ def _header_block(msg: NewMessage) -> bytes:
     head = msg.content.parts[0]
     assert isinstance(head, bytes)
     return head
+
+
+def _maps_off_loop(mapper: AddressMapper, sub: Submission) -> bool:
+    """Whether `sub`'s envelope is too long to map on the event loop (step 4: MAP_INLINE, MAP_INLINE_PLAIN)."""
+    return len(sub.envelope.recipients) > (MAP_INLINE if mapper.expands else MAP_INLINE_PLAIN)

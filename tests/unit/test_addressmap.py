@@ -25,7 +25,7 @@ from mailflow.logs import MailLog
 from mailflow.model import ClientInfo, Envelope, Recipient, Submission
 from mailflow.routing.addressmap import AddressMapper, MilterEdits
 from mailflow.routing.rewrite import Rewriter
-from mailflow.stages.cleanup import MAP_INLINE, Cleanup
+from mailflow.stages.cleanup import MAP_INLINE, MAP_INLINE_PLAIN, Cleanup
 from tests.unit.test_cleanup_headers import FixedClock, RecordingStore
 
 BASE = dict(myhostname="mx.example.test", mydestination=("example.test", "localhost"))
@@ -637,6 +637,26 @@ async def test_cleanup_maps_an_envelope_of_many_recipients_in_a_worker_thread(tm
         assert len(store.inserted[-1].recipients) == 1000 * count  # (each list's members keep its original)
         on_loop = {threading.get_ident()} == set(expanded_on)
         assert len(expanded_on) == count and on_loop is (count <= MAP_INLINE), (count, expanded_on)
+
+
+async def test_cleanup_maps_an_envelope_on_the_loop_up_to_many_more_recipients_when_none_may_expand(monkeypatch):
+    """With no virtual alias map no recipient becomes many: every message of 5 recipients or more went through a
+    worker thread (some 400 us a message instead of 130 us on the loop). Past MAP_INLINE_PLAIN recipients only."""
+    m = mapper()
+    mapped_on: list[int] = []
+    expand = m.expand
+    monkeypatch.setattr(m, "expand", lambda addr: mapped_on.append(threading.get_ident()) or expand(addr))
+    store = RecordingStore()
+    cleanup = Cleanup(store, myhostname="mx.example.test", clock=FixedClock(), rng=random.Random(7), log=MailLog(),
+                      on_queued=lambda: None, mapper=m)
+    client = ClientInfo(addr="192.0.2.7", helo="client.test")
+    for count in (MAP_INLINE + 1, MAP_INLINE_PLAIN, MAP_INLINE_PLAIN + 1):
+        mapped_on.clear()
+        rcpts = tuple(f"u{i}@example.test" for i in range(count))
+        await cleanup.submit(Submission(Envelope("s@remote.test", rcpts), Content.of(b"Subject: x\r\n\r\n"), client))
+        assert len(store.inserted[-1].recipients) == count
+        on_loop = {threading.get_ident()} == set(mapped_on)
+        assert len(mapped_on) == count and on_loop is (count <= MAP_INLINE_PLAIN), (count, set(mapped_on))
 
 
 async def test_cleanup_warns_of_a_table_value_under_the_queue_id(caplog):
