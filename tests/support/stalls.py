@@ -33,13 +33,15 @@ class LoopWatch:
         self._loop, self._threshold, self._tick = loop, threshold, tick
         self._last = time.monotonic()
         self._loop_thread = 0
-        self._samples: collections.Counter[str] = collections.Counter()
+        self._samples: collections.Counter[str] = collections.Counter()  # the sampler's, swapped under `_lock`
+        self._lock = threading.Lock()
         self._closed = threading.Event()
         self._handle: asyncio.TimerHandle | None = None
         self.stalls: list[tuple[float, str]] = []
         started = threading.Event()
         loop.call_soon_threadsafe(self._first_beat, started)
-        assert started.wait(10), "the loop never ran the watch's first beat"
+        if not started.wait(10):
+            raise RuntimeError("the loop never ran the watch's first beat")
         self._sampler = threading.Thread(target=self._sample, daemon=True, name="loop-watch")
         self._sampler.start()
 
@@ -48,10 +50,16 @@ class LoopWatch:
         return max((seconds for seconds, _ in self.stalls), default=0.0)
 
     def close(self) -> None:
+        """From any thread: the beat is cancelled on the loop's own thread (the handle is the loop's to touch), and
+        stops by itself if the loop runs no more callbacks."""
         self._closed.set()
-        if self._handle is not None:
-            self._loop.call_soon_threadsafe(self._handle.cancel)
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._stop_beating)
         self._sampler.join(5)
+
+    def _stop_beating(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
 
     def _first_beat(self, started: threading.Event) -> None:
         self._loop_thread = threading.get_ident()
@@ -62,11 +70,12 @@ class LoopWatch:
     def _beat(self) -> None:
         now = time.monotonic()
         gap = now - self._last - self._tick
+        with self._lock:  # (the sampler thread adds to them meanwhile)
+            samples, self._samples = self._samples, collections.Counter()
         if gap > self._threshold:
-            self.stalls.append((gap, "; ".join(f"{n}x {where}" for where, n in self._samples.most_common(2))
+            self.stalls.append((gap, "; ".join(f"{n}x {where}" for where, n in samples.most_common(2))
                                 or "(not sampled)"))
         self._last = now
-        self._samples = collections.Counter()
         if not self._closed.is_set():
             self._handle = self._loop.call_later(self._tick, self._beat)
 
@@ -74,7 +83,9 @@ class LoopWatch:
         while not self._closed.wait(self._threshold / 5):
             late = time.monotonic() - self._last - self._tick
             if late > self._threshold:
-                self._samples[summary(sys._current_frames(), self._loop_thread)] += 1
+                where = summary(sys._current_frames(), self._loop_thread)
+                with self._lock:
+                    self._samples[where] += 1
 
 
 def summary(frames: dict, loop_thread: int, depth: int = 10) -> str:
