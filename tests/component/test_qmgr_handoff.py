@@ -354,7 +354,9 @@ async def test_an_operator_change_while_a_scan_resolves_many_recipients_is_seen(
     await eventually(lambda: h.qmgr.active_count == 0 and not h.qmgr.busy, what="the attempt concluded")
     await qmgr_turn(h.qmgr, h.clock)  # (a released one taken again meanwhile would be in hand now)
     await eventually(lambda: h.qmgr.active_count == 0 and not h.qmgr.busy, what="no attempt in hand")
-    assert taken[0] == queue_id and len(h.smtp.calls) < n // 50, "every job started before the poll"
+    assert taken[0] == queue_id
+    if change != "hold and release":  # (released within the tick, its jobs may all go, as if never held)
+        assert len(h.smtp.calls) < n // 50, "every job started before the poll"
     per_recipient = collections.Counter(r.address for _, request in h.smtp.calls for r in request.recipients)
     assert max(per_recipient.values(), default=0) <= 1, "a recipient delivered twice"
     counts = await h.store.counts()
