@@ -13,6 +13,7 @@ import email.policy
 import random
 import re
 import threading
+import tracemalloc
 
 import pytest
 
@@ -903,3 +904,24 @@ async def test_the_notices_of_an_attempt_of_many_results_are_planned_in_a_worker
     assert notice.kind == "failure" and len(notice.recipients) == count and submission.envelope.recipients == (
         "s@remote.test",)
     assert (planned_on == [threading.get_ident()]) is (count <= notices_module.PLAN_INLINE), planned_on
+
+
+def test_a_plan_describes_the_recipients_once_when_the_postmaster_gets_no_copy():
+    """notify_classes without `bounce` (Postfix's default: resource, software) sends the postmaster no copy of a
+    failure notice: the copy's description of every recipient was built all the same, then dropped, so 100 000
+    bounced recipients were described twice at once (the peak of planning the notices, a worker's). The plan's
+    peak is now about what it keeps: the sender's notice."""
+    from mailflow.model import QueuedMessage
+
+    recipients = tuple(Recipient(i, f"u{i}@example.test", "list@example.test") for i in range(20_000))
+    message = QueuedMessage("Q1", "s@example.org", 0.0, 10, False, "7BIT", 1, recipients)
+    results = [RcptResult(r, Outcome.BOUNCED, "5.1.1", "unknown user", "local") for r in recipients]
+    tracemalloc.start()
+    try:
+        [notice] = plan(message, results, warn_delay=False, myhostname="mx.test", double_bounce_recipient="pm",
+                        now=0.0)
+        kept, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert notice.to == "s@example.org" and len(notice.recipients) == 20_000
+    assert peak < 1.3 * kept  # (2.07 times when the copy's description was built too)

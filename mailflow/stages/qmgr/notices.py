@@ -123,27 +123,32 @@ def _postmaster_copies(message: QueuedMessage, results: list[RcptResult], kind: 
       class bounce, whether or not a recipient's NOTIFY asked for the sender's notice (Postfix's bounce log holds
       every failure, a deferred recipient's parts that bounced too; qmgr flags each for the copy); its delays: a
       copy to delay_notice_recipient with the class delay, at the warning's time (whatever the NOTIFY of each)."""
-    if kind == "success":
+    to, ret = _postmaster_address(message, kind, postmaster, double_bounce_recipient)
+    if not to:  # (decided first: the recipients are described only for a copy that goes, 100 000 of them alike)
         return []
-    classes = postmaster.classes
     about = tuple(_notice_recipient(r, now) for r in results if r.outcome is outcome)
     if kind == "failure":  # a deferred recipient's parts that bounced: in Postfix's bounce log too
         about += tuple(told for r in results if bounced_parts(r) for told in _failed_parts(r, now))
     if not about:
         return []
+    return [Notice(kind, _double_bounce_sender(myhostname), notice_recipient(to, myhostname), about, ret=ret)]
+
+
+def _postmaster_address(message: QueuedMessage, kind: str, postmaster: Postmaster,
+                        double_bounce_recipient: str) -> tuple[str, str]:
+    """Where the postmaster's copy of a notice of this kind goes, and its RET: ("", "") when none goes."""
+    classes = postmaster.classes
+    if kind == "success":
+        return "", ""
     if not message.sender:
         if kind == "failure" and double_bounce_recipient and ("2bounce" in classes or "bounce" in classes):
-            return [Notice(kind, _double_bounce_sender(myhostname),
-                           notice_recipient(double_bounce_recipient, myhostname), about, ret="FULL")]
+            return double_bounce_recipient, "FULL"
         if kind == "delay" and "delay" in classes and postmaster.delay_to:
-            return [Notice(kind, _double_bounce_sender(myhostname), notice_recipient(postmaster.delay_to, myhostname),
-                           about, ret="FULL")]
-        return []
+            return postmaster.delay_to, "FULL"
+        return "", ""
     to = {"failure": postmaster.bounce_to if "bounce" in classes else "",
           "delay": postmaster.delay_to if "delay" in classes else ""}[kind]
-    if not to:
-        return []
-    return [Notice(kind, _double_bounce_sender(myhostname), notice_recipient(to, myhostname), about, ret="HDRS")]
+    return to, "HDRS"
 
 
 def discarded(message: QueuedMessage, results: list[RcptResult], *, myhostname: str) -> bool:
