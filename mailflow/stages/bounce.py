@@ -265,7 +265,9 @@ def _text_part(boilerplate: list[str], recipients: list[NoticeRecipient], charse
     bounce_template_file's; none in a postmaster copy), then one paragraph per recipient, wrapped as Postfix's
     line_wrap does (79 columns, continuation indent 4). `charset`: the template's (utf-8 when it says us-ascii
     and a recipient's paragraph is not ASCII)."""
-    lines = list(boilerplate)
+    # (each paragraph encoded as it is made: 100 000 recipients' lines, then their text, then its bytes, were held
+    # at once)
+    body = [(CRLF.join(boilerplate) + CRLF).encode("utf-8") if boilerplate else b""]
     for nr in recipients:
         r = nr.recipient
         who = f"<{_clean(r.address)}>"
@@ -273,10 +275,9 @@ def _text_part(boilerplate: list[str], recipients: list[NoticeRecipient], charse
         if original and original != r.address:
             who += f" (expanded from <{_clean(original)}>)"
         said = _via(nr, _reason(nr) or _action_words(nr.action))
-        lines.append("")
-        lines += line_wrap(_cut_long_words(f"{who}: {said}"), TEXT_WIDTH, 4)
-    body = CRLF.join(lines) + CRLF
-    ascii_ = body.isascii()
+        body.append((CRLF + CRLF.join(line_wrap(_cut_long_words(f"{who}: {said}"), TEXT_WIDTH, 4)) + CRLF)
+                    .encode("utf-8"))
+    ascii_ = all(b.isascii() for b in body)
     if not ascii_ and charset.lower() == "us-ascii":
         charset = "utf-8"
     head = [
@@ -284,7 +285,7 @@ def _text_part(boilerplate: list[str], recipients: list[NoticeRecipient], charse
         f"Content-Type: text/plain; charset={charset}",
         f"Content-Transfer-Encoding: {'7bit' if ascii_ else '8bit'}",
     ]
-    return (CRLF.join(head) + CRLF + CRLF + body).encode("utf-8")
+    return (CRLF.join(head) + CRLF + CRLF).encode("utf-8") + b"".join(body)
 
 
 def _template(kind: str, mta: str, delay_warning_time: float, arrival: float,
@@ -309,7 +310,9 @@ def _status_part(global_: bool, mta: str, queue_id: str, sender: str, arrival: f
         per_message.append(f"Original-Envelope-Id: {value(envid)}")
     per_message += [f"X-Mailflow-Queue-ID: {value(queue_id)}", f"X-Mailflow-Sender: {_address_field(sender, global_)}",
                     f"Arrival-Date: {rfc5322_date(arrival)}"]
-    groups = [per_message]
+    # (each group encoded as it is made: 100 000 recipients' fields, then their text, then its bytes, were held at
+    # once)
+    groups = [_field_group(per_message)]
     for nr in recipients:
         group = [f"Final-Recipient: {_address_field(nr.recipient.address, global_)}"]
         if nr.recipient.orcpt:
@@ -330,13 +333,17 @@ def _status_part(global_: bool, mta: str, queue_id: str, sender: str, arrival: f
             group.append(f"Last-Attempt-Date: {rfc5322_date(nr.last_attempt)}")
         if nr.action == "delayed" and will_retry_until is not None:
             group.append(f"Will-Retry-Until: {rfc5322_date(will_retry_until)}")
-        groups.append(group)
-    body = CRLF.join("".join(_fold(field) + CRLF for field in group) for group in groups)
+        groups.append(_field_group(group))
     content_type = "message/global-delivery-status" if global_ else "message/delivery-status"
     head = ["Content-Description: Delivery report", f"Content-Type: {content_type}"]
-    if not body.isascii():
+    if not all(g.isascii() for g in groups):
         head.append("Content-Transfer-Encoding: 8bit")
-    return (CRLF.join(head) + CRLF + CRLF + body).encode("utf-8")
+    return (CRLF.join(head) + CRLF + CRLF).encode("ascii") + b"\r\n".join(groups)
+
+
+def _field_group(fields: list[str]) -> bytes:
+    """A group of fields, folded, each ending in CRLF, as bytes."""
+    return "".join(_fold(field) + CRLF for field in fields).encode("utf-8")
 
 
 def _with_return_path(sender: str, returned: bytes) -> bytes:

@@ -5,6 +5,7 @@ import email
 import email.policy
 import re
 import sys
+import tracemalloc
 
 import pytest
 from hypothesis import given, settings
@@ -558,3 +559,22 @@ def test_a_notice_about_a_thousand_recipients_with_long_replies_costs_a_bounded_
         sys.setprofile(None)
     assert calls < 1000 * len(many), calls
     assert raw.count(b"why-why-why-") > 1000 and b"user999@remote.test" in raw
+
+
+def test_a_notice_of_many_recipients_peaks_near_twice_its_size():
+    """The per-recipient parts are made a recipient at a time, as bytes: their fields' strings, then the part's
+    text, then its bytes were all held at once, 4.6 times the notice (20 000 recipients, 6 MB; 100 000
+    recipients' notice is 31 MB). What is left is the parts and the notice joined from them."""
+    recipients = [NoticeRecipient(Recipient(i, f"u{i}@local.test", "list@local.test", "", "rfc822;list@local.test"),
+                                  "failed", "5.1.1", f'unknown user: "u{i}"', last_attempt=1e9)
+                  for i in range(20_000)]
+    tracemalloc.start()
+    try:
+        notice = build_notice(kind="failure", queue_id="Q", sender="s@example.org", arrival=1e9, envid="", ret="",
+                              original=b"Subject: x\r\n\r\nbody\r\n", reporting_mta="mx.test", now=1e9,
+                              notice_id="n", recipients=recipients)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert notice.count(b"Final-Recipient: rfc822; u") == 20_000
+    assert peak < 3 * len(notice)
