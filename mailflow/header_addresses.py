@@ -16,7 +16,10 @@ rewriting: `user` becomes `user@myorigin`, canonical maps and masquerading apply
     value_addresses(value: str) -> (str | None, ...)
                                             the addresses of a table value (canonical, virtual alias and generic
                                             maps) as Postfix's mail_addr_crunch parses it: mailbox_spans' addresses
-                                            as text, None for a mailbox that is no address (cached: pure)
+                                            as text, None for a mailbox that is no address (cached: pure; the
+                                            cache holds at most VALUE_CACHE_ENTRIES values and about
+                                            VALUE_CACHE_BYTES of text, so lists of thousands of members cannot
+                                            make it hold tens of MB)
     closed_address(address) -> address      a quoted string or literal never closed, closed at the end as Postfix's
                                             tokenizer closes it (`bob@[192.0.2.1` is bob@[192.0.2.1])
     rewrite_address_fields(head, sender, recipient) -> bytes
@@ -34,6 +37,8 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
+from collections import OrderedDict
 from typing import Callable
 
 from mailflow.message import header_fields
@@ -187,8 +192,64 @@ def mailbox_spans(value: bytes) -> list[tuple[int, int] | None]:
     return spans + [None] if tokens and tokens[-1][2] < len(value) else spans
 
 
-@functools.lru_cache(maxsize=1024)  # a pure function: one table value (`@example.com`) answers many lookups
-def value_addresses(value: str) -> tuple[str | None, ...]:
+VALUE_CACHE_ENTRIES = 1024  # table values remembered parsed (one value, `@example.com`, answers many lookups)
+VALUE_CACHE_BYTES = 4 << 20  # and about this much of their text and addresses in all (a list's value can be 70 KB)
+
+
+class _ParsedValues:
+    """value_addresses' cache: the values used most recently, at most `entries` of them and about `limit` bytes of
+    text (each value counted with its addresses); a value larger than the whole budget is parsed each time. Used
+    from worker threads too (cleanup maps off the loop): a lock guards it. `cache_clear` and `cache_info` as
+    functools.lru_cache's."""
+
+    def __init__(self, parse: Callable[[str], tuple[str | None, ...]], entries: int, limit: int):
+        self._parse = parse
+        self._entries = entries
+        self._limit = limit
+        self._parsed: OrderedDict[str, tuple[str | None, ...]] = OrderedDict()
+        self._bytes = 0
+        self._hits = self._misses = 0
+        self._lock = threading.Lock()
+        functools.update_wrapper(self, parse)
+
+    def __call__(self, value: str) -> tuple[str | None, ...]:
+        with self._lock:
+            parsed = self._parsed.get(value)
+            if parsed is not None:
+                self._parsed.move_to_end(value)
+                self._hits += 1
+                return parsed
+            self._misses += 1
+        parsed = self._parse(value)
+        cost = _text_cost(value, parsed)
+        if cost <= self._limit:
+            with self._lock:
+                if value not in self._parsed:
+                    self._parsed[value] = parsed
+                    self._bytes += cost
+                    self._evict()
+        return parsed
+
+    def _evict(self) -> None:
+        while len(self._parsed) > self._entries or self._bytes > self._limit:
+            value, parsed = self._parsed.popitem(last=False)
+            self._bytes -= _text_cost(value, parsed)
+
+    def cache_clear(self) -> None:
+        with self._lock:
+            self._parsed.clear()
+            self._bytes = self._hits = self._misses = 0
+
+    def cache_info(self) -> functools._CacheInfo:
+        with self._lock:
+            return functools._CacheInfo(self._hits, self._misses, self._entries, len(self._parsed))
+
+
+def _text_cost(value: str, parsed: tuple[str | None, ...]) -> int:
+    return len(value) + sum(len(address) for address in parsed if address) + 56 * (1 + len(parsed))
+
+
+def _value_addresses(value: str) -> tuple[str | None, ...]:
     """The addresses of a table value as Postfix's mail_addr_crunch parses it (RFC 822 tokens: `Joe <joe@x>` is
     `joe@x`, a comment or a group's name is none, words side by side are an address each, commas separate), None
     for a mailbox that is not one address (`a@b>x`, `<>`, a comment alone, `"`); one whose quoted string or literal
@@ -196,6 +257,9 @@ def value_addresses(value: str) -> tuple[str | None, ...]:
     raw = value.encode("utf-8", "surrogateescape")
     return tuple(None if span is None else _closed_or_none(raw[span[0]:span[1]].decode("utf-8", "surrogateescape"))
                  for span in mailbox_spans(raw))
+
+
+value_addresses = _ParsedValues(_value_addresses, VALUE_CACHE_ENTRIES, VALUE_CACHE_BYTES)
 
 
 def _closed_or_none(address: str) -> str | None:

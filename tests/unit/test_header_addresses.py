@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from mailflow.header_addresses import (RECIPIENT_FIELDS, SENDER_FIELDS, TOKEN_LIMIT, _spans_of_tokens, address_spans,
-                                       closed_address, mailbox_spans, rewrite_address_fields, value_addresses)
+from mailflow.header_addresses import (RECIPIENT_FIELDS, SENDER_FIELDS, TOKEN_LIMIT, VALUE_CACHE_BYTES,
+                                       _spans_of_tokens, address_spans, closed_address, mailbox_spans,
+                                       rewrite_address_fields, value_addresses)
 
 
 def addresses(value: bytes) -> list[bytes]:
@@ -132,3 +133,27 @@ def test_a_backslash_outside_quotes_escapes_the_next_character_as_in_postfixs_to
     """tok822_scan's atoms take a quoted-pair too: `a\\"b@x.test` opens no quoted string (it was closed as
     "a\\\\b"@x.test, another local part); the internal form a"b is written back quoted, as Postfix queues it."""
     assert closed_address(written) == address
+
+
+def list_value(i: int, members: int = 1000) -> str:
+    return ",".join(f"u{i}x{j}@lists.example" for j in range(members))
+
+
+def test_parsed_table_values_are_remembered_up_to_a_budget_of_bytes():
+    # a virtual alias list of 1 000 members is a 22 KB value: 1 024 of them remembered held ~70 MB of addresses
+    value_addresses.cache_clear()
+    try:
+        for i in range(400):
+            assert len(value_addresses(list_value(i))) == 1000
+        kept = value_addresses.cache_info().currsize
+        assert 0 < kept <= VALUE_CACHE_BYTES // (2 * len(list_value(0)))
+        value_addresses(list_value(399))  # the most recent is still remembered
+        assert value_addresses.cache_info().hits == 1
+        huge = list_value(0, members=VALUE_CACHE_BYTES // 20)  # past the whole budget: parsed, never kept
+        value_addresses(huge)
+        assert value_addresses.cache_info().currsize <= kept
+        value_addresses("@example.com")
+        value_addresses("@example.com")
+        assert value_addresses.cache_info().hits == 2
+    finally:
+        value_addresses.cache_clear()
