@@ -410,6 +410,21 @@ async def test_a_big_forward_is_parsed_off_the_event_loop_and_a_small_one_on_it(
     assert result.outcome is Outcome.SENT and parsed == [threading.main_thread()]
 
 
+async def test_a_long_alias_value_is_parsed_off_the_event_loop_and_a_short_one_on_it(tmp_path, monkeypatch):
+    """An alias of 10 000 members (a 150 KB value) was parsed on the event loop before the leaf budget could stop
+    it: 0.2 s, every session and delivery waiting. Past INLINE_FILE_BYTES characters it is parsed in a thread."""
+    parsed = threads_calling(monkeypatch, aliasing, "parse_value")
+    members = ", ".join(f"m{i}@remote.test" for i in range(1000))
+    assert len(members) > 16_384  # (INLINE_FILE_BYTES)
+    t = transport(tmp_path, f"big: {members}\nsmall: m1@remote.test, m2@remote.test\n", forward=(fwd := FakeForward()))
+    [result] = (await t.deliver(request("big@example.test"))).results
+    assert result.outcome is Outcome.SENT and len(fwd.calls[-1][2]) == 1000
+    assert parsed and threading.main_thread() not in parsed
+    parsed.clear()
+    [result] = (await t.deliver(request("small@example.test"))).results
+    assert result.outcome is Outcome.SENT and parsed == [threading.main_thread()]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root reads a .forward with its user's rights")
 async def test_a_forward_read_with_its_users_rights_is_read_off_the_event_loop(tmp_path, public_dir, monkeypatch):
     """A system user's .forward and its :include: files are read as the user, by a forked child: on the event loop
