@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import threading
 import time
 
 
 from mailflow import status
+from mailflow.config import config_from_dict
+from mailflow.tables import cidr
 from tests.support import SmtpClient, free_port, lines_logged, maildir_messages, queue_becomes, rcpt_reply, send
 
 MESSAGE = b"Subject: t\r\n\r\nhello\r\n"
@@ -50,6 +53,31 @@ class PolicyServer:
     async def stop(self) -> None:
         self.server.close()
         await self.server.wait_closed()
+
+
+async def test_restriction_tables_are_read_off_the_event_loop_before_they_are_asked(mailflow_server, tmp_path,
+                                                                                      monkeypatch):
+    """A check_client_access cidr: table was read by the first lookup, the first session's, on the event loop: one
+    of 100 000 lines held every session and delivery 0.5 s. The server reads a listener's restriction tables in a
+    worker thread before it serves, and a reload the new lists' before it puts them in use."""
+    readers: list[threading.Thread] = []
+    parse = cidr.parse_cidr
+    monkeypatch.setattr(cidr, "parse_cidr", lambda text: (readers.append(threading.current_thread()), parse(text))[1])
+    first, second = tmp_path / "first.cidr", tmp_path / "second.cidr"
+    first.write_text("192.0.2.0/24 REJECT\n")
+    second.write_text("127.0.0.1/32 REJECT no loopback today\n")
+    mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"],
+                                      "client_restrictions": [f"check_client_access cidr:{first}"]})
+    assert readers and threading.current_thread() not in readers
+    code, _ = await rcpt_reply(mf.smtp_addresses[0][1], "alice@local.test")
+    assert code == 250 and len(readers) == 1  # (the lookup found it read)
+    settings = mf.config.model_dump()
+    settings["smtpd"]["client_restrictions"] = (f"check_client_access cidr:{second}",)
+    await mf.reload(config_from_dict(settings))
+    read = len(readers)  # (a reload validates the new tables too: check-config's reading)
+    assert read > 1 and threading.current_thread() not in readers
+    code, reply = await rcpt_reply(mf.smtp_addresses[0][1], "alice@local.test")
+    assert code == 554 and "no loopback today" in str(reply) and len(readers) == read, reply
 
 
 async def test_policy_service_decides_per_recipient(mailflow_server):

@@ -6,7 +6,7 @@ What it owns
 - `Restrictions(config, smtpd, rewriter, mapper, resolver, tables)`: the lists of one `SmtpdConfig` (a
   listener may have its own), with their tables and policy clients opened once.
 - `check_rcpt(facts)`, `check_data(facts)`, `check_end_of_data(facts)`, `check_etrn(facts)` -> `Reply | None`
-  (None: go on);
+  (None: go on); `await preload()`: their file-backed tables read off the event loop (before a listener serves);
   `check_early(stage, facts)`: the client, helo or sender list on its own (delay_reject false);
   `check_data_command`, `check_content`: whether the data list, the end_of_data list has anything to evaluate
   (the handler runs the data list at DATA or the first BDAT, before any content); `close()`: the policy
@@ -474,6 +474,11 @@ class Restrictions:
         if facts.marks.discard is not None:
             return None
         return _conditional_deferrals(await self._run("end_of_data", facts), facts)
+
+    async def preload(self) -> None:
+        """Every file-backed table of these lists read now, in a worker thread (the server calls it before a
+        listener serves): read at its first lookup, a 100 000-line cidr: table held the event loop 0.5 s."""
+        await self._table_cache.preload()
 
     def close(self) -> None:
         """The policy services' kept connections are closed (a reload replaced these lists, or the server stops)."""

@@ -496,7 +496,7 @@ class Smtpd:
 
     async def start(self) -> None:
         self.listeners = [self._build_listener(*spec) for spec in self._config.smtpd.listener_settings()]
-        await self._tables.preload()  # the user and sender-login tables, read off the event loop
+        await self._preload(self.listeners)
         for listener in self.listeners:
             listener.server = await listen(functools.partial(self._session, listener), listener.host, listener.port,
                                            logger=log)
@@ -523,6 +523,7 @@ class Smtpd:
         # added connects only when asked, so a refused reload opens none)
         fresh.auth_failures, fresh._hasher, fresh._dovecots = self.auth_failures, self._hasher, dict(self._dovecots)
         built = [fresh._build_listener(*spec) for spec in fresh._config.smtpd.listener_settings()]
+        await fresh._preload(built)
         pairs, gone = _continued(self.listeners, built)
         added = [new for running, new in pairs if running is None]
         await self._listen(added)
@@ -541,6 +542,13 @@ class Smtpd:
                 log.info("reload: listening on %s (%s)", _bound(listener), listener.role)
 
         return commit
+
+    async def _preload(self, listeners: list[Listener]) -> None:
+        """The user, sender-login and restriction tables of `listeners` read off the event loop, before anyone
+        asks (a table nobody preloaded is read by its first lookup, on the loop)."""
+        await self._tables.preload()
+        for listener in listeners:
+            await listener.handler.restrictions.preload()
 
     async def _listen(self, listeners: list[Listener]) -> None:
         """Bind each listener's address and listen there, without serving yet. Raises ConfigError naming the
