@@ -1,6 +1,6 @@
 """`pcre:/path` tables (pcre_table(5)) on RE2: Postfix's PCRE rules, leftmost-first, no backtracking.
 
-The file format is regexp:'s (mailflow.tables.regexp shares its `if`/`endif` structure, prefilter set and lookup):
+The file format is regexp:'s (mailflow.tables.regexp shares its `if`/`endif` structure, prefilter sets and lookup):
 `/pattern/flags result`, `!/pattern/ result` (each `!` toggles; blanks may come between), `if /pattern/` …
 `endif` (nested), `#` comments, continuation lines. The delimiter is the first character after the `!`s (any
 character but a blank; a rule line itself starts with a non-alphanumeric one), a backslash escapes it, and the
