@@ -132,7 +132,7 @@ def run(name: str, message: str | bytes, overrides: dict, tmp: Path, rcpts: list
                                                      "mailbox_size_limit": 0}})
     settings = merged(settings, overrides)
     payload = data_payload(message.encode() if isinstance(message, str) else message)
-    server = ServerThread(settings)
+    server = ServerThread(settings, start_within=120)  # (100 000-line tables are read before it listens)
     watch = LoopWatch(server._loop)
     started = time.monotonic()
     try:

@@ -165,7 +165,7 @@ def queue_counts(db: Path) -> dict:
 class ServerThread:
     """mailflow on its own loop in a thread; `port` (its first SMTP listener), `counts()`, `settle()`, `stop()`."""
 
-    def __init__(self, settings: dict):
+    def __init__(self, settings: dict, start_within: float = 10):
         self._settings = settings
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -173,7 +173,7 @@ class ServerThread:
         self.port = 0
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
         self._thread.start()
-        assert self._ready.wait(10), "mailflow did not start"
+        assert self._ready.wait(start_within), "mailflow did not start"
 
     async def _main(self) -> None:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
