@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import random
 import re
+import threading
 
 import dkim
 import pytest
@@ -14,7 +15,7 @@ from mailflow.content import Content
 from mailflow.dns import AiodnsResolver, StaticResolver
 from mailflow.message import read_header
 from mailflow.signing import arc, keygen
-from mailflow.signing.dkim import verify
+from mailflow.signing.dkim import _StreamedBodyDKIM, verify
 from tests.support import LoopLag
 from tests.support.deliverability import dkim_signed, make_key, opendkim_verdict
 
@@ -181,6 +182,31 @@ async def test_a_signature_over_too_many_header_fields_is_permerror_at_once(dns_
     if not expected:
         verdict = opendkim_verdict(signed_message, {KEY_NAME: record}, tmp_path / "opendkim")
         assert re.search(r"dkim=(\w+)", verdict).group(1) == "pass"
+
+
+async def test_signatures_at_the_field_limits_are_checked_off_the_event_loop(dns_zone, tmp_path, monkeypatch):
+    """Five signatures (MAX_SIGNATURES), each over 990 fields and an h= of 995 names, within the bounds: dkimpy's
+    quadratic selection of each held the server's loop 0.1 s, one signature after another. The check of a
+    signature (selection, header hash, RSA) runs in a worker thread, its key fetched on the loop."""
+    threads: list[threading.Thread] = []
+    checked = _StreamedBodyDKIM.verify_sig_process
+
+    def watched(self, *args):
+        threads.append(threading.current_thread())
+        return checked(self, *args)
+
+    monkeypatch.setattr(_StreamedBodyDKIM, "verify_sig_process", watched)
+    message = MESSAGE.replace(b"Subject: hi\r\n", b"Subject: hi\r\n" + _fields(990))
+    names = [b"from", b"subject"] + [b"x-f%d" % i for i in range(990)] + [b"x-absent"] * 3
+    zone = ""
+    for number in range(5):
+        key = make_key(tmp_path, "sig.test", f"s{number}")
+        zone += zone_txt(f"s{number}._domainkey.sig.test", "".join(re.findall(r'"([^"]*)"',
+                                                                             keygen.txt_record(key, 300))))
+        message = dkim.sign(message, key.selector.encode(), b"sig.test", key.private, include_headers=names) + message
+    results, _ = await verify_timed(message, dns_zone(zone))
+    assert [r.result for r in results] == ["pass"] * 5
+    assert len(threads) == 5 and threading.current_thread() not in threads
 
 
 @pytest.mark.parametrize(("case", "fields", "signed", "reason"), [
