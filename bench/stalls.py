@@ -260,6 +260,48 @@ def big_message(size: int = BIG - 4000) -> bytes:
     return header().encode() + b"\r\n" + line * (size // len(line))
 
 
+def dkim_keys(tmp: Path, count: int) -> tuple[list, str]:
+    """`count` RSA keys of remote.example (2048 bits: signing 8192-bit keys ahead costs minutes) and a zone of them."""
+    from tests.support.deliverability import key_zone, make_key, start_zone
+
+    directory = tmp / "keys"
+    directory.mkdir(exist_ok=True)
+    keys = [make_key(directory, "remote.example", f"s{i}", "rsa") for i in range(count)]
+    nameserver, stop = start_zone(key_zone(keys), ad=False)
+    STOPS.append(stop)
+    return keys, nameserver
+
+
+STOPS: list = []  # what a scenario started beside the server (a zone), stopped after it
+
+
+def signing(tmp: Path) -> dict:
+    from tests.support.deliverability import dkim_settings
+
+    keys, nameserver = dkim_keys(tmp, 1)
+    return {"mynetworks": ["127.0.0.0/8"], "dkim": dkim_settings(tmp / "keys", keys),
+            "dns": {"nameservers": [nameserver], "timeout": "2s", "tries": 1}}
+
+
+VERIFY_FIELDS = 990  # a header section just under dkim.MAX_HEADER_FIELDS (1 000)
+
+
+def many_signatures(tmp: Path) -> tuple[bytes, dict]:
+    """Five DKIM-Signatures (dkim.MAX_SIGNATURES), each over every field of a header section of VERIFY_FIELDS and
+    more names in h= than fields (up to MAX_SIGNED_FIELDS), and a body of 1 MB."""
+    import dkim as dkimpy
+
+    keys, nameserver = dkim_keys(tmp, 5)
+    names = [f"X-H{i}".encode() for i in range(VERIFY_FIELDS)] + [b"from", b"to", b"subject"]
+    message = (header("".join(f"X-H{i}: v{i}\r\n" for i in range(VERIFY_FIELDS))) + "\r\n").encode() + \
+        b"y" * 76 + b"\r\n" * 13_000
+    for key in keys:
+        message = dkimpy.sign(message, key.selector.encode(), key.domain.encode(), key.private,
+                              include_headers=names + [b"x-absent"] * (995 - len(names))) + message
+    return message, {"sender_auth": {"verify": ["dkim"]},
+                     "dns": {"nameservers": [nameserver], "timeout": "2s", "tries": 1}}
+
+
 def features(peers: PeerLoop):
     """(name, message, overrides(tmp), recipients, after): each feature the shapes above do not reach."""
     fifty = {"smtpd": {"message_size_limit": BIG}}
@@ -275,6 +317,8 @@ def features(peers: PeerLoop):
     yield "local/forward-1000", lambda: header() + "\r\nbody\r\n", forward_file, None, None
     yield "local/maildir-50MB", big_message, lambda tmp: merged(local_settings(tmp), fifty), None, None
     yield "local/mbox-50MB", big_message, lambda tmp: merged(local_settings(tmp, "Mailbox"), fifty), None, None
+    yield "dkim/sign-10MB-short-lines", short_lines, signing, None, None
+    yield "dkim/sign-10MB-long-line", one_long_line, signing, None, None
 
 
 def main_features(names: list[str]) -> None:
@@ -285,8 +329,14 @@ def main_features(names: list[str]) -> None:
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 run(name, make(), overrides(Path(tmp)), Path(tmp), rcpts, settle=60, after=after)
+        if not names or any("dkim/verify".startswith(n) or n.startswith("dkim/verify") for n in names):
+            with tempfile.TemporaryDirectory() as tmp:
+                message, overrides = many_signatures(Path(tmp))
+                run("dkim/verify-5-signatures-990-fields", message, overrides, Path(tmp), settle=60)
     finally:
         peers.close()
+        for stop in STOPS:
+            stop()
 
 
 if __name__ == "__main__":
