@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import struct
+import threading
 
 import pytest
 
@@ -315,6 +316,26 @@ async def test_edits_past_a_listener_s_own_message_size_limit_refuse_the_message
     await client.close()
     assert [r.getMessage().partition(": ")[2] for r in caplog.records if r.name == "mailflow.cleanup"] == [
         "queue file size limit exceeded"]
+
+
+async def test_thousands_of_header_edits_are_applied_off_the_event_loop(milter_server, tmp_path, monkeypatch):
+    """A change looks for its field among all the fields (as Postfix's cleanup does): 10 000 changes of fields the
+    message lacks (each one added) took 7 s, on the event loop, and the size limit lets a milter send 70 000. Past
+    EDITS_INLINE edits they are applied in a worker thread."""
+    from mailflow.filters.milter import message
+
+    threads: list[threading.Thread] = []
+    edit = message.edit_header
+    monkeypatch.setattr(message, "edit_header", lambda *args: (threads.append(threading.current_thread()),
+                                                               edit(*args))[1])
+    changes = b"".join(reply(b"m", struct.pack("!I", 1) + b"X-C%d\0v\0" % i) for i in range(2000))
+    _, port = await milter_server({b"E": changes + reply(b"a")})
+    client = await SmtpClient.connect(port)
+    assert (await client.send_message(MESSAGE)).code == 250
+    await client.close()
+    [delivered] = await eventually(lambda: maildir_messages(tmp_path / "mail" / "alice" / "Maildir"))
+    assert b"\nX-C0: v\n" in delivered and b"\nX-C1999: v\n" in delivered
+    assert threads and threading.current_thread() not in threads
 
 
 async def test_a_milter_that_holds_one_session_does_not_hold_another(milter_server):

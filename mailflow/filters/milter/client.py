@@ -71,6 +71,9 @@ BODY_CHUNK_COST = 48
 # edits of one message (and milter) ignored with a warning of their own; past them they are counted, and the count is
 # told in one line when the milter's final reply comes or it fails: a flood of bad edits costs a few lines, not one each
 IGNORED_EDITS_LOGGED = 10
+# end-of-message replies taken in one turn of the event loop at most: those of a milter's burst, already read, are taken
+# without a pause (10 000 header edits held the loop 0.4 s), and the size limit bounds them only in bytes
+REPLY_SLICE = 100
 
 
 @dataclass(frozen=True)
@@ -221,12 +224,16 @@ class MilterConnection:
                     async with asyncio.timeout(timeout):
                         await self._writer.drain()
             self._writer.write(macros.get(p.BODYEOB, b"") + p.encode(p.BODYEOB))
+            read = 0
             while True:  # read on to the final reply past edits too big to keep (the dialogue stays in step)
                 reply = await self._read(timeout)
                 if reply.command in p.FINAL:
                     return reply, edits
                 if edits.fits(reply, self._settings.size_limit):
                     _collect(reply, edits, who)
+                read += 1
+                if read % REPLY_SLICE == 0:  # (replies already read are taken without a pause: one turn)
+                    await asyncio.sleep(0)
         except (OSError, TimeoutError, p.ProtocolError, asyncio.IncompleteReadError) as e:
             raise MilterFailed(_why(e)) from None
         finally:  # (the milter failing after its edits too: a timeout, a reply out of place)
