@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import smtplib
+import struct
 import sys
 import tempfile
 import threading
@@ -211,6 +212,12 @@ def header_edits(count: int) -> bytes:
     return b"".join(reply(b"h", f"X-Edit-{i}\0value {i}\0".encode()) for i in range(count)) + reply(b"a")
 
 
+def header_changes(count: int) -> bytes:
+    """CHGHEADER of fields the message lacks: each is added, after a look through every field."""
+    return b"".join(reply(b"m", struct.pack("!I", 1) + f"X-Change-{i}\0v\0".encode()) for i in range(count)) + \
+        reply(b"a")
+
+
 def replaced_body(size: int) -> bytes:
     line = b"y" * 76 + b"\r\n"
     body = line * (size // len(line))
@@ -302,12 +309,58 @@ def many_signatures(tmp: Path) -> tuple[bytes, dict]:
                      "dns": {"nameservers": [nameserver], "timeout": "2s", "tries": 1}}
 
 
+def pipe_to(tmp: Path) -> dict:
+    tmp.chmod(0o755)  # (the command runs as nobody)
+    script = tmp / "sink.sh"
+    script.write_text("#!/bin/sh\ncat > /dev/null\n")
+    script.chmod(0o755)
+    return {"relay_domains": ["relay.test", "pipe.test"], "transport_maps": ["inline:{pipe.test=sink:}"],
+            "pipe": {"sink": {"argv": [str(script)], "flags": "R"}}}
+
+
+def lmtp_to(tmp: Path) -> dict:
+    """A private Dovecot's LMTP (tests/support/dovecot.py) for example.test, stopped after the scenario."""
+    from tests.support.dovecot import dovecot_instance, lmtp_route
+
+    instance = dovecot_instance()
+    dovecot = instance.__enter__()
+    STOPS.append(lambda: instance.__exit__(None, None, None))
+    return {"relay_domains": ["relay.test", "example.test"], "transport_maps": lmtp_route(dovecot)}
+
+
+def txt(name: str, value: str, size: int = 255) -> str:
+    strings = " ".join(f'"{value[i:i + size]}"' for i in range(0, len(value), size))
+    return f"{name}. 300 IN TXT {strings}\n"
+
+
+def sender_auth_zone(tmp: Path) -> dict:
+    """SPF and DMARC of remote.example at their limits: 10 includes (the lookup limit) of 1 KB records of ip4:
+    mechanisms, the last one written as 255 strings, two void lookups, a DMARC record with 100 rua."""
+    from tests.support.deliverability import start_zone
+
+    zone = txt("remote.example", "v=spf1 a:void1.remote.example a:void2.remote.example " +
+               " ".join(f"include:i{i}.remote.example" for i in range(8)) + " ?all")
+    for i in range(8):
+        mechanisms = " ".join(f"ip4:10.{i}.{j}.0/24" for j in range(60))
+        zone += txt(f"i{i}.remote.example", f"v=spf1 {mechanisms} -all", 4 if i == 7 else 255)
+    zone += txt("_dmarc.remote.example", "v=DMARC1; p=reject; " +
+                "rua=" + ",".join(f"mailto:r{i}@reports.example" for i in range(100)))
+    nameserver, stop = start_zone(zone, ad=False)
+    STOPS.append(stop)
+    return {"sender_auth": {"verify": ["spf", "dkim", "dmarc"]},
+            "dns": {"nameservers": [nameserver], "timeout": "2s", "tries": 1}}
+
+
 def features(peers: PeerLoop):
     """(name, message, overrides(tmp), recipients, after): each feature the shapes above do not reach."""
     fifty = {"smtpd": {"message_size_limit": BIG}}
     yield "milter/body-50MB", big_message, lambda tmp: merged(milter(peers, {}), fifty), None, None
     yield "milter/10000-header-edits", lambda: header() + "\r\nbody\r\n", \
         lambda tmp: milter(peers, {b"E": header_edits(10_000)}), None, None
+    yield "milter/3000-header-changes", lambda: header() + "\r\nbody\r\n", \
+        lambda tmp: milter(peers, {b"E": header_changes(3_000)}), None, None
+    yield "milter/3000-header-edits", lambda: header() + "\r\nbody\r\n", \
+        lambda tmp: milter(peers, {b"E": header_edits(3_000)}), None, None  # (within header_size_limit)
     yield "milter/replace-body-10MB", lambda: header() + "\r\nbody\r\n", \
         lambda tmp: milter(peers, {b"E": replaced_body(LIMIT - 10_000)}), None, None
     yield "milter/slow-replies", lambda: header("".join(f"X-F{i}: v\r\n" for i in range(200))) + "\r\nbody\r\n", \
@@ -318,6 +371,11 @@ def features(peers: PeerLoop):
     yield "local/maildir-50MB", big_message, lambda tmp: merged(local_settings(tmp), fifty), None, None
     yield "local/mbox-50MB", big_message, lambda tmp: merged(local_settings(tmp, "Mailbox"), fifty), None, None
     yield "dkim/sign-10MB-short-lines", short_lines, signing, None, None
+    yield "spf-dmarc/limits", lambda: header() + "\r\nbody\r\n", sender_auth_zone, None, None
+    yield "pipe/50MB", big_message, lambda tmp: merged(pipe_to(tmp), fifty), ["u@pipe.test"], None
+    yield "pipe/10MB-short-lines", short_lines, pipe_to, ["u@pipe.test"], None
+    yield "lmtp/50MB", big_message, lambda tmp: merged(lmtp_to(tmp), fifty), ["alice@example.test"], None
+    yield "lmtp/10MB-short-lines", short_lines, lmtp_to, ["alice@example.test"], None
     yield "dkim/sign-10MB-long-line", one_long_line, signing, None, None
 
 
