@@ -351,6 +351,30 @@ def sender_auth_zone(tmp: Path) -> dict:
             "dns": {"nameservers": [nameserver], "timeout": "2s", "tries": 1}}
 
 
+def arc_chain(tmp: Path, sets: int = 49) -> tuple[bytes, dict]:
+    """A message of `sets` ARC sets (RFC 8617's 50 at most, the seal to add making the last), each by fwd.test's
+    key, forwarded by the alias alice to a remote address: this host checks the chain and seals it."""
+    import dkim as dkimpy
+
+    from tests.support.deliverability import dkim_settings, key_zone, make_key, start_zone
+
+    directory = tmp / "keys"
+    directory.mkdir()
+    forwarder, own = make_key(directory, "fwd.test", "arc"), make_key(directory, "local.test", "arc")
+    nameserver, stop = start_zone(key_zone([forwarder, own]), ad=False)
+    STOPS.append(stop)
+    message = (header() + "\r\nbody\r\n").encode()
+    for i in range(sets):
+        ar = b"Authentication-Results: fwd.test; arc=" + (b"pass" if i else b"none") + b"\r\n"
+        message = b"".join(dkimpy.arc_sign(ar + message, b"arc", b"fwd.test", forwarder.private, b"fwd.test")) + \
+            message
+    (tmp / "aliases").write_text("alice: carol@relay.test\n")
+    return message, {"alias_maps": [f"texthash:{tmp / 'aliases'}"],
+                     "dns": {"nameservers": [nameserver], "timeout": "2s", "tries": 1},
+                     "dkim": {"key_table": dkim_settings(directory, [own])["key_table"]},
+                     "arc": {"enabled": True, "key": own.name}, "header_size_limit": 1_000_000}
+
+
 def features(peers: PeerLoop):
     """(name, message, overrides(tmp), recipients, after): each feature the shapes above do not reach."""
     fifty = {"smtpd": {"message_size_limit": BIG}}
@@ -387,6 +411,10 @@ def main_features(names: list[str]) -> None:
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 run(name, make(), overrides(Path(tmp)), Path(tmp), rcpts, settle=60, after=after)
+        if not names or any("arc/".startswith(n) or n.startswith("arc/") for n in names):
+            with tempfile.TemporaryDirectory() as tmp:
+                message, overrides = arc_chain(Path(tmp))
+                run("arc/check-and-seal-49-sets", message, overrides, Path(tmp), settle=60)
         if not names or any("dkim/verify".startswith(n) or n.startswith("dkim/verify") for n in names):
             with tempfile.TemporaryDirectory() as tmp:
                 message, overrides = many_signatures(Path(tmp))
