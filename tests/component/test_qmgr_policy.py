@@ -26,7 +26,7 @@ from mailflow.model import (ClientInfo, DeliveryReport, Envelope, Outcome, Owned
 from mailflow.stages.cleanup import Cleanup
 from mailflow.stages.qmgr import QueueManager, _soft_bounced
 from mailflow.stages.qmgr import notices as notices_module
-from mailflow.stages.qmgr.notices import Notices, _notice_recipient, plan
+from mailflow.stages.qmgr.notices import Notices, Postmaster, _notice_recipient, plan
 from mailflow.routing.rewrite import Rewriter
 from mailflow.store import Store
 from tests.support import BlockingTransport, always, eventually
@@ -826,9 +826,7 @@ def test_notify_classes_decide_the_postmasters_copies():
     notice (headers only, every recipient whatever its NOTIFY) to bounce_notice_recipient, `delay` a delay notice
     to delay_notice_recipient, from the double-bounce sender; a failed notice (null sender) goes to the
     double-bounce recipient with `2bounce` or `bounce` only, whole; neither class: none of these."""
-    from mailflow.model import QueuedMessage
     from mailflow.stages.qmgr import _owes_notice
-    from mailflow.stages.qmgr.notices import Postmaster
 
     never = Recipient(0, "a@example.test", "a@example.test", notify="NEVER")
     told = Recipient(1, "b@example.test", "b@example.test")
@@ -869,9 +867,6 @@ def test_a_deferred_recipients_bounced_parts_get_the_postmasters_copy_and_double
     """Postfix's bounce log holds a part that bounced while its recipient stays deferred (local(8)'s
     bounce_append), so bounce(8)'s flush copies it to bounce_notice_recipient (class bounce) and, for a notice
     that failed (null sender), to the double-bounce recipient, as a recipient that bounced whole."""
-    from mailflow.model import QueuedMessage
-    from mailflow.stages.qmgr.notices import Postmaster
-
     team = Recipient(0, "team@example.test", "team@example.test")
     ghost = OwnedFailure("", "ghost@example.test", "5.1.1", 'unknown user: "ghost"')
     deferred = [RcptResult(team, Outcome.DEFERRED, "4.3.0", "busy", "local", owned=(ghost,))]
@@ -907,19 +902,17 @@ async def test_the_notices_of_an_attempt_of_many_results_are_planned_in_a_worker
 
 
 def test_a_plan_describes_the_recipients_once_when_the_postmaster_gets_no_copy():
-    """notify_classes without `bounce` (Postfix's default: resource, software) sends the postmaster no copy of a
-    failure notice: the copy's description of every recipient was built all the same, then dropped, so 100 000
-    bounced recipients were described twice at once (the peak of planning the notices, a worker's). The plan's
-    peak is now about what it keeps: the sender's notice."""
-    from mailflow.model import QueuedMessage
-
+    """notify_classes without `bounce` (Postfix's default is resource, software; mailflow's adds 2bounce) sends the
+    postmaster no copy of a failure notice: the copy's description of every recipient was built all the same,
+    then dropped, so 100 000 bounced recipients were described twice at once (the peak of planning the notices,
+    a worker's). The plan's peak is now about what it keeps: the sender's notice."""
     recipients = tuple(Recipient(i, f"u{i}@example.test", "list@example.test") for i in range(20_000))
     message = QueuedMessage("Q1", "s@example.org", 0.0, 10, False, "7BIT", 1, recipients)
     results = [RcptResult(r, Outcome.BOUNCED, "5.1.1", "unknown user", "local") for r in recipients]
     tracemalloc.start()
     try:
         [notice] = plan(message, results, warn_delay=False, myhostname="mx.test", double_bounce_recipient="pm",
-                        now=0.0)
+                        now=0.0, postmaster=Postmaster(("2bounce", "resource", "software")))
         kept, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
