@@ -98,8 +98,9 @@ def plan(message: QueuedMessage, results: list[RcptResult], *, warn_delay: bool,
         owned = [told for r in chosen if kind == "failure" for told in _owners_told(r, now)]
         notices.extend(Notice(kind, "", owner, (about,), list_owner=True) for owner, about in owned)
         told = tuple(told for r in chosen for told in (
-            _senders_told(r, now) if kind == "failure" and (r.owner or r.owned) else [_notice_recipient(r, now)]))
-        if message.sender and told:
+            _senders_told(r, now) if kind == "failure" and (r.owner or r.owned) else [_notice_recipient(r, now)]
+        )) if message.sender else ()  # (a null sender is told nothing: its recipients are not described for it)
+        if told:
             notices.append(Notice(kind, "", message.sender, told))
         notices += _postmaster_copies(message, results, kind, outcome, postmaster, double_bounce_recipient,
                                       myhostname, now)
