@@ -267,7 +267,7 @@ def _text_part(boilerplate: list[str], recipients: list[NoticeRecipient], charse
     and a recipient's paragraph is not ASCII)."""
     # (each paragraph encoded as it is made: 100 000 recipients' lines, then their text, then its bytes, were held
     # at once)
-    body = [(CRLF.join(boilerplate) + CRLF).encode("utf-8") if boilerplate else b""]
+    body = [b"", (CRLF.join(boilerplate) + CRLF).encode("utf-8") if boilerplate else b""]  # [0]: the head, below
     for nr in recipients:
         r = nr.recipient
         who = f"<{_clean(r.address)}>"
@@ -285,7 +285,8 @@ def _text_part(boilerplate: list[str], recipients: list[NoticeRecipient], charse
         f"Content-Type: text/plain; charset={charset}",
         f"Content-Transfer-Encoding: {'7bit' if ascii_ else '8bit'}",
     ]
-    return (CRLF.join(head) + CRLF + CRLF).encode("utf-8") + b"".join(body)
+    body[0] = (CRLF.join(head) + CRLF + CRLF).encode("utf-8")  # (joined once: head + join held the part twice)
+    return b"".join(body)
 
 
 def _template(kind: str, mta: str, delay_warning_time: float, arrival: float,
@@ -312,7 +313,7 @@ def _status_part(global_: bool, mta: str, queue_id: str, sender: str, arrival: f
                     f"Arrival-Date: {rfc5322_date(arrival)}"]
     # (each group encoded as it is made: 100 000 recipients' fields, then their text, then its bytes, were held at
     # once)
-    groups = [_field_group(per_message)]
+    groups = [b"", _field_group(per_message)]  # [0]: the head, below
     for nr in recipients:
         group = [f"Final-Recipient: {_address_field(nr.recipient.address, global_)}"]
         if nr.recipient.orcpt:
@@ -338,7 +339,8 @@ def _status_part(global_: bool, mta: str, queue_id: str, sender: str, arrival: f
     head = ["Content-Description: Delivery report", f"Content-Type: {content_type}"]
     if not all(g.isascii() for g in groups):
         head.append("Content-Transfer-Encoding: 8bit")
-    return (CRLF.join(head) + CRLF + CRLF).encode("ascii") + b"\r\n".join(groups)
+    groups[0] = (CRLF.join(head) + CRLF).encode("ascii")  # (joined once; the CRLF that joins makes the blank line)
+    return b"\r\n".join(groups)
 
 
 def _field_group(fields: list[str]) -> bytes:

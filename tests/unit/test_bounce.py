@@ -564,7 +564,8 @@ def test_a_notice_about_a_thousand_recipients_with_long_replies_costs_a_bounded_
 def test_a_notice_of_many_recipients_peaks_near_twice_its_size():
     """The per-recipient parts are made a recipient at a time, as bytes: their fields' strings, then the part's
     text, then its bytes were all held at once, 4.6 times the notice (5 000 recipients, 1.5 MB; 100 000
-    recipients' notice is 31 MB). What is left is the parts and the notice joined from them."""
+    recipients' notice is 31 MB). What is left is the parts and the notice joined from them (2.0 times; 2.6 while
+    a part's head was added to its joined body)."""
     recipients = [NoticeRecipient(Recipient(i, f"u{i}@local.test", "list@local.test", "", "rfc822;list@local.test"),
                                   "failed", "5.1.1", f'unknown user: "u{i}"', last_attempt=1e9)
                   for i in range(5_000)]
@@ -577,4 +578,4 @@ def test_a_notice_of_many_recipients_peaks_near_twice_its_size():
     finally:
         tracemalloc.stop()
     assert notice.count(b"Final-Recipient: rfc822; u") == 5_000
-    assert peak < 3 * len(notice)
+    assert peak < 2.5 * len(notice)
