@@ -329,7 +329,7 @@ def _status_part(global_: bool, mta: str, queue_id: str, sender: str, arrival: f
             group.append(f"Remote-MTA: dns; {value(nr.remote_mta)}")
         if diagnostic:
             said = _one_line(diagnostic) if global_ else _ascii(_one_line(diagnostic))
-            group.append(f"Diagnostic-Code: {diagnostic_type}; {said}")
+            group.append(f"Diagnostic-Code: {value(diagnostic_type)}; {said}")  # (an agent's type: cleaned too)
         if nr.last_attempt is not None:
             group.append(f"Last-Attempt-Date: {rfc5322_date(nr.last_attempt)}")
         if nr.action == "delayed" and will_retry_until is not None:

@@ -233,6 +233,23 @@ def test_success_reply_from_a_remote_is_an_smtp_diagnostic():
     assert bob["Diagnostic-Code"] == "smtp; 250 2.0.0 Ok: queued as 4F1"
 
 
+@pytest.mark.parametrize("smtputf8, diagnostic_type, shown", [
+    (False, "x-\udcffunix\r\nX-Injected: yes", "x- unix X-Injected: yes"),
+    (False, " x-\u00e9unix\t", "x-?unix"),
+    (True, " x-\u00e9unix\u2028X-Injected: yes", "x-\u00e9unix X-Injected: yes"),
+], ids=["line-break-and-surrogate", "8-bit", "8-bit-smtputf8"])
+def test_an_agents_diagnostic_type_is_one_clean_line_like_its_text(smtputf8, diagnostic_type, shown):
+    """The type of an agent's own Diagnostic-Code (a command's `x-unix; output`, kept in the queue file) goes
+    through the same cleaning as its text: a line break in it started a field of its own in the report, a lone
+    surrogate made the notice fail to encode, 8-bit text reached a message/delivery-status part."""
+    carol = NoticeRecipient(CAROL, "failed", "5.3.0", "Command died with status 1", relay="local",
+                            diagnostic_code=f"{diagnostic_type}; it failed")
+    raw = notice([carol], smtputf8=smtputf8)
+    [_, group] = raw_status_groups(raw)
+    assert group["Diagnostic-Code"] == f"{shown}; it failed"
+    assert b"\r\nX-Injected" not in raw
+
+
 def test_long_diagnostic_is_folded_and_unfolds_to_the_same_text():
     reason = "mailbox full: " + " ".join(f"word{i}" for i in range(60))
     raw = notice([expired(diagnostic=reason)])
