@@ -10,17 +10,22 @@ attempt's results, the notice) can be read off.
 """
 from __future__ import annotations
 
+import argparse
 import resource
 import sys
 import tempfile
 import threading
 import time
-import traceback
 from pathlib import Path
+from types import FrameType
 
+import mailflow
 from bench.stalls import fanout, header, run
+from mailflow.config import DEFAULTS
 
 STEP_MB = 10
+PACKAGE = str(Path(mailflow.__file__).parent) + "/"  # (the package's own files: not the bench's, wherever it is)
+MAX_LISTS = DEFAULTS.smtpd.recipient_limit  # one RCPT a list, in one transaction
 
 
 def rss_mb() -> float:
@@ -32,10 +37,22 @@ def where(own: int) -> str:
     """The innermost mailflow frames of each thread but `own` that runs mailflow's code."""
     found = []
     for ident, frame in sys._current_frames().items():
-        ours = [f for f in traceback.extract_stack(frame) if "/mailflow/" in f.filename]
-        if ours and ident != own:
-            found.append(" <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in ours[::-1][:3]))
+        ours = innermost_of_package(frame) if ident != own else []
+        if ours:
+            found.append(" <- ".join(ours))
     return " | ".join(found)
+
+
+def innermost_of_package(frame: FrameType | None, count: int = 3) -> list[str]:
+    """The `count` innermost frames of mailflow's package on a thread's stack, walked outward (no source is read:
+    a traceback's lines would be loaded into linecache at each climb, the memory measured)."""
+    ours: list[str] = []
+    while frame is not None and len(ours) < count:
+        code = frame.f_code
+        if code.co_filename.startswith(PACKAGE):
+            ours.append(f"{code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno} {code.co_name}")
+        frame = frame.f_back
+    return ours
 
 
 def climb(marks: list[tuple[float, float, str]], stop: threading.Event, started: float) -> None:
@@ -68,5 +85,21 @@ def main(lists: int, kind: str) -> None:
         print(f"  {seconds:7.2f} s {mb:6.0f} MB  {frames[:300]}")
 
 
+def lists_count(text: str) -> int:
+    lists = int(text)
+    if not 1 <= lists <= MAX_LISTS:
+        raise argparse.ArgumentTypeError(f"{lists}: 1 to {MAX_LISTS} (smtpd's recipient_limit: one RCPT a list)")
+    return lists
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("lists", metavar="LISTS", type=lists_count, help=f"lists of 1 000 members (1 to {MAX_LISTS})")
+    ap.add_argument("kind", nargs="?", choices=("relay", "local"), default="relay",
+                    help="members deferred (relay, the default) or bounced (local)")
+    return ap.parse_args(argv)
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "relay")
+    args = parse_args(sys.argv[1:])
+    main(args.lists, args.kind)
