@@ -45,12 +45,7 @@ def reload(config: Optional[str] = ConfigOption) -> None:
         typer.echo(config_error_text(problem), err=True)
     if problems:
         raise typer.Exit(2)
-    try:
-        pid = queue_owner(cfg.queue_path)
-    except OSError as e:  # the pid file a symbolic link or a FIFO (never followed nor waited on), unreadable
-        fail("mailflow reload", f"cannot read the pid file {e.filename or cfg.queue_path}: {e.strerror}", 1)
-    if pid is None:
-        fail("mailflow reload", f"no server is running on the queue {cfg.queue_path}", 1)
+    pid = _queue_owner(cfg, "mailflow reload")
     if not pid:
         fail("mailflow reload", f"a server holds the queue {cfg.queue_path}, but its pid cannot be read", 1)
     try:
@@ -60,15 +55,22 @@ def reload(config: Optional[str] = ConfigOption) -> None:
     typer.echo(f"mailflow reload: the server (pid {pid}) is reloading; its log says what changed")
 
 
-def status(config: Optional[str] = ConfigOption) -> None:
-    """Exit 0 when a server runs on the configured queue, saying its pid, else 1 (like postfix status)."""
-    cfg = load(config)
+def _queue_owner(cfg: Config, tool: str) -> int:
+    """The pid of the server running on the configured queue (0: one runs, its pid unknown); exit 1 saying why
+    when none does or the pid file cannot be read."""
     try:
         pid = queue_owner(cfg.queue_path)
     except OSError as e:  # the pid file a symbolic link or a FIFO (never followed nor waited on), unreadable
-        fail("mailflow status", f"cannot read the pid file {e.filename or cfg.queue_path}: {e.strerror}", 1)
+        fail(tool, f"cannot read the pid file {e.filename or cfg.queue_path}: {e.strerror}", 1)
     if pid is None:
-        fail("mailflow status", f"no server is running on the queue {cfg.queue_path}", 1)
+        fail(tool, f"no server is running on the queue {cfg.queue_path}", 1)
+    return pid
+
+
+def status(config: Optional[str] = ConfigOption) -> None:
+    """Exit 0 when a server runs on the configured queue, saying its pid, else 1 (like postfix status)."""
+    cfg = load(config)
+    pid = _queue_owner(cfg, "mailflow status")
     typer.echo(f"mailflow status: a server is running on the queue {cfg.queue_path}: "
                + (f"PID: {pid}" if pid else "its pid cannot be read (its pid file missing, or not written yet)"))
 
