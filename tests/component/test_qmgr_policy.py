@@ -755,6 +755,23 @@ async def test_a_hold_released_before_qmgr_polled_it_withdraws_no_job(sim):
     assert await s.store.counts() == {}
 
 
+async def test_a_message_whose_attempt_ends_while_the_scan_that_took_it_decodes_is_not_delivered_again(sim):
+    """Held and released during its delivery, the message is due: the scan claims it and reads its recipients, still
+    pending, while its attempt is under way. The rows the scan took are decoded in a worker thread (a message of
+    many recipients beside it); meanwhile that attempt ended (sent) and let go of it, and the scan admitted its stale
+    copy: `to=<one@far.test> status=sent` twice. A copy read before its attempt let go of it is not admitted."""
+    s = await sim()
+    queue_id = await one_in_delivery(s, (Outcome.SENT, "2.0.0", "250 ok", True))
+    await s.store.hold_messages([queue_id])
+    await s.store.release_messages([queue_id], s.clock.now)
+    await s.submit("b@remote.test", *[f"u{i}@big{i % 50}.test" for i in range(2000)])  # (decoded off the loop)
+    s.smtp.release.set()
+    s.qmgr.wake()
+    await s.run_until(s.clock.now + 2 * HOUR, stop=lambda: not s.qmgr.busy and s.qmgr.active_count == 0)
+    assert [req.recipients[0].address for _, req in s.smtp.calls if req.queue_id == queue_id] == ["one@far.test"]
+    assert await s.store.counts() == {}
+
+
 def test_success_notices_say_relayed_only_for_a_remote_mta():
     rcpt = Recipient(0, "a@example.test", "a@example.test", notify="SUCCESS")
     remote = _notice_recipient(RcptResult(rcpt, Outcome.SENT, "2.0.0", "250 ok", "mx.example.test[192.0.2.1]:25"), 0)

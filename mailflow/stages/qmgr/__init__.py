@@ -126,8 +126,12 @@ Failure behaviour
   claim is left to the attempt under way, whose end concludes it as if it had not been held (but due at once, as the
   release made it, when the hold had kept recipients from that attempt); as that claim may land after the end's
   write, the message is then given back once let go of (`_give_back`: still active, it is deferred as the end
-  meant). So every row the store holds active is in qmgr's hands, being set aside or given back (`taken_count`),
-  reserved by cleanup (`reserve`), or a previous run's until the start-up recovery.
+  meant). A scan's copy of a message let go of after its take began (the take, the decoding, the admission of the
+  messages before it wait) may predate that attempt's end: it is never admitted
+  (which would deliver its recipients again), and its row is given back (`_claimed_stale`). So every row the store
+  holds active is in qmgr's hands, being set aside or given back (`taken_count`), taken by the scan under way and
+  not admitted yet (`_admitting`), reserved by cleanup (`reserve`), or a previous run's until the start-up
+  recovery.
   `mailflow queue flush` also revives dead destinations, like `postqueue -f`.
 - A record that fails is retried while the server runs (`faults.Retrier`): the results wait in memory and the
   message stays in qmgr's hands, so nothing is forgotten and nothing is delivered again because a write failed.
@@ -245,7 +249,10 @@ class QueueManager:
         self._in_flight_by_transport: dict[str, int] = {}  # transports with deliveries under way: how many
         self._tasks: set[asyncio.Task] = set()
         self._setting_aside: set[str] = set()  # damaged messages a scan took (active in the store), being set aside
-        self._giving_back: set[str] = set()  # messages let go of whose row a scan claimed again (`_give_back`)
+        self._giving_back: dict[str, int] = {}  # messages let go of whose row a scan claimed again: give-backs
+        # under way each (`_give_back`)
+        self._let_go_in_take: dict[str, bool] | None = None  # during a scan's take and admission, the messages let
+        # go of since the take began: whether their row stayed queued (`_claimed_stale`)
         self._deliveries: set[asyncio.Task] = set()
         self._retired: list[tuple[str, Transport]] = []  # (name, transport) a reload replaced, closed once its
         # deliveries end
@@ -419,8 +426,10 @@ class QueueManager:
     def taken_count(self) -> int:
         """The messages the store holds active on qmgr's behalf: those in hand, the damaged ones a scan took that
         are being set aside (their move to the corrupt queue may wait for a retry after a store fault), and those
-        being given back (`_give_back`). Every row the store holds active is one of these (or was handed over by
-        cleanup and not yet counted, or is a previous run's before the start-up recovery)."""
+        being given back (`_give_back`; once, however many give-backs of it are under way). Every row the store
+        holds active is one of these, or taken by the scan under way and not admitted yet (`_admitting`; a stale
+        one is given back, never admitted: `_claimed_stale`), reserved by cleanup (`reserve`), or a previous run's
+        before the start-up recovery."""
         return len(self._active) + len(self._setting_aside) + len(self._giving_back)
 
     def in_hand(self, queue_id: str) -> bool:
@@ -733,10 +742,15 @@ class QueueManager:
             raise
 
     async def _take_due(self, now: float) -> None:
+        """Take and admit what is due; the messages let go of meanwhile are noted (`_claimed_stale`)."""
         room = self._config.active_limit - self.taken_count - self._reserved  # (those being set aside too)
-        taken = await self._store.take(now, room) if room > 0 else []
-        self._room_was_short = room <= 0 or len(taken) >= room  # more may be due than there was room for
-        await self._admit_all(taken, now)
+        self._let_go_in_take = {}
+        try:
+            taken = await self._store.take(now, room) if room > 0 else []
+            self._room_was_short = room <= 0 or len(taken) >= room  # more may be due than there was room for
+            await self._admit_all(taken, now)
+        finally:
+            self._let_go_in_take = None
 
     async def _next_due(self, now: float) -> float:
         """When the next timed scan is due by the store: the earliest deferred message's time (an index lookup),
@@ -763,14 +777,11 @@ class QueueManager:
                         self._set_aside_taken(message)
                     elif message.queue_id in self._active:
                         self._released_in_hand(message.queue_id)
-                    else:
+                    elif not self._claimed_stale(message.queue_id, now):
                         self._log_opened(message)
                         routes = await self._routes_in_slices(message) if len(message.recipients) > ROUTE_SLICE \
                             else None
-                        if message.queue_id in self._active:  # (admitted while its slices were resolved)
-                            self._released_in_hand(message.queue_id)
-                        else:
-                            self._admit(message, now, routes=routes)
+                        self._admit(message, now, routes=routes)  # (nothing else admits it meanwhile)
                     self._admitting -= 1
                 self._pump()
         finally:
@@ -785,6 +796,22 @@ class QueueManager:
         active = self._active[queue_id]
         active.withdrawn = ""
         active.reclaimed = True
+
+    def _claimed_stale(self, queue_id: str, now: float) -> bool:
+        """Whether the scan's copy of the message is stale: let go of since the take began (its attempt ended
+        while the take or the admission of the messages before it waited). What the take read
+        may predate the end of that attempt (recipients since delivered): admitted, it would deliver them again. It
+        is not admitted; a row that stayed queued is given back due at `now` (the claim shows it was due), as the
+        claim may have landed after the end's write: still active, nobody would hold it. (A row
+        the end removed or set aside was not claimed.)"""
+        let_go = self._let_go_in_take or {}
+        if queue_id in let_go:
+            queued = let_go[queue_id]
+        else:
+            return False
+        if queued:
+            self._start_give_back(queue_id, now)
+        return True
 
     def _set_aside_taken(self, message: QueuedMessage) -> None:
         """A damaged message the scan took (the store holds it active) is set aside by a task of its own, counted in
@@ -1262,12 +1289,24 @@ class QueueManager:
         queue_id = active.message.queue_id
         self._active.pop(queue_id, None)
         self._handed_bytes -= active.handed_bytes
+        if self._let_go_in_take is not None:  # (a take under way may have read it before this end: stale)
+            self._let_go_in_take[queue_id] = retry_at is not None
         if active.reclaimed and retry_at is not None:
-            self._giving_back.add(queue_id)  # (counted in `taken_count` until its write is done)
-            task = self._spawn(self._give_back(queue_id, retry_at))
-            task.add_done_callback(lambda _: self._giving_back.discard(queue_id))
+            self._start_give_back(queue_id, retry_at)
         if self._room_was_short:  # the last scan left due mail behind for want of room: there is some now
             self._rouse()
+
+    def _start_give_back(self, queue_id: str, retry_at: float) -> None:
+        """`_give_back` in a task of its own, the message counted in `taken_count` (once, however many give-backs
+        of it are under way) until its write is done."""
+        self._giving_back[queue_id] = self._giving_back.get(queue_id, 0) + 1
+        task = self._spawn(self._give_back(queue_id, retry_at))
+        task.add_done_callback(lambda _: self._gave_back(queue_id))
+
+    def _gave_back(self, queue_id: str) -> None:
+        left = self._giving_back.pop(queue_id) - 1
+        if left:
+            self._giving_back[queue_id] = left
 
     async def _give_back(self, queue_id: str, retry_at: float) -> None:
         """A message a scan claimed again during its attempt (`_released_in_hand`), let go of: if that claim came
