@@ -772,6 +772,36 @@ async def test_a_message_whose_attempt_ends_while_the_scan_that_took_it_decodes_
     assert await s.store.counts() == {}
 
 
+async def test_a_message_being_given_back_is_not_admitted_beside_the_give_back(sim):
+    """Released during its attempt after its hold withdrew a job, the message is due at once when that attempt
+    ends; the end rouses the loop before the give-back's write (`_give_back`), and the scan claimed and admitted the
+    message afresh: the give-back then deferred the row of that new attempt, in hand (the attempt counted, a later
+    scan free to take it beside it). A message being given back is not admitted; it is given back again after."""
+    s = await sim(tick=1.0, initial_destination_concurrency=1, default_destination_concurrency_limit=1)
+    queue_id = await near_in_flight_far_waiting(s)
+    await s.store.hold_messages([queue_id])
+    s.clock.advance(1.0)
+    await eventually(lambda: waiting(s, "far.test") == (1, 0), what="z's job withdrawn at the hold")
+    await s.store.release_messages([queue_id], s.clock.now)
+    s.clock.advance(1.0)
+    await eventually(lambda: in_queue(s, queue_id, "active"), what="the scan's claim")
+    deferred_in_hand = []
+    give_back = s.store.give_back
+
+    async def watched_give_back(qid, at):
+        await s.store.queue_states([qid])  # (its write a reader hop later, as behind a busy committer)
+        await give_back(qid, at)
+        state = (await s.store.queue_states([qid])).get(qid)
+        deferred_in_hand.append(state == "deferred" and s.qmgr.in_hand(qid))
+
+    s.store.give_back = watched_give_back
+    s.smtp.release.set()
+    await s.run_until(s.clock.now + 60, stop=lambda: len(s.smtp.calls) == 3 and not s.qmgr.busy)
+    assert deferred_in_hand and not any(deferred_in_hand), "no give-back defers a message in hand"
+    assert delivered_to(s) == [["x@far.test"], ["y@near.test"], ["z@far.test"]]
+    assert await s.store.counts() == {}
+
+
 def test_success_notices_say_relayed_only_for_a_remote_mta():
     rcpt = Recipient(0, "a@example.test", "a@example.test", notify="SUCCESS")
     remote = _notice_recipient(RcptResult(rcpt, Outcome.SENT, "2.0.0", "250 ok", "mx.example.test[192.0.2.1]:25"), 0)

@@ -127,7 +127,7 @@ Failure behaviour
   release made it, when the hold had kept recipients from that attempt); as that claim may land after the end's
   write, the message is then given back once let go of (`_give_back`: still active, it is deferred as the end
   meant). A scan's copy of a message let go of after its take began (the take, the decoding, the admission of the
-  messages before it wait) may predate that attempt's end: it is never admitted
+  messages before it wait), or of one being given back, may predate that attempt's end: it is never admitted
   (which would deliver its recipients again), and its row is given back (`_claimed_stale`). So every row the store
   holds active is in qmgr's hands, being set aside or given back (`taken_count`), taken by the scan under way and
   not admitted yet (`_admitting`), reserved by cleanup (`reserve`), or a previous run's until the start-up
@@ -429,7 +429,7 @@ class QueueManager:
         being given back (`_give_back`; once, however many give-backs of it are under way). Every row the store
         holds active is one of these, or taken by the scan under way and not admitted yet (`_admitting`; a stale
         one is given back, never admitted: `_claimed_stale`), reserved by cleanup (`reserve`), or a previous run's
-        before the start-up recovery."""
+        before the start-up recovery. None is counted twice: a message being given back is not admitted."""
         return len(self._active) + len(self._setting_aside) + len(self._giving_back)
 
     def in_hand(self, queue_id: str) -> bool:
@@ -799,14 +799,16 @@ class QueueManager:
 
     def _claimed_stale(self, queue_id: str, now: float) -> bool:
         """Whether the scan's copy of the message is stale: let go of since the take began (its attempt ended
-        while the take or the admission of the messages before it waited). What the take read
+        while the take or the admission of the messages before it waited), or being given back. What the take read
         may predate the end of that attempt (recipients since delivered): admitted, it would deliver them again. It
         is not admitted; a row that stayed queued is given back due at `now` (the claim shows it was due), as the
-        claim may have landed after the end's write: still active, nobody would hold it. (A row
+        claim may have landed after the end's write (or the give-back's): still active, nobody would hold it. (A row
         the end removed or set aside was not claimed.)"""
         let_go = self._let_go_in_take or {}
         if queue_id in let_go:
             queued = let_go[queue_id]
+        elif queue_id in self._giving_back:
+            queued = True
         else:
             return False
         if queued:
