@@ -1,8 +1,10 @@
 """One server per queue: an exclusive lock on `<queue_directory>/mailflow.pid` (Postfix's master.pid).
 
 - `QueueLock.acquire(directory) -> QueueLock`: creates the directory if needed, takes an exclusive `flock` on
-  the directory and on the pid file without waiting and writes this process's pid into it (the directory's lock
-  holds even when the pid file is removed under a running server). Raises `QueueBusy` (naming the pid that
+  the directory and on the pid file and writes this process's pid into it (the directory's lock holds even when
+  the pid file is removed under a running server). Each lock is tried again for up to LOCK_PATIENCE (0.1 s): a
+  `queue_owner` probe (`mailflow status`, every `mailflow sendmail`) holds a shared one for a moment, and a start
+  must not take it for a server running. Raises `QueueBusy` (naming the pid that
   holds it, read through a descriptor: the locked file's, or one opened as queue_owner opens it) when another
   server runs on this queue, OSError when the directory or file cannot be made, `files.RefusedFile` (an OSError:
   "PATH: is a FIFO, not a regular file") when what is there is no regular file of one link (opened as
@@ -24,12 +26,15 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import time
 from pathlib import Path
 
 from mailflow.files import RefusedFile, refuse_special
 
 LOCK_NAME = "mailflow.pid"
 FILE_MODE = 0o644
+LOCK_PATIENCE = 0.1  # seconds `acquire` tries a lock again: a server holds it for good, a probe for a moment
+LOCK_RETRY = 0.002  # seconds between those tries
 
 
 class QueueBusy(Exception):
@@ -57,13 +62,13 @@ class QueueLock:
         directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         fd = None
         try:
-            if not _try_flock(directory_fd, fcntl.LOCK_EX):
+            if not _flock_patiently(directory_fd):
                 raise QueueBusy(directory, _read_pid(path, directory_fd))
             fd = _open_pid_file(path, os.O_RDWR | os.O_CREAT, directory_fd)
             links = os.fstat(fd).st_nlink
             if links != 1:  # (a hard link to another file: Postfix's safe_open refuses it too)
                 raise RefusedFile(f"has {links} hard links, not 1 (a link to another file would be truncated)", path)
-            if not _try_flock(fd, fcntl.LOCK_EX):
+            if not _flock_patiently(fd):
                 raise QueueBusy(directory, _pid_in(fd))  # (the file locked, not one renamed over it since)
             os.fchmod(fd, FILE_MODE)  # (whatever the umask: sendmail, run by any user, reads it)
             os.ftruncate(fd, 0)
@@ -118,6 +123,17 @@ def _try_flock(fd: int, operation: int) -> bool:
         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise
         return False
+    return True
+
+
+def _flock_patiently(fd: int) -> bool:
+    """An exclusive `flock` on `fd`, tried for up to LOCK_PATIENCE: False when another open file still holds a
+    conflicting lock then (a server's; a probe's shared lock is let go of at once)."""
+    deadline = time.monotonic() + LOCK_PATIENCE
+    while not _try_flock(fd, fcntl.LOCK_EX):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(LOCK_RETRY)
     return True
 
 
