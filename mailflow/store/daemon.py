@@ -184,7 +184,9 @@ class Store(OperatorQueries, RequeueQueries):
         deferred until `done.next_attempt`, or removed when that is None.
 
         A message deferred here stays where an operator put it meanwhile (hold, deleted): only an `active`
-        message becomes `deferred` (`maildrop`, for pickup to copy, when an operator requeued it meanwhile);
+        message becomes `deferred` (`maildrop`, for pickup to copy, when an operator requeued it meanwhile), or a
+        `deferred` one due before `done.next_attempt` (held and released during the attempt, not claimed since)
+        gets that time, the attempt counted;
         `done.warned` is recorded wherever it is (its delay notice is queued here).
         """
         qid = done.queue_id
@@ -482,6 +484,7 @@ def _deferral_ops(done: Delivered, results: Sequence[RcptResult]) -> list[Op]:
     if done.warned:  # wherever the message is now: the notice is queued with this transaction, and goes once
         ops.append(("UPDATE message SET warned = 1 WHERE id = ?", [(qid,)]))
     ops.append((_DEFER_ACTIVE, [(done.next_attempt, qid)]))
+    ops.append((_DEFER_RELEASED, [(done.next_attempt, qid, done.next_attempt)]))
     return ops
 
 
@@ -489,6 +492,12 @@ def _deferral_ops(done: Delivered, results: Sequence[RcptResult]) -> list[Op]:
 # for pickup to copy), the attempt counted; one an operator moved meanwhile (hold, deleted) stays where it is.
 _DEFER_ACTIVE = ("UPDATE message SET queue = CASE WHEN requeue THEN 'maildrop' ELSE 'deferred' END, requeue = 0,"
                  " next_attempt = ?, attempts = attempts + 1, from_logged = 0 WHERE id = ? AND queue = 'active'")
+
+# The end of an attempt of a message an operator held and released while it was in hand, and that no scan claimed
+# since (no room): deferred and due at the release's time, it is deferred as the end means, the attempt counted. (A
+# row the first statement deferred is not due before that time: left alone.)
+_DEFER_RELEASED = ("UPDATE message SET next_attempt = ?, attempts = attempts + 1"
+                   " WHERE id = ? AND queue = 'deferred' AND next_attempt < ?")
 
 
 def _claim(con: sqlite3.Connection, ids: list[QueueId], now: float) -> list[QueueId]:

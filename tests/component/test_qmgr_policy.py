@@ -755,6 +755,24 @@ async def test_a_hold_released_before_qmgr_polled_it_withdraws_no_job(sim):
     assert await s.store.counts() == {}
 
 
+async def test_a_hold_released_within_a_tick_while_the_active_queue_is_full_is_deferred_at_its_attempts_end(sim):
+    """Held and released before qmgr polled, its row deferred (due at the release) while its attempt goes on, and no
+    room for a scan to claim it: the end's "defer if active" left the deferred row alone, due at once and the
+    attempt not counted, so the recipients that attempt deferred were tried again at once. The attempt goes on as
+    if never held, and its end defers it with the usual backoff."""
+    s = await sim(active_limit=1)
+    queue_id = await one_in_delivery(s, (Outcome.DEFERRED, "4.4.1", "try later", True))
+    await s.store.hold_messages([queue_id])
+    await s.store.release_messages([queue_id], s.clock.now)
+    s.qmgr.wake()  # (the scan finds no room)
+    s.smtp.release.set()
+    await s.run_until(s.clock.now + 60, stop=lambda: len(s.smtp.calls) > 1)
+    assert [req.queue_id for _, req in s.smtp.calls] == [queue_id], "not tried again at once"
+    [(queue, next_attempt, attempts)] = await s.store._reader.fetchall(
+        "SELECT queue, next_attempt, attempts FROM message WHERE id = ?", (queue_id,))
+    assert (queue, attempts) == ("deferred", 1) and next_attempt > s.clock.now
+
+
 async def test_a_message_whose_attempt_ends_while_the_scan_that_took_it_decodes_is_not_delivered_again(sim):
     """Held and released during its delivery, the message is due: the scan claims it and reads its recipients, still
     pending, while its attempt is under way. The rows the scan took are decoded in a worker thread (a message of

@@ -124,7 +124,8 @@ Failure behaviour
   of that attempt (when it would be, the store's state is checked first): it stays on hold until released. Released
   before that attempt ends (due now), it is not admitted again beside it, which would deliver it twice: the scan's
   claim is left to the attempt under way, whose end concludes it as if it had not been held (but due at once, as the
-  release made it, when the hold had kept recipients from that attempt); as that claim may land after the end's
+  release made it, when the hold had kept recipients from that attempt; so too when no scan claimed it, for want
+  of room: `Store.finish` defers the released row as the active one); as that claim may land after the end's
   write, the message is then given back once let go of (`_give_back`: still active, it is deferred as the end
   meant). A scan's copy of a message let go of after its take began (the take, the decoding, the admission of the
   messages before it wait), or of one being given back, may predate that attempt's end: it is never admitted
@@ -1342,7 +1343,7 @@ class QueueManager:
         if expired:
             pending = []
         retry_at = None
-        if pending and active.reclaimed and active.suspended:
+        if pending and active.suspended:
             retry_at = now  # released (due now) after the hold kept recipients from this attempt: not tried yet
         elif pending:
             retry_at = next_attempt(now, msg.lifetime_base, q.minimal_backoff_time, q.maximal_backoff_time,
