@@ -755,6 +755,21 @@ async def test_a_hold_released_before_qmgr_polled_it_withdraws_no_job(sim):
     assert await s.store.counts() == {}
 
 
+async def test_the_jobs_of_a_message_requeued_during_its_attempt_are_deferred_saying_so(sim, caplog):
+    """An operator holds, then requeues the message while its attempt is under way (to maildrop, for pickup to copy
+    once the attempt is over): its job not started yet is withdrawn and deferred, and the reason said "put on hold"
+    (for a move to the corrupt queue too). It names what became of the message."""
+    caplog.set_level(logging.INFO)
+    s = await sim(tick=1.0, initial_destination_concurrency=1, default_destination_concurrency_limit=1)
+    queue_id = await near_in_flight_far_waiting(s)
+    await s.store.hold_messages([queue_id])
+    await s.store.requeue_messages([queue_id], s.clock.now)
+    s.clock.advance(1.0)
+    await eventually(lambda: waiting(s, "far.test") == (1, 0), what="z's job withdrawn at the requeue")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{queue_id}: to=<z@far.test>")]
+    assert len(lines) == 1 and "status=deferred (delivery suspended: the message was requeued)" in lines[0], lines
+
+
 async def test_a_hold_released_within_a_tick_while_the_active_queue_is_full_is_deferred_at_its_attempts_end(sim):
     """Held and released before qmgr polled, its row deferred (due at the release) while its attempt goes on, and no
     room for a scan to claim it: the end's "defer if active" left the deferred row alone, due at once and the

@@ -193,6 +193,8 @@ ROUTE_SLICE = 500  # recipients of one message a scan resolves before it hands t
 SUSPEND_SLICE = 100  # jobs of a dead destination deferred before the loop is handed back
 RESULT_SLICE = 100  # results of one job taken from an agent that delivers each before the loop is handed back
 STILL_QUEUED = ("active", "incoming", "deferred")  # an active message's queues that leave its jobs to run
+# what became of a message whose jobs were withdrawn, as their deferral says it (`_job_withdrawn`)
+TAKEN_BACK = {"hold": "put on hold", "maildrop": "requeued", "corrupt": "moved to the corrupt queue"}
 OVERLOOK_SLICE = 1000  # destinations the tick's safety net (`_mark_the_overlooked`) looks at, round robin
 
 
@@ -207,9 +209,9 @@ class ActiveMessage:
     recording: bool = False  # a record of its results is being written (one at a time)
     finishing: bool = False
     content: asyncio.Future | None = None  # read once however many destinations (a Content: big ones stay in files)
-    withdrawn: str = ""  # "hold" or "deleted" when an operator took it back while it was active
+    withdrawn: str = ""  # its queue (hold, maildrop, corrupt) or "deleted" when taken back while it was active
     reclaimed: bool = False  # a scan claimed its row again during the attempt (released meanwhile): `_give_back`
-    suspended: bool = False  # jobs of it were withdrawn for a hold: recipients this attempt did not try
+    suspended: bool = False  # jobs of it were withdrawn (held, requeued, set aside): recipients not tried
     handed_bytes: int = 0  # its content, handed over by cleanup, counted in qmgr's HANDOFF_CONTENT_BUDGET
 
 
@@ -700,13 +702,14 @@ class QueueManager:
                 self._job_withdrawn(job, taken_back[job.queue_id])
 
     def _job_withdrawn(self, job: Job, state: str) -> None:
-        """A job of a message the operator held (deferred, its recipients kept) or deleted (nothing to record)."""
+        """A job of a message the operator held, requeued (maildrop) or moved to the corrupt queue: deferred, its
+        recipients kept, the reason naming the state (`TAKEN_BACK`); or deleted: nothing to record."""
         if state == "deleted":
             active = self._active[job.queue_id]
             active.jobs_left -= 1
             self._results_in(active, [])
             return
-        text = "delivery suspended: the message was put on hold"
+        text = f"delivery suspended: the message was {TAKEN_BACK.get(state, f'moved to the {state} queue')}"
         self._active[job.queue_id].suspended = True
         self._job_done(job, DeliveryReport.uniform(job.recipients, Outcome.DEFERRED, "4.0.0", text))
 
