@@ -400,3 +400,36 @@ async def test_a_reload_while_a_scan_resolves_many_recipients_sends_them_all_the
     for _, request in h.smtp.calls:
         by_relay[request.nexthop] += len(request.recipients)
     assert by_relay == {"[new-relay.test]": n}
+
+
+async def test_a_reload_storm_while_a_scan_resolves_many_recipients_does_not_keep_it_unresolved(host):
+    """Reloads that keep coming between the slices of a message's resolution restarted it each time: a storm kept it
+    from being admitted for as long as it lasted (here 30 reloads, 31 passes). After ROUTE_RESTARTS restarts the
+    last pass goes on; what it resolved before the reloads that came meanwhile is resolved again at once, so every
+    recipient still goes where the last routing sends it, once."""
+    h = await host()
+    h.smtp.release.set()
+    resolve = h.qmgr._resolve
+    reloads, passes = [], []
+
+    def routing(relay: str):
+        def storming(address, *args):
+            if address == "r00000@remote.test" and h.qmgr.active_count == 0:  # (a pass begins, before admission)
+                passes.append(relay)
+                if len(reloads) < 30:  # the next reload comes while the loop is handed back after this slice
+                    reloads.append(asyncio.get_running_loop().call_soon(lambda: h.qmgr.reconfigure(
+                        resolve=routing(f"[relay{len(reloads)}.test]"), transports=h.qmgr._transports,
+                        config=h.qmgr._config, notices=None, soft_bounce=False)))
+            return dataclasses.replace(resolve(address, *args), nexthop=relay)
+        return storming
+
+    h.qmgr._resolve = routing("[relay0.test]")
+    n = 3 * qmgr_module.ROUTE_SLICE + 1
+    await h.cleanup.submit(many(n))
+    await eventually(lambda: h.qmgr.active_count == 0 and h.smtp.calls and not h.qmgr.busy,
+                     what="the message delivered")
+    assert len(passes) == qmgr_module.ROUTE_RESTARTS + 1, "restarted ROUTE_RESTARTS times, then went on"
+    by_relay = collections.Counter()
+    for _, request in h.smtp.calls:
+        by_relay[request.nexthop] += len(request.recipients)
+    assert by_relay == {f"[relay{len(reloads)}.test]": n}, "all by the last routing, once"

@@ -190,6 +190,7 @@ UNDEFINED_TRANSPORT_PROGRAM = "error"  # what a result for a transport that is n
 Routes = tuple[dict[tuple[str, str], list[Recipient]], list[RcptResult]]
 ADMIT_SLICE = 100  # messages a scan admits (routes, schedules) before it hands the loop back
 ROUTE_SLICE = 500  # recipients of one message a scan resolves before it hands the loop back
+ROUTE_RESTARTS = 3  # reloads that start a message's sliced resolution over; past them it goes on (then `_reroute`)
 SUSPEND_SLICE = 100  # jobs of a dead destination deferred before the loop is handed back
 RESULT_SLICE = 100  # results of one job taken from an agent that delivers each before the loop is handed back
 STILL_QUEUED = ("active", "incoming", "deferred")  # an active message's queues that leave its jobs to run
@@ -783,13 +784,23 @@ class QueueManager:
                         self._released_in_hand(message.queue_id)
                     elif not self._claimed_stale(message.queue_id, now):
                         self._log_opened(message)
-                        routes = await self._routes_in_slices(message) if len(message.recipients) > ROUTE_SLICE \
-                            else None
-                        self._admit(message, now, routes=routes)  # (nothing else admits it meanwhile)
+                        await self._admit_taken(message, now)
                     self._admitting -= 1
                 self._pump()
         finally:
             self._admitting = 0
+
+    async def _admit_taken(self, message: QueuedMessage, now: float) -> None:
+        """`_admit` a message the scan took (nothing else admits it meanwhile), one of many recipients resolved a
+        slice at a time; when a reload storm outlasted ROUTE_RESTARTS, what its slices resolved the old way is
+        resolved again at once, as a reload does (`_reroute`)."""
+        if len(message.recipients) <= ROUTE_SLICE:
+            self._admit(message, now)
+            return
+        routes, routing = await self._routes_in_slices(message)
+        self._admit(message, now, routes=routes)
+        if routing != self._routing:
+            self._reroute()
 
     def _released_in_hand(self, queue_id: str) -> None:
         """A scan took a message this run still has in hand: held during its attempt, then released (due now)
@@ -863,12 +874,14 @@ class QueueManager:
         # nothing to deliver (every recipient was done before a stop, or none resolved): the attempt ends now
         self._results_in(active, unresolved)
 
-    async def _routes_in_slices(self, message: QueuedMessage) -> Routes:
+    async def _routes_in_slices(self, message: QueuedMessage) -> tuple[Routes, int]:
         """`_routes` of all of `message`'s recipients, ROUTE_SLICE at a time, the loop handed back in between (one
         message of 100 000 recipients, which virtual aliases may make, held it 2.3 s); the same groups, in the
-        same order. A reload in between (`reconfigure`) starts it over: every recipient goes where the new routing
-        sends it, as `_reroute` sends the jobs already queued."""
-        while True:
+        same order, and the routing generation its last pass began under. A reload in between (`reconfigure`)
+        starts it over: every recipient goes where the new routing sends it, as `_reroute` sends the jobs already
+        queued; but ROUTE_RESTARTS times at most (a reload storm would keep it unresolved for ever): the last pass
+        goes on, and the caller reroutes what it resolved the old way."""
+        for restart in range(ROUTE_RESTARTS + 1):
             routing = self._routing
             memo: dict = {}  # the sender's choices, for all the slices
             groups: dict[tuple[str, str], list[Recipient]] = {}
@@ -877,14 +890,15 @@ class QueueManager:
             for start in range(0, len(recipients), ROUTE_SLICE):
                 if start:
                     await asyncio.sleep(0)
-                    if routing != self._routing:
+                    if routing != self._routing and restart < ROUTE_RESTARTS:
                         break
                 part, failed = self._routes(message, recipients[start:start + ROUTE_SLICE], memo)
                 for key, members in part.items():
                     groups.setdefault(key, []).extend(members)
                 unresolved += failed
             else:
-                return groups, unresolved
+                break
+        return (groups, unresolved), routing
 
     def _routes(self, message: QueuedMessage, recipients, memo: dict) -> Routes:
         """The recipients by `(transport, nexthop)` through trivial-rewrite, each in the form it resolved to; those
