@@ -324,6 +324,7 @@ class QueueManager:
         for task in list(self._tasks) + list(self._retirements):
             task.cancel()
         await asyncio.gather(*self._tasks, *self._retirements, return_exceptions=True)
+        self._giving_back.clear()  # (one cancelled before it began: its row stays active for the next recovery)
         await _close_together(_unique_named([*_named(self._transports), *self._retired]))
 
     async def _drain(self, seconds: float) -> None:
@@ -1320,8 +1321,7 @@ class QueueManager:
         """`_give_back` in a task of its own, the message counted in `taken_count` (once, however many give-backs
         of it are under way) until its write is done."""
         self._giving_back[queue_id] = self._giving_back.get(queue_id, 0) + 1
-        task = self._spawn(self._give_back(queue_id, retry_at))
-        task.add_done_callback(lambda _: self._gave_back(queue_id))
+        self._spawn(self._give_back(queue_id, retry_at))
 
     def _gave_back(self, queue_id: str) -> None:
         left = self._giving_back.pop(queue_id) - 1
@@ -1332,9 +1332,14 @@ class QueueManager:
         """A message a scan claimed again during its attempt (`_released_in_hand`), let go of: if that claim came
         after the end's write, the row is still active and nothing holds it (nothing would take it before a
         restart); it is deferred until `retry_at` as the end meant to (a write that changes nothing otherwise),
-        after `_finish` let go, so that no scan can take it while it is still in hand."""
-        await self._writes.run(lambda: self._store.give_back(queue_id, retry_at),
-                               f"{queue_id}: deferring a message released during its attempt")
+        after `_finish` let go, so that no scan can take it while it is still in hand. It stops counting as the write
+        returns, not in a done callback: a scan whose take the same commit answered would run first and find it
+        still being given back (`_claimed_stale`), and give it back again."""
+        try:
+            await self._writes.run(lambda: self._store.give_back(queue_id, retry_at),
+                                   f"{queue_id}: deferring a message released during its attempt")
+        finally:
+            self._gave_back(queue_id)
         self._next_scan = min(self._next_scan, retry_at)
         self._rouse()
 
