@@ -1000,3 +1000,19 @@ def test_a_plan_describes_the_recipients_once(sender):
         tracemalloc.stop()
     assert notice.to == (sender or "pm@mx.test") and len(notice.recipients) == 20_000
     assert peak < 1.3 * kept  # (2.07 times when a description was built and dropped)
+
+
+async def test_a_message_released_during_its_attempt_without_room_to_be_claimed_expires_at_its_end(sim):
+    """Held, then released during its attempt while the active queue is full (no scan claims it: its row stays
+    deferred): the attempt's end concludes it as if it had never been held. Its queue lifetime over, it expired
+    there; it was treated as still held (no bounce, another backoff's wait)."""
+    s = await sim(active_limit=1, maximal_queue_lifetime=HOUR)
+    queue_id = await one_in_delivery(s, (Outcome.DEFERRED, "4.4.1", "try later", True))
+    await s.store.hold_messages([queue_id])
+    await s.store.release_messages([queue_id], s.clock.now)
+    s.qmgr.wake()  # (the scan finds no room)
+    s.clock.advance(2 * HOUR)
+    s.smtp.release.set()
+    await s.run_until(s.clock.now + 60, stop=lambda: not s.qmgr.busy and s.qmgr.active_count == 0)
+    assert [req.sender for _, req in s.smtp.calls] == ["a@remote.test", ""]  # the attempt, then its bounce
+    assert await s.store.counts() == {}

@@ -1360,7 +1360,7 @@ class QueueManager:
             state = await self._queue_state(msg)
             if state is None:
                 return None  # deleted: nothing recorded, nobody told (as for a delete the poll saw: `_finish`)
-            if state != "active":
+            if state not in STILL_QUEUED:  # (held, requeued, set aside; a release during the attempt: as never held)
                 held, expired, warn = True, [], False
         if expired:
             pending = []
