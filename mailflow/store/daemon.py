@@ -203,10 +203,11 @@ class Store(OperatorQueries, RequeueQueries):
         """A message qmgr let go of after a scan claimed its row again while its attempt was under way (an operator
         released it meanwhile): the claim may have come after the end of the attempt was written (in the same
         commit, whose statements run before its calls), leaving the row active with nobody holding it. Still
-        active, it is deferred until `next_attempt` (`maildrop` when requeued meanwhile) and the attempt counted,
-        as `finish` would have done; anywhere else (deferred by that `finish` already, held, gone) it stays."""
+        active, it is deferred until `next_attempt` (`maildrop` when requeued meanwhile), as `finish` would have
+        done, but no attempt is counted (`finish` counted the attempt, or the claim was a stale one and made none);
+        anywhere else (deferred by that `finish` already, held, gone) it stays."""
         self._scanned.pop(queue_id, None)
-        await self._committer.write([(_DEFER_ACTIVE, [(next_attempt, queue_id)])])
+        await self._committer.write([(_GIVE_BACK, [(next_attempt, queue_id)])])
 
     async def mark_corrupt(self, ids: Sequence[QueueId]) -> None:
         await self._committer.write([("UPDATE message SET queue = 'corrupt' WHERE id = ?", [(i,) for i in ids])])
@@ -492,6 +493,10 @@ def _deferral_ops(done: Delivered, results: Sequence[RcptResult]) -> list[Op]:
 # for pickup to copy), the attempt counted; one an operator moved meanwhile (hold, deleted) stays where it is.
 _DEFER_ACTIVE = ("UPDATE message SET queue = CASE WHEN requeue THEN 'maildrop' ELSE 'deferred' END, requeue = 0,"
                  " next_attempt = ?, attempts = attempts + 1, from_logged = 0 WHERE id = ? AND queue = 'active'")
+
+# A claimed row given back (`give_back`): as _DEFER_ACTIVE, the attempt not counted again.
+_GIVE_BACK = ("UPDATE message SET queue = CASE WHEN requeue THEN 'maildrop' ELSE 'deferred' END, requeue = 0,"
+              " next_attempt = ?, from_logged = 0 WHERE id = ? AND queue = 'active'")
 
 # The end of an attempt of a message an operator held and released while it was in hand, and that no scan claimed
 # since (no room): deferred and due at the release's time, it is deferred as the end means, the attempt counted. (A

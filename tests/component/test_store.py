@@ -192,6 +192,21 @@ async def test_finish_defers_and_due_only_returns_pending_recipients_once_due(st
     assert await store.content("Q1") is not None
 
 
+async def test_a_claim_given_back_is_deferred_without_counting_an_attempt(store):
+    """give_back: a scan's claim that landed after an attempt's end was written (or a stale claim) leaves the row
+    active with nobody holding it; it is deferred again, but the attempt was counted by that end (a stale claim
+    made none): counted twice, `queue show` said 2 attempts after one."""
+    await store.insert(new("Q1"))
+    await only(store)
+    await store.claim(["Q1"], T0)
+    await store.finish(Delivered("Q1", T0 + 300))
+    await store.claim(["Q1"], T0 + 300)  # (the scan's claim, after the end's write)
+    await store.give_back("Q1", T0 + 600)
+    assert await store.counts() == {"deferred": 1}
+    again = await only(store, T0 + 600)
+    assert again.attempts == 1
+
+
 async def test_second_deferral_counts_attempts_and_moves_next_attempt(store):
     await store.insert(new("Q1"))
     await only(store)
