@@ -406,14 +406,13 @@ class QueueManager:
     def hand_over(self, msg: NewMessage) -> None:
         """A message committed in the active queue on a place `reserve` gave: it is scheduled now, its content
         (when all in memory) used as it is. After a stop began it stays active for the next start."""
+        self._reserved -= 1
         if self._stopping:
-            self._reserved -= 1
             return
         self._store_took_a_commit()
         queued = QueuedMessage(msg.queue_id, msg.sender, msg.arrival, msg.content.size, msg.smtputf8, msg.body_type,
                                0, msg.recipients, envid=msg.envid, ret=msg.ret, content_filter=msg.content_filter,
                                client_attributes=msg.client_attributes, created=msg.created)
-        self._reserved -= 1
         content, kept = None, 0
         if msg.content.in_memory and self._handed_bytes + msg.content.size <= HANDOFF_CONTENT_BUDGET:
             content = (self._event_loop or asyncio.get_running_loop()).create_future()
