@@ -13,13 +13,14 @@ keys, sendmail's header values) is matched with each one as U+FFFD, a character 
 regexec matches the byte (RE2's UTF-8 mode matches no such byte but with \\C); a `$n` over it gives the byte back to
 cleanup's checks (`lookup_unchecked`, as Postfix's cleanup writes it) and U+FFFD to every other caller (`lookup`).
 
-Cost: no backtracking (`/^(a+)+$/` against `aaaa…b` answers at once); one RE2 set pass over each SET_RULES of a
-file's rules tells which match, then only the rules named (and the `if`s and negated rules) are looked at, and only
-the answering rule is searched for its groups (100 000 rules: 0.06 ms a miss on a short key). A pass is linear in
-the key while RE2's DFA fits its memory budget (about 5 us for a 20-rule miss on a short key), and costs key length
-x rules once it does not (300 rules `/^Subject:.*wordN.{0,40}x/`: 0.2 ms on a 3.3 KB key, 39 ms on 4.4 KB; 2000
-rules `/^Subject:.*\\bwordN\\b/`: about 1 s on a 100 KB one) or when its set cannot be built (each of its rules
-searched in turn).
+Cost: no backtracking (`/^(a+)+$/` against `aaaa…b` answers at once); one pass of each RE2 set (SET_RULES of a
+file's rules, fewer where RE2 refused a set: _Prefilter) tells which rules match, then only the rules named (and the
+`if`s and negated rules) are looked at, and only the answering rule is searched for its groups (100 000 rules: 0.2 ms
+a miss on a short key). A pass is linear in the key while RE2's DFA fits its memory budget (about 5 us for a 20-rule
+miss on a short key), and costs key length x rules once it does not (300 rules `/^Subject:.*wordN.{0,40}x/`: 0.2 ms
+on a 3.3 KB key, 39 ms on 4.4 KB; 2000 rules `/^Subject:.*\\bwordN\\b/`: about 1 s on a 100 KB one); a rule no set
+of MIN_SET_RULES could hold is searched in turn. Building a set holds the GIL, in a worker thread too (RE2's
+compile: 2 to 40 ms for 500 patterns that fit, about 0.1 s for a set RE2 refuses, whatever its size).
 The search releases the GIL: cleanup matches a key longer than content_checks.LONG_KEY in a worker thread.
 
 `if` and `endif` are the words in any case not followed by an ASCII letter or digit (files.pattern_keyword, which
@@ -158,30 +159,40 @@ def parse_result(number: int, text: str, regex, negate: bool) -> str | tuple[Pie
     return tuple(piece for piece in pieces if piece != "")
 
 
-SET_RULES = 2000  # patterns in one RE2 set at most (one of 30 000 short ones was past RE2's budget: not built)
+SET_RULES = 500  # patterns in a file's first RE2 sets: a compile holds the GIL (2000 long ones: 0.1 s, 500: 40 ms)
+MIN_SET_RULES = 32  # a refused set is split in halves down to this size; a set refused at it is searched rule by rule
 
 
 class _Prefilter:
-    """RE2::Sets of the patterns, SET_RULES each: one pass of each over the key tells which rules match, so a
-    lookup makes one call per SET_RULES rules (then one `search` for the groups of the rule that answers; a pass's
-    cost still grows with its rules on a long key: the module doc). A set that cannot be built (RE2's memory
-    budget) leaves its rules out (`in_set` False): each of them is searched in turn."""
+    """RE2::Sets of the patterns, SET_RULES each at first: one pass of each over the key tells which rules match,
+    so a lookup makes one call per set (then one `search` for the groups of the rule that answers; a pass's cost
+    still grows with its rules on a long key: the module doc). A set RE2 refuses to build (its memory budget: 2000
+    rules `/^X-Spam-N: .*(yes|sure)[a-z]{0,20}end/` are past it, 500 are not) is split in halves and each built
+    again, down to MIN_SET_RULES; only the rules of a set refused at that size are left out (`in_set` False) and
+    searched in turn."""
 
     def __init__(self, rules: list[_Rule | None], options):
         self._sets: list[tuple[Any, list[int]]] = []  # a set, and the position in `rules` of each of its patterns
         held = [(i, rule) for i, rule in enumerate(rules) if rule is not None]
         for start in range(0, len(held), SET_RULES):
-            chunk = held[start:start + SET_RULES]
-            patterns = re2.Set.SearchSet(options)
-            try:
-                for _, rule in chunk:
-                    patterns.Add(rule.regex.pattern)  # (in order: the set's index n is the chunk's n-th rule)
-                patterns.Compile()
-            except re2.error:
-                continue
+            self._add_set(held[start:start + SET_RULES], options)
+
+    def _add_set(self, chunk: list[tuple[int, _Rule]], options) -> None:
+        """`chunk`'s patterns as one set, or (RE2 refusing it) as sets of each half, down to MIN_SET_RULES."""
+        patterns = re2.Set.SearchSet(options)
+        try:
             for _, rule in chunk:
-                rule.in_set = True
-            self._sets.append((patterns, [i for i, _ in chunk]))
+                patterns.Add(rule.regex.pattern)  # (in order: the set's index n is the chunk's n-th rule)
+            patterns.Compile()
+        except re2.error:
+            if len(chunk) > MIN_SET_RULES:
+                half = len(chunk) // 2
+                self._add_set(chunk[:half], options)
+                self._add_set(chunk[half:], options)
+            return
+        for _, rule in chunk:
+            rule.in_set = True
+        self._sets.append((patterns, [i for i, _ in chunk]))
 
     def matching(self, key) -> set[int]:
         """The positions of the rules of the sets whose pattern matches `key`."""
