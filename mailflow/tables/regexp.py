@@ -68,7 +68,7 @@ _MACRO = re.compile(r"\$(?:\$|\{([^}]*)\}|\(([^)]*)\)|([A-Za-z0-9_]*))")
 
 
 def parse_regexp(source: str) -> _Rules:
-    """The rules (None for an endif) and their prefilter set (or None)."""
+    """The rules (None for an endif) and their prefilter sets."""
     return parse_rules(source, _parse_pattern, parse_result, _options(ignore_case=False))
 
 
@@ -302,10 +302,12 @@ def lookup_rules(parsed: _Rules, key, expand: Callable[[Any, Any], str]) -> str 
     rules = parsed.rules
     matching = parsed.prefilter.matching(key)
     skip_to = 0  # past an `if` that does not apply: its block's rules are not looked at
+    previous = -1  # (an `if` or negated rule a set names comes twice: in `always` and in `matching`)
     for i in heapq.merge(parsed.always, sorted(matching)):
         rule = rules[i]
-        if i < skip_to or rule is None:
+        if i < skip_to or i == previous or rule is None:
             continue
+        previous = i
         if not rule.in_set:
             m = rule.regex.search(key)
         elif i not in matching:
