@@ -92,7 +92,10 @@ class BoundedWorkers:
             work = await self._submitted(call)
             submitted = True
             work.add_done_callback(lambda _: _call_soon(loop, self._done))  # (when the thread is done)
-            return await asyncio.wrap_future(work)
+            try:
+                return await asyncio.wrap_future(work)
+            finally:
+                del work  # (a failure's traceback holds this frame: not the future holding the failure too)
 
         try:
             yield submit
@@ -312,6 +315,7 @@ def _run(future: concurrent.futures.Future, call: Callable[[], object], ended: C
     except BaseException as e:  # noqa: BLE001 - handed to the caller, as ThreadPoolExecutor does
         ended()
         future.set_exception(e)
+        del future  # (`e`'s traceback holds this frame: no cycle back to `e` through the future)
     else:
         ended()
         future.set_result(result)

@@ -52,7 +52,7 @@ from mailflow.content import Content
 from mailflow.dns import NotFound
 from mailflow.errors import LookupRetry
 from mailflow.filters.spf_query import check_host
-from mailflow.signing.dkim import DkimResult, verify as verify_dkim
+from mailflow.signing.dkim import DkimResult, checkers, verify as verify_dkim
 from mailflow.message import header_values, read_header
 from mailflow.syntax import ascii_digits
 
@@ -106,6 +106,7 @@ class SenderAuth:
         self._timeout = config.timeout
         self.authserv_id = config.authserv_id or authserv_id
         self._pool = concurrent.futures.ThreadPoolExecutor(SPF_THREADS, thread_name_prefix="spf")
+        self._dkim_checkers = checkers()
         self._psl: PublicSuffixList | None = None
         if "dmarc" in self._verify:
             with importlib.resources.as_file(importlib.resources.files("authheaders") / "public_suffix_list.txt") \
@@ -114,6 +115,7 @@ class SenderAuth:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._dkim_checkers.close()
 
     # -------------------------------------------------------------------------------- SPF
 
@@ -155,7 +157,8 @@ class SenderAuth:
     async def _dkim_verdict(self, head: bytes, content: Content) -> dict:
         if "dkim" not in self._verify:
             return {}
-        return {"dkim": await verify_dkim(head, content.after(len(head)), self._resolver, self._timeout)}
+        return {"dkim": await verify_dkim(head, content.after(len(head)), self._resolver, self._timeout,
+                                          self._dkim_checkers)}
 
     # -------------------------------------------------------------------------------- DMARC
 

@@ -1,9 +1,10 @@
 """ARC sealing (RFC 8617) of a message this host forwards, with dkimpy.
 
-    await seal(message, key, authserv_id, resolver, now) -> bytes   the header fields to put on top: this host's
-                                  Authentication-Results, then the new ARC set (ARC-Seal, ARC-Message-Signature,
-                                  ARC-Authentication-Results), each CRLF-terminated
-    await authentication_results(message, authserv_id, resolver) -> str    `authserv; dkim=…; arc=…`
+    await seal(message, key, authserv_id, resolver, now, workers) -> bytes   the header fields to put on top: this
+                                  host's Authentication-Results, then the new ARC set (ARC-Seal,
+                                  ARC-Message-Signature, ARC-Authentication-Results), each CRLF-terminated
+    await authentication_results(message, authserv_id, resolver, workers) -> str    `authserv; dkim=…; arc=…`
+                                  (`workers`: a pool for dkim.verify's checks, dkim.checkers())
     costly_chain(head) -> str     why checking and sealing the chain would cost too much ("" when it would not)
     await txt_lookup(message, resolver) -> dnsfunc      the ARC key records the message names, fetched through
                                   the Resolver beforehand (at most MAX_KEYS), as the sync lookup dkimpy calls;
@@ -32,6 +33,7 @@ from mailflow.dns import NotFound, Resolver
 from mailflow.message import header_fields, header_values, read_header, split_header
 from mailflow.signing.dkim import MAX_HEADER_FIELDS, MAX_SIGNED_FIELDS, DkimResult, costly_key, verify
 from mailflow.signing.keytables import SigningKey
+from mailflow.workers import BoundedWorkers
 
 MAX_KEYS = 8  # ARC key records fetched for one message: a message cannot make this host do more lookups than this
 KEY_TIMEOUT = 10.0  # seconds for the DKIM key lookups of one message (as [sender_auth] timeout's default)
@@ -87,10 +89,11 @@ def _arc_result(message: bytes, dnsfunc) -> str:
     return f"arc={(cv or dkim.CV_None).decode('ascii')}"
 
 
-async def authentication_results(message: bytes, authserv_id: str, resolver: Resolver) -> str:
+async def authentication_results(message: bytes, authserv_id: str, resolver: Resolver,
+                                 workers: BoundedWorkers) -> str:
     content = Content.of(message)
     head, _ = read_header(content, HEADER_LIMIT)
-    dkim_results = await verify(head, content.after(len(head)), resolver, KEY_TIMEOUT)
+    dkim_results = await verify(head, content.after(len(head)), resolver, KEY_TIMEOUT, workers)
     dnsfunc = await txt_lookup(message, resolver)
     arc_result = await asyncio.to_thread(_arc_result, message, dnsfunc)
     return "; ".join([authserv_id, *_dkim_words(dkim_results), arc_result])
@@ -111,12 +114,13 @@ def costly_chain(head: bytes) -> str:
     return ""
 
 
-async def seal(message: bytes, key: SigningKey, authserv_id: str, resolver: Resolver, now: float) -> bytes:
+async def seal(message: bytes, key: SigningKey, authserv_id: str, resolver: Resolver, now: float,
+               workers: BoundedWorkers) -> bytes:
     head, _ = read_header(Content.of(message), HEADER_LIMIT)
     costly = costly_chain(head)
     if costly:
         raise dkim.DKIMException(f"not sealed: {costly}")
-    results = await authentication_results(message, authserv_id, resolver)
+    results = await authentication_results(message, authserv_id, resolver, workers)
     ar = f"Authentication-Results: {results}\r\n".encode("utf-8")
 
     def sign() -> bytes:

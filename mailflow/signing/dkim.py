@@ -12,10 +12,12 @@ canonicalization, which inbound verification (mailflow.filters.senderauth) uses 
     await sign(head, body, key, now) -> bytes        both: the body hash streamed, the header set signed in a
                                                      worker thread (RSA is CPU work)
     sign_now(head, body, key, now) -> bytes          the same at once, for a small body held in memory (a notice)
-    await verify(head, body, resolver, timeout) -> (DkimResult, ...)   each DKIM-Signature of a message (at most
-                                    MAX_SIGNATURES), the body hashed as it streams, once per (canonicalization,
-                                    algorithm, l=), the keys through the Resolver, looked up at once (all within
-                                    `timeout`): smtpd's verdicts and the ARC seal
+    await verify(head, body, resolver, timeout, workers) -> (DkimResult, ...)   each DKIM-Signature of a message
+                                    (at most MAX_SIGNATURES), the body hashed as it streams, once per
+                                    (canonicalization, algorithm, l=), the keys through the Resolver, looked up at
+                                    once (each within `timeout`), each check in one of `workers` (a BoundedWorkers
+                                    of the caller's own, `checkers()`): smtpd's verdicts and the ARC seal
+    checkers() -> BoundedWorkers    a pool for verify's checks (CHECKERS threads)
     DkimResult(result, domain, selector, reason)     result: pass, fail, temperror, permerror
     costly_key(record) -> str       why a key record's RSA key would cost too much to verify with ("" when not):
                                     its modulus past MAX_KEY_BITS or its exponent past MAX_EXPONENT_BITS (verify's
@@ -43,12 +45,16 @@ about 10 ms a signature. dkimpy's selection of the signed header fields is quadr
 for among the fields, from the last): 10 000 names over 10 000 fields held the loop 4 s; a signature is checked
 only for a header section of at most MAX_HEADER_FIELDS fields and an h= of at most MAX_SIGNED_FIELDS names (1000:
 about 40-110 ms at worst; OpenDKIM checks 3000 x 3000 in C), else permerror. That check (the selection, the header
-hash, the RSA) runs in a worker thread, its key fetched first on the loop: five such signatures held the loop
-0.1 s each.
+hash, the RSA) runs in a thread of the caller's `workers` (CHECKERS threads, not the default executor that the
+queue's fsyncs and the mailbox writes share), its key fetched first on the loop: five such signatures held the loop
+0.1 s each. Only the key's fetch is timed (`timeout`): the check's input is bounded, and a wait for a thread while
+other messages' checks run is no failure of the signer's DNS (counted in, 100 messages of 5 signatures at once
+gave 484 temperrors for valid signatures).
 
 Failure behaviour: signing: `dkim.DKIMException` (a header section dkimpy cannot parse, a key it refuses) propagates;
 the caller (cleanup) queues the message unsigned and logs why. Verifying raises nothing for a message or an answer:
-a key that cannot be fetched within `timeout` is temperror; a signature that cannot be checked (a tag missing or
+a key that cannot be fetched within `timeout` is temperror ("key lookup failed"), and so is a check no thread
+took (`workers` hung: "no worker free for DKIM checks…"); a signature that cannot be checked (a tag missing or
 malformed, an unknown a=, x= past, t= to come) or whose key record holds key material that cannot be decoded
 (p= not base64, or not a key) or costs too much (`costly_key`) permerror, as OpenDKIM reports it, and so is one
 over too many header fields (MAX_HEADER_FIELDS, MAX_SIGNED_FIELDS); a key that is
@@ -76,8 +82,9 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 
 from mailflow.content import Content
 from mailflow.dns import NotFound, Resolver
-from mailflow.errors import LookupRetry
+from mailflow.errors import LookupRetry, TemporaryError
 from mailflow.message import header_fields
+from mailflow.workers import BoundedWorkers
 from mailflow.signing.keytables import SigningKey
 from mailflow.syntax import ascii_digits
 
@@ -300,6 +307,8 @@ MAX_HEADER_FIELDS = 1000  # a header section's fields, for a signature to be che
 MAX_SIGNED_FIELDS = 1000  # the names of a signature's h=
 MAX_KEY_BITS = 8192  # an RSA key's modulus (see the module docstring: what a key costs)
 MAX_EXPONENT_BITS = 64  # an RSA key's public exponent
+CHECKERS = 2  # threads of a verify pool (`checkers`): the checks are CPU work under the GIL, no more would run at once
+CHECKERS_WAIT = 30.0  # seconds without any check ending before a wait for a thread gives up (they look hung)
 _HASHES = {b"rsa-sha256": hashlib.sha256, b"rsa-sha1": hashlib.sha1, b"ed25519-sha256": hashlib.sha256}
 
 
@@ -311,7 +320,13 @@ class DkimResult:
     reason: str = ""
 
 
-async def verify(head: bytes, body: Content, resolver: Resolver, timeout: float) -> tuple[DkimResult, ...]:
+def checkers() -> BoundedWorkers:
+    """A pool for `verify`'s checks (they only read: daemon threads)."""
+    return BoundedWorkers(CHECKERS, CHECKERS_WAIT, "DKIM checks", daemon=True)
+
+
+async def verify(head: bytes, body: Content, resolver: Resolver, timeout: float,
+                 workers: BoundedWorkers) -> tuple[DkimResult, ...]:
     """See the module docstring. `body` is everything after the header section (the empty line first)."""
     signatures: list[dict[bytes, bytes] | None] = []  # parsed tags (None: unparsable)
     fields = 0
@@ -331,7 +346,7 @@ async def verify(head: bytes, body: Content, resolver: Resolver, timeout: float)
     message = (head if head.endswith(b"\n") else head + b"\r\n") + b"\r\n"
     # at once: the key lookups of one message share the one `timeout` (one after another, each signature of a
     # slow domain would add its own)
-    return tuple(await asyncio.gather(*(_verify_one(message, fields, index, sig, digests, resolver, timeout)
+    return tuple(await asyncio.gather(*(_verify_one(message, fields, index, sig, digests, resolver, timeout, workers)
                                         for index, sig in enumerate(signatures))))
 
 
@@ -349,7 +364,7 @@ def _costly_selection(fields: int, sig: dict[bytes, bytes]) -> str:
 
 async def _verify_one(message: bytes, fields: int, index: int, sig: dict[bytes, bytes] | None,
                       digests: dict[tuple[bytes, bytes, int | None], bytes], resolver: Resolver,
-                      timeout: float) -> DkimResult:
+                      timeout: float, workers: BoundedWorkers) -> DkimResult:
     if sig is None:
         return DkimResult("permerror", reason="malformed signature")
     domain = sig.get(b"d", b"").decode("ascii", "replace")
@@ -360,19 +375,22 @@ async def _verify_one(message: bytes, fields: int, index: int, sig: dict[bytes, 
     key = _body_key(sig)
     verifier = _StreamedBodyDKIM(message, logger=log, timeout=timeout)
     verifier.body_hash = digests.get(key) if key is not None else None
+    verifier.workers = workers
 
     async def key_record(name: bytes, timeout: float = timeout) -> bytes | None:
-        try:
-            records = await resolver.txt(name.decode("ascii", "replace").rstrip("."))
+        try:  # (asyncio.timeout, not wait_for, whose frame would hold its task, and the task a failure held by it)
+            async with asyncio.timeout(timeout):
+                records = await resolver.txt(name.decode("ascii", "replace").rstrip("."))
         except NotFound:
             return None
         return records[0].encode() if records else None
 
-    try:  # (asyncio.timeout, not wait_for, whose frame would hold its task, and the task a failure held by that frame)
-        async with asyncio.timeout(timeout):
-            ok = await verifier.verify(idx=index, dnsfunc=key_record)
+    try:
+        ok = await verifier.verify(idx=index, dnsfunc=key_record)
     except (LookupRetry, TimeoutError):
         return DkimResult("temperror", domain, selector, "key lookup failed")
+    except TemporaryError as e:  # (no thread of `workers` free: they look hung)
+        return DkimResult("temperror", domain, selector, e.text[:80])
     except BodyHashMismatch as e:
         return DkimResult("fail", domain, selector, str(e))
     except dkim.DKIMException as e:  # (dkimpy's ValidationError too: a tag missing or bad, x= past, t= to come)
@@ -423,6 +441,7 @@ class _StreamedBodyDKIM(dkim.asyncsupport.DKIM):
     while the body streamed, then dkimpy checks the signature over the headers."""
 
     body_hash: bytes | None = None
+    workers: BoundedWorkers  # the threads the check runs in
 
     async def verify_sig(self, sig, include_headers, sig_header, dnsfunc):
         """dkimpy's, but for key material that cannot be decoded or costs too much (UnreadableKey): dkimpy takes
@@ -441,7 +460,8 @@ class _StreamedBodyDKIM(dkim.asyncsupport.DKIM):
         costly = _costly(self.pk)
         if costly:
             raise UnreadableKey(costly)
-        return await asyncio.to_thread(self.verify_sig_process, sig, include_headers, sig_header, dnsfunc)
+        return await self.workers.run(functools.partial(self.verify_sig_process, sig, include_headers, sig_header,
+                                                        dnsfunc))
 
     def verify_sig_process(self, sig, include_headers, sig_header, dnsfunc):
         try:

@@ -67,6 +67,7 @@ class OutboundSigning:
         self._resolver = resolver
         self._clock = clock
         self._log = log
+        self._dkim_checkers = dkim.checkers()  # (the seal's DKIM checks)
 
     def forwarded(self, sub: Submission, recipients: tuple[Recipient, ...]) -> bool:
         if sub.forwarded:
@@ -140,7 +141,8 @@ class OutboundSigning:
             self._log.not_signed(msg.queue_id, "ARC set", "larger than the in-memory limit (256 KB)")
             return b""
         try:
-            sealed = await arc.seal(msg.content.to_bytes(), key, self._authserv_id, self._resolver, self._clock.time())
+            sealed = await arc.seal(msg.content.to_bytes(), key, self._authserv_id, self._resolver, self._clock.time(),
+                                    self._dkim_checkers)
         except dkimpy.DKIMException as e:
             self._log.not_signed(msg.queue_id, "ARC set", str(e))
             return b""

@@ -3,6 +3,7 @@ with OpenDKIM's (verify mode, the verifier a Postfix setup runs as a milter) on 
 that would cost the server's loop too much, for the verdicts and for the ARC seal's check of a chain."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import random
 import re
@@ -11,11 +12,12 @@ import threading
 import dkim
 import pytest
 
+import mailflow.signing.dkim
 from mailflow.content import Content
 from mailflow.dns import AiodnsResolver, StaticResolver
 from mailflow.message import read_header
 from mailflow.signing import arc, keygen
-from mailflow.signing.dkim import _StreamedBodyDKIM, verify
+from mailflow.signing.dkim import _StreamedBodyDKIM, checkers, verify
 from tests.support import LoopLag
 from tests.support.deliverability import dkim_signed, make_key, opendkim_verdict
 
@@ -52,7 +54,8 @@ async def test_a_signatures_verdict_is_opendkims(signed_and_record, tmp_path, ca
     message = edit(signed) if edit else signed
     content = Content.of(message)
     head, _ = read_header(content, 1_000_000)
-    results = await verify(head, content.after(len(head)), StaticResolver(txt={KEY_NAME: [record]}), timeout=5)
+    results = await verify(head, content.after(len(head)), StaticResolver(txt={KEY_NAME: [record]}),
+                           timeout=5, workers=checkers())
     assert [r.result for r in results] == [expected]
     opendkim = re.search(r"dkim=(\w+)", opendkim_verdict(message, {KEY_NAME: record}, tmp_path / "opendkim"))
     assert opendkim and opendkim.group(1) == expected  # (a permerror may name no header.d)
@@ -74,7 +77,8 @@ async def test_a_key_record_that_cannot_be_used_gets_opendkims_verdict(signed_an
     assert edited != good
     content = Content.of(signed)
     head, _ = read_header(content, 1_000_000)
-    results = await verify(head, content.after(len(head)), StaticResolver(txt={KEY_NAME: [edited]}), timeout=5)
+    results = await verify(head, content.after(len(head)), StaticResolver(txt={KEY_NAME: [edited]}),
+                           timeout=5, workers=checkers())
     assert [r.result for r in results] == [expected]
     opendkim = re.search(r"dkim=(\w+)", opendkim_verdict(signed, {KEY_NAME: edited}, tmp_path / "opendkim"))
     assert opendkim and opendkim.group(1) == expected
@@ -114,7 +118,7 @@ async def verify_timed(message: bytes, nameserver: str) -> tuple[list, LoopLag]:
     head, _ = read_header(content, 1_000_000)
     try:
         async with LoopLag() as lag:
-            results = await verify(head, content.after(len(head)), resolver, timeout=5)
+            results = await verify(head, content.after(len(head)), resolver, timeout=5, workers=checkers())
     finally:
         await resolver.close()
     return results, lag
@@ -151,7 +155,7 @@ async def test_an_arc_key_too_costly_to_verify_with_is_no_key_to_the_seals_check
                               timeout=2, tries=1)
     try:
         async with LoopLag() as lag:
-            results = await arc.authentication_results(sealed, "me.test", resolver)
+            results = await arc.authentication_results(sealed, "me.test", resolver, checkers())
     finally:
         await resolver.close()
     assert results.endswith("; arc=fail") and lag.longest < 0.5  # (the pow() it stops: 7 s)
@@ -182,6 +186,48 @@ async def test_a_signature_over_too_many_header_fields_is_permerror_at_once(dns_
     if not expected:
         verdict = opendkim_verdict(signed_message, {KEY_NAME: record}, tmp_path / "opendkim")
         assert re.search(r"dkim=(\w+)", verdict).group(1) == "pass"
+
+
+async def test_many_messages_at_once_with_the_default_executor_busy_all_pass(signed_and_record):
+    """The checks ran in the default executor (the queue's fsyncs', the mailbox writes') and the key's timeout
+    counted the wait for its thread: with that executor busy, or many messages checked at once, valid signatures
+    came back temperror "key lookup failed" (100 messages x 5 signatures: 484), everyone's DKIM and DMARC results
+    turned by whoever sent the load. The checks have threads of their own (dkim.checkers) and only the key's fetch
+    is timed."""
+    signed, record = signed_and_record
+    content = Content.of(signed)
+    head, _ = read_header(content, 1_000_000)
+    resolver = StaticResolver(txt={KEY_NAME: [record]})
+    workers = checkers()
+    release = threading.Event()
+    loop = asyncio.get_running_loop()
+    busy = [loop.run_in_executor(None, release.wait, 10) for _ in range(40)]  # (every default thread: fsyncs)
+    try:
+        results = await asyncio.gather(*(verify(head, content.after(len(head)), resolver, timeout=0.5,
+                                                workers=workers) for _ in range(60)))
+    finally:
+        release.set()
+        await asyncio.gather(*busy)
+        workers.close()
+    assert [r.result for verdicts in results for r in verdicts] == ["pass"] * 60
+
+
+async def test_a_check_no_thread_takes_is_a_temperror_saying_so(signed_and_record, monkeypatch):
+    monkeypatch.setattr(mailflow.signing.dkim, "CHECKERS_WAIT", 0.2)
+    signed, record = signed_and_record
+    content = Content.of(signed)
+    head, _ = read_header(content, 1_000_000)
+    workers = checkers()
+    release = threading.Event()
+    hung = [asyncio.ensure_future(workers.run(lambda: release.wait(10))) for _ in range(mailflow.signing.dkim.CHECKERS)]
+    try:
+        [result] = await verify(head, content.after(len(head)), StaticResolver(txt={KEY_NAME: [record]}), timeout=5,
+                                workers=workers)
+    finally:
+        release.set()
+        await asyncio.gather(*hung)
+        workers.close()
+    assert (result.result, result.reason) == ("temperror", "no worker free for DKIM checks within 0.2s: 2 busy")
 
 
 async def test_signatures_at_the_field_limits_are_checked_off_the_event_loop(dns_zone, tmp_path, monkeypatch):
@@ -236,11 +282,11 @@ async def test_a_chain_too_costly_to_check_is_forwarded_unsealed_at_once(signed_
         return await real_check(*args)
     monkeypatch.setattr(arc, "authentication_results", check)
     with pytest.raises(dkim.DKIMException, match=f"not sealed: .*{reason}"):
-        await arc.seal(hostile, forwarder, "me.test", resolver, 0)
+        await arc.seal(hostile, forwarder, "me.test", resolver, 0, checkers())
     # at once: the chain's check (0.7 s of CPU and more under load) is never begun; a time bound on a loaded
     # 2-vCPU host (the full suite beside other work) failed now and then
     assert checked == []
     plain = b"Authentication-Results: fwd.test; dkim=pass\r\n" + signed_message
     within = b"".join(dkim.arc_sign(plain, b"arc", b"fwd.test", forwarder.private, b"fwd.test")) + plain
-    assert b"ARC-Seal: i=2; cv=pass;" in await arc.seal(within, forwarder, "me.test", resolver, 0)
+    assert b"ARC-Seal: i=2; cv=pass;" in await arc.seal(within, forwarder, "me.test", resolver, 0, checkers())
     assert checked == [within]  # (the check is what it was: the bound skipped it above)
