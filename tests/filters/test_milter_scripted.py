@@ -338,6 +338,34 @@ async def test_thousands_of_header_edits_are_applied_off_the_event_loop(milter_s
     assert threads and threading.current_thread() not in threads
 
 
+async def test_a_burst_of_edits_already_read_is_taken_a_slice_a_turn(milter_server, tmp_path, monkeypatch):
+    """10 000 edits a milter sends at once were taken in as few turns of the event loop as the socket's buffer
+    allowed (3 here; 0.4 s held, every other session waiting): they are taken REPLY_SLICE a turn."""
+    from mailflow.filters.milter import client as milter_client
+
+    turns = [0]  # turns of the loop so far, counted by a task that yields each turn
+    seen: set[int] = set()  # the turns in which an edit was taken
+    collect = milter_client._collect
+    monkeypatch.setattr(milter_client, "_collect", lambda *args: (seen.add(turns[0]), collect(*args))[1])
+
+    async def count_turns() -> None:
+        while True:
+            turns[0] += 1
+            await asyncio.sleep(0)
+
+    removals = reply(b"m", struct.pack("!I", 1) + b"X-Absent\0\0") * 10_000  # (cheap to apply: nothing to remove)
+    _, port = await milter_server({b"E": removals + reply(b"a")})
+    counter = asyncio.create_task(count_turns())
+    try:
+        client = await SmtpClient.connect(port)
+        assert (await client.send_message(MESSAGE)).code == 250
+        await client.close()
+    finally:
+        counter.cancel()
+    await eventually(lambda: maildir_messages(tmp_path / "mail" / "alice" / "Maildir"))
+    assert len(seen) >= 10_000 // milter_client.REPLY_SLICE
+
+
 async def test_a_milter_that_holds_one_session_does_not_hold_another(milter_server):
     """The first session's milter holds its answer to RCPT: that session waits for it, while a second session
     meanwhile is served in full; the answer (tempfail: 451 4.7.1) then reaches the first."""
