@@ -364,6 +364,18 @@ def query_integer(text: str) -> int | None:
     return number if number in INT64 else None
 
 
+def query_seconds(text: str) -> float | None:
+    """A span of seconds in an HTTP API's query parameter, whole or with a fraction (`0.5`, `.5`, `5.`: as
+    `Sink.wait_for(timeout=0.5)` takes it), with an optional `+` and leading zeros as `query_integer` takes them;
+    ASCII digits only, at most 19 significant ones before the point; None for anything else."""
+    whole, _, fraction = text.removeprefix("+").partition(".")
+    significant = whole.lstrip("0")
+    if not (whole or fraction) or not all(ascii_digits(part) for part in (whole, fraction) if part) \
+            or len(significant) > 19:
+        return None
+    return float(f"{significant or 0}.{fraction[:20] or 0}")
+
+
 def parse_octet_count(text: str) -> int | None:
     """An SMTP size (RFC 1870 `SIZE=`, RFC 3030 `BDAT`): `1*DIGIT`, leading zeros allowed; None when it
     exceeds OFF_T_MAX (what Postfix calls a file system imposed limit). ValueError when it is not digits."""

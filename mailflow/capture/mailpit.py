@@ -61,7 +61,7 @@ from mailflow.capture import mime, search
 from mailflow.capture.mailbox import (REPORT_LIMIT, CapturedMessage, Criteria, WaitTimeout, parsed_off_loop, sliced,
                                       timeout_report)
 from mailflow.capture.recorders import Capture
-from mailflow.syntax import ascii_digits, query_integer
+from mailflow.syntax import query_integer, query_seconds
 
 DEFAULT_LIMIT = 50
 
@@ -196,18 +196,15 @@ def _int(request: web.Request, name: str, default: int, low: int = 0) -> int:
 
 
 def _seconds(request: web.Request, name: str, default: float) -> float:
-    """A span in seconds, whole or with a fraction (`0.5`, `.5`, `5.`: as `Sink.wait_for(timeout=0.5)` takes it),
-    with an optional `+` and leading zeros as the whole-number parameters take them (Go's Atoi); ASCII digits only,
-    at most 19 significant ones before the point."""
+    """A span in seconds (`syntax.query_seconds`: `0.5` as `Sink.wait_for(timeout=0.5)` takes it); 400 for
+    anything else."""
     value = request.query.get(name, "")
     if not value:
         return default
-    whole, _, fraction = value.removeprefix("+").partition(".")
-    significant = whole.lstrip("0")
-    if not (whole or fraction) or not all(ascii_digits(part) for part in (whole, fraction) if part) \
-            or len(significant) > 19:
+    seconds = query_seconds(value)
+    if seconds is None:
         raise web.HTTPBadRequest(text=f"{name}: not a number of seconds: {value[:40]!r}")
-    return float(f"{significant or 0}.{fraction[:20] or 0}")
+    return seconds
 
 
 async def _body(request: web.Request) -> dict:

@@ -117,7 +117,8 @@ Failure behaviour
   `QueuedMessage.damage`, and, found at each timed scan, a deferred one whose next_attempt is no time or one in no
   known queue: `Store.never_due`; a recipient whose status is none the store writes, however its notice flag is set),
   with a warning naming it and what is wrong, as Postfix's qmgr saves a queue file it cannot read; the others go on.
-- A message an operator holds or deletes while it is active: its jobs not yet started are dropped at the next tick,
+- A message an operator holds or deletes while it is active (or requeues after a hold, or that is moved to the
+  corrupt queue: as a hold, `TAKEN_BACK` naming it): its jobs not yet started are dropped at the next tick,
   unless released by then (held: its recipients stay pending; deleted: nothing is recorded or logged, as the queue
   tool logged postsuper's `removed`); one in flight finishes, and no notice is sent for a deleted one (its state is
   asked before any notice is queued, the tick or not). A held message is never expired nor warned about at the end
