@@ -34,7 +34,8 @@ def test_a_climb_names_the_package_frames_only_and_reads_no_source():
         release.set()
         for thread in threads:
             thread.join(10)
-    assert found == "stage_under_test.py:3 wait"
+    named = found.split(" | ")  # (with the idle workers other tests of this process left: mailflow's frames too)
+    assert "stage_under_test.py:3 wait" in named and not any("bench_under_test" in stack for stack in named)
     assert not linecache.cache
 
 
