@@ -721,11 +721,9 @@ async def in_queue(s: Sim, queue_id: str, queue: str) -> bool:
     return await s.store.queue_states([queue_id]) == {queue_id: queue}
 
 
-async def test_a_message_released_during_its_attempt_after_its_hold_withdrew_a_job_is_due_at_once(sim):
-    """The hold (seen at the tick) withdrew the job of z@far.test, not started yet; the release makes the message
-    due now. The scan leaves it to the attempt under way, whose end deferred it with the normal backoff (328 s):
-    z, never tried, waited for that as if its delivery had failed. Released, it is due at once."""
-    s = await sim(tick=1.0, initial_destination_concurrency=1, default_destination_concurrency_limit=1)
+async def held_released_and_claimed(s: Sim) -> str:
+    """`near_in_flight_far_waiting`'s message held (the tick withdraws z's job), released, and claimed again by the
+    scan while y's delivery is still under way; its queue id."""
     queue_id = await near_in_flight_far_waiting(s)
     await s.store.hold_messages([queue_id])
     s.clock.advance(1.0)
@@ -733,6 +731,15 @@ async def test_a_message_released_during_its_attempt_after_its_hold_withdrew_a_j
     await s.store.release_messages([queue_id], s.clock.now)
     s.clock.advance(1.0)
     await eventually(lambda: in_queue(s, queue_id, "active"), what="the scan's claim")
+    return queue_id
+
+
+async def test_a_message_released_during_its_attempt_after_its_hold_withdrew_a_job_is_due_at_once(sim):
+    """The hold (seen at the tick) withdrew the job of z@far.test, not started yet; the release makes the message
+    due now. The scan leaves it to the attempt under way, whose end deferred it with the normal backoff (328 s):
+    z, never tried, waited for that as if its delivery had failed. Released, it is due at once."""
+    s = await sim(tick=1.0, initial_destination_concurrency=1, default_destination_concurrency_limit=1)
+    await held_released_and_claimed(s)
     s.smtp.release.set()
     await s.run_until(s.clock.now + 60, stop=lambda: len(s.smtp.calls) == 3 and not s.qmgr.busy)
     assert delivered_to(s) == [["x@far.test"], ["y@near.test"], ["z@far.test"]]
@@ -811,13 +818,7 @@ async def test_a_message_being_given_back_is_not_admitted_beside_the_give_back(s
     message afresh: the give-back then deferred the row of that new attempt, in hand (the attempt counted, a later
     scan free to take it beside it). A message being given back is not admitted; it is given back again after."""
     s = await sim(tick=1.0, initial_destination_concurrency=1, default_destination_concurrency_limit=1)
-    queue_id = await near_in_flight_far_waiting(s)
-    await s.store.hold_messages([queue_id])
-    s.clock.advance(1.0)
-    await eventually(lambda: waiting(s, "far.test") == (1, 0), what="z's job withdrawn at the hold")
-    await s.store.release_messages([queue_id], s.clock.now)
-    s.clock.advance(1.0)
-    await eventually(lambda: in_queue(s, queue_id, "active"), what="the scan's claim")
+    await held_released_and_claimed(s)
     deferred_in_hand = []
     give_back = s.store.give_back
 
