@@ -314,6 +314,9 @@ async def smtp_peer():
     loop = asyncio.get_running_loop()
 
     async def start(host: str = "127.0.0.1", port: int = 0, **smtp_kwargs) -> CapturePeer:
+        """A capturing SMTP peer on host:port (port 0: the kernel's choice). Peers that share one port on several
+        loopback addresses take it from `free_port()`: an ephemeral port the kernel gave the first may be any
+        outgoing connection's on the others' addresses by the time they bind."""
         handler = CaptureHandler()
         smtp_kwargs.setdefault("hostname", "peer.test")
         server = await loop.create_server(lambda: AiosmtpdSMTP(handler, **smtp_kwargs), host, port)

@@ -268,7 +268,7 @@ async def test_a_temporary_refusal_by_a_peer_that_is_not_the_last_leaves_the_rec
     """Postfix's smtp_rcpt_fail / smtp_mesg_fail: a soft error at a server that is not the final one keeps the
     recipient for the next (greylisted at MX 10, taken by MX 20); a 5xx is final wherever it comes from; the
     second session is the last (smtp_mx_session_limit = 2)."""
-    primary = await smtp_peer("127.0.0.2")
+    primary = await smtp_peer("127.0.0.2", free_port())
     backup = await smtp_peer("127.0.0.3", primary.port)
     third = await smtp_peer("127.0.0.4", primary.port)
     primary.handler.rcpt_replies = {"grey@example.test": "450 4.2.0 greylisted", "gone@example.test": "550 5.1.1 no",
@@ -296,7 +296,7 @@ async def test_a_temporary_refusal_by_a_peer_that_is_not_the_last_leaves_the_rec
 async def greylisting_primary(smtp_peer, zone_resolver, *more_records: str):
     """MX 10 at 127.0.0.2, which answers grey@example.test 450, and MX 20 at 127.0.0.3: (primary, backup,
     a resolver for example.test and `more_records`)."""
-    primary = await smtp_peer("127.0.0.2")
+    primary = await smtp_peer("127.0.0.2", free_port())
     backup = await smtp_peer("127.0.0.3", primary.port)
     primary.handler.rcpt_replies = {"grey@example.test": "450 4.2.0 greylisted"}
     resolver = zone_resolver(
@@ -382,7 +382,7 @@ async def test_a_temporary_failure_whose_next_peer_cannot_be_reached_gets_that_p
 
 
 async def test_lower_preference_is_tried_first(smtp_peer, zone_resolver):
-    backup = await smtp_peer("127.0.0.1")
+    backup = await smtp_peer("127.0.0.1", free_port())
     primary = await smtp_peer("127.0.0.2", backup.port)
     resolver = zone_resolver(
         "example.test. 300 IN MX 20 backup.example.test.",
@@ -418,7 +418,7 @@ async def test_an_mx_host_that_is_a_cname_is_followed(smtp_peer, zone_resolver):
 
 
 async def test_bad_greeting_on_first_mx_falls_back_to_second(smtp_peer):
-    peer = await smtp_peer("127.0.0.1")
+    peer = await smtp_peer("127.0.0.1", free_port())
 
     async def busy(reader, writer):
         writer.write(b"421 4.3.2 busy, come back later\r\n")
@@ -496,7 +496,7 @@ async def test_an_mx_answer_past_the_record_limit_is_logged_once_in_postfix_word
 
 async def test_the_addresses_of_one_host_are_tried_in_random_order(smtp_peer):
     """Postfix's smtp_randomize_addresses (default yes): a host with several addresses does not load the first."""
-    first = await smtp_peer("127.0.0.2")
+    first = await smtp_peer("127.0.0.2", free_port())
     for n in (3, 4):
         await smtp_peer(f"127.0.0.{n}", first.port)
     resolver = StaticResolver(addresses={"mx.example.test": ["127.0.0.2", "127.0.0.3", "127.0.0.4"]})
@@ -527,7 +527,7 @@ async def test_a_servers_rng_orders_its_smtp_clients_equal_mx_hosts(smtp_peer, t
     """Mailflow(rng=...) (a Sink's seed) is the RNG its SMTP clients order equal MX preferences with, so that a
     seeded server delivers the same way each run: the clients drew from unseeded RNGs of their own."""
     hosts = [f"mx{n}.relay.test" for n in range(4)]
-    peers = [await smtp_peer("127.0.0.2")]
+    peers = [await smtp_peer("127.0.0.2", free_port())]
     peers += [await smtp_peer(f"127.0.0.{n + 2}", peers[0].port) for n in range(1, len(hosts))]
     resolver = StaticResolver(mx={"relay.test": [MX(10, host) for host in hosts]},
                               addresses={host: [f"127.0.0.{n + 2}"] for n, host in enumerate(hosts)})
@@ -669,7 +669,7 @@ async def test_a_servfail_or_a_silent_name_server_is_worded_as_postfix(zone_reso
 async def own_and_others(smtp_peer):
     """This server at 127.0.0.1 and two other MX hosts (127.0.0.2, 127.0.0.3), all listening on one port, the
     one this server's smtpd listens on (Postfix's loop detection is about port 25 only)."""
-    me = await smtp_peer("127.0.0.1")
+    me = await smtp_peer("127.0.0.1", free_port())
     others = [await smtp_peer(f"127.0.0.{n}", me.port) for n in (2, 3)]
     return me, others
 

@@ -275,7 +275,7 @@ async def test_verify_delivers_to_the_right_certificate_and_defers_the_wrong_one
         mailflow_server, dns_zone, smtp_peer, tmp_path):
     ca = trustme.CA()
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    good = await smtp_peer("127.0.0.1", tls_context=tls_peer_context(ca, "mx.good.test"))
+    good = await smtp_peer("127.0.0.1", free_port(), tls_context=tls_peer_context(ca, "mx.good.test"))
     wrong = await smtp_peer("127.0.0.4", good.port, tls_context=tls_peer_context(ca, "someone-else.test"))
     dns = dns_zone(zone(
         "good.test. 300 IN MX 10 mx.good.test.", "mx.good.test. 300 IN A 127.0.0.1",
