@@ -1054,3 +1054,80 @@ async def test_a_destination_that_dies_with_many_jobs_queued_defers_them_a_slice
     assert sorted(set(reasons)) == [("pending", "4.7.1", f"delivery temporarily suspended: {refused}"),
                                     ("pending", "4.7.1", refused)]
     assert reasons.count(("pending", "4.7.1", refused)) == 2  # the job tried
+
+
+async def test_one_job_of_many_recipients_at_a_dead_destination_is_deferred_a_slice_at_a_time(h, monkeypatch):
+    """SUSPEND_SLICE counts recipients, not jobs: one job of 100 000 recipients (no recipient limit) at a dead
+    destination held the loop 1.2 s. Its recipients are deferred a part at a time, the loop handed back between the
+    parts; the message is finished once, after the last part, every recipient deferred."""
+    monkeypatch.setattr(qmgr_module, "SUSPEND_SLICE", 10)
+    failing = ScriptedTransport(h.clock, always(Outcome.DEFERRED, "4.7.1", "host mx refused to talk to me", False))
+    await h.start(transports={"local": h.local, "smtp": failing}, initial_destination_concurrency=1,
+                  transport_destination_recipient_limit={"smtp": 45})
+    async with LoopTurns() as turns:
+        suspended = qmgr_module._suspended
+        monkeypatch.setattr(qmgr_module, "_suspended", lambda status, reason, rcpts: turns.seen.append(
+            (turns.count, len(rcpts))) or suspended(status, reason, rcpts))
+        queue_id = await h.queue(*(f"u{i:04d}@remote.test" for i in range(90)))  # two jobs: one tried
+        await eventually(lambda: _is(h, {"deferred": 1}), what="the message deferred")
+    assert len(failing.requests) == 1
+    assert [size for _, size in turns.seen] == [10, 10, 10, 10, 5]
+    assert len({turn for turn, _ in turns.seen}) == 5, "the loop had no turn between the parts"
+    reasons = Counter(reason for _, status, _, reason in await h.store.recipients(queue_id) if status == "pending")
+    assert reasons == {"host mx refused to talk to me": 45,
+                       "delivery temporarily suspended: host mx refused to talk to me": 45}
+
+
+class PausingAsyncio:
+    """qmgr's `asyncio`, whose sleep (the loop handed back between slices) waits while `running` is clear."""
+
+    def __init__(self):
+        self.running = asyncio.Event()
+        self.running.set()
+
+    def __getattr__(self, name):
+        return getattr(asyncio, name)
+
+    async def sleep(self, delay, result=None):
+        await self.running.wait()
+        return await asyncio.sleep(delay, result)
+
+
+@pytest.mark.parametrize("operator", ["hold", "delete"])
+async def test_a_hold_or_delete_between_the_parts_of_a_suspended_job_loses_nothing(h, monkeypatch, operator):
+    """An operator's hold or delete seen between two parts of a dead destination's job (`_suspend_in_slices`):
+    the parts left are still deferred, the message ends its attempt once (held: on hold, every recipient pending;
+    deleted: gone) and qmgr holds nothing after."""
+    monkeypatch.setattr(qmgr_module, "SUSPEND_SLICE", 10)
+    pausing = PausingAsyncio()
+    monkeypatch.setattr(qmgr_module, "asyncio", pausing)
+    failing = ScriptedTransport(h.clock, always(Outcome.DEFERRED, "4.7.1", "host mx refused to talk to me", False))
+    await h.start(transports={"local": h.local, "smtp": failing}, initial_destination_concurrency=1,
+                  transport_destination_recipient_limit={"smtp": 45})
+    parts: list[int] = []
+    suspended = qmgr_module._suspended
+
+    def counting(status, reason, rcpts):
+        parts.append(len(rcpts))
+        if len(parts) == 2:
+            pausing.running.clear()  # the suspension waits in its next hand-back of the loop
+        return suspended(status, reason, rcpts)
+
+    monkeypatch.setattr(qmgr_module, "_suspended", counting)
+    queue_id = await h.queue(*(f"u{i:04d}@remote.test" for i in range(90)))  # two jobs: one tried
+    await eventually(lambda: not pausing.running.is_set(), what="two parts deferred")
+    await (h.store.hold_messages if operator == "hold" else h.store.delete_messages)([queue_id])
+    await h.qmgr._poll_operators()  # (the tick's: the clock stands still)
+    assert parts == [10, 10]
+    pausing.running.set()
+    await attempts_over(h)
+    assert parts == [10, 10, 10, 10, 5] and len(failing.requests) == 1
+    assert h.qmgr.taken_count == 0
+    rows = await h.store.recipients(queue_id)
+    if operator == "delete":
+        assert rows == [] and await h.counts() == {}
+        return
+    assert await h.counts() == {"hold": 1}
+    assert Counter((status, reason) for _, status, _, reason in rows) == {
+        ("pending", "host mx refused to talk to me"): 45,
+        ("pending", "delivery temporarily suspended: host mx refused to talk to me"): 45}
