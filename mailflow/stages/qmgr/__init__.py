@@ -12,7 +12,8 @@ The loop
   sender, memo)`: the envelope sender, for sender-dependent routing, asked once per message in `memo`), handing the
   loop back every ADMIT_SLICE messages (a flush of 10 000 deferred messages held it for 0.4 s in one turn;
   the messages not yet admitted keep their places in the active queue meanwhile), and every ROUTE_SLICE
-  recipients of a message that has more (virtual aliases may give one 1 000 000); a message
+  recipients of a message that has more (virtual aliases may give one 1 000 000), then every ORDER_SLICE as it puts
+  them in Postfix's order (sort keys made with each slice, runs sorted then merged); a message
   with an after-queue content filter (its `content_filter`, Postfix's) sends every recipient to that
   `transport:nexthop` instead. qmgr's `from=<s>, size=N, nrcpt=N (queue active)` line is written each time a
   message enters the active queue, as Postfix's qmgr writes it: cleanup writes it for new mail (not for a message
@@ -191,6 +192,7 @@ UNDEFINED_TRANSPORT_PROGRAM = "error"  # what a result for a transport that is n
 Routes = tuple[dict[tuple[str, str], list[Recipient]], list[RcptResult]]
 ADMIT_SLICE = 100  # messages a scan admits (routes, schedules) before it hands the loop back
 ROUTE_SLICE = 500  # recipients of one message a scan resolves before it hands the loop back
+ORDER_SLICE = 20_000  # recipients of one message put in Postfix's order (`_put_in_order`) before the loop is let go
 ROUTE_RESTARTS = 3  # reloads that start a message's sliced resolution over; past them it goes on (then `_reroute`)
 SUSPEND_SLICE = 1000  # recipients of a dead destination's jobs deferred before the loop is handed back
 RESULT_SLICE = 100  # results of one job taken from an agent that delivers each before the loop is handed back
@@ -871,7 +873,7 @@ class QueueManager:
         active = ActiveMessage(message, jobs_left=0, stats=MsgStats(message.arrival, now),
                                owed=list(message.owed), content=content, handed_bytes=handed_bytes)
         self._active[message.queue_id] = active
-        active.jobs_left = self._queue_jobs(message.queue_id, groups)
+        active.jobs_left = self._queue_jobs(message.queue_id, groups, ordered=routes is not None)
         # nothing to deliver (every recipient was done before a stop, or none resolved): the attempt ends now
         self._results_in(active, unresolved)
 
@@ -886,6 +888,7 @@ class QueueManager:
             routing = self._routing
             memo: dict = {}  # the sender's choices, for all the slices
             groups: dict[tuple[str, str], list[Recipient]] = {}
+            keys: dict[tuple[str, str], list[bytes]] = {}  # each group's `_postfix_order`, made with its slice
             unresolved: list[RcptResult] = []
             recipients = message.recipients
             for start in range(0, len(recipients), ROUTE_SLICE):
@@ -896,10 +899,32 @@ class QueueManager:
                 part, failed = self._routes(message, recipients[start:start + ROUTE_SLICE], memo)
                 for key, members in part.items():
                     groups.setdefault(key, []).extend(members)
+                    keys.setdefault(key, []).extend(map(_postfix_order, members))
                 unresolved += failed
             else:
                 break
+        await self._put_in_order(groups, keys)
         return (groups, unresolved), routing
+
+    async def _put_in_order(self, groups: dict[tuple[str, str], list[Recipient]],
+                            keys: dict[tuple[str, str], list[bytes]]) -> None:
+        """The groups `_queue_jobs` sorts, sorted here by the keys their slices made (`_routes_in_slices`), the loop
+        handed back every ORDER_SLICE recipients (`_order_in_slices`): sorting 100 000 recipients by
+        `_postfix_order` held it 0.2-0.5 s in one turn."""
+        ordered = 0
+        for route, members in groups.items():
+            if len(members) < 2 or self._one_per_recipient(route[0]):
+                continue
+            group_keys = keys[route]
+            if len(members) > ORDER_SLICE:
+                order = await _order_in_slices(group_keys)
+            else:
+                order = sorted(range(len(members)), key=group_keys.__getitem__)
+            groups[route] = [members[i] for i in order]
+            ordered += len(members)
+            if ordered >= ORDER_SLICE:
+                await asyncio.sleep(0)
+                ordered = 0
 
     def _routes(self, message: QueuedMessage, recipients, memo: dict) -> Routes:
         """The recipients by `(transport, nexthop)` through trivial-rewrite, each in the form it resolved to; those
@@ -919,22 +944,23 @@ class QueueManager:
             groups.setdefault(_route(message.content_filter, res.transport, res.nexthop), []).append(rcpt)
         return groups, unresolved
 
-    def _queue_jobs(self, queue_id: str, groups: dict[tuple[str, str], list[Recipient]]) -> int:
+    def _queue_jobs(self, queue_id: str, groups: dict[tuple[str, str], list[Recipient]], ordered: bool = False) -> int:
         """One job per destination, or more of at most its transport's recipient limit each, the recipients in
         Postfix's order (`_postfix_order`: it decides which recipients go together, whether an ASCII recipient's
         delivery needs SMTPUTF8 for a UTF-8 one beside it, and which RCPT a peer that hangs up cuts off); with a
         limit of 1, a destination per recipient (`_recipient_queue`), as Postfix's qmgr_message_resolve names its
-        queues (but for the error and retry transports). Returns the number of jobs."""
+        queues (but for the error and retry transports). `ordered`: the groups are in that order already
+        (`_put_in_order`). Returns the number of jobs."""
         count = 0
         for (transport, nexthop), rcpts in groups.items():
             limit = self._config.recipient_limit(transport)
-            if limit == 1 and transport not in ("error", "retry"):
+            if self._one_per_recipient(transport):
                 for rcpt in rcpts:
                     queue = self._recipient_queue(rcpt.address, nexthop)
                     self._enqueue(transport, queue, [Job(queue_id, transport, nexthop, (rcpt,))])
                 count += len(rcpts)
                 continue
-            if len(rcpts) > 1:
+            if len(rcpts) > 1 and not ordered:
                 rcpts = sorted(rcpts, key=_postfix_order)
             if not limit or len(rcpts) <= limit:  # (the common case: one job)
                 jobs = [Job(queue_id, transport, nexthop, tuple(rcpts))]
@@ -944,6 +970,10 @@ class QueueManager:
             self._enqueue(transport, nexthop, jobs)
             count += len(jobs)
         return count
+
+    def _one_per_recipient(self, transport: str) -> bool:
+        """Whether each recipient of `transport` is a destination of its own (a recipient limit of 1)."""
+        return self._config.recipient_limit(transport) == 1 and transport not in ("error", "retry")
 
     def _recipient_queue(self, address: str, nexthop: str) -> str:
         """The destination of one recipient (a recipient limit of 1): its local part without its extension, at the
@@ -1452,18 +1482,34 @@ class QueueManager:
 _NOTICE_KIND = {Outcome.SENT: "success", Outcome.BOUNCED: "failure"}
 
 
-def _postfix_order(rcpt: Recipient) -> tuple[int, bytes, bytes]:
+def _postfix_order(rcpt: Recipient) -> bytes:
     """Postfix 3.7's qmgr_message_sort_compare within one destination: addresses with an `@` first, by the domain
     (from the last `@`) as strcasecmp_utf8 compares it (ASCII letters folded; a UTF-8 domain case-folded, as
     Postfix with smtputf8_enable, which mailflow always is), then by the whole address byte for byte (strcmp: the
-    local part's case counts, `C@x` before `a@x`); addresses without an `@` last, byte for byte."""
+    local part's case counts, `C@x` before `a@x`); addresses without an `@` last, byte for byte. One bytes value,
+    NUL-separated as C strings end (a tuple's comparisons made the sort of 100 000 recipients 4 times slower)."""
     address = rcpt.address.encode("utf-8", "surrogateescape")
     at = rcpt.address.rfind("@")
     if at < 0:
-        return 1, b"", address
+        return b"\x01" + address
     domain = rcpt.address[at:]
     folded = domain.lower() if domain.isascii() else domain.casefold()
-    return 0, folded.encode("utf-8", "surrogateescape"), address
+    return b"\x00" + folded.encode("utf-8", "surrogateescape") + b"\x00" + address
+
+
+async def _order_in_slices(keys: list[bytes]) -> list[int]:
+    """The indexes of `keys` in the keys' order (as `sorted`: equal keys keep theirs), ORDER_SLICE a loop turn:
+    runs of that many sorted one a turn, then merged that many a turn (one sort of 100 000 took 0.1 s loaded)."""
+    runs = []
+    for start in range(0, len(keys), ORDER_SLICE):
+        runs.append(sorted(range(start, min(start + ORDER_SLICE, len(keys))), key=keys.__getitem__))
+        await asyncio.sleep(0)
+    merged = heapq.merge(*runs, key=keys.__getitem__)  # (stable: a tie goes to the earlier run)
+    order: list[int] = []
+    while len(order) < len(keys):
+        order.extend(islice(merged, ORDER_SLICE))
+        await asyncio.sleep(0)
+    return order
 
 
 async def _close_together(transports: list[tuple[str, Transport]], ended: list | None = None) -> None:
