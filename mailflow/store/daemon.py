@@ -35,7 +35,8 @@ Contract
   recipient whose failure/success notice is still owed keeps a flag until `finish()` queues the notices, clears
   the flags and defers or removes the message, all in one transaction. So a stop between the two repeats no
   delivery and loses no notice. Removing a message (`finish`, `delete_messages`) removes its content file
-  after the commit.
+  after the commit. The rows of either's results are made ROWS_SLICE a loop turn (`_op_in_slices`: one message
+  may have 100 000), the write sent once they all are.
 - Durability: every write is on disk when it returns — what leads to a 250 (`insert`, `insert_many`) and what
   comes after it (claims, results, the end of an attempt with its notices, the destination snapshot,
   recovery). So each recipient's result is durable as soon as it is recorded: neither a killed process nor a
@@ -61,7 +62,7 @@ import asyncio
 import json
 import sqlite3
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from mailflow.config import DEFAULTS
 from mailflow.content import MEMORY_LIMIT, Content, Spool
@@ -174,7 +175,9 @@ class Store(OperatorQueries, RequeueQueries):
         `(result, notice_owed)` marks its recipient sent / bounced, or keeps it pending with its last reason;
         `notice_owed` flags a recipient whose failure or success notice `finish()` must still queue. Only pending
         recipients change, so recording a result twice does no harm."""
-        await self._committer.write([_record_op(queue_id, rows)], linger=True)
+        record = _record_op(queue_id, rows) if len(rows) <= ROWS_SLICE else \
+            await _op_in_slices(lambda part: _record_op(queue_id, part), rows)
+        await self._committer.write([record], linger=True)
 
     async def finish(self, done: Delivered, notices: Sequence[NewMessage] = (),
                      results: Sequence[RcptResult] = ()) -> None:
@@ -192,8 +195,11 @@ class Store(OperatorQueries, RequeueQueries):
         qid = done.queue_id
         if done.next_attempt is None:  # removed: what its recipient rows would have said goes with them
             ops = remove_ops([(qid,)])
+        elif len(results) <= ROWS_SLICE and len(done.expired) <= ROWS_SLICE:
+            ops = _deferral_ops(done, _unrecorded_op(qid, results), _expired_op(qid, done.expired))
         else:
-            ops = _deferral_ops(done, results)
+            ops = _deferral_ops(done, await _op_in_slices(lambda part: _unrecorded_op(qid, part), results),
+                                await _op_in_slices(lambda part: _expired_op(qid, part), done.expired))
         if notices:
             ops += insert_ops(notices)
         self._scanned.pop(qid, None)
@@ -470,15 +476,35 @@ def _due_message(row: tuple) -> QueuedMessage:
     return _queued_message(values, pending, owed, row[_NRCPT_AT], "; ".join(problems))
 
 
-def _deferral_ops(done: Delivered, results: Sequence[RcptResult]) -> list[Op]:
-    """`finish` for a message that stays: the results not recorded yet, the expired and noticed recipients, then
-    the message deferred (if still active)."""
+async def _op_in_slices(make: Callable[[Sequence], Op], items: Sequence) -> Op:
+    """`make(items)` ROWS_SLICE items a loop turn: the statement, with the rows made from every slice (those of
+    100 000 results, made in one turn, held the loop 0.4 s)."""
+    sql, rows = make(items[:ROWS_SLICE])
+    for start in range(ROWS_SLICE, len(items), ROWS_SLICE):
+        await asyncio.sleep(0)
+        rows += make(items[start:start + ROWS_SLICE])[1]
+    return sql, rows
+
+
+def _unrecorded_op(queue_id: QueueId, results: Sequence[RcptResult]) -> Op:
+    """The results of an attempt's end not recorded yet, as `record_results` records them (their notices are queued
+    with them)."""
+    return _record_op(queue_id, [(r, False) for r in results])
+
+
+def _expired_op(queue_id: QueueId, expired: Sequence[RcptResult]) -> Op:
+    return ("UPDATE recipient SET status = 'bounced', dsn = ?, reason = ?, relay = ?, notice = 0"
+            " WHERE message_id = ? AND idx = ? AND status = 'pending'",
+            [(r.dsn, r.text, r.relay, queue_id, r.recipient.index) for r in expired])
+
+
+def _deferral_ops(done: Delivered, unrecorded: Op, expired: Op) -> list[Op]:
+    """`finish` for a message that stays: the results not recorded yet (`_unrecorded_op`), the expired
+    (`_expired_op`) and noticed recipients, then the message deferred (if still active)."""
     qid = done.queue_id
-    ops: list[Op] = [_record_op(qid, [(r, False) for r in results])]  # first: the statements below see these
-    if done.expired:
-        ops.append(("UPDATE recipient SET status = 'bounced', dsn = ?, reason = ?, relay = ?, notice = 0"
-                    " WHERE message_id = ? AND idx = ? AND status = 'pending'",
-                    [(r.dsn, r.text, r.relay, qid, r.recipient.index) for r in done.expired]))
+    ops: list[Op] = [unrecorded]  # first: the statements below see these
+    if expired[1]:
+        ops.append(expired)
     if done.noticed:
         ops.append(("UPDATE recipient SET notice = 0 WHERE message_id = ? AND idx = ?",
                     [(qid, i) for i in done.noticed]))
@@ -513,6 +539,7 @@ def _claim(con: sqlite3.Connection, ids: list[QueueId], now: float) -> list[Queu
     return [qid for qid in ids if con.execute(sql, (qid, now)).rowcount == 1]
 
 
+ROWS_SLICE = 2000  # rows of one write's results made before the loop is handed back (`_op_in_slices`)
 _STATUS = {Outcome.SENT: "sent", Outcome.BOUNCED: "bounced", Outcome.DEFERRED: "pending"}
 _OUTCOME = {status: outcome for outcome, status in _STATUS.items()}
 

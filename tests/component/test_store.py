@@ -21,6 +21,7 @@ from mailflow.store import engine
 from mailflow.store.engine import LINGER
 from mailflow.store.schema import MIGRATIONS
 from tests.support import big_message
+from tests.support.stalls import LoopTurns
 
 T0 = 1_700_000_000.0
 
@@ -355,6 +356,30 @@ async def test_finish_bounces_expired_recipients(store):
     expired = result(msg, 0, Outcome.BOUNCED, "4.4.1", "message expired: connection refused")
     await store.finish(Delivered("Q1", None, expired=(expired,)))
     assert await store.counts() == {}
+
+
+async def test_the_rows_of_many_results_are_made_a_slice_at_a_time_and_written_in_one_commit(store, monkeypatch):
+    """The rows of 100 000 results (a record, the end of an attempt) were made in one loop turn, 0.4 s: past
+    ROWS_SLICE they are made a slice a turn; each write is still one request, committed once, every row in it."""
+    monkeypatch.setattr(daemon, "ROWS_SLICE", 10)
+    await store.insert(new("Q1", *(f"u{i:02d}@example.test" for i in range(35))))
+    msg = await only(store)
+    await store.claim(["Q1"], T0)
+    async with LoopTurns() as turns:
+        record_op = daemon._record_op
+        monkeypatch.setattr(daemon, "_record_op", lambda qid, rows: turns.seen.append((turns.count, len(rows)))
+                            or record_op(qid, rows))
+        before = store.commits
+        await record(store, msg, *(result(msg, i, Outcome.SENT) for i in range(12)))
+        recorded, turns.seen[:] = list(turns.seen), []
+        await store.finish(Delivered("Q1", T0 + 60, expired=tuple(
+                               result(msg, i, Outcome.BOUNCED, "4.4.1", "message expired") for i in range(23, 35))),
+                           results=[result(msg, i, Outcome.DEFERRED, "4.4.1", "later") for i in range(12, 23)])
+        assert store.commits - before == 2
+    assert [size for _, size in recorded] == [10, 2] and len({turn for turn, _ in recorded}) == 2
+    assert [size for _, size in turns.seen] == [10, 1] and len({turn for turn, _ in turns.seen}) == 2
+    statuses = [(status, reason) for _, status, _, reason in await store.recipients("Q1")]
+    assert statuses == [("sent", "sent")] * 12 + [("pending", "later")] * 11 + [("bounced", "message expired")] * 12
 
 
 # ---------------------------------------------------------------------------------------------- corrupt
