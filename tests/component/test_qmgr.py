@@ -19,6 +19,7 @@ from mailflow.logs import MailLog
 from mailflow.content import Content
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, Recipient
 import mailflow.stages.qmgr as qmgr_module
+import mailflow.store.daemon as store_daemon
 from mailflow.stages.qmgr import ADMIT_SLICE, TICK, QueueManager
 from mailflow.routing.rewrite import Rewriter
 from mailflow.store import NewMessage, Store
@@ -1079,17 +1080,23 @@ async def test_one_job_of_many_recipients_at_a_dead_destination_is_deferred_a_sl
 
 
 class PausingAsyncio:
-    """qmgr's `asyncio`, whose sleep (the loop handed back between slices) waits while `running` is clear."""
+    """A module's `asyncio` (qmgr's, the store's), whose sleep (the loop handed back between slices) waits while
+    `running` is clear; `waiting`: how many sleeps wait so."""
 
     def __init__(self):
         self.running = asyncio.Event()
         self.running.set()
+        self.waiting = 0
 
     def __getattr__(self, name):
         return getattr(asyncio, name)
 
     async def sleep(self, delay, result=None):
-        await self.running.wait()
+        self.waiting += 1
+        try:
+            await self.running.wait()
+        finally:
+            self.waiting -= 1
         return await asyncio.sleep(delay, result)
 
 
@@ -1131,3 +1138,30 @@ async def test_a_hold_or_delete_between_the_parts_of_a_suspended_job_loses_nothi
     assert Counter((status, reason) for _, status, _, reason in rows) == {
         ("pending", "host mx refused to talk to me"): 45,
         ("pending", "delivery temporarily suspended: host mx refused to talk to me"): 45}
+
+
+@pytest.mark.parametrize("operator", ["hold", "delete"])
+async def test_a_hold_or_delete_while_the_rows_of_an_attempts_end_are_made_loses_nothing(h, monkeypatch, operator):
+    """The end of an attempt of many results makes its rows a slice a turn (the store's `_op_in_slices`) before its
+    write: an operator's hold or delete seen meanwhile leaves the message held with every result recorded, or
+    gone; qmgr holds nothing after, and nothing is tried again."""
+    monkeypatch.setattr(store_daemon, "ROWS_SLICE", 10)
+    pausing = PausingAsyncio()
+    pausing.running.clear()
+    monkeypatch.setattr(store_daemon, "asyncio", pausing)
+    later = ScriptedTransport(h.clock, always(Outcome.DEFERRED, "4.4.1", "try later"))
+    await h.start(transports={"local": h.local, "smtp": later}, transport_destination_recipient_limit={"smtp": 0})
+    queue_id = await h.queue(*(f"u{i:02d}@remote.test" for i in range(35)))
+    await eventually(lambda: pausing.waiting == 1, what="the end's rows half made")
+    await (h.store.hold_messages if operator == "hold" else h.store.delete_messages)([queue_id])
+    await h.qmgr._poll_operators()  # (the tick's: the clock stands still)
+    assert h.qmgr.in_hand(queue_id)
+    pausing.running.set()
+    await attempts_over(h)
+    assert len(later.requests) == 1 and h.qmgr.taken_count == 0
+    rows = await h.store.recipients(queue_id)
+    if operator == "delete":
+        assert rows == [] and await h.counts() == {}
+        return
+    assert await h.counts() == {"hold": 1}
+    assert [(status, reason) for _, status, _, reason in rows] == [("pending", "try later")] * 35
