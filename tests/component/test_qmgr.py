@@ -1165,3 +1165,51 @@ async def test_a_hold_or_delete_while_the_rows_of_an_attempts_end_are_made_loses
         return
     assert await h.counts() == {"hold": 1}
     assert [(status, reason) for _, status, _, reason in rows] == [("pending", "try later")] * 35
+
+
+@pytest.mark.parametrize("meanwhile", ["nothing", "a reload", "the delivery's end"])
+async def test_a_held_message_s_waiting_job_is_withdrawn_a_slice_at_a_time(h, monkeypatch, meanwhile):
+    """A hold withdrew every waiting job of a message in one loop turn (100 000 recipients: 0.35 s): they are
+    deferred SUSPEND_SLICE recipients a turn, a job of more a part at a time. A reload or the end of the delivery
+    under way between two parts loses nothing and delivers nothing twice: the message ends on hold once, the
+    recipients withdrawn pending, "put on hold"."""
+    monkeypatch.setattr(qmgr_module, "SUSPEND_SLICE", 10)
+    pausing = PausingAsyncio()
+    monkeypatch.setattr(qmgr_module, "asyncio", pausing)
+    blocking = BlockingTransport("smtp")
+    transports = {"local": h.local, "smtp": blocking}
+    await h.start(transports=transports, initial_destination_concurrency=1, default_destination_concurrency_limit=1,
+                  transport_destination_recipient_limit={"smtp": 45})
+    queue_id = await h.queue(*(f"u{i:02d}@remote.test" for i in range(90)))  # two jobs: one in flight
+    await eventually(lambda: blocking.in_flight == 1, what="the first job in flight")
+    parts: list[tuple[int, int]] = []
+    async with LoopTurns() as turns:
+        results_in = h.qmgr._results_in
+
+        def counting(active, results):
+            if any("put on hold" in r.text for r in results):
+                parts.append((turns.count, len(results)))
+                if len(parts) == 2 and meanwhile != "nothing":
+                    pausing.running.clear()
+            return results_in(active, results)
+
+        h.qmgr._results_in = counting  # type: ignore[method-assign]
+        await h.store.hold_messages([queue_id])
+        poll = asyncio.create_task(h.qmgr._poll_operators())  # (the tick's: the clock stands still)
+        if meanwhile != "nothing":
+            await eventually(lambda: pausing.waiting == 1, what="two parts withdrawn")
+            if meanwhile == "a reload":
+                reload_to(h, "[relay.test]", transports, transport_destination_recipient_limit={"smtp": 45})
+            else:
+                blocking.release.set()
+                await eventually(lambda: blocking.in_flight == 0, what="the delivery's end")
+            pausing.running.set()
+        await poll
+    assert [size for _, size in parts] == [10, 10, 10, 10, 5]
+    assert len({turn for turn, _ in parts}) == 5, "the loop had no turn between the parts"
+    blocking.release.set()
+    await attempts_over(h)
+    assert len(blocking.requests) == 1 and h.qmgr.taken_count == 0
+    assert await h.counts() == {"hold": 1}
+    statuses = Counter((status, reason) for _, status, _, reason in await h.store.recipients(queue_id))
+    assert statuses == {("sent", "delivered"): 45, ("pending", "delivery suspended: the message was put on hold"): 45}

@@ -119,10 +119,11 @@ Failure behaviour
   known queue: `Store.never_due`; a recipient whose status is none the store writes, however its notice flag is set),
   with a warning naming it and what is wrong, as Postfix's qmgr saves a queue file it cannot read; the others go on.
 - A message an operator holds or deletes while it is active (or requeues after a hold, or that is moved to the
-  corrupt queue: as a hold, `TAKEN_BACK` naming it): its jobs not yet started are dropped at the next tick,
-  unless released by then (held: its recipients stay pending; deleted: nothing is recorded or logged, as the queue
-  tool logged postsuper's `removed`); one in flight finishes, and no notice is sent for a deleted one (its state is
-  asked before any notice is queued, the tick or not). A held message is never expired nor warned about at the end
+  corrupt queue: as a hold, `TAKEN_BACK` naming it): its jobs not yet started are dropped at the next tick
+  (SUSPEND_SLICE recipients a loop turn), unless released by then (held: its recipients stay pending; deleted:
+  nothing is recorded or logged, as the queue tool logged postsuper's `removed`); one in flight finishes, and no
+  notice is sent for a deleted one (its state is asked before any notice is queued, the tick or not). A held
+  message is never expired nor warned about at the end
   of that attempt (when it would be, the store's state is checked first): it stays on hold until released. Released
   before that attempt ends (due now), it is not admitted again beside it, which would deliver it twice: the scan's
   claim is left to the attempt under way, whose end concludes it as if it had not been held (but due at once, as the
@@ -194,7 +195,7 @@ ADMIT_SLICE = 100  # messages a scan admits (routes, schedules) before it hands 
 ROUTE_SLICE = 500  # recipients of one message a scan resolves before it hands the loop back
 ORDER_SLICE = 20_000  # recipients of one message put in Postfix's order (`_put_in_order`) before the loop is let go
 ROUTE_RESTARTS = 3  # reloads that start a message's sliced resolution over; past them it goes on (then `_reroute`)
-SUSPEND_SLICE = 1000  # recipients of a dead destination's jobs deferred before the loop is handed back
+SUSPEND_SLICE = 1000  # recipients of jobs qmgr answers (dead destination, withdrawn) before the loop is let go
 RESULT_SLICE = 100  # results of one job taken from an agent that delivers each before the loop is handed back
 STILL_QUEUED = ("active", "incoming", "deferred")  # an active message's queues that leave its jobs to run
 # what became of a message whose jobs were withdrawn, as their deferral says it (`_job_withdrawn`)
@@ -686,7 +687,9 @@ class QueueManager:
         released, deferred and due, or requeued owing notices, incoming, before the poll saw the hold): the scan
         claims them back, and their attempt goes on as if they had not been held. (Only those asked about: one
         handed over while the states were read is not taken for deleted.) One pass over the destinations for all of
-        them: with a destination per message, one each would cost messages x destinations."""
+        them: with a destination per message, one each would cost messages x destinations. The jobs are ended
+        SUSPEND_SLICE recipients a loop turn (`_end_in_slices`; a hold of 100 000 recipients held it 0.35 s): the
+        poll's own task, so no scan or other poll comes in between."""
         asked = list(self._active)
         states = await self._store.queue_states(asked)
         taken_back: dict[str, str] = {}
@@ -698,24 +701,28 @@ class QueueManager:
             active.withdrawn = taken_back[queue_id] = state
         if not taken_back:
             return
+        jobs: list[Job] = []
         for dest in list(self._destinations.values()):
             withdrawn = dest.withdraw_many(taken_back)
             if withdrawn:
                 self._mark(dest)  # (idle now, maybe)
-            for job in withdrawn:
-                self._job_withdrawn(job, taken_back[job.queue_id])
+                jobs += withdrawn
+        await self._end_in_slices(jobs, lambda job, part, last: self._job_withdrawn(
+            job, part, last, taken_back[job.queue_id]))
 
-    def _job_withdrawn(self, job: Job, state: str) -> None:
-        """A job of a message the operator held, requeued (maildrop) or moved to the corrupt queue: deferred, its
-        recipients kept, the reason naming the state (`TAKEN_BACK`); or deleted: nothing to record."""
+    def _job_withdrawn(self, job: Job, part: tuple[Recipient, ...], last: bool, state: str) -> None:
+        """`part` of a job of a message the operator held, requeued (maildrop) or moved to the corrupt queue:
+        deferred, its recipients kept, the reason naming the state (`TAKEN_BACK`); or deleted: nothing to record
+        (the job ends with its `last` part)."""
         if state == "deleted":
-            active = self._active[job.queue_id]
-            active.jobs_left -= 1
-            self._results_in(active, [])
+            if last:
+                active = self._active[job.queue_id]
+                active.jobs_left -= 1
+                self._results_in(active, [])
             return
         text = f"delivery suspended: the message was {TAKEN_BACK.get(state, f'moved to the {state} queue')}"
         self._active[job.queue_id].suspended = True
-        self._job_done(job, DeliveryReport.uniform(job.recipients, Outcome.DEFERRED, "4.0.0", text))
+        self._part_done(job, part, last, DeliveryReport.uniform(part, Outcome.DEFERRED, "4.0.0", text))
 
     async def _recover(self) -> None:
         """Start-up recovery (Store.recover): the mail a stop or a crash left active is due again. Until it is done
@@ -1128,36 +1135,43 @@ class QueueManager:
 
     def _suspend(self, dest: Destination, jobs: list[Job]) -> None:
         """The jobs a dead destination will not attempt are deferred with the failure that killed it; more than
-        SUSPEND_SLICE recipients by a task of their own, a slice at a time, the loop handed back in between (a
-        destination that died with 2 000 jobs queued held it 0.5 s; one job of 100 000 recipients, 1.2 s). Their
-        messages are not finished until then, as with jobs in flight."""
+        SUSPEND_SLICE recipients by a task of their own, a slice at a time (`_end_in_slices`: a destination that
+        died with 2 000 jobs queued held it 0.5 s; one job of 100 000 recipients, 1.2 s). Their messages are not
+        finished until then, as with jobs in flight."""
         status, reason = dest.status, dest.reason  # (a task's slices tell the failure that killed it)
         if len(jobs) <= SUSPEND_SLICE and sum(len(job.recipients) for job in jobs) <= SUSPEND_SLICE:
             for job in jobs:
                 self._job_done(job, _suspended(status, reason, job.recipients))
         else:
-            self._spawn(self._suspend_in_slices(status, reason, jobs))
+            self._spawn(self._end_in_slices(jobs, lambda job, part, last: self._part_done(
+                job, part, last, _suspended(status, reason, part))))
 
-    async def _suspend_in_slices(self, status: str, reason: str, jobs: list[Job]) -> None:
-        """SUSPEND_SLICE recipients a loop turn: a job of more is deferred a part at a time, its results in as each
-        part is (recorded as results of jobs still under way are), the job done with its last part, so its
-        message cannot finish before."""
+    async def _end_in_slices(self, jobs: list[Job], end: Callable[[Job, tuple[Recipient, ...], bool], None]) -> None:
+        """`end(job, recipients, last)` of jobs qmgr answers itself (a dead destination's, a withdrawn message's),
+        SUSPEND_SLICE recipients a loop turn, the loop handed back in between: a job of more a part at a time,
+        `last` with its last part, which alone ends the job (so its message cannot finish before)."""
         room = SUSPEND_SLICE
         for job in jobs:
             start, count = 0, len(job.recipients)
             while count - start > room:
-                part = job.recipients[start:start + room]
-                self._results_in(self._active[job.queue_id],
-                                 _complete(replaced(job, recipients=part), _suspended(status, reason, part), None))
+                end(job, job.recipients[start:start + room], False)
                 start += room
                 await asyncio.sleep(0)
                 room = SUSPEND_SLICE
-            rest = replaced(job, recipients=job.recipients[start:]) if start else job
-            self._job_done(rest, _suspended(status, reason, rest.recipients))
+            end(job, job.recipients[start:], True)
             room -= count - start
             if room <= 0:
                 await asyncio.sleep(0)
                 room = SUSPEND_SLICE
+
+    def _part_done(self, job: Job, part: tuple[Recipient, ...], last: bool, report: DeliveryReport) -> None:
+        """qmgr's `report` for `part` of `job`: its results in as those of a job under way, or the job done with its
+        `last` part."""
+        piece = job if len(part) == len(job.recipients) else replaced(job, recipients=part)
+        if last:
+            self._job_done(piece, report)
+        else:
+            self._results_in(self._active[job.queue_id], _complete(piece, report, None))
 
     def _spawn(self, coro) -> asyncio.Task:
         task = (self._event_loop or asyncio.get_running_loop()).create_task(coro)  # (one task or more a message)
