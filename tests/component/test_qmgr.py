@@ -1213,3 +1213,65 @@ async def test_a_held_message_s_waiting_job_is_withdrawn_a_slice_at_a_time(h, mo
     assert await h.counts() == {"hold": 1}
     statuses = Counter((status, reason) for _, status, _, reason in await h.store.recipients(queue_id))
     assert statuses == {("sent", "delivered"): 45, ("pending", "delivery suspended: the message was put on hold"): 45}
+
+
+@pytest.mark.parametrize("meanwhile", ["nothing", "hold", "delete", "a second reload", "the delivery's end"])
+async def test_a_reload_resolves_many_waiting_recipients_again_a_slice_at_a_time(h, monkeypatch, meanwhile):
+    """A reload resolved every waiting recipient again in one loop turn (20 000: 0.22 s): past ROUTE_SLICE a task
+    does it, ROUTE_SLICE a turn. While it does, the message's waiting jobs are in no destination: a hold or delete
+    seen then ends them as withdrawn (none is delivered), a second reload starts the resolution over (all go where
+    it sends them), the delivery under way ending finishes nothing early; each recipient is delivered once at most
+    and the message ends once, qmgr holding nothing after."""
+    n = 2 * qmgr_module.ROUTE_SLICE
+    pausing = PausingAsyncio()
+    monkeypatch.setattr(qmgr_module, "asyncio", pausing)
+    blocking = BlockingTransport("smtp")
+    transports = {"local": h.local, "smtp": blocking}
+    limit = {"transport_destination_recipient_limit": {"smtp": n}}
+    resolve, _ = relaying("[old.test]")
+    await h.start(resolve=resolve, transports=transports, initial_destination_concurrency=1,
+                  default_destination_concurrency_limit=1, **limit)
+    queue_id = await h.queue(*(f"u{i:04d}@remote.test" for i in range(2 * n)))  # two jobs: one in flight
+    await eventually(lambda: blocking.in_flight == 1, what="the first job in flight")
+    async with LoopTurns() as turns:
+        reload_to(h, "[new.test]", transports, **limit)
+
+        def counting(resolve):
+            def resolving(*args):
+                turns.seen.append(turns.count)
+                if len(turns.seen) == qmgr_module.ROUTE_SLICE and meanwhile != "nothing":
+                    pausing.running.clear()  # (after the first slice)
+                return resolve(*args)
+            return resolving
+
+        h.qmgr._resolve = counting(h.qmgr._resolve)
+        if meanwhile != "nothing":
+            await eventually(lambda: pausing.waiting == 1, what="the first slice resolved again")
+            if meanwhile in ("hold", "delete"):
+                await (h.store.hold_messages if meanwhile == "hold" else h.store.delete_messages)([queue_id])
+                await h.qmgr._poll_operators()  # (the tick's: the clock stands still)
+            elif meanwhile == "a second reload":
+                reload_to(h, "[newer.test]", transports, **limit)
+                h.qmgr._resolve = counting(h.qmgr._resolve)
+            else:
+                blocking.release.set()
+                await eventually(lambda: blocking.in_flight == 0, what="the delivery's end")
+                assert h.qmgr.in_hand(queue_id)
+            pausing.running.set()
+        await eventually(lambda: h.qmgr._rerouter is None, what="the reroute done")
+    assert len(set(turns.seen)) >= 2, "the loop had no turn between the slices"
+    assert len(turns.seen) == n + (qmgr_module.ROUTE_SLICE if meanwhile == "a second reload" else 0)  # (over once)
+    blocking.release.set()
+    await attempts_over(h)
+    assert h.qmgr.taken_count == 0
+    sent = [(request.nexthop, len(request.recipients)) for request in blocking.requests]
+    if meanwhile in ("hold", "delete"):
+        assert sent == [("[old.test]", n)]
+        assert await h.counts() == ({"hold": 1} if meanwhile == "hold" else {})
+        if meanwhile == "hold":
+            statuses = Counter((status, reason) for _, status, _, reason in await h.store.recipients(queue_id))
+            assert statuses == {("sent", "delivered"): n,
+                                ("pending", "delivery suspended: the message was put on hold"): n}
+        return
+    assert sent == [("[old.test]", n), ("[newer.test]" if meanwhile == "a second reload" else "[new.test]", n)]
+    assert await h.counts() == {}

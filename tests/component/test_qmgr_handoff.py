@@ -336,7 +336,7 @@ async def test_an_operator_change_while_a_scan_resolves_many_recipients_is_seen(
     n = 2 * qmgr_module.ROUTE_SLICE + 1
     routes_in_slices = h.qmgr._routes_in_slices
 
-    async def changed_meanwhile(message):
+    async def changed_meanwhile(message, recipients):
         if change != "delete":
             await h.store.hold_messages([message.queue_id])
         if change == "hold and release":
@@ -344,7 +344,7 @@ async def test_an_operator_change_while_a_scan_resolves_many_recipients_is_seen(
         if change == "delete":
             await h.store.delete_messages([message.queue_id])
         h.clock.advance(h.qmgr._tick_seconds)  # the loop's next turn polls the operators' changes
-        return await routes_in_slices(message)
+        return await routes_in_slices(message, recipients)
 
     monkeypatch.setattr(h.qmgr, "_routes_in_slices", changed_meanwhile)
     taken = taken_by_scans(h)
