@@ -428,3 +428,85 @@ def main_features(names: list[str]) -> None:
 if __name__ == "__main__":
     main(sys.argv[1:])
     main_features(sys.argv[1:])
+
+
+class SilentPeer:
+    """A listener on 127.0.0.1 that accepts and never greets: smtp deliveries to it wait (its helo_timeout), so a
+    message's other jobs stay waiting at their destination."""
+
+    def __init__(self):
+        import socket
+
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=100)
+        self.port = self.sock.getsockname()[1]
+        self.held: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        try:
+            while True:
+                self.held.append(self.sock.accept()[0])
+        except OSError:
+            return
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+def on_loop(server: ServerThread, coroutine, within: float = 120):
+    return asyncio.run_coroutine_threadsafe(coroutine, server._loop).result(within)
+
+
+def reload_hold_delete(server: ServerThread) -> None:
+    """Once the message's jobs wait at their destination: a reload (its recipients resolved again), a hold (its jobs
+    withdrawn at the next tick), then a delete."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and counts(server) != {"active": 1}:
+        time.sleep(0.2)
+    time.sleep(3)  # (resolved, queued, the first deliveries waiting for a greeting)
+    reload_same(server)
+    time.sleep(3)
+    ids = on_loop(server, server.mf.store.message_ids(queues=["active"]))
+    on_loop(server, server.mf.store.hold_messages(ids))
+    time.sleep(3)  # (the tick's poll)
+    on_loop(server, server.mf.store.delete_messages(ids))
+
+
+def waiting_fanout(tmp: Path) -> dict:
+    peer = SilentPeer()
+    STOPS.append(peer.close)
+    return merged(fanout(tmp, 100), {"transport_maps": [f"inline:{{relay.test=smtp:[127.0.0.1]:{peer.port}}}"]})
+
+
+def dead_fanout(tmp: Path) -> dict:
+    """relay.test at a port nobody listens on, in two jobs of 50 000: the first kills the destination, the second
+    is deferred unattempted."""
+    peer = SilentPeer()
+    port = peer.port
+    peer.close()
+    return merged(fanout(tmp, 100), {"transport_maps": [f"inline:{{relay.test=smtp:[127.0.0.1]:{port}}}"],
+                                     "queue": {"transport_destination_recipient_limit": {"smtp": 50_000}}})
+
+
+def main_many_recipients(names: list[str]) -> None:
+    """The stalls left for one message of 100 000 recipients (a reload, a hold, a dead destination) and pipe's forks."""
+    lists = [f"list{i}@local.test" for i in range(100)]
+    cases = [("virtual/100x1000-reload-hold-delete", waiting_fanout, lists, reload_hold_delete),
+             ("virtual/100x1000-dead-2-jobs", dead_fanout, lists, None),
+             ("pipe/20-recipients", pipe_to, [f"u{i}@pipe.test" for i in range(20)], None)]
+    try:
+        for name, overrides, rcpts, after in cases:
+            if names and not any(name.startswith(n) for n in names):
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                run(name, header() + "\r\nbody\r\n", overrides(Path(tmp)), Path(tmp), rcpts, settle=30, after=after)
+    finally:
+        for stop in STOPS:
+            stop()
+        STOPS.clear()
+
+
+if __name__ == "__main__":
+    main_many_recipients(sys.argv[1:])
