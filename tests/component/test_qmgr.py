@@ -1275,3 +1275,45 @@ async def test_a_reload_resolves_many_waiting_recipients_again_a_slice_at_a_time
         return
     assert sent == [("[old.test]", n), ("[newer.test]" if meanwhile == "a second reload" else "[new.test]", n)]
     assert await h.counts() == {}
+
+
+@pytest.mark.parametrize("meanwhile", ["nothing", "hold", "delete"])
+async def test_a_job_s_report_of_many_results_is_taken_a_slice_at_a_time(h, monkeypatch, meanwhile):
+    """The report of one job of 50 000 recipients was taken in (each result stamped with the job's transport and
+    times) in one loop turn, 0.3 s: past REPORT_SLICE results it is taken that many a turn, the job done with the
+    last slice. A hold or delete seen between two slices loses nothing: the message ends once, every result
+    recorded (held) or gone (deleted), qmgr holding nothing after."""
+    monkeypatch.setattr(qmgr_module, "REPORT_SLICE", 10)
+    pausing = PausingAsyncio()
+    monkeypatch.setattr(qmgr_module, "asyncio", pausing)
+    later = ScriptedTransport(h.clock, always(Outcome.DEFERRED, "4.4.1", "try later"))
+    await h.start(transports={"local": h.local, "smtp": later}, transport_destination_recipient_limit={"smtp": 0})
+    slices: list[tuple[int, int]] = []
+    async with LoopTurns() as turns:
+        results_in = h.qmgr._results_in
+
+        def counting(active, results):
+            if results:
+                slices.append((turns.count, len(results)))
+                if len(slices) == 2 and meanwhile != "nothing":
+                    pausing.running.clear()
+            return results_in(active, results)
+
+        h.qmgr._results_in = counting  # type: ignore[method-assign]
+        queue_id = await h.queue(*(f"u{i:02d}@remote.test" for i in range(45)))
+        if meanwhile != "nothing":
+            await eventually(lambda: pausing.waiting == 1, what="two slices taken in")
+            await (h.store.hold_messages if meanwhile == "hold" else h.store.delete_messages)([queue_id])
+            await h.qmgr._poll_operators()  # (the tick's: the clock stands still)
+            pausing.running.set()
+        else:
+            await eventually(lambda: _is(h, {"deferred": 1}), what="the message deferred")
+        await attempts_over(h)
+    assert [size for _, size in slices] == [10, 10, 10, 10, 5]
+    assert len({turn for turn, _ in slices}) == 5, "the loop had no turn between the slices"
+    assert len(later.requests) == 1 and h.qmgr.taken_count == 0
+    rows = await h.store.recipients(queue_id)
+    expected = {"nothing": {"deferred": 1}, "hold": {"hold": 1}, "delete": {}}[meanwhile]
+    assert await h.counts() == expected
+    if meanwhile != "delete":
+        assert [(status, reason) for _, status, _, reason in rows] == [("pending", "try later")] * 45

@@ -198,6 +198,7 @@ ROUTE_SLICE = 500  # recipients of one message a scan resolves before it hands t
 ORDER_SLICE = 20_000  # recipients of one message put in Postfix's order (`_put_in_order`) before the loop is let go
 ROUTE_RESTARTS = 3  # reloads that start a message's sliced resolution over; past them it goes on (then `_reroute`)
 SUSPEND_SLICE = 1000  # recipients of jobs qmgr answers (dead destination, withdrawn) before the loop is let go
+REPORT_SLICE = 2000  # results of one job's report taken in before the loop is handed back (`_job_done_in_slices`)
 RESULT_SLICE = 100  # results of one job taken from an agent that delivers each before the loop is handed back
 STILL_QUEUED = ("active", "incoming", "deferred")  # an active message's queues that leave its jobs to run
 # what became of a message whose jobs were withdrawn, as their deferral says it (`_job_withdrawn`)
@@ -1246,7 +1247,10 @@ class QueueManager:
                 self._wake_for(dest, dest.dead_until)
             if dest.resume_at > ended:  # a rate delay: the loop wakes when it is over (a paused destination is kept)
                 self._wake_for(dest, dest.resume_at)
-        self._job_done(job, report, started, ended, recorded)
+        if len(report.results) <= REPORT_SLICE:
+            self._job_done(job, report, started, ended, recorded)
+        else:
+            self._spawn(self._job_done_in_slices(job, report, started, ended, recorded))
         self._pump()
 
     def _forget(self, dest: Destination) -> None:
@@ -1279,6 +1283,24 @@ class QueueManager:
         stats = active.stats._replace(handoff=handoff, done=done) if handoff else None
         results = _complete(job, report, stats, recorded)
         self._results_in(active, results)
+
+    async def _job_done_in_slices(self, job: Job, report: DeliveryReport, handoff: float, done: float,
+                                  recorded: set[int]) -> None:
+        """`_job_done` of a report of more than REPORT_SLICE results, that many a loop turn (a job of 50 000
+        recipients' report held the loop 0.3 s): each slice's results in as those of a job under way, the job done
+        with the last (and the recipients the agent did not mention), so its message cannot finish before. A task
+        of its own, not the delivery's: a stop's cancel of deliveries does not cut it off after the delivery."""
+        active = self._active[job.queue_id]
+        stats = active.stats._replace(handoff=handoff, done=done)
+        mine = {r.index: r for r in job.recipients}
+        told: set[int] = set()
+        results = report.results
+        for start in range(0, len(results) - REPORT_SLICE, REPORT_SLICE):
+            self._results_in(active, _reported(job, results[start:start + REPORT_SLICE], mine, told, stats, recorded))
+            await asyncio.sleep(0)
+        last = _reported(job, results[start + REPORT_SLICE:], mine, told, stats, recorded)
+        active.jobs_left -= 1
+        self._results_in(active, last + _unreported(job, told, stats, recorded))
 
     async def _deliver(self, active: ActiveMessage, job: Job, handoff: float, recorded: set[int]) -> DeliveryReport:
         """The agent's report; an agent that delivers its recipients one after another (`delivers_each`) has each
@@ -1713,12 +1735,23 @@ def _complete(job: Job, report: DeliveryReport, stats: MsgStats | None,
     (4.3.0). (A job whose results were recorded as they came has one here: none is made for the others, which for
     100 000 recipients held the loop 0.5 s.)"""
     mine = {r.index: r for r in job.recipients}
-    reported = [r for r in report.results if _is_for(mine, r)]
-    told = {r.recipient.index for r in reported}
-    results = [_stamp(job.transport, r, stats) for r in reported if r.recipient.index not in recorded]
-    results += [RcptResult(r, Outcome.DEFERRED, "4.3.0", "delivery agent reported no result", transport=job.transport,
-                           stats=stats) for r in job.recipients if r.index not in told and r.index not in recorded]
-    return results
+    told: set[int] = set()
+    return _reported(job, report.results, mine, told, stats, recorded) + _unreported(job, told, stats, recorded)
+
+
+def _reported(job: Job, results: Collection[RcptResult], mine: dict[int, Recipient], told: set[int],
+              stats: MsgStats | None, recorded: Collection[int]) -> list[RcptResult]:
+    """`_complete`'s results of the report's `results` for `mine` (the job's recipients by index), their indexes
+    added to `told`."""
+    reported = [r for r in results if _is_for(mine, r)]
+    told.update(r.recipient.index for r in reported)
+    return [_stamp(job.transport, r, stats) for r in reported if r.recipient.index not in recorded]
+
+
+def _unreported(job: Job, told: Collection[int], stats: MsgStats | None, recorded: Collection[int]) -> list[RcptResult]:
+    """The job's recipients the agent did not mention (nor recorded as they came): still queued, 4.3.0."""
+    return [RcptResult(r, Outcome.DEFERRED, "4.3.0", "delivery agent reported no result", transport=job.transport,
+                       stats=stats) for r in job.recipients if r.index not in told and r.index not in recorded]
 
 
 def _is_for(mine: dict[int, Recipient], result: RcptResult) -> bool:
