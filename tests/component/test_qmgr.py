@@ -1317,3 +1317,47 @@ async def test_a_job_s_report_of_many_results_is_taken_a_slice_at_a_time(h, monk
     assert await h.counts() == expected
     if meanwhile != "delete":
         assert [(status, reason) for _, status, _, reason in rows] == [("pending", "try later")] * 45
+
+
+@pytest.mark.parametrize("meanwhile", ["nothing", "hold", "delete"])
+async def test_a_message_s_many_results_are_recorded_record_slice_at_a_time(h, monkeypatch, meanwhile):
+    """100 000 results back together were recorded, their lines logged and their notices checked in one loop turn
+    (about 30 us each): a record, or the end of the attempt, takes RECORD_SLICE at most, the rest in the records
+    after it; every result is recorded once and the attempt ends once, after them, a hold or delete seen between
+    two records too (held: every result recorded; deleted: gone)."""
+    monkeypatch.setattr(qmgr_module, "RECORD_SLICE", 10)
+    later = ScriptedTransport(h.clock, always(Outcome.DEFERRED, "4.4.1", "try later"))
+    await h.start(transports={"local": h.local, "smtp": later}, transport_destination_recipient_limit={"smtp": 0})
+    writes: list[tuple[str, int]] = []
+    record, finish = h.store.record_results, h.store.finish
+    second = asyncio.Event()
+    go_on = asyncio.Event()
+    if meanwhile == "nothing":
+        go_on.set()
+
+    async def recording(queue_id, rows):
+        writes.append(("record", len(rows)))
+        if len(writes) == 2:
+            second.set()
+            await go_on.wait()
+        return await record(queue_id, rows)
+
+    async def finishing(done, notices=(), results=()):
+        writes.append(("finish", len(results)))
+        return await finish(done, notices, results)
+
+    monkeypatch.setattr(h.store, "record_results", recording)
+    monkeypatch.setattr(h.store, "finish", finishing)
+    queue_id = await h.queue(*(f"u{i:02d}@remote.test" for i in range(45)))
+    await second.wait()
+    if meanwhile != "nothing":
+        await (h.store.hold_messages if meanwhile == "hold" else h.store.delete_messages)([queue_id])
+        await h.qmgr._poll_operators()  # (the tick's: the clock stands still)
+        go_on.set()
+    await eventually(lambda: h.qmgr.active_count == 0 and not h.qmgr.busy, what="the attempt over")
+    assert h.qmgr.taken_count == 0
+    assert writes == [("record", 10)] * 4 + ([("finish", 5)] if meanwhile != "delete" else [])
+    assert await h.counts() == {"nothing": {"deferred": 1}, "hold": {"hold": 1}, "delete": {}}[meanwhile]
+    rows = await h.store.recipients(queue_id)
+    if meanwhile != "delete":
+        assert [(status, reason) for _, status, _, reason in rows] == [("pending", "try later")] * 45
