@@ -1749,7 +1749,7 @@ def _reported(job: Job, results: Collection[RcptResult], mine: dict[int, Recipie
     """`_complete`'s results of the report's `results` for `mine` (the job's recipients by index), their indexes
     added to `told`."""
     reported = [r for r in results if _is_for(mine, r)]
-    told.update(r.recipient.index for r in reported)
+    told.update([r.recipient.index for r in reported])
     return [_stamp(job.transport, r, stats) for r in reported if r.recipient.index not in recorded]
 
 
