@@ -12,7 +12,8 @@ table query, auth hash-password. Each is a plain function; `mailflow.cli` regist
                              listing each one that cannot be used (`FILE: KEY: REASON`), else print the listeners
     listener_summary(cfg)    (address, port, role) of every listener
     table_problems(cfg)      a ConfigError (file, setting, reason) per file-backed table that cannot answer now
-    config_show(...)         postconf's views (mailflow.config.show.settings_view; `-h` the values alone)
+    config_show(...)         postconf's views (mailflow.config.show.settings_view; `-h` the values alone); a
+                             name that is no setting: a warning, exit 0, as postconf
     address_test(addresses, config)   how each address is routed, with the TLS policy of each SMTP next hop (exit
                              75 when a table cannot answer now)
     table_query(spec, keys)  postmap -q (`-`: the keys from standard input): exit 1 nothing found, 2 bad
@@ -367,12 +368,15 @@ def config_show(config: Optional[str] = ConfigOption,
                     None, metavar="[SETTING]...", help="only these settings (e.g. relayhost queue.active_limit)")
                 ) -> None:
     """Every setting as `key = value` (valid TOML), like postconf; `-n` what the file changes, `-d` the defaults,
-    `-h` the values alone."""
-    view = settings_view(load(config), defaults=defaults, changed_only=changed)
+    `-h` the values alone. A name that is no setting is a warning on stderr and is skipped, the others shown and
+    the exit status 0, as postconf's "warning: NAME: unknown parameter"."""
+    cfg = load(config)
+    view = settings_view(cfg, defaults=defaults, changed_only=changed)
     if names:
-        unknown = [n for n in names if n not in view]
-        if unknown and not changed:
-            fail("mailflow config show", f"unknown setting: {', '.join(unknown)}", 2)
+        known = flat_settings(cfg)  # (every setting, unset or unchanged ones too)
+        for name in names:
+            if name not in known:
+                typer.echo(f"mailflow config show: warning: {masked(name)}: unknown setting", err=True)
         view = {n: view[n] for n in names if n in view}
     for key, value in view.items():
         typer.echo(bare_value(value) if values_only else format_setting(key, value))
