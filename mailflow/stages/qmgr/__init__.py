@@ -139,6 +139,10 @@ Failure behaviour
   not admitted yet (`_admitting`), reserved by cleanup (`reserve`), or a previous run's until the start-up
   recovery.
   `mailflow queue flush` also revives dead destinations, like `postqueue -f`.
+- A deleted message's delivery in flight logs its result lines when it ends (as Postfix's delivery agent logs its
+  status= line for a queue file postsuper removed under it), nothing recorded, and no `removed` of qmgr's (a
+  delete the tick has not seen yet, made in the attempt's last second, gets one after the tool's: the end does not
+  ask the store, where Postfix's qmgr only warns that the file is gone).
 - A record that fails is retried while the server runs (`faults.Retrier`): the results wait in memory and the
   message stays in qmgr's hands, so nothing is forgotten and nothing is delivered again because a write failed.
   A store fault (locked, disk full, I/O) puts every record behind one probe per backoff interval.
@@ -1422,6 +1426,8 @@ class QueueManager:
         try:
             missing = _content_missing(active)  # (a settled future: the answer stays)
             if active.withdrawn == "deleted" or (missing and await self._queue_state(msg) is None):
+                if not missing:  # what the agents did is logged, as Postfix's agent logs its status= line
+                    self._log_results(active, last, self._clock.time())
                 return  # deleted by an operator: nothing to record; the queue tool logged postsuper's `removed`
             if missing:
                 await self._writes.run(lambda: self._store.mark_corrupt([msg.queue_id]))
