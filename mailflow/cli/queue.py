@@ -14,8 +14,10 @@ logs.tool_mail_log); a log file that cannot be opened is a warning on stderr, an
 
 Failure behaviour: a queue database error (say, locked by another process for longer than the store's busy
 timeout) is one line on stderr and exit 1; a command line that does not say which messages exits 2; a token
-that is no queue id is a warning and is skipped (postsuper's way; for `show` it exits 2); an unknown queue id
-for `show` exits 1; no queue database exits 1 naming the path; `mailq | head` closing the pipe is not an error. A
+that is no queue id is a warning and is skipped (postsuper's way), but `flush` exits 69 (EX_UNAVAILABLE) before
+flushing anything, as `postqueue -i` does, and `show` exits 1, as `postcat -q` does; an unknown queue id for `show`
+exits 1 (postcat's), one for the other commands is named on stderr and the command exits 0 (postsuper's and
+postqueue -i's); no queue database exits 1 naming the path; `mailq | head` closing the pipe is not an error. A
 damaged message (a row of it holding values of the wrong kind: `arrival = 'x'`, a negative size, an unknown status)
 is listed or shown with the rest, marked, with a warning on stderr naming its queue id and what is wrong, once per
 message; the command still exits 0, as Postfix's postqueue -p (showq warns about a bad queue file and lists the rest):
@@ -95,15 +97,20 @@ def _tools(command: str, cfg: Config, work):
 
 
 def _selection(command: str, ids, sender, to_domain, older_than, *, required: bool):
-    """The selection; a token that is no queue id is a warning on stderr and is skipped, as with postsuper."""
+    """The selection; a token that is no queue id is a warning on stderr and is skipped, as with postsuper; for
+    `flush` it ends the command (exit 69, EX_UNAVAILABLE, nothing flushed), as postqueue -i refuses it."""
     from mailflow.queue_tools import SelectionError, parse_selection
 
     def invalid(message: str) -> None:
         typer.echo(f"mailflow queue {command}: warning: {message}", err=True)
 
+    def cannot_flush(message: str) -> NoReturn:
+        _fail(command, f"cannot flush: {message}", os.EX_UNAVAILABLE)
+
     try:
         return parse_selection(ids or [], sender=sender, to_domain=to_domain, older_than=older_than,
-                               stdin=sys.stdin, required=required, invalid=invalid)
+                               stdin=sys.stdin, required=required,
+                               invalid=cannot_flush if command == "flush" else invalid)
     except SelectionError as e:
         _fail(command, str(e), 2)
 
@@ -186,8 +193,8 @@ def queue_show(queue_id: str = typer.Argument(..., metavar="QUEUE_ID"), config: 
 
     try:
         qid = qt.clean_id(queue_id)
-    except qt.SelectionError as e:
-        _fail("show", str(e), 2)
+    except qt.SelectionError as e:  # (postcat -q: "fatal: bad mail queue ID", exit 1)
+        _fail("show", str(e), 1)
     chosen = {name for name, on in (("envelope", envelope), ("header", header), ("body", body)) if on}
     parts = chosen | qt.HEADERS_ONLY if headers_only else chosen or qt.SHOW_PARTS
 

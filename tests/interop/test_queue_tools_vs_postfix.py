@@ -205,3 +205,41 @@ def shape_table(text: str) -> tuple[list[str], set[str]]:
     order)."""
     lines = text.splitlines()
     return lines[:2], set(lines[2:])
+
+
+ABSENT = "0000000000000000"  # well formed, in no queue
+MALFORMED = "bad-id!"
+
+
+async def test_ids_that_are_not_queued_exit_as_postfixs_tools_do(mailflow_server, write_config, tmp_path):
+    """Each id-taking command given a well-formed id in no queue, a word that is no queue id, or ALL on an empty
+    queue, exits as its Postfix tool does (3.7.11): postsuper -d/-h/-H/-r warn about a bad id ("invalid mail
+    queue id") and exit 0; postqueue -i refuses one ("Cannot flush queue ID - invalid name", 69, EX_UNAVAILABLE),
+    where `flush` warned and exited 0; postcat -q exits 1 for both ("bad mail queue ID", "open queue file"), where
+    `show` exited 2 for a bad one."""
+    settings = {"queue": HOUR}
+    await mailflow_server(**settings)
+    config = write_config(tmp_path / "mailflow.toml", **settings)
+    ours = {"delete": "-d", "hold": "-h", "release": "-H", "requeue": "-r"}
+    async with postfix_instance() as pf:
+        for command, flag in ours.items():
+            for arg in (ABSENT, MALFORMED, "ALL"):
+                expected = pf.run("postsuper", flag, arg)
+                rc, out, err = await mailflow_cli(config, "queue", command, arg)
+                assert (rc, out) == (expected.returncode, f"{command}: 0 messages\n") == (0, out), (command, arg)
+                assert ("invalid mail queue id" in expected.stderr.decode()) == (arg == MALFORMED)
+                assert ("is not a queue id" in err) == (arg == MALFORMED), err
+        for arg in (ABSENT, MALFORMED):
+            expected = pf.run("postqueue", "-i", arg)
+            rc, out, err = await mailflow_cli(config, "queue", "flush", arg)
+            assert rc == expected.returncode == (69 if arg == MALFORMED else 0), (arg, expected.stderr)
+            assert out == ("" if arg == MALFORMED else "flush: 0 messages\n")
+            if arg == MALFORMED:
+                assert b"Cannot flush queue ID - invalid name" in expected.stderr
+                assert err == f"mailflow queue flush: cannot flush: {MALFORMED!r} is not a queue id\n"
+
+            expected = pf.run("postcat", "-q", arg)
+            rc, out, err = await mailflow_cli(config, "queue", "show", arg)
+            assert (rc, out) == (expected.returncode, expected.stdout.decode()) == (1, ""), (arg, expected.stderr)
+            assert ("bad mail queue ID" in expected.stderr.decode()) == ("is not a queue id" in err) == (
+                arg == MALFORMED), err
