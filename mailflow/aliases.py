@@ -22,6 +22,7 @@ Functions:
 - `parse_include(text, filename) -> (target, ...)`: an :include: file (the same syntax as .forward).
 - `parse_value(text, source) -> (target, ...)`: one value list, as an alias table returns it.
 - `alias_values(text, filename) -> {name: value text}`: an aliases file's entries, values unread (a table's view).
+- `stored_value(value) -> str`: a value list as postalias stores it and `postalias -q` prints it (`a, b, c`).
 - `is_privileged(target) -> bool`: True for command, file and include targets.
 - `format_aliases(aliases) -> str` / `format_target(target) -> str`: write back text that parses to the same map.
 
@@ -114,6 +115,7 @@ def is_privileged(target: Target) -> bool:
 
 # ---------------------------------------------------------------------------------------------- reading
 
+_QUOTED = re.compile(r'("(?:[^"\\]|\\.)*")')  # a quoted string, its escapes inside it
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")  # tab is whitespace; "\n" never reaches it
 _INCLUDE = ":include:"
 _SPECIAL_STARTS = ("|", "/", "\\", ".", "~")  # a command, a file, a backslashed name, a relative path
@@ -340,6 +342,19 @@ def alias_values(text: str, filename: str) -> dict[str, str]:
     continuations, control characters, an empty value list), its values are not. As Postfix's local, a value is
     read when its alias is expanded (`parse_value`), so one value mailflow cannot take fails only that alias."""
     return {name: line.text[start:].strip() for line, name, start in _entries(text, filename)[0]}
+
+
+def stored_value(value: str) -> str:
+    """An alias table's value list as postalias(1) stores it, and `postalias -q` prints it: the items (split at
+    commas outside quotes, blanks around them and empty ones dropped) joined by `, `, a run of blanks in one
+    outside quotes made one space (`a,b ,  Joe   Doe <c@x>` is `a, b, Joe Doe <c@x>`). (A backslash is left as
+    written: postalias's tokenizer unquotes `\\user` and quotes `\\\\user`.)"""
+    return ", ".join(_one_blank(item) for _, item in _split_values(_Text("", 1, value), 0))
+
+
+def _one_blank(item: str) -> str:
+    parts = _QUOTED.split(item)  # (the quoted strings at the odd places, kept as they are)
+    return "".join(part if n % 2 else re.sub(f"[{BLANKS}]+", " ", part) for n, part in enumerate(parts))
 
 
 def parse_aliases(text: str, filename: str) -> Aliases:

@@ -39,7 +39,8 @@ def command_path(ctx: typer.Context, argv: list[str]) -> str:
 queue_app = typer.Typer(no_args_is_help=True, help="Inspect and change the mail queue (mailq, postsuper, "
                         "postcat, qshape); works with or without a running server.")
 table_app = typer.Typer(no_args_is_help=True, help="Query lookup tables (texthash, inline, static, regexp, "
-                        "pcre, cidr, sqlite, accounts, unix, fail) the way the server sees them, like postmap -q.")
+                        "pcre, cidr, sqlite, accounts, unix, fail) the way the server sees them, like postmap -q "
+                        "and -s (postalias with --aliases).")
 config_app = typer.Typer(no_args_is_help=True, help="Show the configuration (postconf), check it (postfix check; "
                          "the same as check-config) or import a Postfix main.cf and master.cf.")
 auth_app = typer.Typer(no_args_is_help=True, help="AUTH users for smtpd.sasl_user_maps.")
@@ -63,6 +64,7 @@ queue_app.command("shape")(queue.queue_shape)
 queue_app.command("destinations")(queue.queue_destinations)
 app.add_typer(table_app, name="table")
 table_app.command("query")(server.table_query)
+table_app.command("dump")(server.table_dump)
 app.add_typer(config_app, name="config")
 config_app.command("show")(server.config_show)
 config_app.command("check")(server.check_config)

@@ -16,8 +16,10 @@ table query, auth hash-password. Each is a plain function; `mailflow.cli` regist
                              name that is no setting: a warning, exit 0, as postconf
     address_test(addresses, config)   how each address is routed, with the TLS policy of each SMTP next hop (exit
                              75 when a table cannot answer now)
-    table_query(spec, keys)  postmap -q (`-`: the keys from standard input): exit 1 nothing found, 2 bad
-                             table, 75 a lookup failed
+    table_query(spec, keys, aliases)  postmap -q (`-`: the keys from standard input; --aliases: postalias -q,
+                             an aliases(5) file): exit 1 nothing found, 2 bad table, 75 a lookup failed
+    table_dump(spec, aliases)         postmap -s / postalias -s: every entry of a texthash: or inline: table;
+                             exit 1 for a type that cannot list them
     auth_hash_password(user, stdin)   a scrypt hash for smtpd.sasl_user_maps
 
 Failure behaviour: configuration problems through `common.fail_config`; never a traceback.
@@ -57,7 +59,9 @@ from mailflow.restriction_vocabulary import (ACCESS_CHECKS, REVERSE_CLIENT_ACCES
                                              expand)
 from mailflow.sendmail.settings import remember_settings
 from mailflow.syntax import parse_hostport
+from mailflow.aliases import stored_value
 from mailflow.tables import open_table
+from mailflow.tables.base import ListedTable, Table
 from mailflow.tables.memory import table_entries
 from mailflow.tables.check import table_problems as unreadable_tables
 if TYPE_CHECKING:
@@ -468,17 +472,20 @@ def _envelope_sender(given: str | None) -> str | None:
     return None if given is None else given.strip().removeprefix("<").removesuffix(">")
 
 
+AliasesOption = typer.Option(False, "--aliases", help="a texthash: file is in aliases(5) form, as alias_maps read "
+                             "it (postalias); several answers are `name:<TAB>value`")
+
+
 def table_query(spec: str = typer.Argument(..., metavar="TYPE:NAME", help="the table, e.g. texthash:/etc/virtual, "
                                      "cidr:/etc/client_access.cidr"),
                 keys: List[str] = typer.Argument(..., metavar="KEY", help="keys to look up, as given; - reads "
-                                                 "them from standard input, one a line")) -> None:
+                                                 "them from standard input, one a line"),
+                aliases: bool = AliasesOption) -> None:
     """Print each key's value (key<TAB>value when several keys, or with `-`, which reads the keys from standard
-    input, one a line, as `postmap -q - TABLE` does). Exit 1 when none is found, 2 for a bad table, 75
-    (EX_TEMPFAIL) when a lookup fails."""
-    try:
-        table = open_table(spec)
-    except ConfigError as e:
-        fail_config("mailflow table query", e)
+    input, one a line, as `postmap -q - TABLE` does). With --aliases, as `postalias -q`: a texthash: file read in
+    aliases(5) form (`name: value`, continuation lines), a value as postalias stores it (`a, b`), and `name:` before
+    the TAB. Exit 1 when none is found, 2 for a bad table, 75 (EX_TEMPFAIL) when a lookup fails."""
+    table = _open_for_query("mailflow table query", spec, aliases)
     several = len(keys) > 1 or keys == ["-"]
     asked: Iterable[str] = keys
     if keys == ["-"]:  # one key a line, looked up as it is read (postmap -q - streams them too)
@@ -491,9 +498,44 @@ def table_query(spec: str = typer.Argument(..., metavar="TYPE:NAME", help="the t
             fail("mailflow table query", f"{key}: lookup failed: {e.text}", 75)
         if value is not None:
             found += 1
-            typer.echo(f"{key}\t{value}" if several else value)
+            typer.echo(_table_line(key, value, aliases) if several else _table_value(value, aliases))
     if not found:
         raise typer.Exit(1)
+
+
+def table_dump(spec: str = typer.Argument(..., metavar="TYPE:NAME", help="a texthash: or inline: table"),
+               aliases: bool = AliasesOption) -> None:
+    """Print every entry as key<TAB>value, like `postmap -s` (`postalias -s` with --aliases: `name:<TAB>value`), in
+    the table's order, keys in lower case. Exit 1 for a type whose entries cannot be listed (regexp, pcre, cidr,
+    static, sqlite, ...: Postfix's "sequence operation is not supported"), 2 for a bad table, 75 when the file
+    cannot be read."""
+    table = _open_for_query("mailflow table dump", spec, aliases)
+    if not isinstance(table, ListedTable):
+        fail("mailflow table dump", f"{spec}: its entries cannot be listed (only texthash: and inline: tables "
+                                    "can, as postmap -s lists those)", 1)
+    try:
+        entries = table.entries()
+    except LookupRetry as e:
+        fail("mailflow table dump", e.text, 75)
+    for key, value in entries:
+        typer.echo(_table_line(key, value, aliases))
+
+
+def _open_for_query(command: str, spec: str, aliases: bool) -> Table:
+    try:
+        return open_table(spec, aliases=aliases)
+    except ConfigError as e:
+        fail_config(command, e)
+
+
+def _table_value(value: str, aliases: bool) -> str:
+    """A value as printed: an alias table's as postalias stores it (`a, b`)."""
+    return stored_value(value) if aliases else value
+
+
+def _table_line(key: str, value: str, aliases: bool) -> str:
+    """postmap's `key<TAB>value`; postalias's `name:<TAB>value`."""
+    return f"{key}{':' if aliases else ''}\t{_table_value(value, aliases)}"
 
 
 def auth_hash_password(user: Optional[str] = typer.Argument(None, help="print a `user hash` line for the table"),

@@ -14,7 +14,8 @@
   cidr: file (SCANNED_TABLE_FILES) as written, `$n` not substituted: what `config import` scans for routes to relay.
 - `texthash:/path`: `key value` lines; keys case-insensitive; first of duplicate keys wins. With `aliases`, the
   file is in aliases(5) format (`name: value, value`, mailflow.aliases), as alias_maps files are.
-  `TexthashTable.load()` reads the file now (TableCache.preload calls it off the loop).
+  `TexthashTable.load()` reads the file now (TableCache.preload calls it off the loop); `entries()` lists them
+  all (`mailflow table dump`, postmap -s).
 
 Failure behaviour: a missing or unreadable file, one that is not a regular file (a FIFO, /dev/zero) or is larger
 than mailflow.files.TABLE_LIMIT, or a malformed line, makes the whole table fail with
@@ -249,3 +250,7 @@ class TexthashTable:
 
     def lookup(self, key: str) -> str | None:
         return self._file.current().get(key.lower())
+
+    def entries(self) -> list[tuple[str, str]]:
+        """(key, value) of every entry, in the file's order (the first of duplicate keys): `postmap -s`."""
+        return list(self._file.current().items())

@@ -70,6 +70,10 @@ class InlineTable:
     def lookup(self, key: str) -> str | None:
         return self._entries.get(key.lower())
 
+    def entries(self) -> list[tuple[str, str]]:
+        """(key, value) of every element, in the spec's order: `postmap -s`."""
+        return list(self._entries.items())
+
 
 class StaticTable:
     fixed = True

@@ -2,7 +2,8 @@
 (check_recipient_access, check_client_access through XCLIENT), of transport_maps and of virtual_alias_maps, seen
 through SMTP replies and the addresses delivered to an smtp-sink; and `mailflow table query` beside `postmap -q`
 (and `postmap -q -`) for the same table specs and files, cidr: among them (every rule form, then a seeded random
-table); cidr: refusing loopback clients over SMTP.
+table); `mailflow table dump` beside `postmap -s`; `table query --aliases` and `table dump --aliases` beside
+`postalias -q` and `postalias -s` on one aliases file; cidr: refusing loopback clients over SMTP.
 
 Each table key answers with its own text, so a reply tells which key matched, not only that one did. Both
 servers are configured alike (recipient_delimiter = +, which Postfix leaves empty by default).
@@ -484,3 +485,62 @@ async def test_client_access_keys_match_a_real_postfix(mailflow_server):
     assert postfix["[UNAVAILABLE] 203.0.113.9"] == "554 name-unknown" and postfix["other.test 192.0.2.6"] == \
         "554 regexp-ip"
     assert postfix["sub.regexp.client.test 203.0.113.9"] == "250"  # a regexp is not asked the parent domains
+
+
+def postfix_tool(*argv: str, stdin: str = "") -> tuple[int, str]:
+    done = subprocess.run([require_tool(argv[0]), *argv[1:]], input=stdin, capture_output=True, text=True,
+                          timeout=30)
+    return done.returncode, done.stdout
+
+
+def mailflow_table(*args: str, stdin: str = "") -> tuple[int, str]:
+    done = subprocess.run([sys.executable, "-m", "mailflow", "table", *args], input=stdin, capture_output=True,
+                          text=True, cwd=ROOT, timeout=30)
+    return done.returncode, done.stdout
+
+
+DUMPED = "user@example.test  local\nA@Example.Test\tsecond\n# a comment\nlist@example.test one,\n two words\n"
+
+
+def test_table_dump_lists_as_postmap_s_does(tmp_path):
+    """`postmap -s TABLE` lists every entry, `key<TAB>value`, keys in lower case (a texthash: file in its hash
+    order, hence sorted here; an inline: spec in order), and refuses the types it cannot list ("sequence operation
+    is not supported", exit 1): `mailflow table dump` does the same."""
+    write_cooled(tmp_path / "map", DUMPED)
+    write_cooled(tmp_path / "re", "/x/ y\n")
+    for spec in (f"texthash:{tmp_path / 'map'}", "inline:{b=2, A=1, {c = x y}}"):
+        rc, out = mailflow_table("dump", spec)
+        expected_rc, expected = postfix_tool("postmap", "-s", spec)
+        assert (rc, sorted(out.splitlines())) == (expected_rc, sorted(expected.splitlines())) != (0, []), spec
+    assert mailflow_table("dump", f"regexp:{tmp_path / 're'}") == postfix_tool(
+        "postmap", "-s", f"regexp:{tmp_path / 're'}") == (1, "")
+
+
+ALIASES = ('# the system aliases\nroot: admin,\n  other@example.test\n\npostmaster:\troot\n'
+           'Webmaster : alice ,bob  ,\n  # a comment inside\n  carol\n'
+           'run: "|/usr/bin/run   arg",  Joe   Doe <j@x.test>\n')
+ALIAS_KEYS = ["root", "ROOT", "postmaster", "webmaster", "run", "nobody", "root:"]
+
+
+def test_an_aliases_file_answers_as_postalias_q_does(tmp_path):
+    """What an admin types at Postfix: `postalias -q NAME /etc/aliases` (its aliases(5) syntax: `name: value`,
+    continuation lines, comments, read by postalias into aliases.db), `postalias -q - /etc/aliases` (`name:<TAB>
+    value` lines) and `postalias -s /etc/aliases`. `mailflow table query --aliases texthash:FILE` and `table dump
+    --aliases` read the same file as alias_maps do and answer alike: the value as postalias stores it (`a, b`),
+    the name in any case, exit 1 for none found. (Without --aliases, the file is read as postmap reads a texthash:
+    one, `root:` its key, as `postmap -q` reads it.) postalias -s's own entries (`@`, `YP_*`) are left out."""
+    aliases = write_cooled(tmp_path / "aliases", ALIASES)
+    assert postfix_tool("postalias", f"hash:{aliases}")[0] == 0
+    spec = f"texthash:{aliases}"
+    for key in ALIAS_KEYS:
+        expected = postfix_tool("postalias", "-q", key, str(aliases))
+        assert mailflow_table("query", "--aliases", spec, key) == expected, key
+    stdin = "".join(f"{key}\n" for key in ALIAS_KEYS)
+    rc, out = mailflow_table("query", "--aliases", spec, "-", stdin=stdin)
+    assert (rc, out) == postfix_tool("postalias", "-q", "-", str(aliases), stdin=stdin)
+    assert out.splitlines()[0] == "root:\tadmin, other@example.test"
+    rc, out = mailflow_table("dump", "--aliases", spec)
+    expected_rc, expected = postfix_tool("postalias", "-s", str(aliases))
+    own = [line for line in expected.splitlines() if line.startswith(("@:", "YP_"))]
+    assert (rc, sorted(out.splitlines())) == (expected_rc, sorted(set(expected.splitlines()) - set(own)))
+    assert mailflow_table("query", spec, "root:") == postfix_tool("postmap", "-q", "root:", spec)
