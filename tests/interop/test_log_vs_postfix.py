@@ -32,6 +32,10 @@ Another refuses MAIL's SIZE past message_size_limit (a sender, then the null sen
 Two more requeue mail (postsuper -r, `mailflow queue requeue`): the old id's and the copy's lines, and a message
 older than its queue lifetime is tried again and deferred, not returned (the copy's lifetime starts anew).
 
+Another deletes a message while its delivery waits on a slow smtp-sink (postsuper -d, `mailflow queue delete`): the
+delivery's `status=sent` lines still follow postsuper's `removed`, with no qmgr `removed`, and pflogsumm counts
+them delivered.
+
 Compared by the first: pflogsumm's totals (received, delivered, deferred, bounced, rejected, held, discarded) and its
 deferral, bounce, reject, hold, discard, warning, fatal and panic sections; fail2ban's matched lines in every mode
 of the stock `postfix` filter; the lines of smtp and cleanup. Not compared:
@@ -62,7 +66,7 @@ from tests.interop.test_smtp_faults_vs_postfix import ScriptedPeer
 from tests.support import (SmtpClient, dovecot_instance, eventually, free_port, postfix_instance, require_tool,
                            run_tool, script_dir)
 from tests.support.maillog import SYSLOG_NAME
-from tests.support.postfix import postqueue_listed
+from tests.support.postfix import postqueue_listed, smtp_sink
 from tests.support.milters import optneg, reply, scripted_milter
 
 pytestmark = pytest.mark.interop
@@ -1153,3 +1157,56 @@ async def test_time_lost_before_the_greeting_is_counted_as_connection_set_up(mai
     for line in (pf_line, mf_line):
         set_up, transmission = re.search(r", delays=[\d.]+/[\d.]+/([\d.]+)/([\d.]+),", line).groups()
         assert float(set_up) >= 0.5 and transmission == "0", line
+
+
+DATA_WAIT = 4  # seconds the slow smtp-sink waits before it answers DATA: the delivery is under way that long
+
+
+def activated(log: str) -> list[str]:
+    """Queue ids of the messages from deleted@sender.test that qmgr has taken (its `from=` line)."""
+    return re.findall(r"\b([0-9A-Za-z]{10,16}): from=<deleted@sender\.test>, size=\d+, nrcpt=2 \(queue active\)", log)
+
+
+async def test_mail_deleted_during_its_delivery_is_logged_as_postfix_logs_it(mailflow_server, mail_log,
+                                                                             write_config, tmp_path):
+    """`postsuper -d` of a message whose delivery is under way (an smtp-sink slow to answer DATA): Postfix's
+    smtp(8) finishes it and logs a `status=sent` line per recipient after postsuper's `removed`, and its qmgr logs
+    no `removed` of its own; pflogsumm counts both as delivered. mailflow's lines for `mailflow queue delete`
+    are the same, in the same order (it logged no result line when qmgr's poll had seen the delete first)."""
+    pflogsumm = require_tool("pflogsumm")
+    rcpts = ["one@relay.test", "two@relay.test"]
+    async with smtp_sink("-w", str(DATA_WAIT)) as (sink, _):
+        transports = f"inline:{{relay.test=smtp:[127.0.0.1]:{sink}}}"  # (smtp: Postfix's relay logs as postfix/relay)
+        async with postfix_instance({"myhostname": PF_HOST, "syslog_name": SYSLOG_NAME, "mydestination": "",
+                                     "relay_domains": "relay.test", "transport_maps": transports,
+                                     "notify_classes": ""}) as pf:
+            started = await pf.sessions_ended()
+            await message(pf.port, rcpts, "deleted in flight", sender="deleted@sender.test")
+            await eventually(lambda: activated(pf.maillog[started:]), timeout=10)
+            await asyncio.sleep(1)  # (the delivery has begun: it waits for DATA's answer)
+            [pf_id] = activated(pf.maillog[started:])
+            assert pf.run("postsuper", "-d", pf_id).returncode == 0
+            await pf.logged("status=sent", count=2, since=started, timeout=DATA_WAIT + 10)
+            pf_log = (await asyncio.sleep(0.5)) or pf.maillog[started:]
+        settings = dict(myhostname=MF_HOST, mydestination=[], relay_domains=["relay.test"],
+                        transport_maps=[transports], smtp={"tls_security_level": "none"})
+        mf = await mailflow_server(**settings)
+        config = write_config(tmp_path / "mailflow.toml", log={"file": str(mail_log)}, **settings)
+        await message(mf.smtp_addresses[0][1], rcpts, "deleted in flight", sender="deleted@sender.test")
+        await eventually(lambda: activated(mail_log.read_text()), timeout=10)
+        await asyncio.sleep(1)  # (past qmgr's next poll of the tools' changes too, once deleted)
+        [mf_id] = activated(mail_log.read_text())
+        rc, out = await run_tool(sys.executable, "-m", "mailflow", "queue", "delete", mf_id, "-c", str(config))
+        assert rc == 0, out
+        await eventually(lambda: mail_log.read_text().count("status=sent") == 2, timeout=DATA_WAIT + 10)
+        await asyncio.sleep(0.5)  # (nothing more comes: a `removed` would follow at once)
+        mf_log = mail_log.read_text()
+    expected = message_lines(pf_log, pf_id)
+    assert expected[3:] == ["postsuper: removed", *(f"smtp: to=<{r}>, relay=127.0.0.1[127.0.0.1]:{sink}, "
+                                                    "dsn=2.0.0, status=sent (250 2.0.0 Ok)" for r in rcpts)], pf_log
+    assert message_lines(mf_log, mf_id) == expected, mf_log
+    pf_file, mf_file = tmp_path / "pf.log", tmp_path / "mf.log"
+    pf_file.write_text(pf_log)
+    mf_file.write_text(mf_log)
+    (pf_sum, _), (mf_sum, _) = await summary(pflogsumm, pf_file), await summary(pflogsumm, mf_file)
+    assert (mf_sum["received"], mf_sum["delivered"]) == (pf_sum["received"], pf_sum["delivered"]) == (1, 2)
