@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
 import sys
 
 import pytest
@@ -237,6 +238,11 @@ async def test_ids_that_are_not_queued_exit_as_postfixs_tools_do(mailflow_server
             if arg == MALFORMED:
                 assert b"Cannot flush queue ID - invalid name" in expected.stderr
                 assert err == f"mailflow queue flush: cannot flush: {MALFORMED!r} is not a queue id\n"
+            expected = subprocess.run(["sendmail", "-C", str(pf.etc), f"-qI{arg}"], capture_output=True, timeout=20)
+            ours = subprocess.run([sys.executable, "-m", "mailflow", "sendmail", "-C", str(config), f"-qI{arg}"],
+                                  capture_output=True, timeout=20)
+            assert (ours.returncode, ours.stdout) == (expected.returncode, b"") and ours.returncode == (
+                69 if arg == MALFORMED else 0), (arg, ours.stderr)  # (sendmail -qI is postqueue -i)
 
             expected = pf.run("postcat", "-q", arg)
             rc, out, err = await mailflow_cli(config, "queue", "show", arg)
