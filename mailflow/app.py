@@ -80,6 +80,7 @@ from mailflow.stages.qmgr.notices import Notices
 from mailflow.model import AddressClass, ClientInfo, DeliveryRequest, Envelope, Recipient, Submission
 from mailflow.queuelock import QueueLock
 from mailflow.routing.router import Router
+from mailflow.signing.dkim import checkers as dkim_checkers
 from mailflow.signing.keytables import arc_key_from_config, keys_from_config
 from mailflow.signing.outbound import OutboundSigning
 from mailflow.stages.smtpd import Smtpd, SmtpdHandler
@@ -149,10 +150,11 @@ def _dsn_passed_on(request: DeliveryRequest, rcpt: Recipient, count: int, owner:
             "envid": request.envid, "ret": request.ret}
 
 
-def build_outbound_signing(config: Config, router: Router, resolver, clock: Clock,
-                           log: MailLog) -> OutboundSigning | None:
+def build_outbound_signing(config: Config, router: Router, resolver, clock: Clock, log: MailLog,
+                           checkers: BoundedWorkers) -> OutboundSigning | None:
     """cleanup's SRS, ARC and DKIM (mailflow.signing.outbound) from [dkim], [arc] and [srs]; None when all are off,
-    so that cleanup does nothing more than before. Raises ConfigError (a table or key that cannot be read)."""
+    so that cleanup does nothing more than before. `checkers`: the server's pool for the ARC seal's DKIM checks.
+    Raises ConfigError (a table or key that cannot be read)."""
     keys = keys_from_config(config.dkim)
     srs = router.mapper.srs
     if keys is None and srs is None and not config.arc.enabled:
@@ -164,7 +166,7 @@ def build_outbound_signing(config: Config, router: Router, resolver, clock: Cloc
                            authserv_id=config.arc.authserv_id or config.myhostname, srs=srs,
                            internal_networks=NetworkList.from_items(config.mynetworks, setting="mynetworks"),
                            is_remote=lambda addr: router.rewriter.classify(addr) in remote,
-                           resolver=resolver, clock=clock, log=log)
+                           resolver=resolver, clock=clock, log=log, checkers=checkers)
 
 
 def probe_sender(config: Config, router: Router, clock: Clock) -> ProbeSender:
@@ -197,6 +199,7 @@ class Mailflow:
         self.pickup: Pickup | None = None
         self._cleanup: Cleanup | None = None
         self._check_workers: BoundedWorkers | None = None  # the content checks' threads, every reload's
+        self._seal_checkers: BoundedWorkers | None = None  # the ARC seal's DKIM checks' threads, every reload's
         self._verifier: Verifier | None = None  # address verification: one cache for the server's life
         self._reloading = asyncio.Lock()
         self._site_flushes: dict[str, asyncio.Future] = {}  # ETRN: the flush under way for each site
@@ -330,13 +333,16 @@ class Mailflow:
         assert self._maillog is not None
         if self._check_workers is None:
             self._check_workers = check_pool()
+        if self._seal_checkers is None:
+            self._seal_checkers = dkim_checkers()
         checks = ContentChecks(config.checks, workers=self._check_workers)
         await checks.tables.preload()
         return dict(myhostname=config.myhostname, mapper=router.mapper, hopcount_limit=config.hopcount_limit,
                     header_size_limit=config.header_size_limit, drop_headers=config.message_drop_headers,
                     checks=checks, smtputf8_autodetect=config.smtputf8_autodetect_classes,
                     content_filter=config.smtpd.content_filter,
-                    outbound=build_outbound_signing(config, router, self._dns_resolver(), self.clock, self._maillog))
+                    outbound=build_outbound_signing(config, router, self._dns_resolver(), self.clock, self._maillog,
+                                                    self._seal_checkers))
 
     def _handler_for(self, router: Router, filters: FilterServices, sender: ProbeSender):
         """How smtpd builds each listener's handler (its restrictions) from the listener's effective config;
@@ -433,7 +439,7 @@ class Mailflow:
 
     async def stop(self) -> None:
         """The listeners (admin, HTTP), then address verification's probes (cancelled, awaited), then smtpd,
-        pickup and qmgr drained together within the grace period, then the content checks' threads,
+        pickup and qmgr drained together within the grace period, then the content checks' and ARC seal's threads,
         then ETRN's flushes, then the store. Safe to call twice. A reload under way ends first (one that has
         bound new addresses must not put them in use, or leave them open, after the stop)."""
         async with self._reloading:
@@ -456,6 +462,9 @@ class Mailflow:
             if not await self._check_workers.close_within(self._grace):  # (a walk stuck in a hung sqlite read)
                 log.warning("content checks: a walk still runs %gs after the stop; its thread is left", self._grace)
             self._check_workers = None
+        if self._seal_checkers is not None:  # cleanup is done: idle threads end, a check under way ends with it
+            self._seal_checkers.close()
+            self._seal_checkers = None
         if self._postmaster is not None:  # the transcripts of the last sessions, queued before the store closes
             await self._postmaster.close()
             self._postmaster = None

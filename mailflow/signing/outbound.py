@@ -5,7 +5,10 @@ is durable with the message, every delivery attempt and every transport sends th
 here (a notice, a forwarded copy) passes through the same door as one received.
 
     OutboundSigning(keys=, sign_forwarded=, arc_key=, authserv_id=, srs=, internal_networks=, is_remote=,
-                    resolver=, clock=, log=)
+                    resolver=, clock=, log=, checkers=)
+                                  `checkers`: the pool the seal's DKIM checks run in (dkim.checkers()): the
+                                  caller's, which outlives this object (a reload replaces it while a seal may
+                                  still use the pool) and closes it
       forwarded(submission, recipients) -> bool   local(8) forwarding (aliases, .forward: `Submission.forwarded`)
                                   to a remote recipient, or a recipient whose address is remote while the address it was
                                   given as is not (virtual alias expansion to a remote domain)
@@ -45,6 +48,7 @@ from mailflow.routing.srs import Srs
 from mailflow.signing import arc, dkim
 from mailflow.signing.keytables import Keys, SigningKey
 from mailflow.tables.networks import NetworkList
+from mailflow.workers import BoundedWorkers
 
 
 def from_address(head: bytes) -> str:
@@ -56,7 +60,7 @@ def from_address(head: bytes) -> str:
 class OutboundSigning:
     def __init__(self, *, keys: Keys | None, sign_forwarded: bool, arc_key: SigningKey | None, authserv_id: str,
                  srs: Srs | None, internal_networks: NetworkList, is_remote: Callable[[str], bool],
-                 resolver: Resolver, clock: Clock, log: MailLog):
+                 resolver: Resolver, clock: Clock, log: MailLog, checkers: BoundedWorkers):
         self._keys = keys
         self._sign_forwarded = sign_forwarded
         self._arc_key = arc_key
@@ -67,7 +71,7 @@ class OutboundSigning:
         self._resolver = resolver
         self._clock = clock
         self._log = log
-        self._dkim_checkers = dkim.checkers()  # (the seal's DKIM checks)
+        self._dkim_checkers = checkers  # (the seal's DKIM checks)
 
     def forwarded(self, sub: Submission, recipients: tuple[Recipient, ...]) -> bool:
         if sub.forwarded:

@@ -3,6 +3,8 @@ the in-process DNS) and SRS (the forwarded copy's sender is this host's; a bounc
 original sender; a forged or unknown SRS address is refused). Both are off by default."""
 from __future__ import annotations
 
+import threading
+
 import dkim
 import pytest
 
@@ -127,3 +129,21 @@ async def test_this_hosts_own_bounce_of_a_forwarded_copy_reaches_the_original_se
     [bounce] = await eventually(lambda: peer.messages)  # the forwarded copy was refused; its bounce comes here
     assert bounce.rcpt_tos == ["s@orig.test"] and bounce.mail_from == "<>"
     assert b"carol is gone" in bounce.content
+
+
+def seal_check_threads() -> int:
+    return sum(thread.name.startswith("DKIM-checks") for thread in threading.enumerate())
+
+
+async def test_reloads_leave_no_idle_threads_of_the_seals_dkim_checks(mailflow_server, smtp_peer, tmp_path, world):
+    """The ARC seal checks the message's DKIM signatures in a pool of threads: the server's one, kept across
+    reloads. Each reload's own (never closed) left its idle threads behind: one more per reload that sealed."""
+    _, sender_key, _, _ = world
+    before = seal_check_threads()
+    mf, peer = await forwarding_server(mailflow_server, smtp_peer, tmp_path, world)
+    for sealed in range(1, 11):
+        await send(mf.smtp_addresses[0][1], "s@orig.test", ["team@local.test"], signed_by_sender(sender_key))
+        await eventually(lambda: len(peer.messages) == sealed, what=f"forwarded copy {sealed} relayed")
+        await mf.reload(mf.config)
+    assert all(b"ARC-Seal: i=1; " in message.content for message in peer.messages)
+    assert seal_check_threads() - before <= 2  # (dkim.CHECKERS; 10 without the server's one pool)
