@@ -30,16 +30,17 @@ what the start and each reload built is frozen out of the garbage collector's wa
 
 Reload (`await mf.reload(config)`; SIGHUP and `mailflow reload` in `serve`): like `postfix reload`, the new
 configuration is checked whole (its tables must answer, its certificates load) and built whole (routing tables,
-restrictions, transports, certificates) before any of it is used; a problem raises ConfigError and the
-configuration in force stays. Then cleanup, qmgr, pickup and smtpd take it: new sessions follow the new rules
-(smtpd.Smtpd.reconfigure), open sessions are not dropped and end under the rules they began with (as Postfix's
-smtpd processes do; the inbound filters a reload replaces are closed at a later reload once no open session uses
-them), deliveries under way finish with the transports they began with. The SMTP listeners change as `postfix
-reload` changes master.cf's services: a new address is bound (and listening) while the reload is built, so one
-that cannot be bound refuses the reload (ConfigError naming its key); an address kept keeps its socket; one
-removed stops listening, its open sessions going on. What only a restart applies (the queue, the HTTP listeners
-[http] and [admin], [dns], where the log goes: mailflow.config.reload) keeps running as it is and is named in the
-log (`warning: reload: queue.incoming_backlog_limit changed; restart to apply`).
+restrictions, transports, certificates) before any of it is used (each `type:name` it names read once, by the check:
+the routing, content checks, transports and every listener's restrictions open it from that one TableCache); a
+problem raises ConfigError and the configuration in force stays. Then cleanup, qmgr, pickup and smtpd take it: new
+sessions follow the new rules (smtpd.Smtpd.reconfigure), open sessions are not dropped and end under the rules they
+began with (as Postfix's smtpd processes do; the inbound filters a reload replaces are closed at a later reload once
+no open session uses them), deliveries under way finish with the transports they began with. The SMTP listeners
+change as `postfix reload` changes master.cf's services: a new address is bound (and listening) while the reload is
+built, so one that cannot be bound refuses the reload (ConfigError naming its key); an address kept keeps its socket;
+one removed stops listening, its open sessions going on. What only a restart applies (the queue, the HTTP listeners
+[http] and [admin], [dns], where the log goes: mailflow.config.reload) keeps running as it is and is named in the log
+(`warning: reload: queue.incoming_backlog_limit changed; restart to apply`).
 
 Stop (`stop()`, SIGTERM in `serve`): the HTTP listener closes, then smtpd, pickup and qmgr drain together within
 one `shutdown_grace` (the setting in force, a reload's too, or the constructor's): no new connection nor
@@ -295,7 +296,7 @@ class Mailflow:
         observer = self._postmaster if self._session_observer is None else SessionObservers(
             self._session_observer, self._postmaster)
         self.smtpd = Smtpd(c, self._handler_for(router, self._filters, sender), clock=self.clock,
-                           observer=observer, resolver=self._dns_resolver())
+                           observer=observer, resolver=self._dns_resolver(), tables=router.tables.view())
         await self.smtpd.start()
 
     @staticmethod
@@ -335,7 +336,7 @@ class Mailflow:
             self._check_workers = check_pool()
         if self._seal_checkers is None:
             self._seal_checkers = dkim_checkers()
-        checks = ContentChecks(config.checks, workers=self._check_workers)
+        checks = ContentChecks(config.checks, router.tables.view(), workers=self._check_workers)
         await checks.tables.preload()
         return dict(myhostname=config.myhostname, mapper=router.mapper, hopcount_limit=config.hopcount_limit,
                     header_size_limit=config.header_size_limit, drop_headers=config.message_drop_headers,
@@ -345,16 +346,17 @@ class Mailflow:
                                                     self._seal_checkers))
 
     def _handler_for(self, router: Router, filters: FilterServices, sender: ProbeSender):
-        """How smtpd builds each listener's handler (its restrictions) from the listener's effective config;
-        `sender`: address verification's, which smtpd takes unrefused."""
+        """How smtpd builds each listener's handler (its restrictions) from the listener's effective config and the
+        cache it opens its tables through (a view of `router`'s); `sender`: address verification's, which smtpd
+        takes unrefused."""
         assert self._cleanup is not None
         resolver, cleanup, queue, verifier = self._dns_resolver(), self._cleanup, self.config.queue_path, self._verifier
         space = QueueSpace(partial(queue_free_space, queue), self.clock)  # (asked at every MAIL, kept 1 s)
-        return lambda listener_config: SmtpdHandler(listener_config, router.rewriter, router.mapper, cleanup,
-                                                    resolver=resolver, queue_space=space,
-                                                    policy=self._smtpd_policy, filters=filters,
-                                                    flush_site=self._flush_site, verifier=verifier,
-                                                    probe_sender=sender)
+        return lambda listener_config, tables: SmtpdHandler(listener_config, router.rewriter, router.mapper, cleanup,
+                                                            resolver=resolver, tables=tables, queue_space=space,
+                                                            policy=self._smtpd_policy, filters=filters,
+                                                            flush_site=self._flush_site, verifier=verifier,
+                                                            probe_sender=sender)
 
     async def _flush_site(self, domain: str) -> None:
         """ETRN: every deferred message with a pending recipient in `domain` is due now (what `mailflow queue
@@ -496,10 +498,12 @@ class Mailflow:
             waiting = restart_needed(self.config, config)
             # (validated again, a domain list's /file read again, when settings kept as running differ: off the loop)
             config = await asyncio.to_thread(in_force, self.config, config, "")
-            problems = await asyncio.to_thread(lambda: table_problems(flat_settings(config, effective=True), ""))
+            tables = TableCache()  # this generation's: each table it names is read once, by the check
+            problems = await asyncio.to_thread(lambda: table_problems(flat_settings(config, effective=True), "",
+                                                                      tables.view()))
             if problems:
                 raise _all_of(problems)
-            router = await self._router(config)
+            router = await self._router(config, tables)
             templates = self._templates(config)
             cleanup_settings = await self._cleanup_settings(config, router)
             transports = self._build_transports(config, router, self._grace_of(config))
@@ -507,7 +511,7 @@ class Mailflow:
             sender = probe_sender(config, router, self.clock)
             prober = await self._prober(config, router, transports, sender)
             handler_for = self._handler_for(router, filters, sender)
-            use_smtpd = await self.smtpd.reconfigure(config, handler_for)  # binds new addresses
+            use_smtpd = await self.smtpd.reconfigure(config, handler_for, router.tables.view())  # binds new addresses
             # everything is built: from here on nothing can fail
             self._cleanup.reconfigure(**cleanup_settings)
             self._grace = self._grace_of(config)

@@ -3,6 +3,11 @@
     TableCache(clock).open(specs, aliases=False) -> list[Table]   the tables of one setting, in order; a spec
                                                                   named twice is opened once (one reader, one
                                                                   reload)
+    TableCache.view() -> TableCache    one that opens from the same tables (a spec either opens is opened, and
+                                       read, once) while its `run` and `preload` concern only those opened through
+                                       it: a server's generation shares one set of tables among its parts (routing,
+                                       content checks, each listener's restrictions) and each part's lookups stay
+                                       inline unless a table of its own may block
     await TableCache.run(fn, *args, off_loop=False, workers=None)
                                        fn (which looks things up in this cache's tables): inline when every table
                                        opened here answers from memory (and not `off_loop`), else in a worker
@@ -34,20 +39,28 @@ T = TypeVar("T")
 
 
 class TableCache:
-    """Opens each `type:name` once per process, so settings that name the same file share one reader (and
-    one reload). `open(specs)` returns the tables of one setting, in order."""
+    """Opens each `type:name` once (for itself and its views), so settings that name the same file share one
+    reader (and one reload). `open(specs)` returns the tables of one setting, in order."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic, *,
+                 shared: dict[tuple[str, bool], Table] | None = None):
         self._clock = clock
-        self._open: dict[tuple[str, bool], Table] = {}
+        self._shared: dict[tuple[str, bool], Table] = {} if shared is None else shared  # (this cache's and views')
+        self._open: dict[tuple[str, bool], Table] = {}  # those opened through this cache
         self._blocking: list[Table] = []  # those of _open that may wait on I/O (asked at every run())
+
+    def view(self) -> TableCache:
+        """See the module docstring."""
+        return TableCache(self._clock, shared=self._shared)
 
     def open(self, specs, *, aliases: bool = False) -> list[Table]:
         tables = []
         for spec in specs:
             key = (spec, aliases)
             if key not in self._open:
-                table = self._open[key] = open_table(spec, clock=self._clock, aliases=aliases)
+                if key not in self._shared:
+                    self._shared[key] = open_table(spec, clock=self._clock, aliases=aliases)
+                table = self._open[key] = self._shared[key]
                 if table.blocking:
                     self._blocking.append(table)
             tables.append(self._open[key])

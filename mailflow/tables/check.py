@@ -1,7 +1,8 @@
 """Whether the file-backed tables a configuration names can answer now: what `mailflow check-config` reports
 and what a reload (`mailflow reload`, SIGHUP) refuses to put in force.
 
-    table_problems(settings, where) -> [ConfigError]    `settings`: `key -> value`, as mailflow.config.flat_settings
+    table_problems(settings, where, tables=None) -> [ConfigError]
+                                                        `settings`: `key -> value`, as mailflow.config.flat_settings
                                                         gives them; one ConfigError(where, key, reason) for each
                                                         texthash, regexp, pcre, cidr, sqlite or accounts
                                                         table of a `*_maps`, `*_domains`, `*_checks`, `*_filter`,
@@ -15,7 +16,9 @@ and what a reload (`mailflow reload`, SIGHUP) refuses to put in force.
                                                         overrides and a client service's settings too), that
                                                         cannot answer now (missing,
                                                         unreadable, a bad line or .cf file, a database that does
-                                                        not open)
+                                                        not open); `tables`: the TableCache to open them through
+                                                        (a reload's: what the check read, the server then uses,
+                                                        not read again), else each is opened on its own
 
 Reads each file in the caller (a server calls it in a worker thread). Never raises for a table's problem.
 """
@@ -26,16 +29,18 @@ from typing import Iterator, Mapping
 from mailflow.errors import ConfigError, LookupRetry
 from mailflow.syntax import FILE_TABLE_TYPES, table_type
 from mailflow.tables.networks import NETWORK_LIST_SETTINGS, parse_network_list
+from mailflow.tables.cache import TableCache
 from mailflow.tables.spec import open_table
 
 PROBE_KEY = "mailflow-check-config-probe"
 
 
-def table_problems(settings: Mapping[str, object], where: str) -> list[ConfigError]:
+def table_problems(settings: Mapping[str, object], where: str, tables: TableCache | None = None) -> list[ConfigError]:
     problems = []
     for key, spec, aliases in _file_tables(settings):
         try:
-            open_table(spec, aliases=aliases).lookup(PROBE_KEY)
+            table = tables.open([spec], aliases=aliases)[0] if tables is not None else open_table(spec, aliases=aliases)
+            table.lookup(PROBE_KEY)
         except (ConfigError, LookupRetry) as e:
             problems.append(ConfigError(where, key, e.reason))  # LookupRetry's reason is its text
     return problems

@@ -179,7 +179,7 @@ def build_transports(config, resolver, clock, router, forward=None, mailbox=None
     capture `mailbox` (mailflow.capture), the `capture` transport keeps messages in it. `grace` (default
     shutdown_grace): how long local's close waits for a /file append under way; `rng` orders the SMTP clients' equal
     MX preferences and a host's addresses (the server's, so that a seeded server delivers the same way each run)."""
-    tables = TableCache()
+    tables = router.tables.view()  # (a table the routing names too is read once)
     mta_sts = build_mta_sts(config, resolver)
     registry: dict[str, Transport] = {}  # local hands mailboxes to the others (mailbox_transport, fallback_transport)
     registry.update({

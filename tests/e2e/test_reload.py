@@ -390,3 +390,36 @@ async def test_a_reload_storm_drops_no_connection_loses_no_mail_and_leaks_no_soc
     assert not world.log_lines("reload refused")
     await eventually(lambda: len(inbox(tmp_path, "alice")) == 51, what="every message acknowledged delivered")
     await eventually(lambda: descriptors() <= before, what=f"the server's descriptors back to {before}")
+
+
+async def test_a_table_several_listeners_and_the_routing_name_is_read_once_at_the_start_and_each_reload(
+        mailflow_server, tmp_path, monkeypatch):
+    """A server generation (the start, each reload) opens each `type:name` once, for the routing and every
+    listener's restriction lists alike, each list keeping its own meaning: a 100 000-line table named by three
+    listeners was read (and held in memory) four times over."""
+    from mailflow.tables import files
+
+    table = tmp_path / "relay-recipients"
+    table.write_text("alice@relay.test OK\n")
+    reads = []
+
+    def counted(path, *args, **kwargs):
+        reads.append(path)
+        return read_regular_file(path, *args, **kwargs)
+
+    read_regular_file = files.read_regular_file
+    monkeypatch.setattr(files, "read_regular_file", counted)
+    access = f"check_recipient_access texthash:{table}"
+    mf = await mailflow_server(relay_recipient_maps=[f"texthash:{table}"], smtpd={
+        "listen": ["127.0.0.1:0"], "recipient_restrictions": [access, "permit_auth_destination", "reject"],
+        "listeners": [{"address": "127.0.0.1:0"},
+                      {"address": "127.0.0.1:0", "overrides": {"recipient_restrictions": [access, "reject"]}}]})
+    assert reads.count(table) == 1
+    await mf.reload(mf.config)
+    assert reads.count(table) == 2
+    ports = [listener.server.sockets[0].getsockname()[1] for listener in mf.smtpd.listeners]
+    for port in ports:
+        assert (await rcpt_reply(port, "alice@relay.test")).code == 250
+    # each listener's own list: the third refuses what its table does not permit; relay_recipient_maps, the others
+    assert [(await rcpt_reply(port, "bob@relay.test")).code for port in ports] == [550, 550, 554]
+    assert reads.count(table) == 2

@@ -822,6 +822,18 @@ async def test_run_is_inline_for_memory_tables_and_threaded_for_sqlite(tmp_path)
     assert ticks >= 10, "the loop went on while the query ran"
 
 
+async def test_views_share_each_table_and_run_inline_unless_one_of_their_own_may_block(tmp_path):
+    """A server generation opens its tables through views of one cache: a spec two views name is one table (read
+    once), and a part whose own tables answer from memory keeps its lookups inline when another part has sqlite."""
+    cache = TableCache()
+    routing, listener = cache.view(), cache.view()
+    [shared] = routing.open(["inline:{a=b}"])
+    assert listener.open(["inline:{a=b}"]) == [shared] and cache.open(["inline:{a=b}"]) == [shared]
+    quick_sqlite(routing, tmp_path)
+    assert routing.blocking and not listener.blocking and not cache.blocking
+    assert await listener.run(threading.get_ident) == threading.get_ident()
+
+
 async def test_run_off_the_loop_takes_a_thread_for_memory_tables_and_keeps_a_blocking_tables_deadline(tmp_path):
     """Work too long for the loop (a list of thousands of members) runs in a worker thread whatever the tables;
     with a sqlite table opened, still within its deadline."""

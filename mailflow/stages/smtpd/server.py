@@ -358,18 +358,22 @@ class Smtpd:
     """The listeners. `await start()`, `addresses`, `reconfigure(config, handler_for)` (a reload),
     `handlers_in_use()`, `await stop(grace)`."""
 
-    def __init__(self, config: Config, handler_for: Callable[[Config], SmtpdHandler], *, clock: Clock | None = None,
-                 observer: SessionObserver | None = None, resolver=None, screened: PassCache | None = None):
-        """`handler_for(config)` builds the handler of one listener from its effective config; `observer` (None:
-        no transcripts) gets every session's transcript (transcript.py); `resolver` answers postscreen's DNSBL
-        queries; `screened` is postscreen's cache of clients that passed (the server's: kept across reloads)."""
+    def __init__(self, config: Config, handler_for: Callable[[Config, TableCache], SmtpdHandler], *,
+                 clock: Clock | None = None, observer: SessionObserver | None = None, resolver=None,
+                 screened: PassCache | None = None, tables: TableCache | None = None):
+        """`handler_for(config, tables)` builds the handler of one listener from its effective config, opening its
+        tables through `tables` (a view of the listeners' cache: a table several listeners name is read once);
+        `observer` (None: no transcripts) gets every session's transcript (transcript.py); `resolver` answers
+        postscreen's DNSBL queries; `screened` is postscreen's cache of clients that passed (the server's: kept
+        across reloads); `tables`: the cache the listeners' tables are opened through (a view of the server's
+        generation's, TableCache.view; default: one of their own)."""
         self._config = config
         self._resolver = resolver
         self.screened = screened or PassCache(config.smtpd.postscreen.cache_limit)
         self._observer = observer
         self._handler_for = handler_for
         self._clock = clock or SystemClock()
-        self._tables = TableCache()
+        self._tables = tables or TableCache()
         self._tls: dict[tuple[str, str, str, bool], ServerTls] = {}
         # AUTH state of the whole server, whichever listener a client uses: failures per client IP, and the
         # threads that compute password hashes (AUTH_HASH_WORKERS of them, created on first use).
@@ -401,7 +405,7 @@ class Smtpd:
                                           delay_limit=smtpd.auth_failure_delay_limit)
         if smtpd.tls_cert_file:
             self._server_tls(smtpd)  # read now: a bad file stops the start
-        handler = self._handler_for(config)
+        handler = self._handler_for(config, self._tables.view())
         sender_logins = None
         if smtpd.reject_sender_login_mismatch:
             sender_logins = SenderLogins(self._tables.open(smtpd.sender_login_maps), resolve=handler.resolved_address,
@@ -501,8 +505,8 @@ class Smtpd:
             listener.server = await listen(functools.partial(self._session, listener), listener.host, listener.port,
                                            logger=log)
 
-    async def reconfigure(self, config: Config,
-                          handler_for: Callable[[Config], SmtpdHandler]) -> Callable[[], Awaitable[None]]:
+    async def reconfigure(self, config: Config, handler_for: Callable[[Config, TableCache], SmtpdHandler],
+                          tables: TableCache | None = None) -> Callable[[], Awaitable[None]]:
         """A reload, as `postfix reload` applies master.cf: the listeners of `config`, built as a start would
         build them (the files read now, the new addresses bound and listening: their connections wait in the
         kernel's queue), but not yet in use. Raises ConfigError (a TlsError for a certificate; an address that
@@ -515,9 +519,9 @@ class Smtpd:
         - an address gone stops listening; its open sessions go on to their end.
 
         A running session keeps what it started with, to its end (Postfix: an smtpd process serves its client
-        under the configuration it started with)."""
+        under the configuration it started with). `tables`: as the constructor's, for the new listeners."""
         fresh = Smtpd(config, handler_for, clock=self._clock, observer=self._observer, resolver=self._resolver,
-                      screened=self.screened)
+                      screened=self.screened, tables=tables)
         # the server's, whatever the config: the AUTH failures, the hashing threads, the auth server connections
         # (the auth server connections copied: a refused reload leaves the running server's as they are; one it
         # added connects only when asked, so a refused reload opens none)
