@@ -26,7 +26,8 @@ global, so several instances can run in one process. Without an injected resolve
 from `[dns]` (transports and smtpd share it). `serve(config)` runs one until SIGTERM/SIGINT or
 until an injected shutdown trigger fires; SIGHUP reloads (`reload()`; one during the start, once it runs); after
 each burst of mail, once idle, it gives the memory the burst freed back to the system (`return_memory_when_idle`);
-what the start and each reload built is frozen out of the garbage collector's walks (`freeze_the_heap`).
+what the start and each reload built is frozen out of the garbage collector's walks (`freeze_the_heap`); the tables a
+reload replaced are let go a piece at a time once nothing uses them (mailflow.tables.retire), not in that pass.
 
 Reload (`await mf.reload(config)`; SIGHUP and `mailflow reload` in `serve`): like `postfix reload`, the new
 configuration is checked whole (its tables must answer, its certificates load) and built whole (routing tables,
@@ -93,6 +94,7 @@ from mailflow.stages.verify import ProbeSender, Prober, Verifier
 from mailflow.store import Store
 from mailflow.tables import TableCache
 from mailflow.tables.check import table_problems
+from mailflow.tables.retire import RetiredTables
 from mailflow.tables.networks import NetworkList
 from mailflow.transports import build_transports
 from mailflow.workers import BoundedWorkers
@@ -201,6 +203,8 @@ class Mailflow:
         self._cleanup: Cleanup | None = None
         self._check_workers: BoundedWorkers | None = None  # the content checks' threads, every reload's
         self._seal_checkers: BoundedWorkers | None = None  # the ARC seal's DKIM checks' threads, every reload's
+        self._tables: TableCache | None = None  # the tables of the configuration in force (the start's, a reload's)
+        self._retired_tables = RetiredTables()  # those a reload replaced, let go off the collector's pass
         self._verifier: Verifier | None = None  # address verification: one cache for the server's life
         self._reloading = asyncio.Lock()
         self._site_flushes: dict[str, asyncio.Future] = {}  # ETRN: the flush under way for each site
@@ -269,6 +273,7 @@ class Mailflow:
         assert self.store is not None  # start() opened it
         c = self.config
         router = await self._router(c)
+        self._tables = router.tables
         maillog = MailLog(observer=self._mail_observer())
         self._maillog = maillog
         self._cleanup = Cleanup(self.store, clock=self.clock, rng=self.rng, log=maillog, on_queued=self._wake_qmgr,
@@ -474,6 +479,8 @@ class Mailflow:
             if filters is not None:
                 filters.close()
         self._filters, self._retired_filters = None, []
+        await self._retired_tables.close()
+        self._tables = None
         if self._own_resolver:
             await self._own_resolver.close()
             self._own_resolver = None
@@ -518,6 +525,9 @@ class Mailflow:
             if self._filters is not None:
                 self._retired_filters.append(self._filters)
             self._filters = filters
+            if self._tables is not None:
+                self._retired_tables.retire(self._tables)
+            self._tables = tables
             notices = self._notices(config, templates)
             self.qmgr.reconfigure(resolve=router.rewriter.resolve, transports=transports, config=config.queue,
                                   notices=notices, soft_bounce=config.soft_bounce,

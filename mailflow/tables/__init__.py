@@ -11,6 +11,7 @@ The package, split by job like Postfix's util/dict_*.c (callers import from here
                 address_keys, local_keys, split_extension (Postfix mail_addr_find, maps_find)
     cache.py    TableCache: each spec opened once; `run` keeps blocking lookups off the event loop; `preload`
     check.py    table_problems: the file-backed tables of a configuration that cannot answer now
+    retire.py   RetiredTables: a replaced generation's parsed files let go a piece at a time, off the collector's pass
     memory.py   inline:, static:, fail:
     files.py    re-reading a changed file off the loop (Reloading), postmap(1) input lines, texthash:
     regexp.py   regexp: on RE2 (leftmost-longest, as POSIX regexec); its rule structure and lookup shared with

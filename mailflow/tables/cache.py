@@ -15,6 +15,7 @@
                                        a table opened here may block
     await TableCache.preload()         read every file-backed table once, in a worker thread (a server calls
                                        it before it listens)
+    TableCache.file_tables()           the tables read from a file, its views' too (mailflow.tables.retire)
 
 Failure behaviour: `open` raises ConfigError for a bad spec; `run` raises LookupRetry past the slowest blocking
 table's deadline (plus RUN_GRACE): in the default executor counted from the call to `run` (its wait for a thread
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from typing import Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 from mailflow.errors import LookupRetry
 from mailflow.tables.base import Table
@@ -65,6 +66,11 @@ class TableCache:
                     self._blocking.append(table)
             tables.append(self._open[key])
         return tables
+
+    def file_tables(self) -> list[Any]:
+        """The tables read from a file (texthash, regexp, pcre, cidr: each has `contents()`) opened through this
+        cache or its views."""
+        return [table for table in self._shared.values() if hasattr(table, "contents")]
 
     @property
     def blocking(self) -> bool:

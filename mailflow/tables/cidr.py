@@ -237,5 +237,9 @@ class CidrTable:
     def load(self) -> None:
         self._file.load()
 
+    def contents(self):
+        """The parsed file now held (None while there is none): see Reloading.contents."""
+        return self._file.contents()
+
     def lookup(self, key: str) -> str | None:
         return _lookup(self._file.current(), key)

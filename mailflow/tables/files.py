@@ -60,6 +60,12 @@ class Reloading(Generic[T]):
             self._checked = self._clock()
             self._state = self._read(self._state)
 
+    def contents(self) -> T | None:
+        """The value now held, None before the first read or while the file fails (a retiring generation keeps
+        it past the table, to drop it a piece at a time: mailflow.tables.retire)."""
+        state = self._state
+        return state[0] if state is not None else None
+
     def current(self) -> T:
         if self._state is None:
             self.load()  # the first lookup of a table nobody preloaded
@@ -247,6 +253,10 @@ class TexthashTable:
 
     def load(self) -> None:
         self._file.load()
+
+    def contents(self):
+        """The parsed file now held (None while there is none): see Reloading.contents."""
+        return self._file.contents()
 
     def lookup(self, key: str) -> str | None:
         return self._file.current().get(key.lower())

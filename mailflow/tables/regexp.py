@@ -263,6 +263,10 @@ class RulesTable(ABC):
     def load(self) -> None:
         self._file.load()
 
+    def contents(self):
+        """The parsed file now held (None while there is none): see Reloading.contents."""
+        return self._file.contents()
+
     def lookup(self, key: str) -> str | None:
         value = self.lookup_unchecked(key)
         if value is not None and not value.isascii() and _SURROGATES.search(value):
