@@ -57,6 +57,18 @@ async def test_vrfy_takes_a_utf8_domain_only_after_its_smtputf8_word(mailflow_se
     assert got["vrfy"][3].startswith("554 5.7.1 ")  # past the syntax: relaying
 
 
+async def test_vrfy_refuses_a_utf8_address_without_its_smtputf8_word(mailflow_server):
+    # Postfix's vrfy_cmd under strict_smtputf8 (mailflow's MAIL and RCPT always refuse a UTF-8 address undeclared):
+    # 553 5.6.7 after the syntax, before the recipient checks; unlike Postfix's, the transaction is kept
+    mf = await mailflow_server(smtpd={"disable_vrfy_command": False})
+    got = await replies(mf, {"vrfy": ["EHLO client.test", "MAIL FROM:<s@remote.test>", "VRFY j\u00fcrgen@local.test",
+                                      "VRFY <\u00e9@local.test>", "VRFY j\u00fcrgen@local.test SMTPUTF8",
+                                      "RCPT TO:<alice@local.test>", "QUIT"]})
+    assert got["vrfy"][3:5] == [str(status.SMTPUTF8_REQUIRED)] * 2
+    assert got["vrfy"][5].startswith("550 5.1.1 <j\u00fcrgen@local.test>: ")  # declared: the recipient tables
+    assert got["vrfy"][6] == "250 2.1.5 Ok"
+
+
 async def test_etrn_is_refused_by_check_etrn_access(mailflow_server):
     mf = await mailflow_server(smtpd={"etrn_restrictions": ["check_etrn_access inline:{refused.test=REJECT}"]})
     got = await replies(mf, {"etrn": ["EHLO client.test", "ETRN refused.test", "QUIT"]})

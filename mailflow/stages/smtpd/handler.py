@@ -426,12 +426,15 @@ class SmtpdHandler:
                           written: str, smtputf8: bool) -> status.Reply | None:
         """VRFY (`written` the argument as the client wrote it, `smtputf8` whether its last word was SMTPUTF8), as
         Postfix's vrfy_cmd and smtpd_check_rcpt: a malformed address is refused (501 5.1.3, logged as Postfix's
-        "Illegal address syntax"); then, but for
-        `postmaster`, the restriction lists and the recipient tables, as at RCPT (not the policy hook nor the
-        milters): their refusal, logged `NOQUEUE: reject: VRFY from …`, or None (252)."""
+        "Illegal address syntax"); a UTF-8 one without the SMTPUTF8 word too (553 5.6.7, as MAIL and RCPT refuse
+        it undeclared: Postfix's vrfy_cmd under strict_smtputf8, without its mail_reset: the transaction goes on);
+        then, but for `postmaster`, the restriction lists and the recipient tables, as at RCPT (not the policy
+        hook nor the milters): their refusal, logged `NOQUEUE: reject: VRFY from …`, or None (252)."""
         if self._malformed(addr, smtputf8):
             server.record.lines.illegal_address(session.client, "VRFY", written)
             return status.RECIPIENT_SYNTAX
+        if address.is_utf8(addr) and not smtputf8:
+            return status.SMTPUTF8_REQUIRED
         if addr.lower() == "postmaster":  # RFC 5321 4.5.1, as at RCPT
             return None
         refusal = await self._recipient_lists(self._recipient_facts(session, envelope, addr, command="VRFY"))
