@@ -425,6 +425,11 @@ LONG_LOCAL = "SRS0=HHHH=TT=sender-domain.example=" + "x" * 60  # 95 octets
     # an SRS / VERP sender longer than RFC 5321's 64-octet local part: Postfix takes it, so must we
     (f"MAIL FROM:<{LONG_LOCAL}@remote.test>", status.SENDER_OK),
     ("MAIL FROM:<" + "s" * 250 + "@remote.test>", status.SENDER_SYNTAX),  # a path longer than RFC 5321's 256
+    # an empty local part before an IPv6 literal: internally `@[IPv6:...]`, a source route to Postfix 3.7.11's
+    # trivial-rewrite, which refuses it (501); before an IPv4 literal or a name it is taken by both
+    ('MAIL FROM:<""@[IPv6:2001:db8::1]>', status.SENDER_SYNTAX),
+    ('MAIL FROM:<""@[127.0.0.1]>', status.SENDER_OK),
+    ('MAIL FROM:<""@remote.test>', status.SENDER_OK),
 ])
 async def test_mail_path_syntax(mailflow_server, command, reply):
     mf = await mailflow_server()
@@ -439,6 +444,7 @@ async def test_mail_path_syntax(mailflow_server, command, reply):
     ("RCPT TO:<a b@local.test>", status.RECIPIENT_SYNTAX),
     ("RCPT TO:<a\\b@local.test>", status.RECIPIENT_SYNTAX),
     ("RCPT TO:<alice@>", status.RECIPIENT_SYNTAX),
+    ('RCPT TO:<""@[IPv6:::1]>', status.RECIPIENT_SYNTAX),  # (see test_mail_path_syntax)
     ("RCPT TO:<>", status.RECIPIENT_SYNTAX),
     ("RCPT TO:<alice@local.test> NOTIFY=NEVER FOO", status.unsupported_option("FOO")),
     ("RCPT <alice@local.test>", status.syntax("RCPT TO:<address>")),
