@@ -93,9 +93,9 @@ def shown(text: str | None) -> str:
     return re.sub(r"queued as \w+", "queued as QID", text)
 
 
-async def replay(port: int, steps: list[Step]) -> list[str]:
-    """Each reply as `shown`, step by step, the greeting's by its code; then QUIT's and whether the connection
-    ended. A reply that does not come is `timeout` and ends the replay."""
+async def replay(port: int, steps: list[Step], shown=shown) -> list[str]:
+    """Each reply as `shown` (a function of its text), step by step, the greeting's by its code; then QUIT's and
+    whether the connection ended. A reply that does not come is `timeout` and ends the replay."""
     client = await SmtpClient.connect(port, greet=False)
     out = []
     try:

@@ -1,0 +1,205 @@
+"""Differential test of seeded SMTP dialogues wider than test_dialogue_vs_postfix.py's (tests/support/
+wide_dialogues.py: address forms, SMTPUTF8, VRFY, 8-bit bytes, NUL and bare CR or LF in commands, on top of that
+test's units) against a private Postfix configured alike, with SMTPUTF8 and VRFY on in both
+(test_dialogue_vs_postfix.py's POSTFIX and MAILFLOW otherwise: the same domains, mynetworks, relay rules, limits and
+error counters). One Postfix serves every session.
+
+Compared, reply by reply: the code and the enhanced status code's class and subject (`550 5.1`; the code alone
+where Postfix's reply has none), not the words; who closes the session. The replay and the reading of a reset are
+test_dialogue_vs_postfix.py's.
+
+SEEDS run as a regular test. MAILFLOW_WIDE_SEEDS=1-20000 runs those seeds instead (an exploration, about 4 minutes:
+add `--timeout 900 -p no:logging`), MAILFLOW_WIDE_REPORT=FILE gets each difference as it is found, with the seed,
+the units sent and both servers' replies side by side.
+
+A session whose first difference is one of ACCEPTED (deliberate differences documented in docs/security.md and
+docs/config.md; `accepted` also knows one that depends on the session before it, `lost_to_a_nested_mail`) is
+counted apart and not a failure: the rest of that session is not compared. Every other difference fails the test.
+As in test_dialogue_vs_postfix.py, a seed during which Postfix's smtpd dies of a signal (Postfix 3.7.11's BDAT
+faults, fixed in 3.7.22) or whose replies were lost to a reset is listed apart; the kept SEEDS have neither.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+
+import pytest
+
+from tests.support import postfix_instance
+from tests.support.seeds import seed_list
+from tests.support.dialogues import Step
+from tests.support.wide_dialogues import generated, reply_key
+from tests.interop.test_dialogue_vs_postfix import (MAILFLOW, POSTFIX, SIGNALLED, compared, describe, died,
+                                                     lost_to_a_reset, replay, write)
+
+pytestmark = pytest.mark.interop
+
+# 1-300 (131, 221: a VRFY of a UTF-8 address without SMTPUTF8, 553 5.6.7), 489 (`""@[IPv6:...]`: 501), and 4047
+# (an accepted difference that depends on the session before it: SMTPUTF8 lost to a nested MAIL)
+SEEDS = [*range(1, 301), 489, 4047]
+WIDE_POSTFIX = {**POSTFIX, "smtputf8_enable": "yes", "strict_smtputf8": "yes", "disable_vrfy_command": "no",
+                "smtpd_forbid_bare_newline": "reject"}
+WIDE_MAILFLOW = {**MAILFLOW, "smtpd": {**MAILFLOW["smtpd"], "disable_vrfy_command": False}}
+
+
+def seeds() -> list[int]:
+    return seed_list(os.environ.get("MAILFLOW_WIDE_SEEDS", "")) or SEEDS
+
+
+def labels(steps: list[Step], replies: list[str]) -> list[bytes]:
+    """What each of `replies` (as `replay` lists them) answers: the greeting, each unit, a step's content after its
+    354, QUIT, then the close."""
+    out = [b"<greeting>"]
+    for step in steps:
+        out += step.units
+        if step.content and replies[len(out) - 1:len(out)] == ["354"]:
+            out.append(b"<content>")
+    return [*out, b"QUIT\r\n", b"<close>"]
+
+
+def first_difference(steps: list[Step], postfix: list[str],
+                     mailflow: list[str]) -> tuple[bytes, str, str, list[tuple[bytes, str]]]:
+    """(what the first differing reply answers, Postfix's reply, mailflow's, the units and replies before it)."""
+    at = next((i for i, (p, m) in enumerate(zip(postfix, mailflow)) if p != m), min(len(postfix), len(mailflow)))
+    named = labels(steps, postfix)
+    return (named[at] if at < len(named) else b"<after>", postfix[at] if at < len(postfix) else "",
+            mailflow[at] if at < len(mailflow) else "", list(zip(named[:at], postfix[:at])))
+
+
+def without_extra_enhanced_code(postfix: str, mailflow: str) -> str:
+    """mailflow's reply key without its enhanced code's part where Postfix's reply has none (ETRN's: mailflow gives
+    every reply one, docs/security.md), the codes alike."""
+    return mailflow[:3] if len(postfix) == 3 and postfix.isdigit() and mailflow[:4] == postfix + " " else mailflow
+
+
+BARE_LF = re.compile(rb"\n(?!$)")
+BARE_CR = re.compile(rb"\r(?!\n)")
+BLANK_INSIDE = re.compile(rb"<[^<>]*[^<> \t][ \t]+@[^<>]*>")
+LONE_CLOSING_BRACKET = re.compile(rb'(?i)(?:from:|to:|vrfy)[ \t]*(?:"[^"]*"|[^<> \t"])[^<>]*>')
+ROUTED_NO_DOMAIN = re.compile(rb"[%!][^@<> \t]*@(?![^<> \t\r\n])")
+VRFY_OPEN_PATH = re.compile(rb"(?i)^\s*vrfy\s+<[^>]*$")
+
+
+def vrfy_words(unit: bytes) -> int:
+    """How many words a VRFY's argument has, a last SMTPUTF8 not counted; 0 for another command."""
+    words = unit.split()
+    if not words or words[0].upper() != b"VRFY":
+        return 0
+    return len(words) - 1 - (words[-1].upper() == b"SMTPUTF8")
+
+
+# The deliberate differences, each as the first differing reply it makes (mailflow's) and what the unit holds:
+ACCEPTED = {
+    # docs/security.md, "A command line or DATA or BDAT content with a bare LF, or a bare CR": mailflow 521 5.5.2 and
+    # a hang-up; Postfix 3.7.11 (smtpd_forbid_bare_newline = reject) answers a bare LF 550 5.5.2 and hangs up, and
+    # takes a bare CR as part of the command
+    "a bare LF in a command": lambda unit, mf: bool(BARE_LF.search(unit)) and mf == "521 5.5",
+    "a bare CR in a command": lambda unit, mf: bool(BARE_CR.search(unit)) and mf == "521 5.5",
+    # docs/security.md, "NUL in a command": 500 5.5.2; Postfix reads the command up to the NUL
+    "a NUL in a command": lambda unit, mf: b"\0" in unit and mf == "500 5.5",
+    # docs/security.md's table of path forms: Postfix's RFC 822 tokenizer drops a blank inside an address
+    # (`<a @b>`) and a `>` without its `<` (`a@b>`); mailflow refuses both (501 5.1.7 or 5.1.3)
+    "a blank inside an address": lambda unit, mf: bool(BLANK_INSIDE.search(unit)) and mf == "501 5.1",
+    "a `>` without its `<`": lambda unit, mf: bool(LONE_CLOSING_BRACKET.search(unit)) and mf == "501 5.1",
+    # the same table: `<a%relay.test@>` is a@relay.test to Postfix (`<a!b@>` b@a), no domain to mailflow (501, as
+    # `<a@>` to both)
+    "a `%` or `!` local part and no domain": lambda unit, mf: bool(ROUTED_NO_DOMAIN.search(unit)) and mf == "501 5.1",
+    # docs/config.md, disable_vrfy_command: Postfix's vrfy_cmd joins the words and takes the last address of them
+    # (`VRFY <> FOO` is FOO), and takes a `<` without its `>`, which its RCPT refuses; mailflow reads the argument
+    # as a RCPT path and refuses both (501 5.1.3)
+    "a VRFY of two words": lambda unit, mf: vrfy_words(unit) > 1 and mf == "501 5.1",
+    "a VRFY's `<` without its `>`": lambda unit, mf: bool(VRFY_OPEN_PATH.match(unit.rstrip())) and mf == "501 5.1",
+}
+
+
+def is_mail(unit: bytes) -> bool:
+    return unit.lstrip()[:4].upper() == b"MAIL"
+
+
+def lost_to_a_nested_mail(unit: bytes, history: list[tuple[bytes, str]]) -> bool:
+    """Whether `unit`, not ASCII, comes after a nested MAIL (503) in a transaction whose MAIL declared SMTPUTF8:
+    Postfix's mail_cmd clears the transaction's SMTPUTF8 (and BODY=, RET=) before it refuses a nested MAIL, so its
+    later UTF-8 addresses are 553 5.6.7, or 501 for a UTF-8 domain; mailflow's transaction keeps what its MAIL
+    declared (docs/security.md)."""
+    declared = nested = False
+    for command, reply in history:
+        if is_mail(command) and reply.startswith("250"):
+            declared, nested = b"SMTPUTF8" in command.upper(), False
+        elif is_mail(command) and reply == "503 5.5":
+            nested = declared
+    return nested and not unit.isascii()
+
+
+def accepted(unit: bytes, mailflow: str, history: list[tuple[bytes, str]]) -> str | None:
+    """The name of the deliberate difference (ACCEPTED) the first difference is, `history` the units and replies
+    before it; None for another."""
+    if lost_to_a_nested_mail(unit, history):
+        return "SMTPUTF8 lost to a nested MAIL"
+    return next((name for name, matches in ACCEPTED.items() if matches(unit, mailflow)), None)
+
+
+async def differences(mailflow_server, seed_list: list[int], report: str | None = None):
+    """(the seeds whose replies differ other than as ACCEPTED, each with its lines of report; those that differ as
+    ACCEPTED; the seeds during which Postfix's smtpd died; those whose replies were `lost_to_a_reset`)."""
+    mf = await mailflow_server(**WIDE_MAILFLOW)
+    port = mf.smtp_addresses[0][1]
+    found, kept, crashed, reset = {}, {}, [], []
+    async with postfix_instance(WIDE_POSTFIX) as pf:
+        for seed in seed_list:
+            steps = generated(seed, pf.keeps_refused_transactions)
+            before = pf.maillog.count(SIGNALLED)
+            postfix, mailflow = await asyncio.gather(replay(pf.port, steps, reply_key),
+                                                     replay(port, steps, reply_key))
+            postfix, ours = compared(postfix, mailflow)
+            ours = [without_extra_enhanced_code(p, m) for p, m in zip(postfix, ours)] + ours[len(postfix):]
+            if ours == postfix and postfix[-1:] != ["timeout"]:
+                continue
+            unit, theirs, mine, history = first_difference(steps, postfix, ours)
+            why = accepted(unit, mine, history)
+            if not why and await died(pf, before):
+                crashed.append(seed)
+                continue
+            if not why and lost_to_a_reset(postfix, ours):
+                reset.append(seed)
+                continue
+            lines = [f"seed {seed}: {why or 'DIFFERENCE'} at {unit!r}: PF {theirs!r} MF {mine!r}",
+                     *(f"   {u!r}" for u in describe(steps)),
+                     *(f"  {'  ' if p == m else '!='} PF {p!r}  MF {m!r}" for p, m in
+                       zip(postfix + [""] * len(ours), ours + [""] * len(postfix)))]
+            (kept if why else found)[seed] = lines
+            write(report, "\n".join(lines))
+    return found, kept, crashed, reset
+
+
+async def test_wide_seeded_dialogues_match_a_real_postfix(mailflow_server):
+    found, kept, crashed, reset = await differences(mailflow_server, seeds(), os.environ.get("MAILFLOW_WIDE_REPORT"))
+    for lines in found.values():
+        print("\n".join(lines))
+    print(f"accepted differences: {len(kept)}; Postfix's smtpd died: {crashed}; replies lost to a reset: {reset}")
+    assert found == {}
+    if seeds() == SEEDS:  # (the kept sessions: every one compared)
+        assert crashed == reset == []
+
+
+def test_a_difference_is_accepted_only_where_its_unit_and_reply_are_the_documented_ones():
+    assert accepted(b"MAIL FROM:a@b.test>\r\n", "501 5.1", []) == "a `>` without its `<`"
+    assert accepted(b"MAIL FROM:<a@b.test>\r\n", "501 5.1", []) is None
+    assert accepted(b"MAIL FROM:a@b.test>\r\n", "250 2.1", []) is None
+    assert accepted(b"NOOP \nx\r\n", "521 5.5", []) == "a bare LF in a command"
+    assert accepted(b"NOOP x\r\n", "521 5.5", []) is None
+    nested = [(b"MAIL FROM:<s@r.test> SMTPUTF8\r\n", "250 2.1"), (b"MAIL FROM:<t@r.test>\r\n", "503 5.5")]
+    utf8 = "RCPT TO:<\u00e9@x.test>\r\n".encode()
+    assert accepted(utf8, "554 5.7", nested) == "SMTPUTF8 lost to a nested MAIL"
+    assert accepted(utf8, "554 5.7", nested[:1]) is None
+    assert accepted(b"RCPT TO:<e@x.test>\r\n", "554 5.7", nested) is None
+
+
+def test_a_reply_is_named_by_the_unit_or_content_it_answers():
+    steps = [Step((b"EHLO a.test\r\n",)), Step((b"MAIL FROM:<>\r\n", b"DATA\r\n"), b"x\r\n.\r\n"), Step((b"NOOP\r\n",))]
+    replies = ["220", "250", "250 2.1", "354", "250 2.0", "250 2.0", "221 2.0", "closed"]
+    assert labels(steps, replies) == [b"<greeting>", b"EHLO a.test\r\n", b"MAIL FROM:<>\r\n", b"DATA\r\n",
+                                      b"<content>", b"NOOP\r\n", b"QUIT\r\n", b"<close>"]
+    assert first_difference(steps, replies, [*replies[:5], "500 5.5", *replies[6:]])[:3] == (
+        b"NOOP\r\n", "250 2.0", "500 5.5")
+    assert reply_key("250-mx\n250 2.1.0 Ok") == "250 2.1" and reply_key("459 <x>: no") == "459"

@@ -1,0 +1,174 @@
+"""Seeded SMTP dialogues wider than tests/support/dialogues.py's, for a differential against a private Postfix with
+SMTPUTF8 and VRFY on (tests/interop/test_wide_dialogue_vs_postfix.py).
+
+- `generated(seed)`: one session of 3 to 15 `Step`s (dialogues.py's: units sent at once, then the content after a
+  354), the same for the same seed.
+- `reply_key(text)`: a reply as compared: its code, and the class and subject of its enhanced status code
+  (`550 5.1`), or the code alone where the reply has none.
+
+Besides what dialogues.py draws (its units are reused: odd verbs and blanks, HELO names, parameters, BDAT, DATA,
+junk, long lines), these sessions hold: address forms (quoted local parts, source routes of one hop and more, IPv4
+and IPv6 address literals good and bad, UTF-8 local parts and domains, empty, `<>`, a missing bracket, blanks
+inside and around, unqualified names, the postmaster in any case) in MAIL, RCPT and VRFY; SMTPUTF8 and every other
+MAIL and RCPT parameter; VRFY with and without an address; 8-bit bytes in commands, valid UTF-8 and not; a NUL in a
+command; a bare LF or CR inside or at the end of a command line.
+
+What is left out, and why, is dialogues.py's: its masks (`one_auth_mail`, `no_content_after_refused_last`) are
+applied here too, no SIZE= past message_size_limit is drawn, and a line over line_length_limit is an unknown verb.
+And an RSET follows a VRFY of a UTF-8 address without its SMTPUTF8 word (`rset_after_undeclared_utf8_vrfy`:
+Postfix ends the transaction there, mailflow does not; docs/security.md). Every chunk is the size its BDAT names,
+and a group's DATA is its last unit, so that no server waits for input.
+"""
+from __future__ import annotations
+
+import random
+import re
+
+from tests.support import dialogues
+from tests.support.dialogues import Step, joined, odd_verb
+
+LOCAL_PARTS = ["s", "alice", "alice", "nobody", "postmaster", "PostMaster", '"a b"', '"al\\"ice"', '""', '"alice"',
+               "a.b", ".a", "a.", "a..b", "a+tag", "-a", "a%relay.test", "a!b", "j\u00fcrgen", "\u00e9", "a" * 64,
+               "a" * 65]
+DOMAINS = ["remote.test", "local.test", "local.test", "relay.test", "sub.relay.test", "elsewhere.test", "LOCAL.TEST",
+           "local.test.", "[127.0.0.1]", "[192.0.2.1]", "[1.2.3]", "[999.1.1.1]", "[IPv6:::1]", "[IPv6:2001:db8::1]",
+           "[ipv6:2001:DB8::1]", "[IPv6:zz::1]", "[IPv6:1.2.3.4]", "[::1]", "[text]", "b\u00fccher.relay.test",
+           "r\u00e9mote.test", "a_b.test", "1.2.3.4", "-x.test", "x" * 64 + ".test", ""]
+ROUTES = ["@hop.test:", "@a.test,@b.test:", "@[127.0.0.1]:", "@local.test:", "@:"]
+
+
+def address(rng: random.Random) -> str:
+    """An address without brackets: a local part, an `@` and a domain mostly, an unqualified name now and then."""
+    local = rng.choice(LOCAL_PARTS)
+    if rng.random() < 0.1:
+        return local
+    return f"{local}@{rng.choice(DOMAINS)}"
+
+
+def path(rng: random.Random) -> str:
+    """A path in one of the forms a client writes, well-formed or not."""
+    kind = rng.random()
+    addr = address(rng)
+    if kind < 0.55:
+        return f"<{addr}>"
+    if kind < 0.65:
+        return f"<{rng.choice(ROUTES)}{addr}>"
+    return rng.choice([addr, "<>", "", " ", f"< {addr}>", f"<{addr} >", f"<{addr}", f"{addr}>", f" <{addr}>",
+                       "<<>>", f"<{addr}> ", f"<{addr.replace('@', ' @')}>", "< >", '<"">'])
+
+
+MAIL_PARAMS = {**dialogues.MAIL_PARAMS, "SMTPUTF8": [""], "SIZE": dialogues.MAIL_PARAMS["SIZE"] + ["1", "2048"],
+               "ENVID": dialogues.MAIL_PARAMS["ENVID"] + ["caf+C3+A9", "a b"]}
+RCPT_PARAMS = {**dialogues.RCPT_PARAMS,
+               "ORCPT": dialogues.RCPT_PARAMS["ORCPT"] + ["utf-8;j\u00fcrgen@local.test", "rfc822;j\u00fcrgen@x.test",
+                                                          "utf-8;a\\x{FC}b@x.test"]}
+
+
+def params(rng: random.Random, table: dict[str, list[str]]) -> str:
+    """dialogues.py's parameters, `SMTPUTF8` without a value (it has none) more often than not."""
+    return dialogues.params(rng, table).replace("SMTPUTF8=", "SMTPUTF8" if rng.random() < 0.8 else "SMTPUTF8=")
+
+
+def line(text: str) -> bytes:
+    return text.encode() + b"\r\n"
+
+
+def with_path(rng: random.Random, verb: str, keyword: str, table: dict[str, list[str]], plain: str) -> bytes:
+    """The command with a path, `plain` (a path taken) two times in five, and parameters."""
+    target, more = plain if rng.random() < 0.4 else path(rng), params(rng, table)
+    if not target.strip() and "," in more:  # (an empty list member as the path: dialogues.path_and_params)
+        more = ""
+    return line(joined(rng, verb, odd_verb(rng, keyword) + target + more))
+
+
+def mail(rng: random.Random) -> bytes:
+    return with_path(rng, "MAIL", "FROM:", MAIL_PARAMS, "<s@remote.test>")
+
+
+def rcpt(rng: random.Random) -> bytes:
+    return with_path(rng, "RCPT", "TO:", RCPT_PARAMS, "<alice@local.test>")
+
+
+def vrfy(rng: random.Random) -> bytes:
+    argument = rng.choice([path(rng), address(rng), "", f"{path(rng)} SMTPUTF8", f"{path(rng)} FOO", "alice"])
+    return line(joined(rng, "VRFY", argument))
+
+
+EIGHT_BIT = [b"\xe9", b"\xc3\xa9", b"\xff", b"\xc3", b"\xed\xa0\x80", b"\xc0\xaf", b"\xe2\x80\x83"]
+
+
+def raw_bytes(rng: random.Random) -> bytes:
+    """A command with a byte a client should not send there: 8-bit (UTF-8 or not), a NUL, a bare LF or CR."""
+    base = rng.choice([b"NOOP x", b"RSET", b"HELP", b"MAIL FROM:<s@remote.test>", b"RCPT TO:<alice@local.test>",
+                       b"EHLO client.test", b"VRFY alice", b"FOO bar"])
+    odd = rng.choice(EIGHT_BIT * 3 + [b"\x00", b"\n", b"\r"])
+    where = rng.choice(["end", "middle", "local part"])
+    if where == "end":
+        return base + odd + b"\r\n"
+    if where == "local part" and b"<" in base:
+        return base.replace(b"<", b"<" + odd, 1) + b"\r\n"
+    cut = rng.randint(1, len(base))
+    return base[:cut] + odd + base[cut:] + b"\r\n"
+
+
+UNITS = [(dialogues.hello, 2), (mail, 4), (rcpt, 5), (vrfy, 2), (dialogues.bdat, 2), (dialogues.data, 2),
+         (dialogues.other, 2), (dialogues.junk, 1), (dialogues.long_line, 1), (raw_bytes, 1)]
+
+
+def unit(rng: random.Random) -> bytes:
+    return rng.choices([u for u, _ in UNITS], [w for _, w in UNITS])[0](rng)
+
+
+def undeclared_utf8_vrfy(unit_: bytes) -> bool:
+    """Whether `unit_` is a VRFY with a byte that is not ASCII and no last word SMTPUTF8."""
+    words = unit_.split()
+    return bool(words) and words[0].upper() == b"VRFY" and not unit_.isascii() and words[-1].upper() != b"SMTPUTF8"
+
+
+def rset_after_undeclared_utf8_vrfy(steps: list[Step]) -> list[Step]:
+    """`steps` with an RSET after each step that holds a VRFY of a UTF-8 address without its SMTPUTF8 word: Postfix
+    3.7.11's vrfy_cmd (strict_smtputf8) ends the transaction as it answers 553 5.6.7, mailflow's leaves it as it was
+    (docs/security.md); after the RSET both sessions are alike again."""
+    out = []
+    for step in steps:
+        out.append(step)
+        if any(undeclared_utf8_vrfy(u) for u in step.units):
+            out.append(Step((b"RSET\r\n",)))
+    return out
+
+
+def generated(seed: int, postfix_keeps_refused_transactions: bool = True) -> list[Step]:
+    """The session of `seed`, with dialogues.py's masks."""
+    rng = random.Random(seed)
+    steps: list[Step] = []
+    if rng.random() < 0.8:
+        steps.append(Step((dialogues.hello(rng),)))
+    if rng.random() < 0.6:
+        steps += [Step((mail(rng),)), Step((rcpt(rng),))]
+    length = rng.randint(3, 15)
+    while len(steps) < length:
+        if rng.random() < 0.15:  # a pipelined group, DATA (if any) last
+            group = [u for u in (unit(rng) for _ in range(rng.randint(2, 4))) if not dialogues.is_data(u)]
+            if rng.random() < 0.4:
+                group.append(dialogues.data(rng))
+            steps.append(Step(tuple(group) or (dialogues.data(rng),), rng.choice(dialogues.CONTENTS)))
+        else:
+            one = unit(rng)
+            steps.append(Step((one,), rng.choice(dialogues.CONTENTS) if dialogues.is_data(one) else b""))
+    steps = rset_after_undeclared_utf8_vrfy(dialogues.one_auth_mail(steps[:15]))
+    return dialogues.no_content_after_refused_last(steps) if postfix_keeps_refused_transactions else steps
+
+
+ENHANCED = re.compile(r"(\d{3})[ -]([245])\.(\d{1,3})\.\d{1,3}(?: |$)")
+
+
+def reply_key(text: str | None) -> str:
+    """See the module doc: the last line of a reply as `code class.subject`, or `code`; None (no reply, the
+    connection closed) as `closed`."""
+    if not text:
+        return "closed"
+    last = text.splitlines()[-1]
+    if not last[:3].isdigit():
+        return text
+    found = ENHANCED.match(last)
+    return f"{found[1]} {found[2]}.{found[3]}" if found else last[:3]
