@@ -1277,6 +1277,44 @@ async def test_a_reload_resolves_many_waiting_recipients_again_a_slice_at_a_time
     assert await h.counts() == {}
 
 
+async def test_a_reload_while_the_reroute_puts_a_message_in_order_resolves_it_again_a_slice_a_turn(h):
+    """A reload that comes after the reroute task's last slice of a message, while it puts them in order: the
+    message's recipients are resolved again by the new routing ROUTE_SLICE a turn (they were resolved all at once,
+    20 000 holding the loop 1 s), and each is delivered once, where the last reload sends it."""
+    n = 2 * qmgr_module.ROUTE_SLICE
+    blocking = BlockingTransport("smtp")
+    transports = {"local": h.local, "smtp": blocking}
+    limit = {"transport_destination_recipient_limit": {"smtp": n}}
+    resolve, _ = relaying("[old.test]")
+    await h.start(resolve=resolve, transports=transports, initial_destination_concurrency=1,
+                  default_destination_concurrency_limit=1, **limit)
+    await h.queue(*(f"u{i:04d}@remote.test" for i in range(2 * n)))  # two jobs: one in flight
+    await eventually(lambda: blocking.in_flight == 1, what="the first job in flight")
+    put_in_order = h.qmgr._put_in_order
+    reloads: list[int] = []
+    async with LoopTurns() as turns:
+
+        async def reloading(groups, keys):
+            if h.qmgr._rerouter is not None and not reloads:
+                reloads.append(turns.count)
+                reload_to(h, "[newer.test]", transports, **limit)
+                h.qmgr._resolve = turns.at_each(h.qmgr._resolve)
+            return await put_in_order(groups, keys)
+
+        h.qmgr._put_in_order = reloading  # type: ignore[method-assign]
+        reload_to(h, "[new.test]", transports, **limit)
+        h.qmgr._resolve = turns.at_each(h.qmgr._resolve)
+        await eventually(lambda: h.qmgr._rerouter is None, what="the reroute done")
+    assert len(reloads) == 1
+    assert len(turns.seen) == 2 * n  # (the waiting job's recipients, resolved twice)
+    assert max(Counter(turns.seen).values()) <= qmgr_module.ROUTE_SLICE, "resolved again in one turn"
+    blocking.release.set()
+    await attempts_over(h)
+    assert [(request.nexthop, len(request.recipients)) for request in blocking.requests] == [
+        ("[old.test]", n), ("[newer.test]", n)]
+    assert await h.counts() == {} and h.qmgr.taken_count == 0
+
+
 @pytest.mark.parametrize("meanwhile", ["nothing", "hold", "delete"])
 async def test_a_job_s_report_of_many_results_is_taken_a_slice_at_a_time(h, monkeypatch, meanwhile):
     """The report of one job of 50 000 recipients was taken in (each result stamped with the job's transport and

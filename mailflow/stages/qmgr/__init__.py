@@ -1026,7 +1026,8 @@ class QueueManager:
         """`_reroute`'s task: the messages' jobs a reload took back, a message at a time. While a message's
         recipients are resolved its jobs are in no destination: an operator's hold or delete seen meanwhile
         (`_withdraw_taken_back` marks the message) ends them as withdrawn here; a later reload starts its
-        resolution over (`_routes_in_slices`), past ROUTE_RESTARTS resolved at once."""
+        resolution over (`_routes_in_slices`); one that came after its last pass began (while they were put in
+        order, or past ROUTE_RESTARTS) puts its jobs back in line, to be resolved again a slice a turn."""
         try:
             while self._rerouting and not self._stopping:
                 queue_id = next(iter(self._rerouting))
@@ -1034,15 +1035,14 @@ class QueueManager:
                 active = self._active[queue_id]
                 recipients = _queued_forms(active.message, jobs)
                 routes, routing = await self._routes_in_slices(active.message, recipients)
-                ordered = routing == self._routing
-                if not ordered:  # (a reload storm outlasted ROUTE_RESTARTS)
-                    routes = self._routes(active.message, recipients, {})
                 if active.withdrawn:
                     state = active.withdrawn
                     await self._end_in_slices(jobs, lambda job, part, last: self._job_withdrawn(
                         job, part, last, state))
+                elif routing != self._routing:  # a reload while they were put in order, or a storm of them
+                    self._rerouting.setdefault(queue_id, []).extend(jobs)  # resolved again, in slices
                 else:
-                    self._rerouted(active, jobs, routes, ordered)
+                    self._rerouted(active, jobs, routes, ordered=True)
                     self._pump()
                 await asyncio.sleep(0)
         finally:
