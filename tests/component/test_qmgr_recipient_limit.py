@@ -5,6 +5,7 @@ fake transports and the virtual clock."""
 from __future__ import annotations
 
 import random
+from itertools import islice
 
 import pytest
 
@@ -261,12 +262,58 @@ async def test_a_message_of_many_recipients_is_put_in_postfixs_order_a_slice_at_
     async with LoopTurns() as turns:
         made = qmgr_module._postfix_order
         monkeypatch.setattr(qmgr_module, "_postfix_order", lambda rcpt: turns.seen.append(turns.count) or made(rcpt))
+        sorts, merges = sorts_and_merges(monkeypatch, turns)
         await h.queue(*addresses)
         await eventually(lambda: queue_is_empty(h))
     assert len(turns.seen) == len(addresses) and len(set(turns.seen)) >= 4, "the keys were made in one turn"
+    runs = -(-len(addresses) // 100)
+    assert [size for _, size in sorts] == [100] * (runs - 1) + [len(addresses) % 100]
+    assert len(merges) == runs
+    steps = [turn for turn, _ in sorts] + merges
+    assert len(set(steps)) == len(steps), "two runs sorted or merge steps taken in one turn"
     [request] = h.smtp.requests
     by_domain = sorted(addresses, key=lambda a: (a.rpartition("@")[2].lower(), a.encode()))
     assert [r.address for r in request.recipients] == by_domain
+
+
+def sorts_and_merges(monkeypatch, turns: LoopTurns) -> tuple[list[tuple[int, int]], list[int]]:
+    """qmgr's sorts by the keys a message's slices made (`_put_in_order`, `_order_in_slices`: turn and size each)
+    and the merge steps of its runs (the turn of each), as they come."""
+    sorts: list[tuple[int, int]] = []
+    merges: list[int] = []
+
+    def sorting(items, key=None):
+        if getattr(key, "__name__", "") == "__getitem__":
+            sorts.append((turns.count, len(items)))
+        return sorted(items, key=key)
+
+    def merging(iterable, *limits):
+        if limits == (qmgr_module.ORDER_SLICE,):
+            merges.append(turns.count)
+        return islice(iterable, *limits)
+
+    monkeypatch.setattr(qmgr_module, "sorted", sorting, raising=False)
+    monkeypatch.setattr(qmgr_module, "islice", merging)
+    return sorts, merges
+
+
+async def test_a_message_of_many_small_groups_is_put_in_order_order_slice_recipients_a_turn(h, monkeypatch):
+    """`_put_in_order` sorts each group of fewer than ORDER_SLICE recipients at once, and hands the loop back once
+    the groups it sorted have that many in all."""
+    monkeypatch.setattr(qmgr_module, "ORDER_SLICE", 100)
+    await h.start()
+    domains = 11
+    addresses = [f"u{i:04d}@d{i % domains}.remote.test" for i in range(domains * 50)]
+    assert len(addresses) > ROUTE_SLICE  # (resolved in slices, then put in order)
+    async with LoopTurns() as turns:
+        sorts, _ = sorts_and_merges(monkeypatch, turns)
+        await h.queue(*reversed(addresses))
+        await eventually(lambda: queue_is_empty(h))
+    assert [size for _, size in sorts] == [50] * domains
+    assert len({turn for turn, _ in sorts}) == 6, "the groups were sorted in one turn"
+    assert sorted(sizes(h.smtp)) == [50] * domains
+    assert all([r.address for r in request.recipients] == sorted(r.address for r in request.recipients)
+               for request in h.smtp.requests)
 
 
 async def test_a_reload_while_a_message_is_put_in_order_reroutes_it(h, monkeypatch):
