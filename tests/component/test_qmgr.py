@@ -1167,12 +1167,14 @@ async def test_a_hold_or_delete_while_the_rows_of_an_attempts_end_are_made_loses
     assert [(status, reason) for _, status, _, reason in rows] == [("pending", "try later")] * 35
 
 
+@pytest.mark.parametrize("operator", ["hold", "delete"])
 @pytest.mark.parametrize("meanwhile", ["nothing", "a reload", "the delivery's end"])
-async def test_a_held_message_s_waiting_job_is_withdrawn_a_slice_at_a_time(h, monkeypatch, meanwhile):
+async def test_a_held_message_s_waiting_job_is_withdrawn_a_slice_at_a_time(h, monkeypatch, meanwhile, operator):
     """A hold withdrew every waiting job of a message in one loop turn (100 000 recipients: 0.35 s): they are
-    deferred SUSPEND_SLICE recipients a turn, a job of more a part at a time. A reload or the end of the delivery
-    under way between two parts loses nothing and delivers nothing twice: the message ends on hold once, the
-    recipients withdrawn pending, "put on hold"."""
+    deferred SUSPEND_SLICE recipients a turn, a job of more a part at a time, which alone ends the job with its
+    last part. A reload or the end of the delivery under way between two parts loses nothing and delivers nothing
+    twice: the message ends once, after its last part (held: on hold, the recipients withdrawn pending, "put on
+    hold"; deleted: gone)."""
     monkeypatch.setattr(qmgr_module, "SUSPEND_SLICE", 10)
     pausing = PausingAsyncio()
     monkeypatch.setattr(qmgr_module, "asyncio", pausing)
@@ -1182,19 +1184,19 @@ async def test_a_held_message_s_waiting_job_is_withdrawn_a_slice_at_a_time(h, mo
                   transport_destination_recipient_limit={"smtp": 45})
     queue_id = await h.queue(*(f"u{i:02d}@remote.test" for i in range(90)))  # two jobs: one in flight
     await eventually(lambda: blocking.in_flight == 1, what="the first job in flight")
-    parts: list[tuple[int, int]] = []
+    parts: list[tuple[int, int, bool]] = []
     async with LoopTurns() as turns:
-        results_in = h.qmgr._results_in
+        job_withdrawn = h.qmgr._job_withdrawn
 
-        def counting(active, results):
-            if any("put on hold" in r.text for r in results):
-                parts.append((turns.count, len(results)))
-                if len(parts) == 2 and meanwhile != "nothing":
-                    pausing.running.clear()
-            return results_in(active, results)
+        def counting(job, part, last, state):
+            parts.append((turns.count, len(part), last))
+            if len(parts) == 2 and meanwhile != "nothing":
+                pausing.running.clear()
+            job_withdrawn(job, part, last, state)
+            assert h.qmgr.in_hand(queue_id)  # (its job in flight, at least, is not over)
 
-        h.qmgr._results_in = counting  # type: ignore[method-assign]
-        await h.store.hold_messages([queue_id])
+        h.qmgr._job_withdrawn = counting  # type: ignore[method-assign]
+        await (h.store.hold_messages if operator == "hold" else h.store.delete_messages)([queue_id])
         poll = asyncio.create_task(h.qmgr._poll_operators())  # (the tick's: the clock stands still)
         if meanwhile != "nothing":
             await eventually(lambda: pausing.waiting == 1, what="two parts withdrawn")
@@ -1203,13 +1205,17 @@ async def test_a_held_message_s_waiting_job_is_withdrawn_a_slice_at_a_time(h, mo
             else:
                 blocking.release.set()
                 await eventually(lambda: blocking.in_flight == 0, what="the delivery's end")
+                assert h.qmgr.in_hand(queue_id)  # (the withdrawn job is not over)
             pausing.running.set()
         await poll
-    assert [size for _, size in parts] == [10, 10, 10, 10, 5]
-    assert len({turn for turn, _ in parts}) == 5, "the loop had no turn between the parts"
+    assert [(size, last) for _, size, last in parts] == [(10, False)] * 4 + [(5, True)]
+    assert len({turn for turn, _, _ in parts}) == 5, "the loop had no turn between the parts"
     blocking.release.set()
     await attempts_over(h)
     assert len(blocking.requests) == 1 and h.qmgr.taken_count == 0
+    if operator == "delete":
+        assert await h.counts() == {} and await h.store.recipients(queue_id) == []
+        return
     assert await h.counts() == {"hold": 1}
     statuses = Counter((status, reason) for _, status, _, reason in await h.store.recipients(queue_id))
     assert statuses == {("sent", "delivered"): 45, ("pending", "delivery suspended: the message was put on hold"): 45}
