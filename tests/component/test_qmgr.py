@@ -1363,12 +1363,53 @@ async def test_a_job_s_report_of_many_results_is_taken_a_slice_at_a_time(h, monk
         assert [(status, reason) for _, status, _, reason in rows] == [("pending", "try later")] * 45
 
 
+async def test_a_deleted_message_s_many_results_are_logged_once_and_none_recorded(h, monkeypatch, caplog):
+    """A job of more than RECORD_SLICE results of a message the poll saw deleted during the delivery: every
+    result's line is logged once (as Postfix's agent logs its status= lines for a queue file removed under it),
+    RECORD_SLICE a loop turn, and none is recorded (all but the last slice were: the message is gone)."""
+    caplog.set_level(logging.INFO, logger="mailflow.mail")
+    monkeypatch.setattr(qmgr_module, "RECORD_SLICE", 10)
+    blocking = BlockingTransport("smtp")
+    await h.start(transports={"local": h.local, "smtp": blocking}, transport_destination_recipient_limit={"smtp": 0})
+    records: list[int] = []
+    record = h.store.record_results
+
+    async def recording(queue_id, rows):
+        records.append(len(rows))
+        return await record(queue_id, rows)
+
+    monkeypatch.setattr(h.store, "record_results", recording)
+    addresses = [f"u{i:02d}@remote.test" for i in range(45)]
+    queue_id = await h.queue(*addresses)
+    await eventually(lambda: blocking.in_flight == 1, what="the job in flight")
+    await h.store.delete_messages([queue_id])
+    await h.qmgr._poll_operators()  # (the tick's: the clock stands still)
+    async with LoopTurns() as turns:
+        log_results = h.qmgr._log_results
+
+        def counting(active, results, now):
+            logged.append((turns.count, len(results)))
+            return log_results(active, results, now)
+
+        logged: list[tuple[int, int]] = []
+        h.qmgr._log_results = counting  # type: ignore[method-assign]
+        blocking.release.set()
+        await attempts_over(h)
+    assert records == []
+    assert [size for _, size in logged] == [10, 10, 10, 10, 5]
+    assert len({turn for turn, _ in logged}) == 5, "the loop had no turn between the slices"
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{queue_id}: to=<")]
+    assert sorted(line.split(">", 1)[0].split("<", 1)[1] for line in lines) == addresses
+    assert all("status=sent" in line for line in lines)
+    assert await h.counts() == {} and h.qmgr.taken_count == 0
+
+
 @pytest.mark.parametrize("meanwhile", ["nothing", "hold", "delete"])
 async def test_a_message_s_many_results_are_recorded_record_slice_at_a_time(h, monkeypatch, meanwhile):
     """100 000 results back together were recorded, their lines logged and their notices checked in one loop turn
     (about 30 us each): a record, or the end of the attempt, takes RECORD_SLICE at most, the rest in the records
     after it; every result is recorded once and the attempt ends once, after them, a hold or delete seen between
-    two records too (held: every result recorded; deleted: gone)."""
+    two records too (held: every result recorded; deleted: gone, nothing recorded after the delete was seen)."""
     monkeypatch.setattr(qmgr_module, "RECORD_SLICE", 10)
     later = ScriptedTransport(h.clock, always(Outcome.DEFERRED, "4.4.1", "try later"))
     await h.start(transports={"local": h.local, "smtp": later}, transport_destination_recipient_limit={"smtp": 0})
@@ -1400,7 +1441,8 @@ async def test_a_message_s_many_results_are_recorded_record_slice_at_a_time(h, m
         go_on.set()
     await eventually(lambda: h.qmgr.active_count == 0 and not h.qmgr.busy, what="the attempt over")
     assert h.qmgr.taken_count == 0
-    assert writes == [("record", 10)] * 4 + ([("finish", 5)] if meanwhile != "delete" else [])
+    # (deleted: nothing recorded after the poll saw it, during the second record)
+    assert writes == ([("record", 10)] * 4 + [("finish", 5)] if meanwhile != "delete" else [("record", 10)] * 2)
     assert await h.counts() == {"nothing": {"deferred": 1}, "hold": {"hold": 1}, "delete": {}}[meanwhile]
     rows = await h.store.recipients(queue_id)
     if meanwhile != "delete":

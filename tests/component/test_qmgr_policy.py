@@ -666,15 +666,18 @@ async def test_a_message_deleted_in_delivery_before_qmgr_polled_gets_no_failure_
     assert await s.store.counts() == {}
 
 
+@pytest.mark.parametrize("outcome", ["sent", "bounced"])
 @pytest.mark.parametrize("polled", [True, False], ids=["delete-polled", "delete-unpolled"])
-async def test_a_message_deleted_during_its_delivery_still_logs_that_delivery(sim, caplog, polled):
+async def test_a_message_deleted_during_its_delivery_still_logs_that_delivery(sim, caplog, polled, outcome):
     """`postsuper -d` of a message under delivery: Postfix 3.7.11's smtp(8) still logs its `to=<…>, …, status=sent`
     line for that attempt (after postsuper's `removed`; its qmgr logs no `removed` of its own), and pflogsumm
     counts it. mailflow logs the attempt's result line too, whether qmgr's poll saw the delete before the attempt
-    ended or not (then, not asking the store, it logs its `removed` too); nothing is delivered again."""
+    ended or not (then, not asking the store, it logs its `removed` too; a bounce, owing a notice, has the end ask
+    the store first: gone, no notice, no `removed`, its line still logged); nothing is delivered again."""
     caplog.set_level(logging.INFO, logger="mailflow.mail")
     s = await sim()
-    queue_id = await one_in_delivery(s, (Outcome.SENT, "2.0.0", "250 ok", True))
+    reply = {"sent": (Outcome.SENT, "2.0.0", "250 ok", True), "bounced": (Outcome.BOUNCED, "5.1.1", "550 gone", True)}
+    queue_id = await one_in_delivery(s, reply[outcome])
     await s.store.delete_messages([queue_id])  # `mailflow queue delete` while the delivery is under way
     if polled:
         s.clock.advance(DAY)  # the tick: qmgr's poll sees the delete
@@ -684,8 +687,8 @@ async def test_a_message_deleted_during_its_delivery_still_logs_that_delivery(si
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{queue_id}: ")]
     results = [line for line in lines if "status=" in line]
     assert len(results) == 1 and results[0].startswith(f"{queue_id}: to=<one@far.test>,"), lines
-    assert results[0].endswith("status=sent (250 ok)"), lines
-    assert (f"{queue_id}: removed" in lines) == (not polled)
+    assert results[0].endswith("status=sent (250 ok)" if outcome == "sent" else "status=bounced (550 gone)"), lines
+    assert (f"{queue_id}: removed" in lines) == (not polled and outcome == "sent")
     assert [req.queue_id for _, req in s.smtp.calls] == [queue_id]
     assert await s.store.counts() == {}
 

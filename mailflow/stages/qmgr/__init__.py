@@ -140,9 +140,10 @@ Failure behaviour
   recovery.
   `mailflow queue flush` also revives dead destinations, like `postqueue -f`.
 - A deleted message's delivery in flight logs its result lines when it ends (as Postfix's delivery agent logs its
-  status= line for a queue file postsuper removed under it), nothing recorded, and no `removed` of qmgr's (a
-  delete the tick has not seen yet, made in the attempt's last second, gets one after the tool's: the end does not
-  ask the store, where Postfix's qmgr only warns that the file is gone).
+  status= line for a queue file postsuper removed under it; RECORD_SLICE lines a loop turn), nothing recorded once
+  the poll saw the delete, and no `removed` of qmgr's (a delete the tick has not seen yet, made in the attempt's
+  last second, gets one after the tool's when no notice is owed: the end does not ask the store, where Postfix's
+  qmgr only warns that the file is gone).
 - A record that fails is retried while the server runs (`faults.Retrier`): the results wait in memory and the
   message stays in qmgr's hands, so nothing is forgotten and nothing is delivered again because a write failed.
   A store fault (locked, disk full, I/O) puts every record behind one probe per backoff interval.
@@ -1390,15 +1391,17 @@ class QueueManager:
         recorded go with the end of the attempt, in one transaction (a single-destination message costs one
         write). Under soft_bounce a failure is made 4.X.X here, as each comes in (`_soft_bounced`). A record, or
         the end, takes RECORD_SLICE results at most (the rest go in the records after it): each result's line
-        and notice check cost the loop about 30 us, and 100 000 of them came back together."""
+        and notice check cost the loop about 30 us, and 100 000 of them came back together. Those of a message the
+        poll saw deleted are not recorded: they wait for the end, which logs them all (`_finish`)."""
         active.unrecorded.extend(map(_soft_bounced, results) if self._soft_bounce else results)
         if active.recording or active.finishing:
             return
-        if active.jobs_left == 0 and len(active.unrecorded) <= RECORD_SLICE:
+        deleted = active.withdrawn == "deleted"
+        if active.jobs_left == 0 and (deleted or len(active.unrecorded) <= RECORD_SLICE):
             batch, active.unrecorded = active.unrecorded, []
             active.finishing = True
             self._spawn(self._finish(active, batch))
-        elif active.unrecorded:
+        elif active.unrecorded and not deleted:
             batch = active.unrecorded[:RECORD_SLICE]
             del active.unrecorded[:RECORD_SLICE]
             active.recording = True  # before the write starts, so the message cannot finish before it
@@ -1427,7 +1430,7 @@ class QueueManager:
             missing = _content_missing(active)  # (a settled future: the answer stays)
             if active.withdrawn == "deleted" or (missing and await self._queue_state(msg) is None):
                 if not missing:  # what the agents did is logged, as Postfix's agent logs its status= line
-                    self._log_results(active, last, self._clock.time())
+                    await self._log_in_slices(active, last)
                 return  # deleted by an operator: nothing to record; the queue tool logged postsuper's `removed`
             if missing:
                 await self._writes.run(lambda: self._store.mark_corrupt([msg.queue_id]))
@@ -1436,6 +1439,14 @@ class QueueManager:
                 retry_at = await self._conclude(active, last)
         finally:
             self._let_go(active, retry_at)
+
+    async def _log_in_slices(self, active: ActiveMessage, results: list[RcptResult]) -> None:
+        """The lines of a deleted message's results (none recorded: `_results_in` keeps them all for the end),
+        RECORD_SLICE a loop turn."""
+        for start in range(0, len(results), RECORD_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            self._log_results(active, results[start:start + RECORD_SLICE], self._clock.time())
 
     def _let_go(self, active: ActiveMessage, retry_at: float | None) -> None:
         """The message leaves qmgr's hands (the end of its attempt recorded, or a stop); one whose row a scan
@@ -1491,8 +1502,9 @@ class QueueManager:
         owed = active.owed + [r for r in last if self._owes_notice(r)]
         if expired or warn or owed:  # a notice to queue: the operator may have held or deleted it, unpolled yet
             state = await self._queue_state(msg)
-            if state is None:
-                return None  # deleted: nothing recorded, nobody told (as for a delete the poll saw: `_finish`)
+            if state is None:  # deleted: nothing recorded, nobody told, the lines logged (as for a delete the
+                self._log_results(active, last, now)  # poll saw: `_finish`)
+                return None
             if state not in STILL_QUEUED:  # (held, requeued, set aside; a release during the attempt: as never held)
                 held, expired, warn = True, [], False
         if expired:
