@@ -972,7 +972,7 @@ class QueueManager:
         count = 0
         for (transport, nexthop), rcpts in groups.items():
             limit = self._config.recipient_limit(transport)
-            if self._one_per_recipient(transport):
+            if limit == 1 and transport not in ("error", "retry"):  # (`_one_per_recipient`, inline: every message)
                 for rcpt in rcpts:
                     queue = self._recipient_queue(rcpt.address, nexthop)
                     self._enqueue(transport, queue, [Job(queue_id, transport, nexthop, (rcpt,))])
@@ -1187,6 +1187,8 @@ class QueueManager:
         SUSPEND_SLICE recipients by a task of their own, a slice at a time (`_end_in_slices`: a destination that
         died with 2 000 jobs queued held it 0.5 s; one job of 100 000 recipients, 1.2 s). Their messages are not
         finished until then, as with jobs in flight."""
+        if not jobs:  # (every job's end: the destination is alive)
+            return
         status, reason = dest.status, dest.reason  # (a task's slices tell the failure that killed it)
         if len(jobs) <= SUSPEND_SLICE and sum(len(job.recipients) for job in jobs) <= SUSPEND_SLICE:
             for job in jobs:
@@ -1299,14 +1301,15 @@ class QueueManager:
         active = self._active[job.queue_id]
         stats = active.stats._replace(handoff=handoff, done=done)
         mine = {r.index: r for r in job.recipients}
-        told: set[int] = set()
+        taken = set(recorded)  # recorded as they came, or taken in with a slice: not the last one's (`_complete`)
         results = report.results
         for start in range(0, len(results) - REPORT_SLICE, REPORT_SLICE):
-            self._results_in(active, _reported(job, results[start:start + REPORT_SLICE], mine, told, stats, recorded))
+            part = [r for r in results[start:start + REPORT_SLICE]
+                    if _is_for(mine, r) and r.recipient.index not in taken]
+            taken.update([r.recipient.index for r in part])
+            self._results_in(active, [_stamp(job.transport, r, stats) for r in part])
             await asyncio.sleep(0)
-        last = _reported(job, results[start + REPORT_SLICE:], mine, told, stats, recorded)
-        active.jobs_left -= 1
-        self._results_in(active, last + _unreported(job, told, stats, recorded))
+        self._job_done(job, DeliveryReport(results[start + REPORT_SLICE:]), handoff, done, taken)
 
     async def _deliver(self, active: ActiveMessage, job: Job, handoff: float, recorded: set[int]) -> DeliveryReport:
         """The agent's report; an agent that delivers its recipients one after another (`delivers_each`) has each
@@ -1758,23 +1761,12 @@ def _complete(job: Job, report: DeliveryReport, stats: MsgStats | None,
     (4.3.0). (A job whose results were recorded as they came has one here: none is made for the others, which for
     100 000 recipients held the loop 0.5 s.)"""
     mine = {r.index: r for r in job.recipients}
-    told: set[int] = set()
-    return _reported(job, report.results, mine, told, stats, recorded) + _unreported(job, told, stats, recorded)
-
-
-def _reported(job: Job, results: Collection[RcptResult], mine: dict[int, Recipient], told: set[int],
-              stats: MsgStats | None, recorded: Collection[int]) -> list[RcptResult]:
-    """`_complete`'s results of the report's `results` for `mine` (the job's recipients by index), their indexes
-    added to `told`."""
-    reported = [r for r in results if _is_for(mine, r)]
-    told.update([r.recipient.index for r in reported])
-    return [_stamp(job.transport, r, stats) for r in reported if r.recipient.index not in recorded]
-
-
-def _unreported(job: Job, told: Collection[int], stats: MsgStats | None, recorded: Collection[int]) -> list[RcptResult]:
-    """The job's recipients the agent did not mention (nor recorded as they came): still queued, 4.3.0."""
-    return [RcptResult(r, Outcome.DEFERRED, "4.3.0", "delivery agent reported no result", transport=job.transport,
-                       stats=stats) for r in job.recipients if r.index not in told and r.index not in recorded]
+    reported = [r for r in report.results if _is_for(mine, r)]
+    told = {r.recipient.index for r in reported}
+    results = [_stamp(job.transport, r, stats) for r in reported if r.recipient.index not in recorded]
+    results += [RcptResult(r, Outcome.DEFERRED, "4.3.0", "delivery agent reported no result", transport=job.transport,
+                           stats=stats) for r in job.recipients if r.index not in told and r.index not in recorded]
+    return results
 
 
 def _is_for(mine: dict[int, Recipient], result: RcptResult) -> bool:
