@@ -1102,7 +1102,7 @@ class PausingAsyncio:
 
 @pytest.mark.parametrize("operator", ["hold", "delete"])
 async def test_a_hold_or_delete_between_the_parts_of_a_suspended_job_loses_nothing(h, monkeypatch, operator):
-    """An operator's hold or delete seen between two parts of a dead destination's job (`_suspend_in_slices`):
+    """An operator's hold or delete seen between two parts of a dead destination's job (`_end_in_slices`):
     the parts left are still deferred, the message ends its attempt once (held: on hold, every recipient pending;
     deleted: gone) and qmgr holds nothing after."""
     monkeypatch.setattr(qmgr_module, "SUSPEND_SLICE", 10)

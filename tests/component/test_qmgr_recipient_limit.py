@@ -316,6 +316,22 @@ async def test_a_message_of_many_small_groups_is_put_in_order_order_slice_recipi
                for request in h.smtp.requests)
 
 
+async def test_a_message_resolved_in_slices_makes_no_sort_keys_for_a_recipient_limit_of_1(h, monkeypatch):
+    """With a recipient limit of 1 each recipient is a destination of its own: nothing to sort, so the slices make
+    no `_postfix_order` key for them (they were made, then passed over), only for the other groups."""
+    await h.start(transport_destination_recipient_limit={"smtp": 1})
+    made: list[str] = []
+    order = qmgr_module._postfix_order
+    monkeypatch.setattr(qmgr_module, "_postfix_order", lambda rcpt: made.append(rcpt.address) or order(rcpt))
+    remote = [f"u{i:04d}@remote.test" for i in range(ROUTE_SLICE + 1)]
+    local = [f"user{i}@example.test" for i in range(9, 0, -1)]
+    await h.queue(*remote, *local)
+    await eventually(lambda: queue_is_empty(h))
+    assert sorted(made) == sorted(local)
+    assert sizes(h.smtp) == [1] * len(remote)
+    assert [[r.address for r in request.recipients] for request in h.local.requests] == [sorted(local)]
+
+
 async def test_a_reload_while_a_message_is_put_in_order_reroutes_it(h, monkeypatch):
     """A reload between two turns of `_put_in_order` (the resolution done the old way): the message is admitted,
     then its jobs are resolved again by the new routing (`_reroute`); every recipient is delivered once, there."""
