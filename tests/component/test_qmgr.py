@@ -1283,6 +1283,33 @@ async def test_a_reload_resolves_many_waiting_recipients_again_a_slice_at_a_time
     assert await h.counts() == {}
 
 
+async def test_a_reload_resolves_many_small_waiting_messages_again_route_slice_recipients_a_turn(h, monkeypatch):
+    """The reroute task resolved one message a loop turn however small (10 000 waiting one-recipient messages: as
+    many turns, their jobs in no destination meanwhile): the messages that fit in a turn's ROUTE_SLICE recipients
+    go together, a turn a slice; each is delivered once, to the new relay."""
+    monkeypatch.setattr(qmgr_module, "ROUTE_SLICE", 10)
+    blocking = BlockingTransport("smtp")
+    transports = {"local": h.local, "smtp": blocking}
+    resolve, _ = relaying("[old.test]")
+    await h.start(resolve=resolve, transports=transports, default_destination_concurrency_limit=1)
+    first = await h.queue("u00@remote.test")
+    await eventually(lambda: blocking.in_flight == 1, what="the first delivery under way")
+    waiting = [await h.queue(f"u{i:02d}@remote.test", *([f"v{i:02d}@remote.test"] if i % 3 == 0 else []))
+               for i in range(1, 41)]  # (every third message has two recipients)
+    await eventually(lambda: h.qmgr.active_count == 41, what="every message taken")
+    async with LoopTurns() as turns:
+        reload_to(h, "[new.test]", transports)
+        h.qmgr._resolve = turns.at_each(h.qmgr._resolve)
+        await eventually(lambda: h.qmgr._rerouter is None, what="the reroute done")
+    per_turn = Counter(turns.seen)
+    assert sum(per_turn.values()) == 40 + 13
+    assert max(per_turn.values()) <= 10 and len(per_turn) <= 7, per_turn  # (not a turn a message)
+    blocking.release.set()
+    await eventually(lambda: queue_is_empty(h), what="every message delivered")
+    assert sorted((r.queue_id, r.nexthop) for r in blocking.requests) == [(first, "[old.test]")] + [
+        (qid, "[new.test]") for qid in waiting]
+
+
 async def test_a_reload_while_the_reroute_puts_a_message_in_order_resolves_it_again_a_slice_a_turn(h):
     """A reload that comes after the reroute task's last slice of a message, while it puts them in order: the
     message's recipients are resolved again by the new routing ROUTE_SLICE a turn (they were resolved all at once,
