@@ -97,7 +97,7 @@ class LmtpTransport:
         outcomes, sendable = screen_envelope(request)
         if sendable:
             await self._deliver(request, sendable, outcomes)
-        return outcomes.report(request, self._now)
+        return await outcomes.report_in_slices(request, self._now)
 
     async def close(self) -> None:
         """QUIT every cached session; afterwards no session is cached again."""
@@ -143,7 +143,7 @@ class LmtpTransport:
         try:
             session = await self._open(nexthop, request.queue_id)
         except SiteFailure as e:
-            record_unreachable(outcomes, recipients, e, [])
+            await record_unreachable(outcomes, recipients, e, [])
             return None
         try:
             await send_message(session, request, recipients, outcomes, self._timeouts, self._now, lmtp=True,

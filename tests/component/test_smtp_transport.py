@@ -30,10 +30,13 @@ from mailflow.model import ConnStats, DeliveryRequest, Outcome, Recipient
 from mailflow.routing.router import Router
 from mailflow.transports import build_transports
 from mailflow.transports.smtp import SmtpTransport
+from mailflow.transports.smtp import trouble
+import mailflow.transports.smtp.transport as smtp_transport_module
 from mailflow.tables.search import EXTERNAL_FIRST, address_search
 from mailflow.transports.smtp.addr import MX_HOST_LIMIT, exchangers, order_exchangers, parse_nexthop
 from tests.support import CaptureHandler, SmtpClient, base_settings, big_message, eventually, free_port, merged, spooled
 from tests.support.peers import recording_peer
+from tests.support.stalls import LoopTurns
 
 HELO = "client.mailflow.test"
 CONTENT = (
@@ -923,6 +926,32 @@ async def test_connection_refused_everywhere_defers_with_site_not_ok(caplog):
     text = f"connect to mx2.example.test[127.0.0.1]:{unused_port}: Connection refused"
     assert report.results[0].text == text
     assert report.site_reason == text
+
+
+async def test_a_dead_site_s_many_recipients_are_failed_and_reported_a_slice_a_turn(monkeypatch):
+    """The results of a job of 50 000 recipients at a site that refused every connection were made in one loop
+    turn (0.3 s) and its report in another (0.4 s): SLICE recipients a turn each, the same results."""
+    monkeypatch.setattr(trouble, "SLICE", 10)
+    monkeypatch.setattr(smtp_transport_module, "SLICE", 10)
+    unused_port = free_port()
+    recipients = [f"u{i:02d}@example.test" for i in range(45)]
+    request = make_request(f"[127.0.0.1]:{unused_port}", *recipients)
+    failed: list[tuple[int, int]] = []
+    reported: list[int] = []
+    fail, stamped = trouble.Outcomes.fail, trouble.replaced
+    async with LoopTurns() as turns:
+        monkeypatch.setattr(trouble.Outcomes, "fail", lambda self, rcpts, *args: failed.append(
+            (turns.count, len(rcpts))) or fail(self, rcpts, *args))
+        monkeypatch.setattr(trouble, "replaced", lambda result, **kw: reported.append(turns.count) or stamped(
+            result, **kw))
+        report = await deliver(make_transport(), request)
+    assert [size for _, size in failed] == [10, 10, 10, 10, 5]
+    assert len({turn for turn, _ in failed}) == 5, "the loop had no turn between the slices"
+    assert len(reported) == 45 and len(set(reported)) == 5, "the loop had no turn between the slices"
+    assert [r.recipient.address for r in report.results] == recipients
+    text = f"connect to 127.0.0.1[127.0.0.1]:{unused_port}: Connection refused"
+    assert {(r.outcome, r.dsn, r.text) for r in report.results} == {(Outcome.DEFERRED, "4.4.1", text)}
+    assert not report.site_ok and len({id(r.conn) for r in report.results}) == 1
 
 
 class CountingResolver(StaticResolver):

@@ -106,6 +106,7 @@ from mailflow.transports.smtp.trouble import (
     LocalProblem,
     Outcomes,
     SiteFailure,
+    SLICE,
     record_unreachable,
 )
 
@@ -184,7 +185,7 @@ class SmtpTransport:
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
         outcomes, sendable = screen_envelope(request)
         if not sendable:
-            return outcomes.report(request, self._now)
+            return await outcomes.report_in_slices(request, self._now)
         wire = None
         if self._generic is not None or self._checks is not None:
             try:
@@ -195,12 +196,14 @@ class SmtpTransport:
                                                       request.content)))
             except LookupRetry as e:  # (smtp_generic_maps, or TableCache.run's deadline: a table that may wait)
                 outcomes.fail(sendable, TemporaryError("4.3.0", f"{self._waited_for()} lookup error: {e.text}"))
-                return outcomes.report(request, self._now)
+                return await outcomes.report_in_slices(request, self._now)
             except TemporaryError as e:  # (smtp_header_checks)
                 outcomes.fail(sendable, e)
-                return outcomes.report(request, self._now)
+                return await outcomes.report_in_slices(request, self._now)
         await self._deliver_to_nexthop(request, sendable, outcomes, wire)
-        return outcomes.report(request, self._now)
+        if len(request.recipients) > SLICE:
+            return await outcomes.report_in_slices(request, self._now)
+        return outcomes.report(request, self._now)  # (one turn: the common case, a few recipients)
 
     def _waited_for(self) -> str:
         """What a lookup error before the session names: smtp_generic_maps unless only the header checks have a
@@ -403,7 +406,7 @@ class SmtpTransport:
                 except SiteFailure as e:
                     peer_failure = detached(e)  # kept for the result: no traceback through this frame
                     if e.hard and not self._soft_bounce:  # a 5xx: Postfix bounces at once (but for a 5xx
-                        record_unreachable(outcomes, recipients, e, [])  # greeting; under soft_bounce, as a 4xx)
+                        await record_unreachable(outcomes, recipients, e, [])  # greeting; under soft_bounce, as a 4xx)
                         return []
                     if isinstance(e, ConnectFailure):  # Postfix's smtp_connect_inet: at once, no queue id
                         log_connect_failure(e, self._log)
@@ -433,7 +436,7 @@ class SmtpTransport:
             outcomes.restore(kept)  # that session was the last after all
             return []
         # Postfix's relayhost rule is for a hard result: a peer's failure or a soft DNS failure makes it soft
-        record_unreachable(outcomes, recipients, peer_failure, [] if kept is not None else dns_failures,
+        await record_unreachable(outcomes, recipients, peer_failure, [] if kept is not None else dns_failures,
                            hard=partial(self._unless_misconfigured, site, request))
         return []
 

@@ -38,6 +38,8 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
       .fail(recipients, error, relay)   BOUNCED for a permanent error, else DEFERRED, with its code and text
       .update(results) .pending(recipients) .site_failed(failure) .report(request, now) -> DeliveryReport
                                 (a result no transaction stamped: its set-up ended `now`, smtp_bulk_fail's)
+      await .fail_in_slices(...)  `fail`, await .report_in_slices(...)  `report`, SLICE recipients a loop turn
+                                (a dead site's 50 000 recipients: 0.3 s to fail, 0.4 s to report in one turn)
       .stamp(recipients, conn)  their results carry `conn`, the ConnStats of the transaction that gave them
       .take_back(recipients) -> Outcomes, .restore(taken)   a temporary failure at a peer that was not the last:
                                 the recipients go to the next peer; what they got stands if none takes a session
@@ -48,7 +50,7 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
                                 Postfix's smtp_chat_resp and smtp_rcpt_fail make it
     unexpected_reply_results(recipients, reply, peer, command)   a 2xx to DATA: BOUNCED 5.5.0, "Protocol error:
                                 host h[ip] said: 250 ... (in reply to DATA command)" (Postfix vsmtp_fill_dsn)
-    record_unreachable(outcomes, recipients, peer_failure, dns_failures)
+    await record_unreachable(outcomes, recipients, peer_failure, dns_failures)
                                 no peer took a session: a peer failure or a DNS failure defers (site failed); DNS's
                                 "no such host" for every host bounces, and so does a peer's 5xx refusal (a hard
                                 SiteFailure, which ends the search; the site is not failed: it answered); the
@@ -56,13 +58,16 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import asyncio
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from mailflow.errors import DeliveryError, PermanentError, TemporaryError
 from mailflow.model import ConnStats, DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient, replaced
 from mailflow.transports.smtp.addr import Peer
 from mailflow.transports.smtp.reply import MalformedReply, Reply, ReplyFilterError
+
+SLICE = 2000  # recipients whose results are made (`fail_in_slices`, `report_in_slices`) before the loop is let go
 
 
 class SiteFailure(TemporaryError):
@@ -156,6 +161,15 @@ class Outcomes:
             self.results[r] = RcptResult(r, outcome, error.dsn, error.text, relay)
         return self
 
+    async def fail_in_slices(self, recipients: Sequence[Recipient], error: DeliveryError,
+                             relay: str = "none") -> "Outcomes":
+        """`fail`, SLICE recipients a loop turn."""
+        for start in range(0, len(recipients), SLICE):
+            if start:
+                await asyncio.sleep(0)
+            self.fail(recipients[start:start + SLICE], error, relay)
+        return self
+
     def update(self, results: dict[Recipient, RcptResult]) -> None:
         self.results.update(results)
 
@@ -200,6 +214,23 @@ class Outcomes:
         return DeliveryReport(tuple(results), site_ok=self.site_ok, site_reason=self.site_reason,
                               site_status=self.site_status)
 
+    async def report_in_slices(self, request: DeliveryRequest, now: Callable[[], float]) -> DeliveryReport:
+        """`report`, SLICE recipients a loop turn."""
+        recipients = request.recipients
+        results: list[RcptResult] = []
+        failed: ConnStats | None = None
+        for start in range(0, len(recipients), SLICE):
+            if start:
+                await asyncio.sleep(0)
+            for r in recipients[start:start + SLICE]:
+                result = self.results[r]
+                if result.conn is None:
+                    failed = failed or ConnStats(now())
+                    result = replaced(result, conn=failed)
+                results.append(result)
+        return DeliveryReport(tuple(results), site_ok=self.site_ok, site_reason=self.site_reason,
+                              site_status=self.site_status)
+
 
 def reply_outcome(code: int) -> Outcome:
     if 200 <= code < 300:
@@ -232,7 +263,7 @@ def unexpected_reply_results(recipients: Iterable[Recipient], reply: Reply, peer
     return {r: RcptResult(r, Outcome.BOUNCED, "5.5.0", text, peer.relay) for r in recipients}
 
 
-def record_unreachable(
+async def record_unreachable(
     outcomes: Outcomes,
     recipients: list[Recipient],
     peer_failure: DeliveryError | None,
@@ -246,7 +277,7 @@ def record_unreachable(
     may turn the DNS failures' bounce into something else (the relayhost's 4.3.5), deferred then."""
     if isinstance(peer_failure, SiteFailure):
         final = peer_failure.final()
-        outcomes.fail(recipients, final, peer_failure.relay)
+        await outcomes.fail_in_slices(recipients, final, peer_failure.relay)
         if not final.permanent:
             outcomes.site_failed(final)
         return
@@ -256,7 +287,7 @@ def record_unreachable(
         failure = dns_failures[-1]
         if failure.permanent and all(f.permanent for f in dns_failures):
             failure = hard(failure)
-            outcomes.fail(recipients, failure)
+            await outcomes.fail_in_slices(recipients, failure)
             if not failure.permanent:
                 outcomes.site_failed(failure)
             return
@@ -264,4 +295,5 @@ def record_unreachable(
             failure = TemporaryError("4" + failure.dsn[1:], failure.text)
     else:
         failure = TemporaryError("4.4.3", "no SMTP server to try")
-    outcomes.fail(recipients, failure).site_failed(failure)
+    await outcomes.fail_in_slices(recipients, failure)
+    outcomes.site_failed(failure)
