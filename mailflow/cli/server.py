@@ -59,7 +59,6 @@ from mailflow.restriction_vocabulary import (ACCESS_CHECKS, REVERSE_CLIENT_ACCES
                                              expand)
 from mailflow.sendmail.settings import remember_settings
 from mailflow.syntax import parse_hostport
-from mailflow.aliases import stored_value
 from mailflow.tables import open_table
 from mailflow.tables.base import ListedTable, Table
 from mailflow.tables.memory import table_entries
@@ -530,7 +529,11 @@ def _open_for_query(command: str, spec: str, aliases: bool) -> Table:
 
 def _table_value(value: str, aliases: bool) -> str:
     """A value as printed: an alias table's as postalias stores it (`a, b`)."""
-    return stored_value(value) if aliases else value
+    if not aliases:
+        return value
+    from mailflow.aliases import stored_value  # (the parser loads only for --aliases: every command starts here)
+
+    return stored_value(value)
 
 
 def _table_line(key: str, value: str, aliases: bool) -> str:

@@ -435,6 +435,24 @@ def test_version():
     assert result.returncode == 0 and result.stdout.startswith("mailflow 0.")
 
 
+LOADED_BY_VERSION = """\
+import atexit, sys
+atexit.register(lambda: print("loaded:", " ".join(sorted(sys.modules))))
+sys.argv = ["mailflow", "version"]
+from mailflow.cli import main
+main()
+"""
+
+
+def test_a_command_start_leaves_the_aliases_parser_unloaded():
+    """Every command that goes through the command table (`mailflow version` here; `sendmail -bv`, `queue ...`)
+    imports mailflow.cli.server: the aliases(5) parser loads only when
+    an aliases file is read (`table query --aliases`, an alias_maps table), as mailflow.tables.spec keeps it."""
+    done = subprocess.run([sys.executable, "-c", LOADED_BY_VERSION], capture_output=True, text=True, timeout=30)
+    [loaded] = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("loaded:")]
+    assert "mailflow.cli.server" in loaded and "mailflow.aliases" not in loaded
+
+
 def test_config_show_changed_lists_what_the_file_sets(tmp_path):
     cfg = tmp_path / "m.toml"
     cfg.write_text('relayhost = "[127.0.0.1]:2526"\n[queue]\nactive_limit = 50\n')
