@@ -371,17 +371,19 @@ def config_show(config: Optional[str] = ConfigOption,
                     None, metavar="[SETTING]...", help="only these settings (e.g. relayhost queue.active_limit)")
                 ) -> None:
     """Every setting as `key = value` (valid TOML), like postconf; `-n` what the file changes, `-d` the defaults,
-    `-h` the values alone. A name that is no setting is a warning on stderr and is skipped, the others shown and
-    the exit status 0, as postconf's "warning: NAME: unknown parameter"."""
+    `-h` the values alone. Named settings are shown in the order given, a name given twice twice (postconf's). A
+    name that is no setting is a warning on stderr and is skipped, the others shown and the exit status 0, as
+    postconf's "warning: NAME: unknown parameter"."""
     cfg = load(config)
     view = settings_view(cfg, defaults=defaults, changed_only=changed)
+    shown = list(view.items())
     if names:
         known = flat_settings(cfg)  # (every setting, unset or unchanged ones too)
         for name in names:
             if name not in known:
                 typer.echo(f"mailflow config show: warning: {masked(name)}: unknown setting", err=True)
-        view = {n: view[n] for n in names if n in view}
-    for key, value in view.items():
+        shown = [(name, view[name]) for name in names if name in view]  # in order, a repeated name again
+    for key, value in shown:
         typer.echo(bare_value(value) if values_only else format_setting(key, value))
 
 

@@ -64,3 +64,15 @@ def test_a_name_that_is_no_setting_is_a_warning_as_postconf_says(twins, options)
     assert result.stderr == "mailflow config show: warning: no_such_name: unknown setting\n"
     if options != ["-d"]:  # (the built-in defaults differ: Postfix's myhostname is this machine's name)
         assert result.stdout.replace('"', "") == expected.stdout, options
+
+
+@pytest.mark.parametrize("options", [[], ["-h"], ["-n"]], ids=["plain", "h", "n"])
+def test_each_name_asked_for_is_shown_in_order_repeats_too_as_postconf_does(twins, options):
+    """`postconf -h myhostname relayhost myhostname` prints three lines, in the order asked: a script reading
+    one line per name it gave finds each where it expects it. `config show` showed a repeated name once."""
+    etc, config = twins
+    names = ["myhostname", "relayhost", "myhostname"]
+    expected = postconf(etc, *options, *names)
+    assert len(expected.stdout.splitlines()) == 3 and expected.returncode == 0
+    result = CliRunner().invoke(cli, ["config", "show", *options, *names, "-c", str(config)])
+    assert (result.exit_code, result.stdout.replace('"', "")) == (0, expected.stdout)
