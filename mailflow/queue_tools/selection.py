@@ -5,7 +5,8 @@
   on stdin, as `postsuper -d -` reads them) and the selectors `--from`, `--to-domain`, `--older-than`, combined
   with AND, into a `Selection`. A bare selection is refused unless `required=False` (a bare `mailflow queue
   delete` must not mean everything). With `invalid=`, a token that is no queue id is reported to it and skipped
-  (postsuper's "warning: invalid mail queue id"), else it is an error.
+  when it returns (postsuper's "warning: invalid mail queue id"), or ends the parse when it raises (`queue flush`:
+  postqueue -i's "Cannot flush queue ID - invalid name"); without it, it is an error.
 - `parse_queues('incoming,deferred' | 'all')`, `clean_id(token)` (a trailing `*` or `!` from mailq dropped).
 - `pages(store, queues, selection, now, ids_only=)`: the selected messages in id order, a page (CHUNK) at a
   time: `MessageRow`s, or ids.
@@ -103,8 +104,10 @@ def parse_selection(args: Sequence[str], *, sender: str | None = None, to_domain
     `stdin`, one or more a line) plus selectors -> a Selection.
 
     `required`: refuse an empty selection (a bare `mailflow queue delete` must not mean everything).
-    `invalid`: given, a token that is no queue id is passed to it (as a message) and skipped, as postsuper
-    warns and goes on; else it raises SelectionError. The ids named stay a selection even if none is left.
+    `invalid`: given, a token that is no queue id is passed to it (as a message); if it returns, the token is
+    skipped, as postsuper warns and goes on; it may raise instead, which ends the parse there (queue flush's does,
+    as postqueue -i refuses the id: nothing is selected). Not given, such a token raises SelectionError. The ids
+    named stay a selection even if none is left.
     """
     everything = "ALL" in args
     tokens = [a for a in args if a not in ("ALL", "-")]
