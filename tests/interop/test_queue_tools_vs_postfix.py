@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from tests.support import eventually, free_port, postfix_instance, send
+from tests.support import eventually, free_port, postfix_instance, require_tool, send
 from tests.support.postfix import postqueue_listed
 
 pytestmark = pytest.mark.interop
@@ -221,9 +221,9 @@ async def test_ids_that_are_not_queued_exit_as_postfixs_tools_do(mailflow_server
     settings = {"queue": HOUR}
     await mailflow_server(**settings)
     config = write_config(tmp_path / "mailflow.toml", **settings)
-    ours = {"delete": "-d", "hold": "-h", "release": "-H", "requeue": "-r"}
+    postsuper_flags = {"delete": "-d", "hold": "-h", "release": "-H", "requeue": "-r"}
     async with postfix_instance() as pf:
-        for command, flag in ours.items():
+        for command, flag in postsuper_flags.items():
             for arg in (ABSENT, MALFORMED, "ALL"):
                 expected = pf.run("postsuper", flag, arg)
                 rc, out, err = await mailflow_cli(config, "queue", command, arg)
@@ -238,7 +238,8 @@ async def test_ids_that_are_not_queued_exit_as_postfixs_tools_do(mailflow_server
             if arg == MALFORMED:
                 assert b"Cannot flush queue ID - invalid name" in expected.stderr
                 assert err == f"mailflow queue flush: cannot flush: {MALFORMED!r} is not a queue id\n"
-            expected = subprocess.run(["sendmail", "-C", str(pf.etc), f"-qI{arg}"], capture_output=True, timeout=20)
+            expected = subprocess.run([require_tool("sendmail"), "-C", str(pf.etc), f"-qI{arg}"], capture_output=True,
+                                      timeout=20)
             ours = subprocess.run([sys.executable, "-m", "mailflow", "sendmail", "-C", str(config), f"-qI{arg}"],
                                   capture_output=True, timeout=20)
             assert (ours.returncode, ours.stdout) == (expected.returncode, b"") and ours.returncode == (
