@@ -22,7 +22,8 @@ Functions:
 - `parse_include(text, filename) -> (target, ...)`: an :include: file (the same syntax as .forward).
 - `parse_value(text, source) -> (target, ...)`: one value list, as an alias table returns it.
 - `alias_values(text, filename) -> {name: value text}`: an aliases file's entries, values unread (a table's view).
-- `stored_value(value) -> str`: a value list as postalias stores it and `postalias -q` prints it (`a, b, c`).
+- `stored_value(value) -> str`: a value list as postalias stores it and `postalias -q` prints it: its tokens
+  written again (Postfix's tok822_externalize: `a,b ,` is `a, b, `).
 - `is_privileged(target) -> bool`: True for command, file and include targets.
 - `format_aliases(aliases) -> str` / `format_target(target) -> str`: write back text that parses to the same map.
 
@@ -115,7 +116,6 @@ def is_privileged(target: Target) -> bool:
 
 # ---------------------------------------------------------------------------------------------- reading
 
-_QUOTED = re.compile(r'("(?:[^"\\]|\\.)*")')  # a quoted string, its escapes inside it
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")  # tab is whitespace; "\n" never reaches it
 _INCLUDE = ":include:"
 _SPECIAL_STARTS = ("|", "/", "\\", ".", "~")  # a command, a file, a backslashed name, a relative path
@@ -345,16 +345,96 @@ def alias_values(text: str, filename: str) -> dict[str, str]:
 
 
 def stored_value(value: str) -> str:
-    """An alias table's value list as postalias(1) stores it, and `postalias -q` prints it: the items (split at
-    commas outside quotes, blanks around them and empty ones dropped) joined by `, `, a run of blanks in one
-    outside quotes made one space (`a,b ,  Joe   Doe <c@x>` is `a, b, Joe Doe <c@x>`). (A backslash is left as
-    written: postalias's tokenizer unquotes `\\user` and quotes `\\\\user`.)"""
-    return ", ".join(_one_blank(item) for _, item in _split_values(_Text("", 1, value), 0))
+    """An alias table's value list as postalias(1) stores it, and `postalias -q` prints it: the value's tokens, as
+    Postfix's tokenizer finds them (tok822_scan), written again as tok822_externalize writes a token list. Blanks
+    between tokens go; one space comes after each comma (a trailing one too: `x,` is `x, `, `x,,y` is `x, , y`),
+    before a `<`, and between two words (atoms, quoted strings, comments, literals), none around other operators
+    (`x; y` is `x;y`, `grp: x` is `grp:x`, `<  j@x  >` is `<j@x>`). A comment is kept as written; a quoted string
+    and a literal have their backslashes read and written again (`"x\\"y"` stays, `"a\\b"` is `"ab"`); an atom
+    has them read (`\\a` is `a`) and is quoted when what is left holds an operator or a blank (`\\\\a` is
+    `"\\\\a"`). (Only for showing: local(8) reads the value as written, aliases.parse_value.)"""
+    tokens = _scan(value)
+    shown: list[str] = []
+    for n, (kind, text) in enumerate(tokens):
+        following = tokens[n + 1][0] if n + 1 < len(tokens) else ""
+        blank = kind == "," or following == "<" or (kind in _WORDS and following in _WORDS)
+        shown.append(text + " " if blank else text)
+    return "".join(shown)
 
 
-def _one_blank(item: str) -> str:
-    parts = _QUOTED.split(item)  # (the quoted strings at the odd places, kept as they are)
-    return "".join(part if n % 2 else re.sub(f"[{BLANKS}]+", " ", part) for n, part in enumerate(parts))
+_SCAN_BLANKS = " \t\r\n"  # what the tokenizer skips between tokens, and reads as a space inside one
+_OPERATORS = '|%!()<>@,;:\\".[]'  # tok822_scan's one-character operators (RFC 822 specials, `|`, `%`, `!`)
+_WORDS = ("atom", "quoted", "comment", "literal")  # the tokens that are no operator
+
+
+def _scan(text: str) -> list[tuple[str, str]]:
+    """(kind, the token as tok822_externalize writes it) of each token, in order; kind is one of _WORDS or the
+    operator itself. Never raises: an unclosed quote, literal or comment runs to the end (and is closed there,
+    but for a comment), as tok822_scan takes it."""
+    tokens: list[tuple[str, str]] = []
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c in _SCAN_BLANKS:
+            i += 1
+        elif c == "(":
+            end = _comment_end(text, i)
+            tokens.append(("comment", text[i:end]))
+            i = end
+        elif c in '"[':
+            inner, i = _collect(text, i + 1, '"' if c == '"' else "]")
+            i += 1  # (past the closing character, if any)
+            tokens.append(("quoted", _quoted(inner)) if c == '"' else ("literal", "[" + _escaped(inner, "\\") + "]"))
+        elif c in _OPERATORS and c != "\\":
+            tokens.append((c, c))
+            i += 1
+        else:
+            atom, i = _collect(text, i, _SCAN_BLANKS + _OPERATORS)
+            plain = not any(ch in _OPERATORS or ch == " " or ch < " " or ch == "\x7f" for ch in atom)
+            tokens.append(("atom", atom) if plain else ("quoted", _quoted(atom)))
+    return tokens
+
+
+def _collect(text: str, i: int, stops: str) -> tuple[str, int]:
+    """The characters from `i` up to one of `stops` or the end, a backslash taking the next one whatever it is and
+    going, a blank read as a space (Postfix's COLLECT); and the index where it stopped."""
+    collected: list[str] = []
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 1
+            if i == len(text):
+                break
+            c = text[i]
+        elif c in stops:
+            break
+        collected.append(" " if c in _SCAN_BLANKS else c)
+        i += 1
+    return "".join(collected), i
+
+
+def _comment_end(text: str, start: int) -> int:
+    """The index after the comment opened at `start`: its parentheses nest, a backslash escapes the next
+    character; the end of the text if it is never closed."""
+    depth, i = 0, start
+    while i < len(text):
+        c = text[i]
+        i += 1
+        if c == "\\":
+            i += 1
+        elif c in "()":
+            depth += 1 if c == "(" else -1
+            if depth == 0:
+                break
+    return min(i, len(text))
+
+
+def _quoted(text: str) -> str:
+    return '"' + _escaped(text, '"\\') + '"'
+
+
+def _escaped(text: str, special: str) -> str:
+    return "".join("\\" + c if c in special else c for c in text)
 
 
 def parse_aliases(text: str, filename: str) -> Aliases:

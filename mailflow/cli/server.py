@@ -34,7 +34,7 @@ import sqlite3
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, List, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, List, Optional
 
 import typer
 
@@ -58,7 +58,7 @@ from mailflow.queuelock import QueueBusy
 from mailflow.restriction_vocabulary import (ACCESS_CHECKS, REVERSE_CLIENT_ACCESS, SERVER_ACCESS_CHECKS, STAGES,
                                              expand)
 from mailflow.sendmail.settings import remember_settings
-from mailflow.syntax import parse_hostport
+from mailflow.syntax import parse_hostport, table_type
 from mailflow.tables import open_table
 from mailflow.tables.base import ListedTable, Table
 from mailflow.tables.memory import table_entries
@@ -484,9 +484,11 @@ def table_query(spec: str = typer.Argument(..., metavar="TYPE:NAME", help="the t
                 aliases: bool = AliasesOption) -> None:
     """Print each key's value (key<TAB>value when several keys, or with `-`, which reads the keys from standard
     input, one a line, as `postmap -q - TABLE` does). With --aliases, as `postalias -q`: a texthash: file read in
-    aliases(5) form (`name: value`, continuation lines), a value as postalias stores it (`a, b`), and `name:` before
-    the TAB. Exit 1 when none is found, 2 for a bad table, 75 (EX_TEMPFAIL) when a lookup fails."""
+    aliases(5) form (`name: value`, continuation lines), a value as postalias stores it (`a, b`; another type's as
+    written), and `name:` before the TAB. Exit 1 when none is found, 2 for a bad table, 75 (EX_TEMPFAIL) when a
+    lookup fails."""
     table = _open_for_query("mailflow table query", spec, aliases)
+    shown = _value_shown(spec, aliases)
     several = len(keys) > 1 or keys == ["-"]
     asked: Iterable[str] = keys
     if keys == ["-"]:  # one key a line, looked up as it is read (postmap -q - streams them too)
@@ -499,7 +501,7 @@ def table_query(spec: str = typer.Argument(..., metavar="TYPE:NAME", help="the t
             fail("mailflow table query", f"{key}: lookup failed: {e.text}", 75)
         if value is not None:
             found += 1
-            typer.echo(_table_line(key, value, aliases) if several else _table_value(value, aliases))
+            typer.echo(_table_line(key, shown(value), aliases) if several else shown(value))
     if not found:
         raise typer.Exit(1)
 
@@ -518,8 +520,9 @@ def table_dump(spec: str = typer.Argument(..., metavar="TYPE:NAME", help="a text
         entries = table.entries()
     except LookupRetry as e:
         fail("mailflow table dump", e.text, 75)
+    shown = _value_shown(spec, aliases)
     for key, value in entries:
-        typer.echo(_table_line(key, value, aliases))
+        typer.echo(_table_line(key, shown(value), aliases))
 
 
 def _open_for_query(command: str, spec: str, aliases: bool) -> Table:
@@ -529,18 +532,20 @@ def _open_for_query(command: str, spec: str, aliases: bool) -> Table:
         fail_config(command, e)
 
 
-def _table_value(value: str, aliases: bool) -> str:
-    """A value as printed: an alias table's as postalias stores it (`a, b`)."""
-    if not aliases:
-        return value
+def _value_shown(spec: str, aliases: bool) -> Callable[[str], str]:
+    """How a value is printed: one of a texthash: file read in aliases(5) form as postalias stores it (`a, b`),
+    tokens and all (aliases.stored_value); any other table's as it is (`postalias -q KEY inline:{...}` prints the
+    value as written: only postalias's own file is stored tokenized)."""
+    if not (aliases and table_type(spec) == "texthash"):
+        return str
     from mailflow.aliases import stored_value  # (the parser loads only for --aliases: every command starts here)
 
-    return stored_value(value)
+    return stored_value
 
 
 def _table_line(key: str, value: str, aliases: bool) -> str:
     """postmap's `key<TAB>value`; postalias's `name:<TAB>value`."""
-    return f"{key}{':' if aliases else ''}\t{_table_value(value, aliases)}"
+    return f"{key}{':' if aliases else ''}\t{value}"
 
 
 def auth_hash_password(user: Optional[str] = typer.Argument(None, help="print a `user hash` line for the table"),

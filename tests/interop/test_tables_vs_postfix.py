@@ -543,3 +543,46 @@ def test_an_aliases_file_answers_as_postalias_q_does(tmp_path):
     own = [line for line in expected.splitlines() if line.startswith(("@:", "YP_"))]
     assert (rc, sorted(out.splitlines())) == (expected_rc, sorted(set(expected.splitlines()) - set(own)))
     assert mailflow_query_in_process(spec, "root:") == postmap_query("root:", spec)
+
+
+STORED = {  # name: (the value as written, as postalias stores it: tok822_scan's tokens, tok822_externalize's text)
+    "trailing": ("x,", "x, "),
+    "empty-items": ("x,,y, ,z,", "x, , y, , z, "),
+    "leading": (",x", ", x"),
+    "comment": ("x   (a   b)", "x (a   b)"),
+    "angle": ("<  j@x.test  >", "<j@x.test>"),
+    "phrase": ("Joe     Doe <j@x.test>, <k@x.test>", "Joe Doe <j@x.test>, <k@x.test>"),
+    "semicolon": ("x; y", "x;y"),
+    "group": ("grp: x, y;", "grp:x, y;"),
+    "backslash": ("\\a, \\\\b", 'a, "\\\\b"'),
+    "quoted": ('"|cmd  two", "j  d"@x.test, "x\\"y"@d', '"|cmd  two", "j  d"@x.test, "x\\"y"@d'),
+    "operators": ("a . b @ c, |/bin/x, a%b!c", "a.b@c, |/bin/x, a%b!c"),
+    "literal": ("x@[192.0.2.1], x@[a  b", "x@[192.0.2.1], x@[a  b]"),
+    "continued": ("a,\n  (two\n  lines) b ,", "a, (two  lines) b, "),
+}
+
+
+def test_alias_values_are_shown_as_postalias_stores_them(tmp_path):
+    """postalias(1) stores an aliases(5) value as its tokens written again (Postfix's tok822_scan, then
+    tok822_externalize), and `postalias -q` and `-s` print that: empty items and a trailing comma kept, one space
+    after a comma, a comment kept as written, no blank inside `<>` nor around `;` and a group's `:`, a backslash
+    read. `table query --aliases` and `table dump --aliases` on the same file print the same. A table of another
+    type is not stored by postalias: `postalias -q KEY inline:{...}` prints the value as written, and so does
+    mailflow (it printed postalias's form, or its own: `x, y, z` for `x,,y, ,z,`)."""
+    aliases = write_cooled(tmp_path / "aliases", "".join(f"{name}: {value}\n" for name, (value, _) in STORED.items()))
+    assert postfix_tool("postalias", f"hash:{aliases}")[0] == 0
+    spec = f"texthash:{aliases}"
+    stdin = "".join(f"{name}\n" for name in STORED)
+    expected = "".join(f"{name}:\t{stored}\n" for name, (_, stored) in STORED.items())
+    assert postfix_tool("postalias", "-q", "-", str(aliases), stdin=stdin) == (0, expected)
+    assert mailflow_query("--aliases", spec, "-", stdin=stdin) == (0, expected)
+    dumped = {line for line in postfix_tool("postalias", "-s", str(aliases))[1].splitlines() if line[0] not in "@Y"}
+    assert dumped == set(expected.splitlines())
+    assert mailflow_table("dump", "--aliases", spec) == (0, expected)
+    assert mailflow_query_in_process(spec, "group", "--aliases") == postfix_tool(
+        "postalias", "-q", "group", str(aliases)) == (0, "grp:x, y;\n")
+
+    inline = "inline:{{root=a,,b   c}, {other = x; y}}"
+    for name, value in (("root", "a,,b   c"), ("other", "x; y")):
+        assert mailflow_query_in_process(inline, name, "--aliases") == postfix_tool(
+            "postalias", "-q", name, inline) == (0, f"{value}\n")
