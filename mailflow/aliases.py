@@ -31,8 +31,8 @@ Syntax (Postfix aliases(5), compatible with sendmail):
 - `name: value, value, ...`. A line that starts with whitespace continues the entry above it. Blank lines and
   lines whose first non-blank character is `#` are skipped anywhere, also inside a continued entry. `#` elsewhere
   is data (Postfix: only whole-line comments); a name holding `#`, `:`, `@` or whitespace must be quoted.
-- Names are folded to lower case. As with Postfix's postalias, the first entry for a name counts; a later
-  duplicate is ignored with a warning.
+- Names are case-folded as table keys are (syntax.fold_key: `Straße` is `strasse`, as postalias stores it). As
+  with Postfix's postalias, the first entry for a name counts; a later duplicate is ignored with a warning.
 - Values are split at commas outside double quotes; empty items (`a, , b`, a trailing comma) are skipped. A value
   that is one whole quoted string is unquoted; inside quotes only `\\"` and `\\\\` are escapes, any other backslash
   is literal (in a command or a file name). A quoted name is read as Postfix's local reads it, every backslash
@@ -68,6 +68,7 @@ from mailflow.address import BAD_DOMAIN, BAD_LOCAL_PART, mailbox_syntax_error
 from mailflow.errors import ConfigError
 from mailflow.header_addresses import value_addresses
 from mailflow.syntax import COMMAND_BLANKS as BLANKS  # (Postfix's ISSPACE, as tables.files.BLANKS)
+from mailflow.syntax import fold_key
 
 
 @dataclass(frozen=True)
@@ -275,7 +276,7 @@ def _values(line: _Text, start: int) -> tuple[Target, ...]:
 
 
 def _name(line: _Text) -> tuple[str, int]:
-    """The entry's name (lower case) and the offset just after its colon."""
+    """The entry's name (folded, as the table's keys: syntax.fold_key) and the offset just after its colon."""
     text = line.text
     if text.startswith('"'):
         end = _closing_quote(text, 0)
@@ -295,7 +296,7 @@ def _name(line: _Text) -> tuple[str, int]:
             raise line.error(0, f"name {name!r} must be quoted (whitespace, '@' or '\"'), or is missing its ':'")
     if not name.strip():
         raise line.error(0, "empty name")
-    return name.lower(), colon + 1
+    return fold_key(name), colon + 1
 
 
 def _logical_lines(text: str, filename: str):

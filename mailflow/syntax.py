@@ -36,6 +36,9 @@ may use it without an import cycle.
     unterminated_command_word(text) -> bool        whether the first one leaves a quote or angle bracket open
     verb_and_argument(line), verb_and_argument_bytes(line)   a command line's verb and the rest: split at space,
                                                 tab, VT and FF, as Postfix's smtpd (smtpd and sendmail -bs)
+    fold_key(key)                               a lookup table key folded as Postfix folds keys and queries of its
+                                                texthash:, hash: (postalias's too) and inline: tables: Unicode case
+                                                folding (dict_utf8, smtputf8_enable = yes): `Straße` is `strasse`
     ascii_upper(text)                           only the ASCII letters in upper case (Postfix's strcasecmp: a
                                                 keyword spelled with `ſ` or `ı` is not SIZE or BODY=8BITMIME)
     is_utf8_text(text)                          no lone surrogate: text that can be encoded as UTF-8 (one check for
@@ -307,6 +310,13 @@ def _command_word(text: str, start: int) -> tuple[str, int, bool]:
         i += 1
     i = min(i, end)
     return text[start:i], i, bool(closing)
+
+
+def fold_key(key: str) -> str:
+    """`key` as a table with case-insensitive keys holds it and is asked it: str.casefold(), Unicode's full case
+    folding, which is what Postfix's casefold() (ICU's) gives: `Straße` and `STRASSE` are both `strasse`, final
+    `ς` is `σ` (str.lower() kept `ß` and `ς`: a key Postfix finds was not found)."""
+    return key.casefold()
 
 
 def ascii_upper(text: str) -> str:

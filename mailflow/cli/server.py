@@ -509,7 +509,7 @@ def table_query(spec: str = typer.Argument(..., metavar="TYPE:NAME", help="the t
 def table_dump(spec: str = typer.Argument(..., metavar="TYPE:NAME", help="a texthash: or inline: table"),
                aliases: bool = AliasesOption) -> None:
     """Print every entry as key<TAB>value, like `postmap -s` (`postalias -s` with --aliases: `name:<TAB>value`), in
-    the table's order, keys in lower case. Exit 1 for a type whose entries cannot be listed (regexp, pcre, cidr,
+    the table's order, keys case-folded. Exit 1 for a type whose entries cannot be listed (regexp, pcre, cidr,
     static, sqlite, ...: Postfix's "sequence operation is not supported"), 2 for a bad table, 75 when the file
     cannot be read."""
     table = _open_for_query("mailflow table dump", spec, aliases)

@@ -12,7 +12,8 @@
 - `split_key(line)`: a line's key (or cidr: pattern) and value, split at the first blank.
 - `table_file_entries(kind, text)`: (line, key or pattern, value) of each entry of a texthash:, regexp:, pcre: or
   cidr: file (SCANNED_TABLE_FILES) as written, `$n` not substituted: what `config import` scans for routes to relay.
-- `texthash:/path`: `key value` lines; keys case-insensitive; first of duplicate keys wins. With `aliases`, the
+- `texthash:/path`: `key value` lines; keys case-insensitive (syntax.fold_key, Postfix's Unicode case folding);
+  first of duplicate keys wins. With `aliases`, the
   file is in aliases(5) format (`name: value, value`, mailflow.aliases), as alias_maps files are.
   `TexthashTable.load()` reads the file now (TableCache.preload calls it off the loop); `entries()` lists them
   all (`mailflow table dump`, postmap -s).
@@ -30,6 +31,7 @@ from typing import Any, Callable, Generic, NamedTuple, TypeVar
 
 from mailflow.errors import LookupRetry
 from mailflow.files import TABLE_LIMIT, read_regular_file
+from mailflow.syntax import fold_key
 
 RELOAD_INTERVAL = 1.0
 
@@ -220,7 +222,7 @@ def _parse_texthash(text: str) -> dict[str, str]:
         key, value = split_key(line)
         if not value:
             raise ValueError(f"line {number}: expected 'key whitespace value', got {line!r}")
-        table.setdefault(key.lower(), value)
+        table.setdefault(fold_key(key), value)
     return table
 
 
@@ -259,7 +261,7 @@ class TexthashTable:
         return self._file.contents()
 
     def lookup(self, key: str) -> str | None:
-        return self._file.current().get(key.lower())
+        return self._file.current().get(fold_key(key))
 
     def entries(self) -> list[tuple[str, str]]:
         """(key, value) of every entry, in the file's order (the first of duplicate keys): `postmap -s`."""

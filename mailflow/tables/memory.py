@@ -1,7 +1,7 @@
 """The tables that live in the spec itself: `inline:`, `static:`, `fail:`.
 
-- `inline:{ key=value, { key = text with spaces } }`: elements separated by whitespace or commas; keys folded to
-  lower case; the last of duplicate keys wins (as in Postfix's inline:, unlike its file tables, where the first
+- `inline:{ key=value, { key = text with spaces } }`: elements separated by whitespace or commas; keys case-folded
+  (syntax.fold_key); the last of duplicate keys wins (as in Postfix's inline:, unlike its file tables, where the first
   does).
 - `static:value`, `static:{ value with spaces }`: every key answers the value.
 - `fail:name`: every lookup raises LookupRetry (a deliberate failure, for tests and for disabling a map).
@@ -17,7 +17,7 @@ caller names the file and key); lookups in these tables never fail, except fail:
 from __future__ import annotations
 
 from mailflow.errors import ConfigError, LookupRetry
-from mailflow.syntax import split_outside_braces, table_type
+from mailflow.syntax import fold_key, split_outside_braces, table_type
 
 
 def _braced(text: str) -> str | None:
@@ -40,7 +40,7 @@ def _parse_inline(spec: str, name: str) -> dict[str, str]:
         if not eq or not key:
             raise ConfigError("", spec, f"inline: {element!r} is not key=value (braces allow spaces: "
                                         "{ key = text with spaces })")
-        table[key.lower()] = value  # the last wins, as in Postfix
+        table[fold_key(key)] = value  # the last wins, as in Postfix
     return table
 
 
@@ -68,7 +68,7 @@ class InlineTable:
         self.name, self._entries = name, entries
 
     def lookup(self, key: str) -> str | None:
-        return self._entries.get(key.lower())
+        return self._entries.get(fold_key(key))
 
     def entries(self) -> list[tuple[str, str]]:
         """(key, value) of every element, in the spec's order: `postmap -s`."""

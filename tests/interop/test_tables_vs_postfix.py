@@ -106,7 +106,8 @@ async def test_access_map_key_orders_match_a_real_postfix(mailflow_server):
 # (file name or None, file text, spec with {file} for the file's path, keys): what `postmap -q` answers for each
 TEXTHASH = ("# a comment\nAlice  first\nalice second\nbob\tvalue with  spaces  \n  # an indented comment\n"
             "carol one\n  two\ndave\n continued\nUPPER@Example.COM up\nkey#1 v#1\n"
-            "erin one\n\u00a0nbsp two\n\u2003em three\n")  # (Postfix's blanks are ASCII: U+00A0 starts a line)
+            "erin one\n\u00a0nbsp two\n\u2003em three\n"  # (Postfix's blanks are ASCII: U+00A0 starts a line)
+            "Straße street\nΣίσυφος sisyphus\nStrasse second\n")  # (UTF-8 keys: Unicode case folding, ß is ss)
 REGEXP = ("/^(.*)@example\\.com$/ user=$1 braced=${1} dollar=$$\n/^UPPER/ insensitive\n/^lower/i sensitive\n"
           "!/@/ no-at\nif /@if\\.test$/\n/^a/ a-in-if\n!/^b/ not-b-in-if\nendif\n/^(a)|(b)c$/ g1=$1 g2=$2\n"
           "|^pipe| other delimiter\n/^cont$/ first\n  second\nIF/@nospace\\.test$/\n/./ after-if-without-space\n"
@@ -142,7 +143,8 @@ CIDR_KEYS = ["192.0.2.1", "192.0.2.200", "2001:db8::1", "2001:DB8::1", "2001:db8
 QUERIES = [
     ("texthash", TEXTHASH, "texthash:{file}", ["alice", "ALICE", "bob", "carol", "dave", "upper@example.com",
                                                "Upper@EXAMPLE.com", "key#1", "nothing", "alice ", "erin",
-                                               "\u00a0nbsp", "\u2003em"]),
+                                               "\u00a0nbsp", "\u2003em", "STRASSE", "straße", "STRAẞE",
+                                               "ΣΊΣΥΦΟΣ", "σίσυφοσ", "σίσυφος"]),
     ("regexp", REGEXP, "regexp:{file}", ["joe@example.com", "JOE@EXAMPLE.COM", "uppercase", "lower", "LOWER",
                                          "plain", "a@if.test", "b@if.test", "c@if.test", "a@x.test", "bc@x.test",
                                          "pipe@x.test", "cont", "x@nospace.test",
@@ -150,6 +152,7 @@ QUERIES = [
     ("cidr", CIDR, "cidr:{file}", CIDR_KEYS),
     (None, "", "inline:{a=1, A=2, {b = x y}, {c = }, {d = p=q}}", ["a", "A", "b", "c", "d", "e"]),
     (None, "", "inline:{ {e=f,g} h=i }", ["e", "h"]),
+    (None, "", "inline:{Straße=street, Σίσυφος=sisyphus}", ["STRASSE", "strasse", "ΣΊΣΥΦΟΣ"]),
     (None, "", "static:{ hello world }", ["any", ""]),
 ]
 
@@ -496,7 +499,8 @@ async def test_client_access_keys_match_a_real_postfix(mailflow_server):
     assert postfix["sub.regexp.client.test 203.0.113.9"] == "250"  # a regexp is not asked the parent domains
 
 
-DUMPED = "user@example.test  local\nA@Example.Test\tsecond\n# a comment\nlist@example.test one,\n two words\n"
+DUMPED = ("user@example.test  local\nA@Example.Test\tsecond\n# a comment\nlist@example.test one,\n two words\n"
+          "Straße street\n")
 
 
 def test_table_dump_lists_as_postmap_s_does(tmp_path):
@@ -515,8 +519,8 @@ def test_table_dump_lists_as_postmap_s_does(tmp_path):
 
 ALIASES = ('# the system aliases\nroot: admin,\n  other@example.test\n\npostmaster:\troot\n'
            'Webmaster : alice ,bob  ,\n  # a comment inside\n  carol\n'
-           'run: "|/usr/bin/run   arg",  Joe   Doe <j@x.test>\n')
-ALIAS_KEYS = ["root", "ROOT", "postmaster", "webmaster", "run", "nobody", "root:"]
+           'run: "|/usr/bin/run   arg",  Joe   Doe <j@x.test>\nStraße: street\n')
+ALIAS_KEYS = ["root", "ROOT", "postmaster", "webmaster", "run", "nobody", "root:", "STRASSE", "straße"]
 
 
 def test_an_aliases_file_answers_as_postalias_q_does(tmp_path):

@@ -248,7 +248,7 @@ _TEXT = st.text(
     min_size=1,
     max_size=20,
 )
-_NAMES = _TEXT.map(str.lower).filter(lambda s: s.strip() != "" and s == s.lower())
+_NAMES = _TEXT.map(str.casefold).filter(lambda s: s.strip() != "" and s == s.casefold())  # (names are folded)
 _STRIPPED = _TEXT.filter(lambda s: s == s.strip() and s != "")
 _LOCAL = st.from_regex(r"[A-Za-z0-9_+=-]{1,8}(\.[A-Za-z0-9_+=-]{1,8}){0,2}", fullmatch=True) | st.from_regex(
     r'"[a-z ,<>#:@]{1,8}"', fullmatch=True)
