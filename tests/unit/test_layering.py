@@ -53,6 +53,8 @@ FUNCTION_IMPORTS = {
                                              "aiosmtplib) would slow every other command, sendmail run per message "
                                              "by scripts first",
     ("mailflow.cli.server", "mailflow.routing.router"): "only `address` (and sendmail -bv) routes addresses",
+    ("mailflow.cli.server", "mailflow.aliases"): "only `table query/dump --aliases` reads an aliases file's values "
+                                                 "as postalias shows them; sendmail and the other commands never do",
     ("mailflow.app", "mailflow.http"): "aiohttp takes a third of a second to import: only a server with an HTTP "
                                        "feature ([sink] enable) loads it, not every `mailflow serve` nor Sink",
     ("mailflow.app", "mailflow.capture.mailpit"): "as above (the capture API's routes are aiohttp handlers)",
