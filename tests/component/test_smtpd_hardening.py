@@ -430,6 +430,8 @@ LONG_LOCAL = "SRS0=HHHH=TT=sender-domain.example=" + "x" * 60  # 95 octets
     ('MAIL FROM:<""@[IPv6:2001:db8::1]>', status.SENDER_SYNTAX),
     ('MAIL FROM:<""@[127.0.0.1]>', status.SENDER_OK),
     ('MAIL FROM:<""@remote.test>', status.SENDER_OK),
+    ('MAIL FROM:<"@x"@[IPv6:::1]>', status.SENDER_SYNTAX),  # (the literal's first `:` ends that route)
+    ('MAIL FROM:<"@x:y"@remote.test>', status.SENDER_OK),  # (a `:` in the local part: taken, as by Postfix)
 ])
 async def test_mail_path_syntax(mailflow_server, command, reply):
     mf = await mailflow_server()

@@ -29,7 +29,7 @@ from tests.support.dialogues import Step, joined, odd_verb
 
 LOCAL_PARTS = ["s", "alice", "alice", "nobody", "postmaster", "PostMaster", '"a b"', '"al\\"ice"', '""', '"alice"',
                "a.b", ".a", "a.", "a..b", "a+tag", "-a", "a%relay.test", "a!b", "j\u00fcrgen", "\u00e9", "a" * 64,
-               "a" * 65]
+               "a" * 65, '"@a.test:b"', '"@x"']
 DOMAINS = ["remote.test", "local.test", "local.test", "relay.test", "sub.relay.test", "elsewhere.test", "LOCAL.TEST",
            "local.test.", "[127.0.0.1]", "[192.0.2.1]", "[1.2.3]", "[999.1.1.1]", "[IPv6:::1]", "[IPv6:2001:db8::1]",
            "[ipv6:2001:DB8::1]", "[IPv6:zz::1]", "[IPv6:1.2.3.4]", "[::1]", "[text]", "b\u00fccher.relay.test",

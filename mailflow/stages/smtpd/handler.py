@@ -480,13 +480,15 @@ class SmtpdHandler:
         domain applied, so that `user%y..test@here` is refused as Postfix's smtpd_check_addr refuses it); without
         `smtputf8` (the transaction did not declare SMTPUTF8; VRFY without it as its last word), a domain that is
         not ASCII (Postfix's smtpd_check_addr: before the 553 that a UTF-8 local part gets); or, with Postfix's
-        allow_min_user = no, a leading '-' (it could reach a command's argv as an option); or an empty local part
-        before an IPv6 address literal (`""@[IPv6:::1]`), whose internal form `@[IPv6:::1]` Postfix's
-        trivial-rewrite reads as a source route, so that its smtpd_check_addr refuses it."""
+        allow_min_user = no, a leading '-' (it could reach a command's argv as an option); or a local part that is
+        empty or begins with `@`, before an IPv6 address literal (`""@[IPv6:::1]`, `"@x"@[IPv6:::1]`): its internal
+        form `@[IPv6:::1]` (`@x@[IPv6:::1]`) Postfix's trivial-rewrite reads as a source route ending at the
+        literal's first `:`, so that its smtpd_check_addr refuses it. A `:` in the local part is no such thing
+        (`"@x:y"@remote.test` is taken)."""
         qualified = self._rewriter.resolved_address(addr)
         if address.mailbox_syntax_error(qualified) or not (smtputf8 or address.split(qualified)[1].isascii()):
             return True
-        if address.internal_form(qualified).startswith("@") and ":" in qualified:
+        if address.internal_form(qualified).startswith("@") and ":" in address.split(qualified)[1]:
             return True
         return not self._config.allow_min_user and address.is_min_user(addr)
 
