@@ -2,8 +2,9 @@
 
 - `split(addr) -> (local, domain)`: at the last '@'; domain "" for an unqualified address; `split_words(addr)`
   the same outside quoted strings (an address as written or in Postfix's quoting: `"x@y"` has no domain).
-- `tidy(addr)`: needless quotes and one trailing dot dropped (`"joe"@x.test.` is `joe@x.test`), as Postfix's
-  trivial-rewrite does to every address; `is_tidy(addr)`: a cheap look that tidy has nothing to do.
+- `tidy(addr)`: needless quotes and one trailing dot dropped (`"joe"@x.test.` is `joe@x.test`), and a source
+  route, written or quoted (`"@a.test:joe"@x.test` is `joe@x.test`), as Postfix's trivial-rewrite does to every
+  address; `is_tidy(addr)`: a cheap look that tidy has nothing to do.
 - `unquoted_local(local)`, `quoted_local(local)`: a quoted local part's content; a local part quoted if it must be;
   `internal_local(local)`, `external_local(local)`: a local part as written (atoms and quoted strings joined by
   dots, as Postfix's tokenizer takes them: `a."b c"`) in Postfix's internal form (`a.b c`) and in its own quoting
@@ -284,7 +285,8 @@ def _in_word(piece: str) -> bool:
 
 
 def tidy(addr: str) -> str:
-    """`"joe"@x.test.` -> `joe@x.test`: a source route dropped, the local part in Postfix's own quoting
+    """`"joe"@x.test.` -> `joe@x.test`: a source route dropped (written, `@a:joe@x.test`, or quoted,
+    `"@a:joe"@x.test`: `_quoted_route_dropped`), the local part in Postfix's own quoting
     (`external_local`: `a."b c"` is `"a.b c"`), and one trailing dot dropped from the domain (not from `x..` or a
     domain that is only a dot), as Postfix's trivial-rewrite tidies every address it rewrites (quote_822_local,
     rewrite_tree). A local part that is no words (`external_local`) is left as it is."""
@@ -293,8 +295,22 @@ def tidy(addr: str) -> str:
     at = len(local) < len(addr)
     if domain.endswith(".") and len(domain) > 1 and not domain.endswith(".."):
         domain = domain[:-1]
+    local = _quoted_route_dropped(local, at)
     local = external_local(local) if local else local
     return f"{local}@{domain}" if at else local
+
+
+def _quoted_route_dropped(local: str, qualified: bool) -> str:
+    """A local part whose internal form is a source route and more (`"@a.test:alice"`, `@a.test:alice` inside)
+    without that route (`alice`): Postfix's quote_822_local leaves a leading `@...:` of the internal form unquoted,
+    so its rewrite_tree drops it as a route (up to the first `:`). A `:` only in the domain is no route."""
+    if not local.startswith('"'):
+        return local
+    internal = internal_local(local)
+    if internal is None or not internal.startswith("@"):
+        return local
+    _, colon, rest = internal.partition(":")
+    return quoted_local(rest) if colon and (rest or qualified) else local
 
 
 def is_tidy(addr: str) -> bool:

@@ -432,6 +432,7 @@ LONG_LOCAL = "SRS0=HHHH=TT=sender-domain.example=" + "x" * 60  # 95 octets
     ('MAIL FROM:<""@remote.test>', status.SENDER_OK),
     ('MAIL FROM:<"@x"@[IPv6:::1]>', status.SENDER_SYNTAX),  # (the literal's first `:` ends that route)
     ('MAIL FROM:<"@x:y"@remote.test>', status.SENDER_OK),  # (a `:` in the local part: taken, as by Postfix)
+    ('MAIL FROM:<"@x:y"@[127.0.0.1]>', status.SENDER_OK),  # (`y@[127.0.0.1]`, see test_rcpt_path_syntax)
 ])
 async def test_mail_path_syntax(mailflow_server, command, reply):
     mf = await mailflow_server()
@@ -452,6 +453,9 @@ async def test_mail_path_syntax(mailflow_server, command, reply):
     ("RCPT <alice@local.test>", status.syntax("RCPT TO:<address>")),
     ("RCPT TO:<alice@local.test.>", status.RCPT_OK),
     ("RCPT TO:<@hop.test,@other.test:alice@local.test>", status.RCPT_OK),
+    # a quoted local part that is a source route and more is that route's end, as Postfix's quote_822_local leaves
+    # the route bare in the internal form (`@a.test:alice@local.test`) and its rewrite_tree drops it
+    ('RCPT TO:<"@a.test:alice"@local.test>', status.RCPT_OK),
     ("RCPT TO:alice@local.test", status.RCPT_OK),
     ('RCPT TO:<"a b"@local.test>', status.user_unknown('a b@local.test')),  # named in Postfix's internal form
     (f"RCPT TO:<{LONG_LOCAL}@local.test>", status.user_unknown(f"{LONG_LOCAL}@local.test")),  # syntax passes

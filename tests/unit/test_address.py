@@ -372,6 +372,16 @@ def test_tidy_writes_the_local_part_in_postfix_s_quoting_and_drops_a_route():
     assert address.tidy("a b@x.test") == "a b@x.test"  # no words: as it is
 
 
+def test_a_quoted_local_part_that_is_a_source_route_loses_the_route_as_postfix_s_rewrite_drops_it():
+    assert address.tidy('"@a.test:alice"@x.test') == "alice@x.test"
+    assert address.tidy('"@a.test,@b.test:al ice"@x.test') == '"al ice"@x.test'
+    assert address.tidy('"@x:y@z"@x.test') == '"y@z"@x.test'
+    assert address.tidy('"@x:"@x.test') == '""@x.test'
+    assert address.tidy('"@x:y"') == "y"
+    assert address.tidy('"@x:"') == '"@x:"'  # (nothing after the route, no domain: no route to Postfix either)
+    assert address.tidy('"@x"@[IPv6:::1]') == '"@x"@[IPv6:::1]'  # (no `:` in the local part: smtpd refuses it)
+
+
 def test_a_source_route_ends_at_its_first_colon_outside_an_address_literal():
     assert address.tidy("@[IPv6:2001:db8::1]:u@x.test") == "u@x.test"
     assert address.tidy("@r.test,@[IPv6:2001:db8::1]:u@x.test.") == "u@x.test"
