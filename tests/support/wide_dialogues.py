@@ -3,6 +3,9 @@ SMTPUTF8 and VRFY on (tests/interop/test_wide_dialogue_vs_postfix.py).
 
 - `generated(seed)`: one session of 3 to 15 `Step`s (dialogues.py's: units sent at once, then the content after a
   354), the same for the same seed.
+- `split_at_bare_lf(steps)`: the same session as a client exempt from the bare-LF check sends it (Postfix's
+  smtpd_forbid_bare_newline_exclusions, $mynetworks by default): a bare LF ends its command line, so each command
+  line is cut after every bare LF in it and each piece gets its own reply.
 - `reply_key(text)`: a reply as compared: its code, and the class and subject of its enhanced status code
   (`550 5.1`), or the code alone where the reply has none.
 
@@ -157,6 +160,17 @@ def generated(seed: int, postfix_keeps_refused_transactions: bool = True) -> lis
             steps.append(Step((one,), rng.choice(dialogues.CONTENTS) if dialogues.is_data(one) else b""))
     steps = rset_after_undeclared_utf8_vrfy(dialogues.one_auth_mail(steps[:15]))
     return dialogues.no_content_after_refused_last(steps) if postfix_keeps_refused_transactions else steps
+
+
+def split_at_bare_lf(steps: list[Step]) -> list[Step]:
+    """See the module doc. Only a unit's command line is cut (a BDAT's chunk after it is data); content is not."""
+    return [step._replace(units=tuple(piece for u in step.units for piece in _lines(u))) for step in steps]
+
+
+def _lines(unit_: bytes) -> list[bytes]:
+    command, crlf, chunk = unit_.partition(b"\r\n")
+    *ended, last = command.split(b"\n")
+    return [*(piece + b"\n" for piece in ended), last + crlf + chunk]
 
 
 ENHANCED = re.compile(r"(\d{3})[ -]([245])\.(\d{1,3})\.\d{1,3}(?: |$)")
