@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 import re
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from mailflow.syntax import ascii_upper
 
@@ -108,10 +108,13 @@ def path_and_params(rng: random.Random, paths: list[str], table: dict[str, list[
     """A path and parameters; with no path, none with a ',': Postfix would read the first as the path, a list with
     an empty member (`RCPT TO: NOTIFY=,`), which mailflow refuses on purpose (docs/security.md). (One with a `<`,
     `MAIL FROM: AUTH=<>`, is an RFC 822 phrase before `<>` to both: the null sender.)"""
-    path, more = rng.choice(paths), params(rng, table)
-    if not path.strip() and "," in more:
-        more = ""
-    return path + more
+    path = rng.choice(paths)
+    return with_params(path, params(rng, table))
+
+
+def with_params(path: str, more: str) -> str:
+    """`path` and the parameters `more`, none if there is no path and they hold a ',' (`path_and_params`)."""
+    return path + ("" if not path.strip() and "," in more else more)
 
 
 def mail(rng: random.Random) -> bytes:
@@ -163,11 +166,13 @@ def long_line(rng: random.Random) -> bytes:
 
 
 # weights: a session is mostly a transaction, out of order now and then
-UNITS = [(hello, 2), (mail, 4), (rcpt, 5), (bdat, 2), (data, 2), (other, 2), (junk, 2), (long_line, 1)]
+Draw = Callable[[random.Random], bytes]
+UNITS: list[tuple[Draw, int]] = [(hello, 2), (mail, 4), (rcpt, 5), (bdat, 2), (data, 2), (other, 2), (junk, 2),
+                                 (long_line, 1)]
 
 
-def unit(rng: random.Random) -> bytes:
-    return rng.choices([u for u, _ in UNITS], [w for _, w in UNITS])[0](rng)
+def unit(rng: random.Random, units: list[tuple[Draw, int]] = UNITS) -> bytes:
+    return rng.choices([u for u, _ in units], [w for _, w in units])[0](rng)
 
 
 def is_data(unit_: bytes) -> bool:
@@ -232,24 +237,29 @@ def no_content_after_refused_last(steps: list[Step]) -> list[Step]:
     return out
 
 
-def generated(seed: int, postfix_keeps_refused_transactions: bool = True) -> list[Step]:
+def generated(seed: int, postfix_keeps_refused_transactions: bool = True, units: list[tuple[Draw, int]] = UNITS,
+              opening: tuple[Draw, Draw] = (mail, rcpt), group_chance: float = 0.2,
+              mask: Callable[[list[Step]], list[Step]] = list) -> list[Step]:
     """The session of `seed`; without the BDATs and DATAs after a refused BDAT LAST where the Postfix compared with
-    keeps that transaction (3.7.11 and earlier, fixed in 3.7.22: `no_content_after_refused_last`)."""
+    keeps that transaction (3.7.11 and earlier, fixed in 3.7.22: `no_content_after_refused_last`). `units` (each
+    with its weight) draws its units, `opening` the MAIL and RCPT a session begins with more often than not, a
+    pipelined group now and then (`group_chance`); `mask` is applied before no_content_after_refused_last
+    (tests/support/wide_dialogues.py draws its own sessions so)."""
     rng = random.Random(seed)
     steps: list[Step] = []
     if rng.random() < 0.8:
         steps.append(Step((hello(rng),)))
     if rng.random() < 0.6:
-        steps += [Step((mail(rng),)), Step((rcpt(rng),))]
+        steps += [Step((opening[0](rng),)), Step((opening[1](rng),))]
     length = rng.randint(3, 15)
     while len(steps) < length:
-        if rng.random() < 0.2:  # a pipelined group, DATA (if any) last
-            group = [u for u in (unit(rng) for _ in range(rng.randint(2, 4))) if not is_data(u)]
+        if rng.random() < group_chance:  # a pipelined group, DATA (if any) last
+            group = [u for u in (unit(rng, units) for _ in range(rng.randint(2, 4))) if not is_data(u)]
             if rng.random() < 0.4:
                 group.append(data(rng))
             steps.append(Step(tuple(group) or (data(rng),), rng.choice(CONTENTS)))
         else:
-            one = unit(rng)
+            one = unit(rng, units)
             steps.append(Step((one,), rng.choice(CONTENTS) if is_data(one) else b""))
-    steps = one_auth_mail(steps[:15])
+    steps = mask(one_auth_mail(steps[:15]))
     return no_content_after_refused_last(steps) if postfix_keeps_refused_transactions else steps

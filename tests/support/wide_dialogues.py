@@ -28,7 +28,7 @@ import random
 import re
 
 from tests.support import dialogues
-from tests.support.dialogues import Step, joined, odd_verb
+from tests.support.dialogues import Step, joined, line, odd_verb, with_params
 
 LOCAL_PARTS = ["s", "alice", "alice", "nobody", "postmaster", "PostMaster", '"a b"', '"al\\"ice"', '""', '"alice"',
                "a.b", ".a", "a.", "a..b", "a+tag", "-a", "a%relay.test", "a!b", "j\u00fcrgen", "\u00e9", "a" * 64,
@@ -72,16 +72,10 @@ def params(rng: random.Random, table: dict[str, list[str]]) -> str:
     return dialogues.params(rng, table).replace("SMTPUTF8=", "SMTPUTF8" if rng.random() < 0.8 else "SMTPUTF8=")
 
 
-def line(text: str) -> bytes:
-    return text.encode() + b"\r\n"
-
-
 def with_path(rng: random.Random, verb: str, keyword: str, table: dict[str, list[str]], plain: str) -> bytes:
     """The command with a path, `plain` (a path taken) two times in five, and parameters."""
     target, more = plain if rng.random() < 0.4 else path(rng), params(rng, table)
-    if not target.strip() and "," in more:  # (an empty list member as the path: dialogues.path_and_params)
-        more = ""
-    return line(joined(rng, verb, odd_verb(rng, keyword) + target + more))
+    return line(joined(rng, verb, odd_verb(rng, keyword) + with_params(target, more)))
 
 
 def mail(rng: random.Random) -> bytes:
@@ -118,10 +112,6 @@ UNITS = [(dialogues.hello, 2), (mail, 4), (rcpt, 5), (vrfy, 2), (dialogues.bdat,
          (dialogues.other, 2), (dialogues.junk, 1), (dialogues.long_line, 1), (raw_bytes, 1)]
 
 
-def unit(rng: random.Random) -> bytes:
-    return rng.choices([u for u, _ in UNITS], [w for _, w in UNITS])[0](rng)
-
-
 def undeclared_utf8_vrfy(unit_: bytes) -> bool:
     """Whether `unit_` is a VRFY with a byte that is not ASCII and no last word SMTPUTF8."""
     words = unit_.split()
@@ -141,25 +131,9 @@ def rset_after_undeclared_utf8_vrfy(steps: list[Step]) -> list[Step]:
 
 
 def generated(seed: int, postfix_keeps_refused_transactions: bool = True) -> list[Step]:
-    """The session of `seed`, with dialogues.py's masks."""
-    rng = random.Random(seed)
-    steps: list[Step] = []
-    if rng.random() < 0.8:
-        steps.append(Step((dialogues.hello(rng),)))
-    if rng.random() < 0.6:
-        steps += [Step((mail(rng),)), Step((rcpt(rng),))]
-    length = rng.randint(3, 15)
-    while len(steps) < length:
-        if rng.random() < 0.15:  # a pipelined group, DATA (if any) last
-            group = [u for u in (unit(rng) for _ in range(rng.randint(2, 4))) if not dialogues.is_data(u)]
-            if rng.random() < 0.4:
-                group.append(dialogues.data(rng))
-            steps.append(Step(tuple(group) or (dialogues.data(rng),), rng.choice(dialogues.CONTENTS)))
-        else:
-            one = unit(rng)
-            steps.append(Step((one,), rng.choice(dialogues.CONTENTS) if dialogues.is_data(one) else b""))
-    steps = rset_after_undeclared_utf8_vrfy(dialogues.one_auth_mail(steps[:15]))
-    return dialogues.no_content_after_refused_last(steps) if postfix_keeps_refused_transactions else steps
+    """The session of `seed`: dialogues.py's, drawn from UNITS, with its masks and `rset_after_undeclared_utf8_vrfy`."""
+    return dialogues.generated(seed, postfix_keeps_refused_transactions, UNITS, (mail, rcpt), group_chance=0.15,
+                               mask=rset_after_undeclared_utf8_vrfy)
 
 
 def split_at_bare_lf(steps: list[Step]) -> list[Step]:
