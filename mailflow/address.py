@@ -139,9 +139,10 @@ def parse_written_path(text: str) -> tuple[str, str, str]:
         at = "@" if len(local) < len(path) else ""
         dot_atom = bool(local) and _DOT_ATOM_RE.fullmatch(local) is not None  # (the usual case: its own quoting)
         internal = None if dot_atom else internal_local(local)
-        if not at and internal is not None and "@" in internal:
+        if not at and internal is not None and "@" in internal and not is_quoted_route(internal):
             # Postfix keeps the internal form (`"x@y"` is `x@y`) and its quote_822_local splits that at its last
-            # '@' whenever the address is rewritten or resolved: `a."x@y"` is `"a.x"@y`, taken as such
+            # '@' whenever the address is rewritten or resolved: `a."x@y"` is `"a.x"@y`, taken as such (but for
+            # a route first, `"@a.test:x@y"`, which rewriting drops: `tidy`)
             internal, at, domain = internal.rpartition("@")
         if domain.endswith(".") and not domain.endswith(".."):
             domain = domain[:-1]
@@ -290,27 +291,40 @@ def tidy(addr: str) -> str:
     (`external_local`: `a."b c"` is `"a.b c"`), and one trailing dot dropped from the domain (not from `x..` or a
     domain that is only a dot), as Postfix's trivial-rewrite tidies every address it rewrites (quote_822_local,
     rewrite_tree). A local part that is no words (`external_local`) is left as it is."""
-    addr = addr[route_length(addr):]
+    addr = _quoted_route_dropped(addr[route_length(addr):])
     local, domain = split_words(addr)
     at = len(local) < len(addr)
     if domain.endswith(".") and len(domain) > 1 and not domain.endswith(".."):
         domain = domain[:-1]
-    local = _quoted_route_dropped(local, at)
     local = external_local(local) if local else local
     return f"{local}@{domain}" if at else local
 
 
-def _quoted_route_dropped(local: str, qualified: bool) -> str:
-    """A local part whose internal form is a source route and more (`"@a.test:alice"`, `@a.test:alice` inside)
-    without that route (`alice`): Postfix's quote_822_local leaves a leading `@...:` of the internal form unquoted,
-    so its rewrite_tree drops it as a route (up to the first `:`). A `:` only in the domain is no route."""
-    if not local.startswith('"'):
-        return local
-    internal = internal_local(local)
-    if internal is None or not internal.startswith("@"):
-        return local
-    _, colon, rest = internal.partition(":")
-    return quoted_local(rest) if colon and (rest or qualified) else local
+def _quoted_route_dropped(addr: str) -> str:
+    """`addr` without the source route that begins the internal form of its quoted local part
+    (`"@a.test:alice"@x.test`, `@a.test:alice@x.test` inside, is `alice@x.test`): Postfix's quote_822_local leaves
+    a leading `@...:` of the internal form unquoted, up to its first `:`, so its rewrite_tree drops it as a route.
+    Unqualified (`"@a.test:x@y.test"`), what follows the route is split at its last `@`, as quote_822_local splits
+    it; with nothing after the route and no domain it is left as it is, as rewrite_tree leaves a route that ends
+    the address. A `:` only in the domain is no route."""
+    local, domain = split_words(addr)
+    internal = internal_local(local) if local.startswith('"') else None
+    if internal is None or not is_quoted_route(internal):
+        return addr
+    _, _, rest = internal.partition(":")
+    qualified = len(local) < len(addr)
+    if not (rest or qualified):
+        return addr
+    if qualified:
+        return f"{quoted_local(rest)}@{domain}"
+    user, at, host = rest.rpartition("@")
+    return f"{quoted_local(user)}@{host}" if at else quoted_local(rest)
+
+
+def is_quoted_route(internal: str) -> bool:
+    """Whether the internal form of a local part begins with a source route (`@a.test:x`), which Postfix's
+    quote_822_local leaves unquoted, up to its first `:`."""
+    return internal.startswith("@") and ":" in internal
 
 
 def is_tidy(addr: str) -> bool:
@@ -336,6 +350,8 @@ def internal_form(addr: str) -> str:
     """An address as Postfix's queue keeps it, which pipe(8) expands: a quoted local part without its quotes
     (`"a b"@x.test` is `a b@x.test`); pipe's flag q quotes it again."""
     local, at, domain = addr.rpartition("@")
+    if '"' in domain:  # (that '@' is inside the quoted string of an unqualified address: `"@a.test:b"`)
+        local, at, domain = addr, "", ""
     bare = unquoted_local(local if at else addr)
     if bare is None:
         return addr

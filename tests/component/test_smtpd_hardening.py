@@ -456,6 +456,7 @@ async def test_mail_path_syntax(mailflow_server, command, reply):
     # a quoted local part that is a source route and more is that route's end, as Postfix's quote_822_local leaves
     # the route bare in the internal form (`@a.test:alice@local.test`) and its rewrite_tree drops it
     ('RCPT TO:<"@a.test:alice"@local.test>', status.RCPT_OK),
+    ('RCPT TO:<"@a.test:alice">', status.relay_denied("@a.test:alice")),  # (alice@$myorigin, not 501)
     ("RCPT TO:alice@local.test", status.RCPT_OK),
     ('RCPT TO:<"a b"@local.test>', status.user_unknown('a b@local.test')),  # named in Postfix's internal form
     (f"RCPT TO:<{LONG_LOCAL}@local.test>", status.user_unknown(f"{LONG_LOCAL}@local.test")),  # syntax passes

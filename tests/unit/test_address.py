@@ -378,8 +378,12 @@ def test_a_quoted_local_part_that_is_a_source_route_loses_the_route_as_postfix_s
     assert address.tidy('"@x:y@z"@x.test') == '"y@z"@x.test'
     assert address.tidy('"@x:"@x.test') == '""@x.test'
     assert address.tidy('"@x:y"') == "y"
+    assert address.tidy('"@x:u@y.test"') == "u@y.test"  # (unqualified: split at its last `@`, as Postfix's quoting)
+    assert address.tidy('"@x:a b@y.test"') == '"a b"@y.test'
     assert address.tidy('"@x:"') == '"@x:"'  # (nothing after the route, no domain: no route to Postfix either)
     assert address.tidy('"@x"@[IPv6:::1]') == '"@x"@[IPv6:::1]'  # (no `:` in the local part: smtpd refuses it)
+    assert address.parse_path('<"@x:u@y.test">')[0] == '"@x:u@y.test"'  # (kept as written: rewriting drops it)
+    assert address.internal_form('"@x:u@y.test"') == "@x:u@y.test"  # (as Postfix's replies name it)
 
 
 def test_a_source_route_ends_at_its_first_colon_outside_an_address_literal():
