@@ -1283,11 +1283,17 @@ async def test_a_reload_resolves_many_waiting_recipients_again_a_slice_at_a_time
     assert await h.counts() == {}
 
 
-async def test_a_reload_resolves_many_small_waiting_messages_again_route_slice_recipients_a_turn(h, monkeypatch):
+@pytest.mark.parametrize("meanwhile", ["nothing", "hold", "delete"])
+async def test_a_reload_resolves_many_small_waiting_messages_again_route_slice_recipients_a_turn(h, monkeypatch,
+                                                                                                meanwhile):
     """The reroute task resolved one message a loop turn however small (10 000 waiting one-recipient messages: as
     many turns, their jobs in no destination meanwhile): the messages that fit in a turn's ROUTE_SLICE recipients
-    go together, a turn a slice; each is delivered once, to the new relay."""
+    go together, a turn a slice; each is delivered once, to the new relay. A message held or deleted after the
+    first turn's batch, its jobs still in no destination, is never handed to the transport: it ends held, or
+    gone."""
     monkeypatch.setattr(qmgr_module, "ROUTE_SLICE", 10)
+    pausing = PausingAsyncio()
+    monkeypatch.setattr(qmgr_module, "asyncio", pausing)
     blocking = BlockingTransport("smtp")
     transports = {"local": h.local, "smtp": blocking}
     resolve, _ = relaying("[old.test]")
@@ -1297,17 +1303,37 @@ async def test_a_reload_resolves_many_small_waiting_messages_again_route_slice_r
     waiting = [await h.queue(f"u{i:02d}@remote.test", *([f"v{i:02d}@remote.test"] if i % 3 == 0 else []))
                for i in range(1, 41)]  # (every third message has two recipients)
     await eventually(lambda: h.qmgr.active_count == 41, what="every message taken")
+    withdrawn = waiting[-2]  # (two recipients, far from the first batch)
     async with LoopTurns() as turns:
         reload_to(h, "[new.test]", transports)
-        h.qmgr._resolve = turns.at_each(h.qmgr._resolve)
+        resolve_anew, paused = h.qmgr._resolve, []
+
+        def resolving(*args):
+            if meanwhile != "nothing" and not paused:
+                paused.append(turns.count)
+                pausing.running.clear()  # (the task waits at the end of its first turn)
+            return resolve_anew(*args)
+
+        h.qmgr._resolve = turns.at_each(resolving)
+        if meanwhile != "nothing":
+            await eventually(lambda: pausing.waiting == 1, what="the first batch resolved again")
+            assert withdrawn in h.qmgr._rerouting
+            await (h.store.hold_messages if meanwhile == "hold" else h.store.delete_messages)([withdrawn])
+            await h.qmgr._poll_operators()  # (the tick's: the clock stands still)
+            pausing.running.set()
         await eventually(lambda: h.qmgr._rerouter is None, what="the reroute done")
     per_turn = Counter(turns.seen)
     assert sum(per_turn.values()) == 40 + 13
     assert max(per_turn.values()) <= 10 and len(per_turn) <= 7, per_turn  # (not a turn a message)
     blocking.release.set()
-    await eventually(lambda: queue_is_empty(h), what="every message delivered")
+    await attempts_over(h)
+    delivered = [qid for qid in waiting if meanwhile == "nothing" or qid != withdrawn]
     assert sorted((r.queue_id, r.nexthop) for r in blocking.requests) == [(first, "[old.test]")] + [
-        (qid, "[new.test]") for qid in waiting]
+        (qid, "[new.test]") for qid in delivered]
+    assert await h.counts() == ({"hold": 1} if meanwhile == "hold" else {})
+    if meanwhile == "hold":
+        statuses = Counter((status, reason) for _, status, _, reason in await h.store.recipients(withdrawn))
+        assert statuses == {("pending", "delivery suspended: the message was put on hold"): 2}
 
 
 async def test_a_reload_while_the_reroute_puts_a_message_in_order_resolves_it_again_a_slice_a_turn(h):
