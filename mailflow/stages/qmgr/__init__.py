@@ -1060,11 +1060,15 @@ class QueueManager:
             self._rerouter = None
 
     async def _reroute_one(self, queue_id: str) -> None:
-        """`_reroute_in_slices` of a message of more recipients than a turn's slice, or withdrawn."""
+        """`_reroute_in_slices` of a message of more recipients than a turn's slice, or withdrawn: the jobs of one
+        withdrawn before its turn are ended without resolving its recipients, as are those of one withdrawn while
+        they were resolved."""
         jobs = self._rerouting.pop(queue_id)
         active = self._active[queue_id]
-        recipients = _queued_forms(active.message, jobs)
-        routes, routing = await self._routes_in_slices(active.message, recipients)
+        routes: Routes = ({}, [])
+        routing = self._routing
+        if not active.withdrawn:
+            routes, routing = await self._routes_in_slices(active.message, _queued_forms(active.message, jobs))
         if active.withdrawn:
             state = active.withdrawn
             await self._end_in_slices(jobs, lambda job, part, last: self._job_withdrawn(job, part, last, state))
