@@ -202,7 +202,7 @@ Routes = tuple[dict[tuple[str, str], list[Recipient]], list[RcptResult]]
 ADMIT_SLICE = 100  # messages a scan admits (routes, schedules) before it hands the loop back
 ROUTE_SLICE = 500  # recipients of one message a scan resolves before it hands the loop back
 ORDER_SLICE = 20_000  # recipients of one message put in Postfix's order (`_put_in_order`) before the loop is let go
-ROUTE_RESTARTS = 3  # reloads that start a message's sliced resolution over; past them it goes on (then `_reroute`)
+ROUTE_RESTARTS = 3  # reloads that start a message's sliced resolution over; past them the pass ends, to be redone
 SUSPEND_SLICE = 1000  # recipients of jobs qmgr answers (dead destination, withdrawn) before the loop is let go
 RECORD_SLICE = 1000  # results of one message a record (or the end of its attempt) takes, logged in one loop turn
 REPORT_SLICE = 2000  # results of one job's report taken in before the loop is handed back (`_job_done_in_slices`)
@@ -815,7 +815,7 @@ class QueueManager:
     async def _admit_taken(self, message: QueuedMessage, now: float) -> None:
         """`_admit` a message the scan took (nothing else admits it meanwhile), one of many recipients resolved a
         slice at a time; when a reload storm outlasted ROUTE_RESTARTS, what its slices resolved the old way is
-        resolved again at once, as a reload does (`_reroute`)."""
+        resolved again as after any reload (`_reroute`: at once, or by its task a slice a turn)."""
         if len(message.recipients) <= ROUTE_SLICE:
             self._admit(message, now)
             return
@@ -902,8 +902,10 @@ class QueueManager:
         message of 100 000 recipients, which virtual aliases may make, held it 2.3 s); the same groups, in the
         same order, and the routing generation its last pass began under. A reload in between (`reconfigure`)
         starts it over: every recipient goes where the new routing sends it, as `_reroute` sends the jobs already
-        queued; but ROUTE_RESTARTS times at most (a reload storm would keep it unresolved for ever): the last pass
-        goes on, and the caller reroutes what it resolved the old way."""
+        queued; but ROUTE_RESTARTS times at most: the last pass goes on to its end, and the caller has what it
+        resolved the old way resolved again (`_admit_taken` by `_reroute`, `_reroute_one` by putting the jobs back
+        in line). So reloads that keep coming keep the message's jobs in no destination as long as they come, as
+        Postfix's qmgr, restarted by each, delivers nothing meanwhile; each pass is bounded, not the wait."""
         for restart in range(ROUTE_RESTARTS + 1):
             routing = self._routing
             memo: dict = {}  # the sender's choices, for all the slices
