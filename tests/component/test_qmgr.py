@@ -1416,6 +1416,33 @@ async def test_a_job_s_report_of_many_results_is_taken_a_slice_at_a_time(h, monk
         assert [(status, reason) for _, status, _, reason in rows] == [("pending", "try later")] * 45
 
 
+class RepeatingTransport(ScriptedTransport):
+    """A buggy agent: its report has each recipient's result twice in a row."""
+
+    def respond(self, request: DeliveryRequest) -> DeliveryReport:
+        report = super().respond(request)
+        return DeliveryReport(tuple(result for result in report.results for _ in range(2)), site_ok=report.site_ok)
+
+
+@pytest.mark.parametrize("count", [3, 45])
+async def test_a_result_an_agent_repeats_is_taken_once(h, monkeypatch, caplog, count):
+    """An agent that reports a recipient twice: its first result is taken, once, whether the report is taken in
+    one turn (`_complete`) or REPORT_SLICE results a turn (`_job_done_in_slices`, which took every repeat within a
+    slice): one result line for each recipient, the message deferred once."""
+    caplog.set_level(logging.INFO, logger="mailflow.mail")
+    monkeypatch.setattr(qmgr_module, "REPORT_SLICE", 10)
+    repeating = RepeatingTransport(h.clock, always(Outcome.DEFERRED, "4.4.1", "try later"))
+    await h.start(transports={"local": h.local, "smtp": repeating},
+                  transport_destination_recipient_limit={"smtp": 0})
+    addresses = [f"u{i:02d}@remote.test" for i in range(count)]
+    queue_id = await h.queue(*addresses)
+    await eventually(lambda: _is(h, {"deferred": 1}), what="the message deferred")
+    await attempts_over(h)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{queue_id}: to=<")]
+    assert Counter(line.split(">", 1)[0].split("<", 1)[1] for line in lines) == Counter(addresses)
+    assert len(repeating.requests) == 1
+
+
 async def test_a_deleted_message_s_many_results_are_logged_once_and_none_recorded(h, monkeypatch, caplog):
     """A job of more than RECORD_SLICE results of a message the poll saw deleted during the delivery: every
     result's line is logged once (as Postfix's agent logs its status= lines for a queue file removed under it),

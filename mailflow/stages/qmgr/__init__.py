@@ -169,7 +169,7 @@ import heapq
 import logging
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import TYPE_CHECKING, AsyncIterator, Callable, Collection, Iterator
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Collection, Iterable, Iterator
 
 from mailflow.clock import Clock
 from mailflow.content import Content
@@ -1334,10 +1334,8 @@ class QueueManager:
         taken = set(recorded)  # recorded as they came, or taken in with a slice: not the last one's (`_complete`)
         results = report.results
         for start in range(0, len(results) - REPORT_SLICE, REPORT_SLICE):
-            part = [r for r in results[start:start + REPORT_SLICE]
-                    if _is_for(mine, r) and r.recipient.index not in taken]
-            taken.update([r.recipient.index for r in part])
-            self._results_in(active, [_stamp(job.transport, r, stats) for r in part])
+            part = _first_of_each(job, mine, results[start:start + REPORT_SLICE], stats, taken)
+            self._results_in(active, part)
             await asyncio.sleep(0)
         self._job_done(job, DeliveryReport(results[start + REPORT_SLICE:]), handoff, done, taken)
 
@@ -1787,16 +1785,28 @@ def _expire(pending: list[RcptResult], age: float, lifetime: float) -> list[Rcpt
 def _complete(job: Job, report: DeliveryReport, stats: MsgStats | None,
               recorded: Collection[int] = ()) -> list[RcptResult]:
     """The report's results for this job's recipients but the `recorded` ones (indexes), each marked with the job's
-    transport and `stats` (None: no agent had the job, they keep theirs); one the agent did not mention stays queued
+    transport and `stats` (None: no agent had the job, they keep theirs), the first of a repeated one only (as
+    `_job_done_in_slices` takes them); one the agent did not mention stays queued
     (4.3.0). (A job whose results were recorded as they came has one here: none is made for the others, which for
     100 000 recipients held the loop 0.5 s.)"""
-    mine = {r.index: r for r in job.recipients}
-    reported = [r for r in report.results if _is_for(mine, r)]
-    told = {r.recipient.index for r in reported}
-    results = [_stamp(job.transport, r, stats) for r in reported if r.recipient.index not in recorded]
+    told = set(recorded)
+    results = _first_of_each(job, {r.index: r for r in job.recipients}, report.results, stats, told)
     results += [RcptResult(r, Outcome.DEFERRED, "4.3.0", "delivery agent reported no result", transport=job.transport,
-                           stats=stats) for r in job.recipients if r.index not in told and r.index not in recorded]
+                           stats=stats) for r in job.recipients if r.index not in told]
     return results
+
+
+def _first_of_each(job: Job, mine: dict[int, Recipient], results: Iterable[RcptResult], stats: MsgStats | None,
+                   taken: set[int]) -> list[RcptResult]:
+    """`results` for the job's recipients (`mine`, by index) but those `taken` (indexes), stamped (`_stamp`); a
+    recipient's first result only (an agent that repeats one is not believed twice), its index added to `taken`."""
+    first: list[RcptResult] = []
+    for result in results:
+        index = result.recipient.index
+        if index not in taken and _is_for(mine, result):
+            taken.add(index)
+            first.append(_stamp(job.transport, result, stats))
+    return first
 
 
 def _is_for(mine: dict[int, Recipient], result: RcptResult) -> bool:
