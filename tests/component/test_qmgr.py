@@ -1336,6 +1336,41 @@ async def test_a_reload_resolves_many_small_waiting_messages_again_route_slice_r
         assert statuses == {("pending", "delivery suspended: the message was put on hold"): 2}
 
 
+async def test_the_reroute_task_counts_every_recipient_of_a_message_against_a_turn_s_slice(h, monkeypatch):
+    """A waiting job of one recipient, of a message of many (the others delivered): resolving it again indexes the
+    message's whole list (`_queued_forms`), so the reroute task counts them all against a turn's ROUTE_SLICE, not
+    the one (a turn took ten such messages of 100 000 recipients: a million indexed)."""
+    monkeypatch.setattr(qmgr_module, "ROUTE_SLICE", 10)
+    blocking = BlockingTransport("smtp")
+    transports = {"local": h.local, "smtp": blocking}
+    resolve, _ = relaying("[old.test]")
+    await h.start(resolve=resolve, transports=transports, default_destination_concurrency_limit=1)
+    first = await h.queue("u00@remote.test")
+    await eventually(lambda: blocking.in_flight == 1, what="the first delivery under way")
+    waiting = [await h.queue(f"u{i:02d}@remote.test", *(f"l{i:02d}.{j}@example.test" for j in range(7)))
+               for i in range(1, 9)]  # (8 recipients each: 7 delivered at once, one waits for the relay's window)
+    await eventually(lambda: len(h.local.requests) == len(waiting), what="the local recipients delivered")
+    indexed: list[tuple[int, int]] = []
+    queued_forms = qmgr_module._queued_forms
+
+    def indexing(message, jobs):
+        indexed.append((turns.count, len(message.recipients)))
+        return queued_forms(message, jobs)
+
+    monkeypatch.setattr(qmgr_module, "_queued_forms", indexing)
+    async with LoopTurns() as turns:
+        reload_to(h, "[new.test]", transports)
+        await eventually(lambda: h.qmgr._rerouter is None, what="the reroute done")
+    per_turn: Counter[int] = Counter()
+    for turn, size in indexed:
+        per_turn[turn] += size
+    assert len(indexed) == len(waiting) and max(per_turn.values()) <= 10, per_turn
+    blocking.release.set()
+    await eventually(lambda: queue_is_empty(h), what="every message delivered")
+    assert sorted((r.queue_id, r.nexthop) for r in blocking.requests) == [(first, "[old.test]")] + [
+        (qid, "[new.test]") for qid in waiting]
+
+
 async def test_a_reload_while_the_reroute_puts_a_message_in_order_resolves_it_again_a_slice_a_turn(h):
     """A reload that comes after the reroute task's last slice of a message, while it puts them in order: the
     message's recipients are resolved again by the new routing ROUTE_SLICE a turn (they were resolved all at once,

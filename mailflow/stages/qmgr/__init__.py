@@ -1014,9 +1014,9 @@ class QueueManager:
         """A reload: every job not started yet is taken back and its recipients resolved again by the new routing
         (from their queued form, not the one they resolved to), as Postfix's qmgr, restarted by `postfix reload`,
         reads its active queue again. Deliveries in flight are left alone; the messages stay in hand, in the order
-        they were taken. Up to ROUTE_SLICE recipients in all are resolved now; more by a task,
-        ROUTE_SLICE recipients a loop turn (`_reroute_in_slices`: 20 000 held the loop 0.22 s), which a later
-        reload hands its jobs to as well."""
+        they were taken. Messages of up to ROUTE_SLICE recipients in all (waiting or not) are resolved now; more
+        by a task, ROUTE_SLICE recipients a loop turn (`_reroute_in_slices`: 20 000 held the loop 0.22 s), which a
+        later reload hands its jobs to as well."""
         drained: dict[str, list[Job]] = {}
         for dest in self._destinations.values():
             for job in dest.drain():
@@ -1025,7 +1025,7 @@ class QueueManager:
             self._rerouting.setdefault(queue_id, []).extend(drained[queue_id])
         if self._rerouter is not None or not self._rerouting:
             return  # (the task under way takes them too)
-        if _recipients_at_most(self._rerouting.values(), ROUTE_SLICE):
+        if _recipients_at_most([self._active[queue_id].message for queue_id in self._rerouting], ROUTE_SLICE):
             rerouting, self._rerouting = self._rerouting, {}
             for queue_id, jobs in rerouting.items():
                 active = self._active[queue_id]
@@ -1034,10 +1034,12 @@ class QueueManager:
             self._rerouter = self._spawn(self._reroute_in_slices())
 
     async def _reroute_in_slices(self) -> None:
-        """`_reroute`'s task: the messages' jobs a reload took back, ROUTE_SLICE recipients a loop turn: those of
-        the messages that fit in what is left of a turn's slice together (10 000 waiting one-recipient messages took
-        as many turns, their jobs in no destination meanwhile), a bigger one by itself (`_routes_in_slices`). While a
-        message's recipients are resolved its jobs are in no destination: an operator's hold or delete seen meanwhile
+        """`_reroute`'s task: the messages' jobs a reload took back, ROUTE_SLICE recipients a loop turn: the
+        messages whose recipients fit in what is left of a turn's slice together (10 000 waiting one-recipient
+        messages took as many turns, their jobs in no destination meanwhile), a bigger one by itself
+        (`_routes_in_slices`); a message counts all its recipients, not only its waiting jobs' (`_queued_forms`
+        indexes them all: a message of 100 000 with one job waiting cost as much). While a message's recipients
+        are resolved its jobs are in no destination: an operator's hold or delete seen meanwhile
         (`_withdraw_taken_back` marks the message) ends them as withdrawn here; a later reload starts its
         resolution over (`_routes_in_slices`); one that came after its last pass began (while they were put in
         order, or past ROUTE_RESTARTS) puts its jobs back in line, to be resolved again a slice a turn."""
@@ -1046,11 +1048,11 @@ class QueueManager:
             while self._rerouting and not self._stopping:
                 queue_id = next(iter(self._rerouting))
                 active = self._active[queue_id]
-                if not active.withdrawn and _recipients_at_most([self._rerouting[queue_id]], room):
+                if not active.withdrawn and len(active.message.recipients) <= room:
                     jobs = self._rerouting.pop(queue_id)
                     recipients = _queued_forms(active.message, jobs)
                     self._rerouted(active, jobs, self._routes(active.message, recipients, {}))
-                    room -= len(recipients)
+                    room -= len(active.message.recipients)
                     continue
                 if room == ROUTE_SLICE:
                     await self._reroute_one(queue_id)
@@ -1852,14 +1854,14 @@ def _queued_forms(message: QueuedMessage, jobs: list[Job]) -> list[Recipient]:
     return [queued[r.index] for job in jobs for r in job.recipients]
 
 
-def _recipients_at_most(job_lists: Collection[list[Job]], limit: int) -> bool:
-    """Whether the jobs have `limit` recipients or fewer in all (counted no further than that)."""
+def _recipients_at_most(messages: Iterable[QueuedMessage], limit: int) -> bool:
+    """Whether the messages have `limit` recipients or fewer in all (counted no further than that): what resolving
+    their jobs again costs, `_queued_forms` indexing each one's whole list."""
     count = 0
-    for jobs in job_lists:
-        for job in jobs:
-            count += len(job.recipients)
-            if count > limit:
-                return False
+    for message in messages:
+        count += len(message.recipients)
+        if count > limit:
+            return False
     return True
 
 
