@@ -97,7 +97,7 @@ class LmtpTransport:
         outcomes, sendable = screen_envelope(request)
         if sendable:
             await self._deliver(request, sendable, outcomes)
-        return await outcomes.report_in_slices(request, self._now)
+        return await outcomes.report(request, self._now)
 
     async def close(self) -> None:
         """QUIT every cached session; afterwards no session is cached again."""
@@ -116,16 +116,17 @@ class LmtpTransport:
                         if request.content.in_memory and not blocking else
                         await asyncio.to_thread(outbound_wire_form, screened, self._checks, self._generic))
             except LookupRetry as e:  # (lmtp_generic_maps)
-                outcomes.fail(recipients, TemporaryError("4.3.0", f"lmtp_generic_maps lookup error: {e.text}"))
+                error = TemporaryError("4.3.0", f"lmtp_generic_maps lookup error: {e.text}")
+                await outcomes.fail_in_slices(recipients, error)
                 return
             except TemporaryError as e:  # (lmtp_header_checks)
-                outcomes.fail(recipients, e)
+                await outcomes.fail_in_slices(recipients, e)
                 return
         try:
             nexthop = parse_nexthop(request.nexthop, self._config.port, lmtp=True)
         except ValueError:
             error = TemporaryError("4.3.5", f"mail system configuration error: bad LMTP nexthop {request.nexthop!r}")
-            outcomes.fail(recipients, error).site_failed(error)
+            (await outcomes.fail_in_slices(recipients, error)).site_failed(error)
             return
         key = f"unix:{nexthop.path}" if nexthop.path else f"[{nexthop.host}]:{nexthop.port}"
         session = await self._cache.reuse(key, lambda s: send_message(

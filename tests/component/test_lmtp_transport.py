@@ -21,9 +21,11 @@ from mailflow.errors import ConfigError
 from mailflow.logs import SyslogFormatter
 from mailflow.model import ConnStats, DeliveryRequest, Outcome, Recipient
 from mailflow.transports.lmtp import LmtpTransport
+from mailflow.transports.smtp import trouble
 from mailflow.transports.smtp.addr import Nexthop, Peer, parse_nexthop
 
 from tests.support import big_message, eventually, free_port, spooled
+from tests.support.stalls import LoopTurns
 from tests.support.peers import garbling_lmtp
 
 HELO = "mx.mailflow.test"
@@ -545,6 +547,23 @@ async def test_bad_nexthop_defers_as_configuration_error():
     report = await deliver(make_transport(), make_request("unix:"))
     assert outcomes(report) == [("b@example.test", Outcome.DEFERRED, "4.3.5")]
     assert not report.site_ok
+
+
+async def test_a_bad_nexthop_fails_a_job_s_recipients_a_slice_a_turn(monkeypatch):
+    """A bad next hop (as the lookup failures of lmtp_generic_maps and the header checks) failed every recipient
+    of the job in one loop turn (50 000: 0.18 s): SLICE a turn, the same results."""
+    monkeypatch.setattr(trouble, "SLICE", 10)
+    recipients = [f"u{i:02d}@example.test" for i in range(45)]
+    failed: list[tuple[int, int]] = []
+    fail = trouble.Outcomes.fail
+    async with LoopTurns() as turns:
+        monkeypatch.setattr(trouble.Outcomes, "fail", lambda self, rcpts, *args: failed.append(
+            (turns.count, len(rcpts))) or fail(self, rcpts, *args))
+        report = await deliver(make_transport(), make_request("unix:", *recipients))
+    assert [size for _, size in failed] == [10, 10, 10, 10, 5]
+    assert len({turn for turn, _ in failed}) == 5, "the loop had no turn between the slices"
+    assert [r.recipient.address for r in report.results] == recipients
+    assert {(r.outcome, r.dsn) for r in report.results} == {(Outcome.DEFERRED, "4.3.5")} and not report.site_ok
 
 
 # ---------------------------------------------------------------------------------------------------- pure parts

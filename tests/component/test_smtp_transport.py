@@ -31,7 +31,6 @@ from mailflow.routing.router import Router
 from mailflow.transports import build_transports
 from mailflow.transports.smtp import SmtpTransport
 from mailflow.transports.smtp import trouble
-import mailflow.transports.smtp.transport as smtp_transport_module
 from mailflow.tables.search import EXTERNAL_FIRST, address_search
 from mailflow.transports.smtp.addr import MX_HOST_LIMIT, exchangers, order_exchangers, parse_nexthop
 from tests.support import CaptureHandler, SmtpClient, base_settings, big_message, eventually, free_port, merged, spooled
@@ -932,7 +931,6 @@ async def test_a_dead_site_s_many_recipients_are_failed_and_reported_a_slice_a_t
     """The results of a job of 50 000 recipients at a site that refused every connection were made in one loop
     turn (0.3 s) and its report in another (0.4 s): SLICE recipients a turn each, the same results."""
     monkeypatch.setattr(trouble, "SLICE", 10)
-    monkeypatch.setattr(smtp_transport_module, "SLICE", 10)
     unused_port = free_port()
     recipients = [f"u{i:02d}@example.test" for i in range(45)]
     request = make_request(f"[127.0.0.1]:{unused_port}", *recipients)
@@ -952,6 +950,38 @@ async def test_a_dead_site_s_many_recipients_are_failed_and_reported_a_slice_a_t
     text = f"connect to 127.0.0.1[127.0.0.1]:{unused_port}: Connection refused"
     assert {(r.outcome, r.dsn, r.text) for r in report.results} == {(Outcome.DEFERRED, "4.4.1", text)}
     assert not report.site_ok and len({id(r.conn) for r in report.results}) == 1
+
+
+@pytest.mark.parametrize("path", ["a bad next hop", "a null MX", "a peer that hangs up at RCPT"])
+async def test_every_way_a_job_s_recipients_fail_takes_a_slice_a_turn(monkeypatch, smtp_peer, zone_resolver, path):
+    """A bad next hop, a null MX (DNS, loops, no relay: one path), a peer that hangs up in the transaction: each
+    failed every recipient of the job in one loop turn (50 000: 0.18 s), and the hang-up stamped them all in
+    another (0.22 s with `pending`): SLICE recipients a turn, the same results."""
+    monkeypatch.setattr(trouble, "SLICE", 10)
+    recipients = [f"u{i:02d}@example.test" for i in range(45)]
+    resolver = zone_resolver("nullmx.test. 300 IN MX 0 .")
+    if path == "a peer that hangs up at RCPT":
+        peer = await smtp_peer()
+        peer.handler.rcpt_replies[recipients[0]] = "421 4.3.2 shutting down"
+        nexthop, failed_sizes = f"[127.0.0.1]:{peer.port}", [9, 10, 10, 10, 5]
+    else:
+        nexthop, failed_sizes = ("[127.0.0.1" if path == "a bad next hop" else "nullmx.test"), [10, 10, 10, 10, 5]
+    failed: list[tuple[int, int]] = []
+    stamped: list[int] = []
+    fail, replaced = trouble.Outcomes.fail, trouble.replaced
+    async with LoopTurns() as turns:
+        monkeypatch.setattr(trouble.Outcomes, "fail", lambda self, rcpts, *args: failed.append(
+            (turns.count, len(rcpts))) or fail(self, rcpts, *args))
+        monkeypatch.setattr(trouble, "replaced", lambda result, **kw: stamped.append(turns.count) or replaced(
+            result, **kw))
+        report = await deliver(make_transport(resolver), make_request(nexthop, *recipients))
+    assert [size for _, size in failed] == failed_sizes
+    assert len({turn for turn, _ in failed}) == 5, "the loop had no turn between the slices"
+    assert len(stamped) == 45 and len(set(stamped)) == 5, "the loop had no turn between the slices"
+    assert [r.recipient.address for r in report.results] == recipients
+    expected = {"a bad next hop": (Outcome.DEFERRED, "4.3.5"), "a null MX": (Outcome.BOUNCED, "5.1.10"),
+                "a peer that hangs up at RCPT": (Outcome.DEFERRED, "4.4.2")}[path]
+    assert {(r.outcome, r.dsn) for r in report.results[1:]} == {expected}
 
 
 class CountingResolver(StaticResolver):

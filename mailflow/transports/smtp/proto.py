@@ -94,7 +94,7 @@ async def send_message(
             await utf8_header_section(request.content, read_header(request.content, HEADER_READ_LIMIT)[0])):
         refusal = smtputf8_refusal(session.peer)
     if refusal is not None:
-        outcomes.fail(recipients, refusal, session.peer.relay)
+        await outcomes.fail_in_slices(recipients, refusal, session.peer.relay)
         return
     session.uses += 1
     session.queue_id = request.queue_id
@@ -103,8 +103,8 @@ async def send_message(
     try:
         await _transaction(session, request, recipients, outcomes, timeouts, reused, lmtp, wire, probe)
     except SiteFailure as e:
-        outcomes.fail(outcomes.pending(recipients), e, session.peer.relay).site_failed(e)
-    outcomes.stamp(todo, conn)  # not reached on StaleSession: `outcomes` stays untouched
+        (await outcomes.fail_pending_in_slices(recipients, e, session.peer.relay)).site_failed(e)
+    await outcomes.stamp_in_slices(todo, conn)  # not reached on StaleSession: `outcomes` stays untouched
 
 
 async def _transaction(

@@ -106,7 +106,6 @@ from mailflow.transports.smtp.trouble import (
     LocalProblem,
     Outcomes,
     SiteFailure,
-    SLICE,
     record_unreachable,
 )
 
@@ -185,7 +184,7 @@ class SmtpTransport:
     async def deliver(self, request: DeliveryRequest) -> DeliveryReport:
         outcomes, sendable = screen_envelope(request)
         if not sendable:
-            return await outcomes.report_in_slices(request, self._now)
+            return await outcomes.report(request, self._now)
         wire = None
         if self._generic is not None or self._checks is not None:
             try:
@@ -195,15 +194,14 @@ class SmtpTransport:
                                                   self._checks is not None and self._checks.long_head(
                                                       request.content)))
             except LookupRetry as e:  # (smtp_generic_maps, or TableCache.run's deadline: a table that may wait)
-                outcomes.fail(sendable, TemporaryError("4.3.0", f"{self._waited_for()} lookup error: {e.text}"))
-                return await outcomes.report_in_slices(request, self._now)
+                error = TemporaryError("4.3.0", f"{self._waited_for()} lookup error: {e.text}")
+                await outcomes.fail_in_slices(sendable, error)
+                return await outcomes.report(request, self._now)
             except TemporaryError as e:  # (smtp_header_checks)
-                outcomes.fail(sendable, e)
-                return await outcomes.report_in_slices(request, self._now)
+                await outcomes.fail_in_slices(sendable, e)
+                return await outcomes.report(request, self._now)
         await self._deliver_to_nexthop(request, sendable, outcomes, wire)
-        if len(request.recipients) > SLICE:
-            return await outcomes.report_in_slices(request, self._now)
-        return outcomes.report(request, self._now)  # (one turn: the common case, a few recipients)
+        return await outcomes.report(request, self._now)
 
     def _waited_for(self) -> str:
         """What a lookup error before the session names: smtp_generic_maps unless only the header checks have a
@@ -241,10 +239,10 @@ class SmtpTransport:
                 destination = dataclasses.replace(destination, sender=request.sender)
         except ValueError:
             error = TemporaryError("4.3.5", f"mail system configuration error: bad SMTP nexthop {site.written!r}")
-            outcomes.fail(recipients, error).site_failed(error)
+            (await outcomes.fail_in_slices(recipients, error)).site_failed(error)
             return []
         except LocalProblem as e:
-            outcomes.fail(recipients, e)
+            await outcomes.fail_in_slices(recipients, e)
             return []
         cached = await self._deliver_on_cached_session(destination, request, recipients, outcomes, wire)
         kept: Outcomes | None = None
@@ -268,10 +266,10 @@ class SmtpTransport:
                 outcomes.restore(kept)
             elif isinstance(e, LookupRetry):
                 lookup = SiteFailure("4.4.3", failure_text(e))
-                outcomes.fail(recipients, lookup).site_failed(lookup)
+                (await outcomes.fail_in_slices(recipients, lookup)).site_failed(lookup)
             else:  # null MX (5.1.10), loops back to myself (5.4.6), unable to find primary relay (4.4.4)
                 failure = self._unless_misconfigured(site, request, e)
-                outcomes.fail(recipients, failure)
+                await outcomes.fail_in_slices(recipients, failure)
                 if not failure.permanent:  # deferred: the destination is throttled, as Postfix's smtp_sess_fail
                     outcomes.site_failed(failure)
             return []
@@ -281,7 +279,7 @@ class SmtpTransport:
             return await self._deliver_to_first_reachable(candidates, destination, request, recipients, outcomes,
                                                           dns_failures, wire, site, kept=kept, used=cached)
         except LocalProblem as e:
-            outcomes.fail(outcomes.pending(recipients), e)
+            await outcomes.fail_pending_in_slices(recipients, e)
             return []
 
     def _left_for_next_site(self, site: Site, request: DeliveryRequest, recipients: list[Recipient],
