@@ -222,7 +222,9 @@ class Outcomes:
         stamped (they failed before a session was ready for MAIL FROM: no connection, a greeting or EHLO that
         failed or never came, a lookup before the session) carry a set-up that ended now (`now()`, qmgr's clock),
         as Postfix's smtp_bulk_fail dates conn_setup_done at the failure when it is still unset: the log's
-        `delays=` then count that time as connection set-up (c), not transmission (d)."""
+        `delays=` then count that time as connection set-up (c), not transmission (d). A cancel between the slices
+        (a stop's, past its grace) loses the report, as one at any await after the peer's answers does (qmgr's
+        `_each_result` says what follows)."""
         failed: list[ConnStats] = []  # (the set-up's end, made at the first result that needs it)
         if len(request.recipients) <= SLICE:  # (the common case, a few recipients: no slices to make)
             results = self._dated(request.recipients, failed, now)
