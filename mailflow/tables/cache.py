@@ -7,7 +7,11 @@
                                        read, once) while its `run` and `preload` concern only those opened through
                                        it: a server's generation shares one set of tables among its parts (routing,
                                        content checks, each listener's restrictions) and each part's lookups stay
-                                       inline unless a table of its own may block
+                                       inline unless a table of its own may block; a view holds only the tables
+                                       opened through it, so that a part still in use after a reload (an open
+                                       session, a delivery) keeps its own tables alive, not its generation's
+    TableCache.built()                 the generation is built: from now on each view opens its own tables; this
+                                       cache keeps the tables its views opened (for file_tables)
     await TableCache.run(fn, *args, off_loop=False, workers=None)
                                        fn (which looks things up in this cache's tables): inline when every table
                                        opened here answers from memory (and not `off_loop`), else in a worker
@@ -16,6 +20,7 @@
     await TableCache.preload()         read every file-backed table once, in a worker thread (a server calls
                                        it before it listens)
     TableCache.file_tables()           the tables read from a file, its views' too (mailflow.tables.retire)
+    file_tables(tables)                the same of a list of tables
 
 Failure behaviour: `open` raises ConfigError for a bad spec; `run` raises LookupRetry past the slowest blocking
 table's deadline (plus RUN_GRACE): in the default executor counted from the call to `run` (its wait for a thread
@@ -43,15 +48,17 @@ class TableCache:
     """Opens each `type:name` once (for itself and its views), so settings that name the same file share one
     reader (and one reload). `open(specs)` returns the tables of one setting, in order."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, *,
-                 shared: dict[tuple[str, bool], Table] | None = None):
+    def __init__(self, clock: Callable[[], float] = time.monotonic, *, shared: _Shared | None = None):
         self._clock = clock
-        self._shared: dict[tuple[str, bool], Table] = {} if shared is None else shared  # (this cache's and views')
+        self._shared = shared  # the views' (and this cache's) while they are being built; None: its own only
         self._open: dict[tuple[str, bool], Table] = {}  # those opened through this cache
         self._blocking: list[Table] = []  # those of _open that may wait on I/O (asked at every run())
+        self._kept: dict[tuple[str, bool], Table] = {}  # what the views opened, once built (for file_tables)
 
     def view(self) -> TableCache:
         """See the module docstring."""
+        if self._shared is None:
+            self._shared = _Shared(dict(self._open))
         return TableCache(self._clock, shared=self._shared)
 
     def open(self, specs, *, aliases: bool = False) -> list[Table]:
@@ -59,18 +66,33 @@ class TableCache:
         for spec in specs:
             key = (spec, aliases)
             if key not in self._open:
-                if key not in self._shared:
-                    self._shared[key] = open_table(spec, clock=self._clock, aliases=aliases)
-                table = self._open[key] = self._shared[key]
+                table = self._open[key] = self._opened(spec, aliases)
                 if table.blocking:
                     self._blocking.append(table)
             tables.append(self._open[key])
         return tables
 
+    def _opened(self, spec: str, aliases: bool) -> Table:
+        shared = self._shared
+        if shared is None or shared.tables is None:  # (a view of a built generation opens its own)
+            return open_table(spec, clock=self._clock, aliases=aliases)
+        key = (spec, aliases)
+        if key not in shared.tables:
+            shared.tables[key] = open_table(spec, clock=self._clock, aliases=aliases)
+        return shared.tables[key]
+
+    def built(self) -> None:
+        """See the module docstring."""
+        shared = self._shared
+        if shared is not None and shared.tables is not None:
+            self._kept, shared.tables = shared.tables, None
+
     def file_tables(self) -> list[Any]:
         """The tables read from a file (texthash, regexp, pcre, cidr: each has `contents()`) opened through this
         cache or its views."""
-        return [table for table in self._shared.values() if hasattr(table, "contents")]
+        shared = self._shared
+        tables = self._kept if shared is None or shared.tables is None else shared.tables
+        return file_tables([*self._open.values(), *tables.values()])
 
     @property
     def blocking(self) -> bool:
@@ -109,6 +131,18 @@ class TableCache:
         files = [t for t in self._open.values() if hasattr(t, "load")]  # texthash, regexp, cidr
         if files:
             await asyncio.get_running_loop().run_in_executor(None, _load_all, files)
+
+
+class _Shared:
+    """The tables the views of one cache opened while their generation is built (`tables`, None once built)."""
+
+    def __init__(self, tables: dict[tuple[str, bool], Table]):
+        self.tables: dict[tuple[str, bool], Table] | None = tables
+
+
+def file_tables(tables: list) -> list[Any]:
+    """Those of `tables` read from a file, each once."""
+    return list({id(table): table for table in tables if hasattr(table, "contents")}.values())
 
 
 def _load_all(tables: list) -> None:

@@ -1,8 +1,8 @@
 """Letting go of the tables a reload replaced without holding up the event loop.
 
     tables = RetiredTables()
-    tables.retire(cache)          the file tables of `cache` (a replaced generation's TableCache) are let go once
-                                  nothing uses them, their parsed contents a piece at a time
+    tables.retire(file_tables)    each of `file_tables` (a replaced generation's: TableCache.file_tables) is let go
+                                  once nothing uses it, its parsed contents a piece at a time
     await tables.close()          what is still kept is let go at once (the stop)
 
 Why: a replaced generation (routers, restriction lists, content checks, transports) is a web of objects that
@@ -10,17 +10,16 @@ refer to each other, freed by the garbage collector's pass that finds it unreach
 With its tables in it, that pass freed every parsed rule too: 100 000-rule regexp and pcre files, a 100 000-line
 cidr and texthash file held the loop 2.3 s (serve's collection after a reload; 0.55 s for the same pass with nothing
 to free). So the parsed contents are kept here, apart from the tables: the collector frees the table objects (a
-few), and once the last of them is gone (`weakref.finalize`, whichever pass, whenever the last session or delivery
-that used the generation ends) the contents are taken apart on the loop, PIECE items at a time with a turn of the
-loop between two pieces. A table still in use is never touched: only what no table refers to any more is dropped.
+few), and once one of them is gone (`weakref.finalize`, whichever pass, whenever the last session or delivery that
+used it ends: each part of a generation holds only its own tables) its contents are taken apart on the loop, PIECE
+items at a time with a turn of the loop between two pieces. A table still in use is never touched: only what no
+table refers to any more is dropped.
 """
 from __future__ import annotations
 
 import asyncio
 import weakref
 from typing import Iterator
-
-from mailflow.tables.cache import TableCache
 
 PIECE = 2000  # items of a list or dict dropped between two turns of the loop (a few ms for parsed rules)
 
@@ -30,26 +29,18 @@ class RetiredTables:
 
     def __init__(self) -> None:
         self._dropping: set[asyncio.Task] = set()
-        self._kept: list[list] = []  # each retired generation's contents, until dropped
+        self._kept: list[list] = []  # each retired table's contents (in a list of its own), until dropped
 
-    def retire(self, cache: TableCache) -> None:
+    def retire(self, tables: list) -> None:
         """See the module docstring. From the event loop."""
-        tables = cache.file_tables()
-        contents = [value for value in (table.contents() for table in tables) if value is not None]
-        if not contents:
-            return
-        self._kept.append(contents)
         loop = asyncio.get_running_loop()
-        left = len(tables)
-
-        def gone() -> None:  # (from the collector's pass, in whichever thread ran it)
-            nonlocal left
-            left -= 1
-            if left == 0 and not loop.is_closed():  # (closed: the process is ending, nothing to spare)
-                loop.call_soon_threadsafe(self._drop, contents)
-
         for table in tables:
-            weakref.finalize(table, gone)
+            value = table.contents()
+            if value is None:
+                continue
+            contents = [value]
+            self._kept.append(contents)
+            weakref.finalize(table, _gone, loop, self._drop, contents)
 
     def _drop(self, contents: list) -> None:
         if any(kept is contents for kept in self._kept):
@@ -62,7 +53,15 @@ class RetiredTables:
         for task in self._dropping:
             task.cancel()
         await asyncio.gather(*self._dropping, return_exceptions=True)
+        for contents in self._kept:  # (the tables' finalizers hold these lists: emptied, they hold nothing)
+            contents.clear()
         self._kept = []
+
+
+def _gone(loop: asyncio.AbstractEventLoop, drop, contents: list) -> None:
+    """A retired table is gone (from the collector's pass, in whichever thread ran it): its contents dropped."""
+    if not loop.is_closed():  # (closed: the process is ending, nothing to spare)
+        loop.call_soon_threadsafe(drop, contents)
 
 
 async def _taken_apart(contents: list) -> None:

@@ -41,7 +41,8 @@ async def test_a_reload_runs_frozen_and_then_unfreezes_collects_and_freezes_agai
         frozen_during.append(gc.get_freeze_count())
 
     level = logging.getLevelName(logging.getLogger().level)  # what a reload puts in force: as it is
-    mf = SimpleNamespace(reload=reload, config=SimpleNamespace(log=SimpleNamespace(level=level), warnings=list))
+    mf = SimpleNamespace(reload=reload, config=SimpleNamespace(log=SimpleNamespace(level=level), warnings=list),
+                         replaced_in_use=False)
     wanted = asyncio.Event()
     replaced = Cycle()  # what the configuration in force held, let go of by the reload
     gone = weakref.finalize(replaced, lambda: None)

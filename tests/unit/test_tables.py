@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import re
 import sqlite3
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from functools import partial
 
 import pytest
@@ -832,6 +834,23 @@ async def test_views_share_each_table_and_run_inline_unless_one_of_their_own_may
     quick_sqlite(routing, tmp_path)
     assert routing.blocking and not listener.blocking and not cache.blocking
     assert await listener.run(threading.get_ident) == threading.get_ident()
+
+
+def test_a_built_generations_views_hold_only_their_own_tables(tmp_path):
+    """Once the generation is built, a part still in use after its replacement (an open session, a delivery) keeps
+    its own tables alive, not every table of the generation: each view held them all."""
+    (tmp_path / "checks").write_text("/^X-Bad: / REJECT\n")
+    (tmp_path / "access").write_text("alice@relay.test OK\n")
+    generation = TableCache()
+    content_checks, listener = generation.view(), generation.view()
+    [checks] = content_checks.open([f"regexp:{tmp_path}/checks"])
+    [access] = listener.open([f"texthash:{tmp_path}/access"])
+    generation.built()
+    assert sorted(map(id, generation.file_tables())) == sorted(map(id, [checks, access]))
+    checks_gone = weakref.finalize(checks, lambda: None)
+    del generation, content_checks, checks  # (replaced; the listener still in use by an open session)
+    gc.collect()
+    assert not checks_gone.alive and listener.open([f"texthash:{tmp_path}/access"]) == [access]
 
 
 async def test_run_off_the_loop_takes_a_thread_for_memory_tables_and_keeps_a_blocking_tables_deadline(tmp_path):

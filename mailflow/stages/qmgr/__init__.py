@@ -458,6 +458,11 @@ class QueueManager:
         return queue_id in self._active
 
     @property
+    def retiring(self) -> bool:
+        """Transports a reload replaced are not all closed yet (deliveries they began are still under way)."""
+        return bool(self._retired)
+
+    @property
     def busy(self) -> bool:
         """Deliveries or records are under way (those waiting to retry a write the store refused too)."""
         return bool(self._tasks)
