@@ -509,19 +509,24 @@ class Mailflow:
             # (validated again, a domain list's /file read again, when settings kept as running differ: off the loop)
             config = await asyncio.to_thread(in_force, self.config, config, "")
             tables = TableCache()  # this generation's: each table it names is read once, by the check
-            problems = await asyncio.to_thread(lambda: table_problems(flat_settings(config, effective=True), "",
-                                                                      tables.view()))
-            if problems:
-                raise _all_of(problems)
-            router = await self._router(config, tables.view())
-            templates = self._templates(config)
-            cleanup_settings = await self._cleanup_settings(config, router)
-            transports = self._build_transports(config, router, self._grace_of(config))
-            filters = FilterServices(config, self._dns_resolver(), self.clock, self.rng)
-            sender = probe_sender(config, router, self.clock)
-            prober = await self._prober(config, router, transports, sender)
-            handler_for = self._handler_for(router, filters, sender)
-            use_smtpd = await self.smtpd.reconfigure(config, handler_for, router.tables.view())  # binds new addresses
+            try:
+                problems = await asyncio.to_thread(lambda: table_problems(flat_settings(config, effective=True), "",
+                                                                          tables.view()))
+                if problems:
+                    raise _all_of(problems)
+                router = await self._router(config, tables.view())
+                templates = self._templates(config)
+                cleanup_settings = await self._cleanup_settings(config, router)
+                transports = self._build_transports(config, router, self._grace_of(config))
+                filters = FilterServices(config, self._dns_resolver(), self.clock, self.rng)
+                sender = probe_sender(config, router, self.clock)
+                prober = await self._prober(config, router, transports, sender)
+                handler_for = self._handler_for(router, filters, sender)
+                # (binds new addresses)
+                use_smtpd = await self.smtpd.reconfigure(config, handler_for, router.tables.view())
+            except BaseException:  # refused (or cancelled): what it read is let go a piece at a time too
+                self._retired_tables.retire(tables.file_tables())
+                raise
             # everything is built: from here on nothing can fail
             self._cleanup.reconfigure(**cleanup_settings)
             self._grace = self._grace_of(config)

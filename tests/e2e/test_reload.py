@@ -528,3 +528,40 @@ async def test_under_serve_a_replaced_routing_table_is_freed_once_the_delivery_i
         reloads.cancel()
         await asyncio.gather(reloads, return_exceptions=True)
         gc.unfreeze()
+
+
+async def test_the_tables_a_refused_reload_read_are_let_go_a_piece_at_a_time_too(mailflow_server, tmp_path,
+                                                                                  monkeypatch):
+    """A reload refused once its tables are read (an address that cannot be listened on: the last step) lets go
+    of them as a replaced generation does: their rules outlive the table objects, taken apart on the loop, not
+    freed with them in one go."""
+    from mailflow.tables import cache
+
+    rules = 5_011
+    checks = tmp_path / "checks.regexp"
+    checks.write_text("".join(f"/^X-Spam-{i}: yes/ REJECT\n" for i in range(rules)))
+    mf = await mailflow_server(checks={"header_checks": [f"regexp:{checks}"]})
+    opened = []
+
+    def recorded(*args, **kwargs):
+        table = open_table(*args, **kwargs)
+        opened.append(weakref.ref(table))
+        return table
+
+    open_table = cache.open_table
+    monkeypatch.setattr(cache, "open_table", recorded)
+    loop, outlived = asyncio.get_running_loop(), []
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        busy = {**mf.config.model_dump()["smtpd"], "listen": [f"127.0.0.1:{taken.getsockname()[1]}"]}
+        try:
+            await mf.reload(config_from_dict({**mf.config.model_dump(), "smtpd": busy}))
+        except ConfigError:
+            [table] = [table() for table in opened if type(table()).__name__ == "RegexpTable"]
+            parsed = weakref.ref(table.contents())
+            weakref.finalize(table, lambda: loop.call_soon_threadsafe(lambda: outlived.append(parsed() is not None)))
+            del table
+        else:
+            raise AssertionError("the reload was not refused")
+    gc.collect()
+    await eventually(lambda: parsed() is None and outlived, timeout=10, what="the refused reload's rules freed")
+    assert outlived == [True]  # (its rules were still there the turn after the table went)
