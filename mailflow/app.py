@@ -94,6 +94,7 @@ from mailflow.stages.smtpd.transcript import SessionObservers
 from mailflow.stages.verify import ProbeSender, Prober, Verifier
 from mailflow.store import Store
 from mailflow.tables import TableCache
+from mailflow.tables.cache import file_tables
 from mailflow.tables.check import table_problems
 from mailflow.tables.retire import RetiredTables
 from mailflow.tables.networks import NetworkList
@@ -510,8 +511,8 @@ class Mailflow:
             config = await asyncio.to_thread(in_force, self.config, config, "")
             tables = TableCache()  # this generation's: each table it names is read once, by the check
             try:
-                problems = await asyncio.to_thread(lambda: table_problems(flat_settings(config, effective=True), "",
-                                                                          tables.view()))
+                check = tables.view()  # (what only it opens, the generation does not keep: built(check))
+                problems = await asyncio.to_thread(table_problems, flat_settings(config, effective=True), "", check)
                 if problems:
                     raise _all_of(problems)
                 router = await self._router(config, tables.view())
@@ -533,7 +534,8 @@ class Mailflow:
             if self._filters is not None:
                 self._retired_filters.append(self._filters)
             self._filters = filters
-            tables.built()  # (its parts hold their own tables from here on, not the generation's)
+            unused = tables.built(check)  # (its parts hold their own tables from here on, not the generation's)
+            self._retired_tables.retire(file_tables(unused))
             if self._tables is not None:
                 self._retired_tables.retire(self._tables.file_tables())
             self._tables = tables

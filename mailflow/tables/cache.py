@@ -10,8 +10,11 @@
                                        inline unless a table of its own may block; a view holds only the tables
                                        opened through it, so that a part still in use after a reload (an open
                                        session, a delivery) keeps its own tables alive, not its generation's
-    TableCache.built()                 the generation is built: from now on each view opens its own tables; this
-                                       cache keeps the tables its views opened (for file_tables)
+    TableCache.built(check=None) -> list[Table]
+                                       the generation is built: from now on each view opens its own tables; this
+                                       cache keeps the tables its views opened (for file_tables) but those only
+                                       `check` (a view: a reload's check of every table its settings name) opened,
+                                       which it lets go and returns
     await TableCache.run(fn, *args, off_loop=False, workers=None)
                                        fn (which looks things up in this cache's tables): inline when every table
                                        opened here answers from memory (and not `off_loop`), else in a worker
@@ -79,13 +82,18 @@ class TableCache:
         key = (spec, aliases)
         if key not in shared.tables:
             shared.tables[key] = open_table(spec, clock=self._clock, aliases=aliases)
+        shared.openers[key] = shared.openers.get(key, 0) + 1
         return shared.tables[key]
 
-    def built(self) -> None:
+    def built(self, check: TableCache | None = None) -> list[Table]:
         """See the module docstring."""
         shared = self._shared
-        if shared is not None and shared.tables is not None:
-            self._kept, shared.tables = shared.tables, None
+        if shared is None or shared.tables is None:
+            return []
+        checked_only = [key for key in (check._open if check is not None else ()) if shared.openers[key] == 1]
+        dropped = [shared.tables.pop(key) for key in checked_only]
+        self._kept, shared.tables = shared.tables, None
+        return dropped
 
     def file_tables(self) -> list[Any]:
         """The tables read from a file (texthash, regexp, pcre, cidr: each has `contents()`) opened through this
@@ -134,10 +142,12 @@ class TableCache:
 
 
 class _Shared:
-    """The tables the views of one cache opened while their generation is built (`tables`, None once built)."""
+    """The tables the views of one cache opened while their generation is built (`tables`, None once built) and
+    how many views opened each."""
 
     def __init__(self, tables: dict[tuple[str, bool], Table]):
         self.tables: dict[tuple[str, bool], Table] | None = tables
+        self.openers: dict[tuple[str, bool], int] = {}
 
 
 def file_tables(tables: list) -> list[Any]:

@@ -565,3 +565,27 @@ async def test_the_tables_a_refused_reload_read_are_let_go_a_piece_at_a_time_too
     gc.collect()
     await eventually(lambda: parsed() is None and outlived, timeout=10, what="the refused reload's rules freed")
     assert outlived == [True]  # (its rules were still there the turn after the table went)
+
+
+async def test_a_table_only_the_reloads_check_reads_is_not_kept(mailflow_server, tmp_path, monkeypatch):
+    """A reload checks every file table its settings name (postscreen's access list with postscreen off too), read
+    once for the generation's parts: one no part opened was kept for the generation's life."""
+    from mailflow.tables import cache
+
+    networks = tmp_path / "access.cidr"
+    networks.write_text("".join(f"10.0.{i // 256}.{i % 256} reject\n" for i in range(5000)))
+    mf = await mailflow_server(smtpd={"postscreen": {"enable": False,
+                                                     "access_list": ["permit_mynetworks", f"cidr:{networks}"]}})
+    opened = []
+
+    def recorded(*args, **kwargs):
+        table = open_table(*args, **kwargs)
+        opened.append((type(table).__name__, weakref.ref(table)))
+        return table
+
+    open_table = cache.open_table
+    monkeypatch.setattr(cache, "open_table", recorded)
+    await mf.reload(mf.config)
+    [checked] = [table for kind, table in opened if kind == "CidrTable"]
+    gc.collect()
+    await eventually(lambda: checked() is None, timeout=5, what="the table only the check read let go")

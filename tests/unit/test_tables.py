@@ -853,6 +853,18 @@ def test_a_built_generations_views_hold_only_their_own_tables(tmp_path):
     assert not checks_gone.alive and listener.open([f"texthash:{tmp_path}/access"]) == [access]
 
 
+def test_what_only_the_check_opened_is_let_go_once_the_generation_is_built(tmp_path):
+    """A reload's check opens every file table its settings name, through a view of the generation's cache; one no
+    part opened (postscreen's access list with postscreen off) is not kept for the generation's life."""
+    for name in ("relay", "unused"):
+        (tmp_path / name).write_text("alice@relay.test OK\n")
+    generation = TableCache()
+    check, routing = generation.view(), generation.view()
+    [relay, unused] = check.open([f"texthash:{tmp_path}/relay", f"texthash:{tmp_path}/unused"])
+    assert routing.open([f"texthash:{tmp_path}/relay"]) == [relay]
+    assert generation.built(check) == [unused] and generation.file_tables() == [relay]
+
+
 async def test_run_off_the_loop_takes_a_thread_for_memory_tables_and_keeps_a_blocking_tables_deadline(tmp_path):
     """Work too long for the loop (a list of thousands of members) runs in a worker thread whatever the tables;
     with a sqlite table opened, still within its deadline."""
