@@ -32,15 +32,18 @@ class RetiredTables:
         self._kept: list[list] = []  # each retired table's contents (in a list of its own), until dropped
 
     def retire(self, tables: list) -> None:
-        """See the module docstring. From the event loop."""
+        """See the module docstring. From the event loop; never raises (a reload calls it once nothing may fail)."""
         loop = asyncio.get_running_loop()
         for table in tables:
             value = table.contents()
             if value is None:
                 continue
             contents = [value]
+            try:
+                weakref.finalize(table, _gone, loop, self._drop, contents)
+            except TypeError:  # (a table that cannot be watched: its contents go with it, in the collector's pass)
+                continue
             self._kept.append(contents)
-            weakref.finalize(table, _gone, loop, self._drop, contents)
 
     def _drop(self, contents: list) -> None:
         if any(kept is contents for kept in self._kept):

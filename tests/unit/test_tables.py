@@ -21,6 +21,7 @@ from mailflow.tables import cidr as cidr_module
 from mailflow.tables import TableCache, lookup_address, lookup_local, open_table, split_extension
 from mailflow.tables.cache import RUN_GRACE
 from mailflow.tables.files import table_file_entries
+from mailflow.tables.retire import RetiredTables
 from mailflow.tables.search import (EXTERNAL_FIRST, address_keys, address_search, local_part_keys,
                                      mapped_addresses)
 from tests.support import eventually, require_tool
@@ -863,6 +864,27 @@ def test_what_only_the_check_opened_is_let_go_once_the_generation_is_built(tmp_p
     [relay, unused] = check.open([f"texthash:{tmp_path}/relay", f"texthash:{tmp_path}/unused"])
     assert routing.open([f"texthash:{tmp_path}/relay"]) == [relay]
     assert generation.built(check) == [unused] and generation.file_tables() == [relay]
+
+
+class Unwatchable:
+    __slots__ = ("rules",)  # (no __weakref__: weakref.finalize refuses it)
+
+    def __init__(self) -> None:
+        self.rules = list(range(10))
+
+    def contents(self) -> list[int]:
+        return self.rules
+
+
+async def test_retiring_a_table_that_cannot_be_watched_is_no_failure():
+    """A reload retires the replaced tables once nothing may fail: a table class without a weakref slot is left to
+    the collector's pass (its contents with it), the others kept apart as ever."""
+    tables = RetiredTables()
+    watched = open_table("texthash:/dev/null")
+    watched.load()
+    tables.retire([Unwatchable(), watched])
+    assert len(tables._kept) == 1
+    await tables.close()
 
 
 async def test_run_off_the_loop_takes_a_thread_for_memory_tables_and_keeps_a_blocking_tables_deadline(tmp_path):
