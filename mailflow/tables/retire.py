@@ -62,9 +62,12 @@ class RetiredTables:
 
 
 def _gone(loop: asyncio.AbstractEventLoop, drop, contents: list) -> None:
-    """A retired table is gone (from the collector's pass, in whichever thread ran it): its contents dropped."""
-    if not loop.is_closed():  # (closed: the process is ending, nothing to spare)
+    """A retired table is gone (from the collector's pass, in whichever thread ran it): its contents dropped on the
+    loop. (Asked, not checked first: the loop may close in between.)"""
+    try:
         loop.call_soon_threadsafe(drop, contents)
+    except RuntimeError:  # the loop is closed: the process is ending, nothing to spare
+        pass
 
 
 async def _taken_apart(contents: list) -> None:
