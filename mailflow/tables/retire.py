@@ -21,7 +21,12 @@ import asyncio
 import weakref
 from typing import Iterator
 
+from mailflow.tables import cidr, regexp
+
 PIECE = 2000  # items of a list or dict dropped between two turns of the loop (a few ms for parsed rules)
+# the parsed objects of the file tables' contents (regexp and pcre rules, cidr rules), taken apart like containers;
+# any other object is dropped whole, never emptied (it may be in use elsewhere)
+PARSED = (regexp._Rules, regexp._Rule, regexp._Prefilter, cidr._Rule, cidr._Run, cidr._Network)
 
 
 class RetiredTables:
@@ -77,7 +82,7 @@ async def _taken_apart(contents: list) -> None:
 
 
 def _pieces(value: object) -> Iterator[None]:
-    """Takes `value` apart: each list, dict and parsed object (of mailflow.tables) in it is emptied PIECE members
+    """Takes `value` apart: each list, dict and parsed object (PARSED) in it is emptied PIECE members
     at a time, those members that are such containers set aside to be taken apart in turn, so that each drop frees
     little (the rest, a tuple or a compiled pattern, is dropped whole); yields after every PIECE members."""
     stack, count = [value], 0
@@ -119,4 +124,4 @@ def _divisible(item: object) -> bool:
 
 
 def _parsed_object(item: object) -> bool:
-    return type(item).__module__.startswith("mailflow.tables.") and hasattr(item, "__dict__")
+    return type(item) in PARSED

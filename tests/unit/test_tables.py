@@ -18,6 +18,7 @@ import re2
 
 from mailflow.errors import ConfigError, LookupRetry
 from mailflow.tables import cidr as cidr_module
+from mailflow.tables import regexp as regexp_module
 from mailflow.tables import TableCache, lookup_address, lookup_local, open_table, split_extension
 from mailflow.tables.cache import RUN_GRACE
 from mailflow.tables.files import table_file_entries
@@ -900,6 +901,19 @@ def test_a_retired_table_gone_as_its_loop_closes_is_no_error():
             raise RuntimeError("Event loop is closed")
 
     _gone(ClosingLoop(), print, [])  # type: ignore[arg-type]
+
+
+def test_taking_retired_contents_apart_empties_parsed_rules_and_nothing_else_of_the_tables_modules(tmp_path):
+    """Retired contents are taken apart a piece at a time: the parsed rules (regexp's, cidr's) are emptied, any
+    other object met in them (a table, say, still in use elsewhere) is dropped whole, untouched."""
+    from mailflow.tables.retire import _pieces
+
+    (tmp_path / "access").write_text("alice@relay.test OK\n")
+    [in_use] = TableCache().open([f"texthash:{tmp_path}/access"])
+    parsed = regexp_module.parse_regexp("/^X-Bad: / REJECT\n")
+    for _ in _pieces([parsed, in_use]):
+        pass
+    assert vars(parsed) == {} and in_use.lookup("alice@relay.test") == "OK"
 
 
 async def test_run_off_the_loop_takes_a_thread_for_memory_tables_and_keeps_a_blocking_tables_deadline(tmp_path):
