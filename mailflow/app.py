@@ -683,10 +683,12 @@ async def _reloads(mf: Mailflow, wanted: asyncio.Event, reread: Callable[[], Con
         # built with the heap still frozen: the collector's full passes the new tables' objects set off (in the
         # worker threads reading them, holding the GIL and so the loop) walk what the reload made, not the whole
         # heap too (100 000-line tables: passes of 0.19-0.27 s, then 0.03-0.15 s)
-        if await reload_logged(mf, reread, where) and reloaded is not None:
-            reloaded(mf.config)
-        gc.unfreeze()  # what the configuration replaced may now be collected (a cycle of it, once unused)
-        freeze_the_heap()
+        try:
+            if await reload_logged(mf, reread, where) and reloaded is not None:
+                reloaded(mf.config)
+        finally:  # (whatever `reloaded` raises: the heap is not left frozen with what the reload replaced in it)
+            gc.unfreeze()  # what the configuration replaced may now be collected (a cycle of it, once unused)
+            freeze_the_heap()
         # what is still in use (an open session, a delivery) was frozen with the rest: collected once its last user
         # ends (else it would stay until the next reload's unfreeze), unless a reload comes first (which does it)
         if await _replaced_released(mf, wanted):

@@ -61,3 +61,29 @@ async def test_a_reload_runs_frozen_and_then_unfreezes_collects_and_freezes_agai
         reloads.cancel()
         await asyncio.gather(reloads, return_exceptions=True)
         gc.unfreeze()
+
+
+async def test_what_a_reload_replaced_is_collected_even_when_its_reloaded_hook_fails():
+    async def reload(config) -> None:
+        pass
+
+    def reloaded(config) -> None:
+        raise OSError("the watcher cannot write")
+
+    level = logging.getLevelName(logging.getLogger().level)
+    mf = SimpleNamespace(reload=reload, config=SimpleNamespace(log=SimpleNamespace(level=level), warnings=list),
+                         replaced_in_use=False)
+    wanted = asyncio.Event()
+    replaced = Cycle()
+    gone = weakref.finalize(replaced, lambda: None)
+    gc.freeze()
+    del replaced
+    reloads = asyncio.create_task(_reloads(mf, wanted, lambda: None, "", reloaded))
+    try:
+        wanted.set()
+        await asyncio.wait_for(asyncio.gather(reloads, return_exceptions=True), 5)
+        assert not gone.alive  # (unfrozen and collected all the same)
+    finally:
+        reloads.cancel()
+        await asyncio.gather(reloads, return_exceptions=True)
+        gc.unfreeze()
