@@ -29,7 +29,7 @@ import socket
 from pathlib import Path
 from typing import Callable
 
-from mailflow.tables.files import BLANKS, Reloading, logical_lines, pattern_keyword, split_key
+from mailflow.tables.files import BLANKS, FromFile, Reloading, logical_lines, pattern_keyword, split_key
 
 _FAMILIES = {32: socket.AF_INET, 128: socket.AF_INET6}
 
@@ -226,20 +226,13 @@ def _lookup(steps: list[_Run | _Rule | None], key: str) -> str | None:
     return None
 
 
-class CidrTable:
+class CidrTable(FromFile):
     fixed = False  # a pattern table: asked full keys only
     blocking = False  # answers from memory; the file is re-read off the loop (see Reloading)
 
     def __init__(self, name: str, path: Path, clock: Callable[[], float]):
         self.name = name
         self._file = Reloading(name, path, clock, parse_cidr)
-
-    def load(self) -> None:
-        self._file.load()
-
-    def contents(self):
-        """The parsed file now held (None while there is none): see Reloading.contents."""
-        return self._file.contents()
 
     def lookup(self, key: str) -> str | None:
         return _lookup(self._file.current(), key)

@@ -3,6 +3,7 @@
 - `Reloading(name, path, clock, parse)`: a file parsed into a value, re-read when its inode, size or mtime
   changes (checked at most once per RELOAD_INTERVAL of the injected clock); on a running event loop the re-read
   happens in a worker thread while lookups go on answering from the previous contents.
+- `FromFile`: what the tables read from a file share (`load()`, `contents()`: the parsed file held now).
 - `logical_lines(text)`: postmap(1) input rules (blank and `#` lines skipped, a line starting with whitespace
   continues the previous one); shared with the regexp, pcre and sqlite parsers.
 - `split_pattern_rule(number, text)`: a regexp: or pcre: rule's `!`s, pattern, flags and result, as Postfix reads
@@ -113,6 +114,20 @@ class Reloading(Generic[T]):
             return self._parse(text), signature, None
         except ValueError as e:
             return None, None, f"table {self._name}: {self._path}, {e}"
+
+
+class FromFile:
+    """What a table read into memory from a file (texthash, regexp, pcre, cidr: its Reloading in `_file`) offers
+    beside its lookups."""
+    _file: Reloading
+
+    def load(self) -> None:
+        """Read the file now, in the calling thread (a server's preload, off the loop)."""
+        self._file.load()
+
+    def contents(self):
+        """The parsed file now held (None while there is none): see Reloading.contents."""
+        return self._file.contents()
 
 
 def _signature(st: os.stat_result) -> tuple:
@@ -245,20 +260,13 @@ def _parse_alias_file(text: str) -> dict[str, str]:
         raise ValueError(f"line {e.line}: {e.reason}") from None
 
 
-class TexthashTable:
+class TexthashTable(FromFile):
     fixed = True
     blocking = False  # answers from memory; the file is re-read off the loop (see Reloading)
 
     def __init__(self, name: str, path: Path, clock: Callable[[], float], *, aliases: bool = False):
         self.name = name
         self._file = Reloading(name, path, clock, _parse_alias_file if aliases else _parse_texthash)
-
-    def load(self) -> None:
-        self._file.load()
-
-    def contents(self):
-        """The parsed file now held (None while there is none): see Reloading.contents."""
-        return self._file.contents()
 
     def lookup(self, key: str) -> str | None:
         return self._file.current().get(fold_key(key))

@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import re2
 
-from mailflow.tables.files import Reloading, logical_lines, pattern_keyword, split_pattern_rule
+from mailflow.tables.files import FromFile, Reloading, logical_lines, pattern_keyword, split_pattern_rule
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
@@ -248,7 +248,7 @@ def _expand_from(result: str | tuple[Piece, ...], m, key: str) -> str:
                    else "" for piece in result)
 
 
-class RulesTable(ABC):
+class RulesTable(FromFile, ABC):
     """What regexp: and pcre: tables share: the file's rules (`parse`, reloaded as files.Reloading), `lookup` on
     top of the subclass's `lookup_unchecked`, and what an answer holding surrogates (bytes that are not UTF-8)
     becomes for every caller but cleanup's checks (`_non_utf8_value`)."""
@@ -259,13 +259,6 @@ class RulesTable(ABC):
     def __init__(self, name: str, path: Path, clock: Callable[[], float]):
         self.name = name
         self._file = Reloading(name, path, clock, self.parse)
-
-    def load(self) -> None:
-        self._file.load()
-
-    def contents(self):
-        """The parsed file now held (None while there is none): see Reloading.contents."""
-        return self._file.contents()
 
     def lookup(self, key: str) -> str | None:
         value = self.lookup_unchecked(key)

@@ -355,18 +355,18 @@ class ListenerSession(SmtpSession):
 
 
 class Smtpd:
-    """The listeners. `await start()`, `addresses`, `reconfigure(config, handler_for)` (a reload),
+    """The listeners. `await start()`, `addresses`, `reconfigure(config, handler_for, tables)` (a reload),
     `handlers_in_use()`, `await stop(grace)`."""
 
     def __init__(self, config: Config, handler_for: Callable[[Config, TableCache], SmtpdHandler], *,
                  clock: Clock | None = None, observer: SessionObserver | None = None, resolver=None,
                  screened: PassCache | None = None, tables: TableCache | None = None):
-        """`handler_for(config, tables)` builds the handler of one listener from its effective config, opening its
-        tables through `tables` (a view of the listeners' cache: a table several listeners name is read once);
-        `observer` (None: no transcripts) gets every session's transcript (transcript.py); `resolver` answers
-        postscreen's DNSBL queries; `screened` is postscreen's cache of clients that passed (the server's: kept
-        across reloads); `tables`: the cache the listeners' tables are opened through (a view of the server's
-        generation's, TableCache.view; default: one of their own)."""
+        """`tables`: the cache the listeners' tables are opened through (a view of the server's generation's,
+        TableCache.view; default: one of their own); `handler_for(config, view)` builds the handler of one listener
+        from its effective config, opening its tables through `view` (a view of `tables`: a table several
+        listeners name is read once); `observer` (None: no transcripts) gets every session's transcript
+        (transcript.py); `resolver` answers postscreen's DNSBL queries; `screened` is postscreen's cache of clients
+        that passed (the server's: kept across reloads)."""
         self._config = config
         self._resolver = resolver
         self.screened = screened or PassCache(config.smtpd.postscreen.cache_limit)
