@@ -581,7 +581,7 @@ async def test_serve_hands_each_configuration_a_reload_put_in_force_to_its_watch
     outcomes = [ConfigError("", "relay_domains", "refused"), None]
     refused, checked_once = asyncio.Event(), asyncio.Event()
     checked: list[Config] = []
-    mf = SimpleNamespace(config=Config.model_validate({}))
+    mf = SimpleNamespace(config=Config.model_validate({}), replaced_in_use=False)
 
     async def reload(config: Config) -> None:
         refusal = outcomes.pop(0)
