@@ -486,9 +486,12 @@ class SmtpdHandler:
         literal's first `:`, so that its smtpd_check_addr refuses it. A `:` in the local part is no such thing
         (`"@x:y"@remote.test` is taken)."""
         qualified = self._rewriter.resolved_address(addr)
-        if address.mailbox_syntax_error(qualified) or not (smtputf8 or address.split(qualified)[1].isascii()):
+        if address.mailbox_syntax_error(qualified):
             return True
-        if address.internal_form(qualified).startswith("@") and ":" in address.split(qualified)[1]:
+        domain = address.split(qualified)[1]
+        if not (smtputf8 or domain.isascii()):
+            return True
+        if ":" in domain and address.internal_form(qualified).startswith("@"):  # (the cheap test first)
             return True
         return not self._config.allow_min_user and address.is_min_user(addr)
 
