@@ -574,11 +574,15 @@ class Mailflow:
     @property
     def replaced_in_use(self) -> bool:
         """What a reload replaced is still in use: a session that began under an earlier listener's handler, a
-        transport qmgr closes once the deliveries it began end."""
+        socket still sending after a session's end (its session, and so its handler, held until then: within
+        the lingering timeout; any such socket counts), a transport qmgr closes once the deliveries it began end.
+        Not counted: a pickup, notice or address-verify probe under way at the reload holds the old cleanup or
+        router for its own short while; what it holds past serve's collection is freed at the next reload's."""
         if not (self.smtpd and self.qmgr):
             return False
         current = {id(listener.handler) for listener in self.smtpd.listeners}
-        return any(id(session.event_handler) not in current for session in self.smtpd.sessions) or self.qmgr.retiring
+        return (any(id(handler) not in current for handler in self.smtpd.handlers_in_use())
+                or bool(self.smtpd.lingering) or self.qmgr.retiring)
 
     @property
     def idle(self) -> bool:

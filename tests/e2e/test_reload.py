@@ -197,6 +197,26 @@ async def test_reloads_close_the_filters_they_replaced_once_no_open_session_uses
     assert greylist_threads() - before <= 2  # the held session's and the one in force (10 without the closing)
 
 
+async def test_what_a_reload_replaced_is_in_use_while_an_old_session_or_a_lingering_socket_holds_it(mailflow_server):
+    """serve collects a replaced generation once nothing holds it (`Mailflow.replaced_in_use`): a session begun
+    before the reload holds its handler; a socket still sending after its session's end holds that session, so its
+    handler, until the lingering ends."""
+    mf = await mailflow_server()
+    held = await SmtpClient.connect(mf.smtp_addresses[0][1])
+    await held.cmd("EHLO client.test")
+    await eventually(lambda: not mf.replaced_in_use, what="nothing replaced yet")
+    await mf.reload(mf.config)
+    assert mf.replaced_in_use
+    await held.cmd("QUIT")
+    await held.close()
+    await eventually(lambda: not mf.replaced_in_use, what="the old session ended, nothing else holds the old parts")
+    still_sending = object()  # (stands for a Lingering: a socket still sending after its session's end)
+    mf.smtpd.lingering.add(still_sending)
+    assert mf.replaced_in_use
+    mf.smtpd.lingering.discard(still_sending)
+    assert not mf.replaced_in_use
+
+
 @pytest.mark.parametrize("change", [
     lambda port: {"relayhost": f"[127.0.0.1]:{port}"},
     lambda port: {"transport_maps": [f"inline:{{relay.test=smtp:[127.0.0.1]:{port}}}"]},
