@@ -1030,7 +1030,7 @@ class QueueManager:
             self._rerouting.setdefault(queue_id, []).extend(drained[queue_id])
         if self._rerouter is not None or not self._rerouting:
             return  # (the task under way takes them too)
-        if _recipients_at_most([self._active[queue_id].message for queue_id in self._rerouting], ROUTE_SLICE):
+        if _recipients_at_most((self._active[queue_id].message for queue_id in self._rerouting), ROUTE_SLICE):
             rerouting, self._rerouting = self._rerouting, {}
             for queue_id, jobs in rerouting.items():
                 active = self._active[queue_id]
