@@ -45,8 +45,9 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
                                 The SMTP and LMTP agents fail, stamp and report a job's recipients by these
                                 sliced forms on every path (a dead site's 50 000 recipients took 0.3 s to fail,
                                 0.2 s to stamp, 0.4 s to report, each in one turn); the envelope's screening
-                                (commands.screen_envelope) and the RCPT commands' making still walk every
-                                recipient in one turn
+                                (commands.screen_envelope), the RCPT commands' making, the log lines of a
+                                soft error at a peer or site that is not the last (transport.py) and
+                                take_back/_for_next_peer still walk every recipient in one turn
       .take_back(recipients) -> Outcomes, .restore(taken)   a temporary failure at a peer that was not the last:
                                 the recipients go to the next peer; what they got stands if none takes a session
     reply_results(recipients, reply, peer, command, next_hop_notifies=False) -> {recipient: RcptResult}
