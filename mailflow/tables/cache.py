@@ -136,7 +136,7 @@ class TableCache:
         """Read every file-backed table now, in a worker thread: the first lookups find them loaded."""
         import asyncio  # (as in `run`)
 
-        files = [t for t in self._open.values() if hasattr(t, "load")]  # texthash, regexp, cidr
+        files = [t for t in self._open.values() if hasattr(t, "load")]  # every FromFile (files.py)
         if files:
             await asyncio.get_running_loop().run_in_executor(None, _load_all, files)
 

@@ -250,7 +250,7 @@ def test_a_job_whose_results_were_recorded_as_they_came_makes_none_for_them_at_i
     rcpts = tuple(Recipient(i, f"u{i}@example.test", f"u{i}@example.test") for i in range(1000))
     job = Job("Q1", "local", "example.test", rcpts)
     last = RcptResult(rcpts[-1], Outcome.SENT, "2.0.0", "delivered", relay="local")
-    results = qmgr_module._complete(job, DeliveryReport((last,)), None, recorded=set(range(998)))
+    results = qmgr_module._complete(job, DeliveryReport((last,)), None, taken=set(range(998)))
     assert [(r.recipient.index, r.outcome) for r in results] == [(999, Outcome.SENT), (998, Outcome.DEFERRED)]
     assert made == ["delivery agent reported no result"]
 

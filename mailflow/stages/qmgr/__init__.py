@@ -155,7 +155,7 @@ Failure behaviour
   are taken again after the next start); results already back are recorded before the store closes.
 - The wake-up event carries no state: a lost wake-up costs at most one tick.
 
-Size: about 1 100 lines, one class on purpose. The loop, the scheduling and the end of an attempt share one table
+One class on purpose. The loop, the scheduling and the end of an attempt share one table
 (`_active`, the messages in qmgr's hands), one wake-up and one next-scan time, and every path that changes one
 changes the others (a finish frees room and may move the next scan). What stands alone is already apart: the
 destination windows (`destination.py`), the retry schedule (`backoff.py`) and the notices (`notices.py`).
@@ -1320,13 +1320,14 @@ class QueueManager:
         return result.program or transport.program
 
     def _job_done(self, job: Job, report: DeliveryReport, handoff: float = 0.0, done: float = 0.0,
-                  recorded: Collection[int] = ()) -> None:
+                  taken: Collection[int] = ()) -> None:
         """A job's report: from its delivery agent, handed the job at `handoff`, back at `done`; or qmgr's own
-        (0.0: no agent had it). `recorded`: the recipients (indexes) whose results were recorded as they came."""
+        (0.0: no agent had it). `taken`: the recipients (indexes) whose results are in already: recorded as they
+        came, or taken with an earlier slice (`_job_done_in_slices`)."""
         active = self._active[job.queue_id]
         active.jobs_left -= 1
         stats = active.stats._replace(handoff=handoff, done=done) if handoff else None
-        results = _complete(job, report, stats, recorded)
+        results = _complete(job, report, stats, taken)
         self._results_in(active, results)
 
     async def _job_done_in_slices(self, job: Job, report: DeliveryReport, handoff: float, done: float,
@@ -1795,13 +1796,13 @@ def _expire(pending: list[RcptResult], age: float, lifetime: float) -> list[Rcpt
 
 
 def _complete(job: Job, report: DeliveryReport, stats: MsgStats | None,
-              recorded: Collection[int] = ()) -> list[RcptResult]:
-    """The report's results for this job's recipients but the `recorded` ones (indexes), each marked with the job's
-    transport and `stats` (None: no agent had the job, they keep theirs), the first of a repeated one only (as
-    `_job_done_in_slices` takes them); one the agent did not mention stays queued
-    (4.3.0). (A job whose results were recorded as they came has one here: none is made for the others, which for
-    100 000 recipients held the loop 0.5 s.)"""
-    told = set(recorded)
+              taken: Collection[int] = ()) -> list[RcptResult]:
+    """The report's results for this job's recipients but the `taken` ones (indexes: recorded as they came, or
+    taken with an earlier slice), each marked with the job's transport and `stats` (None: no agent had the job,
+    they keep theirs), the first of a repeated one only (as `_job_done_in_slices` takes them); one the agent did
+    not mention stays queued (4.3.0). (A job whose results were recorded as they came has one here: none is made
+    for the others, which for 100 000 recipients held the loop 0.5 s.)"""
+    told = set(taken)
     results = _first_of_each(job, {r.index: r for r in job.recipients}, report.results, stats, told)
     results += [RcptResult(r, Outcome.DEFERRED, "4.3.0", "delivery agent reported no result", transport=job.transport,
                            stats=stats) for r in job.recipients if r.index not in told]

@@ -74,7 +74,7 @@ from mailflow.model import ConnStats, DeliveryReport, DeliveryRequest, Outcome, 
 from mailflow.transports.smtp.addr import Peer
 from mailflow.transports.smtp.reply import MalformedReply, Reply, ReplyFilterError
 
-SLICE = 2000  # recipients whose results are made (`fail_in_slices`, `report_in_slices`) before the loop is let go
+SLICE = 2000  # recipients whose results are made (`fail_in_slices`, `Outcomes._dated`) before the loop is let go
 
 
 class SiteFailure(TemporaryError):
