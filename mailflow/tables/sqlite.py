@@ -2,9 +2,11 @@
 
 The .cf file: `dbpath = …`, `query = SELECT … WHERE k='%s'`; `%s` the key, `%u` its local part, `%d` its domain
 (no domain or an empty local part: not found, no query), `%%` a percent sign; values SQL-quoted (quotes
-doubled). The database is opened read-only; rows are joined with commas. `timeout = seconds` (default
-SQLITE_TIMEOUT, as ldap_table(5)'s timeout): a query still running (or waiting for a lock) past it is aborted.
-Callers on the event loop ask through `TableCache.run`, which moves the lookup to a worker thread.
+doubled). The key is case-folded first (syntax.fold_key: `Straße@x` is asked as `strasse@x`), as Postfix folds
+the key of every case-insensitive table under smtputf8_enable. The database is opened read-only; rows are joined
+with commas. `timeout = seconds` (default SQLITE_TIMEOUT, as ldap_table(5)'s timeout): a query still running (or
+waiting for a lock) past it is aborted. Callers on the event loop ask through `TableCache.run`, which moves the
+lookup to a worker thread.
 
 Failure behaviour: a bad .cf raises `ConfigError(cf file, key, reason)` when the table is opened; a database
 error, a database file that is not a regular file (a FIFO would hold SQLite at open) or a query past its
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from mailflow.errors import ConfigError, LookupRetry
 from mailflow.files import TEXT_LIMIT, check_regular_file, read_regular_file
+from mailflow.syntax import fold_key
 from mailflow.tables.base import resolve_path
 from mailflow.tables.files import BLANKS, logical_lines
 
@@ -55,7 +58,7 @@ class SqliteTable:
         self._local = threading.local()  # this thread's connection and the deadline of its query
 
     def lookup(self, key: str) -> str | None:
-        key = key.lower()
+        key = fold_key(key)  # as Postfix's dict_utf8_check_fold folds a case-insensitive table's query key
         local, at, domain = key.rpartition("@")
         if not at:
             local, domain = key, ""

@@ -468,6 +468,15 @@ def test_sqlite_whole_key_quotes_and_case(tmp_path):
     assert t.lookup("x' OR '1'='1") is None  # the quote is data, not SQL
 
 
+def test_sqlite_asks_the_key_casefolded_as_postfix_s_utf8_fold(tmp_path):
+    """Postfix (smtputf8_enable = yes) casefolds the query key of a case-insensitive table: `ß` is `ss`."""
+    t, db = sqlite_table(tmp_path, "SELECT dest FROM users WHERE email='%s'")
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT INTO users VALUES ('strasse@example.com', 'strasse', 'example.com', 's@x.test')")
+    conn.close()
+    assert t.lookup("Straße@example.com") == "s@x.test"
+
+
 def test_sqlite_local_part_and_domain_expansion(tmp_path):
     t, _ = sqlite_table(tmp_path, "SELECT dest FROM users WHERE local='%u' AND domain='%d' AND '%%'='%%'")
     assert t.lookup("joe@example.com") == "joe@mailbox.test"
