@@ -2,9 +2,12 @@
 
 - `split(addr) -> (local, domain)`: at the last '@'; domain "" for an unqualified address; `split_words(addr)`
   the same outside quoted strings (an address as written or in Postfix's quoting: `"x@y"` has no domain).
-- `tidy(addr)`: needless quotes and one trailing dot dropped (`"joe"@x.test.` is `joe@x.test`), and a source
-  route, written or quoted (`"@a.test:joe"@x.test` is `joe@x.test`), as Postfix's trivial-rewrite does to every
-  address; `is_tidy(addr)`: a cheap look that tidy has nothing to do.
+- `tidy(addr, envelope=True)`: needless quotes and one trailing dot dropped (`"joe"@x.test.` is `joe@x.test`), and a
+  written source route (`@a.test:joe@x.test`), as Postfix's trivial-rewrite does to every address; a quoted one
+  (`"@a.test:joe"@x.test` is `joe@x.test`) only from an envelope address (smtpd's, sendmail's, an alias's or a
+  .forward's target: Postfix's internal form, whose route its quoting leaves bare), not from a header's, whose
+  quoted string stays one word; `is_tidy(addr)`: a cheap look that tidy has nothing to do; `bared_route(addr)`:
+  such a header address once qualified as Postfix writes it back (`"@a.test:joe"@x.test` is `@a.test:joe@x.test`).
 - `unquoted_local(local)`, `quoted_local(local)`: a quoted local part's content; a local part quoted if it must be;
   `internal_local(local)`, `external_local(local)`: a local part as written (atoms and quoted strings joined by
   dots, as Postfix's tokenizer takes them: `a."b c"`) in Postfix's internal form (`a.b c`) and in its own quoting
@@ -285,13 +288,16 @@ def _in_word(piece: str) -> bool:
     return len(piece) > 1 or piece not in _SEPARATING
 
 
-def tidy(addr: str) -> str:
-    """`"joe"@x.test.` -> `joe@x.test`: a source route dropped (written, `@a:joe@x.test`, or quoted,
-    `"@a:joe"@x.test`: `_quoted_route_dropped`), the local part in Postfix's own quoting
+def tidy(addr: str, *, envelope: bool = True) -> str:
+    """`"joe"@x.test.` -> `joe@x.test`: a source route dropped (written, `@a:joe@x.test`, or, in an `envelope`
+    address, quoted, `"@a:joe"@x.test`: `_quoted_route_dropped`), the local part in Postfix's own quoting
     (`external_local`: `a."b c"` is `"a.b c"`), and one trailing dot dropped from the domain (not from `x..` or a
     domain that is only a dot), as Postfix's trivial-rewrite tidies every address it rewrites (quote_822_local,
-    rewrite_tree). A local part that is no words (`external_local`) is left as it is."""
-    addr = _quoted_route_dropped(addr[route_length(addr):])
+    rewrite_tree). A local part that is no words (`external_local`) is left as it is. `envelope` False: a header's
+    address, whose quoted string Postfix's rewrite takes as one word: `"@a:joe"@x.test` keeps its route (see
+    `bared_route` for how Postfix writes it back)."""
+    addr = addr[route_length(addr):]
+    addr = _quoted_route_dropped(addr) if envelope else addr
     local, domain = split_words(addr)
     at = len(local) < len(addr)
     if domain.endswith(".") and len(domain) > 1 and not domain.endswith(".."):
@@ -319,6 +325,19 @@ def _quoted_route_dropped(addr: str) -> str:
         return f"{quoted_local(rest)}@{domain}"
     user, at, host = rest.rpartition("@")
     return f"{quoted_local(user)}@{host}" if at else quoted_local(rest)
+
+
+def bared_route(addr: str) -> str:
+    """A qualified address whose quoted local part begins with a source route, written as Postfix's quoting
+    (quote_822_local) writes its internal form: the route bare up to its first `:`, what follows quoted if it must
+    be (`"@a.test:joe"@x.test` is `@a.test:joe@x.test`, `"@a:b c"@x.test` is `@a:"b c"@x.test`), as Postfix writes
+    a header address back after rewriting it. Any other address is returned as it is."""
+    local, domain = split_words(addr)
+    internal = internal_local(local) if domain and local.startswith('"') else None
+    if internal is None or not is_quoted_route(internal):
+        return addr
+    route, _, rest = internal.partition(":")
+    return f"{route}:{quoted_local(rest)}@{domain}"
 
 
 def is_quoted_route(internal: str) -> bool:

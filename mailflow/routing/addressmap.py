@@ -5,9 +5,10 @@ What it owns (Postfix cleanup(8), envelope part):
   `masquerade_domains`. The null sender "" stays "", and `MAILER-DAEMON@myorigin` (or `MAILER-DAEMON`, any case)
   becomes it before any table is asked, as Postfix's cleanup_addr_sender makes it (bounces sent as that address).
 - `header_sender(addr, origin)`, `header_recipient(addr, origin)`: an address of a header field (cleanup's header
-  rewriting, mailflow.header_addresses): tidied (`"joe"@x.test.` is `joe@x.test`) and qualified with `origin` by
-  trivial-rewrite's `qualify`, then canonical maps and masquerading (both
-  classes: Postfix's masquerade_classes masquerade header recipients too).
+  rewriting, mailflow.header_addresses): tidied (`"joe"@x.test.` is `joe@x.test`; a quoted source route,
+  `"@a.test:joe"@x.test`, kept and written back bare, `@a.test:joe@x.test`, as Postfix does in a header) and
+  qualified with `origin` by trivial-rewrite's `qualify`, then canonical maps and masquerading (both classes:
+  Postfix's masquerade_classes masquerade header recipients too).
 - `recipient(addr)`: qualify, `recipient_canonical_maps` then `canonical_maps`; with [srs] on, a valid SRS address of
   the SRS domain (a bounce of forwarded mail coming back) becomes the original sender instead (mailflow.routing.srs,
   postsrsd's reverse map as a recipient canonical map).
@@ -172,13 +173,13 @@ class AddressMapper:
     def header_sender(self, addr: str, origin: str = "", *, mapped: bool = True) -> str:
         """An address of a sender header field (From, Sender, Reply-To...): qualified with `origin` (default
         myorigin), then (`mapped`) as an envelope sender: canonical maps and masquerading."""
-        qualified = self._rewriter.qualify(addr, origin)
+        qualified = self._rewriter.qualify(addr, origin, envelope=False)
         return self.masquerade(self._canonical(qualified, self._sender_passes)) if mapped else qualified
 
     def header_recipient(self, addr: str, origin: str = "", *, mapped: bool = True) -> str:
         """An address of a recipient header field (To, Cc...): qualified, then (`mapped`) through the recipient
         canonical maps and masquerading (Postfix masquerades header recipients, not envelope ones)."""
-        qualified = self._rewriter.qualify(addr, origin)
+        qualified = self._rewriter.qualify(addr, origin, envelope=False)
         return self.masquerade(self._canonical(qualified, self._recipient_passes)) if mapped else qualified
 
     # -- recipients ------------------------------------------------------------------------------------

@@ -278,20 +278,29 @@ class Rewriter:
         """This server's own IP addresses (`own_addresses`): local as `[ip]`, and a loop for the SMTP client."""
         return self._own_addresses
 
-    def qualify(self, addr: str, origin: str = "") -> str:
+    def qualify(self, addr: str, origin: str = "", *, envelope: bool = True) -> str:
         """`user` -> `user@origin` (default myorigin), but `site!user` -> `user@site` (swap_bangpath) and
         `user%domain` -> `user@domain` (allow_percent_hack); with
         append_dot_mydomain `user@host` -> `user@host.mydomain` (Postfix's rewrite_tree). Tidied first
         (`address.tidy`: `"joe"@x.test.` is `joe@x.test`, `a."b c"` is `"a.b c"`), as Postfix's rewrite does; an
-        envelope address from smtpd is tidy already, one from a header, an alias or a table may not be. The percent
+        envelope address from smtpd is tidy already, one from a header, an alias or a table may not be. A quoted
+        source route (`"@a.test:joe"@x.test` is `joe@x.test`) is dropped from an `envelope` address only (Postfix's
+        internal form, whose quoting leaves the route bare), not from a header's (`envelope` False): there it stays,
+        written back as Postfix writes it (`address.bared_route`: `@a.test:joe@x.test`; an unqualified
+        `"@a.test:joe"` is `@a.test:joe@myorigin`). The percent
         hack's `%` is looked for in `addr` as given, outside quotes: a header's `"user%y.test"` is
         `user%y.test@myorigin`, the envelope's `user%y.test` (smtpd's form of the same) `user@y.test`, as in
         Postfix, whose rewrite sees the header's words as written and the envelope's in its own quoting."""
+        qualified = self._qualified(addr, origin, envelope)
+        return qualified if envelope else address.bared_route(qualified)
+
+    def _qualified(self, addr: str, origin: str, envelope: bool) -> str:
+        """`qualify` but for the way a header address is written back."""
         _, at, domain = addr.rpartition("@")
         dotted = "." in domain or not self._config.append_dot_mydomain
         if at and domain and dotted and address.is_tidy(addr):
             return addr  # tidy and qualified already: most addresses, asked ~10 times a message
-        given, addr = addr, address.tidy(addr)
+        given, addr = addr, address.tidy(addr, envelope=envelope)
         local, domain = address.split_words(addr)
         if not addr or addr.endswith("@") or given == EMPTY_USER:
             return addr  # empty (a lone `""` too, as Postfix's rewrite_tree leaves it; after a source route it is
@@ -303,7 +312,8 @@ class Rewriter:
             routed = address.percent_split(given)
         if routed is not None:
             user, via = routed  # an empty user is `""` (`%x.test` is `""@x.test`), as Postfix's rewrite_tree makes it
-            return self.qualify(f"{user or EMPTY_USER}@{via}", origin)  # (`user%` is `user@`: returned as it is, above)
+            # (`user%` is `user@`: returned as it is, above)
+            return self._qualified(f"{user or EMPTY_USER}@{via}", origin, envelope)
         if not domain:
             return f"{addr}@{origin or self._config.origin}"
         if self._config.append_dot_mydomain and "." not in domain and not domain.startswith("["):

@@ -9,7 +9,9 @@ applies to which class of address, envelope and header), `@domain` and `user` ke
 onto a canonical or virtual result, regexp tables (case-insensitive, `$1` keeping the address's case), a
 multi-valued canonical entry (the first address), the sender MAILER-DAEMON@myorigin (the null sender), `user%domain`
 (the percent hack of an address without '@': `user@domain`, not `user%domain@myorigin`), header addresses with
-needless quotes or a trailing dot (tidied before the tables are asked: `"joe"@x.test.` is `joe@x.test`),
+needless quotes or a trailing dot (tidied before the tables are asked: `"joe"@x.test.` is `joe@x.test`), a quoted
+source route (`"@a.test:joe"@x.test`: dropped from the envelope; kept in a header, written back bare as
+`@a.test:joe@x.test`, where only a written route is dropped),
 masquerade_domains with a `!` entry and masquerade_exceptions (header recipients masqueraded, envelope recipients
 not), virtual_alias_maps (one-to-many with duplicates, an alias in its own expansion, `user@domain` before
 `@domain`, a loop, the recursion and expansion limits: 451 4.6.0).
@@ -76,6 +78,8 @@ PROBES = [
     ("s@remote.test", ["c2@v.test"], "From: s@remote.test\r\n"),
     ("user%y.test", ["joe%y.test"], "From: s@remote.test\r\nTo: user%y.test, a%b@y.test\r\n"),
     ("s@remote.test", ["r@x.test"], 'From: "both"@x.test, ext@x.test., <"j.k"@x.test.>\r\nTo: "w"@local.test.\r\n'),
+    ('"@a.test:s"@remote.test', ['"@a.test:r"@x.test'],
+     'From: "@a.test:s"@remote.test\r\nTo: "@a.test:joe"@x.test, "@a.test:al"\r\nCc: <@r.test:bob@y.test>\r\n'),
     ("loop1@x.test", ["r@x.test"], "From: s@remote.test\r\n"),  # a deliberate difference: see DELIBERATE
 ]
 # canonical_maps that never settle: Postfix warns "message not accepted" but accepts it anyway; mailflow refuses
@@ -154,3 +158,8 @@ async def test_address_rewriting_matches_a_real_postfix(mailflow_server):
     assert postfix[22][1][2]["To"] == ["user@y.test", "a%b@y.test"]  # ... of an address without '@' only
     assert postfix[23][1][2]["From"] == ["sender-common@x.test", "ext-out@y.test", "j.k@x.test"]  # tidied, mapped
     assert postfix[23][1][2]["To"] == ["w@local.test"]
+    routes = postfix[24][1]  # a quoted route: gone from the envelope, kept in a header, where a written one goes
+    assert routes[:2] == (["s@remote.test"], ['<r@x.test> ORCPT=rfc822;"@a.test:r"@x.test']), routes
+    # written back bare (`To: @a.test:joe@x.test, @a.test:al@origin.test`), which email.utils reads as groups
+    assert routes[2]["To"] == ["@a.test", "joe@x.test", "@a.test", "al@origin.test"]
+    assert routes[2]["Cc"] == ["bob@y.test"]

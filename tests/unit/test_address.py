@@ -386,6 +386,17 @@ def test_a_quoted_local_part_that_is_a_source_route_loses_the_route_as_postfix_s
     assert address.internal_form('"@x:u@y.test"') == "@x:u@y.test"  # (as Postfix's replies name it)
 
 
+def test_a_header_address_keeps_its_quoted_source_route_as_postfix_s_rewrite_of_header_words_does():
+    assert address.tidy('"@a.test:joe"@x.test', envelope=False) == '"@a.test:joe"@x.test'
+    assert address.tidy('"@a.test:joe"', envelope=False) == '"@a.test:joe"'
+    assert address.tidy('@r.test:"joe"@x.test.', envelope=False) == "joe@x.test"  # (a written route still goes)
+    assert address.bared_route('"@a.test:joe"@x.test') == "@a.test:joe@x.test"  # (as Postfix writes it back)
+    assert address.bared_route('"@a:b c"@x.test') == '@a:"b c"@x.test'
+    assert address.bared_route('"@a:"@x.test') == '@a:""@x.test'
+    assert address.bared_route('"@a.test:joe"') == '"@a.test:joe"'  # (unqualified: as it is)
+    assert address.bared_route('"a b"@x.test') == '"a b"@x.test'
+
+
 def test_a_source_route_ends_at_its_first_colon_outside_an_address_literal():
     assert address.tidy("@[IPv6:2001:db8::1]:u@x.test") == "u@x.test"
     assert address.tidy("@r.test,@[IPv6:2001:db8::1]:u@x.test.") == "u@x.test"
