@@ -5,6 +5,7 @@ listeners change as `postfix reload` changes master.cf's services."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import signal
@@ -447,25 +448,46 @@ async def test_a_table_several_listeners_and_the_routing_name_is_read_once_at_th
     assert reads.count(table) == 2
 
 
+def outlived_by_their_rules(kind: str, parsed: weakref.ref) -> list[bool]:
+    """A list that gets, as each table of type `kind` alive now goes, whether `parsed` (its rules) was still there
+    on the loop's turn after (retired contents are taken apart afterwards, not freed with the table)."""
+    loop, outlived = asyncio.get_running_loop(), []
+    for table in [o for o in gc.get_objects() if type(o).__name__ == kind]:
+        weakref.finalize(table, lambda: loop.call_soon_threadsafe(lambda: outlived.append(parsed() is not None)))
+    return outlived
+
+
+@contextlib.asynccontextmanager
+async def serve_reloaded(mf):
+    """A reload as `serve` does it (`_reloads`, the heap frozen before as serve freezes it), done and its collection
+    run (right after its reloaded hook) when the body begins; the reload task stopped and the heap unfrozen after."""
+    from mailflow.app import _reloads, freeze_the_heap
+
+    wanted, done = asyncio.Event(), asyncio.Event()
+    freeze_the_heap()
+    reloads = asyncio.create_task(_reloads(mf, wanted, lambda: mf.config, "", lambda config: done.set()))
+    try:
+        wanted.set()
+        await asyncio.wait_for(done.wait(), 30)
+        yield
+    finally:
+        reloads.cancel()
+        await asyncio.gather(reloads, return_exceptions=True)
+        gc.unfreeze()
+
+
 async def test_the_rules_of_a_table_a_reload_dropped_are_freed_a_piece_at_a_time_not_in_one_collection(
         mailflow_server, tmp_path):
     """A replaced generation is a web of objects freed by the garbage collector's pass, in one call holding the
     GIL: with a big table in it, that pass freed every parsed rule (100 000-rule regexp and pcre, 100 000-line cidr
-    and texthash files: the loop held 1.2-2.3 s). The tables' contents are kept apart from that pass and taken apart
-    afterwards on the loop, a piece at a time."""
+    and texthash files: the loop held 1.2-2.3 s). The tables' contents are kept apart from the table objects and
+    taken apart afterwards on the loop, a piece at a time: the rules outlive their table by a turn at least."""
     rules = 20_011
     checks = tmp_path / "checks.regexp"
     checks.write_text("".join(f"/^X-Spam-{i}: yes/ REJECT\n" for i in range(rules)))
     mf = await mailflow_server(checks={"header_checks": [f"regexp:{checks}"]})
     [parsed] = [weakref.ref(o) for o in gc.get_objects() if type(o).__name__ == "_Rules" and len(o.rules) == rules]
-    gc.disable()  # (the pass that frees the replaced generation is the one below, not one the test happens to run)
-    try:
-        await mf.reload(config_from_dict({**mf.config.model_dump(), "checks": {}}))
-        await asyncio.sleep(0.5)  # (qmgr closes the replaced transports)
-        found = gc.collect()
-    finally:
-        gc.enable()
-    assert found < rules, f"the collection freed {found} objects"  # (its tables, not their 20 011 rules)
+    outlived = outlived_by_their_rules("RegexpTable", parsed)
     longest = 0.0
 
     async def beating() -> None:
@@ -476,8 +498,14 @@ async def test_the_rules_of_a_table_a_reload_dropped_are_freed_a_piece_at_a_time
             longest = max(longest, time.monotonic() - before)
 
     beat = asyncio.ensure_future(beating())
-    await eventually(lambda: parsed() is None, what="the dropped table's rules freed")
-    beat.cancel()
+    try:
+        await mf.reload(config_from_dict({**mf.config.model_dump(), "checks": {}}))
+        await eventually(lambda: not mf.replaced_in_use, what="qmgr closed the replaced transports")
+        gc.collect()
+        await eventually(lambda: parsed() is None and outlived, what="the dropped table's rules freed")
+    finally:
+        beat.cancel()
+    assert outlived == [True]  # (its rules were still there the turn after the table went)
     assert longest < 0.5  # (a piece at a time, a few ms each: generous for a loaded machine)
 
 
@@ -486,35 +514,20 @@ async def test_under_serve_a_replaced_table_is_freed_once_its_last_session_ends_
     """`serve` freezes the heap after each reload, the replaced generation with it while an open session still
     uses it: that session's end alone (no other reload) frees the replaced listener's table, and its 20 011 rules
     are let go a piece at a time on the loop after it, not with it in one go (0.07 s; 0.44 s for 100 000 rules)."""
-    from mailflow.app import _reloads, freeze_the_heap
-
     rules = 20_011
     access = tmp_path / "access.regexp"
     access.write_text("".join(f"/^spam{i}@/ REJECT\n" for i in range(rules)))
     mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "recipient_restrictions": [
         f"check_recipient_access regexp:{access}", "permit_auth_destination", "reject"]})
     [parsed] = [weakref.ref(o) for o in gc.get_objects() if type(o).__name__ == "_Rules" and len(o.rules) == rules]
-    loop, outlived = asyncio.get_running_loop(), []
-    for table in [o for o in gc.get_objects() if type(o).__name__ == "RegexpTable"]:  # (the start's one)
-        weakref.finalize(table, lambda: loop.call_soon_threadsafe(lambda: outlived.append(parsed() is not None)))
-    del table
+    outlived = outlived_by_their_rules("RegexpTable", parsed)  # (the start's one)
     client = await SmtpClient.connect(mf.smtp_addresses[0][1])
     assert (await client.cmd("EHLO client.test")).code == 250
-    wanted, done = asyncio.Event(), asyncio.Event()
-    freeze_the_heap()
-    reloads = asyncio.create_task(_reloads(mf, wanted, lambda: mf.config, "", lambda config: done.set()))
-    try:
-        wanted.set()
-        await asyncio.wait_for(done.wait(), 30)
-        await asyncio.sleep(1)  # (serve's collection after the reload; the session still holds the table)
-        assert parsed() is not None
+    async with serve_reloaded(mf):
+        assert parsed() is not None  # (the session still holds the table)
         assert (await client.cmd("QUIT")).code == 221
         await client.close()
         await eventually(lambda: parsed() is None, timeout=10, what="the replaced table's rules freed")
-    finally:
-        reloads.cancel()
-        await asyncio.gather(reloads, return_exceptions=True)
-        gc.unfreeze()
     assert outlived == [True]  # (its rules were still there the turn after the table went)
 
 
@@ -523,8 +536,6 @@ async def test_under_serve_a_replaced_routing_table_is_freed_once_the_delivery_i
     """A delivery under way keeps the transports (and the routing tables) it began with: `serve` froze them with
     the heap after the reload, and only a later reload's collection freed them. Once that delivery ends (the
     replaced transports closed) they are collected, with no other reload."""
-    from mailflow.app import _reloads, freeze_the_heap
-
     peer = await smtp_peer()
     gate = stall_mail(peer)
     routes = tmp_path / "transport"
@@ -533,21 +544,11 @@ async def test_under_serve_a_replaced_routing_table_is_freed_once_the_delivery_i
     [table] = [weakref.ref(o) for o in gc.get_objects() if type(o).__name__ == "TexthashTable"]
     await send(mf.smtp_addresses[0][1], "s@remote.test", ["u@relay.test"], b"Subject: m\r\n\r\nbody\r\n")
     await eventually(lambda: peer.handler.stalled == 1, what="the delivery under way")
-    wanted, done = asyncio.Event(), asyncio.Event()
-    freeze_the_heap()
-    reloads = asyncio.create_task(_reloads(mf, wanted, lambda: mf.config, "", lambda config: done.set()))
-    try:
-        wanted.set()
-        await asyncio.wait_for(done.wait(), 30)
-        await asyncio.sleep(1)  # (serve's collection after the reload; the delivery still holds the transports)
-        assert table() is not None
+    async with serve_reloaded(mf):
+        assert table() is not None  # (the delivery still holds the transports)
         gate.set()
         await queue_becomes(mf.store, {})
         await eventually(lambda: table() is None, timeout=10, what="the replaced routing table freed")
-    finally:
-        reloads.cancel()
-        await asyncio.gather(reloads, return_exceptions=True)
-        gc.unfreeze()
 
 
 async def test_the_tables_a_refused_reload_read_are_let_go_a_piece_at_a_time_too(mailflow_server, tmp_path,
