@@ -1221,6 +1221,21 @@ async def test_a_held_message_s_waiting_job_is_withdrawn_a_slice_at_a_time(h, mo
     assert statuses == {("sent", "delivered"): 45, ("pending", "delivery suspended: the message was put on hold"): 45}
 
 
+async def two_jobs_one_in_flight(h, n: int) -> tuple[BlockingTransport, dict, dict, str]:
+    """qmgr started relaying to [old.test], `n` recipients a job and one job at a time, with a message of 2n
+    recipients queued and its first job in flight: (the smtp transport holding it, the transports, the recipient
+    limit setting, the queue id)."""
+    blocking = BlockingTransport("smtp")
+    transports = {"local": h.local, "smtp": blocking}
+    limit = {"transport_destination_recipient_limit": {"smtp": n}}
+    resolve, _ = relaying("[old.test]")
+    await h.start(resolve=resolve, transports=transports, initial_destination_concurrency=1,
+                  default_destination_concurrency_limit=1, **limit)
+    queue_id = await h.queue(*(f"u{i:04d}@remote.test" for i in range(2 * n)))  # two jobs: one in flight
+    await eventually(lambda: blocking.in_flight == 1, what="the first job in flight")
+    return blocking, transports, limit, queue_id
+
+
 @pytest.mark.parametrize("meanwhile", ["nothing", "hold", "delete", "a second reload", "the delivery's end"])
 async def test_a_reload_resolves_many_waiting_recipients_again_a_slice_at_a_time(h, monkeypatch, meanwhile):
     """A reload resolved every waiting recipient again in one loop turn (20 000: 0.22 s): past ROUTE_SLICE a task
@@ -1231,14 +1246,7 @@ async def test_a_reload_resolves_many_waiting_recipients_again_a_slice_at_a_time
     n = 2 * qmgr_module.ROUTE_SLICE
     pausing = PausingAsyncio()
     monkeypatch.setattr(qmgr_module, "asyncio", pausing)
-    blocking = BlockingTransport("smtp")
-    transports = {"local": h.local, "smtp": blocking}
-    limit = {"transport_destination_recipient_limit": {"smtp": n}}
-    resolve, _ = relaying("[old.test]")
-    await h.start(resolve=resolve, transports=transports, initial_destination_concurrency=1,
-                  default_destination_concurrency_limit=1, **limit)
-    queue_id = await h.queue(*(f"u{i:04d}@remote.test" for i in range(2 * n)))  # two jobs: one in flight
-    await eventually(lambda: blocking.in_flight == 1, what="the first job in flight")
+    blocking, transports, limit, queue_id = await two_jobs_one_in_flight(h, n)
     async with LoopTurns() as turns:
         reload_to(h, "[new.test]", transports, **limit)
 
@@ -1376,14 +1384,7 @@ async def test_a_reload_while_the_reroute_puts_a_message_in_order_resolves_it_ag
     message's recipients are resolved again by the new routing ROUTE_SLICE a turn (they were resolved all at once,
     20 000 holding the loop 1 s), and each is delivered once, where the last reload sends it."""
     n = 2 * qmgr_module.ROUTE_SLICE
-    blocking = BlockingTransport("smtp")
-    transports = {"local": h.local, "smtp": blocking}
-    limit = {"transport_destination_recipient_limit": {"smtp": n}}
-    resolve, _ = relaying("[old.test]")
-    await h.start(resolve=resolve, transports=transports, initial_destination_concurrency=1,
-                  default_destination_concurrency_limit=1, **limit)
-    await h.queue(*(f"u{i:04d}@remote.test" for i in range(2 * n)))  # two jobs: one in flight
-    await eventually(lambda: blocking.in_flight == 1, what="the first job in flight")
+    blocking, transports, limit, _ = await two_jobs_one_in_flight(h, n)
     put_in_order = h.qmgr._put_in_order
     reloads: list[int] = []
     async with LoopTurns() as turns:

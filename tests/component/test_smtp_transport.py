@@ -927,6 +927,19 @@ async def test_connection_refused_everywhere_defers_with_site_not_ok(caplog):
     assert report.site_reason == text
 
 
+def sliced(monkeypatch, turns) -> tuple[list[tuple[int, int]], list[int]]:
+    """Two lists filled as a job's recipients fail: (loop turn, recipients) of each Outcomes.fail, and the loop
+    turn of each result trouble.replaced stamps."""
+    failed: list[tuple[int, int]] = []
+    stamped: list[int] = []
+    fail, replaced = trouble.Outcomes.fail, trouble.replaced
+    monkeypatch.setattr(trouble.Outcomes, "fail", lambda self, rcpts, *args: failed.append(
+        (turns.count, len(rcpts))) or fail(self, rcpts, *args))
+    monkeypatch.setattr(trouble, "replaced", lambda result, **kw: stamped.append(turns.count) or replaced(
+        result, **kw))
+    return failed, stamped
+
+
 async def test_a_dead_site_s_many_recipients_are_failed_and_reported_a_slice_a_turn(monkeypatch):
     """The results of a job of 50 000 recipients at a site that refused every connection were made in one loop
     turn (0.3 s) and its report in another (0.4 s): SLICE recipients a turn each, the same results."""
@@ -934,14 +947,8 @@ async def test_a_dead_site_s_many_recipients_are_failed_and_reported_a_slice_a_t
     unused_port = free_port()
     recipients = [f"u{i:02d}@example.test" for i in range(45)]
     request = make_request(f"[127.0.0.1]:{unused_port}", *recipients)
-    failed: list[tuple[int, int]] = []
-    reported: list[int] = []
-    fail, stamped = trouble.Outcomes.fail, trouble.replaced
     async with LoopTurns() as turns:
-        monkeypatch.setattr(trouble.Outcomes, "fail", lambda self, rcpts, *args: failed.append(
-            (turns.count, len(rcpts))) or fail(self, rcpts, *args))
-        monkeypatch.setattr(trouble, "replaced", lambda result, **kw: reported.append(turns.count) or stamped(
-            result, **kw))
+        failed, reported = sliced(monkeypatch, turns)
         report = await deliver(make_transport(), request)
     assert [size for _, size in failed] == [10, 10, 10, 10, 5]
     assert len({turn for turn, _ in failed}) == 5, "the loop had no turn between the slices"
@@ -966,14 +973,8 @@ async def test_every_way_a_job_s_recipients_fail_takes_a_slice_a_turn(monkeypatc
         nexthop, failed_sizes = f"[127.0.0.1]:{peer.port}", [9, 10, 10, 10, 5]
     else:
         nexthop, failed_sizes = ("[127.0.0.1" if path == "a bad next hop" else "nullmx.test"), [10, 10, 10, 10, 5]
-    failed: list[tuple[int, int]] = []
-    stamped: list[int] = []
-    fail, replaced = trouble.Outcomes.fail, trouble.replaced
     async with LoopTurns() as turns:
-        monkeypatch.setattr(trouble.Outcomes, "fail", lambda self, rcpts, *args: failed.append(
-            (turns.count, len(rcpts))) or fail(self, rcpts, *args))
-        monkeypatch.setattr(trouble, "replaced", lambda result, **kw: stamped.append(turns.count) or replaced(
-            result, **kw))
+        failed, stamped = sliced(monkeypatch, turns)
         report = await deliver(make_transport(resolver), make_request(nexthop, *recipients))
     assert [size for _, size in failed] == failed_sizes
     assert len({turn for turn, _ in failed}) == 5, "the loop had no turn between the slices"
