@@ -96,7 +96,7 @@ class TableCache:
         return dropped
 
     def file_tables(self) -> list[Any]:
-        """The tables read from a file (texthash, regexp, pcre, cidr: each has `contents()`) opened through this
+        """The tables read from a file (texthash, regexp, pcre, cidr: files.FromFile) opened through this
         cache or its views."""
         shared = self._shared
         tables = self._kept if shared is None or shared.tables is None else shared.tables
@@ -152,7 +152,7 @@ class _Shared:
 
 def file_tables(tables: list) -> list[Any]:
     """Those of `tables` read from a file, each once."""
-    return list({id(table): table for table in tables if hasattr(table, "contents")}.values())
+    return list({id(table): table for table in tables if hasattr(table, "reading")}.values())
 
 
 def _load_all(tables: list) -> None:

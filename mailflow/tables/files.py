@@ -129,6 +129,12 @@ class FromFile:
         """The parsed file now held (None while there is none): see Reloading.contents."""
         return self._file.contents()
 
+    @property
+    def reading(self) -> Reloading:
+        """What holds the parsed file, re-reading it when it changes: a retired table's contents are taken from it
+        once the table is gone (mailflow.tables.retire), whatever read is the last by then."""
+        return self._file
+
 
 def _signature(st: os.stat_result) -> tuple:
     return st.st_ino, st.st_size, st.st_mtime_ns

@@ -9,10 +9,11 @@ Why: a replaced generation (routers, restriction lists, content checks, transpor
 refer to each other, freed by the garbage collector's pass that finds it unreachable, in one call that holds the GIL.
 With its tables in it, that pass freed every parsed rule too: 100 000-rule regexp and pcre files, a 100 000-line
 cidr and texthash file held the loop 2.3 s (serve's collection after a reload; 0.55 s for the same pass with nothing
-to free). So the parsed contents are kept here, apart from the tables: the collector frees the table objects (a
-few), and once one of them is gone (`weakref.finalize`, whichever pass, whenever the last session or delivery that
-used it ends: each part of a generation holds only its own tables) its contents are taken apart on the loop, PIECE
-items at a time with a turn of the loop between two pieces. A table still in use is never touched: only what no
+to free). So what holds each table's parsed contents (its `reading`, files.Reloading) is kept here, apart from the
+tables: the collector frees the table objects (a few), and once one of them is gone (`weakref.finalize`, whichever
+pass, whenever the last session or delivery that used it ends: each part of a generation holds only its own tables)
+the contents its reading holds then (its file re-read since the reload: the new ones) are taken apart on the loop,
+PIECE items at a time with a turn of the loop between two pieces. A table still in use is never touched: only what no
 table refers to any more is dropped.
 """
 from __future__ import annotations
@@ -34,35 +35,37 @@ class RetiredTables:
 
     def __init__(self) -> None:
         self._dropping: set[asyncio.Task] = set()
-        self._kept: list[list] = []  # each retired table's contents (in a list of its own), until dropped
+        self._kept: list[list] = []  # each retired table's `reading` (in a list of its own), until dropped
 
     def retire(self, tables: list) -> None:
-        """See the module docstring. From the event loop; never raises (a reload calls it once nothing may fail)."""
+        """See the module docstring. From the event loop; never raises (a reload calls it once nothing may fail).
+        What is kept is each table's `reading` (its Reloading), not the contents it holds now: a table an old
+        session still uses may re-read its file after the reload, and the contents it holds when it goes are the
+        ones to take apart."""
         loop = asyncio.get_running_loop()
         for table in tables:
-            value = table.contents()
-            if value is None:
-                continue
-            contents = [value]
+            reading = [table.reading]
             try:
-                weakref.finalize(table, _gone, loop, self._drop, contents)
+                weakref.finalize(table, _gone, loop, self._drop, reading)
             except TypeError:  # (a table that cannot be watched: its contents go with it, in the collector's pass)
                 continue
-            self._kept.append(contents)
+            self._kept.append(reading)
 
-    def _drop(self, contents: list) -> None:
-        if any(kept is contents for kept in self._kept):
+    def _drop(self, reading: list) -> None:
+        if any(kept is reading for kept in self._kept):
+            self._kept = [kept for kept in self._kept if kept is not reading]
+            contents = [value for value in (source.contents() for source in reading) if value is not None]
+            reading.clear()
             task = asyncio.get_running_loop().create_task(_taken_apart(contents), name="retired-tables")
             self._dropping.add(task)
             task.add_done_callback(self._dropping.discard)
-            self._kept = [kept for kept in self._kept if kept is not contents]
 
     async def close(self) -> None:
         for task in self._dropping:
             task.cancel()
         await asyncio.gather(*self._dropping, return_exceptions=True)
-        for contents in self._kept:  # (the tables' finalizers hold these lists: emptied, they hold nothing)
-            contents.clear()
+        for reading in self._kept:  # (the tables' finalizers hold these lists: emptied, they hold nothing)
+            reading.clear()
         self._kept = []
 
 

@@ -882,7 +882,8 @@ class Unwatchable:
     def __init__(self) -> None:
         self.rules = list(range(10))
 
-    def contents(self) -> list[int]:
+    @property
+    def reading(self) -> list[int]:
         return self.rules
 
 
@@ -894,6 +895,27 @@ async def test_retiring_a_table_that_cannot_be_watched_is_no_failure():
     watched.load()
     tables.retire([Unwatchable(), watched])
     assert len(tables._kept) == 1
+    await tables.close()
+
+
+async def test_a_retired_table_that_re_reads_its_file_has_its_last_contents_taken_apart_not_freed_with_it(tmp_path):
+    """A table an old session still uses re-reads its changed file after the reload retired it: the contents taken
+    apart on the loop once it goes are those it holds then (they outlive it by a turn), not the ones of the reload's
+    time (the new ones were freed with the table, in the collector's pass)."""
+    rules = tmp_path / "checks.regexp"
+    rules.write_text("/^a/ OK\n")
+    table = open_table(f"regexp:{rules}")
+    table.load()
+    tables = RetiredTables()
+    tables.retire([table])
+    rules.write_text("/^b/ OK\n/^c/ OK\n")
+    table.load()
+    parsed = weakref.ref(table.contents())
+    loop, outlived = asyncio.get_running_loop(), []
+    weakref.finalize(table, lambda: loop.call_soon_threadsafe(lambda: outlived.append(parsed() is not None)))
+    del table
+    await eventually(lambda: outlived and parsed() is None, timeout=5, what="the table gone, its rules taken apart")
+    assert outlived == [True] and tables._kept == []
     await tables.close()
 
 
