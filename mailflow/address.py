@@ -312,12 +312,16 @@ def _quoted_route_dropped(addr: str) -> str:
     a leading `@...:` of the internal form unquoted, up to its first `:`, so its rewrite_tree drops it as a route.
     Unqualified (`"@a.test:x@y.test"`), what follows the route is split at its last `@`, as quote_822_local splits
     it; with nothing after the route and no domain it is left as it is, as rewrite_tree leaves a route that ends
-    the address. A `:` only in the domain is no route."""
+    the address. A `:` only in the domain is no route; nor is a route whose first `:` falls inside an address
+    literal (`"@[IPv6:2001:db8::1]:a"@x.test`): cut there it would leave no address (the smtp client's header
+    mapping drops such a route whole, at the literal's end: transports/generic.py)."""
     local, domain = split_words(addr)
     internal = internal_local(local) if local.startswith('"') else None
     if internal is None or not is_quoted_route(internal):
         return addr
-    _, _, rest = internal.partition(":")
+    route, _, rest = internal.partition(":")
+    if "[" in route:
+        return addr
     qualified = len(local) < len(addr)
     if not (rest or qualified):
         return addr

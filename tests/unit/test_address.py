@@ -379,6 +379,8 @@ def test_a_quoted_local_part_that_is_a_source_route_loses_the_route_as_postfix_s
     assert address.tidy('"@x:"@x.test') == '""@x.test'
     assert address.tidy('"@x:y"') == "y"
     assert address.tidy('"@x:u@y.test"') == "u@y.test"  # (unqualified: split at its last `@`, as Postfix's quoting)
+    # a route whose first `:` is inside an address literal is left whole (cut there, it would leave no address)
+    assert address.tidy('"@[IPv6:2001:db8::1]:a"@x.test') == '"@[IPv6:2001:db8::1]:a"@x.test'
     assert address.tidy('"@x:a b@y.test"') == '"a b"@y.test'
     assert address.tidy('"@x:"') == '"@x:"'  # (nothing after the route, no domain: no route to Postfix either)
     assert address.tidy('"@x"@[IPv6:::1]') == '"@x"@[IPv6:::1]'  # (no `:` in the local part: smtpd refuses it)
