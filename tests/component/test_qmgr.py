@@ -1291,6 +1291,19 @@ async def test_a_reload_resolves_many_waiting_recipients_again_a_slice_at_a_time
     assert await h.counts() == {}
 
 
+async def first_in_flight_at_old_relay(h, monkeypatch) -> tuple[BlockingTransport, str]:
+    """ROUTE_SLICE 10; qmgr started relaying to [old.test] one delivery at a time, the first message's under way
+    (held by the transport): (that transport, the first message's queue id)."""
+    monkeypatch.setattr(qmgr_module, "ROUTE_SLICE", 10)
+    blocking = BlockingTransport("smtp")
+    resolve, _ = relaying("[old.test]")
+    await h.start(resolve=resolve, transports={"local": h.local, "smtp": blocking},
+                  default_destination_concurrency_limit=1)
+    first = await h.queue("u00@remote.test")
+    await eventually(lambda: blocking.in_flight == 1, what="the first delivery under way")
+    return blocking, first
+
+
 @pytest.mark.parametrize("meanwhile", ["nothing", "hold", "delete"])
 async def test_a_reload_resolves_many_small_waiting_messages_again_route_slice_recipients_a_turn(h, monkeypatch,
                                                                                                 meanwhile):
@@ -1299,21 +1312,15 @@ async def test_a_reload_resolves_many_small_waiting_messages_again_route_slice_r
     go together, a turn a slice; each is delivered once, to the new relay. A message held or deleted after the
     first turn's batch, its jobs still in no destination, is never handed to the transport: it ends held, or
     gone."""
-    monkeypatch.setattr(qmgr_module, "ROUTE_SLICE", 10)
     pausing = PausingAsyncio()
     monkeypatch.setattr(qmgr_module, "asyncio", pausing)
-    blocking = BlockingTransport("smtp")
-    transports = {"local": h.local, "smtp": blocking}
-    resolve, _ = relaying("[old.test]")
-    await h.start(resolve=resolve, transports=transports, default_destination_concurrency_limit=1)
-    first = await h.queue("u00@remote.test")
-    await eventually(lambda: blocking.in_flight == 1, what="the first delivery under way")
+    blocking, first = await first_in_flight_at_old_relay(h, monkeypatch)
     waiting = [await h.queue(f"u{i:02d}@remote.test", *([f"v{i:02d}@remote.test"] if i % 3 == 0 else []))
                for i in range(1, 41)]  # (every third message has two recipients)
     await eventually(lambda: h.qmgr.active_count == 41, what="every message taken")
     withdrawn = waiting[-2]  # (two recipients, far from the first batch)
     async with LoopTurns() as turns:
-        reload_to(h, "[new.test]", transports)
+        reload_to(h, "[new.test]", {"local": h.local, "smtp": blocking})
         resolve_anew, paused = h.qmgr._resolve, []
 
         def resolving(*args):
@@ -1348,13 +1355,7 @@ async def test_the_reroute_task_counts_every_recipient_of_a_message_against_a_tu
     """A waiting job of one recipient, of a message of many (the others delivered): resolving it again indexes the
     message's whole list (`_queued_forms`), so the reroute task counts them all against a turn's ROUTE_SLICE, not
     the one (a turn took ten such messages of 100 000 recipients: a million indexed)."""
-    monkeypatch.setattr(qmgr_module, "ROUTE_SLICE", 10)
-    blocking = BlockingTransport("smtp")
-    transports = {"local": h.local, "smtp": blocking}
-    resolve, _ = relaying("[old.test]")
-    await h.start(resolve=resolve, transports=transports, default_destination_concurrency_limit=1)
-    first = await h.queue("u00@remote.test")
-    await eventually(lambda: blocking.in_flight == 1, what="the first delivery under way")
+    blocking, first = await first_in_flight_at_old_relay(h, monkeypatch)
     waiting = [await h.queue(f"u{i:02d}@remote.test", *(f"l{i:02d}.{j}@example.test" for j in range(7)))
                for i in range(1, 9)]  # (8 recipients each: 7 delivered at once, one waits for the relay's window)
     await eventually(lambda: len(h.local.requests) == len(waiting), what="the local recipients delivered")
@@ -1367,7 +1368,7 @@ async def test_the_reroute_task_counts_every_recipient_of_a_message_against_a_tu
 
     monkeypatch.setattr(qmgr_module, "_queued_forms", indexing)
     async with LoopTurns() as turns:
-        reload_to(h, "[new.test]", transports)
+        reload_to(h, "[new.test]", {"local": h.local, "smtp": blocking})
         await eventually(lambda: h.qmgr._rerouter is None, what="the reroute done")
     per_turn: Counter[int] = Counter()
     for turn, size in indexed:
