@@ -28,8 +28,11 @@ Runner (used by pipe services and by local's `|command` destinations):
   cancelled; never a group whose number may have been reused once the command ended: see `_Group`). The delivery
   ends then, whatever holds the command's output pipe: it is ours (`_Output`) and closed at the limit,
   so neither a command killed with its output unread nor a program it left running in a session of its own can
-  hold the delivery or a descriptor of ours. `user`: as root, run as that user (its groups too); not as root,
-  only our own user. `umask`: the command's (None: mailflow's own). Raises `CommandNotRun` when it
+  hold the delivery or a descriptor of ours. `user`: as root, run as that user (its groups too), through util-linux's
+  setpriv so that the spawn is a vfork (never a fork of the whole server on the event loop: `_spawn_as`), setpriv's
+  own failures reported as the switch's and the exec's were; a file the kernel cannot run (ENOEXEC, no `#!`) is then
+  given to /bin/sh by setpriv's execvp, as Postfix's pipe_command() execvp does; not as root, only our own user.
+  `umask`: the command's (None: mailflow's own). Raises `CommandNotRun` when it
   cannot start the command (unknown user, no privilege to switch, root requested, exec or chdir failed, its input
   not spooled): callers defer with its `dsn` (4.3.0; 4.3.1 for the spool's disk) and its `diagnostic`,
   `x-unix; <why>` (Postfix's: the child's fatal message, x-unix).
@@ -283,27 +286,23 @@ async def _run(argv: list[str], message: int, *, env: dict[str, str], time_limit
                user: str | None = None, cwd=None, umask: int | None = None) -> CommandResult:
     """argv run with the spooled input `message` (a descriptor at offset 0, left open) as its stdin."""
     who = _identity(user)
-    switch: dict[str, Any] = {} if who is None else {"user": who.uid, "group": who.gid,
-                                                     "extra_groups": list(who.groups)}
+    spawned, switch = _spawn_as(who, argv)
     if umask is not None:
         switch["umask"] = umask
     loop = asyncio.get_running_loop()
     read_end, write_end = os.pipe()  # the command's stdout and stderr (see _Output)
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=message, stdout=write_end, stderr=write_end,
+            *spawned, stdin=message, stdout=write_end, stderr=write_end,
             env={"PATH": DEFAULT_PATH, **env}, cwd=cwd, start_new_session=True, **switch)
     except OSError as e:
         os.close(read_end)
-        as_whom = f" as {who.name}" if who else ""
         if cwd is not None and e.filename == str(cwd):
-            raise CommandNotRun(f"cannot change directory to {cwd}{as_whom}: {e.strerror}") from None
-        exec_errno = e.errno if e.filename == argv[0] else None
-        raise CommandNotRun(f"cannot run {argv[0]}{as_whom}: {e.strerror}", exec_errno,
-                            f"execvp {argv[0]}: {e.strerror}" if exec_errno is not None else "") from None
+            raise CommandNotRun(f"cannot change directory to {cwd}{_as_whom(who)}: {e.strerror}") from None
+        raise _not_run(argv, who, str(e.strerror), e.errno if e.filename == spawned[0] else None) from None
     finally:
         os.close(write_end)
-    output = _Output(output_limit, loop.create_future())
+    output = _Output(output_limit, loop.create_future(), _setpriv_line_limit(argv) if spawned is not argv else 0)
     read_file = os.fdopen(read_end, "rb", buffering=0)
     reading: asyncio.ReadTransport | None = None
     group = _Group(proc.pid)
@@ -327,7 +326,59 @@ async def _run(argv: list[str], message: int, *, env: dict[str, str], time_limit
             await asyncio.shield(proc.wait())
     if code < 0:
         return CommandResult(None, -code, False, output.text())
+    if spawned is not argv:
+        _raise_when_setpriv_failed(code, output.head(), argv, who)
     return CommandResult(code, None, False, output.text())
+
+
+SETPRIV = "/usr/bin/setpriv"  # util-linux's (essential in Debian): switches identity, then execvp()s its command
+_SETPRIV_FAILED = re.compile(r"setpriv: (failed to execute (.*)|.*): ([^:\n]*)\n")
+_ERRNO_OF = {os.strerror(number): number for number in errno.errorcode}  # (setpriv runs in the C locale: env is PATH)
+
+
+def _setpriv_line_limit(argv: list[str]) -> int:
+    """Bytes of output enough for setpriv's failure line about argv, whatever the output limit."""
+    return len(argv[0].encode("utf-8", "surrogateescape")) + 256
+
+
+def _spawn_as(who: _Identity | None, argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """What create_subprocess_exec runs to run argv as `who`, and the keywords that switch identity. As root, through
+    SETPRIV: given user, group or groups, CPython's _posixsubprocess fork()s this whole process on the event loop's
+    thread (page tables copied, then copy-on-write faults until the child execs: 30 ms at 10 MB, 120 ms at 1 GB of
+    RSS per command), where without them it vfork()s (the parent waits only for the exec, whatever its size); setpriv
+    makes the switch in the vfork()ed child's program (setresuid, setresgid, setgroups, after _posixsubprocess's
+    chdir, umask and new session, as root as before), in the same process. It keeps its capabilities until its own
+    exec, so it execs a second setpriv, without options, that runs with none: its execvp() of the command finds and
+    opens it with the user's rights only (a program the user may not reach is EACCES, as with the switch made before
+    the exec), and says why it failed as the first would. Without setpriv: the keywords (a fork, as before)."""
+    if who is None:
+        return argv, {}
+    if not os.access(SETPRIV, os.X_OK):
+        return argv, {"user": who.uid, "group": who.gid, "extra_groups": list(who.groups)}
+    groups = ",".join(str(gid) for gid in who.groups)
+    return [SETPRIV, f"--reuid={who.uid}", f"--regid={who.gid}", f"--groups={groups}", "--", SETPRIV, "--", *argv], {}
+
+
+def _raise_when_setpriv_failed(code: int, output: str, argv: list[str], who: _Identity | None) -> None:
+    """CommandNotRun when a run through SETPRIV is setpriv's own failure (`output`: the first _setpriv_line_limit
+    bytes at least, past the command's output limit): its whole output one line `setpriv: what:
+    why` and its status 126 or 127 (EXIT_CMD_INVOKE, EXIT_CMD_NOT_FOUND, SETPRIV_EXIT_PRIVERR), what `failed to
+    execute PROG` for the command's exec (the same failure as the exec's OSError without setpriv: its errno from
+    the text), else a switch that failed."""
+    failed = _SETPRIV_FAILED.fullmatch(output) if code in (126, 127) else None
+    if failed is None or failed[3] not in _ERRNO_OF:
+        return
+    raise _not_run(argv, who, failed[3], _ERRNO_OF[failed[3]] if failed[2] == argv[0] else None)
+
+
+def _as_whom(who: _Identity | None) -> str:
+    return f" as {who.name}" if who else ""
+
+
+def _not_run(argv: list[str], who: _Identity | None, why: str, exec_errno: int | None) -> CommandNotRun:
+    """argv could not be started: `why` (an errno's text); `exec_errno` when its exec is what failed."""
+    return CommandNotRun(f"cannot run {argv[0]}{_as_whom(who)}: {why}", exec_errno,
+                         f"execvp {argv[0]}: {why}" if exec_errno is not None else "")
 
 
 SPOOL_WRITE = 256 * 1024  # a command's input is written to its file in pieces of about this size
@@ -562,20 +613,24 @@ class _Output(asyncio.Protocol):
     one, whose Process.wait() also waits for its pipes to close: a command killed with its output pipe full (no
     longer read) or a program that left its group holding it would keep the delivery waiting for ever."""
 
-    def __init__(self, limit: int, ended: asyncio.Future):
+    def __init__(self, limit: int, ended: asyncio.Future, head: int = 0):
         self._limit = limit
+        self._keep = max(limit, head)  # (`head()`: the first `head` bytes, for a look past the limit)
         self._kept = bytearray()
         self.ended = ended
 
     def data_received(self, data: bytes) -> None:
-        if len(self._kept) < self._limit:
-            self._kept += data[:self._limit - len(self._kept)]
+        if len(self._kept) < self._keep:
+            self._kept += data[:self._keep - len(self._kept)]
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.ended.done():
             self.ended.set_result(None)
 
     def text(self) -> str:
+        return self._kept[:self._limit].decode("utf-8", errors="replace")
+
+    def head(self) -> str:
         return self._kept.decode("utf-8", errors="replace")
 
 

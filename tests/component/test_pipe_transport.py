@@ -8,7 +8,8 @@ output_limit, the rest drained, no deadlock); a command that reads only part of 
 missing command; argv macros, ${recipient} with 3 recipients in one run; flags D R F O (one run per
 recipient), > . B, the D loop check, X (without it a success is relayed); control characters in an address; the
 environment is exactly PATH (and what run_command is given); the identity (as root: `nobody`; not root: a
-refusal to switch); size_limit; config errors naming the key.
+refusal to switch), its spawn (no fork of a big server on its loop) and its exec with the user's rights only;
+size_limit; config errors naming the key.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from mailflow.stages.smtpd.handler import short_of_space
 from mailflow.transports import pipe as pipe_module
 from mailflow.transports.pipe import CommandNotRun, CommandSpool, PipeTransport, command_spool, run_command
 from tests.support import big_message, eventually, script_dir, spooled
+from tests.support.stalls import LoopWatch
 
 SENDER = "sender@remote.test"
 CONTENT = b"From: sender@remote.test\r\nSubject: hello\r\n\r\nline one\r\nFrom here\r\n.dot\r\n"
@@ -472,6 +474,56 @@ async def test_the_identity_is_nobody_as_root_and_switching_needs_root(scripts):
         assert scripts.read("uid") == ""
     with pytest.raises(CommandNotRun, match="no such user"):
         await run_command(["/bin/true"], stdin=b"", env={}, time_limit=5, output_limit=10, user="no-such-user-x")
+
+
+INFLATED = 768 * 1024 * 1024  # bytes of RSS the server is given before it runs commands as a user
+SPAWN_STALL = 0.04  # s: a fork() of that much (page tables, then copy-on-write faults) holds the loop 60-120 ms
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root switches users")
+def test_a_command_run_as_a_user_does_not_fork_a_big_server_on_its_loop():
+    """As root with a user, _posixsubprocess fork()ed the whole process on the event loop's thread (user=, group=,
+    extra_groups= rule vfork out): at 768 MB of RSS each command held the loop 60-120 ms (page tables copied, then
+    copy-on-write faults until the child's exec). Through setpriv the spawn is a vfork: the loop is held no longer
+    than for a command run as ourselves, whatever the size. (A few stalls are allowed for a loaded machine.)"""
+    inflated = bytearray(INFLATED)
+    for page in range(0, INFLATED, 4096):
+        inflated[page] = 1
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+    watch = LoopWatch(loop, threshold=SPAWN_STALL)
+    try:
+        for _ in range(10):
+            ran = asyncio.run_coroutine_threadsafe(
+                run_command(["/usr/bin/id", "-u"], stdin=b"", env={}, time_limit=10, output_limit=100,
+                            user="nobody"), loop).result(30)
+            assert ran.output == f"{pwd.getpwnam('nobody').pw_uid}\n"
+    finally:
+        watch.close()
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(10)
+        loop.close()
+    del inflated
+    assert len(watch.stalls) < 3, watch.stalls
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root switches users")
+async def test_a_program_the_user_cannot_reach_is_not_run_as_root_could_reach_it(tmp_path):
+    """The exec as a user is made with the user's rights only: a program in a directory only root may search is
+    EACCES, `execvp PROG: Permission denied`, as for a switch made before the exec (setpriv keeps root's
+    capabilities until its own exec: its execvp would find the program, or say ENOENT for one that is not there).
+    setpriv's words are read whole past a small output limit."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    program = private / "prog"
+    program.write_text("#!/bin/sh\nexit 0\n")
+    program.chmod(0o755)
+    for argv0 in (str(program), str(private / "not-there")):
+        with pytest.raises(CommandNotRun) as refused:
+            await run_command([argv0], stdin=b"", env={}, time_limit=5, output_limit=10, user="nobody")
+        assert (refused.value.text, refused.value.exec_errno, refused.value.exec_failure) == (
+            f"cannot run {argv0} as nobody: Permission denied", errno.EACCES, f"execvp {argv0}: Permission denied")
 
 
 # ------------------------------------------------------------------------------------------------ config
