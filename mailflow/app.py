@@ -32,7 +32,8 @@ reload replaced are let go a piece at a time once nothing uses them (mailflow.ta
 Reload (`await mf.reload(config)`; SIGHUP and `mailflow reload` in `serve`): like `postfix reload`, the new
 configuration is checked whole (its tables must answer, its certificates load) and built whole (routing tables,
 restrictions, transports, certificates) before any of it is used (each `type:name` it names read once, by the check:
-the routing, content checks, transports and every listener's restrictions open it from that one TableCache); a
+the routing, content checks, transports and every listener's restrictions open it from that one TableCache; a table
+file unchanged since the configuration in force read it is taken over from it, not read again); a
 problem raises ConfigError and the configuration in force stays. Then cleanup, qmgr, pickup and smtpd take it: new
 sessions follow the new rules (smtpd.Smtpd.reconfigure), open sessions are not dropped and end under the rules they
 began with (as Postfix's smtpd processes do; the inbound filters a reload replaces are closed at a later reload once
@@ -94,7 +95,6 @@ from mailflow.stages.smtpd.transcript import SessionObservers
 from mailflow.stages.verify import ProbeSender, Prober, Verifier
 from mailflow.store import Store
 from mailflow.tables import TableCache
-from mailflow.tables.cache import file_tables
 from mailflow.tables.check import table_problems
 from mailflow.tables.retire import RetiredTables
 from mailflow.tables.networks import NetworkList
@@ -509,7 +509,9 @@ class Mailflow:
             waiting = restart_needed(self.config, config)
             # (validated again, a domain list's /file read again, when settings kept as running differ: off the loop)
             config = await asyncio.to_thread(in_force, self.config, config, "")
-            tables = TableCache()  # this generation's: each table it names is read once, by the check
+            # this generation's: each table it names is read once, by the check, or taken over from the generation
+            # in force when its file is unchanged (not read again)
+            tables = TableCache(previous=self._tables)
             try:
                 check = tables.view()  # (what only it opens, the generation does not keep: built(check))
                 problems = await asyncio.to_thread(table_problems, flat_settings(config, effective=True), "", check)
@@ -526,7 +528,7 @@ class Mailflow:
                 # (binds new addresses)
                 use_smtpd = await self.smtpd.reconfigure(config, handler_for, router.tables.view())
             except BaseException:  # refused (or cancelled): what it read is let go a piece at a time too
-                self._retired_tables.retire(tables.file_tables())
+                self._retired_tables.retire(tables.abandoned())  # (not what it took over: still in force)
                 raise
             # everything is built: from here on nothing can fail
             self._cleanup.reconfigure(**cleanup_settings)
@@ -534,10 +536,9 @@ class Mailflow:
             if self._filters is not None:
                 self._retired_filters.append(self._filters)
             self._filters = filters
-            unused = tables.built(check)  # (its parts hold their own tables from here on, not the generation's)
-            self._retired_tables.retire(file_tables(unused))
-            if self._tables is not None:
-                self._retired_tables.retire(self._tables.file_tables())
+            # (its parts hold their own tables from here on, not the generation's): what only the check read and
+            # what the replaced generation held that this one did not take over are let go
+            self._retired_tables.retire(tables.built(check))
             self._tables = tables
             notices = self._notices(config, templates)
             self.qmgr.reconfigure(resolve=router.rewriter.resolve, transports=transports, config=config.queue,
@@ -558,6 +559,7 @@ class Mailflow:
             self.config = config
             for key in waiting:
                 log.warning("reload: %s changed; restart to apply", key)
+            log.info("reload: %s", _tables_read(tables))
             log.info("reload: configuration, tables and certificates in force")
             return waiting
 
@@ -601,8 +603,20 @@ class Mailflow:
         await self.stop()
 
 
+TABLES_NAMED = 5  # table files a reload's log line names among those it read (then: "and N more")
 IDLE_TRIM_INTERVAL = 1.0  # seconds between looks at whether the server went idle after moving mail
 RELEASE_POLL = 0.5  # seconds between looks at whether what a reload replaced is still in use (serve: _reloads)
+
+
+def _tables_read(tables: TableCache) -> str:
+    """What a reload did with the table files: those it read (named, the first few) and how many it kept as they
+    were, their files unchanged."""
+    taken = {id(table) for table in tables.taken_over()}
+    held = tables.file_tables()
+    read = [table.name for table in held if id(table) not in taken]
+    named = ", ".join(read[:TABLES_NAMED]) + (f" and {len(read) - TABLES_NAMED} more" if len(read) > TABLES_NAMED
+                                              else "")
+    return f"table files read: {len(read)}{f' ({named})' if read else ''}; unchanged, kept: {len(held) - len(read)}"
 
 
 def _all_of(problems: list[ConfigError]) -> ConfigError:

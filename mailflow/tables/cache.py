@@ -3,6 +3,14 @@
     TableCache(clock).open(specs, aliases=False) -> list[Table]   the tables of one setting, in order; a spec
                                                                   named twice is opened once (one reader, one
                                                                   reload)
+    TableCache(clock, previous=generation)
+                                       a reload's generation: a file table (texthash, regexp, pcre, cidr) that
+                                       `generation` (the one in force, built) holds under the same
+                                       `(spec, aliases)` is taken over, not read again, when its file is unchanged
+                                       (files.Reloading.unchanged: the same device, inode, size, mtime and ctime
+                                       as when it was read); any other table is opened anew (inline, static, fail
+                                       and unix cost nothing; sqlite re-reads its .cf, accounts opens the database
+                                       again: nothing of theirs is shared by two generations)
     TableCache.view() -> TableCache    one that opens from the same tables (a spec either opens is opened, and
                                        read, once) while its `run` and `preload` concern only those opened through
                                        it: a server's generation shares one set of tables among its parts (routing,
@@ -14,7 +22,14 @@
                                        the generation is built: from now on each view opens its own tables; this
                                        cache keeps the tables its views opened (for file_tables) but those only
                                        `check` (a view: a reload's check of every table its settings name) opened,
-                                       which it lets go and returns
+                                       which it lets go; returns the file tables the swap lets go (to retire,
+                                       mailflow.tables.retire): those, and the previous generation's it did not
+                                       take over
+    TableCache.abandoned() -> list[Table]
+                                       the generation will not be built (its reload refused): the file tables it
+                                       read itself, to retire; those it took over stay the previous generation's
+    TableCache.taken_over() -> list[Table]
+                                       the previous generation's file tables this one took over (a reload's report)
     await TableCache.run(fn, *args, off_loop=False, workers=None)
                                        fn (which looks things up in this cache's tables): inline when every table
                                        opened here answers from memory (and not `off_loop`), else in a worker
@@ -51,8 +66,12 @@ class TableCache:
     """Opens each `type:name` once (for itself and its views), so settings that name the same file share one
     reader (and one reload). `open(specs)` returns the tables of one setting, in order."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, *, shared: _Shared | None = None):
+    def __init__(self, clock: Callable[[], float] = time.monotonic, *, shared: _Shared | None = None,
+                 previous: TableCache | None = None):
         self._clock = clock
+        self._previous = previous  # the generation this one replaces, until built (or abandoned)
+        if previous is not None and shared is None:
+            shared = _Shared({}, {key: t for key, t in previous._held().items() if hasattr(t, "unchanged")})
         self._shared = shared  # the views' (and this cache's) while they are being built; None: its own only
         self._open: dict[tuple[str, bool], Table] = {}  # those opened through this cache
         self._blocking: list[Table] = []  # those of _open that may wait on I/O (asked at every run())
@@ -81,7 +100,7 @@ class TableCache:
             return open_table(spec, clock=self._clock, aliases=aliases)
         key = (spec, aliases)
         if key not in shared.tables:
-            shared.tables[key] = open_table(spec, clock=self._clock, aliases=aliases)
+            shared.tables[key] = shared.take_over(key) or open_table(spec, clock=self._clock, aliases=aliases)
         shared.openers[key] = shared.openers.get(key, 0) + 1
         return shared.tables[key]
 
@@ -93,14 +112,33 @@ class TableCache:
         checked_only = [key for key in (check._open if check is not None else ()) if shared.openers[key] == 1]
         dropped = [shared.tables.pop(key) for key in checked_only]
         self._kept, shared.tables = shared.tables, None
-        return dropped
+        replaced = self._previous.file_tables() if self._previous is not None else []
+        self._previous, shared.reusable = None, {}
+        kept = {id(table) for table in (*self._open.values(), *self._kept.values())}
+        return [table for table in file_tables([*dropped, *replaced]) if id(table) not in kept]
+
+    def abandoned(self) -> list[Any]:
+        """See the module docstring."""
+        taken = {id(table) for table in self.taken_over()}
+        self._previous = None
+        if self._shared is not None:
+            self._shared.reusable = {}
+        return [table for table in self.file_tables() if id(table) not in taken]
+
+    def taken_over(self) -> list[Any]:
+        """See the module docstring."""
+        held = self._held()
+        return [held[key] for key in self._shared.taken if key in held] if self._shared is not None else []
 
     def file_tables(self) -> list[Any]:
         """The tables read from a file (texthash, regexp, pcre, cidr: files.FromFile) opened through this
         cache or its views."""
+        return file_tables(list(self._held().values()))
+
+    def _held(self) -> dict[tuple[str, bool], Table]:
+        """The tables opened through this cache or (while being built, then those kept) its views."""
         shared = self._shared
-        tables = self._kept if shared is None or shared.tables is None else shared.tables
-        return file_tables([*self._open.values(), *tables.values()])
+        return {**self._open, **(self._kept if shared is None or shared.tables is None else shared.tables)}
 
     @property
     def blocking(self) -> bool:
@@ -142,12 +180,26 @@ class TableCache:
 
 
 class _Shared:
-    """The tables the views of one cache opened while their generation is built (`tables`, None once built) and
-    how many views opened each."""
+    """The tables the views of one cache opened while their generation is built (`tables`, None once built), how
+    many views opened each, the previous generation's file tables not asked for yet (`reusable`, emptied once
+    built) and which were taken over from it (`taken`: keys only, as `openers`: a view still in use after the
+    generation's replacement holds its own tables, not these)."""
 
-    def __init__(self, tables: dict[tuple[str, bool], Table]):
+    def __init__(self, tables: dict[tuple[str, bool], Table],
+                 reusable: dict[tuple[str, bool], Table] | None = None):
         self.tables: dict[tuple[str, bool], Table] | None = tables
         self.openers: dict[tuple[str, bool], int] = {}
+        self.reusable: dict[tuple[str, bool], Any] = reusable or {}
+        self.taken: set[tuple[str, bool]] = set()
+
+    def take_over(self, key: tuple[str, bool]) -> Table | None:
+        """The previous generation's table of `key` when its file is unchanged (a stat, in the caller's thread:
+        the reload's check runs in a worker), else None."""
+        table = self.reusable.pop(key, None)
+        if table is None or not table.unchanged():
+            return None
+        self.taken.add(key)
+        return table
 
 
 def file_tables(tables: list) -> list[Any]:

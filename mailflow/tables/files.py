@@ -1,9 +1,10 @@
 """File-backed tables re-read when their file changes, and the `texthash:` type (postmap(1) input, no database).
 
-- `Reloading(name, path, clock, parse)`: a file parsed into a value, re-read when its inode, size or mtime
-  changes (checked at most once per RELOAD_INTERVAL of the injected clock); on a running event loop the re-read
-  happens in a worker thread while lookups go on answering from the previous contents.
-- `FromFile`: what the tables read from a file share (`load()`, `contents()`: the parsed file held now).
+- `Reloading(name, path, clock, parse)`: a file parsed into a value, re-read when its stamp (device, inode, size,
+  mtime, ctime) changes (checked at most once per RELOAD_INTERVAL of the injected clock); on a running event loop
+  the re-read happens in a worker thread while lookups go on answering from the previous contents.
+- `FromFile`: what the tables read from a file share (`load()`, `contents()`: the parsed file held now;
+  `unchanged()`: whether those are the file's as it is now, so a reload may keep the table: TableCache).
 - `logical_lines(text)`: postmap(1) input rules (blank and `#` lines skipped, a line starting with whitespace
   continues the previous one); shared with the regexp, pcre and sqlite parsers.
 - `split_pattern_rule(number, text)`: a regexp: or pcre: rule's `!`s, pattern, flags and result, as Postfix reads
@@ -41,7 +42,7 @@ T = TypeVar("T")
 
 
 class Reloading(Generic[T]):
-    """A file parsed into a value, re-read when its inode, size or mtime changes (checked at most once per
+    """A file parsed into a value, re-read when its stamp (_signature) changes (checked at most once per
     RELOAD_INTERVAL of `clock`). `current()` returns the value or raises LookupRetry while the file is
     unreadable or bad. `parse(text)` raises ValueError("line N: …").
 
@@ -68,6 +69,18 @@ class Reloading(Generic[T]):
         it past the table, to drop it a piece at a time: mailflow.tables.retire)."""
         state = self._state
         return state[0] if state is not None else None
+
+    def unchanged(self) -> bool:
+        """Whether the value held was read, without error, from the file as it is now: the same stamp (device,
+        inode, size, mtime and ctime), looked at now (a stat in the caller's thread). False before the first read,
+        while the file fails, or when it cannot be looked at."""
+        state = self._state
+        if state is None or state[2] is not None:
+            return False
+        try:
+            return _signature(os.stat(self._path)) == state[1]
+        except OSError:
+            return False
 
     def current(self) -> T:
         if self._state is None:
@@ -129,6 +142,10 @@ class FromFile:
         """The parsed file now held (None while there is none): see Reloading.contents."""
         return self._file.contents()
 
+    def unchanged(self) -> bool:
+        """Its parsed file is the file as it is now (see Reloading.unchanged): a reload may keep the table."""
+        return self._file.unchanged()
+
     @property
     def reading(self) -> Reloading:
         """What holds the parsed file, re-reading it when it changes: a retired table's contents are taken from it
@@ -137,7 +154,9 @@ class FromFile:
 
 
 def _signature(st: os.stat_result) -> tuple:
-    return st.st_ino, st.st_size, st.st_mtime_ns
+    """A file's identity and stamp: another file put in its place (a rename over it, another file system) changes
+    the first two, a write the rest; ctime too, which no one sets back as `touch -d` sets mtime back."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def logical_lines(text: str) -> list[tuple[int, str]]:

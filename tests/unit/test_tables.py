@@ -876,6 +876,86 @@ def test_what_only_the_check_opened_is_let_go_once_the_generation_is_built(tmp_p
     assert generation.built(check) == [unused] and generation.file_tables() == [relay]
 
 
+def built_generation(specs: list[str], previous: TableCache | None = None) -> tuple[TableCache, list]:
+    """A generation built as a reload builds one: its check (a view) opens and asks every table, then a part (a
+    view) opens them; `previous`: the generation in force. Returns it (built) and its tables."""
+    generation = TableCache(previous=previous)
+    check, part = generation.view(), generation.view()
+    for table in check.open(specs):
+        table.lookup("probe")
+    tables = part.open(specs)
+    generation.built(check)
+    return generation, tables
+
+
+def test_a_reloads_generation_takes_over_the_file_tables_whose_file_is_unchanged_and_opens_the_rest_anew(tmp_path):
+    """A reload's generation reads a table file again only when it changed: the table in force (its parsed
+    contents) is taken over, as is, for an unchanged file; a changed one is read anew (its new contents answer);
+    tables without a file are made again (they cost nothing). The swap lets go only what it did not take over."""
+    kept, changed = tmp_path / "kept.regexp", tmp_path / "changed"
+    kept.write_text("/^a/ kept\n")
+    changed.write_text("a before\n")
+    specs = [f"regexp:{kept}", f"texthash:{changed}", "inline:{a=inline}"]
+    first, [regexp, texthash, inline] = built_generation(specs)
+    parsed = regexp.contents()
+    changed.write_text("a after, longer\n")
+    generation = TableCache(previous=first)
+    check, part = generation.view(), generation.view()
+    opened = check.open(specs)
+    assert opened[0] is regexp and opened[1] is not texthash and opened[2] is not inline
+    assert part.open(specs) == opened and generation.taken_over() == [regexp]
+    assert [table.lookup("a") for table in opened] == ["kept", "after, longer", "inline"]
+    assert regexp.contents() is parsed  # (not read again)
+    assert generation.built(check) == [texthash]  # (what the swap lets go: the replaced table, not the one kept)
+    assert sorted(map(id, generation.file_tables())) == sorted(map(id, opened[:2]))
+
+
+def test_a_reloads_generation_holds_nothing_of_the_one_it_replaced_but_what_it_took_over(tmp_path):
+    """Once built, a reload's generation (and each of its views, which an open session may hold for long) keeps
+    none of the replaced generation's tables but those it took over: a table the new configuration no longer
+    names goes with the replaced generation, to be retired."""
+    for name in ("kept", "dropped"):
+        (tmp_path / name).write_text("a b\n")
+    first, [kept, dropped] = built_generation([f"texthash:{tmp_path}/kept", f"texthash:{tmp_path}/dropped"])
+    second, [taken] = built_generation([f"texthash:{tmp_path}/kept"], previous=first)
+    view = second.view()
+    dropped_gone = weakref.finalize(dropped, lambda: None)
+    del first, dropped
+    gc.collect()
+    assert not dropped_gone.alive and taken is kept and second.file_tables() == [kept]
+    assert view.open([f"texthash:{tmp_path}/kept"])[0].lookup("a") == "b"
+
+
+def test_a_refused_reloads_generation_lets_go_only_the_tables_it_read_itself(tmp_path):
+    """A reload refused after its check took a table over from the generation in force lets go (to retire) only
+    what it read itself: the table it took over is still in force, untouched."""
+    (tmp_path / "kept").write_text("a kept\n")
+    (tmp_path / "new").write_text("a new\n")
+    first, [kept] = built_generation([f"texthash:{tmp_path}/kept"])
+    refused = TableCache(previous=first)
+    [taken, new] = refused.view().open([f"texthash:{tmp_path}/kept", f"texthash:{tmp_path}/new"])
+    assert taken is kept and refused.abandoned() == [new]
+    assert first.file_tables() == [kept] and kept.lookup("a") == "kept"
+
+
+def test_a_file_rewritten_to_its_size_and_mtime_is_read_anew_for_its_ctime(tmp_path):
+    """A table file rewritten in place to the same size, its mtime set back (`touch -d`, a copy keeping times), has
+    another ctime, which nothing sets back: a reload reads it anew (inode, size and mtime alone kept the old
+    contents in force)."""
+    path = tmp_path / "access"
+    path.write_text("a before\n")
+    first, [table] = built_generation([f"texthash:{path}"])
+    before = os.stat(path)
+    time.sleep(0.05)  # (past the file system's clock tick: the rewrite's ctime differs)
+    path.write_text("a after!\n")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    assert after.st_ctime_ns != before.st_ctime_ns and not table.unchanged()
+    _, [reread] = built_generation([f"texthash:{path}"], previous=first)
+    assert reread is not table and reread.lookup("a") == "after!"
+
+
 class Unwatchable:
     __slots__ = ("rules",)  # (no __weakref__: weakref.finalize refuses it)
 
