@@ -24,12 +24,14 @@ from mailflow.content import Content
 from mailflow.model import (ClientInfo, DeliveryReport, Envelope, Outcome, OwnedFailure, QueuedMessage, RcptResult,
                             Recipient, Submission)
 from mailflow.stages.cleanup import Cleanup
+from mailflow.stages import qmgr as qmgr_module
 from mailflow.stages.qmgr import QueueManager, _soft_bounced
 from mailflow.stages.qmgr import notices as notices_module
 from mailflow.stages.qmgr.notices import Notices, Postmaster, _notice_recipient, plan
 from mailflow.routing.rewrite import Rewriter
 from mailflow.store import Store
 from tests.support import BlockingTransport, always, eventually
+from tests.support.stalls import LoopTurns
 
 T0 = 1_700_000_000.0
 HOUR, DAY = 3600.0, 86400.0
@@ -47,8 +49,9 @@ def scripted(clock) -> BlockingTransport:
 
 
 class Sim:
-    def __init__(self, tmp_path, tick: float = DAY, soft_bounce: bool = False, **queue):
+    def __init__(self, tmp_path, tick: float = DAY, soft_bounce: bool = False, observer=None, **queue):
         self.tick = tick
+        self.observer = observer  # qmgr's MailLog's (`observer(queue_id, event, fields)`), None: nobody
         settings = {"myhostname": "mx.local.test", "mydestination": ["local.test", "mx.local.test"],
                     "soft_bounce": soft_bounce,
                     "queue": {"minimal_backoff_time": 300, "maximal_backoff_time": 4000, **queue}}
@@ -65,7 +68,8 @@ class Sim:
         notices = Notices(self.cleanup.prepare, myhostname="mx.local.test", config=self.config.queue)
         self.qmgr = QueueManager(self.store, resolve=Rewriter(self.config).resolve,
                                  transports={"smtp": self.smtp, "local": self.local}, config=self.config.queue,
-                                 clock=self.clock, rng=random.Random(2), log=MailLog(), notices=notices,
+                                 clock=self.clock, rng=random.Random(2), log=MailLog(observer=self.observer),
+                                 notices=notices,
                                  tick=self.tick, soft_bounce=self.config.soft_bounce)
         await self.qmgr.start()
         return self
@@ -109,8 +113,8 @@ class Sim:
 async def sim(tmp_path):
     sims = []
 
-    async def make(tick: float = DAY, soft_bounce: bool = False, **queue) -> Sim:
-        s = await Sim(tmp_path, tick, soft_bounce, **queue).start()
+    async def make(tick: float = DAY, soft_bounce: bool = False, observer=None, **queue) -> Sim:
+        s = await Sim(tmp_path, tick, soft_bounce, observer, **queue).start()
         sims.append(s)
         return s
 
@@ -315,6 +319,46 @@ async def test_expiry_is_logged_once_as_postfix_qmgr_logs_it(sim, caplog):
         await s.run_until(T0 + 3 * HOUR)
     lines = [r.getMessage() for r in caplog.records if r.name == "mailflow.mail"]
     assert lines.count(f"{queue_id}: from=<a@remote.test>, status=expired, returned to sender") == 1, lines
+
+
+async def test_a_big_message_past_its_lifetime_is_returned_record_slice_at_a_time(sim, monkeypatch, caplog):
+    """The 100 000 pending recipients of a message past its lifetime were each made a returned result (0.5 s) and
+    told to the observers (1 s) in one loop turn: both go RECORD_SLICE a turn, every recipient once, the lines and
+    events in the same order, the message removed and its sender told once."""
+    monkeypatch.setattr(qmgr_module, "RECORD_SLICE", 10)
+    events: list[tuple[int, str, str]] = []  # (loop turn, event, to)
+    turns = LoopTurns()
+    s = await sim(maximal_queue_lifetime=HOUR, double_bounce_recipient="",
+                  observer=lambda queue_id, event, fields: events.append((turns.count, event, fields.get("to", ""))))
+    s.smtp.script = always(Outcome.DEFERRED, "4.4.1", "timed out")
+    made: list[tuple[int, int]] = []  # (loop turn, returned results made)
+    expire = qmgr_module._expire
+
+    def expiring(pending):
+        made.append((turns.count, len(pending)))
+        return expire(pending)
+
+    monkeypatch.setattr(qmgr_module, "_expire", expiring)
+    addresses = [f"u{i:02d}@far.test" for i in range(45)]
+    queue_id = await s.submit("a@remote.test", *addresses)
+    async with turns:
+        with caplog.at_level(logging.INFO, logger="mailflow.mail"):
+            await s.run_until(T0 + 3 * HOUR)
+    assert [size for _, size in made] == [10, 10, 10, 10, 5]
+    assert len({turn for turn, _ in made}) == 5, "the loop had no turn between the slices"
+    after = [i for i, (_, event, _) in enumerate(events) if event == "expired"]
+    assert len(after) == 1
+    returned = events[after[0] + 1:after[0] + 46]
+    assert sorted(to for _, _, to in returned) == addresses and {event for _, event, _ in returned} == {"bounced"}
+    assert len({turn for turn, _, _ in returned}) == 5, "the observers were told of them in one turn"
+    lines = [r.getMessage() for r in caplog.records if r.name == "mailflow.mail"]
+    assert lines.count(f"{queue_id}: from=<a@remote.test>, status=expired, returned to sender") == 1
+    assert lines.index(f"{queue_id}: removed") > lines.index(
+        f"{queue_id}: from=<a@remote.test>, status=expired, returned to sender")
+    assert not any("status=bounced" in line for line in lines)  # (told to the observers only, as before)
+    assert await s.store.queue_states([queue_id]) == {}
+    failures = {m["Message-ID"]: m for m in notices_in(s.smtp) if m["To"] == "a@remote.test"}  # (tried again)
+    assert len(failures) == 1 and all(a in m.as_string() for m in failures.values() for a in addresses)
 
 
 async def team_delivered_locally(s, caplog, answer) -> tuple[str, list[str]]:

@@ -69,7 +69,8 @@ The loop
   `now + clamp(age, minimal_backoff_time, maximal_backoff_time)` plus up to 10 % jitter, all in one
   transaction. A message still pending after `maximal_queue_lifetime` (`bounce_queue_lifetime` for null-sender
   mail) is returned: its pending recipients count as bounced (the log, as Postfix's, has the attempt's
-  `status=deferred` lines and one `status=expired, returned to sender`). Each notice queued is logged as
+  `status=deferred` lines and one `status=expired, returned to sender`; past RECORD_SLICE of them, their results
+  are made and told to the observers that many a loop turn). Each notice queued is logged as
   Postfix's are: its `message-id=`, the `sender non-delivery notification: QID` line, its `from=<>` line.
   After `delay_warning_time` the sender gets one
   "delayed" notice. A message whose recipients were all recorded before a crash has no pending recipient when it
@@ -1540,7 +1541,13 @@ class QueueManager:
         lifetime = q.bounce_queue_lifetime if not msg.sender else q.maximal_queue_lifetime
         pending = [r for r in active.attempt + last if r.outcome is Outcome.DEFERRED]
         held = active.withdrawn == "hold"  # the operator's hold wins: nothing expires, nobody is told
-        expired = [] if held else _expire(pending, now - msg.lifetime_base, lifetime)
+        age = now - msg.lifetime_base
+        if held or age < lifetime:
+            expired = []
+        elif len(pending) <= RECORD_SLICE:
+            expired = _expire(pending)
+        else:
+            expired = await _expire_in_slices(pending)
         warn = bool(pending and not expired and not held and q.delay_warning_time and not msg.warned
                     and now - msg.arrival >= q.delay_warning_time)
         owed = active.owed + [r for r in last if self._owes_notice(r)]
@@ -1565,7 +1572,10 @@ class QueueManager:
                          noticed=tuple(r.recipient.index for r in active.owed))
         await self._writes.run(lambda: self._store.finish(done, [n for _, n in notices], results=last),
                                f"{msg.queue_id}: recording the end of the attempt")
-        self._log_end(active, last, notices, retry_at, now, expired=expired)
+        if len(expired) <= RECORD_SLICE:
+            self._log_end(active, last, notices, retry_at, now, expired=expired)
+        else:
+            await self._log_end_in_slices(active, last, notices, retry_at, now, expired=expired)
         if notices:  # new mail queued with the end of the attempt: the next scan takes it
             self._rouse()
         if retry_at is not None and retry_at < self._next_scan:
@@ -1614,6 +1624,23 @@ class QueueManager:
             self._log.queued(queued.queue_id, queued.sender, queued.content.size, len(queued.recipients))
         if retry_at is None:
             self._log.removed(msg.queue_id)
+
+    async def _log_end_in_slices(self, active: ActiveMessage, results, notices, retry_at, now: float, *,
+                                 expired: list[RcptResult]) -> None:
+        """`_log_end` of more than RECORD_SLICE expired recipients, the observers told of them that many a loop turn
+        (100 000 told in one turn held the loop about 1 s); the same lines and events in the same order, the lines
+        after them (a discarded notice, the notices queued, `removed`) with the last slice. A stop's cancel between
+        two slices loses what was not told or logged yet; the end is recorded already."""
+        msg = active.message
+        self._log_results(active, results, now)
+        self._log.expired(msg.queue_id, msg.sender)
+        for start in range(0, len(expired), RECORD_SLICE):
+            await asyncio.sleep(0)
+            for result in expired[start:start + RECORD_SLICE]:
+                self._log.result(msg.queue_id, result, active.stats, now, logged=False)
+        if self._notices is not None and self._notices.discards(msg, [*results, *expired]):
+            self._log.notice_discarded(msg.queue_id)
+        self._log_end(active, [], notices, retry_at, now, expired=[])  # (the notices' lines and `removed`: the rest)
 
     def _log_results(self, active: ActiveMessage, results: list[RcptResult], now: float) -> None:
         """Each result's line (a line per failure told to a list's owner, `_owned_lines`), timed by its job's
@@ -1787,12 +1814,21 @@ def _soft_bounced(result: RcptResult) -> RcptResult:
                                owned=())
 
 
-def _expire(pending: list[RcptResult], age: float, lifetime: float) -> list[RcptResult]:
-    """Past its lifetime a message gives up: its pending recipients are returned, with their last reason."""
-    if age < lifetime:
-        return []
+def _expire(pending: list[RcptResult]) -> list[RcptResult]:
+    """A message past its lifetime gives up: its pending recipients are returned, with their last reason."""
     return [RcptResult(r.recipient, Outcome.BOUNCED, r.dsn, f"{EXPIRED}{r.text}", r.relay,
                        transport=r.transport, diagnostic=r.diagnostic) for r in pending]
+
+
+async def _expire_in_slices(pending: list[RcptResult]) -> list[RcptResult]:
+    """`_expire`, RECORD_SLICE results a loop turn (the 100 000 pending recipients of a message past its lifetime
+    took 0.5 s of one turn)."""
+    expired: list[RcptResult] = []
+    for start in range(0, len(pending), RECORD_SLICE):
+        if start:
+            await asyncio.sleep(0)
+        expired += _expire(pending[start:start + RECORD_SLICE])
+    return expired
 
 
 def _complete(job: Job, report: DeliveryReport, stats: MsgStats | None,
