@@ -50,10 +50,11 @@ from mailflow.message import HEADER_READ_LIMIT, read_header
 from mailflow.model import ConnStats, DeliveryRequest, Recipient
 from mailflow.transports.encode import Encoder, SmtpData, aencode, encode
 from mailflow.transports.generic import WireForm
+from mailflow.transports.smtp import trouble
 from mailflow.transports.smtp.chat import CRLF, Session, Timeouts
 from mailflow.transports.smtp_checks import body_off_loop
 from mailflow.transports.downgrade import utf8_header_section
-from mailflow.transports.smtp.commands import (cannot_take, content_encoding, mail_command,
+from mailflow.transports.smtp.commands import (Extensions, cannot_take, content_encoding, mail_command,
                                                part_headers_may_need_smtputf8, rcpt_command, smtputf8_refusal)
 from mailflow.transports.smtp.trouble import (
     Outcomes,
@@ -124,12 +125,16 @@ async def _transaction(
     if converted:
         session.log.debug("%s: %s lacks 8BITMIME: content converted to 7 bit", request.queue_id,
                           peer.relay)
-    if wire is None:
+    if len(recipients) > trouble.SLICE:  # (a job of many: 50 000 with DSN's parameters took 0.24 s in one turn)
+        rcpts = await _rcpt_commands_in_slices(recipients, extensions, request.smtputf8, wire)
+    elif wire is None:
         rcpts = [rcpt_command(r, extensions, smtputf8=request.smtputf8) for r in recipients]
+    else:
+        rcpts = [rcpt_command(r, extensions, wire.recipient(r.address), request.smtputf8) for r in recipients]
+    if wire is None:
         mail = mail_command(request, extensions, body, converted=converted)
     else:  # (the header swapped first: what the peer is to see, then made 7 bit if it must be)
         encoders = (*wire.encoders(), *encoders)
-        rcpts = [rcpt_command(r, extensions, wire.recipient(r.address), request.smtputf8) for r in recipients]
         mail = mail_command(request, extensions, body, converted=converted, wire=wire)
     pipelining = extensions.supports("pipelining")
     data = [] if request.verify else [DATA_LINE]  # a probe stops after RCPT (Postfix's verify flag)
@@ -186,6 +191,21 @@ async def _transaction(
     # Postfix's smtp_loop (SMTP_STATE_DOT: LAST, not ABORT's RSET); a peer that keeps a refused transaction anyway
     # (aiosmtpd when its handler fails) is cleared by the RSET probe before the session is reused
     session.transaction_open = False
+
+
+async def _rcpt_commands_in_slices(recipients: list[Recipient], extensions: Extensions, smtputf8: bool,
+                                   wire: WireForm | None) -> list[bytes]:
+    """The RCPT commands of `recipients`, trouble.SLICE a loop turn (nothing is sent before they are all made)."""
+    commands: list[bytes] = []
+    for start in range(0, len(recipients), trouble.SLICE):
+        if start:
+            await asyncio.sleep(0)
+        part = recipients[start:start + trouble.SLICE]
+        if wire is None:
+            commands += [rcpt_command(r, extensions, smtputf8=smtputf8) for r in part]
+        else:
+            commands += [rcpt_command(r, extensions, wire.recipient(r.address), smtputf8) for r in part]
+    return commands
 
 
 async def _rset_probe(session: Session, timeout: float, *, sent: bool = False) -> None:

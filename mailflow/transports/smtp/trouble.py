@@ -44,8 +44,9 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
                                 stamped: its set-up ended `now`, smtp_bulk_fail's)
                                 The SMTP and LMTP agents fail, stamp and report a job's recipients by these
                                 sliced forms on every path (a dead site's 50 000 recipients took 0.3 s to fail,
-                                0.2 s to stamp, 0.4 s to report, each in one turn); the envelope's screening
-                                (commands.screen_envelope), the RCPT commands' making, the log lines of a
+                                0.2 s to stamp, 0.4 s to report, each in one turn), and proto makes a job's
+                                RCPT commands SLICE a turn too; the envelope's screening
+                                (commands.screen_envelope), the log lines of a
                                 soft error at a peer or site that is not the last (transport.py) and
                                 take_back/_for_next_peer still walk every recipient in one turn
       .take_back(recipients) -> Outcomes, .restore(taken)   a temporary failure at a peer that was not the last:
@@ -74,7 +75,7 @@ from mailflow.model import ConnStats, DeliveryReport, DeliveryRequest, Outcome, 
 from mailflow.transports.smtp.addr import Peer
 from mailflow.transports.smtp.reply import MalformedReply, Reply, ReplyFilterError
 
-SLICE = 2000  # recipients whose results are made (`fail_in_slices`, `Outcomes._dated`) before the loop is let go
+SLICE = 2000  # recipients whose results (`fail_in_slices`, `Outcomes._dated`) or RCPT commands (proto) a turn makes
 
 
 class SiteFailure(TemporaryError):
