@@ -336,6 +336,46 @@ async def test_a_soft_error_is_logged_on_its_own_line_only_when_another_peer_is_
     assert [m.rcpt_tos for m in backup.messages] == [["grey@example.test"]]
 
 
+class TurnLines(logging.Handler):
+    """The messages of mailflow.smtp's records, each with the loop turn (`turns.count`) it came in."""
+
+    def __init__(self, turns: LoopTurns):
+        super().__init__(logging.INFO)
+        self.turns, self.lines = turns, []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((self.turns.count, record.getMessage()))
+
+
+async def test_a_soft_error_s_many_lines_at_a_server_that_is_not_the_final_one_take_a_slice_a_turn(
+        monkeypatch, smtp_peer, zone_resolver):
+    """The lines of a soft error for every recipient of a job at a server that is not the final one (`QID: host
+    ... said: 451 ...`, one per recipient) were logged in one loop turn (50 000: 0.5 s): SLICE a turn, each once, in
+    order, the recipients then delivered by the next server."""
+    monkeypatch.setattr(trouble, "SLICE", 10)
+    primary, backup, resolver = await greylisting_primary(smtp_peer, zone_resolver)
+    recipients = [f"u{i:02d}@example.test" for i in range(45)]
+    primary.handler.rcpt_replies = {r: "451 4.3.0 later" for r in recipients}
+    logger = logging.getLogger("mailflow.smtp")
+    async with LoopTurns() as turns:
+        handler = TurnLines(turns)
+        logger.addHandler(handler)
+        level = logger.level
+        logger.setLevel(logging.INFO)
+        try:
+            report = await deliver(make_transport(resolver, port=primary.port), make_request("example.test",
+                                                                                            *recipients))
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+    said = [(turn, line) for turn, line in handler.lines if " said: " in line]
+    assert [line for _, line in said] == [
+        "Q1: host mx1.example.test[127.0.0.2] said: 451 4.3.0 later (in reply to RCPT TO command)"] * 45
+    assert len({turn for turn, _ in said}) == 5, "the loop had no turn between the slices"
+    assert [(r.recipient.address, r.outcome) for r in report.results] == [(a, Outcome.SENT) for a in recipients]
+    assert [m.rcpt_tos for m in backup.messages] == [recipients] and report.site_ok
+
+
 async def test_under_soft_bounce_a_refusal_at_a_server_that_is_not_the_final_one_tries_the_next(smtp_peer,
                                                                                                  zone_resolver, caplog):
     """Postfix's smtp_rcpt_fail with soft_bounce: a 5.X.X is a soft error, so a server that is not the final one

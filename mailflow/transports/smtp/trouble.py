@@ -45,10 +45,10 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
                                 The SMTP and LMTP agents fail, stamp and report a job's recipients by these
                                 sliced forms on every path (a dead site's 50 000 recipients took 0.3 s to fail,
                                 0.2 s to stamp, 0.4 s to report, each in one turn), and proto makes a job's
-                                RCPT commands SLICE a turn too; the envelope's screening
-                                (commands.screen_envelope), the log lines of a
-                                soft error at a peer or site that is not the last (transport.py) and
-                                take_back/_for_next_peer still walk every recipient in one turn
+                                RCPT commands SLICE a turn too, as transport.py logs the lines of a soft error
+                                at a peer or site that is not the last; the envelope's screening
+                                (commands.screen_envelope) and take_back/_for_next_peer still walk every
+                                recipient in one turn (50 000: 18 ms, and 20 ms and 32 ms)
       .take_back(recipients) -> Outcomes, .restore(taken)   a temporary failure at a peer that was not the last:
                                 the recipients go to the next peer; what they got stands if none takes a session
     reply_results(recipients, reply, peer, command, next_hop_notifies=False) -> {recipient: RcptResult}
