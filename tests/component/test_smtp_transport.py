@@ -30,7 +30,7 @@ from mailflow.model import ConnStats, DeliveryRequest, Outcome, Recipient
 from mailflow.routing.router import Router
 from mailflow.transports import build_transports
 from mailflow.transports.smtp import SmtpTransport
-from mailflow.transports.smtp import proto, trouble
+from mailflow.transports.smtp import commands, proto, trouble
 from mailflow.tables.search import EXTERNAL_FIRST, address_search
 from mailflow.transports.smtp.addr import MX_HOST_LIMIT, exchangers, order_exchangers, parse_nexthop
 from tests.support import CaptureHandler, SmtpClient, base_settings, big_message, eventually, free_port, merged, spooled
@@ -350,9 +350,18 @@ class TurnLines(logging.Handler):
 async def test_a_soft_error_s_many_lines_at_a_server_that_is_not_the_final_one_take_a_slice_a_turn(
         monkeypatch, smtp_peer, zone_resolver):
     """The lines of a soft error for every recipient of a job at a server that is not the final one (`QID: host
-    ... said: 451 ...`, one per recipient) were logged in one loop turn (50 000: 0.5 s): SLICE a turn, each once, in
-    order, the recipients then delivered by the next server."""
+    ... said: 451 ...`, one per recipient) were logged in one loop turn (50 000: 0.5 s), and their results taken
+    back in one (with the choice of those that go on, twice: 72 ms): SLICE a turn, each once, in order, the
+    recipients then delivered by the next server."""
     monkeypatch.setattr(trouble, "SLICE", 10)
+    taken: list[int] = []  # the loop turn of each result taken back
+
+    class Taking(dict):
+        def pop(self, key, *default):
+            taken.append(turns.count)
+            return super().pop(key, *default)
+
+    monkeypatch.setattr(commands, "Outcomes", lambda: trouble.Outcomes(Taking()))  # (screen_envelope's)
     primary, backup, resolver = await greylisting_primary(smtp_peer, zone_resolver)
     recipients = [f"u{i:02d}@example.test" for i in range(45)]
     primary.handler.rcpt_replies = {r: "451 4.3.0 later" for r in recipients}
@@ -372,6 +381,7 @@ async def test_a_soft_error_s_many_lines_at_a_server_that_is_not_the_final_one_t
     assert [line for _, line in said] == [
         "Q1: host mx1.example.test[127.0.0.2] said: 451 4.3.0 later (in reply to RCPT TO command)"] * 45
     assert len({turn for turn, _ in said}) == 5, "the loop had no turn between the slices"
+    assert len(taken) == 45 and len(set(taken)) == 5, "the loop had no turn between the slices"
     assert [(r.recipient.address, r.outcome) for r in report.results] == [(a, Outcome.SENT) for a in recipients]
     assert [m.rcpt_tos for m in backup.messages] == [recipients] and report.site_ok
 

@@ -251,7 +251,7 @@ class SmtpTransport:
             recipients = self._for_next_peer(recipients, outcomes)
             if not recipients or MX_SESSION_LIMIT <= 1:
                 return await self._left_for_next_site(site, request, recipients, outcomes)
-            kept = outcomes.take_back(recipients)
+            kept = await outcomes.take_back(recipients)
         dns_failures: list[DeliveryError] = []
         try:
             hosts = await exchangers(self._resolver, destination.nexthop, self._rng, self._log)
@@ -285,15 +285,14 @@ class SmtpTransport:
 
     async def _left_for_next_site(self, site: Site, request: DeliveryRequest, recipients: list[Recipient],
                                   outcomes: Outcomes) -> list[Recipient]:
-        """At a site that is not the final one, the recipients its last session left (deferred; refused too under
-        soft_bounce), their results forgotten and logged on lines of their own (`QID: host h[ip] said: 451 ...`), as
-        Postfix logs a soft error at a server that is not the final one."""
+        """At a site that is not the final one, the recipients its last session left (`recipients`: deferred;
+        refused too under soft_bounce: `_for_next_peer`'s), their results forgotten and logged on lines of their own
+        (`QID: host h[ip] said: 451 ...`), as Postfix logs a soft error at a server that is not the final one."""
         if site.final:
             return []
-        left = self._for_next_peer(recipients, outcomes)
-        if left:
-            await self._log_results(request, left, outcomes.take_back(left))
-        return left
+        if recipients:
+            await self._log_results(request, recipients, await outcomes.take_back(recipients))
+        return recipients
 
     async def _log_results(self, request: DeliveryRequest, recipients: list[Recipient], taken: Outcomes) -> None:
         """The results `taken` back from a server or site that is not the final one, a line each (`QID: host h[ip]
@@ -429,7 +428,7 @@ class SmtpTransport:
                 if not deferred or sessions >= MX_SESSION_LIMIT:
                     return await self._left_for_next_site(site, request, deferred, outcomes)
                 # Postfix: a soft error at a server that is not the final one: the next one gets these recipients
-                kept, recipients, peer_failure = outcomes.take_back(deferred), deferred, None
+                kept, recipients, peer_failure = await outcomes.take_back(deferred), deferred, None
                 unlogged = kept
         if not site.final:  # the next site has them
             if unlogged is not None:

@@ -46,11 +46,13 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
                                 sliced forms on every path (a dead site's 50 000 recipients took 0.3 s to fail,
                                 0.2 s to stamp, 0.4 s to report, each in one turn), and proto makes a job's
                                 RCPT commands SLICE a turn too, as transport.py logs the lines of a soft error
-                                at a peer or site that is not the last; the envelope's screening
-                                (commands.screen_envelope) and take_back/_for_next_peer still walk every
-                                recipient in one turn (50 000: 18 ms, and 20 ms and 32 ms)
-      .take_back(recipients) -> Outcomes, .restore(taken)   a temporary failure at a peer that was not the last:
-                                the recipients go to the next peer; what they got stands if none takes a session
+                                at a peer or site that is not the last and takes back their results; the
+                                envelope's screening (commands.screen_envelope) and the choice of those that go
+                                on (transport's _for_next_peer) still walk every recipient in one turn (50 000:
+                                18 ms and 20 ms)
+      await .take_back(recipients) -> Outcomes, .restore(taken)   a temporary failure at a peer that was not the
+                                last: the recipients go to the next peer (taken back SLICE a loop turn); what
+                                they got stands if none takes a session
     reply_results(recipients, reply, peer, command, next_hop_notifies=False) -> {recipient: RcptResult}
                                 2xx SENT with the reply; 4xx DEFERRED, 5xx BOUNCED, with "host h[ip] said: 550
                                 5.1.1 ... (in reply to RCPT TO command)"; the reply's enhanced code, else x.0.0.
@@ -205,11 +207,11 @@ class Outcomes:
         self.site_ok, self.site_reason, self.site_status = False, failure.text, failure.dsn
         return self
 
-    def take_back(self, recipients: Iterable[Recipient]) -> "Outcomes":
+    async def take_back(self, recipients: Sequence[Recipient]) -> "Outcomes":
         """Forget the results of `recipients` and the site verdict (their peer was not the last: the next one
-        tries them); returns what is forgotten, for `restore`."""
-        taken = Outcomes({r: self.results.pop(r) for r in recipients}, self.site_ok, self.site_reason,
-                         self.site_status)
+        tries them), SLICE recipients a loop turn; returns what is forgotten, for `restore`."""
+        taken = Outcomes({}, self.site_ok, self.site_reason, self.site_status)
+        await _in_slices(recipients, lambda part: taken.results.update({r: self.results.pop(r) for r in part}))
         self.site_ok, self.site_reason, self.site_status = True, "", ""
         return taken
 
