@@ -490,11 +490,18 @@ def dead_fanout(tmp: Path) -> dict:
                                      "queue": {"transport_destination_recipient_limit": {"smtp": 50_000}}})
 
 
+def dead_fanout_expiring(tmp: Path) -> dict:
+    """dead_fanout with no queue lifetime: the first attempt's end returns every recipient (expired) and queues
+    the sender's failure notice."""
+    return merged(dead_fanout(tmp), {"queue": {"maximal_queue_lifetime": 0}})
+
+
 def main_many_recipients(names: list[str]) -> None:
     """The stalls left for one message of 100 000 recipients (a reload, a hold, a dead destination) and pipe's forks."""
     lists = [f"list{i}@local.test" for i in range(100)]
     cases = [("virtual/100x1000-reload-hold-delete", waiting_fanout, lists, reload_hold_delete),
              ("virtual/100x1000-dead-2-jobs", dead_fanout, lists, None),
+             ("virtual/100x1000-dead-expires", dead_fanout_expiring, lists, None),
              ("pipe/20-recipients", pipe_to, [f"u{i}@pipe.test" for i in range(20)], None)]
     try:
         for name, overrides, rcpts, after in cases:
