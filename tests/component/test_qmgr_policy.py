@@ -361,6 +361,36 @@ async def test_a_big_message_past_its_lifetime_is_returned_record_slice_at_a_tim
     assert len(failures) == 1 and all(a in m.as_string() for m in failures.values() for a in addresses)
 
 
+@pytest.mark.parametrize("meanwhile", ["hold", "delete"])
+async def test_a_hold_or_delete_during_the_slices_of_an_expiry_returns_nothing(sim, monkeypatch, meanwhile):
+    """An operator's hold or delete that lands while a big message's expired results are made a slice a turn
+    (`_expire_in_slices`: here as it begins; between two slices nothing reads the queue either) wins, as one before
+    the attempt's end does: held, its recipients stay pending and nobody is told; deleted, it is gone and nobody
+    is told."""
+    monkeypatch.setattr(qmgr_module, "RECORD_SLICE", 10)
+    s = await sim(maximal_queue_lifetime=HOUR, double_bounce_recipient="")
+    s.smtp.script = always(Outcome.DEFERRED, "4.4.1", "timed out")
+    expire_in_slices = qmgr_module._expire_in_slices
+    acted: list[str] = []
+
+    async def expiring(pending):
+        await (s.store.hold_messages if meanwhile == "hold" else s.store.delete_messages)([queue_id])
+        acted.append(meanwhile)
+        return await expire_in_slices(pending)
+
+    monkeypatch.setattr(qmgr_module, "_expire_in_slices", expiring)
+    queue_id = await s.submit("a@remote.test", *(f"u{i:02d}@far.test" for i in range(45)))
+    await s.run_until(T0 + 3 * HOUR)
+    assert acted == [meanwhile] and notices_in(s.smtp) == []
+    if meanwhile == "hold":
+        assert await s.store.counts() == {"hold": 1}
+        rows = await s.store.recipients(queue_id)
+        assert [status for _, status, _, _ in rows] == ["pending"] * 45
+    else:
+        assert await s.store.counts() == {}
+    assert s.qmgr.active_count == 0 and s.qmgr.taken_count == 0
+
+
 async def team_delivered_locally(s, caplog, answer) -> tuple[str, list[str]]:
     """alice@remote.test's mail to team@local.test, local(8) answering each recipient `answer(recipient)`: the queue
     id and the `relay=local` lines the first attempt logs."""
@@ -445,7 +475,7 @@ async def test_soft_bounce_keeps_a_bounce_deferred_and_logs_it_as_postfix_does(s
     [line] = [line for line in lines if "to=<gone@far.test>" in line]
     assert line.startswith(f"{queue_id}: to=<gone@far.test>, relay=mx.remote.test[192.0.2.1]:25, ")
     assert line.endswith(", dsn=4.1.1, status=SOFTBOUNCE (550 5.1.1 no such user)")
-    assert notices_in(s.smtp) == []
+    assert [m["Subject"] for m in notices_in(s.smtp)] == [], await s.store.counts()
     assert await s.store.counts() == {"deferred": 1}
     [row] = [r for r in await s.store.recipients(queue_id) if r[0] == "gone@far.test"]
     assert row[2:] == ("4.1.1", "550 5.1.1 no such user")
@@ -462,7 +492,7 @@ async def test_soft_bounce_logs_a_deferred_recipients_bounced_parts_as_softbounc
     lines = await team_deferred_with_ghost_bounced(s, caplog)
     assert lines[0].endswith("dsn=4.3.0, status=deferred (temporary failure)")
     assert lines[1].endswith('dsn=4.1.1, status=SOFTBOUNCE (unknown user: "ghost")')
-    assert notices_in(s.smtp) == []
+    assert [m["Subject"] for m in notices_in(s.smtp)] == [], await s.store.counts()
     assert await s.store.counts() == {"deferred": 1}
 
 
