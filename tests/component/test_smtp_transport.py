@@ -1052,6 +1052,66 @@ async def test_a_job_s_many_rcpt_commands_are_made_a_slice_a_turn(monkeypatch, s
     assert [m.rcpt_tos for m in peer.handler.messages] == [recipients]
 
 
+@contextlib.asynccontextmanager
+async def batching_peer(mail_reply: bytes, rcpt_reply: bytes):
+    """A PIPELINING peer that answers a pipelined group (MAIL, the RCPTs, DATA) in one write once DATA is in, as
+    a Postfix smtpd whose input holds the whole group flushes its replies together: the client reads them all
+    ahead, and has each without a wait. Its port."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 peer.test ESMTP\r\n")
+        group: list[bytes] = []
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-peer.test\r\n250 PIPELINING\r\n")
+            elif verb in (b"MAIL", b"RCPT"):
+                group.append(mail_reply if verb == b"MAIL" else rcpt_reply)
+            elif verb == b"DATA":
+                going = mail_reply.startswith(b"2") and rcpt_reply.startswith(b"2")
+                writer.write(b"".join(group) + (b"354 go ahead\r\n" if going else b"554 5.5.1 no recipients\r\n"))
+                group = []
+                if going:
+                    while (await reader.readline()) not in (b".\r\n", b""):
+                        pass
+                    writer.write(b"250 2.0.0 Ok\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 2.0.0 Bye\r\n")
+                break
+            else:
+                writer.write(b"250 2.0.0 Ok\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("answer", ["accepted", "each refused", "MAIL refused"])
+async def test_a_job_s_many_replies_are_taken_a_slice_a_turn(monkeypatch, answer):
+    """One reply for all of a job's recipients (the end of DATA's, a refused MAIL's) made their results in one loop
+    turn (50 000 accepted: 0.57 s), and the RCPT replies read ahead (had without a wait) were taken all in one:
+    SLICE recipients a turn, the same results."""
+    monkeypatch.setattr(trouble, "SLICE", 10)
+    mail, rcpt, outcome, sizes = {
+        "accepted": (b"250 2.1.0 Ok\r\n", b"250 2.1.5 Ok\r\n", Outcome.SENT, [10, 10, 10, 10, 5]),
+        "each refused": (b"250 2.1.0 Ok\r\n", b"450 4.2.0 greylisted\r\n", Outcome.DEFERRED, [1] * 45),
+        "MAIL refused": (b"451 4.3.0 later\r\n", b"250 2.1.5 Ok\r\n", Outcome.DEFERRED, [10, 10, 10, 10, 5])}[answer]
+    recipients = [f"u{i:02d}@example.test" for i in range(45)]
+    made: list[tuple[int, int]] = []  # (loop turn, results made from one reply)
+    reply_results = proto.reply_results
+    async with batching_peer(mail, rcpt) as port, LoopTurns() as turns:
+        monkeypatch.setattr(proto, "reply_results", lambda recipients, *args, **kw: made.append(
+            (turns.count, len(recipients))) or reply_results(recipients, *args, **kw))
+        report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{port}", *recipients))
+    assert [size for _, size in made] == sizes
+    assert len({turn for turn, _ in made}) == 5, "the loop had no turn between the slices"
+    assert [(r.recipient.address, r.outcome) for r in report.results] == [(a, outcome) for a in recipients]
+
+
 class CountingResolver(StaticResolver):
     """A StaticResolver that counts its address lookups."""
 

@@ -38,6 +38,10 @@ An address probe (`request.verify`, Postfix's smtp with the verify flag) ends af
 before the session is cached, else QUIT): nothing is delivered.
 
 Limits: MAIL, each RCPT and DATA `command`; the content and the reply (each reply) after it `data`.
+
+A job of many recipients hands the loop back every trouble.SLICE of them: as its RCPT commands are made, as the
+RCPT replies are taken (or those of LMTP's end of data; replies read ahead come without a wait), and as one reply's
+results are made for all of them (`Outcomes.update_in_slices`: a refused MAIL or DATA, SMTP's end of data).
 """
 from __future__ import annotations
 
@@ -153,13 +157,15 @@ async def _transaction(
     if reused and reply.code == 421:
         raise StaleSession()
     if not reply.positive:
-        outcomes.update(reply_results(recipients, reply, peer, "MAIL FROM"))
+        await outcomes.update_in_slices(recipients, lambda part: reply_results(part, reply, peer, "MAIL FROM"))
         if pipelining:
             await _abandon_pipelined(session, len(rcpts), timeouts.command, data=bool(data))
         return
     session.transaction_open = True
     accepted = []
-    for r, command in zip(recipients, rcpts):
+    for n, (r, command) in enumerate(zip(recipients, rcpts)):
+        if n and n % trouble.SLICE == 0:  # (replies read ahead are had without a wait: 50 000 made one turn)
+            await asyncio.sleep(0)
         if not pipelining:
             session.send(command, RCPT)
         reply = await session.reply(timeouts.command, RCPT)
@@ -177,16 +183,23 @@ async def _transaction(
         session.send(DATA_LINE, DATA)
     reply = await session.reply(timeouts.command, DATA)
     if reply.positive:  # the server thinks the message is over before it began: Postfix's protocol error
-        outcomes.update(unexpected_reply_results(accepted, reply, peer, "DATA"))
+        await outcomes.update_in_slices(accepted, lambda part: unexpected_reply_results(part, reply, peer, "DATA"))
         return
     if reply.code // 100 != 3:  # any 3xx lets the content go, as with Postfix
-        outcomes.update(reply_results(accepted, reply, peer, "DATA"))
+        await outcomes.update_in_slices(accepted, lambda part: reply_results(part, reply, peer, "DATA"))
         return
     await _send_body(session, request.content, encoders, timeouts.data, off_loop=body_off_loop(wire, request.content))
     notifies = extensions.supports("dsn")
-    for answered in ([r] for r in accepted) if lmtp else [accepted]:
+    if lmtp or len(accepted) <= trouble.SLICE:
+        for n, answered in enumerate([r] for r in accepted) if lmtp else [(0, accepted)]:
+            if n and n % trouble.SLICE == 0:  # (LMTP's replies read ahead, as RCPT's)
+                await asyncio.sleep(0)
+            reply = await session.reply(timeouts.data, END_OF_DATA)
+            outcomes.update(reply_results(answered, reply, peer, "end of DATA", next_hop_notifies=notifies))
+    else:
         reply = await session.reply(timeouts.data, END_OF_DATA)
-        outcomes.update(reply_results(answered, reply, peer, "end of DATA", next_hop_notifies=notifies))
+        await outcomes.update_in_slices(accepted, lambda part: reply_results(
+            part, reply, peer, "end of DATA", next_hop_notifies=notifies))
     # the end of data's replies end the transaction, refused or not: no RSET before the session is cached, as
     # Postfix's smtp_loop (SMTP_STATE_DOT: LAST, not ABORT's RSET); a peer that keeps a refused transaction anyway
     # (aiosmtpd when its handler fails) is cleared by the RSET probe before the session is reused
@@ -230,7 +243,9 @@ async def _abandon_pipelined(session: Session, rcpt_replies: int, timeout: float
     it was sent). A DATA that was accepted anyway gets an empty message. Any trouble here only closes the
     session."""
     try:
-        for _ in range(rcpt_replies):
+        for n in range(rcpt_replies):
+            if n and n % trouble.SLICE == 0:  # (read ahead: no wait, as in the transaction)
+                await asyncio.sleep(0)
             await session.reply(timeout, RCPT)
         if data and (await session.reply(timeout, DATA)).code // 100 == 3:
             session.send(b"." + CRLF, END_OF_DATA)
