@@ -260,6 +260,38 @@ async def test_reading_pauses_while_too_many_replies_wait_unread():
     assert not transport.paused
 
 
+async def test_replies_read_ahead_are_parsed_as_they_are_taken(monkeypatch):
+    """One read of many pipelined replies (256 KB: ~18 000 replies to RCPT) was parsed whole as it came, in one
+    loop turn: READ_AHEAD at most wait parsed, the rest as the reader takes them, in order, reading paused until
+    none is left; the replies read before a loss are all still taken, then the loss."""
+    parsed: list[Reply] = []
+    next_reply = ReplyParser.next_reply
+
+    def counting(self):
+        reply = next_reply(self)
+        if reply is not None:
+            parsed.append(reply)
+        return reply
+
+    monkeypatch.setattr(ReplyParser, "next_reply", counting)
+    count = 3 * READ_AHEAD
+    reader, transport = wire()
+    reader.data_received(b"".join(b"250 2.1.5 r%d\r\n" % i for i in range(count)))
+    assert len(parsed) == READ_AHEAD and transport.paused
+    taken = []
+    for _ in range(count):
+        taken.append((await reader.reply(1)).message)
+        assert len(parsed) - len(taken) <= READ_AHEAD
+        assert transport.paused or len(parsed) == count
+    assert taken == [f"2.1.5 r{i}" for i in range(count)] and not transport.paused and not reader.buffered
+    lost, _ = wire()
+    lost.data_received(b"250 ok\r\n" * count)
+    lost.connection_lost(None)
+    assert [(await lost.reply(1)).code for _ in range(count)] == [250] * count
+    with pytest.raises(ConnectionClosed):
+        await lost.reply(1)
+
+
 # ---------------------------------------------------------------------------------------------- commands
 
 

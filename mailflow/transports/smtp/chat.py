@@ -1,12 +1,13 @@
 """One connection of the SMTP and LMTP clients (Postfix smtp_chat): commands out, replies in, in order.
 
 Owns the wire from connect to close. `Wire` is the connection's asyncio protocol: it feeds what arrives to the
-sans-IO `ReplyParser` and queues every complete reply in order, so that replies to pipelined commands (RFC 2920)
+sans-IO `ReplyParser` and queues the complete replies in order, so that replies to pipelined commands (RFC 2920)
 are never lost; it applies flow control both ways (a writer waits while the peer is not reading; reading pauses
-while READ_AHEAD replies wait unread) and stays the protocol across STARTTLS. `Session` is one peer's session
-over it; every I/O problem becomes a `SiteFailure` naming the peer and what was being done (see trouble). The
-wire keeps its failure and raises it at every later read; told as a SiteFailure, it keeps no traceback (which
-would hold the wire's frames, and they the wire: a reference cycle per failed connection).
+while READ_AHEAD replies wait unread, the rest of what was read parsed as they are taken) and stays the protocol
+across STARTTLS. `Session` is one peer's session over it; every I/O problem becomes a `SiteFailure` naming the
+peer and what was being done (see trouble). The wire keeps its failure and raises it at every later read; told as
+a SiteFailure, it keeps no traceback (which would hold the wire's frames, and they the wire: a reference cycle per
+failed connection).
 
     Timeouts(connect, helo, command, data)            the limit of each stage of a session, in seconds
     Session(wire, peer, opened, log=None)             (built by connect.open_session; `log`: its client's logger)
@@ -110,8 +111,8 @@ class Wire(asyncio.Protocol):
         if isinstance(self._error, (MalformedReply, ReplyFilterError)):  # the parser is of no further use
             return
         self._parser.receive_data(data)
-        try:
-            while (reply := self._parser.next_reply()) is not None:
+        try:  # (READ_AHEAD at most: the rest of a read stays in the parser's bytes, `_parse_more`'s)
+            while len(self._replies) < READ_AHEAD and (reply := self._parser.next_reply()) is not None:
                 self._replies.append(reply)
         except (MalformedReply, ReplyFilterError) as e:
             self._fail(e)
@@ -119,6 +120,17 @@ class Wire(asyncio.Protocol):
             self.transport.pause_reading()
             self._reading_paused = True
         self._wake()
+
+    def _parse_more(self) -> None:
+        """The queue of replies refilled up to READ_AHEAD from what was read and not parsed yet: one read of
+        pipelined replies (256 KB, ~18 000 replies to RCPT) was parsed whole in one loop turn (0.1-0.3 s)."""
+        if isinstance(self._error, (MalformedReply, ReplyFilterError)):  # (the parser is of no further use)
+            return
+        try:
+            while len(self._replies) < READ_AHEAD and (reply := self._parser.next_reply()) is not None:
+                self._replies.append(reply)
+        except (MalformedReply, ReplyFilterError) as e:
+            self._fail(e)
 
     def eof_received(self) -> bool:
         self._fail(ConnectionClosed("Unexpected EOF received"))
@@ -179,8 +191,10 @@ class Wire(asyncio.Protocol):
         if self._replies:
             reply = self._replies.popleft()
             if self._reading_paused and len(self._replies) < READ_AHEAD // 2 and self.transport is not None:
-                self._reading_paused = False
-                self.transport.resume_reading()
+                self._parse_more()  # (reading stays paused while what was read holds more replies)
+                if len(self._replies) < READ_AHEAD:
+                    self._reading_paused = False
+                    self.transport.resume_reading()
             return reply
         assert self._error is not None
         raise self._error
