@@ -1572,10 +1572,10 @@ class QueueManager:
                          noticed=tuple(r.recipient.index for r in active.owed))
         await self._writes.run(lambda: self._store.finish(done, [n for _, n in notices], results=last),
                                f"{msg.queue_id}: recording the end of the attempt")
-        if len(expired) <= RECORD_SLICE:
-            self._log_end(active, last, notices, retry_at, now, expired=expired)
-        else:
+        if expired and len(expired) > RECORD_SLICE:
             await self._log_end_in_slices(active, last, notices, retry_at, now, expired=expired)
+        else:
+            self._log_end(active, last, notices, retry_at, now, expired=expired)
         if notices:  # new mail queued with the end of the attempt: the next scan takes it
             self._rouse()
         if retry_at is not None and retry_at < self._next_scan:

@@ -111,12 +111,14 @@ class Wire(asyncio.Protocol):
         if isinstance(self._error, (MalformedReply, ReplyFilterError)):  # the parser is of no further use
             return
         self._parser.receive_data(data)
-        try:  # (READ_AHEAD at most: the rest of a read stays in the parser's bytes, `_parse_more`'s)
-            while len(self._replies) < READ_AHEAD and (reply := self._parser.next_reply()) is not None:
+        room = READ_AHEAD - len(self._replies)  # (READ_AHEAD at most: the rest of a read stays in the parser's
+        try:  # bytes, `_parse_more`'s)
+            while room > 0 and (reply := self._parser.next_reply()) is not None:
                 self._replies.append(reply)
+                room -= 1
         except (MalformedReply, ReplyFilterError) as e:
             self._fail(e)
-        if len(self._replies) >= READ_AHEAD and not self._reading_paused and self.transport is not None:
+        if room <= 0 and not self._reading_paused and self.transport is not None:
             self.transport.pause_reading()
             self._reading_paused = True
         self._wake()
