@@ -165,7 +165,7 @@ async def _transaction(
     session.transaction_open = True
     accepted = []
     for n, (r, command) in enumerate(zip(recipients, rcpts)):
-        if n and n % trouble.SLICE == 0:  # (replies read ahead are had without a wait: 50 000 made one turn)
+        if n and n % trouble.SLICE == 0:  # (replies read ahead come without a wait: a read of thousands, one turn)
             await asyncio.sleep(0)
         if not pipelining:
             session.send(command, RCPT)
