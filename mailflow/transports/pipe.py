@@ -286,7 +286,7 @@ async def _run(argv: list[str], message: int, *, env: dict[str, str], time_limit
                user: str | None = None, cwd=None, umask: int | None = None) -> CommandResult:
     """argv run with the spooled input `message` (a descriptor at offset 0, left open) as its stdin."""
     who = _identity(user)
-    spawned, switch = _spawn_as(who, argv)
+    spawned, switch, through_setpriv = _spawn_as(who, argv)
     if umask is not None:
         switch["umask"] = umask
     loop = asyncio.get_running_loop()
@@ -302,7 +302,7 @@ async def _run(argv: list[str], message: int, *, env: dict[str, str], time_limit
         raise _not_run(argv, who, str(e.strerror), e.errno if e.filename == spawned[0] else None) from None
     finally:
         os.close(write_end)
-    output = _Output(output_limit, loop.create_future(), _setpriv_line_limit(argv) if spawned is not argv else 0)
+    output = _Output(output_limit, loop.create_future(), _setpriv_line_limit(argv) if through_setpriv else 0)
     read_file = os.fdopen(read_end, "rb", buffering=0)
     reading: asyncio.ReadTransport | None = None
     group = _Group(proc.pid)
@@ -326,7 +326,7 @@ async def _run(argv: list[str], message: int, *, env: dict[str, str], time_limit
             await asyncio.shield(proc.wait())
     if code < 0:
         return CommandResult(None, -code, False, output.text())
-    if spawned is not argv:
+    if through_setpriv:
         _raise_when_setpriv_failed(code, output.head(), argv, who)
     return CommandResult(code, None, False, output.text())
 
@@ -341,8 +341,9 @@ def _setpriv_line_limit(argv: list[str]) -> int:
     return len(argv[0].encode("utf-8", "surrogateescape")) + 256
 
 
-def _spawn_as(who: _Identity | None, argv: list[str]) -> tuple[list[str], dict[str, Any]]:
-    """What create_subprocess_exec runs to run argv as `who`, and the keywords that switch identity. As root, through
+def _spawn_as(who: _Identity | None, argv: list[str]) -> tuple[list[str], dict[str, Any], bool]:
+    """What create_subprocess_exec runs to run argv as `who`, the keywords that switch identity, and whether it goes
+    through setpriv (whose own failures then read as the command's: `_raise_when_setpriv_failed`). As root, through
     SETPRIV: given user, group or groups, CPython's _posixsubprocess fork()s this whole process on the event loop's
     thread (page tables copied, then copy-on-write faults until the child execs: 30 ms at 10 MB, 120 ms at 1 GB of
     RSS per command), where without them it vfork()s (the parent waits only for the exec, whatever its size); setpriv
@@ -352,11 +353,12 @@ def _spawn_as(who: _Identity | None, argv: list[str]) -> tuple[list[str], dict[s
     opens it with the user's rights only (a program the user may not reach is EACCES, as with the switch made before
     the exec), and says why it failed as the first would. Without setpriv: the keywords (a fork, as before)."""
     if who is None:
-        return argv, {}
+        return argv, {}, False
     if not os.access(SETPRIV, os.X_OK):
-        return argv, {"user": who.uid, "group": who.gid, "extra_groups": list(who.groups)}
+        return argv, {"user": who.uid, "group": who.gid, "extra_groups": list(who.groups)}, False
     groups = ",".join(str(gid) for gid in who.groups)
-    return [SETPRIV, f"--reuid={who.uid}", f"--regid={who.gid}", f"--groups={groups}", "--", SETPRIV, "--", *argv], {}
+    switched = [SETPRIV, f"--reuid={who.uid}", f"--regid={who.gid}", f"--groups={groups}", "--", SETPRIV, "--"]
+    return [*switched, *argv], {}, True
 
 
 def _raise_when_setpriv_failed(code: int, output: str, argv: list[str], who: _Identity | None) -> None:
