@@ -302,7 +302,8 @@ async def _run(argv: list[str], message: int, *, env: dict[str, str], time_limit
         raise _not_run(argv, who, str(e.strerror), e.errno if e.filename == spawned[0] else None) from None
     finally:
         os.close(write_end)
-    output = _Output(output_limit, loop.create_future(), _setpriv_line_limit(argv) if through_setpriv else 0)
+    look_past = _setpriv_line_limit(argv) if through_setpriv else 0
+    output = _Output(output_limit, loop.create_future(), look_past=look_past)
     read_file = os.fdopen(read_end, "rb", buffering=0)
     reading: asyncio.ReadTransport | None = None
     group = _Group(proc.pid)
@@ -327,7 +328,7 @@ async def _run(argv: list[str], message: int, *, env: dict[str, str], time_limit
     if code < 0:
         return CommandResult(None, -code, False, output.text())
     if through_setpriv:
-        _raise_when_setpriv_failed(code, output.head(), argv, who)
+        _raise_when_setpriv_failed(code, output.whole_kept(), argv, who)
     return CommandResult(code, None, False, output.text())
 
 
@@ -611,13 +612,14 @@ def _write_and_close(fd: int, data: bytes, room: _Room) -> None:
 
 class _Output(asyncio.Protocol):
     """The command's merged stdout and stderr, read from a pipe of our own until its end: the first `limit` bytes
-    kept, the rest read and dropped, `ended` done at the end. The pipe is ours rather than asyncio's subprocess
-    one, whose Process.wait() also waits for its pipes to close: a command killed with its output pipe full (no
-    longer read) or a program that left its group holding it would keep the delivery waiting for ever."""
+    kept (at least `look_past`, for whole_kept()), the rest read and dropped, `ended` done at the end. The pipe is
+    ours rather than asyncio's subprocess one, whose Process.wait() also waits for its pipes to close: a command
+    killed with its output pipe full (no longer read) or a program that left its group holding it would keep the
+    delivery waiting for ever."""
 
-    def __init__(self, limit: int, ended: asyncio.Future, head: int = 0):
+    def __init__(self, limit: int, ended: asyncio.Future, look_past: int = 0):
         self._limit = limit
-        self._keep = max(limit, head)  # (`head()`: the first `head` bytes, for a look past the limit)
+        self._keep = max(limit, look_past)  # (`whole_kept()`: at least the first `look_past` bytes)
         self._kept = bytearray()
         self.ended = ended
 
@@ -632,7 +634,8 @@ class _Output(asyncio.Protocol):
     def text(self) -> str:
         return self._kept[:self._limit].decode("utf-8", errors="replace")
 
-    def head(self) -> str:
+    def whole_kept(self) -> str:
+        """What was kept, past `limit` up to `look_past` bytes (text() stops at the limit)."""
         return self._kept.decode("utf-8", errors="replace")
 
 
