@@ -333,7 +333,8 @@ async def _run(argv: list[str], message: int, *, env: dict[str, str], time_limit
 
 
 SETPRIV = "/usr/bin/setpriv"  # util-linux's (essential in Debian): switches identity, then execvp()s its command
-_SETPRIV_FAILED = re.compile(r"setpriv: (failed to execute (.*)|.*): ([^:\n]*)\n")
+_SETPRIV_LINE = re.compile(r"setpriv: (.*): ([^:\n]*)\n")  # err(3)'s `setpriv: what: why`, alone in the output
+_SWITCH_FAILED = frozenset({"setresuid failed", "setresgid failed", "setgroups failed"})  # exit 127 (PRIVERR)
 _ERRNO_OF = {os.strerror(number): number for number in errno.errorcode}  # (setpriv runs in the C locale: env is PATH)
 
 
@@ -363,15 +364,27 @@ def _spawn_as(who: _Identity | None, argv: list[str]) -> tuple[list[str], dict[s
 
 
 def _raise_when_setpriv_failed(code: int, output: str, argv: list[str], who: _Identity | None) -> None:
-    """CommandNotRun when a run through SETPRIV is setpriv's own failure (`output`: the first _setpriv_line_limit
-    bytes at least, past the command's output limit): its whole output one line `setpriv: what:
-    why` and its status 126 or 127 (EXIT_CMD_INVOKE, EXIT_CMD_NOT_FOUND, SETPRIV_EXIT_PRIVERR), what `failed to
-    execute PROG` for the command's exec (the same failure as the exec's OSError without setpriv: its errno from
-    the text), else a switch that failed."""
-    failed = _SETPRIV_FAILED.fullmatch(output) if code in (126, 127) else None
-    if failed is None or failed[3] not in _ERRNO_OF:
+    """CommandNotRun when a run through SETPRIV ended as setpriv's own failure, not the command's: its whole output
+    (`output`: at least the first _setpriv_line_limit bytes, whatever the output limit) is one line that setpriv
+    writes at one of its two stages and its status the one setpriv gives with it:
+    - `setpriv: failed to execute ARGV0: why`, status 127 when `why` is ENOENT's text, else 126 (errexec): the
+      command's exec failed (`why` an errno's text: the same CommandNotRun, errno and `execvp ARGV0: why` as the
+      exec's OSError on the keyword path);
+    - `setpriv: failed to execute SETPRIV: why`, same statuses: the second setpriv could not be run (no exec_errno);
+    - `setpriv: setresuid failed: why` (or setresgid, setgroups), status 127: the switch failed (no exec_errno).
+    Any other output or status is the command's own result. What cannot be told apart: a command that prints one
+    of these lines naming itself (or setpriv) and exits with that status, as if it had not run."""
+    failed = _SETPRIV_LINE.fullmatch(output)
+    if failed is None or failed[2] not in _ERRNO_OF:
         return
-    raise _not_run(argv, who, failed[3], _ERRNO_OF[failed[3]] if failed[2] == argv[0] else None)
+    what, why = failed[1], failed[2]
+    exec_status = 127 if _ERRNO_OF[why] == errno.ENOENT else 126
+    if what == f"failed to execute {argv[0]}" and code == exec_status:
+        raise _not_run(argv, who, why, _ERRNO_OF[why])
+    if what == f"failed to execute {SETPRIV}" and code == exec_status:
+        raise _not_run(argv, who, f"{SETPRIV}: {why}", None)
+    if what in _SWITCH_FAILED and code == 127:
+        raise _not_run(argv, who, why, None)
 
 
 def _as_whom(who: _Identity | None) -> str:
@@ -635,8 +648,9 @@ class _Output(asyncio.Protocol):
         return self._kept[:self._limit].decode("utf-8", errors="replace")
 
     def whole_kept(self) -> str:
-        """What was kept, past `limit` up to `look_past` bytes (text() stops at the limit)."""
-        return self._kept.decode("utf-8", errors="replace")
+        """What was kept, past `limit` up to `look_past` bytes (text() stops at the limit), its bytes that are not
+        UTF-8 kept as surrogates (as in argv: a program's name is compared with it)."""
+        return self._kept.decode("utf-8", errors="surrogateescape")
 
 
 class _Group:

@@ -526,6 +526,22 @@ async def test_a_program_the_user_cannot_reach_is_not_run_as_root_could_reach_it
             f"cannot run {argv0} as nobody: Permission denied", errno.EACCES, f"execvp {argv0}: Permission denied")
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root switches users")
+async def test_a_commands_own_line_like_setprivs_is_its_result(scripts):
+    """Run as a user (through setpriv), a command that ends 126 or 127 after one line `setpriv: what: why` of its own
+    is the command's result, as it was without setpriv: only the lines setpriv writes about this command's exec,
+    its second exec or the switch, each with the status setpriv gives it, read as a command not run."""
+    mimic = scripts.path / "mimic"
+    for line, status in (("setpriv: cannot open /etc/x: No such file or directory", 127),
+                         ("setpriv: failed to execute /bin/other: Permission denied", 126),
+                         (f"setpriv: failed to execute {mimic}: No such file or directory", 126),
+                         ("setpriv: setgroups failed: Operation not permitted", 126)):
+        mimic.write_text(f"#!/bin/sh\nprintf '%s\\n' '{line}'\nexit {status}\n")
+        mimic.chmod(0o755)
+        result = await run_command([str(mimic)], stdin=b"", env={}, time_limit=5, output_limit=1000, user="nobody")
+        assert result == pipe_module.CommandResult(status, None, False, f"{line}\n")
+
+
 # ------------------------------------------------------------------------------------------------ config
 
 
