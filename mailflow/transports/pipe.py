@@ -29,8 +29,9 @@ Runner (used by pipe services and by local's `|command` destinations):
   ends then, whatever holds the command's output pipe: it is ours (`_Output`) and closed at the limit,
   so neither a command killed with its output unread nor a program it left running in a session of its own can
   hold the delivery or a descriptor of ours. `user`: as root, run as that user (its groups too), through util-linux's
-  setpriv so that the spawn is a vfork (never a fork of the whole server on the event loop: `_spawn_as`), setpriv's
-  own failures reported as the switch's and the exec's were; a file the kernel cannot run (ENOEXEC, no `#!`) is then
+  setpriv so that the spawn is a vfork (never a fork of the whole server on the event loop: `_spawn_as`; a setpriv
+  that fails a check made once per process is not used, with one warning: `_setpriv_works`), setpriv's own
+  failures reported as the switch's and the exec's were; a file the kernel cannot run (ENOEXEC, no `#!`) is then
   given to /bin/sh by setpriv's execvp, as Postfix's pipe_command() execvp does; not as root, only our own user.
   `umask`: the command's (None: mailflow's own). Raises `CommandNotRun` when it
   cannot start the command (unknown user, no privilege to switch, root requested, exec or chdir failed, its input
@@ -95,6 +96,7 @@ import os
 import pwd
 import re
 import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -286,7 +288,7 @@ async def _run(argv: list[str], message: int, *, env: dict[str, str], time_limit
                user: str | None = None, cwd=None, umask: int | None = None) -> CommandResult:
     """argv run with the spooled input `message` (a descriptor at offset 0, left open) as its stdin."""
     who = _identity(user)
-    spawned, switch, through_setpriv = _spawn_as(who, argv)
+    spawned, switch, through_setpriv = await _spawn_as(who, argv)
     if umask is not None:
         switch["umask"] = umask
     loop = asyncio.get_running_loop()
@@ -327,8 +329,9 @@ async def _run(argv: list[str], message: int, *, env: dict[str, str], time_limit
             await asyncio.shield(proc.wait())
     if code < 0:
         return CommandResult(None, -code, False, output.text())
-    if through_setpriv:
-        _raise_when_setpriv_failed(code, output.whole_kept(), argv, who)
+    failure = _setpriv_failure(code, output.whole_kept(), argv[0]) if through_setpriv else None
+    if failure is not None:
+        raise _not_run(argv, who, *failure)
     return CommandResult(code, None, False, output.text())
 
 
@@ -336,6 +339,8 @@ SETPRIV = "/usr/bin/setpriv"  # util-linux's (essential in Debian): switches ide
 _SETPRIV_LINE = re.compile(r"setpriv: (.*): ([^:\n]*)\n")  # err(3)'s `setpriv: what: why`, alone in the output
 _SWITCH_FAILED = frozenset({"setresuid failed", "setresgid failed", "setgroups failed"})  # exit 127 (PRIVERR)
 _ERRNO_OF = {os.strerror(number): number for number in errno.errorcode}  # (setpriv runs in the C locale: env is PATH)
+_SETPRIV_WORKS: dict[str, bool] = {}  # setpriv's path: whether _setpriv_works found it fit, once per process
+_SETPRIV_CHECKING = threading.Lock()
 
 
 def _setpriv_line_limit(argv: list[str]) -> int:
@@ -343,48 +348,94 @@ def _setpriv_line_limit(argv: list[str]) -> int:
     return len(argv[0].encode("utf-8", "surrogateescape")) + 256
 
 
-def _spawn_as(who: _Identity | None, argv: list[str]) -> tuple[list[str], dict[str, Any], bool]:
+async def _spawn_as(who: _Identity | None, argv: list[str]) -> tuple[list[str], dict[str, Any], bool]:
     """What create_subprocess_exec runs to run argv as `who`, the keywords that switch identity, and whether it goes
-    through setpriv (whose own failures then read as the command's: `_raise_when_setpriv_failed`). As root, through
-    SETPRIV: given user, group or groups, CPython's _posixsubprocess fork()s this whole process on the event loop's
-    thread (page tables copied, then copy-on-write faults until the child execs: 30 ms at 10 MB, 120 ms at 1 GB of
-    RSS per command), where without them it vfork()s (the parent waits only for the exec, whatever its size); setpriv
-    makes the switch in the vfork()ed child's program (setresuid, setresgid, setgroups, after _posixsubprocess's
-    chdir, umask and new session, as root as before), in the same process. It keeps its capabilities until its own
-    exec, so it execs a second setpriv, without options, that runs with none: its execvp() of the command finds and
-    opens it with the user's rights only (a program the user may not reach is EACCES, as with the switch made before
-    the exec), and says why it failed as the first would. Without setpriv: the keywords (a fork, as before)."""
+    through setpriv (whose own failures then read as the command's: `_setpriv_failure`). As root, through SETPRIV
+    (when `_setpriv_works`): given user, group or groups, CPython's _posixsubprocess fork()s this whole process on
+    the event loop's thread (page tables copied, then copy-on-write faults until the child execs: 30 ms at 10 MB,
+    120 ms at 1 GB of RSS per command), where without them it vfork()s (the parent waits only for the exec, whatever
+    its size); setpriv makes the switch in the vfork()ed child's program (setresuid, setresgid, setgroups, after
+    _posixsubprocess's chdir, umask and new session, as root as before), in the same process. It keeps its
+    capabilities until its own exec, so it execs a second setpriv, without options, that runs with none: its
+    execvp() of the command finds and opens it with the user's rights only (a program the user may not reach is
+    EACCES, as with the switch made before the exec), and says why it failed as the first would. Without a setpriv
+    that works: the keywords (a fork)."""
     if who is None:
         return argv, {}, False
-    if not os.access(SETPRIV, os.X_OK):
+    works = _SETPRIV_WORKS.get(SETPRIV)
+    if works is None:
+        works = await asyncio.to_thread(_setpriv_works, SETPRIV)
+    if not works:
         return argv, {"user": who.uid, "group": who.gid, "extra_groups": list(who.groups)}, False
     groups = ",".join(str(gid) for gid in who.groups)
     switched = [SETPRIV, f"--reuid={who.uid}", f"--regid={who.gid}", f"--groups={groups}", "--", SETPRIV, "--"]
     return [*switched, *argv], {}, True
 
 
-def _raise_when_setpriv_failed(code: int, output: str, argv: list[str], who: _Identity | None) -> None:
-    """CommandNotRun when a run through SETPRIV ended as setpriv's own failure, not the command's: its whole output
+def _setpriv_works(setpriv: str) -> bool:
+    """Whether `setpriv` does what _spawn_as and _setpriv_failure rely on, found once per process (a worker thread's
+    job: it runs setpriv three times), with one warning when it does not: `--version` names util-linux (busybox's
+    has no --reuid); switched to uid and gid 65534, it runs a second setpriv that runs /bin/true (exit 0); and the
+    same for a program that is not there is setpriv's line `failed to execute PROG: No such file or directory` with
+    status 127 (older util-linux says `cannot execute` and exits 1; a setpriv under another name says so in its own
+    name). (A setpriv only root may run passes: the first execs the second with root's capabilities still.)"""
+    with _SETPRIV_CHECKING:
+        if setpriv not in _SETPRIV_WORKS:
+            unfit = _setpriv_unfit(setpriv)
+            if unfit:
+                log.warning("%s is not used to run commands as a user (they are forked with the server): %s",
+                            setpriv, unfit)
+            _SETPRIV_WORKS[setpriv] = not unfit
+        return _SETPRIV_WORKS[setpriv]
+
+
+def _setpriv_unfit(setpriv: str) -> str:
+    """Why `setpriv` is not fit for _spawn_as ("" when it is): see _setpriv_works."""
+    missing = "/nonexistent/mailflow-setpriv-check"
+    switched = [setpriv, "--reuid=65534", "--regid=65534", "--groups=65534", "--", setpriv, "--"]
+    runs = (([setpriv, "--version"], "util-linux"), ([*switched, "/bin/true"], 0), ([*switched, missing], 127))
+    for argv, expected in runs:
+        try:
+            ran = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 env={"PATH": DEFAULT_PATH}, cwd="/", timeout=10, check=False)
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"{' '.join(argv)}: {e}"
+        output = ran.stdout.decode("utf-8", "surrogateescape")
+        if expected == "util-linux":
+            fit = "util-linux" in output
+        elif expected == 0:
+            fit = ran.returncode == 0
+        else:
+            fit = _setpriv_failure(ran.returncode, output, missing) == (os.strerror(errno.ENOENT), errno.ENOENT)
+        if not fit:
+            return f"{' '.join(argv)}: exit status {ran.returncode}, output {output[:200]!r}"
+    return ""
+
+
+def _setpriv_failure(code: int, output: str, program: str) -> tuple[str, int | None] | None:
+    """When a run of `program` through SETPRIV ended as setpriv's own failure, not the command's: why (for
+    _not_run) and the exec's errno (None when it is not the command's exec that failed). Its whole output
     (`output`: at least the first _setpriv_line_limit bytes, whatever the output limit) is one line that setpriv
     writes at one of its two stages and its status the one setpriv gives with it:
-    - `setpriv: failed to execute ARGV0: why`, status 127 when `why` is ENOENT's text, else 126 (errexec): the
+    - `setpriv: failed to execute PROGRAM: why`, status 127 when `why` is ENOENT's text, else 126 (errexec): the
       command's exec failed (`why` an errno's text: the same CommandNotRun, errno and `execvp ARGV0: why` as the
-      exec's OSError on the keyword path);
+      exec's OSError on the keyword path: `execvp PROGRAM: why`);
     - `setpriv: failed to execute SETPRIV: why`, same statuses: the second setpriv could not be run (no exec_errno);
     - `setpriv: setresuid failed: why` (or setresgid, setgroups), status 127: the switch failed (no exec_errno).
     Any other output or status is the command's own result. What cannot be told apart: a command that prints one
     of these lines naming itself (or setpriv) and exits with that status, as if it had not run."""
     failed = _SETPRIV_LINE.fullmatch(output)
     if failed is None or failed[2] not in _ERRNO_OF:
-        return
+        return None
     what, why = failed[1], failed[2]
     exec_status = 127 if _ERRNO_OF[why] == errno.ENOENT else 126
-    if what == f"failed to execute {argv[0]}" and code == exec_status:
-        raise _not_run(argv, who, why, _ERRNO_OF[why])
+    if what == f"failed to execute {program}" and code == exec_status:
+        return why, _ERRNO_OF[why]
     if what == f"failed to execute {SETPRIV}" and code == exec_status:
-        raise _not_run(argv, who, f"{SETPRIV}: {why}", None)
+        return f"{SETPRIV}: {why}", None
     if what in _SWITCH_FAILED and code == 127:
-        raise _not_run(argv, who, why, None)
+        return why, None
+    return None
 
 
 def _as_whom(who: _Identity | None) -> str:

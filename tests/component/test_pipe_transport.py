@@ -532,6 +532,36 @@ async def test_a_commands_own_line_like_setprivs_is_its_result(scripts):
         assert result == pipe_module.CommandResult(status, None, False, f"{line}\n")
 
 
+FAKE_SETPRIVS = {  # what is at SETPRIV on some systems
+    "busybox": """case "$1" in --version) echo 'BusyBox v1.36.1 multi-call binary.'; exit 0;; esac
+echo "setpriv: unrecognized option '$1'"; exit 1
+""",
+    # util-linux before errexec(): a failed exec is `cannot execute: PROG: why`, status 1. (This one switches nothing.)
+    "util-linux 2.28": """case "$1" in --version) echo 'setpriv from util-linux 2.28'; exit 0;; esac
+while [ "$1" != -- ]; do shift; done; shift
+[ -x "$1" ] || { echo "setpriv: cannot execute: $1: No such file or directory"; exit 1; }
+exec "$@"
+"""}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root switches users")
+@pytest.mark.parametrize("kind", FAKE_SETPRIVS)
+async def test_a_setpriv_that_does_not_work_as_needed_is_not_used(scripts, monkeypatch, caplog, kind):
+    """What is at SETPRIV is checked once per process before it is used: busybox's (no --reuid) would make every
+    command run as a user fail, an older util-linux's failed exec would be the command's result, a setpriv that does
+    not switch would run it as root. The command runs as the user all the same (the keywords: a fork), with one
+    warning naming the setpriv."""
+    fake = scripts.script("setpriv", FAKE_SETPRIVS[kind])
+    monkeypatch.setattr(pipe_module, "SETPRIV", str(fake))
+    monkeypatch.setattr(pipe_module, "_SETPRIV_WORKS", {})
+    for _ in range(2):
+        ran = await run_command(["/usr/bin/id", "-u"], stdin=b"", env={}, time_limit=10, output_limit=100,
+                                user="nobody")
+        assert ran == pipe_module.CommandResult(0, None, False, f"{pwd.getpwnam('nobody').pw_uid}\n")
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "mailflow.pipe"]
+    assert warning.startswith(f"{fake} is not used to run commands as a user"), warning
+
+
 # ------------------------------------------------------------------------------------------------ config
 
 
