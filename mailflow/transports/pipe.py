@@ -301,7 +301,7 @@ async def _run(argv: list[str], message: int, *, env: dict[str, str], time_limit
         os.close(read_end)
         if cwd is not None and e.filename == str(cwd):
             raise CommandNotRun(f"cannot change directory to {cwd}{_as_whom(who)}: {e.strerror}") from None
-        raise _not_run(argv, who, str(e.strerror), e.errno if e.filename == spawned[0] else None) from None
+        raise _spawn_failed(e, argv, who, through_setpriv) from None
     finally:
         os.close(write_end)
     look_past = _setpriv_line_limit(argv) if through_setpriv else 0
@@ -436,6 +436,14 @@ def _setpriv_failure(code: int, output: str, program: str) -> tuple[str, int | N
     if what in _SWITCH_FAILED and code == 127:
         return why, None
     return None
+
+
+def _spawn_failed(e: OSError, argv: list[str], who: _Identity | None, through_setpriv: bool) -> CommandNotRun:
+    """The spawn of argv (through setpriv or not) raised `e` (not a chdir's): the command's exec failed (its errno)
+    only when argv itself was exec'ed; setpriv's own exec failing (removed, E2BIG) is said as setpriv's."""
+    if through_setpriv:
+        return _not_run(argv, who, f"{e.filename}: {e.strerror}" if e.filename else str(e.strerror), None)
+    return _not_run(argv, who, str(e.strerror), e.errno if e.filename == argv[0] else None)
 
 
 def _as_whom(who: _Identity | None) -> str:

@@ -532,6 +532,19 @@ async def test_a_commands_own_line_like_setprivs_is_its_result(scripts):
         assert result == pipe_module.CommandResult(status, None, False, f"{line}\n")
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root switches users")
+async def test_a_setpriv_that_cannot_be_run_is_not_the_commands_exec_failing(tmp_path, monkeypatch):
+    """setpriv gone since it was checked: a command not run, in setpriv's name, with no exec errno (not `execvp
+    true: No such file or directory`, whose ENOENT would send a local `|true` on to /bin/sh for nothing)."""
+    gone = str(tmp_path / "setpriv")
+    monkeypatch.setattr(pipe_module, "SETPRIV", gone)
+    monkeypatch.setattr(pipe_module, "_SETPRIV_WORKS", {gone: True})
+    with pytest.raises(CommandNotRun) as refused:
+        await run_command(["true"], stdin=b"", env={}, time_limit=5, output_limit=10, user="nobody")
+    assert (refused.value.text, refused.value.exec_errno, refused.value.exec_failure) == (
+        f"cannot run true as nobody: {gone}: No such file or directory", None, "")
+
+
 FAKE_SETPRIVS = {  # what is at SETPRIV on some systems
     "busybox": """case "$1" in --version) echo 'BusyBox v1.36.1 multi-call binary.'; exit 0;; esac
 echo "setpriv: unrecognized option '$1'"; exit 1
