@@ -2,10 +2,10 @@
 
 Runner (used by pipe services and by local's `|command` destinations):
 - `run_command(argv, *, stdin, env, time_limit, output_limit, user=None, cwd=None, umask=None, spool=None)
-  -> CommandResult`: runs argv directly (a shell only when argv is ["/bin/sh", "-c", cmd]) in a new session, with
-  exactly `env` plus PATH=/usr/bin:/bin. Its stdin is `stdin` (bytes, or an async iterable of chunks) written
-  whole first to an unlinked temporary file in `spool`'s directory (the queue's content directory, where smtpd
-  spools: its free space is what queue_minfree watches; None: the system's temporary directory), rewound: the
+  -> CommandResult`: runs argv directly (a shell only for ["/bin/sh", "-c", cmd], a file without `#!`) in a new
+  session, with exactly `env` plus PATH=/usr/bin:/bin. Its stdin is `stdin` (bytes, or an async iterable of chunks)
+  written whole first to an unlinked temporary file in `spool`'s directory (the queue's content directory, where
+  smtpd spools: its free space is what queue_minfree watches; None: the system's temporary directory), rewound: the
   command starts only once its input is complete, so nothing it starts (a script that runs its deliverer without
   `exec`, a pipeline) can ever read a message cut off by a crash of mailflow. A command that outlives a killed
   server finishes its whole message; the delivery is run again after the restart (a duplicate, as the
@@ -31,16 +31,17 @@ Runner (used by pipe services and by local's `|command` destinations):
   hold the delivery or a descriptor of ours. `user`: as root, run as that user (its groups too), through util-linux's
   setpriv so that the spawn is a vfork (never a fork of the whole server on the event loop: `_spawn_as`; a setpriv
   that fails a check made once per process is not used, with one warning: `_setpriv_works`), setpriv's own
-  failures reported as the switch's and the exec's were; a file the kernel cannot run (ENOEXEC, no `#!`) is then
-  given to /bin/sh by setpriv's execvp, as Postfix's pipe_command() execvp does; not as root, only our own user.
+  failures reported as the switch's and the exec's were; not as root, only our own user. A file the kernel cannot
+  run (ENOEXEC, no `#!`) is run as `/bin/sh FILE args`, as glibc's execvp runs it for Postfix's pipe_command() and
+  exec_command() (setpriv's execvp does; run directly, `_started`).
   `umask`: the command's (None: mailflow's own). Raises `CommandNotRun` when it
   cannot start the command (unknown user, no privilege to switch, root requested, exec or chdir failed, its input
   not spooled): callers defer with its `dsn` (4.3.0; 4.3.1 for the spool's disk) and its `diagnostic`,
   `x-unix; <why>` (Postfix's: the child's fatal message, x-unix).
 - `run_shell_command(command, **same) -> CommandResult`: a local `|command`, run as Postfix's exec_command runs
   it: a command without shell metacharacters is split on blanks and run directly (its program searched on
-  PATH); `/bin/sh -c command` when it has some, or when that exec fails as execvp would hand it to the shell
-  (ENOEXEC: a script without `#!`; ENOENT for a bare name: not a program, perhaps a shell built-in).
+  PATH); `/bin/sh -c command` when it has some, or when that exec fails ENOENT for a bare name (not a program,
+  perhaps a shell built-in), as exec_command falls back to the shell.
 - `command_status(result, command) -> (Outcome, dsn, text)`: Postfix's rules. Exit 0: SENT 2.0.0. Output that
   begins with an enhanced status code (class 2, 4 or 5, as Postfix's dsn_valid() takes one): the text after it,
   DEFERRED with a 4.X.X, else BOUNCED with a 5.X.X, and a 2.X.X bounces as 5.0.0 with Postfix's warning
@@ -225,9 +226,10 @@ def direct_argv(command: str) -> list[str] | None:
 
 
 def _shell_may_run(e: "CommandNotRun", program: str) -> bool:
-    """Whether a failed direct exec goes to /bin/sh, as exec_command's execvp does: a file the kernel cannot run
-    (ENOEXEC: glibc's execvp hands it to the shell), or a bare name that is no program (ENOENT, not a path)."""
-    return e.exec_errno == errno.ENOEXEC or (e.exec_errno == errno.ENOENT and "/" not in program)
+    """Whether a failed direct exec goes to `/bin/sh -c command`, as exec_command's does: a bare name that is no
+    program (ENOENT, not a path). (A file the kernel cannot run was already given to /bin/sh by _run, as execvp
+    gives it.)"""
+    return e.exec_errno == errno.ENOENT and "/" not in program
 
 
 async def run_shell_command(command: str, **how: Any) -> CommandResult:
@@ -294,9 +296,8 @@ async def _run(argv: list[str], message: int, *, env: dict[str, str], time_limit
     loop = asyncio.get_running_loop()
     read_end, write_end = os.pipe()  # the command's stdout and stderr (see _Output)
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *spawned, stdin=message, stdout=write_end, stderr=write_end,
-            env={"PATH": DEFAULT_PATH, **env}, cwd=cwd, start_new_session=True, **switch)
+        proc = await _started(spawned, not through_setpriv, stdin=message, stdout=write_end, stderr=write_end,
+                              env={"PATH": DEFAULT_PATH, **env}, cwd=cwd, start_new_session=True, **switch)
     except OSError as e:
         os.close(read_end)
         if cwd is not None and e.filename == str(cwd):
@@ -436,6 +437,28 @@ def _setpriv_failure(code: int, output: str, program: str) -> tuple[str, int | N
     if what in _SWITCH_FAILED and code == 127:
         return why, None
     return None
+
+
+async def _started(spawned: list[str], direct: bool, **how: Any) -> asyncio.subprocess.Process:
+    """create_subprocess_exec(*spawned, **how). A file the kernel cannot run (ENOEXEC: no `#!`), when exec'ed
+    `direct`ly (not through setpriv, whose execvp does the same), is run again as glibc's execvp runs it (and so
+    Postfix's pipe_command and exec_command): `/bin/sh FILE args`, FILE as found on the command's PATH."""
+    try:
+        return await asyncio.create_subprocess_exec(*spawned, **how)
+    except OSError as e:
+        if not direct or e.errno != errno.ENOEXEC or e.filename != spawned[0]:
+            raise
+    script = _found_on(how["env"]["PATH"], spawned[0])
+    return await asyncio.create_subprocess_exec(SHELL, script, *spawned[1:], **how)
+
+
+def _found_on(path: str, program: str) -> str:
+    """The file an exec of `program` (no `/`: searched on `path`) that failed ENOEXEC tried: the first that is there
+    (a candidate before it failed ENOENT or ENOTDIR: any other error would have been the one reported)."""
+    if "/" in program:
+        return program
+    candidates = [os.path.join(directory, program) for directory in path.split(os.pathsep)]
+    return next((candidate for candidate in candidates if os.path.exists(candidate)), program)
 
 
 def _spawn_failed(e: OSError, argv: list[str], who: _Identity | None, through_setpriv: bool) -> CommandNotRun:

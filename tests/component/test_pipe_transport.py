@@ -477,6 +477,26 @@ async def test_the_identity_is_nobody_as_root_and_switching_needs_root(scripts):
         await run_command(["/bin/true"], stdin=b"", env={}, time_limit=5, output_limit=10, user="no-such-user-x")
 
 
+async def test_a_script_without_an_interpreter_line_is_run_by_the_shell_as_execvp_runs_it(scripts, monkeypatch):
+    """A file the kernel cannot run (ENOEXEC: no `#!`) is run as `/bin/sh FILE args`, as glibc's execvp runs it for
+    Postfix's pipe(8): FILE as found on PATH for a bare name. So on every path: as ourselves (not root: the only
+    one), and as root as a user, through setpriv (whose execvp does it) or without it (the keywords)."""
+    plain = scripts.path / "plain"
+    plain.write_text('echo "$0 $1 $(id -u)"\n')
+    plain.chmod(0o755)
+    path = f"/nonexistent:{scripts.path}:/usr/bin:/bin"
+    ways = [(None, None, os.geteuid())]
+    if os.geteuid() == 0:
+        ways += [("nobody", works, pwd.getpwnam("nobody").pw_uid) for works in (True, False)]
+    for user, setpriv_works, uid in ways:
+        if setpriv_works is not None:
+            monkeypatch.setitem(pipe_module._SETPRIV_WORKS, pipe_module.SETPRIV, setpriv_works)
+        for argv0 in (str(plain), "plain"):
+            result = await run_command([argv0, "one"], stdin=b"", env={"PATH": path}, time_limit=5,
+                                       output_limit=1000, user=user)
+            assert result == pipe_module.CommandResult(0, None, False, f"{plain} one {uid}\n"), (user, setpriv_works)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root switches users")
 async def test_a_command_run_as_a_user_is_spawned_without_what_rules_out_vfork(monkeypatch):
     """As root with a user, the spawn is given no uid, gid, groups or preexec_fn: with any of them CPython's

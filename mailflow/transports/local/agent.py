@@ -31,10 +31,10 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
    its original address, ORCPT and the message's ENVID and RET; the message's client attributes go with it but
    the port (`app.forwarder`, as Postfix's local(8) forward.c).
 4. Commands (allowed ones, see `_command`): run through pipe's runner as Postfix's exec_command runs them
-   (`run_shell_command`: directly when the command has no shell metacharacters, else, or when execvp would
-   hand it to the shell (a script without `#!`, a bare name that is no program), `/bin/sh -c command`), with
-   local(8)'s environment: USER, LOGNAME, SENDER (empty for the null sender), RECIPIENT, LOCAL; DOMAIN,
-   EXTENSION and ORIGINAL_RECIPIENT when there is one; HOME=<maildir_base>/<user> and SHELL for a command a
+   (`run_shell_command`: directly when the command has no shell metacharacters (a script without `#!` as
+   `/bin/sh script args`, as execvp runs it), else, or when it is a bare name that is no program, `/bin/sh -c
+   command`), with local(8)'s environment: USER, LOGNAME, SENDER (empty for the null sender), RECIPIENT, LOCAL;
+   DOMAIN, EXTENSION and ORIGINAL_RECIPIENT when there is one; HOME=<maildir_base>/<user> and SHELL for a command a
    user's .forward names (an alias has no home); and those of CLIENT_HOSTNAME, CLIENT_ADDRESS, CLIENT_HELO,
    CLIENT_PROTOCOL, SASL_METHOD, SASL_SENDER, SASL_USERNAME the message's client attributes know (message
    context with shell-special characters replaced by '_'); the message with a From_ line, Return-Path,
