@@ -394,21 +394,19 @@ def _setpriv_unfit(setpriv: str) -> str:
     """Why `setpriv` is not fit for _spawn_as ("" when it is): see _setpriv_works."""
     missing = "/nonexistent/mailflow-setpriv-check"
     switched = [setpriv, "--reuid=65534", "--regid=65534", "--groups=65534", "--", setpriv, "--"]
-    runs = (([setpriv, "--version"], "util-linux"), ([*switched, "/bin/true"], 0), ([*switched, missing], 127))
-    for argv, expected in runs:
+    not_found = (os.strerror(errno.ENOENT), errno.ENOENT)
+    checks: tuple[tuple[list[str], Callable[[int, str], bool]], ...] = (
+        ([setpriv, "--version"], lambda code, output: "util-linux" in output),
+        ([*switched, "/bin/true"], lambda code, output: code == 0),
+        ([*switched, missing], lambda code, output: _setpriv_failure(code, output, missing) == not_found))
+    for argv, fit in checks:
         try:
             ran = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  env={"PATH": DEFAULT_PATH}, cwd="/", timeout=10, check=False)
         except (OSError, subprocess.SubprocessError) as e:
             return f"{' '.join(argv)}: {e}"
         output = ran.stdout.decode("utf-8", "surrogateescape")
-        if expected == "util-linux":
-            fit = "util-linux" in output
-        elif expected == 0:
-            fit = ran.returncode == 0
-        else:
-            fit = _setpriv_failure(ran.returncode, output, missing) == (os.strerror(errno.ENOENT), errno.ENOENT)
-        if not fit:
+        if not fit(ran.returncode, output):
             return f"{' '.join(argv)}: exit status {ran.returncode}, output {output[:200]!r}"
     return ""
 
@@ -419,8 +417,8 @@ def _setpriv_failure(code: int, output: str, program: str) -> tuple[str, int | N
     (`output`: at least the first _setpriv_line_limit bytes, whatever the output limit) is one line that setpriv
     writes at one of its two stages and its status the one setpriv gives with it:
     - `setpriv: failed to execute PROGRAM: why`, status 127 when `why` is ENOENT's text, else 126 (errexec): the
-      command's exec failed (`why` an errno's text: the same CommandNotRun, errno and `execvp ARGV0: why` as the
-      exec's OSError on the keyword path: `execvp PROGRAM: why`);
+      command's exec failed (`why` an errno's text: the same errno, and so `execvp PROGRAM: why`, as the exec's
+      OSError without setpriv);
     - `setpriv: failed to execute SETPRIV: why`, same statuses: the second setpriv could not be run (no exec_errno);
     - `setpriv: setresuid failed: why` (or setresgid, setgroups), status 127: the switch failed (no exec_errno).
     Any other output or status is the command's own result. What cannot be told apart: a command that prints one

@@ -8,8 +8,9 @@ output_limit, the rest drained, no deadlock); a command that reads only part of 
 missing command; argv macros, ${recipient} with 3 recipients in one run; flags D R F O (one run per
 recipient), > . B, the D loop check, X (without it a success is relayed); control characters in an address; the
 environment is exactly PATH (and what run_command is given); the identity (as root: `nobody`; not root: a
-refusal to switch), its spawn (no fork of a big server on its loop) and its exec with the user's rights only;
-size_limit; config errors naming the key.
+refusal to switch), its spawn (nothing that rules out vfork) and its exec with the user's rights only, setpriv's
+failures told from the command's own lines, a setpriv that does not work as needed left unused, setpriv's own exec
+failing; a script without `#!` run by /bin/sh on every path; size_limit; config errors naming the key.
 """
 from __future__ import annotations
 
