@@ -136,9 +136,14 @@ async def relay(port: int, sendmail: list[str], peer, cases: list[Case]) -> tupl
 
 async def compare(cases: list[Case], mailflow_server, write_config, tmp_path, smtp_peer):
     """(postfix, mailflow): each one's `relay`."""
-    pf_peer = await smtp_peer()  # (8BITMIME without SMTPUTF8: 8-bit header bytes go as they are from both)
-    mf_peer = await smtp_peer()
-    async with postfix_instance({**COMMON, "mydestination": "", "relayhost": f"[127.0.0.1]:{pf_peer.port}"}) as pf:
+    # (Postfix with smtputf8_enable = yes, as mailflow always is, and peers that offer SMTPUTF8: a sendmail message with
+    # 8-bit header bytes is SMTPUTF8 to both, smtputf8_autodetect_classes, and goes with that MAIL parameter; to a
+    # peer without it Postfix 3.7.11 sends it anyway over a cached session where mailflow bounces it 5.6.7, a
+    # difference docs/deliverability.md keeps. A client's 8-bit header bytes go as they are from both.)
+    pf_peer = await smtp_peer(enable_SMTPUTF8=True)
+    mf_peer = await smtp_peer(enable_SMTPUTF8=True)
+    async with postfix_instance({**COMMON, "mydestination": "", "smtputf8_enable": "yes",
+                                 "relayhost": f"[127.0.0.1]:{pf_peer.port}"}) as pf:
         postfix = await relay(pf.port, ["sendmail", "-C", str(pf.etc)], pf_peer, cases)
     settings = {**COMMON, "mydestination": [], "mynetworks": ["127.0.0.0/8"],
                 "relayhost": f"[127.0.0.1]:{mf_peer.port}"}
