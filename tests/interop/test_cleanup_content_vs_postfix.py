@@ -52,7 +52,7 @@ CASES: list[Case] = [
     ("blank-continuation", b"X-Blank: one\r\n \r\n two\r\nX-Empty:\r\nX-Empty-Space: \r\n\r\nx\r\n", "c"),
     ("long-lines", b"X-Long-Line: " + b"a" * 3000 + b"\r\nX-" + b"N" * 2100 + b": long name\r\n\r\n"
                    + b"b" * 5000 + b"\r\n", "c"),
-    ("8bit", "X-Utf8: caf\u00e9 \u2603\r\nX-Latin: caf".encode() + b"\xe9\r\n\r\ncaf\xc3\xa9\r\n", "c"),
+    ("8bit", "X-Utf8: caf\u00e9 \u2603\r\nX-Latin: caf".encode() + b"\xe9\r\n\r\ncaf\xc3\xa9\r\n", "cs"),
     ("duplicates", b"Message-ID: <one@client.test>\r\nMessage-ID: <two@client.test>\r\nFrom: a@client.test\r\n"
                    b"From: b@client.test\r\ndate: Fri, 04 Dec 2026 12:00:00 +0000\r\n\r\nx\r\n", "c"),
     ("hops-48", HOP * 48 + b"Subject: 48 hops\r\n\r\nx\r\n", "c"),
@@ -192,6 +192,7 @@ async def test_header_sections_and_bodies_come_through_as_through_a_real_postfix
     for label in ("label-8bit", "label-spaced", "attached"):
         assert got[f"c{n[label]}"][0] == "BODY=8BITMIME", label
     assert got[f"c{n['no-header']}"][3:] == [b"", b"just a body line", b""]
+    assert "SMTPUTF8" in got[f"s{n['8bit']}"] and "SMTPUTF8" not in got[f"c{n['8bit']}"]  # (autodetect: sendmail)
 
 
 @pytest.mark.skipif(not os.environ.get("MAILFLOW_CLEANUP_SEEDS"), reason="exploration: MAILFLOW_CLEANUP_SEEDS unset")
