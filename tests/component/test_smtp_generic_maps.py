@@ -21,7 +21,7 @@ from mailflow.routing.rewrite import Rewriter
 from mailflow.tables import TableCache
 from mailflow.transports.encode import encode
 from mailflow.transports.generic import GenericMaps, HeaderSwap
-from mailflow.transports.smtp import SmtpTransport
+from mailflow.transports.smtp import SmtpTransport, trouble
 from tests.support import big_message, spooled
 
 TABLE = ("inline:{ {joe@box.local = joe.user@example.com}, {@box.local = @example.com},"
@@ -342,6 +342,19 @@ async def test_a_recipient_screened_out_is_not_mapped_and_the_others_go(smtp_pee
     report = await deliver(make_transport(generic()), request)
     assert [(r.outcome, r.dsn) for r in report.results] == [(Outcome.BOUNCED, "5.1.3"), (Outcome.SENT, "2.0.0")]
     assert [m.rcpt_tos for m in peer.messages] == [["sam@example.com"]]
+
+
+async def test_a_job_of_more_than_a_slice_says_every_recipient_mapped(monkeypatch, smtp_peer):
+    """A job of more than trouble.SLICE recipients makes its RCPT commands a slice a loop turn (proto's
+    `_rcpt_commands_in_slices`): each says its address as mapped, as a job of few does, and the header is swapped."""
+    monkeypatch.setattr(trouble, "SLICE", 10)
+    peer = await smtp_peer()
+    queued = [f"u{i:02d}@box.local" for i in range(25)]
+    report = await deliver(make_transport(generic()), make_request(peer.port, Content.of(HEAD + BODY), *queued))
+    [message] = peer.messages
+    assert message.rcpt_tos == [f"u{i:02d}@example.com" for i in range(25)]
+    assert message.content.startswith(b"From: Joe <joe.user@example.com>\r\n")
+    assert [(r.recipient.address, r.outcome) for r in report.results] == [(a, Outcome.SENT) for a in queued]
 
 
 async def test_the_relay_client_s_generic_maps_and_header_checks_lines_are_relay_smtp_s(smtp_peer, caplog, tmp_path):

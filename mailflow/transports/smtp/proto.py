@@ -132,10 +132,8 @@ async def _transaction(
     many = len(recipients) > trouble.SLICE
     if many:  # (50 000 RCPT commands with DSN's parameters took 0.24 s in one turn)
         rcpts = await _rcpt_commands_in_slices(recipients, extensions, request.smtputf8, wire)
-    elif wire is None:
-        rcpts = [rcpt_command(r, extensions, smtputf8=request.smtputf8) for r in recipients]
     else:
-        rcpts = [rcpt_command(r, extensions, wire.recipient(r.address), request.smtputf8) for r in recipients]
+        rcpts = _rcpt_commands(recipients, extensions, request.smtputf8, wire)
     if wire is None:
         mail = mail_command(request, extensions, body, converted=converted)
     else:  # (the header swapped first: what the peer is to see, then made 7 bit if it must be)
@@ -214,12 +212,16 @@ async def _rcpt_commands_in_slices(recipients: list[Recipient], extensions: Exte
     for start in range(0, len(recipients), trouble.SLICE):
         if start:
             await asyncio.sleep(0)
-        part = recipients[start:start + trouble.SLICE]
-        if wire is None:
-            commands += [rcpt_command(r, extensions, smtputf8=smtputf8) for r in part]
-        else:
-            commands += [rcpt_command(r, extensions, wire.recipient(r.address), smtputf8) for r in part]
+        commands += _rcpt_commands(recipients[start:start + trouble.SLICE], extensions, smtputf8, wire)
     return commands
+
+
+def _rcpt_commands(recipients: list[Recipient], extensions: Extensions, smtputf8: bool,
+                   wire: WireForm | None) -> list[bytes]:
+    """The RCPT commands of `recipients`, each address as `wire` says it (smtp_generic_maps), None: as queued."""
+    if wire is None:
+        return [rcpt_command(r, extensions, smtputf8=smtputf8) for r in recipients]
+    return [rcpt_command(r, extensions, wire.recipient(r.address), smtputf8) for r in recipients]
 
 
 async def _rset_probe(session: Session, timeout: float, *, sent: bool = False) -> None:
