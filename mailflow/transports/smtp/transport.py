@@ -250,7 +250,8 @@ class SmtpTransport:
         if cached is not None:  # a session like any other: what it deferred goes on to the next peer
             recipients = self._for_next_peer(recipients, outcomes)
             if not recipients or MX_SESSION_LIMIT <= 1:
-                return await self._left_for_next_site(site, request, recipients, outcomes)
+                return [] if site.final or not recipients else await self._left_for_next_site(request, recipients,
+                                                                                              outcomes)
             kept = await outcomes.take_back(recipients)
         dns_failures: list[DeliveryError] = []
         try:
@@ -283,15 +284,13 @@ class SmtpTransport:
             await outcomes.fail_pending_in_slices(recipients, e)
             return []
 
-    async def _left_for_next_site(self, site: Site, request: DeliveryRequest, recipients: list[Recipient],
+    async def _left_for_next_site(self, request: DeliveryRequest, recipients: list[Recipient],
                                   outcomes: Outcomes) -> list[Recipient]:
-        """At a site that is not the final one, the recipients its last session left (`recipients`: deferred;
-        refused too under soft_bounce: `_for_next_peer`'s), their results forgotten and logged on lines of their own
-        (`QID: host h[ip] said: 451 ...`), as Postfix logs a soft error at a server that is not the final one."""
-        if site.final:
-            return []
-        if recipients:
-            await self._log_results(request, recipients, await outcomes.take_back(recipients))
+        """At a site that is not the final one, the recipients its last session left (`recipients`, not empty:
+        deferred; refused too under soft_bounce: `_for_next_peer`'s), their results forgotten and logged on lines of
+        their own (`QID: host h[ip] said: 451 ...`), as Postfix logs a soft error at a server that is not the final
+        one. (Its callers return [] themselves at the final site or with none left: no call on a delivery's path.)"""
+        await self._log_results(request, recipients, await outcomes.take_back(recipients))
         return recipients
 
     async def _log_results(self, request: DeliveryRequest, recipients: list[Recipient], taken: Outcomes) -> None:
@@ -425,8 +424,9 @@ class SmtpTransport:
                     raise
                 await self._cache.release(destination.cache_key, session)
                 deferred = self._for_next_peer(recipients, outcomes)
-                if not deferred or sessions >= MX_SESSION_LIMIT:
-                    return await self._left_for_next_site(site, request, deferred, outcomes)
+                if not deferred or sessions >= MX_SESSION_LIMIT:  # (delivered, or the final site: no call)
+                    return [] if site.final or not deferred else await self._left_for_next_site(request, deferred,
+                                                                                                outcomes)
                 # Postfix: a soft error at a server that is not the final one: the next one gets these recipients
                 kept, recipients, peer_failure = await outcomes.take_back(deferred), deferred, None
                 unlogged = kept
