@@ -192,7 +192,10 @@ class Outcomes:
                                results: Callable[[Sequence[Recipient]], dict[Recipient, RcptResult]]) -> None:
         """`update` with `results(part)` of `recipients`, SLICE recipients a loop turn (one reply's results for
         all of a job's recipients: 50 000 accepted by one end of DATA took 0.57 s in one turn)."""
-        await _in_slices(recipients, lambda part: self.update(results(part)))
+        if len(recipients) <= SLICE:  # (a refused MAIL or DATA of a few recipients: no slices to make)
+            self.update(results(recipients))
+        else:
+            await _in_slices(recipients, lambda part: self.update(results(part)))
 
     def pending(self, recipients: Iterable[Recipient]) -> list[Recipient]:
         return [r for r in recipients if r not in self.results]
