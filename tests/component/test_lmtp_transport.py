@@ -21,7 +21,7 @@ from mailflow.errors import ConfigError
 from mailflow.logs import SyslogFormatter
 from mailflow.model import ConnStats, DeliveryRequest, Outcome, Recipient
 from mailflow.transports.lmtp import LmtpTransport
-from mailflow.transports.smtp import trouble
+from mailflow.transports.smtp import proto, trouble
 from mailflow.transports.smtp.addr import Nexthop, Peer, parse_nexthop
 
 from tests.support import big_message, eventually, free_port, spooled
@@ -564,6 +564,28 @@ async def test_a_bad_nexthop_fails_a_job_s_recipients_a_slice_a_turn(monkeypatch
     assert len({turn for turn, _ in failed}) == 5, "the loop had no turn between the slices"
     assert [r.recipient.address for r in report.results] == recipients
     assert {(r.outcome, r.dsn) for r in report.results} == {(Outcome.DEFERRED, "4.3.5")} and not report.site_ok
+
+
+async def test_a_job_s_end_of_data_replies_in_one_write_are_taken_a_slice_a_turn(monkeypatch, lmtp_peer):
+    """The LMTP peer answers the end of DATA for every recipient in one write (aiosmtpd's handle_DATA's answer):
+    read ahead, they came without a wait and made their results in one loop turn; SLICE a turn, each its own."""
+    monkeypatch.setattr(trouble, "SLICE", 10)
+    peer = await lmtp_peer(pipelining=True)
+    recipients = [f"u{i:02d}@example.test" for i in range(45)]
+    made: list[int] = []  # the loop turn of each end-of-DATA reply's result
+    reply_results = proto.reply_results
+
+    def results(answered, reply, peer, command, **kw):
+        if command == "end of DATA":
+            made.append(turns.count)
+        return reply_results(answered, reply, peer, command, **kw)
+
+    async with LoopTurns() as turns:
+        monkeypatch.setattr(proto, "reply_results", results)
+        report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{peer.port}", *recipients))
+    assert len(made) == 45 and len(set(made)) >= 5, "the loop had no turn between the slices"
+    assert [(r.recipient.address, r.outcome, r.text) for r in report.results] == [
+        (a, Outcome.SENT, f"250 2.0.0 <{a}> Saved") for a in recipients]
 
 
 # ---------------------------------------------------------------------------------------------------- pure parts

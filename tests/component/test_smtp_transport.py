@@ -30,7 +30,7 @@ from mailflow.model import ConnStats, DeliveryRequest, Outcome, Recipient
 from mailflow.routing.router import Router
 from mailflow.transports import build_transports
 from mailflow.transports.smtp import SmtpTransport
-from mailflow.transports.smtp import commands, proto, trouble
+from mailflow.transports.smtp import chat, commands, proto, trouble
 from mailflow.tables.search import EXTERNAL_FIRST, address_search
 from mailflow.transports.smtp.addr import MX_HOST_LIMIT, exchangers, order_exchangers, parse_nexthop
 from tests.support import CaptureHandler, SmtpClient, base_settings, big_message, eventually, free_port, merged, spooled
@@ -1110,6 +1110,26 @@ async def test_a_job_s_many_replies_are_taken_a_slice_a_turn(monkeypatch, answer
     assert [size for _, size in made] == sizes
     assert len({turn for turn, _ in made}) == 5, "the loop had no turn between the slices"
     assert [(r.recipient.address, r.outcome) for r in report.results] == [(a, outcome) for a in recipients]
+
+
+async def test_the_rcpt_replies_a_refused_mail_leaves_are_read_a_slice_a_turn(monkeypatch):
+    """A MAIL refused in a pipelined group leaves the RCPT replies read ahead to read (`_abandon_pipelined`): they
+    came without a wait, all in one loop turn; SLICE a turn, every one read, the session then ended cleanly."""
+    monkeypatch.setattr(trouble, "SLICE", 10)
+    recipients = [f"u{i:02d}@example.test" for i in range(45)]
+    read: list[int] = []  # the loop turn of each RCPT reply read
+    reply = chat.Session.reply
+
+    async def reading(session, timeout, activity):
+        if activity == proto.RCPT:
+            read.append(turns.count)
+        return await reply(session, timeout, activity)
+
+    async with batching_peer(b"451 4.3.0 later\r\n", b"250 2.1.5 Ok\r\n") as port, LoopTurns() as turns:
+        monkeypatch.setattr(chat.Session, "reply", reading)
+        report = await deliver(make_transport(), make_request(f"[127.0.0.1]:{port}", *recipients))
+    assert len(read) == 45 and len(set(read)) >= 5, "the loop had no turn between the slices"
+    assert {(r.outcome, r.dsn) for r in report.results} == {(Outcome.DEFERRED, "4.3.0")} and report.site_ok
 
 
 class CountingResolver(StaticResolver):
