@@ -1403,9 +1403,10 @@ class QueueManager:
         last job, with the end of the attempt). The loop is handed back every RESULT_SLICE results: a local job
         has no recipient limit, and 100 000 unknown users, each answered at once, held it 6.6 s. An agent that
         reports in one go (`deliver`: the SMTP and LMTP clients) has no such guard: a stop's cancel that lands after
-        its peer accepted the message and before the report is back (an LMTP peer's later replies, the next peer
-        or fallback relay tried for the recipients another deferred, the stamp's and the report's slices past SLICE
-        recipients: `Outcomes`) loses the results, and those recipients are delivered again after the restart; the
+        its peer accepted the message and before the report is back (an LMTP peer's later replies, SMTP's end-of-DATA
+        results made past SLICE recipients (`Outcomes.update_in_slices`), the next peer or fallback relay tried for
+        the recipients another deferred, the stamp's and the report's slices past SLICE recipients: `Outcomes`)
+        loses the results, and those recipients are delivered again after the restart; the
         stop's grace lets deliveries finish first."""
         expected = len(job.recipients)
         mine = {r.index: r for r in job.recipients}  # (once a job: an agent gives up to all of them)
