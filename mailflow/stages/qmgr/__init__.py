@@ -1489,10 +1489,7 @@ class QueueManager:
     async def _log_in_slices(self, active: ActiveMessage, results: list[RcptResult]) -> None:
         """The lines of a deleted message's results (none recorded: `_results_in` keeps them all for the end),
         RECORD_SLICE a loop turn."""
-        for start in range(0, len(results), RECORD_SLICE):
-            if start:
-                await asyncio.sleep(0)
-            self._log_results(active, results[start:start + RECORD_SLICE], self._clock.time())
+        await _in_record_slices(results, lambda part: self._log_results(active, part, self._clock.time()))
 
     def _let_go(self, active: ActiveMessage, retry_at: float | None) -> None:
         """The message leaves qmgr's hands (the end of its attempt recorded, or a stop); one whose row a scan
@@ -1543,12 +1540,7 @@ class QueueManager:
         pending = [r for r in active.attempt + last if r.outcome is Outcome.DEFERRED]
         held = active.withdrawn == "hold"  # the operator's hold wins: nothing expires, nobody is told
         age = now - msg.lifetime_base
-        if held or age < lifetime:
-            expired = []
-        elif len(pending) <= RECORD_SLICE:
-            expired = _expire(pending)
-        else:
-            expired = await _expire_in_slices(pending)
+        expired = [] if held or age < lifetime else await _expire_in_slices(pending)
         warn = bool(pending and not expired and not held and q.delay_warning_time and not msg.warned
                     and now - msg.arrival >= q.delay_warning_time)
         owed = active.owed + [r for r in last if self._owes_notice(r)]
@@ -1573,10 +1565,7 @@ class QueueManager:
                          noticed=tuple(r.recipient.index for r in active.owed))
         await self._writes.run(lambda: self._store.finish(done, [n for _, n in notices], results=last),
                                f"{msg.queue_id}: recording the end of the attempt")
-        if expired and len(expired) > RECORD_SLICE:
-            await self._log_end_in_slices(active, last, notices, retry_at, now, expired=expired)
-        else:
-            self._log_end(active, last, notices, retry_at, now, expired=expired)
+        await self._log_end(active, last, notices, retry_at, now, expired=expired)
         if notices:  # new mail queued with the end of the attempt: the next scan takes it
             self._rouse()
         if retry_at is not None and retry_at < self._next_scan:
@@ -1603,18 +1592,20 @@ class QueueManager:
         return await self._notices.for_attempt(active.message, results, original=original, now=now,
                                                warn_delay=warn, retry_until=retry_until)
 
-    def _log_end(self, active: ActiveMessage, results, notices, retry_at, now: float, *,
-                 expired: list[RcptResult]) -> None:
+    async def _log_end(self, active: ActiveMessage, results, notices, retry_at, now: float, *,
+                       expired: list[RcptResult]) -> None:
         """The results as the agents gave them (deferred ones too, as Postfix logs them), then for a message past
         its lifetime Postfix's qmgr line, `from=<s>, status=expired, returned to sender`, which log tools count as
         returned; the recipients it returns (bounced, "message expired: …": the metrics and the capture histories
-        count them as final) are told to the observers without a line of their own, as Postfix writes none."""
+        count them as final) are told to the observers without a line of their own, as Postfix writes none,
+        RECORD_SLICE a loop turn (100 000 told in one turn held the loop about 1 s; the lines after them with the
+        last slice). A stop's cancel between two slices loses what was not told or logged yet; the end is recorded
+        already. A message that has not expired ends without an await."""
         msg = active.message
         self._log_results(active, results, now)
         if expired:
             self._log.expired(msg.queue_id, msg.sender)
-        for result in expired:
-            self._log.result(msg.queue_id, result, active.stats, now, logged=False)
+            await _in_record_slices(expired, lambda part: self._tell_expired(active, part, now))
         if self._notices is not None and self._notices.discards(msg, [*results, *expired]):
             self._log.notice_discarded(msg.queue_id)
         for notice, queued in notices:  # (cleanup's message-id line first, as Postfix's bounce(8) has it written)
@@ -1626,22 +1617,10 @@ class QueueManager:
         if retry_at is None:
             self._log.removed(msg.queue_id)
 
-    async def _log_end_in_slices(self, active: ActiveMessage, results, notices, retry_at, now: float, *,
-                                 expired: list[RcptResult]) -> None:
-        """`_log_end` of more than RECORD_SLICE expired recipients, the observers told of them that many a loop turn
-        (100 000 told in one turn held the loop about 1 s); the same lines and events in the same order, the lines
-        after them (a discarded notice, the notices queued, `removed`) with the last slice. A stop's cancel between
-        two slices loses what was not told or logged yet; the end is recorded already."""
-        msg = active.message
-        self._log_results(active, results, now)
-        self._log.expired(msg.queue_id, msg.sender)
-        for start in range(0, len(expired), RECORD_SLICE):
-            await asyncio.sleep(0)
-            for result in expired[start:start + RECORD_SLICE]:
-                self._log.result(msg.queue_id, result, active.stats, now, logged=False)
-        if self._notices is not None and self._notices.discards(msg, [*results, *expired]):
-            self._log.notice_discarded(msg.queue_id)
-        self._log_end(active, [], notices, retry_at, now, expired=[])  # (the notices' lines and `removed`: the rest)
+    def _tell_expired(self, active: ActiveMessage, expired: Iterable[RcptResult], now: float) -> None:
+        """The observers told of `expired` results, with no line of their own (`_log_end`)."""
+        for result in expired:
+            self._log.result(active.message.queue_id, result, active.stats, now, logged=False)
 
     def _log_results(self, active: ActiveMessage, results: list[RcptResult], now: float) -> None:
         """Each result's line (a line per failure told to a list's owner, `_owned_lines`), timed by its job's
@@ -1825,11 +1804,16 @@ async def _expire_in_slices(pending: list[RcptResult]) -> list[RcptResult]:
     """`_expire`, RECORD_SLICE results a loop turn (the 100 000 pending recipients of a message past its lifetime
     took 0.5 s of one turn)."""
     expired: list[RcptResult] = []
-    for start in range(0, len(pending), RECORD_SLICE):
+    await _in_record_slices(pending, lambda part: expired.extend(_expire(part)))
+    return expired
+
+
+async def _in_record_slices(results: list[RcptResult], each: Callable[[list[RcptResult]], object]) -> None:
+    """`each` of `results`, RECORD_SLICE at a time, the loop handed back between two (a few: one call, no await)."""
+    for start in range(0, len(results), RECORD_SLICE):
         if start:
             await asyncio.sleep(0)
-        expired += _expire(pending[start:start + RECORD_SLICE])
-    return expired
+        each(results[start:start + RECORD_SLICE])
 
 
 def _complete(job: Job, report: DeliveryReport, stats: MsgStats | None,
