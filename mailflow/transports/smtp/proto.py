@@ -46,7 +46,7 @@ results are made for all of them (`Outcomes.update_in_slices`: a refused MAIL or
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 from mailflow.content import CHUNK, Content
 from mailflow.errors import LookupRetry
@@ -209,14 +209,11 @@ async def _rcpt_commands_in_slices(recipients: list[Recipient], extensions: Exte
                                    wire: WireForm | None) -> list[bytes]:
     """The RCPT commands of `recipients`, trouble.SLICE a loop turn (nothing is sent before they are all made)."""
     commands: list[bytes] = []
-    for start in range(0, len(recipients), trouble.SLICE):
-        if start:
-            await asyncio.sleep(0)
-        commands += _rcpt_commands(recipients[start:start + trouble.SLICE], extensions, smtputf8, wire)
+    await trouble.in_slices(recipients, lambda part: commands.extend(_rcpt_commands(part, extensions, smtputf8, wire)))
     return commands
 
 
-def _rcpt_commands(recipients: list[Recipient], extensions: Extensions, smtputf8: bool,
+def _rcpt_commands(recipients: Sequence[Recipient], extensions: Extensions, smtputf8: bool,
                    wire: WireForm | None) -> list[bytes]:
     """The RCPT commands of `recipients`, each address as `wire` says it (smtp_generic_maps), None: as queued."""
     if wire is None:

@@ -55,6 +55,8 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
       await .take_back(recipients) -> Outcomes, .restore(taken)   a temporary failure at a peer that was not the
                                 last: the recipients go to the next peer (taken back SLICE a loop turn); what
                                 they got stands if none takes a session
+    await in_slices(recipients, each)   each(part) of `recipients`, SLICE a part, the loop handed back between
+                                two (the sliced forms above; proto's RCPT commands)
     reply_results(recipients, reply, peer, command, next_hop_notifies=False) -> {recipient: RcptResult}
                                 2xx SENT with the reply; 4xx DEFERRED, 5xx BOUNCED, with "host h[ip] said: 550
                                 5.1.1 ... (in reply to RCPT TO command)"; the reply's enhanced code, else x.0.0.
@@ -176,13 +178,13 @@ class Outcomes:
     async def fail_in_slices(self, recipients: Sequence[Recipient], error: DeliveryError,
                              relay: str = "none") -> "Outcomes":
         """`fail`, SLICE recipients a loop turn."""
-        await _in_slices(recipients, lambda part: self.fail(part, error, relay))
+        await in_slices(recipients, lambda part: self.fail(part, error, relay))
         return self
 
     async def fail_pending_in_slices(self, recipients: Sequence[Recipient], error: DeliveryError,
                                      relay: str = "none") -> "Outcomes":
         """`fail` of those of `recipients` without a result yet (`pending`), SLICE recipients a loop turn."""
-        await _in_slices(recipients, lambda part: self.fail(self.pending(part), error, relay))
+        await in_slices(recipients, lambda part: self.fail(self.pending(part), error, relay))
         return self
 
     def update(self, results: dict[Recipient, RcptResult]) -> None:
@@ -195,7 +197,7 @@ class Outcomes:
         if len(recipients) <= SLICE:  # (a refused MAIL or DATA of a few recipients: no slices to make)
             self.update(results(recipients))
         else:
-            await _in_slices(recipients, lambda part: self.update(results(part)))
+            await in_slices(recipients, lambda part: self.update(results(part)))
 
     def pending(self, recipients: Iterable[Recipient]) -> list[Recipient]:
         return [r for r in recipients if r not in self.results]
@@ -210,7 +212,7 @@ class Outcomes:
         if len(recipients) <= SLICE:  # (the common case, a few recipients: no slices to make)
             self.stamp(recipients, conn)
         else:
-            await _in_slices(recipients, lambda part: self.stamp(part, conn))
+            await in_slices(recipients, lambda part: self.stamp(part, conn))
 
     def site_failed(self, failure: DeliveryError) -> "Outcomes":
         """The site failed (`failure`'s text and status code: what qmgr tells the recipients of a site it
@@ -222,7 +224,7 @@ class Outcomes:
         """Forget the results of `recipients` and the site verdict (their peer was not the last: the next one
         tries them), SLICE recipients a loop turn; returns what is forgotten, for `restore`."""
         taken = Outcomes({}, self.site_ok, self.site_reason, self.site_status)
-        await _in_slices(recipients, lambda part: taken.results.update({r: self.results.pop(r) for r in part}))
+        await in_slices(recipients, lambda part: taken.results.update({r: self.results.pop(r) for r in part}))
         self.site_ok, self.site_reason, self.site_status = True, "", ""
         return taken
 
@@ -245,7 +247,7 @@ class Outcomes:
             results = self._dated(request.recipients, failed, now)
         else:
             results = []
-            await _in_slices(request.recipients, lambda part: results.extend(self._dated(part, failed, now)))
+            await in_slices(request.recipients, lambda part: results.extend(self._dated(part, failed, now)))
         return DeliveryReport(tuple(results), site_ok=self.site_ok, site_reason=self.site_reason,
                               site_status=self.site_status)
 
@@ -263,7 +265,7 @@ class Outcomes:
         return results
 
 
-async def _in_slices(recipients: Sequence[Recipient], each: Callable[[Sequence[Recipient]], object]) -> None:
+async def in_slices(recipients: Sequence[Recipient], each: Callable[[Sequence[Recipient]], object]) -> None:
     """`each` of `recipients`, SLICE at a time, the loop handed back in between."""
     for start in range(0, len(recipients), SLICE):
         if start:
