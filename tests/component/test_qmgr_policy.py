@@ -364,24 +364,25 @@ async def test_a_big_message_past_its_lifetime_is_returned_record_slice_at_a_tim
 @pytest.mark.parametrize("meanwhile", ["hold", "delete"])
 async def test_a_hold_or_delete_during_the_slices_of_an_expiry_returns_nothing(sim, monkeypatch, meanwhile):
     """An operator's hold or delete that lands while a big message's expired results are made a slice a turn
-    (`_expire_in_slices`: here as it begins; between two slices nothing reads the queue either) wins, as one before
-    the attempt's end does: held, its recipients stay pending and nobody is told; deleted, it is gone and nobody
-    is told."""
+    (`_expire_in_slices`: here after the first slice, before the others) wins, as one before the attempt's end
+    does: held, its recipients stay pending and nobody is told; deleted, it is gone and nobody is told."""
     monkeypatch.setattr(qmgr_module, "RECORD_SLICE", 10)
     s = await sim(maximal_queue_lifetime=HOUR, double_bounce_recipient="")
     s.smtp.script = always(Outcome.DEFERRED, "4.4.1", "timed out")
-    expire_in_slices = qmgr_module._expire_in_slices
-    acted: list[str] = []
+    expire_in_slices, expire = qmgr_module._expire_in_slices, qmgr_module._expire
+    steps: list[str | int] = []  # the slices made (their sizes) and the operator's act, in order
 
-    async def expiring(pending):
+    async def expiring(pending):  # (the first slice, the act, then the rest, each sliced by qmgr's own function)
+        first = await expire_in_slices(pending[:10])
         await (s.store.hold_messages if meanwhile == "hold" else s.store.delete_messages)([queue_id])
-        acted.append(meanwhile)
-        return await expire_in_slices(pending)
+        steps.append(meanwhile)
+        return first + await expire_in_slices(pending[10:])
 
     monkeypatch.setattr(qmgr_module, "_expire_in_slices", expiring)
+    monkeypatch.setattr(qmgr_module, "_expire", lambda pending: steps.append(len(pending)) or expire(pending))
     queue_id = await s.submit("a@remote.test", *(f"u{i:02d}@far.test" for i in range(45)))
     await s.run_until(T0 + 3 * HOUR)
-    assert acted == [meanwhile] and notices_in(s.smtp) == []
+    assert steps == [10, meanwhile, 10, 10, 10, 5] and notices_in(s.smtp) == []
     if meanwhile == "hold":
         assert await s.store.counts() == {"hold": 1}
         rows = await s.store.recipients(queue_id)
