@@ -250,8 +250,9 @@ class SmtpTransport:
         if cached is not None:  # a session like any other: what it deferred goes on to the next peer
             recipients = self._for_next_peer(recipients, outcomes)
             if not recipients or MX_SESSION_LIMIT <= 1:
-                return [] if site.final or not recipients else await self._left_for_next_site(request, recipients,
-                                                                                              outcomes)
+                if site.final or not recipients:  # (nothing to hand on)
+                    return []
+                return await self._left_for_next_site(request, recipients, outcomes)
             kept = await outcomes.take_back(recipients)
         dns_failures: list[DeliveryError] = []
         try:
@@ -424,9 +425,10 @@ class SmtpTransport:
                     raise
                 await self._cache.release(destination.cache_key, session)
                 deferred = self._for_next_peer(recipients, outcomes)
-                if not deferred or sessions >= MX_SESSION_LIMIT:  # (delivered, or the final site: no call)
-                    return [] if site.final or not deferred else await self._left_for_next_site(request, deferred,
-                                                                                                outcomes)
+                if not deferred or sessions >= MX_SESSION_LIMIT:
+                    if site.final or not deferred:  # (nothing to hand on: no call on a delivery's path)
+                        return []
+                    return await self._left_for_next_site(request, deferred, outcomes)
                 # Postfix: a soft error at a server that is not the final one: the next one gets these recipients
                 kept, recipients, peer_failure = await outcomes.take_back(deferred), deferred, None
                 unlogged = kept
