@@ -100,7 +100,8 @@ class TableCache:
             return open_table(spec, clock=self._clock, aliases=aliases)
         key = (spec, aliases)
         if key not in shared.tables:
-            shared.tables[key] = shared.take_over(key) or open_table(spec, clock=self._clock, aliases=aliases)
+            taken = shared.take_over(key)  # (None, not a falsy table: an empty one is taken over too)
+            shared.tables[key] = open_table(spec, clock=self._clock, aliases=aliases) if taken is None else taken
         shared.openers[key] = shared.openers.get(key, 0) + 1
         return shared.tables[key]
 

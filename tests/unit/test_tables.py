@@ -938,6 +938,19 @@ def test_a_refused_reloads_generation_lets_go_only_the_tables_it_read_itself(tmp
     assert first.file_tables() == [kept] and kept.lookup("a") == "kept"
 
 
+def test_a_table_taken_over_is_the_one_used_whatever_its_truth_value(tmp_path, monkeypatch):
+    """The takeover asks whether there is a table to take over, not whether it is true: a table type that has a
+    length (as NetworkList has) and is empty is taken over too, not replaced by a table read anew."""
+    from mailflow.tables.files import TexthashTable
+
+    (tmp_path / "empty").write_text("")
+    first, [empty] = built_generation([f"texthash:{tmp_path}/empty"])
+    monkeypatch.setattr(TexthashTable, "__len__", lambda table: len(table.contents() or ()), raising=False)
+    assert not empty
+    second, [taken] = built_generation([f"texthash:{tmp_path}/empty"], previous=first)
+    assert taken is empty and second.taken_over() == [empty]
+
+
 def test_a_file_rewritten_to_its_size_and_mtime_is_read_anew_for_its_ctime(tmp_path):
     """A table file rewritten in place to the same size, its mtime set back (`touch -d`, a copy keeping times), has
     another ctime, which nothing sets back: a reload reads it anew (inode, size and mtime alone kept the old
