@@ -611,12 +611,10 @@ RELEASE_POLL = 0.5  # seconds between looks at whether what a reload replaced is
 def _tables_read(tables: TableCache) -> str:
     """What a reload did with the table files: those it read (named, the first few) and how many it kept as they
     were, their files unchanged."""
-    taken = {id(table) for table in tables.taken_over()}
-    held = tables.file_tables()
-    read = [table.name for table in held if id(table) not in taken]
+    read = [table.name for table in tables.read_itself()]
     named = ", ".join(read[:TABLES_NAMED]) + (f" and {len(read) - TABLES_NAMED} more" if len(read) > TABLES_NAMED
                                               else "")
-    return f"table files read: {len(read)}{f' ({named})' if read else ''}; unchanged, kept: {len(held) - len(read)}"
+    return f"table files read: {len(read)}{f' ({named})' if read else ''}; unchanged, kept: {len(tables.taken_over())}"
 
 
 def _all_of(problems: list[ConfigError]) -> ConfigError:

@@ -30,6 +30,8 @@
                                        read itself, to retire; those it took over stay the previous generation's
     TableCache.taken_over() -> list[Table]
                                        the previous generation's file tables this one took over (a reload's report)
+    TableCache.read_itself() -> list[Table]
+                                       the file tables this one read itself: file_tables() but those taken over
     await TableCache.run(fn, *args, off_loop=False, workers=None)
                                        fn (which looks things up in this cache's tables): inline when every table
                                        opened here answers from memory (and not `off_loop`), else in a worker
@@ -120,10 +122,15 @@ class TableCache:
 
     def abandoned(self) -> list[Any]:
         """See the module docstring."""
-        taken = {id(table) for table in self.taken_over()}
+        read = self.read_itself()
         self._previous = None
         if self._shared is not None:
             self._shared.reusable = {}
+        return read
+
+    def read_itself(self) -> list[Any]:
+        """See the module docstring."""
+        taken = {id(table) for table in self.taken_over()}
         return [table for table in self.file_tables() if id(table) not in taken]
 
     def taken_over(self) -> list[Any]:

@@ -904,6 +904,7 @@ def test_a_reloads_generation_takes_over_the_file_tables_whose_file_is_unchanged
     opened = check.open(specs)
     assert opened[0] is regexp and opened[1] is not texthash and opened[2] is not inline
     assert part.open(specs) == opened and generation.taken_over() == [regexp]
+    assert generation.read_itself() == [opened[1]]  # (file tables only: the inline one is no file's)
     assert [table.lookup("a") for table in opened] == ["kept", "after, longer", "inline"]
     assert regexp.contents() is parsed  # (not read again)
     assert generation.built(check) == [texthash]  # (what the swap lets go: the replaced table, not the one kept)
