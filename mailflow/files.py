@@ -5,10 +5,16 @@ when they are regular files, and only up to a limit.
                                                the whole file; raises OSError (FileNotFoundError and the others as
                                                the system gives them) or RefusedFile. `null_is_empty`: /dev/null
                                                (or a link to it) reads as an empty file, for a table or a list
-    read_regular_file_stat(path, limit) -> (bytes, os.stat_result)
+    read_regular_file_stat(path, limit[, null_is_empty]) -> (bytes, os.stat_result)
                                                the same bytes and the fstat() of the descriptor read: a caller
                                                trusting the file by its owner takes it from there, not from a
                                                second stat() of a path that may have been swapped meanwhile
+                                               (/dev/null's stat() with `null_is_empty`: it is not opened)
+    stat_revalidated(path) -> os.stat_result   the file's attributes as they are now: a regular file (or
+                                               /dev/null) is opened and its descriptor's fstat() given, since an
+                                               NFS client revalidates a file's attributes at open() (close-to-open)
+                                               where its stat() may answer from an attribute cache for up to a
+                                               minute; anything else (never opened) its stat()
     read_bounded(f, size, limit) -> bytes      an open file's bytes, `limit` + 1 at most, asking for `size` + 1
                                                (its fstat() size) first: for callers with an open of their own
     keep_private(path)                         a SQLite database created 0600 before SQLite opens it (its -wal
@@ -80,10 +86,26 @@ def read_regular_file(path: str | Path, limit: int, *, null_is_empty: bool = Fal
     return _read(path, limit, looked)[0]
 
 
-def read_regular_file_stat(path: str | Path, limit: int) -> tuple[bytes, os.stat_result]:
+def read_regular_file_stat(path: str | Path, limit: int, *,
+                           null_is_empty: bool = False) -> tuple[bytes, os.stat_result]:
     """`read_regular_file`'s bytes, and the fstat() of the descriptor they were read from: the owner and mode of
     the file read, whatever the path names by the time the caller looks."""
-    return _read(path, limit, os.stat(path))
+    looked = os.stat(path)
+    if null_is_empty and _is_null_device(looked):
+        return b"", looked
+    return _read(path, limit, looked)
+
+
+def stat_revalidated(path: str | Path) -> os.stat_result:
+    """See the module docstring."""
+    looked = os.stat(path)
+    if not (stat.S_ISREG(looked.st_mode) or _is_null_device(looked)):
+        return looked
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # (a FIFO swapped in meanwhile opens at once)
+    try:
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
 
 
 def _read(path: str | Path, limit: int, looked: os.stat_result) -> tuple[bytes, os.stat_result]:

@@ -4,7 +4,14 @@
   mtime, ctime) changes (checked at most once per RELOAD_INTERVAL of the injected clock); on a running event loop
   the re-read happens in a worker thread while lookups go on answering from the previous contents.
 - `FromFile`: what the tables read from a file share (`load()`, `contents()`: the parsed file held now;
-  `unchanged()`: whether those are the file's as it is now, so a reload may keep the table: TableCache).
+  `unchanged()`: whether those are the file's as it is now, so a reload may keep the table: TableCache). A reload
+  is the operator's way to have a table read again (Postfix's remedy for a changed regexp or pcre file), so
+  `unchanged()` trusts a stamp only as far as it can: it opens the file to look (an NFS client's stat() may answer
+  from its attribute cache for up to a minute; the open revalidates it), compares it with the stamp of the
+  descriptor the contents were read from, and says no for a stamp not clearly older than the start of that read
+  (mtime or ctime within RACY_MARGIN of it, or after: a same-size rewrite within the file system's timestamp tick
+  leaves the stamp as it was, as git's "racily clean" entries). That costs one read more at the first reload right
+  after an edit; the check of every RELOAD_INTERVAL keeps to its stat().
 - `logical_lines(text)`: postmap(1) input rules (blank and `#` lines skipped, a line starting with whitespace
   continues the previous one); shared with the regexp, pcre and sqlite parsers.
 - `split_pattern_rule(number, text)`: a regexp: or pcre: rule's `!`s, pattern, flags and result, as Postfix reads
@@ -28,14 +35,17 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Generic, NamedTuple, TypeVar
 
 from mailflow.errors import LookupRetry
-from mailflow.files import TABLE_LIMIT, read_regular_file
+from mailflow.files import TABLE_LIMIT, read_regular_file_stat, stat_revalidated
 from mailflow.syntax import fold_key
 
 RELOAD_INTERVAL = 1.0
+RACY_MARGIN = 1_000_000_000  # ns: a read's stamp is trusted by a reload once its mtime and ctime are older than this
+#                              before the read's start (a coarse file system's timestamp tick: a second)
 
 
 T = TypeVar("T")
@@ -55,7 +65,8 @@ class Reloading(Generic[T]):
         self._name, self._path, self._clock, self._parse = name, path, clock, parse
         self._lock = threading.Lock()
         self._checked = 0.0  # when the file was last looked at (once there is a state)
-        self._state: tuple[Any, tuple | None, str | None] | None = None  # (value, signature, error)
+        # (value, signature, error, settled: the signature shows any write since the read began: _settled)
+        self._state: tuple[Any, tuple | None, str | None, bool] | None = None
         self._pending = False  # a re-read is under way in a worker thread
 
     def load(self) -> None:
@@ -72,13 +83,14 @@ class Reloading(Generic[T]):
 
     def unchanged(self) -> bool:
         """Whether the value held was read, without error, from the file as it is now: the same stamp (device,
-        inode, size, mtime and ctime), looked at now (a stat in the caller's thread). False before the first read,
-        while the file fails, or when it cannot be looked at."""
+        inode, size, mtime and ctime) as the descriptor it was read from, looked at now through an open of the file
+        (files.stat_revalidated, in the caller's thread), and that stamp clearly older than the read (see the module
+        docstring). False before the first read, while the file fails, or when it cannot be looked at."""
         state = self._state
-        if state is None or state[2] is not None:
+        if state is None or state[2] is not None or not state[3]:
             return False
         try:
-            return _signature(os.stat(self._path)) == state[1]
+            return _signature(stat_revalidated(self._path)) == state[1]
         except OSError:
             return False
 
@@ -92,7 +104,7 @@ class Reloading(Generic[T]):
             else:
                 self.load()  # nothing good to answer from meanwhile: a failed table is retried in the caller
         assert self._state is not None  # load() set it
-        value, _, error = self._state
+        value, _, error, _ = self._state
         if error is not None:
             raise LookupRetry(error)
         return value
@@ -112,21 +124,23 @@ class Reloading(Generic[T]):
     def _reloaded(self, future) -> None:
         self._pending = False
         if not future.cancelled() and future.exception() is not None:
-            self._state = (None, None, f"table {self._name}: cannot reload {self._path}: {future.exception()}")
+            self._state = (None, None, f"table {self._name}: cannot reload {self._path}: {future.exception()}", False)
 
     def _read(self, previous):
+        started = time.time_ns()  # (the file's clock: see _settled)
         try:
-            st = os.stat(self._path)
-            if previous is not None and previous[2] is None and _signature(st) == previous[1]:
+            if previous is not None and previous[2] is None and _signature(os.stat(self._path)) == previous[1]:
                 return previous
-            signature = _signature(st)  # (a change after this stat is seen at the next check)
-            text = read_regular_file(self._path, TABLE_LIMIT, null_is_empty=True).decode("utf-8")
+            # the stamp of the descriptor read (a change after its fstat is seen at the next check)
+            data, st = read_regular_file_stat(self._path, TABLE_LIMIT, null_is_empty=True)
+            text = data.decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:  # RefusedFile too: a FIFO or /dev/zero named as a table
-            return None, None, f"table {self._name}: cannot read {self._path}: {getattr(e, 'strerror', None) or e}"
+            return (None, None, f"table {self._name}: cannot read {self._path}: {getattr(e, 'strerror', None) or e}",
+                    False)
         try:
-            return self._parse(text), signature, None
+            return self._parse(text), _signature(st), None, _settled(st, started)
         except ValueError as e:
-            return None, None, f"table {self._name}: {self._path}, {e}"
+            return None, None, f"table {self._name}: {self._path}, {e}", False
 
 
 class FromFile:
@@ -157,6 +171,13 @@ def _signature(st: os.stat_result) -> tuple:
     """A file's identity and stamp: another file put in its place (a rename over it, another file system) changes
     the first two, a write the rest; ctime too, which no one sets back as `touch -d` sets mtime back."""
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _settled(st: os.stat_result, started: int) -> bool:
+    """Whether a stamp read at `started` (time.time_ns()) would show any write made since: its mtime and ctime
+    older than that by RACY_MARGIN (a write just after the read, within the file system's timestamp tick, may
+    leave both as they were; an mtime set ahead is never settled, and the file is read at every reload)."""
+    return max(st.st_mtime_ns, st.st_ctime_ns) < started - RACY_MARGIN
 
 
 def logical_lines(text: str) -> list[tuple[int, str]]:

@@ -22,7 +22,7 @@ from mailflow import status
 from mailflow.config import config_from_dict
 from mailflow.errors import ConfigError
 from tests.support import (ScanWatch, ServerProcess, SmtpClient, accepts, eventually, free_port, maildir_messages,
-                           queue_becomes, rcpt_reply, run_tool, send, stall_mail)
+                           queue_becomes, rcpt_reply, run_tool, send, settled_in, stall_mail)
 
 IN_FORCE = "reload: configuration, tables and certificates in force"
 BLOCKED = {"sender_restrictions": ["check_sender_access inline:{blocked@remote.test=REJECT}"]}
@@ -97,6 +97,7 @@ async def test_a_reload_reads_again_only_the_table_files_that_changed_and_says_w
     would answer its old ones until its own check, a second later, had re-read it). The log says which files it
     read and how many it kept."""
     users = tmp_path / "users-1"
+    await asyncio.sleep(settled_in(users))  # (read sooner, its stamp is not trusted: the first reload reads it)
     await world.start()
     world.proc.send_signal(signal.SIGHUP)
     [kept] = await reloaded(world, 1, "reload: table files read")
@@ -442,14 +443,15 @@ async def test_a_table_several_listeners_and_the_routing_name_is_read_once_at_th
 
     table = tmp_path / "relay-recipients"
     table.write_text("alice@relay.test OK\n")
+    await asyncio.sleep(settled_in(table))
     reads = []
 
     def counted(path, *args, **kwargs):
         reads.append(path)
-        return read_regular_file(path, *args, **kwargs)
+        return read_regular_file_stat(path, *args, **kwargs)
 
-    read_regular_file = files.read_regular_file
-    monkeypatch.setattr(files, "read_regular_file", counted)
+    read_regular_file_stat = files.read_regular_file_stat
+    monkeypatch.setattr(files, "read_regular_file_stat", counted)
     access = f"check_recipient_access texthash:{table}"
     mf = await mailflow_server(relay_recipient_maps=[f"texthash:{table}"], smtpd={
         "listen": ["127.0.0.1:0"], "recipient_restrictions": [access, "permit_auth_destination", "reject"],
@@ -478,6 +480,7 @@ async def test_a_table_a_reload_took_over_keeps_answering_once_the_replaced_gene
     rules = 2_011
     access = tmp_path / "access.regexp"
     access.write_text("".join(f"/^spam{i}@/ REJECT\n" for i in range(rules)))
+    await asyncio.sleep(settled_in(access))
     mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "recipient_restrictions": [
         f"check_recipient_access regexp:{access}", "permit_auth_destination", "reject"]})
     [table] = mf._tables.file_tables()
@@ -502,6 +505,7 @@ async def test_a_refused_reload_leaves_the_tables_in_force_as_they_are(mailflow_
     last step) lets go only of what it read itself: the tables in force are not retired, and answer as before."""
     access = tmp_path / "access.regexp"
     access.write_text("/^spam@/ REJECT\n")
+    await asyncio.sleep(settled_in(access))
     mf = await mailflow_server(smtpd={"listen": ["127.0.0.1:0"], "recipient_restrictions": [
         f"check_recipient_access regexp:{access}", "permit_auth_destination", "reject"]})
     [table] = mf._tables.file_tables()

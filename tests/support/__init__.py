@@ -5,6 +5,7 @@ are in tests/conftest.py and build on these.
 - dialogue: `SmtpClient` (the raw SMTP dialogue client) and its `Reply`; `rcpt_reply`, `rcpt_until`,
   `end_of_data_replies`, `send`, `client_hello`, `half_client_hello`, `implicit_tls_talking_first`.
 - waiting: `eventually` (bounded polling that fails with a message), `queue_becomes`, `lines_logged`, `sessions_over`,
+  `settled_in` (when a table file's stamp is one a reload trusts),
   `timed` and `as_prompt_as` (a wait for a server timer bounded by Postfix's in the same run), `ScanWatch` (qmgr's
   scans, to say "passed over" without a fixed sleep), `LoopLag` (what work cost the loop).
 - transports: `RecordingTransport`, `ScriptedTransport` (with `always`), `BlockingTransport`: fake delivery agents.
@@ -46,7 +47,7 @@ from tests.support.servers import ServerProcess, ServerThread, base_settings, me
 from tests.support.tools import require_tool, run_tool
 from tests.support.transports import BlockingTransport, RecordingTransport, ScriptedTransport, always
 from tests.support.waiting import (LoopLag, ScanWatch, as_prompt_as, eventually, lines_logged, queue_becomes,
-                                  sessions_over, timed)
+                                  sessions_over, settled_in, timed)
 
 __all__ = [
     "LOOPBACK_CLIENT", "LOOPBACK_NAME", "BlockingTransport", "CaptureHandler", "CapturePeer", "Captured", "Chromium",
@@ -58,5 +59,5 @@ __all__ = [
     "keep_artifact", "lines_logged", "lmtp_route", "maildir_messages", "merged",
     "postfix_instance", "qmgr_turn", "queue_becomes", "queue_counts", "rcpt_reply", "rcpt_until", "require_tool",
     "send_probe",
-    "run_tool", "script_dir", "send", "sessions_over", "spooled", "stall_mail", "to_toml",
+    "run_tool", "script_dir", "send", "sessions_over", "settled_in", "spooled", "stall_mail", "to_toml",
 ]

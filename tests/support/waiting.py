@@ -22,6 +22,9 @@ which something that did not happen never will (an event, not a fixed sleep).
   wait for a server's own timer (mailflow's) took no more than 1.5 x `reference` + 1 s, `reference` being the
   same wait measured at Postfix in the same run (both sides under the same load) or the configured timer: a
   timer 3x too long fails (2 s -> 6 s), a loaded machine's lateness, which both sides share, does not.
+- `settled_in(*paths)`: the seconds until every one of `paths` was last changed (mtime, ctime) longer ago than
+  mailflow.tables.files.RACY_MARGIN: a table file read from then on has a stamp a reload trusts (takes the table
+  over when unchanged); read sooner, a reload reads it again.
 - `LoopLag()`: `async with LoopLag() as lag:` runs a ticker on the loop meanwhile; `lag.longest` is the longest it
   waited for its turn past its 10 ms sleep (what the work done meanwhile cost every other session).
 """
@@ -29,6 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
+import time
 from typing import Any, Awaitable, Callable
 
 
@@ -37,6 +42,14 @@ def _describe(predicate: Callable) -> str:
         return inspect.getsource(predicate).strip()
     except (OSError, TypeError):
         return getattr(predicate, "__qualname__", repr(predicate))
+
+
+def settled_in(*paths) -> float:
+    """See the module docstring."""
+    from mailflow.tables.files import RACY_MARGIN
+
+    newest = max(max(os.stat(path).st_mtime_ns, os.stat(path).st_ctime_ns) for path in paths)
+    return max(0.0, (newest + RACY_MARGIN - time.time_ns()) / 1e9 + 0.05)
 
 
 async def eventually(predicate: Callable[[], Any | Awaitable[Any]], timeout: float = 20.0, step: float = 0.02,

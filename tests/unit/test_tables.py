@@ -25,7 +25,7 @@ from mailflow.tables.files import table_file_entries
 from mailflow.tables.retire import RetiredTables
 from mailflow.tables.search import (EXTERNAL_FIRST, address_keys, address_search, local_part_keys,
                                      mapped_addresses)
-from tests.support import eventually, require_tool
+from tests.support import eventually, require_tool, settled_in
 
 
 class FakeClock:
@@ -896,6 +896,7 @@ def test_a_reloads_generation_takes_over_the_file_tables_whose_file_is_unchanged
     kept.write_text("/^a/ kept\n")
     changed.write_text("a before\n")
     specs = [f"regexp:{kept}", f"texthash:{changed}", "inline:{a=inline}"]
+    time.sleep(settled_in(kept, changed))  # (read sooner, their stamps are not trusted: read again)
     first, [regexp, texthash, inline] = built_generation(specs)
     parsed = regexp.contents()
     changed.write_text("a after, longer\n")
@@ -917,6 +918,7 @@ def test_a_reloads_generation_holds_nothing_of_the_one_it_replaced_but_what_it_t
     names goes with the replaced generation, to be retired."""
     for name in ("kept", "dropped"):
         (tmp_path / name).write_text("a b\n")
+    time.sleep(settled_in(tmp_path / "kept"))
     first, [kept, dropped] = built_generation([f"texthash:{tmp_path}/kept", f"texthash:{tmp_path}/dropped"])
     second, [taken] = built_generation([f"texthash:{tmp_path}/kept"], previous=first)
     view = second.view()
@@ -932,6 +934,7 @@ def test_a_refused_reloads_generation_lets_go_only_the_tables_it_read_itself(tmp
     what it read itself: the table it took over is still in force, untouched."""
     (tmp_path / "kept").write_text("a kept\n")
     (tmp_path / "new").write_text("a new\n")
+    time.sleep(settled_in(tmp_path / "kept"))
     first, [kept] = built_generation([f"texthash:{tmp_path}/kept"])
     refused = TableCache(previous=first)
     [taken, new] = refused.view().open([f"texthash:{tmp_path}/kept", f"texthash:{tmp_path}/new"])
@@ -945,6 +948,7 @@ def test_a_table_taken_over_is_the_one_used_whatever_its_truth_value(tmp_path, m
     from mailflow.tables.files import TexthashTable
 
     (tmp_path / "empty").write_text("")
+    time.sleep(settled_in(tmp_path / "empty"))
     first, [empty] = built_generation([f"texthash:{tmp_path}/empty"])
     monkeypatch.setattr(TexthashTable, "__len__", lambda table: len(table.contents() or ()), raising=False)
     assert not empty
@@ -958,13 +962,51 @@ def test_a_file_rewritten_to_its_size_and_mtime_is_read_anew_for_its_ctime(tmp_p
     contents in force)."""
     path = tmp_path / "access"
     path.write_text("a before\n")
+    time.sleep(settled_in(path))  # (read sooner, its stamp would not be trusted whatever the rewrite)
     first, [table] = built_generation([f"texthash:{path}"])
     before = os.stat(path)
+    assert table.unchanged()
     after = rewritten_with_its_times(path, "a after!\n", before)
     assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
     assert after.st_ctime_ns != before.st_ctime_ns and not table.unchanged()
     _, [reread] = built_generation([f"texthash:{path}"], previous=first)
     assert reread is not table and reread.lookup("a") == "after!"
+
+
+def test_a_table_read_as_its_file_was_just_written_is_read_again_by_a_reload(tmp_path):
+    """A read's stamp hides a write made within the file system's timestamp tick after it (a same-size rewrite keeps
+    size, mtime and ctime on a coarse file system): a table whose file was changed less than RACY_MARGIN before its
+    read began is read again by a reload however unchanged its stamp looks; read later, it is taken over."""
+    path = tmp_path / "access"
+    path.write_text("a before\n")
+    first, [fresh] = built_generation([f"texthash:{path}"])
+    assert not fresh.unchanged()
+    time.sleep(settled_in(path))
+    assert not fresh.unchanged()  # (its read stays unsure, however long ago the write now is)
+    second, [reread] = built_generation([f"texthash:{path}"], previous=first)
+    assert reread is not fresh and reread.unchanged()  # (this read began well after the write)
+    third, [taken] = built_generation([f"texthash:{path}"], previous=second)
+    assert taken is reread and third.taken_over() == [reread]
+
+
+def test_a_reload_looks_at_a_table_file_through_an_open_of_it(tmp_path, monkeypatch):
+    """Whether a table file is unchanged is asked of the file opened (its descriptor's fstat), not of a bare
+    stat(): an NFS client answers stat() from its attribute cache for up to acregmax (60 s) but revalidates a file
+    at open (close-to-open), as the re-read a reload did before took for granted."""
+    import mailflow.files
+
+    path = tmp_path / "access"
+    path.write_text("a b\n")
+    time.sleep(settled_in(path))
+    [table] = TableCache().open([f"texthash:{path}"])
+    table.load()
+    opened, real_open = [], os.open
+
+    def recorded(name, *args):
+        opened.append(str(name))
+        return real_open(name, *args)
+    monkeypatch.setattr(mailflow.files.os, "open", recorded)  # (os itself, for this test's length)
+    assert table.unchanged() and opened == [str(path)]
 
 
 def rewritten_with_its_times(path, text: str, before: os.stat_result) -> os.stat_result:
