@@ -513,7 +513,7 @@ class Mailflow:
             # in force when its file is unchanged (not read again)
             tables = TableCache(previous=self._tables)
             try:
-                check = tables.view()  # (what only it opens, the generation does not keep: built(check))
+                check = tables.view()  # (what only it opens, the generation keeps only if a file's: built(check))
                 problems = await asyncio.to_thread(table_problems, flat_settings(config, effective=True), "", check)
                 if problems:
                     raise _all_of(problems)
@@ -536,8 +536,8 @@ class Mailflow:
             if self._filters is not None:
                 self._retired_filters.append(self._filters)
             self._filters = filters
-            # (its parts hold their own tables from here on, not the generation's): what only the check read and
-            # what the replaced generation held that this one did not take over are let go
+            # (its parts hold their own tables from here on, not the generation's): what the replaced generation
+            # held that this one did not take over is let go
             self._retired_tables.retire(tables.built(check))
             self._tables = tables
             notices = self._notices(config, templates)

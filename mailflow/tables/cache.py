@@ -20,11 +20,13 @@
                                        session, a delivery) keeps its own tables alive, not its generation's
     TableCache.built(check=None) -> list[Table]
                                        the generation is built: from now on each view opens its own tables; this
-                                       cache keeps the tables its views opened (for file_tables) but those only
-                                       `check` (a view: a reload's check of every table its settings name) opened,
-                                       which it lets go; returns the file tables the swap lets go (to retire,
-                                       mailflow.tables.retire): those, and the previous generation's it did not
-                                       take over
+                                       cache keeps the tables its views opened (for file_tables and the next
+                                       reload's takeover) but those only `check` (a view: a reload's check of every
+                                       table its settings name) opened that are not file tables (they cost nothing
+                                       to open again, or hold a connection), which it lets go: a file table only
+                                       the check reads (a disabled postscreen's access list) is kept, not read
+                                       again at every reload; returns the file tables the swap lets go (to retire,
+                                       mailflow.tables.retire): the previous generation's it did not take over
     TableCache.abandoned() -> list[Table]
                                        the generation will not be built (its reload refused): the file tables it
                                        read itself, to retire; those it took over stay the previous generation's
@@ -77,7 +79,8 @@ class TableCache:
         self._shared = shared  # the views' (and this cache's) while they are being built; None: its own only
         self._open: dict[tuple[str, bool], Table] = {}  # those opened through this cache
         self._blocking: list[Table] = []  # those of _open that may wait on I/O (asked at every run())
-        self._kept: dict[tuple[str, bool], Table] = {}  # what the views opened, once built (for file_tables)
+        # what the views opened, once built (for file_tables and the next reload), the check's file tables too
+        self._kept: dict[tuple[str, bool], Table] = {}
 
     def view(self) -> TableCache:
         """See the module docstring."""
@@ -113,12 +116,14 @@ class TableCache:
         if shared is None or shared.tables is None:
             return []
         checked_only = [key for key in (check._open if check is not None else ()) if shared.openers[key] == 1]
-        dropped = [shared.tables.pop(key) for key in checked_only]
+        for key in checked_only:  # (a file table stays, for the next reload to take over while its file is unchanged)
+            if not hasattr(shared.tables[key], "reading"):
+                del shared.tables[key]
         self._kept, shared.tables = shared.tables, None
         replaced = self._previous.file_tables() if self._previous is not None else []
         self._previous, shared.reusable = None, {}
-        kept = {id(table) for table in (*self._open.values(), *self._kept.values())}
-        return [table for table in file_tables([*dropped, *replaced]) if id(table) not in kept]
+        kept = {id(table) for table in self._held().values()}
+        return [table for table in file_tables(replaced) if id(table) not in kept]
 
     def abandoned(self) -> list[Any]:
         """See the module docstring."""

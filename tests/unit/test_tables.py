@@ -864,16 +864,26 @@ def test_a_built_generations_views_hold_only_their_own_tables(tmp_path):
     assert not checks_gone.alive and listener.open([f"texthash:{tmp_path}/access"]) == [access]
 
 
-def test_what_only_the_check_opened_is_let_go_once_the_generation_is_built(tmp_path):
-    """A reload's check opens every file table its settings name, through a view of the generation's cache; one no
-    part opened (postscreen's access list with postscreen off) is not kept for the generation's life."""
+def test_a_file_table_only_the_check_opened_is_kept_by_the_generation_for_the_next_reload(tmp_path):
+    """A reload's check opens every table its settings name, through a view of the generation's cache; a file table
+    no part opened (postscreen's access list with postscreen off) stays with the generation, for the next reload
+    to take over while its file is unchanged (it was read again at every reload); another kind (nothing to read
+    again) is let go."""
     for name in ("relay", "unused"):
         (tmp_path / name).write_text("alice@relay.test OK\n")
+    time.sleep(settled_in(tmp_path / "relay", tmp_path / "unused"))
+    specs = [f"texthash:{tmp_path}/relay", f"texthash:{tmp_path}/unused", "inline:{a=b}"]
     generation = TableCache()
     check, routing = generation.view(), generation.view()
-    [relay, unused] = check.open([f"texthash:{tmp_path}/relay", f"texthash:{tmp_path}/unused"])
-    assert routing.open([f"texthash:{tmp_path}/relay"]) == [relay]
-    assert generation.built(check) == [unused] and generation.file_tables() == [relay]
+    [relay, unused, inline] = check.open(specs)
+    for table in (relay, unused, inline):
+        table.lookup("probe")  # (as the check asks each)
+    assert routing.open(specs[:1]) == [relay]
+    assert generation.built(check) == [] and generation.file_tables() == [relay, unused]
+    assert generation.read_itself() == [relay, unused] and inline not in generation._held().values()
+    following = TableCache(previous=generation)
+    assert following.view().open(specs[1:2]) == [unused] and following.taken_over() == [unused]
+    assert following.built() == [relay]  # (the replaced generation's table the new one did not name)
 
 
 def built_generation(specs: list[str], previous: TableCache | None = None) -> tuple[TableCache, list]:
