@@ -37,7 +37,8 @@ WILDCARDS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}  # a wildcard
 
 
 def reload(config: Optional[str] = ConfigOption) -> None:
-    """Make the running server re-read its configuration, lookup tables and certificates (like postfix reload).
+    """Make the running server re-read its configuration, the lookup table files that changed (one unchanged is
+    kept as read) and its certificates (like postfix reload).
     The configuration is checked first, as check-config does; exit 1 when no server runs on the queue."""
     cfg = load(config)
     problems = table_problems(cfg, config_name(config_path(config)))

@@ -9,7 +9,8 @@ The package, split by job like Postfix's util/dict_*.c (callers import from here
     spec.py     open_table(spec, *, base_dir=None, clock=time.monotonic, aliases=False) -> Table; check_spec
     search.py   key orders and the search order: find, find_address, find_local, lookup_address, lookup_local,
                 address_keys, local_keys, split_extension (Postfix mail_addr_find, maps_find)
-    cache.py    TableCache: each spec opened once; `run` keeps blocking lookups off the event loop; `preload`
+    cache.py    TableCache: each spec opened once; `run` keeps blocking lookups off the event loop; `preload`;
+                a reload's generation takes over the file tables of the one in force whose files are unchanged
     check.py    table_problems: the file-backed tables of a configuration that cannot answer now
     retire.py   RetiredTables: a replaced generation's parsed files let go a piece at a time, off the collector's pass
     memory.py   inline:, static:, fail:

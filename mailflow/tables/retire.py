@@ -1,8 +1,11 @@
 """Letting go of the tables a reload replaced without holding up the event loop.
 
     tables = RetiredTables()
-    tables.retire(file_tables)    each of `file_tables` (a replaced generation's: TableCache.file_tables) is let go
-                                  once nothing uses it, its parsed contents a piece at a time
+    tables.retire(file_tables)    each of `file_tables` (what a reload lets go: TableCache.built()'s list, the
+                                  replaced generation's tables the new one did not take over, or a refused
+                                  reload's TableCache.abandoned()) is let go once nothing uses it, its parsed
+                                  contents a piece at a time; a table taken over by the generation in force must
+                                  never be passed here (its contents would be taken apart under it)
     await tables.close()          what is still kept is let go at once (the stop)
 
 Why: a replaced generation (routers, restriction lists, content checks, transports) is a web of objects that
