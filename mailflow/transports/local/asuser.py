@@ -62,9 +62,10 @@ killed`, N: `timeout` + `grace` for a marked child with `then`; past `then` + `g
 DOING as USER: writing made no progress for Ns, nor ended Gs later, the child was killed`), when the child stopped
 itself (`… not started writing within Ns`, `… writing made no progress for Ns`), when `fn` raised anything but a
 DeliveryError (`cannot DOING as USER: reason`), when `fn` or `args` cannot be pickled (`cannot DOING as USER:
-reason`), when the helper ended under the call (`cannot DOING as USER: the helper forking its children ended`) or
-did not answer (`… did not answer within Ns`), or when STUCK_LIMIT killed children have not ended (`cannot DOING as
-USER: N children stuck in uninterruptible waits`, no child started); a DeliveryError raised by `fn` is raised again
+reason`), when the helper ended under the call (`cannot DOING as USER: the helper forking its children ended`),
+did not answer (`… did not answer within Ns`) or a fork failed (`… the helper cannot fork: reason`, `… cannot fork
+the helper: reason`), or when STUCK_LIMIT killed children have not ended (`cannot DOING as USER: N children stuck in
+uninterruptible waits`, no child started); a DeliveryError raised by `fn` is raised again
 here with its permanence, status and text.
 """
 from __future__ import annotations
@@ -86,7 +87,7 @@ from functools import partial
 from typing import Callable
 
 from mailflow.errors import DeliveryError, PermanentError, TemporaryError
-from mailflow.transports.local.forker import ENDED, Child, Forker, HelperGone, die_with_parent
+from mailflow.transports.local.forker import ENDED, Child, Forker, NotForked, die_with_parent
 
 log = logging.getLogger("mailflow.local")
 
@@ -212,7 +213,7 @@ def _launched(what: str, fds: tuple[int, ...]) -> Child:
     """A child of the helper given `fds`; TemporaryError 4.3.0 when the helper is gone (forked again next time)."""
     try:
         return _FORKER.launch(fds)
-    except HelperGone as e:
+    except NotForked as e:
         raise TemporaryError("4.3.0", f"cannot {what}: {e}") from None
 
 

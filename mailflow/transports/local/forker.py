@@ -23,12 +23,14 @@ The helper is single-threaded and touches no lock and logs nothing (it was forke
 ends when the server's end of its request socket closes (stop(), or the server ended whatever way: it never
 outlives it); its children are given PR_SET_PDEATHSIG SIGKILL, so none writes on unsupervised once it is gone.
 
-Failure behaviour: launch() raises HelperGone (its text says why) when the helper ended before its child started
-or did not answer within ANSWER_WAIT s; the next launch() forks a new helper (logged at most once every
-RESTART_LOG_EVERY s). A call socket that ends (b"") before `X`: the helper ended, and the child with it.
+Failure behaviour: launch() raises NotForked (its text says why) when the helper ended before its child started
+or did not answer within ANSWER_WAIT s, or when a fork failed (EAGAIN: the helper's, or the server's forking a
+helper); after the helper ended, the next launch() forks a new one (logged at most once every RESTART_LOG_EVERY s).
+A call socket that ends (b"") before `X`: the helper ended, and the child with it.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import math
@@ -43,7 +45,7 @@ from typing import Callable, NamedTuple
 
 log = logging.getLogger("mailflow.local")
 
-STARTED, ENDED = b"P", b"X"
+STARTED, ENDED, FAILED = b"P", b"X", b"E"
 RESTART_LOG_EVERY = 60.0  # seconds between two logs of a helper forked again
 ANSWER_WAIT = 10.0  # seconds a launch waits for the helper's `P` (it answers in microseconds: a longer wait is a hang)
 _PID = struct.Struct("!i")
@@ -51,8 +53,8 @@ _PR_SET_PDEATHSIG = 1
 _MAX_FDS = 64  # descriptors in one request (a message's content files are a handful)
 
 
-class HelperGone(Exception):
-    """The helper is not there (see the module docstring)."""
+class NotForked(Exception):
+    """No child was forked: the helper is not there, or could not fork (see the module docstring)."""
 
 
 class Child(NamedTuple):
@@ -90,20 +92,22 @@ class Forker:
                 self._helper, self._ended_by_itself = None, False
 
     def launch(self, fds: tuple[int, ...]) -> Child:
-        """A new child given `fds` (see the module docstring); HelperGone when the helper does not answer."""
+        """A new child given `fds` (see the module docstring); NotForked when none was forked."""
         near, far = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             helper = self._sent(far.fileno(), fds)
             far.close()
             if not select.select([near], [], [], ANSWER_WAIT)[0]:
                 self._forget(helper)
-                raise HelperGone(f"the helper forking its children did not answer within {ANSWER_WAIT:g}s")
-            message, received, _, _ = socket.recv_fds(near, 64, 1)
+                raise NotForked(f"the helper forking its children did not answer within {ANSWER_WAIT:g}s")
+            message, received, _, _ = socket.recv_fds(near, 256, 1)
+            if message[:1] == FAILED:
+                raise NotForked(f"the helper cannot fork: {message[1:].decode('utf-8', 'replace')}")
             if message[:1] != STARTED or len(received) != 1:
                 for fd in received:
                     os.close(fd)
                 self._forget(helper)
-                raise HelperGone("the helper forking its children ended")
+                raise NotForked("the helper forking its children ended")
             return Child(_PID.unpack(message[1:])[0], received[0], near)
         except BaseException:
             far.close()
@@ -123,7 +127,7 @@ class Forker:
                 except OSError:  # (EPIPE, ECONNRESET: it ended)
                     self._helper.end()
                     self._helper, self._ended_by_itself = None, True
-        raise HelperGone("the helper forking its children ended as it was forked")
+        raise NotForked("the helper forking its children ended as it was forked")
 
     def _forget(self, helper: _Helper) -> None:
         """`helper` is gone (reaped; unless another call has done it already): the next launch forks another."""
@@ -142,7 +146,12 @@ class Forker:
                           "once every %gs)", RESTART_LOG_EVERY)
         kept = self._kept()
         server_end, helper_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            server_end.close()
+            helper_end.close()
+            raise NotForked(f"cannot fork the helper: {e.strerror or e}") from None
         if pid == 0:
             try:
                 server_end.close()
@@ -186,9 +195,9 @@ def _serve(requests: socket.socket, child_main: Callable[[list[int]], None]) -> 
                     return
                 if not message:  # the server's end closed: the server ended, or stopped us
                     return
-                if fds:
-                    pid, pidfd, call = _fork_child(requests, fds, child_main)
-                    children[pidfd], callers[call.fileno()] = (pid, pidfd, call), pidfd
+                if fds and (started := _fork_child(requests, fds, child_main)) is not None:
+                    pid, pidfd, call = started
+                    children[pidfd], callers[call.fileno()] = started, pidfd
                     poller.register(pidfd, select.POLLIN)
                     poller.register(call, select.POLLIN)
             elif fd in children:  # the child ended: reaped, its caller told
@@ -209,11 +218,20 @@ def _serve(requests: socket.socket, child_main: Callable[[list[int]], None]) -> 
 
 
 def _fork_child(requests: socket.socket, fds: list[int],
-                child_main: Callable[[list[int]], None]) -> tuple[int, int, socket.socket]:
-    """Fork a child given fds[1:]; tell fds[0] (the call socket) `P` + its pid, with its pidfd."""
+                child_main: Callable[[list[int]], None]) -> tuple[int, int, socket.socket] | None:
+    """Fork a child given fds[1:]; tell fds[0] (the call socket) `P` + its pid, with its pidfd (`E` and why when
+    the fork failed: None)."""
     call, given = socket.socket(fileno=fds[0]), fds[1:]
     helper = os.getpid()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as e:  # (EAGAIN: a process limit) the caller is told, the helper goes on
+        for fd in given:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            call.send(FAILED + (e.strerror or str(e)).encode())
+        call.close()
+        return None
     if pid == 0:
         try:
             die_with_parent(helper)
