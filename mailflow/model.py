@@ -356,7 +356,10 @@ class RcptResult:
     under postfix/lmtp); "" the job's. `soft_bounced`: a bounce that soft_bounce turned into this deferral (its
     status 4.X.X), logged `status=SOFTBOUNCE` as Postfix's bounce_append logs it. `delivered`: what the parts
     delivered said, for a bounced result whose failures are logged apart (`owned`): its own `status=sent` line, as
-    local(8) logs each delivery. None of the five is stored.
+    local(8) logs each delivery. `unlogged`: a recipient done with nothing delivered, forwarded nor refused (an
+    alias whose expansion came to nothing, as an :include: file that includes only itself): recorded done with no
+    line of its own, as local(8) returns success for it and logs nothing (so log tools count nothing either). None
+    of the six is stored.
     """
 
     recipient: Recipient
@@ -377,6 +380,7 @@ class RcptResult:
     program: str = field(default="", compare=False)  # the agent that made it, when not the job's (not stored)
     soft_bounced: bool = field(default=False, compare=False)  # a bounce soft_bounce kept deferred (not stored)
     delivered: str = field(default="", compare=False)  # the parts delivered of a result with `owned` (not stored)
+    unlogged: bool = field(default=False, compare=False)  # done with nothing delivered: no line (not stored)
 
     @property
     def named(self) -> Recipient:

@@ -199,6 +199,18 @@ async def test_delivered_to_loop_bounces_and_writes_nothing(tmp_path):
     assert fwd.calls == []
 
 
+async def test_an_alias_whose_expansion_comes_to_nothing_is_done_with_no_line(tmp_path):
+    """`a4: :include:i1`, i1 naming only itself, and `a1: a4`: nothing to deliver, forward nor refuse. local(8)
+    returns success for such a recipient and logs no line (seed 7012): sent, and qmgr logs no line for it; a
+    recipient given something to deliver keeps its line."""
+    from mailflow.stages.qmgr import _owned_lines
+    (tmp_path / "i1").write_text(f":include:{tmp_path / 'i1'}\n")
+    t = transport(tmp_path, f"a4: :include:{tmp_path / 'i1'}\na1: a4\n")
+    results = (await t.deliver(request("a1@example.test", "a4@example.test", "alice@example.test"))).results
+    assert [(r.outcome, len(_owned_lines(r))) for r in results] == [(Outcome.SENT, 0), (Outcome.SENT, 0),
+                                                                      (Outcome.SENT, 1)]
+
+
 async def test_unknown_user_bounces(tmp_path):
     [result] = (await transport(tmp_path).deliver(request("nobody@example.test"))).results
     assert (result.outcome, result.dsn) == (Outcome.BOUNCED, "5.1.1")

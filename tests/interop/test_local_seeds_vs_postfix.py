@@ -305,8 +305,9 @@ def results_of(lines: set[str]) -> set[str]:
 # seeds that agree with Postfix, kept as regular tests: seed 2 holds a self-referencing alias, an :include: of it,
 # commands exiting 67 and 1, an unknown user in .forward with `nobody` itself, and .forward+x naming an alias and a
 # file; seed 33 a relative name (`files/rel`, an address to both) in an alias value and in an :include: file;
-# seed 7016 notices that a list resubmits to a file (from its owner, not MAILER-DAEMON: not counted either)
-CURATED = [2, 33, 7016]
+# seed 7016 notices that a list resubmits to a file (from its owner, not MAILER-DAEMON: not counted either);
+# seed 7012 an alias whose :include: file includes only itself (and an alias of it): done with no line, as local(8)
+CURATED = [2, 33, 7012, 7016]
 # Not here on purpose: seed 70006. Its :include: file resubmits nobody+x and NoBody in one new message, both ending in
 # nobody's mailbox: Postfix's local(8) takes one recipient per request (local_destination_recipient_limit = 1), so
 # its duplicate filter lets each write a copy (two); mailflow writes one mailbox copy per local part per delivery

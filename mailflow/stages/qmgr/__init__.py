@@ -1744,7 +1744,10 @@ def _owned_lines(result: RcptResult) -> list[RcptResult]:
     tools count them, then the parts delivered (`RcptResult.delivered`) on a `status=sent` line, as local(8) logs
     each delivery; the result itself for the others. A deferred result's failures (parts that bounced while
     another waits for the retry) are logged after it (which names the parts delivered), each `status=bounced`, as
-    local(8) logs them at once (under soft_bounce `dsn=4.X.X, status=SOFTBOUNCE`, as Postfix's bounce_append)."""
+    local(8) logs them at once (under soft_bounce `dsn=4.X.X, status=SOFTBOUNCE`, as Postfix's bounce_append). None
+    for a result `unlogged` (nothing delivered: local(8) logs no line)."""
+    if result.unlogged:
+        return []
     if result.outcome is Outcome.SENT or not result.owned:
         return [result]
     soft = result.outcome is Outcome.DEFERRED and result.soft_bounced  # (its parts' bounces kept by soft_bounce)

@@ -61,10 +61,12 @@ tells it, `temporary failure. Command output: local: fatal: execvp PROG: why`, o
 of a command with shell metacharacters; other reasons not to run, `x-unix; <why>`), when one part failed): deferred
 if any part must be retried (a retry repeats the parts already done, as local(8) does); else bounced when a part was
 refused (unknown user, loop, restricted command, a command's permanent failure), the rest being delivered; else
-sent, naming every destination. A recipient deferred forwards nothing (local(8)'s forward_finish cancels the new
-messages: the retry sends them). Once a destination named in a .forward or :include: file defers, those of the
-file's later lines (`Leaf.lines`) are left for the retry, not tried, logged nor forwarded (local(8)'s
-deliver_token_stream reads no further line), unless also named somewhere not stopped (local(8) meets it there).
+sent, naming every destination; an expansion that came to nothing (an alias whose one :include: file includes only
+itself) is sent with no log line (`unlogged`), as local(8) returns success for it and logs nothing. A recipient
+deferred forwards nothing (local(8)'s forward_finish cancels the new messages: the retry sends them). Once a
+destination named in a .forward or :include: file defers, those of the file's later lines (`Leaf.lines`) are left
+for the retry, not tried, logged nor forwarded (local(8)'s deliver_token_stream reads no further line), unless also
+named somewhere not stopped (local(8) meets it there).
 
 Failures: never raises for a recipient (what is no delivery problem, a bug, defers that recipient 4.3.0
 "unknown mail transport error", logged with its traceback); an OS error writing a Maildir defers (4.2.0), but a quota or
@@ -234,7 +236,7 @@ class LocalTransport:
         owned = _owned_failures(result, parts, lists, _members(rcpt, leaves, parts))
         delivered = (_summary([part.text for part in parts if part.outcome is Outcome.SENT])
                      if owned and result.outcome is Outcome.BOUNCED else "")  # (a deferred line names them)
-        return replace(result, expansion=expansion, owner=owner, owned=owned, delivered=delivered,
+        return replace(result, expansion=expansion, owner=owner, owned=owned, delivered=delivered, unlogged=not parts,
                        expanded=result.expanded or _owners_list(rcpt, owner, parts, lists)
                        or _sole_mailbox(rcpt, leaves))
 
