@@ -19,7 +19,13 @@ Rules, as local(8):
 2. `alias_maps` (key: the local part with its extension, then without): the value list replaces the address.
    An alias that lists itself (`alice: alice, bob`) sends that name on to step 3 (Postfix's exp_from); an alias
    met again on another branch is expanded again; a cycle through other aliases (`a: b`, `b: a`) is Refused
-   where it closes: 5.4.6 alias database loop (local(8) expands on until its nesting limit and says so); one met
+   where it closes: 5.4.6 alias database loop for that alias. local(8) keys its duplicate filter by nesting level
+   too ("recipient <level> <address>"), so it walks the cycle on until level 100 and bounces 5.4.6 `alias
+   database loop for NAME` for every name it meets there, alias or not (a member such as `nobody+x`, `ghost` or
+   `files/rel`), each one delivered already at a lower level: a difference kept on purpose, in which names the
+   5.4.6 lines and notices give, not in what is delivered (local seeds 7005, 7019, 7027); which names sit at that
+   level depends on every level local(8)'s functions count, and walking a cycle some thirty times over gives
+   nothing but those lines. One met
    again through an :include: file is expanded again, as local(8) (include.c resets exp_from), under that file:
    its local users resubmitted, the file itself, read already, adding nothing (so the cycle ends); so is one met
    again through a user's .forward (dotforward.c resets exp_from), the user met in it again its mailbox (rule 4).
