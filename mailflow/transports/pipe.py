@@ -461,7 +461,11 @@ def _found_on(path: str, program: str) -> str:
 
 def _spawn_failed(e: OSError, argv: list[str], who: _Identity | None, through_setpriv: bool) -> CommandNotRun:
     """The spawn of argv (through setpriv or not) raised `e` (not a chdir's): the command's exec failed (its errno)
-    only when argv itself was exec'ed; setpriv's own exec failing (removed, E2BIG) is said as setpriv's."""
+    only when argv itself was exec'ed; setpriv's own exec failing (removed since its check) is said as setpriv's,
+    but for E2BIG: the arguments are argv's (setpriv adds a few dozen bytes), which its own exec would have been
+    refused as well, so it is the command's exec failing (`execl /bin/sh: ...` in a delay notice, as Postfix's)."""
+    if through_setpriv and e.errno == errno.E2BIG:
+        return _not_run(argv, who, str(e.strerror), e.errno)
     if through_setpriv:
         return _not_run(argv, who, f"{e.filename}: {e.strerror}" if e.filename else str(e.strerror), None)
     return _not_run(argv, who, str(e.strerror), e.errno if e.filename == argv[0] else None)

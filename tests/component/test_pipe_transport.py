@@ -566,6 +566,17 @@ async def test_a_setpriv_that_cannot_be_run_is_not_the_commands_exec_failing(tmp
         f"cannot run true as nobody: {gone}: No such file or directory", None, "")
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root switches users")
+async def test_arguments_too_long_for_any_exec_are_the_commands_exec_failing_through_setpriv_too():
+    """One argument over the kernel's 128 KiB: setpriv's exec is refused E2BIG before the command's could be, but
+    the arguments are the command's: its exec failing (the errno kept, so that a local `|command` run by /bin/sh
+    gives Postfix's `execl /bin/sh: Argument list too long`), as without setpriv."""
+    with pytest.raises(CommandNotRun) as refused:
+        await run_command(["true", "x" * 140_000], stdin=b"", env={}, time_limit=5, output_limit=10, user="nobody")
+    assert (refused.value.text, refused.value.exec_errno) == (
+        "cannot run true as nobody: Argument list too long", errno.E2BIG)
+
+
 FAKE_SETPRIVS = {  # what is at SETPRIV on some systems
     "busybox": """case "$1" in --version) echo 'BusyBox v1.36.1 multi-call binary.'; exit 0;; esac
 echo "setpriv: unrecognized option '$1'"; exit 1
