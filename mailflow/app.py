@@ -1,10 +1,9 @@
 """Mailflow: builds the store, resolver, stages and transports from a Config, and runs them.
 
-    async with Mailflow(config) as mf:      # start(): fork local delivery's helper (as root), lock the queue, open
-                                            # the store, recover, start qmgr, listen
+    async with Mailflow(config) as mf:      # start(): lock the queue, open the store, recover, start qmgr, listen
         host, port = mf.smtp_addresses[0]   # port 0 in the config gives an ephemeral port
     # stop(): close the listeners and pickup, drain sessions, let deliveries finish (grace), flush the store,
-    # unlock the queue, end the helper
+    # unlock the queue
 
 One server per queue: start() takes the queue's lock (queuelock.py) before anything touches the store, and
 raises `QueueBusy` naming the running server's pid when another one holds it. A queue database that another
@@ -49,9 +48,7 @@ Stop (`stop()`, SIGTERM in `serve`): the HTTP listener closes, then smtpd, picku
 one `shutdown_grace` (the setting in force, a reload's too, or the constructor's): no new connection nor
 delivery starts, sessions between transactions get 421 4.3.2, transactions and deliveries under way may finish;
 what is left at the end of the grace is cut (nothing acknowledged is lost: a transaction cut before its 250 is
-resent by its client, a delivery cut stays pending). Then the store flushes and closes, and the helper that forks
-local delivery's children as users (asuser.start_helper: forked first, before the queue's lock, listening sockets or
-connections exist) ends; `serve` returns (exit status 0).
+resent by its client, a delivery cut stays pending). Then the store flushes and closes; `serve` returns (exit status 0).
 """
 from __future__ import annotations
 
@@ -62,7 +59,6 @@ import ctypes.util
 import dataclasses
 import gc
 import logging
-import os
 import random
 from functools import partial
 import signal
@@ -103,7 +99,6 @@ from mailflow.tables.check import table_problems
 from mailflow.tables.retire import RetiredTables
 from mailflow.tables.networks import NetworkList
 from mailflow.transports import build_transports
-from mailflow.transports.local import asuser
 from mailflow.workers import BoundedWorkers
 
 if TYPE_CHECKING:  # imported when a feature serves HTTP (start-up time)
@@ -245,8 +240,6 @@ class Mailflow:
 
     async def start(self) -> None:
         c = self.config
-        if os.geteuid() == 0:  # (forked while the server is small, and holds no lock, socket or connection)
-            asuser.start_helper()
         self._lock = QueueLock.acquire(c.queue_path)  # before the store: a second server touches nothing
         try:
             self.store = await self._open_store(c)
@@ -505,7 +498,6 @@ class Mailflow:
         if self._lock:
             self._lock.release()
             self._lock = None
-        asuser.stop_helper()
 
     async def reload(self, config: Config) -> list[str]:
         """Put `config` in force, as far as a running server can (see the module doc); returns the settings

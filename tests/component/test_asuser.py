@@ -3,32 +3,20 @@ hung NFS home, a FUSE file its user serves) is killed and reaped, and the call f
 worker thread for ever. Forking as another user needs root: skipped otherwise."""
 from __future__ import annotations
 
-import asyncio
-import errno
 import math
 import logging
 import os
 import pwd
-import signal
 import threading
+import signal
 import time
 
 import pytest
 
 from mailflow.errors import PermanentError, TemporaryError
 from mailflow.transports.local import asuser
-from tests.support.stalls import LoopWatch
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
-
-
-@pytest.fixture(autouse=True)
-def fresh_helper():
-    """Each test's first call_as forks a helper from the test's process as it is then: what a test patches in the
-    child's code (mbox's functions, a log handler) is in the helper's children."""
-    asuser.stop_helper()
-    yield
-    asuser.stop_helper()
 
 
 def _hang() -> bytes:
@@ -40,37 +28,26 @@ def _answer(text: str) -> bytes:
     return f"{os.getuid()} {text}".encode()
 
 
-def _launched(monkeypatch) -> list[asuser.Child]:
-    """The children the helper forks for call_as from now on (their pids, pidfds and call sockets)."""
-    launched: list[asuser.Child] = []
-    real_launch = asuser._FORKER.launch
-
-    def launch(fds):
-        launched.append(real_launch(fds))
-        return launched[-1]
-
-    monkeypatch.setattr(asuser._FORKER, "launch", launch)
-    return launched
-
-
-def _held_kills(monkeypatch) -> list[asuser.Child]:
-    """SIGKILL held back from now on: the children it was sent to play ones in uninterruptible waits."""
-    held: list[asuser.Child] = []
-    monkeypatch.setattr(asuser, "_kill", held.append)
-    return held
-
-
 def test_a_child_that_never_answers_is_killed_and_the_call_fails_at_its_deadline(monkeypatch):
-    launched = _launched(monkeypatch)
+    forked: list[int] = []
+    real_fork = asuser.os.fork
+
+    def fork() -> int:
+        pid = real_fork()
+        if pid:
+            forked.append(pid)
+        return pid
+
+    monkeypatch.setattr(asuser.os, "fork", fork)
     started = time.monotonic()
     with pytest.raises(TemporaryError) as failed:
         asuser.call_as("nobody", "read /hung/.forward", _hang, timeout=0.3)
     assert time.monotonic() - started < 10  # (the deadline, not the child's hour)
     assert failed.value.dsn == "4.3.0"
     assert failed.value.text == "cannot read /hung/.forward as nobody: no answer within 0.3s, the child was killed"
-    [child] = launched
-    with pytest.raises(ProcessLookupError):  # killed and reaped by the helper before the call returned
-        os.kill(child.pid, 0)
+    [pid] = forked
+    with pytest.raises(ChildProcessError):  # reaped: no longer this process's child (a reused number is not ours)
+        os.waitpid(pid, os.WNOHANG)
 
 
 def test_a_child_that_answers_in_time_gives_its_result():
@@ -187,19 +164,28 @@ def test_a_report_already_in_the_pipe_when_the_deadline_passes_is_read(monkeypat
 
 def test_a_killed_child_that_does_not_end_does_not_hold_the_callers_thread(monkeypatch, caplog):
     """waitpid(pid, 0) after SIGKILL blocked for ever on a child in an uninterruptible wait (a D-state write): the
-    caller's thread with it. Here SIGKILL is held back to play that child; it is counted as stuck until it ends."""
-    held = _held_kills(monkeypatch)
+    caller's thread with it. Here SIGKILL is held back to play that child; the reaper thread reaps it once it ends."""
+    real_kill, held = os.kill, []
+
+    def kill(pid: int, sig: int) -> None:
+        if sig == signal.SIGKILL:
+            held.append(pid)
+        else:
+            real_kill(pid, sig)
+
+    monkeypatch.setattr(asuser.os, "kill", kill)
     monkeypatch.setattr(asuser, "REAP_WAIT", 0.2)
     started = time.monotonic()
     with pytest.raises(TemporaryError):
         asuser.call_as("nobody", "read", _hang, timeout=0.2)
     assert time.monotonic() - started < 5
-    [child] = held
-    assert f"the child {child.pid} (read as nobody) has not ended 0.2s after SIGKILL" in caplog.text
-    assert asuser._STUCK.count == 1
-    signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
-    for _ in range(200):  # (counted out once the helper has reaped it)
-        if asuser._STUCK.count == 0:
+    [pid] = held
+    assert f"the child {pid} (read as nobody) has not ended 0.2s after SIGKILL" in caplog.text
+    real_kill(pid, signal.SIGKILL)
+    for _ in range(200):  # (the reaper thread's waitpid returns once the child is gone)
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
             break
         time.sleep(0.025)
     else:
@@ -210,7 +196,22 @@ def test_no_child_is_forked_while_too_many_killed_children_have_not_ended(monkey
     """Each attempt whose killed child does not end (a file on a hung mount, retried) left one more process and
     reaper thread, without bound, until fork or thread creation failed for every local delivery. At STUCK_LIMIT
     unreaped children call_as fails at once without forking, logged once an interval, until they end."""
-    held, launched = _held_kills(monkeypatch), _launched(monkeypatch)
+    real_kill, real_fork, held, forked = os.kill, asuser.os.fork, [], []
+
+    def kill(pid: int, sig: int) -> None:  # (SIGKILL held back: the child plays one in an uninterruptible wait)
+        if sig == signal.SIGKILL:
+            held.append(pid)
+        else:
+            real_kill(pid, sig)
+
+    def fork() -> int:
+        pid = real_fork()
+        if pid:
+            forked.append(pid)
+        return pid
+
+    monkeypatch.setattr(asuser.os, "kill", kill)
+    monkeypatch.setattr(asuser.os, "fork", fork)
     monkeypatch.setattr(asuser, "REAP_WAIT", 0.05)
     monkeypatch.setattr(asuser, "STUCK_LIMIT", 3)
     monkeypatch.setattr(asuser._STUCK, "_logged", -math.inf)  # (a refusal logged by an earlier test: not this one's)
@@ -218,18 +219,18 @@ def test_no_child_is_forked_while_too_many_killed_children_have_not_ended(monkey
         for _ in range(3):
             with pytest.raises(TemporaryError):
                 asuser.call_as("nobody", "read", _hang, timeout=0.1)
-        assert len(launched) == 3
+        assert len(forked) == 3
         for _ in range(2):
             with pytest.raises(TemporaryError) as failed:
                 asuser.call_as("nobody", "read", _hang, timeout=0.1)
             assert (failed.value.dsn, failed.value.text) == (
                 "4.3.0", "cannot read as nobody: 3 children stuck in uninterruptible waits")
-        assert len(launched) == 3  # (none forked for the refused calls)
+        assert len(forked) == 3  # (none forked for the refused calls)
         assert caplog.text.count("read as nobody refused: 3 killed children have not ended") == 1
     finally:
-        for child in held:
-            signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
-        for _ in range(400):  # (counted out once the helper has reaped them)
+        for pid in held:
+            real_kill(pid, signal.SIGKILL)
+        for _ in range(400):  # (the reaper threads count them out once they end)
             if asuser._STUCK.count == 0:
                 break
             time.sleep(0.025)
@@ -252,6 +253,35 @@ def test_the_start_timer_is_stopped_before_the_report(monkeypatch):
 
     monkeypatch.setattr(asuser, "_send_frame", slow_send)
     assert asuser.call_as("nobody", "write", _writes_nothing, timeout=0.3, marked=True, then=30, grace=30) == b"busy"
+
+
+def test_a_killed_child_whose_reaper_thread_cannot_start_is_reaped_by_the_caller_and_not_counted(monkeypatch):
+    """The killed child was counted before its reaper thread started: when no thread could start (the process's
+    thread limit) the count was never taken back (STUCK_LIMIT such failures refused every child until a restart),
+    and call_as raised RuntimeError ("unknown mail transport error"). The caller reaps it (it ends 0.3 s after
+    SIGKILL here), it is not counted, and the call fails as a child that never answered."""
+    real_kill = os.kill
+
+    def kill(pid: int, sig: int) -> None:  # (SIGKILL late: the child plays one in an uninterruptible wait, a while)
+        if sig == signal.SIGKILL:
+            threading.Timer(0.3, real_kill, (pid, sig)).start()
+        else:
+            real_kill(pid, sig)
+
+    class NoThread(threading.Thread):
+        def start(self):
+            raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(asuser.os, "kill", kill)
+    monkeypatch.setattr(asuser, "REAP_WAIT", 0.05)
+    before = asuser._STUCK.count
+    monkeypatch.setattr(asuser.threading, "Thread", NoThread)
+    with pytest.raises(TemporaryError) as failed:
+        asuser.call_as("nobody", "read", _hang, timeout=0.1)
+    monkeypatch.undo()
+    assert (failed.value.dsn, failed.value.text) == (
+        "4.3.0", "cannot read as nobody: no answer within 0.1s, the child was killed")
+    assert asuser._STUCK.count == before
 
 
 def _fails_too_big(writing) -> bytes:
@@ -295,8 +325,7 @@ def _descriptors() -> bytes:
 def test_the_child_holds_none_of_the_servers_descriptors(tmp_path):
     """The forked child kept every descriptor of the server: the queue's lock, the listening sockets, clients'
     connections. A child stuck on a hung mount then kept a restarted server from locking the queue and binding
-    its port for as long. It keeps only its own socket now; the helper that forks it (forked here, after they were
-    opened) holds none of them either."""
+    its port for as long. It keeps only its report pipe now."""
     import fcntl
     import socket
     lock_path = tmp_path / "queue.lock"
@@ -305,22 +334,7 @@ def test_the_child_holds_none_of_the_servers_descriptors(tmp_path):
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         held = asuser.call_as("nobody", "look", _descriptors, timeout=30).decode().split("\n")
-        listening = f"socket:[{os.fstat(listener.fileno()).st_ino}]"
-        helper = asuser._FORKER._helper
-        assert helper is not None
-        helpers = _opened_by(helper.pid)
-    assert len(held) == 1 and held[0].startswith("socket:"), held  # (its own socket to the server only)
-    assert str(lock_path) not in helpers and listening not in helpers, helpers  # (nor has the helper)
-
-
-def _opened_by(pid: int) -> list[str]:
-    names = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            names.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
-        except FileNotFoundError:  # (a call's socket the helper closed meanwhile)
-            pass
-    return names
+    assert len(held) == 1 and held[0].startswith("pipe:"), held  # (the report pipe only)
 
 
 def test_the_child_keeps_the_descriptors_it_is_given_and_reads_through_them(tmp_path):
@@ -369,99 +383,3 @@ def test_the_childs_log_lines_go_to_the_servers_log_never_into_a_file_it_opened(
         logger.removeHandler(handler)
         handler.close()
     assert "a line from the child" in log_file.read_text()
-
-
-INFLATED = 768 * 1024 * 1024  # bytes of RSS the server is given before it delivers as a user
-CALLS = 20
-LOST_PER_CALL = 0.015  # s of the loop's time a call may cost (a fork of that much cost it ~50 ms; the helper ~1 ms)
-
-
-def test_a_call_as_a_user_does_not_fork_a_big_server_on_its_loop():
-    """Each call forked the whole server from a worker thread: the page tables copied with the GIL held, then
-    copy-on-write faults while the child lived; at 768 MB of RSS the event loop lost tens of milliseconds a call.
-    The children are forked by the helper, forked while the server was small (as Mailflow.start does): the loop
-    loses no more than a loaded machine's noise, whatever the server's size. (Bounded generously.)"""
-    asuser.start_helper()
-    inflated = bytearray(INFLATED)
-    for page in range(0, INFLATED, 4096):
-        inflated[page] = 1
-    loop = asyncio.new_event_loop()
-    runner = threading.Thread(target=loop.run_forever, daemon=True)
-    runner.start()
-    watch = LoopWatch(loop, threshold=0.005)
-    try:
-        for _ in range(CALLS):
-            said = asyncio.run_coroutine_threadsafe(
-                asyncio.to_thread(asuser.call_as, "nobody", "say", _answer, "hi", timeout=30), loop).result(30)
-            assert said == f"{pwd.getpwnam('nobody').pw_uid} hi".encode()
-            time.sleep(0.02)  # (the copy-on-write faults of a fork land while its child lives, and after)
-    finally:
-        watch.close()
-        loop.call_soon_threadsafe(loop.stop)
-        runner.join(10)
-        loop.close()
-    del inflated
-    lost = sum(seconds for seconds, _ in watch.stalls)
-    assert lost < CALLS * LOST_PER_CALL, watch.stalls
-
-
-def test_the_helper_dying_mid_call_fails_the_call_and_the_next_call_forks_another(monkeypatch, caplog):
-    """The helper killed (the OOM killer) while a child it forked works: the call fails 4.3.0 at once (its child
-    dies with the helper, never writing on unsupervised), and the next call forks a new helper, logged."""
-    launched = _launched(monkeypatch)
-    failures: list[BaseException] = []
-
-    def call() -> None:
-        try:
-            asuser.call_as("nobody", "read", _hang, timeout=60)
-        except BaseException as e:  # noqa: BLE001 - what the call raised, for the assertions
-            failures.append(e)
-
-    caller = threading.Thread(target=call)
-    caller.start()
-    for _ in range(400):
-        if launched:
-            break
-        time.sleep(0.025)
-    helper = asuser._FORKER._helper
-    assert helper is not None and launched
-    started = time.monotonic()
-    os.kill(helper.pid, signal.SIGKILL)
-    caller.join(10)
-    assert not caller.is_alive() and time.monotonic() - started < 5
-    [failed] = failures
-    assert isinstance(failed, TemporaryError)
-    assert (failed.dsn, failed.text) == ("4.3.0", "cannot read as nobody: the helper forking its children ended")
-    for _ in range(200):  # (killed with the helper: PR_SET_PDEATHSIG)
-        try:
-            os.kill(launched[0].pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.025)
-    else:
-        pytest.fail("the child outlived its helper")
-    assert asuser.call_as("nobody", "say", _answer, "again", timeout=30).endswith(b" again")
-    assert asuser._FORKER._helper is not None and asuser._FORKER._helper.pid != helper.pid
-    assert caplog.text.count("forked again") == 1
-
-
-def test_a_fork_the_helper_cannot_make_fails_the_call_and_the_helper_goes_on(monkeypatch, caplog):
-    """A fork that fails in the helper (EAGAIN: a process limit) ended the helper with an exception: every call in
-    flight failed with it, and the next call forked a new helper. The call is told why and fails 4.3.0; the helper
-    goes on."""
-    server, real_fork = os.getpid(), os.fork
-
-    def fork() -> int:  # (fails in the helper only: the server's fork of the helper works)
-        if os.getpid() != server:
-            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
-        return real_fork()
-
-    monkeypatch.setattr(os, "fork", fork)
-    asuser.start_helper()
-    helper = asuser._FORKER._helper
-    for _ in range(2):
-        with pytest.raises(TemporaryError) as failed:
-            asuser.call_as("nobody", "say", _answer, "hi", timeout=30)
-        assert (failed.value.dsn, failed.value.text) == (
-            "4.3.0", f"cannot say as nobody: the helper cannot fork: {os.strerror(errno.EAGAIN)}")
-    assert asuser._FORKER._helper is helper and "forked again" not in caplog.text

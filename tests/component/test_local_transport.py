@@ -38,20 +38,10 @@ from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports.local import aliasing
 from mailflow.transports.local.aliasing import LocalExpander
 from mailflow.routing.rewrite import Rewriter
-from mailflow.transports.local import agent, asuser, mbox
+from mailflow.transports.local import agent, mbox
 from mailflow.transports.local.agent import LocalTransport
 from mailflow.transports.maildir import MaildirWriter
 from tests.support import big_message, spooled
-
-
-@pytest.fixture(autouse=True)
-def fresh_helper():
-    """Each test's first call_as forks a helper from the test's process as it is then: what a test patches in the
-    child's code (mbox's functions, a log handler) is in the helper's children."""
-    asuser.stop_helper()
-    yield
-    asuser.stop_helper()
-
 
 SENDER = "sender@remote.test"
 CONTENT = b"From: sender@remote.test\r\nSubject: hello\r\n\r\nline one\r\nline two\r\n"
@@ -247,18 +237,6 @@ async def test_file_targets_get_mbox_entries_and_dev_null_discards(tmp_path, pub
     assert b"Delivered-To: keep@example.test\n" in entries[0] and b"\nline two\n" in entries[1]
     if os.geteuid() == 0:  # written by the unprivileged child process
         assert archive.stat().st_uid == pwd.getpwnam("nobody").pw_uid
-
-
-async def test_a_file_target_gets_a_message_whose_content_is_a_view_of_smtpds_buffer(tmp_path, public_dir):
-    """smtpd's content is a view of its buffer (a memoryview part): sent pickled to the child that writes the file
-    as the user, it was refused (4.3.0 "cannot pickle memoryview objects"). It goes as bytes."""
-    archive = public_dir / "mail.mbox"
-    t = transport(tmp_path, f"keep: {archive}\n")
-    viewed = DeliveryRequest("Q1", SENDER, (Recipient(0, "keep@example.test", "KEEP@EXAMPLE.TEST"),),
-                             "mx.example.test", Content((memoryview(CONTENT),), crlf=True))
-    [result] = (await t.deliver(viewed)).results
-    assert result.outcome is Outcome.SENT, result.text
-    assert b"\nline two\n" in archive.read_bytes()
 
 
 async def test_a_file_target_in_a_missing_folder_defers_and_makes_no_folder(tmp_path, public_dir):
@@ -829,18 +807,6 @@ async def test_close_waits_within_its_bound_for_a_file_append_whose_delivery_was
         release.set()
 
 
-def _stops_mid_line(*args, **kwargs):  # (consumed in the child, as it writes: sent to it by name)
-    yield next(iter(mbox.mbox_entry(*args, **kwargs)))  # the From_ line
-    yield b"Return-Path: <half"
-    time.sleep(3600)  # (a write that never returns)
-
-
-def _fails_mid_line(*args, **kwargs):  # (consumed in the child, as it writes: sent to it by name)
-    yield next(iter(mbox.mbox_entry(*args, **kwargs)))
-    yield b"Return-Path: <half"
-    raise OSError(errno.EIO, os.strerror(errno.EIO))
-
-
 async def test_a_file_append_that_stops_mid_write_is_rolled_back_and_the_retry_writes_one_copy(tmp_path, public_dir,
                                                                                               monkeypatch):
     """A /file append's child hung after it started writing held one of the two file-writer threads until a
@@ -853,7 +819,13 @@ async def test_a_file_append_that_stops_mid_write_is_rolled_back_and_the_retry_w
     archive.chmod(0o666)
     before = archive.read_bytes()
     real_entry = agent.mbox_entry
-    monkeypatch.setattr(agent, "mbox_entry", _stops_mid_line)
+
+    def stops_mid_line(*args, **kwargs):  # (consumed in the forked child, as it writes)
+        yield next(iter(real_entry(*args, **kwargs)))  # the From_ line
+        yield b"Return-Path: <half"
+        time.sleep(3600)  # (a write that never returns)
+
+    monkeypatch.setattr(agent, "mbox_entry", stops_mid_line)
     t = transport(tmp_path, f"keep: {archive}\n", command_time_limit=0.5)  # (default locks: fcntl, dotlock)
     try:
         for _ in range(3):  # (more than the FILE_WRITERS threads)
@@ -880,13 +852,18 @@ async def test_a_failed_file_append_is_rolled_back_whole_even_past_the_write_lim
     archive = public_dir / "keep.mbox"
     archive.write_bytes(b"")
     archive.chmod(0o666)
-    real_truncate = mbox._truncate
+    real_entry, real_truncate = agent.mbox_entry, mbox._truncate
+
+    def fails_mid_line(*args, **kwargs):  # (consumed in the forked child, as it writes)
+        yield next(iter(real_entry(*args, **kwargs)))
+        yield b"Return-Path: <half"
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     def slow_truncate(*args):  # (a roll back that takes longer than the limit)
         time.sleep(0.8)
         real_truncate(*args)
 
-    monkeypatch.setattr(agent, "mbox_entry", _fails_mid_line)
+    monkeypatch.setattr(agent, "mbox_entry", fails_mid_line)
     monkeypatch.setattr(mbox, "_truncate", slow_truncate)
     t = transport(tmp_path, f"keep: {archive}\n", command_time_limit=0.5)
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 
 import pytest
@@ -13,7 +12,6 @@ from mailflow import status
 from mailflow.app import Mailflow, reload_logged
 from mailflow.config import config_from_dict
 from mailflow.errors import ConfigError
-from mailflow.transports.local import asuser
 from tests.component.test_smtpd_hardening import _connect_unread, _pipeline_until
 from tests.support import SmtpClient, accepts, base_settings, eventually, half_client_hello, queue_counts
 
@@ -195,23 +193,3 @@ async def test_a_session_waiting_for_its_client_to_read_is_gone_when_the_stop_re
         assert raw.get_extra_info("socket").fileno() == -1  # (closed: its fd given back)
     finally:
         client.close()
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="only root delivers as users")
-async def test_the_server_forks_local_deliverys_helper_first_and_ends_it_at_its_stop(tmp_path):
-    """Forked lazily by the first delivery as a user, local delivery's helper was as big as the server then (each
-    child it forks costs that much), and forked from it had its queue lock, listeners and connections to close. As
-    root the server forks it first: holding nothing of the queue's nor any listener; its stop ends and reaps it."""
-    mf = Mailflow(config_from_dict(base_settings(tmp_path)))
-    await mf.start()
-    try:
-        helper = asuser._FORKER._helper
-        assert helper is not None
-        opened = [os.readlink(f"/proc/{helper.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{helper.pid}/fd")]
-    finally:
-        await mf.stop()
-    assert not [name for name in opened if name.startswith(str(tmp_path))], opened
-    assert len([name for name in opened if name.startswith("socket:")]) == 1, opened  # (its request socket only)
-    assert asuser._FORKER._helper is None
-    with pytest.raises(ProcessLookupError):  # (ended and reaped)
-        os.kill(helper.pid, 0)

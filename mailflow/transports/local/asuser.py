@@ -1,85 +1,64 @@
-"""Work done with another user's rights, without this process ever changing identity, or forking itself for it.
+"""Work done with another user's rights, without this process ever changing identity.
 
     call_as(user, doing, fn, *args, timeout=CALL_AS_TIMEOUT, marked=False, then=None, grace=KILL_GRACE,
             keep=()) -> bytes
-                                                fn(*args) in a child forked for it by the helper (below), running
-                                                with `user`'s uid, gid and groups; its bytes come back over a socket
-                                                within `timeout` s;
+                                                fn(*args) in a child forked for it, running with `user`'s uid, gid
+                                                and groups; its bytes come back over a pipe within `timeout` s;
                                                 `marked`: fn(*args, writing=progress) (a Progress): from the
                                                 child's first progress() on, `timeout` is over and the limit is
                                                 `then` s without a progress() (None: no limit), see below;
-                                                `keep`: descriptors of this process the child keeps open, at the same
-                                                numbers (a message's content files, Content.held: the user may not
-                                                open them)
+                                                `keep`: descriptors of this process the child keeps open (a
+                                                message's content files, Content.held: the user may not open them)
     rights_for(rights, default_privs) -> str | None   whose rights a command, file or :include: of local delivery
                                                 uses: as root `rights` (a .forward's system user) or else
                                                 `default_privs`, never root's; not as root, None (mailflow's own)
-    start_helper() / stop_helper()              the helper forked now (the server's start, before its queue's lock,
-                                                listening sockets and connections exist) / ended (its stop)
 
-The children are forked by a small process of their own (forker.Forker: forked once, at the server's start or the
-first call, and again when it has ended), never by the server: a fork copies the forking process's page tables with
-the GIL held, and the forking process takes copy-on-write faults for as long as its child lives; forked from the
-server each call held its event loop for 3-50 ms, more the bigger the server. `fn` and `args` go to the child
-pickled (a module's function, by name; a local function or a generator cannot be sent: 4.3.0), with the
-descriptors (SCM_RIGHTS): its socket and `keep`. A child's log lines go through the log handlers the helper was
-forked with (the server's: start it once logging is set up).
-
-The child closes every descriptor it inherited but stdin, stdout, stderr, its socket, `keep` and its log handlers'
-(the helper's socket, other children's: a child stuck on a hung mount holds nothing of the server's: the helper
-itself closed the queue's lock, listening sockets and connections of a server it was forked from), switches
-identity, calls `fn`, writes what it returned (or the error it raised) to its socket and exits; it touches nothing
-else. Call it from a worker thread (asyncio.to_thread): the caller blocks until the child is done, or `timeout`
-seconds at most (a .forward on a hung NFS home, or a FUSE file the user serves itself, never answers): then the
-child is killed (SIGKILL, through its pidfd: never a process that took a reaped child's number) and the call fails;
-`timeout` None: no limit. The report is framed by its length; a report already in the socket when a deadline
-passes is read, not lost (a child that ended right at the limit is not reported as failed).
+The child closes every descriptor it inherited but stdin, stdout, stderr, its report pipe and `keep` (the queue's
+lock, listening sockets, clients' connections: a child stuck on a hung mount must not keep a restarted server from
+the queue or its ports), switches identity, calls `fn`, writes what it returned (or the error it raised) to the
+pipe and exits; it touches nothing else, so no lock another thread of this process holds can matter to it. Call
+it from a worker thread (asyncio.to_thread): the parent blocks until the child is done, or `timeout` seconds at most (a
+.forward on a hung NFS home, or a FUSE file the user serves itself, never answers): then the child is killed
+(SIGKILL) and the call fails; `timeout` None: no limit. The report is framed by its length, so the parent
+never waits for an end of file that a sibling child (forked by another thread while this pipe was open) could
+hold back; a report already in the pipe when a deadline passes is read, not lost (a child that ended right at
+the limit is not reported as failed).
 
 A marked child's limit is its own first: `fn` calls progress() when it starts writing and after each piece it
 wrote, and progress.ended() once its work is safe (its last fsync returned). `then` s without a progress(), a
 SIGALRM in the child raises TemporaryError 4.3.0 out of what `fn` was doing, so `fn`'s own failure path runs (the
-mbox append truncates the file back and removes its dotlock) and the child reports that error. The caller kills
+mbox append truncates the file back and removes its dotlock) and the child reports that error. The parent kills
 it (SIGKILL) only as a last resort: when no progress was heard for `then` + `grace` s (a write in an
-uninterruptible wait, where no handler runs; what it wrote then stays). The child tells the caller of its
-progress at most every `grace`/2 s (a frame on its socket), so it always has `grace`/2 s to undo its work. With
-`then`, the child's timer runs from its start too: `timeout` s without a first progress() raise TemporaryError 4.3.0
+uninterruptible wait, where no handler runs; what it wrote then stays). The child tells the parent of its
+progress at most every `grace`/2 s (a frame in the pipe), so it always has `grace`/2 s to undo its work. With
+`then`, the child's timer runs from the fork too: `timeout` s without a first progress() raise TemporaryError 4.3.0
 (`cannot DOING as USER: not started writing within Ns`) out of what it was doing (a stat hung after the dotlock was
-made: its failure path removes the dotlock), and the caller kills it only `grace` s after `timeout`.
+made: its failure path removes the dotlock), and the parent kills it only `grace` s after `timeout`.
 
-A killed child is reaped by the helper; one the helper has not reaped within REAP_WAIT s (a wait the kernel does
-not interrupt, even for SIGKILL), or one that reported but has not ended within REAP_WAIT s, is logged and counted
-until the helper says it ended: the caller's thread is freed either way. While STUCK_LIMIT of them are counted
-(process-wide), call_as starts no more children and fails at once, logged once every STUCK_LOG_EVERY s (every retry
-of every message to a file on a hung mount would add one, until the helper could fork no more).
-
-The helper ending (killed, out of memory) kills its children (PR_SET_PDEATHSIG, set again after the identity
-switch, which clears it): their calls fail 4.3.0, and the next call forks a new helper (logged once every
-forker.RESTART_LOG_EVERY s). It ends with the server too (its request socket's end of file), never outliving it.
+A killed child is reaped within REAP_WAIT s (waitpid WNOHANG); one that still has not ended (a wait the kernel
+does not interrupt, even for SIGKILL) is logged and left to a daemon thread that reaps it when it ends: the
+caller's thread is freed either way. Such children are counted (process-wide: they are this process's children,
+whoever forked them): while STUCK_LIMIT of them are unreaped (each a process, and a thread), call_as forks no
+more and fails at once, logged once every STUCK_LOG_EVERY s (every
+retry of every message to a file on a hung mount would add one, until fork or thread creation failed for all).
 
 Failure behaviour: `TemporaryError` 4.3.0 when `user` does not exist or is root (`refusing to DOING as USER: uid
 0`), when the child gave no answer within `timeout` (`cannot DOING as USER: no answer within Ns, the child was
 killed`, N: `timeout` + `grace` for a marked child with `then`; past `then` + `grace` after a progress(): `cannot
 DOING as USER: writing made no progress for Ns, nor ended Gs later, the child was killed`), when the child stopped
 itself (`… not started writing within Ns`, `… writing made no progress for Ns`), when `fn` raised anything but a
-DeliveryError (`cannot DOING as USER: reason`), when `fn` or `args` cannot be pickled (`cannot DOING as USER:
-reason`), when the helper ended under the call (`cannot DOING as USER: the helper forking its children ended`),
-did not answer (`… did not answer within Ns`) or a fork failed (`… the helper cannot fork: reason`, `… cannot fork
-the helper: reason`), or when STUCK_LIMIT killed children have not ended (`cannot DOING as USER: N children stuck in
-uninterruptible waits`, no child started); a DeliveryError raised by `fn` is raised again
-here with its permanence, status and text.
+DeliveryError (`cannot DOING as USER: reason`), or when STUCK_LIMIT killed children have not ended (`cannot DOING as
+USER: N children stuck in uninterruptible waits`, no child forked); a DeliveryError raised by
+`fn` is raised again here with its permanence, status and text.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import math
 import os
-import pickle
 import pwd
 import select
 import signal
-import socket
 import struct
 import threading
 import time
@@ -87,7 +66,6 @@ from functools import partial
 from typing import Callable
 
 from mailflow.errors import DeliveryError, PermanentError, TemporaryError
-from mailflow.transports.local.forker import ENDED, Child, Forker, NotForked, die_with_parent
 
 log = logging.getLogger("mailflow.local")
 
@@ -95,11 +73,10 @@ RESULT, DELIVERY_ERROR, OTHER_ERROR = b"R", b"D", b"E"
 MARK = b"M"  # a frame of its own, before the report: a marked child's progress (`marked`)
 CALL_AS_TIMEOUT = 60.0  # seconds a child may take (a .forward or :include: read: milliseconds when all is well)
 KILL_GRACE = 30.0  # seconds past a marked child's own limit before the parent kills it (it undoes its work meanwhile)
-REAP_WAIT = 2.0  # seconds a killed (or reported) child is waited for before it is counted as stuck
-STUCK_LIMIT = 8  # children counted as stuck past which no child is started
+REAP_WAIT = 2.0  # seconds a killed child is waited for before it is left to a reaper thread
+STUCK_LIMIT = 8  # killed children not yet ended (left to reaper threads) past which no child is forked
 STUCK_LOG_EVERY = 60.0  # seconds between two logs of a call refused for them
 _LENGTH = struct.Struct("!Q")  # the report's length, before it
-_STATUS = struct.Struct("!i")  # a child's wait status, in the helper's ENDED
 
 
 def rights_for(rights: str | None, default_privs: str) -> str | None:
@@ -117,34 +94,46 @@ def call_as(user: str, doing: str, fn: Callable[..., bytes], *args,
         raise TemporaryError("4.3.0", f"cannot {doing} as {user}: no such user") from None
     if pw.pw_uid == 0:
         raise TemporaryError("4.3.0", f"refusing to {doing} as {user}: uid 0")
-    what = f"{doing} as {user}"
-    _STUCK.refuse_when_full(what)
-    first = None if timeout is None else timeout + (grace if marked and then is not None else 0)
-    work, child_end = socket.socketpair()
-    with contextlib.closing(work):
-        try:
-            order = _pickled(what, child_end.fileno(), keep, os.getgrouplist(user, pw.pw_gid), pw.pw_gid, pw.pw_uid,
-                             doing, user, fn, args, timeout, marked, then, grace)
-            child = _launched(what, (child_end.fileno(), *keep))
-        finally:
-            child_end.close()
-        try:
-            report = _answer(work.fileno(), order, first, None if then is None else then + grace)
-        except BaseException:
-            child.close()  # (the helper kills it)
-            raise
+    _STUCK.refuse_when_full(f"{doing} as {user}")
+    groups = os.getgrouplist(user, pw.pw_gid)
+    logs = _log_descriptors()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: switch identity, call, report, exit
+        _keep_only(write_end, *keep, *logs)
+
+        def work() -> bytes:  # (a Progress made here: whatever it raises is reported, and the child exits)
+            if not marked:
+                return _switched(groups, pw.pw_gid, pw.pw_uid, fn, args)
+            stalled = f"cannot {doing} as {user}: writing made no progress for {then or 0:g}s"
+            late = f"cannot {doing} as {user}: not started writing within {timeout or 0:g}s"
+            progress = Progress(write_end, then, grace, stalled, timeout, late)
+            try:
+                return _switched(groups, pw.pw_gid, pw.pw_uid, partial(fn, writing=progress), args)
+            finally:  # (the timer stopped before the report: an attempt that wrote nothing may end near the limit)
+                try:
+                    progress.ended()
+                except TemporaryError:  # its alarm came after the work ended, before ended() disarmed it: the
+                    progress.ended()    # work's own result stands (an EFBIG stays 5.2.2), the timer is stopped
+
+        _report_and_exit(write_end, work)
+    os.close(write_end)
+    try:
+        first = None if timeout is None else timeout + (grace if marked and then is not None else 0)
+        report = _framed_report(read_end, None if first is None else time.monotonic() + first,
+                                None if then is None else then + grace)
+    finally:
+        os.close(read_end)
     if report is None or report == MARK:  # past a deadline: the child is killed (a hung read ends with SIGKILL)
-        _kill(child)
-        _reap(child, what)
+        os.kill(pid, signal.SIGKILL)
+        _reap(pid, f"{doing} as {user}")
         if report == MARK:
-            raise TemporaryError("4.3.0", f"cannot {what}: writing made no progress for {then:g}s, nor ended "
-                                          f"{grace:g}s later, the child was killed")
-        raise TemporaryError("4.3.0", f"cannot {what}: no answer within {first:g}s, the child was killed")
-    status = _ended(child, what)
-    if status is None and not report:
-        raise TemporaryError("4.3.0", f"cannot {what}: the helper forking its children ended")
+            raise TemporaryError("4.3.0", f"cannot {doing} as {user}: writing made no progress for {then:g}s, nor "
+                                          f"ended {grace:g}s later, the child was killed")
+        raise TemporaryError("4.3.0", f"cannot {doing} as {user}: no answer within {first:g}s, the child was killed")
+    _, status = os.waitpid(pid, 0)
     kind, data = report[:1], report[1:]
-    if status is not None and os.waitstatus_to_exitcode(status) != 0:  # killed while it wrote: cut short
+    if os.waitstatus_to_exitcode(status) != 0:  # killed while it wrote: its report may be cut short
         kind = b""
     if kind == RESULT:
         return data
@@ -152,16 +141,7 @@ def call_as(user: str, doing: str, fn: Callable[..., bytes], *args,
         permanence, dsn, text = data.decode("utf-8", "replace").split(" ", 2)
         raise (PermanentError if permanence == "P" else TemporaryError)(dsn, text)
     reason = data.decode("utf-8", "replace") if kind == OTHER_ERROR else "the child process failed"
-    raise TemporaryError("4.3.0", f"cannot {what}: {reason}")
-
-
-def _answer(fd: int, order: bytes, first: float | None, after_mark: float | None) -> bytes | None:
-    """The child's report to `order` (see _framed_report): b"" when it ended before it read the order."""
-    try:
-        _send_frame(fd, order)
-    except OSError:
-        return b""
-    return _framed_report(fd, None if first is None else time.monotonic() + first, after_mark)
+    raise TemporaryError("4.3.0", f"cannot {doing} as {user}: {reason}")
 
 
 class Progress:
@@ -201,64 +181,30 @@ class Progress:
             raise TemporaryError("4.3.0", self._stalled if self._started else self._late)
 
 
-def _pickled(what: str, *order) -> bytes:
-    """The child's order (see _child_main); TemporaryError 4.3.0 when `fn` or its arguments cannot be sent."""
-    try:
-        return pickle.dumps(order, pickle.HIGHEST_PROTOCOL)
-    except Exception as e:  # noqa: BLE001 - pickle raises what the object's reduction raises
-        raise TemporaryError("4.3.0", f"cannot {what}: {e}") from None
-
-
-def _launched(what: str, fds: tuple[int, ...]) -> Child:
-    """A child of the helper given `fds`; TemporaryError 4.3.0 when the helper is gone (forked again next time)."""
-    try:
-        return _FORKER.launch(fds)
-    except NotForked as e:
-        raise TemporaryError("4.3.0", f"cannot {what}: {e}") from None
-
-
-def _ended(child: Child, what: str) -> int | None:
-    """The wait status of a child that has reported, once the helper reaped it; None when the helper ended first
-    (and the child with it), or when it has not ended within REAP_WAIT s (a close on a hung mount): it is stuck."""
-    if not select.select([child.call], [], [], REAP_WAIT)[0]:
-        log.error("the child %d (%s) has not ended %gs after its report (an uninterruptible wait): it is reaped "
-                  "when it ends", child.pid, what, REAP_WAIT)
-        _STUCK.leave(child)
-        return None
-    try:
-        message = child.call.recv(16)
-    finally:
-        child.close()
-    return _STATUS.unpack(message[1:])[0] if message[:1] == ENDED else None
-
-
-def _kill(child: Child) -> None:
-    """SIGKILL through the child's pidfd: never another process, even once the helper has reaped it."""
-    signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
-
-
-def _reap(child: Child, what: str) -> None:
-    """The killed child reaped within REAP_WAIT s, or else counted as stuck until it is (see the module docstring)."""
-    if select.select([child.call], [], [], REAP_WAIT)[0]:
-        child.close()
-        return
-    log.error("the child %d (%s) has not ended %gs after SIGKILL (an uninterruptible wait): it is reaped "
-              "when it ends", child.pid, what, REAP_WAIT)
-    _STUCK.leave(child)
+def _reap(pid: int, what: str) -> None:
+    """Reap the killed child `pid` within REAP_WAIT s, else leave it to a daemon thread (see the module docstring)."""
+    deadline, pause = time.monotonic() + REAP_WAIT, 0.001
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() >= deadline:
+            log.error("the child %d (%s) has not ended %gs after SIGKILL (an uninterruptible wait): it is reaped "
+                      "when it ends", pid, what, REAP_WAIT)
+            _STUCK.leave(pid)
+            return
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
 
 
 class _StuckChildren:
-    """The killed children not reaped yet (see the module docstring): their call sockets, each readable once the
-    helper reaped the child (or ended)."""
+    """The killed children left to reaper threads (see the module docstring)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._children: list[Child] = []
+        self._pids: set[int] = set()
         self._logged = -math.inf  # (time.monotonic) when a refusal was last logged
 
     def refuse_when_full(self, what: str) -> None:
         with self._lock:
-            stuck = self._count()
+            stuck = len(self._pids)
             if stuck < STUCK_LIMIT:
                 return
             now, log_it = time.monotonic(), False
@@ -269,32 +215,40 @@ class _StuckChildren:
                       "no child is forked until they do (logged once every %gs)", what, stuck, STUCK_LOG_EVERY)
         raise TemporaryError("4.3.0", f"cannot {what}: {stuck} children stuck in uninterruptible waits")
 
-    def leave(self, child: Child) -> None:
+    def leave(self, pid: int) -> None:
+        """`pid` to a reaper thread of its own, counted once that thread runs (under the lock its end takes, so it
+        cannot be counted out before it is counted in). When no thread can start (the process's thread limit),
+        the caller reaps it, blocking: a count never counted out would refuse every child until a restart."""
         with self._lock:
-            self._children.append(child)
+            try:
+                threading.Thread(target=self._reap, args=(pid,), name=f"reap-{pid}", daemon=True).start()
+            except RuntimeError as e:
+                started = e
+            else:
+                self._pids.add(pid)
+                return
+        log.error("the child %d: no reaper thread (%s): waiting for it to end here", pid, started)
+        os.waitpid(pid, 0)
 
-    def _count(self) -> int:
-        """(under the lock) those not ended yet; the others closed and forgotten."""
-        if self._children:
-            ended = set(select.select([c.call for c in self._children], [], [], 0)[0])
-            for child in [c for c in self._children if c.call in ended]:
-                child.close()
-                self._children.remove(child)
-        return len(self._children)
+    def _reap(self, pid: int) -> None:
+        try:
+            os.waitpid(pid, 0)
+        finally:
+            with self._lock:
+                self._pids.discard(pid)
 
     @property
     def count(self) -> int:
-        with self._lock:
-            return self._count()
+        return len(self._pids)
 
 
-_STUCK = _StuckChildren()  # (process-wide, as the helper is)
+_STUCK = _StuckChildren()  # (process-wide, as the children are)
 
 
 def _framed_report(fd: int, deadline: float | None, after_mark: float | None = None) -> bytes | None:
-    """The child's report (each frame its length first), b"" when the socket ends before it is whole (the child
+    """The child's report (each frame its length first), b"" when the pipe ends before it is whole (the child
     died), None when `deadline` (time.monotonic; None: none) passes first. Each MARK frame before it puts the
-    deadline `after_mark` s on (None: none), and MARK is returned when that one passes first. What is in the socket
+    deadline `after_mark` s on (None: none), and MARK is returned when that one passes first. What is in the pipe
     when a deadline passes is read first."""
     late = None
     poller = select.poll()
@@ -333,64 +287,16 @@ def _log_descriptors() -> tuple[int, ...]:
     return tuple(found)
 
 
-def _child_main(given: list[int]) -> None:
-    """In a child of the helper: its order read from its socket, given[0]; the descriptors it was given put back at
-    the numbers they have in the server (its arguments name them); every other closed; then as in the fork it
-    replaces: identity switched, `fn` called, its report written, exit."""
-    try:
-        work_at, keep, groups, gid, uid, doing, user, fn, args, timeout, marked, then, grace = pickle.loads(
-            _read_frame(given[0]))
-        _place(given, (work_at, *keep), _log_descriptors())
-    except BaseException as e:  # noqa: BLE001 - reported as fn's own failure would be
-        _report_and_exit(given[0], partial(_raise, e))
-
-    def work() -> bytes:  # (a Progress made here: whatever it raises is reported, and the child exits)
-        if not marked:
-            return _switched(groups, gid, uid, fn, args)
-        stalled = f"cannot {doing} as {user}: writing made no progress for {then or 0:g}s"
-        late = f"cannot {doing} as {user}: not started writing within {timeout or 0:g}s"
-        progress = Progress(work_at, then, grace, stalled, timeout, late)
-        try:
-            return _switched(groups, gid, uid, partial(fn, writing=progress), args)
-        finally:  # (the timer stopped before the report: an attempt that wrote nothing may end near the limit)
-            try:
-                progress.ended()
-            except TemporaryError:  # its alarm came after the work ended, before ended() disarmed it: the
-                progress.ended()    # work's own result stands (an EFBIG stays 5.2.2), the timer is stopped
-
-    _report_and_exit(work_at, work)
-
-
-def _raise(e: BaseException) -> bytes:
-    raise e
-
-
-def _read_frame(fd: int) -> bytes:
-    received = bytearray()
-    while len(received) < _LENGTH.size or len(received) < _LENGTH.size + _LENGTH.unpack_from(received)[0]:
-        chunk = os.read(fd, 1 << 20)
-        if not chunk:
-            raise EOFError("the order was cut short")
-        received += chunk
-    return bytes(received[_LENGTH.size:])
-
-
-def _place(given: list[int], numbers: tuple[int, ...], logs: tuple[int, ...]) -> None:
-    """Each of `given` at its number in `numbers`; every other descriptor but stdin, stdout, stderr and `logs`
-    closed (the helper's, other children's: a child stuck on a hung mount holds none of them). A log's number
-    cannot be one of them: the server had both open at once, and the helper was forked with its logs."""
-    if clash := set(numbers) & set(logs):
-        raise OSError(f"descriptors {sorted(clash)} are the logs'")
-    above = max((*given, *numbers, *logs, 2)) + 1
-    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, above) for fd in given]
-    _keep_only(*moved, *logs)
-    for fd, number in zip(moved, numbers):
-        os.dup2(fd, number)
-        os.close(fd)
-
-
 def _keep_only(*kept: int) -> None:
-    """Close every descriptor but stdin, stdout, stderr and `kept`."""
+    """In the child, right after the fork: close every descriptor of the server but stdin, stdout, stderr and
+    `kept` (its report pipe, call_as's `keep`, the log handlers'): the queue's lock, listening sockets, clients'
+    connections, other commands' pipes, which a child stuck on a hung mount would otherwise hold for as long (a
+    restart refused: the queue busy, the address in use). The signal wakeup descriptor goes first: the number of
+    the loop's closed one could be a mailbox's by the time an alarm writes to it."""
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:  # (not the main thread: cannot be, after a fork; nothing was set then)
+        pass
     low = 3
     for fd in sorted(set(kept)):
         os.closerange(low, fd)
@@ -399,11 +305,9 @@ def _keep_only(*kept: int) -> None:
 
 
 def _switched(groups: list[int], gid: int, uid: int, fn: Callable[..., bytes], args: tuple) -> bytes:
-    helper = os.getppid()
     os.setgroups(groups)
     os.setgid(gid)
     os.setuid(uid)
-    die_with_parent(helper)  # (the switch cleared it)
     return fn(*args)
 
 
@@ -424,16 +328,3 @@ def _send_frame(fd: int, frame: bytes) -> None:
     view = memoryview(_LENGTH.pack(len(frame)) + frame)
     while view:
         view = view[os.write(fd, view):]
-
-
-_FORKER = Forker(_child_main, _log_descriptors)  # (process-wide: forked at its first use, or by start_helper)
-
-
-def start_helper() -> None:
-    """The helper forked now (the server: before it opens its queue's lock, listening sockets or connections)."""
-    _FORKER.start()
-
-
-def stop_helper() -> None:
-    """The helper ended (the server's stop); a later call_as forks one again."""
-    _FORKER.stop()

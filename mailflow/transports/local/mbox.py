@@ -86,7 +86,6 @@ import re
 import stat
 import struct
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable, Iterable, Iterator, Literal, NamedTuple, cast
 
@@ -240,9 +239,8 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes] | HeldEntry, *,
     file that never answers then holds one of those threads, never one that the queue and smtpd share).
     `write_limit`: with `user`, the seconds the child's write may go without progress (a piece of the entry
     written, the fsync) before it is rolled back: 4.3.0 (None: no limit; asuser.call_as's `then`). A HeldEntry is
-    built from descriptors each attempt opens in the writing thread, keeps open in the child (asuser.call_as's
-    `keep`) and closes at its end; a queue file that cannot be opened is 4.3.0. With `user` the entry goes to the
-    child pickled: bytes or a HeldEntry (the child builds its chunks), not a generator (4.3.0)."""
+    built in the writing thread, each attempt, from descriptors that attempt opens, keeps open in the child
+    (asuser.call_as's `keep`) and closes at its end; a queue file that cannot be opened is 4.3.0."""
     if len(set(locks)) != len(locks) or not set(locks) <= set(_LOCK_STYLES):
         raise ValueError(f"lock styles {locks!r}: each of {', '.join(_LOCK_STYLES)} at most once")
     rest = (tuple(locks), stale_lock_time, owner, size_limit, create_parents, refuse_executable, home)
@@ -274,24 +272,7 @@ def _built(entry: bytes | Iterable[bytes] | HeldEntry) -> Iterator[tuple[bytes |
             held = opened.enter_context(entry.content.held())
         except OSError as e:
             raise TemporaryError("4.3.0", f"cannot read the queued message: {e.strerror or e}") from None
-        yield _Built(entry.build, held.content), held.descriptors
-
-
-@dataclass(frozen=True)
-class _Built:
-    """A HeldEntry's chunks, built where they are read: in the child that writes them as a user (call_as sends it
-    its arguments pickled; a generator is not), or in the writing thread."""
-
-    build: Callable[[Content], Iterable[bytes]]
-    content: Content
-
-    def __iter__(self) -> Iterator[bytes]:
-        return iter(self.build(self.content))
-
-    def __reduce__(self):
-        """Pickled for the child: a part in memory that is a view (of smtpd's buffer) goes as bytes."""
-        parts = [bytes(part) if isinstance(part, memoryview) else part for part in self.content.parts]
-        return _Built, (self.build, Content(parts, crlf=self.content.crlf))
+        yield entry.build(held.content), held.descriptors
 
 
 def _busy(path: Path, style: LockStyle, timeout: float) -> TemporaryError:
