@@ -368,9 +368,14 @@ async def _spawn_as(who: _Identity | None, argv: list[str]) -> tuple[list[str], 
         works = await asyncio.to_thread(_setpriv_works, SETPRIV)
     if not works:
         return argv, {"user": who.uid, "group": who.gid, "extra_groups": list(who.groups)}, False
-    groups = ",".join(str(gid) for gid in who.groups)
-    switched = [SETPRIV, f"--reuid={who.uid}", f"--regid={who.gid}", f"--groups={groups}", "--", SETPRIV, "--"]
-    return [*switched, *argv], {}, True
+    return _through_setpriv(SETPRIV, who.uid, who.gid, who.groups, argv), {}, True
+
+
+def _through_setpriv(setpriv: str, uid: int, gid: int, groups: tuple[int, ...], argv: list[str]) -> list[str]:
+    """argv run as uid, gid and groups by `setpriv`, doubled (the second runs with no capabilities: _spawn_as). The
+    check (_setpriv_unfit) runs what this makes, so that it tests what commands run."""
+    listed = ",".join(str(group) for group in groups)
+    return [setpriv, f"--reuid={uid}", f"--regid={gid}", f"--groups={listed}", "--", setpriv, "--", *argv]
 
 
 def _setpriv_works(setpriv: str) -> bool:
@@ -393,12 +398,12 @@ def _setpriv_works(setpriv: str) -> bool:
 def _setpriv_unfit(setpriv: str) -> str:
     """Why `setpriv` is not fit for _spawn_as ("" when it is): see _setpriv_works."""
     missing = "/nonexistent/mailflow-setpriv-check"
-    switched = [setpriv, "--reuid=65534", "--regid=65534", "--groups=65534", "--", setpriv, "--"]
     not_found = (os.strerror(errno.ENOENT), errno.ENOENT)
     checks: tuple[tuple[list[str], Callable[[int, str], bool]], ...] = (
         ([setpriv, "--version"], lambda code, output: "util-linux" in output),
-        ([*switched, "/bin/true"], lambda code, output: code == 0),
-        ([*switched, missing], lambda code, output: _setpriv_failure(code, output, missing) == not_found))
+        (_through_setpriv(setpriv, 65534, 65534, (65534,), ["/bin/true"]), lambda code, output: code == 0),
+        (_through_setpriv(setpriv, 65534, 65534, (65534,), [missing]),
+         lambda code, output: _setpriv_failure(code, output, missing) == not_found))
     for argv, fit in checks:
         try:
             ran = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
