@@ -66,7 +66,7 @@ from mailflow.transports.generic import GenericMaps
 from mailflow.transports.lmtp import LmtpTransport
 from mailflow.transports.local.agent import CommandSettings, LocalTransport
 from mailflow.transports.maildir import MaildirTransport, MaildirWriter, virtual_maildirs
-from mailflow.transports.pipe import PipeTransport, command_spool
+from mailflow.transports.pipe import PipeTransport, command_spool, start_setpriv_check
 from mailflow.transports.smtp import SmtpTransport
 from mailflow.transports.smtp_checks import OutboundChecks
 from mailflow.transports.smtp.chat import client_log
@@ -180,6 +180,7 @@ def build_transports(config, resolver, clock, router, forward=None, mailbox=None
     shutdown_grace): how long local's close waits for a /file append under way; `rng` orders the SMTP clients' equal
     MX preferences and a host's addresses (the server's, so that a seeded server delivers the same way each run)."""
     tables = router.tables.view()  # (a table the routing names too is read once)
+    start_setpriv_check()  # (local's |commands and the pipe services run as users through it)
     mta_sts = build_mta_sts(config, resolver)
     registry: dict[str, Transport] = {}  # local hands mailboxes to the others (mailbox_transport, fallback_transport)
     registry.update({

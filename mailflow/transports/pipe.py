@@ -30,7 +30,7 @@ Runner (used by pipe services and by local's `|command` destinations):
   so neither a command killed with its output unread nor a program it left running in a session of its own can
   hold the delivery or a descriptor of ours. `user`: as root, run as that user (its groups too), through util-linux's
   setpriv so that the spawn is a vfork (never a fork of the whole server on the event loop: `_spawn_as`; a setpriv
-  that fails a check made once per process is not used, with one warning: `_setpriv_works`), setpriv's own
+  found unfit by its check is not used, with one warning: `_SetprivCheck`), setpriv's own
   failures reported as the switch's and the exec's were; not as root, only our own user. A file the kernel cannot
   run (ENOEXEC, no `#!`) is run as `/bin/sh FILE args`, as glibc's execvp runs it for Postfix's pipe_command() and
   exec_command() (setpriv's execvp does; run directly, `_started`).
@@ -89,6 +89,7 @@ Never raises for a delivery problem; results carry relay=NAME.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import errno
 import functools
@@ -340,8 +341,6 @@ SETPRIV = "/usr/bin/setpriv"  # util-linux's (essential in Debian): switches ide
 _SETPRIV_LINE = re.compile(r"setpriv: (.*): ([^:\n]*)\n")  # err(3)'s `setpriv: what: why`, alone in the output
 _SWITCH_FAILED = frozenset({"setresuid failed", "setresgid failed", "setgroups failed"})  # exit 127 (PRIVERR)
 _ERRNO_OF = {os.strerror(number): number for number in errno.errorcode}  # (setpriv runs in the C locale: env is PATH)
-_SETPRIV_WORKS: dict[str, bool] = {}  # setpriv's path: whether _setpriv_works found it fit, once per process
-_SETPRIV_CHECKING = threading.Lock()
 
 
 def _setpriv_line_limit(argv: list[str]) -> int:
@@ -352,21 +351,18 @@ def _setpriv_line_limit(argv: list[str]) -> int:
 async def _spawn_as(who: _Identity | None, argv: list[str]) -> tuple[list[str], dict[str, Any], bool]:
     """What create_subprocess_exec runs to run argv as `who`, the keywords that switch identity, and whether it goes
     through setpriv (whose own failures then read as the command's: `_setpriv_failure`). As root, through SETPRIV
-    (when `_setpriv_works`): given user, group or groups, CPython's _posixsubprocess fork()s this whole process on
-    the event loop's thread (page tables copied, then copy-on-write faults until the child execs: 30 ms at 10 MB,
-    120 ms at 1 GB of RSS per command), where without them it vfork()s (the parent waits only for the exec, whatever
-    its size); setpriv makes the switch in the vfork()ed child's program (setresuid, setresgid, setgroups, after
-    _posixsubprocess's chdir, umask and new session, as root as before), in the same process. It keeps its
-    capabilities until its own exec, so it execs a second setpriv, without options, that runs with none: its
+    (when `_SetprivCheck` found it works): given user, group or groups, CPython's _posixsubprocess fork()s this
+    whole process on the event loop's thread (page tables copied, then copy-on-write faults until the child execs:
+    30 ms at 10 MB, 120 ms at 1 GB of RSS per command), where without them it vfork()s (the parent waits only for
+    the exec, whatever its size); setpriv makes the switch in the vfork()ed child's program (setresuid, setresgid,
+    setgroups, after _posixsubprocess's chdir, umask and new session, as root as before), in the same process. It
+    keeps its capabilities until its own exec, so it execs a second setpriv, without options, that runs with none: its
     execvp() of the command finds and opens it with the user's rights only (a program the user may not reach is
     EACCES, as with the switch made before the exec), and says why it failed as the first would. Without a setpriv
     that works: the keywords (a fork)."""
     if who is None:
         return argv, {}, False
-    works = _SETPRIV_WORKS.get(SETPRIV)
-    if works is None:
-        works = await asyncio.to_thread(_setpriv_works, SETPRIV)
-    if not works:
+    if not await _SETPRIV_CHECK.works(SETPRIV):
         return argv, {"user": who.uid, "group": who.gid, "extra_groups": list(who.groups)}, False
     return _through_setpriv(SETPRIV, who.uid, who.gid, who.groups, argv), {}, True
 
@@ -378,25 +374,94 @@ def _through_setpriv(setpriv: str, uid: int, gid: int, groups: tuple[int, ...], 
     return [setpriv, f"--reuid={uid}", f"--regid={gid}", f"--groups={listed}", "--", setpriv, "--", *argv]
 
 
-def _setpriv_works(setpriv: str) -> bool:
-    """Whether `setpriv` does what _spawn_as and _setpriv_failure rely on, found once per process (a worker thread's
-    job: it runs setpriv three times), with one warning when it does not: `--version` names util-linux (busybox's
-    has no --reuid); switched to uid and gid 65534, it runs a second setpriv that runs /bin/true (exit 0); and the
-    same for a program that is not there is setpriv's line `failed to execute PROG: No such file or directory` with
-    status 127 (older util-linux says `cannot execute` and exits 1; a setpriv under another name says so in its own
-    name). (A setpriv only root may run passes: the first execs the second with root's capabilities still.)"""
-    with _SETPRIV_CHECKING:
-        if setpriv not in _SETPRIV_WORKS:
+CHECK_AGAIN_AFTER = 600.0  # seconds after a check of setpriv that could not finish before the next one
+CHECK_RUN_LIMIT = 10.0  # seconds each of the check's runs of setpriv may take
+
+
+class _SetprivCheck:
+    """Whether what is at a setpriv path does what _spawn_as and _setpriv_failure rely on (`_setpriv_unfit`): checked
+    by one thread of its own at a time, every command waiting for the verdict awaiting that one run (none holds a
+    thread of the loop's default executor, which table lookups share). `start` begins it early (as root, when the
+    transports are built), `works` gives the verdict. A verdict (the runs' output or status) is kept for the
+    process's life, with one warning when setpriv is unfit. A check that could not finish (a run timed out, or
+    could not be spawned: EAGAIN, ENOMEM) gives none: commands use the keywords (a fork) until a check begun
+    CHECK_AGAIN_AFTER seconds later, or more, gives one, with one warning per such check."""
+
+    def __init__(self, verdicts: dict[str, bool] | None = None, *, again_after: float = CHECK_AGAIN_AFTER,
+                 clock: Callable[[], float] = time.monotonic):
+        self._verdicts = dict(verdicts or {})
+        self._running: dict[str, concurrent.futures.Future[bool]] = {}
+        self._next_try: dict[str, float] = {}  # after a check that could not finish: when to check again
+        self._again_after = again_after
+        self._clock = clock
+        self._lock = threading.Lock()  # the loop's thread starts checks, their thread ends them
+
+    async def works(self, setpriv: str) -> bool:
+        """Whether commands may run through `setpriv`: its verdict, awaiting the check under way or begun now (False
+        while a check that could not finish waits its interval)."""
+        verdict = self._verdicts.get(setpriv)
+        if verdict is not None:
+            return verdict
+        running = self.start(setpriv)
+        return False if running is None else await asyncio.wrap_future(running)
+
+    def start(self, setpriv: str) -> concurrent.futures.Future[bool] | None:
+        """The check of `setpriv` under way, begun now unless there is a verdict (None then, or while a check that
+        could not finish waits its interval)."""
+        with self._lock:
+            if setpriv in self._verdicts or self._clock() < self._next_try.get(setpriv, float("-inf")):
+                return None
+            running = self._running.get(setpriv)
+            if running is None:
+                running = self._running[setpriv] = concurrent.futures.Future()
+                running.set_running_or_notify_cancel()  # (so that a waiter's cancel cannot cancel it)
+                threading.Thread(target=self._check, args=(setpriv, running), name="setpriv-check",
+                                 daemon=True).start()
+            return running
+
+    def _check(self, setpriv: str, running: concurrent.futures.Future[bool]) -> None:
+        verdict = None
+        try:
+            verdict = self._verdict(setpriv)
+        finally:  # (whatever happened, the waiters get an answer: False but for a verdict that it works)
+            with self._lock:
+                del self._running[setpriv]
+                if verdict is None:
+                    self._next_try[setpriv] = self._clock() + self._again_after
+                else:
+                    self._verdicts[setpriv] = verdict
+            running.set_result(bool(verdict))
+
+    def _verdict(self, setpriv: str) -> bool | None:
+        try:
             unfit = _setpriv_unfit(setpriv)
-            if unfit:
-                log.warning("%s is not used to run commands as a user (they are forked with the server): %s",
-                            setpriv, unfit)
-            _SETPRIV_WORKS[setpriv] = not unfit
-        return _SETPRIV_WORKS[setpriv]
+        except (OSError, subprocess.SubprocessError) as e:
+            log.warning("%s could not be checked (%s): commands run as a user are forked with the server until a "
+                        "check %.0f s later or more", setpriv, e, self._again_after)
+            return None
+        if unfit:
+            log.warning("%s is not used to run commands as a user (they are forked with the server): %s",
+                        setpriv, unfit)
+        return not unfit
+
+
+_SETPRIV_CHECK = _SetprivCheck()  # the process's: what is at a path stays what it was, as far as it may
+
+
+def start_setpriv_check() -> None:
+    """As root, begin checking SETPRIV (in a thread of its own) so that the first command run as a user need not
+    wait for it."""
+    if os.geteuid() == 0:
+        _SETPRIV_CHECK.start(SETPRIV)
 
 
 def _setpriv_unfit(setpriv: str) -> str:
-    """Why `setpriv` is not fit for _spawn_as ("" when it is): see _setpriv_works."""
+    """Why `setpriv` is not fit for _spawn_as ("" when it is), from three runs (raising OSError or
+    SubprocessError, a timeout, when one could not end): `--version` names util-linux (busybox's has no --reuid);
+    switched to uid and gid 65534, it runs a second setpriv that runs /bin/true (exit 0); and the same for a program
+    that is not there is setpriv's line `failed to execute PROG: No such file or directory` with status 127 (older
+    util-linux says `cannot execute` and exits 1; a setpriv under another name says so in its own name). (A setpriv
+    only root may run passes: the first execs the second with root's capabilities still.)"""
     missing = "/nonexistent/mailflow-setpriv-check"
     not_found = (os.strerror(errno.ENOENT), errno.ENOENT)
     checks: tuple[tuple[list[str], Callable[[int, str], bool]], ...] = (
@@ -405,11 +470,8 @@ def _setpriv_unfit(setpriv: str) -> str:
         (_through_setpriv(setpriv, 65534, 65534, (65534,), [missing]),
          lambda code, output: _setpriv_failure(code, output, missing) == not_found))
     for argv, fit in checks:
-        try:
-            ran = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 env={"PATH": DEFAULT_PATH}, cwd="/", timeout=10, check=False)
-        except (OSError, subprocess.SubprocessError) as e:
-            return f"{' '.join(argv)}: {e}"
+        ran = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             env={"PATH": DEFAULT_PATH}, cwd="/", timeout=CHECK_RUN_LIMIT, check=False)
         output = ran.stdout.decode("utf-8", "surrogateescape")
         if not fit(ran.returncode, output):
             return f"{' '.join(argv)}: exit status {ran.returncode}, output {output[:200]!r}"

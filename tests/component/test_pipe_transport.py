@@ -15,6 +15,7 @@ failing; a script without `#!` run by /bin/sh on every path; size_limit; config 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import gc
 import inspect
@@ -29,12 +30,15 @@ import weakref
 
 import pytest
 
-from mailflow.config import PipeService, config_from_dict
+from mailflow.clock import VirtualClock
+from mailflow.config import Config, PipeService, config_from_dict
 from mailflow.errors import ConfigError
 from mailflow.config.queue import leaves_too_little
 from mailflow.content import Content
 from mailflow.model import DeliveryRequest, Outcome, Recipient
+from mailflow.routing.router import Router
 from mailflow.stages.smtpd.handler import short_of_space
+from mailflow.transports import build_transports
 from mailflow.transports import pipe as pipe_module
 from mailflow.transports.pipe import CommandNotRun, CommandSpool, PipeTransport, command_spool, run_command
 from tests.support import big_message, eventually, script_dir, spooled
@@ -491,7 +495,8 @@ async def test_a_script_without_an_interpreter_line_is_run_by_the_shell_as_execv
         ways += [("nobody", works, pwd.getpwnam("nobody").pw_uid) for works in (True, False)]
     for user, setpriv_works, uid in ways:
         if setpriv_works is not None:
-            monkeypatch.setitem(pipe_module._SETPRIV_WORKS, pipe_module.SETPRIV, setpriv_works)
+            check = pipe_module._SetprivCheck({pipe_module.SETPRIV: setpriv_works})
+            monkeypatch.setattr(pipe_module, "_SETPRIV_CHECK", check)
         for argv0 in (str(plain), "plain"):
             result = await run_command([argv0, "one"], stdin=b"", env={"PATH": path}, time_limit=5,
                                        output_limit=1000, user=user)
@@ -559,7 +564,7 @@ async def test_a_setpriv_that_cannot_be_run_is_not_the_commands_exec_failing(tmp
     true: No such file or directory`, whose ENOENT would send a local `|true` on to /bin/sh for nothing)."""
     gone = str(tmp_path / "setpriv")
     monkeypatch.setattr(pipe_module, "SETPRIV", gone)
-    monkeypatch.setattr(pipe_module, "_SETPRIV_WORKS", {gone: True})
+    monkeypatch.setattr(pipe_module, "_SETPRIV_CHECK", pipe_module._SetprivCheck({gone: True}))
     with pytest.raises(CommandNotRun) as refused:
         await run_command(["true"], stdin=b"", env={}, time_limit=5, output_limit=10, user="nobody")
     assert (refused.value.text, refused.value.exec_errno, refused.value.exec_failure) == (
@@ -598,13 +603,99 @@ async def test_a_setpriv_that_does_not_work_as_needed_is_not_used(scripts, monke
     warning naming the setpriv."""
     fake = scripts.script("setpriv", FAKE_SETPRIVS[kind])
     monkeypatch.setattr(pipe_module, "SETPRIV", str(fake))
-    monkeypatch.setattr(pipe_module, "_SETPRIV_WORKS", {})
+    monkeypatch.setattr(pipe_module, "_SETPRIV_CHECK", pipe_module._SetprivCheck())
     for _ in range(2):
         ran = await run_command(["/usr/bin/id", "-u"], stdin=b"", env={}, time_limit=10, output_limit=100,
                                 user="nobody")
         assert ran == pipe_module.CommandResult(0, None, False, f"{pwd.getpwnam('nobody').pw_uid}\n")
     [warning] = [r.getMessage() for r in caplog.records if r.name == "mailflow.pipe"]
     assert warning.startswith(f"{fake} is not used to run commands as a user"), warning
+
+
+def recorded_spawns(monkeypatch) -> list[dict]:
+    """Each spawn's program and the identity keywords _posixsubprocess was given (uid None: no switch of its own)."""
+    spawns = []
+    execute_child = subprocess.Popen._execute_child
+    parameters = inspect.signature(execute_child)
+
+    def recorded(self, *args, **kwargs):
+        given = parameters.bind(self, *args, **kwargs).arguments
+        spawns.append({"program": given["args"][0], "uid": given["uid"]})
+        return execute_child(self, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", recorded)
+    return spawns
+
+
+def checks_of_setpriv(monkeypatch, *outcomes, taking: float = 0.3) -> list[str]:
+    """_setpriv_unfit made to give `outcomes` in turn (an exception: raised), each `taking` s; the paths it checked."""
+    checked: list[str] = []
+
+    def unfit(setpriv: str) -> str:
+        checked.append(setpriv)
+        time.sleep(taking)
+        outcome = outcomes[len(checked) - 1]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(pipe_module, "_setpriv_unfit", unfit)
+    return checked
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root switches users")
+async def test_commands_waiting_for_setprivs_check_share_one_run_and_hold_no_executor_thread(monkeypatch):
+    """Ten commands as a user start while setpriv has no verdict: one check runs (in a thread of its own), all ten
+    await it, and the loop's default executor (table lookups, a reload's check) stays free meanwhile: each waiting
+    command held one of its threads, so an unrelated job waited out the check."""
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(pipe_module, "_SETPRIV_CHECK", pipe_module._SetprivCheck())
+    checked = checks_of_setpriv(monkeypatch, "", taking=1.0)
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+    commands = [asyncio.ensure_future(run_command(["/usr/bin/id", "-u"], stdin=b"", env={}, time_limit=10,
+                                                  output_limit=100, user="nobody")) for _ in range(10)]
+    await asyncio.sleep(0.05)
+    began = time.monotonic()
+    await asyncio.to_thread(lambda: None)
+    waited = time.monotonic() - began
+    results = await asyncio.gather(*commands)
+    assert {result.output for result in results} == {f"{pwd.getpwnam('nobody').pw_uid}\n"}
+    assert checked == [pipe_module.SETPRIV]
+    assert waited < 0.5, waited
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root switches users")
+async def test_a_check_of_setpriv_that_could_not_finish_is_made_again_after_its_interval(monkeypatch, caplog):
+    """A check that timed out (or could not spawn: EAGAIN) gives no verdict: that command and those of the next
+    CHECK_AGAIN_AFTER seconds run forked with the keywords, with one warning, and the next command after that checks
+    again; setpriv found fit, commands go through it from then on, with no further check. (A timeout turned setpriv
+    off for the process's life.)"""
+    now = [1000.0]
+    monkeypatch.setattr(pipe_module, "_SETPRIV_CHECK", pipe_module._SetprivCheck(again_after=600,
+                                                                                  clock=lambda: now[0]))
+    checked = checks_of_setpriv(monkeypatch, subprocess.TimeoutExpired(pipe_module.SETPRIV, 10), "")
+    spawns = recorded_spawns(monkeypatch)
+    nobody = pwd.getpwnam("nobody").pw_uid
+    for later in (0, 599, 2, 0):
+        now[0] += later
+        ran = await run_command(["/usr/bin/id", "-u"], stdin=b"", env={}, time_limit=10, output_limit=100,
+                                user="nobody")
+        assert ran.output == f"{nobody}\n"
+    assert len(checked) == 2
+    assert spawns == [{"program": "/usr/bin/id", "uid": nobody}] * 2 + [
+        {"program": pipe_module.SETPRIV, "uid": None}] * 2
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "mailflow.pipe"]
+    assert warning.startswith(f"{pipe_module.SETPRIV} could not be checked"), warning
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root switches users")
+async def test_the_transports_built_as_root_begin_setprivs_check(monkeypatch):
+    """The check of setpriv begins when the transports are built, before any command waits for it."""
+    monkeypatch.setattr(pipe_module, "_SETPRIV_CHECK", pipe_module._SetprivCheck())
+    checked = checks_of_setpriv(monkeypatch, "")
+    config = Config()
+    build_transports(config, None, VirtualClock(), Router(config))
+    await eventually(lambda: checked == [pipe_module.SETPRIV])
 
 
 # ------------------------------------------------------------------------------------------------ config
