@@ -42,7 +42,6 @@
     await TableCache.preload()         read every file-backed table once, in a worker thread (a server calls
                                        it before it listens)
     TableCache.file_tables()           the tables read from a file, its views' too (mailflow.tables.retire)
-    file_tables(tables)                the same of a list of tables
 
 Failure behaviour: `open` raises ConfigError for a bad spec; `run` raises LookupRetry past the slowest blocking
 table's deadline (plus RUN_GRACE): in the default executor counted from the call to `run` (its wait for a thread
@@ -58,6 +57,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 from mailflow.errors import LookupRetry
 from mailflow.tables.base import Table
+from mailflow.tables.files import FromFile
 from mailflow.tables.spec import open_table
 from mailflow.tables.sqlite import SQLITE_TIMEOUT
 
@@ -75,7 +75,7 @@ class TableCache:
         self._clock = clock
         self._previous = previous  # the generation this one replaces, until built (or abandoned)
         if previous is not None and shared is None:
-            shared = _Shared({}, {key: t for key, t in previous._held().items() if hasattr(t, "unchanged")})
+            shared = _Shared({}, {key: t for key, t in previous._held().items() if _is_file_table(t)})
         self._shared = shared  # the views' (and this cache's) while they are being built; None: its own only
         self._open: dict[tuple[str, bool], Table] = {}  # those opened through this cache
         self._blocking: list[Table] = []  # those of _open that may wait on I/O (asked at every run())
@@ -117,13 +117,13 @@ class TableCache:
             return []
         checked_only = [key for key in (check._open if check is not None else ()) if shared.openers[key] == 1]
         for key in checked_only:  # (a file table stays, for the next reload to take over while its file is unchanged)
-            if not hasattr(shared.tables[key], "reading"):
+            if not _is_file_table(shared.tables[key]):
                 del shared.tables[key]
         self._kept, shared.tables = shared.tables, None
         replaced = self._previous.file_tables() if self._previous is not None else []
         self._previous, shared.reusable = None, {}
         kept = {id(table) for table in self._held().values()}
-        return [table for table in file_tables(replaced) if id(table) not in kept]
+        return [table for table in replaced if id(table) not in kept]
 
     def abandoned(self) -> list[Any]:
         """See the module docstring."""
@@ -146,7 +146,7 @@ class TableCache:
     def file_tables(self) -> list[Any]:
         """The tables read from a file (texthash, regexp, pcre, cidr: files.FromFile) opened through this
         cache or its views."""
-        return file_tables(list(self._held().values()))
+        return list({id(table): table for table in self._held().values() if _is_file_table(table)}.values())
 
     def _held(self) -> dict[tuple[str, bool], Table]:
         """The tables opened through this cache or (while being built, then those kept) its views."""
@@ -187,7 +187,7 @@ class TableCache:
         """Read every file-backed table now, in a worker thread: the first lookups find them loaded."""
         import asyncio  # (as in `run`)
 
-        files = [t for t in self._open.values() if hasattr(t, "load")]  # every FromFile (files.py)
+        files = [t for t in self._open.values() if _is_file_table(t)]
         if files:
             await asyncio.get_running_loop().run_in_executor(None, _load_all, files)
 
@@ -215,9 +215,10 @@ class _Shared:
         return table
 
 
-def file_tables(tables: list) -> list[Any]:
-    """Those of `tables` read from a file, each once."""
-    return list({id(table): table for table in tables if hasattr(table, "reading")}.values())
+def _is_file_table(table: Table) -> bool:
+    """Read into memory from a file (texthash, regexp, pcre, cidr): a reload may take it over, and its retirement
+    takes its contents apart (mailflow.tables.retire)."""
+    return isinstance(table, FromFile)
 
 
 def _load_all(tables: list) -> None:
