@@ -41,7 +41,8 @@
                                        a table opened here may block
     await TableCache.preload()         read every file-backed table once, in a worker thread (a server calls
                                        it before it listens)
-    TableCache.file_tables()           the tables read from a file, its views' too (mailflow.tables.retire)
+    TableCache.file_tables()           the tables read from a file, its views' too (what read_itself and the
+                                       next generation's built() choose from; retire takes those lists)
 
 Failure behaviour: `open` raises ConfigError for a bad spec; `run` raises LookupRetry past the slowest blocking
 table's deadline (plus RUN_GRACE): in the default executor counted from the call to `run` (its wait for a thread

@@ -10,13 +10,14 @@ member reached twice, an unknown user. Postfix finds the .forward where mailflow
 (`<maildir_base>/<user>/.forward`) through forward_path with $extension. Each recipient is one message whose
 Subject is its name.
 
-Compared per case: the copies delivered (per mailbox, /file and command: the Subjects it got, counted; notices, from
-MAILER-DAEMON, not counted: how many arrive before the case settles depends on each server's timers, a notice loop
-between list owners goes on, and test_notices_vs_postfix.py compares them); the local results (status and text; a
-resubmitted copy is a message of its own, so they are compared over the case, not per recipient). Not compared: to=
-and orig_to= of each line, nor its status: mailflow logs one line per recipient (its parts joined by `; `, those
-delivered under a failure in `(also: …)`, one text given once with `(N times)`, all under the worst status), Postfix
-one per destination (docs/transports.md); so each side's lines give a set of texts, compared.
+Compared per case: the copies delivered (per mailbox, /file and command: the Subjects it got, counted; notices not
+counted, neither those from MAILER-DAEMON nor any other message whose Subject is a notice's (NOTICE_SUBJECTS: a list
+resubmits a notice from its owner): how many arrive before the case settles depends on each server's timers, a
+notice loop between list owners goes on, and test_notices_vs_postfix.py compares them); the local results (status
+and text; a resubmitted copy is a message of its own, so they are compared over the case, not per recipient). Not
+compared: to= and orig_to= of each line, nor its status: mailflow logs one line per recipient (its parts joined by
+`; `, those delivered under a failure in `(also: …)`, one text given once with `(N times)`, all under the worst
+status), Postfix one per destination (docs/transports.md); so each side's lines give a set of texts, compared.
 
 CURATED holds seeds that agree, run as regular tests, and WRITTEN cases written out for one rule each; set
 MAILFLOW_LOCAL_SEEDS (`1-200` or `1,2,3`) to run `test_generated_local_cases_match_a_real_postfix` over those seeds
