@@ -18,6 +18,7 @@ import re2
 
 from mailflow.errors import ConfigError, LookupRetry
 from mailflow.tables import cidr as cidr_module
+from mailflow.tables import files as files_module
 from mailflow.tables import regexp as regexp_module
 from mailflow.tables import TableCache, lookup_address, lookup_local, open_table, split_extension
 from mailflow.tables.cache import RUN_GRACE
@@ -983,14 +984,18 @@ def test_a_file_rewritten_to_its_size_and_mtime_is_read_anew_for_its_ctime(tmp_p
     assert reread is not table and reread.lookup("a") == "after!"
 
 
-def test_a_table_read_as_its_file_was_just_written_is_read_again_by_a_reload(tmp_path):
+def test_a_table_read_as_its_file_was_just_written_is_read_again_by_a_reload(tmp_path, monkeypatch):
     """A read's stamp hides a write made within the file system's timestamp tick after it (a same-size rewrite keeps
     size, mtime and ctime on a coarse file system): a table whose file was changed less than RACY_MARGIN before its
-    read began is read again by a reload however unchanged its stamp looks; read later, it is taken over."""
+    read began is read again by a reload however unchanged its stamp looks; read later, it is taken over. (The
+    margin is 60 s for the first read: a runner stalled a second between the write and the read would make it late.)"""
+    margin = files_module.RACY_MARGIN
+    monkeypatch.setattr(files_module, "RACY_MARGIN", 60_000_000_000)
     path = tmp_path / "access"
     path.write_text("a before\n")
     first, [fresh] = built_generation([f"texthash:{path}"])
     assert not fresh.unchanged()
+    monkeypatch.setattr(files_module, "RACY_MARGIN", margin)
     time.sleep(settled_in(path))
     assert not fresh.unchanged()  # (its read stays unsure, however long ago the write now is)
     second, [reread] = built_generation([f"texthash:{path}"], previous=first)
