@@ -1532,7 +1532,13 @@ class QueueManager:
 
     async def _conclude(self, active: ActiveMessage, last: list[RcptResult]) -> float | None:
         """Defer or remove the message, and queue the notices its results owe, in one transaction. Returns the time
-        it is deferred to (None: removed, or deleted meanwhile)."""
+        it is deferred to (None: removed, or deleted meanwhile). Then its lines: the results as the agents gave them
+        (deferred ones too, as Postfix logs them); for a message past its lifetime Postfix's qmgr line,
+        `from=<s>, status=expired, returned to sender`, which log tools count as returned, and the recipients it
+        returns (bounced, "message expired: …": the metrics and the capture histories count them as final) told to
+        the observers without a line of their own, as Postfix writes none, RECORD_SLICE a loop turn (100 000 told in
+        one turn held the loop about 1 s; a stop's cancel between two slices loses what was not told or logged yet,
+        the end being recorded already); then `_log_end`'s. A message that has not expired adds no await."""
         msg = active.message
         now = self._clock.time()
         q = self._config
@@ -1565,7 +1571,11 @@ class QueueManager:
                          noticed=tuple(r.recipient.index for r in active.owed))
         await self._writes.run(lambda: self._store.finish(done, [n for _, n in notices], results=last),
                                f"{msg.queue_id}: recording the end of the attempt")
-        await self._log_end(active, last, notices, retry_at, now, expired=expired)
+        self._log_results(active, last, now)
+        if expired:  # (Postfix's qmgr line, then the observers told of the recipients it returns, in slices)
+            self._log.expired(msg.queue_id, msg.sender)
+            await _in_record_slices(expired, lambda part: self._tell_expired(active, part, now))
+        self._log_end(active, [*last, *expired], notices, retry_at)
         if notices:  # new mail queued with the end of the attempt: the next scan takes it
             self._rouse()
         if retry_at is not None and retry_at < self._next_scan:
@@ -1592,21 +1602,11 @@ class QueueManager:
         return await self._notices.for_attempt(active.message, results, original=original, now=now,
                                                warn_delay=warn, retry_until=retry_until)
 
-    async def _log_end(self, active: ActiveMessage, results, notices, retry_at, now: float, *,
-                       expired: list[RcptResult]) -> None:
-        """The results as the agents gave them (deferred ones too, as Postfix logs them), then for a message past
-        its lifetime Postfix's qmgr line, `from=<s>, status=expired, returned to sender`, which log tools count as
-        returned; the recipients it returns (bounced, "message expired: …": the metrics and the capture histories
-        count them as final) are told to the observers without a line of their own, as Postfix writes none,
-        RECORD_SLICE a loop turn (100 000 told in one turn held the loop about 1 s; the lines after them with the
-        last slice). A stop's cancel between two slices loses what was not told or logged yet; the end is recorded
-        already. A message that has not expired ends without an await."""
+    def _log_end(self, active: ActiveMessage, results: list[RcptResult], notices, retry_at: float | None) -> None:
+        """The lines after an attempt's results and expiry (`_conclude`): a notice discarded for `results` (the
+        expired ones too), the notices queued, `removed`."""
         msg = active.message
-        self._log_results(active, results, now)
-        if expired:
-            self._log.expired(msg.queue_id, msg.sender)
-            await _in_record_slices(expired, lambda part: self._tell_expired(active, part, now))
-        if self._notices is not None and self._notices.discards(msg, [*results, *expired]):
+        if self._notices is not None and self._notices.discards(msg, results):
             self._log.notice_discarded(msg.queue_id)
         for notice, queued in notices:  # (cleanup's message-id line first, as Postfix's bounce(8) has it written)
             head = queued.content.parts[0]
@@ -1618,7 +1618,7 @@ class QueueManager:
             self._log.removed(msg.queue_id)
 
     def _tell_expired(self, active: ActiveMessage, expired: Iterable[RcptResult], now: float) -> None:
-        """The observers told of `expired` results, with no line of their own (`_log_end`)."""
+        """The observers told of `expired` results, with no line of their own (`_conclude`)."""
         for result in expired:
             self._log.result(active.message.queue_id, result, active.stats, now, logged=False)
 
