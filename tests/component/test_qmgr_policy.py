@@ -363,9 +363,12 @@ async def test_a_big_message_past_its_lifetime_is_returned_record_slice_at_a_tim
 
 @pytest.mark.parametrize("meanwhile", ["hold", "delete"])
 async def test_a_hold_or_delete_during_the_slices_of_an_expiry_returns_nothing(sim, monkeypatch, meanwhile):
-    """An operator's hold or delete that lands while a big message's expired results are made a slice a turn
-    (`_expire_in_slices`: here after the first slice, before the others) wins, as one before the attempt's end
-    does: held, its recipients stay pending and nobody is told; deleted, it is gone and nobody is told."""
+    """An operator's hold or delete that lands while a big message's expired results are made wins, as one before
+    the attempt's end does: held, its recipients stay pending and nobody is told; deleted, it is gone and nobody is
+    told. What this shows is that `_conclude` reads the queue's state after the expiry, not before: the test puts
+    its own `_expire_in_slices` in place, which makes the first slice with qmgr's, acts (awaiting the store's
+    write, which the real slices' bare turns could not be relied on to let land in time), then makes the rest with
+    qmgr's; that the real slices hand the loop back is shown by the test before."""
     monkeypatch.setattr(qmgr_module, "RECORD_SLICE", 10)
     s = await sim(maximal_queue_lifetime=HOUR, double_bounce_recipient="")
     s.smtp.script = always(Outcome.DEFERRED, "4.4.1", "timed out")
