@@ -30,7 +30,7 @@ LEAVES = (
     "mailflow.clock", "mailflow.passwords", "mailflow.accounts", "mailflow.files", "mailflow.dsn_parameters",
     "mailflow.junk_commands", "mailflow.local_macros", "mailflow.header_addresses", "mailflow.ehlo_keywords",
     "mailflow.reply_footer", "mailflow.dnsbl_sites", "mailflow.rbl_reply", "mailflow.config_source",
-    "mailflow.workers",
+    "mailflow.workers", "mailflow.slices",
 )
 # What mailflow.config may load (besides itself): leaves only, and of those only these.
 CONFIG_MAY_LOAD = ("mailflow", "mailflow.syntax", "mailflow.restriction_vocabulary", "mailflow.pipe_argv",

@@ -177,6 +177,7 @@ from mailflow.content import Content
 from mailflow.faults import FIRST_DELAY, MAX_DELAY, ErrorKindLog, FailureLog, Guard, Retrier, describe
 from mailflow.logs import MailLog
 from mailflow.message import header_value
+from mailflow.slices import in_slices
 from mailflow.model import (Delivered, DeliveryReport, DeliveryRequest, MsgStats, NewMessage, Outcome,
                             OwnedFailure, QueuedMessage, RcptResult, Recipient, Resolution, replaced)
 from mailflow.stages.bounce import EXPIRED, wants_notice
@@ -1489,7 +1490,7 @@ class QueueManager:
     async def _log_in_slices(self, active: ActiveMessage, results: list[RcptResult]) -> None:
         """The lines of a deleted message's results (none recorded: `_results_in` keeps them all for the end),
         RECORD_SLICE a loop turn."""
-        await _in_record_slices(results, lambda part: self._log_results(active, part, self._clock.time()))
+        await in_slices(results, lambda part: self._log_results(active, part, self._clock.time()), RECORD_SLICE)
 
     def _let_go(self, active: ActiveMessage, retry_at: float | None) -> None:
         """The message leaves qmgr's hands (the end of its attempt recorded, or a stop); one whose row a scan
@@ -1574,7 +1575,7 @@ class QueueManager:
         self._log_results(active, last, now)
         if expired:  # (Postfix's qmgr line, then the observers told of the recipients it returns, in slices)
             self._log.expired(msg.queue_id, msg.sender)
-            await _in_record_slices(expired, lambda part: self._tell_expired(active, part, now))
+            await in_slices(expired, lambda part: self._tell_expired(active, part, now), RECORD_SLICE)
         self._log_end(active, [*last, *expired], notices, retry_at)
         if notices:  # new mail queued with the end of the attempt: the next scan takes it
             self._rouse()
@@ -1807,16 +1808,8 @@ async def _expire_in_slices(pending: list[RcptResult]) -> list[RcptResult]:
     """`_expire`, RECORD_SLICE results a loop turn (the 100 000 pending recipients of a message past its lifetime
     took 0.5 s of one turn)."""
     expired: list[RcptResult] = []
-    await _in_record_slices(pending, lambda part: expired.extend(_expire(part)))
+    await in_slices(pending, lambda part: expired.extend(_expire(part)), RECORD_SLICE)
     return expired
-
-
-async def _in_record_slices(results: list[RcptResult], each: Callable[[list[RcptResult]], object]) -> None:
-    """`each` of `results`, RECORD_SLICE at a time, the loop handed back between two (a few: one call, no await)."""
-    for start in range(0, len(results), RECORD_SLICE):
-        if start:
-            await asyncio.sleep(0)
-        each(results[start:start + RECORD_SLICE])
 
 
 def _complete(job: Job, report: DeliveryReport, stats: MsgStats | None,

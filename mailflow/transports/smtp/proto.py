@@ -52,6 +52,7 @@ from mailflow.content import CHUNK, Content
 from mailflow.errors import LookupRetry
 from mailflow.message import HEADER_READ_LIMIT, read_header
 from mailflow.model import ConnStats, DeliveryRequest, Recipient
+from mailflow.slices import in_slices
 from mailflow.transports.encode import Encoder, SmtpData, aencode, encode
 from mailflow.transports.generic import WireForm
 from mailflow.transports.smtp import trouble
@@ -209,7 +210,8 @@ async def _rcpt_commands_in_slices(recipients: list[Recipient], extensions: Exte
                                    wire: WireForm | None) -> list[bytes]:
     """The RCPT commands of `recipients`, trouble.SLICE a loop turn (nothing is sent before they are all made)."""
     commands: list[bytes] = []
-    await trouble.in_slices(recipients, lambda part: commands.extend(_rcpt_commands(part, extensions, smtputf8, wire)))
+    await in_slices(recipients, lambda part: commands.extend(_rcpt_commands(part, extensions, smtputf8, wire)),
+                    trouble.SLICE)
     return commands
 
 

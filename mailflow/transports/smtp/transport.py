@@ -81,6 +81,7 @@ from mailflow.config import SmtpConfig
 from mailflow.dns import MX, NotFound, Resolver, failure_text
 from mailflow.errors import DeliveryError, LookupRetry, PermanentError, TemporaryError, detached
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, Recipient
+from mailflow.slices import in_slices
 from mailflow.tables import Table, TableCache, find
 from mailflow.transports.smtp.addr import (
     Nexthop,
@@ -297,11 +298,11 @@ class SmtpTransport:
     async def _log_results(self, request: DeliveryRequest, recipients: list[Recipient], taken: Outcomes) -> None:
         """The results `taken` back from a server or site that is not the final one, a line each (`QID: host h[ip]
         said: 451 ...`), trouble.SLICE lines a loop turn (50 000 took 0.5 s in one)."""
-        for start in range(0, len(recipients), trouble.SLICE):
-            if start:
-                await asyncio.sleep(0)
-            for r in recipients[start:start + trouble.SLICE]:
-                self._log.info("%s: %s", request.queue_id, taken.results[r].text)
+        await in_slices(recipients, lambda part: self._log_lines(request, part, taken), trouble.SLICE)
+
+    def _log_lines(self, request: DeliveryRequest, recipients: list[Recipient], taken: Outcomes) -> None:
+        for r in recipients:
+            self._log.info("%s: %s", request.queue_id, taken.results[r].text)
 
     def _nexthop(self, written: str) -> Nexthop:
         """parse_nexthop's answer for a next hop as written, parsed once (the port default is this transport's

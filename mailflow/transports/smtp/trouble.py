@@ -55,8 +55,6 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
       await .take_back(recipients) -> Outcomes, .restore(taken)   a temporary failure at a peer that was not the
                                 last: the recipients go to the next peer (taken back SLICE a loop turn); what
                                 they got stands if none takes a session
-    await in_slices(recipients, each)   each(part) of `recipients`, SLICE a part, the loop handed back between
-                                two (the sliced forms above; proto's RCPT commands)
     reply_results(recipients, reply, peer, command, next_hop_notifies=False) -> {recipient: RcptResult}
                                 2xx SENT with the reply; 4xx DEFERRED, 5xx BOUNCED, with "host h[ip] said: 550
                                 5.1.1 ... (in reply to RCPT TO command)"; the reply's enhanced code, else x.0.0.
@@ -72,12 +70,12 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
 """
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from mailflow.errors import DeliveryError, PermanentError, TemporaryError
 from mailflow.model import ConnStats, DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient, replaced
+from mailflow.slices import in_slices
 from mailflow.transports.smtp.addr import Peer
 from mailflow.transports.smtp.reply import MalformedReply, Reply, ReplyFilterError
 
@@ -178,13 +176,13 @@ class Outcomes:
     async def fail_in_slices(self, recipients: Sequence[Recipient], error: DeliveryError,
                              relay: str = "none") -> "Outcomes":
         """`fail`, SLICE recipients a loop turn."""
-        await in_slices(recipients, lambda part: self.fail(part, error, relay))
+        await in_slices(recipients, lambda part: self.fail(part, error, relay), SLICE)
         return self
 
     async def fail_pending_in_slices(self, recipients: Sequence[Recipient], error: DeliveryError,
                                      relay: str = "none") -> "Outcomes":
         """`fail` of those of `recipients` without a result yet (`pending`), SLICE recipients a loop turn."""
-        await in_slices(recipients, lambda part: self.fail(self.pending(part), error, relay))
+        await in_slices(recipients, lambda part: self.fail(self.pending(part), error, relay), SLICE)
         return self
 
     def update(self, results: dict[Recipient, RcptResult]) -> None:
@@ -197,7 +195,7 @@ class Outcomes:
         if len(recipients) <= SLICE:  # (a refused MAIL or DATA of a few recipients: no slices to make)
             self.update(results(recipients))
         else:
-            await in_slices(recipients, lambda part: self.update(results(part)))
+            await in_slices(recipients, lambda part: self.update(results(part)), SLICE)
 
     def pending(self, recipients: Iterable[Recipient]) -> list[Recipient]:
         return [r for r in recipients if r not in self.results]
@@ -212,7 +210,7 @@ class Outcomes:
         if len(recipients) <= SLICE:  # (the common case, a few recipients: no slices to make)
             self.stamp(recipients, conn)
         else:
-            await in_slices(recipients, lambda part: self.stamp(part, conn))
+            await in_slices(recipients, lambda part: self.stamp(part, conn), SLICE)
 
     def site_failed(self, failure: DeliveryError) -> "Outcomes":
         """The site failed (`failure`'s text and status code: what qmgr tells the recipients of a site it
@@ -224,7 +222,7 @@ class Outcomes:
         """Forget the results of `recipients` and the site verdict (their peer was not the last: the next one
         tries them), SLICE recipients a loop turn; returns what is forgotten, for `restore`."""
         taken = Outcomes({}, self.site_ok, self.site_reason, self.site_status)
-        await in_slices(recipients, lambda part: taken.results.update({r: self.results.pop(r) for r in part}))
+        await in_slices(recipients, lambda part: taken.results.update({r: self.results.pop(r) for r in part}), SLICE)
         self.site_ok, self.site_reason, self.site_status = True, "", ""
         return taken
 
@@ -247,7 +245,7 @@ class Outcomes:
             results = self._dated(request.recipients, failed, now)
         else:
             results = []
-            await in_slices(request.recipients, lambda part: results.extend(self._dated(part, failed, now)))
+            await in_slices(request.recipients, lambda part: results.extend(self._dated(part, failed, now)), SLICE)
         return DeliveryReport(tuple(results), site_ok=self.site_ok, site_reason=self.site_reason,
                               site_status=self.site_status)
 
@@ -263,14 +261,6 @@ class Outcomes:
                 result = replaced(result, conn=failed[0])
             results.append(result)
         return results
-
-
-async def in_slices(recipients: Sequence[Recipient], each: Callable[[Sequence[Recipient]], object]) -> None:
-    """`each` of `recipients`, SLICE at a time, the loop handed back in between."""
-    for start in range(0, len(recipients), SLICE):
-        if start:
-            await asyncio.sleep(0)
-        each(recipients[start:start + SLICE])
 
 
 def reply_outcome(code: int) -> Outcome:

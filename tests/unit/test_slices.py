@@ -1,0 +1,40 @@
+"""mailflow.slices.in_slices: the parts in order, the loop handed back between two and not before the first."""
+from __future__ import annotations
+
+import asyncio
+
+from mailflow.slices import in_slices
+
+
+async def turns_while(work) -> int:
+    """How many times another task ran while `work` was awaited."""
+    ran = 0
+    done = False
+
+    async def counting() -> None:
+        nonlocal ran
+        while not done:
+            await asyncio.sleep(0)
+            ran += 1
+
+    counter = asyncio.ensure_future(counting())
+    await asyncio.sleep(0)  # (the counter started)
+    ran = 0
+    await work
+    during, done = ran, True
+    await counter
+    return during
+
+
+async def test_each_part_in_order_with_a_turn_between_two():
+    parts: list = []
+    turns = await turns_while(in_slices(list(range(25)), parts.append, 10))
+    assert parts == [list(range(10)), list(range(10, 20)), list(range(20, 25))]
+    assert turns == 2
+
+
+async def test_a_list_of_one_slice_or_less_is_one_call_with_no_turn():
+    parts: list = []
+    assert await turns_while(in_slices((1, 2, 3), parts.append, 3)) == 0
+    assert parts == [(1, 2, 3)]
+    assert await turns_while(in_slices([], parts.append, 3)) == 0 and parts == [(1, 2, 3)]
