@@ -23,7 +23,10 @@ Failures: an unknown virtual user bounces (5.1.1); a table that cannot answer or
 cannot use defers (4.3.0 / 4.3.5); an OS error defers (4.2.0: a permission the operator can fix; a full disk
 4.3.0, as Postfix's mbox_dsn),
 except a file system quota or file size limit (EDQUOT, EFBIG): a full mailbox, 5.2.2 as Postfix says (4.2.2 when
-`overquota_bounce` is False) - `write_failure(maildir, error)` is that mapping, which local(8)'s Maildirs share.
+`overquota_bounce` is False) - `write_failure(maildir, error)` is that mapping, which local(8)'s Maildirs share. Its
+texts are virtual(8)'s and local(8)'s, "maildir delivery failed: " then the step ("create maildir file PATH",
+"error writing message", "link to PATH") and the reason. The quota's text is mailflow's own ("mailbox … is full:
+USED + SIZE bytes > quota QUOTA"): Postfix's virtual(8) has no quota of its own to word it.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Iterator
 
 from mailflow import address
 from mailflow.clock import Clock
@@ -98,16 +101,16 @@ class MaildirWriter:
 
 
 def write_failure(maildir: Path, e: OSError, *, bounce_full: bool = True) -> tuple[Outcome, str, str]:
-    """What an OS error writing `maildir` means for the recipient, as Postfix's mbox_dsn maps it: a quota or the
-    file size limit (EDQUOT, EFBIG) is a full mailbox, 5.2.2 (deferred 4.2.2 when not `bounce_full`); a full
-    disk (ENOSPC) defers 4.3.0; anything else defers 4.2.0 (a permission the operator can fix; Postfix bounces
-    it 5.2.0)."""
-    reason = e.strerror or str(e)
+    """What an OS error writing `maildir` (MaildirWriter.write's: its step and reason) means for the recipient, as
+    Postfix's mbox_dsn maps it: a quota or the file size limit (EDQUOT, EFBIG) is a full mailbox, 5.2.2 (deferred
+    4.2.2 when not `bounce_full`); a full disk (ENOSPC) defers 4.3.0; anything else defers 4.2.0 (a permission the
+    operator can fix; Postfix bounces it 5.2.0). The text is local(8)'s and virtual(8)'s: "maildir delivery
+    failed: create maildir file …: Permission denied", "…: error writing message: File too large"."""
+    text = f"maildir delivery failed: {e.strerror or e}"
     if e.errno in (errno.EDQUOT, errno.EFBIG):
-        text = f"mailbox {maildir} is full: {reason}"
         return (Outcome.BOUNCED, "5.2.2", text) if bounce_full else (Outcome.DEFERRED, "4.2.2", text)
     dsn = "4.3.0" if e.errno == errno.ENOSPC else "4.2.0"
-    return Outcome.DEFERRED, dsn, f"cannot write to maildir {maildir}: {reason}"
+    return Outcome.DEFERRED, dsn, text
 
 
 def mailbox_prefix(sender: str, delivered_to: str, original: str = "") -> bytes:
@@ -207,14 +210,16 @@ def _write_maildir_file(maildir: Path, name: str, prefix: bytes, content: Conten
     """The message into tmp/, fsynced, renamed into new/, new/ fsynced; returns the error of that last fsync (the
     message is delivered by then), None when it worked. With `owner`, the directories created (from `owner.base`
     down, through fds that never follow a symbolic link) and the file get that uid and gid."""
-    dir_fd = open_directory(maildir, owner)
+    with _step(f"create maildir file {maildir / 'tmp' / name}"):
+        dir_fd = open_directory(maildir, owner)
     subs: dict[str, int] = {}
     try:
-        for sub in ("tmp", "new", "cur"):
-            subs[sub] = _subdirectory(dir_fd, sub, owner, maildir / sub)
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=subs["tmp"])
+        with _step(f"create maildir file {maildir / 'tmp' / name}"):
+            for sub in ("tmp", "new", "cur"):
+                subs[sub] = _subdirectory(dir_fd, sub, owner, maildir / sub)
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=subs["tmp"])
         try:
-            with os.fdopen(fd, "wb") as f:
+            with _step("error writing message"), os.fdopen(fd, "wb") as f:
                 if owner is not None:
                     os.fchown(f.fileno(), owner.uid, owner.gid)
                 f.write(prefix)
@@ -226,7 +231,8 @@ def _write_maildir_file(maildir: Path, name: str, prefix: bytes, content: Conten
                     f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
-            os.rename(name, name, src_dir_fd=subs["tmp"], dst_dir_fd=subs["new"])
+            with _step(f"link to {maildir / 'new' / name}"):
+                os.rename(name, name, src_dir_fd=subs["tmp"], dst_dir_fd=subs["new"])
         except BaseException:
             os.unlink(name, dir_fd=subs["tmp"])  # never leave a message in tmp/, partial or not moved (Postfix's too)
             raise
@@ -238,6 +244,16 @@ def _write_maildir_file(maildir: Path, name: str, prefix: bytes, content: Conten
     finally:
         for fd in (*subs.values(), dir_fd):
             os.close(fd)
+
+
+@contextlib.contextmanager
+def _step(doing: str) -> Iterator[None]:
+    """An OSError in the block told as `doing: <its reason>` (local(8)'s and virtual(8)'s words for the step of
+    a Maildir delivery that failed), its errno kept for write_failure."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, f"{doing}: {e.strerror or e}") from e
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,8 @@ async def test_a_system_users_mbox_is_created_as_theirs_and_one_another_uid_owns
     before = (spool / "nobody").read_bytes()
     [result] = (await local.deliver(request("nobody@local.test"))).results
     assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.2.0"), result
-    assert result.text == f"destination {spool / 'nobody'} is not owned by recipient"
+    assert result.text == (f"cannot update mailbox {spool / 'nobody'} for user nobody. "  # (local/mailbox.c's words)
+                           f"destination {spool / 'nobody'} is not owned by recipient")
     assert (spool / "nobody").read_bytes() == before
 
     [result] = (await local.deliver(request("alice@local.test"))).results  # not a system user: mailflow's own

@@ -196,7 +196,7 @@ async def test_held_dotlock_times_out_with_4_2_0_and_is_left_alone(tmp_path):
     with pytest.raises(TemporaryError) as e:
         await append_mbox(path, format_mbox_entry(b"x\n", sender="s@r.test", arrival=NOV_2), lock_timeout=0.3)
     assert 0.3 <= time.monotonic() - started < 2
-    assert e.value.dsn == "4.2.0" and "busy" in e.value.text and str(path) in e.value.text
+    assert (e.value.dsn, e.value.text) == ("4.2.0", f"unable to create lock file {lock}: File exists")  # Postfix's
     assert lock.exists() and path.read_bytes() == b""
 
 
@@ -325,7 +325,8 @@ async def test_kernel_lock_held_by_another_process_times_out(tmp_path, style):
     try:
         with pytest.raises(TemporaryError) as e:
             await append_mbox(path, b"From x  y\n\n", locks=(style,), lock_timeout=0.3)
-        assert e.value.dsn == "4.2.0" and "busy" in e.value.text
+        assert (e.value.dsn, e.value.text) == (  # deliver_flock's words
+            "4.2.0", "unable to lock for exclusive access: Resource temporarily unavailable")
         assert path.stat().st_size == 0
     finally:
         await release(child)
@@ -382,7 +383,7 @@ async def test_unwritable_place_defers_with_4_2_0_naming_the_path(tmp_path):
     path = tmp_path / "file" / "alice"  # its parent is a file: ENOTDIR
     with pytest.raises(TemporaryError) as e:
         await append_mbox(path, b"From x  y\n\n")
-    assert e.value.dsn == "4.2.0" and str(path) in e.value.text
+    assert (e.value.dsn, e.value.text) == ("4.2.0", f"cannot open directory {path.parent}: File exists")
 
 
 CHILD_SMALL_FSIZE = """
@@ -406,7 +407,7 @@ def test_write_cut_short_rolls_back_to_the_old_size(tmp_path):
     result = subprocess.run([sys.executable, "-c", CHILD_SMALL_FSIZE.format(root=str(ROOT), limit=limit,
                                                                              path=str(path))],
                             capture_output=True, text=True, timeout=30, cwd=ROOT)
-    assert result.stdout.startswith("5.2.2 mailbox") and "full" in result.stdout, result.stderr
+    assert result.stdout == "5.2.2 error writing message: File too large\n", result.stderr
     assert path.read_bytes() == first
     assert not mbox.dotlock_path(path).exists()
     asyncio.run(append_mbox(path, format_mbox_entry(b"Subject: 2\n\nnext\n", sender="", arrival=NOV_2)))

@@ -25,10 +25,13 @@ CASES = [(errno.ENOSPC, Outcome.DEFERRED, "4.3.0"), (errno.EDQUOT, Outcome.BOUNC
 
 @pytest.mark.parametrize("code, outcome, dsn", CASES)
 def test_mbox_and_maildir_map_an_os_error_alike(code, outcome, dsn):
-    error = OSError(code, "reason")
-    assert write_failure(Path("/m"), error)[:2] == (outcome, dsn)
-    mapped = _os_error(Path("/m"), error, "write")
+    """The status alike, each text in local(8)'s words: "error writing message: <why>" (mail_copy), after
+    "maildir delivery failed: " for a Maildir."""
+    error = OSError(code, "error writing message: reason")
+    assert write_failure(Path("/m"), error) == (outcome, dsn, "maildir delivery failed: error writing message: reason")
+    mapped = _os_error(OSError(code, "reason"), "error writing message")
     assert (isinstance(mapped, PermanentError), mapped.dsn) == (outcome is Outcome.BOUNCED, dsn)
+    assert mapped.text == "error writing message: reason"
 
 
 async def test_a_maildir_file_that_cannot_be_moved_into_new_is_not_left_in_tmp(tmp_path, monkeypatch):

@@ -47,7 +47,8 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
 5. Files (allowed ones): appended in mbox format under the mailbox locks (the same sender as commands); as root
    by a forked child running as the leaf's `rights` or else `default_privs`; `/dev/null` accepts and discards.
    A file whose directory does not exist is not created (its directories neither: deferred 4.2.0 until someone
-   makes it), and an executable file is not written (bounced 5.7.1 "file is executable", as local(8)).
+   makes it), and an executable file is not written (bounced 5.7.1 "file is executable", as local(8)). A file
+   in a directory its writer may not write is appended to without the dotlock (a warning), as local(8) does.
 The recipient's result (about the member, `expanded`, when an alias led it to one mailbox only, as local(8) logs it;
 with `expansion` when an alias, a list or a .forward expanded it: its success notice says "alias expanded", as
 local(8)'s; with `owner` when the one part that bounced was a list's command or file, or a file it may not write:
@@ -71,9 +72,12 @@ named somewhere not stopped (local(8) meets it there).
 Failures: never raises for a recipient (what is no delivery problem, a bug, defers that recipient 4.3.0
 "unknown mail transport error", logged with its traceback); an OS error writing a Maildir defers (4.2.0), but a quota or
 the file size limit (EDQUOT, EFBIG; `local.mailbox_size_limit` for each mbox file, /file destination and
-Maildir file) bounces 5.2.2 mailbox full, as Postfix's local(8) does; an mbox or file
-append that fails defers or bounces as mailflow.transports.local.mbox says (busy 4.2.0, full 5.2.2, a symlink 5.2.0);
-a table or file that cannot be read defers (4.3.0); a forward cleanup cannot queue defers (4.3.0).
+Maildir file) bounces 5.2.2, as Postfix's local(8) does; an mbox or file append that fails defers or bounces as
+mailflow.transports.local.mbox says (busy 4.2.0, full 5.2.2, a symlink 5.2.0). The texts are local(8)'s: the
+reason mbox or maildir.write_failure gives (mail_copy's, mbox_open's) after "cannot update mailbox PATH for user
+USER. " (the mailbox, local/mailbox.c) or "cannot append message to file PATH: " (a /file, local/file.c); a Maildir's
+"maildir delivery failed: …". A table or file that cannot be read defers (4.3.0); a forward cleanup cannot queue
+defers (4.3.0).
 """
 from __future__ import annotations
 
@@ -362,7 +366,7 @@ class LocalTransport:
         except DeliveryError as e:
             if not spool_made and not path.parent.is_dir():
                 return _spool_missing(path.parent)
-            return _failed(e)
+            return _failed(e, f"cannot update mailbox {path} for user {leaf.user}. ")  # (local/mailbox.c's words)
         return Part(Outcome.SENT, "2.0.0", "delivered to mailbox")
 
     async def _owner(self, user: str) -> tuple[int, int] | None:
@@ -396,10 +400,10 @@ class LocalTransport:
         try:  # (held: the child as `as_user` cannot open the queue's files; the writing thread opens them)
             await append_mbox(Path(leaf.path), entry, locks=self._local.mailbox_delivery_lock, user=as_user,
                               size_limit=self._local.mailbox_size_limit, create_parents=False,
-                              refuse_executable=True, workers=self._file_writers.run,
+                              file_destination=True, workers=self._file_writers.run,
                               write_limit=self._local.command_time_limit)
         except DeliveryError as e:
-            return _failed(e)
+            return _failed(e, f"cannot append message to file {leaf.path}: ")  # (local/file.c's words)
         return Part(Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}")
 
     async def _pass(self, request: DeliveryRequest, rcpt: Recipient, leaf: Pass, expansion: str = "") -> RcptResult:
@@ -657,8 +661,9 @@ def _spool_missing(spool: Path) -> Part:
     return Part(Outcome.DEFERRED, "4.2.0", spool_missing(spool))
 
 
-def _failed(e: DeliveryError) -> Part:
-    return Part(Outcome.BOUNCED if e.permanent else Outcome.DEFERRED, e.dsn, e.text)
+def _failed(e: DeliveryError, prefix: str = "") -> Part:
+    """`e` as a part's result, its text after `prefix` (what local(8) says of the destination)."""
+    return Part(Outcome.BOUNCED if e.permanent else Outcome.DEFERRED, e.dsn, prefix + e.text)
 
 
 def _also(text: str, done: list[str]) -> str:

@@ -58,21 +58,32 @@ own mbox_open always takes the dotlock first, whatever the order of the setting.
   looks at, and what a holder refreshes with touch.
 Every try is non-blocking (see "How an append works" for the waits between attempts).
 
-Failures (exceptions from mailflow.errors, with Postfix's mbox_open/mbox_dsn as the reference):
-- a lock not obtained within `lock_timeout`: TemporaryError 4.2.0 "mailbox … is busy";
-- the final path component is a symbolic link, a directory, not a regular file, or a file with more than one
-  hard link: PermanentError 5.2.0. Postfix's safe_open refuses these (bar root-owned symlinks, a Solaris
-  exception we do not need) and local(8) bounces them with 5.2.0: the mailbox is unusable until someone
-  fixes it, and following a link someone planted is how mail gets written over another file;
-- with `refuse_executable` (a /file destination), a file with an execute bit: PermanentError 5.7.1, as
-  local(8) refuses to append to a program;
+Failures (exceptions from mailflow.errors, with Postfix's mbox_open/mbox_dsn as the reference). Each text is the
+reason in Postfix's words (safe_open's, mbox_open's, mail_copy's), without the destination: the local agent puts
+local(8)'s "cannot update mailbox PATH for user USER. " or "cannot append message to file PATH: " before it.
+- a lock another holder keeps for all of `lock_timeout`: TemporaryError 4.2.0 "unable to create lock file
+  PATH.lock: File exists" (dot_lockfile's words) or "unable to lock for exclusive access: Resource temporarily
+  unavailable" (deliver_flock's);
+- a dotlock that cannot be made for another reason: TemporaryError 4.2.0 "unable to create lock file …: <why>";
+  for a /file destination (`file_destination`) only a warning, and the file is written without it, as local(8)'s
+  MBOX_DOT_LOCK_MAY_FAIL (an alias's file in a directory its writer may not write);
+- the final path component is a symbolic link ("file is a symbolic link"), a directory ("cannot open file: Is a
+  directory"), not a regular file, or a file with more than one hard link ("file has N hard links"):
+  PermanentError 5.2.0. Postfix's safe_open refuses these (bar root-owned symlinks, a Solaris exception we do not
+  need) and local(8) bounces them with 5.2.0: the mailbox is unusable until someone fixes it, and following a link
+  someone planted is how mail gets written over another file;
+- with `file_destination`, a file with an execute bit: PermanentError 5.7.1 "file is executable", as local(8)
+  refuses to append to a program;
 - with `owner`, a mailbox another uid owns: TemporaryError 4.2.0 "destination … is not owned by recipient",
   Postfix's strict_mailbox_ownership text (someone must fix the owner; meanwhile the mail waits). One that a
   concurrent delivery has just created and not yet given to the owner (empty, ours) is waited for instead;
-- EDQUOT / EFBIG (a quota or the file size limit; `size_limit` too): PermanentError 5.2.2 "mailbox full", as
-  Postfix does;
-- ENOSPC: TemporaryError 4.3.0, as Postfix's mbox_dsn says (the Maildir writer the same);
-- any other OS error: TemporaryError 4.2.0 naming the path (a permission or a disk the operator can fix).
+- the file replaced while being locked: TemporaryError 4.2.0 "target file status changed unexpectedly";
+- an OS error, its status as mbox_dsn maps it: EDQUOT / EFBIG (a quota or the file size limit; `size_limit` too)
+  PermanentError 5.2.2, ENOSPC TemporaryError 4.3.0; any other TemporaryError 4.2.0 where Postfix bounces 5.2.0
+  (a permission or a disk the operator can fix: the mail waits for it). Its text says the step: "error writing
+  message: <why>" (mail_copy), "cannot create file exclusively: <why>" / "cannot open file: <why>" (safe_open;
+  the former too for a file whose directory is missing), "cannot open directory DIR: <why>" (mailflow's own
+  step: it opens the directory first), "error reading message: <why>" for the queued message (4.3.0).
 """
 from __future__ import annotations
 
@@ -217,7 +228,7 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes] | HeldEntry, *,
                       locks: tuple[LockStyle, ...] = DEFAULTS.local.mailbox_delivery_lock,
                       lock_timeout: float = DEFAULT_LOCK_TIMEOUT, stale_lock_time: float = STALE_LOCK_TIME,
                       user: str | None = None, owner: tuple[int, int] | None = None, size_limit: int = 0,
-                      create_parents: bool = True, refuse_executable: bool = False, home: Path | None = None,
+                      create_parents: bool = True, file_destination: bool = False, home: Path | None = None,
                       workers: Callable[[Callable[[], LockStyle | None]], Awaitable[LockStyle | None]] | None = None,
                       write_limit: float | None = None) -> None:
     """Append `entry` (from format_mbox_entry) to the mbox file at `path`, durably, under `locks` (taken in
@@ -233,8 +244,10 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes] | HeldEntry, *,
     entry that would make the file bigger is not kept: PermanentError 5.2.2, as the EFBIG of
     Postfix's file size limit.
     `create_parents`: make the missing directories above the file (a mailbox), or not (a /file destination an
-    alias or .forward names: a missing directory is an OS error, TemporaryError 4.2.0). `refuse_executable`: an
-    existing file with an execute bit is not written, PermanentError 5.7.1 (local(8)'s "file is executable").
+    alias or .forward names: a missing directory is an OS error, TemporaryError 4.2.0). `file_destination`: local(8)'s
+    rules for a /file: an existing file with an execute bit is not written, PermanentError 5.7.1 ("file is
+    executable"), and a dotlock that cannot be made (not busy: a directory the writer may not write) is only warned
+    about.
     `workers(call)`: runs each attempt in a thread of the caller's own pool instead of the default executor's (a
     file that never answers then holds one of those threads, never one that the queue and smtpd share).
     `write_limit`: with `user`, the seconds the child's write may go without progress (a piece of the entry
@@ -243,7 +256,7 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes] | HeldEntry, *,
     (asuser.call_as's `keep`) and closes at its end; a queue file that cannot be opened is 4.3.0."""
     if len(set(locks)) != len(locks) or not set(locks) <= set(_LOCK_STYLES):
         raise ValueError(f"lock styles {locks!r}: each of {', '.join(_LOCK_STYLES)} at most once")
-    rest = (tuple(locks), stale_lock_time, owner, size_limit, create_parents, refuse_executable, home)
+    rest = (tuple(locks), stale_lock_time, owner, size_limit, create_parents, file_destination, home)
 
     def attempt() -> LockStyle | None:  # (in a worker thread)
         with _built(entry) as (body, keep):
@@ -256,7 +269,7 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes] | HeldEntry, *,
     while (busy := await (asyncio.to_thread(attempt) if workers is None else workers(attempt))) is not None:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise _busy(Path(path), busy, lock_timeout)
+            raise _busy(Path(path), busy)
         await asyncio.sleep(min(delay, left))  # (no thread waits: see the module docstring)
         delay = min(delay * 2, most)
 
@@ -271,15 +284,15 @@ def _built(entry: bytes | Iterable[bytes] | HeldEntry) -> Iterator[tuple[bytes |
         try:
             held = opened.enter_context(entry.content.held())
         except OSError as e:
-            raise TemporaryError("4.3.0", f"cannot read the queued message: {e.strerror or e}") from None
+            raise TemporaryError("4.3.0", f"error reading message: {e.strerror or e}") from None
         yield entry.build(held.content), held.descriptors
 
 
-def _busy(path: Path, style: LockStyle, timeout: float) -> TemporaryError:
+def _busy(path: Path, style: LockStyle) -> TemporaryError:
+    """The lock another holder kept for the whole lock_timeout, in dot_lockfile's and deliver_flock's words."""
     if style == "dotlock":
-        return TemporaryError("4.2.0", f"mailbox {path} is busy: {dotlock_path(path)} exists "
-                                       f"(no dotlock within {timeout:g}s)")
-    return TemporaryError("4.2.0", f"mailbox {path} is busy: no {style} lock within {timeout:g}s")
+        return TemporaryError("4.2.0", f"unable to create lock file {dotlock_path(path)}: {os.strerror(errno.EEXIST)}")
+    return TemporaryError("4.2.0", f"unable to lock for exclusive access: {os.strerror(errno.EAGAIN)}")
 
 
 def _append_once_as(user: str, write_limit: float | None, keep: tuple[int, ...], *args) -> LockStyle | None:
@@ -302,7 +315,7 @@ def _appended(*args, writing: Progress | None = None) -> bytes:
 
 def _append_once(path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockStyle, ...], stale_lock_time: float,
                  owner: tuple[int, int] | None = None, size_limit: int = 0, create_parents: bool = True,
-                 refuse_executable: bool = False, home: Path | None = None, *,
+                 file_destination: bool = False, home: Path | None = None, *,
                  writing: Progress | None = None) -> LockStyle | None:
     """One attempt at the append: open the mailbox, try each lock once, write. None once written; the style of
     the first lock another holder has (every lock taken is let go again, nothing written) for a later attempt.
@@ -310,29 +323,31 @@ def _append_once(path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockSt
     directory (`_open_folder`). `writing`: told of the write's progress (`_write_or_roll_back`)."""
     try:
         folder = _open_folder(path.parent, owner, home, create_parents)
-        try:
-            return _append_in(folder, path, entry, locks, stale_lock_time, owner, size_limit, refuse_executable,
-                              writing)
-        finally:
-            os.close(folder)
+    except OSError as e:  # (a file in a missing directory cannot be created: safe_open's words then)
+        doing = "cannot create file exclusively" if e.errno == errno.ENOENT else f"cannot open directory {path.parent}"
+        raise _os_error(e, doing) from None
+    try:
+        return _append_in(folder, path, entry, locks, stale_lock_time, owner, size_limit, file_destination, writing)
     except DeliveryError:
         raise
-    except OSError as e:
-        raise _os_error(path, e, "update") from None
+    except OSError as e:  # (a lock that fails otherwise than busy, the fstat: ours, not Postfix's)
+        raise _os_error(e, "cannot open file") from None
+    finally:
+        os.close(folder)
 
 
 def _append_in(folder: int, path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockStyle, ...],
                stale_lock_time: float, owner: tuple[int, int] | None, size_limit: int,
-               refuse_executable: bool, writing: Progress | None = None) -> LockStyle | None:
+               file_destination: bool, writing: Progress | None = None) -> LockStyle | None:
     """`_append_once` in the mailbox's directory, `folder`."""
-    fd = _open_mailbox(path, owner, refuse_executable, folder)
+    fd = _open_mailbox(path, owner, file_destination, folder)
     dotlocked = False
     try:
         for style in locks:
             if style == "dotlock":
-                made = _try_dotlock(path, stale_lock_time, folder)
+                made = _try_dotlock(path, stale_lock_time, folder, may_fail=file_destination)
                 taken = made is not None
-                if made is not None:
+                if made is not None and made >= 0:
                     dotlocked = True  # (before its close: a close hung on NFS, stopped by the timer, removes it too)
                     os.close(made)
             else:
@@ -363,11 +378,11 @@ def _open_folder(folder: Path, owner: tuple[int, int] | None, home: Path | None,
     return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
-def _open_mailbox(path: Path, owner: tuple[int, int] | None = None, refuse_executable: bool = False,
+def _open_mailbox(path: Path, owner: tuple[int, int] | None = None, file_destination: bool = False,
                   folder: int | None = None) -> int:
     """The mailbox opened for appending, created 0600 if missing (and given to `owner`); never through a
     symlink, never a directory, a special file, a file with other hard links, with `owner` a file another
-    uid owns or, with `refuse_executable`, an executable file. O_NONBLOCK keeps a FIFO planted there from
+    uid owns or, with `file_destination`, an executable file. O_NONBLOCK keeps a FIFO planted there from
     hanging us. A mailbox another delivery of this server is creating for `owner` at this moment (empty, still
     ours until its fchown) is waited for, up to NEWBORN_WAIT, instead of being refused as another uid's. `folder`:
     a descriptor of its directory (None: the path is opened as it is)."""
@@ -380,7 +395,7 @@ def _open_mailbox(path: Path, owner: tuple[int, int] | None = None, refuse_execu
             st = os.fstat(fd)
             wait = owner is not None and _newborn(st, owner) and time.monotonic() < deadline
             if not wait:
-                _check_mailbox(path, st, owner, refuse_executable)
+                _check_mailbox(path, st, owner, file_destination)
         except BaseException:
             os.close(fd)
             raise
@@ -395,14 +410,14 @@ def _newborn(st: os.stat_result, owner: tuple[int, int]) -> bool:
     return st.st_uid != owner[0] and st.st_uid == os.geteuid() and st.st_size == 0 and stat.S_ISREG(st.st_mode)
 
 
-def _check_mailbox(path: Path, st: os.stat_result, owner: tuple[int, int] | None, refuse_executable: bool) -> None:
+def _check_mailbox(path: Path, st: os.stat_result, owner: tuple[int, int] | None, file_destination: bool) -> None:
     """Raise the DeliveryError that forbids appending to this file (see `_open_mailbox`), if any."""
     if not stat.S_ISREG(st.st_mode):
-        raise PermanentError("5.2.0", f"mailbox {path} is not a regular file")
+        raise PermanentError("5.2.0", "file is not a regular file")
     if st.st_nlink != 1:
-        raise PermanentError("5.2.0", f"mailbox {path} has {st.st_nlink} hard links")
-    if refuse_executable and st.st_mode & (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH):
-        raise PermanentError("5.7.1", f"file {path} is executable")
+        raise PermanentError("5.2.0", f"file has {st.st_nlink} hard links")
+    if file_destination and st.st_mode & (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH):
+        raise PermanentError("5.7.1", "file is executable")
     if owner is not None and st.st_uid != owner[0]:  # (qmgr logs the deferral, with the queue id)
         raise TemporaryError("4.2.0", f"destination {path} is not owned by recipient")
 
@@ -415,23 +430,24 @@ def _at(path: Path, folder: int | None) -> str:
 def _open_or_create(path: Path, folder: int | None = None) -> tuple[int, bool]:
     """(fd, whether this call created the file)."""
     flags = os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # (read: its last byte)
+    doing = "cannot create file exclusively"  # (safe_open's words for each step)
     try:
         try:
             return os.open(_at(path, folder), flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=folder), True
         except FileExistsError:
-            pass
+            doing = "cannot open file"
         try:
             return os.open(_at(path, folder), flags, dir_fd=folder), False
         except PermissionError:  # a file we may write but not read: appended to without the look at its end
             return os.open(_at(path, folder), flags & ~os.O_RDWR | os.O_WRONLY, dir_fd=folder), False
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise PermanentError("5.2.0", f"mailbox {path} is a symbolic link: not followed") from None
+            raise PermanentError("5.2.0", "file is a symbolic link") from None
         if e.errno == errno.EISDIR:
-            raise PermanentError("5.2.0", f"mailbox {path} is a directory, not an mbox file") from None
+            raise PermanentError("5.2.0", f"cannot open file: {e.strerror}") from None
         if e.errno == errno.ENXIO:  # a FIFO without a reader
-            raise PermanentError("5.2.0", f"mailbox {path} is not a regular file") from None
-        raise
+            raise PermanentError("5.2.0", "file is not a regular file") from None
+        raise _os_error(e, doing) from None
 
 
 def _try_kernel_lock(fd: int, style: LockStyle) -> bool:
@@ -454,9 +470,11 @@ def dotlock_path(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
-def _try_dotlock(path: Path, stale_lock_time: float, folder: int | None) -> int | None:
+def _try_dotlock(path: Path, stale_lock_time: float, folder: int | None, may_fail: bool = False) -> int | None:
     """Create `<path>.lock`: its descriptor, for the caller to close once it has noted the lock as its own (the
-    close of a new file can hang on NFS); or None: it is there, removed when stale for the next attempt."""
+    close of a new file can hang on NFS), -1 when it cannot be made and `may_fail` (a /file destination in a
+    directory the user may not write: warned about and written without it, as mbox_open's
+    MBOX_DOT_LOCK_MAY_FAIL); or None: it is there, removed when stale for the next attempt."""
     lock = dotlock_path(path)
     try:
         return os.open(_at(lock, folder), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -465,7 +483,10 @@ def _try_dotlock(path: Path, stale_lock_time: float, folder: int | None) -> int 
         _break_stale_dotlock(lock, stale_lock_time, folder)
         return None
     except OSError as e:
-        raise TemporaryError("4.2.0", f"cannot create lock file {lock}: {e.strerror}") from None
+        if may_fail:
+            log.warning("unable to create lock file %s: %s", lock, e.strerror)
+            return -1
+        raise _os_error(e, f"unable to create lock file {lock}") from None
 
 
 def _break_stale_dotlock(lock: Path, stale_lock_time: float, folder: int | None) -> None:
@@ -496,7 +517,7 @@ def _check_still_the_mailbox(fd: int, path: Path, folder: int | None) -> None:
     except FileNotFoundError:
         now = None
     if now is None or held.st_nlink != 1 or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
-        raise TemporaryError("4.2.0", f"mailbox {path} was removed or replaced while being locked")
+        raise TemporaryError("4.2.0", "target file status changed unexpectedly")  # (mbox_open's words)
 
 
 def _write_or_roll_back(fd: int, path: Path, entry: bytes | Iterable[bytes], size_limit: int = 0,
@@ -534,7 +555,7 @@ def _write_or_roll_back(fd: int, path: Path, entry: bytes | Iterable[bytes], siz
         finally:  # (the timer is one-shot and its handler disarms itself first: nothing interrupts this)
             _truncate(fd, path, size)
         if isinstance(e, OSError):
-            raise _os_error(path, e, "write to") from None
+            raise _os_error(e, "error writing message") from None
         raise
 
 
@@ -570,11 +591,13 @@ def _truncate(fd: int, path: Path, size: int) -> None:
         log.error("cannot truncate mailbox %s back to %d bytes after a failed write: %s", path, size, e.strerror)
 
 
-def _os_error(path: Path, e: OSError, doing: str) -> DeliveryError:
-    reason = e.strerror or str(e)
+def _os_error(e: OSError, doing: str) -> DeliveryError:
+    """`doing: <the error>` with mbox_dsn's status: a quota or the file size limit bounces 5.2.2, a full disk
+    defers 4.3.0, anything else defers 4.2.0 (Postfix bounces that one 5.2.0: see the module docstring)."""
+    text = f"{doing}: {e.strerror or e}"
     if e.errno in (errno.EDQUOT, errno.EFBIG):
-        return PermanentError("5.2.2", f"mailbox {path} is full: {reason}")
+        return PermanentError("5.2.2", text)
     if e.errno == errno.ENOSPC:
-        return TemporaryError("4.3.0", f"cannot {doing} mailbox {path}: {reason}")
-    return TemporaryError("4.2.0", f"cannot {doing} mailbox {path}: {reason}")
+        return TemporaryError("4.3.0", text)
+    return TemporaryError("4.2.0", text)
 
