@@ -9,10 +9,13 @@ notice's Diagnostic-Code is made from the same text, tests/interop/test_notices_
 dotlock cannot be made: written without it, as local(8)'s MBOX_DOT_LOCK_MAY_FAIL). A file that cannot be created
 in such a directory is told in Postfix's words, but deferred 4.2.0 where Postfix bounces 5.2.0 (an OS error the
 administrator can fix, docs/transports.md): its text is compared, its status asserted apart. Masked: the spool's folder.
+And virtual(8)'s: a Maildir that cannot be made (a file stands in its place), "maildir delivery failed: create
+maildir file …" (masked: the base and the file's unique name).
 """
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import subprocess
 import tempfile
@@ -168,3 +171,84 @@ def test_a_file_that_cannot_be_created_is_told_in_postfixs_words(runs):
     assert postfix == ("5.2.0", "bounced", "cannot append message to file SPOOL/closed/new: "
                                            "cannot create file exclusively: Permission denied")
     assert mailflow == ("4.2.0", "deferred", postfix[2])
+
+
+# ---------------------------------------------------------------------------------------------- virtual(8)
+VIRTUAL_MAPS = "inline:{ {c@virt.test=c/} }"  # c: a regular file where the Maildir should be
+_VIRTUAL_RESULT = re.compile(r"[ /]virtual(?:\[\d+\])?: \w+: to=<(?P<to>[^>]*)>, .*dsn=(?P<dsn>[^,]+), "
+                             r"status=(?P<status>\w+) \((?P<text>.*)\)$")
+_TMP_NAME = re.compile(r"/tmp/[^/:]+:")
+
+
+def virtual_results(log: str, base: Path) -> dict[str, tuple[str, str, str]]:
+    """Each virtual recipient's first result, the base and the Maildir file's unique name masked."""
+    found: dict[str, tuple[str, str, str]] = {}
+    for m in filter(None, map(_VIRTUAL_RESULT.search, log.splitlines())):
+        text = _TMP_NAME.sub("/tmp/NAME:", m["text"].replace(str(base), "BASE"))
+        found.setdefault(m["to"], (m["dsn"], m["status"], text))
+    return found
+
+
+def prepared_base() -> Path:
+    base = Path(tempfile.mkdtemp(prefix="mailflow-vbase-"))
+    base.chmod(0o755)
+    shutil.chown(base, NOBODY, NOBODY)
+    (base / "c").write_text("not a Maildir\n")
+    shutil.chown(base / "c", NOBODY, NOBODY)
+    return base
+
+
+async def send_virtual(port: int) -> None:
+    c = await SmtpClient.connect(port)
+    assert (await c.cmd("EHLO client.test")).code == 250
+    assert (await c.cmd("MAIL FROM:<s@sender.test>")).code == 250
+    assert (await c.cmd("RCPT TO:<c@virt.test>")).code == 250
+    assert (await c.cmd("DATA")).code == 354
+    await c.send(BODY.format(name="c").encode() + b".\r\n")
+    assert (await c.reply()).code == 250
+    await c.cmd("QUIT")
+    await c.close()
+
+
+VIRTUAL = {"virtual_mailbox_domains": "virt.test", "virtual_mailbox_maps": VIRTUAL_MAPS,
+           "virtual_uid_maps": f"static:{NOBODY}", "virtual_gid_maps": f"static:{NOBODY}"}
+
+
+async def virtual_postfix() -> dict[str, tuple[str, str, str]]:
+    base = prepared_base()
+    try:
+        async with postfix_instance({**COMMON, **VIRTUAL, "mydestination": "", "virtual_mailbox_base": str(base),
+                                     "transport_maps": "inline:{sender.test=discard:}"}) as pf:
+            await send_virtual(pf.port)
+            await eventually(lambda: "c@virt.test" in virtual_results(pf.maillog, base), timeout=30, step=0.1)
+            return virtual_results(pf.maillog, base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def virtual_mailflow(tmp: Path) -> dict[str, tuple[str, str, str]]:
+    base = prepared_base()
+    settings = merged(base_settings(tmp), {
+        **COMMON, **{key: [value] for key, value in VIRTUAL.items()},
+        "mydestination": [], "virtual_mailbox_base": str(base), "transport_maps": ["inline:{sender.test=discard:}"]})
+    try:
+        with mail_log_file(tmp / "mail.log") as log:
+            mf = Mailflow(config_from_dict(settings), shutdown_grace=2.0)
+            await mf.start()
+            try:
+                await send_virtual(mf.smtp_addresses[0][1])
+                await eventually(lambda: "c@virt.test" in virtual_results(log.read_text(), base), timeout=30, step=0.1)
+                return virtual_results(log.read_text(), base)
+            finally:
+                await mf.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_virtual_maildir_that_cannot_be_made_is_told_as_postfixs(tmp_path):
+    """virtual(8): "maildir delivery failed: create maildir file BASE/c/tmp/NAME: Not a directory", deferred
+    4.2.0 (a file stands where the Maildir should be); mailflow said "cannot write to maildir BASE/c: …"."""
+    postfix = asyncio.run(virtual_postfix())
+    mailflow = asyncio.run(virtual_mailflow(tmp_path))
+    assert mailflow == postfix == {"c@virt.test": (
+        "4.2.0", "deferred", "maildir delivery failed: create maildir file BASE/c/tmp/NAME: Not a directory")}
