@@ -2,15 +2,15 @@
 configured alike (local domain origin.test, the spool folder's mbox mailboxes, mailbox_size_limit and
 message_size_limit 5000, aliases to /file destinations written as `nobody`).
 
-Compared, for each recipient, the dsn, status and text of its first local result in the mail log (a bounce
-notice's Diagnostic-Code is made from the same text, tests/interop/test_notices_vs_postfix.py): a mailbox and a
-/file past the file size limit (EFBIG: "error writing message: File too large", 5.2.2), an executable file
-(5.7.1), a symbolic link and a directory (5.2.0), a file that exists in a directory its writer may not write (the
-dotlock cannot be made: written without it, as local(8)'s MBOX_DOT_LOCK_MAY_FAIL). A file that cannot be created
-in such a directory is told in Postfix's words, but deferred 4.2.0 where Postfix bounces 5.2.0 (an OS error the
-administrator can fix, docs/transports.md): its text is compared, its status asserted apart. Masked: the spool's folder.
-And virtual(8)'s: a Maildir that cannot be made (a file stands in its place), "maildir delivery failed: create
-maildir file …" (masked: the base and the file's unique name).
+Compared, for each recipient, the dsn, status and text of its first local result in the mail log (a bounce notice's
+Diagnostic-Code is made from the same text, tests/interop/test_notices_vs_postfix.py): a mailbox and a /file past
+the file size limit (EFBIG: "error writing message: File too large", 5.2.2), an executable file (5.7.1), a symbolic
+link and a directory (5.2.0), a dotlock held past the 20 s wait (4.2.0), a file that exists in a directory its
+writer may not write (the dotlock cannot be made: written without it, as local(8)'s MBOX_DOT_LOCK_MAY_FAIL). A file
+that cannot be created in such a directory is told in Postfix's words, but deferred 4.2.0 where Postfix bounces
+5.2.0 (an OS error the administrator can fix, docs/transports.md): its text is compared, its status asserted apart.
+Masked: the spool's folder. And virtual(8)'s: a Maildir that cannot be made (a file stands in its place), "maildir
+delivery failed: create maildir file …" (masked: the base and the file's unique name).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ COMMON = {"myhostname": "mx.origin.test", "myorigin": "origin.test"}
 # the failures' destinations (folders made by `prepared_spool`), by the alias naming them
 DESTINATIONS = {"mbox": "nobody", "big": "{spool}/files/big", "exe": "{spool}/files/exe",
                 "link": "{spool}/files/link", "folder": "{spool}/files", "held": "{spool}/closed/held",
-                "create": "{spool}/closed/new"}
+                "create": "{spool}/closed/new", "busy": "{spool}/files/busy"}
 BOUNCED = ("mbox", "big", "exe", "link", "folder")
 BODY = "Subject: {name}\r\nMessage-ID: <{name}@client.test>\r\nFrom: s@sender.test\r\n\r\nbody\r\n"
 
@@ -50,14 +50,16 @@ class Run:
 
 def prepared_spool() -> tuple[Path, Path]:
     """A spool folder anyone may write, with `files/` (the same) and `closed/` (root's, 0755); the mailbox and
-    files/big nearly at LIMIT, files/exe executable, files/link a link to big, closed/held nobody's (empty)."""
+    files/big nearly at LIMIT, files/exe executable, files/link a link to big, closed/held nobody's (empty),
+    files/busy with a fresh dotlock that nobody removes (the wait for it: 20 s, as Postfix's default)."""
     spool = Path(tempfile.mkdtemp(prefix="mailflow-fail-"))
     spool.chmod(0o1777)
     (spool / "files").mkdir(mode=0o1777)
     (spool / "files").chmod(0o1777)
     (spool / "closed").mkdir(mode=0o755)
     for path, size, mode in ((spool / "nobody", LIMIT - 10, 0o600), (spool / "files/big", LIMIT - 10, 0o600),
-                             (spool / "files/exe", 10, 0o700), (spool / "closed/held", 0, 0o600)):
+                             (spool / "files/exe", 10, 0o700), (spool / "closed/held", 0, 0o600),
+                             (spool / "files/busy", 10, 0o600), (spool / "files/busy.lock", 0, 0o600)):
         path.write_text("x" * (size - 1) + "\n" if size else "")
         path.chmod(mode)
         shutil.chown(path, NOBODY, NOBODY)
@@ -82,7 +84,7 @@ async def send(port: int) -> None:
 
 async def logged(read_log) -> dict[str, tuple[str, str, str, str, str]]:
     try:
-        await eventually(lambda: set(DESTINATIONS) <= set(first_results(read_log())), timeout=30, step=0.1)
+        await eventually(lambda: set(DESTINATIONS) <= set(first_results(read_log())), timeout=60, step=0.1)
     except AssertionError:
         raise AssertionError(f"no local result for {sorted(set(DESTINATIONS) - set(first_results(read_log())))}:"
                              f"\n{read_log()[-3000:]}") from None
@@ -103,6 +105,7 @@ async def run_postfix() -> Run:
         async with postfix_instance({**COMMON, "mydestination": "origin.test", "alias_maps": f"hash:{table}",
                                      "home_mailbox": "", "mail_spool_directory": str(spool),
                                      "mailbox_size_limit": str(LIMIT), "message_size_limit": str(LIMIT),
+                                     "deliver_lock_attempts": "2", "deliver_lock_delay": "1s",  # (the text alike)
                                      "transport_maps": "inline:{sender.test=discard:}"}) as pf:
             await send(pf.port)
             found = await logged(lambda: pf.maillog)
@@ -152,6 +155,15 @@ def test_failure_texts_and_codes_are_postfixs(runs):
     assert postfix["exe"] == ("5.7.1", "bounced", "cannot append message to file SPOOL/files/exe: file is executable")
     assert postfix["link"] == ("5.2.0", "bounced",
                                "cannot append message to file SPOOL/files/link: file is a symbolic link")
+
+
+def test_a_lock_held_past_the_wait_is_told_as_postfixs(runs):
+    """dot_lockfile's "unable to create lock file PATH.lock: File exists", deferred 4.2.0; mailflow said "mailbox
+    PATH is busy: PATH.lock exists (no dotlock within 20s)"."""
+    postfix, mailflow = runs["postfix"].results, runs["mailflow"].results
+    assert mailflow["busy"] == postfix["busy"] == (
+        "4.2.0", "deferred",
+        "cannot append message to file SPOOL/files/busy: unable to create lock file SPOOL/files/busy.lock: File exists")
 
 
 def test_a_file_whose_dotlock_cannot_be_made_is_written_without_it_as_postfixs(runs):
