@@ -1,4 +1,5 @@
-"""Maildir delivery (Postfix virtual(8); local(8) writes its mailboxes with `MaildirWriter` too).
+"""Maildir delivery (Postfix virtual(8); local(8) writes its mailboxes with `MaildirWriter` too, and its `/dir/`
+destinations with `write_maildir_file` in a child running as the user: mailflow.transports.local.maildir_file).
 
 `MaildirWriter(clock).write(maildir, prefix, content)`: one message file, durably: `prefix` (whole LF lines) then
 the content (a mailflow.content.Content) with LF line ends, converted chunk by chunk as it is written, so a big
@@ -43,7 +44,7 @@ from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
-from typing import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, AsyncIterator, BinaryIO, Callable, Iterator
 
 from mailflow import address
 from mailflow.clock import Clock
@@ -51,6 +52,9 @@ from mailflow.content import Content
 from mailflow.errors import TemporaryError
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
 from mailflow.transports.encode import ToLf, encode
+
+if TYPE_CHECKING:  # (local imports this module: at run time the name is only an annotation)
+    from mailflow.transports.local.asuser import Progress
 
 Locate = Callable[[str], "Path | None"]
 log = logging.getLogger("mailflow.maildir")
@@ -88,13 +92,14 @@ class MaildirWriter:
         """`size_limit` (bytes, 0 = none; local's mailbox_size_limit): a bigger file raises OSError EFBIG. Once the
         file is in new/ the message is delivered: a failed fsync of new/ after it is a warning (keyed by
         `queue_id`), not an error: a retry would deliver a second copy (Postfix never fsyncs the directory)."""
-        name = self._unique_name()
-        unsynced = await asyncio.to_thread(_write_maildir_file, maildir, name, prefix, content, owner, size_limit)
+        name = self.unique_name()
+        unsynced = await asyncio.to_thread(write_maildir_file, maildir, name, prefix, content, owner, size_limit)
         if unsynced is not None:
             log.warning("%s: maildir %s: new/%s delivered, but new/ could not be synced to disk: %s",
                         queue_id or "NOQUEUE", maildir, name, unsynced.strerror or unsynced)
 
-    def _unique_name(self) -> str:
+    def unique_name(self) -> str:
+        """A file name for a new message: no other this process gives is the same."""
         now = self._clock.time()
         sec, usec = int(now), int((now % 1) * 1_000_000)
         return f"{sec}.M{usec}P{os.getpid()}Q{next(self._seq)}.{self._host}"
@@ -205,11 +210,14 @@ class MaildirTransport:
         return RcptResult(rcpt, Outcome.DEFERRED, "4.2.2", text, relay=self._relay)
 
 
-def _write_maildir_file(maildir: Path, name: str, prefix: bytes, content: Content,
-                        owner: Owner | None = None, size_limit: int = 0) -> OSError | None:
+def write_maildir_file(maildir: Path, name: str, prefix: bytes, content: Content, owner: Owner | None = None,
+                       size_limit: int = 0, *, writing: Progress | None = None) -> OSError | None:
     """The message into tmp/, fsynced, renamed into new/, new/ fsynced; returns the error of that last fsync (the
     message is delivered by then), None when it worked. With `owner`, the directories created (from `owner.base`
-    down, through fds that never follow a symbolic link) and the file get that uid and gid."""
+    down, through fds that never follow a symbolic link) and the file get that uid and gid. `writing` (a child's
+    clock, asuser.Progress): told before the first write and after each piece, ended once the file is fsynced
+    (then nothing interrupts the rename: a message renamed into new/ is never reported as failed); an
+    interruption before that removes the file from tmp/ as any failure does."""
     with _step(f"create maildir file {maildir / 'tmp' / name}"):
         dir_fd = open_directory(maildir, owner)
     subs: dict[str, int] = {}
@@ -222,18 +230,12 @@ def _write_maildir_file(maildir: Path, name: str, prefix: bytes, content: Conten
             with _step("error writing message"), os.fdopen(fd, "wb") as f:
                 if owner is not None:
                     os.fchown(f.fileno(), owner.uid, owner.gid)
-                f.write(prefix)
-                written = len(prefix)
-                for chunk in encode(content.chunks(), ToLf()):
-                    written += len(chunk)
-                    if size_limit and written > size_limit:
-                        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
+                _write_message(f, prefix, content, size_limit, writing)
             with _step(f"link to {maildir / 'new' / name}"):
                 os.rename(name, name, src_dir_fd=subs["tmp"], dst_dir_fd=subs["new"])
         except BaseException:
+            if writing is not None:
+                writing.ended()  # (the unlink is not interrupted: only the parent's last resort stops it)
             os.unlink(name, dir_fd=subs["tmp"])  # never leave a message in tmp/, partial or not moved (Postfix's too)
             raise
         try:
@@ -244,6 +246,29 @@ def _write_maildir_file(maildir: Path, name: str, prefix: bytes, content: Conten
     finally:
         for fd in (*subs.values(), dir_fd):
             os.close(fd)
+
+
+def _write_message(f: BinaryIO, prefix: bytes, content: Content, size_limit: int,
+                   writing: Progress | None) -> None:
+    """`prefix` then the content with LF line ends into `f`, flushed and fsynced (see write_maildir_file)."""
+    def moved() -> None:
+        if writing is not None:
+            writing()
+
+    moved()
+    f.write(prefix)
+    written = len(prefix)
+    for chunk in encode(content.chunks(), ToLf()):
+        written += len(chunk)
+        if size_limit and written > size_limit:
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+        f.write(chunk)
+        moved()
+    f.flush()
+    moved()
+    os.fsync(f.fileno())
+    if writing is not None:
+        writing.ended()
 
 
 @contextlib.contextmanager
@@ -280,13 +305,14 @@ _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY
 
 
 def open_directory(maildir: Path, owner: Owner | None) -> int:
-    """An fd of the Maildir directory, created if missing. Without an owner: as mkdir -p would. With one: `owner.base`
-    opened following links (made when missing, see Owner), then each component below it created 0700 and given to
-    the owner, and opened without following a symbolic link, so a link planted in a user's directories cannot send
-    the write elsewhere: OSError ELOOP "symbolic link … not followed". Both paths are compared normalised (no '..');
-    a directory not below `owner.base` is never written for the owner: OSError EPERM naming both."""
+    """An fd of the Maildir directory, created if missing. Without an owner: as mkdir -p would, each directory
+    made 0700. With one: `owner.base` opened following links (made when missing, see Owner), then each component
+    below it created 0700 and given to the owner, and opened without following a symbolic link, so a link planted
+    in a user's directories cannot send the write elsewhere: OSError ELOOP "symbolic link … not followed". Both
+    paths are compared normalised (no '..'); a directory not below `owner.base` is never written for the owner:
+    OSError EPERM naming both."""
     if owner is None:
-        maildir.mkdir(parents=True, exist_ok=True)
+        _make_dirs(maildir)
         return os.open(maildir, _DIRECTORY)
     base, target = Path(os.path.normpath(os.path.abspath(owner.base))), Path(os.path.normpath(os.path.abspath(maildir)))
     if not target.is_relative_to(base):
@@ -303,6 +329,17 @@ def open_directory(maildir: Path, owner: Owner | None) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _make_dirs(path: Path) -> None:
+    """`path` and the directories above it that are missing, each made 0700 (Postfix's make_dirs(path, 0700))."""
+    missing = []
+    while not path.is_dir() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    for made in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(made, 0o700)
 
 
 def _open_base(base: Path, owner: Owner) -> int:
