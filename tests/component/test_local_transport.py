@@ -4,7 +4,8 @@ Covered: a mailbox copy (Return-Path, X-Original-To, Delivered-To, LF line ends,
 and a remote address (both Maildirs written, one forwarded copy with Delivered-To prepended, SENT); a Delivered-To
 loop (5.4.6, nothing written); an unknown user (5.1.1); a command target (deferred 4.3.5 before anything is
 written); a refused part next to a delivered one (BOUNCED, the delivered part written); a Maildir that
-cannot be written (4.2.0); a forward that fails (4.3.0); one copy per local part per request; a local part that is a
+cannot be written (4.2.0); a /dir/ destination (a Maildir written as default_privs, its permission error, size
+limit and time limit); a forward that fails (4.3.0); one copy per local part per request; a local part that is a
 path never leaves maildir_base. The forwarder is a recording fake with the
 signature of mailflow.app's `forwarder`.
 """
@@ -38,6 +39,7 @@ from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports.local import aliasing
 from mailflow.transports.local.aliasing import LocalExpander
 from mailflow.routing.rewrite import Rewriter
+from mailflow.transports import maildir
 from mailflow.transports.local import agent, mbox
 from mailflow.transports.local.agent import LocalTransport
 from mailflow.transports.maildir import MaildirWriter
@@ -276,6 +278,49 @@ async def test_as_root_a_file_target_is_written_with_default_privs_only(tmp_path
     [result] = (await t.deliver(request("keep@example.test"))).results
     assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.2.0") and "Permission denied" in result.text
     assert not (tmp_path / "secret.mbox").exists()
+
+
+async def test_a_directory_target_is_a_maildir_written_with_default_privs(tmp_path, public_dir):
+    """local(8)'s file.c hands a name ending in "/" to deliver_maildir: tmp/ new/ cur/ made (0700, and the missing
+    directory above them), the copy (Return-Path, X-Original-To, Delivered-To, as a /file's) in new/, 0600. As
+    root all of it is default_privs', written by a child as that user: nothing made as root and given away."""
+    box = public_dir / "archive" / "box"
+    t = transport(tmp_path, f"keep: {box}/\n")
+    for _ in range(2):
+        [result] = (await t.deliver(request("keep@example.test"))).results
+        assert (result.outcome, result.dsn, result.text) == (Outcome.SENT, "2.0.0", "delivered to maildir")
+    messages = sorted((box / "new").iterdir())
+    assert [m.read_bytes() for m in messages] == [mailbox_copy("keep@example.test", "KEEP@EXAMPLE.TEST")] * 2
+    assert not list((box / "tmp").iterdir()) and not list((box / "cur").iterdir())
+    writer = pwd.getpwnam("nobody").pw_uid if os.geteuid() == 0 else os.geteuid()
+    made = [public_dir / "archive", box, box / "tmp", box / "new", box / "cur"]
+    assert {(p.stat().st_uid, p.stat().st_mode & 0o7777) for p in made} == {(writer, 0o700)}
+    assert {(m.stat().st_uid, m.stat().st_mode & 0o7777) for m in messages} == {(writer, 0o600)}
+
+
+async def test_a_directory_target_its_writer_may_not_write_defers_in_local8s_words(tmp_path, public_dir):
+    """local(8): "maildir delivery failed: create maildir file DIR/tmp/NAME: Permission denied" (Postfix bounces it
+    5.2.0; mailflow defers it, as every OS error writing a mailbox). Nothing is written there."""
+    closed = public_dir / "closed"
+    closed.mkdir(mode=0o555)
+    if os.geteuid() != 0 and os.access(closed, os.W_OK):
+        pytest.skip("this user may write any directory")
+    t = transport(tmp_path, f"keep: {closed}/box/\n")
+    [result] = (await t.deliver(request("keep@example.test"))).results
+    assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.2.0"), result.text
+    assert re.fullmatch(rf"maildir delivery failed: create maildir file {re.escape(str(closed))}/box/tmp/[^/]+: "
+                        r"Permission denied", result.text), result.text
+    assert not list(closed.iterdir())
+
+
+async def test_a_directory_target_past_mailbox_size_limit_bounces_and_keeps_nothing(tmp_path, public_dir):
+    """mailbox_size_limit is local(8)'s file size limit, its Maildir files' too: 5.2.2, tmp/ left empty."""
+    box = public_dir / "box"
+    t = transport(tmp_path, f"keep: {box}/\n", mailbox_size_limit=100)
+    [result] = (await t.deliver(request("keep@example.test"))).results
+    assert (result.outcome, result.dsn, result.text) == (
+        Outcome.BOUNCED, "5.2.2", "maildir delivery failed: error writing message: File too large")
+    assert not list((box / "tmp").iterdir()) and not list((box / "new").iterdir())
 
 
 async def test_home_mailbox_as_an_mbox_file(tmp_path):
@@ -847,6 +892,35 @@ async def test_a_file_append_that_stops_mid_write_is_rolled_back_and_the_retry_w
         await t.close()
     messages = [m["Subject"] for m in mailbox.mbox(archive)]
     assert messages == ["old", "hello"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a /dir/ is written by a child as the user only as root")
+async def test_a_maildir_file_write_that_stops_is_removed_from_tmp_and_the_retry_writes_one_copy(tmp_path, public_dir,
+                                                                                                monkeypatch):
+    """A /dir/ destination's child is a /file append's: hung mid-write, its own timer stops it after
+    command_time_limit (4.3.0), the partial file is removed from tmp/, nothing reaches new/; the retry delivers."""
+    box = public_dir / "box"
+    real_encode = maildir.encode
+
+    def stops_mid_message(*args, **kwargs):  # (consumed in the forked child, as it writes)
+        yield next(iter(real_encode(*args, **kwargs)))
+        time.sleep(3600)  # (a write that never returns)
+
+    monkeypatch.setattr(maildir, "encode", stops_mid_message)
+    t = transport(tmp_path, f"keep: {box}/\n", command_time_limit=0.5)
+    try:
+        started = time.monotonic()
+        [result] = (await asyncio.wait_for(t.deliver(request("keep@example.test")), 10)).results
+        assert (result.outcome, result.dsn, result.text) == (
+            Outcome.DEFERRED, "4.3.0", "cannot write as nobody: writing made no progress for 0.5s"), result
+        assert time.monotonic() - started < 5
+        assert not list((box / "tmp").iterdir()) and not list((box / "new").iterdir())
+        monkeypatch.setattr(maildir, "encode", real_encode)
+        [result] = (await asyncio.wait_for(t.deliver(request("keep@example.test")), 10)).results
+        assert result.outcome is Outcome.SENT, result
+    finally:
+        await t.close()
+    assert [m.read_bytes() for m in (box / "new").iterdir()] == [mailbox_copy("keep@example.test", "KEEP@EXAMPLE.TEST")]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a /file is written by a child as the user only as root")

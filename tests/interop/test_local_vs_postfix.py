@@ -7,7 +7,9 @@ command's exit statuses, its output, a signal, a shell built-in, a command with 
 without `#!`, an executable /file, an alias to the mailbox, a Delivered-To loop met through an alias); the
 environment and stdin of alias commands, one reached with an address extension and one of a mailing list with an
 `owner-` alias (whose sender is the owner, without an original recipient); what /file destinations and the
-mailbox receive. Masked: dates, queue ids, the Received header, the scripts' folder.
+mailbox receive; a /dir/ destination (a Maildir: its folders' and file's owner and mode, the message in new/) and
+one in a folder nobody may write (the same text; Postfix bounces it 5.2.0, mailflow defers it 4.2.0: asserted).
+Masked: dates, queue ids, the Received header, the scripts' folder, a Maildir file's unique name.
 
 Not compared, differences docs/transports.md describes: the body's `>From ` lines (mboxrd; none in the message
 here), the log lines of an alias with several destinations (mailflow logs one result per recipient), the
@@ -67,6 +69,8 @@ def aliases(script: Path, spool: Path) -> dict[str, str]:
         "file": f"{spool}/files/file",
         "exe": f"{spool}/files/exe",
         "nodir": f"{spool}/nodir/file",
+        "dir": f"{spool}/files/dir/",
+        "closeddir": f"{spool}/closed/dir/",
         "builtin": '"|exit 75"',
         "shellcmd": '"|echo said; exit 67"',
         **{case: f'"|{script} {case}"' for case in STATUS_CASES},
@@ -75,12 +79,14 @@ def aliases(script: Path, spool: Path) -> dict[str, str]:
 
 # (recipient's local part, a header line the message starts with)
 TRAFFIC = [("mbox", ""), ("upalias", ""), ("viaalias", "Delivered-To: nobody@origin.test\r\n"), ("cmd", ""),
-           ("cmdext+foo", ""), ("plain", ""), ("list", ""), ("file", ""), ("exe", ""), ("nodir", ""), ("builtin", ""),
+           ("cmdext+foo", ""), ("plain", ""), ("list", ""), ("file", ""), ("exe", ""), ("nodir", ""), ("dir", ""),
+           ("closeddir", ""), ("builtin", ""),
            ("shellcmd", ""), *[(case, "") for case in STATUS_CASES]]
 BODY = ("Subject: {name}\r\nMessage-ID: <{name}@client.test>\r\nDate: Sat, 05 Dec 2026 10:00:00 +0000\r\n"
         "From: s@sender.test\r\n\r\nFrom the start\r\n..dot line\r\nlast\r\n")
 COMMON = {"myhostname": "mx.origin.test", "myorigin": "origin.test", "recipient_delimiter": "+"}
 DISCARD_NOTICES = "inline:{sender.test=discard:}"
+_TMP_NAME = re.compile(r"/tmp/[^/:]+:")  # a Maildir file's unique name in tmp/
 _RESULT = re.compile(r"[ /]local(?:\[\d+\])?: \w+: to=<(?P<to>[^>]*)>, (?:orig_to=<(?P<orig>[^>]*)>, )?relay=local, .*?"
                      r"dsn=(?P<dsn>[^,]+), status=(?P<status>\w+) \((?P<text>.*)\)$")
 
@@ -93,7 +99,9 @@ class Run:
     logged_as: dict[str, tuple[str, str]] = field(default_factory=dict)  # recipient given: its result's to=, orig_to=
     records: dict[str, dict] = field(default_factory=dict)  # command name: its env (a list) and stdin
     files: dict[str, str] = field(default_factory=dict)  # file under the spool: its text, masked
+    maildir: dict[str, tuple[int, int]] = field(default_factory=dict)  # files/dir/'s folders and files: uid, mode
     created_nodir: bool = False
+    created_in_closed: list[str] = field(default_factory=list)
 
 
 async def send_traffic(port: int) -> None:
@@ -138,6 +146,7 @@ def prepared_spool(script: Path) -> tuple[Path, Path]:
     spool.chmod(0o1777)
     (spool / "files").mkdir()
     (spool / "files").chmod(0o1777)
+    (spool / "closed").mkdir(mode=0o555)  # (root's: nobody may not make a Maildir there)
     exe = spool / "files" / "exe"
     exe.write_text("#!/bin/sh\n")
     exe.chmod(0o700)
@@ -156,7 +165,8 @@ def mbox_in_any_order(mbox: str) -> str:
 
 def collect(run: Run, spool: Path, out: Path, script_folder: Path) -> Run:
     run.logged_as = {name: (to, orig) for name, (to, orig, *_) in run.results.items()}
-    run.results = {name: (dsn, status, text.replace(str(script_folder), "SCRIPTS").replace(str(spool), "SPOOL"))
+    run.results = {name: (dsn, status, _TMP_NAME.sub("/tmp/NAME:", text.replace(str(script_folder), "SCRIPTS")
+                                                                 .replace(str(spool), "SPOOL")))
                    for name, (_, _, dsn, status, text) in run.results.items()}
     for path in sorted(out.glob("*")):
         head, _, stdin = path.read_text().partition("stdin:\n")
@@ -168,6 +178,14 @@ def collect(run: Run, spool: Path, out: Path, script_folder: Path) -> Run:
         run.files[name] = masked_message((spool / name).read_text())
     run.files["nobody"] = mbox_in_any_order(masked_message((spool / "nobody").read_text()))
     run.created_nodir = (spool / "nodir").exists()
+    maildir = spool / "files" / "dir"
+    for path in sorted(maildir.rglob("*")):
+        key = str(path.relative_to(maildir).parent / ("FILE" if path.is_file() else path.name))
+        run.maildir[key] = (path.lstat().st_uid, path.lstat().st_mode & 0o7777)
+        if path.is_file():
+            run.files[f"files/dir/{key}"] = masked_message(path.read_text())
+    run.maildir["."] = (maildir.lstat().st_uid, maildir.lstat().st_mode & 0o7777)
+    run.created_in_closed = sorted(p.name for p in (spool / "closed").iterdir())
     shutil.rmtree(spool, ignore_errors=True)
     return run
 
@@ -281,3 +299,28 @@ def test_a_delivery_through_an_alias_is_logged_about_the_member_as_postfixs(runs
     assert postfix["mbox"] == ("nobody@origin.test", "mbox@origin.test")
     assert postfix["upalias"] == ("NoBody@origin.test", "upalias@origin.test")
     assert postfix["cmd"] == ("cmd@origin.test", "")
+
+
+def test_a_directory_destination_is_a_maildir_as_postfixs(runs):
+    """local(8) delivers an alias's name ending in "/" as a Maildir, with default_privs' rights: tmp/ new/ cur/ made
+    0700, the copy (Return-Path, X-Original-To, Delivered-To; no From_ line, no quoting) in new/, 0600, all
+    nobody's. mailflow appended an mbox file `dir` ("delivered to file: SPOOL/files/dir/")."""
+    postfix, mailflow = runs["postfix"], runs["mailflow"]
+    assert mailflow.results["dir"] == postfix.results["dir"] == ("2.0.0", "sent", "delivered to maildir")
+    assert mailflow.maildir == postfix.maildir == {
+        ".": (NOBODY, 0o700), "tmp": (NOBODY, 0o700), "new": (NOBODY, 0o700), "cur": (NOBODY, 0o700),
+        "new/FILE": (NOBODY, 0o600)}
+    assert mailflow.files["files/dir/new/FILE"] == postfix.files["files/dir/new/FILE"]
+    assert postfix.files["files/dir/new/FILE"].startswith(
+        "Return-Path: <s@sender.test>\nX-Original-To: dir@origin.test\nDelivered-To: dir@origin.test\n")
+    assert "\nFrom the start\n" in postfix.files["files/dir/new/FILE"]
+
+
+def test_a_directory_destination_its_writer_may_not_make_is_told_in_postfixs_words(runs):
+    """Postfix bounces it 5.2.0; mailflow defers it (an OS error the administrator can fix, docs/transports.md),
+    in Postfix's words. Nothing is made there (the child writes as nobody, not as root)."""
+    postfix, mailflow = runs["postfix"], runs["mailflow"]
+    assert postfix.results["closeddir"] == (
+        "5.2.0", "bounced", "maildir delivery failed: create maildir file SPOOL/closed/dir/tmp/NAME: Permission denied")
+    assert mailflow.results["closeddir"] == ("4.2.0", "deferred", postfix.results["closeddir"][2])
+    assert postfix.created_in_closed == mailflow.created_in_closed == []

@@ -46,6 +46,8 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
    owner and there is no original recipient (no ORIGINAL_RECIPIENT, no X-Original-To), as local(8) gives them.
 5. Files (allowed ones): appended in mbox format under the mailbox locks (the same sender as commands); as root
    by a forked child running as the leaf's `rights` or else `default_privs`; `/dev/null` accepts and discards.
+   A file name ending in "/" is a Maildir, written by such a child too (mailflow.transports.local.maildir_file,
+   local(8)'s deliver_maildir): its directories made as needed, "delivered to maildir".
    A file whose directory does not exist is not created (its directories neither: deferred 4.2.0 until someone
    makes it), and an executable file is not written (bounced 5.7.1 "file is executable", as local(8)). A file
    in a directory its writer may not write is appended to without the dotlock (a warning), as local(8) does.
@@ -104,6 +106,7 @@ from mailflow.transports.local.asuser import rights_for
 from mailflow.tables import split_extension
 from mailflow.transports.encode import ToLf, aencode
 from mailflow.transports.maildir import MaildirWriter, Owner, mailbox_prefix, spool_missing, write_failure
+from mailflow.transports.local.maildir_file import deliver_maildir_file
 from mailflow.transports.local.mbox import HeldEntry, append_mbox, from_line, mailbox_location, mbox_entry
 from mailflow.workers import BoundedWorkers
 from mailflow.transports.pipe import (SHELL_SAFE, CommandNotRun, CommandSpool, command_spool, command_diagnostic,
@@ -395,8 +398,11 @@ class LocalTransport:
             return Part(Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}")
         sender, original = _envelope(request, rcpt, leaf.sender)
         as_user = rights_for(leaf.rights, self._local.default_privs)
+        prefix = mailbox_prefix(sender, rcpt.address, original)
+        if leaf.path.endswith("/"):  # (local/file.c: a Maildir)
+            return await self._maildir_file(request, leaf, prefix, as_user)
         entry = HeldEntry(request.content, partial(mbox_entry, sender=sender, arrival=self._clock.time(),
-                                                   prepend=mailbox_prefix(sender, rcpt.address, original)))
+                                                   prepend=prefix))
         try:  # (held: the child as `as_user` cannot open the queue's files; the writing thread opens them)
             await append_mbox(Path(leaf.path), entry, locks=self._local.mailbox_delivery_lock, user=as_user,
                               size_limit=self._local.mailbox_size_limit, create_parents=False,
@@ -405,6 +411,18 @@ class LocalTransport:
         except DeliveryError as e:
             return _failed(e, f"cannot append message to file {leaf.path}: ")  # (local/file.c's words)
         return Part(Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}")
+
+    async def _maildir_file(self, request: DeliveryRequest, leaf: File, prefix: bytes, as_user: str | None) -> Part:
+        """A `/dir/` destination: a Maildir written as `as_user` (mailflow's own user when None), never as root, in
+        one of the FILE_WRITERS threads under a /file append's time limits (local.maildir_file)."""
+        try:
+            await deliver_maildir_file(Path(leaf.path), prefix, request.content, name=self._writer.unique_name(),
+                                       user=as_user, size_limit=self._local.mailbox_size_limit,
+                                       workers=self._file_writers.run, write_limit=self._local.command_time_limit,
+                                       queue_id=request.queue_id)
+        except DeliveryError as e:
+            return _failed(e)
+        return Part(Outcome.SENT, "2.0.0", "delivered to maildir")  # (local(8)'s words: the path is not named)
 
     async def _pass(self, request: DeliveryRequest, rcpt: Recipient, leaf: Pass, expansion: str = "") -> RcptResult:
         """Hand `leaf.address` to the transport `leaf` names (Postfix's deliver_pass), to `leaf.nexthop` or the
