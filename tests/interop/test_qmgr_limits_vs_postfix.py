@@ -80,8 +80,12 @@ async def test_deliveries_to_one_destination_are_the_rate_delay_apart_as_postfix
             await through_mailflow(mailflow_server, peer, {"destination_rate_delay": "1s"}, messages, tmp_path)
         await eventually(lambda: len(peer.messages) == 3, timeout=30, what=f"{server} delivered the three")
         gaps[server] = [later - earlier for earlier, later in zip(times, times[1:])]
+    # (Postfix's qmgr once delivered the first two 0.06 s apart on a loaded CI machine, the third a second later:
+    # its side is asked for the one gap it always kept; mailflow's for every gap)
+    assert gaps["postfix"][-1] >= 0.95, gaps
     for server, between in gaps.items():
-        assert all(gap >= 0.95 for gap in between), (server, between)  # (one delivery's own time before each)
+        if server == "mailflow":
+            assert all(gap >= 0.95 for gap in between), (server, between)  # (one delivery's own time before each)
         assert all(gap < 3 for gap in between), (server, between)
 
 
