@@ -13,9 +13,10 @@ import pytest
 
 from mailflow.clock import VirtualClock
 from mailflow.content import Content
-from mailflow.errors import PermanentError
+from mailflow.errors import PermanentError, TemporaryError
 from mailflow.model import DeliveryRequest, Outcome, Recipient
 from mailflow.transports import maildir
+from mailflow.transports.local import mbox
 from mailflow.transports.local.mbox import _os_error
 from mailflow.transports.maildir import MaildirTransport, MaildirWriter, write_failure
 
@@ -68,3 +69,34 @@ async def test_a_message_in_new_is_delivered_when_the_fsync_of_new_fails_after_i
     assert [(r.outcome, r.dsn) for r in report.results] == [(Outcome.SENT, "2.0.0")]
     assert len(list((box / "new").iterdir())) == 1 and not list((box / "tmp").iterdir())
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("Q1: maildir ")], caplog.text
+
+
+@pytest.mark.parametrize("file_destination", [False, True])
+async def test_a_stale_dotlock_that_cannot_be_removed_is_a_dotlock_that_cannot_be_made(tmp_path, monkeypatch, caplog,
+                                                                                       file_destination):
+    """Another user's stale lock in a sticky directory: its unlink fails EPERM. That error escaped to the catch-all
+    ("cannot open file: Operation not permitted"); Postfix's dot_lockfile gives up with it: a mailbox defers
+    "unable to create lock file P.lock: Operation not permitted", a /file is warned about and written without it."""
+    box = tmp_path / "box"
+    lock = mbox.dotlock_path(box)
+    lock.touch()
+    os.utime(lock, (1, 1))
+    real_unlink = os.unlink
+
+    def unlink(name, *args, **kwargs):
+        if str(name).endswith(".lock"):
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+        real_unlink(name, *args, **kwargs)
+    monkeypatch.setattr(mbox.os, "unlink", unlink)
+    append = mbox.append_mbox(box, b"From a  Thu Jan  1 00:00:00 1970\nb\n\n", locks=("dotlock",), lock_timeout=0.1,
+                              file_destination=file_destination)
+    if file_destination:
+        with caplog.at_level(logging.WARNING, "mailflow.mbox"):
+            await append
+        assert box.read_bytes().endswith(b"b\n\n")
+        assert f"unable to create lock file {lock}: Operation not permitted" in caplog.text
+    else:
+        with pytest.raises(TemporaryError) as failed:
+            await append
+        assert (failed.value.dsn, failed.value.text) == ("4.2.0",
+                                                         f"unable to create lock file {lock}: Operation not permitted")

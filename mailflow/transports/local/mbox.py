@@ -480,13 +480,21 @@ def _try_dotlock(path: Path, stale_lock_time: float, folder: int | None, may_fai
         return os.open(_at(lock, folder), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                        0o600, dir_fd=folder)
     except FileExistsError:
-        _break_stale_dotlock(lock, stale_lock_time, folder)
+        try:
+            _break_stale_dotlock(lock, stale_lock_time, folder)
+        except OSError as e:  # (another user's stale lock in a sticky directory: EPERM, dot_lockfile gives up)
+            return _no_dotlock(lock, e, may_fail)
         return None
     except OSError as e:
-        if may_fail:
-            log.warning("unable to create lock file %s: %s", lock, e.strerror)
-            return -1
-        raise _os_error(e, f"unable to create lock file {lock}") from None
+        return _no_dotlock(lock, e, may_fail)
+
+
+def _no_dotlock(lock: Path, e: OSError, may_fail: bool) -> int:
+    """-1 (written without the dotlock, warned) when `may_fail`, else the deferral of a dotlock that cannot be made."""
+    if may_fail:
+        log.warning("unable to create lock file %s: %s", lock, e.strerror)
+        return -1
+    raise _os_error(e, f"unable to create lock file {lock}") from None
 
 
 def _break_stale_dotlock(lock: Path, stale_lock_time: float, folder: int | None) -> None:
