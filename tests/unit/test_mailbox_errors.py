@@ -100,3 +100,32 @@ async def test_a_stale_dotlock_that_cannot_be_removed_is_a_dotlock_that_cannot_b
             await append
         assert (failed.value.dsn, failed.value.text) == ("4.2.0",
                                                          f"unable to create lock file {lock}: Operation not permitted")
+
+
+async def test_a_kernel_lock_failing_otherwise_than_busy_is_told_as_the_lock(tmp_path, monkeypatch):
+    """ENOLCK (an NFS without a lock manager) read "cannot open file: No locks available"; Postfix's deliver_flock
+    says "unable to lock for exclusive access: No locks available"."""
+    def no_locks(*args, **kwargs):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(mbox.fcntl, "fcntl", no_locks)
+    monkeypatch.setattr(mbox.fcntl, "lockf", no_locks)
+    with pytest.raises(TemporaryError) as failed:
+        await mbox.append_mbox(tmp_path / "box", b"From a  Thu Jan  1 00:00:00 1970\nb\n\n", locks=("fcntl",))
+    assert (failed.value.dsn, failed.value.text) == ("4.2.0", "unable to lock for exclusive access: No locks available")
+
+
+async def test_a_mailbox_close_that_fails_is_told_as_the_close(tmp_path, monkeypatch):
+    """An EIO from the mailbox's close (an NFS write-back) read "cannot open file: Input/output error": it names the
+    close now."""
+    box = tmp_path / "box"
+    real_close = os.close
+
+    def close(fd):
+        named = os.readlink(f"/proc/self/fd/{fd}")
+        real_close(fd)
+        if named == str(box):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+    monkeypatch.setattr(mbox.os, "close", close)
+    with pytest.raises(TemporaryError) as failed:
+        await mbox.append_mbox(box, b"From a  Thu Jan  1 00:00:00 1970\nb\n\n", locks=("fcntl",))
+    assert (failed.value.dsn, failed.value.text) == ("4.2.0", "error closing file: Input/output error")

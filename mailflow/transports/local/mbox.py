@@ -83,7 +83,10 @@ local(8)'s "cannot update mailbox PATH for user USER. " or "cannot append messag
   (a permission or a disk the operator can fix: the mail waits for it). Its text says the step: "error writing
   message: <why>" (mail_copy), "cannot create file exclusively: <why>" / "cannot open file: <why>" (safe_open;
   the former too for a file whose directory is missing), "cannot open directory DIR: <why>" (mailflow's own
-  step: it opens the directory first), "error reading message: <why>" for the queued message (4.3.0).
+  step: it opens the directory first), "unable to lock for exclusive access: <why>" (a kernel lock failing
+  otherwise than busy: ENOLCK on NFS), "cannot change file ownership: <why>" (safe_open), "bad open file status:
+  <why>" (an fstat), "error closing file: <why>" (a close: EIO at an NFS write-back), "error reading message:
+  <why>" for the queued message (4.3.0).
 """
 from __future__ import annotations
 
@@ -330,8 +333,8 @@ def _append_once(path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockSt
         return _append_in(folder, path, entry, locks, stale_lock_time, owner, size_limit, file_destination, writing)
     except DeliveryError:
         raise
-    except OSError as e:  # (a lock that fails otherwise than busy, the fstat: ours, not Postfix's)
-        raise _os_error(e, "cannot open file") from None
+    except OSError as e:  # (an fstat of the open file, which Postfix's safe_open finds fatal, in its words)
+        raise _os_error(e, "bad open file status") from None
     finally:
         os.close(folder)
 
@@ -349,7 +352,7 @@ def _append_in(folder: int, path: Path, entry: bytes | Iterable[bytes], locks: t
                 taken = made is not None
                 if made is not None and made >= 0:
                     dotlocked = True  # (before its close: a close hung on NFS, stopped by the timer, removes it too)
-                    os.close(made)
+                    _close(made, f"error closing lock file {dotlock_path(path)}")
             else:
                 taken = _try_kernel_lock(fd, style)
             if not taken:
@@ -359,7 +362,7 @@ def _append_in(folder: int, path: Path, entry: bytes | Iterable[bytes], locks: t
         return None
     finally:
         try:
-            os.close(fd)  # releases the fcntl/flock locks
+            _close(fd, "error closing file")  # releases the fcntl/flock locks
         finally:  # (a close that fails, EIO at NFS write-back, or stopped by the timer, removes it too: mbox_release)
             if dotlocked:
                 _remove_dotlock(path, folder)
@@ -391,7 +394,7 @@ def _open_mailbox(path: Path, owner: tuple[int, int] | None = None, file_destina
         fd, created = _open_or_create(path, folder)
         try:
             if created and owner is not None:
-                os.fchown(fd, *owner)
+                _chown(fd, owner)
             st = os.fstat(fd)
             wait = owner is not None and _newborn(st, owner) and time.monotonic() < deadline
             if not wait:
@@ -403,6 +406,21 @@ def _open_mailbox(path: Path, owner: tuple[int, int] | None = None, file_destina
             return fd
         os.close(fd)
         time.sleep(_FIRST_POLL)
+
+
+def _chown(fd: int, owner: tuple[int, int]) -> None:
+    try:
+        os.fchown(fd, *owner)
+    except OSError as e:
+        raise _os_error(e, "cannot change file ownership") from None  # (safe_open's words)
+
+
+def _close(fd: int, doing: str) -> None:
+    """Close `fd`; its error (EIO at an NFS write-back) told as `doing: <why>`."""
+    try:
+        os.close(fd)
+    except OSError as e:
+        raise _os_error(e, doing) from None
 
 
 def _newborn(st: os.stat_result, owner: tuple[int, int]) -> bool:
@@ -462,7 +480,7 @@ def _try_kernel_lock(fd: int, style: LockStyle) -> bool:
     except OSError as e:
         if e.errno in (errno.EAGAIN, errno.EACCES):
             return False
-        raise
+        raise _os_error(e, "unable to lock for exclusive access") from None  # (ENOLCK on NFS: deliver_flock's words)
     return True
 
 
