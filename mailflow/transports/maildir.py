@@ -3,7 +3,7 @@ destinations with `write_maildir_file` in a child running as the user: mailflow.
 
 `MaildirWriter(clock).write(maildir, prefix, content)`: one message file, durably: `prefix` (whole LF lines) then
 the content (a mailflow.content.Content) with LF line ends, converted chunk by chunk as it is written, so a big
-message is never held whole; raises OSError (also when the content's spool file cannot be read).
+message is never held whole; raises OSError (MessageUnreadable when the content's spool file cannot be read).
 `MaildirTransport(locate, clock=…, relay=…)`: `locate(recipient) -> Path | None` finds the Maildir.
 - `virtual_maildirs(base, rewriter)`: `<virtual_mailbox_base>/<virtual_mailbox_maps value>`; the value must
   end in "/" (Maildir) and stay inside the base.
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
-from typing import TYPE_CHECKING, AsyncIterator, BinaryIO, Callable, Iterator
+from typing import TYPE_CHECKING, AsyncIterator, BinaryIO, Callable, Iterable, Iterator
 
 from mailflow import address
 from mailflow.clock import Clock
@@ -109,9 +109,12 @@ def write_failure(maildir: Path, e: OSError, *, bounce_full: bool = True) -> tup
     """What an OS error writing `maildir` (MaildirWriter.write's: its step and reason) means for the recipient, as
     Postfix's mbox_dsn maps it: a quota or the file size limit (EDQUOT, EFBIG) is a full mailbox, 5.2.2 (deferred
     4.2.2 when not `bounce_full`); a full disk (ENOSPC) defers 4.3.0; anything else defers 4.2.0 (a permission the
-    operator can fix; Postfix bounces it 5.2.0). The text is local(8)'s and virtual(8)'s: "maildir delivery
+    operator can fix; Postfix bounces it 5.2.0); the queued message that cannot be read (MessageUnreadable) defers
+    4.3.0, as mail_copy's "error reading message". The text is local(8)'s and virtual(8)'s: "maildir delivery
     failed: create maildir file …: Permission denied", "…: error writing message: File too large"."""
     text = f"maildir delivery failed: {e.strerror or e}"
+    if isinstance(e, MessageUnreadable):
+        return Outcome.DEFERRED, "4.3.0", text
     if e.errno in (errno.EDQUOT, errno.EFBIG):
         return (Outcome.BOUNCED, "5.2.2", text) if bounce_full else (Outcome.DEFERRED, "4.2.2", text)
     dsn = "4.3.0" if e.errno == errno.ENOSPC else "4.2.0"
@@ -258,7 +261,7 @@ def _write_message(f: BinaryIO, prefix: bytes, content: Content, size_limit: int
     moved()
     f.write(prefix)
     written = len(prefix)
-    for chunk in encode(content.chunks(), ToLf()):
+    for chunk in encode(read_message(content.chunks()), ToLf()):
         written += len(chunk)
         if size_limit and written > size_limit:
             raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
@@ -277,8 +280,29 @@ def _step(doing: str) -> Iterator[None]:
     a Maildir delivery that failed), its errno kept for write_failure."""
     try:
         yield
+    except MessageUnreadable:
+        raise
     except OSError as e:
         raise OSError(e.errno, f"{doing}: {e.strerror or e}") from e
+
+
+class MessageUnreadable(OSError):
+    """The queued message could not be read (its spool file): mail_copy's "error reading message: <why>", which
+    defers 4.3.0 whatever the errno (the mailbox is not at fault)."""
+
+
+def read_message(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """`chunks` (the queued message's, read as they are taken), an OSError from reading them raised as
+    MessageUnreadable, so that it is not taken for the mailbox's write failing."""
+    it = iter(chunks)
+    while True:
+        try:
+            chunk = next(it)
+        except StopIteration:
+            return
+        except OSError as e:
+            raise MessageUnreadable(e.errno, f"error reading message: {e.strerror or e}") from e
+        yield chunk
 
 
 @dataclass(frozen=True)

@@ -129,3 +129,28 @@ async def test_a_mailbox_close_that_fails_is_told_as_the_close(tmp_path, monkeyp
     with pytest.raises(TemporaryError) as failed:
         await mbox.append_mbox(box, b"From a  Thu Jan  1 00:00:00 1970\nb\n\n", locks=("fcntl",))
     assert (failed.value.dsn, failed.value.text) == ("4.2.0", "error closing file: Input/output error")
+
+
+class _UnreadableContent:
+    """A queued message whose spool file fails (EIO) after its first chunk."""
+
+    def chunks(self):
+        yield b"Subject: s\r\n\r\n"
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+async def test_a_queued_message_that_cannot_be_read_is_not_a_write_failure(tmp_path):
+    """The queued message's read failing (EIO) read "error writing message: Input/output error", 4.2.0, as if the
+    mailbox were at fault; Postfix's mail_copy says "error reading message: <why>", 4.3.0. Maildir and mbox alike,
+    and nothing is left of the copy."""
+    box = tmp_path / "Maildir"
+    with pytest.raises(OSError) as failed:
+        await MaildirWriter(VirtualClock()).write(box, b"Delivered-To: a@b\n", _UnreadableContent())
+    assert write_failure(box, failed.value) == (Outcome.DEFERRED, "4.3.0",
+                                                "maildir delivery failed: error reading message: Input/output error")
+    assert list((box / "tmp").iterdir()) == []
+    mailbox = tmp_path / "box"
+    with pytest.raises(TemporaryError) as deferred:
+        await mbox.append_mbox(mailbox, _UnreadableContent().chunks(), locks=("fcntl",))
+    assert (deferred.value.dsn, deferred.value.text) == ("4.3.0", "error reading message: Input/output error")
+    assert mailbox.read_bytes() == b""

@@ -109,7 +109,7 @@ from mailflow.errors import DeliveryError, PermanentError, TemporaryError
 from mailflow.syntax import mask_control
 from mailflow.transports.encode import FinalNewline, ToLf, encode, mboxrd_quoting
 from mailflow.transports.local.asuser import CALL_AS_TIMEOUT, Progress, call_as
-from mailflow.transports.maildir import Owner, open_directory
+from mailflow.transports.maildir import MessageUnreadable, Owner, open_directory, read_message
 
 log = logging.getLogger("mailflow.mbox")
 
@@ -557,7 +557,7 @@ def _write_or_roll_back(fd: int, path: Path, entry: bytes | Iterable[bytes], siz
         end = size + len(gathered)
         if progress is not None:
             progress()
-        for chunk in (entry,) if isinstance(entry, bytes) else entry:
+        for chunk in (entry,) if isinstance(entry, bytes) else read_message(entry):
             end += len(chunk)
             if size_limit and end > size_limit:  # what RLIMIT_FSIZE does to Postfix's write
                 raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
@@ -580,6 +580,8 @@ def _write_or_roll_back(fd: int, path: Path, entry: bytes | Iterable[bytes], siz
                 progress.ended()  # (the roll back is not interrupted: only the parent's last resort stops it)
         finally:  # (the timer is one-shot and its handler disarms itself first: nothing interrupts this)
             _truncate(fd, path, size)
+        if isinstance(e, MessageUnreadable):  # (the queued message's spool file, not the mailbox: mail_copy's 4.3.0)
+            raise TemporaryError("4.3.0", e.strerror or str(e)) from None
         if isinstance(e, OSError):
             raise _os_error(e, "error writing message") from None
         raise
