@@ -26,8 +26,9 @@ cannot use defers (4.3.0 / 4.3.5); an OS error defers (4.2.0: a permission the o
 except a file system quota or file size limit (EDQUOT, EFBIG): a full mailbox, 5.2.2 as Postfix says (4.2.2 when
 `overquota_bounce` is False) - `write_failure(maildir, error)` is that mapping, which local(8)'s Maildirs share. Its
 texts are virtual(8)'s and local(8)'s, "maildir delivery failed: " then the step ("create maildir file PATH",
-"error writing message", "link to PATH") and the reason. The quota's text is mailflow's own ("mailbox … is full:
-USED + SIZE bytes > quota QUOTA"): Postfix's virtual(8) has no quota of its own to word it.
+tmp/'s file or its link into new/, "error writing message", "error reading message") and the reason. The quota's
+text is mailflow's own ("mailbox … is full: USED + SIZE bytes > quota QUOTA"): Postfix's virtual(8) has no quota of
+its own to word it.
 """
 from __future__ import annotations
 
@@ -234,7 +235,7 @@ def write_maildir_file(maildir: Path, name: str, prefix: bytes, content: Content
                 if owner is not None:
                     os.fchown(f.fileno(), owner.uid, owner.gid)
                 _write_message(f, prefix, content, size_limit, writing)
-            with _step(f"link to {maildir / 'new' / name}"):
+            with _step(f"create maildir file {maildir / 'new' / name}"):  # (the link into new/: Postfix's words too)
                 os.rename(name, name, src_dir_fd=subs["tmp"], dst_dir_fd=subs["new"])
         except BaseException:
             if writing is not None:

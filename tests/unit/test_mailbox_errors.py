@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -154,3 +155,17 @@ async def test_a_queued_message_that_cannot_be_read_is_not_a_write_failure(tmp_p
         await mbox.append_mbox(mailbox, _UnreadableContent().chunks(), locks=("fcntl",))
     assert (deferred.value.dsn, deferred.value.text) == ("4.3.0", "error reading message: Input/output error")
     assert mailbox.read_bytes() == b""
+
+
+async def test_a_maildir_file_that_cannot_be_moved_into_new_names_the_new_file(tmp_path, monkeypatch):
+    """The rename into new/ failing read "link to BOX/new/NAME: <why>"; Postfix's local(8) and virtual(8) say
+    "create maildir file BOX/new/NAME: <why>" for that step too."""
+    def rename(*args, **kwargs):
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+    monkeypatch.setattr(maildir.os, "rename", rename)
+    box = tmp_path / "Maildir"
+    with pytest.raises(OSError) as failed:
+        await MaildirWriter(VirtualClock()).write(box, b"Delivered-To: a@b\n", Content.of(b"Subject: s\r\n\r\nb\r\n"))
+    text = write_failure(box, failed.value)[2]
+    assert re.fullmatch(rf"maildir delivery failed: create maildir file {re.escape(str(box))}/new/[^/]+: "
+                        r"Permission denied", text), text
