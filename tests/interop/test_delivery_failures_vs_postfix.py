@@ -5,7 +5,7 @@ message_size_limit 5000, aliases to /file destinations written as `nobody`).
 Compared, for each recipient, the dsn, status and text of its first local result in the mail log (a bounce notice's
 Diagnostic-Code is made from the same text, tests/interop/test_notices_vs_postfix.py): a mailbox and a /file past
 the file size limit (EFBIG: "error writing message: File too large", 5.2.2), an executable file (5.7.1), a symbolic
-link and a directory (5.2.0), a dotlock held past the 20 s wait (4.2.0), a file that exists in a directory its
+link and a directory (5.2.0), a dotlock held past the wait (4.2.0; 2 s in both), a file that exists in a directory its
 writer may not write (the dotlock cannot be made: written without it, as local(8)'s MBOX_DOT_LOCK_MAY_FAIL). A file
 that cannot be created in such a directory is told in Postfix's words, but deferred 4.2.0 where Postfix bounces
 5.2.0 (an OS error the administrator can fix, docs/transports.md): its text is compared, its status asserted apart.
@@ -15,17 +15,20 @@ delivery failed: create maildir file …" (masked: the base and the file's uniqu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from mailflow.app import Mailflow
 from mailflow.config import config_from_dict
+from mailflow.transports.local import mbox
 from tests.interop.test_local_vs_postfix import NOBODY, first_results
 from tests.support import SmtpClient, base_settings, eventually, merged, postfix_instance
 from tests.support.maillog import mail_log_file
@@ -51,7 +54,7 @@ class Run:
 def prepared_spool() -> tuple[Path, Path]:
     """A spool folder anyone may write, with `files/` (the same) and `closed/` (root's, 0755); the mailbox and
     files/big nearly at LIMIT, files/exe executable, files/link a link to big, closed/held nobody's (empty),
-    files/busy with a fresh dotlock that nobody removes (the wait for it: 20 s, as Postfix's default)."""
+    files/busy with a fresh dotlock that nobody removes (the wait for it: 2 s in both, see `lock_wait`)."""
     spool = Path(tempfile.mkdtemp(prefix="mailflow-fail-"))
     spool.chmod(0o1777)
     (spool / "files").mkdir(mode=0o1777)
@@ -114,6 +117,20 @@ async def run_postfix() -> Run:
         shutil.rmtree(spool, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def lock_wait(seconds: float) -> Iterator[None]:
+    """mailflow's wait for a busy lock (append_mbox's lock_timeout, 20 s like Postfix's default, which mailflow does
+    not make a setting) shortened as deliver_lock_attempts shortens Postfix's, put back after."""
+    defaults = mbox.append_mbox.__kwdefaults__
+    assert defaults is not None
+    before = defaults["lock_timeout"]
+    defaults["lock_timeout"] = seconds
+    try:
+        yield
+    finally:
+        defaults["lock_timeout"] = before
+
+
 async def run_mailflow(tmp: Path) -> Run:
     spool, table = prepared_spool()
     settings = merged(base_settings(tmp), {
@@ -122,7 +139,7 @@ async def run_mailflow(tmp: Path) -> Run:
         "smtpd": {"message_size_limit": LIMIT},
         "local": {"home_mailbox": "", "mail_spool_directory": str(spool), "mailbox_size_limit": LIMIT}})
     try:
-        with mail_log_file(tmp / "mail.log") as log:
+        with mail_log_file(tmp / "mail.log") as log, lock_wait(2.0):
             mf = Mailflow(config_from_dict(settings), shutdown_grace=2.0)
             await mf.start()
             try:
