@@ -383,7 +383,7 @@ async def test_unwritable_place_defers_with_4_2_0_naming_the_path(tmp_path):
     path = tmp_path / "file" / "alice"  # its parent is a file: ENOTDIR
     with pytest.raises(TemporaryError) as e:
         await append_mbox(path, b"From x  y\n\n")
-    assert (e.value.dsn, e.value.text) == ("4.2.0", f"cannot open directory {path.parent}: File exists")
+    assert (e.value.dsn, e.value.text) == ("4.2.0", "cannot open file: Not a directory")  # (Postfix's open)
 
 
 CHILD_SMALL_FSIZE = """
@@ -573,3 +573,22 @@ async def test_a_cancelled_append_of_held_content_never_reads_another_file_throu
     written = box.read_bytes()
     assert b"SECRET" not in written
     assert written.count(b"A" * 300_000) == 1 and b"Subject: mine" in written
+
+
+async def test_a_fifo_or_a_device_is_refused_in_postfixs_words(tmp_path):
+    """A FIFO or a device where the mailbox should be: local/mailbox.c's "destination PATH is not a regular file",
+    5.2.0 (it read "file is not a regular file"). (Postfix's write-only open of a FIFO without a reader fails ENXIO
+    first, "cannot open file: No such device or address", as mailflow's does when it may not read the file; its
+    read-write open, for the look at the file's last byte, does not fail so.)"""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(PermanentError) as e:
+        await append_mbox(fifo, b"From x  y\n\n")
+    assert (e.value.dsn, e.value.text) == ("5.2.0", f"destination {fifo} is not a regular file")
+    if os.geteuid() != 0:
+        return  # (mknod of a device needs root)
+    device = tmp_path / "null"
+    os.mknod(device, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    with pytest.raises(PermanentError) as e:
+        await append_mbox(device, b"From x  y\n\n")
+    assert (e.value.dsn, e.value.text) == ("5.2.0", f"destination {device} is not a regular file")

@@ -68,9 +68,11 @@ local(8)'s "cannot update mailbox PATH for user USER. " or "cannot append messag
   for a /file destination (`file_destination`) only a warning, and the file is written without it, as local(8)'s
   MBOX_DOT_LOCK_MAY_FAIL (an alias's file in a directory its writer may not write);
 - the final path component is a symbolic link ("file is a symbolic link"), a directory ("cannot open file: Is a
-  directory"), not a regular file, or a file with more than one hard link ("file has N hard links"):
-  PermanentError 5.2.0. Postfix's safe_open refuses these (bar root-owned symlinks, a Solaris exception we do not
-  need) and local(8) bounces them with 5.2.0: the mailbox is unusable until someone fixes it, and following a link
+  directory"), not a regular file ("destination PATH is not a regular file", local/mailbox.c's; a FIFO without a
+  reader opened write-only, when the file may not be read: "cannot open file: No such device or address", as
+  Postfix's), or a file with more than one hard link ("file has N hard links"): PermanentError 5.2.0. Postfix's
+  safe_open refuses these (bar root-owned symlinks, a Solaris exception we do not need) and local(8) bounces them
+  with 5.2.0: the mailbox is unusable until someone fixes it, and following a link
   someone planted is how mail gets written over another file;
 - with `file_destination`, a file with an execute bit: PermanentError 5.7.1 "file is executable", as local(8)
   refuses to append to a program;
@@ -82,8 +84,8 @@ local(8)'s "cannot update mailbox PATH for user USER. " or "cannot append messag
   PermanentError 5.2.2, ENOSPC TemporaryError 4.3.0; any other TemporaryError 4.2.0 where Postfix bounces 5.2.0
   (a permission or a disk the operator can fix: the mail waits for it). Its text says the step: "error writing
   message: <why>" (mail_copy), "cannot create file exclusively: <why>" / "cannot open file: <why>" (safe_open;
-  the former too for a file whose directory is missing), "cannot open directory DIR: <why>" (mailflow's own
-  step: it opens the directory first), "unable to lock for exclusive access: <why>" (a kernel lock failing
+  the former too for a file whose directory is missing, the latter for one whose directory cannot be opened,
+  a file standing in its place "Not a directory"), "unable to lock for exclusive access: <why>" (a kernel lock failing
   otherwise than busy: ENOLCK on NFS), "cannot change file ownership: <why>" (safe_open), "bad open file status:
   <why>" (an fstat), "error closing file: <why>" (a close: EIO at an NFS write-back), "error reading message:
   <why>" for the queued message (4.3.0).
@@ -326,8 +328,8 @@ def _append_once(path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockSt
     directory (`_open_folder`). `writing`: told of the write's progress (`_write_or_roll_back`)."""
     try:
         folder = _open_folder(path.parent, owner, home, create_parents)
-    except OSError as e:  # (a file in a missing directory cannot be created: safe_open's words then)
-        doing = "cannot create file exclusively" if e.errno == errno.ENOENT else f"cannot open directory {path.parent}"
+    except OSError as e:  # (safe_open's words, as its open of the path fails so: ENOENT at the create, else the open)
+        doing = "cannot create file exclusively" if e.errno == errno.ENOENT else "cannot open file"
         raise _os_error(e, doing) from None
     try:
         return _append_in(folder, path, entry, locks, stale_lock_time, owner, size_limit, file_destination, writing)
@@ -377,7 +379,10 @@ def _open_folder(folder: Path, owner: tuple[int, int] | None, home: Path | None,
     if owner is not None and home is not None:
         return open_directory(folder, Owner(owner[0], owner[1], home, home=True))
     if create:
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # (a file in its place: what an open through it says)
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder)) from None
     return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
@@ -431,7 +436,7 @@ def _newborn(st: os.stat_result, owner: tuple[int, int]) -> bool:
 def _check_mailbox(path: Path, st: os.stat_result, owner: tuple[int, int] | None, file_destination: bool) -> None:
     """Raise the DeliveryError that forbids appending to this file (see `_open_mailbox`), if any."""
     if not stat.S_ISREG(st.st_mode):
-        raise PermanentError("5.2.0", "file is not a regular file")
+        raise PermanentError("5.2.0", f"destination {path} is not a regular file")  # (local/mailbox.c's words)
     if st.st_nlink != 1:
         raise PermanentError("5.2.0", f"file has {st.st_nlink} hard links")
     if file_destination and st.st_mode & (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH):
@@ -461,10 +466,8 @@ def _open_or_create(path: Path, folder: int | None = None) -> tuple[int, bool]:
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise PermanentError("5.2.0", "file is a symbolic link") from None
-        if e.errno == errno.EISDIR:
+        if e.errno in (errno.EISDIR, errno.ENXIO):  # (ENXIO: a FIFO without a reader)
             raise PermanentError("5.2.0", f"cannot open file: {e.strerror}") from None
-        if e.errno == errno.ENXIO:  # a FIFO without a reader
-            raise PermanentError("5.2.0", "file is not a regular file") from None
         raise _os_error(e, doing) from None
 
 
