@@ -113,6 +113,8 @@ def write_failure(maildir: Path, e: OSError, *, bounce_full: bool = True) -> tup
     operator can fix; Postfix bounces it 5.2.0); the queued message that cannot be read (MessageUnreadable) defers
     4.3.0, as mail_copy's "error reading message". The text is local(8)'s and virtual(8)'s: "maildir delivery
     failed: create maildir file …: Permission denied", "…: error writing message: File too large"."""
+    if isinstance(e, SpoolMissing):
+        return Outcome.DEFERRED, "4.2.0", e.strerror or str(e)
     text = f"maildir delivery failed: {e.strerror or e}"
     if isinstance(e, MessageUnreadable):
         return Outcome.DEFERRED, "4.3.0", text
@@ -281,7 +283,7 @@ def _step(doing: str) -> Iterator[None]:
     a Maildir delivery that failed), its errno kept for write_failure."""
     try:
         yield
-    except MessageUnreadable:
+    except (MessageUnreadable, SpoolMissing):
         raise
     except OSError as e:
         raise OSError(e.errno, f"{doing}: {e.strerror or e}") from e
@@ -376,15 +378,21 @@ def _open_base(base: Path, owner: Owner) -> int:
     if not owner.spool:
         base.parent.mkdir(parents=True, exist_ok=True)
     elif not base.parent.is_dir():
-        raise OSError(errno.ENOENT, spool_missing(base.parent))
+        raise SpoolMissing(errno.ENOENT, spool_missing(base.parent))
     _make_for(owner, base)
     return _owned(_open_home(base), owner, base)
 
 
 def spool_missing(spool: Path) -> str:
     """Why a spool mailbox cannot be delivered to when its spool directory is missing (mailflow, as Postfix, does
-    not make it): the one text of the Maildir and mbox deferrals."""
+    not make it): the whole text of that deferral, a Maildir's (SpoolMissing, as write_failure tells it) and an
+    mbox's alike (mailflow's own words: no step of Postfix's fails so)."""
     return f"mail spool directory {spool} does not exist (mailflow does not make it)"
+
+
+class SpoolMissing(OSError):
+    """A spool Maildir's mail_spool_directory is missing (`spool_missing`'s text): no step of the write, so told
+    without one and without the attempt's file name."""
 
 
 def _open_home(base: Path) -> int:
