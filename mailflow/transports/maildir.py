@@ -110,9 +110,11 @@ def write_failure(maildir: Path, e: OSError, *, bounce_full: bool = True) -> tup
     """What an OS error writing `maildir` (MaildirWriter.write's: its step and reason) means for the recipient, as
     Postfix's mbox_dsn maps it: a quota or the file size limit (EDQUOT, EFBIG) is a full mailbox, 5.2.2 (deferred
     4.2.2 when not `bounce_full`); a full disk (ENOSPC) defers 4.3.0; anything else defers 4.2.0 (a permission the
-    operator can fix; Postfix bounces it 5.2.0); the queued message that cannot be read (MessageUnreadable) defers
-    4.3.0, as mail_copy's "error reading message". The text is local(8)'s and virtual(8)'s: "maildir delivery
-    failed: create maildir file …: Permission denied", "…: error writing message: File too large"."""
+    operator can fix; for "create maildir file" Postfix's virtual(8) defers 4.2.0 too and its local(8) bounces
+    5.2.0, for mail_copy's "error writing message" both bounce 5.3.0); the queued message that cannot be read
+    (MessageUnreadable) defers 4.3.0, mail_copy's "error reading message" (which bounces 5.3.0 but for EAGAIN and
+    ESTALE). The text is local(8)'s and virtual(8)'s: "maildir delivery failed: create maildir file …: Permission
+    denied", "…: error writing message: File too large"; a missing mail spool's is spool_missing's alone."""
     if isinstance(e, SpoolMissing):
         return Outcome.DEFERRED, "4.2.0", e.strerror or str(e)
     text = f"maildir delivery failed: {e.strerror or e}"
@@ -291,7 +293,8 @@ def _step(doing: str) -> Iterator[None]:
 
 class MessageUnreadable(OSError):
     """The queued message could not be read (its spool file): mail_copy's "error reading message: <why>", which
-    defers 4.3.0 whatever the errno (the mailbox is not at fault)."""
+    mailflow defers 4.3.0 whatever the errno (the mailbox is not at fault; Postfix bounces it 5.3.0 but for EAGAIN
+    and ESTALE)."""
 
 
 def read_message(chunks: Iterable[bytes]) -> Iterator[bytes]:

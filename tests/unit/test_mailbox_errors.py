@@ -1,6 +1,7 @@
 """What an OS error while writing a mailbox means for the recipient, mbox and Maildir alike, as Postfix's
 mbox_dsn maps it: a full disk defers 4.3.0, a quota or file size limit bounces 5.2.2, anything else defers
-4.2.0 (Postfix bounces that one 5.2.0; mailflow keeps the mail for the operator to fix)."""
+4.2.0 (Postfix's local(8) bounces that one 5.2.0, 5.3.0 for a write; mailflow keeps the mail for the operator to
+fix)."""
 from __future__ import annotations
 
 import errno

@@ -81,14 +81,16 @@ local(8)'s "cannot update mailbox PATH for user USER. " or "cannot append messag
   concurrent delivery has just created and not yet given to the owner (empty, ours) is waited for instead;
 - the file replaced while being locked: TemporaryError 4.2.0 "target file status changed unexpectedly";
 - an OS error, its status as mbox_dsn maps it: EDQUOT / EFBIG (a quota or the file size limit; `size_limit` too)
-  PermanentError 5.2.2, ENOSPC TemporaryError 4.3.0; any other TemporaryError 4.2.0 where Postfix bounces 5.2.0
-  (a permission or a disk the operator can fix: the mail waits for it). Its text says the step: "error writing
-  message: <why>" (mail_copy), "cannot create file exclusively: <why>" / "cannot open file: <why>" (safe_open;
-  the former too for a file whose directory is missing, the latter for one whose directory cannot be opened,
-  a file standing in its place "Not a directory"), "unable to lock for exclusive access: <why>" (a kernel lock failing
-  otherwise than busy: ENOLCK on NFS), "cannot change file ownership: <why>" (safe_open), "bad open file status:
-  <why>" (an fstat), "error closing file: <why>" (a close: EIO at an NFS write-back), "error reading message:
-  <why>" for the queued message (4.3.0).
+  PermanentError 5.2.2, ENOSPC TemporaryError 4.3.0; any other TemporaryError 4.2.0 where Postfix's local(8)
+  bounces it (5.2.0 for safe_open's and mbox_open's steps, 5.3.0 for mail_copy's write): a permission or a disk the
+  operator can fix, the mail waits for it. Its text says the step: "error writing message: <why>" (mail_copy),
+  "cannot create file exclusively: <why>" / "cannot open file: <why>" (safe_open; the former too for a file whose
+  directory is missing, the latter for one whose directory cannot be opened, a file standing in its place "Not a
+  directory"), "unable to lock for exclusive access: <why>" (a kernel lock failing otherwise than busy: ENOLCK on
+  NFS), "cannot change file ownership: <why>" (safe_open), "bad open file status: <why>" (an fstat), "error
+  closing file: <why>" (a close: EIO at an NFS write-back);
+- the queued message that cannot be read: TemporaryError 4.3.0 "error reading message: <why>" (mail_copy's
+  words; it defers only EAGAIN and ESTALE so, and bounces the rest 5.3.0: mailflow keeps the mail).
 """
 from __future__ import annotations
 
@@ -624,7 +626,8 @@ def _truncate(fd: int, path: Path, size: int) -> None:
 
 def _os_error(e: OSError, doing: str) -> DeliveryError:
     """`doing: <the error>` with mbox_dsn's status: a quota or the file size limit bounces 5.2.2, a full disk
-    defers 4.3.0, anything else defers 4.2.0 (Postfix bounces that one 5.2.0: see the module docstring)."""
+    defers 4.3.0, anything else defers 4.2.0 (Postfix bounces that one 5.2.0, or 5.3.0 for mail_copy's write: see
+    the module docstring)."""
     text = f"{doing}: {e.strerror or e}"
     if e.errno in (errno.EDQUOT, errno.EFBIG):
         return PermanentError("5.2.2", text)
