@@ -226,11 +226,12 @@ def write_maildir_file(maildir: Path, name: str, prefix: bytes, content: Content
     clock, asuser.Progress): told before the first write and after each piece, ended once the file is fsynced
     (then nothing interrupts the rename: a message renamed into new/ is never reported as failed); an
     interruption before that removes the file from tmp/ as any failure does."""
-    with _step(f"create maildir file {maildir / 'tmp' / name}"):
+    creating = f"create maildir file {maildir / 'tmp' / name}"  # (the step of all before the write, in Postfix's words)
+    with _step(creating):
         dir_fd = open_directory(maildir, owner)
     subs: dict[str, int] = {}
     try:
-        with _step(f"create maildir file {maildir / 'tmp' / name}"):
+        with _step(creating):
             for sub in ("tmp", "new", "cur"):
                 subs[sub] = _subdirectory(dir_fd, sub, owner, maildir / sub)
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=subs["tmp"])

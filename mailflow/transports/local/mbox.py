@@ -298,7 +298,7 @@ def _built(entry: bytes | Iterable[bytes] | HeldEntry) -> Iterator[tuple[bytes |
 def _busy(path: Path, style: LockStyle) -> TemporaryError:
     """The lock another holder kept for the whole lock_timeout, in dot_lockfile's and deliver_flock's words."""
     if style == "dotlock":
-        return TemporaryError("4.2.0", f"unable to create lock file {dotlock_path(path)}: {os.strerror(errno.EEXIST)}")
+        return TemporaryError("4.2.0", f"{_dotlock_failed(dotlock_path(path))}: {os.strerror(errno.EEXIST)}")
     return TemporaryError("4.2.0", f"unable to lock for exclusive access: {os.strerror(errno.EAGAIN)}")
 
 
@@ -515,9 +515,14 @@ def _try_dotlock(path: Path, stale_lock_time: float, folder: int | None, may_fai
 def _no_dotlock(lock: Path, e: OSError, may_fail: bool) -> int:
     """-1 (written without the dotlock, warned) when `may_fail`, else the deferral of a dotlock that cannot be made."""
     if may_fail:
-        log.warning("unable to create lock file %s: %s", lock, e.strerror)
+        log.warning("%s: %s", _dotlock_failed(lock), e.strerror)
         return -1
-    raise _os_error(e, f"unable to create lock file {lock}") from None
+    raise _os_error(e, _dotlock_failed(lock)) from None
+
+
+def _dotlock_failed(lock: Path) -> str:
+    """dot_lockfile's words for `lock` not made (a reason follows)."""
+    return f"unable to create lock file {lock}"
 
 
 def _break_stale_dotlock(lock: Path, stale_lock_time: float, folder: int | None) -> None:
