@@ -170,3 +170,28 @@ async def test_a_maildir_file_that_cannot_be_moved_into_new_names_the_new_file(t
     text = write_failure(box, failed.value)[2]
     assert re.fullmatch(rf"maildir delivery failed: create maildir file {re.escape(str(box))}/new/[^/]+: "
                         r"Permission denied", text), text
+
+
+async def test_a_files_dotlock_that_cannot_be_made_is_warned_about_once_per_delivery(tmp_path, monkeypatch, caplog):
+    """A /file whose dotlock cannot be made, and whose kernel lock another holder keeps: each retry warned again
+    (about 25 times in 20 s); Postfix's local(8) warns once. The held lock is an open-file-description lock, which
+    conflicts with this process's own attempts."""
+    box = tmp_path / "file"
+    box.write_bytes(b"")
+    real_open = os.open
+
+    def open_(name, *args, **kwargs):
+        if str(name).endswith(".lock"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        return real_open(name, *args, **kwargs)
+    holder = real_open(box, os.O_RDWR)
+    try:
+        mbox._try_kernel_lock(holder, "fcntl")
+        monkeypatch.setattr(mbox.os, "open", open_)
+        with caplog.at_level(logging.WARNING, "mailflow.mbox"), pytest.raises(TemporaryError) as failed:
+            await mbox.append_mbox(box, b"From a  Thu Jan  1 00:00:00 1970\nb\n\n", locks=("dotlock", "fcntl"),
+                                   lock_timeout=0.5, file_destination=True)
+    finally:
+        os.close(holder)
+    assert failed.value.text == "unable to lock for exclusive access: Resource temporarily unavailable"
+    assert [r.getMessage() for r in caplog.records] == [f"unable to create lock file {box}.lock: Permission denied"]

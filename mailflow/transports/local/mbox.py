@@ -264,12 +264,13 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes] | HeldEntry, *,
     if len(set(locks)) != len(locks) or not set(locks) <= set(_LOCK_STYLES):
         raise ValueError(f"lock styles {locks!r}: each of {', '.join(_LOCK_STYLES)} at most once")
     rest = (tuple(locks), stale_lock_time, owner, size_limit, create_parents, file_destination, home)
+    warn_no_dotlock = True  # (until an attempt has reached the dotlock: its may-fail warning is given once)
 
     def attempt() -> LockStyle | None:  # (in a worker thread)
         with _built(entry) as (body, keep):
             if user is None:
-                return _append_once(Path(path), body, *rest)
-            return _append_once_as(user, write_limit, keep, Path(path), body, *rest)
+                return _append_once(Path(path), body, *rest, warn_no_dotlock)
+            return _append_once_as(user, write_limit, keep, Path(path), body, *rest, warn_no_dotlock)
 
     deadline = time.monotonic() + lock_timeout
     delay, most = (_FIRST_POLL, _MAX_POLL) if user is None else (_FIRST_FORKED_POLL, _MAX_FORKED_POLL)
@@ -277,6 +278,7 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes] | HeldEntry, *,
         left = deadline - time.monotonic()
         if left <= 0:
             raise _busy(Path(path), busy)
+        warn_no_dotlock = warn_no_dotlock and not _past_dotlock(locks, busy)
         await asyncio.sleep(min(delay, left))  # (no thread waits: see the module docstring)
         delay = min(delay * 2, most)
 
@@ -293,6 +295,12 @@ def _built(entry: bytes | Iterable[bytes] | HeldEntry) -> Iterator[tuple[bytes |
         except OSError as e:
             raise TemporaryError("4.3.0", f"error reading message: {e.strerror or e}") from None
         yield entry.build(held.content), held.descriptors
+
+
+def _past_dotlock(locks: tuple[LockStyle, ...], busy: LockStyle) -> bool:
+    """Whether an attempt that found `busy` held had tried the dotlock before it (made it, or warned that it could
+    not: a retry of a busy kernel lock warned again each time, 25 times in 20 s, where Postfix warns once)."""
+    return "dotlock" in locks and locks.index("dotlock") < locks.index(busy)
 
 
 def _busy(path: Path, style: LockStyle) -> TemporaryError:
@@ -322,19 +330,21 @@ def _appended(*args, writing: Progress | None = None) -> bytes:
 
 def _append_once(path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockStyle, ...], stale_lock_time: float,
                  owner: tuple[int, int] | None = None, size_limit: int = 0, create_parents: bool = True,
-                 file_destination: bool = False, home: Path | None = None, *,
+                 file_destination: bool = False, home: Path | None = None, warn_no_dotlock: bool = True, *,
                  writing: Progress | None = None) -> LockStyle | None:
     """One attempt at the append: open the mailbox, try each lock once, write. None once written; the style of
     the first lock another holder has (every lock taken is let go again, nothing written) for a later attempt.
     The mailbox, its dotlock and the check that it is still there are all reached through one descriptor of its
-    directory (`_open_folder`). `writing`: told of the write's progress (`_write_or_roll_back`)."""
+    directory (`_open_folder`). `writing`: told of the write's progress (`_write_or_roll_back`). `warn_no_dotlock`:
+    warn of a /file's dotlock that cannot be made (False: an earlier attempt of this delivery did)."""
     try:
         folder = _open_folder(path.parent, owner, home, create_parents)
     except OSError as e:  # (safe_open's words, as its open of the path fails so: ENOENT at the create, else the open)
         doing = "cannot create file exclusively" if e.errno == errno.ENOENT else "cannot open file"
         raise _os_error(e, doing) from None
     try:
-        return _append_in(folder, path, entry, locks, stale_lock_time, owner, size_limit, file_destination, writing)
+        return _append_in(folder, path, entry, locks, stale_lock_time, owner, size_limit, file_destination, writing,
+                          warn_no_dotlock)
     except DeliveryError:
         raise
     except OSError as e:  # (an fstat of the open file, which Postfix's safe_open finds fatal, in its words)
@@ -345,14 +355,15 @@ def _append_once(path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockSt
 
 def _append_in(folder: int, path: Path, entry: bytes | Iterable[bytes], locks: tuple[LockStyle, ...],
                stale_lock_time: float, owner: tuple[int, int] | None, size_limit: int,
-               file_destination: bool, writing: Progress | None = None) -> LockStyle | None:
+               file_destination: bool, writing: Progress | None = None, warn_no_dotlock: bool = True,
+               ) -> LockStyle | None:
     """`_append_once` in the mailbox's directory, `folder`."""
     fd = _open_mailbox(path, owner, file_destination, folder)
     dotlocked = False
     try:
         for style in locks:
             if style == "dotlock":
-                made = _try_dotlock(path, stale_lock_time, folder, may_fail=file_destination)
+                made = _try_dotlock(path, stale_lock_time, folder, may_fail=file_destination, warn=warn_no_dotlock)
                 taken = made is not None
                 if made is not None and made >= 0:
                     dotlocked = True  # (before its close: a close hung on NFS, stopped by the timer, removes it too)
@@ -493,11 +504,13 @@ def dotlock_path(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
-def _try_dotlock(path: Path, stale_lock_time: float, folder: int | None, may_fail: bool = False) -> int | None:
+def _try_dotlock(path: Path, stale_lock_time: float, folder: int | None, may_fail: bool = False,
+                 warn: bool = True) -> int | None:
     """Create `<path>.lock`: its descriptor, for the caller to close once it has noted the lock as its own (the
     close of a new file can hang on NFS), -1 when it cannot be made and `may_fail` (a /file destination in a
     directory the user may not write: warned about and written without it, as mbox_open's
-    MBOX_DOT_LOCK_MAY_FAIL); or None: it is there, removed when stale for the next attempt."""
+    MBOX_DOT_LOCK_MAY_FAIL; `warn`: that warning given); or None: it is there, removed when stale for the next
+    attempt."""
     lock = dotlock_path(path)
     try:
         return os.open(_at(lock, folder), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -506,16 +519,18 @@ def _try_dotlock(path: Path, stale_lock_time: float, folder: int | None, may_fai
         try:
             _break_stale_dotlock(lock, stale_lock_time, folder)
         except OSError as e:  # (another user's stale lock in a sticky directory: EPERM, dot_lockfile gives up)
-            return _no_dotlock(lock, e, may_fail)
+            return _no_dotlock(lock, e, may_fail, warn)
         return None
     except OSError as e:
-        return _no_dotlock(lock, e, may_fail)
+        return _no_dotlock(lock, e, may_fail, warn)
 
 
-def _no_dotlock(lock: Path, e: OSError, may_fail: bool) -> int:
-    """-1 (written without the dotlock, warned) when `may_fail`, else the deferral of a dotlock that cannot be made."""
+def _no_dotlock(lock: Path, e: OSError, may_fail: bool, warn: bool) -> int:
+    """-1 (written without the dotlock, warned when `warn`) when `may_fail`, else the deferral of a dotlock that
+    cannot be made."""
     if may_fail:
-        log.warning("%s: %s", _dotlock_failed(lock), e.strerror)
+        if warn:
+            log.warning("%s: %s", _dotlock_failed(lock), e.strerror)
         return -1
     raise _os_error(e, _dotlock_failed(lock)) from None
 
