@@ -926,7 +926,8 @@ async def test_a_maildir_file_write_that_stops_is_removed_from_tmp_and_the_retry
 @pytest.mark.skipif(os.geteuid() != 0, reason="a /file is written by a child as the user only as root")
 async def test_a_failed_file_append_is_rolled_back_whole_even_past_the_write_limit(tmp_path, public_dir, monkeypatch):
     """A write that failed near the limit: the child's timer, still armed, interrupted its roll back (the file kept
-    part of the entry) and the recipient got the limit's text instead of the write's error."""
+    part of the entry) and the recipient got the limit's text instead of the failure's. (The failure is the entry's
+    own: an OSError reading the queued message, told as mail_copy's read error.)"""
     archive = public_dir / "keep.mbox"
     archive.write_bytes(b"")
     archive.chmod(0o666)
@@ -949,8 +950,8 @@ async def test_a_failed_file_append_is_rolled_back_whole_even_past_the_write_lim
     finally:
         await t.close()
     assert (result.outcome, result.dsn, result.text) == (
-        Outcome.DEFERRED, "4.2.0",
-        f"cannot append message to file {archive}: error writing message: Input/output error"), result
+        Outcome.DEFERRED, "4.3.0",
+        f"cannot append message to file {archive}: error reading message: Input/output error"), result
     assert archive.read_bytes() == b""
     assert not mbox.dotlock_path(archive).exists()
 
