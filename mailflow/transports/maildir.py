@@ -234,18 +234,21 @@ def write_maildir_file(maildir: Path, name: str, prefix: bytes, content: Content
         with _step(creating):
             for sub in ("tmp", "new", "cur"):
                 subs[sub] = _subdirectory(dir_fd, sub, owner, maildir / sub)
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=subs["tmp"])
-        try:
+        fd = -1
+        try:  # (the open in here: a child's timer going off right after it must not leave the file in tmp/)
+            with _step(creating):
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=subs["tmp"])
             with _step("error writing message"), os.fdopen(fd, "wb") as f:
                 if owner is not None:
                     os.fchown(f.fileno(), owner.uid, owner.gid)
                 _write_message(f, prefix, content, size_limit, writing)
             with _step(f"create maildir file {maildir / 'new' / name}"):  # (the link into new/: Postfix's words too)
                 os.rename(name, name, src_dir_fd=subs["tmp"], dst_dir_fd=subs["new"])
-        except BaseException:
+        except BaseException as e:
             if writing is not None:
                 writing.ended()  # (the unlink is not interrupted: only the parent's last resort stops it)
-            os.unlink(name, dir_fd=subs["tmp"])  # never leave a message in tmp/, partial or not moved (Postfix's too)
+            if fd >= 0 or not isinstance(e, OSError):  # (an OSError of the open: no file of ours to remove)
+                _remove_from_tmp(name, subs["tmp"], maildir)
             raise
         try:
             os.fsync(subs["new"])
@@ -255,6 +258,16 @@ def write_maildir_file(maildir: Path, name: str, prefix: bytes, content: Content
     finally:
         for fd in (*subs.values(), dir_fd):
             os.close(fd)
+
+
+def _remove_from_tmp(name: str, tmp_fd: int, maildir: Path) -> None:
+    """Never leave a message in tmp/, partial or not moved (Postfix's too). A file already gone (the Maildir is the
+    user's: it may remove it) or one that cannot be removed is warned about, as Postfix's `remove %s: %m`, and the
+    failure that brought us here stays the one told."""
+    try:
+        os.unlink(name, dir_fd=tmp_fd)
+    except OSError as e:
+        log.warning("remove %s: %s", maildir / "tmp" / name, e.strerror or e)
 
 
 def _write_message(f: BinaryIO, prefix: bytes, content: Content, size_limit: int,

@@ -51,6 +51,26 @@ async def test_a_maildir_file_that_cannot_be_moved_into_new_is_not_left_in_tmp(t
     assert [list((box / sub).iterdir()) for sub in ("tmp", "new")] == [[], []]
 
 
+async def test_a_tmp_file_already_gone_at_the_cleanup_leaves_the_failure_that_brought_it(tmp_path, monkeypatch,
+                                                                                          caplog):
+    """A Maildir the user owns (a local /dir/ destination) may lose its tmp/ file before the cleanup's unlink: that
+    unlink's ENOENT replaced the write's own failure (EFBIG past the size limit, a bounce 5.2.2, became `No such file
+    or directory`, a deferral). Postfix warns `remove PATH: why` and keeps its result."""
+    real_unlink = os.unlink
+
+    def unlink_gone(path, *, dir_fd=None):
+        real_unlink(path, dir_fd=dir_fd)
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+    monkeypatch.setattr(maildir.os, "unlink", unlink_gone)
+    box = tmp_path / "Maildir"
+    with caplog.at_level(logging.WARNING, logger="mailflow.maildir"), pytest.raises(OSError) as failed:
+        big = Content.of(b"Subject: s\r\n\r\n" + b"b" * 500)
+        await MaildirWriter(VirtualClock()).write(box, b"Delivered-To: a@b\n", big, size_limit=100)
+    assert write_failure(box, failed.value) == (Outcome.BOUNCED, "5.2.2",
+                                                "maildir delivery failed: error writing message: File too large")
+    assert [r.getMessage().startswith(f"remove {box}/tmp/") for r in caplog.records] == [True], caplog.text
+
+
 async def test_a_message_in_new_is_delivered_when_the_fsync_of_new_fails_after_it(tmp_path, monkeypatch, caplog):
     """The fsync of new/ after the rename failing (EIO) deferred 4.2.0 a message already in new/, and the retry
     wrote a second copy; Postfix never fsyncs the directory: once the link into new/ works it is delivered. The

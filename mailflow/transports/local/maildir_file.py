@@ -12,7 +12,9 @@ the file system checks that user's rights, as local(8)'s set_eugid does: nothing
 write runs in a thread `workers` gives (the agent's FILE_WRITERS, as a `/file` append), the message read through
 descriptors that thread opens and the child keeps (Content.held: the user may not open the queue's files).
 The child's clock is the `/file` append's: FILE_START_TIMEOUT s to start writing, then `write_limit` s without
-progress (a piece written, the fsync) interrupt it, the file removed from tmp/: 4.3.0 (asuser.call_as's texts).
+progress (a piece written, the fsync) interrupt it, the file removed from tmp/: 4.3.0 (asuser.call_as's texts);
+a child still not ended KILL_GRACE s later is killed and its partial file may stay in tmp/ (Maildir readers clean
+tmp/ after 36 hours; the retry writes under a new name).
 `size_limit` (local.mailbox_size_limit; Postfix's local(8) sets it as the process's file size limit, so its
 Maildir files are bound by it too): a bigger file is not kept.
 
