@@ -307,8 +307,10 @@ def results_of(lines: set[str]) -> set[str]:
 # commands exiting 67 and 1, an unknown user in .forward with `nobody` itself, and .forward+x naming an alias and a
 # file; seed 33 a relative name (`files/rel`, an address to both) in an alias value and in an :include: file;
 # seed 7016 notices that a list resubmits to a file (from its owner, not MAILER-DAEMON: not counted either);
-# seed 7012 an alias whose :include: file includes only itself (and an alias of it): done with no line, as local(8)
-CURATED = [2, 33, 7012, 7016]
+# seed 7012 an alias whose :include: file includes only itself (and an alias of it): done with no line, as local(8);
+# seed 7048 a file restricted on an :include: line after one that deferred (not read), then allowed in the alias
+# value naming that file: written, as local(8)'s duplicate filter first meets it there
+CURATED = [2, 33, 7012, 7016, 7048]
 # Not here on purpose: seed 70006. Its :include: file resubmits nobody+x and NoBody in one new message, both ending in
 # nobody's mailbox: Postfix's local(8) takes one recipient per request (local_destination_recipient_limit = 1), so
 # its duplicate filter lets each write a copy (two); mailflow writes one mailbox copy per local part per delivery
@@ -335,6 +337,11 @@ WRITTEN = {
     "file lines after a deferral": lambda spool, script: Case(
         {"a1": f'nobody, "|{script} c0 0"'}, {},
         {".forward": f'"|{script} c1 75", "|{script} c2 0"\n"|{script} c3 0"\n\\nobody'}, ["nobody", "a1"]),
+    # ... and a file named on such a line is not met there: where it is restricted (i1) it is not refused, and so is
+    # written where it is allowed after it (a3's value; file.c's key is taken where local(8) first gets to; seed 7048)
+    "a restricted file after a deferral, then allowed": lambda spool, script: Case(
+        {"a3": f":include:{spool}/inc/i1, {spool}/files/f0", "a1": f'"|{script} c1 75"'},
+        {"i1": f"a1\n{spool}/files/f0\n"}, {}, ["a3"]),
     # a part that bounces beside one deferred is logged bounced at once (local(8)'s bounce_append), not at the retry
     "a bounced part beside a deferred one": lambda spool, script: Case(
         {"a2": f'"|{script} c0 67", ghost, "|{script} c1 75"'}, {}, {}, ["a2"]),

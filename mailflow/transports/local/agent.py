@@ -69,7 +69,8 @@ itself) is sent with no log line (`unlogged`), as local(8) returns success for i
 deferred forwards nothing (local(8)'s forward_finish cancels the new messages: the retry sends them). Once a
 destination named in a .forward or :include: file defers, those of the file's later lines (`Leaf.lines`) are left
 for the retry, not tried, logged nor forwarded (local(8)'s deliver_token_stream reads no further line), unless also
-named somewhere not stopped (local(8) meets it there).
+named somewhere not stopped (local(8) meets it there); a leaf that `stands_in_for` one so skipped is tried in its
+place (a file restricted on such a line and allowed after it is written), of each key only the first tried.
 
 Failures: never raises for a recipient (what is no delivery problem, a bug, defers that recipient 4.3.0
 "unknown mail transport error", logged with its traceback); an OS error writing a Maildir defers (4.2.0), but a quota or
@@ -282,10 +283,13 @@ class LocalTransport:
         lists: list[ListOf] = []
         tried: list = []
         stopped: dict[int, int] = {}  # a file (its number in the expansion): the line that deferred
+        keys_tried: set[int] = set()  # by id of the first leaf of a key (`stands_in_for`): one of them was tried
         for leaf in leaves:
+            first = id(leaf.stands_in_for or leaf)
             place = next((p for p in leaf.lines if all(line <= stopped.get(file, line) for file, line in p)), None)
-            if place is None:  # every place naming it is past a line that deferred
-                continue
+            if place is None or first in keys_tried:  # every place naming it is past a line that deferred, or a
+                continue  # leaf of its key was tried
+            keys_tried.add(first)
             tried.append(leaf)
             if isinstance(leaf, Forward):
                 continue

@@ -77,7 +77,10 @@ Commands and files are allowed only from the sources in `allow_mail_to_commands`
 a command or file: those come only from alias values and files on this host.
 Each leaf knows every place it was named (`lines`: the .forward and :include: files and their lines, or outside
 any, for the agent to read no further line of a file once one defers, as local(8), and to skip a leaf only when
-every place naming it is such a line).
+every place naming it is such a line). A leaf of another kind met under the same key (a file restricted where
+first met, allowed at a later place; seed 7048) is kept too, after, `stands_in_for` the first: the agent
+tries it only when it tried none before it of that key, as local(8), whose duplicate filter takes the key where it
+first gets to (expand_recipient gives those, `expand` what is delivered when nothing defers: none of them).
 Duplicate leaves are dropped (one mailbox copy per local part, its extension included; addresses compared without
 case; a command once per user whose expansion names it and rights, a file once per rights, a restricted one too:
 `_privileged`); an :include: file met again in the same expansion (one that includes itself, two that include
@@ -150,11 +153,20 @@ def _place() -> Places:
     return field(default=OUTSIDE, compare=False)
 
 
+def _stand_in() -> Leaf | None:
+    """The `stands_in_for` field of a leaf: None, or the leaf first met under the same duplicate key (`identity`, a
+    command's user) when this one is of another kind (a file Refused as restricted where first met, a File here): the
+    local agent tries this one only when none before it of that key was tried, every place naming those skipped
+    (local(8) meets the key first here then); not compared."""
+    return field(default=None, compare=False, repr=False)
+
+
 @dataclass(frozen=True)
 class Mailbox:
     user: str
     address: str
     lines: Places = _place()
+    stands_in_for: Leaf | None = _stand_in()
 
 
 @dataclass(frozen=True)
@@ -164,6 +176,7 @@ class Forward:
     lines: Places = _place()
     goes_to: str = ""  # the address qmgr delivers the copy to, when its resolve takes `address` apart (a mailbox-
     # form name holding an @, `"\\\\x@elsewhere.test"@myorigin`, goes to `"\\\\x"@elsewhere.test`): local's log names it
+    stands_in_for: Leaf | None = _stand_in()
 
 
 @dataclass(frozen=True)
@@ -175,6 +188,7 @@ class Command:
     sender: str | None = None  # the envelope sender it is given (a mailing list's owner); None: the message's
     forward: bool = False  # named by a user's .forward (directly or through :include:): it gets the user's HOME
     lines: Places = _place()
+    stands_in_for: Leaf | None = _stand_in()
 
 
 @dataclass(frozen=True)
@@ -185,6 +199,7 @@ class File:
     rights: str | None = None  # the system user it is written as; None: default_privs as root
     sender: str | None = None  # the envelope sender its entry names (a mailing list's owner); None: the message's
     lines: Places = _place()
+    stands_in_for: Leaf | None = _stand_in()
 
 
 @dataclass(frozen=True)
@@ -196,6 +211,7 @@ class Pass:
     nexthop: str
     address: str
     lines: Places = _place()
+    stands_in_for: Leaf | None = _stand_in()
 
 
 @dataclass(frozen=True)
@@ -205,6 +221,7 @@ class Refused:
     text: str
     sender: str | None = None  # a list's owner its failure is reported to (a restricted file of the list)
     lines: Places = _place()
+    stands_in_for: Leaf | None = _stand_in()
 
 
 Leaf = Union[Mailbox, Forward, Command, File, Pass, Refused]
@@ -367,8 +384,8 @@ class _Expansion:
         # "forward <path>" without "forward-done": its user met again inside, through it, gets the mailbox)
         self.includes_done: set[tuple[str | None, str]] = set()  # (rights, path) of the :include: files read
         self.leaves: list[Leaf] = []
-        self.keys: dict[tuple, Leaf] = {}  # each leaf kept, by its key
-        self.more_places: dict[tuple, list[Lines]] = {}  # by a leaf's key: the places naming it after its first
+        self.keys: dict[tuple, list[Leaf]] = {}  # by a key: the leaf kept, then any standing in for it
+        self.more_places: dict[int, tuple[Leaf, list[Lines]]] = {}  # by id(leaf): the places naming it after its first
         self.offered = 0  # leaves met, duplicates too: the work done, which the budget bounds
         self.visits = 0  # addresses visited, the same one again too: the work EXPANSION_WORK_LIMIT bounds
         self.relayed: set[str] = set()  # addresses luser_relay made: unknown too, they are refused
@@ -402,29 +419,43 @@ class _Expansion:
             raise ExpansionTooBig()
 
     def add(self, leaf: Leaf, key: tuple | None = None) -> None:
-        """`leaf` unless a leaf of the same `key` (default: its `identity`) came before."""
+        """`leaf` unless a leaf of the same `key` (default: its `identity`) came before: then another place naming
+        the one of its kind, or, of another kind (a file Refused as restricted where it was first met, a File
+        here), kept as standing in for the first (`stands_in_for`) unless one of them is named outside any file."""
         self.offered += 1
         if self.leaf_budget is not None and self.offered > self.leaf_budget:  # (20 000 times one member: work too)
             raise ExpansionTooBig()
         key = identity(leaf) if key is None else key
-        kept = self.keys.get(key)
-        if kept is None:
-            if len(self.leaves) >= EXPANSION_LIMIT:
-                raise TemporaryError("4.6.0", f"alias expansion larger than {EXPANSION_LIMIT} destinations")
-            self.keys[key] = leaf
-            if self.lines:  # (each leaf is made for this call: set in place, a replace() costs ~3 us a member)
-                object.__setattr__(leaf, "lines", (self.lines,))
-            self.leaves.append(leaf)
-        else:  # another place naming it (none past one outside any file, which is never stopped)
-            more = self.more_places.setdefault(key, [])
-            if (more[-1] if more else kept.lines[-1]) not in ((), self.lines):
-                more.append(self.lines)
+        group = self.keys.get(key)
+        if group is None:
+            self.keys[key] = [self._kept(leaf)]
+            return
+        same = next((kept for kept in group if type(kept) is type(leaf)), None)
+        if same is None:
+            if all(self._places(kept)[-1] != () for kept in group):  # (else that one is always tried)
+                object.__setattr__(leaf, "stands_in_for", group[0])
+                group.append(self._kept(leaf))
+            return
+        more = self.more_places.setdefault(id(same), (same, []))[1]
+        if (more[-1] if more else same.lines[-1]) not in ((), self.lines):  # (none past one outside any file,
+            more.append(self.lines)  # which is never stopped)
+
+    def _kept(self, leaf: Leaf) -> Leaf:
+        if len(self.leaves) >= EXPANSION_LIMIT:
+            raise TemporaryError("4.6.0", f"alias expansion larger than {EXPANSION_LIMIT} destinations")
+        if self.lines:  # (each leaf is made for this call: set in place, a replace() costs ~3 us a member)
+            object.__setattr__(leaf, "lines", (self.lines,))
+        self.leaves.append(leaf)
+        return leaf
+
+    def _places(self, leaf: Leaf) -> Places:
+        more = self.more_places.get(id(leaf))
+        return leaf.lines + tuple(more[1]) if more else leaf.lines
 
     def placed(self) -> list[Leaf]:
         """The leaves, each with every place naming it (`Leaf.lines`)."""
-        for key, more in self.more_places.items():
-            kept = self.keys[key]
-            object.__setattr__(kept, "lines", kept.lines + tuple(more))
+        for leaf, more in self.more_places.values():
+            object.__setattr__(leaf, "lines", leaf.lines + tuple(more))
         self.more_places.clear()
         return self.leaves
 
@@ -462,8 +493,10 @@ class LocalExpander:
 
     def expand(self, addr: str, *, delivered_to: frozenset[str] = frozenset(),
                warn: Callable[[str], None] = log.warning) -> list[Leaf]:
-        """`warn(text)`: told of what local(8) logs as a warning and passes over (an ignored .forward)."""
-        return self.expand_recipient(addr, delivered_to=delivered_to, warn=warn)[0]
+        """What is delivered when nothing defers (no leaf standing in for another). `warn(text)`: told of what
+        local(8) logs as a warning and passes over (an ignored .forward)."""
+        leaves = self.expand_recipient(addr, delivered_to=delivered_to, warn=warn)[0]
+        return [leaf for leaf in leaves if leaf.stands_in_for is None]
 
     def expand_recipient(self, addr: str, *, delivered_to: frozenset[str] = frozenset(),
                          warn: Callable[[str], None] = log.warning,
