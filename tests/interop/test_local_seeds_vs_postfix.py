@@ -309,8 +309,9 @@ def results_of(lines: set[str]) -> set[str]:
 # seed 7016 notices that a list resubmits to a file (from its owner, not MAILER-DAEMON: not counted either);
 # seed 7012 an alias whose :include: file includes only itself (and an alias of it): done with no line, as local(8);
 # seed 7048 a file restricted on an :include: line after one that deferred (not read), then allowed in the alias
-# value naming that file: written, as local(8)'s duplicate filter first meets it there
-CURATED = [2, 33, 7012, 7016, 7048]
+# value naming that file: written, as local(8)'s duplicate filter first meets it there; seed 7045 a member resubmitted
+# by an :include: file and again by a list with an owner- alias met through it: one new message, as local(8)
+CURATED = [2, 33, 7012, 7016, 7045, 7048]
 # Not here on purpose: seed 70006. Its :include: file resubmits nobody+x and NoBody in one new message, both ending in
 # nobody's mailbox: Postfix's local(8) takes one recipient per request (local_destination_recipient_limit = 1), so
 # its duplicate filter lets each write a copy (two); mailflow writes one mailbox copy per local part per delivery
@@ -342,6 +343,12 @@ WRITTEN = {
     "a restricted file after a deferral, then allowed": lambda spool, script: Case(
         {"a3": f":include:{spool}/inc/i1, {spool}/files/f0", "a1": f'"|{script} c1 75"'},
         {"i1": f"a1\n{spool}/files/f0\n"}, {}, ["a3"]),
+    # an address is resubmitted once however many lists name it, from the first one's owner (local(8)'s
+    # deliver_indirect keys its duplicate filter by the address alone): nobody+x gets one copy, not one per list
+    # (seed 7045)
+    "a member of two lists": lambda spool, script: Case(
+        {"a2": "a1, a0", "a1": "nobody+x", "owner-a1": "nobody", "a0": "nobody+x", "owner-a0": "nobody"}, {}, {},
+        ["a2"]),
     # a part that bounces beside one deferred is logged bounced at once (local(8)'s bounce_append), not at the retry
     "a bounced part beside a deferred one": lambda spool, script: Case(
         {"a2": f'"|{script} c0 67", ghost, "|{script} c1 75"'}, {}, {}, ["a2"]),

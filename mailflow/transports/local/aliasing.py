@@ -82,9 +82,11 @@ first met, allowed at a later place; seed 7048) is kept too, after, `stands_in_f
 tries it only when it tried none before it of that key, as local(8), whose duplicate filter takes the key where it
 first gets to (expand_recipient gives those, `expand` what is delivered when nothing defers: none of them).
 Duplicate leaves are dropped (one mailbox copy per local part, its extension included; addresses compared without
-case; a command once per user whose expansion names it and rights, a file once per rights, a restricted one too:
-`_privileged`); an :include: file met again in the same expansion (one that includes itself, two that include
-each other) adds nothing, as local(8)'s duplicate filter skips it. At most EXPANSION_LIMIT leaves,
+case; an address resubmitted once, from the sender of the first place naming it, as local(8)'s deliver_indirect,
+whose filter keys the address alone (seed 7045: a list member met again under another list); a command once per
+user whose expansion names it and rights, a file once per rights, a restricted one too: `_privileged`); an
+:include: file met again in the same expansion (one that includes itself, two that include each other) adds nothing,
+as local(8)'s duplicate filter skips it. At most EXPANSION_LIMIT leaves,
 EXPANSION_WORK_LIMIT addresses visited (a list met again under each member's .forward is walked again), INCLUDE_DEPTH
 nested :include: files and SMALL_FILE_LIMIT bytes of each file. Given a `leaf_budget` (the caller runs it on the
 event loop), an expansion that meets more leaves than that (duplicates counted: the work, not what is kept), that
@@ -467,7 +469,7 @@ def identity(leaf: Leaf) -> tuple:
     if isinstance(leaf, Mailbox):
         return "mailbox", address.split(leaf.address)[0].lower()
     if isinstance(leaf, Forward):
-        return "forward", leaf.address.lower(), leaf.sender
+        return "forward", leaf.address.lower()  # (once, from the first list met: local(8)'s "indirect ADDRESS")
     if isinstance(leaf, Command):  # mailbox_command runs once per address (it is given RECIPIENT, EXTENSION); the
         return "command", leaf.rights, leaf.command, leaf.address.lower()  # others' key: LocalExpander._privileged
     if isinstance(leaf, Pass):
