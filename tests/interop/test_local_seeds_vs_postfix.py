@@ -315,9 +315,10 @@ CURATED = [2, 33, 7012, 7016, 7045, 7048]
 # Not here on purpose: seed 70006. Its :include: file resubmits nobody+x and NoBody in one new message, both ending in
 # nobody's mailbox: Postfix's local(8) takes one recipient per request (local_destination_recipient_limit = 1), so
 # its duplicate filter lets each write a copy (two); mailflow writes one mailbox copy per local part per delivery
-# (one). The rest of that seed agrees (docs/transports.md, "## local"). So do seeds 7024 and 7029 (nobody's copies
-# only); 7019 and 7027 differ by which names local(8)'s `alias database loop for NAME` lines give (aliasing.py's
-# rule 2: mailflow names the alias that closes a cycle, local(8) every name at its nesting limit), 7005 by both.
+# (one). The rest of that seed agrees (docs/transports.md, "## local"). So do seeds 7024, 7029, 7042 and 7067
+# (nobody's copies only); 7019, 7027 and 7031 differ by which names local(8)'s `alias database loop for NAME` lines
+# give (aliasing.py's rule 2: mailflow names the alias that closes a cycle, local(8) every name at its nesting
+# limit), 7005 by both.
 
 
 # cases written out, each for a rule of local(8)'s duplicate filter that a seed found (seeds hold more than one)
