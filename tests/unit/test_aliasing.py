@@ -673,3 +673,11 @@ def test_a_leaf_keeps_every_place_naming_it_until_one_outside_any_file(tmp_path)
                  allow_mail_to_commands=("alias", "include"))
     [leaf] = e.expand("list@example.test")
     assert leaf.lines == (((1, 0),), ((1, 1),), ())
+
+
+def test_an_address_two_lists_name_is_resubmitted_once_from_the_first_lists_owner(tmp_path):
+    """local(8)'s deliver_indirect keys its duplicate filter by the address alone: a member two lists name (in any
+    case) is resubmitted once, with the sender of the first list that names it (seed 7045)."""
+    e = expander(tmp_path, "both: one, two\none: x@remote.test\nowner-one: carol\n"
+                           "two: X@remote.test\nowner-two: dave\n")
+    assert e.expand("both@example.test") == [Forward("x@remote.test", "owner-one@example.test")]

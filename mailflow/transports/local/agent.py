@@ -70,7 +70,9 @@ deferred forwards nothing (local(8)'s forward_finish cancels the new messages: t
 destination named in a .forward or :include: file defers, those of the file's later lines (`Leaf.lines`) are left
 for the retry, not tried, logged nor forwarded (local(8)'s deliver_token_stream reads no further line), unless also
 named somewhere not stopped (local(8) meets it there); a leaf that `stands_in_for` one so skipped is tried in its
-place (a file restricted on such a line and allowed after it is written), of each key only the first tried.
+place (a file restricted on such a line and allowed after it is written), of each key only the first tried: a
+key named three times or more in both kinds is judged by the first entry of each kind, not by the first place
+local(8) reads, a known difference (docs/transports.md).
 
 Failures: never raises for a recipient (what is no delivery problem, a bug, defers that recipient 4.3.0
 "unknown mail transport error", logged with its traceback); an OS error writing a Maildir defers (4.2.0), but a quota or

@@ -80,7 +80,9 @@ any, for the agent to read no further line of a file once one defers, as local(8
 every place naming it is such a line). A leaf of another kind met under the same key (a file restricted where
 first met, allowed at a later place; seed 7048) is kept too, after, `stands_in_for` the first: the agent
 tries it only when it tried none before it of that key, as local(8), whose duplicate filter takes the key where it
-first gets to (expand_recipient gives those, `expand` what is delivered when nothing defers: none of them).
+first gets to, for a key named twice (three places or more in both kinds: the first entry of each kind decides,
+which may differ from local(8)'s first place read; expand_recipient gives the stand-ins, `expand` what is
+delivered when nothing defers: none of them).
 Duplicate leaves are dropped (one mailbox copy per local part, its extension included; addresses compared without
 case; an address resubmitted once, from the sender of the first place naming it, as local(8)'s deliver_indirect,
 whose filter keys the address alone (seed 7045: a list member met again under another list); a command once per
