@@ -24,7 +24,8 @@ Failures: an unknown virtual user bounces (5.1.1); a table that cannot answer or
 cannot use defers (4.3.0 / 4.3.5); an OS error defers (4.2.0: a permission the operator can fix; a full disk
 4.3.0, as Postfix's mbox_dsn),
 except a file system quota or file size limit (EDQUOT, EFBIG): a full mailbox, 5.2.2 as Postfix says (4.2.2 when
-`overquota_bounce` is False) - `write_failure(maildir, error)` is that mapping, which local(8)'s Maildirs share. Its
+`overquota_bounce` is False) - `write_failure(maildir, error)` is that mapping, which local(8)'s Maildirs share
+(with `warn_unsynced`, the warning of a message in new/ whose directory could not be fsynced). Its
 texts are virtual(8)'s and local(8)'s, "maildir delivery failed: " then the step ("create maildir file PATH",
 tmp/'s file or its link into new/, "error writing message", "error reading message") and the reason. The quota's
 text is mailflow's own ("mailbox … is full: USED + SIZE bytes > quota QUOTA"): Postfix's virtual(8) has no quota of
@@ -96,14 +97,20 @@ class MaildirWriter:
         name = self.unique_name()
         unsynced = await asyncio.to_thread(write_maildir_file, maildir, name, prefix, content, owner, size_limit)
         if unsynced is not None:
-            log.warning("%s: maildir %s: new/%s delivered, but new/ could not be synced to disk: %s",
-                        queue_id or "NOQUEUE", maildir, name, unsynced.strerror or unsynced)
+            warn_unsynced(queue_id, maildir, name, str(unsynced.strerror or unsynced))
 
     def unique_name(self) -> str:
         """A file name for a new message: no other this process gives is the same."""
         now = self._clock.time()
         sec, usec = int(now), int((now % 1) * 1_000_000)
         return f"{sec}.M{usec}P{os.getpid()}Q{next(self._seq)}.{self._host}"
+
+
+def warn_unsynced(queue_id: str, maildir: Path, name: str, why: str) -> None:
+    """The message is in new/, so delivered, but new/ could not be fsynced after it: a warning keyed by the queue
+    id, not a failure (a retry would deliver a second copy; Postfix never fsyncs the directory)."""
+    log.warning("%s: maildir %s: new/%s delivered, but new/ could not be synced to disk: %s",
+                queue_id or "NOQUEUE", maildir, name, why)
 
 
 def write_failure(maildir: Path, e: OSError, *, bounce_full: bool = True) -> tuple[Outcome, str, str]:

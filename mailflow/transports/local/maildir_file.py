@@ -26,17 +26,16 @@ fsync of new/ after the rename is a warning keyed by `queue_id`: the message is 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from pathlib import Path
-from typing import Awaitable, Callable, Iterator
+from typing import Awaitable, Callable
 
-from mailflow.content import Content, Held
+from mailflow.content import Content
 from mailflow.errors import PermanentError, TemporaryError
 from mailflow.model import Outcome
 from mailflow.transports.local.asuser import Progress, call_as
-from mailflow.transports.local.mbox import FILE_START_TIMEOUT
-from mailflow.transports.maildir import write_failure, write_maildir_file
+from mailflow.transports.local.mbox import FILE_START_TIMEOUT, held_message
+from mailflow.transports.maildir import warn_unsynced, write_failure, write_maildir_file
 
 log = logging.getLogger("mailflow.local")
 
@@ -48,7 +47,7 @@ async def deliver_maildir_file(maildir: Path, prefix: bytes, content: Content, *
                                write_limit: float | None = None, queue_id: str = "") -> None:
     """See the module docstring."""
     def attempt() -> bytes:  # (in a worker thread)
-        with _held(content) as held:
+        with held_message(content) as held:
             args = (maildir, name, prefix, held.content, size_limit)
             if user is None:
                 return _written(*args)
@@ -57,19 +56,7 @@ async def deliver_maildir_file(maildir: Path, prefix: bytes, content: Content, *
 
     unsynced = await (asyncio.to_thread(attempt) if workers is None else workers(attempt))
     if unsynced:
-        log.warning("%s: maildir %s: new/%s delivered, but new/ could not be synced to disk: %s",
-                    queue_id or "NOQUEUE", maildir, name, unsynced.decode("utf-8", "replace"))
-
-
-@contextlib.contextmanager
-def _held(content: Content) -> Iterator[Held]:
-    """The content read through descriptors this thread opens and closes (Content.held); 4.3.0 when it cannot."""
-    with contextlib.ExitStack() as opened:
-        try:
-            held = opened.enter_context(content.held())
-        except OSError as e:
-            raise TemporaryError("4.3.0", f"error reading message: {e.strerror or e}") from None
-        yield held
+        warn_unsynced(queue_id, maildir, name, unsynced.decode("utf-8", "replace"))
 
 
 def _written(maildir: Path, name: str, prefix: bytes, content: Content, size_limit: int, *,

@@ -10,6 +10,8 @@
 - `mboxrd_unquote(text) -> bytes`: the reverse of the quoting, for readers and tests.
 - `append_mbox(path, entry, locks=…, lock_timeout=…)`: append one entry (bytes, or an iterable of chunks such
   as mbox_entry's, consumed in the worker) durably under the configured locks.
+- `held_message(content)`: the queued message read through descriptors the calling thread opens (for a child
+  writing as a user, who may not open the queue's files); 4.3.0 "error reading message" when they cannot be.
 
 How an append works: attempts, each in one worker thread (`asyncio.to_thread`; as root for a /file destination, in a
 child forked there with the user's rights), until one has the locks or `lock_timeout` (20 s like Postfix's
@@ -108,7 +110,7 @@ from pathlib import Path
 from typing import Awaitable, Callable, Iterable, Iterator, Literal, NamedTuple, cast
 
 from mailflow.config import DEFAULTS, LocalConfig
-from mailflow.content import Content
+from mailflow.content import Content, Held
 from mailflow.errors import DeliveryError, PermanentError, TemporaryError
 from mailflow.syntax import mask_control
 from mailflow.transports.encode import FinalNewline, ToLf, encode, mboxrd_quoting
@@ -289,12 +291,20 @@ def _built(entry: bytes | Iterable[bytes] | HeldEntry) -> Iterator[tuple[bytes |
     if not isinstance(entry, HeldEntry):
         yield entry, ()
         return
+    with held_message(entry.content) as held:
+        yield entry.build(held.content), held.descriptors
+
+
+@contextlib.contextmanager
+def held_message(content: Content) -> Iterator[Held]:
+    """The queued message read through descriptors this thread opens and closes (Content.held: a child writing as
+    a user may not open the queue's files); 4.3.0 mail_copy's "error reading message" when they cannot be opened."""
     with contextlib.ExitStack() as opened:
         try:
-            held = opened.enter_context(entry.content.held())
+            held = opened.enter_context(content.held())
         except OSError as e:
             raise TemporaryError("4.3.0", f"error reading message: {e.strerror or e}") from None
-        yield entry.build(held.content), held.descriptors
+        yield held
 
 
 def _past_dotlock(locks: tuple[LockStyle, ...], busy: LockStyle) -> bool:
