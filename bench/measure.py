@@ -16,7 +16,8 @@ Contract:
 - Each measured run is metered (procstat.Meter on the server's processes, from just before the load starts to
   the end of the drain window): the server's CPU seconds, context switches and peak memory during the run.
   A cell's figures per message are the sums over its successful runs divided by their messages (the delta over
-  the cell, the other server's runs excluded), its peak memory the largest of its runs'.
+  the cell, the other server's runs excluded), its peak memory the largest of its runs', its steal the machine's
+  (procstat: CPU time the hypervisor gave away) over those runs' windows.
 """
 from __future__ import annotations
 
@@ -110,6 +111,7 @@ class CellResult:
                 "cpu_ms_per_msg": self.cpu_ms, "vcs_per_msg": self.per_message("vcs"),
                 "ivcs_per_msg": self.per_message("ivcs"),
                 "peak_rss_mb": usage and usage.rss_mb, "peak_pss_mb": usage and usage.pss_mb,
+                "steal_pct": usage and usage.steal_pct,
                 "runs": [dict(asdict(r), accept_rate=r.accept_rate, e2e_rate=r.e2e_rate) for r in self.runs]}
 
 
@@ -174,6 +176,8 @@ def describe_run(name: str, cell: Cell, index: int, run: Run) -> str:
         return f"{where}: FAILED: {run.why}"
     extra = f", {run.extra} extra deliveries ({run.duplicates} duplicates)" if run.extra or run.duplicates else ""
     cpu = f", server CPU {run.usage.cpu_s * 1000 / run.count:.2f} ms/msg" if run.usage is not None else ""
+    if run.usage is not None and run.usage.steal_pct is not None:
+        cpu += f", steal {run.usage.steal_pct:.0f} %"
     return (f"{where}: accept {run.accept_rate:5.0f}/s ({run.accept_s:.2f} s), "
             f"e2e {run.e2e_rate:5.0f}/s ({run.e2e_s:.2f} s){cpu}{extra}")
 

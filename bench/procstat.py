@@ -15,7 +15,10 @@ Contract:
     rss_mb    the largest sum of VmRSS over the processes seen by a sample (shared pages counted once per
               process that maps them, so a many-process server looks bigger than it is);
     pss_mb    the same with Pss (smaps_rollup: shared pages split between the processes that map them), the
-              fair figure for comparing one process with many.
+              fair figure for comparing one process with many;
+    steal_ticks, all_ticks  the whole machine's (/proc/stat's `cpu` line, every CPU): ticks the hypervisor gave to
+              another guest while this one wanted to run (steal), and all ticks, over the same window. A cell run
+              with more than a few per cent stolen was not measured on a quiet machine, whatever else ran.
 - Best effort: a process or task that vanishes between listing and reading is skipped; a Meter whose root is
   gone reads nothing (all zeros) rather than raising. No error from here may fail a run.
 """
@@ -35,11 +38,19 @@ class Usage:
     ivcs: int = 0
     rss_mb: float = 0.0
     pss_mb: float = 0.0
+    steal_ticks: int = 0
+    all_ticks: int = 0
 
     def add(self, other: "Usage") -> "Usage":
         """Two runs' usage together (memory: the larger peak)."""
         return Usage(self.cpu_s + other.cpu_s, self.vcs + other.vcs, self.ivcs + other.ivcs,
-                     max(self.rss_mb, other.rss_mb), max(self.pss_mb, other.pss_mb))
+                     max(self.rss_mb, other.rss_mb), max(self.pss_mb, other.pss_mb),
+                     self.steal_ticks + other.steal_ticks, self.all_ticks + other.all_ticks)
+
+    @property
+    def steal_pct(self) -> float | None:
+        """Per cent of the machine's CPU time the hypervisor stole over the window; None if unknown."""
+        return 100.0 * self.steal_ticks / self.all_ticks if self.all_ticks else None
 
 
 def _read(path: str) -> str:
@@ -48,6 +59,15 @@ def _read(path: str) -> str:
             return f.read()
     except OSError:
         return ""
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(steal, all) ticks of every CPU since boot, from /proc/stat's `cpu` line; (0, 0) if unreadable."""
+    first = _read("/proc/stat").split("\n", 1)[0].split()
+    if len(first) < 9 or first[0] != "cpu":
+        return 0, 0
+    ticks = [int(v) for v in first[1:9]]  # user nice system idle iowait irq softirq steal (guest is within user)
+    return ticks[7], sum(ticks)
 
 
 def _stat_fields(pid: int) -> list[str]:
@@ -94,6 +114,7 @@ class Meter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._opening: tuple[float, int, int] = (0.0, 0, 0)
+        self._machine_opening: tuple[int, int] = (0, 0)
         self._rss = self._pss = 0.0
 
     def _cpu_ticks(self, pids: list[int]) -> int:
@@ -139,6 +160,7 @@ class Meter:
         self._rss = self._pss = 0.0
         pids = self._sample()
         self._opening = (self._cpu_ticks(pids) / TICKS, *self._switch_totals())
+        self._machine_opening = machine_ticks()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="procstat", daemon=True)
         self._thread.start()
@@ -149,5 +171,8 @@ class Meter:
             self._thread.join()
         pids = self._sample()
         cpu, vcs, ivcs = self._cpu_ticks(pids) / TICKS, *self._switch_totals()
+        steal, every = machine_ticks()
         cpu0, vcs0, ivcs0 = self._opening
-        return Usage(round(cpu - cpu0, 3), vcs - vcs0, ivcs - ivcs0, round(self._rss, 1), round(self._pss, 1))
+        steal0, every0 = self._machine_opening
+        return Usage(round(cpu - cpu0, 3), vcs - vcs0, ivcs - ivcs0, round(self._rss, 1), round(self._pss, 1),
+                     steal - steal0, every - every0)

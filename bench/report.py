@@ -3,7 +3,9 @@
 Contract:
 - `server_table(name, results)` -> text: per cell accept msg/s and e2e msg/s (medians), the server's CPU ms,
   voluntary and involuntary context switches per message and its peak memory (RSS and PSS MB; procstat.py),
-  the individual runs, and any failure/skip/extra-delivery notes.
+  the machine's steal over the cell's runs, the individual runs, and any failure/skip/extra-delivery notes.
+- `most_stolen(*results)` -> the largest steal % of any cell (None when no cell knows it); `steal_note(pct)` -> a
+  line saying the sitting was not on a quiet machine when more than QUIET_STEAL_PCT was stolen, else "".
 - `ratio_table(mailflow, postfix)` -> text: for every cell either server has, mailflow ÷ Postfix for accept and
   e2e (> 1: mailflow faster) and for CPU per message (< 1: mailflow cheaper); n/a where a side has no figure.
 - `headline_ratio(mailflow, postfix, cell)` -> "R.RR" or "n/a" (missing server, cell or median).
@@ -18,6 +20,8 @@ import time
 from pathlib import Path
 
 from measure import Cell, CellResult
+
+QUIET_STEAL_PCT = 5.0  # above this much of the machine's CPU taken by the hypervisor, a sitting is not quiet
 
 
 def fmt_rate(value: float | None) -> str:
@@ -44,10 +48,10 @@ def cell_notes(result: CellResult) -> str:
 def server_table(name: str, results: list[CellResult]) -> str:
     lines = [f"{name}: messages/s (median of runs; accept = until the load generator exits, e2e = until the sink has "
              f"all); server CPU ms, voluntary/involuntary context switches per message and peak memory over the "
-             f"cell's runs",
+             f"cell's runs; steal: the machine's CPU time the hypervisor took over those runs",
              f"{'size':>7} {'sessions':>8} | {'accept/s':>8} {'e2e/s':>7} | {'cpu ms':>6} {'vcs':>6} {'ivcs':>6} "
-             f"{'RSS MB':>7} {'PSS MB':>7} | runs accept / e2e",
-             "-" * 110]
+             f"{'RSS MB':>7} {'PSS MB':>7} {'steal %':>7} | runs accept / e2e",
+             "-" * 118]
     for r in results:
         acc = [round(x.accept_rate) for x in r.runs if x.accept_rate]
         e2e = [round(x.e2e_rate) for x in r.runs if x.e2e_rate]
@@ -55,7 +59,8 @@ def server_table(name: str, results: list[CellResult]) -> str:
         lines.append(f"{r.cell.size:>7} {r.cell.sessions:>8} | {fmt_rate(r.accept_med):>8} {fmt_rate(r.e2e_med):>7} | "
                      f"{fmt_figure(r.cpu_ms):>6} {fmt_figure(r.per_message('vcs'), 1):>6} "
                      f"{fmt_figure(r.per_message('ivcs'), 1):>6} {fmt_figure(usage and usage.rss_mb, 0):>7} "
-                     f"{fmt_figure(usage and usage.pss_mb, 0):>7} | {acc} / {e2e}")
+                     f"{fmt_figure(usage and usage.pss_mb, 0):>7} {fmt_figure(usage and usage.steal_pct, 0):>7} | "
+                     f"{acc} / {e2e}")
         if notes := cell_notes(r):
             lines.append(f"{'':>17}! {notes}")
     return "\n".join(lines)
@@ -104,6 +109,20 @@ def worst_ratio(mailflow: list[CellResult] | None, postfix: list[CellResult] | N
         return "", "n/a"
     ratio, key = min(ratios)
     return key, f"{ratio:.2f}"
+
+
+def most_stolen(*results: list[CellResult] | None) -> float | None:
+    stolen = [usage.steal_pct for res in results for r in res or []
+              if (usage := r.usage) is not None and usage.steal_pct is not None]
+    return max(stolen) if stolen else None
+
+
+def steal_note(pct: float | None) -> str:
+    if pct is None or pct <= QUIET_STEAL_PCT:
+        return ""
+    return (f"NOTE: the hypervisor took up to {pct:.0f} % of the machine's CPU during a cell's runs (steal, "
+            f"/proc/stat): not a quiet machine; both servers ran under it, but the figures do not compare with a "
+            f"quiet sitting's")
 
 
 def write_json(directory: Path, payload: dict) -> Path:

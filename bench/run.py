@@ -43,7 +43,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from measure import Cell, CellResult, Settings, measure_all  # noqa: E402
-from report import headline_ratio, ratio_table, server_table, worst_ratio, write_json  # noqa: E402
+from report import (headline_ratio, most_stolen, ratio_table, server_table, steal_note, worst_ratio,  # noqa: E402
+                    write_json)
 from servers import MailflowServer, PostfixServer, ServerError, mailflow_command  # noqa: E402
 from smtp_tools import Tools  # noqa: E402
 
@@ -278,6 +279,8 @@ class Bench:
                 log("\n" + server_table(name, results))
         if mf and pf:
             log("\n" + ratio_table(mf, pf))
+        if note := steal_note(most_stolen(mf, pf)):
+            log(note)
         if self.mailflow_log:
             log(f"\nmailflow log (level=warning), most frequent lines (full log: "
                 f"{self.opts.results_dir}/bench-{self.stamp}-mailflow.log):")
@@ -301,6 +304,7 @@ class Bench:
                 "results": {name: {r.cell.key: r.to_json() for r in res} for name, res in self.results.items()},
                 "e2e_ratio_vs_postfix": ratio, "headline_cell": HEADLINE_CELL.key,
                 "e2e_ratio_vs_postfix_min": worst, "worst_cell": worst_cell,
+                "steal_pct_max": most_stolen(*self.results.values()),
                 "server_state": self.states, "problems": self.problems, "mailflow_log_top": self.mailflow_log}
 
 
