@@ -156,14 +156,15 @@ def without_extra_enhanced_code(postfix: str, mailflow: str) -> str:
 FAREWELLS = ("221 ", "421 ", "521 ", "554 5.5.0 ")  # the replies after which a server closes
 
 
-def lost_to_a_reset(postfix: list[str], mailflow: list[str]) -> bool:
-    """Whether one side's connection was reset where the other's went on to a farewell and a close, all replies
-    before the reset alike: a server that closes with the client's pipelined input unread sends a reset, and Linux
-    may drop the replies the client had not read yet (the farewell too). Not a difference that can be judged."""
+def lost_to_a_reset(postfix: list[str], mailflow: list[str], farewells: tuple[str, ...] = FAREWELLS) -> bool:
+    """Whether one side's connection was reset where the other's went on to a farewell (a reply that begins with one
+    of `farewells`) and a close, all replies before the reset alike: a server that closes with the client's
+    pipelined input unread sends a reset, and Linux may drop the replies the client had not read yet (the farewell
+    too). Not a difference that can be judged."""
     for reset, other in ((postfix, mailflow), (mailflow, postfix)):
         at = len(reset) - 1
         if (reset[-1:] == ["reset"] and other[:at] == reset[:at] and other[-1:] in (["closed"], ["reset"])
-                and len(other) > at + 1 and other[-2].startswith(FAREWELLS)):
+                and len(other) > at + 1 and other[-2].startswith(farewells)):
             return True
     return False
 

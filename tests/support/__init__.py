@@ -28,8 +28,9 @@ are in tests/conftest.py and build on these.
   `rss_mb`, `peak_rss_mb`, `reset_peak_rss` (a process's memory from /proc; import them from tests.support.raw).
 - seeds: `seed_list` (an exploration's MAILFLOW_*_SEEDS, `1-300` or `1,5,9`; import it from tests.support.seeds).
 - dialogues, wide_dialogues: `generated(seed)` (seeded SMTP sessions for the dialogue differentials against
-  Postfix; wide_dialogues adds address forms, SMTPUTF8, VRFY, 8-bit, NUL, bare CR and LF) and wide_dialogues'
-  `reply_key` (a reply as code and enhanced code class.subject); import them from their modules.
+  Postfix; wide_dialogues adds address forms, SMTPUTF8, VRFY, 8-bit, NUL, bare CR and LF, and its `odd_generated`
+  8-bit parameters, odd blanks and blank lines) and wide_dialogues' `reply_key` (a reply as code and enhanced code
+  class.subject); import them from their modules.
 
 Every name above but those said otherwise is importable from `tests.support` itself.
 """

@@ -3,6 +3,9 @@ SMTPUTF8 and VRFY on (tests/interop/test_wide_dialogue_vs_postfix.py).
 
 - `generated(seed)`: one session of 3 to 15 `Step`s (dialogues.py's: units sent at once, then the content after a
   354), the same for the same seed.
+- `odd_generated(seed)`: a session of the odd stream, seeds of its own: `generated`'s units and 8-bit bytes inside
+  MAIL and RCPT parameters, blanks around `FROM:`'s colon and between parameter words (tabs, none, several), and
+  command lines that are empty or blanks only.
 - `split_at_bare_lf(steps)`: the same session as a client exempt from the bare-LF check sends it (Postfix's
   smtpd_forbid_bare_newline_exclusions, $mynetworks by default): a bare LF ends its command line, so each command
   line is cut after every bare LF in it and each piece gets its own reply.
@@ -134,6 +137,57 @@ def generated(seed: int, postfix_keeps_refused_transactions: bool = True) -> lis
     """The session of `seed`: dialogues.py's, drawn from UNITS, with its masks and `rset_after_undeclared_utf8_vrfy`."""
     return dialogues.generated(seed, postfix_keeps_refused_transactions, UNITS, (mail, rcpt), group_chance=0.15,
                                mask=rset_after_undeclared_utf8_vrfy)
+
+
+# The odd stream (`odd_generated`, seeds of its own: the sessions `generated` draws stay as they were): 8-bit bytes
+# inside MAIL and RCPT parameters, and blanks where a client puts them oddly (tabs between parameter words, blanks
+# around `FROM:`'s colon and after it, none between a path and its first parameter), and command lines that are empty
+# or blanks only.
+PARAMETER_WORDS = {
+    "MAIL": ["ENVID=", "AUTH=", "RET=", "BODY=", "SIZE=", "FOO=", "SMTPUTF8="],
+    "RCPT": ["NOTIFY=", "ORCPT=rfc822;", "ORCPT=utf-8;", "ORCPT=", "FOO="],
+}
+ODD_BYTES = [b"\xe9", b"\xc3\xa9", b"\xff", b"\xc3", b"\xe2\x80\x83", b"\xc2\xa0"]
+
+
+def eight_bit_parameter(rng: random.Random) -> bytes:
+    """A MAIL or RCPT whose parameter holds an 8-bit byte (UTF-8 or not) in its value, its name or as a word of its
+    own, SMTPUTF8 declared now and then."""
+    verb = rng.choice(["MAIL", "RCPT"])
+    head = b"MAIL FROM:<s@remote.test>" if verb == "MAIL" else b"RCPT TO:<alice@local.test>"
+    name = rng.choice(PARAMETER_WORDS[verb]).encode()
+    odd = rng.choice(ODD_BYTES)
+    word = rng.choice([name + odd, name + b"a" + odd + b"@x.test", name[:1] + odd + name[1:] + b"x", odd,
+                       name + b"x+C3+A9" + odd])
+    utf8 = b" SMTPUTF8" if verb == "MAIL" and rng.random() < 0.3 else b""
+    return head + rng.choice([b"", utf8]) + b" " + word + rng.choice([b"", utf8]) + b"\r\n"
+
+
+def odd_blanks(rng: random.Random) -> bytes:
+    """A MAIL or RCPT with blanks where a client should not put them, or none where it should."""
+    verb, keyword, target, table = rng.choice([("MAIL", "FROM", "<s@remote.test>", MAIL_PARAMS),
+                                               ("RCPT", "TO", "<alice@local.test>", RCPT_PARAMS)])
+    colon = rng.choice([":", " :", ": ", ":\t", " : ", "\t:", ":  ", ": \t"])
+    words = params(rng, table).split() or [rng.choice(["FOO=bar", "NOTIFY=NEVER" if verb == "RCPT" else "BODY=7BIT"])]
+    first = rng.choice([" ", "\t", "", " \t", "\t\t"])
+    between = [rng.choice([" ", "\t", "  ", " \t "]) for _ in words[1:]]
+    rest = first + words[0] + "".join(b + w for b, w in zip(between, words[1:]))
+    return line(joined(rng, verb, odd_verb(rng, keyword) + colon + target + rest + rng.choice(["", "", " ", "\t"])))
+
+
+def blank_line(rng: random.Random) -> bytes:
+    """A command line with no command: empty, or blanks only."""
+    return rng.choice([b"", b" ", b"\t", b"  \t ", b"\x0b", b"\x0c"]) + b"\r\n"
+
+
+ODD_UNITS = [*UNITS, (eight_bit_parameter, 3), (odd_blanks, 3), (blank_line, 1)]
+
+
+def odd_generated(seed: int, postfix_keeps_refused_transactions: bool = True) -> list[Step]:
+    """The odd stream's session of `seed`: `generated`'s units and eight_bit_parameter, odd_blanks and blank_line,
+    the same masks."""
+    return dialogues.generated(seed, postfix_keeps_refused_transactions, ODD_UNITS, (mail, rcpt),
+                               group_chance=0.15, mask=rset_after_undeclared_utf8_vrfy)
 
 
 def split_at_bare_lf(steps: list[Step]) -> list[Step]:
