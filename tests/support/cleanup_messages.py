@@ -75,6 +75,12 @@ HEADER_INGREDIENTS: dict[str, bytes] = {
     "multipart": b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=BB\r\n",
     "ctl-in-value": b"X-Ctl: a\x01b\x7fc\r\n",
 }
+# lines whose length (the CRLF not counted) is at or next to a limit: Postfix's smtp_line_length_limit (998, where
+# its SMTP client folds a longer line) and line_length_limit (2048, where its smtpd cuts a line into records)
+AT_LIMITS = [997, 998, 999, 2047, 2048, 2049, 2998, 2999]
+HEADER_INGREDIENTS.update({f"header-line-{n}": b"X-At-Limit: " + b"h" * (n - 12) + b"\r\n" for n in AT_LIMITS})
+HEADER_INGREDIENTS.update({f"folded-line-{n}": b"X-Folded-At-Limit: a\r\n\t" + b"f" * (n - 1) + b"\r\n"
+                           for n in AT_LIMITS})
 # what may open a message, before the ingredients
 OPENINGS: dict[str, bytes] = {
     "none": b"",
@@ -99,6 +105,8 @@ BODIES: dict[str, bytes] = {
     "trailing-space": b"\r\nline \r\n\t\r\n",
     "no-final-newline": b"\r\nlast line\r\n",  # (sendmail: without its last line end)
     "no-final-newline-head": b"X-Last: header\r\n",
+    **{f"body-line-{n}": b"\r\n" + b"b" * n + b"\r\nnext\r\n" for n in AT_LIMITS},
+    **{f"body-spaced-{n}": b"\r\n" + b"word " * (n // 5) + b"w" * (n % 5) + b"\r\n" for n in AT_LIMITS},
 }
 
 
