@@ -51,7 +51,7 @@ from mailflow import status
 
 from tests.support import SmtpClient, eventually, postfix_instance
 from tests.support.seeds import seed_list
-from tests.support.dialogues import Step, generated, no_content_after_refused_last, one_auth_mail
+from tests.support.dialogues import Step, commands_after_data, generated, no_content_after_refused_last, one_auth_mail
 
 pytestmark = pytest.mark.interop
 
@@ -122,14 +122,18 @@ async def replay(port: int, steps: list[Step], shown=shown) -> list[str]:
 
 
 async def closed_after_content(client: SmtpClient, step, reply, out: list[str], shown, timeout: float) -> bool:
-    """After a 354 to the step's last unit (`reply`), its content sent and the reply appended to `out` as `shown`:
-    whether the connection closed instead (the replay ends). Nothing is sent after any other reply."""
+    """After a 354 to the step's last unit (`reply`), its content sent and the reply appended to `out` as `shown`,
+    and one for each command line pipelined after its end (`commands_after_data`): whether the connection closed
+    instead (the replay ends). Nothing is sent after any other reply."""
     if reply is None or reply.code != 354 or not step.content:
         return False
     await client.send(step.content)
-    reply = await client.reply(timeout)
-    out.append(shown(reply.text if reply.code else None))
-    return reply.code is None
+    for _ in range(1 + commands_after_data(step.content)):
+        reply = await client.reply(timeout)
+        out.append(shown(reply.text if reply.code else None))
+        if reply.code is None:
+            return True
+    return False
 
 
 def buffered_replies(client: SmtpClient) -> list[str]:

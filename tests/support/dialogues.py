@@ -25,7 +25,14 @@ from mailflow.syntax import ascii_upper
 
 class Step(NamedTuple):
     units: tuple[bytes, ...]  # each with its CRLF (and a BDAT's chunk)
-    content: bytes = b""  # sent after a 354 to the last unit, ending with the CRLF . CRLF
+    content: bytes = b""  # sent after a 354 to the last unit, ending with the CRLF . CRLF (or command lines after it)
+
+
+def commands_after_data(content: bytes) -> int:
+    """How many command lines `content` holds after its end-of-data line (pipelined in the same write: each gets a
+    reply of its own after the content's)."""
+    end = 3 if content.startswith(b".\r\n") else content.find(b"\r\n.\r\n") + 5
+    return content[end:].count(b"\r\n") if end >= 3 else 0
 
 
 CONTENTS = [b"Subject: probe\r\n\r\nbody\r\n.\r\n", b"Subject: dots\r\n\r\n..a\r\n.b\r\n.\r\n",

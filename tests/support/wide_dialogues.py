@@ -5,7 +5,8 @@ SMTPUTF8 and VRFY on (tests/interop/test_wide_dialogue_vs_postfix.py).
   354), the same for the same seed.
 - `odd_generated(seed)`: a session of the odd stream, seeds of its own: `generated`'s units and 8-bit bytes inside
   MAIL and RCPT parameters, blanks around `FROM:`'s colon and between parameter words (tabs, none, several), and
-  command lines that are empty or blanks only.
+  command lines that are empty or blanks only; now and then commands in the write of a DATA's content, after its
+  end (`commands_after_content`).
 - `split_at_bare_lf(steps)`: the same session as a client exempt from the bare-LF check sends it (Postfix's
   smtpd_forbid_bare_newline_exclusions, $mynetworks by default): a bare LF ends its command line, so each command
   line is cut after every bare LF in it and each piece gets its own reply.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import random
 import re
+from typing import Callable
 
 from tests.support import dialogues
 from tests.support.dialogues import Step, joined, line, odd_verb, with_params
@@ -181,13 +183,28 @@ def blank_line(rng: random.Random) -> bytes:
 
 
 ODD_UNITS = [*UNITS, (eight_bit_parameter, 3), (odd_blanks, 3), (blank_line, 1)]
+AFTER_CONTENT = [b"RSET\r\n", b"NOOP\r\n", b"MAIL FROM:<s@remote.test>\r\n", b"RCPT TO:<alice@local.test>\r\n",
+                 b"HELP\r\n", b"FOO\r\n", b"\r\n", b"EHLO client.test\r\n"]
+
+
+def commands_after_content(seed: int) -> Callable[[list[Step]], list[Step]]:
+    """A mask that puts, now and then, commands in the same write as a DATA's content, after its final dot (a client
+    that pipelines past the end of data). A random stream of its own, so that the units drawn stay the same. The
+    replay reads their replies right after the content's (dialogues.commands_after_data)."""
+    rng = random.Random(f"after content {seed}")
+
+    def mask(steps: list[Step]) -> list[Step]:
+        return [step._replace(content=step.content + b"".join(rng.sample(AFTER_CONTENT, rng.randint(1, 3))))
+                if step.content and rng.random() < 0.4 else step for step in steps]
+    return mask
 
 
 def odd_generated(seed: int, postfix_keeps_refused_transactions: bool = True) -> list[Step]:
     """The odd stream's session of `seed`: `generated`'s units and eight_bit_parameter, odd_blanks and blank_line,
-    the same masks."""
-    return dialogues.generated(seed, postfix_keeps_refused_transactions, ODD_UNITS, (mail, rcpt),
-                               group_chance=0.15, mask=rset_after_undeclared_utf8_vrfy)
+    the same masks, and `commands_after_content`."""
+    after_content = commands_after_content(seed)
+    return dialogues.generated(seed, postfix_keeps_refused_transactions, ODD_UNITS, (mail, rcpt), group_chance=0.15,
+                               mask=lambda steps: after_content(rset_after_undeclared_utf8_vrfy(steps)))
 
 
 def split_at_bare_lf(steps: list[Step]) -> list[Step]:
