@@ -38,7 +38,7 @@ from collections import Counter
 import pytest
 
 from tests.interop.test_smtp_faults_vs_postfix import (CLOSE, END_OF_DATA, THEN_CLOSE, Scenario, ScriptedPeer,
-                                                       run_both, took)
+                                                       run_both)
 from tests.support.seeds import seed_list
 
 pytestmark = pytest.mark.interop
@@ -238,11 +238,6 @@ CURATED = {
         {"RCPT": lambda a: b"450 4.2.0 greylisted\r\n" if a.startswith("r1@") else b"250 2.1.5 Ok\r\n"},
         ("r1", "r2"))),
     "fallback-after-lost-dot": ("fallback-relay", Scenario({"DOT": CLOSE}, ("r1", "r2"))),
-    # (seed 91225) the first next hop announces DSN and takes NOTIFY, then hangs up at the end of data; the
-    # fallback, without DSN, takes the message: a `relayed` notice from both (the comparison waits for it)
-    "fallback-after-lost-dot-notify": ("fallback-relay", Scenario(
-        {"EHLO": b"250-peer.test\r\n250-PIPELINING\r\n250 DSN\r\n", "DOT": CLOSE}, ("r1",),
-        notify="SUCCESS,FAILURE")),
     "fallback-not-after-5xx": ("fallback-relay", Scenario({"RCPT": b"550 5.1.1 no\r\n"}, ("r1",))),
     "limit-2-dot-lost-then-quit-unanswered": ("recipient-limit-2", Scenario(
         {"DOT": b"250 2.0.0 Ok\r\n" + THEN_CLOSE, "QUIT": CLOSE}, ("r1", "r2", "r3"))),
@@ -253,17 +248,6 @@ def resets(peers: list[ScriptedPeer], name: str) -> int:
     """How many RSETs the peers heard in the sessions of the server called `name`."""
     return sum(line.split()[:1] == [b"RSET"] for peer in peers for heard in peer.sessions
                if heard and heard[0].split()[1:2] == [name.encode()] for line in heard)
-
-
-def test_a_relayed_notice_is_waited_for_unless_a_session_that_took_the_recipient_passed_its_notify_on():
-    # seed 91225: a peer that took NOTIFY and hung up at the end of data took nothing; the fallback without DSN did,
-    # so both servers owe a `relayed` notice (the comparison had not waited for Postfix's, which came late)
-    heard = [b"EHLO pf.test\r\n", b"MAIL FROM:<s@x.test>\r\n", b"RCPT TO:<r1@x.test> NOTIFY=SUCCESS\r\n",
-             b"DATA\r\n", END_OF_DATA]
-    assert took(ScriptedPeer({}), heard, "r1@x.test")
-    assert not took(ScriptedPeer({"DOT": CLOSE}), heard, "r1@x.test")
-    assert not took(ScriptedPeer({"RCPT": lambda a: b"450 4.2.0 later\r\n"}), heard, "r1@x.test")
-    assert not took(ScriptedPeer({}), heard[:-1], "r1@x.test")
 
 
 async def test_curated_scenarios_end_as_with_postfix(mailflow_server, smtp_peer, tmp_path):

@@ -121,13 +121,6 @@ class ScriptedPeer:
             writer.close()
 
 
-def took(peer: ScriptedPeer, heard: list[bytes], address: str) -> bool:
-    """Whether `peer`'s session that `heard` those lines took the message for `address`: its RCPT and its end of
-    data answered 2xx as the peer's script says."""
-    return END_OF_DATA in heard and peer._answer("DOT", b"250").startswith(b"2") and \
-        peer._answer("RCPT", b"250", address).startswith(b"2")
-
-
 @dataclass
 class Scenario:
     script: dict[str, Answer]
@@ -270,15 +263,12 @@ async def run_both(mailflow_server, smtp_peer, scenarios: dict[str, Scenario], *
     heard_by = [*by_name.values(), *(peers or [])]
 
     def passed_on(server: bytes) -> set[str]:
-        """The recipients whose NOTIFY a server's sessions passed on to a peer (one announcing DSN) that took them
-        (`took`): for the others a NOTIFY=SUCCESS recipient that is sent gets a `relayed` notice, from Postfix's
-        smtp(8) as from mailflow (none is owed when a session that delivered passed it on: a wait for a notice that
-        never comes would fail; one that passed it on and then failed, its peer hanging up at the end of data, say,
-        owes it still where a fallback relay without DSN took the message)."""
-        return {address for peer in heard_by for heard in peer.sessions if heard and heard[0].split()[1:2] == [server]
-                for line in heard if line[:4].upper() == b"RCPT" and b"NOTIFY=" in line.upper()
-                for address in [line.decode("utf-8", "replace").partition("<")[2].partition(">")[0]]
-                if took(peer, heard, address)}
+        """The recipients whose NOTIFY a server's sessions passed on to a peer (one announcing DSN): for the
+        others a NOTIFY=SUCCESS recipient that is sent gets a `relayed` notice, from Postfix's smtp(8) as from
+        mailflow (none is owed when any session passed it on: a wait for a notice that never comes would fail)."""
+        return {line.decode("utf-8", "replace").partition("<")[2].partition(">")[0]
+                for peer in heard_by for heard in peer.sessions if heard and heard[0].split()[1:2] == [server]
+                for line in heard if line[:4].upper() == b"RCPT" and b"NOTIFY=" in line.upper()}
 
     log = MailLogLines().start()
     try:
