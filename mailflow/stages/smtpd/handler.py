@@ -407,7 +407,7 @@ class SmtpdHandler:
             refusal = await self._policy_refusal("rcpt", facts, (*envelope.rcpt_tos, addr))
             if refusal is not None:
                 return refusal
-        return await self._recipient_lists(facts)
+        return await self._recipient_lists(session, facts)
 
     def _recipient_facts(self, session: SessionState, envelope: Transaction, addr: str, command: str = "") -> Facts:
         facts = self._facts(session, envelope, addr, command=command)
@@ -415,9 +415,12 @@ class SmtpdHandler:
             facts.defer_if_permit = envelope.defer_if_permit_sender
         return facts
 
-    async def _recipient_lists(self, facts: Facts) -> status.Reply | None:
-        """The restriction lists, then whether the routing tables can answer for the recipient."""
+    async def _recipient_lists(self, session: SessionState, facts: Facts) -> status.Reply | None:
+        """The restriction lists, then whether the routing tables can answer for the recipient. The sender list's
+        DEFER_IF_PERMIT, when it ran, is the session's from then on."""
+        facts.defer_if_permit_sender = session.defer_if_permit_sender
         refusal = await self.restrictions.check_rcpt(facts)
+        session.defer_if_permit_sender = facts.defer_if_permit_sender
         if refusal is not None or self._no_recipient_checks:
             return refusal
         return await self._unroutable(facts.recipient)
@@ -437,7 +440,7 @@ class SmtpdHandler:
             return status.SMTPUTF8_REQUIRED
         if addr.lower() == "postmaster":  # RFC 5321 4.5.1, as at RCPT
             return None
-        refusal = await self._recipient_lists(self._recipient_facts(session, envelope, addr, command="VRFY"))
+        refusal = await self._recipient_lists(session, self._recipient_facts(session, envelope, addr, command="VRFY"))
         if refusal is not None:
             refusal = status.naming_internal_form(refusal, addr)
             server.log_reject("VRFY", refusal, addr)
@@ -454,7 +457,7 @@ class SmtpdHandler:
         facts.sender, facts.size = sender, _declared_size(options)
         facts.defer_if_permit = session.defer_if_permit_before_mail
         refusal = await self.restrictions.check_early("sender", facts)
-        envelope.defer_if_permit_sender = facts.defer_if_permit
+        envelope.defer_if_permit_sender = session.defer_if_permit_sender = facts.defer_if_permit
         return refusal
 
     async def _policy_sender_refusal(self, session: SessionState, envelope: Transaction,

@@ -218,6 +218,9 @@ class Facts:
     # if it is a 5xx refusal
     defer_if_permit: status.Reply | None = None
     defer_if_reject: status.Reply | None = None
+    # the session's DEFER_IF_PERMIT after its last sender list (SessionState.defer_if_permit_sender): in, and out
+    # once this command ran that list
+    defer_if_permit_sender: status.Reply | None = None
     depth: int = 0  # how many lists (a stage's, restriction classes', access values') are being evaluated
     # warn_if_reject met at this depth (0: none): refusals until its next item is done are only logged
     warn_if_reject: int = 0
@@ -415,13 +418,13 @@ class Restrictions:
     async def _verdict(self, steps: tuple[tuple[str, ...], ...], facts: Facts) -> status.Reply | None:
         """The first refusal of the lists, a DEFER_IF_REJECT met in its own step applied (RCPT_STEPS, ETRN_STEPS).
         Without a sender (VRFY outside a transaction) the relay and recipient lists start from the DEFER_IF_PERMIT
-        given, not the client and helo lists': Postfix's smtpd_check_rcpt takes it from its sender step, which
-        runs only with a sender."""
-        given = facts.defer_if_permit
+        the session's last sender list left (`facts.defer_if_permit_sender`), not the client and helo lists':
+        Postfix's smtpd_check_rcpt takes it from its state's defer_if_permit_sender, which only its sender step
+        sets (and no RSET clears)."""
         for step in steps:
             facts.defer_if_reject = None
             if step == RCPT_STEPS[-1] and facts.sender is None:
-                facts.defer_if_permit = given
+                facts.defer_if_permit = facts.defer_if_permit_sender
             for stage in step:
                 if facts.marks.discard is not None:
                     return None
@@ -440,6 +443,8 @@ class Restrictions:
         if (stage == "helo" and not facts.helo) or (stage == "sender" and facts.sender is None):
             return None
         answer = await self._run_items(self._lists[stage], stage, facts)
+        if stage == "sender":  # (whatever its verdict: Postfix's smtpd_check_mail saves it so)
+            facts.defer_if_permit_sender = facts.defer_if_permit
         if isinstance(answer, status.Reply):
             return answer  # the session logs it (NOQUEUE: reject: ...)
         if stage == "sender" and self._smtpd.reject_unlisted_sender and facts.sender and facts.marks.discard is None:

@@ -108,6 +108,10 @@ class SessionState(_AiosmtpdSession):
     access_denied: status.Reply | None
     defer_if_permit_client: status.Reply | None
     defer_if_permit_helo: status.Reply | None
+    # the DEFER_IF_PERMIT after the sender list last ran in the session (the client and helo lists' included; kept
+    # whatever that list's verdict, and over RSET and later transactions, as Postfix's defer_if_permit_sender): what
+    # the relay and recipient lists start from, a VRFY outside a transaction's too
+    defer_if_permit_sender: status.Reply | None
     # a pipelining violation was met (logged once, refused or not: Postfix's SMTPD_FLAG_ILL_PIPELINING; kept
     # over STARTTLS), what reject_unauth_pipelining refuses
     ill_pipelining: bool
@@ -129,6 +133,7 @@ class SessionState(_AiosmtpdSession):
         self.milters = None
         self.memo = SessionMemo()
         self.access_denied = self.defer_if_permit_client = self.defer_if_permit_helo = None
+        self.defer_if_permit_sender = None
         self.ill_pipelining = False
         self.on_this_host = False
         self.ehlo_said = False
@@ -151,6 +156,7 @@ class SessionState(_AiosmtpdSession):
         self.access_denied = previous.access_denied  # (Postfix's stay over STARTTLS)
         self.defer_if_permit_client = previous.defer_if_permit_client
         self.defer_if_permit_helo = previous.defer_if_permit_helo
+        self.defer_if_permit_sender = previous.defer_if_permit_sender
         self.ill_pipelining = previous.ill_pipelining
         self.extended_smtp = previous.extended_smtp
 
