@@ -11,7 +11,7 @@ import dataclasses
 import enum
 from collections.abc import Iterable
 from dataclasses import field
-from typing import Any, AsyncIterator, NamedTuple, TypeVar
+from typing import Any, AsyncIterator, Callable, NamedTuple, TypeVar
 
 from mailflow.content import Content
 from mailflow.records import record
@@ -279,6 +279,18 @@ class DeliveryRequest:
     # an address probe (Postfix's DEL_REQ_FLAG_MTA_VRFY, mailflow.stages.verify): the SMTP and LMTP clients say
     # MAIL and RCPT only, no DATA; an accepted recipient is SENT with the RCPT reply, nothing is delivered
     verify: bool = False
+    # qmgr's: told each result as soon as it is final (`settled`), so that a stop's cancel landing after that, before
+    # the report is back, still records it (not part of the request's value: equal requests differ only here)
+    on_settled: Callable[[Iterable[RcptResult]], None] | None = field(default=None, compare=False, repr=False)
+
+    def settled(self, results: Iterable[RcptResult]) -> None:
+        """An agent's word that `results` are final: the peer took the message (a 2xx after DATA, a mailbox
+        written, a command that exited) or refused it for good. Said before the agent's next await, so a stop that
+        cancels the delivery after the peer's answer does not lose it (qmgr records them: a restart does not
+        deliver them again, as Postfix's agents record each recipient in the queue file as soon as it is done).
+        The report stays the whole answer; what is said here only counts when the delivery is cut off."""
+        if self.on_settled is not None:
+            self.on_settled(results)
 
 
 class Outcome(enum.Enum):

@@ -6,7 +6,12 @@ recipients of one message: qmgr's expiry and its telling, the SMTP and LMTP clie
                                          are one call, with no suspension); a part is of the same type as `items`
                                          (a list's are lists)
 
-A cancel while the loop is handed back ends it there: the parts done stay done, the rest are not done.
+    await in_slices_uncut(items, each, size)
+                                         the same, but work that must not be left half done (what a peer already
+                                         took): a cancel while the loop is handed back does the parts left in that
+                                         turn, then goes on (raised)
+
+A cancel while the loop is handed back ends `in_slices` there: the parts done stay done, the rest are not done.
 """
 from __future__ import annotations
 
@@ -22,3 +27,18 @@ async def in_slices(items: S, each: Callable[[S], object], size: int) -> None:
         if start:
             await asyncio.sleep(0)
         each(cast(S, items[start:start + size]))  # (a list's slice is a list, a tuple's a tuple)
+
+
+async def in_slices_uncut(items: S, each: Callable[[S], object], size: int) -> None:
+    """See the module docstring."""
+    done = 0
+    try:
+        for start in range(0, len(items), size):
+            if start:
+                await asyncio.sleep(0)
+            each(cast(S, items[start:start + size]))
+            done = start + size
+    except asyncio.CancelledError:
+        if done < len(items):
+            each(cast(S, items[done:]))
+        raise

@@ -13,7 +13,8 @@ from mailflow.app import Mailflow, reload_logged
 from mailflow.config import config_from_dict
 from mailflow.errors import ConfigError
 from tests.component.test_smtpd_hardening import _connect_unread, _pipeline_until
-from tests.support import SmtpClient, accepts, base_settings, eventually, half_client_hello, queue_counts
+from tests.support import (SmtpClient, accepts, base_settings, eventually, half_client_hello, queue_becomes,
+                           queue_counts, send)
 
 HOST = "mx.mailflow.test"
 
@@ -193,3 +194,75 @@ async def test_a_session_waiting_for_its_client_to_read_is_gone_when_the_stop_re
         assert raw.get_extra_info("socket").fileno() == -1  # (closed: its fd given back)
     finally:
         client.close()
+
+
+class LmtpSlowAfterTheFirst:
+    """An LMTP peer on 127.0.0.1 that takes every message; after its end of data it answers the first recipient at
+    once and the others only once `answer_all` is set (a peer slow with its later replies). `deliveries`: the RCPT
+    addresses of each message it took."""
+
+    def __init__(self):
+        self.deliveries: list[list[bytes]] = []
+        self.answer_all = asyncio.Event()
+
+    async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 lmtp.test LMTP\r\n")
+        rcpts: list[bytes] = []
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"LHLO":
+                writer.write(b"250-lmtp.test\r\n250 8BITMIME\r\n")
+            elif verb in (b"MAIL", b"RSET"):
+                rcpts = []
+                writer.write(b"250 2.1.0 Ok\r\n")
+            elif verb == b"RCPT":
+                rcpts.append(line.split(b":", 1)[1].strip())
+                writer.write(b"250 2.1.5 Ok\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go ahead\r\n")
+                while (await reader.readline()) not in (b".\r\n", b""):
+                    pass
+                self.deliveries.append(rcpts)
+                writer.write(b"250 2.0.0 Saved\r\n")  # the first recipient's: in its mailbox now
+                await writer.drain()
+                await self.answer_all.wait()
+                writer.write(b"250 2.0.0 Saved\r\n" * (len(rcpts) - 1))
+            elif verb == b"QUIT":
+                writer.write(b"221 2.0.0 Bye\r\n")
+                break
+            await writer.drain()
+        writer.close()
+
+
+async def test_a_stop_records_what_an_lmtp_peer_took_before_the_cut_so_a_restart_delivers_it_once(tmp_path):
+    """The stop cuts off a delivery whose LMTP peer has saved the first recipient's copy (its 250 read) and is slow
+    with the second's reply. The first recipient's result was lost with the cut (qmgr had no report): after the
+    restart the peer got the message for both again. It is recorded: the restart delivers the second alone."""
+    peer = LmtpSlowAfterTheFirst()
+    server = await asyncio.start_server(peer.session, "127.0.0.1", 0)
+    hop = f"[127.0.0.1]:{server.sockets[0].getsockname()[1]}"
+    config = config_from_dict({**base_settings(tmp_path), "transport_maps": [f"inline:{{ relay.test=lmtp:{hop} }}"]})
+    try:
+        mf = Mailflow(config, shutdown_grace=0.3)
+        await mf.start()
+        try:
+            await send(mf.smtp_addresses[0][1], "s@remote.test", ["a@relay.test", "b@relay.test"],
+                       b"Subject: once\r\n\r\nbody\r\n")
+            await eventually(lambda: peer.deliveries, what="the peer took the message")
+        finally:
+            await asyncio.wait_for(mf.stop(), 5)  # (the grace: the first reply is read, the second never comes)
+        assert queue_counts(tmp_path / "queue" / "queue.db") == {"active": 1}
+
+        peer.answer_all.set()
+        mf = Mailflow(config, shutdown_grace=0.3)
+        await mf.start()
+        try:
+            await queue_becomes(mf.store, {})
+        finally:
+            await mf.stop()
+        assert peer.deliveries == [[b"<a@relay.test>", b"<b@relay.test>"], [b"<b@relay.test>"]]
+    finally:
+        peer.answer_all.set()
+        server.close()
+        await server.wait_closed()
+

@@ -153,7 +153,10 @@ Failure behaviour
   own after a failure (`faults.Guard`, 0.5 s doubling to 10 s) and is logged once per minute with a count. Only
   `wake()` (new mail committed: the store takes writes again) ends that wait early; internal wake-ups do not.
 - At stop, deliveries in flight get the grace period; those cut off stay pending (their messages stay active and
-  are taken again after the next start); results already back are recorded before the store closes.
+  are taken again after the next start); results already back are recorded before the store closes, and so are
+  those a cut-off delivery's agent had said were final (`DeliveryRequest.settled`: the peer had taken the message
+  or refused a recipient for good, and the agent was still at its next peer, an LMTP peer's next reply, QUIT or
+  its report): a restart delivers them no second time (`_settled_in`).
 - The wake-up event carries no state: a lost wake-up costs at most one tick.
 
 One class on purpose. The loop, the scheduling and the end of an attempt share one table
@@ -1274,8 +1277,13 @@ class QueueManager:
         report = None
         started = self._clock.time()  # the hand-off to the delivery agent
         recorded: set[int] = set()  # the recipients whose results were recorded while the job ran
+        settled: list[RcptResult] = []  # the results its agent said were final (`DeliveryRequest.settled`)
+        active = self._active[job.queue_id]
         try:
-            report = await self._deliver(self._active[job.queue_id], job, started, recorded)
+            report = await self._deliver(active, job, started, recorded, settled)
+        except asyncio.CancelledError:  # a stop cut it off: what the peer already took is recorded all the same
+            self._settled_in(active, job, settled, started, recorded)
+            raise
         finally:
             ended = self._clock.time()
             if self._on_delivery is not None:
@@ -1349,9 +1357,22 @@ class QueueManager:
             await asyncio.sleep(0)
         self._job_done(job, DeliveryReport(results[start + REPORT_SLICE:]), handoff, done, taken)
 
-    async def _deliver(self, active: ActiveMessage, job: Job, handoff: float, recorded: set[int]) -> DeliveryReport:
+    def _settled_in(self, active: ActiveMessage, job: Job, settled: list[RcptResult], handoff: float,
+                    recorded: set[int]) -> None:
+        """A job a stop cut off: the results its agent said were final (`settled`) and not recorded yet go in as
+        those of a job under way (recorded within the stop's RECORD_GRACE); the job is not done, so its message
+        stays active and its other recipients pending, taken again after the next start."""
+        stats = active.stats._replace(handoff=handoff, done=self._clock.time())
+        results = _first_of_each(job, {r.index: r for r in job.recipients}, settled, stats, set(recorded))
+        if results:
+            self._results_in(active, results)
+
+    async def _deliver(self, active: ActiveMessage, job: Job, handoff: float, recorded: set[int],
+                       settled: list[RcptResult]) -> DeliveryReport:
         """The agent's report; an agent that delivers its recipients one after another (`delivers_each`) has each
-        result but the job's last recorded as it comes (`_each_result`), its index added to `recorded`."""
+        result but the job's last recorded as it comes (`_each_result`), its index added to `recorded`. What the
+        agent says is final meanwhile (`DeliveryRequest.settled`, and the last of `_each_result`) goes in
+        `settled`, for a stop that cuts the job off."""
         msg = active.message
         transport = self._transports.get(job.transport)
         if transport is None:
@@ -1366,13 +1387,13 @@ class QueueManager:
         request = DeliveryRequest(msg.queue_id, msg.sender, job.recipients, job.nexthop, content,
                                   msg.smtputf8, msg.body_type, msg.arrival, envid=msg.envid, ret=msg.ret,
                                   queued_for=max(0.0, self._clock.time() - msg.arrival),
-                                  client_attributes=msg.client_attributes)
+                                  client_attributes=msg.client_attributes, on_settled=settled.extend)
         try:
             if not getattr(transport, "delivers_each", False) or len(job.recipients) == 1:
                 report = await transport.deliver(request)
             else:
                 async with contextlib.aclosing(transport.deliver_each(request)) as results:
-                    report = await self._each_result(active, job, results, handoff, recorded)
+                    report = await self._each_result(active, job, results, handoff, recorded, settled)
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -1396,19 +1417,16 @@ class QueueManager:
         faults.failed(error, queue_id)
 
     async def _each_result(self, active: ActiveMessage, job: Job, results: AsyncIterator[RcptResult],
-                           handoff: float, recorded: set[int]) -> DeliveryReport:
+                           handoff: float, recorded: set[int], settled: list[RcptResult]) -> DeliveryReport:
         """Each result of `job` as its agent gives it, handed to `_results_in` while others are still to come, as
         Postfix's local(8) and virtual(8) cross each recipient off the queue file as it is delivered
         (deliver_completed): a stop or a crash repeats only the recipients whose results were not committed yet.
         The last one comes back in the report, to go with the job's end (for a one-recipient job, or the message's
         last job, with the end of the attempt). The loop is handed back every RESULT_SLICE results: a local job
-        has no recipient limit, and 100 000 unknown users, each answered at once, held it 6.6 s. An agent that
-        reports in one go (`deliver`: the SMTP and LMTP clients) has no such guard: a stop's cancel that lands after
-        its peer accepted the message and before the report is back (an LMTP peer's later replies, SMTP's end-of-DATA
-        results made past SLICE recipients (`Outcomes.update_in_slices`), the next peer or fallback relay tried for
-        the recipients another deferred, the stamp's and the report's slices past SLICE recipients: `Outcomes`)
-        loses the results, and those recipients are delivered again after the restart; the
-        stop's grace lets deliveries finish first."""
+        has no recipient limit, and 100 000 unknown users, each answered at once, held it 6.6 s. The last result is
+        also put in `settled`: a stop's cancel that lands while the agent ends (after that result, before the
+        report) records it all the same (`_settled_in`), as it does what an agent reporting in one go (`deliver`:
+        the SMTP and LMTP clients) said was final before the cancel."""
         expected = len(job.recipients)
         mine = {r.index: r for r in job.recipients}  # (once a job: an agent gives up to all of them)
         last: list[RcptResult] = []
@@ -1417,6 +1435,7 @@ class QueueManager:
             if _is_for(mine, given) and given.recipient.index not in recorded:
                 if len(recorded) + 1 == expected:
                     last.append(given)
+                    settled.append(given)  # (a stop's cancel while the agent ends: recorded all the same)
                 else:
                     recorded.add(given.recipient.index)
                     stats = active.stats._replace(handoff=handoff, done=self._clock.time())

@@ -41,7 +41,12 @@ Limits: MAIL, each RCPT and DATA `command`; the content and the reply (each repl
 
 A job of many recipients hands the loop back every trouble.SLICE of them: as its RCPT commands are made, as the
 RCPT replies are taken (or those of LMTP's end of data; replies read ahead come without a wait), and as one reply's
-results are made for all of them (`Outcomes.update_in_slices`: a refused MAIL or DATA, SMTP's end of data).
+results are made for all of them (`Outcomes.update_in_slices`: a refused MAIL or DATA; `Outcomes.settle_in_slices`:
+SMTP's end of data).
+
+The answers after DATA (SMTP's one reply, LMTP's reply per recipient) are told to qmgr as each comes
+(`Outcomes.settle`, `DeliveryRequest.settled`): a stop that cuts the delivery off after them (QUIT, the next
+recipient's LMTP reply, the next peer for the recipients deferred) records what the peer already took.
 """
 from __future__ import annotations
 
@@ -195,11 +200,12 @@ async def _transaction(
             if n and n % trouble.SLICE == 0:  # (LMTP's replies read ahead, as RCPT's)
                 await asyncio.sleep(0)
             reply = await session.reply(timeouts.data, END_OF_DATA)
-            outcomes.update(reply_results(answered, reply, peer, "end of DATA", next_hop_notifies=notifies))
+            outcomes.settle(reply_results(answered, reply, peer, "end of DATA", next_hop_notifies=notifies),
+                            request)
     else:
         reply = await session.reply(timeouts.data, END_OF_DATA)
-        await outcomes.update_in_slices(accepted, lambda part: reply_results(
-            part, reply, peer, "end of DATA", next_hop_notifies=notifies))
+        await outcomes.settle_in_slices(accepted, lambda part: reply_results(
+            part, reply, peer, "end of DATA", next_hop_notifies=notifies), request)
     # the end of data's replies end the transaction, refused or not: no RSET before the session is cached, as
     # Postfix's smtp_loop (SMTP_STATE_DOT: LAST, not ABORT's RSET); a peer that keeps a refused transaction anyway
     # (aiosmtpd when its handler fails) is cleared by the RSET probe before the session is reused

@@ -38,6 +38,12 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
       .fail(recipients, error, relay)   BOUNCED for a permanent error, else DEFERRED, with its code and text
       .update(results) .pending(recipients) .site_failed(failure)
       await .update_in_slices(recipients, results)   `update` with results(part), SLICE recipients a loop turn
+      .settle(results, request), await .settle_in_slices(recipients, results, request)
+                                `update` with the peer's answers after DATA (SLICE recipients a loop turn, every
+                                part done at once when a cancel comes between two), the final ones (sent or
+                                bounced) told to qmgr at once (`DeliveryRequest.settled`): a stop that cuts the
+                                delivery off later (the next peer, an LMTP peer's next reply, the report's slices)
+                                loses none of them
       .stamp(recipients, conn)  their results carry `conn`, the ConnStats of the transaction that gave them
       await .fail_in_slices(...), .fail_pending_in_slices(...) (those `pending`), .stamp_in_slices(...)
                                 the same, SLICE recipients a loop turn
@@ -75,7 +81,7 @@ from dataclasses import dataclass, field
 
 from mailflow.errors import DeliveryError, PermanentError, TemporaryError
 from mailflow.model import ConnStats, DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient, replaced
-from mailflow.slices import in_slices
+from mailflow.slices import in_slices, in_slices_uncut
 from mailflow.transports.smtp.addr import Peer
 from mailflow.transports.smtp.reply import MalformedReply, Reply, ReplyFilterError
 
@@ -197,6 +203,18 @@ class Outcomes:
         else:
             await in_slices(recipients, lambda part: self.update(results(part)), SLICE)
 
+    def settle(self, results: dict[Recipient, RcptResult], request: DeliveryRequest) -> None:
+        """`update` with a peer's answers after DATA, telling qmgr the final ones at once (module docstring)."""
+        self.update(results)
+        request.settled([result for result in results.values() if result.outcome is not Outcome.DEFERRED])
+
+    async def settle_in_slices(self, recipients: Sequence[Recipient],
+                               results: Callable[[Sequence[Recipient]], dict[Recipient, RcptResult]],
+                               request: DeliveryRequest) -> None:
+        """`settle` with `results(part)` of `recipients`, SLICE recipients a loop turn, the parts left all done
+        when a cancel comes between two (what the peer took is not left half told)."""
+        await in_slices_uncut(recipients, lambda part: self.settle(results(part), request), SLICE)
+
     def pending(self, recipients: Iterable[Recipient]) -> list[Recipient]:
         return [r for r in recipients if r not in self.results]
 
@@ -238,8 +256,8 @@ class Outcomes:
         failed or never came, a lookup before the session) carry a set-up that ended now (`now()`, qmgr's clock),
         as Postfix's smtp_bulk_fail dates conn_setup_done at the failure when it is still unset: the log's
         `delays=` then count that time as connection set-up (c), not transmission (d). A cancel between the slices
-        (a stop's, past its grace) loses the report, as one at any await after the peer's answers does (qmgr's
-        `_each_result` says what follows)."""
+        (a stop's, past its grace) loses the report, but not what the peer took: that was told as it came
+        (`settle`)."""
         failed: list[ConnStats] = []  # (the set-up's end, made at the first result that needs it)
         if len(request.recipients) <= SLICE:  # (the common case, a few recipients: no slices to make)
             results = self._dated(request.recipients, failed, now)
