@@ -54,6 +54,7 @@ from mailflow.content import Content
 from mailflow.errors import TemporaryError
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, RcptResult, Recipient
 from mailflow.transports.encode import ToLf, encode
+from mailflow.uncut import uncut
 
 if TYPE_CHECKING:  # (local imports this module: at run time the name is only an annotation)
     from mailflow.transports.local.asuser import Progress
@@ -93,9 +94,11 @@ class MaildirWriter:
                     size_limit: int = 0, *, queue_id: str = "") -> None:
         """`size_limit` (bytes, 0 = none; local's mailbox_size_limit): a bigger file raises OSError EFBIG. Once the
         file is in new/ the message is delivered: a failed fsync of new/ after it is a warning (keyed by
-        `queue_id`), not an error: a retry would deliver a second copy (Postfix never fsyncs the directory)."""
+        `queue_id`), not an error: a retry would deliver a second copy (Postfix never fsyncs the directory). The
+        write is not cut by a cancel (a stop's): it ends, and its result is handed on first (mailflow.uncut)."""
         name = self.unique_name()
-        unsynced = await asyncio.to_thread(write_maildir_file, maildir, name, prefix, content, owner, size_limit)
+        unsynced = await uncut(asyncio.to_thread(write_maildir_file, maildir, name, prefix, content, owner,
+                                                 size_limit))
         if unsynced is not None:
             warn_unsynced(queue_id, maildir, name, str(unsynced.strerror or unsynced))
 

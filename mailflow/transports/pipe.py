@@ -25,7 +25,9 @@ Runner (used by pipe services and by local's `|command` destinations):
   add headers and quoting; Postfix streams from its queue file.) A spool file the worker thread opens for a delivery
   cancelled meanwhile is closed by that thread. It keeps the first `output_limit` bytes of the command's merged
   stdout+stderr and drains the rest, and kills its whole process group at the time limit (or when the delivery is
-  cancelled; never a group whose number may have been reused once the command ended: see `_Group`). The delivery
+  cancelled; never a group whose number may have been reused once the command ended: see `_Group`); a cancel that
+  comes once the command has exited and its output ended does not lose its status: it is returned, the cancel
+  raised at the caller's next wait (mailflow.uncut.postpone_cancel), so that the delivery is recorded. The delivery
   ends then, whatever holds the command's output pipe: it is ours (`_Output`) and closed at the limit,
   so neither a command killed with its output unread nor a program it left running in a session of its own can
   hold the delivery or a descriptor of ours. `user`: as root, run as that user (its groups too), through util-linux's
@@ -116,6 +118,7 @@ from mailflow.pipe_argv import expand_argv, parse_argv
 from mailflow.syntax import has_control, split_leading_dsn
 from mailflow.tables import split_extension
 from mailflow.transports.encode import Encoder, FinalNewline, ToLf, aencode, dot_quoting, from_quoting
+from mailflow.uncut import postpone_cancel
 
 log = logging.getLogger("mailflow.pipe")
 
@@ -321,6 +324,11 @@ async def _run(argv: list[str], message: int, *, env: dict[str, str], time_limit
     except TimeoutError:
         group.kill()
         return CommandResult(None, None, True, output.text())
+    except asyncio.CancelledError:  # (a stop's): a command that had ended already has its status, handed on first
+        if proc.returncode is None or not output.ended.done():
+            raise
+        postpone_cancel()
+        code = proc.returncode
     finally:
         if reading is not None:
             reading.close()  # (a program that left the group may hold the other end for ever)

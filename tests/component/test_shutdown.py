@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import threading
 
 import pytest
 
@@ -12,9 +13,10 @@ from mailflow import status
 from mailflow.app import Mailflow, reload_logged
 from mailflow.config import config_from_dict
 from mailflow.errors import ConfigError
+from mailflow.transports import maildir
 from tests.component.test_smtpd_hardening import _connect_unread, _pipeline_until
-from tests.support import (SmtpClient, accepts, base_settings, eventually, half_client_hello, queue_becomes,
-                           queue_counts, send)
+from tests.support import (SmtpClient, accepts, base_settings, eventually, half_client_hello, maildir_messages,
+                           queue_becomes, queue_counts, send)
 
 HOST = "mx.mailflow.test"
 
@@ -266,3 +268,40 @@ async def test_a_stop_records_what_an_lmtp_peer_took_before_the_cut_so_a_restart
         server.close()
         await server.wait_closed()
 
+
+async def test_a_stop_waits_for_a_maildir_write_under_way_and_records_it_so_a_restart_delivers_it_once(
+        tmp_path, monkeypatch):
+    """The stop's cancel came while virtual's worker thread wrote carol's file: the thread went on and put it in
+    new/, but the result was lost with the cancel, and the restart wrote a second copy. The cancel now waits for
+    the write (a local file: it ends on its own) and the result is recorded."""
+    release, writing = threading.Event(), threading.Event()
+    write = maildir.write_maildir_file
+
+    def slow_write(*args, **kwargs):
+        writing.set()
+        release.wait(10)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(maildir, "write_maildir_file", slow_write)
+    config = config_from_dict({**base_settings(tmp_path), "virtual_mailbox_domains": ["virtual.test"],
+                               "virtual_mailbox_maps": ["inline:{carol@virtual.test=virtual.test/carol/}"],
+                               "virtual_mailbox_base": str(tmp_path / "vmail")})
+    mf = Mailflow(config, shutdown_grace=0.1)
+    await mf.start()
+    try:
+        await send(mf.smtp_addresses[0][1], "s@remote.test", ["carol@virtual.test"], b"Subject: once\r\n\r\nbody\r\n")
+        await eventually(writing.is_set, what="the write began")
+        asyncio.get_running_loop().call_later(0.6, release.set)  # well after the grace's cancel
+    finally:
+        await asyncio.wait_for(mf.stop(), 5)
+    assert release.is_set(), "the stop did not wait for the write"
+    assert queue_counts(tmp_path / "queue" / "queue.db") == {}
+
+    monkeypatch.setattr(maildir, "write_maildir_file", write)
+    mf = Mailflow(config, shutdown_grace=0.1)
+    await mf.start()
+    try:
+        await queue_becomes(mf.store, {})
+    finally:
+        await mf.stop()
+    assert len(maildir_messages(tmp_path / "vmail" / "virtual.test" / "carol")) == 1

@@ -36,6 +36,7 @@ from mailflow.model import Outcome
 from mailflow.transports.local.asuser import Progress, call_as
 from mailflow.transports.local.mbox import FILE_START_TIMEOUT, held_message
 from mailflow.transports.maildir import warn_unsynced, write_failure, write_maildir_file
+from mailflow.uncut import uncut
 
 log = logging.getLogger("mailflow.local")
 
@@ -54,7 +55,8 @@ async def deliver_maildir_file(maildir: Path, prefix: bytes, content: Content, *
             return call_as(user, "write", _written, *args, timeout=FILE_START_TIMEOUT, marked=True,
                            then=write_limit, keep=held.descriptors)
 
-    unsynced = await (asyncio.to_thread(attempt) if workers is None else workers(attempt))
+    unsynced = await uncut(asyncio.to_thread(attempt) if workers is None else workers(attempt))  # (a stop's
+    # cancel waits for the write: the file is in new/ or not, and the result is handed on: mailflow.uncut)
     if unsynced:
         warn_unsynced(queue_id, maildir, name, unsynced.decode("utf-8", "replace"))
 

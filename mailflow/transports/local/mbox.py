@@ -116,6 +116,7 @@ from mailflow.syntax import mask_control
 from mailflow.transports.encode import FinalNewline, ToLf, encode, mboxrd_quoting
 from mailflow.transports.local.asuser import CALL_AS_TIMEOUT, Progress, call_as
 from mailflow.transports.maildir import MessageUnreadable, Owner, open_directory, read_message
+from mailflow.uncut import uncut
 
 log = logging.getLogger("mailflow.mbox")
 
@@ -276,7 +277,8 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes] | HeldEntry, *,
 
     deadline = time.monotonic() + lock_timeout
     delay, most = (_FIRST_POLL, _MAX_POLL) if user is None else (_FIRST_FORKED_POLL, _MAX_FORKED_POLL)
-    while (busy := await (asyncio.to_thread(attempt) if workers is None else workers(attempt))) is not None:
+    # (each attempt uncut: a stop's cancel waits for it, so an entry written is handed on as delivered: mailflow.uncut)
+    while (busy := await uncut(asyncio.to_thread(attempt) if workers is None else workers(attempt))) is not None:
         left = deadline - time.monotonic()
         if left <= 0:
             raise _busy(Path(path), busy)
