@@ -577,14 +577,15 @@ class Mailflow:
     def replaced_in_use(self) -> bool:
         """What a reload replaced is still in use: a session that began under an earlier listener's handler, a
         socket still sending after a session's end (its session, and so its handler, held until then: within
-        the lingering timeout; any such socket counts), a transport qmgr closes once the deliveries it began end.
-        Not counted: a pickup, notice or address-verify probe under way at the reload holds the old cleanup or
-        router for its own short while; what it holds past serve's collection is freed at the next reload's."""
+        the lingering timeout; any such socket counts), a transport qmgr closes once the deliveries it began end,
+        and the short jobs begun before the reload that hold its parts until they end (mailflow.under_way): a
+        maildrop file or requeued message pickup hands to cleanup, a notice qmgr makes, an address-verify probe."""
         if not (self.smtpd and self.qmgr):
             return False
         current = {id(listener.handler) for listener in self.smtpd.listeners}
         return (any(id(handler) not in current for handler in self.smtpd.handlers_in_use())
-                or bool(self.smtpd.lingering) or self.qmgr.retiring)
+                or bool(self.smtpd.lingering) or self.qmgr.retiring or bool(self.pickup and self.pickup.retiring)
+                or bool(self._verifier and self._verifier.retiring))
 
     @property
     def idle(self) -> bool:

@@ -109,6 +109,7 @@ from mailflow.model import (ClientInfo, Envelope, LocalUser, Outcome, QueuedMess
 from mailflow.stages.qmgr.notices import Notice, NoticeWriter
 from mailflow.sendmail.identity import identity_of, passwd_identity, submit_problem
 from mailflow.store import RequeuedMessage, RequeueGone, Store, store_fault
+from mailflow.under_way import UnderWay
 
 logger = logging.getLogger("mailflow.pickup")
 
@@ -210,6 +211,7 @@ class Pickup:
         self._last_scan = -math.inf  # when the last scan ended (the event loop's clock): see WAKE_GAP
         self._wanted = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._taking = UnderWay()  # the file being handed over, by the reload whose settings it uses
         self._socket: socket.socket | None = None  # public/pickup, read by the event loop
         self._closing = False
         self._stopping = asyncio.Event()
@@ -294,6 +296,13 @@ class Pickup:
         self._soft_bounce = soft_bounce
         self._kept.clear()  # (soft_bounce off, or other checks: the kept files are tried at the next scan)
         self._notices, self._size_limit = notices, size_limit
+        self._taking.reconfigured()
+
+    @property
+    def retiring(self) -> bool:
+        """A file (or requeued message) taken before the last reload is still being handed to cleanup, with the
+        settings (milters, notices, cleanup's) the reload replaced."""
+        return self._taking.before_reload
 
     async def _listen(self) -> None:
         """Listen on public/pickup (`_socket`), the wake-up socket: public/ made (PUBLIC_MODE, chmodded only when
@@ -408,8 +417,9 @@ class Pickup:
                 await asyncio.sleep(0)  # (however many entries are passed by, the other tasks get their turn)
             if (name in self._kept or name in self._stuck) and not periodic:
                 continue
-            if await self._pick(name):
-                done += 1
+            with self._taking.one():
+                if await self._pick(name):
+                    done += 1
         return done + await self._copy_requeued()
 
     async def _copy_requeued(self) -> int:
@@ -428,7 +438,8 @@ class Pickup:
                 if self._in_hand(requeued.queue_id):  # held or requeued while active: its attempt is not over
                     in_hand += 1
                     continue
-                done += await self._copy(requeued)
+                with self._taking.one():
+                    done += await self._copy(requeued)
             if not page:  # (not a short page: one may be short of a message whose id is not text, left out)
                 break
             after = (page[-1].requeued_at, page[-1].queue_id)

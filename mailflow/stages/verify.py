@@ -72,6 +72,7 @@ from mailflow.errors import DeliveryError
 from mailflow.logs import MailLog
 from mailflow.model import DeliveryReport, DeliveryRequest, Outcome, Recipient
 from mailflow.transports import agent_of
+from mailflow.under_way import UnderWay
 
 log = logging.getLogger("mailflow.verify")
 
@@ -127,6 +128,7 @@ class Verifier:
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         self._cache_bytes = 0  # the entries' sizes
         self._probes: dict[str, asyncio.Task] = {}
+        self._probing = UnderWay()  # the probes under way, by the reload whose routes they take
         self._closed = False
         self._limit_logged = False  # probe_limit's line is written once, then again only after a probe has ended
 
@@ -154,7 +156,13 @@ class Verifier:
         """A reload: new settings and routes for the next probes; the cache is kept (probes under way finish)."""
         self.settings = settings
         self._probe = probe
+        self._probing.reconfigured()
         self._trim()
+
+    @property
+    def retiring(self) -> bool:
+        """A probe begun before the last reload (with the routes and transports it replaced) is still under way."""
+        return self._probing.before_reload
 
     async def close(self) -> None:
         self._closed = True
@@ -193,7 +201,8 @@ class Verifier:
     async def _run(self, addr: str) -> None:
         probe_id = f"VRFY{next(self._ids):06X}"
         try:
-            verdict = await self._probe(addr, probe_id)
+            with self._probing.one():
+                verdict = await self._probe(addr, probe_id)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a probe must not end without a result; the next query probes again

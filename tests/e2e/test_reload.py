@@ -22,6 +22,8 @@ import pytest
 from mailflow import status
 from mailflow.config import config_from_dict
 from mailflow.errors import ConfigError
+from mailflow.maildrop import MaildropMessage, wake_pickup, write_maildrop
+from mailflow.testing.destinations import Destinations
 from tests.support import (ScanWatch, ServerProcess, SmtpClient, accepts, eventually, free_port, maildir_messages,
                            queue_becomes, rcpt_reply, run_tool, send, settled_in, stall_mail)
 
@@ -687,3 +689,99 @@ async def test_a_table_only_the_reloads_check_reads_is_kept_for_the_next_reload_
         read, "reload: table files read: 0; unchanged, kept: 1", read]
     assert mf._tables.file_tables() != [checked]
     assert any(reading is checked.reading for kept in mf._retired_tables._kept for reading in kept)
+
+
+async def test_a_probe_under_way_at_a_reload_holds_the_routes_it_replaced_until_it_ends_then_serve_collects_them(
+        mailflow_server):
+    """An address-verify probe begun before a reload holds the routes it replaced (the router) while it runs.
+    serve's collection after the reload came while it ran and nothing counted it (`replaced_in_use`): once the
+    probe ended, the old router stayed frozen until the next reload. It counts now, and serve collects the router
+    once the probe ends."""
+    destinations = Destinations()
+    destinations.add("good.test")
+    resolver, gate = destinations.resolver, asyncio.Event()
+    mx = resolver.mx
+
+    async def held_mx(domain: str):
+        await gate.wait()
+        return await mx(domain)
+
+    resolver.mx = held_mx  # (the probe waits here, in the middle of its delivery)
+    try:
+        mf = await mailflow_server(resolver=resolver, relay_domains=["good.test"],
+                                   smtpd={"recipient_restrictions": ["reject_unverified_recipient"]},
+                                   smtp={"port": destinations.port},
+                                   address_verify={"poll_delay": "0.1s", "poll_count": 1})
+        assert (await rcpt_reply(mf.smtp_addresses[0][1], "u@good.test")).code == 450  # (the probe goes on)
+        await eventually(lambda: not mf.replaced_in_use, what="nothing replaced yet")
+        gc.collect()  # (an earlier test's routers, left in cycles)
+        routers = [weakref.ref(o) for o in gc.get_objects() if type(o).__name__ == "Router"]
+        assert routers
+        async with serve_reloaded(mf):
+            await eventually(lambda: not mf.qmgr.retiring, what="the replaced transports closed")
+            assert mf.replaced_in_use, "the probe under way holds the replaced routes"
+            gate.set()
+            await eventually(lambda: not any(router() for router in routers), timeout=5,
+                             what="the replaced router collected once the probe ended")
+    finally:
+        gate.set()
+        await destinations.stop()
+
+
+async def test_a_maildrop_file_pickup_took_before_a_reload_counts_as_a_user_of_what_it_replaced_until_it_is_queued(
+        mailflow_server, tmp_path, monkeypatch):
+    """pickup hands a maildrop file to cleanup with the settings it took it under (its notices, milters, cleanup's
+    own): nothing counted it (`replaced_in_use`), so serve's collection after the reload passed it by and what it
+    held stayed frozen until the next reload. It counts until the message is queued."""
+    mf = await mailflow_server()
+    gate, handing = asyncio.Event(), asyncio.Event()
+    submit = mf._cleanup.submit
+
+    async def held_submit(submission, **kwargs):
+        handing.set()
+        await gate.wait()
+        return await submit(submission, **kwargs)
+
+    monkeypatch.setattr(mf._cleanup, "submit", held_submit)
+    write_maildrop(mf.config.queue_path / "maildrop",
+                   MaildropMessage(sender="alice@local.test", recipients=("bob@local.test",), uid=os.getuid(),
+                                   user="alice", fullname="Alice"), [b"Subject: picked\r\n\r\nbody\r\n"])
+    assert wake_pickup(mf.config.queue_path)
+    await asyncio.wait_for(handing.wait(), 10)
+    await mf.reload(mf.config)
+    await eventually(lambda: not mf.qmgr.retiring, what="the replaced transports closed")
+    assert mf.replaced_in_use, "the file taken before the reload holds what it replaced"
+    gate.set()
+    await eventually(lambda: not mf.replaced_in_use, what="the file queued, nothing holds the replaced parts")
+    await eventually(lambda: maildir_messages(tmp_path / "mail" / "bob" / "Maildir"), what="the message delivered")
+
+
+async def test_a_notice_begun_before_a_reload_counts_as_a_user_of_the_notices_it_replaced_until_it_is_made(
+        mailflow_server):
+    """qmgr makes a bounce with the notices (templates, settings) in force when the attempt ended: one begun before a
+    reload holds the replaced ones until it is made, and counts (`replaced_in_use`) until then."""
+    destinations = Destinations()
+    destinations.add("bad.test").answers(550, "5.1.1 User unknown")
+    mf = await mailflow_server(resolver=destinations.resolver, relay_domains=["bad.test"],
+                               smtp={"port": destinations.port})
+    gate, making = asyncio.Event(), asyncio.Event()
+    notices = mf.qmgr._notices
+    for_attempt = notices.for_attempt
+
+    async def held(*args, **kwargs):
+        making.set()
+        await gate.wait()
+        return await for_attempt(*args, **kwargs)
+
+    notices.for_attempt = held
+    try:
+        await send(mf.smtp_addresses[0][1], "s@remote.test", ["u@bad.test"], b"Subject: gone\r\n\r\nbody\r\n")
+        await asyncio.wait_for(making.wait(), 10)
+        await mf.reload(mf.config)
+        await eventually(lambda: not mf.qmgr._retired, what="the replaced transports closed")
+        assert mf.replaced_in_use, "the notice under way holds the notices the reload replaced"
+        gate.set()
+        await eventually(lambda: not mf.replaced_in_use, what="the notice made, nothing holds the replaced notices")
+    finally:
+        gate.set()
+        await destinations.stop()

@@ -189,6 +189,7 @@ from mailflow.stages.qmgr.destination import Destination, Job
 from mailflow.stages.qmgr.notices import bounced_parts
 from mailflow.store import SCAN_CONTENT_BUDGET, Store, store_fault
 from mailflow.tables.search import split_extension
+from mailflow.under_way import UnderWay
 
 if TYPE_CHECKING:
     from mailflow.transports import Transport
@@ -255,6 +256,7 @@ class QueueManager:
         self._rng = rng
         self._log = log
         self._notices = notices
+        self._making_notices = UnderWay()  # the notices being made, by the reload whose notices they use
         self._tick_seconds = tick
         self._on_delivery = on_delivery
         self._active: dict[str, ActiveMessage] = {}
@@ -364,6 +366,7 @@ class QueueManager:
         kept = {id(t) for t in transports.values()}
         retired = [(name, t) for name, t in _named(self._transports) if id(t) not in kept]
         self._resolve, self._transports, self._config, self._notices = resolve, transports, config, notices
+        self._making_notices.reconfigured()
         self._routing += 1
         self._soft_bounce, self._recipient_delimiter = soft_bounce, recipient_delimiter
         for dest in self._destinations.values():
@@ -464,8 +467,9 @@ class QueueManager:
 
     @property
     def retiring(self) -> bool:
-        """Transports a reload replaced are not all closed yet (deliveries they began are still under way)."""
-        return bool(self._retired)
+        """Transports a reload replaced are not all closed yet (deliveries they began are still under way), or a
+        notice begun with the notices it replaced is still being made."""
+        return bool(self._retired) or self._making_notices.before_reload
 
     @property
     def busy(self) -> bool:
@@ -1615,12 +1619,13 @@ class QueueManager:
                             retry_until: float):
         if self._notices is None or not results:
             return []
-        try:
-            original = await self._content(active) or Content()
-        except Exception:
-            original = Content()  # the notice still says what happened, without the original
-        return await self._notices.for_attempt(active.message, results, original=original, now=now,
-                                               warn_delay=warn, retry_until=retry_until)
+        with self._making_notices.one():  # (the notices' templates in force now, held until it is made)
+            try:
+                original = await self._content(active) or Content()
+            except Exception:
+                original = Content()  # the notice still says what happened, without the original
+            return await self._notices.for_attempt(active.message, results, original=original, now=now,
+                                                   warn_delay=warn, retry_until=retry_until)
 
     def _log_end(self, active: ActiveMessage, results: list[RcptResult], notices, retry_at: float | None) -> None:
         """The lines after an attempt's results and expiry (`_conclude`): a notice discarded for `results` (the
