@@ -284,11 +284,12 @@ class DeliveryRequest:
     on_settled: Callable[[Iterable[RcptResult]], None] | None = field(default=None, compare=False, repr=False)
 
     def settled(self, results: Iterable[RcptResult]) -> None:
-        """An agent's word that `results` are final: the peer took the message (a 2xx after DATA, a mailbox
-        written, a command that exited) or refused it for good. Said before the agent's next await, so a stop that
-        cancels the delivery after the peer's answer does not lose it (qmgr records them: a restart does not
-        deliver them again, as Postfix's agents record each recipient in the queue file as soon as it is done).
-        The report stays the whole answer; what is said here only counts when the delivery is cut off."""
+        """An agent's word that `results` are final: the peer took the message (the SMTP and LMTP clients, at a 2xx
+        after DATA; the agents that write a mailbox or run a command hand theirs on through mailflow.uncut). Said
+        before the agent's next await, so a stop that cancels the delivery after the peer's answer does not lose
+        it (qmgr records them: a restart does not deliver them again, as Postfix's agents record each recipient in
+        the queue file as soon as it is done). The report stays the whole answer; what is said here only counts
+        when the delivery is cut off."""
         if self.on_settled is not None:
             self.on_settled(results)
 

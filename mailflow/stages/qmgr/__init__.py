@@ -154,9 +154,9 @@ Failure behaviour
   `wake()` (new mail committed: the store takes writes again) ends that wait early; internal wake-ups do not.
 - At stop, deliveries in flight get the grace period; those cut off stay pending (their messages stay active and
   are taken again after the next start); results already back are recorded before the store closes, and so are
-  those a cut-off delivery's agent had said were final (`DeliveryRequest.settled`: the peer had taken the message
-  or refused a recipient for good, and the agent was still at its next peer, an LMTP peer's next reply, QUIT or
-  its report): a restart delivers them no second time (`_settled_in`).
+  those a cut-off delivery's agent had said were final (`DeliveryRequest.settled`: the peer had taken the message,
+  and the agent was still at its next peer, an LMTP peer's next reply or its report): a restart delivers them no
+  second time (`_settled_in`). A mailbox write or a command that had exited is not cut (mailflow.uncut).
 - The wake-up event carries no state: a lost wake-up costs at most one tick.
 
 One class on purpose. The loop, the scheduling and the end of an attempt share one table

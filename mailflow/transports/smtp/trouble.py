@@ -40,10 +40,10 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
       await .update_in_slices(recipients, results)   `update` with results(part), SLICE recipients a loop turn
       .settle(results, request), await .settle_in_slices(recipients, results, request)
                                 `update` with the peer's answers after DATA (SLICE recipients a loop turn, every
-                                part done at once when a cancel comes between two), the final ones (sent or
-                                bounced) told to qmgr at once (`DeliveryRequest.settled`): a stop that cuts the
-                                delivery off later (the next peer, an LMTP peer's next reply, the report's slices)
-                                loses none of them
+                                part done at once when a cancel comes between two), those the peer took (sent)
+                                told to qmgr at once (`DeliveryRequest.settled`): a stop that cuts the delivery off
+                                later (the next peer, an LMTP peer's next reply, the report's slices) delivers none
+                                of them again (a refusal is not told: under soft_bounce the next peer may take it)
       .stamp(recipients, conn)  their results carry `conn`, the ConnStats of the transaction that gave them
       await .fail_in_slices(...), .fail_pending_in_slices(...) (those `pending`), .stamp_in_slices(...)
                                 the same, SLICE recipients a loop turn
@@ -204,9 +204,9 @@ class Outcomes:
             await in_slices(recipients, lambda part: self.update(results(part)), SLICE)
 
     def settle(self, results: dict[Recipient, RcptResult], request: DeliveryRequest) -> None:
-        """`update` with a peer's answers after DATA, telling qmgr the final ones at once (module docstring)."""
+        """`update` with a peer's answers after DATA, telling qmgr those it took at once (module docstring)."""
         self.update(results)
-        request.settled([result for result in results.values() if result.outcome is not Outcome.DEFERRED])
+        request.settled([result for result in results.values() if result.outcome is Outcome.SENT])
 
     async def settle_in_slices(self, recipients: Sequence[Recipient],
                                results: Callable[[Sequence[Recipient]], dict[Recipient, RcptResult]],
