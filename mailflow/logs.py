@@ -266,6 +266,13 @@ class MailLog:
         if self.active:
             self._emit(queue_id, "removed", "removed", service="qmgr")
 
+    def gone(self, queue_id: str) -> None:
+        """The end of an attempt found no message to remove: an operator deleted it first (and postsuper's
+        `removed` was logged then). Postfix's qmgr_active_done warns `remove QID from active: No such file or
+        directory`."""
+        self._emit(queue_id, "gone", "remove from active: no such message (deleted meanwhile)", service="qmgr",
+                   level=logging.WARNING)
+
     def operator(self, queue_id: str, action: str) -> None:
         """postsuper's line for one message an operator's `action` (a key of POSTSUPER) took."""
         if self.active:

@@ -35,8 +35,9 @@ Contract
   recipient whose failure/success notice is still owed keeps a flag until `finish()` queues the notices, clears
   the flags and defers or removes the message, all in one transaction. So a stop between the two repeats no
   delivery and loses no notice. Removing a message (`finish`, `delete_messages`) removes its content file
-  after the commit. The rows of either's results are made ROWS_SLICE a loop turn (`_op_in_slices`: one message
-  may have 100 000), the write sent once they all are.
+  after the commit; `finish` says whether there was a message left to remove (an operator may have deleted it).
+  The rows of either's results are made ROWS_SLICE a loop turn (`_op_in_slices`: one message may have 100 000),
+  the write sent once they all are.
 - Durability: every write is on disk when it returns — what leads to a 250 (`insert`, `insert_many`) and what
   comes after it (claims, results, the end of an attempt with its notices, the destination snapshot,
   recovery). So each recipient's result is durable as soon as it is recorded: neither a killed process nor a
@@ -61,6 +62,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -180,7 +182,7 @@ class Store(OperatorQueries, RequeueQueries):
         await self._committer.write([record], linger=True)
 
     async def finish(self, done: Delivered, notices: Sequence[NewMessage] = (),
-                     results: Sequence[RcptResult] = ()) -> None:
+                     results: Sequence[RcptResult] = ()) -> bool:
         """The end of one attempt of a message, in one transaction: the attempt's `results` not recorded yet (as
         `record_results`; their notices are among `notices`), recipients past the queue lifetime become
         bounced, the owed notices (`done.noticed`) are cleared as `notices` are queued, and the message is
@@ -191,10 +193,14 @@ class Store(OperatorQueries, RequeueQueries):
         `deferred` one due before `done.next_attempt` (held and released during the attempt, not claimed since)
         gets that time, the attempt counted;
         `done.warned` is recorded wherever it is (its delay notice is queued here).
+        Returns False when the message was to be removed and was gone already (an operator deleted it meanwhile:
+        Postfix's qmgr finds no queue file to remove), else True.
         """
         qid = done.queue_id
+        removed = None
         if done.next_attempt is None:  # removed: what its recipient rows would have said goes with them
-            ops = remove_ops([(qid,)])
+            *ops, (remove_message, _) = remove_ops([(qid,)])  # (the message row last, by the call: was it there?)
+            removed = partial(_one_row, remove_message, qid)
         elif len(results) <= ROWS_SLICE and len(done.expired) <= ROWS_SLICE:
             ops = _deferral_ops(done, _unrecorded_op(qid, results), _expired_op(qid, done.expired))
         else:
@@ -203,7 +209,8 @@ class Store(OperatorQueries, RequeueQueries):
         if notices:
             ops += insert_ops(notices)
         self._scanned.pop(qid, None)
-        await self._committer.write(ops, linger=True)
+        gone = await self._committer.write(ops, linger=True, call=removed) is False
+        return not gone
 
     async def give_back(self, queue_id: QueueId, next_attempt: float) -> None:
         """A message qmgr let go of after a scan claimed its row again while its attempt was under way (an operator
@@ -529,6 +536,11 @@ _GIVE_BACK = ("UPDATE message SET queue = CASE WHEN requeue THEN 'maildrop' ELSE
 # row the first statement deferred is not due before that time: left alone.)
 _DEFER_RELEASED = ("UPDATE message SET next_attempt = ?, attempts = attempts + 1"
                    " WHERE id = ? AND queue = 'deferred' AND next_attempt < ?")
+
+
+def _one_row(sql: str, queue_id: QueueId, con: sqlite3.Connection) -> bool:
+    """`sql` run for `queue_id` (inside a transaction); whether it changed a row."""
+    return con.execute(sql, (queue_id,)).rowcount == 1
 
 
 def _claim(con: sqlite3.Connection, ids: list[QueueId], now: float) -> list[QueueId]:

@@ -144,8 +144,8 @@ Failure behaviour
 - A deleted message's delivery in flight logs its result lines when it ends (as Postfix's delivery agent logs its
   status= line for a queue file postsuper removed under it; RECORD_SLICE lines a loop turn), nothing recorded once
   the poll saw the delete, and no `removed` of qmgr's (a delete the tick has not seen yet, made in the attempt's
-  last second, gets one after the tool's when no notice is owed: the end does not ask the store, where Postfix's
-  qmgr only warns that the file is gone).
+  last second, is found by the end's removal, which finds no row left: a warning, `remove from active: no such
+  message`, as Postfix's qmgr_active_done warns that the queue file is gone, not a second `removed`).
 - A record that fails is retried while the server runs (`faults.Retrier`): the results wait in memory and the
   message stays in qmgr's hands, so nothing is forgotten and nothing is delivered again because a write failed.
   A store fault (locked, disk full, I/O) puts every record behind one probe per backoff interval.
@@ -1593,13 +1593,13 @@ class QueueManager:
         notices = await self._make_notices(active, told, now, warn, msg.lifetime_base + lifetime)
         done = Delivered(msg.queue_id, retry_at, warned=msg.warned or warn, expired=tuple(expired),
                          noticed=tuple(r.recipient.index for r in active.owed))
-        await self._writes.run(lambda: self._store.finish(done, [n for _, n in notices], results=last),
-                               f"{msg.queue_id}: recording the end of the attempt")
+        there = await self._writes.run(lambda: self._store.finish(done, [n for _, n in notices], results=last),
+                                       f"{msg.queue_id}: recording the end of the attempt")
         self._log_results(active, last, now)
         if expired:  # (Postfix's qmgr line, then the observers told of the recipients it returns, in slices)
             self._log.expired(msg.queue_id, msg.sender)
             await in_slices(expired, lambda part: self._tell_expired(active, part, now), RECORD_SLICE)
-        self._log_end(active, [*last, *expired], notices, retry_at)
+        self._log_end(active, [*last, *expired], notices, retry_at, gone=not there)
         if notices:  # new mail queued with the end of the attempt: the next scan takes it
             self._rouse()
         if retry_at is not None and retry_at < self._next_scan:
@@ -1627,9 +1627,12 @@ class QueueManager:
             return await self._notices.for_attempt(active.message, results, original=original, now=now,
                                                    warn_delay=warn, retry_until=retry_until)
 
-    def _log_end(self, active: ActiveMessage, results: list[RcptResult], notices, retry_at: float | None) -> None:
+    def _log_end(self, active: ActiveMessage, results: list[RcptResult], notices, retry_at: float | None, *,
+                 gone: bool = False) -> None:
         """The lines after an attempt's results and expiry (`_conclude`): a notice discarded for `results` (the
-        expired ones too), the notices queued, `removed`."""
+        expired ones too), the notices queued, `removed` (retry_at None), or, when the store had no message left
+        to remove (`gone`: an operator deleted it first, and the tool logged postsuper's `removed`), a warning as
+        Postfix's qmgr_active_done gives for a queue file it cannot remove, not a second `removed`."""
         msg = active.message
         if self._notices is not None and self._notices.discards(msg, results):
             self._log.notice_discarded(msg.queue_id)
@@ -1640,7 +1643,7 @@ class QueueManager:
             self._log.notice(msg.queue_id, notice.kind, queued.queue_id, postmaster=notice.postmaster_copy)
             self._log.queued(queued.queue_id, queued.sender, queued.content.size, len(queued.recipients))
         if retry_at is None:
-            self._log.removed(msg.queue_id)
+            (self._log.gone if gone else self._log.removed)(msg.queue_id)
 
     def _tell_expired(self, active: ActiveMessage, expired: Iterable[RcptResult], now: float) -> None:
         """The observers told of `expired` results, with no line of their own (`_conclude`)."""
