@@ -3,36 +3,63 @@ thread writing a mailbox, a command that has exited). Cut there, the agent's cor
 mail is delivered all the same: qmgr records only the results it gets, so after a restart the recipient is
 delivered again (a stop cancels the deliveries still running at the end of its grace).
 
-    await uncut(work) -> T    `work`'s result (or what it raised); a cancel that comes meanwhile waits for `work` to
+    await uncut(work, what) -> T
+                              `work`'s result (or what it raised); a cancel that comes meanwhile waits for `work` to
                               end and is raised at the task's next wait after it (`postpone_cancel`), so that the
                               caller hands the result on first: returned or yielded with no await in between, it
-                              reaches qmgr (DeliveryRequest.settled says the rest)
+                              reaches qmgr (DeliveryRequest.settled says the rest). The wait is bounded: `work`
+                              still running UNCUT_LIMIT seconds after the cancel (a write stuck on a dead NFS
+                              server, a disk that does not answer) is cancelled itself (a worker thread is left to
+                              end on its own) and the cancel goes through, with one warning naming `what` (its
+                              queue id first): the recipient stays queued, and may get a second copy after a
+                              restart, as when Postfix's delivery agent is killed in the middle of a write.
     postpone_cancel()         the cancel just caught, raised at the task's next wait instead (work that had ended
                               before the cancel reached its awaiting coroutine)
 
-Bounded by the work alone: for work that ends on its own (a local file write, whose own limits hold), never for a
-peer's answer, which a stop must be able to cut.
+Only for work that ends on its own (a local file write, whose own limits hold), never for a peer's answer, which a
+stop must be able to cut.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Awaitable, TypeVar
 
 T = TypeVar("T")
 
+log = logging.getLogger("mailflow.uncut")
 
-async def uncut(work: Awaitable[T]) -> T:
+UNCUT_LIMIT = 3.0  # seconds a cancel waits for the work under way (a local write takes milliseconds)
+
+
+async def uncut(work: Awaitable[T], what: str) -> T:
     """See the module docstring."""
+    limit = UNCUT_LIMIT  # (read at each call: a test sets it)
     running = asyncio.ensure_future(work)
-    cut = False
+    loop = asyncio.get_running_loop()
+    cut_off_at: float | None = None  # (when the work must have ended: set by the first cancel)
     while not running.done():
         try:
-            await asyncio.wait({running})  # (a cancel of this wait leaves `running` alone)
-        except asyncio.CancelledError:
-            cut = True
-    if cut:
+            await asyncio.wait({running}, timeout=None if cut_off_at is None else cut_off_at - loop.time())
+        except asyncio.CancelledError:  # (a cancel of this wait leaves `running` alone)
+            if cut_off_at is None:
+                cut_off_at = loop.time() + limit
+            continue
+        if cut_off_at is not None and not running.done() and loop.time() >= cut_off_at:
+            log.warning("%s still under way %gs after a stop's cancel: cut off, the recipient stays queued (a "
+                        "second copy may follow)", what, limit)
+            running.add_done_callback(_retrieved)
+            running.cancel()
+            raise asyncio.CancelledError
+    if cut_off_at is not None:
         postpone_cancel()
     return running.result()
+
+
+def _retrieved(work: asyncio.Future) -> None:
+    """(work left running past the limit: what it raises in the end is not an error left unretrieved)"""
+    if not work.cancelled():
+        work.exception()
 
 
 def postpone_cancel() -> None:

@@ -98,7 +98,7 @@ class MaildirWriter:
         write is not cut by a cancel (a stop's): it ends, and its result is handed on first (mailflow.uncut)."""
         name = self.unique_name()
         unsynced = await uncut(asyncio.to_thread(write_maildir_file, maildir, name, prefix, content, owner,
-                                                 size_limit))
+                                                 size_limit), f"{queue_id}: the write of {maildir}/new/{name}")
         if unsynced is not None:
             warn_unsynced(queue_id, maildir, name, str(unsynced.strerror or unsynced))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 import threading
 
@@ -13,6 +14,7 @@ from mailflow import status
 from mailflow.app import Mailflow, reload_logged
 from mailflow.config import config_from_dict
 from mailflow.errors import ConfigError
+from mailflow import uncut as uncut_module
 from mailflow.transports import maildir
 from tests.component.test_smtpd_hardening import _connect_unread, _pipeline_until
 from tests.support import (SmtpClient, accepts, base_settings, eventually, half_client_hello, maildir_messages,
@@ -305,3 +307,36 @@ async def test_a_stop_waits_for_a_maildir_write_under_way_and_records_it_so_a_re
     finally:
         await mf.stop()
     assert len(maildir_messages(tmp_path / "vmail" / "virtual.test" / "carol")) == 1
+
+
+async def test_a_stop_waits_for_a_stuck_maildir_write_no_longer_than_the_uncut_limit(tmp_path, monkeypatch, caplog):
+    """A write that never ends (a mailbox on a dead NFS server) held the stop for ever once the stop's cancel
+    waited for mailbox writes. It waits UNCUT_LIMIT seconds, then the cancel goes through with one warning: the
+    recipient stays queued (active, taken again after the next start), as when Postfix's agent is killed."""
+    monkeypatch.setattr(uncut_module, "UNCUT_LIMIT", 0.5)
+    release, writing = threading.Event(), threading.Event()
+    write = maildir.write_maildir_file
+
+    def stuck_write(*args, **kwargs):
+        writing.set()
+        release.wait(20)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(maildir, "write_maildir_file", stuck_write)
+    config = config_from_dict({**base_settings(tmp_path), "virtual_mailbox_domains": ["virtual.test"],
+                               "virtual_mailbox_maps": ["inline:{carol@virtual.test=virtual.test/carol/}"],
+                               "virtual_mailbox_base": str(tmp_path / "vmail")})
+    mf = Mailflow(config, shutdown_grace=0.1)
+    await mf.start()
+    try:
+        await send(mf.smtp_addresses[0][1], "s@remote.test", ["carol@virtual.test"], b"Subject: once\r\n\r\nbody\r\n")
+        await eventually(writing.is_set, what="the write began")
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(mf.stop(), 5)
+        assert asyncio.get_running_loop().time() - started < 3
+    finally:
+        release.set()
+    assert queue_counts(tmp_path / "queue" / "queue.db") == {"active": 1}
+    cut = [r.getMessage() for r in caplog.records if "still under way" in r.getMessage()]
+    assert len(cut) == 1 and re.match(rf"\w+: the write of {tmp_path}/vmail/virtual.test/carol/new/\S+ still under "
+                                      r"way 0.5s after a stop's cancel", cut[0]), cut

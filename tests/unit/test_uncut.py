@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
+import time
 
 import pytest
 
+from mailflow import uncut as uncut_module
 from mailflow.uncut import uncut
 
 
@@ -17,7 +21,7 @@ async def test_a_cancel_during_the_work_waits_for_it_and_lands_at_the_next_wait(
         return "written"
 
     async def agent() -> None:
-        handed_on.append(await uncut(work()))
+        handed_on.append(await uncut(work(), "Q1: the write"))
         await asyncio.sleep(10)  # the cancel lands here
         handed_on.append("never")
 
@@ -39,7 +43,7 @@ async def test_the_work_s_error_is_raised_and_the_cancel_still_comes():
 
     async def agent() -> str:
         try:
-            await uncut(work())
+            await uncut(work(), "Q1: the write")
         except OSError as e:
             return f"deferred: {e}"  # (a result made with no wait: handed on before the cancel)
         return "sent"
@@ -56,4 +60,28 @@ async def test_without_a_cancel_it_is_the_work_s_result():
         await asyncio.sleep(0)
         return 7
 
-    assert await uncut(work()) == 7
+    assert await uncut(work(), "Q1: the write") == 7
+
+
+async def test_work_stuck_past_the_limit_lets_the_cancel_through_with_one_warning(monkeypatch, caplog):
+    """A write stuck in its thread (a dead NFS server) held the stop for ever: past UNCUT_LIMIT the cancel goes
+    through, warned once under the queue id, and the thread is left to end on its own."""
+    monkeypatch.setattr(uncut_module, "UNCUT_LIMIT", 0.2)
+    release = threading.Event()
+
+    async def agent() -> str:
+        return await uncut(asyncio.to_thread(release.wait, 10), "Q1: the write of new/1")
+
+    task = asyncio.create_task(agent())
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    task.cancel()
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 2)
+        assert time.monotonic() - started < 1
+    finally:
+        release.set()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["Q1: the write of new/1 still under way 0.2s after a stop's cancel: cut off, the recipient "
+                        "stays queued (a second copy may follow)"]

@@ -156,7 +156,8 @@ Failure behaviour
   are taken again after the next start); results already back are recorded before the store closes, and so are
   those a cut-off delivery's agent had said were final (`DeliveryRequest.settled`: the peer had taken the message,
   and the agent was still at its next peer, an LMTP peer's next reply or its report): a restart delivers them no
-  second time (`_settled_in`). A mailbox write or a command that had exited is not cut (mailflow.uncut).
+  second time (`_settled_in`). A mailbox write or a command that had exited is not cut (mailflow.uncut: for
+  UNCUT_LIMIT seconds at most; past it the write is cut off, warned, and its recipient stays queued).
 - The wake-up event carries no state: a lost wake-up costs at most one tick.
 
 One class on purpose. The loop, the scheduling and the end of an attempt share one table

@@ -371,7 +371,7 @@ class LocalTransport:
         try:
             await append_mbox(path, entry, locks=self._local.mailbox_delivery_lock, owner=owner,
                               home=None if owner is None else home, size_limit=self._local.mailbox_size_limit,
-                              create_parents=spool_made)
+                              create_parents=spool_made, queue_id=request.queue_id)
         except DeliveryError as e:
             if not spool_made and not path.parent.is_dir():
                 return _spool_missing(path.parent)
@@ -413,7 +413,7 @@ class LocalTransport:
             await append_mbox(Path(leaf.path), entry, locks=self._local.mailbox_delivery_lock, user=as_user,
                               size_limit=self._local.mailbox_size_limit, create_parents=False,
                               file_destination=True, workers=self._file_writers.run,
-                              write_limit=self._local.command_time_limit)
+                              write_limit=self._local.command_time_limit, queue_id=request.queue_id)
         except DeliveryError as e:
             return _failed(e, f"cannot append message to file {leaf.path}: ")  # (local/file.c's words)
         return Part(Outcome.SENT, "2.0.0", f"delivered to file: {leaf.path}")

@@ -55,7 +55,8 @@ async def deliver_maildir_file(maildir: Path, prefix: bytes, content: Content, *
             return call_as(user, "write", _written, *args, timeout=FILE_START_TIMEOUT, marked=True,
                            then=write_limit, keep=held.descriptors)
 
-    unsynced = await uncut(asyncio.to_thread(attempt) if workers is None else workers(attempt))  # (a stop's
+    unsynced = await uncut(asyncio.to_thread(attempt) if workers is None else workers(attempt),  # (a stop's
+                           f"{queue_id}: the write of {maildir}/new/{name}")
     # cancel waits for the write: the file is in new/ or not, and the result is handed on: mailflow.uncut)
     if unsynced:
         warn_unsynced(queue_id, maildir, name, unsynced.decode("utf-8", "replace"))

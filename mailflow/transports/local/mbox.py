@@ -240,7 +240,7 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes] | HeldEntry, *,
                       user: str | None = None, owner: tuple[int, int] | None = None, size_limit: int = 0,
                       create_parents: bool = True, file_destination: bool = False, home: Path | None = None,
                       workers: Callable[[Callable[[], LockStyle | None]], Awaitable[LockStyle | None]] | None = None,
-                      write_limit: float | None = None) -> None:
+                      write_limit: float | None = None, queue_id: str = "") -> None:
     """Append `entry` (from format_mbox_entry) to the mbox file at `path`, durably, under `locks` (taken in
     that order), or raise a DeliveryError (TemporaryError / PermanentError, see the module docstring). A failed
     append is truncated back (see the module docstring). With `user` (mailflow running as root) each attempt runs in a
@@ -260,6 +260,7 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes] | HeldEntry, *,
     about.
     `workers(call)`: runs each attempt in a thread of the caller's own pool instead of the default executor's (a
     file that never answers then holds one of those threads, never one that the queue and smtpd share).
+    `queue_id`: keys the warning of a stop that cuts a stuck append off (mailflow.uncut).
     `write_limit`: with `user`, the seconds the child's write may go without progress (a piece of the entry
     written, the fsync) before it is rolled back: 4.3.0 (None: no limit; asuser.call_as's `then`). A HeldEntry is
     built in the writing thread, each attempt, from descriptors that attempt opens, keeps open in the child
@@ -278,7 +279,8 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes] | HeldEntry, *,
     deadline = time.monotonic() + lock_timeout
     delay, most = (_FIRST_POLL, _MAX_POLL) if user is None else (_FIRST_FORKED_POLL, _MAX_FORKED_POLL)
     # (each attempt uncut: a stop's cancel waits for it, so an entry written is handed on as delivered: mailflow.uncut)
-    while (busy := await uncut(asyncio.to_thread(attempt) if workers is None else workers(attempt))) is not None:
+    while (busy := await uncut(asyncio.to_thread(attempt) if workers is None else workers(attempt),
+                               f"{queue_id}: the append to {path}")) is not None:
         left = deadline - time.monotonic()
         if left <= 0:
             raise _busy(Path(path), busy)
