@@ -16,8 +16,9 @@ delivered again (a stop cancels the deliveries still running at the end of its g
     postpone_cancel()         the cancel just caught, raised at the task's next wait instead (work that had ended
                               before the cancel reached its awaiting coroutine)
 
-Only for work that ends on its own (a local file write, whose own limits hold), never for a peer's answer, which a
-stop must be able to cut.
+For work that ends on its own (a local file write, whose own limits hold), and for local's delivery of one
+recipient to several destinations (one result for all: cut between two, one part would be done twice or another
+never); a peer's answer is never waited for otherwise (UNCUT_LIMIT at most there).
 """
 from __future__ import annotations
 

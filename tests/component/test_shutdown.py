@@ -340,3 +340,43 @@ async def test_a_stop_waits_for_a_stuck_maildir_write_no_longer_than_the_uncut_l
     cut = [r.getMessage() for r in caplog.records if "still under way" in r.getMessage()]
     assert len(cut) == 1 and re.match(rf"\w+: the write of {tmp_path}/vmail/virtual.test/carol/new/\S+ still under "
                                       r"way 0.5s after a stop's cancel", cut[0]), cut
+
+
+async def test_a_stop_during_an_alias_s_first_mailbox_write_delivers_each_member_once(tmp_path, monkeypatch):
+    """`team: alice, bob`, the stop's cancel while alice's file is written: the cancel landed at bob's write, the
+    recipient's one result was lost, and the restart wrote alice's copy a second time. The cancel waits for the
+    alias's destinations (mailflow.uncut): the result is recorded, each member has one copy."""
+    release, writing = threading.Event(), threading.Event()
+    write = maildir.write_maildir_file
+    writes: list[str] = []
+
+    def first_write_slow(*args, **kwargs):
+        writes.append(str(args[0]))
+        if len(writes) == 1:
+            writing.set()
+            release.wait(10)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(maildir, "write_maildir_file", first_write_slow)
+    aliases = tmp_path / "aliases"
+    aliases.write_text("team: alice, bob\n")
+    config = config_from_dict({**base_settings(tmp_path), "alias_maps": [f"texthash:{aliases}"],
+                               "myorigin": "local.test"})
+    mf = Mailflow(config, shutdown_grace=0.1)
+    await mf.start()
+    try:
+        await send(mf.smtp_addresses[0][1], "s@remote.test", ["team@local.test"], b"Subject: once\r\n\r\nbody\r\n")
+        await eventually(writing.is_set, what="alice's write began")
+        asyncio.get_running_loop().call_later(0.6, release.set)  # well after the grace's cancel
+    finally:
+        await asyncio.wait_for(mf.stop(), 5)
+    assert queue_counts(tmp_path / "queue" / "queue.db") == {}
+
+    monkeypatch.setattr(maildir, "write_maildir_file", write)
+    mf = Mailflow(config, shutdown_grace=0.1)
+    await mf.start()
+    try:
+        await queue_becomes(mf.store, {})
+    finally:
+        await mf.stop()
+    assert [len(maildir_messages(tmp_path / "mail" / user / "Maildir")) for user in ("alice", "bob")] == [1, 1]

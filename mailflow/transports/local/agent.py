@@ -83,6 +83,12 @@ reason mbox or maildir.write_failure gives (mail_copy's, mbox_open's) after "can
 USER. " (the mailbox, local/mailbox.c) or "cannot append message to file PATH: " (a /file, local/file.c); a Maildir's
 "maildir delivery failed: …". A table or file that cannot be read defers (4.3.0); a forward cleanup cannot queue
 defers (4.3.0).
+
+Stop: a recipient expanded to several destinations is one result (the store has no record per destination), so a
+stop's cancel between two of them would either leave it queued, its mailboxes written already written again by the
+retry, or finish it with the later ones never written. Neither: the cancel waits for the rest of its destinations
+(mailflow.uncut), UNCUT_LIMIT seconds at most; past that it goes through, warned, the recipient queued (its parts
+done are then repeated by the retry, as local(8)'s are when it is killed in the middle of one).
 """
 from __future__ import annotations
 
@@ -114,6 +120,7 @@ from mailflow.transports.local.mbox import HeldEntry, append_mbox, from_line, ma
 from mailflow.workers import BoundedWorkers
 from mailflow.transports.pipe import (SHELL_SAFE, CommandNotRun, CommandSpool, command_spool, command_diagnostic,
                                       command_status, run_shell_command)
+from mailflow.uncut import uncut
 
 log = logging.getLogger("mailflow.local")
 
@@ -240,7 +247,9 @@ class LocalTransport:
             passed = await self._pass_once(request, rcpt, leaves[0], filled, expansion)
             return replace(passed, recipient=rcpt, expanded=_other(leaves[0].address, rcpt), expansion=expansion,
                            next_hop_notifies=passed.next_hop_notifies and not expansion)  # else the expansion tells
-        parts, lists, leaves = await self._deliver_leaves(request, rcpt, leaves, filled, expansion)
+        parts, lists, leaves = await uncut(  # (a stop's cancel waits: each part is done once, none done again)
+            self._deliver_leaves(request, rcpt, leaves, filled, expansion),
+            f"{request.queue_id}: the delivery of <{rcpt.address}> to its {len(leaves)} destinations")
         result = _naming_the_member(self._combine(rcpt, parts), rcpt, leaves, parts)
         owner = _failures_owner(result, parts, lists)
         owned = _owned_failures(result, parts, lists, _members(rcpt, leaves, parts))
