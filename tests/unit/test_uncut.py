@@ -37,22 +37,28 @@ async def test_a_cancel_during_the_work_waits_for_it_and_lands_at_the_next_wait(
 
 
 async def test_the_work_s_error_is_raised_and_the_cancel_still_comes():
+    """The write failed while the stop's cancel waited for it: the agent makes its deferred result from the error
+    and hands it on; the cancel lands at its next wait."""
+    handed_on: list[str] = []
+
     async def work() -> str:
         await asyncio.sleep(0.01)
         raise OSError("disk full")
 
-    async def agent() -> str:
+    async def agent() -> None:
         try:
             await uncut(work(), "Q1: the write")
         except OSError as e:
-            return f"deferred: {e}"  # (a result made with no wait: handed on before the cancel)
-        return "sent"
+            handed_on.append(f"deferred: {e}")  # (made with no wait: handed on before the cancel)
+        await asyncio.sleep(10)  # the cancel lands here
+        handed_on.append("never")
 
     task = asyncio.create_task(agent())
     await asyncio.sleep(0)
     task.cancel()
-    with pytest.raises(asyncio.CancelledError):  # the task ends cancelled, its result made
-        await task
+    with pytest.raises(asyncio.CancelledError):  # the task ends cancelled, its result handed on
+        await asyncio.wait_for(task, 1)
+    assert handed_on == ["deferred: disk full"]
 
 
 async def test_without_a_cancel_it_is_the_work_s_result():
