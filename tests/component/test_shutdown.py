@@ -18,7 +18,7 @@ from mailflow import uncut as uncut_module
 from mailflow.transports import maildir
 from tests.component.test_smtpd_hardening import _connect_unread, _pipeline_until
 from tests.support import (SmtpClient, accepts, base_settings, eventually, half_client_hello, maildir_messages,
-                           queue_becomes, queue_counts, send)
+                           queue_becomes, queue_counts, script_dir, send)
 
 HOST = "mx.mailflow.test"
 
@@ -380,3 +380,31 @@ async def test_a_stop_during_an_alias_s_first_mailbox_write_delivers_each_member
     finally:
         await mf.stop()
     assert [len(maildir_messages(tmp_path / "mail" / user / "Maildir")) for user in ("alice", "bob")] == [1, 1]
+
+
+async def test_a_stop_keeps_the_status_of_a_command_whose_output_ended_so_a_restart_runs_it_once(tmp_path):
+    """A pipe service's command has read the message and closed its output; it exits a moment later. The stop's
+    cancel came in that moment: the command was killed and its status lost, and the restart ran it again (the
+    message twice in its file). The cancel waits for the exit (REAP_WAIT at most): the status is recorded."""
+    with script_dir() as scripts:
+        command = scripts.script("filter.sh", f"cat >> {scripts.out}/copies\nexec >&- 2>&-\n"
+                                              f"touch {scripts.out}/closed\nsleep 0.4\n")
+        config = config_from_dict({**base_settings(tmp_path), "relay_domains": ["pipe.test"],
+                                   "transport_maps": ["inline:{pipe.test=filt:}"],
+                                   "pipe": {"filt": {"argv": [str(command)]}}})
+        mf = Mailflow(config, shutdown_grace=0.1)
+        await mf.start()
+        try:
+            await send(mf.smtp_addresses[0][1], "s@remote.test", ["one@pipe.test"], b"Subject: once\r\n\r\nbody\r\n")
+            await eventually(lambda: (scripts.out / "closed").exists(), what="the command closed its output")
+        finally:
+            await asyncio.wait_for(mf.stop(), 5)
+        assert queue_counts(tmp_path / "queue" / "queue.db") == {}
+
+        mf = Mailflow(config, shutdown_grace=0.1)
+        await mf.start()
+        try:
+            await queue_becomes(mf.store, {})
+        finally:
+            await mf.stop()
+        assert scripts.read("copies").count("Subject: once") == 1
