@@ -148,11 +148,15 @@ class MailLog:
         return self._observer is not None or self._log.isEnabledFor(logging.INFO)
 
     def _emit(self, queue_id: str, event: str, line: str, *, service: str, level: int = logging.INFO,
-              logged: bool = True, **fields) -> None:
+              logged: bool = True, id_first: bool = True, **fields) -> None:
+        """`line` logged after `queue_id: ` (`id_first`; else the line names it itself), and told to the observer."""
         fields = {k: printable(v) if isinstance(v, str) else v for k, v in fields.items()}
         if logged:
-            self._log.log(level, "%s: %s", queue_id, printable(line),
-                          extra={"queue_id": queue_id, "event": event, "fields": fields, "service": service})
+            extra = {"queue_id": queue_id, "event": event, "fields": fields, "service": service}
+            if id_first:
+                self._log.log(level, "%s: %s", queue_id, printable(line), extra=extra)
+            else:
+                self._log.log(level, "%s", printable(line), extra=extra)
         if self._observer is not None:
             try:
                 self._observer(queue_id, event, fields)
@@ -266,12 +270,17 @@ class MailLog:
         if self.active:
             self._emit(queue_id, "removed", "removed", service="qmgr")
 
-    def gone(self, queue_id: str) -> None:
-        """The end of an attempt found no message to remove: an operator deleted it first (and postsuper's
-        `removed` was logged then). Postfix's qmgr_active_done warns `remove QID from active: No such file or
-        directory`."""
-        self._emit(queue_id, "gone", "remove from active: no such message (deleted meanwhile)", service="qmgr",
-                   level=logging.WARNING)
+    def gone(self, queue_id: str, *, deferred: bool) -> None:
+        """The end of an attempt found no message to remove or defer (`deferred`): an operator deleted it first
+        (postsuper's `removed` was logged then). Postfix's qmgr warns in its own words, the queue id inside them:
+        `qmgr_active_done: remove QID from active: No such file or directory`, `qmgr_active_defer: rename QID from
+        active to deferred: No such file or directory`."""
+        if not self.active:
+            return
+        line = (f"qmgr_active_defer: rename {queue_id} from active to deferred" if deferred
+                else f"qmgr_active_done: remove {queue_id} from active")
+        self._emit(queue_id, "gone", f"{line}: No such file or directory", service="qmgr", level=logging.WARNING,
+                   id_first=False)
 
     def operator(self, queue_id: str, action: str) -> None:
         """postsuper's line for one message an operator's `action` (a key of POSTSUPER) took."""

@@ -193,14 +193,14 @@ class Store(OperatorQueries, RequeueQueries):
         `deferred` one due before `done.next_attempt` (held and released during the attempt, not claimed since)
         gets that time, the attempt counted;
         `done.warned` is recorded wherever it is (its delay notice is queued here).
-        Returns False when the message was to be removed and was gone already (an operator deleted it meanwhile:
-        Postfix's qmgr finds no queue file to remove), else True.
+        Returns False when the message was gone already (an operator deleted it meanwhile: Postfix's qmgr finds no
+        queue file to remove or to rename to deferred), else True.
         """
         qid = done.queue_id
-        removed = None
+        there: Callable[[sqlite3.Connection], bool] = partial(_deferred, done)  # (last, by the call: was it there?)
         if done.next_attempt is None:  # removed: what its recipient rows would have said goes with them
-            *ops, (remove_message, _) = remove_ops([(qid,)])  # (the message row last, by the call: was it there?)
-            removed = partial(_one_row, remove_message, qid)
+            *ops, (remove_message, _) = remove_ops([(qid,)])
+            there = partial(_one_row, remove_message, qid)
         elif len(results) <= ROWS_SLICE and len(done.expired) <= ROWS_SLICE:
             ops = _deferral_ops(done, _unrecorded_op(qid, results), _expired_op(qid, done.expired))
         else:
@@ -209,8 +209,7 @@ class Store(OperatorQueries, RequeueQueries):
         if notices:
             ops += insert_ops(notices)
         self._scanned.pop(qid, None)
-        gone = await self._committer.write(ops, linger=True, call=removed) is False
-        return not gone
+        return await self._committer.write(ops, linger=True, call=there)
 
     async def give_back(self, queue_id: QueueId, next_attempt: float) -> None:
         """A message qmgr let go of after a scan claimed its row again while its attempt was under way (an operator
@@ -507,7 +506,7 @@ def _expired_op(queue_id: QueueId, expired: Sequence[RcptResult]) -> Op:
 
 def _deferral_ops(done: Delivered, unrecorded: Op, expired: Op) -> list[Op]:
     """`finish` for a message that stays: the results not recorded yet (`_unrecorded_op`), the expired
-    (`_expired_op`) and noticed recipients, then the message deferred (if still active)."""
+    (`_expired_op`) and noticed recipients; the message is deferred after them (`_deferred`)."""
     qid = done.queue_id
     ops: list[Op] = [unrecorded]  # first: the statements below see these
     if expired[1]:
@@ -517,9 +516,16 @@ def _deferral_ops(done: Delivered, unrecorded: Op, expired: Op) -> list[Op]:
                     [(qid, i) for i in done.noticed]))
     if done.warned:  # wherever the message is now: the notice is queued with this transaction, and goes once
         ops.append(("UPDATE message SET warned = 1 WHERE id = ?", [(qid,)]))
-    ops.append((_DEFER_ACTIVE, [(done.next_attempt, qid)]))
-    ops.append((_DEFER_RELEASED, [(done.next_attempt, qid, done.next_attempt)]))
     return ops
+
+
+def _deferred(done: Delivered, con: sqlite3.Connection) -> bool:
+    """The message of `done` deferred (`_DEFER_ACTIVE`, else `_DEFER_RELEASED`; inside the transaction of its
+    `_deferral_ops`); whether its row was there (an operator's delete: not)."""
+    if con.execute(_DEFER_ACTIVE, (done.next_attempt, done.queue_id)).rowcount:
+        return True  # (the common case: one statement)
+    con.execute(_DEFER_RELEASED, (done.next_attempt, done.queue_id, done.next_attempt))
+    return con.execute("SELECT 1 FROM message WHERE id = ?", (done.queue_id,)).fetchone() is not None
 
 
 # The end of an attempt of an active message: deferred (to maildrop when an operator requeued it while it was active:

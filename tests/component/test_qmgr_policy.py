@@ -744,7 +744,7 @@ async def test_a_message_deleted_in_delivery_before_qmgr_polled_gets_no_failure_
     assert await s.store.counts() == {}
 
 
-@pytest.mark.parametrize("outcome", ["sent", "bounced"])
+@pytest.mark.parametrize("outcome", ["sent", "bounced", "deferred"])
 @pytest.mark.parametrize("polled", [True, False], ids=["delete-polled", "delete-unpolled"])
 async def test_a_message_deleted_during_its_delivery_still_logs_that_delivery(sim, caplog, polled, outcome):
     """`postsuper -d` of a message under delivery: Postfix 3.7.11's smtp(8) still logs its `to=<…>, …, status=sent`
@@ -753,10 +753,12 @@ async def test_a_message_deleted_during_its_delivery_still_logs_that_delivery(si
     ended or not (a bounce, owing a notice, has the end ask the store first: gone, no notice, its line still
     logged); nothing is delivered again. No second `removed`: when the poll had not seen the delete, the end's
     removal finds no message and warns, as Postfix's qmgr_active_done warns `remove QID from active: No such file
-    or directory` (it logged qmgr's `removed` after the tool's)."""
+    or directory` (it logged qmgr's `removed` after the tool's); a deferral that finds none warns as its
+    qmgr_active_defer does (it was silent)."""
     caplog.set_level(logging.INFO, logger="mailflow.mail")
     s = await sim()
-    reply = {"sent": (Outcome.SENT, "2.0.0", "250 ok", True), "bounced": (Outcome.BOUNCED, "5.1.1", "550 gone", True)}
+    reply = {"sent": (Outcome.SENT, "2.0.0", "250 ok", True), "bounced": (Outcome.BOUNCED, "5.1.1", "550 gone", True),
+             "deferred": (Outcome.DEFERRED, "4.0.0", "451 later", True)}
     queue_id = await one_in_delivery(s, reply[outcome])
     await s.store.delete_messages([queue_id])  # `mailflow queue delete` while the delivery is under way
     if polled:
@@ -767,10 +769,12 @@ async def test_a_message_deleted_during_its_delivery_still_logs_that_delivery(si
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{queue_id}: ")]
     results = [line for line in lines if "status=" in line]
     assert len(results) == 1 and results[0].startswith(f"{queue_id}: to=<one@far.test>,"), lines
-    assert results[0].endswith("status=sent (250 ok)" if outcome == "sent" else "status=bounced (550 gone)"), lines
+    assert results[0].endswith(f"status={outcome} ({reply[outcome][2]})"), lines
     assert f"{queue_id}: removed" not in lines
-    gone = f"{queue_id}: remove from active: no such message (deleted meanwhile)"
-    assert (gone in lines) == (not polled and outcome == "sent"), lines
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    gone = {"sent": f"qmgr_active_done: remove {queue_id} from active: No such file or directory",
+            "deferred": f"qmgr_active_defer: rename {queue_id} from active to deferred: No such file or directory"}
+    assert warnings == ([gone[outcome]] if not polled and outcome in gone else []), warnings
     assert [req.queue_id for _, req in s.smtp.calls] == [queue_id]
     assert await s.store.counts() == {}
 

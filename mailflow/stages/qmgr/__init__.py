@@ -144,8 +144,9 @@ Failure behaviour
 - A deleted message's delivery in flight logs its result lines when it ends (as Postfix's delivery agent logs its
   status= line for a queue file postsuper removed under it; RECORD_SLICE lines a loop turn), nothing recorded once
   the poll saw the delete, and no `removed` of qmgr's (a delete the tick has not seen yet, made in the attempt's
-  last second, is found by the end's removal, which finds no row left: a warning, `remove from active: no such
-  message`, as Postfix's qmgr_active_done warns that the queue file is gone, not a second `removed`).
+  last second, is found by the end's removal or deferral, which finds no row left: a warning in Postfix's words,
+  `qmgr_active_done: remove QID from active: No such file or directory` (or qmgr_active_defer's `rename QID from
+  active to deferred: …`), not a second `removed`).
 - A record that fails is retried while the server runs (`faults.Retrier`): the results wait in memory and the
   message stays in qmgr's hands, so nothing is forgotten and nothing is delivered again because a write failed.
   A store fault (locked, disk full, I/O) puts every record behind one probe per backoff interval.
@@ -1632,8 +1633,9 @@ class QueueManager:
                  gone: bool = False) -> None:
         """The lines after an attempt's results and expiry (`_conclude`): a notice discarded for `results` (the
         expired ones too), the notices queued, `removed` (retry_at None), or, when the store had no message left
-        to remove (`gone`: an operator deleted it first, and the tool logged postsuper's `removed`), a warning as
-        Postfix's qmgr_active_done gives for a queue file it cannot remove, not a second `removed`."""
+        to remove or defer (`gone`: an operator deleted it first, and the tool logged postsuper's `removed`), a
+        warning as Postfix's qmgr_active_done and qmgr_active_defer give for a queue file that is gone, not a
+        second `removed`."""
         msg = active.message
         if self._notices is not None and self._notices.discards(msg, results):
             self._log.notice_discarded(msg.queue_id)
@@ -1643,8 +1645,10 @@ class QueueManager:
                 self._log.message_id(queued.queue_id, header_value(head, "message-id"))
             self._log.notice(msg.queue_id, notice.kind, queued.queue_id, postmaster=notice.postmaster_copy)
             self._log.queued(queued.queue_id, queued.sender, queued.content.size, len(queued.recipients))
-        if retry_at is None:
-            (self._log.gone if gone else self._log.removed)(msg.queue_id)
+        if gone:
+            self._log.gone(msg.queue_id, deferred=retry_at is not None)
+        elif retry_at is None:
+            self._log.removed(msg.queue_id)
 
     def _tell_expired(self, active: ActiveMessage, expired: Iterable[RcptResult], now: float) -> None:
         """The observers told of `expired` results, with no line of their own (`_conclude`)."""
