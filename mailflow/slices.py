@@ -8,8 +8,9 @@ recipients of one message: qmgr's expiry and its telling, the SMTP and LMTP clie
 
     await in_slices_uncut(items, each, size)
                                          the same, but work that must not be left half done (what a peer already
-                                         took): a cancel while the loop is handed back does the parts left in that
-                                         turn, then goes on (raised)
+                                         took): a cancel while the loop is handed back does all the parts left in
+                                         one call, with no turn handed back (bounded by what `items` holds: a job's
+                                         recipients, at most its recipient limit), then goes on (raised)
 
 A cancel while the loop is handed back ends `in_slices` there: the parts done stay done, the rest are not done.
 """

@@ -1,9 +1,12 @@
-"""mailflow.slices.in_slices: the parts in order, the loop handed back between two and not before the first."""
+"""mailflow.slices.in_slices: the parts in order, the loop handed back between two and not before the first;
+in_slices_uncut: a cancel between two does the rest at once."""
 from __future__ import annotations
 
 import asyncio
 
-from mailflow.slices import in_slices
+import pytest
+
+from mailflow.slices import in_slices, in_slices_uncut
 
 
 async def turns_while(work) -> int:
@@ -38,3 +41,24 @@ async def test_a_list_of_one_slice_or_less_is_one_call_with_no_turn():
     assert await turns_while(in_slices((1, 2, 3), parts.append, 3)) == 0
     assert parts == [(1, 2, 3)]
     assert await turns_while(in_slices([], parts.append, 3)) == 0 and parts == [(1, 2, 3)]
+
+
+async def test_a_cancel_between_two_parts_does_all_the_parts_left_at_once_then_is_raised():
+    """What a peer took is told whole: the cancel between the first and second part gets the rest in one call."""
+    parts: list = []
+    task = asyncio.ensure_future(in_slices_uncut(list(range(25)), parts.append, 10))
+    await asyncio.sleep(0)  # (the first part done, the loop handed back)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert parts == [list(range(10)), list(range(10, 25))]
+
+
+async def test_in_slices_cut_by_a_cancel_leaves_the_rest_undone():
+    parts: list = []
+    task = asyncio.ensure_future(in_slices(list(range(25)), parts.append, 10))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert parts == [list(range(10))]
