@@ -26,7 +26,7 @@ from mailflow.clock import VirtualClock
 from mailflow.config import Config, SmtpConfig, config_from_dict
 from mailflow.dns import MX, AiodnsResolver, StaticResolver
 from mailflow.content import Content
-from mailflow.model import ConnStats, DeliveryRequest, Outcome, Recipient
+from mailflow.model import ConnStats, DeliveryRequest, Outcome, RcptResult, Recipient
 from mailflow.routing.router import Router
 from mailflow.transports import build_transports
 from mailflow.transports.smtp import SmtpTransport
@@ -2605,3 +2605,30 @@ async def test_a_non_ascii_orcpt_goes_as_postfixs_smtp_client_quotes_it(keywords
         b"RCPT TO:<one@example.test> ORCPT=rfc822;j+C3+B6e@b+C3+BCcher.test",
         b"RCPT TO:<two@example.test> ORCPT=utf-8;j\\x{F6}e@b\\x{FC}cher.test",
     ]
+
+
+async def test_a_cancel_as_the_end_of_data_s_results_are_told_still_tells_them_all_stamped(monkeypatch, smtp_peer):
+    """The stop's cancel comes as the first SLICE of the end of DATA's results is told to qmgr (a job of many
+    recipients): every recipient the peer took is told all the same (the parts left at once, not cut between two),
+    each with the transaction's ConnStats, so the cut job's lines split `delays=` as a reported job's do."""
+    monkeypatch.setattr(trouble, "SLICE", 10)
+    peer = await smtp_peer()
+    recipients = [f"u{i:02d}@example.test" for i in range(25)]
+    told: list[RcptResult] = []
+
+    def settled(results) -> None:
+        if not told:
+            delivery.cancel()  # (the stop's, landing at the delivery's next wait)
+        told.extend(results)
+
+    transport = make_transport()
+    delivery = asyncio.ensure_future(transport.deliver(make_request(f"[127.0.0.1]:{peer.port}", *recipients,
+                                                                     on_settled=settled)))
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(delivery, 5)
+    finally:
+        await transport.close()
+    assert [(r.recipient.address, r.outcome) for r in told] == [(a, Outcome.SENT) for a in recipients]
+    assert {r.conn.use if r.conn else None for r in told} == {1}
+    assert [m.rcpt_tos for m in peer.handler.messages] == [recipients]

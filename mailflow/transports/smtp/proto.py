@@ -112,7 +112,7 @@ async def send_message(
     conn = ConnStats(now(), session.uses)
     todo = outcomes.pending(recipients)
     try:
-        await _transaction(session, request, recipients, outcomes, timeouts, reused, lmtp, wire, probe)
+        await _transaction(session, request, recipients, outcomes, timeouts, reused, lmtp, wire, probe, conn)
     except SiteFailure as e:
         (await outcomes.fail_pending_in_slices(recipients, e, session.peer.relay)).site_failed(e)
     await outcomes.stamp_in_slices(todo, conn)  # not reached on StaleSession: `outcomes` stays untouched
@@ -128,6 +128,7 @@ async def _transaction(
     lmtp: bool,
     wire: WireForm | None,
     probe: float | None,
+    conn: ConnStats,
 ) -> None:
     peer, extensions = session.peer, session.extensions
     encoders, body = content_encoding(extensions, request)
@@ -201,11 +202,11 @@ async def _transaction(
                 await asyncio.sleep(0)
             reply = await session.reply(timeouts.data, END_OF_DATA)
             outcomes.settle(reply_results(answered, reply, peer, "end of DATA", next_hop_notifies=notifies),
-                            request)
+                            request, conn)
     else:
         reply = await session.reply(timeouts.data, END_OF_DATA)
         await outcomes.settle_in_slices(accepted, lambda part: reply_results(
-            part, reply, peer, "end of DATA", next_hop_notifies=notifies), request)
+            part, reply, peer, "end of DATA", next_hop_notifies=notifies), request, conn)
     # the end of data's replies end the transaction, refused or not: no RSET before the session is cached, as
     # Postfix's smtp_loop (SMTP_STATE_DOT: LAST, not ABORT's RSET); a peer that keeps a refused transaction anyway
     # (aiosmtpd when its handler fails) is cleared by the RSET probe before the session is reused

@@ -38,12 +38,13 @@ Failures are `mailflow.errors` delivery errors (`dsn`, `text`: the diagnostic a 
       .fail(recipients, error, relay)   BOUNCED for a permanent error, else DEFERRED, with its code and text
       .update(results) .pending(recipients) .site_failed(failure)
       await .update_in_slices(recipients, results)   `update` with results(part), SLICE recipients a loop turn
-      .settle(results, request), await .settle_in_slices(recipients, results, request)
+      .settle(results, request, conn), await .settle_in_slices(recipients, results, request, conn)
                                 `update` with the peer's answers after DATA (SLICE recipients a loop turn, every
                                 part done at once when a cancel comes between two), those the peer took (sent)
-                                told to qmgr at once (`DeliveryRequest.settled`): a stop that cuts the delivery off
-                                later (the next peer, an LMTP peer's next reply, the report's slices) delivers none
-                                of them again (a refusal is not told: under soft_bounce the next peer may take it)
+                                told to qmgr at once (`DeliveryRequest.settled`), stamped with `conn` as
+                                `stamp` does: a stop that cuts the delivery off later (the next peer, an LMTP
+                                peer's next reply, the report's slices) delivers none of them again (a refusal is
+                                not told: under soft_bounce the next peer may take it)
       .stamp(recipients, conn)  their results carry `conn`, the ConnStats of the transaction that gave them
       await .fail_in_slices(...), .fail_pending_in_slices(...) (those `pending`), .stamp_in_slices(...)
                                 the same, SLICE recipients a loop turn
@@ -203,24 +204,26 @@ class Outcomes:
         else:
             await in_slices(recipients, lambda part: self.update(results(part)), SLICE)
 
-    def settle(self, results: dict[Recipient, RcptResult], request: DeliveryRequest) -> None:
-        """`update` with a peer's answers after DATA, telling qmgr those it took at once (module docstring)."""
-        self.update(results)
-        request.settled([result for result in results.values() if result.outcome is Outcome.SENT])
+    def settle(self, results: dict[Recipient, RcptResult], request: DeliveryRequest, conn: ConnStats) -> None:
+        """`update` with a peer's answers after DATA, stamped with `conn` (the transaction's), telling qmgr those it
+        took at once (module docstring): a cut job's lines have the connection's part of `delays=` too."""
+        stamped = {rcpt: replaced(result, conn=conn) for rcpt, result in results.items()}
+        self.update(stamped)
+        request.settled([result for result in stamped.values() if result.outcome is Outcome.SENT])
 
     async def settle_in_slices(self, recipients: Sequence[Recipient],
                                results: Callable[[Sequence[Recipient]], dict[Recipient, RcptResult]],
-                               request: DeliveryRequest) -> None:
+                               request: DeliveryRequest, conn: ConnStats) -> None:
         """`settle` with `results(part)` of `recipients`, SLICE recipients a loop turn, the parts left all done
         when a cancel comes between two (what the peer took is not left half told)."""
-        await in_slices_uncut(recipients, lambda part: self.settle(results(part), request), SLICE)
+        await in_slices_uncut(recipients, lambda part: self.settle(results(part), request, conn), SLICE)
 
     def pending(self, recipients: Iterable[Recipient]) -> list[Recipient]:
         return [r for r in recipients if r not in self.results]
 
     def stamp(self, recipients: Iterable[Recipient], conn: ConnStats) -> None:
         for r in recipients:
-            if r in self.results:
+            if r in self.results and self.results[r].conn is not conn:  # (`settle` stamped the answers after DATA)
                 self.results[r] = replaced(self.results[r], conn=conn)
 
     async def stamp_in_slices(self, recipients: Sequence[Recipient], conn: ConnStats) -> None:
