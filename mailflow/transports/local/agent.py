@@ -247,9 +247,9 @@ class LocalTransport:
             passed = await self._pass_once(request, rcpt, leaves[0], filled, expansion)
             return replace(passed, recipient=rcpt, expanded=_other(leaves[0].address, rcpt), expansion=expansion,
                            next_hop_notifies=passed.next_hop_notifies and not expansion)  # else the expansion tells
-        parts, lists, leaves = await uncut(  # (a stop's cancel waits: each part is done once, none done again)
-            self._deliver_leaves(request, rcpt, leaves, filled, expansion),
-            f"{request.queue_id}: the delivery of <{rcpt.address}> to its {len(leaves)} destinations")
+        delivering = self._deliver_leaves(request, rcpt, leaves, filled, expansion)
+        parts, lists, leaves = await (delivering if len(leaves) == 1 else uncut(  # (a stop's cancel waits: each
+            delivering, f"{request.queue_id}: the delivery of <{rcpt.address}> to its {len(leaves)} destinations"))
         result = _naming_the_member(self._combine(rcpt, parts), rcpt, leaves, parts)
         owner = _failures_owner(result, parts, lists)
         owned = _owned_failures(result, parts, lists, _members(rcpt, leaves, parts))
