@@ -12,10 +12,12 @@ import pytest
 
 from mailflow import status
 from mailflow.app import Mailflow, reload_logged
+from mailflow.stages import qmgr as qmgr_module
 from mailflow.config import config_from_dict
 from mailflow.errors import ConfigError
 from mailflow import uncut as uncut_module
 from mailflow.transports import maildir
+from mailflow.transports.local import mbox
 from tests.component.test_smtpd_hardening import _connect_unread, _pipeline_until
 from tests.support import (SmtpClient, accepts, base_settings, eventually, half_client_hello, maildir_messages,
                            queue_becomes, queue_counts, script_dir, send)
@@ -408,3 +410,48 @@ async def test_a_stop_keeps_the_status_of_a_command_whose_output_ended_so_a_rest
         finally:
             await mf.stop()
         assert scripts.read("copies").count("Subject: once") == 1
+
+
+async def test_a_stop_during_a_job_s_last_mbox_append_records_it_so_a_restart_delivers_each_once(tmp_path,
+                                                                                                monkeypatch):
+    """A local job for alice and bob (mbox mailboxes), the stop's cancel while bob's entry is appended: the append
+    ends (mbox's attempts are not cut) and bob's result, the job's last, is recorded though the cancel comes before
+    the job's report (qmgr keeps it as told: `DeliveryRequest.settled`; RESULT_SLICE 2: qmgr hands the loop back
+    after the last result, and the cancel lands there). Each has one copy after the restart."""
+    monkeypatch.setattr(qmgr_module, "RESULT_SLICE", 2)
+    release, appending, appended = threading.Event(), threading.Event(), threading.Event()
+    append_once = mbox._append_once
+
+    def bob_slow(path, *args, **kwargs):
+        if path.name != "Mailbox" or path.parent.name != "bob" or appending.is_set():
+            return append_once(path, *args, **kwargs)
+        appending.set()
+        release.wait(10)
+        try:
+            return append_once(path, *args, **kwargs)
+        finally:
+            appended.set()
+
+    monkeypatch.setattr(mbox, "_append_once", bob_slow)
+    config = config_from_dict({**base_settings(tmp_path), "myorigin": "local.test",
+                               "local": {"maildir_base": str(tmp_path / "mail"), "home_mailbox": "Mailbox"}})
+    mf = Mailflow(config, shutdown_grace=0.1)
+    await mf.start()
+    try:
+        await send(mf.smtp_addresses[0][1], "s@remote.test", ["alice@local.test", "bob@local.test"],
+                   b"Subject: once\r\n\r\nbody\r\n")
+        await eventually(appending.is_set, what="bob's append began")
+        asyncio.get_running_loop().call_later(0.6, release.set)  # well after the grace's cancel
+    finally:
+        await asyncio.wait_for(mf.stop(), 5)
+    assert queue_counts(tmp_path / "queue" / "queue.db") == {"active": 1}  # (the job cut: its results recorded)
+    await eventually(appended.is_set, what="bob's first append ended")  # (cut or not, the thread writes it)
+
+    mf = Mailflow(config, shutdown_grace=0.1)
+    await mf.start()
+    try:
+        await queue_becomes(mf.store, {})
+    finally:
+        await mf.stop()
+    assert [(tmp_path / "mail" / user / "Mailbox").read_text().count("Subject: once") for user in ("alice", "bob")
+            ] == [1, 1]
