@@ -3,18 +3,24 @@ hung NFS home, a FUSE file its user serves) is killed and reaped, and the call f
 worker thread for ever. Forking as another user needs root: skipped otherwise."""
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import math
 import logging
 import os
 import pwd
-import threading
+import resource
 import signal
+import sys
+import threading
 import time
 
 import pytest
 
 from mailflow.errors import PermanentError, TemporaryError
-from mailflow.transports.local import asuser
+from mailflow.transports.local import asuser, forker
+from tests.support.inchild import patched_in_child
+from tests.support.stalls import LoopWatch
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
 
@@ -28,26 +34,47 @@ def _answer(text: str) -> bytes:
     return f"{os.getuid()} {text}".encode()
 
 
+def _launched(monkeypatch) -> list[forker.Child]:
+    """The children the helper starts for this test's calls, as they are launched."""
+    launched, real_launch = [], asuser._FORKER.launch
+
+    def launch(*args, **kwargs) -> forker.Child:
+        child = real_launch(*args, **kwargs)
+        launched.append(child)
+        return child
+
+    monkeypatch.setattr(asuser._FORKER, "launch", launch)
+    return launched
+
+
+def _held_kills(monkeypatch) -> list[forker.Child]:
+    """SIGKILL held back (each child plays one in an uninterruptible wait): the children it was meant for."""
+    held: list[forker.Child] = []
+    monkeypatch.setattr(forker.Child, "kill", lambda child: held.append(child))
+    return held
+
+
+def _gone(pid: int) -> bool:
+    """Whether `pid` ended and was reaped (by the helper: it is not this process's child), within 10 s."""
+    for _ in range(400):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.025)
+    return False
+
+
 def test_a_child_that_never_answers_is_killed_and_the_call_fails_at_its_deadline(monkeypatch):
-    forked: list[int] = []
-    real_fork = asuser.os.fork
-
-    def fork() -> int:
-        pid = real_fork()
-        if pid:
-            forked.append(pid)
-        return pid
-
-    monkeypatch.setattr(asuser.os, "fork", fork)
+    launched = _launched(monkeypatch)
     started = time.monotonic()
     with pytest.raises(TemporaryError) as failed:
         asuser.call_as("nobody", "read /hung/.forward", _hang, timeout=0.3)
     assert time.monotonic() - started < 10  # (the deadline, not the child's hour)
     assert failed.value.dsn == "4.3.0"
     assert failed.value.text == "cannot read /hung/.forward as nobody: no answer within 0.3s, the child was killed"
-    [pid] = forked
-    with pytest.raises(ChildProcessError):  # reaped: no longer this process's child (a reused number is not ours)
-        os.waitpid(pid, os.WNOHANG)
+    [child] = launched
+    assert _gone(child.pid)  # (killed, and reaped by the helper)
 
 
 def test_a_child_that_answers_in_time_gives_its_result():
@@ -164,54 +191,32 @@ def test_a_report_already_in_the_pipe_when_the_deadline_passes_is_read(monkeypat
 
 def test_a_killed_child_that_does_not_end_does_not_hold_the_callers_thread(monkeypatch, caplog):
     """waitpid(pid, 0) after SIGKILL blocked for ever on a child in an uninterruptible wait (a D-state write): the
-    caller's thread with it. Here SIGKILL is held back to play that child; the reaper thread reaps it once it ends."""
-    real_kill, held = os.kill, []
-
-    def kill(pid: int, sig: int) -> None:
-        if sig == signal.SIGKILL:
-            held.append(pid)
-        else:
-            real_kill(pid, sig)
-
-    monkeypatch.setattr(asuser.os, "kill", kill)
+    caller's thread with it. Here SIGKILL is held back to play that child; it is counted as stuck until the helper
+    reaped it."""
+    real_kill, held = forker.Child.kill, _held_kills(monkeypatch)
     monkeypatch.setattr(asuser, "REAP_WAIT", 0.2)
     started = time.monotonic()
     with pytest.raises(TemporaryError):
         asuser.call_as("nobody", "read", _hang, timeout=0.2)
     assert time.monotonic() - started < 5
-    [pid] = held
-    assert f"the child {pid} (read as nobody) has not ended 0.2s after SIGKILL" in caplog.text
-    real_kill(pid, signal.SIGKILL)
-    for _ in range(200):  # (the reaper thread's waitpid returns once the child is gone)
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
+    [child] = held
+    assert f"the child {child.pid} (read as nobody) has not ended 0.2s after SIGKILL" in caplog.text
+    assert asuser._STUCK.count == 1
+    real_kill(child)
+    assert _gone(child.pid)
+    for _ in range(200):  # (counted out once the helper said it reaped it)
+        if asuser._STUCK.count == 0:
             break
         time.sleep(0.025)
     else:
-        pytest.fail("the killed child was never reaped")
+        pytest.fail("the killed child is still counted")
 
 
 def test_no_child_is_forked_while_too_many_killed_children_have_not_ended(monkeypatch, caplog):
     """Each attempt whose killed child does not end (a file on a hung mount, retried) left one more process and
     reaper thread, without bound, until fork or thread creation failed for every local delivery. At STUCK_LIMIT
     unreaped children call_as fails at once without forking, logged once an interval, until they end."""
-    real_kill, real_fork, held, forked = os.kill, asuser.os.fork, [], []
-
-    def kill(pid: int, sig: int) -> None:  # (SIGKILL held back: the child plays one in an uninterruptible wait)
-        if sig == signal.SIGKILL:
-            held.append(pid)
-        else:
-            real_kill(pid, sig)
-
-    def fork() -> int:
-        pid = real_fork()
-        if pid:
-            forked.append(pid)
-        return pid
-
-    monkeypatch.setattr(asuser.os, "kill", kill)
-    monkeypatch.setattr(asuser.os, "fork", fork)
+    real_kill, held, forked = forker.Child.kill, _held_kills(monkeypatch), _launched(monkeypatch)
     monkeypatch.setattr(asuser, "REAP_WAIT", 0.05)
     monkeypatch.setattr(asuser, "STUCK_LIMIT", 3)
     monkeypatch.setattr(asuser._STUCK, "_logged", -math.inf)  # (a refusal logged by an earlier test: not this one's)
@@ -228,9 +233,9 @@ def test_no_child_is_forked_while_too_many_killed_children_have_not_ended(monkey
         assert len(forked) == 3  # (none forked for the refused calls)
         assert caplog.text.count("read as nobody refused: 3 killed children have not ended") == 1
     finally:
-        for pid in held:
-            real_kill(pid, signal.SIGKILL)
-        for _ in range(400):  # (the reaper threads count them out once they end)
+        for child in held:
+            real_kill(child)
+        for _ in range(400):  # (counted out once the helper reaped them)
             if asuser._STUCK.count == 0:
                 break
             time.sleep(0.025)
@@ -245,43 +250,16 @@ def _writes_nothing(*, writing) -> bytes:
 def test_the_start_timer_is_stopped_before_the_report(monkeypatch):
     """The child's timer runs from the fork; an attempt that ended without writing (a lock found busy) near the
     limit had it still armed while reporting: the alarm cut the report and the parent saw a failed child."""
-    real_send = asuser._send_frame
-
-    def slow_send(fd: int, frame: bytes) -> None:  # (a report written past the child's start limit)
-        time.sleep(0.6)
-        real_send(fd, frame)
-
-    monkeypatch.setattr(asuser, "_send_frame", slow_send)
-    assert asuser.call_as("nobody", "write", _writes_nothing, timeout=0.3, marked=True, then=30, grace=30) == b"busy"
+    late = patched_in_child(sys.modules[__name__], "_writes_nothing", (asuser, "_send_frame", _slow_send))
+    assert asuser.call_as("nobody", "write", late, timeout=0.3, marked=True, then=30, grace=30) == b"busy"
 
 
-def test_a_killed_child_whose_reaper_thread_cannot_start_is_reaped_by_the_caller_and_not_counted(monkeypatch):
-    """The killed child was counted before its reaper thread started: when no thread could start (the process's
-    thread limit) the count was never taken back (STUCK_LIMIT such failures refused every child until a restart),
-    and call_as raised RuntimeError ("unknown mail transport error"). The caller reaps it (it ends 0.3 s after
-    SIGKILL here), it is not counted, and the call fails as a child that never answered."""
-    real_kill = os.kill
+_real_send = asuser._send_frame  # (in the child too: its import of this module comes before the patch)
 
-    def kill(pid: int, sig: int) -> None:  # (SIGKILL late: the child plays one in an uninterruptible wait, a while)
-        if sig == signal.SIGKILL:
-            threading.Timer(0.3, real_kill, (pid, sig)).start()
-        else:
-            real_kill(pid, sig)
 
-    class NoThread(threading.Thread):
-        def start(self):
-            raise RuntimeError("can't start new thread")
-
-    monkeypatch.setattr(asuser.os, "kill", kill)
-    monkeypatch.setattr(asuser, "REAP_WAIT", 0.05)
-    before = asuser._STUCK.count
-    monkeypatch.setattr(asuser.threading, "Thread", NoThread)
-    with pytest.raises(TemporaryError) as failed:
-        asuser.call_as("nobody", "read", _hang, timeout=0.1)
-    monkeypatch.undo()
-    assert (failed.value.dsn, failed.value.text) == (
-        "4.3.0", "cannot read as nobody: no answer within 0.1s, the child was killed")
-    assert asuser._STUCK.count == before
+def _slow_send(fd: int, frame: bytes) -> None:  # (in the child: a report written past its start limit)
+    time.sleep(0.6)
+    _real_send(fd, frame)
 
 
 def _fails_too_big(writing) -> bytes:
@@ -295,28 +273,32 @@ def _has_nothing_to_write(writing) -> bytes:
 def test_an_alarm_after_the_work_ended_keeps_its_result(monkeypatch):
     """The start alarm handled just after the work ended, before ended() disarmed it, replaced the work's own
     result with "not started writing" (an EFBIG, 5.2.2, became 4.3.0). The work's result stands."""
-    real_ended = asuser.Progress.ended
-
-    def alarm_first(self) -> None:  # (in the forked child: the alarm handled at ended()'s first step)
-        self._alarm(signal.SIGALRM, None)
-        real_ended(self)
-
-    monkeypatch.setattr(asuser.Progress, "ended", alarm_first)
+    here = sys.modules[__name__]
     with pytest.raises(PermanentError) as failed:
-        asuser.call_as("nobody", "write", _fails_too_big, timeout=30, marked=True, then=30)
+        asuser.call_as("nobody", "write", patched_in_child(here, "_fails_too_big", _ALARM_FIRST), timeout=30,
+                       marked=True, then=30)
     assert (failed.value.dsn, failed.value.text) == ("5.2.2", "file too big")
-    assert asuser.call_as("nobody", "write", _has_nothing_to_write, timeout=30, marked=True,
-                          then=30) == b"nothing to write"
+    assert asuser.call_as("nobody", "write", patched_in_child(here, "_has_nothing_to_write", _ALARM_FIRST),
+                          timeout=30, marked=True, then=30) == b"nothing to write"
+
+
+_real_ended = asuser.Progress.ended  # (in the child too: its import of this module comes before the patch)
+
+
+def _alarm_first(self) -> None:  # (in the child: the alarm handled at ended()'s first step)
+    self._alarm(signal.SIGALRM, None)
+    _real_ended(self)
+
+
+_ALARM_FIRST = (asuser, "Progress.ended", _alarm_first)
 
 
 def _descriptors() -> bytes:
-    """The child's descriptors past stdin, stdout, stderr and the log handlers' (kept: see the log test below), as
-    what they point to."""
+    """The child's descriptors past stdin, stdout and stderr, as what they point to."""
     names = []
-    logs = set(asuser._log_descriptors())
     for fd in os.listdir("/proc/self/fd"):
         try:
-            names.append(os.readlink(f"/proc/self/fd/{fd}") if int(fd) > 2 and int(fd) not in logs else "")
+            names.append(os.readlink(f"/proc/self/fd/{fd}") if int(fd) > 2 else "")
         except OSError:
             pass  # (listdir's own descriptor, closed by now)
     return "\n".join(n for n in names if n).encode()
@@ -325,7 +307,8 @@ def _descriptors() -> bytes:
 def test_the_child_holds_none_of_the_servers_descriptors(tmp_path):
     """The forked child kept every descriptor of the server: the queue's lock, the listening sockets, clients'
     connections. A child stuck on a hung mount then kept a restarted server from locking the queue and binding
-    its port for as long. It keeps only its report pipe now."""
+    its port for as long. It keeps only its own socket now; the helper that forks it (started here, after they were
+    opened) holds none of them either."""
     import fcntl
     import socket
     lock_path = tmp_path / "queue.lock"
@@ -333,8 +316,24 @@ def test_the_child_holds_none_of_the_servers_descriptors(tmp_path):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         listener.bind(("127.0.0.1", 0))
         listener.listen()
+        asuser.stop_helper()
         held = asuser.call_as("nobody", "look", _descriptors, timeout=30).decode().split("\n")
-    assert len(held) == 1 and held[0].startswith("pipe:"), held  # (the report pipe only)
+        listening = f"socket:[{os.fstat(listener.fileno()).st_ino}]"
+        helper = asuser._FORKER.pid
+        assert helper is not None
+        helpers = _opened_by(helper)
+    assert len(held) == 1 and held[0].startswith("socket:"), held  # (its own socket to the caller only)
+    assert str(lock_path) not in helpers and listening not in helpers, helpers  # (nor has the helper)
+
+
+def _opened_by(pid: int) -> list[str]:
+    names = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            names.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:  # (a call's socket the helper closed meanwhile)
+            pass
+    return names
 
 
 def test_the_child_keeps_the_descriptors_it_is_given_and_reads_through_them(tmp_path):
@@ -368,18 +367,133 @@ def _log_after_opening() -> bytes:
         return b"pipe:"
 
 
-def test_the_childs_log_lines_go_to_the_servers_log_never_into_a_file_it_opened(tmp_path):
+def test_the_childs_log_lines_go_to_the_servers_log_never_into_a_file_it_opened(caplog):
     """The child closed every descriptor but its report pipe, its log handlers' too: a line it logged (a stale
     dotlock removed) was lost, or written into the file it had opened at the handler's old number (a mailbox).
-    The handlers' descriptors are kept: the line reaches the log, never the child's own file."""
-    log_file = tmp_path / "server.log"
-    handler = logging.FileHandler(log_file)
-    logger = logging.getLogger("tests.asuser.child")
-    logger.addHandler(handler)
-    logger.propagate = False
-    try:
+    Its lines come to the caller as frames, which logs them (through the handlers the server has now: a descriptor
+    inherited from the helper's start would be stale after a logrotate): never into the child's own file."""
+    with caplog.at_level(logging.INFO, logger="mailflow.local"):
         assert asuser.call_as("nobody", "log", _log_after_opening, timeout=30) == b"pipe:"
+        assert asuser.call_as("nobody", "log", _log_after_opening, timeout=30, queue_id="4Q1D") == b"pipe:"
+    lines = [(r.name, r.levelno, r.getMessage()) for r in caplog.records if "a line from the child" in r.getMessage()]
+    assert lines == [("mailflow.local", logging.WARNING, "a line from the child"),
+                     ("mailflow.local", logging.WARNING, "4Q1D: a line from the child")]
+
+
+INFLATED = 768 * 1024 * 1024  # bytes of RSS the server is given before it delivers as a user
+CALLS = 20
+LOST_PER_CALL = 0.005  # s of the loop's time a call may cost (a fork of that much cost it 25-70 ms, and more)
+
+
+def test_a_call_as_a_user_does_not_fork_a_big_server_on_its_loop():
+    """Each call forked the whole server from a worker thread: the page tables copied with the GIL held, then
+    copy-on-write faults while the child lived; at 768 MB of RSS the event loop lost tens of milliseconds a call.
+    The children are forked by the helper, a small interpreter of its own: the loop loses no more than a loaded
+    machine's noise, whatever the server's size. (Bounded generously.)"""
+    asuser.call_as("nobody", "say", _answer, "first", timeout=30)  # (the helper started: not a call's cost)
+    inflated = bytearray(INFLATED)
+    for page in range(0, INFLATED, 4096):
+        inflated[page] = 1
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+    watch = LoopWatch(loop, threshold=0.005)
+    try:
+        for _ in range(CALLS):
+            said = asyncio.run_coroutine_threadsafe(
+                asyncio.to_thread(asuser.call_as, "nobody", "say", _answer, "hi", timeout=30), loop).result(30)
+            assert said == f"{pwd.getpwnam('nobody').pw_uid} hi".encode()
+            time.sleep(0.02)  # (the copy-on-write faults of a fork land while its child lives, and after)
     finally:
-        logger.removeHandler(handler)
-        handler.close()
-    assert "a line from the child" in log_file.read_text()
+        watch.close()
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(10)
+        loop.close()
+    del inflated
+    lost = sum(seconds for seconds, _ in watch.stalls)
+    assert lost < CALLS * LOST_PER_CALL, watch.stalls
+
+
+def test_the_helper_dying_mid_call_fails_the_call_and_the_next_call_starts_another(monkeypatch, caplog):
+    """The helper killed (the OOM killer) while a child it forked works: the call fails 4.3.0 at once (its child
+    is told by SIGALRM, PR_SET_PDEATHSIG, and ends: it never writes on unsupervised), and the next call starts a
+    new helper, logged once."""
+    launched = _launched(monkeypatch)
+    monkeypatch.setattr(asuser._FORKER, "_logged", -math.inf)  # (a restart logged by an earlier test: not ours)
+    failures: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            asuser.call_as("nobody", "read", _hang, timeout=60)
+        except BaseException as e:  # noqa: BLE001 - what the call raised, for the assertions
+            failures.append(e)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    for _ in range(400):
+        if launched:
+            break
+        time.sleep(0.025)
+    helper = asuser._FORKER.pid
+    assert helper is not None and launched
+    started = time.monotonic()
+    os.kill(helper, signal.SIGKILL)
+    caller.join(10)
+    assert not caller.is_alive() and time.monotonic() - started < 5
+    [failed] = failures
+    assert isinstance(failed, TemporaryError)
+    assert (failed.dsn, failed.text) == ("4.3.0", "cannot read as nobody: the helper forking its children ended")
+    assert _gone(launched[0].pid)
+    assert asuser.call_as("nobody", "say", _answer, "again", timeout=30).endswith(b" again")
+    assert asuser._FORKER.pid not in (None, helper)
+    assert caplog.text.count("started again") == 1
+
+
+def _writes_slowly(*, writing) -> bytes:
+    for _ in range(10):
+        writing()
+        time.sleep(0.1)
+    writing.ended()
+    return b"done"
+
+
+def test_the_servers_stop_lets_a_call_in_flight_end_and_ends_the_helper():
+    """stop_helper (the server's stop) with a child writing: the helper takes no more requests, waits for its
+    child, whose call gets its answer, and exits; the next call starts another."""
+    asuser.call_as("nobody", "say", _answer, "first", timeout=30)
+    helper = asuser._FORKER.pid
+    answers: list[bytes] = []
+    caller = threading.Thread(target=lambda: answers.append(
+        asuser.call_as("nobody", "write", _writes_slowly, timeout=30, marked=True, then=30)))
+    caller.start()
+    time.sleep(0.3)  # (the child writing)
+    started = time.monotonic()
+    asuser.stop_helper()
+    assert time.monotonic() - started < forker.STOP_WAIT
+    caller.join(10)
+    assert answers == [b"done"]
+    assert helper is not None and _gone(helper)
+    assert asuser.call_as("nobody", "say", _answer, "again", timeout=30).endswith(b" again")
+
+
+def test_a_descriptor_above_1024_is_kept_at_its_number(tmp_path):
+    """The descriptors of a busy server go past 1024 (select's limit): one of them given to the child is read
+    through, at its number; more than MAX_KEEP are refused, not cut short."""
+    secret = tmp_path / "content"
+    secret.write_bytes(b"queued bytes")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1600:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1600, hard), hard))
+    fd = os.open(secret, os.O_RDONLY)
+    high = fcntl.fcntl(fd, fcntl.F_DUPFD, 1500)
+    os.close(fd)
+    try:
+        assert asuser.call_as("nobody", "read", os.pread, high, 100, 0, timeout=30, keep=(high,)) == b"queued bytes"
+        many = (high,) * (asuser.MAX_KEEP + 1)
+        with pytest.raises(TemporaryError) as failed:
+            asuser.call_as("nobody", "read", os.pread, high, 100, 0, timeout=30, keep=many)
+        assert failed.value.text == f"cannot read as nobody: {len(many)} descriptors to keep, at most {asuser.MAX_KEEP}"
+    finally:
+        os.close(high)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+

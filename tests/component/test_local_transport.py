@@ -22,6 +22,9 @@ import re
 import os
 import pwd
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -40,10 +43,11 @@ from mailflow.transports.local import aliasing
 from mailflow.transports.local.aliasing import LocalExpander
 from mailflow.routing.rewrite import Rewriter
 from mailflow.transports import maildir
-from mailflow.transports.local import agent, mbox
+from mailflow.transports.local import agent, maildir_file, mbox
 from mailflow.transports.local.agent import LocalTransport
 from mailflow.transports.maildir import MaildirWriter
 from tests.support import big_message, spooled
+from tests.support.inchild import patched_in_child
 
 SENDER = "sender@remote.test"
 CONTENT = b"From: sender@remote.test\r\nSubject: hello\r\n\r\nline one\r\nline two\r\n"
@@ -807,11 +811,7 @@ async def test_a_file_append_whose_open_never_answers_is_stopped_and_defers(tmp_
     held its thread for ever. Its child stops itself when it has not started writing within FILE_START_TIMEOUT (and
     is killed when even that does not end it: tests/component/test_asuser.py)."""
     monkeypatch.setattr(mbox, "FILE_START_TIMEOUT", 0.5)
-
-    def never_answers(*args):  # (in the forked child)
-        time.sleep(3600)
-
-    monkeypatch.setattr(mbox, "_open_mailbox", never_answers)
+    monkeypatch.setattr(mbox, "_appended", patched_in_child(mbox, "_appended", (mbox, "_open_mailbox", _sleeps)))
     t = transport(tmp_path, f"keep: {public_dir / 'hung.mbox'}\n")
     try:
         [result] = (await asyncio.wait_for(t.deliver(request("keep@example.test")), 10)).results
@@ -819,6 +819,38 @@ async def test_a_file_append_whose_open_never_answers_is_stopped_and_defers(tmp_
         await t.close()
     assert (result.outcome, result.dsn) == (Outcome.DEFERRED, "4.3.0"), result
     assert result.text.endswith(": cannot write as nobody: not started writing within 0.5s"), result
+
+
+def _sleeps(*args):  # (in call_as's child, sent by name)
+    time.sleep(3600)
+
+
+def _stops_mid_line(*args, **kwargs):  # (consumed in call_as's child, as it writes: sent by name)
+    yield next(iter(mbox.mbox_entry(*args, **kwargs)))  # the From_ line
+    yield b"Return-Path: <half"
+    time.sleep(3600)  # (a write that never returns)
+
+
+_real_encode = maildir.encode  # (in the child too: its import of this module comes before the patch)
+
+
+def _stops_mid_message(*args, **kwargs):  # (consumed in call_as's child, as it writes: sent by name)
+    yield next(iter(_real_encode(*args, **kwargs)))
+    time.sleep(3600)  # (a write that never returns)
+
+
+def _fails_mid_line(*args, **kwargs):  # (consumed in call_as's child, as it writes: sent by name)
+    yield next(iter(mbox.mbox_entry(*args, **kwargs)))
+    yield b"Return-Path: <half"
+    raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+_real_truncate = mbox._truncate  # (in the child too: its import of this module comes before the patch)
+
+
+def _slow_truncate(*args):  # (in call_as's child: a roll back that takes longer than the limit)
+    time.sleep(0.8)
+    _real_truncate(*args)
 
 
 async def test_close_waits_within_its_bound_for_a_file_append_whose_delivery_was_cancelled(tmp_path, public_dir,
@@ -868,13 +900,7 @@ async def test_a_file_append_that_stops_mid_write_is_rolled_back_and_the_retry_w
     archive.chmod(0o666)
     before = archive.read_bytes()
     real_entry = agent.mbox_entry
-
-    def stops_mid_line(*args, **kwargs):  # (consumed in the forked child, as it writes)
-        yield next(iter(real_entry(*args, **kwargs)))  # the From_ line
-        yield b"Return-Path: <half"
-        time.sleep(3600)  # (a write that never returns)
-
-    monkeypatch.setattr(agent, "mbox_entry", stops_mid_line)
+    monkeypatch.setattr(agent, "mbox_entry", _stops_mid_line)
     t = transport(tmp_path, f"keep: {archive}\n", command_time_limit=0.5)  # (default locks: fcntl, dotlock)
     try:
         for _ in range(3):  # (more than the FILE_WRITERS threads)
@@ -900,13 +926,9 @@ async def test_a_maildir_file_write_that_stops_is_removed_from_tmp_and_the_retry
     """A /dir/ destination's child is a /file append's: hung mid-write, its own timer stops it after
     command_time_limit (4.3.0), the partial file is removed from tmp/, nothing reaches new/; the retry delivers."""
     box = public_dir / "box"
-    real_encode = maildir.encode
-
-    def stops_mid_message(*args, **kwargs):  # (consumed in the forked child, as it writes)
-        yield next(iter(real_encode(*args, **kwargs)))
-        time.sleep(3600)  # (a write that never returns)
-
-    monkeypatch.setattr(maildir, "encode", stops_mid_message)
+    real_written = maildir_file._written
+    monkeypatch.setattr(maildir_file, "_written", patched_in_child(maildir_file, "_written",
+                                                                   (maildir, "encode", _stops_mid_message)))
     t = transport(tmp_path, f"keep: {box}/\n", command_time_limit=0.5)
     try:
         started = time.monotonic()
@@ -915,7 +937,7 @@ async def test_a_maildir_file_write_that_stops_is_removed_from_tmp_and_the_retry
             Outcome.DEFERRED, "4.3.0", "cannot write as nobody: writing made no progress for 0.5s"), result
         assert time.monotonic() - started < 5
         assert not list((box / "tmp").iterdir()) and not list((box / "new").iterdir())
-        monkeypatch.setattr(maildir, "encode", real_encode)
+        monkeypatch.setattr(maildir_file, "_written", real_written)
         [result] = (await asyncio.wait_for(t.deliver(request("keep@example.test")), 10)).results
         assert result.outcome is Outcome.SENT, result
     finally:
@@ -931,19 +953,8 @@ async def test_a_failed_file_append_is_rolled_back_whole_even_past_the_write_lim
     archive = public_dir / "keep.mbox"
     archive.write_bytes(b"")
     archive.chmod(0o666)
-    real_entry, real_truncate = agent.mbox_entry, mbox._truncate
-
-    def fails_mid_line(*args, **kwargs):  # (consumed in the forked child, as it writes)
-        yield next(iter(real_entry(*args, **kwargs)))
-        yield b"Return-Path: <half"
-        raise OSError(errno.EIO, os.strerror(errno.EIO))
-
-    def slow_truncate(*args):  # (a roll back that takes longer than the limit)
-        time.sleep(0.8)
-        real_truncate(*args)
-
-    monkeypatch.setattr(agent, "mbox_entry", fails_mid_line)
-    monkeypatch.setattr(mbox, "_truncate", slow_truncate)
+    monkeypatch.setattr(agent, "mbox_entry", _fails_mid_line)
+    monkeypatch.setattr(mbox, "_appended", patched_in_child(mbox, "_appended", (mbox, "_truncate", _slow_truncate)))
     t = transport(tmp_path, f"keep: {archive}\n", command_time_limit=0.5)
     try:
         [result] = (await asyncio.wait_for(t.deliver(request("keep@example.test")), 10)).results
@@ -967,19 +978,24 @@ async def test_a_write_failing_after_the_limit_passed_is_rolled_back(public_dir)
     archive.write_bytes(before)
     archive.chmod(0o666)
 
-    def entry():  # (consumed in the forked child, as it writes)
+    with pytest.raises(TemporaryError) as failed:
+        await asyncio.wait_for(mbox.append_mbox(archive, _BlockedEntry(), user="nobody", write_limit=0.3,
+                                                create_parents=False), 20)
+    assert (failed.value.dsn, failed.value.text) == (
+        "4.3.0", "cannot write as nobody: writing made no progress for 0.3s")
+    assert archive.read_bytes() == before
+    assert not mbox.dotlock_path(archive).exists()
+
+
+class _BlockedEntry:
+    """An entry consumed in call_as's child (sent pickled, by its class's name) whose third write blocks."""
+
+    def __iter__(self):
         yield b"From a@x  Sun Dec  6 10:00:00 2026\n"
         yield b"Return-Path: <half"
         blocked = ctypes.CDLL(None).sleep
         blocked.argtypes, blocked.restype = [ctypes.c_uint], os.close
         blocked(500)
-
-    with pytest.raises(TemporaryError) as failed:
-        await asyncio.wait_for(mbox.append_mbox(archive, entry(), user="nobody", write_limit=0.3,
-                                                create_parents=False), 20)
-    assert failed.value.dsn == "4.3.0"
-    assert archive.read_bytes() == before
-    assert not mbox.dotlock_path(archive).exists()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a /file is written by a child as the user only as root")
@@ -991,10 +1007,8 @@ async def test_a_file_append_hung_after_its_dotlock_before_writing_removes_the_d
     archive.write_bytes(b"")
     archive.chmod(0o666)
 
-    def hangs(*args):  # (in the forked child, after the dotlock was made)
-        time.sleep(3600)
-
-    monkeypatch.setattr(mbox, "_check_still_the_mailbox", hangs)
+    monkeypatch.setattr(mbox, "_appended", patched_in_child(mbox, "_appended",
+                                                            (mbox, "_check_still_the_mailbox", _sleeps)))
     monkeypatch.setattr(mbox, "FILE_START_TIMEOUT", 0.3)
     started = time.monotonic()
     with pytest.raises(TemporaryError) as failed:
@@ -1014,15 +1028,7 @@ async def test_a_file_append_hung_closing_its_new_dotlock_removes_the_dotlock(pu
     archive = public_dir / "keep.mbox"
     archive.write_bytes(b"")
     archive.chmod(0o666)
-    real_close = os.close
-
-    def close(fd):  # (in the forked child: the close of the new lock file never returns)
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/self/fd/{fd}").endswith(".lock"):
-                time.sleep(3600)
-        real_close(fd)
-
-    monkeypatch.setattr(mbox.os, "close", close)
+    monkeypatch.setattr(mbox, "_appended", patched_in_child(mbox, "_appended", (mbox, "os", _HangingLockClose())))
     monkeypatch.setattr(mbox, "FILE_START_TIMEOUT", 0.3)
     started = time.monotonic()
     with pytest.raises(TemporaryError) as failed:
@@ -1032,6 +1038,21 @@ async def test_a_file_append_hung_closing_its_new_dotlock_removes_the_dotlock(pu
     assert (failed.value.dsn, failed.value.text) == ("4.3.0", "cannot write as nobody: not started writing within 0.3s")
     assert not mbox.dotlock_path(archive).exists()
     assert archive.read_bytes() == b""
+
+
+class _HangingLockClose:
+    """In call_as's child, mbox's `os` (sent pickled, by its class's name): the close of a new lock file never
+    returns."""
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    @staticmethod
+    def close(fd):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}").endswith(".lock"):
+                time.sleep(3600)
+        os.close(fd)
 
 
 async def test_an_expansion_stuck_in_a_read_does_not_keep_the_stopped_server_alive(tmp_path):
@@ -1094,3 +1115,54 @@ async def test_as_root_a_big_message_in_a_root_only_spool_file_is_written_to_a_f
         == (public_dir / "small.mbox").read_bytes()
     assert mbox.mboxrd_unquote(written).endswith(data.replace(b"\r\n", b"\n") + b"\n")
     assert (public_dir / "big.mbox").stat().st_uid == pwd.getpwnam("nobody").pw_uid
+
+
+_SERVER = """import asyncio, sys
+from pathlib import Path
+from mailflow.transports.local import mbox
+from tests.support.inchild import SlowEntry
+asyncio.run(mbox.append_mbox(Path(sys.argv[1]), SlowEntry(sys.argv[2]), user="nobody", write_limit=30,
+                             create_parents=False))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a /file is written by a child as the user only as root")
+def test_a_kill_of_the_servers_process_group_mid_append_leaves_the_file_whole_or_as_it_was(public_dir):
+    """systemd and docker stop a server with SIGTERM to its whole process group: the child appending a /file as
+    the user, forked from the server, was in it and died mid-write (the partial entry stayed, the next From_ line
+    glued onto it). The helper and its children ignore it: the child, its caller gone, rolls its append back (or
+    had finished it), removes its dotlock and ends; then the helper ends too."""
+    archive = public_dir / "keep.mbox"
+    before = b"From old@x  Sun Dec  6 10:00:00 2026\nSubject: old\n\nold\n\n"
+    archive.write_bytes(before)
+    archive.chmod(0o666)
+    marker = public_dir / "marker"
+    server = subprocess.Popen([sys.executable, "-c", _SERVER, str(archive), str(marker)], start_new_session=True)
+    try:
+        for _ in range(1200):  # (two interpreters start: seconds on a loaded machine)
+            if marker.exists() and marker.read_text():
+                break
+            time.sleep(0.025)
+        else:
+            pytest.fail("the child never started writing")
+        child, parent = (int(pid) for pid in marker.read_text().split())
+        time.sleep(0.5)  # (mid-append: a piece or two written)
+        os.killpg(server.pid, signal.SIGTERM)
+        assert server.wait(10) != 0
+        for pid in (child, parent):  # (each ended: the child within its work, the helper once it had)
+            for _ in range(1200):
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.025)
+            else:
+                pytest.fail(f"{pid} outlived the server")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait(10)
+    written = archive.read_bytes()
+    assert written == before or (written.startswith(before) and written.endswith(b"9" * 200_000 + b"\n\n")), \
+        written[len(before):len(before) + 200]
+    assert not mbox.dotlock_path(archive).exists()

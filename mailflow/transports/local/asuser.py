@@ -1,64 +1,91 @@
-"""Work done with another user's rights, without this process ever changing identity.
+"""Work done with another user's rights, without this process ever changing identity, or forking itself for it.
 
     call_as(user, doing, fn, *args, timeout=CALL_AS_TIMEOUT, marked=False, then=None, grace=KILL_GRACE,
-            keep=()) -> bytes
-                                                fn(*args) in a child forked for it, running with `user`'s uid, gid
-                                                and groups; its bytes come back over a pipe within `timeout` s;
+            keep=(), queue_id="") -> bytes
+                                                fn(*args) in a child forked for it by the helper (below), running
+                                                with `user`'s uid, gid and groups; its bytes come back over a socket
+                                                within `timeout` s;
                                                 `marked`: fn(*args, writing=progress) (a Progress): from the
                                                 child's first progress() on, `timeout` is over and the limit is
                                                 `then` s without a progress() (None: no limit), see below;
-                                                `keep`: descriptors of this process the child keeps open (a
-                                                message's content files, Content.held: the user may not open them)
+                                                `keep`: descriptors of this process the child keeps open, at the same
+                                                numbers (a message's content files, Content.held: the user may not
+                                                open them), MAX_KEEP at most; `queue_id`: what the child's log lines
+                                                are keyed by
     rights_for(rights, default_privs) -> str | None   whose rights a command, file or :include: of local delivery
                                                 uses: as root `rights` (a .forward's system user) or else
                                                 `default_privs`, never root's; not as root, None (mailflow's own)
+    stop_helper()                               the helper told to end (the server's stop; blocks up to
+                                                forker.STOP_WAIT s: call it off the event loop)
 
-The child closes every descriptor it inherited but stdin, stdout, stderr, its report pipe and `keep` (the queue's
-lock, listening sockets, clients' connections: a child stuck on a hung mount must not keep a restarted server from
-the queue or its ports), switches identity, calls `fn`, writes what it returned (or the error it raised) to the
-pipe and exits; it touches nothing else, so no lock another thread of this process holds can matter to it. Call
-it from a worker thread (asyncio.to_thread): the parent blocks until the child is done, or `timeout` seconds at most (a
-.forward on a hung NFS home, or a FUSE file the user serves itself, never answers): then the child is killed
-(SIGKILL) and the call fails; `timeout` None: no limit. The report is framed by its length, so the parent
-never waits for an end of file that a sibling child (forked by another thread while this pipe was open) could
-hold back; a report already in the pipe when a deadline passes is read, not lost (a child that ended right at
-the limit is not reported as failed).
+The children are forked by a small process of its own (forker.Forker: a fresh interpreter, started at the first
+call, and again after it ended), never by the server: a fork copies the forking process's page tables with the GIL
+held, and the forking process takes copy-on-write faults for as long as its child lives; forked from the server,
+each call held its event loop for 3-50 ms, more the bigger the server. `fn` and `args` go to the child pickled (a
+module's function, by name: the helper imports its module once; a local function or a generator cannot be sent:
+4.3.0), with the descriptors (SCM_RIGHTS): its socket and `keep`. A child's log lines come back as frames on its
+socket, logged here (after `queue_id`): a log descriptor it inherited would go stale after a logrotate.
+
+The child closes every descriptor it got but stdin, stdout, stderr, its socket and `keep` (put back at this
+process's numbers): the helper's and other children's; the helper never had the queue's lock, listening sockets or
+clients' connections (a child stuck on a hung mount must not keep a restarted server from the queue or its
+ports). It switches identity, calls `fn`, writes what it returned (or the error it raised) to its socket and
+exits; it touches nothing else. Call it from a worker thread (asyncio.to_thread): the caller blocks until the child
+is done, or `timeout` seconds at most (a .forward on a hung NFS home, or a FUSE file the user serves itself, never
+answers): then the child is killed (SIGKILL, by the helper, through its pidfd: never a process that took a reaped
+child's number) and the call fails; `timeout` None: no limit. The report is framed by its length; a report already
+in the socket when a deadline passes is read, not lost (a child that ended right at the limit is not reported as
+failed).
 
 A marked child's limit is its own first: `fn` calls progress() when it starts writing and after each piece it
 wrote, and progress.ended() once its work is safe (its last fsync returned). `then` s without a progress(), a
 SIGALRM in the child raises TemporaryError 4.3.0 out of what `fn` was doing, so `fn`'s own failure path runs (the
-mbox append truncates the file back and removes its dotlock) and the child reports that error. The parent kills
-it (SIGKILL) only as a last resort: when no progress was heard for `then` + `grace` s (a write in an
-uninterruptible wait, where no handler runs; what it wrote then stays). The child tells the parent of its
-progress at most every `grace`/2 s (a frame in the pipe), so it always has `grace`/2 s to undo its work. With
-`then`, the child's timer runs from the fork too: `timeout` s without a first progress() raise TemporaryError 4.3.0
-(`cannot DOING as USER: not started writing within Ns`) out of what it was doing (a stat hung after the dotlock was
-made: its failure path removes the dotlock), and the parent kills it only `grace` s after `timeout`.
+mbox append truncates the file back and removes its dotlock) and the child reports that error. The caller has it
+killed (SIGKILL) only as a last resort: when no progress was heard for `then` + `grace` s (a write in an
+uninterruptible wait, where no handler runs; what it wrote then stays). The child tells the caller of its
+progress at most every `grace`/2 s (a frame on its socket), so it always has `grace`/2 s to undo its work. With
+`then`, the child's timer runs from its start too: `timeout` s without a first progress() raise TemporaryError
+4.3.0 (`cannot DOING as USER: not started writing within Ns`) out of what it was doing (a stat hung after the
+dotlock was made: its failure path removes the dotlock), and the caller has it killed only `grace` s after
+`timeout`. The helper and its children ignore SIGTERM, SIGINT and SIGHUP: a stop of the server's process group
+(systemd, docker) does not end a child mid-append: one whose caller is gone ends its work, or rolls it back when
+its next progress frame finds no reader, and the helper ends once its children have (forker's docstring).
 
-A killed child is reaped within REAP_WAIT s (waitpid WNOHANG); one that still has not ended (a wait the kernel
-does not interrupt, even for SIGKILL) is logged and left to a daemon thread that reaps it when it ends: the
-caller's thread is freed either way. Such children are counted (process-wide: they are this process's children,
-whoever forked them): while STUCK_LIMIT of them are unreaped (each a process, and a thread), call_as forks no
-more and fails at once, logged once every STUCK_LOG_EVERY s (every
-retry of every message to a file on a hung mount would add one, until fork or thread creation failed for all).
+A killed child is reaped by the helper; one the helper has not reaped within REAP_WAIT s (a wait the kernel does
+not interrupt, even for SIGKILL), or one that reported but has not ended within REAP_WAIT s, is logged and counted
+until the helper says it ended: the caller's thread is freed either way. While STUCK_LIMIT of them are counted
+(process-wide), call_as starts no more children and fails at once, logged once every STUCK_LOG_EVERY s (every retry
+of every message to a file on a hung mount would add one, until the helper could fork no more).
+
+The helper ending (killed, out of memory) under a call: its children get SIGALRM (PR_SET_PDEATHSIG: a marked one's
+work rolls back, a read ends), the calls fail 4.3.0 unless their child still reported whole, and the next call
+starts a new helper (logged once every forker.RESTART_LOG_EVERY s). It ends after the server too (its request
+socket's end of file), once its children have: it never outlives them, nor they their limits.
 
 Failure behaviour: `TemporaryError` 4.3.0 when `user` does not exist or is root (`refusing to DOING as USER: uid
 0`), when the child gave no answer within `timeout` (`cannot DOING as USER: no answer within Ns, the child was
 killed`, N: `timeout` + `grace` for a marked child with `then`; past `then` + `grace` after a progress(): `cannot
 DOING as USER: writing made no progress for Ns, nor ended Gs later, the child was killed`), when the child stopped
 itself (`… not started writing within Ns`, `… writing made no progress for Ns`), when `fn` raised anything but a
-DeliveryError (`cannot DOING as USER: reason`), or when STUCK_LIMIT killed children have not ended (`cannot DOING as
-USER: N children stuck in uninterruptible waits`, no child forked); a DeliveryError raised by
-`fn` is raised again here with its permanence, status and text.
+DeliveryError (`cannot DOING as USER: reason`), when `fn` or `args` cannot be pickled (`cannot DOING as USER:
+reason`), when the helper ended under the call (`cannot DOING as USER: the helper forking its children ended`), did
+not answer (`… did not answer within Ns`) or could not fork (`… cannot start the child: reason`), when `keep` is
+longer than MAX_KEEP (`cannot DOING as USER: N descriptors to keep, at most M`), or when STUCK_LIMIT killed
+children have not ended (`cannot DOING as USER: N children stuck in uninterruptible waits`, no child started); a
+DeliveryError raised by `fn` is raised again here with its permanence, status and text.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import math
 import os
+import pickle
 import pwd
 import select
 import signal
+import socket
 import struct
 import threading
 import time
@@ -66,16 +93,19 @@ from functools import partial
 from typing import Callable
 
 from mailflow.errors import DeliveryError, PermanentError, TemporaryError
+from mailflow.transports.local.forker import MAX_FDS, Child, Forker, HelperGone, die_with_parent
 
 log = logging.getLogger("mailflow.local")
 
 RESULT, DELIVERY_ERROR, OTHER_ERROR = b"R", b"D", b"E"
 MARK = b"M"  # a frame of its own, before the report: a marked child's progress (`marked`)
+LOG = b"L"  # a frame of its own, before the report: a line the child logged, its level first
 CALL_AS_TIMEOUT = 60.0  # seconds a child may take (a .forward or :include: read: milliseconds when all is well)
-KILL_GRACE = 30.0  # seconds past a marked child's own limit before the parent kills it (it undoes its work meanwhile)
-REAP_WAIT = 2.0  # seconds a killed child is waited for before it is left to a reaper thread
-STUCK_LIMIT = 8  # killed children not yet ended (left to reaper threads) past which no child is forked
+KILL_GRACE = 30.0  # seconds past a marked child's own limit before the caller kills it (it undoes its work meanwhile)
+REAP_WAIT = 2.0  # seconds a killed (or reported) child is waited for before it is counted as stuck
+STUCK_LIMIT = 8  # children counted as stuck past which no child is started
 STUCK_LOG_EVERY = 60.0  # seconds between two logs of a call refused for them
+MAX_KEEP = MAX_FDS - 2  # descriptors a child may keep (`keep`; its socket and its control socket go with them)
 _LENGTH = struct.Struct("!Q")  # the report's length, before it
 
 
@@ -86,7 +116,7 @@ def rights_for(rights: str | None, default_privs: str) -> str | None:
 
 def call_as(user: str, doing: str, fn: Callable[..., bytes], *args,
             timeout: float | None = CALL_AS_TIMEOUT, marked: bool = False, then: float | None = None,
-            grace: float = KILL_GRACE, keep: tuple[int, ...] = ()) -> bytes:
+            grace: float = KILL_GRACE, keep: tuple[int, ...] = (), queue_id: str = "") -> bytes:
     """See the module docstring."""
     try:
         pw = pwd.getpwnam(user)
@@ -94,46 +124,39 @@ def call_as(user: str, doing: str, fn: Callable[..., bytes], *args,
         raise TemporaryError("4.3.0", f"cannot {doing} as {user}: no such user") from None
     if pw.pw_uid == 0:
         raise TemporaryError("4.3.0", f"refusing to {doing} as {user}: uid 0")
-    _STUCK.refuse_when_full(f"{doing} as {user}")
-    groups = os.getgrouplist(user, pw.pw_gid)
-    logs = _log_descriptors()
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: switch identity, call, report, exit
-        _keep_only(write_end, *keep, *logs)
-
-        def work() -> bytes:  # (a Progress made here: whatever it raises is reported, and the child exits)
-            if not marked:
-                return _switched(groups, pw.pw_gid, pw.pw_uid, fn, args)
-            stalled = f"cannot {doing} as {user}: writing made no progress for {then or 0:g}s"
-            late = f"cannot {doing} as {user}: not started writing within {timeout or 0:g}s"
-            progress = Progress(write_end, then, grace, stalled, timeout, late)
-            try:
-                return _switched(groups, pw.pw_gid, pw.pw_uid, partial(fn, writing=progress), args)
-            finally:  # (the timer stopped before the report: an attempt that wrote nothing may end near the limit)
-                try:
-                    progress.ended()
-                except TemporaryError:  # its alarm came after the work ended, before ended() disarmed it: the
-                    progress.ended()    # work's own result stands (an EFBIG stays 5.2.2), the timer is stopped
-
-        _report_and_exit(write_end, work)
-    os.close(write_end)
-    try:
-        first = None if timeout is None else timeout + (grace if marked and then is not None else 0)
-        report = _framed_report(read_end, None if first is None else time.monotonic() + first,
-                                None if then is None else then + grace)
-    finally:
-        os.close(read_end)
+    what = f"{doing} as {user}"
+    if len(keep) > MAX_KEEP:
+        raise TemporaryError("4.3.0", f"cannot {what}: {len(keep)} descriptors to keep, at most {MAX_KEEP}")
+    _STUCK.refuse_when_full(what)
+    first = None if timeout is None else timeout + (grace if marked and then is not None else 0)
+    after_mark = None if then is None else then + grace
+    order = _pickled(what, keep, os.getgrouplist(user, pw.pw_gid), pw.pw_gid, pw.pw_uid, doing, user, fn, args,
+                     timeout, marked, then, grace)
+    work, child_end = socket.socketpair()
+    with contextlib.closing(work):
+        try:
+            child = _launched(what, (child_end.fileno(), *keep), _modules_of(fn, args), first, after_mark)
+        finally:
+            child_end.close()
+        try:
+            report = _answer(work.fileno(), order, first, after_mark, queue_id)
+        except BaseException:
+            child.kill()
+            child.close()
+            raise
     if report is None or report == MARK:  # past a deadline: the child is killed (a hung read ends with SIGKILL)
-        os.kill(pid, signal.SIGKILL)
-        _reap(pid, f"{doing} as {user}")
+        child.kill()
+        _reap(child, what, "SIGKILL")
         if report == MARK:
-            raise TemporaryError("4.3.0", f"cannot {doing} as {user}: writing made no progress for {then:g}s, nor "
-                                          f"ended {grace:g}s later, the child was killed")
-        raise TemporaryError("4.3.0", f"cannot {doing} as {user}: no answer within {first:g}s, the child was killed")
-    _, status = os.waitpid(pid, 0)
+            raise TemporaryError("4.3.0", f"cannot {what}: writing made no progress for {then:g}s, nor ended "
+                                          f"{grace:g}s later, the child was killed")
+        raise TemporaryError("4.3.0", f"cannot {what}: no answer within {first:g}s, the child was killed")
+    status = _reap(child, what, "its report")
+    if not report:
+        reason = "the helper forking its children ended" if status is None else "the child process failed"
+        raise TemporaryError("4.3.0", f"cannot {what}: {reason}")
     kind, data = report[:1], report[1:]
-    if os.waitstatus_to_exitcode(status) != 0:  # killed while it wrote: its report may be cut short
+    if status is not None and os.waitstatus_to_exitcode(status) != 0:  # killed while it wrote: its report may lie
         kind = b""
     if kind == RESULT:
         return data
@@ -141,7 +164,66 @@ def call_as(user: str, doing: str, fn: Callable[..., bytes], *args,
         permanence, dsn, text = data.decode("utf-8", "replace").split(" ", 2)
         raise (PermanentError if permanence == "P" else TemporaryError)(dsn, text)
     reason = data.decode("utf-8", "replace") if kind == OTHER_ERROR else "the child process failed"
-    raise TemporaryError("4.3.0", f"cannot {doing} as {user}: {reason}")
+    raise TemporaryError("4.3.0", f"cannot {what}: {reason}")
+
+
+def _pickled(what: str, *order) -> bytes:
+    """The child's order (see child_main); TemporaryError 4.3.0 when `fn` or its arguments cannot be sent."""
+    try:
+        return pickle.dumps(order, pickle.HIGHEST_PROTOCOL)
+    except Exception as e:  # noqa: BLE001 - pickle raises what the object's reduction raises
+        raise TemporaryError("4.3.0", f"cannot {what}: {e}") from None
+
+
+def _launched(what: str, fds: tuple[int, ...], modules: tuple[str, ...], first: float | None,
+              after_mark: float | None) -> Child:
+    """A child of the helper given `fds`; TemporaryError 4.3.0 when the helper is gone (started again next time),
+    refused the child, or `fds` are too many."""
+    try:
+        return _FORKER.launch(fds, modules, first, after_mark)
+    except (HelperGone, OSError, ValueError) as e:
+        raise TemporaryError("4.3.0", f"cannot {what}: {e}") from None
+
+
+def _modules_of(*sent) -> tuple[str, ...]:
+    """The modules of the functions the child unpickles (`fn`, and those in its arguments: a partial's, a
+    HeldEntry's build; in tuples, lists and objects' attributes, three levels down): the helper imports them
+    once, before it forks, not each child (a test's module: a second and more)."""
+    found: dict[str, None] = {}
+    pending = [(one, 0) for one in sent]
+    while pending:
+        one, depth = pending.pop()
+        if isinstance(one, (str, bytes, bytearray, memoryview, int, float)) or depth > 3:
+            continue
+        if isinstance(one, partial):
+            pending.extend((part, depth + 1) for part in (one.func, *one.args, *one.keywords.values()))
+        elif isinstance(one, (tuple, list)):
+            pending.extend((part, depth + 1) for part in one)
+        elif callable(one) and isinstance(module := getattr(one, "__module__", None), str):
+            found[module] = None
+        elif isinstance(attributes := getattr(one, "__dict__", None), dict):
+            pending.extend((part, depth + 1) for part in attributes.values())
+    return tuple(found)
+
+
+def _answer(fd: int, order: bytes, first: float | None, after_mark: float | None, queue_id: str) -> bytes | None:
+    """The child's report to `order` (see _framed_report): b"" when it ended before it read the order."""
+    try:
+        _send_frame(fd, order)
+    except OSError:
+        return b""
+    return _framed_report(fd, None if first is None else time.monotonic() + first, after_mark, queue_id)
+
+
+def _reap(child: Child, what: str, after: str) -> int | None:
+    """The child's wait status once the helper reaped it, within REAP_WAIT s; None when the helper ended first, or
+    when it has not ended by then (a wait the kernel does not interrupt, even for SIGKILL): counted as stuck."""
+    if child.done_within(REAP_WAIT):
+        return child.status()
+    log.error("the child %d (%s) has not ended %gs after %s (an uninterruptible wait): it is reaped when it ends",
+              child.pid, what, REAP_WAIT, after)
+    _STUCK.leave(child)
+    return None
 
 
 class Progress:
@@ -153,7 +235,7 @@ class Progress:
         self._fd, self._then, self._every = fd, then, grace / 2
         self._late, self._stalled = late, stalled  # (raised before the first progress(), and after it)
         self._started = False
-        self._told = -math.inf  # (time.monotonic) when the parent last heard of progress
+        self._told = -math.inf  # (time.monotonic) when the caller last heard of progress
         self._armed = False
         if then is not None:
             signal.signal(signal.SIGALRM, self._alarm)
@@ -181,30 +263,18 @@ class Progress:
             raise TemporaryError("4.3.0", self._stalled if self._started else self._late)
 
 
-def _reap(pid: int, what: str) -> None:
-    """Reap the killed child `pid` within REAP_WAIT s, else leave it to a daemon thread (see the module docstring)."""
-    deadline, pause = time.monotonic() + REAP_WAIT, 0.001
-    while os.waitpid(pid, os.WNOHANG) == (0, 0):
-        if time.monotonic() >= deadline:
-            log.error("the child %d (%s) has not ended %gs after SIGKILL (an uninterruptible wait): it is reaped "
-                      "when it ends", pid, what, REAP_WAIT)
-            _STUCK.leave(pid)
-            return
-        time.sleep(pause)
-        pause = min(pause * 2, 0.05)
-
-
 class _StuckChildren:
-    """The killed children left to reaper threads (see the module docstring)."""
+    """The killed children not reaped yet (see the module docstring): each done once the helper reaped it (or
+    ended)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._pids: set[int] = set()
+        self._children: list[Child] = []
         self._logged = -math.inf  # (time.monotonic) when a refusal was last logged
 
     def refuse_when_full(self, what: str) -> None:
         with self._lock:
-            stuck = len(self._pids)
+            stuck = self._count()
             if stuck < STUCK_LIMIT:
                 return
             now, log_it = time.monotonic(), False
@@ -212,40 +282,31 @@ class _StuckChildren:
                 self._logged, log_it = now, True
         if log_it:
             log.error("%s refused: %d killed children have not ended (uninterruptible waits: a hung file system?); "
-                      "no child is forked until they do (logged once every %gs)", what, stuck, STUCK_LOG_EVERY)
+                      "no child is started until they do (logged once every %gs)", what, stuck, STUCK_LOG_EVERY)
         raise TemporaryError("4.3.0", f"cannot {what}: {stuck} children stuck in uninterruptible waits")
 
-    def leave(self, pid: int) -> None:
-        """`pid` to a reaper thread of its own, counted once that thread runs (under the lock its end takes, so it
-        cannot be counted out before it is counted in). When no thread can start (the process's thread limit),
-        the caller reaps it, blocking: a count never counted out would refuse every child until a restart."""
+    def leave(self, child: Child) -> None:
         with self._lock:
-            try:
-                threading.Thread(target=self._reap, args=(pid,), name=f"reap-{pid}", daemon=True).start()
-            except RuntimeError as e:
-                started = e
-            else:
-                self._pids.add(pid)
-                return
-        log.error("the child %d: no reaper thread (%s): waiting for it to end here", pid, started)
-        os.waitpid(pid, 0)
+            self._children.append(child)
 
-    def _reap(self, pid: int) -> None:
-        try:
-            os.waitpid(pid, 0)
-        finally:
-            with self._lock:
-                self._pids.discard(pid)
+    def _count(self) -> int:
+        """(under the lock) those not ended yet; the others closed and forgotten."""
+        for child in [c for c in self._children if c.done_within(0)]:
+            child.close()
+            self._children.remove(child)
+        return len(self._children)
 
     @property
     def count(self) -> int:
-        return len(self._pids)
+        with self._lock:
+            return self._count()
 
 
 _STUCK = _StuckChildren()  # (process-wide, as the children are)
 
 
-def _framed_report(fd: int, deadline: float | None, after_mark: float | None = None) -> bytes | None:
+def _framed_report(fd: int, deadline: float | None, after_mark: float | None = None,
+                   queue_id: str = "") -> bytes | None:
     """The child's report (each frame its length first), b"" when the pipe ends before it is whole (the child
     died), None when `deadline` (time.monotonic; None: none) passes first. Each MARK frame before it puts the
     deadline `after_mark` s on (None: none), and MARK is returned when that one passes first. What is in the pipe
@@ -257,9 +318,12 @@ def _framed_report(fd: int, deadline: float | None, after_mark: float | None = N
     while True:
         if len(received) >= _LENGTH.size and len(received) >= (end := _LENGTH.size + _LENGTH.unpack_from(received)[0]):
             frame = bytes(received[_LENGTH.size:end])
+            del received[:end]
+            if frame[:1] == LOG:
+                _log_line(frame[1:], queue_id)
+                continue
             if frame != MARK:
                 return frame
-            del received[:end]
             deadline, late = (None if after_mark is None else time.monotonic() + after_mark), MARK
             continue
         left = None if deadline is None else max(deadline - time.monotonic(), 0)
@@ -271,43 +335,96 @@ def _framed_report(fd: int, deadline: float | None, after_mark: float | None = N
         received += chunk
 
 
-def _log_descriptors() -> tuple[int, ...]:
-    """The descriptors the process's log handlers write to (a stream's, a syslog socket's), kept in the child: its
-    lines (a stale dotlock removed) go where the server's go. Closed, their numbers could be a mailbox's by the time
-    a line is written, and the line would go into the mailbox."""
-    loggers = [logging.getLogger(), *(one for one in list(logging.Logger.manager.loggerDict.values())
-                                      if isinstance(one, logging.Logger))]
-    found = []
-    for handler in (handler for logger in loggers for handler in logger.handlers):
-        for holder in (getattr(handler, "stream", None), getattr(handler, "socket", None)):
-            try:
-                found.append(holder.fileno())  # type: ignore[union-attr]
-            except (AttributeError, OSError, ValueError):
-                pass
-    return tuple(found)
+def _log_line(frame: bytes, queue_id: str) -> None:
+    """A line the child logged (see _FrameHandler), logged here at its level, after `queue_id` when there is one."""
+    level, _, text = frame.decode("utf-8", "replace").partition(" ")
+    log.log(int(level) if level.isdigit() else logging.WARNING, "%s%s", f"{queue_id}: " if queue_id else "", text)
 
 
-def _keep_only(*kept: int) -> None:
-    """In the child, right after the fork: close every descriptor of the server but stdin, stdout, stderr and
-    `kept` (its report pipe, call_as's `keep`, the log handlers'): the queue's lock, listening sockets, clients'
-    connections, other commands' pipes, which a child stuck on a hung mount would otherwise hold for as long (a
-    restart refused: the queue busy, the address in use). The signal wakeup descriptor goes first: the number of
-    the loop's closed one could be a mailbox's by the time an alarm writes to it."""
+class _FrameHandler(logging.Handler):
+    """In a child: each line logged goes to the caller as a frame (LOG, its level, its text), which it logs as its
+    own; a log descriptor inherited would be the one the helper started with, stale after a logrotate."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _send_frame(self._fd, LOG + f"{record.levelno} {record.getMessage()}".encode("utf-8", "replace"))
+        except Exception:  # noqa: BLE001 - a line that cannot be told must not fail the work
+            pass
+
+
+def child_main(given: list[int]) -> None:
+    """In a child of the helper: its order read from its socket (given[0]); the descriptors it was given put back
+    at the numbers they have in the server (its order names them), every other closed; its log lines sent as
+    frames; then identity switched, `fn` called, its report written, exit."""
     try:
-        signal.set_wakeup_fd(-1)
-    except ValueError:  # (not the main thread: cannot be, after a fork; nothing was set then)
-        pass
+        keep, groups, gid, uid, doing, user, fn, args, timeout, marked, then, grace = pickle.loads(
+            _read_frame(given[0]))
+        work_at = _place(given[0], given[1:], keep)
+    except BaseException as e:  # noqa: BLE001 - reported as fn's own failure would be
+        _report_and_exit(given[0], partial(_raise, e))
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(_FrameHandler(work_at))
+    root.setLevel(logging.INFO)
+
+    def work() -> bytes:  # (a Progress made here: whatever it raises is reported, and the child exits)
+        if not marked:
+            return _switched(groups, gid, uid, fn, args)
+        stalled = f"cannot {doing} as {user}: writing made no progress for {then or 0:g}s"
+        late = f"cannot {doing} as {user}: not started writing within {timeout or 0:g}s"
+        progress = Progress(work_at, then, grace, stalled, timeout, late)
+        try:
+            return _switched(groups, gid, uid, partial(fn, writing=progress), args)
+        finally:  # (the timer stopped before the report: an attempt that wrote nothing may end near the limit)
+            try:
+                progress.ended()
+            except TemporaryError:  # its alarm came after the work ended, before ended() disarmed it: the
+                progress.ended()    # work's own result stands (an EFBIG stays 5.2.2), the timer is stopped
+
+    _report_and_exit(work_at, work)
+
+
+def _raise(e: BaseException) -> bytes:
+    raise e
+
+
+def _read_frame(fd: int) -> bytes:
+    received = bytearray()
+    while len(received) < _LENGTH.size or len(received) < _LENGTH.size + _LENGTH.unpack_from(received)[0]:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            raise EOFError("the order was cut short")
+        received += chunk
+    return bytes(received[_LENGTH.size:])
+
+
+def _place(work: int, given: list[int], numbers: tuple[int, ...]) -> int:
+    """In the child: `given` moved to `numbers` (the server's numbers for them, which its arguments name), every
+    other descriptor but stdin, stdout, stderr and its socket `work` closed (the helper's request socket, other
+    children's); the number `work` is at now."""
+    above = max((work, *given, *numbers, 2)) + 1
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, above) for fd in (work, *given)]
     low = 3
-    for fd in sorted(set(kept)):
+    for fd in sorted(moved):
         os.closerange(low, fd)
-        low = max(low, fd + 1)
+        low = fd + 1
     os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+    for fd, number in zip(moved[1:], numbers):
+        os.dup2(fd, number)
+        os.close(fd)
+    return moved[0]
 
 
 def _switched(groups: list[int], gid: int, uid: int, fn: Callable[..., bytes], args: tuple) -> bytes:
     os.setgroups(groups)
     os.setgid(gid)
     os.setuid(uid)
+    die_with_parent()  # (the switch cleared it)
     return fn(*args)
 
 
@@ -328,3 +445,12 @@ def _send_frame(fd: int, frame: bytes) -> None:
     view = memoryview(_LENGTH.pack(len(frame)) + frame)
     while view:
         view = view[os.write(fd, view):]
+
+
+_FORKER = Forker()  # (process-wide, as the stuck children's count: its helper started at the first call)
+
+
+def stop_helper() -> None:
+    """The helper told to end (the server's stop; blocks up to forker.STOP_WAIT s: off the event loop); a later
+    call_as starts one again."""
+    _FORKER.stop()

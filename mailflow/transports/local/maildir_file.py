@@ -53,7 +53,7 @@ async def deliver_maildir_file(maildir: Path, prefix: bytes, content: Content, *
             if user is None:
                 return _written(*args)
             return call_as(user, "write", _written, *args, timeout=FILE_START_TIMEOUT, marked=True,
-                           then=write_limit, keep=held.descriptors)
+                           then=write_limit, keep=held.descriptors, queue_id=queue_id)
 
     unsynced = await uncut(asyncio.to_thread(attempt) if workers is None else workers(attempt),  # (a stop's
                            f"{queue_id}: the write of {maildir}/new/{name}")

@@ -106,6 +106,7 @@ import re
 import stat
 import struct
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable, Iterable, Iterator, Literal, NamedTuple, cast
 
@@ -296,18 +297,34 @@ def _built(entry: bytes | Iterable[bytes] | HeldEntry) -> Iterator[tuple[bytes |
         yield entry, ()
         return
     with held_message(entry.content) as held:
-        yield entry.build(held.content), held.descriptors
+        yield _Built(entry.build, held.content), held.descriptors
+
+
+@dataclass(frozen=True)
+class _Built:
+    """A HeldEntry's chunks, built where they are read: in the child writing as a user (asuser.call_as sends it its
+    arguments pickled; a generator cannot be), or in the writing thread."""
+
+    build: Callable[[Content], Iterable[bytes]]
+    content: Content
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.build(self.content))
 
 
 @contextlib.contextmanager
 def held_message(content: Content) -> Iterator[Held]:
     """The queued message read through descriptors this thread opens and closes (Content.held: a child writing as
-    a user may not open the queue's files); 4.3.0 mail_copy's "error reading message" when they cannot be opened."""
+    a user may not open the queue's files); 4.3.0 mail_copy's "error reading message" when they cannot be opened.
+    A part in memory that is a view (of smtpd's buffer) is held as bytes: the child gets its arguments pickled."""
     with contextlib.ExitStack() as opened:
         try:
             held = opened.enter_context(content.held())
         except OSError as e:
             raise TemporaryError("4.3.0", f"error reading message: {e.strerror or e}") from None
+        if any(isinstance(part, memoryview) for part in held.content.parts):
+            parts = (bytes(part) if isinstance(part, memoryview) else part for part in held.content.parts)
+            held = Held(Content(parts, crlf=held.content.crlf), held.descriptors)
         yield held
 
 
