@@ -25,6 +25,13 @@ from tests.support.stalls import LoopWatch
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
 
 
+@pytest.fixture(autouse=True)
+def helper_started():
+    """The helper started before each test (a second or more on a loaded machine: not a call's deadline)."""
+    if asuser._FORKER.pid is None:
+        asuser.call_as("nobody", "say", _answer, "ready", timeout=60)
+
+
 def _hang() -> bytes:
     time.sleep(3600)
     return b""

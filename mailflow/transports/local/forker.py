@@ -32,14 +32,14 @@ no limit). The children get PR_SET_PDEATHSIG SIGALRM (a marked child's timer sig
 an unmarked one, a read, ends) when the helper ends.
 
 Failure behaviour: launch() raises HelperGone (its text says why) when the helper ended (EPIPE, ECONNRESET, the
-control socket's end of file) or did not answer within ANSWER_WAIT s; the next launch() starts another (logged at
-most once every RESTART_LOG_EVERY s). It raises OSError with the helper's reason (`E`: a fork refused, EAGAIN) for
-that call alone, and ValueError past MAX_FDS descriptors.
+control socket's end of file), did not say READY within START_WAIT s of its start (its imports done) or did not
+answer a request within ANSWER_WAIT s; the next launch() starts another (logged at most once every
+RESTART_LOG_EVERY s). It raises OSError with the helper's reason (`E`: a fork refused, EAGAIN) for that call
+alone, and ValueError past MAX_FDS descriptors.
 """
 from __future__ import annotations
 
 import ctypes
-import errno
 import importlib
 import logging
 import math
@@ -57,9 +57,10 @@ from typing import Callable
 
 log = logging.getLogger("mailflow.local")
 
-STARTED, ENDED, FAILED, KILL = b"P", b"X", b"E", b"K"
+STARTED, ENDED, FAILED, KILL, READY = b"P", b"X", b"E", b"K", b"R"
 RESTART_LOG_EVERY = 60.0  # seconds between two logs of a helper started again
-ANSWER_WAIT = 10.0  # seconds a launch waits for `P` (microseconds when all is well; the start of a helper: 0.1 s)
+START_WAIT = 60.0  # seconds a new helper may take to say READY (its imports: 1-2 s, more on a loaded machine)
+ANSWER_WAIT = 30.0  # seconds a launch waits for `P` (a fork: milliseconds; a test's module imported first: seconds)
 STOP_WAIT = 5.0  # seconds stop() waits for the helper to end before it leaves it to end by itself
 MAX_FDS = 250  # descriptors in one request (SCM_RIGHTS carries 253 at most; a message's files are a handful)
 PRELOADED = ("mailflow.transports.local.mbox", "mailflow.transports.local.maildir_file",
@@ -199,7 +200,19 @@ class Forker:
             raise
         finally:
             helper_end.close()
-        return _Helper(process, server_end)
+        helper = _Helper(process, server_end)
+        poller = select.poll()
+        poller.register(server_end, select.POLLIN)
+        try:
+            ready = server_end.recv(16) if poller.poll(START_WAIT * 1000) else None
+        except _GONE:
+            ready = b""
+        if ready != READY:
+            helper.end(0)
+            self._ended_by_itself = True
+            raise HelperGone("the helper forking its children ended as it started" if ready is not None else
+                             f"the helper forking its children did not start within {START_WAIT:g}s")
+        return helper
 
 
 class _Helper:
@@ -387,8 +400,8 @@ def main(requests_fd: int) -> None:
     from mailflow.transports.local import asuser
     _child_main = asuser.child_main
     try:
-        _serve(requests)
-    except OSError as e:  # (poll, waitpid: nothing the helper can go on after)
-        if e.errno != errno.EINTR:
-            raise
+        requests.send(READY)
+    except _GONE:
+        return
+    _serve(requests)
 
