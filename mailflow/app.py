@@ -99,6 +99,7 @@ from mailflow.tables.check import table_problems
 from mailflow.tables.retire import RetiredTables
 from mailflow.tables.networks import NetworkList
 from mailflow.transports import build_transports
+from mailflow.transports.local.asuser import stop_helper
 from mailflow.workers import BoundedWorkers
 
 if TYPE_CHECKING:  # imported when a feature serves HTTP (start-up time)
@@ -450,9 +451,11 @@ class Mailflow:
 
     async def stop(self) -> None:
         """The listeners (admin, HTTP), then address verification's probes (cancelled, awaited), then smtpd,
-        pickup and qmgr drained together within the grace period, then the content checks' and ARC seal's threads,
-        then ETRN's flushes, then the store. Safe to call twice. A reload under way ends first (one that has
-        bound new addresses must not put them in use, or leave them open, after the stop)."""
+        pickup and qmgr drained together within the grace period, then local delivery's helper (told to end, which
+        it does once the children it forked as users have; waited for in a thread, forker.STOP_WAIT s at most),
+        then the content checks' and ARC seal's threads, then ETRN's flushes, then the store. Safe to call twice.
+        A reload under way ends first (one that has bound new addresses must not put them in use, or leave them
+        open, after the stop)."""
         async with self._reloading:
             await self._stop()
 
@@ -469,6 +472,7 @@ class Mailflow:
         stages = [stage for stage in (self.smtpd, self.pickup, self.qmgr) if stage is not None]
         await asyncio.gather(*(stage.stop(self._grace) for stage in stages))
         self.smtpd = self.pickup = self.qmgr = None
+        await asyncio.to_thread(stop_helper)
         if self._check_workers is not None:  # no inspection is left: a cancelled one's walk ends at its next line
             if not await self._check_workers.close_within(self._grace):  # (a walk stuck in a hung sqlite read)
                 log.warning("content checks: a walk still runs %gs after the stop; its thread is left", self._grace)

@@ -504,3 +504,13 @@ def test_a_descriptor_above_1024_is_kept_at_its_number(tmp_path):
         os.close(high)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
+
+async def test_the_servers_stop_ends_the_helper_off_its_loop(tmp_path):
+    """Mailflow.stop ends local delivery's helper (in a thread: the loop is not held while it waits for it)."""
+    from mailflow.app import Mailflow
+    from mailflow.config import Config
+    await asyncio.to_thread(asuser.call_as, "nobody", "say", _answer, "hi", timeout=30)
+    helper = asuser._FORKER.pid
+    assert helper is not None
+    await Mailflow(Config(queue_directory=str(tmp_path / "queue"))).stop()  # (never started: only its stop)
+    assert asuser._FORKER.pid is None and _gone(helper)
