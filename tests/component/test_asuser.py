@@ -514,3 +514,24 @@ async def test_the_servers_stop_ends_the_helper_off_its_loop(tmp_path):
     assert helper is not None
     await Mailflow(Config(queue_directory=str(tmp_path / "queue"))).stop()  # (never started: only its stop)
     assert asuser._FORKER.pid is None and _gone(helper)
+
+
+def test_the_helper_dying_under_a_write_without_a_limit_does_not_cut_it(monkeypatch):
+    """A marked child without `then` has no timer whose signal rolls its write back: the helper's end (its
+    PR_SET_PDEATHSIG SIGALRM) killed it mid-write. It ignores that signal: its write ends and its caller, still
+    there, gets its answer."""
+    launched = _launched(monkeypatch)
+    answers: list[bytes] = []
+    caller = threading.Thread(target=lambda: answers.append(
+        asuser.call_as("nobody", "write", _writes_slowly, timeout=30, marked=True)))
+    caller.start()
+    for _ in range(400):
+        if launched:
+            break
+        time.sleep(0.025)
+    time.sleep(0.3)  # (the child writing)
+    helper = asuser._FORKER.pid
+    assert helper is not None
+    os.kill(helper, signal.SIGKILL)
+    caller.join(10)
+    assert answers == [b"done"]

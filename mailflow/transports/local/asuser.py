@@ -58,9 +58,10 @@ until the helper says it ended: the caller's thread is freed either way. While S
 of every message to a file on a hung mount would add one, until the helper could fork no more).
 
 The helper ending (killed, out of memory) under a call: its children get SIGALRM (PR_SET_PDEATHSIG: a marked one's
-work rolls back, a read ends), the calls fail 4.3.0 unless their child still reported whole, and the next call
-starts a new helper (logged once every forker.RESTART_LOG_EVERY s). It ends after the server too (its request
-socket's end of file), once its children have: it never outlives them, nor they their limits.
+work rolls back, or goes on when it has no `then`; a read ends), the calls fail 4.3.0 unless their child still
+reported whole, and the next call starts a new helper (logged once every forker.RESTART_LOG_EVERY s). It ends
+after the server too (its request socket's end of file), once its children have: it never outlives them, nor they
+their limits.
 
 Failure behaviour: `TemporaryError` 4.3.0 when `user` does not exist or is root (`refusing to DOING as USER: uid
 0`), when the child gave no answer within `timeout` (`cannot DOING as USER: no answer within Ns, the child was
@@ -371,6 +372,8 @@ def child_main(given: list[int]) -> None:
         root.removeHandler(handler)
     root.addHandler(_FrameHandler(work_at))
     root.setLevel(logging.INFO)
+    if marked and then is None:  # (no timer to roll its write back: the helper's end must not cut it either)
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)
 
     def work() -> bytes:  # (a Progress made here: whatever it raises is reported, and the child exits)
         if not marked:
