@@ -483,6 +483,21 @@ def test_the_servers_stop_lets_a_call_in_flight_end_and_ends_the_helper():
     assert asuser.call_as("nobody", "say", _answer, "again", timeout=30).endswith(b" again")
 
 
+def test_the_helper_imports_nothing_from_the_servers_working_directory(tmp_path):
+    """The helper runs as root; the server's working directory (the spool) is the mail account's to write in: a
+    module planted there is never imported by the helper (`python -c` put the working directory first on sys.path)."""
+    marker = tmp_path / "imported"
+    (tmp_path / "ctypes.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise ImportError('planted')\n")
+    asuser.stop_helper()
+    was = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert asuser.call_as("nobody", "say", _answer, "safe", timeout=60).endswith(b" safe")
+    finally:
+        os.chdir(was)
+    assert not marker.exists()
+
+
 def test_a_descriptor_above_1024_is_kept_at_its_number(tmp_path):
     """The descriptors of a busy server go past 1024 (select's limit): one of them given to the child is read
     through, at its number; more than MAX_KEEP are refused, not cut short."""

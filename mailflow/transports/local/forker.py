@@ -13,9 +13,11 @@
     child.status() -> int | None      then: its wait status; None when the helper ended first
 
 A fork copies the forking process's page tables with the GIL held: forked from the server, each write as a user held
-its event loop for 3-50 ms, more the bigger the server. The helper is a fresh interpreter (`python -c`, calling
+its event loop for 3-50 ms, more the bigger the server. The helper is a fresh interpreter (`python -I -c`, calling
 main()) started with subprocess (a vfork and exec: nothing of the server's is copied, and no listening socket,
-queue lock or connection is inherited: its request socket alone is passed), so it stays small. Each request is one
+queue lock or connection is inherited: its request socket alone is passed), so it stays small. It runs as root from
+/ : -I keeps the working directory (the spool, which the mail account may write to) and PYTHON* variables off its
+sys.path, which is the server's, given as an argument (but its "": the working directory). Each request is one
 message on a SOCK_SEQPACKET socket carrying descriptors (SCM_RIGHTS): the helper's end of the call's own control
 socket, then those the child is given. The helper forks (after importing, once, the modules the child unpickles
 its work from), and answers on the control socket `P` + the child's pid, then `X` + its wait status once it reaped
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import json
 import logging
 import math
 import os
@@ -68,7 +71,8 @@ PRELOADED = ("mailflow.transports.local.mbox", "mailflow.transports.local.maildi
 _PID = struct.Struct("!i")
 _PR_SET_PDEATHSIG = 1
 _IGNORED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-_MAIN = f"import sys; from {__name__} import main; main(int(sys.argv[1]))"  # (the helper's whole program)
+_MAIN = (f"import json, sys; sys.path[:] = json.loads(sys.argv[2]); from {__name__} import main; "
+         "main(int(sys.argv[1]))")  # (the helper's whole program: -I, run from /, with the server's sys.path)
 _GONE = (BrokenPipeError, ConnectionResetError, EOFError)  # what says the helper ended (nothing else does)
 
 
@@ -192,9 +196,9 @@ class Forker:
                           "once every %gs)", RESTART_LOG_EVERY)
         server_end, helper_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            process = subprocess.Popen([sys.executable, "-c", _MAIN, str(helper_end.fileno())],
+            process = subprocess.Popen([sys.executable, "-I", "-c", _MAIN, str(helper_end.fileno()), _search_path()],
                                        pass_fds=(helper_end.fileno(),), stdin=subprocess.DEVNULL,
-                                       stdout=subprocess.DEVNULL)
+                                       stdout=subprocess.DEVNULL, cwd="/")
         except BaseException:
             server_end.close()
             raise
@@ -213,6 +217,11 @@ class Forker:
             raise HelperGone("the helper forking its children ended as it started" if ready is not None else
                              f"the helper forking its children did not start within {START_WAIT:g}s")
         return helper
+
+
+def _search_path() -> str:
+    """The server's sys.path for the helper, as JSON, but its "" (the working directory: the helper runs from /)."""
+    return json.dumps([entry for entry in sys.path if entry])
 
 
 class _Helper:
