@@ -10,10 +10,15 @@ import logging
 import os
 import pwd
 import resource
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -529,6 +534,54 @@ async def test_the_servers_stop_ends_the_helper_off_its_loop(tmp_path):
     assert helper is not None
     await Mailflow(Config(queue_directory=str(tmp_path / "queue"))).stop()  # (never started: only its stop)
     assert asuser._FORKER.pid is None and _gone(helper)
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory of /tmp the children may write in (a test's tmp_path is not reachable as nobody)."""
+    path = Path(tempfile.mkdtemp(dir="/tmp", prefix="mailflow-asuser-"))
+    path.chmod(0o1777)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def _appends_slowly(path: str, *, writing) -> bytes:
+    with open(path, "ab") as out:
+        for piece in range(20):
+            writing()
+            out.write(b"%d\n" % piece)
+            out.flush()
+            time.sleep(0.15)
+        out.write(b"END\n")
+    writing.ended()
+    return b"done"
+
+
+def test_a_write_without_a_limit_is_not_cut_when_its_caller_is_gone(public_dir):
+    """The server killed while a marked child without a write limit appends: the helper does not kill it at its
+    start deadline, long past (it was torn there); it ends its write, and then ends."""
+    box = public_dir / "box"
+    server = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from mailflow.transports.local import asuser; "
+         "from tests.component.test_asuser import _appends_slowly; "
+         "asuser.call_as('nobody', 'write', _appends_slowly, sys.argv[1], timeout=2, marked=True)", str(box)],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        for _ in range(600):
+            if box.exists() and box.read_bytes():
+                break
+            time.sleep(0.025)
+    finally:
+        server.kill()
+        server.wait()
+    assert box.read_bytes()[:2] == b"0\n"
+    for _ in range(600):
+        if box.read_bytes().endswith(b"END\n"):
+            break
+        time.sleep(0.025)
+    assert box.read_bytes() == b"".join(b"%d\n" % piece for piece in range(20)) + b"END\n"
 
 
 def test_the_helper_dying_under_a_write_without_a_limit_does_not_cut_it(monkeypatch):

@@ -130,7 +130,7 @@ def call_as(user: str, doing: str, fn: Callable[..., bytes], *args,
         raise TemporaryError("4.3.0", f"cannot {what}: {len(keep)} descriptors to keep, at most {MAX_KEEP}")
     _STUCK.refuse_when_full(what)
     first = None if timeout is None else timeout + (grace if marked and then is not None else 0)
-    after_mark = None if then is None else then + grace
+    after_mark = (None if then is None else then + grace) if marked else 0.0  # (None: its write is never cut)
     order = _pickled(what, keep, os.getgrouplist(user, pw.pw_gid), pw.pw_gid, pw.pw_uid, doing, user, fn, args,
                      timeout, marked, then, grace)
     work, child_end = socket.socketpair()

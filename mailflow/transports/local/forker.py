@@ -28,9 +28,9 @@ Containment: the helper and its children ignore SIGTERM, SIGINT and SIGHUP (a pr
 and docker send, must not end a child mid-append). The helper learns of the server's end (or stop()) from its
 request socket's end of file: from then it takes no request, and exits once its children have ended. A child whose
 caller left without `K` (the server ended) is left to its own limits: a marked child ends its work, or rolls it
-back when its next progress frame finds no reader; the helper kills it only past `first`
-s after its start or `after_mark` s after its caller left, whichever is later (both sent with its request; None:
-no limit). The children get PR_SET_PDEATHSIG SIGALRM (a marked child's timer signal: its work rolls back, 4.3.0;
+back when its next progress frame finds no reader; the helper kills it only past `first` s after its start or
+`after_mark` s after its caller left, whichever is later (both sent with its request; None: no limit, it is never
+killed). The children get PR_SET_PDEATHSIG SIGALRM (a marked child's timer signal: its work rolls back, 4.3.0;
 an unmarked one, a read, ends) when the helper ends.
 
 Failure behaviour: launch() raises HelperGone (its text says why) when the helper ended (EPIPE, ECONNRESET, the
@@ -253,13 +253,12 @@ class _Running:
         self.kill_at: float | None = None
 
     def orphan(self) -> None:
-        """Its caller left: killed past its first deadline, or `after_mark` s from now, whichever is later (a
-        marked child tells its progress to no one now: its next progress() fails and its work rolls back, or its
-        own timer stops it within `then`)."""
+        """Its caller left: killed past its first deadline, or `after_mark` s from now, whichever is later; never
+        when either is None (a marked child without a write limit: a kill would cut its append; it tells its
+        progress to no one now: its next progress() fails and its work rolls back, or its own timer stops it)."""
         self.orphaned = True
-        if self._first is not None:
-            later = -math.inf if self._after_mark is None else time.monotonic() + self._after_mark
-            self.kill_at = max(self._first, later)
+        if self._first is not None and self._after_mark is not None:
+            self.kill_at = max(self._first, time.monotonic() + self._after_mark)
 
 
 def _serve(requests: socket.socket) -> None:
