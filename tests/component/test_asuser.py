@@ -584,6 +584,42 @@ def test_a_write_without_a_limit_is_not_cut_when_its_caller_is_gone(public_dir):
     assert box.read_bytes() == b"".join(b"%d\n" % piece for piece in range(20)) + b"END\n"
 
 
+def _writes_for_two_seconds(*, writing) -> bytes:
+    for _ in range(20):
+        writing()
+        time.sleep(0.1)
+    writing.ended()
+    return b"done"
+
+
+def test_the_helper_dying_under_a_marked_write_says_so(monkeypatch):
+    """The helper killed while a marked child with a limit writes: its SIGALRM (PR_SET_PDEATHSIG) rolls the write
+    back, and the reason is the helper's end, not a stall of the write."""
+    launched = _launched(monkeypatch)
+    failures: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            asuser.call_as("nobody", "write", _writes_for_two_seconds, timeout=30, marked=True, then=1000)
+        except BaseException as e:  # noqa: BLE001 - what the call raised, for the assertions
+            failures.append(e)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    for _ in range(400):
+        if launched:
+            break
+        time.sleep(0.025)
+    time.sleep(0.3)  # (the child writing)
+    helper = asuser._FORKER.pid
+    assert helper is not None and launched
+    os.kill(helper, signal.SIGKILL)
+    caller.join(10)
+    [failed] = failures
+    assert isinstance(failed, TemporaryError)
+    assert (failed.dsn, failed.text) == ("4.3.0", "cannot write as nobody: the helper forking its children ended")
+
+
 def test_the_helper_dying_under_a_write_without_a_limit_does_not_cut_it(monkeypatch):
     """A marked child without `then` has no timer whose signal rolls its write back: the helper's end (its
     PR_SET_PDEATHSIG SIGALRM) killed it mid-write. It ignores that signal: its write ends and its caller, still

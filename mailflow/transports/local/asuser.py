@@ -230,10 +230,14 @@ def _reap(child: Child, what: str, after: str) -> int | None:
 class Progress:
     """A marked child's clock (see the module docstring): `progress()` each time the work moves (the first: it
     starts), `progress.ended()` once it is safe. Made in the child, after the fork: with a limit (`then`), its
-    timer runs from here, `start` s until the first progress() (`late` raised past them), `then` s after each."""
+    timer runs from here, `start` s until the first progress() (`late` raised past them), `then` s after each.
+    `gone`: the helper's pid and what is raised when the alarm is the helper's end (PR_SET_PDEATHSIG), not the timer.
+    """
 
-    def __init__(self, fd: int, then: float | None, grace: float, stalled: str, start: float | None, late: str):
+    def __init__(self, fd: int, then: float | None, grace: float, stalled: str, start: float | None, late: str,
+                 gone: tuple[int, str]):
         self._fd, self._then, self._every = fd, then, grace / 2
+        self._helper, self._gone = gone
         self._late, self._stalled = late, stalled  # (raised before the first progress(), and after it)
         self._started = False
         self._told = -math.inf  # (time.monotonic) when the caller last heard of progress
@@ -261,6 +265,8 @@ class Progress:
     def _alarm(self, signum, frame) -> None:
         if self._armed:
             self._armed = False
+            if os.getppid() != self._helper:
+                raise TemporaryError("4.3.0", self._gone)
             raise TemporaryError("4.3.0", self._stalled if self._started else self._late)
 
 
@@ -357,7 +363,7 @@ class _FrameHandler(logging.Handler):
             pass
 
 
-def child_main(given: list[int]) -> None:
+def child_main(given: list[int], helper: int) -> None:
     """In a child of the helper: its order read from its socket (given[0]); the descriptors it was given put back
     at the numbers they have in the server (its order names them), every other closed; its log lines sent as
     frames; then identity switched, `fn` called, its report written, exit."""
@@ -377,12 +383,13 @@ def child_main(given: list[int]) -> None:
 
     def work() -> bytes:  # (a Progress made here: whatever it raises is reported, and the child exits)
         if not marked:
-            return _switched(groups, gid, uid, fn, args)
+            return _switched(groups, gid, uid, fn, args, helper)
         stalled = f"cannot {doing} as {user}: writing made no progress for {then or 0:g}s"
         late = f"cannot {doing} as {user}: not started writing within {timeout or 0:g}s"
-        progress = Progress(work_at, then, grace, stalled, timeout, late)
+        gone = f"cannot {doing} as {user}: the helper forking its children ended"
+        progress = Progress(work_at, then, grace, stalled, timeout, late, (helper, gone))
         try:
-            return _switched(groups, gid, uid, partial(fn, writing=progress), args)
+            return _switched(groups, gid, uid, partial(fn, writing=progress), args, helper)
         finally:  # (the timer stopped before the report: an attempt that wrote nothing may end near the limit)
             try:
                 progress.ended()
@@ -423,11 +430,11 @@ def _place(work: int, given: list[int], numbers: tuple[int, ...]) -> int:
     return moved[0]
 
 
-def _switched(groups: list[int], gid: int, uid: int, fn: Callable[..., bytes], args: tuple) -> bytes:
+def _switched(groups: list[int], gid: int, uid: int, fn: Callable[..., bytes], args: tuple, helper: int) -> bytes:
     os.setgroups(groups)
     os.setgid(gid)
     os.setuid(uid)
-    die_with_parent()  # (the switch cleared it)
+    die_with_parent(helper)  # (the switch cleared it)
     return fn(*args)
 
 

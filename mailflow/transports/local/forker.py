@@ -341,14 +341,15 @@ def _started_child(fds: list[int], modules: tuple[str, ...], first: float | None
     try:
         for name in modules:
             importlib.import_module(name)
+        helper = os.getpid()
         pid = os.fork()
     except Exception as e:  # noqa: BLE001 - an import or a fork refused (EAGAIN): that call fails, not the helper
         _refuse(fds, f"cannot start the child: {getattr(e, 'strerror', None) or e}")
         return None
     if pid == 0:
         try:
-            die_with_parent()
-            _child_main(given)
+            die_with_parent(helper)
+            _child_main(given, helper)
         finally:
             os._exit(1)
     for fd in given:
@@ -383,15 +384,15 @@ def _kill(pidfd: int) -> None:
         pass
 
 
-_child_main: Callable[[list[int]], None]  # (in the helper: asuser's, set by main())
+_child_main: Callable[[list[int], int], None]  # (in the helper: asuser's, set by main(); given the helper's pid)
 
 
-def die_with_parent() -> None:
-    """In a child of the helper: SIGALRM when the helper ends (PR_SET_PDEATHSIG; cleared by a change of identity:
-    set again after one); the helper already gone: SIGALRM now."""
-    parent = os.getppid()
+def die_with_parent(helper: int) -> None:
+    """In a child of the helper (`helper`: its pid, taken before the fork): SIGALRM when the helper ends
+    (PR_SET_PDEATHSIG; cleared by a change of identity: set again after one); the helper already gone: SIGALRM now
+    (the pid read after the fork could be a subreaper's that took the child)."""
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGALRM, 0, 0, 0)
-    if parent == 1 or os.getppid() != parent:
+    if os.getppid() != helper:
         os.kill(os.getpid(), signal.SIGALRM)
 
 
