@@ -4,6 +4,7 @@ worker thread for ever. Forking as another user needs root: skipped otherwise.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import math
 import logging
@@ -467,6 +468,41 @@ def _writes_slowly(*, writing) -> bytes:
         time.sleep(0.1)
     writing.ended()
     return b"done"
+
+
+def test_a_helper_that_hangs_is_killed_once_and_the_next_call_starts_another(monkeypatch, caplog):
+    """A helper that stops answering without ending (stopped here, SIGSTOP): the calls waiting on it fail 4.3.0
+    at ANSWER_WAIT; the first to give up kills it (logged once) and it is reaped: no process or thread is left
+    waiting for it. The next call starts another."""
+    monkeypatch.setattr(forker, "ANSWER_WAIT", 1.0)
+    hung = asuser._FORKER.pid
+    assert hung is not None
+    failures: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            asuser.call_as("nobody", "say", _answer, "lost", timeout=30)
+        except BaseException as e:  # noqa: BLE001 - what the call raised, for the assertions
+            failures.append(e)
+
+    os.kill(hung, signal.SIGSTOP)
+    try:
+        callers = [threading.Thread(target=call) for _ in range(3)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join(10)
+        assert len(failures) == 3 and all(isinstance(failed, TemporaryError) for failed in failures)
+        assert "cannot say as nobody: the helper forking its children did not answer within 1s" in {
+            failed.text for failed in failures}
+        assert _gone(hung)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(hung, signal.SIGCONT)
+    assert f"helper-{hung}" not in {thread.name for thread in threading.enumerate()}
+    assert caplog.text.count("did not answer within 1s; killed") == 1
+    assert asuser.call_as("nobody", "say", _answer, "again", timeout=30).endswith(b" again")
+    assert asuser._FORKER.pid not in (None, hung)
 
 
 def test_the_servers_stop_lets_a_call_in_flight_end_and_ends_the_helper():

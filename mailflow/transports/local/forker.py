@@ -35,8 +35,9 @@ an unmarked one, a read, ends) when the helper ends.
 
 Failure behaviour: launch() raises HelperGone (its text says why) when the helper ended (EPIPE, ECONNRESET, the
 control socket's end of file), did not say READY within START_WAIT s of its start (its imports done) or did not
-answer a request within ANSWER_WAIT s; the next launch() starts another (logged at most once every
-RESTART_LOG_EVERY s). It raises OSError with the helper's reason (`E`: a fork refused, EAGAIN) for that call
+answer a request within ANSWER_WAIT s (then it is killed, logged: its children get SIGALRM and roll back, as after
+an OOM kill; a helper that hangs would never end); the next launch() starts another (logged, with why, at most once
+every RESTART_LOG_EVERY s). It raises OSError with the helper's reason (`E`: a fork refused, EAGAIN) for that call
 alone, and ValueError past MAX_FDS descriptors.
 """
 from __future__ import annotations
@@ -119,12 +120,12 @@ class Forker:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._helper: _Helper | None = None
-        self._ended_by_itself = False  # (a helper started next is a restart: logged)
+        self._ended_why: str | None = None  # (why the last helper ended by itself: the next one is a restart, logged)
         self._logged = -math.inf  # (time.monotonic) when a restart was last logged
 
     def stop(self) -> None:
         with self._lock:
-            helper, self._helper, self._ended_by_itself = self._helper, None, False
+            helper, self._helper, self._ended_why = self._helper, None, None
         if helper is not None:
             helper.end(STOP_WAIT)
 
@@ -147,8 +148,9 @@ class Forker:
             poller = select.poll()
             poller.register(near, select.POLLIN)
             if not poller.poll(ANSWER_WAIT * 1000):
-                self._forget(helper)
-                raise HelperGone(f"the helper forking its children did not answer within {ANSWER_WAIT:g}s")
+                silent = f"the helper forking its children did not answer within {ANSWER_WAIT:g}s"
+                self._forget(helper, silent, hung=True)
+                raise HelperGone(silent)
             try:
                 message = near.recv(4096)
             except _GONE:
@@ -156,7 +158,7 @@ class Forker:
             if message[:1] == FAILED:
                 raise OSError(message[1:].decode("utf-8", "replace"))
             if message[:1] != STARTED:
-                self._forget(helper)
+                self._forget(helper, "it ended")
                 raise HelperGone("the helper forking its children ended")
             return Child(_PID.unpack(message[1:])[0], near)
         except BaseException:
@@ -176,24 +178,31 @@ class Forker:
                     return self._helper
                 except _GONE:
                     self._helper.end(0)
-                    self._helper, self._ended_by_itself = None, True
+                    self._helper, self._ended_why = None, "it ended"
         raise HelperGone("the helper forking its children ended as it started")
 
-    def _forget(self, helper: _Helper) -> None:
-        """`helper` is gone (unless another call forgot it already): the next launch starts another."""
+    def _forget(self, helper: _Helper, why: str, hung: bool = False) -> None:
+        """`helper` ended, or `hung` (it did not answer): the next launch starts another. The call that forgets it
+        first ends it, and kills it when it hung (its children get SIGALRM and roll back, as after an OOM kill:
+        a helper that hangs would never end, nor let them end); a call that finds it forgotten does nothing."""
         with self._lock:
-            if self._helper is helper:
-                self._helper, self._ended_by_itself = None, True
-        helper.end(0)
+            if self._helper is not helper:
+                return
+            self._helper, self._ended_why = None, why
+        if hung:
+            log.error("the process forking local delivery's children as users (pid %d): %s; killed",
+                      helper.process.pid, why)
+            helper.process.kill()
+        helper.end(STOP_WAIT if hung else 0)
 
     def _started(self) -> _Helper:
         """(under the lock) a new helper"""
-        if self._ended_by_itself:
+        if self._ended_why is not None:
             now = time.monotonic()
             if now - self._logged >= RESTART_LOG_EVERY:
                 self._logged = now
-                log.error("the process forking local delivery's children as users ended: started again (logged "
-                          "once every %gs)", RESTART_LOG_EVERY)
+                log.error("the process forking local delivery's children as users ended (%s): started again "
+                          "(logged once every %gs)", self._ended_why, RESTART_LOG_EVERY)
         server_end, helper_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             process = subprocess.Popen([sys.executable, "-I", "-c", _MAIN, str(helper_end.fileno()), _search_path()],
@@ -212,8 +221,10 @@ class Forker:
         except _GONE:
             ready = b""
         if ready != READY:
+            if ready is None:  # (hung in its start: it would never end)
+                process.kill()
             helper.end(0)
-            self._ended_by_itself = True
+            self._ended_why = "it ended as it started" if ready is not None else f"not started within {START_WAIT:g}s"
             raise HelperGone("the helper forking its children ended as it started" if ready is not None else
                              f"the helper forking its children did not start within {START_WAIT:g}s")
         return helper
@@ -230,7 +241,7 @@ class _Helper:
 
     def end(self, wait: float) -> None:
         """Its request socket closed (it ends once its children have); reaped within `wait` s, else by a thread of
-        its own when it ends (never killed: its children would lose their supervisor mid-write)."""
+        its own when it ends (not killed here: its children would lose their supervisor mid-write)."""
         self.requests.close()
         try:
             self.process.wait(wait)
