@@ -99,7 +99,7 @@ from mailflow.tables.check import table_problems
 from mailflow.tables.retire import RetiredTables
 from mailflow.tables.networks import NetworkList
 from mailflow.transports import build_transports
-from mailflow.transports.local.asuser import stop_helper
+from mailflow.transports.local.asuser import open_helper, stop_helper
 from mailflow.workers import BoundedWorkers
 
 if TYPE_CHECKING:  # imported when a feature serves HTTP (start-up time)
@@ -242,6 +242,7 @@ class Mailflow:
     async def start(self) -> None:
         c = self.config
         self._lock = QueueLock.acquire(c.queue_path)  # before the store: a second server touches nothing
+        open_helper()  # (local delivery's calls as users: a stop in this process refused them)
         try:
             self.store = await self._open_store(c)
             await self.store.sweep()  # spool files a crash left behind; nothing is being received yet
@@ -452,8 +453,11 @@ class Mailflow:
     async def stop(self) -> None:
         """The listeners (admin, HTTP), then address verification's probes (cancelled, awaited), then smtpd,
         pickup and qmgr drained together within the grace period, then local delivery's helper (told to end, which
-        it does once the children it forked as users have; waited for in a thread, forker.STOP_WAIT s at most),
-        then the content checks' and ARC seal's threads, then ETRN's flushes, then the store. Safe to call twice.
+        it does once the children it forked as users have; waited for in a thread, forker.STOP_WAIT s at most;
+        a delivery's thread left past the grace is refused a new child), then the content checks' and ARC seal's
+        threads, then ETRN's flushes, then the store. Safe to call twice. The helper and its children may outlive
+        the stop (and the process): each child within its own limits (a write as a user ends or rolls back; one
+        without a write limit is never cut; a read ends within its timeout), the helper once they all ended.
         A reload under way ends first (one that has bound new addresses must not put them in use, or leave them
         open, after the stop)."""
         async with self._reloading:

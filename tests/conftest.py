@@ -50,6 +50,7 @@ from dnslib.server import DNSHandler, DNSLogger, DNSServer
 from mailflow.app import Mailflow
 from mailflow.config import config_from_dict
 from mailflow.stages.smtpd.auth import hash_password
+from mailflow.transports.local.asuser import open_helper
 from tests.support import postfix as postfix_support
 from tests.support import CaptureHandler, CapturePeer, ZoneAuthority, base_settings, dovecot_instance, merged, to_toml
 
@@ -72,6 +73,13 @@ def _root_log_level_kept():
     level = root.level
     yield
     root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def _local_helper_open():
+    """Local delivery's calls as users taken (asuser.open_helper, as a server's start does): a server an earlier
+    test of the worker stopped refused them from then on, as a stopping server must."""
+    open_helper()
 
 
 def _encodable(text: str) -> str:

@@ -330,6 +330,7 @@ def test_the_child_holds_none_of_the_servers_descriptors(tmp_path):
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         asuser.stop_helper()
+        asuser.open_helper()
         held = asuser.call_as("nobody", "look", _descriptors, timeout=30).decode().split("\n")
         listening = f"socket:[{os.fstat(listener.fileno()).st_ino}]"
         helper = asuser._FORKER.pid
@@ -507,7 +508,8 @@ def test_a_helper_that_hangs_is_killed_once_and_the_next_call_starts_another(mon
 
 def test_the_servers_stop_lets_a_call_in_flight_end_and_ends_the_helper():
     """stop_helper (the server's stop) with a child writing: the helper takes no more requests, waits for its
-    child, whose call gets its answer, and exits; the next call starts another."""
+    child, whose call gets its answer, and exits. A call after the stop (a delivery's thread left past the grace)
+    starts no helper, which would outlive the server: it fails at once; the next start (open_helper) takes them."""
     asuser.call_as("nobody", "say", _answer, "first", timeout=30)
     helper = asuser._FORKER.pid
     answers: list[bytes] = []
@@ -521,6 +523,12 @@ def test_the_servers_stop_lets_a_call_in_flight_end_and_ends_the_helper():
     caller.join(10)
     assert answers == [b"done"]
     assert helper is not None and _gone(helper)
+    with pytest.raises(TemporaryError) as refused:
+        asuser.call_as("nobody", "say", _answer, "late", timeout=30)
+    assert (refused.value.dsn, refused.value.text) == (
+        "4.3.0", "cannot say as nobody: the helper forking its children was stopped (the server's stop)")
+    assert asuser._FORKER.pid is None
+    asuser.open_helper()
     assert asuser.call_as("nobody", "say", _answer, "again", timeout=30).endswith(b" again")
 
 
@@ -530,6 +538,7 @@ def test_the_helper_imports_nothing_from_the_servers_working_directory(tmp_path)
     marker = tmp_path / "imported"
     (tmp_path / "ctypes.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise ImportError('planted')\n")
     asuser.stop_helper()
+    asuser.open_helper()
     was = os.getcwd()
     os.chdir(tmp_path)
     try:

@@ -15,8 +15,9 @@
     rights_for(rights, default_privs) -> str | None   whose rights a command, file or :include: of local delivery
                                                 uses: as root `rights` (a .forward's system user) or else
                                                 `default_privs`, never root's; not as root, None (mailflow's own)
-    stop_helper()                               the helper told to end (the server's stop; blocks up to
-                                                forker.STOP_WAIT s: call it off the event loop)
+    stop_helper()                               the helper told to end, later calls refused (the server's stop;
+                                                blocks up to forker.STOP_WAIT s: call it off the event loop)
+    open_helper()                               calls taken again (the server's start)
 
 The children are forked by a small process of its own (forker.Forker: a fresh interpreter, started at the first
 call, and again after it ended), never by the server: a fork copies the forking process's page tables with the GIL
@@ -59,9 +60,11 @@ of every message to a file on a hung mount would add one, until the helper could
 
 The helper ending (killed, out of memory) under a call: its children get SIGALRM (PR_SET_PDEATHSIG: a marked one's
 work rolls back, or goes on when it has no `then`; a read ends), the calls fail 4.3.0 unless their child still
-reported whole, and the next call starts a new helper (logged once every forker.RESTART_LOG_EVERY s). It ends
-after the server too (its request socket's end of file), once its children have: it never outlives them, nor they
-their limits.
+reported whole, and the next call starts a new helper (logged once every forker.RESTART_LOG_EVERY s). After
+stop_helper() (or the server's end: its request socket's end of file) the helper takes no call and ends once its
+children have, which may be after the server has ended: a marked child within its own limits (its write ends, or
+rolls back at its next progress frame or its timer; without `then`, never cut), a read within `timeout` (+ `grace`
+for a marked child); it never outlives them. A call after stop_helper() starts no helper: it fails at once.
 
 Failure behaviour: `TemporaryError` 4.3.0 when `user` does not exist or is root (`refusing to DOING as USER: uid
 0`), when the child gave no answer within `timeout` (`cannot DOING as USER: no answer within Ns, the child was
@@ -70,7 +73,8 @@ DOING as USER: writing made no progress for Ns, nor ended Gs later, the child wa
 itself (`… not started writing within Ns`, `… writing made no progress for Ns`), when `fn` raised anything but a
 DeliveryError (`cannot DOING as USER: reason`), when `fn` or `args` cannot be pickled (`cannot DOING as USER:
 reason`), when the helper ended under the call (`cannot DOING as USER: the helper forking its children ended`), did
-not answer (`… did not answer within Ns`) or could not fork (`… cannot start the child: reason`), when `keep` is
+not answer (`… did not answer within Ns`) or could not fork (`… cannot start the child: reason`), after
+stop_helper() (`cannot DOING as USER: the helper forking its children was stopped (the server's stop)`), when `keep` is
 longer than MAX_KEEP (`cannot DOING as USER: N descriptors to keep, at most M`), or when STUCK_LIMIT killed
 children have not ended (`cannot DOING as USER: N children stuck in uninterruptible waits`, no child started); a
 DeliveryError raised by `fn` is raised again here with its permanence, status and text.
@@ -462,5 +466,10 @@ _FORKER = Forker()  # (process-wide, as the stuck children's count: its helper s
 
 def stop_helper() -> None:
     """The helper told to end (the server's stop; blocks up to forker.STOP_WAIT s: off the event loop); a later
-    call_as starts one again."""
+    call_as is refused, 4.3.0, until open_helper(): a helper started after the stop would outlive the server."""
     _FORKER.stop()
+
+
+def open_helper() -> None:
+    """call_as taken again after stop_helper() (the server's start; its helper is started at the first call)."""
+    _FORKER.open()

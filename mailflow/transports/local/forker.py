@@ -6,8 +6,10 @@
                                       the helper started first when there is none, or when the one there ended;
                                       `first`, `after_mark`: its limits once its caller is gone (below)
     forker.pid                        the helper's pid (None: none started)
-    forker.stop()                     the helper told to end (it does once its children have); blocks at most
-                                      STOP_WAIT s: call it off the event loop
+    forker.stop()                     the helper told to end (it does once its children have, which may be after
+                                      the server's end: each within its limits, below); launch() refused from
+                                      then on (HelperGone); blocks at most STOP_WAIT s: call it off the event loop
+    forker.open()                     launch() taken again after a stop() (a server started in this process)
     child.kill()                      SIGKILL to the child (by the helper, which alone may reap it)
     child.done_within(wait) -> bool   whether the helper reaped it (or ended) within `wait` s
     child.status() -> int | None      then: its wait status; None when the helper ended first
@@ -122,12 +124,17 @@ class Forker:
         self._helper: _Helper | None = None
         self._ended_why: str | None = None  # (why the last helper ended by itself: the next one is a restart, logged)
         self._logged = -math.inf  # (time.monotonic) when a restart was last logged
+        self._stopped = False  # (stop() called: no helper is started, no request sent, until open())
 
     def stop(self) -> None:
         with self._lock:
-            helper, self._helper, self._ended_why = self._helper, None, None
+            helper, self._helper, self._ended_why, self._stopped = self._helper, None, None, True
         if helper is not None:
             helper.end(STOP_WAIT)
+
+    def open(self) -> None:
+        with self._lock:
+            self._stopped = False
 
     @property
     def pid(self) -> int | None:
@@ -171,6 +178,8 @@ class Forker:
         meanwhile); the helper it went to."""
         with self._lock:
             for _ in range(2):
+                if self._stopped:
+                    raise HelperGone("the helper forking its children was stopped (the server's stop)")
                 if self._helper is None:
                     self._helper = self._started()
                 try:
