@@ -549,17 +549,20 @@ def test_the_helper_imports_nothing_from_the_servers_working_directory(tmp_path)
 
 
 def test_a_descriptor_above_1024_is_kept_at_its_number(tmp_path):
-    """The descriptors of a busy server go past 1024 (select's limit): one of them given to the child is read
-    through, at its number; more than MAX_KEEP are refused, not cut short."""
+    """The descriptors of a busy server go past 1024 (select's limit): the call's own sockets do (1100 opened
+    first), and one given to the child is read through, at its number; more than MAX_KEEP are refused, not cut
+    short."""
     secret = tmp_path / "content"
     secret.write_bytes(b"queued bytes")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < 1600:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1600, hard), hard))
+    if soft < 2048:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(2048, hard), hard))
+    busy = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
     fd = os.open(secret, os.O_RDONLY)
     high = fcntl.fcntl(fd, fcntl.F_DUPFD, 1500)
     os.close(fd)
     try:
+        assert max(busy) > 1024
         assert asuser.call_as("nobody", "read", os.pread, high, 100, 0, timeout=30, keep=(high,)) == b"queued bytes"
         many = (high,) * (asuser.MAX_KEEP + 1)
         with pytest.raises(TemporaryError) as failed:
@@ -567,18 +570,32 @@ def test_a_descriptor_above_1024_is_kept_at_its_number(tmp_path):
         assert failed.value.text == f"cannot read as nobody: {len(many)} descriptors to keep, at most {asuser.MAX_KEEP}"
     finally:
         os.close(high)
+        for one in busy:
+            os.close(one)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 async def test_the_servers_stop_ends_the_helper_off_its_loop(tmp_path):
-    """Mailflow.stop ends local delivery's helper (in a thread: the loop is not held while it waits for it)."""
+    """Mailflow.stop ends local delivery's helper in a thread: the helper waits here for a child that writes for
+    two seconds, and the stop with it, while the loop goes on."""
     from mailflow.app import Mailflow
     from mailflow.config import Config
-    await asyncio.to_thread(asuser.call_as, "nobody", "say", _answer, "hi", timeout=30)
+    loop = asyncio.get_running_loop()
+    writing = asyncio.create_task(asyncio.to_thread(
+        asuser.call_as, "nobody", "write", _writes_for_two_seconds, timeout=30, marked=True, then=30))
+    await asyncio.sleep(0.3)  # (the child writing)
     helper = asuser._FORKER.pid
     assert helper is not None
-    await Mailflow(Config(queue_directory=str(tmp_path / "queue"))).stop()  # (never started: only its stop)
+    watch = await asyncio.to_thread(LoopWatch, loop, 0.25)
+    try:
+        started = time.monotonic()
+        await Mailflow(Config(queue_directory=str(tmp_path / "queue"))).stop()  # (never started: only its stop)
+        stopping = time.monotonic() - started
+    finally:
+        await asyncio.to_thread(watch.close)
+    assert await writing == b"done"
     assert asuser._FORKER.pid is None and _gone(helper)
+    assert stopping > 1.0 and watch.longest < 0.5, (stopping, watch.stalls)
 
 
 @pytest.fixture
