@@ -532,6 +532,40 @@ def test_the_servers_stop_lets_a_call_in_flight_end_and_ends_the_helper():
     assert asuser.call_as("nobody", "say", _answer, "again", timeout=30).endswith(b" again")
 
 
+def test_the_servers_stop_does_not_wait_behind_a_helper_starting(monkeypatch):
+    """A helper slow to say READY (a loaded machine: up to START_WAIT s) holds the start's lock: the stop does not
+    wait behind it; the start gives up, its process killed, and its call fails as stopped."""
+    asuser.stop_helper()
+    asuser.open_helper()
+    monkeypatch.setattr(forker, "START_WAIT", 8.0)
+    monkeypatch.setattr(forker, "_MAIN", "import time; time.sleep(30)")
+    started, real_popen = [], subprocess.Popen
+    monkeypatch.setattr(forker.subprocess, "Popen", lambda *a, **k: started.append(real_popen(*a, **k)) or started[-1])
+    failures: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            asuser.call_as("nobody", "say", _answer, "late", timeout=30)
+        except BaseException as e:  # noqa: BLE001 - what the call raised, for the assertions
+            failures.append(e)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    for _ in range(400):
+        if started:
+            break
+        time.sleep(0.025)
+    time.sleep(0.2)
+    stopping = time.monotonic()
+    asuser.stop_helper()
+    assert time.monotonic() - stopping < 2
+    caller.join(10)
+    [failed] = failures
+    assert isinstance(failed, TemporaryError) and failed.text == f"cannot say as nobody: {forker.STOPPED}"
+    assert started[0].poll() is not None  # (killed and reaped)
+    asuser.open_helper()
+
+
 def test_the_helper_imports_nothing_from_the_servers_working_directory(tmp_path):
     """The helper runs as root; the server's working directory (the spool) is the mail account's to write in: a
     module planted there is never imported by the helper (`python -c` put the working directory first on sys.path)."""

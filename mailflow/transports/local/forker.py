@@ -8,7 +8,8 @@
     forker.pid                        the helper's pid (None: none started)
     forker.stop()                     the helper told to end (it does once its children have, which may be after
                                       the server's end: each within its limits, below); launch() refused from
-                                      then on (HelperGone); blocks at most STOP_WAIT s: call it off the event loop
+                                      then on (HelperGone), and by a start under way (not waited for); blocks
+                                      at most START_TICK + STOP_WAIT s: call it off the event loop
     forker.open()                     launch() taken again after a stop() (a server started in this process)
     child.kill()                      SIGKILL to the child (by the helper, which alone may reap it)
     child.done_within(wait) -> bool   whether the helper reaped it (or ended) within `wait` s
@@ -66,6 +67,7 @@ log = logging.getLogger("mailflow.local")
 STARTED, ENDED, FAILED, KILL, READY = b"P", b"X", b"E", b"K", b"R"
 RESTART_LOG_EVERY = 60.0  # seconds between two logs of a helper started again
 START_WAIT = 60.0  # seconds a new helper may take to say READY (its imports: 1-2 s, more on a loaded machine)
+START_TICK = 0.1  # seconds between two looks at a stop() while a new helper's READY is awaited
 ANSWER_WAIT = 30.0  # seconds a launch waits for `P` (a fork: milliseconds; a test's module imported first: seconds)
 STOP_WAIT = 5.0  # seconds stop() waits for the helper to end before it leaves it to end by itself
 MAX_FDS = 250  # descriptors in one request (SCM_RIGHTS carries 253 at most; a message's files are a handful)
@@ -76,6 +78,7 @@ _PR_SET_PDEATHSIG = 1
 _IGNORED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _MAIN = (f"import json, sys; sys.path[:] = json.loads(sys.argv[2]); from {__name__} import main; "
          "main(int(sys.argv[1]))")  # (the helper's whole program: -I, run from /, with the server's sys.path)
+STOPPED = "the helper forking its children was stopped (the server's stop)"  # (launch()'s refusal after stop())
 _GONE = (BrokenPipeError, ConnectionResetError, EOFError)  # what says the helper ended (nothing else does)
 
 
@@ -127,8 +130,9 @@ class Forker:
         self._stopped = False  # (stop() called: no helper is started, no request sent, until open())
 
     def stop(self) -> None:
+        self._stopped = True  # (before the lock: a start under it gives up within START_TICK s, not START_WAIT)
         with self._lock:
-            helper, self._helper, self._ended_why, self._stopped = self._helper, None, None, True
+            helper, self._helper, self._ended_why = self._helper, None, None
         if helper is not None:
             helper.end(STOP_WAIT)
 
@@ -179,7 +183,7 @@ class Forker:
         with self._lock:
             for _ in range(2):
                 if self._stopped:
-                    raise HelperGone("the helper forking its children was stopped (the server's stop)")
+                    raise HelperGone(STOPPED)
                 if self._helper is None:
                     self._helper = self._started()
                 try:
@@ -223,20 +227,31 @@ class Forker:
         finally:
             helper_end.close()
         helper = _Helper(process, server_end)
-        poller = select.poll()
-        poller.register(server_end, select.POLLIN)
-        try:
-            ready = server_end.recv(16) if poller.poll(START_WAIT * 1000) else None
-        except _GONE:
-            ready = b""
+        ready = self._ready(server_end)
         if ready != READY:
-            if ready is None:  # (hung in its start: it would never end)
+            if ready is None:  # (hung in its start, or stopped before it ended it: it would never end)
                 process.kill()
             helper.end(0)
+            if self._stopped:
+                raise HelperGone(STOPPED)
             self._ended_why = "it ended as it started" if ready is not None else f"not started within {START_WAIT:g}s"
             raise HelperGone("the helper forking its children ended as it started" if ready is not None else
                              f"the helper forking its children did not start within {START_WAIT:g}s")
         return helper
+
+    def _ready(self, server_end: socket.socket) -> bytes | None:
+        """What a new helper said first (READY, or b"": it ended); None when it said nothing within START_WAIT s, or
+        stop() came first (looked at every START_TICK s)."""
+        poller = select.poll()
+        poller.register(server_end, select.POLLIN)
+        deadline = time.monotonic() + START_WAIT
+        while not self._stopped and (left := deadline - time.monotonic()) > 0:
+            if poller.poll(min(left, START_TICK) * 1000):
+                try:
+                    return server_end.recv(16)
+                except _GONE:
+                    return b""
+        return None
 
 
 def _search_path() -> str:
