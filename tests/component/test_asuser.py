@@ -225,6 +225,37 @@ def test_a_killed_child_that_does_not_end_does_not_hold_the_callers_thread(monke
         pytest.fail("the killed child is still counted")
 
 
+def _answers_after_a_marker(marker: str) -> bytes:
+    with open(marker, "w"):
+        pass
+    time.sleep(0.3)
+    return b"answered"
+
+
+def test_a_helper_slow_to_reap_a_child_does_not_count_it_as_stuck(public_dir, caplog):
+    """A child that reported and ended is reaped by the helper; on a loaded machine the helper takes seconds (held
+    back here for 3 s): the call waits for its status, neither logging the child as stuck nor counting it."""
+    marker = public_dir / "answering"
+    answers: list[bytes] = []
+    caller = threading.Thread(target=lambda: answers.append(
+        asuser.call_as("nobody", "say", _answers_after_a_marker, str(marker), timeout=30)))
+    caller.start()
+    for _ in range(400):
+        if marker.exists():
+            break
+        time.sleep(0.025)
+    helper = asuser._FORKER.pid
+    assert helper is not None and marker.exists()
+    os.kill(helper, signal.SIGSTOP)
+    try:
+        time.sleep(3)
+    finally:
+        os.kill(helper, signal.SIGCONT)
+    caller.join(10)
+    assert answers == [b"answered"]
+    assert "has not ended" not in caplog.text and asuser._STUCK.count == 0
+
+
 def test_no_child_is_forked_while_too_many_killed_children_have_not_ended(monkeypatch, caplog):
     """Each attempt whose killed child does not end (a file on a hung mount, retried) left one more process and
     reaper thread, without bound, until fork or thread creation failed for every local delivery. At STUCK_LIMIT

@@ -107,7 +107,8 @@ MARK = b"M"  # a frame of its own, before the report: a marked child's progress 
 LOG = b"L"  # a frame of its own, before the report: a line the child logged, its level first
 CALL_AS_TIMEOUT = 60.0  # seconds a child may take (a .forward or :include: read: milliseconds when all is well)
 KILL_GRACE = 30.0  # seconds past a marked child's own limit before the caller kills it (it undoes its work meanwhile)
-REAP_WAIT = 2.0  # seconds a killed (or reported) child is waited for before it is counted as stuck
+REAP_WAIT = 10.0  # seconds a killed (or reported) child is waited for before it is counted as stuck (the helper
+#                   reaps it in milliseconds: seconds on a loaded machine, which must not count it as stuck)
 STUCK_LIMIT = 8  # children counted as stuck past which no child is started
 STUCK_LOG_EVERY = 60.0  # seconds between two logs of a call refused for them
 MAX_KEEP = MAX_FDS - 2  # descriptors a child may keep (`keep`; its socket and its control socket go with them)
