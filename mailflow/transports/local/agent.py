@@ -4,7 +4,7 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
 1. `LocalExpander.expand` (aliases, .forward; see mailflow.transports.local.aliasing), given the addresses already in
    the message's `Delivered-To:` headers so that a forwarding loop bounces (5.4.6); one past INLINE_LEAVES
    leaves (or past aliasing.INLINE_VISITS_PER_LEAF times as many addresses visited), or one that reads a .forward
-   or :include: file with a user's rights (a forked child), is made (again) in a worker thread, not on the event
+   or :include: file with a user's rights (asuser.call_as's child), is made (again) in a worker thread, not on the event
    loop.
 2. A `Pass` leaf (local.mailbox_transport, local.fallback_transport) is handed to that transport of `peers` (the
    registry of mailflow.transports) for that address and nexthop (none: the request's), as Postfix's deliver_pass:
@@ -45,7 +45,7 @@ Per recipient of the request (one beginning with '-' bounces 5.1.3 unless allow_
    Without `commands` settings they defer (4.3.5). Under a mailing list with an owner- alias the sender is the
    owner and there is no original recipient (no ORIGINAL_RECIPIENT, no X-Original-To), as local(8) gives them.
 5. Files (allowed ones): appended in mbox format under the mailbox locks (the same sender as commands); as root
-   by a forked child running as the leaf's `rights` or else `default_privs`; `/dev/null` accepts and discards.
+   by a child (asuser.call_as) running as the leaf's `rights` or else `default_privs`; `/dev/null` discards.
    A file name ending in "/" is a Maildir, written by such a child too (mailflow.transports.local.maildir_file,
    local(8)'s deliver_maildir): its directories made as needed, "delivered to maildir".
    A file whose directory does not exist is not created (its directories neither: deferred 4.2.0 until someone
@@ -401,7 +401,7 @@ class LocalTransport:
 
     async def _file(self, request: DeliveryRequest, rcpt: Recipient, leaf: File) -> Part:
         """A `/file` destination, appended in mbox format under the mailbox locks; `/dev/null` discards. As
-        root the append runs in a forked child as the .forward's user or `default_privs` (Postfix writes files
+        root the append runs in a child (asuser.call_as) as the .forward's user or `default_privs` (Postfix writes files
         with the alias owner's or the user's rights, never root's: a .forward must not reach /etc/passwd). The
         append runs in one of the agent's own FILE_WRITERS threads: a file that never answers (a FUSE file the user
         serves, a hung NFS mount) holds one of those, never a thread the queue's fsyncs and smtpd share; once

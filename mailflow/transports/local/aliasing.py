@@ -62,7 +62,7 @@ Rules, as local(8):
    else for a known user local.mailbox_command, a `Command` of source "mailbox" (run as the user, with HOME;
    allow_mail_to_commands does not apply to it).
 Whose rights (local(8)'s "delivery rights"): when mailflow runs as root and the user is also a system user
-(not root), its .forward is opened as that user, by a forked child (asuser.call_as), and the commands, files and
+(not root), its .forward is opened as that user, by a child of asuser.call_as, and the commands, files and
 :include: files the .forward names (directly or through an :include:) carry that user in `rights`: they run and
 are read as the user. An :include: file an alias names and a system user other than root owns gives what it names
 that owner's rights in the same way (include.c: its owner must not act as default_privs; an owner uid without a
@@ -279,7 +279,7 @@ def _small_text(path: Path, data: bytes) -> str:
 
 def _file_or_nothing(path: Path) -> bytes:
     """"F" and the file's bytes (as `_small_file_bytes` gives them), "N" when there is no such file; raises
-    TemporaryError as it does (asuser.call_as carries it to the parent)."""
+    TemporaryError as it does (asuser.call_as carries it to the caller)."""
     data = _small_file_bytes(path)
     return b"N" if data is None else b"F" + data
 

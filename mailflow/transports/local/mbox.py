@@ -245,7 +245,7 @@ async def append_mbox(path: Path, entry: bytes | Iterable[bytes] | HeldEntry, *,
     """Append `entry` (from format_mbox_entry) to the mbox file at `path`, durably, under `locks` (taken in
     that order), or raise a DeliveryError (TemporaryError / PermanentError, see the module docstring). A failed
     append is truncated back (see the module docstring). With `user` (mailflow running as root) each attempt runs in a
-    forked child with that user's uid, gid and groups, so the file system checks that user's rights.
+    child (forked by asuser's helper process) with that user's uid, gid and groups: the file system checks its rights.
     With `owner` (uid, gid: the recipient's, mailflow running as root) a mailbox created here is given to it,
     and an existing one that another uid owns is not written: TemporaryError 4.2.0 (Postfix's
     strict_mailbox_ownership); with `home` too (a home mailbox: the user's home, `<maildir_base>/<user>`), the home
@@ -342,7 +342,7 @@ def _busy(path: Path, style: LockStyle) -> TemporaryError:
 
 
 def _append_once_as(user: str, write_limit: float | None, keep: tuple[int, ...], *args) -> LockStyle | None:
-    """`_append_once` with `user`'s rights, in a child process forked from this worker thread (asuser.call_as);
+    """`_append_once` with `user`'s rights, in a child process asuser.call_as has its helper fork (this thread waits);
     its DeliveryError comes back as itself, the lock it found busy as its name. A child that has not started writing
     within FILE_START_TIMEOUT s (a file whose open, lock or stat never answers) is stopped by its own timer (the
     dotlock it made removed: 4.3.0 "not started writing"), with `write_limit` set; killed KILL_GRACE s later. Once
