@@ -319,10 +319,10 @@ _STUCK = _StuckChildren()  # (process-wide, as the children are)
 
 def _framed_report(fd: int, deadline: float | None, after_mark: float | None = None,
                    queue_id: str = "") -> bytes | None:
-    """The child's report (each frame its length first), b"" when the pipe ends before it is whole (the child
-    died), None when `deadline` (time.monotonic; None: none) passes first. Each MARK frame before it puts the
-    deadline `after_mark` s on (None: none), and MARK is returned when that one passes first. What is in the pipe
-    when a deadline passes is read first."""
+    """The child's report (each frame its length first; in the child: its order), b"" when the socket ends before
+    it is whole (the child died), None when `deadline` (time.monotonic; None: none) passes first. Each MARK frame
+    before it puts the deadline `after_mark` s on (None: none), and MARK is returned when that one passes first.
+    What is in the socket when a deadline passes is read first."""
     late = None
     poller = select.poll()
     poller.register(fd, select.POLLIN)
@@ -373,8 +373,10 @@ def child_main(given: list[int], helper: int) -> None:
     at the numbers they have in the server (its order names them), every other closed; its log lines sent as
     frames; then identity switched, `fn` called, its report written, exit."""
     try:
-        keep, groups, gid, uid, doing, user, fn, args, timeout, marked, then, grace = pickle.loads(
-            _read_frame(given[0]))
+        order = _framed_report(given[0], None)  # (its one frame, from the caller)
+        if not order:
+            raise EOFError("the order was cut short")
+        keep, groups, gid, uid, doing, user, fn, args, timeout, marked, then, grace = pickle.loads(order)
         work_at = _place(given[0], given[1:], keep)
     except BaseException as e:  # noqa: BLE001 - reported as fn's own failure would be
         _report_and_exit(given[0], partial(_raise, e))
@@ -406,16 +408,6 @@ def child_main(given: list[int], helper: int) -> None:
 
 def _raise(e: BaseException) -> bytes:
     raise e
-
-
-def _read_frame(fd: int) -> bytes:
-    received = bytearray()
-    while len(received) < _LENGTH.size or len(received) < _LENGTH.size + _LENGTH.unpack_from(received)[0]:
-        chunk = os.read(fd, 1 << 20)
-        if not chunk:
-            raise EOFError("the order was cut short")
-        received += chunk
-    return bytes(received[_LENGTH.size:])
 
 
 def _place(work: int, given: list[int], numbers: tuple[int, ...]) -> int:

@@ -95,10 +95,7 @@ class Child:
     def kill(self) -> None:
         """SIGKILL by the helper (a child that ended already: nothing; the helper ended: its children got
         SIGALRM)."""
-        try:
-            self._control.send(KILL)
-        except OSError:
-            pass
+        _told(self._control, KILL)
 
     def done_within(self, wait: float) -> bool:
         """Whether the helper reaped it (or ended) within `wait` s: `X`, or an end of file, readable."""
@@ -328,10 +325,7 @@ def _serve(requests: socket.socket) -> None:
                 if by_control.pop(child.control.fileno(), None) is not None:
                     poller.unregister(child.control)
                 _, status = os.waitpid(child.pid, 0)
-                try:
-                    child.control.send(ENDED + _PID.pack(status))
-                except OSError:
-                    pass
+                _told(child.control, ENDED + _PID.pack(status))
                 os.close(child.pidfd)
                 child.control.close()
             elif fd in by_control:  # `K`, or the caller left (the server ended): it finishes within its limits
@@ -405,6 +399,7 @@ def _refuse(fds: list[int], reason: str) -> None:
 
 
 def _told(control: socket.socket, message: bytes) -> bool:
+    """`message` sent on `control`; False when it could not be (its other end closed)."""
     try:
         control.send(message)
         return True
