@@ -454,7 +454,8 @@ def _send_frame(fd: int, frame: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-_FORKER = Forker()  # (process-wide, as the stuck children's count: its helper started at the first call)
+# process-wide, as the stuck children's count; its helper started at the first call, its children run child_main
+_FORKER = Forker(f"{__name__}.child_main")
 
 
 def stop_helper() -> None:

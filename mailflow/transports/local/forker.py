@@ -1,6 +1,7 @@
 """A small process of its own that forks call_as's children, so the server itself is never forked for them.
 
-    Forker()                          no helper yet
+    Forker(entry)                     no helper yet; `entry`: the dotted name of the function each child runs,
+                                      given the descriptors it got and the helper's pid (asuser's child_main)
     forker.launch(fds, modules, first, after_mark) -> Child
                                       a child of the helper given `fds`, once `modules` are imported in the helper;
                                       the helper started first when there is none, or when the one there ended;
@@ -76,8 +77,9 @@ PRELOADED = ("mailflow.transports.local.mbox", "mailflow.transports.local.maildi
 _PID = struct.Struct("!i")
 _PR_SET_PDEATHSIG = 1
 _IGNORED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# the helper's whole program (run with -I from /): the server's sys.path, then main(its request socket, entry)
 _MAIN = (f"import json, sys; sys.path[:] = json.loads(sys.argv[2]); from {__name__} import main; "
-         "main(int(sys.argv[1]))")  # (the helper's whole program: -I, run from /, with the server's sys.path)
+         "main(int(sys.argv[1]), sys.argv[3])")
 STOPPED = "the helper forking its children was stopped (the server's stop)"  # (launch()'s refusal after stop())
 _GONE = (BrokenPipeError, ConnectionResetError, EOFError)  # what says the helper ended (nothing else does)
 
@@ -119,7 +121,8 @@ class Child:
 class Forker:
     """See the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, entry: str) -> None:
+        self._entry = entry
         self._lock = threading.Lock()
         self._helper: _Helper | None = None
         self._ended_why: str | None = None  # (why the last helper ended by itself: the next one is a restart, logged)
@@ -215,8 +218,8 @@ class Forker:
                           "(logged once every %gs)", self._ended_why, RESTART_LOG_EVERY)
         server_end, helper_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            process = subprocess.Popen([sys.executable, "-I", "-c", _MAIN, str(helper_end.fileno()), _search_path()],
-                                       pass_fds=(helper_end.fileno(),), stdin=subprocess.DEVNULL,
+            process = subprocess.Popen([sys.executable, "-I", "-c", _MAIN, str(helper_end.fileno()), _search_path(),
+                                        self._entry], pass_fds=(helper_end.fileno(),), stdin=subprocess.DEVNULL,
                                        stdout=subprocess.DEVNULL, cwd="/")
         except BaseException:
             server_end.close()
@@ -293,8 +296,9 @@ class _Running:
             self.kill_at = max(self._first, time.monotonic() + self._after_mark)
 
 
-def _serve(requests: socket.socket) -> None:
-    """The helper's loop: requests until their socket's end, then its children until they all ended."""
+def _serve(requests: socket.socket, entry: Callable[[list[int], int], None]) -> None:
+    """The helper's loop: requests until their socket's end, then its children (each running `entry`) until they
+    all ended."""
     poller = select.poll()
     poller.register(requests, select.POLLIN)
     by_pidfd: dict[int, _Running] = {}
@@ -314,7 +318,7 @@ def _serve(requests: socket.socket) -> None:
                     continue
                 if not received:
                     continue
-                child = _started_child(*received)
+                child = _started_child(entry, *received)
                 if child is not None:
                     by_pidfd[child.pidfd] = by_control[child.control.fileno()] = child
                     poller.register(child.pidfd, select.POLLIN)
@@ -363,8 +367,8 @@ def _request(requests: socket.socket) -> tuple[list[int], tuple[str, ...], float
     return fds, modules, first, after_mark
 
 
-def _started_child(fds: list[int], modules: tuple[str, ...], first: float | None,
-                   after_mark: float | None) -> _Running | None:
+def _started_child(entry: Callable[[list[int], int], None], fds: list[int], modules: tuple[str, ...],
+                   first: float | None, after_mark: float | None) -> _Running | None:
     """A child forked and given fds[1:]; fds[0], its control socket, told `P` + its pid (or `E` + why not)."""
     control, given = socket.socket(fileno=fds[0]), fds[1:]
     try:
@@ -378,7 +382,7 @@ def _started_child(fds: list[int], modules: tuple[str, ...], first: float | None
     if pid == 0:
         try:
             die_with_parent(helper)
-            _child_main(given, helper)
+            entry(given, helper)
         finally:
             os._exit(1)
     for fd in given:
@@ -414,9 +418,6 @@ def _kill(pidfd: int) -> None:
         pass
 
 
-_child_main: Callable[[list[int], int], None]  # (in the helper: asuser's, set by main(); given the helper's pid)
-
-
 def die_with_parent(helper: int) -> None:
     """In a child of the helper (`helper`: its pid, taken before the fork): SIGALRM when the helper ends
     (PR_SET_PDEATHSIG; cleared by a change of identity: set again after one); the helper already gone: SIGALRM now
@@ -426,21 +427,21 @@ def die_with_parent(helper: int) -> None:
         os.kill(os.getpid(), signal.SIGALRM)
 
 
-def main(requests_fd: int) -> None:
-    """The helper: the signals that end a process group ignored, the children's modules imported, then its loop.
+def main(requests_fd: int, entry: str) -> None:
+    """The helper: the signals that end a process group ignored, the children's modules and `entry` (what each
+    child runs: a dotted name) imported, then its loop.
     (No PR_SET_PDEATHSIG of its own: the kernel sends it when the server's thread that started it ends, a worker
     thread; the request socket's end of file tells it of the server's end, in order after every request.)"""
-    global _child_main
     for signum in _IGNORED:
         signal.signal(signum, signal.SIG_IGN)
     requests = socket.socket(fileno=requests_fd)
     for name in PRELOADED:
         importlib.import_module(name)
-    from mailflow.transports.local import asuser
-    _child_main = asuser.child_main
+    module, _, name = entry.rpartition(".")
+    child_main = getattr(importlib.import_module(module), name)
     try:
         requests.send(READY)
     except _GONE:
         return
-    _serve(requests)
+    _serve(requests, child_main)
 
