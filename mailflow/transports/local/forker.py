@@ -34,14 +34,15 @@ request socket's end of file: from then it takes no request, and exits once its 
 caller left without `K` (the server ended) is left to its own limits: a marked child ends its work, or rolls it
 back when its next progress frame finds no reader; the helper kills it only past `first` s after its start or
 `after_mark` s after its caller left, whichever is later (both sent with its request; None: no limit, it is never
-killed). The children get PR_SET_PDEATHSIG SIGALRM (a marked child's timer signal: its work rolls back, 4.3.0;
-an unmarked one, a read, ends) when the helper ends.
+killed). The children get PR_SET_PDEATHSIG SIGALRM (a marked child's timer signal: its work rolls back, 4.3.0
+"the helper forking its children ended"; an unmarked one, a read, ends) when the helper ends.
 
 Failure behaviour: launch() raises HelperGone (its text says why) when the helper ended (EPIPE, ECONNRESET, the
 control socket's end of file), did not say READY within START_WAIT s of its start (its imports done) or did not
 answer a request within ANSWER_WAIT s (then it is killed, logged: its children get SIGALRM and roll back, as after
 an OOM kill; a helper that hangs would never end); the next launch() starts another (logged, with why, at most once
-every RESTART_LOG_EVERY s). It raises OSError with the helper's reason (`E`: a fork refused, EAGAIN) for that call
+every RESTART_LOG_EVERY s); after stop() (until open()) it raises HelperGone(STOPPED), a start under way killing
+the helper it started. It raises OSError with the helper's reason (`E`: a fork refused, EAGAIN) for that call
 alone, and ValueError past MAX_FDS descriptors.
 """
 from __future__ import annotations
@@ -231,7 +232,7 @@ class Forker:
         if ready != READY:
             if ready is None:  # (hung in its start, or stopped before it ended it: it would never end)
                 process.kill()
-            helper.end(0)
+            helper.end(STOP_WAIT if ready is None else 0)  # (killed: reaped here, in milliseconds)
             if self._stopped:
                 raise HelperGone(STOPPED)
             self._ended_why = "it ended as it started" if ready is not None else f"not started within {START_WAIT:g}s"
