@@ -160,9 +160,8 @@ class Forker:
             poller = select.poll()
             poller.register(near, select.POLLIN)
             if not poller.poll(ANSWER_WAIT * 1000):
-                silent = f"the helper forking its children did not answer within {ANSWER_WAIT:g}s"
-                self._forget(helper, silent, hung=True)
-                raise HelperGone(silent)
+                self._forget(helper, f"no answer within {ANSWER_WAIT:g}s", hung=True)
+                raise HelperGone(f"the helper forking its children did not answer within {ANSWER_WAIT:g}s")
             try:
                 message = near.recv(4096)
             except _GONE:
