@@ -599,9 +599,11 @@ def test_the_servers_stop_does_not_wait_behind_a_helper_starting(monkeypatch):
 
 def test_the_helper_imports_nothing_from_the_servers_working_directory(tmp_path):
     """The helper runs as root; the server's working directory (the spool) is the mail account's to write in: a
-    module planted there is never imported by the helper (`python -c` put the working directory first on sys.path)."""
+    module planted there is never imported by the helper (`python -c` put the working directory first on sys.path,
+    before the helper's first statement, `import json, sys`, could set it)."""
     marker = tmp_path / "imported"
-    (tmp_path / "ctypes.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise ImportError('planted')\n")
+    for planted in ("json.py", "ctypes.py"):
+        (tmp_path / planted).write_text(f"open({str(marker)!r}, 'w').close()\nraise ImportError('planted')\n")
     asuser.stop_helper()
     asuser.open_helper()
     was = os.getcwd()
