@@ -274,8 +274,8 @@ class MailLog:
         """The end of an attempt found no message to remove or defer (`deferred`): an operator deleted it first
         (postsuper's `removed` was logged then). Postfix's qmgr warns in its own words, the queue id inside them:
         `qmgr_active_done: remove QID from active: No such file or directory`, `qmgr_active_defer: rename QID from
-        active to deferred: No such file or directory`."""
-        if not self.active:
+        active to deferred: No such file or directory`. A warning: written at level warning too."""
+        if self._observer is None and not self._log.isEnabledFor(logging.WARNING):
             return
         line = (f"qmgr_active_defer: rename {queue_id} from active to deferred" if deferred
                 else f"qmgr_active_done: remove {queue_id} from active")

@@ -329,3 +329,15 @@ def test_a_json_records_traceback_cut_to_its_share_keeps_its_last_lines():
     lines = json.loads(line)["exception"].splitlines()
     assert re.fullmatch(r"\(\d+ lines left out\)", lines[0]) and 3 < len(lines) < 20, lines
     assert lines[-1].startswith("KeyError: 'missing header vvv") and 'raise KeyError("missing header' in lines[-2]
+
+
+def test_the_warning_for_a_message_deleted_under_its_attempt_is_written_at_level_warning():
+    """qmgr's `gone` line is a warning (Postfix's msg_warn): a log at level warning, where the info lines are off,
+    still gets it, in Postfix's words."""
+    logger, captured = records("test.logs.gone")
+    logger.setLevel(logging.WARNING)
+    log = MailLog(logger)
+    log.removed("ABC123")
+    log.gone("ABC123", deferred=True)
+    assert [r.getMessage() for r in captured] == [
+        "qmgr_active_defer: rename ABC123 from active to deferred: No such file or directory"]
