@@ -26,7 +26,7 @@ Runner (used by pipe services and by local's `|command` destinations):
   cancelled meanwhile is closed by that thread. It keeps the first `output_limit` bytes of the command's merged
   stdout+stderr and drains the rest, and kills its whole process group at the time limit (or when the delivery is
   cancelled; never a group whose number may have been reused once the command ended: see `_Group`); a cancel that
-  comes once the command's output ended does not lose its status when the command exits within REAP_WAIT seconds
+  comes once the command's output ended does not lose its status when the command exits within CANCEL_REAP_WAIT seconds
   (it may have exited, not reaped yet): it is returned, the cancel raised at the caller's next wait
   (mailflow.uncut.postpone_cancel), so that the delivery is recorded. The delivery
   ends then, whatever holds the command's output pipe: it is ours (`_Output`) and closed at the limit,
@@ -125,7 +125,7 @@ log = logging.getLogger("mailflow.pipe")
 
 DEFAULT_PATH = "/usr/bin:/bin"
 SHELL = "/bin/sh"  # what a local command with shell metacharacters is given to (Postfix's _PATH_BSHELL)
-REAP_WAIT = 1.0  # seconds a stop's cancel waits for a command whose output ended to be reaped (its status kept)
+CANCEL_REAP_WAIT = 1.0  # seconds a stop's cancel waits for a command whose output ended to be reaped (its status kept)
 
 # ------------------------------------------------------------------------------------------------ the runner
 
@@ -329,7 +329,7 @@ async def _run(argv: list[str], message: int, *, env: dict[str, str], time_limit
     except asyncio.CancelledError:  # (a stop's): a command that had ended already has its status, handed on first
         if not output.ended.done():
             raise
-        await asyncio.wait({reaped}, timeout=REAP_WAIT)  # (its output ended: its exit may not be reaped yet)
+        await asyncio.wait({reaped}, timeout=CANCEL_REAP_WAIT)  # (its output ended: its exit may not be reaped yet)
         if proc.returncode is None:
             raise
         postpone_cancel()

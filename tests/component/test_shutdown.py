@@ -387,7 +387,7 @@ async def test_a_stop_during_an_alias_s_first_mailbox_write_delivers_each_member
 async def test_a_stop_keeps_the_status_of_a_command_whose_output_ended_so_a_restart_runs_it_once(tmp_path):
     """A pipe service's command has read the message and closed its output; it exits a moment later. The stop's
     cancel came in that moment: the command was killed and its status lost, and the restart ran it again (the
-    message twice in its file). The cancel waits for the exit (REAP_WAIT at most): the status is recorded."""
+    message twice in its file). The cancel waits for the exit (CANCEL_REAP_WAIT at most): the status is recorded."""
     with script_dir() as scripts:
         command = scripts.script("filter.sh", f"cat >> {scripts.out}/copies\nexec >&- 2>&-\n"
                                               f"touch {scripts.out}/closed\nsleep 0.4\n")
