@@ -200,6 +200,7 @@ class Mailflow:
         self._grace = self._grace_of(config)
         self.store: Store | None = None
         self._lock: QueueLock | None = None
+        self._helper_opened = False  # (open_helper() called by start, stop_helper() not yet: asuser counts servers)
         self.qmgr: QueueManager | None = None
         self.smtpd: Smtpd | None = None
         self.pickup: Pickup | None = None
@@ -242,7 +243,9 @@ class Mailflow:
     async def start(self) -> None:
         c = self.config
         self._lock = QueueLock.acquire(c.queue_path)  # before the store: a second server touches nothing
-        open_helper()  # (local delivery's calls as users: a stop in this process refused them)
+        if not self._helper_opened:  # (local delivery's calls as users: one more server of this process uses them)
+            open_helper()
+            self._helper_opened = True
         try:
             self.store = await self._open_store(c)
             await self.store.sweep()  # spool files a crash left behind; nothing is being received yet
@@ -476,7 +479,9 @@ class Mailflow:
         stages = [stage for stage in (self.smtpd, self.pickup, self.qmgr) if stage is not None]
         await asyncio.gather(*(stage.stop(self._grace) for stage in stages))
         self.smtpd = self.pickup = self.qmgr = None
-        await asyncio.to_thread(stop_helper)
+        if self._helper_opened:  # (once: a second stop must not count this server out again)
+            self._helper_opened = False
+            await asyncio.to_thread(stop_helper)
         if self._check_workers is not None:  # no inspection is left: a cancelled one's walk ends at its next line
             if not await self._check_workers.close_within(self._grace):  # (a walk stuck in a hung sqlite read)
                 log.warning("content checks: a walk still runs %gs after the stop; its thread is left", self._grace)

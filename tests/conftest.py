@@ -50,7 +50,7 @@ from dnslib.server import DNSHandler, DNSLogger, DNSServer
 from mailflow.app import Mailflow
 from mailflow.config import config_from_dict
 from mailflow.stages.smtpd.auth import hash_password
-from mailflow.transports.local.asuser import open_helper
+from mailflow.transports.local import asuser
 from tests.support import postfix as postfix_support
 from tests.support import CaptureHandler, CapturePeer, ZoneAuthority, base_settings, dovecot_instance, merged, to_toml
 
@@ -76,10 +76,13 @@ def _root_log_level_kept():
 
 
 @pytest.fixture(autouse=True)
-def _local_helper_open():
-    """Local delivery's calls as users taken (asuser.open_helper, as a server's start does): a server an earlier
-    test of the worker stopped refused them from then on, as a stopping server must."""
-    open_helper()
+def _local_helper_as_in_a_fresh_process():
+    """Local delivery's helper counts no server as its user and takes calls, as in a fresh process: the servers an
+    earlier test of the worker started and stopped counted themselves out, the last one's stop refusing calls as it
+    must, and a server a test left running must not keep the next test's stops from ending the helper."""
+    forker = asuser._FORKER
+    with forker._users_lock:
+        forker._users, forker._stopped = 0, False
 
 
 def _encodable(text: str) -> str:

@@ -563,6 +563,22 @@ def test_the_servers_stop_lets_a_call_in_flight_end_and_ends_the_helper():
     assert asuser.call_as("nobody", "say", _answer, "again", timeout=30).endswith(b" again")
 
 
+def test_one_servers_stop_leaves_the_helper_to_another_server_of_the_process():
+    """Two servers in one process (an embedding test suite's sinks) share the helper: the first one's stop neither
+    ends it nor refuses the other's calls; the last one's does both."""
+    asuser.open_helper()
+    asuser.open_helper()
+    asuser.call_as("nobody", "say", _answer, "first", timeout=30)
+    helper = asuser._FORKER.pid
+    asuser.stop_helper()
+    assert asuser.call_as("nobody", "say", _answer, "still", timeout=30).endswith(b" still")
+    assert asuser._FORKER.pid == helper
+    asuser.stop_helper()
+    assert helper is not None and _gone(helper)
+    with pytest.raises(TemporaryError, match="was stopped"):
+        asuser.call_as("nobody", "say", _answer, "late", timeout=30)
+
+
 def test_the_servers_stop_does_not_wait_behind_a_helper_starting(monkeypatch):
     """A helper slow to say READY (a loaded machine: up to START_WAIT s) holds the start's lock: the stop does not
     wait behind it; the start gives up, its process killed, and its call fails as stopped."""
@@ -656,7 +672,10 @@ async def test_the_servers_stop_ends_the_helper_off_its_loop(tmp_path):
     watch = await asyncio.to_thread(LoopWatch, loop, 0.25)
     try:
         started = time.monotonic()
-        await Mailflow(Config(queue_directory=str(tmp_path / "queue"))).stop()  # (never started: only its stop)
+        server = Mailflow(Config(queue_directory=str(tmp_path / "queue")))  # (never started: only its stop)
+        asuser.open_helper()
+        server._helper_opened = True  # (as its start does)
+        await server.stop()
         stopping = time.monotonic() - started
     finally:
         await asyncio.to_thread(watch.close)

@@ -15,9 +15,10 @@
     rights_for(rights, default_privs) -> str | None   whose rights a command, file or :include: of local delivery
                                                 uses: as root `rights` (a .forward's system user) or else
                                                 `default_privs`, never root's; not as root, None (mailflow's own)
-    stop_helper()                               the helper told to end, later calls refused (the server's stop;
-                                                blocks up to forker.STOP_WAIT s: call it off the event loop)
-    open_helper()                               calls taken again (the server's start)
+    stop_helper()                               the server's stop: when no other server of the process is
+                                                started, the helper told to end and later calls refused (blocks
+                                                up to forker.STOP_WAIT s: call it off the event loop)
+    open_helper()                               the server's start: one more user, calls taken (again)
 
 The children are forked by a small process of its own (forker.Forker: a fresh interpreter, started at the first
 call, and again after it ended), never by the server: a fork copies the forking process's page tables with the GIL
@@ -64,7 +65,8 @@ reported whole, and the next call starts a new helper (logged once every forker.
 stop_helper() (or the server's end: its request socket's end of file) the helper takes no call and ends once its
 children have, which may be after the server has ended: a marked child within its own limits (its write ends, or
 rolls back at its next progress frame or its timer; without `then`, never cut), a read within `timeout` (+ `grace`
-for a marked child); it never outlives them. A call after stop_helper() starts no helper: it fails at once.
+for a marked child); it never outlives them. A call after the last server's stop_helper() (each server's start
+called open_helper(); the helper is theirs together) starts no helper: it fails at once.
 
 Failure behaviour: `TemporaryError` 4.3.0 when `user` does not exist or is root (`refusing to DOING as USER: uid
 0`), when the child gave no answer within `timeout` (`cannot DOING as USER: no answer within Ns, the child was
@@ -459,11 +461,12 @@ _FORKER = Forker(f"{__name__}.child_main")
 
 
 def stop_helper() -> None:
-    """The helper told to end (the server's stop; blocks up to forker.STOP_WAIT s: off the event loop); a later
-    call_as is refused, 4.3.0, until open_helper(): a helper started after the stop would outlive the server."""
+    """A server's stop. The last started server's: the helper told to end (blocks up to forker.STOP_WAIT s: off the
+    event loop) and a later call_as refused, 4.3.0, until open_helper(): a helper started after the stop would
+    outlive the server. Another server of the process still started: nothing (the helper is theirs too)."""
     _FORKER.stop()
 
 
 def open_helper() -> None:
-    """call_as taken again after stop_helper() (the server's start; its helper is started at the first call)."""
+    """A server's start: one more user of the helper (started at the first call); call_as taken (again)."""
     _FORKER.open()

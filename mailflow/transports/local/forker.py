@@ -41,7 +41,8 @@ Failure behaviour: launch() raises HelperGone (its text says why) when the helpe
 control socket's end of file), did not say READY within START_WAIT s of its start (its imports done) or did not
 answer a request within ANSWER_WAIT s (then it is killed, logged: its children get SIGALRM and roll back, as after
 an OOM kill; a helper that hangs would never end); the next launch() starts another (logged, with why, at most once
-every RESTART_LOG_EVERY s); after stop() (until open()) it raises HelperGone(STOPPED), a start under way killing
+every RESTART_LOG_EVERY s); once every server that open()ed it has stop()ped (a count: servers in one process
+do not stop each other's helper) it raises HelperGone(STOPPED) until the next open(), a start under way killing
 the helper it started. It raises OSError with the helper's reason (`E`: a fork refused, EAGAIN) for that call
 alone, and ValueError past MAX_FDS descriptors.
 """
@@ -128,17 +129,26 @@ class Forker:
         self._helper: _Helper | None = None
         self._ended_why: str | None = None  # (why the last helper ended by itself: the next one is a restart, logged)
         self._logged = -math.inf  # (time.monotonic) when a restart was last logged
-        self._stopped = False  # (stop() called: no helper is started, no request sent, until open())
+        self._users = 0  # servers that open()ed and have not stop()ped (the helper is theirs together)
+        self._users_lock = threading.Lock()  # (not _lock: a stop must not wait behind a start holding it)
+        self._stopped = False  # (the last user stopped: no helper is started, no request sent, until open())
 
     def stop(self) -> None:
-        self._stopped = True  # (before the lock: a start under it gives up within START_TICK s, not START_WAIT)
+        """A server's stop: the helper is told to end when it was the last user (else: nothing)."""
+        with self._users_lock:
+            self._users = max(0, self._users - 1)
+            if self._users:
+                return
+            self._stopped = True  # (before _lock: a start under it gives up within START_TICK s, not START_WAIT)
         with self._lock:
             helper, self._helper, self._ended_why = self._helper, None, None
         if helper is not None:
             helper.end(STOP_WAIT)
 
     def open(self) -> None:
-        with self._lock:
+        """A server's start: one more user; calls are taken (again)."""
+        with self._users_lock:
+            self._users += 1
             self._stopped = False
 
     @property
