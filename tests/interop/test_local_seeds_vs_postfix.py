@@ -344,6 +344,21 @@ WRITTEN = {
     "a restricted file after a deferral, then allowed": lambda spool, script: Case(
         {"a3": f":include:{spool}/inc/i1, {spool}/files/f0", "a1": f'"|{script} c1 75"'},
         {"i1": f"a1\n{spool}/files/f0\n"}, {}, ["a3"]),
+    # ... and a file named at three places is settled at the first place local(8) reaches (file.c's key, then its
+    # restriction): allowed on a line of .forward+x after one that deferred (not read), then restricted in i0 an
+    # :include: file of .forward names, then allowed in .forward: refused, not written (each with nobody's rights)
+    "a file allowed after a deferral, restricted, then allowed": lambda spool, script: Case(
+        {"a1": "nobody+x, nobody"}, {"i0": f"{spool}/files/f0\n"},
+        {".forward+x": f'"|{script} c1 75"\n{spool}/files/f0',
+         ".forward": f":include:{spool}/inc/i0\n{spool}/files/f0"},
+        ["a1"]),
+    # ... and the other way: restricted in i0 on a line after the deferral (not read), allowed in .forward, then
+    # restricted in i1: written
+    "a file restricted after a deferral, allowed, then restricted": lambda spool, script: Case(
+        {"a1": "nobody+x, nobody"}, {"i0": f"{spool}/files/f0\n", "i1": f"{spool}/files/f0\n"},
+        {".forward+x": f'"|{script} c1 75"\n:include:{spool}/inc/i0',
+         ".forward": f"{spool}/files/f0\n:include:{spool}/inc/i1"},
+        ["a1"]),
     # an address is resubmitted once however many lists name it, from the first one's owner (local(8)'s
     # deliver_indirect keys its duplicate filter by the address alone): nobody+x gets one copy, not one per list
     # (seed 7045)

@@ -664,15 +664,16 @@ def test_visits_that_add_no_leaf_count_against_the_event_loops_budget(tmp_path, 
     assert len(visits) == 1 + n + n * n
 
 
-def test_a_leaf_keeps_every_place_naming_it_until_one_outside_any_file(tmp_path):
-    """A duplicate leaf adds its place (file, line) to the leaf kept, for the agent to skip it only when every place
-    is past a line that deferred; once named outside any file (never stopped) it adds none, nor the same place
-    twice in a row: what is kept stays linear in the names met."""
+def test_a_destination_is_met_at_each_place_until_one_outside_any_file(tmp_path):
+    """A destination named again is met again at its place (file, line), for the agent to settle its key at the
+    first place it gets to; once named outside any file (never stopped) it is met no more, nor twice at one place:
+    what is kept stays linear in the names met, one leaf shared while it stays the same."""
     inc = include_file(tmp_path, "|/usr/bin/log, |/usr/bin/log\n|/usr/bin/log\n")
     e = expander(tmp_path, f"list: :include:{inc}, |/usr/bin/log, :include:{inc}, |/usr/bin/log\n",
                  allow_mail_to_commands=("alias", "include"))
-    [leaf] = e.expand("list@example.test")
-    assert leaf.lines == (((1, 0),), ((1, 1),), ())
+    met, _ = e.expand_recipient("list@example.test")
+    assert [m.place for m in met] == [((1, 0),), ((1, 1),), ()]
+    assert met[0].leaf is met[1].leaf and met[2].leaf.source == "alias" and len({m.key for m in met}) == 1
 
 
 def test_an_address_two_lists_name_is_resubmitted_once_from_the_first_lists_owner(tmp_path):

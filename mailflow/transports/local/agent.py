@@ -69,10 +69,9 @@ itself) is sent with no log line (`unlogged`), as local(8) returns success for i
 deferred forwards nothing (local(8)'s forward_finish cancels the new messages: the retry sends them). Once a
 destination named in a .forward or :include: file defers, those of the file's later lines (`Leaf.lines`) are left
 for the retry, not tried, logged nor forwarded (local(8)'s deliver_token_stream reads no further line), unless also
-named somewhere not stopped (local(8) meets it there); a leaf that `stands_in_for` one so skipped is tried in its
-place (a file restricted on such a line and allowed after it is written), of each key only the first tried: a
-key named three times or more in both kinds is judged by the first entry of each kind, not by the first place
-local(8) reads, a known difference (docs/transports.md).
+named somewhere not stopped (local(8) meets it there): the places (`aliasing.Met`) are walked in the order local(8)
+reads them and the first one got to settles its key (a file restricted on such a line and allowed after it is
+written; allowed there and restricted after it, refused).
 
 Failures: never raises for a recipient (what is no delivery problem, a bug, defers that recipient 4.3.0
 "unknown mail transport error", logged with its traceback); an OS error writing a Maildir defers (4.2.0), but a quota or
@@ -109,8 +108,8 @@ from mailflow.errors import DeliveryError
 from mailflow.message import HEADER_READ_LIMIT, delivered_to, read_header
 from mailflow.model import (ClientAttributes, DeliveryReport, DeliveryRequest, Outcome, OwnedFailure, RcptResult,
                             Recipient)
-from mailflow.transports.local.aliasing import (Command, ExpansionTooBig, File, Forward, LocalExpander, Mailbox,
-                                                Pass, Refused, identity, is_safe_user)
+from mailflow.transports.local.aliasing import (Command, ExpansionTooBig, File, Forward, LocalExpander, Mailbox, Met,
+                                                Pass, Refused, first_of_each_key, identity, is_safe_user)
 from mailflow.transports.local.asuser import rights_for
 from mailflow.tables import split_extension
 from mailflow.transports.encode import ToLf, aencode
@@ -240,14 +239,15 @@ class LocalTransport:
         if not self._allow_min_user and rcpt.address.startswith("-"):  # Postfix allow_min_user = no
             return self._result(rcpt, Outcome.BOUNCED, "5.1.3", "bad recipient address syntax: begins with '-'")
         try:
-            leaves, expansion = await self._expand(request.queue_id, rcpt, seen)
+            met, expansion = await self._expand(request.queue_id, rcpt, seen)
         except DeliveryError as e:
             return self._result(rcpt, Outcome.DEFERRED, e.dsn, e.text)
+        leaves = first_of_each_key(met)
         if len(leaves) == 1 and isinstance(leaves[0], Pass):  # reported as the other agent reports it
             passed = await self._pass_once(request, rcpt, leaves[0], filled, expansion)
             return replace(passed, recipient=rcpt, expanded=_other(leaves[0].address, rcpt), expansion=expansion,
                            next_hop_notifies=passed.next_hop_notifies and not expansion)  # else the expansion tells
-        delivering = self._deliver_leaves(request, rcpt, leaves, filled, expansion)
+        delivering = self._deliver_leaves(request, rcpt, met, filled, expansion)
         parts, lists, leaves = await (delivering if len(leaves) == 1 else uncut(  # (a stop's cancel waits: each
             delivering, f"{request.queue_id}: the delivery of <{rcpt.address}> to its {len(leaves)} destinations"))
         result = _naming_the_member(self._combine(rcpt, parts), rcpt, leaves, parts)
@@ -282,25 +282,25 @@ class LocalTransport:
             for text in warnings:
                 log.warning("%s: %s", queue_id, text)
 
-    async def _deliver_leaves(self, request: DeliveryRequest, rcpt: Recipient, leaves: list, filled: _Filled,
+    async def _deliver_leaves(self, request: DeliveryRequest, rcpt: Recipient, met: list[Met], filled: _Filled,
                               expansion: str) -> tuple[list[Part], list[ListOf], list]:
         """What each destination got, and with it the list it was delivered for (a command's or a file's under a
         list with an owner- alias: its owner and address; None for the others), and the leaves it tried. As
-        local(8)'s deliver_token_stream, once a destination named in a .forward or :include: file defers, the
-        destinations of that file's later lines are left for the retry (not tried, not logged, not forwarded);
-        and once any destination defers, nothing is forwarded (forward_finish cancels the new messages of a
-        recipient that is deferred: the retry sends them). `expansion`: how the recipient was expanded."""
+        local(8), the places are walked in the order they were read and the first one got to settles its key
+        (its duplicate filter); as its deliver_token_stream, once a destination named in a .forward or :include:
+        file defers, the places on that file's later lines are not got to (what they name is left for the retry,
+        unless met at another place: not tried, logged nor forwarded); and once any destination defers, nothing
+        is forwarded (forward_finish cancels the new messages of a recipient that is deferred: the retry sends
+        them). `expansion`: how the recipient was expanded."""
         parts: list[Part] = []
         lists: list[ListOf] = []
         tried: list = []
         stopped: dict[int, int] = {}  # a file (its number in the expansion): the line that deferred
-        keys_tried: set[int] = set()  # by id of the first leaf of a key (`stands_in_for`): one of them was tried
-        for leaf in leaves:
-            first = id(leaf.stands_in_for or leaf)
-            place = next((p for p in leaf.lines if all(line <= stopped.get(file, line) for file, line in p)), None)
-            if place is None or first in keys_tried:  # every place naming it is past a line that deferred, or a
-                continue  # leaf of its key was tried
-            keys_tried.add(first)
+        settled: set[tuple] = set()  # the keys got to
+        for leaf, key, place in met:
+            if key in settled or any(line > stopped.get(file, line) for file, line in place):
+                continue
+            settled.add(key)
             tried.append(leaf)
             if isinstance(leaf, Forward):
                 continue
@@ -320,8 +320,8 @@ class LocalTransport:
             if parts[-1].outcome is Outcome.DEFERRED:
                 for file, line in place:  # (the place it was read at: its files stop there)
                     stopped.setdefault(file, line)
-            listed = isinstance(leaf, (Command, File, Refused)) and leaf.sender is not None
-            lists.append((leaf.sender, leaf.address) if listed else None)
+            owner = leaf.sender if isinstance(leaf, (Command, File, Refused)) else None
+            lists.append((owner, leaf.address) if owner is not None else None)
         if any(part.outcome is Outcome.DEFERRED for part in parts):  # local(8)'s forward_finish cancels
             return parts, lists, [leaf for leaf in tried if not isinstance(leaf, Forward)]  # them: the retry sends
         by_sender: dict[str | None, list[Forward]] = {}

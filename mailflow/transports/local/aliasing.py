@@ -1,8 +1,8 @@
 """Local alias and .forward expansion: what Postfix's local(8) does before it writes a mailbox.
 
 `LocalExpander(config, rewriter).expand(address, delivered_to=…) -> [Leaf, ...]` turns one local recipient into
-what to do with it (`expand_recipient` also says whether the recipient itself was an alias, a list with an owner-
-alias or a user with a .forward, for its success notice):
+what to do with it when nothing defers (`expand_recipient` gives each place it met them at, `Met`, and says whether
+the recipient itself was an alias, a list with an owner- alias or a user with a .forward, for its success notice):
 - `Mailbox(user, address)`: write the user's Maildir (`address` goes into Delivered-To).
 - `Forward(address, sender)`: leaves local delivery; the local agent queues it as a new message, from `sender`
   when set (the owner of a mailing list), else from the message's sender.
@@ -75,14 +75,11 @@ a file its user may not read: its lines would come back in the defer text.
 Commands and files are allowed only from the sources in `allow_mail_to_commands` / `allow_mail_to_files`
 ("alias", "forward", "include"); otherwise the leaf is Refused with 5.7.1. Nothing a client sends can become
 a command or file: those come only from alias values and files on this host.
-Each leaf knows every place it was named (`lines`: the .forward and :include: files and their lines, or outside
-any, for the agent to read no further line of a file once one defers, as local(8), and to skip a leaf only when
-every place naming it is such a line). A leaf of another kind met under the same key (a file restricted where
-first met, allowed at a later place; seed 7048) is kept too, after, `stands_in_for` the first: the agent
-tries it only when it tried none before it of that key, as local(8), whose duplicate filter takes the key where it
-first gets to, for a key named twice (three places or more in both kinds: the first entry of each kind decides,
-which may differ from local(8)'s first place read; expand_recipient gives the stand-ins, `expand` what is
-delivered when nothing defers: none of them).
+`expand_recipient` gives each place a destination was met at (`Met`: the leaf, its duplicate key, the .forward
+and :include: files and their lines, or outside any), in the order local(8) reads them, for the agent to read no
+further line of a file once one defers and to settle each key at the first place it gets to, as local(8)'s
+duplicate filter does (a file restricted on a line not got to and allowed at a later place is written, seed 7048;
+one allowed there and restricted later is refused); `expand` what is delivered when nothing defers.
 Duplicate leaves are dropped (one mailbox copy per local part, its extension included; addresses compared without
 case; an address resubmitted once, from the sender of the first place naming it, as local(8)'s deliver_indirect,
 whose filter keys the address alone (seed 7045: a list member met again under another list); a command once per
@@ -107,10 +104,10 @@ import logging
 import os
 import pwd
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, NamedTuple, Union
 
 from mailflow import address
 from mailflow.aliases import (AddressTarget, AliasSyntaxError, CommandTarget, FileTarget, IncludeTarget,
@@ -142,45 +139,22 @@ INCLUDED = "\0include"  # in an _Origin's `path`: an :include: file between the 
 FORWARDED = "\0forward"  # in an _Origin's `path`: a user's .forward between the aliases before and after
 
 
-Lines = tuple[tuple[int, int], ...]  # a leaf's place: (file, line) of each .forward or :include: file it came from
+Lines = tuple[tuple[int, int], ...]  # a place: (file, line) of each .forward or :include: file it was read in
 FileLines = tuple[tuple[Target, ...], ...]  # what a .forward or :include: file names, line by line
-Places = tuple[Lines, ...]  # every place a leaf was named; () among them: named outside any file
-OUTSIDE: Places = ((),)
-
-
-def _place() -> Places:
-    """The `lines` field of a leaf: each place it was named, in the .forward and :include: files (the expansion's
-    file number, the line's, outermost first; `()` outside any file); not compared (two leaves are the same delivery
-    wherever named). The local agent reads no further line of a file once one deferred, as local(8)'s
-    deliver_token_stream, and skips a leaf only when every place naming it is such a line (local(8) meets it
-    through the others)."""
-    return field(default=OUTSIDE, compare=False)
-
-
-def _stand_in() -> Leaf | None:
-    """The `stands_in_for` field of a leaf: None, or the leaf first met under the same duplicate key (`identity`, a
-    command's user) when this one is of another kind (a file Refused as restricted where first met, a File here): the
-    local agent tries this one only when none before it of that key was tried, every place naming those skipped
-    (local(8) meets the key first here then); not compared."""
-    return field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
 class Mailbox:
     user: str
     address: str
-    lines: Places = _place()
-    stands_in_for: Leaf | None = _stand_in()
 
 
 @dataclass(frozen=True)
 class Forward:
     address: str
     sender: str | None = None  # the new message's envelope sender; None: the message's own
-    lines: Places = _place()
     goes_to: str = ""  # the address qmgr delivers the copy to, when its resolve takes `address` apart (a mailbox-
     # form name holding an @, `"\\\\x@elsewhere.test"@myorigin`, goes to `"\\\\x"@elsewhere.test`): local's log names it
-    stands_in_for: Leaf | None = _stand_in()
 
 
 @dataclass(frozen=True)
@@ -191,8 +165,6 @@ class Command:
     rights: str | None = None  # the system user it runs as (a .forward's owner); None: default_privs as root
     sender: str | None = None  # the envelope sender it is given (a mailing list's owner); None: the message's
     forward: bool = False  # named by a user's .forward (directly or through :include:): it gets the user's HOME
-    lines: Places = _place()
-    stands_in_for: Leaf | None = _stand_in()
 
 
 @dataclass(frozen=True)
@@ -202,8 +174,6 @@ class File:
     source: str
     rights: str | None = None  # the system user it is written as; None: default_privs as root
     sender: str | None = None  # the envelope sender its entry names (a mailing list's owner); None: the message's
-    lines: Places = _place()
-    stands_in_for: Leaf | None = _stand_in()
 
 
 @dataclass(frozen=True)
@@ -214,8 +184,6 @@ class Pass:
     transport: str
     nexthop: str
     address: str
-    lines: Places = _place()
-    stands_in_for: Leaf | None = _stand_in()
 
 
 @dataclass(frozen=True)
@@ -224,11 +192,31 @@ class Refused:
     dsn: str
     text: str
     sender: str | None = None  # a list's owner its failure is reported to (a restricted file of the list)
-    lines: Places = _place()
-    stands_in_for: Leaf | None = _stand_in()
 
 
 Leaf = Union[Mailbox, Forward, Command, File, Pass, Refused]
+
+
+class Met(NamedTuple):
+    """A destination met at one place of an expansion: the `leaf`, its duplicate `key` (local(8)'s been_here: the
+    first place the local agent gets to settles it) and the `place` it was read at, the .forward and :include: files
+    and their lines, outermost first (the expansion's file number, the line's; `()` outside any file, which no
+    deferral stops)."""
+
+    leaf: Leaf
+    key: tuple
+    place: Lines
+
+
+def first_of_each_key(met: list[Met]) -> list[Leaf]:
+    """The leaf of each key's first place: what is delivered when nothing defers."""
+    settled: set[tuple] = set()
+    leaves = []
+    for leaf, key, _ in met:
+        if key not in settled:
+            settled.add(key)
+            leaves.append(leaf)
+    return leaves
 
 
 def read_small_file(path: Path) -> str | None:
@@ -387,15 +375,15 @@ class _Expansion:
         self.forwards_open: set[str | None] = set()  # .forward files being expanded (local(8)'s been_here
         # "forward <path>" without "forward-done": its user met again inside, through it, gets the mailbox)
         self.includes_done: set[tuple[str | None, str]] = set()  # (rights, path) of the :include: files read
-        self.leaves: list[Leaf] = []
-        self.keys: dict[tuple, list[Leaf]] = {}  # by a key: the leaf kept, then any standing in for it
-        self.more_places: dict[int, tuple[Leaf, list[Lines]]] = {}  # by id(leaf): the places naming it after its first
+        self.met: list[Met] = []  # in the order local(8) would read them
+        self.places: set[tuple[tuple, Lines]] = set()  # (key, place) of each Met
+        self.kept: dict[tuple, Leaf] = {}  # by key: the leaf last met (its Mets share it while it stays the same)
         self.offered = 0  # leaves met, duplicates too: the work done, which the budget bounds
         self.visits = 0  # addresses visited, the same one again too: the work EXPANSION_WORK_LIMIT bounds
         self.relayed: set[str] = set()  # addresses luser_relay made: unknown too, they are refused
         self.unknown_done: set[str] = set()  # local parts routed as unknown users already (local(8)'s been_here)
         self.kind = ""  # how the recipient itself was expanded: "alias" (an alias or .forward), "list", "" not
-        self.files = 0  # .forward and :include: files read so far (a file's number in `Leaf.lines`)
+        self.files = 0  # .forward and :include: files read so far (a file's number in `Met.place`)
         self.lines: Lines = ()  # the file lines being expanded now, outermost first
 
     def visited(self) -> None:
@@ -423,45 +411,21 @@ class _Expansion:
             raise ExpansionTooBig()
 
     def add(self, leaf: Leaf, key: tuple | None = None) -> None:
-        """`leaf` unless a leaf of the same `key` (default: its `identity`) came before: then another place naming
-        the one of its kind, or, of another kind (a file Refused as restricted where it was first met, a File
-        here), kept as standing in for the first (`stands_in_for`) unless one of them is named outside any file."""
+        """`leaf` met here under `key` (default: its `identity`), unless its key was met at this place already or
+        outside any file (that Met is always got to first: this one would never count)."""
         self.offered += 1
         if self.leaf_budget is not None and self.offered > self.leaf_budget:  # (20 000 times one member: work too)
             raise ExpansionTooBig()
         key = identity(leaf) if key is None else key
-        group = self.keys.get(key)
-        if group is None:
-            self.keys[key] = [self._kept(leaf)]
+        if (key, self.lines) in self.places or (key, ()) in self.places:
             return
-        same = next((kept for kept in group if type(kept) is type(leaf)), None)
-        if same is None:
-            if all(self._places(kept)[-1] != () for kept in group):  # (else that one is always tried)
-                object.__setattr__(leaf, "stands_in_for", group[0])
-                group.append(self._kept(leaf))
-            return
-        more = self.more_places.setdefault(id(same), (same, []))[1]
-        if (more[-1] if more else same.lines[-1]) not in ((), self.lines):  # (none past one outside any file,
-            more.append(self.lines)  # which is never stopped)
-
-    def _kept(self, leaf: Leaf) -> Leaf:
-        if len(self.leaves) >= EXPANSION_LIMIT:
+        kept = self.kept.get(key)
+        if kept is None and len(self.kept) >= EXPANSION_LIMIT:
             raise TemporaryError("4.6.0", f"alias expansion larger than {EXPANSION_LIMIT} destinations")
-        if self.lines:  # (each leaf is made for this call: set in place, a replace() costs ~3 us a member)
-            object.__setattr__(leaf, "lines", (self.lines,))
-        self.leaves.append(leaf)
-        return leaf
-
-    def _places(self, leaf: Leaf) -> Places:
-        more = self.more_places.get(id(leaf))
-        return leaf.lines + tuple(more[1]) if more else leaf.lines
-
-    def placed(self) -> list[Leaf]:
-        """The leaves, each with every place naming it (`Leaf.lines`)."""
-        for leaf, more in self.more_places.values():
-            object.__setattr__(leaf, "lines", leaf.lines + tuple(more))
-        self.more_places.clear()
-        return self.leaves
+        if kept != leaf:  # (else shared: a list's member met on 10 000 lines is one object)
+            self.kept[key] = kept = leaf
+        self.places.add((key, self.lines))
+        self.met.append(Met(kept, key, self.lines))
 
 
 def identity(leaf: Leaf) -> tuple:
@@ -497,21 +461,20 @@ class LocalExpander:
 
     def expand(self, addr: str, *, delivered_to: frozenset[str] = frozenset(),
                warn: Callable[[str], None] = log.warning) -> list[Leaf]:
-        """What is delivered when nothing defers (no leaf standing in for another). `warn(text)`: told of what
-        local(8) logs as a warning and passes over (an ignored .forward)."""
-        leaves = self.expand_recipient(addr, delivered_to=delivered_to, warn=warn)[0]
-        return [leaf for leaf in leaves if leaf.stands_in_for is None]
+        """What is delivered when nothing defers (`first_of_each_key`). `warn(text)`: told of what local(8) logs as
+        a warning and passes over (an ignored .forward)."""
+        return first_of_each_key(self.expand_recipient(addr, delivered_to=delivered_to, warn=warn)[0])
 
     def expand_recipient(self, addr: str, *, delivered_to: frozenset[str] = frozenset(),
                          warn: Callable[[str], None] = log.warning,
-                         leaf_budget: int | None = None) -> tuple[list[Leaf], str]:
-        """`expand`, and how the recipient itself was expanded, for its success notice (local(8)'s DSN
-        "expanded"): "alias" by an alias or its .forward, "list" by an alias with an owner- alias (the sender
-        replaced), "" not at all (its own mailbox, or a refusal). `leaf_budget`: raise ExpansionTooBig rather
-        than go past that many leaves."""
+                         leaf_budget: int | None = None) -> tuple[list[Met], str]:
+        """Each destination met at each place that may count (`Met`), in the order local(8) reads them, and how
+        the recipient itself was expanded, for its success notice (local(8)'s DSN "expanded"): "alias" by an alias
+        or its .forward, "list" by an alias with an owner- alias (the sender replaced), "" not at all (its own
+        mailbox, or a refusal). `leaf_budget`: raise ExpansionTooBig rather than go past that many leaves."""
         state = _Expansion(frozenset(a.lower() for a in delivered_to), warn, leaf_budget)
         self._visit(state, self._rewriter.qualify(addr), _Origin())
-        return state.placed(), state.kind
+        return state.met, state.kind
 
     def _visit(self, state: _Expansion, addr: str, origin: "_Origin") -> None:
         state.visited()
@@ -605,8 +568,8 @@ class LocalExpander:
 
     def _lines(self, state: _Expansion, owner: str, lines: tuple[tuple[Target, ...], ...], origin: "_Origin",
                depth: int = 0) -> None:
-        """A .forward's or :include: file's targets, each line's leaves marked with the file (numbered in this
-        expansion) and the line (`Leaf.lines`), for the agent to read no further line once one defers."""
+        """A .forward's or :include: file's targets, each line's leaves met at the file (numbered in this
+        expansion) and the line (`Met.place`), for the agent to read no further line once one defers."""
         state.files += 1
         file, outer = state.files, state.lines
         try:
