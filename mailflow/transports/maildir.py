@@ -24,7 +24,7 @@ Failures: an unknown virtual user bounces (5.1.1); a table that cannot answer or
 cannot use defers (4.3.0 / 4.3.5); an OS error defers (4.2.0: a permission the operator can fix; a full disk
 4.3.0, as Postfix's mbox_dsn),
 except a file system quota or file size limit (EDQUOT, EFBIG): a full mailbox, 5.2.2 as Postfix says (4.2.2 when
-`overquota_bounce` is False) - `write_failure(maildir, error)` is that mapping, which local(8)'s Maildirs share
+`overquota_bounce` is False) - `write_failure(error)` is that mapping, which local(8)'s Maildirs share
 (with `warn_unsynced`, the warning of a message in new/ whose directory could not be fsynced). Its
 texts are virtual(8)'s and local(8)'s, "maildir delivery failed: " then the step ("create maildir file PATH",
 tmp/'s file or its link into new/, "error writing message", "error reading message") and the reason. The quota's
@@ -116,8 +116,8 @@ def warn_unsynced(queue_id: str, maildir: Path, name: str, why: str) -> None:
                 queue_id or "NOQUEUE", maildir, name, why)
 
 
-def write_failure(maildir: Path, e: OSError, *, bounce_full: bool = True) -> tuple[Outcome, str, str]:
-    """What an OS error writing `maildir` (MaildirWriter.write's: its step and reason) means for the recipient, as
+def write_failure(e: OSError, *, bounce_full: bool = True) -> tuple[Outcome, str, str]:
+    """What an OS error writing a Maildir (MaildirWriter.write's: its step and reason) means for the recipient, as
     Postfix's mbox_dsn maps it: a quota or the file size limit (EDQUOT, EFBIG) is a full mailbox, 5.2.2 (deferred
     4.2.2 when not `bounce_full`); a full disk (ENOSPC) defers 4.3.0; anything else defers 4.2.0 (a permission the
     operator can fix; for "create maildir file" Postfix's virtual(8) defers 4.2.0 too and its local(8) bounces
@@ -211,7 +211,7 @@ class MaildirTransport:
         except TemporaryError as e:
             return RcptResult(rcpt, Outcome.DEFERRED, e.dsn, e.text, relay=self._relay)
         except OSError as e:
-            outcome, dsn, text = write_failure(maildir, e, bounce_full=self._overquota_bounce)
+            outcome, dsn, text = write_failure(e, bounce_full=self._overquota_bounce)
             return RcptResult(rcpt, outcome, dsn, text, relay=self._relay)
         return RcptResult(rcpt, Outcome.SENT, "2.0.0", "delivered to maildir", relay=self._relay)  # virtual(8)'s
 

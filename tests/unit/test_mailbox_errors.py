@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import stat
-from pathlib import Path
 
 import pytest
 
@@ -31,7 +30,7 @@ def test_mbox_and_maildir_map_an_os_error_alike(code, outcome, dsn):
     """The status alike, each text in local(8)'s words: "error writing message: <why>" (mail_copy), after
     "maildir delivery failed: " for a Maildir."""
     error = OSError(code, "error writing message: reason")
-    assert write_failure(Path("/m"), error) == (outcome, dsn, "maildir delivery failed: error writing message: reason")
+    assert write_failure(error) == (outcome, dsn, "maildir delivery failed: error writing message: reason")
     mapped = _os_error(OSError(code, "reason"), "error writing message")
     assert (isinstance(mapped, PermanentError), mapped.dsn) == (outcome is Outcome.BOUNCED, dsn)
     assert mapped.text == "error writing message: reason"
@@ -47,7 +46,7 @@ async def test_a_maildir_file_that_cannot_be_moved_into_new_is_not_left_in_tmp(t
     box = tmp_path / "Maildir"
     with pytest.raises(OSError) as failed:
         await MaildirWriter(VirtualClock()).write(box, b"Delivered-To: a@b\n", Content.of(b"Subject: s\r\n\r\nb\r\n"))
-    assert write_failure(box, failed.value)[:2] == (Outcome.DEFERRED, "4.3.0")
+    assert write_failure(failed.value)[:2] == (Outcome.DEFERRED, "4.3.0")
     assert [list((box / sub).iterdir()) for sub in ("tmp", "new")] == [[], []]
 
 
@@ -66,7 +65,7 @@ async def test_a_tmp_file_already_gone_at_the_cleanup_leaves_the_failure_that_br
     with caplog.at_level(logging.WARNING, logger="mailflow.maildir"), pytest.raises(OSError) as failed:
         big = Content.of(b"Subject: s\r\n\r\n" + b"b" * 500)
         await MaildirWriter(VirtualClock()).write(box, b"Delivered-To: a@b\n", big, size_limit=100)
-    assert write_failure(box, failed.value) == (Outcome.BOUNCED, "5.2.2",
+    assert write_failure(failed.value) == (Outcome.BOUNCED, "5.2.2",
                                                 "maildir delivery failed: error writing message: File too large")
     assert [r.getMessage().startswith(f"remove {box}/tmp/") for r in caplog.records] == [True], caplog.text
 
@@ -168,7 +167,7 @@ async def test_a_queued_message_that_cannot_be_read_is_not_a_write_failure(tmp_p
     box = tmp_path / "Maildir"
     with pytest.raises(OSError) as failed:
         await MaildirWriter(VirtualClock()).write(box, b"Delivered-To: a@b\n", _UnreadableContent())
-    assert write_failure(box, failed.value) == (Outcome.DEFERRED, "4.3.0",
+    assert write_failure(failed.value) == (Outcome.DEFERRED, "4.3.0",
                                                 "maildir delivery failed: error reading message: Input/output error")
     assert list((box / "tmp").iterdir()) == []
     mailbox = tmp_path / "box"
@@ -187,7 +186,7 @@ async def test_a_maildir_file_that_cannot_be_moved_into_new_names_the_new_file(t
     box = tmp_path / "Maildir"
     with pytest.raises(OSError) as failed:
         await MaildirWriter(VirtualClock()).write(box, b"Delivered-To: a@b\n", Content.of(b"Subject: s\r\n\r\nb\r\n"))
-    text = write_failure(box, failed.value)[2]
+    text = write_failure(failed.value)[2]
     assert re.fullmatch(rf"maildir delivery failed: create maildir file {re.escape(str(box))}/new/[^/]+: "
                         r"Permission denied", text), text
 

@@ -373,7 +373,7 @@ class LocalTransport:
                 await self._writer.write(path, prefix, request.content, _maildir_owner(owner, path, home),
                                          self._local.mailbox_size_limit, queue_id=request.queue_id)
             except OSError as e:
-                return Part(*write_failure(path, e))
+                return Part(*write_failure(e))
             return Part(Outcome.SENT, "2.0.0", "delivered to maildir")  # local(8)'s words: the path is not named
         entry = mbox_entry(request.content, sender=request.sender, arrival=self._clock.time(), prepend=prefix)
         spool_made = home is not None or os.geteuid() != 0  # (as root the spool is the operator's: Postfix's too)

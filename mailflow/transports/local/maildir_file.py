@@ -70,6 +70,6 @@ def _written(maildir: Path, name: str, prefix: bytes, content: Content, size_lim
     try:
         unsynced = write_maildir_file(maildir, name, prefix, content, size_limit=size_limit, writing=writing)
     except OSError as e:
-        outcome, dsn, text = write_failure(maildir, e)
+        outcome, dsn, text = write_failure(e)
         raise (PermanentError if outcome is Outcome.BOUNCED else TemporaryError)(dsn, text) from None
     return b"" if unsynced is None else str(unsynced.strerror or unsynced).encode("utf-8", "replace")
