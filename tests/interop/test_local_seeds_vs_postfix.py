@@ -359,6 +359,18 @@ WRITTEN = {
         {".forward+x": f'"|{script} c1 75"\n:include:{spool}/inc/i0',
          ".forward": f"{spool}/files/f0\n:include:{spool}/inc/i1"},
         ["a1"]),
+    # an address met again at a nesting level it was met at already gets nothing more (local(8)'s "recipient LEVEL
+    # ADDRESS" key; an alias's or a .forward's members are 4 levels deeper): nobody in its .forward (level 9) settles
+    # the nobody a1, a list, names at that level, which is not resubmitted: one copy, not two (seeds 7113, 7116)
+    "an address met again at its nesting level": lambda spool, script: Case(
+        {"a0": "nobody, a1", "a1": "nobody", "owner-a1": "nobody"}, {}, {".forward": "nobody"}, ["a0"]),
+    # ... an :include: file's members are 1 level deeper than the alias's naming it: four nested files name nobody
+    # at level 9 (t: a1's nobody was met there, so nothing more), three at level 8 (u: resubmitted, a second copy)
+    "include files at the nesting level of an alias member": lambda spool, script: Case(
+        {"t": f"a1, :include:{spool}/inc/i0", "u": f"a1, :include:{spool}/inc/j0", "a1": "nobody"},
+        {"i0": f":include:{spool}/inc/i1\n", "i1": f":include:{spool}/inc/i2\n", "i2": f":include:{spool}/inc/i3\n",
+         "i3": "nobody\n", "j0": f":include:{spool}/inc/j1\n", "j1": f":include:{spool}/inc/j2\n", "j2": "nobody\n"},
+        {}, ["t", "u"]),
     # an address is resubmitted once however many lists name it, from the first one's owner (local(8)'s
     # deliver_indirect keys its duplicate filter by the address alone): nobody+x gets one copy, not one per list
     # (seed 7045)

@@ -234,8 +234,10 @@ def test_an_alias_met_again_through_a_users_forward_delivers_to_the_mailbox(tmp_
     assert e.expand("a@example.test") == [mailbox("bob")]
     assert e.expand("alice.smith@example.test") == [mailbox("alice")]
     # staff again in carol's .forward: carol her mailbox (once), alice resubmitted (the .forward's owner attribute
-    # is carol) beside the mailbox copy the outer staff gives her; alice's .forward then names alice.smith
-    assert e.expand("staff@example.test") == [mailbox("carol"), Forward("alice@example.test"), mailbox("alice")]
+    # is carol); the outer staff's alice reads her .forward, whose alice.smith names alice at the nesting level the
+    # resubmitted alice was met at: local(8)'s duplicate filter passes over it (no mailbox copy here, the new
+    # message gives her one)
+    assert e.expand("staff@example.test") == [mailbox("carol"), Forward("alice@example.test")]
 
 
 def test_the_users_name_in_its_forward_with_an_extension_reads_the_plain_forward(tmp_path):
@@ -622,36 +624,35 @@ def test_how_the_recipient_itself_was_expanded_is_told_for_its_success_notice(tm
     assert kinds == {"team": "alias", "list": "list", "bob": "alias", "alice": "", "alice2": "alias"}
 
 
-def test_addresses_visited_again_under_each_members_forward_count_against_the_work_limit(tmp_path, monkeypatch):
-    """`all: u1..un` with each ui's .forward `\\ui, all2` (all2: u1..un) walks all2 again under every .forward: n*n
-    visits for 2n leaves kept (n=300: 90 601 visits, 1.8 s). Past EXPANSION_WORK_LIMIT visits the recipient
-    defers 4.6.0 (a runaway bounded by work, not by the leaves kept); a list of as many members without .forward
-    files stays within it."""
+def test_addresses_visited_again_under_each_list_count_against_the_work_limit(tmp_path, monkeypatch):
+    """`all: l1..ln` with each li `u1..un` visits n*n addresses for n leaves kept (each uj met again at the nesting
+    level it was met at is passed over, as local(8)'s duplicate filter does, but the visit is work). Past
+    EXPANSION_WORK_LIMIT visits the recipient defers 4.6.0 (a runaway bounded by work, not by the leaves kept); one
+    list of as many members stays within it."""
     n = 20
     users = [f"u{i}" for i in range(n)]
     (tmp_path / "users").write_text("".join(f"{u} {u}\n" for u in users))
-    for u in users:
-        forward_file(tmp_path, u, f"\\{u}, all2\n")
     members = ", ".join(users)
-    e = expander(tmp_path, f"all: {members}\nall2: {members}\nplain: {members}\n",
+    lists = "".join(f"l{i}: {members}\n" for i in range(n))
+    e = expander(tmp_path, f"all: {', '.join(f'l{i}' for i in range(n))}\n{lists}plain: {members}\n",
                  local_recipient_maps=(f"texthash:{tmp_path / 'users'}",))
-    assert len(e.expand("all@example.test")) == 2 * n  # (each ui's mailbox, a Forward to each)
+    assert e.expand("all@example.test") == [mailbox(u) for u in users]
     monkeypatch.setattr(aliasing, "EXPANSION_WORK_LIMIT", 10 * n)
     with pytest.raises(TemporaryError) as excinfo:
         e.expand("all@example.test")
     assert temporary(excinfo, "4.6.0")
     assert "visited more than 200 addresses" in str(excinfo.value)
-    for u in users:
-        (tmp_path / "mail" / u / ".forward").unlink()
     assert e.expand("plain@example.test") == [mailbox(u) for u in users]
 
 
 def test_visits_that_add_no_leaf_count_against_the_event_loops_budget(tmp_path, monkeypatch):
-    """`a: b x n`, `b: ghost x n` visits n*n addresses for one leaf (the unknown user, refused once): with a
-    `leaf_budget` (the on-loop pass) the expansion stops after INLINE_VISITS_PER_LEAF times it with ExpansionTooBig,
-    for the agent to make it again in a worker thread (n=1000 walked 1M visits, 24 s, on the event loop)."""
+    """`a: b1..bn`, each bi `ghost x n` visits n*n addresses for one leaf (the unknown user, refused once; met
+    again at its nesting level it is passed over, but the visit is work): with a `leaf_budget` (the on-loop pass)
+    the expansion stops after INLINE_VISITS_PER_LEAF times it with ExpansionTooBig, for the agent to make it again
+    in a worker thread (n=1000 walked 1M visits, 24 s, on the event loop)."""
     n, budget = 30, 10
-    e = expander(tmp_path, f"a: {', '.join(['b'] * n)}\nb: {', '.join(['ghost'] * n)}\n")
+    lists = "".join(f"b{i}: {', '.join(['ghost'] * n)}\n" for i in range(n))
+    e = expander(tmp_path, f"a: {', '.join(f'b{i}' for i in range(n))}\n{lists}")
     visits = []
     counted = aliasing._Expansion.visited
     monkeypatch.setattr(aliasing._Expansion, "visited", lambda state: (visits.append(1), counted(state))[1])

@@ -15,12 +15,16 @@ the recipient itself was an alias, a list with an owner- alias or a user with a 
   or file); `sender`: the list owner its failure is reported to (a restricted file under a list, as local(8)).
 
 Rules, as local(8):
+0. An address met again at a nesting level it was met at already in the expansion gets nothing more, as local(8)'s
+   duplicate filter keys it ("recipient LEVEL ADDRESS"; `MEMBER_LEVELS`, `INCLUDE_LEVELS`): a list's member
+   resubmitted settles it for that name met later in a .forward at that level (seeds 7113, 7116). (Where the first
+   place is on a line a deferral keeps local(8) from reading, it still settles it here.)
 1. An address already named in a `Delivered-To:` header of the message is a forwarding loop (5.4.6).
 2. `alias_maps` (key: the local part with its extension, then without): the value list replaces the address.
    An alias that lists itself (`alice: alice, bob`) sends that name on to step 3 (Postfix's exp_from); an alias
-   met again on another branch is expanded again; a cycle through other aliases (`a: b`, `b: a`) is Refused
-   where it closes: 5.4.6 alias database loop for that alias. local(8) keys its duplicate filter by nesting level
-   too ("recipient <level> <address>"), so it walks the cycle on until level 100 and bounces 5.4.6 `alias
+   met again on another branch (at another level) is expanded again; a cycle through other aliases (`a: b`,
+   `b: a`) is Refused where it closes: 5.4.6 alias database loop for that alias. local(8)'s duplicate filter
+   keys the level (rule 0), so it walks the cycle on until level 100 and bounces 5.4.6 `alias
    database loop for NAME` for every name it meets there, alias or not (a member such as `nobody+x`, `ghost` or
    `files/rel`), each one delivered already at a lower level: a difference kept on purpose, in which names the
    5.4.6 lines and notices give, not in what is delivered (local seeds 7005, 7019, 7027); which names sit at that
@@ -86,7 +90,7 @@ whose filter keys the address alone (seed 7045: a list member met again under an
 user whose expansion names it and rights, a file once per rights, a restricted one too: `_privileged`); an
 :include: file met again in the same expansion (one that includes itself, two that include each other) adds nothing,
 as local(8)'s duplicate filter skips it. At most EXPANSION_LIMIT leaves,
-EXPANSION_WORK_LIMIT addresses visited (a list met again under each member's .forward is walked again), INCLUDE_DEPTH
+EXPANSION_WORK_LIMIT addresses visited (lists of the same members each walked), INCLUDE_DEPTH
 nested :include: files and SMALL_FILE_LIMIT bytes of each file. Given a `leaf_budget` (the caller runs it on the
 event loop), an expansion that meets more leaves than that (duplicates counted: the work, not what is kept), that
 would fork a child to read a file with a user's rights, or parse a file or an alias value of more than
@@ -127,8 +131,8 @@ log = logging.getLogger("mailflow.local")
 # spends in a worker thread, not on the event loop (agent.INLINE_LEAVES).
 EXPANSION_LIMIT = 100_000
 # Addresses visited in one expansion at most (duplicates too: the work, ~19 us each, so ~20 s in a worker thread):
-# past it 4.6.0, as past EXPANSION_LIMIT. Bounds what dedup hides: `all: u1..un` with each ui's .forward naming
-# `all2: u1..un` re-expands all2 under every .forward (n*n visits, as local(8) does; n=800 took 12 s).
+# past it 4.6.0, as past EXPANSION_LIMIT. Bounds what dedup hides: `all: l1..ln` with each li naming `u1..un`
+# visits n*n addresses for n leaves kept (as local(8) does, each uj passed over after its first visit).
 EXPANSION_WORK_LIMIT = 10 * EXPANSION_LIMIT
 INLINE_VISITS_PER_LEAF = 4  # addresses visited on the event loop per leaf of its budget at most; more: a thread
 SMALL_FILE_LIMIT = 1_000_000  # bytes of a .forward or :include: file read at most
@@ -344,7 +348,8 @@ class _Origin:
     attribute the alias's members meet is then the .forward's user, not an address); `rights`: the system
     user whose rights its commands, files and :include: files use (a .forward's owner), None: default_privs;
     `forwarder`: the user whose .forward this expansion is in (local(8)'s owner attribute that dotforward sets):
-    a local user reached here other than it is resubmitted, it itself gets its mailbox."""
+    a local user reached here other than it is resubmitted, it itself gets its mailbox; `level`: the nesting level
+    local(8) visits the addresses named here at (`_Expansion.first_visit`)."""
 
     name: str | None = None
     kind: str = "alias"
@@ -355,6 +360,15 @@ class _Origin:
     resubmit: bool = False
     rights: str | None = None
     forwarder: str | None = None
+    level: int = 1  # (the recipient's own: local(8)'s deliver_recipient counts one from 0)
+
+
+# Nesting levels local(8) counts between a recipient and the addresses it leads to, one for each of its functions
+# on the way (deliver_recipient, deliver_switch, deliver_alias or deliver_dotforward or deliver_unknown,
+# deliver_resolve_tree): an alias's members, a .forward's and a luser_relay address are 4 deeper than the recipient
+# expanded, and an :include: file's are 1 deeper than those of the alias or file naming it (deliver_include).
+MEMBER_LEVELS = 4
+INCLUDE_LEVELS = 1
 
 
 class ExpansionTooBig(Exception):
@@ -375,6 +389,8 @@ class _Expansion:
         self.forwards_open: set[str | None] = set()  # .forward files being expanded (local(8)'s been_here
         # "forward <path>" without "forward-done": its user met again inside, through it, gets the mailbox)
         self.includes_done: set[tuple[str | None, str]] = set()  # (rights, path) of the :include: files read
+        self.recipients: set[tuple[int, str]] = set()  # (level, address) of each address visited (local(8)'s
+        # "recipient LEVEL ADDRESS")
         self.met: list[Met] = []  # in the order local(8) would read them
         self.places: set[tuple[tuple, Lines]] = set()  # (key, place) of each Met
         self.kept: dict[tuple, Leaf] = {}  # by key: the leaf last met (its Mets share it while it stays the same)
@@ -388,14 +404,25 @@ class _Expansion:
 
     def visited(self) -> None:
         """One more address visited; TemporaryError 4.6.0 past EXPANSION_WORK_LIMIT (the leaves kept may stay few
-        while the same lists are walked again under each member's .forward). With a `leaf_budget`, ExpansionTooBig
-        past INLINE_VISITS_PER_LEAF times it: visits that add no leaf (an unknown user met again, a .forward
-        done) are work on the event loop too (`a: b x1000`, `b: ghost x1000` held it 24 s)."""
+        while lists of the same members are walked). With a `leaf_budget`, ExpansionTooBig past
+        INLINE_VISITS_PER_LEAF times it: visits that add no leaf (an address met again, a .forward done) are work
+        on the event loop too (`a: b1..b1000`, each bi `ghost x1000` held it 24 s)."""
         self.visits += 1
         if self.leaf_budget is not None and self.visits > INLINE_VISITS_PER_LEAF * self.leaf_budget:
             raise ExpansionTooBig()
         if self.visits > EXPANSION_WORK_LIMIT:
             raise TemporaryError("4.6.0", f"alias expansion visited more than {EXPANSION_WORK_LIMIT} addresses")
+
+    def first_visit(self, level: int, addr: str) -> bool:
+        """Whether `addr` is visited at `level` for the first time in this expansion: local(8)'s duplicate filter
+        passes over an address met again at a nesting level it was met at already ("recipient LEVEL ADDRESS", case
+        folded), whatever leads there (a list's member resubmitted settles it for the same name met later in a
+        .forward at that level, which then gives no mailbox: seeds 7113, 7116)."""
+        key = (level, addr.lower())
+        if key in self.recipients:
+            return False
+        self.recipients.add(key)
+        return True
 
     def parsing(self, size: int) -> None:
         """A .forward or :include: file, or an alias value, of `size` bytes is about to be parsed: past
@@ -478,6 +505,8 @@ class LocalExpander:
 
     def _visit(self, state: _Expansion, addr: str, origin: "_Origin") -> None:
         state.visited()
+        if not state.first_visit(origin.level, addr):
+            return
         if addr.lower() in state.delivered_to:
             state.add(Refused(addr, "5.4.6", f"mail forwarding loop for {addr}"))
             return
@@ -508,7 +537,7 @@ class LocalExpander:
         try:
             self._lines(state, addr, forward,
                         _Origin(user, "forward", "forward", origin.path + (FORWARDED,), addr, rights=rights,
-                                forwarder=user))
+                                forwarder=user, level=origin.level + MEMBER_LEVELS))
         finally:
             state.forwards_open.discard(path)
         state.forwards_done.add(path)
@@ -534,7 +563,8 @@ class LocalExpander:
         if origin.address is None:  # the recipient itself is the alias
             state.kind = "list" if listed else "alias"
         self._targets(state, addr, targets, _Origin(name, "alias", "alias", origin.path + (name,), addr, owner,
-                                                    resubmit, forwarder=origin.forwarder))
+                                                    resubmit, forwarder=origin.forwarder,
+                                                    level=origin.level + MEMBER_LEVELS))
 
     def _forward_file(self, state: _Expansion, user: str, ext: str
                       ) -> tuple[str | None, str | None, tuple[tuple[Target, ...], ...] | None]:
@@ -676,7 +706,8 @@ class LocalExpander:
             state.add(refused)
             return
         state.relayed.add(relay.lower())
-        self._address(state, relay, _Origin(origin.name, path=origin.path, address=addr))
+        self._address(state, relay, _Origin(origin.name, path=origin.path, address=addr,
+                                            level=origin.level + MEMBER_LEVELS))
 
     def _macro_values(self, addr: str) -> dict[str, str]:
         """luser_relay's macros for `addr`, from its internal form lower-cased as local(8)'s state.msg_attr
@@ -728,7 +759,7 @@ class LocalExpander:
         state.parsing(len(data))  # (bytes, as a .forward's: decoded once, off the loop past INLINE_FILE_BYTES)
         text = _small_text(Path(path), data)
         included = _Origin(origin.name, origin.kind, "include", origin.path + (INCLUDED,), origin.address,
-                           origin.owner, True, rights, origin.forwarder)
+                           origin.owner, True, rights, origin.forwarder, origin.level + INCLUDE_LEVELS)
         self._lines(state, owner, self._parse(text, Path(path)), included, depth + 1)
 
     @staticmethod
