@@ -311,14 +311,15 @@ def results_of(lines: set[str]) -> set[str]:
 # seed 7048 a file restricted on an :include: line after one that deferred (not read), then allowed in the alias
 # value naming that file: written, as local(8)'s duplicate filter first meets it there; seed 7045 a member resubmitted
 # by an :include: file and again by a list with an owner- alias met through it: one new message, as local(8)
-CURATED = [2, 33, 7012, 7016, 7045, 7048]
+# seed 7158 an alias cycle whose :include: file is first read at the nesting limit (its member bounced there, not
+# resubmitted above it), 7031 the names local(8)'s `alias database loop for NAME` lines give at that limit
+CURATED = [2, 33, 7012, 7016, 7045, 7048, 7031, 7158]
 # Not here on purpose: seed 70006. Its :include: file resubmits nobody+x and NoBody in one new message, both ending in
 # nobody's mailbox: Postfix's local(8) takes one recipient per request (local_destination_recipient_limit = 1), so
 # its duplicate filter lets each write a copy (two); mailflow writes one mailbox copy per local part per delivery
-# (one). The rest of that seed agrees (docs/transports.md, "## local"). So do seeds 7024, 7029, 7042 and 7067
-# (nobody's copies only); 7019, 7027 and 7031 differ by which names local(8)'s `alias database loop for NAME` lines
-# give (aliasing.py's rule 2: mailflow names the alias that closes a cycle, local(8) every name at its nesting
-# limit), 7005 by both.
+# (one). The rest of that seed agrees (docs/transports.md, "## local"). So do seeds 7005, 7024, 7029, 7042, 7067,
+# 7123, 7133, 7136, 7156, 7172 and 7198 (nobody's copies only: a list resubmits two names of nobody's in one new
+# message).
 
 
 # cases written out, each for a rule of local(8)'s duplicate filter that a seed found (seeds hold more than one)
@@ -371,6 +372,12 @@ WRITTEN = {
         {"i0": f":include:{spool}/inc/i1\n", "i1": f":include:{spool}/inc/i2\n", "i2": f":include:{spool}/inc/i3\n",
          "i3": "nobody\n", "j0": f":include:{spool}/inc/j1\n", "j1": f":include:{spool}/inc/j2\n", "j2": "nobody\n"},
         {}, ["t", "u"]),
+    # local(8)'s deliver_alias bounces any address met past its nesting limit (level 100): c25 in a chain of aliases
+    # (each 4 levels below the one before, from 1), e24 under an :include: file (1 level more); c0's nobody delivered
+    "a chain of aliases past the nesting limit": lambda spool, script: Case(
+        {**{f"c{i}": f"c{i + 1}" for i in range(25)}, "c0": "c1, nobody", "c25": "nobody",
+         **{f"e{i}": f"e{i + 1}" for i in range(24)}, "e24": "nobody", "d0": f":include:{spool}/inc/i0"},
+        {"i0": "e0\n"}, {}, ["c0", "d0"]),
     # an address is resubmitted once however many lists name it, from the first one's owner (local(8)'s
     # deliver_indirect keys its duplicate filter by the address alone): nobody+x gets one copy, not one per list
     # (seed 7045)

@@ -97,7 +97,7 @@ def test_alias_including_itself_delivers_to_its_mailbox(tmp_path):
 
 def test_alias_loop_bounces_as_an_alias_database_loop(tmp_path):
     """Only an alias that lists itself is special (its name goes to the mailbox); a loop through another
-    alias is refused where it closes, as local(8) does once its nesting limit is hit."""
+    alias is walked on to local(8)'s nesting limit, where the address met (bob at level 101) is refused."""
     e = expander(tmp_path, "alice: bob\nbob: alice\n")
     assert e.expand("alice@example.test") == [Refused("bob@example.test", "5.4.6", "alias database loop for bob")]
     assert e.expand("bob@example.test") == [Refused("alice@example.test", "5.4.6", "alias database loop for alice")]
@@ -683,3 +683,13 @@ def test_an_address_two_lists_name_is_resubmitted_once_from_the_first_lists_owne
     e = expander(tmp_path, "both: one, two\none: x@remote.test\nowner-one: carol\n"
                            "two: X@remote.test\nowner-two: dave\n")
     assert e.expand("both@example.test") == [Forward("x@remote.test", "owner-one@example.test")]
+
+
+def test_an_address_past_local8s_nesting_limit_bounces_as_an_alias_database_loop(tmp_path):
+    """Each alias's members are 4 levels below it (from 1): local(8)'s deliver_alias bounces any address met past
+    level 98, alias or not, "alias database loop for NAME", so a chain of 25 aliases ends at c25; one shorter
+    reaches the mailbox."""
+    chain = "".join(f"c{i}: c{i + 1}\n" for i in range(25)) + "c25: alice\nshort: c20\n"
+    e = expander(tmp_path, chain)
+    assert e.expand("c0@example.test") == [Refused("c25@example.test", "5.4.6", "alias database loop for c25")]
+    assert e.expand("short@example.test") == [mailbox("alice")]

@@ -22,17 +22,13 @@ Rules, as local(8):
 1. An address already named in a `Delivered-To:` header of the message is a forwarding loop (5.4.6).
 2. `alias_maps` (key: the local part with its extension, then without): the value list replaces the address.
    An alias that lists itself (`alice: alice, bob`) sends that name on to step 3 (Postfix's exp_from); an alias
-   met again on another branch (at another level) is expanded again; a cycle through other aliases (`a: b`,
-   `b: a`) is Refused where it closes: 5.4.6 alias database loop for that alias. local(8)'s duplicate filter
-   keys the level (rule 0), so it walks the cycle on until level 100 and bounces 5.4.6 `alias
-   database loop for NAME` for every name it meets there, alias or not (a member such as `nobody+x`, `ghost` or
-   `files/rel`), each one delivered already at a lower level: a difference kept on purpose, in which names the
-   5.4.6 lines and notices give, not in what is delivered (local seeds 7005, 7019, 7027); which names sit at that
-   level depends on every level local(8)'s functions count, and walking a cycle some thirty times over gives
-   nothing but those lines. One met
-   again through an :include: file is expanded again, as local(8) (include.c resets exp_from), under that file:
-   its local users resubmitted, the file itself, read already, adding nothing (so the cycle ends); so is one met
-   again through a user's .forward (dotforward.c resets exp_from), the user met in it again its mailbox (rule 4).
+   met again, on another branch or in a cycle (`a: b`, `b: a`), is expanded again at its deeper level, as
+   local(8): an address met past NESTING_LIMIT (less ALIAS_CHECK_LEVELS), alias or not, is Refused 5.4.6
+   `alias database loop for NAME` (local(8)'s deliver_alias), so a cycle, and a chain of 25 aliases and more,
+   ends there, each address at a level once (rule 0), and what the walk reads first at its deep end (an
+   :include: file, read once) is not read again above it (seeds 7158, 7019, 7027, 7031). An alias met again
+   through an :include: file or a user's .forward is expanded again in the same way, under that file: the user
+   met in its own .forward again its mailbox (rule 4).
    Addresses in the list are qualified with myorigin; one that trivial-rewrite resolves to the local transport is
    expanded here again, any other becomes a Forward.
    Mailing lists (local(8)): when an alias `name` has an `owner-name` alias, everything its expansion sends on
@@ -139,8 +135,6 @@ SMALL_FILE_LIMIT = 1_000_000  # bytes of a .forward or :include: file read at mo
 INLINE_FILE_BYTES = 16_384  # bytes of such a file (or alias value) parsed on the event loop at most (~5 ms); more: a
 # worker thread
 INCLUDE_DEPTH = 10
-INCLUDED = "\0include"  # in an _Origin's `path`: an :include: file between the aliases before and after (no key)
-FORWARDED = "\0forward"  # in an _Origin's `path`: a user's .forward between the aliases before and after
 
 
 Lines = tuple[tuple[int, int], ...]  # a place: (file, line) of each .forward or :include: file it was read in
@@ -340,7 +334,7 @@ def forward_reader(user: str, forking: Callable[[], None] = lambda: None) -> tup
 class _Origin:
     """Where an address came from: the alias name or .forward owner (`name`) whose expansion named it, the
     kind of that expansion ("alias" or "forward"), the source for allow_mail_to_* ("alias", "forward",
-    "include"), the alias names above it (`path`), and the address that was expanded. `owner`: the sender of
+    "include"), and the address that was expanded. `owner`: the sender of
     what this expansion sends on (an owner- alias's address); `resubmit`: local users it reaches get a new
     message instead of a delivery here (a mailing list with an owner, or an :include: file; an alias named in an
     :include: file that a user's .forward led to, with no list between, is judged as in the .forward itself:
@@ -354,7 +348,6 @@ class _Origin:
     name: str | None = None
     kind: str = "alias"
     source: str = "alias"
-    path: tuple[str, ...] = ()
     address: str | None = None
     owner: str | None = None
     resubmit: bool = False
@@ -369,6 +362,10 @@ class _Origin:
 # expanded, and an :include: file's are 1 deeper than those of the alias or file naming it (deliver_include).
 MEMBER_LEVELS = 4
 INCLUDE_LEVELS = 1
+# local(8)'s deliver_alias bounces every address it is given past this level, alias or not ("alias database loop for
+# NAME"): an alias chain or cycle ends there. It counts 2 levels from the address's own (deliver_switch's, its own).
+NESTING_LIMIT = 100
+ALIAS_CHECK_LEVELS = 2
 
 
 class ExpansionTooBig(Exception):
@@ -510,6 +507,11 @@ class LocalExpander:
         if addr.lower() in state.delivered_to:
             state.add(Refused(addr, "5.4.6", f"mail forwarding loop for {addr}"))
             return
+        local, domain = address.split(addr)
+        user, ext = split_extension(local.lower(), self._config.recipient_delimiter)
+        if origin.level + ALIAS_CHECK_LEVELS > NESTING_LIMIT and (ext or local.lower() != origin.name):
+            state.add(Refused(addr, "5.4.6", f"alias database loop for {local.lower()}"))  # (alias or not)
+            return
         found = self._rewriter.alias(addr)
         if found is not None and found[1].lower() != origin.name:
             self._alias(state, addr, found, origin)
@@ -517,8 +519,6 @@ class LocalExpander:
         if origin.resubmit:
             state.add(Forward(addr, origin.owner))  # local(8): a list member is a new message, not a delivery
             return
-        local, domain = address.split(addr)
-        user, ext = split_extension(local.lower(), self._config.recipient_delimiter)
         if origin.forwarder not in (None, user):  # (local(8)'s owner attribute: another user than the .forward's)
             state.add(Forward(addr, origin.owner))
             return
@@ -536,7 +536,7 @@ class LocalExpander:
         state.forwards_open.add(path)
         try:
             self._lines(state, addr, forward,
-                        _Origin(user, "forward", "forward", origin.path + (FORWARDED,), addr, rights=rights,
+                        _Origin(user, "forward", "forward", addr, rights=rights,
                                 forwarder=user, level=origin.level + MEMBER_LEVELS))
         finally:
             state.forwards_open.discard(path)
@@ -545,9 +545,6 @@ class LocalExpander:
     def _alias(self, state: _Expansion, addr: str, found: tuple[str, str, str], origin: "_Origin") -> None:
         table, key, value = found
         name = key.lower()
-        if name in origin.path and not _file_between(origin.path, name):
-            state.add(Refused(origin.address or addr, "5.4.6", f"alias database loop for {origin.name or name}"))
-            return  # (met again through an :include: or .forward file, it is expanded again, as local(8): rule 2)
         state.parsing(len(value))  # (its parse is linear in its characters: 10 000 members held the loop 0.2 s)
         try:
             targets = parse_value(value, f"{table} {key!r}")
@@ -562,7 +559,7 @@ class LocalExpander:
             owner, resubmit = self._rewriter.qualify(f"owner-{name}"), True
         if origin.address is None:  # the recipient itself is the alias
             state.kind = "list" if listed else "alias"
-        self._targets(state, addr, targets, _Origin(name, "alias", "alias", origin.path + (name,), addr, owner,
+        self._targets(state, addr, targets, _Origin(name, "alias", "alias", addr, owner,
                                                     resubmit, forwarder=origin.forwarder,
                                                     level=origin.level + MEMBER_LEVELS))
 
@@ -706,7 +703,7 @@ class LocalExpander:
             state.add(refused)
             return
         state.relayed.add(relay.lower())
-        self._address(state, relay, _Origin(origin.name, path=origin.path, address=addr,
+        self._address(state, relay, _Origin(origin.name, address=addr,
                                             level=origin.level + MEMBER_LEVELS))
 
     def _macro_values(self, addr: str) -> dict[str, str]:
@@ -758,7 +755,7 @@ class LocalExpander:
             raise TemporaryError("4.3.0", f"cannot read :include: file {path}: no such file")
         state.parsing(len(data))  # (bytes, as a .forward's: decoded once, off the loop past INLINE_FILE_BYTES)
         text = _small_text(Path(path), data)
-        included = _Origin(origin.name, origin.kind, "include", origin.path + (INCLUDED,), origin.address,
+        included = _Origin(origin.name, origin.kind, "include", origin.address,
                            origin.owner, True, rights, origin.forwarder, origin.level + INCLUDE_LEVELS)
         self._lines(state, owner, self._parse(text, Path(path)), included, depth + 1)
 
@@ -782,13 +779,6 @@ def _include_owner(state: _Expansion, path: str, uid: int) -> str | None:
         state.warn(f"cannot find username for uid {uid}")  # (include.c's two warnings, worded as it words them)
         state.warn(f"{path}: cannot find :include: file owner username")
         raise TemporaryError("4.3.5", "mail system configuration error") from None
-
-
-def _file_between(path: tuple[str, ...], name: str) -> bool:
-    """Whether an :include: or .forward file comes after the last `name` in `path` (local(8)'s include.c and
-    dotforward.c reset exp_from: an alias met again through such a file is expanded again, not a loop)."""
-    after = path[len(path) - path[::-1].index(name):]
-    return INCLUDED in after or FORWARDED in after
 
 
 def _pass(setting: str, addr: str) -> Pass:
